@@ -1,0 +1,26 @@
+// Portable qualifiers for kernel math shared between the C++ CPU kernels and the CUDA kernels.
+// This header includes no torch header, so it can be used by framework-free .cu files.
+#pragma once
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define PYFACE_HD __host__ __device__ __forceinline__
+#define PYFACE_DEVICE __device__ __forceinline__
+#else
+#define PYFACE_HD inline
+#define PYFACE_DEVICE inline
+#endif
+
+#include <cstdint>
+
+namespace pyface {
+
+// How the three planes are indexed by the point coordinates (first component -> width,
+// second -> height, exactly as grid_sample).
+enum class PlaneAxes : int32_t {
+  XY_XZ_ZY = 0,  // plane 0 (x, y), plane 1 (x, z), plane 2 (z, y)
+  EG3D = 1,      // plane 0 (x, y), plane 1 (x, z), plane 2 (z, x): EG3D's released checkpoints
+};
+
+enum class Reduce : int32_t { MEAN = 0, SUM = 1, NONE = 2 };
+
+}  // namespace pyface

@@ -1,0 +1,230 @@
+"""Timing and memory measurement shared by ``pyface bench`` and the pytest-benchmark suite."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+@dataclasses.dataclass
+class BenchCase:
+    """One op at one shape.
+
+    Attributes:
+        op: op name (``triplane_sample``).
+        shape: short name of the shape (``"eg3d"``, ``"small"``).
+        params: the shape's parameters, recorded in the results.
+        make_inputs: ``(device, seed) -> list of tensors`` (leaves requiring grad where the op
+            is differentiable in them).
+        providers: provider name -> ``fn(*inputs) -> Tensor | tuple``; ``"reference"`` is the
+            baseline, ``"compile"`` is added automatically as torch.compile of the reference.
+    """
+
+    op: str
+    shape: str
+    params: dict
+    make_inputs: Callable[[torch.device, int], list[torch.Tensor]]
+    providers: dict[str, Callable[..., torch.Tensor | Sequence[torch.Tensor]]]
+
+
+@dataclasses.dataclass
+class Measurement:
+    op: str
+    shape: str
+    provider: str
+    mode: str  # "fwd", "bwd" or "fwd+bwd"
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    reps: int
+    peak_mem_mb: float | None = None
+    error: str | None = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    outs = [out] if isinstance(out, torch.Tensor) else list(out)
+    return [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]
+
+
+def _time(fn: Callable[[], None], device: torch.device, setup: Callable[[], object] | None,
+          min_time: float, max_reps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        state = setup() if setup else None
+        fn(state) if setup else fn()
+    _sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (time.perf_counter() - start < min_time or len(times) < 3):
+        state = setup() if setup else None
+        _sync(device)
+        t0 = time.perf_counter()
+        fn(state) if setup else fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def peak_memory_mb(fn: Callable[[], None], device: torch.device) -> float:
+    """Peak memory allocated by ``fn`` above what was allocated before it, in MB.
+
+    CUDA: the caching allocator's peak. CPU: the running sum of the allocator events recorded by
+    the profiler (every allocation, including those inside C++ kernels).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in events:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak / 2**20
+
+
+def run_case(case: BenchCase, device: torch.device, *, providers: Sequence[str] | None = None,
+             modes: Sequence[str] = ("fwd", "bwd", "fwd+bwd"), min_time: float = 0.5,
+             max_reps: int = 200, warmup: int = 2, compile_reference: bool = True,
+             seed: int = 0, log: Callable[[str], None] | None = None) -> list[Measurement]:
+    """Measures every provider of ``case`` in every mode on ``device``."""
+    fns = dict(case.providers)
+    if compile_reference and "reference" in fns:
+        fns["compile"] = torch.compile(fns["reference"], dynamic=False)
+    if providers is not None:
+        fns = {k: v for k, v in fns.items() if k in providers}
+    results: list[Measurement] = []
+    for name, fn in fns.items():
+        inputs = case.make_inputs(device, seed)
+        leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+
+        def forward():
+            return fn(*inputs)
+
+        try:
+            out = forward()  # also compiles the torch.compile provider
+            cot = [torch.randn_like(o) for o in _tensors(out)]
+            del out
+
+            def fwd_bwd():
+                outs = _tensors(forward())
+                torch.autograd.grad(outs, leaves, cot)
+
+            def fwd_only():
+                with torch.no_grad():
+                    forward()
+
+            def bwd(state):
+                torch.autograd.grad(_tensors(state), leaves, cot)
+
+            for mode in modes:
+                if mode == "fwd":
+                    times = _time(fwd_only, device, None, min_time, max_reps, warmup)
+                    mem = peak_memory_mb(fwd_only, device)
+                elif mode == "bwd":
+                    if not leaves:
+                        continue
+                    times = _time(bwd, device, forward, min_time, max_reps, warmup)
+                    mem = None
+                else:
+                    if not leaves:
+                        continue
+                    times = _time(fwd_bwd, device, None, min_time, max_reps, warmup)
+                    mem = peak_memory_mb(fwd_bwd, device)
+                q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+                m = Measurement(case.op, case.shape, name, mode, statistics.median(times),
+                                q[0], q[3], len(times), mem)
+                results.append(m)
+                if log:
+                    log(format_row(m))
+        except Exception as exc:  # a provider failing must not hide the others' numbers
+            m = Measurement(case.op, case.shape, name, "all", float("nan"), float("nan"),
+                            float("nan"), 0, None, f"{type(exc).__name__}: {exc}"[:300])
+            results.append(m)
+            if log:
+                log(format_row(m))
+    return results
+
+
+def format_row(m: Measurement) -> str:
+    if m.error:
+        return f"{m.op:<22} {m.shape:<8} {m.provider:<10} {m.mode:<8} ERROR {m.error}"
+    mem = f"{m.peak_mem_mb:10.1f}" if m.peak_mem_mb is not None else f"{'-':>10}"
+    return (f"{m.op:<22} {m.shape:<8} {m.provider:<10} {m.mode:<8} {m.median_ms:10.3f} "
+            f"[{m.p20_ms:8.3f}, {m.p80_ms:8.3f}] {mem} {m.reps:5d}")
+
+
+def format_table(results: Sequence[Measurement]) -> str:
+    head = (f"{'op':<22} {'shape':<8} {'provider':<10} {'mode':<8} {'median ms':>10} "
+            f"{'[p20, p80] ms':>21} {'peak MB':>10} {'reps':>5} {'vs ref':>7}")
+    base = {(m.op, m.shape, m.mode): m.median_ms for m in results
+            if m.provider == "reference" and not m.error}
+    lines = [head, "-" * len(head)]
+    for m in results:
+        ref = base.get((m.op, m.shape, m.mode))
+        speed = f"{ref / m.median_ms:6.2f}x" if ref and not m.error and m.median_ms > 0 else ""
+        lines.append(f"{format_row(m)} {speed:>7}")
+    return "\n".join(lines)
+
+
+def _git_commit() -> str | None:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    """Device and version metadata recorded with every result."""
+    from pyface import __version__, _backend
+
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "pyface": __version__,
+        "commit": _git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _backend.triton_version(),
+        "device_type": device.type,
+        "cpu": _cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "build": _backend.build_config(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, gpu_capability=f"{props.major}.{props.minor}",
+                   gpu_memory_gb=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    return env

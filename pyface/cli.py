@@ -1,0 +1,41 @@
+"""The ``pyface`` command line. Run ``pyface --help`` or ``pyface COMMAND --help``.
+
+Each subcommand lives in its own module, which provides ``add_parser(subparsers)``; the parser
+sets ``func`` to a callable taking the parsed args and returning an exit code. Modules are
+imported only to build the parser, and must keep their top-level imports light.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> module providing add_parser(); order is the order of `pyface --help`.
+COMMANDS = {
+    "info": "pyface.info",
+    "bench": "pyface.bench.cli",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyface",
+        description="pyface: fused kernels and trainable 3D-aware portrait-animation models.",
+        epilog="Start with `pyface info` to see what is built, then `pyface COMMAND --help`.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMANDS.values():
+        importlib.import_module(module).add_parser(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 0 if args.command is None else 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Argument checks shared by every public op.
+
+Errors name the argument, what was expected and what was given, e.g.::
+
+    ValueError: planes: expected shape (B, 3, C, H, W), got (2, 4, 32, 64, 64): dim 1 must be 3
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+def _fmt(shape: Iterable) -> str:
+    shape = tuple(shape)
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+class ShapeChecker:
+    """Checks tensors against symbolic shape specs and binds named dims across arguments.
+
+    >>> chk = ShapeChecker()
+    >>> chk.tensor("planes", planes, "B 3 C H W")      # binds B, C, H, W
+    >>> chk.tensor("points", points, "B N 3")           # B must match planes
+    >>> chk.dims["N"]
+
+    A spec is space separated: integers are literal sizes, names bind (the first tensor that
+    uses a name fixes it), ``*`` matches any size.
+    """
+
+    def __init__(self) -> None:
+        self.dims: dict[str, int] = {}
+        self._bound_by: dict[str, str] = {}
+        self.device: torch.device | None = None
+        self._device_of: str | None = None
+
+    def tensor(self, name: str, t, spec: str, *, floating: bool = True,
+               dtypes: tuple[torch.dtype, ...] | None = None, same_device: bool = True) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor of shape ({', '.join(spec.split())}),"
+                            f" got {type(t).__name__}")
+        parts = spec.split()
+        doc = "(" + ", ".join(parts) + ")"
+        if t.dim() != len(parts):
+            raise ValueError(f"{name}: expected shape {doc} ({len(parts)} dims), got "
+                             f"{_fmt(t.shape)} ({t.dim()} dims)")
+        for i, (p, s) in enumerate(zip(parts, t.shape)):
+            if p == "*":
+                continue
+            if p.lstrip("-").isdigit():
+                if s != int(p):
+                    raise ValueError(f"{name}: expected shape {doc}, got {_fmt(t.shape)}: "
+                                     f"dim {i} must be {p}")
+            elif p in self.dims:
+                if s != self.dims[p]:
+                    raise ValueError(
+                        f"{name}: expected shape {doc}, got {_fmt(t.shape)}: {p} = {s} does not "
+                        f"match {p} = {self.dims[p]} of {self._bound_by[p]}")
+            else:
+                self.dims[p] = int(s)
+                self._bound_by[p] = name
+        if dtypes is not None:
+            if t.dtype not in dtypes:
+                raise TypeError(f"{name}: expected dtype in "
+                                f"{[str(d).replace('torch.', '') for d in dtypes]}, got "
+                                f"{str(t.dtype).replace('torch.', '')}")
+        elif floating and not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got dtype "
+                            f"{str(t.dtype).replace('torch.', '')}")
+        if same_device:
+            if self.device is None:
+                self.device, self._device_of = t.device, name
+            elif t.device != self.device:
+                raise ValueError(f"{name}: expected a tensor on {self.device} (the device of "
+                                 f"{self._device_of}), got {t.device}")
+
+
+def check_choice(name: str, value, choices: Iterable) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+
+
+def check_positive(name: str, value, *, integer: bool = False) -> None:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0 or (
+            not integer and value != value):
+        what = "a positive integer" if integer else "a positive number"
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
