@@ -35,6 +35,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "warp/warp_math.h"
@@ -169,63 +170,112 @@ Compact<T> compact(const Taps3<T>& t, int64_t sd, int64_t sh, int64_t sw, bool w
   return c;
 }
 
-// out[c * ostride] = trilinear sample of channel c, for every channel.
-template <typename scalar_t, typename acc_t>
-inline void sample_channels(const scalar_t* vol_b, const VolGeom& g, const Taps3<acc_t>& t,
-                            scalar_t* out, int64_t ostride) {
-  if (t.nan) {
-    for (int64_t c = 0; c < g.C; ++c)
-      out[c * ostride] = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
-    return;
-  }
-  const Compact<acc_t> ct = compact(t, g.sd, g.sh, g.sw, false);
-  for (int64_t c = 0; c < g.C; ++c) {
-    const scalar_t* p = vol_b + c * g.sc;
-    acc_t v = 0;
-    for (int i = 0; i < ct.n; ++i) v += static_cast<acc_t>(p[ct.off[i]]) * ct.w[i];
-    out[c * ostride] = static_cast<scalar_t>(v);
-  }
-}
+// A block of consecutive output voxels whose taps are computed once and then used channel by
+// channel: reads of one channel plane and writes of one output row stay local.
+constexpr int kBlock = 64;
 
-// Gradient of sum_c go[c * gstride] * sample_c w.r.t. the normalized sample position.
-template <typename scalar_t, typename acc_t>
-inline void position_grad(const scalar_t* vol_b, const VolGeom& g, const Taps3<acc_t>& t,
-                          const acc_t* go, int64_t gstride, bool align_corners, acc_t out[3]) {
-  if (t.nan) {
-    out[0] = out[1] = out[2] = std::numeric_limits<acc_t>::quiet_NaN();
-    return;
-  }
-  const Compact<acc_t> ct = compact(t, g.sd, g.sh, g.sw, true);
-  acc_t gx = 0, gy = 0, gz = 0;
-  if (ct.n > 0) {
-    for (int64_t c = 0; c < g.C; ++c) {
-      const scalar_t* p = vol_b + c * g.sc;
-      const acc_t goc = go[c * gstride];
-      for (int i = 0; i < ct.n; ++i) {
-        const acc_t val = static_cast<acc_t>(p[ct.off[i]]) * goc;
-        gx += ct.dx[i] * val;
-        gy += ct.dy[i] * val;
-        gz += ct.dz[i] * val;
+template <typename T>
+struct TapBlock {
+  int n = 0;
+  Compact<T> t[kBlock];
+  bool nan[kBlock];
+
+  // pos(i, p) writes the normalized sample position of voxel i (< count) of the block to p[3];
+  // (sd, sh, sw) are the strides the tap offsets are computed with.
+  template <typename Pos>
+  void fill(int count, const Pos& pos, const VolGeom& g, bool align_corners, int64_t sd,
+            int64_t sh, int64_t sw, bool with_grad) {
+    n = count;
+    for (int i = 0; i < count; ++i) {
+      T p[3];
+      pos(i, p);
+      const Taps3<T> tp = trilinear_taps<T>(p[0], p[1], p[2], g.W, g.H, g.D, align_corners);
+      nan[i] = tp.nan;
+      if (tp.nan) {
+        t[i].n = 0;
+      } else {
+        t[i] = compact(tp, sd, sh, sw, with_grad);
       }
     }
   }
-  out[0] = gx * unnormalize_scale<acc_t>(g.W, align_corners);
-  out[1] = gy * unnormalize_scale<acc_t>(g.H, align_corners);
-  out[2] = gz * unnormalize_scale<acc_t>(g.D, align_corners);
+};
+
+// Runs f(vb, count) over blocks of up to kBlock voxels of [v0, v1).
+template <typename F>
+inline void for_blocks(int64_t v0, int64_t v1, const F& f) {
+  for (int64_t vb = v0; vb < v1; vb += kBlock) f(vb, static_cast<int>(std::min<int64_t>(kBlock, v1 - vb)));
 }
 
-// gvol_b (C, D, H, W) contiguous: += go[c * gstride] * weight for channels [c0, c1).
+// out[c * ostride + i] = sample of channel c at voxel i of the block.
+template <typename scalar_t, typename acc_t>
+inline void sample_block(const scalar_t* vol_b, const VolGeom& g, const TapBlock<acc_t>& blk,
+                         scalar_t* out, int64_t ostride) {
+  const acc_t qnan = std::numeric_limits<acc_t>::quiet_NaN();
+  for (int64_t c = 0; c < g.C; ++c) {
+    const scalar_t* p = vol_b + c * g.sc;
+    scalar_t* o = out + c * ostride;
+    for (int i = 0; i < blk.n; ++i) {
+      const Compact<acc_t>& ct = blk.t[i];
+      acc_t v = 0;
+      for (int j = 0; j < ct.n; ++j) v += static_cast<acc_t>(p[ct.off[j]]) * ct.w[j];
+      o[i] = static_cast<scalar_t>(blk.nan[i] ? qnan : v);
+    }
+  }
+}
+
+// out[i][:] = gradient of sum_c go[c * gstride + i] * sample_c(i) w.r.t. the normalized
+// position of voxel i (blk filled with_grad and the volume strides).
+template <typename scalar_t, typename acc_t>
+inline void position_grad_block(const scalar_t* vol_b, const VolGeom& g,
+                                const TapBlock<acc_t>& blk, const acc_t* go, int64_t gstride,
+                                bool align_corners, acc_t (*out)[3]) {
+  for (int i = 0; i < blk.n; ++i) out[i][0] = out[i][1] = out[i][2] = 0;
+  for (int64_t c = 0; c < g.C; ++c) {
+    const scalar_t* p = vol_b + c * g.sc;
+    const acc_t* goc = go + c * gstride;
+    for (int i = 0; i < blk.n; ++i) {
+      const Compact<acc_t>& ct = blk.t[i];
+      acc_t gx = 0, gy = 0, gz = 0;
+      for (int j = 0; j < ct.n; ++j) {
+        const acc_t val = static_cast<acc_t>(p[ct.off[j]]);
+        gx += ct.dx[j] * val;
+        gy += ct.dy[j] * val;
+        gz += ct.dz[j] * val;
+      }
+      out[i][0] += gx * goc[i];
+      out[i][1] += gy * goc[i];
+      out[i][2] += gz * goc[i];
+    }
+  }
+  const acc_t sx = unnormalize_scale<acc_t>(g.W, align_corners);
+  const acc_t sy = unnormalize_scale<acc_t>(g.H, align_corners);
+  const acc_t sz = unnormalize_scale<acc_t>(g.D, align_corners);
+  const acc_t qnan = std::numeric_limits<acc_t>::quiet_NaN();
+  for (int i = 0; i < blk.n; ++i) {
+    if (blk.nan[i]) {
+      out[i][0] = out[i][1] = out[i][2] = qnan;
+    } else {
+      out[i][0] *= sx;
+      out[i][1] *= sy;
+      out[i][2] *= sz;
+    }
+  }
+}
+
+// gvol_b (C, D, H, W) contiguous += go[c * gstride + i] * weights, channels [c0, c1)
+// (blk filled with the contiguous strides (H*W, W, 1)).
 template <typename acc_t>
-inline void scatter_channels(acc_t* gvol_b, const VolGeom& g, const Taps3<acc_t>& t,
-                             const acc_t* go, int64_t gstride, int64_t c0, int64_t c1) {
-  if (t.nan) return;
-  const int64_t hw = g.H * g.W, dhw = g.D * hw;
-  const Compact<acc_t> ct = compact(t, hw, g.W, int64_t(1), false);
-  if (ct.n == 0) return;
+inline void scatter_block(acc_t* gvol_b, const VolGeom& g, const TapBlock<acc_t>& blk,
+                          const acc_t* go, int64_t gstride, int64_t c0, int64_t c1) {
+  const int64_t dhw = g.D * g.H * g.W;
   for (int64_t c = c0; c < c1; ++c) {
-    const acc_t goc = go[c * gstride];
+    const acc_t* goc = go + c * gstride;
     acc_t* q = gvol_b + c * dhw;
-    for (int i = 0; i < ct.n; ++i) q[ct.off[i]] += ct.w[i] * goc;
+    for (int i = 0; i < blk.n; ++i) {
+      const Compact<acc_t>& ct = blk.t[i];
+      const acc_t gi = goc[i];
+      for (int j = 0; j < ct.n; ++j) q[ct.off[j]] += ct.w[j] * gi;
+    }
   }
 }
 
@@ -330,6 +380,51 @@ inline void flow_grad_at(const T* masks_b, int64_t V, int64_t v, const T* kps, c
   }
 }
 
+// Sample-position functors for TapBlock::fill (at(vb) binds the block's first voxel).
+template <typename T>
+struct GridPos {  // positions read from a contiguous (..., 3) grid starting at the block
+  const T* p;
+  void operator()(int i, T* out) const {
+    out[0] = p[3 * i];
+    out[1] = p[3 * i + 1];
+    out[2] = p[3 * i + 2];
+  }
+};
+
+template <typename T>
+struct FlowPos {  // the keypoint flow of voxel vb + i
+  const Axes<T>& axes;
+  const T* masks_b;
+  int64_t V;
+  const T *kps, *kpd, *jac;
+  int64_t K;
+  int64_t vb;
+  FlowPos at(int64_t v) const { return {axes, masks_b, V, kps, kpd, jac, K, v}; }
+  void operator()(int i, T* out) const {
+    T zx, zy, zz;
+    axes.at(vb + i, zx, zy, zz);
+    flow_at(masks_b, V, vb + i, kps, kpd, jac, K, zx, zy, zz, out);
+  }
+};
+
+template <typename T>
+struct MotionPos {  // sparse motion k of voxel vb + i (k = -1: the identity)
+  const Axes<T>& axes;
+  const T *kps, *kpd, *jac;
+  int64_t k;
+  int64_t vb;
+  MotionPos at(int64_t v) const { return {axes, kps, kpd, jac, k, v}; }
+  void operator()(int i, T* out) const {
+    T zx, zy, zz;
+    axes.at(vb + i, zx, zy, zz);
+    if (k < 0) {
+      out[0] = zx, out[1] = zy, out[2] = zz;
+    } else {
+      keypoint_motion(kps, kpd, jac, k, zx, zy, zz, out);
+    }
+  }
+};
+
 // Sums the per-chunk keypoint partials (B * nch, K, 15) into the gradients asked for.
 void finish_kp_grads(const at::Tensor& partials, int64_t B, int64_t V, int64_t K,
                      const at::Tensor& kp_source,
@@ -381,13 +476,12 @@ at::Tensor warp_volume_cpu(const at::Tensor& volume, const at::Tensor& grid, boo
     const scalar_t* vol = volume.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     for_voxel_chunks(B, Vo, [&](int64_t, int64_t b, int64_t v0, int64_t v1) {
-      const scalar_t* vol_b = vol + b * g.sb;
-      scalar_t* o_b = o + b * C * Vo;
-      for (int64_t v = v0; v < v1; ++v) {
-        const acc_t* p = gp + (b * Vo + v) * 3;
-        const auto t = trilinear_taps<acc_t>(p[0], p[1], p[2], g.W, g.H, g.D, align_corners);
-        sample_channels(vol_b, g, t, o_b + v, Vo);
-      }
+      auto blk = std::make_unique<TapBlock<acc_t>>();
+      for_blocks(v0, v1, [&](int64_t vb, int n) {
+        blk->fill(n, GridPos<acc_t>{gp + (b * Vo + vb) * 3}, g, align_corners, g.sd, g.sh, g.sw,
+                  false);
+        sample_block(vol + b * g.sb, g, *blk, o + b * C * Vo + vb, Vo);
+      });
     });
   });
   return out;
@@ -418,23 +512,25 @@ std::tuple<at::Tensor, at::Tensor> warp_volume_bwd_cpu(const at::Tensor& grad_ou
       if (need_grid_grad) {
         acc_t* ggp = gg.mutable_data_ptr<acc_t>();
         for_voxel_chunks(B, Vo, [&](int64_t, int64_t b, int64_t v0, int64_t v1) {
-          for (int64_t v = v0; v < v1; ++v) {
-            const acc_t* p = gp + (b * Vo + v) * 3;
-            const auto t = trilinear_taps<acc_t>(p[0], p[1], p[2], g.W, g.H, g.D, align_corners);
-            position_grad(vol + b * g.sb, g, t, gop + b * C * Vo + v, Vo, align_corners,
-                          ggp + (b * Vo + v) * 3);
-          }
+          auto blk = std::make_unique<TapBlock<acc_t>>();
+          for_blocks(v0, v1, [&](int64_t vb, int n) {
+            blk->fill(n, GridPos<acc_t>{gp + (b * Vo + vb) * 3}, g, align_corners, g.sd, g.sh,
+                      g.sw, true);
+            position_grad_block(vol + b * g.sb, g, *blk, gop + b * C * Vo + vb, Vo,
+                                align_corners, reinterpret_cast<acc_t(*)[3]>(ggp + (b * Vo + vb) * 3));
+          });
         });
       }
       if (need_volume_grad) {
         acc_t* gvp = gv.mutable_data_ptr<acc_t>();
         for_channel_chunks(B, C, [&](int64_t b, int64_t c0, int64_t c1) {
-          for (int64_t v = 0; v < Vo; ++v) {
-            const acc_t* p = gp + (b * Vo + v) * 3;
-            const auto t = trilinear_taps<acc_t>(p[0], p[1], p[2], g.W, g.H, g.D, align_corners);
-            scatter_channels(gvp + b * C * g.D * g.H * g.W, g, t, gop + b * C * Vo + v, Vo, c0,
-                             c1);
-          }
+          auto blk = std::make_unique<TapBlock<acc_t>>();
+          for_blocks(0, Vo, [&](int64_t vb, int n) {
+            blk->fill(n, GridPos<acc_t>{gp + (b * Vo + vb) * 3}, g, align_corners, g.H * g.W,
+                      g.W, 1, false);
+            scatter_block(gvp + b * C * g.D * g.H * g.W, g, *blk, gop + b * C * Vo + vb, Vo, c0,
+                          c1);
+          });
         });
       }
     });
@@ -570,13 +666,12 @@ at::Tensor warp_by_keypoints_cpu(const at::Tensor& volume, const at::Tensor& kp_
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const int64_t K = a.K, Vo = a.Vo;
     for_voxel_chunks(a.B, Vo, [&](int64_t, int64_t b, int64_t v0, int64_t v1) {
-      for (int64_t v = v0; v < v1; ++v) {
-        acc_t zx, zy, zz, f[3];
-        axes.at(v, zx, zy, zz);
-        flow_at(mp + b * (K + 1) * Vo, Vo, v, P.s(b), P.d(b), P.j(b), K, zx, zy, zz, f);
-        const auto t = trilinear_taps<acc_t>(f[0], f[1], f[2], g.W, g.H, g.D, align_corners);
-        sample_channels(vol + b * g.sb, g, t, o + b * a.C * Vo + v, Vo);
-      }
+      auto blk = std::make_unique<TapBlock<acc_t>>();
+      const FlowPos<acc_t> fp{axes, mp + b * (K + 1) * Vo, Vo, P.s(b), P.d(b), P.j(b), K, 0};
+      for_blocks(v0, v1, [&](int64_t vb, int n) {
+        blk->fill(n, fp.at(vb), g, align_corners, g.sd, g.sh, g.sw, false);
+        sample_block(vol + b * g.sb, g, *blk, o + b * a.C * Vo + vb, Vo);
+      });
     });
   });
   return out;
@@ -618,29 +713,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> warp_by_k
         acc_t* pp = need_part ? part.mutable_data_ptr<acc_t>() : nullptr;
         for_voxel_chunks(B, Vo, [&](int64_t task, int64_t b, int64_t v0, int64_t v1) {
           const acc_t* m_b = mp + b * (K + 1) * Vo;
-          for (int64_t v = v0; v < v1; ++v) {
-            acc_t zx, zy, zz, f[3], gf[3];
-            axes.at(v, zx, zy, zz);
-            flow_at(m_b, Vo, v, P.s(b), P.d(b), P.j(b), K, zx, zy, zz, f);
-            const auto t = trilinear_taps<acc_t>(f[0], f[1], f[2], g.W, g.H, g.D, align_corners);
-            position_grad(vol + b * g.sb, g, t, gop + b * C * Vo + v, Vo, align_corners, gf);
-            flow_grad_at(m_b, Vo, v, P.s(b), P.d(b), P.j(b), K, zx, zy, zz, gf,
-                         gmp ? gmp + b * (K + 1) * Vo : nullptr, pp ? pp + task * K * 15 : nullptr);
-          }
+          auto blk = std::make_unique<TapBlock<acc_t>>();
+          acc_t gf[kBlock][3];
+          const FlowPos<acc_t> fp{axes, m_b, Vo, P.s(b), P.d(b), P.j(b), K, 0};
+          for_blocks(v0, v1, [&](int64_t vb, int n) {
+            blk->fill(n, fp.at(vb), g, align_corners, g.sd, g.sh, g.sw, true);
+            position_grad_block(vol + b * g.sb, g, *blk, gop + b * C * Vo + vb, Vo,
+                                align_corners, gf);
+            for (int i = 0; i < n; ++i) {
+              acc_t zx, zy, zz;
+              axes.at(vb + i, zx, zy, zz);
+              flow_grad_at(m_b, Vo, vb + i, P.s(b), P.d(b), P.j(b), K, zx, zy, zz, gf[i],
+                           gmp ? gmp + b * (K + 1) * Vo : nullptr,
+                           pp ? pp + task * K * 15 : nullptr);
+            }
+          });
         });
       }
       if (need_volume_grad) {
         acc_t* gvp = gv.mutable_data_ptr<acc_t>();
         for_channel_chunks(B, C, [&](int64_t b, int64_t c0, int64_t c1) {
-          const acc_t* m_b = mp + b * (K + 1) * Vo;
-          for (int64_t v = 0; v < Vo; ++v) {
-            acc_t zx, zy, zz, f[3];
-            axes.at(v, zx, zy, zz);
-            flow_at(m_b, Vo, v, P.s(b), P.d(b), P.j(b), K, zx, zy, zz, f);
-            const auto t = trilinear_taps<acc_t>(f[0], f[1], f[2], g.W, g.H, g.D, align_corners);
-            scatter_channels(gvp + b * C * g.D * g.H * g.W, g, t, gop + b * C * Vo + v, Vo, c0,
-                             c1);
-          }
+          auto blk = std::make_unique<TapBlock<acc_t>>();
+          const FlowPos<acc_t> fp{axes, mp + b * (K + 1) * Vo, Vo, P.s(b), P.d(b), P.j(b), K, 0};
+          for_blocks(0, Vo, [&](int64_t vb, int n) {
+            blk->fill(n, fp.at(vb), g, align_corners, g.H * g.W, g.W, 1, false);
+            scatter_block(gvp + b * C * g.D * g.H * g.W, g, *blk, gop + b * C * Vo + vb, Vo, c0,
+                          c1);
+          });
         });
       }
     });
@@ -690,23 +789,24 @@ at::Tensor motion_field_input_cpu(const at::Tensor& volume, const at::Tensor& kp
     for_voxel_chunks(B, V, [&](int64_t, int64_t b, int64_t v0, int64_t v1) {
       const scalar_t* vol_b = vol + b * g.sb;
       scalar_t* o_b = o + b * (K + 1) * (C + 1) * V;
+      auto blk = std::make_unique<TapBlock<acc_t>>();
       for (int64_t k = 0; k <= K; ++k) {
         scalar_t* o_k = o_b + k * (C + 1) * V;
         for (int64_t v = v0; v < v1; ++v) {
-          acc_t zx, zy, zz, p[3] = {0, 0, 0};
-          axes.at(v, zx, zy, zz);
           acc_t heat = 0;
-          if (k == 0) {
-            p[0] = zx, p[1] = zy, p[2] = zz;
-          } else {
-            keypoint_motion(P.s(b), P.d(b), P.j(b), k - 1, zx, zy, zz, p);
+          if (k > 0) {
+            acc_t zx, zy, zz;
+            axes.at(v, zx, zy, zz);
             heat = gaussian(P.d(b) + 3 * (k - 1), zx, zy, zz, var) -
                    gaussian(P.s(b) + 3 * (k - 1), zx, zy, zz, var);
           }
           o_k[v] = static_cast<scalar_t>(heat);
-          const auto t = trilinear_taps<acc_t>(p[0], p[1], p[2], g.W, g.H, g.D, align_corners);
-          sample_channels(vol_b, g, t, o_k + V + v, V);
         }
+        const MotionPos<acc_t> mpos{axes, P.s(b), P.d(b), P.j(b), k - 1, 0};
+        for_blocks(v0, v1, [&](int64_t vb, int n) {
+          blk->fill(n, mpos.at(vb), g, align_corners, g.sd, g.sh, g.sw, false);
+          sample_block(vol_b, g, *blk, o_k + V + vb, V);
+        });
       }
     });
   });
@@ -751,19 +851,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> motion_field_input_bw
         for_voxel_chunks(B, V, [&](int64_t task, int64_t b, int64_t v0, int64_t v1) {
           const acc_t* go_b = gop + b * (K + 1) * CC * V;
           acc_t* part_t = pp + task * K * 15;
+          auto blk = std::make_unique<TapBlock<acc_t>>();
+          acc_t gp[kBlock][3];
           for (int64_t k = 1; k <= K; ++k) {
             const acc_t* kps = P.s(b) + 3 * (k - 1);
             const acc_t* kpd = P.d(b) + 3 * (k - 1);
             acc_t* part_k = part_t + (k - 1) * 15;
+            const MotionPos<acc_t> mpos{axes, P.s(b), P.d(b), P.j(b), k - 1, 0};
+            for_blocks(v0, v1, [&](int64_t vb, int n) {
+              blk->fill(n, mpos.at(vb), g, align_corners, g.sd, g.sh, g.sw, true);
+              position_grad_block(vol + b * g.sb, g, *blk, go_b + (k * CC + 1) * V + vb, V,
+                                  align_corners, gp);
+              for (int i = 0; i < n; ++i) {
+                acc_t zx, zy, zz;
+                axes.at(vb + i, zx, zy, zz);
+                keypoint_motion_grad(P.d(b), P.j(b), k - 1, zx, zy, zz, acc_t(1), gp[i], part_k);
+              }
+            });
             for (int64_t v = v0; v < v1; ++v) {
-              acc_t zx, zy, zz, p[3], gp[3];
+              acc_t zx, zy, zz;
               axes.at(v, zx, zy, zz);
-              keypoint_motion(P.s(b), P.d(b), P.j(b), k - 1, zx, zy, zz, p);
-              const auto t = trilinear_taps<acc_t>(p[0], p[1], p[2], g.W, g.H, g.D,
-                                                   align_corners);
-              position_grad(vol + b * g.sb, g, t, go_b + (k * CC + 1) * V + v, V, align_corners,
-                            gp);
-              keypoint_motion_grad(P.d(b), P.j(b), k - 1, zx, zy, zz, acc_t(1), gp, part_k);
               // heatmap: d/d kp of exp(-|z - kp|^2 / (2 var)) = G (z - kp) / var
               const acc_t gh = go_b[k * CC * V + v];
               const acc_t gd = gh * gaussian(kpd, zx, zy, zz, var) / var;
@@ -782,19 +889,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> motion_field_input_bw
         acc_t* gvp = gv.mutable_data_ptr<acc_t>();
         for_channel_chunks(B, C, [&](int64_t b, int64_t c0, int64_t c1) {
           const acc_t* go_b = gop + b * (K + 1) * CC * V;
+          auto blk = std::make_unique<TapBlock<acc_t>>();
           for (int64_t k = 0; k <= K; ++k) {
-            for (int64_t v = 0; v < V; ++v) {
-              acc_t zx, zy, zz, p[3];
-              axes.at(v, zx, zy, zz);
-              if (k == 0) {
-                p[0] = zx, p[1] = zy, p[2] = zz;
-              } else {
-                keypoint_motion(P.s(b), P.d(b), P.j(b), k - 1, zx, zy, zz, p);
-              }
-              const auto t = trilinear_taps<acc_t>(p[0], p[1], p[2], g.W, g.H, g.D,
-                                                   align_corners);
-              scatter_channels(gvp + b * C * V, g, t, go_b + (k * CC + 1) * V + v, V, c0, c1);
-            }
+            const MotionPos<acc_t> mpos{axes, P.s(b), P.d(b), P.j(b), k - 1, 0};
+            for_blocks(0, V, [&](int64_t vb, int n) {
+              blk->fill(n, mpos.at(vb), g, align_corners, g.H * g.W, g.W, 1, false);
+              scatter_block(gvp + b * C * V, g, *blk, go_b + (k * CC + 1) * V + vb, V, c0, c1);
+            });
           }
         });
       }
