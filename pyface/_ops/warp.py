@@ -1,8 +1,6 @@
 """Registration of the 3D-flow warping ops: C++ (fake kernels + autograd) and Triton."""
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from pyface._backend import triton_interpret
@@ -166,3 +164,125 @@ def register_cpp() -> None:
     torch.library.register_autograd("pyface::motion_field_input",
                                     _motion_field_input_backward(ops.motion_field_input_bwd),
                                     setup_context=_motion_field_input_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton ops
+# --------------------------------------------------------------------------------------------
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+_TRITON_OPS: dict = {}
+
+
+def triton_ops() -> dict:
+    """The Triton ops ``torch.ops.pyface.<op>_triton`` by op name, defined on first use.
+
+    ``torch.compile`` traces through this lookup once the ops exist; the definition itself runs
+    outside the graph (a first eager call, or a graph break without ``fullgraph``).
+    """
+    if not _TRITON_OPS:
+        _TRITON_OPS.update(_define_triton_ops())
+    return _TRITON_OPS
+
+
+@torch.compiler.disable
+def _define_triton_ops() -> dict:
+    from torch.library import triton_op as _triton_op
+    from torch.library import wrap_triton
+
+    from pyface.kernels import warp as wk
+
+    def kw():
+        return dict(wrap=wrap_triton, interpret=triton_interpret())
+
+    @_triton_op("pyface::warp_volume_triton", mutates_args={})
+    def warp_volume_triton(volume: torch.Tensor, grid: torch.Tensor,
+                           align_corners: bool) -> torch.Tensor:
+        return wk.warp_volume_fwd(volume, grid, align_corners, **kw())
+
+    @_triton_op("pyface::warp_volume_triton_bwd", mutates_args={})
+    def warp_volume_triton_bwd(grad_out: torch.Tensor, volume: torch.Tensor, grid: torch.Tensor,
+                               align_corners: bool, need_volume_grad: bool,
+                               need_grid_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return wk.warp_volume_bwd(grad_out, volume, grid, align_corners, need_volume_grad,
+                                  need_grid_grad, **kw())
+
+    @_triton_op("pyface::keypoint_flow_triton", mutates_args={})
+    def keypoint_flow_triton(kp_source: torch.Tensor, kp_driving: torch.Tensor,
+                             masks: torch.Tensor, jacobian: torch.Tensor | None,
+                             grid_align_corners: bool) -> torch.Tensor:
+        return wk.keypoint_flow_fwd(kp_source, kp_driving, masks, jacobian, grid_align_corners,
+                                    **kw())
+
+    @_triton_op("pyface::keypoint_flow_triton_bwd", mutates_args={})
+    def keypoint_flow_triton_bwd(grad_flow: torch.Tensor, kp_source: torch.Tensor,
+                                 kp_driving: torch.Tensor, masks: torch.Tensor,
+                                 jacobian: torch.Tensor | None, grid_align_corners: bool,
+                                 need_kp_grad: bool, need_masks_grad: bool,
+                                 need_jacobian_grad: bool
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                            torch.Tensor]:
+        return wk.keypoint_flow_bwd(grad_flow, kp_source, kp_driving, masks, jacobian,
+                                    grid_align_corners, need_kp_grad, need_masks_grad,
+                                    need_jacobian_grad, **kw())
+
+    @_triton_op("pyface::warp_by_keypoints_triton", mutates_args={})
+    def warp_by_keypoints_triton(volume: torch.Tensor, kp_source: torch.Tensor,
+                                 kp_driving: torch.Tensor, masks: torch.Tensor,
+                                 jacobian: torch.Tensor | None, align_corners: bool,
+                                 grid_align_corners: bool) -> torch.Tensor:
+        return wk.warp_by_keypoints_fwd(volume, kp_source, kp_driving, masks, jacobian,
+                                        align_corners, grid_align_corners, **kw())
+
+    @_triton_op("pyface::warp_by_keypoints_triton_bwd", mutates_args={})
+    def warp_by_keypoints_triton_bwd(grad_out: torch.Tensor, volume: torch.Tensor,
+                                     kp_source: torch.Tensor, kp_driving: torch.Tensor,
+                                     masks: torch.Tensor, jacobian: torch.Tensor | None,
+                                     align_corners: bool, grid_align_corners: bool,
+                                     need_volume_grad: bool, need_kp_grad: bool,
+                                     need_masks_grad: bool, need_jacobian_grad: bool
+                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                torch.Tensor, torch.Tensor]:
+        return wk.warp_by_keypoints_bwd(grad_out, volume, kp_source, kp_driving, masks,
+                                        jacobian, align_corners, grid_align_corners,
+                                        need_volume_grad, need_kp_grad, need_masks_grad,
+                                        need_jacobian_grad, **kw())
+
+    @_triton_op("pyface::motion_field_input_triton", mutates_args={})
+    def motion_field_input_triton(volume: torch.Tensor, kp_source: torch.Tensor,
+                                  kp_driving: torch.Tensor, jacobian: torch.Tensor | None,
+                                  heatmap_variance: float, align_corners: bool,
+                                  grid_align_corners: bool) -> torch.Tensor:
+        return wk.motion_field_input_fwd(volume, kp_source, kp_driving, jacobian,
+                                         heatmap_variance, align_corners, grid_align_corners,
+                                         **kw())
+
+    @_triton_op("pyface::motion_field_input_triton_bwd", mutates_args={})
+    def motion_field_input_triton_bwd(grad_out: torch.Tensor, volume: torch.Tensor,
+                                      kp_source: torch.Tensor, kp_driving: torch.Tensor,
+                                      jacobian: torch.Tensor | None, heatmap_variance: float,
+                                      align_corners: bool, grid_align_corners: bool,
+                                      need_volume_grad: bool, need_kp_grad: bool,
+                                      need_jacobian_grad: bool
+                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor]:
+        return wk.motion_field_input_bwd(grad_out, volume, kp_source, kp_driving, jacobian,
+                                         heatmap_variance, align_corners, grid_align_corners,
+                                         need_volume_grad, need_kp_grad, need_jacobian_grad,
+                                         **kw())
+
+    warp_volume_triton.register_autograd(_warp_volume_backward(warp_volume_triton_bwd),
+                                         setup_context=_warp_volume_setup)
+    keypoint_flow_triton.register_autograd(_keypoint_flow_backward(keypoint_flow_triton_bwd),
+                                           setup_context=_keypoint_flow_setup)
+    warp_by_keypoints_triton.register_autograd(
+        _warp_by_keypoints_backward(warp_by_keypoints_triton_bwd),
+        setup_context=_warp_by_keypoints_setup)
+    motion_field_input_triton.register_autograd(
+        _motion_field_input_backward(motion_field_input_triton_bwd),
+        setup_context=_motion_field_input_setup)
+    return {"warp_volume": warp_volume_triton, "keypoint_flow": keypoint_flow_triton,
+            "warp_by_keypoints": warp_by_keypoints_triton,
+            "motion_field_input": motion_field_input_triton}

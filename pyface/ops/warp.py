@@ -14,13 +14,21 @@ from pyface.ops._checks import ShapeChecker, check_positive
 from pyface.ops.reference.warp import (keypoint_flow_reference, motion_field_input_reference,
                                        warp_by_keypoints_reference, warp_volume_reference)
 
-_BACKENDS = ("reference", "cpu")
-_PRIORITY = {"cpu": ("cpu", "reference"), "cuda": ("reference",)}
-_NOTE = "CPU: C++ (fused, see bench). CUDA: reference until a CUDA/Triton build is benchmarked."
+_BACKENDS = ("reference", "cpu", "triton")
+_PRIORITY = {"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")}
+_NOTE = ("CPU: C++ (fused; bench: faster and smaller than the reference). CUDA: Triton (fused; "
+         "not yet benchmarked on a GPU), float64 on the reference.")
 
 for _name in ("warp_volume", "keypoint_flow", "warp_by_keypoints", "motion_field_input"):
-    _backend.register_op(_backend.OpSpec(name=_name, backends=_BACKENDS, priority=_PRIORITY,
-                                         compiled_op=_name, note=_NOTE))
+    _backend.register_op(_backend.OpSpec(
+        name=_name, backends=_BACKENDS, priority=_PRIORITY, compiled_op=_name, note=_NOTE,
+        dtypes={"triton": (torch.float32, torch.float16, torch.bfloat16)}))
+
+
+def _triton(name: str):
+    from pyface._ops.warp import triton_ops
+
+    return triton_ops()[name]
 
 
 def _check_bool(name: str, value) -> None:
@@ -59,7 +67,7 @@ def warp_volume(volume: torch.Tensor, grid: torch.Tensor, *, align_corners: bool
         grid: (B, D', H', W', 3) sample positions, last dim (x -> W, y -> H, z -> D) in [-1, 1];
             the output may have another size than the volume. Positions outside give zeros.
         align_corners: as in ``F.grid_sample``.
-        backend: ``None`` (best available), ``"reference"`` or ``"cpu"``.
+        backend: ``None`` (best available), ``"reference"``, ``"cpu"`` or ``"triton"``.
 
     Returns:
         (B, C, D', H', W') in the dtype of ``volume``. Differentiable w.r.t. ``volume`` and
@@ -72,6 +80,8 @@ def warp_volume(volume: torch.Tensor, grid: torch.Tensor, *, align_corners: bool
     name = _backend.select_backend("warp_volume", volume.device, backend, volume.dtype)
     if name == "reference":
         return warp_volume_reference(volume, grid, align_corners=align_corners)
+    if name == "triton":
+        return _triton("warp_volume")(volume, grid, align_corners)
     return torch.ops.pyface.warp_volume(volume, grid, align_corners)
 
 
@@ -93,7 +103,7 @@ def keypoint_flow(kp_source: torch.Tensor, kp_driving: torch.Tensor, masks: torc
             inverse(J_driving)``, see ``pyface.ops.reference.warp.combine_jacobians``).
         grid_align_corners: identity grid as an inclusive linspace (face-vid2vid) or at voxel
             centres.
-        backend: ``None``, ``"reference"`` or ``"cpu"``.
+        backend: ``None``, ``"reference"``, ``"cpu"`` or ``"triton"``.
 
     Returns:
         flow: (B, D, H, W, 3) in the dtype of ``masks``. Differentiable w.r.t. keypoints, masks
@@ -107,6 +117,9 @@ def keypoint_flow(kp_source: torch.Tensor, kp_driving: torch.Tensor, masks: torc
     if name == "reference":
         return keypoint_flow_reference(kp_source, kp_driving, masks, jacobian=jacobian,
                                        grid_align_corners=grid_align_corners)
+    if name == "triton":
+        return _triton("keypoint_flow")(kp_source, kp_driving, masks, jacobian,
+                                        grid_align_corners)
     return torch.ops.pyface.keypoint_flow(kp_source, kp_driving, masks, jacobian,
                                           grid_align_corners)
 
@@ -129,7 +142,7 @@ def warp_by_keypoints(volume: torch.Tensor, kp_source: torch.Tensor, kp_driving:
         grid_align_corners: of the identity grid (face-vid2vid: True).
         return_flow: also return the (B, D', H', W', 3) flow (computed by a second op call,
             so it is materialised only when asked for).
-        backend: ``None``, ``"reference"`` or ``"cpu"``.
+        backend: ``None``, ``"reference"``, ``"cpu"`` or ``"triton"``.
 
     Returns:
         (B, C, D', H', W') in the dtype of ``volume`` [and the flow]. Differentiable w.r.t.
@@ -154,8 +167,9 @@ def warp_by_keypoints(volume: torch.Tensor, kp_source: torch.Tensor, kp_driving:
                                            jacobian=jacobian, align_corners=align_corners,
                                            grid_align_corners=grid_align_corners,
                                            return_flow=return_flow)
-    out = torch.ops.pyface.warp_by_keypoints(volume, kp_source, kp_driving, masks, jacobian,
-                                             align_corners, grid_align_corners)
+    op = (_triton("warp_by_keypoints") if name == "triton"
+          else torch.ops.pyface.warp_by_keypoints)
+    out = op(volume, kp_source, kp_driving, masks, jacobian, align_corners, grid_align_corners)
     if not return_flow:
         return out
     flow = keypoint_flow(kp_source, kp_driving, masks, jacobian=jacobian,
@@ -180,7 +194,7 @@ def motion_field_input(volume: torch.Tensor, kp_source: torch.Tensor, kp_driving
         jacobian: optional (B, K, 3, 3), as in :func:`keypoint_flow` (not applied to heatmaps).
         heatmap_variance: of the Gaussians (face-vid2vid: 0.01).
         align_corners / grid_align_corners: as in :func:`warp_by_keypoints`.
-        backend: ``None``, ``"reference"`` or ``"cpu"``.
+        backend: ``None``, ``"reference"``, ``"cpu"`` or ``"triton"``.
 
     Returns:
         (B, (K+1)*(C+1), D, H, W) in the dtype of ``volume``; channel ``k*(C+1)`` is heatmap k,
@@ -199,6 +213,7 @@ def motion_field_input(volume: torch.Tensor, kp_source: torch.Tensor, kp_driving
                                             heatmap_variance=heatmap_variance,
                                             align_corners=align_corners,
                                             grid_align_corners=grid_align_corners)
-    return torch.ops.pyface.motion_field_input(volume, kp_source, kp_driving, jacobian,
-                                               float(heatmap_variance), align_corners,
-                                               grid_align_corners)
+    op = (_triton("motion_field_input") if name == "triton"
+          else torch.ops.pyface.motion_field_input)
+    return op(volume, kp_source, kp_driving, jacobian, float(heatmap_variance), align_corners,
+              grid_align_corners)
