@@ -155,10 +155,12 @@ def interpolate_attributes_reference(attributes, faces, face_index, bary, B=None
         return torch.zeros(B, 0, H, W, dtype=dtype or bary.dtype, device=bary.device)
     B, H, W = face_index.shape
     C = attributes.shape[-1]
+    if faces.shape[0] == 0 or attributes.shape[1] == 0 or B * H * W * C == 0:
+        return attributes.new_zeros(B, C, H, W)
     faces = faces.to(device=attributes.device, dtype=torch.int64)
     fi = face_index.reshape(B, H * W)
     vid = faces[fi.clamp(min=0)]  # (B, P, 3)
-    g = torch.gather(attributes, 1, vid.reshape(B, -1, 1).expand(-1, -1, C))  # (B, 3P, C)
+    g = torch.gather(attributes, 1, vid.reshape(B, 3 * H * W, 1).expand(-1, -1, C))  # (B, 3P, C)
     g = g.reshape(B, H * W, 3, C)
     w = torch.where((fi >= 0)[..., None], bary.reshape(B, H * W, 3), torch.zeros((), dtype=bary.dtype, device=bary.device))
     out = (g * w.to(g.dtype)[..., None]).sum(2)  # (B, P, C)
