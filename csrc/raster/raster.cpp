@@ -493,16 +493,23 @@ at::Tensor points_to_triplane_index_cpu(const at::Tensor& points,
   // texel centre extents (the grid never needs to extend beyond them)
   const double tu0 = texel_centre(0, W, align_corners), tu1 = texel_centre(W - 1, W, align_corners);
   const double tv0 = texel_centre(0, H, align_corners), tv1 = texel_centre(H - 1, H, align_corners);
-  // one task per (batch, plane): build the grid, then search its texels
-  at::parallel_for(0, B * 3, 1, [&](int64_t begin, int64_t end) {
+  // phase 1, one task per (batch, plane): bin the plane's projected points into its grid
+  struct PlaneGrid {
+    Grid g;
     std::vector<double> pu, pv;
-    std::vector<int32_t> ids, cell_start, cell_pts, cell_of;
+    std::vector<int32_t> cell_start, cell_pts;
+    bool empty = true;
+  };
+  std::vector<PlaneGrid> grids(static_cast<size_t>(B * 3));
+  at::parallel_for(0, B * 3, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> ids, cell_of;
     for (int64_t task = begin; task < end; ++task) {
+      PlaneGrid& pg = grids[task];
       const int64_t b = task / 3;
       const int pl = static_cast<int>(task % 3);
       const int cu = plane_u(axes, pl), cv = plane_v(axes, pl);
-      pu.assign(static_cast<size_t>(N), 0.0);
-      pv.assign(static_cast<size_t>(N), 0.0);
+      pg.pu.assign(static_cast<size_t>(N), 0.0);
+      pg.pv.assign(static_cast<size_t>(N), 0.0);
       ids.clear();
       double lo_u = INFINITY, hi_u = -INFINITY, lo_v = INFINITY, hi_v = -INFINITY;
       for (int64_t n = 0; n < N; ++n) {
@@ -510,23 +517,20 @@ at::Tensor points_to_triplane_index_cpu(const at::Tensor& points,
         const double u = q[cu] * scale, v = q[cv] * scale;
         if (!std::isfinite(u) || !std::isfinite(v)) continue;
         if (vd != nullptr && !vd[b * N + n]) continue;
-        pu[n] = u;
-        pv[n] = v;
+        pg.pu[n] = u;
+        pg.pv[n] = v;
         ids.push_back(static_cast<int32_t>(n));
         lo_u = std::min(lo_u, u);
         hi_u = std::max(hi_u, u);
         lo_v = std::min(lo_v, v);
         hi_v = std::max(hi_v, v);
       }
-      int64_t* ob = out + (b * 3 + pl) * H * W;
       const int64_t M = static_cast<int64_t>(ids.size());
-      if (M == 0) {
-        std::fill(ob, ob + H * W, int64_t(-1));
-        continue;
-      }
+      pg.empty = M == 0;
+      if (M == 0) continue;
       // grid bounds: the points' bounding box clipped to the texel extents (points beyond fall
       // into the border cells, which keeps the ring search's lower bound valid)
-      Grid g;
+      Grid& g = pg.g;
       const double gx_lo = std::max(lo_u, tu0), gx_hi = std::min(hi_u, tu1);
       const double gy_lo = std::max(lo_v, tv0), gy_hi = std::min(hi_v, tv1);
       const double ex = std::max(gx_hi - gx_lo, 0.0), ey = std::max(gy_hi - gy_lo, 0.0);
@@ -553,33 +557,43 @@ at::Tensor points_to_triplane_index_cpu(const at::Tensor& points,
       g.cw = (ex > tiny ? ex : 1.0) / g.gx;
       g.ch = (ey > tiny ? ey : 1.0) / g.gy;
       const int64_t n_cells = static_cast<int64_t>(g.gx) * g.gy;
-      cell_start.assign(static_cast<size_t>(n_cells + 1), 0);
+      pg.cell_start.assign(static_cast<size_t>(n_cells + 1), 0);
       cell_of.resize(static_cast<size_t>(M));
       for (int64_t m = 0; m < M; ++m) {
         const int32_t n = ids[m];
-        const int32_t c = grid_cell(pv[n], g.y0, g.ch, g.gy) * g.gx + grid_cell(pu[n], g.x0, g.cw, g.gx);
+        const int32_t c = grid_cell(pg.pv[n], g.y0, g.ch, g.gy) * g.gx +
+                          grid_cell(pg.pu[n], g.x0, g.cw, g.gx);
         cell_of[m] = c;
-        ++cell_start[c + 1];
+        ++pg.cell_start[c + 1];
       }
-      for (int64_t c = 0; c < n_cells; ++c) cell_start[c + 1] += cell_start[c];
-      cell_pts.resize(static_cast<size_t>(M));
-      {
-        std::vector<int32_t> fill(cell_start.begin(), cell_start.end() - 1);
-        for (int64_t m = 0; m < M; ++m) cell_pts[fill[cell_of[m]]++] = ids[m];  // ascending ids
+      for (int64_t c = 0; c < n_cells; ++c) pg.cell_start[c + 1] += pg.cell_start[c];
+      pg.cell_pts.resize(static_cast<size_t>(M));
+      std::vector<int32_t> fill(pg.cell_start.begin(), pg.cell_start.end() - 1);
+      for (int64_t m = 0; m < M; ++m) pg.cell_pts[fill[cell_of[m]]++] = ids[m];  // ascending ids
+    }
+  });
+  // phase 2, one task per texel row of every plane: ring search
+  at::parallel_for(0, B * 3 * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t task = row / H, i = row % H;
+      const PlaneGrid& pg = grids[task];
+      int64_t* o = out + row * W;
+      if (pg.empty) {
+        std::fill(o, o + W, int64_t(-1));
+        continue;
       }
-      for (int64_t i = 0; i < H; ++i) {
-        const double qy = texel_centre(i, H, align_corners);
-        for (int64_t j = 0; j < W; ++j) {
-          const double qx = texel_centre(j, W, align_corners);
-          double d2;
-          ob[i * W + j] = grid_nearest(g, cell_start.data(), cell_pts.data(), pu.data(), pv.data(),
-                                       qx, qy, max_d2, d2);
-        }
+      const double qy = texel_centre(i, H, align_corners);
+      for (int64_t j = 0; j < W; ++j) {
+        double d2;
+        o[j] = grid_nearest(pg.g, pg.cell_start.data(), pg.cell_pts.data(), pg.pu.data(),
+                            pg.pv.data(), texel_centre(j, W, align_corners), qy, max_d2, d2);
       }
     }
   });
   return index;
 }
+
+constexpr int64_t kGatherBlock = 256;
 
 // ---------------------------------------------------------------------------------------------
 // Gather of point features through an index (-1: background) and its scatter-add backward.
@@ -604,13 +618,17 @@ at::Tensor gather_features_cpu(const at::Tensor& features, const at::Tensor& ind
         const int64_t b = bg_i / G;
         const int64_t* ib = id + bg_i * P;
         scalar_t* ob = od + bg_i * C * P;
-        for (int64_t p = 0; p < P; ++p) {
-          const int64_t n = ib[p];
-          if (n < 0 || n >= N) {
-            for (int64_t c = 0; c < C; ++c) ob[c * P + p] = bg;
-          } else {
-            const scalar_t* src = fd + (b * N + n) * C;
-            for (int64_t c = 0; c < C; ++c) ob[c * P + p] = src[c];
+        const scalar_t* fb = fd + b * N * C;
+        // blocks of pixels: the block's feature rows stay in cache while the channel planes
+        // are written contiguously
+        for (int64_t p0 = 0; p0 < P; p0 += kGatherBlock) {
+          const int64_t p1 = std::min(P, p0 + kGatherBlock);
+          for (int64_t c = 0; c < C; ++c) {
+            scalar_t* oc = ob + c * P;
+            for (int64_t p = p0; p < p1; ++p) {
+              const int64_t n = ib[p];
+              oc[p] = (n < 0 || n >= N) ? bg : fb[n * C + c];
+            }
           }
         }
       }
@@ -651,11 +669,16 @@ at::Tensor gather_features_bwd_cpu(const at::Tensor& grad, const at::Tensor& ind
           for (int64_t gi = 0; gi < G; ++gi) {
             const int64_t* ib = id + (b * G + gi) * P;
             const scalar_t* gb = gd + (b * G + gi) * C * P;
-            for (int64_t p = 0; p < P; ++p) {
-              const int64_t n = ib[p];
-              if (n < 0 || n >= num_points) continue;
-              acc_t* o = od + (b * num_points + n) * C;
-              for (int64_t c = c0; c < c1; ++c) o[c] += static_cast<acc_t>(gb[c * P + p]);
+            acc_t* ob = od + b * num_points * C;
+            for (int64_t p0 = 0; p0 < P; p0 += kGatherBlock) {
+              const int64_t p1 = std::min(P, p0 + kGatherBlock);
+              for (int64_t c = c0; c < c1; ++c) {
+                const scalar_t* gc = gb + c * P;
+                for (int64_t p = p0; p < p1; ++p) {
+                  const int64_t n = ib[p];
+                  if (n >= 0 && n < num_points) ob[n * C + c] += static_cast<acc_t>(gc[p]);
+                }
+              }
             }
           }
         }
