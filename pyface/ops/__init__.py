@@ -4,8 +4,11 @@ Every op validates its arguments, picks a backend (``backend=None``: the best av
 tensors' device; see ``python -m pyface.info``) and is differentiable. The pure-PyTorch reference
 twin of each op lives in :mod:`pyface.ops.reference`.
 """
+from pyface.ops.raster import (BFMCamera, points_to_triplane, project_points, rasterize_mesh,
+                               splat_points)
 from pyface.ops.triplane import triplane_sample
 from pyface.ops.warp import keypoint_flow, motion_field_input, warp_by_keypoints, warp_volume
 
-__all__ = ["triplane_sample", "warp_volume", "keypoint_flow", "warp_by_keypoints",
+__all__ = ["triplane_sample", "rasterize_mesh", "project_points", "BFMCamera", "splat_points",
+           "points_to_triplane", "warp_volume", "keypoint_flow", "warp_by_keypoints",
            "motion_field_input"]
