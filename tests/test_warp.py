@@ -343,3 +343,48 @@ def test_cpp_ops_validate_arguments():
     with pytest.raises(ValueError, match="grad_out: expected shape"):
         P.warp_volume_bwd(torch.zeros(1), vol, torch.zeros(2, 1, 1, 1, 3, dtype=vol.dtype),
                           False, True, True)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU (skipped without CUDA)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("jac", [False, True])
+def test_gpu_backends(backend, jac):
+    dtype = torch.float64 if backend == "cuda" else torch.float32
+    vol, kps, kpd, masks, j = make(K=15, C=5, jac=jac, dtype=dtype)
+    vol, kps, kpd, masks = (t.detach().cuda().requires_grad_() for t in (vol, kps, kpd, masks))
+    j = j.detach().cuda().requires_grad_() if jac else None
+    extra = [j] if jac else []
+    scale = 1 if dtype == torch.float64 else 10
+    compare(lambda *x: ops.warp_by_keypoints(*x[:4], jacobian=x[4] if jac else None,
+                                             backend=backend),
+            lambda *x: ref.warp_by_keypoints_reference(*x[:4], jacobian=x[4] if jac else None),
+            [vol, kps, kpd, masks, *extra], scale=scale)
+    compare(lambda *x: ops.keypoint_flow(*x[:3], jacobian=x[3] if jac else None, backend=backend),
+            lambda *x: ref.keypoint_flow_reference(*x[:3], jacobian=x[3] if jac else None),
+            [kps, kpd, masks, *extra], scale=scale)
+    grid = (torch.rand(2, 3, 4, 5, 3, dtype=dtype, device="cuda") * 3 - 1.5).requires_grad_()
+    compare(lambda v, g: ops.warp_volume(v, g, backend=backend),
+            lambda v, g: ref.warp_volume_reference(v, g), [vol, grid], scale=scale)
+    if backend == "triton":
+        compare(lambda *x: ops.motion_field_input(*x[:3], jacobian=x[3] if jac else None,
+                                                  backend=backend),
+                lambda *x: ref.motion_field_input_reference(*x[:3],
+                                                            jacobian=x[3] if jac else None),
+                [vol, kps, kpd, *extra], scale=scale)
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck_and_gradcheck():
+    vol, kps, kpd, masks, j = make(B=1, C=2, D=2, H=3, W=3, out=(2, 2, 3), K=2, jac=True)
+    vol, kps, kpd, masks, j = (t.detach().cuda().requires_grad_()
+                               for t in (vol, kps, kpd, masks, j))
+    P = torch.ops.pyface
+    torch.library.opcheck(P.warp_by_keypoints, (vol, kps, kpd, masks, j, False, True))
+    torch.library.opcheck(P.keypoint_flow, (kps, kpd, masks, j, True))
+    assert torch.autograd.gradcheck(
+        lambda *x: ops.warp_by_keypoints(*x[:4], jacobian=x[4], backend="cuda"),
+        (vol, kps, kpd, masks, j))

@@ -14,15 +14,18 @@ from pyface.ops._checks import ShapeChecker, check_positive
 from pyface.ops.reference.warp import (keypoint_flow_reference, motion_field_input_reference,
                                        warp_by_keypoints_reference, warp_volume_reference)
 
-_BACKENDS = ("reference", "cpu", "triton")
-_PRIORITY = {"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")}
-_NOTE = ("CPU: C++ (fused; bench: faster and smaller than the reference). CUDA: Triton (fused; "
-         "not yet benchmarked on a GPU), float64 on the reference.")
+_NOTE = ("CPU: C++ (fused; bench: faster and smaller than the reference). CUDA: Triton first "
+         "(tested under the Triton interpreter); the CUDA kernels are compile-checked but have not "
+         "run on a GPU yet, so they are opt-in (backend='cuda'); float64 uses the reference or "
+         "backend='cuda'.")
+_LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
 
 for _name in ("warp_volume", "keypoint_flow", "warp_by_keypoints", "motion_field_input"):
+    _cuda = ("cuda",) if _name != "motion_field_input" else ()  # no CUDA kernel for it
     _backend.register_op(_backend.OpSpec(
-        name=_name, backends=_BACKENDS, priority=_PRIORITY, compiled_op=_name, note=_NOTE,
-        dtypes={"triton": (torch.float32, torch.float16, torch.bfloat16)}))
+        name=_name, backends=("reference", "cpu", *_cuda, "triton"),
+        priority={"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")},
+        compiled_op=_name, note=_NOTE, dtypes={"triton": _LOW_PRECISION}))
 
 
 def _triton(name: str):
@@ -67,7 +70,8 @@ def warp_volume(volume: torch.Tensor, grid: torch.Tensor, *, align_corners: bool
         grid: (B, D', H', W', 3) sample positions, last dim (x -> W, y -> H, z -> D) in [-1, 1];
             the output may have another size than the volume. Positions outside give zeros.
         align_corners: as in ``F.grid_sample``.
-        backend: ``None`` (best available), ``"reference"``, ``"cpu"`` or ``"triton"``.
+        backend: ``None`` (best available), ``"reference"``, ``"cpu"``, ``"cuda"`` or
+            ``"triton"``.
 
     Returns:
         (B, C, D', H', W') in the dtype of ``volume``. Differentiable w.r.t. ``volume`` and
@@ -103,7 +107,7 @@ def keypoint_flow(kp_source: torch.Tensor, kp_driving: torch.Tensor, masks: torc
             inverse(J_driving)``, see ``pyface.ops.reference.warp.combine_jacobians``).
         grid_align_corners: identity grid as an inclusive linspace (face-vid2vid) or at voxel
             centres.
-        backend: ``None``, ``"reference"``, ``"cpu"`` or ``"triton"``.
+        backend: ``None``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
     Returns:
         flow: (B, D, H, W, 3) in the dtype of ``masks``. Differentiable w.r.t. keypoints, masks
@@ -142,7 +146,7 @@ def warp_by_keypoints(volume: torch.Tensor, kp_source: torch.Tensor, kp_driving:
         grid_align_corners: of the identity grid (face-vid2vid: True).
         return_flow: also return the (B, D', H', W', 3) flow (computed by a second op call,
             so it is materialised only when asked for).
-        backend: ``None``, ``"reference"``, ``"cpu"`` or ``"triton"``.
+        backend: ``None``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
     Returns:
         (B, C, D', H', W') in the dtype of ``volume`` [and the flow]. Differentiable w.r.t.
@@ -194,7 +198,7 @@ def motion_field_input(volume: torch.Tensor, kp_source: torch.Tensor, kp_driving
         jacobian: optional (B, K, 3, 3), as in :func:`keypoint_flow` (not applied to heatmaps).
         heatmap_variance: of the Gaussians (face-vid2vid: 0.01).
         align_corners / grid_align_corners: as in :func:`warp_by_keypoints`.
-        backend: ``None``, ``"reference"``, ``"cpu"`` or ``"triton"``.
+        backend: ``None``, ``"reference"``, ``"cpu"`` or ``"triton"`` (no CUDA kernel).
 
     Returns:
         (B, (K+1)*(C+1), D, H, W) in the dtype of ``volume``; channel ``k*(C+1)`` is heatmap k,
