@@ -388,3 +388,22 @@ def test_gpu_opcheck_and_gradcheck():
     assert torch.autograd.gradcheck(
         lambda *x: ops.warp_by_keypoints(*x[:4], jacobian=x[4], backend="cuda"),
         (vol, kps, kpd, masks, j))
+
+
+@cpp
+@pytest.mark.parametrize("B", [1, 3])
+def test_backward_paths(B):
+    """B < threads: a position pass plus a channel-owned scatter; B >= threads: one pass per
+    batch item. Both must match the reference."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        vol, kps, kpd, masks, j = make(B=B, K=3, jac=True, C=6)
+        compare(lambda *x: ops.warp_by_keypoints(*x[:4], jacobian=x[4], backend="cpu"),
+                lambda *x: ref.warp_by_keypoints_reference(*x[:4], jacobian=x[4]),
+                [vol, kps, kpd, masks, j])
+        compare(lambda *x: ops.motion_field_input(*x[:3], jacobian=x[3], backend="cpu"),
+                lambda *x: ref.motion_field_input_reference(*x[:3], jacobian=x[3]),
+                [vol, kps, kpd, j])
+    finally:
+        torch.set_num_threads(threads)

@@ -217,7 +217,11 @@ inline void sample_block(const scalar_t* vol_b, const VolGeom& g, const TapBlock
     for (int i = 0; i < blk.n; ++i) {
       const Compact<acc_t>& ct = blk.t[i];
       acc_t v = 0;
-      for (int j = 0; j < ct.n; ++j) v += static_cast<acc_t>(p[ct.off[j]]) * ct.w[j];
+      if (ct.n == 8) {  // interior sample: a fixed trip count the compiler unrolls
+        for (int j = 0; j < 8; ++j) v += static_cast<acc_t>(p[ct.off[j]]) * ct.w[j];
+      } else {
+        for (int j = 0; j < ct.n; ++j) v += static_cast<acc_t>(p[ct.off[j]]) * ct.w[j];
+      }
       o[i] = static_cast<scalar_t>(blk.nan[i] ? qnan : v);
     }
   }
@@ -236,11 +240,16 @@ inline void position_grad_block(const scalar_t* vol_b, const VolGeom& g,
     for (int i = 0; i < blk.n; ++i) {
       const Compact<acc_t>& ct = blk.t[i];
       acc_t gx = 0, gy = 0, gz = 0;
-      for (int j = 0; j < ct.n; ++j) {
+      auto tap = [&](int j) {
         const acc_t val = static_cast<acc_t>(p[ct.off[j]]);
         gx += ct.dx[j] * val;
         gy += ct.dy[j] * val;
         gz += ct.dz[j] * val;
+      };
+      if (ct.n == 8) {
+        for (int j = 0; j < 8; ++j) tap(j);
+      } else {
+        for (int j = 0; j < ct.n; ++j) tap(j);
       }
       out[i][0] += gx * goc[i];
       out[i][1] += gy * goc[i];
@@ -274,7 +283,11 @@ inline void scatter_block(acc_t* gvol_b, const VolGeom& g, const TapBlock<acc_t>
     for (int i = 0; i < blk.n; ++i) {
       const Compact<acc_t>& ct = blk.t[i];
       const acc_t gi = goc[i];
-      for (int j = 0; j < ct.n; ++j) q[ct.off[j]] += ct.w[j] * gi;
+      if (ct.n == 8) {
+        for (int j = 0; j < 8; ++j) q[ct.off[j]] += ct.w[j] * gi;
+      } else {
+        for (int j = 0; j < ct.n; ++j) q[ct.off[j]] += ct.w[j] * gi;
+      }
     }
   }
 }
@@ -284,7 +297,7 @@ inline void scatter_block(acc_t* gvol_b, const VolGeom& g, const TapBlock<acc_t>
 int64_t channel_chunk(int64_t B, int64_t C) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   int64_t chunk = C;
-  while (chunk > 4 && B * ((C + chunk - 1) / chunk) < 4 * threads) chunk = (chunk + 1) / 2;
+  while (chunk > 4 && B * ((C + chunk - 1) / chunk) < 2 * threads) chunk = (chunk + 1) / 2;
   return chunk;
 }
 
@@ -708,16 +721,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> warp_by_k
       const acc_t* mp = m.const_data_ptr<acc_t>();
       const acc_t* gop = go.const_data_ptr<acc_t>();
       const scalar_t* vol = volume.const_data_ptr<scalar_t>();
-      if (need_part || need_masks_grad) {
-        acc_t* gmp = need_masks_grad ? gm.mutable_data_ptr<acc_t>() : nullptr;
-        acc_t* pp = need_part ? part.mutable_data_ptr<acc_t>() : nullptr;
-        for_voxel_chunks(B, Vo, [&](int64_t task, int64_t b, int64_t v0, int64_t v1) {
-          const acc_t* m_b = mp + b * (K + 1) * Vo;
-          auto blk = std::make_unique<TapBlock<acc_t>>();
-          acc_t gf[kBlock][3];
-          const FlowPos<acc_t> fp{axes, m_b, Vo, P.s(b), P.d(b), P.j(b), K, 0};
-          for_blocks(v0, v1, [&](int64_t vb, int n) {
-            blk->fill(n, fp.at(vb), g, align_corners, g.sd, g.sh, g.sw, true);
+      const bool need_pos = need_part || need_masks_grad;
+      acc_t* gmp = need_masks_grad ? gm.mutable_data_ptr<acc_t>() : nullptr;
+      acc_t* pp = need_part ? part.mutable_data_ptr<acc_t>() : nullptr;
+      acc_t* gvp = need_volume_grad ? gv.mutable_data_ptr<acc_t>() : nullptr;
+      const int64_t dhw = g.D * g.H * g.W;
+      const bool contiguous_taps = g.sd == g.H * g.W && g.sh == g.W && g.sw == 1;
+      // Position gradients (-> masks, keypoints) of voxels [v0, v1) of batch item b, and the
+      // volume-gradient scatter of channels [c0, c1) when c0 < c1: flows and taps are computed
+      // once per voxel block for both.
+      auto run = [&](int64_t task, int64_t b, int64_t v0, int64_t v1, int64_t c0, int64_t c1) {
+        const acc_t* m_b = mp + b * (K + 1) * Vo;
+        auto blk = std::make_unique<TapBlock<acc_t>>();
+        auto blk_c = std::make_unique<TapBlock<acc_t>>();
+        acc_t gf[kBlock][3], pos[kBlock][3];
+        const FlowPos<acc_t> fp{axes, m_b, Vo, P.s(b), P.d(b), P.j(b), K, 0};
+        for_blocks(v0, v1, [&](int64_t vb, int n) {
+          const FlowPos<acc_t> f = fp.at(vb);
+          for (int i = 0; i < n; ++i) f(i, pos[i]);
+          const GridPos<acc_t> gp{&pos[0][0]};
+          if (need_pos) {
+            blk->fill(n, gp, g, align_corners, g.sd, g.sh, g.sw, true);
             position_grad_block(vol + b * g.sb, g, *blk, gop + b * C * Vo + vb, Vo,
                                 align_corners, gf);
             for (int i = 0; i < n; ++i) {
@@ -727,20 +751,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> warp_by_k
                            gmp ? gmp + b * (K + 1) * Vo : nullptr,
                            pp ? pp + task * K * 15 : nullptr);
             }
-          });
+          }
+          if (c0 < c1) {
+            const bool reuse = need_pos && contiguous_taps;
+            if (!reuse) blk_c->fill(n, gp, g, align_corners, g.H * g.W, g.W, 1, false);
+            scatter_block(gvp + b * C * dhw, g, reuse ? *blk : *blk_c, gop + b * C * Vo + vb, Vo,
+                          c0, c1);
+          }
         });
-      }
-      if (need_volume_grad) {
-        acc_t* gvp = gv.mutable_data_ptr<acc_t>();
-        for_channel_chunks(B, C, [&](int64_t b, int64_t c0, int64_t c1) {
-          auto blk = std::make_unique<TapBlock<acc_t>>();
-          const FlowPos<acc_t> fp{axes, mp + b * (K + 1) * Vo, Vo, P.s(b), P.d(b), P.j(b), K, 0};
-          for_blocks(0, Vo, [&](int64_t vb, int n) {
-            blk->fill(n, fp.at(vb), g, align_corners, g.H * g.W, g.W, 1, false);
-            scatter_block(gvp + b * C * g.D * g.H * g.W, g, *blk, gop + b * C * Vo + vb, Vo, c0,
-                          c1);
-          });
+      };
+      if (need_volume_grad && B >= at::get_num_threads()) {
+        // One task per batch item owns its slice of the volume gradient: a single pass.
+        const int64_t nch = num_chunks(Vo);
+        at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b)
+            for (int64_t ch = 0; ch < nch; ++ch)
+              run(b * nch + ch, b, ch * kChunk, std::min(Vo, (ch + 1) * kChunk), 0, C);
         });
+      } else {
+        if (need_pos) {
+          for_voxel_chunks(B, Vo, [&](int64_t task, int64_t b, int64_t v0, int64_t v1) {
+            run(task, b, v0, v1, 0, 0);
+          });
+        }
+        if (need_volume_grad) {
+          // scatter only (the position gradients are done): tasks own channel ranges
+          for_channel_chunks(B, C, [&](int64_t b, int64_t c0, int64_t c1) {
+            auto blk_c = std::make_unique<TapBlock<acc_t>>();
+            const FlowPos<acc_t> fp{axes, mp + b * (K + 1) * Vo, Vo, P.s(b), P.d(b), P.j(b), K,
+                                    0};
+            for_blocks(0, Vo, [&](int64_t vb, int n) {
+              blk_c->fill(n, fp.at(vb), g, align_corners, g.H * g.W, g.W, 1, false);
+              scatter_block(gvp + b * C * dhw, g, *blk_c, gop + b * C * Vo + vb, Vo, c0, c1);
+            });
+          });
+        }
       }
     });
   }
@@ -846,19 +891,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> motion_field_input_bw
       const acc_t* gop = go.const_data_ptr<acc_t>();
       const scalar_t* vol = volume.const_data_ptr<scalar_t>();
       const int64_t CC = C + 1;
-      if (need_part && K > 0) {
-        acc_t* pp = part.mutable_data_ptr<acc_t>();
-        for_voxel_chunks(B, V, [&](int64_t task, int64_t b, int64_t v0, int64_t v1) {
-          const acc_t* go_b = gop + b * (K + 1) * CC * V;
-          acc_t* part_t = pp + task * K * 15;
-          auto blk = std::make_unique<TapBlock<acc_t>>();
-          acc_t gp[kBlock][3];
-          for (int64_t k = 1; k <= K; ++k) {
-            const acc_t* kps = P.s(b) + 3 * (k - 1);
-            const acc_t* kpd = P.d(b) + 3 * (k - 1);
-            acc_t* part_k = part_t + (k - 1) * 15;
-            const MotionPos<acc_t> mpos{axes, P.s(b), P.d(b), P.j(b), k - 1, 0};
-            for_blocks(v0, v1, [&](int64_t vb, int n) {
+      const bool need_pos = need_part && K > 0;
+      acc_t* pp = need_part ? part.mutable_data_ptr<acc_t>() : nullptr;
+      acc_t* gvp = need_volume_grad ? gv.mutable_data_ptr<acc_t>() : nullptr;
+      const bool contiguous_taps = g.sd == g.H * g.W && g.sh == g.W && g.sw == 1;
+      // Keypoint gradients of voxels [v0, v1) of batch item b (when need_pos) and the scatter
+      // of channels [c0, c1) into the volume gradient (when c0 < c1), for every motion k.
+      auto run = [&](int64_t task, int64_t b, int64_t v0, int64_t v1, int64_t c0, int64_t c1) {
+        const acc_t* go_b = gop + b * (K + 1) * CC * V;
+        auto blk = std::make_unique<TapBlock<acc_t>>();
+        auto blk_c = std::make_unique<TapBlock<acc_t>>();
+        acc_t gp[kBlock][3];
+        for (int64_t k = 0; k <= K; ++k) {
+          const bool pos_k = need_pos && k > 0;
+          if (!pos_k && c0 >= c1) continue;
+          acc_t* part_k = pos_k ? pp + task * K * 15 + (k - 1) * 15 : nullptr;
+          const MotionPos<acc_t> mpos{axes, P.s(b), P.d(b), P.j(b), k - 1, 0};
+          for_blocks(v0, v1, [&](int64_t vb, int n) {
+            if (pos_k) {
               blk->fill(n, mpos.at(vb), g, align_corners, g.sd, g.sh, g.sw, true);
               position_grad_block(vol + b * g.sb, g, *blk, go_b + (k * CC + 1) * V + vb, V,
                                   align_corners, gp);
@@ -867,37 +917,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> motion_field_input_bw
                 axes.at(vb + i, zx, zy, zz);
                 keypoint_motion_grad(P.d(b), P.j(b), k - 1, zx, zy, zz, acc_t(1), gp[i], part_k);
               }
-            });
-            for (int64_t v = v0; v < v1; ++v) {
-              acc_t zx, zy, zz;
-              axes.at(v, zx, zy, zz);
-              // heatmap: d/d kp of exp(-|z - kp|^2 / (2 var)) = G (z - kp) / var
-              const acc_t gh = go_b[k * CC * V + v];
-              const acc_t gd = gh * gaussian(kpd, zx, zy, zz, var) / var;
-              const acc_t gs = gh * gaussian(kps, zx, zy, zz, var) / var;
-              part_k[3] += gd * (zx - kpd[0]);
-              part_k[4] += gd * (zy - kpd[1]);
-              part_k[5] += gd * (zz - kpd[2]);
-              part_k[0] -= gs * (zx - kps[0]);
-              part_k[1] -= gs * (zy - kps[1]);
-              part_k[2] -= gs * (zz - kps[2]);
             }
+            if (c0 < c1) {
+              const bool reuse = pos_k && contiguous_taps;
+              if (!reuse) blk_c->fill(n, mpos.at(vb), g, align_corners, g.H * g.W, g.W, 1, false);
+              scatter_block(gvp + b * C * V, g, reuse ? *blk : *blk_c,
+                            go_b + (k * CC + 1) * V + vb, V, c0, c1);
+            }
+          });
+          if (!pos_k) continue;
+          const acc_t* kps = P.s(b) + 3 * (k - 1);
+          const acc_t* kpd = P.d(b) + 3 * (k - 1);
+          for (int64_t v = v0; v < v1; ++v) {
+            acc_t zx, zy, zz;
+            axes.at(v, zx, zy, zz);
+            // heatmap: d/d kp of exp(-|z - kp|^2 / (2 var)) = G (z - kp) / var
+            const acc_t gh = go_b[k * CC * V + v];
+            const acc_t gd = gh * gaussian(kpd, zx, zy, zz, var) / var;
+            const acc_t gs = gh * gaussian(kps, zx, zy, zz, var) / var;
+            part_k[3] += gd * (zx - kpd[0]);
+            part_k[4] += gd * (zy - kpd[1]);
+            part_k[5] += gd * (zz - kpd[2]);
+            part_k[0] -= gs * (zx - kps[0]);
+            part_k[1] -= gs * (zy - kps[1]);
+            part_k[2] -= gs * (zz - kps[2]);
           }
+        }
+      };
+      if (need_volume_grad && B >= at::get_num_threads()) {
+        // One task per batch item owns its slice of the volume gradient: a single pass.
+        const int64_t nch = num_chunks(V);
+        at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b)
+            for (int64_t ch = 0; ch < nch; ++ch)
+              run(b * nch + ch, b, ch * kChunk, std::min(V, (ch + 1) * kChunk), 0, C);
         });
-      }
-      if (need_volume_grad) {
-        acc_t* gvp = gv.mutable_data_ptr<acc_t>();
-        for_channel_chunks(B, C, [&](int64_t b, int64_t c0, int64_t c1) {
-          const acc_t* go_b = gop + b * (K + 1) * CC * V;
-          auto blk = std::make_unique<TapBlock<acc_t>>();
-          for (int64_t k = 0; k <= K; ++k) {
-            const MotionPos<acc_t> mpos{axes, P.s(b), P.d(b), P.j(b), k - 1, 0};
-            for_blocks(0, V, [&](int64_t vb, int n) {
-              blk->fill(n, mpos.at(vb), g, align_corners, g.H * g.W, g.W, 1, false);
-              scatter_block(gvp + b * C * V, g, *blk, go_b + (k * CC + 1) * V + vb, V, c0, c1);
-            });
-          }
-        });
+      } else {
+        if (need_pos) {
+          for_voxel_chunks(B, V, [&](int64_t task, int64_t b, int64_t v0, int64_t v1) {
+            run(task, b, v0, v1, 0, 0);
+          });
+        }
+        if (need_volume_grad) {
+          for_channel_chunks(B, C, [&](int64_t b, int64_t c0, int64_t c1) {
+            // scatter only: positions are recomputed, the keypoint pass is not repeated
+            const acc_t* go_b = gop + b * (K + 1) * CC * V;
+            auto blk = std::make_unique<TapBlock<acc_t>>();
+            for (int64_t k = 0; k <= K; ++k) {
+              const MotionPos<acc_t> mpos{axes, P.s(b), P.d(b), P.j(b), k - 1, 0};
+              for_blocks(0, V, [&](int64_t vb, int n) {
+                blk->fill(n, mpos.at(vb), g, align_corners, g.H * g.W, g.W, 1, false);
+                scatter_block(gvp + b * C * V, g, *blk, go_b + (k * CC + 1) * V + vb, V, c0,
+                              c1);
+              });
+            }
+          });
+        }
       }
     });
   }
