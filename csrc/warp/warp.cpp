@@ -292,6 +292,115 @@ inline void scatter_block(acc_t* gvol_b, const VolGeom& g, const TapBlock<acc_t>
   }
 }
 
+// ---- channels-last working copies -------------------------------------------------------------
+// When every thread owns whole batch items, a batch item's volume is copied to a (D, H, W, C)
+// buffer in the accumulation type: each trilinear tap then reads C contiguous values, and the
+// per-channel loops vectorise. Buffers are ATen allocations (visible to memory profiling).
+
+template <typename scalar_t, typename acc_t>
+void to_channels_last(const scalar_t* vol_b, const VolGeom& g, acc_t* dst) {
+  const int64_t C = g.C;
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t* p = vol_b + c * g.sc;
+    int64_t v = 0;
+    for (int64_t d = 0; d < g.D; ++d)
+      for (int64_t h = 0; h < g.H; ++h) {
+        const scalar_t* row = p + d * g.sd + h * g.sh;
+        for (int64_t w = 0; w < g.W; ++w, ++v) dst[v * C + c] = static_cast<acc_t>(row[w * g.sw]);
+      }
+  }
+}
+
+// dst (C, V) = transpose of src (V, C).
+template <typename acc_t>
+void from_channels_last(const acc_t* src, int64_t C, int64_t V, acc_t* dst) {
+  constexpr int64_t T = 64;
+  for (int64_t v0 = 0; v0 < V; v0 += T) {
+    const int64_t v1 = std::min(V, v0 + T);
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t v = v0; v < v1; ++v) dst[c * V + v] = src[v * C + c];
+  }
+}
+
+// go[c * gstride + i] -> got[i * C + c] for the n voxels of a block.
+template <typename acc_t>
+inline void gather_block_rows(const acc_t* go, int64_t gstride, int64_t C, int n, acc_t* got) {
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t* g = go + c * gstride;
+    for (int i = 0; i < n; ++i) got[i * C + c] = g[i];
+  }
+}
+
+// out[c * ostride + i] = samples of the block from a channels-last volume (taps filled with the
+// strides (H*W*C, W*C, C)); tmp holds kBlock * C values.
+template <typename scalar_t, typename acc_t>
+inline void sample_block_cl(const acc_t* vcl, int64_t C, const TapBlock<acc_t>& blk, acc_t* tmp,
+                            scalar_t* out, int64_t ostride) {
+  const acc_t qnan = std::numeric_limits<acc_t>::quiet_NaN();
+  for (int i = 0; i < blk.n; ++i) {
+    acc_t* a = tmp + i * C;
+    const Compact<acc_t>& ct = blk.t[i];
+    const acc_t fill = blk.nan[i] ? qnan : acc_t(0);
+    for (int64_t c = 0; c < C; ++c) a[c] = fill;
+    if (blk.nan[i]) continue;
+    for (int j = 0; j < ct.n; ++j) {
+      const acc_t* p = vcl + ct.off[j];
+      const acc_t w = ct.w[j];
+      for (int64_t c = 0; c < C; ++c) a[c] += p[c] * w;
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    scalar_t* o = out + c * ostride;
+    for (int i = 0; i < blk.n; ++i) o[i] = static_cast<scalar_t>(tmp[i * C + c]);
+  }
+}
+
+// Position gradients of the block from a channels-last volume; got = gather_block_rows(go).
+template <typename acc_t>
+inline void position_grad_block_cl(const acc_t* vcl, const VolGeom& g, const TapBlock<acc_t>& blk,
+                                   const acc_t* got, bool align_corners, acc_t (*out)[3]) {
+  const int64_t C = g.C;
+  const acc_t sx = unnormalize_scale<acc_t>(g.W, align_corners);
+  const acc_t sy = unnormalize_scale<acc_t>(g.H, align_corners);
+  const acc_t sz = unnormalize_scale<acc_t>(g.D, align_corners);
+  const acc_t qnan = std::numeric_limits<acc_t>::quiet_NaN();
+  for (int i = 0; i < blk.n; ++i) {
+    if (blk.nan[i]) {
+      out[i][0] = out[i][1] = out[i][2] = qnan;
+      continue;
+    }
+    const Compact<acc_t>& ct = blk.t[i];
+    const acc_t* gi = got + i * C;
+    acc_t gx = 0, gy = 0, gz = 0;
+    for (int j = 0; j < ct.n; ++j) {
+      const acc_t* p = vcl + ct.off[j];
+      acc_t dot = 0;
+      for (int64_t c = 0; c < C; ++c) dot += p[c] * gi[c];
+      gx += ct.dx[j] * dot;
+      gy += ct.dy[j] * dot;
+      gz += ct.dz[j] * dot;
+    }
+    out[i][0] = gx * sx;
+    out[i][1] = gy * sy;
+    out[i][2] = gz * sz;
+  }
+}
+
+// gcl (D, H, W, C) += weights * got rows.
+template <typename acc_t>
+inline void scatter_block_cl(acc_t* gcl, int64_t C, const TapBlock<acc_t>& blk, const acc_t* got) {
+  for (int i = 0; i < blk.n; ++i) {
+    if (blk.nan[i]) continue;
+    const Compact<acc_t>& ct = blk.t[i];
+    const acc_t* gi = got + i * C;
+    for (int j = 0; j < ct.n; ++j) {
+      acc_t* q = gcl + ct.off[j];
+      const acc_t w = ct.w[j];
+      for (int64_t c = 0; c < C; ++c) q[c] += w * gi[c];
+    }
+  }
+}
+
 // Channel chunk for the volume-gradient scatter: tasks own disjoint (batch, channel range)
 // slices of the gradient (no atomics, deterministic), enough of them to keep every thread busy.
 int64_t channel_chunk(int64_t B, int64_t C) {
@@ -677,13 +786,33 @@ at::Tensor warp_by_keypoints_cpu(const at::Tensor& volume, const at::Tensor& kp_
     const acc_t* mp = m.const_data_ptr<acc_t>();
     const scalar_t* vol = volume.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    const int64_t K = a.K, Vo = a.Vo;
+    const int64_t K = a.K, Vo = a.Vo, C = a.C;
+    if (a.B >= at::get_num_threads()) {
+      // every thread owns whole batch items: sample a channels-last copy
+      const int64_t V = g.D * g.H * g.W;
+      at::parallel_for(0, a.B, 1, [&](int64_t b0, int64_t b1) {
+        auto vcl = at::empty({V * C}, m.options());
+        auto tmp = at::empty({kBlock * C}, m.options());
+        acc_t* vclp = vcl.mutable_data_ptr<acc_t>();
+        acc_t* tmpp = tmp.mutable_data_ptr<acc_t>();
+        auto blk = std::make_unique<TapBlock<acc_t>>();
+        for (int64_t b = b0; b < b1; ++b) {
+          to_channels_last(vol + b * g.sb, g, vclp);
+          const FlowPos<acc_t> fp{axes, mp + b * (K + 1) * Vo, Vo, P.s(b), P.d(b), P.j(b), K, 0};
+          for_blocks(0, Vo, [&](int64_t vb, int n) {
+            blk->fill(n, fp.at(vb), g, align_corners, g.H * g.W * C, g.W * C, C, false);
+            sample_block_cl(vclp, C, *blk, tmpp, o + b * C * Vo + vb, Vo);
+          });
+        }
+      });
+      return;
+    }
     for_voxel_chunks(a.B, Vo, [&](int64_t, int64_t b, int64_t v0, int64_t v1) {
       auto blk = std::make_unique<TapBlock<acc_t>>();
       const FlowPos<acc_t> fp{axes, mp + b * (K + 1) * Vo, Vo, P.s(b), P.d(b), P.j(b), K, 0};
       for_blocks(v0, v1, [&](int64_t vb, int n) {
         blk->fill(n, fp.at(vb), g, align_corners, g.sd, g.sh, g.sw, false);
-        sample_block(vol + b * g.sb, g, *blk, o + b * a.C * Vo + vb, Vo);
+        sample_block(vol + b * g.sb, g, *blk, o + b * C * Vo + vb, Vo);
       });
     });
   });
@@ -760,13 +889,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> warp_by_k
           }
         });
       };
-      if (need_volume_grad && B >= at::get_num_threads()) {
-        // One task per batch item owns its slice of the volume gradient: a single pass.
+      if (B >= at::get_num_threads()) {
+        // Every thread owns whole batch items (and their slice of the volume gradient): one
+        // pass over channels-last copies of the volume and of the volume gradient.
         const int64_t nch = num_chunks(Vo);
+        const int64_t V = dhw;
         at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-          for (int64_t b = b0; b < b1; ++b)
-            for (int64_t ch = 0; ch < nch; ++ch)
-              run(b * nch + ch, b, ch * kChunk, std::min(Vo, (ch + 1) * kChunk), 0, C);
+          auto vcl = at::empty({need_pos ? V * C : 0}, m.options());
+          auto gcl = at::empty({need_volume_grad ? V * C : 0}, m.options());
+          auto tmp = at::empty({kBlock * C}, m.options());
+          acc_t* vclp = vcl.mutable_data_ptr<acc_t>();
+          acc_t* gclp = gcl.mutable_data_ptr<acc_t>();
+          acc_t* got = tmp.mutable_data_ptr<acc_t>();
+          auto blk = std::make_unique<TapBlock<acc_t>>();
+          acc_t gf[kBlock][3];
+          for (int64_t b = b0; b < b1; ++b) {
+            if (need_pos) to_channels_last(vol + b * g.sb, g, vclp);
+            if (need_volume_grad) std::fill(gclp, gclp + V * C, acc_t(0));
+            const acc_t* m_b = mp + b * (K + 1) * Vo;
+            const FlowPos<acc_t> fp{axes, m_b, Vo, P.s(b), P.d(b), P.j(b), K, 0};
+            for (int64_t ch = 0; ch < nch; ++ch) {
+              const int64_t task = b * nch + ch;
+              for_blocks(ch * kChunk, std::min(Vo, (ch + 1) * kChunk), [&](int64_t vb, int n) {
+                blk->fill(n, fp.at(vb), g, align_corners, g.H * g.W * C, g.W * C, C, need_pos);
+                gather_block_rows(gop + b * C * Vo + vb, Vo, C, n, got);
+                if (need_pos) {
+                  position_grad_block_cl(vclp, g, *blk, got, align_corners, gf);
+                  for (int i = 0; i < n; ++i) {
+                    acc_t zx, zy, zz;
+                    axes.at(vb + i, zx, zy, zz);
+                    flow_grad_at(m_b, Vo, vb + i, P.s(b), P.d(b), P.j(b), K, zx, zy, zz, gf[i],
+                                 gmp ? gmp + b * (K + 1) * Vo : nullptr,
+                                 pp ? pp + task * K * 15 : nullptr);
+                  }
+                }
+                if (need_volume_grad) scatter_block_cl(gclp, C, *blk, got);
+              });
+            }
+            if (need_volume_grad) from_channels_last(gclp, C, V, gvp + b * C * V);
+          }
         });
       } else {
         if (need_pos) {
