@@ -26,7 +26,8 @@ int main() {
   EXPECT(near(identity_coord<double>(2, 5, true), 0.0));
   EXPECT(near(identity_coord<double>(0, 4, false), -0.75));
   EXPECT(near(identity_coord<double>(3, 4, false), 0.75));
-  EXPECT(near(identity_coord<double>(0, 1, true), 0.0) && near(identity_coord<double>(0, 1, false), 0.0));
+  EXPECT(near(identity_coord<double>(0, 1, true), 0.0));
+  EXPECT(near(identity_coord<double>(0, 1, false), 0.0));
 
   // voxel-centre identity coordinates sample exactly one voxel with weight 1 (align=False)
   for (int i = 0; i < 6; ++i) {

@@ -203,7 +203,8 @@ struct TapBlock {
 // Runs f(vb, count) over blocks of up to kBlock voxels of [v0, v1).
 template <typename F>
 inline void for_blocks(int64_t v0, int64_t v1, const F& f) {
-  for (int64_t vb = v0; vb < v1; vb += kBlock) f(vb, static_cast<int>(std::min<int64_t>(kBlock, v1 - vb)));
+  for (int64_t vb = v0; vb < v1; vb += kBlock)
+    f(vb, static_cast<int>(std::min<int64_t>(kBlock, v1 - vb)));
 }
 
 // out[c * ostride + i] = sample of channel c at voxel i of the block.
@@ -639,7 +640,8 @@ std::tuple<at::Tensor, at::Tensor> warp_volume_bwd_cpu(const at::Tensor& grad_ou
             blk->fill(n, GridPos<acc_t>{gp + (b * Vo + vb) * 3}, g, align_corners, g.sd, g.sh,
                       g.sw, true);
             position_grad_block(vol + b * g.sb, g, *blk, gop + b * C * Vo + vb, Vo,
-                                align_corners, reinterpret_cast<acc_t(*)[3]>(ggp + (b * Vo + vb) * 3));
+                                align_corners,
+                                reinterpret_cast<acc_t(*)[3]>(ggp + (b * Vo + vb) * 3));
           });
         });
       }
