@@ -528,7 +528,7 @@ def build_head(n_cols: int = 144, n_rows: int = 124) -> HeadParts:
         f = noise_field(freq, 12, rng)
         if i % 5 >= 3:
             f = np.clip(f - 1.0, 0, None) * 2.0  # sparse spots
-        cols.append((0.03 * f * skin_w)[:, None] * np.array([1.0, 0.85, 0.75]))
+        cols.append((0.015 * f * skin_w)[:, None] * np.array([1.0, 0.85, 0.75]))
     for i in range(10):  # hair streaks: high frequency across, low along the strands
         f = noise_field([20, 35, 50][i % 3], 16, rng, aniso=(1.0, 0.25, 1.0))
         cols.append((0.04 * f * (hair | brow))[:, None] * np.ones(3))
