@@ -165,19 +165,20 @@ def look_at(origin, target=FFHQ_PIVOT, up=(0.0, 1.0, 0.0)) -> torch.Tensor:
 
 
 def orbit_camera(yaw, pitch, radius: float = FFHQ_RADIUS, pivot=FFHQ_PIVOT) -> torch.Tensor:
-    """cam2world ``(..., 4, 4)`` of a camera orbiting ``pivot`` and looking at it.
+    """cam2world ``(..., 4, 4)`` of a camera on the sphere of ``radius`` around the world origin,
+    looking at ``pivot`` (EG3D's ``LookAtPoseSampler``: FFHQ uses radius 2.7, pivot (0, 0, 0.2)).
 
     ``yaw``/``pitch`` in radians (tensors or floats, broadcast): yaw > 0 moves the camera
-    towards +x (the subject's left), pitch > 0 moves it up. ``yaw = pitch = 0`` is the frontal
-    camera at ``pivot + (0, 0, radius)``. The yaw matches EG3D's ``LookAtPoseSampler.sample``
-    with ``horizontal_mean = pi/2 + yaw``; pitch here is the true elevation angle (EG3D's
-    ``vertical_mean`` maps to elevation through ``arccos(1 - 2 v / pi)``).
+    towards +x (the subject's left), pitch > 0 moves it up; ``yaw = pitch = 0`` is the frontal
+    camera at ``(0, 0, radius)``. The yaw matches ``LookAtPoseSampler.sample`` with
+    ``horizontal_mean = pi/2 + yaw``; pitch here is the true elevation angle (EG3D's
+    ``vertical_mean = v`` is the elevation ``arcsin(1 - 2 v / pi)``).
     """
     yaw, pitch = torch.broadcast_tensors(_vec(yaw), _vec(pitch))
     pivot = _vec(pivot, like=yaw)
     direction = torch.stack([torch.cos(pitch) * torch.sin(yaw), torch.sin(pitch),
                              torch.cos(pitch) * torch.cos(yaw)], dim=-1)
-    return look_at(pivot + radius * direction, pivot)
+    return look_at(radius * direction, pivot)
 
 
 def orbit_labels(n: int, yaw_range: float = math.radians(30), pitch_range: float = math.radians(10),
@@ -196,17 +197,17 @@ def orbit_labels(n: int, yaw_range: float = math.radians(30), pitch_range: float
     return make_label(orbit_camera(yaw, pitch, radius, pivot), intrinsics_from_focal(focal))
 
 
-def camera_yaw_pitch(cam2world: torch.Tensor, pivot=FFHQ_PIVOT) -> tuple[torch.Tensor, torch.Tensor]:
+def camera_yaw_pitch(cam2world: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`orbit_camera` for the camera position: (yaw, pitch) in radians of the
-    camera centre around ``pivot``."""
-    d = cam2world[..., :3, 3] - _vec(pivot, like=cam2world)
+    camera centre around the world origin."""
+    d = cam2world[..., :3, 3]
     yaw = torch.atan2(d[..., 0], d[..., 2])
     pitch = torch.atan2(d[..., 1], torch.sqrt(d[..., 0] ** 2 + d[..., 2] ** 2))
     return yaw, pitch
 
 
 def default_label(focal: float = FFHQ_FOCAL, radius: float = FFHQ_RADIUS, pivot=FFHQ_PIVOT) -> torch.Tensor:
-    """The EG3D FFHQ frontal label ``(25,)`` (camera at pivot + (0, 0, radius))."""
+    """The EG3D FFHQ frontal label ``(25,)``: camera at ``(0, 0, radius)`` looking at ``pivot``."""
     return make_label(orbit_camera(0.0, 0.0, radius, pivot), intrinsics_from_focal(focal))
 
 
