@@ -589,11 +589,10 @@ def _landmarks(verts, comp, vrow, mouth_rows, o_lr, o_ll, lid_nv, frontness):
             pts += [nearest(sheet, xs[3] + 0.01, EYE_C[1])]
             pts += [nearest(sheet, xs[2], lower_eye(sgn, xs[2])), nearest(sheet, xs[1], lower_eye(sgn, xs[1]))]
         lm += pts
-    upper_row = comp == -1
-    upper_row = np.isin(vrow, [mouth_rows[0]])
-    lower_row = np.isin(vrow, [mouth_rows[3]])
-    u_in = np.isin(vrow, [mouth_rows[1]])
-    l_in = np.isin(vrow, [mouth_rows[2]])
+    on_front = frontness > 0.5
+    upper_row = np.isin(vrow, [mouth_rows[0]]) & on_front
+    u_in = np.isin(vrow, [mouth_rows[1]]) & on_front
+    l_in = np.isin(vrow, [mouth_rows[2]]) & on_front
     lm.append(nearest(upper_row, -MOUTH_HW, MOUTH_Y))                     # 48
     for x, y in ((-0.17, -0.37), (-0.07, -0.335), (0.0, -0.34), (0.07, -0.335), (0.17, -0.37)):
         lm.append(nearest(sheet, x, y))                                   # 49-53

@@ -90,6 +90,8 @@ def _rasterize_fallback(verts_ndc, faces, size, attributes, near) -> RasterOutpu
             face_index[bi] = fi
             bary[bi] = bc.to(bary.dtype)
     mask = (face_index >= 0).unsqueeze(1).to(verts_ndc.dtype)
+    if faces.shape[0] == 0:  # nothing to draw: keep a valid index for the gathers below
+        faces = torch.zeros(1, 3, dtype=torch.int64, device=dev)
     fidx = face_index.clamp_min(0)
     tri = faces[fidx]                                               # (B, H, W, 3)
     zv = verts_ndc[..., 2].detach()
