@@ -13,7 +13,7 @@ from pyface.data import format as fmt
 from pyface.data import synthetic as S
 from pyface.data.datasets import (MIRROR_68, CrossIdentityDataset, EG3DDataset, FrameDataset,
                                   ImageFolderDataset, MotionWindowDataset, PairDataset,
-                                  expression_weights)
+                                  expression_weights, to_float)
 from pyface.face import cameras as cam
 
 
@@ -35,13 +35,20 @@ def test_frame_dataset(root):
     ds = FrameDataset(root)
     assert len(ds) == 32
     it = ds[11]
-    assert it["image"].shape == (3, 64, 64) and it["image"].dtype == torch.float32
-    assert 0 <= it["image"].min() and it["image"].max() <= 1
+    assert it["image"].shape == (3, 64, 64) and it["image"].dtype == torch.uint8
     assert it["mask"].shape == (1, 64, 64) and it["camera"].shape == (25,)
+    assert set(it["mask"].unique().tolist()) == {0, 255}
+    f = FrameDataset(root, image_dtype=torch.float32)[11]
+    assert f["image"].dtype == torch.float32 and torch.equal(f["image"], to_float(it["image"]))
+    with pytest.raises(ValueError, match="image_dtype: expected torch.uint8 or torch.float32"):
+        FrameDataset(root, image_dtype=torch.float16)
     assert it["coeffs"].shape == (257,) and it["landmarks"].shape == (68, 2)
     assert (it["video"].item(), it["frame"].item(), it["identity"].item()) == (1, 3, 0)
     small = FrameDataset(root, resolution=32)[11]
-    assert small["image"].shape == (3, 32, 32)
+    assert small["image"].shape == (3, 32, 32) and small["image"].dtype == torch.uint8
+    # area-like downsampling: close to 2x2 block means
+    block = to_float(it["image"]).view(3, 32, 2, 32, 2).mean((2, 4))
+    assert (to_float(small["image"]) - block).abs().mean() < 0.02
     torch.testing.assert_close(small["landmarks"], it["landmarks"] / 2)
 
 

@@ -4,9 +4,11 @@ All datasets are worker-safe (no open files or RNG state shared between workers;
 drawn from ``numpy.random.default_rng([seed, epoch, index])``, so an item depends only on the
 seed, the epoch (:meth:`set_epoch`) and its index, never on the worker that loads it).
 
-Items are dicts of tensors. Images are float32 ``(3, H, W)`` in [0, 1] (resized to
-``resolution`` when given), masks ``(1, H, W)`` in [0, 1], ``camera (25,)`` EG3D labels,
-``coeffs (257,)``, ``landmarks (68, 2)`` in pixels of the returned image.
+Items are dicts of tensors. Images are ``(3, H, W)`` uint8 (as EG3D's loader returns them, so
+worker processes pass a quarter of the bytes; convert on the device with :func:`to_float`), or
+float32 in [0, 1] with ``image_dtype=torch.float32``; resized to ``resolution`` when given.
+Masks ``(1, H, W)`` follow the image dtype (255 or 1.0 = foreground), ``camera (25,)`` EG3D
+labels, ``coeffs (257,)``, ``landmarks (68, 2)`` in pixels of the returned image.
 
 Bad data (missing or corrupt frames, a coefficient file of the wrong length, NaN cameras)
 raises :class:`pyface.data.format.DataError` naming the file. With ``skip_bad=True`` bad videos
@@ -34,16 +36,30 @@ MIRROR_68 = np.array(
     + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55] + [64, 63, 62, 61, 60, 67, 66, 65])
 
 
-def _to_image(arr: np.ndarray, resolution: int | None) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (any shape) -> float32 in [0, 1]; float images pass through."""
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images
+
+
+def _to_image(arr: np.ndarray, resolution: int | None, dtype=torch.uint8) -> torch.Tensor:
+    t = torch.from_numpy(arr).permute(2, 0, 1)
     if resolution is not None and tuple(t.shape[-2:]) != (resolution, resolution):
-        t = torch.nn.functional.interpolate(t[None], size=(resolution, resolution), mode="bilinear",
-                                            antialias=True, align_corners=False)[0].clamp_(0, 1)
-    return t
+        t = torch.nn.functional.interpolate(t[None].float(), size=(resolution, resolution),
+                                            mode="bilinear", antialias=True, align_corners=False)[0]
+        t = t.clamp_(0, 255)
+        return t.div_(255.0) if dtype == torch.float32 else t.round_().to(torch.uint8)
+    t = t.contiguous()
+    return t.float().div_(255.0) if dtype == torch.float32 else t
 
 
-def _to_mask(arr: np.ndarray, resolution: int | None) -> torch.Tensor:
-    return _to_image(arr[..., None], resolution)
+def _to_mask(arr: np.ndarray, resolution: int | None, dtype=torch.uint8) -> torch.Tensor:
+    return _to_image(arr[..., None], resolution, dtype)
+
+
+def _check_dtype(image_dtype):
+    if image_dtype not in (torch.uint8, torch.float32):
+        raise ValueError(f"image_dtype: expected torch.uint8 or torch.float32, got {image_dtype}")
+    return image_dtype
 
 
 def mirror_item(item: dict) -> dict:
@@ -55,7 +71,7 @@ def mirror_item(item: dict) -> dict:
 
     for k in ("image", "mask"):
         if k in item:
-            item[k] = item[k].flip(-1)
+            item[k] = item[k].flip(-1).contiguous()
     if "camera" in item:
         item["camera"] = mirror_label(item["camera"])
     if "landmarks" in item:
@@ -79,9 +95,11 @@ class VideoDatasetBase(Dataset):
     """Shared loading of a pyface video root (see :mod:`pyface.data.format`)."""
 
     def __init__(self, root: str, resolution: int | None = None, *, seed: int = 0,
-                 skip_bad: bool = False, load_masks: bool = True):
+                 skip_bad: bool = False, load_masks: bool = True,
+                 image_dtype: torch.dtype = torch.uint8):
         self.root = os.fspath(root)
         self.resolution = resolution
+        self.image_dtype = _check_dtype(image_dtype)
         self.seed = int(seed)
         self.epoch = 0
         self.skip_bad = skip_bad
@@ -138,13 +156,13 @@ class VideoDatasetBase(Dataset):
         rec = self.videos[v]
         img = fmt.read_frame(self.root, rec, f)
         h, w = img.shape[:2]
-        item = {"image": _to_image(img, self.resolution),
+        item = {"image": _to_image(img, self.resolution, self.image_dtype),
                 "camera": torch.from_numpy(self.labels[v][f]),
                 "coeffs": torch.from_numpy(self.coeffs[v][f]),
                 "identity": torch.tensor(int(self.video_identity[v])),
                 "video": torch.tensor(v), "frame": torch.tensor(f)}
         if self.load_masks and rec.has_masks:
-            item["mask"] = _to_mask(fmt.read_mask(self.root, rec, f), self.resolution)
+            item["mask"] = _to_mask(fmt.read_mask(self.root, rec, f), self.resolution, self.image_dtype)
         if self.landmarks[v] is not None:
             lm = torch.from_numpy(self.landmarks[v][f]).clone()
             if self.resolution is not None:
@@ -386,9 +404,11 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(self, path, resolution: int | None = None, *, labels: bool | None = None,
-                 mirror: bool = False, skip_bad: bool = False):
+                 mirror: bool = False, skip_bad: bool = False,
+                 image_dtype: torch.dtype = torch.uint8):
         self.source = _Source(path)
         self.resolution = resolution
+        self.image_dtype = _check_dtype(image_dtype)
         self.mirror = mirror
         self.skip_bad = skip_bad
         names = self.source.names()
@@ -446,13 +466,14 @@ class ImageFolderDataset(Dataset):
 
     def _item(self, index):
         k = index % len(self.files)
-        item = {"image": _to_image(self.source.image(self.files[k]), self.resolution),
+        item = {"image": _to_image(self.source.image(self.files[k]), self.resolution, self.image_dtype),
                 "index": torch.tensor(k)}
         if self.cameras is not None:
             item["camera"] = torch.from_numpy(self.cameras[k])
         return mirror_item(item) if index >= len(self.files) else item
 
 
-def EG3DDataset(path, resolution=None, *, mirror=False, skip_bad=False) -> ImageFolderDataset:
-    """An EG3D dataset (folder or zip with ``dataset.json``): images with their 25-dim cameras."""
-    return ImageFolderDataset(path, resolution, labels=True, mirror=mirror, skip_bad=skip_bad)
+def EG3DDataset(path, resolution=None, **kw) -> ImageFolderDataset:
+    """An EG3D dataset (folder or zip with ``dataset.json``): images with their 25-dim cameras
+    (keyword arguments as :class:`ImageFolderDataset`)."""
+    return ImageFolderDataset(path, resolution, labels=True, **kw)

@@ -258,7 +258,7 @@ def read_frame(root: str, rec: VideoRecord, i: int) -> np.ndarray:
         else:
             from PIL import Image
             with Image.open(path) as im:
-                img = np.array(im.convert("RGB"))
+                img = np.array(im if im.mode == "RGB" else im.convert("RGB"))
     except FileNotFoundError:
         raise DataError(f"{path}: missing frame") from None
     except Exception as e:  # PIL/imageio raise many types for corrupt data
@@ -273,7 +273,7 @@ def read_mask(root: str, rec: VideoRecord, i: int) -> np.ndarray | None:
     try:
         from PIL import Image
         with Image.open(path) as im:
-            return np.array(im.convert("L"))
+            return np.array(im if im.mode == "L" else im.convert("L"))
     except FileNotFoundError:
         raise DataError(f"{path}: missing mask") from None
     except Exception as e:
