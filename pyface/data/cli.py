@@ -116,25 +116,62 @@ def _bench(args) -> int:
             s = generate(root, cfg, progress=False)
             print(f"generate {args.identities}x{args.videos_per_identity}x{args.frames} at "
                   f"{args.resolution}^2 (no cross), {s['workers']} workers: {s['seconds']:.2f} s "
-                  f"({s['frames'] / s['seconds']:.1f} frames/s)", flush=True)
+                  f"({s['frames'] / s['seconds']:.1f} frames/s); CPU time of the render "
+                  f"workers {s['render_cpu_seconds']:.2f} s "
+                  f"({1e3 * s['render_cpu_seconds'] / s['frames']:.0f} ms/frame)", flush=True)
         ds = PairDataset(root)
         loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True,
                                              num_workers=args.workers, drop_last=True,
                                              persistent_workers=args.workers > 0)
-        n, t0, epochs = 0, None, 0
+        n, t0, epochs, c0 = 0, None, 0, None
         while n < args.samples:
             for batch in loader:
                 if t0 is None:   # exclude worker start-up and the first batch
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), _children_cpu()
                     continue
                 n += batch["driving"]["image"].shape[0]
                 if n >= args.samples:
                     break
             epochs += 1
         dt = time.perf_counter() - t0
+        cpu = _children_cpu() - c0
+        del loader
         print(f"PairDataset at {ds.frame(0, 0)['image'].shape[-1]}^2, batch {args.batch_size}, "
-              f"{args.workers} workers: {n / dt:.1f} pairs/s ({n} pairs in {dt:.2f} s)")
+              f"{args.workers} workers: {n / dt:.1f} pairs/s ({n} pairs in {dt:.2f} s); CPU time "
+              f"of the loader workers {1e3 * cpu / n:.2f} ms/pair")
+        _load_note()
     return 0
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's live child processes (the DataLoader workers)."""
+    import os
+
+    total = 0.0
+    tck = os.sysconf("SC_CLK_TCK")
+    me = str(os.getpid())
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parts = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if parts[1] == me:   # ppid
+            total += (int(parts[11]) + int(parts[12])) / tck
+    return total
+
+
+def _load_note() -> None:
+    import os
+
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return
+    print(f"# load average {load:.2f} on {os.cpu_count()} cores (wall-clock rates are lower "
+          "bounds when other work shares the cores)")
 
 
 if __name__ == "__main__":

@@ -220,7 +220,14 @@ def render_video(model, idc, tex, background, exp, angles, trans, gamma, resolut
 
 
 def _task(args):
-    kind, cfg, root, i, v, extra = args
+    import time
+
+    c0 = time.process_time()
+    kind, rec = _render_task(*args)
+    return kind, rec, time.process_time() - c0
+
+
+def _render_task(kind, cfg, root, i, v, extra):
     import torch
 
     from pyface.face import MorphableModel
@@ -291,13 +298,14 @@ def generate(out: str, cfg: SynthConfig | None = None, progress: bool = True) ->
             pool.join()
         if bar is not None:
             bar.close()
-    fmt.write_index(out, [rec for kind, rec in results if kind == "video"])
+    fmt.write_index(out, [rec for kind, rec, _ in results if kind == "video"])
     if cfg.cross:
-        fmt.write_index(cross_root, [rec for kind, rec in results if kind == "cross"])
+        fmt.write_index(cross_root, [rec for kind, rec, _ in results if kind == "cross"])
     seconds = time.perf_counter() - t0
-    summary = {"config": asdict(cfg), "videos": sum(k == "video" for k, _ in results),
-               "cross_videos": sum(k == "cross" for k, _ in results),
+    summary = {"config": asdict(cfg), "videos": sum(k == "video" for k, _, _ in results),
+               "cross_videos": sum(k == "cross" for k, _, _ in results),
                "frames": len(results) * cfg.frames, "seconds": round(seconds, 2),
+               "render_cpu_seconds": round(sum(c for _, _, c in results), 2),
                "workers": workers}
     fmt._dump(os.path.join(out, "synth.json"), summary)
     return summary
