@@ -254,3 +254,28 @@ def test_image_folder_bad_data(tmp_path):
         ImageFolderDataset(str(tmp_path / "empty"))
     with pytest.raises(fmt.DataError, match="dataset.json: missing"):
         EG3DDataset(str(tmp_path / "bad" / "sub"))
+
+
+def test_mp4_videos(root, tmp_path):
+    """A video stored as frames.mp4 instead of PNG frames reads the same (up to compression)."""
+    pytest.importorskip("imageio_ffmpeg")
+    import imageio.v2 as iio
+
+    out = str(tmp_path / "mp4")
+    shutil.copytree(root, out)
+    d = os.path.join(out, "id0000_v00")
+    frames = [np.array(Image.open(os.path.join(d, "frames", f"{i:05d}.png"))) for i in range(8)]
+    w = iio.get_writer(os.path.join(d, "frames.mp4"), fps=25, codec="libx264", quality=10,
+                       macro_block_size=16, ffmpeg_log_level="error")
+    for f in frames:
+        w.append_data(f)
+    w.close()
+    shutil.rmtree(os.path.join(d, "frames"))
+    fmt.write_index(out)
+    rec = fmt.load_index(out)[0]
+    assert rec.frames == "mp4" and rec.num_frames == 8
+    assert fmt.check_dataset(out)[1] == []
+    ds = FrameDataset(out)
+    for i in (0, 5, 7):
+        img = ds[i]["image"].permute(1, 2, 0).numpy().astype(float)
+        assert np.abs(img - frames[i]).mean() < 6
