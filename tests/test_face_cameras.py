@@ -174,3 +174,15 @@ def test_intrinsics_to_pixels():
     k = cam.intrinsics_from_focal(4.2647)
     kp = cam.intrinsics_to_pixels(k, 512)
     assert_close(kp, torch.tensor([[4.2647 * 512, 0, 256], [0, 4.2647 * 512, 256], [0, 0, 1.0]]))
+
+
+@pytest.mark.parametrize("offsets", [False, True])
+def test_mirrored_pose_gives_mirrored_label(offsets):
+    """Negating yaw, roll and x translation (how the loaders mirror coefficients) mirrors the
+    converted EG3D camera."""
+    angles, trans = _rand_pose(6, seed=7)
+    flip_a = torch.tensor([1.0, -1.0, -1.0], dtype=D)
+    flip_t = torch.tensor([-1.0, 1.0, 1.0], dtype=D)
+    label = cam.deep3d_to_label(angles, trans, submission_offsets=offsets)
+    mirrored = cam.deep3d_to_label(angles * flip_a, trans * flip_t, submission_offsets=offsets)
+    assert_close(mirrored, cam.mirror_label(label), scale=1e4)

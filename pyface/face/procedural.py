@@ -246,10 +246,17 @@ def build_head(n_cols: int = 144, n_rows: int = 124) -> HeadParts:
     ear_l, ear_lf = ear(+1)
     n_ear = ear_r.shape[0]
 
-    # ---- eyelids: patches in front of the eyeballs (surface z by interpolation on the sheet)
-    from scipy.interpolate import LinearNDInterpolator
-    fr = (sheet_v[:, 2] > 0.2) & (np.abs(sheet_v[:, 0]) < 0.7) & (np.abs(sheet_v[:, 1] - 0.3) < 0.45)
-    zsurf = LinearNDInterpolator(sheet_v[fr, :2], sheet_v[fr, 2])
+    # ---- eyelids: patches in front of the eyeballs, placed on the analytic front surface
+    t_fine = np.linspace(0.0, 0.9, 9001)
+    y_fine = prof["y"](t_fine)                  # decreasing from the crown to the neck
+
+    def zsurf(xq, yq):
+        tq = np.interp(yq, y_fine[::-1], t_fine[::-1])
+        aq = prof["a"](tq)
+        thq = np.arcsin(np.clip(xq / aq, -1.0, 1.0))
+        cq = np.cos(thq)
+        return prof["z"](tq) + prof["b"](tq) * cq + _smoothstep(0.0, 0.35, cq) * _face_features(xq, yq)
+
     lid_nu, lid_nv, lid_off = 15, 6, 0.03
 
     def lid(sgn):
