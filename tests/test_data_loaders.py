@@ -64,6 +64,9 @@ def test_mirroring(root):
     assert np.array_equal(MIRROR_68[MIRROR_68], np.arange(68))
     # the mirrored landmarks keep their meaning: 36 (right eye outer corner) stays on the image left
     assert m["landmarks"][36, 0] < m["landmarks"][45, 0]
+    # mirrored and plain items collate together
+    batch = next(iter(torch.utils.data.DataLoader(torch.utils.data.Subset(ds, [5, 37, 2]), batch_size=3)))
+    assert batch["mirrored"].tolist() == [False, True, False]
 
 
 def test_pairs_modes(root):

@@ -160,7 +160,7 @@ class VideoDatasetBase(Dataset):
                 "camera": torch.from_numpy(self.labels[v][f]),
                 "coeffs": torch.from_numpy(self.coeffs[v][f]),
                 "identity": torch.tensor(int(self.video_identity[v])),
-                "video": torch.tensor(v), "frame": torch.tensor(f)}
+                "video": torch.tensor(v), "frame": torch.tensor(f), "mirrored": torch.tensor(False)}
         if self.load_masks and rec.has_masks:
             item["mask"] = _to_mask(fmt.read_mask(self.root, rec, f), self.resolution, self.image_dtype)
         if self.landmarks[v] is not None:
@@ -467,7 +467,7 @@ class ImageFolderDataset(Dataset):
     def _item(self, index):
         k = index % len(self.files)
         item = {"image": _to_image(self.source.image(self.files[k]), self.resolution, self.image_dtype),
-                "index": torch.tensor(k)}
+                "index": torch.tensor(k), "mirrored": torch.tensor(False)}
         if self.cameras is not None:
             item["camera"] = torch.from_numpy(self.cameras[k])
         return mirror_item(item) if index >= len(self.files) else item
