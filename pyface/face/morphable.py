@@ -71,7 +71,7 @@ class Render:
     """Output of :meth:`MorphableModel.render` (B images of size H x W).
 
     ``image (B, 3, H, W)`` in [0, 1] composited over the background, ``mask (B, 1, H, W)``,
-    ``depth (B, 1, H, W)`` camera depth in EG3D units (0 outside), ``landmarks (B, 68, 2)`` in
+    ``depth (B, 1, H, W)`` camera depth in EG3D units (inf outside), ``landmarks (B, 68, 2)`` in
     pixels (x right, y down, pixel centres at +0.5), ``face_index (B, H, W)``,
     ``regions``: name -> ``(B, 1, H, W)`` float masks (only when requested).
     """

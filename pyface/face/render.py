@@ -10,8 +10,9 @@ Conventions: ``verts_ndc: (B, V, 3)`` with x from -1 (left image border) to +1 (
 (top border) to +1 (bottom), i.e. ``x = 2 u - 1`` for the normalized image coordinates ``u`` of
 :mod:`pyface.face.cameras`; pixel ``(i, j)`` has its centre at ``x = (2 j + 1) / W - 1``,
 ``y = (2 i + 1) / H - 1``; z is the camera-space depth (> 0 in front of the camera; smaller is
-nearer). Faces with a vertex at ``z <= near`` are dropped. No back-face culling. Attributes are
-interpolated perspective-correctly; gradients flow to ``attributes`` only.
+nearer). Faces with a vertex at ``z <= 0`` (at or behind the camera) are dropped. No back-face
+culling. Attributes are interpolated perspective-correctly; gradients flow to ``attributes``
+only. ``depth`` is inf and ``bary`` zero where no face is drawn.
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ import torch
 @dataclass
 class RasterOutput:
     """``attr_image (B, C, H, W)`` (zeros where empty), ``mask (B, 1, H, W)`` float 0/1,
-    ``depth (B, 1, H, W)`` (0 where empty), ``face_index (B, H, W)`` int64 (-1 where empty),
-    ``bary (B, H, W, 3)`` perspective-correct barycentrics."""
+    ``depth (B, 1, H, W)`` (inf where empty), ``face_index (B, H, W)`` int64 (-1 where empty),
+    ``bary (B, H, W, 3)`` perspective-correct barycentrics (zeros where empty)."""
 
     attr_image: torch.Tensor | None
     mask: torch.Tensor
@@ -43,7 +44,7 @@ def _size(image_size) -> tuple[int, int]:
 
 
 def render_mesh(verts_ndc: torch.Tensor, faces: torch.Tensor, image_size,
-                attributes: torch.Tensor | None = None, *, near: float = 1e-4) -> RasterOutput:
+                attributes: torch.Tensor | None = None) -> RasterOutput:
     """Rasterizes triangle meshes (see the module docstring for the conventions).
 
     Args:
@@ -64,7 +65,21 @@ def render_mesh(verts_ndc: torch.Tensor, faces: torch.Tensor, image_size,
     if faces.numel() and (faces.min() < 0 or faces.max() >= verts_ndc.shape[1]):
         raise ValueError(f"faces: indices must be in [0, {verts_ndc.shape[1] - 1}], got "
                          f"[{int(faces.min())}, {int(faces.max())}]")
-    return _rasterize_fallback(verts_ndc, faces.long(), (h, w), attributes, near)
+    op = _library_rasterizer()
+    if op is not None:
+        attr_image, mask, depth, face_index, bary = op(verts_ndc, faces.long(), (h, w), attributes)
+        return RasterOutput(attr_image=attr_image if attributes is not None else None, mask=mask,
+                            depth=depth, face_index=face_index, bary=bary)
+    return _rasterize_fallback(verts_ndc, faces.long(), (h, w), attributes)
+
+
+def _library_rasterizer():
+    """``pyface.ops.rasterize_mesh`` when this install has it, else None."""
+    try:
+        from pyface.ops import rasterize_mesh
+    except ImportError:
+        return None
+    return rasterize_mesh
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,7 +89,7 @@ def render_mesh(verts_ndc: torch.Tensor, faces: torch.Tensor, image_size,
 _INT64_MAX = torch.iinfo(torch.int64).max
 
 
-def _rasterize_fallback(verts_ndc, faces, size, attributes, near) -> RasterOutput:
+def _rasterize_fallback(verts_ndc, faces, size, attributes) -> RasterOutput:
     """Z-buffer by ``scatter_reduce(amin)`` of (depth bits << 32 | face index) over the pixels
     of each face's bounding box, faces bucketed by box size. Ties in depth go to the lower face
     index; a pixel centre exactly on a shared edge is claimed by both faces and resolved by the
@@ -86,7 +101,7 @@ def _rasterize_fallback(verts_ndc, faces, size, attributes, near) -> RasterOutpu
     bary = torch.zeros(b, h, w, 3, dtype=verts_ndc.dtype, device=dev)
     with torch.no_grad():
         for bi in range(b):
-            fi, bc = _raster_one(verts_ndc[bi].detach(), faces, h, w, near)
+            fi, bc = _raster_one(verts_ndc[bi].detach(), faces, h, w)
             face_index[bi] = fi
             bary[bi] = bc.to(bary.dtype)
     mask = (face_index >= 0).unsqueeze(1).to(verts_ndc.dtype)
@@ -96,7 +111,8 @@ def _rasterize_fallback(verts_ndc, faces, size, attributes, near) -> RasterOutpu
     tri = faces[fidx]                                               # (B, H, W, 3)
     zv = verts_ndc[..., 2].detach()
     zt = torch.gather(zv, 1, tri.reshape(b, -1)).reshape(b, h, w, 3)
-    depth = (bary * zt).sum(-1, keepdim=True).permute(0, 3, 1, 2) * mask
+    depth = (bary * zt).sum(-1, keepdim=True).permute(0, 3, 1, 2)
+    depth = torch.where(mask > 0, depth, torch.full_like(depth, float("inf")))
     attr_image = None
     if attributes is not None:
         c = attributes.shape[-1]
@@ -108,7 +124,7 @@ def _rasterize_fallback(verts_ndc, faces, size, attributes, near) -> RasterOutpu
                         bary=bary)
 
 
-def _raster_one(v, faces, h, w, near):
+def _raster_one(v, faces, h, w):
     dev = v.device
     v = v.double()
     px = (v[:, 0] + 1) * (0.5 * w) - 0.5           # pixel-centre coordinates: centre j at px = j
@@ -123,7 +139,7 @@ def _raster_one(v, faces, h, w, near):
     j1 = torch.maximum(torch.maximum(x0, x1), x2).floor().clamp_max(w - 1)
     i0 = torch.minimum(torch.minimum(y0, y1), y2).ceil().clamp_min(0)
     i1 = torch.maximum(torch.maximum(y0, y1), y2).floor().clamp_max(h - 1)
-    keep = ((area.abs() > 1e-12) & (torch.minimum(torch.minimum(z0, z1), z2) > near)
+    keep = ((area.abs() > 1e-12) & (torch.minimum(torch.minimum(z0, z1), z2) > 0)
             & (j1 >= j0) & (i1 >= i0) & torch.isfinite(area))
     buf = torch.full((h * w,), _INT64_MAX, dtype=torch.int64, device=dev)
     ext = torch.maximum(j1 - j0, i1 - i0) + 1
