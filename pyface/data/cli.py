@@ -76,14 +76,15 @@ def _check(args) -> int:
     for p in problems:
         print(f"ERROR {p}")
     cross = os.path.join(args.root, "cross")
+    extra = ""
     if os.path.isfile(os.path.join(cross, "index.json")):
         rc, pc = check_dataset(cross, deep=not args.fast)
         for p in pc:
             print(f"ERROR {p}")
         problems += pc
-        frames += sum(r.num_frames for r in rc)
+        extra = f" (+ {len(rc)} cross-identity videos, {sum(r.num_frames for r in rc)} frames)"
     status = "OK" if not problems else f"{len(problems)} problem(s)"
-    print(f"{args.root}: {len(records)} videos, {frames} frames: {status}")
+    print(f"{args.root}: {len(records)} videos, {frames} frames{extra}: {status}")
     return 0 if not problems else 1
 
 
