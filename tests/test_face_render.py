@@ -214,3 +214,28 @@ def test_render_gradient_to_texture(model):
     r.image.sum().backward()
     assert c.grad[0, 144:147].abs().sum() > 0          # skin colour
     assert c.grad[0, 227] != 0                         # ambient light
+
+
+def test_culling(model):
+    # a face is front-facing (kept by "cw") when its signed area in y-down NDC is negative
+    v = torch.tensor([[[-0.5, 0.5, 1.0], [0.5, 0.5, 1.0], [0.0, -0.5, 1.0]]])
+    f = torch.tensor([[0, 1, 2]])
+    area = (v[0, 1, 0] - v[0, 0, 0]) * (v[0, 2, 1] - v[0, 0, 1]) - (v[0, 2, 0] - v[0, 0, 0]) * (v[0, 1, 1] - v[0, 0, 1])
+    assert area < 0
+    assert render_mesh(v, f, 8, cull="cw").mask.sum() > 0
+    assert render_mesh(v, f, 8, cull="ccw").mask.sum() == 0
+    assert render_mesh(v, f[:, [0, 2, 1]], 8, cull="cw").mask.sum() == 0
+    with pytest.raises(ValueError, match="cull: expected one of"):
+        render_mesh(v, f, 8, cull="back")
+    # the built-in head is closed and outward-oriented: culling its back faces changes nothing
+    assert model.cull == "cw"
+    c = _coeffs(model, 2, jaw_open=0.7, blink_left=0.5)
+    c[1, 225], c[1, 224] = 0.55, -0.3
+    culled = model.render(c, RES)
+    model.cull = "none"
+    try:
+        full = model.render(c, RES)
+    finally:
+        model.cull = "cw"
+    assert (culled.face_index != full.face_index).float().mean() < 0.002
+    assert (culled.image - full.image).abs().amax(1).gt(0.05).float().mean() < 0.002

@@ -91,8 +91,12 @@ class MorphableModel(torch.nn.Module):
     Buffers: ``mean_shape (V, 3)``, ``id_basis (V*3, 80)``, ``exp_basis (V*3, 64)``,
     ``mean_tex (V, 3)``, ``tex_basis (V*3, 80)``, ``faces (F, 3)``, ``landmarks (68,)``, and one
     ``(V,)`` bool mask per region (``region_names``). Build with :meth:`builtin` or
-    :meth:`from_bfm`.
+    :meth:`from_bfm`. ``cull`` is the :func:`~pyface.face.render.render_mesh` culling mode of
+    its renders: ``"cw"`` (back faces) for the closed, outward-oriented built-in head, ``"none"``
+    otherwise.
     """
+
+    cull = "none"
 
     def __init__(self, mean_shape, id_basis, exp_basis, mean_tex, tex_basis, faces, landmarks,
                  regions: dict | None = None, name: str = "custom", id_names=None, exp_names=None,
@@ -138,7 +142,7 @@ class MorphableModel(torch.nn.Module):
     def _clone(self) -> "MorphableModel":
         m = MorphableModel.__new__(MorphableModel)
         torch.nn.Module.__init__(m)
-        m.name, m.region_names = self.name, list(self.region_names)
+        m.name, m.region_names, m.cull = self.name, list(self.region_names), self.cull
         m.id_names, m.exp_names, m.tex_names = self.id_names, self.exp_names, self.tex_names
         for k, b in self.named_buffers():
             m.register_buffer(k, b)
@@ -271,7 +275,7 @@ class MorphableModel(torch.nn.Module):
         attrs = [colors]
         for r in regions:
             attrs.append(self.region(r).to(colors).expand(b, -1).unsqueeze(-1))
-        out = render_mesh(ndc, self.faces, image_size, torch.cat(attrs, -1))
+        out = render_mesh(ndc, self.faces, image_size, torch.cat(attrs, -1), cull=self.cull)
         h, w = out.mask.shape[-2:]
         img = out.attr_image[:, :3]
         if background is None:
@@ -324,4 +328,5 @@ def _builtin_cached() -> MorphableModel:
                        regions={k: t(m_) for k, m_ in p.regions.items()}, name="builtin",
                        id_names=p.id_names, exp_names=p.exp_names, tex_names=p.tex_names)
     m.register_buffer("mirror_index", t(p.mirror))
+    m.cull = "cw"
     return m

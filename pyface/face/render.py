@@ -10,8 +10,11 @@ Conventions: ``verts_ndc: (B, V, 3)`` with x from -1 (left image border) to +1 (
 (top border) to +1 (bottom), i.e. ``x = 2 u - 1`` for the normalized image coordinates ``u`` of
 :mod:`pyface.face.cameras`; pixel ``(i, j)`` has its centre at ``x = (2 j + 1) / W - 1``,
 ``y = (2 i + 1) / H - 1``; z is the camera-space depth (> 0 in front of the camera; smaller is
-nearer). Faces with a vertex at ``z <= 0`` (at or behind the camera) are dropped. No back-face
-culling. Attributes are interpolated perspective-correctly; gradients flow to ``attributes``
+nearer). Faces with a vertex at ``z <= 0`` (at or behind the camera) are dropped. Optional
+culling by winding on the displayed image (``cull="cw"`` skips faces whose signed area
+``(x1 - x0)(y2 - y0) - (x2 - x0)(y1 - y0)`` in these y-down coordinates is positive, ``"ccw"``
+those where it is negative): a closed mesh with outward (right-hand rule) normals, such as the
+built-in head, drops its back faces with ``"cw"``. Attributes are interpolated perspective-correctly; gradients flow to ``attributes``
 only. ``depth`` is inf and ``bary`` zero where no face is drawn.
 """
 from __future__ import annotations
@@ -43,8 +46,11 @@ def _size(image_size) -> tuple[int, int]:
     return h, w
 
 
+CULL_MODES = ("none", "cw", "ccw")
+
+
 def render_mesh(verts_ndc: torch.Tensor, faces: torch.Tensor, image_size,
-                attributes: torch.Tensor | None = None) -> RasterOutput:
+                attributes: torch.Tensor | None = None, *, cull: str = "none") -> RasterOutput:
     """Rasterizes triangle meshes (see the module docstring for the conventions).
 
     Args:
@@ -52,7 +58,10 @@ def render_mesh(verts_ndc: torch.Tensor, faces: torch.Tensor, image_size,
         faces: ``(F, 3)`` int vertex indices, shared by the batch.
         image_size: ``H`` or ``(H, W)``.
         attributes: optional ``(B, V, C)`` per-vertex attributes to interpolate.
+        cull: ``"none"``, ``"cw"`` or ``"ccw"`` (see the module docstring).
     """
+    if cull not in CULL_MODES:
+        raise ValueError(f"cull: expected one of {CULL_MODES}, got {cull!r}")
     h, w = _size(image_size)
     if verts_ndc.dim() != 3 or verts_ndc.shape[-1] != 3:
         raise ValueError(f"verts_ndc: expected shape (B, V, 3), got {tuple(verts_ndc.shape)}")
@@ -67,10 +76,11 @@ def render_mesh(verts_ndc: torch.Tensor, faces: torch.Tensor, image_size,
                          f"[{int(faces.min())}, {int(faces.max())}]")
     op = _library_rasterizer()
     if op is not None:
-        attr_image, mask, depth, face_index, bary = op(verts_ndc, faces.long(), (h, w), attributes)
+        attr_image, mask, depth, face_index, bary = op(verts_ndc, faces.long(), (h, w), attributes,
+                                                       cull=cull)
         return RasterOutput(attr_image=attr_image if attributes is not None else None, mask=mask,
                             depth=depth, face_index=face_index, bary=bary)
-    return _rasterize_fallback(verts_ndc, faces.long(), (h, w), attributes)
+    return _rasterize_fallback(verts_ndc, faces.long(), (h, w), attributes, cull)
 
 
 def _library_rasterizer():
@@ -89,7 +99,7 @@ def _library_rasterizer():
 _INT64_MAX = torch.iinfo(torch.int64).max
 
 
-def _rasterize_fallback(verts_ndc, faces, size, attributes) -> RasterOutput:
+def _rasterize_fallback(verts_ndc, faces, size, attributes, cull="none") -> RasterOutput:
     """Z-buffer by ``scatter_reduce(amin)`` of (depth bits << 32 | face index) over the pixels
     of each face's bounding box, faces bucketed by box size. Ties in depth go to the lower face
     index; a pixel centre exactly on a shared edge is claimed by both faces and resolved by the
@@ -101,7 +111,7 @@ def _rasterize_fallback(verts_ndc, faces, size, attributes) -> RasterOutput:
     bary = torch.zeros(b, h, w, 3, dtype=verts_ndc.dtype, device=dev)
     with torch.no_grad():
         for bi in range(b):
-            fi, bc = _raster_one(verts_ndc[bi].detach(), faces, h, w)
+            fi, bc = _raster_one(verts_ndc[bi].detach(), faces, h, w, cull)
             face_index[bi] = fi
             bary[bi] = bc.to(bary.dtype)
     mask = (face_index >= 0).unsqueeze(1).to(verts_ndc.dtype)
@@ -124,7 +134,7 @@ def _rasterize_fallback(verts_ndc, faces, size, attributes) -> RasterOutput:
                         bary=bary)
 
 
-def _raster_one(v, faces, h, w):
+def _raster_one(v, faces, h, w, cull):
     dev = v.device
     v = v.double()
     px = (v[:, 0] + 1) * (0.5 * w) - 0.5           # pixel-centre coordinates: centre j at px = j
@@ -141,6 +151,10 @@ def _raster_one(v, faces, h, w):
     i1 = torch.maximum(torch.maximum(y0, y1), y2).floor().clamp_max(h - 1)
     keep = ((area.abs() > 1e-12) & (torch.minimum(torch.minimum(z0, z1), z2) > 0)
             & (j1 >= j0) & (i1 >= i0) & torch.isfinite(area))
+    if cull == "cw":
+        keep &= area < 0
+    elif cull == "ccw":
+        keep &= area > 0
     buf = torch.full((h * w,), _INT64_MAX, dtype=torch.int64, device=dev)
     ext = torch.maximum(j1 - j0, i1 - i0) + 1
     keep_idx = fidx[keep]
