@@ -345,7 +345,6 @@ def build_head(n_cols: int = 144, n_rows: int = 124) -> HeadParts:
     id_b = np.zeros((V, 3, 80))
     above_neck = _smoothstep(-1.25, -0.95, Y)
     jaw_w = _smoothstep(0.0, -0.35, Y) * above_neck
-    lower = _smoothstep(0.2, -0.2, Y) * above_neck
     cols = []
 
     def add(dx=0.0, dy=0.0, dz=0.0):
@@ -443,8 +442,7 @@ def build_head(n_cols: int = 144, n_rows: int = 124) -> HeadParts:
     cols.append(blink_l_full)
     cols.append(blink_r_full)
     brow_zone = [(_gauss(X, Y, s * 0.33, BROW_Y, 0.2, 0.12) * frontness)[:, None] for s in (-1, 1)]
-    lid_top_follow = 1.0
-    cols.append((brow_zone[0] + brow_zone[1]) * np.array([0, 0.06, 0.0]) * lid_top_follow)  # brow_raise
+    cols.append((brow_zone[0] + brow_zone[1]) * np.array([0, 0.06, 0.0]))  # brow_raise
     cols.append((brow_zone[0] * np.array([1, 0, 0]) + brow_zone[1] * np.array([-1, 0, 0])) * 0.04
                 + (brow_zone[0] + brow_zone[1]) * np.array([0, -0.035, 0.01]))   # brow_frown
     cols.append(brow_zone[1] * np.array([0, 0.06, 0.0]))                    # brow_raise_left
