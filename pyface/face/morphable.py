@@ -136,7 +136,10 @@ class MorphableModel(torch.nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def builtin(cls) -> "MorphableModel":
-        """The procedural head model shipped with pyface (see :mod:`pyface.face.procedural`)."""
+        """The procedural head model shipped with pyface (see :mod:`pyface.face.procedural`).
+
+        Built once per process and cached; each call returns a new module whose buffers are
+        shared with the cache (``.to(device)`` makes copies; do not modify them in place)."""
         return _builtin_cached()._clone()
 
     def _clone(self) -> "MorphableModel":
