@@ -257,3 +257,14 @@ def test_camera_projection_matches_library_op():
     assert_close(ndc[..., 0], xy[..., 0] / 112 - 1, scale=100)
     assert_close(ndc[..., 1], (224 - xy[..., 1]) / 112 - 1, scale=100)
     assert_close(ndc[..., 2:], depth, scale=100)
+
+
+@pytest.mark.gpu
+def test_render_on_cuda_matches_cpu(model):
+    c = _coeffs(model, 2, jaw_open=0.5)
+    c[1, 225] = 0.4
+    cpu = model.render(c, RES, regions=("face",))
+    gpu = MorphableModel.builtin().to("cuda").render(c.cuda(), RES, regions=("face",))
+    assert (gpu.face_index.cpu() != cpu.face_index).float().mean() < 1e-3
+    assert (gpu.image.cpu() - cpu.image).abs().amax(1).gt(1e-3).float().mean() < 1e-3
+    assert_close(gpu.landmarks.cpu(), cpu.landmarks, scale=100)

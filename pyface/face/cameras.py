@@ -82,12 +82,12 @@ def check_label(label: torch.Tensor, name: str = "label") -> None:
         raise ValueError(f"{name}: contains NaN or inf")
     c2w, k = split_label(label.double())
     r = c2w[..., :3, :3]
-    eye = torch.eye(3, dtype=r.dtype)
+    eye = torch.eye(3, dtype=r.dtype, device=r.device)
     err = (r.transpose(-1, -2) @ r - eye).abs().amax().item() if r.numel() else 0.0
     if err > 1e-3:
         raise ValueError(f"{name}: rotation part of cam2world is not orthonormal "
                          f"(max |R^T R - I| = {err:.3g})")
-    if r.numel() and (c2w[..., 3, :] - torch.tensor([0, 0, 0, 1.0], dtype=r.dtype)).abs().amax() > 1e-4:
+    if r.numel() and (c2w[..., 3, :] - r.new_tensor([0, 0, 0, 1.0])).abs().amax() > 1e-4:
         raise ValueError(f"{name}: last row of cam2world must be (0, 0, 0, 1)")
     if k.numel() and (k[..., 2, 2] - 1).abs().amax() > 1e-4:
         raise ValueError(f"{name}: intrinsics[2, 2] must be 1")
