@@ -128,6 +128,17 @@ def test_expression_weighting():
     assert abs((draws == 3).mean() - 0.75) < 0.03 and not (draws == 0).any()
 
 
+def test_motion_windows_with_one_expressive_frame(bad_root):
+    for v in ("id0000_v00", "id0000_v01"):
+        p = os.path.join(bad_root, v, "coeffs.npy")
+        c = np.load(p)
+        c[:, 80:144] = 0
+        c[2, 80] = 1.0
+        np.save(p, c)
+    it = MotionWindowDataset(bad_root, frames_per_item=3)[0]
+    assert it["frame"].tolist() == [2, 2, 2]
+
+
 def test_cross_identity_dataset(root):
     ds = CrossIdentityDataset(root)
     assert len(ds) == 16

@@ -292,7 +292,8 @@ class MotionWindowDataset(VideoDatasetBase):
         v = int(vids[rng.integers(len(vids))])
         c = self.coeffs[v]
         p = expression_weights(c) if self.weighted else None
-        frames = rng.choice(len(c), size=self.k, replace=len(c) < self.k, p=p)
+        n_pos = len(c) if p is None else int(np.count_nonzero(p))
+        frames = rng.choice(len(c), size=self.k, replace=n_pos < self.k, p=p)
         items = [self.frame(v, int(f)) for f in frames]
         ct = torch.from_numpy(c)
         out = {"image": torch.stack([it["image"] for it in items]),
