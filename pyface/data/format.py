@@ -18,6 +18,7 @@ A dataset root holds one folder per video::
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import warnings
@@ -241,6 +242,18 @@ def load_landmarks(root: str, rec: VideoRecord) -> np.ndarray | None:
 
 
 _mp4_readers: dict = {}
+
+
+def close_readers() -> None:
+    """Closes the cached mp4 readers of this process (also run at exit)."""
+    for key in list(_mp4_readers):
+        try:
+            _mp4_readers.pop(key).close()
+        except Exception:  # a reader of a dead or forked process: nothing left to release
+            pass
+
+
+atexit.register(close_readers)
 
 
 def read_frame(root: str, rec: VideoRecord, i: int) -> np.ndarray:
