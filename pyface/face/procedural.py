@@ -482,22 +482,36 @@ def build_head(n_cols: int = 144, n_rows: int = 124) -> HeadParts:
     for r in mouth_rows:
         id_b[np.arange(n_cols) + r * n_cols] = avg
 
-    # ---- texture
-    skin_c = np.array([0.80, 0.62, 0.52])
-    mean_tex = np.tile(skin_c, (V, 1))
-    hair_c = np.array([0.24, 0.17, 0.12])
-    mean_tex[hair] = hair_c
-    mean_tex[brow] = hair_c * 0.8
-    lip_c = np.array([0.74, 0.44, 0.44])
-    mean_tex[lips] = lip_c
+    # ---- texture: soft region weights, so colour boundaries do not follow the mesh edges
+    is_s = is_sheet.astype(float)
+    hl_v = _hairline(vtheta)
+    w_hair = _smoothstep(hl_v - 0.01, hl_v + 0.05, Y) * _smoothstep(-1.05, -0.98, Y) * is_s
+    ax = np.abs(X)
+    w_brow = ((1 - _smoothstep(0.022, 0.045, np.abs(Y - brow_curve))) * _smoothstep(0.08, 0.12, ax)
+              * (1 - _smoothstep(0.53, 0.57, ax)) * (face & is_sheet))
+    r_lip = (X / 0.27) ** 2 + ((Y - MOUTH_Y) / 0.11) ** 2
+    w_lip = (1 - _smoothstep(0.7, 1.1, r_lip)) * (face & is_sheet & ~mouth_interior)
     eyes = eye_r | eye_l
     er = np.sqrt(np.minimum(((X - EYE_C[0]) ** 2 + (Y - EYE_C[1]) ** 2),
                             ((X + EYE_C[0]) ** 2 + (Y - EYE_C[1]) ** 2)))
-    iris = eyes & (er < IRIS_R)
-    pupil = eyes & (er < PUPIL_R)
+    w_iris = (1 - _smoothstep(IRIS_R - 0.006, IRIS_R + 0.006, er)) * eyes
+    w_pupil = (1 - _smoothstep(PUPIL_R - 0.005, PUPIL_R + 0.005, er)) * eyes
+    w_iris_only = np.clip(w_iris - w_pupil, 0, 1)
+    w_hairlike = np.maximum(w_hair, w_brow)
+
+    def lerp(base, color, w):
+        return base * (1 - w[:, None]) + np.asarray(color)[None] * w[:, None]
+
+    skin_c = np.array([0.80, 0.62, 0.52])
+    hair_c = np.array([0.24, 0.17, 0.12])
+    lip_c = np.array([0.74, 0.44, 0.44])
+    mean_tex = np.tile(skin_c, (V, 1))
+    mean_tex = lerp(mean_tex, hair_c, w_hair)
+    mean_tex = lerp(mean_tex, hair_c * 0.8, w_brow)
+    mean_tex = lerp(mean_tex, lip_c, w_lip)
     mean_tex[eyes] = np.array([0.93, 0.91, 0.88])
-    mean_tex[iris] = np.array([0.36, 0.26, 0.16])
-    mean_tex[pupil] = np.array([0.03, 0.03, 0.03])
+    mean_tex = lerp(mean_tex, [0.36, 0.26, 0.16], w_iris)
+    mean_tex = lerp(mean_tex, [0.03, 0.03, 0.03], w_pupil)
     teeth = inner & np.isin(vrow, [mouth_rows[1]]) & (np.abs(X) < 0.15) & face
     mean_tex[mouth_interior] = np.array([0.30, 0.07, 0.08])
     mean_tex[teeth] = np.array([0.88, 0.85, 0.78])
@@ -505,21 +519,21 @@ def build_head(n_cols: int = 144, n_rows: int = 124) -> HeadParts:
     mean_tex[lid_margin] = skin_c * 0.55
 
     tex_b = np.zeros((V, 3, 80))
-    skin_w = (skin & ~lips).astype(float)
+    skin_w = (1 - w_hair) * (1 - w_brow) * (1 - w_lip) * ~eyes * ~mouth_interior
     rng = np.random.default_rng(1234)
     cols = []
     for ch in range(3):
-        cols.append(0.1 * skin_w[:, None] * np.eye(3)[ch] + 0.07 * lips[:, None] * np.eye(3)[ch])
+        cols.append(0.1 * (skin_w + 0.7 * w_lip)[:, None] * np.eye(3)[ch])
     for ch in range(3):
-        cols.append(0.1 * (hair | brow)[:, None] * np.eye(3)[ch])
+        cols.append(0.1 * w_hairlike[:, None] * np.eye(3)[ch])
     for ch in range(3):
-        cols.append(0.1 * (iris & ~pupil)[:, None] * np.eye(3)[ch])
+        cols.append(0.1 * w_iris_only[:, None] * np.eye(3)[ch])
     for ch in range(3):
-        cols.append(0.1 * lips[:, None] * np.eye(3)[ch])
+        cols.append(0.1 * w_lip[:, None] * np.eye(3)[ch])
     blush = sum(_gauss(X, Y, s * 0.42, -0.05, 0.14, 0.12) for s in (-1, 1)) * frontness * skin_w
     cols.append(blush[:, None] * np.array([0.08, -0.03, -0.02]))
     cols.append(skin_w[:, None] * np.array([-0.05, -0.07, -0.09]))
-    cols.append(brow[:, None] * np.array([-0.1, -0.1, -0.1]))
+    cols.append(w_brow[:, None] * np.array([-0.1, -0.1, -0.1]))
 
     def noise_field(freq, n_waves, seed_rng, aniso=(1.0, 1.0, 1.0)):
         d = seed_rng.normal(size=(n_waves, 3)) * np.asarray(aniso)
@@ -536,11 +550,11 @@ def build_head(n_cols: int = 144, n_rows: int = 124) -> HeadParts:
         cols.append((0.015 * f * skin_w)[:, None] * np.array([1.0, 0.85, 0.75]))
     for i in range(10):  # hair streaks: high frequency across, low along the strands
         f = noise_field([20, 35, 50][i % 3], 16, rng, aniso=(1.0, 0.25, 1.0))
-        cols.append((0.04 * f * (hair | brow))[:, None] * np.ones(3))
+        cols.append((0.04 * f * w_hairlike)[:, None] * np.ones(3))
     for i in range(4):
         ang = np.arctan2(Y - EYE_C[1], np.abs(X) - EYE_C[0])
         f = np.cos((8 + 5 * i) * ang + rng.uniform(0, 6.28))
-        cols.append((0.05 * f * (iris & ~pupil))[:, None] * np.ones(3))
+        cols.append((0.05 * f * w_iris_only)[:, None] * np.ones(3))
     assert len(cols) == len(TEX_NAMES), (len(cols), len(TEX_NAMES))
     for i, c in enumerate(cols):
         tex_b[:, :, i] = c
