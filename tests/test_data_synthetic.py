@@ -171,3 +171,13 @@ def test_synth_command(tmp_path, capsys):
                  "--frames", "3", "--resolution", "32", "--workers", "1", "--quiet"]) == 0
     assert "wrote 2 videos + 2 cross-identity videos (12 frames)" in capsys.readouterr().out
     assert main(["data", "check", out]) == 0
+
+
+def test_make_default(tmp_path):
+    out = str(tmp_path / "demo")
+    assert S.make_default(out, frames=2, resolution=32) == out
+    recs = fmt.load_index(out)
+    assert len(recs) == 4 and recs[0].num_frames == 2 and recs[0].resolution == [32, 32]
+    stamp = os.path.getmtime(os.path.join(out, fmt.INDEX))
+    S.make_default(out)                      # already there: not regenerated
+    assert os.path.getmtime(os.path.join(out, fmt.INDEX)) == stamp
