@@ -131,6 +131,8 @@ def test_from_bfm_roundtrip(tmp_path):
     assert torch.equal(model.landmarks, torch.from_numpy(m["keypoints"].astype(np.int64).ravel() - 1))
     assert_close(model.mean_tex, torch.from_numpy(m["meantex"].reshape(-1, 3) / 255).float())
     assert torch.equal(model.region("skin"), torch.from_numpy(m["skinmask"].ravel() > 0))
+    for k in ("face", "eyes", "left_eye", "mouth", "brows"):
+        assert model.region(k).shape == (v,) and model.region(k).dtype == torch.bool
     g = torch.Generator().manual_seed(1)
     idc, expc, texc = torch.randn(1, 80, generator=g), torch.randn(1, 64, generator=g), torch.randn(1, 80, generator=g)
     want = mean_c.reshape(-1) + m["idBase"] @ idc[0].double().numpy() + m["exBase"] @ expc[0].double().numpy()
@@ -139,6 +141,21 @@ def test_from_bfm_roundtrip(tmp_path):
     assert_close(model.albedo(texc)[0], torch.from_numpy(want_t.reshape(v, 3)).float(), scale=100)
     assert torch.equal(MorphableModel.from_bfm(path, recenter=False).mean_shape,
                        torch.from_numpy(mean).float())
+
+
+def test_regions_from_landmarks(model):
+    from pyface.face.morphable import regions_from_landmarks
+
+    r = regions_from_landmarks(model.mean_shape, model.faces, model.landmarks)
+    face = model.region("face")
+    for k in ("left_eye", "right_eye", "mouth", "left_brow", "right_brow"):
+        a, b = r[k], model.region(k)
+        assert a.sum() > 10, k
+        assert not (a & ~face).any(), k
+        assert (a & b).sum() / (a | b).sum() > 0.4, k       # agrees with the hand-made regions
+    assert torch.equal(r["eyes"], r["left_eye"] | r["right_eye"])
+    # left is +x (image right)
+    assert model.mean_shape[r["left_eye"], 0].min() > 0 > model.mean_shape[r["right_eye"], 0].max()
 
 
 def test_from_bfm_errors(tmp_path):

@@ -66,6 +66,44 @@ def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     return n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def _inside_polygon(pts, poly):
+    """Even-odd test of ``pts (N, 2)`` against the closed polygon ``poly (K, 2)``; (N,) bool."""
+    x, y = pts[:, 0:1], pts[:, 1:2]
+    x0, y0 = poly[:, 0][None], poly[:, 1][None]
+    x1, y1 = poly.roll(-1, 0)[:, 0][None], poly.roll(-1, 0)[:, 1][None]
+    crosses = ((y0 > y) != (y1 > y)) & (x < (x1 - x0) * (y - y0) / (y1 - y0 + 1e-30) + x0)
+    return crosses.sum(1) % 2 == 1
+
+
+def regions_from_landmarks(verts: torch.Tensor, faces: torch.Tensor, landmarks: torch.Tensor,
+                           brow_width: float = 0.35) -> dict[str, torch.Tensor]:
+    """Eye, mouth and brow regions ``(V,)`` of any head mesh with iBUG-68 landmarks.
+
+    A vertex belongs to a region when it faces the camera (+z normal) and its frontal (x, y)
+    projection lies inside the landmark polygon: eyes 36-41 / 42-47, mouth 48-59; brows are the
+    band of half-height ``brow_width`` x (brow length / 5) around 17-21 / 22-26. Used for models
+    that ship no region masks (``from_bfm``).
+    """
+    v = verts.double()
+    n = vertex_normals(v[None], faces)[0]
+    front = n[:, 2] > 0.2
+    xy = v[:, :2]
+    lm = xy[landmarks]
+    out = {}
+    for name, idx in (("right_eye", range(36, 42)), ("left_eye", range(42, 48)),
+                      ("mouth", range(48, 60))):
+        out[name] = front & _inside_polygon(xy, lm[list(idx)])
+    for name, idx in (("right_brow", range(17, 22)), ("left_brow", range(22, 27))):
+        line = lm[list(idx)]
+        half = brow_width * (line[-1] - line[0]).norm() / 5
+        up = line + torch.tensor([0.0, 1.0], dtype=v.dtype) * half
+        down = line - torch.tensor([0.0, 1.0], dtype=v.dtype) * half
+        out[name] = front & _inside_polygon(xy, torch.cat([up, down.flip(0)]))
+    out["eyes"] = out["left_eye"] | out["right_eye"]
+    out["brows"] = out["left_brow"] | out["right_brow"]
+    return out
+
+
 @dataclass
 class Render:
     """Output of :meth:`MorphableModel.render` (B images of size H x W).
@@ -157,7 +195,8 @@ class MorphableModel(torch.nn.Module):
 
         Reads ``meanshape (1, 3V)``, ``idBase (3V, 80)``, ``exBase (3V, 64)``, ``meantex (1, 3V)``
         (0..255), ``texBase (3V, 80)``, ``tri (F, 3)`` and ``keypoints (1, 68)`` (both 1-based),
-        and the optional region masks ``skinmask``. With ``recenter`` (Deep3DFaceRecon's default)
+        and the optional ``skinmask``; eye, mouth and brow regions come from the landmarks
+        (:func:`regions_from_landmarks`), ``face`` is the whole (front-face) mesh. With ``recenter`` (Deep3DFaceRecon's default)
         the mean shape is centred on its centroid. Loading executes no code (``scipy.io.loadmat``).
         """
         import numpy as np
@@ -195,6 +234,8 @@ class MorphableModel(torch.nn.Module):
             if sk.shape == (v,):
                 regions["skin"] = torch.from_numpy(sk > 0)
         regions.setdefault("face", torch.ones(v, dtype=torch.bool))
+        if tri.numel() and int(tri.min()) >= 0 and int(tri.max()) < v and 0 <= int(kp.min()) and int(kp.max()) < v:
+            regions.update(regions_from_landmarks(torch.from_numpy(mean), tri, kp))
         tex = np.asarray(m["meantex"], np.float64).reshape(-1, 3) / 255.0
         return cls(torch.from_numpy(mean), base("idBase", ID_DIM), base("exBase", EXP_DIM),
                    torch.from_numpy(tex), base("texBase", TEX_DIM) / 255.0, tri, kp,
