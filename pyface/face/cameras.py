@@ -101,8 +101,9 @@ def fov_to_focal(fov_deg, convention: str = "eg3d"):
     """Normalized focal length of a field of view in degrees.
 
     ``convention="eg3d"`` reproduces EG3D's ``FOV_to_intrinsics`` (``f = 1 / (tan(fov / 2) *
-    1.414)``, with its constants 3.14159 and 1.414), so ``fov_to_focal(18.837) = 4.2634``, FFHQ's 4.2647 to three digits;
-    the image then actually spans ``2 * atan(0.5 / f)`` (13.4 deg for FFHQ).
+    1.414)``, with its constants 3.14159 and 1.414), so ``fov_to_focal(18.837) = 4.2634``,
+    FFHQ's 4.2647 to three digits; the image then actually spans ``2 * atan(0.5 / f)``
+    (13.4 deg for FFHQ).
     ``convention="pinhole"`` is the true full-image FOV: ``f = 0.5 / tan(fov / 2)``.
     """
     if convention == "eg3d":
