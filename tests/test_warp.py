@@ -369,12 +369,10 @@ def test_gpu_backends(backend, jac):
     grid = (torch.rand(2, 3, 4, 5, 3, dtype=dtype, device="cuda") * 3 - 1.5).requires_grad_()
     compare(lambda v, g: ops.warp_volume(v, g, backend=backend),
             lambda v, g: ref.warp_volume_reference(v, g), [vol, grid], scale=scale)
-    if backend == "triton":
-        compare(lambda *x: ops.motion_field_input(*x[:3], jacobian=x[3] if jac else None,
-                                                  backend=backend),
-                lambda *x: ref.motion_field_input_reference(*x[:3],
-                                                            jacobian=x[3] if jac else None),
-                [vol, kps, kpd, *extra], scale=scale)
+    compare(lambda *x: ops.motion_field_input(*x[:3], jacobian=x[3] if jac else None,
+                                              backend=backend),
+            lambda *x: ref.motion_field_input_reference(*x[:3], jacobian=x[3] if jac else None),
+            [vol, kps, kpd, *extra], scale=scale)
 
 
 @pytest.mark.gpu
@@ -385,6 +383,10 @@ def test_gpu_opcheck_and_gradcheck():
     P = torch.ops.pyface
     torch.library.opcheck(P.warp_by_keypoints, (vol, kps, kpd, masks, j, False, True))
     torch.library.opcheck(P.keypoint_flow, (kps, kpd, masks, j, True))
+    torch.library.opcheck(P.motion_field_input, (vol, kps, kpd, j, 0.1, False, True))
+    assert torch.autograd.gradcheck(
+        lambda *x: ops.motion_field_input(*x[:3], jacobian=x[3], heatmap_variance=0.1,
+                                          backend="cuda"), (vol, kps, kpd, j))
     assert torch.autograd.gradcheck(
         lambda *x: ops.warp_by_keypoints(*x[:4], jacobian=x[4], backend="cuda"),
         (vol, kps, kpd, masks, j))

@@ -1,12 +1,14 @@
 // Torch glue for the 3D-flow warping CUDA kernels: argument checks, dtype conversion of the small
 // inputs, allocation, the current stream, and TORCH_LIBRARY_IMPL(pyface, CUDA). Built only
-// against a CUDA build of torch. motion_field_input has no CUDA kernel (Triton runs it on GPUs).
+// against a CUDA build of torch.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <cmath>
 
 #include "warp/warp.h"
 #include "warp/warp_kernels.h"
@@ -228,6 +230,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> warp_by_k
           gm.defined() ? gm.to(masks.scalar_type()) : none_like(masks), g_jac};
 }
 
+void check_motion_field_input(const at::Tensor& volume, const at::Tensor& kp_source,
+                              const at::Tensor& kp_driving,
+                              const std::optional<at::Tensor>& jacobian, double variance) {
+  check_volume(volume, "volume");
+  check_keypoints(kp_source, kp_driving, jacobian, volume.size(0));
+  PYFACE_CHECK_SAME_DEVICE("kp_source", kp_source, "volume", volume);
+  TORCH_CHECK_VALUE(variance > 0 && std::isfinite(variance),
+                    "heatmap_variance: expected a positive finite number, got ", variance);
+  check_cuda(volume, "volume");
+}
+
+at::Tensor motion_field_input_cuda(const at::Tensor& volume, const at::Tensor& kp_source,
+                                   const at::Tensor& kp_driving,
+                                   const std::optional<at::Tensor>& jacobian,
+                                   double heatmap_variance, bool align_corners,
+                                   bool grid_align_corners) {
+  check_motion_field_input(volume, kp_source, kp_driving, jacobian, heatmap_variance);
+  const c10::cuda::CUDAGuard guard(volume.device());
+  const int64_t B = volume.size(0), C = volume.size(1), K = kp_source.size(1);
+  auto out = at::empty({B, (K + 1) * (C + 1), volume.size(2), volume.size(3), volume.size(4)},
+                       volume.options());
+  if (out.numel() == 0) return out;
+  const KpTensors kp = kp_tensors(kp_source, kp_driving, jacobian, acc_of(volume));
+  C10_CUDA_CHECK(cuda::motion_field_input_forward(
+      to_dtype(volume.scalar_type()), volume.const_data_ptr(), kp.desc(), out.mutable_data_ptr(),
+      volume_desc(volume), heatmap_variance, align_corners, grid_align_corners, stream()));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> motion_field_input_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& volume, const at::Tensor& kp_source,
+    const at::Tensor& kp_driving, const std::optional<at::Tensor>& jacobian,
+    double heatmap_variance, bool align_corners, bool grid_align_corners, bool need_volume_grad,
+    bool need_kp_grad, bool need_jacobian_grad) {
+  check_motion_field_input(volume, kp_source, kp_driving, jacobian, heatmap_variance);
+  const c10::cuda::CUDAGuard guard(volume.device());
+  const int64_t B = volume.size(0), C = volume.size(1), K = kp_source.size(1);
+  const int64_t D = volume.size(2), H = volume.size(3), W = volume.size(4);
+  check_grad(grad_out, "grad_out", {B, (K + 1) * (C + 1), D, H, W}, volume);
+  need_jacobian_grad = need_jacobian_grad && jacobian.has_value();
+  const auto acc = acc_of(volume);
+  const KpTensors kp = kp_tensors(kp_source, kp_driving, jacobian, acc);
+  const auto go = grad_out.to(acc).contiguous();
+  const bool need_part = need_kp_grad || need_jacobian_grad;
+  const int64_t nparts = cuda::num_partials(D * H * W);
+  at::Tensor gv, part = at::zeros({B, nparts, K, 15}, volume.options().dtype(acc));
+  if (need_volume_grad) gv = at::zeros(volume.sizes(), volume.options().dtype(acc));
+  C10_CUDA_CHECK(cuda::motion_field_input_backward(
+      to_dtype(volume.scalar_type()), go.const_data_ptr(), volume.const_data_ptr(), kp.desc(),
+      gv.defined() ? gv.mutable_data_ptr() : nullptr,
+      need_part ? part.mutable_data_ptr() : nullptr, volume_desc(volume), heatmap_variance,
+      align_corners, grid_align_corners, stream()));
+  at::Tensor g_kps = none_like(kp_source), g_kpd = none_like(kp_driving);
+  at::Tensor g_jac = jacobian.has_value() ? none_like(*jacobian) : none_like(volume);
+  split_partials(part, B, K, kp_source, kp_driving, jacobian, need_kp_grad, need_jacobian_grad,
+                 g_kps, g_kpd, g_jac);
+  return {gv.defined() ? gv.to(volume.scalar_type()) : none_like(volume), g_kps, g_kpd, g_jac};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyface, CUDA, m) {
@@ -237,6 +298,8 @@ TORCH_LIBRARY_IMPL(pyface, CUDA, m) {
   m.impl("keypoint_flow_bwd", &keypoint_flow_bwd_cuda);
   m.impl("warp_by_keypoints", &warp_by_keypoints_cuda);
   m.impl("warp_by_keypoints_bwd", &warp_by_keypoints_bwd_cuda);
+  m.impl("motion_field_input", &motion_field_input_cuda);
+  m.impl("motion_field_input_bwd", &motion_field_input_bwd_cuda);
 }
 
 }  // namespace warp

@@ -298,6 +298,88 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+template <typename scalar_t, typename A>
+__global__ void __launch_bounds__(kThreads)
+    motion_field_input_fwd_kernel(const scalar_t* __restrict__ vol, const A* __restrict__ kps,
+                                  const A* __restrict__ kpd, const A* __restrict__ jac,
+                                  scalar_t* __restrict__ out, Volume g, int64_t K, A var,
+                                  bool align, bool grid_align) {
+  const Output o{g.D, g.H, g.W};
+  const int64_t V = g.D * g.H * g.W;
+  const int64_t v = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int64_t b = blockIdx.y;
+  if (v >= V) return;
+  const A* kps_b = kps + b * K * 3;
+  const A* kpd_b = kpd + b * K * 3;
+  const A* jac_b = jac ? jac + b * K * 9 : nullptr;
+  const int64_t CC = g.C + 1;
+  scalar_t* out_b = out + b * (K + 1) * CC * V;
+  A zx, zy, zz;
+  identity_at(v, o, grid_align, zx, zy, zz);
+  for (int64_t k = 0; k <= K; ++k) {
+    A p[3] = {zx, zy, zz};
+    A heat = 0;
+    if (k > 0) {
+      keypoint_motion(kps_b, kpd_b, jac_b, k - 1, zx, zy, zz, p);
+      heat = gaussian(kpd_b + 3 * (k - 1), zx, zy, zz, var) -
+             gaussian(kps_b + 3 * (k - 1), zx, zy, zz, var);
+    }
+    out_b[k * CC * V + v] = from_acc<scalar_t>(heat);
+    sample(vol + b * g.sb, g, p[0], p[1], p[2], align, out_b + (k * CC + 1) * V + v, V);
+  }
+}
+
+template <typename scalar_t, typename A>
+__global__ void __launch_bounds__(kThreads)
+    motion_field_input_bwd_kernel(const A* __restrict__ go, const scalar_t* __restrict__ vol,
+                                  const A* __restrict__ kps, const A* __restrict__ kpd,
+                                  const A* __restrict__ jac, A* gvol, A* partials, Volume g,
+                                  int64_t K, A var, bool align, bool grid_align) {
+  __shared__ A smem[15 * 32];
+  const Output o{g.D, g.H, g.W};
+  const int64_t V = g.D * g.H * g.W;
+  const int64_t v = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int64_t b = blockIdx.y;
+  const bool active = v < V;
+  const A* kps_b = kps + b * K * 3;
+  const A* kpd_b = kpd + b * K * 3;
+  const A* jac_b = jac ? jac + b * K * 9 : nullptr;
+  const int64_t CC = g.C + 1;
+  const A* go_b = go + b * (K + 1) * CC * V;
+  A* gvol_b = gvol ? gvol + b * g.C * V : nullptr;
+  A zx = 0, zy = 0, zz = 0;
+  if (active) {
+    identity_at(v, o, grid_align, zx, zy, zz);
+    if (gvol_b) sample_backward(vol + b * g.sb, g, zx, zy, zz, align, go_b + V + v, V, gvol_b,
+                                static_cast<A*>(nullptr));
+  }
+  for (int64_t k = 1; k <= K; ++k) {  // uniform over the block: every thread reduces
+    A vals[15] = {};
+    if (active) {
+      A p[3], gp[3] = {0, 0, 0};
+      keypoint_motion(kps_b, kpd_b, jac_b, k - 1, zx, zy, zz, p);
+      sample_backward(vol + b * g.sb, g, p[0], p[1], p[2], align, go_b + (k * CC + 1) * V + v, V,
+                      gvol_b, partials ? gp : static_cast<A*>(nullptr));
+      if (partials) {
+        keypoint_motion_grad(kpd_b, jac_b, k - 1, zx, zy, zz, A(1), gp, vals);
+        const A* s = kps_b + 3 * (k - 1);
+        const A* d = kpd_b + 3 * (k - 1);
+        const A gh = go_b[k * CC * V + v];
+        const A gd = gh * gaussian(d, zx, zy, zz, var) / var;
+        const A gs = gh * gaussian(s, zx, zy, zz, var) / var;
+        vals[0] -= gs * (zx - s[0]);
+        vals[1] -= gs * (zy - s[1]);
+        vals[2] -= gs * (zz - s[2]);
+        vals[3] += gd * (zx - d[0]);
+        vals[4] += gd * (zy - d[1]);
+        vals[5] += gd * (zz - d[2]);
+      }
+    }
+    if (partials)
+      block_sum15(vals, smem, partials + ((b * gridDim.x + blockIdx.x) * K + (k - 1)) * 15);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // launchers
 // ------------------------------------------------------------------------------------------------
@@ -388,6 +470,36 @@ cudaError_t wk_bwd(const void* go, const void* vol, const void* masks, const Key
   return cudaGetLastError();
 }
 
+template <typename scalar_t>
+cudaError_t mf_fwd(const void* vol, const Keypoints& kp, void* out, const Volume& v, double var,
+                   bool align, bool grid_align, cudaStream_t s) {
+  using A = typename Acc<scalar_t>::type;
+  const int64_t V = v.D * v.H * v.W;
+  if (v.B * V == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(blocks(V)), static_cast<unsigned>(v.B));
+  motion_field_input_fwd_kernel<scalar_t, A><<<grid, kThreads, 0, s>>>(
+      static_cast<const scalar_t*>(vol), static_cast<const A*>(kp.kp_source),
+      static_cast<const A*>(kp.kp_driving), static_cast<const A*>(kp.jacobian),
+      static_cast<scalar_t*>(out), v, kp.K, static_cast<A>(var), align, grid_align);
+  return cudaGetLastError();
+}
+
+template <typename scalar_t>
+cudaError_t mf_bwd(const void* go, const void* vol, const Keypoints& kp, void* gvol,
+                   void* partials, const Volume& v, double var, bool align, bool grid_align,
+                   cudaStream_t s) {
+  using A = typename Acc<scalar_t>::type;
+  const int64_t V = v.D * v.H * v.W;
+  if (v.B * V == 0 || (gvol == nullptr && partials == nullptr)) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(blocks(V)), static_cast<unsigned>(v.B));
+  motion_field_input_bwd_kernel<scalar_t, A><<<grid, kThreads, 0, s>>>(
+      static_cast<const A*>(go), static_cast<const scalar_t*>(vol),
+      static_cast<const A*>(kp.kp_source), static_cast<const A*>(kp.kp_driving),
+      static_cast<const A*>(kp.jacobian), static_cast<A*>(gvol), static_cast<A*>(partials), v,
+      kp.K, static_cast<A>(var), align, grid_align);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 #define PYFACE_WARP_DISPATCH(dtype, fn, ...)                  \
@@ -449,6 +561,23 @@ cudaError_t warp_by_keypoints_backward(DType dtype, const void* grad_out, const 
                                        bool grid_align_corners, cudaStream_t stream) {
   PYFACE_WARP_DISPATCH(dtype, wk_bwd, grad_out, volume, masks, kp, grad_volume, grad_masks,
                        partials, v, o, align_corners, grid_align_corners, stream);
+}
+
+cudaError_t motion_field_input_forward(DType dtype, const void* volume, const Keypoints& kp,
+                                       void* out, const Volume& v, double heatmap_variance,
+                                       bool align_corners, bool grid_align_corners,
+                                       cudaStream_t stream) {
+  PYFACE_WARP_DISPATCH(dtype, mf_fwd, volume, kp, out, v, heatmap_variance, align_corners,
+                       grid_align_corners, stream);
+}
+
+cudaError_t motion_field_input_backward(DType dtype, const void* grad_out, const void* volume,
+                                        const Keypoints& kp, void* grad_volume, void* partials,
+                                        const Volume& v, double heatmap_variance,
+                                        bool align_corners, bool grid_align_corners,
+                                        cudaStream_t stream) {
+  PYFACE_WARP_DISPATCH(dtype, mf_bwd, grad_out, volume, kp, grad_volume, partials, v,
+                       heatmap_variance, align_corners, grid_align_corners, stream);
 }
 
 }  // namespace cuda

@@ -70,6 +70,18 @@ cudaError_t warp_by_keypoints_backward(DType dtype, const void* grad_out, const 
                                        const Output& o, bool align_corners,
                                        bool grid_align_corners, cudaStream_t stream);
 
+// out (B, (K+1)(C+1), D, H, W) contiguous in the volume dtype; the output grid is the volume's.
+cudaError_t motion_field_input_forward(DType dtype, const void* volume, const Keypoints& kp,
+                                       void* out, const Volume& v, double heatmap_variance,
+                                       bool align_corners, bool grid_align_corners,
+                                       cudaStream_t stream);
+// grad_volume and partials (B, num_partials(D*H*W), K, 15) may be null.
+cudaError_t motion_field_input_backward(DType dtype, const void* grad_out, const void* volume,
+                                        const Keypoints& kp, void* grad_volume, void* partials,
+                                        const Volume& v, double heatmap_variance,
+                                        bool align_corners, bool grid_align_corners,
+                                        cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace warp
 }  // namespace pyface

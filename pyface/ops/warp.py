@@ -21,9 +21,8 @@ _NOTE = ("CPU: C++ (fused; bench: faster and smaller than the reference). CUDA: 
 _LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
 
 for _name in ("warp_volume", "keypoint_flow", "warp_by_keypoints", "motion_field_input"):
-    _cuda = ("cuda",) if _name != "motion_field_input" else ()  # no CUDA kernel for it
     _backend.register_op(_backend.OpSpec(
-        name=_name, backends=("reference", "cpu", *_cuda, "triton"),
+        name=_name, backends=("reference", "cpu", "cuda", "triton"),
         priority={"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")},
         compiled_op=_name, note=_NOTE, dtypes={"triton": _LOW_PRECISION}))
 
@@ -198,7 +197,7 @@ def motion_field_input(volume: torch.Tensor, kp_source: torch.Tensor, kp_driving
         jacobian: optional (B, K, 3, 3), as in :func:`keypoint_flow` (not applied to heatmaps).
         heatmap_variance: of the Gaussians (face-vid2vid: 0.01).
         align_corners / grid_align_corners: as in :func:`warp_by_keypoints`.
-        backend: ``None``, ``"reference"``, ``"cpu"`` or ``"triton"`` (no CUDA kernel).
+        backend: ``None``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
     Returns:
         (B, (K+1)*(C+1), D, H, W) in the dtype of ``volume``; channel ``k*(C+1)`` is heatmap k,
