@@ -300,16 +300,16 @@ inline void scatter_block(acc_t* gvol_b, const VolGeom& g, const TapBlock<acc_t>
 
 template <typename scalar_t, typename acc_t>
 void to_channels_last(const scalar_t* vol_b, const VolGeom& g, acc_t* dst) {
+  // row by row, so the destination rows being filled (W * C values) stay in cache
   const int64_t C = g.C;
-  for (int64_t c = 0; c < C; ++c) {
-    const scalar_t* p = vol_b + c * g.sc;
-    int64_t v = 0;
-    for (int64_t d = 0; d < g.D; ++d)
-      for (int64_t h = 0; h < g.H; ++h) {
-        const scalar_t* row = p + d * g.sd + h * g.sh;
-        for (int64_t w = 0; w < g.W; ++w, ++v) dst[v * C + c] = static_cast<acc_t>(row[w * g.sw]);
+  for (int64_t d = 0; d < g.D; ++d)
+    for (int64_t h = 0; h < g.H; ++h) {
+      acc_t* out = dst + (d * g.H + h) * g.W * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* row = vol_b + c * g.sc + d * g.sd + h * g.sh;
+        for (int64_t w = 0; w < g.W; ++w) out[w * C + c] = static_cast<acc_t>(row[w * g.sw]);
       }
-  }
+    }
 }
 
 // dst (C, V) = transpose of src (V, C).
@@ -547,6 +547,37 @@ struct MotionPos {  // sparse motion k of voxel vb + i (k = -1: the identity)
     }
   }
 };
+
+// flow_grad_at for the n voxels of a block starting at vb, keypoint by keypoint (contiguous mask
+// reads and writes, keypoint sums in registers).
+template <typename T>
+inline void flow_grad_block(const T* masks_b, int64_t V, int64_t vb, int n, const Axes<T>& axes,
+                            const T* kps, const T* kpd, const T* jac, int64_t K,
+                            const T (*g)[3], T* gmasks_b, T* part) {
+  T z[kBlock][3];
+  for (int i = 0; i < n; ++i) axes.at(vb + i, z[i][0], z[i][1], z[i][2]);
+  if (gmasks_b != nullptr) {
+    for (int i = 0; i < n; ++i)
+      gmasks_b[vb + i] = g[i][0] * z[i][0] + g[i][1] * z[i][1] + g[i][2] * z[i][2];
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const T* mk = masks_b + (k + 1) * V + vb;
+    if (gmasks_b != nullptr) {
+      T* gk = gmasks_b + (k + 1) * V + vb;
+      for (int i = 0; i < n; ++i) {
+        T m[3];
+        keypoint_motion(kps, kpd, jac, k, z[i][0], z[i][1], z[i][2], m);
+        gk[i] = g[i][0] * m[0] + g[i][1] * m[1] + g[i][2] * m[2];
+      }
+    }
+    if (part != nullptr) {
+      T acc[15] = {};
+      for (int i = 0; i < n; ++i)
+        keypoint_motion_grad(kpd, jac, k, z[i][0], z[i][1], z[i][2], mk[i], g[i], acc);
+      for (int j = 0; j < 15; ++j) part[k * 15 + j] += acc[j];
+    }
+  }
+}
 
 // Sums the per-chunk keypoint partials (B * nch, K, 15) into the gradients asked for.
 void finish_kp_grads(const at::Tensor& partials, int64_t B, int64_t V, int64_t K,
@@ -917,13 +948,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> warp_by_k
                 gather_block_rows(gop + b * C * Vo + vb, Vo, C, n, got);
                 if (need_pos) {
                   position_grad_block_cl(vclp, g, *blk, got, align_corners, gf);
-                  for (int i = 0; i < n; ++i) {
-                    acc_t zx, zy, zz;
-                    axes.at(vb + i, zx, zy, zz);
-                    flow_grad_at(m_b, Vo, vb + i, P.s(b), P.d(b), P.j(b), K, zx, zy, zz, gf[i],
-                                 gmp ? gmp + b * (K + 1) * Vo : nullptr,
-                                 pp ? pp + task * K * 15 : nullptr);
-                  }
+                  flow_grad_block(m_b, Vo, vb, n, axes, P.s(b), P.d(b), P.j(b), K, gf,
+                                  gmp ? gmp + b * (K + 1) * Vo : nullptr,
+                                  pp ? pp + task * K * 15 : nullptr);
                 }
                 if (need_volume_grad) scatter_block_cl(gclp, C, *blk, got);
               });
