@@ -407,5 +407,8 @@ def test_backward_paths(B):
         compare(lambda *x: ops.motion_field_input(*x[:3], jacobian=x[3], backend="cpu"),
                 lambda *x: ref.motion_field_input_reference(*x[:3], jacobian=x[3]),
                 [vol, kps, kpd, j])
+        grid = (torch.rand(B, 3, 2, 4, 3, dtype=vol.dtype) * 2.4 - 1.2).requires_grad_()
+        compare(lambda v, g: ops.warp_volume(v, g, backend="cpu"),
+                lambda v, g: F.grid_sample(v, g, align_corners=False), [vol, grid])
     finally:
         torch.set_num_threads(threads)

@@ -629,6 +629,26 @@ at::Tensor warp_volume_cpu(const at::Tensor& volume, const at::Tensor& grid, boo
     const acc_t* gp = gr.const_data_ptr<acc_t>();
     const scalar_t* vol = volume.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    if (B >= at::get_num_threads()) {
+      // every thread owns whole batch items: sample a channels-last copy
+      const int64_t V = g.D * g.H * g.W;
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        auto vcl = at::empty({V * C}, gr.options());
+        auto tmp = at::empty({kBlock * C}, gr.options());
+        acc_t* vclp = vcl.mutable_data_ptr<acc_t>();
+        acc_t* tmpp = tmp.mutable_data_ptr<acc_t>();
+        auto blk = std::make_unique<TapBlock<acc_t>>();
+        for (int64_t b = b0; b < b1; ++b) {
+          to_channels_last(vol + b * g.sb, g, vclp);
+          for_blocks(0, Vo, [&](int64_t vb, int n) {
+            blk->fill(n, GridPos<acc_t>{gp + (b * Vo + vb) * 3}, g, align_corners,
+                      g.H * g.W * C, g.W * C, C, false);
+            sample_block_cl(vclp, C, *blk, tmpp, o + b * C * Vo + vb, Vo);
+          });
+        }
+      });
+      return;
+    }
     for_voxel_chunks(B, Vo, [&](int64_t, int64_t b, int64_t v0, int64_t v1) {
       auto blk = std::make_unique<TapBlock<acc_t>>();
       for_blocks(v0, v1, [&](int64_t vb, int n) {
@@ -663,6 +683,36 @@ std::tuple<at::Tensor, at::Tensor> warp_volume_bwd_cpu(const at::Tensor& grad_ou
       const acc_t* gp = gr.const_data_ptr<acc_t>();
       const acc_t* gop = go.const_data_ptr<acc_t>();
       const scalar_t* vol = volume.const_data_ptr<scalar_t>();
+      if (B >= at::get_num_threads()) {
+        // every thread owns whole batch items: one pass over channels-last copies
+        const int64_t V = g.D * g.H * g.W;
+        acc_t* ggp = need_grid_grad ? gg.mutable_data_ptr<acc_t>() : nullptr;
+        acc_t* gvp = need_volume_grad ? gv.mutable_data_ptr<acc_t>() : nullptr;
+        at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+          auto vcl = at::empty({need_grid_grad ? V * C : 0}, gr.options());
+          auto gcl = at::empty({need_volume_grad ? V * C : 0}, gr.options());
+          auto tmp = at::empty({kBlock * C}, gr.options());
+          acc_t* vclp = vcl.mutable_data_ptr<acc_t>();
+          acc_t* gclp = gcl.mutable_data_ptr<acc_t>();
+          acc_t* got = tmp.mutable_data_ptr<acc_t>();
+          auto blk = std::make_unique<TapBlock<acc_t>>();
+          for (int64_t b = b0; b < b1; ++b) {
+            if (need_grid_grad) to_channels_last(vol + b * g.sb, g, vclp);
+            if (need_volume_grad) std::fill(gclp, gclp + V * C, acc_t(0));
+            for_blocks(0, Vo, [&](int64_t vb, int n) {
+              blk->fill(n, GridPos<acc_t>{gp + (b * Vo + vb) * 3}, g, align_corners,
+                        g.H * g.W * C, g.W * C, C, need_grid_grad);
+              gather_block_rows(gop + b * C * Vo + vb, Vo, C, n, got);
+              if (need_grid_grad)
+                position_grad_block_cl(vclp, g, *blk, got, align_corners,
+                                       reinterpret_cast<acc_t(*)[3]>(ggp + (b * Vo + vb) * 3));
+              if (need_volume_grad) scatter_block_cl(gclp, C, *blk, got);
+            });
+            if (need_volume_grad) from_channels_last(gclp, C, V, gvp + b * C * V);
+          }
+        });
+        return;
+      }
       if (need_grid_grad) {
         acc_t* ggp = gg.mutable_data_ptr<acc_t>();
         for_voxel_chunks(B, Vo, [&](int64_t, int64_t b, int64_t v0, int64_t v1) {
