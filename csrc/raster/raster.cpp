@@ -450,7 +450,8 @@ std::tuple<at::Tensor, at::Tensor> splat_points_index_cpu(const at::Tensor& poin
 
 // ---------------------------------------------------------------------------------------------
 // Nearest point per texel: per (batch, plane) a uniform grid over the points (counting sort,
-// about two points per cell), then a ring search per texel. O(N + H W) memory.
+// about two points per cell, plus each column's envelope), then a search per texel that visits
+// columns outward and skips the out-of-reach ones (raster_math.h). O(N + H W) memory.
 // ---------------------------------------------------------------------------------------------
 int plane_u(PlaneAxes axes, int plane) {
   (void)axes;
@@ -498,6 +499,7 @@ at::Tensor points_to_triplane_index_cpu(const at::Tensor& points,
     Grid g;
     std::vector<double> pu, pv;
     std::vector<int32_t> cell_start, cell_pts;
+    std::vector<double> col_lo, col_hi;  // v envelope of each column
     bool empty = true;
   };
   std::vector<PlaneGrid> grids(static_cast<size_t>(B * 3));
@@ -529,7 +531,7 @@ at::Tensor points_to_triplane_index_cpu(const at::Tensor& points,
       pg.empty = M == 0;
       if (M == 0) continue;
       // grid bounds: the points' bounding box clipped to the texel extents (points beyond fall
-      // into the border cells, which keeps the ring search's lower bound valid)
+      // into the border cells, whose extents the search treats as unbounded)
       Grid& g = pg.g;
       const double gx_lo = std::max(lo_u, tu0), gx_hi = std::min(hi_u, tu1);
       const double gy_lo = std::max(lo_v, tv0), gy_hi = std::min(hi_v, tv1);
@@ -559,12 +561,16 @@ at::Tensor points_to_triplane_index_cpu(const at::Tensor& points,
       const int64_t n_cells = static_cast<int64_t>(g.gx) * g.gy;
       pg.cell_start.assign(static_cast<size_t>(n_cells + 1), 0);
       cell_of.resize(static_cast<size_t>(M));
+      pg.col_lo.assign(static_cast<size_t>(g.gx), INFINITY);
+      pg.col_hi.assign(static_cast<size_t>(g.gx), -INFINITY);
       for (int64_t m = 0; m < M; ++m) {
         const int32_t n = ids[m];
-        const int32_t c = grid_cell(pg.pv[n], g.y0, g.ch, g.gy) * g.gx +
-                          grid_cell(pg.pu[n], g.x0, g.cw, g.gx);
+        const int32_t col = grid_cell(pg.pu[n], g.x0, g.cw, g.gx);
+        const int32_t c = grid_cell(pg.pv[n], g.y0, g.ch, g.gy) * g.gx + col;
         cell_of[m] = c;
         ++pg.cell_start[c + 1];
+        pg.col_lo[col] = std::min(pg.col_lo[col], pg.pv[n]);
+        pg.col_hi[col] = std::max(pg.col_hi[col], pg.pv[n]);
       }
       for (int64_t c = 0; c < n_cells; ++c) pg.cell_start[c + 1] += pg.cell_start[c];
       pg.cell_pts.resize(static_cast<size_t>(M));
@@ -572,7 +578,7 @@ at::Tensor points_to_triplane_index_cpu(const at::Tensor& points,
       for (int64_t m = 0; m < M; ++m) pg.cell_pts[fill[cell_of[m]]++] = ids[m];  // ascending ids
     }
   });
-  // phase 2, one task per texel row of every plane: ring search
+  // phase 2, one task per texel row of every plane: nearest-point search
   at::parallel_for(0, B * 3 * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t task = row / H, i = row % H;
@@ -585,8 +591,9 @@ at::Tensor points_to_triplane_index_cpu(const at::Tensor& points,
       const double qy = texel_centre(i, H, align_corners);
       for (int64_t j = 0; j < W; ++j) {
         double d2;
-        o[j] = grid_nearest(pg.g, pg.cell_start.data(), pg.cell_pts.data(), pg.pu.data(),
-                            pg.pv.data(), texel_centre(j, W, align_corners), qy, max_d2, d2);
+        o[j] = grid_nearest(pg.g, pg.cell_start.data(), pg.cell_pts.data(), pg.col_lo.data(),
+                            pg.col_hi.data(), pg.pu.data(), pg.pv.data(),
+                            texel_centre(j, W, align_corners), qy, max_d2, d2);
       }
     }
   });

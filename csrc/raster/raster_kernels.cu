@@ -7,8 +7,9 @@
 //   barycentrics and depth in float64.
 // * splat_points: the same packed atomicMin with (depth key | point index), then a resolve pass.
 // * points_to_triplane_index: per (batch, plane) a uniform grid over the texel extents
-//   (counting sort with atomics + a per-plane block scan), then one thread per texel runs the
-//   ring search of raster_math.h (ties -> lowest index whatever the order within a cell).
+//   (counting sort with atomics + a per-plane block scan, column envelopes with 64-bit
+//   atomicMin/Max), then one thread per texel runs the search of raster_math.h (ties -> lowest
+//   index whatever the order within a cell).
 // * gather_features / mesh_interpolate: one thread per output element; the backward passes
 //   scatter with atomicAdd into a float (double for float64) buffer.
 #include "raster/raster_kernels.h"
@@ -242,11 +243,15 @@ struct P2TLayout {
   int32_t* start;      // (B*3, G + 1)
   int32_t* cursor;     // (B*3, G)
   int32_t* cell_pts;   // (B*3, N)
+  unsigned long long* lo_key;  // (B*3, gx) order-preserving keys of the column envelopes
+  unsigned long long* hi_key;  // (B*3, gx)
+  double* col_lo;      // (B*3, gx)
+  double* col_hi;      // (B*3, gx)
 };
 
 inline size_t align256(size_t n) { return (n + 255) & ~size_t(255); }
 
-P2TLayout p2t_layout(void* ws, int64_t B, int64_t N, int64_t G) {
+P2TLayout p2t_layout(void* ws, int64_t B, int64_t N, int64_t G, int64_t gx) {
   char* p = static_cast<char*>(ws);
   P2TLayout l;
   const size_t BP = static_cast<size_t>(B) * 3;
@@ -263,6 +268,14 @@ P2TLayout p2t_layout(void* ws, int64_t B, int64_t N, int64_t G) {
   l.cursor = reinterpret_cast<int32_t*>(p);
   p += align256(BP * G * sizeof(int32_t));
   l.cell_pts = reinterpret_cast<int32_t*>(p);
+  p += align256(BP * N * sizeof(int32_t));
+  l.lo_key = reinterpret_cast<unsigned long long*>(p);
+  p += align256(BP * gx * sizeof(unsigned long long));
+  l.hi_key = reinterpret_cast<unsigned long long*>(p);
+  p += align256(BP * gx * sizeof(unsigned long long));
+  l.col_lo = reinterpret_cast<double*>(p);
+  p += align256(BP * gx * sizeof(double));
+  l.col_hi = reinterpret_cast<double*>(p);
   return l;
 }
 
@@ -274,6 +287,16 @@ __device__ __forceinline__ int axis_v(PlaneAxes axes, int plane) {
   if (plane == 0) return 1;
   if (plane == 1) return 2;
   return axes == PlaneAxes::EG3D ? 0 : 1;
+}
+
+// Order-preserving map of a double to uint64 and back (for atomicMin / atomicMax).
+__device__ __forceinline__ unsigned long long double_key(double v) {
+  const unsigned long long u = static_cast<unsigned long long>(__double_as_longlong(v));
+  return (u & 0x8000000000000000ull) ? ~u : (u | 0x8000000000000000ull);
+}
+__device__ __forceinline__ double key_double(unsigned long long k) {
+  const unsigned long long u = (k & 0x8000000000000000ull) ? (k & ~0x8000000000000000ull) : ~k;
+  return __longlong_as_double(static_cast<long long>(u));
 }
 
 __global__ void p2t_bin_kernel(const double* pts, const bool* valid, int64_t B, int64_t N,
@@ -292,9 +315,23 @@ __global__ void p2t_bin_kernel(const double* pts, const bool* valid, int64_t B, 
       l.cell_of[t] = -1;
       continue;
     }
-    const int32_t c = grid_cell(v, g.y0, g.ch, g.gy) * g.gx + grid_cell(u, g.x0, g.cw, g.gx);
+    const int32_t col = grid_cell(u, g.x0, g.cw, g.gx);
+    const int32_t c = grid_cell(v, g.y0, g.ch, g.gy) * g.gx + col;
     l.cell_of[t] = c;
     atomicAdd(l.count + bp * (G + 1) + c, 1);
+    const unsigned long long key = double_key(v);
+    atomicMin(l.lo_key + bp * g.gx + col, key);
+    atomicMax(l.hi_key + bp * g.gx + col, key);
+  }
+}
+
+__global__ void p2t_envelope_kernel(int64_t n, P2TLayout l) {
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < n;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    const unsigned long long lo = l.lo_key[t], hi = l.hi_key[t];
+    const bool empty = lo == ~0ull;
+    l.col_lo[t] = empty ? INFINITY : key_double(lo);
+    l.col_hi[t] = empty ? -INFINITY : key_double(hi);
   }
 }
 
@@ -361,8 +398,9 @@ __global__ void p2t_search_kernel(int64_t B, int64_t N, int64_t H, int64_t W, bo
     const double qy = texel_centre(p / W, H, align_corners);
     const double qx = texel_centre(p % W, W, align_corners);
     double d2;
-    index[t] = grid_nearest(g, l.start + bp * (G + 1), l.cell_pts + bp * N, l.pu + bp * N,
-                            l.pv + bp * N, qx, qy, max_d2, d2);
+    index[t] = grid_nearest(g, l.start + bp * (G + 1), l.cell_pts + bp * N, l.col_lo + bp * g.gx,
+                            l.col_hi + bp * g.gx, l.pu + bp * N, l.pv + bp * N, qx, qy, max_d2,
+                            d2);
   }
 }
 
@@ -462,7 +500,8 @@ size_t points_to_triplane_workspace(int64_t B, int64_t N, int32_t gx, int32_t gy
   const size_t BP = static_cast<size_t>(B) * 3;
   const size_t G = static_cast<size_t>(gx) * gy;
   return 2 * align256(BP * N * sizeof(double)) + 2 * align256(BP * N * sizeof(int32_t)) +
-         2 * align256(BP * (G + 1) * sizeof(int32_t)) + align256(BP * G * sizeof(int32_t));
+         2 * align256(BP * (G + 1) * sizeof(int32_t)) + align256(BP * G * sizeof(int32_t)) +
+         2 * align256(BP * gx * sizeof(unsigned long long)) + 2 * align256(BP * gx * sizeof(double));
 }
 
 cudaError_t points_to_triplane_index(const double* points, const bool* valid, int64_t B,
@@ -472,7 +511,7 @@ cudaError_t points_to_triplane_index(const double* points, const bool* valid, in
                                      cudaStream_t stream) {
   if (B * H * W == 0) return cudaSuccess;
   const int64_t G = static_cast<int64_t>(gx) * gy;
-  const P2TLayout l = p2t_layout(workspace, B, N, G);
+  const P2TLayout l = p2t_layout(workspace, B, N, G, gx);
   // the grid spans the texel-centre extents; points beyond fall into the border cells
   Grid g;
   g.gx = gx;
@@ -487,8 +526,14 @@ cudaError_t points_to_triplane_index(const double* points, const bool* valid, in
   cudaError_t err =
       cudaMemsetAsync(l.count, 0, sizeof(int32_t) * static_cast<size_t>(B) * 3 * (G + 1), stream);
   if (err != cudaSuccess) return err;
+  const size_t env_bytes = sizeof(unsigned long long) * static_cast<size_t>(B) * 3 * gx;
+  err = cudaMemsetAsync(l.lo_key, 0xff, env_bytes, stream);
+  if (err != cudaSuccess) return err;
+  err = cudaMemsetAsync(l.hi_key, 0, env_bytes, stream);
+  if (err != cudaSuccess) return err;
   p2t_bin_kernel<<<grid_for(B * 3 * N), kThreads, 0, stream>>>(points, valid, B, N, axes, scale,
                                                                g, l);
+  p2t_envelope_kernel<<<grid_for(B * 3 * gx), kThreads, 0, stream>>>(B * 3 * gx, l);
   p2t_scan_kernel<<<static_cast<unsigned>(B * 3), 1024, 0, stream>>>(G, l);
   p2t_fill_kernel<<<grid_for(B * 3 * N), kThreads, 0, stream>>>(B, N, G, l);
   p2t_search_kernel<<<grid_for(B * 3 * H * W), kThreads, 0, stream>>>(B, N, H, W, align_corners,

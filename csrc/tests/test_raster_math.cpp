@@ -1,5 +1,6 @@
 // Framework-free unit test of csrc/raster/raster_math.h (the math the CPU and CUDA kernels share).
 // Build and run: g++ -std=c++17 -O2 -Icsrc csrc/tests/test_raster_math.cpp -o /tmp/t && /tmp/t
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -105,6 +106,12 @@ static void test_grid_nearest_vs_brute_force() {
   std::vector<int32_t> fill(start.begin(), start.end() - 1);
   for (int i = N - 1; i >= 0; --i)  // reverse order inside cells: ties must still pick the lowest
     pts[fill[grid_cell(pv[i], g.y0, g.ch, g.gy) * g.gx + grid_cell(pu[i], g.x0, g.cw, g.gx)]++] = i;
+  std::vector<double> col_lo(g.gx, INFINITY), col_hi(g.gx, -INFINITY);
+  for (int i = 0; i < N; ++i) {
+    const int32_t col = grid_cell(pu[i], g.x0, g.cw, g.gx);
+    col_lo[col] = std::min(col_lo[col], pv[i]);
+    col_hi[col] = std::max(col_hi[col], pv[i]);
+  }
   for (int q = 0; q < 400; ++q) {
     const double qx = -1.5 + 3.0 * (q % 20) / 19.0, qy = -1.5 + 3.0 * (q / 20) / 19.0;
     double best = INFINITY;
@@ -117,8 +124,8 @@ static void test_grid_nearest_vs_brute_force() {
       }
     }
     double d2;
-    EXPECT(grid_nearest(g, start.data(), pts.data(), pu.data(), pv.data(), qx, qy, -1.0, d2) == arg);
-    const int64_t bounded = grid_nearest(g, start.data(), pts.data(), pu.data(), pv.data(), qx, qy,
+    EXPECT(grid_nearest(g, start.data(), pts.data(), col_lo.data(), col_hi.data(), pu.data(), pv.data(), qx, qy, -1.0, d2) == arg);
+    const int64_t bounded = grid_nearest(g, start.data(), pts.data(), col_lo.data(), col_hi.data(), pu.data(), pv.data(), qx, qy,
                                          0.01, d2);
     EXPECT(bounded == (best <= 0.01 ? arg : -1));
   }

@@ -45,8 +45,8 @@ _backend.register_op(_backend.OpSpec(
     backends=("reference", "cpu", "cuda"),
     priority={"cpu": ("cpu", "reference"), "cuda": ("cuda", "reference")},
     compiled_op="points_to_triplane_index",
-    note="Uniform-grid binning + ring search with early exit, O(N + H W) memory (the reference "
-         "is GOHA's brute force).",
+    note="Uniform-grid binning + outward column search with per-column envelopes and early exit, "
+         "O(N + H W) memory (the reference is GOHA's brute force).",
 ))
 
 
