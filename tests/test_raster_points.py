@@ -313,7 +313,8 @@ def test_splat_hand_made(backend):
     # radius 1 around a pixel centre: the pixel and its 4 neighbours (diagonals are sqrt(2) away)
     _, _, index = ops.splat_points(pts[:, 2:3], feats[:, 2:3], (H, W), radius=1.0,
                                    backend=backend)
-    assert (index >= 0).sum() == 5 and (index[0, 3:6, 6] == 0).all() and (index[0, 4, 5:8] == 0).all()
+    assert (index >= 0).sum() == 5
+    assert (index[0, 3:6, 6] == 0).all() and (index[0, 4, 5:8] == 0).all()
 
 
 @needs_cpp

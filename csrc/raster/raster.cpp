@@ -60,8 +60,9 @@ void check_mesh(const at::Tensor& verts, const at::Tensor& faces, int64_t height
   if (faces.numel() > 0) {
     const auto mm = at::aminmax(faces);
     const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
-    TORCH_CHECK_INDEX(lo >= 0 && hi < verts.size(1), "faces: vertex indices must lie in [0, V) = [0, ",
-                      verts.size(1), "), got values in [", lo, ", ", hi, "]");
+    TORCH_CHECK_INDEX(lo >= 0 && hi < verts.size(1),
+                      "faces: vertex indices must lie in [0, V) = [0, ", verts.size(1),
+                      "), got values in [", lo, ", ", hi, "]");
   }
 }
 
@@ -287,7 +288,8 @@ void interp_bwd_kernel(const scalar_t* grad, const int64_t* faces, const int64_t
         for (int k = 0; k < 3; ++k) {
           const acc_t w = static_cast<acc_t>(bary[(b * P + p) * 3 + k]);
           acc_t* g = gattr + (b * V + faces[f * 3 + k]) * C;
-          for (int64_t c = c0; c < c1; ++c) g[c] += w * static_cast<acc_t>(grad[(b * C + c) * P + p]);
+          for (int64_t c = c0; c < c1; ++c)
+            g[c] += w * static_cast<acc_t>(grad[(b * C + c) * P + p]);
         }
       }
     }
@@ -617,7 +619,8 @@ at::Tensor gather_features_cpu(const at::Tensor& features, const at::Tensor& ind
   const auto f = features.contiguous();
   const auto idx = index.contiguous();
   const int64_t* id = idx.const_data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "gather_features", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "gather_features",
+                                  [&] {
     const scalar_t* fd = f.const_data_ptr<scalar_t>();
     scalar_t* od = out.mutable_data_ptr<scalar_t>();
     const scalar_t bg = static_cast<scalar_t>(background);

@@ -137,7 +137,8 @@ at::Tensor mesh_interpolate_bwd_cuda(const at::Tensor& grad, const at::Tensor& f
     check_launch(cuda::mesh_interpolate_bwd(g.const_data_ptr(), f.const_data_ptr<int64_t>(),
                                             fi.const_data_ptr<int64_t>(), bc.const_data_ptr(),
                                             gacc.mutable_data_ptr(), B, num_verts, C, H * W,
-                                            dtype_of(g), c10::cuda::getCurrentCUDAStream().stream()),
+                                            dtype_of(g),
+                                            c10::cuda::getCurrentCUDAStream().stream()),
                  "mesh_interpolate_bwd");
   }
   return gacc.to(grad.scalar_type());

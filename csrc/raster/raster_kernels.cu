@@ -501,7 +501,8 @@ size_t points_to_triplane_workspace(int64_t B, int64_t N, int32_t gx, int32_t gy
   const size_t G = static_cast<size_t>(gx) * gy;
   return 2 * align256(BP * N * sizeof(double)) + 2 * align256(BP * N * sizeof(int32_t)) +
          2 * align256(BP * (G + 1) * sizeof(int32_t)) + align256(BP * G * sizeof(int32_t)) +
-         2 * align256(BP * gx * sizeof(unsigned long long)) + 2 * align256(BP * gx * sizeof(double));
+         2 * align256(BP * gx * sizeof(unsigned long long)) +
+         2 * align256(BP * gx * sizeof(double));
 }
 
 cudaError_t points_to_triplane_index(const double* points, const bool* valid, int64_t B,

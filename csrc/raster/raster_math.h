@@ -178,7 +178,9 @@ PYFACE_HD int32_t grid_cell(double v, double lo, double size, int32_t n) {
 
 // Normalized coordinate of texel centre i of an axis of n texels (grid_sample's convention).
 PYFACE_HD double texel_centre(int64_t i, int64_t n, bool align_corners) {
-  if (align_corners) return n > 1 ? static_cast<double>(i) * (2.0 / static_cast<double>(n - 1)) - 1.0 : 0.0;
+  if (align_corners) {
+    return n > 1 ? static_cast<double>(i) * (2.0 / static_cast<double>(n - 1)) - 1.0 : 0.0;
+  }
   return (2.0 * static_cast<double>(i) + 1.0) / static_cast<double>(n) - 1.0;
 }
 

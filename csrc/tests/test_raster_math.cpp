@@ -101,11 +101,14 @@ static void test_grid_nearest_vs_brute_force() {
   g.cw = 2.0 / g.gx;
   g.ch = 2.0 / g.gy;
   std::vector<int32_t> start(g.gx * g.gy + 1, 0), pts(N);
-  for (int i = 0; i < N; ++i) ++start[grid_cell(pv[i], g.y0, g.ch, g.gy) * g.gx + grid_cell(pu[i], g.x0, g.cw, g.gx) + 1];
+  auto cell = [&](int i) {
+    return grid_cell(pv[i], g.y0, g.ch, g.gy) * g.gx + grid_cell(pu[i], g.x0, g.cw, g.gx);
+  };
+  for (int i = 0; i < N; ++i) ++start[cell(i) + 1];
   for (int c = 0; c < g.gx * g.gy; ++c) start[c + 1] += start[c];
   std::vector<int32_t> fill(start.begin(), start.end() - 1);
   for (int i = N - 1; i >= 0; --i)  // reverse order inside cells: ties must still pick the lowest
-    pts[fill[grid_cell(pv[i], g.y0, g.ch, g.gy) * g.gx + grid_cell(pu[i], g.x0, g.cw, g.gx)]++] = i;
+    pts[fill[cell(i)]++] = i;
   std::vector<double> col_lo(g.gx, INFINITY), col_hi(g.gx, -INFINITY);
   for (int i = 0; i < N; ++i) {
     const int32_t col = grid_cell(pu[i], g.x0, g.cw, g.gx);
@@ -124,9 +127,10 @@ static void test_grid_nearest_vs_brute_force() {
       }
     }
     double d2;
-    EXPECT(grid_nearest(g, start.data(), pts.data(), col_lo.data(), col_hi.data(), pu.data(), pv.data(), qx, qy, -1.0, d2) == arg);
-    const int64_t bounded = grid_nearest(g, start.data(), pts.data(), col_lo.data(), col_hi.data(), pu.data(), pv.data(), qx, qy,
-                                         0.01, d2);
+    EXPECT(grid_nearest(g, start.data(), pts.data(), col_lo.data(), col_hi.data(), pu.data(),
+                        pv.data(), qx, qy, -1.0, d2) == arg);
+    const int64_t bounded = grid_nearest(g, start.data(), pts.data(), col_lo.data(),
+                                         col_hi.data(), pu.data(), pv.data(), qx, qy, 0.01, d2);
     EXPECT(bounded == (best <= 0.01 ? arg : -1));
   }
 }
