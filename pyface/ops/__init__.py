@@ -4,6 +4,14 @@ Every op validates its arguments, picks a backend (``backend=None``: the best av
 tensors' device; see ``python -m pyface.info``) and is differentiable. The pure-PyTorch reference
 twin of each op lives in :mod:`pyface.ops.reference`.
 """
+from pyface.ops.render import (
+    mip_composite,
+    ray_bundle,
+    render_triplane,
+    sample_importance,
+    sample_stratified,
+)
 from pyface.ops.triplane import triplane_sample
 
-__all__ = ["triplane_sample"]
+__all__ = ["triplane_sample", "ray_bundle", "sample_stratified", "mip_composite",
+           "sample_importance", "render_triplane"]
