@@ -327,7 +327,7 @@ def _render_compiled(planes, ray_origins, ray_dirs, decoder, near, far, n_coarse
     if n_fine > 0:
         parts = []
         with torch.no_grad():
-            for r0 in range(0, R, chunk):
+            for r0 in range(0, max(R, 1), chunk):
                 sl = slice(r0, min(R, r0 + chunk))
                 tc = depths_c[:, sl]
                 _, sigma = _decode(decoder, planes, _points(ray_origins[:, sl], ray_dirs[:, sl], tc),
