@@ -272,7 +272,7 @@ def _osg_mlp(feats: torch.Tensor, w1, b1, w2, b2, density_only: bool = False):
         return None, sigma.reshape(shape)
     x = torch.addmm(b2.unsqueeze(0), h, w2.t())
     rgb = torch.sigmoid(x[:, 1:]) * (1 + 2 * OSG_CLAMP) - OSG_CLAMP
-    return rgb.reshape(*shape, -1), x[:, 0].reshape(shape)
+    return rgb.reshape(*shape, rgb.shape[-1]), x[:, 0].reshape(shape)
 
 
 def _decode(decoder, planes, points, plane_axes, box_size, backend, density_only=False):
@@ -301,7 +301,7 @@ def _final_pass(planes, o, d, t, depth_range, opts, decoder, *weights):
     dec = weights if _is_osg(decoder) else decoder
     B, R, S = t.shape
     rgb, sigma = _decode(dec, planes, _points(o, d, t), plane_axes, box_size, backend)
-    feats, depth, w = mip_composite(rgb.reshape(B, R, S, -1), sigma.reshape(B, R, S), t,
+    feats, depth, w = mip_composite(rgb.reshape(B, R, S, rgb.shape[-1]), sigma.reshape(B, R, S), t,
                                     density_bias=density_bias, white_back=white_back,
                                     depth_range=depth_range, backend=backend)
     return feats, depth, w.sum(-1, keepdim=True)

@@ -182,7 +182,7 @@ def osg_decode_reference(features: torch.Tensor, w1: torch.Tensor, b1: torch.Ten
     h = F.softplus(torch.addmm(b1.unsqueeze(0), x, w1.t()))
     x = torch.addmm(b2.unsqueeze(0), h, w2.t())
     rgb = torch.sigmoid(x[:, 1:]) * (1 + 2 * OSG_CLAMP) - OSG_CLAMP
-    return rgb.reshape(*shape, -1), x[:, 0].reshape(shape)
+    return rgb.reshape(*shape, rgb.shape[-1]), x[:, 0].reshape(shape)
 
 
 Decoder = Sequence[torch.Tensor] | Callable
@@ -235,7 +235,7 @@ def render_triplane_reference(planes: torch.Tensor, ray_origins: torch.Tensor,
         pts = (ray_origins.unsqueeze(-2) + depths.unsqueeze(-1) * ray_dirs.unsqueeze(-2))
         rgb, sigma = run_decoder(decoder, planes, pts.reshape(B, R * S, 3),
                                  plane_axes=plane_axes, box_size=box_size)
-        return rgb.reshape(B, R, S, -1), sigma.reshape(B, R, S)
+        return rgb.reshape(B, R, S, rgb.shape[-1]), sigma.reshape(B, R, S)
 
     colors_c, dens_c = run(depths_c)
     kw = dict(density_bias=density_bias, white_back=white_back)
