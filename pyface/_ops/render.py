@@ -1,8 +1,6 @@
 """Registration of the volume-rendering ops: C++ (fake kernels + autograd) and the Triton renderer."""
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from pyface._backend import triton_interpret
@@ -49,26 +47,47 @@ def register_cpp() -> None:
                                     setup_context=_composite_setup_context)
 
 
-@functools.lru_cache(maxsize=None)
-def triton_renderer():
-    """The fused Triton renderer as an autograd function (defined on first use)."""
-    from pyface.kernels import render as rk
+class _FusedRender(torch.autograd.Function):
+    """The fused Triton renderer; the backward recomputes every per-sample value."""
 
-    class FusedRender(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, planes, w1, b1, w2, b2, depths_c, u, opts):
-            feats, depth, wsum, depths = rk.forward(planes, w1, b1, w2, b2, depths_c, u, opts,
-                                                    interpret=triton_interpret())
-            ctx.save_for_backward(planes, w1, b1, w2, b2, depths, depths_c)
-            ctx.opts = opts
-            return feats, depth, wsum
+    @staticmethod
+    def forward(ctx, planes, w1, b1, w2, b2, o, d, tc, u, opts):
+        from pyface.kernels import render as rk
 
-        @staticmethod
-        def backward(ctx, g_feats, g_depth, g_wsum):
-            planes, w1, b1, w2, b2, depths, depths_c = ctx.saved_tensors
-            grads = rk.backward(g_feats, g_depth, g_wsum, planes, w1, b1, w2, b2, depths,
-                                depths_c, ctx.opts, needs=ctx.needs_input_grad[:5],
-                                interpret=triton_interpret())
-            return (*grads, None, None, None)
+        feats, depth, wsum, merged = rk.forward(planes, w1, b1, w2, b2, o, d, tc, u, **opts,
+                                                interpret=triton_interpret())
+        ctx.save_for_backward(planes, w1, b1, w2, b2, o, d, merged, tc)
+        ctx.opts = opts
+        return feats, depth, wsum
 
-    return FusedRender
+    @staticmethod
+    def backward(ctx, g_feats, g_depth, g_wsum):
+        from pyface.kernels import render as rk
+
+        planes, w1, b1, w2, b2, o, d, merged, tc = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g = rk.backward(g_feats, g_depth, g_wsum, planes, w1, b1, w2, b2, o, d, merged, tc,
+                        **ctx.opts, need_planes=need[0], need_decoder=any(need[1:5]),
+                        interpret=triton_interpret())
+        return (g[0], *(g[i] if need[i] else None for i in range(1, 5)),
+                None, None, None, None, None)
+
+
+def render_triton(planes, ray_origins, ray_dirs, decoder, noise, u, *, near, far, n_coarse,
+                  n_fine, plane_axes, box_size, density_bias, white_back):
+    """``render_triplane`` through the fused Triton kernels (float32, OSG decoder weights)."""
+    from pyface.ops.reference.render import sample_stratified_reference
+
+    B, R, _ = ray_origins.shape
+    dev, dt = ray_origins.device, ray_origins.dtype
+    if noise is None:
+        noise = torch.rand(B, R, n_coarse, device=dev, dtype=dt)
+    if n_fine > 0 and u is None:
+        u = torch.rand(B, R, n_fine, device=dev, dtype=dt)
+    tc = sample_stratified_reference(ray_origins, near, far, n_coarse, noise)
+    w1, b1, w2, b2 = (w.to(torch.float32) for w in decoder)
+    opts = dict(plane_axes=plane_axes, box_size=box_size, density_bias=density_bias,
+                white_back=white_back)
+    return _FusedRender.apply(planes, w1, b1, w2, b2, ray_origins.detach().float(),
+                              ray_dirs.detach().float(), tc.float(),
+                              u.float() if n_fine > 0 else None, opts)

@@ -446,7 +446,7 @@ def render_triplane(planes: torch.Tensor, ray_origins: torch.Tensor, ray_dirs: t
                                          stratified_noise=stratified_noise,
                                          importance_u=importance_u, **kw)
     if name == "triton":
-        from pyface.ops._render_triton import render_triton
+        from pyface._ops.render import render_triton
 
         return render_triton(planes, ray_origins, ray_dirs, decoder, stratified_noise,
                              importance_u, **kw)
