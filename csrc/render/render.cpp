@@ -190,11 +190,12 @@ std::tuple<at::Tensor, at::Tensor> mip_composite_bwd_cpu(
     scalar_t* gsp = need_densities_grad ? g_dens.mutable_data_ptr<scalar_t>() : nullptr;
     const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, S * (C + 2)));
     at::parallel_for(0, B * R, grain, [&](int64_t begin, int64_t end) {
+      std::vector<double> dots(S);
       for (int64_t r = begin; r < end; ++r) {
         composite_backward_ray<scalar_t, double>(
             gop + r * C, static_cast<double>(gdp[r]), gwp + r * (S - 1), fp + r * S * C,
             sp + r * S, tp + r * S, S, C, density_bias, white_back, dmin, dmax,
-            gfp ? gfp + r * S * C : nullptr, gsp ? gsp + r * S : nullptr);
+            gfp ? gfp + r * S * C : nullptr, gsp ? gsp + r * S : nullptr, dots.data());
       }
     });
   });

@@ -27,15 +27,21 @@ constexpr double kTransmittanceEps = 1e-10;
 constexpr double kPdfEps = 1e-5;
 constexpr double kSmoothOffset = 0.01;
 
+// exp / log1p in the argument's precision on host and device (expf for float, exp for double).
+PYFACE_HD float exp_(float x) { return ::expf(x); }
+PYFACE_HD double exp_(double x) { return ::exp(x); }
+PYFACE_HD float log1p_(float x) { return ::log1pf(x); }
+PYFACE_HD double log1p_(double x) { return ::log1p(x); }
+
 // torch.nn.functional.softplus (beta 1, threshold 20) and its derivative.
 template <typename A>
 PYFACE_HD A softplus(A x) {
-  return x > A(20) ? x : log1p(exp(x));
+  return x > A(20) ? x : log1p_(exp_(x));
 }
 template <typename A>
 PYFACE_HD A softplus_grad(A x) {
   if (x > A(20)) return A(1);
-  const A z = exp(x);
+  const A z = exp_(x);
   return z / (z + A(1));
 }
 
@@ -44,17 +50,25 @@ struct Interval {
   A delta, s, x, e, alpha, p, dmid;
 };
 
+// The per-interval terms are computed in the input precision S, exactly as the reference does
+// them elementwise (and fast: float transcendentals for float inputs); the running products and
+// sums over the ray accumulate in A.
 template <typename S, typename A>
 PYFACE_HD Interval<A> interval(const S* dens, const S* dep, int64_t i, A bias) {
   Interval<A> r;
-  const A t0 = static_cast<A>(dep[i]), t1 = static_cast<A>(dep[i + 1]);
-  r.delta = t1 - t0;
-  r.dmid = (t0 + t1) / A(2);
-  r.s = (static_cast<A>(dens[i]) + static_cast<A>(dens[i + 1])) / A(2) + bias;
-  r.x = softplus(r.s) * r.delta;
-  r.e = exp(-r.x);
-  r.alpha = A(1) - r.e;
-  r.p = (A(1) - r.alpha) + A(kTransmittanceEps);
+  const S t0 = dep[i], t1 = dep[i + 1];
+  const S delta = t1 - t0;
+  const S s = (dens[i] + dens[i + 1]) / S(2) + static_cast<S>(bias);
+  const S x = softplus(s) * delta;
+  const S e = exp_(-x);
+  const S alpha = S(1) - e;
+  r.delta = static_cast<A>(delta);
+  r.dmid = static_cast<A>((t0 + t1) / S(2));
+  r.s = static_cast<A>(s);
+  r.x = static_cast<A>(x);
+  r.e = static_cast<A>(e);
+  r.alpha = static_cast<A>(alpha);
+  r.p = static_cast<A>((S(1) - alpha) + static_cast<S>(kTransmittanceEps));
   return r;
 }
 
@@ -113,10 +127,23 @@ PYFACE_HD A dot_mid(const S* feat, const S* g_out, int64_t i, int64_t C) {
 
 // Backward for one ray. g_out: (C,), g_depth: scalar, g_w: (n - 1,). Writes g_feat (n, C) and
 // g_dens (n,) when the pointers are non-null; every element of the ray's slice is written.
+// `dots`: optional scratch of n values; when given, g_out . f_j is computed once per sample
+// instead of twice per interval (the CPU kernels pass a per-thread buffer).
 template <typename S, typename A>
 PYFACE_HD void composite_backward_ray(const S* g_out, A g_depth, const S* g_w, const S* feat,
                                       const S* dens, const S* dep, int64_t n, int64_t C, A bias,
-                                      bool white_back, A dmin, A dmax, S* g_feat, S* g_dens) {
+                                      bool white_back, A dmin, A dmax, S* g_feat, S* g_dens,
+                                      A* dots = nullptr) {
+  if (dots) {
+    for (int64_t j = 0; j < n; ++j) {
+      A acc = A(0);
+      for (int64_t c = 0; c < C; ++c) acc += static_cast<A>(g_out[c]) * static_cast<A>(feat[j * C + c]);
+      dots[j] = acc;
+    }
+  }
+  auto dmid_dot = [&](int64_t i) -> A {
+    return dots ? (dots[i] + dots[i + 1]) / A(2) : dot_mid<S, A>(feat, g_out, i, C);
+  };
   // Pass 1: totals (recomputed, not stored by the forward).
   A T = A(1), W = A(0), WD = A(0), GW = A(0);
   for (int64_t i = 0; i + 1 < n; ++i) {
@@ -124,7 +151,7 @@ PYFACE_HD void composite_backward_ray(const S* g_out, A g_depth, const S* g_w, c
     const A w = v.alpha * T;
     W += w;
     WD += w * v.dmid;
-    GW += w * (dot_mid<S, A>(feat, g_out, i, C) + static_cast<A>(g_w[i]));
+    GW += w * (dmid_dot(i) + static_cast<A>(g_w[i]));
     T *= v.p;
   }
   const A d = raw_depth(WD, W);
@@ -143,11 +170,11 @@ PYFACE_HD void composite_backward_ray(const S* g_out, A g_depth, const S* g_w, c
   for (int64_t i = 0; i + 1 < n; ++i) {
     const Interval<A> v = interval<S, A>(dens, dep, i, bias);
     const A w = v.alpha * T;
-    const A G = dot_mid<S, A>(feat, g_out, i, C) + static_cast<A>(g_w[i]) + gd * (v.dmid - d) - wb;
+    const A G = dmid_dot(i) + static_cast<A>(g_w[i]) + gd * (v.dmid - d) - wb;
     prefix += G * w;
     const A suffix = total - prefix;
     const A gx = v.e * (G * T - suffix / v.p);
-    const A gs = gx * v.delta * softplus_grad(v.s);
+    const A gs = gx * v.delta * static_cast<A>(softplus_grad(static_cast<S>(v.s)));
     if (g_dens) g_dens[i] = static_cast<S>((gs_prev + gs) / A(2));
     if (g_feat) {
       const A wm = (w_prev + w) / A(2);
