@@ -74,7 +74,8 @@ def test_reference_xy_xz_zy_per_plane(align_corners):
 
 CPU_CASES = [
     dict(),
-    dict(C=1), dict(C=3), dict(C=33, N=7), dict(H=1, W=5), dict(H=11, W=4), dict(B=1, N=1),
+    dict(C=1), dict(C=3), dict(C=33, N=7), dict(C=96, N=9), dict(H=1, W=5), dict(H=11, W=4),
+    dict(B=1, N=1),
     dict(layout="channels_last"), dict(layout="strided"), dict(spread=3.0),
 ]
 

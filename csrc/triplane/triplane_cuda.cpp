@@ -2,6 +2,7 @@
 // stream, and TORCH_LIBRARY_IMPL(pyface, CUDA). Built only against a CUDA build of torch.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

@@ -12,6 +12,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "triplane/triplane_kernels.h"
 #include "triplane/triplane_math.h"
@@ -90,7 +91,9 @@ __device__ __forceinline__ Taps<acc_t> plane_taps(const acc_t* pt, const Problem
   return bilinear_taps(u, v, p.W, p.H, p.align_corners);
 }
 
-template <typename scalar_t>
+// VEC: float32 channels-last planes whose every tap row is 16-byte aligned and C % 4 == 0, so a
+// thread's 4 channels are one float4 load (and, on sm_90+, one vector atomic in the backward).
+template <typename scalar_t, bool VEC>
 __global__ void __launch_bounds__(THREADS)
 forward_kernel(const scalar_t* __restrict__ planes, const typename Acc<scalar_t>::type* __restrict__ points,
                scalar_t* __restrict__ out, const Problem p, bool channel_fastest) {
@@ -119,9 +122,17 @@ forward_kernel(const scalar_t* __restrict__ planes, const typename Acc<scalar_t>
       for (int k = 0; k < 4; ++k) {
         if (!t.valid[k]) continue;
         const scalar_t* tap = base + tap_offset(t, k, p.sh, p.sw);
+        if constexpr (VEC) {
+          const float4 v = *reinterpret_cast<const float4*>(tap + c0);
+          val[0] += v.x * t.w[k];
+          val[1] += v.y * t.w[k];
+          val[2] += v.z * t.w[k];
+          val[3] += v.w * t.w[k];
+        } else {
 #pragma unroll
-        for (int j = 0; j < CPT; ++j) {
-          if (c0 + j < p.C) val[j] += to_acc(tap[(c0 + j) * p.sc]) * t.w[k];
+          for (int j = 0; j < CPT; ++j) {
+            if (c0 + j < p.C) val[j] += to_acc(tap[(c0 + j) * p.sc]) * t.w[k];
+          }
         }
       }
 #pragma unroll
@@ -145,7 +156,7 @@ forward_kernel(const scalar_t* __restrict__ planes, const typename Acc<scalar_t>
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool VEC>
 __global__ void __launch_bounds__(THREADS)
 backward_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ planes,
                 const typename Acc<scalar_t>::type* __restrict__ points,
@@ -200,17 +211,30 @@ backward_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restric
         if (!t.valid[k]) continue;
         if (gbase) {
           acc_t* gtap = gbase + tap_offset(t, k, p.gsh, p.gsw);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+          if constexpr (VEC) {
+            atomicAdd(reinterpret_cast<float4*>(gtap + c0),
+                      make_float4(t.w[k] * go[0], t.w[k] * go[1], t.w[k] * go[2], t.w[k] * go[3]));
+          } else
+#endif
+          {
 #pragma unroll
-          for (int j = 0; j < CPT; ++j) {
-            if (c0 + j < p.C) atomicAdd(gtap + (c0 + j) * p.gsc, t.w[k] * go[j]);
+            for (int j = 0; j < CPT; ++j) {
+              if (c0 + j < p.C) atomicAdd(gtap + (c0 + j) * p.gsc, t.w[k] * go[j]);
+            }
           }
         }
         if (grad_points) {
           const scalar_t* tap = base + tap_offset(t, k, p.sh, p.sw);
           acc_t dot = 0;
+          if constexpr (VEC) {
+            const float4 v = *reinterpret_cast<const float4*>(tap + c0);
+            dot = v.x * go[0] + v.y * go[1] + v.z * go[2] + v.w * go[3];
+          } else {
 #pragma unroll
-          for (int j = 0; j < CPT; ++j) {
-            if (c0 + j < p.C) dot += to_acc(tap[(c0 + j) * p.sc]) * go[j];
+            for (int j = 0; j < CPT; ++j) {
+              if (c0 + j < p.C) dot += to_acc(tap[(c0 + j) * p.sc]) * go[j];
+            }
           }
           gx += dwdx[k] * dot;
           gy += dwdy[k] * dot;
@@ -229,6 +253,16 @@ backward_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restric
   }
 }
 
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+
+// Whether float4 access applies: float32, channel stride 1, and every row start a multiple of
+// 4 elements from a 16-byte aligned base.
+bool vectorizable(const void* base, int64_t C, int64_t sc, int64_t sh, int64_t sw, int64_t sp,
+                  int64_t sb) {
+  return sc == 1 && C % 4 == 0 && sw % 4 == 0 && sh % 4 == 0 && sp % 4 == 0 && sb % 4 == 0 &&
+         aligned16(base);
+}
+
 int grid_size(int64_t total) {
   int64_t blocks = (total + THREADS - 1) / THREADS;
   const int64_t cap = 65535LL * 16;  // grid-stride loop covers the rest
@@ -241,7 +275,11 @@ cudaError_t forward_t(const void* planes, const void* points, void* out, const P
   using acc_t = typename Acc<scalar_t>::type;
   const int64_t total = p.B * p.N * ((p.C + CPT - 1) / CPT);
   if (total == 0) return cudaSuccess;
-  forward_kernel<scalar_t><<<grid_size(total), THREADS, 0, stream>>>(
+  auto* kernel = forward_kernel<scalar_t, false>;
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (vectorizable(planes, p.C, p.sc, p.sh, p.sw, p.sp, p.sb)) kernel = forward_kernel<float, true>;
+  }
+  kernel<<<grid_size(total), THREADS, 0, stream>>>(
       static_cast<const scalar_t*>(planes), static_cast<const acc_t*>(points),
       static_cast<scalar_t*>(out), p, p.sc == 1);
   return cudaGetLastError();
@@ -254,7 +292,15 @@ cudaError_t backward_t(const void* grad_out, const void* planes, const void* poi
   using acc_t = typename Acc<scalar_t>::type;
   const int64_t total = p.B * p.N * ((p.C + CPT - 1) / CPT);
   if (total == 0 || (!grad_planes && !grad_points)) return cudaSuccess;
-  backward_kernel<scalar_t><<<grid_size(total), THREADS, 0, stream>>>(
+  auto* kernel = backward_kernel<scalar_t, false>;
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (vectorizable(planes, p.C, p.sc, p.sh, p.sw, p.sp, p.sb) &&
+        (!grad_planes ||
+         vectorizable(grad_planes, p.C, p.gsc, p.gsh, p.gsw, p.gsp, p.gsb))) {
+      kernel = backward_kernel<float, true>;
+    }
+  }
+  kernel<<<grid_size(total), THREADS, 0, stream>>>(
       static_cast<const scalar_t*>(grad_out), static_cast<const scalar_t*>(planes),
       static_cast<const acc_t*>(points), static_cast<acc_t*>(grad_planes),
       static_cast<acc_t*>(grad_points), p, p.sc == 1);

@@ -4,6 +4,8 @@ Every op validates its arguments, picks a backend (``backend=None``: the best av
 tensors' device; see ``python -m pyface.info``) and is differentiable. The pure-PyTorch reference
 twin of each op lives in :mod:`pyface.ops.reference`.
 """
+from pyface.ops.raster import (BFMCamera, points_to_triplane, project_points, rasterize_mesh,
+                               splat_points)
 from pyface.ops.render import (
     mip_composite,
     ray_bundle,
@@ -13,5 +15,6 @@ from pyface.ops.render import (
 )
 from pyface.ops.triplane import triplane_sample
 
-__all__ = ["triplane_sample", "ray_bundle", "sample_stratified", "mip_composite",
+__all__ = ["triplane_sample", "rasterize_mesh", "project_points", "BFMCamera", "splat_points",
+           "points_to_triplane", "ray_bundle", "sample_stratified", "mip_composite",
            "sample_importance", "render_triplane"]
