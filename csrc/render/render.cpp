@@ -144,10 +144,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mip_composite_cpu(
     scalar_t* wp = weights.mutable_data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S * (C + 2)));
     at::parallel_for(0, B * R, grain, [&](int64_t begin, int64_t end) {
+      std::vector<double> acc(std::max<int64_t>(C, 1));
       for (int64_t r = begin; r < end; ++r) {
         composite_forward_ray<scalar_t, double>(fp + r * S * C, sp + r * S, tp + r * S, S, C,
                                                 density_bias, white_back, dmin, dmax, op + r * C,
-                                                dp + r, wp + r * (S - 1));
+                                                dp + r, wp + r * (S - 1), acc.data());
       }
     });
   });

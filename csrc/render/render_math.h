@@ -89,10 +89,12 @@ PYFACE_HD A clamp_depth(A d, A dmin, A dmax) {
 }
 
 // Forward for one ray. feat: (n, C) row-major; dens, dep: (n,); out: (C,); out_w: (n - 1,).
+// `acc`: optional scratch of C values; when given the features are read sample by sample
+// (contiguous, vectorisable) instead of channel by channel.
 template <typename S, typename A>
 PYFACE_HD void composite_forward_ray(const S* feat, const S* dens, const S* dep, int64_t n,
                                      int64_t C, A bias, bool white_back, A dmin, A dmax, S* out,
-                                     S* out_depth, S* out_w) {
+                                     S* out_depth, S* out_w, A* acc = nullptr) {
   A T = A(1), W = A(0), WD = A(0);
   for (int64_t i = 0; i + 1 < n; ++i) {
     const Interval<A> v = interval<S, A>(dens, dep, i, bias);
@@ -103,6 +105,21 @@ PYFACE_HD void composite_forward_ray(const S* feat, const S* dens, const S* dep,
     T *= v.p;
   }
   *out_depth = static_cast<S>(clamp_depth<S, A>(raw_depth(WD, W), dmin, dmax));
+  if (acc) {
+    for (int64_t c = 0; c < C; ++c) acc[c] = A(0);
+    for (int64_t i = 0; i + 1 < n; ++i) {
+      const A w = static_cast<A>(out_w[i]);
+      const S* f0 = feat + i * C;
+      const S* f1 = f0 + C;
+      for (int64_t c = 0; c < C; ++c) {
+        acc[c] += w * ((static_cast<A>(f0[c]) + static_cast<A>(f1[c])) / A(2));
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      out[c] = static_cast<S>(white_back ? acc[c] + A(1) - W : acc[c]);
+    }
+    return;
+  }
   for (int64_t c = 0; c < C; ++c) {
     A acc = A(0);
     for (int64_t i = 0; i + 1 < n; ++i) {

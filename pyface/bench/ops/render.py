@@ -116,7 +116,7 @@ def cases(device: torch.device, size: str) -> list[BenchCase]:
         out.append(BenchCase("mip_composite", name, COMPOSITE[name],
                              functools.partial(_composite_inputs, COMPOSITE[name]), providers))
         m = IMPORTANCE[name]["M"]
-        providers = {"reference": functools.partial(sample_importance_reference, n_importance=m)}
+        providers = {"reference": lambda t, w, u, _m=m: sample_importance_reference(t, w, _m, u)}
         if _backend.backend_status(ops["sample_importance"], compiled, device.type)[0]:
             providers[compiled] = lambda t, w, u, _m=m: sample_importance(t, w, _m, u=u,
                                                                           backend=compiled)
