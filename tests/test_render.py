@@ -471,3 +471,42 @@ def test_render_triplane_triton_refuses_what_it_cannot_do():
                             backend="triton", **kw)
     with pytest.raises(_backend.BackendUnavailableError):
         ops.render_triplane(planes, o.requires_grad_(), d, w, backend="triton", **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (skipped without CUDA)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("white_back", [False, True])
+def test_gpu_composite_and_importance_vs_reference(white_back):
+    f, s, t = rand_composite_inputs(3, 257, 96, 32)
+    f, s, t = (x.detach().cuda().requires_grad_(x.requires_grad) for x in (f, s, t))
+    out, g, cot = grads(lambda f, s: ops.mip_composite(f, s, t, white_back=white_back,
+                                                       backend="cuda"), [f, s])
+    ref, g_ref, _ = grads(lambda f, s: mip_composite_reference(f, s, t, white_back=white_back),
+                          [f, s], cot)
+    for a, b in zip(out, ref):
+        assert_close(a, b, scale=10)
+    for a, b in zip(g, g_ref):
+        assert_close(a, b, scale=50)
+    w = ref[2].detach()[..., :47].contiguous()
+    u = torch.rand(3, 257, 48, device="cuda")
+    tc = t[..., :48].contiguous()
+    assert_close(ops.sample_importance(tc, w, 48, u=u, backend="cuda"),
+                 sample_importance_reference(tc, w, 48, u), scale=10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_render_triplane_vs_reference(backend):
+    planes, o, d, w = scene(B=2, res=8, C=32, HW=64, dtype=torch.float32, hidden=64, c_out=32)
+    planes = planes.detach().cuda().requires_grad_()
+    o, d = o.cuda(), d.cuda()
+    w = [x.detach().cuda().requires_grad_() for x in w]
+    kw = _render_kw(2, 64, nc=48, nf=48, dtype=torch.float32)
+    kw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out = ops.render_triplane(planes, o, d, w, backend=backend, **kw)
+    ref = render_triplane_reference(planes, o, d, w, **kw)
+    _compare_render(out, ref, [planes, *w], torch.float32, scale=100)
