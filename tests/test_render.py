@@ -405,9 +405,22 @@ def test_render_triplane_rays_missing_box_and_empty():
     assert [tuple(x.shape) for x in empty] == [(2, 0, 5), (2, 0, 1), (2, 0, 1)]
 
 
+@needs_cpp
+def test_render_triplane_two_coarse_samples():
+    planes, o, d, w = scene()
+    kw = _render_kw(2, 16, nc=2, nf=0)
+    ref = render_triplane_reference(planes, o, d, w, **kw)
+    out = ops.render_triplane(planes, o, d, w, backend="cpu", **kw)
+    _compare_render(out, ref, [planes, *w], torch.float64)
+
+
 def test_render_triplane_bad_input():
     planes, o, d, w = scene()
     kw = dict(near=2.25, far=3.3, n_coarse=8, n_fine=4)
+    with pytest.raises(ValueError, match="ray_origins: expected a tensor on meta"):
+        ops.render_triplane(planes.to("meta"), o, d, w, **kw)
+    with pytest.raises(ValueError, match="decoder: expected tensors on meta"):
+        ops.render_triplane(planes.to("meta"), o.to("meta"), d.to("meta"), w, **kw)
     with pytest.raises(ValueError, match=r"ray_dirs: expected shape \(B, R, 3\)"):
         ops.render_triplane(planes, o, d[:, :3], w, **kw)
     with pytest.raises(ValueError, match="near < far"):
