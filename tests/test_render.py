@@ -373,16 +373,20 @@ def test_render_triplane_arbitrary_decoder_identical_to_fused():
     kw = _render_kw(2, 16)
     fused = ops.render_triplane(planes, o, d, dec.effective_weights(), backend="cpu", **kw)
     module = ops.render_triplane(planes, o, d, dec, backend="cpu", recompute=False, **kw)
+    module_rc = ops.render_triplane(planes, o, d, dec, backend="cpu", chunk_points=50, **kw)
     ref = render_triplane_reference(planes, o, d, dec, **kw)
-    for a, b, c in zip(fused, module, ref):
+    for a, b, c, e in zip(fused, module, ref, module_rc):
         assert_close(a, b)
         assert_close(a, c)
+        assert_close(a, e)
     leaves = [planes, *dec.parameters()]
     cot = [torch.randn_like(x) for x in fused]
     g1 = torch.autograd.grad(fused, leaves, cot)
     g2 = torch.autograd.grad(module, leaves, cot)
-    for a, b in zip(g1, g2):
+    g3 = torch.autograd.grad(module_rc, leaves, cot)
+    for a, b, c in zip(g1, g2, g3):
         assert_close(a, b)
+        assert_close(a, c)
 
 
 @needs_cpp
