@@ -4,7 +4,8 @@
 //   mip_composite(features, densities, depths, depth_range, density_bias, white_back)
 //       -> (features_out (B, R, C), depth (B, R, 1), weights (B, R, S - 1))
 //   mip_composite_bwd(grad_features, grad_depth, grad_weights, features, densities, depths,
-//                     depth_range, density_bias, white_back, need_features_grad, need_densities_grad)
+//                     depth_range, density_bias, white_back, need_features_grad,
+//                     need_densities_grad)
 //       -> (grad_features_in (B, R, S, C) or (0,), grad_densities (B, R, S) or (0,))
 //   sample_importance(depths, weights, u) -> (B, R, M)
 // Autograd and fake (meta) kernels are registered from Python (pyface/_ops/render.py).
@@ -192,11 +193,13 @@ std::tuple<at::Tensor, at::Tensor> mip_composite_bwd_cpu(
     const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, S * (C + 2)));
     at::parallel_for(0, B * R, grain, [&](int64_t begin, int64_t end) {
       std::vector<double> dots(S);
+      std::vector<Interval<double>> ivs(S - 1);
       for (int64_t r = begin; r < end; ++r) {
         composite_backward_ray<scalar_t, double>(
             gop + r * C, static_cast<double>(gdp[r]), gwp + r * (S - 1), fp + r * S * C,
             sp + r * S, tp + r * S, S, C, density_bias, white_back, dmin, dmax,
-            gfp ? gfp + r * S * C : nullptr, gsp ? gsp + r * S : nullptr, dots.data());
+            gfp ? gfp + r * S * C : nullptr, gsp ? gsp + r * S : nullptr, dots.data(),
+            ivs.data());
       }
     });
   });
@@ -221,7 +224,7 @@ at::Tensor sample_importance_cpu(const at::Tensor& depths, const at::Tensor& wei
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, S + M));
     at::parallel_for(0, B * R, grain, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> cdf(std::max<int64_t>(S - 2, 1));
+      std::vector<scalar_t> cdf(std::max<int64_t>(S - 2, 1));  // nb + 1 = S - 2 values
       for (int64_t r = begin; r < end; ++r) {
         importance_ray<scalar_t, double>(tp + r * S, wp + r * (S - 1), up + r * M, S, M,
                                          op + r * M, cdf.data());

@@ -47,7 +47,8 @@ PYFACE_HD A softplus_grad(A x) {
 
 template <typename A>
 struct Interval {
-  A delta, s, x, e, alpha, p, dmid;
+  A delta, x, e, alpha, p, dmid;
+  A sg;  // softplus'(s) = sigmoid(s)
 };
 
 // The per-interval terms are computed in the input precision S, exactly as the reference does
@@ -59,12 +60,14 @@ PYFACE_HD Interval<A> interval(const S* dens, const S* dep, int64_t i, A bias) {
   const S t0 = dep[i], t1 = dep[i + 1];
   const S delta = t1 - t0;
   const S s = (dens[i] + dens[i + 1]) / S(2) + static_cast<S>(bias);
-  const S x = softplus(s) * delta;
+  // softplus and its derivative from one exp (torch's threshold 20)
+  const S z = s > S(20) ? S(0) : exp_(s);
+  const S x = (s > S(20) ? s : log1p_(z)) * delta;
   const S e = exp_(-x);
   const S alpha = S(1) - e;
   r.delta = static_cast<A>(delta);
   r.dmid = static_cast<A>((t0 + t1) / S(2));
-  r.s = static_cast<A>(s);
+  r.sg = s > S(20) ? A(1) : static_cast<A>(z / (z + S(1)));
   r.x = static_cast<A>(x);
   r.e = static_cast<A>(e);
   r.alpha = static_cast<A>(alpha);
@@ -147,14 +150,18 @@ PYFACE_HD A dot_mid(const S* feat, const S* g_out, int64_t i, int64_t C) {
 // `dots`: optional scratch of n values; when given, g_out . f_j is computed once per sample
 // instead of twice per interval (the CPU kernels pass a per-thread buffer).
 template <typename S, typename A>
+// `ivs`: optional scratch of n - 1 intervals; when given, the second pass reads the interval
+// terms of the first instead of recomputing their exponentials.
 PYFACE_HD void composite_backward_ray(const S* g_out, A g_depth, const S* g_w, const S* feat,
                                       const S* dens, const S* dep, int64_t n, int64_t C, A bias,
                                       bool white_back, A dmin, A dmax, S* g_feat, S* g_dens,
-                                      A* dots = nullptr) {
+                                      A* dots = nullptr, Interval<A>* ivs = nullptr) {
   if (dots) {
     for (int64_t j = 0; j < n; ++j) {
       A acc = A(0);
-      for (int64_t c = 0; c < C; ++c) acc += static_cast<A>(g_out[c]) * static_cast<A>(feat[j * C + c]);
+      for (int64_t c = 0; c < C; ++c) {
+        acc += static_cast<A>(g_out[c]) * static_cast<A>(feat[j * C + c]);
+      }
       dots[j] = acc;
     }
   }
@@ -165,6 +172,7 @@ PYFACE_HD void composite_backward_ray(const S* g_out, A g_depth, const S* g_w, c
   A T = A(1), W = A(0), WD = A(0), GW = A(0);
   for (int64_t i = 0; i + 1 < n; ++i) {
     const Interval<A> v = interval<S, A>(dens, dep, i, bias);
+    if (ivs) ivs[i] = v;
     const A w = v.alpha * T;
     W += w;
     WD += w * v.dmid;
@@ -185,17 +193,19 @@ PYFACE_HD void composite_backward_ray(const S* g_out, A g_depth, const S* g_w, c
   T = A(1);
   A prefix = A(0), w_prev = A(0), gs_prev = A(0);
   for (int64_t i = 0; i + 1 < n; ++i) {
-    const Interval<A> v = interval<S, A>(dens, dep, i, bias);
+    const Interval<A> v = ivs ? ivs[i] : interval<S, A>(dens, dep, i, bias);
     const A w = v.alpha * T;
     const A G = dmid_dot(i) + static_cast<A>(g_w[i]) + gd * (v.dmid - d) - wb;
     prefix += G * w;
     const A suffix = total - prefix;
     const A gx = v.e * (G * T - suffix / v.p);
-    const A gs = gx * v.delta * static_cast<A>(softplus_grad(static_cast<S>(v.s)));
+    const A gs = gx * v.delta * v.sg;
     if (g_dens) g_dens[i] = static_cast<S>((gs_prev + gs) / A(2));
     if (g_feat) {
       const A wm = (w_prev + w) / A(2);
-      for (int64_t c = 0; c < C; ++c) g_feat[i * C + c] = static_cast<S>(wm * static_cast<A>(g_out[c]));
+      for (int64_t c = 0; c < C; ++c) {
+        g_feat[i * C + c] = static_cast<S>(wm * static_cast<A>(g_out[c]));
+      }
     }
     gs_prev = gs;
     w_prev = w;
@@ -205,7 +215,9 @@ PYFACE_HD void composite_backward_ray(const S* g_out, A g_depth, const S* g_w, c
     if (g_dens) g_dens[n - 1] = static_cast<S>(gs_prev / A(2));
     if (g_feat) {
       const A wm = w_prev / A(2);
-      for (int64_t c = 0; c < C; ++c) g_feat[(n - 1) * C + c] = static_cast<S>(wm * static_cast<A>(g_out[c]));
+      for (int64_t c = 0; c < C; ++c) {
+        g_feat[(n - 1) * C + c] = static_cast<S>(wm * static_cast<A>(g_out[c]));
+      }
     }
   }
 }
@@ -225,15 +237,20 @@ PYFACE_HD void importance_ray(const S* dep, const S* w, const S* u, int64_t n, i
   };
   auto smoothed = [&](int64_t j) -> S {  // + 0.01, then + eps of sample_pdf
     const S a = static_cast<S>((mp(j) + mp(j + 1)) / S(2));
-    return static_cast<S>(static_cast<S>(a + static_cast<S>(kSmoothOffset)) + static_cast<S>(kPdfEps));
+    const S b = static_cast<S>(a + static_cast<S>(kSmoothOffset));
+    return static_cast<S>(b + static_cast<S>(kPdfEps));
   };
+  // cdf[k + 1] holds bin k's weight first, then the cumulative sum of the pdf.
   A total = A(0);
-  for (int64_t k = 0; k < nb; ++k) total += static_cast<A>(smoothed(k + 1));
+  for (int64_t k = 0; k < nb; ++k) {
+    cdf[k + 1] = smoothed(k + 1);
+    total += static_cast<A>(cdf[k + 1]);
+  }
   const S tot = static_cast<S>(total);
   cdf[0] = S(0);
   A run = A(0);
   for (int64_t k = 0; k < nb; ++k) {
-    run += static_cast<A>(static_cast<S>(smoothed(k + 1) / tot));
+    run += static_cast<A>(static_cast<S>(cdf[k + 1] / tot));
     cdf[k + 1] = static_cast<S>(run);
   }
   for (int64_t q = 0; q < m; ++q) {

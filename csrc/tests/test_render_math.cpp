@@ -82,12 +82,15 @@ int main() {
         EXPECT(near(gf[j * r.C + c], fdf, 1e-6));
       }
     }
-    // the scratch path gives the same gradients
+    // the scratch paths (per-sample dots, cached intervals) give the same gradients
     std::vector<double> gf2(r.n * r.C), gs2(r.n), dots(r.n);
+    std::vector<Interval<double>> ivs(r.n - 1);
     composite_backward_ray<double, double>(g_out.data(), g_depth, g_w.data(), r.f.data(),
                                            r.s.data(), r.t.data(), r.n, r.C, -1.0, wb, dmin,
-                                           dmax, gf2.data(), gs2.data(), dots.data());
+                                           dmax, gf2.data(), gs2.data(), dots.data(),
+                                           ivs.data());
     for (int j = 0; j < r.n; ++j) EXPECT(near(gs[j], gs2[j], 1e-12));
+    for (int j = 0; j < r.n * r.C; ++j) EXPECT(near(gf[j], gf2[j], 1e-12));
   }
 
   // importance sampling: samples lie within the midpoints, are monotone in u, and u = 0 gives

@@ -1,4 +1,5 @@
-"""Registration of the volume-rendering ops: C++ (fake kernels + autograd) and the Triton renderer."""
+"""Registration of the volume-rendering ops: C++ (fake kernels + autograd) and the fused Triton
+renderer (an autograd Function)."""
 from __future__ import annotations
 
 import torch
@@ -33,7 +34,8 @@ def register_cpp() -> None:
 
     @torch.library.register_fake("pyface::mip_composite_bwd")
     def _composite_bwd_fake(grad_features, grad_depth, grad_weights, features, densities, depths,
-                            depth_range, density_bias, white_back, need_features_grad, need_densities_grad):
+                            depth_range, density_bias, white_back, need_features_grad,
+                            need_densities_grad):
         g_f = features.new_empty(features.shape if need_features_grad else (0,))
         g_s = densities.new_empty(densities.shape if need_densities_grad else (0,))
         return g_f, g_s

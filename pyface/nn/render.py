@@ -176,7 +176,9 @@ class TriplaneRenderer(nn.Module):
         stratified_noise (B, R, depth_resolution), importance_u (B, R, depth_resolution_importance).
         """
         cfg = self.config
-        dec = decoder.effective_weights(planes.dtype) if isinstance(decoder, OSGDecoder) else decoder
+        dec = decoder
+        if isinstance(decoder, OSGDecoder):
+            dec = decoder.effective_weights(planes.dtype)
         feats, depth, wsum = render_triplane(
             planes, ray_origins, ray_dirs, dec, near=cfg.ray_start, far=cfg.ray_end,
             n_coarse=cfg.depth_resolution, n_fine=cfg.depth_resolution_importance,

@@ -330,8 +330,9 @@ def _render_compiled(planes, ray_origins, ray_dirs, decoder, near, far, n_coarse
             for r0 in range(0, max(R, 1), chunk):
                 sl = slice(r0, min(R, r0 + chunk))
                 tc = depths_c[:, sl]
-                _, sigma = _decode(decoder, planes, _points(ray_origins[:, sl], ray_dirs[:, sl], tc),
-                                   plane_axes, box_size, backend, density_only=True)
+                pts = _points(ray_origins[:, sl], ray_dirs[:, sl], tc)
+                _, sigma = _decode(decoder, planes, pts, plane_axes, box_size, backend,
+                                   density_only=True)
                 empty = tc.new_empty(tc.shape + (0,))
                 _, _, w = mip_composite(empty, sigma.reshape(tc.shape).to(dt), tc,
                                         density_bias=density_bias, backend=comp_backend)

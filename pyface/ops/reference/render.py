@@ -44,7 +44,8 @@ def ray_bundle_reference(cameras: torch.Tensor, resolution: int):
     cx, cy, sk = intr[:, 0, 2, None], intr[:, 1, 2, None], intr[:, 0, 1, None]
     # EG3D builds the pixel grid in float32 (torch.arange(..., dtype=float32)).
     ar = torch.arange(resolution, dtype=torch.float32, device=dev)
-    uv = torch.stack(torch.meshgrid(ar, ar, indexing="ij")) * (1.0 / resolution) + (0.5 / resolution)
+    uv = torch.stack(torch.meshgrid(ar, ar, indexing="ij")) * (1.0 / resolution) \
+        + (0.5 / resolution)
     uv = uv.flip(0).reshape(2, -1).transpose(1, 0).to(dt)
     x_cam = uv[None, :, 0].expand(B, -1)
     y_cam = uv[None, :, 1].expand(B, -1)
