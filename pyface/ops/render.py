@@ -321,7 +321,6 @@ def _render_compiled(planes, ray_origins, ray_dirs, decoder, near, far, n_coarse
     if chunk_points is None:
         chunk_points = 1 << 17
     chunk = R if not recompute else max(1, chunk_points // max(1, B * S))
-    comp_backend = backend
     # Coarse pass and importance sampling: no gradient flows through them (EG3D), so they run
     # without autograd, chunk by chunk; only the merged sorted depths (B, R, S) are kept.
     if n_fine > 0:
@@ -335,8 +334,8 @@ def _render_compiled(planes, ray_origins, ray_dirs, decoder, near, far, n_coarse
                                    density_only=True)
                 empty = tc.new_empty(tc.shape + (0,))
                 _, _, w = mip_composite(empty, sigma.reshape(tc.shape).to(dt), tc,
-                                        density_bias=density_bias, backend=comp_backend)
-                tf = sample_importance(tc, w, n_fine, u=u[:, sl], backend=comp_backend)
+                                        density_bias=density_bias, backend=backend)
+                tf = sample_importance(tc, w, n_fine, u=u[:, sl], backend=backend)
                 parts.append(torch.sort(torch.cat([tc, tf], -1), -1).values)
         depths = torch.cat(parts, 1)
     else:
@@ -410,7 +409,6 @@ def render_triplane(planes: torch.Tensor, ray_origins: torch.Tensor, ray_dirs: t
     chk.tensor("planes", planes, "B 3 C H W")
     chk.tensor("ray_origins", ray_origins, "B R 3")
     chk.tensor("ray_dirs", ray_dirs, "B R 3")
-    B, R = chk.dims["B"], chk.dims["R"]
     check_choice("plane_axes", plane_axes, PLANE_AXES)
     check_positive("box_size", box_size)
     near, far = _check_range(near, far)
