@@ -246,12 +246,13 @@ def _render_fwd_kernel(
 def _render_bwd_kernel(
     planes_ptr, o_ptr, d_ptr, t_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, range_ptr,
     gfeat_ptr, gdepth_ptr, gwsum_ptr,
-    gplanes_ptr, gw1_ptr, gb1_ptr, gw2_ptr, gb2_ptr,
+    gplanes_ptr, gw1_ptr, gb1_ptr, gw2_ptr, gb2_ptr, go_ptr, gd_ptr,
     H, W, s_pb, s_pp, s_pc, s_ph, s_pw, scale, bias,
     R: tl.constexpr, C: tl.constexpr, C_P: tl.constexpr, HID: tl.constexpr,
     H_P: tl.constexpr, OUT: tl.constexpr, O_P: tl.constexpr, S: tl.constexpr,
     S_P: tl.constexpr, AXES_EG3D: tl.constexpr, WHITE_BACK: tl.constexpr,
-    NEED_PLANES: tl.constexpr, NEED_DECODER: tl.constexpr, N_SLOTS: tl.constexpr,
+    NEED_PLANES: tl.constexpr, NEED_DECODER: tl.constexpr, NEED_RAYS: tl.constexpr,
+    N_SLOTS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     tl.static_assert(C_P >= 16 and H_P >= 16 and O_P >= 16 and S_P >= 16)
@@ -324,7 +325,7 @@ def _render_bwd_kernel(
         m1 = (oh[:, None] < HID) & (oc[None, :] < C)
         tl.atomic_add(gw1_ptr + slot * HID * C + oh[:, None] * C + oc[None, :], gw1, mask=m1)
         tl.atomic_add(gb1_ptr + slot * HID + oh, tl.sum(g_h, axis=0), mask=oh < HID)
-    if NEED_PLANES:
+    if NEED_PLANES or NEED_RAYS:
         g_f = tl.dot(g_h, tl.trans(w1t), input_precision=PRECISION) / 3.0  # (S_P, C_P)
         mask_c = oc < C
         m2 = ms[:, None] & mask_c[None, :]
@@ -332,26 +333,75 @@ def _render_bwd_kernel(
         y = (oy + t * dy) * scale
         z = (oz + t * dz) * scale
         HW = H * W
+        gpx = tl.zeros((S_P,), dtype=tl.float32)
+        gpy = tl.zeros((S_P,), dtype=tl.float32)
+        gpz = tl.zeros((S_P,), dtype=tl.float32)
         for plane in tl.static_range(3):
             u, vv = _plane_uv(x, y, z, plane, AXES_EG3D)
             ix, iy, fx0, fy0, nan = _taps(u, vv, W, H, False)
             x0 = fx0.to(tl.int64)
             y0 = fy0.to(tl.int64)
+            base = planes_ptr + b * s_pb + plane * s_pp
             gbase = gplanes_ptr + (b * 3 + plane) * C * HW  # contiguous (B, 3, C, H, W)
+            gx = tl.zeros((S_P,), dtype=tl.float32)
+            gy = tl.zeros((S_P,), dtype=tl.float32)
             for k in tl.static_range(4):
                 xk = x0 + (k % 2)
                 yk = y0 + (k // 2)
                 if k == 0:
                     wk = (fx0 + 1.0 - ix) * (fy0 + 1.0 - iy)
+                    dwdx = -(fy0 + 1.0 - iy)
+                    dwdy = -(fx0 + 1.0 - ix)
                 elif k == 1:
                     wk = (ix - fx0) * (fy0 + 1.0 - iy)
+                    dwdx = fy0 + 1.0 - iy
+                    dwdy = -(ix - fx0)
                 elif k == 2:
                     wk = (fx0 + 1.0 - ix) * (iy - fy0)
+                    dwdx = -(iy - fy0)
+                    dwdy = fx0 + 1.0 - ix
                 else:
                     wk = (ix - fx0) * (iy - fy0)
+                    dwdx = iy - fy0
+                    dwdy = ix - fx0
                 valid = (xk >= 0) & (xk < W) & (yk >= 0) & (yk < H) & (~nan)
-                gp = gbase + oc.to(tl.int64)[None, :] * HW + (yk * W + xk)[:, None]
-                tl.atomic_add(gp, g_f * wk[:, None], mask=m2 & valid[:, None])
+                mk = m2 & valid[:, None]
+                if NEED_PLANES:
+                    gp = gbase + oc.to(tl.int64)[None, :] * HW + (yk * W + xk)[:, None]
+                    tl.atomic_add(gp, g_f * wk[:, None], mask=mk)
+                if NEED_RAYS:
+                    ptrs = base + (yk * s_ph + xk * s_pw)[:, None] + \
+                        oc.to(tl.int64)[None, :] * s_pc
+                    tap = tl.load(ptrs, mask=mk, other=0.0).to(tl.float32)
+                    dot_t = tl.sum(tap * g_f, axis=1)
+                    gx += dwdx * dot_t
+                    gy += dwdy * dot_t
+            if NEED_RAYS:
+                # d(pixel)/d(world) = size / 2 * scale (align_corners=False)
+                gx = gx * (W / 2.0) * scale
+                gy = gy * (H / 2.0) * scale
+                if plane == 0:
+                    gpx += gx
+                    gpy += gy
+                elif plane == 1:
+                    gpx += gx
+                    gpz += gy
+                else:
+                    gpz += gx
+                    if AXES_EG3D:
+                        gpx += gy
+                    else:
+                        gpy += gy
+        if NEED_RAYS:
+            gpx = tl.where(ms, gpx, 0.0)
+            gpy = tl.where(ms, gpy, 0.0)
+            gpz = tl.where(ms, gpz, 0.0)
+            tl.store(go_ptr + ray * 3 + 0, tl.sum(gpx, axis=0))
+            tl.store(go_ptr + ray * 3 + 1, tl.sum(gpy, axis=0))
+            tl.store(go_ptr + ray * 3 + 2, tl.sum(gpz, axis=0))
+            tl.store(gd_ptr + ray * 3 + 0, tl.sum(gpx * t, axis=0))
+            tl.store(gd_ptr + ray * 3 + 1, tl.sum(gpy * t, axis=0))
+            tl.store(gd_ptr + ray * 3 + 2, tl.sum(gpz * t, axis=0))
 
 
 def _precision() -> str:
@@ -400,8 +450,10 @@ def forward(planes, w1, b1, w2, b2, o, d, tc, u, *, plane_axes, box_size, densit
 
 
 def backward(g_feats, g_depth, g_wsum, planes, w1, b1, w2, b2, o, d, merged, tc, *, plane_axes,
-             box_size, density_bias, white_back, need_planes, need_decoder, interpret=False):
-    """Gradients (planes, w1, b1, w2, b2) of the fused render (None where not needed)."""
+             box_size, density_bias, white_back, need_planes, need_decoder, need_rays=False,
+             interpret=False):
+    """Gradients (planes, w1, b1, w2, b2, ray_origins, ray_dirs) of the fused render (None where
+    not needed)."""
     B, H, W, dims = _geometry(planes, w1, w2)
     R, S = merged.shape[1], merged.shape[2]
     dev = planes.device
@@ -412,17 +464,20 @@ def backward(g_feats, g_depth, g_wsum, planes, w1, b1, w2, b2, o, d, merged, tc,
     gb1 = torch.zeros(slots, *b1.shape, **f32)
     gw2 = torch.zeros(slots, *w2.shape, **f32)
     gb2 = torch.zeros(slots, *b2.shape, **f32)
-    if B * R > 0 and (need_planes or need_decoder):
+    g_o = torch.zeros(B, R, 3, **f32) if need_rays else torch.empty(1, **f32)
+    g_d = torch.zeros(B, R, 3, **f32) if need_rays else torch.empty(1, **f32)
+    if B * R > 0 and (need_planes or need_decoder or need_rays):
         rng = torch.stack(torch.aminmax(tc.to(torch.float32))).contiguous()
         _render_bwd_kernel[(B * R,)](
             planes, o.contiguous(), d.contiguous(), merged.contiguous(), w1.contiguous(),
             b1.contiguous(), w2.contiguous(), b2.contiguous(), rng,
             g_feats.to(torch.float32).contiguous(), g_depth.to(torch.float32).contiguous(),
-            g_wsum.to(torch.float32).contiguous(), gplanes, gw1, gb1, gw2, gb2,
+            g_wsum.to(torch.float32).contiguous(), gplanes, gw1, gb1, gw2, gb2, g_o, g_d,
             H, W, *planes.stride(), 2.0 / box_size, float(density_bias),
             R=R, **dims, S=S, S_P=_p2(S), AXES_EG3D=plane_axes == "eg3d",
             WHITE_BACK=bool(white_back), NEED_PLANES=bool(need_planes),
-            NEED_DECODER=bool(need_decoder), N_SLOTS=slots,
+            NEED_DECODER=bool(need_decoder), NEED_RAYS=bool(need_rays), N_SLOTS=slots,
             PRECISION="ieee" if interpret else _precision(), num_warps=4)
     dec = (gw1.sum(0), gb1.sum(0), gw2.sum(0), gb2.sum(0)) if need_decoder else (None,) * 4
-    return (gplanes if need_planes else None, *dec)
+    rays = (g_o, g_d) if need_rays else (None, None)
+    return (gplanes if need_planes else None, *dec, *rays)

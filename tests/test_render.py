@@ -452,12 +452,13 @@ def test_render_triplane_bad_input():
                                                       ("eg3d", True, 0)])
 def test_render_triplane_triton_vs_reference(plane_axes, white_back, nf):
     planes, o, d, w = scene(B=2, res=2, C=8, HW=8, dtype=torch.float32)
+    o, d = o.clone().requires_grad_(), d.clone().requires_grad_()
     kw = _render_kw(2, 4, nc=8, nf=nf, dtype=torch.float32, plane_axes=plane_axes,
                     white_back=white_back)
     out = ops.render_triplane(planes, o, d, w, backend="triton", **kw)
     ref = render_triplane_reference(planes, o, d, w, **kw)
     # float32 kernel vs float32 reference: summation order differs (tile reductions)
-    _compare_render(out, ref, [planes, *w], torch.float32, scale=20)
+    _compare_render(out, ref, [planes, o, d, *w], torch.float32, scale=20)
 
 
 @pytest.mark.triton_interpret
@@ -486,8 +487,9 @@ def test_render_triplane_triton_refuses_what_it_cannot_do():
     with pytest.raises(_backend.BackendUnavailableError):
         ops.render_triplane(planes, o, d, lambda f: (f.mean(1), f.mean(1)[..., 0]),
                             backend="triton", **kw)
-    with pytest.raises(_backend.BackendUnavailableError):
-        ops.render_triplane(planes, o.requires_grad_(), d, w, backend="triton", **kw)
+    big = [torch.zeros(200, 8), torch.zeros(200), torch.zeros(6, 200), torch.zeros(6)]
+    with pytest.raises(_backend.BackendUnavailableError, match="up to 128"):
+        ops.render_triplane(planes, o, d, big, backend="triton", **kw)
 
 
 # ---------------------------------------------------------------------------------------------

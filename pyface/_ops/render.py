@@ -70,9 +70,8 @@ class _FusedRender(torch.autograd.Function):
         need = ctx.needs_input_grad
         g = rk.backward(g_feats, g_depth, g_wsum, planes, w1, b1, w2, b2, o, d, merged, tc,
                         **ctx.opts, need_planes=need[0], need_decoder=any(need[1:5]),
-                        interpret=triton_interpret())
-        return (g[0], *(g[i] if need[i] else None for i in range(1, 5)),
-                None, None, None, None, None)
+                        need_rays=need[5] or need[6], interpret=triton_interpret())
+        return (g[0], *(g[i] if need[i] else None for i in range(1, 7)), None, None, None)
 
 
 def render_triton(planes, ray_origins, ray_dirs, decoder, noise, u, *, near, far, n_coarse,
@@ -90,6 +89,6 @@ def render_triton(planes, ray_origins, ray_dirs, decoder, noise, u, *, near, far
     w1, b1, w2, b2 = (w.to(torch.float32) for w in decoder)
     opts = dict(plane_axes=plane_axes, box_size=box_size, density_bias=density_bias,
                 white_back=white_back)
-    return _FusedRender.apply(planes, w1, b1, w2, b2, ray_origins.detach().float(),
-                              ray_dirs.detach().float(), tc.float(),
+    return _FusedRender.apply(planes, w1, b1, w2, b2, ray_origins.float(), ray_dirs.float(),
+                              tc.detach().float(),
                               u.float() if n_fine > 0 else None, opts)

@@ -382,7 +382,7 @@ def render_triplane(planes: torch.Tensor, ray_origins: torch.Tensor, ray_dirs: t
     ``recompute=True`` only the merged sample depths are kept and each chunk is recomputed in
     the backward, so activation memory is one chunk's, not the whole image's (``recompute=False``
     is the plain unfused pipeline). ``"triton"`` runs the fully fused kernel (OSG weights,
-    float32, planes and decoder gradients). ``"reference"`` is EG3D's code. All give the same
+    float32; gradients for planes, decoder weights and rays). ``"reference"`` is EG3D's code. All give the same
     result for the same random numbers.
 
     Args:
@@ -458,8 +458,6 @@ def _triton_ok(planes, ray_origins, ray_dirs, decoder) -> str:
     """'' when the fused Triton kernel can run these inputs, else the reason."""
     if not _is_osg(decoder):
         return "the fused kernel takes OSG decoder weights (w1, b1, w2, b2), not a callable"
-    if torch.is_grad_enabled() and (ray_origins.requires_grad or ray_dirs.requires_grad):
-        return "the fused kernel gives no gradient w.r.t. ray_origins / ray_dirs"
     if decoder[0].shape[0] > 128 or decoder[2].shape[0] > 128 or planes.shape[2] > 128:
         return "the fused kernel supports C, hidden and 1 + C_out up to 128"
     return ""
