@@ -14,6 +14,7 @@ import sys
 COMMANDS = {
     "info": "pyface.info",
     "bench": "pyface.bench.cli",
+    "data": "pyface.data.cli",
 }
 
 
