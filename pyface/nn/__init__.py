@@ -1,4 +1,6 @@
-"""PyTorch modules built on the fused ops."""
+"""Trainable modules built on pyface's fused ops."""
+from pyface.nn.motion import (DenseMotion, DenseMotionConfig, Hourglass3d, KeypointTransformConfig,
+                              euler_to_rotation, headpose_to_degrees, transform_keypoints)
 from pyface.nn.render import (  # noqa: F401
     FullyConnectedLayer,
     OSGDecoder,
