@@ -323,7 +323,7 @@ def test_grad_clip_limits_the_update(tmp_path):
     w0 = tr.model.w.detach().clone()
     tr.fit()
     # two clipped SGD updates at step 0 (main and the lazy phase), both along (1, 1, 1)
-    assert (tr.model.w - w0).norm().item() == pytest.approx(2 * 0.1 * 1e-3, rel=1e-4)
+    assert (tr.model.w - w0).norm().item() == pytest.approx(2 * 0.1 * 1e-3, rel=2e-3)  # fp32 ulp at 1.0
 
 
 # ------------------------------------------------------------------------------------------
