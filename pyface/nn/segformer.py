@@ -45,8 +45,8 @@ def mit_config(name: str, **overrides) -> MiTConfig:
         raise ValueError(f"name: expected one of {sorted(_DEPTHS)}, got {name!r}")
     hidden = [32, 64, 160, 256] if name == "b0" else [64, 128, 320, 512]
     dec = 256 if name in ("b0", "b1") else 768
-    return MiTConfig(hidden_sizes=hidden, depths=_DEPTHS[name], decoder_hidden_size=dec,
-                     **overrides)
+    kwargs = {"hidden_sizes": hidden, "depths": list(_DEPTHS[name]), "decoder_hidden_size": dec}
+    return MiTConfig(**{**kwargs, **overrides})
 
 
 class AdaptiveLayerNorm(nn.LayerNorm):
