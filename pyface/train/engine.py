@@ -107,6 +107,9 @@ class Trainer:
         self.last_losses: dict[str, float] = {}
         self._stop_signal: int | None = None
         self._board: Board | None = None
+        #: set to a dict to collect per-step seconds in "model" (forward + losses), "backward",
+        #: "optimizer" and "total" (bench: the rest is engine overhead)
+        self.timings: dict[str, list[float]] | None = None
 
     # ----------------------------------------------------------------------------------------
     # Checkpoints
@@ -211,6 +214,10 @@ class Trainer:
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """Run every due phase on ``batch`` (this rank's share); returns detached losses."""
         t = self.cfg.train
+        timing = self.timings is not None
+        clock = time.perf_counter
+        t_start = clock()
+        t_model = t_back = t_opt = 0.0
         torch.manual_seed(_step_seed(t.seed, self.dist.rank, self.step))
         random.seed(_step_seed(t.seed, self.dist.rank, self.step))
         self._set_lrs()
@@ -224,13 +231,16 @@ class Trainer:
             opt = self.optimizers[ph.optimizer]
             params = self._opt_params[ph.optimizer]
             opt.zero_grad(set_to_none=True)
+            t0 = clock()
             with self._autocast():
                 losses = self.model.step(ph.name, batch, ctx)
+            t1 = clock()
             if "loss" not in losses:
                 raise KeyError(f"{type(self.model).__name__}.step({ph.name!r}) must return the "
                                f"total loss under 'loss'; got keys {sorted(losses)}")
             loss = losses["loss"]
             loss.backward()
+            t2 = clock()
             if self.dist.enabled:
                 D.average_gradients(params, self.dist.world_size)
                 lt = loss.detach().float().reshape(1).clone()
@@ -243,12 +253,19 @@ class Trainer:
                 self._guard(ph.name, float(loss_g), float(gnorm))
             if t.grad_clip is not None and t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, t.grad_clip, foreach=True)
+            t3 = clock()
             opt.step()
+            t4 = clock()
+            t_model, t_back, t_opt = t_model + t1 - t0, t_back + t2 - t1, t_opt + t4 - t3
             for k, v in losses.items():
                 out[f"{ph.name}/{k}"] = v.detach().float()
             out[f"{ph.name}/grad_norm"] = gnorm.detach().float()
         self.ema.update(self.step, t.batch_size, self.step * t.batch_size)
         self.step += 1
+        if timing:
+            for k, v in (("model", t_model), ("backward", t_back), ("optimizer", t_opt),
+                         ("total", clock() - t_start)):
+                self.timings.setdefault(k, []).append(v)
         return out
 
     def _guard(self, phase: str, loss: float, gnorm: float) -> None:
