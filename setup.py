@@ -110,9 +110,9 @@ def build_params() -> dict:
     cpp = [p for p in cpp if p not in glue and os.sep + "tests" + os.sep not in p]
     cu = sorted(glob.glob(os.path.join(csrc, "**", "*.cu"), recursive=True))
     sources = cpp + (glue + cu if with_cuda else [])
-    cxx = ["-std=c++17", "-fopenmp", "-fvisibility=hidden"]
+    cxx = ["-fopenmp", "-fvisibility=hidden"]  # the C++ standard is the one torch requires
     cxx += ["-O0", "-g"] if debug else ["-O3"]
-    nvcc = ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    nvcc = ["--expt-relaxed-constexpr", "-lineinfo"]
     nvcc += ["-O0", "-G"] if debug else ["-O3"]
     nvcc += os.environ.get("NVCC_FLAGS", "").split()
     macros = [("PYFACE_WITH_CUDA", "1")] if with_cuda else []

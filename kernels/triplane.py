@@ -51,6 +51,28 @@ def _taps(u, v, W, H, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _load_points(points_ptr, b, offs_n, mask_n, N, scale):
+    pt = points_ptr + (b * N + offs_n) * 3
+    x = tl.load(pt + 0, mask=mask_n, other=0.0).to(tl.float32) * scale
+    y = tl.load(pt + 1, mask=mask_n, other=0.0).to(tl.float32) * scale
+    z = tl.load(pt + 2, mask=mask_n, other=0.0).to(tl.float32) * scale
+    return x, y, z
+
+
+@triton.jit
+def _tap(K: tl.constexpr, ix, iy, fx0, fy0, x0, y0, W, H):
+    """Tap K (0 nw, 1 ne, 2 sw, 3 se): coordinates, validity, weight and its derivatives."""
+    xk = x0 + (K % 2)
+    yk = y0 + (K // 2)
+    wx = (ix - fx0) if K % 2 == 1 else (fx0 + 1.0 - ix)
+    wy = (iy - fy0) if K // 2 == 1 else (fy0 + 1.0 - iy)
+    sx = 1.0 if K % 2 == 1 else -1.0
+    sy = 1.0 if K // 2 == 1 else -1.0
+    valid = (xk >= 0) & (xk < W) & (yk >= 0) & (yk < H)
+    return xk, yk, valid, wx * wy, sx * wy, sy * wx
+
+
+@triton.jit
 def _triplane_fwd_kernel(
     planes_ptr, points_ptr, out_ptr,
     N, H, W,
@@ -64,10 +86,7 @@ def _triplane_fwd_kernel(
     b = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    pt = points_ptr + (b * N + offs_n) * 3
-    x = tl.load(pt + 0, mask=mask_n, other=0.0).to(tl.float32) * scale
-    y = tl.load(pt + 1, mask=mask_n, other=0.0).to(tl.float32) * scale
-    z = tl.load(pt + 2, mask=mask_n, other=0.0).to(tl.float32) * scale
+    x, y, z = _load_points(points_ptr, b, offs_n, mask_n, N, scale)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
@@ -82,17 +101,7 @@ def _triplane_fwd_kernel(
             base = planes_ptr + b * s_pb + plane * s_pp
             val = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
             for k in tl.static_range(4):
-                xk = x0 + (k % 2)
-                yk = y0 + (k // 2)
-                if k == 0:
-                    w = (fx0 + 1.0 - ix) * (fy0 + 1.0 - iy)
-                elif k == 1:
-                    w = (ix - fx0) * (fy0 + 1.0 - iy)
-                elif k == 2:
-                    w = (fx0 + 1.0 - ix) * (iy - fy0)
-                else:
-                    w = (ix - fx0) * (iy - fy0)
-                valid = (xk >= 0) & (xk < W) & (yk >= 0) & (yk < H)
+                xk, yk, valid, w, _, _ = _tap(k, ix, iy, fx0, fy0, x0, y0, W, H)
                 ptrs = base + (yk * s_ph + xk * s_pw)[:, None] + coff
                 tap = tl.load(ptrs, mask=m2 & valid[:, None], other=0.0).to(tl.float32)
                 val += tap * w[:, None]
@@ -124,10 +133,7 @@ def _triplane_bwd_kernel(
     b = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    pt = points_ptr + (b * N + offs_n) * 3
-    x = tl.load(pt + 0, mask=mask_n, other=0.0).to(tl.float32) * scale
-    y = tl.load(pt + 1, mask=mask_n, other=0.0).to(tl.float32) * scale
-    z = tl.load(pt + 2, mask=mask_n, other=0.0).to(tl.float32) * scale
+    x, y, z = _load_points(points_ptr, b, offs_n, mask_n, N, scale)
     gpx = tl.zeros((BLOCK_N,), dtype=tl.float32)
     gpy = tl.zeros((BLOCK_N,), dtype=tl.float32)
     gpz = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -153,25 +159,8 @@ def _triplane_bwd_kernel(
             if REDUCE == 0:
                 go = go / 3.0
             for k in tl.static_range(4):
-                xk = x0 + (k % 2)
-                yk = y0 + (k // 2)
-                if k == 0:
-                    w = (fx0 + 1.0 - ix) * (fy0 + 1.0 - iy)
-                    dwdx = -(fy0 + 1.0 - iy)
-                    dwdy = -(fx0 + 1.0 - ix)
-                elif k == 1:
-                    w = (ix - fx0) * (fy0 + 1.0 - iy)
-                    dwdx = fy0 + 1.0 - iy
-                    dwdy = -(ix - fx0)
-                elif k == 2:
-                    w = (fx0 + 1.0 - ix) * (iy - fy0)
-                    dwdx = -(iy - fy0)
-                    dwdy = fx0 + 1.0 - ix
-                else:
-                    w = (ix - fx0) * (iy - fy0)
-                    dwdx = iy - fy0
-                    dwdy = ix - fx0
-                valid = (xk >= 0) & (xk < W) & (yk >= 0) & (yk < H) & (~nan)
+                xk, yk, valid, w, dwdx, dwdy = _tap(k, ix, iy, fx0, fy0, x0, y0, W, H)
+                valid = valid & (~nan)
                 mk = m2 & valid[:, None]
                 if NEED_PLANES:
                     gp = gbase + offs_c.to(tl.int64)[None, :] * HW + (yk * W + xk)[:, None]

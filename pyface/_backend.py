@@ -218,12 +218,15 @@ def _dtype_status(spec: OpSpec, backend: str, dtype: torch.dtype | None) -> tupl
     return False, f"supports {names}, not {str(dtype).replace('torch.', '')}"
 
 
+@torch.compiler.assume_constant_result
 def select_backend(op: str, device: torch.device, backend: str | None,
                    dtype: torch.dtype | None = None) -> str:
     """Pick the backend that runs ``op`` on ``device``.
 
     An explicit ``backend`` is honoured or raises; ``None`` takes the first available backend of
     the op's priority list, and a fall back to ``reference`` is announced once per op and device.
+    The choice depends only on the arguments and the installation, so ``torch.compile`` evaluates
+    it once while tracing and treats it as a constant.
     """
     spec = _OPS[op]
     device_type = device.type

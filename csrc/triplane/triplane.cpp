@@ -16,6 +16,8 @@
 
 #include <algorithm>
 #include <limits>
+#include <memory>
+#include <vector>
 
 #include "triplane/triplane_math.h"
 
@@ -80,67 +82,72 @@ Geometry geometry(const at::Tensor& planes, const at::Tensor& points) {
 }
 
 template <typename acc_t>
-void plane_coords(const acc_t* p, const Args& a, int plane, acc_t& u, acc_t& v) {
+inline void plane_coords(const acc_t* p, const Args& a, int plane, acc_t& u, acc_t& v) {
   u = p[axis_u(a.axes, plane)] * static_cast<acc_t>(a.scale);
   v = p[axis_v(a.axes, plane)] * static_cast<acc_t>(a.scale);
 }
 
+// Row of the upstream gradient for (b, plane, n) and the factor that the reduction applies.
+template <typename scalar_t, typename acc_t>
+inline const scalar_t* grad_row(const scalar_t* grad_out, const Geometry& g, const Args& a,
+                                int64_t b, int pl, int64_t n, acc_t& factor) {
+  factor = a.reduce == Reduce::MEAN ? acc_t(1) / acc_t(3) : acc_t(1);
+  if (a.reduce == Reduce::NONE) return grad_out + ((b * 3 + pl) * g.N + n) * g.C;
+  return grad_out + (b * g.N + n) * g.C;
+}
+
+// Forward for channels-last planes (channel stride 1): one independent task per point, each tap a
+// contiguous channel row.
 template <typename scalar_t, typename acc_t>
 void forward_cpu_kernel(const scalar_t* planes, const acc_t* points, scalar_t* out,
                         const Geometry& g, const Args& a) {
   const int64_t total = g.B * g.N;
+  constexpr int64_t sc = 1;  // channels-last planes: contiguous channel rows
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.C));
   at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(g.C), val(g.C);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / g.N, n = i % g.N;
       const acc_t* p = points + i * 3;
-      Taps<acc_t> taps[3];
-      int64_t offs[3][4];
+      std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int pl = 0; pl < 3; ++pl) {
         acc_t u, v;
         plane_coords(p, a, pl, u, v);
-        taps[pl] = bilinear_taps(u, v, g.W, g.H, a.align_corners);
-        const int64_t base = b * g.sb + pl * g.sp;
-        for (int k = 0; k < 4; ++k) offs[pl][k] = base + tap_offset(taps[pl], k, g.sh, g.sw);
-      }
-      for (int64_t c = 0; c < g.C; ++c) {
-        acc_t acc = 0;
-        for (int pl = 0; pl < 3; ++pl) {
-          const Taps<acc_t>& t = taps[pl];
-          acc_t val = 0;
-          for (int k = 0; k < 4; ++k) {
-            if (t.valid[k]) val += static_cast<acc_t>(planes[offs[pl][k] + c * g.sc]) * t.w[k];
-          }
-          if (t.nan) val = std::numeric_limits<acc_t>::quiet_NaN();
-          if (a.reduce == Reduce::NONE) {
-            out[((b * 3 + pl) * g.N + n) * g.C + c] = static_cast<scalar_t>(val);
-          } else {
-            acc += val;
-          }
+        const Taps<acc_t> t = bilinear_taps(u, v, g.W, g.H, a.align_corners);
+        std::fill(val.begin(), val.end(), acc_t(0));
+        const scalar_t* base = planes + b * g.sb + pl * g.sp;
+        for (int k = 0; k < 4; ++k) {
+          if (!t.valid[k]) continue;
+          const scalar_t* tap = base + tap_offset(t, k, g.sh, g.sw);
+          const acc_t w = t.w[k];
+          for (int64_t c = 0; c < g.C; ++c) val[c] += static_cast<acc_t>(tap[c * sc]) * w;
         }
-        if (a.reduce == Reduce::MEAN) acc = acc / acc_t(3);
-        if (a.reduce != Reduce::NONE) out[i * g.C + c] = static_cast<scalar_t>(acc);
+        if (t.nan) std::fill(val.begin(), val.end(), std::numeric_limits<acc_t>::quiet_NaN());
+        if (a.reduce == Reduce::NONE) {
+          scalar_t* o = out + ((b * 3 + pl) * g.N + n) * g.C;
+          for (int64_t c = 0; c < g.C; ++c) o[c] = static_cast<scalar_t>(val[c]);
+        } else {
+          for (int64_t c = 0; c < g.C; ++c) acc[c] += val[c];
+        }
+      }
+      if (a.reduce != Reduce::NONE) {
+        scalar_t* o = out + i * g.C;
+        if (a.reduce == Reduce::MEAN) {
+          for (int64_t c = 0; c < g.C; ++c) o[c] = static_cast<scalar_t>(acc[c] / acc_t(3));
+        } else {
+          for (int64_t c = 0; c < g.C; ++c) o[c] = static_cast<scalar_t>(acc[c]);
+        }
       }
     }
   });
 }
 
-// Gradient of the upstream cotangent for (b, plane, n, c), including the mean's 1/3.
-template <typename scalar_t, typename acc_t>
-acc_t grad_at(const scalar_t* grad_out, const Geometry& g, const Args& a, int64_t b, int pl,
-              int64_t n, int64_t c) {
-  if (a.reduce == Reduce::NONE) {
-    return static_cast<acc_t>(grad_out[((b * 3 + pl) * g.N + n) * g.C + c]);
-  }
-  const acc_t go = static_cast<acc_t>(grad_out[(b * g.N + n) * g.C + c]);
-  return a.reduce == Reduce::MEAN ? go / acc_t(3) : go;
-}
-
-// Gradient w.r.t. points: one independent task per point (no write conflicts).
+// Gradient w.r.t. points for channels-last planes: one independent task per point.
 template <typename scalar_t, typename acc_t>
 void points_grad_cpu_kernel(const scalar_t* grad_out, const scalar_t* planes, const acc_t* points,
                             acc_t* grad_points, const Geometry& g, const Args& a) {
   const int64_t total = g.B * g.N;
+  constexpr int64_t sc = 1;  // channels-last planes: contiguous channel rows
   const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, g.C));
   at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -153,21 +160,22 @@ void points_grad_cpu_kernel(const scalar_t* grad_out, const scalar_t* planes, co
         const Taps<acc_t> t = bilinear_taps(u, v, g.W, g.H, a.align_corners);
         acc_t dwdx[4], dwdy[4];
         weight_grads(t, dwdx, dwdy);
-        int64_t offs[4];
-        const int64_t base = b * g.sb + pl * g.sp;
-        for (int k = 0; k < 4; ++k) offs[k] = base + tap_offset(t, k, g.sh, g.sw);
+        acc_t factor;
+        const scalar_t* go = grad_row(grad_out, g, a, b, pl, n, factor);
+        const scalar_t* base = planes + b * g.sb + pl * g.sp;
         acc_t gx = 0, gy = 0;
-        for (int64_t c = 0; c < g.C; ++c) {
-          const acc_t go = grad_at<scalar_t, acc_t>(grad_out, g, a, b, pl, n, c);
-          for (int k = 0; k < 4; ++k) {
-            if (!t.valid[k]) continue;
-            const acc_t val = static_cast<acc_t>(planes[offs[k] + c * g.sc]);
-            gx += dwdx[k] * val * go;
-            gy += dwdy[k] * val * go;
+        for (int k = 0; k < 4; ++k) {
+          if (!t.valid[k]) continue;
+          const scalar_t* tap = base + tap_offset(t, k, g.sh, g.sw);
+          acc_t dot = 0;
+          for (int64_t c = 0; c < g.C; ++c) {
+            dot += static_cast<acc_t>(tap[c * sc]) * static_cast<acc_t>(go[c]);
           }
+          gx += dwdx[k] * dot;
+          gy += dwdy[k] * dot;
         }
         if (t.nan) gx = gy = std::numeric_limits<acc_t>::quiet_NaN();
-        const acc_t s = static_cast<acc_t>(a.scale);
+        const acc_t s = static_cast<acc_t>(a.scale) * factor;
         gp[axis_u(a.axes, pl)] += gx * unnormalize_scale<acc_t>(g.W, a.align_corners) * s;
         gp[axis_v(a.axes, pl)] += gy * unnormalize_scale<acc_t>(g.H, a.align_corners) * s;
       }
@@ -176,85 +184,237 @@ void points_grad_cpu_kernel(const scalar_t* grad_out, const scalar_t* planes, co
   });
 }
 
-// Gradient w.r.t. planes: tasks own disjoint (batch, plane, channel-range) slices of the
-// gradient, so the scatter needs no atomics and is deterministic. `grad` is contiguous
-// (B, 3, C, H, W) in the accumulation type.
+// Kernels for planes with a channel stride other than 1 (NCHW): points are processed in blocks
+// of kBlock, channel by channel, so the gathers of one channel slice of a plane (H*W values) stay
+// in cache while the block's points read it.
+constexpr int64_t kBlock = 64;
+
+template <typename acc_t>
+struct BlockTaps {
+  int64_t off[3][4][kBlock];  // absolute offsets of the taps (0 when invalid)
+  acc_t w[3][4][kBlock];      // weights (0 when invalid)
+  acc_t dwdx[3][4][kBlock];   // weight derivatives (0 when invalid)
+  acc_t dwdy[3][4][kBlock];
+  bool nan[3][kBlock];
+};
+
+template <typename acc_t>
+void setup_block(BlockTaps<acc_t>& bt, const acc_t* points, const Geometry& g, const Args& a,
+                 int64_t i0, int64_t count, bool derivatives) {
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t i = i0 + j;
+    const int64_t b = i / g.N;
+    const acc_t* p = points + i * 3;
+    for (int pl = 0; pl < 3; ++pl) {
+      acc_t u, v;
+      plane_coords(p, a, pl, u, v);
+      const Taps<acc_t> t = bilinear_taps(u, v, g.W, g.H, a.align_corners);
+      acc_t dx[4], dy[4];
+      if (derivatives) weight_grads(t, dx, dy);
+      bt.nan[pl][j] = t.nan;
+      for (int k = 0; k < 4; ++k) {
+        const bool ok = t.valid[k] && !t.nan;
+        bt.off[pl][k][j] = ok ? b * g.sb + pl * g.sp + tap_offset(t, k, g.sh, g.sw) : 0;
+        bt.w[pl][k][j] = ok ? t.w[k] : acc_t(0);
+        if (derivatives) {
+          bt.dwdx[pl][k][j] = ok ? dx[k] : acc_t(0);
+          bt.dwdy[pl][k][j] = ok ? dy[k] : acc_t(0);
+        }
+      }
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
-void planes_grad_cpu_kernel(const scalar_t* grad_out, const acc_t* points, acc_t* grad,
-                            const Geometry& g, const Args& a) {
-  const int64_t hw = g.H * g.W;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  // Enough tasks to keep every thread busy, channel chunks of at least 4.
-  int64_t chunk = g.C;
-  while (chunk > 4 && g.B * 3 * ((g.C + chunk - 1) / chunk) < 4 * threads) chunk = (chunk + 1) / 2;
-  const int64_t n_chunks = (g.C + chunk - 1) / chunk;
-  const int64_t tasks = g.B * 3 * n_chunks;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (3 * n_chunks);
-      const int pl = static_cast<int>((task / n_chunks) % 3);
-      const int64_t c0 = (task % n_chunks) * chunk;
-      const int64_t c1 = std::min(g.C, c0 + chunk);
-      acc_t* gplane = grad + (b * 3 + pl) * g.C * hw;
-      for (int64_t n = 0; n < g.N; ++n) {
-        const acc_t* p = points + (b * g.N + n) * 3;
-        acc_t u, v;
-        plane_coords(p, a, pl, u, v);
-        const Taps<acc_t> t = bilinear_taps(u, v, g.W, g.H, a.align_corners);
-        if (t.nan) continue;
-        for (int k = 0; k < 4; ++k) {
-          if (!t.valid[k]) continue;
-          const int64_t off = tap_offset(t, k, g.W, 1);
-          const acc_t w = t.w[k];
-          for (int64_t c = c0; c < c1; ++c) {
-            gplane[c * hw + off] += w * grad_at<scalar_t, acc_t>(grad_out, g, a, b, pl, n, c);
+void forward_cpu_blocked(const scalar_t* planes, const acc_t* points, scalar_t* out,
+                         const Geometry& g, const Args& a) {
+  const int64_t total = g.B * g.N;
+  const int64_t n_blocks = (total + kBlock - 1) / kBlock;
+  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    auto bt = std::make_unique<BlockTaps<acc_t>>();
+    std::vector<acc_t> buf(kBlock * g.C);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t i0 = blk * kBlock;
+      const int64_t count = std::min(kBlock, total - i0);
+      setup_block(*bt, points, g, a, i0, count, false);
+      std::fill(buf.begin(), buf.end(), acc_t(0));
+      for (int pl = 0; pl < 3; ++pl) {
+        for (int64_t c = 0; c < g.C; ++c) {
+          const scalar_t* pc = planes + c * g.sc;
+          for (int64_t j = 0; j < count; ++j) {
+            acc_t val = 0;
+            for (int k = 0; k < 4; ++k) {
+              const acc_t w = bt->w[pl][k][j];
+              if (w != acc_t(0)) val += static_cast<acc_t>(pc[bt->off[pl][k][j]]) * w;
+            }
+            buf[j * g.C + c] += val;
           }
+        }
+        for (int64_t j = 0; j < count; ++j) {
+          if (bt->nan[pl][j]) {
+            for (int64_t c = 0; c < g.C; ++c) buf[j * g.C + c] = std::numeric_limits<acc_t>::quiet_NaN();
+          }
+        }
+        if (a.reduce == Reduce::NONE) {
+          for (int64_t j = 0; j < count; ++j) {
+            const int64_t i = i0 + j, b = i / g.N, n = i % g.N;
+            scalar_t* o = out + ((b * 3 + pl) * g.N + n) * g.C;
+            for (int64_t c = 0; c < g.C; ++c) o[c] = static_cast<scalar_t>(buf[j * g.C + c]);
+          }
+          std::fill(buf.begin(), buf.end(), acc_t(0));
+        }
+      }
+      if (a.reduce != Reduce::NONE) {
+        const acc_t f = a.reduce == Reduce::MEAN ? acc_t(3) : acc_t(1);
+        for (int64_t j = 0; j < count; ++j) {
+          scalar_t* o = out + (i0 + j) * g.C;
+          for (int64_t c = 0; c < g.C; ++c) o[c] = static_cast<scalar_t>(buf[j * g.C + c] / f);
         }
       }
     }
   });
 }
 
-at::Tensor triplane_sample_cpu(const at::Tensor& planes, const at::Tensor& points,
+template <typename scalar_t, typename acc_t>
+void points_grad_cpu_blocked(const scalar_t* grad_out, const scalar_t* planes,
+                             const acc_t* points, acc_t* grad_points, const Geometry& g,
+                             const Args& a) {
+  const int64_t total = g.B * g.N;
+  const int64_t n_blocks = (total + kBlock - 1) / kBlock;
+  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    auto bt = std::make_unique<BlockTaps<acc_t>>();
+    std::vector<acc_t> dot(4 * kBlock);
+    std::vector<const scalar_t*> rows(kBlock);
+    std::vector<acc_t> factor(kBlock);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t i0 = blk * kBlock;
+      const int64_t count = std::min(kBlock, total - i0);
+      setup_block(*bt, points, g, a, i0, count, true);
+      for (int64_t j = 0; j < count; ++j) {
+        for (int d = 0; d < 3; ++d) grad_points[(i0 + j) * 3 + d] = acc_t(0);
+      }
+      for (int pl = 0; pl < 3; ++pl) {
+        std::fill(dot.begin(), dot.end(), acc_t(0));
+        for (int64_t j = 0; j < count; ++j) {
+          const int64_t i = i0 + j;
+          rows[j] = grad_row(grad_out, g, a, i / g.N, pl, i % g.N, factor[j]);
+        }
+        for (int64_t c = 0; c < g.C; ++c) {
+          const scalar_t* pc = planes + c * g.sc;
+          for (int64_t j = 0; j < count; ++j) {
+            const acc_t go = static_cast<acc_t>(rows[j][c]);
+            for (int k = 0; k < 4; ++k) {
+              if (bt->w[pl][k][j] != acc_t(0) || bt->dwdx[pl][k][j] != acc_t(0) ||
+                  bt->dwdy[pl][k][j] != acc_t(0)) {
+                dot[k * kBlock + j] += static_cast<acc_t>(pc[bt->off[pl][k][j]]) * go;
+              }
+            }
+          }
+        }
+        const acc_t sx = unnormalize_scale<acc_t>(g.W, a.align_corners) * static_cast<acc_t>(a.scale);
+        const acc_t sy = unnormalize_scale<acc_t>(g.H, a.align_corners) * static_cast<acc_t>(a.scale);
+        for (int64_t j = 0; j < count; ++j) {
+          acc_t gx = 0, gy = 0;
+          for (int k = 0; k < 4; ++k) {
+            gx += bt->dwdx[pl][k][j] * dot[k * kBlock + j];
+            gy += bt->dwdy[pl][k][j] * dot[k * kBlock + j];
+          }
+          if (bt->nan[pl][j]) gx = gy = std::numeric_limits<acc_t>::quiet_NaN();
+          acc_t* gp = grad_points + (i0 + j) * 3;
+          gp[axis_u(a.axes, pl)] += gx * sx * factor[j];
+          gp[axis_v(a.axes, pl)] += gy * sy * factor[j];
+        }
+      }
+    }
+  });
+}
+
+// Gradient w.r.t. planes, accumulated channels-last: `grad` is (B, 3, H, W, C) in the
+// accumulation type. Tasks own disjoint (batch, plane, channel-range) slices, so the scatter
+// needs no atomics and is deterministic.
+template <typename scalar_t, typename acc_t>
+void planes_grad_cpu_kernel(const scalar_t* grad_out, const acc_t* points, acc_t* grad,
+                            const Geometry& g, const Args& a) {
+  const int64_t hwc = g.H * g.W * g.C;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // Enough tasks to keep every thread busy, with channel chunks of at least 8.
+  int64_t chunk = g.C;
+  while (chunk > 8 && g.B * 3 * ((g.C + chunk - 1) / chunk) < 2 * threads) chunk = (chunk + 1) / 2;
+  const int64_t n_chunks = (g.C + chunk - 1) / chunk;
+  const int64_t tasks = g.B * 3 * n_chunks;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> go(chunk);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (3 * n_chunks);
+      const int pl = static_cast<int>((task / n_chunks) % 3);
+      const int64_t c0 = (task % n_chunks) * chunk;
+      const int64_t nc = std::min(g.C, c0 + chunk) - c0;
+      acc_t* gplane = grad + (b * 3 + pl) * hwc + c0;
+      for (int64_t n = 0; n < g.N; ++n) {
+        const acc_t* p = points + (b * g.N + n) * 3;
+        acc_t u, v;
+        plane_coords(p, a, pl, u, v);
+        const Taps<acc_t> t = bilinear_taps(u, v, g.W, g.H, a.align_corners);
+        if (t.nan || !(t.valid[0] || t.valid[1] || t.valid[2] || t.valid[3])) continue;
+        acc_t factor;
+        const scalar_t* row = grad_row(grad_out, g, a, b, pl, n, factor) + c0;
+        for (int64_t c = 0; c < nc; ++c) go[c] = static_cast<acc_t>(row[c]) * factor;
+        for (int k = 0; k < 4; ++k) {
+          if (!t.valid[k]) continue;
+          acc_t* dst = gplane + tap_offset(t, k, g.W * g.C, g.C);
+          const acc_t w = t.w[k];
+          for (int64_t c = 0; c < nc; ++c) dst[c] += w * go[c];
+        }
+      }
+    }
+  });
+}
+
+at::Tensor triplane_sample_cpu(const at::Tensor& planes_in, const at::Tensor& points,
                                c10::string_view plane_axes, double box_size,
                                c10::string_view reduce, bool align_corners) {
-  const Args a = check_inputs(planes, points, std::string(plane_axes), box_size,
+  const Args a = check_inputs(planes_in, points, std::string(plane_axes), box_size,
                               std::string(reduce), align_corners);
-  TORCH_CHECK_VALUE(planes.device().is_cpu(), "planes: expected a CPU tensor, got ",
-                    planes.device());
-  const auto pts = points.to(acc_dtype(planes)).contiguous();
-  auto out = at::empty(output_shape(planes, points, a.reduce), planes.options());
+  TORCH_CHECK_VALUE(planes_in.device().is_cpu(), "planes: expected a CPU tensor, got ",
+                    planes_in.device());
+  auto out = at::empty(output_shape(planes_in, points, a.reduce), planes_in.options());
   if (out.numel() == 0) return out;
+  const auto& planes = planes_in;
+  const auto pts = points.to(acc_dtype(planes)).contiguous();
   const Geometry g = geometry(planes, points);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, planes.scalar_type(),
                                   "triplane_sample_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    forward_cpu_kernel<scalar_t, acc_t>(planes.const_data_ptr<scalar_t>(),
-                                        pts.const_data_ptr<acc_t>(),
-                                        out.mutable_data_ptr<scalar_t>(), g, a);
+    auto run = [&](auto kernel) {
+      kernel(planes.const_data_ptr<scalar_t>(), pts.const_data_ptr<acc_t>(),
+             out.mutable_data_ptr<scalar_t>(), g, a);
+    };
+    if (g.sc == 1) run(forward_cpu_kernel<scalar_t, acc_t>);
+    else run(forward_cpu_blocked<scalar_t, acc_t>);
   });
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> triplane_sample_bwd_cpu(
-    const at::Tensor& grad_out, const at::Tensor& planes, const at::Tensor& points,
+    const at::Tensor& grad_out, const at::Tensor& planes_in, const at::Tensor& points,
     c10::string_view plane_axes, double box_size, c10::string_view reduce, bool align_corners,
     bool need_planes_grad, bool need_points_grad) {
-  const Args a = check_inputs(planes, points, std::string(plane_axes), box_size,
+  const Args a = check_inputs(planes_in, points, std::string(plane_axes), box_size,
                               std::string(reduce), align_corners);
-  check_grad_out(grad_out, planes, points, a.reduce);
-  TORCH_CHECK_VALUE(planes.device().is_cpu(), "planes: expected a CPU tensor, got ",
-                    planes.device());
-  const auto acc = acc_dtype(planes);
+  check_grad_out(grad_out, planes_in, points, a.reduce);
+  TORCH_CHECK_VALUE(planes_in.device().is_cpu(), "planes: expected a CPU tensor, got ",
+                    planes_in.device());
+  const auto acc = acc_dtype(planes_in);
   const auto pts = points.to(acc).contiguous();
-  const auto go = grad_out.to(planes.scalar_type()).contiguous();
-  const Geometry g = geometry(planes, points);
-  at::Tensor grad_planes = at::empty({0}, planes.options());
+  const auto go = grad_out.to(planes_in.scalar_type()).contiguous();
+  at::Tensor grad_planes = at::empty({0}, planes_in.options());
   at::Tensor grad_points = at::empty({0}, points.options());
+  const bool work = grad_out.numel() > 0;
   if (need_planes_grad) {
-    auto gacc = at::zeros(planes.sizes(), planes.options().dtype(acc));
-    if (grad_out.numel() > 0) {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, planes.scalar_type(),
+    const Geometry g = geometry(planes_in, points);
+    auto gacc = at::zeros({g.B, 3, g.H, g.W, g.C}, planes_in.options().dtype(acc));
+    if (work) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, planes_in.scalar_type(),
                                       "triplane_sample_bwd_cpu_planes", [&] {
         using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
         planes_grad_cpu_kernel<scalar_t, acc_t>(go.const_data_ptr<scalar_t>(),
@@ -262,18 +422,22 @@ std::tuple<at::Tensor, at::Tensor> triplane_sample_bwd_cpu(
                                                 gacc.mutable_data_ptr<acc_t>(), g, a);
       });
     }
-    grad_planes = gacc.to(planes.scalar_type());
+    grad_planes = gacc.permute({0, 1, 4, 2, 3}).contiguous().to(planes_in.scalar_type());
   }
   if (need_points_grad) {
     auto gp = at::zeros(points.sizes(), points.options().dtype(acc));
-    if (grad_out.numel() > 0) {
+    if (work) {
+      const auto& planes = planes_in;
+      const Geometry g = geometry(planes, points);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, planes.scalar_type(),
                                       "triplane_sample_bwd_cpu_points", [&] {
         using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-        points_grad_cpu_kernel<scalar_t, acc_t>(go.const_data_ptr<scalar_t>(),
-                                                planes.const_data_ptr<scalar_t>(),
-                                                pts.const_data_ptr<acc_t>(),
-                                                gp.mutable_data_ptr<acc_t>(), g, a);
+        auto run = [&](auto kernel) {
+          kernel(go.const_data_ptr<scalar_t>(), planes.const_data_ptr<scalar_t>(),
+                 pts.const_data_ptr<acc_t>(), gp.mutable_data_ptr<acc_t>(), g, a);
+        };
+        if (g.sc == 1) run(points_grad_cpu_kernel<scalar_t, acc_t>);
+        else run(points_grad_cpu_blocked<scalar_t, acc_t>);
       });
     }
     grad_points = gp.to(points.scalar_type());

@@ -41,7 +41,12 @@ def register_cpp() -> None:
     @torch.library.register_fake("pyface::triplane_sample_bwd")
     def _bwd_fake(grad_out, planes, points, plane_axes, box_size, reduce, align_corners,
                   need_planes_grad, need_points_grad):
-        g_planes = planes.new_empty(planes.shape if need_planes_grad else (0,))
+        if not need_planes_grad:
+            g_planes = planes.new_empty((0,))
+        elif planes.device.type == "cuda":  # the CUDA kernel keeps a dense layout (channels-last)
+            g_planes = torch.empty_like(planes)
+        else:
+            g_planes = planes.new_empty(planes.shape)
         g_points = points.new_empty(points.shape if need_points_grad else (0,))
         return g_planes, g_points
 

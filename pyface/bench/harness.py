@@ -1,12 +1,14 @@
 """Timing and memory measurement shared by ``pyface bench`` and the pytest-benchmark suite."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -76,6 +78,21 @@ def _time(fn: Callable[[], None], device: torch.device, setup: Callable[[], obje
     return times
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silences the profiler's start/stop lines, which its C++ side prints to file descriptor 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def peak_memory_mb(fn: Callable[[], None], device: torch.device) -> float:
     """Peak memory allocated by ``fn`` above what was allocated before it, in MB.
 
@@ -91,7 +108,7 @@ def peak_memory_mb(fn: Callable[[], None], device: torch.device) -> float:
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())

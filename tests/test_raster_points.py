@@ -1,0 +1,371 @@
+"""points_to_triplane and splat_points: C++ vs brute force / reference, hand-made cases,
+gradients, opcheck, compile, bad input."""
+import pytest
+import torch
+
+import pyface.ops as ops
+from pyface import _backend
+from pyface.ops.reference import points_to_triplane_reference, splat_points_reference
+from pyface.ops.reference.raster import texel_centres
+from pyface.ops.reference.triplane import project_onto_planes
+from pyface.testing import assert_close, grads
+
+HAS_CPP = _backend.has_compiled_kernel("points_to_triplane_index", "CPU")
+needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="pyface._C is not built")
+BACKENDS = ["reference"] + (["cpu"] if HAS_CPP else [])
+
+
+# ---------------------------------------------------------------------------------------------
+# points_to_triplane
+# ---------------------------------------------------------------------------------------------
+def cloud(kind, B=2, N=300, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "uniform":
+        p = torch.rand(B, N, 3, generator=g) - 0.5
+    elif kind == "clustered":  # a few tight clusters, far apart: long empty stretches
+        centres = torch.rand(B, 4, 3, generator=g) - 0.5
+        which = torch.randint(0, 4, (B, N), generator=g)
+        p = centres.gather(1, which[..., None].expand(-1, -1, 3))
+        p = p + 0.01 * torch.randn(B, N, 3, generator=g)
+    elif kind == "duplicates":  # few distinct positions, many exact copies
+        base = torch.rand(B, 7, 3, generator=g) - 0.5
+        which = torch.randint(0, 7, (B, N), generator=g)
+        p = base.gather(1, which[..., None].expand(-1, -1, 3))
+    elif kind == "outside":  # much of the cloud outside the box
+        p = (torch.rand(B, N, 3, generator=g) - 0.5) * 3.0
+    elif kind == "surface":  # a depth-map-like sheet (GOHA lifts a 128^2 depth map)
+        s = int(N ** 0.5)
+        u, v = torch.meshgrid(torch.linspace(-0.4, 0.4, s), torch.linspace(-0.4, 0.4, s),
+                              indexing="ij")
+        z = 0.1 * torch.sin(3 * u) * torch.cos(2 * v)
+        p = torch.stack([u, v, z], -1).reshape(1, -1, 3).expand(B, -1, -1).clone()
+        p = p + 1e-3 * torch.randn(p.shape, generator=g)
+    else:
+        raise ValueError(kind)
+    return p.to(dtype)
+
+
+def brute_force_d2(points, resolution, plane_axes, box_size, align_corners, valid=None):
+    """Min squared distance per texel (B, 3, H, W) by cdist + min, float64 (GOHA's method)."""
+    H, W = resolution
+    uv = project_onto_planes(points.double() * (2.0 / box_size), plane_axes)  # (B, 3, N, 2)
+    tv, tu = torch.meshgrid(texel_centres(H, align_corners), texel_centres(W, align_corners),
+                            indexing="ij")
+    tex = torch.stack([tu.reshape(-1), tv.reshape(-1)], -1)
+    d2 = torch.cdist(tex[None, None].expand(*uv.shape[:2], -1, -1), uv,
+                     compute_mode="donot_use_mm_for_euclid_dist") ** 2  # (B, 3, HW, N)
+    if valid is not None:
+        d2 = torch.where(valid[:, None, None], d2, torch.full_like(d2, float("inf")))
+    return d2.min(-1).values.view(*uv.shape[:2], H, W), uv
+
+
+def chosen_d2(index, uv, resolution, align_corners):
+    H, W = resolution
+    tv, tu = torch.meshgrid(texel_centres(H, align_corners), texel_centres(W, align_corners),
+                            indexing="ij")
+    B = index.shape[0]
+    sel = uv.gather(2, index.clamp(min=0).view(B, 3, -1, 1).expand(-1, -1, -1, 2))
+    d2 = (sel[..., 0] - tu.reshape(-1)) ** 2 + (sel[..., 1] - tv.reshape(-1)) ** 2
+    return torch.where(index.view(B, 3, -1) >= 0, d2, torch.full_like(d2, float("inf"))).view(
+        B, 3, H, W)
+
+
+def check_against_brute_force(points, features, resolution, backend, valid=None,
+                              max_distance=None, **kw):
+    kw.setdefault("plane_axes", "xy_xz_zy")
+    kw.setdefault("box_size", 1.0)
+    kw.setdefault("align_corners", False)
+    planes, index = ops.points_to_triplane(points, features, resolution, valid=valid,
+                                           max_distance=max_distance, backend=backend, **kw)
+    B, N, C = features.shape
+    H, W = resolution
+    assert planes.shape == (B, 3, C, H, W) and index.shape == (B, 3, H, W)
+    assert index.dtype == torch.int64
+    best, uv = brute_force_d2(points, resolution, kw["plane_axes"], kw["box_size"],
+                              kw["align_corners"], valid)
+    got = chosen_d2(index, uv, resolution, kw["align_corners"])
+    expect = best.clone()
+    if max_distance is not None:
+        expect = torch.where(best <= max_distance ** 2, best, torch.full_like(best, float("inf")))
+    # the chosen distance equals the minimal distance (near-ties may pick another index)
+    fin = torch.isfinite(expect)
+    assert torch.equal(torch.isfinite(got), fin)
+    torch.testing.assert_close(got[fin], expect[fin], rtol=1e-12, atol=1e-15)
+    if valid is not None:
+        v = valid[:, None].expand(-1, 3, -1)
+        chosen_valid = v.gather(2, index.clamp(min=0).view(B, 3, -1)).view(B, 3, H, W)
+        assert chosen_valid[index >= 0].all()
+    # planes hold the chosen point's features, zeros where empty
+    exp_planes = torch.where(
+        (index >= 0)[:, :, None],
+        features.gather(1, index.clamp(min=0).view(B, -1, 1).expand(-1, -1, C))
+        .view(B, 3, H, W, C).permute(0, 1, 4, 2, 3),
+        torch.zeros((), dtype=features.dtype))
+    torch.testing.assert_close(planes, exp_planes, rtol=0, atol=0)
+    return planes, index
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["uniform", "clustered", "duplicates", "outside", "surface"])
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("plane_axes", ["xy_xz_zy", "eg3d"])
+def test_p2t_vs_brute_force(backend, kind, align_corners, plane_axes):
+    points = cloud(kind, seed=len(kind))
+    features = torch.randn(2, points.shape[1], 5)
+    check_against_brute_force(points, features, (13, 18), backend, plane_axes=plane_axes,
+                              align_corners=align_corners)
+
+
+@needs_cpp
+@pytest.mark.parametrize("kind", ["uniform", "clustered", "duplicates", "surface"])
+def test_p2t_cpu_equals_reference_index(kind):
+    # both compute the same float64 distances: identical choices, ties included
+    points = cloud(kind, N=400, seed=3)
+    features = torch.randn(2, 400, 3)
+    for kw in (dict(), dict(align_corners=True, plane_axes="eg3d", box_size=1.3),
+               dict(max_distance=0.05)):
+        a = ops.points_to_triplane(points, features, (16, 11), backend="cpu", **kw)
+        b = points_to_triplane_reference(points, features, (16, 11), **kw)
+        torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_p2t_ties_lowest_index(backend):
+    # every point duplicated: the chosen index is always the first copy
+    base = torch.rand(1, 50, 3) - 0.5
+    points = torch.cat([base, base, base], 1)
+    features = torch.randn(1, 150, 2)
+    _, index = ops.points_to_triplane(points, features, 12, backend=backend)
+    assert (index < 50).all()
+    # two points symmetric about a texel centre: equal distances -> lower index
+    p = torch.tensor([[[0.1, 0.0, 0.0], [-0.1, 0.0, 0.0]]])  # plane xy, texel at u = 0 (W odd)
+    _, index = ops.points_to_triplane(p, torch.randn(1, 2, 1), 5, backend=backend,
+                                      align_corners=True)
+    assert index[0, 0, 2, 2] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_p2t_single_point_all_invalid_max_distance(backend):
+    p = torch.tensor([[[0.2, -0.1, 0.3]]])
+    f = torch.tensor([[[1.0, 2.0]]])
+    planes, index = ops.points_to_triplane(p, f, (4, 6), backend=backend)
+    assert (index == 0).all() and (planes[:, :, 0] == 1).all() and (planes[:, :, 1] == 2).all()
+    points = cloud("uniform", N=40)
+    feats = torch.randn(2, 40, 3)
+    valid = torch.zeros(2, 40, dtype=torch.bool)
+    planes, index = ops.points_to_triplane(points, feats, 7, valid=valid, backend=backend)
+    assert (index == -1).all() and (planes == 0).all()
+    valid[0, ::3] = True
+    check_against_brute_force(points, feats, (7, 9), backend, valid=valid)
+    for md in (0.0, 0.05, 0.3):
+        check_against_brute_force(points, feats, (10, 9), backend, max_distance=md)
+    # non-finite points never win
+    bad = points.clone()
+    bad[0, 0] = float("nan")
+    bad[1, 1, 2] = float("inf")
+    _, index = ops.points_to_triplane(bad, feats, 9, backend=backend)
+    assert (index[0] != 0).all() and (index[1, 1:] != 1).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_p2t_goha_configuration(backend):
+    # GOHA: linspace texel grid (align_corners=True), coordinates x2 (box 1), planes xy, xz, zy,
+    # every texel filled, 128^2 planes (small here) from a lifted depth map
+    points = cloud("surface", B=1, N=900, seed=2)
+    feats = torch.randn(1, 900, 4)
+    planes, index = check_against_brute_force(points, feats, (24, 24), backend, align_corners=True)
+    assert (index >= 0).all()
+
+
+@needs_cpp
+def test_p2t_noncontiguous_and_dtypes():
+    points = cloud("uniform", N=60).transpose(0, 1).contiguous().transpose(0, 1)
+    feats = torch.randn(5, 2, 60).permute(1, 2, 0)
+    assert not points.is_contiguous() and not feats.is_contiguous()
+    a = ops.points_to_triplane(points, feats, 9, backend="cpu")
+    b = points_to_triplane_reference(points.contiguous(), feats.contiguous(), 9)
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+    for dt in (torch.float64, torch.float16, torch.bfloat16):
+        a = ops.points_to_triplane(points.to(dt), feats.to(dt), 9, backend="cpu")
+        b = points_to_triplane_reference(points.to(dt), feats.to(dt), 9)
+        assert a[0].dtype == dt
+        torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
+
+
+@needs_cpp
+def test_p2t_backward_gradcheck_opcheck_compile():
+    points = cloud("clustered", N=80)
+    feats = torch.randn(2, 80, 3, requires_grad=True)
+    (pa, _), (_, ga), cot = grads(lambda p, f: ops.points_to_triplane(p, f, (7, 8), backend="cpu"),
+                                  [points, feats])
+    (pb, _), (_, gb), _ = grads(lambda p, f: points_to_triplane_reference(p, f, (7, 8)),
+                                [points, feats], cot)
+    assert_close(pa, pb)
+    assert_close(ga, gb)
+    f64 = torch.randn(1, 20, 2, dtype=torch.float64, requires_grad=True)
+    p64 = cloud("uniform", B=1, N=20, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda f: ops.points_to_triplane(p64, f, (5, 4), backend="cpu")[0], (f64,))
+    valid = torch.rand(2, 80) > 0.3
+    torch.library.opcheck(torch.ops.pyface.points_to_triplane_index.default,
+                          (points, valid, 6, 7, "eg3d", 1.0, True, 0.2))
+    torch.library.opcheck(torch.ops.pyface.points_to_triplane_index.default,
+                          (points, None, 6, 7, "xy_xz_zy", 1.0, False, -1.0))
+    index = torch.ops.pyface.points_to_triplane_index(points, None, 6, 7, "xy_xz_zy", 1.0, False,
+                                                      -1.0)
+    torch.library.opcheck(torch.ops.pyface.gather_features.default,
+                          (feats, index.view(2, 3, 42), 0.0))
+
+    def fn(p, f):
+        idx = torch.ops.pyface.points_to_triplane_index(p, None, 6, 7, "xy_xz_zy", 1.0, False, -1.0)
+        return torch.ops.pyface.gather_features(f, idx.view(2, 3, 42), 0.0)
+
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(points, feats)
+    ref = points_to_triplane_reference(points, feats, (6, 7))[0]
+    assert_close(out.view(2, 3, 3, 6, 7), ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_p2t_bad_input(backend):
+    points = cloud("uniform", N=10)
+    feats = torch.randn(2, 10, 3)
+    f = lambda *a, **k: ops.points_to_triplane(*a, backend=backend, **k)  # noqa: E731
+    with pytest.raises(ValueError, match=r"points: expected at least one point"):
+        f(points[:, :0], feats[:, :0], 8)
+    with pytest.raises(ValueError, match=r"features: expected shape \(B, N, C\)"):
+        f(points, feats[:, :5], 8)
+    with pytest.raises(ValueError, match=r"points: expected shape \(B, N, 3\)"):
+        f(points[..., :2], feats, 8)
+    with pytest.raises(TypeError, match="valid: expected dtype"):
+        f(points, feats, 8, valid=torch.ones(2, 10))
+    with pytest.raises(ValueError, match="valid: expected shape"):
+        f(points, feats, 8, valid=torch.ones(2, 9, dtype=torch.bool))
+    for res in (0, (8, -1), "8"):
+        with pytest.raises(ValueError, match="resolution"):
+            f(points, feats, res)
+    with pytest.raises(ValueError, match="max_distance"):
+        f(points, feats, 8, max_distance=-0.1)
+    with pytest.raises(ValueError, match="plane_axes"):
+        f(points, feats, 8, plane_axes="xyz")
+    with pytest.raises(ValueError, match="box_size"):
+        f(points, feats, 8, box_size=0)
+    with pytest.raises(TypeError, match="features: expected a floating-point"):
+        f(points, feats.long(), 8)
+
+
+@needs_cpp
+def test_p2t_bad_input_direct_op():
+    points = cloud("uniform", N=10)
+    with pytest.raises(ValueError, match="at least one point"):
+        torch.ops.pyface.points_to_triplane_index(points[:, :0], None, 4, 4, "eg3d", 1.0, False,
+                                                  -1.0)
+    with pytest.raises(ValueError, match="image_size"):
+        torch.ops.pyface.points_to_triplane_index(points, None, 0, 4, "eg3d", 1.0, False, -1.0)
+    with pytest.raises(ValueError, match="plane_axes"):
+        torch.ops.pyface.points_to_triplane_index(points, None, 4, 4, "xyz", 1.0, False, -1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# splat_points
+# ---------------------------------------------------------------------------------------------
+def ndc_of(px, size):
+    """Pixel-centre coordinate (centre of pixel j at j) -> NDC."""
+    return (2.0 * px + 1.0) / size - 1.0
+
+
+@needs_cpp
+@pytest.mark.parametrize("radius", [0.0, 0.5, 1.3, 2.0])
+@pytest.mark.parametrize("size", [(9, 13), (16, 16), (1, 5)])
+def test_splat_vs_reference(radius, size):
+    g = torch.Generator().manual_seed(int(radius * 10) + size[0])
+    points = torch.rand(2, 200, 3, generator=g) * 2.4 - 1.2
+    feats = torch.randn(2, 200, 4, generator=g)
+    a = ops.splat_points(points, feats, size, radius=radius, background=-1.0, backend="cpu")
+    b = splat_points_reference(points, feats, size, radius=radius, background=-1.0)
+    torch.testing.assert_close(a[2], b[2], rtol=0, atol=0)
+    torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+    if radius >= 0.5:
+        assert (a[2] >= 0).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_splat_hand_made(backend):
+    H, W = 6, 8
+    # point 0 at pixel (2, 3) depth 2, point 1 same pixel nearer, point 2 elsewhere, point 3
+    # equal depth to point 4 at the same place (-> 3), point 5 outside, point 6 NaN
+    pts = torch.tensor([[[ndc_of(3, W), ndc_of(2, H), 2.0],
+                         [ndc_of(3.2, W), ndc_of(2.1, H), 1.0],
+                         [ndc_of(6, W), ndc_of(4, H), 5.0],
+                         [ndc_of(1, W), ndc_of(1, H), 3.0],
+                         [ndc_of(1, W), ndc_of(1, H), 3.0],
+                         [3.0, 0.0, 0.1],
+                         [float("nan"), 0.0, 0.1]]])
+    feats = torch.arange(7.0).view(1, 7, 1)
+    image, depth, index = ops.splat_points(pts, feats, (H, W), radius=0.5, background=-1,
+                                           backend=backend)
+    expect = torch.full((H, W), -1, dtype=torch.int64)
+    expect[2, 3], expect[4, 6], expect[1, 1] = 1, 2, 3
+    torch.testing.assert_close(index[0], expect, rtol=0, atol=0)
+    assert depth[0, 0, 2, 3] == 1.0 and torch.isinf(depth[0, 0, 0, 0])
+    assert image[0, 0, 2, 3] == 1.0 and image[0, 0, 0, 0] == -1
+    # radius 1 around a pixel centre: the pixel and its 4 neighbours (diagonals are sqrt(2) away)
+    _, _, index = ops.splat_points(pts[:, 2:3], feats[:, 2:3], (H, W), radius=1.0,
+                                   backend=backend)
+    assert (index >= 0).sum() == 5 and (index[0, 3:6, 6] == 0).all() and (index[0, 4, 5:8] == 0).all()
+
+
+@needs_cpp
+def test_splat_backward_gradcheck_opcheck_compile():
+    g = torch.Generator().manual_seed(0)
+    points = torch.rand(2, 60, 3, generator=g) * 2 - 1
+    feats = torch.randn(2, 60, 3, generator=g, requires_grad=True)
+    (ia, _, _), (_, ga), cot = grads(lambda p, f: ops.splat_points(p, f, 10, radius=1.0,
+                                                                   backend="cpu"), [points, feats])
+    (ib, _, _), (_, gb), _ = grads(lambda p, f: splat_points_reference(p, f, 10, radius=1.0),
+                                   [points, feats], cot)
+    assert_close(ia, ib)
+    assert_close(ga, gb)
+    f64 = feats.detach().double().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda f: ops.splat_points(points.double(), f, 7, radius=1.5, backend="cpu")[0], (f64,))
+    torch.library.opcheck(torch.ops.pyface.splat_points_index.default, (points, 7, 9, 1.2))
+    index, _ = torch.ops.pyface.splat_points_index(points, 7, 9, 1.2)
+    torch.library.opcheck(torch.ops.pyface.gather_features.default,
+                          (feats, index.view(2, 1, 63), 0.5))
+
+    def fn(p, f):
+        idx, depth = torch.ops.pyface.splat_points_index(p, 7, 9, 1.2)
+        return torch.ops.pyface.gather_features(f, idx.view(2, 1, 63), 0.0), depth
+
+    out, depth = torch.compile(fn, fullgraph=True, backend="aot_eager")(points, feats)
+    ref = splat_points_reference(points, feats, (7, 9), radius=1.2)
+    assert_close(out.view(2, 3, 7, 9), ref[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_splat_bad_input(backend):
+    points = torch.rand(2, 10, 3)
+    feats = torch.randn(2, 10, 3)
+    f = lambda *a, **k: ops.splat_points(*a, backend=backend, **k)  # noqa: E731
+    with pytest.raises(ValueError, match="points_ndc: expected at least one point"):
+        f(points[:, :0], feats[:, :0], 8)
+    with pytest.raises(ValueError, match=r"features: expected shape \(B, N, C\)"):
+        f(points, feats[:1], 8)
+    with pytest.raises(ValueError, match="image_size"):
+        f(points, feats, (0, 3))
+    for r in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="radius"):
+            f(points, feats, 8, radius=r)
+    with pytest.raises(TypeError, match="points_ndc: expected a floating-point"):
+        f(points.long(), feats, 8)
+
+
+@needs_cpp
+def test_splat_empty_batch_and_channels():
+    points = torch.rand(0, 4, 3)
+    out = ops.splat_points(points, torch.randn(0, 4, 2), 5, backend="cpu")
+    assert out[0].shape == (0, 2, 5, 5) and out[2].shape == (0, 5, 5)
+    out = ops.splat_points(torch.rand(1, 4, 3), torch.randn(1, 4, 0), 5, backend="cpu")
+    assert out[0].shape == (1, 0, 5, 5)

@@ -1,0 +1,389 @@
+"""Tri-plane sampling: every backend against the reference (which is checked against
+F.grid_sample the way EG3D calls it), gradients, layouts, dtypes, compile and bad input."""
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyface
+from pyface import _backend
+from pyface.ops import triplane_sample
+from pyface.ops.reference import triplane_sample_reference
+from pyface.testing import assert_close, grads
+
+AXES = ("xy_xz_zy", "eg3d")
+REDUCE = ("mean", "sum", "none")
+
+
+def make(B=2, C=5, H=7, W=9, N=23, dtype=torch.float32, layout="contiguous", spread=1.3,
+         device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "channels_last":
+        planes = torch.randn(B, 3, H, W, C, generator=gen).permute(0, 1, 4, 2, 3)
+    elif layout == "strided":  # every other channel and column of a larger tensor
+        planes = torch.randn(B, 3, 2 * C, H, 2 * W, generator=gen)[:, :, ::2, :, ::2]
+    else:
+        planes = torch.randn(B, 3, C, H, W, generator=gen)
+    points = (torch.rand(B, N, 3, generator=gen) * 2 - 1) * spread
+    planes = planes.to(device=device, dtype=dtype).requires_grad_()
+    points = points.to(device).requires_grad_()
+    return planes, points
+
+
+def eg3d_sample_from_planes(planes, points, box_warp=1.0, align_corners=False):
+    """EG3D's renderer.sample_from_planes / project_onto_planes, transcribed from the paper code's
+    description: inverse plane-axis matrices, bmm, keep 2 coordinates, grid_sample, permute."""
+    plane_axes = torch.tensor([[[1, 0, 0], [0, 1, 0], [0, 0, 1]],
+                               [[1, 0, 0], [0, 0, 1], [0, 1, 0]],
+                               [[0, 0, 1], [1, 0, 0], [0, 1, 0]]], dtype=points.dtype)
+    B, n_planes, C, H, W = planes.shape
+    _, M, _ = points.shape
+    planes = planes.view(B * n_planes, C, H, W)
+    coords = (2 / box_warp) * points
+    coords = coords.unsqueeze(1).expand(-1, n_planes, -1, -1).reshape(B * n_planes, M, 3)
+    inv = torch.linalg.inv(plane_axes).unsqueeze(0).expand(B, -1, -1, -1).reshape(
+        B * n_planes, 3, 3)
+    proj = torch.bmm(coords, inv)[..., :2].unsqueeze(1)
+    out = F.grid_sample(planes, proj.float(), mode="bilinear", padding_mode="zeros",
+                        align_corners=align_corners)
+    return out.permute(0, 3, 2, 1).reshape(B, n_planes, M, C)
+
+
+@pytest.mark.parametrize("align_corners", (False, True))
+def test_reference_is_eg3d(align_corners):
+    planes, points = make()
+    ours = triplane_sample_reference(planes, points, plane_axes="eg3d", box_size=1.7,
+                                     reduce="none", align_corners=align_corners)
+    theirs = eg3d_sample_from_planes(planes, points, box_warp=1.7, align_corners=align_corners)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("align_corners", (False, True))
+def test_reference_xy_xz_zy_per_plane(align_corners):
+    planes, points = make()
+    out = triplane_sample_reference(planes, points, reduce="none", align_corners=align_corners)
+    uv = {0: (0, 1), 1: (0, 2), 2: (2, 1)}
+    for p in range(3):
+        grid = (2 * points[..., list(uv[p])]).unsqueeze(1)
+        expected = F.grid_sample(planes[:, p], grid, align_corners=align_corners)[:, :, 0]
+        torch.testing.assert_close(out[:, p], expected.transpose(1, 2), rtol=0, atol=0)
+
+
+CPU_CASES = [
+    dict(),
+    dict(C=1), dict(C=3), dict(C=33, N=7), dict(C=96, N=9), dict(H=1, W=5), dict(H=11, W=4),
+    dict(B=1, N=1),
+    dict(layout="channels_last"), dict(layout="strided"), dict(spread=3.0),
+]
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items())
+                         or "default")
+@pytest.mark.parametrize("plane_axes", AXES)
+@pytest.mark.parametrize("reduce", REDUCE)
+@pytest.mark.parametrize("align_corners", (False, True))
+def test_cpu_matches_reference(case, plane_axes, reduce, align_corners):
+    planes, points = make(**case)
+    kw = dict(plane_axes=plane_axes, box_size=1.7, reduce=reduce, align_corners=align_corners)
+    out, g, cot = grads(lambda p, x: triplane_sample(p, x, backend="cpu", **kw), [planes, points])
+    ref, g_ref, _ = grads(lambda p, x: triplane_sample_reference(p, x, **kw), [planes, points],
+                          cot)
+    assert_close(out[0], ref[0])
+    # plane gradients are sums of a few products; point gradients sum over C channels and 12
+    # taps of values ~N(0, 1) scaled by H/2: compare with the tolerance of float32 at that scale.
+    assert_close(g[0], g_ref[0])
+    assert_close(g[1], g_ref[1], scale=10)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_cpu_low_precision(dtype):
+    planes, points = make(C=8, dtype=dtype)
+    out, g, cot = grads(lambda p, x: triplane_sample(p, x, backend="cpu"), [planes, points])
+    ref, g_ref, _ = grads(triplane_sample_reference, [planes, points], cot)
+    assert out[0].dtype == dtype and g[0].dtype == dtype and g[1].dtype == torch.float32
+    assert_close(out[0], ref[0])
+    assert_close(g[0], g_ref[0])
+    assert_close(g[1], g_ref[1], dtype=dtype, scale=4)
+
+
+@pytest.mark.parametrize("plane_axes", AXES)
+@pytest.mark.parametrize("reduce", REDUCE)
+def test_gradcheck_float64(plane_axes, reduce):
+    planes, points = make(B=1, C=2, H=4, W=5, N=6, dtype=torch.float64)
+    points = points.detach().double().requires_grad_()
+    for backend in ("cpu", "reference"):
+        fn = lambda p, x: triplane_sample(p, x, plane_axes=plane_axes, reduce=reduce,  # noqa: E731
+                                          box_size=1.3, backend=backend)
+        assert torch.autograd.gradcheck(fn, (planes, points), eps=1e-6, atol=1e-6)
+
+
+def test_opcheck():
+    _backend.extension()
+    planes, points = make(C=4)
+    for reduce in REDUCE:
+        torch.library.opcheck(torch.ops.pyface.triplane_sample.default,
+                              (planes, points, "eg3d", 1.0, reduce, False))
+    grad = torch.randn(2, 23, 4)
+    torch.library.opcheck(torch.ops.pyface.triplane_sample_bwd.default,
+                          (grad, planes.detach(), points.detach(), "eg3d", 1.0, "mean", False,
+                           True, True))
+
+
+def test_torch_compile_fullgraph():
+    planes, points = make(C=4)
+
+    def fn(p, x):
+        return triplane_sample(p, x, plane_axes="eg3d", backend="cpu").square().sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = compiled(planes, points)
+    g = torch.autograd.grad(out, (planes, points))
+    ref = fn(planes, points)
+    g_ref = torch.autograd.grad(ref, (planes, points))
+    assert_close(out, ref)
+    assert_close(g[0], g_ref[0])
+    assert_close(g[1], g_ref[1], scale=10)
+
+
+def test_torch_compile_inductor_reference_and_cpu():
+    planes, points = make(C=4)
+    for backend in ("reference", "cpu"):
+        fn = torch.compile(lambda p, x: triplane_sample(p, x, backend=backend), fullgraph=True)
+        assert_close(fn(planes, points), triplane_sample_reference(planes, points))
+
+
+@pytest.mark.parametrize("B,N", [(2, 0), (0, 5), (0, 0)])
+def test_empty(B, N):
+    planes, points = make(B=B, N=N)
+    for backend in ("cpu", "reference"):
+        out = triplane_sample(planes, points, backend=backend)
+        assert out.shape == (B, N, 5)
+        out_none = triplane_sample(planes, points, reduce="none", backend=backend)
+        assert out_none.shape == (B, 3, N, 5)
+        gp, gx = torch.autograd.grad(out.sum(), (planes, points), allow_unused=True)
+        assert gp is None or (gp.shape == planes.shape and not gp.any())
+
+
+def test_nan_points_propagate_and_outside_is_zero():
+    planes, points = make(N=4)
+    with torch.no_grad():
+        points[0, 0, 0] = float("nan")
+        points[0, 1] = torch.tensor([50.0, -1e30, float("inf")])
+    out = triplane_sample(planes, points, backend="cpu")
+    assert torch.isnan(out[0, 0]).all()
+    assert (out[0, 1] == 0).all()
+    assert torch.isfinite(out[0, 2:]).all() and torch.isfinite(out[1]).all()
+    gp, gx = torch.autograd.grad(out[:, 1:].sum(), (planes, points))
+    assert torch.isfinite(gp).all()
+
+
+def test_nan_in_planes_propagates():
+    planes, points = make(N=50, spread=0.45)  # all inside the box
+    with torch.no_grad():
+        planes[0, 0, 1].fill_(float("nan"))
+    out = triplane_sample(planes, points, backend="cpu")
+    ref = triplane_sample_reference(planes, points)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.isnan(out[0, :, 1]).all() and not torch.isnan(out[0, :, 0]).any()
+
+
+def test_points_dtype_float64_with_float32_planes():
+    planes, points = make()
+    x64 = points.detach().double().requires_grad_()
+    out = triplane_sample(planes, x64, backend="cpu")
+    assert out.dtype == torch.float32
+    (gx,) = torch.autograd.grad(out.sum(), x64)
+    assert gx.dtype == torch.float64
+
+
+def test_only_points_grad():
+    planes, points = make()
+    planes = planes.detach()
+    out = triplane_sample(planes, points, backend="cpu")
+    (gx,) = torch.autograd.grad(out.sum(), points)
+    ref = triplane_sample_reference(planes, points)
+    (gx_ref,) = torch.autograd.grad(ref.sum(), points)
+    assert_close(gx, gx_ref, scale=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------
+
+BAD = [
+    (lambda p, x: (p[0], x), ValueError, r"planes: expected shape \(B, 3, C, H, W\) \(5 dims\)"),
+    (lambda p, x: (p[:, :2], x), ValueError, "planes: .*dim 1 must be 3"),
+    (lambda p, x: (p, x[..., :2]), ValueError, "points: .*dim 2 must be 3"),
+    (lambda p, x: (p, x[:1]), ValueError, "points: .*B = 1 does not match B = 2 of planes"),
+    (lambda p, x: (p.int(), x), TypeError, "planes: expected a floating-point tensor, got dtype int32"),
+    (lambda p, x: (p, x.long()), TypeError, "points: expected a floating-point tensor, got dtype int64"),
+    (lambda p, x: (p, x.to("meta")), ValueError, "points: expected a tensor on cpu .*got meta"),
+    (lambda p, x: (p.tolist(), x), TypeError, "planes: expected a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("mutate,exc,match", BAD)
+@pytest.mark.parametrize("backend", (None, "cpu", "reference"))
+def test_bad_input(mutate, exc, match, backend):
+    planes, points = make()
+    p, x = mutate(planes.detach(), points.detach())
+    with pytest.raises(exc, match=match):
+        triplane_sample(p, x, backend=backend)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(plane_axes="xyz"), "plane_axes: expected one of .*got 'xyz'"),
+    (dict(reduce="max"), "reduce: expected one of .*got 'max'"),
+    (dict(box_size=0.0), "box_size: expected a positive number, got 0.0"),
+    (dict(box_size=float("nan")), "box_size: expected a positive number"),
+    (dict(backend="tpu"), "backend: expected one of"),
+])
+def test_bad_options(kwargs, match):
+    planes, points = make()
+    with pytest.raises(ValueError, match=match):
+        triplane_sample(planes, points, **kwargs)
+
+
+def test_unavailable_backend_is_a_clear_error():
+    planes, points = make()
+    with pytest.raises(_backend.BackendUnavailableError, match="'cuda' cannot run on cpu tensors"):
+        triplane_sample(planes, points, backend="cuda")
+
+
+@pytest.mark.parametrize("args,match", [
+    (lambda p, x: (p[0], x, "eg3d", 1.0, "mean", False), r"planes: expected shape \(B, 3, C, H, W\)"),
+    (lambda p, x: (p, x[:1], "eg3d", 1.0, "mean", False), "batch sizes differ"),
+    (lambda p, x: (p, x, "zz", 1.0, "mean", False), "plane_axes: expected 'xy_xz_zy' or 'eg3d'"),
+    (lambda p, x: (p, x, "eg3d", -1.0, "mean", False), "box_size: expected a positive finite"),
+    (lambda p, x: (p, x, "eg3d", 1.0, "avg", False), "reduce: expected 'mean', 'sum' or 'none'"),
+    (lambda p, x: (p.int(), x, "eg3d", 1.0, "mean", False), "planes: expected a floating-point"),
+])
+def test_cpp_entry_points_check_arguments(args, match):
+    _backend.extension()
+    planes, points = make()
+    with pytest.raises((ValueError, TypeError), match=match):
+        torch.ops.pyface.triplane_sample(*args(planes.detach(), points.detach()))
+
+
+def test_cpp_backward_checks_grad_shape():
+    _backend.extension()
+    planes, points = make()
+    with pytest.raises(ValueError, match=r"grad_out: expected shape \[2, 23, 5\], got \(2, 23, 4\)"):
+        torch.ops.pyface.triplane_sample_bwd(torch.randn(2, 23, 4), planes.detach(),
+                                             points.detach(), "eg3d", 1.0, "mean", False, True,
+                                             True)
+
+
+# ---------------------------------------------------------------------------------------------
+# backend selection, fallback announcement, lazy import
+# ---------------------------------------------------------------------------------------------
+
+def test_fallback_is_announced_once(monkeypatch):
+    spec = _backend.registered_ops()["triplane_sample"]
+    real = _backend.backend_status
+
+    def no_cpp(s, b, d):
+        if b == "cpu":
+            return False, "pretend the extension is missing"
+        return real(s, b, d)
+
+    monkeypatch.setattr(_backend, "backend_status", no_cpp)
+    monkeypatch.setattr(_backend, "_warned", set())
+    planes, points = make()
+    with pytest.warns(_backend.PyfaceFallbackWarning, match="pretend the extension is missing"):
+        triplane_sample(planes, points)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        triplane_sample(planes, points)  # second call: silent
+    assert spec.name == "triplane_sample"
+
+
+def test_default_backend_on_cpu_is_cpp():
+    assert _backend.select_backend("triplane_sample", torch.device("cpu"), None) == "cpu"
+
+
+def test_import_is_lazy():
+    # (torch itself may import triton when it is installed; our kernels must not load)
+    code = ("import sys, pyface, pyface.ops; "
+            "print('pyface._C' in sys.modules, 'pyface.kernels.triplane' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_info_reports_backends():
+    out = subprocess.run([sys.executable, "-m", "pyface.info"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "triplane_sample:" in out and "cpu   -> cpu" in out
+    assert "CUDA kernels: NO" in out or "CUDA kernels: yes" in out
+    info = pyface.info.collect()
+    assert info["ops"]["triplane_sample"]["default"]["cpu"] == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton (interpreter on CPU) and GPU
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("plane_axes", AXES)
+@pytest.mark.parametrize("reduce", REDUCE)
+@pytest.mark.parametrize("case", [dict(), dict(C=3, layout="channels_last", align_corners=True),
+                                  dict(C=33, N=5, layout="strided", spread=2.5)],
+                         ids=("default", "cl", "strided"))
+def test_triton_interpreter(plane_axes, reduce, case):
+    case = dict(case)
+    align = case.pop("align_corners", False)
+    planes, points = make(**case)
+    kw = dict(plane_axes=plane_axes, reduce=reduce, align_corners=align, box_size=1.7)
+    out, g, cot = grads(lambda p, x: triplane_sample(p, x, backend="triton", **kw),
+                        [planes, points])
+    ref, g_ref, _ = grads(lambda p, x: triplane_sample_reference(p, x, **kw), [planes, points],
+                          cot)
+    assert_close(out[0], ref[0])
+    assert_close(g[0], g_ref[0])
+    assert_close(g[1], g_ref[1], scale=10)
+
+
+@pytest.mark.triton_interpret
+def test_triton_interpreter_empty_and_nan():
+    planes, points = make(N=0)
+    assert triplane_sample(planes, points, backend="triton").shape == (2, 0, 5)
+    planes, points = make(N=3)
+    with torch.no_grad():
+        points[1, 2, 1] = float("nan")
+    out = triplane_sample(planes, points, backend="triton")
+    assert torch.isnan(out[1, 2]).all() and torch.isfinite(out[0]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ("cuda", "triton"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last", "strided"))
+@pytest.mark.parametrize("reduce", REDUCE)
+def test_gpu_matches_reference(backend, dtype, layout, reduce):
+    planes, points = make(B=3, C=32, H=64, W=48, N=5000, dtype=dtype, layout=layout,
+                          device="cuda")
+    kw = dict(plane_axes="eg3d", reduce=reduce)
+    out, g, cot = grads(lambda p, x: triplane_sample(p, x, backend=backend, **kw),
+                        [planes, points])
+    ref, g_ref, _ = grads(lambda p, x: triplane_sample_reference(p, x, **kw), [planes, points],
+                          cot)
+    assert_close(out[0], ref[0])
+    assert_close(g[0], g_ref[0], scale=4)
+    assert_close(g[1], g_ref[1], dtype=dtype, scale=10)
+
+
+@pytest.mark.gpu
+def test_gpu_gradcheck_float64_and_compile():
+    planes, points = make(B=1, C=2, H=4, W=5, N=6, dtype=torch.float64, device="cuda")
+    points = points.detach().double().requires_grad_()
+    fn = lambda p, x: triplane_sample(p, x, backend="cuda")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (planes, points), eps=1e-6, atol=1e-6,
+                                    nondet_tol=1e-12)
+    planes, points = make(C=32, device="cuda")
+    for backend in ("cuda", "triton"):
+        compiled = torch.compile(lambda p, x: triplane_sample(p, x, backend=backend),
+                                 fullgraph=True)
+        assert_close(compiled(planes, points), triplane_sample_reference(planes, points))
