@@ -366,3 +366,12 @@ def test_resolution_mismatch_is_a_clear_error(tmp_path):
     tr = Trainer(tiny(tmp_path, "train.steps=1", "data.resolution=32"))
     with pytest.raises(ValueError, match=r"batch\['image'\]: expected \(B, 3, 16, 16\)"):
         tr.fit()
+
+
+def test_bf16_autocast_step(tmp_path):
+    tr = Trainer(tiny(tmp_path, "train.steps=2", "train.precision=bf16", "train.ckpt_every=0"))
+    res = tr.fit()
+    assert math.isfinite(res.losses["main/loss"])
+    assert all(p.dtype == torch.float32 for p in tr.model.parameters())
+    with pytest.raises(ValueError, match="train.precision: expected 'fp32' or 'bf16'"):
+        Trainer(tiny(tmp_path, "train.precision=fp16"))
