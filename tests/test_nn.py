@@ -386,3 +386,14 @@ def test_iresnet_keys_match_insightface_layout():
         assert k in sd, k
     with pytest.raises(ValueError, match=r"x: expected shape \(B, 3, 112, 112\)"):
         N.IResNet("r18")(torch.randn(1, 3, 64, 64))
+
+
+def test_r1_double_backward_through_patch_discriminator(one_thread):
+    torch.manual_seed(0)
+    d = N.MultiScalePatchDiscriminator(scales=[1], block_expansion=4, max_features=8)
+    x = torch.randn(2, 3, 128, 128, requires_grad=True)
+    _, logits = d(x)["1"]
+    pen = N.r1_penalty(logits.flatten(1).mean(1), [x])
+    pen.mean().backward()
+    g = d.discs["1"].blocks[1].conv.parametrizations.weight.original.grad
+    assert g is not None and g.abs().sum() > 0

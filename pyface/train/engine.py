@@ -375,17 +375,17 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=self.step, disable=not (main and t.progress),
                    dynamic_ncols=True, unit="step")
         acc: dict[str, torch.Tensor] = {}
-        n_acc = 0
+        n_acc: dict[str, int] = {}   # per key: lazy phases do not run every step
         try:
             for batch in self._loader():
                 losses = self.train_step(self._to_device(batch))
                 for k, v in losses.items():
                     acc[k] = acc[k] + v if k in acc else v
-                n_acc += 1
+                    n_acc[k] = n_acc.get(k, 0) + 1
                 bar.update(1)
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     self.last_losses = self._reduce_log(acc, n_acc)
-                    acc, n_acc = {}, 0
+                    acc, n_acc = {}, {}
                     if main:
                         bar.set_postfix({k.split("/")[-1] if k.count("/") == 1 and
                                          k.endswith("/loss") else k: f"{v:.4g}"
@@ -429,11 +429,13 @@ class Trainer:
                          losses=dict(self.last_losses), interrupted=interrupted,
                          previews=previews, seconds=time.perf_counter() - t0)
 
-    def _reduce_log(self, acc: dict[str, torch.Tensor], n: int) -> dict[str, float]:
+    def _reduce_log(self, acc: dict[str, torch.Tensor], n: dict[str, int]) -> dict[str, float]:
+        """Means over the steps each key was produced in, averaged over ranks (every rank runs
+        the same phases, so the keys agree)."""
         if not acc:
             return {}
         keys = sorted(acc)
-        vals = torch.stack([acc[k].float().reshape(()) for k in keys]) / max(n, 1)
+        vals = torch.stack([acc[k].float().reshape(()) / n[k] for k in keys])
         if self.dist.enabled:
             vals = vals.to(self.device)
             torch.distributed.all_reduce(vals)
