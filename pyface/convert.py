@@ -302,6 +302,9 @@ def convert_eg3d(pkl: str, out: str, network: str = "G_ema") -> str:
     state = module_state_dict(net)
     init = _record_state(net).get("init_kwargs") or {}
     backbone_cfg, sr_cfg = _eg3d_configs(state)
+    rk = init.get("rendering_kwargs") or {}
+    if sr_cfg is not None and isinstance(rk, dict) and "sr_antialias" in rk:
+        sr_cfg.antialias = bool(rk["sr_antialias"])
     # check everything against our modules: names and shapes
     backbone = TriplaneBackbone(backbone_cfg)
     check_state_dict(backbone, {k[9:]: v for k, v in state.items() if k.startswith("backbone.")},

@@ -408,8 +408,7 @@ class Trainer:
                 if D.any_flag(self._stop_signal is not None, self.dist, self.device):
                     interrupted = True
                     break
-            if self.step >= start or interrupted:
-                last_ckpt = self.save_checkpoint() or last_ckpt
+            last_ckpt = self.save_checkpoint() or last_ckpt
             if not interrupted:
                 previews += self.write_previews(video=True)
         finally:
