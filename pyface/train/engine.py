@@ -361,6 +361,11 @@ class Trainer:
         main = self.dist.is_main
         self._log_handler = None
         if main:
+            prev = ckpt.latest_checkpoint(self.run_dir)
+            if self.step == 0 and prev is not None:
+                log.warning("%s already holds checkpoints (latest: %s); training from scratch "
+                            "and overwriting them - use --resume to continue instead",
+                            self.run_dir, os.path.basename(prev))
             self._setup_run_dir()
             self._board = Board(os.path.join(self.run_dir, "tb") if t.tensorboard else None)
         old_handlers = {}
@@ -383,7 +388,7 @@ class Trainer:
                     acc[k] = acc[k] + v if k in acc else v
                     n_acc[k] = n_acc.get(k, 0) + 1
                 bar.update(1)
-                if self.step % t.log_every == 0 or self.step == t.steps:
+                if (t.log_every and self.step % t.log_every == 0) or self.step == t.steps:
                     self.last_losses = self._reduce_log(acc, n_acc)
                     acc, n_acc = {}, {}
                     if main:
