@@ -397,3 +397,25 @@ def test_r1_double_backward_through_patch_discriminator(one_thread):
     pen.mean().backward()
     g = d.discs["1"].blocks[1].conv.parametrizations.weight.original.grad
     assert g is not None and g.abs().sum() > 0
+
+
+def test_up_conv_is_transposed_conv_then_filter(one_thread):
+    """EG3D's up-sampling conv: transposed conv (stride 2, true convolution) then the FIR filter
+    with gain 4; equal, away from the borders, to filtering a zero-upsampled input and
+    convolving with the flipped kernel; modulated (grouped) and plain paths agree."""
+    from pyface.nn.layers import conv2d_resample
+
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 3, 6, 5, dtype=D64), torch.randn(4, 3, 3, 3, dtype=D64)
+    f = setup_filter().to(D64)
+    ref = upfirdn2d(F.conv_transpose2d(x, w.transpose(0, 1), stride=2), f,
+                    padding=[1, 1, 1, 1], gain=4)
+    out = conv2d_resample(x, w, f, up=2, padding=1, flip_weight=False)
+    assert out.shape == (2, 4, 12, 10)
+    assert_close(out, ref)
+    interior = F.conv2d(upsample2d(x, f), w.flip([2, 3]), padding=1)
+    assert_close(out[..., 2:-2, 2:-2], interior[..., 2:-2, 2:-2])
+    s = torch.ones(2, 3, dtype=D64)
+    mod = modulated_conv2d(x, w, s, demodulate=False, up=2, padding=1, resample_filter=f,
+                           flip_weight=False)
+    assert_close(mod, ref)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyface.nn.resample import setup_filter, upfirdn2d, upsample2d
+from pyface.nn.resample import setup_filter, upfirdn2d
 
 ACTIVATIONS = {  # name -> (function, default gain)
     "linear": (lambda x: x, 1.0),
@@ -76,25 +76,36 @@ class FullyConnectedLayer(nn.Module):
 def conv2d_resample(x: torch.Tensor, w: torch.Tensor, f: torch.Tensor | None = None, up: int = 1,
                     down: int = 1, padding: int = 0, groups: int = 1,
                     flip_weight: bool = True) -> torch.Tensor:
-    """2D convolution with optional FIR up/down-sampling.
+    """2D convolution with optional FIR up/down-sampling (StyleGAN2's ``conv2d_resample``
+    arithmetic, so borders match EG3D's networks too).
 
-    x: (N, C_in*groups.., H, W); w: (C_out, C_in/groups, kh, kw). ``up``: zero-insert + filter
-    ``f`` then convolve (with ``flip_weight=False`` the kernel acts as a true convolution, as a
-    transposed convolution does); ``down``: filter then strided convolution.
+    x: (N, C_in, H, W); w: (C_out, C_in/groups, kh, kw). ``flip_weight=True``: cross-correlation
+    (``F.conv2d``); ``False``: true convolution. ``up``: transposed convolution with stride
+    ``up``, then the filter ``f`` (gain ``up**2``) -> (N, C_out, H*up, W*up) for ``padding =
+    kw // 2``. ``down``: filter, then strided convolution -> (N, C_out, H/down, W/down).
     """
     kh, kw = w.shape[-2:]
+    if up > 1:
+        fw = f.shape[-1]
+        p0 = padding + (fw + up - 1) // 2 - (kw - 1)
+        p1 = padding + (fw - up) // 2 - (kw - up)
+        pt = max(min(-p0, -p1), 0)
+        if flip_weight:
+            w = w.flip([2, 3])
+        O, I = w.shape[:2]
+        # conv_transpose2d weights are (in, out / groups, kh, kw)
+        wt = w.reshape(groups, O // groups, I, kh, kw).transpose(1, 2).reshape(
+            groups * I, O // groups, kh, kw)
+        x = F.conv_transpose2d(x, wt, stride=up, padding=pt, groups=groups)
+        return upfirdn2d(x, f, padding=[p0 + pt, p1 + pt, p0 + pt, p1 + pt], gain=up * up)
     if not flip_weight:
         w = w.flip([2, 3])
-    if up > 1:
-        x = upsample2d(x, f, up=up)
-        return F.conv2d(x, w, padding=padding, groups=groups)
     if down > 1:
         fw = f.shape[-1]
-        if kw == 1 and kh == 1:
-            p = [padding + (fw - down + 1) // 2, padding + (fw - down) // 2] * 2
-            x = upfirdn2d(x, f, down=down, padding=[p[0], p[1], p[0], p[1]])
-            return F.conv2d(x, w, groups=groups)
         p0, p1 = padding + (fw - down + 1) // 2, padding + (fw - down) // 2
+        if kw == 1 and kh == 1:
+            x = upfirdn2d(x, f, down=down, padding=[p0, p1, p0, p1])
+            return F.conv2d(x, w, groups=groups)
         x = upfirdn2d(x, f, padding=[p0, p1, p0, p1])
         return F.conv2d(x, w, stride=down, groups=groups)
     return F.conv2d(x, w, padding=padding, groups=groups)
