@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyface.nn.layers import Conv2dLayer, FullyConnectedLayer
-from pyface.nn.resample import filtered_resize
+from pyface.nn.resample import filtered_resize, setup_filter
 from pyface.nn.stylegan import MappingConfig, MappingNetwork
 
 
@@ -157,6 +157,7 @@ class DualDiscriminator(StyleGAN2Discriminator):
         cfg = DiscriminatorConfig(**{**cfg.__dict__, "img_channels": 2 * cfg.img_channels})
         super().__init__(cfg)
         self.c_noise = c_noise
+        self.register_buffer("resample_filter", setup_filter())  # as in EG3D's state dicts
 
     def forward(self, image: torch.Tensor, image_raw: torch.Tensor,
                 c: torch.Tensor | None = None) -> torch.Tensor:
