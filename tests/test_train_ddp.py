@@ -80,3 +80,17 @@ def test_two_process_gloo_matches_single_process(tmp_path):
 
     losses = json.loads((tmp_path / "rank0.json").read_text())
     assert losses["main/loss"] == pytest.approx(res.losses["main/loss"], rel=1e-5)
+
+
+def test_torchrun_cli_smoke(tmp_path):
+    """The documented command: torchrun --nproc_per_node=2 -m pyface train example ..."""
+    run_dir = tmp_path / "cli"
+    sets = sum((["--set", s] for s in OVERRIDES + [f"train.run_dir={run_dir}",
+                                                    "train.steps=2"]), [])
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "pyface", "train", "example", *sets],
+        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "ckpt-000002" / "tensors.safetensors").is_file()
+    assert proc.stdout.count("run folder:") == 1          # rank 0 reports, rank 1 stays quiet
