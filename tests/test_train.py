@@ -358,6 +358,12 @@ def test_cli_train_resume_and_animate(tmp_path, capsys):
                  str(tmp_path / "src.png"), "--out", str(out), "--frames", "4", "--ema"]) == 0
     assert out.stat().st_size > 0
     assert main(["animate", "goha", "--checkpoint", str(run), "--source", "x.png"]) == 2
+    assert main(["animate", "example", "--checkpoint", str(tmp_path / "none"), "--source",
+                 "x.png"]) == 1
+    assert main(["train", "example", "--set", "train.batch_size=3", "--set",
+                 f"train.run_dir={run}", "--set", "train.precision=fp8"]) == 2
+    err = capsys.readouterr().err
+    assert "not a folder" in err and "train.precision: expected 'fp32' or 'bf16'" in err
 
 
 @pytest.mark.parametrize("cmd", [[], ["train"], ["animate"], ["convert"], ["convert", "eg3d"]])

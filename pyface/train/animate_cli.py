@@ -41,7 +41,11 @@ def run_animate(args) -> int:
     path = args.checkpoint
     if os.path.isdir(os.path.join(path, "checkpoints")):
         path = ckpt.latest_checkpoint(path) or path
-    tensors, meta = ckpt.load_folder(path)
+    try:
+        tensors, meta = ckpt.load_folder(path)
+    except ckpt.CheckpointError as exc:
+        print(f"pyface animate: {exc}", file=sys.stderr)
+        return 1
     cls = model_class(args.model)
     model = cls(from_dict(cls.Config, meta["experiment"]["model_config"]))
     ckpt.load_module_state(model, ckpt.sub_state(tensors, "model"), path)

@@ -52,7 +52,11 @@ def run_train(args) -> int:
     if args.print_config:
         print(yaml.safe_dump(experiment_to_dict(cfg), sort_keys=False), end="")
         return 0
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        print(f"pyface train: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.resume:
             trainer.resume(args.resume)
