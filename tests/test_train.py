@@ -185,7 +185,7 @@ def test_exact_resume_matches_uninterrupted(tmp_path):
 
 
 def test_corrupt_checkpoint_is_refused(tmp_path):
-    tr = Trainer(tiny(tmp_path, "train.steps=1"))
+    tr = Trainer(tiny(tmp_path, "train.steps=2", "train.ckpt_every=1"))
     path = tr.fit().checkpoint
     tfile = os.path.join(path, ckpt.TENSORS_FILE)
     data = bytearray(open(tfile, "rb").read())
@@ -193,6 +193,9 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
     open(tfile, "wb").write(bytes(data))
     with pytest.raises(ckpt.CheckpointError, match="corrupt"):
         Trainer(tiny(tmp_path, "train.steps=2")).resume(path)
+    with pytest.raises(ckpt.CheckpointError, match=r"(?s)corrupt.*Other checkpoints of this run "
+                                                   r".*ckpt-000001"):
+        Trainer(tiny(tmp_path, "train.steps=3")).resume("auto")
     os.remove(tfile)
     with pytest.raises(ckpt.CheckpointError, match="tensors.safetensors is missing"):
         ckpt.load_folder(path)

@@ -191,7 +191,15 @@ class Trainer:
         if path is None:
             log.info("no checkpoint in %s; starting from scratch", self.run_dir)
             return None
-        self.load_checkpoint(path)
+        try:
+            self.load_checkpoint(path)
+        except ckpt.CheckpointError as exc:
+            older = [p for _, p in ckpt.list_checkpoints(self.run_dir)
+                     if os.path.abspath(p) != os.path.abspath(path)]
+            if older:
+                raise ckpt.CheckpointError(f"{exc}\nOther checkpoints of this run (resume one "
+                                           f"with --resume PATH): {', '.join(older)}") from None
+            raise
         log.info("resumed from %s at step %d", path, self.step)
         return path
 
