@@ -63,7 +63,9 @@ class Trainer:
 
     Args:
         cfg: the experiment config (``pyface.train.config.build_experiment``).
-        model: the model; default: built from the registry by ``cfg.model``.
+        model: the model; default: built from the registry by ``cfg.model`` right after
+            ``torch.manual_seed(train.seed)`` (a model passed in keeps the caller's
+            initialisation).
         dataset: a map-style dataset whose items are dicts of tensors and depend on the index only;
             default: built from the registry by ``cfg.data.name``.
     """
