@@ -9,46 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyface.nn.layers import FullyConnectedLayer
 from pyface.ops.reference.render import OSG_CLAMP
 from pyface.ops.render import render_triplane
 from pyface.ops.triplane import triplane_sample
-
-
-class FullyConnectedLayer(nn.Module):
-    """StyleGAN2 / EG3D equalized-learning-rate linear layer.
-
-    The stored ``weight`` (out, in) is drawn from N(0, 1) / lr_multiplier and scaled at run time
-    by ``lr_multiplier / sqrt(in)``; the bias by ``lr_multiplier``. Parameter names match EG3D's,
-    so EG3D state dicts load as they are.
-    """
-
-    def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
-                 lr_multiplier: float = 1.0, bias_init: float = 0.0) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_multiplier)
-        self.bias = nn.Parameter(torch.full((out_features,), float(bias_init))) if bias else None
-        self.weight_gain = lr_multiplier / math.sqrt(in_features)
-        self.bias_gain = lr_multiplier
-
-    def effective(self, dtype: torch.dtype | None = None):
-        """The weight (out, in) and bias (out,) this layer applies (differentiable)."""
-        dtype = dtype or self.weight.dtype
-        w = self.weight.to(dtype) * self.weight_gain
-        if self.bias is None:
-            b = torch.zeros(self.out_features, dtype=dtype, device=w.device)
-        else:
-            b = self.bias.to(dtype)
-            if self.bias_gain != 1:
-                b = b * self.bias_gain
-        return w, b
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.effective(x.dtype)
-        return torch.addmm(b.unsqueeze(0), x, w.t())
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
 class OSGDecoder(nn.Module):
