@@ -14,6 +14,9 @@ import sys
 COMMANDS = {
     "info": "pyface.info",
     "bench": "pyface.bench.cli",
+    "train": "pyface.train.cli",
+    "animate": "pyface.train.animate_cli",
+    "convert": "pyface.convert",
     "data": "pyface.data.cli",
 }
 

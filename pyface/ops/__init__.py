@@ -14,7 +14,9 @@ from pyface.ops.render import (
     sample_stratified,
 )
 from pyface.ops.triplane import triplane_sample
+from pyface.ops.warp import keypoint_flow, motion_field_input, warp_by_keypoints, warp_volume
 
 __all__ = ["triplane_sample", "rasterize_mesh", "project_points", "BFMCamera", "splat_points",
            "points_to_triplane", "ray_bundle", "sample_stratified", "mip_composite",
-           "sample_importance", "render_triplane"]
+           "sample_importance", "render_triplane", "warp_volume", "keypoint_flow",
+           "warp_by_keypoints", "motion_field_input"]

@@ -1,0 +1,359 @@
+"""Checkpoints that are safe by construction.
+
+A pyface checkpoint is a folder::
+
+    ckpt-000100/
+        tensors.safetensors   every tensor (module weights, EMA copies, optimizer moments, RNG)
+        meta.json             format/version, step, config, optimizer scalars, Python RNG state,
+                              and the SHA-256 of tensors.safetensors
+
+Loading never executes code: tensors come from safetensors, everything else from JSON. Third-party
+weight files are read with :func:`load_weights_file` (safetensors, or ``torch.load`` with
+``weights_only=True``; never a full unpickle).
+
+Writes are atomic: the folder is written under a temporary name, flushed to disk and renamed, and
+``latest`` (a one-line text file naming the newest checkpoint) is replaced atomically afterwards.
+A crash mid-write leaves the previous checkpoint and ``latest`` untouched.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+FORMAT = "pyface-checkpoint"
+FORMAT_VERSION = 1
+TENSORS_FILE = "tensors.safetensors"
+META_FILE = "meta.json"
+LATEST_FILE = "latest"
+_CKPT_RE = re.compile(r"^ckpt-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or does not match what it is loaded into."""
+
+
+# --------------------------------------------------------------------------------------------
+# Low level: one folder = tensors + JSON
+# --------------------------------------------------------------------------------------------
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _prepare_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors; storages shared between entries are cloned (safetensors
+    refuses aliasing)."""
+    out, seen = {}, set()
+    for k, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"checkpoint tensor {k!r}: expected a torch.Tensor, got "
+                            f"{type(t).__name__}")
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if t.numel() and key in seen:
+            t = t.clone()
+        elif t.numel():
+            seen.add(key)
+        out[k] = t
+    return out
+
+
+def save_folder(path: str, tensors: Mapping[str, torch.Tensor], meta: dict) -> str:
+    """Atomically write ``path/`` with ``tensors.safetensors`` and ``meta.json``.
+
+    An existing folder at ``path`` is replaced only after the new one is complete on disk.
+    """
+    from safetensors.torch import save_file
+
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        tfile = os.path.join(tmp, TENSORS_FILE)
+        save_file(_prepare_tensors(tensors), tfile)
+        with open(tfile, "rb+") as f:
+            os.fsync(f.fileno())
+        meta = dict(meta)
+        meta.update(format=FORMAT, format_version=FORMAT_VERSION,
+                    tensors_sha256=_sha256(tfile), saved_at=time.time())
+        mfile = os.path.join(tmp, META_FILE)
+        with open(mfile, "w") as f:
+            json.dump(meta, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if os.path.exists(path):
+            old = f"{path}.old-{os.getpid()}"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_meta(path: str) -> dict:
+    """The JSON part of a checkpoint folder, validated."""
+    mfile = os.path.join(path, META_FILE)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r}: not a folder (expected a pyface checkpoint "
+                              f"folder with {TENSORS_FILE} and {META_FILE})")
+    try:
+        with open(mfile) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path!r}: {META_FILE} is missing") from None
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path!r}: {META_FILE} is corrupt ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path!r}: format {meta.get('format')!r}, expected "
+                              f"{FORMAT!r}")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path!r}: format version {meta['format_version']} is "
+                              f"newer than this pyface ({FORMAT_VERSION}); upgrade pyface")
+    return meta
+
+
+def load_folder(path: str, *, verify: bool = True,
+                device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a checkpoint folder: (tensors, meta). ``verify`` checks the SHA-256 of the tensors."""
+    from safetensors.torch import load_file
+
+    meta = read_meta(path)
+    tfile = os.path.join(path, TENSORS_FILE)
+    if not os.path.isfile(tfile):
+        raise CheckpointError(f"checkpoint {path!r}: {TENSORS_FILE} is missing")
+    if verify:
+        digest = _sha256(tfile)
+        if digest != meta.get("tensors_sha256"):
+            raise CheckpointError(
+                f"checkpoint {path!r}: {TENSORS_FILE} is corrupt (SHA-256 {digest[:16]}... does "
+                f"not match {str(meta.get('tensors_sha256'))[:16]}... recorded at save time)")
+    try:
+        tensors = load_file(tfile, device=str(device))
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"checkpoint {path!r}: cannot read {TENSORS_FILE}: {exc}") from None
+    return tensors, meta
+
+
+# --------------------------------------------------------------------------------------------
+# Run folders: ckpt-<step> + latest
+# --------------------------------------------------------------------------------------------
+
+def checkpoint_path(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, "checkpoints", f"ckpt-{step:06d}")
+
+
+def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of the complete checkpoints of a run, oldest first."""
+    root = os.path.join(run_dir, "checkpoints")
+    out = []
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            m = _CKPT_RE.match(name)
+            if m and os.path.isfile(os.path.join(root, name, META_FILE)):
+                out.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The checkpoint named by ``run_dir/checkpoints/latest``, else the newest complete one."""
+    root = os.path.join(run_dir, "checkpoints")
+    try:
+        with open(os.path.join(root, LATEST_FILE)) as f:
+            name = f.read().strip()
+        if name and os.path.isfile(os.path.join(root, name, META_FILE)):
+            return os.path.join(root, name)
+    except OSError:
+        pass
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def mark_latest(path: str) -> None:
+    root = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(root, f".{LATEST_FILE}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(os.path.basename(path) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, LATEST_FILE))
+
+
+def prune_checkpoints(run_dir: str, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (never the one ``latest`` names)."""
+    if keep <= 0:
+        return
+    latest = latest_checkpoint(run_dir)
+    for _, path in list_checkpoints(run_dir)[:-keep]:
+        if latest is None or os.path.abspath(path) != os.path.abspath(latest):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# State dicts: modules and optimizers <-> flat tensors + JSON
+# --------------------------------------------------------------------------------------------
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, list):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return v
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return v.item()
+    raise TypeError(f"cannot store {type(v).__name__} in checkpoint JSON")
+
+
+def optimizer_to_flat(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
+    """(tensors, json) for an optimizer's state_dict; tensors are keyed ``prefix.<idx>.<name>``."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for name, v in state.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{prefix}.{idx}.{name}"] = v
+            else:
+                scalars.setdefault(str(idx), {})[name] = _jsonable(v)
+    return tensors, {"param_groups": _jsonable(sd["param_groups"]), "scalars": scalars}
+
+
+def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor],
+                        info: dict, prefix: str, where: str) -> None:
+    groups = info["param_groups"]
+    own = opt.state_dict()["param_groups"]
+    if len(groups) != len(own) or any(len(a["params"]) != len(b["params"])
+                                       for a, b in zip(groups, own)):
+        raise CheckpointError(
+            f"{where}: optimizer {prefix!r} has {[len(g['params']) for g in own]} parameters per "
+            f"group, the checkpoint has {[len(g['params']) for g in groups]}")
+    state: dict[int, dict] = {}
+    plen = len(prefix) + 1
+    for k, v in tensors.items():
+        if k.startswith(prefix + "."):
+            idx, name = k[plen:].split(".", 1)
+            state.setdefault(int(idx), {})[name] = v
+    for idx, sc in info.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(sc)
+    for g in groups:
+        for key in ("betas",):
+            if isinstance(g.get(key), list):
+                g[key] = tuple(g[key])
+    try:
+        opt.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{where}: optimizer {prefix!r} state does not fit: {exc}") from None
+
+
+def check_state_dict(module: torch.nn.Module, state: Mapping[str, torch.Tensor],
+                     where: str) -> None:
+    """Raise a CheckpointError that lists missing/unexpected keys and shape mismatches."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        def few(xs):
+            return ", ".join(xs[:6]) + (f" ... ({len(xs)} in all)" if len(xs) > 6 else "")
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {few(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches: {few(shapes)}")
+        raise CheckpointError(f"{where}: state does not match the model; " + "; ".join(parts))
+
+
+def load_module_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor],
+                      where: str) -> None:
+    check_state_dict(module, state, where)
+    module.load_state_dict(state, strict=True)
+
+
+def sub_state(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+# --------------------------------------------------------------------------------------------
+# Weights of a single model (converters write these; `save_weights` / `load_weights`)
+# --------------------------------------------------------------------------------------------
+
+def save_weights(path: str, state: Mapping[str, torch.Tensor], *, kind: str,
+                 config: dict | None = None, extra: dict | None = None) -> str:
+    """A weights-only checkpoint folder: ``kind`` names what it holds (e.g. ``"eg3d"``)."""
+    meta = {"kind": kind, "config": config or {}, "extra": extra or {}, "step": None}
+    return save_folder(path, state, meta)
+
+
+def load_weights(path: str, *, kind: str | None = None,
+                 device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, meta = load_folder(path, device=device)
+    if kind is not None and meta.get("kind") != kind:
+        raise CheckpointError(f"checkpoint {path!r} holds {meta.get('kind')!r} weights, expected "
+                              f"{kind!r}")
+    return tensors, meta
+
+
+def load_weights_file(path: str, *, map_location: str | torch.device = "cpu") -> Any:
+    """Read a third-party weight file without executing code.
+
+    ``.safetensors`` via safetensors; anything else via ``torch.load(weights_only=True)``, which
+    rebuilds tensors and plain containers only. A pyface checkpoint folder is read with
+    :func:`load_folder`. Official EG3D pickles need ``pyface convert eg3d`` first.
+    """
+    if os.path.isdir(path):
+        return load_folder(path, device=map_location)[0]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device=str(map_location))
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path!r}: torch.load(weights_only=True) refused or failed ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}). pyface never unpickles arbitrary "
+            "objects; if this is an official EG3D .pkl, run `pyface convert eg3d` on it") from None

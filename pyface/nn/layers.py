@@ -1,0 +1,167 @@
+"""Equalised-learning-rate layers and modulated convolution (StyleGAN2 / EG3D semantics, plain
+PyTorch, double-backward safe). Parameter and buffer names match EG3D's released networks so that
+converted state dicts load without renaming."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyface.nn.resample import setup_filter, upfirdn2d
+
+ACTIVATIONS = {  # name -> (function, default gain)
+    "linear": (lambda x: x, 1.0),
+    "relu": (F.relu, math.sqrt(2)),
+    "lrelu": (lambda x: F.leaky_relu(x, 0.2), math.sqrt(2)),
+    "sigmoid": (torch.sigmoid, 1.0),
+    "tanh": (torch.tanh, 1.0),
+    "softplus": (F.softplus, 1.0),
+}
+
+
+def bias_act(x: torch.Tensor, b: torch.Tensor | None = None, act: str = "linear",
+             gain: float | None = None, clamp: float | None = None, dim: int = 1) -> torch.Tensor:
+    """``clamp(act(x + b) * gain, -clamp, clamp)`` with ``b`` broadcast along ``dim``."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act: expected one of {sorted(ACTIVATIONS)}, got {act!r}")
+    fn, default_gain = ACTIVATIONS[act]
+    if b is not None:
+        shape = [1] * x.ndim
+        shape[dim] = -1
+        x = x + b.to(x.dtype).reshape(shape)
+    x = fn(x)
+    g = default_gain if gain is None else gain
+    if g != 1:
+        x = x * g
+    if clamp is not None and clamp >= 0:
+        x = x.clamp(-clamp, clamp)
+    return x
+
+
+def normalize_2nd_moment(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
+    return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()
+
+
+class FullyConnectedLayer(nn.Module):
+    """Linear layer with equalised learning rate: ``weight`` (out, in) is stored / lr_multiplier
+    and scaled at run time. x: (B, in) -> (B, out)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 activation: str = "linear", lr_multiplier: float = 1.0, bias_init: float = 0.0):
+        super().__init__()
+        self.in_features, self.out_features, self.activation = in_features, out_features, activation
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_multiplier)
+        self.bias = nn.Parameter(torch.full((out_features,), float(bias_init))) if bias else None
+        self.weight_gain = lr_multiplier / math.sqrt(in_features)
+        self.bias_gain = lr_multiplier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype) * self.weight_gain
+        b = self.bias
+        if b is not None:
+            b = b.to(x.dtype)
+            if self.bias_gain != 1:
+                b = b * self.bias_gain
+        if self.activation == "linear" and b is not None:
+            return torch.addmm(b.unsqueeze(0), x, w.t())
+        return bias_act(x.matmul(w.t()), b, act=self.activation)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, act={self.activation}"
+
+
+def conv2d_resample(x: torch.Tensor, w: torch.Tensor, f: torch.Tensor | None = None, up: int = 1,
+                    down: int = 1, padding: int = 0, groups: int = 1,
+                    flip_weight: bool = True) -> torch.Tensor:
+    """2D convolution with optional FIR up/down-sampling (StyleGAN2's ``conv2d_resample``
+    arithmetic, so borders match EG3D's networks too).
+
+    x: (N, C_in, H, W); w: (C_out, C_in/groups, kh, kw). ``flip_weight=True``: cross-correlation
+    (``F.conv2d``); ``False``: true convolution. ``up``: transposed convolution with stride
+    ``up``, then the filter ``f`` (gain ``up**2``) -> (N, C_out, H*up, W*up) for ``padding =
+    kw // 2``. ``down``: filter, then strided convolution -> (N, C_out, H/down, W/down).
+    """
+    kh, kw = w.shape[-2:]
+    if up > 1:
+        fw = f.shape[-1]
+        p0 = padding + (fw + up - 1) // 2 - (kw - 1)
+        p1 = padding + (fw - up) // 2 - (kw - up)
+        pt = max(min(-p0, -p1), 0)
+        if flip_weight:
+            w = w.flip([2, 3])
+        O, I = w.shape[:2]
+        # conv_transpose2d weights are (in, out / groups, kh, kw)
+        wt = w.reshape(groups, O // groups, I, kh, kw).transpose(1, 2).reshape(
+            groups * I, O // groups, kh, kw)
+        x = F.conv_transpose2d(x, wt, stride=up, padding=pt, groups=groups)
+        return upfirdn2d(x, f, padding=[p0 + pt, p1 + pt, p0 + pt, p1 + pt], gain=up * up)
+    if not flip_weight:
+        w = w.flip([2, 3])
+    if down > 1:
+        fw = f.shape[-1]
+        p0, p1 = padding + (fw - down + 1) // 2, padding + (fw - down) // 2
+        if kw == 1 and kh == 1:
+            x = upfirdn2d(x, f, down=down, padding=[p0, p1, p0, p1])
+            return F.conv2d(x, w, groups=groups)
+        x = upfirdn2d(x, f, padding=[p0, p1, p0, p1])
+        return F.conv2d(x, w, stride=down, groups=groups)
+    return F.conv2d(x, w, padding=padding, groups=groups)
+
+
+class Conv2dLayer(nn.Module):
+    """Conv with equalised lr, optional FIR up/down-sampling, bias + activation, clamp.
+
+    x: (N, in, H, W) -> (N, out, H*up/down, W*up/down)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True,
+                 activation: str = "linear", up: int = 1, down: int = 1,
+                 resample_filter: Sequence[float] = (1, 3, 3, 1),
+                 conv_clamp: float | None = None, lr_multiplier: float = 1.0):
+        super().__init__()
+        self.activation, self.up, self.down, self.conv_clamp = activation, up, down, conv_clamp
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.register_buffer("resample_filter", setup_filter(resample_filter))
+        self.padding = kernel_size // 2
+        self.weight_gain = lr_multiplier / math.sqrt(in_channels * kernel_size ** 2)
+        self.act_gain = ACTIVATIONS[activation][1]
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size,
+                                               kernel_size) / lr_multiplier)
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.bias_gain = lr_multiplier
+
+    def forward(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+        w = self.weight.to(x.dtype) * self.weight_gain
+        b = None if self.bias is None else self.bias.to(x.dtype) * self.bias_gain
+        x = conv2d_resample(x, w, self.resample_filter, up=self.up, down=self.down,
+                            padding=self.padding, flip_weight=self.up == 1)
+        clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
+        return bias_act(x, b, act=self.activation, gain=self.act_gain * gain, clamp=clamp)
+
+
+def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, *,
+                     demodulate: bool = True, up: int = 1, padding: int = 0,
+                     resample_filter: torch.Tensor | None = None,
+                     flip_weight: bool = True) -> torch.Tensor:
+    """StyleGAN2 modulated (and demodulated) convolution as one grouped conv.
+
+    Args:
+        x: (B, I, H, W) input.
+        weight: (O, I, k, k) shared weight.
+        styles: (B, I) per-sample input-channel scales.
+    Returns:
+        (B, O, H*up, W*up).
+    """
+    B, I, H, W = x.shape
+    O = weight.shape[0]
+    if styles.shape != (B, I):
+        raise ValueError(f"styles: expected shape ({B}, {I}), got {tuple(styles.shape)}")
+    w = weight.unsqueeze(0) * styles.reshape(B, 1, I, 1, 1)
+    if demodulate:
+        w = w * (w.square().sum(dim=[2, 3, 4], keepdim=True) + 1e-8).rsqrt()
+    x = x.reshape(1, B * I, H, W)
+    y = conv2d_resample(x, w.reshape(B * O, I, *weight.shape[2:]).to(x.dtype), resample_filter,
+                        up=up, padding=padding, groups=B, flip_weight=flip_weight)
+    return y.reshape(B, O, *y.shape[2:])

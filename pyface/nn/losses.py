@@ -1,0 +1,93 @@
+"""Losses and regularisers shared by the models. Perceptual (VGG19): :mod:`pyface.nn.vgg`;
+identity (ArcFace): :mod:`pyface.nn.arcface`; RoI L1: :mod:`pyface.nn.roi`."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from pyface.nn.arcface import IdentityLoss  # noqa: F401  (re-exported)
+from pyface.nn.roi import roi_l1_loss  # noqa: F401
+from pyface.nn.vgg import PerceptualLoss  # noqa: F401
+
+GAN_LOSSES = ("logistic", "hinge", "lsgan")
+
+
+def gan_g_loss(fake_logits: torch.Tensor, kind: str = "logistic") -> torch.Tensor:
+    """Generator loss on D(fake): non-saturating logistic ``softplus(-D)``, hinge ``-D`` or
+    least squares ``(D - 1)^2``; mean."""
+    if kind == "logistic":
+        return F.softplus(-fake_logits).mean()
+    if kind == "hinge":
+        return (-fake_logits).mean()
+    if kind == "lsgan":
+        return (fake_logits - 1).square().mean()
+    raise ValueError(f"kind: expected one of {GAN_LOSSES}, got {kind!r}")
+
+
+def gan_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor,
+               kind: str = "logistic") -> torch.Tensor:
+    """Discriminator loss: logistic ``softplus(-D(real)) + softplus(D(fake))``, hinge
+    ``relu(1 - D(real)) + relu(1 + D(fake))`` or least squares ``(D(real)-1)^2 + D(fake)^2``."""
+    if kind == "logistic":
+        return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+    if kind == "hinge":
+        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    if kind == "lsgan":
+        return (real_logits - 1).square().mean() + fake_logits.square().mean()
+    raise ValueError(f"kind: expected one of {GAN_LOSSES}, got {kind!r}")
+
+
+def r1_penalty(real_logits: torch.Tensor, real_inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-sample R1: ``sum_i |d D(real) / d input_i|^2`` -> (B,). Inputs must require grad;
+    the graph is kept (``create_graph``) so the penalty trains D (double backward). EG3D's loss is
+    ``r1_penalty(...) * (gamma / 2)``, times the lazy interval."""
+    grads = torch.autograd.grad(real_logits.sum(), list(real_inputs), create_graph=True)
+    return sum(g.square().flatten(1).sum(1) for g in grads)
+
+
+def feature_matching_loss(real_feats: Sequence[torch.Tensor],
+                          fake_feats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean L1 between discriminator features of real (detached) and fake images."""
+    if len(real_feats) != len(fake_feats):
+        raise ValueError(f"feature lists differ in length: {len(real_feats)} vs {len(fake_feats)}")
+    return sum(F.l1_loss(f, r.detach()) for r, f in zip(real_feats, fake_feats)) / max(
+        len(real_feats), 1)
+
+
+def tv_density_loss(density_fn: Callable[[torch.Tensor], torch.Tensor], batch: int,
+                    num_points: int = 1000, p_dist: float = 0.004, box_size: float = 1.0,
+                    device=None) -> torch.Tensor:
+    """EG3D's density regulariser: L1 between the raw densities at random points in the cube and
+    at copies perturbed by N(0, p_dist). ``density_fn``: (B, N, 3) -> (B, N, 1) or (B, N)."""
+    pts = (torch.rand(batch, num_points, 3, device=device) * 2 - 1) * (box_size / 2)
+    moved = pts + torch.randn_like(pts) * p_dist
+    sigma = density_fn(torch.cat([pts, moved], dim=1))
+    a, b = sigma[:, :num_points], sigma[:, num_points:]
+    return F.l1_loss(a, b)
+
+
+def monotonic_density_loss(density_fn: Callable[[torch.Tensor], torch.Tensor], batch: int,
+                           num_points: int = 2000, box_size: float = 1.0, resolution: int = 256,
+                           device=None) -> torch.Tensor:
+    """EG3D's 'monotonic' regulariser: density should not decrease going into the face (-z):
+    ``relu(sigma(p) - sigma(p - dz))`` with ``dz = box_size / resolution``; mean."""
+    pts = (torch.rand(batch, num_points, 3, device=device) * 2 - 1) * (box_size / 2)
+    behind = pts.clone()
+    behind[..., 2] -= box_size / resolution
+    sigma = density_fn(torch.cat([pts, behind], dim=1))
+    return F.relu(sigma[:, :num_points] - sigma[:, num_points:]).mean()
+
+
+def tv_loss(x: torch.Tensor) -> torch.Tensor:
+    """Total variation of (B, C, H, W) images or (B, P, C, H, W) planes (mean absolute
+    differences along H and W)."""
+    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + \
+        (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) summed over features, mean over the batch.
+    mu, logvar: (B, D)."""
+    return (-0.5 * (1 + logvar - mu.square() - logvar.exp()).sum(dim=-1)).mean()

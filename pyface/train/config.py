@@ -1,0 +1,249 @@
+"""Typed training configuration: dataclasses, YAML files and ``--set key=value`` overrides.
+
+An experiment is ``ExperimentConfig(model=..., model_config=<the model's dataclass>, data=...,
+train=...)``. In YAML and ``--set`` the sections are ``model``, ``data`` and ``train``::
+
+    model: {plane_channels: 16}
+    data: {name: procedural, resolution: 64}
+    train: {steps: 2000, batch_size: 8, ema: {decay: 0.999}}
+
+``--set train.lr_schedule.kind=cosine --set model.plane_channels=24``. Unknown keys are errors that
+list the valid ones; values are converted to the field's declared type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate factor as a function of the step (multiplies every group's base lr)."""
+    kind: str = "constant"          # constant | cosine | linear | step
+    warmup_steps: int = 0           # linear ramp from 0 over the first steps
+    min_factor: float = 0.0         # cosine/linear: factor reached at the last step
+    step_size: int = 10000          # step: multiply by gamma every step_size steps
+    gamma: float = 0.2
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of chosen sub-modules (kept in ``trainer.ema[name]``).
+
+    ``half_life_kimg`` gives EG3D/StyleGAN-style decay ``0.5 ** (batch / (half_life_kimg*1000))``
+    with an optional ramp-up (half-life <= rampup * images seen); otherwise ``decay`` is the
+    plain per-step decay. ``modules`` empty: no EMA.
+    """
+    modules: list[str] = field(default_factory=list)
+    decay: float = 0.999
+    half_life_kimg: float | None = None
+    rampup: float | None = None
+    start_step: int = 0
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/{model}"     # {model} is replaced by the model name
+    steps: int = 1000
+    batch_size: int = 8               # global batch over all ranks
+    seed: int = 0
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"           # fp32 | bf16 (autocast; meant for GPUs)
+    grad_clip: float | None = None    # max global grad norm per optimizer; None: no clipping
+    nan_guard: bool = True            # stop on non-finite loss / grad norm
+    max_grad_norm: float = 1.0e6      # ... or on a grad norm above this (exploding training)
+    ckpt_every: int = 500
+    keep_ckpts: int = 3
+    log_every: int = 10
+    image_every: int = 250            # TensorBoard image grid + preview PNG
+    video_every: int = 0              # mp4 preview; 0: only at the end
+    video_frames: int = 24
+    num_workers: int = 0
+    progress: bool = True
+    tensorboard: bool = True
+    lr_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+
+
+@dataclass
+class DataConfig:
+    name: str = "procedural"          # a registered dataset (pyface.train.registry)
+    resolution: int = 64
+    size: int = 2048                  # number of items (procedural data)
+    path: str | None = None           # on-disk datasets
+    seed: int = 0
+
+
+@dataclass
+class ExperimentConfig:
+    model: str = "example"
+    model_config: Any = None          # the model's own config dataclass
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names it."""
+
+
+# --------------------------------------------------------------------------------------------
+# dict <-> dataclass with type conversion
+# --------------------------------------------------------------------------------------------
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot convert {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin in (list, tuple):
+        (inner,) = typing.get_args(tp)[:1] or (Any,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v != ""]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return origin(_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected a bool, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+        try:
+            out = tp(float(value)) if tp is int and isinstance(value, str) and "e" in value.lower() \
+                else tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != int(value):
+            raise ConfigError(f"{key}: expected int, got {value!r}")
+        return out
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls, data: dict, *, prefix: str = ""):
+    """Build dataclass ``cls`` from a (nested) dict; unknown keys raise ConfigError."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: expected a mapping, got {data!r}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        if k not in names:
+            raise ConfigError(f"{prefix}{k}: unknown key for {cls.__name__}; valid keys: "
+                              f"{', '.join(names)}")
+        kwargs[k] = _convert(v, hints[k], prefix + k)
+    return cls(**kwargs)
+
+
+def to_dict(obj) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def parse_set(items: list[str] | None) -> dict:
+    """``["train.steps=10", "model.a.b=1"]`` -> nested dict (values parsed as YAML scalars)."""
+    import yaml
+
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.steps=100")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"--set {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {p} is set to a value and used as a section")
+        node[parts[-1]] = value
+    return out
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def build_experiment(model: str, model_config_cls, *, yaml_path: str | None = None,
+                     overrides: list[str] | None = None,
+                     defaults: dict | None = None) -> ExperimentConfig:
+    """The experiment config: model defaults < ``defaults`` < YAML file < ``--set`` overrides."""
+    data = merge(defaults or {}, load_yaml(yaml_path) if yaml_path else {})
+    data = merge(data, parse_set(overrides))
+    unknown = set(data) - {"model", "data", "train"}
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown section; valid sections: model, data, "
+                          "train")
+    return ExperimentConfig(
+        model=model,
+        model_config=from_dict(model_config_cls, data.get("model") or {}, prefix="model."),
+        data=from_dict(DataConfig, data.get("data") or {}, prefix="data."),
+        train=from_dict(TrainConfig, data.get("train") or {}, prefix="train."))
+
+
+def experiment_to_dict(cfg: ExperimentConfig) -> dict:
+    return {"model": cfg.model, "model_config": to_dict(cfg.model_config),
+            "data": to_dict(cfg.data), "train": to_dict(cfg.train)}

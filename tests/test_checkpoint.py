@@ -1,0 +1,141 @@
+"""pyface.checkpoint: safetensors + JSON folders, atomic writes, integrity, optimizer state,
+weights-only loading of third-party files."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from pyface import checkpoint as ckpt
+
+
+def test_roundtrip_with_shared_and_odd_tensors(tmp_path):
+    base = torch.arange(12.0)
+    tensors = {"a": base, "view": base[2:8].view(2, 3),            # shares a's storage
+               "t": torch.randn(3, 4).t(),                         # non-contiguous
+               "i": torch.tensor([1, 2], dtype=torch.int64), "e": torch.zeros(0, 5),
+               "h": torch.ones(2, dtype=torch.bfloat16), "s": torch.tensor(3.5)}
+    path = ckpt.save_folder(str(tmp_path / "c"), tensors, {"step": 7, "note": "x"})
+    out, meta = ckpt.load_folder(path)
+    assert meta["step"] == 7 and meta["format"] == ckpt.FORMAT and len(meta["tensors_sha256"]) == 64
+    for k, v in tensors.items():
+        assert out[k].dtype == v.dtype and torch.equal(out[k], v), k
+    assert sorted(os.listdir(path)) == [ckpt.META_FILE, ckpt.TENSORS_FILE]
+
+
+def test_overwrite_is_atomic_and_leaves_no_temporaries(tmp_path, monkeypatch):
+    p = str(tmp_path / "c")
+    ckpt.save_folder(p, {"w": torch.ones(3)}, {"step": 1})
+    ckpt.save_folder(p, {"w": torch.full((3,), 2.0)}, {"step": 2})
+    assert ckpt.load_folder(p)[1]["step"] == 2
+    import safetensors.torch
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_folder(p, {"w": torch.zeros(3)}, {"step": 3})
+    tensors, meta = ckpt.load_folder(p)
+    assert meta["step"] == 2 and torch.equal(tensors["w"], torch.full((3,), 2.0))
+    assert os.listdir(tmp_path) == ["c"]
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("flip", "corrupt \\(SHA-256"), ("truncate", "corrupt"), ("meta", "meta.json is corrupt"),
+    ("format", "format 'other', expected 'pyface-checkpoint'"),
+    ("version", "format version 99 is newer"),
+])
+def test_damaged_checkpoints_raise_clear_errors(tmp_path, damage, match):
+    p = ckpt.save_folder(str(tmp_path / "c"), {"w": torch.randn(100)}, {"step": 1})
+    tfile, mfile = os.path.join(p, ckpt.TENSORS_FILE), os.path.join(p, ckpt.META_FILE)
+    if damage == "flip":
+        b = bytearray(open(tfile, "rb").read())
+        b[-3] ^= 1
+        open(tfile, "wb").write(bytes(b))
+    elif damage == "truncate":
+        b = open(tfile, "rb").read()
+        open(tfile, "wb").write(b[: len(b) // 2])
+    elif damage == "meta":
+        open(mfile, "w").write("{not json")
+    else:
+        import json
+
+        meta = json.load(open(mfile))
+        meta.update({"format": "other"} if damage == "format" else {"format_version": 99})
+        json.dump(meta, open(mfile, "w"))
+    with pytest.raises(ckpt.CheckpointError, match=match):
+        ckpt.load_folder(p)
+
+
+def test_latest_pointer_and_pruning(tmp_path):
+    run = str(tmp_path)
+    assert ckpt.latest_checkpoint(run) is None
+    for s in (1, 2, 3, 4):
+        p = ckpt.save_folder(ckpt.checkpoint_path(run, s), {"w": torch.ones(1) * s}, {"step": s})
+        if s != 4:
+            ckpt.mark_latest(p)
+    # ckpt-4 exists but `latest` was not moved to it (e.g. a crash between the two)
+    assert ckpt.latest_checkpoint(run).endswith("ckpt-000003")
+    ckpt.prune_checkpoints(run, keep=1)
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [3, 4]   # latest is never pruned
+    os.remove(os.path.join(run, "checkpoints", ckpt.LATEST_FILE))
+    assert ckpt.latest_checkpoint(run).endswith("ckpt-000004")
+
+
+def test_optimizer_state_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, betas=(0.5, 0.9), weight_decay=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).square().mean().backward()
+        opt.step()
+    tensors, info = ckpt.optimizer_to_flat(opt, "optim.g")
+    p = ckpt.save_folder(str(tmp_path / "o"), tensors, {"opt": info})
+    t2, meta = ckpt.load_folder(p)
+    model2 = torch.nn.Linear(4, 3)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1.0)
+    ckpt.optimizer_from_flat(opt2, t2, meta["opt"], "optim.g", "test")
+    a, b = opt.state_dict(), opt2.state_dict()
+    assert a["param_groups"][0]["betas"] == b["param_groups"][0]["betas"] == (0.5, 0.9)
+    for i in a["state"]:
+        for k in a["state"][i]:
+            assert torch.equal(torch.as_tensor(a["state"][i][k]), torch.as_tensor(b["state"][i][k]))
+    opt3 = torch.optim.AdamW(torch.nn.Linear(4, 3, bias=False).parameters())
+    with pytest.raises(ckpt.CheckpointError, match=r"has \[1\] parameters per group, the "
+                                                   r"checkpoint has \[2\]"):
+        ckpt.optimizer_from_flat(opt3, t2, meta["opt"], "optim.g", "test")
+
+
+def test_weights_files_are_loaded_without_code(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "ok.pth")
+    assert torch.equal(ckpt.load_weights_file(str(tmp_path / "ok.pth"))["w"], torch.ones(2))
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"w": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(ckpt.CheckpointError, match=r"weights_only=True\) refused"):
+        ckpt.load_weights_file(str(tmp_path / "evil.pth"))
+    assert not (tmp_path / "pwned").exists()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ckpt.load_weights_file(str(tmp_path / "missing.pth"))
+    p = ckpt.save_weights(str(tmp_path / "wf"), {"w": torch.ones(1)}, kind="vgg19")
+    with pytest.raises(ckpt.CheckpointError, match="holds 'vgg19' weights, expected 'arcface'"):
+        ckpt.load_weights(p, kind="arcface")
+
+
+def test_check_state_dict_lists_problems():
+    m = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    sd = m.state_dict()
+    sd["0.weight"] = torch.zeros(3, 5)
+    sd["extra"] = torch.zeros(1)
+    del sd["1.bias"]
+    with pytest.raises(ckpt.CheckpointError,
+                       match=r"where: state does not match the model; missing keys: 1\.bias; "
+                             r"unexpected keys: extra; shape mismatches: 0\.weight: checkpoint "
+                             r"\(3, 5\) vs model \(3, 2\)"):
+        ckpt.load_module_state(m, sd, "where")
