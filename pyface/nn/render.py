@@ -3,56 +3,33 @@ density regularisers of EG3D and OTAvatar, on top of :func:`pyface.ops.render_tr
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyface.nn.layers import FullyConnectedLayer
 from pyface.ops.reference.render import OSG_CLAMP
 from pyface.ops.render import render_triplane
 from pyface.ops.triplane import triplane_sample
 
 
-class FullyConnectedLayer(nn.Module):
-    """StyleGAN2 / EG3D equalized-learning-rate linear layer.
-
-    The stored ``weight`` (out, in) is drawn from N(0, 1) / lr_multiplier and scaled at run time
-    by ``lr_multiplier / sqrt(in)``; the bias by ``lr_multiplier``. Parameter names match EG3D's,
-    so EG3D state dicts load as they are.
-    """
-
-    def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
-                 lr_multiplier: float = 1.0, bias_init: float = 0.0) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_multiplier)
-        self.bias = nn.Parameter(torch.full((out_features,), float(bias_init))) if bias else None
-        self.weight_gain = lr_multiplier / math.sqrt(in_features)
-        self.bias_gain = lr_multiplier
-
-    def effective(self, dtype: torch.dtype | None = None):
-        """The weight (out, in) and bias (out,) this layer applies (differentiable)."""
-        dtype = dtype or self.weight.dtype
-        w = self.weight.to(dtype) * self.weight_gain
-        if self.bias is None:
-            b = torch.zeros(self.out_features, dtype=dtype, device=w.device)
-        else:
-            b = self.bias.to(dtype)
-            if self.bias_gain != 1:
-                b = b * self.bias_gain
-        return w, b
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.effective(x.dtype)
-        return torch.addmm(b.unsqueeze(0), x, w.t())
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}"
+def _effective(layer: FullyConnectedLayer, dtype: torch.dtype | None = None):
+    """The weight (out, in) and bias (out,) an equalized-lr layer applies (differentiable)."""
+    dtype = dtype or layer.weight.dtype
+    w = layer.weight.to(dtype) * layer.weight_gain
+    if layer.bias is None:
+        return w, torch.zeros(layer.out_features, dtype=dtype, device=w.device)
+    b = layer.bias.to(dtype)
+    if layer.bias_gain != 1:
+        b = b * layer.bias_gain
+    return w, b
 
 
 class OSGDecoder(nn.Module):
-    """EG3D's tri-plane decoder: mean over the 3 planes -> FC -> softplus -> FC.
+    """EG3D's tri-plane decoder: mean over the 3 planes -> FC -> softplus -> FC, with EG3D's
+    equalized-lr :class:`pyface.nn.layers.FullyConnectedLayer` (parameter names ``net.0.weight``
+    ... as in EG3D's state dicts).
 
     Output channel 0 is the raw density, channels 1: are features
     ``sigmoid(x) * (1 + 2 * 0.001) - 0.001`` (the first 3 are the raw RGB). Ray directions are
@@ -77,8 +54,8 @@ class OSGDecoder(nn.Module):
 
     def effective_weights(self, dtype: torch.dtype | None = None):
         """(w1 (hidden, C), b1, w2 (1 + C_out, hidden), b2): what ``render_triplane`` fuses."""
-        w1, b1 = self.net[0].effective(dtype)
-        w2, b2 = self.net[2].effective(dtype)
+        w1, b1 = _effective(self.net[0], dtype)
+        w2, b2 = _effective(self.net[2], dtype)
         return w1, b1, w2, b2
 
     def forward(self, sampled_features: torch.Tensor, ray_directions: torch.Tensor | None = None):
