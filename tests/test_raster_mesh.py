@@ -425,3 +425,25 @@ def test_head_scale_smoke():
     torch.testing.assert_close(mask_c, mask)
     torch.testing.assert_close(depth_c, depth)
     assert mask.mean() > 0.2
+
+
+@needs_cpp
+def test_torch_compile_public_api():
+    verts, faces, attrs = random_scene(seed=8)
+    attrs.requires_grad_(True)
+
+    def fn(v, f, x):
+        attr, mask, depth, fi, bary = ops.rasterize_mesh(v, f, (11, 14), x, backend="cpu")
+        return (attr * mask).square().sum()
+
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(verts, faces, attrs)
+    g = torch.autograd.grad(out, attrs)[0]
+    ref = fn(verts, faces, attrs)
+    assert_close(out, ref)
+    assert_close(g, torch.autograd.grad(ref, attrs)[0])
+    # inductor, end to end
+    compiled = torch.compile(lambda v, f, x: ops.rasterize_mesh(v, f, (11, 14), x, backend="cpu"),
+                             fullgraph=True)
+    a = compiled(verts, faces, attrs.detach())
+    b = rasterize_mesh_reference(verts, faces, (11, 14), attrs.detach())
+    compare(a, b, torch.float32)

@@ -399,3 +399,20 @@ def test_p2t_consistent_with_triplane_sample(backend, plane_axes, align_corners)
         winners = torch.isclose(chosen, feats[0], atol=1e-6).all(-1)
         assert winners.sum() == 9 and set(torch.nonzero(winners)[:, 0].tolist()) == set(
             owner.tolist())
+
+
+@needs_cpp
+def test_torch_compile_public_api():
+    points = cloud("uniform", N=50)
+    feats = torch.randn(2, 50, 3, requires_grad=True)
+
+    def fn(p, f):
+        planes, _ = ops.points_to_triplane(p, f, (6, 5), max_distance=0.5, backend="cpu")
+        image, _, _ = ops.splat_points(p, f, (7, 9), radius=1.0, backend="cpu")
+        return planes.square().sum() + image.sin().sum()
+
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(points, feats)
+    g = torch.autograd.grad(out, feats)[0]
+    ref = fn(points, feats)
+    assert_close(out, ref)
+    assert_close(g, torch.autograd.grad(ref, feats)[0])

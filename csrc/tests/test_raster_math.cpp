@@ -1,5 +1,5 @@
 // Framework-free unit test of csrc/raster/raster_math.h (the math the CPU and CUDA kernels share).
-// Build and run: g++ -std=c++17 -O2 -Icsrc csrc/tests/test_raster_math.cpp -o /tmp/t && /tmp/t
+// Built and run by ctest (CMakeLists.txt), or: g++ -std=c++17 -Icsrc csrc/tests/test_raster_math.cpp
 #include <algorithm>
 #include <cmath>
 #include <cstdio>

@@ -58,6 +58,18 @@ class FullyConnectedLayer(nn.Module):
         self.weight_gain = lr_multiplier / math.sqrt(in_features)
         self.bias_gain = lr_multiplier
 
+    def effective(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight (out, in) and bias (out,) this layer applies, gains included
+        (differentiable; a missing bias is zeros). Fused kernels take these."""
+        dtype = dtype or self.weight.dtype
+        w = self.weight.to(dtype) * self.weight_gain
+        if self.bias is None:
+            return w, torch.zeros(self.out_features, dtype=dtype, device=w.device)
+        b = self.bias.to(dtype)
+        if self.bias_gain != 1:
+            b = b * self.bias_gain
+        return w, b
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.to(x.dtype) * self.weight_gain
         b = self.bias

@@ -3,6 +3,7 @@ density regularisers of EG3D and OTAvatar, on top of :func:`pyface.ops.render_tr
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
@@ -14,22 +15,8 @@ from pyface.ops.render import render_triplane
 from pyface.ops.triplane import triplane_sample
 
 
-def _effective(layer: FullyConnectedLayer, dtype: torch.dtype | None = None):
-    """The weight (out, in) and bias (out,) an equalized-lr layer applies (differentiable)."""
-    dtype = dtype or layer.weight.dtype
-    w = layer.weight.to(dtype) * layer.weight_gain
-    if layer.bias is None:
-        return w, torch.zeros(layer.out_features, dtype=dtype, device=w.device)
-    b = layer.bias.to(dtype)
-    if layer.bias_gain != 1:
-        b = b * layer.bias_gain
-    return w, b
-
-
 class OSGDecoder(nn.Module):
-    """EG3D's tri-plane decoder: mean over the 3 planes -> FC -> softplus -> FC, with EG3D's
-    equalized-lr :class:`pyface.nn.layers.FullyConnectedLayer` (parameter names ``net.0.weight``
-    ... as in EG3D's state dicts).
+    """EG3D's tri-plane decoder: mean over the 3 planes -> FC -> softplus -> FC.
 
     Output channel 0 is the raw density, channels 1: are features
     ``sigmoid(x) * (1 + 2 * 0.001) - 0.001`` (the first 3 are the raw RGB). Ray directions are
@@ -54,8 +41,8 @@ class OSGDecoder(nn.Module):
 
     def effective_weights(self, dtype: torch.dtype | None = None):
         """(w1 (hidden, C), b1, w2 (1 + C_out, hidden), b2): what ``render_triplane`` fuses."""
-        w1, b1 = _effective(self.net[0], dtype)
-        w2, b2 = _effective(self.net[2], dtype)
+        w1, b1 = self.net[0].effective(dtype)
+        w2, b2 = self.net[2].effective(dtype)
         return w1, b1, w2, b2
 
     def forward(self, sampled_features: torch.Tensor, ray_directions: torch.Tensor | None = None):
