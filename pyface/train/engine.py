@@ -404,10 +404,12 @@ class Trainer:
                     self.last_losses = self._reduce_log(acc, n_acc)
                     acc, n_acc = {}, {}
                     if main:
-                        bar.set_postfix({k.split("/")[-1] if k.count("/") == 1 and
-                                         k.endswith("/loss") else k: f"{v:.4g}"
-                                         for k, v in self.last_losses.items()
-                                         if k.endswith("loss")}, refresh=False)
+                        totals = {k[:-len("/loss")]: v for k, v in self.last_losses.items()
+                                  if k.endswith("/loss")}   # phase -> total loss
+                        if len(totals) == 1:
+                            totals = {"loss": next(iter(totals.values()))}
+                        bar.set_postfix({k: f"{v:.4g}" for k, v in totals.items()},
+                                        refresh=False)
                         if self._board:
                             self._board.scalars({f"loss/{k}" if not k.endswith("grad_norm")
                                                  else f"grad/{k}": v
