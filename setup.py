@@ -203,6 +203,8 @@ setup(
         "safetensors",
         "tqdm",
         "pyyaml",
+        "scipy",   # pyface.face: built-in head model construction, BFM .mat loader
+        "pillow",  # pyface.data: PNG frames
     ],
     extras_require={
         "triton": ["triton==3.6.0"],

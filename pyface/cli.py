@@ -17,6 +17,7 @@ COMMANDS = {
     "train": "pyface.train.cli",
     "animate": "pyface.train.animate_cli",
     "convert": "pyface.convert",
+    "data": "pyface.data.cli",
 }
 
 

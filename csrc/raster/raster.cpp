@@ -60,8 +60,9 @@ void check_mesh(const at::Tensor& verts, const at::Tensor& faces, int64_t height
   if (faces.numel() > 0) {
     const auto mm = at::aminmax(faces);
     const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
-    TORCH_CHECK_INDEX(lo >= 0 && hi < verts.size(1), "faces: vertex indices must lie in [0, V) = [0, ",
-                      verts.size(1), "), got values in [", lo, ", ", hi, "]");
+    TORCH_CHECK_INDEX(lo >= 0 && hi < verts.size(1),
+                      "faces: vertex indices must lie in [0, V) = [0, ", verts.size(1),
+                      "), got values in [", lo, ", ", hi, "]");
   }
 }
 
@@ -106,94 +107,95 @@ void raster_mesh_cpu_kernel(const double* verts, const int64_t* faces, int64_t B
                             int64_t* face_index, scalar_t* bary_out, scalar_t* depth_out) {
   const int64_t tiles_x = (W + kTile - 1) / kTile, tiles_y = (H + kTile - 1) / kTile;
   const int64_t n_tiles = tiles_x * tiles_y;
-  std::vector<Triangle> tris(static_cast<size_t>(F));
-  std::vector<int64_t> tile_start(static_cast<size_t>(n_tiles + 1));
-  std::vector<int32_t> tile_faces;
-  for (int64_t b = 0; b < B; ++b) {
-    const double* vb = verts + b * V * 3;
-    at::parallel_for(0, F, 1024, [&](int64_t begin, int64_t end) {
-      for (int64_t f = begin; f < end; ++f) {
-        int64_t vx[3], vy[3];
-        double vz[3];
-        bool ok = true;
-        for (int k = 0; k < 3; ++k) {
-          const double* v = vb + faces[f * 3 + k] * 3;
-          ok &= snap(v[0], W, vx[k]);
-          ok &= snap(v[1], H, vy[k]);
-          vz[k] = v[2];
-        }
-        tris[f] = setup_triangle(vx, vy, vz, ok, cull, persp, H, W);
+  // one parallel region per phase for the whole batch (each region is a fork/join)
+  std::vector<Triangle> tris(static_cast<size_t>(B * F));
+  at::parallel_for(0, B * F, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / F, f = t % F;
+      int64_t vx[3], vy[3];
+      double vz[3];
+      bool ok = true;
+      for (int k = 0; k < 3; ++k) {
+        const double* v = verts + (b * V + faces[f * 3 + k]) * 3;
+        ok &= snap(v[0], W, vx[k]);
+        ok &= snap(v[1], H, vy[k]);
+        vz[k] = v[2];
       }
-    });
-    // counting sort of faces into tiles
-    std::fill(tile_start.begin(), tile_start.end(), 0);
-    for (int64_t f = 0; f < F; ++f) {
-      const Triangle& t = tris[f];
-      if (!t.valid) continue;
-      for (int64_t ty = t.y0 / kTile; ty <= t.y1 / kTile; ++ty)
-        for (int64_t tx = t.x0 / kTile; tx <= t.x1 / kTile; ++tx) ++tile_start[ty * tiles_x + tx + 1];
+      tris[t] = setup_triangle(vx, vy, vz, ok, cull, persp, H, W);
     }
-    for (int64_t i = 0; i < n_tiles; ++i) tile_start[i + 1] += tile_start[i];
-    tile_faces.resize(static_cast<size_t>(tile_start[n_tiles]));
-    {
-      std::vector<int64_t> fill(tile_start.begin(), tile_start.end() - 1);
-      for (int64_t f = 0; f < F; ++f) {
-        const Triangle& t = tris[f];
-        if (!t.valid) continue;
-        for (int64_t ty = t.y0 / kTile; ty <= t.y1 / kTile; ++ty)
-          for (int64_t tx = t.x0 / kTile; tx <= t.x1 / kTile; ++tx)
-            tile_faces[fill[ty * tiles_x + tx]++] = static_cast<int32_t>(f);
+  });
+  // counting sort of faces into (batch, tile) bins, faces in increasing index order
+  std::vector<int64_t> tile_start(static_cast<size_t>(B * n_tiles + 1), 0);
+  for (int64_t t = 0; t < B * F; ++t) {
+    const Triangle& tr = tris[t];
+    if (!tr.valid) continue;
+    const int64_t base = (t / F) * n_tiles;
+    for (int64_t ty = tr.y0 / kTile; ty <= tr.y1 / kTile; ++ty)
+      for (int64_t tx = tr.x0 / kTile; tx <= tr.x1 / kTile; ++tx)
+        ++tile_start[base + ty * tiles_x + tx + 1];
+  }
+  for (int64_t i = 0; i < B * n_tiles; ++i) tile_start[i + 1] += tile_start[i];
+  std::vector<int32_t> tile_faces(static_cast<size_t>(tile_start[B * n_tiles]));
+  {
+    std::vector<int64_t> fill(tile_start.begin(), tile_start.end() - 1);
+    for (int64_t t = 0; t < B * F; ++t) {
+      const Triangle& tr = tris[t];
+      if (!tr.valid) continue;
+      const int64_t base = (t / F) * n_tiles;
+      for (int64_t ty = tr.y0 / kTile; ty <= tr.y1 / kTile; ++ty)
+        for (int64_t tx = tr.x0 / kTile; tx <= tr.x1 / kTile; ++tx)
+          tile_faces[fill[base + ty * tiles_x + tx]++] = static_cast<int32_t>(t % F);
+    }
+  }
+  at::parallel_for(0, B * n_tiles, 1, [&](int64_t begin, int64_t end) {
+    double zbuf[kTile * kTile];
+    int64_t fbuf[kTile * kTile];
+    double bbuf[kTile * kTile][3];
+    for (int64_t bt = begin; bt < end; ++bt) {
+      const int64_t b = bt / n_tiles, tile = bt % n_tiles;
+      const int64_t ty = tile / tiles_x, tx = tile % tiles_x;
+      const int64_t i0 = ty * kTile, j0 = tx * kTile;
+      const int64_t i1 = std::min(H, i0 + kTile) - 1, j1 = std::min(W, j0 + kTile) - 1;
+      for (int64_t k = 0; k < kTile * kTile; ++k) {
+        zbuf[k] = std::numeric_limits<double>::infinity();
+        fbuf[k] = -1;
+        bbuf[k][0] = bbuf[k][1] = bbuf[k][2] = 0.0;
       }
-    }
-    int64_t* fi_b = face_index + b * H * W;
-    scalar_t* bary_b = bary_out + b * H * W * 3;
-    scalar_t* depth_b = depth_out + b * H * W;
-    at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
-      double zbuf[kTile * kTile];
-      int64_t fbuf[kTile * kTile];
-      double bbuf[kTile * kTile][3];
-      for (int64_t tile = begin; tile < end; ++tile) {
-        const int64_t ty = tile / tiles_x, tx = tile % tiles_x;
-        const int64_t i0 = ty * kTile, j0 = tx * kTile;
-        const int64_t i1 = std::min(H, i0 + kTile) - 1, j1 = std::min(W, j0 + kTile) - 1;
-        for (int64_t k = 0; k < kTile * kTile; ++k) {
-          zbuf[k] = std::numeric_limits<double>::infinity();
-          fbuf[k] = -1;
-          bbuf[k][0] = bbuf[k][1] = bbuf[k][2] = 0.0;
-        }
-        for (int64_t s = tile_start[tile]; s < tile_start[tile + 1]; ++s) {
-          const int32_t f = tile_faces[s];
-          const Triangle& t = tris[f];
-          const int64_t ya = std::max<int64_t>(t.y0, i0), yb = std::min<int64_t>(t.y1, i1);
-          const int64_t xa = std::max<int64_t>(t.x0, j0), xb = std::min<int64_t>(t.x1, j1);
-          for (int64_t i = ya; i <= yb; ++i) {
-            for (int64_t j = xa; j <= xb; ++j) {
-              double d, bc[3];
-              if (!cover(t, i, j, persp, d, bc)) continue;
-              const int64_t k = (i - i0) * kTile + (j - j0);
-              // faces arrive in increasing index order: strict < keeps the lowest on ties
-              if (d < zbuf[k]) {
-                zbuf[k] = d;
-                fbuf[k] = f;
-                bbuf[k][0] = bc[0];
-                bbuf[k][1] = bc[1];
-                bbuf[k][2] = bc[2];
-              }
+      for (int64_t s = tile_start[bt]; s < tile_start[bt + 1]; ++s) {
+        const int32_t f = tile_faces[s];
+        const Triangle& t = tris[b * F + f];
+        const int64_t ya = std::max<int64_t>(t.y0, i0), yb = std::min<int64_t>(t.y1, i1);
+        const int64_t xa = std::max<int64_t>(t.x0, j0), xb = std::min<int64_t>(t.x1, j1);
+        for (int64_t i = ya; i <= yb; ++i) {
+          for (int64_t j = xa; j <= xb; ++j) {
+            double d, bc[3];
+            if (!cover(t, i, j, persp, d, bc)) continue;
+            const int64_t k = (i - i0) * kTile + (j - j0);
+            // faces arrive in increasing index order: strict < keeps the lowest on ties
+            if (d < zbuf[k]) {
+              zbuf[k] = d;
+              fbuf[k] = f;
+              bbuf[k][0] = bc[0];
+              bbuf[k][1] = bc[1];
+              bbuf[k][2] = bc[2];
             }
           }
         }
-        for (int64_t i = i0; i <= i1; ++i) {
-          for (int64_t j = j0; j <= j1; ++j) {
-            const int64_t k = (i - i0) * kTile + (j - j0);
-            const int64_t p = i * W + j;
-            fi_b[p] = fbuf[k];
-            depth_b[p] = static_cast<scalar_t>(zbuf[k]);
-            for (int c = 0; c < 3; ++c) bary_b[p * 3 + c] = static_cast<scalar_t>(bbuf[k][c]);
-          }
+      }
+      int64_t* fi_b = face_index + b * H * W;
+      scalar_t* bary_b = bary_out + b * H * W * 3;
+      scalar_t* depth_b = depth_out + b * H * W;
+      for (int64_t i = i0; i <= i1; ++i) {
+        for (int64_t j = j0; j <= j1; ++j) {
+          const int64_t k = (i - i0) * kTile + (j - j0);
+          const int64_t p = i * W + j;
+          fi_b[p] = fbuf[k];
+          depth_b[p] = static_cast<scalar_t>(zbuf[k]);
+          for (int c = 0; c < 3; ++c) bary_b[p * 3 + c] = static_cast<scalar_t>(bbuf[k][c]);
         }
       }
-    });
-  }
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> raster_mesh_cpu(const at::Tensor& verts,
@@ -286,7 +288,8 @@ void interp_bwd_kernel(const scalar_t* grad, const int64_t* faces, const int64_t
         for (int k = 0; k < 3; ++k) {
           const acc_t w = static_cast<acc_t>(bary[(b * P + p) * 3 + k]);
           acc_t* g = gattr + (b * V + faces[f * 3 + k]) * C;
-          for (int64_t c = c0; c < c1; ++c) g[c] += w * static_cast<acc_t>(grad[(b * C + c) * P + p]);
+          for (int64_t c = c0; c < c1; ++c)
+            g[c] += w * static_cast<acc_t>(grad[(b * C + c) * P + p]);
         }
       }
     }
@@ -359,73 +362,73 @@ void splat_cpu_kernel(const double* pts, int64_t B, int64_t N, int64_t H, int64_
   const double r2 = radius * radius;
   const int64_t band = 8;
   const int64_t n_bands = (H + band - 1) / band;
-  std::vector<int64_t> start(static_cast<size_t>(n_bands + 1));
-  std::vector<int32_t> items;
-  std::vector<int64_t> y0s(static_cast<size_t>(N)), y1s(static_cast<size_t>(N));
-  for (int64_t b = 0; b < B; ++b) {
-    const double* pb = pts + b * N * 3;
-    std::fill(start.begin(), start.end(), 0);
-    for (int64_t n = 0; n < N; ++n) {
-      const double X = splat_coord(pb[n * 3], W), Y = splat_coord(pb[n * 3 + 1], H);
-      const double Z = pb[n * 3 + 2];
-      y0s[n] = 0;
-      y1s[n] = -1;
-      if (!std::isfinite(X) || !std::isfinite(Y) || !std::isfinite(Z)) continue;
-      const double ya = std::ceil(Y - radius), yb = std::floor(Y + radius);
-      const double xa = std::ceil(X - radius), xb = std::floor(X + radius);
-      if (yb < 0 || ya > H - 1 || xb < 0 || xa > W - 1) continue;
-      y0s[n] = static_cast<int64_t>(std::max(ya, 0.0));
-      y1s[n] = static_cast<int64_t>(std::min(yb, double(H - 1)));
-      for (int64_t t = y0s[n] / band; t <= y1s[n] / band; ++t) ++start[t + 1];
+  // counting sort of points into (batch, band) bins, in increasing index order
+  std::vector<int64_t> start(static_cast<size_t>(B * n_bands + 1), 0);
+  std::vector<int64_t> y0s(static_cast<size_t>(B * N)), y1s(static_cast<size_t>(B * N));
+  for (int64_t t = 0; t < B * N; ++t) {
+    const double X = splat_coord(pts[t * 3], W), Y = splat_coord(pts[t * 3 + 1], H);
+    const double Z = pts[t * 3 + 2];
+    y0s[t] = 0;
+    y1s[t] = -1;
+    if (!std::isfinite(X) || !std::isfinite(Y) || !std::isfinite(Z)) continue;
+    const double ya = std::ceil(Y - radius), yb = std::floor(Y + radius);
+    const double xa = std::ceil(X - radius), xb = std::floor(X + radius);
+    if (yb < 0 || ya > H - 1 || xb < 0 || xa > W - 1) continue;
+    y0s[t] = static_cast<int64_t>(std::max(ya, 0.0));
+    y1s[t] = static_cast<int64_t>(std::min(yb, double(H - 1)));
+    const int64_t base = (t / N) * n_bands;
+    for (int64_t k = y0s[t] / band; k <= y1s[t] / band; ++k) ++start[base + k + 1];
+  }
+  for (int64_t k = 0; k < B * n_bands; ++k) start[k + 1] += start[k];
+  std::vector<int32_t> items(static_cast<size_t>(start[B * n_bands]));
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t t = 0; t < B * N; ++t) {
+      if (y1s[t] < y0s[t]) continue;
+      const int64_t base = (t / N) * n_bands;
+      for (int64_t k = y0s[t] / band; k <= y1s[t] / band; ++k)
+        items[fill[base + k]++] = static_cast<int32_t>(t % N);
     }
-    for (int64_t t = 0; t < n_bands; ++t) start[t + 1] += start[t];
-    items.resize(static_cast<size_t>(start[n_bands]));
-    {
-      std::vector<int64_t> fill(start.begin(), start.end() - 1);
-      for (int64_t n = 0; n < N; ++n) {
-        if (y1s[n] < y0s[n]) continue;
-        for (int64_t t = y0s[n] / band; t <= y1s[n] / band; ++t)
-          items[fill[t]++] = static_cast<int32_t>(n);
-      }
-    }
-    int64_t* ib = index + b * H * W;
-    scalar_t* db = depth_out + b * H * W;
-    at::parallel_for(0, n_bands, 1, [&](int64_t begin, int64_t end) {
-      std::vector<double> zbuf(static_cast<size_t>(band * W));
-      std::vector<int64_t> ibuf(static_cast<size_t>(band * W));
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t i0 = t * band, i1 = std::min(H, i0 + band) - 1;
-        std::fill(zbuf.begin(), zbuf.end(), std::numeric_limits<double>::infinity());
-        std::fill(ibuf.begin(), ibuf.end(), -1);
-        for (int64_t s = start[t]; s < start[t + 1]; ++s) {
-          const int64_t n = items[s];
-          const double X = splat_coord(pb[n * 3], W), Y = splat_coord(pb[n * 3 + 1], H);
-          const double Z = pb[n * 3 + 2];
-          const int64_t ya = std::max(y0s[n], i0), yb = std::min(y1s[n], i1);
-          const int64_t xa = static_cast<int64_t>(std::max(std::ceil(X - radius), 0.0));
-          const int64_t xb = static_cast<int64_t>(std::min(std::floor(X + radius), double(W - 1)));
-          for (int64_t i = ya; i <= yb; ++i) {
-            const double dy = static_cast<double>(i) - Y;
-            for (int64_t j = xa; j <= xb; ++j) {
-              const double dx = static_cast<double>(j) - X;
-              if (dx * dx + dy * dy > r2) continue;
-              const int64_t k = (i - i0) * W + j;
-              if (Z < zbuf[k]) {  // points in increasing index order: ties keep the lowest
-                zbuf[k] = Z;
-                ibuf[k] = n;
-              }
+  }
+  at::parallel_for(0, B * n_bands, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> zbuf(static_cast<size_t>(band * W));
+    std::vector<int64_t> ibuf(static_cast<size_t>(band * W));
+    for (int64_t bk = begin; bk < end; ++bk) {
+      const int64_t b = bk / n_bands, k_band = bk % n_bands;
+      const double* pb = pts + b * N * 3;
+      const int64_t i0 = k_band * band, i1 = std::min(H, i0 + band) - 1;
+      std::fill(zbuf.begin(), zbuf.end(), std::numeric_limits<double>::infinity());
+      std::fill(ibuf.begin(), ibuf.end(), -1);
+      for (int64_t s = start[bk]; s < start[bk + 1]; ++s) {
+        const int64_t n = items[s];
+        const double X = splat_coord(pb[n * 3], W), Y = splat_coord(pb[n * 3 + 1], H);
+        const double Z = pb[n * 3 + 2];
+        const int64_t ya = std::max(y0s[b * N + n], i0), yb = std::min(y1s[b * N + n], i1);
+        const int64_t xa = static_cast<int64_t>(std::max(std::ceil(X - radius), 0.0));
+        const int64_t xb = static_cast<int64_t>(std::min(std::floor(X + radius), double(W - 1)));
+        for (int64_t i = ya; i <= yb; ++i) {
+          const double dy = static_cast<double>(i) - Y;
+          for (int64_t j = xa; j <= xb; ++j) {
+            const double dx = static_cast<double>(j) - X;
+            if (dx * dx + dy * dy > r2) continue;
+            const int64_t k = (i - i0) * W + j;
+            if (Z < zbuf[k]) {  // points in increasing index order: ties keep the lowest
+              zbuf[k] = Z;
+              ibuf[k] = n;
             }
           }
         }
-        for (int64_t i = i0; i <= i1; ++i)
-          for (int64_t j = 0; j < W; ++j) {
-            const int64_t k = (i - i0) * W + j;
-            ib[i * W + j] = ibuf[k];
-            db[i * W + j] = static_cast<scalar_t>(zbuf[k]);
-          }
       }
-    });
-  }
+      int64_t* ib = index + b * H * W;
+      scalar_t* db = depth_out + b * H * W;
+      for (int64_t i = i0; i <= i1; ++i)
+        for (int64_t j = 0; j < W; ++j) {
+          const int64_t k = (i - i0) * W + j;
+          ib[i * W + j] = ibuf[k];
+          db[i * W + j] = static_cast<scalar_t>(zbuf[k]);
+        }
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> splat_points_index_cpu(const at::Tensor& points, int64_t height,
@@ -450,7 +453,8 @@ std::tuple<at::Tensor, at::Tensor> splat_points_index_cpu(const at::Tensor& poin
 
 // ---------------------------------------------------------------------------------------------
 // Nearest point per texel: per (batch, plane) a uniform grid over the points (counting sort,
-// about two points per cell), then a ring search per texel. O(N + H W) memory.
+// about two points per cell, plus each column's envelope), then a search per texel that visits
+// columns outward and skips the out-of-reach ones (raster_math.h). O(N + H W) memory.
 // ---------------------------------------------------------------------------------------------
 int plane_u(PlaneAxes axes, int plane) {
   (void)axes;
@@ -498,6 +502,7 @@ at::Tensor points_to_triplane_index_cpu(const at::Tensor& points,
     Grid g;
     std::vector<double> pu, pv;
     std::vector<int32_t> cell_start, cell_pts;
+    std::vector<double> col_lo, col_hi;  // v envelope of each column
     bool empty = true;
   };
   std::vector<PlaneGrid> grids(static_cast<size_t>(B * 3));
@@ -529,7 +534,7 @@ at::Tensor points_to_triplane_index_cpu(const at::Tensor& points,
       pg.empty = M == 0;
       if (M == 0) continue;
       // grid bounds: the points' bounding box clipped to the texel extents (points beyond fall
-      // into the border cells, which keeps the ring search's lower bound valid)
+      // into the border cells, whose extents the search treats as unbounded)
       Grid& g = pg.g;
       const double gx_lo = std::max(lo_u, tu0), gx_hi = std::min(hi_u, tu1);
       const double gy_lo = std::max(lo_v, tv0), gy_hi = std::min(hi_v, tv1);
@@ -559,12 +564,16 @@ at::Tensor points_to_triplane_index_cpu(const at::Tensor& points,
       const int64_t n_cells = static_cast<int64_t>(g.gx) * g.gy;
       pg.cell_start.assign(static_cast<size_t>(n_cells + 1), 0);
       cell_of.resize(static_cast<size_t>(M));
+      pg.col_lo.assign(static_cast<size_t>(g.gx), INFINITY);
+      pg.col_hi.assign(static_cast<size_t>(g.gx), -INFINITY);
       for (int64_t m = 0; m < M; ++m) {
         const int32_t n = ids[m];
-        const int32_t c = grid_cell(pg.pv[n], g.y0, g.ch, g.gy) * g.gx +
-                          grid_cell(pg.pu[n], g.x0, g.cw, g.gx);
+        const int32_t col = grid_cell(pg.pu[n], g.x0, g.cw, g.gx);
+        const int32_t c = grid_cell(pg.pv[n], g.y0, g.ch, g.gy) * g.gx + col;
         cell_of[m] = c;
         ++pg.cell_start[c + 1];
+        pg.col_lo[col] = std::min(pg.col_lo[col], pg.pv[n]);
+        pg.col_hi[col] = std::max(pg.col_hi[col], pg.pv[n]);
       }
       for (int64_t c = 0; c < n_cells; ++c) pg.cell_start[c + 1] += pg.cell_start[c];
       pg.cell_pts.resize(static_cast<size_t>(M));
@@ -572,7 +581,7 @@ at::Tensor points_to_triplane_index_cpu(const at::Tensor& points,
       for (int64_t m = 0; m < M; ++m) pg.cell_pts[fill[cell_of[m]]++] = ids[m];  // ascending ids
     }
   });
-  // phase 2, one task per texel row of every plane: ring search
+  // phase 2, one task per texel row of every plane: nearest-point search
   at::parallel_for(0, B * 3 * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t task = row / H, i = row % H;
@@ -585,8 +594,9 @@ at::Tensor points_to_triplane_index_cpu(const at::Tensor& points,
       const double qy = texel_centre(i, H, align_corners);
       for (int64_t j = 0; j < W; ++j) {
         double d2;
-        o[j] = grid_nearest(pg.g, pg.cell_start.data(), pg.cell_pts.data(), pg.pu.data(),
-                            pg.pv.data(), texel_centre(j, W, align_corners), qy, max_d2, d2);
+        o[j] = grid_nearest(pg.g, pg.cell_start.data(), pg.cell_pts.data(), pg.col_lo.data(),
+                            pg.col_hi.data(), pg.pu.data(), pg.pv.data(),
+                            texel_centre(j, W, align_corners), qy, max_d2, d2);
       }
     }
   });
@@ -609,7 +619,8 @@ at::Tensor gather_features_cpu(const at::Tensor& features, const at::Tensor& ind
   const auto f = features.contiguous();
   const auto idx = index.contiguous();
   const int64_t* id = idx.const_data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "gather_features", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "gather_features",
+                                  [&] {
     const scalar_t* fd = f.const_data_ptr<scalar_t>();
     scalar_t* od = out.mutable_data_ptr<scalar_t>();
     const scalar_t bg = static_cast<scalar_t>(background);

@@ -178,68 +178,100 @@ PYFACE_HD int32_t grid_cell(double v, double lo, double size, int32_t n) {
 
 // Normalized coordinate of texel centre i of an axis of n texels (grid_sample's convention).
 PYFACE_HD double texel_centre(int64_t i, int64_t n, bool align_corners) {
-  if (align_corners) return n > 1 ? static_cast<double>(i) * (2.0 / static_cast<double>(n - 1)) - 1.0 : 0.0;
+  if (align_corners) {
+    return n > 1 ? static_cast<double>(i) * (2.0 / static_cast<double>(n - 1)) - 1.0 : 0.0;
+  }
   return (2.0 * static_cast<double>(i) + 1.0) / static_cast<double>(n) - 1.0;
 }
 
-// Finds the nearest point to (qx, qy). Points of cell c are cell_pts[cell_start[c] ..
-// cell_start[c + 1]) (indices in increasing order), coordinates in px/py (indexed by point id).
-// Ties -> lowest index. max_d2 < 0: unbounded. Returns the point id or -1.
+// Distance from v to the extent of cell k of an axis (the border cells extend to infinity:
+// they also hold the points beyond the grid), less a slack for the rounding of the boundaries.
+PYFACE_HD double cell_gap(double v, int32_t k, double lo, double size, int32_t n, double slack) {
+  const double a = k == 0 ? -INFINITY : lo + k * size;
+  const double b = k == n - 1 ? INFINITY : lo + (k + 1) * size;
+  double d = a - v > v - b ? a - v : v - b;
+  d -= slack;
+  return d > 0 ? d : 0.0;
+}
+
+// Updates (best_d2, best) with the points of cell c; ties -> lowest index.
+PYFACE_HD void scan_cell(int64_t c, const int32_t* cell_start, const int32_t* cell_pts,
+                         const double* pu, const double* pv, double qx, double qy,
+                         double& best_d2, int64_t& best) {
+  for (int32_t s = cell_start[c]; s < cell_start[c + 1]; ++s) {
+    const int32_t p = cell_pts[s];
+    const double du = qx - pu[p], dv = qy - pv[p];
+    const double d2 = du * du + dv * dv;
+    if (d2 < best_d2 || (d2 == best_d2 && p < best)) {
+      best_d2 = d2;
+      best = p;
+    }
+  }
+}
+
+// Finds the nearest point to (qx, qy) on a grid of points binned by cell (row-major, gy rows of
+// gx columns): points of cell c are cell_pts[cell_start[c] .. cell_start[c + 1]) in any order,
+// coordinates pu/pv indexed by point id. col_lo/col_hi: min/max v of the points of each column
+// (col_lo > col_hi for an empty column). Ties -> lowest index. max_d2 < 0: unbounded.
+// Returns the point id or -1, and its squared distance in best_d2.
+//
+// Columns are visited outward from the query's column; a side stops once the column's
+// x-distance exceeds the search radius (the best distance so far, or max_distance). A column is
+// skipped when its envelope [col_lo, col_hi] is out of reach, else its rows are scanned outward
+// from the query's row until out of reach. So a query far from the cloud costs a few envelope
+// tests per column instead of a scan of every empty cell on the way.
 PYFACE_HD int64_t grid_nearest(const Grid& g, const int32_t* cell_start, const int32_t* cell_pts,
-                               const double* pu, const double* pv, double qx, double qy,
-                               double max_d2, double& best_d2) {
+                               const double* col_lo, const double* col_hi, const double* pu,
+                               const double* pv, double qx, double qy, double max_d2,
+                               double& best_d2) {
+  const double slack_x = g.cw * 1e-9, slack_y = g.ch * 1e-9;
   const int32_t cx = grid_cell(qx, g.x0, g.cw, g.gx);
-  const int32_t cy = grid_cell(qy, g.y0, g.ch, g.gy);
   int64_t best = -1;
   best_d2 = INFINITY;
-  const int32_t rmax = (g.gx > g.gy ? g.gx : g.gy);
-  // slack guards the lower bound against rounding of the cell boundaries
-  const double slack_x = g.cw * 1e-9, slack_y = g.ch * 1e-9;
-  for (int32_t r = 0; r <= rmax; ++r) {
-    const int32_t ix0 = cx - r, ix1 = cx + r, iy0 = cy - r, iy1 = cy + r;
-    for (int32_t iy = (iy0 < 0 ? 0 : iy0); iy <= (iy1 > g.gy - 1 ? g.gy - 1 : iy1); ++iy) {
-      const bool edge_row = (iy == iy0 || iy == iy1);
-      const int32_t lo = ix0 < 0 ? 0 : ix0, hi = ix1 > g.gx - 1 ? g.gx - 1 : ix1;
-      // on the block's first and last rows every cell; in between only columns ix0 and ix1
-      const int32_t step = edge_row ? 1 : (ix1 - ix0);
-      for (int32_t ix = edge_row ? lo : ix0; ix <= hi; ix += (step > 0 ? step : 1)) {
-        if (ix < lo) continue;
-        const int64_t c = static_cast<int64_t>(iy) * g.gx + ix;
-        for (int32_t s = cell_start[c]; s < cell_start[c + 1]; ++s) {
-          const int32_t p = cell_pts[s];
-          const double du = qx - pu[p], dv = qy - pv[p];
-          const double d2 = du * du + dv * dv;
-          if (d2 < best_d2 || (d2 == best_d2 && p < best)) {
-            best_d2 = d2;
-            best = p;
+  double lim = max_d2 >= 0 ? max_d2 : INFINITY;  // squared search radius (inclusive)
+  bool open[2] = {true, true};                    // left, right
+  for (int32_t k = 0; open[0] || open[1]; ++k) {
+    for (int side = 0; side < 2; ++side) {
+      if (!open[side] || (k == 0 && side == 1)) continue;
+      const int32_t ix = side == 0 ? cx - k : cx + k;
+      if (ix < 0 || ix >= g.gx) {
+        open[side] = false;
+        continue;
+      }
+      const double dx = cell_gap(qx, ix, g.x0, g.cw, g.gx, slack_x);
+      const double dx2 = dx * dx;
+      if (dx2 > lim) {  // farther columns on this side are farther still
+        open[side] = false;
+        continue;
+      }
+      const double lo = col_lo[ix], hi = col_hi[ix];
+      if (lo > hi) continue;  // empty column
+      double de = lo - qy > qy - hi ? lo - qy : qy - hi;
+      de = de > 0 ? de : 0.0;
+      if (dx2 + de * de > lim * (1.0 + 1e-12)) continue;
+      // rows outward from the row of qy clamped to the column's envelope
+      const double qc = qy < lo ? lo : (qy > hi ? hi : qy);
+      const int32_t r0 = grid_cell(qc, g.y0, g.ch, g.gy);
+      const int32_t rlo = grid_cell(lo, g.y0, g.ch, g.gy), rhi = grid_cell(hi, g.y0, g.ch, g.gy);
+      bool rows_open[2] = {true, true};  // down, up
+      for (int32_t m = 0; rows_open[0] || rows_open[1]; ++m) {
+        for (int dir = 0; dir < 2; ++dir) {
+          if (!rows_open[dir] || (m == 0 && dir == 1)) continue;
+          const int32_t iy = dir == 0 ? r0 - m : r0 + m;
+          if (iy < rlo || iy > rhi) {
+            rows_open[dir] = false;
+            continue;
           }
+          const double dy = cell_gap(qy, iy, g.y0, g.ch, g.gy, slack_y);
+          if (dx2 + dy * dy > lim) {  // rows move away from qy in this direction
+            if (m > 0) rows_open[dir] = false;
+            continue;
+          }
+          scan_cell(static_cast<int64_t>(iy) * g.gx + ix, cell_start, cell_pts, pu, pv, qx, qy,
+                    best_d2, best);
+          if (best_d2 < lim) lim = best_d2;
         }
       }
-    }
-    // lower bound on the distance to any point in a cell outside the searched block: the
-    // block's interior sides (sides on the grid boundary have no cells beyond them)
-    double bound = INFINITY;
-    if (ix0 > 0) {
-      const double d = qx - (g.x0 + ix0 * g.cw) - slack_x;
-      bound = d < bound ? d : bound;
-    }
-    if (ix1 < g.gx - 1) {
-      const double d = (g.x0 + (ix1 + 1) * g.cw) - qx - slack_x;
-      bound = d < bound ? d : bound;
-    }
-    if (iy0 > 0) {
-      const double d = qy - (g.y0 + iy0 * g.ch) - slack_y;
-      bound = d < bound ? d : bound;
-    }
-    if (iy1 < g.gy - 1) {
-      const double d = (g.y0 + (iy1 + 1) * g.ch) - qy - slack_y;
-      bound = d < bound ? d : bound;
-    }
-    if (bound == INFINITY) break;  // the block covers the whole grid
-    if (bound > 0) {
-      const double b2 = bound * bound;
-      if (b2 > best_d2) break;
-      if (max_d2 >= 0 && b2 > max_d2) break;
     }
   }
   if (best >= 0 && max_d2 >= 0 && best_d2 > max_d2) best = -1;

@@ -1,5 +1,5 @@
-"""pyface.nn: model building blocks shared by the portrait models (plain PyTorch, typed configs;
-see docs/nn.md)."""
+"""pyface.nn: trainable modules built on pyface's fused ops, and the model building blocks shared
+by the portrait models (plain PyTorch, typed configs; see docs/nn.md)."""
 from pyface.nn.arcface import IdentityConfig, IdentityLoss, IResNet
 from pyface.nn.discriminators import (DiscriminatorConfig, DualDiscriminator,
                                       MultiScalePatchDiscriminator, PatchDiscriminatorConfig,
@@ -9,6 +9,11 @@ from pyface.nn.encoders import (HeadPoseConfig, HeadPoseExpressionEstimator, Res
 from pyface.nn.layers import Conv2dLayer, FullyConnectedLayer, modulated_conv2d
 from pyface.nn.losses import (feature_matching_loss, gan_d_loss, gan_g_loss, kl_divergence,
                               monotonic_density_loss, r1_penalty, tv_density_loss, tv_loss)
+from pyface.nn.motion import (DenseMotion, DenseMotionConfig, Hourglass3d, KeypointTransformConfig,
+                              euler_to_rotation, headpose_to_degrees, transform_keypoints)
+from pyface.nn.render import (OSGDecoder, RenderConfig, RenderOutput, TriplaneRenderer,
+                              density_l1_regularizer, density_monotonic_regularizer,
+                              query_density)
 from pyface.nn.resample import downsample2d, filtered_resize, upfirdn2d, upsample2d
 from pyface.nn.roi import roi_align, roi_l1_loss
 from pyface.nn.segformer import MiTConfig, MixTransformer, SegFormer, load_hf_segformer, mit_config

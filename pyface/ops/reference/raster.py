@@ -131,7 +131,8 @@ def rasterize_mesh_reference(verts_ndc: torch.Tensor, faces: torch.Tensor, image
             first = first.min(1).values
             has = first < F_
             sel = (first - f0).clamp(0, fc.shape[0] - 1)
-            better = has & ((dmin < best_depth[b]) | ((dmin == best_depth[b]) & (first < best_face[b])))
+            better = has & ((dmin < best_depth[b])
+                            | ((dmin == best_depth[b]) & (first < best_face[b])))
             best_depth[b] = torch.where(better, dmin, best_depth[b])
             best_face[b] = torch.where(better, first, best_face[b])
             chosen = bary.gather(1, sel[:, None, None].expand(-1, 1, 3))[:, 0]
@@ -162,7 +163,8 @@ def interpolate_attributes_reference(attributes, faces, face_index, bary, B=None
     vid = faces[fi.clamp(min=0)]  # (B, P, 3)
     g = torch.gather(attributes, 1, vid.reshape(B, 3 * H * W, 1).expand(-1, -1, C))  # (B, 3P, C)
     g = g.reshape(B, H * W, 3, C)
-    w = torch.where((fi >= 0)[..., None], bary.reshape(B, H * W, 3), torch.zeros((), dtype=bary.dtype, device=bary.device))
+    w = torch.where((fi >= 0)[..., None], bary.reshape(B, H * W, 3),
+                    torch.zeros((), dtype=bary.dtype, device=bary.device))
     out = (g * w.to(g.dtype)[..., None]).sum(2)  # (B, P, C)
     return out.permute(0, 2, 1).reshape(B, C, H, W)
 

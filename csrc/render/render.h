@@ -1,0 +1,24 @@
+// Volume rendering: shared torch glue (argument checks) used by the CPU and CUDA entry points.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "common/checks.h"
+
+namespace pyface {
+namespace render {
+
+// features (B, R, S, C), densities (B, R, S), depths (B, R, S); S >= 2, same dtype and device.
+void check_composite_inputs(const at::Tensor& features, const at::Tensor& densities,
+                            const at::Tensor& depths);
+
+// grad_features (B, R, C), grad_depth (B, R, 1), grad_weights (B, R, S - 1).
+void check_composite_grads(const at::Tensor& grad_features, const at::Tensor& grad_depth,
+                           const at::Tensor& grad_weights, const at::Tensor& features);
+
+// depths (B, R, S), weights (B, R, S - 1), u (B, R, M); S >= 2.
+void check_importance_inputs(const at::Tensor& depths, const at::Tensor& weights,
+                             const at::Tensor& u);
+
+}  // namespace render
+}  // namespace pyface

@@ -1,0 +1,32 @@
+// 3D-flow warping: shared torch glue (argument checks) used by the CPU and CUDA entry points.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+#include "common/checks.h"
+
+namespace pyface {
+namespace warp {
+
+// volume (B, C, D, H, W) and grid (B, D', H', W', 3).
+void check_warp_volume(const at::Tensor& volume, const at::Tensor& grid);
+
+// kp_source, kp_driving (B, K, 3), jacobian (B, K, 3, 3) if given; B and K checked against
+// batch / num_kp when those are >= 0. Returns K.
+int64_t check_keypoints(const at::Tensor& kp_source, const at::Tensor& kp_driving,
+                        const std::optional<at::Tensor>& jacobian, int64_t batch);
+
+// masks (B, K+1, D, H, W) against keypoints with K keypoints.
+void check_masks(const at::Tensor& masks, int64_t batch, int64_t num_kp);
+
+// volume (B, C, D, H, W) with C, D, H, W >= 1.
+void check_volume(const at::Tensor& volume, const char* name);
+
+// grad_out against an expected shape.
+void check_grad(const at::Tensor& grad, const char* name, at::IntArrayRef expected,
+                const at::Tensor& like);
+
+}  // namespace warp
+}  // namespace pyface

@@ -1,0 +1,306 @@
+// Torch glue for the 3D-flow warping CUDA kernels: argument checks, dtype conversion of the small
+// inputs, allocation, the current stream, and TORCH_LIBRARY_IMPL(pyface, CUDA). Built only
+// against a CUDA build of torch.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "warp/warp.h"
+#include "warp/warp_kernels.h"
+
+namespace pyface {
+namespace warp {
+namespace {
+
+cuda::DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cuda::DType::F32;
+    case at::kDouble: return cuda::DType::F64;
+    case at::kHalf: return cuda::DType::F16;
+    case at::kBFloat16: return cuda::DType::BF16;
+    default: TORCH_CHECK_TYPE(false, "volume: unsupported dtype ", t);
+  }
+}
+
+at::ScalarType acc_of(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.is_cuda(), name, ": expected a CUDA tensor, got ", t.device());
+}
+
+cuda::Volume volume_desc(const at::Tensor& v) {
+  return {v.size(0),   v.size(1),   v.size(2),   v.size(3),   v.size(4),
+          v.stride(0), v.stride(1), v.stride(2), v.stride(3), v.stride(4)};
+}
+
+struct KpTensors {
+  at::Tensor kps, kpd, jac;
+  cuda::Keypoints desc() const {
+    return {kps.const_data_ptr(), kpd.const_data_ptr(),
+            jac.defined() ? jac.const_data_ptr() : nullptr, kps.size(1)};
+  }
+};
+
+KpTensors kp_tensors(const at::Tensor& kps, const at::Tensor& kpd,
+                     const std::optional<at::Tensor>& jac, at::ScalarType acc) {
+  KpTensors k{kps.to(acc).contiguous(), kpd.to(acc).contiguous(), at::Tensor()};
+  if (jac.has_value()) k.jac = jac->to(acc).contiguous();
+  return k;
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+at::Tensor none_like(const at::Tensor& t) { return at::empty({0}, t.options()); }
+
+// Splits summed partials (B, K, 15) into the keypoint / jacobian gradients.
+void split_partials(const at::Tensor& partials, int64_t B, int64_t K, const at::Tensor& kps,
+                    const at::Tensor& kpd, const std::optional<at::Tensor>& jac, bool need_kp,
+                    bool need_jac, at::Tensor& g_kps, at::Tensor& g_kpd, at::Tensor& g_jac) {
+  const auto total = partials.sum(1);
+  if (need_kp) {
+    g_kps = total.narrow(2, 0, 3).to(kps.scalar_type()).contiguous();
+    g_kpd = total.narrow(2, 3, 3).to(kpd.scalar_type()).contiguous();
+  }
+  if (need_jac && jac.has_value())
+    g_jac = total.narrow(2, 6, 9).reshape({B, K, 3, 3}).to(jac->scalar_type()).contiguous();
+}
+
+at::Tensor warp_volume_cuda(const at::Tensor& volume, const at::Tensor& grid, bool align_corners) {
+  check_warp_volume(volume, grid);
+  check_cuda(volume, "volume");
+  const c10::cuda::CUDAGuard guard(volume.device());
+  const cuda::Output o{grid.size(1), grid.size(2), grid.size(3)};
+  auto out = at::empty({volume.size(0), volume.size(1), o.Do, o.Ho, o.Wo}, volume.options());
+  if (out.numel() == 0) return out;
+  const auto gr = grid.to(acc_of(volume)).contiguous();
+  C10_CUDA_CHECK(cuda::warp_volume_forward(to_dtype(volume.scalar_type()),
+                                           volume.const_data_ptr(), gr.const_data_ptr(),
+                                           out.mutable_data_ptr(), volume_desc(volume), o,
+                                           align_corners, stream()));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> warp_volume_bwd_cuda(const at::Tensor& grad_out,
+                                                        const at::Tensor& volume,
+                                                        const at::Tensor& grid, bool align_corners,
+                                                        bool need_volume_grad,
+                                                        bool need_grid_grad) {
+  check_warp_volume(volume, grid);
+  check_cuda(volume, "volume");
+  const c10::cuda::CUDAGuard guard(volume.device());
+  const cuda::Output o{grid.size(1), grid.size(2), grid.size(3)};
+  check_grad(grad_out, "grad_out", {volume.size(0), volume.size(1), o.Do, o.Ho, o.Wo}, volume);
+  const auto acc = acc_of(volume);
+  const auto gr = grid.to(acc).contiguous();
+  const auto go = grad_out.to(acc).contiguous();
+  at::Tensor gv, gg;
+  if (need_volume_grad) gv = at::zeros(volume.sizes(), volume.options().dtype(acc));
+  if (need_grid_grad) gg = at::zeros(grid.sizes(), grid.options().dtype(acc));
+  C10_CUDA_CHECK(cuda::warp_volume_backward(
+      to_dtype(volume.scalar_type()), go.const_data_ptr(), volume.const_data_ptr(),
+      gr.const_data_ptr(), gv.defined() ? gv.mutable_data_ptr() : nullptr,
+      gg.defined() ? gg.mutable_data_ptr() : nullptr, volume_desc(volume), o, align_corners,
+      stream()));
+  return {gv.defined() ? gv.to(volume.scalar_type()) : none_like(volume),
+          gg.defined() ? gg.to(grid.scalar_type()) : none_like(grid)};
+}
+
+at::Tensor keypoint_flow_cuda(const at::Tensor& kp_source, const at::Tensor& kp_driving,
+                              const at::Tensor& masks, const std::optional<at::Tensor>& jacobian,
+                              bool grid_align_corners) {
+  const int64_t K = check_keypoints(kp_source, kp_driving, jacobian, -1);
+  const int64_t B = kp_source.size(0);
+  check_masks(masks, B, K);
+  PYFACE_CHECK_SAME_DEVICE("masks", masks, "kp_source", kp_source);
+  check_cuda(masks, "masks");
+  const c10::cuda::CUDAGuard guard(masks.device());
+  const auto acc = acc_of(masks);
+  const cuda::Output o{masks.size(2), masks.size(3), masks.size(4)};
+  auto flow = at::empty({B, o.Do, o.Ho, o.Wo, 3}, masks.options().dtype(acc));
+  if (flow.numel() > 0) {
+    const KpTensors kp = kp_tensors(kp_source, kp_driving, jacobian, acc);
+    const auto m = masks.to(acc).contiguous();
+    C10_CUDA_CHECK(cuda::keypoint_flow_forward(to_dtype(acc), m.const_data_ptr(), kp.desc(),
+                                               flow.mutable_data_ptr(), B, o, grid_align_corners,
+                                               stream()));
+  }
+  return flow.to(masks.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keypoint_flow_bwd_cuda(
+    const at::Tensor& grad_flow, const at::Tensor& kp_source, const at::Tensor& kp_driving,
+    const at::Tensor& masks, const std::optional<at::Tensor>& jacobian, bool grid_align_corners,
+    bool need_kp_grad, bool need_masks_grad, bool need_jacobian_grad) {
+  const int64_t K = check_keypoints(kp_source, kp_driving, jacobian, -1);
+  const int64_t B = kp_source.size(0);
+  check_masks(masks, B, K);
+  PYFACE_CHECK_SAME_DEVICE("masks", masks, "kp_source", kp_source);
+  check_cuda(masks, "masks");
+  const c10::cuda::CUDAGuard guard(masks.device());
+  const cuda::Output o{masks.size(2), masks.size(3), masks.size(4)};
+  check_grad(grad_flow, "grad_flow", {B, o.Do, o.Ho, o.Wo, 3}, masks);
+  need_jacobian_grad = need_jacobian_grad && jacobian.has_value();
+  const auto acc = acc_of(masks);
+  const KpTensors kp = kp_tensors(kp_source, kp_driving, jacobian, acc);
+  const auto m = masks.to(acc).contiguous();
+  const auto gf = grad_flow.to(acc).contiguous();
+  const bool need_part = need_kp_grad || need_jacobian_grad;
+  const int64_t nparts = cuda::num_partials(o.Do * o.Ho * o.Wo);
+  at::Tensor gm, part = at::zeros({B, nparts, K, 15}, masks.options().dtype(acc));
+  if (need_masks_grad) gm = at::zeros(masks.sizes(), masks.options().dtype(acc));
+  C10_CUDA_CHECK(cuda::keypoint_flow_backward(
+      to_dtype(acc), gf.const_data_ptr(), m.const_data_ptr(), kp.desc(),
+      gm.defined() ? gm.mutable_data_ptr() : nullptr,
+      need_part ? part.mutable_data_ptr() : nullptr, B, o, grid_align_corners, stream()));
+  at::Tensor g_kps = none_like(kp_source), g_kpd = none_like(kp_driving);
+  at::Tensor g_jac = jacobian.has_value() ? none_like(*jacobian) : none_like(masks);
+  split_partials(part, B, K, kp_source, kp_driving, jacobian, need_kp_grad, need_jacobian_grad,
+                 g_kps, g_kpd, g_jac);
+  return {g_kps, g_kpd, gm.defined() ? gm.to(masks.scalar_type()) : none_like(masks), g_jac};
+}
+
+void check_warp_by_keypoints(const at::Tensor& volume, const at::Tensor& kp_source,
+                             const at::Tensor& kp_driving, const at::Tensor& masks,
+                             const std::optional<at::Tensor>& jacobian) {
+  check_volume(volume, "volume");
+  const int64_t K = check_keypoints(kp_source, kp_driving, jacobian, volume.size(0));
+  check_masks(masks, volume.size(0), K);
+  PYFACE_CHECK_SAME_DEVICE("kp_source", kp_source, "volume", volume);
+  PYFACE_CHECK_SAME_DEVICE("masks", masks, "volume", volume);
+  check_cuda(volume, "volume");
+}
+
+at::Tensor warp_by_keypoints_cuda(const at::Tensor& volume, const at::Tensor& kp_source,
+                                  const at::Tensor& kp_driving, const at::Tensor& masks,
+                                  const std::optional<at::Tensor>& jacobian, bool align_corners,
+                                  bool grid_align_corners) {
+  check_warp_by_keypoints(volume, kp_source, kp_driving, masks, jacobian);
+  const c10::cuda::CUDAGuard guard(volume.device());
+  const cuda::Output o{masks.size(2), masks.size(3), masks.size(4)};
+  auto out = at::empty({volume.size(0), volume.size(1), o.Do, o.Ho, o.Wo}, volume.options());
+  if (out.numel() == 0) return out;
+  const auto acc = acc_of(volume);
+  const KpTensors kp = kp_tensors(kp_source, kp_driving, jacobian, acc);
+  const auto m = masks.to(acc).contiguous();
+  C10_CUDA_CHECK(cuda::warp_by_keypoints_forward(
+      to_dtype(volume.scalar_type()), volume.const_data_ptr(), m.const_data_ptr(), kp.desc(),
+      out.mutable_data_ptr(), volume_desc(volume), o, align_corners, grid_align_corners,
+      stream()));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> warp_by_keypoints_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& volume, const at::Tensor& kp_source,
+    const at::Tensor& kp_driving, const at::Tensor& masks,
+    const std::optional<at::Tensor>& jacobian, bool align_corners, bool grid_align_corners,
+    bool need_volume_grad, bool need_kp_grad, bool need_masks_grad, bool need_jacobian_grad) {
+  check_warp_by_keypoints(volume, kp_source, kp_driving, masks, jacobian);
+  const c10::cuda::CUDAGuard guard(volume.device());
+  const int64_t B = volume.size(0), K = kp_source.size(1);
+  const cuda::Output o{masks.size(2), masks.size(3), masks.size(4)};
+  check_grad(grad_out, "grad_out", {B, volume.size(1), o.Do, o.Ho, o.Wo}, volume);
+  need_jacobian_grad = need_jacobian_grad && jacobian.has_value();
+  const auto acc = acc_of(volume);
+  const KpTensors kp = kp_tensors(kp_source, kp_driving, jacobian, acc);
+  const auto m = masks.to(acc).contiguous();
+  const auto go = grad_out.to(acc).contiguous();
+  const bool need_part = need_kp_grad || need_jacobian_grad;
+  const int64_t nparts = cuda::num_partials(o.Do * o.Ho * o.Wo);
+  at::Tensor gv, gm, part = at::zeros({B, nparts, K, 15}, volume.options().dtype(acc));
+  if (need_volume_grad) gv = at::zeros(volume.sizes(), volume.options().dtype(acc));
+  if (need_masks_grad) gm = at::zeros(masks.sizes(), masks.options().dtype(acc));
+  C10_CUDA_CHECK(cuda::warp_by_keypoints_backward(
+      to_dtype(volume.scalar_type()), go.const_data_ptr(), volume.const_data_ptr(),
+      m.const_data_ptr(), kp.desc(), gv.defined() ? gv.mutable_data_ptr() : nullptr,
+      gm.defined() ? gm.mutable_data_ptr() : nullptr,
+      need_part ? part.mutable_data_ptr() : nullptr, volume_desc(volume), o, align_corners,
+      grid_align_corners, stream()));
+  at::Tensor g_kps = none_like(kp_source), g_kpd = none_like(kp_driving);
+  at::Tensor g_jac = jacobian.has_value() ? none_like(*jacobian) : none_like(masks);
+  split_partials(part, B, K, kp_source, kp_driving, jacobian, need_kp_grad, need_jacobian_grad,
+                 g_kps, g_kpd, g_jac);
+  return {gv.defined() ? gv.to(volume.scalar_type()) : none_like(volume), g_kps, g_kpd,
+          gm.defined() ? gm.to(masks.scalar_type()) : none_like(masks), g_jac};
+}
+
+void check_motion_field_input(const at::Tensor& volume, const at::Tensor& kp_source,
+                              const at::Tensor& kp_driving,
+                              const std::optional<at::Tensor>& jacobian, double variance) {
+  check_volume(volume, "volume");
+  check_keypoints(kp_source, kp_driving, jacobian, volume.size(0));
+  PYFACE_CHECK_SAME_DEVICE("kp_source", kp_source, "volume", volume);
+  TORCH_CHECK_VALUE(variance > 0 && std::isfinite(variance),
+                    "heatmap_variance: expected a positive finite number, got ", variance);
+  check_cuda(volume, "volume");
+}
+
+at::Tensor motion_field_input_cuda(const at::Tensor& volume, const at::Tensor& kp_source,
+                                   const at::Tensor& kp_driving,
+                                   const std::optional<at::Tensor>& jacobian,
+                                   double heatmap_variance, bool align_corners,
+                                   bool grid_align_corners) {
+  check_motion_field_input(volume, kp_source, kp_driving, jacobian, heatmap_variance);
+  const c10::cuda::CUDAGuard guard(volume.device());
+  const int64_t B = volume.size(0), C = volume.size(1), K = kp_source.size(1);
+  auto out = at::empty({B, (K + 1) * (C + 1), volume.size(2), volume.size(3), volume.size(4)},
+                       volume.options());
+  if (out.numel() == 0) return out;
+  const KpTensors kp = kp_tensors(kp_source, kp_driving, jacobian, acc_of(volume));
+  C10_CUDA_CHECK(cuda::motion_field_input_forward(
+      to_dtype(volume.scalar_type()), volume.const_data_ptr(), kp.desc(), out.mutable_data_ptr(),
+      volume_desc(volume), heatmap_variance, align_corners, grid_align_corners, stream()));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> motion_field_input_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& volume, const at::Tensor& kp_source,
+    const at::Tensor& kp_driving, const std::optional<at::Tensor>& jacobian,
+    double heatmap_variance, bool align_corners, bool grid_align_corners, bool need_volume_grad,
+    bool need_kp_grad, bool need_jacobian_grad) {
+  check_motion_field_input(volume, kp_source, kp_driving, jacobian, heatmap_variance);
+  const c10::cuda::CUDAGuard guard(volume.device());
+  const int64_t B = volume.size(0), C = volume.size(1), K = kp_source.size(1);
+  const int64_t D = volume.size(2), H = volume.size(3), W = volume.size(4);
+  check_grad(grad_out, "grad_out", {B, (K + 1) * (C + 1), D, H, W}, volume);
+  need_jacobian_grad = need_jacobian_grad && jacobian.has_value();
+  const auto acc = acc_of(volume);
+  const KpTensors kp = kp_tensors(kp_source, kp_driving, jacobian, acc);
+  const auto go = grad_out.to(acc).contiguous();
+  const bool need_part = need_kp_grad || need_jacobian_grad;
+  const int64_t nparts = cuda::num_partials(D * H * W);
+  at::Tensor gv, part = at::zeros({B, nparts, K, 15}, volume.options().dtype(acc));
+  if (need_volume_grad) gv = at::zeros(volume.sizes(), volume.options().dtype(acc));
+  C10_CUDA_CHECK(cuda::motion_field_input_backward(
+      to_dtype(volume.scalar_type()), go.const_data_ptr(), volume.const_data_ptr(), kp.desc(),
+      gv.defined() ? gv.mutable_data_ptr() : nullptr,
+      need_part ? part.mutable_data_ptr() : nullptr, volume_desc(volume), heatmap_variance,
+      align_corners, grid_align_corners, stream()));
+  at::Tensor g_kps = none_like(kp_source), g_kpd = none_like(kp_driving);
+  at::Tensor g_jac = jacobian.has_value() ? none_like(*jacobian) : none_like(volume);
+  split_partials(part, B, K, kp_source, kp_driving, jacobian, need_kp_grad, need_jacobian_grad,
+                 g_kps, g_kpd, g_jac);
+  return {gv.defined() ? gv.to(volume.scalar_type()) : none_like(volume), g_kps, g_kpd, g_jac};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyface, CUDA, m) {
+  m.impl("warp_volume", &warp_volume_cuda);
+  m.impl("warp_volume_bwd", &warp_volume_bwd_cuda);
+  m.impl("keypoint_flow", &keypoint_flow_cuda);
+  m.impl("keypoint_flow_bwd", &keypoint_flow_bwd_cuda);
+  m.impl("warp_by_keypoints", &warp_by_keypoints_cuda);
+  m.impl("warp_by_keypoints_bwd", &warp_by_keypoints_bwd_cuda);
+  m.impl("motion_field_input", &motion_field_input_cuda);
+  m.impl("motion_field_input_bwd", &motion_field_input_bwd_cuda);
+}
+
+}  // namespace warp
+}  // namespace pyface

@@ -1,0 +1,366 @@
+"""The on-disk talking-head dataset format, its index and its validation.
+
+A dataset root holds one folder per video::
+
+    ROOT/
+      index.json                   fast listing (written by write_index / `pyface data index`)
+      <video>/
+        meta.json                  {"identity": str, "fps": float, "source": str,
+                                    "num_frames": T, "resolution": [H, W], ...}
+        frames/00000.png ...       RGB frames (or a single frames.mp4)
+        masks/00000.png ...        optional foreground masks (8-bit, 255 = foreground)
+        dataset.json               EG3D labels: {"labels": [["frames/00000.png", [25 floats]], ...]}
+        coeffs.npy                 (T, 257) float32 Deep3DFaceRecon coefficients
+        landmarks.npy              optional (T, 68, 2) or (T, 478, 2) float32, pixels (x right, y down)
+
+``index.json`` = ``{"format": "pyface-video/1", "videos": [{"name", "identity", "num_frames",
+"frames": "png" | "mp4", "resolution", "has_masks", "has_landmarks"}, ...]}``.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+FORMAT = "pyface-video/1"
+INDEX = "index.json"
+META = "meta.json"
+LABELS = "dataset.json"
+COEFFS = "coeffs.npy"
+LANDMARKS = "landmarks.npy"
+FRAME_DIR, MASK_DIR, VIDEO_FILE = "frames", "masks", "frames.mp4"
+
+
+class DataError(ValueError):
+    """Bad or missing data; the message names the offending file."""
+
+
+@dataclass
+class VideoRecord:
+    """One video of a dataset root (what ``index.json`` lists)."""
+
+    name: str
+    identity: str
+    num_frames: int
+    frames: str = "png"                 # "png" or "mp4"
+    resolution: list = field(default_factory=list)
+    has_masks: bool = False
+    has_landmarks: bool = False
+
+    def path(self, root: str, *parts: str) -> str:
+        return os.path.join(root, self.name, *parts)
+
+    def frame_path(self, root: str, i: int) -> str:
+        if self.frames == "mp4":
+            return self.path(root, VIDEO_FILE)
+        return self.path(root, FRAME_DIR, f"{i:05d}.png")
+
+    def mask_path(self, root: str, i: int) -> str:
+        return self.path(root, MASK_DIR, f"{i:05d}.png")
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+def write_video(root: str, name: str, frames: np.ndarray, coeffs: np.ndarray, labels: np.ndarray, *,
+                identity: str, fps: float = 25.0, source: str = "unknown",
+                masks: np.ndarray | None = None, landmarks: np.ndarray | None = None,
+                extra_meta: dict | None = None, png_compression: int = 1) -> VideoRecord:
+    """Writes one video folder.
+
+    Args:
+        frames: ``(T, H, W, 3)`` uint8.
+        coeffs: ``(T, 257)``; labels: ``(T, 25)`` EG3D cameras.
+        masks: optional ``(T, H, W)`` uint8 or bool; landmarks: optional ``(T, 68|478, 2)`` pixels.
+    """
+    from PIL import Image
+
+    t = frames.shape[0]
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames: expected uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+    if coeffs.shape != (t, 257):
+        raise ValueError(f"coeffs: expected shape ({t}, 257), got {coeffs.shape}")
+    if labels.shape != (t, 25):
+        raise ValueError(f"labels: expected shape ({t}, 25), got {labels.shape}")
+    d = os.path.join(root, name)
+    os.makedirs(os.path.join(d, FRAME_DIR), exist_ok=True)
+    entries = []
+    for i in range(t):
+        rel = f"{FRAME_DIR}/{i:05d}.png"
+        Image.fromarray(frames[i]).save(os.path.join(d, rel), compress_level=png_compression)
+        entries.append([rel, [float(x) for x in labels[i]]])
+    if masks is not None:
+        os.makedirs(os.path.join(d, MASK_DIR), exist_ok=True)
+        m = masks.astype(np.uint8) * (255 if masks.dtype == bool else 1)
+        for i in range(t):
+            Image.fromarray(m[i]).save(os.path.join(d, MASK_DIR, f"{i:05d}.png"),
+                                       compress_level=png_compression)
+    np.save(os.path.join(d, COEFFS), coeffs.astype(np.float32))
+    if landmarks is not None:
+        np.save(os.path.join(d, LANDMARKS), landmarks.astype(np.float32))
+    _dump(os.path.join(d, LABELS), {"labels": entries})
+    meta = {"identity": identity, "fps": fps, "source": source, "num_frames": t,
+            "resolution": [int(frames.shape[1]), int(frames.shape[2])]}
+    meta.update(extra_meta or {})
+    _dump(os.path.join(d, META), meta)
+    return VideoRecord(name=name, identity=identity, num_frames=t, frames="png",
+                       resolution=meta["resolution"], has_masks=masks is not None,
+                       has_landmarks=landmarks is not None)
+
+
+def _dump(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def _load_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# index
+
+
+def scan_video(root: str, name: str) -> VideoRecord:
+    """Builds a record from a video folder's files (meta.json and what exists)."""
+    d = os.path.join(root, name)
+    meta = _load_json(os.path.join(d, META))
+    if not isinstance(meta, dict) or "identity" not in meta:
+        raise DataError(f"{os.path.join(d, META)}: expected an object with an 'identity' field")
+    if os.path.isdir(os.path.join(d, FRAME_DIR)):
+        kind = "png"
+        n = len([f for f in os.listdir(os.path.join(d, FRAME_DIR)) if f.endswith(".png")])
+    elif os.path.isfile(os.path.join(d, VIDEO_FILE)):
+        kind = "mp4"
+        n = int(meta.get("num_frames", 0))
+    else:
+        raise DataError(f"{d}: neither {FRAME_DIR}/ nor {VIDEO_FILE} found")
+    return VideoRecord(name=name, identity=str(meta["identity"]),
+                       num_frames=int(meta.get("num_frames", n)), frames=kind,
+                       resolution=list(meta.get("resolution", [])),
+                       has_masks=os.path.isdir(os.path.join(d, MASK_DIR)),
+                       has_landmarks=os.path.isfile(os.path.join(d, LANDMARKS)))
+
+
+def video_names(root: str) -> list[str]:
+    return sorted(e for e in os.listdir(root)
+                  if os.path.isfile(os.path.join(root, e, META)))
+
+
+def write_index(root: str, records: list[VideoRecord] | None = None) -> list[VideoRecord]:
+    """Scans ``root`` (unless ``records`` are given) and writes ``index.json``."""
+    if records is None:
+        records = [scan_video(root, n) for n in video_names(root)]
+    records = sorted(records, key=lambda r: r.name)
+    _dump(os.path.join(root, INDEX), {"format": FORMAT, "videos": [asdict(r) for r in records]})
+    return records
+
+
+def load_index(root: str) -> list[VideoRecord]:
+    """The videos of ``root`` from ``index.json`` (scanned, with a warning, when it is absent)."""
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: dataset root not found")
+    path = os.path.join(root, INDEX)
+    if not os.path.isfile(path):
+        warnings.warn(f"{path} not found; scanning the folders (run `pyface data index {root}` "
+                      "to write it)", stacklevel=2)
+        return [scan_video(root, n) for n in video_names(root)]
+    idx = _load_json(path)
+    if not isinstance(idx, dict) or idx.get("format") != FORMAT or "videos" not in idx:
+        raise DataError(f"{path}: not a {FORMAT} index")
+    try:
+        return [VideoRecord(**v) for v in idx["videos"]]
+    except TypeError as e:
+        raise DataError(f"{path}: bad video entry ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# per-video arrays (checked)
+
+
+def load_coeffs(root: str, rec: VideoRecord) -> np.ndarray:
+    path = rec.path(root, COEFFS)
+    try:
+        c = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing") from None
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path}: unreadable ({e})") from None
+    if c.shape != (rec.num_frames, 257):
+        raise DataError(f"{path}: expected shape ({rec.num_frames}, 257) for {rec.num_frames} "
+                        f"frames, got {c.shape}")
+    if not np.isfinite(c).all():
+        raise DataError(f"{path}: contains NaN or inf")
+    return c.astype(np.float32)
+
+
+def load_labels(root: str, rec: VideoRecord) -> np.ndarray:
+    path = rec.path(root, LABELS)
+    d = _load_json(path)
+    try:
+        labels = d["labels"]
+        arr = np.asarray([lab[1] for lab in labels], dtype=np.float64)
+    except (KeyError, TypeError, IndexError, ValueError) as e:
+        raise DataError(f"{path}: expected {{'labels': [[file, [25 floats]], ...]}} ({e})") from None
+    if arr.shape != (rec.num_frames, 25):
+        raise DataError(f"{path}: expected {rec.num_frames} labels of 25 values, got shape {arr.shape}")
+    bad = ~np.isfinite(arr).all(1)
+    if bad.any():
+        raise DataError(f"{path}: NaN or inf camera for frame(s) {np.nonzero(bad)[0][:10].tolist()}")
+    rot = arr[:, :16].reshape(-1, 4, 4)[:, :3, :3]
+    err = np.abs(rot.transpose(0, 2, 1) @ rot - np.eye(3)).max(axis=(1, 2))
+    if (err > 1e-3).any():
+        raise DataError(f"{path}: cam2world rotation not orthonormal for frame(s) "
+                        f"{np.nonzero(err > 1e-3)[0][:10].tolist()}")
+    return arr.astype(np.float32)
+
+
+def load_landmarks(root: str, rec: VideoRecord) -> np.ndarray | None:
+    if not rec.has_landmarks:
+        return None
+    path = rec.path(root, LANDMARKS)
+    try:
+        lm = np.load(path, allow_pickle=False)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise DataError(f"{path}: unreadable ({e})") from None
+    if lm.ndim != 3 or lm.shape[0] != rec.num_frames or lm.shape[1] not in (68, 478) or lm.shape[2] != 2:
+        raise DataError(f"{path}: expected shape ({rec.num_frames}, 68|478, 2), got {lm.shape}")
+    return lm.astype(np.float32)
+
+
+_mp4_readers: dict = {}
+
+
+def close_readers() -> None:
+    """Closes the cached mp4 readers of this process (also run at exit)."""
+    for key in list(_mp4_readers):
+        try:
+            _mp4_readers.pop(key).close()
+        except Exception:  # a reader of a dead or forked process: nothing left to release
+            pass
+
+
+atexit.register(close_readers)
+
+
+def read_frame(root: str, rec: VideoRecord, i: int) -> np.ndarray:
+    """Frame ``i`` as ``(H, W, 3)`` uint8; raises :class:`DataError` naming the file."""
+    if not 0 <= i < rec.num_frames:
+        raise IndexError(f"frame {i} out of range for {rec.name} ({rec.num_frames} frames)")
+    path = rec.frame_path(root, i)
+    try:
+        if rec.frames == "mp4":
+            import imageio.v2 as iio
+            key = (os.getpid(), path)
+            if key not in _mp4_readers:
+                _mp4_readers[key] = iio.get_reader(path)
+            img = np.asarray(_mp4_readers[key].get_data(i))
+        else:
+            from PIL import Image
+            with Image.open(path) as im:
+                img = np.array(im if im.mode == "RGB" else im.convert("RGB"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing frame") from None
+    except Exception as e:  # PIL/imageio raise many types for corrupt data
+        raise DataError(f"{path}: corrupt or unreadable frame ({type(e).__name__}: {e})") from None
+    return img
+
+
+def read_mask(root: str, rec: VideoRecord, i: int) -> np.ndarray | None:
+    if not rec.has_masks:
+        return None
+    path = rec.mask_path(root, i)
+    try:
+        from PIL import Image
+        with Image.open(path) as im:
+            return np.array(im if im.mode == "L" else im.convert("L"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing mask") from None
+    except Exception as e:
+        raise DataError(f"{path}: corrupt or unreadable mask ({type(e).__name__}: {e})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+
+
+def check_video(root: str, rec: VideoRecord, deep: bool = True) -> list[str]:
+    """Problems of one video (each names a file); empty when the video is fine. ``deep`` decodes
+    every frame and mask, otherwise only their presence is checked."""
+    problems = []
+    for fn in (lambda: load_coeffs(root, rec), lambda: load_labels(root, rec),
+               lambda: load_landmarks(root, rec)):
+        try:
+            fn()
+        except DataError as e:
+            problems.append(str(e))
+    if rec.frames == "mp4":
+        if not os.path.isfile(rec.frame_path(root, 0)):
+            problems.append(f"{rec.frame_path(root, 0)}: missing video")
+        elif deep:
+            try:
+                read_frame(root, rec, rec.num_frames - 1)
+            except (DataError, IndexError) as e:
+                problems.append(str(e))
+    for i in range(rec.num_frames):
+        for kind, path, reader in (("frame", rec.frame_path(root, i), read_frame),
+                                   ("mask", rec.mask_path(root, i), read_mask)):
+            if kind == "frame" and rec.frames == "mp4":
+                continue
+            if kind == "mask" and not rec.has_masks:
+                continue
+            if not os.path.isfile(path):
+                problems.append(f"{path}: missing {kind}")
+            elif deep:
+                try:
+                    reader(root, rec, i)
+                except DataError as e:
+                    problems.append(str(e))
+    return problems
+
+
+def check_dataset(root: str, deep: bool = True) -> tuple[list[VideoRecord], list[str]]:
+    """Validates a dataset root: index vs folders, then every video. Returns (records, problems)."""
+    problems = []
+    if not os.path.isdir(root):
+        return [], [f"{root}: dataset root not found"]
+    names = set(video_names(root))
+    try:
+        if os.path.isfile(os.path.join(root, INDEX)):
+            records = load_index(root)
+            listed = {r.name for r in records}
+            for n in sorted(names - listed):
+                problems.append(f"{os.path.join(root, n)}: video folder not in {INDEX} "
+                                f"(re-run `pyface data index`)")
+            for n in sorted(listed - names):
+                problems.append(f"{os.path.join(root, n, META)}: listed in {INDEX} but missing")
+            records = [r for r in records if r.name in names]
+        else:
+            problems.append(f"{os.path.join(root, INDEX)}: missing (run `pyface data index`)")
+            records = []
+            for n in sorted(names):
+                try:
+                    records.append(scan_video(root, n))
+                except DataError as e:
+                    problems.append(str(e))
+    except DataError as e:
+        return [], problems + [str(e)]
+    if not names:
+        problems.append(f"{root}: no video folders (folders with {META})")
+    for rec in records:
+        problems += check_video(root, rec, deep=deep)
+    return records, problems
+

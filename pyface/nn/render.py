@@ -1,0 +1,250 @@
+"""Tri-plane volume renderer modules: EG3D's ``ImportanceRenderer`` and ``OSGDecoder``, and the
+density regularisers of EG3D and OTAvatar, on top of :func:`pyface.ops.render_triplane`."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyface.ops.reference.render import OSG_CLAMP
+from pyface.ops.render import render_triplane
+from pyface.ops.triplane import triplane_sample
+
+
+class FullyConnectedLayer(nn.Module):
+    """StyleGAN2 / EG3D equalized-learning-rate linear layer.
+
+    The stored ``weight`` (out, in) is drawn from N(0, 1) / lr_multiplier and scaled at run time
+    by ``lr_multiplier / sqrt(in)``; the bias by ``lr_multiplier``. Parameter names match EG3D's,
+    so EG3D state dicts load as they are.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
+                 lr_multiplier: float = 1.0, bias_init: float = 0.0) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_multiplier)
+        self.bias = nn.Parameter(torch.full((out_features,), float(bias_init))) if bias else None
+        self.weight_gain = lr_multiplier / math.sqrt(in_features)
+        self.bias_gain = lr_multiplier
+
+    def effective(self, dtype: torch.dtype | None = None):
+        """The weight (out, in) and bias (out,) this layer applies (differentiable)."""
+        dtype = dtype or self.weight.dtype
+        w = self.weight.to(dtype) * self.weight_gain
+        if self.bias is None:
+            b = torch.zeros(self.out_features, dtype=dtype, device=w.device)
+        else:
+            b = self.bias.to(dtype)
+            if self.bias_gain != 1:
+                b = b * self.bias_gain
+        return w, b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.effective(x.dtype)
+        return torch.addmm(b.unsqueeze(0), x, w.t())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class OSGDecoder(nn.Module):
+    """EG3D's tri-plane decoder: mean over the 3 planes -> FC -> softplus -> FC.
+
+    Output channel 0 is the raw density, channels 1: are features
+    ``sigmoid(x) * (1 + 2 * 0.001) - 0.001`` (the first 3 are the raw RGB). Ray directions are
+    ignored, as in EG3D.
+
+    Args:
+        n_features: plane channels C (EG3D: 32).
+        hidden: hidden width (EG3D: 64).
+        out_features: feature channels C_out (EG3D: 32).
+        lr_multiplier: EG3D's ``decoder_lr_mul`` (1).
+    """
+
+    def __init__(self, n_features: int = 32, hidden: int = 64, out_features: int = 32, *,
+                 lr_multiplier: float = 1.0) -> None:
+        super().__init__()
+        self.hidden_dim = hidden
+        self.net = nn.Sequential(
+            FullyConnectedLayer(n_features, hidden, lr_multiplier=lr_multiplier),
+            nn.Softplus(),
+            FullyConnectedLayer(hidden, 1 + out_features, lr_multiplier=lr_multiplier),
+        )
+
+    def effective_weights(self, dtype: torch.dtype | None = None):
+        """(w1 (hidden, C), b1, w2 (1 + C_out, hidden), b2): what ``render_triplane`` fuses."""
+        w1, b1 = self.net[0].effective(dtype)
+        w2, b2 = self.net[2].effective(dtype)
+        return w1, b1, w2, b2
+
+    def forward(self, sampled_features: torch.Tensor, ray_directions: torch.Tensor | None = None):
+        """sampled_features: (B, 3, N, C) -> {"rgb": (B, N, C_out), "sigma": (B, N, 1)}."""
+        x = sampled_features.mean(1)
+        B, N, C = x.shape
+        x = self.net(x.reshape(B * N, C)).reshape(B, N, -1)
+        rgb = torch.sigmoid(x[..., 1:]) * (1 + 2 * OSG_CLAMP) - OSG_CLAMP
+        return {"rgb": rgb, "sigma": x[..., 0:1]}
+
+
+@dataclasses.dataclass
+class RenderConfig:
+    """Rendering options (EG3D's ``rendering_kwargs``); defaults are EG3D's FFHQ configuration.
+
+    Attributes:
+        depth_resolution: coarse samples per ray.
+        depth_resolution_importance: importance samples per ray (0: coarse pass only).
+        ray_start, ray_end: depth range of the coarse samples.
+        box_warp: side of the cube spanned by the planes.
+        plane_axes: ``"eg3d"`` (EG3D / OTAvatar checkpoints: planes xy, xz, zx) or
+            ``"xy_xz_zy"`` (corrected projection, e.g. GOHA).
+        density_bias: added to the density before the softplus.
+        white_back: composite over white.
+        backend: ``render_triplane`` backend (``None``: the best available, the fused one when
+            possible).
+        recompute: recompute ray chunks in the backward (compiled backends).
+        chunk_points: samples per chunk for the compiled backends (``None``: default).
+    """
+
+    depth_resolution: int = 48
+    depth_resolution_importance: int = 48
+    ray_start: float = 2.25
+    ray_end: float = 3.3
+    box_warp: float = 1.0
+    plane_axes: str = "eg3d"
+    density_bias: float = -1.0
+    white_back: bool = False
+    backend: str | None = None
+    recompute: bool = True
+    chunk_points: int | None = None
+
+    @classmethod
+    def ffhq(cls, **overrides) -> "RenderConfig":
+        """EG3D FFHQ: 48 + 48 samples, rays 2.25 - 3.3, box 1, EG3D plane axes."""
+        return cls(**overrides)
+
+    @classmethod
+    def ffhq_corrected_axes(cls, **overrides) -> "RenderConfig":
+        """FFHQ options with the corrected xy / xz / zy plane projection."""
+        return cls(plane_axes="xy_xz_zy", **overrides)
+
+
+@dataclasses.dataclass
+class RenderOutput:
+    """Renderer outputs for R = H * W rays.
+
+    Attributes:
+        features: (B, R, C_out) composited features mapped to [-1, 1] (``* 2 - 1``), as EG3D's
+            ``ImportanceRenderer`` returns them.
+        depth: (B, R, 1) composited depth.
+        weights_sum: (B, R, 1) accumulated opacity.
+    """
+
+    features: torch.Tensor
+    depth: torch.Tensor
+    weights_sum: torch.Tensor
+
+    def images(self, height: int, width: int | None = None) -> dict[str, torch.Tensor]:
+        """EG3D generator images: ``feature_image`` (B, C_out, H, W), ``image_raw`` (B, 3, H, W),
+        ``image_depth`` (B, 1, H, W)."""
+        width = width or height
+        B = self.features.shape[0]
+        feat = self.features.permute(0, 2, 1).reshape(B, -1, height, width).contiguous()
+        depth = self.depth.permute(0, 2, 1).reshape(B, 1, height, width)
+        return {"feature_image": feat, "image_raw": feat[:, :3], "image_depth": depth}
+
+
+class TriplaneRenderer(nn.Module):
+    """EG3D's ``ImportanceRenderer`` on tri-planes (coarse, importance, fine, merge, composite).
+
+    Uses the fused path of :func:`pyface.ops.render_triplane` when the decoder is an
+    :class:`OSGDecoder` (its effective weights are fused, gradients flow to its parameters),
+    otherwise the unfused ops with the decoder module on the sampled (B, 3, N, C) features.
+    """
+
+    def __init__(self, config: RenderConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or RenderConfig()
+
+    def forward(self, planes: torch.Tensor, decoder: nn.Module, ray_origins: torch.Tensor,
+                ray_dirs: torch.Tensor, *, stratified_noise: torch.Tensor | None = None,
+                importance_u: torch.Tensor | None = None) -> RenderOutput:
+        """planes (B, 3, C, H, W), ray_origins / ray_dirs (B, R, 3); optional injected uniforms
+        stratified_noise (B, R, depth_resolution), importance_u (B, R, depth_resolution_importance).
+        """
+        cfg = self.config
+        dec = decoder
+        if isinstance(decoder, OSGDecoder):
+            dec = decoder.effective_weights(planes.dtype)
+        feats, depth, wsum = render_triplane(
+            planes, ray_origins, ray_dirs, dec, near=cfg.ray_start, far=cfg.ray_end,
+            n_coarse=cfg.depth_resolution, n_fine=cfg.depth_resolution_importance,
+            plane_axes=cfg.plane_axes, box_size=cfg.box_warp, density_bias=cfg.density_bias,
+            white_back=cfg.white_back, stratified_noise=stratified_noise,
+            importance_u=importance_u, backend=cfg.backend, recompute=cfg.recompute,
+            chunk_points=cfg.chunk_points)
+        return RenderOutput(feats * 2 - 1, depth, wsum)
+
+
+# ---------------------------------------------------------------------------------------------
+# Density regularisers (EG3D training/loss.py; OTAvatar uses the monotonic one)
+# ---------------------------------------------------------------------------------------------
+
+def query_density(planes: torch.Tensor, decoder, points: torch.Tensor, *,
+                  plane_axes: str = "eg3d", box_size: float = 1.0) -> torch.Tensor:
+    """Raw density (B, N) of the decoder at points (B, N, 3) (EG3D's ``sample_mixed``)."""
+    if isinstance(decoder, OSGDecoder):
+        decoder = decoder.effective_weights(planes.dtype)
+    if isinstance(decoder, (tuple, list)):
+        w1, b1, w2, b2 = decoder
+        f = triplane_sample(planes, points, plane_axes=plane_axes, box_size=box_size)
+        h = F.softplus(torch.addmm(b1.unsqueeze(0), f.reshape(-1, f.shape[-1]), w1.t()))
+        sigma = torch.addmm(b2[:1].unsqueeze(0), h, w2[:1].t())
+        return sigma.reshape(points.shape[:2])
+    f = triplane_sample(planes, points, plane_axes=plane_axes, box_size=box_size, reduce="none")
+    out = decoder(f)
+    sigma = out["sigma"] if isinstance(out, dict) else out[1]
+    return sigma.reshape(points.shape[:2])
+
+
+def density_l1_regularizer(planes: torch.Tensor, decoder, *, n_points: int = 1000,
+                           p_dist: float = 0.004, plane_axes: str = "eg3d",
+                           box_size: float = 1.0,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """EG3D's density regulariser (``reg_type='l1'``): ``n_points`` uniform points in
+    [-1, 1]^3 per batch item and copies perturbed by N(0, p_dist^2); returns the L1 between
+    their raw densities (EG3D multiplies it by ``density_reg`` = 0.25).
+
+    Args:
+        planes: (B, 3, C, H, W); decoder: an :class:`OSGDecoder`, its weights or a callable.
+    """
+    B, dev, dt = planes.shape[0], planes.device, planes.dtype
+    x = torch.rand(B, n_points, 3, device=dev, dtype=dt, generator=generator) * 2 - 1
+    y = x + torch.randn(x.shape, device=dev, dtype=dt, generator=generator) * p_dist
+    sigma = query_density(planes, decoder, torch.cat([x, y], 1), plane_axes=plane_axes,
+                          box_size=box_size)
+    return F.l1_loss(sigma[:, :n_points], sigma[:, n_points:])
+
+
+def density_monotonic_regularizer(planes: torch.Tensor, decoder, *, n_points: int = 2000,
+                                  box_size: float = 1.0, detach: bool = True,
+                                  scale: float = 10.0, plane_axes: str = "eg3d",
+                                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """EG3D's ``monotonic-detach`` / ``monotonic-fixed`` term (used by OTAvatar): density should
+    not decrease towards -z. ``n_points`` uniform points in [-1, 1]^3 and copies shifted by
+    ``-box_size / 256`` in z; returns ``relu(sigma_front - sigma_behind).mean() * scale`` with
+    ``sigma_front`` detached when ``detach``. (EG3D adds an L1 term with p_dist = box_size / 256
+    next to it: :func:`density_l1_regularizer`.)
+    """
+    B, dev, dt = planes.shape[0], planes.device, planes.dtype
+    x = torch.rand(B, n_points, 3, device=dev, dtype=dt, generator=generator) * 2 - 1
+    y = x + torch.tensor([0.0, 0.0, -1.0], device=dev, dtype=dt) * (1 / 256) * box_size
+    sigma = query_density(planes, decoder, torch.cat([x, y], 1), plane_axes=plane_axes,
+                          box_size=box_size)
+    front, behind = sigma[:, :n_points], sigma[:, n_points:]
+    if detach:
+        front = front.detach()
+    return torch.relu(front - behind).mean() * scale

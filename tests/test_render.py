@@ -1,0 +1,531 @@
+"""Ray marching / volume rendering: every op against its EG3D reference twin."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import pyface.ops as ops
+from pyface import _backend
+from pyface.ops.reference import (
+    mip_composite_reference,
+    ray_bundle_reference,
+    render_triplane_reference,
+    sample_importance_reference,
+    sample_stratified_reference,
+)
+from pyface.testing import assert_close, grads
+
+HAS_CPP = _backend.extension() is not None
+needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="pyface._C is not built")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+def eg3d_cameras(B: int, dtype=torch.float64, radius: float = 2.7, seed: int = 0) -> torch.Tensor:
+    """(B, 25) EG3D labels: cameras on a sphere looking at the origin, FFHQ intrinsics."""
+    gen = torch.Generator().manual_seed(seed)
+    cams = []
+    for _ in range(B):
+        yaw, pitch = (torch.rand(2, generator=gen, dtype=torch.float64) - 0.5) * 0.6
+        pos = radius * torch.stack([torch.sin(yaw) * torch.cos(pitch), torch.sin(pitch),
+                                    torch.cos(yaw) * torch.cos(pitch)])
+        fwd = -pos / pos.norm()
+        up = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
+        right = torch.linalg.cross(up, fwd)
+        right = right / right.norm()
+        down = torch.linalg.cross(fwd, right)
+        m = torch.eye(4, dtype=torch.float64)
+        m[:3, 0], m[:3, 1], m[:3, 2], m[:3, 3] = right, down, fwd, pos
+        k = torch.tensor([4.2647, 0, 0.5, 0, 4.2647, 0.5, 0, 0, 1], dtype=torch.float64)
+        cams.append(torch.cat([m.flatten(), k]))
+    return torch.stack(cams).to(dtype)
+
+
+def rand_composite_inputs(B, R, S, C, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    f = torch.rand(B, R, S, C, generator=gen, dtype=torch.float64).to(dtype)
+    s = (torch.randn(B, R, S, generator=gen, dtype=torch.float64) * 4).to(dtype)
+    t = 2.0 + torch.sort(torch.rand(B, R, S, generator=gen, dtype=torch.float64), -1).values
+    return f.requires_grad_(), s.requires_grad_(), t.to(dtype)
+
+
+def osg_weights(C, hidden, c_out, dtype=torch.float64, seed=0, requires_grad=True):
+    gen = torch.Generator().manual_seed(seed)
+    w = [torch.randn(hidden, C, generator=gen, dtype=torch.float64) / math.sqrt(C),
+         torch.randn(hidden, generator=gen, dtype=torch.float64) * 0.1,
+         torch.randn(1 + c_out, hidden, generator=gen, dtype=torch.float64) / math.sqrt(hidden),
+         torch.randn(1 + c_out, generator=gen, dtype=torch.float64) * 0.1]
+    w[3][0] += 2.0  # some density
+    return [x.to(dtype).requires_grad_(requires_grad) for x in w]
+
+
+def scene(B=2, res=4, C=8, HW=16, dtype=torch.float64, seed=0, hidden=16, c_out=5):
+    gen = torch.Generator().manual_seed(seed)
+    planes = torch.randn(B, 3, C, HW, HW, generator=gen, dtype=torch.float64).to(dtype)
+    o, d = ray_bundle_reference(eg3d_cameras(B, dtype, seed=seed), res)
+    return planes.requires_grad_(), o, d, osg_weights(C, hidden, c_out, dtype, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# ray_bundle / sample_stratified
+# ---------------------------------------------------------------------------------------------
+
+def test_ray_bundle_matches_reference_and_geometry():
+    cams = eg3d_cameras(3)
+    o, d = ops.ray_bundle(cams, 5)
+    o_ref, d_ref = ray_bundle_reference(cams, 5)
+    assert o.shape == (3, 25, 3) and d.shape == (3, 25, 3)
+    assert torch.equal(o, o_ref) and torch.equal(d, d_ref)
+    assert_close(d.norm(dim=-1), torch.ones(3, 25, dtype=torch.float64))
+    # principal point (0.5, 0.5) is the centre pixel of a 5x5 image: its ray hits the origin
+    centre = d[:, 12]
+    to_origin = -o[:, 12] / o[:, 12].norm(dim=-1, keepdim=True)
+    assert_close(centre, to_origin, scale=1e3)
+    # row-major pixel order: ray 1 is one pixel to the right (+x camera) of ray 0
+    right = cams[:, :16].reshape(3, 4, 4)[:, :3, 0]
+    assert ((d[:, 1] - d[:, 0]) * right).sum(-1).gt(0).all()
+
+
+def test_ray_bundle_bad_input():
+    with pytest.raises(ValueError, match=r"cameras: expected shape \(B, 25\)"):
+        ops.ray_bundle(torch.zeros(2, 16), 4)
+    cams = eg3d_cameras(2)
+    cams[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="cameras: expected finite values.*\\[1\\]"):
+        ops.ray_bundle(cams, 4)
+    with pytest.raises(ValueError, match="resolution"):
+        ops.ray_bundle(eg3d_cameras(1), 0)
+
+
+def test_sample_stratified():
+    o = torch.zeros(2, 3, 3)
+    t = ops.sample_stratified(o, o, 2.25, 3.3, 48)
+    assert t.shape == (2, 3, 48)
+    assert torch.equal(t[1, 2], torch.linspace(2.25, 3.3, 48))
+    noise = torch.rand(2, 3, 48)
+    t = ops.sample_stratified(o, o, 2.25, 3.3, 48, noise=noise)
+    assert_close(t, torch.linspace(2.25, 3.3, 48) + noise * (1.05 / 47))
+    assert torch.equal(t, sample_stratified_reference(o, 2.25, 3.3, 48, noise))
+    assert (t[..., 1:] > t[..., :-1]).all()
+    with pytest.raises(ValueError, match="near < far"):
+        ops.sample_stratified(o, o, 3.0, 3.0, 8)
+    with pytest.raises(ValueError, match="n_samples: expected an integer >= 2"):
+        ops.sample_stratified(o, o, 2.0, 3.0, 1)
+    with pytest.raises(ValueError, match="far: expected a finite number"):
+        ops.sample_stratified(o, o, 2.0, float("inf"), 8)
+    with pytest.raises(ValueError, match=r"noise: expected shape \(B, R, S\)"):
+        ops.sample_stratified(o, o, 2.0, 3.0, 8, noise=torch.rand(2, 3, 7))
+
+
+# ---------------------------------------------------------------------------------------------
+# mip_composite
+# ---------------------------------------------------------------------------------------------
+
+@needs_cpp
+@pytest.mark.parametrize("white_back", [False, True])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3), (1, 3, 2, 1), (3, 4, 33, 4), (1, 2, 6, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mip_composite_vs_reference(shape, white_back, dtype):
+    f, s, t = rand_composite_inputs(*shape, dtype=dtype)
+    kw = dict(white_back=white_back, density_bias=-1.0)
+    out, g, cot = grads(lambda f, s: ops.mip_composite(f, s, t, backend="cpu", **kw), [f, s])
+    ref, g_ref, _ = grads(lambda f, s: mip_composite_reference(f, s, t, **kw), [f, s], cot)
+    for a, b in zip(out, ref):
+        assert_close(a, b)
+    for a, b in zip(g, g_ref):
+        # float32: the running-sum backward differs from the reference's cumprod graph by
+        # cancellation in sum_{j>i} G_j w_j, a few ulps of the ray's total
+        assert_close(a, b, scale=20 if dtype == torch.float32 else 1)
+
+
+@needs_cpp
+def test_mip_composite_grad_weights_cotangent_and_bias():
+    f, s, t = rand_composite_inputs(2, 3, 9, 2, dtype=torch.float64)
+    cot = [torch.zeros(2, 3, 2, dtype=torch.float64), torch.zeros(2, 3, 1, dtype=torch.float64),
+           torch.randn(2, 3, 8, dtype=torch.float64)]
+    out, g, _ = grads(lambda f, s: ops.mip_composite(f, s, t, density_bias=0.3), [f, s], cot)
+    ref, g_ref, _ = grads(lambda f, s: mip_composite_reference(f, s, t, density_bias=0.3), [f, s],
+                          cot)
+    assert_close(g[1], g_ref[1])
+    assert g[1].abs().max() > 0
+
+
+@needs_cpp
+@pytest.mark.parametrize("white_back", [False, True])
+def test_mip_composite_gradcheck(white_back):
+    f, s, t = rand_composite_inputs(2, 3, 6, 2, dtype=torch.float64)
+    # includes a nearly transparent ray (with -30, alpha = 1 - exp(-x) rounds in float64)
+    s.data[0, 0] = -8.0
+    assert torch.autograd.gradcheck(
+        lambda f, s: ops.mip_composite(f, s, t, white_back=white_back, backend="cpu"), (f, s))
+
+
+@needs_cpp
+def test_mip_composite_depth_clamp_and_zero_weight():
+    f, s, t = rand_composite_inputs(2, 3, 5, 2)
+    s = s.detach().clone()
+    s[1, 2] = -200.0  # softplus underflows to 0: zero weight, depth NaN -> inf -> global max
+    out = ops.mip_composite(f, s, t, backend="cpu")
+    ref = mip_composite_reference(f, s, t)
+    for a, b in zip(out, ref):
+        assert_close(a, b)
+    assert out[2][1, 2].eq(0).all() and out[1][1, 2, 0] == t.max()
+    # the other rays' depths lie inside their own samples
+    assert (out[1][0, :, 0] >= t[0].min(-1).values).all()
+
+
+@needs_cpp
+def test_mip_composite_noncontiguous_and_empty():
+    f, s, t = rand_composite_inputs(4, 6, 5, 3)
+    fn = f.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    tn = t.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not fn.is_contiguous()
+    out = ops.mip_composite(fn[:, ::2], s[:, ::2], tn[:, ::2], backend="cpu")
+    ref = mip_composite_reference(fn[:, ::2], s[:, ::2], tn[:, ::2])
+    for a, b in zip(out, ref):
+        assert_close(a, b)
+    f0, s0, t0 = rand_composite_inputs(2, 0, 5, 3)
+    out = ops.mip_composite(f0, s0, t0, backend="cpu")
+    assert [tuple(x.shape) for x in out] == [(2, 0, 3), (2, 0, 1), (2, 0, 4)]
+    out[0].sum().backward()
+    assert f0.grad.shape == f0.shape
+
+
+@needs_cpp
+def test_mip_composite_opcheck_and_compile():
+    f, s, t = rand_composite_inputs(2, 3, 6, 4)
+    torch.library.opcheck(torch.ops.pyface.mip_composite, (f, s, t, None, -1.0, True))
+    go, gd, gw = torch.randn(2, 3, 4), torch.randn(2, 3, 1), torch.randn(2, 3, 5)
+    torch.library.opcheck(torch.ops.pyface.mip_composite_bwd,
+                          (go, gd, gw, f.detach(), s.detach(), t, None, -1.0, False, True, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+    def fn(f, s, t):
+        out, depth, w = ops.mip_composite(f, s, t, backend="cpu")
+        return out.sum() + depth.sum() + w.square().sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    g = torch.autograd.grad(compiled(f, s, t), (f, s))
+    g_ref = torch.autograd.grad(fn(f, s, t), (f, s))
+    for a, b in zip(g, g_ref):
+        assert_close(a, b)
+
+
+def test_mip_composite_bad_input():
+    f, s, t = rand_composite_inputs(2, 3, 5, 4)
+    with pytest.raises(ValueError, match=r"densities: expected shape \(B, R, S\).*S = 4"):
+        ops.mip_composite(f, s[..., :4], t)
+    with pytest.raises(ValueError, match="expected S >= 2"):
+        ops.mip_composite(f[:, :, :1], s[..., :1], t[..., :1])
+    with pytest.raises(TypeError, match="depths: expected dtype torch.float32"):
+        ops.mip_composite(f, s, t.double())
+    with pytest.raises(TypeError, match="features: expected a floating-point tensor"):
+        ops.mip_composite(f.int(), s, t)
+    if HAS_CPP:
+        with pytest.raises(ValueError, match=r"densities: expected shape \(B, R, S\)"):
+            torch.ops.pyface.mip_composite(f, s[:1], t, None, -1.0, False)
+        with pytest.raises(_backend.BackendUnavailableError, match="float16"):
+            ops.mip_composite(f.half(), s.half(), t.half(), backend="cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# sample_importance
+# ---------------------------------------------------------------------------------------------
+
+@needs_cpp
+@pytest.mark.parametrize("S,M", [(4, 5), (7, 3), (48, 48), (13, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sample_importance_vs_reference(S, M, dtype):
+    f, s, t = rand_composite_inputs(2, 6, S, 1, dtype=dtype, seed=S)
+    _, _, w = mip_composite_reference(f, s, t)
+    w = w.detach()
+    w[0, 0] = 0  # a ray with zero weights: the +0.01 smoothing makes it uniform
+    u = torch.rand(2, 6, M, dtype=dtype)
+    u[0, 1, 0] = 0.0
+    out = ops.sample_importance(t, w, M, u=u, backend="cpu")
+    ref = sample_importance_reference(t, w, M, u)
+    assert out.shape == (2, 6, M) and not out.requires_grad
+    assert_close(out, ref, scale=10)
+    mids = 0.5 * (t[..., 1:] + t[..., :-1])
+    assert (out >= mids[..., :1] - 1e-6).all() and (out <= mids[..., -1:] + 1e-6).all()
+
+
+@needs_cpp
+def test_sample_importance_draws_like_eg3d():
+    f, s, t = rand_composite_inputs(2, 5, 9, 1)
+    _, _, w = mip_composite_reference(f, s, t)
+    torch.manual_seed(3)
+    out = ops.sample_importance(t, w, 7, backend="cpu")
+    torch.manual_seed(3)
+    u = torch.rand(2 * 5, 7)  # EG3D: torch.rand(N_rays, N_importance)
+    assert_close(out, sample_importance_reference(t, w.detach(), 7, u.view(2, 5, 7)))
+
+
+@needs_cpp
+def test_sample_importance_concentrates_on_weights():
+    t = torch.linspace(2.0, 3.0, 32).expand(1, 1, 32).contiguous()
+    w = torch.zeros(1, 1, 31)
+    w[..., 20] = 1.0
+    out = ops.sample_importance(t, w, 64, u=torch.rand(1, 1, 64), backend="cpu")
+    frac = ((out > t[0, 0, 19]) & (out < t[0, 0, 22])).float().mean()
+    assert frac > 0.5
+
+
+@needs_cpp
+def test_sample_importance_opcheck_compile_empty():
+    f, s, t = rand_composite_inputs(2, 3, 8, 1)
+    w = mip_composite_reference(f, s, t)[2].detach()
+    u = torch.rand(2, 3, 5)
+    torch.library.opcheck(torch.ops.pyface.sample_importance, (t, w, u))
+    compiled = torch.compile(lambda t, w, u: ops.sample_importance(t, w, 5, u=u, backend="cpu"),
+                             fullgraph=True, backend="aot_eager")
+    assert_close(compiled(t, w, u), sample_importance_reference(t, w, 5, u))
+    empty = ops.sample_importance(t[:, :0], w[:, :0], 5, u=u[:, :0], backend="cpu")
+    assert empty.shape == (2, 0, 5)
+
+
+def test_sample_importance_bad_input():
+    t = torch.rand(2, 3, 8).sort(-1).values
+    w = torch.rand(2, 3, 7)
+    with pytest.raises(ValueError, match=r"weights: expected shape \(B, R, S-1\)"):
+        ops.sample_importance(t, w[..., :6], 4)
+    with pytest.raises(ValueError, match="S >= 4"):
+        ops.sample_importance(t[..., :3], w[..., :2], 4)
+    with pytest.raises(ValueError, match=r"u: expected shape \(B, R, M\)"):
+        ops.sample_importance(t, w, 4, u=torch.rand(2, 3, 5))
+    with pytest.raises(ValueError, match="n_importance"):
+        ops.sample_importance(t, w, 0)
+    if HAS_CPP:
+        with pytest.raises(ValueError, match="S >= 4"):
+            torch.ops.pyface.sample_importance(t[..., :3], w[..., :2], torch.rand(2, 3, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# render_triplane
+# ---------------------------------------------------------------------------------------------
+
+def _render_kw(B, R, nc=8, nf=6, seed=0, dtype=torch.float64, **kw):
+    gen = torch.Generator().manual_seed(seed + 100)
+    return dict(near=2.25, far=3.3, n_coarse=nc, n_fine=nf,
+                stratified_noise=torch.rand(B, R, nc, generator=gen, dtype=dtype),
+                importance_u=torch.rand(B, R, nf, generator=gen, dtype=dtype) if nf else None,
+                **kw)
+
+
+def _compare_render(out, ref, leaves, dtype, scale=1.0):
+    out_t = [o for o in out]
+    for a, b in zip(out_t, ref):
+        assert_close(a, b, scale=scale)
+    gen = torch.Generator().manual_seed(1)
+    cot = [torch.randn(r.shape, generator=gen, dtype=torch.float64).to(dtype) for r in ref]
+    g = torch.autograd.grad(out, leaves, cot, retain_graph=True, allow_unused=True)
+    g_ref = torch.autograd.grad(ref, leaves, cot, retain_graph=True, allow_unused=True)
+    for a, b in zip(g, g_ref):
+        assert_close(a, b, scale=scale)
+
+
+@needs_cpp
+@pytest.mark.parametrize("plane_axes", ["eg3d", "xy_xz_zy"])
+@pytest.mark.parametrize("white_back", [False, True])
+@pytest.mark.parametrize("recompute", [True, False])
+def test_render_triplane_compiled_vs_reference(plane_axes, white_back, recompute):
+    planes, o, d, w = scene()
+    kw = _render_kw(2, 16, plane_axes=plane_axes, white_back=white_back)
+    ref = render_triplane_reference(planes, o, d, w, **kw)
+    out = ops.render_triplane(planes, o, d, w, backend="cpu", recompute=recompute,
+                              chunk_points=50, **kw)
+    assert [tuple(x.shape) for x in out] == [(2, 16, 5), (2, 16, 1), (2, 16, 1)]
+    _compare_render(out, ref, [planes, *w], torch.float64)
+
+
+@needs_cpp
+def test_render_triplane_ray_grads_and_coarse_only():
+    planes, o, d, w = scene()
+    o, d = o.clone().requires_grad_(), d.clone().requires_grad_()
+    for nf in (0, 6):
+        kw = _render_kw(2, 16, nf=nf)
+        ref = render_triplane_reference(planes, o, d, w, **kw)
+        out = ops.render_triplane(planes, o, d, w, backend="cpu", chunk_points=64, **kw)
+        _compare_render(out, ref, [planes, o, d, *w], torch.float64)
+
+
+@needs_cpp
+def test_render_triplane_float32_and_random_draws():
+    planes, o, d, w = scene(dtype=torch.float32)
+    kw = dict(near=2.25, far=3.3, n_coarse=12, n_fine=12)
+    torch.manual_seed(5)
+    ref = render_triplane_reference(planes, o, d, w, **kw)
+    torch.manual_seed(5)
+    out = ops.render_triplane(planes, o, d, w, backend="cpu", **kw)
+    _compare_render(out, ref, [planes, *w], torch.float32, scale=20)
+
+
+@needs_cpp
+def test_render_triplane_arbitrary_decoder_identical_to_fused():
+    from pyface.nn import OSGDecoder
+
+    planes, o, d, _ = scene()
+    dec = OSGDecoder(8, 16, 5).double()
+    kw = _render_kw(2, 16)
+    fused = ops.render_triplane(planes, o, d, dec.effective_weights(), backend="cpu", **kw)
+    module = ops.render_triplane(planes, o, d, dec, backend="cpu", recompute=False, **kw)
+    module_rc = ops.render_triplane(planes, o, d, dec, backend="cpu", chunk_points=50, **kw)
+    ref = render_triplane_reference(planes, o, d, dec, **kw)
+    for a, b, c, e in zip(fused, module, ref, module_rc):
+        assert_close(a, b)
+        assert_close(a, c)
+        assert_close(a, e)
+    leaves = [planes, *dec.parameters()]
+    cot = [torch.randn_like(x) for x in fused]
+    g1 = torch.autograd.grad(fused, leaves, cot)
+    g2 = torch.autograd.grad(module, leaves, cot)
+    g3 = torch.autograd.grad(module_rc, leaves, cot)
+    for a, b, c in zip(g1, g2, g3):
+        assert_close(a, b)
+        assert_close(a, c)
+
+
+@needs_cpp
+def test_render_triplane_rays_missing_box_and_empty():
+    planes, o, d, w = scene()
+    # rays starting far away pointing away from the box: every sample reads zero features
+    o_miss = o + 10.0
+    kw = _render_kw(2, 16)
+    out = ops.render_triplane(planes, o_miss, -d, w, backend="cpu", **kw)
+    ref = render_triplane_reference(planes, o_miss, -d, w, **kw)
+    for a, b in zip(out, ref):
+        assert_close(a, b)
+    # zero features everywhere: one constant colour, so features = colour * weights_sum
+    colour = out[0] / out[2]
+    assert_close(colour, colour[:1, :1].expand_as(colour), scale=1e3)
+    g = torch.autograd.grad(out[0].sum(), planes, allow_unused=True)[0]
+    assert g is None or g.abs().max() == 0
+    empty = ops.render_triplane(planes, o[:, :0], d[:, :0], w, backend="cpu",
+                                **_render_kw(2, 0))
+    assert [tuple(x.shape) for x in empty] == [(2, 0, 5), (2, 0, 1), (2, 0, 1)]
+
+
+@needs_cpp
+def test_render_triplane_two_coarse_samples():
+    planes, o, d, w = scene()
+    kw = _render_kw(2, 16, nc=2, nf=0)
+    ref = render_triplane_reference(planes, o, d, w, **kw)
+    out = ops.render_triplane(planes, o, d, w, backend="cpu", **kw)
+    _compare_render(out, ref, [planes, *w], torch.float64)
+
+
+def test_render_triplane_bad_input():
+    planes, o, d, w = scene()
+    kw = dict(near=2.25, far=3.3, n_coarse=8, n_fine=4)
+    with pytest.raises(ValueError, match="ray_origins: expected a tensor on meta"):
+        ops.render_triplane(planes.to("meta"), o, d, w, **kw)
+    with pytest.raises(ValueError, match="decoder: expected tensors on meta"):
+        ops.render_triplane(planes.to("meta"), o.to("meta"), d.to("meta"), w, **kw)
+    with pytest.raises(ValueError, match=r"ray_dirs: expected shape \(B, R, 3\)"):
+        ops.render_triplane(planes, o, d[:, :3], w, **kw)
+    with pytest.raises(ValueError, match="near < far"):
+        ops.render_triplane(planes, o, d, w, **{**kw, "near": 3.3})
+    with pytest.raises(ValueError, match="n_coarse"):
+        ops.render_triplane(planes, o, d, w, **{**kw, "n_coarse": 1})
+    with pytest.raises(ValueError, match="n_coarse: expected >= 4 when n_fine > 0"):
+        ops.render_triplane(planes, o, d, w, **{**kw, "n_coarse": 3})
+    with pytest.raises(ValueError, match=r"decoder w1: expected shape \(HID, C\)"):
+        ops.render_triplane(planes, o, d, [w[0][:, :4], *w[1:]], **kw)
+    with pytest.raises(TypeError, match="ray_origins: expected dtype torch.float64"):
+        ops.render_triplane(planes, o.float(), d, w, **kw)
+    with pytest.raises(ValueError, match=r"importance_u: expected shape \(B, R, M\)"):
+        ops.render_triplane(planes, o, d, w, importance_u=torch.rand(2, 16, 3), **kw)
+    with pytest.raises(TypeError, match="decoder: expected"):
+        ops.render_triplane(planes, o, d, 3, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# fused Triton renderer (interpreter, tiny shapes)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("plane_axes,white_back,nf", [("eg3d", False, 8), ("xy_xz_zy", True, 5),
+                                                      ("eg3d", True, 0)])
+def test_render_triplane_triton_vs_reference(plane_axes, white_back, nf):
+    planes, o, d, w = scene(B=2, res=2, C=8, HW=8, dtype=torch.float32)
+    o, d = o.clone().requires_grad_(), d.clone().requires_grad_()
+    kw = _render_kw(2, 4, nc=8, nf=nf, dtype=torch.float32, plane_axes=plane_axes,
+                    white_back=white_back)
+    out = ops.render_triplane(planes, o, d, w, backend="triton", **kw)
+    ref = render_triplane_reference(planes, o, d, w, **kw)
+    # float32 kernel vs float32 reference: summation order differs (tile reductions)
+    _compare_render(out, ref, [planes, o, d, *w], torch.float32, scale=20)
+
+
+@pytest.mark.triton_interpret
+def test_render_triplane_triton_edge_cases():
+    planes, o, d, w = scene(B=1, res=2, C=4, HW=8, dtype=torch.float32, hidden=8, c_out=3)
+    # rays that miss the box, a ray that sees nothing (huge negative density bias: zero
+    # weights, depth = the global max), and S = 2 coarse samples
+    kw = _render_kw(1, 4, nc=2, nf=0, dtype=torch.float32)
+    out = ops.render_triplane(planes, o + 10.0, -d, w, backend="triton", **kw)
+    ref = render_triplane_reference(planes, o + 10.0, -d, w, **kw)
+    _compare_render(out, ref, [planes, *w], torch.float32, scale=20)
+    kw = _render_kw(1, 4, nc=6, nf=4, dtype=torch.float32, density_bias=-300.0)
+    out = ops.render_triplane(planes, o, d, [x.detach() for x in w], backend="triton", **kw)
+    ref = render_triplane_reference(planes, o, d, [x.detach() for x in w], **kw)
+    for a, b in zip(out, ref):
+        assert_close(a, b)
+    assert out[2].eq(0).all() and out[1].eq(ref[1].max()).all()
+    empty = ops.render_triplane(planes, o[:, :0], d[:, :0], w, backend="triton",
+                                **_render_kw(1, 0, dtype=torch.float32))
+    assert [tuple(x.shape) for x in empty] == [(1, 0, 3), (1, 0, 1), (1, 0, 1)]
+
+
+def test_render_triplane_triton_refuses_what_it_cannot_do():
+    planes, o, d, w = scene(dtype=torch.float32)
+    kw = _render_kw(2, 16, dtype=torch.float32)
+    with pytest.raises(_backend.BackendUnavailableError):
+        ops.render_triplane(planes, o, d, lambda f: (f.mean(1), f.mean(1)[..., 0]),
+                            backend="triton", **kw)
+    big = [torch.zeros(200, 8), torch.zeros(200), torch.zeros(6, 200), torch.zeros(6)]
+    with pytest.raises(_backend.BackendUnavailableError, match="up to 128"):
+        ops.render_triplane(planes, o, d, big, backend="triton", **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (skipped without CUDA)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("white_back", [False, True])
+def test_gpu_composite_and_importance_vs_reference(white_back):
+    f, s, t = rand_composite_inputs(3, 257, 96, 32)
+    f, s, t = (x.detach().cuda().requires_grad_(x.requires_grad) for x in (f, s, t))
+    out, g, cot = grads(lambda f, s: ops.mip_composite(f, s, t, white_back=white_back,
+                                                       backend="cuda"), [f, s])
+    ref, g_ref, _ = grads(lambda f, s: mip_composite_reference(f, s, t, white_back=white_back),
+                          [f, s], cot)
+    for a, b in zip(out, ref):
+        assert_close(a, b, scale=10)
+    for a, b in zip(g, g_ref):
+        assert_close(a, b, scale=50)
+    w = ref[2].detach()[..., :47].contiguous()
+    u = torch.rand(3, 257, 48, device="cuda")
+    tc = t[..., :48].contiguous()
+    assert_close(ops.sample_importance(tc, w, 48, u=u, backend="cuda"),
+                 sample_importance_reference(tc, w, 48, u), scale=10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_render_triplane_vs_reference(backend):
+    planes, o, d, w = scene(B=2, res=8, C=32, HW=64, dtype=torch.float32, hidden=64, c_out=32)
+    planes = planes.detach().cuda().requires_grad_()
+    o, d = o.cuda(), d.cuda()
+    w = [x.detach().cuda().requires_grad_() for x in w]
+    kw = _render_kw(2, 64, nc=48, nf=48, dtype=torch.float32)
+    kw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out = ops.render_triplane(planes, o, d, w, backend=backend, **kw)
+    ref = render_triplane_reference(planes, o, d, w, **kw)
+    _compare_render(out, ref, [planes, *w], torch.float32, scale=100)
