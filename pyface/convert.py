@@ -329,22 +329,31 @@ def convert_eg3d(pkl: str, out: str, network: str = "G_ema") -> str:
 
 
 def load_eg3d(path: str, device="cpu"):
-    """A converted EG3D folder -> (TriplaneBackbone, SuperResolution or None,
-    decoder state dict, rendering_kwargs)."""
+    """A converted EG3D folder -> (TriplaneBackbone, SuperResolution or None, OSGDecoder,
+    rendering_kwargs). The decoder's sizes come from its weights and its lr multiplier from
+    ``rendering_kwargs["decoder_lr_mul"]`` (default 1)."""
     from pyface.checkpoint import load_module_state, load_weights, sub_state
+    from pyface.nn.render import OSGDecoder
     from pyface.nn.stylegan import (SuperResolution, SuperResolutionConfig, TriplaneBackbone,
                                     TriplaneBackboneConfig)
 
     tensors, meta = load_weights(path, kind="eg3d", device=device)
     cfg = meta["config"]
+    rk = cfg.get("rendering_kwargs") or {}
     backbone = TriplaneBackbone(TriplaneBackboneConfig(**cfg["backbone"]))
     load_module_state(backbone, sub_state(tensors, "backbone"), f"{path} (backbone)")
     sr = None
     if cfg.get("superresolution"):
         sr = SuperResolution(SuperResolutionConfig(**cfg["superresolution"]))
         load_module_state(sr, sub_state(tensors, "superresolution"), f"{path} (superresolution)")
-    return backbone.to(device), (sr.to(device) if sr else None), sub_state(tensors, "decoder"), \
-        cfg.get("rendering_kwargs", {})
+    dec_state = sub_state(tensors, "decoder")
+    if "net.0.weight" not in dec_state or "net.2.weight" not in dec_state:
+        raise ConversionError(f"{path}: decoder.net.0.weight / decoder.net.2.weight missing")
+    hidden, n_features = dec_state["net.0.weight"].shape
+    decoder = OSGDecoder(n_features, hidden, dec_state["net.2.weight"].shape[0] - 1,
+                         lr_multiplier=float(rk.get("decoder_lr_mul", 1.0)))
+    load_module_state(decoder, dec_state, f"{path} (decoder)")
+    return backbone.to(device), (sr.to(device) if sr else None), decoder.to(device), rk
 
 
 # --------------------------------------------------------------------------------------------

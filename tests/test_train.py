@@ -482,3 +482,20 @@ def test_gan_exact_resume_with_random_latents(tmp_path):
         assert torch.equal(v, b.model.state_dict()[k]), k
     for k, v in full.ema.modules["G"].state_dict().items():
         assert torch.equal(v, b.ema.modules["G"].state_dict()[k]), k
+
+
+def test_example_trains_on_the_synthetic_data(tmp_path):
+    from pyface.data.synthetic import SynthConfig, generate
+
+    root = tmp_path / "synth"
+    generate(str(root), SynthConfig(identities=1, videos_per_identity=1, frames=4, resolution=16,
+                                    cross=False, workers=1), progress=False)
+    tr = Trainer(tiny(tmp_path, "train.steps=2", "train.ckpt_every=0", "data.name=synthetic",
+                      f"data.path={root}"))
+    item = tr.dataset[0]
+    assert item["image"].shape == (3, 16, 16) and item["image"].dtype == torch.float32
+    assert -1 <= item["image"].min() and item["image"].max() <= 1 and item["camera"].shape == (25,)
+    res = tr.fit()
+    assert res.step == 2 and math.isfinite(res.losses["main/loss"])
+    with pytest.raises(ValueError, match="data.path: the synthetic dataset needs a folder"):
+        Trainer(tiny(tmp_path, "data.name=synthetic"))

@@ -47,7 +47,7 @@ def normalize_2nd_moment(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> to
 
 class FullyConnectedLayer(nn.Module):
     """Linear layer with equalised learning rate: ``weight`` (out, in) is stored / lr_multiplier
-    and scaled at run time. x: (B, in) -> (B, out)."""
+    and scaled at run time. x: (..., in) -> (..., out)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  activation: str = "linear", lr_multiplier: float = 1.0, bias_init: float = 0.0):
@@ -77,9 +77,9 @@ class FullyConnectedLayer(nn.Module):
             b = b.to(x.dtype)
             if self.bias_gain != 1:
                 b = b * self.bias_gain
-        if self.activation == "linear" and b is not None:
-            return torch.addmm(b.unsqueeze(0), x, w.t())
-        return bias_act(x.matmul(w.t()), b, act=self.activation)
+        if self.activation == "linear":
+            return F.linear(x, w, b)
+        return bias_act(F.linear(x, w), b, act=self.activation, dim=x.ndim - 1)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, act={self.activation}"

@@ -61,3 +61,46 @@ class ProceduralFaces(torch.utils.data.Dataset):
         lip = torch.tensor([0.6, 0.1, 0.15]) + 0.3 * r(3)
         img = img * (1 - mouth) + lip.clamp(0, 1).view(3, 1, 1) * mouth
         return {"image": img * 2 - 1, "index": torch.tensor(index)}
+
+
+class SyntheticFrames(torch.utils.data.Dataset):
+    """Frames of the synthetic talking-head data (:mod:`pyface.data`) for the engine:
+    ``image`` (3, R, R) float in [-1, 1], ``mask`` (1, R, R) float in [0, 1], and the rest of
+    :class:`pyface.data.datasets.FrameDataset`'s tensors (``camera`` (25,), ``coeffs`` (257,),
+    ``landmarks`` (68, 2), ids).
+
+    ``data.path`` names the dataset folder; if it holds no dataset yet, the default synthetic set
+    is generated there first at ``data.resolution`` (``pyface.data.synthetic.make_default``).
+    """
+
+    def __init__(self, root: str, resolution: int, seed: int = 0):
+        from pyface.data.datasets import FrameDataset
+
+        self.frames = FrameDataset(root, resolution, seed=seed)
+
+    @classmethod
+    def from_config(cls, cfg) -> "SyntheticFrames":
+        import os
+
+        if not cfg.path:
+            raise ValueError("data.path: the synthetic dataset needs a folder, e.g. "
+                             "--set data.path=data/synthetic (generated there if empty)")
+        from pyface.data import format as fmt
+
+        if not os.path.isfile(os.path.join(cfg.path, fmt.INDEX)):
+            from pyface.data.synthetic import make_default
+
+            make_default(cfg.path, resolution=cfg.resolution, seed=cfg.seed)
+        return cls(cfg.path, cfg.resolution, cfg.seed)
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.frames[index]
+        out = {k: v for k, v in item.items() if isinstance(v, torch.Tensor)}
+        out["image"] = item["image"].float() / 127.5 - 1
+        if "mask" in out:
+            out["mask"] = out["mask"].float() / 255
+        out["index"] = torch.tensor(index)
+        return out

@@ -91,6 +91,8 @@ class Trainer:
         random.seed(t.seed)
         self.model = model if model is not None else registry.build_model(cfg.model,
                                                                           cfg.model_config)
+        if cfg.model_config is None:
+            cfg.model_config = getattr(self.model, "cfg", None)
         self.model.to(self.device)
         if self.dist.enabled:
             D.broadcast_module(self.model)
@@ -157,11 +159,11 @@ class Trainer:
         if exp.get("model") != mine["model"]:
             raise ckpt.CheckpointError(f"{where}: trained model {exp.get('model')!r}, this run "
                                        f"trains {mine['model']!r}")
-        diff = sorted(k for k in set(exp.get("model_config", {})) | set(mine["model_config"])
-                      if exp.get("model_config", {}).get(k) != mine["model_config"].get(k))
+        theirs, ours = exp.get("model_config") or {}, mine["model_config"] or {}
+        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         if diff:
-            details = ", ".join(f"model.{k}: checkpoint {exp['model_config'].get(k)!r} vs run "
-                                f"{mine['model_config'].get(k)!r}" for k in diff[:5])
+            details = ", ".join(f"model.{k}: checkpoint {theirs.get(k)!r} vs run "
+                                f"{ours.get(k)!r}" for k in diff[:5])
             raise ckpt.CheckpointError(f"{where}: model config differs ({details})")
         if exp.get("train", {}).get("batch_size") != self.cfg.train.batch_size:
             log.warning("resuming with train.batch_size=%d, the checkpoint used %s: the data "
@@ -402,10 +404,12 @@ class Trainer:
                     self.last_losses = self._reduce_log(acc, n_acc)
                     acc, n_acc = {}, {}
                     if main:
-                        bar.set_postfix({k.split("/")[-1] if k.count("/") == 1 and
-                                         k.endswith("/loss") else k: f"{v:.4g}"
-                                         for k, v in self.last_losses.items()
-                                         if k.endswith("loss")}, refresh=False)
+                        totals = {k[:-len("/loss")]: v for k, v in self.last_losses.items()
+                                  if k.endswith("/loss")}   # phase -> total loss
+                        if len(totals) == 1:
+                            totals = {"loss": next(iter(totals.values()))}
+                        bar.set_postfix({k: f"{v:.4g}" for k, v in totals.items()},
+                                        refresh=False)
                         if self._board:
                             self._board.scalars({f"loss/{k}" if not k.endswith("grad_norm")
                                                  else f"grad/{k}": v

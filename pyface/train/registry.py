@@ -15,6 +15,7 @@ MODELS: dict[str, str] = {
 
 DATASETS: dict[str, str] = {
     "procedural": "pyface.train.data:ProceduralFaces",
+    "synthetic": "pyface.train.data:SyntheticFrames",
 }
 
 
