@@ -8,7 +8,7 @@ from pyface.nn.encoders import (HeadPoseConfig, HeadPoseExpressionEstimator, Res
                                 ResNetEncoder)
 from pyface.nn.layers import Conv2dLayer, FullyConnectedLayer, modulated_conv2d
 from pyface.nn.losses import (feature_matching_loss, gan_d_loss, gan_g_loss, kl_divergence,
-                              monotonic_density_loss, r1_penalty, tv_density_loss, tv_loss)
+                              r1_penalty, tv_loss)
 from pyface.nn.motion import (DenseMotion, DenseMotionConfig, Hourglass3d, KeypointTransformConfig,
                               euler_to_rotation, headpose_to_degrees, transform_keypoints)
 from pyface.nn.render import (OSGDecoder, RenderConfig, RenderOutput, TriplaneRenderer,

@@ -2,7 +2,7 @@
 identity (ArcFace): :mod:`pyface.nn.arcface`; RoI L1: :mod:`pyface.nn.roi`."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,30 +54,6 @@ def feature_matching_loss(real_feats: Sequence[torch.Tensor],
         raise ValueError(f"feature lists differ in length: {len(real_feats)} vs {len(fake_feats)}")
     return sum(F.l1_loss(f, r.detach()) for r, f in zip(real_feats, fake_feats)) / max(
         len(real_feats), 1)
-
-
-def tv_density_loss(density_fn: Callable[[torch.Tensor], torch.Tensor], batch: int,
-                    num_points: int = 1000, p_dist: float = 0.004, box_size: float = 1.0,
-                    device=None) -> torch.Tensor:
-    """EG3D's density regulariser: L1 between the raw densities at random points in the cube and
-    at copies perturbed by N(0, p_dist). ``density_fn``: (B, N, 3) -> (B, N, 1) or (B, N)."""
-    pts = (torch.rand(batch, num_points, 3, device=device) * 2 - 1) * (box_size / 2)
-    moved = pts + torch.randn_like(pts) * p_dist
-    sigma = density_fn(torch.cat([pts, moved], dim=1))
-    a, b = sigma[:, :num_points], sigma[:, num_points:]
-    return F.l1_loss(a, b)
-
-
-def monotonic_density_loss(density_fn: Callable[[torch.Tensor], torch.Tensor], batch: int,
-                           num_points: int = 2000, box_size: float = 1.0, resolution: int = 256,
-                           device=None) -> torch.Tensor:
-    """EG3D's 'monotonic' regulariser: density should not decrease going into the face (-z):
-    ``relu(sigma(p) - sigma(p - dz))`` with ``dz = box_size / resolution``; mean."""
-    pts = (torch.rand(batch, num_points, 3, device=device) * 2 - 1) * (box_size / 2)
-    behind = pts.clone()
-    behind[..., 2] -= box_size / resolution
-    sigma = density_fn(torch.cat([pts, behind], dim=1))
-    return F.relu(sigma[:, :num_points] - sigma[:, num_points:]).mean()
 
 
 def tv_loss(x: torch.Tensor) -> torch.Tensor:
