@@ -365,15 +365,15 @@ void points_grad_cpu_blocked(const scalar_t* grad_out, const scalar_t* planes,
 
 // Gradient w.r.t. planes, accumulated channels-last: `grad` is (B, 3, H, W, C) in the
 // accumulation type. Tasks own disjoint (batch, plane, channel-range) slices, so the scatter
-// needs no atomics and is deterministic.
-template <typename scalar_t, typename acc_t>
+// needs no atomics and is deterministic. With WITH_POINTS the same pass also reads the
+// channels-last planes (`planes_cl`, channel stride 1) at the taps it scatters to and writes, per
+// (batch, plane, channel chunk, point), the derivative w.r.t. the plane's pixel coordinates
+// (`partial`: (B, 3, n_chunks, N, 2)); combine_points_grad() sums those into the point gradient.
+template <typename scalar_t, typename acc_t, bool WITH_POINTS>
 void planes_grad_cpu_kernel(const scalar_t* grad_out, const acc_t* points, acc_t* grad,
+                            const scalar_t* planes_cl, acc_t* partial, int64_t chunk,
                             const Geometry& g, const Args& a) {
   const int64_t hwc = g.H * g.W * g.C;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  // Enough tasks to keep every thread busy, with channel chunks of at least 8.
-  int64_t chunk = g.C;
-  while (chunk > 8 && g.B * 3 * ((g.C + chunk - 1) / chunk) < 2 * threads) chunk = (chunk + 1) / 2;
   const int64_t n_chunks = (g.C + chunk - 1) / chunk;
   const int64_t tasks = g.B * 3 * n_chunks;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
@@ -381,24 +381,95 @@ void planes_grad_cpu_kernel(const scalar_t* grad_out, const acc_t* points, acc_t
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (3 * n_chunks);
       const int pl = static_cast<int>((task / n_chunks) % 3);
-      const int64_t c0 = (task % n_chunks) * chunk;
+      const int64_t ch = task % n_chunks;
+      const int64_t c0 = ch * chunk;
       const int64_t nc = std::min(g.C, c0 + chunk) - c0;
       acc_t* gplane = grad + (b * 3 + pl) * hwc + c0;
+      const scalar_t* plane = WITH_POINTS ? planes_cl + b * g.sb + pl * g.sp + c0 : nullptr;
+      acc_t* part = WITH_POINTS ? partial + ((b * 3 + pl) * n_chunks + ch) * g.N * 2 : nullptr;
       for (int64_t n = 0; n < g.N; ++n) {
         const acc_t* p = points + (b * g.N + n) * 3;
         acc_t u, v;
         plane_coords(p, a, pl, u, v);
         const Taps<acc_t> t = bilinear_taps(u, v, g.W, g.H, a.align_corners);
+        if (WITH_POINTS) {
+          part[n * 2] = part[n * 2 + 1] =
+              t.nan ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
+        }
         if (t.nan || !(t.valid[0] || t.valid[1] || t.valid[2] || t.valid[3])) continue;
         acc_t factor;
         const scalar_t* row = grad_row(grad_out, g, a, b, pl, n, factor) + c0;
         for (int64_t c = 0; c < nc; ++c) go[c] = static_cast<acc_t>(row[c]) * factor;
+        acc_t dwdx[4], dwdy[4];
+        if (WITH_POINTS) weight_grads(t, dwdx, dwdy);
+        acc_t gx = 0, gy = 0;
         for (int k = 0; k < 4; ++k) {
           if (!t.valid[k]) continue;
           acc_t* dst = gplane + tap_offset(t, k, g.W * g.C, g.C);
           const acc_t w = t.w[k];
           for (int64_t c = 0; c < nc; ++c) dst[c] += w * go[c];
+          if (WITH_POINTS) {
+            const scalar_t* src = plane + tap_offset(t, k, g.sh, g.sw);
+            acc_t dot = 0;
+            for (int64_t c = 0; c < nc; ++c) dot += static_cast<acc_t>(src[c]) * go[c];
+            gx += dwdx[k] * dot;
+            gy += dwdy[k] * dot;
+          }
         }
+        if (WITH_POINTS) {
+          part[n * 2] = gx;
+          part[n * 2 + 1] = gy;
+        }
+      }
+    }
+  });
+}
+
+// Channel chunk of the plane-gradient tasks: enough tasks to keep every thread busy, chunks of
+// at least 8 channels.
+int64_t grad_chunk(const Geometry& g) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t chunk = std::max<int64_t>(1, g.C);
+  while (chunk > 8 && g.B * 3 * ((g.C + chunk - 1) / chunk) < 2 * threads) chunk = (chunk + 1) / 2;
+  return chunk;
+}
+
+// grad_points[b, n] from the per-plane pixel-coordinate derivatives of planes_grad_cpu_kernel.
+template <typename acc_t>
+void combine_points_grad(const acc_t* partial, int64_t n_chunks, acc_t* grad_points,
+                         const Geometry& g, const Args& a) {
+  const acc_t sx = unnormalize_scale<acc_t>(g.W, a.align_corners) * static_cast<acc_t>(a.scale);
+  const acc_t sy = unnormalize_scale<acc_t>(g.H, a.align_corners) * static_cast<acc_t>(a.scale);
+  at::parallel_for(0, g.B * g.N, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / g.N, n = i % g.N;
+      acc_t gp[3] = {0, 0, 0};
+      for (int pl = 0; pl < 3; ++pl) {
+        acc_t gx = 0, gy = 0;
+        for (int64_t ch = 0; ch < n_chunks; ++ch) {
+          const acc_t* part = partial + (((b * 3 + pl) * n_chunks + ch) * g.N + n) * 2;
+          gx += part[0];
+          gy += part[1];
+        }
+        gp[axis_u(a.axes, pl)] += gx * sx;
+        gp[axis_v(a.axes, pl)] += gy * sy;
+      }
+      for (int d = 0; d < 3; ++d) grad_points[i * 3 + d] = gp[d];
+    }
+  });
+}
+
+// (B, 3, H, W, C) contiguous -> (B, 3, C, H, W) contiguous, in parallel over plane rows.
+template <typename src_t, typename dst_t>
+void channels_first_copy(const src_t* src, dst_t* dst, const Geometry& g) {
+  at::parallel_for(0, g.B * 3 * g.H, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t bp = r / g.H, h = r % g.H;
+      const src_t* s = src + r * g.W * g.C;
+      dst_t* d0 = dst + bp * g.C * g.H * g.W + h * g.W;
+      for (int64_t c = 0; c < g.C; ++c) {
+        dst_t* d = d0 + c * g.H * g.W;
+        for (int64_t w = 0; w < g.W; ++w) d[w] = static_cast<dst_t>(s[w * g.C + c]);
       }
     }
   });
@@ -446,18 +517,41 @@ std::tuple<at::Tensor, at::Tensor> triplane_sample_bwd_cpu(
   at::Tensor grad_points = at::empty({0}, points.options());
   const bool work = grad_out.numel() > 0;
   if (need_planes_grad) {
-    const Geometry g = geometry(planes_in, points);
+    // One pass scatters the plane gradient and, when asked for, gathers the point gradient from
+    // channels-last planes at the same taps.
+    const Geometry g0 = geometry(planes_in, points);
+    const bool fused = need_points_grad && work;
+    const auto planes_cl =
+        fused ? (planes_in.stride(2) == 1 ? planes_in : channels_last_copy(planes_in)) : planes_in;
+    const Geometry g = geometry(planes_cl, points);
+    const int64_t chunk = grad_chunk(g);
+    const int64_t n_chunks = (g.C + chunk - 1) / chunk;
     auto gacc = at::zeros({g.B, 3, g.H, g.W, g.C}, planes_in.options().dtype(acc));
-    if (work) {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, planes_in.scalar_type(),
-                                      "triplane_sample_bwd_cpu_planes", [&] {
-        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-        planes_grad_cpu_kernel<scalar_t, acc_t>(go.const_data_ptr<scalar_t>(),
-                                                pts.const_data_ptr<acc_t>(),
-                                                gacc.mutable_data_ptr<acc_t>(), g, a);
-      });
-    }
-    grad_planes = gacc.permute({0, 1, 4, 2, 3}).contiguous().to(planes_in.scalar_type());
+    auto partial = at::empty({fused ? g.B * 3 * n_chunks * g.N * 2 : 0},
+                             planes_in.options().dtype(acc));
+    grad_planes = at::empty(planes_in.sizes(), planes_in.options());
+    grad_points = fused ? at::empty(points.sizes(), points.options().dtype(acc)) : grad_points;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, planes_in.scalar_type(),
+                                    "triplane_sample_bwd_cpu_planes", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      if (work) {
+        if (fused) {
+          planes_grad_cpu_kernel<scalar_t, acc_t, true>(
+              go.const_data_ptr<scalar_t>(), pts.const_data_ptr<acc_t>(),
+              gacc.mutable_data_ptr<acc_t>(), planes_cl.const_data_ptr<scalar_t>(),
+              partial.mutable_data_ptr<acc_t>(), chunk, g, a);
+          combine_points_grad<acc_t>(partial.const_data_ptr<acc_t>(), n_chunks,
+                                     grad_points.mutable_data_ptr<acc_t>(), g, a);
+        } else {
+          planes_grad_cpu_kernel<scalar_t, acc_t, false>(
+              go.const_data_ptr<scalar_t>(), pts.const_data_ptr<acc_t>(),
+              gacc.mutable_data_ptr<acc_t>(), nullptr, nullptr, chunk, g0, a);
+        }
+      }
+      channels_first_copy<acc_t, scalar_t>(gacc.const_data_ptr<acc_t>(),
+                                           grad_planes.mutable_data_ptr<scalar_t>(), g0);
+    });
+    if (fused) return {grad_planes, grad_points.to(points.scalar_type())};
   }
   if (need_points_grad) {
     auto gp = at::zeros(points.sizes(), points.options().dtype(acc));
