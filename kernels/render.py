@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pyface.kernels.triplane import _plane_uv, _taps
+from pyface.kernels.triplane import _plane_uv, _tap, _taps
 
 N_SLOTS = 32
 MIN_DOT = 16  # smallest tl.dot tile dimension GPUs accept
@@ -78,17 +78,7 @@ def _features(planes_ptr, b, ox, oy, oz, dx, dy, dz, t, mask_s, H, W,
         y0 = fy0.to(tl.int64)
         base = planes_ptr + b * s_pb + plane * s_pp
         for k in tl.static_range(4):
-            xk = x0 + (k % 2)
-            yk = y0 + (k // 2)
-            if k == 0:
-                w = (fx0 + 1.0 - ix) * (fy0 + 1.0 - iy)
-            elif k == 1:
-                w = (ix - fx0) * (fy0 + 1.0 - iy)
-            elif k == 2:
-                w = (fx0 + 1.0 - ix) * (iy - fy0)
-            else:
-                w = (ix - fx0) * (iy - fy0)
-            valid = (xk >= 0) & (xk < W) & (yk >= 0) & (yk < H)
+            xk, yk, valid, w, _, _ = _tap(k, ix, iy, fx0, fy0, x0, y0, W, H)
             ptrs = base + (yk * s_ph + xk * s_pw)[:, None] + coff
             tap = tl.load(ptrs, mask=m2 & valid[:, None], other=0.0).to(tl.float32)
             acc += tap * w[:, None]
@@ -346,25 +336,8 @@ def _render_bwd_kernel(
             gx = tl.zeros((S_P,), dtype=tl.float32)
             gy = tl.zeros((S_P,), dtype=tl.float32)
             for k in tl.static_range(4):
-                xk = x0 + (k % 2)
-                yk = y0 + (k // 2)
-                if k == 0:
-                    wk = (fx0 + 1.0 - ix) * (fy0 + 1.0 - iy)
-                    dwdx = -(fy0 + 1.0 - iy)
-                    dwdy = -(fx0 + 1.0 - ix)
-                elif k == 1:
-                    wk = (ix - fx0) * (fy0 + 1.0 - iy)
-                    dwdx = fy0 + 1.0 - iy
-                    dwdy = -(ix - fx0)
-                elif k == 2:
-                    wk = (fx0 + 1.0 - ix) * (iy - fy0)
-                    dwdx = -(iy - fy0)
-                    dwdy = fx0 + 1.0 - ix
-                else:
-                    wk = (ix - fx0) * (iy - fy0)
-                    dwdx = iy - fy0
-                    dwdy = ix - fx0
-                valid = (xk >= 0) & (xk < W) & (yk >= 0) & (yk < H) & (~nan)
+                xk, yk, valid, wk, dwdx, dwdy = _tap(k, ix, iy, fx0, fy0, x0, y0, W, H)
+                valid = valid & (~nan)
                 mk = m2 & valid[:, None]
                 if NEED_PLANES:
                     gp = gbase + oc.to(tl.int64)[None, :] * HW + (yk * W + xk)[:, None]
