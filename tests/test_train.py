@@ -499,3 +499,20 @@ def test_example_trains_on_the_synthetic_data(tmp_path):
     assert res.step == 2 and math.isfinite(res.losses["main/loss"])
     with pytest.raises(ValueError, match="data.path: the synthetic dataset needs a folder"):
         Trainer(tiny(tmp_path, "data.name=synthetic"))
+
+
+def test_skip_bad_option_reaches_the_dataset(tmp_path):
+    from pyface.data.format import DataError
+    from pyface.data.synthetic import SynthConfig, generate
+
+    root = tmp_path / "synth"
+    generate(str(root), SynthConfig(identities=2, videos_per_identity=1, frames=3, resolution=16,
+                                    cross=False, workers=1), progress=False)
+    bad = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    (bad / "coeffs.npy").write_bytes(b"not a numpy file")
+    args = ("train.steps=1", "data.name=synthetic", f"data.path={root}")
+    with pytest.raises(DataError, match="coeffs.npy"):
+        Trainer(tiny(tmp_path, *args))
+    with pytest.warns(UserWarning, match="coeffs.npy"):
+        tr = Trainer(tiny(tmp_path, *args, "data.skip_bad=true", name="skip"))
+    assert len(tr.dataset) == 3  # the good video's frames only

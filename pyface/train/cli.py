@@ -24,6 +24,9 @@ def add_parser(subparsers) -> None:
                    help="continue from CKPT, or (no value) from the run folder's latest checkpoint")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as YAML and exit")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip missing or corrupt videos of an on-disk dataset with a warning "
+                        "instead of stopping with an error naming the file (data.skip_bad=true)")
     p.set_defaults(func=run_train)
 
 
@@ -44,8 +47,9 @@ def run_train(args) -> int:
     _setup_logging()
     try:
         cls = model_class(args.model)
+        overrides = list(args.overrides) + (["data.skip_bad=true"] if args.skip_bad else [])
         cfg = build_experiment(args.model, cls.Config, yaml_path=args.config,
-                               overrides=args.overrides, defaults=getattr(cls, "recipe", {}))
+                               overrides=overrides, defaults=getattr(cls, "recipe", {}))
     except (KeyError, ConfigError, OSError) as exc:
         print(f"pyface train: {exc}", file=sys.stderr)
         return 2

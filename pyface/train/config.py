@@ -75,6 +75,7 @@ class DataConfig:
     size: int = 2048                  # number of items (procedural data)
     path: str | None = None           # on-disk datasets
     seed: int = 0
+    skip_bad: bool = False            # on-disk datasets: skip missing/corrupt videos with a warning
 
 
 @dataclass

@@ -73,10 +73,10 @@ class SyntheticFrames(torch.utils.data.Dataset):
     is generated there first at ``data.resolution`` (``pyface.data.synthetic.make_default``).
     """
 
-    def __init__(self, root: str, resolution: int, seed: int = 0):
+    def __init__(self, root: str, resolution: int, seed: int = 0, skip_bad: bool = False):
         from pyface.data.datasets import FrameDataset
 
-        self.frames = FrameDataset(root, resolution, seed=seed)
+        self.frames = FrameDataset(root, resolution, seed=seed, skip_bad=skip_bad)
 
     @classmethod
     def from_config(cls, cfg) -> "SyntheticFrames":
@@ -91,7 +91,7 @@ class SyntheticFrames(torch.utils.data.Dataset):
             from pyface.data.synthetic import make_default
 
             make_default(cfg.path, resolution=cfg.resolution, seed=cfg.seed)
-        return cls(cfg.path, cfg.resolution, cfg.seed)
+        return cls(cfg.path, cfg.resolution, cfg.seed, skip_bad=cfg.skip_bad)
 
     def __len__(self) -> int:
         return len(self.frames)
