@@ -7,18 +7,11 @@
 #include <random>
 #include <vector>
 
+#include "tests/expect.h"
 #include "raster/raster_math.h"
 
+using pyface_test::near;
 using namespace pyface::raster;
-
-static int failures = 0;
-#define EXPECT(cond)                                                 \
-  do {                                                               \
-    if (!(cond)) {                                                   \
-      if (++failures <= 20)                                          \
-        std::printf("FAILED %s:%d: %s\n", __FILE__, __LINE__, #cond); \
-    }                                                                \
-  } while (0)
 
 // NDC of a pixel coordinate (centre of pixel j at j + 0.5).
 static double ndc(double px, int64_t size) { return 2.0 * px / static_cast<double>(size) - 1.0; }
@@ -139,10 +132,5 @@ int main() {
   test_random_quads_cover_once();
   test_culling_and_degenerate();
   test_grid_nearest_vs_brute_force();
-  if (failures) {
-    std::printf("%d failure(s)\n", failures);
-    return 1;
-  }
-  std::printf("raster_math: all tests passed\n");
-  return 0;
+  return pyface_test::finish("test_raster_math");
 }

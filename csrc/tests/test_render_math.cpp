@@ -4,20 +4,11 @@
 #include <cstdio>
 #include <vector>
 
+#include "tests/expect.h"
 #include "render/render_math.h"
 
+using pyface_test::near;
 using namespace pyface::render;
-
-static int failures = 0;
-#define EXPECT(cond)                                                              \
-  do {                                                                            \
-    if (!(cond)) {                                                                \
-      std::fprintf(stderr, "%s:%d: expected %s\n", __FILE__, __LINE__, #cond);   \
-      ++failures;                                                                 \
-    }                                                                             \
-  } while (0)
-
-static bool near(double a, double b, double tol) { return std::fabs(a - b) <= tol; }
 
 namespace {
 
@@ -108,6 +99,5 @@ int main() {
       if (q) EXPECT(out[q] >= out[q - 1]);
     }
   }
-  if (failures) std::fprintf(stderr, "%d failure(s)\n", failures);
-  return failures ? 1 : 0;
+  return pyface_test::finish("test_render_math");
 }

@@ -3,21 +3,12 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "tests/expect.h"
 #include "triplane/triplane_math.h"
 
 using namespace pyface;
+using pyface_test::near;
 using namespace pyface::triplane;
-
-static int failures = 0;
-#define EXPECT(cond)                                                   \
-  do {                                                                 \
-    if (!(cond)) {                                                     \
-      std::fprintf(stderr, "%s:%d: expected %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                      \
-    }                                                                  \
-  } while (0)
-
-static bool near(double a, double b, double tol = 1e-12) { return std::fabs(a - b) <= tol; }
 
 int main() {
   // plane axes: (x, y), (x, z), (z, y) and EG3D's (x, y), (x, z), (z, x)
@@ -72,10 +63,5 @@ int main() {
   EXPECT(tap_offset(c, 3, 10, 1) == 2 * 10 + 2);
   EXPECT(c.valid[0] && c.valid[1] && c.valid[2] && c.valid[3]);
 
-  if (failures) {
-    std::fprintf(stderr, "%d failure(s)\n", failures);
-    return EXIT_FAILURE;
-  }
-  std::printf("test_triplane_math: all passed\n");
-  return EXIT_SUCCESS;
+  return pyface_test::finish("test_triplane_math");
 }

@@ -4,20 +4,11 @@
 #include <cstdlib>
 #include <limits>
 
+#include "tests/expect.h"
 #include "warp/warp_math.h"
 
+using pyface_test::near;
 using namespace pyface::warp;
-
-static int failures = 0;
-#define EXPECT(cond)                                                             \
-  do {                                                                           \
-    if (!(cond)) {                                                               \
-      std::fprintf(stderr, "%s:%d: expected %s\n", __FILE__, __LINE__, #cond);   \
-      ++failures;                                                                \
-    }                                                                            \
-  } while (0)
-
-static bool near(double a, double b, double tol = 1e-12) { return std::fabs(a - b) <= tol; }
 
 int main() {
   // identity grid: inclusive linspace (face-vid2vid) or voxel centres; size 1 -> 0
@@ -92,6 +83,5 @@ int main() {
   EXPECT(near(gaussian(kp, 0.1, 0.2, 0.3, 0.01), 1.0));
   EXPECT(near(gaussian(kp, 0.2, 0.2, 0.3, 0.01), std::exp(-0.5)));
 
-  if (failures) std::fprintf(stderr, "%d failure(s)\n", failures);
-  return failures ? EXIT_FAILURE : EXIT_SUCCESS;
+  return pyface_test::finish("test_warp_math");
 }
