@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pyface.kernels.triplane import _plane_uv, _tap, _taps
+from pyface.kernels.triplane import _plane_bwd_tile, _plane_fwd_tile, _plane_uv, _taps
 
 N_SLOTS = 32
 MIN_DOT = 16  # smallest tl.dot tile dimension GPUs accept
@@ -74,14 +74,8 @@ def _features(planes_ptr, b, ox, oy, oz, dx, dy, dz, t, mask_s, H, W,
     for plane in tl.static_range(3):
         u, v = _plane_uv(x, y, z, plane, AXES_EG3D)
         ix, iy, fx0, fy0, nan = _taps(u, v, W, H, False)
-        x0 = fx0.to(tl.int64)
-        y0 = fy0.to(tl.int64)
         base = planes_ptr + b * s_pb + plane * s_pp
-        for k in tl.static_range(4):
-            xk, yk, valid, w, _, _ = _tap(k, ix, iy, fx0, fy0, x0, y0, W, H)
-            ptrs = base + (yk * s_ph + xk * s_pw)[:, None] + coff
-            tap = tl.load(ptrs, mask=m2 & valid[:, None], other=0.0).to(tl.float32)
-            acc += tap * w[:, None]
+        acc += _plane_fwd_tile(base, ix, iy, fx0, fy0, W, H, coff, s_ph, s_pw, m2)
     return acc / 3.0
 
 
@@ -329,26 +323,10 @@ def _render_bwd_kernel(
         for plane in tl.static_range(3):
             u, vv = _plane_uv(x, y, z, plane, AXES_EG3D)
             ix, iy, fx0, fy0, nan = _taps(u, vv, W, H, False)
-            x0 = fx0.to(tl.int64)
-            y0 = fy0.to(tl.int64)
             base = planes_ptr + b * s_pb + plane * s_pp
             gbase = gplanes_ptr + (b * 3 + plane) * C * HW  # contiguous (B, 3, C, H, W)
-            gx = tl.zeros((S_P,), dtype=tl.float32)
-            gy = tl.zeros((S_P,), dtype=tl.float32)
-            for k in tl.static_range(4):
-                xk, yk, valid, wk, dwdx, dwdy = _tap(k, ix, iy, fx0, fy0, x0, y0, W, H)
-                valid = valid & (~nan)
-                mk = m2 & valid[:, None]
-                if NEED_PLANES:
-                    gp = gbase + oc.to(tl.int64)[None, :] * HW + (yk * W + xk)[:, None]
-                    tl.atomic_add(gp, g_f * wk[:, None], mask=mk)
-                if NEED_RAYS:
-                    ptrs = base + (yk * s_ph + xk * s_pw)[:, None] + \
-                        oc.to(tl.int64)[None, :] * s_pc
-                    tap = tl.load(ptrs, mask=mk, other=0.0).to(tl.float32)
-                    dot_t = tl.sum(tap * g_f, axis=1)
-                    gx += dwdx * dot_t
-                    gy += dwdy * dot_t
+            gx, gy = _plane_bwd_tile(base, gbase, ix, iy, fx0, fy0, nan, W, H, oc, s_ph, s_pw,
+                                     s_pc, g_f, m2, NEED_PLANES, NEED_RAYS)
             if NEED_RAYS:
                 # d(pixel)/d(world) = size / 2 * scale (align_corners=False)
                 gx = gx * (W / 2.0) * scale

@@ -73,6 +73,46 @@ def _tap(K: tl.constexpr, ix, iy, fx0, fy0, x0, y0, W, H):
 
 
 @triton.jit
+def _plane_fwd_tile(base, ix, iy, fx0, fy0, W, H, coff, s_ph, s_pw, m2):
+    """Bilinear sample of one plane (base, strides) for a [points, channels] tile; ``coff`` is
+    the channel offsets (1, BLOCK_C), ``m2`` the tile mask. Taps outside the plane read zeros."""
+    x0 = fx0.to(tl.int64)
+    y0 = fy0.to(tl.int64)
+    val = tl.zeros(m2.shape, dtype=tl.float32)
+    for k in tl.static_range(4):
+        xk, yk, valid, w, _, _ = _tap(k, ix, iy, fx0, fy0, x0, y0, W, H)
+        ptrs = base + (yk * s_ph + xk * s_pw)[:, None] + coff
+        tap = tl.load(ptrs, mask=m2 & valid[:, None], other=0.0).to(tl.float32)
+        val += tap * w[:, None]
+    return val
+
+
+@triton.jit
+def _plane_bwd_tile(base, gbase, ix, iy, fx0, fy0, nan, W, H, offs_c, s_ph, s_pw, s_pc, g, m2,
+                    NEED_PLANES: tl.constexpr, NEED_POINTS: tl.constexpr):
+    """Backward of one plane's bilinear sample for a [points, channels] tile of cotangents ``g``:
+    scatters ``w * g`` into the contiguous (C, H, W) plane gradient at ``gbase`` (atomics) and
+    returns the derivatives w.r.t. the pixel coordinates (ix, iy) of every point."""
+    x0 = fx0.to(tl.int64)
+    y0 = fy0.to(tl.int64)
+    oc = offs_c.to(tl.int64)[None, :]
+    gx = tl.zeros_like(ix)
+    gy = tl.zeros_like(iy)
+    for k in tl.static_range(4):
+        xk, yk, valid, w, dwdx, dwdy = _tap(k, ix, iy, fx0, fy0, x0, y0, W, H)
+        mk = m2 & (valid & (~nan))[:, None]
+        if NEED_PLANES:
+            tl.atomic_add(gbase + oc * (H * W) + (yk * W + xk)[:, None], g * w[:, None], mask=mk)
+        if NEED_POINTS:
+            ptrs = base + (yk * s_ph + xk * s_pw)[:, None] + oc * s_pc
+            tap = tl.load(ptrs, mask=mk, other=0.0).to(tl.float32)
+            dot = tl.sum(tap * g, axis=1)
+            gx += dwdx * dot
+            gy += dwdy * dot
+    return gx, gy
+
+
+@triton.jit
 def _triplane_fwd_kernel(
     planes_ptr, points_ptr, out_ptr,
     N, H, W,
@@ -96,15 +136,8 @@ def _triplane_fwd_kernel(
         for plane in tl.static_range(3):
             u, v = _plane_uv(x, y, z, plane, AXES_EG3D)
             ix, iy, fx0, fy0, nan = _taps(u, v, W, H, ALIGN)
-            x0 = fx0.to(tl.int64)
-            y0 = fy0.to(tl.int64)
             base = planes_ptr + b * s_pb + plane * s_pp
-            val = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-            for k in tl.static_range(4):
-                xk, yk, valid, w, _, _ = _tap(k, ix, iy, fx0, fy0, x0, y0, W, H)
-                ptrs = base + (yk * s_ph + xk * s_pw)[:, None] + coff
-                tap = tl.load(ptrs, mask=m2 & valid[:, None], other=0.0).to(tl.float32)
-                val += tap * w[:, None]
+            val = _plane_fwd_tile(base, ix, iy, fx0, fy0, W, H, coff, s_ph, s_pw, m2)
             val = tl.where(nan[:, None], float("nan"), val)
             if REDUCE == 2:
                 optr = out_ptr + ((b * 3 + plane) * N + offs_n)[:, None] * C + offs_c[None, :]
@@ -141,8 +174,6 @@ def _triplane_bwd_kernel(
     for plane in tl.static_range(3):
         u, v = _plane_uv(x, y, z, plane, AXES_EG3D)
         ix, iy, fx0, fy0, nan = _taps(u, v, W, H, ALIGN)
-        x0 = fx0.to(tl.int64)
-        y0 = fy0.to(tl.int64)
         base = planes_ptr + b * s_pb + plane * s_pp
         gbase = grad_planes_ptr + (b * 3 + plane) * C * HW  # contiguous (B, 3, C, H, W)
         gx = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -158,20 +189,10 @@ def _triplane_bwd_kernel(
             go = tl.load(gptr, mask=m2, other=0.0).to(tl.float32)
             if REDUCE == 0:
                 go = go / 3.0
-            for k in tl.static_range(4):
-                xk, yk, valid, w, dwdx, dwdy = _tap(k, ix, iy, fx0, fy0, x0, y0, W, H)
-                valid = valid & (~nan)
-                mk = m2 & valid[:, None]
-                if NEED_PLANES:
-                    gp = gbase + offs_c.to(tl.int64)[None, :] * HW + (yk * W + xk)[:, None]
-                    tl.atomic_add(gp, go * w[:, None], mask=mk)
-                if NEED_POINTS:
-                    ptrs = base + (yk * s_ph + xk * s_pw)[:, None] + \
-                        offs_c.to(tl.int64)[None, :] * s_pc
-                    tap = tl.load(ptrs, mask=mk, other=0.0).to(tl.float32)
-                    dot = tl.sum(tap * go, axis=1)
-                    gx += dwdx * dot
-                    gy += dwdy * dot
+            dgx, dgy = _plane_bwd_tile(base, gbase, ix, iy, fx0, fy0, nan, W, H, offs_c, s_ph, s_pw,
+                                       s_pc, go, m2, NEED_PLANES, NEED_POINTS)
+            gx += dgx
+            gy += dgy
         if NEED_POINTS:
             if ALIGN:
                 gx = gx * ((W - 1) / 2.0) * scale
