@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from pyface.bench.harness import BenchCase, format_table, peak_memory_mb, run_case
@@ -54,15 +55,66 @@ def test_cpu_peak_memory_sees_allocations():
     assert 3.9 < peak_memory_mb(alloc_one_at_a_time, torch.device("cpu")) < 4.5
 
 
+def test_result_and_working_memory_are_separated():
+    """fwd: the result is the output; fwd+bwd: the output and the input gradient. A provider
+    with a 4 MiB temporary shows it as working memory, one without shows (almost) none."""
+    def make_inputs(device, seed):
+        return [torch.randn(64, 64, generator=torch.Generator().manual_seed(seed))
+                .requires_grad_()]
+
+    case = BenchCase("square", "tiny", {"n": 64}, make_inputs, {
+        "reference": lambda x: x * x,
+        "wasteful": lambda x: x.unsqueeze(0).expand(256, 64, 64).contiguous().sum(0) / 256 * x})
+    results = {(m.provider, m.mode): m
+               for m in run_case(case, torch.device("cpu"), min_time=0.01, max_reps=3,
+                                 compile_reference=False)}
+    tile = 64 * 64 * 4 / 2**20
+    assert abs(results["reference", "fwd"].result_mem_mb - tile) < 1e-9
+    assert abs(results["reference", "fwd+bwd"].result_mem_mb - 2 * tile) < 1e-9
+    assert results["reference", "fwd"].work_mem_mb < 0.1
+    assert 3.9 < results["wasteful", "fwd"].work_mem_mb < 4.6
+    assert results["reference", "bwd"].work_mem_mb is None
+    row = results["wasteful", "fwd"].as_dict()
+    assert row["work_mem_mb"] == results["wasteful", "fwd"].work_mem_mb and "error" in row
+
+
+def test_cpu_peak_memory_sees_kernel_workspace_of_worker_threads():
+    """The C++ warp kernels split whole batch items over worker threads, each with a
+    channels-last slab; that workspace is allocated on the calling thread so the measure sees
+    it (an allocation in a worker thread would escape the profiler)."""
+    from pyface import _backend
+    from pyface.ops import warp_by_keypoints
+
+    if _backend.extension() is None:
+        pytest.skip(f"pyface._C: {_backend.extension_reason()}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        B, C, K, D, H, W = 2, 32, 3, 8, 32, 32
+        vol = torch.randn(B, C, D, H, W)
+        kp = torch.rand(B, K, 3) * 2 - 1
+        masks = torch.rand(B, K + 1, D, H, W).softmax(1)
+        peak = peak_memory_mb(lambda: warp_by_keypoints(vol, kp, kp.flip(1), masks,
+                                                        backend="cpu"), torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    out_mb = B * C * D * H * W * 4 / 2**20
+    slab_mb = (D * H * W * 16 + 64 * 16 + D * H * W * 3) * 4 / 2**20  # per worker
+    assert out_mb + 2 * slab_mb - 0.01 < peak < out_mb + 2 * slab_mb + 0.5
+
+
 def test_cli_writes_json(tmp_path):
     out = tmp_path / "r.json"
     proc = subprocess.run(
         [sys.executable, "-m", "pyface", "bench", "triplane", "--device", "cpu",
-         "--providers", "cpu", "--no-compile", "--min-time", "0.01", "--json", str(out)],
+         "--providers", "cpu", "--no-compile", "--min-time", "0.01", "--size", "full",
+         "--shapes", "small", "--json", str(out)],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
     assert data["environment"]["torch"] == torch.__version__
     modes = {(r["provider"], r["mode"]) for r in data["results"]}
     assert ("cpu", "fwd+bwd") in modes and all(r["error"] is None for r in data["results"])
+    assert all(r["work_mem_mb"] is not None for r in data["results"] if r["mode"] != "bwd")
+    assert {r["shape"] for r in data["results"]} == {"small"}  # --shapes left out "eg3d"
     assert "triplane_sample" in proc.stdout

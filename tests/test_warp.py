@@ -394,13 +394,15 @@ def test_gpu_opcheck_and_gradcheck():
 
 @cpp
 @pytest.mark.parametrize("B", [1, 3])
-def test_backward_paths(B):
-    """B < threads: a position pass plus a channel-owned scatter; B >= threads: one pass per
-    batch item. Both must match the reference."""
+@pytest.mark.parametrize("C", [6, 37])
+def test_backward_paths(B, C):
+    """B < threads: a position pass plus a channel-owned scatter; B >= threads: workers own
+    batch items and go through channels-last slabs of 16 channels (C = 37: three slabs, the
+    last one partial). Both must match the reference."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        vol, kps, kpd, masks, j = make(B=B, K=3, jac=True, C=6)
+        vol, kps, kpd, masks, j = make(B=B, K=3, jac=True, C=C)
         compare(lambda *x: ops.warp_by_keypoints(*x[:4], jacobian=x[4], backend="cpu"),
                 lambda *x: ref.warp_by_keypoints_reference(*x[:4], jacobian=x[4]),
                 [vol, kps, kpd, masks, j])

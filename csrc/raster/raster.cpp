@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/workspace.h"
 
 namespace pyface {
 namespace raster {
@@ -108,7 +109,7 @@ void raster_mesh_cpu_kernel(const double* verts, const int64_t* faces, int64_t B
   const int64_t tiles_x = (W + kTile - 1) / kTile, tiles_y = (H + kTile - 1) / kTile;
   const int64_t n_tiles = tiles_x * tiles_y;
   // one parallel region per phase for the whole batch (each region is a fork/join)
-  std::vector<Triangle> tris(static_cast<size_t>(B * F));
+  HostBuffer<Triangle> tris(B * F);
   at::parallel_for(0, B * F, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / F, f = t % F;
@@ -125,7 +126,7 @@ void raster_mesh_cpu_kernel(const double* verts, const int64_t* faces, int64_t B
     }
   });
   // counting sort of faces into (batch, tile) bins, faces in increasing index order
-  std::vector<int64_t> tile_start(static_cast<size_t>(B * n_tiles + 1), 0);
+  HostBuffer<int64_t> tile_start(B * n_tiles + 1, 0);
   for (int64_t t = 0; t < B * F; ++t) {
     const Triangle& tr = tris[t];
     if (!tr.valid) continue;
@@ -135,9 +136,10 @@ void raster_mesh_cpu_kernel(const double* verts, const int64_t* faces, int64_t B
         ++tile_start[base + ty * tiles_x + tx + 1];
   }
   for (int64_t i = 0; i < B * n_tiles; ++i) tile_start[i + 1] += tile_start[i];
-  std::vector<int32_t> tile_faces(static_cast<size_t>(tile_start[B * n_tiles]));
+  HostBuffer<int32_t> tile_faces(tile_start[B * n_tiles]);
   {
-    std::vector<int64_t> fill(tile_start.begin(), tile_start.end() - 1);
+    HostBuffer<int64_t> fill(B * n_tiles);
+    std::copy(tile_start.begin(), tile_start.end() - 1, fill.begin());
     for (int64_t t = 0; t < B * F; ++t) {
       const Triangle& tr = tris[t];
       if (!tr.valid) continue;
@@ -363,8 +365,8 @@ void splat_cpu_kernel(const double* pts, int64_t B, int64_t N, int64_t H, int64_
   const int64_t band = 8;
   const int64_t n_bands = (H + band - 1) / band;
   // counting sort of points into (batch, band) bins, in increasing index order
-  std::vector<int64_t> start(static_cast<size_t>(B * n_bands + 1), 0);
-  std::vector<int64_t> y0s(static_cast<size_t>(B * N)), y1s(static_cast<size_t>(B * N));
+  HostBuffer<int64_t> start(B * n_bands + 1, 0);
+  HostBuffer<int64_t> y0s(B * N), y1s(B * N);
   for (int64_t t = 0; t < B * N; ++t) {
     const double X = splat_coord(pts[t * 3], W), Y = splat_coord(pts[t * 3 + 1], H);
     const double Z = pts[t * 3 + 2];
@@ -373,16 +375,18 @@ void splat_cpu_kernel(const double* pts, int64_t B, int64_t N, int64_t H, int64_
     if (!std::isfinite(X) || !std::isfinite(Y) || !std::isfinite(Z)) continue;
     const double ya = std::ceil(Y - radius), yb = std::floor(Y + radius);
     const double xa = std::ceil(X - radius), xb = std::floor(X + radius);
-    if (yb < 0 || ya > H - 1 || xb < 0 || xa > W - 1) continue;
+    // no pixel centre within the radius (ya > yb or xa > xb), or entirely off the image
+    if (ya > yb || xa > xb || yb < 0 || ya > H - 1 || xb < 0 || xa > W - 1) continue;
     y0s[t] = static_cast<int64_t>(std::max(ya, 0.0));
     y1s[t] = static_cast<int64_t>(std::min(yb, double(H - 1)));
     const int64_t base = (t / N) * n_bands;
     for (int64_t k = y0s[t] / band; k <= y1s[t] / band; ++k) ++start[base + k + 1];
   }
   for (int64_t k = 0; k < B * n_bands; ++k) start[k + 1] += start[k];
-  std::vector<int32_t> items(static_cast<size_t>(start[B * n_bands]));
+  HostBuffer<int32_t> items(start[B * n_bands]);
   {
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    HostBuffer<int64_t> fill(B * n_bands);
+    std::copy(start.begin(), start.end() - 1, fill.begin());
     for (int64_t t = 0; t < B * N; ++t) {
       if (y1s[t] < y0s[t]) continue;
       const int64_t base = (t / N) * n_bands;
@@ -497,41 +501,45 @@ at::Tensor points_to_triplane_index_cpu(const at::Tensor& points,
   // texel centre extents (the grid never needs to extend beyond them)
   const double tu0 = texel_centre(0, W, align_corners), tu1 = texel_centre(W - 1, W, align_corners);
   const double tv0 = texel_centre(0, H, align_corners), tv1 = texel_centre(H - 1, H, align_corners);
-  // phase 1, one task per (batch, plane): bin the plane's projected points into its grid
+  // phase 1a, one task per (batch, plane): project the plane's points and size its grid
   struct PlaneGrid {
     Grid g;
-    std::vector<double> pu, pv;
-    std::vector<int32_t> cell_start, cell_pts;
-    std::vector<double> col_lo, col_hi;  // v envelope of each column
-    bool empty = true;
+    int64_t m = 0;          // points on the plane
+    int64_t cells = 0;      // g.gx * g.gy (0 for an empty plane)
+    int64_t cell_base = 0;  // offset of the plane's cell_start in the shared buffer
   };
-  std::vector<PlaneGrid> grids(static_cast<size_t>(B * 3));
-  at::parallel_for(0, B * 3, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> ids, cell_of;
+  constexpr int64_t kMaxCells = 1024;  // per grid side
+  const int64_t T = B * 3;
+  std::vector<PlaneGrid> grids(static_cast<size_t>(T));  // T small records
+  HostBuffer<double> puv(T * N * 2);                     // per task: u of every point, then v
+  HostBuffer<int32_t> ids(T * N), cell_pts(T * N);       // per task: valid points, binned points
+  HostBuffer<double> cols(T * kMaxCells * 2);            // per task: v envelope of each column
+  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       PlaneGrid& pg = grids[task];
       const int64_t b = task / 3;
       const int pl = static_cast<int>(task % 3);
       const int cu = plane_u(axes, pl), cv = plane_v(axes, pl);
-      pg.pu.assign(static_cast<size_t>(N), 0.0);
-      pg.pv.assign(static_cast<size_t>(N), 0.0);
-      ids.clear();
+      double* pu = puv.data() + task * N * 2;
+      double* pv = pu + N;
+      int32_t* id = ids.data() + task * N;
+      int64_t M = 0;
       double lo_u = INFINITY, hi_u = -INFINITY, lo_v = INFINITY, hi_v = -INFINITY;
       for (int64_t n = 0; n < N; ++n) {
+        pu[n] = pv[n] = 0.0;
         const double* q = pd + (b * N + n) * 3;
         const double u = q[cu] * scale, v = q[cv] * scale;
         if (!std::isfinite(u) || !std::isfinite(v)) continue;
         if (vd != nullptr && !vd[b * N + n]) continue;
-        pg.pu[n] = u;
-        pg.pv[n] = v;
-        ids.push_back(static_cast<int32_t>(n));
+        pu[n] = u;
+        pv[n] = v;
+        id[M++] = static_cast<int32_t>(n);
         lo_u = std::min(lo_u, u);
         hi_u = std::max(hi_u, u);
         lo_v = std::min(lo_v, v);
         hi_v = std::max(hi_v, v);
       }
-      const int64_t M = static_cast<int64_t>(ids.size());
-      pg.empty = M == 0;
+      pg.m = M;
       if (M == 0) continue;
       // grid bounds: the points' bounding box clipped to the texel extents (points beyond fall
       // into the border cells, whose extents the search treats as unbounded)
@@ -554,48 +562,79 @@ at::Tensor points_to_triplane_index_cpu(const at::Tensor& points,
         gxf = std::sqrt(cells * ex / ey);
         gyf = cells / std::max(gxf, 1.0);
       }
-      // never finer than the texel grid, never more than 1024 cells per side
-      g.gx = static_cast<int32_t>(std::clamp(std::ceil(gxf), 1.0, std::min<double>(1024, W)));
-      g.gy = static_cast<int32_t>(std::clamp(std::ceil(gyf), 1.0, std::min<double>(1024, H)));
+      // never finer than the texel grid, never more than kMaxCells cells per side
+      g.gx = static_cast<int32_t>(
+          std::clamp(std::ceil(gxf), 1.0, std::min<double>(kMaxCells, W)));
+      g.gy = static_cast<int32_t>(
+          std::clamp(std::ceil(gyf), 1.0, std::min<double>(kMaxCells, H)));
       g.x0 = ex > tiny ? gx_lo : gx_lo - 0.5;
       g.y0 = ey > tiny ? gy_lo : gy_lo - 0.5;
       g.cw = (ex > tiny ? ex : 1.0) / g.gx;
       g.ch = (ey > tiny ? ey : 1.0) / g.gy;
-      const int64_t n_cells = static_cast<int64_t>(g.gx) * g.gy;
-      pg.cell_start.assign(static_cast<size_t>(n_cells + 1), 0);
-      cell_of.resize(static_cast<size_t>(M));
-      pg.col_lo.assign(static_cast<size_t>(g.gx), INFINITY);
-      pg.col_hi.assign(static_cast<size_t>(g.gx), -INFINITY);
-      for (int64_t m = 0; m < M; ++m) {
-        const int32_t n = ids[m];
-        const int32_t col = grid_cell(pg.pu[n], g.x0, g.cw, g.gx);
-        const int32_t c = grid_cell(pg.pv[n], g.y0, g.ch, g.gy) * g.gx + col;
-        cell_of[m] = c;
-        ++pg.cell_start[c + 1];
-        pg.col_lo[col] = std::min(pg.col_lo[col], pg.pv[n]);
-        pg.col_hi[col] = std::max(pg.col_hi[col], pg.pv[n]);
+      pg.cells = static_cast<int64_t>(g.gx) * g.gy;
+    }
+  });
+  // the planes' cell_start arrays, one buffer (sizes known only now)
+  int64_t total_cells = 0;
+  for (PlaneGrid& pg : grids) {
+    pg.cell_base = total_cells;
+    total_cells += pg.cells + 1;
+  }
+  HostBuffer<int32_t> cell_start(total_cells, 0), cursor(total_cells);
+  // phase 1b, one task per (batch, plane): counting sort of the points into the cells
+  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const PlaneGrid& pg = grids[task];
+      if (pg.m == 0) continue;
+      const Grid& g = pg.g;
+      const double* pu = puv.data() + task * N * 2;
+      const double* pv = pu + N;
+      const int32_t* id = ids.data() + task * N;
+      int32_t* cs = cell_start.data() + pg.cell_base;
+      int32_t* cur = cursor.data() + pg.cell_base;
+      double* col_lo = cols.data() + task * kMaxCells * 2;
+      double* col_hi = col_lo + kMaxCells;
+      std::fill(col_lo, col_lo + g.gx, INFINITY);
+      std::fill(col_hi, col_hi + g.gx, -INFINITY);
+      auto cell = [&](int32_t n, int32_t& col) {
+        col = grid_cell(pu[n], g.x0, g.cw, g.gx);
+        return grid_cell(pv[n], g.y0, g.ch, g.gy) * g.gx + col;
+      };
+      for (int64_t m = 0; m < pg.m; ++m) {
+        const int32_t n = id[m];
+        int32_t col;
+        ++cs[cell(n, col) + 1];
+        col_lo[col] = std::min(col_lo[col], pv[n]);
+        col_hi[col] = std::max(col_hi[col], pv[n]);
       }
-      for (int64_t c = 0; c < n_cells; ++c) pg.cell_start[c + 1] += pg.cell_start[c];
-      pg.cell_pts.resize(static_cast<size_t>(M));
-      std::vector<int32_t> fill(pg.cell_start.begin(), pg.cell_start.end() - 1);
-      for (int64_t m = 0; m < M; ++m) pg.cell_pts[fill[cell_of[m]]++] = ids[m];  // ascending ids
+      for (int64_t c = 0; c < pg.cells; ++c) cs[c + 1] += cs[c];
+      std::copy(cs, cs + pg.cells, cur);
+      int32_t* pts = cell_pts.data() + task * N;
+      for (int64_t m = 0; m < pg.m; ++m) {  // ascending ids within every cell
+        int32_t col;
+        const int32_t n = id[m];
+        pts[cur[cell(n, col)]++] = n;
+      }
     }
   });
   // phase 2, one task per texel row of every plane: nearest-point search
-  at::parallel_for(0, B * 3 * H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, T * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t task = row / H, i = row % H;
       const PlaneGrid& pg = grids[task];
       int64_t* o = out + row * W;
-      if (pg.empty) {
+      if (pg.m == 0) {
         std::fill(o, o + W, int64_t(-1));
         continue;
       }
+      const double* pu = puv.data() + task * N * 2;
+      const double* pv = pu + N;
+      const double* col_lo = cols.data() + task * kMaxCells * 2;
       const double qy = texel_centre(i, H, align_corners);
       for (int64_t j = 0; j < W; ++j) {
         double d2;
-        o[j] = grid_nearest(pg.g, pg.cell_start.data(), pg.cell_pts.data(), pg.col_lo.data(),
-                            pg.col_hi.data(), pg.pu.data(), pg.pv.data(),
+        o[j] = grid_nearest(pg.g, cell_start.data() + pg.cell_base, cell_pts.data() + task * N,
+                            col_lo, col_lo + kMaxCells, pu, pv,
                             texel_centre(j, W, align_corners), qy, max_d2, d2);
       }
     }

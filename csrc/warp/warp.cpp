@@ -293,21 +293,81 @@ inline void scatter_block(acc_t* gvol_b, const VolGeom& g, const TapBlock<acc_t>
   }
 }
 
-// ---- channels-last working copies -------------------------------------------------------------
-// When every thread owns whole batch items, a batch item's volume is copied to a (D, H, W, C)
-// buffer in the accumulation type: each trilinear tap then reads C contiguous values, and the
-// per-channel loops vectorise. Buffers are ATen allocations (visible to memory profiling).
+// ---- channels-last slabs ------------------------------------------------------------------------
+// When every worker owns whole batch items, a batch item is processed in slabs of up to kSlab
+// channels: the slab is copied to a (D, H, W, S) buffer in the accumulation type, so each
+// trilinear tap reads S contiguous values and the per-channel loops vectorise. Sample positions
+// are computed once per batch item (not once per slab) into a (Vo, 3) buffer. The working memory
+// is therefore bounded by workers x (2 V S + 6 Vo) values whatever C, and it is one ATen
+// allocation made on the calling thread before the parallel region (the profiler's memory events
+// are recorded per thread, so worker-thread allocations would escape the bench's measure).
 
+constexpr int64_t kSlab = 16;
+
+inline int64_t slab_channels(int64_t C) { return std::min<int64_t>(C, kSlab); }
+
+// Number of workers of the batch-owning path (each owns a contiguous range of batch items).
+inline int64_t batch_workers(int64_t B) {
+  return std::max<int64_t>(1, std::min<int64_t>(B, at::get_num_threads()));
+}
+
+// Runs f(worker, b0, b1) for every worker, in parallel.
+template <typename F>
+void for_batch_workers(int64_t B, int64_t workers, const F& f) {
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) f(w, w * B / workers, (w + 1) * B / workers);
+  });
+}
+
+// One worker's slice of the slab workspace (null where not asked for).
+template <typename T>
+struct Slab {
+  T* vcl;   // (V, S) channels-last slab of the volume
+  T* gcl;   // (V, S) channels-last slab of the volume gradient
+  T* tmp;   // (kBlock, S)
+  T* pos;   // (Vo, 3) sample positions of the batch item
+  T* gpos;  // (Vo, 3) gradient w.r.t. the positions
+};
+
+struct SlabLayout {
+  int64_t vcl, gcl, tmp, pos, gpos;
+  int64_t total() const { return vcl + gcl + tmp + pos + gpos; }
+};
+
+// The workspace of `workers` slabs; layout sizes in values of the accumulation type.
+inline at::Tensor slab_workspace(int64_t workers, const SlabLayout& l,
+                                 const at::TensorOptions& acc_options) {
+  return at::empty({workers * l.total()}, acc_options);
+}
+
+template <typename T>
+Slab<T> slab_at(at::Tensor& ws, const SlabLayout& l, int64_t worker) {
+  T* p = ws.mutable_data_ptr<T>() + worker * l.total();
+  auto take = [&](int64_t n) {
+    T* q = n > 0 ? p : nullptr;
+    p += n;
+    return q;
+  };
+  Slab<T> s;
+  s.vcl = take(l.vcl);
+  s.gcl = take(l.gcl);
+  s.tmp = take(l.tmp);
+  s.pos = take(l.pos);
+  s.gpos = take(l.gpos);
+  return s;
+}
+
+// dst (D, H, W, S) = channels [c0, c0 + S) of vol_b.
 template <typename scalar_t, typename acc_t>
-void to_channels_last(const scalar_t* vol_b, const VolGeom& g, acc_t* dst) {
-  // row by row, so the destination rows being filled (W * C values) stay in cache
-  const int64_t C = g.C;
+void to_channels_last(const scalar_t* vol_b, const VolGeom& g, int64_t c0, int64_t S,
+                      acc_t* dst) {
+  // row by row, so the destination rows being filled (W * S values) stay in cache
   for (int64_t d = 0; d < g.D; ++d)
     for (int64_t h = 0; h < g.H; ++h) {
-      acc_t* out = dst + (d * g.H + h) * g.W * C;
-      for (int64_t c = 0; c < C; ++c) {
-        const scalar_t* row = vol_b + c * g.sc + d * g.sd + h * g.sh;
-        for (int64_t w = 0; w < g.W; ++w) out[w * C + c] = static_cast<acc_t>(row[w * g.sw]);
+      acc_t* out = dst + (d * g.H + h) * g.W * S;
+      for (int64_t c = 0; c < S; ++c) {
+        const scalar_t* row = vol_b + (c0 + c) * g.sc + d * g.sd + h * g.sh;
+        for (int64_t w = 0; w < g.W; ++w) out[w * S + c] = static_cast<acc_t>(row[w * g.sw]);
       }
     }
 }
@@ -356,11 +416,12 @@ inline void sample_block_cl(const acc_t* vcl, int64_t C, const TapBlock<acc_t>& 
   }
 }
 
-// Position gradients of the block from a channels-last volume; got = gather_block_rows(go).
+// Adds the position gradients of the block from a channels-last slab of C channels to out;
+// got = gather_block_rows(go) of the slab. Samples outside the volume's NaN rule get NaN.
 template <typename acc_t>
-inline void position_grad_block_cl(const acc_t* vcl, const VolGeom& g, const TapBlock<acc_t>& blk,
-                                   const acc_t* got, bool align_corners, acc_t (*out)[3]) {
-  const int64_t C = g.C;
+inline void position_grad_block_cl(const acc_t* vcl, int64_t C, const VolGeom& g,
+                                   const TapBlock<acc_t>& blk, const acc_t* got,
+                                   bool align_corners, acc_t (*out)[3]) {
   const acc_t sx = unnormalize_scale<acc_t>(g.W, align_corners);
   const acc_t sy = unnormalize_scale<acc_t>(g.H, align_corners);
   const acc_t sz = unnormalize_scale<acc_t>(g.D, align_corners);
@@ -381,9 +442,9 @@ inline void position_grad_block_cl(const acc_t* vcl, const VolGeom& g, const Tap
       gy += ct.dy[j] * dot;
       gz += ct.dz[j] * dot;
     }
-    out[i][0] = gx * sx;
-    out[i][1] = gy * sy;
-    out[i][2] = gz * sz;
+    out[i][0] += gx * sx;
+    out[i][1] += gy * sy;
+    out[i][2] += gz * sz;
   }
 }
 
@@ -630,21 +691,23 @@ at::Tensor warp_volume_cpu(const at::Tensor& volume, const at::Tensor& grid, boo
     const scalar_t* vol = volume.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     if (B >= at::get_num_threads()) {
-      // every thread owns whole batch items: sample a channels-last copy
-      const int64_t V = g.D * g.H * g.W;
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-        auto vcl = at::empty({V * C}, gr.options());
-        auto tmp = at::empty({kBlock * C}, gr.options());
-        acc_t* vclp = vcl.mutable_data_ptr<acc_t>();
-        acc_t* tmpp = tmp.mutable_data_ptr<acc_t>();
+      // workers own whole batch items: sample channels-last slabs
+      const int64_t V = g.D * g.H * g.W, S = slab_channels(C), workers = batch_workers(B);
+      const SlabLayout l{V * S, 0, kBlock * S, 0, 0};
+      auto ws = slab_workspace(workers, l, gr.options());
+      for_batch_workers(B, workers, [&](int64_t w, int64_t b0, int64_t b1) {
+        const Slab<acc_t> sl = slab_at<acc_t>(ws, l, w);
         auto blk = std::make_unique<TapBlock<acc_t>>();
         for (int64_t b = b0; b < b1; ++b) {
-          to_channels_last(vol + b * g.sb, g, vclp);
-          for_blocks(0, Vo, [&](int64_t vb, int n) {
-            blk->fill(n, GridPos<acc_t>{gp + (b * Vo + vb) * 3}, g, align_corners,
-                      g.H * g.W * C, g.W * C, C, false);
-            sample_block_cl(vclp, C, *blk, tmpp, o + b * C * Vo + vb, Vo);
-          });
+          for (int64_t c0 = 0; c0 < C; c0 += S) {
+            const int64_t cs = std::min(S, C - c0);
+            to_channels_last(vol + b * g.sb, g, c0, cs, sl.vcl);
+            for_blocks(0, Vo, [&](int64_t vb, int n) {
+              blk->fill(n, GridPos<acc_t>{gp + (b * Vo + vb) * 3}, g, align_corners,
+                        g.H * g.W * cs, g.W * cs, cs, false);
+              sample_block_cl(sl.vcl, cs, *blk, sl.tmp, o + (b * C + c0) * Vo + vb, Vo);
+            });
+          }
         }
       });
       return;
@@ -676,39 +739,45 @@ std::tuple<at::Tensor, at::Tensor> warp_volume_bwd_cpu(const at::Tensor& grad_ou
   const VolGeom g = vol_geom(volume);
   at::Tensor g_volume = empty_like_none(volume), g_grid = empty_like_none(grid);
   at::Tensor gv, gg;
-  if (need_volume_grad) gv = at::zeros(volume.sizes(), volume.options().dtype(acc));
+  // the slab path writes every element of the volume gradient; the other one accumulates
+  const bool slabs = go.numel() > 0 && B >= at::get_num_threads();
+  if (need_volume_grad)
+    gv = slabs ? at::empty(volume.sizes(), volume.options().dtype(acc))
+               : at::zeros(volume.sizes(), volume.options().dtype(acc));
   if (need_grid_grad) gg = at::zeros(grid.sizes(), grid.options().dtype(acc));
   if (go.numel() > 0) {
     PYFACE_DISPATCH_VOLUME(volume, "warp_volume_bwd_cpu", [&] {
       const acc_t* gp = gr.const_data_ptr<acc_t>();
       const acc_t* gop = go.const_data_ptr<acc_t>();
       const scalar_t* vol = volume.const_data_ptr<scalar_t>();
-      if (B >= at::get_num_threads()) {
-        // every thread owns whole batch items: one pass over channels-last copies
-        const int64_t V = g.D * g.H * g.W;
+      if (slabs) {
+        // workers own whole batch items: one pass per channels-last slab; the grid gradient
+        // (zero-initialised) accumulates over the slabs
+        const int64_t V = g.D * g.H * g.W, S = slab_channels(C), workers = batch_workers(B);
         acc_t* ggp = need_grid_grad ? gg.mutable_data_ptr<acc_t>() : nullptr;
         acc_t* gvp = need_volume_grad ? gv.mutable_data_ptr<acc_t>() : nullptr;
-        at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-          auto vcl = at::empty({need_grid_grad ? V * C : 0}, gr.options());
-          auto gcl = at::empty({need_volume_grad ? V * C : 0}, gr.options());
-          auto tmp = at::empty({kBlock * C}, gr.options());
-          acc_t* vclp = vcl.mutable_data_ptr<acc_t>();
-          acc_t* gclp = gcl.mutable_data_ptr<acc_t>();
-          acc_t* got = tmp.mutable_data_ptr<acc_t>();
+        const SlabLayout l{need_grid_grad ? V * S : 0, need_volume_grad ? V * S : 0, kBlock * S,
+                           0, 0};
+        auto ws = slab_workspace(workers, l, gr.options());
+        for_batch_workers(B, workers, [&](int64_t w, int64_t b0, int64_t b1) {
+          const Slab<acc_t> sl = slab_at<acc_t>(ws, l, w);
           auto blk = std::make_unique<TapBlock<acc_t>>();
           for (int64_t b = b0; b < b1; ++b) {
-            if (need_grid_grad) to_channels_last(vol + b * g.sb, g, vclp);
-            if (need_volume_grad) std::fill(gclp, gclp + V * C, acc_t(0));
-            for_blocks(0, Vo, [&](int64_t vb, int n) {
-              blk->fill(n, GridPos<acc_t>{gp + (b * Vo + vb) * 3}, g, align_corners,
-                        g.H * g.W * C, g.W * C, C, need_grid_grad);
-              gather_block_rows(gop + b * C * Vo + vb, Vo, C, n, got);
-              if (need_grid_grad)
-                position_grad_block_cl(vclp, g, *blk, got, align_corners,
-                                       reinterpret_cast<acc_t(*)[3]>(ggp + (b * Vo + vb) * 3));
-              if (need_volume_grad) scatter_block_cl(gclp, C, *blk, got);
-            });
-            if (need_volume_grad) from_channels_last(gclp, C, V, gvp + b * C * V);
+            for (int64_t c0 = 0; c0 < C; c0 += S) {
+              const int64_t cs = std::min(S, C - c0);
+              if (need_grid_grad) to_channels_last(vol + b * g.sb, g, c0, cs, sl.vcl);
+              if (need_volume_grad) std::fill(sl.gcl, sl.gcl + V * cs, acc_t(0));
+              for_blocks(0, Vo, [&](int64_t vb, int n) {
+                blk->fill(n, GridPos<acc_t>{gp + (b * Vo + vb) * 3}, g, align_corners,
+                          g.H * g.W * cs, g.W * cs, cs, need_grid_grad);
+                gather_block_rows(gop + (b * C + c0) * Vo + vb, Vo, cs, n, sl.tmp);
+                if (need_grid_grad)
+                  position_grad_block_cl(sl.vcl, cs, g, *blk, sl.tmp, align_corners,
+                                         reinterpret_cast<acc_t(*)[3]>(ggp + (b * Vo + vb) * 3));
+                if (need_volume_grad) scatter_block_cl(sl.gcl, cs, *blk, sl.tmp);
+              });
+              if (need_volume_grad) from_channels_last(sl.gcl, cs, V, gvp + (b * C + c0) * V);
+            }
           }
         });
         return;
@@ -871,21 +940,28 @@ at::Tensor warp_by_keypoints_cpu(const at::Tensor& volume, const at::Tensor& kp_
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const int64_t K = a.K, Vo = a.Vo, C = a.C;
     if (a.B >= at::get_num_threads()) {
-      // every thread owns whole batch items: sample a channels-last copy
-      const int64_t V = g.D * g.H * g.W;
-      at::parallel_for(0, a.B, 1, [&](int64_t b0, int64_t b1) {
-        auto vcl = at::empty({V * C}, m.options());
-        auto tmp = at::empty({kBlock * C}, m.options());
-        acc_t* vclp = vcl.mutable_data_ptr<acc_t>();
-        acc_t* tmpp = tmp.mutable_data_ptr<acc_t>();
+      // workers own whole batch items: the flow of the item once, then channels-last slabs
+      const int64_t V = g.D * g.H * g.W, S = slab_channels(C), workers = batch_workers(a.B);
+      const SlabLayout l{V * S, 0, kBlock * S, Vo * 3, 0};
+      auto ws = slab_workspace(workers, l, m.options());
+      for_batch_workers(a.B, workers, [&](int64_t w, int64_t b0, int64_t b1) {
+        const Slab<acc_t> sl = slab_at<acc_t>(ws, l, w);
         auto blk = std::make_unique<TapBlock<acc_t>>();
         for (int64_t b = b0; b < b1; ++b) {
-          to_channels_last(vol + b * g.sb, g, vclp);
           const FlowPos<acc_t> fp{axes, mp + b * (K + 1) * Vo, Vo, P.s(b), P.d(b), P.j(b), K, 0};
           for_blocks(0, Vo, [&](int64_t vb, int n) {
-            blk->fill(n, fp.at(vb), g, align_corners, g.H * g.W * C, g.W * C, C, false);
-            sample_block_cl(vclp, C, *blk, tmpp, o + b * C * Vo + vb, Vo);
+            const FlowPos<acc_t> f = fp.at(vb);
+            for (int i = 0; i < n; ++i) f(i, sl.pos + (vb + i) * 3);
           });
+          for (int64_t c0 = 0; c0 < C; c0 += S) {
+            const int64_t cs = std::min(S, C - c0);
+            to_channels_last(vol + b * g.sb, g, c0, cs, sl.vcl);
+            for_blocks(0, Vo, [&](int64_t vb, int n) {
+              blk->fill(n, GridPos<acc_t>{sl.pos + vb * 3}, g, align_corners, g.H * g.W * cs,
+                        g.W * cs, cs, false);
+              sample_block_cl(sl.vcl, cs, *blk, sl.tmp, o + (b * C + c0) * Vo + vb, Vo);
+            });
+          }
         }
       });
       return;
@@ -923,8 +999,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> warp_by_k
   at::Tensor g_jac = jacobian.has_value() ? empty_like_none(*jacobian) : empty_like_none(masks);
   const bool need_part = need_kp_grad || need_jacobian_grad;
   at::Tensor gv, gm, part;
-  if (need_volume_grad) gv = at::zeros(volume.sizes(), volume.options().dtype(acc));
-  if (need_masks_grad) gm = at::zeros(masks.sizes(), masks.options().dtype(acc));
+  // the slab path writes every element of the volume gradient; the other one accumulates.
+  // Every path writes every element of the mask gradient.
+  const bool slabs = go.numel() > 0 && B >= at::get_num_threads();
+  if (need_volume_grad)
+    gv = slabs ? at::empty(volume.sizes(), volume.options().dtype(acc))
+               : at::zeros(volume.sizes(), volume.options().dtype(acc));
+  if (need_masks_grad) gm = at::empty(masks.sizes(), masks.options().dtype(acc));
   if (need_part) part = at::zeros({B * num_chunks(Vo), K, 15}, masks.options().dtype(acc));
   if (go.numel() > 0) {
     PYFACE_DISPATCH_VOLUME(volume, "warp_by_keypoints_bwd_cpu", [&] {
@@ -972,40 +1053,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> warp_by_k
           }
         });
       };
-      if (B >= at::get_num_threads()) {
-        // Every thread owns whole batch items (and their slice of the volume gradient): one
-        // pass over channels-last copies of the volume and of the volume gradient.
+      if (slabs) {
+        // Workers own whole batch items (and their slice of the volume gradient): the flow of
+        // the item once, one pass per channels-last slab (position gradients accumulate over
+        // the slabs), then the mask and keypoint gradients from the position gradients.
         const int64_t nch = num_chunks(Vo);
-        const int64_t V = dhw;
-        at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-          auto vcl = at::empty({need_pos ? V * C : 0}, m.options());
-          auto gcl = at::empty({need_volume_grad ? V * C : 0}, m.options());
-          auto tmp = at::empty({kBlock * C}, m.options());
-          acc_t* vclp = vcl.mutable_data_ptr<acc_t>();
-          acc_t* gclp = gcl.mutable_data_ptr<acc_t>();
-          acc_t* got = tmp.mutable_data_ptr<acc_t>();
+        const int64_t V = dhw, S = slab_channels(C), workers = batch_workers(B);
+        const SlabLayout l{need_pos ? V * S : 0, need_volume_grad ? V * S : 0, kBlock * S,
+                           Vo * 3, need_pos ? Vo * 3 : 0};
+        auto ws = slab_workspace(workers, l, m.options());
+        for_batch_workers(B, workers, [&](int64_t w, int64_t b0, int64_t b1) {
+          const Slab<acc_t> sl = slab_at<acc_t>(ws, l, w);
           auto blk = std::make_unique<TapBlock<acc_t>>();
-          acc_t gf[kBlock][3];
           for (int64_t b = b0; b < b1; ++b) {
-            if (need_pos) to_channels_last(vol + b * g.sb, g, vclp);
-            if (need_volume_grad) std::fill(gclp, gclp + V * C, acc_t(0));
             const acc_t* m_b = mp + b * (K + 1) * Vo;
             const FlowPos<acc_t> fp{axes, m_b, Vo, P.s(b), P.d(b), P.j(b), K, 0};
+            for_blocks(0, Vo, [&](int64_t vb, int n) {
+              const FlowPos<acc_t> f = fp.at(vb);
+              for (int i = 0; i < n; ++i) f(i, sl.pos + (vb + i) * 3);
+            });
+            if (need_pos) std::fill(sl.gpos, sl.gpos + Vo * 3, acc_t(0));
+            for (int64_t c0 = 0; c0 < C; c0 += S) {
+              const int64_t cs = std::min(S, C - c0);
+              if (need_pos) to_channels_last(vol + b * g.sb, g, c0, cs, sl.vcl);
+              if (need_volume_grad) std::fill(sl.gcl, sl.gcl + V * cs, acc_t(0));
+              for_blocks(0, Vo, [&](int64_t vb, int n) {
+                blk->fill(n, GridPos<acc_t>{sl.pos + vb * 3}, g, align_corners, g.H * g.W * cs,
+                          g.W * cs, cs, need_pos);
+                gather_block_rows(gop + (b * C + c0) * Vo + vb, Vo, cs, n, sl.tmp);
+                if (need_pos)
+                  position_grad_block_cl(sl.vcl, cs, g, *blk, sl.tmp, align_corners,
+                                         reinterpret_cast<acc_t(*)[3]>(sl.gpos + vb * 3));
+                if (need_volume_grad) scatter_block_cl(sl.gcl, cs, *blk, sl.tmp);
+              });
+              if (need_volume_grad) from_channels_last(sl.gcl, cs, V, gvp + (b * C + c0) * V);
+            }
+            if (!need_pos) continue;
             for (int64_t ch = 0; ch < nch; ++ch) {
               const int64_t task = b * nch + ch;
               for_blocks(ch * kChunk, std::min(Vo, (ch + 1) * kChunk), [&](int64_t vb, int n) {
-                blk->fill(n, fp.at(vb), g, align_corners, g.H * g.W * C, g.W * C, C, need_pos);
-                gather_block_rows(gop + b * C * Vo + vb, Vo, C, n, got);
-                if (need_pos) {
-                  position_grad_block_cl(vclp, g, *blk, got, align_corners, gf);
-                  flow_grad_block(m_b, Vo, vb, n, axes, P.s(b), P.d(b), P.j(b), K, gf,
-                                  gmp ? gmp + b * (K + 1) * Vo : nullptr,
-                                  pp ? pp + task * K * 15 : nullptr);
-                }
-                if (need_volume_grad) scatter_block_cl(gclp, C, *blk, got);
+                flow_grad_block(m_b, Vo, vb, n, axes, P.s(b), P.d(b), P.j(b), K,
+                                reinterpret_cast<const acc_t(*)[3]>(sl.gpos + vb * 3),
+                                gmp ? gmp + b * (K + 1) * Vo : nullptr,
+                                pp ? pp + task * K * 15 : nullptr);
               });
             }
-            if (need_volume_grad) from_channels_last(gclp, C, V, gvp + b * C * V);
           }
         });
       } else {

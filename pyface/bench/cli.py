@@ -26,6 +26,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--size", choices=("small", "full"), default=None,
                    help="small shapes only, or the full model shapes too "
                         "(default: full on cuda, small on cpu)")
+    p.add_argument("--shapes", default=None,
+                   help="comma-separated subset of the shape names, e.g. B4-K15,B4-K21")
     p.add_argument("--providers", default=None,
                    help="comma-separated subset, e.g. reference,compile,cpu")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
@@ -45,6 +47,7 @@ def run(args) -> int:
     families = _families()
     wanted = args.ops or families
     providers = args.providers.split(",") if args.providers else None
+    shapes = set(args.shapes.split(",")) if args.shapes else None
     env = environment(device)
     print(f"# device: {env.get('gpu') or env['cpu']} ({device.type}, {env['cpu_threads']} threads)"
           f"  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}", flush=True)
@@ -53,6 +56,8 @@ def run(args) -> int:
         module = importlib.import_module(f"pyface.bench.ops.{fam}")
         for case in module.cases(device, size):
             if fam not in wanted and case.op not in wanted:
+                continue
+            if shapes is not None and case.shape not in shapes:
                 continue
             print(f"# {case.op} [{case.shape}] {case.params}", flush=True)
             results += run_case(case, device, providers=providers, min_time=args.min_time,
@@ -68,7 +73,7 @@ def run(args) -> int:
             path = os.path.join(path, f"{'_'.join(wanted)}-{tag}-{env['date'][:10]}.json")
         with open(path, "w") as f:
             json.dump({"environment": env, "size": size,
-                       "results": [r.__dict__ for r in results]}, f, indent=2)
+                       "results": [r.as_dict() for r in results]}, f, indent=2)
         print(f"wrote {path}")
     return 0
 

@@ -47,12 +47,34 @@ class Measurement:
     p80_ms: float
     reps: int
     peak_mem_mb: float | None = None
+    # memory of what the call hands back (fwd: the outputs; fwd+bwd: the outputs and the
+    # gradients of the inputs), which every implementation must allocate
+    result_mem_mb: float | None = None
     error: str | None = None
+
+    @property
+    def work_mem_mb(self) -> float | None:
+        """Working memory: the peak above the result (intermediates, saved tensors, scratch)."""
+        if self.peak_mem_mb is None or self.result_mem_mb is None:
+            return None
+        return max(0.0, self.peak_mem_mb - self.result_mem_mb)
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "work_mem_mb": self.work_mem_mb}
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _storage_mb(tensors: Sequence[torch.Tensor]) -> float:
+    """Memory held by ``tensors``, each storage counted once, in MB."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values()) / 2**20
 
 
 def _tensors(out) -> list[torch.Tensor]:
@@ -97,7 +119,10 @@ def peak_memory_mb(fn: Callable[[], None], device: torch.device) -> float:
     """Peak memory allocated by ``fn`` above what was allocated before it, in MB.
 
     CUDA: the caching allocator's peak. CPU: the running sum of the allocator events recorded by
-    the profiler (every allocation, including those inside C++ kernels).
+    the profiler: every ATen allocation made on the calling thread, including those inside C++
+    kernels. The profiler records memory events per thread, so allocations made inside a
+    parallel region's worker threads would escape it; pyface's CPU kernels allocate all their
+    workspace on the calling thread for this reason.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -140,7 +165,11 @@ def run_case(case: BenchCase, device: torch.device, *, providers: Sequence[str] 
         try:
             out = forward()  # also compiles the torch.compile provider
             cot = [torch.randn_like(o) for o in _tensors(out)]
-            del out
+            outs = [o for o in ([out] if isinstance(out, torch.Tensor) else list(out))
+                    if isinstance(o, torch.Tensor)]
+            out_mb = _storage_mb(outs)
+            grads_mb = _storage_mb(leaves)  # a gradient has its input's size
+            del out, outs
 
             def fwd_bwd():
                 outs = _tensors(forward())
@@ -157,25 +186,27 @@ def run_case(case: BenchCase, device: torch.device, *, providers: Sequence[str] 
                 if mode == "fwd":
                     times = _time(fwd_only, device, None, min_time, max_reps, warmup)
                     mem = peak_memory_mb(fwd_only, device)
+                    result_mb = out_mb
                 elif mode == "bwd":
                     if not leaves:
                         continue
                     times = _time(bwd, device, forward, min_time, max_reps, warmup)
-                    mem = None
+                    mem = result_mb = None
                 else:
                     if not leaves:
                         continue
                     times = _time(fwd_bwd, device, None, min_time, max_reps, warmup)
                     mem = peak_memory_mb(fwd_bwd, device)
+                    result_mb = out_mb + grads_mb
                 q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
                 m = Measurement(case.op, case.shape, name, mode, statistics.median(times),
-                                q[0], q[3], len(times), mem)
+                                q[0], q[3], len(times), mem, result_mb)
                 results.append(m)
                 if log:
                     log(format_row(m))
         except Exception as exc:  # a provider failing must not hide the others' numbers
             m = Measurement(case.op, case.shape, name, "all", float("nan"), float("nan"),
-                            float("nan"), 0, None, f"{type(exc).__name__}: {exc}"[:300])
+                            float("nan"), 0, error=f"{type(exc).__name__}: {exc}"[:300])
             results.append(m)
             if log:
                 log(format_row(m))
@@ -186,13 +217,15 @@ def format_row(m: Measurement) -> str:
     if m.error:
         return f"{m.op:<22} {m.shape:<8} {m.provider:<10} {m.mode:<8} ERROR {m.error}"
     mem = f"{m.peak_mem_mb:10.1f}" if m.peak_mem_mb is not None else f"{'-':>10}"
+    work = m.work_mem_mb
+    work = f"{work:8.1f}" if work is not None else f"{'-':>8}"
     return (f"{m.op:<22} {m.shape:<8} {m.provider:<10} {m.mode:<8} {m.median_ms:10.3f} "
-            f"[{m.p20_ms:8.3f}, {m.p80_ms:8.3f}] {mem} {m.reps:5d}")
+            f"[{m.p20_ms:8.3f}, {m.p80_ms:8.3f}] {mem} {work} {m.reps:5d}")
 
 
 def format_table(results: Sequence[Measurement]) -> str:
     head = (f"{'op':<22} {'shape':<8} {'provider':<10} {'mode':<8} {'median ms':>10} "
-            f"{'[p20, p80] ms':>21} {'peak MB':>10} {'reps':>5} {'vs ref':>7}")
+            f"{'[p20, p80] ms':>21} {'peak MB':>10} {'work MB':>8} {'reps':>5} {'vs ref':>7}")
     base = {(m.op, m.shape, m.mode): m.median_ms for m in results
             if m.provider == "reference" and not m.error}
     lines = [head, "-" * len(head)]
