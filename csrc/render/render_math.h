@@ -255,12 +255,15 @@ PYFACE_HD void importance_ray(const S* dep, const S* w, const S* u, int64_t n, i
   }
   for (int64_t q = 0; q < m; ++q) {
     const S uq = u[q];
-    // searchsorted(cdf, u, right=True): first index with cdf[idx] > u
-    int64_t lo = 0, hi = nb + 1;
-    while (lo < hi) {
-      const int64_t mid = (lo + hi) / 2;
-      if (cdf[mid] <= uq) lo = mid + 1; else hi = mid;
+    // searchsorted(cdf, u, right=True): first index with cdf[idx] > u, branch-free (the
+    // uniforms are unordered, so a branching search mispredicts about every other step)
+    int64_t base = 0, len = nb + 1;
+    while (len > 1) {
+      const int64_t half = len / 2;
+      base = cdf[base + half] <= uq ? base + half : base;
+      len -= half;
     }
+    const int64_t lo = base + (cdf[base] <= uq ? 1 : 0);
     const int64_t below = lo - 1 > 0 ? lo - 1 : 0;
     const int64_t above = lo < nb ? lo : nb;
     const S c0 = cdf[below], c1 = cdf[above];
