@@ -79,6 +79,13 @@ def _flow(masks_ptr, kps_ptr, kpd_ptr, jac_ptr, b, v, mask_v, zx, zy, zz, Vo,
 
 
 @triton.jit
+def _load_xyz(p, mask):
+    """The three components of (..., 3) rows at p (0 where masked)."""
+    return (tl.load(p + 0, mask=mask, other=0.0), tl.load(p + 1, mask=mask, other=0.0),
+            tl.load(p + 2, mask=mask, other=0.0))
+
+
+@triton.jit
 def _unnormalize(c, n, ALIGN: tl.constexpr):
     if ALIGN:
         r = (c + 1.0) / 2.0 * (n - 1)
@@ -284,10 +291,7 @@ def _warp_volume_fwd(vol_ptr, grid_ptr, out_ptr, Vo, s_b, s_c, s_d, s_h, s_w, D,
     b = tl.program_id(1).to(tl.int64)
     v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_v = v < Vo
-    g = grid_ptr + (b * Vo + v) * 3
-    x = tl.load(g + 0, mask=mask_v, other=0.0)
-    y = tl.load(g + 1, mask=mask_v, other=0.0)
-    z = tl.load(g + 2, mask=mask_v, other=0.0)
+    x, y, z = _load_xyz(grid_ptr + (b * Vo + v) * 3, mask_v)
     _sample_store(vol_ptr, out_ptr, b, v, mask_v, x, y, z, Vo, b * C * Vo,
                   s_b, s_c, s_d, s_h, s_w, D, H, W, C, ALIGN, BLOCK_C)
 
@@ -301,10 +305,7 @@ def _warp_volume_bwd(vol_ptr, grid_ptr, go_ptr, gvol_ptr, ggrid_ptr, Vo,
     b = tl.program_id(1).to(tl.int64)
     v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_v = v < Vo
-    g = grid_ptr + (b * Vo + v) * 3
-    x = tl.load(g + 0, mask=mask_v, other=0.0)
-    y = tl.load(g + 1, mask=mask_v, other=0.0)
-    z = tl.load(g + 2, mask=mask_v, other=0.0)
+    x, y, z = _load_xyz(grid_ptr + (b * Vo + v) * 3, mask_v)
     gx, gy, gz = _sample_bwd(vol_ptr, go_ptr, gvol_ptr, b, v, mask_v, x, y, z, Vo, b * C * Vo,
                              s_b, s_c, s_d, s_h, s_w, D, H, W, C, ALIGN, NEED_VOL, NEED_GRID,
                              BLOCK_C)
@@ -344,10 +345,7 @@ def _keypoint_flow_bwd(gflow_ptr, masks_ptr, kps_ptr, kpd_ptr, jac_ptr, gmasks_p
     v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_v = v < Vo
     zx, zy, zz = _identity(v, Do, Ho, Wo, GRID_ALIGN)
-    g = gflow_ptr + (b * Vo + v) * 3
-    gx = tl.load(g + 0, mask=mask_v, other=0.0)
-    gy = tl.load(g + 1, mask=mask_v, other=0.0)
-    gz = tl.load(g + 2, mask=mask_v, other=0.0)
+    gx, gy, gz = _load_xyz(gflow_ptr + (b * Vo + v) * 3, mask_v)
     _flow_bwd_tail(masks_ptr, kps_ptr, kpd_ptr, jac_ptr, gmasks_ptr, part_ptr, b, pid, nprog,
                    v, mask_v, zx, zy, zz, gx, gy, gz, Vo, K, HAS_JAC, NEED_MASKS, NEED_KP,
                    NEED_JAC)

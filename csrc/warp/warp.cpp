@@ -591,6 +591,15 @@ struct FlowPos {  // the keypoint flow of voxel vb + i
   }
 };
 
+// pos (n_voxels, 3) = the keypoint flow of every output voxel of fp's batch item.
+template <typename T>
+void flow_positions(const FlowPos<T>& fp, int64_t n_voxels, T* pos) {
+  for_blocks(0, n_voxels, [&](int64_t vb, int n) {
+    const FlowPos<T> f = fp.at(vb);
+    for (int i = 0; i < n; ++i) f(i, pos + (vb + i) * 3);
+  });
+}
+
 template <typename T>
 struct MotionPos {  // sparse motion k of voxel vb + i (k = -1: the identity)
   const Axes<T>& axes;
@@ -948,11 +957,9 @@ at::Tensor warp_by_keypoints_cpu(const at::Tensor& volume, const at::Tensor& kp_
         const Slab<acc_t> sl = slab_at<acc_t>(ws, l, w);
         auto blk = std::make_unique<TapBlock<acc_t>>();
         for (int64_t b = b0; b < b1; ++b) {
-          const FlowPos<acc_t> fp{axes, mp + b * (K + 1) * Vo, Vo, P.s(b), P.d(b), P.j(b), K, 0};
-          for_blocks(0, Vo, [&](int64_t vb, int n) {
-            const FlowPos<acc_t> f = fp.at(vb);
-            for (int i = 0; i < n; ++i) f(i, sl.pos + (vb + i) * 3);
-          });
+          flow_positions(
+              FlowPos<acc_t>{axes, mp + b * (K + 1) * Vo, Vo, P.s(b), P.d(b), P.j(b), K, 0}, Vo,
+              sl.pos);
           for (int64_t c0 = 0; c0 < C; c0 += S) {
             const int64_t cs = std::min(S, C - c0);
             to_channels_last(vol + b * g.sb, g, c0, cs, sl.vcl);
@@ -1019,38 +1026,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> warp_by_k
       acc_t* pp = need_part ? part.mutable_data_ptr<acc_t>() : nullptr;
       acc_t* gvp = need_volume_grad ? gv.mutable_data_ptr<acc_t>() : nullptr;
       const int64_t dhw = g.D * g.H * g.W;
-      const bool contiguous_taps = g.sd == g.H * g.W && g.sh == g.W && g.sw == 1;
-      // Position gradients (-> masks, keypoints) of voxels [v0, v1) of batch item b, and the
-      // volume-gradient scatter of channels [c0, c1) when c0 < c1: flows and taps are computed
-      // once per voxel block for both.
-      auto run = [&](int64_t task, int64_t b, int64_t v0, int64_t v1, int64_t c0, int64_t c1) {
+      // Position gradients (-> masks, keypoints) of voxels [v0, v1) of batch item b, read from
+      // the volume in place (the path for B < threads).
+      auto position_pass = [&](int64_t task, int64_t b, int64_t v0, int64_t v1) {
         const acc_t* m_b = mp + b * (K + 1) * Vo;
         auto blk = std::make_unique<TapBlock<acc_t>>();
-        auto blk_c = std::make_unique<TapBlock<acc_t>>();
-        acc_t gf[kBlock][3], pos[kBlock][3];
+        acc_t gf[kBlock][3];
         const FlowPos<acc_t> fp{axes, m_b, Vo, P.s(b), P.d(b), P.j(b), K, 0};
         for_blocks(v0, v1, [&](int64_t vb, int n) {
-          const FlowPos<acc_t> f = fp.at(vb);
-          for (int i = 0; i < n; ++i) f(i, pos[i]);
-          const GridPos<acc_t> gp{&pos[0][0]};
-          if (need_pos) {
-            blk->fill(n, gp, g, align_corners, g.sd, g.sh, g.sw, true);
-            position_grad_block(vol + b * g.sb, g, *blk, gop + b * C * Vo + vb, Vo,
-                                align_corners, gf);
-            for (int i = 0; i < n; ++i) {
-              acc_t zx, zy, zz;
-              axes.at(vb + i, zx, zy, zz);
-              flow_grad_at(m_b, Vo, vb + i, P.s(b), P.d(b), P.j(b), K, zx, zy, zz, gf[i],
-                           gmp ? gmp + b * (K + 1) * Vo : nullptr,
-                           pp ? pp + task * K * 15 : nullptr);
-            }
-          }
-          if (c0 < c1) {
-            const bool reuse = need_pos && contiguous_taps;
-            if (!reuse) blk_c->fill(n, gp, g, align_corners, g.H * g.W, g.W, 1, false);
-            scatter_block(gvp + b * C * dhw, g, reuse ? *blk : *blk_c, gop + b * C * Vo + vb, Vo,
-                          c0, c1);
-          }
+          blk->fill(n, fp.at(vb), g, align_corners, g.sd, g.sh, g.sw, true);
+          position_grad_block(vol + b * g.sb, g, *blk, gop + b * C * Vo + vb, Vo, align_corners,
+                              gf);
+          flow_grad_block(m_b, Vo, vb, n, axes, P.s(b), P.d(b), P.j(b), K, gf,
+                          gmp ? gmp + b * (K + 1) * Vo : nullptr,
+                          pp ? pp + task * K * 15 : nullptr);
         });
       };
       if (slabs) {
@@ -1067,11 +1056,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> warp_by_k
           auto blk = std::make_unique<TapBlock<acc_t>>();
           for (int64_t b = b0; b < b1; ++b) {
             const acc_t* m_b = mp + b * (K + 1) * Vo;
-            const FlowPos<acc_t> fp{axes, m_b, Vo, P.s(b), P.d(b), P.j(b), K, 0};
-            for_blocks(0, Vo, [&](int64_t vb, int n) {
-              const FlowPos<acc_t> f = fp.at(vb);
-              for (int i = 0; i < n; ++i) f(i, sl.pos + (vb + i) * 3);
-            });
+            flow_positions(FlowPos<acc_t>{axes, m_b, Vo, P.s(b), P.d(b), P.j(b), K, 0}, Vo, sl.pos);
             if (need_pos) std::fill(sl.gpos, sl.gpos + Vo * 3, acc_t(0));
             for (int64_t c0 = 0; c0 < C; c0 += S) {
               const int64_t cs = std::min(S, C - c0);
@@ -1101,11 +1086,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> warp_by_k
           }
         });
       } else {
-        if (need_pos) {
-          for_voxel_chunks(B, Vo, [&](int64_t task, int64_t b, int64_t v0, int64_t v1) {
-            run(task, b, v0, v1, 0, 0);
-          });
-        }
+        if (need_pos) for_voxel_chunks(B, Vo, position_pass);
         if (need_volume_grad) {
           // scatter only (the position gradients are done): tasks own channel ranges
           for_channel_chunks(B, C, [&](int64_t b, int64_t c0, int64_t c1) {

@@ -168,7 +168,8 @@ def run_case(case: BenchCase, device: torch.device, *, providers: Sequence[str] 
             outs = [o for o in ([out] if isinstance(out, torch.Tensor) else list(out))
                     if isinstance(o, torch.Tensor)]
             out_mb = _storage_mb(outs)
-            grads_mb = _storage_mb(leaves)  # a gradient has its input's size
+            # a gradient is a dense tensor of its input's shape and dtype
+            grads_mb = sum(x.numel() * x.element_size() for x in leaves) / 2**20
             del out, outs
 
             def fwd_bwd():
