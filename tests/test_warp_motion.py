@@ -22,27 +22,28 @@ def test_headpose_to_degrees():
 
 def test_euler_to_rotation():
     ang = torch.tensor([10.0, -35.0, 80.0], dtype=torch.float64)
-    R = euler_to_rotation(ang, ang.flip(0), ang * 0.5)
+    R = euler_to_rotation(pitch=ang, yaw=ang.flip(0), roll=ang * 0.5)
     eye = torch.eye(3, dtype=torch.float64).expand(3, 3, 3)
     assert_close(R @ R.transpose(1, 2), eye)
     assert_close(torch.linalg.det(R), torch.ones(3, dtype=torch.float64))
     zero = torch.zeros(1)
-    assert_close(euler_to_rotation(zero, zero, zero), torch.eye(3).unsqueeze(0))
+    assert_close(euler_to_rotation(pitch=zero, yaw=zero, roll=zero), torch.eye(3).unsqueeze(0))
     # pitch rotates about x: y -> z; yaw about y: z -> x; roll about z: x -> y
     ninety = torch.full((1,), 90.0, dtype=torch.float64)
     z1 = torch.zeros(1, dtype=torch.float64)
     y = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
-    assert_close(euler_to_rotation(ninety, z1, z1)[0] @ y,
+    assert_close(euler_to_rotation(pitch=ninety, yaw=z1, roll=z1)[0] @ y,
                  torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), scale=1e3)
     x = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
-    assert_close(euler_to_rotation(z1, z1, ninety)[0] @ x, y, scale=1e3)
-    assert math.isclose(float(euler_to_rotation(z1, ninety, z1)[0, 0, 2]), 1.0)
+    assert_close(euler_to_rotation(pitch=z1, yaw=z1, roll=ninety)[0] @ x, y, scale=1e3)
+    assert math.isclose(float(euler_to_rotation(pitch=z1, yaw=ninety, roll=z1)[0, 0, 2]), 1.0)
 
 
 def test_transform_keypoints():
     B, K = 2, 4
     kp = torch.randn(B, K, 3, dtype=torch.float64)
-    R = euler_to_rotation(*torch.randn(3, B, dtype=torch.float64) * 30)
+    p, y, r = torch.randn(3, B, dtype=torch.float64) * 30
+    R = euler_to_rotation(pitch=p, yaw=y, roll=r)
     t = torch.randn(B, 3, dtype=torch.float64)
     d = torch.randn(B, K * 3, dtype=torch.float64)
     out = transform_keypoints(kp, R, t, d)
@@ -88,7 +89,7 @@ def test_dense_motion_matches_face_vid2vid_composition():
     torch.manual_seed(0)
     m = DenseMotion(SMALL).eval()
     feature, kps, kpd = _inputs()
-    out = m(feature, kps, kpd, return_deformation=True)
+    out = m(feature, kp_source=kps, kp_driving=kpd, return_deformation=True)
     assert out["mask"].shape == (2, 4, 4, 8, 8)
     assert out["occlusion_map"].shape == (2, 1, 8, 8)
     assert_close(out["mask"].sum(1), torch.ones(2, 4, 8, 8))
@@ -107,12 +108,12 @@ def test_dense_motion_trains():
     torch.manual_seed(0)
     m = DenseMotion(SMALL)
     feature, kps, kpd = _inputs()
-    out = m(feature, kps, kpd)
-    warped = m.warp(feature, kps, kpd, out["mask"])
+    out = m(feature, kp_source=kps, kp_driving=kpd)
+    warped = m.warp(feature, kp_source=kps, kp_driving=kpd, mask=out["mask"])
     assert warped.shape == feature.shape
     (warped.square().mean() + out["occlusion_map"].mean()).backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert kps.grad.abs().sum() > 0 and feature.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="feature: expected shape"):
-        m(feature[:, :5], kps, kpd)
+        m(feature[:, :5], kp_source=kps, kp_driving=kpd)
