@@ -624,7 +624,12 @@ def convert_dense_motion(path: str, out: str, layout: str = "auto") -> str:
     for k, v in module.state_dict().items():
         if k.endswith("num_batches_tracked") and k not in state:
             state[k] = torch.zeros_like(v)
-    check_state_dict(module, state, where)
+    try:
+        check_state_dict(module, state, where)
+    except CheckpointError as exc:
+        raise ConversionError(f"{exc} (pyface names: upstream hourglass.encoder.down_blocks.i = "
+                              "hourglass.down.i, hourglass.decoder.up_blocks.i = hourglass.up.i, "
+                              "hourglass.decoder.conv/norm = hourglass.conv/norm)") from None
     pi = FACE_VID2VID_PI if layout == "face-vid2vid" else math.pi
     return save_weights(out, state, kind="dense_motion", config=to_dict(cfg),
                         extra={"source": os.path.basename(path), "layout": layout, "pi": pi,

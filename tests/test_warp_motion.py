@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pyface.nn import (DenseMotion, DenseMotionConfig, KeypointTransformConfig, euler_to_rotation,
-                       headpose_to_degrees, transform_keypoints)
+from pyface.nn import (FACE_VID2VID_PI, DenseMotion, DenseMotionConfig, KeypointTransformConfig,
+                       euler_to_rotation, headpose_to_degrees, transform_keypoints)
 from pyface.ops.reference import keypoint_flow_reference, motion_field_input_reference
 from pyface.testing import assert_close
 
@@ -37,6 +37,38 @@ def test_euler_to_rotation():
     x = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
     assert_close(euler_to_rotation(pitch=z1, yaw=z1, roll=ninety)[0] @ x, y, scale=1e3)
     assert math.isclose(float(euler_to_rotation(pitch=z1, yaw=ninety, roll=z1)[0, 0, 2]), 1.0)
+
+
+def _fv2v_get_rotation_matrix(yaw, pitch, roll):
+    """face-vid2vid's get_rotation_matrix(yaw, pitch, roll), transcribed: degrees * 3.14 / 180,
+    R = Rx(pitch) @ Ry(yaw) @ Rz(roll)."""
+    y, p, r = (a / 180 * 3.14 for a in (yaw, pitch, roll))
+    out = []
+    for yi, pi_, ri in zip(y.tolist(), p.tolist(), r.tolist()):
+        rx = torch.tensor([[1, 0, 0], [0, math.cos(pi_), -math.sin(pi_)],
+                           [0, math.sin(pi_), math.cos(pi_)]], dtype=torch.float64)
+        ry = torch.tensor([[math.cos(yi), 0, math.sin(yi)], [0, 1, 0],
+                           [-math.sin(yi), 0, math.cos(yi)]], dtype=torch.float64)
+        rz = torch.tensor([[math.cos(ri), -math.sin(ri), 0], [math.sin(ri), math.cos(ri), 0],
+                           [0, 0, 1]], dtype=torch.float64)
+        out.append(rx @ ry @ rz)
+    return torch.stack(out)
+
+
+def test_euler_to_rotation_face_vid2vid_compat():
+    yaw = torch.tensor([30.0, -60.0, 5.0], dtype=torch.float64)
+    pitch = torch.tensor([-10.0, 20.0, 45.0], dtype=torch.float64)
+    roll = torch.tensor([3.0, -80.0, 15.0], dtype=torch.float64)
+    want = _fv2v_get_rotation_matrix(yaw, pitch, roll)
+    got = euler_to_rotation(pitch=pitch, yaw=yaw, roll=roll, pi=FACE_VID2VID_PI)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-14)
+    exact = euler_to_rotation(pitch=pitch, yaw=yaw, roll=roll)
+    assert (exact - want).abs().max() > 1e-4       # the 3.14 / 180 difference is real
+    # the argument-order trap: positional calls are refused
+    with pytest.raises(TypeError):
+        euler_to_rotation(yaw, pitch, roll)
+    with pytest.raises(ValueError, match="pitch, yaw, roll: expected the same shape"):
+        euler_to_rotation(pitch=pitch, yaw=yaw[:2], roll=roll)
 
 
 def test_transform_keypoints():
@@ -117,3 +149,10 @@ def test_dense_motion_trains():
     assert kps.grad.abs().sum() > 0 and feature.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="feature: expected shape"):
         m(feature[:, :5], kp_source=kps, kp_driving=kpd)
+    with pytest.raises(ValueError, match="kp_driving: expected shape"):
+        m(feature, kp_source=kps, kp_driving=kpd[:, :2])
+    # face-vid2vid's forward(feature, kp_driving, kp_source) order cannot be used by mistake
+    with pytest.raises(TypeError):
+        m(feature, kpd, kps)
+    with pytest.raises(TypeError):
+        m.warp(feature, kps, kpd, out["mask"])

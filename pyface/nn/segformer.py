@@ -294,7 +294,8 @@ class MixTransformer(nn.Module):
         self.patch_embeddings = nn.ModuleList(
             OverlapPatchEmbed(p, s, ci, d)
             for p, s, ci, d in zip(cfg.patch_sizes, cfg.strides, cins, cfg.hidden_sizes))
-        rates = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        total = sum(cfg.depths)   # stochastic depth rises linearly from 0 over all blocks
+        rates = [cfg.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         blocks, i = [], 0
         for d, hd, sr, n, r in zip(cfg.hidden_sizes, cfg.num_heads, cfg.sr_ratios, cfg.depths,
                                    cfg.mlp_ratios):
