@@ -1,3 +1,11 @@
+# Provenance: reproduces the weight-file layouts (not code) of EG3D (NVlabs/eg3d, commit 7cf1fd1,
+# NVIDIA Source Code License, non-commercial) network pickles, torchvision (BSD-3-Clause),
+# insightface (MIT), GFPGAN (TencentARC/GFPGAN, Apache-2.0), HuggingFace transformers' SegFormer
+# (Apache-2.0), face-vid2vid as reimplemented in
+# zhanglonghao1992/One-Shot_Free-View_Neural_Talking_Head_Synthesis (commit 9511d25, CC BY-NC 4.0)
+# and LivePortrait (KwaiVGI/LivePortrait, commit 1986663, MIT). Our own implementation, written
+# from the papers and the upstream's documented behaviour; no upstream code is copied. pyface's
+# code is licensed under Apache-2.0 (LICENSE).
 """``pyface convert``: third-party weights -> pyface weight folders (safetensors + JSON).
 
 * ``eg3d PKL OUT``      official EG3D network pickle (also OTAvatar's / GOHA's EG3D bases), read
