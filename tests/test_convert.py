@@ -1,3 +1,8 @@
+# Provenance: the SegFormer and dense-motion blocks below transcribe the key layouts and forward
+# semantics of HuggingFace transformers' SegFormer (Apache-2.0) and of face-vid2vid as
+# reimplemented in zhanglonghao1992/One-Shot_Free-View_Neural_Talking_Head_Synthesis (commit
+# 9511d25, CC BY-NC 4.0; LivePortrait, KwaiVGI/LivePortrait 1986663, MIT, has the same layout),
+# written from their documented behaviour; no upstream code is copied.
 """Converters: the restricted unpickler refuses code and never runs embedded sources; EG3D-
 structured pickles, torchvision VGG19, insightface ArcFace, GFPGAN, HF SegFormer and face-vid2vid /
 LivePortrait dense-motion files convert and load; mismatches give precise errors. SegFormer and

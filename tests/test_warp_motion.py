@@ -1,3 +1,6 @@
+# Provenance: _fv2v_get_rotation_matrix transcribes the semantics of face-vid2vid's
+# get_rotation_matrix (zhanglonghao1992/One-Shot_Free-View_Neural_Talking_Head_Synthesis, commit
+# 9511d25, CC BY-NC 4.0); written from its documented behaviour, no upstream code is copied.
 """pyface.nn.motion: DenseMotion on the fused warp ops, keypoint transforms, head-pose decoding."""
 import math
 
