@@ -1,3 +1,7 @@
+# Provenance: reproduces the dataset.json camera-label layout of EG3D (NVlabs/eg3d, commit
+# 7cf1fd1, NVIDIA Source Code License, non-commercial). Our own implementation, written from the
+# papers and the upstream's documented behaviour; no upstream code is copied. pyface's code is
+# licensed under Apache-2.0 (LICENSE).
 """The on-disk talking-head dataset format, its index and its validation.
 
 A dataset root holds one folder per video::
