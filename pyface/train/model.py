@@ -163,14 +163,24 @@ def read_pretrained(path: str, *, ema: bool = True,
                       meta)
 
 
+def config_from_dict(config_cls, data: dict, *, prefix: str = "model."):
+    """A model config dataclass from a (nested) dict, e.g. the one :func:`load_pretrained`
+    returns; unknown keys and wrong types raise ``pyface.train.config.ConfigError`` naming the
+    key."""
+    from pyface.train.config import from_dict
+
+    return from_dict(config_cls, data, prefix=prefix)
+
+
 def load_pretrained(path: str, *, ema: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(model_config_dict, state_dict)`` of a run folder (its latest checkpoint), a training
     checkpoint folder or a weights folder, read safely; with ``ema`` (default) the EMA weights
     replace the live ones where the run kept an EMA. For stage-2 models::
 
         cfg, state = load_pretrained(self.cfg.stage1_checkpoint)
-        self.stage1 = Stage1Model(from_dict(Stage1Model.Config, cfg))
+        self.stage1 = Stage1Model(config_from_dict(Stage1Model.Config, cfg))
         self.stage1.load_state_dict(state)
+        self.stage1.requires_grad_(False)
     """
     p = read_pretrained(path, ema=ema)
     return p.config, p.state
@@ -184,6 +194,9 @@ def load_pretrained(path: str, *, ema: bool = True) -> tuple[dict, dict[str, tor
 #: :meth:`Pipeline.prepare`)
 FRAME_KEYS = {"image": (3, None, None), "camera": (25,), "coeffs": (257,),
               "landmarks": (None, 2), "mask": (1, None, None)}
+
+_SHAPE_TEXT = {"image": "3, H, W", "camera": "25", "coeffs": "257", "landmarks": "68|478, 2",
+               "mask": "1, H, W"}
 
 
 class Pipeline:
@@ -247,12 +260,7 @@ class Pipeline:
                 ok = shape[0] == T
             if not ok:
                 pre = "T, " if batched else ""
-                exp = ", ".join("H" if w is None and i else "W" if w is None else str(w)
-                                for i, w in enumerate(want))
-                if key == "landmarks":
-                    exp = "68|478, 2"
-                elif key in ("camera", "coeffs"):
-                    exp = str(want[0])
+                exp = _SHAPE_TEXT[key]
                 raise ValueError(f"{name}['{key}']: expected shape ({pre}{exp})"
                                  + (f" with T={T}" if batched and T is not None else "")
                                  + f", got {shape}")
