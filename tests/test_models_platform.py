@@ -480,3 +480,11 @@ def test_plugin_by_entry_point_in_a_fresh_process(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ExamplePipeline myplugin" in r.stdout
     assert ckpt.latest_checkpoint(str(run)).endswith("ckpt-000001")
+
+
+def test_a_runs_config_yaml_is_reusable_with_config(example_run):
+    M = TriplaneAutoencoder
+    cfg = build_experiment("example", M.Config, defaults=M.recipe,
+                           yaml_path=str(example_run / "config.yaml"), overrides=["train.steps=9"])
+    assert cfg.model_config.plane_channels == 4 and cfg.train.ema.decay == 0.5
+    assert cfg.train.steps == 9 and cfg.data.resolution == 16

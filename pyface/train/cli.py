@@ -24,7 +24,7 @@ def add_parser(subparsers) -> None:
                    help="a preset of the model (tiny, gpu-short, full for the portrait models)")
     add_import_argument(p)
     p.add_argument("--config", default=None, metavar="YAML",
-                   help="YAML with sections model/data/train")
+                   help="YAML with sections model/data/train (or a run's config.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. train.steps=100 (repeatable)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",

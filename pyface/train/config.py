@@ -229,6 +229,15 @@ def load_yaml(path: str) -> dict:
     return data
 
 
+def _sections(data: dict) -> dict:
+    """A run's ``config.yaml`` (``experiment_to_dict``: model name, preset, model_config, data,
+    train) -> the ``model`` / ``data`` / ``train`` sections; other YAML passes through."""
+    if isinstance(data.get("model"), str) and "model_config" in data:
+        return {"model": data.get("model_config") or {}, "data": data.get("data") or {},
+                "train": data.get("train") or {}}
+    return data
+
+
 def preset_config(model: str, preset: str, presets: dict | None = None) -> dict:
     """The config dict of ``preset`` among ``presets`` (default: the registered model's
     ``presets``); an unknown name raises ConfigError listing the valid ones."""
@@ -260,7 +269,7 @@ def build_experiment(model: str, model_config_cls, *, yaml_path: str | None = No
     data = dict(defaults or {})
     if preset is not None:
         data = merge(data, preset_config(model, preset, presets))
-    data = merge(data, load_yaml(yaml_path) if yaml_path else {})
+    data = merge(data, _sections(load_yaml(yaml_path)) if yaml_path else {})
     data = merge(data, parse_set(overrides))
     unknown = set(data) - {"model", "data", "train"}
     if unknown:
