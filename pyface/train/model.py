@@ -229,6 +229,9 @@ class Pipeline:
         res = getattr(getattr(model, "cfg", None), "resolution", None)
         if res is not None and not getattr(self, "resolution", None):
             self.resolution = int(res)
+        if not isinstance(getattr(self, "resolution", None), int) or self.resolution <= 0:
+            raise ValueError(f"{type(self).__name__}: no output resolution (set the class "
+                             f"attribute 'resolution' or give the model a cfg.resolution)")
 
     # -- input --------------------------------------------------------------------------------
     def prepare(self, frames: dict, *, batched: bool, name: str = "source") -> dict:
