@@ -448,6 +448,23 @@ def test_plugin_by_import_option(tmp_path, monkeypatch):
     monkeypatch.delitem(registry.MODELS, "mine_imported")
 
 
+def test_plugin_by_environment_variable(tmp_path, monkeypatch):
+    (tmp_path / "myplugin_env.py").write_text(PLUGIN + textwrap.dedent('''
+        from pyface.train import register_model
+        register_model("mine_env", "myplugin_env:Mine")
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYFACE_PLUGINS", "myplugin_env, ")
+    try:
+        assert "mine_env" in pyface.models.names()
+        assert registry.model_class("mine_env").__module__ == "myplugin_env"
+        monkeypatch.setenv("PYFACE_PLUGINS", "no_such_plugin_module")
+        with pytest.raises(ImportError, match=r"plugin module 'no_such_plugin_module'"):
+            registry.model_class("still_unknown")
+    finally:
+        registry.MODELS.pop("mine_env", None)
+
+
 def test_plugin_by_entry_point_in_a_fresh_process(tmp_path):
     """docs/train.md's plugin recipe: a package with an entry point in group pyface.models is
     found by `pyface train` and `pyface.models.load` without being imported beforehand; listing
@@ -468,6 +485,9 @@ def test_plugin_by_entry_point_in_a_fresh_process(tmp_path):
         loaded = [m for m in sys.modules if m.startswith(("myplugin", "pyface.train.example",
                                                           "pyface.models."))]
         assert not loaded, loaded
+        from pyface.train import registry
+        registry.model_class("example")
+        assert not registry._entry_points_loaded      # a known name reads no entry point
         assert main(["train", "mine", "--set", "train.steps=1", "--set", "train.run_dir={run}"]
                     + {sum((["--set", s] for s in TINY), [])!r}) == 0
         import pyface.models

@@ -74,15 +74,14 @@ def load_entry_points(*, force: bool = False) -> None:
     installed distribution (their ``module:attr`` values, not imported) and the
     ``PYFACE_PLUGINS`` modules. Names registered in pyface win over plugins'."""
     global _entry_points_loaded
-    if _entry_points_loaded and not force:
-        return
     from importlib.metadata import entry_points
 
-    for group, table in GROUPS.items():
-        for ep in entry_points(group=group):
-            table.setdefault(ep.name, ep.value)
-    _entry_points_loaded = True
-    import_plugins()
+    if not _entry_points_loaded or force:
+        for group, table in GROUPS.items():
+            for ep in entry_points(group=group):
+                table.setdefault(ep.name, ep.value)
+        _entry_points_loaded = True
+    import_plugins()            # PYFACE_PLUGINS may name new modules since the last call
 
 
 def model_names() -> list[str]:
