@@ -119,6 +119,11 @@ def test_load_pretrained_run_checkpoint_weights_and_ema(example_run, tmp_path):
     w = ckpt.save_weights(str(tmp_path / "w"), live, kind="example", config=cfg)
     cfg3, state3 = load_pretrained(w)
     assert cfg3 == cfg and all(torch.equal(state3[k], live[k]) for k in live)
+    pipe = pyface.models.load("example", w, device="cpu")      # a converter's output loads too
+    assert all(torch.equal(v, live[k]) for k, v in pipe.model.state_dict().items())
+    other = ckpt.save_weights(str(tmp_path / "w2"), live, kind="vgg19", config=cfg)
+    with pytest.raises(ValueError, match=r"holds model 'vgg19', not 'example'"):
+        pyface.models.load("example", other)
     with pytest.raises(ckpt.CheckpointError, match=r"does not exist"):
         load_pretrained(str(tmp_path / "missing"))
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)

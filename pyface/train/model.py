@@ -107,7 +107,7 @@ class TrainableModel(nn.Module):
 @dataclass
 class Pretrained:
     """What :func:`read_pretrained` found: the checkpoint folder, the trained model's registered
-    name (None for a weights file without one), its config dict and state dict, and the meta."""
+    name (a weights folder's ``kind``), its config dict and state dict, and the meta."""
     path: str
     model: str | None
     config: dict
@@ -158,9 +158,10 @@ def read_pretrained(path: str, *, ema: bool = True,
                             f"model.{key}")
                     state[key] = v
         return Pretrained(folder, exp.get("model"), config, state, meta)
-    # a weights-only folder written by a converter (pyface.checkpoint.save_weights)
-    return Pretrained(folder, meta.get("model"), dict(meta.get("config") or {}), dict(tensors),
-                      meta)
+    # a weights-only folder written by a converter (pyface.checkpoint.save_weights): its kind
+    # names the model ("eg3d")
+    return Pretrained(folder, meta.get("model") or meta.get("kind"),
+                      dict(meta.get("config") or {}), dict(tensors), meta)
 
 
 def config_from_dict(config_cls, data: dict, *, prefix: str = "model."):
