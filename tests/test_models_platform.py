@@ -18,7 +18,8 @@ import pyface.models
 from pyface import checkpoint as ckpt
 from pyface.cli import main
 from pyface.data import format as fmt
-from pyface.data.driving import read_driving, read_source, video_fps
+from pyface.data.driving import (count_driving, iter_driving, read_driving, read_source,
+                                 video_fps)
 from pyface.face.cameras import camera_yaw_pitch, orbit_labels
 from pyface.train import registry
 from pyface.train.config import ConfigError, build_experiment
@@ -256,6 +257,11 @@ def test_read_driving_and_source_from_a_video_folder(tmp_path):
     assert read_driving(path, 10, stride=2)["camera"].shape == (2, 25)
     assert read_driving(path, 10, max_frames=1)["image"].shape == (1, 3, 10, 10)
     assert video_fps(path) == 10.0
+    parts = list(iter_driving(path, 10, chunk=2))
+    assert [p["image"].shape[0] for p in parts] == [2, 1] and count_driving(path) == 3
+    for k, v in d.items():
+        torch.testing.assert_close(torch.cat([p[k] for p in parts]), v)
+    assert count_driving(path, stride=2) == 2 and count_driving(path, max_frames=1) == 1
 
 
 def test_read_driving_from_frames_and_video_files(tmp_path):
@@ -280,6 +286,11 @@ def test_read_driving_from_frames_and_video_files(tmp_path):
     assert set(v) == {"image"} and v["image"].shape == (3, 3, 8, 8)
     assert v["image"].abs().max() < 0.1                      # mid grey
     assert read_source(str(video), 8)["image"].shape == (3, 8, 8)
+    for p in (str(folder), str(video)):
+        whole = read_driving(p, 8, stride=2)["image"]
+        parts = list(iter_driving(p, 8, chunk=1, stride=2))
+        assert count_driving(p, stride=2) == len(parts) == whole.shape[0]
+        torch.testing.assert_close(torch.cat([q["image"] for q in parts]), whole)
     with pytest.raises(fmt.DataError, match=r"nope: not found"):
         read_driving(str(tmp_path / "nope"), 8)
     (tmp_path / "empty").mkdir()
@@ -314,6 +325,17 @@ def test_cli_animate(example_run, tmp_path, capsys):
     with iio.get_reader(str(out2)) as r:
         frames = [np.asarray(f) for f in r]
     assert len(frames) == 4 and frames[0].shape == (16, 32, 3)   # source | result
+    video = tmp_path / "drive.mp4"                      # a video file: images only
+    iio.mimwrite(str(video), list(np.full((6, 24, 24, 3), 90, np.uint8)), fps=5,
+                 macro_block_size=1)
+    out3 = tmp_path / "v.mp4"
+    assert main(["animate", "example", "--checkpoint", str(example_run), "--source", path,
+                 "--driving", str(video), "--stride", "2", "--out", str(out3),
+                 "--no-progress"]) == 0
+    with iio.get_reader(str(out3)) as r:
+        assert r.get_meta_data()["fps"] == 2.5              # the driving video's 5 / stride
+        frames = [np.asarray(f) for f in r]
+    assert len(frames) == 3 and frames[0].shape == (16, 48, 3)
     capsys.readouterr()
     assert main(["animate", "example", "--checkpoint", str(example_run), "--source", path,
                  "--driving", str(tmp_path / "missing"), "--out", str(out)]) == 1

@@ -176,6 +176,76 @@ def read_driving(path: str, resolution: int | None, *, max_frames: int | None = 
     return {"image": _images(raw, resolution, crop=True, name=path)[0]}
 
 
+def count_driving(path: str, *, max_frames: int | None = None, stride: int = 1) -> int | None:
+    """The number of frames :func:`read_driving` / :func:`iter_driving` give for ``path``
+    (None when a video file does not say)."""
+    if os.path.isdir(path):
+        if is_video_folder(path):
+            n = fmt.scan_video(*os.path.split(os.path.normpath(os.path.abspath(path)))).num_frames
+        else:
+            n = len(_frame_files(path))
+    else:
+        import imageio.v2 as iio
+
+        try:
+            with iio.get_reader(path) as r:
+                n = r.count_frames()
+        except Exception:  # a container without a frame count: unknown
+            return None
+    n = len(range(0, n, stride))
+    return n if max_frames is None else min(n, max_frames)
+
+
+def iter_driving(path: str, resolution: int | None, *, chunk: int = 16,
+                 max_frames: int | None = None, stride: int = 1):
+    """:func:`read_driving` in chunks of at most ``chunk`` frames (the same dicts, split along
+    T), reading only one chunk at a time: memory stays bounded for long videos."""
+    _check_resolution(resolution)
+    if chunk < 1 or stride < 1 or (max_frames is not None and max_frames < 1):
+        raise ValueError(f"chunk, stride and max_frames must be >= 1, got {chunk}, {stride}, "
+                         f"{max_frames}")
+    if os.path.isdir(path):
+        if is_video_folder(path):
+            n = fmt.scan_video(*os.path.split(os.path.normpath(os.path.abspath(path)))).num_frames
+            idx = list(range(0, n, stride))[:max_frames]
+            for a in range(0, len(idx), chunk):
+                yield _read_video_folder(path, resolution, idx[a:a + chunk])
+            return
+        files = _frame_files(path)[::stride][:max_frames]
+        for a in range(0, len(files), chunk):
+            raw = [_read_image_file(f) for f in files[a:a + chunk]]
+            yield {"image": _images(raw, resolution, crop=True, name=path)[0]}
+        return
+    if not os.path.isfile(path):
+        raise fmt.DataError(f"{path}: not found (expected a pyface video folder, a video file or "
+                            "a folder of images)")
+    import imageio.v2 as iio
+
+    try:
+        reader = iio.get_reader(path)
+    except Exception as e:
+        raise fmt.DataError(f"{path}: cannot open the video ({type(e).__name__}: {e}); mp4 "
+                            "needs imageio-ffmpeg (pip install imageio-ffmpeg)") from None
+    raw, kept = [], 0
+    try:
+        for i, frame in enumerate(reader):
+            if i % stride:
+                continue
+            raw.append(np.asarray(frame)[..., :3])
+            kept += 1
+            if len(raw) == chunk:
+                yield {"image": _images(raw, resolution, crop=True, name=path)[0]}
+                raw = []
+            if max_frames is not None and kept >= max_frames:
+                break
+    finally:
+        reader.close()
+    if raw:
+        yield {"image": _images(raw, resolution, crop=True, name=path)[0]}
+    elif kept == 0:
+        raise fmt.DataError(f"{path}: the video has no frames")
+
+
 def video_fps(path: str) -> float | None:
     """Frames per second of a pyface video folder (meta.json) or a video file, else None."""
     try:

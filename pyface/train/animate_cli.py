@@ -15,7 +15,8 @@ def add_parser(subparsers) -> None:
                     "(pyface.models.load): the source is encoded once, then the driving frames "
                     "are streamed through it. Writes an mp4 of side-by-side source | driving | "
                     "result frames and prints the frames per second of the animation (source "
-                    "encoding excluded).",
+                    "encoding, reading and writing excluded). Driving frames are read --batch "
+                    "at a time, so long videos need little memory.",
         epilog="example: pyface animate example --checkpoint runs/example --source face.png "
                "--driving data/test/id0000_v00 --out anim.mp4")
     a.add_argument("model", help=f"registered model: {', '.join(sorted(MODELS))}, or a plugin's")
@@ -32,7 +33,7 @@ def add_parser(subparsers) -> None:
                    help="at most this many driving frames (default: all; 48 without --driving)")
     a.add_argument("--stride", type=int, default=1, help="use every n-th driving frame")
     a.add_argument("--fps", type=float, default=None,
-                   help="output frame rate (default: the driving video's, else 25)")
+                   help="output frame rate (default: the driving video's / --stride, else 25)")
     a.add_argument("--batch", type=int, default=8, help="driving frames per generate call")
     a.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     a.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
@@ -115,7 +116,7 @@ def run_animate(args) -> int:
 
     import pyface.models
     from pyface.checkpoint import CheckpointError
-    from pyface.data.driving import read_driving, read_source, video_fps
+    from pyface.data.driving import count_driving, iter_driving, read_source, video_fps
     from pyface.data.format import DataError
     from pyface.train.model import motion_length
     from pyface.train.registry import import_plugins
@@ -137,44 +138,60 @@ def run_animate(args) -> int:
     R = pipe.resolution
     try:
         source = read_source(args.source, R)
-        driving = None
+        T = None
         if args.driving is not None:
-            driving = read_driving(args.driving, R, max_frames=args.frames, stride=args.stride)
+            T = count_driving(args.driving, max_frames=args.frames, stride=args.stride)
+            chunks = iter_driving(args.driving, R, chunk=args.batch, max_frames=args.frames,
+                                  stride=args.stride)
     except (DataError, OSError, ValueError) as exc:
         return fail(str(exc), 1)
-    motion = None
-    if driving is None:
+    if args.driving is None:
         motion = pipe.default_motion(args.frames or 48)
         if motion is None:
             return fail(f"model {args.model!r} needs --driving (a video folder, video file or "
                         "frame folder)", 2)
-    fps = args.fps or (video_fps(args.driving) if args.driving else None) or 25.0
+        T = motion_length(motion)
+    fps = args.fps
+    if fps is None and args.driving is not None and video_fps(args.driving):
+        fps = video_fps(args.driving) / args.stride          # keep the driving video's speed
+    fps = fps or 25.0
     writer = VideoWriter(args.out, fps)
+    sync = (lambda: torch.cuda.synchronize(pipe.device)) if pipe.device.type == "cuda" \
+        else (lambda: None)
+    done, seconds = 0, 0.0
     try:
         with torch.no_grad():
             state = pipe.encode_source(source)
-            if pipe.device.type == "cuda":
-                torch.cuda.synchronize(pipe.device)
-            T = int(driving["image"].shape[0]) if driving is not None else None
-            T = T if T is not None else motion_length(motion)
+            src = source["image"].cpu()
             bar = tqdm(total=T, unit="frame", disable=args.no_progress, dynamic_ncols=True)
-            t0, seconds = time.perf_counter(), 0.0
-            for t, frames in pipe.stream(state, driving, motion=motion, chunk=args.batch):
-                if pipe.device.type == "cuda":
-                    torch.cuda.synchronize(pipe.device)
-                seconds += time.perf_counter() - t0
-                n = frames.shape[0]
-                cols = [source["image"].cpu()]
-                if driving is not None:
-                    cols.append(driving["image"][t:t + n])
-                writer.append(side_by_side(*cols, frames))
-                bar.update(n)
+            if args.driving is None:
+                sync()
                 t0 = time.perf_counter()
+                for _, frames in pipe.stream(state, None, motion=motion, chunk=args.batch):
+                    sync()
+                    seconds += time.perf_counter() - t0
+                    writer.append(side_by_side(src, frames))
+                    done += frames.shape[0]
+                    bar.update(frames.shape[0])
+                    t0 = time.perf_counter()
+            else:
+                for part in chunks:                      # read one chunk at a time
+                    sync()
+                    t0 = time.perf_counter()
+                    frames = pipe.generate(state, pipe.encode_driving(part))
+                    sync()
+                    seconds += time.perf_counter() - t0
+                    writer.append(side_by_side(src, part["image"], frames))
+                    done += frames.shape[0]
+                    bar.update(frames.shape[0])
             bar.close()
-    except ValueError as exc:
+    except (DataError, ValueError) as exc:
         writer.close()
         return fail(str(exc), 1)
+    if done == 0:
+        writer.close()
+        return fail(f"{args.driving}: no driving frames", 1)
     out = writer.close()
-    print(f"{out}\n  {T} frames at {R}x{R}; animate: {T / max(seconds, 1e-9):.1f} frames/s on "
-          f"{pipe.device} (source encoding and video writing excluded)")
+    print(f"{out}\n  {done} frames at {R}x{R}; animate: {done / max(seconds, 1e-9):.1f} frames/s "
+          f"on {pipe.device} (source encoding, reading and video writing excluded)")
     return 0
