@@ -380,9 +380,24 @@ class S2Config:
     lr: float = 1e-2
 
 
+class Stage2Pipeline(Pipeline):
+    resolution = 8
+
+    def encode_source(self, source):
+        return None
+
+    def encode_driving(self, driving):
+        return self.prepare(driving, batched=True, name="driving")["image"]
+
+    def generate(self, state, motion):
+        m = self.model
+        return m.head(m.stage1.dec(m.stage1.enc(motion)))
+
+
 class Stage2Toy(TrainableModel):
     """A head on top of the frozen stage 1, which it loads through load_pretrained."""
     Config = S2Config
+    Pipeline = Stage2Pipeline
     recipe = {"data": {"resolution": 8, "size": 16}, "train": {"steps": 50, "batch_size": 4}}
     presets = {"tiny": {"train": {"steps": 2, "ckpt_every": 0}}}
     stages = (Stage("s1", "toy_stage1", "stage1_checkpoint"),)
@@ -446,6 +461,17 @@ def test_stages_train_first_then_are_reused(tmp_path, monkeypatch, caplog):
     assert main(args[:5] + [f"train.run_dir={other}", "--set",
                             f"model.stage1_checkpoint={stage_dir}", *sets(QUIET)]) == 0
     assert not (other / "stages").exists()
+    # the run is self-contained: moved elsewhere, its stage is found under RUN/stages/
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.move(str(run), str(moved))
+    pipe = pyface.models.load("toy_stage2", str(moved), device="cpu")
+    assert pipe.model.cfg.stage1_checkpoint == str(moved / "stages" / "s1")
+    for k, v in pipe.model.state_dict().items():
+        assert torch.equal(v, tensors[f"model.{k}"])
+    assert pipe.animate({"image": torch.zeros(3, 8, 8)},
+                        {"image": torch.zeros(2, 3, 8, 8)}).shape == (2, 3, 8, 8)
 
 
 # ------------------------------------------------------------------------------------------

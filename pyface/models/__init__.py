@@ -17,6 +17,7 @@ Names resolve lazily: importing this package imports no model.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -70,7 +71,21 @@ def load(name: str, checkpoint: str, *, device: str | torch.device | None = None
     except ConfigError as exc:
         raise ckpt.CheckpointError(f"checkpoint {pre.path!r}: its model config does not fit "
                                    f"{cls.__name__}.Config: {exc}") from None
+    _relocate_stages(cls, cfg, pre.path)
     model = cls(cfg)
     ckpt.load_module_state(model, pre.state, f"checkpoint {pre.path!r}")
     log.info("loaded %s from %s%s", name, pre.path, " (EMA weights)" if ema else "")
     return cls.Pipeline(model, device=device)
+
+
+def _relocate_stages(cls, cfg, checkpoint_folder: str) -> None:
+    """A stage run recorded at a path that no longer exists (the run folder was moved, or the
+    path was relative to another working directory) is taken from the run folder itself,
+    ``<run>/stages/<name>``, where ``pyface train`` puts it."""
+    run = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_folder)))
+    for stage in getattr(cls, "stages", ()) or ():
+        path = getattr(cfg, stage.checkpoint_key, None)
+        local = os.path.join(run, "stages", stage.name)
+        if path and not os.path.exists(path) and os.path.isdir(local):
+            log.info("stage %r: %s not found; using %s", stage.name, path, local)
+            setattr(cfg, stage.checkpoint_key, local)
