@@ -2,7 +2,6 @@
 (entry points and --import), driving input and ``pyface animate``."""
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
