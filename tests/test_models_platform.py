@@ -343,6 +343,14 @@ def test_cli_animate(example_run, tmp_path, capsys):
     assert "unknown model 'nope'" in capsys.readouterr().err
 
 
+def test_side_by_side_resizes_to_the_result():
+    from pyface.train.animate_cli import side_by_side
+
+    out = side_by_side(torch.ones(3, 4, 4), torch.zeros(2, 3, 8, 8), -torch.ones(2, 3, 2, 2))
+    assert out.shape == (2, 3, 2, 6)
+    assert (out[..., :2] == 1).all() and (out[..., 2:4] == 0).all() and (out[..., 4:] == -1).all()
+
+
 # ------------------------------------------------------------------------------------------
 # stages
 # ------------------------------------------------------------------------------------------

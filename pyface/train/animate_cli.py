@@ -45,12 +45,21 @@ def add_parser(subparsers) -> None:
 
 
 def side_by_side(*columns) -> "torch.Tensor":  # noqa: F821
-    """Columns of (T, 3, R, R) (or (3, R, R), repeated) in [-1, 1] -> (T, 3, R, n * R)."""
+    """Columns of (T, 3, H, W) (or (3, H, W), repeated) in [-1, 1] -> (T, 3, H', n * W'),
+    every column resized (antialiased) to the last one's (H', W'), the result's size."""
     import torch
 
     T = max(c.shape[0] for c in columns if c.dim() == 4)
-    cols = [c.unsqueeze(0).expand(T, -1, -1, -1) if c.dim() == 3 else c for c in columns]
-    return torch.cat([c.float().cpu() for c in cols], dim=-1)
+    size = tuple(columns[-1].shape[-2:])
+    cols = []
+    for c in columns:
+        c = c.float().cpu()
+        c = c.unsqueeze(0).expand(T, -1, -1, -1) if c.dim() == 3 else c
+        if tuple(c.shape[-2:]) != size:
+            c = torch.nn.functional.interpolate(c, size=size, mode="bilinear", antialias=True,
+                                                align_corners=False)
+        cols.append(c)
+    return torch.cat(cols, dim=-1)
 
 
 class VideoWriter:
