@@ -366,7 +366,7 @@ def test_cli_train_resume_and_animate(tmp_path, capsys):
     assert main(["train", "example", "--set", "train.batch_size=3", "--set",
                  f"train.run_dir={run}", "--set", "train.precision=fp8"]) == 2
     err = capsys.readouterr().err
-    assert "not a folder" in err and "train.precision: expected 'fp32' or 'bf16'" in err
+    assert "it does not exist" in err and "train.precision: expected 'fp32' or 'bf16'" in err
 
 
 @pytest.mark.parametrize("cmd", [[], ["train"], ["animate"], ["convert"], ["convert", "eg3d"]])

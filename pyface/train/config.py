@@ -82,6 +82,7 @@ class DataConfig:
 class ExperimentConfig:
     model: str = "example"
     model_config: Any = None          # the model's own config dataclass
+    preset: str | None = None         # the preset it was built with (recorded in config.yaml)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -228,23 +229,59 @@ def load_yaml(path: str) -> dict:
     return data
 
 
+def _sections(data: dict) -> dict:
+    """A run's ``config.yaml`` (``experiment_to_dict``: model name, preset, model_config, data,
+    train) -> the ``model`` / ``data`` / ``train`` sections; other YAML passes through."""
+    if isinstance(data.get("model"), str) and "model_config" in data:
+        return {"model": data.get("model_config") or {}, "data": data.get("data") or {},
+                "train": data.get("train") or {}}
+    return data
+
+
+def preset_config(model: str, preset: str, presets: dict | None = None) -> dict:
+    """The config dict of ``preset`` among ``presets`` (default: the registered model's
+    ``presets``); an unknown name raises ConfigError listing the valid ones."""
+    if presets is None:
+        from pyface.train.registry import model_class
+
+        presets = getattr(model_class(model), "presets", None) or {}
+    if preset not in presets:
+        raise ConfigError(f"--preset {preset!r}: model {model!r} has no such preset; valid "
+                          f"presets: {', '.join(sorted(presets)) or '(none)'}")
+    data = presets[preset] or {}
+    unknown = set(data) - {"model", "data", "train"}
+    if unknown:
+        raise ConfigError(f"preset {preset!r} of {model!r}: unknown section {sorted(unknown)[0]}; "
+                          "valid sections: model, data, train")
+    return data
+
+
 def build_experiment(model: str, model_config_cls, *, yaml_path: str | None = None,
-                     overrides: list[str] | None = None,
-                     defaults: dict | None = None) -> ExperimentConfig:
-    """The experiment config: model defaults < ``defaults`` < YAML file < ``--set`` overrides."""
-    data = merge(defaults or {}, load_yaml(yaml_path) if yaml_path else {})
+                     overrides: list[str] | None = None, defaults: dict | None = None,
+                     preset: str | None = None,
+                     presets: dict | None = None) -> ExperimentConfig:
+    """The experiment config: model defaults < ``defaults`` (the recipe) < ``preset`` < YAML
+    file < ``--set`` overrides.
+
+    ``preset`` names one of ``presets`` (default: the ``presets`` of the registered model
+    ``model``); an unknown name raises ConfigError listing the valid presets.
+    """
+    data = dict(defaults or {})
+    if preset is not None:
+        data = merge(data, preset_config(model, preset, presets))
+    data = merge(data, _sections(load_yaml(yaml_path)) if yaml_path else {})
     data = merge(data, parse_set(overrides))
     unknown = set(data) - {"model", "data", "train"}
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown section; valid sections: model, data, "
                           "train")
     return ExperimentConfig(
-        model=model,
+        model=model, preset=preset,
         model_config=from_dict(model_config_cls, data.get("model") or {}, prefix="model."),
         data=from_dict(DataConfig, data.get("data") or {}, prefix="data."),
         train=from_dict(TrainConfig, data.get("train") or {}, prefix="train."))
 
 
 def experiment_to_dict(cfg: ExperimentConfig) -> dict:
-    return {"model": cfg.model, "model_config": to_dict(cfg.model_config),
+    return {"model": cfg.model, "preset": cfg.preset, "model_config": to_dict(cfg.model_config),
             "data": to_dict(cfg.data), "train": to_dict(cfg.train)}
