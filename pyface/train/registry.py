@@ -16,6 +16,11 @@ MODELS: dict[str, str] = {
 DATASETS: dict[str, str] = {
     "procedural": "pyface.train.data:ProceduralFaces",
     "synthetic": "pyface.train.data:SyntheticFrames",
+    "pairs": "pyface.data.datasets:PairDataset",
+    "cross_identity": "pyface.data.datasets:CrossIdentityDataset",
+    "motion_windows": "pyface.data.datasets:MotionWindowDataset",
+    "clips": "pyface.data.datasets:ClipDataset",
+    "multiview": "pyface.data.datasets:MultiViewDataset",
 }
 
 
@@ -25,9 +30,15 @@ def register_model(name: str, target: str) -> None:
 
 
 def register_dataset(name: str, target: str) -> None:
-    """``target``: ``"package.module:factory"`` called as ``factory(data_config)`` or a Dataset
-    class taking ``(size=, resolution=, seed=)``."""
+    """``target``: ``"package.module:Class"`` with ``from_config(data_config)`` (and an
+    ``Options`` dataclass: ``data.options`` is converted to it), a factory called as
+    ``factory(data_config)``, or a Dataset class taking ``(size=, resolution=, seed=)``."""
     DATASETS[name] = target
+
+
+def dataset_class(name: str):
+    """The registered dataset class or factory of ``name`` (imports its module)."""
+    return _resolve(DATASETS, "dataset", name)
 
 
 def _resolve(table: dict[str, str], kind: str, name: str) -> Any:
