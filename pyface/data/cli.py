@@ -24,8 +24,30 @@ def add_parser(subparsers) -> None:
     s.add_argument("--no-cross", action="store_true",
                    help="skip the cross-identity ground truth (ROOT/cross)")
     s.add_argument("--no-masks", action="store_true", help="do not write masks/")
+    s.add_argument("--split", choices=("train", "test"), default="train",
+                   help="test: held-out identities (test0000, ...) from random streams no "
+                        "training split uses, with the cross-identity set")
+    s.add_argument("--zoom", type=float, default=0.0,
+                   help="per-video zoom: log-scale amplitude (0.2: scale 0.82-1.22 in each video)")
+    s.add_argument("--exp-leak", type=float, default=0.0,
+                   help="add exp_leak * L @ id to the stored expression coefficients")
+    s.add_argument("--multiview", action="store_true",
+                   help="also render every video from a second camera (ROOT/multiview)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_synth)
+
+    e = sub.add_parser("pairs", help="count the evaluation pairs and their copy-source PSNR",
+                       description="Same- and cross-identity reenactment pairs of a dataset "
+                                   "(pyface.data.reenactment_pairs), all and moving, with the "
+                                   "PSNR of copying the source (the baseline).")
+    e.add_argument("root")
+    e.add_argument("--resolution", type=int, default=None)
+    e.set_defaults(func=_pairs)
+
+    k = sub.add_parser("cache", help="where the built-in synthetic sets are cached",
+                       description="List the cached synthetic datasets ($PYFACE_CACHE, default "
+                                   "~/.cache/pyface).")
+    k.set_defaults(func=_cache)
 
     c = sub.add_parser("check", help="report missing or corrupt files of a dataset",
                        description="Validate a dataset root: index, meta.json, dataset.json "
@@ -59,10 +81,62 @@ def _synth(args) -> int:
 
     cfg = SynthConfig(identities=args.identities, videos_per_identity=args.videos_per_identity,
                       frames=args.frames, resolution=args.resolution, fps=args.fps, seed=args.seed,
-                      workers=args.workers, cross=not args.no_cross, masks=not args.no_masks)
+                      workers=args.workers, cross=not args.no_cross, masks=not args.no_masks,
+                      split=args.split, zoom=args.zoom, exp_leak=args.exp_leak,
+                      multiview=args.multiview)
     s = generate(args.out, cfg, progress=not args.quiet)
-    print(f"wrote {s['videos']} videos + {s['cross_videos']} cross-identity videos "
-          f"({s['frames']} frames) to {args.out} in {s['seconds']:.1f} s with {s['workers']} workers")
+    print(f"wrote {s['videos']} videos + {s['cross_videos']} cross-identity videos + "
+          f"{s['view_videos']} second views ({s['frames']} frames, split {args.split}) to "
+          f"{args.out} in {s['seconds']:.1f} s with {s['workers']} workers")
+    return 0
+
+
+def _pairs(args) -> int:
+    import os
+
+    import numpy as np
+
+    from pyface.data.reenactment import reenactment_pairs
+
+    for protocol in ("same", "cross"):
+        if protocol == "cross" and not os.path.isdir(os.path.join(args.root, "cross")):
+            continue
+        ds = reenactment_pairs(args.root, resolution=args.resolution, protocol=protocol)
+        psnr = []
+        for i in range(len(ds)):
+            it = ds[i]
+            a = it["source"]["image"].float() / 255
+            b = it["target"]["image"].float() / 255
+            psnr.append(-10 * np.log10(max(float(((a - b) ** 2).mean()), 1e-10)))
+        psnr = np.array(psnr)
+        mv = np.asarray(ds.moving, bool)
+        line = f"{protocol:5s}: {len(ds)} pairs, copy-source PSNR {psnr.mean():.2f} dB"
+        if ds.has_coeffs:
+            line += (f"; moving {int(mv.sum())} ({psnr[mv].mean() if mv.any() else float('nan'):.2f} dB)"
+                     f", static {int((~mv).sum())} "
+                     f"({psnr[~mv].mean() if (~mv).any() else float('nan'):.2f} dB)")
+        print(line)
+    return 0
+
+
+def _cache(args) -> int:
+    import json
+    import os
+
+    from pyface.data.cache import cache_dir, is_complete
+
+    base = os.path.join(cache_dir(), "synthetic")
+    names = sorted(os.listdir(base)) if os.path.isdir(base) else []
+    names = [n for n in names if not n.startswith(".") and not n.endswith(".lock")]
+    print(f"{base}: {len(names)} dataset(s)")
+    for n in names:
+        root = os.path.join(base, n)
+        if not is_complete(root):
+            print(f"  {n}  (incomplete)")
+            continue
+        with open(os.path.join(root, "synth.json")) as f:
+            s = json.load(f)
+        print(f"  {n}  {s['frames']} frames, generated in {s['seconds']:.1f} s")
     return 0
 
 
