@@ -44,9 +44,14 @@ def add_parser(subparsers) -> None:
     e.add_argument("--resolution", type=int, default=None)
     e.set_defaults(func=_pairs)
 
-    k = sub.add_parser("cache", help="where the built-in synthetic sets are cached",
+    k = sub.add_parser("cache", help="list or build the cached built-in synthetic sets",
                        description="List the cached synthetic datasets ($PYFACE_CACHE, default "
-                                   "~/.cache/pyface).")
+                                   "~/.cache/pyface), or build the built-in set a training run "
+                                   "with data.path unset uses (--build RESOLUTION).")
+    k.add_argument("--build", type=int, metavar="RESOLUTION", default=None,
+                   help="generate the built-in set at this data.resolution (no-op when cached)")
+    k.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a built-in set option (data.options.synth), e.g. --set zoom=0.2")
     k.set_defaults(func=_cache)
 
     c = sub.add_parser("check", help="report missing or corrupt files of a dataset",
@@ -123,8 +128,31 @@ def _cache(args) -> int:
     import json
     import os
 
-    from pyface.data.cache import cache_dir, is_complete
+    from pyface.data.cache import cache_dir, cached, is_complete
 
+    if args.build is not None:
+        import time
+
+        from pyface.data.builtin import SynthOptions
+
+        import dataclasses
+
+        import yaml
+
+        valid = [f.name for f in dataclasses.fields(SynthOptions)]
+        kw = {}
+        for item in args.overrides:
+            k, sep, v = item.partition("=")
+            if not sep or k not in valid:
+                print(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(valid)}",
+                      file=sys.stderr)
+                return 2
+            kw[k] = yaml.safe_load(v)
+        cfg = SynthOptions(**kw).synth_config(args.build)
+        t0 = time.perf_counter()
+        root = cached(cfg, progress=True)
+        print(f"{root} ({time.perf_counter() - t0:.1f} s)")
+        return 0
     base = os.path.join(cache_dir(), "synthetic")
     names = sorted(os.listdir(base)) if os.path.isdir(base) else []
     names = [n for n in names if not n.startswith(".") and not n.endswith(".lock")]
