@@ -505,6 +505,22 @@ def test_reenactment_pairs_cross(root):
         reenactment_pairs(root, protocol="both")
 
 
+def test_pairs_and_cache_commands(root, cache, capsys):
+    from pyface.cli import main
+
+    assert main(["data", "pairs", root, "--resolution", "16"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("same : 44 pairs, copy-source PSNR") and "moving" in out[0]
+    assert out[1].startswith("cross: 24 pairs")
+    assert main(["data", "cache", "--build", "16"] + [f"--set={k}={v}" for k, v in TINY_SYNTH.items()]) == 0
+    built = capsys.readouterr().out.split()[0]
+    assert C.is_complete(built) and built.startswith(str(cache))
+    assert main(["data", "cache"]) == 0
+    listing = capsys.readouterr().out
+    assert "1 dataset(s)" in listing and os.path.basename(built) in listing
+    assert main(["data", "cache", "--build", "16", "--set", "bogus=1"]) == 2
+
+
 def test_reenactment_pairs_image_only(root, tmp_path):
     d = _image_only_copy(root, str(tmp_path / "img"))
     ds = reenactment_pairs(d)
