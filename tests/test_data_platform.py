@@ -405,13 +405,15 @@ def test_test_split_is_disjoint_and_has_the_cross_set(tmp_path):
         S.SynthConfig(split="val")
 
 
-def test_synth_cli_split_and_options(tmp_path):
+def test_synth_cli_split_and_options(tmp_path, capsys):
     from pyface.cli import main
 
     out = str(tmp_path / "c")
     assert main(["data", "synth", "--out", out, "--identities", "2", "--videos-per-identity", "1",
                  "--frames", "2", "--resolution", "16", "--workers", "1", "--quiet", "--split",
                  "test", "--zoom", "0.1", "--exp-leak", "0.2", "--multiview"]) == 0
+    assert "wrote 2 videos + 2 cross-identity videos (12 frames), 2 second views, split test" \
+        in capsys.readouterr().out
     s = json.load(open(os.path.join(out, "synth.json")))["config"]
     assert (s["split"], s["zoom"], s["exp_leak"], s["multiview"]) == ("test", 0.1, 0.2, True)
     assert len(fmt.load_index(os.path.join(out, "multiview"))) == 2
@@ -512,7 +514,8 @@ def test_pairs_and_cache_commands(root, cache, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("same : 44 pairs, copy-source PSNR") and "moving" in out[0]
     assert out[1].startswith("cross: 24 pairs")
-    assert main(["data", "cache", "--build", "16"] + [f"--set={k}={v}" for k, v in TINY_SYNTH.items()]) == 0
+    sets = [f"--set={k}={v}" for k, v in TINY_SYNTH.items()]
+    assert main(["data", "cache", "--build", "16"] + sets) == 0
     built = capsys.readouterr().out.split()[0]
     assert C.is_complete(built) and built.startswith(str(cache))
     assert main(["data", "cache"]) == 0

@@ -90,9 +90,11 @@ def _synth(args) -> int:
                       split=args.split, zoom=args.zoom, exp_leak=args.exp_leak,
                       multiview=args.multiview)
     s = generate(args.out, cfg, progress=not args.quiet)
-    print(f"wrote {s['videos']} videos + {s['cross_videos']} cross-identity videos + "
-          f"{s['view_videos']} second views ({s['frames']} frames, split {args.split}) to "
-          f"{args.out} in {s['seconds']:.1f} s with {s['workers']} workers")
+    extra = (f", {s['view_videos']} second views" if s["view_videos"] else "") + \
+        (f", split {args.split}" if args.split != "train" else "")
+    print(f"wrote {s['videos']} videos + {s['cross_videos']} cross-identity videos "
+          f"({s['frames']} frames){extra} to {args.out} in {s['seconds']:.1f} s with "
+          f"{s['workers']} workers")
     return 0
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import math
 import os
 import warnings
 import zipfile

@@ -348,7 +348,8 @@ def render_second_view(model, coeffs, yaw: float, pitch: float, background, reso
             flip = torch.diag(torch.tensor([1.0, -1.0, -1.0]))
             rot0 = (c2w0[:, :3, :3] @ flip).transpose(1, 2)
             normals = vertex_normals(verts, model.faces) @ rot0.transpose(1, 2)
-            colors = (model.albedo(parts["tex"]).clamp(0, 1) * sh_shading(normals, parts["gamma"])).clamp(0, 1)
+            shading = sh_shading(normals, parts["gamma"])
+            colors = (model.albedo(parts["tex"]).clamp(0, 1) * shading).clamp(0, 1)
             world = verts * cam.BFM_TO_EG3D_SCALE
             uv, z = cam.project_label(world, label1)
             r = render_mesh(torch.cat([uv * 2 - 1, z], -1), model.faces, resolution, colors, cull=model.cull)
