@@ -329,6 +329,12 @@ def test_trainer_on_the_cached_default(cache, tmp_path):
     assert tr.fit().step == 1
 
 
+def test_path_to_an_empty_folder_gets_the_builtin_set(tmp_path):
+    ds = registry.build_dataset(data_cfg("multiview", tmp_path / "new", synth=TINY_SYNTH))
+    assert ds.root == str(tmp_path / "new") and len(ds) == 2 * 3
+    assert json.load(open(tmp_path / "new" / "synth.json"))["config"]["identities"] == 2
+
+
 def test_path_to_an_unrelated_folder_is_refused(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "notes.txt").write_text("mine")
