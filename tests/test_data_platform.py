@@ -542,6 +542,10 @@ def test_reenactment_pairs_cross(root):
 def test_pairs_and_cache_commands(root, cache, capsys):
     from pyface.cli import main
 
+    assert main(["data", "check", root, "--fast"]) == 0
+    assert "(+ 2 cross-identity videos, 24 frames) (+ 4 second views, 48 frames): OK" in \
+        capsys.readouterr().out
+
     assert main(["data", "pairs", root, "--resolution", "16"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("same : 44 pairs, copy-source PSNR") and "moving" in out[0]

@@ -179,14 +179,16 @@ def _check(args) -> int:
     frames = sum(r.num_frames for r in records)
     for p in problems:
         print(f"ERROR {p}")
-    cross = os.path.join(args.root, "cross")
     extra = ""
-    if os.path.isfile(os.path.join(cross, "index.json")):
-        rc, pc = check_dataset(cross, deep=not args.fast)
+    for sub, what in (("cross", "cross-identity videos"), ("multiview", "second views")):
+        d = os.path.join(args.root, sub)
+        if not os.path.isfile(os.path.join(d, "index.json")):
+            continue
+        rc, pc = check_dataset(d, deep=not args.fast)
         for p in pc:
             print(f"ERROR {p}")
         problems += pc
-        extra = f" (+ {len(rc)} cross-identity videos, {sum(r.num_frames for r in rc)} frames)"
+        extra += f" (+ {len(rc)} {what}, {sum(r.num_frames for r in rc)} frames)"
     status = "OK" if not problems else f"{len(problems)} problem(s)"
     print(f"{args.root}: {len(records)} videos, {frames} frames{extra}: {status}")
     return 0 if not problems else 1
