@@ -497,8 +497,6 @@ def test_example_trains_on_the_synthetic_data(tmp_path):
     assert -1 <= item["image"].min() and item["image"].max() <= 1 and item["camera"].shape == (25,)
     res = tr.fit()
     assert res.step == 2 and math.isfinite(res.losses["main/loss"])
-    with pytest.raises(ValueError, match="data.path: the synthetic dataset needs a folder"):
-        Trainer(tiny(tmp_path, "data.name=synthetic"))
 
 
 def test_skip_bad_option_reaches_the_dataset(tmp_path):

@@ -70,12 +70,43 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
+    """Common data fields plus ``options``: the selected dataset's own ``Options`` dataclass
+    (``data: {name: clips, options: {frames: 8, min_gap: 4}}``, ``--set data.options.min_gap=4``),
+    converted from a mapping when the config is built, like ``model_config``. Unknown option
+    keys are errors listing the valid ones. See docs/data.md."""
     name: str = "procedural"          # a registered dataset (pyface.train.registry)
     resolution: int = 64
     size: int = 2048                  # number of items (procedural data)
-    path: str | None = None           # on-disk datasets
+    path: str | None = None           # on-disk datasets; unset: the cached built-in synthetic set
     seed: int = 0
     skip_bad: bool = False            # on-disk datasets: skip missing/corrupt videos with a warning
+    options: Any = None               # the dataset's Options (a mapping is converted)
+
+    def __post_init__(self):
+        self.options = dataset_options(self.name, self.options)
+
+
+def dataset_options(name: str, options: Any) -> Any:
+    """``options`` (None, a mapping or an instance) as the ``Options`` dataclass of registered
+    dataset ``name``; None for a dataset without ``Options`` (then ``options`` must be empty)."""
+    from pyface.train import registry
+
+    try:
+        target = registry.dataset_class(name)
+    except KeyError as exc:
+        raise ConfigError(f"data.name: {exc.args[0]}") from None
+    opt_cls = getattr(target, "Options", None)
+    if opt_cls is None:
+        if options:
+            raise ConfigError(f"data.options: dataset {name!r} takes no options, got "
+                              f"{to_dict(options)!r}")
+        return None
+    if isinstance(options, opt_cls):
+        return options
+    if options is not None and dataclasses.is_dataclass(options):
+        raise ConfigError(f"data.options: expected {opt_cls.__qualname__} for dataset {name!r}, "
+                          f"got {type(options).__qualname__}")
+    return from_dict(opt_cls, options or {}, prefix="data.options.")
 
 
 @dataclass
@@ -167,7 +198,7 @@ def from_dict(cls, data: dict, *, prefix: str = ""):
     kwargs = {}
     for k, v in data.items():
         if k not in names:
-            raise ConfigError(f"{prefix}{k}: unknown key for {cls.__name__}; valid keys: "
+            raise ConfigError(f"{prefix}{k}: unknown key for {cls.__qualname__}; valid keys: "
                               f"{', '.join(names)}")
         kwargs[k] = _convert(v, hints[k], prefix + k)
     return cls(**kwargs)

@@ -29,6 +29,11 @@ MODELS: dict[str, str] = {
 DATASETS: dict[str, str] = {
     "procedural": "pyface.train.data:ProceduralFaces",
     "synthetic": "pyface.train.data:SyntheticFrames",
+    "pairs": "pyface.data.datasets:PairDataset",
+    "cross_identity": "pyface.data.datasets:CrossIdentityDataset",
+    "motion_windows": "pyface.data.datasets:MotionWindowDataset",
+    "clips": "pyface.data.datasets:ClipDataset",
+    "multiview": "pyface.data.datasets:MultiViewDataset",
 }
 
 #: entry-point group -> the table it extends
@@ -45,8 +50,9 @@ def register_model(name: str, target: str) -> None:
 
 
 def register_dataset(name: str, target: str) -> None:
-    """``target``: ``"package.module:factory"`` called as ``factory(data_config)`` or a Dataset
-    class taking ``(size=, resolution=, seed=)``."""
+    """``target``: ``"package.module:Class"`` with ``from_config(data_config)`` (and an
+    ``Options`` dataclass: ``data.options`` is converted to it), a factory called as
+    ``factory(data_config)``, or a Dataset class taking ``(size=, resolution=, seed=)``."""
     DATASETS[name] = target
 
 
@@ -93,6 +99,11 @@ def model_names() -> list[str]:
 def dataset_names() -> list[str]:
     load_entry_points()
     return sorted(DATASETS)
+
+
+def dataset_class(name: str):
+    """The registered dataset class or factory of ``name`` (imports its module)."""
+    return _resolve(DATASETS, "dataset", name)
 
 
 def _resolve(table: dict[str, str], kind: str, name: str) -> Any:
