@@ -141,6 +141,11 @@ class Trainer:
                         seen.add(id(p))
                         self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_ready))
         self._t_back = self._t_opt = 0.0
+        #: buckets whose all-reduce started inside a backward (overlap at work)
+        self.buckets_overlapped = 0
+        # rank-local parameters (param groups with "local": True): per optimizer, their ids
+        self._local_ids = {k: {id(p) for g in o.param_groups if g.get("local")
+                               for p in g["params"]} for k, o in self.optimizers.items()}
         self.dataset = dataset if dataset is not None else registry.build_dataset(cfg.data)
         self.step = 0
         self.last_losses: dict[str, float] = {}
@@ -338,6 +343,25 @@ class Trainer:
             for p, flag in reversed(saved):
                 p.requires_grad_(flag)
 
+    def _norm(self, shared: list[torch.Tensor], local: list[torch.Tensor]) -> torch.Tensor:
+        """L2 norm of the gradients of ``shared`` (equal on every rank after the all-reduce) and
+        of the rank-local ``local`` parameters on all ranks together."""
+        n = _total_norm(shared).to(self.device)
+        if not local:
+            return n
+        sq = _total_norm(local).to(self.device).square().reshape(1)
+        if self.dist.enabled:
+            torch.distributed.all_reduce(sq)
+        return (n.square() + sq[0]).sqrt()
+
+    def reset_optimizer(self, name: str) -> None:
+        """Forget optimizer ``name``'s state (moments, step counts): an inner loop that starts
+        over every batch calls it (``ctx.reset_optimizer``) before its first update."""
+        if name not in self.optimizers:
+            raise KeyError(f"reset_optimizer: no optimizer {name!r}; the model built "
+                           f"{sorted(self.optimizers)}")
+        self.optimizers[name].state.clear()
+
     def _grad_ready(self, p: torch.Tensor) -> None:
         r = self._reducer
         if r is not None:
@@ -359,16 +383,20 @@ class Trainer:
         params = [p for p in self._opt_params[name] if p.requires_grad]
         if not params:
             raise ValueError(f"{what}: every parameter of optimizer {name!r} is frozen")
+        local_ids = self._local_ids.get(name, set())
+        shared = [p for p in params if id(p) not in local_ids]
+        local = [p for p in params if id(p) in local_ids] if local_ids else []
+        multi = self.dist.enabled
         clock = time.perf_counter
         t0 = clock()
         opt.zero_grad(set_to_none=True)
         reducer = None
-        if self.dist.enabled and overlap and t.overlap_grad_reduce:
-            key = (name, tuple(id(p) for p in params))
+        if multi and overlap and t.overlap_grad_reduce and shared:
+            key = (name, tuple(id(p) for p in shared))
             reducer = self._reducers.get(key)
             if reducer is None:
                 reducer = self._reducers[key] = D.BucketedAllReduce(
-                    params, self.dist.world_size, t.bucket_mb)
+                    shared, self.dist.world_size, t.bucket_mb)
         self._reducer = reducer
         try:
             torch.autograd.backward(loss, inputs=params, retain_graph=retain_graph)
@@ -378,27 +406,36 @@ class Trainer:
             raise
         finally:
             self._reducer = None
-        if self.dist.enabled:
+        if multi:
             if reducer is not None:
+                self.buckets_overlapped += reducer.launched_in_backward
                 reducer.finish()
             else:
-                D.average_gradients(params, self.dist.world_size)
+                D.average_gradients(shared, self.dist.world_size)
+            # rank-local parameters: the gradient of the global (rank-mean) loss
+            grads = [p.grad for p in local if p.grad is not None]
+            if grads:
+                torch._foreach_div_(grads, float(self.dist.world_size))
             lt = loss.detach().float().reshape(1).clone()
             torch.distributed.all_reduce(lt)
             loss_g = lt[0] / self.dist.world_size
         else:
             loss_g = loss.detach().float()
-        gnorm = _total_norm(params)
+        gnorm = self._norm(shared, local)
         if t.nan_guard:
             self._guard(what, float(loss_g), float(gnorm))
         for group in opt.param_groups:
             if group.get("max_norm"):
                 gp = [p for p in group["params"] if p.grad is not None]
+                gl = [p for p in gp if id(p) in local_ids]
+                gs = [p for p in gp if id(p) not in local_ids]
                 if gp:
-                    torch.nn.utils.clip_grad_norm_(gp, group["max_norm"], foreach=True)
+                    torch.nn.utils.clip_grads_with_norm_(gp, group["max_norm"],
+                                                         self._norm(gs, gl), foreach=True)
         clip = t.grad_clip_per.get(name, t.grad_clip)
         if clip is not None and clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+            torch.nn.utils.clip_grads_with_norm_(params, clip, self._norm(shared, local),
+                                                 foreach=True)
         t1 = clock()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -79,6 +79,12 @@ class StepContext:
         optimizer clipping, steps the optimizer and sets its gradients to None, exactly as for a
         phase's final loss. ``retain_graph=True`` keeps the graph for another backward through it.
 
+        Parameters of a param group with ``"local": True`` are rank-local (e.g. one latent per
+        sample of this rank's share of the batch): they are not averaged over ranks; their
+        gradient is divided by the number of ranks (the gradient of the global loss, the mean of
+        the ranks' losses) and their norm, for the guard and for clipping, is taken over all
+        ranks, so N ranks compute what one process does with the whole batch.
+
         Returns the gradient norm before clipping (a 0-dim tensor, averaged over ranks).
         """
         if self.engine is None:
@@ -86,6 +92,14 @@ class StepContext:
                                "in-step updates run inside Trainer.train_step only")
         return self.engine._apply_update(optimizer, loss, phase=self.phase, inner=True,
                                          retain_graph=retain_graph)
+
+    def reset_optimizer(self, optimizer: str) -> None:
+        """Clear optimizer ``optimizer``'s state (moments, step counts), e.g. before an inner
+        loop that starts afresh on every batch."""
+        if self.engine is None:
+            raise RuntimeError("ctx.reset_optimizer: this StepContext is not attached to a "
+                               "Trainer")
+        self.engine.reset_optimizer(optimizer)
 
     def ema(self, name: str) -> nn.Module:
         """The EMA copy of sub-module ``name`` (``train.ema.modules``), or the live sub-module
