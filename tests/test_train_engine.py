@@ -273,3 +273,32 @@ def test_train_backend_forces_the_ops(tmp_path, monkeypatch):
     assert _backend._forced is None                                     # restored after
     with pytest.raises(ValueError, match=r"train.backend: expected one of"):
         Trainer(example(tmp_path, "train.backend=fast"))
+
+
+# ------------------------------------------------------------------------------------------
+# python -m pyface.bench.train MODEL
+# ------------------------------------------------------------------------------------------
+
+def test_bench_train_model_fused_vs_reference(tmp_path, capsys):
+    from pyface import _backend
+    from pyface.bench.train import main
+
+    out = tmp_path / "b.json"
+    sets = sum((["--set", s] for s in TINY[:-1]), [])
+    assert main(["example", "--steps", "2", "--warmup", "1", "--device", "cpu", *sets,
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["environment"]["device_type"] == "cpu" and data["environment"]["torch"]
+    r = data["results"][0]
+    assert r["bench"] == "train_backends" and r["model"] == "example" and r["batch_size"] == 4
+    fused, ref = r["results"]["fused"], r["results"]["reference"]
+    assert ref["ops"] == {"triplane_sample": {"reference": 1}}       # one step's op calls
+    expected = _backend.select_backend("triplane_sample", torch.device("cpu"), None)
+    assert fused["ops"] == {"triplane_sample": {expected: 1}}
+    for x in (fused, ref):
+        assert x["steps"] == 2 and x["p20_p80_s"][0] <= x["median_s"] <= x["p20_p80_s"][1]
+        assert x["peak_mem_mb"] > 0
+    assert r["speedup"] == pytest.approx(ref["median_s"] / fused["median_s"])
+    assert "reference / fused" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"--preset 'no-such': model 'example' has presets"):
+        main(["example", "--preset", "no-such", "--json", str(out)])

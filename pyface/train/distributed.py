@@ -91,7 +91,7 @@ class BucketedAllReduce:
     """Averages the gradients of ``params`` over ranks while the backward runs.
 
     Parameters are grouped, in reverse order (the backward produces the last layers' gradients
-    first), into buckets of about ``bucket_mb`` MiB. The engine calls :meth:`mark_ready` from
+    first), into buckets of about ``bucket_mb`` MiB (the first one at most 1 MiB, as in DDP). The engine calls :meth:`mark_ready` from
     each parameter's post-accumulate-grad hook; when every gradient of a bucket is ready, and
     every earlier bucket has been launched (so that all ranks issue the collectives in one
     order), the bucket's gradients are copied into one flat tensor whose all-reduce starts
@@ -104,13 +104,14 @@ class BucketedAllReduce:
                  bucket_mb: float = 25.0):
         self.world = world_size
         cap = max(1, int(bucket_mb * 2**20))
+        first_cap = min(cap, 2**20)    # a small first bucket starts communicating early
         self.buckets: list[list[torch.nn.Parameter]] = []
         cur: list[torch.nn.Parameter] = []
         size = 0
         for p in reversed(list(params)):
             cur.append(p)
             size += p.numel() * p.element_size()
-            if size >= cap:
+            if size >= (cap if self.buckets else first_cap):
                 self.buckets.append(cur)
                 cur, size = [], 0
         if cur:
