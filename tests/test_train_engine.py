@@ -243,6 +243,13 @@ def test_init_from_loads_weights_only_and_reports(tmp_path):
     assert same.init_report["ema_from_checkpoint"] == ["decoder"]
     assert torch.equal(same.ema.modules["decoder"][0].weight,
                        src.ema.modules["decoder"][0].weight)
+    # a weights-only folder (unprefixed keys), e.g. written by a converter
+    w = ckpt.save_weights(str(tmp_path / "weights"), {k: v + 1 for k, v in
+                                                     src.model.state_dict().items()},
+                          kind="example")
+    conv = Trainer(example(tmp_path, f"train.init_from={w}", name="conv"))
+    assert conv.init_report["loaded"] == len(src.model.state_dict())
+    assert torch.equal(conv.model.decoder[0].weight, src.model.decoder[0].weight + 1)
     with pytest.raises(ckpt.CheckpointError, match="a folder without a checkpoint"):
         Trainer(example(tmp_path, f"train.init_from={tmp_path}", name="x"))
 

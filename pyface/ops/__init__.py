@@ -24,7 +24,6 @@ from pyface.ops.triplane import triplane_sample
 from pyface.ops.warp import keypoint_flow, motion_field_input, warp_by_keypoints, warp_volume
 
 
-
 @contextlib.contextmanager
 def use_backend(name: str | None):
     """Force every op called without ``backend=`` onto backend ``name`` inside the block.
@@ -45,7 +44,7 @@ def use_backend(name: str | None):
         _backend._forced = previous
 
 
-__all__ = ["use_backend", "triplane_sample", "rasterize_mesh", "project_points", "BFMCamera", "splat_points",
-           "points_to_triplane", "ray_bundle", "sample_stratified", "mip_composite",
+__all__ = ["use_backend", "triplane_sample", "rasterize_mesh", "project_points", "BFMCamera",
+           "splat_points", "points_to_triplane", "ray_bundle", "sample_stratified", "mip_composite",
            "sample_importance", "render_triplane", "warp_volume", "keypoint_flow",
            "warp_by_keypoints", "motion_field_input"]

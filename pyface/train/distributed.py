@@ -91,11 +91,11 @@ class BucketedAllReduce:
     """Averages the gradients of ``params`` over ranks while the backward runs.
 
     Parameters are grouped, in reverse order (the backward produces the last layers' gradients
-    first), into buckets of about ``bucket_mb`` MiB (the first one at most 1 MiB, as in DDP). The engine calls :meth:`mark_ready` from
-    each parameter's post-accumulate-grad hook; when every gradient of a bucket is ready, and
-    every earlier bucket has been launched (so that all ranks issue the collectives in one
-    order), the bucket's gradients are copied into one flat tensor whose all-reduce starts
-    asynchronously. :meth:`finish` launches the buckets still waiting (a parameter the backward
+    first), into buckets of about ``bucket_mb`` MiB (the first one at most 1 MiB, as in DDP). The
+    engine calls :meth:`mark_ready` from each parameter's post-accumulate-grad hook; when every
+    gradient of a bucket is ready, and every earlier bucket has been launched (so that all ranks
+    issue the collectives in one order), the bucket's gradients are copied into one flat tensor
+    whose all-reduce starts asynchronously. :meth:`finish` launches the buckets still waiting (a parameter the backward
     did not reach contributes zeros, as in :func:`average_gradients`), waits, and writes the
     means back into ``.grad``. Element by element the sums are those of the flat all-reduce.
     """
