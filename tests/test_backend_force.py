@@ -75,3 +75,14 @@ def test_forced_backend_that_cannot_run_raises(monkeypatch):
         with ops.use_backend("gpu"):
             pass
     assert _backend._forced is None
+
+
+def test_info_reports_the_forced_backend(monkeypatch):
+    import pyface.info
+
+    monkeypatch.setenv("PYFACE_BACKEND", "reference")
+    info = pyface.info.collect()
+    assert info["forced_backend"] == "reference"
+    assert "PYFACE_BACKEND=reference: every op" in pyface.info.format_report(info)
+    monkeypatch.delenv("PYFACE_BACKEND")
+    assert pyface.info.collect()["forced_backend"] is None
