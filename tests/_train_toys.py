@@ -112,8 +112,9 @@ class TinyGAN(TrainableModel):
                 "D": torch.optim.Adam(self.D.parameters(), 2e-3, betas=(0.0, 0.99))}
 
     def phases(self):
+        # R1 on the flat all-reduce (Phase.overlap=False), the others overlapped
         return [Phase("G", "G", frozen=("D",)), Phase("D", "D"),
-                Phase("Dreg", "D", self.cfg.r1_interval)]
+                Phase("Dreg", "D", self.cfg.r1_interval, overlap=False)]
 
     def step(self, phase, batch, ctx):
         import pyface.nn as N

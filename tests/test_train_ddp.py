@@ -119,7 +119,8 @@ SCENARIOS = textwrap.dedent("""
             state.update({f"ema.{name}." + k: v.contiguous() for k, v in m.state_dict().items()})
         save_file(state, os.path.join(out, f"{tag}-rank{tr.dist.rank}.safetensors"))
         with open(os.path.join(out, f"{tag}-rank{tr.dist.rank}.json"), "w") as f:
-            json.dump({"losses": res.losses, "overlapped": tr.buckets_overlapped}, f)
+            json.dump({"losses": res.losses, "overlapped": tr.buckets_overlapped,
+                       "reductions": tr.reductions}, f)
     for tag, extra in (("overlap", ["train.bucket_mb=0.002"]),
                        ("flat", ["train.overlap_grad_reduce=false"])):
         run("inv-" + tag, inverter_trainer(
@@ -158,6 +159,10 @@ def test_two_ranks_inner_loop_overlap_and_flat(tmp_path):
                                                load(f"{model}-overlap", 1),
                                                load(f"{model}-flat", 0), load(f"{model}-flat", 1))
         assert j0["overlapped"] > 0, model              # buckets did start inside the backward
+        assert load(f"{model}-flat", 0)[1]["reductions"]["bucketed"] == 0
+        # GAN: 3 steps x (G, D) overlapped + R1 at steps 0 and 2 on the flat path
+        assert j0["reductions"] == ({"bucketed": 6, "flat": 2} if model == "gan" else
+                                    {"bucketed": j0["reductions"]["bucketed"], "flat": 0})
         for k in o0:
             assert torch.equal(o0[k], f0[k]) and torch.equal(o1[k], f1[k]), f"{model}: {k}"
             if k != "latent":                           # the only rank-local tensor

@@ -141,8 +141,10 @@ class Trainer:
                         seen.add(id(p))
                         self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_ready))
         self._t_back = self._t_opt = 0.0
-        #: buckets whose all-reduce started inside a backward (overlap at work)
+        #: buckets whose all-reduce started inside a backward (overlap at work), and the
+        #: number of updates whose gradients were averaged each way
         self.buckets_overlapped = 0
+        self.reductions = {"bucketed": 0, "flat": 0}
         # rank-local parameters (param groups with "local": True): per optimizer, their ids
         self._local_ids = {k: {id(p) for g in o.param_groups if g.get("local")
                                for p in g["params"]} for k, o in self.optimizers.items()}
@@ -410,8 +412,10 @@ class Trainer:
             if reducer is not None:
                 self.buckets_overlapped += reducer.launched_in_backward
                 reducer.finish()
-            else:
+                self.reductions["bucketed"] += 1
+            elif shared:
                 D.average_gradients(shared, self.dist.world_size)
+                self.reductions["flat"] += 1
             # rank-local parameters: the gradient of the global (rank-mean) loss
             grads = [p.grad for p in local if p.grad is not None]
             if grads:
