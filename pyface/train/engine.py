@@ -420,14 +420,13 @@ class Trainer:
             grads = [p.grad for p in local if p.grad is not None]
             if grads:
                 torch._foreach_div_(grads, float(self.dist.world_size))
-            lt = loss.detach().float().reshape(1).clone()
-            torch.distributed.all_reduce(lt)
-            loss_g = lt[0] / self.dist.world_size
-        else:
-            loss_g = loss.detach().float()
         gnorm = self._norm(shared, local)
         if t.nan_guard:
-            self._guard(what, float(loss_g), float(gnorm))
+            loss_g = loss.detach().float().reshape(1).clone()
+            if multi:       # every rank judges the same numbers, so all stop together
+                torch.distributed.all_reduce(loss_g)
+                loss_g = loss_g / self.dist.world_size
+            self._guard(what, float(loss_g[0]), float(gnorm))
         for group in opt.param_groups:
             if group.get("max_norm"):
                 gp = [p for p in group["params"] if p.grad is not None]
