@@ -309,3 +309,16 @@ def test_bench_train_model_fused_vs_reference(tmp_path, capsys):
     assert "reference / fused" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"--preset 'no-such': model 'example' has presets"):
         main(["example", "--preset", "no-such", "--json", str(out)])
+
+
+def test_bucket_layout():
+    from pyface.train.distributed import BucketedAllReduce
+
+    ps = [torch.nn.Parameter(torch.zeros(n, dtype=dt)) for n, dt in
+          ((300_000, torch.float32), (10, torch.float32), (100, torch.float64),
+           (400_000, torch.float32), (5, torch.float32))]
+    r = BucketedAllReduce(ps, world_size=2, bucket_mb=1.0)
+    # reverse order; the first bucket closes at 1 MiB, then at bucket_mb; dtypes never mix
+    assert [[p.numel() for p in b] for b in r.buckets] == [[5, 400_000], [100], [10, 300_000]]
+    r.mark_ready(ps[4])
+    assert r._next == 0                       # the first bucket waits for its second gradient

@@ -109,6 +109,9 @@ class BucketedAllReduce:
         cur: list[torch.nn.Parameter] = []
         size = 0
         for p in reversed(list(params)):
+            if cur and (p.dtype, p.device) != (cur[-1].dtype, cur[-1].device):
+                self.buckets.append(cur)           # one dtype and device per flat tensor
+                cur, size = [], 0
             cur.append(p)
             size += p.numel() * p.element_size()
             if size >= (cap if self.buckets else first_cap):
