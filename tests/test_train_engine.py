@@ -322,3 +322,53 @@ def test_bucket_layout():
     assert [[p.numel() for p in b] for b in r.buckets] == [[5, 400_000], [100], [10, 300_000]]
     r.mark_ready(ps[4])
     assert r._next == 0                       # the first bucket waits for its second gradient
+
+
+class _Pair(TrainableModel):
+    """loss = mean(sum((w * k * x)^2)): w is saved for k's gradient and vice versa."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 4))
+        self.k = torch.nn.Parameter(torch.linspace(0.5, 1.5, 4))
+        self.mode = mode
+
+    def build_optimizers(self):
+        return {"W": torch.optim.SGD([self.w], lr=0.1), "K": torch.optim.SGD([self.k], lr=0.1)}
+
+    def phases(self):
+        return [Phase("main", ("W", "K") if self.mode == "phase" else None)]
+
+    def loss(self, x):
+        return (self.w * self.k * x).square().sum(-1).mean()
+
+    def step(self, phase, batch, ctx):
+        loss = self.loss(batch["x"])
+        if self.mode == "sequential":
+            ctx.update("W", loss, retain_graph=True)
+            ctx.update("K", loss)
+        elif self.mode == "tuple":
+            ctx.update(("W", "K"), loss)
+        return {"loss": loss}
+
+
+@pytest.mark.parametrize("mode", ["tuple", "phase"])
+def test_one_backward_steps_several_optimizers(tmp_path, mode):
+    m = _Pair(mode)
+    x = torch.ones(2, 4)
+    gw, gk = torch.autograd.grad(m.loss(x), [m.w, m.k])
+    w1, k1 = m.w.detach() - 0.1 * gw, m.k.detach() - 0.1 * gk
+    tr = _two(tmp_path, m, "grad_clip_per.K=0")
+    out = tr.train_step(tr.preview_batch(2))
+    torch.testing.assert_close(m.w.detach(), w1)
+    torch.testing.assert_close(m.k.detach(), k1)
+    if mode == "phase":
+        assert out["main/grad_norm"] == pytest.approx(torch.cat([gw.flatten(), gk]).norm().item(),
+                                                      rel=1e-5)
+
+
+def test_sequential_updates_of_one_graph_need_the_tuple_form(tmp_path):
+    # stepping W in place, then back-propagating the same graph into K, cannot work
+    tr = _two(tmp_path, _Pair("sequential"))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        tr.train_step(tr.preview_batch(2))

@@ -116,9 +116,11 @@ class Trainer:
                              f"built {sorted(self.optimizers)}")
         self.phases: list[Phase] = list(self.model.phases())
         for ph in self.phases:
-            if ph.optimizer is not None and ph.optimizer not in self.optimizers:
-                raise ValueError(f"phase {ph.name!r} uses optimizer {ph.optimizer!r}; the model "
-                                 f"built {sorted(self.optimizers)}")
+            names = (ph.optimizer,) if isinstance(ph.optimizer, str) else ph.optimizer or ()
+            for name in names:
+                if name not in self.optimizers:
+                    raise ValueError(f"phase {ph.name!r} uses optimizer {name!r}; the model "
+                                     f"built {sorted(self.optimizers)}")
             for name in ph.frozen:
                 try:
                     self.model.get_submodule(name)
@@ -369,32 +371,44 @@ class Trainer:
         if r is not None:
             r.mark_ready(p)
 
-    def _apply_update(self, name: str, loss: torch.Tensor, *, phase: str, inner: bool,
-                      retain_graph: bool = False, overlap: bool = True) -> torch.Tensor:
-        """Backward ``loss`` into optimizer ``name``'s trainable parameters, average the gradients
-        over ranks, guard, clip, step and clear the gradients. Returns the pre-clip grad norm."""
+    def _apply_update(self, names: str | tuple[str, ...], loss: torch.Tensor, *, phase: str,
+                      inner: bool, retain_graph: bool = False,
+                      overlap: bool = True) -> torch.Tensor:
+        """One backward of ``loss`` into the trainable parameters of optimizer(s) ``names``, then
+        gradient averaging over ranks, guard, clipping, step(s) and cleared gradients. Returns
+        the pre-clip grad norm over all of them."""
         t = self.cfg.train
-        what = f"phase {phase!r}" + (f" (in-step update of {name!r})" if inner else "")
-        if name not in self.optimizers:
-            raise KeyError(f"{what}: no optimizer {name!r}; the model built "
-                           f"{sorted(self.optimizers)}")
+        names = (names,) if isinstance(names, str) else tuple(names)
+        what = f"phase {phase!r}" + (f" (in-step update of {', '.join(map(repr, names))})"
+                                     if inner else "")
+        for name in names:
+            if name not in self.optimizers:
+                raise KeyError(f"{what}: no optimizer {name!r}; the model built "
+                               f"{sorted(self.optimizers)}")
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError(f"{what}: the loss must be a scalar tensor, got "
                              f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else loss!r}")
-        opt = self.optimizers[name]
-        params = [p for p in self._opt_params[name] if p.requires_grad]
+        parts = []      # per optimizer: (optimizer, trainable, shared, local, local ids)
+        for name in names:
+            trainable = [p for p in self._opt_params[name] if p.requires_grad]
+            ids = self._local_ids.get(name, set())
+            parts.append((self.optimizers[name], trainable,
+                          [p for p in trainable if id(p) not in ids],
+                          [p for p in trainable if id(p) in ids], ids))
+        params = [p for part in parts for p in part[1]]
+        shared = [p for part in parts for p in part[2]]
+        local = [p for part in parts for p in part[3]]
         if not params:
-            raise ValueError(f"{what}: every parameter of optimizer {name!r} is frozen")
-        local_ids = self._local_ids.get(name, set())
-        shared = [p for p in params if id(p) not in local_ids]
-        local = [p for p in params if id(p) in local_ids] if local_ids else []
+            raise ValueError(f"{what}: every parameter of optimizer "
+                             f"{' and '.join(map(repr, names))} is frozen")
         multi = self.dist.enabled
         clock = time.perf_counter
         t0 = clock()
-        opt.zero_grad(set_to_none=True)
+        for part in parts:
+            part[0].zero_grad(set_to_none=True)
         reducer = None
         if multi and overlap and t.overlap_grad_reduce and shared:
-            key = (name, tuple(id(p) for p in shared))
+            key = (names, tuple(id(p) for p in shared))
             reducer = self._reducers.get(key)
             if reducer is None:
                 reducer = self._reducers[key] = D.BucketedAllReduce(
@@ -427,21 +441,23 @@ class Trainer:
                 torch.distributed.all_reduce(loss_g)
                 loss_g = loss_g / self.dist.world_size
             self._guard(what, float(loss_g[0]), float(gnorm))
-        for group in opt.param_groups:
-            if group.get("max_norm"):
-                gp = [p for p in group["params"] if p.grad is not None]
-                gl = [p for p in gp if id(p) in local_ids]
-                gs = [p for p in gp if id(p) not in local_ids]
-                if gp:
-                    torch.nn.utils.clip_grads_with_norm_(gp, group["max_norm"],
-                                                         self._norm(gs, gl), foreach=True)
-        clip = t.grad_clip_per.get(name, t.grad_clip)
-        if clip is not None and clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, clip, self._norm(shared, local),
-                                                 foreach=True)
+        for name, (opt, trainable, sh, lo, ids) in zip(names, parts):
+            for group in opt.param_groups:
+                if group.get("max_norm"):
+                    gp = [p for p in group["params"] if p.grad is not None]
+                    if gp:
+                        torch.nn.utils.clip_grads_with_norm_(
+                            gp, group["max_norm"],
+                            self._norm([p for p in gp if id(p) not in ids],
+                                       [p for p in gp if id(p) in ids]), foreach=True)
+            clip = t.grad_clip_per.get(name, t.grad_clip)
+            if clip is not None and clip > 0 and trainable:
+                torch.nn.utils.clip_grads_with_norm_(trainable, clip, self._norm(sh, lo),
+                                                     foreach=True)
         t1 = clock()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for part in parts:
+            part[0].step()
+            part[0].zero_grad(set_to_none=True)
         self._t_back += t1 - t0
         self._t_opt += clock() - t1
         return gnorm.detach().float()

@@ -32,8 +32,9 @@ class Phase:
 
     Attributes:
         name: passed to ``step``; prefixes the logged values.
-        optimizer: the optimizer the returned ``"loss"`` updates, or None when ``step`` applies
-            all its updates itself through ``ctx.update`` (``"loss"`` is then only logged).
+        optimizer: the optimizer the returned ``"loss"`` updates (a tuple of names: several,
+            from one backward), or None when ``step`` applies all its updates itself through
+            ``ctx.update`` (``"loss"`` is then only logged).
         interval: run every ``interval`` steps.
         frozen: names of sub-modules (``model.get_submodule``) whose parameters do not require
             grad during this phase (restored after it): they get no gradients and are neither
@@ -43,7 +44,7 @@ class Phase:
             Results are identical either way.
     """
     name: str
-    optimizer: str | None
+    optimizer: str | tuple[str, ...] | None
     interval: int = 1
     frozen: tuple[str, ...] = ()
     overlap: bool = True
@@ -69,10 +70,14 @@ class StepContext:
     def kimg(self) -> float:
         return self.images_seen / 1000.0
 
-    def update(self, optimizer: str, loss: torch.Tensor, *,
+    def update(self, optimizer: str | tuple[str, ...], loss: torch.Tensor, *,
                retain_graph: bool = False) -> torch.Tensor:
         """Apply one update of optimizer ``optimizer`` now, inside ``step``.
 
+        ``optimizer``: a name, or a tuple of names to step several optimizers from one backward
+        (e.g. OTAvatar's latent and intrinsics, or its controller and generator: stepping one
+        and then back-propagating the same graph into the other would find the first one's
+        parameters modified in place).
         ``loss``: a scalar tensor (this rank's share of the batch). The engine back-propagates it
         into that optimizer's parameters only (other parameters' ``.grad`` stay untouched),
         averages the gradients over ranks, applies the NaN / grad-norm guard, the group and
@@ -85,7 +90,8 @@ class StepContext:
         the ranks' losses) and their norm, for the guard and for clipping, is taken over all
         ranks, so N ranks compute what one process does with the whole batch.
 
-        Returns the gradient norm before clipping (a 0-dim tensor, averaged over ranks).
+        Returns the gradient norm before clipping (a 0-dim tensor; over all the named
+        optimizers' parameters, after averaging over ranks).
         """
         if self.engine is None:
             raise RuntimeError("ctx.update: this StepContext is not attached to a Trainer; "
