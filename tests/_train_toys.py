@@ -2,8 +2,8 @@
 
 ``Inverter`` mimics OTAvatar's step: per batch, a latent per sample (a rank-local parameter) is
 inverted for a few iterations through the EMA generator with ``ctx.update``, then the generator is
-updated (once mid-step with ``ctx.update``, once by the phase's loss), then an encoder is trained
-with the generator frozen.
+updated (once mid-step together with the encoder, from one backward, and once by the phase's
+loss), then the encoder is trained through the frozen generator.
 """
 from __future__ import annotations
 
@@ -57,7 +57,10 @@ class Inverter(TrainableModel):
             ctx.update("latent", inv)
             first = inv.detach() if first is None else first
             last = inv.detach()
-        gn = ctx.update("G", (self.G(self.latent.detach()) - x).square().mean())
+        # generator and encoder (regressing the inverted latent) from one backward
+        w = self.latent.detach()
+        gn = ctx.update(("G", "E"), (self.G(w) - x).square().mean()
+                        + (self.E(x) - w).square().mean())
         loss = (self.G(self.latent.detach()) - x).square().mean()
         return {"loss": loss, "inv_first": first, "inv_last": last, "mid_grad_norm": gn}
 

@@ -47,8 +47,8 @@ def test_inner_loop_updates_and_frozen_phase(tmp_path):
 
     tr._apply_update = spy
     out = tr.train_step(tr.preview_batch(4))
-    # 4 inversion updates, one mid-step G update, the phase's G update, then E
-    assert calls == [("latent", "invert", True)] * 4 + [("G", "invert", True),
+    # 4 inversion updates, one mid-step G + E update, the phase's G update, then E
+    assert calls == [("latent", "invert", True)] * 4 + [(("G", "E"), "invert", True),
                                                        ("G", "invert", False), ("E", "enc", False)]
     assert out["invert/inv_last"] < out["invert/inv_first"]          # the inversion works
     assert out["invert/mid_grad_norm"] > 0 and out["enc/grad_norm"] > 0
