@@ -142,7 +142,7 @@ class Trainer:
                     if id(p) not in seen:
                         seen.add(id(p))
                         self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_ready))
-        self._t_back = self._t_opt = 0.0
+        self._t_back = self._t_opt = self._t_update = 0.0
         #: buckets whose all-reduce started inside a backward (overlap at work), and the
         #: number of updates whose gradients were averaged each way
         self.buckets_overlapped = 0
@@ -377,6 +377,7 @@ class Trainer:
         """One backward of ``loss`` into the trainable parameters of optimizer(s) ``names``, then
         gradient averaging over ranks, guard, clipping, step(s) and cleared gradients. Returns
         the pre-clip grad norm over all of them."""
+        t_enter = time.perf_counter()
         t = self.cfg.train
         names = (names,) if isinstance(names, str) else tuple(names)
         what = f"phase {phase!r}" + (f" (in-step update of {', '.join(map(repr, names))})"
@@ -403,9 +404,9 @@ class Trainer:
                              f"{' and '.join(map(repr, names))} is frozen")
         multi = self.dist.enabled
         clock = time.perf_counter
-        t0 = clock()
         for part in parts:
             part[0].zero_grad(set_to_none=True)
+        t0 = clock()
         reducer = None
         if multi and overlap and t.overlap_grad_reduce and shared:
             key = (names, tuple(id(p) for p in shared))
@@ -422,6 +423,7 @@ class Trainer:
             raise
         finally:
             self._reducer = None
+        self._t_back += clock() - t0
         if multi:
             if reducer is not None:
                 self.buckets_overlapped += reducer.launched_in_backward
@@ -457,9 +459,10 @@ class Trainer:
         t1 = clock()
         for part in parts:
             part[0].step()
-            part[0].zero_grad(set_to_none=True)
-        self._t_back += t1 - t0
         self._t_opt += clock() - t1
+        for part in parts:
+            part[0].zero_grad(set_to_none=True)
+        self._t_update += clock() - t_enter
         return gnorm.detach().float()
 
     def _autocast(self):
@@ -486,7 +489,7 @@ class Trainer:
         clock = time.perf_counter
         t_start = clock()
         t_model = 0.0
-        self._t_back = self._t_opt = 0.0
+        self._t_back = self._t_opt = self._t_update = 0.0
         torch.manual_seed(_step_seed(t.seed, self.dist.rank, self.step))
         random.seed(_step_seed(t.seed, self.dist.rank, self.step))
         self._set_lrs()
@@ -499,11 +502,11 @@ class Trainer:
                 continue
             ctx.phase = ph.name
             with self._frozen(ph):
-                inner0 = self._t_back + self._t_opt
+                inner0 = self._t_update
                 t0 = clock()
                 with self._autocast():
                     losses = self.model.step(ph.name, batch, ctx)
-                t_model += clock() - t0 - (self._t_back + self._t_opt - inner0)
+                t_model += clock() - t0 - (self._t_update - inner0)   # less in-step updates
                 if ph.optimizer is not None:
                     if "loss" not in losses:
                         raise KeyError(f"{type(self.model).__name__}.step({ph.name!r}) must "
