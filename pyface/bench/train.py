@@ -169,17 +169,12 @@ def model_backends(name: str, overrides: list[str] | None = None, *, steps: int 
     from pyface import _backend
     from pyface.bench.harness import peak_memory_mb
     from pyface.train import Trainer
-    from pyface.train.config import build_experiment, merge
+    from pyface.train.config import build_experiment
+    from pyface.train.stages import prepare_stages
     from pyface.train.registry import model_class
 
     cls = model_class(name)
     defaults = dict(getattr(cls, "recipe", {}) or {})
-    presets = getattr(cls, "presets", None)
-    if preset is not None:
-        if not isinstance(presets, dict) or preset not in presets:
-            raise ValueError(f"--preset {preset!r}: model {name!r} has presets "
-                             f"{sorted(presets) if isinstance(presets, dict) else []}")
-        defaults = merge(defaults, presets[preset])
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     env_backend = os.environ.pop("PYFACE_BACKEND", None)   # "fused" means the default choice
     tmp = tempfile.mkdtemp(prefix="pyface-bench-")
@@ -194,11 +189,17 @@ def model_backends(name: str, overrides: list[str] | None = None, *, steps: int 
         return b
 
     try:
-        trainers, batches = {}, {}
+        trainers, batches, filled = {}, {}, {}
         for label, backend in (("fused", "null"), ("reference", "reference")):
-            cfg = build_experiment(name, cls.Config, defaults=defaults, overrides=[
-                *(overrides or []), f"train.run_dir={tmp}/{label}", "train.progress=false",
-                "train.tensorboard=false", f"train.device={dev}", f"train.backend={backend}"])
+            sets = [*(overrides or []), f"train.run_dir={tmp}/{label}", "train.progress=false",
+                    "train.tensorboard=false", f"train.device={dev}", f"train.backend={backend}"]
+            cfg = build_experiment(name, cls.Config, defaults=defaults, preset=preset,
+                                   overrides=sets)
+            if getattr(cls, "stages", ()):
+                # earlier stages are trained once (fused ops) and shared by both measurements
+                filled = filled or prepare_stages(cls, cfg, overrides=list(overrides or []))
+                for key, run in filled.items():
+                    setattr(cfg.model_config, key, run)
             tr = Trainer(cfg)
             trainers[label] = tr
             batches[label] = tr.preview_batch(tr.local_batch)
