@@ -307,7 +307,7 @@ def test_bench_train_model_fused_vs_reference(tmp_path, capsys):
         assert x["peak_mem_mb"] > 0
     assert r["speedup"] == pytest.approx(ref["median_s"] / fused["median_s"])
     assert "reference / fused" in capsys.readouterr().out
-    with pytest.raises(ValueError, match=r"--preset 'no-such': model 'example' has presets"):
+    with pytest.raises(ValueError, match=r"--preset 'no-such': model 'example' has no such preset; valid presets: tiny"):
         main(["example", "--preset", "no-such", "--json", str(out)])
 
 
