@@ -7,12 +7,16 @@ from pyface.nn.discriminators import (DiscriminatorConfig, DualDiscriminator,
                                       StyleGAN2Discriminator)
 from pyface.nn.encoders import (HeadPoseConfig, HeadPoseExpressionEstimator, ResNetConfig,
                                 ResNetEncoder)
+from pyface.nn.fv2v import (AppearanceConfig, AppearanceFeatureExtractor, CanonicalKeypointDetector,
+                            DownBlock2d, KeypointDetectorConfig, MultiScaleDecoder,
+                            MultiScaleDecoderConfig, ResBlock2d, ResBlock3d, SameBlock2d,
+                            UpBlock2d)
 from pyface.nn.layers import Conv2dLayer, FullyConnectedLayer, modulated_conv2d
 from pyface.nn.losses import (feature_matching_loss, gan_d_loss, gan_g_loss, kl_divergence,
                               r1_penalty, tv_loss)
-from pyface.nn.motion import (FACE_VID2VID_PI, DenseMotion, DenseMotionConfig, Hourglass3d,
-                              KeypointTransformConfig, euler_to_rotation, headpose_to_degrees,
-                              transform_keypoints)
+from pyface.nn.motion import (FACE_VID2VID_PI, DenseMotion, DenseMotionConfig, DownBlock3d,
+                              Hourglass3d, KeypointTransformConfig, UpBlock3d,
+                              euler_to_rotation, headpose_to_degrees, transform_keypoints)
 from pyface.nn.render import (OSGDecoder, RenderConfig, RenderOutput, TriplaneRenderer,
                               density_l1_regularizer, density_monotonic_regularizer,
                               query_density)
