@@ -22,9 +22,12 @@ from pyface.nn.render import (OSGDecoder, RenderConfig, RenderOutput, TriplaneRe
                               query_density)
 from pyface.nn.resample import downsample2d, filtered_resize, upfirdn2d, upsample2d
 from pyface.nn.roi import roi_align, roi_l1_loss
-from pyface.nn.segformer import (MiTConfig, MixTransformer, SegFormer, config_from_hf,
-                                 load_hf_segformer, load_segformer, mit_config)
+from pyface.nn.segformer import (AdaptiveLayerNorm, MiTBlock, MiTConfig, MixTransformer,
+                                 SegFormer, config_from_hf, load_hf_segformer, load_segformer,
+                                 mit_config)
 from pyface.nn.stylegan import (MappingConfig, MappingNetwork, SuperResolution,
                                 SuperResolutionConfig, SynthesisConfig, SynthesisNetwork,
                                 TriplaneBackbone, TriplaneBackboneConfig)
 from pyface.nn.vgg import VGG19, PerceptualConfig, PerceptualLoss
+from pyface.nn.vit import (MiTStack, MiTStackConfig, PlainSuperResolution,
+                          PlainSuperResolutionConfig)
