@@ -1,6 +1,7 @@
 """pyface.nn: trainable modules built on pyface's fused ops, and the model building blocks shared
 by the portrait models (plain PyTorch, typed configs; see docs/nn.md)."""
 from pyface.nn.arcface import IdentityConfig, IdentityLoss, IResNet
+from pyface.nn.augment import AffineTPS, RandomAffineTPS, keypoint_prior_loss
 from pyface.nn.codebook import LearnableTemperature, OrthogonalBasis, info_nce
 from pyface.nn.discriminators import (DiscriminatorConfig, DualDiscriminator,
                                       MultiScalePatchDiscriminator, PatchDiscriminatorConfig,
