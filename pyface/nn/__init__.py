@@ -29,6 +29,7 @@ from pyface.nn.segformer import (AdaptiveLayerNorm, MiTBlock, MiTConfig, MixTran
 from pyface.nn.stylegan import (MappingConfig, MappingNetwork, SuperResolution,
                                 SuperResolutionConfig, SynthesisConfig, SynthesisNetwork,
                                 TriplaneBackbone, TriplaneBackboneConfig)
+from pyface.nn.vae import GaussianMLPVAE, VAEConfig, active_dims, kl_warmup
 from pyface.nn.vgg import VGG19, PerceptualConfig, PerceptualLoss
 from pyface.nn.vit import (MiTStack, MiTStackConfig, PlainSuperResolution,
                           PlainSuperResolutionConfig)
