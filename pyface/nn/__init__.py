@@ -3,6 +3,7 @@ by the portrait models (plain PyTorch, typed configs; see docs/nn.md)."""
 from pyface.nn.arcface import IdentityConfig, IdentityLoss, IResNet
 from pyface.nn.augment import AffineTPS, RandomAffineTPS, keypoint_prior_loss
 from pyface.nn.codebook import LearnableTemperature, OrthogonalBasis, info_nce
+from pyface.nn.controller import MotionController, MotionControllerConfig
 from pyface.nn.discriminators import (DiscriminatorConfig, DualDiscriminator,
                                       MultiScalePatchDiscriminator, PatchDiscriminatorConfig,
                                       StyleGAN2Discriminator)
