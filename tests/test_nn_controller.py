@@ -80,7 +80,8 @@ def test_tied_mlp_and_untie():
 
 def test_errors():
     ctrl = N.MotionController(**TINY)
-    with pytest.raises(ValueError, match="motion: expected shape \\(B, 5, 11\\), got \\(2, 5, 10\\)"):
+    with pytest.raises(ValueError,
+                       match="motion: expected shape \\(B, 5, 11\\), got \\(2, 5, 10\\)"):
         ctrl(torch.randn(2, 5, 10))
     with pytest.raises(ValueError, match="window: expected > 10"):
         N.MotionController(**{**TINY, "window": 10})
