@@ -100,3 +100,23 @@ def test_keypoint_prior_known_answer():
     assert kp.grad[0, 0, 0] > 0 > kp.grad[0, 1, 0]
     with pytest.raises(ValueError, match="kp: expected shape \\(B, K, 3\\)"):
         N.keypoint_prior_loss(torch.zeros(1, 3, 2))
+
+
+def test_equivariance_loss_is_zero_for_an_equivariant_detector():
+    g = torch.Generator().manual_seed(5)
+    t = N.RandomAffineTPS(0.1, 0.02).sample(2, generator=g)
+    kp_y = torch.rand(2, 4, 3, generator=g) * 1.2 - 0.6
+    kp_x = t.warp_keypoints(kp_y)               # what an exactly equivariant detector returns
+    torch.testing.assert_close(N.equivariance_loss(kp_x, kp_y, t), torch.tensor(0.0))
+    assert N.equivariance_loss(kp_y, kp_y, t) > 1e-3
+    with pytest.raises(ValueError, match="kp_warped: expected the shape of kp"):
+        N.equivariance_loss(kp_x, kp_y[:, :3], t)
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(6)
+    t = N.RandomAffineTPS(0.1, 0.05).sample(1, generator=g, dtype=torch.float64)
+    p = (torch.rand(1, 3, 2, dtype=torch.float64, generator=g) * 2 - 1).requires_grad_(True)
+    assert torch.autograd.gradcheck(t.warp_coordinates, (p,))
+    kp = torch.rand(2, 3, 3, dtype=torch.float64, generator=g).requires_grad_(True)
+    assert torch.autograd.gradcheck(N.keypoint_prior_loss, (kp,))

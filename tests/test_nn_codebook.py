@@ -104,3 +104,20 @@ def test_learnable_temperature_gradient_and_clamp():
     torch.testing.assert_close(temp(), torch.tensor(0.01))
     with pytest.raises(ValueError, match="init: expected a temperature > 0"):
         N.LearnableTemperature(0.0)
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(5)
+    q = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: N.info_nce(a, b, c), (q, k, t))
+    basis = N.OrthogonalBasis(5, 3).double()
+    c = torch.randn(2, 3, dtype=torch.float64)
+    w = basis.weight.detach().clone().requires_grad_(True)
+
+    def f(weight):
+        qm, _ = torch.linalg.qr(weight + basis.eps)
+        return c @ qm.t()
+    assert torch.autograd.gradcheck(f, (w,))
+    torch.testing.assert_close(basis(c), f(basis.weight))

@@ -96,3 +96,15 @@ def test_kl_warmup_and_active_dims():
     assert N.active_dims(mu) == 1
     with pytest.raises(ValueError, match="mu: expected shape \\(N, latent\\) with N >= 2"):
         N.active_dims(mu[:1])
+
+
+def test_feature_discriminator():
+    torch.manual_seed(5)
+    d = N.FeatureDiscriminator(6, (8,))
+    x = torch.randn(3, 6, requires_grad=True)
+    out = d(x)
+    assert out.shape == (3, 1)
+    out.sum().backward()
+    assert x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="x: expected shape \\(B, 6\\)"):
+        d(torch.randn(3, 5))

@@ -1,7 +1,8 @@
 """pyface.nn: trainable modules built on pyface's fused ops, and the model building blocks shared
 by the portrait models (plain PyTorch, typed configs; see docs/nn.md)."""
 from pyface.nn.arcface import IdentityConfig, IdentityLoss, IResNet
-from pyface.nn.augment import AffineTPS, RandomAffineTPS, keypoint_prior_loss
+from pyface.nn.augment import (AffineTPS, RandomAffineTPS, equivariance_loss,
+                               keypoint_prior_loss)
 from pyface.nn.codebook import LearnableTemperature, OrthogonalBasis, info_nce
 from pyface.nn.controller import MotionController, MotionControllerConfig
 from pyface.nn.discriminators import (DiscriminatorConfig, DualDiscriminator,
@@ -30,7 +31,8 @@ from pyface.nn.segformer import (AdaptiveLayerNorm, MiTBlock, MiTConfig, MixTran
 from pyface.nn.stylegan import (MappingConfig, MappingNetwork, SuperResolution,
                                 SuperResolutionConfig, SynthesisConfig, SynthesisNetwork,
                                 TriplaneBackbone, TriplaneBackboneConfig)
-from pyface.nn.vae import GaussianMLPVAE, VAEConfig, active_dims, kl_warmup
+from pyface.nn.vae import (FeatureDiscriminator, GaussianMLPVAE, VAEConfig, active_dims,
+                           kl_warmup)
 from pyface.nn.vgg import VGG19, PerceptualConfig, PerceptualLoss
 from pyface.nn.vit import (MiTStack, MiTStackConfig, PlainSuperResolution,
                           PlainSuperResolutionConfig)

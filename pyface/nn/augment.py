@@ -20,7 +20,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AffineTPS", "RandomAffineTPS", "keypoint_prior_loss"]
+__all__ = ["AffineTPS", "RandomAffineTPS", "equivariance_loss", "keypoint_prior_loss"]
 
 
 def _tps_kernel(sq: torch.Tensor) -> torch.Tensor:
@@ -159,3 +159,21 @@ def keypoint_prior_loss(kp: torch.Tensor, *, distance: float = 0.1, depth: float
         spread = spread * (1 - torch.eye(kp.shape[1], dtype=kp.dtype, device=kp.device))
     value = spread.sum((1, 2)) + (kp[..., 2].mean(-1) - depth).abs()
     return value.mean()
+
+
+def equivariance_loss(kp: torch.Tensor, kp_warped: torch.Tensor,
+                      transform: AffineTPS) -> torch.Tensor:
+    """Keypoint equivariance under a warp (face-vid2vid, on the 2D projections).
+
+    Args:
+        kp: (B, K, 2 or 3) keypoints of the original images x.
+        kp_warped: (B, K, 2 or 3) keypoints of ``transform.warp_image(x)``.
+        transform: the warp.
+    Returns:
+        ``mean |kp[..., :2] - T(kp_warped)[..., :2]|`` (L1, a scalar).
+    """
+    if kp_warped.shape != kp.shape:
+        raise ValueError(f"kp_warped: expected the shape of kp {tuple(kp.shape)}, got "
+                         f"{tuple(kp_warped.shape)}")
+    back = transform.warp_keypoints(kp_warped)
+    return (kp[..., :2] - back[..., :2]).abs().mean()

@@ -13,7 +13,7 @@ from torch import nn
 
 from pyface.nn.losses import kl_divergence
 
-__all__ = ["GaussianMLPVAE", "VAEConfig", "kl_warmup", "active_dims"]
+__all__ = ["GaussianMLPVAE", "VAEConfig", "FeatureDiscriminator", "kl_warmup", "active_dims"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +124,23 @@ class GaussianMLPVAE(nn.Module):
         z = (1 - a) * mu_a + a * mu_b                                   # (S, B, latent)
         S, B = z.shape[:2]
         return self.decode(z.reshape(S * B, -1)).view(S, B, -1)
+
+
+class FeatureDiscriminator(nn.Module):
+    """MLP critic on feature vectors (the VAE's adversarial term: real features against
+    reconstructions or prior samples). x (B, in_dim) -> logits (B, 1); LeakyReLU between the
+    ``hidden`` layers."""
+
+    def __init__(self, in_dim: int = 128, hidden: tuple[int, ...] = (256, 256),
+                 negative_slope: float = 0.2):
+        super().__init__()
+        self.in_dim = in_dim
+        self.net = _mlp((in_dim, *hidden, 1), negative_slope)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.in_dim:
+            raise ValueError(f"x: expected shape (B, {self.in_dim}), got {tuple(x.shape)}")
+        return self.net(x)
 
 
 def kl_warmup(step: int, warmup: int, *, delay: int = 0, max_weight: float = 1.0) -> float:
