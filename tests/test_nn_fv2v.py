@@ -169,3 +169,36 @@ def test_multiscale_decoder_tiny():
         N.MultiScaleDecoder(channels=(16, 8, 4), res_blocks=(1, 1))
     sig = N.MultiScaleDecoder(in_channels=8, channels=(8,), output="sigmoid")
     assert len(sig(vol)) == 1 and sig(vol)[0].min() >= 0
+
+
+def test_blocks_compose_with_dense_motion_and_the_keypoint_transform():
+    """Source image -> volume + canonical keypoints -> posed keypoints -> dense motion -> warp ->
+    multi-scale decoder, at tiny sizes (the MMFA generator's data flow)."""
+    torch.manual_seed(4)
+    K = 3
+    app = N.AppearanceFeatureExtractor(block_expansion=8, max_features=16, reshape_channel=4,
+                                       reshape_depth=4, num_resblocks=1)
+    det = N.CanonicalKeypointDetector(num_kp=K, block_expansion=4, max_features=16, num_blocks=2,
+                                      reshape_depth=4, scale_factor=0.25)
+    dm = N.DenseMotion(N.DenseMotionConfig(num_kp=K, feature_channel=4, block_expansion=4,
+                                           num_blocks=2, max_features=16, reshape_depth=4,
+                                           compress=2))
+    dec = N.MultiScaleDecoder(in_channels=16, channels=(16, 8, 4))
+    src, drv = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    vol = app(src)
+    kp_c = det(src)["value"]
+    assert vol.shape == (2, 4, 4, 8, 8) and det(src)["heatmap"].shape[2:] == vol.shape[2:]
+    cfg = N.KeypointTransformConfig("scaled", orthographic=True)
+    rot = N.euler_to_rotation(pitch=torch.zeros(2), yaw=torch.full((2,), 10.0),
+                              roll=torch.zeros(2))
+    kp_s = N.transform_keypoints(kp_c, torch.eye(3).expand(2, 3, 3), torch.zeros(2, 3),
+                                 torch.zeros(2, K, 3), scale=torch.ones(2), config=cfg)
+    kp_d = N.transform_keypoints(det(drv)["value"], rot, torch.zeros(2, 3),
+                                 torch.zeros(2, K, 3), scale=torch.ones(2), config=cfg)
+    motion = dm(vol, kp_source=kp_s, kp_driving=kp_d)
+    warped = dm.warp(vol, kp_source=kp_s, kp_driving=kp_d, mask=motion["mask"])
+    images = dec(warped, motion["occlusion_map"])
+    assert [tuple(i.shape) for i in images] == [(2, 3, 8, 8), (2, 3, 16, 16), (2, 3, 32, 32)]
+    images[-1].mean().backward()
+    for m in (app, det, dec):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
