@@ -26,7 +26,6 @@ Blocks (BatchNorm everywhere, as in face-vid2vid):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
