@@ -121,3 +121,11 @@ def test_gradcheck_float64():
         return c @ qm.t()
     assert torch.autograd.gradcheck(f, (w,))
     torch.testing.assert_close(basis(c), f(basis.weight))
+
+
+def test_info_nce_tensor_temperature():
+    q = torch.randn(4, 3)
+    torch.testing.assert_close(N.info_nce(q, q.flip(0), torch.tensor([0.5])),
+                               N.info_nce(q, q.flip(0), 0.5))
+    with pytest.raises(ValueError, match="temperature: expected one value > 0, got shape"):
+        N.info_nce(q, q, torch.ones(2))

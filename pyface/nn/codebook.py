@@ -110,7 +110,8 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, temperature: torch.Tensor |
         query: (..., N, D), e.g. image embeddings of N frames of one video (leading dims: groups,
             such as videos, each its own N x N problem).
         key: (..., N, D), e.g. expression codes of the same frames.
-        temperature: float or 0-d tensor (e.g. :class:`LearnableTemperature` ``()``), > 0.
+        temperature: float > 0, or a one-element tensor (e.g. :class:`LearnableTemperature`
+            ``()``; its value is not checked, to avoid a device sync).
         symmetric: average query->key and key->query cross-entropies.
         reduction: ``"mean"`` (over groups and rows) or ``"none"`` (per row, shape (..., N)).
     Returns:
@@ -126,9 +127,13 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, temperature: torch.Tensor |
                          f"got shape {tuple(query.shape)}")
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction: expected 'mean' or 'none', got {reduction!r}")
-    t = torch.as_tensor(temperature, dtype=query.dtype, device=query.device)
-    if t.numel() != 1 or not bool(t.detach() > 0):
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1:    # values of tensors are not read (no device sync)
+            raise ValueError(f"temperature: expected one value > 0, got shape "
+                             f"{tuple(temperature.shape)}")
+    elif not temperature > 0:
         raise ValueError(f"temperature: expected one value > 0, got {temperature}")
+    t = torch.as_tensor(temperature, dtype=query.dtype, device=query.device).reshape(())
     q = F.normalize(query, dim=-1)
     k = F.normalize(key, dim=-1)
     logits = q @ k.transpose(-1, -2) / t
