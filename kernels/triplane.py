@@ -113,6 +113,36 @@ def _plane_bwd_tile(base, gbase, ix, iy, fx0, fy0, nan, W, H, offs_c, s_ph, s_pw
 
 
 @triton.jit
+def _point_grad(gx, gy, nan, W, H, scale, gpx, gpy, gpz, PLANE: tl.constexpr,
+                AXES_EG3D: tl.constexpr, ALIGN: tl.constexpr):
+    """Chain rule from one plane's pixel coordinates (ix, iy) to the point (x, y, z), added to
+    (gpx, gpy, gpz): d(pixel)/d(world) is (size - 1) / 2 * scale with ``align_corners`` and
+    size / 2 * scale without, routed to the plane's two axes (``_plane_uv``). A NaN coordinate
+    gives a NaN gradient, as its forward gives NaN features (the taps were evaluated at 0)."""
+    if ALIGN:
+        gx = gx * ((W - 1) / 2.0) * scale
+        gy = gy * ((H - 1) / 2.0) * scale
+    else:
+        gx = gx * (W / 2.0) * scale
+        gy = gy * (H / 2.0) * scale
+    gx = tl.where(nan, float("nan"), gx)
+    gy = tl.where(nan, float("nan"), gy)
+    if PLANE == 0:
+        gpx += gx
+        gpy += gy
+    elif PLANE == 1:
+        gpx += gx
+        gpz += gy
+    else:
+        gpz += gx
+        if AXES_EG3D:
+            gpx += gy
+        else:
+            gpy += gy
+    return gpx, gpy, gpz
+
+
+@triton.jit
 def _triplane_fwd_kernel(
     planes_ptr, points_ptr, out_ptr,
     N, H, W,
@@ -194,26 +224,8 @@ def _triplane_bwd_kernel(
             gx += dgx
             gy += dgy
         if NEED_POINTS:
-            if ALIGN:
-                gx = gx * ((W - 1) / 2.0) * scale
-                gy = gy * ((H - 1) / 2.0) * scale
-            else:
-                gx = gx * (W / 2.0) * scale
-                gy = gy * (H / 2.0) * scale
-            gx = tl.where(nan, float("nan"), gx)
-            gy = tl.where(nan, float("nan"), gy)
-            if plane == 0:
-                gpx += gx
-                gpy += gy
-            elif plane == 1:
-                gpx += gx
-                gpz += gy
-            else:
-                gpz += gx
-                if AXES_EG3D:
-                    gpx += gy
-                else:
-                    gpy += gy
+            gpx, gpy, gpz = _point_grad(gx, gy, nan, W, H, scale, gpx, gpy, gpz, plane,
+                                        AXES_EG3D, ALIGN)
     if NEED_POINTS:
         gpt = grad_points_ptr + (b * N + offs_n) * 3
         tl.store(gpt + 0, gpx, mask=mask_n)

@@ -308,9 +308,9 @@ def test_sample_importance_bad_input():
 # render_triplane
 # ---------------------------------------------------------------------------------------------
 
-def _render_kw(B, R, nc=8, nf=6, seed=0, dtype=torch.float64, **kw):
+def _render_kw(B, R, nc=8, nf=6, seed=0, dtype=torch.float64, plane_axes="eg3d", **kw):
     gen = torch.Generator().manual_seed(seed + 100)
-    return dict(near=2.25, far=3.3, n_coarse=nc, n_fine=nf,
+    return dict(near=2.25, far=3.3, n_coarse=nc, n_fine=nf, plane_axes=plane_axes,
                 stratified_noise=torch.rand(B, R, nc, generator=gen, dtype=dtype),
                 importance_u=torch.rand(B, R, nf, generator=gen, dtype=dtype) if nf else None,
                 **kw)
@@ -356,7 +356,7 @@ def test_render_triplane_ray_grads_and_coarse_only():
 @needs_cpp
 def test_render_triplane_float32_and_random_draws():
     planes, o, d, w = scene(dtype=torch.float32)
-    kw = dict(near=2.25, far=3.3, n_coarse=12, n_fine=12)
+    kw = dict(near=2.25, far=3.3, n_coarse=12, n_fine=12, plane_axes="eg3d")
     torch.manual_seed(5)
     ref = render_triplane_reference(planes, o, d, w, **kw)
     torch.manual_seed(5)
@@ -420,7 +420,7 @@ def test_render_triplane_two_coarse_samples():
 
 def test_render_triplane_bad_input():
     planes, o, d, w = scene()
-    kw = dict(near=2.25, far=3.3, n_coarse=8, n_fine=4)
+    kw = dict(near=2.25, far=3.3, n_coarse=8, n_fine=4, plane_axes="eg3d")
     with pytest.raises(ValueError, match="ray_origins: expected a tensor on meta"):
         ops.render_triplane(planes.to("meta"), o, d, w, **kw)
     with pytest.raises(ValueError, match="decoder: expected tensors on meta"):

@@ -99,7 +99,7 @@ def test_density_regularizers_match_eg3d_loss():
                                              reduce="none"))["sigma"][..., 0]
 
     gen = torch.Generator().manual_seed(7)
-    loss = density_l1_regularizer(planes, dec, n_points=50, p_dist=0.004, generator=gen)
+    loss = density_l1_regularizer(planes, dec, n_points=50, p_dist=0.004, generator=gen, plane_axes="eg3d")
     gen = torch.Generator().manual_seed(7)
     x = torch.rand(2, 50, 3, dtype=torch.float64, generator=gen) * 2 - 1
     y = x + torch.randn(x.shape, dtype=torch.float64, generator=gen) * 0.004
@@ -112,7 +112,7 @@ def test_density_regularizers_match_eg3d_loss():
     for detach in (True, False):
         gen = torch.Generator().manual_seed(3)
         loss = density_monotonic_regularizer(planes, dec, n_points=60, detach=detach,
-                                             generator=gen)
+                                             generator=gen, plane_axes="eg3d")
         gen = torch.Generator().manual_seed(3)
         x = torch.rand(2, 60, 3, dtype=torch.float64, generator=gen) * 2 - 1
         y = x + torch.tensor([0.0, 0.0, -1.0], dtype=torch.float64) / 256
@@ -122,6 +122,6 @@ def test_density_regularizers_match_eg3d_loss():
     # works with a plain callable decoder and with the raw weights too
     w = dec.effective_weights()
     gen = torch.Generator().manual_seed(7)
-    assert_close(density_l1_regularizer(planes, w, n_points=50, generator=gen),
+    assert_close(density_l1_regularizer(planes, w, n_points=50, generator=gen, plane_axes="eg3d"),
                  density_l1_regularizer(planes, dec, n_points=50,
-                                        generator=torch.Generator().manual_seed(7)))
+                                        generator=torch.Generator().manual_seed(7), plane_axes="eg3d"))

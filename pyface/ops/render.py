@@ -8,6 +8,7 @@ activation memory), or as one fused Triton kernel per ray block.
 from __future__ import annotations
 
 import math
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -20,39 +21,12 @@ from pyface.ops.reference.render import (
     mip_composite_reference,
     ray_bundle_reference,
     render_triplane_reference,
+    render_uniforms,
     sample_importance_reference,
     sample_stratified_reference,
 )
 from pyface.ops.triplane import PLANE_AXES, triplane_sample
 
-_FLOATS = (torch.float32, torch.float64)
-
-_backend.register_op(_backend.OpSpec(
-    name="mip_composite",
-    backends=("reference", "cpu", "cuda"),
-    priority={"cpu": ("cpu", "reference"), "cuda": ("cuda", "reference")},
-    compiled_op="mip_composite",
-    dtypes={"cpu": _FLOATS, "cuda": _FLOATS},
-    note="One pass per ray, backward recomputes the transmittance in forward order (no cumprod "
-         "stored). CPU: C++ (bench: faster than the reference).",
-))
-_backend.register_op(_backend.OpSpec(
-    name="sample_importance",
-    backends=("reference", "cpu", "cuda"),
-    priority={"cpu": ("cpu", "reference"), "cuda": ("cuda", "reference")},
-    compiled_op="sample_importance",
-    dtypes={"cpu": _FLOATS, "cuda": _FLOATS},
-    note="One pass per ray (smoothing, cdf, binary search); no gradient, as EG3D.",
-))
-_backend.register_op(_backend.OpSpec(
-    name="render_triplane",
-    backends=("reference", "cpu", "cuda", "triton"),
-    priority={"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")},
-    compiled_op="mip_composite",
-    dtypes={"cpu": _FLOATS, "cuda": _FLOATS, "triton": (torch.float32,)},
-    note="cpu/cuda: the compiled ops over ray chunks, recomputed in the backward. triton: one "
-         "fused kernel (OSG decoder weights only); GPU speed unmeasured so far.",
-))
 
 Decoder = Sequence[torch.Tensor] | Callable
 
@@ -311,11 +285,7 @@ def _render_compiled(planes, ray_origins, ray_dirs, decoder, near, far, n_coarse
                      plane_axes, box_size, density_bias, white_back, noise, u, backend,
                      chunk_points, recompute):
     B, R, _ = ray_origins.shape
-    dt, dev = ray_origins.dtype, ray_origins.device
-    if noise is None:
-        noise = torch.rand(B, R, n_coarse, device=dev, dtype=dt)
-    if n_fine > 0 and u is None:
-        u = torch.rand(B, R, n_fine, device=dev, dtype=dt)
+    dt = ray_origins.dtype
     depths_c = sample_stratified_reference(ray_origins, near, far, n_coarse, noise)
     S = n_coarse + n_fine
     if chunk_points is None:
@@ -365,7 +335,7 @@ def _render_compiled(planes, ray_origins, ray_dirs, decoder, near, far, n_coarse
 
 def render_triplane(planes: torch.Tensor, ray_origins: torch.Tensor, ray_dirs: torch.Tensor,
                     decoder: Decoder, *, near: float, far: float, n_coarse: int, n_fine: int,
-                    plane_axes: str = "eg3d", box_size: float = 1.0, density_bias: float = -1.0,
+                    plane_axes: str, box_size: float = 1.0, density_bias: float = -1.0,
                     white_back: bool = False, stratified_noise: torch.Tensor | None = None,
                     importance_u: torch.Tensor | None = None, backend: str | None = None,
                     recompute: bool = True, chunk_points: int | None = None):
@@ -381,9 +351,20 @@ def render_triplane(planes: torch.Tensor, ray_origins: torch.Tensor, ray_dirs: t
     Backends: ``"cpu"`` / ``"cuda"`` run the compiled ops over chunks of rays; with
     ``recompute=True`` only the merged sample depths are kept and each chunk is recomputed in
     the backward, so activation memory is one chunk's, not the whole image's (``recompute=False``
-    is the plain unfused pipeline). ``"triton"`` runs the fully fused kernel (OSG weights,
-    float32; gradients for planes, decoder weights and rays). ``"reference"`` is EG3D's code. All give the same
-    result for the same random numbers.
+    is the plain unfused pipeline). ``"triton"`` runs the fully fused kernel (the ``triton_op``
+    ``torch.ops.pyface.render_triplane_triton``; OSG weights, float32; gradients for planes,
+    decoder weights and rays). ``"reference"`` is EG3D's code. The random numbers are drawn once,
+    before the backend is chosen (:func:`pyface.ops.reference.render.render_uniforms`), so all
+    backends give the same result for the same seed.
+
+    Precision: float64 inputs compute in float64; float32, float16 and bfloat16 compute in
+    float32 (also under ``torch.autocast``, which is switched off inside, as torchvision does for
+    its float32-only ops) and the outputs come back in the dtype of ``planes``. A callable
+    decoder gets the features in the dtype of ``planes`` under the caller's autocast state.
+
+    Double backward (gradients of gradients) works with ``backend="reference"`` only; the fused
+    backwards raise an error naming the op. Under ``torch.use_deterministic_algorithms(True)``
+    the default choice skips backends whose backward uses atomics (CUDA, Triton).
 
     Args:
         planes: (B, 3, C, H, W) tri-plane features.
@@ -392,7 +373,11 @@ def render_triplane(planes: torch.Tensor, ray_origins: torch.Tensor, ray_dirs: t
         near, far: depth range of the stratified samples (EG3D FFHQ: 2.25, 3.3).
         n_coarse: samples per ray of the coarse pass (>= 2, >= 4 with n_fine > 0; EG3D: 48).
         n_fine: importance samples per ray (>= 0; EG3D: 48).
-        plane_axes: ``"eg3d"`` (EG3D's released checkpoints) or ``"xy_xz_zy"``.
+        plane_axes: ``"eg3d"`` (EG3D / OTAvatar checkpoints: planes (x, y), (x, z), (z, x)) or
+            ``"xy_xz_zy"`` (corrected: (x, y), (x, z), (z, y); GOHA, Export3D, MMFA). Required,
+            with no default: the planes' axes are a property of the checkpoint / the network
+            that made them, and points lifted or sampled with one and rendered with the other
+            silently swap the third plane.
         box_size: side of the cube the planes span (EG3D's ``box_warp``).
         density_bias, white_back: as in ``mip_composite``.
         stratified_noise: (B, R, n_coarse) uniforms or ``None`` (drawn with torch.rand).
@@ -417,41 +402,95 @@ def render_triplane(planes: torch.Tensor, ray_origins: torch.Tensor, ray_dirs: t
     if n_fine > 0 and n_coarse < 4:
         raise ValueError(f"n_coarse: expected >= 4 when n_fine > 0 (importance sampling builds "
                          f"its pdf over n_coarse - 3 bins), got {n_coarse}")
+    dev = planes.device
+    autocast = dev.type in ("cpu", "cuda") and torch.is_autocast_enabled(dev.type)
+    out_dtype = planes.dtype
+    work = _work_dtype(planes.dtype)
     for name, t in (("ray_origins", ray_origins), ("ray_dirs", ray_dirs)):
-        if t.dtype != planes.dtype:
-            raise TypeError(f"{name}: expected dtype {planes.dtype} (the dtype of planes), "
-                            f"got {t.dtype}")
+        if _work_dtype(t.dtype) != work:
+            expected = ("torch.float64 (the dtype of planes)" if work == torch.float64 else
+                        f"float16, bfloat16 or float32 (planes are {planes.dtype})")
+            raise TypeError(f"{name}: expected dtype {expected}, got {t.dtype}")
     if stratified_noise is not None:
         chk.dims["S"] = n_coarse
         chk._bound_by["S"] = "n_coarse"
         chk.tensor("stratified_noise", stratified_noise, "B R S")
-        stratified_noise = stratified_noise.to(planes.dtype)
+        stratified_noise = stratified_noise.to(work)
     if importance_u is not None:
         chk.dims["M"] = n_fine
         chk._bound_by["M"] = "n_fine"
         chk.tensor("importance_u", importance_u, "B R M")
-        importance_u = importance_u.to(planes.dtype)
+        importance_u = importance_u.to(work)
     _check_decoder(decoder, chk.dims["C"], planes)
     if not isinstance(white_back, bool):
         raise TypeError(f"white_back: expected bool, got {type(white_back).__name__}")
     if chunk_points is not None:
         check_positive("chunk_points", chunk_points, integer=True)
     box_size, density_bias = float(box_size), float(density_bias)
+    # Float16 / bfloat16 and autocast: the renderer computes in float32 (transmittance products,
+    # softplus and the sorted depths need it), the callable decoder sees the caller's dtype and
+    # autocast state, and the outputs come back in the dtype of planes.
+    planes, ray_origins, ray_dirs = (t.to(work) for t in (planes, ray_origins, ray_dirs))
+    if _is_osg(decoder):
+        decoder = tuple(w.to(work) for w in decoder)
+    elif work != out_dtype or autocast:
+        decoder = _CastDecoder(decoder, out_dtype, work, dev.type, autocast)
+    # EG3D's random numbers, drawn once here, whatever backend runs.
+    B, R, _ = ray_origins.shape
+    stratified_noise, importance_u = render_uniforms(B, R, n_coarse, n_fine, ray_origins,
+                                                     stratified_noise, importance_u)
     kw = dict(near=near, far=far, n_coarse=n_coarse, n_fine=n_fine, plane_axes=plane_axes,
               box_size=box_size, density_bias=density_bias, white_back=white_back)
     name = _select_renderer(planes, ray_origins, ray_dirs, decoder, backend)
-    if name == "reference":
-        return render_triplane_reference(planes, ray_origins, ray_dirs, decoder,
-                                         stratified_noise=stratified_noise,
-                                         importance_u=importance_u, **kw)
-    if name == "triton":
-        from pyface._ops.render import render_triton
+    with torch.autocast(dev.type, enabled=False) if autocast else contextlib.nullcontext():
+        if name == "reference":
+            out = render_triplane_reference(planes, ray_origins, ray_dirs, decoder,
+                                            stratified_noise=stratified_noise,
+                                            importance_u=importance_u, **kw)
+        elif name == "triton":
+            out = _render_triton(planes, ray_origins, ray_dirs, decoder, stratified_noise,
+                                 importance_u, **kw)
+        else:
+            out = _render_compiled(planes, ray_origins, ray_dirs, decoder, near, far, n_coarse,
+                                   n_fine, plane_axes, box_size, density_bias, white_back,
+                                   stratified_noise, importance_u, name, chunk_points, recompute)
+    return tuple(o.to(out_dtype) for o in out)
 
-        return render_triton(planes, ray_origins, ray_dirs, decoder, stratified_noise,
-                             importance_u, **kw)
-    return _render_compiled(planes, ray_origins, ray_dirs, decoder, near, far, n_coarse, n_fine,
-                            plane_axes, box_size, density_bias, white_back, stratified_noise,
-                            importance_u, name, chunk_points, recompute)
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the renderer computes in: float64 stays, everything else runs in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _CastDecoder(torch.nn.Module):
+    """A callable decoder seen through the renderer's float32 compute: it gets the features in
+    the caller's dtype and autocast state, and its outputs come back in float32."""
+
+    def __init__(self, decoder, in_dtype, work, device_type, autocast):
+        super().__init__()
+        self.decoder = decoder
+        self.in_dtype, self.work, self.device_type, self.autocast = (in_dtype, work, device_type,
+                                                                     autocast)
+
+    def forward(self, feats):
+        ctx = (torch.autocast(self.device_type, dtype=torch.get_autocast_dtype(self.device_type))
+               if self.autocast else contextlib.nullcontext())
+        with ctx:
+            out = self.decoder(feats.to(self.in_dtype))
+        rgb, sigma = (out["rgb"], out["sigma"]) if isinstance(out, dict) else out
+        return rgb.to(self.work), sigma.to(self.work)
+
+
+def _render_triton(planes, ray_origins, ray_dirs, decoder, noise, u, *, near, far, n_coarse,
+                   n_fine, plane_axes, box_size, density_bias, white_back):
+    """``render_triplane`` through the fused Triton op (float32, OSG decoder weights)."""
+    from pyface._ops.render import triton_op
+
+    tc = sample_stratified_reference(ray_origins, near, far, n_coarse, noise).detach()
+    f32 = [t.to(torch.float32) for t in (planes, *decoder, ray_origins, ray_dirs, tc)]
+    feats, depth, wsum, _ = triton_op()(*f32, u.float() if n_fine > 0 else None, plane_axes,
+                                        box_size, density_bias, white_back)
+    return feats, depth, wsum
 
 
 def _triton_ok(planes, ray_origins, ray_dirs, decoder) -> str:
