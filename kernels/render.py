@@ -76,7 +76,7 @@ def _features(planes_ptr, b, ox, oy, oz, dx, dy, dz, t, mask_s, H, W,
         u, v = _plane_uv(x, y, z, plane, AXES_EG3D)
         ix, iy, fx0, fy0, nan = _taps(u, v, W, H, False)
         base = planes_ptr + b * s_pb + plane * s_pp
-        acc += _plane_fwd_tile(base, ix, iy, fx0, fy0, W, H, coff, s_ph, s_pw, m2)
+        acc += _plane_fwd_tile(base, ix, iy, fx0, fy0, nan, W, H, coff, s_ph, s_pw, m2)
     return acc / 3.0
 
 

@@ -73,9 +73,10 @@ def _tap(K: tl.constexpr, ix, iy, fx0, fy0, x0, y0, W, H):
 
 
 @triton.jit
-def _plane_fwd_tile(base, ix, iy, fx0, fy0, W, H, coff, s_ph, s_pw, m2):
+def _plane_fwd_tile(base, ix, iy, fx0, fy0, nan, W, H, coff, s_ph, s_pw, m2):
     """Bilinear sample of one plane (base, strides) for a [points, channels] tile; ``coff`` is
-    the channel offsets (1, BLOCK_C), ``m2`` the tile mask. Taps outside the plane read zeros."""
+    the channel offsets (1, BLOCK_C), ``m2`` the tile mask. Taps outside the plane read zeros;
+    a NaN coordinate (``nan``) gives NaN features."""
     x0 = fx0.to(tl.int64)
     y0 = fy0.to(tl.int64)
     val = tl.zeros(m2.shape, dtype=tl.float32)
@@ -84,7 +85,7 @@ def _plane_fwd_tile(base, ix, iy, fx0, fy0, W, H, coff, s_ph, s_pw, m2):
         ptrs = base + (yk * s_ph + xk * s_pw)[:, None] + coff
         tap = tl.load(ptrs, mask=m2 & valid[:, None], other=0.0).to(tl.float32)
         val += tap * w[:, None]
-    return val
+    return tl.where(nan[:, None], float("nan"), val)
 
 
 @triton.jit
@@ -167,8 +168,7 @@ def _triplane_fwd_kernel(
             u, v = _plane_uv(x, y, z, plane, AXES_EG3D)
             ix, iy, fx0, fy0, nan = _taps(u, v, W, H, ALIGN)
             base = planes_ptr + b * s_pb + plane * s_pp
-            val = _plane_fwd_tile(base, ix, iy, fx0, fy0, W, H, coff, s_ph, s_pw, m2)
-            val = tl.where(nan[:, None], float("nan"), val)
+            val = _plane_fwd_tile(base, ix, iy, fx0, fy0, nan, W, H, coff, s_ph, s_pw, m2)
             if REDUCE == 2:
                 optr = out_ptr + ((b * 3 + plane) * N + offs_n)[:, None] * C + offs_c[None, :]
                 tl.store(optr, val.to(out_ptr.dtype.element_ty), mask=m2)

@@ -18,6 +18,7 @@ from pyface.nn import (
 )
 from pyface.ops.reference import render_triplane_reference, triplane_sample_reference
 from pyface.testing import assert_close
+from pyface.train import Phase, Trainer, TrainableModel, build_experiment
 
 needs_cpp = pytest.mark.skipif(_backend.extension() is None, reason="pyface._C is not built")
 
@@ -125,3 +126,68 @@ def test_density_regularizers_match_eg3d_loss():
     assert_close(density_l1_regularizer(planes, w, n_points=50, generator=gen, plane_axes="eg3d"),
                  density_l1_regularizer(planes, dec, n_points=50,
                                         generator=torch.Generator().manual_seed(7), plane_axes="eg3d"))
+
+
+class _TinyRenderModel(TrainableModel):
+    """image (B, 3, 8, 8) -> conv -> tri-plane -> TriplaneRenderer at 4^2 -> L1 to the image."""
+
+    @dataclasses.dataclass
+    class Config:
+        lr: float = 1e-3
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = torch.nn.Conv2d(3, 3 * 8, 3, padding=1)
+        self.decoder = OSGDecoder(8, 16, 3)
+        self.renderer = TriplaneRenderer(RenderConfig.ffhq(depth_resolution=6,
+                                                           depth_resolution_importance=4))
+        self.plane_dtypes = []
+
+    def build_optimizers(self):
+        return {"main": torch.optim.Adam(self.parameters(), self.cfg.lr)}
+
+    def phases(self):
+        return [Phase("main", "main")]
+
+    def step(self, phase, batch, ctx):
+        from pyface.ops import ray_bundle
+
+        image = batch["image"]
+        B = image.shape[0]
+        planes = self.encoder(image).view(B, 3, 8, 8, 8)
+        self.plane_dtypes.append(planes.dtype)
+        o, d = ray_bundle(_cameras(B).float(), 4)
+        raw = self.renderer(planes, self.decoder, o, d).images(4)["image_raw"]
+        target = F.interpolate(image, size=4, mode="area")
+        return {"loss": (raw.float() - target.float()).abs().mean()}
+
+
+@needs_cpp
+def test_bf16_training_step_of_a_model_that_renders(tmp_path, monkeypatch):
+    """The engine's precision=bf16 (CPU autocast) reaches render_triplane with bfloat16 planes:
+    no dtype error, the compiled backends run (no reference fallback), the weights train."""
+    from pyface.train.data import ProceduralFaces
+
+    chosen = []
+    select = _backend.select_backend
+
+    def spy(op, device, backend, dtype=None):
+        chosen.append((op, select(op, device, backend, dtype)))
+        return chosen[-1][1]
+
+    monkeypatch.setattr(_backend, "select_backend", spy)
+    exp = build_experiment("render", _TinyRenderModel.Config, overrides=[
+        f"train.run_dir={tmp_path / 'run'}", "train.batch_size=2", "train.steps=2",
+        "train.precision=bf16", "train.progress=false", "train.tensorboard=false",
+        "train.image_every=0", "train.ckpt_every=0", "train.log_every=1"])
+    torch.manual_seed(0)
+    model = _TinyRenderModel(exp.model_config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = Trainer(exp, model=model, dataset=ProceduralFaces(size=8, resolution=8)).fit()
+    assert math.isfinite(res.losses["main/loss"])
+    assert model.plane_dtypes and all(dt == torch.bfloat16 for dt in model.plane_dtypes)
+    ops_run = {op for op, _ in chosen}
+    assert {"render_triplane", "mip_composite", "sample_importance"} <= ops_run
+    assert all(b == "cpu" for _, b in chosen), chosen
+    assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())

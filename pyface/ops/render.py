@@ -128,6 +128,9 @@ def mip_composite(features: torch.Tensor, densities: torch.Tensor, depths: torch
         depth_range: optional (2,) tensor (min, max) for the depth clamp.
         backend: ``None``, ``"reference"``, ``"cpu"`` or ``"cuda"``.
 
+    Precision: float16 / bfloat16 inputs are computed in float32 and returned in the dtype of
+    ``features``; under ``torch.autocast`` they are computed and returned in float32.
+
     Returns:
         features_out (B, R, C), depth (B, R, 1), weights (B, R, S - 1).
     """
@@ -138,6 +141,7 @@ def mip_composite(features: torch.Tensor, densities: torch.Tensor, depths: torch
     if chk.dims["S"] < 2:
         raise ValueError(f"features: expected S >= 2 samples per ray, got shape "
                          f"{tuple(features.shape)}")
+    out_dtype, (features, densities, depths) = _float32_compute(features, densities, depths)
     for name, t in (("densities", densities), ("depths", depths)):
         if t.dtype != features.dtype:
             raise TypeError(f"{name}: expected dtype {features.dtype} (the dtype of features), "
@@ -148,11 +152,34 @@ def mip_composite(features: torch.Tensor, densities: torch.Tensor, depths: torch
         raise TypeError(f"white_back: expected bool, got {type(white_back).__name__}")
     density_bias = float(density_bias)
     name = _backend.select_backend("mip_composite", features.device, backend, features.dtype)
-    if name == "reference":
-        return mip_composite_reference(features, densities, depths, density_bias=density_bias,
-                                       white_back=white_back, depth_range=depth_range)
-    return torch.ops.pyface.mip_composite(features, densities, depths.detach(), depth_range,
-                                          density_bias, white_back)
+    with _no_autocast(features.device):
+        if name == "reference":
+            out = mip_composite_reference(features, densities, depths, density_bias=density_bias,
+                                          white_back=white_back, depth_range=depth_range)
+        else:
+            out = torch.ops.pyface.mip_composite(features, densities, depths.detach(),
+                                                 depth_range, density_bias, white_back)
+    return tuple(o.to(out_dtype) for o in out)
+
+
+def _autocast_on(device: torch.device) -> bool:
+    return device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
+
+
+def _no_autocast(device: torch.device):
+    """Autocast off inside a float32 op (as torchvision's autocast kernels do)."""
+    if _autocast_on(device):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _float32_compute(*tensors: torch.Tensor):
+    """The compositing ops compute in float32 / float64: float16 / bfloat16 inputs are promoted
+    to float32. Returns the output dtype (float32 under autocast, as autocast's float32 ops
+    do; else the first tensor's dtype) and the promoted tensors."""
+    half = (torch.float16, torch.bfloat16)
+    out_dtype = torch.float32 if _autocast_on(tensors[0].device) else tensors[0].dtype
+    return out_dtype, tuple(t.float() if t.dtype in half else t for t in tensors)
 
 
 def sample_importance(depths: torch.Tensor, weights: torch.Tensor, n_importance: int, *,
@@ -173,6 +200,8 @@ def sample_importance(depths: torch.Tensor, weights: torch.Tensor, n_importance:
             current generator (the same numbers EG3D would draw).
         backend: ``None``, ``"reference"``, ``"cpu"`` or ``"cuda"``.
 
+    Precision: as :func:`mip_composite` (float16 / bfloat16 computed in float32).
+
     Returns:
         (B, R, M) depths, detached (not sorted).
     """
@@ -185,6 +214,7 @@ def sample_importance(depths: torch.Tensor, weights: torch.Tensor, n_importance:
     chk._bound_by["S-1"] = "depths"
     chk.tensor("weights", weights, "B R S-1")
     M = _check_samples("n_importance", n_importance, 1)
+    out_dtype, (depths, weights) = _float32_compute(depths, weights)
     if weights.dtype != depths.dtype:
         raise TypeError(f"weights: expected dtype {depths.dtype} (the dtype of depths), got "
                         f"{weights.dtype}")
@@ -197,10 +227,11 @@ def sample_importance(depths: torch.Tensor, weights: torch.Tensor, n_importance:
         chk.tensor("u", u, "B R M")
         u = u.to(depths.dtype)
     name = _backend.select_backend("sample_importance", depths.device, backend, depths.dtype)
-    with torch.no_grad():
+    with torch.no_grad(), _no_autocast(depths.device):
         if name == "reference":
-            return sample_importance_reference(depths, weights, M, u)
-        return torch.ops.pyface.sample_importance(depths.detach(), weights.detach(), u.detach())
+            return sample_importance_reference(depths, weights, M, u).to(out_dtype)
+        return torch.ops.pyface.sample_importance(depths.detach(), weights.detach(),
+                                                  u.detach()).to(out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,7 +434,7 @@ def render_triplane(planes: torch.Tensor, ray_origins: torch.Tensor, ray_dirs: t
         raise ValueError(f"n_coarse: expected >= 4 when n_fine > 0 (importance sampling builds "
                          f"its pdf over n_coarse - 3 bins), got {n_coarse}")
     dev = planes.device
-    autocast = dev.type in ("cpu", "cuda") and torch.is_autocast_enabled(dev.type)
+    autocast = _autocast_on(dev)
     out_dtype = planes.dtype
     work = _work_dtype(planes.dtype)
     for name, t in (("ray_origins", ray_origins), ("ray_dirs", ray_dirs)):
