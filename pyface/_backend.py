@@ -8,12 +8,14 @@ Backends of an op, in the order the layering goes:
 * ``triton``    - Triton kernels (``pyface.kernels``); CUDA tensors, or CPU tensors when
                   ``TRITON_INTERPRET=1`` (the Triton interpreter, for tests).
 
+Which backend an op takes by default is data: the table in :mod:`pyface._opspecs`; this module
+only applies it (:func:`select_backend`, the one function that chooses).
+
 Nothing here runs at ``import pyface``: the extension and Triton load on first use, and every
 failure is kept as a readable reason that ``python -m pyface.info`` prints.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 import json
@@ -25,8 +27,8 @@ from types import ModuleType
 
 import torch
 
-from pyface._opspecs import BACKENDS, DEFAULTS, FAMILIES, OPS, Default, OpSpec
 from pyface._ops import triton_interpret
+from pyface._opspecs import BACKENDS, DEFAULTS, FAMILIES, OPS, Default, OpSpec
 
 __all__ = ["BACKENDS", "OpSpec", "Default", "BackendUnavailableError", "PyfaceFallbackWarning",
            "build_config", "extension", "extension_reason", "load_library",

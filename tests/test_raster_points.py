@@ -155,7 +155,8 @@ def test_p2t_single_point_all_invalid_max_distance(backend):
     points = cloud("uniform", N=40)
     feats = torch.randn(2, 40, 3)
     valid = torch.zeros(2, 40, dtype=torch.bool)
-    planes, index = ops.points_to_triplane(points, feats, 7, valid=valid, backend=backend, plane_axes="xy_xz_zy")
+    planes, index = ops.points_to_triplane(points, feats, 7, valid=valid, backend=backend,
+                                           plane_axes="xy_xz_zy")
     assert (index == -1).all() and (planes == 0).all()
     valid[0, ::3] = True
     check_against_brute_force(points, feats, (7, 9), backend, valid=valid)
@@ -185,10 +186,12 @@ def test_p2t_noncontiguous_and_dtypes():
     feats = torch.randn(5, 2, 60).permute(1, 2, 0)
     assert not points.is_contiguous() and not feats.is_contiguous()
     a = ops.points_to_triplane(points, feats, 9, backend="cpu", plane_axes="xy_xz_zy")
-    b = points_to_triplane_reference(points.contiguous(), feats.contiguous(), 9, plane_axes="xy_xz_zy")
+    b = points_to_triplane_reference(points.contiguous(), feats.contiguous(), 9,
+                                     plane_axes="xy_xz_zy")
     torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
     for dt in (torch.float64, torch.float16, torch.bfloat16):
-        a = ops.points_to_triplane(points.to(dt), feats.to(dt), 9, backend="cpu", plane_axes="xy_xz_zy")
+        a = ops.points_to_triplane(points.to(dt), feats.to(dt), 9, backend="cpu",
+                                   plane_axes="xy_xz_zy")
         b = points_to_triplane_reference(points.to(dt), feats.to(dt), 9, plane_axes="xy_xz_zy")
         assert a[0].dtype == dt
         torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
@@ -198,16 +201,19 @@ def test_p2t_noncontiguous_and_dtypes():
 def test_p2t_backward_gradcheck_opcheck_compile():
     points = cloud("clustered", N=80)
     feats = torch.randn(2, 80, 3, requires_grad=True)
-    (pa, _), (_, ga), cot = grads(lambda p, f: ops.points_to_triplane(p, f, (7, 8), backend="cpu", plane_axes="xy_xz_zy"),
+    (pa, _), (_, ga), cot = grads(lambda p, f: ops.points_to_triplane(p, f, (7, 8), backend="cpu",
+                                                                      plane_axes="xy_xz_zy"),
                                   [points, feats])
-    (pb, _), (_, gb), _ = grads(lambda p, f: points_to_triplane_reference(p, f, (7, 8), plane_axes="xy_xz_zy"),
+    (pb, _), (_, gb), _ = grads(lambda p, f: points_to_triplane_reference(p, f, (7, 8),
+                                                                          plane_axes="xy_xz_zy"),
                                 [points, feats], cot)
     assert_close(pa, pb)
     assert_close(ga, gb)
     f64 = torch.randn(1, 20, 2, dtype=torch.float64, requires_grad=True)
     p64 = cloud("uniform", B=1, N=20, dtype=torch.float64)
     assert torch.autograd.gradcheck(
-        lambda f: ops.points_to_triplane(p64, f, (5, 4), backend="cpu", plane_axes="xy_xz_zy")[0], (f64,))
+        lambda f: ops.points_to_triplane(p64, f, (5, 4), backend="cpu",
+                                         plane_axes="xy_xz_zy")[0], (f64,))
     valid = torch.rand(2, 80) > 0.3
     torch.library.opcheck(torch.ops.pyface.points_to_triplane_index.default,
                           (points, valid, 6, 7, "eg3d", 1.0, True, 0.2))
@@ -409,7 +415,8 @@ def test_torch_compile_public_api():
     feats = torch.randn(2, 50, 3, requires_grad=True)
 
     def fn(p, f):
-        planes, _ = ops.points_to_triplane(p, f, (6, 5), max_distance=0.5, backend="cpu", plane_axes="xy_xz_zy")
+        planes, _ = ops.points_to_triplane(p, f, (6, 5), max_distance=0.5, backend="cpu",
+                                           plane_axes="xy_xz_zy")
         image, _, _ = ops.splat_points(p, f, (7, 9), radius=1.0, backend="cpu")
         return planes.square().sum() + image.sin().sum()
 

@@ -100,7 +100,8 @@ def test_density_regularizers_match_eg3d_loss():
                                              reduce="none"))["sigma"][..., 0]
 
     gen = torch.Generator().manual_seed(7)
-    loss = density_l1_regularizer(planes, dec, n_points=50, p_dist=0.004, generator=gen, plane_axes="eg3d")
+    loss = density_l1_regularizer(planes, dec, n_points=50, p_dist=0.004, generator=gen,
+                                  plane_axes="eg3d")
     gen = torch.Generator().manual_seed(7)
     x = torch.rand(2, 50, 3, dtype=torch.float64, generator=gen) * 2 - 1
     y = x + torch.randn(x.shape, dtype=torch.float64, generator=gen) * 0.004
@@ -124,8 +125,8 @@ def test_density_regularizers_match_eg3d_loss():
     w = dec.effective_weights()
     gen = torch.Generator().manual_seed(7)
     assert_close(density_l1_regularizer(planes, w, n_points=50, generator=gen, plane_axes="eg3d"),
-                 density_l1_regularizer(planes, dec, n_points=50,
-                                        generator=torch.Generator().manual_seed(7), plane_axes="eg3d"))
+                 density_l1_regularizer(planes, dec, n_points=50, plane_axes="eg3d",
+                                        generator=torch.Generator().manual_seed(7)))
 
 
 class _TinyRenderModel(TrainableModel):

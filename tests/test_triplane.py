@@ -64,7 +64,8 @@ def test_reference_is_eg3d(align_corners):
 @pytest.mark.parametrize("align_corners", (False, True))
 def test_reference_xy_xz_zy_per_plane(align_corners):
     planes, points = make()
-    out = triplane_sample_reference(planes, points, reduce="none", align_corners=align_corners, plane_axes="xy_xz_zy")
+    out = triplane_sample_reference(planes, points, reduce="none", align_corners=align_corners,
+                                    plane_axes="xy_xz_zy")
     uv = {0: (0, 1), 1: (0, 2), 2: (2, 1)}
     for p in range(3):
         grid = (2 * points[..., list(uv[p])]).unsqueeze(1)
@@ -101,7 +102,8 @@ def test_cpu_matches_reference(case, plane_axes, reduce, align_corners):
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 def test_cpu_low_precision(dtype):
     planes, points = make(C=8, dtype=dtype)
-    out, g, cot = grads(lambda p, x: triplane_sample(p, x, backend="cpu", plane_axes="xy_xz_zy"), [planes, points])
+    out, g, cot = grads(lambda p, x: triplane_sample(p, x, backend="cpu",
+                                                     plane_axes="xy_xz_zy"), [planes, points])
     ref, g_ref, _ = grads(lambda p, x: triplane_sample_reference(p, x, plane_axes="xy_xz_zy"),
                           [planes, points], cot)
     assert out[0].dtype == dtype and g[0].dtype == dtype and g[1].dtype == torch.float32
@@ -152,8 +154,10 @@ def test_torch_compile_fullgraph():
 def test_torch_compile_inductor_reference_and_cpu():
     planes, points = make(C=4)
     for backend in ("reference", "cpu"):
-        fn = torch.compile(lambda p, x: triplane_sample(p, x, backend=backend, plane_axes="xy_xz_zy"), fullgraph=True)
-        assert_close(fn(planes, points), triplane_sample_reference(planes, points, plane_axes="xy_xz_zy"))
+        fn = torch.compile(lambda p, x: triplane_sample(p, x, backend=backend,
+                                                        plane_axes="xy_xz_zy"), fullgraph=True)
+        assert_close(fn(planes, points), triplane_sample_reference(planes, points,
+                                                                   plane_axes="xy_xz_zy"))
 
 
 @pytest.mark.parametrize("B,N", [(2, 0), (0, 5), (0, 0)])
@@ -162,7 +166,8 @@ def test_empty(B, N):
     for backend in ("cpu", "reference"):
         out = triplane_sample(planes, points, backend=backend, plane_axes="xy_xz_zy")
         assert out.shape == (B, N, 5)
-        out_none = triplane_sample(planes, points, reduce="none", backend=backend, plane_axes="xy_xz_zy")
+        out_none = triplane_sample(planes, points, reduce="none", backend=backend,
+                                   plane_axes="xy_xz_zy")
         assert out_none.shape == (B, 3, N, 5)
         gp, gx = torch.autograd.grad(out.sum(), (planes, points), allow_unused=True)
         assert gp is None or (gp.shape == planes.shape and not gp.any())
@@ -350,7 +355,8 @@ def test_triton_interpreter(plane_axes, reduce, case):
 @pytest.mark.triton_interpret
 def test_triton_interpreter_empty_and_nan():
     planes, points = make(N=0)
-    assert triplane_sample(planes, points, backend="triton", plane_axes="xy_xz_zy").shape == (2, 0, 5)
+    assert triplane_sample(planes, points, backend="triton",
+                           plane_axes="xy_xz_zy").shape == (2, 0, 5)
     planes, points = make(N=3)
     with torch.no_grad():
         points[1, 2, 1] = float("nan")
@@ -385,6 +391,8 @@ def test_gpu_gradcheck_float64_and_compile():
                                     nondet_tol=1e-12)
     planes, points = make(C=32, device="cuda")
     for backend in ("cuda", "triton"):
-        compiled = torch.compile(lambda p, x: triplane_sample(p, x, backend=backend, plane_axes="xy_xz_zy"),
+        compiled = torch.compile(lambda p, x: triplane_sample(p, x, backend=backend,
+                                                              plane_axes="xy_xz_zy"),
                                  fullgraph=True)
-        assert_close(compiled(planes, points), triplane_sample_reference(planes, points, plane_axes="xy_xz_zy"))
+        assert_close(compiled(planes, points), triplane_sample_reference(planes, points,
+                                                                         plane_axes="xy_xz_zy"))
