@@ -70,8 +70,8 @@ class RenderConfig:
             property of the checkpoint, and a wrong default silently swaps the third plane.
         density_bias: added to the density before the softplus.
         white_back: composite over white.
-        backend: ``render_triplane`` backend (``None``: the best available, the fused one when
-            possible).
+        backend: ``render_triplane`` backend (``None``: the default for the device, see
+            ``pyface info``; ``"reference"`` for double backward through the renderer).
         recompute: recompute ray chunks in the backward (compiled backends).
         chunk_points: samples per chunk for the compiled backends (``None``: default).
     """

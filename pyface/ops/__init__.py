@@ -1,7 +1,8 @@
 """Public functional API of pyface's fused ops.
 
-Every op validates its arguments, picks a backend (``backend=None``: the best available for the
-tensors' device; see ``python -m pyface.info``) and is differentiable. The pure-PyTorch reference
+Every op validates its arguments, picks a backend (``backend=None``: the default for the tensors'
+device from the table in ``pyface._opspecs``; see ``python -m pyface.info``) and is
+differentiable. The pure-PyTorch reference
 twin of each op lives in :mod:`pyface.ops.reference`.
 
 Code that calls ``torch.ops.pyface.*`` directly calls :func:`load_library` first (the functions

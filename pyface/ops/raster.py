@@ -129,7 +129,7 @@ def rasterize_mesh(verts_ndc: torch.Tensor, faces: torch.Tensor, image_size,
             them clockwise on the image: cull back faces with ``cull="ccw"``.
         perspective_correct: interpolate with 1/z (default). False: screen-space linear
             barycentrics and depth (for orthographic projections; any z).
-        backend: ``None`` (best available), ``"reference"``, ``"cpu"`` or ``"cuda"``.
+        backend: ``None`` (the default for the device), ``"reference"``, ``"cpu"`` or ``"cuda"``.
 
     Returns:
         attr_image: (B, C, H, W) interpolated attributes (zeros where empty; C = 0 without

@@ -414,7 +414,8 @@ def render_triplane(planes: torch.Tensor, ray_origins: torch.Tensor, ray_dirs: t
         stratified_noise: (B, R, n_coarse) uniforms or ``None`` (drawn with torch.rand).
         importance_u: (B, R, n_fine) uniforms or ``None`` (drawn with torch.rand after the
             stratified noise, like EG3D).
-        backend: ``None`` (best available), ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
+        backend: ``None`` (the default for the device), ``"reference"``, ``"cpu"``, ``"cuda"``,
+            ``"triton"``.
         recompute: recompute ray chunks in the backward (compiled backends).
         chunk_points: samples per chunk (default 131072) for the compiled backends.
 

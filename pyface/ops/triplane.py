@@ -36,7 +36,8 @@ def triplane_sample(planes: torch.Tensor, points: torch.Tensor, *, plane_axes: s
         box_size: side of the cube that the planes span, centred at the origin.
         reduce: ``"mean"`` or ``"sum"`` over the planes -> (B, N, C); ``"none"`` -> (B, 3, N, C).
         align_corners: as in ``F.grid_sample``.
-        backend: ``None`` (best available), ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+        backend: ``None`` (the default for the device), ``"reference"``, ``"cpu"``, ``"cuda"`` or
+            ``"triton"``.
 
     Returns:
         (B, N, C) or (B, 3, N, C) features in the dtype of ``planes``.

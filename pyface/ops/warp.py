@@ -57,7 +57,7 @@ def warp_volume(volume: torch.Tensor, grid: torch.Tensor, *, align_corners: bool
         grid: (B, D', H', W', 3) sample positions, last dim (x -> W, y -> H, z -> D) in [-1, 1];
             the output may have another size than the volume. Positions outside give zeros.
         align_corners: as in ``F.grid_sample``.
-        backend: ``None`` (best available), ``"reference"``, ``"cpu"``, ``"cuda"`` or
+        backend: ``None`` (the default for the device), ``"reference"``, ``"cpu"``, ``"cuda"`` or
             ``"triton"``.
 
     Returns:
