@@ -77,8 +77,9 @@ _WARP_NOTE = ("CPU: C++ (fused, channels-last slabs). CUDA kernels and Triton ke
 OPS: dict[str, OpSpec] = {s.name: s for s in (
     OpSpec("triplane_sample", "triplane", _ALL, "triplane_sample",
            dtypes={"triton": _LOW}, atomic_backward=("cuda", "triton"),
-           note="One pass over the points per plane; the CPU backward partitions the plane "
-                "gradient by rows (no atomics).",
+           note="Fused forward and backward (3 planes x 4 taps per point); the CPU backward "
+                "accumulates the plane gradient in disjoint (batch, plane, channel-range) slices "
+                "(no atomics, deterministic).",
            bench=("eg3d", "cpu")),
     OpSpec("rasterize_mesh", "raster", _COMPILED, "raster_mesh", atomic_backward=("cuda",),
            note="CPU: tiled z-buffer. CUDA: one thread per face, 64-bit atomicMin on packed "
