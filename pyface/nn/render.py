@@ -1,5 +1,8 @@
 """Tri-plane volume renderer modules: EG3D's ``ImportanceRenderer`` and ``OSGDecoder``, and the
-density regularisers of EG3D and OTAvatar, on top of :func:`pyface.ops.render_triplane`."""
+density regularisers of EG3D and OTAvatar, on top of :func:`pyface.ops.render_triplane`.
+
+They call fused ops: first-order gradients are exact; double backward needs
+``RenderConfig(backend="reference")`` (the fused backwards raise an error naming the op)."""
 from __future__ import annotations
 
 import dataclasses
