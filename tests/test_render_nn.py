@@ -192,3 +192,23 @@ def test_bf16_training_step_of_a_model_that_renders(tmp_path, monkeypatch):
     assert {"render_triplane", "mip_composite", "sample_importance"} <= ops_run
     assert all(b == "cpu" for _, b in chosen), chosen
     assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_density_regularizers_in_half_precision_compute_in_float32(dtype):
+    # the L1 term compares densities 0.004 apart: half-precision points or MLP would round the
+    # difference away, so the points and the decoder run in float32 as in the renderer
+    torch.manual_seed(0)
+    dec = OSGDecoder(8, 16, 3)
+    planes = torch.randn(2, 3, 8, 16, 16).to(dtype)
+    for reg in (density_l1_regularizer, density_monotonic_regularizer):
+        half = reg(planes, dec, n_points=64, plane_axes="eg3d",
+                   generator=torch.Generator().manual_seed(3))
+        ref = reg(planes.float(), dec, n_points=64, plane_axes="eg3d",
+                  generator=torch.Generator().manual_seed(3))
+        assert half.dtype == torch.float32
+        assert torch.equal(half, ref)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = reg(planes.float(), dec, n_points=64, plane_axes="eg3d",
+                       generator=torch.Generator().manual_seed(3))
+        assert torch.equal(auto, ref)

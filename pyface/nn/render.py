@@ -5,6 +5,7 @@ They call fused ops: first-order gradients are exact; double backward needs
 ``RenderConfig(backend="reference")`` (the fused backwards raise an error naming the op)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -174,20 +175,31 @@ def _weights_dtype(planes: torch.Tensor) -> torch.dtype:
 def query_density(planes: torch.Tensor, decoder, points: torch.Tensor, *,
                   plane_axes: str, box_size: float = 1.0) -> torch.Tensor:
     """Raw density (B, N) of the decoder at points (B, N, 3) (EG3D's ``sample_mixed``);
-    ``plane_axes`` as in :class:`RenderConfig` (required). OSG weights are applied in the dtype
-    of ``planes``."""
+    ``plane_axes`` as in :class:`RenderConfig` (required).
+
+    Precision as in the renderer: float16 / bfloat16 planes are sampled and OSG weights applied
+    in float32 (autocast off), so the differences of nearby densities the regularisers take are
+    not lost to rounding; a callable decoder gets the features in the dtype of ``planes`` under
+    the caller's autocast. Returns float32 (float64 for float64 planes)."""
+    work = _weights_dtype(planes)
+    in_dtype = planes.dtype
+    planes = planes.to(work)
     if isinstance(decoder, OSGDecoder):
-        decoder = decoder.effective_weights(planes.dtype)
+        decoder = decoder.effective_weights(work)
     if isinstance(decoder, (tuple, list)):
-        w1, b1, w2, b2 = decoder
-        f = triplane_sample(planes, points, plane_axes=plane_axes, box_size=box_size)
-        h = F.softplus(torch.addmm(b1.unsqueeze(0), f.reshape(-1, f.shape[-1]), w1.t()))
-        sigma = torch.addmm(b2[:1].unsqueeze(0), h, w2[:1].t())
+        w1, b1, w2, b2 = (w.to(work) for w in decoder)
+        dev = planes.device.type
+        off = (torch.autocast(dev, enabled=False) if dev in ("cpu", "cuda")
+               and torch.is_autocast_enabled(dev) else contextlib.nullcontext())
+        with off:
+            f = triplane_sample(planes, points, plane_axes=plane_axes, box_size=box_size)
+            h = F.softplus(torch.addmm(b1.unsqueeze(0), f.reshape(-1, f.shape[-1]), w1.t()))
+            sigma = torch.addmm(b2[:1].unsqueeze(0), h, w2[:1].t())
         return sigma.reshape(points.shape[:2])
     f = triplane_sample(planes, points, plane_axes=plane_axes, box_size=box_size, reduce="none")
-    out = decoder(f)
+    out = decoder(f.to(in_dtype))
     sigma = out["sigma"] if isinstance(out, dict) else out[1]
-    return sigma.reshape(points.shape[:2])
+    return sigma.reshape(points.shape[:2]).to(work)
 
 
 def density_l1_regularizer(planes: torch.Tensor, decoder, *, n_points: int = 1000,
@@ -203,7 +215,7 @@ def density_l1_regularizer(planes: torch.Tensor, decoder, *, n_points: int = 100
         plane_axes: as in :class:`RenderConfig` (required; use the renderer's
             ``config.plane_axes``).
     """
-    B, dev, dt = planes.shape[0], planes.device, planes.dtype
+    B, dev, dt = planes.shape[0], planes.device, _weights_dtype(planes)
     x = torch.rand(B, n_points, 3, device=dev, dtype=dt, generator=generator) * 2 - 1
     y = x + torch.randn(x.shape, device=dev, dtype=dt, generator=generator) * p_dist
     sigma = query_density(planes, decoder, torch.cat([x, y], 1), plane_axes=plane_axes,
@@ -222,7 +234,7 @@ def density_monotonic_regularizer(planes: torch.Tensor, decoder, *, n_points: in
     next to it: :func:`density_l1_regularizer`.) ``plane_axes`` as in :class:`RenderConfig`
     (required; use the renderer's ``config.plane_axes``).
     """
-    B, dev, dt = planes.shape[0], planes.device, planes.dtype
+    B, dev, dt = planes.shape[0], planes.device, _weights_dtype(planes)
     x = torch.rand(B, n_points, 3, device=dev, dtype=dt, generator=generator) * 2 - 1
     y = x + torch.tensor([0.0, 0.0, -1.0], device=dev, dtype=dt) * (1 / 256) * box_size
     sigma = query_density(planes, decoder, torch.cat([x, y], 1), plane_axes=plane_axes,
