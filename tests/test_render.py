@@ -228,8 +228,16 @@ def test_mip_composite_bad_input():
     if HAS_CPP:
         with pytest.raises(ValueError, match=r"densities: expected shape \(B, R, S\)"):
             torch.ops.pyface.mip_composite(f, s[:1], t, None, -1.0, False)
-        with pytest.raises(_backend.BackendUnavailableError, match="float16"):
-            ops.mip_composite(f.half(), s.half(), t.half(), backend="cpu")
+        # float16 / bfloat16 are computed in float32 (not refused, not sent to the reference)
+        for dt in (torch.float16, torch.bfloat16):
+            fh, sh, th = f.detach().to(dt), s.detach().to(dt), t.to(dt)
+            out = ops.mip_composite(fh, sh, th, backend="cpu")
+            ref = ops.mip_composite(fh.float(), sh.float(), th.float(), backend="cpu")
+            assert all(a.dtype == dt and torch.equal(a, b.to(dt)) for a, b in zip(out, ref))
+            u = torch.rand(2, 3, 3)
+            imp = ops.sample_importance(th, ref[2].detach().to(dt)[..., :4], 3, u=u,
+                                        backend="cpu")
+            assert imp.dtype == dt
 
 
 # ---------------------------------------------------------------------------------------------
