@@ -83,13 +83,22 @@ def psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = N
     Returns: ``(N,)`` float64; NaN for an image whose mask is empty.
     """
     _check_images(pred, target, mask)
-    err = (pred.double() - target.double()).square()
-    if mask is None:
-        mse = err.flatten(1).mean(1)
-    else:
-        m = mask.double().expand_as(err)
-        mse = (err * m).flatten(1).sum(1) / m.flatten(1).sum(1)   # 0/0 -> NaN
+    return psnr_regions(pred, target, mask)["image" if mask is None else "face"]
+
+
+def _psnr_of(mse: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1.0 / mse.clamp_min(PSNR_MSE_FLOOR))
+
+
+def psnr_regions(pred: torch.Tensor, target: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """``{"image": (N,), "face": (N,)}`` PSNR (``face`` only with ``mask``), one error map."""
+    _check_images(pred, target, mask)
+    err = (pred.double() - target.double()).square()
+    out = {"image": _psnr_of(err.flatten(1).mean(1))}
+    if mask is not None:
+        out["face"] = _psnr_of(_masked_mean(err, mask))
+    return out
 
 
 def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA,
@@ -117,12 +126,17 @@ def ssim_map(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
                          f"pixels, got {tuple(pred.shape[-2:])}")
     x, y = pred.double(), target.double()
     g = gaussian_window(device=x.device)
-    mx, my = _blur(x, g), _blur(y, g)
-    sxx = _blur(x * x, g) - mx * mx
-    syy = _blur(y * y, g) - my * my
-    sxy = _blur(x * y, g) - mx * my
+    # the five local moments in one grouped filter
+    mx, my, exx, eyy, exy = _blur(torch.cat([x, y, x * x, y * y, x * y], 1), g).chunk(5, 1)
+    sxx, syy, sxy = exx - mx * mx, eyy - my * my, exy - mx * my
     c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2
     return ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values (N, C, h, w)`` over the pixels of ``mask (N, 1, h, w)`` -> ``(N,)``."""
+    m = mask.double().expand_as(values)
+    return (values * m).flatten(1).sum(1) / m.flatten(1).sum(1)   # 0 / 0 -> NaN
 
 
 def ssim(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,13 +147,19 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = N
         mask: optional ``(N, 1, H, W)``: average the SSIM map over mask pixels of the valid region.
     Returns: ``(N,)`` float64; NaN for an image without a mask pixel in the valid region.
     """
+    return ssim_regions(pred, target, mask)["image" if mask is None else "face"]
+
+
+def ssim_regions(pred: torch.Tensor, target: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """``{"image": (N,), "face": (N,)}`` SSIM (``face`` only with ``mask``), one SSIM map."""
     _check_images(pred, target, mask)
     s = ssim_map(pred, target)
-    if mask is None:
-        return s.flatten(1).mean(1)
-    r = (SSIM_WINDOW - 1) // 2
-    m = mask[..., r:mask.shape[-2] - r, r:mask.shape[-1] - r].double().expand_as(s)
-    return (s * m).flatten(1).sum(1) / m.flatten(1).sum(1)
+    out = {"image": s.flatten(1).mean(1)}
+    if mask is not None:
+        r = (SSIM_WINDOW - 1) // 2
+        out["face"] = _masked_mean(s, mask[..., r:mask.shape[-2] - r, r:mask.shape[-1] - r])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,24 +168,19 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = N
 
 @dataclass(frozen=True)
 class Metric:
-    """A per-pair image metric: ``fn(pred, target, mask=None) -> (N,)``, reported for each region
-    (``image``: whole frame; ``face``: the target's mask). ``higher_is_better`` orders tables."""
+    """A per-pair image metric: ``fn(pred, target, mask=None) -> {region: (N,)}`` with the
+    regions ``image`` (whole frame) and ``face`` (the target's mask; only when a mask is given).
+    ``higher_is_better`` orders tables."""
     name: str
-    fn: Callable[..., torch.Tensor]
+    fn: Callable[..., dict]
     higher_is_better: bool = True
     unit: str = ""
-    regions: tuple[str, ...] = ("image", "face")
 
     def __call__(self, pred: torch.Tensor, target: torch.Tensor,
                  mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """``{region: (N,) values}``; ``face`` needs ``mask`` (skipped without it)."""
-        out = {}
-        for region in self.regions:
-            if region == "image":
-                out[region] = self.fn(pred, target)
-            elif region == "face" and mask is not None:
-                out[region] = self.fn(pred, target, mask)
-        return out
+        """``{region: (N,) values}`` for ``pred``, ``target`` ``(N, 3, H, W)`` in [0, 1] and
+        ``mask`` ``(N, 1, H, W)`` bool or None."""
+        return self.fn(pred, target, mask)
 
 
 METRICS: dict[str, Metric] = {}
@@ -189,8 +204,8 @@ def get(name: str) -> Metric:
     raise ValueError(f"metric: expected one of {', '.join(ALL_NAMES)}, got {name!r}")
 
 
-register(Metric("psnr", psnr, unit="dB"))
-register(Metric("ssim", ssim))
+register(Metric("psnr", psnr_regions, unit="dB"))
+register(Metric("ssim", ssim_regions))
 
 
 def mean_finite(values) -> float:
