@@ -17,8 +17,8 @@ exactly 100 dB (finite, JSON-safe) where scikit-image returns ``inf``; otherwise
 SSIM (Wang et al. 2004): per channel, local statistics under an 11 x 11 Gaussian window with
 sigma 1.5 (normalised to sum 1), population (not sample) covariances, ``C1 = (0.01 L)^2``,
 ``C2 = (0.03 L)^2`` with ``L = 1``, evaluated only where the window lies inside the image (valid
-region: ``(H - 10) x (W - 10)``). ``image``: the SSIM map averaged over the valid region and the
-channels; equals ``skimage.metrics.structural_similarity(target, pred, data_range=1,
+region: ``(H - 10) x (W - 10)``), in float64. ``image``: the SSIM map averaged over the valid
+region and the channels; equals ``skimage.metrics.structural_similarity(target, pred, data_range=1,
 channel_axis=0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)``. ``face``: the
 SSIM map averaged over the valid-region pixels inside the mask (the mask cropped by 5 pixels on
 every side) and the channels; NaN when no mask pixel lies in the valid region.
@@ -109,12 +109,20 @@ def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA,
     return g / g.sum()
 
 
-def _blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Separable valid Gaussian filter of ``x: (B, C, H, W)`` -> ``(B, C, H - k + 1, W - k + 1)``."""
-    c = x.shape[1]
+def _band(n: int, g: torch.Tensor) -> torch.Tensor:
+    """The valid 1D filter of ``g`` over ``n`` samples as a banded ``(n - k + 1, n)`` matrix."""
     k = g.numel()
-    x = F.conv2d(x, g.view(1, 1, k, 1).expand(c, 1, k, 1), groups=c)
-    return F.conv2d(x, g.view(1, 1, 1, k).expand(c, 1, 1, k), groups=c)
+    rows = torch.arange(n - k + 1, device=g.device)[:, None]
+    cols = rows + torch.arange(k, device=g.device)[None]
+    return torch.zeros(n - k + 1, n, dtype=g.dtype, device=g.device).scatter_(
+        1, cols, g.expand(n - k + 1, k).contiguous())
+
+
+def _blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Separable valid filter of ``x: (B, C, H, W)`` by ``g: (k,)`` ->
+    ``(B, C, H - k + 1, W - k + 1)`` (two banded matrix products: float64 BLAS is several
+    times faster than a float64 convolution on CPU)."""
+    return _band(x.shape[-2], g) @ x @ _band(x.shape[-1], g).T
 
 
 def ssim_map(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -126,7 +134,7 @@ def ssim_map(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
                          f"pixels, got {tuple(pred.shape[-2:])}")
     x, y = pred.double(), target.double()
     g = gaussian_window(device=x.device)
-    # the five local moments in one grouped filter
+    # the five local moments in one filter call
     mx, my, exx, eyy, exy = _blur(torch.cat([x, y, x * x, y * y, x * y], 1), g).chunk(5, 1)
     sxx, syy, sxy = exx - mx * mx, eyy - my * my, exy - mx * my
     c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2
