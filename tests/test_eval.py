@@ -339,3 +339,25 @@ def test_data_hash(root, tmp_path):
     c = np.load(os.path.join(copy, "static", "coeffs.npy"))
     np.save(os.path.join(copy, "static", "coeffs.npy"), c + 1)
     assert data_hash(copy) != h
+
+
+def test_cli_help(capsys):
+    from pyface.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: pyface eval" in out and "copy-source" in out and "--max-pairs" in out
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(root):
+    cpu = evaluate(CopyDriving(48), root, protocol="cross", max_pairs=6)
+    pipe = CopySource(48, device="cuda")
+    gpu = evaluate(pipe, root, protocol="cross", max_pairs=6)
+    ref = evaluate(CopySource(48), root, protocol="cross", max_pairs=6)
+    for name in ("psnr", "ssim"):
+        for region in ("image", "face"):
+            np.testing.assert_array_equal(gpu.values[name][region], ref.values[name][region])
+    assert gpu.frames == cpu.frames == 6
