@@ -190,6 +190,7 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(
         os.path.join(ROOT, "README.md")) else "",
     long_description_content_type="text/markdown",
+    license="Apache-2.0",   # pyface's own code; see LICENSE and README "Licence and provenance"
     python_requires=">=3.10",
     packages=packages,
     # The repository folder kernels/ (Triton) is installed as pyface.kernels, never as `kernels`.

@@ -1,3 +1,8 @@
+# Provenance: reproduces the tri-plane importance renderer of EG3D (NVlabs/eg3d, commit 7cf1fd1,
+# NVIDIA Source Code License, non-commercial): plane sampling, OSG decoder, MipRayMarcher2,
+# importance sampling. Our own implementation, written from the papers and the upstream's
+# documented behaviour; no upstream code is copied. pyface's code is licensed under Apache-2.0
+# (LICENSE).
 """Fused tri-plane volume renderer in Triton: EG3D's ImportanceRenderer in one kernel per ray.
 
 Forward, per ray (one program): sample the 3 planes at the coarse depths, run the OSG decoder

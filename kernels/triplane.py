@@ -1,3 +1,7 @@
+# Provenance: reproduces the tri-plane sampling (sample_from_planes) of EG3D (NVlabs/eg3d, commit
+# 7cf1fd1, NVIDIA Source Code License, non-commercial). Our own implementation, written from the
+# papers and the upstream's documented behaviour; no upstream code is copied. pyface's code is
+# licensed under Apache-2.0 (LICENSE).
 """Triton kernels for tri-plane bilinear sampling (forward and backward).
 
 One program handles BLOCK_N points of one batch item and loops over channel chunks of BLOCK_C:

@@ -1,3 +1,11 @@
+# Provenance: reproduces the weight-file layouts (not code) of EG3D (NVlabs/eg3d, commit 7cf1fd1,
+# NVIDIA Source Code License, non-commercial) network pickles, torchvision (BSD-3-Clause),
+# insightface (MIT), GFPGAN (TencentARC/GFPGAN, Apache-2.0), HuggingFace transformers' SegFormer
+# (Apache-2.0), face-vid2vid as reimplemented in
+# zhanglonghao1992/One-Shot_Free-View_Neural_Talking_Head_Synthesis (commit 9511d25, CC BY-NC 4.0)
+# and LivePortrait (KwaiVGI/LivePortrait, commit 1986663, MIT). Our own implementation, written
+# from the papers and the upstream's documented behaviour; no upstream code is copied. pyface's
+# code is licensed under Apache-2.0 (LICENSE).
 """``pyface convert``: third-party weights -> pyface weight folders (safetensors + JSON).
 
 * ``eg3d PKL OUT``      official EG3D network pickle (also OTAvatar's / GOHA's EG3D bases), read
@@ -7,7 +15,10 @@
 * ``vgg19 PTH OUT``     torchvision VGG19 state dict (for :class:`pyface.nn.PerceptualLoss`).
 * ``arcface PTH OUT``   insightface IResNet state dict (for :class:`pyface.nn.IdentityLoss`).
 * ``gfpgan PTH OUT``    GFPGAN v1 "clean" checkpoint (``params_ema``), structure-checked.
-* ``segformer DIR OUT`` HuggingFace-format SegFormer folder.
+* ``segformer DIR OUT`` HuggingFace-format SegFormer folder (says what it drops: classifiers;
+  an encoder-only checkpoint converts to an encoder-only folder).
+* ``dense-motion PTH OUT`` face-vid2vid (reimplementation) checkpoint or LivePortrait
+  ``warping_module.pth`` -> :class:`pyface.nn.DenseMotion` weights.
 
 ``.pth`` files are read with ``torch.load(weights_only=True)``; nothing is downloaded.
 """
@@ -28,6 +39,11 @@ from pyface.checkpoint import CheckpointError, check_state_dict, load_weights_fi
 
 class ConversionError(CheckpointError):
     """The input is not what the converter expects; the message names the key and shapes."""
+
+
+class ConversionWarning(UserWarning):
+    """A converter dropped part of its input or wrote less than a full model; the message says
+    what (``pyface convert`` prints these as notes)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,16 +450,210 @@ def convert_gfpgan(path: str, out: str, key: str = "params_ema") -> str:
                         extra={"source": os.path.basename(path), "key": key})
 
 
-def convert_segformer(path: str, out: str) -> str:
-    """HuggingFace-format SegFormer folder -> weights folder (kind ``"segformer"``)."""
-    from pyface.nn.segformer import SegFormer, config_from_hf, load_hf_segformer
+def convert_segformer(path: str, out: str, keep_classifier: bool = False) -> str:
+    """HuggingFace-format SegFormer folder -> weights folder (kind ``"segformer"``).
+
+    What the folder holds, and what is dropped, is said in a :class:`ConversionWarning` and
+    recorded in the folder's ``extra`` (``dropped``, ``decode_head``, ``num_labels``):
+
+    * a segmentation checkpoint (``SegformerForSemanticSegmentation``): encoder + decode head;
+      its classifier (``decode_head.classifier``, one output per label) is dropped unless
+      ``keep_classifier`` (then ``num_labels`` and ``id2label`` are kept too);
+    * an encoder-only checkpoint (``SegformerModel``, or ``SegformerForImageClassification``, whose
+      ImageNet ``classifier`` is always dropped): the encoder only. No decode head is written,
+      so nothing random is saved as if it were weights; loading the folder into a
+      :class:`~pyface.nn.SegFormer` leaves the head at its initialisation (reported).
+
+    The folder is read back by :func:`pyface.nn.segformer.load_hf_segformer` /
+    :func:`~pyface.nn.segformer.load_segformer` and :func:`~pyface.nn.segformer.config_from_hf`.
+    """
+    import json
+    import warnings
+
+    from pyface.nn.segformer import (MixTransformer, SegFormer, config_from_hf,
+                                     load_hf_segformer, read_hf_segformer)
     from pyface.train.config import to_dict
 
     cfg = config_from_hf(path)
-    model = SegFormer(cfg)
-    load_hf_segformer(model, path)
-    return save_weights(out, model.state_dict(), kind="segformer", config=to_dict(cfg),
-                        extra={"source": os.path.basename(os.path.abspath(path))})
+    _, info = read_hf_segformer(path)
+    dropped = list(info["dropped"])
+    notes = []
+    if dropped:
+        notes.append(f"dropped {len(dropped)} keys no pyface module holds: {dropped[:4]} "
+                     "(the image-classification head)")
+    num_labels = 0
+    if not info["decode_head"]:
+        module = MixTransformer(cfg)
+        notes.append("encoder-only checkpoint: wrote the encoder only (no decode head in the "
+                     "file, none saved); a SegFormer loading this folder keeps a freshly "
+                     "initialised decode head")
+    else:
+        if info["num_labels"]:
+            if keep_classifier:
+                num_labels = info["num_labels"]
+            else:
+                dropped += ["decode_head.classifier.weight", "decode_head.classifier.bias"]
+                notes.append(f"dropped the segmentation classifier decode_head.classifier "
+                             f"({info['num_labels']} labels); keep it with keep_classifier=True "
+                             "(--keep-classifier)")
+        if not info["head_norm"]:
+            cfg.head_norm = False
+        module = SegFormer(cfg, num_labels)
+    load_hf_segformer(module, path, allow_missing_head=False)
+    state = module.state_dict()
+    if isinstance(module, MixTransformer):
+        state = {"encoder." + k: v for k, v in state.items()}
+    extra = {"source": os.path.basename(os.path.abspath(path)), "dropped": dropped,
+             "decode_head": info["decode_head"], "num_labels": num_labels}
+    if num_labels and os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json")) as fh:
+            id2label = json.load(fh).get("id2label")
+        if id2label:
+            extra["id2label"] = id2label
+    for note in notes:
+        warnings.warn(f"{path}: {note}", ConversionWarning, stacklevel=2)
+    return save_weights(out, state, kind="segformer", config=to_dict(cfg), extra=extra)
+
+
+# --------------------------------------------------------------------------------------------
+# face-vid2vid / LivePortrait dense motion
+# --------------------------------------------------------------------------------------------
+
+# upstream (face-vid2vid reimplementation, LivePortrait) -> pyface.nn.DenseMotion, inside the
+# hourglass; every other key of the dense motion network has the same name
+_DENSE_MOTION_RENAMES = (
+    (re.compile(r"^hourglass\.encoder\.down_blocks\.(\d+)\."), r"hourglass.down.\1."),
+    (re.compile(r"^hourglass\.decoder\.up_blocks\.(\d+)\."), r"hourglass.up.\1."),
+    (re.compile(r"^hourglass\.decoder\.(conv|norm)\."), r"hourglass.\1."),
+)
+_DENSE_MOTION_PREFIX = "dense_motion_network."
+
+
+def rename_dense_motion_key(key: str) -> str:
+    """A face-vid2vid / LivePortrait ``DenseMotionNetwork`` key (without the
+    ``dense_motion_network.`` prefix) -> the :class:`pyface.nn.DenseMotion` key."""
+    for pat, rep in _DENSE_MOTION_RENAMES:
+        key, n = pat.subn(rep, key)
+        if n:
+            break
+    return key
+
+
+def _dense_motion_config(state: dict[str, torch.Tensor], where: str):
+    """DenseMotionConfig from the (pyface-named) weights' shapes."""
+    from pyface.nn.motion import DenseMotionConfig
+
+    def need(key):
+        if key not in state:
+            raise ConversionError(f"{where}: expected key {key!r} of a dense motion network")
+        return state[key]
+
+    num_blocks = len({k.split(".")[2] for k in state if k.startswith("hourglass.down.")})
+    if num_blocks == 0:
+        raise ConversionError(f"{where}: no hourglass down blocks "
+                              "(hourglass.encoder.down_blocks.* upstream)")
+    compress = need("compress.weight")
+    k1 = need("mask.weight").shape[0]
+    in_features = k1 * (compress.shape[0] + 1)
+    out_filters = need("hourglass.conv.weight").shape[0]
+    widths = [need(f"hourglass.down.{i}.conv.weight").shape[0] for i in range(num_blocks)]
+    occ = state.get("occlusion.weight")
+    return DenseMotionConfig(
+        num_kp=k1 - 1, feature_channel=compress.shape[1], block_expansion=out_filters - in_features,
+        num_blocks=num_blocks, max_features=max(widths),
+        reshape_depth=(occ.shape[1] // out_filters) if occ is not None else 16,
+        compress=compress.shape[0], estimate_occlusion_map=occ is not None)
+
+
+def convert_dense_motion(path: str, out: str, layout: str = "auto") -> str:
+    """face-vid2vid / LivePortrait dense-motion weights -> weights folder (kind
+    ``"dense_motion"``) for :class:`pyface.nn.DenseMotion`; read back with
+    :func:`load_dense_motion`.
+
+    Accepted inputs (``.pth`` / ``.tar`` read with ``torch.load(weights_only=True)``, or
+    ``.safetensors``):
+
+    * ``face-vid2vid``: the reimplementation's training checkpoint (a dict with ``generator``;
+      its ``dense_motion_network.*`` keys), or a bare generator / DenseMotionNetwork state dict;
+    * ``liveportrait``: ``warping_module.pth`` (a WarpingNetwork state dict; its
+      ``dense_motion_network.*`` keys).
+
+    Three renames inside the hourglass (:func:`rename_dense_motion_key`); BatchNorm
+    ``num_batches_tracked`` counters absent from old files are set to 0. The config (K, widths,
+    depth, occlusion) is inferred from the shapes and every key and shape is checked. The
+    folder's ``extra`` records ``layout`` and ``pi``: the value of pi that the layout's pose code
+    used for degrees (3.14 for face-vid2vid, math.pi for LivePortrait); pass it as
+    ``euler_to_rotation(..., pi=...)`` to reproduce that model's rotations.
+    """
+    import math
+
+    from pyface.nn.motion import FACE_VID2VID_PI, DenseMotion
+    from pyface.train.config import to_dict
+
+    if layout not in ("auto", "face-vid2vid", "liveportrait"):
+        raise ValueError(f"layout: expected 'auto', 'face-vid2vid' or 'liveportrait', got "
+                         f"{layout!r}")
+    raw = load_weights_file(path)
+    if not isinstance(raw, dict):
+        raise ConversionError(f"{path}: expected a dict, got {type(raw).__name__}")
+    container = None
+    if "generator" in raw and isinstance(raw["generator"], dict):
+        container, raw = "generator", raw["generator"]
+        if layout == "auto":
+            layout = "face-vid2vid"
+    elif "state_dict" in raw and isinstance(raw["state_dict"], dict):
+        container, raw = "state_dict", raw["state_dict"]
+    if not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise ConversionError(f"{path}: expected a state dict of tensors"
+                              + (f" under {container!r}" if container else ""))
+    if raw and all(k.startswith("module.") for k in raw):
+        raw = {k[len("module."):]: v for k, v in raw.items()}
+    ignored = 0
+    if any(k.startswith(_DENSE_MOTION_PREFIX) for k in raw):
+        ignored = sum(not k.startswith(_DENSE_MOTION_PREFIX) for k in raw)
+        if layout == "auto":
+            # face-vid2vid's generator holds the appearance encoder (`first`, `down_blocks`, ...)
+            # next to the dense motion; LivePortrait's warping module does not
+            layout = "face-vid2vid" if any(k.startswith("first.") for k in raw) \
+                else "liveportrait"
+        raw = {k[len(_DENSE_MOTION_PREFIX):]: v for k, v in raw.items()
+               if k.startswith(_DENSE_MOTION_PREFIX)}
+    if layout == "auto":
+        import warnings
+
+        layout = "face-vid2vid"
+        warnings.warn(f"{path}: a bare dense-motion state dict does not tell face-vid2vid from "
+                      "LivePortrait; recorded face-vid2vid's degree convention (pi = 3.14); "
+                      "pass layout= (--layout) to choose", ConversionWarning, stacklevel=2)
+    state = {rename_dense_motion_key(k): v for k, v in raw.items()}
+    where = f"{path} ({layout} dense motion)"
+    cfg = _dense_motion_config(state, where)
+    module = DenseMotion(cfg)
+    for k, v in module.state_dict().items():
+        if k.endswith("num_batches_tracked") and k not in state:
+            state[k] = torch.zeros_like(v)
+    try:
+        check_state_dict(module, state, where)
+    except CheckpointError as exc:
+        raise ConversionError(f"{exc} (pyface names: upstream hourglass.encoder.down_blocks.i = "
+                              "hourglass.down.i, hourglass.decoder.up_blocks.i = hourglass.up.i, "
+                              "hourglass.decoder.conv/norm = hourglass.conv/norm)") from None
+    pi = FACE_VID2VID_PI if layout == "face-vid2vid" else math.pi
+    return save_weights(out, state, kind="dense_motion", config=to_dict(cfg),
+                        extra={"source": os.path.basename(path), "layout": layout, "pi": pi,
+                               "ignored_keys": ignored})
+
+
+def load_dense_motion(path: str, device="cpu"):
+    """A ``pyface convert dense-motion`` folder -> (:class:`pyface.nn.DenseMotion`, extra) with
+    ``extra["pi"]`` the layout's degree convention (see :func:`convert_dense_motion`)."""
+    from pyface.checkpoint import load_module_state, load_weights
+    from pyface.nn.motion import DenseMotion, DenseMotionConfig
+
+    tensors, meta = load_weights(path, kind="dense_motion", device=device)
+    module = DenseMotion(DenseMotionConfig(**meta["config"]))
+    load_module_state(module, tensors, path)
+    return module.to(device), meta.get("extra", {})
 
 
 CONVERTERS = {
@@ -452,6 +662,9 @@ CONVERTERS = {
     "arcface": (convert_arcface, "insightface IResNet .pth -> identity-loss weights"),
     "gfpgan": (convert_gfpgan, "GFPGANv1-clean .pth (params_ema) -> weights"),
     "segformer": (convert_segformer, "HuggingFace SegFormer folder -> weights"),
+    "dense-motion": (convert_dense_motion,
+                     "face-vid2vid checkpoint / LivePortrait warping_module.pth -> DenseMotion "
+                     "weights"),
 }
 
 
@@ -469,17 +682,40 @@ def add_parser(subparsers) -> None:
         if name == "eg3d":
             q.add_argument("--network", default="G_ema", choices=("G_ema", "G"),
                            help="which generator of the pickle (default: G_ema)")
+        if name == "segformer":
+            q.add_argument("--keep-classifier", action="store_true",
+                           help="keep the segmentation classifier (dropped by default)")
+        if name == "dense-motion":
+            q.add_argument("--layout", default="auto",
+                           choices=("auto", "face-vid2vid", "liveportrait"),
+                           help="upstream layout (default: inferred; it only sets the recorded "
+                                "degree convention)")
         q.set_defaults(func=run)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
 def run(args) -> int:
+    import warnings
+
     fn = CONVERTERS[args.format][0]
-    kwargs = {"network": args.network} if args.format == "eg3d" else {}
+    kwargs = {}
+    if args.format == "eg3d":
+        kwargs["network"] = args.network
+    elif args.format == "segformer":
+        kwargs["keep_classifier"] = args.keep_classifier
+    elif args.format == "dense-motion":
+        kwargs["layout"] = args.layout
     try:
-        out = fn(args.src, args.out, **kwargs)
-    except (CheckpointError, FileNotFoundError) as exc:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConversionWarning)
+            out = fn(args.src, args.out, **kwargs)
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"pyface convert {args.format}: {exc}", file=sys.stderr)
         return 1
+    for w in caught:
+        if issubclass(w.category, ConversionWarning):
+            print(f"pyface convert {args.format}: note: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     print(out)
     return 0

@@ -12,9 +12,9 @@ import torch
 
 from pyface.data import format as fmt
 from pyface.data import synthetic as S
-from pyface.data.eval_pairs import MOVING_EXP_L2, MOVING_POSE_DEG, reenactment_pairs
+from pyface.data.reenactment import MOVING_EXP_L2, MOVING_POSE_DEG, reenactment_pairs
 from pyface.eval import metrics as M
-from pyface.eval.evaluate import CopySource, evaluate
+from pyface.eval.evaluate import CopySource, evaluate, source_key
 
 
 
@@ -132,42 +132,25 @@ def root(tmp_path_factory):
     return out
 
 
-def test_reenactment_pairs(root):
+def test_source_keys_group_pairs_by_source(root):
+    """The evaluator groups pairs by source without loading them; the keys agree with the
+    items' source frames."""
+    from pyface.eval.evaluate import _groups
+
     same = reenactment_pairs(root, protocol="same")
-    names = [r.name for r in same.base.videos]
-    assert names == ["id0000_v00", "id0000_v01", "id0001_v00", "id0001_v01", "static"]
-    assert len(same) == 4 * 7 + 5 and len(same.groups()) == 5
-    it = same[8]                              # second video, driving frame 2
-    assert int(it["source"]["video"]) == 1 and int(it["source"]["frame"]) == 0
-    assert int(it["driving"]["frame"]) == 2 and torch.equal(it["driving"]["image"], it["target"]["image"])
-    assert it["target"]["image"].dtype == torch.uint8 and it["target"]["mask"].shape == (1, 64, 64)
-    # moving flag = pose >= 10 deg or expression L2 > 0.5; the static video never moves
-    assert np.array_equal(same.moving, (same.pose >= MOVING_POSE_DEG) | (same.exp > MOVING_EXP_L2))
-    assert not same.moving[-5:].any() and same.moving.any() and not same.moving.all()
-    moving = reenactment_pairs(root, protocol="same", subset="moving")
-    assert len(moving) == int(same.moving.sum()) and moving.moving.all()
-    assert reenactment_pairs(root, protocol="same", pose_deg=0).moving.all()
-    # cross identity: every frame of each cross video; source = frame 0 of A's first video
-    cross = reenactment_pairs(root, protocol="cross", resolution=32)
-    assert len(cross) == 2 * 8 and len(cross.groups()) == 2
-    it = cross[9]
-    assert it["source"]["image"].shape == (3, 32, 32) and it["target"]["mask"].shape == (1, 32, 32)
-    assert it["target"]["landmarks"].abs().max() <= 32      # landmarks scaled to 32 px
-    src_v, drv_v = int(it["source"]["video"]), int(it["driving"]["video"])
-    assert names[src_v] == "id0001_v00" and names[drv_v] == "id0000_v00"
-    assert int(it["driving"]["frame"]) == 1 and not torch.equal(it["driving"]["image"], it["target"]["image"])
-    with pytest.raises(ValueError, match="protocol: expected one of"):
-        reenactment_pairs(root, protocol="both")
-    with pytest.raises(ValueError, match="subset: expected one of"):
-        reenactment_pairs(root, subset="static")
-
-
-def test_cross_needs_ground_truth(tmp_path):
-    out = str(tmp_path / "nocross")
-    S.generate(out, S.default_config(identities=2, videos_per_identity=1, frames=2, cross=False),
-               progress=False)
-    with pytest.raises(fmt.DataError, match="cross-identity ground truth"):
-        reenactment_pairs(out, protocol="cross")
+    groups = _groups(same, list(range(len(same))))
+    assert [len(g) for g in groups] == [7, 7, 7, 7, 5]      # 4 synthetic videos + static
+    for g in groups:
+        src = [(int(same[i]["source"]["video"]), int(same[i]["source"]["frame"])) for i in (g[0], g[-1])]
+        assert src[0] == src[1] and src[0][1] == 0
+    assert len({source_key(same, g[0]) for g in groups}) == 5
+    cross = reenactment_pairs(root, protocol="cross", subset="moving")
+    groups = _groups(cross, list(range(len(cross))))
+    assert sum(map(len, groups)) == len(cross) and len(groups) == 2
+    for g in groups:
+        imgs = [cross[i]["source"]["image"] for i in (g[0], g[-1])]
+        assert torch.equal(*imgs)
+    assert not torch.equal(cross[groups[0][0]]["source"]["image"], cross[groups[1][0]]["source"]["image"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,31 +224,33 @@ def test_bad_pipeline_output(root):
         evaluate(Bad(32), root, batch_size=4)
 
 
+def test_image_only_data_has_no_moving_subset(root, tmp_path):
+    import shutil
+
+    d = str(tmp_path / "img")
+    shutil.copytree(root, d, ignore=shutil.ignore_patterns("cross", "multiview"))
+    for name in fmt.video_names(d):
+        for f in ("coeffs.npy", "dataset.json", "landmarks.npy", "meta.json"):
+            os.remove(os.path.join(d, name, f))
+    os.remove(os.path.join(d, fmt.INDEX))
+    fmt.write_index(d)
+    res = evaluate(CopySource(32), d, protocol="same")
+    assert list(res.to_dict()["subsets"]) == ["all"] and res.to_dict()["subsets"]["all"]["count"] == 33
+    assert not res.has_moving
+
+
 def test_example_model_pipeline(root):
-    """The example tri-plane autoencoder through a minimal pipeline (reconstruction of the
-    source, turned by the driving head yaw) at its own 32 px output resolution."""
-    from pyface.train.example import TriplaneAEConfig, TriplaneAutoencoder
+    """The example model's own pipeline (tri-plane reconstruction of the source, turned by the
+    driving camera's yaw) at its 32 px output resolution, on 64 px data."""
+    from pyface.train.example import ExamplePipeline, TriplaneAEConfig, TriplaneAutoencoder
 
     torch.manual_seed(0)
     model = TriplaneAutoencoder(TriplaneAEConfig(resolution=32, plane_resolution=16,
                                                  plane_channels=4, encoder_channels=8,
-                                                 hidden=8, depth_samples=4)).eval()
-
-    class ExamplePipeline:
-        resolution, device = 32, torch.device("cpu")
-
-        def encode_source(self, source):
-            return model.encode(source["image"][None])
-
-        def encode_driving(self, driving):
-            return driving["coeffs"][:, 225]               # yaw
-
-        def generate(self, planes, yaw):
-            return model.render(planes.expand(yaw.shape[0], -1, -1, -1, -1), yaw)
-
-    res = evaluate(ExamplePipeline(), root, protocol="cross", max_pairs=6)
+                                                 hidden=8, depth_samples=4))
+    res = evaluate(ExamplePipeline(model, device="cpu"), root, protocol="cross", max_pairs=6)
     d = res.to_dict()
-    assert d["frames"] == 6 and d["sources"] == 2
+    assert d["frames"] == 6 and d["sources"] == 2 and res.resolution == 32
     v = d["subsets"]["all"]
     assert 0 < v["psnr"]["image"] < 40 and -1 < v["ssim"]["face"] < 1
     assert res.sheet["prediction"].shape == (2, 3, 32, 32)
@@ -299,6 +284,31 @@ def test_cli_copy_source(root, tmp_path, capsys):
     assert rep["protocols"]["cross"]["subsets"]["all"]["count"] == 16
     # 2 rows per protocol, 4 columns of 32 px with 2 px padding
     assert Image.open(sheet).size == (4 * 34 + 2, 4 * 34 + 2)
+
+
+def test_cli_trained_example(root, tmp_path):
+    """`pyface eval example --checkpoint RUN`: a 2-step run of the example model, loaded by
+    pyface.models.load, evaluated at its 16 px output resolution."""
+    from pyface.cli import main
+
+    run = tmp_path / "run"
+    sets = ["model.resolution=16", "model.plane_resolution=8", "model.plane_channels=4",
+            "model.encoder_channels=8", "model.hidden=8", "model.depth_samples=4",
+            "data.resolution=16", f"data.path={root}", "train.batch_size=4",
+            "train.progress=false", "train.tensorboard=false", "train.image_every=0",
+            f"train.run_dir={run}", "train.steps=2"]
+    assert main(["train", "example", *sum((["--set", x] for x in sets), [])]) == 0
+    out = tmp_path / "ex.json"
+    assert main(["eval", "example", "--checkpoint", str(run), "--data", root, "--device", "cpu",
+                 "--json", str(out), "--sheet", str(tmp_path / "ex.png"), "--max-pairs", "8",
+                 "--quiet"]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["model"] == "example" and rep["resolution"] == 16
+    for proto in ("same", "cross"):
+        r = rep["protocols"][proto]
+        assert r["subsets"]["all"]["count"] == 8 and r["fps"] > 0
+        assert 0 < r["subsets"]["all"]["psnr"]["face"] < 40
+    assert os.path.getsize(tmp_path / "ex.png") > 0
 
 
 def test_cli_model_loads_through_pyface_models(root, tmp_path, monkeypatch, capsys):

@@ -24,8 +24,35 @@ def add_parser(subparsers) -> None:
     s.add_argument("--no-cross", action="store_true",
                    help="skip the cross-identity ground truth (ROOT/cross)")
     s.add_argument("--no-masks", action="store_true", help="do not write masks/")
+    s.add_argument("--split", choices=("train", "test"), default="train",
+                   help="test: held-out identities (test0000, ...) from random streams no "
+                        "training split uses, with the cross-identity set")
+    s.add_argument("--zoom", type=float, default=0.0,
+                   help="per-video zoom: log-scale amplitude (0.2: scale 0.82-1.22 in each video)")
+    s.add_argument("--exp-leak", type=float, default=0.0,
+                   help="add exp_leak * L @ id to the stored expression coefficients")
+    s.add_argument("--multiview", action="store_true",
+                   help="also render every video from a second camera (ROOT/multiview)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_synth)
+
+    e = sub.add_parser("pairs", help="count the evaluation pairs and their copy-source PSNR",
+                       description="Same- and cross-identity reenactment pairs of a dataset "
+                                   "(pyface.data.reenactment_pairs), all and moving, with the "
+                                   "PSNR of copying the source (the baseline).")
+    e.add_argument("root")
+    e.add_argument("--resolution", type=int, default=None)
+    e.set_defaults(func=_pairs)
+
+    k = sub.add_parser("cache", help="list or build the cached built-in synthetic sets",
+                       description="List the cached synthetic datasets ($PYFACE_CACHE, default "
+                                   "~/.cache/pyface), or build the built-in set a training run "
+                                   "with data.path unset uses (--build RESOLUTION).")
+    k.add_argument("--build", type=int, metavar="RESOLUTION", default=None,
+                   help="generate the built-in set at this data.resolution (no-op when cached)")
+    k.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a built-in set option (data.options.synth), e.g. --set zoom=0.2")
+    k.set_defaults(func=_cache)
 
     c = sub.add_parser("check", help="report missing or corrupt files of a dataset",
                        description="Validate a dataset root: index, meta.json, dataset.json "
@@ -59,10 +86,87 @@ def _synth(args) -> int:
 
     cfg = SynthConfig(identities=args.identities, videos_per_identity=args.videos_per_identity,
                       frames=args.frames, resolution=args.resolution, fps=args.fps, seed=args.seed,
-                      workers=args.workers, cross=not args.no_cross, masks=not args.no_masks)
+                      workers=args.workers, cross=not args.no_cross, masks=not args.no_masks,
+                      split=args.split, zoom=args.zoom, exp_leak=args.exp_leak,
+                      multiview=args.multiview)
     s = generate(args.out, cfg, progress=not args.quiet)
+    extra = (f", {s['view_videos']} second views" if s["view_videos"] else "") + \
+        (f", split {args.split}" if args.split != "train" else "")
     print(f"wrote {s['videos']} videos + {s['cross_videos']} cross-identity videos "
-          f"({s['frames']} frames) to {args.out} in {s['seconds']:.1f} s with {s['workers']} workers")
+          f"({s['frames']} frames){extra} to {args.out} in {s['seconds']:.1f} s with "
+          f"{s['workers']} workers")
+    return 0
+
+
+def _pairs(args) -> int:
+    import os
+
+    import numpy as np
+
+    from pyface.data.reenactment import reenactment_pairs
+
+    for protocol in ("same", "cross"):
+        if protocol == "cross" and not os.path.isdir(os.path.join(args.root, "cross")):
+            continue
+        ds = reenactment_pairs(args.root, resolution=args.resolution, protocol=protocol)
+        psnr = []
+        for i in range(len(ds)):
+            it = ds[i]
+            a = it["source"]["image"].float() / 255
+            b = it["target"]["image"].float() / 255
+            psnr.append(-10 * np.log10(max(float(((a - b) ** 2).mean()), 1e-10)))
+        psnr = np.array(psnr)
+        mv = np.asarray(ds.moving, bool)
+        line = f"{protocol:5s}: {len(ds)} pairs, copy-source PSNR {psnr.mean():.2f} dB"
+        if ds.has_coeffs:
+            line += (f"; moving {int(mv.sum())} ({psnr[mv].mean() if mv.any() else float('nan'):.2f} dB)"
+                     f", static {int((~mv).sum())} "
+                     f"({psnr[~mv].mean() if (~mv).any() else float('nan'):.2f} dB)")
+        print(line)
+    return 0
+
+
+def _cache(args) -> int:
+    import json
+    import os
+
+    from pyface.data.cache import cache_dir, cached, is_complete
+
+    if args.build is not None:
+        import time
+
+        from pyface.data.builtin import SynthOptions
+
+        import dataclasses
+
+        import yaml
+
+        valid = [f.name for f in dataclasses.fields(SynthOptions)]
+        kw = {}
+        for item in args.overrides:
+            k, sep, v = item.partition("=")
+            if not sep or k not in valid:
+                print(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(valid)}",
+                      file=sys.stderr)
+                return 2
+            kw[k] = yaml.safe_load(v)
+        cfg = SynthOptions(**kw).synth_config(args.build)
+        t0 = time.perf_counter()
+        root = cached(cfg, progress=True)
+        print(f"{root} ({time.perf_counter() - t0:.1f} s)")
+        return 0
+    base = os.path.join(cache_dir(), "synthetic")
+    names = sorted(os.listdir(base)) if os.path.isdir(base) else []
+    names = [n for n in names if not n.startswith(".") and not n.endswith(".lock")]
+    print(f"{base}: {len(names)} dataset(s)")
+    for n in names:
+        root = os.path.join(base, n)
+        if not is_complete(root):
+            print(f"  {n}  (incomplete)")
+            continue
+        with open(os.path.join(root, "synth.json")) as f:
+            s = json.load(f)
+        print(f"  {n}  {s['frames']} frames, generated in {s['seconds']:.1f} s")
     return 0
 
 
@@ -75,14 +179,16 @@ def _check(args) -> int:
     frames = sum(r.num_frames for r in records)
     for p in problems:
         print(f"ERROR {p}")
-    cross = os.path.join(args.root, "cross")
     extra = ""
-    if os.path.isfile(os.path.join(cross, "index.json")):
-        rc, pc = check_dataset(cross, deep=not args.fast)
+    for sub, what in (("cross", "cross-identity videos"), ("multiview", "second views")):
+        d = os.path.join(args.root, sub)
+        if not os.path.isfile(os.path.join(d, "index.json")):
+            continue
+        rc, pc = check_dataset(d, deep=not args.fast)
         for p in pc:
             print(f"ERROR {p}")
         problems += pc
-        extra = f" (+ {len(rc)} cross-identity videos, {sum(r.num_frames for r in rc)} frames)"
+        extra += f" (+ {len(rc)} {what}, {sum(r.num_frames for r in rc)} frames)"
     status = "OK" if not problems else f"{len(problems)} problem(s)"
     print(f"{args.root}: {len(records)} videos, {frames} frames{extra}: {status}")
     return 0 if not problems else 1

@@ -1,3 +1,7 @@
+# Provenance: reproduces the dataset.json camera-label layout of EG3D (NVlabs/eg3d, commit
+# 7cf1fd1, NVIDIA Source Code License, non-commercial). Our own implementation, written from the
+# papers and the upstream's documented behaviour; no upstream code is copied. pyface's code is
+# licensed under Apache-2.0 (LICENSE).
 """The on-disk talking-head dataset format, its index and its validation.
 
 A dataset root holds one folder per video::
@@ -9,9 +13,13 @@ A dataset root holds one folder per video::
                                     "num_frames": T, "resolution": [H, W], ...}
         frames/00000.png ...       RGB frames (or a single frames.mp4)
         masks/00000.png ...        optional foreground masks (8-bit, 255 = foreground)
-        dataset.json               EG3D labels: {"labels": [["frames/00000.png", [25 floats]], ...]}
-        coeffs.npy                 (T, 257) float32 Deep3DFaceRecon coefficients
+        dataset.json               optional EG3D labels: {"labels": [["frames/00000.png", [25 floats]], ...]}
+        coeffs.npy                 optional (T, 257) float32 Deep3DFaceRecon coefficients
         landmarks.npy              optional (T, 68, 2) or (T, 478, 2) float32, pixels (x right, y down)
+
+Only the frames are required. A video without ``coeffs.npy`` / ``dataset.json`` / ``landmarks.npy``
+loads with those keys absent from its items (image-only models); without ``meta.json`` (a
+``frames/`` folder only) its identity is the folder name. Present files are always checked.
 
 ``index.json`` = ``{"format": "pyface-video/1", "videos": [{"name", "identity", "num_frames",
 "frames": "png" | "mp4", "resolution", "has_masks", "has_landmarks"}, ...]}``.
@@ -135,9 +143,13 @@ def _load_json(path):
 
 
 def scan_video(root: str, name: str) -> VideoRecord:
-    """Builds a record from a video folder's files (meta.json and what exists)."""
+    """Builds a record from a video folder's files (meta.json and what exists). Without
+    ``meta.json`` a ``frames/`` folder is a video whose identity is the folder name."""
     d = os.path.join(root, name)
-    meta = _load_json(os.path.join(d, META))
+    if not os.path.isfile(os.path.join(d, META)) and os.path.isdir(os.path.join(d, FRAME_DIR)):
+        meta = {"identity": name}
+    else:
+        meta = _load_json(os.path.join(d, META))
     if not isinstance(meta, dict) or "identity" not in meta:
         raise DataError(f"{os.path.join(d, META)}: expected an object with an 'identity' field")
     if os.path.isdir(os.path.join(d, FRAME_DIR)):
@@ -156,8 +168,10 @@ def scan_video(root: str, name: str) -> VideoRecord:
 
 
 def video_names(root: str) -> list[str]:
+    """Folders of ``root`` that are videos: with a ``meta.json`` or a ``frames/`` folder."""
     return sorted(e for e in os.listdir(root)
-                  if os.path.isfile(os.path.join(root, e, META)))
+                  if os.path.isfile(os.path.join(root, e, META))
+                  or os.path.isdir(os.path.join(root, e, FRAME_DIR)))
 
 
 def write_index(root: str, records: list[VideoRecord] | None = None) -> list[VideoRecord]:
@@ -191,11 +205,14 @@ def load_index(root: str) -> list[VideoRecord]:
 # per-video arrays (checked)
 
 
-def load_coeffs(root: str, rec: VideoRecord) -> np.ndarray:
+def load_coeffs(root: str, rec: VideoRecord, required: bool = True) -> np.ndarray | None:
+    """``(T, 257)`` float32; a missing file raises, or returns None with ``required=False``."""
     path = rec.path(root, COEFFS)
     try:
         c = np.load(path, allow_pickle=False)
     except FileNotFoundError:
+        if not required:
+            return None
         raise DataError(f"{path}: missing") from None
     except (ValueError, OSError) as e:
         raise DataError(f"{path}: unreadable ({e})") from None
@@ -207,8 +224,12 @@ def load_coeffs(root: str, rec: VideoRecord) -> np.ndarray:
     return c.astype(np.float32)
 
 
-def load_labels(root: str, rec: VideoRecord) -> np.ndarray:
+def load_labels(root: str, rec: VideoRecord, required: bool = True) -> np.ndarray | None:
+    """``(T, 25)`` float32 EG3D cameras; a missing file raises, or returns None with
+    ``required=False``."""
     path = rec.path(root, LABELS)
+    if not required and not os.path.exists(path):
+        return None
     d = _load_json(path)
     try:
         labels = d["labels"]
@@ -301,7 +322,8 @@ def check_video(root: str, rec: VideoRecord, deep: bool = True) -> list[str]:
     """Problems of one video (each names a file); empty when the video is fine. ``deep`` decodes
     every frame and mask, otherwise only their presence is checked."""
     problems = []
-    for fn in (lambda: load_coeffs(root, rec), lambda: load_labels(root, rec),
+    for fn in (lambda: load_coeffs(root, rec, required=False),
+               lambda: load_labels(root, rec, required=False),
                lambda: load_landmarks(root, rec)):
         try:
             fn()
@@ -359,7 +381,7 @@ def check_dataset(root: str, deep: bool = True) -> tuple[list[VideoRecord], list
     except DataError as e:
         return [], problems + [str(e)]
     if not names:
-        problems.append(f"{root}: no video folders (folders with {META})")
+        problems.append(f"{root}: no video folders (folders with {META} or {FRAME_DIR}/)")
     for rec in records:
         problems += check_video(root, rec, deep=deep)
     return records, problems

@@ -13,9 +13,16 @@ foreground mask, 257-dim coefficients, EG3D camera, 68 landmarks, identity and v
   video's first frame) with the expression and pose of every frame of video V of another
   identity. ``meta.json`` names the source and driving videos: it is the evaluation set for
   cross-identity reenactment. ``cross/`` is a dataset root of its own.
+* Multi-view (``multiview=True``): ``multiview/<video>`` renders every frame of ``<video>`` a
+  second time from another camera of a fixed two-camera rig (:func:`sample_rig`); a dataset
+  root of its own.
+* Options for the models: ``zoom`` (a per-video scale trajectory, :func:`zoom_trajectory`),
+  ``exp_leak`` (a deterministic identity term added to the *stored* expression coefficients,
+  :func:`leak_matrix`) and ``split="test"`` (held-out identities drawn from random streams that
+  training splits never use, named ``test0000`` ...).
 
-Everything is a pure function of ``(seed, identity, video)``: the output does not depend on the
-number of worker processes or on the order they finish in.
+Everything is a pure function of ``(seed, split, identity, video)``: the output does not depend on
+the number of worker processes or on the order they finish in.
 """
 from __future__ import annotations
 
@@ -26,6 +33,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from pyface.data import format as fmt
+
+#: Bump when the generated content changes, so cached datasets (:mod:`pyface.data.cache`) of
+#: an older engine are not reused.
+GENERATOR_VERSION = 2
+SPLITS = ("train", "test")
+#: Seed of the fixed expression-identity leak matrix (the same for every dataset and split, like
+#: the bias of one coefficient fitter).
+LEAK_SEED = 20_241_117
 
 YAW_LIMIT = math.radians(35)
 PITCH_LIMIT = math.radians(20)
@@ -46,6 +61,10 @@ class SynthConfig:
     workers: int = 0
     batch: int = 8
     masks: bool = True
+    split: str = "train"        # "train" | "test" (held-out identities, their own random streams)
+    zoom: float = 0.0           # amplitude of the per-video log-scale trajectory (0: none)
+    exp_leak: float = 0.0       # strength of the identity leak into the stored exp coefficients
+    multiview: bool = False     # also render ROOT/multiview (a second camera per video)
 
     def __post_init__(self):
         for k in ("identities", "videos_per_identity", "frames", "resolution", "batch"):
@@ -53,14 +72,30 @@ class SynthConfig:
                 raise ValueError(f"{k}: expected > 0, got {getattr(self, k)}")
         if self.cross and self.identities < 2:
             raise ValueError("cross: cross-identity ground truth needs identities >= 2")
+        if self.split not in SPLITS:
+            raise ValueError(f"split: expected one of {SPLITS}, got {self.split!r}")
+        if self.split == "test" and not self.cross:
+            raise ValueError("cross: the test split always writes the cross-identity set "
+                             "(cross=True)")
+        if not 0.0 <= float(self.zoom) <= 0.5:
+            raise ValueError(f"zoom: expected a log-scale amplitude in [0, 0.5], got {self.zoom}")
+        if float(self.exp_leak) < 0:
+            raise ValueError(f"exp_leak: expected >= 0, got {self.exp_leak}")
 
 
-def identity_name(i: int) -> str:
-    return f"id{i:04d}"
+def identity_name(i: int, split: str = "train") -> str:
+    """``id0000`` for training identities, ``test0000`` for held-out ones."""
+    return f"{'id' if split == 'train' else 'test'}{i:04d}"
 
 
-def video_name(i: int, v: int) -> str:
-    return f"{identity_name(i)}_v{v:02d}"
+def video_name(i: int, v: int, split: str = "train") -> str:
+    return f"{identity_name(i, split)}_v{v:02d}"
+
+
+def _stream(split: str, k: int) -> int:
+    """Random stream ``k`` of a split: training splits use 0..99, the test split 100..199, so
+    held-out identities and motions never come from a training stream, whatever the seed."""
+    return k + (100 if split == "test" else 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,9 +114,9 @@ def _names(model, kind):
     return {n: i for i, n in enumerate(names)}
 
 
-def sample_identity(model, seed: int, identity: int, resolution: int):
+def sample_identity(model, seed: int, identity: int, resolution: int, split: str = "train"):
     """Returns ``(id (80,), tex (80,), background (3, H, W))`` float32 numpy arrays."""
-    rng = np.random.default_rng([seed, 0, identity])
+    rng = np.random.default_rng([seed, _stream(split, 0), identity])
     idn, texn = _names(model, "id"), _names(model, "tex")
     idc = np.zeros(80, np.float32)
     for n, i in idn.items():
@@ -133,9 +168,11 @@ def _smooth(rng, t, fmax, n=4):
     return (a[:, None] * np.sin(2 * math.pi * f[:, None] * t[None] + ph[:, None])).sum(0) / a.sum()
 
 
-def sample_motion(model, seed: int, identity: int, video: int, frames: int, fps: float):
-    """Per-frame ``exp (T, 64)``, ``angles (T, 3)``, ``trans (T, 3)``, ``gamma (T, 27)``."""
-    rng = np.random.default_rng([seed, 1, identity, video])
+def sample_motion(model, seed: int, identity: int, video: int, frames: int, fps: float,
+                  split: str = "train", zoom: float = 0.0):
+    """Per-frame ``exp (T, 64)``, ``angles (T, 3)``, ``trans (T, 3)``, ``gamma (T, 27)``.
+    ``zoom > 0`` moves the head along the camera axis by :func:`zoom_trajectory`."""
+    rng = np.random.default_rng([seed, _stream(split, 1), identity, video])
     t = np.arange(frames) / fps
     en = _names(model, "exp")
     exp = np.zeros((frames, 64), np.float32)
@@ -188,7 +225,56 @@ def sample_motion(model, seed: int, identity: int, video: int, frames: int, fps:
         gamma[:, ch, 2] = k * d[2]
         gamma[:, ch, 3] = -k * d[0] + 0.03 * _smooth(rng, t, 0.2)
     gamma[:, :, 4:] = rng.normal(0, 0.03, (1, 1, 5))
+    if zoom > 0:
+        scale = zoom_trajectory(seed, identity, video, frames, zoom, split)
+        # image scale ~ 1 / camera distance: the Deep3DFaceRecon camera sits at z = 10
+        d = BFM_CAMERA_DISTANCE - trans[:, 2].astype(np.float64)
+        trans[:, 2] = (BFM_CAMERA_DISTANCE - d / scale).astype(np.float32)
     return exp, angles, trans, gamma.reshape(frames, 27)
+
+
+BFM_CAMERA_DISTANCE = 10.0   # = pyface.face.cameras.BFM_CAMERA_DISTANCE (no torch import here)
+
+
+def zoom_trajectory(seed: int, identity: int, video: int, frames: int, zoom: float,
+                    split: str = "train") -> np.ndarray:
+    """The per-frame image scale ``(T,)`` of the zoom option: ``exp(zoom * sin(2 pi t / T +
+    phase))`` with a random phase per video, so every video sweeps the scale range
+    ``[exp(-zoom), exp(zoom)]`` over one period (one period per video length). The head is
+    moved along the camera axis (``trans_z``) so its projected size is the base size times the
+    scale; the stored coefficients and cameras are those of the moved head."""
+    rng = np.random.default_rng([seed, _stream(split, 3), identity, video])
+    phase = rng.uniform(0, 2 * math.pi)
+    t = np.arange(frames) / max(frames, 1)
+    return np.exp(zoom * np.sin(2 * math.pi * t + phase))
+
+
+def leak_matrix() -> np.ndarray:
+    """``L (64, 80)``: the fixed expression-identity leak. With ``exp_leak = a`` the stored
+    expression coefficients of a frame are ``exp + a * L @ id`` (``id`` its identity
+    coefficients), while the image is rendered with ``exp``. ``L`` has i.i.d. N(0, 1/80)
+    entries from ``default_rng(LEAK_SEED)``, so ``L @ id`` has about unit variance per
+    component. The rendered expression is recovered exactly as ``stored - a * L @ id``."""
+    return (np.random.default_rng(LEAK_SEED).normal(size=(64, 80)) / math.sqrt(80)).astype(np.float32)
+
+
+def apply_leak(coeffs: np.ndarray, strength: float) -> np.ndarray:
+    """``coeffs (T, 257)`` with :func:`leak_matrix`'s term added to ``exp`` (a copy)."""
+    out = np.array(coeffs, np.float32, copy=True)
+    if strength:
+        out[:, 80:144] += strength * out[:, 0:80] @ leak_matrix().T
+    return out
+
+
+def sample_rig(seed: int, identity: int, video: int, mean_yaw: float, split: str = "train"):
+    """The second camera of a video's two-camera rig: ``(yaw, pitch)`` offsets in radians of
+    camera 1 orbiting camera 0 about the world origin (the head). ``|yaw|`` is drawn in
+    [15, 30] degrees, on the side that brings the camera towards the frontal view
+    (opposite to the sign of the video's mean head yaw); pitch in [-10, 10] degrees."""
+    rng = np.random.default_rng([seed, _stream(split, 2), identity, video])
+    mag = math.radians(rng.uniform(15, 30))
+    sign = 1.0 if mean_yaw > 0 else -1.0    # camera yaw = -head yaw: turn towards the face
+    return sign * mag, math.radians(rng.uniform(-10, 10))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,6 +313,62 @@ def _task(args):
     return kind, rec, time.process_time() - c0
 
 
+def render_second_view(model, coeffs, yaw: float, pitch: float, background, resolution, batch=8):
+    """Renders ``coeffs (T, 257)`` from the rig's second camera: camera 0 (the coefficients'
+    own camera) orbited by ``yaw`` about the world y axis, then ``pitch`` about x, around the
+    world origin. Vertex colours are shaded as camera 0 sees them (the lighting belongs to
+    the scene, so both views show the same surface colours). Returns frames, masks, coeffs
+    (the second camera's pose as Deep3DFaceRecon ``angles``/``trans``; id/exp/tex/gamma
+    unchanged), labels and landmarks, as :func:`render_video`."""
+    import torch
+
+    from pyface.face import cameras as cam
+    from pyface.face.coeffs import split_coeffs
+    from pyface.face.morphable import sh_shading, vertex_normals
+    from pyface.face.render import render_mesh
+
+    cy, sy, cp, sp = math.cos(yaw), math.sin(yaw), math.cos(pitch), math.sin(pitch)
+    ry = torch.tensor([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]], dtype=torch.float32)
+    rx = torch.tensor([[1, 0, 0], [0, cp, -sp], [0, sp, cp]], dtype=torch.float32)
+    orbit = rx @ ry
+    T = coeffs.shape[0]
+    frames, masks, out_c, labels, lms = [], [], [], [], []
+    with torch.no_grad():
+        for s in range(0, T, batch):
+            c = coeffs[s:s + batch].float()
+            b = c.shape[0]
+            parts = split_coeffs(c)
+            label0 = model.label_of(c)
+            c2w0, k = cam.split_label(label0)
+            c2w1 = c2w0.clone()
+            c2w1[:, :3, :3] = orbit @ c2w0[:, :3, :3]
+            c2w1[:, :3, 3] = c2w0[:, :3, 3] @ orbit.T
+            label1 = cam.make_label(c2w1, k)
+            verts = model.shape(parts["id"], parts["exp"])
+            flip = torch.diag(torch.tensor([1.0, -1.0, -1.0]))
+            rot0 = (c2w0[:, :3, :3] @ flip).transpose(1, 2)
+            normals = vertex_normals(verts, model.faces) @ rot0.transpose(1, 2)
+            shading = sh_shading(normals, parts["gamma"])
+            colors = (model.albedo(parts["tex"]).clamp(0, 1) * shading).clamp(0, 1)
+            world = verts * cam.BFM_TO_EG3D_SCALE
+            uv, z = cam.project_label(world, label1)
+            r = render_mesh(torch.cat([uv * 2 - 1, z], -1), model.faces, resolution, colors, cull=model.cull)
+            bg = background.expand(b, -1, -1, -1)
+            img = r.attr_image[:, :3] * r.mask + bg * (1 - r.mask)
+            frames.append((img.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1))
+            masks.append(r.mask[:, 0] > 0.5)
+            lm_uv, _ = cam.project_label(world[:, model.landmarks], label1)
+            lms.append(lm_uv * resolution)
+            angles, trans = cam.cam2world_to_deep3d(c2w1)
+            c1 = c.clone()
+            c1[:, 224:227] = angles
+            c1[:, 254:257] = trans
+            out_c.append(c1)
+            labels.append(label1)
+    cat = lambda xs: torch.cat(xs).numpy()
+    return cat(frames), cat(masks), cat(out_c), cat(labels), cat(lms)
+
+
 def _render_task(kind, cfg, root, i, v, extra):
     import torch
 
@@ -234,23 +376,47 @@ def _render_task(kind, cfg, root, i, v, extra):
 
     torch.set_num_threads(1)
     model = MorphableModel.builtin()
-    idc, tex, bg = sample_identity(model, cfg.seed, i, cfg.resolution)
-    if kind == "video":
-        exp, ang, tr, gam = sample_motion(model, cfg.seed, i, v, cfg.frames, cfg.fps)
-        name, meta = video_name(i, v), {"video_index": v}
+    sp = cfg.split
+    idc, tex, bg = sample_identity(model, cfg.seed, i, cfg.resolution, sp)
+    motion = lambda ident, vid: sample_motion(model, cfg.seed, ident, vid, cfg.frames, cfg.fps,  # noqa: E731
+                                              sp, cfg.zoom)
+    if kind in ("video", "view"):
+        exp, ang, tr, gam = motion(i, v)
+        name, meta = video_name(i, v, sp), {"video_index": v}
     else:  # cross: identity i driven by video v of identity j, lit like i's source frame
         j = extra
-        exp, ang, tr, _ = sample_motion(model, cfg.seed, j, v, cfg.frames, cfg.fps)
-        _, _, _, gam_src = sample_motion(model, cfg.seed, i, 0, cfg.frames, cfg.fps)
+        exp, ang, tr, _ = motion(j, v)
+        _, _, _, gam_src = motion(i, 0)
         gam = np.repeat(gam_src[:1], cfg.frames, 0)
-        name = f"{identity_name(i)}_by_{video_name(j, v)}"
-        meta = {"source_video": video_name(i, 0), "source_frame": 0,
-                "driving_video": video_name(j, v), "driving_identity": identity_name(j)}
-    frames, masks, coeffs, labels, lms = render_video(model, idc, tex, bg, exp, ang, tr, gam,
-                                                      cfg.resolution, cfg.batch)
+        name = f"{identity_name(i, sp)}_by_{video_name(j, v, sp)}"
+        meta = {"source_video": video_name(i, 0, sp), "source_frame": 0,
+                "driving_video": video_name(j, v, sp), "driving_identity": identity_name(j, sp)}
+    if kind == "view":
+        from pyface.face.coeffs import merge_coeffs
+
+        T = cfg.frames
+        coeffs = merge_coeffs(torch.from_numpy(idc).expand(T, 80), torch.from_numpy(exp),
+                              torch.from_numpy(tex).expand(T, 80), torch.from_numpy(ang),
+                              torch.from_numpy(gam), torch.from_numpy(tr))
+        yaw, pitch = sample_rig(cfg.seed, i, v, float(ang[:, 1].mean()), sp)
+        frames, masks, coeffs, labels, lms = render_second_view(
+            model, coeffs, yaw, pitch, torch.from_numpy(bg), cfg.resolution, cfg.batch)
+        meta.update({"view_of": name, "camera": 1, "rig_yaw_deg": math.degrees(yaw),
+                     "rig_pitch_deg": math.degrees(pitch)})
+    else:
+        frames, masks, coeffs, labels, lms = render_video(model, idc, tex, bg, exp, ang, tr, gam,
+                                                          cfg.resolution, cfg.batch)
+    if cfg.exp_leak:
+        coeffs = apply_leak(coeffs, cfg.exp_leak)
+        meta["exp_leak"] = float(cfg.exp_leak)
+    if cfg.zoom:
+        meta["zoom"] = float(cfg.zoom)
     meta.update({"seed": cfg.seed, "generator": "pyface.data.synthetic"})
-    rec = fmt.write_video(root, name, frames, coeffs, labels, identity=identity_name(i),
-                          fps=cfg.fps, source="synthetic" if kind == "video" else "synthetic-cross",
+    if sp != "train":
+        meta["split"] = sp
+    source = {"video": "synthetic", "cross": "synthetic-cross", "view": "synthetic-view"}[kind]
+    rec = fmt.write_video(root, name, frames, coeffs, labels, identity=identity_name(i, sp),
+                          fps=cfg.fps, source=source,
                           masks=masks if cfg.masks else None, landmarks=lms, extra_meta=meta)
     return kind, rec
 
@@ -270,6 +436,11 @@ def generate(out: str, cfg: SynthConfig | None = None, progress: bool = True) ->
         os.makedirs(cross_root, exist_ok=True)
         tasks += [("cross", cfg, cross_root, i, 0, (i + 1) % cfg.identities)
                   for i in range(cfg.identities)]
+    view_root = os.path.join(out, "multiview")
+    if cfg.multiview:
+        os.makedirs(view_root, exist_ok=True)
+        tasks += [("view", cfg, view_root, i, v, None) for i in range(cfg.identities)
+                  for v in range(cfg.videos_per_identity)]
     workers = cfg.workers or os.cpu_count() or 1
     workers = max(1, min(workers, len(tasks)))
     t0 = time.perf_counter()
@@ -301,9 +472,13 @@ def generate(out: str, cfg: SynthConfig | None = None, progress: bool = True) ->
     fmt.write_index(out, [rec for kind, rec, _ in results if kind == "video"])
     if cfg.cross:
         fmt.write_index(cross_root, [rec for kind, rec, _ in results if kind == "cross"])
+    if cfg.multiview:
+        fmt.write_index(view_root, [rec for kind, rec, _ in results if kind == "view"])
     seconds = time.perf_counter() - t0
-    summary = {"config": asdict(cfg), "videos": sum(k == "video" for k, _, _ in results),
+    summary = {"config": asdict(cfg), "generator_version": GENERATOR_VERSION,
+               "videos": sum(k == "video" for k, _, _ in results),
                "cross_videos": sum(k == "cross" for k, _, _ in results),
+               "view_videos": sum(k == "view" for k, _, _ in results),
                "frames": len(results) * cfg.frames, "seconds": round(seconds, 2),
                "render_cpu_seconds": round(sum(c for _, _, c in results), 2),
                "workers": workers}

@@ -204,5 +204,5 @@ def run(args) -> int:
 
 
 def _moving_thresholds() -> dict:
-    from pyface.data.eval_pairs import MOVING_EXP_L2, MOVING_POSE_DEG
+    from pyface.data.reenactment import MOVING_EXP_L2, MOVING_POSE_DEG
     return {"pose_deg": MOVING_POSE_DEG, "exp_l2": MOVING_EXP_L2}

@@ -67,7 +67,7 @@ class EvalResult:
     """What :func:`evaluate` measured for one protocol.
 
     ``values[metric][region]``: per-pair values ``(n,)`` float64, in pair order; ``moving``:
-    ``(n,)`` bool; ``sheet``: ``{"source", "driving", "target", "prediction"}`` -> ``(K, 3, H, W)``
+    ``(n,)`` bool (``has_moving`` is False when the data has no ``moving`` flags); ``sheet``: ``{"source", "driving", "target", "prediction"}`` -> ``(K, 3, H, W)``
     in [-1, 1] (a few pairs, one per source, for :func:`pyface.train.monitor.image_grid`)."""
     protocol: str
     subset: str
@@ -79,6 +79,7 @@ class EvalResult:
     seconds: float = 0.0                     # encode_driving + generate
     source_seconds: float = 0.0              # encode_source, all sources
     sources: int = 0
+    has_moving: bool = True                  # False when the data has no coefficients
     sheet: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -95,7 +96,8 @@ class EvalResult:
         return out
 
     def to_dict(self) -> dict:
-        subsets = ("all", "moving") if self.subset == "all" else ("moving",)
+        subsets = ("moving",) if self.subset == "moving" else \
+            ("all", "moving") if self.has_moving else ("all",)
         return {"subsets": {s: self.summary(s) for s in subsets},
                 "pairs": len(self.indices), "sources": self.sources,
                 "fps": _json_float(self.fps), "frames": self.frames,
@@ -118,16 +120,30 @@ def select_pairs(n: int, max_pairs: int | None) -> list[int]:
     return sorted(set(np.linspace(0, n - 1, max_pairs).round().astype(int).tolist()))
 
 
+def source_key(data, index: int):
+    """A hashable key of the source of pair ``index`` (pairs with equal keys share a source).
+
+    Known without loading the item for :class:`pyface.data.reenactment.ReenactmentPairs` and
+    datasets with a ``source_key(index)`` method; otherwise read from the item's source
+    ``video`` and ``frame`` ids."""
+    if hasattr(data, "source_key"):
+        return data.source_key(index)
+    from pyface.data.reenactment import ReenactmentPairs
+
+    if isinstance(data, ReenactmentPairs):
+        p = data.pairs[index]
+        if data.protocol == "same":                 # (video, source frame, driving frame)
+            return ("same", p[0], p[1])
+        return ("cross", data.cross.cross.locate(p)[0])   # one source per cross video
+    s = data[index]["source"]
+    return (int(s["video"]), int(s["frame"])) if "video" in s and "frame" in s else index
+
+
 def _groups(data, indices: list[int]) -> list[list[int]]:
     """``indices`` grouped by source (consecutive runs of one source)."""
-    keyf = getattr(data, "source_key", None)
     out, last = [], object()
     for i in indices:
-        if keyf is not None:
-            key = keyf(i)
-        else:
-            s = data[i]["source"]
-            key = (int(s["video"]), int(s["frame"])) if "video" in s and "frame" in s else i
+        key = source_key(data, i)
         if key != last:
             out.append([])
             last = key
@@ -184,7 +200,7 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
 
     from torch.utils.data import DataLoader
 
-    from pyface.data.eval_pairs import PROTOCOLS, SUBSETS, reenactment_pairs
+    from pyface.data.reenactment import PROTOCOLS, SUBSETS, reenactment_pairs
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")
@@ -247,7 +263,10 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
                 for region, v in m(p, t, mask).items():
                     values[m.name].setdefault(region, np.full(len(indices), np.nan))
                     values[m.name][region][[pos[i] for i in chunk]] = v.numpy()
-            moving[[pos[i] for i in chunk]] = batch["moving"].numpy().astype(bool)
+            if "moving" in batch:
+                moving[[pos[i] for i in chunk]] = batch["moving"].numpy().astype(bool)
+            else:                                   # no coefficients: no moving subset
+                res.has_moving = False
             for j, i in enumerate(chunk):
                 if i in sheet_pick:
                     sheet["source"].append(batch["source"]["image"][j])

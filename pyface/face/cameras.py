@@ -1,3 +1,8 @@
+# Provenance: reproduces the camera conventions of EG3D (NVlabs/eg3d, commit 7cf1fd1, NVIDIA
+# Source Code License, non-commercial) (camera_utils, dataset_preprocessing) and the Euler-angle
+# convention of Deep3DFaceRecon (sicxu/Deep3DFaceRecon_pytorch, MIT). Our own implementation,
+# written from the papers and the upstream's documented behaviour; no upstream code is copied.
+# pyface's code is licensed under Apache-2.0 (LICENSE).
 """Camera conventions: EG3D 25-dim labels, look-at, FOV <-> intrinsics, orbits, mirroring, and the
 Deep3DFaceRecon pose -> EG3D camera conversion.
 

@@ -1,3 +1,8 @@
+# Provenance: reproduces the 257-dim coefficient layout of Deep3DFaceRecon
+# (sicxu/Deep3DFaceRecon_pytorch, MIT) and the 70-dim motion windows of OTAvatar
+# (theEricMa/OTAvatar, commit c8c484f, CC BY-NC-SA 4.0). Our own implementation, written from the
+# papers and the upstream's documented behaviour; no upstream code is copied. pyface's code is
+# licensed under Apache-2.0 (LICENSE).
 """Deep3DFaceRecon 3DMM coefficient layout (257) and OTAvatar's 70-dim motion windows.
 
 Layout of one 257-dim coefficient vector (BFM 2009 + expression basis, as Deep3DFaceRecon,

@@ -1,3 +1,8 @@
+# Provenance: reproduces the ParametricFaceModel semantics (bases, SH lighting, pose) of
+# Deep3DFaceRecon (sicxu/Deep3DFaceRecon_pytorch, MIT); BFM data are read from a user path and
+# carry the Basel Face Model's own terms. Our own implementation, written from the papers and the
+# upstream's documented behaviour; no upstream code is copied. pyface's code is licensed under
+# Apache-2.0 (LICENSE).
 """3D morphable face model: linear id/exp/tex bases, SH lighting, rigid pose, rendering.
 
 A :class:`MorphableModel` follows Deep3DFaceRecon's ``ParametricFaceModel`` (the model every

@@ -9,14 +9,16 @@ from pyface.nn.encoders import (HeadPoseConfig, HeadPoseExpressionEstimator, Res
 from pyface.nn.layers import Conv2dLayer, FullyConnectedLayer, modulated_conv2d
 from pyface.nn.losses import (feature_matching_loss, gan_d_loss, gan_g_loss, kl_divergence,
                               r1_penalty, tv_loss)
-from pyface.nn.motion import (DenseMotion, DenseMotionConfig, Hourglass3d, KeypointTransformConfig,
-                              euler_to_rotation, headpose_to_degrees, transform_keypoints)
+from pyface.nn.motion import (FACE_VID2VID_PI, DenseMotion, DenseMotionConfig, Hourglass3d,
+                              KeypointTransformConfig, euler_to_rotation, headpose_to_degrees,
+                              transform_keypoints)
 from pyface.nn.render import (OSGDecoder, RenderConfig, RenderOutput, TriplaneRenderer,
                               density_l1_regularizer, density_monotonic_regularizer,
                               query_density)
 from pyface.nn.resample import downsample2d, filtered_resize, upfirdn2d, upsample2d
 from pyface.nn.roi import roi_align, roi_l1_loss
-from pyface.nn.segformer import MiTConfig, MixTransformer, SegFormer, load_hf_segformer, mit_config
+from pyface.nn.segformer import (MiTConfig, MixTransformer, SegFormer, config_from_hf,
+                                 load_hf_segformer, load_segformer, mit_config)
 from pyface.nn.stylegan import (MappingConfig, MappingNetwork, SuperResolution,
                                 SuperResolutionConfig, SynthesisConfig, SynthesisNetwork,
                                 TriplaneBackbone, TriplaneBackboneConfig)

@@ -1,3 +1,7 @@
+# Provenance: reproduces the IResNet layout of insightface's arcface_torch
+# (deepinsight/insightface, MIT) so that its released .pth files load; the weights carry their own
+# terms. Our own implementation, written from the papers and the upstream's documented behaviour;
+# no upstream code is copied. pyface's code is licensed under Apache-2.0 (LICENSE).
 """ArcFace identity loss with an IResNet backbone whose state-dict keys match insightface's
 released ``arcface_torch`` ``.pth`` files (``conv1``, ``bn1``, ``prelu``, ``layer1.0.bn1`` ...,
 ``bn2``, ``fc``, ``features``)."""

@@ -1,3 +1,9 @@
+# Provenance: reproduces the StyleGAN2 discriminator and dual discrimination of EG3D (NVlabs/eg3d,
+# commit 7cf1fd1, NVIDIA Source Code License, non-commercial); the multi-scale PatchGAN of
+# face-vid2vid as reimplemented in
+# zhanglonghao1992/One-Shot_Free-View_Neural_Talking_Head_Synthesis (commit 9511d25, CC BY-NC
+# 4.0). Our own implementation, written from the papers and the upstream's documented behaviour;
+# no upstream code is copied. pyface's code is licensed under Apache-2.0 (LICENSE).
 """Discriminators.
 
 * :class:`StyleGAN2Discriminator` - ResNet D with pose-conditioning projection (EG3D names).

@@ -1,3 +1,7 @@
+# Provenance: reproduces the head-pose / expression estimator of face-vid2vid as reimplemented in
+# zhanglonghao1992/One-Shot_Free-View_Neural_Talking_Head_Synthesis (commit 9511d25, CC BY-NC
+# 4.0). Our own implementation, written from the papers and the upstream's documented behaviour;
+# no upstream code is copied. pyface's code is licensed under Apache-2.0 (LICENSE).
 """Convolutional encoders: a ResNet bottleneck encoder and the face-vid2vid head-pose /
 expression estimator built on it."""
 from __future__ import annotations

@@ -1,3 +1,8 @@
+# Provenance: reproduces StyleGAN2's equalised-learning-rate layers and modulated convolution as
+# in EG3D (NVlabs/eg3d, commit 7cf1fd1, NVIDIA Source Code License, non-commercial) and
+# StyleGAN2-ADA (NVlabs/stylegan2-ada-pytorch, NVIDIA Source Code License). Our own
+# implementation, written from the papers and the upstream's documented behaviour; no upstream
+# code is copied. pyface's code is licensed under Apache-2.0 (LICENSE).
 """Equalised-learning-rate layers and modulated convolution (StyleGAN2 / EG3D semantics, plain
 PyTorch, double-backward safe). Parameter and buffer names match EG3D's released networks so that
 converted state dicts load without renaming."""

@@ -1,3 +1,7 @@
+# Provenance: reproduces the GAN losses and the R1 penalty as used by EG3D (NVlabs/eg3d, commit
+# 7cf1fd1, NVIDIA Source Code License, non-commercial). Our own implementation, written from the
+# papers and the upstream's documented behaviour; no upstream code is copied. pyface's code is
+# licensed under Apache-2.0 (LICENSE).
 """Losses and regularisers shared by the models. Perceptual (VGG19): :mod:`pyface.nn.vgg`;
 identity (ArcFace): :mod:`pyface.nn.arcface`; RoI L1: :mod:`pyface.nn.roi`."""
 from __future__ import annotations

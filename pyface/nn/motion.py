@@ -1,5 +1,12 @@
 """Keypoint-driven dense motion (face-vid2vid / LivePortrait / MMFA) on pyface's fused warp ops.
 
+Provenance: reproduces the semantics of face-vid2vid's ``DenseMotionNetwork``, ``Hourglass`` and
+``get_rotation_matrix`` (Wang et al. 2021) as in the open reimplementation
+zhanglonghao1992/One-Shot_Free-View_Neural_Talking_Head_Synthesis (commit 9511d25, CC BY-NC 4.0)
+and KwaiVGI/LivePortrait (commit 1986663, MIT), whose weight files
+:func:`pyface.convert.convert_dense_motion` converts. The code is our own implementation, written
+from the papers and the documented behaviour; no upstream code is copied.
+
 * :class:`DenseMotion`: face-vid2vid's ``DenseMotionNetwork``: 1x1x1 compress conv + BatchNorm +
   ReLU, :func:`pyface.ops.motion_field_input` (the K+1 warped copies and heatmaps in one pass),
   a 3D hourglass, a 7x7x7 conv to K+1 mask logits + softmax, and an optional occlusion map.
@@ -7,6 +14,12 @@
   :func:`euler_to_rotation` (pitch, yaw, roll -> R = Rx(pitch) Ry(yaw) Rz(roll)) and
   :func:`transform_keypoints` (face-vid2vid's ``R x_c + t + delta`` or the scaled form
   ``s R (x_c + delta) + t``, optionally orthographic: ``t_z = 0``).
+
+Argument-order trap: face-vid2vid's ``DenseMotionNetwork.forward(feature, kp_driving,
+kp_source)`` and ``get_rotation_matrix(yaw, pitch, roll)`` take their arguments in a different
+order from pyface's. Here the keypoints of :meth:`DenseMotion.forward` / :meth:`DenseMotion.warp`
+and the angles of :func:`euler_to_rotation` are keyword-only, so ported call sites fail loudly
+instead of silently swapping source and driving (or pitch and yaw).
 """
 from __future__ import annotations
 
@@ -40,15 +53,31 @@ def headpose_to_degrees(logits: torch.Tensor) -> torch.Tensor:
     return (F.softmax(logits, dim=-1) * idx).sum(-1) * 3 - 99
 
 
-def euler_to_rotation(pitch: torch.Tensor, yaw: torch.Tensor, roll: torch.Tensor) -> torch.Tensor:
+#: face-vid2vid's value of pi in its degree -> radian conversion (``get_rotation_matrix``:
+#: ``deg / 180 * 3.14``); pass ``pi=FACE_VID2VID_PI`` to :func:`euler_to_rotation` to reproduce its
+#: rotations exactly (they differ from exact ones by about 5e-4 relative in the angle).
+#: LivePortrait uses the exact value.
+FACE_VID2VID_PI = 3.14
+
+
+def euler_to_rotation(*, pitch: torch.Tensor, yaw: torch.Tensor, roll: torch.Tensor,
+                      pi: float = math.pi) -> torch.Tensor:
     """Rotation matrices ``Rx(pitch) @ Ry(yaw) @ Rz(roll)`` from angles in degrees.
+
+    Keyword-only: face-vid2vid's ``get_rotation_matrix(yaw, pitch, roll)`` takes yaw first, so a
+    positional call ported from there would swap pitch and yaw.
 
     Args:
         pitch, yaw, roll: (B,) degrees.
+        pi: the value of pi in ``deg * pi / 180``; :data:`FACE_VID2VID_PI` (3.14) reproduces
+            face-vid2vid's checkpoints' rotations.
     Returns:
         (B, 3, 3).
     """
-    p, y, r = (a * (math.pi / 180) for a in (pitch, yaw, roll))
+    if not (pitch.shape == yaw.shape == roll.shape):
+        raise ValueError(f"pitch, yaw, roll: expected the same shape (B,), got "
+                         f"{tuple(pitch.shape)}, {tuple(yaw.shape)}, {tuple(roll.shape)}")
+    p, y, r = (a * (pi / 180) for a in (pitch, yaw, roll))
     one, zero = torch.ones_like(p), torch.zeros_like(p)
     rx = torch.stack([one, zero, zero, zero, p.cos(), -p.sin(), zero, p.sin(), p.cos()], -1)
     ry = torch.stack([y.cos(), zero, y.sin(), zero, one, zero, -y.sin(), zero, y.cos()], -1)
@@ -211,7 +240,7 @@ class Hourglass3d(nn.Module):
 class DenseMotion(nn.Module):
     """face-vid2vid's dense motion network on the fused warp ops.
 
-    ``forward(feature, kp_source, kp_driving)`` returns a dict with ``mask`` (B, K+1, D, H, W)
+    ``forward(feature, *, kp_source, kp_driving)`` returns a dict with ``mask`` (B, K+1, D, H, W)
     (softmax over K+1), ``occlusion_map`` (B, 1, H, W) when configured, and ``deformation``
     (B, D, H, W, 3) only when ``return_deformation=True``. To warp the appearance volume without
     materialising the deformation, call :meth:`warp` (:func:`pyface.ops.warp_by_keypoints`).
@@ -219,8 +248,14 @@ class DenseMotion(nn.Module):
     Args (forward):
         feature: (B, feature_channel, D, H, W) appearance volume; H, W divisible by
             ``2 ** num_blocks``.
-        kp_source: (B, K, 3); kp_driving: (B, K, 3) posed keypoints in [-1, 1].
+        kp_source: (B, K, 3); kp_driving: (B, K, 3) posed keypoints in [-1, 1]; keyword-only
+            (face-vid2vid's ``forward(feature, kp_driving, kp_source)`` has the reverse order).
         jacobian: optional (B, K, 3, 3) first-order term (``combine_jacobians``).
+
+    State-dict keys differ from face-vid2vid's / LivePortrait's only inside the hourglass
+    (``hourglass.encoder.down_blocks.i`` -> ``hourglass.down.i``,
+    ``hourglass.decoder.up_blocks.i`` -> ``hourglass.up.i``, ``hourglass.decoder.{conv,norm}``
+    -> ``hourglass.{conv,norm}``); ``pyface convert dense-motion`` does the renames.
     """
 
     def __init__(self, config: DenseMotionConfig = DenseMotionConfig()):
@@ -236,16 +271,17 @@ class DenseMotion(nn.Module):
                                     kernel_size=7, padding=3)
                           if c.estimate_occlusion_map else None)
 
-    def forward(self, feature: torch.Tensor, kp_source: torch.Tensor, kp_driving: torch.Tensor,
-                jacobian: torch.Tensor | None = None, *,
+    def forward(self, feature: torch.Tensor, *, kp_source: torch.Tensor, kp_driving: torch.Tensor,
+                jacobian: torch.Tensor | None = None,
                 return_deformation: bool = False) -> dict[str, torch.Tensor]:
         c = self.config
         if feature.dim() != 5 or feature.shape[1] != c.feature_channel:
             raise ValueError(f"feature: expected shape (B, {c.feature_channel}, D, H, W), got "
                              f"{tuple(feature.shape)}")
-        if kp_source.shape[1:] != (c.num_kp, 3):
-            raise ValueError(f"kp_source: expected shape (B, {c.num_kp}, 3), got "
-                             f"{tuple(kp_source.shape)}")
+        for name, kp in (("kp_source", kp_source), ("kp_driving", kp_driving)):
+            if kp.dim() != 3 or kp.shape[1:] != (c.num_kp, 3):
+                raise ValueError(f"{name}: expected shape (B, {c.num_kp}, 3), got "
+                                 f"{tuple(kp.shape)}")
         B, _, D, H, W = feature.shape
         x = F.relu(self.norm(self.compress(feature)))
         x = motion_field_input(x, kp_source, kp_driving, jacobian=jacobian,
@@ -262,9 +298,10 @@ class DenseMotion(nn.Module):
             out["occlusion_map"] = torch.sigmoid(self.occlusion(prediction.reshape(B, -1, H, W)))
         return out
 
-    def warp(self, volume: torch.Tensor, kp_source: torch.Tensor, kp_driving: torch.Tensor,
+    def warp(self, volume: torch.Tensor, *, kp_source: torch.Tensor, kp_driving: torch.Tensor,
              mask: torch.Tensor, jacobian: torch.Tensor | None = None) -> torch.Tensor:
-        """``volume`` (B, C, D, H, W) warped by the dense motion of ``mask`` (fused)."""
+        """``volume`` (B, C, D, H, W) warped by the dense motion of ``mask`` (B, K+1, D, H, W)
+        (fused); keypoints (B, K, 3), keyword-only as in :meth:`forward`."""
         c = self.config
         return warp_by_keypoints(volume, kp_source, kp_driving, mask, jacobian=jacobian,
                                  align_corners=c.align_corners,

@@ -1,3 +1,9 @@
+# Provenance: reproduces the tri-plane renderer of EG3D (NVlabs/eg3d, commit 7cf1fd1, NVIDIA
+# Source Code License, non-commercial): ImportanceRenderer, MipRayMarcher2, importance sampling,
+# OSGDecoder and density regularisers; and the density regulariser variant of OTAvatar
+# (theEricMa/OTAvatar, commit c8c484f, CC BY-NC-SA 4.0). Our own implementation, written from the
+# papers and the upstream's documented behaviour; no upstream code is copied. pyface's code is
+# licensed under Apache-2.0 (LICENSE).
 """Tri-plane volume renderer modules: EG3D's ``ImportanceRenderer`` and ``OSGDecoder``, and the
 density regularisers of EG3D and OTAvatar, on top of :func:`pyface.ops.render_triplane`."""
 from __future__ import annotations

@@ -1,3 +1,7 @@
+# Provenance: reproduces the upfirdn2d and filtered-resizing semantics of the torch_utils ops
+# shipped with EG3D (NVlabs/eg3d, commit 7cf1fd1, NVIDIA Source Code License, non-commercial). Our
+# own implementation, written from the papers and the upstream's documented behaviour; no upstream
+# code is copied. pyface's code is licensed under Apache-2.0 (LICENSE).
 """Antialiased resampling in plain PyTorch: FIR filtering with up/down-sampling (``upfirdn2d``)
 and filtered resizing. Every op is a composition of differentiable torch ops, so double backward
 (R1) works on every device."""

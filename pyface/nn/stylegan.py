@@ -1,3 +1,9 @@
+# Provenance: reproduces the StyleGAN2 mapping and synthesis networks, tri-plane backbone and
+# super-resolution modules of EG3D (NVlabs/eg3d, commit 7cf1fd1, NVIDIA Source Code License,
+# non-commercial), which derive from StyleGAN2-ADA (NVlabs/stylegan2-ada-pytorch, NVIDIA Source
+# Code License); parameter names follow EG3D's released networks. Our own implementation, written
+# from the papers and the upstream's documented behaviour; no upstream code is copied. pyface's
+# code is licensed under Apache-2.0 (LICENSE).
 """EG3D-compatible StyleGAN2 generator pieces in plain PyTorch.
 
 * :class:`MappingNetwork` - z (B, 512) + pose c (B, 25) -> ws (B, num_ws, 512), ``w_avg`` tracking,

@@ -1,3 +1,7 @@
+# Provenance: reproduces the VGG19 feature layout of torchvision (pytorch/vision, BSD-3-Clause) so
+# that its released vgg19 .pth loads. Our own implementation, written from the papers and the
+# upstream's documented behaviour; no upstream code is copied. pyface's code is licensed under
+# Apache-2.0 (LICENSE).
 """VGG19 feature extractor whose state-dict keys match torchvision's ``vgg19`` file
 (``features.<i>.weight``), and a multi-layer, multi-scale perceptual loss with a Gram term."""
 from __future__ import annotations

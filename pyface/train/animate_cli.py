@@ -1,69 +1,206 @@
-"""``pyface animate``."""
+"""``pyface animate``: a trained model's pipeline on a source image and a driving video."""
 from __future__ import annotations
 
+import argparse
 import sys
 
 
 def add_parser(subparsers) -> None:
+    from pyface.train.cli import add_import_argument
     from pyface.train.registry import MODELS
 
     a = subparsers.add_parser(
-        "animate", help="render a clip from a trained checkpoint",
-        description="Animate a source image with a trained model. Only the example model is "
-                    "registered so far: it renders an orbit clip of the tri-plane reconstruction "
-                    "of SOURCE. The portrait models (Export3D, OTAvatar, GOHA, MMFA) will add "
-                    "driving-video reenactment here.")
-    a.add_argument("model", help=f"registered model: {', '.join(sorted(MODELS))}")
-    a.add_argument("--checkpoint", required=True, help="a training checkpoint folder or run folder")
-    a.add_argument("--source", required=True, help="source image (PNG/JPEG)")
-    a.add_argument("--driving", default=None, help="driving video (portrait models only)")
+        "animate", help="animate a source portrait with a trained model",
+        description="Animate SOURCE with a trained model's inference pipeline "
+                    "(pyface.models.load): the source is encoded once, then the driving frames "
+                    "are streamed through it. Writes an mp4 of side-by-side source | driving | "
+                    "result frames and prints the frames per second of the animation (source "
+                    "encoding, reading and writing excluded). Driving frames are read --batch "
+                    "at a time, so long videos need little memory.",
+        epilog="example: pyface animate example --checkpoint runs/example --source face.png "
+               "--driving data/test/id0000_v00 --out anim.mp4")
+    a.add_argument("model", help=f"registered model: {', '.join(sorted(MODELS))}, or a plugin's")
+    a.add_argument("--checkpoint", required=True,
+                   help="a run folder (latest checkpoint), a checkpoint folder or a weights folder")
+    a.add_argument("--source", required=True,
+                   help="source: an image, a pyface video folder (first frame) or a video file")
+    a.add_argument("--driving", default=None, metavar="DIR_OR_VIDEO",
+                   help="driving: a pyface video folder (frames + coeffs.npy + dataset.json + "
+                        "landmarks.npy, as `pyface data synth` writes), a video file or a folder "
+                        "of images; omitted: the model's default motion (example: an orbit)")
     a.add_argument("--out", default="animation.mp4", help="output mp4")
-    a.add_argument("--frames", type=int, default=48)
-    a.add_argument("--ema", action="store_true", help="use the EMA weights if present")
+    a.add_argument("--frames", type=int, default=None,
+                   help="at most this many driving frames (default: all; 48 without --driving)")
+    a.add_argument("--stride", type=int, default=1, help="use every n-th driving frame")
+    a.add_argument("--fps", type=float, default=None,
+                   help="output frame rate (default: the driving video's / --stride, else 25)")
+    a.add_argument("--batch", type=int, default=8, help="driving frames per generate call")
+    a.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    a.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="use the EMA weights where the run kept them (default); --no-ema: the "
+                        "live weights")
+    a.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_import_argument(a)
     a.set_defaults(func=run_animate)
 
 
-def run_animate(args) -> int:
-    import math
-    import os
-
+def side_by_side(*columns) -> "torch.Tensor":  # noqa: F821
+    """Columns of (T, 3, H, W) (or (3, H, W), repeated) in [-1, 1] -> (T, 3, H', n * W'),
+    every column resized (antialiased) to the last one's (H', W'), the result's size."""
     import torch
 
-    from pyface import checkpoint as ckpt
-    from pyface.train.config import from_dict
-    from pyface.train.monitor import save_video
-    from pyface.train.registry import model_class
+    T = max(c.shape[0] for c in columns if c.dim() == 4)
+    size = tuple(columns[-1].shape[-2:])
+    cols = []
+    for c in columns:
+        c = c.float().cpu()
+        c = c.unsqueeze(0).expand(T, -1, -1, -1) if c.dim() == 3 else c
+        if tuple(c.shape[-2:]) != size:
+            c = torch.nn.functional.interpolate(c, size=size, mode="bilinear", antialias=True,
+                                                align_corners=False)
+        cols.append(c)
+    return torch.cat(cols, dim=-1)
 
-    if args.model != "example":
-        print(f"pyface animate: no animation pipeline is registered for {args.model!r} yet; "
-              "only 'example' (orbit of a tri-plane reconstruction)", file=sys.stderr)
-        return 2
-    path = args.checkpoint
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = ckpt.latest_checkpoint(path) or path
+
+class VideoWriter:
+    """Streams (T, 3, H, W) chunks in [-1, 1] to an mp4 (imageio + ffmpeg, H.264 yuv420p); a GIF
+    next to it when ffmpeg is missing. ``path`` is the written file after :meth:`close`."""
+
+    def __init__(self, path: str, fps: float):
+        import os
+
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path, self.fps = path, fps
+        self._writer = None
+        self._gif: list = []
+
+    def append(self, frames) -> None:
+        import warnings
+
+        import imageio.v2 as imageio
+
+        from pyface.train.monitor import to_uint8
+
+        arr = to_uint8(frames).numpy()
+        H, W = arr.shape[1:3]
+        arr = arr[:, : H - H % 2, : W - W % 2]          # yuv420p needs even sizes
+        if self._writer is None and not self._gif:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self._writer = imageio.get_writer(
+                        self.path, fps=self.fps, codec="libx264", quality=8, macro_block_size=1,
+                        pixelformat="yuv420p")
+            except Exception as exc:  # ffmpeg plugin or binary missing
+                import logging
+                import os
+
+                gif = os.path.splitext(self.path)[0] + ".gif"
+                logging.getLogger("pyface").warning("mp4 output failed (%s); writing %s instead",
+                                                    exc, gif)
+                self.path = gif
+        for frame in arr:
+            if self._writer is not None:
+                self._writer.append_data(frame)
+            else:
+                self._gif.append(frame)
+
+    def close(self) -> str:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        elif self._gif:
+            import imageio.v2 as imageio
+
+            imageio.mimwrite(self.path, self._gif, duration=1.0 / self.fps)
+            self._gif = []
+        return self.path
+
+
+def run_animate(args) -> int:
+    import time
+
+    import torch
+    from tqdm import tqdm
+
+    import pyface.models
+    from pyface.checkpoint import CheckpointError
+    from pyface.data.driving import count_driving, iter_driving, read_source, video_fps
+    from pyface.data.format import DataError
+    from pyface.train.model import motion_length
+    from pyface.train.registry import import_plugins
+
+    def fail(msg: str, code: int) -> int:
+        print(f"pyface animate: {msg}", file=sys.stderr)
+        return code
+
+    if args.batch < 1 or args.stride < 1 or (args.frames is not None and args.frames < 1):
+        return fail(f"--batch, --stride and --frames must be >= 1, got {args.batch}, "
+                    f"{args.stride}, {args.frames}", 2)
     try:
-        tensors, meta = ckpt.load_folder(path)
-    except ckpt.CheckpointError as exc:
-        print(f"pyface animate: {exc}", file=sys.stderr)
-        return 1
-    cls = model_class(args.model)
-    model = cls(from_dict(cls.Config, meta["experiment"]["model_config"]))
-    ckpt.load_module_state(model, ckpt.sub_state(tensors, "model"), path)
-    if args.ema:
-        for name in meta.get("ema_modules", []):
-            model.get_submodule(name).load_state_dict(ckpt.sub_state(tensors, f"ema.{name}"))
-    model.eval()
-    from PIL import Image
-
-    R = model.cfg.resolution
-    img = Image.open(args.source).convert("RGB").resize((R, R), Image.BICUBIC)
-    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(R, R, 3)
-    x = x.permute(2, 0, 1).float().div(127.5).sub(1).unsqueeze(0)
-    with torch.no_grad():
-        planes = model.encode(x)
-        frames = [model.render(planes, torch.tensor(
-            [math.radians(35) * math.sin(2 * math.pi * t / args.frames)]))[0]
-            for t in range(args.frames)]
-    out = save_video(torch.stack(frames), args.out)
-    print(out)
+        import_plugins(args.imports)
+        pipe = pyface.models.load(args.model, args.checkpoint, device=args.device, ema=args.ema)
+    except (KeyError, ValueError, ImportError) as exc:
+        return fail(str(exc).strip('"'), 2)
+    except CheckpointError as exc:
+        return fail(str(exc), 1)
+    R = pipe.resolution
+    try:
+        source = read_source(args.source, R)
+        T = None
+        if args.driving is not None:
+            T = count_driving(args.driving, max_frames=args.frames, stride=args.stride)
+            chunks = iter_driving(args.driving, R, chunk=args.batch, max_frames=args.frames,
+                                  stride=args.stride)
+    except (DataError, OSError, ValueError) as exc:
+        return fail(str(exc), 1)
+    if args.driving is None:
+        motion = pipe.default_motion(args.frames or 48)
+        if motion is None:
+            return fail(f"model {args.model!r} needs --driving (a video folder, video file or "
+                        "frame folder)", 2)
+        T = motion_length(motion)
+    fps = args.fps
+    if fps is None and args.driving is not None and video_fps(args.driving):
+        fps = video_fps(args.driving) / args.stride          # keep the driving video's speed
+    fps = fps or 25.0
+    writer = VideoWriter(args.out, fps)
+    sync = (lambda: torch.cuda.synchronize(pipe.device)) if pipe.device.type == "cuda" \
+        else (lambda: None)
+    done, seconds = 0, 0.0
+    try:
+        with torch.no_grad():
+            state = pipe.encode_source(source)
+            src = source["image"].cpu()
+            bar = tqdm(total=T, unit="frame", disable=args.no_progress, dynamic_ncols=True)
+            if args.driving is None:
+                sync()
+                t0 = time.perf_counter()
+                for _, frames in pipe.stream(state, None, motion=motion, chunk=args.batch):
+                    sync()
+                    seconds += time.perf_counter() - t0
+                    writer.append(side_by_side(src, frames))
+                    done += frames.shape[0]
+                    bar.update(frames.shape[0])
+                    t0 = time.perf_counter()
+            else:
+                for part in chunks:                      # read one chunk at a time
+                    sync()
+                    t0 = time.perf_counter()
+                    frames = pipe.generate(state, pipe.encode_driving(part))
+                    sync()
+                    seconds += time.perf_counter() - t0
+                    writer.append(side_by_side(src, part["image"], frames))
+                    done += frames.shape[0]
+                    bar.update(frames.shape[0])
+            bar.close()
+    except (DataError, ValueError) as exc:
+        writer.close()
+        return fail(str(exc), 1)
+    if done == 0:
+        writer.close()
+        return fail(f"{args.driving}: no driving frames", 1)
+    out = writer.close()
+    print(f"{out}\n  {done} frames at {R}x{R}; animate: {done / max(seconds, 1e-9):.1f} frames/s "
+          f"on {pipe.device} (source encoding, reading and video writing excluded)")
     return 0

@@ -10,14 +10,21 @@ def add_parser(subparsers) -> None:
 
     p = subparsers.add_parser(
         "train", help="train a registered model (single process, or under torchrun)",
-        description="Train a model. Config: the model's recipe < --config YAML < --set overrides. "
+        description="Train a model. Config: the model's recipe < --preset < --config YAML < --set "
+                    "overrides. A model built on earlier stages trains those first (in "
+                    "RUN_DIR/stages/NAME, same preset; a finished stage run is reused) unless "
+                    "their checkpoint is given (--set model.<stage>_checkpoint=RUN). "
                     "Outputs go to train.run_dir: config.yaml, log.txt, tb/ (TensorBoard), "
                     "checkpoints/ and previews/ (PNG grids and mp4 clips). Distributed: "
                     "torchrun --nproc_per_node=N -m pyface train MODEL ...",
-        epilog="example: pyface train example --set train.steps=500 --set train.run_dir=runs/ae")
-    p.add_argument("model", help=f"registered model: {', '.join(sorted(MODELS))}")
+        epilog="example: pyface train example --preset tiny --set train.run_dir=runs/ae")
+    p.add_argument("model", help=f"registered model: {', '.join(sorted(MODELS))}, or a plugin's "
+                                 "(entry-point group pyface.models, --import, PYFACE_PLUGINS)")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="a preset of the model (tiny, gpu-short, full for the portrait models)")
+    add_import_argument(p)
     p.add_argument("--config", default=None, metavar="YAML",
-                   help="YAML with sections model/data/train")
+                   help="YAML with sections model/data/train (or a run's config.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. train.steps=100 (repeatable)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
@@ -31,6 +38,12 @@ def add_parser(subparsers) -> None:
 
 
 
+def add_import_argument(p) -> None:
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (it registers models or datasets with "
+                        "pyface.train.register_model; repeatable; also PYFACE_PLUGINS=M1,M2)")
+
+
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -42,17 +55,36 @@ def run_train(args) -> int:
     from pyface.checkpoint import CheckpointError
     from pyface.train.config import ConfigError, build_experiment, experiment_to_dict
     from pyface.train.engine import NonFiniteError, Trainer
-    from pyface.train.registry import model_class
+    from pyface.train.registry import import_plugins, model_class
 
     _setup_logging()
     try:
+        import_plugins(args.imports)
         cls = model_class(args.model)
         overrides = list(args.overrides) + (["data.skip_bad=true"] if args.skip_bad else [])
         cfg = build_experiment(args.model, cls.Config, yaml_path=args.config,
-                               overrides=overrides, defaults=getattr(cls, "recipe", {}))
-    except (KeyError, ConfigError, OSError) as exc:
+                               overrides=overrides, defaults=getattr(cls, "recipe", {}),
+                               preset=args.preset)
+    except (KeyError, ConfigError, OSError, ImportError) as exc:
         print(f"pyface train: {exc}", file=sys.stderr)
         return 2
+    if getattr(cls, "stages", ()) and not args.print_config:
+        from pyface.train.stages import prepare_stages
+
+        try:
+            filled = prepare_stages(cls, cfg, overrides=overrides)
+        except (KeyError, ConfigError, OSError, ValueError) as exc:
+            print(f"pyface train: {exc}", file=sys.stderr)
+            return 2
+        except (CheckpointError, NonFiniteError, RuntimeError) as exc:
+            print(f"pyface train: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt as exc:
+            print(f"pyface train: {exc}; run the same command again to continue",
+                  file=sys.stderr)
+            return 143
+        for key, path in filled.items():
+            print(f"stage run: model.{key}={path}", file=sys.stderr)
     if args.print_config:
         print(yaml.safe_dump(experiment_to_dict(cfg), sort_keys=False), end="")
         return 0

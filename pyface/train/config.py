@@ -70,18 +70,50 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
+    """Common data fields plus ``options``: the selected dataset's own ``Options`` dataclass
+    (``data: {name: clips, options: {frames: 8, min_gap: 4}}``, ``--set data.options.min_gap=4``),
+    converted from a mapping when the config is built, like ``model_config``. Unknown option
+    keys are errors listing the valid ones. See docs/data.md."""
     name: str = "procedural"          # a registered dataset (pyface.train.registry)
     resolution: int = 64
     size: int = 2048                  # number of items (procedural data)
-    path: str | None = None           # on-disk datasets
+    path: str | None = None           # on-disk datasets; unset: the cached built-in synthetic set
     seed: int = 0
     skip_bad: bool = False            # on-disk datasets: skip missing/corrupt videos with a warning
+    options: Any = None               # the dataset's Options (a mapping is converted)
+
+    def __post_init__(self):
+        self.options = dataset_options(self.name, self.options)
+
+
+def dataset_options(name: str, options: Any) -> Any:
+    """``options`` (None, a mapping or an instance) as the ``Options`` dataclass of registered
+    dataset ``name``; None for a dataset without ``Options`` (then ``options`` must be empty)."""
+    from pyface.train import registry
+
+    try:
+        target = registry.dataset_class(name)
+    except KeyError as exc:
+        raise ConfigError(f"data.name: {exc.args[0]}") from None
+    opt_cls = getattr(target, "Options", None)
+    if opt_cls is None:
+        if options:
+            raise ConfigError(f"data.options: dataset {name!r} takes no options, got "
+                              f"{to_dict(options)!r}")
+        return None
+    if isinstance(options, opt_cls):
+        return options
+    if options is not None and dataclasses.is_dataclass(options):
+        raise ConfigError(f"data.options: expected {opt_cls.__qualname__} for dataset {name!r}, "
+                          f"got {type(options).__qualname__}")
+    return from_dict(opt_cls, options or {}, prefix="data.options.")
 
 
 @dataclass
 class ExperimentConfig:
     model: str = "example"
     model_config: Any = None          # the model's own config dataclass
+    preset: str | None = None         # the preset it was built with (recorded in config.yaml)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -166,7 +198,7 @@ def from_dict(cls, data: dict, *, prefix: str = ""):
     kwargs = {}
     for k, v in data.items():
         if k not in names:
-            raise ConfigError(f"{prefix}{k}: unknown key for {cls.__name__}; valid keys: "
+            raise ConfigError(f"{prefix}{k}: unknown key for {cls.__qualname__}; valid keys: "
                               f"{', '.join(names)}")
         kwargs[k] = _convert(v, hints[k], prefix + k)
     return cls(**kwargs)
@@ -228,23 +260,59 @@ def load_yaml(path: str) -> dict:
     return data
 
 
+def _sections(data: dict) -> dict:
+    """A run's ``config.yaml`` (``experiment_to_dict``: model name, preset, model_config, data,
+    train) -> the ``model`` / ``data`` / ``train`` sections; other YAML passes through."""
+    if isinstance(data.get("model"), str) and "model_config" in data:
+        return {"model": data.get("model_config") or {}, "data": data.get("data") or {},
+                "train": data.get("train") or {}}
+    return data
+
+
+def preset_config(model: str, preset: str, presets: dict | None = None) -> dict:
+    """The config dict of ``preset`` among ``presets`` (default: the registered model's
+    ``presets``); an unknown name raises ConfigError listing the valid ones."""
+    if presets is None:
+        from pyface.train.registry import model_class
+
+        presets = getattr(model_class(model), "presets", None) or {}
+    if preset not in presets:
+        raise ConfigError(f"--preset {preset!r}: model {model!r} has no such preset; valid "
+                          f"presets: {', '.join(sorted(presets)) or '(none)'}")
+    data = presets[preset] or {}
+    unknown = set(data) - {"model", "data", "train"}
+    if unknown:
+        raise ConfigError(f"preset {preset!r} of {model!r}: unknown section {sorted(unknown)[0]}; "
+                          "valid sections: model, data, train")
+    return data
+
+
 def build_experiment(model: str, model_config_cls, *, yaml_path: str | None = None,
-                     overrides: list[str] | None = None,
-                     defaults: dict | None = None) -> ExperimentConfig:
-    """The experiment config: model defaults < ``defaults`` < YAML file < ``--set`` overrides."""
-    data = merge(defaults or {}, load_yaml(yaml_path) if yaml_path else {})
+                     overrides: list[str] | None = None, defaults: dict | None = None,
+                     preset: str | None = None,
+                     presets: dict | None = None) -> ExperimentConfig:
+    """The experiment config: model defaults < ``defaults`` (the recipe) < ``preset`` < YAML
+    file < ``--set`` overrides.
+
+    ``preset`` names one of ``presets`` (default: the ``presets`` of the registered model
+    ``model``); an unknown name raises ConfigError listing the valid presets.
+    """
+    data = dict(defaults or {})
+    if preset is not None:
+        data = merge(data, preset_config(model, preset, presets))
+    data = merge(data, _sections(load_yaml(yaml_path)) if yaml_path else {})
     data = merge(data, parse_set(overrides))
     unknown = set(data) - {"model", "data", "train"}
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown section; valid sections: model, data, "
                           "train")
     return ExperimentConfig(
-        model=model,
+        model=model, preset=preset,
         model_config=from_dict(model_config_cls, data.get("model") or {}, prefix="model."),
         data=from_dict(DataConfig, data.get("data") or {}, prefix="data."),
         train=from_dict(TrainConfig, data.get("train") or {}, prefix="train."))
 
 
 def experiment_to_dict(cfg: ExperimentConfig) -> dict:
-    return {"model": cfg.model, "model_config": to_dict(cfg.model_config),
+    return {"model": cfg.model, "preset": cfg.preset, "model_config": to_dict(cfg.model_config),
             "data": to_dict(cfg.data), "train": to_dict(cfg.train)}

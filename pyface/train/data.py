@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from pyface.data.datasets import FrameDataset
+
 
 class ProceduralFaces(torch.utils.data.Dataset):
     """Items ``{"image": (3, R, R) in [-1, 1], "index": ()}``: a coloured background, a head
@@ -64,34 +66,32 @@ class ProceduralFaces(torch.utils.data.Dataset):
 
 
 class SyntheticFrames(torch.utils.data.Dataset):
-    """Frames of the synthetic talking-head data (:mod:`pyface.data`) for the engine:
-    ``image`` (3, R, R) float in [-1, 1], ``mask`` (1, R, R) float in [0, 1], and the rest of
-    :class:`pyface.data.datasets.FrameDataset`'s tensors (``camera`` (25,), ``coeffs`` (257,),
-    ``landmarks`` (68, 2), ids).
+    """Frames of the synthetic talking-head data (:mod:`pyface.data`) for the engine (registered
+    as ``synthetic``): ``image`` (3, R, R) float in [-1, 1], ``mask`` (1, R, R) float in [0, 1],
+    and the rest of :class:`pyface.data.datasets.FrameDataset`'s tensors (``camera`` (25,),
+    ``coeffs`` (257,), ``landmarks`` (68, 2), ids).
 
-    ``data.path`` names the dataset folder; if it holds no dataset yet, the default synthetic set
-    is generated there first at ``data.resolution`` (``pyface.data.synthetic.make_default``).
+    ``data.path`` names a dataset folder (generated there first when it is empty); unset, the
+    built-in synthetic set (``data.options.synth``) is generated once and cached
+    (:func:`pyface.data.builtin.resolve_root`). Options: :class:`Options`.
     """
 
-    def __init__(self, root: str, resolution: int, seed: int = 0, skip_bad: bool = False):
-        from pyface.data.datasets import FrameDataset
+    Options = FrameDataset.Options    # mirror, load_masks, synth
 
-        self.frames = FrameDataset(root, resolution, seed=seed, skip_bad=skip_bad)
+    def __init__(self, root: str, resolution: int, seed: int = 0, skip_bad: bool = False,
+                 mirror: bool = False, load_masks: bool = True):
+        self.frames = FrameDataset(root, resolution, seed=seed, skip_bad=skip_bad, mirror=mirror,
+                                   load_masks=load_masks)
 
     @classmethod
     def from_config(cls, cfg) -> "SyntheticFrames":
-        import os
+        from pyface.data.builtin import resolve_root
+        from pyface.data.datasets import options_of
 
-        if not cfg.path:
-            raise ValueError("data.path: the synthetic dataset needs a folder, e.g. "
-                             "--set data.path=data/synthetic (generated there if empty)")
-        from pyface.data import format as fmt
-
-        if not os.path.isfile(os.path.join(cfg.path, fmt.INDEX)):
-            from pyface.data.synthetic import make_default
-
-            make_default(cfg.path, resolution=cfg.resolution, seed=cfg.seed)
-        return cls(cfg.path, cfg.resolution, cfg.seed, skip_bad=cfg.skip_bad)
+        o = options_of(cls, getattr(cfg, "options", None))
+        root = resolve_root(cfg, o.synth)
+        return cls(root, cfg.resolution, cfg.seed, skip_bad=cfg.skip_bad, mirror=o.mirror,
+                   load_masks=o.load_masks)
 
     def __len__(self) -> int:
         return len(self.frames)

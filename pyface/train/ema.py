@@ -1,3 +1,7 @@
+# Provenance: reproduces the generator EMA half-life rule of EG3D (NVlabs/eg3d, commit 7cf1fd1,
+# NVIDIA Source Code License, non-commercial). Our own implementation, written from the papers and
+# the upstream's documented behaviour; no upstream code is copied. pyface's code is licensed under
+# Apache-2.0 (LICENSE).
 """Exponential moving averages of modules (EG3D-style half-life in kimg, or a plain decay)."""
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 image (B, 3, R, R) -> conv encoder -> tri-plane (B, 3, C, P, P) -> orthographic volume rendering
 through :func:`pyface.ops.triplane_sample` -> image (B, 3, R, R), trained with an L1 loss. It
 exercises the whole engine (and the fused tri-plane op) on CPU in minutes; rendering the planes
-from a rotated camera gives the preview orbit clips.
+from a rotated camera gives the preview orbit clips. :class:`ExamplePipeline` is its inference
+pipeline (``pyface.models.load("example", run)``, ``pyface animate example``).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyface.ops import triplane_sample
-from pyface.train.model import Phase, StepContext, TrainableModel
+from pyface.train.model import Phase, Pipeline, StepContext, TrainableModel
 
 
 @dataclass
@@ -38,15 +39,59 @@ def _yaw_matrix(yaw: torch.Tensor) -> torch.Tensor:
     return torch.stack([c, z, s, z, o, z, -s, z, c], -1).view(-1, 3, 3)
 
 
+def camera_yaw(camera: torch.Tensor) -> torch.Tensor:
+    """camera: (..., 25) EG3D labels -> (...,) yaw of the camera position in radians."""
+    from pyface.face.cameras import camera_yaw_pitch
+
+    return camera_yaw_pitch(camera[..., :16].reshape(*camera.shape[:-1], 4, 4))[0]
+
+
+class ExamplePipeline(Pipeline):
+    """Inference with the example model.
+
+    * ``encode_source``: the source's tri-plane ``planes (1, 3, C, P, P)`` and its camera yaw
+      (0 without a camera);
+    * ``encode_driving``: ``yaw (T,)`` of each driving camera (0 without cameras);
+    * ``generate``: renders the source planes at each driving yaw relative to the source's
+      (``controls``: ``yaw_scale`` multiplies it); ``reconstruct`` renders the source's own view;
+    * ``default_motion(T)``: a +-35 degree orbit when there is no driving video.
+    """
+
+    def encode_source(self, source: dict) -> dict:
+        src = self.prepare(source, batched=False)
+        yaw = camera_yaw(src["camera"]) if "camera" in src else torch.zeros((), device=self.device)
+        return {"planes": self.model.encode(src["image"][None]), "yaw": yaw.reshape(())}
+
+    def encode_driving(self, driving: dict) -> dict:
+        drv = self.prepare(driving, batched=True, name="driving")
+        T = drv["image"].shape[0]
+        yaw = camera_yaw(drv["camera"]) if "camera" in drv else torch.zeros(T, device=self.device)
+        return {"yaw": yaw, "relative": True}
+
+    def default_motion(self, frames: int) -> dict:
+        t = torch.arange(frames, device=self.device, dtype=torch.float32)
+        return {"yaw": math.radians(35) * torch.sin(2 * math.pi * t / max(frames, 1)),
+                "relative": False}
+
+    def generate(self, state: dict, motion: dict, yaw_scale: float = 1.0) -> torch.Tensor:
+        yaw = motion["yaw"] - state["yaw"] if motion.get("relative", True) else motion["yaw"]
+        planes = state["planes"].expand(yaw.shape[0], -1, -1, -1, -1)
+        return self.model.render(planes, yaw * yaw_scale)
+
+
 class TriplaneAutoencoder(TrainableModel):
     """Tri-plane autoencoder (see the module docstring). ``forward(image) -> (recon, planes)``."""
 
     Config = TriplaneAEConfig
+    Pipeline = ExamplePipeline
     recipe = {"data": {"resolution": 32},
               "train": {"steps": 600, "batch_size": 8, "ckpt_every": 200, "image_every": 200,
                         "lr_schedule": {"kind": "cosine", "warmup_steps": 20,
                                         "min_factor": 0.1},
                         "ema": {"modules": ["encoder", "decoder"], "decay": 0.99}}}
+    #: ``tiny``: smaller planes and 300 steps (about a minute on 2 CPU cores)
+    presets = {"tiny": {"model": {"plane_channels": 8, "encoder_channels": 16, "hidden": 16},
+                        "train": {"steps": 300, "ckpt_every": 100, "image_every": 100}}}
 
     def __init__(self, cfg: TriplaneAEConfig | None = None):
         super().__init__()

@@ -8,13 +8,17 @@ A trainable model is an ``nn.Module`` subclass of :class:`TrainableModel` that p
   optimizer and an interval for lazy regularisation (EG3D: ``Phase("Dreg", "D", interval=16)``);
 * ``step(phase, batch, ctx)``: the losses of one phase, a dict with the total under ``"loss"``
   (other entries are logged);
-* optionally ``preview(batch)`` (image grids) and ``preview_video(batch)`` (a short clip).
+* optionally ``preview(batch)`` (image grids) and ``preview_video(batch)`` (a short clip);
+* optionally ``presets`` (named configs: ``pyface train M --preset tiny``), ``stages`` (earlier
+  models this one is built on, trained first) and ``Pipeline`` (its inference pipeline, used by
+  :func:`pyface.models.load` and ``pyface animate``).
 
 The engine does everything else: devices, distribution, precision, clipping, NaN guard, EMA,
 schedules, checkpoints, logging and previews.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -45,13 +49,36 @@ class StepContext:
         return self.images_seen / 1000.0
 
 
+@dataclass(frozen=True)
+class Stage:
+    """An earlier training stage a model is built on.
+
+    The stage is trained as the registered model ``model``; this model's config has a field
+    ``checkpoint_key: str | None`` naming that run (a run folder or checkpoint folder, read with
+    :func:`load_pretrained`). ``pyface train M --preset P`` trains every stage whose key is empty
+    first (with the same preset, in ``<run_dir>/stages/<name>``), then sets the key to its run.
+    """
+    name: str
+    model: str
+    checkpoint_key: str
+
+
 class TrainableModel(nn.Module):
     """Base class of models trained by :class:`pyface.train.Trainer`."""
 
     Config: type = None  # the config dataclass
     #: experiment defaults of this model's recipe (``{"data": {...}, "train": {...}}``), applied
-    #: below the YAML file and ``--set`` overrides.
+    #: below the preset, the YAML file and ``--set`` overrides.
     recipe: dict = {}
+    #: named configs ``{"tiny": {"model": {...}, "data": {...}, "train": {...}}, ...}`` applied
+    #: above ``recipe`` and below ``--config`` / ``--set`` (``pyface train M --preset tiny``).
+    #: Every portrait model has ``tiny`` (2-core CPU, <= 10 minutes), ``gpu-short`` (about 8
+    #: minutes on one H100/H200) and ``full`` (paper scale).
+    presets: dict[str, dict] = {}
+    #: earlier stages trained first when their checkpoint key is empty (see :class:`Stage`).
+    stages: tuple[Stage, ...] = ()
+    #: the inference pipeline class (a :class:`Pipeline` subclass) or None.
+    Pipeline: type | None = None
 
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         raise NotImplementedError
@@ -71,3 +98,262 @@ class TrainableModel(nn.Module):
     def preview_video(self, batch: dict, frames: int) -> torch.Tensor | None:
         """(T, 3, H, W) in [-1, 1], or None."""
         return None
+
+
+# --------------------------------------------------------------------------------------------
+# Pretrained weights
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Pretrained:
+    """What :func:`read_pretrained` found: the checkpoint folder, the trained model's registered
+    name (a weights folder's ``kind``), its config dict and state dict, and the meta."""
+    path: str
+    model: str | None
+    config: dict
+    state: dict
+    meta: dict
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A run folder (``path/checkpoints/``) -> its latest checkpoint; a checkpoint folder -> itself.
+
+    Raises :class:`pyface.checkpoint.CheckpointError` naming ``path`` when neither."""
+    from pyface import checkpoint as ckpt
+
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        latest = ckpt.latest_checkpoint(path)
+        if latest is None:
+            raise ckpt.CheckpointError(f"run folder {path!r} holds no complete checkpoint yet "
+                                       f"({os.path.join(path, 'checkpoints')} is empty)")
+        return latest
+    if os.path.isfile(os.path.join(path, ckpt.META_FILE)):
+        return path
+    raise ckpt.CheckpointError(f"checkpoint {path!r}: expected a run folder (with checkpoints/) "
+                               f"or a checkpoint folder (with {ckpt.META_FILE} and "
+                               f"{ckpt.TENSORS_FILE})" + ("" if os.path.exists(path)
+                                                          else "; it does not exist"))
+
+
+def read_pretrained(path: str, *, ema: bool = True,
+                    device: str | torch.device = "cpu") -> Pretrained:
+    """Reads a run folder, a training checkpoint or a weights folder (``save_weights``) safely
+    (safetensors + JSON; nothing is executed). With ``ema`` the EMA copies of a training
+    checkpoint replace the live weights of their sub-modules in the returned state dict."""
+    from pyface import checkpoint as ckpt
+
+    folder = resolve_checkpoint(path)
+    tensors, meta = ckpt.load_folder(folder, device=device)
+    if meta.get("kind") == "train":
+        exp = meta.get("experiment") or {}
+        config = dict(exp.get("model_config") or {})
+        state = ckpt.sub_state(tensors, "model")
+        if ema:
+            for name in meta.get("ema_modules") or []:
+                for k, v in ckpt.sub_state(tensors, f"ema.{name}").items():
+                    key = f"{name}.{k}"
+                    if key not in state:
+                        raise ckpt.CheckpointError(
+                            f"checkpoint {folder!r}: EMA entry ema.{key} has no live weight "
+                            f"model.{key}")
+                    state[key] = v
+        return Pretrained(folder, exp.get("model"), config, state, meta)
+    # a weights-only folder written by a converter (pyface.checkpoint.save_weights): its kind
+    # names the model ("eg3d")
+    return Pretrained(folder, meta.get("model") or meta.get("kind"),
+                      dict(meta.get("config") or {}), dict(tensors), meta)
+
+
+def config_from_dict(config_cls, data: dict, *, prefix: str = "model."):
+    """A model config dataclass from a (nested) dict, e.g. the one :func:`load_pretrained`
+    returns; unknown keys and wrong types raise ``pyface.train.config.ConfigError`` naming the
+    key."""
+    from pyface.train.config import from_dict
+
+    return from_dict(config_cls, data, prefix=prefix)
+
+
+def load_pretrained(path: str, *, ema: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(model_config_dict, state_dict)`` of a run folder (its latest checkpoint), a training
+    checkpoint folder or a weights folder, read safely; with ``ema`` (default) the EMA weights
+    replace the live ones where the run kept an EMA. For stage-2 models::
+
+        cfg, state = load_pretrained(self.cfg.stage1_checkpoint)
+        self.stage1 = Stage1Model(config_from_dict(Stage1Model.Config, cfg))
+        self.stage1.load_state_dict(state)
+        self.stage1.requires_grad_(False)
+    """
+    p = read_pretrained(path, ema=ema)
+    return p.config, p.state
+
+
+# --------------------------------------------------------------------------------------------
+# Inference pipelines
+# --------------------------------------------------------------------------------------------
+
+#: frame-dict keys and their per-frame shapes (``None``: any size; checked and resized by
+#: :meth:`Pipeline.prepare`)
+FRAME_KEYS = {"image": (3, None, None), "camera": (25,), "coeffs": (257,),
+              "landmarks": (None, 2), "mask": (1, None, None)}
+
+_SHAPE_TEXT = {"image": "3, H, W", "camera": "25", "coeffs": "257", "landmarks": "68|478, 2",
+               "mask": "1, H, W"}
+
+
+class Pipeline:
+    """Inference with a trained model, one method per stage (LivePortrait style): encode the
+    source once, then stream driving frames through ``encode_driving`` and ``generate``.
+
+    A *source* is a frame dict: ``image (3, H, W)`` float in [-1, 1] plus optional
+    ``camera (25,)`` (EG3D label), ``coeffs (257,)`` (Deep3DFaceRecon), ``landmarks (68, 2)``
+    (pixels), ``mask (1, H, W)`` in [0, 1]. *driving* has the same keys with a leading ``T``.
+    Pipelines resize images to ``resolution`` (antialiased) themselves (:meth:`prepare`), so any
+    input size is accepted.
+
+    Subclasses implement ``encode_source``, ``encode_driving`` and ``generate``; ``reconstruct``
+    and ``animate`` compose them. A pipeline whose model can animate without driving frames
+    (e.g. a camera orbit) overrides :meth:`default_motion`.
+
+    Args:
+        model: the trained model (a :class:`TrainableModel`), put in eval mode on ``device``.
+        device: ``None`` (CUDA when available, else CPU), a string or a ``torch.device``.
+    """
+
+    #: output size (H = W); default ``model.cfg.resolution``
+    resolution: int
+
+    def __init__(self, model: nn.Module, *, device: str | torch.device | None = None):
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        res = getattr(getattr(model, "cfg", None), "resolution", None)
+        if res is not None and not getattr(self, "resolution", None):
+            self.resolution = int(res)
+        if not isinstance(getattr(self, "resolution", None), int) or self.resolution <= 0:
+            raise ValueError(f"{type(self).__name__}: no output resolution (set the class "
+                             f"attribute 'resolution' or give the model a cfg.resolution)")
+
+    # -- input --------------------------------------------------------------------------------
+    def prepare(self, frames: dict, *, batched: bool, name: str = "source") -> dict:
+        """Checks a frame dict, moves it to ``device``, converts images to float and resizes
+        ``image`` / ``mask`` to ``resolution`` with antialiasing (landmarks are rescaled to the
+        new pixel grid). ``batched``: tensors have a leading ``T``. Idempotent."""
+        if not isinstance(frames, dict) or "image" not in frames:
+            raise ValueError(f"{name}: expected a dict with an 'image' "
+                             f"{'(T, 3, H, W)' if batched else '(3, H, W)'} tensor, got "
+                             f"{type(frames).__name__}"
+                             + (f" with keys {sorted(frames)}" if isinstance(frames, dict) else ""))
+        out = {}
+        T = None
+        scale = None
+        R = self.resolution
+        for key, value in frames.items():
+            if key not in FRAME_KEYS or not isinstance(value, torch.Tensor):
+                out[key] = value
+                continue
+            want = FRAME_KEYS[key]
+            shape = tuple(value.shape)
+            lead = 1 if batched else 0
+            ok = len(shape) == len(want) + lead and all(
+                w is None or w == s for w, s in zip(want, shape[lead:]))
+            if key == "landmarks" and ok:
+                ok = shape[lead] in (68, 478)
+            if ok and batched:
+                T = shape[0] if T is None else T
+                ok = shape[0] == T
+            if not ok:
+                pre = "T, " if batched else ""
+                exp = _SHAPE_TEXT[key]
+                raise ValueError(f"{name}['{key}']: expected shape ({pre}{exp})"
+                                 + (f" with T={T}" if batched and T is not None else "")
+                                 + f", got {shape}")
+            value = value.to(self.device)
+            if key in ("image", "mask"):
+                if value.dtype == torch.uint8:
+                    value = value.float() / 255.0
+                    if key == "image":
+                        value = value * 2 - 1
+                value = value.float()
+                x = value if batched else value[None]
+                H, W = x.shape[-2:]
+                if (H, W) != (R, R):
+                    x = torch.nn.functional.interpolate(x, size=(R, R), mode="bilinear",
+                                                        antialias=True, align_corners=False)
+                    if key == "image":
+                        scale = (R / W, R / H)
+                value = x if batched else x[0]
+            else:
+                value = value.float()
+            out[key] = value
+        if scale is not None and "landmarks" in out and isinstance(out["landmarks"], torch.Tensor):
+            out["landmarks"] = out["landmarks"] * torch.tensor(scale, device=self.device)
+        return out
+
+    # -- the three stages ------------------------------------------------------------------
+    def encode_source(self, source: dict):
+        """source frame dict -> a state (any object) cached and reused for every driving frame."""
+        raise NotImplementedError
+
+    def encode_driving(self, driving: dict):
+        """driving frame dict with leading ``T`` -> motion (any object, batched over T)."""
+        raise NotImplementedError
+
+    def generate(self, state, motion, **controls) -> torch.Tensor:
+        """-> ``(T, 3, resolution, resolution)`` in [-1, 1]."""
+        raise NotImplementedError
+
+    def default_motion(self, frames: int):
+        """Motion to animate without driving frames (e.g. an orbit), or None (driving needed)."""
+        return None
+
+    # -- composed --------------------------------------------------------------------------
+    @torch.no_grad()
+    def animate(self, source: dict, driving: dict, **controls) -> torch.Tensor:
+        """``generate(encode_source(source), encode_driving(driving))``: (T, 3, R, R) in [-1, 1]."""
+        return self.generate(self.encode_source(source), self.encode_driving(driving), **controls)
+
+    @torch.no_grad()
+    def reconstruct(self, source: dict) -> torch.Tensor:
+        """The source driven by itself: (1, 3, R, R) in [-1, 1]."""
+        driving = {k: v[None] if isinstance(v, torch.Tensor) else v for k, v in source.items()}
+        return self.animate(source, driving)
+
+    @torch.no_grad()
+    def stream(self, state, driving: dict | None, *, chunk: int = 8, motion=None, **controls):
+        """Yields ``(t, frames)`` chunks of ``(n, 3, R, R)`` for ``driving`` (``T`` frames, encoded
+        ``chunk`` at a time) or for a precomputed batched ``motion`` (sliced along its first
+        axis); ``state`` from :meth:`encode_source`."""
+        if (driving is None) == (motion is None):
+            raise ValueError("stream: give exactly one of driving and motion")
+        if driving is not None:
+            T = int(driving["image"].shape[0])
+            for t in range(0, T, chunk):
+                part = {k: v[t:t + chunk] if isinstance(v, torch.Tensor) else v
+                        for k, v in driving.items()}
+                yield t, self.generate(state, self.encode_driving(part), **controls)
+        else:
+            T = motion_length(motion)
+            for t in range(0, T, chunk):
+                yield t, self.generate(state, _slice_motion(motion, t, t + chunk), **controls)
+
+
+def motion_length(motion) -> int:
+    """The number of frames of a batched motion (a tensor, or a dict / sequence of them)."""
+    if isinstance(motion, torch.Tensor):
+        return int(motion.shape[0])
+    if isinstance(motion, dict):
+        return motion_length(next(iter(motion.values())))
+    if isinstance(motion, (list, tuple)):
+        return motion_length(motion[0])
+    raise TypeError(f"motion: cannot find the frame axis of {type(motion).__name__}")
+
+
+def _slice_motion(motion, a: int, b: int):
+    if isinstance(motion, torch.Tensor):
+        return motion[a:b]
+    if isinstance(motion, dict):
+        return {k: _slice_motion(v, a, b) for k, v in motion.items()}
+    if isinstance(motion, (list, tuple)):
+        return type(motion)(_slice_motion(v, a, b) for v in motion)
+    return motion

@@ -1,0 +1,69 @@
+"""The built-in synthetic dataset behind the registered datasets (``pyface train``).
+
+Every registered talking-head dataset (``synthetic``, ``pairs``, ``cross_identity``,
+``motion_windows``, ``clips``, ``multiview``) reads a pyface video root. With ``data.path``
+unset that root is the built-in synthetic set described by :class:`SynthOptions` (the dataset's
+``options.synth``), generated once and cached by config hash (:mod:`pyface.data.cache`). With
+``data.path`` set to a folder that holds no dataset yet, the same set is generated there.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass
+class SynthOptions:
+    """The built-in synthetic set (``data.options.synth.*``). The default is what every model
+    needs: 8 identities x 2 videos x 48 frames (27-frame motion windows, 8-frame clips with
+    gaps), with the cross-identity ground truth and the second camera of every video.
+
+    ``resolution``: None renders at ``data.resolution``. ``zoom``, ``exp_leak``: see
+    :class:`pyface.data.synthetic.SynthConfig`. ``workers``: generation processes (0: all cores;
+    not part of the cache key)."""
+
+    identities: int = 8
+    videos_per_identity: int = 2
+    frames: int = 48
+    resolution: int | None = None
+    seed: int = 0
+    fps: float = 25.0
+    zoom: float = 0.0
+    exp_leak: float = 0.0
+    workers: int = 0
+
+    def synth_config(self, resolution: int):
+        """The :class:`~pyface.data.synthetic.SynthConfig` (cross-identity set and multi-view
+        on) at ``self.resolution or resolution``."""
+        from pyface.data.synthetic import SynthConfig
+
+        return SynthConfig(identities=self.identities, videos_per_identity=self.videos_per_identity,
+                           frames=self.frames, resolution=int(self.resolution or resolution),
+                           seed=self.seed, fps=self.fps, cross=self.identities >= 2,
+                           workers=self.workers, zoom=self.zoom, exp_leak=self.exp_leak,
+                           multiview=True)
+
+
+def resolve_root(cfg, synth: SynthOptions | None) -> str:
+    """The dataset root of a data config (``cfg.path``, ``cfg.resolution``): ``cfg.path`` when it
+    holds a dataset (``index.json`` or video folders); the built-in set generated into
+    ``cfg.path`` when that folder is empty or absent; the cached built-in set when ``cfg.path``
+    is unset."""
+    from pyface.data import format as fmt
+
+    synth = synth or SynthOptions()
+    if not cfg.path:
+        from pyface.data.cache import cached
+
+        return cached(synth.synth_config(cfg.resolution))
+    path = os.fspath(cfg.path)
+    if os.path.isfile(os.path.join(path, fmt.INDEX)) or \
+            (os.path.isdir(path) and fmt.video_names(path)):
+        return path
+    if os.path.isdir(path) and os.listdir(path):
+        raise fmt.DataError(f"{path}: neither a pyface dataset (index.json or video folders) nor "
+                            "empty; refusing to generate the synthetic set into it")
+    from pyface.data.synthetic import generate
+
+    generate(path, synth.synth_config(cfg.resolution), progress=False)
+    return path

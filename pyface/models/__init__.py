@@ -1,0 +1,91 @@
+"""Trained portrait models as products: ``pyface.models.load(name, run) -> Pipeline``.
+
+Each model lives in its own package ``pyface/models/<name>/`` (config dataclasses, networks, the
+:class:`~pyface.train.model.TrainableModel`, its :class:`~pyface.train.model.Pipeline`,
+converters) and is registered by one line in :mod:`pyface.train.registry`. A model package
+imports only ``pyface.{nn, ops, face, data, checkpoint, train.model}`` (enforced by
+``tests/test_models_imports.py``); never another model.
+
+>>> import pyface.models
+>>> pipe = pyface.models.load("example", "runs/example")
+>>> state = pipe.encode_source(source)            # cache once
+>>> for chunk in driving_chunks:                  # stream driving frames
+...     frames = pipe.generate(state, pipe.encode_driving(chunk))
+
+Names resolve lazily: importing this package imports no model.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("pyface.models")
+
+__all__ = ["load", "names", "model_class"]
+
+
+def names() -> list[str]:
+    """Every registered model, plugins (entry-point group ``pyface.models``) included."""
+    from pyface.train.registry import model_names
+
+    return model_names()
+
+
+def model_class(name: str):
+    """The registered TrainableModel class ``name`` (imported now)."""
+    from pyface.train.registry import model_class as resolve
+
+    return resolve(name)
+
+
+def load(name: str, checkpoint: str, *, device: str | torch.device | None = None,
+         ema: bool = True):
+    """The inference pipeline of model ``name`` with the weights of ``checkpoint``.
+
+    Args:
+        name: a registered model (:func:`names`).
+        checkpoint: a run folder (its latest checkpoint is used), a training checkpoint folder or
+            a weights folder written by a converter; read safely (no code is executed).
+        device: None (CUDA when available, else CPU), or a device.
+        ema: use the EMA weights where the run kept an EMA copy.
+
+    Raises KeyError (unknown name), ValueError (the model has no pipeline, or the checkpoint
+    belongs to another model) and :class:`pyface.checkpoint.CheckpointError` (missing, corrupt
+    or mismatching checkpoint).
+    """
+    from pyface import checkpoint as ckpt
+    from pyface.train.config import ConfigError, from_dict
+    from pyface.train.model import read_pretrained
+
+    cls = model_class(name)
+    if getattr(cls, "Pipeline", None) is None:
+        raise ValueError(f"model {name!r} has no inference pipeline ({cls.__name__}.Pipeline is "
+                         "None)")
+    pre = read_pretrained(checkpoint, ema=ema)
+    if pre.model is not None and pre.model != name:
+        raise ValueError(f"checkpoint {pre.path!r} holds model {pre.model!r}, not {name!r}")
+    try:
+        cfg = from_dict(cls.Config, pre.config, prefix="model.")
+    except ConfigError as exc:
+        raise ckpt.CheckpointError(f"checkpoint {pre.path!r}: its model config does not fit "
+                                   f"{cls.__name__}.Config: {exc}") from None
+    _relocate_stages(cls, cfg, pre.path)
+    model = cls(cfg)
+    ckpt.load_module_state(model, pre.state, f"checkpoint {pre.path!r}")
+    log.info("loaded %s from %s%s", name, pre.path, " (EMA weights)" if ema else "")
+    return cls.Pipeline(model, device=device)
+
+
+def _relocate_stages(cls, cfg, checkpoint_folder: str) -> None:
+    """A stage run recorded at a path that no longer exists (the run folder was moved, or the
+    path was relative to another working directory) is taken from the run folder itself,
+    ``<run>/stages/<name>``, where ``pyface train`` puts it."""
+    run = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_folder)))
+    for stage in getattr(cls, "stages", ()) or ():
+        path = getattr(cfg, stage.checkpoint_key, None)
+        local = os.path.join(run, "stages", stage.name)
+        if path and not os.path.exists(path) and os.path.isdir(local):
+            log.info("stage %r: %s not found; using %s", stage.name, path, local)
+            setattr(cfg, stage.checkpoint_key, local)

@@ -1,0 +1,108 @@
+"""Multi-stage training: ``pyface train M --preset P`` trains M's earlier stages first.
+
+A model declares ``stages = (Stage(name, model, checkpoint_key), ...)`` (see
+:class:`pyface.train.model.Stage`). For every stage whose ``model.<checkpoint_key>`` is empty,
+:func:`prepare_stages` trains the registered model ``stage.model`` with the same preset in
+``<run_dir>/stages/<name>`` (recursively, for a stage that has stages itself) and sets the key to
+that run folder. A finished stage run (its latest checkpoint at ``train.steps``) is reused; an
+unfinished one is resumed, so re-running the command after an interruption continues where it
+stopped.
+
+A stage gets its own recipe and the preset, plus the run-wide ``--set`` overrides of
+:data:`SHARED_KEYS` (device, precision, logging, data location, seed); the other overrides apply
+to the final model only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+log = logging.getLogger("pyface.train")
+
+#: ``--set`` keys passed on to every stage (everything else configures the final model only)
+SHARED_KEYS = ("train.device", "train.precision", "train.progress", "train.tensorboard",
+               "train.num_workers", "train.seed", "train.log_every", "data.path",
+               "data.skip_bad")
+
+
+def shared_overrides(overrides: list[str] | None) -> list[str]:
+    """The ``key=value`` items of ``overrides`` whose key is in :data:`SHARED_KEYS`."""
+    return [o for o in overrides or [] if o.split("=", 1)[0].strip() in SHARED_KEYS]
+
+
+def stage_run_finished(run_dir: str, steps: int) -> str | None:
+    """The latest checkpoint of ``run_dir`` if it reached ``steps``, else None."""
+    from pyface import checkpoint as ckpt
+
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is None:
+        return None
+    try:
+        meta = ckpt.read_meta(latest)
+    except ckpt.CheckpointError:
+        return None
+    return latest if int(meta.get("step") or 0) >= steps else None
+
+
+def prepare_stages(model_cls, cfg, *, overrides: list[str] | None = None,
+                   train_fn=None) -> dict[str, str]:
+    """Trains the missing stages of ``cfg`` (an ExperimentConfig of ``model_cls``) and sets
+    their checkpoint keys in ``cfg.model_config``. Returns ``{checkpoint_key: run folder}`` of
+    the stages it filled in.
+
+    ``train_fn(stage_cfg) -> None`` trains one stage config (default: :func:`train_stage`, a
+    :class:`~pyface.train.engine.Trainer` that resumes an unfinished run)."""
+    from pyface.train.config import ConfigError, build_experiment
+    from pyface.train.registry import model_class
+
+    train_fn = train_fn or train_stage
+    filled: dict[str, str] = {}
+    run_dir = cfg.train.run_dir.format(model=cfg.model)
+    fields = {f.name for f in dataclasses.fields(cfg.model_config)}
+    for stage in getattr(model_cls, "stages", ()) or ():
+        if stage.checkpoint_key not in fields:
+            raise ConfigError(f"stage {stage.name!r} of {cfg.model!r}: model.{stage.checkpoint_key} "
+                              f"is not a field of {type(cfg.model_config).__name__}")
+        if getattr(cfg.model_config, stage.checkpoint_key):
+            continue
+        stage_dir = os.path.join(run_dir, "stages", stage.name)
+        stage_cls = model_class(stage.model)
+        presets = getattr(stage_cls, "presets", None) or {}
+        preset = cfg.preset if cfg.preset in presets else None
+        if cfg.preset is not None and preset is None:
+            log.warning("stage %r (%s) has no preset %r; training it with its recipe",
+                        stage.name, stage.model, cfg.preset)
+        stage_cfg = build_experiment(
+            stage.model, stage_cls.Config, defaults=getattr(stage_cls, "recipe", {}),
+            preset=preset, presets=presets,
+            overrides=shared_overrides(overrides) + [f"train.run_dir={stage_dir}"])
+        prepare_stages(stage_cls, stage_cfg, overrides=overrides, train_fn=train_fn)
+        done = stage_run_finished(stage_dir, stage_cfg.train.steps)
+        if done:
+            log.info("stage %r: reusing the finished run %s", stage.name, done)
+        else:
+            log.info("stage %r: training %s in %s", stage.name, stage.model, stage_dir)
+            train_fn(stage_cfg)
+            # under torchrun only rank 0 writes checkpoints (the others may not see it yet)
+            if int(os.environ.get("RANK", "0")) == 0 and not stage_run_finished(stage_dir, stage_cfg.train.steps):
+                raise RuntimeError(f"stage {stage.name!r} ({stage.model}) stopped before "
+                                   f"train.steps={stage_cfg.train.steps}; run the command again "
+                                   f"to continue it ({stage_dir})")
+        setattr(cfg.model_config, stage.checkpoint_key, stage_dir)
+        filled[stage.checkpoint_key] = stage_dir
+    return filled
+
+
+def train_stage(cfg) -> None:
+    """Trains one stage config, resuming its run folder's latest checkpoint if any."""
+    from pyface.train.engine import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        trainer.resume("auto")
+        result = trainer.fit()
+    finally:
+        trainer.close()
+    if result.interrupted:
+        raise KeyboardInterrupt(f"stage run {result.run_dir} interrupted at step {result.step}")
