@@ -120,8 +120,13 @@ def format_table(report: dict) -> str:
             row.append("-" if r["fps"] is None else f"{r['fps']:.1f}")
             rows.append(row)
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-    fmt_row = lambda r: "  ".join(x.rjust(w) if i > 1 else x.ljust(w) for i, (x, w) in enumerate(zip(r, widths)))
-    return "\n".join([fmt_row(head), fmt_row(["-" * w for w in widths])] + [fmt_row(r) for r in rows])
+
+    def fmt_row(r):
+        return "  ".join(x.rjust(w) if i > 1 else x.ljust(w)
+                         for i, (x, w) in enumerate(zip(r, widths)))
+
+    lines = [fmt_row(head), fmt_row(["-" * w for w in widths])] + [fmt_row(r) for r in rows]
+    return "\n".join(lines)
 
 
 def load_pipeline(model: str, checkpoint: str | None, *, device, ema: bool = True, resolution=None,
@@ -172,7 +177,8 @@ def run(args) -> int:
                   "resolution": int(pipeline.resolution), "batch_size": args.batch_size,
                   "max_pairs": args.max_pairs, "subset": args.subset, "metrics": metrics,
                   "moving": _moving_thresholds(),
-                  "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "time": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                      timespec="seconds"),
                   "versions": versions(), "protocols": {}}
         sheets = []
         for proto in protocols:
@@ -185,8 +191,8 @@ def run(args) -> int:
     except (DataError, ValueError, NotImplementedError, RuntimeError, FileNotFoundError) as e:
         print(f"pyface eval: {e}", file=sys.stderr)
         return 1
-    print(f"{args.model} on {args.data} (data hash {report['data_hash']}, {report['resolution']} px, "
-          f"{report['device']})")
+    print(f"{args.model} on {args.data} (data hash {report['data_hash']}, "
+          f"{report['resolution']} px, {report['device']})")
     print(format_table(report))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -67,7 +67,8 @@ class EvalResult:
     """What :func:`evaluate` measured for one protocol.
 
     ``values[metric][region]``: per-pair values ``(n,)`` float64, in pair order; ``moving``:
-    ``(n,)`` bool (``has_moving`` is False when the data has no ``moving`` flags); ``sheet``: ``{"source", "driving", "target", "prediction"}`` -> ``(K, 3, H, W)``
+    ``(n,)`` bool (``has_moving`` is False when the data has no ``moving`` flags); ``sheet``:
+    ``{"source", "driving", "target", "prediction"}`` -> ``(K, 3, H, W)``
     in [-1, 1] (a few pairs, one per source, for :func:`pyface.train.monitor.image_grid`)."""
     protocol: str
     subset: str
@@ -172,7 +173,8 @@ def to_pipeline_frame(frame: dict, device) -> dict:
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    return F.interpolate(x.double(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    return F.interpolate(x.double(), size=size, mode="bilinear", antialias=True,
+                         align_corners=False)
 
 
 def _sync(device):
@@ -236,7 +238,8 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
         for chunk, batch in zip(chunks, loader):
             with torch.no_grad():
                 if chunk[0] in first_of_group:
-                    source = to_pipeline_frame({k: v[0] for k, v in batch["source"].items()}, device)
+                    first = {k: v[0] for k, v in batch["source"].items()}
+                    source = to_pipeline_frame(first, device)
                     _sync(device)
                     t0 = time.perf_counter()
                     state = pipeline.encode_source(source)
@@ -251,7 +254,8 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
                 res.seconds += time.perf_counter() - t0
             n = len(chunk)
             if pred.dim() != 4 or pred.shape[0] != n or pred.shape[1] != 3:
-                raise ValueError(f"pipeline.generate: expected (T={n}, 3, H, W), got {tuple(pred.shape)}")
+                raise ValueError(f"pipeline.generate: expected (T={n}, 3, H, W), "
+                                 f"got {tuple(pred.shape)}")
             res.frames += n
             p = M.prepare(pred.cpu())
             size = tuple(p.shape[-2:])
@@ -280,6 +284,7 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
             bar.close()
     if sheet["prediction"]:
         size = tuple(sheet["prediction"][0].shape[-2:])
-        res.sheet = {k: _resize(M.prepare(torch.stack(v)), size).float() * 2 - 1 if k != "prediction"
-                     else torch.stack(v).float() for k, v in sheet.items()}
+        res.sheet = {k: torch.stack(v).float() if k == "prediction"
+                     else _resize(M.prepare(torch.stack(v)), size).float() * 2 - 1
+                     for k, v in sheet.items()}
     return res

@@ -49,7 +49,8 @@ def _check_images(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor |
     if pred.dim() != 4 or pred.shape[1] != 3:
         raise ValueError(f"pred: expected (N, 3, H, W), got {tuple(pred.shape)}")
     if target.shape != pred.shape:
-        raise ValueError(f"target: expected shape {tuple(pred.shape)} (as pred), got {tuple(target.shape)}")
+        raise ValueError(f"target: expected shape {tuple(pred.shape)} (as pred), "
+                         f"got {tuple(target.shape)}")
     if mask is not None:
         want = (pred.shape[0], 1, *pred.shape[2:])
         if tuple(mask.shape) != want:
@@ -74,7 +75,8 @@ def prepare_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask > (127 if mask.dtype == torch.uint8 else 0.5)
 
 
-def psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def psnr(pred: torch.Tensor, target: torch.Tensor,
+         mask: torch.Tensor | None = None) -> torch.Tensor:
     """PSNR in dB per image (see the module docstring).
 
     Args:
@@ -147,7 +149,8 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * m).flatten(1).sum(1) / m.flatten(1).sum(1)   # 0 / 0 -> NaN
 
 
-def ssim(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def ssim(pred: torch.Tensor, target: torch.Tensor,
+         mask: torch.Tensor | None = None) -> torch.Tensor:
     """SSIM per image (see the module docstring).
 
     Args:
