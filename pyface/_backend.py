@@ -218,18 +218,28 @@ def _dtype_status(spec: OpSpec, backend: str, dtype: torch.dtype | None) -> tupl
     return False, f"supports {names}, not {str(dtype).replace('torch.', '')}"
 
 
+#: backend forced on every op by ``pyface.ops.use_backend`` (process-wide; None: not forced)
+_forced: str | None = None
+
+
 @torch.compiler.assume_constant_result
 def select_backend(op: str, device: torch.device, backend: str | None,
                    dtype: torch.dtype | None = None) -> str:
     """Pick the backend that runs ``op`` on ``device``.
 
-    An explicit ``backend`` is honoured or raises; ``None`` takes the first available backend of
-    the op's priority list, and a fall back to ``reference`` is announced once per op and device.
+    An explicit ``backend`` is honoured or raises; ``None`` takes the backend forced by
+    ``pyface.ops.use_backend`` or the ``PYFACE_BACKEND`` environment variable (honoured or raises
+    like an explicit one), else the first available backend of the op's priority list, and a fall
+    back to ``reference`` is announced once per op and device.
     The choice depends only on the arguments and the installation, so ``torch.compile`` evaluates
     it once while tracing and treats it as a constant.
     """
     spec = _OPS[op]
     device_type = device.type
+    if backend is None:
+        backend = _forced or os.environ.get("PYFACE_BACKEND") or None
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"PYFACE_BACKEND: expected one of {BACKENDS}, got {backend!r}")
     if backend is not None:
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 
@@ -43,6 +44,7 @@ def collect() -> dict:
                       "reason": _backend.extension_reason(),
                       "build": _backend.build_config()},
         "ops": ops,
+        "forced_backend": os.environ.get("PYFACE_BACKEND") or None,
     }
 
 
@@ -65,6 +67,9 @@ def format_report(info: dict) -> str:
             lines.append(f"  CUDA kernels: yes, archs {build.get('cuda_archs')}")
         else:
             lines.append(f"  CUDA kernels: NO - {build.get('cuda_reason')}")
+    if info.get("forced_backend"):
+        lines.append(f"PYFACE_BACKEND={info['forced_backend']}: every op called without "
+                     "backend= is forced onto it (the defaults below do not apply)")
     lines.append("")
     for name, op in info["ops"].items():
         lines.append(f"{name}:")

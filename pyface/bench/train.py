@@ -1,7 +1,21 @@
-"""Training-engine benchmarks: per-step overhead of :class:`pyface.train.Trainer` over a bare
-PyTorch loop on the example model, and checkpoint save/load time of a ~30M-parameter model.
+"""Training benchmarks.
 
     python -m pyface.bench.train [--steps 40] [--json bench/results/train.json]
+    python -m pyface.bench.train MODEL [--preset NAME] [--set KEY=VALUE ...] [--steps 10]
+    torchrun --standalone --nproc_per_node=2 -m pyface.bench.train --overlap [--steps 20]
+
+Without arguments: the per-step overhead of :class:`pyface.train.Trainer` over a bare PyTorch
+loop on the example model, and checkpoint save/load time of a ~30M-parameter model.
+
+``MODEL``: a registered model's training step on fused ops (each op's default backend) vs
+reference ops (``train.backend=reference``): step time (median, [p20, p80]) and peak memory of a
+step above the resident weights and optimizer state, with the backends the ops actually ran on;
+the two trainers alternate step by step so that machine load hits both alike. JSON under
+``bench/results/`` (or ``--json``).
+
+``--overlap`` (under torchrun, N ranks): step time of a few-million-parameter MLP with the
+gradient all-reduce overlapped with the backward (bucketed hooks) vs one flat all-reduce after
+it, alternating step by step on one trainer, plus the time of the flat all-reduce alone.
 
 Overhead is measured with data loading excluded, two ways:
 
@@ -134,20 +148,250 @@ def checkpoint_io(repeats: int = 5, with_optimizer: bool = False) -> dict:
             "note": "save includes fsync + SHA-256; load includes SHA-256 verification"}
 
 
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _stats(xs: list[float]) -> dict:
+    return {"median_s": statistics.median(xs), "p20_p80_s": [_q(xs, .2), _q(xs, .8)],
+            "min_s": min(xs), "steps": len(xs)}
+
+
+def model_backends(name: str, overrides: list[str] | None = None, *, steps: int = 10,
+                   warmup: int = 2, device: str | None = None,
+                   preset: str | None = None) -> dict:
+    """Step time and peak memory of model ``name`` on fused vs reference ops (see module doc)."""
+    import torch
+
+    from pyface import _backend
+    from pyface.bench.harness import peak_memory_mb
+    from pyface.train import Trainer
+    from pyface.train.config import build_experiment
+    from pyface.train.stages import prepare_stages
+    from pyface.train.registry import model_class
+
+    cls = model_class(name)
+    defaults = dict(getattr(cls, "recipe", {}) or {})
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    env_backend = os.environ.pop("PYFACE_BACKEND", None)   # "fused" means the default choice
+    tmp = tempfile.mkdtemp(prefix="pyface-bench-")
+    real_select = _backend.select_backend
+    counts: dict[str, dict[str, int]] = {}
+    current = [None]
+
+    def counting_select(op, device, backend, dtype=None):
+        b = real_select(op, device, backend, dtype)
+        per = counts.setdefault(current[0], {}).setdefault(op, {})
+        per[b] = per.get(b, 0) + 1
+        return b
+
+    try:
+        trainers, batches, filled = {}, {}, {}
+        for label, backend in (("fused", "null"), ("reference", "reference")):
+            sets = [*(overrides or []), f"train.run_dir={tmp}/{label}", "train.progress=false",
+                    "train.tensorboard=false", f"train.device={dev}", f"train.backend={backend}"]
+            cfg = build_experiment(name, cls.Config, defaults=defaults, preset=preset,
+                                   overrides=sets)
+            if getattr(cls, "stages", ()):
+                # earlier stages are trained once (fused ops) and shared by both measurements
+                filled = filled or prepare_stages(cls, cfg, overrides=list(overrides or []))
+                for key, run in filled.items():
+                    setattr(cfg.model_config, key, run)
+            tr = Trainer(cfg)
+            trainers[label] = tr
+            batches[label] = tr.preview_batch(tr.local_batch)
+        times: dict[str, list[float]] = {k: [] for k in trainers}
+        _backend.select_backend = counting_select
+        for i in range(warmup + steps):
+            for label, tr in trainers.items():
+                current[0] = label if i == warmup else None    # count one step's op calls
+                _sync(dev)
+                t0 = time.perf_counter()
+                tr.train_step(batches[label])
+                _sync(dev)
+                if i >= warmup:
+                    times[label].append(time.perf_counter() - t0)
+        _backend.select_backend = real_select
+        out = {"bench": "train_backends", "model": name, "preset": preset,
+               "overrides": list(overrides or []), "device": str(dev),
+               "batch_size": trainers["fused"].cfg.train.batch_size, "warmup": warmup,
+               "threads": torch.get_num_threads(), "results": {}}
+        for label, tr in trainers.items():
+            mem = peak_memory_mb(lambda: tr.train_step(batches[label]), dev)
+            out["results"][label] = {**_stats(times[label]), "peak_mem_mb": mem,
+                                     "ops": counts.get(label, {})}
+        f, r = out["results"]["fused"], out["results"]["reference"]
+        out["speedup"] = r["median_s"] / f["median_s"]
+        out["memory_ratio"] = r["peak_mem_mb"] / max(f["peak_mem_mb"], 1e-9)
+        out["note"] = ("peak_mem_mb: peak of one training step above the memory allocated "
+                       "before it (weights, optimizer state); CPU: ATen allocations on the "
+                       "calling thread (profiler)")
+        return out
+    finally:
+        _backend.select_backend = real_select
+        if env_backend is not None:
+            os.environ["PYFACE_BACKEND"] = env_backend
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def overlap_bench(steps: int = 20, warmup: int = 3, width: int = 1024, depth: int = 4,
+                  batch: int = 64, bucket_mb: float = 4.0) -> dict:
+    """Overlapped vs flat gradient all-reduce (see module doc); run under torchrun."""
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    from pyface.train import Phase, Trainer, TrainableModel
+    from pyface.train.config import ExperimentConfig, TrainConfig
+
+    class MLP(TrainableModel):
+        def __init__(self):
+            super().__init__()
+            layers = []
+            for _ in range(depth):
+                layers += [nn.Linear(width, width), nn.GELU()]
+            self.net = nn.Sequential(*layers)
+
+        def build_optimizers(self):
+            return {"main": torch.optim.SGD(self.parameters(), lr=1e-4)}
+
+        def phases(self):
+            return [Phase("main", "main")]
+
+        def step(self, phase, b, ctx):
+            return {"loss": self.net(b["x"]).square().mean()}
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1024
+
+        def __getitem__(self, i):
+            return {"x": torch.randn(width, generator=torch.Generator().manual_seed(i))}
+
+    tmp = tempfile.mkdtemp(prefix="pyface-bench-")
+    t = TrainConfig(run_dir=tmp, batch_size=batch, device="cpu", progress=False,
+                    tensorboard=False, image_every=0, ckpt_every=0, bucket_mb=bucket_mb)
+    torch.manual_seed(0)
+    tr = Trainer(ExperimentConfig(model="mlp", train=t), model=MLP(), dataset=Data())
+    try:
+        if not tr.dist.enabled:
+            raise RuntimeError("--overlap needs several ranks: torchrun --standalone "
+                               "--nproc_per_node=2 -m pyface.bench.train --overlap")
+        b = tr.preview_batch(tr.local_batch)
+        times: dict[str, list[float]] = {"overlap": [], "flat": []}
+        for i in range(warmup + steps):
+            for mode in (("overlap", "flat") if i % 2 else ("flat", "overlap")):
+                tr.cfg.train.overlap_grad_reduce = mode == "overlap"
+                dist.barrier()
+                t0 = time.perf_counter()
+                tr.train_step(b)
+                dt = torch.tensor([time.perf_counter() - t0])
+                dist.all_reduce(dt, op=dist.ReduceOp.MAX)     # the slowest rank's step
+                if i >= warmup:
+                    times[mode].append(float(dt))
+        params = [p for p in tr.model.parameters()]
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        comm = []
+        for i in range(warmup + steps):
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.all_reduce(flat)
+            if i >= warmup:
+                comm.append(time.perf_counter() - t0)
+        reducer = next(iter(tr._reducers.values()))
+        n_params = sum(p.numel() for p in params)
+        out = {"bench": "overlap_grad_reduce", "world_size": tr.dist.world_size,
+               "backend": dist.get_backend(), "params": n_params, "width": width,
+               "depth": depth, "global_batch": batch, "bucket_mb": bucket_mb,
+               "buckets": len(reducer.buckets), "threads": torch.get_num_threads(),
+               "overlap": _stats(times["overlap"]), "flat": _stats(times["flat"]),
+               "allreduce_alone": _stats(comm)}
+        out["saved_pct"] = 100 * (1 - out["overlap"]["median_s"] / out["flat"]["median_s"])
+        # the two modes alternate step by step: per-pair differences cancel slow load drifts
+        pairs = [f - o for f, o in zip(times["flat"], times["overlap"])]
+        out["paired_saved_ms"] = 1e3 * statistics.median(pairs)
+        out["paired_saved_p20_p80_ms"] = [1e3 * _q(pairs, .2), 1e3 * _q(pairs, .8)]
+        return out
+    finally:
+        tr.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _print_backends(r: dict) -> None:
+    for label in ("fused", "reference"):
+        x = r["results"][label]
+        ops = ", ".join(f"{op}: {'/'.join(sorted(b))}" for op, b in sorted(x["ops"].items()))
+        print(f"{r['model']} {label:9s} step {x['median_s'] * 1e3:8.1f} ms "
+              f"[{x['p20_p80_s'][0] * 1e3:.1f}, {x['p20_p80_s'][1] * 1e3:.1f}]  peak "
+              f"{x['peak_mem_mb']:8.1f} MB  ops: {ops or 'none'}")
+    print(f"reference / fused: time x{r['speedup']:.2f}, peak memory x{r['memory_ratio']:.2f}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pyface.bench.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=40, help="measured steps per loop")
+    p.add_argument("model", nargs="?", default=None,
+                   help="a registered model: fused vs reference ops (default: engine overhead "
+                        "and checkpoint benchmarks)")
+    p.add_argument("--preset", default=None, help="with MODEL: one of the model's presets")
+    p.add_argument("--device", default=None, help="with MODEL: cpu or cuda (default: cuda if "
+                                                  "available)")
+    p.add_argument("--overlap", action="store_true",
+                   help="under torchrun: overlapped vs flat gradient all-reduce")
+    p.add_argument("--bucket-mb", type=float, default=4.0, help="with --overlap: bucket size")
+    p.add_argument("--steps", type=int, default=None,
+                   help="measured steps (default: 40; MODEL: 10; --overlap: 20)")
+    p.add_argument("--warmup", type=int, default=2, help="with MODEL: unmeasured steps")
     p.add_argument("--repeats", type=int, default=5, help="checkpoint save/load repeats")
     p.add_argument("--set", dest="overrides", action="append", default=[],
-                   help="config override for the example model, e.g. train.batch_size=16")
-    p.add_argument("--json", default=None, help="write the results here")
+                   help="config override (MODEL, or the example model of the overhead "
+                        "benchmark), e.g. train.batch_size=16")
+    p.add_argument("--json", default=None,
+                   help="write the results here (MODEL / --overlap: default an auto-named file "
+                        "under bench/results/)")
     args = p.parse_args(argv)
     from pyface.bench.harness import environment
 
     import torch
 
+    if args.overlap:
+        r = overlap_bench(args.steps or 20, bucket_mb=args.bucket_mb)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0
+        env = environment(torch.device("cpu"))
+        print(f"# {env.get('cpu')}  torch {env.get('torch')}  {r['world_size']} ranks "
+              f"({r['backend']}), {r['threads']} threads each")
+        print(f"MLP {r['params'] / 1e6:.2f}M params, global batch {r['global_batch']}, "
+              f"{r['buckets']} buckets of <= {r['bucket_mb']} MiB")
+        for k in ("flat", "overlap", "allreduce_alone"):
+            x = r[k]
+            print(f"{k:16s} {x['median_s'] * 1e3:8.1f} ms [{x['p20_p80_s'][0] * 1e3:.1f}, "
+                  f"{x['p20_p80_s'][1] * 1e3:.1f}]")
+        print(f"overlap saves {r['saved_pct']:.1f}% of the median step; paired: "
+              f"{r['paired_saved_ms']:.1f} ms [{r['paired_saved_p20_p80_ms'][0]:.1f}, "
+              f"{r['paired_saved_p20_p80_ms'][1]:.1f}] per step")
+        path = args.json or os.path.join(
+            "bench", "results", f"train-overlap-{r['world_size']}ranks-{env['date'][:10]}.json")
+        _write(path, {"environment": env, "results": [r]})
+        return 0
+    if args.model:
+        r = model_backends(args.model, args.overrides, steps=args.steps or 10,
+                           warmup=args.warmup, device=args.device, preset=args.preset)
+        env = environment(torch.device(r["device"]))
+        print(f"# {env.get('gpu') or env.get('cpu')}  torch {env.get('torch')}  "
+              f"threads {torch.get_num_threads()}")
+        _print_backends(r)
+        path = args.json or os.path.join("bench", "results", f"train-{args.model}"
+                                         f"{'-' + args.preset if args.preset else ''}-"
+                                         f"{torch.device(r['device']).type}-"
+                                         f"{env['date'][:10]}.json")
+        _write(path, {"environment": env, "results": [r]})
+        return 0
     env = environment(torch.device("cpu"))
+    args.steps = args.steps or 40
     results = [engine_overhead(args.steps, overrides=args.overrides),
                checkpoint_io(args.repeats), checkpoint_io(args.repeats, with_optimizer=True)]
     print(f"# {env.get('cpu')}  torch {env.get('torch')}  threads {torch.get_num_threads()}")
@@ -166,11 +410,15 @@ def main(argv=None) -> int:
               f"save {r['save_median_s']:.3f} s (max {r['save_max_s']:.3f}), load "
               f"{r['load_median_s']:.3f} s (max {r['load_max_s']:.3f})")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "results": results}, f, indent=2)
-        print(f"wrote {args.json}")
+        _write(args.json, {"environment": env, "results": results})
     return 0
+
+
+def _write(path: str, data: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -184,7 +184,10 @@ class DenseMotionConfig:
     grid_align_corners: bool = True
 
 
-class _Down3d(nn.Module):
+class DownBlock3d(nn.Module):
+    """face-vid2vid's 3D down block: Conv3d 3x3x3 + BatchNorm + ReLU + average pool over H, W.
+    x (B, cin, D, H, W) -> (B, cout, D, H/2, W/2)."""
+
     def __init__(self, cin: int, cout: int):
         super().__init__()
         self.conv = nn.Conv3d(cin, cout, kernel_size=3, padding=1)
@@ -194,7 +197,10 @@ class _Down3d(nn.Module):
         return F.avg_pool3d(F.relu(self.norm(self.conv(x))), kernel_size=(1, 2, 2))
 
 
-class _Up3d(nn.Module):
+class UpBlock3d(nn.Module):
+    """face-vid2vid's 3D up block: nearest x2 over H, W (depth kept) + Conv3d 3x3x3 + BatchNorm +
+    ReLU. x (B, cin, D, H, W) -> (B, cout, D, 2H, 2W)."""
+
     def __init__(self, cin: int, cout: int):
         super().__init__()
         self.conv = nn.Conv3d(cin, cout, kernel_size=3, padding=1)
@@ -219,9 +225,10 @@ class Hourglass3d(nn.Module):
         def width(i):
             return min(max_features, block_expansion * (2 ** i))
         self.down = nn.ModuleList(
-            [_Down3d(in_features if i == 0 else width(i), width(i + 1)) for i in range(num_blocks)])
+            [DownBlock3d(in_features if i == 0 else width(i), width(i + 1))
+             for i in range(num_blocks)])
         self.up = nn.ModuleList(
-            [_Up3d((1 if i == num_blocks - 1 else 2) * width(i + 1), width(i))
+            [UpBlock3d((1 if i == num_blocks - 1 else 2) * width(i + 1), width(i))
              for i in reversed(range(num_blocks))])
         self.out_filters = block_expansion + in_features
         self.conv = nn.Conv3d(self.out_filters, self.out_filters, kernel_size=3, padding=1)

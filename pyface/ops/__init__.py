@@ -3,7 +3,14 @@
 Every op validates its arguments, picks a backend (``backend=None``: the best available for the
 tensors' device; see ``python -m pyface.info``) and is differentiable. The pure-PyTorch reference
 twin of each op lives in :mod:`pyface.ops.reference`.
+
+``use_backend(name)`` (or the environment variable ``PYFACE_BACKEND=name``) forces every op
+called without an explicit ``backend=`` onto one backend, e.g. to compare a model on fused and
+on reference ops.
 """
+import contextlib
+
+from pyface import _backend
 from pyface.ops.raster import (BFMCamera, points_to_triplane, project_points, rasterize_mesh,
                                splat_points)
 from pyface.ops.render import (
@@ -16,7 +23,28 @@ from pyface.ops.render import (
 from pyface.ops.triplane import triplane_sample
 from pyface.ops.warp import keypoint_flow, motion_field_input, warp_by_keypoints, warp_volume
 
-__all__ = ["triplane_sample", "rasterize_mesh", "project_points", "BFMCamera", "splat_points",
-           "points_to_triplane", "ray_bundle", "sample_stratified", "mip_composite",
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Force every op called without ``backend=`` onto backend ``name`` inside the block.
+
+    ``name``: ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``, or None (no forcing: the
+    default choice, or ``PYFACE_BACKEND`` if set). The forcing is process-wide (autograd may run
+    an op's backward on another thread) and nests; a forced backend that cannot run an op's
+    inputs raises ``BackendUnavailableError`` naming the op, as an explicit ``backend=`` does.
+    The context manager wins over ``PYFACE_BACKEND``.
+    """
+    if name is not None and name not in _backend.BACKENDS:
+        raise ValueError(f"use_backend: expected one of {_backend.BACKENDS} or None, got {name!r}")
+    previous = _backend._forced
+    _backend._forced = name
+    try:
+        yield
+    finally:
+        _backend._forced = previous
+
+
+__all__ = ["use_backend", "triplane_sample", "rasterize_mesh", "project_points", "BFMCamera",
+           "splat_points", "points_to_triplane", "ray_bundle", "sample_stratified", "mip_composite",
            "sample_importance", "render_triplane", "warp_volume", "keypoint_flow",
            "warp_by_keypoints", "motion_field_input"]

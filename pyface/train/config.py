@@ -53,6 +53,8 @@ class TrainConfig:
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     precision: str = "fp32"           # fp32 | bf16 (autocast; meant for GPUs)
     grad_clip: float | None = None    # max global grad norm per optimizer; None: no clipping
+    grad_clip_per: dict[str, float] = field(default_factory=dict)  # optimizer -> max norm
+    #                                   (overrides grad_clip for that optimizer; <= 0: none)
     nan_guard: bool = True            # stop on non-finite loss / grad norm
     max_grad_norm: float = 1.0e6      # ... or on a grad norm above this (exploding training)
     ckpt_every: int = 500
@@ -64,6 +66,10 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
     tensorboard: bool = True
+    init_from: str | None = None      # checkpoint or run folder: initial weights only
+    backend: str | None = None        # force every op onto reference | cpu | cuda | triton
+    overlap_grad_reduce: bool = True  # multi-rank: all-reduce gradient buckets during backward
+    bucket_mb: float = 25.0           # ... bucket size in MiB
     lr_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
 
@@ -154,6 +160,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
         return from_dict(tp, value, prefix=key + ".")
+    if origin is dict:
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, e.g. --set {key}.NAME=VALUE, got "
+                              f"{value!r}")
+        return {_convert(k, kt, key): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         (inner,) = typing.get_args(tp)[:1] or (Any,)
         if isinstance(value, str):

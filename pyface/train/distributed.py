@@ -3,10 +3,16 @@
 Launch with ``torchrun --nproc_per_node=N -m pyface train ...`` (multi-node through torchrun's
 rendezvous flags). NCCL is used for CUDA devices, gloo for CPU.
 
-Gradients are averaged explicitly after each phase's backward (one flattened all-reduce per
-optimizer, as StyleGAN2/EG3D do) rather than through ``DistributedDataParallel`` hooks: this works
-unchanged for several optimizers per step, lazily scheduled regularisation phases, parameters that
-a phase does not touch, and R1's double backward.
+Gradients are averaged by the engine per update (each phase's loss and each in-step
+``ctx.update``), over the parameters of that update's optimizer only, rather than by
+``DistributedDataParallel``: this works unchanged for several optimizers per step, lazily
+scheduled regularisation phases, inner optimisation loops, parameters that a phase does not touch
+or freezes, and R1's double backward. Two ways, with identical results on two ranks:
+
+* :class:`BucketedAllReduce`: hooks on the parameters' gradient accumulation launch an
+  asynchronous all-reduce per bucket (about ``bucket_mb``) as soon as the bucket's gradients are
+  ready, so communication overlaps the rest of the backward (DDP's scheme);
+* :func:`average_gradients`: one flattened all-reduce after the backward (StyleGAN2/EG3D's).
 """
 from __future__ import annotations
 
@@ -79,6 +85,88 @@ def average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None
     flat /= world_size
     torch._foreach_copy_(grads, [t.view_as(g) for t, g in
                                  zip(flat.split([g.numel() for g in grads]), grads)])
+
+
+class BucketedAllReduce:
+    """Averages the gradients of ``params`` over ranks while the backward runs.
+
+    Parameters are grouped, in reverse order (the backward produces the last layers' gradients
+    first), into buckets of about ``bucket_mb`` MiB (the first one at most 1 MiB, as in DDP). The
+    engine calls :meth:`mark_ready` from each parameter's post-accumulate-grad hook; when every
+    gradient of a bucket is ready, and every earlier bucket has been launched (so that all ranks
+    issue the collectives in one order), the bucket's gradients are copied into one flat tensor
+    whose all-reduce starts asynchronously. :meth:`finish` launches the buckets still waiting (a parameter the backward
+    did not reach contributes zeros, as in :func:`average_gradients`), waits, and writes the
+    means back into ``.grad``. Element by element the sums are those of the flat all-reduce.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], world_size: int,
+                 bucket_mb: float = 25.0):
+        self.world = world_size
+        cap = max(1, int(bucket_mb * 2**20))
+        first_cap = min(cap, 2**20)    # a small first bucket starts communicating early
+        self.buckets: list[list[torch.nn.Parameter]] = []
+        cur: list[torch.nn.Parameter] = []
+        size = 0
+        for p in reversed(list(params)):
+            if cur and (p.dtype, p.device) != (cur[-1].dtype, cur[-1].device):
+                self.buckets.append(cur)           # one dtype and device per flat tensor
+                cur, size = [], 0
+            cur.append(p)
+            size += p.numel() * p.element_size()
+            if size >= (cap if self.buckets else first_cap):
+                self.buckets.append(cur)
+                cur, size = [], 0
+        if cur:
+            self.buckets.append(cur)
+        self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
+        self.reset()
+
+    def reset(self) -> None:
+        self._pending = [len(b) for b in self.buckets]
+        self._flat: list[torch.Tensor | None] = [None] * len(self.buckets)
+        self._work: list = [None] * len(self.buckets)
+        self._next = 0
+        #: how many buckets were launched from inside the backward (the overlapped ones)
+        self.launched_in_backward = 0
+
+    def mark_ready(self, p: torch.Tensor) -> None:
+        i = self._bucket_of.get(id(p))
+        if i is None:
+            return
+        self._pending[i] -= 1
+        while self._next < len(self.buckets) and self._pending[self._next] <= 0:
+            self._launch(self._next)
+            self._next += 1
+            self.launched_in_backward += 1
+
+    def _launch(self, i: int) -> None:
+        grads = []
+        for p in self.buckets[i]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self._flat[i] = flat
+        self._work[i] = dist.all_reduce(flat, async_op=True)
+
+    def finish(self) -> None:
+        """Launch what is left, wait for every bucket and store the averaged gradients."""
+        try:
+            while self._next < len(self.buckets):
+                self._launch(self._next)
+                self._next += 1
+            for i, bucket in enumerate(self.buckets):
+                self._work[i].wait()
+                flat = self._flat[i]
+                flat /= self.world
+                grads = [p.grad for p in bucket]
+                torch._foreach_copy_(grads, [t.view_as(g) for t, g in
+                                             zip(flat.split([g.numel() for g in grads]), grads)])
+        finally:
+            overlapped = self.launched_in_backward
+            self.reset()
+            self.launched_in_backward = overlapped
 
 
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:

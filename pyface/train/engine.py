@@ -89,23 +89,67 @@ class Trainer:
         self.run_dir = t.run_dir.format(model=cfg.model)
         torch.manual_seed(t.seed)  # identical initialisation on every rank
         random.seed(t.seed)
+        from pyface._backend import BACKENDS
+
+        if t.backend is not None and t.backend not in BACKENDS:
+            raise ValueError(f"train.backend: expected one of {BACKENDS} or null, got "
+                             f"{t.backend!r}")
         self.model = model if model is not None else registry.build_model(cfg.model,
                                                                           cfg.model_config)
         if cfg.model_config is None:
             cfg.model_config = getattr(self.model, "cfg", None)
         self.model.to(self.device)
+        #: what ``train.init_from`` loaded (checkpoint, loaded / missing / unexpected /
+        #: mismatched keys, EMA copies), or None
+        self.init_report: dict | None = None
+        if t.init_from:
+            self.init_report = self.init_weights(t.init_from)
         if self.dist.enabled:
             D.broadcast_module(self.model)
         self.optimizers = self.model.build_optimizers()
         self._opt_params = {k: [p for g in o.param_groups for p in g["params"]]
                             for k, o in self.optimizers.items()}
         self._base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in self.optimizers.items()}
+        unknown = sorted(set(t.grad_clip_per) - set(self.optimizers))
+        if unknown:
+            raise ValueError(f"train.grad_clip_per: unknown optimizer {unknown[0]!r}; the model "
+                             f"built {sorted(self.optimizers)}")
         self.phases: list[Phase] = list(self.model.phases())
         for ph in self.phases:
-            if ph.optimizer not in self.optimizers:
-                raise ValueError(f"phase {ph.name!r} uses optimizer {ph.optimizer!r}; the model "
-                                 f"built {sorted(self.optimizers)}")
+            names = (ph.optimizer,) if isinstance(ph.optimizer, str) else ph.optimizer or ()
+            for name in names:
+                if name not in self.optimizers:
+                    raise ValueError(f"phase {ph.name!r} uses optimizer {name!r}; the model "
+                                     f"built {sorted(self.optimizers)}")
+            for name in ph.frozen:
+                try:
+                    self.model.get_submodule(name)
+                except AttributeError:
+                    raise ValueError(f"phase {ph.name!r} freezes {name!r}, which is not a "
+                                     f"sub-module of {type(self.model).__name__}") from None
         self.ema = EMA(self.model, t.ema)
+        if self.init_report is not None:
+            self._init_ema(self.init_report.pop("_tensors"))
+        # gradient all-reduce overlapped with the backward: one hook per parameter, active only
+        # while the engine's own backward runs (self._reducer is set)
+        self._reducer: D.BucketedAllReduce | None = None
+        self._reducers: dict[tuple, D.BucketedAllReduce] = {}
+        self._hooks = []
+        if self.dist.enabled and t.overlap_grad_reduce:
+            seen = set()
+            for ps in self._opt_params.values():
+                for p in ps:
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_ready))
+        self._t_back = self._t_opt = self._t_update = 0.0
+        #: buckets whose all-reduce started inside a backward (overlap at work), and the
+        #: number of updates whose gradients were averaged each way
+        self.buckets_overlapped = 0
+        self.reductions = {"bucketed": 0, "flat": 0}
+        # rank-local parameters (param groups with "local": True): per optimizer, their ids
+        self._local_ids = {k: {id(p) for g in o.param_groups if g.get("local")
+                               for p in g["params"]} for k, o in self.optimizers.items()}
         self.dataset = dataset if dataset is not None else registry.build_dataset(cfg.data)
         self.step = 0
         self.last_losses: dict[str, float] = {}
@@ -207,9 +251,220 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
         return path
 
+    def init_weights(self, where: str) -> dict:
+        """Initialise the model's weights from a checkpoint (``train.init_from``).
+
+        ``where``: a checkpoint folder, or a run folder (its latest checkpoint). Weights only: the
+        model config, optimizer state and step of the checkpoint are ignored, so a stage can start
+        from another stage's run. Tensors whose name and shape match are loaded; the others are
+        reported (missing: kept at their initialisation; unexpected: ignored; shape mismatch:
+        kept at their initialisation) in the log and in ``run_dir/init_from.json``; nothing
+        matching raises ``CheckpointError``. The resolved checkpoint path replaces
+        ``train.init_from`` in the run's config.yaml.
+        """
+        path = where
+        if os.path.isdir(where) and not os.path.isfile(os.path.join(where, ckpt.META_FILE)):
+            path = ckpt.latest_checkpoint(where)
+            if path is None:
+                raise ckpt.CheckpointError(f"train.init_from={where!r}: a folder without a "
+                                           "checkpoint (expected a checkpoint folder or a run "
+                                           "folder with checkpoints/)")
+        tensors, meta = ckpt.load_folder(path)
+        state = ckpt.sub_state(tensors, "model") if meta.get("kind") == "train" else tensors
+        own = self.model.state_dict()
+        loaded = {k: v for k, v in state.items()
+                  if k in own and tuple(v.shape) == tuple(own[k].shape)}
+        report = {
+            "checkpoint": os.path.abspath(path),
+            "checkpoint_model": (meta.get("experiment") or {}).get("model"),
+            "checkpoint_step": meta.get("step"),
+            "loaded": len(loaded),
+            "missing": [k for k in own if k not in state],
+            "unexpected": [k for k in state if k not in own],
+            "mismatched": [f"{k}: checkpoint {tuple(state[k].shape)} vs model "
+                           f"{tuple(own[k].shape)}" for k in own
+                           if k in state and tuple(state[k].shape) != tuple(own[k].shape)],
+        }
+        if not loaded:
+            raise ckpt.CheckpointError(
+                f"train.init_from={where!r}: no tensor of {path} matches the model by name and "
+                f"shape ({len(report['missing'])} model keys, e.g. {report['missing'][:3]}; "
+                f"checkpoint keys e.g. {report['unexpected'][:3]})")
+        self.model.load_state_dict(loaded, strict=False)
+        partial = report["missing"] or report["unexpected"] or report["mismatched"]
+        (log.warning if partial else log.info)(
+            "initialised %d tensors from %s%s", len(loaded), path,
+            "" if not partial else
+            f"; missing (kept at init): {report['missing'][:6]}; unexpected (ignored): "
+            f"{report['unexpected'][:6]}; shape mismatches (kept at init): "
+            f"{report['mismatched'][:6]}")
+        self.cfg.train.init_from = report["checkpoint"]
+        report["_tensors"] = tensors if meta.get("kind") == "train" else {}
+        return report
+
+    def _init_ema(self, tensors: dict) -> None:
+        """EMA copies after ``init_from``: the checkpoint's EMA of a module when it matches that
+        module exactly, else the initialised weights."""
+        used = []
+        for name, m in self.ema.modules.items():
+            st = ckpt.sub_state(tensors, f"ema.{name}")
+            own = m.state_dict()
+            if st and set(st) == set(own) and all(st[k].shape == own[k].shape for k in own):
+                m.load_state_dict(st)
+                used.append(name)
+        self.init_report["ema_from_checkpoint"] = used
+
+    def ema_module(self, name: str) -> torch.nn.Module:
+        """The EMA copy of sub-module ``name``, or the live sub-module without an EMA."""
+        if name in self.ema.modules:
+            return self.ema.modules[name]
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"ctx.ema: {name!r} is not a sub-module of "
+                             f"{type(self.model).__name__} (EMA copies: "
+                             f"{sorted(self.ema.modules)})") from None
+
     # ----------------------------------------------------------------------------------------
     # One step
     # ----------------------------------------------------------------------------------------
+    def _backend(self):
+        from pyface.ops import use_backend
+
+        return use_backend(self.cfg.train.backend) if self.cfg.train.backend else \
+            contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _frozen(self, phase: Phase):
+        saved = []
+        for name in phase.frozen:
+            for p in self.model.get_submodule(name).parameters():
+                saved.append((p, p.requires_grad))
+                p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, flag in reversed(saved):
+                p.requires_grad_(flag)
+
+    def _norm(self, shared: list[torch.Tensor], local: list[torch.Tensor]) -> torch.Tensor:
+        """L2 norm of the gradients of ``shared`` (equal on every rank after the all-reduce) and
+        of the rank-local ``local`` parameters on all ranks together."""
+        n = _total_norm(shared).to(self.device)
+        if not local:
+            return n
+        sq = _total_norm(local).to(self.device).square().reshape(1)
+        if self.dist.enabled:
+            torch.distributed.all_reduce(sq)
+        return (n.square() + sq[0]).sqrt()
+
+    def reset_optimizer(self, name: str) -> None:
+        """Forget optimizer ``name``'s state (moments, step counts): an inner loop that starts
+        over every batch calls it (``ctx.reset_optimizer``) before its first update."""
+        if name not in self.optimizers:
+            raise KeyError(f"reset_optimizer: no optimizer {name!r}; the model built "
+                           f"{sorted(self.optimizers)}")
+        self.optimizers[name].state.clear()
+
+    def _grad_ready(self, p: torch.Tensor) -> None:
+        r = self._reducer
+        if r is not None:
+            r.mark_ready(p)
+
+    def _apply_update(self, names: str | tuple[str, ...], loss: torch.Tensor, *, phase: str,
+                      inner: bool, retain_graph: bool = False,
+                      overlap: bool = True) -> torch.Tensor:
+        """One backward of ``loss`` into the trainable parameters of optimizer(s) ``names``, then
+        gradient averaging over ranks, guard, clipping, step(s) and cleared gradients. Returns
+        the pre-clip grad norm over all of them."""
+        t_enter = time.perf_counter()
+        t = self.cfg.train
+        names = (names,) if isinstance(names, str) else tuple(names)
+        what = f"phase {phase!r}" + (f" (in-step update of {', '.join(map(repr, names))})"
+                                     if inner else "")
+        for name in names:
+            if name not in self.optimizers:
+                raise KeyError(f"{what}: no optimizer {name!r}; the model built "
+                               f"{sorted(self.optimizers)}")
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError(f"{what}: the loss must be a scalar tensor, got "
+                             f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else loss!r}")
+        parts = []      # per optimizer: (optimizer, trainable, shared, local, local ids)
+        for name in names:
+            trainable = [p for p in self._opt_params[name] if p.requires_grad]
+            ids = self._local_ids.get(name, set())
+            parts.append((self.optimizers[name], trainable,
+                          [p for p in trainable if id(p) not in ids],
+                          [p for p in trainable if id(p) in ids], ids))
+        params = [p for part in parts for p in part[1]]
+        shared = [p for part in parts for p in part[2]]
+        local = [p for part in parts for p in part[3]]
+        if not params:
+            raise ValueError(f"{what}: every parameter of optimizer "
+                             f"{' and '.join(map(repr, names))} is frozen")
+        multi = self.dist.enabled
+        clock = time.perf_counter
+        for part in parts:
+            part[0].zero_grad(set_to_none=True)
+        t0 = clock()
+        reducer = None
+        if multi and overlap and t.overlap_grad_reduce and shared:
+            key = (names, tuple(id(p) for p in shared))
+            reducer = self._reducers.get(key)
+            if reducer is None:
+                reducer = self._reducers[key] = D.BucketedAllReduce(
+                    shared, self.dist.world_size, t.bucket_mb)
+        self._reducer = reducer
+        try:
+            torch.autograd.backward(loss, inputs=params, retain_graph=retain_graph)
+        except BaseException:
+            if reducer is not None:
+                reducer.reset()
+            raise
+        finally:
+            self._reducer = None
+        self._t_back += clock() - t0
+        if multi:
+            if reducer is not None:
+                self.buckets_overlapped += reducer.launched_in_backward
+                reducer.finish()
+                self.reductions["bucketed"] += 1
+            elif shared:
+                D.average_gradients(shared, self.dist.world_size)
+                self.reductions["flat"] += 1
+            # rank-local parameters: the gradient of the global (rank-mean) loss
+            grads = [p.grad for p in local if p.grad is not None]
+            if grads:
+                torch._foreach_div_(grads, float(self.dist.world_size))
+        gnorm = self._norm(shared, local)
+        if t.nan_guard:
+            loss_g = loss.detach().float().reshape(1).clone()
+            if multi:       # every rank judges the same numbers, so all stop together
+                torch.distributed.all_reduce(loss_g)
+                loss_g = loss_g / self.dist.world_size
+            self._guard(what, float(loss_g[0]), float(gnorm))
+        for name, (opt, trainable, sh, lo, ids) in zip(names, parts):
+            for group in opt.param_groups:
+                if group.get("max_norm"):
+                    gp = [p for p in group["params"] if p.grad is not None]
+                    if gp:
+                        torch.nn.utils.clip_grads_with_norm_(
+                            gp, group["max_norm"],
+                            self._norm([p for p in gp if id(p) not in ids],
+                                       [p for p in gp if id(p) in ids]), foreach=True)
+            clip = t.grad_clip_per.get(name, t.grad_clip)
+            if clip is not None and clip > 0 and trainable:
+                torch.nn.utils.clip_grads_with_norm_(trainable, clip, self._norm(sh, lo),
+                                                     foreach=True)
+        t1 = clock()
+        for part in parts:
+            part[0].step()
+        self._t_opt += clock() - t1
+        for part in parts:
+            part[0].zero_grad(set_to_none=True)
+        self._t_update += clock() - t_enter
+        return gnorm.detach().float()
+
     def _autocast(self):
         if self.cfg.train.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -225,62 +480,53 @@ class Trainer:
 
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """Run every due phase on ``batch`` (this rank's share); returns detached losses."""
+        with self._backend():
+            return self._train_step(batch)
+
+    def _train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         t = self.cfg.train
         timing = self.timings is not None
         clock = time.perf_counter
         t_start = clock()
-        t_model = t_back = t_opt = 0.0
+        t_model = 0.0
+        self._t_back = self._t_opt = self._t_update = 0.0
         torch.manual_seed(_step_seed(t.seed, self.dist.rank, self.step))
         random.seed(_step_seed(t.seed, self.dist.rank, self.step))
         self._set_lrs()
         ctx = StepContext(step=self.step, images_seen=self.step * t.batch_size,
                           batch_size=t.batch_size, rank=self.dist.rank,
-                          world_size=self.dist.world_size, device=self.device)
+                          world_size=self.dist.world_size, device=self.device, engine=self)
         out: dict[str, torch.Tensor] = {}
         for ph in self.phases:
             if self.step % ph.interval:
                 continue
-            opt = self.optimizers[ph.optimizer]
-            params = self._opt_params[ph.optimizer]
-            opt.zero_grad(set_to_none=True)
-            t0 = clock()
-            with self._autocast():
-                losses = self.model.step(ph.name, batch, ctx)
-            t1 = clock()
-            if "loss" not in losses:
-                raise KeyError(f"{type(self.model).__name__}.step({ph.name!r}) must return the "
-                               f"total loss under 'loss'; got keys {sorted(losses)}")
-            loss = losses["loss"]
-            loss.backward()
-            t2 = clock()
-            if self.dist.enabled:
-                D.average_gradients(params, self.dist.world_size)
-                lt = loss.detach().float().reshape(1).clone()
-                torch.distributed.all_reduce(lt)
-                loss_g = lt[0] / self.dist.world_size
-            else:
-                loss_g = loss.detach().float()
-            gnorm = _total_norm(params)
-            if t.nan_guard:
-                self._guard(ph.name, float(loss_g), float(gnorm))
-            if t.grad_clip is not None and t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, t.grad_clip, foreach=True)
-            t3 = clock()
-            opt.step()
-            t4 = clock()
-            t_model, t_back, t_opt = t_model + t1 - t0, t_back + t2 - t1, t_opt + t4 - t3
+            ctx.phase = ph.name
+            with self._frozen(ph):
+                inner0 = self._t_update
+                t0 = clock()
+                with self._autocast():
+                    losses = self.model.step(ph.name, batch, ctx)
+                t_model += clock() - t0 - (self._t_update - inner0)   # less in-step updates
+                if ph.optimizer is not None:
+                    if "loss" not in losses:
+                        raise KeyError(f"{type(self.model).__name__}.step({ph.name!r}) must "
+                                       f"return the total loss under 'loss'; got keys "
+                                       f"{sorted(losses)}")
+                    gnorm = self._apply_update(ph.optimizer, losses["loss"], phase=ph.name,
+                                               inner=False, overlap=ph.overlap)
             for k, v in losses.items():
                 out[f"{ph.name}/{k}"] = v.detach().float()
-            out[f"{ph.name}/grad_norm"] = gnorm.detach().float()
+            if ph.optimizer is not None:
+                out[f"{ph.name}/grad_norm"] = gnorm
         self.ema.update(self.step, t.batch_size, self.step * t.batch_size)
         self.step += 1
         if timing:
-            for k, v in (("model", t_model), ("backward", t_back), ("optimizer", t_opt),
-                         ("total", clock() - t_start)):
+            for k, v in (("model", t_model), ("backward", self._t_back),
+                         ("optimizer", self._t_opt), ("total", clock() - t_start)):
                 self.timings.setdefault(k, []).append(v)
         return out
 
-    def _guard(self, phase: str, loss: float, gnorm: float) -> None:
+    def _guard(self, what: str, loss: float, gnorm: float) -> None:
         t = self.cfg.train
         bad = None
         if not math.isfinite(loss):
@@ -293,7 +539,7 @@ class Trainer:
             return
         last = ckpt.latest_checkpoint(self.run_dir)
         raise NonFiniteError(
-            f"step {self.step}, phase {phase!r}: {bad}; stopped before applying the update. "
+            f"step {self.step}, {what}: {bad}; stopped before applying the update. "
             + (f"Last good checkpoint: {last} (resume with --resume, lower the learning rate or "
                "set train.grad_clip)" if last else "No checkpoint was written yet.")
             + " Parameters in memory are those of the last good step.")
@@ -325,6 +571,10 @@ class Trainer:
     def write_previews(self, video: bool) -> list[str]:
         if not self.dist.is_main:
             return []
+        with self._backend():
+            return self._write_previews(video)
+
+    def _write_previews(self, video: bool) -> list[str]:
         paths = []
         was = self.model.training
         self.model.eval()
@@ -360,6 +610,11 @@ class Trainer:
         os.makedirs(self.run_dir, exist_ok=True)
         with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(experiment_to_dict(self.cfg), f, sort_keys=False)
+        if self.init_report is not None:
+            import json
+
+            with open(os.path.join(self.run_dir, "init_from.json"), "w") as f:
+                json.dump(self.init_report, f, indent=1)
         handler = logging.FileHandler(os.path.join(self.run_dir, "log.txt"))
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logging.getLogger("pyface").addHandler(handler)
@@ -461,4 +716,7 @@ class Trainer:
         return dict(zip(keys, vals.tolist()))
 
     def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
         D.shutdown(self.dist)

@@ -1,0 +1,374 @@
+"""Engine extensions on one process: in-step updates (ctx.update), EMA access, per-phase frozen
+modules, per-optimizer / per-group clipping, train.init_from, train.backend. (Two ranks:
+tests/test_train_ddp.py.)"""
+from __future__ import annotations
+
+import json
+import pytest
+import torch
+import yaml
+
+from _train_toys import inverter_trainer
+from pyface import checkpoint as ckpt
+from pyface.train import Phase, Trainer, TrainableModel, build_experiment
+from pyface.train.config import ConfigError
+from pyface.train.engine import NonFiniteError
+from pyface.train.example import TriplaneAutoencoder
+from pyface.train.model import StepContext
+
+TINY = ["model.resolution=16", "model.plane_resolution=8", "model.plane_channels=4",
+        "model.encoder_channels=8", "model.hidden=8", "model.depth_samples=4",
+        "data.resolution=16", "data.size=16", "train.batch_size=4", "train.progress=false",
+        "train.tensorboard=false", "train.image_every=0", "train.log_every=1",
+        "train.ckpt_every=0"]
+
+
+def example(tmp_path, *extra, name="run"):
+    M = TriplaneAutoencoder
+    return build_experiment("example", M.Config, defaults=M.recipe,
+                            overrides=TINY + [f"train.run_dir={tmp_path / name}", *extra])
+
+
+# ------------------------------------------------------------------------------------------
+# in-step updates, EMA access, frozen modules
+# ------------------------------------------------------------------------------------------
+
+def test_inner_loop_updates_and_frozen_phase(tmp_path):
+    tr = inverter_trainer([f"train.run_dir={tmp_path / 'inv'}", "train.steps=3"], 4)
+    m = tr.model
+    g0 = {k: v.clone() for k, v in m.G.state_dict().items()}
+    e0 = m.E.weight.detach().clone()
+    calls = []
+    real = tr._apply_update
+
+    def spy(name, loss, **kw):
+        calls.append((name, kw["phase"], kw["inner"]))
+        return real(name, loss, **kw)
+
+    tr._apply_update = spy
+    out = tr.train_step(tr.preview_batch(4))
+    # 4 inversion updates, one mid-step G + E update, the phase's G update, then E
+    assert calls == [("latent", "invert", True)] * 4 + [(("G", "E"), "invert", True),
+                                                       ("G", "invert", False), ("E", "enc", False)]
+    assert out["invert/inv_last"] < out["invert/inv_first"]          # the inversion works
+    assert out["invert/mid_grad_norm"] > 0 and out["enc/grad_norm"] > 0
+    # G frozen only during "enc", and restored after it
+    assert m.seen == [("invert", True), ("enc", False)]
+    assert all(p.requires_grad for p in m.G.parameters())
+    assert not torch.equal(m.E.weight, e0)
+    assert all(p.grad is None for p in m.parameters())              # gradients cleared
+    # G was stepped twice in "invert" and not in "enc" (its grads were not even computed)
+    assert any(not torch.equal(g0[k], v) for k, v in m.G.state_dict().items())
+    g1 = {k: v.clone() for k, v in m.G.state_dict().items()}
+    tr.phases = [Phase("enc", "E", frozen=("G",))]
+    tr.train_step(tr.preview_batch(4))
+    assert all(torch.equal(g1[k], v) for k, v in m.G.state_dict().items())
+
+
+def test_ema_is_readable_from_step(tmp_path):
+    tr = inverter_trainer([f"train.run_dir={tmp_path / 'inv'}", "train.steps=2"], 4)
+    got = {}
+    real_step = tr.model.step
+
+    def step(phase, batch, ctx):
+        got[phase] = (ctx.ema("G"), ctx.ema("E"))
+        return real_step(phase, batch, ctx)
+
+    tr.model.step = step
+    tr.fit()
+    g_ema, e_live = got["invert"]
+    assert g_ema is tr.ema.modules["G"] and g_ema is not tr.model.G
+    assert e_live is tr.model.E                                     # no EMA: the live module
+    assert not torch.equal(g_ema[0].weight, tr.model.G[0].weight)   # a real average
+    with pytest.raises(ValueError, match=r"ctx.ema: 'H' is not a sub-module of Inverter"):
+        tr.ema_module("H")
+    with pytest.raises(RuntimeError, match="not attached to a Trainer"):
+        StepContext(step=0, images_seen=0, batch_size=1).update("G", torch.zeros(()))
+
+
+def test_inner_loop_exact_resume(tmp_path):
+    def run(name, steps, resume=False):
+        tr = inverter_trainer([f"train.run_dir={tmp_path / name}", f"train.steps={steps}"], 4)
+        if resume:
+            tr.resume()
+        tr.fit()
+        return tr
+
+    full = run("full", 4)
+    run("split", 2)
+    b = run("split", 4, resume=True)
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+    for k, v in full.ema.modules["G"].state_dict().items():
+        assert torch.equal(v, b.ema.modules["G"].state_dict()[k]), k
+
+
+def test_in_step_update_guard_names_the_optimizer(tmp_path):
+    tr = inverter_trainer([f"train.run_dir={tmp_path / 'inv'}", "train.steps=1"], 4)
+    real_step = tr.model.step
+
+    def step(phase, batch, ctx):
+        ctx.update("latent", tr.model.latent.sum() * float("nan"))
+        return real_step(phase, batch, ctx)
+
+    tr.model.step = step
+    with pytest.raises(NonFiniteError, match=r"step 0, phase 'invert' \(in-step update of "
+                                             r"'latent'\): loss is nan"):
+        tr.train_step(tr.preview_batch(4))
+    with pytest.raises(KeyError, match=r"no optimizer 'W'"):
+        tr._apply_update("W", torch.zeros(()), phase="invert", inner=True)
+
+
+
+
+class _Two(TrainableModel):
+    def __init__(self, group_norm=None, own_updates=False):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.ones(4))
+        self.b = torch.nn.Parameter(torch.ones(4))
+        self.c = torch.nn.Parameter(torch.ones(4))
+        self.group_norm, self.own = group_norm, own_updates
+
+    def build_optimizers(self):
+        groups = [{"params": [self.a]}, {"params": [self.c]}]
+        if self.group_norm:
+            groups[1]["max_norm"] = self.group_norm
+        return {"A": torch.optim.SGD(groups, lr=1.0), "B": torch.optim.SGD([self.b], lr=1.0)}
+
+    def phases(self):
+        if self.own:
+            return [Phase("both", None)]
+        return [Phase("a", "A"), Phase("b", "B")]
+
+    def step(self, phase, batch, ctx):
+        x = batch["x"]
+        loss = ((self.a + self.b + self.c) * x).sum(-1).mean() * 100
+        if self.own:
+            ctx.update("A", loss, retain_graph=True)
+            ctx.update("B", loss)
+        return {"loss": loss}
+
+
+class _Ones(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return {"x": torch.ones(4)}
+
+
+def _two(tmp_path, model, *extra):
+    from pyface.train.config import ExperimentConfig, TrainConfig, from_dict, parse_set
+
+    t = from_dict(TrainConfig, parse_set([
+        f"run_dir={tmp_path / 'two'}", "batch_size=2", "steps=1", "progress=false",
+        "tensorboard=false", "image_every=0", "ckpt_every=0", *extra]))
+    return Trainer(ExperimentConfig(model="two", train=t), model=model, dataset=_Ones())
+
+
+def test_clipping_per_optimizer_and_per_group(tmp_path):
+    # each parameter's gradient is 100 * (1, 1, 1, 1): norm 200 per parameter
+    tr = _two(tmp_path, _Two(), "grad_clip=1", "grad_clip_per.B=2")
+    tr.train_step(tr.preview_batch(2))
+    m = tr.model
+    # A (a and c together) clipped to 1 by train.grad_clip, B to 2 by grad_clip_per
+    assert (1 - m.a).norm().item() ** 2 + (1 - m.c).norm().item() ** 2 == pytest.approx(1, 1e-4)
+    assert (1 - m.b).norm().item() == pytest.approx(2, rel=1e-4)
+    # a group's max_norm clips that group only; grad_clip_per <= 0 switches clipping off
+    tr = _two(tmp_path, _Two(group_norm=0.5), "grad_clip=1", "grad_clip_per.A=0")
+    tr.train_step(tr.preview_batch(2))
+    m = tr.model
+    assert (1 - m.c).norm().item() == pytest.approx(0.5, rel=1e-4)
+    assert (1 - m.a).norm().item() == pytest.approx(200, rel=1e-4)
+    assert (1 - m.b).norm().item() == pytest.approx(1, rel=1e-4)
+    with pytest.raises(ValueError, match=r"train.grad_clip_per: unknown optimizer 'D'"):
+        _two(tmp_path, _Two(), "grad_clip_per.D=1")
+
+
+def test_phase_without_optimizer_applies_its_own_updates(tmp_path):
+    tr = _two(tmp_path, _Two(own_updates=True), "grad_clip_per.B=2")
+    out = tr.train_step(tr.preview_batch(2))
+    m = tr.model
+    assert set(out) == {"both/loss"}
+    assert (1 - m.a).norm().item() == pytest.approx(200, rel=1e-4)
+    assert (1 - m.b).norm().item() == pytest.approx(2, rel=1e-4)
+
+
+def test_grad_clip_per_from_set_and_yaml(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("train:\n  grad_clip_per: {G: 1.0}\n")
+    M = TriplaneAutoencoder
+    cfg = build_experiment("example", M.Config, yaml_path=str(y),
+                           overrides=["train.grad_clip_per.D=10", "train.backend=reference"])
+    assert cfg.train.grad_clip_per == {"G": 1.0, "D": 10.0}
+    assert cfg.train.backend == "reference"
+    with pytest.raises(ConfigError, match=r"train.grad_clip_per.D: expected float, got 'x'"):
+        build_experiment("example", M.Config, overrides=["train.grad_clip_per.D=x"])
+    with pytest.raises(ConfigError, match=r"train.grad_clip_per: expected a mapping"):
+        build_experiment("example", M.Config, overrides=["train.grad_clip_per=3"])
+
+
+# ------------------------------------------------------------------------------------------
+# init_from, backend
+# ------------------------------------------------------------------------------------------
+
+def test_init_from_loads_weights_only_and_reports(tmp_path):
+    src = Trainer(example(tmp_path, "train.steps=2", "train.ema.modules=decoder", name="src"))
+    path = src.fit().checkpoint
+    # a different config: a wider decoder (its first layer and the last weight no longer fit)
+    dst = Trainer(example(tmp_path, "train.steps=1", "model.hidden=16", "train.lr_schedule."
+                          "kind=constant", f"train.init_from={tmp_path / 'src'}",
+                          "train.ema.modules=encoder,decoder", name="dst"))
+    rep = dst.init_report
+    assert rep["checkpoint"] == path and rep["checkpoint_step"] == 2
+    assert rep["mismatched"] == ["decoder.0.weight: checkpoint (8, 4) vs model (16, 4)",
+                                 "decoder.0.bias: checkpoint (8,) vs model (16,)",
+                                 "decoder.2.weight: checkpoint (4, 8) vs model (4, 16)"]
+    assert rep["missing"] == [] and rep["unexpected"] == []
+    for k, v in src.model.encoder.state_dict().items():
+        assert torch.equal(dst.model.encoder.state_dict()[k], v), k
+    assert torch.equal(dst.model.decoder[2].bias, src.model.decoder[2].bias)
+    # EMA: the encoder's copy starts from the loaded weights (the source had no EMA of it)
+    assert torch.equal(dst.ema.modules["encoder"][0].weight, src.model.encoder[0].weight)
+    assert rep["ema_from_checkpoint"] == []
+    assert dst.step == 0 and not dst.optimizers["main"].state           # weights only
+    dst.fit()
+    saved = yaml.safe_load(open(tmp_path / "dst" / "config.yaml"))
+    assert saved["train"]["init_from"] == path                          # recorded, resolved
+    assert json.load(open(tmp_path / "dst" / "init_from.json"))["mismatched"] == rep["mismatched"]
+    # same architecture: everything loads, the EMA copy comes from the checkpoint's EMA
+    same = Trainer(example(tmp_path, f"train.init_from={path}", "train.ema.modules=decoder",
+                           name="same"))
+    assert same.init_report["loaded"] == len(src.model.state_dict())
+    assert same.init_report["ema_from_checkpoint"] == ["decoder"]
+    assert torch.equal(same.ema.modules["decoder"][0].weight,
+                       src.ema.modules["decoder"][0].weight)
+    # a weights-only folder (unprefixed keys), e.g. written by a converter
+    w = ckpt.save_weights(str(tmp_path / "weights"), {k: v + 1 for k, v in
+                                                     src.model.state_dict().items()},
+                          kind="example")
+    conv = Trainer(example(tmp_path, f"train.init_from={w}", name="conv"))
+    assert conv.init_report["loaded"] == len(src.model.state_dict())
+    assert torch.equal(conv.model.decoder[0].weight, src.model.decoder[0].weight + 1)
+    with pytest.raises(ckpt.CheckpointError, match="a folder without a checkpoint"):
+        Trainer(example(tmp_path, f"train.init_from={tmp_path}", name="x"))
+
+
+def test_init_from_with_nothing_matching_is_an_error(tmp_path):
+    path = inverter_trainer([f"train.run_dir={tmp_path / 'inv'}", "train.steps=1"],
+                            4).fit().checkpoint
+    with pytest.raises(ckpt.CheckpointError, match=r"no tensor of .* matches the model"):
+        Trainer(example(tmp_path, f"train.init_from={path}"))
+
+
+def test_train_backend_forces_the_ops(tmp_path, monkeypatch):
+    from pyface import _backend
+
+    seen = []
+    real = _backend.select_backend
+
+    def spy(op, device, backend, dtype=None):
+        name = real(op, device, backend, dtype)
+        seen.append(name)
+        return name
+
+    monkeypatch.setattr(_backend, "select_backend", spy)
+    monkeypatch.delenv("PYFACE_BACKEND", raising=False)
+    tr = Trainer(example(tmp_path, "train.steps=1", "train.backend=reference"))
+    tr.fit()
+    assert seen and set(seen) == {"reference"}
+    assert _backend._forced is None                                     # restored after
+    with pytest.raises(ValueError, match=r"train.backend: expected one of"):
+        Trainer(example(tmp_path, "train.backend=fast"))
+
+
+# ------------------------------------------------------------------------------------------
+# python -m pyface.bench.train MODEL
+# ------------------------------------------------------------------------------------------
+
+def test_bench_train_model_fused_vs_reference(tmp_path, capsys):
+    from pyface import _backend
+    from pyface.bench.train import main
+
+    out = tmp_path / "b.json"
+    sets = sum((["--set", s] for s in TINY[:-1]), [])
+    assert main(["example", "--steps", "2", "--warmup", "1", "--device", "cpu", *sets,
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["environment"]["device_type"] == "cpu" and data["environment"]["torch"]
+    r = data["results"][0]
+    assert r["bench"] == "train_backends" and r["model"] == "example" and r["batch_size"] == 4
+    fused, ref = r["results"]["fused"], r["results"]["reference"]
+    assert ref["ops"] == {"triplane_sample": {"reference": 1}}       # one step's op calls
+    expected = _backend.select_backend("triplane_sample", torch.device("cpu"), None)
+    assert fused["ops"] == {"triplane_sample": {expected: 1}}
+    for x in (fused, ref):
+        assert x["steps"] == 2 and x["p20_p80_s"][0] <= x["median_s"] <= x["p20_p80_s"][1]
+        assert x["peak_mem_mb"] > 0
+    assert r["speedup"] == pytest.approx(ref["median_s"] / fused["median_s"])
+    assert "reference / fused" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"--preset 'no-such': model 'example' has no such preset; valid presets: tiny"):
+        main(["example", "--preset", "no-such", "--json", str(out)])
+
+
+def test_bucket_layout():
+    from pyface.train.distributed import BucketedAllReduce
+
+    ps = [torch.nn.Parameter(torch.zeros(n, dtype=dt)) for n, dt in
+          ((300_000, torch.float32), (10, torch.float32), (100, torch.float64),
+           (400_000, torch.float32), (5, torch.float32))]
+    r = BucketedAllReduce(ps, world_size=2, bucket_mb=1.0)
+    # reverse order; the first bucket closes at 1 MiB, then at bucket_mb; dtypes never mix
+    assert [[p.numel() for p in b] for b in r.buckets] == [[5, 400_000], [100], [10, 300_000]]
+    r.mark_ready(ps[4])
+    assert r._next == 0                       # the first bucket waits for its second gradient
+
+
+class _Pair(TrainableModel):
+    """loss = mean(sum((w * k * x)^2)): w is saved for k's gradient and vice versa."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 4))
+        self.k = torch.nn.Parameter(torch.linspace(0.5, 1.5, 4))
+        self.mode = mode
+
+    def build_optimizers(self):
+        return {"W": torch.optim.SGD([self.w], lr=0.1), "K": torch.optim.SGD([self.k], lr=0.1)}
+
+    def phases(self):
+        return [Phase("main", ("W", "K") if self.mode == "phase" else None)]
+
+    def loss(self, x):
+        return (self.w * self.k * x).square().sum(-1).mean()
+
+    def step(self, phase, batch, ctx):
+        loss = self.loss(batch["x"])
+        if self.mode == "sequential":
+            ctx.update("W", loss, retain_graph=True)
+            ctx.update("K", loss)
+        elif self.mode == "tuple":
+            ctx.update(("W", "K"), loss)
+        return {"loss": loss}
+
+
+@pytest.mark.parametrize("mode", ["tuple", "phase"])
+def test_one_backward_steps_several_optimizers(tmp_path, mode):
+    m = _Pair(mode)
+    x = torch.ones(2, 4)
+    gw, gk = torch.autograd.grad(m.loss(x), [m.w, m.k])
+    w1, k1 = m.w.detach() - 0.1 * gw, m.k.detach() - 0.1 * gk
+    tr = _two(tmp_path, m, "grad_clip_per.K=0")
+    out = tr.train_step(tr.preview_batch(2))
+    torch.testing.assert_close(m.w.detach(), w1)
+    torch.testing.assert_close(m.k.detach(), k1)
+    if mode == "phase":
+        assert out["main/grad_norm"] == pytest.approx(torch.cat([gw.flatten(), gk]).norm().item(),
+                                                      rel=1e-5)
+
+
+def test_sequential_updates_of_one_graph_need_the_tuple_form(tmp_path):
+    # stepping W in place, then back-propagating the same graph into K, cannot work
+    tr = _two(tmp_path, _Pair("sequential"))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        tr.train_step(tr.preview_batch(2))
