@@ -423,8 +423,14 @@ _GFPGAN_REQUIRED = ("conv_body_first.weight", "final_linear.weight",
 def convert_gfpgan(path: str, out: str, key: str = "params_ema") -> str:
     """GFPGANv1-clean checkpoint -> weights folder (kind ``"gfpgan"``), keys unchanged.
 
-    Checks the structure (required key groups, 3-channel input, style width) - pyface has no
-    GFPGAN module yet, so the full shape check happens when one loads it."""
+    Infers the :class:`pyface.nn.GFPGANConfig` from the weights (out size, width, channel
+    multiplier, style width, MLP depth, ``sft_half``, ``different_w``) and checks every key and
+    shape against :class:`pyface.nn.GFPGANv1Clean`; the folder loads with
+    :func:`pyface.nn.load_gfpgan`."""
+    from dataclasses import asdict
+
+    from pyface.nn.gfpgan import GFPGANv1Clean, gfpgan_config_from_state
+
     raw = load_weights_file(path)
     if isinstance(raw, dict) and key in raw:
         state = raw[key]
@@ -442,11 +448,17 @@ def convert_gfpgan(path: str, out: str, key: str = "params_ema") -> str:
     if w.ndim != 4 or w.shape[1] != 3:
         raise ConversionError(f"{path}: conv_body_first.weight: expected (C, 3, k, k), got "
                               f"{tuple(w.shape)}")
-    n_down = len({k.split(".")[1] for k in state if k.startswith("conv_body_down.")})
-    config = {"first_channels": int(w.shape[0]), "num_down": n_down,
-              "num_style_feat": int(state["final_linear.weight"].shape[0]) if
-              state["final_linear.weight"].ndim == 2 else None}
-    return save_weights(out, state, kind="gfpgan", config=config,
+    try:
+        cfg = gfpgan_config_from_state(state, path)
+        with torch.device("meta"):
+            module = GFPGANv1Clean(cfg)
+    except (CheckpointError, ValueError) as exc:
+        raise ConversionError(f"{path}: not a GFPGANv1-clean state dict ({exc})") from None
+    try:
+        check_state_dict(module, state, f"{path} (GFPGANv1Clean {cfg})")
+    except CheckpointError as exc:
+        raise ConversionError(str(exc)) from None
+    return save_weights(out, state, kind="gfpgan", config=asdict(cfg),
                         extra={"source": os.path.basename(path), "key": key})
 
 

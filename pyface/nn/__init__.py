@@ -6,6 +6,8 @@ from pyface.nn.discriminators import (DiscriminatorConfig, DualDiscriminator,
                                       StyleGAN2Discriminator)
 from pyface.nn.encoders import (HeadPoseConfig, HeadPoseExpressionEstimator, ResNetConfig,
                                 ResNetEncoder)
+from pyface.nn.gfpgan import (GFPGANConfig, GFPGANv1Clean, gfpgan_config_from_state,
+                               load_gfpgan)
 from pyface.nn.layers import Conv2dLayer, FullyConnectedLayer, modulated_conv2d
 from pyface.nn.losses import (feature_matching_loss, gan_d_loss, gan_g_loss, kl_divergence,
                               r1_penalty, tv_loss)
