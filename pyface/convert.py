@@ -1,6 +1,7 @@
 # Provenance: reproduces the weight-file layouts (not code) of EG3D (NVlabs/eg3d, commit 7cf1fd1,
 # NVIDIA Source Code License, non-commercial) network pickles, torchvision (BSD-3-Clause),
-# insightface (MIT), GFPGAN (TencentARC/GFPGAN, Apache-2.0), HuggingFace transformers' SegFormer
+# insightface (MIT), GFPGAN (TencentARC/GFPGAN, Apache-2.0), face-parsing.PyTorch
+# (zllrunning/face-parsing.PyTorch, commit d2e684c, MIT), HuggingFace transformers' SegFormer
 # (Apache-2.0), face-vid2vid as reimplemented in
 # zhanglonghao1992/One-Shot_Free-View_Neural_Talking_Head_Synthesis (commit 9511d25, CC BY-NC 4.0)
 # and LivePortrait (KwaiVGI/LivePortrait, commit 1986663, MIT). Our own implementation, written
@@ -15,6 +16,8 @@
 * ``vgg19 PTH OUT``     torchvision VGG19 state dict (for :class:`pyface.nn.PerceptualLoss`).
 * ``arcface PTH OUT``   insightface IResNet state dict (for :class:`pyface.nn.IdentityLoss`).
 * ``gfpgan PTH OUT``    GFPGAN v1 "clean" checkpoint (``params_ema``), structure-checked.
+* ``face-parser PTH OUT`` face-parsing.PyTorch BiSeNet (``79999_iter.pth``) -> :class:`pyface.nn.
+  FaceParser` weights.
 * ``segformer DIR OUT`` HuggingFace-format SegFormer folder (says what it drops: classifiers;
   an encoder-only checkpoint converts to an encoder-only folder).
 * ``dense-motion PTH OUT`` face-vid2vid (reimplementation) checkpoint or LivePortrait
@@ -462,6 +465,26 @@ def convert_gfpgan(path: str, out: str, key: str = "params_ema") -> str:
                         extra={"source": os.path.basename(path), "key": key})
 
 
+def convert_face_parser(path: str, out: str) -> str:
+    """face-parsing.PyTorch BiSeNet ``.pth`` (``79999_iter.pth``) -> weights folder (kind
+    ``"face_parser"``) for :class:`pyface.nn.FaceParser`; every key and shape checked.
+
+    Read with ``torch.load(weights_only=True)``; ``module.`` prefixes are stripped and missing
+    BatchNorm ``num_batches_tracked`` counters filled in. Load with
+    :func:`pyface.nn.load_face_parser`."""
+    from pyface.nn.face_parser import face_parser_state
+
+    try:
+        state = face_parser_state(load_weights_file(path), path)
+    except ConversionError:
+        raise
+    except CheckpointError as exc:
+        raise ConversionError(str(exc)) from None
+    n = int(state["conv_out.conv_out.weight"].shape[0])
+    return save_weights(out, state, kind="face_parser", config={"num_classes": n},
+                        extra={"source": os.path.basename(path)})
+
+
 def convert_segformer(path: str, out: str, keep_classifier: bool = False) -> str:
     """HuggingFace-format SegFormer folder -> weights folder (kind ``"segformer"``).
 
@@ -674,6 +697,8 @@ CONVERTERS = {
     "arcface": (convert_arcface, "insightface IResNet .pth -> identity-loss weights"),
     "gfpgan": (convert_gfpgan, "GFPGANv1-clean .pth (params_ema) -> weights"),
     "segformer": (convert_segformer, "HuggingFace SegFormer folder -> weights"),
+    "face-parser": (convert_face_parser,
+                    "face-parsing.PyTorch BiSeNet .pth (79999_iter.pth) -> FaceParser weights"),
     "dense-motion": (convert_dense_motion,
                      "face-vid2vid checkpoint / LivePortrait warping_module.pth -> DenseMotion "
                      "weights"),

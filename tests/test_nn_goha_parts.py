@@ -217,3 +217,207 @@ def test_gfpgan_converter_output_loads_strictly(tmp_path):
     torch.save({"params_ema": bad}, tmp_path / "bad.pth")
     with pytest.raises(ConversionError, match="final_linear"):
         convert_gfpgan(str(tmp_path / "bad.pth"), str(tmp_path / "bad"))
+
+
+# ------------------------------------------------------------------------------------------
+# Face parser (BiSeNet, face-parsing.PyTorch layout)
+# ------------------------------------------------------------------------------------------
+
+def _bisenet_79999_layout() -> dict[str, tuple[int, ...]]:
+    """face-parsing.PyTorch ``79999_iter.pth`` keys and shapes, transcribed from its
+    architecture: ResNet-18 context path (``cp.resnet``), attention refinement on the 1/16 (256
+    ch) and 1/32 (512 ch) features to 128, 128-ch heads, a 1x1 global-average conv, feature
+    fusion 256 -> 256 (gate 256 -> 64 -> 256), output heads 256 -> 256 -> 19 and two auxiliary
+    128 -> 64 -> 19. BatchNorms carry weight, bias, running stats and num_batches_tracked."""
+    keys: dict[str, tuple[int, ...]] = {}
+
+    def bn(name, c):
+        for p in ("weight", "bias", "running_mean", "running_var"):
+            keys[f"{name}.{p}"] = (c,)
+        keys[f"{name}.num_batches_tracked"] = ()
+
+    def cbr(name, cout, cin, k):
+        keys[f"{name}.conv.weight"] = (cout, cin, k, k)
+        bn(f"{name}.bn", cout)
+
+    r = "cp.resnet"
+    keys[f"{r}.conv1.weight"] = (64, 3, 7, 7)
+    bn(f"{r}.bn1", 64)
+    for i, (cin, cout) in enumerate([(64, 64), (64, 128), (128, 256), (256, 512)], start=1):
+        for b in range(2):
+            name, ci = f"{r}.layer{i}.{b}", cin if b == 0 else cout
+            keys[f"{name}.conv1.weight"] = (cout, ci, 3, 3)
+            bn(f"{name}.bn1", cout)
+            keys[f"{name}.conv2.weight"] = (cout, cout, 3, 3)
+            bn(f"{name}.bn2", cout)
+            if b == 0 and i > 1:
+                keys[f"{name}.downsample.0.weight"] = (cout, cin, 1, 1)
+                bn(f"{name}.downsample.1", cout)
+    for name, cin in (("cp.arm16", 256), ("cp.arm32", 512)):
+        cbr(f"{name}.conv", 128, cin, 3)
+        keys[f"{name}.conv_atten.weight"] = (128, 128, 1, 1)
+        bn(f"{name}.bn_atten", 128)
+    cbr("cp.conv_head32", 128, 128, 3)
+    cbr("cp.conv_head16", 128, 128, 3)
+    cbr("cp.conv_avg", 128, 512, 1)
+    cbr("ffm.convblk", 256, 256, 1)
+    keys["ffm.conv1.weight"] = (64, 256, 1, 1)
+    keys["ffm.conv2.weight"] = (256, 64, 1, 1)
+    for name, cin, mid in (("conv_out", 256, 256), ("conv_out16", 128, 64),
+                           ("conv_out32", 128, 64)):
+        cbr(f"{name}.conv", mid, cin, 3)
+        keys[f"{name}.conv_out.weight"] = (19, mid, 1, 1)
+    return keys
+
+
+def test_face_parser_key_layout():
+    got = {k: tuple(v.shape) for k, v in N.FaceParser().state_dict().items()}
+    want = _bisenet_79999_layout()
+    assert sorted(set(want) ^ set(got)) == []
+    assert {k: v for k, v in got.items() if want[k] != v} == {}
+
+
+def _bisenet_reference(sd, x):
+    """Functional transcription of the documented BiSeNet forward (eval-mode BatchNorm), read
+    straight from the state dict; x already ImageNet-normalised."""
+    def bn(t, n):
+        return F.batch_norm(t, sd[n + ".running_mean"], sd[n + ".running_var"], sd[n + ".weight"],
+                            sd[n + ".bias"], False, 0.0, 1e-5)
+
+    def cbr(t, n, pad):
+        return F.relu(bn(F.conv2d(t, sd[n + ".conv.weight"], padding=pad), n + ".bn"))
+
+    def block(t, n, stride):
+        h = F.relu(bn(F.conv2d(t, sd[n + ".conv1.weight"], stride=stride, padding=1), n + ".bn1"))
+        h = bn(F.conv2d(h, sd[n + ".conv2.weight"], padding=1), n + ".bn2")
+        if n + ".downsample.0.weight" in sd:
+            t = bn(F.conv2d(t, sd[n + ".downsample.0.weight"], stride=stride), n + ".downsample.1")
+        return F.relu(t + h)
+
+    r = "cp.resnet"
+    t = F.relu(bn(F.conv2d(x, sd[r + ".conv1.weight"], stride=2, padding=3), r + ".bn1"))
+    t = F.max_pool2d(t, 3, 2, 1)
+    feats = []
+    for i in range(1, 5):
+        t = block(block(t, f"{r}.layer{i}.0", 1 if i == 1 else 2), f"{r}.layer{i}.1", 1)
+        feats.append(t)
+    f8, f16, f32 = feats[1:]
+
+    def arm(t, n):
+        f = cbr(t, n + ".conv", 1)
+        g = F.adaptive_avg_pool2d(f, 1)
+        return f * torch.sigmoid(bn(F.conv2d(g, sd[n + ".conv_atten.weight"]), n + ".bn_atten"))
+
+    avg = cbr(F.adaptive_avg_pool2d(f32, 1), "cp.conv_avg", 0)
+    s32 = arm(f32, "cp.arm32") + F.interpolate(avg, size=f32.shape[-2:], mode="nearest")
+    up32 = cbr(F.interpolate(s32, size=f16.shape[-2:], mode="nearest"), "cp.conv_head32", 1)
+    s16 = arm(f16, "cp.arm16") + up32
+    up16 = cbr(F.interpolate(s16, size=f8.shape[-2:], mode="nearest"), "cp.conv_head16", 1)
+    fused = cbr(torch.cat([f8, up16], 1), "ffm.convblk", 0)
+    g = F.adaptive_avg_pool2d(fused, 1)
+    g = torch.sigmoid(F.conv2d(F.relu(F.conv2d(g, sd["ffm.conv1.weight"])), sd["ffm.conv2.weight"]))
+    fused = fused * g + fused
+
+    def head(t, n):
+        return F.conv2d(cbr(t, n + ".conv", 1), sd[n + ".conv_out.weight"])
+
+    up = lambda t: F.interpolate(t, size=x.shape[-2:], mode="bilinear", align_corners=True)  # noqa
+    return up(head(fused, "conv_out")), up(head(up16, "conv_out16")), up(head(up32, "conv_out32"))
+
+
+def _randomise_bn(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model
+
+
+def test_face_parser_forward_matches_reference():
+    torch.manual_seed(4)
+    model = _randomise_bn(N.FaceParser(), 5).double().eval()
+    x = torch.rand(2, 3, 64, 48, dtype=torch.float64) * 2 - 1
+    out = model(x, aux=True)
+    assert [tuple(o.shape) for o in out] == [(2, 19, 64, 48)] * 3
+    mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
+    ref = _bisenet_reference(model.state_dict(), ((x + 1) / 2 - mean) / std)
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(model(x), out[0])
+    small = N.FaceParser(size=64).eval()
+    small.load_state_dict(model.float().state_dict())
+    x64 = torch.cat([x, x[..., :16]], dim=-1).float()        # (2, 3, 64, 64): parsed as is
+    assert torch.equal(small.parse(x64), small(x64).argmax(1))
+    labels = small.parse(x64[:, :, :48, :40])                 # resized to cfg.size and back
+    assert labels.shape == (2, 48, 40) and labels.dtype == torch.int64
+    assert 0 <= int(labels.min()) and int(labels.max()) < 19
+    with pytest.raises(ValueError, match=r"x: expected shape \(B, 3, H, W\) with H, W >= 32, "
+                                         r"got \(1, 3, 16, 16\)"):
+        model(torch.zeros(1, 3, 16, 16, dtype=torch.float64))
+
+
+def test_face_parser_converter_and_safe_loading(tmp_path, capsys):
+    from pyface.cli import main
+    from pyface.convert import convert_face_parser
+
+    torch.manual_seed(6)
+    src = _randomise_bn(N.FaceParser(), 7).eval()
+    # as released: bare state dict; here with DataParallel prefixes and no BN counters
+    raw = {"module." + k: v for k, v in src.state_dict().items()
+           if not k.endswith("num_batches_tracked")}
+    torch.save(raw, tmp_path / "79999_iter.pth")
+    assert main(["convert", "face-parser", str(tmp_path / "79999_iter.pth"),
+                 str(tmp_path / "parser")]) == 0
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    want = src(x)
+    for path in (str(tmp_path / "parser"), str(tmp_path / "79999_iter.pth")):
+        model = N.load_face_parser(path)
+        assert not model.training
+        torch.testing.assert_close(model(x), want, atol=0, rtol=0)
+    bad = dict(raw)
+    bad["module.ffm.conv1.weight"] = torch.zeros(32, 256, 1, 1)
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(ConversionError, match=r"ffm.conv1.weight: checkpoint \(32, 256, 1, 1\) vs "
+                                              r"model \(64, 256, 1, 1\)"):
+        convert_face_parser(str(tmp_path / "bad.pth"), str(tmp_path / "bad"))
+    capsys.readouterr()
+    assert main(["convert", "face-parser", str(tmp_path / "bad.pth"), str(tmp_path / "b2")]) == 1
+    assert "ffm.conv1.weight" in capsys.readouterr().err
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    torch.save({"conv_out.conv_out.weight": torch.zeros(19, 256, 1, 1), "x": Payload()},
+               tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        convert_face_parser(str(tmp_path / "evil.pth"), str(tmp_path / "evil"))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_expression_region_mask():
+    labels = torch.ones(1, 40, 40, dtype=torch.long)                    # skin
+    labels[0, 5, 5] = 2                                                 # l_brow
+    labels[0, 20, 20] = 4                                               # l_eye (one pixel)
+    labels[0, 30, 10:14] = 12                                           # u_lip
+    labels[0, 31, 10:14] = 13                                           # l_lip
+    labels[0, 32, 11:13] = 11                                           # mouth
+    labels[0, 35, 35] = 10                                              # nose: not masked
+    labels[0, 2, 30] = 6                                                # glasses: not masked
+    m = N.expression_region_mask(labels)
+    assert m.shape == (1, 1, 40, 40) and m.dtype == torch.float32
+    eye = m[0, 0, 12:29, 12:29]
+    # twice 7x7 -> a 13x13 square around the eye (rows / columns 14 .. 26)
+    assert eye[2:15, 2:15].eq(1).all() and eye.sum() == 13 * 13
+    assert m[0, 0, 5, 5] == 1 and m[0, 0, 5, 4] == 0 and m[0, 0, 4, 5] == 0   # brows: not dilated
+    assert m[0, 0, 30:32, 10:14].eq(1).all() and m[0, 0, 32, 11:13].eq(1).all()
+    assert m[0, 0, 35, 35] == 0 and m[0, 0, 2, 30] == 0
+    assert m.sum() == 13 * 13 + 1 + 8 + 2
+    assert N.expression_region_mask(labels[:, None], dilate_eyes=0).sum() == 1 + 1 + 8 + 2
+    assert N.expression_region_mask(labels, dilate_eyes=1, kernel=3).sum() == 9 + 1 + 8 + 2
+    with pytest.raises(ValueError, match="parsing: expected integer labels"):
+        N.expression_region_mask(labels.float())

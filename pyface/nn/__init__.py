@@ -6,6 +6,8 @@ from pyface.nn.discriminators import (DiscriminatorConfig, DualDiscriminator,
                                       StyleGAN2Discriminator)
 from pyface.nn.encoders import (HeadPoseConfig, HeadPoseExpressionEstimator, ResNetConfig,
                                 ResNetEncoder)
+from pyface.nn.face_parser import (FACE_PARSER_CLASSES, FaceParser, FaceParserConfig,
+                                   expression_region_mask, load_face_parser)
 from pyface.nn.gfpgan import (GFPGANConfig, GFPGANv1Clean, gfpgan_config_from_state,
                                load_gfpgan)
 from pyface.nn.layers import Conv2dLayer, FullyConnectedLayer, modulated_conv2d
