@@ -118,7 +118,8 @@ def test_gfpgan_tiny_forward_and_backward():
     # input_is_latent (GFPGANv1.3) skips the style MLP; toRGB are the auxiliary outputs
     assert unused == {n for n, _ in model.named_parameters()
                       if n.startswith(("stylegan_decoder.style_mlp.", "toRGB."))}
-    with pytest.raises(ValueError, match=r"x: expected shape \(B, 3, 32, 32\), got \(2, 3, 64, 64\)"):
+    with pytest.raises(ValueError,
+                       match=r"x: expected shape \(B, 3, 32, 32\), got \(2, 3, 64, 64\)"):
         model(torch.zeros(2, 3, 64, 64))
     with pytest.raises(ValueError, match="out_size: expected a power of two >= 8, got 48"):
         GFPGANConfig(out_size=48)
@@ -208,7 +209,8 @@ def test_gfpgan_converter_output_loads_strictly(tmp_path):
         assert model.cfg == src.cfg
         assert torch.equal(model(x, randomize_noise=False), want)  # params_ema, not params
     # strict: a module of another shape refuses the weights, naming the key
-    with pytest.raises(CheckpointError, match="missing keys: .*stylegan_decoder.style_mlp.5.weight"):
+    with pytest.raises(CheckpointError,
+                       match="missing keys: .*stylegan_decoder.style_mlp.5.weight"):
         from pyface.checkpoint import load_module_state, load_weights
         state, _ = load_weights(out, kind="gfpgan")
         load_module_state(GFPGANv1Clean(**{**TINY, "num_mlp": 3}), state, "test")
@@ -421,3 +423,90 @@ def test_expression_region_mask():
     assert N.expression_region_mask(labels, dilate_eyes=1, kernel=3).sum() == 9 + 1 + 8 + 2
     with pytest.raises(ValueError, match="parsing: expected integer labels"):
         N.expression_region_mask(labels.float())
+
+
+# ------------------------------------------------------------------------------------------
+# GFPGAN / BasicSR StyleGAN2 discriminator (GOHA's s1_gan D and 6-channel dual D)
+# ------------------------------------------------------------------------------------------
+
+def _gfpgan_net_d_layout(in_channels=3) -> dict[str, tuple[int, ...]]:
+    """GFPGANv1_net_d keys and shapes, transcribed from BasicSR's StyleGAN2 discriminator at
+    out 512, channel multiplier 1: widths 32 (512), 64, 128, 256 (64), 512 (32 .. 4); ConvLayer
+    = [blur,] equalised conv weight, fused-LeakyReLU bias; minibatch std adds one channel."""
+    ch = {512: 32, 256: 64, 128: 128, 64: 256, 32: 512, 16: 512, 8: 512, 4: 512}
+    keys = {"conv_body.0.0.weight": (32, in_channels, 1, 1), "conv_body.0.1.bias": (32,)}
+    for j, r in enumerate([512, 256, 128, 64, 32, 16, 8], start=1):
+        cin, cout = ch[r], ch[r // 2]
+        keys[f"conv_body.{j}.conv1.0.weight"] = (cin, cin, 3, 3)
+        keys[f"conv_body.{j}.conv1.1.bias"] = (cin,)
+        keys[f"conv_body.{j}.conv2.1.weight"] = (cout, cin, 3, 3)
+        keys[f"conv_body.{j}.conv2.2.bias"] = (cout,)
+        keys[f"conv_body.{j}.skip.1.weight"] = (cout, cin, 1, 1)
+    keys.update({"final_conv.0.weight": (512, 513, 3, 3), "final_conv.1.bias": (512,),
+                 "final_linear.0.weight": (512, 512 * 16), "final_linear.0.bias": (512,),
+                 "final_linear.1.weight": (1, 512), "final_linear.1.bias": (1,)})
+    return keys
+
+
+@pytest.mark.parametrize("in_channels", [3, 6])
+def test_gfpgan_discriminator_key_layout(in_channels):
+    with torch.device("meta"):
+        d = N.GFPGANDiscriminator(in_channels=in_channels)
+    got = {k: tuple(v.shape) for k, v in d.state_dict().items()}
+    assert got == _gfpgan_net_d_layout(in_channels)
+
+
+def test_gfpgan_discriminator_minibatch_std_groups():
+    torch.manual_seed(8)
+    d = N.GFPGANDiscriminator(out_size=16, narrow=1 / 32).double()
+    x = torch.randn(8, 3, 16, 16, dtype=torch.float64)
+    y = d(x)
+    assert y.shape == (8, 1)
+    x2 = x.clone()
+    x2[1] += 1.0
+    changed = (d(x2) - y).abs()[:, 0] > 1e-12
+    # group size 4 over a batch of 8: sample n shares its std feature with n + 2, n + 4, n + 6
+    assert changed.tolist() == [False, True] * 4
+    with pytest.raises(ValueError, match=r"must be a multiple of the minibatch-std group \(4\)"):
+        d(x[:6])
+    with pytest.raises(ValueError, match=r"x: expected shape \(B, 3, 16, 16\)"):
+        d(x[:, :2])
+
+
+def test_gfpgan_discriminator_blur_downsample_keeps_constants():
+    """[1, 3, 3, 1] blur + stride-2 conv: on a constant image the interior equals the plain
+    convolution of that constant (unit DC gain), and the output halves the size."""
+    from pyface.nn.gfpgan import _EqualConv
+    conv = _EqualConv(2, 3, 3, down=True, act=False).double()
+    x = torch.full((1, 2, 16, 16), 0.7, dtype=torch.float64)
+    out = conv(x)
+    assert out.shape == (1, 3, 8, 8)
+    want = (conv._modules["1"].weight * conv.scale).sum(dim=(1, 2, 3)) * 0.7
+    torch.testing.assert_close(out[0, :, 2:-2, 2:-2],
+                               want.view(3, 1, 1).expand(3, 4, 4), atol=1e-12, rtol=0)
+
+
+def test_gfpgan_discriminator_dual_loading(tmp_path):
+    torch.manual_seed(9)
+    src = N.GFPGANDiscriminator(out_size=32, narrow=1 / 16).eval()
+    torch.save({"params": src.state_dict()}, tmp_path / "net_d.pth")
+    same = N.load_gfpgan_discriminator(str(tmp_path / "net_d.pth"))
+    assert same.cfg == src.cfg
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(same(x), src(x))
+    dual = N.load_gfpgan_discriminator(str(tmp_path / "net_d.pth"), in_channels=6)
+    assert dual.conv_body[0]._modules["0"].weight.shape == (32, 6, 1, 1)   # fresh 6-ch stem
+    s_src, s_dual = src.state_dict(), dual.state_dict()
+    assert all(torch.equal(s_src[k], v) for k, v in s_dual.items()
+               if k != "conv_body.0.0.weight")
+    img, raw = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 14, 14)
+    up = F.interpolate(raw, size=(32, 32), mode="bilinear", align_corners=True)
+    torch.testing.assert_close(dual.dual(img, raw), dual(torch.cat([img, up], 1)))
+    with pytest.raises(ValueError, match="dual: needs in_channels 6"):
+        same.dual(img, raw)
+    torch.save({"params": {"x": torch.zeros(1)}}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match="not a GFPGAN / BasicSR StyleGAN2 discriminator"):
+        N.load_gfpgan_discriminator(str(tmp_path / "bad.pth"))
+    big = N.GFPGANDiscriminator(out_size=128, narrow=1 / 16, channel_multiplier=2)
+    torch.save(big.state_dict(), tmp_path / "big.pth")
+    assert N.load_gfpgan_discriminator(str(tmp_path / "big.pth")).cfg == big.cfg

@@ -8,8 +8,9 @@ from pyface.nn.encoders import (HeadPoseConfig, HeadPoseExpressionEstimator, Res
                                 ResNetEncoder)
 from pyface.nn.face_parser import (FACE_PARSER_CLASSES, FaceParser, FaceParserConfig,
                                    expression_region_mask, load_face_parser)
-from pyface.nn.gfpgan import (GFPGANConfig, GFPGANv1Clean, gfpgan_config_from_state,
-                               load_gfpgan)
+from pyface.nn.gfpgan import (GFPGANConfig, GFPGANDiscriminator, GFPGANDiscriminatorConfig,
+                              GFPGANv1Clean, gfpgan_config_from_state, load_gfpgan,
+                              load_gfpgan_discriminator)
 from pyface.nn.layers import Conv2dLayer, FullyConnectedLayer, modulated_conv2d
 from pyface.nn.losses import (feature_matching_loss, gan_d_loss, gan_g_loss, kl_divergence,
                               r1_penalty, tv_loss)

@@ -129,7 +129,8 @@ class ModulatedConv(nn.Module):
 
 class StyleConv(nn.Module):
     """ModulatedConv (3x3, demodulated) * sqrt(2) + weight * noise + bias, LeakyReLU 0.2.
-    x (B, Cin, H, W), style (B, F), noise (B or 1, 1, H', W') or None (fresh) -> (B, Cout, H', W')."""
+    x (B, Cin, H, W), style (B, F), noise (B or 1, 1, H', W') or None (fresh)
+    -> (B, Cout, H', W')."""
 
     def __init__(self, in_channels: int, out_channels: int, num_style_feat: int,
                  upsample: bool = False):
@@ -414,4 +415,216 @@ def load_gfpgan(path: str, *, device: str | torch.device = "cpu",
         cfg = GFPGANConfig(**{**asdict(cfg), "input_is_latent": input_is_latent})
     model = GFPGANv1Clean(cfg)
     load_module_state(model, state, f"{path} (GFPGANv1Clean)")
+    return model.to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# Discriminator (GFPGAN's ``net_d``: BasicSR's StyleGAN2 discriminator)
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class GFPGANDiscriminatorConfig:
+    out_size: int = 512
+    channel_multiplier: int = 1    # GFPGANv1_net_d / GOHA: 1
+    narrow: float = 1.0
+    in_channels: int = 3           # 6: GOHA's dual discrimination (image || upsampled render)
+    stddev_group: int = 4
+
+    def __post_init__(self):
+        L = math.log2(self.out_size) if self.out_size > 0 else 0.0
+        if self.out_size < 8 or L != int(L):
+            raise ValueError(f"GFPGANDiscriminatorConfig.out_size: expected a power of two >= 8, "
+                             f"got {self.out_size}")
+        if self.in_channels < 1 or self.stddev_group < 1:
+            raise ValueError("GFPGANDiscriminatorConfig: in_channels >= 1 and stddev_group >= 1 "
+                             f"expected, got {self.in_channels}, {self.stddev_group}")
+
+
+class _Weight(nn.Module):
+    def __init__(self, *shape: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(*shape))
+
+
+class _Bias(nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(n))
+
+
+class _Blur(nn.Module):
+    """[1, 3, 3, 1] low-pass (no parameters) padded for a following stride-2 conv of size k."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        from pyface.nn.resample import setup_filter
+
+        p = 2 + (k - 1)                       # filter taps - factor + conv size - 1
+        self.pad = ((p + 1) // 2, p // 2, (p + 1) // 2, p // 2)
+        self.register_buffer("filter", setup_filter((1, 3, 3, 1)), persistent=False)
+
+    def forward(self, x):
+        from pyface.nn.resample import upfirdn2d
+
+        return upfirdn2d(x, self.filter.to(x.dtype), padding=self.pad)
+
+
+class _EqualConv(nn.Module):
+    """Equalised-lr convolution (weight * 1/sqrt(fan_in)), optionally after the blur with stride
+    2 (``down``); with ``act`` a bias and LeakyReLU(0.2) * sqrt(2) follow. Submodules are named
+    like BasicSR's ``ConvLayer``: ``0.weight`` (+ ``1.bias``), or ``0`` = blur, ``1.weight``
+    (+ ``2.bias``) when down-sampling."""
+
+    def __init__(self, cin: int, cout: int, k: int, down: bool = False, act: bool = True):
+        super().__init__()
+        self.k, self.down, self.act = k, down, act
+        self.scale = 1 / math.sqrt(cin * k * k)
+        parts: list[nn.Module] = [_Blur(k)] if down else []
+        parts.append(_Weight(cout, cin, k, k))
+        if act:
+            parts.append(_Bias(cout))
+        for i, m in enumerate(parts):
+            self.add_module(str(i), m)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        i = 1 if self.down else 0
+        w = self._modules[str(i)].weight * self.scale
+        if self.down:
+            x = F.conv2d(self._modules["0"](x), w, stride=2)
+        else:
+            x = F.conv2d(x, w, padding=self.k // 2)
+        if self.act:
+            x = F.leaky_relu(x + self._modules[str(i + 1)].bias.view(1, -1, 1, 1), 0.2) * SQRT2
+        return x
+
+
+class _DResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv1 = _EqualConv(cin, cin, 3)
+        self.conv2 = _EqualConv(cin, cout, 3, down=True)
+        self.skip = _EqualConv(cin, cout, 1, down=True, act=False)
+
+    def forward(self, x):
+        return (self.conv2(self.conv1(x)) + self.skip(x)) / SQRT2
+
+
+class _EqualLinear(nn.Module):
+    def __init__(self, cin: int, cout: int, act: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin))
+        self.bias = nn.Parameter(torch.zeros(cout))
+        self.scale, self.act = 1 / math.sqrt(cin), act
+
+    def forward(self, x):
+        if self.act:
+            return F.leaky_relu(F.linear(x, self.weight * self.scale) + self.bias, 0.2) * SQRT2
+        return F.linear(x, self.weight * self.scale, self.bias)
+
+
+class GFPGANDiscriminator(nn.Module):
+    """StyleGAN2 ResNet discriminator in BasicSR's layout (GFPGAN's ``net_d``, which GOHA's
+    stage s1_gan starts from; ``GFPGANv1_net_d.pth``'s ``params`` load unchanged).
+
+    forward(x (B, in_channels, S, S)) -> logits (B, 1). Layout: ``conv_body.0`` (1x1 from
+    ``in_channels``), ``conv_body.1 .. L-2`` residual blocks (conv3 -> blur + stride-2 conv3, blur
+    + stride-2 1x1 skip, sum / sqrt(2)), minibatch standard deviation (group ``stddev_group``, one
+    feature), ``final_conv`` (3x3), ``final_linear`` (two equalised linears, the first with
+    LeakyReLU). Widths: 512 to 32x32, then 256 * channel_multiplier / 2^k (times ``narrow``).
+
+    ``in_channels=6`` is GOHA's stage-2 dual discrimination (see :meth:`dual`);
+    :func:`load_gfpgan_discriminator` starts it from a 3-channel ``net_d`` with a fresh first
+    1x1 conv."""
+
+    def __init__(self, cfg: GFPGANDiscriminatorConfig | None = None, **overrides):
+        super().__init__()
+        cfg = cfg or GFPGANDiscriminatorConfig(**overrides)
+        self.cfg = cfg
+        L = int(math.log2(cfg.out_size))
+
+        def ch(r):
+            return _channels(r, cfg.channel_multiplier, cfg.narrow)
+
+        body: list[nn.Module] = [_EqualConv(cfg.in_channels, ch(cfg.out_size), 1)]
+        cin = ch(cfg.out_size)
+        for i in range(L, 2, -1):
+            body.append(_DResBlock(cin, ch(2 ** (i - 1))))
+            cin = ch(2 ** (i - 1))
+        self.conv_body = nn.Sequential(*body)
+        self.final_conv = _EqualConv(cin + 1, ch(4), 3)
+        self.final_linear = nn.Sequential(_EqualLinear(ch(4) * 16, ch(4), act=True),
+                                          _EqualLinear(ch(4), 1, act=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        S, C = cfg.out_size, cfg.in_channels
+        if x.ndim != 4 or x.shape[1:] != (C, S, S):
+            raise ValueError(f"x: expected shape (B, {C}, {S}, {S}), got {tuple(x.shape)}")
+        out = self.conv_body(x)
+        B, Cf, H, W = out.shape
+        g = min(B, cfg.stddev_group)
+        if B % g:
+            raise ValueError(f"x: the batch ({B}) must be a multiple of the minibatch-std group "
+                             f"({g})")
+        # sample n = j * (B / g) + m belongs to group m; one std feature per group
+        std = torch.sqrt(out.view(g, -1, Cf, H, W).var(dim=0, unbiased=False) + 1e-8)
+        std = std.mean(dim=(1, 2, 3)).view(1, -1, 1, 1, 1).expand(g, -1, 1, H, W)
+        out = torch.cat([out, std.reshape(B, 1, H, W)], dim=1)
+        return self.final_linear(self.final_conv(out).flatten(1))
+
+    def dual(self, image: torch.Tensor, image_raw: torch.Tensor) -> torch.Tensor:
+        """GOHA's dual discrimination: image (B, 3, S, S), image_raw (B, 3, r, r) -> logits
+        (B, 1) of ``image || bilinear(image_raw -> S, align_corners=True)`` (needs
+        ``in_channels == 6``)."""
+        if self.cfg.in_channels != 6:
+            raise ValueError(f"dual: needs in_channels 6, this discriminator has "
+                             f"{self.cfg.in_channels}")
+        S = self.cfg.out_size
+        if image_raw.ndim != 4 or image_raw.shape[1] != 3:
+            raise ValueError(f"image_raw: expected shape (B, 3, r, r), got "
+                             f"{tuple(image_raw.shape)}")
+        raw = image_raw if image_raw.shape[-1] == S and image_raw.shape[-2] == S else \
+            F.interpolate(image_raw, size=(S, S), mode="bilinear", align_corners=True)
+        return self(torch.cat([image, raw], dim=1))
+
+
+def load_gfpgan_discriminator(path: str, *, in_channels: int = 3,
+                              device: str | torch.device = "cpu") -> GFPGANDiscriminator:
+    """GFPGAN ``net_d`` weights (``GFPGANv1_net_d.pth``: ``params``, or a bare state dict; read
+    with ``torch.load(weights_only=True)``; or a pyface weights folder) -> GFPGANDiscriminator.
+
+    The config (size, widths) is inferred from the weights. With ``in_channels`` different from
+    the file's, the first 1x1 conv (``conv_body.0.0.weight``) keeps its fresh initialisation, as
+    GOHA does for its 6-channel dual discriminator; every other key is loaded strictly."""
+    import os
+
+    from pyface.checkpoint import CheckpointError, check_state_dict, load_weights_file
+
+    raw = load_weights_file(path, map_location="cpu")
+    if isinstance(raw, dict) and not os.path.isdir(path):
+        for key in ("params", "params_ema", "state_dict"):
+            if isinstance(raw.get(key), dict):
+                raw = raw[key]
+                break
+    state = dict(raw)
+    first = state.get("conv_body.0.0.weight")
+    if first is None or first.ndim != 4 or "final_linear.1.weight" not in state:
+        raise CheckpointError(f"{path}: not a GFPGAN / BasicSR StyleGAN2 discriminator state "
+                              "dict (needs conv_body.0.0.weight and final_linear.1.weight)")
+    n_blocks = len({k.split(".")[1] for k in state if k.startswith("conv_body.")}) - 1
+    c4 = int(state["final_conv.0.weight"].shape[0])
+    narrow = c4 / 512
+    out_size = 2 ** (n_blocks + 2)
+    cm = 1
+    if out_size >= 64:   # width at 64x64 is 256 * cm * narrow: block L - 6 outputs 64x64
+        j = int(math.log2(out_size)) - 6
+        c64 = first.shape[0] if j == 0 else state[f"conv_body.{j}.conv2.1.weight"].shape[0]
+        cm = max(1, round(c64 / (256 * narrow)))
+    cfg = GFPGANDiscriminatorConfig(out_size=out_size, channel_multiplier=cm, narrow=narrow,
+                                    in_channels=in_channels)
+    model = GFPGANDiscriminator(cfg)
+    if in_channels != first.shape[1]:
+        state["conv_body.0.0.weight"] = model.state_dict()["conv_body.0.0.weight"]
+    check_state_dict(model, state, f"{path} (GFPGAN discriminator)")
+    model.load_state_dict(state, strict=True)
     return model.to(device)
