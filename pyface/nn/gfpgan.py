@@ -1,9 +1,11 @@
 # Provenance: reproduces the GFPGANv1Clean generator (U-Net with spatial feature transform
 # conditions feeding a StyleGAN2 "clean" decoder) of GFPGAN (TencentARC/GFPGAN, Apache-2.0), whose
 # parameter names and shapes follow the released GFPGANv1.3 checkpoint (``params_ema``); GOHA
-# (NVlabs/GOHA, commit 102abbf) uses it as its stage-2 super-resolution. Our own implementation,
-# written from the papers and the upstream's documented behaviour; no upstream code is copied.
-# pyface's code is licensed under Apache-2.0 (LICENSE).
+# (NVlabs/GOHA, commit 102abbf) uses it as its stage-2 super-resolution; and the StyleGAN2
+# discriminator layout of BasicSR (XPixelGroup/BasicSR, Apache-2.0) that GFPGAN's released
+# ``net_d`` uses and GOHA fine-tunes (3 channels, and 6 for dual discrimination). Our own
+# implementation, written from the papers and the upstream's documented behaviour; no upstream
+# code is copied. pyface's code is licensed under Apache-2.0 (LICENSE).
 """GFPGANv1Clean: face restoration / super-resolution generator (GOHA's stage-2 SR).
 
 Layout (``S = out_size``, ``L = log2(S)``; channels are GFPGAN's tables, the U-Net at half the
@@ -25,6 +27,9 @@ decoder's width):
 
 GFPGANv1.3 (and GOHA): ``out_size 512, num_style_feat 512, channel_multiplier 2, num_mlp 8,
 different_w, sft_half, input_is_latent`` (the style MLP is kept in the weights but not applied).
+
+:class:`GFPGANDiscriminator` is BasicSR's StyleGAN2 discriminator (GFPGAN's ``net_d``) with an
+``in_channels`` option (GOHA's 6-channel dual discriminator).
 """
 from __future__ import annotations
 
