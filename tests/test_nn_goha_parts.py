@@ -546,3 +546,26 @@ def test_gfpgan_discriminator_r1_double_backward():
         w += eps * v
     assert abs((up - down) / (2 * eps) - float((w.grad * v).sum())) < 1e-5 * max(
         1.0, abs((up - down) / (2 * eps)))
+
+
+def test_region_mask_and_morphology():
+    labels = torch.zeros(1, 24, 24, dtype=torch.long)
+    labels[0, 3:9, 3:9] = 1                                             # skin square
+    labels[0, 5, 5] = 10                                                # nose
+    assert N.region_mask(labels, ["skin"]).sum() == 35
+    face = N.region_mask(labels[:, None], [1, "nose"])
+    assert face.shape == (1, 1, 24, 24) and face.sum() == 36
+    # erosion by 3x3 shrinks the 6x6 square to 4x4; dilation grows it to 8x8
+    assert N.erode_mask(face, 3).sum() == 16 and N.dilate_mask(face, 3).sum() == 64
+    assert N.dilate_mask(face, 3, iterations=2).sum() == 100
+    # borders: a full mask does not erode from outside the image
+    assert N.erode_mask(torch.ones(1, 1, 5, 5), 7, 2).eq(1).all()
+    # GOHA's appearance mask erode7((1 - M_render) * (1 - M_source)): the face (rows and
+    # columns 3 .. 8) clears every pixel within 3 of it, i.e. the block 0 .. 11
+    m = N.erode_mask((1 - face) * (1 - N.region_mask(labels, ["nose"])), 7)
+    assert m[0, 0, :12, :12].sum() == 0
+    assert m[0, 0, 12:].eq(1).all() and m[0, 0, :, 12:].eq(1).all()
+    with pytest.raises(ValueError, match="classes: unknown class 'teeth'"):
+        N.region_mask(labels, ["teeth"])
+    with pytest.raises(ValueError, match="kernel: expected an odd size >= 1"):
+        N.dilate_mask(face, 4)

@@ -7,7 +7,8 @@ from pyface.nn.discriminators import (DiscriminatorConfig, DualDiscriminator,
 from pyface.nn.encoders import (HeadPoseConfig, HeadPoseExpressionEstimator, ResNetConfig,
                                 ResNetEncoder)
 from pyface.nn.face_parser import (FACE_PARSER_CLASSES, FaceParser, FaceParserConfig,
-                                   expression_region_mask, load_face_parser)
+                                   dilate_mask, erode_mask, expression_region_mask,
+                                   load_face_parser, region_mask)
 from pyface.nn.gfpgan import (GFPGANConfig, GFPGANDiscriminator, GFPGANDiscriminatorConfig,
                               GFPGANv1Clean, gfpgan_config_from_state, load_gfpgan,
                               load_gfpgan_discriminator)

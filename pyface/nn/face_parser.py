@@ -206,6 +206,35 @@ class FaceParser(nn.Module):
         return logits.argmax(dim=1)
 
 
+def dilate_mask(mask: torch.Tensor, kernel: int = 7, iterations: int = 1) -> torch.Tensor:
+    """Binary dilation by a ``kernel`` x ``kernel`` square, ``iterations`` times (like OpenCV's
+    ``dilate`` with its default border: outside the image never sets a pixel).
+    mask: (B, C, H, W) float in [0, 1] -> same shape (grey values: the local maximum)."""
+    _check_morph(mask, kernel, iterations)
+    for _ in range(iterations):
+        mask = F.max_pool2d(mask, kernel, 1, kernel // 2)
+    return mask
+
+
+def erode_mask(mask: torch.Tensor, kernel: int = 7, iterations: int = 1) -> torch.Tensor:
+    """Binary erosion by a ``kernel`` x ``kernel`` square, ``iterations`` times (OpenCV's default
+    border: outside the image never clears a pixel). GOHA erodes the appearance branch's source
+    mask once by 7x7. mask: (B, C, H, W) float in [0, 1] -> same shape (the local minimum)."""
+    _check_morph(mask, kernel, iterations)
+    for _ in range(iterations):
+        mask = -F.max_pool2d(-mask, kernel, 1, kernel // 2)
+    return mask
+
+
+def _check_morph(mask, kernel, iterations):
+    if mask.ndim != 4 or not mask.is_floating_point():
+        raise ValueError(f"mask: expected a float tensor of shape (B, C, H, W), got {mask.dtype} "
+                         f"{tuple(mask.shape)}")
+    if kernel < 1 or kernel % 2 == 0 or iterations < 0:
+        raise ValueError(f"kernel: expected an odd size >= 1 and iterations >= 0, got {kernel}, "
+                         f"{iterations}")
+
+
 def expression_region_mask(parsing: torch.Tensor, dilate_eyes: int = 2,
                            kernel: int = 7) -> torch.Tensor:
     """GOHA's expression-region mask from face-parsing labels: brows, eyes, mouth and both lips;
@@ -222,14 +251,30 @@ def expression_region_mask(parsing: torch.Tensor, dilate_eyes: int = 2,
     if dilate_eyes < 0 or kernel < 1 or kernel % 2 == 0:
         raise ValueError(f"dilate_eyes >= 0 and an odd kernel >= 1 expected, got {dilate_eyes}, "
                          f"{kernel}")
+    eyes = dilate_mask(region_mask(parsing, EYES), kernel, dilate_eyes)
+    return torch.maximum(region_mask(parsing, BROWS + MOUTH + LIPS), eyes)
 
-    def region(labels):
-        return torch.stack([parsing == c for c in labels]).any(0).unsqueeze(1).float()
 
-    eyes = region(EYES)
-    for _ in range(dilate_eyes):
-        eyes = F.max_pool2d(eyes, kernel, 1, kernel // 2)
-    return torch.maximum(region(BROWS + MOUTH + LIPS), eyes)
+def region_mask(parsing: torch.Tensor, classes) -> torch.Tensor:
+    """Pixels whose label is one of ``classes`` (indices or :data:`FACE_PARSER_CLASSES` names).
+    parsing: (B, H, W) or (B, 1, H, W) integer labels -> (B, 1, H, W) float32 in {0, 1}."""
+    if parsing.ndim == 4 and parsing.shape[1] == 1:
+        parsing = parsing[:, 0]
+    if parsing.ndim != 3 or parsing.is_floating_point() or parsing.is_complex():
+        raise ValueError(f"parsing: expected integer labels of shape (B, H, W) or (B, 1, H, W), "
+                         f"got {parsing.dtype} {tuple(parsing.shape)}")
+    ids = []
+    for c in classes:
+        if isinstance(c, str):
+            if c not in FACE_PARSER_CLASSES:
+                raise ValueError(f"classes: unknown class {c!r}; expected one of "
+                                 f"{', '.join(FACE_PARSER_CLASSES)}")
+            c = FACE_PARSER_CLASSES.index(c)
+        ids.append(int(c))
+    out = torch.zeros_like(parsing, dtype=torch.bool)
+    for c in ids:
+        out |= parsing == c
+    return out.unsqueeze(1).float()
 
 
 # --------------------------------------------------------------------------------------------
