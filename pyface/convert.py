@@ -16,6 +16,8 @@
 * ``vgg19 PTH OUT``     torchvision VGG19 state dict (for :class:`pyface.nn.PerceptualLoss`).
 * ``arcface PTH OUT``   insightface IResNet state dict (for :class:`pyface.nn.IdentityLoss`).
 * ``gfpgan PTH OUT``    GFPGAN v1 "clean" checkpoint (``params_ema``), structure-checked.
+* ``gfpgan-d PTH OUT``  GFPGAN's ``net_d`` (BasicSR StyleGAN2 discriminator) -> :class:`pyface.nn.
+  GFPGANDiscriminator` weights (GOHA's s1_gan D; its dual D loads it with 6 channels).
 * ``face-parser PTH OUT`` face-parsing.PyTorch BiSeNet (``79999_iter.pth``) -> :class:`pyface.nn.
   FaceParser` weights.
 * ``segformer DIR OUT`` HuggingFace-format SegFormer folder (says what it drops: classifiers;
@@ -465,6 +467,30 @@ def convert_gfpgan(path: str, out: str, key: str = "params_ema") -> str:
                         extra={"source": os.path.basename(path), "key": key})
 
 
+def convert_gfpgan_discriminator(path: str, out: str) -> str:
+    """GFPGAN ``net_d`` (BasicSR StyleGAN2 discriminator, e.g. ``GFPGANv1_net_d.pth``) -> weights
+    folder (kind ``"gfpgan_d"``) for :class:`pyface.nn.GFPGANDiscriminator`; keys unchanged,
+    config inferred, every key and shape checked. Load with
+    :func:`pyface.nn.load_gfpgan_discriminator` (``in_channels=6`` for GOHA's dual D)."""
+    from dataclasses import asdict
+
+    from pyface.nn.gfpgan import (GFPGANDiscriminator, _discriminator_state,
+                                  gfpgan_discriminator_config_from_state)
+
+    try:
+        state = _discriminator_state(path)
+        cfg = gfpgan_discriminator_config_from_state(state, path)
+        with torch.device("meta"):
+            module = GFPGANDiscriminator(cfg)
+        check_state_dict(module, state, f"{path} (GFPGAN discriminator {cfg})")
+    except ConversionError:
+        raise
+    except CheckpointError as exc:
+        raise ConversionError(str(exc)) from None
+    return save_weights(out, state, kind="gfpgan_d", config=asdict(cfg),
+                        extra={"source": os.path.basename(path)})
+
+
 def convert_face_parser(path: str, out: str) -> str:
     """face-parsing.PyTorch BiSeNet ``.pth`` (``79999_iter.pth``) -> weights folder (kind
     ``"face_parser"``) for :class:`pyface.nn.FaceParser`; every key and shape checked.
@@ -697,6 +723,8 @@ CONVERTERS = {
     "arcface": (convert_arcface, "insightface IResNet .pth -> identity-loss weights"),
     "gfpgan": (convert_gfpgan, "GFPGANv1-clean .pth (params_ema) -> weights"),
     "segformer": (convert_segformer, "HuggingFace SegFormer folder -> weights"),
+    "gfpgan-d": (convert_gfpgan_discriminator,
+                 "GFPGAN net_d .pth (BasicSR StyleGAN2 discriminator) -> weights"),
     "face-parser": (convert_face_parser,
                     "face-parsing.PyTorch BiSeNet .pth (79999_iter.pth) -> FaceParser weights"),
     "dense-motion": (convert_dense_motion,

@@ -507,6 +507,19 @@ def test_gfpgan_discriminator_dual_loading(tmp_path):
     torch.save({"params": {"x": torch.zeros(1)}}, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match="not a GFPGAN / BasicSR StyleGAN2 discriminator"):
         N.load_gfpgan_discriminator(str(tmp_path / "bad.pth"))
+    # pyface convert gfpgan-d: a folder that loads the same way
+    from pyface.cli import main
+    from pyface.convert import convert_gfpgan_discriminator
+
+    assert main(["convert", "gfpgan-d", str(tmp_path / "net_d.pth"), str(tmp_path / "d")]) == 0
+    folder = N.load_gfpgan_discriminator(str(tmp_path / "d"))
+    assert folder.cfg == src.cfg and torch.equal(folder(x), src(x))
+    assert N.load_gfpgan_discriminator(str(tmp_path / "d"), in_channels=6).cfg == dual.cfg
+    broken = dict(src.state_dict())
+    broken["final_linear.0.weight"] = broken["final_linear.0.weight"][:, :-1]
+    torch.save({"params": broken}, tmp_path / "broken.pth")
+    with pytest.raises(ConversionError, match=r"final_linear.0.weight: checkpoint \(32, 511\)"):
+        convert_gfpgan_discriminator(str(tmp_path / "broken.pth"), str(tmp_path / "d2"))
     big = N.GFPGANDiscriminator(out_size=128, narrow=1 / 16, channel_multiplier=2)
     torch.save(big.state_dict(), tmp_path / "big.pth")
     assert N.load_gfpgan_discriminator(str(tmp_path / "big.pth")).cfg == big.cfg

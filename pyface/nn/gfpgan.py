@@ -593,17 +593,37 @@ class GFPGANDiscriminator(nn.Module):
         return self(torch.cat([image, raw], dim=1))
 
 
-def load_gfpgan_discriminator(path: str, *, in_channels: int = 3,
-                              device: str | torch.device = "cpu") -> GFPGANDiscriminator:
-    """GFPGAN ``net_d`` weights (``GFPGANv1_net_d.pth``: ``params``, or a bare state dict; read
-    with ``torch.load(weights_only=True)``; or a pyface weights folder) -> GFPGANDiscriminator.
+def gfpgan_discriminator_config_from_state(state: dict[str, torch.Tensor],
+                                           where: str = "state") -> GFPGANDiscriminatorConfig:
+    """Infer the :class:`GFPGANDiscriminatorConfig` (size, widths, input channels) of a BasicSR
+    StyleGAN2 discriminator state dict."""
+    from pyface.checkpoint import CheckpointError
 
-    The config (size, widths) is inferred from the weights. With ``in_channels`` different from
-    the file's, the first 1x1 conv (``conv_body.0.0.weight``) keeps its fresh initialisation, as
-    GOHA does for its 6-channel dual discriminator; every other key is loaded strictly."""
+    first = state.get("conv_body.0.0.weight")
+    c4 = state.get("final_conv.0.weight")
+    if first is None or first.ndim != 4 or c4 is None or c4.ndim != 4 \
+            or "final_linear.1.weight" not in state:
+        raise CheckpointError(f"{where}: not a GFPGAN / BasicSR StyleGAN2 discriminator state "
+                              "dict (needs conv_body.0.0.weight, final_conv.0.weight and "
+                              "final_linear.1.weight)")
+    n_blocks = len({k.split(".")[1] for k in state if k.startswith("conv_body.")}) - 1
+    narrow = int(c4.shape[0]) / 512
+    out_size = 2 ** (n_blocks + 2)
+    cm = 1
+    if out_size >= 64:   # width at 64x64 is 256 * cm * narrow: block L - 6 outputs 64x64
+        j = int(math.log2(out_size)) - 6
+        w = first if j == 0 else state.get(f"conv_body.{j}.conv2.1.weight")
+        if w is None:
+            raise CheckpointError(f"{where}: missing 'conv_body.{j}.conv2.1.weight'")
+        cm = max(1, round(int(w.shape[0]) / (256 * narrow)))
+    return GFPGANDiscriminatorConfig(out_size=out_size, channel_multiplier=cm, narrow=narrow,
+                                     in_channels=int(first.shape[1]))
+
+
+def _discriminator_state(path: str) -> dict[str, torch.Tensor]:
     import os
 
-    from pyface.checkpoint import CheckpointError, check_state_dict, load_weights_file
+    from pyface.checkpoint import load_weights_file
 
     raw = load_weights_file(path, map_location="cpu")
     if isinstance(raw, dict) and not os.path.isdir(path):
@@ -611,24 +631,34 @@ def load_gfpgan_discriminator(path: str, *, in_channels: int = 3,
             if isinstance(raw.get(key), dict):
                 raw = raw[key]
                 break
-    state = dict(raw)
-    first = state.get("conv_body.0.0.weight")
-    if first is None or first.ndim != 4 or "final_linear.1.weight" not in state:
-        raise CheckpointError(f"{path}: not a GFPGAN / BasicSR StyleGAN2 discriminator state "
-                              "dict (needs conv_body.0.0.weight and final_linear.1.weight)")
-    n_blocks = len({k.split(".")[1] for k in state if k.startswith("conv_body.")}) - 1
-    c4 = int(state["final_conv.0.weight"].shape[0])
-    narrow = c4 / 512
-    out_size = 2 ** (n_blocks + 2)
-    cm = 1
-    if out_size >= 64:   # width at 64x64 is 256 * cm * narrow: block L - 6 outputs 64x64
-        j = int(math.log2(out_size)) - 6
-        c64 = first.shape[0] if j == 0 else state[f"conv_body.{j}.conv2.1.weight"].shape[0]
-        cm = max(1, round(c64 / (256 * narrow)))
-    cfg = GFPGANDiscriminatorConfig(out_size=out_size, channel_multiplier=cm, narrow=narrow,
-                                    in_channels=in_channels)
+    from pyface.checkpoint import CheckpointError
+
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors (bare or under "
+                              "'params')")
+    return dict(raw)
+
+
+def load_gfpgan_discriminator(path: str, *, in_channels: int | None = None,
+                              device: str | torch.device = "cpu") -> GFPGANDiscriminator:
+    """GFPGAN ``net_d`` weights (``GFPGANv1_net_d.pth``: ``params``, or a bare state dict; read
+    with ``torch.load(weights_only=True)``; or a ``pyface convert gfpgan-d`` folder)
+    -> GFPGANDiscriminator.
+
+    The config (size, widths) is inferred from the weights. With ``in_channels`` different from
+    the file's, the first 1x1 conv (``conv_body.0.0.weight``) keeps its fresh initialisation, as
+    GOHA does for its 6-channel dual discriminator; every other key is loaded strictly."""
+    from dataclasses import replace
+
+    from pyface.checkpoint import check_state_dict
+
+    state = _discriminator_state(path)
+    cfg = gfpgan_discriminator_config_from_state(state, path)
+    file_channels = cfg.in_channels
+    if in_channels is not None:
+        cfg = replace(cfg, in_channels=in_channels)
     model = GFPGANDiscriminator(cfg)
-    if in_channels != first.shape[1]:
+    if cfg.in_channels != file_channels:
         state["conv_body.0.0.weight"] = model.state_dict()["conv_body.0.0.weight"]
     check_state_dict(model, state, f"{path} (GFPGAN discriminator)")
     model.load_state_dict(state, strict=True)
