@@ -196,6 +196,83 @@ def test_gfpgan_sft_half_modulates_the_second_half():
         dec_h(styles, [], randomize_noise=False)
 
 
+def _gfpgan_reference(sd, x, cfg, noises):
+    """Functional transcription of GFPGANv1Clean's documented forward, read from the state
+    dict (GFPGAN key names); ``noises[i]`` is the noise of decoder layer i."""
+    lrelu = lambda t: F.leaky_relu(t, 0.2)  # noqa: E731
+    resize = lambda t, f: F.interpolate(t, scale_factor=f, mode="bilinear",  # noqa: E731
+                                        align_corners=False)
+
+    def conv(t, n, pad=0):
+        return F.conv2d(t, sd[n + ".weight"], sd.get(n + ".bias"), padding=pad)
+
+    def res(t, n, f):
+        h = lrelu(conv(resize(lrelu(conv(t, n + ".conv1", 1)), f), n + ".conv2", 1))
+        return h + F.conv2d(resize(t, f), sd[n + ".skip.weight"])
+
+    def modconv(t, n, style, demod, up):
+        outs = []
+        for b in range(t.shape[0]):
+            s = F.linear(style[b], sd[n + ".modulation.weight"], sd[n + ".modulation.bias"])
+            w = sd[n + ".weight"][0] * s[None, :, None, None]
+            if demod:
+                w = w / torch.sqrt((w ** 2).sum(dim=(1, 2, 3), keepdim=True) + 1e-8)
+            tb = resize(t[b:b + 1], 2) if up else t[b:b + 1]
+            outs.append(F.conv2d(tb, w, padding=w.shape[-1] // 2))
+        return torch.cat(outs)
+
+    def styleconv(t, n, style, noise, up=False):
+        h = modconv(t, n + ".modulated_conv", style, True, up) * 2 ** 0.5
+        return lrelu(h + sd[n + ".weight"] * noise + sd[n + ".bias"])
+
+    def torgb(t, n, style, skip):
+        h = modconv(t, n + ".modulated_conv", style, False, False) + sd[n + ".bias"]
+        return h if skip is None else h + resize(skip, 2)
+
+    L = int(torch.log2(torch.tensor(float(cfg.out_size))))
+    feat = lrelu(conv(x, "conv_body_first"))
+    skips = []
+    for j in range(L - 2):
+        feat = res(feat, f"conv_body_down.{j}", 0.5)
+        skips.append(feat)
+    feat = lrelu(conv(feat, "final_conv", 1))
+    w = F.linear(feat.flatten(1), sd["final_linear.weight"], sd["final_linear.bias"])
+    w = w.view(x.shape[0], 2 * L - 2, -1)
+    conds = []
+    for j in range(L - 2):
+        feat = res(feat + skips[L - 3 - j], f"conv_body_up.{j}", 2)
+        for side in ("scale", "shift"):
+            n = f"condition_{side}.{j}"
+            conds.append(conv(lrelu(conv(feat, n + ".0", 1)), n + ".2", 1))
+    d = "stylegan_decoder."
+    h = sd[d + "constant_input.weight"].expand(x.shape[0], -1, -1, -1)
+    h = styleconv(h, d + "style_conv1", w[:, 0], noises[0])
+    img = torgb(h, d + "to_rgb1", w[:, 1], None)
+    for j in range(L - 2):
+        i = 2 * j + 1
+        h = styleconv(h, f"{d}style_convs.{2 * j}", w[:, i], noises[i], up=True)
+        c = h.shape[1] // 2
+        h = torch.cat([h[:, :c], h[:, c:] * conds[2 * j] + conds[2 * j + 1]], 1)   # sft_half
+        h = styleconv(h, f"{d}style_convs.{2 * j + 1}", w[:, i + 1], noises[i + 1])
+        img = torgb(h, f"{d}to_rgbs.{j}", w[:, i + 2], img)
+    return img
+
+
+def test_gfpgan_forward_matches_reference():
+    torch.manual_seed(11)
+    model = GFPGANv1Clean(**TINY).double()
+    for m in model.modules():                       # non-zero noise strengths and biases
+        if isinstance(m, N.gfpgan.StyleConv):
+            m.weight.data.uniform_(0.1, 0.5)
+            m.bias.data.normal_(0, 0.1)
+    sd = model.state_dict()
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1
+    noises = [sd[f"stylegan_decoder.noises.noise{i}"] for i in range(7)]
+    torch.testing.assert_close(model(x, randomize_noise=False),
+                               _gfpgan_reference(sd, x, model.cfg, noises),
+                               atol=1e-10, rtol=1e-8)
+
+
 def test_gfpgan_converter_output_loads_strictly(tmp_path):
     torch.manual_seed(3)
     src = GFPGANv1Clean(**TINY)
