@@ -194,6 +194,9 @@ def test_gfpgan_sft_half_modulates_the_second_half():
     assert (shifted_h - ident_h).abs().max() > 1e-3
     with pytest.raises(ValueError, match="conditions: expected 6 maps"):
         dec_h(styles, [], randomize_noise=False)
+    with pytest.raises(ValueError, match=r"conditions\[0\] \(scale at 8x8\): expected shape "
+                                         r"\(B, 16, 8, 8\), got \(2, 32, 8, 8\)"):
+        dec_h(styles, conds(lambda c: c, (1.0, 0.0)), randomize_noise=False)
 
 
 def _gfpgan_reference(sd, x, cfg, noises):

@@ -253,6 +253,12 @@ class StyleGAN2DecoderSFT(nn.Module):
             conv_a, conv_b = self.style_convs[2 * lvl], self.style_convs[2 * lvl + 1]
             out = conv_a(out, latent[:, i], noise[i])
             scale, shift = conditions[2 * lvl], conditions[2 * lvl + 1]
+            want = (out.shape[1] // 2 if cfg.sft_half else out.shape[1], *out.shape[-2:])
+            for name, t in (("scale", scale), ("shift", shift)):
+                if t.ndim != 4 or tuple(t.shape[1:]) != want:
+                    raise ValueError(f"conditions[{2 * lvl + (name == 'shift')}] ({name} at "
+                                     f"{want[-1]}x{want[-1]}): expected shape (B, {want[0]}, "
+                                     f"{want[1]}, {want[2]}), got {tuple(t.shape)}")
             if cfg.sft_half:
                 keep, sft = out.split(out.shape[1] // 2, dim=1)
                 out = torch.cat([keep, sft * scale + shift], dim=1)
