@@ -1,6 +1,7 @@
 # Provenance: reproduces the weight-file layouts (not code) of EG3D (NVlabs/eg3d, commit 7cf1fd1,
 # NVIDIA Source Code License, non-commercial) network pickles, torchvision (BSD-3-Clause),
-# insightface (MIT), GFPGAN (TencentARC/GFPGAN, Apache-2.0), HuggingFace transformers' SegFormer
+# insightface (MIT), GFPGAN (TencentARC/GFPGAN, Apache-2.0), face-parsing.PyTorch
+# (zllrunning/face-parsing.PyTorch, commit d2e684c, MIT), HuggingFace transformers' SegFormer
 # (Apache-2.0), face-vid2vid as reimplemented in
 # zhanglonghao1992/One-Shot_Free-View_Neural_Talking_Head_Synthesis (commit 9511d25, CC BY-NC 4.0)
 # and LivePortrait (KwaiVGI/LivePortrait, commit 1986663, MIT). Our own implementation, written
@@ -15,6 +16,10 @@
 * ``vgg19 PTH OUT``     torchvision VGG19 state dict (for :class:`pyface.nn.PerceptualLoss`).
 * ``arcface PTH OUT``   insightface IResNet state dict (for :class:`pyface.nn.IdentityLoss`).
 * ``gfpgan PTH OUT``    GFPGAN v1 "clean" checkpoint (``params_ema``), structure-checked.
+* ``gfpgan-d PTH OUT``  GFPGAN's ``net_d`` (BasicSR StyleGAN2 discriminator) -> :class:`pyface.nn.
+  GFPGANDiscriminator` weights (GOHA's s1_gan D; its dual D loads it with 6 channels).
+* ``face-parser PTH OUT`` face-parsing.PyTorch BiSeNet (``79999_iter.pth``) -> :class:`pyface.nn.
+  FaceParser` weights.
 * ``segformer DIR OUT`` HuggingFace-format SegFormer folder (says what it drops: classifiers;
   an encoder-only checkpoint converts to an encoder-only folder).
 * ``dense-motion PTH OUT`` face-vid2vid (reimplementation) checkpoint or LivePortrait
@@ -423,8 +428,14 @@ _GFPGAN_REQUIRED = ("conv_body_first.weight", "final_linear.weight",
 def convert_gfpgan(path: str, out: str, key: str = "params_ema") -> str:
     """GFPGANv1-clean checkpoint -> weights folder (kind ``"gfpgan"``), keys unchanged.
 
-    Checks the structure (required key groups, 3-channel input, style width) - pyface has no
-    GFPGAN module yet, so the full shape check happens when one loads it."""
+    Infers the :class:`pyface.nn.GFPGANConfig` from the weights (out size, width, channel
+    multiplier, style width, MLP depth, ``sft_half``, ``different_w``) and checks every key and
+    shape against :class:`pyface.nn.GFPGANv1Clean`; the folder loads with
+    :func:`pyface.nn.load_gfpgan`."""
+    from dataclasses import asdict
+
+    from pyface.nn.gfpgan import GFPGANv1Clean, gfpgan_config_from_state
+
     raw = load_weights_file(path)
     if isinstance(raw, dict) and key in raw:
         state = raw[key]
@@ -442,12 +453,62 @@ def convert_gfpgan(path: str, out: str, key: str = "params_ema") -> str:
     if w.ndim != 4 or w.shape[1] != 3:
         raise ConversionError(f"{path}: conv_body_first.weight: expected (C, 3, k, k), got "
                               f"{tuple(w.shape)}")
-    n_down = len({k.split(".")[1] for k in state if k.startswith("conv_body_down.")})
-    config = {"first_channels": int(w.shape[0]), "num_down": n_down,
-              "num_style_feat": int(state["final_linear.weight"].shape[0]) if
-              state["final_linear.weight"].ndim == 2 else None}
-    return save_weights(out, state, kind="gfpgan", config=config,
+    try:
+        cfg = gfpgan_config_from_state(state, path)
+        with torch.device("meta"):
+            module = GFPGANv1Clean(cfg)
+    except (CheckpointError, ValueError) as exc:
+        raise ConversionError(f"{path}: not a GFPGANv1-clean state dict ({exc})") from None
+    try:
+        check_state_dict(module, state, f"{path} (GFPGANv1Clean {cfg})")
+    except CheckpointError as exc:
+        raise ConversionError(str(exc)) from None
+    return save_weights(out, state, kind="gfpgan", config=asdict(cfg),
                         extra={"source": os.path.basename(path), "key": key})
+
+
+def convert_gfpgan_discriminator(path: str, out: str) -> str:
+    """GFPGAN ``net_d`` (BasicSR StyleGAN2 discriminator, e.g. ``GFPGANv1_net_d.pth``) -> weights
+    folder (kind ``"gfpgan_d"``) for :class:`pyface.nn.GFPGANDiscriminator`; keys unchanged,
+    config inferred, every key and shape checked. Load with
+    :func:`pyface.nn.load_gfpgan_discriminator` (``in_channels=6`` for GOHA's dual D)."""
+    from dataclasses import asdict
+
+    from pyface.nn.gfpgan import (GFPGANDiscriminator, _discriminator_state,
+                                  gfpgan_discriminator_config_from_state)
+
+    try:
+        state = _discriminator_state(path)
+        cfg = gfpgan_discriminator_config_from_state(state, path)
+        with torch.device("meta"):
+            module = GFPGANDiscriminator(cfg)
+        check_state_dict(module, state, f"{path} (GFPGAN discriminator {cfg})")
+    except ConversionError:
+        raise
+    except CheckpointError as exc:
+        raise ConversionError(str(exc)) from None
+    return save_weights(out, state, kind="gfpgan_d", config=asdict(cfg),
+                        extra={"source": os.path.basename(path)})
+
+
+def convert_face_parser(path: str, out: str) -> str:
+    """face-parsing.PyTorch BiSeNet ``.pth`` (``79999_iter.pth``) -> weights folder (kind
+    ``"face_parser"``) for :class:`pyface.nn.FaceParser`; every key and shape checked.
+
+    Read with ``torch.load(weights_only=True)``; ``module.`` prefixes are stripped and missing
+    BatchNorm ``num_batches_tracked`` counters filled in. Load with
+    :func:`pyface.nn.load_face_parser`."""
+    from pyface.nn.face_parser import face_parser_state
+
+    try:
+        state = face_parser_state(load_weights_file(path), path)
+    except ConversionError:
+        raise
+    except CheckpointError as exc:
+        raise ConversionError(str(exc)) from None
+    n = int(state["conv_out.conv_out.weight"].shape[0])
+    return save_weights(out, state, kind="face_parser", config={"num_classes": n},
+                        extra={"source": os.path.basename(path)})
 
 
 def convert_segformer(path: str, out: str, keep_classifier: bool = False) -> str:
@@ -662,6 +723,10 @@ CONVERTERS = {
     "arcface": (convert_arcface, "insightface IResNet .pth -> identity-loss weights"),
     "gfpgan": (convert_gfpgan, "GFPGANv1-clean .pth (params_ema) -> weights"),
     "segformer": (convert_segformer, "HuggingFace SegFormer folder -> weights"),
+    "gfpgan-d": (convert_gfpgan_discriminator,
+                 "GFPGAN net_d .pth (BasicSR StyleGAN2 discriminator) -> weights"),
+    "face-parser": (convert_face_parser,
+                    "face-parsing.PyTorch BiSeNet .pth (79999_iter.pth) -> FaceParser weights"),
     "dense-motion": (convert_dense_motion,
                      "face-vid2vid checkpoint / LivePortrait warping_module.pth -> DenseMotion "
                      "weights"),

@@ -252,18 +252,20 @@ def test_arcface_convert_infers_arch(tmp_path):
 
 
 def test_gfpgan_convert_checks_structure(tmp_path):
-    keys = ["conv_body_first.weight", "final_linear.weight", "stylegan_decoder.style_mlp.1.weight",
-            "stylegan_decoder.to_rgbs.0.weight", "conv_body_down.0.conv1.weight",
-            "conv_body_down.1.conv1.weight", "conv_body_up.0.conv1.weight",
-            "condition_scale.0.0.weight", "condition_shift.0.0.weight", "toRGB.0.weight"]
-    sd = {k: torch.zeros(4, 3, 1, 1) if k == "conv_body_first.weight" else torch.zeros(8, 4)
-          for k in keys}
+    from pyface.nn.gfpgan import GFPGANv1Clean
+
+    sd = GFPGANv1Clean(out_size=16, narrow=1 / 32, num_style_feat=8, num_mlp=1).state_dict()
     torch.save({"params_ema": sd, "params": sd}, tmp_path / "gfp.pth")
     out = convert_gfpgan(str(tmp_path / "gfp.pth"), str(tmp_path / "gfp"))
-    assert ckpt.read_meta(out)["config"]["num_down"] == 2
+    cfg = ckpt.read_meta(out)["config"]
+    assert (cfg["out_size"], cfg["num_style_feat"], cfg["num_mlp"]) == (16, 8, 1)
     torch.save({"params_ema": {"toRGB.0.weight": torch.zeros(1)}}, tmp_path / "bad.pth")
     with pytest.raises(ConversionError, match="not a GFPGANv1-clean state dict; missing"):
         convert_gfpgan(str(tmp_path / "bad.pth"), str(tmp_path / "gfp2"))
+    sd = dict(sd, **{"toRGB.0.weight": torch.zeros(3, 5, 1, 1)})
+    torch.save({"params_ema": sd}, tmp_path / "bad2.pth")
+    with pytest.raises(ConversionError, match=r"toRGB.0.weight: checkpoint \(3, 5, 1, 1\)"):
+        convert_gfpgan(str(tmp_path / "bad2.pth"), str(tmp_path / "gfp3"))
 
 
 def test_torch_load_is_weights_only(tmp_path):

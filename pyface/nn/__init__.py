@@ -14,6 +14,13 @@ from pyface.nn.fv2v import (AppearanceConfig, AppearanceFeatureExtractor, Canoni
                             DownBlock2d, KeypointDetectorConfig, MultiScaleDecoder,
                             MultiScaleDecoderConfig, ResBlock2d, ResBlock3d, SameBlock2d,
                             UpBlock2d)
+from pyface.nn.face_parser import (FACE_PARSER_CLASSES, FaceParser, FaceParserConfig,
+                                   dilate_mask, erode_mask, expression_region_mask,
+                                   load_face_parser, region_mask)
+from pyface.nn.gfpgan import (GFPGANConfig, GFPGANDiscriminator, GFPGANDiscriminatorConfig,
+                              GFPGANv1Clean, gfpgan_config_from_state,
+                              gfpgan_discriminator_config_from_state, load_gfpgan,
+                              load_gfpgan_discriminator)
 from pyface.nn.layers import Conv2dLayer, FullyConnectedLayer, modulated_conv2d
 from pyface.nn.losses import (feature_matching_loss, gan_d_loss, gan_g_loss, kl_divergence,
                               r1_penalty, tv_loss)
