@@ -1,0 +1,1 @@
+"""Evaluation metrics (placeholder package file; the eval branch owns this module)."""
