@@ -6,7 +6,7 @@ import torch
 
 from pyface.eval import lpips as plp
 from pyface.eval.weights import MissingWeightsError
-from tests._reference_packages import reference
+from _reference_packages import reference
 
 # lpips calls torchvision with the deprecated pretrained= argument
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:torchvision")
