@@ -10,7 +10,8 @@ from pyface.eval import fid as pfid
 from pyface.eval.weights import MissingWeightsError
 from _reference_packages import reference
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning",
+                                        "ignore::DeprecationWarning")
 
 
 def _random_rotation(d, rng):
