@@ -69,3 +69,40 @@ def require_weights(metric: str, path: str | None) -> str:
     if path is None or not os.path.exists(path):
         raise MissingWeightsError(missing_weights_message(metric, path))
     return path
+
+
+def parse_weights(items) -> dict[str, str]:
+    """``["lpips=PATH", "csim=PATH"]`` (the CLI's ``--weights``) -> ``{"lpips": PATH, ...}``.
+    Keys: the metric names above, plus ``lpips_heads`` (the LPIPS linear-head file)."""
+    known = set(METRICS_NEEDING_WEIGHTS) | {"lpips_heads"}
+    out: dict[str, str] = {}
+    for item in items or ():
+        key, sep, path = str(item).partition("=")
+        if not sep or not key or not path:
+            raise ValueError(f"--weights: expected NAME=PATH, got {item!r}")
+        if key not in known:
+            raise ValueError(f"--weights: expected NAME in {sorted(known)}, got {key!r}")
+        out[key] = path
+    if "fid" in out and "kid" not in out:
+        out["kid"] = out["fid"]      # the same Inception file
+    elif "kid" in out and "fid" not in out:
+        out["fid"] = out["kid"]
+    return out
+
+
+def load_weighted_metric(metric: str, weights: dict[str, str], *,
+                         device: str | None = None):
+    """The network of ``metric`` built from ``weights`` (as from :func:`parse_weights`), frozen
+    on ``device``: lpips -> ``LPIPS`` (call ``(x, y)``), fid / kid -> ``FIDInception`` (use
+    ``.features``), csim -> ``CSIM``. Raises MissingWeightsError without a usable file."""
+    path = require_weights(metric, weights.get(metric))
+    if metric == "lpips":
+        from pyface.eval.lpips import LPIPS
+        m = LPIPS(path, heads=weights.get("lpips_heads"))
+    elif metric in ("fid", "kid"):
+        from pyface.eval.fid import FIDInception
+        m = FIDInception(path, metric=metric)
+    else:
+        from pyface.eval.identity import CSIM
+        m = CSIM(path)
+    return m.to(device) if device is not None else m
