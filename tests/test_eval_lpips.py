@@ -79,3 +79,17 @@ def test_bad_backbone_and_inputs():
         m(torch.zeros(1, 3, 64, 64), torch.zeros(1, 3, 64, 32))
     with pytest.raises(ValueError, match=r"H, W >= 32"):
         m(torch.zeros(1, 3, 16, 64), torch.zeros(1, 3, 16, 64))
+
+
+def test_heads_from_a_path_or_mapping(tmp_path):
+    state = {k: torch.zeros_like(v) for k, v in plp.Backbone("alex").state_dict().items()}
+    heads = {f"lin{i}.model.0.weight": torch.rand(1, c, 1, 1)     # lpips without dropout
+             for i, c in enumerate(plp.CHANNELS["alex"])}
+    path = os.path.join(tmp_path, "alex_heads.pth")
+    torch.save({k.replace("model.0", "model.1"): v for k, v in heads.items()}, path)
+    for h in (heads, path):
+        m = plp.LPIPS(state, heads=h)
+        for i, conv in enumerate(m.heads):
+            assert torch.equal(conv.weight, heads[f"lin{i}.model.0.weight"])
+    with pytest.raises(Exception, match="missing keys"):
+        plp.LPIPS(state, heads={"lin0.model.1.weight": torch.rand(1, 64, 1, 1)})
