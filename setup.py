@@ -210,7 +210,10 @@ setup(
     extras_require={
         "triton": ["triton==3.6.0"],
         "train": ["tensorboard", "imageio", "imageio-ffmpeg", "pillow"],
-        "test": ["pytest", "pytest-benchmark", "triton==3.6.0", "scipy", "scikit-image"],
+        # lpips / pytorch-fid: reference packages the metric tests compare against; torchvision
+        # pinned to the release built for torch 2.13 (CI's torch) so pip does not replace torch.
+        "test": ["pytest", "pytest-benchmark", "triton==3.6.0", "scipy", "scikit-image", "lpips",
+                 "pytorch-fid", "torchvision==0.28.*"],
     },
     entry_points={"console_scripts": ["pyface=pyface.cli:main"]},
 )

@@ -1,0 +1,153 @@
+# Provenance: reproduces the ArcFace face alignment of insightface (deepinsight/insightface, MIT:
+# the 5-point 112x112 template and a least-squares similarity, Umeyama 1991) and the CSIM
+# protocol of the face-reenactment literature (cosine similarity of ArcFace embeddings of the
+# source and the output). Our own implementation, written from the papers and the upstream's
+# documented behaviour; no upstream code is copied. pyface's code is licensed under Apache-2.0.
+"""CSIM: ArcFace cosine similarity between the source and the output, with user weights.
+
+Protocol:
+
+1. 5 points per face: the eye centres (means of the 68-point layout's points 36-41 and 42-47,
+   0-based), the nose tip (30) and the mouth corners (48, 54); 5-point input is used as is;
+2. the least-squares similarity (rotation, uniform scale, translation; Umeyama) maps them onto
+   insightface's 112x112 ArcFace template, and the image is warped with it (bilinear, pixel
+   centres at integer coordinates, black outside the image, as ``cv2.warpAffine``);
+3. the IResNet (``pyface.nn.arcface``) embeds both crops in [-1, 1]; CSIM is the cosine of the
+   two embeddings, one value per pair (higher is better; the same image gives 1).
+
+Weights: an insightface ``arcface_torch`` ``backbone.pth`` (r18 / r34 / r50 / r100, detected from
+the file), read safely. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyface.eval.weights import MissingWeightsError, missing_weights_message
+from pyface.nn._pretrained import load_into, read_state
+from pyface.nn.arcface import IRESNET_LAYERS, IResNet
+
+# insightface's ArcFace template for 112x112 crops, (x, y) pixels: left eye, right eye (as seen in
+# the image), nose tip, left and right mouth corners.
+ARCFACE_TEMPLATE = torch.tensor([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                                 [41.5493, 92.3655], [70.7299, 92.2041]], dtype=torch.float64)
+ARCFACE_SIZE = 112
+
+
+def five_points(landmarks: torch.Tensor) -> torch.Tensor:
+    """landmarks: (..., 68, 2) or (..., 5, 2) pixels (x right, y down) -> (..., 5, 2)."""
+    if landmarks.ndim < 2 or landmarks.shape[-1] != 2 or landmarks.shape[-2] not in (5, 68):
+        raise ValueError(f"landmarks: expected shape (..., 68, 2) or (..., 5, 2), got "
+                         f"{tuple(landmarks.shape)}")
+    if landmarks.shape[-2] == 5:
+        return landmarks
+    return torch.stack([landmarks[..., 36:42, :].mean(-2), landmarks[..., 42:48, :].mean(-2),
+                        landmarks[..., 30, :], landmarks[..., 48, :], landmarks[..., 54, :]], -2)
+
+
+def umeyama_similarity(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Least-squares similarity ``dst ~ s R src + t`` (no reflection).
+
+    src, dst: (B, N, 2) with N >= 2 -> (B, 2, 3) float64 matrices ``[s R | t]``."""
+    if src.ndim != 3 or src.shape[-1] != 2 or src.shape != dst.shape or src.shape[1] < 2:
+        raise ValueError(f"src, dst: expected equal shapes (B, N >= 2, 2), got "
+                         f"{tuple(src.shape)} and {tuple(dst.shape)}")
+    src, dst = src.double(), dst.double()
+    ms, md = src.mean(1, keepdim=True), dst.mean(1, keepdim=True)
+    xs, xd = src - ms, dst - md
+    cov = xd.transpose(1, 2) @ xs / src.shape[1]                      # (B, 2, 2)
+    U, S, Vh = torch.linalg.svd(cov)
+    d = torch.sign(torch.linalg.det(U) * torch.linalg.det(Vh))
+    d = torch.where(d == 0, torch.ones_like(d), d)
+    D = torch.stack([torch.ones_like(d), d], -1)                      # (B, 2)
+    R = U @ torch.diag_embed(D) @ Vh
+    var = xs.square().sum((1, 2)) / src.shape[1]
+    scale = (S * D).sum(-1) / var
+    A = scale[:, None, None] * R
+    t = md.squeeze(1) - (A @ ms.transpose(1, 2)).squeeze(-1)
+    return torch.cat([A, t[..., None]], -1)
+
+
+def warp_affine(images: torch.Tensor, matrix: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """images: (B, C, H, W); matrix: (B, 2, 3) mapping input pixels to output pixels ->
+    (B, C, size[0], size[1]); out(q) = images(M^-1 q), bilinear, zeros outside."""
+    B, _, H, W = images.shape
+    if matrix.shape != (B, 2, 3):
+        raise ValueError(f"matrix: expected shape ({B}, 2, 3), got {tuple(matrix.shape)}")
+    M = matrix.double()
+    Ainv = torch.linalg.inv(M[:, :, :2])
+    tinv = -(Ainv @ M[:, :, 2:]).squeeze(-1)
+    h, w = size
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64),
+                            torch.arange(w, dtype=torch.float64), indexing="ij")
+    q = torch.stack([xs, ys], -1).to(images.device).reshape(1, h * w, 2)
+    p = q @ Ainv.transpose(1, 2).to(images.device) + tinv[:, None].to(images.device)
+    scale = torch.tensor([2.0 / max(W - 1, 1), 2.0 / max(H - 1, 1)], dtype=torch.float64,
+                         device=images.device)
+    grid = (p * scale - 1).reshape(B, h, w, 2).to(images.dtype)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def align_faces(images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+    """images: (B, 3, H, W) in [-1, 1]; landmarks: (B, 68, 2) or (B, 5, 2) pixels of ``images``
+    -> ArcFace crops (B, 3, 112, 112) in [-1, 1] (black, -1, outside the image)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images: expected shape (B, 3, H, W), got {tuple(images.shape)}")
+    pts = five_points(landmarks)
+    if pts.ndim != 3 or pts.shape[0] != images.shape[0]:
+        raise ValueError(f"landmarks: expected shape ({images.shape[0]}, 68 or 5, 2), got "
+                         f"{tuple(landmarks.shape)}")
+    M = umeyama_similarity(pts, ARCFACE_TEMPLATE.to(pts.device).expand(pts.shape[0], 5, 2))
+    crops = warp_affine((images.float() + 1) / 2, M, (ARCFACE_SIZE, ARCFACE_SIZE))
+    return crops * 2 - 1
+
+
+def detect_arch(state: Mapping[str, torch.Tensor]) -> str:
+    """IResNet depth of an arcface_torch state dict, from its number of blocks per stage."""
+    blocks = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")})
+                   for i in range(1, 5))
+    for arch, layers in IRESNET_LAYERS.items():
+        if layers == blocks:
+            return arch
+    raise ValueError(f"weights: not an arcface_torch IResNet state dict (blocks per stage "
+                     f"{blocks}; known: {IRESNET_LAYERS})")
+
+
+class CSIM(nn.Module):
+    """source, output: (B, 3, H, W) in [-1, 1] with landmarks (B, 68 or 5, 2) in their pixels
+    -> (B,) cosine similarity of the ArcFace embeddings of the aligned crops.
+
+    ``weights``: path or state dict of an arcface_torch ``backbone.pth``."""
+
+    def __init__(self, weights):
+        super().__init__()
+        if weights is None or (isinstance(weights, str) and not os.path.exists(weights)):
+            raise MissingWeightsError(missing_weights_message("csim", weights))
+        if isinstance(weights, Mapping):
+            state, src = dict(weights), "ArcFace state dict"
+        else:
+            state, src = read_state(str(weights)), str(weights)
+        self.arch = detect_arch(state)
+        self.net = IResNet(self.arch)
+        load_into(self.net, state, source=src)
+        self.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)   # a fixed metric
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W), (B, 68 or 5, 2) -> unit embeddings (B, 512)."""
+        return F.normalize(self.net(align_faces(images, landmarks)).float(), dim=1)
+
+    def forward(self, source: torch.Tensor, source_landmarks: torch.Tensor,
+                output: torch.Tensor, output_landmarks: torch.Tensor) -> torch.Tensor:
+        if source.shape[0] != output.shape[0]:
+            raise ValueError(f"output: expected batch {source.shape[0]} (as source), got "
+                             f"{output.shape[0]}")
+        return (self.embed(source, source_landmarks) *
+                self.embed(output, output_landmarks)).sum(1)

@@ -1,0 +1,114 @@
+"""CSIM: 68 -> 5 points, Umeyama similarity, the warp, and the ArcFace cosine."""
+import math
+import os
+
+import pytest
+import torch
+
+from pyface.eval import identity as pid
+from pyface.eval.weights import MissingWeightsError
+from pyface.nn.arcface import IResNet
+
+
+def _similarity(scale, angle, tx, ty):
+    c, s = math.cos(angle), math.sin(angle)
+    return torch.tensor([[scale * c, -scale * s, tx], [scale * s, scale * c, ty]],
+                        dtype=torch.float64)
+
+
+def _apply(M, pts):
+    return pts @ M[:, :2].T + M[:, 2]
+
+
+def test_umeyama_recovers_a_known_similarity():
+    g = torch.Generator().manual_seed(0)
+    src = torch.rand(3, 7, 2, generator=g, dtype=torch.float64) * 100
+    Ms = [_similarity(1.7, 0.35, 12.0, -4.0), _similarity(0.4, -2.5, 0.0, 30.0),
+          _similarity(1.0, 0.0, 0.0, 0.0)]
+    dst = torch.stack([_apply(M, p) for M, p in zip(Ms, src)])
+    got = pid.umeyama_similarity(src, dst)
+    torch.testing.assert_close(got, torch.stack(Ms), rtol=0, atol=1e-9)
+    # least squares: noise-free points are reproduced, a reflection is never returned
+    flipped = dst * torch.tensor([-1.0, 1.0], dtype=torch.float64)
+    assert (torch.linalg.det(pid.umeyama_similarity(src, flipped)[:, :, :2]) > 0).all()
+    with pytest.raises(ValueError, match=r"src, dst: expected equal shapes"):
+        pid.umeyama_similarity(src, dst[:, :5])
+
+
+def test_five_points_from_the_68_layout():
+    lm = torch.zeros(2, 68, 2)
+    lm[:, 36:42] = torch.tensor([30.0, 40.0]) + torch.randn(6, 2)
+    lm[:, 36:42] -= lm[:, 36:42].mean(1, keepdim=True) - torch.tensor([30.0, 40.0])
+    lm[:, 42:48] = torch.tensor([70.0, 41.0])
+    lm[:, 30], lm[:, 48], lm[:, 54] = torch.tensor([50.0, 60.0]), torch.tensor([35.0, 80.0]), \
+        torch.tensor([66.0, 81.0])
+    want = torch.tensor([[30.0, 40.0], [70.0, 41.0], [50.0, 60.0], [35.0, 80.0], [66.0, 81.0]])
+    torch.testing.assert_close(pid.five_points(lm), want.expand(2, 5, 2))
+    assert pid.five_points(want) is want
+    with pytest.raises(ValueError, match=r"landmarks: expected shape \(\.\.\., 68, 2\)"):
+        pid.five_points(torch.zeros(2, 10, 2))
+
+
+def test_alignment_on_a_known_transform():
+    # A linear image f(x, y) is reproduced exactly by bilinear sampling, so the crop must equal
+    # f at the template-to-image map of each output pixel.
+    H, W = 200, 180
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float64),
+                            torch.arange(W, dtype=torch.float64), indexing="ij")
+    f = lambda x, y: torch.stack([x / W, y / H, (x + y) / (W + H)]) * 2 - 1  # noqa: E731
+    image = f(xs, ys)[None].float()
+    Minv = _similarity(1.2, -0.3, 0.0, 0.0).clone()  # template pixels -> image pixels
+    Minv[:, 2] = torch.tensor([90.0, 100.0], dtype=torch.float64) - _apply(
+        Minv, torch.tensor([55.5, 55.5], dtype=torch.float64))   # crop centre -> image centre
+    landmarks = _apply(Minv[:2], pid.ARCFACE_TEMPLATE)[None]
+    crop = pid.align_faces(image, landmarks)
+    assert crop.shape == (1, 3, 112, 112)
+    v, u = torch.meshgrid(torch.arange(112, dtype=torch.float64),
+                          torch.arange(112, dtype=torch.float64), indexing="ij")
+    p = _apply(Minv[:2], torch.stack([u, v], -1))
+    inside = (p[..., 0] >= 0) & (p[..., 0] <= W - 1) & (p[..., 1] >= 0) & (p[..., 1] <= H - 1)
+    assert inside.all()
+    want = f(p[..., 0], p[..., 1]).float()
+    torch.testing.assert_close(crop[0], want, rtol=0, atol=1e-4)
+    # the same face given as 68 points
+    lm68 = torch.zeros(1, 68, 2, dtype=torch.float64)
+    lm68[0, 36:42], lm68[0, 42:48] = landmarks[0, 0], landmarks[0, 1]
+    lm68[0, 30], lm68[0, 48], lm68[0, 54] = landmarks[0, 2], landmarks[0, 3], landmarks[0, 4]
+    torch.testing.assert_close(pid.align_faces(image, lm68), crop)
+
+
+def test_template_landmarks_are_the_identity_crop():
+    img = torch.rand(2, 3, 112, 112) * 2 - 1
+    lm = pid.ARCFACE_TEMPLATE.expand(2, 5, 2)
+    torch.testing.assert_close(pid.align_faces(img, lm), img, rtol=0, atol=1e-4)
+
+
+def test_csim_with_weights(tmp_path):
+    torch.manual_seed(0)
+    net = IResNet("r18").eval()
+    path = os.path.join(tmp_path, "backbone.pth")
+    torch.save(net.state_dict(), path)
+    m = pid.CSIM(path)
+    assert m.arch == "r18"
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(2, 3, 128, 128, generator=g) * 2 - 1
+    b = torch.rand(2, 3, 128, 128, generator=g) * 2 - 1
+    lm = (pid.ARCFACE_TEMPLATE.float() + 8).expand(2, 5, 2)
+    same = m(a, lm, a, lm)
+    torch.testing.assert_close(same, torch.ones(2), rtol=0, atol=1e-5)
+    got = m(a, lm, b, lm)
+    with torch.no_grad():
+        ea, eb = net(a[:, :, 8:120, 8:120]), net(b[:, :, 8:120, 8:120])
+    want = torch.nn.functional.cosine_similarity(ea, eb)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (got < 0.9999).all()
+    torch.testing.assert_close(m(b, lm, a, lm), got)
+
+
+def test_csim_errors(tmp_path):
+    with pytest.raises(MissingWeightsError, match=r"--weights csim=PATH.*backbone\.pth"):
+        pid.CSIM(None)
+    with pytest.raises(MissingWeightsError, match=r"does not exist"):
+        pid.CSIM(os.path.join(tmp_path, "none.pth"))
+    with pytest.raises(ValueError, match="not an arcface_torch IResNet"):
+        pid.CSIM({"layer1.0.bn1.weight": torch.zeros(1)})
