@@ -11,6 +11,7 @@ from typing import Any
 
 MODELS: dict[str, str] = {
     "example": "pyface.train.example:TriplaneAutoencoder",
+    "eg3d": "pyface.models.eg3d.model:EG3D",
 }
 
 DATASETS: dict[str, str] = {

@@ -94,7 +94,9 @@ class EG3DConfig:
         mirror: random horizontal flips of real images with mirrored camera labels.
         background: ``"data"`` keeps real images; ``"white"`` composites them over white with
             their masks (pair with ``generator.render.white_back``; makes silhouettes measurable).
-        iou_every: steps between silhouette IoU measurements in the log (0: never).
+        measure_every: steps averaged per line of measurements in the log (silhouette IoU
+            against the data masks at the data cameras, its all-opaque baseline, opacity inside /
+            outside the masks, D logit gap); 0: none.
     """
 
     generator: EG3DGeneratorConfig = field(default_factory=EG3DGeneratorConfig)
@@ -117,4 +119,4 @@ class EG3DConfig:
     neural_rendering_resolution_fade_kimg: float = 1000.0
     mirror: bool = True
     background: str = "data"
-    iou_every: int = 1
+    measure_every: int = 50
