@@ -428,3 +428,174 @@ def test_convert_refuses_unsupported_options(tmp_path, eg3d_modules):
                   SHAPENET_RK, img_resolution=128)
     with pytest.raises(ckpt.CheckpointError, match=r"missing keys: resample_filter"):
         convert_eg3d(str(tmp_path / "b.pkl"), str(tmp_path / "o2"))
+
+
+# ------------------------------------------------------------------------------------------
+# training on the engine
+# ------------------------------------------------------------------------------------------
+
+class _Frames(torch.utils.data.Dataset):
+    """Tiny stand-in for the synthetic frames: an ellipse head over a gradient, exact cameras."""
+
+    def __init__(self, n=8, R=16):
+        from pyface.face.cameras import default_label, mirror_label  # noqa: F401
+
+        self.n, self.R = n, R
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        from pyface.face import cameras as cams
+
+        R = self.R
+        yaw = (i / self.n - 0.5) * 0.6
+        lab = cams.make_label(cams.orbit_camera(yaw, 0.0), cams.intrinsics_from_focal())
+        lin = (torch.arange(R) + 0.5) / R * 2 - 1
+        y, x = torch.meshgrid(lin, lin, indexing="ij")
+        mask = (((x - yaw) / 0.5) ** 2 + (y / 0.7) ** 2 < 1).float()[None]
+        img = torch.stack([x, y, x * y]) * 0.5 * (1 - mask) + mask * 0.3
+        return {"image": img, "mask": mask, "camera": lab, "index": torch.tensor(i)}
+
+
+def _experiment(run_dir, steps, **train):
+    from pyface.models.eg3d.model import EG3D
+    from pyface.train.config import build_experiment, merge
+
+    small = {"model": {"generator": {"z_dim": 16, "w_dim": 16, "backbone_resolution": 16,
+                                     "plane_channels": 4, "channel_base": 64, "channel_max": 8,
+                                     "decoder_hidden": 8, "decoder_features": 6,
+                                     "img_resolution": 16, "neural_rendering_resolution": 8,
+                                     "sr_input_resolution": 8, "sr_block_channels": [8, 4],
+                                     "render": {"depth_resolution": 6,
+                                                "depth_resolution_importance": 4}},
+                       "discriminator": {"channel_base": 64, "channel_max": 8,
+                                         "mapping_layers": 1},
+                       "neural_rendering_resolution_initial": 8, "d_reg_interval": 2,
+                       "g_reg_interval": 2, "measure_every": 1},
+             "data": {"resolution": 16},
+             "train": {"steps": steps, "batch_size": 4, "run_dir": str(run_dir),
+                       "progress": False, "tensorboard": False, "image_every": 0,
+                       "ckpt_every": 2, "log_every": 1, **train}}
+    return build_experiment("eg3d", EG3D.Config, defaults=merge(EG3D.recipe, small))
+
+
+def test_engine_steps_every_phase_and_logs_measures(tmp_path, caplog):
+    import logging
+
+    from pyface.train.engine import Trainer
+
+    cfg = _experiment(tmp_path / "run", 2)
+    tr = Trainer(cfg, dataset=_Frames())
+    names = [p.name for p in tr.phases]
+    assert names == ["Gmain", "Greg", "Dmain", "Dreg"]
+    assert [p.interval for p in tr.phases] == [1, 2, 1, 2]
+    # lazy-regularisation compensation (EG3D): lr * k/(k+1), betas ** (k/(k+1))
+    g = tr.optimizers["G"].param_groups[0]
+    assert g["lr"] == pytest.approx(0.0025 * 2 / 3) and g["betas"][1] == pytest.approx(
+        0.99 ** (2 / 3))
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    batch = tr._to_device(next(iter(tr._loader())))
+    with caplog.at_level(logging.INFO, logger="pyface"):
+        losses = tr.train_step(batch)
+    for k in ("Gmain/loss", "Greg/density_tv", "Dmain/logit_gap", "Dreg/r1_penalty",
+              "Gmain/iou", "Gmain/iou_all", "Gmain/fg_opacity", "Gmain/bg_opacity"):
+        assert k in losses and torch.isfinite(losses[k]), k
+    assert "eg3d measures step 0" in caplog.text and "iou=" in caplog.text
+    after = tr.model.state_dict()
+    changed = {k.split(".")[0] for k in after if not torch.equal(after[k], before[k])}
+    assert changed == {"G", "D"}
+    # G's w_avg moved (update_emas in Dmain), the EMA generator exists
+    assert not torch.equal(after["G.backbone.mapping.w_avg"],
+                           before["G.backbone.mapping.w_avg"])
+    assert "G" in tr.ema.modules
+
+
+def test_schedules_follow_eg3d():
+    from pyface.models.eg3d.model import EG3D, eg3d_blur
+
+    m = EG3D.__new__(EG3D)
+    m.cfg = EG3D.Config(gpc_reg_prob=0.5, gpc_reg_fade_kimg=1000, blur_init_sigma=10,
+                        blur_fade_kimg=None, neural_rendering_resolution_initial=64,
+                        neural_rendering_resolution_final=128,
+                        neural_rendering_resolution_fade_kimg=1000)
+    assert m.swapping_prob(0) == 1.0 and m.swapping_prob(500_000) == 0.75
+    assert m.swapping_prob(10**7) == 0.5
+    assert m.blur_sigma(0, 32) == 10 and m.blur_sigma(100_000, 32) == 5.0     # 200 kimg fade
+    assert m.blur_sigma(10**6, 32) == 0
+    assert m.rendering_resolution(0) == 64 and m.rendering_resolution(500_000) == 96
+    assert m.rendering_resolution(2 * 10**6) == 128
+    x = torch.zeros(1, 1, 9, 9)
+    x[..., 4, 4] = 1
+    y = eg3d_blur(x, 1.0)            # kernel 2^-(t/s)^2, t in [-3, 3], normalised
+    k = torch.exp2(-torch.arange(-3.0, 4.0).square())
+    k = k / k.sum()
+    torch.testing.assert_close(y[0, 0, 4, 1:8], k * k[3])
+    assert eg3d_blur(x, 0.3) is x
+
+
+def test_exact_resume(tmp_path):
+    from pyface.train.engine import Trainer
+
+    a = Trainer(_experiment(tmp_path / "a", 4), dataset=_Frames())
+    a.fit()
+    b = Trainer(_experiment(tmp_path / "b", 2), dataset=_Frames())
+    b.fit()
+    c = Trainer(_experiment(tmp_path / "b", 4), dataset=_Frames())
+    c.resume("auto")
+    assert c.step == 2
+    c.fit()
+    sa, sc = a.model.state_dict(), c.model.state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sc[k]), k
+    for k, v in a.ema.modules["G"].state_dict().items():
+        assert torch.equal(v, c.ema.modules["G"].state_dict()[k]), k
+
+
+def test_training_bad_input(tmp_path):
+    from pyface.models.eg3d.model import EG3D
+    from pyface.train.model import StepContext
+
+    cfg = _experiment(tmp_path / "r", 1).model_config
+    m = EG3D(cfg)
+    ctx = StepContext(step=0, images_seen=0, batch_size=2)
+    b = _Frames(2, 16)
+    batch = torch.utils.data.default_collate([b[0], b[1]])
+    with pytest.raises(KeyError, match=r"batch\['camera'\] missing"):
+        m.step("Gmain", {"image": batch["image"]}, ctx)
+    with pytest.raises(ValueError, match=r"batch\['image'\]: expected \(B, 3, 16, 16\)"):
+        m.step("Gmain", {**batch, "image": batch["image"][..., :8, :8]},
+               StepContext(step=1, images_seen=0, batch_size=2))
+    with pytest.raises(KeyError, match=r"batch\['mask'\] missing: model.background='white'"):
+        m.step("Gmain", {k: v for k, v in batch.items() if k != "mask"},
+               StepContext(step=2, images_seen=0, batch_size=2))
+    with pytest.raises(ValueError, match="model.reg_type: expected one of"):
+        EG3D(EG3D.Config(reg_type="tv", generator=cfg.generator))
+
+
+def test_eg3d_dataset_folder_and_zip(tmp_path):
+    import json
+    import zipfile
+
+    from PIL import Image
+
+    from pyface.data.eg3d import EG3DImageDataset
+
+    d = tmp_path / "ds"
+    d.mkdir()
+    labels = []
+    for i in range(2):
+        Image.fromarray((torch.rand(8, 8, 3) * 255).byte().numpy()).save(d / f"img{i}.png")
+        labels.append([f"img{i}.png", [float(i)] * 25])
+    (d / "dataset.json").write_text(json.dumps({"labels": labels}))
+    with zipfile.ZipFile(tmp_path / "ds.zip", "w") as z:
+        for f in d.iterdir():
+            z.write(f, f.name)
+    for path in (d, tmp_path / "ds.zip"):
+        ds = EG3DImageDataset(str(path), 4)
+        item = ds[1]
+        assert item["image"].shape == (3, 4, 4) and item["camera"].tolist() == [1.0] * 25
+        assert -1 <= item["image"].min() and item["image"].max() <= 1
+    (d / "dataset.json").write_text(json.dumps({"labels": [["img0.png", [0.0] * 24]]}))
+    with pytest.raises(ValueError, match="labels must be 25 floats"):
+        EG3DImageDataset(str(d), 4)
