@@ -16,6 +16,7 @@ COMMANDS = {
     "bench": "pyface.bench.cli",
     "train": "pyface.train.cli",
     "animate": "pyface.train.animate_cli",
+    "invert": "pyface.models.eg3d.cli",
     "convert": "pyface.convert",
     "data": "pyface.data.cli",
 }

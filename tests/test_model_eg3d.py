@@ -3,6 +3,7 @@ hand transcription of EG3D's published module structure, the training recipe on 
 from __future__ import annotations
 
 import collections
+import os
 import pickle
 import sys
 import types
@@ -599,3 +600,83 @@ def test_eg3d_dataset_folder_and_zip(tmp_path):
     (d / "dataset.json").write_text(json.dumps({"labels": [["img0.png", [0.0] * 24]]}))
     with pytest.raises(ValueError, match="labels must be 25 floats"):
         EG3DImageDataset(str(d), 4)
+
+
+# ------------------------------------------------------------------------------------------
+# inference: loading runs, orbit videos, inversion, pipeline, CLI
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from pyface.train.engine import Trainer
+
+    run = tmp_path_factory.mktemp("eg3d") / "run"
+    tr = Trainer(_experiment(run, 1), dataset=_Frames())
+    tr.train_step(tr._to_device(next(iter(tr._loader()))))
+    with torch.no_grad():   # (the EMA ramp-up copies G at step 0) make the EMA copy distinct
+        for p in tr.ema.modules["G"].parameters():
+            p.add_(0.01)
+    tr.save_checkpoint()
+    return str(run), tr
+
+
+def test_load_generator_prefers_ema(tiny_run):
+    from pyface.models.eg3d.pipeline import load_generator
+
+    run, tr = tiny_run
+    G = load_generator(run)
+    ema = tr.ema.modules["G"].state_dict()
+    live = tr.model.G.state_dict()
+    for k, v in G.state_dict().items():
+        assert torch.equal(v, ema[k]), k
+    assert any(not torch.equal(ema[k], live[k]) for k in ema)
+    Glive = load_generator(run, ema=False)
+    assert all(torch.equal(v, live[k]) for k, v in Glive.state_dict().items())
+    with pytest.raises(ckpt.CheckpointError, match="run folder without checkpoints"):
+        os.makedirs(os.path.join(run + "_empty", "checkpoints"))
+        load_generator(run + "_empty")
+
+
+def test_orbit_inversion_pipeline(tiny_run):
+    from pyface.models.eg3d.pipeline import (EG3DPipeline, load_generator, orbit_video,
+                                             parse_seeds, project)
+
+    run, _ = tiny_run
+    G = load_generator(run)
+    assert parse_seeds("0-2,7") == [0, 1, 2, 7]
+    frames = orbit_video(G, [0, 1], 3, progress=False)
+    assert frames.shape == (3, 3, 16, 32) and frames.abs().max() <= 1
+    assert not torch.equal(frames[0], frames[1])          # the camera moves
+    target = _Frames(2, 16)[1]
+    ws, info = project(G, target["image"], target["camera"], space="w+", steps=8, lr=0.05,
+                       progress=False, w_avg_samples=16)
+    assert ws.shape == (1, G.num_ws, 16) and info["loss"][-1] < info["loss"][0]
+    with pytest.raises(ValueError, match=r"camera: expected an EG3D label \(25,\)"):
+        project(G, target["image"], target["camera"][:24], steps=1, progress=False)
+    pipe = EG3DPipeline.from_checkpoint(run, invert_steps=2)
+    assert pipe.resolution == 16
+    cams = torch.stack([_Frames(4, 16)[i]["camera"] for i in range(3)])
+    out = pipe.animate({"image": target["image"], "camera": target["camera"]},
+                       {"camera": cams})
+    assert out.shape == (3, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"driving\['camera'\]: expected \(T, 25\)"):
+        pipe.encode_driving({"camera": cams[:, :5]})
+
+
+def test_cli_animate_and_invert(tiny_run, tmp_path):
+    from pyface.cli import main
+    from pyface.train.monitor import save_png
+
+    run, _ = tiny_run
+    assert main(["animate", "eg3d", "--checkpoint", run, "--seeds", "0-1", "--frames", "4",
+                 "--out", str(tmp_path / "orbit.mp4")]) == 0
+    assert (tmp_path / "orbit.mp4").stat().st_size > 0
+    item = _Frames(2, 16)[0]
+    save_png(item["image"], str(tmp_path / "src.png"))
+    cam = ",".join(str(float(v)) for v in item["camera"])
+    assert main(["invert", "eg3d", str(tmp_path / "src.png"), "--checkpoint", run,
+                 "--camera", cam, "--steps", "3", "--out", str(tmp_path / "inv")]) == 0
+    t, meta = ckpt.load_weights(str(tmp_path / "inv" / "latent"), kind="eg3d-latent")
+    assert t["ws"].shape[0] == 1 and (tmp_path / "inv" / "reconstruction.png").is_file()
+    assert main(["invert", "eg3d", str(tmp_path / "src.png"), "--checkpoint", run,
+                 "--camera", "1,2,3", "--out", str(tmp_path / "x")]) == 1

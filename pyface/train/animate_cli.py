@@ -15,11 +15,14 @@ def add_parser(subparsers) -> None:
                     "driving-video reenactment here.")
     a.add_argument("model", help=f"registered model: {', '.join(sorted(MODELS))}")
     a.add_argument("--checkpoint", required=True, help="a training checkpoint folder or run folder")
-    a.add_argument("--source", required=True, help="source image (PNG/JPEG)")
+    a.add_argument("--source", default=None, help="source image (PNG/JPEG)")
     a.add_argument("--driving", default=None, help="driving video (portrait models only)")
     a.add_argument("--out", default="animation.mp4", help="output mp4")
     a.add_argument("--frames", type=int, default=48)
     a.add_argument("--ema", action="store_true", help="use the EMA weights if present")
+    from pyface.models.eg3d.cli import add_animate_arguments
+
+    add_animate_arguments(a)
     a.set_defaults(func=run_animate)
 
 
@@ -34,6 +37,13 @@ def run_animate(args) -> int:
     from pyface.train.monitor import save_video
     from pyface.train.registry import model_class
 
+    if args.model == "eg3d":
+        from pyface.models.eg3d.cli import run_animate as run_eg3d
+
+        return run_eg3d(args)
+    if args.source is None:
+        print("pyface animate: --source is required", file=sys.stderr)
+        return 2
     if args.model != "example":
         print(f"pyface animate: no animation pipeline is registered for {args.model!r} yet; "
               "only 'example' (orbit of a tri-plane reconstruction)", file=sys.stderr)
