@@ -580,7 +580,8 @@ def test_eg3d_dataset_folder_and_zip(tmp_path):
 
     from PIL import Image
 
-    from pyface.data.eg3d import EG3DImageDataset
+    from pyface.models.eg3d.data import EG3DImages
+    from pyface.train.config import DataConfig
 
     d = tmp_path / "ds"
     d.mkdir()
@@ -593,13 +594,13 @@ def test_eg3d_dataset_folder_and_zip(tmp_path):
         for f in d.iterdir():
             z.write(f, f.name)
     for path in (d, tmp_path / "ds.zip"):
-        ds = EG3DImageDataset(str(path), 4)
+        ds = EG3DImages.from_config(DataConfig(name="eg3d", path=str(path), resolution=4))
         item = ds[1]
         assert item["image"].shape == (3, 4, 4) and item["camera"].tolist() == [1.0] * 25
+        assert item["image"].dtype == torch.float32
         assert -1 <= item["image"].min() and item["image"].max() <= 1
-    (d / "dataset.json").write_text(json.dumps({"labels": [["img0.png", [0.0] * 24]]}))
-    with pytest.raises(ValueError, match="labels must be 25 floats"):
-        EG3DImageDataset(str(d), 4)
+    with pytest.raises(ValueError, match="data.path: the eg3d dataset needs a folder"):
+        EG3DImages.from_config(DataConfig(name="eg3d", resolution=4))
 
 
 # ------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ MODELS: dict[str, str] = {
 DATASETS: dict[str, str] = {
     "procedural": "pyface.train.data:ProceduralFaces",
     "synthetic": "pyface.train.data:SyntheticFrames",
-    "eg3d": "pyface.data.eg3d:EG3DImageDataset",
+    "eg3d": "pyface.models.eg3d.data:EG3DImages",
 }
 
 

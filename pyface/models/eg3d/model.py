@@ -51,14 +51,16 @@ def silhouette_measures(opacity: torch.Tensor, mask: torch.Tensor, threshold: fl
     """Rendered opacity against data masks, over the whole batch. opacity (B, 1, r, r),
     mask (B, 1, H, W) (area-resized to r). Returns ``iou`` (of ``opacity > t`` and
     ``mask > t``), ``iou_all`` (the IoU an all-opaque rendering scores: the mask's area
-    fraction), ``fg_opacity`` / ``bg_opacity`` (mean opacity inside / outside the mask)."""
+    fraction), ``fg_opacity`` / ``bg_opacity`` (mean opacity inside / outside the mask) and
+    ``opacity_contrast`` (their difference: 0 for any silhouette-blind rendering)."""
     m = F.interpolate(mask.float(), size=opacity.shape[-2:], mode="area") > threshold
     o = opacity.detach().float()
     a = o > threshold
     union = (a | m).sum().clamp(min=1)
     fg, bg = m.sum().clamp(min=1), (~m).sum().clamp(min=1)
+    fo, bo = (o * m).sum() / fg, (o * ~m).sum() / bg
     return {"iou": (a & m).sum() / union, "iou_all": m.sum() / m.numel(),
-            "fg_opacity": (o * m).sum() / fg, "bg_opacity": (o * ~m).sum() / bg}
+            "fg_opacity": fo, "bg_opacity": bo, "opacity_contrast": fo - bo}
 
 
 def _schedule_frac(images_seen: int, kimg: float | None) -> float:
@@ -326,7 +328,7 @@ class EG3D(TrainableModel):
                          f"{phase!r}")
 
     # --- measurements in the training log ----------------------------------------------------
-    _MEASURES = ("iou", "iou_all", "fg_opacity", "bg_opacity", "logit_gap")
+    _MEASURES = ("iou", "iou_all", "fg_opacity", "bg_opacity", "opacity_contrast", "logit_gap")
 
     def _measure(self, ctx: StepContext, out: dict) -> None:
         """Averages the silhouette measures and the D logit gap over ``measure_every`` steps and
