@@ -512,6 +512,29 @@ def test_engine_steps_every_phase_and_logs_measures(tmp_path, caplog):
     assert "G" in tr.ema.modules
 
 
+def test_presets_are_complete_and_full_is_eg3d_ffhq():
+    from pyface.models.eg3d.model import EG3D
+    from pyface.train.config import build_experiment
+
+    assert set(EG3D.presets) == {"tiny", "gpu-short", "full"}
+    for name, p in EG3D.presets.items():
+        exp = build_experiment("eg3d", EG3D.Config, defaults=p)
+        assert exp.model_config.generator.img_resolution == exp.data.resolution, name
+        EG3D(exp.model_config) if name == "tiny" else None
+    full = build_experiment("eg3d", EG3D.Config, defaults=EG3D.presets["full"])
+    m, t = full.model_config, full.train
+    g = m.generator
+    assert (g.z_dim, g.w_dim, g.backbone_resolution, g.plane_channels, g.sr_variant) == \
+        (512, 512, 256, 32, "hybrid8xdc")
+    assert (m.r1_gamma, m.d_reg_interval, m.g_reg_interval, m.density_reg, m.reg_type) == \
+        (1.0, 16, 4, 0.25, "l1")
+    assert (m.g_lr, m.d_lr, m.betas, m.gpc_reg_prob, m.blur_init_sigma) == \
+        (0.0025, 0.002, [0.0, 0.99], 0.5, 10.0)
+    assert t.batch_size == 32 and t.steps * 32 == 27_000_000      # 25000 + 2000 kimg
+    assert t.ema.half_life_kimg == 10 and t.ema.rampup == 0.05 and t.ema.modules == ["G"]
+    assert full.data.name == "eg3d" and m.mirror
+
+
 def test_schedules_follow_eg3d():
     from pyface.models.eg3d.model import EG3D, eg3d_blur
 
@@ -526,6 +549,9 @@ def test_schedules_follow_eg3d():
     assert m.blur_sigma(10**6, 32) == 0
     assert m.rendering_resolution(0) == 64 and m.rendering_resolution(500_000) == 96
     assert m.rendering_resolution(2 * 10**6) == 128
+    m.cfg.neural_rendering_resolution_fade_start_kimg = 25000
+    assert m.rendering_resolution(25 * 10**6) == 64
+    assert m.rendering_resolution(25_500_000) == 96 and m.rendering_resolution(10**9) == 128
     x = torch.zeros(1, 1, 9, 9)
     x[..., 4, 4] = 1
     y = eg3d_blur(x, 1.0)            # kernel 2^-(t/s)^2, t in [-3, 3], normalised

@@ -89,8 +89,10 @@ class EG3DConfig:
             'monotonic-detach', 'monotonic-fixed'; None/0 disables it).
         gpc_reg_prob, gpc_reg_fade_kimg: pose-conditioning swap probability, fading from 1.
         blur_init_sigma, blur_fade_kimg: D input blur fading to 0 (kimg; None: 200 * batch / 32).
-        neural_rendering_resolution_initial, neural_rendering_resolution_final, *_fade_kimg:
-            rendering resolution schedule (final None: constant).
+        neural_rendering_resolution_initial, neural_rendering_resolution_final, *_fade_kimg,
+            *_fade_start_kimg: rendering resolution schedule (final None: constant): linear from
+            initial to final over fade_kimg starting at fade_start_kimg (EG3D's 128^2
+            fine-tune after the 64^2 run starts the fade at the fine-tune's first image).
         mirror: random horizontal flips of real images with mirrored camera labels.
         background: ``"data"`` keeps real images; ``"white"`` composites them over white with
             their masks (pair with ``generator.render.white_back``; makes silhouettes measurable).
@@ -117,6 +119,7 @@ class EG3DConfig:
     neural_rendering_resolution_initial: int = 64
     neural_rendering_resolution_final: int | None = None
     neural_rendering_resolution_fade_kimg: float = 1000.0
+    neural_rendering_resolution_fade_start_kimg: float = 0.0
     mirror: bool = True
     background: str = "data"
     measure_every: int = 50

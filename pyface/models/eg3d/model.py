@@ -105,12 +105,13 @@ _GPU_SHORT = {
               "ema": {"modules": ["G"], "half_life_kimg": 5.0, "rampup": 0.05}},
 }
 
-_FULL = {  # EG3D FFHQ 512: 25000 kimg at 64^2 (+ the 128^2 fine-tune as the fade below)
+_FULL = {  # EG3D FFHQ 512: 25000 kimg at 64^2, then the 2000-kimg fine-tune fading to 128^2
     "model": {"neural_rendering_resolution_initial": 64,
               "neural_rendering_resolution_final": 128,
-              "neural_rendering_resolution_fade_kimg": 1000.0},
+              "neural_rendering_resolution_fade_kimg": 1000.0,
+              "neural_rendering_resolution_fade_start_kimg": 25000.0},
     "data": {"name": "eg3d", "resolution": 512},
-    "train": {"steps": 781250, "batch_size": 32, "log_every": 100, "ckpt_every": 5000,
+    "train": {"steps": 843750, "batch_size": 32, "log_every": 100, "ckpt_every": 5000,
               "image_every": 5000,
               "ema": {"modules": ["G"], "half_life_kimg": 10.0, "rampup": 0.05}},
 }
@@ -193,7 +194,8 @@ class EG3D(TrainableModel):
         c = self.cfg
         if c.neural_rendering_resolution_final is None:
             return c.neural_rendering_resolution_initial
-        a = _schedule_frac(images_seen, c.neural_rendering_resolution_fade_kimg)
+        a = _schedule_frac(max(images_seen - c.neural_rendering_resolution_fade_start_kimg * 1e3,
+                               0), c.neural_rendering_resolution_fade_kimg)
         return int(round(c.neural_rendering_resolution_initial * (1 - a)
                          + c.neural_rendering_resolution_final * a))
 
