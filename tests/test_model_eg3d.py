@@ -439,8 +439,6 @@ class _Frames(torch.utils.data.Dataset):
     """Tiny stand-in for the synthetic frames: an ellipse head over a gradient, exact cameras."""
 
     def __init__(self, n=8, R=16):
-        from pyface.face.cameras import default_label, mirror_label  # noqa: F401
-
         self.n, self.R = n, R
 
     def __len__(self):

@@ -312,7 +312,8 @@ class TriplaneBackbone(nn.Module):
 
 #: EG3D's super-resolution modules (``training/superresolution.py``): variant ->
 #: (input resolution, (block0 out channels, block0 resolution, block0 up), (block1 out channels,
-#: block1 resolution), resize condition, antialias forced off, top-level ``resample_filter`` buffer).
+#: block1 resolution), resize condition, antialias forced off, top-level ``resample_filter``
+#: buffer).
 #: The 2X / 4X / Deepfp32 block0 is EG3D's ``SynthesisBlockNoUp`` (no up-sampling, and the raw
 #: RGB is not up-sampled either). ``resize``: ``"ne"`` resizes inputs whose size differs from the
 #: input resolution, ``"lt"`` only smaller ones. The buffer is registered but never used in EG3D.

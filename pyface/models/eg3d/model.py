@@ -27,6 +27,7 @@ from pyface.train.model import Phase, StepContext, TrainableModel
 
 from pyface.models.eg3d.config import EG3DConfig
 from pyface.models.eg3d.generator import EG3DGenerator
+from pyface.models.eg3d.pipeline import EG3DPipeline
 
 log = logging.getLogger("pyface.models.eg3d")
 
@@ -128,6 +129,7 @@ class EG3D(TrainableModel):
     Config = EG3DConfig
     presets = {"tiny": _TINY, "gpu-short": _GPU_SHORT, "full": _FULL}
     recipe = _TINY
+    Pipeline = EG3DPipeline
 
     def __init__(self, cfg: EG3DConfig | None = None):
         super().__init__()
