@@ -678,6 +678,9 @@ def test_orbit_inversion_pipeline(tiny_run):
     assert ws.shape == (1, G.num_ws, 16) and info["loss"][-1] < info["loss"][0]
     with pytest.raises(ValueError, match=r"camera: expected an EG3D label \(25,\)"):
         project(G, target["image"], target["camera"][:24], steps=1, progress=False)
+    from pyface.models.eg3d import load_pipeline
+
+    assert isinstance(load_pipeline(run), EG3DPipeline)
     pipe = EG3DPipeline.from_checkpoint(run, invert_steps=2)
     assert pipe.resolution == 16
     cams = torch.stack([_Frames(4, 16)[i]["camera"] for i in range(3)])

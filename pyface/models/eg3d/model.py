@@ -205,7 +205,8 @@ class EG3D(TrainableModel):
     def _prepare(self, batch: dict, ctx: StepContext) -> dict:
         """Real images (mirrored, composited), cameras and the generator's cameras; the same for
         every phase of a step."""
-        if self._prepared is not None and self._prepared[0] == ctx.step:
+        key = (int(ctx.step), id(batch.get("image")))
+        if self._prepared is not None and self._prepared[0] == key:
             return self._prepared[1]
         R = self.cfg.generator.img_resolution
         for key in ("image", "camera"):
@@ -237,7 +238,7 @@ class EG3D(TrainableModel):
         perm = torch.randperm(B, generator=g).to(img.device)   # generator cameras: data labels
         out = {"image": img, "camera": cam, "mask": mask, "gen_c": cam[perm],
                "gen_mask": mask[perm] if mask is not None else None}
-        self._prepared = (ctx.step, out)
+        self._prepared = (key, out)
         return out
 
     def _c_cond(self, c: torch.Tensor, swapping_prob: float | None) -> torch.Tensor:
