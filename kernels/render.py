@@ -286,6 +286,7 @@ def _render_bwd_kernel(
     g_wsum = tl.load(gwsum_ptr + ray)
     depth_ok = (d == d) & (d >= dmin) & (d <= dmax) & (wsum != 0.0)
     gd = tl.where(depth_ok, g_depth / wsum, 0.0)
+    d = tl.where(depth_ok, d, 0.0)  # zero total weight: no depth term (not 0 * NaN)
     wb = 0.0
     if WHITE_BACK:
         wb = tl.sum(gf, axis=0)

@@ -16,6 +16,7 @@ COMMANDS = {
     "bench": "pyface.bench.cli",
     "train": "pyface.train.cli",
     "animate": "pyface.train.animate_cli",
+    "invert": "pyface.train.invert_cli",
     "convert": "pyface.convert",
     "data": "pyface.data.cli",
     "eval": "pyface.eval.cli",

@@ -255,8 +255,7 @@ def _plain(v):
 # --------------------------------------------------------------------------------------------
 
 def _eg3d_configs(state: dict[str, torch.Tensor]):
-    from pyface.nn.stylegan import (_SR, MappingConfig, SuperResolutionConfig, SynthesisConfig,
-                                    TriplaneBackboneConfig)
+    from pyface.nn.stylegan import MappingConfig, SynthesisConfig, TriplaneBackboneConfig
 
     def need(key):
         if key not in state:
@@ -288,25 +287,31 @@ def _eg3d_configs(state: dict[str, torch.Tensor]):
                                   channel_base=channel_base, channel_max=channel_max,
                                   use_noise=use_noise),
         plane_channels=img_channels // 3)
-    sr = None
-    if "superresolution.block1.conv1.weight" in state:
-        c0 = state["superresolution.block0.conv1.weight"].shape[0]
-        c1 = state["superresolution.block1.conv1.weight"].shape[0]
-        cin = state["superresolution.block0.conv0.weight"].shape[1]
-        scale = next((s for s, (_, (a, _, _), (b, _)) in _SR.items() if (a, b) == (c0, c1)), None)
-        if scale is None:
-            raise ConversionError(f"superresolution: channels ({c0}, {c1}) match none of EG3D's "
-                                  "2x/4x/8x modules")
-        sr = SuperResolutionConfig(scale=scale, channels=cin, w_dim=w_dim)
-    return backbone, sr
+    return backbone
+
+
+def _eg3d_sr_config(state, w_dim, class_names):
+    from pyface.models.eg3d.convert import sr_variant_from
+    from pyface.nn.stylegan import SuperResolutionConfig
+
+    if "superresolution.block1.conv1.weight" not in state:
+        return None
+    variant = sr_variant_from(class_names, state)
+    cin = state["superresolution.block0.conv0.weight"].shape[1]
+    return SuperResolutionConfig(variant=variant, channels=cin, w_dim=w_dim)
 
 
 def convert_eg3d(pkl: str, out: str, network: str = "G_ema") -> str:
     """EG3D network pickle -> pyface weights folder (kind ``"eg3d"``).
 
     Keys keep EG3D's layout: ``backbone.*`` (:class:`~pyface.nn.TriplaneBackbone`),
-    ``superresolution.*`` (:class:`~pyface.nn.SuperResolution`) and ``decoder.*`` (the OSG decoder,
-    for the renderer). The config holds both module configs and EG3D's ``rendering_kwargs``.
+    ``superresolution.*`` (:class:`~pyface.nn.SuperResolution`, every EG3D module: Hybrid2X,
+    4X, 8X, 8XDC, Deepfp32) and ``decoder.*`` (the OSG decoder, for the renderer). The config
+    holds ``generator`` (``pyface.models.eg3d.EG3DGeneratorConfig``: the rendering options of
+    EG3D's ``rendering_kwargs`` - ray range, samples, box_warp, white_back, SR module and noise
+    mode, camera pivot and radius, c_scale, c_gen_conditioning_zero - and the network's
+    ``neural_rendering_resolution``), the module configs, and EG3D's raw ``rendering_kwargs`` /
+    ``init_kwargs``. ``pyface.models.eg3d.EG3DGenerator.from_converted(OUT)`` loads it.
     """
     from pyface.nn.stylegan import SuperResolution, TriplaneBackbone
     from pyface.train.config import to_dict
@@ -321,17 +326,32 @@ def convert_eg3d(pkl: str, out: str, network: str = "G_ema") -> str:
                               f"got {keys}")
     net = data[network]
     state = module_state_dict(net)
-    init = _record_state(net).get("init_kwargs") or {}
-    backbone_cfg, sr_cfg = _eg3d_configs(state)
+    from pyface.models.eg3d.convert import generator_config
+
+    net_state = _record_state(net)
+    init = net_state.get("init_kwargs") or {}
     rk = init.get("rendering_kwargs") or {}
-    if sr_cfg is not None and isinstance(rk, dict) and "sr_antialias" in rk:
+    if not isinstance(rk, dict):
+        raise ConversionError(f"{pkl}: init_kwargs['rendering_kwargs'] is "
+                              f"{type(rk).__name__}, expected a mapping")
+    backbone_cfg = _eg3d_configs(state)
+    sr_rec = (net_state.get("_modules") or {}).get("superresolution")
+    sr_cfg = _eg3d_sr_config(state, backbone_cfg.mapping.w_dim,
+                             [getattr(sr_rec, "class_name", None),
+                              getattr(sr_rec, "_qualname", None),
+                              rk.get("superresolution_module")])
+    if sr_cfg is not None and "sr_antialias" in rk:
         sr_cfg.antialias = bool(rk["sr_antialias"])
-    # check everything against our modules: names and shapes
-    backbone = TriplaneBackbone(backbone_cfg)
+    if sr_cfg is not None and "superresolution_noise_mode" in rk:
+        sr_cfg.noise_mode = str(rk["superresolution_noise_mode"])
+    # check everything against our modules: names and shapes (built on the meta device)
+    with torch.device("meta"):
+        backbone = TriplaneBackbone(backbone_cfg)
+        sr_module = SuperResolution(sr_cfg) if sr_cfg is not None else None
     check_state_dict(backbone, {k[9:]: v for k, v in state.items() if k.startswith("backbone.")},
                      f"{pkl} ({network}.backbone)")
     if sr_cfg is not None:
-        check_state_dict(SuperResolution(sr_cfg),
+        check_state_dict(sr_module,
                          {k[16:]: v for k, v in state.items()
                           if k.startswith("superresolution.")},
                          f"{pkl} ({network}.superresolution)")
@@ -340,7 +360,14 @@ def convert_eg3d(pkl: str, out: str, network: str = "G_ema") -> str:
     if other:
         raise ConversionError(f"{pkl}: unexpected keys {other[:5]} outside backbone / "
                               "superresolution / decoder")
-    config = {"backbone": to_dict(backbone_cfg),
+    dec_state = {k[8:]: v for k, v in state.items() if k.startswith("decoder.")}
+    if "net.0.weight" not in dec_state or "net.2.weight" not in dec_state:
+        raise ConversionError(f"{pkl}: decoder.net.0.weight / decoder.net.2.weight missing")
+    nrr = net_state.get("neural_rendering_resolution")
+    gen_cfg = generator_config(backbone_cfg, sr_cfg.variant if sr_cfg else None, dec_state,
+                               _plain(init), _plain(rk),
+                               int(nrr) if isinstance(nrr, (int, float)) else None)
+    config = {"generator": to_dict(gen_cfg), "backbone": to_dict(backbone_cfg),
               "superresolution": to_dict(sr_cfg) if sr_cfg else None,
               "rendering_kwargs": _plain(init.get("rendering_kwargs", {})),
               "init_kwargs": _plain({k: v for k, v in init.items() if k != "rendering_kwargs"}),

@@ -179,6 +179,28 @@ def test_mip_composite_depth_clamp_and_zero_weight():
 
 
 @needs_cpp
+@pytest.mark.parametrize("white_back", [False, True])
+def test_mip_composite_zero_weight_ray_backward_is_finite(white_back):
+    # a fully transparent ray (softplus underflows to 0: total weight 0, depth 0/0) must give
+    # finite gradients when the depth is unused (EG3D's generator loss), as the unfused graph does
+    f, s, t = rand_composite_inputs(2, 3, 5, 2, dtype=torch.float64)
+    s = s.detach().clone()
+    s[1, 2] = -800.0
+    cf, cw = torch.randn(2, 3, 2, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+    grads_ = []
+    for fn in (lambda f, s: ops.mip_composite(f, s, t, backend="cpu", white_back=white_back),
+               lambda f, s: mip_composite_reference(f, s, t, white_back=white_back)):
+        f_, s_ = f.detach().requires_grad_(), s.detach().requires_grad_()
+        out, _, w = fn(f_, s_)
+        ((out * cf).sum() + (w * cw).sum()).backward()
+        grads_.append((f_.grad, s_.grad))
+    (gf, gs), (gf_ref, gs_ref) = grads_
+    assert torch.isfinite(gf).all() and torch.isfinite(gs).all()
+    assert_close(gf, gf_ref)
+    assert_close(gs, gs_ref)
+
+
+@needs_cpp
 def test_mip_composite_noncontiguous_and_empty():
     f, s, t = rand_composite_inputs(4, 6, 5, 3)
     fn = f.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()

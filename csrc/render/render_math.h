@@ -183,19 +183,22 @@ PYFACE_HD void composite_backward_ray(const S* g_out, A g_depth, const S* g_w, c
   // The clamp (and nan_to_num) pass the gradient only where the depth is finite and in range.
   const bool depth_ok = (d == d) && d >= dmin && d <= dmax && W != A(0);
   const A gd = depth_ok ? g_depth / W : A(0);
+  // without a usable depth (zero total weight: d = 0/0) the depth terms must vanish, not turn
+  // into 0 * NaN
+  const A dd = depth_ok ? d : A(0);
   A wb = A(0);
   if (white_back) {
     for (int64_t c = 0; c < C; ++c) wb += static_cast<A>(g_out[c]);
   }
   // sum_i w_i * gd * (dmid_i - d) == gd * (WD - d * W) and sum_i w_i * wb == wb * W.
-  const A total = GW + gd * (WD - d * W) - wb * W;
+  const A total = GW + gd * (WD - dd * W) - wb * W;
   // Pass 2: forward order with the running sum.
   T = A(1);
   A prefix = A(0), w_prev = A(0), gs_prev = A(0);
   for (int64_t i = 0; i + 1 < n; ++i) {
     const Interval<A> v = ivs ? ivs[i] : interval<S, A>(dens, dep, i, bias);
     const A w = v.alpha * T;
-    const A G = dmid_dot(i) + static_cast<A>(g_w[i]) + gd * (v.dmid - d) - wb;
+    const A G = dmid_dot(i) + static_cast<A>(g_w[i]) + gd * (v.dmid - dd) - wb;
     prefix += G * w;
     const A suffix = total - prefix;
     const A gx = v.e * (G * T - suffix / v.p);

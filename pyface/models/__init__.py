@@ -63,6 +63,9 @@ def load(name: str, checkpoint: str, *, device: str | torch.device | None = None
     if getattr(cls, "Pipeline", None) is None:
         raise ValueError(f"model {name!r} has no inference pipeline ({cls.__name__}.Pipeline is "
                          "None)")
+    custom = getattr(cls, "load_pipeline", None)
+    if custom is not None:     # a model whose weights also come from converted release folders
+        return custom(checkpoint, device=device, ema=ema)
     pre = read_pretrained(checkpoint, ema=ema)
     if pre.model is not None and pre.model != name:
         raise ValueError(f"checkpoint {pre.path!r} holds model {pre.model!r}, not {name!r}")

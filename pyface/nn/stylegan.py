@@ -11,8 +11,8 @@
 * :class:`SynthesisNetwork` - 'skip' architecture of modulated-conv blocks.
 * :class:`TriplaneBackbone` - EG3D's tri-plane backbone: 256^2, 96 channels -> planes
   (B, 3, 32, 256, 256), 14 ws.
-* :class:`SuperResolution` - EG3D's 2x / 4x / 8x ("Hybrid8XDC") super-resolution, styled by the
-  last w.
+* :class:`SuperResolution` - every super-resolution module EG3D ships (Hybrid2X, 4X, 8X, 8XDC,
+  Deepfp32), styled by the last w.
 
 Module and parameter names follow EG3D's networks (``mapping.fc0.weight``, ``synthesis.b4.const``,
 ``superresolution.block0.conv0.affine.weight``, ...) so that ``pyface convert eg3d`` maps state
@@ -316,47 +316,115 @@ class TriplaneBackbone(nn.Module):
         return self.planes(ws, noise_mode), ws
 
 
+#: EG3D's super-resolution modules (``training/superresolution.py``): variant ->
+#: (input resolution, (block0 out channels, block0 resolution, block0 up), (block1 out channels,
+#: block1 resolution), resize condition, antialias forced off, top-level ``resample_filter``
+#: buffer).
+#: The 2X / 4X / Deepfp32 block0 is EG3D's ``SynthesisBlockNoUp`` (no up-sampling, and the raw
+#: RGB is not up-sampled either). ``resize``: ``"ne"`` resizes inputs whose size differs from the
+#: input resolution, ``"lt"`` only smaller ones. The buffer is registered but never used in EG3D.
+SR_VARIANTS = {
+    "hybrid2x": (64, (128, 64, 1), (64, 128), "ne", False, True),       # ShapeNet 128
+    "hybrid4x": (128, (128, 128, 1), (64, 256), "lt", False, True),     # 256 outputs
+    "hybrid8x": (128, (128, 256, 2), (64, 512), "ne", False, True),     # early 512 configs
+    "hybrid8xdc": (128, (256, 256, 2), (128, 512), "ne", False, False),  # FFHQ / AFHQ 512
+    "hybriddeepfp32": (128, (128, 128, 1), (64, 256), "lt", True, True),  # old 256 models
+}
+#: EG3D class name suffix -> variant
+SR_CLASS_NAMES = {"SuperresolutionHybrid2X": "hybrid2x", "SuperresolutionHybrid4X": "hybrid4x",
+                  "SuperresolutionHybrid8X": "hybrid8x",
+                  "SuperresolutionHybrid8XDC": "hybrid8xdc",
+                  "SuperresolutionHybridDeepfp32": "hybriddeepfp32"}
+_SCALE_VARIANT = {2: "hybrid2x", 4: "hybrid4x", 8: "hybrid8xdc"}
+
+
 @dataclass
 class SuperResolutionConfig:
+    """EG3D super-resolution. ``variant`` names EG3D's module (:data:`SR_VARIANTS`); the older
+    ``scale`` field selects 2 -> hybrid2x, 4 -> hybrid4x, 8 -> hybrid8xdc when ``variant`` is unset.
+
+    ``input_resolution`` / ``block_channels`` override EG3D's fixed sizes (small models only;
+    converted EG3D weights keep them ``None``). ``conv_clamp``: EG3D clamps the SR convolutions
+    at 256 because it runs them in fp16; pyface runs them in float32 without clamping by default.
+    ``dtype``: ``"float32"`` (default) or ``"bfloat16"`` (compute dtype of the SR blocks; the
+    output is float32).
+    """
     scale: int = 8                 # 2: 64->128, 4: 128->256, 8: 128->512 (Hybrid8XDC)
     channels: int = 32             # feature-image channels from the renderer
     w_dim: int = 512
     antialias: bool = True
     noise_mode: str = "none"       # EG3D --sr_noise_mode default
     conv_clamp: float | None = None
+    variant: str | None = None
+    input_resolution: int | None = None
+    block_channels: list[int] | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.variant is None:
+            if self.scale not in _SCALE_VARIANT:
+                raise ValueError(f"scale: expected one of {sorted(_SCALE_VARIANT)}, got "
+                                 f"{self.scale}")
+            self.variant = _SCALE_VARIANT[self.scale]
+        if self.variant not in SR_VARIANTS:
+            raise ValueError(f"variant: expected one of {sorted(SR_VARIANTS)}, got "
+                             f"{self.variant!r}")
+        r_in, (_, r0, up0), (_, r1), _, _, _ = SR_VARIANTS[self.variant]
+        self.scale = r1 // r_in
+        if self.noise_mode not in NOISE_MODES:
+            raise ValueError(f"noise_mode: expected one of {NOISE_MODES}, got "
+                             f"{self.noise_mode!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype: expected 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.block_channels is not None and len(self.block_channels) != 2:
+            raise ValueError(f"block_channels: expected 2 widths, got {self.block_channels}")
 
 
-_SR = {  # scale -> (input res, (block0 out, block0 res, block0 up), (block1 out, block1 res))
-    2: (64, (128, 64, 1), (64, 128)),
-    4: (128, (128, 128, 1), (64, 256)),
-    8: (128, (256, 256, 2), (128, 512)),
-}
+# kept for older imports: scale -> (input res, (block0 out, res, up), (block1 out, res))
+_SR = {s: SR_VARIANTS[v][:3] for s, v in _SCALE_VARIANT.items()}
 
 
 class SuperResolution(nn.Module):
-    """EG3D's super-resolution module (``superresolution.*``): raw RGB (B, 3, r, r) and features
-    (B, channels, r, r) -> image (B, 3, R, R); styles from the last w repeated.
+    """EG3D's super-resolution modules (``superresolution.*``): raw RGB (B, 3, r, r) and features
+    (B, channels, r, r) -> image (B, 3, R, R); styles from the last w repeated 3 times.
 
-    forward(rgb, x, ws (B, num_ws, w_dim)) -> (B, 3, R, R)."""
+    forward(rgb, x, ws (B, num_ws, w_dim)) -> (B, 3, R, R) float32."""
 
     def __init__(self, cfg: SuperResolutionConfig | None = None, **overrides):
         super().__init__()
         cfg = cfg or SuperResolutionConfig(**overrides)
-        if cfg.scale not in _SR:
-            raise ValueError(f"scale: expected one of {sorted(_SR)}, got {cfg.scale}")
         self.cfg = cfg
-        self.input_resolution, (c0, r0, up0), (c1, r1) = _SR[cfg.scale]
-        self.output_resolution = r1
+        r_in, (c0, r0, up0), (c1, r1), resize, no_aa, buf = SR_VARIANTS[cfg.variant]
+        if cfg.input_resolution is not None:
+            f = cfg.input_resolution / r_in
+            r_in, r0, r1 = cfg.input_resolution, int(r0 * f), int(r1 * f)
+        if cfg.block_channels is not None:
+            c0, c1 = cfg.block_channels
+        self.input_resolution, self.output_resolution = r_in, r1
+        self._resize, self._antialias = resize, cfg.antialias and not no_aa
         self.block0 = SynthesisBlock(cfg.channels, c0, cfg.w_dim, r0, 3, is_last=False, up=up0,
                                      conv_clamp=cfg.conv_clamp)
         self.block1 = SynthesisBlock(c0, c1, cfg.w_dim, r1, 3, is_last=True,
                                      conv_clamp=cfg.conv_clamp)
+        if buf:  # registered (unused) by EG3D's module, so its state dicts carry it
+            self.register_buffer("resample_filter", setup_filter())
 
     def forward(self, rgb: torch.Tensor, x: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+        if ws.ndim != 3 or ws.shape[-1] != self.cfg.w_dim:
+            raise ValueError(f"ws: expected shape (B, num_ws, {self.cfg.w_dim}), got "
+                             f"{tuple(ws.shape)}")
+        for name, t, c in (("rgb", rgb, 3), ("x", x, self.cfg.channels)):
+            if t.ndim != 4 or t.shape[1] != c or t.shape[0] != ws.shape[0]:
+                raise ValueError(f"{name}: expected shape ({ws.shape[0]}, {c}, H, W), got "
+                                 f"{tuple(t.shape)}")
         ws = ws[:, -1:, :].expand(-1, 3, -1)
         r = self.input_resolution
-        x = filtered_resize(x, r, antialias=self.cfg.antialias)
-        rgb = filtered_resize(rgb, r, antialias=self.cfg.antialias)
+        if x.shape[-1] != r if self._resize == "ne" else x.shape[-1] < r:
+            x = filtered_resize(x, r, antialias=self._antialias)
+            rgb = filtered_resize(rgb, r, antialias=self._antialias)
+        dt = torch.bfloat16 if self.cfg.dtype == "bfloat16" else None
+        if dt is not None:
+            x, rgb, ws = x.to(dt), rgb.to(dt), ws.to(dt)
         x, rgb = self.block0(x, rgb, ws, noise_mode=self.cfg.noise_mode)
         x, rgb = self.block1(x, rgb, ws, noise_mode=self.cfg.noise_mode)
-        return rgb
+        return rgb.float()

@@ -22,8 +22,9 @@ def add_parser(subparsers) -> None:
     a.add_argument("model", help=f"registered model: {', '.join(sorted(MODELS))}, or a plugin's")
     a.add_argument("--checkpoint", required=True,
                    help="a run folder (latest checkpoint), a checkpoint folder or a weights folder")
-    a.add_argument("--source", required=True,
-                   help="source: an image, a pyface video folder (first frame) or a video file")
+    a.add_argument("--source", default=None,
+                   help="source: an image, a pyface video folder (first frame) or a video file "
+                        "(required, except for a generator animated from --seeds)")
     a.add_argument("--driving", default=None, metavar="DIR_OR_VIDEO",
                    help="driving: a pyface video folder (frames + coeffs.npy + dataset.json + "
                         "landmarks.npy, as `pyface data synth` writes), a video file or a folder "
@@ -40,8 +41,17 @@ def add_parser(subparsers) -> None:
                    help="use the EMA weights where the run kept them (default); --no-ema: the "
                         "live weights")
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a.add_argument("--seeds", default=None,
+                   help="generators (eg3d): instead of a source, orbit videos of these latent "
+                        "seeds side by side, e.g. 0-3")
+    a.add_argument("--truncation", type=float, default=0.7,
+                   help="generators (eg3d), with --seeds: truncation psi (default 0.7)")
     add_import_argument(a)
     a.set_defaults(func=run_animate)
+
+
+#: models that animate latent seeds without a source image: name -> "module:function(args)"
+SEED_ANIMATORS = {"eg3d": "pyface.models.eg3d.cli:run_animate"}
 
 
 def side_by_side(*columns) -> "torch.Tensor":  # noqa: F821
@@ -137,6 +147,17 @@ def run_animate(args) -> int:
     if args.batch < 1 or args.stride < 1 or (args.frames is not None and args.frames < 1):
         return fail(f"--batch, --stride and --frames must be >= 1, got {args.batch}, "
                     f"{args.stride}, {args.frames}", 2)
+    if args.seeds is not None or (args.source is None and args.model in SEED_ANIMATORS):
+        if args.model not in SEED_ANIMATORS:
+            return fail(f"--seeds: model {args.model!r} is not a generator; models animated from "
+                        f"seeds: {', '.join(sorted(SEED_ANIMATORS))}", 2)
+        import importlib
+
+        module, fn = SEED_ANIMATORS[args.model].split(":")
+        args.frames = args.frames or 48
+        return getattr(importlib.import_module(module), fn)(args)
+    if args.source is None:
+        return fail("--source is required (an image, a pyface video folder or a video file)", 2)
     try:
         import_plugins(args.imports)
         pipe = pyface.models.load(args.model, args.checkpoint, device=args.device, ema=args.ema)

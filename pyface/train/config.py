@@ -206,14 +206,38 @@ def from_dict(cls, data: dict, *, prefix: str = ""):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: expected a mapping, got {data!r}")
     hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in data.items():
-        if k not in names:
+        if k not in fields:
             raise ConfigError(f"{prefix}{k}: unknown key for {cls.__qualname__}; valid keys: "
-                              f"{', '.join(names)}")
+                              f"{', '.join(fields)}")
+        default = _field_default(fields[k])
+        if isinstance(v, dict) and dataclasses.is_dataclass(default):
+            # a partial mapping overrides the field's default instance (e.g. a preset of a
+            # nested config keeps what the default factory chose for the keys it does not name)
+            v = _deep_merge(to_dict(default), v)
         kwargs[k] = _convert(v, hints[k], prefix + k)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:                  # a required field without a default is missing
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {exc}") from None
+
+
+def _field_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
+            else v
+    return out
 
 
 def to_dict(obj) -> Any:

@@ -24,6 +24,7 @@ from typing import Any
 MODELS: dict[str, str] = {
     "example": "pyface.train.example:TriplaneAutoencoder",
     # portrait models (pyface/models/<name>/) register here as they land, one line each
+    "eg3d": "pyface.models.eg3d.model:EG3D",
 }
 
 DATASETS: dict[str, str] = {
@@ -34,6 +35,7 @@ DATASETS: dict[str, str] = {
     "motion_windows": "pyface.data.datasets:MotionWindowDataset",
     "clips": "pyface.data.datasets:ClipDataset",
     "multiview": "pyface.data.datasets:MultiViewDataset",
+    "eg3d": "pyface.models.eg3d.data:EG3DImages",
 }
 
 #: entry-point group -> the table it extends

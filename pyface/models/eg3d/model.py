@@ -1,0 +1,399 @@
+"""``pyface train eg3d``: EG3D's GAN training recipe on pyface's engine.
+
+Phases (EG3D ``training_loop.py`` with lazy regularisation): ``Gmain`` (non-saturating logistic
+loss through the dual discriminator), ``Greg`` every ``g_reg_interval`` steps (density
+regularisation), ``Dmain`` (logistic loss on real and generated images), ``Dreg`` every
+``d_reg_interval`` steps (R1 on ``image`` and ``image_raw``). Generator pose conditioning with a
+swap probability fading to ``gpc_reg_prob``, discriminator blur fading out, neural rendering
+resolution fading, mirrored labels, Adam (0, 0.99) with lazy-regularisation compensation and
+EMA by kimg (``train.ema``).
+
+Reproduces the semantics of NVlabs/eg3d ``training/loss.py`` and ``training_loop.py`` (NVIDIA
+Source Code License, non-commercial). The code is pyface's own.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+from pyface.face.cameras import mirror_label
+from pyface.nn.discriminators import DiscriminatorConfig, DualDiscriminator
+from pyface.nn.render import density_l1_regularizer, density_monotonic_regularizer
+from pyface.nn.resample import filtered_resize, setup_filter, upfirdn2d
+from pyface.train.model import Phase, StepContext, TrainableModel
+
+from pyface.models.eg3d.config import EG3DConfig
+from pyface.models.eg3d.generator import EG3DGenerator
+from pyface.models.eg3d.pipeline import EG3DPipeline
+
+log = logging.getLogger("pyface.models.eg3d")
+
+REG_TYPES = ("l1", "monotonic-detach", "monotonic-fixed")
+BACKGROUNDS = ("data", "white")
+
+
+def eg3d_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """EG3D's discriminator blur: separable kernel ``2 ** -(t / sigma)^2`` for integer ``t`` in
+    ``[-floor(3 sigma), floor(3 sigma)]``, normalised; identity when that radius is 0.
+    x: (B, C, H, W)."""
+    r = int(math.floor(sigma * 3))
+    if r <= 0:
+        return x
+    t = torch.arange(-r, r + 1, device=x.device, dtype=torch.float32)
+    k = torch.exp2(-(t / sigma).square())
+    return upfirdn2d(x, setup_filter(k, device=x.device), padding=[r, r, r, r])
+
+
+def silhouette_measures(opacity: torch.Tensor, mask: torch.Tensor, threshold: float = 0.5
+                        ) -> dict[str, torch.Tensor]:
+    """Rendered opacity against data masks, over the whole batch. opacity (B, 1, r, r),
+    mask (B, 1, H, W) (area-resized to r). Returns ``iou`` (of ``opacity > t`` and
+    ``mask > t``), ``iou_all`` (the IoU an all-opaque rendering scores: the mask's area
+    fraction), ``fg_opacity`` / ``bg_opacity`` (mean opacity inside / outside the mask) and
+    ``opacity_contrast`` (their difference: 0 for any silhouette-blind rendering)."""
+    m = F.interpolate(mask.float(), size=opacity.shape[-2:], mode="area") > threshold
+    o = opacity.detach().float()
+    a = o > threshold
+    union = (a | m).sum().clamp(min=1)
+    fg, bg = m.sum().clamp(min=1), (~m).sum().clamp(min=1)
+    fo, bo = (o * m).sum() / fg, (o * ~m).sum() / bg
+    return {"iou": (a & m).sum() / union, "iou_all": m.sum() / m.numel(),
+            "fg_opacity": fo, "bg_opacity": bo, "opacity_contrast": fo - bo}
+
+
+def _schedule_frac(images_seen: int, kimg: float | None) -> float:
+    if kimg is None or kimg <= 0:
+        return 1.0
+    return min(images_seen / (kimg * 1e3), 1.0)
+
+
+_TINY = {
+    "model": {
+        "generator": {
+            "z_dim": 32, "w_dim": 32, "backbone_resolution": 32, "plane_channels": 8,
+            "channel_base": 512, "channel_max": 32, "decoder_hidden": 32, "decoder_features": 8,
+            "img_resolution": 32, "neural_rendering_resolution": 16, "sr_variant": "hybrid2x",
+            "sr_input_resolution": 16, "sr_block_channels": [32, 16],
+            "render": {"depth_resolution": 12, "depth_resolution_importance": 12,
+                       "white_back": True}},
+        "discriminator": {"channel_base": 512, "channel_max": 64, "mapping_layers": 2},
+        "r1_gamma": 1.0, "gpc_reg_fade_kimg": 2.0, "blur_fade_kimg": 1.0,
+        "neural_rendering_resolution_initial": 16, "background": "white",
+        "measure_every": 50},
+    "data": {"name": "synthetic", "resolution": 32},
+    "train": {"steps": 400, "batch_size": 8, "log_every": 10, "ckpt_every": 200,
+              "image_every": 200, "video_frames": 16,
+              "ema": {"modules": ["G"], "half_life_kimg": 0.5, "rampup": 0.05}},
+}
+
+_GPU_SHORT = {
+    "model": {
+        "generator": {
+            "z_dim": 256, "w_dim": 256, "backbone_resolution": 128, "plane_channels": 32,
+            "channel_base": 16384, "channel_max": 256, "img_resolution": 128,
+            "neural_rendering_resolution": 64, "sr_variant": "hybrid2x",
+            "render": {"depth_resolution": 32, "depth_resolution_importance": 32,
+                       "white_back": True}},
+        "discriminator": {"channel_base": 16384, "channel_max": 256},
+        "r1_gamma": 1.0, "gpc_reg_fade_kimg": 20.0, "blur_fade_kimg": 10.0,
+        "neural_rendering_resolution_initial": 64, "background": "white"},
+    "data": {"name": "synthetic", "resolution": 128},
+    "train": {"steps": 6000, "batch_size": 16, "log_every": 50, "ckpt_every": 1000,
+              "image_every": 1000, "precision": "fp32",
+              "ema": {"modules": ["G"], "half_life_kimg": 5.0, "rampup": 0.05}},
+}
+
+_FULL = {  # EG3D FFHQ 512: 25000 kimg at 64^2, then the 2000-kimg fine-tune fading to 128^2
+    "model": {"neural_rendering_resolution_initial": 64,
+              "neural_rendering_resolution_final": 128,
+              "neural_rendering_resolution_fade_kimg": 1000.0,
+              "neural_rendering_resolution_fade_start_kimg": 25000.0},
+    "data": {"name": "eg3d", "resolution": 512},
+    "train": {"steps": 843750, "batch_size": 32, "log_every": 100, "ckpt_every": 5000,
+              "image_every": 5000,
+              "ema": {"modules": ["G"], "half_life_kimg": 10.0, "rampup": 0.05}},
+}
+
+
+class EG3D(TrainableModel):
+    """EG3D generator ``G`` (:class:`EG3DGenerator`) and dual discriminator ``D``.
+
+    Batches: ``image`` (B, 3, R, R) float in [-1, 1] with R = ``generator.img_resolution``,
+    ``camera`` (B, 25) EG3D labels, and ``mask`` (B, 1, R, R) in [0, 1] (needed by
+    ``background="white"`` and the silhouette IoU; optional otherwise).
+    """
+
+    Config = EG3DConfig
+    presets = {"tiny": _TINY, "gpu-short": _GPU_SHORT, "full": _FULL}
+    recipe = _TINY
+    Pipeline = EG3DPipeline
+
+    @staticmethod
+    def load_pipeline(path: str, *, device=None, ema: bool = True) -> EG3DPipeline:
+        """``pyface.models.load("eg3d", path)``: a converted release folder, a training run or
+        checkpoint (the EMA generator by default)."""
+        return EG3DPipeline.from_checkpoint(path, device=device, ema=ema)
+
+    def __init__(self, cfg: EG3DConfig | None = None):
+        super().__init__()
+        cfg = cfg or EG3DConfig()
+        if cfg.reg_type not in REG_TYPES:
+            raise ValueError(f"model.reg_type: expected one of {REG_TYPES}, got "
+                             f"{cfg.reg_type!r}")
+        if cfg.background not in BACKGROUNDS:
+            raise ValueError(f"model.background: expected one of {BACKGROUNDS}, got "
+                             f"{cfg.background!r}")
+        if len(cfg.betas) != 2:
+            raise ValueError(f"model.betas: expected 2 values, got {cfg.betas}")
+        self.cfg = cfg
+        self.G = EG3DGenerator(cfg.generator)
+        d = cfg.discriminator
+        self.D = DualDiscriminator(DiscriminatorConfig(
+            c_dim=25, img_resolution=cfg.generator.img_resolution, img_channels=3,
+            channel_base=d.channel_base, channel_max=d.channel_max,
+            mbstd_group_size=d.mbstd_group_size, mapping_layers=d.mapping_layers),
+            c_noise=d.c_noise)
+        self._prepared: tuple[int, dict] | None = None
+        self.G.rendering_resolution.fill_(cfg.neural_rendering_resolution_initial)
+
+    # --- optimisation ----------------------------------------------------------------------
+    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Adam per network; with a lazy phase every ``k`` steps lr x k/(k+1) and betas **
+        (k/(k+1)) (EG3D's compensation)."""
+        out = {}
+        for name, net, lr, k, on in (("G", self.G, self.cfg.g_lr, self.cfg.g_reg_interval,
+                                      self.cfg.density_reg > 0),
+                                     ("D", self.D, self.cfg.d_lr, self.cfg.d_reg_interval,
+                                      self.cfg.r1_gamma > 0)):
+            r = k / (k + 1) if on and k > 1 else 1.0
+            b1, b2 = self.cfg.betas
+            out[name] = torch.optim.Adam(net.parameters(), lr=lr * r, betas=(b1 ** r, b2 ** r),
+                                         eps=1e-8)
+        return out
+
+    def phases(self) -> list[Phase]:
+        ph = [Phase("Gmain", "G")]
+        if self.cfg.density_reg > 0:
+            ph.append(Phase("Greg", "G", interval=self.cfg.g_reg_interval))
+        ph.append(Phase("Dmain", "D"))
+        if self.cfg.r1_gamma > 0:
+            ph.append(Phase("Dreg", "D", interval=self.cfg.d_reg_interval))
+        return ph
+
+    # --- schedules (pure functions of the images seen) -------------------------------------
+    def swapping_prob(self, images_seen: int) -> float | None:
+        if self.cfg.generator.c_gen_conditioning_zero:
+            return None
+        a = _schedule_frac(images_seen, self.cfg.gpc_reg_fade_kimg)
+        return (1 - a) * 1.0 + a * self.cfg.gpc_reg_prob
+
+    def blur_sigma(self, images_seen: int, batch_size: int) -> float:
+        kimg = self.cfg.blur_fade_kimg
+        if kimg is None:
+            kimg = 200 * batch_size / 32
+        if kimg <= 0:
+            return 0.0
+        return max(1 - images_seen / (kimg * 1e3), 0.0) * self.cfg.blur_init_sigma
+
+    def rendering_resolution(self, images_seen: int) -> int:
+        c = self.cfg
+        if c.neural_rendering_resolution_final is None:
+            return c.neural_rendering_resolution_initial
+        a = _schedule_frac(max(images_seen - c.neural_rendering_resolution_fade_start_kimg * 1e3,
+                               0), c.neural_rendering_resolution_fade_kimg)
+        return int(round(c.neural_rendering_resolution_initial * (1 - a)
+                         + c.neural_rendering_resolution_final * a))
+
+    # --- pieces ----------------------------------------------------------------------------
+    def _prepare(self, batch: dict, ctx: StepContext) -> dict:
+        """Real images (mirrored, composited), cameras and the generator's cameras; the same for
+        every phase of a step."""
+        key = (int(ctx.step), id(batch.get("image")))
+        if self._prepared is not None and self._prepared[0] == key:
+            return self._prepared[1]
+        R = self.cfg.generator.img_resolution
+        for key in ("image", "camera"):
+            if key not in batch:
+                raise KeyError(f"batch[{key!r}] missing: EG3D trains on images with EG3D camera "
+                               f"labels; got keys {sorted(batch)}")
+        img, cam = batch["image"].float(), batch["camera"].float()
+        B = img.shape[0]
+        if img.ndim != 4 or img.shape[1:] != (3, R, R):
+            raise ValueError(f"batch['image']: expected (B, 3, {R}, {R}) (model.generator."
+                             f"img_resolution = data.resolution), got {tuple(img.shape)}")
+        if cam.shape != (B, 25):
+            raise ValueError(f"batch['camera']: expected ({B}, 25), got {tuple(cam.shape)}")
+        mask = batch.get("mask")
+        if mask is not None:
+            mask = mask.float()
+        if self.cfg.background == "white":
+            if mask is None:
+                raise KeyError("batch['mask'] missing: model.background='white' composites the "
+                               "real images over white with their masks")
+            img = img * mask + (1 - mask)
+        g = torch.Generator().manual_seed(int(ctx.step) * 7919 + 17)
+        if self.cfg.mirror:
+            flip = (torch.rand(B, generator=g) < 0.5).to(img.device)
+            img = torch.where(flip.view(B, 1, 1, 1), img.flip(-1), img)
+            cam = torch.where(flip.view(B, 1), mirror_label(cam), cam)
+            if mask is not None:
+                mask = torch.where(flip.view(B, 1, 1, 1), mask.flip(-1), mask)
+        perm = torch.randperm(B, generator=g).to(img.device)   # generator cameras: data labels
+        out = {"image": img, "camera": cam, "mask": mask, "gen_c": cam[perm],
+               "gen_mask": mask[perm] if mask is not None else None}
+        self._prepared = (key, out)
+        return out
+
+    def _c_cond(self, c: torch.Tensor, swapping_prob: float | None) -> torch.Tensor:
+        if swapping_prob is None:
+            return torch.zeros_like(c)
+        swapped = torch.roll(c, 1, 0)
+        pick = torch.rand(c.shape[0], 1, device=c.device) < swapping_prob
+        return torch.where(pick, swapped, c)
+
+    def run_G(self, z, c, swapping_prob, res, update_emas=False) -> dict:
+        ws = self.G.mapping(z, self._c_cond(c, swapping_prob), update_emas=update_emas)
+        out = self.G.synthesis(ws, c, neural_rendering_resolution=res, noise_mode="random")
+        out["ws"] = ws
+        return out
+
+    def run_D(self, image, image_raw, c, blur_sigma) -> torch.Tensor:
+        return self.D(eg3d_blur(image, blur_sigma), image_raw, c)
+
+    def _set_trainable(self, phase: str) -> None:
+        g = phase.startswith("G")
+        self.G.requires_grad_(g)
+        self.D.requires_grad_(not g)
+
+    # --- TrainableModel --------------------------------------------------------------------
+    def step(self, phase: str, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        data = self._prepare(batch, ctx)
+        B = data["image"].shape[0]
+        dev = data["image"].device
+        nimg = ctx.images_seen
+        res = self.rendering_resolution(nimg)
+        self.G.rendering_resolution.fill_(res)
+        sp = self.swapping_prob(nimg)
+        sigma = self.blur_sigma(nimg, ctx.batch_size)
+        gen_c = data["gen_c"]
+        z = torch.randn(B, cfg.generator.z_dim, device=dev)
+        self._set_trainable(phase)
+        if phase == "Gmain":
+            gen = self.run_G(z, gen_c, sp, res)
+            logits = self.run_D(gen["image"], gen["image_raw"], gen_c, sigma)
+            loss = F.softplus(-logits).mean()
+            out = {"loss": loss, "g_logits": logits.detach().mean(),
+                   "opacity": gen["image_opacity"].detach().mean()}
+            if data["gen_mask"] is not None:
+                out.update(silhouette_measures(gen["image_opacity"], data["gen_mask"]))
+            self._measure(ctx, out)
+            return out
+        if phase == "Greg":
+            ws = self.G.mapping(z, self._c_cond(gen_c, sp))
+            planes = self.G.backbone.planes(ws, noise_mode="random")
+            r = cfg.generator.render
+            k = cfg.g_reg_interval
+            if cfg.reg_type == "l1":
+                tv = density_l1_regularizer(planes, self.G.decoder, n_points=1000,
+                                            p_dist=cfg.density_reg_p_dist,
+                                            plane_axes=r.plane_axes, box_size=r.box_warp)
+                loss = tv * cfg.density_reg
+                return {"loss": loss * k, "density_tv": tv.detach()}
+            mono = density_monotonic_regularizer(planes, self.G.decoder, n_points=2000,
+                                                 box_size=r.box_warp,
+                                                 detach=cfg.reg_type == "monotonic-detach",
+                                                 plane_axes=r.plane_axes)
+            tv = density_l1_regularizer(planes, self.G.decoder, n_points=1000,
+                                        p_dist=r.box_warp / 256, plane_axes=r.plane_axes,
+                                        box_size=r.box_warp)
+            loss = mono + tv * cfg.density_reg
+            return {"loss": loss * k, "density_monotonic": mono.detach(),
+                    "density_tv": tv.detach()}
+        real = data["image"]
+        real_raw = filtered_resize(real, res)
+        real_raw = eg3d_blur(real_raw, sigma)          # EG3D blurs the raw target too
+        if phase == "Dmain":
+            with torch.no_grad():
+                gen = self.run_G(z, gen_c, sp, res, update_emas=True)
+            gen_logits = self.run_D(gen["image"], gen["image_raw"], gen_c, sigma)
+            real_logits = self.run_D(real, real_raw, data["camera"], sigma)
+            loss = F.softplus(gen_logits).mean() + F.softplus(-real_logits).mean()
+            out = {"loss": loss, "real_logits": real_logits.detach().mean(),
+                   "fake_logits": gen_logits.detach().mean(),
+                   "logit_gap": (real_logits.mean() - gen_logits.mean()).detach()}
+            self._measure(ctx, out)
+            return out
+        if phase == "Dreg":
+            img = real.detach().requires_grad_(True)
+            raw = real_raw.detach().requires_grad_(True)
+            logits = self.run_D(img, raw, data["camera"], sigma)
+            grads = torch.autograd.grad(logits.sum(), [img, raw], create_graph=True)
+            penalty = sum(g.square().flatten(1).sum(1) for g in grads)
+            loss = (penalty * (cfg.r1_gamma / 2)).mean()
+            return {"loss": loss * cfg.d_reg_interval, "r1_penalty": penalty.detach().mean()}
+        raise ValueError(f"phase: expected one of {[p.name for p in self.phases()]}, got "
+                         f"{phase!r}")
+
+    # --- measurements in the training log ----------------------------------------------------
+    _MEASURES = ("iou", "iou_all", "fg_opacity", "bg_opacity", "opacity_contrast", "logit_gap")
+
+    def _measure(self, ctx: StepContext, out: dict) -> None:
+        """Averages the silhouette measures and the D logit gap over ``measure_every`` steps and
+        logs them (log.txt); step 0 (the initialisation) is logged on its own."""
+        every = self.cfg.measure_every
+        if not every or ctx.rank != 0:
+            return
+        acc = self.__dict__.setdefault("_acc", {})
+        for k in self._MEASURES:
+            if k in out:
+                acc.setdefault(k, []).append(float(out[k]))
+        if "logit_gap" not in out:            # log after the D phase of the step
+            return
+        if ctx.step == 0 or (ctx.step + 1) % every == 0:
+            vals = {k: sum(v) / len(v) for k, v in acc.items() if v}
+            log.info("eg3d measures step %d (kimg %.2f, %d steps): %s", ctx.step,
+                     (ctx.images_seen + ctx.batch_size) / 1000, max(len(acc.get("logit_gap",
+                                                                                 [])), 1),
+                     " ".join(f"{k}={v:.4f}" for k, v in vals.items()))
+            acc.clear()
+
+    # --- previews --------------------------------------------------------------------------
+    def _ema_G(self) -> EG3DGenerator:
+        return getattr(self, "_ema_generator", None) or self.G
+
+    @torch.no_grad()
+    def preview(self, batch: dict) -> dict[str, torch.Tensor]:
+        G = self._ema_G()
+        cam = batch["camera"].float()
+        g = torch.Generator().manual_seed(123)
+        z = torch.randn(cam.shape[0], self.cfg.generator.z_dim, generator=g).to(cam.device)
+        out = G(z, cam)
+        real = batch["image"].float()
+        if self.cfg.background == "white" and "mask" in batch:
+            real = real * batch["mask"].float() + (1 - batch["mask"].float())
+        R = real.shape[-1]
+        return {"real": real, "image": out["image"],
+                "image_raw": filtered_resize(out["image_raw"], R),
+                "opacity": filtered_resize(out["image_opacity"] * 2 - 1, R).expand(-1, 3, -1, -1)}
+
+    @torch.no_grad()
+    def preview_video(self, batch: dict, frames: int) -> torch.Tensor:
+        from pyface.face.cameras import orbit_labels
+
+        G = self._ema_G()
+        g = torch.Generator().manual_seed(123)
+        n = min(4, batch["image"].shape[0])
+        z = torch.randn(n, self.cfg.generator.z_dim, generator=g).to(batch["image"].device)
+        cond = G.camera(0.0, 0.0).expand(n, -1)
+        ws = G.mapping(z, cond)
+        labels = orbit_labels(frames, radius=G.cfg.avg_camera_radius,
+                              pivot=tuple(G.cfg.avg_camera_pivot)).to(z.device)
+        clips = []
+        for t in range(frames):
+            img = G.synthesis(ws, labels[t:t + 1].expand(n, -1))["image"]
+            clips.append(torch.cat(list(img.clamp(-1, 1)), dim=-1))
+        return torch.stack(clips)

@@ -1,0 +1,192 @@
+"""EG3D inference: load a generator (converted EG3D pickle or a ``pyface train eg3d`` run),
+render seeds along an orbit, project an image into W / W+ (inversion), and the model pipeline.
+
+Reproduces the semantics of NVlabs/eg3d ``gen_videos.py`` / projection (NVIDIA Source Code
+License, non-commercial); the code is pyface's own.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+from pyface import checkpoint as ckpt
+from pyface.face import cameras as cams
+from pyface.nn.resample import filtered_resize
+
+from pyface.models.eg3d.convert import config_from_dict, load_converted
+from pyface.models.eg3d.generator import EG3DGenerator
+
+log = logging.getLogger("pyface.models.eg3d")
+
+from pyface.train.model import Pipeline as _PipelineBase
+
+
+def load_generator(path: str, *, device="cpu", ema: bool = True) -> EG3DGenerator:
+    """A generator from a ``pyface convert eg3d`` folder, a training checkpoint folder or a run
+    folder (its latest checkpoint; the EMA generator when ``ema`` and present). Eval mode."""
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        latest = ckpt.latest_checkpoint(path)
+        if latest is None:
+            raise ckpt.CheckpointError(f"{path}: run folder without checkpoints")
+        path = latest
+    meta = ckpt.read_meta(path)
+    if meta.get("kind") == "eg3d":
+        return load_converted(path, device=device)
+    if meta.get("kind") != "train" or meta.get("experiment", {}).get("model") != "eg3d":
+        raise ckpt.CheckpointError(f"{path}: expected converted EG3D weights (kind 'eg3d') or a "
+                                   f"'pyface train eg3d' checkpoint, got kind "
+                                   f"{meta.get('kind')!r} of model "
+                                   f"{meta.get('experiment', {}).get('model')!r}")
+    tensors, meta = ckpt.load_folder(path)
+    gcfg = (meta["experiment"].get("model_config") or {}).get("generator") or {}
+    G = EG3DGenerator(config_from_dict(gcfg))
+    prefix = "ema.G" if ema and "G" in meta.get("ema_modules", []) else "model.G"
+    ckpt.load_module_state(G, ckpt.sub_state(tensors, prefix), f"{path} ({prefix})")
+    return G.to(device).eval()
+
+
+def seed_latents(seeds, z_dim: int) -> torch.Tensor:
+    """EG3D-style per-seed latents: z = N(0, 1) from a generator seeded with the seed -> (S, z)."""
+    return torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(int(s)))
+                        for s in seeds])
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-3,7"`` -> [0, 1, 2, 3, 7]."""
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part[1:]:
+            a, b = part.split("-", 1) if not part.startswith("-") else (part, part)
+            out.extend(range(int(a), int(b) + 1))
+        else:
+            out.append(int(part))
+    if not out:
+        raise ValueError(f"--seeds: expected e.g. 0-3 or 0,5,9, got {text!r}")
+    return out
+
+
+@torch.no_grad()
+def orbit_video(G: EG3DGenerator, seeds, frames: int = 48, *, truncation_psi: float = 0.7,
+                truncation_cutoff: int | None = 14, yaw_range: float = 0.35,
+                pitch_range: float = 0.15, progress: bool = True) -> torch.Tensor:
+    """Frames (T, 3, H, S*W) in [-1, 1]: the seeds side by side on EG3D's elliptic orbit
+    (conditioned on the frontal camera, as EG3D's ``gen_videos.py``)."""
+    from tqdm import tqdm
+
+    dev = G.rendering_resolution.device
+    z = seed_latents(seeds, G.cfg.z_dim).to(dev)
+    cond = G.camera(0.0, 0.0).expand(len(seeds), -1)
+    ws = G.mapping(z, cond, truncation_psi, truncation_cutoff)
+    labels = cams.orbit_labels(frames, yaw_range, pitch_range, radius=G.cfg.avg_camera_radius,
+                               pivot=tuple(G.cfg.avg_camera_pivot)).to(dev)
+    planes = G.backbone.planes(ws, noise_mode="const")
+    out = []
+    for t in tqdm(range(frames), disable=not progress, unit="frame"):
+        img = G.synthesis(ws, labels[t:t + 1].expand(len(seeds), -1), planes=planes)["image"]
+        out.append(torch.cat(list(img.clamp(-1, 1)), dim=-1))
+    return torch.stack(out).cpu()
+
+
+def project(G: EG3DGenerator, image: torch.Tensor, camera: torch.Tensor, *, space: str = "w",
+            steps: int = 300, lr: float = 0.01, perceptual=None, l1_weight: float = 1.0,
+            perceptual_weight: float = 1.0, w_avg_samples: int = 1000,
+            neural_rendering_resolution: int | None = None, progress: bool = True,
+            generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    """Projects ``image`` (3, H, W) in [-1, 1], seen from ``camera`` (25,), into W (one w
+    repeated, ``space="w"``) or W+ (one w per layer, ``"w+"``) of the (EMA) generator ``G``.
+
+    Starts from the mean w (``w_avg_samples`` mapped latents at this camera); minimises
+    ``l1_weight * L1 + perceptual_weight * perceptual(image, G(w))`` with Adam. ``perceptual``
+    is a :class:`pyface.nn.PerceptualLoss` (or any callable on (1, 3, H, W) pairs) or None
+    (L1 only). Returns ``ws`` (1, num_ws, w_dim) and ``{"loss": [...], "image": render}``.
+    """
+    from tqdm import tqdm
+
+    if space not in ("w", "w+"):
+        raise ValueError(f"space: expected 'w' or 'w+', got {space!r}")
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image: expected (3, H, W) in [-1, 1], got {tuple(image.shape)}")
+    if camera.shape != (25,):
+        raise ValueError(f"camera: expected an EG3D label (25,), got {tuple(camera.shape)}")
+    dev = G.rendering_resolution.device
+    G.requires_grad_(False)
+    R = G.cfg.img_resolution
+    target = filtered_resize(image[None].float().to(dev), R)
+    c = camera[None].float().to(dev)
+    with torch.no_grad():
+        z = torch.randn(w_avg_samples, G.cfg.z_dim, generator=generator).to(dev)
+        w_mean = G.mapping(z, c.expand(w_avg_samples, -1))[:, :1].mean(0, keepdim=True)
+    n = G.num_ws
+    w = (w_mean if space == "w" else w_mean.repeat(1, n, 1)).clone().requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=lr, betas=(0.9, 0.999))
+    losses = []
+    bar = tqdm(range(steps), disable=not progress, unit="step", desc=f"invert ({space})")
+    for _ in bar:
+        ws = w.expand(1, n, -1) if space == "w" else w
+        out = G.synthesis(ws, c, neural_rendering_resolution=neural_rendering_resolution)
+        loss = l1_weight * F.l1_loss(out["image"], target)
+        if perceptual is not None:
+            loss = loss + perceptual_weight * perceptual(out["image"], target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+    ws = (w.expand(1, n, -1) if space == "w" else w).detach()
+    with torch.no_grad():
+        img = G.synthesis(ws, c, neural_rendering_resolution=neural_rendering_resolution)["image"]
+    return ws, {"loss": losses, "image": img}
+
+
+class EG3DPipeline(_PipelineBase):
+    """EG3D as a portrait pipeline: the source is projected into W+ of the generator
+    (``encode_source``: ``image`` (3, H, W) and ``camera`` (25,)); driving frames give cameras
+    (``camera`` (T, 25)); ``generate`` renders the source's latent from those cameras ->
+    (T, 3, R, R) in [-1, 1]. Controls: ``invert_steps``, ``space`` ("w" / "w+")."""
+
+    def __init__(self, model, *, device=None, perceptual=None, invert_steps: int = 300):
+        G = model.G if hasattr(model, "G") else model
+        self.resolution = int(G.cfg.img_resolution)
+        super().__init__(G, device=device)
+        self.G = self.model
+        self.perceptual, self.invert_steps = perceptual, invert_steps
+
+    @classmethod
+    def from_checkpoint(cls, path: str, *, device=None, ema: bool = True, **kw):
+        return cls(load_generator(path, device=device or "cpu", ema=ema), device=device, **kw)
+
+    def encode_source(self, source: dict, *, space: str = "w+", steps: int | None = None
+                      ) -> dict:
+        source = self.prepare(source, batched=False)
+        if "camera" not in source:
+            raise KeyError("source['camera'] missing: EG3D inversion needs the image's EG3D "
+                           "camera label (25,)")
+        with torch.enable_grad():            # inversion optimises W even under animate's no_grad
+            ws, info = project(self.G, source["image"], source["camera"], space=space,
+                               steps=self.invert_steps if steps is None else steps,
+                               perceptual=self.perceptual, progress=False)
+        return {"ws": ws, "loss": info["loss"]}
+
+    def encode_driving(self, driving: dict) -> dict:
+        driving = self.prepare(driving, batched=True, name="driving") if "image" in driving \
+            else driving
+        cam = driving.get("camera")
+        if cam is None or cam.ndim != 2 or cam.shape[1] != 25:
+            raise ValueError(f"driving['camera']: expected (T, 25) EG3D labels, got "
+                             f"{None if cam is None else tuple(cam.shape)}")
+        return {"camera": cam.float().to(self.device)}
+
+    @torch.no_grad()
+    def generate(self, state: dict, motion: dict, **controls) -> torch.Tensor:
+        cam = motion["camera"]
+        ws = state["ws"].to(self.device)
+        planes = self.G.backbone.planes(ws, noise_mode="const")
+        out = [self.G.synthesis(ws, cam[t:t + 1], planes=planes)["image"][0]
+               for t in range(cam.shape[0])]
+        return torch.stack(out).clamp(-1, 1)

@@ -1,0 +1,40 @@
+"""``pyface invert``: project an image into a generator's latent space.
+
+The command is the platform's; each generator supplies ``run_invert(args)``, imported only when
+the command runs (``pyface --help`` imports no model).
+"""
+from __future__ import annotations
+
+import importlib
+
+#: model -> "module:function(args) -> exit code"
+INVERTERS = {"eg3d": "pyface.models.eg3d.cli:run_invert"}
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "invert", help="project an image into a generator's latent space (EG3D: W / W+)",
+        description="Project IMAGE, seen from --camera, into W or W+ of the EMA generator (L1 + "
+                    "VGG perceptual loss when --vgg weights are given). Writes the latent "
+                    "(safetensors folder), the reconstruction PNG and optionally an orbit mp4.")
+    p.add_argument("model", choices=sorted(INVERTERS),
+                   help="model: " + ", ".join(sorted(INVERTERS)))
+    p.add_argument("image", help="aligned portrait image (PNG/JPEG)")
+    p.add_argument("--checkpoint", required=True,
+                   help="converted EG3D folder, training checkpoint or run folder")
+    p.add_argument("--camera", default="frontal",
+                   help="25 comma-separated floats, 'frontal', a .npy/.json file, or an EG3D "
+                        "dataset folder / dataset.json holding the image's label")
+    p.add_argument("--space", default="w+", choices=["w", "w+"])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--vgg", default=None, help="VGG19 weights (pyface convert vgg19) for the "
+                                              "perceptual term; without: L1 only")
+    p.add_argument("--out", default="inversion", help="output folder")
+    p.add_argument("--video", action="store_true", help="also render an orbit mp4")
+    p.set_defaults(func=run_invert)
+
+
+def run_invert(args) -> int:
+    module, fn = INVERTERS[args.model].split(":")
+    return getattr(importlib.import_module(module), fn)(args)

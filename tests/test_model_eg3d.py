@@ -1,0 +1,712 @@
+"""EG3D model (pyface.models.eg3d): generator shapes and EG3D semantics, the converter against a
+hand transcription of EG3D's published module structure, the training recipe on the engine."""
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from pyface import checkpoint as ckpt
+from pyface.models.eg3d import EG3DGenerator, EG3DGeneratorConfig
+from pyface.nn.render import RenderConfig
+
+
+def tiny_cfg(**kw) -> EG3DGeneratorConfig:
+    base = dict(z_dim=16, w_dim=16, backbone_resolution=16, plane_channels=4, channel_base=64,
+                channel_max=8, decoder_hidden=8, decoder_features=6, img_resolution=16,
+                neural_rendering_resolution=8, sr_variant="hybrid2x", sr_input_resolution=8,
+                sr_block_channels=[8, 4],
+                render=RenderConfig.ffhq(depth_resolution=6, depth_resolution_importance=4))
+    base.update(kw)
+    return EG3DGeneratorConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def G():
+    torch.manual_seed(0)
+    return EG3DGenerator(tiny_cfg()).eval()
+
+
+def _uniforms(B, res, cfg):
+    g = torch.Generator().manual_seed(1)
+    R = res * res
+    return (torch.rand(B, R, cfg.render.depth_resolution, generator=g),
+            torch.rand(B, R, cfg.render.depth_resolution_importance, generator=g))
+
+
+# ------------------------------------------------------------------------------------------
+# generator
+# ------------------------------------------------------------------------------------------
+
+def test_generator_forward_shapes(G):
+    z, c = torch.randn(2, 16), G.camera([0.0, 0.4], [0.0, -0.1])
+    out = G(z, c)
+    assert out["image"].shape == (2, 3, 16, 16)
+    assert out["image_raw"].shape == (2, 3, 8, 8)
+    assert out["feature_image"].shape == (2, 6, 8, 8)
+    assert out["image_depth"].shape == (2, 1, 8, 8)
+    assert out["image_opacity"].shape == (2, 1, 8, 8)
+    assert out["planes"].shape == (2, 3, 4, 16, 16)
+    assert out["ws"].shape == (2, G.num_ws, 16) and G.num_ws == 6
+    assert torch.equal(out["image_raw"], out["feature_image"][:, :3])
+    # depth within the ray range, opacity in [0, 1]
+    d = out["image_depth"]
+    assert d.min() >= G.cfg.render.ray_start - 1e-4 and d.max() <= G.cfg.render.ray_end + 1e-4
+    o = out["image_opacity"]
+    assert o.min() >= 0 and o.max() <= 1 + 1e-5
+    out = G(z, c, neural_rendering_resolution=4)
+    assert out["image_raw"].shape == (2, 3, 4, 4) and out["image"].shape == (2, 3, 16, 16)
+
+
+def test_mapping_synthesis_equal_forward_with_injected_uniforms(G):
+    z, c = torch.randn(2, 16), G.camera([0.1, -0.2], 0.05)
+    s, u = _uniforms(2, 8, G.cfg)
+    with torch.no_grad():
+        a = G(z, c, truncation_psi=0.7, truncation_cutoff=4, stratified_noise=s,
+              importance_u=u)
+        ws = G.mapping(z, c, truncation_psi=0.7, truncation_cutoff=4)
+        b = G.synthesis(ws, c, stratified_noise=s, importance_u=u)
+        b2 = G.synthesis(ws, c, stratified_noise=s, importance_u=u)
+    for k in ("image", "image_raw", "image_depth", "feature_image", "planes"):
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    torch.testing.assert_close(b["image"], b2["image"], rtol=0, atol=0)   # const noise
+    assert torch.equal(a["ws"], ws)
+    # the uniforms matter: different draws give different renders
+    s2, u2 = torch.rand_like(s), torch.rand_like(u)
+    with torch.no_grad():
+        c2 = G.synthesis(ws, c, stratified_noise=s2, importance_u=u2)
+    assert not torch.allclose(c2["image_raw"], b["image_raw"])
+
+
+def test_c_scale_and_c_gen_conditioning_zero():
+    torch.manual_seed(0)
+    G = EG3DGenerator(tiny_cfg(c_scale=2.0))
+    z, c = torch.randn(2, 16), G.camera([0.0, 0.5], 0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(G.mapping(z, c), G.backbone.mapping(z, 2 * c))
+        G.cfg.c_gen_conditioning_zero = True
+        zero = G.mapping(z, c)
+        torch.testing.assert_close(zero, G.backbone.mapping(z, torch.zeros_like(c)))
+        torch.testing.assert_close(G.mapping(z, c.flip(0)), zero)   # c no longer matters
+        G.cfg.c_gen_conditioning_zero, G.cfg.c_scale = False, 0.0
+        torch.testing.assert_close(G.mapping(z, c), zero)
+
+
+def test_generator_bad_inputs(G):
+    z, c = torch.randn(2, 16), G.camera([0.0, 0.1], 0.0)
+    with pytest.raises(ValueError, match=r"z: expected shape \(2, 16\), got \(2, 15\)"):
+        G(torch.randn(2, 15), c)
+    with pytest.raises(ValueError, match=r"c: expected EG3D camera labels of shape \(B, 25\), "
+                                         r"got \(2, 24\)"):
+        G(z, c[:, :24])
+    with pytest.raises(ValueError, match=r"ws: expected shape \(2, 6, 16\), got \(2, 7, 16\)"):
+        G.synthesis(torch.randn(2, 7, 16), c)
+    with pytest.raises(ValueError, match="noise_mode: expected one of"):
+        G(z, c, noise_mode="fixed")
+    with pytest.raises(ValueError, match="neural_rendering_resolution: expected a positive int, "
+                                         "got 0"):
+        G(z, c, neural_rendering_resolution=0)
+    with pytest.raises(ValueError, match="img_resolution: the hybrid2x super-resolution outputs "
+                                         "16"):
+        EG3DGenerator(tiny_cfg(img_resolution=32))
+
+
+def test_sr_float32_default_and_bf16_switch():
+    from pyface.nn.stylegan import SuperResolution
+
+    torch.manual_seed(0)
+    sr = SuperResolution(variant="hybrid2x", channels=6, w_dim=16, input_resolution=8,
+                         block_channels=[8, 4])
+    sr16 = SuperResolution(variant="hybrid2x", channels=6, w_dim=16, input_resolution=8,
+                           block_channels=[8, 4], dtype="bfloat16")
+    sr16.load_state_dict(sr.state_dict())
+    rgb, x, ws = torch.randn(1, 3, 8, 8), torch.randn(1, 6, 8, 8), torch.randn(1, 4, 16)
+    with torch.no_grad():
+        a, b = sr(rgb, x, ws), sr16(rgb, x, ws)
+    assert a.dtype == b.dtype == torch.float32
+    err = (a - b).abs().max().item()
+    assert 0 < err < 0.1 * a.abs().max().item()
+    with pytest.raises(ValueError, match="dtype: expected 'float32' or 'bfloat16'"):
+        SuperResolution(variant="hybrid2x", dtype="float16")
+
+
+# ------------------------------------------------------------------------------------------
+# EG3D's module structure, transcribed from NVlabs/eg3d training/triplane.py,
+# training/networks_stylegan2.py and training/superresolution.py (names and shapes only)
+# ------------------------------------------------------------------------------------------
+
+#: class -> (block0: (out channels, resolution, NoUp?), block1: (out, resolution),
+#: top-level resample_filter buffer?)  - superresolution.py
+EG3D_SR = {
+    "SuperresolutionHybrid2X": ((128, 64, True), (64, 128), True),
+    "SuperresolutionHybrid4X": ((128, 128, True), (64, 256), True),
+    "SuperresolutionHybrid8X": ((128, 256, False), (64, 512), True),
+    "SuperresolutionHybrid8XDC": ((256, 256, False), (128, 512), False),
+    "SuperresolutionHybridDeepfp32": ((128, 128, True), (64, 256), True),
+}
+SR_VARIANT = {"SuperresolutionHybrid2X": "hybrid2x", "SuperresolutionHybrid4X": "hybrid4x",
+              "SuperresolutionHybrid8X": "hybrid8x", "SuperresolutionHybrid8XDC": "hybrid8xdc",
+              "SuperresolutionHybridDeepfp32": "hybriddeepfp32"}
+BUFFERS = ("w_avg", "noise_const", "resample_filter")
+
+
+def _synthesis_layer(S, p, cin, cout, w_dim, res, k=3):
+    # networks_stylegan2.SynthesisLayer: affine = FC(w_dim -> in, bias_init 1), weight
+    # [out, in, k, k], noise_const [res, res] buffer, noise_strength [], bias [out],
+    # resample_filter buffer (setup_filter([1,3,3,1]) -> 4x4)
+    S[f"{p}.resample_filter"] = (4, 4)
+    S[f"{p}.affine.weight"] = (cin, w_dim)
+    S[f"{p}.affine.bias"] = (cin,)
+    S[f"{p}.weight"] = (cout, cin, k, k)
+    S[f"{p}.noise_const"] = (res, res)
+    S[f"{p}.noise_strength"] = ()
+    S[f"{p}.bias"] = (cout,)
+
+
+def _synthesis_block(S, p, cin, cout, w_dim, res, img_channels):
+    # SynthesisBlock / SynthesisBlockNoUp ('skip'): resample_filter, const or conv0, conv1, torgb
+    S[f"{p}.resample_filter"] = (4, 4)
+    if cin == 0:
+        S[f"{p}.const"] = (cout, res, res)
+    else:
+        _synthesis_layer(S, f"{p}.conv0", cin, cout, w_dim, res)
+    _synthesis_layer(S, f"{p}.conv1", cout, cout, w_dim, res)
+    S[f"{p}.torgb.affine.weight"] = (cout, w_dim)
+    S[f"{p}.torgb.affine.bias"] = (cout,)
+    S[f"{p}.torgb.weight"] = (img_channels, cout, 1, 1)
+    S[f"{p}.torgb.bias"] = (img_channels,)
+
+
+def eg3d_structure(sr_class: str | None, *, z_dim=512, c_dim=25, w_dim=512, map_layers=2,
+                   channel_base=32768, channel_max=512) -> dict[str, tuple]:
+    """Parameter and buffer names -> shapes of EG3D's TriPlaneGenerator (backbone 256^2 with
+    32 x 3 channels, OSG decoder 32 -> 64 -> 33, the named SR module)."""
+    S: dict[str, tuple] = {}
+    m = "backbone.mapping"
+    S[f"{m}.embed.weight"], S[f"{m}.embed.bias"] = (w_dim, c_dim), (w_dim,)
+    for i in range(map_layers):
+        S[f"{m}.fc{i}.weight"] = (w_dim, z_dim + w_dim if i == 0 else w_dim)
+        S[f"{m}.fc{i}.bias"] = (w_dim,)
+    S[f"{m}.w_avg"] = (w_dim,)
+    ch = {r: min(channel_base // r, channel_max) for r in (4, 8, 16, 32, 64, 128, 256)}
+    for r in ch:
+        _synthesis_block(S, f"backbone.synthesis.b{r}", ch[r // 2] if r > 4 else 0, ch[r],
+                         w_dim, r, 96)
+    if sr_class is not None:
+        (c0, r0, _), (c1, r1), buf = EG3D_SR[sr_class]
+        _synthesis_block(S, "superresolution.block0", 32, c0, 512, r0, 3)
+        _synthesis_block(S, "superresolution.block1", c0, c1, 512, r1, 3)
+        if buf:
+            S["superresolution.resample_filter"] = (4, 4)
+    S["decoder.net.0.weight"], S["decoder.net.0.bias"] = (64, 32), (64,)
+    S["decoder.net.2.weight"], S["decoder.net.2.bias"] = (33, 64), (33,)
+    return S
+
+
+def _gen_cfg(sr_class, **kw):
+    if sr_class is None:
+        return EG3DGeneratorConfig(sr_variant=None, **kw)
+    (_, r0, noup), (_, r1), _ = EG3D_SR[sr_class]
+    return EG3DGeneratorConfig(sr_variant=SR_VARIANT[sr_class], img_resolution=r1, **kw)
+
+
+@pytest.mark.parametrize("sr_class", sorted(EG3D_SR) + [None])
+def test_generator_matches_eg3d_structure(sr_class):
+    """Full-size EG3D names and shapes (meta device: nothing allocated)."""
+    with torch.device("meta"):
+        G = EG3DGenerator(_gen_cfg(sr_class))
+    own = {k: tuple(v.shape) for k, v in G.state_dict().items() if k != "rendering_resolution"}
+    ref = eg3d_structure(sr_class)
+    assert sorted(set(ref) - set(own)) == [] and sorted(set(own) - set(ref)) == []
+    bad = {k: (own[k], ref[k]) for k in ref if own[k] != ref[k]}
+    assert not bad
+    if sr_class:
+        (_, r0, noup), _, _ = EG3D_SR[sr_class]
+        assert (G.superresolution.block0.conv0.up == 1) == noup
+        assert G.superresolution.input_resolution == (r0 if noup else r0 // 2)
+
+
+# ------------------------------------------------------------------------------------------
+# converter on pickles built from the transcription
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def eg3d_modules(monkeypatch):
+    """Stand-ins for EG3D's torch_utils.persistence and dnnlib.util (the globals an official
+    pickle references)."""
+    tu, pers = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
+    dn, dnu = types.ModuleType("dnnlib"), types.ModuleType("dnnlib.util")
+
+    def _reconstruct_persistent_obj(meta):
+        raise AssertionError("must never be called by pyface")
+
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+    pers._reconstruct_persistent_obj = _reconstruct_persistent_obj
+
+    class EasyDict(dict):
+        pass
+
+    EasyDict.__module__, EasyDict.__qualname__ = "dnnlib.util", "EasyDict"
+    dnu.EasyDict = EasyDict
+    tu.persistence, dn.util = pers, dnu
+    for name, mod in [("torch_utils", tu), ("torch_utils.persistence", pers), ("dnnlib", dn),
+                      ("dnnlib.util", dnu)]:
+        monkeypatch.setitem(sys.modules, name, mod)
+    return pers, EasyDict
+
+
+class _Rec(nn.Module):
+    """A persistent EG3D module for the test pickle: class name + tensors + attributes."""
+
+    def __init__(self, class_name: str, **attrs):
+        super().__init__()
+        self.class_name_, self.attrs = class_name, attrs
+
+
+_CLASSES = {"": "training.triplane.TriPlaneGenerator",
+            "backbone": "training.networks_stylegan2.Generator",
+            "backbone.mapping": "training.networks_stylegan2.MappingNetwork",
+            "backbone.synthesis": "training.networks_stylegan2.SynthesisNetwork",
+            "decoder": "training.triplane.OSGDecoder"}
+
+
+def _tree(structure: dict[str, tuple], sr_class, root_attrs) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    root = _Rec(_CLASSES[""], **root_attrs)
+    for name, shape in structure.items():
+        *path, leaf = name.split(".")
+        node, prefix = root, []
+        for part in path:
+            prefix.append(part)
+            key = ".".join(prefix)
+            if part not in node._modules:
+                if key == "decoder.net":
+                    child = nn.Sequential(collections.OrderedDict(
+                        [("0", _Rec("training.networks_stylegan2.FullyConnectedLayer")),
+                         ("1", nn.Softplus()),
+                         ("2", _Rec("training.networks_stylegan2.FullyConnectedLayer"))]))
+                elif key == "superresolution":
+                    child = _Rec(f"training.superresolution.{sr_class}")
+                elif key in _CLASSES:
+                    child = _Rec(_CLASSES[key])
+                else:
+                    child = _Rec("training.networks_stylegan2." + (
+                        "SynthesisBlock" if part.startswith(("b", "block")) else
+                        "ToRGBLayer" if part == "torgb" else "FullyConnectedLayer"
+                        if part in ("affine", "embed") or part.startswith("fc") else
+                        "SynthesisLayer"))
+                node.add_module(part, child)
+            node = node._modules[part]
+        t = torch.randn(shape, generator=g) * 0.1
+        if leaf in BUFFERS:
+            node.register_buffer(leaf, t)
+        else:
+            node.register_parameter(leaf, nn.Parameter(t))
+    return root
+
+
+def _write_pickle(path, pers, EasyDict, structure, sr_class, rendering_kwargs, nrr=64,
+                  img_resolution=512, extra_src=""):
+    class Pickler(pickle.Pickler):
+        def reducer_override(self, obj):
+            if isinstance(obj, _Rec):
+                state = {"_parameters": collections.OrderedDict(obj._parameters),
+                         "_buffers": collections.OrderedDict(obj._buffers),
+                         "_non_persistent_buffers_set": set(),
+                         "_modules": collections.OrderedDict(obj._modules),
+                         "training": False, **obj.attrs}
+                meta = dict(type="class", version=4, module_src=extra_src,
+                            class_name=obj.class_name_, state=state)
+                return pers._reconstruct_persistent_obj, (meta,)
+            return NotImplemented
+
+    init = EasyDict(z_dim=512, c_dim=25, w_dim=512, img_resolution=img_resolution,
+                    img_channels=3, sr_num_fp16_res=4, rendering_kwargs=EasyDict(rendering_kwargs),
+                    mapping_kwargs=EasyDict(num_layers=2), sr_kwargs=EasyDict(channel_base=32768))
+    G = _tree(structure, sr_class, {"init_kwargs": init, "neural_rendering_resolution": nrr,
+                                    "rendering_kwargs": EasyDict(rendering_kwargs)})
+    with open(path, "wb") as f:
+        Pickler(f, protocol=4).dump({"G": G, "G_ema": G, "D": None, "augment_pipe": None,
+                                     "training_set_kwargs": EasyDict(resolution=img_resolution)})
+    return G
+
+
+SHAPENET_RK = dict(image_resolution=128, disparity_space_sampling=False, clamp_mode="softplus",
+                   superresolution_module="training.superresolution.SuperresolutionHybrid2X",
+                   c_gen_conditioning_zero=True, gpc_reg_prob=None, c_scale=1.0,
+                   superresolution_noise_mode="none", density_reg=0.25, density_reg_p_dist=0.004,
+                   reg_type="l1", decoder_lr_mul=1.0, sr_antialias=True, depth_resolution=64,
+                   depth_resolution_importance=64, ray_start=0.1, ray_end=2.6, box_warp=1.6,
+                   white_back=True, avg_camera_radius=1.7, avg_camera_pivot=[0, 0, 0])
+FFHQ_RK = dict(SHAPENET_RK, image_resolution=512, c_gen_conditioning_zero=False,
+               gpc_reg_prob=0.5, superresolution_module="training.superresolution."
+               "SuperresolutionHybrid8XDC", depth_resolution=48, depth_resolution_importance=48,
+               ray_start=2.25, ray_end=3.3, box_warp=1, white_back=False, avg_camera_radius=2.7,
+               avg_camera_pivot=[0, 0, 0.2])
+SMALL = dict(channel_base=256, channel_max=4)   # small backbone widths (EG3D's are 32768 / 512)
+
+
+def test_convert_shapenet_hybrid2x_carries_rendering_kwargs(tmp_path, eg3d_modules):
+    from pyface.convert import convert_eg3d
+
+    pers, EasyDict = eg3d_modules
+    marker = tmp_path / "pwned"
+    structure = eg3d_structure("SuperresolutionHybrid2X", **SMALL)
+    _write_pickle(tmp_path / "net.pkl", pers, EasyDict, structure, "SuperresolutionHybrid2X",
+                  SHAPENET_RK, nrr=64, img_resolution=128,
+                  extra_src=f"open({str(marker)!r}, 'w').write('x')\n")
+    out = convert_eg3d(str(tmp_path / "net.pkl"), str(tmp_path / "o"))
+    assert not marker.exists()
+    meta = ckpt.read_meta(out)
+    g = meta["config"]["generator"]
+    assert g["sr_variant"] == "hybrid2x" and g["img_resolution"] == 128
+    assert (g["render"]["ray_start"], g["render"]["ray_end"], g["render"]["box_warp"]) == \
+        (0.1, 2.6, 1.6)
+    assert (g["render"]["depth_resolution"], g["render"]["depth_resolution_importance"]) == \
+        (64, 64)
+    assert g["render"]["white_back"] is True and g["render"]["plane_axes"] == "eg3d"
+    assert g["avg_camera_radius"] == 1.7 and g["avg_camera_pivot"] == [0, 0, 0]
+    assert g["c_gen_conditioning_zero"] is True and g["c_scale"] == 1.0
+    assert g["sr_noise_mode"] == "none" and g["sr_antialias"] is True
+    assert g["neural_rendering_resolution"] == 64
+    assert meta["config"]["rendering_kwargs"]["gpc_reg_prob"] is None
+    # every tensor arrives under its EG3D name with its value
+    tensors, _ = ckpt.load_weights(out)
+    assert sorted(tensors) == sorted(structure)
+    G = EG3DGenerator.from_converted(out)
+    assert G.superresolution.input_resolution == 64
+    sd = G.state_dict()
+    src = _tree(structure, "SuperresolutionHybrid2X", {})     # same seed: same values
+    for k, v in dict(src.named_parameters()).items():
+        assert torch.equal(sd[k], v.detach()), k
+    assert int(G.rendering_resolution) == 64
+    with torch.no_grad():
+        out_img = G(torch.randn(1, 512), G.camera(0.0, 0.0), neural_rendering_resolution=8)
+    assert out_img["image"].shape == (1, 3, 128, 128) and torch.isfinite(out_img["image"]).all()
+
+
+@pytest.mark.parametrize("sr_class, named", [("SuperresolutionHybrid4X", True),
+                                             ("SuperresolutionHybrid4X", False),
+                                             ("SuperresolutionHybrid8XDC", True)])
+def test_convert_other_sr_modules(tmp_path, eg3d_modules, sr_class, named):
+    from pyface.convert import convert_eg3d
+
+    pers, EasyDict = eg3d_modules
+    rk = dict(FFHQ_RK, superresolution_module=f"training.superresolution.{sr_class}")
+    if not named:   # neither the record nor rendering_kwargs name it: inferred from shapes
+        rk.pop("superresolution_module")
+    res = EG3D_SR[sr_class][1][1]
+    _write_pickle(tmp_path / "net.pkl", pers, EasyDict, eg3d_structure(sr_class, **SMALL),
+                  sr_class if named else "SuperresolutionModule", rk, nrr=128,
+                  img_resolution=res)
+    out = convert_eg3d(str(tmp_path / "net.pkl"), str(tmp_path / "o"))
+    g = ckpt.read_meta(out)["config"]["generator"]
+    assert g["sr_variant"] == SR_VARIANT[sr_class] and g["img_resolution"] == res
+    assert g["neural_rendering_resolution"] == 128 and g["avg_camera_pivot"] == [0, 0, 0.2]
+    assert g["c_gen_conditioning_zero"] is False
+    G = EG3DGenerator.from_converted(out)
+    assert G.superresolution.output_resolution == res
+
+
+def test_convert_refuses_unsupported_options(tmp_path, eg3d_modules):
+    from pyface.convert import convert_eg3d
+
+    pers, EasyDict = eg3d_modules
+    s = eg3d_structure("SuperresolutionHybrid2X", **SMALL)
+    _write_pickle(tmp_path / "a.pkl", pers, EasyDict, s, "SuperresolutionHybrid2X",
+                  dict(SHAPENET_RK, ray_start="auto"), img_resolution=128)
+    with pytest.raises(ckpt.CheckpointError, match=r"rendering_kwargs\['ray_start'\] = 'auto'"):
+        convert_eg3d(str(tmp_path / "a.pkl"), str(tmp_path / "o"))
+    s.pop("superresolution.resample_filter")
+    _write_pickle(tmp_path / "b.pkl", pers, EasyDict, s, "SuperresolutionHybrid2X",
+                  SHAPENET_RK, img_resolution=128)
+    with pytest.raises(ckpt.CheckpointError, match=r"missing keys: resample_filter"):
+        convert_eg3d(str(tmp_path / "b.pkl"), str(tmp_path / "o2"))
+
+
+# ------------------------------------------------------------------------------------------
+# training on the engine
+# ------------------------------------------------------------------------------------------
+
+class _Frames(torch.utils.data.Dataset):
+    """Tiny stand-in for the synthetic frames: an ellipse head over a gradient, exact cameras."""
+
+    def __init__(self, n=8, R=16):
+        self.n, self.R = n, R
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        from pyface.face import cameras as cams
+
+        R = self.R
+        yaw = (i / self.n - 0.5) * 0.6
+        lab = cams.make_label(cams.orbit_camera(yaw, 0.0), cams.intrinsics_from_focal())
+        lin = (torch.arange(R) + 0.5) / R * 2 - 1
+        y, x = torch.meshgrid(lin, lin, indexing="ij")
+        mask = (((x - yaw) / 0.5) ** 2 + (y / 0.7) ** 2 < 1).float()[None]
+        img = torch.stack([x, y, x * y]) * 0.5 * (1 - mask) + mask * 0.3
+        return {"image": img, "mask": mask, "camera": lab, "index": torch.tensor(i)}
+
+
+def _experiment(run_dir, steps, **train):
+    from pyface.models.eg3d.model import EG3D
+    from pyface.train.config import build_experiment, merge
+
+    small = {"model": {"generator": {"z_dim": 16, "w_dim": 16, "backbone_resolution": 16,
+                                     "plane_channels": 4, "channel_base": 64, "channel_max": 8,
+                                     "decoder_hidden": 8, "decoder_features": 6,
+                                     "img_resolution": 16, "neural_rendering_resolution": 8,
+                                     "sr_input_resolution": 8, "sr_block_channels": [8, 4],
+                                     "render": {"depth_resolution": 6,
+                                                "depth_resolution_importance": 4}},
+                       "discriminator": {"channel_base": 64, "channel_max": 8,
+                                         "mapping_layers": 1},
+                       "neural_rendering_resolution_initial": 8, "d_reg_interval": 2,
+                       "g_reg_interval": 2, "measure_every": 1},
+             "data": {"resolution": 16},
+             "train": {"steps": steps, "batch_size": 4, "run_dir": str(run_dir),
+                       "progress": False, "tensorboard": False, "image_every": 0,
+                       "ckpt_every": 2, "log_every": 1, **train}}
+    return build_experiment("eg3d", EG3D.Config, defaults=merge(EG3D.recipe, small))
+
+
+def test_engine_steps_every_phase_and_logs_measures(tmp_path, caplog):
+    import logging
+
+    from pyface.train.engine import Trainer
+
+    cfg = _experiment(tmp_path / "run", 2)
+    tr = Trainer(cfg, dataset=_Frames())
+    names = [p.name for p in tr.phases]
+    assert names == ["Gmain", "Greg", "Dmain", "Dreg"]
+    assert [p.interval for p in tr.phases] == [1, 2, 1, 2]
+    # lazy-regularisation compensation (EG3D): lr * k/(k+1), betas ** (k/(k+1))
+    g = tr.optimizers["G"].param_groups[0]
+    assert g["lr"] == pytest.approx(0.0025 * 2 / 3) and g["betas"][1] == pytest.approx(
+        0.99 ** (2 / 3))
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    batch = tr._to_device(next(iter(tr._loader())))
+    with caplog.at_level(logging.INFO, logger="pyface"):
+        losses = tr.train_step(batch)
+    for k in ("Gmain/loss", "Greg/density_tv", "Dmain/logit_gap", "Dreg/r1_penalty",
+              "Gmain/iou", "Gmain/iou_all", "Gmain/fg_opacity", "Gmain/bg_opacity"):
+        assert k in losses and torch.isfinite(losses[k]), k
+    assert "eg3d measures step 0" in caplog.text and "iou=" in caplog.text
+    after = tr.model.state_dict()
+    changed = {k.split(".")[0] for k in after if not torch.equal(after[k], before[k])}
+    assert changed == {"G", "D"}
+    # G's w_avg moved (update_emas in Dmain), the EMA generator exists
+    assert not torch.equal(after["G.backbone.mapping.w_avg"],
+                           before["G.backbone.mapping.w_avg"])
+    assert "G" in tr.ema.modules
+
+
+def test_presets_are_complete_and_full_is_eg3d_ffhq():
+    from pyface.models.eg3d.model import EG3D
+    from pyface.train.config import build_experiment
+
+    assert set(EG3D.presets) == {"tiny", "gpu-short", "full"}
+    for name, p in EG3D.presets.items():
+        exp = build_experiment("eg3d", EG3D.Config, defaults=p)
+        assert exp.model_config.generator.img_resolution == exp.data.resolution, name
+        with torch.device("meta"):
+            m = EG3D(exp.model_config)
+        assert m.G.superresolution.output_resolution == exp.data.resolution, name
+    full = build_experiment("eg3d", EG3D.Config, defaults=EG3D.presets["full"])
+    m, t = full.model_config, full.train
+    g = m.generator
+    assert (g.z_dim, g.w_dim, g.backbone_resolution, g.plane_channels, g.sr_variant) == \
+        (512, 512, 256, 32, "hybrid8xdc")
+    assert (m.r1_gamma, m.d_reg_interval, m.g_reg_interval, m.density_reg, m.reg_type) == \
+        (1.0, 16, 4, 0.25, "l1")
+    assert (m.g_lr, m.d_lr, m.betas, m.gpc_reg_prob, m.blur_init_sigma) == \
+        (0.0025, 0.002, [0.0, 0.99], 0.5, 10.0)
+    assert t.batch_size == 32 and t.steps * 32 == 27_000_000      # 25000 + 2000 kimg
+    assert t.ema.half_life_kimg == 10 and t.ema.rampup == 0.05 and t.ema.modules == ["G"]
+    assert full.data.name == "eg3d" and m.mirror
+
+
+def test_schedules_follow_eg3d():
+    from pyface.models.eg3d.model import EG3D, eg3d_blur
+
+    m = EG3D.__new__(EG3D)
+    m.cfg = EG3D.Config(gpc_reg_prob=0.5, gpc_reg_fade_kimg=1000, blur_init_sigma=10,
+                        blur_fade_kimg=None, neural_rendering_resolution_initial=64,
+                        neural_rendering_resolution_final=128,
+                        neural_rendering_resolution_fade_kimg=1000)
+    assert m.swapping_prob(0) == 1.0 and m.swapping_prob(500_000) == 0.75
+    assert m.swapping_prob(10**7) == 0.5
+    assert m.blur_sigma(0, 32) == 10 and m.blur_sigma(100_000, 32) == 5.0     # 200 kimg fade
+    assert m.blur_sigma(10**6, 32) == 0
+    assert m.rendering_resolution(0) == 64 and m.rendering_resolution(500_000) == 96
+    assert m.rendering_resolution(2 * 10**6) == 128
+    m.cfg.neural_rendering_resolution_fade_start_kimg = 25000
+    assert m.rendering_resolution(25 * 10**6) == 64
+    assert m.rendering_resolution(25_500_000) == 96 and m.rendering_resolution(10**9) == 128
+    x = torch.zeros(1, 1, 9, 9)
+    x[..., 4, 4] = 1
+    y = eg3d_blur(x, 1.0)            # kernel 2^-(t/s)^2, t in [-3, 3], normalised
+    k = torch.exp2(-torch.arange(-3.0, 4.0).square())
+    k = k / k.sum()
+    torch.testing.assert_close(y[0, 0, 4, 1:8], k * k[3])
+    assert eg3d_blur(x, 0.3) is x
+
+
+def test_exact_resume(tmp_path):
+    from pyface.train.engine import Trainer
+
+    a = Trainer(_experiment(tmp_path / "a", 4), dataset=_Frames())
+    a.fit()
+    b = Trainer(_experiment(tmp_path / "b", 2), dataset=_Frames())
+    b.fit()
+    c = Trainer(_experiment(tmp_path / "b", 4), dataset=_Frames())
+    c.resume("auto")
+    assert c.step == 2
+    c.fit()
+    sa, sc = a.model.state_dict(), c.model.state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sc[k]), k
+    for k, v in a.ema.modules["G"].state_dict().items():
+        assert torch.equal(v, c.ema.modules["G"].state_dict()[k]), k
+
+
+def test_training_bad_input(tmp_path):
+    from pyface.models.eg3d.model import EG3D
+    from pyface.train.model import StepContext
+
+    cfg = _experiment(tmp_path / "r", 1).model_config
+    m = EG3D(cfg)
+    ctx = StepContext(step=0, images_seen=0, batch_size=2)
+    b = _Frames(2, 16)
+    batch = torch.utils.data.default_collate([b[0], b[1]])
+    with pytest.raises(KeyError, match=r"batch\['camera'\] missing"):
+        m.step("Gmain", {"image": batch["image"]}, ctx)
+    with pytest.raises(ValueError, match=r"batch\['image'\]: expected \(B, 3, 16, 16\)"):
+        m.step("Gmain", {**batch, "image": batch["image"][..., :8, :8]},
+               StepContext(step=1, images_seen=0, batch_size=2))
+    with pytest.raises(KeyError, match=r"batch\['mask'\] missing: model.background='white'"):
+        m.step("Gmain", {k: v for k, v in batch.items() if k != "mask"},
+               StepContext(step=2, images_seen=0, batch_size=2))
+    with pytest.raises(ValueError, match="model.reg_type: expected one of"):
+        EG3D(EG3D.Config(reg_type="tv", generator=cfg.generator))
+
+
+def test_eg3d_dataset_folder_and_zip(tmp_path):
+    import json
+    import zipfile
+
+    from PIL import Image
+
+    from pyface.models.eg3d.data import EG3DImages
+    from pyface.train.config import DataConfig
+
+    d = tmp_path / "ds"
+    d.mkdir()
+    labels = []
+    for i in range(2):
+        Image.fromarray((torch.rand(8, 8, 3) * 255).byte().numpy()).save(d / f"img{i}.png")
+        labels.append([f"img{i}.png", [float(i)] * 25])
+    (d / "dataset.json").write_text(json.dumps({"labels": labels}))
+    with zipfile.ZipFile(tmp_path / "ds.zip", "w") as z:
+        for f in d.iterdir():
+            z.write(f, f.name)
+    for path in (d, tmp_path / "ds.zip"):
+        ds = EG3DImages.from_config(DataConfig(name="eg3d", path=str(path), resolution=4))
+        item = ds[1]
+        assert item["image"].shape == (3, 4, 4) and item["camera"].tolist() == [1.0] * 25
+        assert item["image"].dtype == torch.float32
+        assert -1 <= item["image"].min() and item["image"].max() <= 1
+    with pytest.raises(ValueError, match="data.path: the eg3d dataset needs a folder"):
+        EG3DImages.from_config(DataConfig(name="eg3d", resolution=4))
+
+
+# ------------------------------------------------------------------------------------------
+# inference: loading runs, orbit videos, inversion, pipeline, CLI
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from pyface.train.engine import Trainer
+
+    run = tmp_path_factory.mktemp("eg3d") / "run"
+    tr = Trainer(_experiment(run, 1), dataset=_Frames())
+    tr.train_step(tr._to_device(next(iter(tr._loader()))))
+    with torch.no_grad():   # (the EMA ramp-up copies G at step 0) make the EMA copy distinct
+        for p in tr.ema.modules["G"].parameters():
+            p.add_(0.01)
+    tr.save_checkpoint()
+    return str(run), tr
+
+
+def test_load_generator_prefers_ema(tiny_run):
+    from pyface.models.eg3d.pipeline import load_generator
+
+    run, tr = tiny_run
+    G = load_generator(run)
+    ema = tr.ema.modules["G"].state_dict()
+    live = tr.model.G.state_dict()
+    for k, v in G.state_dict().items():
+        assert torch.equal(v, ema[k]), k
+    assert any(not torch.equal(ema[k], live[k]) for k in ema)
+    Glive = load_generator(run, ema=False)
+    assert all(torch.equal(v, live[k]) for k, v in Glive.state_dict().items())
+    with pytest.raises(ckpt.CheckpointError, match="run folder without checkpoints"):
+        os.makedirs(os.path.join(run + "_empty", "checkpoints"))
+        load_generator(run + "_empty")
+
+
+def test_orbit_inversion_pipeline(tiny_run):
+    from pyface.models.eg3d.pipeline import (EG3DPipeline, load_generator, orbit_video,
+                                             parse_seeds, project)
+
+    run, _ = tiny_run
+    G = load_generator(run)
+    assert parse_seeds("0-2,7") == [0, 1, 2, 7]
+    frames = orbit_video(G, [0, 1], 3, progress=False)
+    assert frames.shape == (3, 3, 16, 32) and frames.abs().max() <= 1
+    assert not torch.equal(frames[0], frames[1])          # the camera moves
+    target = _Frames(2, 16)[1]
+    ws, info = project(G, target["image"], target["camera"], space="w+", steps=8, lr=0.05,
+                       progress=False, w_avg_samples=16)
+    assert ws.shape == (1, G.num_ws, 16) and info["loss"][-1] < info["loss"][0]
+    with pytest.raises(ValueError, match=r"camera: expected an EG3D label \(25,\)"):
+        project(G, target["image"], target["camera"][:24], steps=1, progress=False)
+    from pyface.models.eg3d import load_pipeline
+
+    assert isinstance(load_pipeline(run), EG3DPipeline)
+    pipe = EG3DPipeline.from_checkpoint(run, invert_steps=2)
+    assert pipe.resolution == 16
+    cams = torch.stack([_Frames(4, 16)[i]["camera"] for i in range(3)])
+    out = pipe.animate({"image": target["image"], "camera": target["camera"]},
+                       {"camera": cams})
+    assert out.shape == (3, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"driving\['camera'\]: expected \(T, 25\)"):
+        pipe.encode_driving({"camera": cams[:, :5]})
+
+
+def test_cli_animate_and_invert(tiny_run, tmp_path):
+    from pyface.cli import main
+    from pyface.train.monitor import save_png
+
+    run, _ = tiny_run
+    assert main(["animate", "eg3d", "--checkpoint", run, "--seeds", "0-1", "--frames", "4",
+                 "--out", str(tmp_path / "orbit.mp4")]) == 0
+    assert (tmp_path / "orbit.mp4").stat().st_size > 0
+    item = _Frames(2, 16)[0]
+    save_png(item["image"], str(tmp_path / "src.png"))
+    cam = ",".join(str(float(v)) for v in item["camera"])
+    assert main(["invert", "eg3d", str(tmp_path / "src.png"), "--checkpoint", run,
+                 "--camera", cam, "--steps", "3", "--out", str(tmp_path / "inv")]) == 0
+    t, meta = ckpt.load_weights(str(tmp_path / "inv" / "latent"), kind="eg3d-latent")
+    assert t["ws"].shape[0] == 1 and (tmp_path / "inv" / "reconstruction.png").is_file()
+    assert main(["invert", "eg3d", str(tmp_path / "src.png"), "--checkpoint", run,
+                 "--camera", "1,2,3", "--out", str(tmp_path / "x")]) == 1
