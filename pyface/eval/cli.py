@@ -26,10 +26,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="registered model name, or copy-source / warp-baseline (not with --runs)")
     p.add_argument("--checkpoint", default=None, help="run folder or checkpoint folder (models)")
-    p.add_argument("--runs", nargs="+", default=None, metavar="MODEL=RUN",
+    p.add_argument("--runs", nargs="*", default=None, metavar="MODEL=RUN",
                    help="evaluate these runs (registered model name = run or checkpoint folder) "
-                        "and the baselines; writes --out DIR/{table.md, report.json, "
-                        "<model>.json, <model>.png}")
+                        "and the baselines (none given: the baselines only); writes --out "
+                        "DIR/{table.md, report.json, <model>.json, <model>.png}")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder of --runs "
                    "(default: eval)")
     p.add_argument("--data", required=True,
