@@ -133,3 +133,17 @@ def test_cli_warp_baseline(root, tmp_path, capsys):
         j = rep["protocols"][proto]["jitter"]
         assert j["output"] == pytest.approx(j["driving"]) and j["triples"] > 0
     assert np.isfinite(rep["protocols"]["cross"]["subsets"]["all"]["psnr"]["face"])
+
+
+def test_cli_runs_baselines_only(root, tmp_path):
+    from pyface.cli import main
+
+    out = tmp_path / "b"
+    assert main(["eval", "--runs", "--data", root, "--resolution", "32", "--protocol", "cross",
+                 "--out", str(out), "--quiet"]) == 0
+    lines = (out / "table.md").read_text().splitlines()
+    assert [r.split("|")[1].strip() for r in lines[2:]] == [
+        "copy-source", "warp-baseline", "driving (ground truth)"]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["reports"]["warp-baseline"]["resolution"] == 32
+    assert list(rep["reports"]["copy-source"]["protocols"]) == ["cross"]
