@@ -147,3 +147,13 @@ def test_cli_runs_baselines_only(root, tmp_path):
     rep = json.loads((out / "report.json").read_text())
     assert rep["reports"]["warp-baseline"]["resolution"] == 32
     assert list(rep["reports"]["copy-source"]["protocols"]) == ["cross"]
+
+
+@pytest.mark.gpu
+def test_warp_baseline_cuda_matches_cpu(root):
+    cpu = evaluate(WarpBaseline(48), root, protocol="same", metrics=["psnr", "jitter"])
+    gpu = evaluate(WarpBaseline(48, device="cuda"), root, protocol="same",
+                   metrics=["psnr", "jitter"])
+    np.testing.assert_allclose(gpu.values["psnr"]["image"], cpu.values["psnr"]["image"],
+                               rtol=1e-4)
+    assert gpu.to_dict()["jitter"] == pytest.approx(cpu.to_dict()["jitter"])

@@ -16,6 +16,12 @@ go through ``encode_driving`` + ``generate`` in chunks of ``batch_size``; frames
 ``driven frames / seconds spent in encode_driving + generate`` (the source encoding, data loading
 and metrics excluded; CUDA synchronised around each chunk). All pipeline calls run under
 ``torch.no_grad()``; a pipeline that optimises at encode time enables gradients itself.
+
+Beside the per-pair image metrics (psnr, ssim) the evaluator computes lpips and csim per pair
+and fid / kid over each subset with user-weighted networks (:func:`load_networks`), and jitter
+over the driving sequences of each source: of the ground-truth driving landmarks, and of the
+output's landmarks when the pipeline knows them (optional
+``implied_landmarks(source, driving) -> (T, 68, 2) | None``; a model needs a detector for that).
 """
 from __future__ import annotations
 
