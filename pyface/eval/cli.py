@@ -218,7 +218,8 @@ def markdown_table(reports: dict) -> str:
 def load_pipeline(model: str, checkpoint: str | None, *, device, ema: bool = True, resolution=None,
                   data: str | None = None):
     """The pipeline to evaluate: :class:`~pyface.eval.evaluate.CopySource` for ``copy-source``,
-    :class:`~pyface.eval.warp_baseline.WarpBaseline` for ``warp-baseline``, else ``pyface.models.load(model, checkpoint, device=device, ema=ema)``."""
+    :class:`~pyface.eval.warp_baseline.WarpBaseline` for ``warp-baseline``, else
+    ``pyface.models.load(model, checkpoint, device=device, ema=ema)``."""
     from pyface.eval.evaluate import CopySource
     from pyface.eval.warp_baseline import WarpBaseline
 
