@@ -383,3 +383,4 @@ def test_cuda_matches_cpu(root):
         for region in ("image", "face"):
             np.testing.assert_array_equal(gpu.values[name][region], ref.values[name][region])
     assert gpu.frames == cpu.frames == 6
+    assert gpu.to_dict()["memory_peak_mb"] > 0 and ref.to_dict()["memory_peak_mb"] is None

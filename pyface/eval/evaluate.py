@@ -94,6 +94,7 @@ class EvalResult:
     seconds: float = 0.0                     # encode_driving + generate
     source_seconds: float = 0.0              # encode_source, all sources
     sources: int = 0
+    memory_peak_mb: float | None = None      # CUDA: peak allocated during the evaluation
     has_moving: bool = True                  # False when the data has no coefficients
     sheet: dict[str, torch.Tensor] = field(default_factory=dict)
     # fid / kid: per-pair Inception features of the target ("real") and the prediction ("fake")
@@ -147,6 +148,8 @@ class EvalResult:
                 "fps": _json_float(self.fps), "frames": self.frames,
                 "seconds": round(self.seconds, 4),
                 "source_encode_ms": _json_float(1000 * self.source_seconds / max(self.sources, 1)),
+                "memory_peak_mb": (None if self.memory_peak_mb is None
+                                   else round(self.memory_peak_mb, 1)),
                 **({"jitter": self.jitter_summary()} if self.jitter is not None else {})}
 
 
@@ -317,6 +320,8 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
         from tqdm import tqdm
         bar = tqdm(total=len(indices), unit="pair", desc=f"pyface eval {protocol}")
     state = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     try:
         for chunk, batch in zip(chunks, loader):
             with torch.no_grad():
@@ -393,6 +398,8 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
                 bar.update(n)
         if want_jitter:
             _close_sequence(res, seq)
+        if device.type == "cuda":
+            res.memory_peak_mb = torch.cuda.max_memory_allocated(device) / 2 ** 20
     finally:
         if bar is not None:
             bar.close()
