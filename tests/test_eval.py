@@ -105,8 +105,14 @@ def test_prepare_and_errors():
         M.ssim(a, a, torch.ones(1, 3, 16, 16, dtype=torch.bool))
     with pytest.raises(ValueError, match="at least 11"):
         M.ssim(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))
-    with pytest.raises(NotImplementedError, match="lpips"):
-        M.get("lpips")
+    with pytest.raises(NotImplementedError, match="'akd' is not implemented: it needs a 68-point"):
+        M.get("akd")
+    for name in ("aed", "apd", "aed_id"):
+        with pytest.raises(NotImplementedError, match=f"'{name}' is not implemented: it needs"):
+            M.check_name(name)
+    with pytest.raises(ValueError, match="'lpips' is not a per-pair image metric"):
+        M.get("lpips")              # computed by the evaluator with its network
+    assert [M.check_name(n) for n in ("lpips", "csim", "fid", "kid", "jitter", "fps")]
     with pytest.raises(ValueError, match="expected one of"):
         M.get("nope")
     assert set(M.METRICS) == {"psnr", "ssim"}
@@ -332,8 +338,14 @@ def test_cli_model_loads_through_pyface_models(root, tmp_path, monkeypatch, caps
     assert rep["protocols"]["same"]["subsets"]["moving"]["count"] == 4
     assert main(["eval", "example", "--data", root, "--quiet"]) == 1
     assert "--checkpoint: required" in capsys.readouterr().err
+    assert main(["eval", "copy-source", "--data", root, "--metrics", "psnr,akd", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "'akd' is not implemented" in err and "landmark detector" in err
     assert main(["eval", "copy-source", "--data", root, "--metrics", "psnr,fid", "--quiet"]) == 1
-    assert "'fid' is not implemented" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "metric 'fid' needs" in err and "--weights fid=PATH" in err
+    assert main(["eval", "copy-source", "--data", root, "--metrics", "psnr,bogus", "--quiet"]) == 1
+    assert "metric: expected one of psnr, ssim" in capsys.readouterr().err
 
 
 def test_data_hash(root, tmp_path):
@@ -371,3 +383,4 @@ def test_cuda_matches_cpu(root):
         for region in ("image", "face"):
             np.testing.assert_array_equal(gpu.values[name][region], ref.values[name][region])
     assert gpu.frames == cpu.frames == 6
+    assert gpu.to_dict()["memory_peak_mb"] > 0 and ref.to_dict()["memory_peak_mb"] is None

@@ -155,3 +155,18 @@ def test_missing_weights_say_what_to_pass(tmp_path):
         pfid.FIDInception()
     with pytest.raises(MissingWeightsError, match=r"does not exist.*--weights kid=PATH"):
         pfid.FIDInception(os.path.join(tmp_path, "x.pth"), metric="kid")
+
+
+def test_fid_from_few_features_matches_the_statistics_path():
+    """Fewer images than dimensions: the nuclear-norm path equals the D x D eigen path."""
+    rng = np.random.default_rng(5)
+    for n1, n2, d in ((6, 9, 40), (12, 12, 12), (3, 2, 30)):
+        real = rng.normal(size=(n1, d)) @ rng.normal(size=(d, d))
+        fake = rng.normal(size=(n2, d)) * 2 + 0.5
+        want = pfid.frechet_distance(*pfid.feature_statistics(real),
+                                     *pfid.feature_statistics(fake))
+        assert pfid.fid_from_features(real, fake) == pytest.approx(want, rel=1e-9, abs=1e-9)
+    x = rng.normal(size=(5, 20))
+    assert pfid.fid_from_features(x, x) == pytest.approx(0, abs=1e-9)
+    with pytest.raises(ValueError, match="fake: expected feature dimension 20"):
+        pfid.fid_from_features(x, x[:, :10])

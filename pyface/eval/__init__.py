@@ -3,7 +3,10 @@
 * :mod:`pyface.eval.metrics`: per-pair image metrics by name (psnr, ssim), each with its protocol;
 * :mod:`pyface.eval.evaluate`: :func:`evaluate` runs a pipeline over
   :func:`pyface.data.reenactment_pairs` and :class:`CopySource` is the copy-source baseline;
-* :mod:`pyface.eval.cli`: the command, its JSON report, table and PNG sheet.
+* :mod:`pyface.eval.warp_baseline`: :class:`WarpBaseline`, the thin-plate-spline warp baseline;
+* :mod:`pyface.eval.lpips`, :mod:`pyface.eval.fid`, :mod:`pyface.eval.identity`: LPIPS, FID / KID
+  and CSIM with user-supplied weights (:mod:`pyface.eval.weights`);
+* :mod:`pyface.eval.cli`: the command, its JSON report, tables and PNG sheets.
 """
 from __future__ import annotations
 
@@ -12,7 +15,9 @@ import importlib
 _LAZY = {"evaluate": "pyface.eval.evaluate", "CopySource": "pyface.eval.evaluate",
          "EvalResult": "pyface.eval.evaluate", "run": "pyface.eval.cli",
          "data_hash": "pyface.eval.cli", "METRICS": "pyface.eval.metrics",
-         "psnr": "pyface.eval.metrics", "ssim": "pyface.eval.metrics"}
+         "psnr": "pyface.eval.metrics", "ssim": "pyface.eval.metrics",
+         "jitter": "pyface.eval.metrics", "load_networks": "pyface.eval.evaluate",
+         "WarpBaseline": "pyface.eval.warp_baseline", "tps_warp": "pyface.eval.warp_baseline"}
 
 
 def __getattr__(name: str):

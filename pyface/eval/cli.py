@@ -1,30 +1,49 @@
-"""``pyface eval``: evaluate a trained model (or the copy-source baseline) on reenactment pairs.
+"""``pyface eval``: evaluate trained models and the baselines on reenactment pairs.
 
-Writes a JSON report (``--json``), prints a table and writes a PNG sheet of source | driving |
-target | prediction rows (``--sheet``). See docs/eval.md.
+One model (``pyface eval MODEL --checkpoint RUN``) or baseline (``copy-source``,
+``warp-baseline``): prints a table, writes a JSON report (``--json``) and a PNG sheet of
+source | driving | target | prediction rows (``--sheet``). Several runs
+(``pyface eval --runs NAME=RUN ... --out DIR``): every run plus the baselines, one markdown
+table, one JSON and a PNG sheet per model. See docs/eval.md.
 """
 from __future__ import annotations
 
 import sys
 
-BASELINES = ("copy-source",)
+BASELINES = ("copy-source", "warp-baseline")
+DEFAULT_METRICS = "psnr,ssim,jitter"
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "eval", help="PSNR / SSIM / fps of a model on held-out reenactment pairs",
-        description="Evaluate MODEL (a registered model name with --checkpoint RUN, or the "
-                    "baseline copy-source: the prediction is the source image) on the "
-                    "same-identity and/or cross-identity reenactment pairs of a pyface dataset "
-                    "(see docs/eval.md). Prints a table; writes JSON and a PNG sheet on request.")
-    p.add_argument("model", help="registered model name, or copy-source")
+        "eval", help="metrics and fps of models and baselines on held-out reenactment pairs",
+        description="Evaluate MODEL (a registered model name with --checkpoint RUN, or a "
+                    "baseline: copy-source, the prediction is the source image; warp-baseline, "
+                    "a thin-plate-spline warp of the source from its landmarks to the driving "
+                    "frame's) on the same-identity and/or cross-identity reenactment pairs of a "
+                    "pyface dataset, or several runs with --runs NAME=RUN ... and the baselines "
+                    "(see docs/eval.md). Prints a table; writes JSON and PNG sheets.")
+    p.add_argument("model", nargs="?", default=None,
+                   help="registered model name, or copy-source / warp-baseline (not with --runs)")
     p.add_argument("--checkpoint", default=None, help="run folder or checkpoint folder (models)")
+    p.add_argument("--runs", nargs="*", default=None, metavar="MODEL=RUN",
+                   help="evaluate these runs (registered model name = run or checkpoint folder) "
+                        "and the baselines (none given: the baselines only); writes --out "
+                        "DIR/{table.md, report.json, <model>.json, <model>.png}")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder of --runs "
+                   "(default: eval)")
     p.add_argument("--data", required=True,
                    help="dataset root (pyface format; held-out: `pyface data synth --split test`)")
     p.add_argument("--protocol", choices=("same", "cross", "both"), default="both")
     p.add_argument("--subset", choices=("all", "moving"), default="all",
                    help="all pairs (the moving subset is reported as well) or moving pairs only")
-    p.add_argument("--metrics", default="psnr,ssim", help="comma-separated metric names")
+    p.add_argument("--metrics", default=None,
+                   help="comma-separated metric names (default: psnr,ssim,jitter; jitter only "
+                        "when the data has landmarks): psnr, ssim, lpips, csim, fid, kid, jitter "
+                        "(fps is always measured; akd, aed, aed_id, apd are not implemented)")
+    p.add_argument("--weights", action="append", default=[], metavar="NAME=PATH",
+                   help="weights of a metric (repeatable): lpips=, lpips_heads=, fid= (or kid=), "
+                        "csim=; pyface never downloads them (docs/eval.md)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the report here")
     p.add_argument("--sheet", default=None, metavar="OUT.png", help="write a PNG sheet here")
     p.add_argument("--sheet-rows", type=int, default=6, help="rows of the sheet per protocol")
@@ -33,7 +52,8 @@ def add_parser(subparsers) -> None:
                    help="evaluate at most N pairs per protocol, spread evenly over the set")
     p.add_argument("--batch-size", type=int, default=8, help="driving frames per generate call")
     p.add_argument("--resolution", type=int, default=None,
-                   help="copy-source only: evaluation size (default: the data's resolution)")
+                   help="baselines only: evaluation size (default: the data's resolution; with "
+                        "--runs: every model's resolution)")
     p.add_argument("--no-ema", action="store_true", help="use the live weights, not the EMA")
     p.add_argument("--workers", type=int, default=0, help="data loader processes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -102,22 +122,50 @@ def _data_resolution(root: str) -> int:
     return int(next(iter(res))[0])
 
 
+def _fmt(name: str, v) -> str:
+    if v is None:
+        return "-"
+    if name in ("ssim", "lpips", "csim"):
+        return f"{v:.4f}"
+    if name == "kid":
+        return f"{v:.5f}"
+    if name == "jitter":
+        return f"{v:.3f}"
+    if name == "fps":
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def metric_columns(report: dict) -> list[tuple[str, str, str]]:
+    """``(label, metric, region)`` of the per-subset values of a report, in metric order:
+    ``psnr``, ``psnr face``, ..., ``kid``."""
+    cols = []
+    for n in report["metrics"]:
+        regions = set()
+        for r in report["protocols"].values():
+            for s in r["subsets"].values():
+                regions |= {k for k in s.get(n, {}) if not k.endswith("_std")}
+        for region in ("image", "face"):
+            if region in regions:
+                cols.append((n if region == "image" else f"{n} {region}", n, region))
+    return cols
+
+
 def format_table(report: dict) -> str:
     """The printed table of a report (one row per protocol and subset)."""
-    names = report["metrics"]
-    head = ["protocol", "subset", "pairs"]
-    for n in names:
-        head += [n, f"{n} face"]
-    head += ["fps"]
+    cols = metric_columns(report)
+    jit = "jitter" in report["metrics"]
+    head = ["protocol", "subset", "pairs"] + [c[0] for c in cols] + ["fps"]
+    head += ["jitter", "jitter driving"] if jit else []
     rows = []
     for proto, r in report["protocols"].items():
         for subset, s in r["subsets"].items():
             row = [proto, subset, str(s["count"])]
-            for n in names:
-                for region in ("image", "face"):
-                    v = s.get(n, {}).get(region)
-                    row.append("-" if v is None else f"{v:.4f}" if n == "ssim" else f"{v:.2f}")
-            row.append("-" if r["fps"] is None else f"{r['fps']:.1f}")
+            row += [_fmt(n, s.get(n, {}).get(region)) for _, n, region in cols]
+            row.append(_fmt("fps", r["fps"]))
+            if jit:
+                j = r.get("jitter") or {}
+                row += [_fmt("jitter", j.get("output")), _fmt("jitter", j.get("driving"))]
             rows.append(row)
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
 
@@ -129,14 +177,55 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(reports: dict) -> str:
+    """One markdown table of several reports (``{row label: report}``): one row per model;
+    columns: resolution, then ``protocol/subset metric`` for every protocol, subset and metric,
+    then fps and jitter per protocol (jitter: the output's; the driving ground truth's is in the
+    last row, ``driving (ground truth)``)."""
+    first = next(iter(reports.values()))
+    cols = metric_columns(first)
+    head, keys = ["model", "res"], []
+    for proto, r in first["protocols"].items():
+        for subset in r["subsets"]:
+            for label, n, region in cols:
+                head.append(f"{proto}/{subset} {label}")
+                keys.append((proto, subset, n, region))
+    protos = list(first["protocols"])
+    jit = "jitter" in first["metrics"]
+    head += [f"{p} fps" for p in protos] + ([f"{p} jitter" for p in protos] if jit else [])
+    rows = []
+    for name, rep in reports.items():
+        row = [name, str(rep["resolution"])]
+        for proto, subset, n, region in keys:
+            s = rep["protocols"].get(proto, {}).get("subsets", {}).get(subset, {})
+            row.append(_fmt(n, s.get(n, {}).get(region)))
+        row += [_fmt("fps", rep["protocols"][p]["fps"]) for p in protos]
+        if jit:
+            row += [_fmt("jitter", (rep["protocols"][p].get("jitter") or {}).get("output"))
+                    for p in protos]
+        rows.append(row)
+    if jit:   # the driving frames' own jitter (the reference), from the first report
+        row = ["driving (ground truth)", str(first["resolution"])] + ["-"] * len(keys)
+        row += ["-"] * len(protos)
+        row += [_fmt("jitter", (first["protocols"][p].get("jitter") or {}).get("driving"))
+                for p in protos]
+        rows.append(row)
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
 def load_pipeline(model: str, checkpoint: str | None, *, device, ema: bool = True, resolution=None,
                   data: str | None = None):
     """The pipeline to evaluate: :class:`~pyface.eval.evaluate.CopySource` for ``copy-source``,
-    else ``pyface.models.load(model, checkpoint, device=device, ema=ema)``."""
+    :class:`~pyface.eval.warp_baseline.WarpBaseline` for ``warp-baseline``, else
+    ``pyface.models.load(model, checkpoint, device=device, ema=ema)``."""
     from pyface.eval.evaluate import CopySource
+    from pyface.eval.warp_baseline import WarpBaseline
 
-    if model == "copy-source":
-        return CopySource(resolution or _data_resolution(data), device=device)
+    if model in BASELINES:
+        cls = CopySource if model == "copy-source" else WarpBaseline
+        return cls(resolution or _data_resolution(data), device=device)
     if checkpoint is None:
         raise ValueError(f"--checkpoint: required for model {model!r} (only {', '.join(BASELINES)} "
                          "runs without one)")
@@ -147,47 +236,116 @@ def load_pipeline(model: str, checkpoint: str | None, *, device, ema: bool = Tru
     return load(model, checkpoint, device=device, ema=ema)
 
 
-def run(args) -> int:
+def _metrics(args) -> list[str]:
+    from pyface.data import format as fmt
+    from pyface.eval import metrics as M
+
+    names = [m.strip() for m in (args.metrics or DEFAULT_METRICS).split(",") if m.strip()]
+    for m in names:
+        M.check_name(m)
+    if args.metrics is None:      # the default: jitter only where the data has landmarks
+        try:
+            if not all(r.has_landmarks for r in fmt.load_index(args.data)):
+                names.remove("jitter")
+        except Exception:  # noqa: BLE001 - a bad root is reported by the evaluation itself
+            pass
+    return names
+
+
+def evaluate_report(name: str, pipeline, args, *, metrics, networks, checkpoint=None):
+    """Evaluates ``pipeline`` on every requested protocol -> (report dict, sheet dicts)."""
     import datetime
+    import os
+
+    from pyface.eval.evaluate import evaluate
+
+    protocols = ("same", "cross") if args.protocol == "both" else (args.protocol,)
+    device = getattr(pipeline, "device", None) or "cpu"
+    report = {"model": name,
+              "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
+              "data": os.path.abspath(args.data), "data_hash": data_hash(args.data),
+              "device": device_name(device), "resolution": int(pipeline.resolution),
+              "batch_size": args.batch_size, "max_pairs": args.max_pairs, "subset": args.subset,
+              "metrics": metrics, "moving": _moving_thresholds(),
+              "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "versions": versions(), "protocols": {}}
+    sheets = []
+    for proto in protocols:
+        res = evaluate(pipeline, args.data, protocol=proto, subset=args.subset, metrics=metrics,
+                       batch_size=args.batch_size, max_pairs=args.max_pairs,
+                       sheet_rows=args.sheet_rows, workers=args.workers,
+                       progress=not args.quiet, networks=networks)
+        report["protocols"][proto] = res.to_dict()
+        sheets.append(res.sheet)
+    return report, sheets
+
+
+def _write_json(report, path) -> None:
     import json
     import os
 
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2, allow_nan=False)
+
+
+def _write_sheet(sheets, path) -> None:
+    import torch
+
+    from pyface.train.monitor import image_grid, save_png
+
+    rows = {k: torch.cat([s[k] for s in sheets if s]) for k in
+            ("source", "driving", "target", "prediction")}
+    save_png(image_grid(rows, max_items=rows["source"].shape[0]), path)
+
+
+def parse_runs(items) -> dict[str, str]:
+    """``["eg3d=RUN1", "otavatar=RUN2"]`` -> ``{"eg3d": "RUN1", ...}`` (model names unique and
+    not a baseline's)."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = str(item).partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--runs: expected MODEL=RUN, got {item!r}")
+        if name in BASELINES:
+            raise ValueError(f"--runs: {name!r} is a baseline (always evaluated); expected a "
+                             "registered model name")
+        if name in out:
+            raise ValueError(f"--runs: model {name!r} given twice")
+        out[name] = path
+    return out
+
+
+def run(args) -> int:
     import torch
 
     from pyface.data.format import DataError
-    from pyface.eval.evaluate import evaluate
+    from pyface.eval.weights import parse_weights
 
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.resolution is not None and args.model != "copy-source":
-        print("pyface eval: --resolution applies to copy-source only (a model evaluates at its "
+    if args.runs is not None:
+        if args.model is not None or args.checkpoint or args.json or args.sheet:
+            print("pyface eval: --runs takes no MODEL, --checkpoint, --json or --sheet (it "
+                  "writes --out DIR)", file=sys.stderr)
+            return 2
+    elif args.model is None:
+        print("pyface eval: expected MODEL (or --runs MODEL=RUN ...)", file=sys.stderr)
+        return 2
+    elif args.resolution is not None and args.model not in BASELINES:
+        print("pyface eval: --resolution applies to the baselines only (a model evaluates at its "
               "output resolution)", file=sys.stderr)
         return 2
     try:
-        from pyface.eval import metrics as M
-        for m in metrics:
-            M.get(m)
+        from pyface.eval.evaluate import load_networks
+
+        metrics = _metrics(args)
+        networks = load_networks(metrics, parse_weights(args.weights), device=device)
+        if args.runs is not None:
+            return _run_many(args, metrics, networks, device)
         pipeline = load_pipeline(args.model, args.checkpoint, device=device, ema=not args.no_ema,
                                  resolution=args.resolution, data=args.data)
-        protocols = ("same", "cross") if args.protocol == "both" else (args.protocol,)
-        report = {"model": args.model,
-                  "checkpoint": os.path.abspath(args.checkpoint) if args.checkpoint else None,
-                  "data": os.path.abspath(args.data), "data_hash": data_hash(args.data),
-                  "device": device_name(getattr(pipeline, "device", None) or device),
-                  "resolution": int(pipeline.resolution), "batch_size": args.batch_size,
-                  "max_pairs": args.max_pairs, "subset": args.subset, "metrics": metrics,
-                  "moving": _moving_thresholds(),
-                  "time": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                      timespec="seconds"),
-                  "versions": versions(), "protocols": {}}
-        sheets = []
-        for proto in protocols:
-            res = evaluate(pipeline, args.data, protocol=proto, subset=args.subset,
-                           metrics=metrics, batch_size=args.batch_size, max_pairs=args.max_pairs,
-                           sheet_rows=args.sheet_rows, workers=args.workers,
-                           progress=not args.quiet)
-            report["protocols"][proto] = res.to_dict()
-            sheets.append(res.sheet)
+        report, sheets = evaluate_report(args.model, pipeline, args, metrics=metrics,
+                                         networks=networks, checkpoint=args.checkpoint)
     except (DataError, ValueError, NotImplementedError, RuntimeError, FileNotFoundError) as e:
         print(f"pyface eval: {e}", file=sys.stderr)
         return 1
@@ -195,17 +353,48 @@ def run(args) -> int:
           f"{report['resolution']} px, {report['device']})")
     print(format_table(report))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2, allow_nan=False)
+        _write_json(report, args.json)
         print(f"wrote {args.json}")
     if args.sheet:
-        from pyface.train.monitor import image_grid, save_png
-
-        rows = {k: torch.cat([s[k] for s in sheets if s]) for k in
-                ("source", "driving", "target", "prediction")}
-        save_png(image_grid(rows, max_items=rows["source"].shape[0]), args.sheet)
+        _write_sheet(sheets, args.sheet)
         print(f"wrote {args.sheet}")
+    return 0
+
+
+def _run_many(args, metrics, networks, device) -> int:
+    """--runs: every run, then the baselines at each model's resolution (``NAME@RES`` rows
+    when the models' resolutions differ)."""
+    import os
+
+    runs = parse_runs(args.runs)
+    out = args.out or "eval"
+    pipelines = {name: load_pipeline(name, path, device=device, ema=not args.no_ema)
+                 for name, path in runs.items()}
+    resolutions = sorted({int(p.resolution) for p in pipelines.values()}) or \
+        [args.resolution or _data_resolution(args.data)]
+    if args.resolution is not None and pipelines:
+        resolutions = [args.resolution]
+    for b in BASELINES:
+        for r in resolutions:
+            label = b if len(resolutions) == 1 else f"{b}@{r}"
+            pipelines[label] = load_pipeline(b, None, device=device, resolution=r)
+    reports = {}
+    for label, pipe in pipelines.items():
+        rep, sheets = evaluate_report(label, pipe, args, metrics=metrics, networks=networks,
+                                      checkpoint=runs.get(label))
+        reports[label] = rep
+        _write_json(rep, os.path.join(out, f"{label}.json"))
+        _write_sheet(sheets, os.path.join(out, f"{label}.png"))
+        print(f"{label} ({rep['resolution']} px, {rep['device']})")
+        print(format_table(rep))
+    table = markdown_table(reports)
+    first = next(iter(reports.values()))
+    _write_json({"data": first["data"], "data_hash": first["data_hash"], "metrics": metrics,
+                 "reports": reports}, os.path.join(out, "report.json"))
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    print(f"wrote {out}/table.md, report.json and per-model .json / .png")
     return 0
 
 

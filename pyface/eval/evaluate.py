@@ -16,6 +16,12 @@ go through ``encode_driving`` + ``generate`` in chunks of ``batch_size``; frames
 ``driven frames / seconds spent in encode_driving + generate`` (the source encoding, data loading
 and metrics excluded; CUDA synchronised around each chunk). All pipeline calls run under
 ``torch.no_grad()``; a pipeline that optimises at encode time enables gradients itself.
+
+Beside the per-pair image metrics (psnr, ssim) the evaluator computes lpips and csim per pair
+and fid / kid over each subset with user-weighted networks (:func:`load_networks`), and jitter
+over the driving sequences of each source: of the ground-truth driving landmarks, and of the
+output's landmarks when the pipeline knows them (optional
+``implied_landmarks(source, driving) -> (T, 68, 2) | None``; a model needs a detector for that).
 """
 from __future__ import annotations
 
@@ -58,6 +64,14 @@ class CopySource:
         """-> (T, 3, H, W): the source, T times."""
         return state.unsqueeze(0).expand(motion, -1, -1, -1).contiguous()
 
+    def implied_landmarks(self, source: dict, driving: dict) -> torch.Tensor | None:
+        """The landmarks the outputs have by construction: the source's, T times
+        ``(T, 68, 2)`` (None without source landmarks)."""
+        lm = source.get("landmarks")
+        if lm is None:
+            return None
+        return lm.unsqueeze(0).expand(int(driving["image"].shape[0]), -1, -1)
+
     def animate(self, source: dict, driving: dict, **controls) -> torch.Tensor:
         return self.generate(self.encode_source(source), self.encode_driving(driving), **controls)
 
@@ -80,8 +94,14 @@ class EvalResult:
     seconds: float = 0.0                     # encode_driving + generate
     source_seconds: float = 0.0              # encode_source, all sources
     sources: int = 0
+    memory_peak_mb: float | None = None      # CUDA: peak allocated during the evaluation
     has_moving: bool = True                  # False when the data has no coefficients
     sheet: dict[str, torch.Tensor] = field(default_factory=dict)
+    # fid / kid: per-pair Inception features of the target ("real") and the prediction ("fake")
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+    set_metrics: tuple[str, ...] = ()        # of fid, kid
+    # jitter: per-triple second differences of landmark sequences (see jitter_summary)
+    jitter: dict[str, list] | None = None
 
     @property
     def fps(self) -> float:
@@ -94,7 +114,31 @@ class EvalResult:
         for name, regions in self.values.items():
             out[name] = {r: _json_float(M.mean_finite(v[keep]) if keep.any() else math.nan)
                          for r, v in regions.items()}
+        if self.set_metrics:
+            from pyface.eval.fid import fid_from_features, kid_from_features
+
+            ok = keep & np.isfinite(self.features["fake"]).all(1)
+            real, fake = self.features["real"][ok], self.features["fake"][ok]
+            enough = len(real) >= 2
+            if "fid" in self.set_metrics:
+                out["fid"] = {"image": _json_float(fid_from_features(real, fake) if enough
+                                                   else math.nan)}
+            if "kid" in self.set_metrics:
+                mean, std = kid_from_features(real, fake) if enough else (math.nan, math.nan)
+                out["kid"] = {"image": _json_float(mean), "image_std": _json_float(std)}
         return out
+
+    def jitter_summary(self) -> dict | None:
+        """``{"output", "driving", "triples"}``: :func:`pyface.eval.metrics.jitter` over every
+        run of three consecutive driving frames of one source, of the output's landmarks (None
+        when the pipeline implies none: it needs a detector) and of the driving frames' ground
+        truth, in pixels at the evaluation resolution."""
+        if self.jitter is None:
+            return None
+        d, o = self.jitter["driving"], self.jitter["output"]
+        mean = lambda v: _json_float(np.mean(v)) if v else None        # noqa: E731
+        return {"output": mean(o) if o is not None else None, "driving": mean(d),
+                "triples": len(d)}
 
     def to_dict(self) -> dict:
         subsets = ("moving",) if self.subset == "moving" else \
@@ -103,7 +147,10 @@ class EvalResult:
                 "pairs": len(self.indices), "sources": self.sources,
                 "fps": _json_float(self.fps), "frames": self.frames,
                 "seconds": round(self.seconds, 4),
-                "source_encode_ms": _json_float(1000 * self.source_seconds / max(self.sources, 1))}
+                "source_encode_ms": _json_float(1000 * self.source_seconds / max(self.sources, 1)),
+                "memory_peak_mb": (None if self.memory_peak_mb is None
+                                   else round(self.memory_peak_mb, 1)),
+                **({"jitter": self.jitter_summary()} if self.jitter is not None else {})}
 
 
 def _json_float(x: float):
@@ -182,9 +229,27 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def load_networks(metrics, weights: dict | None, *, device=None) -> dict:
+    """The networks of the requested metrics that need user weights (lpips, csim, fid / kid:
+    one Inception for both), built by :func:`pyface.eval.weights.load_weighted_metric` from
+    ``weights`` (``{name: path}``, as from :func:`pyface.eval.weights.parse_weights`).
+    Raises :class:`pyface.eval.weights.MissingWeightsError` naming the file to pass."""
+    from pyface.eval.weights import METRICS_NEEDING_WEIGHTS, load_weighted_metric
+
+    out = {}
+    for name in metrics:
+        if name not in METRICS_NEEDING_WEIGHTS:
+            continue
+        key = "fid" if name in ("fid", "kid") else name
+        if key not in out:
+            out[key] = load_weighted_metric(name, dict(weights or {}), device=device)
+    return out
+
+
 def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
              metrics=("psnr", "ssim"), batch_size: int = 8, max_pairs: int | None = None,
-             sheet_rows: int = 8, workers: int = 0, progress: bool = False) -> EvalResult:
+             sheet_rows: int = 8, workers: int = 0, progress: bool = False,
+             networks: dict | None = None, weights: dict | None = None) -> EvalResult:
     """Evaluates ``pipeline`` (see the module docstring) on reenactment pairs.
 
     Args:
@@ -192,11 +257,15 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
             ``pipeline.resolution`` for ``protocol`` / ``subset``) or a dataset whose items are
             ``{"source", "driving", "target", "moving"}`` (targets and masks are then resized
             to the prediction's size with antialiasing when they differ).
-        metrics: names of :data:`pyface.eval.metrics.METRICS`.
+        metrics: names of :data:`pyface.eval.metrics.METRICS` (per-pair image metrics) and of
+            :data:`pyface.eval.metrics.EVALUATOR_METRICS` (lpips, csim, fid, kid, jitter; fps is
+            always measured).
         batch_size: driving frames per ``encode_driving`` / ``generate`` call.
         max_pairs: evaluate this many pairs spread evenly over the set (None: all).
         sheet_rows: pairs kept for the PNG sheet (the middle pair of each source, in order).
         workers: DataLoader worker processes.
+        networks: ``{"lpips" | "csim" | "fid": module}`` already built (:func:`load_networks`);
+            missing ones are built from ``weights`` (``{name: path}``).
     """
     import os
 
@@ -210,9 +279,16 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
         raise ValueError(f"subset: expected one of {SUBSETS}, got {subset!r}")
     if int(batch_size) <= 0:
         raise ValueError(f"batch_size: expected > 0, got {batch_size}")
-    mets = [M.get(n) for n in metrics]
+    metrics = [M.check_name(n) for n in metrics]
+    mets = [M.get(n) for n in metrics if n in M.METRICS]
     resolution = int(getattr(pipeline, "resolution"))
     device = torch.device(getattr(pipeline, "device", None) or "cpu")
+    nets = dict(networks or {})
+    missing = [n for n in metrics if n in ("lpips", "csim", "fid", "kid")
+               and ("fid" if n == "kid" else n) not in nets]
+    nets.update(load_networks(missing, weights, device=device))
+    set_metrics = tuple(n for n in ("fid", "kid") if n in metrics)
+    want_jitter = "jitter" in metrics
     if isinstance(data, (str, os.PathLike)):
         data = reenactment_pairs(data, resolution=resolution, protocol=protocol, subset=subset)
     indices = select_pairs(len(data), max_pairs)
@@ -227,17 +303,32 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
     pos = {i: k for k, i in enumerate(indices)}
     values = {m.name: {} for m in mets}
     moving = np.zeros(len(indices), bool)
-    res = EvalResult(protocol, subset, resolution, indices, moving, values)
+    for name in ("lpips", "csim"):
+        if name in metrics:
+            values[name] = {"image": np.full(len(indices), np.nan)}
+    res = EvalResult(protocol, subset, resolution, indices, moving, values,
+                     set_metrics=set_metrics)
+    if set_metrics:
+        from pyface.eval.fid import FEATURE_DIM
+        res.features = {k: np.full((len(indices), FEATURE_DIM), np.nan) for k in ("real", "fake")}
+    if want_jitter:
+        res.jitter = {"driving": [], "output": []}
+    seq: dict = {}
     sheet = {k: [] for k in ("source", "driving", "target", "prediction")}
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(indices), unit="pair", desc=f"pyface eval {protocol}")
     state = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     try:
         for chunk, batch in zip(chunks, loader):
             with torch.no_grad():
                 if chunk[0] in first_of_group:
+                    if want_jitter:
+                        _close_sequence(res, seq)
+                        seq = {"driving": [], "output": [], "frame": []}
                     first = {k: v[0] for k, v in batch["source"].items()}
                     source = to_pipeline_frame(first, device)
                     _sync(device)
@@ -267,6 +358,32 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
                 for region, v in m(p, t, mask).items():
                     values[m.name].setdefault(region, np.full(len(indices), np.nan))
                     values[m.name][region][[pos[i] for i in chunk]] = v.numpy()
+            rows = [pos[i] for i in chunk]
+            scale = torch.tensor([size[1] / batch["target"]["image"].shape[-1],
+                                  size[0] / batch["target"]["image"].shape[-2]])
+            if "lpips" in nets and "lpips" in metrics:
+                with torch.no_grad():
+                    v = nets["lpips"]((p * 2 - 1).float().to(device),
+                                      (t * 2 - 1).float().to(device))
+                values["lpips"]["image"][rows] = v.double().cpu().numpy()
+            if "csim" in metrics:
+                values["csim"]["image"][rows] = _csim(nets["csim"], batch, p, size, scale,
+                                                      device)
+            if set_metrics:
+                f = nets["fid"]
+                res.features["real"][rows] = f.features((t * 2 - 1).float())
+                res.features["fake"][rows] = f.features((p * 2 - 1).float())
+            if want_jitter:
+                lm = batch["driving"].get("landmarks")
+                if lm is None:
+                    raise ValueError("data: metric 'jitter' needs the driving frames' "
+                                     "'landmarks' (landmarks.npy); this data has none")
+                seq["driving"].append(lm.double() * scale.double())
+                fr = batch["driving"].get("frame")
+                seq["frame"].append(None if fr is None else torch.as_tensor(fr).long())
+                imp = getattr(pipeline, "implied_landmarks", None)
+                imp = imp(source, driving) if imp is not None else None
+                seq["output"].append(None if imp is None else imp.double().cpu() * scale.double())
             if "moving" in batch:
                 moving[[pos[i] for i in chunk]] = batch["moving"].numpy().astype(bool)
             else:                                   # no coefficients: no moving subset
@@ -279,6 +396,10 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
                     sheet["prediction"].append(p[j] * 2 - 1)
             if bar is not None:
                 bar.update(n)
+        if want_jitter:
+            _close_sequence(res, seq)
+        if device.type == "cuda":
+            res.memory_peak_mb = torch.cuda.max_memory_allocated(device) / 2 ** 20
     finally:
         if bar is not None:
             bar.close()
@@ -288,3 +409,45 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
                      else _resize(M.prepare(torch.stack(v)), size).float() * 2 - 1
                      for k, v in sheet.items()}
     return res
+
+
+def _csim(net, batch, p: torch.Tensor, size, scale: torch.Tensor, device) -> np.ndarray:
+    """CSIM of one chunk: the source frame against each prediction ``p (n, 3, h, w)`` in
+    [0, 1], aligned with the source's landmarks and the *target* frame's ground-truth landmarks
+    (the frame the prediction should reproduce), both scaled to the prediction's size."""
+    src, tgt = batch["source"], batch["target"]
+    if src.get("landmarks") is None or tgt.get("landmarks") is None:
+        raise ValueError("data: metric 'csim' needs 'landmarks' on the source and target frames "
+                         "(landmarks.npy) to align the faces; this data has none")
+    n = p.shape[0]
+    s_img = _resize(M.prepare(src["image"]), size)
+    s_lm = src["landmarks"].double() * scale.double()
+    t_lm = tgt["landmarks"].double() * scale.double()
+    with torch.no_grad():
+        v = net((s_img * 2 - 1).float().to(device), s_lm[:n].to(device),
+                (p * 2 - 1).float().to(device), t_lm[:n].to(device))
+    return v.double().cpu().numpy()
+
+
+def _close_sequence(res: EvalResult, seq: dict) -> None:
+    """Adds the jitter triples of one source's driving sequence (see
+    :meth:`EvalResult.jitter_summary`): runs of three consecutive driving frames (by their
+    ``frame`` ids when the data has them)."""
+    if not seq or not seq["driving"]:
+        return
+    drv = torch.cat(seq["driving"])
+    if drv.shape[0] < 3:
+        return
+    if all(f is not None for f in seq["frame"]):
+        fr = torch.cat(seq["frame"])
+        step = fr[1:] - fr[:-1]
+        ok = (step[:-1] == 1) & (step[1:] == 1)
+    else:
+        ok = torch.ones(drv.shape[0] - 2, dtype=torch.bool)
+    res.jitter["driving"].extend(M.second_differences(drv)[ok].tolist())
+    if res.jitter["output"] is not None:
+        if any(o is None for o in seq["output"]):
+            res.jitter["output"] = None                  # the pipeline implies no landmarks
+        else:
+            res.jitter["output"].extend(M.second_differences(torch.cat(seq["output"]))[ok]
+                                        .tolist())

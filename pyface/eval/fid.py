@@ -290,8 +290,24 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def fid_from_features(real, fake) -> float:
-    """real: (N1, D), fake: (N2, D) features -> FID."""
-    return frechet_distance(*feature_statistics(real), *feature_statistics(fake))
+    """real: (N1, D), fake: (N2, D) features -> FID.
+
+    With fewer images than feature dimensions (``max(N1, N2) <= D``, the usual case at 2048),
+    computed from the centred features ``X1``, ``X2`` without a D x D eigendecomposition:
+    ``S_i = X_i^T X_i / (N_i - 1)``, and the non-zero eigenvalues of ``S1 S2`` are the squared
+    singular values of ``X1 X2^T / sqrt((N1 - 1)(N2 - 1))``, so ``tr((S1 S2)^(1/2))`` is that
+    matrix's nuclear norm (exact; equal to :func:`frechet_distance` on the statistics)."""
+    x, y = _features(real, "real"), _features(fake, "fake")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"fake: expected feature dimension {x.shape[1]}, got {y.shape[1]}")
+    if max(len(x), len(y)) > x.shape[1]:
+        return frechet_distance(*feature_statistics(x), *feature_statistics(y))
+    mu1, mu2 = x.mean(0), y.mean(0)
+    x1, x2 = x - mu1, y - mu2
+    n1, n2 = len(x) - 1, len(y) - 1
+    tr_covmean = np.linalg.svd(x1 @ x2.T / np.sqrt(n1 * n2), compute_uv=False).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + (x1 * x1).sum() / n1 + (x2 * x2).sum() / n2 - 2 * tr_covmean)
 
 
 def polynomial_mmd2(x: np.ndarray, y: np.ndarray) -> float:

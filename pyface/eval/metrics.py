@@ -205,13 +205,41 @@ def register(metric: Metric) -> Metric:
     return metric
 
 
+#: metrics computed by the evaluator beside the per-pair image metrics of :data:`METRICS`:
+#: per pair with a network (lpips, csim), over a set of frames (fid, kid), over frame sequences
+#: (jitter), or timed (fps, always measured).
+EVALUATOR_METRICS = ("lpips", "csim", "fid", "kid", "jitter", "fps")
+
+#: names of the suite that are not implemented, and what they need.
+NOT_IMPLEMENTED = {
+    "akd": "a 68-point landmark detector run on the predictions (and on real frames); pyface has "
+           "none yet (`pyface data prepare`, issue 18)",
+    "aed": "pyface's 3DMM fit of the predictions' expression coefficients (`pyface data "
+           "prepare`, issue 18)",
+    "apd": "pyface's 3DMM fit of the predictions' pose (`pyface data prepare`, issue 18)",
+    "aed_id": "an identity-feature distance protocol (MMFA's 'AED') decided on ArcFace features; "
+              "use csim for now",
+}
+
+
 def get(name: str) -> Metric:
-    """The registered metric ``name``; a clear error for unknown or not yet implemented names."""
+    """The registered per-pair image metric ``name``; a clear error for unknown names, names of
+    the suite that are not implemented, and names the evaluator computes itself."""
     if name in METRICS:
         return METRICS[name]
-    if name in ALL_NAMES:
-        raise NotImplementedError(f"metric {name!r} is not implemented yet; available: "
-                                  f"{', '.join(METRICS)}")
+    check_name(name)
+    raise ValueError(f"metric {name!r} is not a per-pair image metric (the evaluator computes "
+                     "it); see pyface.eval.evaluate")
+
+
+def check_name(name: str) -> str:
+    """``name`` if :func:`pyface.eval.evaluate.evaluate` can compute it, else a clear error:
+    ValueError for an unknown name, NotImplementedError naming what a missing metric needs."""
+    if name in METRICS or name in EVALUATOR_METRICS:
+        return name
+    if name in NOT_IMPLEMENTED:
+        raise NotImplementedError(f"metric {name!r} is not implemented: it needs "
+                                  f"{NOT_IMPLEMENTED[name]}")
     raise ValueError(f"metric: expected one of {', '.join(ALL_NAMES)}, got {name!r}")
 
 
@@ -224,3 +252,22 @@ def mean_finite(values) -> float:
     v = torch.as_tensor(values, dtype=torch.float64).flatten()
     v = v[~torch.isnan(v)]
     return float(v.mean()) if v.numel() else math.nan
+
+
+def jitter(landmarks: torch.Tensor) -> torch.Tensor:
+    """Temporal jitter of a landmark sequence: the mean over frames ``1 .. T-2`` and points of
+    the norm of the second difference ``L[t+1] - 2 L[t] + L[t-1]`` (the acceleration, in the
+    landmarks' units: pixels at the evaluation resolution).
+
+    landmarks: (T, K, 2) with T >= 3 -> () float64."""
+    if landmarks.ndim != 3 or landmarks.shape[-1] != 2 or landmarks.shape[0] < 3:
+        raise ValueError(f"landmarks: expected shape (T >= 3, K, 2), got "
+                         f"{tuple(landmarks.shape)}")
+    return second_differences(landmarks).mean()
+
+
+def second_differences(landmarks: torch.Tensor) -> torch.Tensor:
+    """landmarks: (T, K, 2) -> (T - 2,) float64: per middle frame, the mean over points of
+    ``|L[t+1] - 2 L[t] + L[t-1]|``."""
+    x = landmarks.double()
+    return (x[2:] - 2 * x[1:-1] + x[:-2]).norm(dim=-1).mean(-1)
