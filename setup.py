@@ -210,6 +210,10 @@ setup(
         "triton": ["triton==3.6.0"],
         "train": ["tensorboard", "imageio", "imageio-ffmpeg", "pillow"],
         "test": ["pytest", "pytest-benchmark", "triton==3.6.0", "scipy"],
+        # `pyface data prepare`: PyAV (decoder) and MediaPipe 0.10.21, the last release whose
+        # wheel ships the legacy face-mesh / face-detection / selfie-segmentation models (runs
+        # offline). It pins numpy<2 and protobuf<5.
+        "prepare": ["mediapipe==0.10.21", "av>=12"],
     },
     entry_points={"console_scripts": ["pyface=pyface.cli:main"]},
 )

@@ -53,7 +53,9 @@ def add_parser(subparsers) -> None:
     q.add_argument("--resume", action="store_true", help="skip videos already finished in --out")
     q.add_argument("--no-fit", action="store_true",
                    help="skip the 3DMM fit (zero coefficients, frontal EG3D cameras)")
-    q.add_argument("--fit-steps", type=int, default=300)
+    q.add_argument("--fit-steps", type=int, default=100, help="L-BFGS iterations of the 3DMM fit")
+    q.add_argument("--bfm", default=None, metavar="PATH",
+                   help="fit Deep3DFaceRecon's BFM_model_front.mat instead of the built-in head")
     q.add_argument("--submission-offsets", action="store_true",
                    help="add EG3D's FFHQ submission offsets to the camera labels")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -122,7 +124,8 @@ def _prepare(args) -> int:
         cfg = PrepareConfig(out=args.out, crop=args.crop, resolution=args.resolution,
                             workers=args.workers, skip_bad=args.skip_bad, resume=args.resume,
                             fit=not args.no_fit, fit_steps=args.fit_steps,
-                            submission_offsets=args.submission_offsets, progress=not args.quiet)
+                            submission_offsets=args.submission_offsets, bfm=args.bfm,
+                            progress=not args.quiet)
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.formatwarning = lambda m, *a, **k: f"WARNING {m}\n"

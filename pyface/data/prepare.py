@@ -62,13 +62,14 @@ class PrepareConfig:
     skip_bad: bool = False
     resume: bool = False
     fit: bool = True
-    fit_steps: int = 300
+    fit_steps: int = 100
     smooth_window: int = 5          # Savitzky-Golay window (frames, odd) of the landmarks
     crop_sigma: float = 2.0         # Gaussian sigma (frames) of the crop centre and size
     min_detection_confidence: float = 0.3
     max_faces: int = 4
     progress: bool = True
     submission_offsets: bool = False
+    bfm: str | None = None          # BFM_model_front.mat for the fit (default: the built-in head)
 
     def __post_init__(self):
         if self.crop not in CROPS:
@@ -490,8 +491,9 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
         from pyface.face.fit import FitConfig, fit_landmarks
 
         torch.set_num_threads(1)
-        res = fit_landmarks(MorphableModel.builtin(), torch.from_numpy(lm_crop), r,
-                            segments=torch.from_numpy(seg), config=FitConfig(steps=cfg.fit_steps))
+        model, index = fit_model(cfg.bfm)
+        res = fit_landmarks(model, torch.from_numpy(lm_crop), r, segments=torch.from_numpy(seg),
+                            config=FitConfig(steps=cfg.fit_steps), landmark_index=index)
         coeffs = res.coeffs.numpy()
         if cfg.submission_offsets:
             c = torch.from_numpy(coeffs)
@@ -519,7 +521,8 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
             "no_face_frames": no_face, "confidence": [round(float(c), 4) for c in conf],
             "fit_residual_px": [None if not np.isfinite(x) else round(float(x), 3) for x in residual],
             "crop_boxes": np.round(boxes, 2).tolist(), "jitter_px": jit,
-            "submission_offsets": cfg.submission_offsets, "seconds": round(seconds, 2),
+            "submission_offsets": cfg.submission_offsets,
+            "fit_model": "bfm" if cfg.bfm else ("builtin" if cfg.fit else None), "seconds": round(seconds, 2),
             "timing_s": {k: round(v, 2) for k, v in timing.items()}}
     fmt._dump(os.path.join(tmp, fmt.META), meta)
     final = os.path.join(cfg.out, src.name)
@@ -527,6 +530,27 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
     os.replace(tmp, final)
     return {"name": src.name, "frames": t, "source_frames": n, "no_face": len(no_face),
             "seconds": seconds, "jitter_px": jit, "timing_s": timing}
+
+
+def fit_model(bfm: str | None = None):
+    """The morphable model of the fit and the vertices the 68 MediaPipe-derived landmarks mean on
+    it: BFM (``bfm``: Deep3DFaceRecon's ``BFM_model_front.mat``) uses its own iBUG keypoints; the
+    built-in head uses :data:`pyface.data.landmarks.BUILTIN_MEDIAPIPE_68` (measured by
+    tools/calibrate_landmarks.py) while its vertex count matches the table's."""
+    import torch
+
+    from pyface.data.landmarks import BUILTIN_MEDIAPIPE_68, BUILTIN_VERTICES
+    from pyface.face import MorphableModel
+
+    if bfm:
+        return MorphableModel.from_bfm(bfm), None
+    model = MorphableModel.builtin()
+    if model.num_vertices != BUILTIN_VERTICES:
+        warnings.warn(f"the built-in head has {model.num_vertices} vertices, the MediaPipe landmark "
+                      f"table was measured on {BUILTIN_VERTICES}; fitting to the head's own "
+                      "landmarks (re-run tools/calibrate_landmarks.py)", stacklevel=2)
+        return model, None
+    return model, torch.tensor(BUILTIN_MEDIAPIPE_68)
 
 
 def jitter_by_segment(points: np.ndarray, seg: np.ndarray) -> float:
@@ -581,6 +605,9 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
     before it stay written and indexed); with it, bad inputs are warnings listed in the summary.
     """
     require_backends()
+    if cfg.bfm and not os.path.isfile(cfg.bfm):
+        raise PrepareError(f"{cfg.bfm}: BFM model file not found (--bfm expects Deep3DFaceRecon's "
+                           "BFM_model_front.mat)")
     sources = collect_sources(inputs)
     if not sources:
         raise PrepareError(f"no videos or images found in {list(inputs)}")

@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument("--crop", default="eg3d", choices=("eg3d", "fomm"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--fit-steps", type=int, default=300)
+    ap.add_argument("--fit-steps", type=int, default=100)
     a = ap.parse_args(argv)
     from pyface.data.prepare import PrepareConfig, prepare
     from pyface.data.synthetic import SynthConfig, generate

@@ -25,11 +25,10 @@ _GROUPS = {"jaw": range(0, 17), "brows": range(17, 27), "nose": range(27, 36),
 
 @dataclass
 class FitConfig:
-    steps: int = 300
-    lr: float = 0.03
-    w_id: float = 1e-3          # ||id||^2
-    w_exp: float = 1e-3         # ||exp||^2 per frame
-    w_smooth: float = 1.0       # squared first differences of exp, angles and trans per frame
+    steps: int = 100            # L-BFGS iterations of the joint stage (the pose stage: a fifth)
+    w_id: float = 100.0         # x 1e-3 mean id^2 (strong: 68 points barely constrain shape)
+    w_exp: float = 1.0          # x 1e-3 mean exp^2
+    w_smooth: float = 1.0       # x 1e-3 squared first differences of exp, angles and trans
     device: str = "cpu"
 
 
@@ -51,10 +50,12 @@ def landmark_weights() -> torch.Tensor:
     return w
 
 
-def project_landmarks(model, id_c, exp, angles, trans, image_size: int) -> torch.Tensor:
-    """Model landmarks ``(T, 68, 2)`` in pixels of ``image_size`` for ``id_c: (80,)`` and per
-    frame ``exp (T, 64)``, ``angles (T, 3)``, ``trans (T, 3)``."""
-    lm = model.landmarks
+def project_landmarks(model, id_c, exp, angles, trans, image_size: int,
+                      landmark_index: torch.Tensor | None = None) -> torch.Tensor:
+    """Model landmarks ``(T, K, 2)`` in pixels of ``image_size`` for ``id_c: (80,)`` and per
+    frame ``exp (T, 64)``, ``angles (T, 3)``, ``trans (T, 3)``; ``landmark_index: (K,)`` vertex
+    indices (default ``model.landmarks``)."""
+    lm = model.landmarks if landmark_index is None else landmark_index.to(model.landmarks)
     v = model.num_vertices
     mean = model.mean_shape[lm]                                        # (68, 3)
     idb = model.id_basis.view(v, 3, -1)[lm]                            # (68, 3, 80)
@@ -66,7 +67,8 @@ def project_landmarks(model, id_c, exp, angles, trans, image_size: int) -> torch
 
 
 def fit_landmarks(model, landmarks: torch.Tensor, image_size: int, *, weights=None,
-                  segments: torch.Tensor | None = None, config: FitConfig | None = None) -> FitResult:
+                  segments: torch.Tensor | None = None, config: FitConfig | None = None,
+                  landmark_index: torch.Tensor | None = None) -> FitResult:
     """Fits ``model`` to ``landmarks: (T, 68, 2)`` (pixels of a square ``image_size`` image,
     x right, y down).
 
@@ -74,6 +76,8 @@ def fit_landmarks(model, landmarks: torch.Tensor, image_size: int, *, weights=No
         weights: optional ``(68,)`` per-landmark weights (default :func:`landmark_weights`).
         segments: optional ``(T,)`` int ids; the smoothness prior links consecutive frames of the
             same segment only (frames left out between them break the chain).
+        landmark_index: optional ``(68,)`` model vertices the landmarks correspond to (default
+            ``model.landmarks``; a detector whose points mean other vertices brings its own).
     """
     cfg = config or FitConfig()
     if landmarks.dim() != 3 or landmarks.shape[1:] != (68, 2):
@@ -93,29 +97,37 @@ def fit_landmarks(model, landmarks: torch.Tensor, image_size: int, *, weights=No
     exp = torch.zeros(t, model.exp_basis.shape[1], device=dev, requires_grad=True)
     angles = torch.zeros(t, 3, device=dev, requires_grad=True)
     trans = torch.zeros(t, 3, device=dev, requires_grad=True)
-    opt = torch.optim.Adam([id_c, exp, angles, trans], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps, eta_min=cfg.lr * 0.05)
     scale = 1.0 / image_size
-    for step in range(cfg.steps):
-        opt.zero_grad(set_to_none=True)
-        # pose first: the shape unknowns join after a fifth of the steps
-        shape_on = step >= cfg.steps // 5
+
+    def objective(shape_on: bool):
         e = exp if shape_on else exp.detach()
         i = id_c if shape_on else id_c.detach()
-        proj = project_landmarks(model, i, e, angles, trans, image_size)
+        proj = project_landmarks(model, i, e, angles, trans, image_size, landmark_index)
         d2 = ((proj - target) * scale).pow(2).sum(-1)                   # (T, 68)
         loss = (d2 * w).sum(-1).mean() / w.sum()
-        loss = loss + cfg.w_id * id_c.pow(2).sum() / 80 + cfg.w_exp * exp.pow(2).mean()
+        loss = loss + cfg.w_id * 1e-3 * id_c.pow(2).mean() + cfg.w_exp * 1e-3 * exp.pow(2).mean()
         if t > 1:
             sm = 0.0
             for x, k in ((exp, 1.0), (angles, 10.0), (trans, 10.0)):
-                sm = sm + k * ((x[1:] - x[:-1]).pow(2).mean(-1) * link).sum() / max(t - 1, 1)
+                sm = sm + k * ((x[1:] - x[:-1]).pow(2).mean(-1) * link).sum() / (t - 1)
             loss = loss + cfg.w_smooth * 1e-3 * sm
-        loss.backward()
-        opt.step()
-        sched.step()
+        return loss
+
+    # L-BFGS (strong Wolfe line search): the pose alone first, then everything together
+    for shape_on, iters in ((False, max(cfg.steps // 5, 5)), (True, cfg.steps)):
+        params = [angles, trans] + ([id_c, exp] if shape_on else [])
+        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=iters, history_size=20,
+                                tolerance_grad=1e-12, tolerance_change=1e-14,
+                                line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            loss = objective(shape_on)
+            loss.backward()
+            return loss
+        opt.step(closure)
     with torch.no_grad():
-        proj = project_landmarks(model, id_c, exp, angles, trans, image_size)
+        proj = project_landmarks(model, id_c, exp, angles, trans, image_size, landmark_index)
         residual = (proj - target).norm(dim=-1).mean(-1)
         zeros = lambda n: torch.zeros(t, n, device=dev)
         coeffs = merge_coeffs(id_c.expand(t, -1), exp, zeros(80), angles, zeros(27), trans)
