@@ -649,7 +649,12 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
             import multiprocessing as mp
             import threading
 
-            ctx = mp.get_context("spawn")
+            # fork (where available) after building the head model once: the workers inherit
+            # it; no MediaPipe graph exists in this process yet
+            template5()
+            if cfg.fit:
+                fit_model(cfg.bfm)
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
             q = ctx.Queue()
             stop = threading.Event()
 
