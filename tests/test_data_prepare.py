@@ -120,6 +120,8 @@ def test_fit_recovers_pose_from_exact_landmarks():
     assert err.max() < 4.0, err
     with pytest.raises(ValueError, match="landmarks"):
         fit_landmarks(m, torch.zeros(2, 5, 2), 256)
+    with pytest.raises(ValueError, match="landmark_index"):
+        fit_landmarks(m, torch.zeros(2, 5, 2), 256, landmark_index=torch.arange(4))
 
 
 # ------------------------------------------------------------------ the pipeline (needs the extra)

@@ -34,8 +34,8 @@ class FitConfig:
 
 @dataclass
 class FitResult:
-    """``coeffs (T, 257)``, ``labels (T, 25)``, ``residual (T,)`` mean landmark error in pixels,
-    ``landmarks (T, 68, 2)`` the fitted model's landmarks in pixels."""
+    """``coeffs (T, 257)``, ``labels (T, 25)``, ``residual (T,)`` mean point error in pixels,
+    ``landmarks (T, K, 2)`` the fitted model's points in pixels."""
 
     coeffs: torch.Tensor
     labels: torch.Tensor
@@ -69,26 +69,37 @@ def project_landmarks(model, id_c, exp, angles, trans, image_size: int,
 def fit_landmarks(model, landmarks: torch.Tensor, image_size: int, *, weights=None,
                   segments: torch.Tensor | None = None, config: FitConfig | None = None,
                   landmark_index: torch.Tensor | None = None) -> FitResult:
-    """Fits ``model`` to ``landmarks: (T, 68, 2)`` (pixels of a square ``image_size`` image,
-    x right, y down).
+    """Fits ``model`` to ``landmarks: (T, K, 2)`` (pixels of a square ``image_size`` image,
+    x right, y down); K = 68 (the model's landmarks) unless ``landmark_index`` says which
+    vertices the K points are.
 
     Args:
-        weights: optional ``(68,)`` per-landmark weights (default :func:`landmark_weights`).
+        weights: optional ``(K,)`` per-point weights (default :func:`landmark_weights` for 68
+            points, else ones).
         segments: optional ``(T,)`` int ids; the smoothness prior links consecutive frames of the
             same segment only (frames left out between them break the chain).
-        landmark_index: optional ``(68,)`` model vertices the landmarks correspond to (default
+        landmark_index: optional ``(K,)`` model vertices the points correspond to (default
             ``model.landmarks``; a detector whose points mean other vertices brings its own).
     """
     cfg = config or FitConfig()
-    if landmarks.dim() != 3 or landmarks.shape[1:] != (68, 2):
-        raise ValueError(f"landmarks: expected shape (T, 68, 2), got {tuple(landmarks.shape)}")
-    t = landmarks.shape[0]
+    if landmarks.dim() != 3 or landmarks.shape[-1] != 2:
+        raise ValueError(f"landmarks: expected shape (T, K, 2), got {tuple(landmarks.shape)}")
+    t, k = landmarks.shape[:2]
+    if landmark_index is None and k != 68:
+        raise ValueError(f"landmarks: expected shape (T, 68, 2) without landmark_index, got "
+                         f"{tuple(landmarks.shape)}")
+    if landmark_index is not None and tuple(landmark_index.shape) != (k,):
+        raise ValueError(f"landmark_index: expected shape ({k},), got {tuple(landmark_index.shape)}")
+    if weights is not None and tuple(torch.as_tensor(weights).shape) != (k,):
+        raise ValueError(f"weights: expected shape ({k},), got {tuple(torch.as_tensor(weights).shape)}")
     if t == 0:
         raise ValueError("landmarks: expected at least one frame, got T = 0")
     dev = torch.device(cfg.device)
     model = model.to(dev)
     target = landmarks.to(dev, torch.float32)
-    w = (landmark_weights() if weights is None else torch.as_tensor(weights)).to(dev, torch.float32)
+    if weights is None:
+        weights = landmark_weights() if k == 68 else torch.ones(k)
+    w = torch.as_tensor(weights).to(dev, torch.float32)
     link = torch.ones(max(t - 1, 0), device=dev)
     if segments is not None:
         seg = torch.as_tensor(segments, device=dev)
