@@ -194,6 +194,18 @@ def iter_frames(src: Source):
             raise PrepareError(f"{f}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
 
 
+def count_frames(src: Source) -> int:
+    """The number of frames a source declares (0 when a video does not say)."""
+    if src.kind != "video":
+        return len(src.files)
+    import av
+    try:
+        with av.open(src.path) as c:
+            return int(c.streams.video[0].frames) if c.streams.video else 0
+    except Exception:  # the decode pass reports the error with its file name
+        return 0
+
+
 def source_fps(src: Source) -> float:
     if src.kind != "video":
         return 25.0
@@ -210,24 +222,59 @@ def source_fps(src: Source) -> float:
 # detection
 
 
+class _QuietStderr:
+    """Sends file descriptor 2 to /dev/null while MediaPipe starts its graphs (its C++ logging
+    prints start-up notices there that Python cannot filter)."""
+
+    def __enter__(self):
+        import sys
+        try:
+            sys.stderr.flush()
+            self._saved = os.dup(2)
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 2)
+            os.close(null)
+        except OSError:
+            self._saved = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._saved is not None:
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+
+
 class MediaPipeFaces:
     """Face mesh (478 points, pixels), detection scores and selfie segmentation with MediaPipe's
     legacy solutions. One instance per video (tracking state)."""
 
     def __init__(self, max_faces=4, min_detection_confidence=0.3, static=False):
         require_backends()
-        from mediapipe.python.solutions import face_detection, face_mesh, selfie_segmentation
-        self.mesh = face_mesh.FaceMesh(static_image_mode=static, max_num_faces=max_faces,
-                                       refine_landmarks=True,
-                                       min_detection_confidence=min_detection_confidence,
-                                       min_tracking_confidence=0.5)
-        self.detect = face_detection.FaceDetection(model_selection=1, min_detection_confidence=0.1)
+        from mediapipe.python.solutions import face_detection, face_mesh
+        with _QuietStderr():
+            self.mesh = face_mesh.FaceMesh(static_image_mode=static, max_num_faces=max_faces,
+                                           refine_landmarks=True,
+                                           min_detection_confidence=min_detection_confidence,
+                                           min_tracking_confidence=0.5)
+            self.detect = face_detection.FaceDetection(model_selection=1,
+                                                       min_detection_confidence=0.1)
+            blank = np.zeros((64, 64, 3), np.uint8)    # starts the graphs (and their notices)
+            self.mesh.process(blank)
+            self.detect.process(blank)
+            if not static:                             # forget the blank frame's tracking state
+                self.mesh.reset()
         self._seg = None
+        self._quiet = True
 
     def faces(self, img: np.ndarray):
         """``[(mesh (478, 3) pixels, score)]`` of ``img: (H, W, 3)`` uint8 RGB."""
         h, w = img.shape[:2]
-        r = self.mesh.process(img)
+        if self._quiet:       # until the first face: the landmark graph starts on it
+            with _QuietStderr():
+                r = self.mesh.process(img)
+            self._quiet = not r.multi_face_landmarks
+        else:
+            r = self.mesh.process(img)
         if not r.multi_face_landmarks:
             return []
         meshes = [np.array([[p.x * w, p.y * h, p.z * w] for p in f.landmark], np.float32)
@@ -249,7 +296,9 @@ class MediaPipeFaces:
         """Foreground probability ``(H, W)`` float32 of ``img: (H, W, 3)`` uint8 RGB."""
         if self._seg is None:
             from mediapipe.python.solutions import selfie_segmentation
-            self._seg = selfie_segmentation.SelfieSegmentation(model_selection=0)
+            with _QuietStderr():
+                self._seg = selfie_segmentation.SelfieSegmentation(model_selection=0)
+                self._seg.process(np.zeros((64, 64, 3), np.uint8))
         return self._seg.process(img).segmentation_mask
 
     def close(self):
@@ -624,7 +673,8 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
     if cfg.progress:
         from tqdm import tqdm
         vbar = tqdm(total=len(todo), unit="video", desc="videos", position=0)
-        fbar = tqdm(unit="frame", desc="frames", position=1)
+        fbar = tqdm(total=sum(count_frames(s) for s in todo) or None, unit="frame",
+                    desc="frames (detection pass)", position=1)
 
     def done(src, r, err):
         if err is not None:
