@@ -75,6 +75,27 @@ def test_crop_image_and_to_crop_agree():
     assert not valid2.all() and valid2.any()
 
 
+def _face(cx, cy, half):
+    mesh = np.zeros((478, 3), np.float32)
+    mesh[:, 0] = np.linspace(cx - half, cx + half, 478)
+    mesh[:, 1] = np.linspace(cy - half, cy + half, 478)
+    return mesh
+
+
+def test_select_track_largest_central_then_follows():
+    from pyface.data.prepare import select_track
+
+    big_corner, small_centre, big_centre = _face(20, 20, 18), _face(50, 50, 6), _face(52, 50, 15)
+    frames = [[(big_corner, 0.9), (big_centre, 0.8), (small_centre, 0.7)],
+              [(big_corner, 0.9), (_face(55, 50, 15), 0.8)],      # the kept face moved a bit
+              [],                                                   # no face: the track ends
+              [(big_corner, 0.9), (small_centre, 0.7)]]
+    picks = select_track(frames, (100, 100))
+    assert picks[0][1] == 0.8 and picks[1][1] == 0.8 and picks[1][0][0, 0] == 40
+    assert picks[2] is None
+    assert picks[3][1] == 0.9          # restart: the largest, most central of what is left
+
+
 def test_config_and_input_errors(tmp_path):
     with pytest.raises(ValueError, match="crop"):
         PrepareConfig(out="x", crop="ffhq")
@@ -170,6 +191,33 @@ def test_prepare_output_is_a_valid_dataset(prepared):
     item = PairDataset(out, resolution=256)[0]
     assert item["source"]["image"].shape == (3, 256, 256)
     assert item["source"]["coeffs"].shape == (257,) and item["source"]["camera"].shape == (25,)
+
+
+@needs_prepare
+def test_prepare_photos_and_frame_folders(prepared, tmp_path):
+    from PIL import Image
+
+    from pyface.data.prepare import prepare
+    from pyface.face import cameras
+
+    synth, name = prepared["synth"], prepared["name"]
+    rec = fmt.load_index(synth)[0]
+    inp = tmp_path / "in"
+    (inp / "seq").mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(fmt.read_frame(synth, rec, i)).save(inp / "seq" / f"{i}.png")
+    Image.fromarray(fmt.read_frame(synth, rec, 9)).save(inp / "photo.jpg")
+    out = str(tmp_path / "out")
+    s = prepare([str(inp)], PrepareConfig(out=out, fit_steps=20, progress=False,
+                                          submission_offsets=True))
+    assert sorted((r["name"], r["frames"]) for r in s["results"]) == [("photo", 1), ("seq", 4)]
+    assert fmt.check_dataset(out)[1] == []
+    recs = {r.name: r for r in fmt.load_index(out)}
+    c = fmt.load_coeffs(out, recs["seq"])
+    c2w = cameras.deep3d_to_cam2world(torch.from_numpy(c[:, 224:227]), torch.from_numpy(c[:, 254:257]))
+    labels = fmt.load_labels(out, recs["seq"])
+    offset = labels[:, :16].reshape(-1, 4, 4)[:, :3, 3] - c2w[:, :3, 3].numpy()
+    np.testing.assert_allclose(offset, np.tile(cameras.EG3D_SUBMISSION_OFFSET, (4, 1)), atol=1e-5)
 
 
 @needs_prepare

@@ -7,8 +7,8 @@ Pipeline per video (two decoding passes, so memory does not grow with the video 
 2. **Face mesh** (478 points) with MediaPipe's legacy face-mesh solution (``mediapipe==0.10.21``,
    whose wheel ships the detector and mesh models: offline) in tracking mode, several faces per
    frame; the kept track is the largest, most central face of the first frame with a face,
-   followed by box overlap. Per-frame confidence: the score of MediaPipe's face detector for the
-   kept face (0 when only the mesh tracker found it). Frames without a face are flagged and
+   followed by box overlap. Per-frame confidence: the best score of MediaPipe's short- and
+   full-range face detectors for the kept face (0 when only the mesh tracker found it). Frames without a face are flagged and
    left out.
 3. **Smoothing**: Savitzky-Golay over time of the mesh (per run of consecutive kept frames);
    jitter (:func:`pyface.data.landmarks.jitter`) before and after is recorded. 478 -> 68 with
@@ -256,11 +256,14 @@ class MediaPipeFaces:
                                            refine_landmarks=True,
                                            min_detection_confidence=min_detection_confidence,
                                            min_tracking_confidence=0.5)
-            self.detect = face_detection.FaceDetection(model_selection=1,
-                                                       min_detection_confidence=0.1)
+            # the short-range model (faces within ~2 m: portraits) and the full-range one
+            self.detectors = [face_detection.FaceDetection(model_selection=k,
+                                                           min_detection_confidence=0.1)
+                              for k in (0, 1)]
             blank = np.zeros((64, 64, 3), np.uint8)    # starts the graphs (and their notices)
             self.mesh.process(blank)
-            self.detect.process(blank)
+            for d in self.detectors:
+                d.process(blank)
             if not static:                             # forget the blank frame's tracking state
                 self.mesh.reset()
         self._seg = None
@@ -280,8 +283,8 @@ class MediaPipeFaces:
         meshes = [np.array([[p.x * w, p.y * h, p.z * w] for p in f.landmark], np.float32)
                   for f in r.multi_face_landmarks]
         boxes = []
-        d = self.detect.process(img)
-        for det in d.detections or []:
+        dets = [det for d in self.detectors for det in (d.process(img).detections or [])]
+        for det in dets:
             b = det.location_data.relative_bounding_box
             boxes.append((np.array([b.xmin * w, b.ymin * h, (b.xmin + b.width) * w,
                                     (b.ymin + b.height) * h]), float(det.score[0])))
@@ -302,7 +305,7 @@ class MediaPipeFaces:
         return self._seg.process(img).segmentation_mask
 
     def close(self):
-        for x in (self.mesh, self.detect, self._seg):
+        for x in (self.mesh, *self.detectors, self._seg):
             if x is not None:
                 x.close()
 
