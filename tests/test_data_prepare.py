@@ -145,6 +145,35 @@ def test_fit_recovers_pose_from_exact_landmarks():
         fit_landmarks(m, torch.zeros(2, 5, 2), 256, landmark_index=torch.arange(4))
 
 
+def test_fit_appearance_recovers_colours():
+    from pyface.face import MorphableModel
+    from pyface.face.fit import fit_appearance
+
+    m = MorphableModel.builtin()
+    g = torch.Generator().manual_seed(1)
+    t = 3
+    c = torch.zeros(t, 257)
+    c[:, 144:147] = torch.tensor([1.5, -0.5, -1.0])            # skin tone (tex components)
+    c[:, 224:227] = torch.tensor([[0.1, 0.3, 0.0], [0.0, -0.2, 0.05], [-0.1, 0.0, 0.0]])
+    c[:, 227:254] = 0.1 * torch.randn(t, 27, generator=g)      # lighting per frame
+    c[:, 254:257] = torch.tensor([0.0, 0.0, -0.3])
+    img = m.render(c, 64).image
+    start = c.clone()
+    start[:, 144:224] = 0
+    start[:, 227:254] = 0
+    r = fit_appearance(m, start, img)
+    assert r.coeffs.shape == (t, 257) and (r.pixels > 100).all()
+    assert r.residual.max() < 0.02, r.residual                 # colours reproduced on the skin
+    torch.testing.assert_close(r.coeffs[:, :144], start[:, :144])   # geometry untouched
+    skin = m.render(c, 64, regions=("skin",)).regions["skin"]
+    fitted = m.render(r.coeffs, 64).image
+    err_fit = ((fitted - img).abs() * skin).sum() / skin.sum() / 3
+    err_start = ((m.render(start, 64).image - img).abs() * skin).sum() / skin.sum() / 3
+    assert err_fit < 0.3 * err_start, (err_fit, err_start)
+    with pytest.raises(ValueError, match="images"):
+        fit_appearance(m, start, img[:, :2])
+
+
 # ------------------------------------------------------------------ the pipeline (needs the extra)
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,8 @@ def add_parser(subparsers) -> None:
     q.add_argument("--resume", action="store_true", help="skip videos already finished in --out")
     q.add_argument("--no-fit", action="store_true",
                    help="skip the 3DMM fit (zero coefficients, frontal EG3D cameras)")
+    q.add_argument("--no-appearance", action="store_true",
+                   help="do not fit albedo and lighting (tex and gamma stay 0)")
     q.add_argument("--fit-steps", type=int, default=100, help="L-BFGS iterations of the 3DMM fit")
     q.add_argument("--bfm", default=None, metavar="PATH",
                    help="fit Deep3DFaceRecon's BFM_model_front.mat instead of the built-in head")
@@ -125,6 +127,7 @@ def _prepare(args) -> int:
                             workers=args.workers, skip_bad=args.skip_bad, resume=args.resume,
                             fit=not args.no_fit, fit_steps=args.fit_steps,
                             submission_offsets=args.submission_offsets, bfm=args.bfm,
+                            appearance=not args.no_appearance,
                             progress=not args.quiet)
         with warnings.catch_warnings():
             warnings.simplefilter("always")

@@ -21,11 +21,13 @@ Pipeline per video (two decoding passes, so memory does not grow with the video 
    ``fomm``: FOMM/LivePortrait-style - side 2.0 x the larger side of the 68-landmark box, centre
    the box centre raised by 0.1 x side.
 5. **Matting**: MediaPipe selfie segmentation of the crop (threshold 0.5).
-6. **3DMM fit** (:func:`pyface.face.fit.fit_landmarks`): 257 coefficients and EG3D labels.
+6. **3DMM fit** (:func:`pyface.face.fit.fit_landmarks`): 257 coefficients and EG3D labels;
+   then albedo and lighting (:func:`pyface.face.fit.fit_appearance`) on 64x64 copies of the crops.
 
 Output per video: ``frames/``, ``masks/``, ``landmarks.npy (T, 68, 2)``, ``mesh.npy (T, 478, 3)``
 (crop pixels; z in the same scale), ``coeffs.npy``, ``dataset.json``, ``meta.json`` (with
-``source_frames``, per-frame ``confidence`` and ``fit_residual_px``, ``no_face_frames``,
+``source_frames``, per-frame ``confidence``, ``fit_residual_px`` and ``photometric_rms``
+(0..255), ``no_face_frames``,
 ``jitter_px``); a video is written into a hidden folder and renamed when complete, so
 ``--resume`` skips exactly the finished ones.
 """
@@ -43,6 +45,7 @@ import numpy as np
 from pyface.data import format as fmt
 from pyface.data.landmarks import jitter, mesh_to_68
 
+APPEARANCE_SIZE = 64                # crops are downsampled to this for the albedo/lighting fit
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CROPS = ("eg3d", "fomm")
@@ -70,6 +73,7 @@ class PrepareConfig:
     progress: bool = True
     submission_offsets: bool = False
     bfm: str | None = None          # BFM_model_front.mat for the fit (default: the built-in head)
+    appearance: bool = True         # fit albedo (per video) and SH lighting (per frame) too
 
     def __post_init__(self):
         if self.crop not in CROPS:
@@ -301,7 +305,7 @@ class MediaPipeFaces:
             from mediapipe.python.solutions import selfie_segmentation
             with _QuietStderr():
                 self._seg = selfie_segmentation.SelfieSegmentation(model_selection=0)
-                self._seg.process(np.zeros((64, 64, 3), np.uint8))
+                return self._seg.process(img).segmentation_mask
         return self._seg.process(img).segmentation_mask
 
     def close(self):
@@ -519,12 +523,14 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
         os.makedirs(os.path.join(tmp, fmt.FRAME_DIR))
         os.makedirs(os.path.join(tmp, fmt.MASK_DIR))
         where = {int(f): k for k, f in enumerate(kept)}
+        small = np.zeros((len(kept), APPEARANCE_SIZE, APPEARANCE_SIZE, 3), np.uint8)
         for i, img in enumerate(iter_frames(src)):
             k = where.get(i)
             if k is None:
                 continue
             crop, _ = crop_image(img, boxes[k], r)
             mask = det.segment(crop) > 0.5
+            small[k] = np.asarray(Image.fromarray(crop).resize((APPEARANCE_SIZE,) * 2, Image.BOX))
             Image.fromarray(crop).save(os.path.join(tmp, fmt.FRAME_DIR, f"{k:05d}.png"),
                                        compress_level=1)
             Image.fromarray(mask.astype(np.uint8) * 255).save(
@@ -554,7 +560,16 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
         else:
             labels = res.labels.numpy()
         residual = res.residual.numpy()
+        photometric = np.full(t, np.nan, np.float32)
+        if cfg.appearance:
+            from pyface.face.fit import fit_appearance
+
+            imgs = torch.from_numpy(small).permute(0, 3, 1, 2).float() / 255.0
+            app = fit_appearance(model, res.coeffs, imgs)
+            coeffs = app.coeffs.numpy()
+            photometric = np.where(app.pixels.numpy() > 0, 255.0 * app.residual.numpy(), np.nan)
     else:
+        photometric = np.full(t, np.nan, np.float32)
         from pyface.face import cameras
         coeffs = np.zeros((t, 257), np.float32)
         labels = np.repeat(cameras.default_label().numpy()[None], t, 0)
@@ -572,6 +587,7 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
             "crop": cfg.crop, "source_num_frames": n, "source_frames": kept.tolist(),
             "no_face_frames": no_face, "confidence": [round(float(c), 4) for c in conf],
             "fit_residual_px": [None if not np.isfinite(x) else round(float(x), 3) for x in residual],
+            "photometric_rms": [None if not np.isfinite(x) else round(float(x), 2) for x in photometric],
             "crop_boxes": np.round(boxes, 2).tolist(), "jitter_px": jit,
             "submission_offsets": cfg.submission_offsets,
             "fit_model": "bfm" if cfg.bfm else ("builtin" if cfg.fit else None), "seconds": round(seconds, 2),

@@ -11,7 +11,8 @@ their source index in ``meta.json["source_frames"]``):
 * expression correlation: Pearson correlation over frames of the fitted and true ``jaw_open``,
   ``smile`` and ``blink`` (mean of left/right) coefficients of the built-in model;
 * mask IoU inside the crop's part of the source image (the generator's head mask, cropped the
-  same way, against the prepared mask).
+  same way, against the prepared mask);
+* the albedo/lighting fit's RMS colour residual on skin pixels (0..255, from ``meta.json``).
 
 ``python -m pyface.data.prepare_quality --out DIR [--identities 2 --frames 48 ...]`` prints and
 writes ``DIR/quality.json``.
@@ -102,6 +103,7 @@ def compare_video(synth_root: str, prepared_root: str, name: str) -> dict:
         pe = pc[:, [80 + idx[n] for n in names]].mean(1)
         corr[key] = float(np.corrcoef(ge, pe)[0, 1]) if ge.std() > 1e-6 and pe.std() > 1e-6 else None
     out["exp_corr"] = corr
+    out["photometric_rms"] = [x for x in meta.get("photometric_rms", []) if x is not None]
     return out
 
 
@@ -120,6 +122,8 @@ def summarize(per_video: list[dict]) -> dict:
             "landmark_err_px_median": float(np.median(cat("landmark_err_px"))),
             "landmark_err_px_mean_by_group": groups,
             "mask_iou_median": float(np.median(cat("mask_iou"))),
+            "photometric_rms_median": (float(np.median(cat("photometric_rms")))
+                                       if any(v["photometric_rms"] for v in per_video) else None),
             "exp_corr_mean": corr}
 
 
