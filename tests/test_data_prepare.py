@@ -247,6 +247,17 @@ def test_prepare_photos_and_frame_folders(prepared, tmp_path):
     labels = fmt.load_labels(out, recs["seq"])
     offset = labels[:, :16].reshape(-1, 4, 4)[:, :3, 3] - c2w[:, :3, 3].numpy()
     np.testing.assert_allclose(offset, np.tile(cameras.EG3D_SUBMISSION_OFFSET, (4, 1)), atol=1e-5)
+    # the same inputs over two worker processes, with a corrupt photo skipped
+    (inp / "zz_bad.png").write_bytes(b"not a png")
+    out2 = str(tmp_path / "out2")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        s2 = prepare([str(inp)], PrepareConfig(out=out2, fit_steps=20, progress=False, workers=2,
+                                               skip_bad=True, appearance=False))
+    assert sorted(r["name"] for r in s2["results"]) == ["photo", "seq"]
+    assert len(s2["bad"]) == 1 and "zz_bad.png" in s2["bad"][0]
+    assert any("zz_bad.png" in str(x.message) for x in w)
+    np.testing.assert_allclose(fmt.load_landmarks(out2, recs["seq"]), fmt.load_landmarks(out, recs["seq"]))
 
 
 @needs_prepare

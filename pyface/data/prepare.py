@@ -718,12 +718,13 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
             import multiprocessing as mp
             import threading
 
-            # fork (where available) after building the head model once: the workers inherit
-            # it; no MediaPipe graph exists in this process yet
-            template5()
-            if cfg.fit:
-                fit_model(cfg.bfm)
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            # never fork this process: MediaPipe graphs (a caller's earlier prepare()) run
+            # threads that a fork would copy mid-lock. A fork server starts clean and forks
+            # the workers with pyface and torch already imported.
+            methods = mp.get_all_start_methods()
+            ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+            if "forkserver" in methods:
+                ctx.set_forkserver_preload(["pyface.data.prepare", "pyface.face.fit"])
             q = ctx.Queue()
             stop = threading.Event()
 
