@@ -159,8 +159,9 @@ def main(argv=None) -> int:
     summary = summarize(per)
     summary.update({"prepare_seconds": round(seconds, 2),
                     "prepare_fps": round(summary["frames"] / seconds, 2),
-                    "timing_s": {k: round(sum(r["timing_s"][k] for r in s["results"]), 2)
+                    "timing_s": {k: round(sum(r["timing_s"].get(k, 0.0) for r in s["results"]), 2)
                                  for k in s["results"][0]["timing_s"]},
+                    "load_average": os.getloadavg()[0],
                     "jitter_px": {k: float(np.mean([r["jitter_px"][k] for r in s["results"]]))
                                   for k in ("before", "after")},
                     "args": vars(a), "cpu_count": os.cpu_count()})
