@@ -174,9 +174,59 @@ def _skin_vertices(model) -> torch.Tensor:
     return keep
 
 
+def _skin_pixels(model, coeffs, images, max_pixels):
+    """Rasterizes ``coeffs: (T, 257)`` once and gathers up to about ``max_pixels`` evenly spread
+    skin pixels per frame: frame index ``(P,)``, triangle vertices ``(P, 3)``, barycentrics
+    ``(P, 3)``, target colours ``(P, 3)`` and the vertices' SH basis ``(P, 3, 9)``."""
+    from pyface.face.coeffs import split_coeffs
+    from pyface.face.morphable import sh_basis, vertex_normals
+    from pyface.face.render import render_mesh
+
+    t = coeffs.shape[0]
+    h, w = images.shape[-2:]
+    c = split_coeffs(coeffs)
+    verts = model.shape(c["id"], c["exp"])                                       # (T, V, 3)
+    label = model.label_of(coeffs)
+    c2w, _ = cam.split_label(label)
+    rot = (c2w[:, :3, :3] @ torch.diag(c2w.new_tensor([1.0, -1.0, -1.0]))).transpose(1, 2)
+    uv, z = cam.project_label(verts * cam.BFM_TO_EG3D_SCALE, label)
+    ras = render_mesh(torch.cat([uv * 2 - 1, z], -1), model.faces, (h, w), None, cull=model.cull)
+    skin = _skin_vertices(model).to(verts.device)
+    fidx = ras.face_index                                                         # (T, H, W)
+    tri = model.faces[fidx.clamp_min(0)]                                           # (T, H, W, 3)
+    ok = (fidx >= 0) & skin[tri].all(-1)
+    tt, yy, xx = ok.nonzero(as_tuple=True)
+    step = max(1, -(-len(tt) // (max_pixels * t)))
+    tt, yy, xx = tt[::step], yy[::step], xx[::step]
+    tri, bary = tri[tt, yy, xx], ras.bary[tt, yy, xx]
+    target = images.float()[tt, :, yy, xx]
+    normals = vertex_normals(verts, model.faces) @ rot.transpose(1, 2)
+    ysh = sh_basis(normals)[tt[:, None], tri]                                      # (P, 3, 9)
+    return tt, tri, bary, target, ysh
+
+
+def _solve_gamma(a, target, tt, t, w_gamma, init_light):
+    """Per frame and colour, the ridge solution of ``a (P, 3ch, 9) . g = target (P, 3)``."""
+    g = torch.zeros(t, 3, 9)
+    g[:, :, 0] = init_light
+    prior = torch.zeros(9)
+    prior[0] = init_light
+    eye9 = torch.eye(9)
+    for f in range(t):
+        sel = tt == f
+        n = int(sel.sum())
+        if n < 20:
+            continue
+        for ch in range(3):
+            A, y = a[sel, ch], target[sel, ch]
+            g[f, ch] = torch.linalg.solve(A.T @ A + w_gamma * n * eye9,
+                                          A.T @ y + w_gamma * n * prior)
+    return g
+
+
 def fit_appearance(model, coeffs: torch.Tensor, images: torch.Tensor, *, iters: int = 3,
-                   w_tex: float = 1e-3, w_gamma: float = 1e-3,
-                   max_pixels: int = 600) -> AppearanceResult:
+                   w_tex: float = 1e-3, w_gamma: float = 1e-3, max_pixels: int = 600,
+                   albedo_frames: int = 32, chunk: int = 64) -> AppearanceResult:
     """Albedo ``tex`` (shared by the frames) and SH lighting ``gamma`` (per frame) of the
     geometry in ``coeffs: (T, 257)`` (id, exp, angles, trans as fitted) from ``images:
     (T, 3, H, W)`` in [0, 1], seen by the camera of the coefficients (:meth:`MorphableModel.
@@ -184,77 +234,55 @@ def fit_appearance(model, coeffs: torch.Tensor, images: torch.Tensor, *, iters: 
 
     The mesh is rasterized once (skin pixels; hair, brows, eyes and mouth left out); a pixel's
     colour, ``sum_i b_i albedo_i * (SH(n_i) . gamma)``, is linear in ``gamma`` for a fixed albedo
-    and linear in ``tex`` for fixed lighting, so the fit alternates two ridge least-squares
-    solves (``iters`` times, from ``tex = 0``); at most about ``max_pixels`` evenly spread
-    pixels per frame enter them. Clamping of the renderer is ignored. Albedo and lighting share
-    an overall scale that the images cannot separate: the priors (``w_tex``, ``w_gamma``, towards
+    and linear in ``tex`` for fixed lighting. The albedo comes from up to ``albedo_frames``
+    evenly spread frames, alternating the two ridge least-squares solves ``iters`` times from
+    ``tex = 0``; then every frame's lighting is solved with that albedo, ``chunk`` frames at a
+    time (memory does not grow with T). At most about ``max_pixels`` evenly spread pixels per
+    frame enter the solves. Clamping of the renderer is ignored. Albedo and lighting share an
+    overall scale that the images cannot separate: the priors (``w_tex``, ``w_gamma``, towards
     the mean albedo and Deep3DFaceRecon's ambient 0.8) pick it.
     """
-    from pyface.face.coeffs import split_coeffs
-    from pyface.face.morphable import INIT_LIGHT, sh_basis, vertex_normals
-    from pyface.face.render import render_mesh
+    from pyface.face.morphable import INIT_LIGHT
 
     if coeffs.dim() != 2 or coeffs.shape[1] != 257:
         raise ValueError(f"coeffs: expected shape (T, 257), got {tuple(coeffs.shape)}")
     t = coeffs.shape[0]
     if images.dim() != 4 or images.shape[:2] != (t, 3):
         raise ValueError(f"images: expected shape ({t}, 3, H, W), got {tuple(images.shape)}")
-    h, w = images.shape[-2:]
     coeffs = coeffs.float()
+    v = model.num_vertices
     with torch.no_grad():
-        c = split_coeffs(coeffs)
-        verts = model.shape(c["id"], c["exp"])                                   # (T, V, 3)
-        label = model.label_of(coeffs)
-        c2w, _ = cam.split_label(label)
-        rot = (c2w[:, :3, :3] @ torch.diag(c2w.new_tensor([1.0, -1.0, -1.0]))).transpose(1, 2)
-        normals = vertex_normals(verts, model.faces) @ rot.transpose(1, 2)
-        ysh = sh_basis(normals)                                                    # (T, V, 9)
-        uv, z = cam.project_label(verts * cam.BFM_TO_EG3D_SCALE, label)
-        ras = render_mesh(torch.cat([uv * 2 - 1, z], -1), model.faces, (h, w), None, cull=model.cull)
-        skin = _skin_vertices(model).to(verts.device)
-        fidx = ras.face_index                                                     # (T, H, W)
-        ok = fidx >= 0
-        tri = model.faces[fidx.clamp_min(0)]                                       # (T, H, W, 3)
-        ok &= skin[tri].all(-1)
-        tt, yy, xx = ok.nonzero(as_tuple=True)
-        step = max(1, -(-len(tt) // (max_pixels * t)))     # an even subset: <= max_pixels/frame
-        tt, yy, xx = tt[::step], yy[::step], xx[::step]
-        tri, bary = tri[tt, yy, xx], ras.bary[tt, yy, xx]                          # (P, 3)
-        target = images.float()[tt, :, yy, xx]                                     # (P, 3)
-        ysh_p = ysh[tt[:, None], tri]                                              # (P, 3, 9)
-        v = model.num_vertices
-        mean_p = model.mean_tex[tri]                                               # (P, 3, 3)
+        # albedo from a subset of frames
+        sub = torch.linspace(0, t - 1, min(t, albedo_frames)).round().long().unique()
+        tt, tri, bary, target, ysh = _skin_pixels(model, coeffs[sub], images[sub], max_pixels)
+        mean_p = model.mean_tex[tri]                                               # (P, 3v, 3ch)
         basis = model.tex_basis.view(v, 3, -1)[tri]                                # (P, 3, 3, 80)
-        tex = torch.zeros(model.tex_basis.shape[1])
-        g = torch.zeros(t, 3, 9)
-        g[:, :, 0] = INIT_LIGHT
-        eye9, eye80 = torch.eye(9), torch.eye(basis.shape[-1])
+        tex = torch.zeros(basis.shape[-1])
+        eye = torch.eye(basis.shape[-1])
         for _ in range(max(1, iters)):
-            # lighting per frame and colour: pixel = sum_i b_i a_i[ch] Y_i . g[t, ch]
-            alb = mean_p + basis @ tex                                             # (P, 3, 3) vert, ch
-            a = torch.einsum("pi,pic,pik->pck", bary, alb, ysh_p)                  # (P, 3ch, 9)
-            for f in range(t):
-                sel = tt == f
-                if sel.sum() < 20:
-                    continue
-                for ch in range(3):
-                    A, y = a[sel, ch], target[sel, ch]
-                    prior = g.new_zeros(9)
-                    prior[0] = INIT_LIGHT
-                    lhs = A.T @ A + w_gamma * len(y) * eye9
-                    g[f, ch] = torch.linalg.solve(lhs, A.T @ y + w_gamma * len(y) * prior)
-            # albedo shared: pixel = sum_i b_i s_i[ch] (mean_i[ch] + B_i[ch] . tex)
-            s = torch.einsum("pik,pck->pic", ysh_p, g[tt])                         # (P, 3 vert, 3 ch)
+            alb = mean_p + basis @ tex
+            a = torch.einsum("pi,pic,pik->pck", bary, alb, ysh)
+            g = _solve_gamma(a, target, tt, len(sub), w_gamma, INIT_LIGHT)
+            s = torch.einsum("pik,pck->pic", ysh, g[tt])                           # (P, 3v, 3ch)
             A = torch.einsum("pi,pic,picj->pcj", bary, s, basis).reshape(-1, basis.shape[-1])
             y = (target - torch.einsum("pi,pic,pic->pc", bary, s, mean_p)).reshape(-1)
-            lhs = A.T @ A + w_tex * len(y) * eye80
-            tex = torch.linalg.solve(lhs, A.T @ y)
-        alb = mean_p + basis @ tex
-        pred = torch.einsum("pi,pic,pik,pck->pc", bary, alb, ysh_p, g[tt])
-        err = (pred - target).pow(2).mean(-1)
-        count = torch.bincount(tt, minlength=t).float()
-        residual = (torch.zeros(t).index_add(0, tt, err) / count.clamp_min(1)).sqrt()
-        gamma = g.clone()
+            tex = torch.linalg.solve(A.T @ A + w_tex * len(y) * eye, A.T @ y)
+        albedo = model.mean_tex + (model.tex_basis @ tex).view(v, 3)               # (V, 3)
+        # lighting of every frame, chunk by chunk
+        gamma = torch.zeros(t, 3, 9)
+        residual, count = torch.zeros(t), torch.zeros(t)
+        for s0 in range(0, t, chunk):
+            sl = slice(s0, min(t, s0 + chunk))
+            n = sl.stop - sl.start
+            tt, tri, bary, target, ysh = _skin_pixels(model, coeffs[sl], images[sl], max_pixels)
+            a = torch.einsum("pi,pic,pik->pck", bary, albedo[tri], ysh)
+            g = _solve_gamma(a, target, tt, n, w_gamma, INIT_LIGHT)
+            pred = torch.einsum("pck,pck->pc", a, g[tt])
+            err = (pred - target).pow(2).mean(-1)
+            cnt = torch.bincount(tt, minlength=n).float()
+            residual[sl] = (torch.zeros(n).index_add(0, tt, err) / cnt.clamp_min(1)).sqrt()
+            count[sl] = cnt
+            gamma[sl] = g
         gamma[:, :, 0] -= INIT_LIGHT
         out = coeffs.clone()
         out[:, 144:224] = tex
