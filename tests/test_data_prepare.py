@@ -319,3 +319,24 @@ def test_prepare_cli(prepared, tmp_path, capsys):
     assert main(["data", "prepare", mp4, "--out", out, "--crop", "fomm", "--no-fit", "--quiet"]) == 0
     assert "13/14 frames with a face" in capsys.readouterr().out
     assert main(["data", "check", out]) == 0
+
+
+@needs_prepare
+def test_decode_applies_display_rotation(tmp_path):
+    """Phone videos keep their orientation as a display rotation; frames come out upright."""
+    iio_ffmpeg = pytest.importorskip("imageio_ffmpeg", reason="imageio-ffmpeg (train extra) "
+                                     "writes the rotated test file")
+    import subprocess
+
+    from pyface.data.prepare import Source, iter_frames
+    from pyface.data.prepare_quality import encode_mp4
+
+    frames = np.zeros((2, 32, 64, 3), np.uint8)
+    frames[:, :, :16] = 255                                  # a white band on the left
+    plain, rotated = str(tmp_path / "plain.mp4"), str(tmp_path / "rot.mp4")
+    encode_mp4(frames, plain)
+    subprocess.run([iio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-display_rotation",
+                    "90", "-i", plain, "-c", "copy", rotated], check=True)
+    out = list(iter_frames(Source("rot", "video", rotated)))
+    assert len(out) == 2 and out[0].shape == (64, 32, 3)
+    assert out[0][-16:].mean() > 200 and out[0][:40].mean() < 40   # 90 deg counterclockwise

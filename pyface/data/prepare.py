@@ -3,7 +3,8 @@
 Pipeline per video (two decoding passes, so memory does not grow with the video length):
 
 1. **Decode** with PyAV (in-process FFmpeg: exact frame order, a Python exception naming the
-   file for corrupt streams, wheels that bundle FFmpeg); frame folders and images with Pillow.
+   file for corrupt streams, wheels that bundle FFmpeg), applying the stream's display rotation
+   (portrait phone videos) like players do; frame folders and images with Pillow.
 2. **Face mesh** (478 points) with MediaPipe's legacy face-mesh solution (``mediapipe==0.10.21``,
    whose wheel ships the detector and mesh models: offline) in tracking mode, several faces per
    frame; the kept track is the largest, most central face of the first frame with a face,
@@ -182,7 +183,11 @@ def iter_frames(src: Source):
                     raise PrepareError(f"{src.path}: no video stream")
                 stream = container.streams.video[0]
                 for frame in container.decode(stream):
-                    yield frame.to_ndarray(format="rgb24")
+                    img = frame.to_ndarray(format="rgb24")
+                    # phone videos store their orientation as a display rotation
+                    # (counterclockwise degrees): show the frame the way players do
+                    k = int(round((getattr(frame, "rotation", 0) or 0) / 90.0)) % 4
+                    yield np.ascontiguousarray(np.rot90(img, k)) if k else img
         except PrepareError:
             raise
         except (av.FFmpegError, ValueError, OSError) as e:
