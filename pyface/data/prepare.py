@@ -194,11 +194,11 @@ def iter_frames(src: Source):
             raise PrepareError(f"{src.path}: corrupt or unreadable video "
                                f"({type(e).__name__}: {e})") from None
         return
-    from PIL import Image
+    from PIL import Image, ImageOps
     for f in src.files:
         try:
             with Image.open(f) as im:
-                yield np.array(im.convert("RGB"))
+                yield np.array(ImageOps.exif_transpose(im).convert("RGB"))   # EXIF orientation
         except Exception as e:  # PIL raises many types for corrupt data
             raise PrepareError(f"{f}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
 
