@@ -214,6 +214,13 @@ setup(
         # pinned to the release built for torch 2.13 (CI's torch) so pip does not replace torch.
         "test": ["pytest", "pytest-benchmark", "triton==3.6.0", "scipy", "scikit-image", "lpips",
                  "pytorch-fid", "torchvision==0.28.*"],
+        # `pyface data prepare`: PyAV (decoder) and MediaPipe 0.10.21, the last release whose
+        # wheel ships the legacy face-mesh / face-detection / selfie-segmentation models (runs
+        # offline). It pins numpy<2 and protobuf<5; tensorboard 2.20's generated code needs
+        # protobuf>=5.26 (google.protobuf.runtime_version), so with this extra tensorboard stays
+        # below 2.20 (2.19.0 works with protobuf 4.25).
+        # CI installs it into a virtualenv of its own, so the rest of the suite keeps numpy 2.
+        "prepare": ["mediapipe==0.10.21", "av>=12", "tensorboard<2.20"],
     },
     entry_points={"console_scripts": ["pyface=pyface.cli:main"]},
 )

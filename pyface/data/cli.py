@@ -62,6 +62,34 @@ def add_parser(subparsers) -> None:
     c.add_argument("--fast", action="store_true", help="check that frames exist, do not decode")
     c.set_defaults(func=_check)
 
+    q = sub.add_parser("prepare", help="portrait videos/photos -> a pyface dataset (offline)",
+                       description="Decode videos, frame folders or images; MediaPipe face mesh "
+                                   "(478 -> 68 landmarks, smoothed); EG3D or FOMM crops; selfie "
+                                   "masks; a landmark 3DMM fit (257 coefficients, EG3D cameras). "
+                                   "Needs the extra: pip install -e \".[prepare]\" "
+                                   "(see docs/data.md).")
+    q.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="video files, frame folders (numeric image names), image files, or "
+                        "folders of videos/images")
+    q.add_argument("--out", required=True, help="output dataset root")
+    q.add_argument("--crop", choices=("eg3d", "fomm"), default="eg3d")
+    q.add_argument("--resolution", type=int, choices=(256, 512), default=256)
+    q.add_argument("--workers", type=int, default=1, help="videos prepared in parallel")
+    q.add_argument("--skip-bad", action="store_true",
+                   help="warn about unreadable inputs (and inputs without a face) and go on")
+    q.add_argument("--resume", action="store_true", help="skip videos already finished in --out")
+    q.add_argument("--no-fit", action="store_true",
+                   help="skip the 3DMM fit (zero coefficients, frontal EG3D cameras)")
+    q.add_argument("--no-appearance", action="store_true",
+                   help="do not fit albedo and lighting (tex and gamma stay 0)")
+    q.add_argument("--fit-steps", type=int, default=100, help="L-BFGS iterations of the 3DMM fit")
+    q.add_argument("--bfm", default=None, metavar="PATH",
+                   help="fit Deep3DFaceRecon's BFM_model_front.mat instead of the built-in head")
+    q.add_argument("--submission-offsets", action="store_true",
+                   help="add EG3D's FFHQ submission offsets to the camera labels")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=_prepare)
+
     i = sub.add_parser("index", help="(re)write ROOT/index.json by scanning the video folders")
     i.add_argument("root")
     i.set_defaults(func=_index)
@@ -192,6 +220,40 @@ def _check(args) -> int:
     status = "OK" if not problems else f"{len(problems)} problem(s)"
     print(f"{args.root}: {len(records)} videos, {frames} frames{extra}: {status}")
     return 0 if not problems else 1
+
+
+def _prepare(args) -> int:
+    import warnings
+
+    from pyface.data.format import DataError
+    from pyface.data.prepare import PrepareConfig, prepare
+
+    try:
+        cfg = PrepareConfig(out=args.out, crop=args.crop, resolution=args.resolution,
+                            workers=args.workers, skip_bad=args.skip_bad, resume=args.resume,
+                            fit=not args.no_fit, fit_steps=args.fit_steps,
+                            submission_offsets=args.submission_offsets, bfm=args.bfm,
+                            appearance=not args.no_appearance,
+                            progress=not args.quiet)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.formatwarning = lambda m, *a, **k: f"WARNING {m}\n"
+            s = prepare(args.inputs, cfg)
+    except ImportError as e:
+        print(f"ERROR {e}", file=sys.stderr)
+        return 2
+    except (DataError, ValueError) as e:
+        print(f"ERROR {e}", file=sys.stderr)
+        return 1
+    for r in s["results"]:
+        j = r["jitter_px"]
+        print(f"{r['name']}: {r['frames']}/{r['source_frames']} frames with a face, "
+              f"jitter {j['before']:.3f} -> {j['after']:.3f} px, {r['seconds']:.1f} s")
+    if s["skipped_finished"]:
+        print(f"resumed: {len(s['skipped_finished'])} finished videos skipped")
+    print(f"{args.out}: prepared {s['videos']} videos, {s['frames']} frames in {s['seconds']:.1f} s "
+          f"({s['fps']:.2f} frames/s); {len(s['bad'])} bad input(s) skipped")
+    return 0
 
 
 def _index(args) -> int:

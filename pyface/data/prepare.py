@@ -1,0 +1,772 @@
+"""``pyface data prepare``: portrait videos and photos -> pyface datasets (docs/data.md).
+
+Pipeline per video (two decoding passes, so memory does not grow with the video length):
+
+1. **Decode** with PyAV (in-process FFmpeg: exact frame order, a Python exception naming the
+   file for corrupt streams, wheels that bundle FFmpeg), applying the stream's display rotation
+   (portrait phone videos) like players do; frame folders and images with Pillow.
+2. **Face mesh** (478 points) with MediaPipe's legacy face-mesh solution (``mediapipe==0.10.21``,
+   whose wheel ships the detector and mesh models: offline) in tracking mode, several faces per
+   frame; the kept track is the largest, most central face of the first frame with a face,
+   followed by box overlap. Per-frame confidence: the best score of MediaPipe's short- and
+   full-range face detectors for the kept face (0 when only the mesh tracker found it). Frames without a face are flagged and
+   left out.
+3. **Smoothing**: Savitzky-Golay over time of the mesh (per run of consecutive kept frames);
+   jitter (:func:`pyface.data.landmarks.jitter`) before and after is recorded. 478 -> 68 with
+   :func:`pyface.data.landmarks.mesh_to_68`.
+4. **Crop** (square, no rotation), its centre and size smoothed over time:
+   ``eg3d``: EG3D's in-the-wild recipe - a 5-point fit (eye centres, nose tip, mouth corners)
+   of the head model's 5-point template gives the scale ``s`` (pixels per model unit) and the
+   centre ``t`` (the template origin's image); the image is scaled to put ``s`` at 300/1024 of
+   the crop and the central 700 of the 1024 square is kept: side ``700 s / 300``.
+   ``fomm``: FOMM/LivePortrait-style - side 2.0 x the larger side of the 68-landmark box, centre
+   the box centre raised by 0.1 x side.
+5. **Matting**: MediaPipe selfie segmentation of the crop (threshold 0.5).
+6. **3DMM fit** (:func:`pyface.face.fit.fit_landmarks`): 257 coefficients and EG3D labels;
+   then albedo and lighting (:func:`pyface.face.fit.fit_appearance`) on 64x64 copies of the crops.
+
+Output per video: ``frames/``, ``masks/``, ``landmarks.npy (T, 68, 2)``, ``mesh.npy (T, 478, 3)``
+(crop pixels; z in the same scale), ``coeffs.npy``, ``dataset.json``, ``meta.json`` (with
+``source_frames``, per-frame ``confidence``, ``fit_residual_px`` and ``photometric_rms``
+(0..255), ``no_face_frames``,
+``jitter_px``); a video is written into a hidden folder and renamed when complete, so
+``--resume`` skips exactly the finished ones.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from pyface.data import format as fmt
+from pyface.data.landmarks import jitter, mesh_to_68
+
+APPEARANCE_SIZE = 64                # crops are downsampled to this for the albedo/lighting fit
+VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+CROPS = ("eg3d", "fomm")
+EXTRA_HINT = 'pip install -e ".[prepare]"'
+
+
+class PrepareError(fmt.DataError):
+    """An input that cannot be prepared; the message names the file."""
+
+
+@dataclass
+class PrepareConfig:
+    out: str
+    crop: str = "eg3d"
+    resolution: int = 256
+    workers: int = 1
+    skip_bad: bool = False
+    resume: bool = False
+    fit: bool = True
+    fit_steps: int = 100
+    smooth_window: int = 5          # Savitzky-Golay window (frames, odd) of the landmarks
+    crop_sigma: float = 2.0         # Gaussian sigma (frames) of the crop centre and size
+    min_detection_confidence: float = 0.3
+    max_faces: int = 4
+    progress: bool = True
+    submission_offsets: bool = False
+    bfm: str | None = None          # BFM_model_front.mat for the fit (default: the built-in head)
+    appearance: bool = True         # fit albedo (per video) and SH lighting (per frame) too
+
+    def __post_init__(self):
+        if self.crop not in CROPS:
+            raise ValueError(f"crop: expected one of {CROPS}, got {self.crop!r}")
+        if self.resolution not in (256, 512):
+            raise ValueError(f"resolution: expected 256 or 512, got {self.resolution}")
+        if self.workers < 1:
+            raise ValueError(f"workers: expected >= 1, got {self.workers}")
+        if self.smooth_window < 1 or self.smooth_window % 2 == 0:
+            raise ValueError(f"smooth_window: expected an odd number >= 1, got {self.smooth_window}")
+
+
+@dataclass
+class Source:
+    """One input video: a video file, a frame folder, or a single image."""
+
+    name: str
+    kind: str                       # "video" | "frames" | "image"
+    path: str
+    files: list = field(default_factory=list)
+
+
+def require_backends():
+    """Imports the optional dependencies, or raises ImportError saying which extra installs them."""
+    try:
+        import av  # noqa: F401
+        import mediapipe  # noqa: F401
+        from mediapipe.python.solutions import face_mesh  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"pyface data prepare needs PyAV and mediapipe==0.10.21 ({e}); "
+                          f"install them with: {EXTRA_HINT}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "video"
+
+
+def collect_sources(inputs) -> list[Source]:
+    """Expands the command-line inputs into videos.
+
+    * a video file (``VIDEO_EXTS``) -> one video; an image file -> a one-frame video;
+    * a folder whose images all have numeric names (``00001.png``...) -> one frame-folder video;
+    * any other folder -> each video file in it, and each image in it as a one-frame video
+      (one level deep; numeric-named sub-folders are frame folders).
+    Missing paths raise :class:`PrepareError`. Names are made unique with a numeric suffix.
+    """
+    out: list[Source] = []
+
+    def add_file(p):
+        ext = os.path.splitext(p)[1].lower()
+        stem = _safe(os.path.splitext(os.path.basename(p))[0])
+        if ext in VIDEO_EXTS:
+            out.append(Source(stem, "video", p))
+        elif ext in IMAGE_EXTS:
+            out.append(Source(stem, "image", p, [p]))
+
+    def frame_folder(d):
+        imgs = sorted(f for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTS))
+        if imgs and all(os.path.splitext(f)[0].isdigit() for f in imgs):
+            return [os.path.join(d, f) for f in sorted(imgs, key=lambda f: int(os.path.splitext(f)[0]))]
+        return None
+
+    for p in inputs:
+        if os.path.isfile(p):
+            before = len(out)
+            add_file(p)
+            if len(out) == before:
+                raise PrepareError(f"{p}: not a video ({', '.join(VIDEO_EXTS)}) or image "
+                                   f"({', '.join(IMAGE_EXTS)}) file")
+        elif os.path.isdir(p):
+            frames = frame_folder(p)
+            if frames:
+                out.append(Source(_safe(os.path.basename(os.path.normpath(p))), "frames", p, frames))
+                continue
+            for f in sorted(os.listdir(p)):
+                q = os.path.join(p, f)
+                if os.path.isdir(q):
+                    fr = frame_folder(q)
+                    if fr:
+                        out.append(Source(_safe(f), "frames", q, fr))
+                else:
+                    add_file(q)
+        else:
+            raise PrepareError(f"{p}: no such file or folder")
+    seen: dict[str, int] = {}
+    for s in out:
+        n = seen.get(s.name, 0)
+        seen[s.name] = n + 1
+        if n:
+            s.name = f"{s.name}_{n}"
+    return out
+
+
+def iter_frames(src: Source):
+    """Yields ``(H, W, 3)`` uint8 RGB frames of a source; raises :class:`PrepareError` naming the
+    file when it cannot be decoded."""
+    if src.kind == "video":
+        import av
+        try:
+            with av.open(src.path) as container:
+                if not container.streams.video:
+                    raise PrepareError(f"{src.path}: no video stream")
+                stream = container.streams.video[0]
+                for frame in container.decode(stream):
+                    img = frame.to_ndarray(format="rgb24")
+                    # phone videos store their orientation as a display rotation
+                    # (counterclockwise degrees): show the frame the way players do
+                    k = int(round((getattr(frame, "rotation", 0) or 0) / 90.0)) % 4
+                    yield np.ascontiguousarray(np.rot90(img, k)) if k else img
+        except PrepareError:
+            raise
+        except (av.FFmpegError, ValueError, OSError) as e:
+            raise PrepareError(f"{src.path}: corrupt or unreadable video "
+                               f"({type(e).__name__}: {e})") from None
+        return
+    from PIL import Image, ImageOps
+    for f in src.files:
+        try:
+            with Image.open(f) as im:
+                yield np.array(ImageOps.exif_transpose(im).convert("RGB"))   # EXIF orientation
+        except Exception as e:  # PIL raises many types for corrupt data
+            raise PrepareError(f"{f}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
+
+
+def count_frames(src: Source) -> int:
+    """The number of frames a source declares (0 when a video does not say)."""
+    if src.kind != "video":
+        return len(src.files)
+    import av
+    try:
+        with av.open(src.path) as c:
+            return int(c.streams.video[0].frames) if c.streams.video else 0
+    except Exception:  # the decode pass reports the error with its file name
+        return 0
+
+
+def source_fps(src: Source) -> float:
+    if src.kind != "video":
+        return 25.0
+    import av
+    try:
+        with av.open(src.path) as c:
+            r = c.streams.video[0].average_rate if c.streams.video else None
+            return float(r) if r else 25.0
+    except Exception:  # the decode pass reports the error with its file name
+        return 25.0
+
+
+# ----------------------------------------------------------------------------------------------
+# detection
+
+
+class _QuietStderr:
+    """Sends file descriptor 2 to /dev/null while MediaPipe starts its graphs (its C++ logging
+    prints start-up notices there that Python cannot filter)."""
+
+    def __enter__(self):
+        import sys
+        try:
+            sys.stderr.flush()
+            self._saved = os.dup(2)
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 2)
+            os.close(null)
+        except OSError:
+            self._saved = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._saved is not None:
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+
+
+class MediaPipeFaces:
+    """Face mesh (478 points, pixels), detection scores and selfie segmentation with MediaPipe's
+    legacy solutions. One instance per video (tracking state)."""
+
+    def __init__(self, max_faces=4, min_detection_confidence=0.3, static=False):
+        require_backends()
+        from mediapipe.python.solutions import face_detection, face_mesh
+        with _QuietStderr():
+            self.mesh = face_mesh.FaceMesh(static_image_mode=static, max_num_faces=max_faces,
+                                           refine_landmarks=True,
+                                           min_detection_confidence=min_detection_confidence,
+                                           min_tracking_confidence=0.5)
+            # the short-range model (faces within ~2 m: portraits) and the full-range one
+            self.detectors = [face_detection.FaceDetection(model_selection=k,
+                                                           min_detection_confidence=0.1)
+                              for k in (0, 1)]
+            blank = np.zeros((64, 64, 3), np.uint8)    # starts the graphs (and their notices)
+            self.mesh.process(blank)
+            for d in self.detectors:
+                d.process(blank)
+            if not static:                             # forget the blank frame's tracking state
+                self.mesh.reset()
+        self._seg = None
+        self._quiet = True
+
+    def faces(self, img: np.ndarray):
+        """``[(mesh (478, 3) pixels, score)]`` of ``img: (H, W, 3)`` uint8 RGB."""
+        h, w = img.shape[:2]
+        if self._quiet:       # until the first face: the landmark graph starts on it
+            with _QuietStderr():
+                r = self.mesh.process(img)
+            self._quiet = not r.multi_face_landmarks
+        else:
+            r = self.mesh.process(img)
+        if not r.multi_face_landmarks:
+            return []
+        meshes = [np.array([[p.x * w, p.y * h, p.z * w] for p in f.landmark], np.float32)
+                  for f in r.multi_face_landmarks]
+        boxes = []
+        dets = [det for d in self.detectors for det in (d.process(img).detections or [])]
+        for det in dets:
+            b = det.location_data.relative_bounding_box
+            boxes.append((np.array([b.xmin * w, b.ymin * h, (b.xmin + b.width) * w,
+                                    (b.ymin + b.height) * h]), float(det.score[0])))
+        out = []
+        for m in meshes:
+            mb = _box(m)
+            score = max([s for b, s in boxes if _iou(mb, b) > 0.3], default=0.0)
+            out.append((m, score))
+        return out
+
+    def segment(self, img: np.ndarray) -> np.ndarray:
+        """Foreground probability ``(H, W)`` float32 of ``img: (H, W, 3)`` uint8 RGB."""
+        if self._seg is None:
+            from mediapipe.python.solutions import selfie_segmentation
+            with _QuietStderr():
+                self._seg = selfie_segmentation.SelfieSegmentation(model_selection=0)
+                return self._seg.process(img).segmentation_mask
+        return self._seg.process(img).segmentation_mask
+
+    def close(self):
+        for x in (self.mesh, *self.detectors, self._seg):
+            if x is not None:
+                x.close()
+
+
+def _box(pts):
+    return np.array([pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()])
+
+
+def _iou(a, b):
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / max(union, 1e-9)
+
+
+def select_track(frame_faces, image_size):
+    """Picks one face per frame: the largest, most central face where the track starts (or
+    restarts), then the face overlapping the previous pick most. ``frame_faces``: per frame a
+    list of ``(mesh (478, 3), score)``; returns per frame the pick or None."""
+    w, h = image_size
+    prev = None
+    picks = []
+    for faces in frame_faces:
+        if not faces:
+            picks.append(None)
+            prev = None
+            continue
+        boxes = [_box(m) for m, _ in faces]
+        choice = None
+        if prev is not None:
+            ious = [_iou(prev, b) for b in boxes]
+            if max(ious) > 0.3:
+                choice = int(np.argmax(ious))
+        if choice is None:
+            def rank(b):
+                area = (b[2] - b[0]) * (b[3] - b[1]) / (w * h)
+                c = np.array([(b[0] + b[2]) / 2 / w - 0.5, (b[1] + b[3]) / 2 / h - 0.5])
+                return area / (1.0 + 4.0 * float(c @ c))
+            choice = int(np.argmax([rank(b) for b in boxes]))
+        prev = boxes[choice]
+        picks.append(faces[choice])
+    return picks
+
+
+# ----------------------------------------------------------------------------------------------
+# smoothing and crops
+
+
+def runs(frames: np.ndarray) -> np.ndarray:
+    """Segment id per kept frame: consecutive source frame indices share a segment."""
+    if len(frames) == 0:
+        return np.zeros(0, np.int64)
+    return np.concatenate([[0], np.cumsum(np.diff(frames) != 1)]).astype(np.int64)
+
+
+def smooth_savgol(x: np.ndarray, segments: np.ndarray, window: int, order: int = 2) -> np.ndarray:
+    """Savitzky-Golay along axis 0 of ``x: (T, ...)`` within each segment (shorter segments are
+    smoothed with the largest odd window that fits, or left as they are)."""
+    from scipy.signal import savgol_filter
+
+    out = x.astype(np.float64).copy()
+    for s in np.unique(segments):
+        idx = np.nonzero(segments == s)[0]
+        win = min(window, len(idx) if len(idx) % 2 else len(idx) - 1)
+        if win > order:
+            out[idx] = savgol_filter(out[idx], win, order, axis=0, mode="interp")
+    return out.astype(x.dtype)
+
+
+def smooth_gauss(x: np.ndarray, segments: np.ndarray, sigma: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter1d
+
+    out = x.astype(np.float64).copy()
+    if sigma <= 0:
+        return out
+    for s in np.unique(segments):
+        idx = np.nonzero(segments == s)[0]
+        if len(idx) > 1:
+            out[idx] = gaussian_filter1d(out[idx], sigma, axis=0, mode="nearest")
+    return out
+
+
+_TEMPLATE5 = None
+
+
+def template5() -> np.ndarray:
+    """The 5-point template (right eye centre, left eye centre, nose tip, right and left mouth
+    corners) ``(5, 3)`` of the built-in head's mean shape, model units (y up)."""
+    global _TEMPLATE5
+    if _TEMPLATE5 is None:
+        from pyface.face import MorphableModel
+        m = MorphableModel.builtin()
+        p = m.mean_shape[m.landmarks].double().numpy()
+        _TEMPLATE5 = np.stack([p[36:42].mean(0), p[42:48].mean(0), p[30], p[48], p[54]])
+    return _TEMPLATE5
+
+
+def five_points(lm68: np.ndarray) -> np.ndarray:
+    """``(..., 5, 2)``: eye centres, nose tip, mouth corners of ``lm68: (..., 68, 2)``."""
+    return np.stack([lm68[..., 36:42, :].mean(-2), lm68[..., 42:48, :].mean(-2), lm68[..., 30, :],
+                     lm68[..., 48, :], lm68[..., 54, :]], axis=-2)
+
+
+def fit_scale_centre(pts2d: np.ndarray, pts3d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares affine camera ``x = A X + t`` (image y down, model y up) of ``pts2d:
+    (T, 5, 2)`` to ``pts3d: (5, 3)``; returns the scale ``(T,)`` (mean row norm of ``A``) and
+    the centre ``t: (T, 2)``."""
+    n = pts3d.shape[0]
+    X = np.concatenate([pts3d * np.array([1.0, -1.0, 1.0]), np.ones((n, 1))], 1)   # (5, 4)
+    sol, *_ = np.linalg.lstsq(X, pts2d.transpose(1, 0, 2).reshape(n, -1), rcond=None)
+    sol = sol.reshape(4, -1, 2)                                     # (4, T, 2)
+    a = sol[:3]                                                     # (3, T, 2)
+    scale = 0.5 * (np.linalg.norm(a[..., 0], axis=0) + np.linalg.norm(a[..., 1], axis=0))
+    return scale, sol[3]
+
+
+def crop_boxes(lm68: np.ndarray, kind: str) -> np.ndarray:
+    """Per-frame square crops ``(T, 3)`` = (centre x, centre y, side) in source pixels."""
+    if kind == "eg3d":
+        scale, centre = fit_scale_centre(five_points(lm68).astype(np.float64), template5())
+        side = 700.0 / 300.0 * scale
+        return np.concatenate([centre, side[:, None]], 1)
+    lo, hi = lm68.min(1), lm68.max(1)
+    side = 2.0 * (hi - lo).max(1)
+    c = 0.5 * (lo + hi)
+    c[:, 1] -= 0.1 * side
+    return np.concatenate([c, side[:, None]], 1)
+
+
+def crop_image(img: np.ndarray, box, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Crops the square ``box = (cx, cy, side)`` (pixels; may leave the image: edges are
+    repeated) and resizes it to ``size`` with antialiasing. Returns ``(crop (size, size, 3),
+    valid (size, size) bool)`` - ``valid`` marks the pixels inside the source image."""
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    cx, cy, side = (float(v) for v in box)
+    x0, y0 = cx - side / 2, cy - side / 2
+    ix0, iy0 = int(np.floor(x0)), int(np.floor(y0))
+    ix1, iy1 = int(np.ceil(x0 + side)) + 1, int(np.ceil(y0 + side)) + 1
+    pad = [max(0, -iy0), max(0, iy1 - h), max(0, -ix0), max(0, ix1 - w)]
+    region = img[max(iy0, 0):min(iy1, h), max(ix0, 0):min(ix1, w)]
+    if any(pad):
+        region = np.pad(region, ((pad[0], pad[1]), (pad[2], pad[3]), (0, 0)), mode="edge")
+    valid = np.zeros(region.shape[:2], np.uint8)
+    valid[pad[0]:region.shape[0] - pad[1], pad[2]:region.shape[1] - pad[3]] = 255
+    bx = (x0 - ix0, y0 - iy0, x0 - ix0 + side, y0 - iy0 + side)
+    crop = np.asarray(Image.fromarray(region).resize((size, size), Image.LANCZOS, box=bx))
+    vmask = np.asarray(Image.fromarray(valid).resize((size, size), Image.BILINEAR, box=bx)) > 127
+    return crop, vmask
+
+
+def to_crop(points: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
+    """Source pixels ``(T, N, 2|3)`` -> crop pixels (z scaled like x)."""
+    s = size / boxes[:, 2]
+    out = points.astype(np.float64).copy()
+    out[..., 0] = (points[..., 0] - (boxes[:, None, 0] - boxes[:, None, 2] / 2)) * s[:, None]
+    out[..., 1] = (points[..., 1] - (boxes[:, None, 1] - boxes[:, None, 2] / 2)) * s[:, None]
+    if points.shape[-1] == 3:
+        out[..., 2] = points[..., 2] * s[:, None]
+    return out.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# one video
+
+
+def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
+    """Prepares one source into ``cfg.out/src.name``; returns a summary dict. Raises
+    :class:`PrepareError` (naming the file) for unreadable input or when no frame has a face."""
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    timing = {}
+    det = MediaPipeFaces(cfg.max_faces, cfg.min_detection_confidence, static=src.kind == "image")
+    try:
+        # pass 1: mesh per frame
+        frame_faces, size, n = [], None, 0
+        for img in iter_frames(src):
+            size = (img.shape[1], img.shape[0])
+            frame_faces.append(det.faces(img))
+            n += 1
+            if progress:
+                progress(1)
+        if n == 0:
+            raise PrepareError(f"{src.path}: no frames decoded")
+        timing["detect_s"] = time.perf_counter() - t0
+        picks = select_track(frame_faces, size)
+        kept = np.array([i for i, p in enumerate(picks) if p is not None], np.int64)
+        no_face = [i for i, p in enumerate(picks) if p is None]
+        if len(kept) == 0:
+            raise PrepareError(f"{src.path}: no face found in any of its {n} frames")
+        mesh = np.stack([picks[i][0] for i in kept])                  # (T, 478, 3)
+        conf = np.array([picks[i][1] for i in kept], np.float32)
+        seg = runs(kept)
+        raw68 = mesh_to_68(mesh)
+        mesh_s = smooth_savgol(mesh, seg, cfg.smooth_window)
+        lm68 = mesh_to_68(mesh_s)
+        boxes = crop_boxes(lm68, cfg.crop)
+        boxes = smooth_gauss(boxes, seg, cfg.crop_sigma)
+        r = cfg.resolution
+        lm_crop, raw_crop = to_crop(lm68, boxes, r), to_crop(raw68, boxes, r)
+        mesh_crop = to_crop(mesh_s, boxes, r)
+        jit = {"before": jitter_by_segment(raw_crop, seg), "after": jitter_by_segment(lm_crop, seg)}
+
+        # pass 2: crops, masks, frames
+        t1 = time.perf_counter()
+        tmp = os.path.join(cfg.out, f".{src.name}.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, fmt.FRAME_DIR))
+        os.makedirs(os.path.join(tmp, fmt.MASK_DIR))
+        where = {int(f): k for k, f in enumerate(kept)}
+        small = np.zeros((len(kept), APPEARANCE_SIZE, APPEARANCE_SIZE, 3), np.uint8)
+        for i, img in enumerate(iter_frames(src)):
+            k = where.get(i)
+            if k is None:
+                continue
+            crop, _ = crop_image(img, boxes[k], r)
+            mask = det.segment(crop) > 0.5
+            small[k] = np.asarray(Image.fromarray(crop).resize((APPEARANCE_SIZE,) * 2, Image.BOX))
+            Image.fromarray(crop).save(os.path.join(tmp, fmt.FRAME_DIR, f"{k:05d}.png"),
+                                       compress_level=1)
+            Image.fromarray(mask.astype(np.uint8) * 255).save(
+                os.path.join(tmp, fmt.MASK_DIR, f"{k:05d}.png"), compress_level=1)
+        timing["crop_segment_s"] = time.perf_counter() - t1
+    finally:
+        det.close()
+
+    # 3DMM fit
+    t2 = time.perf_counter()
+    t = len(kept)
+    if cfg.fit:
+        import torch
+
+        from pyface.face import MorphableModel, cameras
+        from pyface.face.fit import FitConfig, fit_landmarks
+
+        torch.set_num_threads(1)
+        model, index = fit_model(cfg.bfm)
+        res = fit_landmarks(model, torch.from_numpy(lm_crop), r, segments=torch.from_numpy(seg),
+                            config=FitConfig(steps=cfg.fit_steps), landmark_index=index)
+        coeffs = res.coeffs.numpy()
+        if cfg.submission_offsets:
+            c = torch.from_numpy(coeffs)
+            labels = cameras.deep3d_to_label(c[:, 224:227], c[:, 254:257],
+                                             submission_offsets=True).numpy()
+        else:
+            labels = res.labels.numpy()
+        residual = res.residual.numpy()
+        photometric = np.full(t, np.nan, np.float32)
+        timing["fit_landmarks_s"] = time.perf_counter() - t2
+        if cfg.appearance:
+            from pyface.face.fit import fit_appearance
+
+            imgs = torch.from_numpy(small).permute(0, 3, 1, 2).float() / 255.0
+            app = fit_appearance(model, res.coeffs, imgs)
+            coeffs = app.coeffs.numpy()
+            photometric = np.where(app.pixels.numpy() > 0, 255.0 * app.residual.numpy(), np.nan)
+    else:
+        photometric = np.full(t, np.nan, np.float32)
+        from pyface.face import cameras
+        coeffs = np.zeros((t, 257), np.float32)
+        labels = np.repeat(cameras.default_label().numpy()[None], t, 0)
+        residual = np.full(t, np.nan, np.float32)
+    timing["fit_s"] = time.perf_counter() - t2      # landmarks + appearance
+
+    np.save(os.path.join(tmp, fmt.COEFFS), coeffs.astype(np.float32))
+    np.save(os.path.join(tmp, fmt.LANDMARKS), lm_crop.astype(np.float32))
+    np.save(os.path.join(tmp, "mesh.npy"), mesh_crop.astype(np.float32))
+    entries = [[f"{fmt.FRAME_DIR}/{k:05d}.png", [float(x) for x in labels[k]]] for k in range(t)]
+    fmt._dump(os.path.join(tmp, fmt.LABELS), {"labels": entries})
+    seconds = time.perf_counter() - t0
+    meta = {"identity": src.name, "fps": source_fps(src), "source": os.path.abspath(src.path),
+            "num_frames": t, "resolution": [r, r], "generator": "pyface.data.prepare",
+            "crop": cfg.crop, "source_num_frames": n, "source_frames": kept.tolist(),
+            "no_face_frames": no_face, "confidence": [round(float(c), 4) for c in conf],
+            "fit_residual_px": [None if not np.isfinite(x) else round(float(x), 3) for x in residual],
+            "photometric_rms": [None if not np.isfinite(x) else round(float(x), 2) for x in photometric],
+            "crop_boxes": np.round(boxes, 2).tolist(), "jitter_px": jit,
+            "submission_offsets": cfg.submission_offsets,
+            "fit_model": "bfm" if cfg.bfm else ("builtin" if cfg.fit else None), "seconds": round(seconds, 2),
+            "timing_s": {k: round(v, 2) for k, v in timing.items()}}
+    fmt._dump(os.path.join(tmp, fmt.META), meta)
+    final = os.path.join(cfg.out, src.name)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return {"name": src.name, "frames": t, "source_frames": n, "no_face": len(no_face),
+            "seconds": seconds, "jitter_px": jit, "timing_s": timing}
+
+
+def fit_model(bfm: str | None = None):
+    """The morphable model of the fit and the vertices the 68 MediaPipe-derived landmarks mean on
+    it: BFM (``bfm``: Deep3DFaceRecon's ``BFM_model_front.mat``) uses its own iBUG keypoints; the
+    built-in head uses :data:`pyface.data.landmarks.BUILTIN_MEDIAPIPE_68` (measured by
+    tools/calibrate_landmarks.py) while its vertex count matches the table's."""
+    import torch
+
+    from pyface.data.landmarks import BUILTIN_MEDIAPIPE_68, BUILTIN_VERTICES
+    from pyface.face import MorphableModel
+
+    if bfm:
+        return MorphableModel.from_bfm(bfm), None
+    model = MorphableModel.builtin()
+    if model.num_vertices != BUILTIN_VERTICES:
+        warnings.warn(f"the built-in head has {model.num_vertices} vertices, the MediaPipe landmark "
+                      f"table was measured on {BUILTIN_VERTICES}; fitting to the head's own "
+                      "landmarks (re-run tools/calibrate_landmarks.py)", stacklevel=2)
+        return model, None
+    return model, torch.tensor(BUILTIN_MEDIAPIPE_68)
+
+
+def jitter_by_segment(points: np.ndarray, seg: np.ndarray) -> float:
+    """Frame-weighted mean :func:`jitter` over the runs of consecutive frames."""
+    vals, weights = [], []
+    for s in np.unique(seg):
+        idx = np.nonzero(seg == s)[0]
+        if len(idx) >= 3:
+            vals.append(jitter(points[idx]))
+            weights.append(len(idx) - 2)
+    return round(float(np.average(vals, weights=weights)), 4) if vals else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# many videos
+
+
+_progress_queue = None
+
+
+def _worker_init(q):
+    global _progress_queue
+    _progress_queue = q
+    import torch
+    torch.set_num_threads(1)
+
+
+def _worker(args):
+    src, cfg = args
+    q = _progress_queue
+    pending = [0]
+
+    def progress(k):
+        pending[0] += k
+        if pending[0] >= 8 and q is not None:
+            q.put(pending[0])
+            pending[0] = 0
+    try:
+        r = prepare_video(src, cfg, progress)
+        return src, r, None
+    except PrepareError as e:
+        return src, None, str(e)
+    finally:
+        if q is not None and pending[0]:
+            q.put(pending[0])
+
+
+def prepare(inputs, cfg: PrepareConfig) -> dict:
+    """Prepares every input (see :func:`collect_sources`) into ``cfg.out`` and writes the index.
+
+    Without ``skip_bad`` the first bad input raises :class:`PrepareError` (videos finished
+    before it stay written and indexed); with it, bad inputs are warnings listed in the summary.
+    """
+    require_backends()
+    if cfg.bfm and not os.path.isfile(cfg.bfm):
+        raise PrepareError(f"{cfg.bfm}: BFM model file not found (--bfm expects Deep3DFaceRecon's "
+                           "BFM_model_front.mat)")
+    sources = collect_sources(inputs)
+    if not sources:
+        raise PrepareError(f"no videos or images found in {list(inputs)}")
+    os.makedirs(cfg.out, exist_ok=True)
+    todo, skipped = [], []
+    for s in sources:
+        if cfg.resume and os.path.isfile(os.path.join(cfg.out, s.name, fmt.META)):
+            skipped.append(s.name)
+        else:
+            todo.append(s)
+    results, bad = [], []
+    t0 = time.perf_counter()
+    vbar = fbar = None
+    if cfg.progress:
+        from tqdm import tqdm
+        vbar = tqdm(total=len(todo), unit="video", desc="videos", position=0)
+        fbar = tqdm(total=sum(count_frames(s) for s in todo) or None, unit="frame",
+                    desc="frames (detection pass)", position=1)
+
+    def done(src, r, err):
+        if err is not None:
+            if not cfg.skip_bad:
+                raise PrepareError(err)
+            warnings.warn(f"skipped: {err}", stacklevel=3)
+            bad.append(err)
+        else:
+            results.append(r)
+        if vbar is not None:
+            vbar.update(1)
+
+    try:
+        if cfg.workers == 1 or len(todo) <= 1:
+            for s in todo:
+                try:
+                    r = prepare_video(s, cfg, fbar.update if fbar is not None else None)
+                    done(s, r, None)
+                except PrepareError as e:
+                    done(s, None, str(e))
+        else:
+            import multiprocessing as mp
+            import threading
+
+            # never fork this process: MediaPipe graphs (a caller's earlier prepare()) run
+            # threads that a fork would copy mid-lock. A fork server starts clean and forks
+            # the workers with pyface and torch already imported.
+            methods = mp.get_all_start_methods()
+            ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+            if "forkserver" in methods:
+                ctx.set_forkserver_preload(["pyface.data.prepare", "pyface.face.fit"])
+            q = ctx.Queue()
+            stop = threading.Event()
+
+            def drain():
+                import queue
+                while not stop.is_set():
+                    try:
+                        k = q.get(timeout=0.2)
+                    except queue.Empty:
+                        continue
+                    if fbar is not None:
+                        fbar.update(k)
+            th = threading.Thread(target=drain, daemon=True)
+            th.start()
+            with ctx.Pool(min(cfg.workers, len(todo)), initializer=_worker_init, initargs=(q,)) as pool:
+                try:
+                    for s, r, err in pool.imap_unordered(_worker, [(s, cfg) for s in todo]):
+                        done(s, r, err)
+                finally:
+                    stop.set()
+                    th.join()
+    finally:
+        for b in (vbar, fbar):
+            if b is not None:
+                b.close()
+        _cleanup_partial(cfg.out)
+        if fmt.video_names(cfg.out):
+            fmt.write_index(cfg.out)
+    seconds = time.perf_counter() - t0
+    frames = sum(r["frames"] for r in results)
+    return {"videos": len(results), "frames": frames, "skipped_finished": skipped, "bad": bad,
+            "seconds": round(seconds, 2), "fps": round(frames / seconds, 2) if seconds else 0.0,
+            "results": results, "config": asdict(cfg)}
+
+
+def _cleanup_partial(out):
+    for e in os.listdir(out):
+        if e.startswith(".") and e.endswith(".partial"):
+            shutil.rmtree(os.path.join(out, e), ignore_errors=True)

@@ -1,0 +1,290 @@
+"""Landmark-based 3DMM fit of whole videos: identity shared per video, expression and pose per
+frame, with a temporal smoothness prior; vectorised over frames.
+
+Unknowns: ``id (80,)`` shared, ``exp (T, 64)``, ``angles (T, 3)``, ``trans (T, 3)``. The 68 model
+landmarks are projected with the EG3D camera of the pose (:func:`pyface.face.cameras.
+deep3d_to_label`, fixed FFHQ intrinsics), exactly as :meth:`MorphableModel.render` draws them, so
+the fitted coefficients and their labels are consistent with the image the landmarks come from.
+Only the 68 landmark rows of the bases are evaluated. Texture and lighting are not fitted (zeros).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pyface.face import cameras as cam
+from pyface.face.coeffs import merge_coeffs
+
+#: Default per-landmark weights: the jaw contour and the nose carry less weight (their meaning
+#: differs most between landmark detectors and head models).
+GROUP_WEIGHTS = {"jaw": 0.2, "brows": 1.0, "nose": 0.5, "eyes": 1.0, "mouth": 1.0}
+_GROUPS = {"jaw": range(0, 17), "brows": range(17, 27), "nose": range(27, 36),
+           "eyes": range(36, 48), "mouth": range(48, 68)}
+
+
+@dataclass
+class FitConfig:
+    steps: int = 100            # L-BFGS iterations of the joint stage (the pose stage: a fifth)
+    w_id: float = 100.0         # x 1e-3 mean id^2 (strong: 68 points barely constrain shape)
+    w_exp: float = 1.0          # x 1e-3 mean exp^2
+    w_smooth: float = 1.0       # x 1e-3 squared first differences of exp, angles and trans
+    device: str = "cpu"
+
+
+@dataclass
+class FitResult:
+    """``coeffs (T, 257)``, ``labels (T, 25)``, ``residual (T,)`` mean point error in pixels,
+    ``landmarks (T, K, 2)`` the fitted model's points in pixels."""
+
+    coeffs: torch.Tensor
+    labels: torch.Tensor
+    residual: torch.Tensor
+    landmarks: torch.Tensor
+
+
+def landmark_weights() -> torch.Tensor:
+    w = torch.ones(68)
+    for g, idx in _GROUPS.items():
+        w[list(idx)] = GROUP_WEIGHTS[g]
+    return w
+
+
+def project_landmarks(model, id_c, exp, angles, trans, image_size: int,
+                      landmark_index: torch.Tensor | None = None) -> torch.Tensor:
+    """Model landmarks ``(T, K, 2)`` in pixels of ``image_size`` for ``id_c: (80,)`` and per
+    frame ``exp (T, 64)``, ``angles (T, 3)``, ``trans (T, 3)``; ``landmark_index: (K,)`` vertex
+    indices (default ``model.landmarks``)."""
+    lm = model.landmarks if landmark_index is None else landmark_index.to(model.landmarks)
+    v = model.num_vertices
+    mean = model.mean_shape[lm]                                        # (68, 3)
+    idb = model.id_basis.view(v, 3, -1)[lm]                            # (68, 3, 80)
+    exb = model.exp_basis.view(v, 3, -1)[lm]                           # (68, 3, 64)
+    pts = mean + idb @ id_c + torch.einsum("kcj,tj->tkc", exb, exp)    # (T, 68, 3)
+    label = cam.deep3d_to_label(angles, trans)
+    uv, _ = cam.project_label(pts * cam.BFM_TO_EG3D_SCALE, label)
+    return uv * image_size
+
+
+def fit_landmarks(model, landmarks: torch.Tensor, image_size: int, *, weights=None,
+                  segments: torch.Tensor | None = None, config: FitConfig | None = None,
+                  landmark_index: torch.Tensor | None = None) -> FitResult:
+    """Fits ``model`` to ``landmarks: (T, K, 2)`` (pixels of a square ``image_size`` image,
+    x right, y down); K = 68 (the model's landmarks) unless ``landmark_index`` says which
+    vertices the K points are.
+
+    Args:
+        weights: optional ``(K,)`` per-point weights (default :func:`landmark_weights` for 68
+            points, else ones).
+        segments: optional ``(T,)`` int ids; the smoothness prior links consecutive frames of the
+            same segment only (frames left out between them break the chain).
+        landmark_index: optional ``(K,)`` model vertices the points correspond to (default
+            ``model.landmarks``; a detector whose points mean other vertices brings its own).
+    """
+    cfg = config or FitConfig()
+    if landmarks.dim() != 3 or landmarks.shape[-1] != 2:
+        raise ValueError(f"landmarks: expected shape (T, K, 2), got {tuple(landmarks.shape)}")
+    t, k = landmarks.shape[:2]
+    if landmark_index is None and k != 68:
+        raise ValueError(f"landmarks: expected shape (T, 68, 2) without landmark_index, got "
+                         f"{tuple(landmarks.shape)}")
+    if landmark_index is not None and tuple(landmark_index.shape) != (k,):
+        raise ValueError(f"landmark_index: expected shape ({k},), got {tuple(landmark_index.shape)}")
+    if weights is not None and tuple(torch.as_tensor(weights).shape) != (k,):
+        raise ValueError(f"weights: expected shape ({k},), got {tuple(torch.as_tensor(weights).shape)}")
+    if t == 0:
+        raise ValueError("landmarks: expected at least one frame, got T = 0")
+    dev = torch.device(cfg.device)
+    model = model.to(dev)
+    target = landmarks.to(dev, torch.float32)
+    if weights is None:
+        weights = landmark_weights() if k == 68 else torch.ones(k)
+    w = torch.as_tensor(weights).to(dev, torch.float32)
+    link = torch.ones(max(t - 1, 0), device=dev)
+    if segments is not None:
+        seg = torch.as_tensor(segments, device=dev)
+        link = (seg[1:] == seg[:-1]).float()
+    id_c = torch.zeros(model.id_basis.shape[1], device=dev, requires_grad=True)
+    exp = torch.zeros(t, model.exp_basis.shape[1], device=dev, requires_grad=True)
+    angles = torch.zeros(t, 3, device=dev, requires_grad=True)
+    trans = torch.zeros(t, 3, device=dev, requires_grad=True)
+    scale = 1.0 / image_size
+
+    def objective(shape_on: bool):
+        e = exp if shape_on else exp.detach()
+        i = id_c if shape_on else id_c.detach()
+        proj = project_landmarks(model, i, e, angles, trans, image_size, landmark_index)
+        d2 = ((proj - target) * scale).pow(2).sum(-1)                   # (T, 68)
+        loss = (d2 * w).sum(-1).mean() / w.sum()
+        loss = loss + cfg.w_id * 1e-3 * id_c.pow(2).mean() + cfg.w_exp * 1e-3 * exp.pow(2).mean()
+        if t > 1:
+            sm = 0.0
+            for x, k in ((exp, 1.0), (angles, 10.0), (trans, 10.0)):
+                sm = sm + k * ((x[1:] - x[:-1]).pow(2).mean(-1) * link).sum() / (t - 1)
+            loss = loss + cfg.w_smooth * 1e-3 * sm
+        return loss
+
+    # L-BFGS (strong Wolfe line search): the pose alone first, then everything together
+    for shape_on, iters in ((False, max(cfg.steps // 5, 5)), (True, cfg.steps)):
+        params = [angles, trans] + ([id_c, exp] if shape_on else [])
+        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=iters, history_size=20,
+                                tolerance_grad=1e-12, tolerance_change=1e-14,
+                                line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            loss = objective(shape_on)
+            loss.backward()
+            return loss
+        opt.step(closure)
+    with torch.no_grad():
+        proj = project_landmarks(model, id_c, exp, angles, trans, image_size, landmark_index)
+        residual = (proj - target).norm(dim=-1).mean(-1)
+        zeros = lambda n: torch.zeros(t, n, device=dev)
+        coeffs = merge_coeffs(id_c.expand(t, -1), exp, zeros(80), angles, zeros(27), trans)
+        labels = cam.deep3d_to_label(angles, trans)
+    return FitResult(coeffs=coeffs.cpu(), labels=labels.cpu(), residual=residual.cpu(),
+                     landmarks=proj.cpu())
+
+
+# ----------------------------------------------------------------------------------------------
+# appearance: albedo (shared) and SH lighting (per frame)
+
+
+@dataclass
+class AppearanceResult:
+    """``coeffs (T, 257)`` with ``tex`` and ``gamma`` filled in, ``residual (T,)`` RMS colour
+    error (0..1 units) over the fitted pixels, ``pixels (T,)`` their count."""
+
+    coeffs: torch.Tensor
+    residual: torch.Tensor
+    pixels: torch.Tensor
+
+
+def _skin_vertices(model) -> torch.Tensor:
+    keep = torch.ones(model.num_vertices, dtype=torch.bool)
+    names = model.region_names
+    if "skin" in names:
+        keep = model.region("skin").clone()
+    elif "face" in names:
+        keep = model.region("face").clone()
+    for r in ("hair", "brows", "eyes", "mouth", "lips", "mouth_interior", "eyelids"):
+        if r in names:
+            keep &= ~model.region(r)
+    return keep
+
+
+def _skin_pixels(model, coeffs, images, max_pixels):
+    """Rasterizes ``coeffs: (T, 257)`` once and gathers up to about ``max_pixels`` evenly spread
+    skin pixels per frame: frame index ``(P,)``, triangle vertices ``(P, 3)``, barycentrics
+    ``(P, 3)``, target colours ``(P, 3)`` and the vertices' SH basis ``(P, 3, 9)``."""
+    from pyface.face.coeffs import split_coeffs
+    from pyface.face.morphable import sh_basis, vertex_normals
+    from pyface.face.render import render_mesh
+
+    t = coeffs.shape[0]
+    h, w = images.shape[-2:]
+    c = split_coeffs(coeffs)
+    verts = model.shape(c["id"], c["exp"])                                       # (T, V, 3)
+    label = model.label_of(coeffs)
+    c2w, _ = cam.split_label(label)
+    rot = (c2w[:, :3, :3] @ torch.diag(c2w.new_tensor([1.0, -1.0, -1.0]))).transpose(1, 2)
+    uv, z = cam.project_label(verts * cam.BFM_TO_EG3D_SCALE, label)
+    ras = render_mesh(torch.cat([uv * 2 - 1, z], -1), model.faces, (h, w), None, cull=model.cull)
+    skin = _skin_vertices(model).to(verts.device)
+    fidx = ras.face_index                                                         # (T, H, W)
+    tri = model.faces[fidx.clamp_min(0)]                                           # (T, H, W, 3)
+    ok = (fidx >= 0) & skin[tri].all(-1)
+    tt, yy, xx = ok.nonzero(as_tuple=True)
+    step = max(1, -(-len(tt) // (max_pixels * t)))
+    tt, yy, xx = tt[::step], yy[::step], xx[::step]
+    tri, bary = tri[tt, yy, xx], ras.bary[tt, yy, xx]
+    target = images.float()[tt, :, yy, xx]
+    normals = vertex_normals(verts, model.faces) @ rot.transpose(1, 2)
+    ysh = sh_basis(normals)[tt[:, None], tri]                                      # (P, 3, 9)
+    return tt, tri, bary, target, ysh
+
+
+def _solve_gamma(a, target, tt, t, w_gamma, init_light):
+    """Per frame and colour, the ridge solution of ``a (P, 3ch, 9) . g = target (P, 3)``."""
+    g = torch.zeros(t, 3, 9)
+    g[:, :, 0] = init_light
+    prior = torch.zeros(9)
+    prior[0] = init_light
+    eye9 = torch.eye(9)
+    for f in range(t):
+        sel = tt == f
+        n = int(sel.sum())
+        if n < 20:
+            continue
+        for ch in range(3):
+            A, y = a[sel, ch], target[sel, ch]
+            g[f, ch] = torch.linalg.solve(A.T @ A + w_gamma * n * eye9,
+                                          A.T @ y + w_gamma * n * prior)
+    return g
+
+
+def fit_appearance(model, coeffs: torch.Tensor, images: torch.Tensor, *, iters: int = 3,
+                   w_tex: float = 1e-3, w_gamma: float = 1e-3, max_pixels: int = 600,
+                   albedo_frames: int = 32, chunk: int = 64) -> AppearanceResult:
+    """Albedo ``tex`` (shared by the frames) and SH lighting ``gamma`` (per frame) of the
+    geometry in ``coeffs: (T, 257)`` (id, exp, angles, trans as fitted) from ``images:
+    (T, 3, H, W)`` in [0, 1], seen by the camera of the coefficients (:meth:`MorphableModel.
+    render`'s).
+
+    The mesh is rasterized once (skin pixels; hair, brows, eyes and mouth left out); a pixel's
+    colour, ``sum_i b_i albedo_i * (SH(n_i) . gamma)``, is linear in ``gamma`` for a fixed albedo
+    and linear in ``tex`` for fixed lighting. The albedo comes from up to ``albedo_frames``
+    evenly spread frames, alternating the two ridge least-squares solves ``iters`` times from
+    ``tex = 0``; then every frame's lighting is solved with that albedo, ``chunk`` frames at a
+    time (memory does not grow with T). At most about ``max_pixels`` evenly spread pixels per
+    frame enter the solves. Clamping of the renderer is ignored. Albedo and lighting share an
+    overall scale that the images cannot separate: the priors (``w_tex``, ``w_gamma``, towards
+    the mean albedo and Deep3DFaceRecon's ambient 0.8) pick it.
+    """
+    from pyface.face.morphable import INIT_LIGHT
+
+    if coeffs.dim() != 2 or coeffs.shape[1] != 257:
+        raise ValueError(f"coeffs: expected shape (T, 257), got {tuple(coeffs.shape)}")
+    t = coeffs.shape[0]
+    if images.dim() != 4 or images.shape[:2] != (t, 3):
+        raise ValueError(f"images: expected shape ({t}, 3, H, W), got {tuple(images.shape)}")
+    coeffs = coeffs.float()
+    v = model.num_vertices
+    with torch.no_grad():
+        # albedo from a subset of frames
+        sub = torch.linspace(0, t - 1, min(t, albedo_frames)).round().long().unique()
+        tt, tri, bary, target, ysh = _skin_pixels(model, coeffs[sub], images[sub], max_pixels)
+        mean_p = model.mean_tex[tri]                                               # (P, 3v, 3ch)
+        basis = model.tex_basis.view(v, 3, -1)[tri]                                # (P, 3, 3, 80)
+        tex = torch.zeros(basis.shape[-1])
+        eye = torch.eye(basis.shape[-1])
+        for _ in range(max(1, iters)):
+            alb = mean_p + basis @ tex
+            a = torch.einsum("pi,pic,pik->pck", bary, alb, ysh)
+            g = _solve_gamma(a, target, tt, len(sub), w_gamma, INIT_LIGHT)
+            s = torch.einsum("pik,pck->pic", ysh, g[tt])                           # (P, 3v, 3ch)
+            A = torch.einsum("pi,pic,picj->pcj", bary, s, basis).reshape(-1, basis.shape[-1])
+            y = (target - torch.einsum("pi,pic,pic->pc", bary, s, mean_p)).reshape(-1)
+            tex = torch.linalg.solve(A.T @ A + w_tex * len(y) * eye, A.T @ y)
+        albedo = model.mean_tex + (model.tex_basis @ tex).view(v, 3)               # (V, 3)
+        # lighting of every frame, chunk by chunk
+        gamma = torch.zeros(t, 3, 9)
+        residual, count = torch.zeros(t), torch.zeros(t)
+        for s0 in range(0, t, chunk):
+            sl = slice(s0, min(t, s0 + chunk))
+            n = sl.stop - sl.start
+            tt, tri, bary, target, ysh = _skin_pixels(model, coeffs[sl], images[sl], max_pixels)
+            a = torch.einsum("pi,pic,pik->pck", bary, albedo[tri], ysh)
+            g = _solve_gamma(a, target, tt, n, w_gamma, INIT_LIGHT)
+            pred = torch.einsum("pck,pck->pc", a, g[tt])
+            err = (pred - target).pow(2).mean(-1)
+            cnt = torch.bincount(tt, minlength=n).float()
+            residual[sl] = (torch.zeros(n).index_add(0, tt, err) / cnt.clamp_min(1)).sqrt()
+            count[sl] = cnt
+            gamma[sl] = g
+        gamma[:, :, 0] -= INIT_LIGHT
+        out = coeffs.clone()
+        out[:, 144:224] = tex
+        out[:, 227:254] = gamma.reshape(t, 27)
+    return AppearanceResult(coeffs=out, residual=residual, pixels=count)

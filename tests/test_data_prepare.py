@@ -1,0 +1,346 @@
+"""`pyface data prepare`: landmark mapping, smoothing, crops, the 3DMM fit, and the whole pipeline
+on an mp4 of a synthetic clip with exact ground truth (needs the `prepare` extra)."""
+import importlib.util
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from pyface.data import format as fmt
+from pyface.data.landmarks import FIXED_68, JAW_RING, jitter, mesh_to_68, resample_polyline
+from pyface.data.prepare import (PrepareConfig, PrepareError, collect_sources, crop_image,
+                                 runs, smooth_savgol, to_crop)
+
+HAVE_PREPARE = all(importlib.util.find_spec(m) is not None for m in ("av", "mediapipe"))
+if not HAVE_PREPARE and os.environ.get("PYFACE_REQUIRE_PREPARE"):
+    # CI's preparation step installs the extra: a missing package there is a failure, not a skip
+    raise ImportError("PYFACE_REQUIRE_PREPARE is set but the `prepare` extra (av, mediapipe) is "
+                      "not importable")
+needs_prepare = pytest.mark.skipif(
+    not HAVE_PREPARE, reason='the `prepare` extra is not installed (pip install -e ".[prepare]")')
+
+
+# ------------------------------------------------------------------ pure parts (no extra needed)
+
+def test_mesh_to_68_table_and_jaw():
+    assert sorted(FIXED_68) == list(range(17, 68))
+    assert len(set(FIXED_68.values())) == 51 and max(FIXED_68.values()) < 478
+    mesh = np.zeros((478, 3), np.float32)
+    mesh[:, 0] = np.arange(478)                      # x = vertex index: the table is readable
+    for k, v in enumerate(JAW_RING):                 # jaw ring on a straight line, uneven steps
+        mesh[v, :2] = (k ** 1.5, 100.0)
+    lm = mesh_to_68(mesh)
+    assert lm.shape == (68, 2)
+    assert [int(lm[k, 0]) for k in (30, 36, 39, 42, 45, 48, 54)] == [1, 33, 133, 362, 263, 61, 291]
+    jaw = lm[:17, 0]
+    np.testing.assert_allclose(np.diff(jaw), np.diff(jaw).mean(), rtol=1e-4)   # equal arc length
+    assert jaw[0] == 0 and jaw[-1] == pytest.approx(20 ** 1.5)
+    with pytest.raises(ValueError, match="mesh"):
+        mesh_to_68(np.zeros((10, 2)))
+
+
+def test_resample_polyline_batched():
+    line = np.array([[[0, 0], [1, 0], [3, 0]], [[0, 0], [0, 2], [0, 4]]], np.float64)
+    out = resample_polyline(line, 5)
+    np.testing.assert_allclose(out[0, :, 0], [0, 0.75, 1.5, 2.25, 3])
+    np.testing.assert_allclose(out[1, :, 1], [0, 1, 2, 3, 4])
+
+
+def test_smoothing_reduces_jitter_and_respects_gaps():
+    rng = np.random.default_rng(0)
+    t = np.arange(40)
+    clean = np.stack([np.sin(t / 6.0), np.cos(t / 7.0)], -1)[:, None].repeat(5, 1) * 20
+    noisy = clean + rng.normal(0, 0.5, clean.shape)
+    seg = runs(np.r_[np.arange(20), np.arange(25, 45)])
+    assert seg.tolist() == [0] * 20 + [1] * 20
+    sm = smooth_savgol(noisy, seg, 5)
+    assert jitter(sm) < 0.5 * jitter(noisy)
+    assert np.abs(sm - clean).mean() < np.abs(noisy - clean).mean()
+    # a jump between segments is not smeared across the gap
+    jump = noisy.copy()
+    jump[20:] += 100
+    sm2 = smooth_savgol(jump, seg, 5)
+    np.testing.assert_allclose(sm2[:20], sm[:20])
+
+
+def test_crop_image_and_to_crop_agree():
+    img = np.zeros((100, 120, 3), np.uint8)
+    img[40:50, 60:70] = 255                               # a white square centred at (65, 45)
+    box = np.array([[65.0, 45.0, 40.0]])                  # 40 px square around it
+    crop, valid = crop_image(img, box[0], 64)
+    assert crop.shape == (64, 64, 3) and valid.all()
+    ys, xs = np.nonzero(crop[..., 0] > 127)
+    c = to_crop(np.array([[[65.0, 45.0]]]), box, 64)[0, 0]
+    assert abs(xs.mean() + 0.5 - c[0]) < 1 and abs(ys.mean() + 0.5 - c[1]) < 1
+    crop2, valid2 = crop_image(img, (5.0, 5.0, 40.0), 64)   # leaves the image: edges repeated
+    assert not valid2.all() and valid2.any()
+
+
+def _face(cx, cy, half):
+    mesh = np.zeros((478, 3), np.float32)
+    mesh[:, 0] = np.linspace(cx - half, cx + half, 478)
+    mesh[:, 1] = np.linspace(cy - half, cy + half, 478)
+    return mesh
+
+
+def test_select_track_largest_central_then_follows():
+    from pyface.data.prepare import select_track
+
+    big_corner, small_centre, big_centre = _face(20, 20, 18), _face(50, 50, 6), _face(52, 50, 15)
+    frames = [[(big_corner, 0.9), (big_centre, 0.8), (small_centre, 0.7)],
+              [(big_corner, 0.9), (_face(55, 50, 15), 0.8)],      # the kept face moved a bit
+              [],                                                   # no face: the track ends
+              [(big_corner, 0.9), (small_centre, 0.7)]]
+    picks = select_track(frames, (100, 100))
+    assert picks[0][1] == 0.8 and picks[1][1] == 0.8 and picks[1][0][0, 0] == 40
+    assert picks[2] is None
+    assert picks[3][1] == 0.9          # restart: the largest, most central of what is left
+
+
+def test_config_and_input_errors(tmp_path):
+    with pytest.raises(ValueError, match="crop"):
+        PrepareConfig(out="x", crop="ffhq")
+    with pytest.raises(ValueError, match="resolution"):
+        PrepareConfig(out="x", resolution=300)
+    with pytest.raises(PrepareError, match="nope.mp4"):
+        collect_sources([str(tmp_path / "nope.mp4")])
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(PrepareError, match="notes.txt"):
+        collect_sources([str(tmp_path / "notes.txt")])
+    frames = tmp_path / "clip"
+    frames.mkdir()
+    for i in (2, 10, 1):
+        (frames / f"{i}.png").write_bytes(b"")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"")
+    (tmp_path / "photos" / "b.mp4").write_bytes(b"")
+    s = collect_sources([str(frames), str(tmp_path / "photos")])
+    assert [(x.name, x.kind) for x in s] == [("clip", "frames"), ("a", "image"), ("b", "video")]
+    assert [os.path.basename(f) for f in s[0].files] == ["1.png", "2.png", "10.png"]
+
+
+def test_fit_recovers_pose_from_exact_landmarks():
+    from pyface.face import MorphableModel
+    from pyface.face.coeffs import merge_coeffs
+    from pyface.face.fit import FitConfig, fit_landmarks
+
+    m = MorphableModel.builtin()
+    g = torch.Generator().manual_seed(0)
+    t = 6
+    ang = torch.stack([torch.linspace(-0.15, 0.1, t), torch.linspace(0.3, -0.2, t),
+                       torch.full((t,), 0.05)], -1)
+    trans = torch.tensor([0.02, -0.03, -0.2]).expand(t, 3)
+    idc = 0.5 * torch.randn(1, 80, generator=g)
+    exp = torch.zeros(t, 64)
+    exp[:, 0] = torch.linspace(0, 0.8, t)     # jaw_open
+    c = merge_coeffs(idc.expand(t, 80), exp, torch.zeros(t, 80), ang, torch.zeros(t, 27), trans)
+    lm = m.landmarks2d(c, image_size=256)
+    r = fit_landmarks(m, lm, 256, config=FitConfig(steps=60))
+    assert r.coeffs.shape == (t, 257) and r.labels.shape == (t, 25)
+    assert r.residual.max() < 1.5
+    err = (r.coeffs[:, 224:226] - ang[:, :2]).abs().rad2deg()
+    assert err.max() < 4.0, err
+    with pytest.raises(ValueError, match="landmarks"):
+        fit_landmarks(m, torch.zeros(2, 5, 2), 256)
+    with pytest.raises(ValueError, match="landmark_index"):
+        fit_landmarks(m, torch.zeros(2, 5, 2), 256, landmark_index=torch.arange(4))
+
+
+def test_fit_appearance_recovers_colours():
+    from pyface.face import MorphableModel
+    from pyface.face.fit import fit_appearance
+
+    m = MorphableModel.builtin()
+    g = torch.Generator().manual_seed(1)
+    t = 3
+    c = torch.zeros(t, 257)
+    c[:, 144:147] = torch.tensor([1.5, -0.5, -1.0])            # skin tone (tex components)
+    c[:, 224:227] = torch.tensor([[0.1, 0.3, 0.0], [0.0, -0.2, 0.05], [-0.1, 0.0, 0.0]])
+    c[:, 227:254] = 0.1 * torch.randn(t, 27, generator=g)      # lighting per frame
+    c[:, 254:257] = torch.tensor([0.0, 0.0, -0.3])
+    img = m.render(c, 64).image
+    start = c.clone()
+    start[:, 144:224] = 0
+    start[:, 227:254] = 0
+    r = fit_appearance(m, start, img)
+    assert r.coeffs.shape == (t, 257) and (r.pixels > 100).all()
+    assert r.residual.max() < 0.02, r.residual                 # colours reproduced on the skin
+    torch.testing.assert_close(r.coeffs[:, :144], start[:, :144])   # geometry untouched
+    skin = m.render(c, 64, regions=("skin",)).regions["skin"]
+    fitted = m.render(r.coeffs, 64).image
+    err_fit = ((fitted - img).abs() * skin).sum() / skin.sum() / 3
+    err_start = ((m.render(start, 64).image - img).abs() * skin).sum() / skin.sum() / 3
+    assert err_fit < 0.3 * err_start, (err_fit, err_start)
+    with pytest.raises(ValueError, match="images"):
+        fit_appearance(m, start, img[:, :2])
+
+
+# ------------------------------------------------------------------ the pipeline (needs the extra)
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    if not HAVE_PREPARE:
+        pytest.skip('the `prepare` extra is not installed (pip install -e ".[prepare]")')
+    from pyface.data import synthetic as S
+    from pyface.data.prepare import prepare
+    from pyface.data.prepare_quality import encode_mp4
+
+    tmp = tmp_path_factory.mktemp("prep")
+    synth = str(tmp / "synth")
+    S.generate(synth, S.SynthConfig(identities=1, videos_per_identity=1, frames=14, resolution=256,
+                                    cross=False, workers=1), progress=False)
+    rec = fmt.load_index(synth)[0]
+    frames = np.stack([fmt.read_frame(synth, rec, i) for i in range(rec.num_frames)])
+    frames[6] = 128                                     # a frame without a face
+    inputs = tmp / "in"
+    inputs.mkdir()
+    encode_mp4(frames, str(inputs / f"{rec.name}.mp4"))
+    (inputs / "broken.mp4").write_bytes(os.urandom(2048))
+    out = str(tmp / "out")
+    cfg = PrepareConfig(out=out, fit_steps=40, progress=False, skip_bad=True)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        summary = prepare([str(inputs)], cfg)
+    return {"synth": synth, "name": rec.name, "out": out, "inputs": str(inputs), "summary": summary,
+            "warnings": [str(x.message) for x in w], "cfg": cfg}
+
+
+@needs_prepare
+def test_prepare_output_is_a_valid_dataset(prepared):
+    from pyface.data.datasets import PairDataset
+
+    out, name = prepared["out"], prepared["name"]
+    records, problems = fmt.check_dataset(out)
+    assert problems == [] and [r.name for r in records] == [name]
+    meta = json.load(open(os.path.join(out, name, fmt.META)))
+    assert meta["no_face_frames"] == [6] and meta["num_frames"] == 13
+    assert meta["source_frames"] == [i for i in range(14) if i != 6]
+    assert len(meta["confidence"]) == 13 and len(meta["fit_residual_px"]) == 13
+    assert np.load(os.path.join(out, name, "mesh.npy")).shape == (13, 478, 3)
+    assert meta["jitter_px"]["after"] < meta["jitter_px"]["before"]
+    item = PairDataset(out, resolution=256)[0]
+    assert item["source"]["image"].shape == (3, 256, 256)
+    assert item["source"]["coeffs"].shape == (257,) and item["source"]["camera"].shape == (25,)
+
+
+@needs_prepare
+def test_prepare_photos_and_frame_folders(prepared, tmp_path):
+    from PIL import Image
+
+    from pyface.data.prepare import prepare
+    from pyface.face import cameras
+
+    synth, name = prepared["synth"], prepared["name"]
+    rec = fmt.load_index(synth)[0]
+    inp = tmp_path / "in"
+    (inp / "seq").mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(fmt.read_frame(synth, rec, i)).save(inp / "seq" / f"{i}.png")
+    Image.fromarray(fmt.read_frame(synth, rec, 9)).save(inp / "photo.jpg")
+    out = str(tmp_path / "out")
+    s = prepare([str(inp)], PrepareConfig(out=out, fit_steps=20, progress=False,
+                                          submission_offsets=True))
+    assert sorted((r["name"], r["frames"]) for r in s["results"]) == [("photo", 1), ("seq", 4)]
+    assert fmt.check_dataset(out)[1] == []
+    recs = {r.name: r for r in fmt.load_index(out)}
+    c = fmt.load_coeffs(out, recs["seq"])
+    c2w = cameras.deep3d_to_cam2world(torch.from_numpy(c[:, 224:227]), torch.from_numpy(c[:, 254:257]))
+    labels = fmt.load_labels(out, recs["seq"])
+    offset = labels[:, :16].reshape(-1, 4, 4)[:, :3, 3] - c2w[:, :3, 3].numpy()
+    np.testing.assert_allclose(offset, np.tile(cameras.EG3D_SUBMISSION_OFFSET, (4, 1)), atol=1e-5)
+    # the same inputs over two worker processes, with a corrupt photo skipped
+    (inp / "zz_bad.png").write_bytes(b"not a png")
+    out2 = str(tmp_path / "out2")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        s2 = prepare([str(inp)], PrepareConfig(out=out2, fit_steps=20, progress=False, workers=2,
+                                               skip_bad=True, appearance=False))
+    assert sorted(r["name"] for r in s2["results"]) == ["photo", "seq"]
+    assert len(s2["bad"]) == 1 and "zz_bad.png" in s2["bad"][0]
+    assert any("zz_bad.png" in str(x.message) for x in w)
+    np.testing.assert_allclose(fmt.load_landmarks(out2, recs["seq"]), fmt.load_landmarks(out, recs["seq"]))
+
+
+@needs_prepare
+def test_prepare_bad_inputs(prepared, tmp_path):
+    from pyface.data.prepare import prepare
+
+    s = prepared["summary"]
+    assert len(s["bad"]) == 1 and "broken.mp4" in s["bad"][0]
+    assert any("broken.mp4" in m for m in prepared["warnings"])
+    assert not os.path.exists(os.path.join(prepared["out"], "broken"))
+    assert not any(e.endswith(".partial") for e in os.listdir(prepared["out"]))
+    cfg = PrepareConfig(out=str(tmp_path / "o"), progress=False)            # no --skip-bad
+    with pytest.raises(PrepareError, match="broken.mp4"):
+        prepare([os.path.join(prepared["inputs"], "broken.mp4")], cfg)
+    blank = tmp_path / "blank.png"
+    from PIL import Image
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(blank)
+    with pytest.raises(PrepareError, match="blank.png: no face"):
+        prepare([str(blank)], cfg)
+
+
+@needs_prepare
+def test_prepare_resume_skips_finished(prepared):
+    from pyface.data.prepare import prepare
+
+    out, name = prepared["out"], prepared["name"]
+    stamp = os.path.getmtime(os.path.join(out, name, fmt.META))
+    cfg = PrepareConfig(out=out, fit_steps=10, progress=False, skip_bad=True, resume=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = prepare([prepared["inputs"]], cfg)
+    assert s["skipped_finished"] == [name] and s["videos"] == 0
+    assert os.path.getmtime(os.path.join(out, name, fmt.META)) == stamp
+    assert [r.name for r in fmt.load_index(out)] == [name]
+
+
+@needs_prepare
+def test_prepare_quality_regression(prepared):
+    """Regression bounds on exact ground truth (docs/data.md has the full measurement)."""
+    from pyface.data.prepare_quality import compare_video, summarize
+
+    q = summarize([compare_video(prepared["synth"], prepared["out"], prepared["name"])])
+    assert q["mask_iou_median"] > 0.8, q
+    assert q["landmark_err_px_mean_by_group"]["eyes"] < 6.0, q
+    assert q["landmark_err_px_mean_by_group"]["mouth"] < 6.0, q
+    assert q["yaw_err_deg_median"] < 6.5, q
+    assert q["pitch_err_deg_median"] < 5.0, q
+    assert q["exp_corr_mean"]["jaw"] > 0.8, q
+
+
+@needs_prepare
+def test_prepare_cli(prepared, tmp_path, capsys):
+    from pyface.cli import main
+
+    out = str(tmp_path / "cli")
+    assert main(["data", "prepare", str(tmp_path / "missing.mov"), "--out", out, "--quiet"]) == 1
+    assert "missing.mov" in capsys.readouterr().err
+    mp4 = os.path.join(prepared["inputs"], prepared["name"] + ".mp4")
+    assert main(["data", "prepare", mp4, "--out", out, "--crop", "fomm", "--no-fit", "--quiet"]) == 0
+    assert "13/14 frames with a face" in capsys.readouterr().out
+    assert main(["data", "check", out]) == 0
+
+
+@needs_prepare
+def test_decode_applies_display_rotation(tmp_path):
+    """Phone videos keep their orientation as a display rotation; frames come out upright."""
+    iio_ffmpeg = pytest.importorskip("imageio_ffmpeg", reason="imageio-ffmpeg (train extra) "
+                                     "writes the rotated test file")
+    import subprocess
+
+    from pyface.data.prepare import Source, iter_frames
+    from pyface.data.prepare_quality import encode_mp4
+
+    frames = np.zeros((2, 32, 64, 3), np.uint8)
+    frames[:, :, :16] = 255                                  # a white band on the left
+    plain, rotated = str(tmp_path / "plain.mp4"), str(tmp_path / "rot.mp4")
+    encode_mp4(frames, plain)
+    subprocess.run([iio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-display_rotation",
+                    "90", "-i", plain, "-c", "copy", rotated], check=True)
+    out = list(iter_frames(Source("rot", "video", rotated)))
+    assert len(out) == 2 and out[0].shape == (64, 32, 3)
+    assert out[0][-16:].mean() > 200 and out[0][:40].mean() < 40   # 90 deg counterclockwise
