@@ -110,6 +110,9 @@ cudaError_t composite_forward(DType dtype, const void* features, const void* den
     case DType::F64:
       return composite_forward_t<double>(features, densities, depths, range, rays, S, C,
                                          density_bias, white_back, out, depth, weights, stream);
+    case DType::F16:
+    case DType::BF16:
+      break;  // the render kernels are float32 / float64 only
   }
   return cudaErrorInvalidValue;
 }
@@ -129,6 +132,9 @@ cudaError_t composite_backward(DType dtype, const void* grad_out, const void* gr
       return composite_backward_t<double>(grad_out, grad_depth, grad_weights, features,
                                           densities, depths, range, rays, S, C, density_bias,
                                           white_back, grad_features, grad_densities, stream);
+    case DType::F16:
+    case DType::BF16:
+      break;  // the render kernels are float32 / float64 only
   }
   return cudaErrorInvalidValue;
 }
@@ -141,6 +147,9 @@ cudaError_t importance(DType dtype, const void* depths, const void* weights, con
       return importance_t<float>(depths, weights, u, rays, S, M, out, scratch, stream);
     case DType::F64:
       return importance_t<double>(depths, weights, u, rays, S, M, out, scratch, stream);
+    case DType::F16:
+    case DType::BF16:
+      break;  // the render kernels are float32 / float64 only
   }
   return cudaErrorInvalidValue;
 }

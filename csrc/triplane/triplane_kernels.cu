@@ -8,12 +8,10 @@
 // accumulates plane gradients with atomics on the same mapping (float32/float64 accumulators)
 // and point gradients with one atomic per plane coordinate and channel group.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cstdint>
 #include <type_traits>
 
+#include "common/cuda_types.cuh"
 #include "triplane/triplane_kernels.h"
 #include "triplane/triplane_math.h"
 
@@ -24,51 +22,6 @@ namespace {
 
 constexpr int CPT = 4;  // channels per thread
 constexpr int THREADS = 256;
-
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-
-template <typename T>
-__device__ __forceinline__ float to_acc(T v) {
-  return static_cast<float>(v);
-}
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(float v) {
-  return static_cast<T>(v);
-}
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <typename T>
-__device__ __forceinline__ T from_acc(double v) {
-  return static_cast<T>(v);
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t quiet_nan();
-template <>
-__device__ __forceinline__ float quiet_nan<float>() {
-  return __int_as_float(0x7fc00000);
-}
-template <>
-__device__ __forceinline__ double quiet_nan<double>() {
-  return __longlong_as_double(0x7ff8000000000000LL);
-}
 
 // Decodes a flat thread index into (point index b*N+n, first channel c0).
 __device__ __forceinline__ void decode(int64_t idx, int64_t points, int64_t groups,
@@ -85,9 +38,8 @@ __device__ __forceinline__ void decode(int64_t idx, int64_t points, int64_t grou
 template <typename acc_t>
 __device__ __forceinline__ Taps<acc_t> plane_taps(const acc_t* pt, const Problem& p, int plane) {
   const PlaneAxes axes = static_cast<PlaneAxes>(p.axes);
-  const acc_t s = static_cast<acc_t>(p.scale);
-  const acc_t u = pt[axis_u(axes, plane)] * s;
-  const acc_t v = pt[axis_v(axes, plane)] * s;
+  acc_t u, v;
+  plane_uv(pt, axes, plane, static_cast<acc_t>(p.scale), u, v);
   return bilinear_taps(u, v, p.W, p.H, p.align_corners);
 }
 

@@ -7,19 +7,17 @@
 #include <cstdint>
 
 #include "common/macros.h"
+#include "common/plane_axes.h"
 
 namespace pyface {
 namespace triplane {
 
-// Coordinate component (0 = x, 1 = y, 2 = z) that indexes the width (u) / height (v) of `plane`.
-PYFACE_HD int axis_u(PlaneAxes axes, int plane) {
-  (void)axes;
-  return plane == 2 ? 2 : 0;
-}
-PYFACE_HD int axis_v(PlaneAxes axes, int plane) {
-  if (plane == 0) return 1;
-  if (plane == 1) return 2;
-  return axes == PlaneAxes::EG3D ? 0 : 1;
+// Normalized coordinates (u, v) of point pt (x, y, z) on `plane`: the components that index the
+// plane (plane_axes.h) times `scale` (2 / box_size).
+template <typename T>
+PYFACE_HD void plane_uv(const T* pt, PlaneAxes axes, int plane, T scale, T& u, T& v) {
+  u = pt[axis_u(axes, plane)] * scale;
+  v = pt[axis_v(axes, plane)] * scale;
 }
 
 // grid_sampler_unnormalize: normalized [-1, 1] coordinate -> pixel coordinate.
