@@ -5,10 +5,13 @@
 // type Acc<T>::type: double for double, float otherwise. to_acc converts a loaded value,
 // from_acc<T> rounds a result back to the element type (round to nearest even; a double goes to
 // half / bfloat16 through float), and quiet_nan<A>() is the NaN written for NaN coordinates.
+// grid_stride_blocks is the launch size of the grid-stride kernels.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <cstdint>
 
 namespace pyface {
 
@@ -57,6 +60,14 @@ __device__ __forceinline__ float quiet_nan<float>() {
 template <>
 __device__ __forceinline__ double quiet_nan<double>() {
   return __longlong_as_double(0x7ff8000000000000LL);
+}
+
+// Blocks for a grid-stride loop over `total` items with `threads` per block: enough to cover
+// them, at least one, at most 65535 * 16 (the loop covers the rest).
+inline int grid_stride_blocks(int64_t total, int threads) {
+  const int64_t blocks = (total + threads - 1) / threads;
+  const int64_t cap = 65535LL * 16;
+  return static_cast<int>(blocks < cap ? (blocks > 0 ? blocks : 1) : cap);
 }
 
 }  // namespace pyface

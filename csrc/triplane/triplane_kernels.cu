@@ -215,12 +215,6 @@ bool vectorizable(const void* base, int64_t C, int64_t sc, int64_t sh, int64_t s
          aligned16(base);
 }
 
-int grid_size(int64_t total) {
-  int64_t blocks = (total + THREADS - 1) / THREADS;
-  const int64_t cap = 65535LL * 16;  // grid-stride loop covers the rest
-  return static_cast<int>(blocks < cap ? (blocks > 0 ? blocks : 1) : cap);
-}
-
 template <typename scalar_t>
 cudaError_t forward_t(const void* planes, const void* points, void* out, const Problem& p,
                       cudaStream_t stream) {
@@ -231,7 +225,7 @@ cudaError_t forward_t(const void* planes, const void* points, void* out, const P
   if constexpr (std::is_same<scalar_t, float>::value) {
     if (vectorizable(planes, p.C, p.sc, p.sh, p.sw, p.sp, p.sb)) kernel = forward_kernel<float, true>;
   }
-  kernel<<<grid_size(total), THREADS, 0, stream>>>(
+  kernel<<<grid_stride_blocks(total, THREADS), THREADS, 0, stream>>>(
       static_cast<const scalar_t*>(planes), static_cast<const acc_t*>(points),
       static_cast<scalar_t*>(out), p, p.sc == 1);
   return cudaGetLastError();
@@ -252,7 +246,7 @@ cudaError_t backward_t(const void* grad_out, const void* planes, const void* poi
       kernel = backward_kernel<float, true>;
     }
   }
-  kernel<<<grid_size(total), THREADS, 0, stream>>>(
+  kernel<<<grid_stride_blocks(total, THREADS), THREADS, 0, stream>>>(
       static_cast<const scalar_t*>(grad_out), static_cast<const scalar_t*>(planes),
       static_cast<const acc_t*>(points), static_cast<acc_t*>(grad_planes),
       static_cast<acc_t*>(grad_points), p, p.sc == 1);
