@@ -71,7 +71,8 @@ at::Tensor channels_last_copy(const at::Tensor& planes) {
 
 template <typename acc_t>
 inline void plane_coords(const acc_t* p, const Args& a, int plane, acc_t& u, acc_t& v) {
-  plane_uv(p, a.axes, plane, static_cast<acc_t>(a.scale), u, v);
+  u = p[axis_u(a.axes, plane)] * static_cast<acc_t>(a.scale);
+  v = p[axis_v(a.axes, plane)] * static_cast<acc_t>(a.scale);
 }
 
 // Row of the upstream gradient for (b, plane, n) and the factor that the reduction applies.

@@ -38,8 +38,9 @@ __device__ __forceinline__ void decode(int64_t idx, int64_t points, int64_t grou
 template <typename acc_t>
 __device__ __forceinline__ Taps<acc_t> plane_taps(const acc_t* pt, const Problem& p, int plane) {
   const PlaneAxes axes = static_cast<PlaneAxes>(p.axes);
-  acc_t u, v;
-  plane_uv(pt, axes, plane, static_cast<acc_t>(p.scale), u, v);
+  const acc_t s = static_cast<acc_t>(p.scale);
+  const acc_t u = pt[axis_u(axes, plane)] * s;
+  const acc_t v = pt[axis_v(axes, plane)] * s;
   return bilinear_taps(u, v, p.W, p.H, p.align_corners);
 }
 

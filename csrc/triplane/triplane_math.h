@@ -12,14 +12,6 @@
 namespace pyface {
 namespace triplane {
 
-// Normalized coordinates (u, v) of point pt (x, y, z) on `plane`: the components that index the
-// plane (plane_axes.h) times `scale` (2 / box_size).
-template <typename T>
-PYFACE_HD void plane_uv(const T* pt, PlaneAxes axes, int plane, T scale, T& u, T& v) {
-  u = pt[axis_u(axes, plane)] * scale;
-  v = pt[axis_v(axes, plane)] * scale;
-}
-
 // grid_sampler_unnormalize: normalized [-1, 1] coordinate -> pixel coordinate.
 template <typename T>
 PYFACE_HD T unnormalize(T coord, int64_t size, bool align_corners) {
