@@ -9,6 +9,8 @@ count the time other processes hold the core. Reported per case: the minimum ove
 the median over rounds of each process's minimum, before and after.
 
     python tools/cpu_time_ab.py --before /path/to/old/tree --after . --json OUT.json
+
+Summaries go to bench/results/ab/ (not next to the per-op results of `pyface bench`).
 """
 from __future__ import annotations
 
@@ -93,7 +95,7 @@ def main() -> int:
 
         summary = {"method": __doc__.split("\n\n")[1].replace("\n", " "),
                    "rounds": args.rounds, "reps": args.reps, "torch": torch.__version__,
-                   "cpu_count": os.cpu_count(), "threads": 1, "results": rows}
+                   "cpu_count": os.cpu_count(), "threads": 1, "comparison": rows}
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)
     return 0
