@@ -33,7 +33,7 @@ def _sample():
     return out
 
 
-@pytest.mark.skipif(_backend.extension() is None, reason="needs the compiled CPU kernels")
+@pytest.mark.cpp
 def test_use_backend_forces_the_reference_and_restores(monkeypatch):
     monkeypatch.delenv("PYFACE_BACKEND", raising=False)
     calls = _calls(monkeypatch)
@@ -52,7 +52,7 @@ def test_use_backend_forces_the_reference_and_restores(monkeypatch):
     torch.testing.assert_close(fused, ref)
 
 
-@pytest.mark.skipif(_backend.extension() is None, reason="needs the compiled CPU kernels")
+@pytest.mark.cpp
 def test_environment_variable_forces_a_backend(monkeypatch):
     calls = _calls(monkeypatch)
     monkeypatch.setenv("PYFACE_BACKEND", "reference")

@@ -78,15 +78,13 @@ def test_result_and_working_memory_are_separated():
     assert row["work_mem_mb"] == results["wasteful", "fwd"].work_mem_mb and "error" in row
 
 
+@pytest.mark.cpp
 def test_cpu_peak_memory_sees_kernel_workspace_of_worker_threads():
     """The C++ warp kernels split whole batch items over worker threads, each with a
     channels-last slab; that workspace is allocated on the calling thread so the measure sees
     it (an allocation in a worker thread would escape the profiler)."""
-    from pyface import _backend
     from pyface.ops import warp_by_keypoints
 
-    if _backend.extension() is None:
-        pytest.skip(f"pyface._C: {_backend.extension_reason()}")
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

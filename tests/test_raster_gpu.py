@@ -1,4 +1,5 @@
-"""CUDA backends of the rasterization ops vs the reference (skipped without a CUDA device)."""
+"""CUDA backends of the rasterization ops vs the reference (skipped without a CUDA device;
+a build without the CUDA kernels fails)."""
 import pytest
 import torch
 
@@ -12,8 +13,13 @@ pytestmark = pytest.mark.gpu
 
 
 def _needs(op):
-    if not torch.cuda.is_available() or not _backend.has_compiled_kernel(op, "CUDA"):
-        pytest.skip(f"no CUDA kernel for {op}")
+    # Without CUDA the `gpu` marker skips these tests (conftest.py); with CUDA, a build that
+    # lacks the kernel is a failure, not a skip.
+    if not _backend.has_compiled_kernel(op, "CUDA"):
+        cfg = _backend.build_config() or {}
+        pytest.fail(f"pyface._C has no CUDA kernel for {op}: pyface._C "
+                    f"{_backend.extension_reason()}, built without CUDA because "
+                    f"{cfg.get('cuda_reason', 'unknown')}", pytrace=False)
 
 
 def random_scene(B, V, F, seed):

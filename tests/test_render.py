@@ -17,8 +17,7 @@ from pyface.ops.reference import (
 )
 from pyface.testing import assert_close, grads
 
-HAS_CPP = _backend.extension() is not None
-needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="pyface._C is not built")
+needs_cpp = pytest.mark.cpp  # fails, never skips, when pyface._C is missing (conftest.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,6 +236,7 @@ def test_mip_composite_opcheck_and_compile():
         assert_close(a, b)
 
 
+@needs_cpp
 def test_mip_composite_bad_input():
     f, s, t = rand_composite_inputs(2, 3, 5, 4)
     with pytest.raises(ValueError, match=r"densities: expected shape \(B, R, S\).*S = 4"):
@@ -247,19 +247,18 @@ def test_mip_composite_bad_input():
         ops.mip_composite(f, s, t.double())
     with pytest.raises(TypeError, match="features: expected a floating-point tensor"):
         ops.mip_composite(f.int(), s, t)
-    if HAS_CPP:
-        with pytest.raises(ValueError, match=r"densities: expected shape \(B, R, S\)"):
-            torch.ops.pyface.mip_composite(f, s[:1], t, None, -1.0, False)
-        # float16 / bfloat16 are computed in float32 (not refused, not sent to the reference)
-        for dt in (torch.float16, torch.bfloat16):
-            fh, sh, th = f.detach().to(dt), s.detach().to(dt), t.to(dt)
-            out = ops.mip_composite(fh, sh, th, backend="cpu")
-            ref = ops.mip_composite(fh.float(), sh.float(), th.float(), backend="cpu")
-            assert all(a.dtype == dt and torch.equal(a, b.to(dt)) for a, b in zip(out, ref))
-            u = torch.rand(2, 3, 3)
-            imp = ops.sample_importance(th, ref[2].detach().to(dt)[..., :4], 3, u=u,
-                                        backend="cpu")
-            assert imp.dtype == dt
+    with pytest.raises(ValueError, match=r"densities: expected shape \(B, R, S\)"):
+        torch.ops.pyface.mip_composite(f, s[:1], t, None, -1.0, False)
+    # float16 / bfloat16 are computed in float32 (not refused, not sent to the reference)
+    for dt in (torch.float16, torch.bfloat16):
+        fh, sh, th = f.detach().to(dt), s.detach().to(dt), t.to(dt)
+        out = ops.mip_composite(fh, sh, th, backend="cpu")
+        ref = ops.mip_composite(fh.float(), sh.float(), th.float(), backend="cpu")
+        assert all(a.dtype == dt and torch.equal(a, b.to(dt)) for a, b in zip(out, ref))
+        u = torch.rand(2, 3, 3)
+        imp = ops.sample_importance(th, ref[2].detach().to(dt)[..., :4], 3, u=u,
+                                    backend="cpu")
+        assert imp.dtype == dt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,6 +317,7 @@ def test_sample_importance_opcheck_compile_empty():
     assert empty.shape == (2, 0, 5)
 
 
+@needs_cpp
 def test_sample_importance_bad_input():
     t = torch.rand(2, 3, 8).sort(-1).values
     w = torch.rand(2, 3, 7)
@@ -329,9 +329,8 @@ def test_sample_importance_bad_input():
         ops.sample_importance(t, w, 4, u=torch.rand(2, 3, 5))
     with pytest.raises(ValueError, match="n_importance"):
         ops.sample_importance(t, w, 0)
-    if HAS_CPP:
-        with pytest.raises(ValueError, match="S >= 4"):
-            torch.ops.pyface.sample_importance(t[..., :3], w[..., :2], torch.rand(2, 3, 4))
+    with pytest.raises(ValueError, match="S >= 4"):
+        torch.ops.pyface.sample_importance(t[..., :3], w[..., :2], torch.rand(2, 3, 4))
 
 
 # ---------------------------------------------------------------------------------------------

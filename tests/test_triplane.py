@@ -123,8 +123,8 @@ def test_gradcheck_float64(plane_axes, reduce):
         assert torch.autograd.gradcheck(fn, (planes, points), eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.cpp
 def test_opcheck():
-    _backend.extension()
     planes, points = make(C=4)
     for reduce in REDUCE:
         torch.library.opcheck(torch.ops.pyface.triplane_sample.default,
@@ -267,15 +267,15 @@ def test_unavailable_backend_is_a_clear_error():
     (lambda p, x: (p, x, "eg3d", 1.0, "avg", False), "reduce: expected 'mean', 'sum' or 'none'"),
     (lambda p, x: (p.int(), x, "eg3d", 1.0, "mean", False), "planes: expected a floating-point"),
 ])
+@pytest.mark.cpp
 def test_cpp_entry_points_check_arguments(args, match):
-    _backend.extension()
     planes, points = make()
     with pytest.raises((ValueError, TypeError), match=match):
         torch.ops.pyface.triplane_sample(*args(planes.detach(), points.detach()))
 
 
+@pytest.mark.cpp
 def test_cpp_backward_checks_grad_shape():
-    _backend.extension()
     planes, points = make()
     with pytest.raises(ValueError, match=r"grad_out: expected shape \[2, 23, 5\], got \(2, 23, 4\)"):
         torch.ops.pyface.triplane_sample_bwd(torch.randn(2, 23, 4), planes.detach(),

@@ -6,8 +6,10 @@
 #include <c10/util/Exception.h>
 
 #include <string>
+#include <type_traits>
 
 #include "common/macros.h"
+#include "common/plane_axes.h"
 
 namespace pyface {
 
@@ -19,6 +21,22 @@ inline std::string shape_str(const at::Tensor& t) {
   }
   if (t.dim() == 1) s += ",";
   return s + ")";
+}
+
+// Accumulation type of the kernels: float64 for float64 tensors, else float32 (the CUDA kernels
+// use the same rule, Acc<T> in common/cuda_types.cuh). acc_type<scalar_t> is the C++ type.
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+inline at::ScalarType acc_dtype(const at::Tensor& t) { return acc_dtype(t.scalar_type()); }
+
+// Device check of the CPU entry points (the CUDA glue has check_cuda, common/cuda_glue.h);
+// `name`: the argument named in the error.
+inline void check_cpu(const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, ": expected a CPU tensor, got ", t.device());
 }
 
 inline PlaneAxes parse_plane_axes(const std::string& s) {

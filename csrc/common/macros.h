@@ -14,13 +14,7 @@
 
 namespace pyface {
 
-// How the three planes are indexed by the point coordinates (first component -> width,
-// second -> height, exactly as grid_sample).
-enum class PlaneAxes : int32_t {
-  XY_XZ_ZY = 0,  // plane 0 (x, y), plane 1 (x, z), plane 2 (z, y)
-  EG3D = 1,      // plane 0 (x, y), plane 1 (x, z), plane 2 (z, x): EG3D's released checkpoints
-};
-
+// Reduction over the three planes of triplane_sample.
 enum class Reduce : int32_t { MEAN = 0, SUM = 1, NONE = 2 };
 
 }  // namespace pyface

@@ -1,4 +1,5 @@
-// Rasterization ops: shared torch glue (argument checks) used by the CPU and CUDA entry points.
+// Rasterization ops: argument checks shared by the CPU and CUDA entry points (defined in
+// raster.cpp, next to the op schemas).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -19,6 +20,9 @@ void check_mesh(const at::Tensor& verts, const at::Tensor& faces, int64_t height
 
 // points (B, N, 3) floating with N >= 1, height/width >= 1.
 void check_points(const char* name, const at::Tensor& points, int64_t height, int64_t width);
+
+// mesh_interpolate: faces (F, 3), face_index (B, H, W) int64 and bary (B, H, W, 3).
+void check_interp(const at::Tensor& faces, const at::Tensor& face_index, const at::Tensor& bary);
 
 // features (B, N, C) floating and index (B, G, P) int64.
 void check_gather(const at::Tensor& features, const at::Tensor& index);

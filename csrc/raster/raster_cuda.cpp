@@ -1,50 +1,23 @@
 // Torch glue of the CUDA rasterization kernels: argument checks (shared with the CPU entry
 // points, raster.h), dtype mapping, buffer allocation, current stream, TORCH_LIBRARY_IMPL(CUDA).
 // Built only against a CUDA torch (setup.py); the kernels live in raster_kernels.cu.
-#include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 
+#include "common/cuda_glue.h"
 #include "raster/raster.h"
 #include "raster/raster_kernels.h"
 
 namespace pyface {
 namespace raster {
 namespace {
-
-cuda::DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return cuda::DType::F32;
-    case at::kDouble:
-      return cuda::DType::F64;
-    case at::kHalf:
-      return cuda::DType::F16;
-    case at::kBFloat16:
-      return cuda::DType::BF16;
-    default:
-      break;
-  }
-  TORCH_CHECK_TYPE(false, "expected float32, float64, float16 or bfloat16, got ", t.scalar_type());
-  return cuda::DType::F32;
-}
-
-void check_cuda(const char* name, const at::Tensor& t) {
-  TORCH_CHECK_VALUE(t.is_cuda(), name, ": expected a CUDA tensor, got ", t.device());
-}
-
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, ": CUDA error: ", cudaGetErrorString(err));
-}
-
-at::ScalarType acc_of(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> raster_mesh_cuda(const at::Tensor& verts,
                                                                 const at::Tensor& faces,
@@ -64,27 +37,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> raster_mesh_cuda(const at::Tensor
   const auto v = verts.to(at::kDouble).contiguous();
   const auto f = faces.to(at::kLong).contiguous();
   auto zbuf = at::empty({B * height * width}, verts.options().dtype(at::kLong));
-  check_launch(cuda::raster_mesh(v.const_data_ptr<double>(), f.const_data_ptr<int64_t>(), B, V, F,
-                                 height, width, c, perspective_correct,
-                                 reinterpret_cast<unsigned long long*>(zbuf.mutable_data_ptr()),
-                                 face_index.mutable_data_ptr<int64_t>(), bary.mutable_data_ptr(),
-                                 depth.mutable_data_ptr(), dtype_of(verts),
-                                 c10::cuda::getCurrentCUDAStream().stream()),
-               "raster_mesh");
+  C10_CUDA_CHECK(cuda::raster_mesh(v.const_data_ptr<double>(), f.const_data_ptr<int64_t>(), B, V, F,
+                                   height, width, c, perspective_correct,
+                                   reinterpret_cast<unsigned long long*>(zbuf.mutable_data_ptr()),
+                                   face_index.mutable_data_ptr<int64_t>(), bary.mutable_data_ptr(),
+                                   depth.mutable_data_ptr(), dtype_of("verts_ndc", verts),
+                                   current_stream()));
   return {face_index, bary, depth};
 }
 
 void check_interp_args(const at::Tensor& faces, const at::Tensor& face_index,
                        const at::Tensor& bary) {
-  PYFACE_CHECK_DIM("faces", faces, 2, "(F, 3)");
-  PYFACE_CHECK_DIM("face_index", face_index, 3, "(B, H, W)");
-  PYFACE_CHECK_DIM("bary", bary, 4, "(B, H, W, 3)");
-  TORCH_CHECK_TYPE(face_index.scalar_type() == at::kLong, "face_index: expected dtype int64, got ",
-                   face_index.scalar_type());
-  TORCH_CHECK_VALUE(bary.size(0) == face_index.size(0) && bary.size(1) == face_index.size(1) &&
-                        bary.size(2) == face_index.size(2) && bary.size(3) == 3,
-                    "bary: expected shape (B, H, W, 3) matching face_index ",
-                    shape_str(face_index), ", got ", shape_str(bary));
+  check_interp(faces, face_index, bary);
   check_cuda("faces", faces);
   check_cuda("face_index", face_index);
   check_cuda("bary", bary);
@@ -107,11 +71,10 @@ at::Tensor mesh_interpolate_cuda(const at::Tensor& attributes, const at::Tensor&
   const auto f = faces.to(at::kLong).contiguous();
   const auto fi = face_index.contiguous();
   const auto bc = bary.to(attributes.scalar_type()).contiguous();
-  check_launch(cuda::mesh_interpolate(a.const_data_ptr(), f.const_data_ptr<int64_t>(),
-                                      fi.const_data_ptr<int64_t>(), bc.const_data_ptr(),
-                                      out.mutable_data_ptr(), B, V, C, H * W, dtype_of(a),
-                                      c10::cuda::getCurrentCUDAStream().stream()),
-               "mesh_interpolate");
+  C10_CUDA_CHECK(cuda::mesh_interpolate(a.const_data_ptr(), f.const_data_ptr<int64_t>(),
+                                        fi.const_data_ptr<int64_t>(), bc.const_data_ptr(),
+                                        out.mutable_data_ptr(), B, V, C, H * W,
+                                        dtype_of("attributes", a), current_stream()));
   return out;
 }
 
@@ -128,18 +91,17 @@ at::Tensor mesh_interpolate_bwd_cuda(const at::Tensor& grad, const at::Tensor& f
                     "grad: expected shape (B, C, H, W) matching face_index ",
                     shape_str(face_index), ", got ", shape_str(grad));
   const int64_t C = grad.size(1);
-  auto gacc = at::zeros({B, num_verts, C}, grad.options().dtype(acc_of(grad)));
+  auto gacc = at::zeros({B, num_verts, C}, grad.options().dtype(acc_dtype(grad)));
   if (gacc.numel() > 0 && H * W > 0) {
     const auto g = grad.contiguous();
     const auto f = faces.to(at::kLong).contiguous();
     const auto fi = face_index.contiguous();
     const auto bc = bary.to(grad.scalar_type()).contiguous();
-    check_launch(cuda::mesh_interpolate_bwd(g.const_data_ptr(), f.const_data_ptr<int64_t>(),
-                                            fi.const_data_ptr<int64_t>(), bc.const_data_ptr(),
-                                            gacc.mutable_data_ptr(), B, num_verts, C, H * W,
-                                            dtype_of(g),
-                                            c10::cuda::getCurrentCUDAStream().stream()),
-                 "mesh_interpolate_bwd");
+    C10_CUDA_CHECK(cuda::mesh_interpolate_bwd(g.const_data_ptr(), f.const_data_ptr<int64_t>(),
+                                              fi.const_data_ptr<int64_t>(), bc.const_data_ptr(),
+                                              gacc.mutable_data_ptr(), B, num_verts, C, H * W,
+                                              dtype_of("grad", g),
+                                              current_stream()));
   }
   return gacc.to(grad.scalar_type());
 }
@@ -158,11 +120,10 @@ std::tuple<at::Tensor, at::Tensor> splat_points_index_cuda(const at::Tensor& poi
   if (B == 0) return {index, depth};
   const auto p = points.to(at::kDouble).contiguous();
   auto zbuf = at::empty({B * height * width}, points.options().dtype(at::kLong));
-  check_launch(cuda::splat_points(p.const_data_ptr<double>(), B, N, height, width, radius,
-                                  reinterpret_cast<unsigned long long*>(zbuf.mutable_data_ptr()),
-                                  index.mutable_data_ptr<int64_t>(), depth.mutable_data_ptr(),
-                                  dtype_of(points), c10::cuda::getCurrentCUDAStream().stream()),
-               "splat_points");
+  C10_CUDA_CHECK(cuda::splat_points(p.const_data_ptr<double>(), B, N, height, width, radius,
+                                    reinterpret_cast<unsigned long long*>(zbuf.mutable_data_ptr()),
+                                    index.mutable_data_ptr<int64_t>(), depth.mutable_data_ptr(),
+                                    dtype_of("points_ndc", points), current_stream()));
   return {index, depth};
 }
 
@@ -197,14 +158,13 @@ at::Tensor points_to_triplane_index_cuda(const at::Tensor& points,
   const auto p = points.to(at::kDouble).contiguous();
   const size_t bytes = cuda::points_to_triplane_workspace(B, N, gx, gy);
   auto ws = at::empty({static_cast<int64_t>(bytes)}, points.options().dtype(at::kByte));
-  check_launch(cuda::points_to_triplane_index(
-                   p.const_data_ptr<double>(),
-                   vmask.defined() ? vmask.const_data_ptr<bool>() : nullptr, B, N, height, width,
-                   axes, 2.0 / box_size, align_corners,
-                   max_distance >= 0 ? max_distance * max_distance : -1.0, gx, gy,
-                   ws.mutable_data_ptr(), index.mutable_data_ptr<int64_t>(),
-                   c10::cuda::getCurrentCUDAStream().stream()),
-               "points_to_triplane_index");
+  C10_CUDA_CHECK(cuda::points_to_triplane_index(
+                     p.const_data_ptr<double>(),
+                     vmask.defined() ? vmask.const_data_ptr<bool>() : nullptr, B, N, height, width,
+                     axes, 2.0 / box_size, align_corners,
+                     max_distance >= 0 ? max_distance * max_distance : -1.0, gx, gy,
+                     ws.mutable_data_ptr(), index.mutable_data_ptr<int64_t>(),
+                     current_stream()));
   return index;
 }
 
@@ -219,10 +179,9 @@ at::Tensor gather_features_cuda(const at::Tensor& features, const at::Tensor& in
   if (out.numel() == 0) return out;
   const auto f = features.contiguous();
   const auto idx = index.contiguous();
-  check_launch(cuda::gather_features(f.const_data_ptr(), idx.const_data_ptr<int64_t>(),
-                                     out.mutable_data_ptr(), B, N, C, G, P, background,
-                                     dtype_of(f), c10::cuda::getCurrentCUDAStream().stream()),
-               "gather_features");
+  C10_CUDA_CHECK(cuda::gather_features(f.const_data_ptr(), idx.const_data_ptr<int64_t>(),
+                                       out.mutable_data_ptr(), B, N, C, G, P, background,
+                                       dtype_of("features", f), current_stream()));
   return out;
 }
 
@@ -238,14 +197,13 @@ at::Tensor gather_features_bwd_cuda(const at::Tensor& grad, const at::Tensor& in
   TORCH_CHECK_VALUE(grad.size(0) == B && grad.size(1) == G && grad.size(3) == P,
                     "grad: expected shape (B, G, C, P) matching index ", shape_str(index),
                     ", got ", shape_str(grad));
-  auto gacc = at::zeros({B, num_points, C}, grad.options().dtype(acc_of(grad)));
+  auto gacc = at::zeros({B, num_points, C}, grad.options().dtype(acc_dtype(grad)));
   if (gacc.numel() > 0 && G * P > 0) {
     const auto g = grad.contiguous();
     const auto idx = index.contiguous();
-    check_launch(cuda::gather_features_bwd(g.const_data_ptr(), idx.const_data_ptr<int64_t>(),
-                                           gacc.mutable_data_ptr(), B, num_points, C, G, P,
-                                           dtype_of(g), c10::cuda::getCurrentCUDAStream().stream()),
-                 "gather_features_bwd");
+    C10_CUDA_CHECK(cuda::gather_features_bwd(g.const_data_ptr(), idx.const_data_ptr<int64_t>(),
+                                             gacc.mutable_data_ptr(), B, num_points, C, G, P,
+                                             dtype_of("grad", g), current_stream()));
   }
   return gacc.to(grad.scalar_type());
 }

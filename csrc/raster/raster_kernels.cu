@@ -14,8 +14,7 @@
 //   scatter with atomicAdd into a float (double for float64) buffer.
 #include "raster/raster_kernels.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "common/cuda_types.cuh"
 
 namespace pyface {
 namespace raster {
@@ -28,36 +27,6 @@ constexpr unsigned long long kEmpty = ~0ull;
 inline unsigned grid_for(int64_t n) {
   const int64_t blocks = (n + kThreads - 1) / kThreads;
   return static_cast<unsigned>(blocks > 0x7fffffff ? 0x7fffffff : (blocks < 1 ? 1 : blocks));
-}
-
-// ----- element type helpers ------------------------------------------------------------------
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_double(double v);
-template <>
-__device__ __forceinline__ float from_double<float>(double v) { return static_cast<float>(v); }
-template <>
-__device__ __forceinline__ double from_double<double>(double v) { return v; }
-template <>
-__device__ __forceinline__ __half from_double<__half>(double v) {
-  return __float2half(static_cast<float>(v));
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_double<__nv_bfloat16>(double v) {
-  return __float2bfloat16(static_cast<float>(v));
 }
 
 template <typename T>
@@ -145,8 +114,8 @@ __global__ void raster_resolve_kernel(const double* verts, const int64_t* faces,
       cover(tri, p / W, p % W, persp, d, bc);
     }
     face_index[t] = f;
-    depth[t] = from_double<scalar_t>(d);
-    for (int k = 0; k < 3; ++k) bary[t * 3 + k] = from_double<scalar_t>(bc[k]);
+    depth[t] = from_acc<scalar_t>(d);
+    for (int k = 0; k < 3; ++k) bary[t * 3 + k] = from_acc<scalar_t>(bc[k]);
   }
 }
 
@@ -166,7 +135,7 @@ __global__ void interp_fwd_kernel(const scalar_t* attr, const int64_t* faces, co
         v += to_acc(bary[(b * P + p) * 3 + k]) * to_acc(attr[(b * V + faces[f * 3 + k]) * C + c]);
       }
     }
-    out[t] = from_double<scalar_t>(static_cast<double>(v));
+    out[t] = from_acc<scalar_t>(static_cast<double>(v));
   }
 }
 
@@ -225,11 +194,11 @@ __global__ void splat_resolve_kernel(const double* pts, int64_t B, int64_t N, in
     const unsigned long long key = zbuf[t];
     if (key == kEmpty) {
       index[t] = -1;
-      depth[t] = from_double<scalar_t>(INFINITY);
+      depth[t] = from_acc<scalar_t>(INFINITY);
     } else {
       const int64_t n = static_cast<int64_t>(key & 0xffffffffull);
       index[t] = n;
-      depth[t] = from_double<scalar_t>(pts[((t / HW) * N + n) * 3 + 2]);
+      depth[t] = from_acc<scalar_t>(pts[((t / HW) * N + n) * 3 + 2]);
     }
   }
 }
@@ -277,16 +246,6 @@ P2TLayout p2t_layout(void* ws, int64_t B, int64_t N, int64_t G, int64_t gx) {
   p += align256(BP * gx * sizeof(double));
   l.col_hi = reinterpret_cast<double*>(p);
   return l;
-}
-
-__device__ __forceinline__ int axis_u(PlaneAxes axes, int plane) {
-  (void)axes;
-  return plane == 2 ? 2 : 0;
-}
-__device__ __forceinline__ int axis_v(PlaneAxes axes, int plane) {
-  if (plane == 0) return 1;
-  if (plane == 1) return 2;
-  return axes == PlaneAxes::EG3D ? 0 : 1;
 }
 
 // Order-preserving map of a double to uint64 and back (for atomicMin / atomicMax).

@@ -11,13 +11,12 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/dtype.h"
 #include "raster/raster_math.h"
 
 namespace pyface {
 namespace raster {
 namespace cuda {
-
-enum class DType : int32_t { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
 
 // Mesh rasterization. zbuf: B*H*W uint64 workspace. Outputs face_index (B, H, W), bary
 // (B, H, W, 3) and depth (B, 1, H, W) in `out_dtype`.

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "common/macros.h"
+#include "common/plane_axes.h"
 
 namespace pyface {
 namespace raster {

@@ -11,20 +11,13 @@
 #include <algorithm>
 #include <optional>
 
+#include "common/cuda_glue.h"
 #include "render/render.h"
 #include "render/render_kernels.h"
 
 namespace pyface {
 namespace render {
 namespace {
-
-cuda::DType to_dtype(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? cuda::DType::F64 : cuda::DType::F32;
-}
-
-void check_cuda(const char* name, const at::Tensor& t) {
-  TORCH_CHECK_VALUE(t.is_cuda(), name, ": expected a CUDA tensor, got ", t.device());
-}
 
 // (min, max) of the depth clamp on the device, without a host synchronisation.
 at::Tensor clamp_range(const at::Tensor& depths, const std::optional<at::Tensor>& range) {
@@ -54,10 +47,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mip_composite_cuda(
   const auto t = depths.contiguous();
   const auto range = clamp_range(t, depth_range);
   C10_CUDA_CHECK(cuda::composite_forward(
-      to_dtype(features), f.const_data_ptr(), s.const_data_ptr(), t.const_data_ptr(),
+      dtype_of("features", features), f.const_data_ptr(), s.const_data_ptr(), t.const_data_ptr(),
       range.const_data_ptr(), B * R, S, C, density_bias, white_back, out.mutable_data_ptr(),
       depth.mutable_data_ptr(), weights.mutable_data_ptr(),
-      c10::cuda::getCurrentCUDAStream().stream()));
+      current_stream()));
   return {out, depth, weights};
 }
 
@@ -86,12 +79,12 @@ std::tuple<at::Tensor, at::Tensor> mip_composite_bwd_cuda(
   const auto gw = grad_weights.to(dt).contiguous();
   const auto range = clamp_range(t, depth_range);
   C10_CUDA_CHECK(cuda::composite_backward(
-      to_dtype(features), go.const_data_ptr(), gd.const_data_ptr(), gw.const_data_ptr(),
+      dtype_of("features", features), go.const_data_ptr(), gd.const_data_ptr(), gw.const_data_ptr(),
       f.const_data_ptr(), s.const_data_ptr(), t.const_data_ptr(), range.const_data_ptr(), B * R,
       S, C, density_bias, white_back,
       need_features_grad ? g_feat.mutable_data_ptr() : nullptr,
       need_densities_grad ? g_dens.mutable_data_ptr() : nullptr,
-      c10::cuda::getCurrentCUDAStream().stream()));
+      current_stream()));
   return {g_feat, g_dens};
 }
 
@@ -107,10 +100,10 @@ at::Tensor sample_importance_cuda(const at::Tensor& depths, const at::Tensor& we
   const auto w = weights.contiguous();
   const auto uu = u.contiguous();
   auto scratch = at::empty({B * R * std::max<int64_t>(S - 2, 1)}, depths.options());
-  C10_CUDA_CHECK(cuda::importance(to_dtype(depths), t.const_data_ptr(), w.const_data_ptr(),
-                                  uu.const_data_ptr(), B * R, S, M, out.mutable_data_ptr(),
-                                  scratch.mutable_data_ptr(),
-                                  c10::cuda::getCurrentCUDAStream().stream()));
+  C10_CUDA_CHECK(cuda::importance(dtype_of("depths", depths), t.const_data_ptr(),
+                                  w.const_data_ptr(), uu.const_data_ptr(), B * R, S, M,
+                                  out.mutable_data_ptr(), scratch.mutable_data_ptr(),
+                                  current_stream()));
   return out;
 }
 

@@ -2,6 +2,7 @@
 // sampling, one thread per ray, on the shared math of render_math.h. No torch header.
 #include "render/render_kernels.h"
 
+#include "common/cuda_types.cuh"
 #include "render/render_math.h"
 
 namespace pyface {
@@ -55,18 +56,12 @@ importance_kernel(const S* __restrict__ dep, const S* __restrict__ w, const S* _
   }
 }
 
-int grid_size(int64_t total) {
-  const int64_t blocks = (total + THREADS - 1) / THREADS;
-  const int64_t cap = 65535LL * 16;
-  return static_cast<int>(blocks < cap ? (blocks > 0 ? blocks : 1) : cap);
-}
-
 template <typename S>
 cudaError_t composite_forward_t(const void* f, const void* s, const void* t, const void* range,
                                 int64_t rays, int64_t n, int64_t C, double bias, bool wb,
                                 void* out, void* depth, void* weights, cudaStream_t stream) {
   if (rays == 0) return cudaSuccess;
-  composite_forward_kernel<S><<<grid_size(rays), THREADS, 0, stream>>>(
+  composite_forward_kernel<S><<<grid_stride_blocks(rays, THREADS), THREADS, 0, stream>>>(
       static_cast<const S*>(f), static_cast<const S*>(s), static_cast<const S*>(t),
       static_cast<const S*>(range), rays, n, C, static_cast<S>(bias), wb, static_cast<S*>(out),
       static_cast<S*>(depth), static_cast<S*>(weights));
@@ -79,7 +74,7 @@ cudaError_t composite_backward_t(const void* go, const void* gd, const void* gw,
                                  int64_t n, int64_t C, double bias, bool wb, void* gf, void* gs,
                                  cudaStream_t stream) {
   if (rays == 0 || (!gf && !gs)) return cudaSuccess;
-  composite_backward_kernel<S><<<grid_size(rays), THREADS, 0, stream>>>(
+  composite_backward_kernel<S><<<grid_stride_blocks(rays, THREADS), THREADS, 0, stream>>>(
       static_cast<const S*>(go), static_cast<const S*>(gd), static_cast<const S*>(gw),
       static_cast<const S*>(f), static_cast<const S*>(s), static_cast<const S*>(t),
       static_cast<const S*>(range), rays, n, C, static_cast<S>(bias), wb, static_cast<S*>(gf),
@@ -91,7 +86,7 @@ template <typename S>
 cudaError_t importance_t(const void* t, const void* w, const void* u, int64_t rays, int64_t n,
                          int64_t m, void* out, void* scratch, cudaStream_t stream) {
   if (rays == 0 || m == 0) return cudaSuccess;
-  importance_kernel<S><<<grid_size(rays), THREADS, 0, stream>>>(
+  importance_kernel<S><<<grid_stride_blocks(rays, THREADS), THREADS, 0, stream>>>(
       static_cast<const S*>(t), static_cast<const S*>(w), static_cast<const S*>(u), rays, n, m,
       static_cast<S*>(out), static_cast<S*>(scratch));
   return cudaGetLastError();
@@ -110,6 +105,9 @@ cudaError_t composite_forward(DType dtype, const void* features, const void* den
     case DType::F64:
       return composite_forward_t<double>(features, densities, depths, range, rays, S, C,
                                          density_bias, white_back, out, depth, weights, stream);
+    case DType::F16:
+    case DType::BF16:
+      break;  // the render kernels are float32 / float64 only
   }
   return cudaErrorInvalidValue;
 }
@@ -129,6 +127,9 @@ cudaError_t composite_backward(DType dtype, const void* grad_out, const void* gr
       return composite_backward_t<double>(grad_out, grad_depth, grad_weights, features,
                                           densities, depths, range, rays, S, C, density_bias,
                                           white_back, grad_features, grad_densities, stream);
+    case DType::F16:
+    case DType::BF16:
+      break;  // the render kernels are float32 / float64 only
   }
   return cudaErrorInvalidValue;
 }
@@ -141,6 +142,9 @@ cudaError_t importance(DType dtype, const void* depths, const void* weights, con
       return importance_t<float>(depths, weights, u, rays, S, M, out, scratch, stream);
     case DType::F64:
       return importance_t<double>(depths, weights, u, rays, S, M, out, scratch, stream);
+    case DType::F16:
+    case DType::BF16:
+      break;  // the render kernels are float32 / float64 only
   }
   return cudaErrorInvalidValue;
 }

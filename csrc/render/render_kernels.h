@@ -6,11 +6,11 @@
 
 #include <cstdint>
 
+#include "common/dtype.h"
+
 namespace pyface {
 namespace render {
 namespace cuda {
-
-enum class DType : int32_t { F32 = 0, F64 = 1 };
 
 // features (rays, S, C), densities / depths (rays, S) contiguous; range: device pointer to
 // (min, max) of the depth clamp. Outputs: out (rays, C), depth (rays,), weights (rays, S - 1).

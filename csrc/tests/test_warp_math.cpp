@@ -83,5 +83,41 @@ int main() {
   EXPECT(near(gaussian(kp, 0.1, 0.2, 0.3, 0.01), 1.0));
   EXPECT(near(gaussian(kp, 0.2, 0.2, 0.3, 0.01), std::exp(-0.5)));
 
+  // keypoint flow: masks_b[0] z + sum_k masks_b[k + 1] motion_k(z), masks (K+1, V) with V = 2
+  const double masks[6] = {0.2, 0.9, 0.5, 0.1, 0.3, 0.0};  // voxel 0: 0.2, 0.5, 0.3
+  double f[3], m0[3], m1[3];
+  const double z[3] = {0.5, -0.25, 0.125};
+  keypoint_motion(kps, kpd, jac, 0, z[0], z[1], z[2], m0);
+  keypoint_motion(kps, kpd, jac, 1, z[0], z[1], z[2], m1);
+  flow_at(masks, 2, 0, kps, kpd, jac, 2, z[0], z[1], z[2], f);
+  for (int d = 0; d < 3; ++d) EXPECT(near(f[d], 0.2 * z[d] + 0.5 * m0[d] + 0.3 * m1[d]));
+  // mask gradient: d <g, flow> / d mask_{k+1} = <g, motion_k(z)>, by perturbing the mask
+  double masks_h[6];
+  for (int i = 0; i < 6; ++i) masks_h[i] = masks[i];
+  masks_h[4] += 1e-3;  // mask of keypoint 1 at voxel 0
+  double fh[3];
+  flow_at(masks_h, 2, 0, kps, kpd, jac, 2, z[0], z[1], z[2], fh);
+  const double dflow =
+      (g[0] * (fh[0] - f[0]) + g[1] * (fh[1] - f[1]) + g[2] * (fh[2] - f[2])) / 1e-3;
+  EXPECT(near(mask_grad(kps, kpd, jac, 1, z[0], z[1], z[2], g), dflow, 1e-9));
+
+  // heatmap gradient: gh * (G(kpd) - G(kps)) w.r.t. kps (acc[0..2]) and kpd (acc[3..5]),
+  // against central differences
+  const double var = 0.05, gh = 1.7;
+  double hacc[6] = {};
+  heatmap_grad(kps, kpd, z[0], z[1], z[2], var, gh, hacc);
+  for (int d = 0; d < 3; ++d) {
+    const double h = 1e-6;
+    double sp[3] = {kps[0], kps[1], kps[2]}, sm[3] = {kps[0], kps[1], kps[2]};
+    double dp[3] = {kpd[0], kpd[1], kpd[2]}, dm[3] = {kpd[0], kpd[1], kpd[2]};
+    sp[d] += h, sm[d] -= h, dp[d] += h, dm[d] -= h;
+    const double ds = -gh * (gaussian(sp, z[0], z[1], z[2], var) -
+                             gaussian(sm, z[0], z[1], z[2], var)) / (2 * h);
+    const double dd = gh * (gaussian(dp, z[0], z[1], z[2], var) -
+                            gaussian(dm, z[0], z[1], z[2], var)) / (2 * h);
+    EXPECT(near(hacc[d], ds, 1e-6));
+    EXPECT(near(hacc[3 + d], dd, 1e-6));
+  }
+
   return pyface_test::finish("test_warp_math");
 }

@@ -29,8 +29,5 @@ void check_grad_out(const at::Tensor& grad_out, const at::Tensor& planes, const 
 // Output shape of the forward: (B, N, C), or (B, 3, N, C) for reduce="none".
 std::vector<int64_t> output_shape(const at::Tensor& planes, const at::Tensor& points, Reduce reduce);
 
-// dtype used for coordinates and accumulation: float64 for float64 planes, else float32.
-at::ScalarType acc_dtype(const at::Tensor& planes);
-
 }  // namespace triplane
 }  // namespace pyface

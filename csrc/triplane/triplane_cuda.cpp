@@ -8,22 +8,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "common/cuda_glue.h"
 #include "triplane/triplane.h"
 #include "triplane/triplane_kernels.h"
 
 namespace pyface {
 namespace triplane {
 namespace {
-
-cuda::DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cuda::DType::F32;
-    case at::kDouble: return cuda::DType::F64;
-    case at::kHalf: return cuda::DType::F16;
-    case at::kBFloat16: return cuda::DType::BF16;
-    default: TORCH_CHECK_TYPE(false, "planes: unsupported dtype ", t);
-  }
-}
 
 cuda::Problem problem(const at::Tensor& planes, const at::Tensor& points, const Args& a) {
   cuda::Problem p{};
@@ -44,24 +35,20 @@ cuda::Problem problem(const at::Tensor& planes, const at::Tensor& points, const 
   return p;
 }
 
-void check_cuda(const at::Tensor& planes) {
-  TORCH_CHECK_VALUE(planes.is_cuda(), "planes: expected a CUDA tensor, got ", planes.device());
-}
-
 at::Tensor triplane_sample_cuda(const at::Tensor& planes, const at::Tensor& points,
                                 c10::string_view plane_axes, double box_size,
                                 c10::string_view reduce, bool align_corners) {
   const Args a = check_inputs(planes, points, std::string(plane_axes), box_size,
                               std::string(reduce), align_corners);
-  check_cuda(planes);
+  check_cuda("planes", planes);
   const c10::cuda::CUDAGuard guard(planes.device());
   const auto pts = points.to(acc_dtype(planes)).contiguous();
   auto out = at::empty(output_shape(planes, points, a.reduce), planes.options());
   if (out.numel() == 0) return out;
-  C10_CUDA_CHECK(cuda::forward(to_dtype(planes.scalar_type()), planes.const_data_ptr(),
+  C10_CUDA_CHECK(cuda::forward(dtype_of("planes", planes), planes.const_data_ptr(),
                                pts.const_data_ptr(), out.mutable_data_ptr(),
                                problem(planes, points, a),
-                               c10::cuda::getCurrentCUDAStream().stream()));
+                               current_stream()));
   return out;
 }
 
@@ -72,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor> triplane_sample_bwd_cuda(
   const Args a = check_inputs(planes, points, std::string(plane_axes), box_size,
                               std::string(reduce), align_corners);
   check_grad_out(grad_out, planes, points, a.reduce);
-  check_cuda(planes);
+  check_cuda("planes", planes);
   const c10::cuda::CUDAGuard guard(planes.device());
   const auto acc = acc_dtype(planes);
   const auto pts = points.to(acc).contiguous();
@@ -92,11 +79,11 @@ std::tuple<at::Tensor, at::Tensor> triplane_sample_bwd_cuda(
     p.gsh = gplanes.stride(3);
     p.gsw = gplanes.stride(4);
   }
-  C10_CUDA_CHECK(cuda::backward(to_dtype(planes.scalar_type()), go.const_data_ptr(),
+  C10_CUDA_CHECK(cuda::backward(dtype_of("planes", planes), go.const_data_ptr(),
                                 planes.const_data_ptr(), pts.const_data_ptr(),
                                 gplanes.defined() ? gplanes.mutable_data_ptr() : nullptr,
                                 gpoints.defined() ? gpoints.mutable_data_ptr() : nullptr, p,
-                                c10::cuda::getCurrentCUDAStream().stream()));
+                                current_stream()));
   at::Tensor grad_planes = gplanes.defined() ? gplanes.to(planes.scalar_type())
                                              : at::empty({0}, planes.options());
   at::Tensor grad_points = gpoints.defined() ? gpoints.to(points.scalar_type())

@@ -8,12 +8,10 @@
 // accumulates plane gradients with atomics on the same mapping (float32/float64 accumulators)
 // and point gradients with one atomic per plane coordinate and channel group.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cstdint>
 #include <type_traits>
 
+#include "common/cuda_types.cuh"
 #include "triplane/triplane_kernels.h"
 #include "triplane/triplane_math.h"
 
@@ -24,51 +22,6 @@ namespace {
 
 constexpr int CPT = 4;  // channels per thread
 constexpr int THREADS = 256;
-
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-
-template <typename T>
-__device__ __forceinline__ float to_acc(T v) {
-  return static_cast<float>(v);
-}
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(float v) {
-  return static_cast<T>(v);
-}
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <typename T>
-__device__ __forceinline__ T from_acc(double v) {
-  return static_cast<T>(v);
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t quiet_nan();
-template <>
-__device__ __forceinline__ float quiet_nan<float>() {
-  return __int_as_float(0x7fc00000);
-}
-template <>
-__device__ __forceinline__ double quiet_nan<double>() {
-  return __longlong_as_double(0x7ff8000000000000LL);
-}
 
 // Decodes a flat thread index into (point index b*N+n, first channel c0).
 __device__ __forceinline__ void decode(int64_t idx, int64_t points, int64_t groups,
@@ -263,12 +216,6 @@ bool vectorizable(const void* base, int64_t C, int64_t sc, int64_t sh, int64_t s
          aligned16(base);
 }
 
-int grid_size(int64_t total) {
-  int64_t blocks = (total + THREADS - 1) / THREADS;
-  const int64_t cap = 65535LL * 16;  // grid-stride loop covers the rest
-  return static_cast<int>(blocks < cap ? (blocks > 0 ? blocks : 1) : cap);
-}
-
 template <typename scalar_t>
 cudaError_t forward_t(const void* planes, const void* points, void* out, const Problem& p,
                       cudaStream_t stream) {
@@ -279,7 +226,7 @@ cudaError_t forward_t(const void* planes, const void* points, void* out, const P
   if constexpr (std::is_same<scalar_t, float>::value) {
     if (vectorizable(planes, p.C, p.sc, p.sh, p.sw, p.sp, p.sb)) kernel = forward_kernel<float, true>;
   }
-  kernel<<<grid_size(total), THREADS, 0, stream>>>(
+  kernel<<<grid_stride_blocks(total, THREADS), THREADS, 0, stream>>>(
       static_cast<const scalar_t*>(planes), static_cast<const acc_t*>(points),
       static_cast<scalar_t*>(out), p, p.sc == 1);
   return cudaGetLastError();
@@ -300,7 +247,7 @@ cudaError_t backward_t(const void* grad_out, const void* planes, const void* poi
       kernel = backward_kernel<float, true>;
     }
   }
-  kernel<<<grid_size(total), THREADS, 0, stream>>>(
+  kernel<<<grid_stride_blocks(total, THREADS), THREADS, 0, stream>>>(
       static_cast<const scalar_t*>(grad_out), static_cast<const scalar_t*>(planes),
       static_cast<const acc_t*>(points), static_cast<acc_t*>(grad_planes),
       static_cast<acc_t*>(grad_points), p, p.sc == 1);

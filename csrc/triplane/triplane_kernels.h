@@ -6,11 +6,11 @@
 
 #include <cstdint>
 
+#include "common/dtype.h"
+
 namespace pyface {
 namespace triplane {
 namespace cuda {
-
-enum class DType : int32_t { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
 
 struct Problem {
   int64_t B, N, C, H, W;

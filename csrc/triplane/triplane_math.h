@@ -7,20 +7,10 @@
 #include <cstdint>
 
 #include "common/macros.h"
+#include "common/plane_axes.h"
 
 namespace pyface {
 namespace triplane {
-
-// Coordinate component (0 = x, 1 = y, 2 = z) that indexes the width (u) / height (v) of `plane`.
-PYFACE_HD int axis_u(PlaneAxes axes, int plane) {
-  (void)axes;
-  return plane == 2 ? 2 : 0;
-}
-PYFACE_HD int axis_v(PlaneAxes axes, int plane) {
-  if (plane == 0) return 1;
-  if (plane == 1) return 2;
-  return axes == PlaneAxes::EG3D ? 0 : 1;
-}
 
 // grid_sampler_unnormalize: normalized [-1, 1] coordinate -> pixel coordinate.
 template <typename T>

@@ -1,4 +1,5 @@
-// 3D-flow warping: shared torch glue (argument checks) used by the CPU and CUDA entry points.
+// 3D-flow warping: argument checks shared by the CPU and CUDA entry points (defined in warp.cpp,
+// next to the op schemas).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -23,6 +24,17 @@ void check_masks(const at::Tensor& masks, int64_t batch, int64_t num_kp);
 
 // volume (B, C, D, H, W) with C, D, H, W >= 1.
 void check_volume(const at::Tensor& volume, const char* name);
+
+// warp_by_keypoints: volume (B, C, D, H, W), keypoints (B, K, 3) (+ jacobian (B, K, 3, 3)),
+// masks (B, K+1, D', H', W') on the volume's device. Returns K.
+int64_t check_warp_by_keypoints(const at::Tensor& volume, const at::Tensor& kp_source,
+                                const at::Tensor& kp_driving, const at::Tensor& masks,
+                                const std::optional<at::Tensor>& jacobian);
+
+// motion_field_input: volume and keypoints as above, heatmap variance > 0. Returns K.
+int64_t check_motion_field_input(const at::Tensor& volume, const at::Tensor& kp_source,
+                                 const at::Tensor& kp_driving,
+                                 const std::optional<at::Tensor>& jacobian, double variance);
 
 // grad_out against an expected shape.
 void check_grad(const at::Tensor& grad, const char* name, at::IntArrayRef expected,

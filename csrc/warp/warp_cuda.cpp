@@ -10,30 +10,13 @@
 
 #include <cmath>
 
+#include "common/cuda_glue.h"
 #include "warp/warp.h"
 #include "warp/warp_kernels.h"
 
 namespace pyface {
 namespace warp {
 namespace {
-
-cuda::DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cuda::DType::F32;
-    case at::kDouble: return cuda::DType::F64;
-    case at::kHalf: return cuda::DType::F16;
-    case at::kBFloat16: return cuda::DType::BF16;
-    default: TORCH_CHECK_TYPE(false, "volume: unsupported dtype ", t);
-  }
-}
-
-at::ScalarType acc_of(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.is_cuda(), name, ": expected a CUDA tensor, got ", t.device());
-}
 
 cuda::Volume volume_desc(const at::Tensor& v) {
   return {v.size(0),   v.size(1),   v.size(2),   v.size(3),   v.size(4),
@@ -55,8 +38,6 @@ KpTensors kp_tensors(const at::Tensor& kps, const at::Tensor& kpd,
   return k;
 }
 
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
 at::Tensor none_like(const at::Tensor& t) { return at::empty({0}, t.options()); }
 
 // Splits summed partials (B, K, 15) into the keypoint / jacobian gradients.
@@ -74,16 +55,16 @@ void split_partials(const at::Tensor& partials, int64_t B, int64_t K, const at::
 
 at::Tensor warp_volume_cuda(const at::Tensor& volume, const at::Tensor& grid, bool align_corners) {
   check_warp_volume(volume, grid);
-  check_cuda(volume, "volume");
+  check_cuda("volume", volume);
   const c10::cuda::CUDAGuard guard(volume.device());
   const cuda::Output o{grid.size(1), grid.size(2), grid.size(3)};
   auto out = at::empty({volume.size(0), volume.size(1), o.Do, o.Ho, o.Wo}, volume.options());
   if (out.numel() == 0) return out;
-  const auto gr = grid.to(acc_of(volume)).contiguous();
-  C10_CUDA_CHECK(cuda::warp_volume_forward(to_dtype(volume.scalar_type()),
+  const auto gr = grid.to(acc_dtype(volume)).contiguous();
+  C10_CUDA_CHECK(cuda::warp_volume_forward(dtype_of("volume", volume),
                                            volume.const_data_ptr(), gr.const_data_ptr(),
                                            out.mutable_data_ptr(), volume_desc(volume), o,
-                                           align_corners, stream()));
+                                           align_corners, current_stream()));
   return out;
 }
 
@@ -93,21 +74,21 @@ std::tuple<at::Tensor, at::Tensor> warp_volume_bwd_cuda(const at::Tensor& grad_o
                                                         bool need_volume_grad,
                                                         bool need_grid_grad) {
   check_warp_volume(volume, grid);
-  check_cuda(volume, "volume");
+  check_cuda("volume", volume);
   const c10::cuda::CUDAGuard guard(volume.device());
   const cuda::Output o{grid.size(1), grid.size(2), grid.size(3)};
   check_grad(grad_out, "grad_out", {volume.size(0), volume.size(1), o.Do, o.Ho, o.Wo}, volume);
-  const auto acc = acc_of(volume);
+  const auto acc = acc_dtype(volume);
   const auto gr = grid.to(acc).contiguous();
   const auto go = grad_out.to(acc).contiguous();
   at::Tensor gv, gg;
   if (need_volume_grad) gv = at::zeros(volume.sizes(), volume.options().dtype(acc));
   if (need_grid_grad) gg = at::zeros(grid.sizes(), grid.options().dtype(acc));
   C10_CUDA_CHECK(cuda::warp_volume_backward(
-      to_dtype(volume.scalar_type()), go.const_data_ptr(), volume.const_data_ptr(),
+      dtype_of("volume", volume), go.const_data_ptr(), volume.const_data_ptr(),
       gr.const_data_ptr(), gv.defined() ? gv.mutable_data_ptr() : nullptr,
       gg.defined() ? gg.mutable_data_ptr() : nullptr, volume_desc(volume), o, align_corners,
-      stream()));
+      current_stream()));
   return {gv.defined() ? gv.to(volume.scalar_type()) : none_like(volume),
           gg.defined() ? gg.to(grid.scalar_type()) : none_like(grid)};
 }
@@ -119,17 +100,17 @@ at::Tensor keypoint_flow_cuda(const at::Tensor& kp_source, const at::Tensor& kp_
   const int64_t B = kp_source.size(0);
   check_masks(masks, B, K);
   PYFACE_CHECK_SAME_DEVICE("masks", masks, "kp_source", kp_source);
-  check_cuda(masks, "masks");
+  check_cuda("masks", masks);
   const c10::cuda::CUDAGuard guard(masks.device());
-  const auto acc = acc_of(masks);
+  const auto acc = acc_dtype(masks);
   const cuda::Output o{masks.size(2), masks.size(3), masks.size(4)};
   auto flow = at::empty({B, o.Do, o.Ho, o.Wo, 3}, masks.options().dtype(acc));
   if (flow.numel() > 0) {
     const KpTensors kp = kp_tensors(kp_source, kp_driving, jacobian, acc);
     const auto m = masks.to(acc).contiguous();
-    C10_CUDA_CHECK(cuda::keypoint_flow_forward(to_dtype(acc), m.const_data_ptr(), kp.desc(),
-                                               flow.mutable_data_ptr(), B, o, grid_align_corners,
-                                               stream()));
+    C10_CUDA_CHECK(cuda::keypoint_flow_forward(dtype_of("masks", acc), m.const_data_ptr(),
+                                               kp.desc(), flow.mutable_data_ptr(), B, o,
+                                               grid_align_corners, current_stream()));
   }
   return flow.to(masks.scalar_type());
 }
@@ -142,12 +123,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keypoint_flow_bwd_cud
   const int64_t B = kp_source.size(0);
   check_masks(masks, B, K);
   PYFACE_CHECK_SAME_DEVICE("masks", masks, "kp_source", kp_source);
-  check_cuda(masks, "masks");
+  check_cuda("masks", masks);
   const c10::cuda::CUDAGuard guard(masks.device());
   const cuda::Output o{masks.size(2), masks.size(3), masks.size(4)};
   check_grad(grad_flow, "grad_flow", {B, o.Do, o.Ho, o.Wo, 3}, masks);
   need_jacobian_grad = need_jacobian_grad && jacobian.has_value();
-  const auto acc = acc_of(masks);
+  const auto acc = acc_dtype(masks);
   const KpTensors kp = kp_tensors(kp_source, kp_driving, jacobian, acc);
   const auto m = masks.to(acc).contiguous();
   const auto gf = grad_flow.to(acc).contiguous();
@@ -156,9 +137,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keypoint_flow_bwd_cud
   at::Tensor gm, part = at::zeros({B, nparts, K, 15}, masks.options().dtype(acc));
   if (need_masks_grad) gm = at::zeros(masks.sizes(), masks.options().dtype(acc));
   C10_CUDA_CHECK(cuda::keypoint_flow_backward(
-      to_dtype(acc), gf.const_data_ptr(), m.const_data_ptr(), kp.desc(),
+      dtype_of("masks", acc), gf.const_data_ptr(), m.const_data_ptr(), kp.desc(),
       gm.defined() ? gm.mutable_data_ptr() : nullptr,
-      need_part ? part.mutable_data_ptr() : nullptr, B, o, grid_align_corners, stream()));
+      need_part ? part.mutable_data_ptr() : nullptr, B, o, grid_align_corners, current_stream()));
   at::Tensor g_kps = none_like(kp_source), g_kpd = none_like(kp_driving);
   at::Tensor g_jac = jacobian.has_value() ? none_like(*jacobian) : none_like(masks);
   split_partials(part, B, K, kp_source, kp_driving, jacobian, need_kp_grad, need_jacobian_grad,
@@ -166,33 +147,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keypoint_flow_bwd_cud
   return {g_kps, g_kpd, gm.defined() ? gm.to(masks.scalar_type()) : none_like(masks), g_jac};
 }
 
-void check_warp_by_keypoints(const at::Tensor& volume, const at::Tensor& kp_source,
-                             const at::Tensor& kp_driving, const at::Tensor& masks,
-                             const std::optional<at::Tensor>& jacobian) {
-  check_volume(volume, "volume");
-  const int64_t K = check_keypoints(kp_source, kp_driving, jacobian, volume.size(0));
-  check_masks(masks, volume.size(0), K);
-  PYFACE_CHECK_SAME_DEVICE("kp_source", kp_source, "volume", volume);
-  PYFACE_CHECK_SAME_DEVICE("masks", masks, "volume", volume);
-  check_cuda(volume, "volume");
-}
-
 at::Tensor warp_by_keypoints_cuda(const at::Tensor& volume, const at::Tensor& kp_source,
                                   const at::Tensor& kp_driving, const at::Tensor& masks,
                                   const std::optional<at::Tensor>& jacobian, bool align_corners,
                                   bool grid_align_corners) {
   check_warp_by_keypoints(volume, kp_source, kp_driving, masks, jacobian);
+  check_cuda("volume", volume);
   const c10::cuda::CUDAGuard guard(volume.device());
   const cuda::Output o{masks.size(2), masks.size(3), masks.size(4)};
   auto out = at::empty({volume.size(0), volume.size(1), o.Do, o.Ho, o.Wo}, volume.options());
   if (out.numel() == 0) return out;
-  const auto acc = acc_of(volume);
+  const auto acc = acc_dtype(volume);
   const KpTensors kp = kp_tensors(kp_source, kp_driving, jacobian, acc);
   const auto m = masks.to(acc).contiguous();
   C10_CUDA_CHECK(cuda::warp_by_keypoints_forward(
-      to_dtype(volume.scalar_type()), volume.const_data_ptr(), m.const_data_ptr(), kp.desc(),
+      dtype_of("volume", volume), volume.const_data_ptr(), m.const_data_ptr(), kp.desc(),
       out.mutable_data_ptr(), volume_desc(volume), o, align_corners, grid_align_corners,
-      stream()));
+      current_stream()));
   return out;
 }
 
@@ -202,12 +173,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> warp_by_k
     const std::optional<at::Tensor>& jacobian, bool align_corners, bool grid_align_corners,
     bool need_volume_grad, bool need_kp_grad, bool need_masks_grad, bool need_jacobian_grad) {
   check_warp_by_keypoints(volume, kp_source, kp_driving, masks, jacobian);
+  check_cuda("volume", volume);
   const c10::cuda::CUDAGuard guard(volume.device());
   const int64_t B = volume.size(0), K = kp_source.size(1);
   const cuda::Output o{masks.size(2), masks.size(3), masks.size(4)};
   check_grad(grad_out, "grad_out", {B, volume.size(1), o.Do, o.Ho, o.Wo}, volume);
   need_jacobian_grad = need_jacobian_grad && jacobian.has_value();
-  const auto acc = acc_of(volume);
+  const auto acc = acc_dtype(volume);
   const KpTensors kp = kp_tensors(kp_source, kp_driving, jacobian, acc);
   const auto m = masks.to(acc).contiguous();
   const auto go = grad_out.to(acc).contiguous();
@@ -217,11 +189,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> warp_by_k
   if (need_volume_grad) gv = at::zeros(volume.sizes(), volume.options().dtype(acc));
   if (need_masks_grad) gm = at::zeros(masks.sizes(), masks.options().dtype(acc));
   C10_CUDA_CHECK(cuda::warp_by_keypoints_backward(
-      to_dtype(volume.scalar_type()), go.const_data_ptr(), volume.const_data_ptr(),
+      dtype_of("volume", volume), go.const_data_ptr(), volume.const_data_ptr(),
       m.const_data_ptr(), kp.desc(), gv.defined() ? gv.mutable_data_ptr() : nullptr,
       gm.defined() ? gm.mutable_data_ptr() : nullptr,
       need_part ? part.mutable_data_ptr() : nullptr, volume_desc(volume), o, align_corners,
-      grid_align_corners, stream()));
+      grid_align_corners, current_stream()));
   at::Tensor g_kps = none_like(kp_source), g_kpd = none_like(kp_driving);
   at::Tensor g_jac = jacobian.has_value() ? none_like(*jacobian) : none_like(masks);
   split_partials(part, B, K, kp_source, kp_driving, jacobian, need_kp_grad, need_jacobian_grad,
@@ -230,32 +202,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> warp_by_k
           gm.defined() ? gm.to(masks.scalar_type()) : none_like(masks), g_jac};
 }
 
-void check_motion_field_input(const at::Tensor& volume, const at::Tensor& kp_source,
-                              const at::Tensor& kp_driving,
-                              const std::optional<at::Tensor>& jacobian, double variance) {
-  check_volume(volume, "volume");
-  check_keypoints(kp_source, kp_driving, jacobian, volume.size(0));
-  PYFACE_CHECK_SAME_DEVICE("kp_source", kp_source, "volume", volume);
-  TORCH_CHECK_VALUE(variance > 0 && std::isfinite(variance),
-                    "heatmap_variance: expected a positive finite number, got ", variance);
-  check_cuda(volume, "volume");
-}
-
 at::Tensor motion_field_input_cuda(const at::Tensor& volume, const at::Tensor& kp_source,
                                    const at::Tensor& kp_driving,
                                    const std::optional<at::Tensor>& jacobian,
                                    double heatmap_variance, bool align_corners,
                                    bool grid_align_corners) {
   check_motion_field_input(volume, kp_source, kp_driving, jacobian, heatmap_variance);
+  check_cuda("volume", volume);
   const c10::cuda::CUDAGuard guard(volume.device());
   const int64_t B = volume.size(0), C = volume.size(1), K = kp_source.size(1);
   auto out = at::empty({B, (K + 1) * (C + 1), volume.size(2), volume.size(3), volume.size(4)},
                        volume.options());
   if (out.numel() == 0) return out;
-  const KpTensors kp = kp_tensors(kp_source, kp_driving, jacobian, acc_of(volume));
+  const KpTensors kp = kp_tensors(kp_source, kp_driving, jacobian, acc_dtype(volume));
   C10_CUDA_CHECK(cuda::motion_field_input_forward(
-      to_dtype(volume.scalar_type()), volume.const_data_ptr(), kp.desc(), out.mutable_data_ptr(),
-      volume_desc(volume), heatmap_variance, align_corners, grid_align_corners, stream()));
+      dtype_of("volume", volume), volume.const_data_ptr(), kp.desc(), out.mutable_data_ptr(),
+      volume_desc(volume), heatmap_variance, align_corners, grid_align_corners, current_stream()));
   return out;
 }
 
@@ -265,12 +227,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> motion_field_input_bw
     double heatmap_variance, bool align_corners, bool grid_align_corners, bool need_volume_grad,
     bool need_kp_grad, bool need_jacobian_grad) {
   check_motion_field_input(volume, kp_source, kp_driving, jacobian, heatmap_variance);
+  check_cuda("volume", volume);
   const c10::cuda::CUDAGuard guard(volume.device());
   const int64_t B = volume.size(0), C = volume.size(1), K = kp_source.size(1);
   const int64_t D = volume.size(2), H = volume.size(3), W = volume.size(4);
   check_grad(grad_out, "grad_out", {B, (K + 1) * (C + 1), D, H, W}, volume);
   need_jacobian_grad = need_jacobian_grad && jacobian.has_value();
-  const auto acc = acc_of(volume);
+  const auto acc = acc_dtype(volume);
   const KpTensors kp = kp_tensors(kp_source, kp_driving, jacobian, acc);
   const auto go = grad_out.to(acc).contiguous();
   const bool need_part = need_kp_grad || need_jacobian_grad;
@@ -278,10 +241,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> motion_field_input_bw
   at::Tensor gv, part = at::zeros({B, nparts, K, 15}, volume.options().dtype(acc));
   if (need_volume_grad) gv = at::zeros(volume.sizes(), volume.options().dtype(acc));
   C10_CUDA_CHECK(cuda::motion_field_input_backward(
-      to_dtype(volume.scalar_type()), go.const_data_ptr(), volume.const_data_ptr(), kp.desc(),
+      dtype_of("volume", volume), go.const_data_ptr(), volume.const_data_ptr(), kp.desc(),
       gv.defined() ? gv.mutable_data_ptr() : nullptr,
       need_part ? part.mutable_data_ptr() : nullptr, volume_desc(volume), heatmap_variance,
-      align_corners, grid_align_corners, stream()));
+      align_corners, grid_align_corners, current_stream()));
   at::Tensor g_kps = none_like(kp_source), g_kpd = none_like(kp_driving);
   at::Tensor g_jac = jacobian.has_value() ? none_like(*jacobian) : none_like(volume);
   split_partials(part, B, K, kp_source, kp_driving, jacobian, need_kp_grad, need_jacobian_grad,

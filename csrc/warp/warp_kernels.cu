@@ -7,11 +7,9 @@
 // with atomics, writes mask gradients directly, and reduces keypoint gradients per block
 // (warp shuffles, then shared memory) into per-block partials, never atomics on 15 K scalars.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cstdint>
 
+#include "common/cuda_types.cuh"
 #include "warp/warp_kernels.h"
 #include "warp/warp_math.h"
 
@@ -20,68 +18,12 @@ namespace warp {
 namespace cuda {
 namespace {
 
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T, typename A>
-__device__ __forceinline__ T from_acc(A v) {
-  return static_cast<T>(v);
-}
-template <>
-__device__ __forceinline__ __half from_acc<__half, float>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-template <typename A>
-__device__ __forceinline__ A quiet_nan();
-template <>
-__device__ __forceinline__ float quiet_nan<float>() {
-  return __int_as_float(0x7fc00000);
-}
-template <>
-__device__ __forceinline__ double quiet_nan<double>() {
-  return __longlong_as_double(0x7ff8000000000000LL);
-}
-
 template <typename A>
 __device__ __forceinline__ void identity_at(int64_t v, const Output& o, bool align, A& zx, A& zy,
                                             A& zz) {
   zx = identity_coord<A>(v % o.Wo, o.Wo, align);
   zy = identity_coord<A>((v / o.Wo) % o.Ho, o.Ho, align);
   zz = identity_coord<A>(v / (o.Wo * o.Ho), o.Do, align);
-}
-
-template <typename A>
-__device__ __forceinline__ void flow_at(const A* masks_b, int64_t Vo, int64_t v, const A* kps,
-                                        const A* kpd, const A* jac, int64_t K, A zx, A zy, A zz,
-                                        A f[3]) {
-  const A m0 = masks_b[v];
-  f[0] = m0 * zx;
-  f[1] = m0 * zy;
-  f[2] = m0 * zz;
-  for (int64_t k = 0; k < K; ++k) {
-    const A mk = masks_b[(k + 1) * Vo + v];
-    A m[3];
-    keypoint_motion(kps, kpd, jac, k, zx, zy, zz, m);
-    f[0] += mk * m[0];
-    f[1] += mk * m[1];
-    f[2] += mk * m[2];
-  }
 }
 
 // out[c * ostride] = sample of channel c at (x, y, z), every channel.
@@ -171,11 +113,7 @@ __device__ void flow_backward(const A* masks_b, int64_t Vo, int64_t v, bool acti
   __shared__ A smem[15 * 32];
   if (active && gmasks_b) gmasks_b[v] = g[0] * zx + g[1] * zy + g[2] * zz;
   for (int64_t k = 0; k < K; ++k) {
-    if (active && gmasks_b) {
-      A m[3];
-      keypoint_motion(kps, kpd, jac, k, zx, zy, zz, m);
-      gmasks_b[(k + 1) * Vo + v] = g[0] * m[0] + g[1] * m[1] + g[2] * m[2];
-    }
+    if (active && gmasks_b) gmasks_b[(k + 1) * Vo + v] = mask_grad(kps, kpd, jac, k, zx, zy, zz, g);
     if (partials_block) {
       A vals[15] = {};
       if (active) keypoint_motion_grad(kpd, jac, k, zx, zy, zz, masks_b[(k + 1) * Vo + v], g, vals);
@@ -362,17 +300,8 @@ __global__ void __launch_bounds__(kThreads)
                       gvol_b, partials ? gp : static_cast<A*>(nullptr));
       if (partials) {
         keypoint_motion_grad(kpd_b, jac_b, k - 1, zx, zy, zz, A(1), gp, vals);
-        const A* s = kps_b + 3 * (k - 1);
-        const A* d = kpd_b + 3 * (k - 1);
-        const A gh = go_b[k * CC * V + v];
-        const A gd = gh * gaussian(d, zx, zy, zz, var) / var;
-        const A gs = gh * gaussian(s, zx, zy, zz, var) / var;
-        vals[0] -= gs * (zx - s[0]);
-        vals[1] -= gs * (zy - s[1]);
-        vals[2] -= gs * (zz - s[2]);
-        vals[3] += gd * (zx - d[0]);
-        vals[4] += gd * (zy - d[1]);
-        vals[5] += gd * (zz - d[2]);
+        heatmap_grad(kps_b + 3 * (k - 1), kpd_b + 3 * (k - 1), zx, zy, zz, var,
+                     go_b[k * CC * V + v], vals);
       }
     }
     if (partials)

@@ -12,11 +12,11 @@
 
 #include <cstdint>
 
+#include "common/dtype.h"
+
 namespace pyface {
 namespace warp {
 namespace cuda {
-
-enum class DType : int32_t { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
 
 constexpr int kThreads = 256;
 

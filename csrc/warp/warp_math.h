@@ -143,11 +143,57 @@ PYFACE_HD void keypoint_motion_grad(const T* kpd, const T* jac, int64_t k, T zx,
   }
 }
 
+// Keypoint flow at voxel v with identity coordinate z:
+//   flow = masks_b[0] z + sum_k masks_b[k + 1] motion_k(z);
+// masks_b is (K+1, V) of one batch item, kps / kpd / jac as for keypoint_motion.
+template <typename T>
+PYFACE_HD void flow_at(const T* masks_b, int64_t V, int64_t v, const T* kps, const T* kpd,
+                       const T* jac, int64_t K, T zx, T zy, T zz, T f[3]) {
+  const T m0 = masks_b[v];
+  f[0] = m0 * zx;
+  f[1] = m0 * zy;
+  f[2] = m0 * zz;
+  for (int64_t k = 0; k < K; ++k) {
+    const T mk = masks_b[(k + 1) * V + v];
+    T m[3];
+    keypoint_motion(kps, kpd, jac, k, zx, zy, zz, m);
+    f[0] += mk * m[0];
+    f[1] += mk * m[1];
+    f[2] += mk * m[2];
+  }
+}
+
+// Gradient of <g, flow> w.r.t. mask k + 1 (the mask of keypoint k) at identity coordinate z:
+// <g, motion_k(z)>. The gradient w.r.t. mask 0 is <g, z>.
+template <typename T>
+PYFACE_HD T mask_grad(const T* kps, const T* kpd, const T* jac, int64_t k, T zx, T zy, T zz,
+                      const T g[3]) {
+  T m[3];
+  keypoint_motion(kps, kpd, jac, k, zx, zy, zz, m);
+  return g[0] * m[0] + g[1] * m[1] + g[2] * m[2];
+}
+
 // face-vid2vid's kp2gaussian at identity coordinate z: exp(-0.5 |z - kp|^2 / variance).
 template <typename T>
 PYFACE_HD T gaussian(const T* kp, T zx, T zy, T zz, T variance) {
   const T dx = zx - kp[0], dy = zy - kp[1], dz = zz - kp[2];
   return exp((T(-0.5) * (dx * dx + dy * dy + dz * dz)) / variance);
+}
+
+// Adds the gradient of gh * (gaussian(kpd, z) - gaussian(kps, z)) (motion_field_input's heatmap
+// channel of one keypoint) w.r.t. kps and kpd to acc[0..2] and acc[3..5]:
+//   d gaussian(kp, z) / d kp = gaussian(kp, z) (z - kp) / variance.
+template <typename T>
+PYFACE_HD void heatmap_grad(const T* kps, const T* kpd, T zx, T zy, T zz, T variance, T gh,
+                            T* acc) {
+  const T gd = gh * gaussian(kpd, zx, zy, zz, variance) / variance;
+  const T gs = gh * gaussian(kps, zx, zy, zz, variance) / variance;
+  acc[0] -= gs * (zx - kps[0]);
+  acc[1] -= gs * (zy - kps[1]);
+  acc[2] -= gs * (zz - kps[2]);
+  acc[3] += gd * (zx - kpd[0]);
+  acc[4] += gd * (zy - kpd[1]);
+  acc[5] += gd * (zz - kpd[2]);
 }
 
 }  // namespace warp
