@@ -248,7 +248,15 @@ class GOHA(TrainableModel):
             raise ValueError(f"camera: expected ({planes.shape[0]}, 25), got "
                              f"{tuple(camera.shape)}")
         o, d = ray_bundle(camera.to(planes.dtype), r)
-        out = (self.lift_renderer if lift else self.renderer)(planes, self.decoder, o, d)
+        if lift:
+            # deterministic samples (mid-bin, evenly spaced importance draws): the lifted
+            # points depend on the source only, not on the batch or the random state
+            B, n = planes.shape[0], self.cfg.lift_samples
+            u = ((torch.arange(n, device=o.device, dtype=o.dtype) + 0.5) / n).expand(B, r * r, n)
+            out = self.lift_renderer(planes, self.decoder, o, d,
+                                     stratified_noise=torch.full_like(u, 0.5), importance_u=u)
+        else:
+            out = self.renderer(planes, self.decoder, o, d)
         img = out.images(r)
         B = planes.shape[0]
         return {"image": img["image_raw"], "depth": img["image_depth"],
@@ -448,6 +456,9 @@ class GOHA(TrainableModel):
 class GOHAPipeline(Pipeline):
     """One-shot animation with GOHA s1.
 
+    ``resolution`` is the output side (``render_resolution``); sources are resized to the
+    encoders' ``input_resolution`` (``model.resolution``).
+
     * ``encode_source``: the avatar: canonical and appearance planes (the three encoders plus
       the lift); needs ``image``, ``camera (25,)`` and ``coeffs (257,)`` (``mask`` mattes it);
     * ``encode_driving``: ``expression (T, 64)`` and ``camera (T, 25)`` from the driving
@@ -458,8 +469,18 @@ class GOHAPipeline(Pipeline):
       those planes off.
     """
 
+    def __init__(self, model, *, device=None):
+        super().__init__(model, device=device)
+        #: input side R of the encoders; ``resolution`` is the output (render) side r
+        self.input_resolution = int(model.cfg.resolution)
+        self.resolution = int(model.cfg.render_resolution)
+
     def encode_source(self, source: dict) -> dict:
-        src = self.prepare(source, batched=False)
+        out_res, self.resolution = self.resolution, self.input_resolution
+        try:
+            src = self.prepare(source, batched=False)
+        finally:
+            self.resolution = out_res
         for k in ("camera", "coeffs"):
             if k not in src:
                 raise KeyError(f"source[{k!r}]: missing; GOHA needs the source's camera (25,) "
