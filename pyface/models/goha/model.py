@@ -466,7 +466,9 @@ class GOHAPipeline(Pipeline):
     * ``generate``: expression planes of each driving expression (the source's identity in the
       pseudo-render), summed with the avatar's, rendered at each driving camera:
       ``(T, 3, r, r)`` in [-1, 1]. ``controls``: ``expression`` / ``appearance`` (bool) switch
-      those planes off.
+      those planes off; ``composite`` (default True) puts the render over the source's
+      background when the source has a ``mask`` (GOHA's own output is matted, over black;
+      the head's hole in the background is filled with the mean background colour).
     """
 
     def __init__(self, model, *, device=None):
@@ -486,7 +488,20 @@ class GOHAPipeline(Pipeline):
                 raise KeyError(f"source[{k!r}]: missing; GOHA needs the source's camera (25,) "
                                "and 3DMM coefficients (257,)")
         frame = {k: v[None] for k, v in src.items() if k in ("image", "camera", "coeffs", "mask")}
-        return self.model.encode_source(self.model.prepare_frame(frame, "source"))
+        state = self.model.encode_source(self.model.prepare_frame(frame, "source"))
+        state["background"] = None
+        if "mask" in src:
+            # the source's background at the output size, the head hole filled with the mean
+            # background colour: generate composites the render over it
+            r = self.resolution
+            img = F.interpolate(src["image"][None], size=(r, r), mode="bilinear", antialias=True,
+                                align_corners=False) * 0.5 + 0.5
+            m = F.interpolate(src["mask"][None].float(), size=(r, r), mode="bilinear",
+                              antialias=True, align_corners=False).clamp(0, 1)
+            w = (1 - m).sum((2, 3), keepdim=True).clamp_min(1e-6)
+            fill = (img * (1 - m)).sum((2, 3), keepdim=True) / w
+            state["background"] = img * (1 - m) + fill * m
+        return state
 
     def encode_driving(self, driving: dict) -> dict:
         drv = self.prepare(driving, batched=True, name="driving")
@@ -497,13 +512,19 @@ class GOHAPipeline(Pipeline):
         return {"expression": drv["coeffs"][:, 80:144].float(), "camera": drv["camera"].float()}
 
     def generate(self, state: dict, motion: dict, expression: bool = True,
-                 appearance: bool = True) -> torch.Tensor:
+                 appearance: bool = True, composite: bool = True) -> torch.Tensor:
         T = motion["camera"].shape[0]
         st = {k: (v.expand(T, *v.shape[1:]) if torch.is_tensor(v) else v)
               for k, v in state.items()}
         planes = self.model.animate_planes(st, motion["expression"], use_expression=expression,
                                            use_appearance=appearance)
-        return self.model.render(planes, motion["camera"])["image"].clamp(-1, 1)
+        out = self.model.render(planes, motion["camera"])
+        img = out["image"]
+        if composite and st.get("background") is not None:
+            # the render is premultiplied over black: add the background where it is clear
+            alpha = out["weights"].clamp(0, 1)
+            img = (img * 0.5 + 0.5 + (1 - alpha) * st["background"]) * 2 - 1
+        return img.clamp(-1, 1)
 
 
 GOHA.Pipeline = GOHAPipeline
