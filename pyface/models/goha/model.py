@@ -394,7 +394,7 @@ class GOHA(TrainableModel):
             neutral, nmask = self.neutral_render(tgt["coeffs"], tgt["camera"], r)
             tmask = 1 - self.region_mask(tgt["coeffs"], tgt["camera"], r)
             target = self._resize(tgt["image"])
-            n = self._photo(out * nmask, neutral)
+            n = self._photo(out * nmask - (1 - nmask), neutral)      # both black outside
             m = self._photo(out * tmask, target * tmask)
             total = cfg.l1_weight * (cfg.neutral_weight * n["l1"] + m["l1"])
             if "perceptual" in n:
