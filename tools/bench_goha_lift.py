@@ -10,8 +10,10 @@ C = 256 appearance features each, rasterised to three 128^2 planes (nearest poin
 * ``goha-cdist``: GOHA's method, one dense (H W, N) ``torch.cdist`` per plane
   (``pyface.bench.ops.raster.goha_cdist``).
 
-``peak``: the allocator peak (profiler events, calling thread); ``work``: the peak minus the
-output planes (3 x C x 128^2 float32 = 48 MiB), i.e. what the lift-and-raster needs on top.
+``peak``: the allocator peak (profiler events, calling thread) above the inputs (the encoder's
+features exist before); ``work``: the peak minus the output planes (3 x C x 128^2 float32 =
+48 MiB) and, with the backward, minus the features' gradient (16 MiB): what the lift-and-raster
+needs on top of its inputs and outputs.
 The times are one run each under the profiler (the reference is slow on CPU by design).
 
 Usage: ``python tools/bench_goha_lift.py [--json OUT.json]``.
@@ -36,6 +38,7 @@ def main():
     ap.add_argument("--channels", type=int, default=256)
     ap.add_argument("--lift", type=int, default=128)
     ap.add_argument("--planes", type=int, default=128)
+    ap.add_argument("--paths", default="fused,reference,goha-cdist")
     args = ap.parse_args()
     torch.manual_seed(0)
     L, A, C = args.lift, args.planes, args.channels
@@ -50,8 +53,9 @@ def main():
     cot = torch.randn(1, 3, C, A, A)
 
     def run(kind, backward):
+        feats = feats0.clone().requires_grad_(backward)          # the encoder's output
+
         def fn():
-            feats = feats0.clone().requires_grad_(backward)
             points = o + depth * d                               # the lift
             if kind == "goha-cdist":
                 planes = goha_cdist(points, feats, A)
@@ -60,14 +64,15 @@ def main():
                                                align_corners=True,
                                                backend=None if kind == "fused" else "reference")
             if backward:
-                (planes * cot).sum().backward()
+                planes.backward(cot)
             result.append(planes.detach())
         return fn
 
     out_mb = 3 * C * A * A * 4 / 2**20                           # the planes themselves
+    grad_mb = L * L * C * 4 / 2**20                              # the features' gradient
     out = {}
     ref = None
-    for kind in ("fused", "reference", "goha-cdist"):
+    for kind in args.paths.split(","):
         res = {}
         for backward in (False, True):
             result = []
@@ -75,16 +80,17 @@ def main():
             mb = peak_memory_mb(run(kind, backward), torch.device("cpu"))
             dt = time.perf_counter() - t
             key = "fwd+bwd" if backward else "fwd"
-            res[key] = {"peak_mb": round(mb, 1), "work_mb": round(mb - out_mb, 1),
+            work = mb - out_mb - (grad_mb if backward else 0.0)
+            res[key] = {"peak_mb": round(mb, 1), "work_mb": round(work, 1),
                         "seconds_profiled": round(dt, 3)}
-            print(f"{kind:11s} {key:7s} peak {mb:8.1f} MB  work {mb - out_mb:8.1f} MB  "
+            print(f"{kind:11s} {key:7s} peak {mb:8.1f} MB  work {work:8.1f} MB  "
                   f"{dt:7.2f} s (under the profiler)", flush=True)
         planes = result[0]
         if ref is None:
             ref = planes
         res["texels_equal_to_fused"] = float((planes == ref).all(1).float().mean())
         out[kind] = res
-    for k in ("reference", "goha-cdist"):
+    for k in [p for p in out if p != "fused" and "fused" in out]:
         for key in ("fwd", "fwd+bwd"):
             print(f"{k} / fused, {key}: peak {out[k][key]['peak_mb'] / out['fused'][key]['peak_mb']:.1f}x"
                   f", work {out[k][key]['work_mb'] / max(out['fused'][key]['work_mb'], 1e-3):.0f}x")
