@@ -7,7 +7,9 @@ For same-video pairs of ``--data`` (``pyface.data.reenactment_pairs``, protocol 
   render (driving coefficients with expression 0), inside the neutral render's mask, for the
   trained model and for the same architecture at initialisation (ratio: trained / initial);
 * appearance: source-view PSNR (matted source, at the render size) with and without the
-  appearance plane.
+  appearance plane;
+* expression: L1 to the matted driving frame inside its mouth + lips region (morphable-model
+  regions at the driving camera), canonical + expression planes against canonical only.
 
 Usage: ``python tools/goha_checks.py RUN --data DIR [--pairs 64]``.
 """
@@ -39,7 +41,8 @@ def main():
     data = reenactment_pairs(args.data, resolution=cfg.resolution, protocol="same")
     idx = torch.linspace(0, len(data) - 1, min(args.pairs, len(data))).round().long().tolist()
     r = cfg.render_resolution
-    sums = {"neutral_trained": 0.0, "neutral_init": 0.0, "psnr_app": 0.0, "psnr_noapp": 0.0}
+    sums = {"neutral_trained": 0.0, "neutral_init": 0.0, "psnr_app": 0.0, "psnr_noapp": 0.0,
+            "mouth_exp": 0.0, "mouth_cano": 0.0}
     with torch.no_grad():
         for i in idx:
             item = data[i]
@@ -57,6 +60,18 @@ def main():
                     target = F.interpolate(src["image"], size=(r, r), mode="bilinear",
                                            antialias=True, align_corners=False)
                     exp = src["coeffs"][:, 80:144]
+                    mouth = m.face(drv["coeffs"].device).render(
+                        drv["coeffs"], r, label=drv["camera"], regions=("mouth", "lips"))
+                    mm = torch.maximum(mouth.regions["mouth"], mouth.regions["lips"])
+                    tgt = F.interpolate(drv["image"], size=(r, r), mode="bilinear",
+                                        antialias=True, align_corners=False)
+                    dexp = drv["coeffs"][:, 80:144]
+                    for key, use in (("mouth_exp", True), ("mouth_cano", False)):
+                        out = m.render(m.animate_planes(st, dexp, use_expression=use,
+                                                        use_appearance=False),
+                                       drv["camera"])["image"]
+                        sums[key] += float(((out - tgt).abs() * mm).sum()
+                                           / (3 * mm.sum()).clamp_min(1))
                     for key, app in (("psnr_app", True), ("psnr_noapp", False)):
                         out = m.render(m.animate_planes(st, exp, use_appearance=app),
                                        src["camera"])["image"].clamp(-1, 1)
@@ -69,6 +84,8 @@ def main():
           f"{res['neutral_init']:.4f}, ratio {res['neutral_trained'] / res['neutral_init']:.3f}")
     print(f"source-view PSNR: with appearance {res['psnr_app']:.2f} dB, without "
           f"{res['psnr_noapp']:.2f} dB, gain {res['psnr_app'] - res['psnr_noapp']:+.2f} dB")
+    print(f"mouth-region L1 to the driving frame: canonical + expression {res['mouth_exp']:.4f}, "
+          f"canonical only {res['mouth_cano']:.4f}")
 
 
 if __name__ == "__main__":
