@@ -243,8 +243,20 @@ def test_pipeline_on_a_tiny_checkpoint(tiny_run):
         st = pipe.encode_source(source)
         mo = pipe.encode_driving(driving)
         no_app = pipe.generate(st, mo, appearance=False)
+        torch.manual_seed(1)
+        comp = pipe.generate(st, mo)
+        torch.manual_seed(1)
+        plain = pipe.generate(st, mo, composite=False)          # over black, as GOHA
+        torch.manual_seed(1)
+        alpha = pipe.model.render(pipe.model.animate_planes(
+            {k: (v.expand(3, *v.shape[1:]) if torch.is_tensor(v) else v) for k, v in st.items()},
+            mo["expression"]), mo["camera"])["weights"]
     assert out.shape == (3, 3, 32, 32) and rec.shape == (1, 3, 32, 32)
     assert out.abs().max() <= 1 and not torch.allclose(out, no_app)
+    # the composite adds the source background where the render is not opaque
+    assert st["background"].shape == (1, 3, 32, 32) and not torch.allclose(comp, plain)
+    want = ((plain + 1) / 2 + (1 - alpha.clamp(0, 1)) * st["background"]) * 2 - 1
+    torch.testing.assert_close(comp, want.clamp(-1, 1), atol=1e-4, rtol=0)
     assert st["canonical"].shape == (1, 3, 16, 32, 32) and mo["expression"].shape == (3, 64)
     with pytest.raises(KeyError, match=r"source\['coeffs'\]"):
         pipe.encode_source({"image": source["image"], "camera": source["camera"]})
