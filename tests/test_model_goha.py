@@ -262,3 +262,24 @@ def test_pipeline_on_a_tiny_checkpoint(tiny_run):
         pipe.encode_source({"image": source["image"], "camera": source["camera"]})
     with pytest.raises(KeyError, match=r"driving\['camera'\]"):
         pipe.encode_driving({"image": driving["image"], "coeffs": c})
+
+
+def test_segformer_path_initialises_the_encoders_with_fresh_stems(tmp_path):
+    """An HF segformer-b0 (ADE layout, random weights) initialises the three encoders; the
+    expression stem and the 6-channel appearance stem stay fresh; BatchNorm and classifier of
+    the file's decode head are dropped (GOHA's encoders)."""
+    from test_convert import _B0, _hf_folder, _hf_random_state, _hf_segformer_shapes
+
+    sd = {k: v.float() for k, v in _hf_random_state(_hf_segformer_shapes(_B0, num_labels=150)).items()}
+    path = _hf_folder(tmp_path / "hf", _B0, sd)
+    m = GOHA(tiny_config(encoder="b0", encoder_width=256, segformer_path=path))
+    stem = "segformer.encoder.patch_embeddings.0.proj.weight"
+    assert torch.equal(m.encoder_canonical.encoder.patch_embeddings[0].proj.weight, sd[stem])
+    assert m.encoder_appearance.encoder.patch_embeddings[0].proj.weight.shape == (32, 6, 7, 7)
+    assert not torch.equal(m.encoder_expression.encoder.patch_embeddings[0].proj.weight, sd[stem])
+    for enc in (m.encoder_expression, m.encoder_appearance):
+        k = "segformer.encoder.block.1.0.attention.self.query.weight"
+        assert torch.equal(enc.state_dict()["encoder.block.1.0.attention.self.query.weight"],
+                           sd[k])
+    assert m.encoder_canonical.decode_head.batch_norm is None
+    assert m.encoder_canonical.decode_head.classifier is None
