@@ -360,7 +360,7 @@ def test_cli_train_resume_and_animate(tmp_path, capsys):
     assert main(["animate", "example", "--checkpoint", str(run), "--source",
                  str(tmp_path / "src.png"), "--out", str(out), "--frames", "4", "--ema"]) == 0
     assert out.stat().st_size > 0
-    assert main(["animate", "goha", "--checkpoint", str(run), "--source", "x.png"]) == 2
+    assert main(["animate", "nosuchmodel", "--checkpoint", str(run), "--source", "x.png"]) == 2
     assert main(["animate", "example", "--checkpoint", str(tmp_path / "none"), "--source",
                  "x.png"]) == 1
     assert main(["train", "example", "--set", "train.batch_size=3", "--set",

@@ -23,6 +23,7 @@ from typing import Any
 
 MODELS: dict[str, str] = {
     "example": "pyface.train.example:TriplaneAutoencoder",
+    "goha": "pyface.models.goha:GOHA",
     # portrait models (pyface/models/<name>/) register here as they land, one line each
     "eg3d": "pyface.models.eg3d.model:EG3D",
 }

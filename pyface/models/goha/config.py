@@ -1,0 +1,98 @@
+# Provenance: reproduces the architecture and training schedule of GOHA ("Generalizable One-shot
+# 3D Neural Head Avatar", NVlabs/GOHA, NVIDIA Source Code License, non-commercial) as described in
+# the paper and pyface's design study. Our own implementation; no upstream code is copied.
+# pyface's code is licensed under Apache-2.0 (LICENSE).
+"""GOHA configuration (``model.*``): one flat dataclass so every field is a ``--set`` key."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+#: GOHA's canonical exemplar pose (Deep3DFaceRecon angles (3,) radians and translation (3,)):
+#: frontal, centred; the expression pseudo-render is framed by the BFM-224 camera around it.
+EXEMPLAR_ANGLES = (0.0, 0.0, 0.0)
+EXEMPLAR_TRANS = (0.0, 0.0, 0.0)
+
+
+@dataclass
+class GOHAConfig:
+    """GOHA stage s1 (canonical, expression and appearance tri-planes; no super-resolution).
+
+    Shapes below use R = ``resolution``; the defaults are GOHA's full scale (R = 512).
+    """
+
+    # --- input / encoders -------------------------------------------------------------------
+    resolution: int = 512               # R: input image side (must equal data.resolution)
+    encoder: str = "b0"                 # MiT size of the three SegFormers ("b0".."b5", "tiny")
+    encoder_width: int = 256            # decode-head width D: encoders give (B, D, R/4, R/4)
+    segformer_path: str | None = None   # HF SegFormer folder (e.g. segformer-b0 ADE): init
+    # --- tri-planes -------------------------------------------------------------------------
+    plane_channels: int = 32            # C of every plane; planes (B, 3, C, R/2, R/2)
+    embed_width: int = 128              # Embed2Plane hidden width
+    share_upsampler_weights: bool = False   # GOHA's bug: xz / zy planes reuse the xy up-branch
+    # --- canonical branch -------------------------------------------------------------------
+    mask_regions: list[str] = field(default_factory=lambda: ["brows", "eyes", "mouth", "lips"])
+    eye_dilation: int = 7               # square kernel of the eye dilation (0: none)
+    eye_dilation_iters: int = 2
+    # --- expression branch ------------------------------------------------------------------
+    pseudo_render_size: int = 224       # BFM-224 framing; rendered at this size, resized to R
+    bfm_path: str | None = None         # Deep3DFaceRecon BFM_model_front.mat; None: built-in
+    exemplar_angles: list[float] = field(default_factory=lambda: list(EXEMPLAR_ANGLES))
+    exemplar_trans: list[float] = field(default_factory=lambda: list(EXEMPLAR_TRANS))
+    # --- appearance branch ------------------------------------------------------------------
+    lift_resolution: int = 128          # source-view render whose depth is lifted: N = L^2 points
+    lift_samples: int = 48              # coarse (= importance) samples of that render
+    appearance_erode: int = 7           # erosion kernel of the appearance blend mask
+    lift_valid_weight: float | None = None  # fix: only points whose opacity > this (None: all)
+    lift_max_distance: float | None = None  # fix: texels farther than this stay empty
+    # --- renderer ---------------------------------------------------------------------------
+    render_resolution: int = 224        # output side
+    depth_samples: int = 48
+    depth_samples_importance: int = 48
+    ray_start: float = 2.25
+    ray_end: float = 3.3
+    box_warp: float = 1.0
+    decoder_hidden: int = 64
+    decoder_features: int = 32          # OSGDecoder feature outputs (GOHA: 1 + 32 = 33)
+    # --- s1 schedule ------------------------------------------------------------------------
+    canonical_until: int = 120_000      # 'cano' mode only before this step
+    expression_from: int = 120_000      # expression plane added from this step
+    appearance_from: int = 240_000      # appearance plane added from this step
+    # --- losses -----------------------------------------------------------------------------
+    l1_weight: float = 1.0
+    neutral_weight: float = 1.0         # neutral-render term of the cano mode (x l1)
+    tv_weight: float = 0.25             # EG3D density TV: |sigma(x) - sigma(x + N(0, tv_sigma))|
+    tv_points: int = 1000
+    tv_sigma: float = 0.004
+    perceptual_weight: float = 0.0      # VGG19 perceptual term, needs vgg_path (LPIPS stand-in)
+    vgg_path: str | None = None
+    # --- optimiser --------------------------------------------------------------------------
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
+
+    def __post_init__(self):
+        if self.resolution % 4 or self.resolution < 16:
+            raise ValueError(f"model.resolution: expected a multiple of 4 >= 16, got "
+                             f"{self.resolution}")
+        for k in ("plane_channels", "encoder_width", "embed_width", "lift_resolution",
+                  "render_resolution", "pseudo_render_size",
+                  "depth_samples", "lift_samples"):
+            if int(getattr(self, k)) < 1:
+                raise ValueError(f"model.{k}: expected >= 1, got {getattr(self, k)}")
+        if len(self.exemplar_angles) != 3 or len(self.exemplar_trans) != 3:
+            raise ValueError("model.exemplar_angles / model.exemplar_trans: expected 3 numbers "
+                             f"each, got {self.exemplar_angles} / {self.exemplar_trans}")
+        if len(self.betas) != 2:
+            raise ValueError(f"model.betas: expected 2 numbers, got {self.betas}")
+        if self.perceptual_weight > 0 and not self.vgg_path:
+            raise ValueError("model.perceptual_weight > 0 needs model.vgg_path (a torchvision "
+                             "VGG19 weights file; nothing is downloaded)")
+
+    @property
+    def plane_resolution(self) -> int:
+        """Side of the canonical / expression / appearance planes: R / 2."""
+        return self.resolution // 2
+
+    @property
+    def appearance_plane_resolution(self) -> int:
+        """Side A of the lifted appearance planes (R / 4), upsampled x2 by the IDUpsampler."""
+        return self.resolution // 4

@@ -1,0 +1,530 @@
+# Provenance: reproduces the stage-s1 model and training schedule of GOHA ("Generalizable One-shot
+# 3D Neural Head Avatar", NVlabs/GOHA, NVIDIA Source Code License, non-commercial) from the paper
+# and pyface's design study (shared/reference/specs/otavatar-goha.md section 2). Our own
+# implementation; no upstream code is copied. pyface's code is licensed under Apache-2.0 (LICENSE).
+"""GOHA stage s1: canonical, expression and appearance tri-planes, summed, decoded by an
+``OSGDecoder`` and volume-rendered by ``TriplaneRenderer`` (corrected ``xy_xz_zy`` axes).
+
+Shapes (R = ``model.resolution``, D = ``encoder_width``, C = ``plane_channels``, P = R/2,
+A = R/4, L = ``lift_resolution``, r = ``render_resolution``):
+
+* canonical: ``E_c(norm(I_s) * (1 - M_s)) (B, D, R/4, R/4) -> Embed2Plane -> (B, 3, C, P, P)``,
+  ``M_s`` the source's brows, eyes (dilated), mouth and lips from the morphable model;
+* expression: the pseudo-render (source identity / texture / lighting, driving expression,
+  exemplar pose, BFM-224 framing) ``(B, 3, R, R) -> E_e -> Embed2Plane -> (B, 3, C, P, P)``;
+* appearance: canonical + expression planes rendered from the source camera at L^2, depth
+  lifted to ``N = L^2`` points, ``E_a(cat(blend, cano)) (B, D, R/4, R/4)`` sampled at the
+  points, ``pyface.ops.points_to_triplane -> (B, 3, D, A, A) -> IDUpsampler -> (B, 3, C, P, P)``;
+* the summed planes are rendered at the driving camera: ``(B, 3, r, r)`` in [-1, 1].
+
+Pseudo-renders, region masks and neutral renders come from :mod:`pyface.face` in the model's
+step (under ``no_grad``), not in the dataset workers: the registered ``pairs`` dataset carries
+the coefficients and cameras they need.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from pyface.face import cameras as cam
+from pyface.face.coeffs import merge_coeffs, split_coeffs
+from pyface.face.morphable import MorphableModel
+from pyface.nn import OSGDecoder, RenderConfig, TriplaneRenderer
+from pyface.nn.render import density_l1_regularizer
+from pyface.nn.segformer import STEM_KEYS, load_hf_segformer
+from pyface.ops import points_to_triplane, ray_bundle
+from pyface.train.model import Phase, Pipeline, StepContext, TrainableModel
+
+from pyface.models.goha.config import GOHAConfig
+from pyface.models.goha.networks import (Embed2Plane, IDUpsampler, build_encoder, dilate, erode,
+                                         imagenet_normalize)
+
+PLANE_AXES = "xy_xz_zy"
+MODES = ("src", "tar", "coarse", "cano")
+
+
+def bfm224_label(angles: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
+    """EG3D label ``(B, 25)`` of Deep3DFaceRecon's 224 crop camera (focal 1015 px, centre
+    112 px, camera 10 BFM units from the origin) for a pose ``angles (B, 3)``, ``trans (B, 3)``:
+    a render with it at any size S is Deep3DFaceRecon's 224 framing scaled by S / 224."""
+    c2w = cam.deep3d_to_cam2world(angles, trans)
+    k = cam.intrinsics_from_focal(cam.BFM_FOCAL / cam.BFM_IMAGE_SIZE,
+                                  cx=cam.BFM_CENTER / cam.BFM_IMAGE_SIZE,
+                                  cy=cam.BFM_CENTER / cam.BFM_IMAGE_SIZE,
+                                  dtype=c2w.dtype, device=c2w.device)
+    return cam.make_label(c2w, k)
+
+
+def mode_of(cfg: GOHAConfig, step: int) -> str:
+    """The s1 mode of iteration ``step``: ``cano`` only before ``canonical_until``; then by
+    ``step % 6``: 0 ``src`` (full reconstruction of the source), 1 ``tar`` (full, target), 2-3
+    ``coarse`` (canonical + expression, target), 4-5 ``cano``."""
+    if step < cfg.canonical_until:
+        return "cano"
+    return ("src", "tar", "coarse", "coarse", "cano", "cano")[step % 6]
+
+
+def _frame(frame: dict, key: str, shape: tuple, name: str) -> torch.Tensor:
+    if key not in frame:
+        raise KeyError(f"{name}[{key!r}]: missing; GOHA needs 'image', 'camera (25,)' and "
+                       f"'coeffs (257,)' per frame")
+    x = frame[key]
+    if x.dim() != len(shape) + 1 or any(s is not None and x.shape[i + 1] != s
+                                         for i, s in enumerate(shape)):
+        want = ", ".join("?" if s is None else str(s) for s in shape)
+        raise ValueError(f"{name}[{key!r}]: expected shape (B, {want}), got {tuple(x.shape)}")
+    return x
+
+
+def to_signed(image: torch.Tensor) -> torch.Tensor:
+    """uint8 images in [0, 255] (datasets) -> float in [-1, 1]; float images must already be
+    in [-1, 1] (pipelines) and pass through."""
+    if image.dtype == torch.uint8:
+        return image.float() / 127.5 - 1
+    return image.float()
+
+
+class GOHA(TrainableModel):
+    """GOHA stage s1 (see the module docstring). Sub-modules: ``encoder_canonical``,
+    ``encoder_expression``, ``encoder_appearance`` (SegFormers), ``embed_canonical``,
+    ``embed_expression`` (:class:`Embed2Plane`), ``upsampler`` (:class:`IDUpsampler`),
+    ``decoder`` (:class:`OSGDecoder`)."""
+
+    Config = GOHAConfig
+    recipe = {"data": {"name": "pairs", "resolution": 512},
+              "train": {"steps": 695_000, "batch_size": 8, "grad_clip": 1000.0,
+                        "ckpt_every": 5000, "image_every": 5000}}
+    presets = {
+        # 2-core CPU, a few minutes: 64^2 input, tiny MiT, planes 32^2, 32^2 renders with 12 + 12
+        # samples, depth lifted at 16^2; compressed schedule (spec 2.5)
+        "tiny": {"model": {"resolution": 64, "encoder": "tiny", "encoder_width": 32,
+                           "plane_channels": 16, "embed_width": 32, "eye_dilation": 3,
+                           "eye_dilation_iters": 1, "pseudo_render_size": 64,
+                           "lift_resolution": 16, "lift_samples": 12, "appearance_erode": 3,
+                           "render_resolution": 32, "depth_samples": 12,
+                           "depth_samples_importance": 12, "decoder_hidden": 32,
+                           "decoder_features": 8, "canonical_until": 100,
+                           "expression_from": 100, "appearance_from": 200, "tv_points": 256,
+                           "lr": 1e-3, "betas": [0.9, 0.99]},
+                 "data": {"name": "pairs", "resolution": 64},
+                 "train": {"steps": 400, "batch_size": 2, "grad_clip": 1000.0,
+                           "ckpt_every": 100, "image_every": 100, "log_every": 20}},
+        # one H100/H200, about 8 minutes (not yet measured on a GPU): 256^2 input, MiT-b0
+        "gpu-short": {"model": {"resolution": 256, "plane_channels": 32,
+                                "pseudo_render_size": 224, "lift_resolution": 64,
+                                "lift_samples": 24, "appearance_erode": 5,
+                                "render_resolution": 128, "depth_samples": 24,
+                                "depth_samples_importance": 24, "canonical_until": 1000,
+                                "expression_from": 1000, "appearance_from": 2000,
+                                "lr": 2e-4},
+                      "data": {"name": "pairs", "resolution": 256},
+                      "train": {"steps": 3000, "batch_size": 8, "ckpt_every": 1000,
+                                "image_every": 500}},
+        # GOHA's s1 at paper scale (the recipe): 512^2, MiT-b0, 224^2 renders with 48 + 48
+        "full": {},
+    }
+
+    def __init__(self, cfg: GOHAConfig | None = None):
+        super().__init__()
+        cfg = cfg or GOHAConfig()
+        self.cfg = cfg
+        D, C = cfg.encoder_width, cfg.plane_channels
+        self.encoder_canonical = build_encoder(cfg.encoder, 3, D)
+        self.encoder_expression = build_encoder(cfg.encoder, 3, D)
+        self.encoder_appearance = build_encoder(cfg.encoder, 6, D)
+        if cfg.segformer_path:
+            load_hf_segformer(self.encoder_canonical, cfg.segformer_path)
+            load_hf_segformer(self.encoder_expression, cfg.segformer_path, skip=STEM_KEYS)
+            load_hf_segformer(self.encoder_appearance, cfg.segformer_path, skip=STEM_KEYS)
+        self.embed_canonical = Embed2Plane(D, cfg.embed_width, C)
+        self.embed_expression = Embed2Plane(D, cfg.embed_width, C)
+        self.upsampler = IDUpsampler(D, cfg.embed_width, C,
+                                     share_weights=cfg.share_upsampler_weights)
+        self.decoder = OSGDecoder(C, cfg.decoder_hidden, cfg.decoder_features)
+        common = dict(plane_axes=PLANE_AXES, ray_start=cfg.ray_start, ray_end=cfg.ray_end,
+                      box_warp=cfg.box_warp)
+        self.renderer = TriplaneRenderer(RenderConfig(
+            depth_resolution=cfg.depth_samples,
+            depth_resolution_importance=cfg.depth_samples_importance, **common))
+        self.lift_renderer = TriplaneRenderer(RenderConfig(
+            depth_resolution=cfg.lift_samples, depth_resolution_importance=cfg.lift_samples,
+            **common))
+        self._faces: dict = {}      # device -> MorphableModel (kept out of the state dict)
+        self._perceptual = None
+        if cfg.perceptual_weight > 0:
+            from pyface.nn import PerceptualLoss
+            self._perceptual = [PerceptualLoss(weights=cfg.vgg_path)]
+
+    # ------------------------------------------------------------------ morphable model
+    def face(self, device) -> MorphableModel:
+        """The morphable model (built-in, or BFM from ``model.bfm_path``) on ``device``."""
+        key = str(device)
+        if key not in self._faces:
+            base = (MorphableModel.from_bfm(self.cfg.bfm_path) if self.cfg.bfm_path
+                    else MorphableModel.builtin())
+            self._faces[key] = base.to(device)
+        return self._faces[key]
+
+    @torch.no_grad()
+    def region_mask(self, coeffs: torch.Tensor, camera: torch.Tensor, size: int, *,
+                    neutral: bool = False, dilate_eyes: bool = True) -> torch.Tensor:
+        """Union of the ``mask_regions`` of ``coeffs (B, 257)`` seen by ``camera (B, 25)``:
+        ``(B, 1, size, size)`` in {0, 1}; eyes dilated (``eye_dilation``, ``_iters``);
+        ``neutral`` zeroes the expression first."""
+        face = self.face(coeffs.device)
+        names = [r for r in self.cfg.mask_regions if r in face.region_names]
+        if not names:
+            raise ValueError(f"model.mask_regions: none of {self.cfg.mask_regions} is a region "
+                             f"of the morphable model ({face.region_names})")
+        c = coeffs.float().clone()
+        if neutral:
+            c[:, 80:144] = 0
+        r = face.render(c, size, label=camera.float(), regions=tuple(names))
+        out = torch.zeros_like(r.mask)
+        for n in names:
+            m = r.regions[n]
+            if n == "eyes":
+                m = dilate(m, self.cfg.eye_dilation, self.cfg.eye_dilation_iters) \
+                    if dilate_eyes else m
+            out = torch.maximum(out, m)
+        return out
+
+    @torch.no_grad()
+    def pseudo_render(self, source_coeffs: torch.Tensor, expression: torch.Tensor) -> torch.Tensor:
+        """The expression branch's input: identity, texture and lighting of
+        ``source_coeffs (B, 257)``, ``expression (B, 64)``, the exemplar pose, rendered with the
+        BFM-224 camera at ``pseudo_render_size`` and resized to R: ``(B, 3, R, R)`` in [-1, 1]."""
+        B, dev = source_coeffs.shape[0], source_coeffs.device
+        s = split_coeffs(source_coeffs.float())
+        angles = torch.tensor(self.cfg.exemplar_angles, device=dev).expand(B, 3)
+        trans = torch.tensor(self.cfg.exemplar_trans, device=dev).expand(B, 3)
+        coeffs = merge_coeffs(s["id"], expression.float(), s["tex"], angles, s["gamma"], trans)
+        r = self.face(dev).render(coeffs, self.cfg.pseudo_render_size,
+                                  label=bfm224_label(angles, trans))
+        img = r.image * 2 - 1
+        R = self.cfg.resolution
+        if img.shape[-1] != R:
+            img = F.interpolate(img, size=(R, R), mode="bilinear", antialias=True,
+                                align_corners=False)
+        return img
+
+    @torch.no_grad()
+    def neutral_render(self, coeffs: torch.Tensor, camera: torch.Tensor, size: int):
+        """The 3DMM render of ``coeffs (B, 257)`` with expression 0 at ``camera (B, 25)``:
+        ``(image (B, 3, size, size) in [-1, 1], mask (B, 1, size, size))``."""
+        c = coeffs.float().clone()
+        c[:, 80:144] = 0
+        r = self.face(coeffs.device).render(c, size, label=camera.float())
+        return r.image * 2 - 1, r.mask
+
+    # ------------------------------------------------------------------ branches
+    def _check_image(self, name: str, image: torch.Tensor, channels: int = 3):
+        R = self.cfg.resolution
+        if image.dim() != 4 or tuple(image.shape[1:]) != (channels, R, R):
+            raise ValueError(f"{name}: expected (B, {channels}, {R}, {R}) (model.resolution = "
+                             f"{R}), got {tuple(image.shape)}")
+
+    def encode_canonical(self, image: torch.Tensor, region_mask: torch.Tensor) -> torch.Tensor:
+        """image (B, 3, R, R) in [-1, 1], region_mask (B, 1, R, R) -> planes (B, 3, C, P, P)."""
+        self._check_image("image", image)
+        self._check_image("region_mask", region_mask, 1)
+        x = imagenet_normalize(image) * (1 - region_mask)
+        return self.embed_canonical(self.encoder_canonical(x))
+
+    def encode_expression(self, pseudo: torch.Tensor) -> torch.Tensor:
+        """pseudo (B, 3, R, R) in [-1, 1] (:meth:`pseudo_render`) -> planes (B, 3, C, P, P)."""
+        self._check_image("pseudo", pseudo)
+        return self.embed_expression(self.encoder_expression(imagenet_normalize(pseudo)))
+
+    def render(self, planes: torch.Tensor, camera: torch.Tensor, resolution: int | None = None,
+               *, lift: bool = False) -> dict[str, torch.Tensor]:
+        """planes (B, 3, C, P, P), camera (B, 25) -> ``image (B, 3, r, r)`` in [-1, 1],
+        ``depth (B, 1, r, r)``, ``weights (B, 1, r, r)`` (accumulated opacity) and the rays
+        ``origins`` / ``dirs`` (B, r*r, 3)."""
+        r = resolution or self.cfg.render_resolution
+        if camera.dim() != 2 or camera.shape != (planes.shape[0], 25):
+            raise ValueError(f"camera: expected ({planes.shape[0]}, 25), got "
+                             f"{tuple(camera.shape)}")
+        o, d = ray_bundle(camera.to(planes.dtype), r)
+        if lift:
+            # deterministic samples (mid-bin, evenly spaced importance draws): the lifted
+            # points depend on the source only, not on the batch or the random state
+            B, n = planes.shape[0], self.cfg.lift_samples
+            u = ((torch.arange(n, device=o.device, dtype=o.dtype) + 0.5) / n).expand(B, r * r, n)
+            out = self.lift_renderer(planes, self.decoder, o, d,
+                                     stratified_noise=torch.full_like(u, 0.5), importance_u=u)
+        else:
+            out = self.renderer(planes, self.decoder, o, d)
+        img = out.images(r)
+        B = planes.shape[0]
+        return {"image": img["image_raw"], "depth": img["image_depth"],
+                "weights": out.weights_sum.permute(0, 2, 1).reshape(B, 1, r, r),
+                "origins": o, "dirs": d}
+
+    def lift_points(self, planes: torch.Tensor, camera: torch.Tensor):
+        """Renders ``planes`` from ``camera (B, 25)`` at L^2 and lifts the depth:
+        ``points (B, L*L, 3)`` (detached), ``valid (B, L*L)`` bool or None, ``render`` dict."""
+        L = self.cfg.lift_resolution
+        with torch.no_grad():
+            rend = self.render(planes.detach(), camera, L, lift=True)
+        B = planes.shape[0]
+        depth = rend["depth"].reshape(B, L * L, 1)
+        points = rend["origins"] + depth * rend["dirs"]
+        valid = None
+        if self.cfg.lift_valid_weight is not None:
+            valid = rend["weights"].reshape(B, L * L) > self.cfg.lift_valid_weight
+        return points.detach(), valid, rend
+
+    def encode_appearance(self, image: torch.Tensor, region_mask: torch.Tensor,
+                          base_planes: torch.Tensor, camera: torch.Tensor,
+                          canonical_regions: torch.Tensor) -> torch.Tensor:
+        """The appearance planes ``(B, 3, C, P, P)``.
+
+        Args:
+            image: (B, 3, R, R) source in [-1, 1]; region_mask: (B, 1, R, R) its masked regions.
+            base_planes: (B, 3, C, P, P) canonical + expression planes of the source.
+            camera: (B, 25) source camera.
+            canonical_regions: (B, 1, R, R) expression regions of the canonical render (GOHA
+                parses the render; here the morphable model's neutral regions).
+        """
+        self._check_image("image", image)
+        R, A = self.cfg.resolution, self.cfg.appearance_plane_resolution
+        points, valid, rend = self.lift_points(base_planes, camera)
+        cano = F.interpolate(rend["image"], size=(R, R), mode="bilinear", align_corners=False)
+        keep = erode((1 - canonical_regions) * (1 - region_mask), self.cfg.appearance_erode)
+        ni, nc = imagenet_normalize(image), imagenet_normalize(cano)
+        feats = self.encoder_appearance(torch.cat([ni * keep + nc * (1 - keep), nc], 1))
+        L = self.cfg.lift_resolution
+        if feats.shape[-1] != L:
+            feats = F.interpolate(feats, size=(L, L), mode="bilinear", align_corners=False)
+        feats = feats.flatten(2).transpose(1, 2)                        # (B, L*L, D)
+        planes, _ = points_to_triplane(points.to(feats.dtype), feats, A, plane_axes=PLANE_AXES,
+                                       box_size=self.cfg.box_warp, align_corners=True,
+                                       valid=valid, max_distance=self.cfg.lift_max_distance)
+        return self.upsampler(planes)
+
+    # ------------------------------------------------------------------ whole model
+    def prepare_frame(self, frame: dict, name: str) -> dict:
+        """A batched frame dict -> ``image`` (B, 3, R, R) float in [-1, 1], matted by ``mask``
+        when present, ``camera`` (B, 25) float, ``coeffs`` (B, 257) float."""
+        img = to_signed(_frame(frame, "image", (3, None, None), name))
+        self._check_image(f"{name}['image']", img)
+        cam_ = _frame(frame, "camera", (25,), name).float()
+        coeffs = _frame(frame, "coeffs", (257,), name).float()
+        if img.shape[0] != cam_.shape[0] or img.shape[0] != coeffs.shape[0]:
+            raise ValueError(f"{name}: batch sizes differ: image {img.shape[0]}, camera "
+                             f"{cam_.shape[0]}, coeffs {coeffs.shape[0]}")
+        if "mask" in frame:
+            m = frame["mask"]
+            m = m.float() / 255 if m.dtype == torch.uint8 else m.float()
+            img = img * m + (-1) * (1 - m)                              # black background
+        return {"image": img, "camera": cam_, "coeffs": coeffs}
+
+    def encode_source(self, src: dict, *, appearance: bool = True) -> dict:
+        """Prepared source frame -> ``canonical`` planes, ``appearance`` planes (or None),
+        ``coeffs``, ``camera``, ``region_mask``."""
+        R = self.cfg.resolution
+        mask = self.region_mask(src["coeffs"], src["camera"], R)
+        cano = self.encode_canonical(src["image"], mask)
+        app = None
+        if appearance:
+            exp = self.encode_expression(self.pseudo_render(src["coeffs"],
+                                                            src["coeffs"][:, 80:144]))
+            regions = self.region_mask(src["coeffs"], src["camera"], R, neutral=True)
+            app = self.encode_appearance(src["image"], mask, cano + exp, src["camera"], regions)
+        return {"canonical": cano, "appearance": app, "coeffs": src["coeffs"],
+                "camera": src["camera"], "region_mask": mask}
+
+    def animate_planes(self, state: dict, expression: torch.Tensor, *,
+                       use_expression: bool = True, use_appearance: bool = True) -> torch.Tensor:
+        """Summed planes ``(B, 3, C, P, P)`` for ``expression (B, 64)``."""
+        planes = state["canonical"]
+        if use_expression:
+            planes = planes + self.encode_expression(
+                self.pseudo_render(state["coeffs"], expression))
+        if use_appearance and state.get("appearance") is not None:
+            planes = planes + state["appearance"]
+        return planes
+
+    def forward(self, source: dict, driving: dict) -> torch.Tensor:
+        """Full model: batched frame dicts -> ``(B, 3, r, r)`` at the driving camera."""
+        src = self.prepare_frame(source, "source")
+        drv = self.prepare_frame(driving, "driving")
+        state = self.encode_source(src)
+        planes = self.animate_planes(state, drv["coeffs"][:, 80:144])
+        return self.render(planes, drv["camera"])["image"]
+
+    # ------------------------------------------------------------------ training
+    def build_optimizers(self):
+        return {"G": torch.optim.Adam(self.parameters(), lr=self.cfg.lr,
+                                      betas=tuple(self.cfg.betas))}
+
+    def phases(self):
+        return [Phase("G", "G")]
+
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.cfg.render_resolution
+        if x.shape[-1] == r:
+            return x
+        return F.interpolate(x, size=(r, r), mode="bilinear", antialias=True,
+                             align_corners=False)
+
+    def _photo(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {"l1": (pred - target).abs().mean()}
+        if self._perceptual is not None:
+            p = self._perceptual[0].to(pred.device)
+            out["perceptual"] = p(pred, target)
+        return out
+
+    def s1_losses(self, batch: dict, step: int, mode: str | None = None):
+        """Losses of one s1 iteration; returns ``(total, logs, render)``."""
+        cfg = self.cfg
+        mode = mode or mode_of(cfg, step)
+        src = self.prepare_frame(batch["source"], "batch['source']")
+        tgt = self.prepare_frame(batch["driving"], "batch['driving']")
+        r = cfg.render_resolution
+        mask = self.region_mask(src["coeffs"], src["camera"], cfg.resolution)
+        cano = self.encode_canonical(src["image"], mask)
+        logs: dict[str, torch.Tensor] = {}
+        if mode == "cano":
+            planes = cano
+            out = self.render(planes, tgt["camera"])["image"]
+            neutral, nmask = self.neutral_render(tgt["coeffs"], tgt["camera"], r)
+            tmask = 1 - self.region_mask(tgt["coeffs"], tgt["camera"], r)
+            target = self._resize(tgt["image"])
+            n = self._photo(out * nmask - (1 - nmask), neutral)      # both black outside
+            m = self._photo(out * tmask, target * tmask)
+            total = cfg.l1_weight * (cfg.neutral_weight * n["l1"] + m["l1"])
+            if "perceptual" in n:
+                total = total + cfg.perceptual_weight * (3 * n["perceptual"] + m["perceptual"])
+            logs.update(neutral_l1=n["l1"].detach(), masked_l1=m["l1"].detach())
+        else:
+            drv = src if mode == "src" else tgt
+            use_exp = step >= cfg.expression_from
+            use_app = mode in ("src", "tar") and step >= cfg.appearance_from
+            planes = cano
+            exp_planes = None
+            if use_exp or use_app:
+                exp_planes = self.encode_expression(
+                    self.pseudo_render(src["coeffs"], drv["coeffs"][:, 80:144]))
+            if use_exp:
+                planes = planes + exp_planes
+            if use_app:
+                src_exp = exp_planes if mode == "src" else self.encode_expression(
+                    self.pseudo_render(src["coeffs"], src["coeffs"][:, 80:144]))
+                regions = self.region_mask(src["coeffs"], src["camera"], cfg.resolution,
+                                           neutral=True)
+                planes = planes + self.encode_appearance(src["image"], mask, cano + src_exp,
+                                                         src["camera"], regions)
+            out = self.render(planes, drv["camera"])["image"]
+            p = self._photo(out, self._resize(drv["image"]))
+            total = cfg.l1_weight * p["l1"]
+            if "perceptual" in p:
+                total = total + cfg.perceptual_weight * p["perceptual"]
+            logs["l1"] = p["l1"].detach()
+        if cfg.tv_weight > 0:
+            tv = density_l1_regularizer(planes, self.decoder, n_points=cfg.tv_points,
+                                        p_dist=cfg.tv_sigma, plane_axes=PLANE_AXES,
+                                        box_size=cfg.box_warp)
+            total = total + cfg.tv_weight * tv
+            logs["tv"] = tv.detach()
+        logs[f"mode_{mode}"] = torch.ones(())
+        return total, logs, out
+
+    def step(self, phase: str, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
+        total, logs, _ = self.s1_losses(batch, ctx.step)
+        return {"loss": total, **logs}
+
+    @torch.no_grad()
+    def preview(self, batch: dict) -> dict[str, torch.Tensor]:
+        src = self.prepare_frame(batch["source"], "source")
+        tgt = self.prepare_frame(batch["driving"], "driving")
+        state = self.encode_source(src)
+        exp = tgt["coeffs"][:, 80:144]
+        full = self.render(self.animate_planes(state, exp), tgt["camera"])["image"]
+        cano = self.render(state["canonical"], tgt["camera"])["image"]
+        return {"source": self._resize(src["image"]), "target": self._resize(tgt["image"]),
+                "reconstruction": full, "canonical": cano}
+
+    @torch.no_grad()
+    def preview_video(self, batch: dict, frames: int):
+        return None
+
+
+class GOHAPipeline(Pipeline):
+    """One-shot animation with GOHA s1.
+
+    ``resolution`` is the output side (``render_resolution``); sources are resized to the
+    encoders' ``input_resolution`` (``model.resolution``).
+
+    * ``encode_source``: the avatar: canonical and appearance planes (the three encoders plus
+      the lift); needs ``image``, ``camera (25,)`` and ``coeffs (257,)`` (``mask`` mattes it);
+    * ``encode_driving``: ``expression (T, 64)`` and ``camera (T, 25)`` from the driving
+      ``coeffs`` and ``camera``;
+    * ``generate``: expression planes of each driving expression (the source's identity in the
+      pseudo-render), summed with the avatar's, rendered at each driving camera:
+      ``(T, 3, r, r)`` in [-1, 1]. ``controls``: ``expression`` / ``appearance`` (bool) switch
+      those planes off; ``composite`` (default True) puts the render over the source's
+      background when the source has a ``mask`` (GOHA's own output is matted, over black;
+      the head's hole in the background is filled with the mean background colour).
+    """
+
+    def __init__(self, model, *, device=None):
+        super().__init__(model, device=device)
+        #: input side R of the encoders; ``resolution`` is the output (render) side r
+        self.input_resolution = int(model.cfg.resolution)
+        self.resolution = int(model.cfg.render_resolution)
+
+    def encode_source(self, source: dict) -> dict:
+        out_res, self.resolution = self.resolution, self.input_resolution
+        try:
+            src = self.prepare(source, batched=False)
+        finally:
+            self.resolution = out_res
+        for k in ("camera", "coeffs"):
+            if k not in src:
+                raise KeyError(f"source[{k!r}]: missing; GOHA needs the source's camera (25,) "
+                               "and 3DMM coefficients (257,)")
+        frame = {k: v[None] for k, v in src.items() if k in ("image", "camera", "coeffs", "mask")}
+        state = self.model.encode_source(self.model.prepare_frame(frame, "source"))
+        state["background"] = None
+        if "mask" in src:
+            # the source's background at the output size, the head hole filled with the mean
+            # background colour: generate composites the render over it
+            r = self.resolution
+            img = F.interpolate(src["image"][None], size=(r, r), mode="bilinear", antialias=True,
+                                align_corners=False) * 0.5 + 0.5
+            m = F.interpolate(src["mask"][None].float(), size=(r, r), mode="bilinear",
+                              antialias=True, align_corners=False).clamp(0, 1)
+            w = (1 - m).sum((2, 3), keepdim=True).clamp_min(1e-6)
+            fill = (img * (1 - m)).sum((2, 3), keepdim=True) / w
+            state["background"] = img * (1 - m) + fill * m
+        return state
+
+    def encode_driving(self, driving: dict) -> dict:
+        drv = self.prepare(driving, batched=True, name="driving")
+        for k in ("camera", "coeffs"):
+            if k not in drv:
+                raise KeyError(f"driving[{k!r}]: missing; GOHA is driven by per-frame cameras "
+                               "(T, 25) and 3DMM coefficients (T, 257)")
+        return {"expression": drv["coeffs"][:, 80:144].float(), "camera": drv["camera"].float()}
+
+    def generate(self, state: dict, motion: dict, expression: bool = True,
+                 appearance: bool = True, composite: bool = True) -> torch.Tensor:
+        T = motion["camera"].shape[0]
+        st = {k: (v.expand(T, *v.shape[1:]) if torch.is_tensor(v) else v)
+              for k, v in state.items()}
+        planes = self.model.animate_planes(st, motion["expression"], use_expression=expression,
+                                           use_appearance=appearance)
+        out = self.model.render(planes, motion["camera"])
+        img = out["image"]
+        if composite and st.get("background") is not None:
+            # the render is premultiplied over black: add the background where it is clear
+            alpha = out["weights"].clamp(0, 1)
+            img = (img * 0.5 + 0.5 + (1 - alpha) * st["background"]) * 2 - 1
+        return img.clamp(-1, 1)
+
+
+GOHA.Pipeline = GOHAPipeline

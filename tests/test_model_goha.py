@@ -1,0 +1,285 @@
+"""GOHA stage s1 (pyface/models/goha): framing, blocks, masks, engine step, exact resume,
+pipeline on a tiny checkpoint, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pyface.models
+from pyface.face import cameras as cam
+from pyface.face.coeffs import merge_coeffs
+from pyface.face.morphable import MorphableModel
+from pyface.models.goha import GOHA, Embed2Plane, IDUpsampler, bfm224_label, mode_of
+from pyface.models.goha.config import GOHAConfig
+from pyface.train import Trainer, build_experiment
+from pyface.train.model import load_pretrained
+
+# the tiny preset, smaller still, with every branch switched on from step 1
+FAST = ["model.canonical_until=1", "model.expression_from=1", "model.appearance_from=1",
+        "model.tv_points=32", "train.batch_size=2", "train.progress=false",
+        "train.tensorboard=false", "train.image_every=0", "train.log_every=1",
+        "train.ckpt_every=0", "train.num_workers=0"]
+
+
+def tiny_config(**over) -> GOHAConfig:
+    cfg = build_experiment("goha", GOHA.Config, defaults=GOHA.recipe, presets=GOHA.presets,
+                           preset="tiny").model_config
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def random_coeffs(B, seed=0, pose=0.2):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.zeros(B, 257)
+    c[:, :80] = torch.randn(B, 80, generator=g) * 0.5
+    c[:, 80:144] = torch.randn(B, 64, generator=g) * 0.5
+    c[:, 144:224] = torch.randn(B, 80, generator=g) * 0.5
+    c[:, 224:227] = torch.randn(B, 3, generator=g) * pose
+    c[:, 254:257] = torch.randn(B, 3, generator=g) * 0.1
+    return c
+
+
+def frame(coeffs, R=64):
+    r = MorphableModel.builtin().render(coeffs, R)
+    return {"image": (r.image * 255).round().to(torch.uint8), "camera": r.label,
+            "coeffs": coeffs, "mask": (r.mask * 255).round().to(torch.uint8)}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    from pyface.data.synthetic import SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("goha_data")
+    generate(str(root), SynthConfig(identities=2, videos_per_identity=1, frames=4, resolution=64,
+                                    workers=1, cross=False), progress=False)
+    return root
+
+
+def experiment(run, data_root, *extra):
+    return build_experiment("goha", GOHA.Config, defaults=GOHA.recipe, presets=GOHA.presets,
+                            preset="tiny", overrides=FAST + [f"train.run_dir={run}",
+                                                             f"data.path={data_root}", *extra])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_root):
+    run = tmp_path_factory.mktemp("goha") / "run"
+    Trainer(experiment(run, data_root, "train.steps=2")).fit()
+    return run
+
+
+# ------------------------------------------------------------------------------- framing
+def test_bfm224_framing_matches_deep3d_projection():
+    """The expression pseudo-render's camera is Deep3DFaceRecon's 224 crop: focal 1015 px,
+    centre 112 px, camera at distance 10 (pixel x = 1015 X / (10 - Z) + 112, row = 224 - y)."""
+    assert (cam.BFM_FOCAL, cam.BFM_CENTER, cam.BFM_IMAGE_SIZE) == (1015.0, 112.0, 224)
+    assert cam.BFM_CAMERA_DISTANCE == 10.0
+    face = MorphableModel.builtin()
+    c = random_coeffs(2, seed=3, pose=0.15)
+    angles, trans = c[:, 224:227], c[:, 254:257]
+    label = bfm224_label(angles, trans)
+    k = label[:, 16:].view(2, 3, 3)
+    torch.testing.assert_close(k[:, 0, 0], torch.full((2,), 1015 / 224))
+    torch.testing.assert_close(k[:, :2, 2], torch.full((2, 2), 0.5))
+    posed = face(c)["landmarks3d"]                         # R v + t in BFM units
+    xy, depth = cam.project_bfm(posed)
+    # the same points projected through the EG3D label of the pose, at 224 px
+    unposed = face.shape(c[:, :80], c[:, 80:144])[:, face.landmarks] * cam.BFM_TO_EG3D_SCALE
+    uv, z = cam.project_label(unposed, label)
+    px = uv * 224
+    torch.testing.assert_close(px[..., 0], xy[..., 0], atol=1e-3, rtol=0)
+    torch.testing.assert_close(px[..., 1], 224 - xy[..., 1], atol=1e-3, rtol=0)
+    torch.testing.assert_close(z / cam.BFM_TO_EG3D_SCALE, depth, atol=1e-4, rtol=1e-5)
+    # the renderer uses that camera: landmarks of the render equal the projection
+    r = face.render(c, 224, label=label)
+    torch.testing.assert_close(r.landmarks, px, atol=1e-3, rtol=0)
+
+
+def test_pseudo_render_uses_source_identity_and_driving_expression():
+    m = GOHA(tiny_config())
+    src = random_coeffs(1, seed=1)
+    a = m.pseudo_render(src, torch.zeros(1, 64))
+    b = m.pseudo_render(src, random_coeffs(1, seed=2)[:, 80:144])
+    assert a.shape == (1, 3, 64, 64) and a.min() >= -1 and a.max() <= 1
+    assert (a - b).abs().mean() > 1e-3                    # expression changes the render
+    # the source's pose does not matter (fixed exemplar pose)
+    moved = src.clone()
+    moved[:, 224:227] += 0.3
+    torch.testing.assert_close(m.pseudo_render(moved, torch.zeros(1, 64)), a)
+
+
+# ------------------------------------------------------------------------------- blocks
+def test_embed2plane_and_upsampler_shapes_and_bad_input():
+    e = Embed2Plane(8, 6, 4)
+    assert e(torch.randn(2, 8, 5, 7)).shape == (2, 3, 4, 10, 14)
+    with pytest.raises(ValueError, match=r"x: expected \(B, 8, h, w\)"):
+        e(torch.randn(2, 7, 5, 5))
+    u = IDUpsampler(8, 6, 4)
+    assert u(torch.randn(2, 3, 8, 5, 5)).shape == (2, 3, 4, 10, 10)
+    with pytest.raises(ValueError, match=r"planes: expected \(B, 3, 8, A, A\)"):
+        u(torch.randn(2, 2, 8, 5, 5))
+
+
+def test_upsampler_weight_sharing_flag():
+    """GOHA's bug (xz / zy use the xy up-branch) only with share_weights=True; the same
+    parameters exist either way (checkpoint compatible)."""
+    assert GOHAConfig().share_upsampler_weights is False
+    torch.manual_seed(0)
+    fixed, shared = IDUpsampler(8, 6, 4), IDUpsampler(8, 6, 4, share_weights=True)
+    assert fixed.state_dict().keys() == shared.state_dict().keys()
+    shared.load_state_dict(fixed.state_dict())
+    x = torch.randn(1, 3, 8, 5, 5)
+    a, b = fixed(x), shared(x)
+    torch.testing.assert_close(a[:, 0], b[:, 0])              # xy: the same branch
+    assert not torch.allclose(a[:, 1], b[:, 1]) and not torch.allclose(a[:, 2], b[:, 2])
+    with torch.no_grad():                                     # shared: up_xz / up_zy unused
+        for p in list(shared.up_xz.parameters()) + list(shared.up_zy.parameters()):
+            p.add_(1.0)
+    torch.testing.assert_close(shared(x), b)
+    # shared == each plane through up_xy
+    want = torch.stack([fixed.__getattr__(f"skip_{p}")(torch.nn.functional.interpolate(
+        x[:, i], scale_factor=2, mode="bilinear", align_corners=False)) + fixed.up_xy(x[:, i])
+        for i, p in enumerate(("xy", "xz", "zy"))], 1)
+    torch.testing.assert_close(b, want)
+    cfg = tiny_config(share_upsampler_weights=True)
+    assert GOHA(cfg).upsampler.share_weights
+
+
+def test_mode_cycle():
+    cfg = GOHAConfig(canonical_until=12)
+    assert {mode_of(cfg, s) for s in range(12)} == {"cano"}
+    assert [mode_of(cfg, s) for s in range(12, 18)] == ["src", "tar", "coarse", "coarse",
+                                                         "cano", "cano"]
+
+
+def test_canonical_mask_covers_the_regions_and_dilates_the_eyes():
+    m = GOHA(tiny_config(eye_dilation=3, eye_dilation_iters=2))
+    c = random_coeffs(2, seed=4, pose=0.05)
+    label = MorphableModel.builtin().label_of(c)
+    mask = m.region_mask(c, label, 64)
+    plain = m.region_mask(c, label, 64, dilate_eyes=False)
+    assert mask.shape == (2, 1, 64, 64)
+    assert plain.sum() > 20 and (mask >= plain).all() and mask.sum() > plain.sum()
+    face = MorphableModel.builtin().render(c, 64, regions=("mouth",))
+    assert (mask * face.regions["mouth"]).sum() == face.regions["mouth"].sum()
+
+
+# ------------------------------------------------------------------------------- model
+def test_forward_shapes_batch_and_bad_input():
+    m = GOHA(tiny_config()).eval()
+    c = random_coeffs(2, seed=5)
+    f = frame(c)
+    with torch.no_grad():
+        out = m(f, f)
+        assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+        # batched encoding == one item at a time (batch > 1 is not the reference's batch 1)
+        src = m.prepare_frame(f, "source")
+        both = m.encode_source(src)
+        one = m.encode_source({k: v[1:] for k, v in src.items()})
+    torch.testing.assert_close(both["canonical"][1:], one["canonical"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(both["appearance"][1:], one["appearance"], atol=1e-5, rtol=1e-4)
+    with pytest.raises(KeyError, match=r"source\['coeffs'\]: missing"):
+        m({k: v for k, v in f.items() if k != "coeffs"}, f)
+    with pytest.raises(ValueError, match=r"driving\['camera'\]: expected shape \(B, 25\)"):
+        m(f, {**f, "camera": f["camera"][:, :16]})
+    with pytest.raises(ValueError, match=r"source\['image'\]: expected \(B, 3, 64, 64\)"):
+        m({**f, "image": f["image"][..., :32, :32]}, f)
+    with pytest.raises(ValueError, match="model.resolution"):
+        GOHAConfig(resolution=30)
+    with pytest.raises(ValueError, match="vgg_path"):
+        GOHAConfig(perceptual_weight=1.0)
+
+
+def test_every_mode_trains_its_branches():
+    m = GOHA(tiny_config(canonical_until=0, expression_from=0, appearance_from=0))
+    c = random_coeffs(2, seed=6)
+    batch = {"source": frame(c), "driving": frame(random_coeffs(2, seed=7))}
+    for mode, want in (("cano", {"encoder_canonical"}),
+                       ("coarse", {"encoder_canonical", "encoder_expression"}),
+                       ("tar", {"encoder_canonical", "encoder_expression",
+                                "encoder_appearance", "upsampler"})):
+        m.zero_grad(set_to_none=True)
+        loss, logs, out = m.s1_losses(batch, 0, mode)
+        loss.backward()
+        got = {n for n in ("encoder_canonical", "encoder_expression", "encoder_appearance",
+                           "upsampler")
+               if any(p.grad is not None and p.grad.abs().sum() > 0
+                      for p in getattr(m, n).parameters())}
+        assert got == want, mode
+        assert torch.isfinite(loss) and out.shape == (2, 3, 32, 32)
+    assert "neutral_l1" in m.s1_losses(batch, 0, "cano")[1]
+
+
+def test_engine_step_and_exact_resume(tmp_path, data_root):
+    full = Trainer(experiment(tmp_path / "full", data_root, "train.steps=2"))
+    full.fit()
+    a = Trainer(experiment(tmp_path / "split", data_root, "train.steps=1", "train.ckpt_every=1"))
+    a.fit()
+    b = Trainer(experiment(tmp_path / "split", data_root, "train.steps=2"))
+    assert b.resume("auto").endswith("ckpt-000001") and b.step == 1
+    b.fit()
+    sb = b.model.state_dict()
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, sb[k]), k
+    start = GOHA(full.model.cfg).state_dict()
+    assert any(not torch.equal(v, start[k]) for k, v in sb.items()
+               if k.startswith("encoder_appearance"))        # step 1 trained the appearance
+
+
+def test_pipeline_on_a_tiny_checkpoint(tiny_run):
+    pipe = pyface.models.load("goha", str(tiny_run), device="cpu")
+    assert pipe.resolution == 32 and pipe.input_resolution == 64
+    _, state = load_pretrained(str(tiny_run))
+    assert all(torch.equal(v, state[k]) for k, v in pipe.model.state_dict().items())
+    c = random_coeffs(3, seed=8)
+    f = frame(c, R=80)                                        # resized by the pipeline
+    source = {"image": f["image"][0].float() / 127.5 - 1, "camera": f["camera"][0],
+              "coeffs": c[0], "mask": f["mask"][0].float() / 255}
+    driving = {"image": f["image"].float() / 127.5 - 1, "camera": f["camera"], "coeffs": c}
+    with torch.no_grad():
+        out = pipe.animate(source, driving)
+        rec = pipe.reconstruct(source)
+        st = pipe.encode_source(source)
+        mo = pipe.encode_driving(driving)
+        no_app = pipe.generate(st, mo, appearance=False)
+        torch.manual_seed(1)
+        comp = pipe.generate(st, mo)
+        torch.manual_seed(1)
+        plain = pipe.generate(st, mo, composite=False)          # over black, as GOHA
+        torch.manual_seed(1)
+        alpha = pipe.model.render(pipe.model.animate_planes(
+            {k: (v.expand(3, *v.shape[1:]) if torch.is_tensor(v) else v) for k, v in st.items()},
+            mo["expression"]), mo["camera"])["weights"]
+    assert out.shape == (3, 3, 32, 32) and rec.shape == (1, 3, 32, 32)
+    assert out.abs().max() <= 1 and not torch.allclose(out, no_app)
+    # the composite adds the source background where the render is not opaque
+    assert st["background"].shape == (1, 3, 32, 32) and not torch.allclose(comp, plain)
+    want = ((plain + 1) / 2 + (1 - alpha.clamp(0, 1)) * st["background"]) * 2 - 1
+    torch.testing.assert_close(comp, want.clamp(-1, 1), atol=1e-4, rtol=0)
+    assert st["canonical"].shape == (1, 3, 16, 32, 32) and mo["expression"].shape == (3, 64)
+    with pytest.raises(KeyError, match=r"source\['coeffs'\]"):
+        pipe.encode_source({"image": source["image"], "camera": source["camera"]})
+    with pytest.raises(KeyError, match=r"driving\['camera'\]"):
+        pipe.encode_driving({"image": driving["image"], "coeffs": c})
+
+
+def test_segformer_path_initialises_the_encoders_with_fresh_stems(tmp_path):
+    """An HF segformer-b0 (ADE layout, random weights) initialises the three encoders; the
+    expression stem and the 6-channel appearance stem stay fresh; BatchNorm and classifier of
+    the file's decode head are dropped (GOHA's encoders)."""
+    from test_convert import _B0, _hf_folder, _hf_random_state, _hf_segformer_shapes
+
+    sd = {k: v.float() for k, v in _hf_random_state(_hf_segformer_shapes(_B0, num_labels=150)).items()}
+    path = _hf_folder(tmp_path / "hf", _B0, sd)
+    m = GOHA(tiny_config(encoder="b0", encoder_width=256, segformer_path=path))
+    stem = "segformer.encoder.patch_embeddings.0.proj.weight"
+    assert torch.equal(m.encoder_canonical.encoder.patch_embeddings[0].proj.weight, sd[stem])
+    assert m.encoder_appearance.encoder.patch_embeddings[0].proj.weight.shape == (32, 6, 7, 7)
+    assert not torch.equal(m.encoder_expression.encoder.patch_embeddings[0].proj.weight, sd[stem])
+    for enc in (m.encoder_expression, m.encoder_appearance):
+        k = "segformer.encoder.block.1.0.attention.self.query.weight"
+        assert torch.equal(enc.state_dict()["encoder.block.1.0.attention.self.query.weight"],
+                           sd[k])
+    assert m.encoder_canonical.decode_head.batch_norm is None
+    assert m.encoder_canonical.decode_head.classifier is None
