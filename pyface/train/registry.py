@@ -23,6 +23,8 @@ from typing import Any
 
 MODELS: dict[str, str] = {
     "example": "pyface.train.example:TriplaneAutoencoder",
+    "export3d_clebs": "pyface.models.export3d:CLeBS",
+    "export3d": "pyface.models.export3d:Export3D",
     # portrait models (pyface/models/<name>/) register here as they land, one line each
 }
 
