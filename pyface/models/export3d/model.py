@@ -284,8 +284,17 @@ class Export3D(TrainableModel):
                              f"{tuple(camera.shape)}")
         r = self.raw_resolution
         origins, dirs = ray_bundle(camera.float(), r)
+        noise = u = None
+        if not self.training:   # inference: fixed mid-interval samples (no frame-to-frame noise)
+            rc = self.renderer.config
+            noise = origins.new_full((B, r * r, rc.depth_resolution), 0.5)
+            if rc.depth_resolution_importance:
+                k = rc.depth_resolution_importance
+                u = ((torch.arange(k, device=origins.device, dtype=origins.dtype) + 0.5) / k
+                     ).expand(B, r * r, k).contiguous()
         out = self.renderer(planes, self.decoder, origins.to(planes.dtype),
-                            dirs.to(planes.dtype)).images(r)
+                            dirs.to(planes.dtype), stratified_noise=noise,
+                            importance_u=u).images(r)
         feat = out["feature_image"]
         image = self.sr(feat[:, :3], feat[:, 3:])
         return {"image": image, "image_raw": out["image_raw"], "image_depth": out["image_depth"]}
