@@ -196,3 +196,12 @@ def test_pipeline_on_a_tiny_checkpoint(data, gen_run):
         pipe.generate(state, motion, camera="side")
     with pytest.raises(ValueError, match=r"driving\['coeffs'\]: missing"):
         pipe.encode_driving({"image": driving["image"]})
+
+
+def test_clebs_augmentation_keeps_shape_and_is_training_only():
+    from pyface.models.export3d.clebs import augment_frames
+
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    y = augment_frames(x, 0.1)
+    assert y.shape == x.shape and not torch.equal(x, y)
+    assert torch.allclose(augment_frames(x, 0.0), x, atol=1e-5)

@@ -59,6 +59,10 @@ class CLeBSConfig:
         temperature: initial tau ([D] CLIP's 0.07, learnable).
         resolution: image size (must equal data.resolution).
         lr, weight_decay: AdamW ([D] 1e-4, 0.01).
+        augment: training-time augmentation of f_I's input ([D]): every frame gets a random
+            shift and scale of up to this fraction and a random colour gain / offset of up to
+            this amount (0: off, the default: at `tiny` it lowered held-out retrieval, see
+            docs/models/export3d.md).
     """
 
     n: int = 10
@@ -71,6 +75,24 @@ class CLeBSConfig:
     resolution: int = 224
     lr: float = 1e-4
     weight_decay: float = 0.01
+    augment: float = 0.0
+
+
+def augment_frames(img: torch.Tensor, amount: float) -> torch.Tensor:
+    """img (B, 3, H, W) in [-1, 1] -> randomly shifted / scaled (up to ``amount`` of the size)
+    and colour-jittered (gain 1 +- amount, offset +- amount per channel) frames."""
+    B = img.shape[0]
+    dev, dt = img.device, img.dtype
+    s = 1 + (torch.rand(B, device=dev, dtype=dt) * 2 - 1) * amount
+    t = (torch.rand(B, 2, device=dev, dtype=dt) * 2 - 1) * amount * 2
+    theta = torch.zeros(B, 2, 3, device=dev, dtype=dt)
+    theta[:, 0, 0] = theta[:, 1, 1] = s
+    theta[:, :, 2] = t
+    grid = F.affine_grid(theta, list(img.shape), align_corners=False)
+    out = F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    gain = 1 + (torch.rand(B, 3, 1, 1, device=dev, dtype=dt) * 2 - 1) * amount
+    off = (torch.rand(B, 3, 1, 1, device=dev, dtype=dt) * 2 - 1) * amount
+    return out * gain + off
 
 
 class ExpressionEncoder(nn.Module):
@@ -196,6 +218,8 @@ class CLeBS(TrainableModel):
             raise ValueError(f"batch['coeffs']: expected shape ({B}, {N}, 257), got "
                              f"{tuple(coeffs.shape)}")
         img = image_to_float(image).reshape(B * N, 3, R, R)
+        if self.training and self.cfg.augment > 0:
+            img = augment_frames(img, self.cfg.augment)
         f_img = self.image_encoder(img).reshape(B, N, -1)
         lam, beta_p = self.expr(expression_of(coeffs))
         return f_img, beta_p, lam
