@@ -205,3 +205,14 @@ def test_clebs_augmentation_keeps_shape_and_is_training_only():
     y = augment_frames(x, 0.1)
     assert y.shape == x.shape and not torch.equal(x, y)
     assert torch.allclose(augment_frames(x, 0.0), x, atol=1e-5)
+
+
+def test_presets_resolve_and_small_presets_use_a_per_step_ema():
+    for model, cls in (("export3d_clebs", CLeBS), ("export3d", Export3D)):
+        for name in ("tiny", "gpu-short", "full"):
+            exp = build_experiment(model, cls.Config, defaults=cls.recipe, preset=name)
+            assert exp.model_config.resolution == exp.data.resolution, (cls, name)
+    for name in ("tiny", "gpu-short"):    # the recipe's 10 kimg half-life would freeze the EMA
+        exp = build_experiment("export3d", Export3D.Config, defaults=Export3D.recipe,
+                               preset=name)
+        assert exp.train.ema.half_life_kimg is None and exp.train.ema.decay < 1

@@ -2,7 +2,7 @@
 written with the expression-identity leak (``pyface data synth --split test --exp-leak A``).
 
     python tools/export3d_checks.py clebs RUN/stages/clebs --data DIR [--frames 8] [--json OUT]
-    python tools/export3d_checks.py mouth RUN --data DIR [--json OUT]
+    python tools/export3d_checks.py mouth RUN --data DIR [--no-ema] [--json OUT]
 
 ``clebs``: same-video retrieval top-1 (image -> expression, N-frame clips of held-out videos;
 chance 1/N); a ridge identity probe trained on each identity's first video and tested on its
@@ -109,11 +109,11 @@ def _psnr(a, b):
 
 
 @torch.no_grad()
-def mouth_check(run: str, data: str, threshold: float = 0.2) -> dict:
+def mouth_check(run: str, data: str, threshold: float = 0.2, ema: bool = True) -> dict:
     import pyface.models
     from pyface.nn.roi import roi_align
 
-    pipe = pyface.models.load("export3d", run, device="cpu")
+    pipe = pyface.models.load("export3d", run, device="cpu", ema=ema)
     R = pipe.resolution
     ds = FrameDataset(data, R)
     meta = json.load(open(os.path.join(data, ds.videos[0].name, "meta.json")))
@@ -154,10 +154,13 @@ def main(argv=None):
     p.add_argument("--data", required=True)
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--json")
+    p.add_argument("--no-ema", action="store_true", help="mouth: the live weights")
     a = p.parse_args(argv)
     torch.manual_seed(0)
-    res = clebs_checks(a.run, a.data, a.frames) if a.check == "clebs" else mouth_check(a.run,
-                                                                                       a.data)
+    if a.check == "clebs":
+        res = clebs_checks(a.run, a.data, a.frames)
+    else:
+        res = mouth_check(a.run, a.data, ema=not a.no_ema)
     text = json.dumps(res, indent=1)
     print(text)
     if a.json:

@@ -187,7 +187,7 @@ class Export3D(TrainableModel):
                            "lr_schedule": {"kind": "cosine", "warmup_steps": 20,
                                            "min_factor": 0.1},
                            "ema": {"modules": ["generator", "cond", "decoder", "sr"],
-                                   "decay": 0.99}}},
+                                   "decay": 0.99, "half_life_kimg": None}}},
         # one H100/H200, about 5 minutes: 256^2, raw 64^2, tri-plane 3x32x128^2, 4 blocks of 256
         "gpu-short": {"model": {"resolution": 256, "stem_widths": [32, 64, 128, 256],
                                 "vit_dim": 256, "vit_depth": 4, "vit_heads": 4, "cond_dim": 256,
@@ -204,7 +204,7 @@ class Export3D(TrainableModel):
                                 "lr_schedule": {"kind": "cosine", "warmup_steps": 100,
                                                 "min_factor": 0.1},
                                 "ema": {"modules": ["generator", "cond", "decoder", "sr"],
-                                        "decay": 0.995}}},
+                                        "decay": 0.995, "half_life_kimg": None}}},
         # paper scale (our reading): 512^2, raw 128^2, 48+48 samples, 8 blocks of 512
         "full": {},
     }
