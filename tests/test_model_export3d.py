@@ -153,6 +153,14 @@ def test_cond_modes_step_and_shapes(data, cond, tmp_path):
     if cond == "direct":
         with pytest.raises(ValueError, match="lam_scale: model.cond='direct'"):
             m.condition(torch.randn(B, 64), torch.ones(3))
+        # the optional source input of the super-resolution
+        exp = _exp("export3d", Export3D, tmp_path / "src", data, *GEN_TINY, "model.cond=direct",
+                   "model.sr_source=true")
+        ms = Export3D(exp.model_config)
+        res = ms(frame["image"].float() / 127.5 - 1, torch.randn(B, 64), cam)
+        assert res["image"].shape == (B, 3, 32, 32)
+        with pytest.raises(ValueError, match="source: expected .* with model.sr_source"):
+            ms.render(res["planes"], cam)
 
 
 def test_landmark_boxes():

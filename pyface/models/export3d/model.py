@@ -54,6 +54,8 @@ class Export3DConfig:
         decoder_hidden, decoder_features: OSGDecoder widths (the first 3 features are RGB).
         depth_samples, importance_samples, ray_start, ray_end, box_warp: the renderer.
         sr_widths: PlainSuperResolution widths; scale 2^(len - 1).
+        sr_source: also feed the source image, resized to the raw resolution, to the
+            super-resolution ([D], not in the paper; default off).
         lr, betas: Adam of the generator.
         w_l1, w_l1_raw, w_perceptual, w_roi, w_density: loss weights; density every
             ``density_every`` steps (scaled by it).
@@ -84,6 +86,7 @@ class Export3DConfig:
     ray_end: float = 3.3
     box_warp: float = 1.0
     sr_widths: list[int] = field(default_factory=lambda: [256, 128, 64])
+    sr_source: bool = False
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
     w_l1: float = 1.0
@@ -244,7 +247,7 @@ class Export3D(TrainableModel):
             depth_resolution=cfg.depth_samples,
             depth_resolution_importance=cfg.importance_samples, ray_start=cfg.ray_start,
             ray_end=cfg.ray_end, box_warp=cfg.box_warp))
-        self.sr = PlainSuperResolution(channels=cfg.decoder_features - 3,
+        self.sr = PlainSuperResolution(channels=cfg.decoder_features - 3 + 3 * cfg.sr_source,
                                        widths=tuple(cfg.sr_widths))
         self._perceptual = None
         self._warned = False
@@ -275,9 +278,10 @@ class Export3D(TrainableModel):
             lam = lam * lam_scale
         return lam, self.cond.from_code(beta, lam)
 
-    def render(self, planes: torch.Tensor, camera: torch.Tensor) -> dict[str, torch.Tensor]:
+    def render(self, planes: torch.Tensor, camera: torch.Tensor,
+               source: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """planes (B, 3, C, P, P), camera (B, 25) -> image (B, 3, H, W), image_raw (B, 3, r, r),
-        image_depth (B, 1, r, r)."""
+        image_depth (B, 1, r, r). ``source`` (B or 1, 3, H, W): required with ``sr_source``."""
         B = planes.shape[0]
         if camera.dim() != 2 or camera.shape != (B, 25):
             raise ValueError(f"camera: expected shape ({B}, 25) (EG3D labels), got "
@@ -296,7 +300,15 @@ class Export3D(TrainableModel):
                             dirs.to(planes.dtype), stratified_noise=noise,
                             importance_u=u).images(r)
         feat = out["feature_image"]
-        image = self.sr(feat[:, :3], feat[:, 3:])
+        extra = feat[:, 3:]
+        if self.cfg.sr_source:
+            if source is None or source.dim() != 4 or source.shape[1] != 3:
+                raise ValueError(f"source: expected (B, 3, H, W) with model.sr_source, got "
+                                 f"{None if source is None else tuple(source.shape)}")
+            small = F.interpolate(source.to(feat.dtype), size=(r, r), mode="bilinear",
+                                  align_corners=False, antialias=True)
+            extra = torch.cat([extra, small.expand(B, -1, -1, -1)], 1)
+        image = self.sr(feat[:, :3], extra)
         return {"image": image, "image_raw": out["image_raw"], "image_depth": out["image_depth"]}
 
     def forward(self, source: torch.Tensor, beta: torch.Tensor, camera: torch.Tensor, *,
@@ -307,7 +319,7 @@ class Export3D(TrainableModel):
                              f"{tuple(beta.shape)}")
         lam, cond = self.condition(beta, lam_scale)
         planes = self.generator(source, cond, update_ema=update_ema)
-        out = self.render(planes, camera)
+        out = self.render(planes, camera, source)
         out["planes"] = planes
         if lam is not None:
             out["lambda"] = lam

@@ -31,7 +31,7 @@ class Export3DPipeline(Pipeline):
         feats = self.model.generator.encode(src["image"][None])
         cam = src["camera"][None] if "camera" in src else None
         beta = expression_of(src["coeffs"][None], "source['coeffs']") if "coeffs" in src else None
-        return {"features": feats, "camera": cam, "beta": beta}
+        return {"features": feats, "camera": cam, "beta": beta, "image": src["image"][None]}
 
     @torch.no_grad()
     def encode_driving(self, driving: dict) -> dict:
@@ -77,5 +77,6 @@ class Export3DPipeline(Pipeline):
             b = beta[t0:t0 + chunk]
             _, cond = model.condition(b, lam_scale)
             planes = model.generator.decode(state["features"], cond)
-            frames.append(model.render(planes, cams[t0:t0 + chunk])["image"].clamp(-1, 1))
+            out = model.render(planes, cams[t0:t0 + chunk], state["image"])
+            frames.append(out["image"].clamp(-1, 1))
         return torch.cat(frames)
