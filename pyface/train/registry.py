@@ -23,9 +23,11 @@ from typing import Any
 
 MODELS: dict[str, str] = {
     "example": "pyface.train.example:TriplaneAutoencoder",
-    "goha": "pyface.models.goha:GOHA",
     # portrait models (pyface/models/<name>/) register here as they land, one line each
     "eg3d": "pyface.models.eg3d.model:EG3D",
+    "goha": "pyface.models.goha:GOHA",
+    "export3d_clebs": "pyface.models.export3d:CLeBS",
+    "export3d": "pyface.models.export3d:Export3D",
 }
 
 DATASETS: dict[str, str] = {

@@ -1,0 +1,239 @@
+# Provenance: reproduces the semantics of Export3D's CLeBS pre-training (Ki et al., "Learning to
+# Generate Conditional Tri-plane for 3D-aware Expression Controllable Portrait Animation",
+# ECCV 2024; no code or weights were released). Our own implementation, written from the paper's
+# description and our design study (shared/reference/specs/export3d-mmfa.md section 1); no
+# upstream code is copied. pyface's code is licensed under Apache-2.0 (LICENSE).
+"""CLeBS: contrastive learning of an appearance-free expression code (Export3D stage 1).
+
+* :class:`ExpressionEncoder` ``f_e``: 3DMM expression ``beta (..., 64)`` -> MLP -> coefficients
+  ``lambda (..., n)`` -> ``beta' = sum_i lambda_i v_i (..., d)`` over an orthonormal basis
+  ``V (d, n)`` (:class:`pyface.nn.codebook.OrthogonalBasis`, Q of a QR decomposition).
+* :class:`ImageEncoder` ``f_I``: a small ResNet + projection head, image -> ``(..., d)``; used only
+  in pre-training.
+* :class:`CLeBS` (registered ``export3d_clebs``): symmetric InfoNCE between ``f_I(X_j)`` and
+  ``f_e(beta_k)`` over the N frames of one video (every other frame of the same video is a
+  negative), with a learnable temperature.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyface.nn.codebook import LearnableTemperature, OrthogonalBasis, info_nce
+from pyface.nn.encoders import ResNetEncoder
+from pyface.train.model import Phase, StepContext, TrainableModel
+
+#: slice of the expression coefficients in a Deep3DFaceRecon vector (257,)
+EXP_SLICE = slice(80, 144)
+EXP_DIM = 64
+
+
+def expression_of(coeffs: torch.Tensor, name: str = "coeffs") -> torch.Tensor:
+    """coeffs: (..., 257) Deep3DFaceRecon coefficients -> expression (..., 64) (float)."""
+    if not isinstance(coeffs, torch.Tensor) or coeffs.dim() < 1 or coeffs.shape[-1] != 257:
+        got = tuple(coeffs.shape) if isinstance(coeffs, torch.Tensor) else type(coeffs).__name__
+        raise ValueError(f"{name}: expected Deep3DFaceRecon coefficients of shape (..., 257), "
+                         f"got {got}")
+    return coeffs[..., EXP_SLICE].float()
+
+
+def image_to_float(image: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] or float [-1, 1] images -> float32 in [-1, 1] (same shape)."""
+    if image.dtype == torch.uint8:
+        return image.float() / 127.5 - 1.0
+    return image.float()
+
+
+@dataclass
+class CLeBSConfig:
+    """Stage 1 (CLeBS). [P]: paper, [D]: our decision (see docs/models/export3d.md).
+
+    Attributes:
+        n: number of basis directions / coefficients lambda ([P] n << 64; [D] 10).
+        dim: d, the dimension of beta' and of the basis ([D] 512 at paper scale).
+        hidden: widths of the f_e MLP ([D] 64-256-256-n).
+        image_stem, image_widths, image_depths: the image encoder's ResNet ([D]).
+        temperature: initial tau ([D] CLIP's 0.07, learnable).
+        resolution: image size (must equal data.resolution).
+        lr, weight_decay: AdamW ([D] 1e-4, 0.01).
+        augment: training-time augmentation of f_I's input ([D]): every frame gets a random
+            shift and scale of up to this fraction and a random colour gain / offset of up to
+            this amount (0: off, the default: at `tiny` it lowered held-out retrieval, see
+            docs/models/export3d.md).
+    """
+
+    n: int = 10
+    dim: int = 512
+    hidden: list[int] = field(default_factory=lambda: [256, 256])
+    image_stem: int = 64
+    image_widths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
+    image_depths: list[int] = field(default_factory=lambda: [3, 4, 6, 3])
+    temperature: float = 0.07
+    resolution: int = 224
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    augment: float = 0.0
+
+
+def augment_frames(img: torch.Tensor, amount: float) -> torch.Tensor:
+    """img (B, 3, H, W) in [-1, 1] -> randomly shifted / scaled (up to ``amount`` of the size)
+    and colour-jittered (gain 1 +- amount, offset +- amount per channel) frames."""
+    B = img.shape[0]
+    dev, dt = img.device, img.dtype
+    s = 1 + (torch.rand(B, device=dev, dtype=dt) * 2 - 1) * amount
+    t = (torch.rand(B, 2, device=dev, dtype=dt) * 2 - 1) * amount * 2
+    theta = torch.zeros(B, 2, 3, device=dev, dtype=dt)
+    theta[:, 0, 0] = theta[:, 1, 1] = s
+    theta[:, :, 2] = t
+    grid = F.affine_grid(theta, list(img.shape), align_corners=False)
+    out = F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    gain = 1 + (torch.rand(B, 3, 1, 1, device=dev, dtype=dt) * 2 - 1) * amount
+    off = (torch.rand(B, 3, 1, 1, device=dev, dtype=dt) * 2 - 1) * amount
+    return out * gain + off
+
+
+class ExpressionEncoder(nn.Module):
+    """f_e: expression beta (..., 64) -> (lambda (..., n), beta' (..., dim)).
+
+    ``coefficients(beta)`` gives lambda; ``combine(lambda)`` gives ``beta' = lambda @ V^T``;
+    ``forward`` both. V (dim, n) has orthonormal columns (``basis.basis()``).
+    """
+
+    def __init__(self, n: int, dim: int, hidden: list[int] | tuple[int, ...] = (256, 256)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = EXP_DIM
+        for h in hidden:
+            layers += [nn.Linear(cin, h), nn.LeakyReLU(0.2)]
+            cin = h
+        layers.append(nn.Linear(cin, n))
+        self.mlp = nn.Sequential(*layers)
+        self.basis = OrthogonalBasis(dim, n)
+        self.n, self.dim = n, dim
+
+    def coefficients(self, beta: torch.Tensor) -> torch.Tensor:
+        if beta.dim() < 1 or beta.shape[-1] != EXP_DIM:
+            raise ValueError(f"beta: expected 3DMM expression of shape (..., {EXP_DIM}), got "
+                             f"{tuple(beta.shape)}")
+        return self.mlp(beta.float())
+
+    def combine(self, lam: torch.Tensor) -> torch.Tensor:
+        return self.basis(lam)
+
+    def forward(self, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lam = self.coefficients(beta)
+        return lam, self.combine(lam)
+
+
+class ImageEncoder(nn.Module):
+    """f_I: image (B, 3, H, W) in [-1, 1] -> embedding (B, dim) (ResNet, pooled, MLP head)."""
+
+    def __init__(self, dim: int, stem: int, widths: list[int], depths: list[int]):
+        super().__init__()
+        if len(widths) != len(depths) or not widths:
+            raise ValueError(f"image_widths / image_depths: expected equal non-empty lengths, got "
+                             f"{widths} / {depths}")
+        self.backbone = ResNetEncoder(stem_channels=stem, widths=list(widths), depths=list(depths))
+        self.head = nn.Sequential(nn.Linear(widths[-1], widths[-1]), nn.ReLU(),
+                                  nn.Linear(widths[-1], dim))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(image))
+
+
+class CLeBS(TrainableModel):
+    """Export3D stage 1 (registered ``export3d_clebs``); data: the ``clips`` dataset.
+
+    ``step`` takes a batch of ``image (B, N, 3, H, W)`` and ``coeffs (B, N, 257)`` (N frames of
+    one video per item) and returns the symmetric InfoNCE of the B separate N x N problems.
+    After training, only ``expr`` (f_e) is used (Export3D freezes it; f_I is dropped).
+    """
+
+    Config = CLeBSConfig
+    recipe = {"data": {"name": "clips", "resolution": 224,
+                       "options": {"frames": 16, "min_gap": 3, "synth": {"exp_leak": 0.5}}},
+              "train": {"steps": 20000, "batch_size": 16, "ckpt_every": 2000,
+                        "image_every": 0, "lr_schedule": {"kind": "cosine", "warmup_steps": 200,
+                                                          "min_factor": 0.1}}}
+    presets = {
+        # 2-core CPU, about 2 minutes: 64^2, small ResNet, n=6, d=64, N=8, 400 steps
+        "tiny": {"model": {"n": 6, "dim": 64, "hidden": [128, 128], "image_stem": 16,
+                           "image_widths": [32, 64, 128], "image_depths": [1, 1, 1],
+                           "resolution": 64, "lr": 1e-3},
+                 "data": {"name": "clips", "resolution": 64,
+                          "options": {"frames": 8, "min_gap": 3, "synth": {"exp_leak": 0.5}}},
+                 "train": {"steps": 400, "batch_size": 4, "ckpt_every": 200, "image_every": 0,
+                           "log_every": 50,
+                           "lr_schedule": {"kind": "cosine", "warmup_steps": 20,
+                                           "min_factor": 0.1}}},
+        # one H100/H200, about 1 minute: 256^2 frames at 128^2 into a mid ResNet
+        "gpu-short": {"model": {"n": 10, "dim": 256, "image_stem": 32,
+                                "image_widths": [64, 128, 256, 512], "image_depths": [1, 2, 2, 1],
+                                "resolution": 128, "lr": 5e-4},
+                      "data": {"name": "clips", "resolution": 128,
+                               "options": {"frames": 8, "min_gap": 3,
+                                           "synth": {"exp_leak": 0.5, "identities": 16,
+                                                     "videos_per_identity": 4, "frames": 64}}},
+                      "train": {"steps": 1500, "batch_size": 16, "ckpt_every": 500,
+                                "image_every": 0,
+                                "lr_schedule": {"kind": "cosine", "warmup_steps": 50,
+                                                "min_factor": 0.1}}},
+        # paper scale (our reading): ResNet-50 at 224^2, n=10, d=512, 16 videos x 16 frames
+        "full": {},
+    }
+
+    def __init__(self, cfg: CLeBSConfig | None = None):
+        super().__init__()
+        cfg = cfg or CLeBSConfig()
+        if cfg.n < 1 or cfg.n > cfg.dim:
+            raise ValueError(f"model.n: expected 1 <= n <= model.dim ({cfg.dim}), got {cfg.n}")
+        self.cfg = cfg
+        self.expr = ExpressionEncoder(cfg.n, cfg.dim, cfg.hidden)
+        self.image_encoder = ImageEncoder(cfg.dim, cfg.image_stem, cfg.image_widths,
+                                          cfg.image_depths)
+        self.temperature = LearnableTemperature(cfg.temperature)
+
+    def build_optimizers(self):
+        return {"main": torch.optim.AdamW(self.parameters(), lr=self.cfg.lr,
+                                          weight_decay=self.cfg.weight_decay)}
+
+    def phases(self):
+        return [Phase("main", "main")]
+
+    def embed(self, image: torch.Tensor, coeffs: torch.Tensor):
+        """image (B, N, 3, H, W), coeffs (B, N, 257) -> (f_I (B, N, d), beta' (B, N, d),
+        lambda (B, N, n))."""
+        if image.dim() != 5 or image.shape[2] != 3:
+            raise ValueError(f"batch['image']: expected clips of shape (B, N, 3, H, W), got "
+                             f"{tuple(image.shape)}")
+        R = self.cfg.resolution
+        if image.shape[-2:] != (R, R):
+            raise ValueError(f"batch['image']: expected {R}x{R} frames (model.resolution), got "
+                             f"{tuple(image.shape)}; set data.resolution = model.resolution")
+        B, N = image.shape[:2]
+        if coeffs.shape != (B, N, 257):
+            raise ValueError(f"batch['coeffs']: expected shape ({B}, {N}, 257), got "
+                             f"{tuple(coeffs.shape)}")
+        img = image_to_float(image).reshape(B * N, 3, R, R)
+        if self.training and self.cfg.augment > 0:
+            img = augment_frames(img, self.cfg.augment)
+        f_img = self.image_encoder(img).reshape(B, N, -1)
+        lam, beta_p = self.expr(expression_of(coeffs))
+        return f_img, beta_p, lam
+
+    def step(self, phase: str, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
+        if "coeffs" not in batch:
+            raise ValueError("batch: CLeBS needs 'coeffs' (B, N, 257) (the clips dataset on "
+                             "videos with coeffs.npy)")
+        f_img, beta_p, _ = self.embed(batch["image"], batch["coeffs"])
+        tau = self.temperature()
+        loss = info_nce(f_img.float(), beta_p.float(), tau)
+        with torch.no_grad():
+            q = F.normalize(f_img.float(), dim=-1)
+            k = F.normalize(beta_p.float(), dim=-1)
+            top1 = ((q @ k.transpose(1, 2)).argmax(-1)
+                    == torch.arange(q.shape[1], device=q.device)).float().mean()
+        return {"loss": loss, "top1": top1, "tau": tau.detach()}

@@ -1,0 +1,82 @@
+"""Export3D inference: the source is encoded once (the expression-free part of the generator),
+every driving frame gives an expression (from its 3DMM coefficients) and a camera.
+
+* ``encode_source(source)``: ``{"features": generator.encode(image (1, 3, R, R)), "camera":
+  (1, 25) or None, "beta": (1, 64) or None}``.
+* ``encode_driving(driving)``: ``{"beta": (T, 64), "lambda": (T, n) or None, "camera": (T, 25)
+  or None}``; ``driving["coeffs"] (T, 257)`` is required (Export3D is driven by 3DMM
+  expressions, e.g. from Deep3DFaceRecon, prepared outside pyface).
+* ``generate(state, motion, camera="driving"|"source"|"orbit", lam_scale=None,
+  expression_scale=1.0)``: ``(T, 3, R, R)``. ``lam_scale`` ((n,) or {index: factor}) scales
+  individual basis coefficients lambda_i (editing; e2e / clebs); ``camera="orbit"`` follows a
+  +-30 / 10 degree ellipse (:func:`pyface.face.cameras.orbit_labels`).
+"""
+from __future__ import annotations
+
+import torch
+
+from pyface.face.cameras import default_label, orbit_labels
+from pyface.models.export3d.clebs import expression_of
+from pyface.train.model import Pipeline
+
+CAMERAS = ("driving", "source", "orbit")
+
+
+class Export3DPipeline(Pipeline):
+    """See the module docstring. ``model``: an :class:`~pyface.models.export3d.Export3D`."""
+
+    @torch.no_grad()
+    def encode_source(self, source: dict) -> dict:
+        src = self.prepare(source, batched=False)
+        feats = self.model.generator.encode(src["image"][None])
+        cam = src["camera"][None] if "camera" in src else None
+        beta = expression_of(src["coeffs"][None], "source['coeffs']") if "coeffs" in src else None
+        return {"features": feats, "camera": cam, "beta": beta, "image": src["image"][None]}
+
+    @torch.no_grad()
+    def encode_driving(self, driving: dict) -> dict:
+        drv = self.prepare(driving, batched=True, name="driving")
+        if "coeffs" not in drv:
+            raise ValueError("driving['coeffs']: missing; Export3D is driven by 3DMM expression "
+                             "coefficients (T, 257) (a pyface video folder's coeffs.npy)")
+        beta = expression_of(drv["coeffs"], "driving['coeffs']")
+        lam = self.model.cond.coefficients(beta)
+        return {"beta": beta, "lambda": lam, "camera": drv.get("camera")}
+
+    def _camera(self, state, motion, T: int, which: str) -> torch.Tensor:
+        if which not in CAMERAS:
+            raise ValueError(f"camera: expected one of {CAMERAS}, got {which!r}")
+        if which == "orbit":
+            return orbit_labels(T).to(self.device)
+        cam = motion["camera"] if which == "driving" else state["camera"]
+        if cam is None:
+            if which == "source" or state["camera"] is None:
+                return default_label().to(self.device).reshape(1, 25).expand(T, -1)
+            cam = state["camera"]
+        return cam.expand(T, -1) if cam.shape[0] == 1 else cam
+
+    @torch.no_grad()
+    def generate(self, state: dict, motion: dict, *, camera: str = "driving",
+                 lam_scale=None, chunk: int = 16) -> torch.Tensor:
+        model = self.model
+        beta = motion["beta"]
+        T = beta.shape[0]
+        n = model.cond.n
+        if isinstance(lam_scale, dict):
+            if n is None:
+                raise ValueError("lam_scale: model.cond='direct' has no basis coefficients")
+            s = torch.ones(n, device=self.device)
+            for i, v in lam_scale.items():
+                if not 0 <= int(i) < n:
+                    raise ValueError(f"lam_scale: index {i} out of range [0, {n})")
+                s[int(i)] = float(v)
+            lam_scale = s
+        cams = self._camera(state, motion, T, camera)
+        frames = []
+        for t0 in range(0, T, chunk):
+            b = beta[t0:t0 + chunk]
+            _, cond = model.condition(b, lam_scale)
+            planes = model.generator.decode(state["features"], cond)
+            out = model.render(planes, cams[t0:t0 + chunk], state["image"])
+            frames.append(out["image"].clamp(-1, 1))
+        return torch.cat(frames)

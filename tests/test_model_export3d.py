@@ -1,0 +1,226 @@
+"""Export3D: CLeBS stage and generator on tiny shapes (engine steps, exact resume, stage chaining,
+shapes and bad input, the pipeline on a tiny checkpoint)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pyface.models
+from pyface import checkpoint as ckpt
+from pyface.data.driving import read_driving, read_source
+from pyface.data.synthetic import make_default
+from pyface.models.export3d import CLeBS, Export3D, ExpressionEncoder
+from pyface.models.export3d.model import landmark_boxes
+from pyface.train.config import build_experiment
+from pyface.train.engine import Trainer
+from pyface.train.model import Stage, StepContext, load_pretrained
+
+QUIET = ["train.progress=false", "train.tensorboard=false", "train.image_every=0",
+         "train.log_every=1", "train.ckpt_every=0"]
+CLEBS_TINY = ["model.n=3", "model.dim=8", "model.hidden=[16]", "model.image_stem=8",
+              "model.image_widths=[8,16]", "model.image_depths=[1,1]", "model.resolution=32",
+              "data.resolution=32", "data.options.frames=4", "data.options.min_gap=2",
+              "data.options.repeats=2", "train.batch_size=2"]
+GEN_TINY = ["model.resolution=32", "model.stem_widths=[4,8]", "model.vit_dim=16",
+            "model.vit_depth=1", "model.vit_heads=2", "model.cond_dim=16", "model.ups=1",
+            "model.up_widths=[8]", "model.plane_channels=4", "model.decoder_hidden=8",
+            "model.decoder_features=7", "model.depth_samples=4", "model.importance_samples=4",
+            "model.sr_widths=[4,4,4]", "model.n=3", "model.code_dim=8", "data.resolution=32",
+            "data.options.repeats=1", "train.batch_size=2", "model.density_every=2",
+            "train.ema.decay=0.5"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_default(str(tmp_path_factory.mktemp("e3d") / "data"), resolution=32)
+
+
+def _exp(model, cls, run, data, *extra):
+    return build_experiment(model, cls.Config, defaults=cls.recipe,
+                            overrides=QUIET + [f"train.run_dir={run}", f"data.path={data}",
+                                               *extra])
+
+
+@pytest.fixture(scope="module")
+def clebs_run(data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("e3d") / "clebs"
+    Trainer(_exp("export3d_clebs", CLeBS, run, data, *CLEBS_TINY, "train.steps=2")).fit()
+    return str(run)
+
+
+@pytest.fixture(scope="module")
+def gen_run(data, clebs_run, tmp_path_factory):
+    run = tmp_path_factory.mktemp("e3d") / "gen"
+    Trainer(_exp("export3d", Export3D, run, data, *GEN_TINY, "train.steps=2",
+                 f"model.clebs_checkpoint={clebs_run}")).fit()
+    return str(run)
+
+
+def test_expression_encoder_basis_and_errors():
+    enc = ExpressionEncoder(4, 16, [8])
+    q = enc.basis.basis()
+    assert torch.allclose(q.t() @ q, torch.eye(4), atol=1e-5)
+    lam, beta_p = enc(torch.randn(5, 64))
+    assert lam.shape == (5, 4) and beta_p.shape == (5, 16)
+    # beta' lies in the span of V, with coordinates lambda
+    assert torch.allclose(beta_p @ q, lam, atol=1e-5)
+    with pytest.raises(ValueError, match=r"beta: expected .*\(\.\.\., 64\), got \(5, 63\)"):
+        enc(torch.randn(5, 63))
+
+
+def test_clebs_engine_step_learns_signal_and_rejects_bad_clips(data, clebs_run):
+    cfg, state = load_pretrained(clebs_run)
+    assert cfg["n"] == 3 and "expr.basis.weight" in state and "temperature.log_scale" in state
+    m = CLeBS(CLeBS.Config(n=3, dim=8, hidden=[16], image_stem=8, image_widths=[8, 16],
+                           image_depths=[1, 1], resolution=32))
+    ctx = StepContext(0, 0, 2)
+    good = {"image": torch.zeros(2, 4, 3, 32, 32, dtype=torch.uint8),
+            "coeffs": torch.randn(2, 4, 257)}
+    out = m.step("main", good, ctx)
+    out["loss"].backward()
+    assert m.temperature.log_scale.grad is not None and m.expr.basis.weight.grad is not None
+    with pytest.raises(ValueError, match=r"batch\['image'\]: expected clips of shape"):
+        m.step("main", {"image": good["image"][0], "coeffs": good["coeffs"]}, ctx)
+    with pytest.raises(ValueError, match=r"expected 32x32 frames"):
+        m.step("main", {"image": torch.zeros(2, 4, 3, 16, 16), "coeffs": good["coeffs"]}, ctx)
+    with pytest.raises(ValueError, match=r"batch\['coeffs'\]: expected shape \(2, 4, 257\)"):
+        m.step("main", {"image": good["image"], "coeffs": torch.randn(2, 4, 80)}, ctx)
+
+
+def test_stage_chaining_frozen_clebs(clebs_run, gen_run):
+    assert Export3D.stages == (Stage("clebs", "export3d_clebs", "clebs_checkpoint"),)
+    tensors, meta = ckpt.load_folder(ckpt.latest_checkpoint(gen_run))
+    assert meta["experiment"]["model_config"]["clebs_checkpoint"] == clebs_run
+    _, s1 = load_pretrained(clebs_run)
+    for k, v in s1.items():          # f_e is frozen: bit-identical after stage-2 steps
+        if k.startswith("expr."):
+            assert torch.equal(tensors[f"model.cond.{k}"], v), k
+    assert not any(k.startswith("model.cond.expr.image_encoder") for k in tensors)
+    # the generator did train, and the online EMA tri-plane moved
+    assert tensors["model.generator.planes_ema"].abs().sum() > 0
+    with pytest.raises(ValueError, match="model.clebs_checkpoint: required"):
+        Export3D(Export3D.Config(cond="clebs"))
+    with pytest.raises(ValueError, match="model.cond: expected one of"):
+        Export3D(Export3D.Config(cond="nope"))
+
+
+def test_generator_exact_resume(data, clebs_run, tmp_path):
+    extra = [*GEN_TINY, f"model.clebs_checkpoint={clebs_run}"]
+    full = Trainer(_exp("export3d", Export3D, tmp_path / "full", data, *extra, "train.steps=4"))
+    full.fit()
+    a = Trainer(_exp("export3d", Export3D, tmp_path / "split", data, *extra, "train.steps=2",
+                     "train.ckpt_every=2"))
+    a.fit()
+    b = Trainer(_exp("export3d", Export3D, tmp_path / "split", data, *extra, "train.steps=4"))
+    assert b.resume("auto").endswith("ckpt-000002")
+    b.fit()
+    sb = b.model.state_dict()
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, sb[k]), k
+    for name, mod in full.ema.modules.items():
+        for k, v in mod.state_dict().items():
+            assert torch.equal(v, b.ema.modules[name].state_dict()[k]), f"ema.{name}.{k}"
+
+
+@pytest.mark.parametrize("cond", ["direct", "e2e"])
+def test_cond_modes_step_and_shapes(data, cond, tmp_path):
+    exp = _exp("export3d", Export3D, tmp_path / cond, data, *GEN_TINY, f"model.cond={cond}")
+    m = Export3D(exp.model_config)
+    B = 2
+    cam = torch.tensor([1., 0, 0, 0, 0, -1, 0, 0, 0, 0, -1, 2.7, 0, 0, 0, 1,
+                        4.26, 0, .5, 0, 4.26, .5, 0, 0, 1]).expand(B, 25)
+    frame = {"image": torch.randint(0, 255, (B, 3, 32, 32), dtype=torch.uint8),
+             "coeffs": torch.randn(B, 257), "camera": cam, "landmarks": torch.rand(B, 68, 2) * 32}
+    out = m.step("G", {"source": frame, "driving": frame}, StepContext(0, 0, B))
+    out["loss"].backward()
+    assert {"l1", "l1_raw", "perceptual", "roi", "density"} <= set(out)
+    assert m.generator.to_planes.weight.grad is not None
+    assert (m.cond.expr is None) == (cond == "direct")
+    if cond == "e2e":     # trained end to end: the basis gets gradients
+        assert m.cond.expr.basis.weight.grad is not None
+    res = m(frame["image"].float() / 127.5 - 1, torch.randn(B, 64), cam)
+    assert res["image"].shape == (B, 3, 32, 32) and res["image_raw"].shape == (B, 3, 8, 8)
+    assert res["planes"].shape == (B, 3, 4, 16, 16)
+    with pytest.raises(ValueError, match=r"beta: expected shape \(2, 64\)"):
+        m(frame["image"].float(), torch.randn(B, 10), cam)
+    with pytest.raises(ValueError, match=r"camera: expected shape \(2, 25\)"):
+        m(frame["image"].float(), torch.randn(B, 64), cam[:, :16])
+    with pytest.raises(ValueError, match=r"image: expected shape \(B, 3, 32, 32\)"):
+        m(torch.zeros(B, 3, 16, 16), torch.randn(B, 64), cam)
+    with pytest.raises(ValueError, match=r"batch images: expected \(B, 3, 32, 32\)"):
+        m.step("G", {"source": {**frame, "image": torch.zeros(B, 3, 16, 16)}, "driving": frame},
+               StepContext(0, 0, B))
+    if cond == "direct":
+        with pytest.raises(ValueError, match="lam_scale: model.cond='direct'"):
+            m.condition(torch.randn(B, 64), torch.ones(3))
+        # the optional source input of the super-resolution
+        exp = _exp("export3d", Export3D, tmp_path / "src", data, *GEN_TINY, "model.cond=direct",
+                   "model.sr_source=true")
+        ms = Export3D(exp.model_config)
+        res = ms(frame["image"].float() / 127.5 - 1, torch.randn(B, 64), cam)
+        assert res["image"].shape == (B, 3, 32, 32)
+        with pytest.raises(ValueError, match="source: expected .* with model.sr_source"):
+            ms.render(res["planes"], cam)
+
+
+def test_landmark_boxes():
+    lm = torch.zeros(1, 68, 2)
+    lm[0, 48:68] = torch.tensor([20.0, 24.0])
+    lm[0, 48, 0] = 16.0
+    boxes = landmark_boxes(lm, 32)
+    x0, y0, x1, y1 = boxes["mouth"][0].tolist()
+    assert x0 < 16 < 20 < x1 and y0 < 24 < y1 and set(boxes) == {"mouth", "eye_l", "eye_r"}
+    with pytest.raises(ValueError, match=r"landmarks: expected shape \(B, 68, 2\)"):
+        landmark_boxes(torch.zeros(1, 5, 2), 32)
+
+
+def test_pipeline_on_a_tiny_checkpoint(data, gen_run):
+    import os
+
+    pipe = pyface.models.load("export3d", gen_run, device="cpu")
+    video = os.path.join(data, sorted(v for v in os.listdir(data) if v.startswith("id"))[0])
+    source = read_source(video, pipe.resolution)
+    driving = read_driving(video, pipe.resolution)
+    driving = {k: v[:3] if isinstance(v, torch.Tensor) else v for k, v in driving.items()}
+    out = pipe.animate(source, driving)
+    assert out.shape == (3, 3, 32, 32) and out.abs().max() <= 1
+    assert pipe.reconstruct(source).shape == (1, 3, 32, 32)
+    state, motion = pipe.encode_source(source), pipe.encode_driving(driving)
+    assert motion["lambda"].shape == (3, 3)
+    # source features are cached and broadcast: generate == per-frame forward of the model
+    m = pipe.model
+    direct = m(pipe.prepare(source, batched=False)["image"][None].expand(3, -1, -1, -1),
+               motion["beta"], motion["camera"])["image"].clamp(-1, 1)
+    assert torch.allclose(pipe.generate(state, motion), direct, atol=1e-5)
+    # editing: scaling lambda_i changes the output; scale 1 changes nothing
+    same = pipe.generate(state, motion, lam_scale={0: 1.0})
+    edit = pipe.generate(state, motion, lam_scale={0: 0.0, 1: 3.0})
+    assert torch.equal(same, pipe.generate(state, motion)) and not torch.equal(edit, same)
+    assert pipe.generate(state, motion, camera="orbit").shape == (3, 3, 32, 32)
+    assert pipe.generate(state, motion, camera="source").shape == (3, 3, 32, 32)
+    with pytest.raises(ValueError, match="lam_scale: index 7 out of range"):
+        pipe.generate(state, motion, lam_scale={7: 2.0})
+    with pytest.raises(ValueError, match="camera: expected one of"):
+        pipe.generate(state, motion, camera="side")
+    with pytest.raises(ValueError, match=r"driving\['coeffs'\]: missing"):
+        pipe.encode_driving({"image": driving["image"]})
+
+
+def test_clebs_augmentation_keeps_shape_and_is_training_only():
+    from pyface.models.export3d.clebs import augment_frames
+
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    y = augment_frames(x, 0.1)
+    assert y.shape == x.shape and not torch.equal(x, y)
+    assert torch.allclose(augment_frames(x, 0.0), x, atol=1e-5)
+
+
+def test_presets_resolve_and_small_presets_use_a_per_step_ema():
+    for model, cls in (("export3d_clebs", CLeBS), ("export3d", Export3D)):
+        for name in ("tiny", "gpu-short", "full"):
+            exp = build_experiment(model, cls.Config, defaults=cls.recipe, preset=name)
+            assert exp.model_config.resolution == exp.data.resolution, (cls, name)
+    for name in ("tiny", "gpu-short"):    # the recipe's 10 kimg half-life would freeze the EMA
+        exp = build_experiment("export3d", Export3D.Config, defaults=Export3D.recipe,
+                               preset=name)
+        assert exp.train.ema.half_life_kimg is None and exp.train.ema.decay < 1

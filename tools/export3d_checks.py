@@ -1,0 +1,172 @@
+"""Export3D's model-specific checks (docs/models/export3d.md), on a held-out synthetic split
+written with the expression-identity leak (``pyface data synth --split test --exp-leak A``).
+
+    python tools/export3d_checks.py clebs RUN/stages/clebs --data DIR [--frames 8] [--json OUT]
+    python tools/export3d_checks.py mouth RUN --data DIR [--no-ema] [--json OUT]
+
+``clebs``: same-video retrieval top-1 (image -> expression, N-frame clips of held-out videos;
+chance 1/N); a ridge identity probe trained on each identity's first video and tested on its
+second, on the stored (leaky) expression, on beta' and on lambda (chance 1/identities); ridge R^2
+from beta' to the true jaw_open / blink_left / smile (the stored coefficients minus the leak).
+
+``mouth``: same-video pairs (source frame 0) whose true jaw_open differs by more than 0.2: PSNR
+of the mouth box (driving landmarks) when generating with the driving expression vs with the
+source expression, both at the driving camera.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+
+from pyface.data.datasets import ClipDataset, FrameDataset
+from pyface.data.synthetic import leak_matrix
+from pyface.face.procedural import EXP_NAMES
+from pyface.models.export3d import CLeBS
+from pyface.models.export3d.clebs import expression_of
+from pyface.models.export3d.model import landmark_boxes
+from pyface.train.model import config_from_dict, load_pretrained
+
+
+def _true_exp(coeffs: np.ndarray, leak: float) -> np.ndarray:
+    """coeffs (T, 257) with the stored (leaky) expression -> the rendered expression (T, 64)."""
+    return coeffs[:, 80:144] - leak * coeffs[:, :80] @ leak_matrix().T
+
+
+def _ridge(x_tr, y_tr, x_te, alpha=1.0):
+    mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
+    a, b = (x_tr - mu) / sd, (x_te - mu) / sd
+    a = np.concatenate([a, np.ones((len(a), 1))], 1)
+    b = np.concatenate([b, np.ones((len(b), 1))], 1)
+    w = np.linalg.solve(a.T @ a + alpha * np.eye(a.shape[1]), a.T @ y_tr)
+    return b @ w
+
+
+def _video_split(ds):
+    """identity name and video index per video of a pyface root (names ``<identity>_vNN``)."""
+    names = [rec.name for rec in ds.videos]
+    ident = [n.rsplit("_v", 1)[0] for n in names]
+    vid = [int(n.rsplit("_v", 1)[1]) for n in names]
+    return ident, vid
+
+
+@torch.no_grad()
+def clebs_checks(run: str, data: str, frames: int = 8, min_gap: int = 3, clips: int = 20) -> dict:
+    cfg, state = load_pretrained(run)
+    model = CLeBS(config_from_dict(CLeBS.Config, cfg))
+    model.load_state_dict(state)
+    model.eval()
+    R = model.cfg.resolution
+    clip_ds = ClipDataset(data, R, frames=frames, min_gap=min_gap, repeats=clips, seed=1,
+                          load_masks=False)
+    hits = []
+    for i in range(len(clip_ds)):
+        it = clip_ds[i]
+        f_img, beta_p, _ = model.embed(it["image"][None], it["coeffs"][None])
+        q = torch.nn.functional.normalize(f_img[0], dim=-1)
+        k = torch.nn.functional.normalize(beta_p[0], dim=-1)
+        hits.append(((q @ k.t()).argmax(-1) == torch.arange(frames)).float().mean().item())
+    frames_ds = FrameDataset(data, R, load_masks=False)
+    meta = json.load(open(os.path.join(data, frames_ds.videos[0].name, "meta.json")))
+    leak = float(meta.get("exp_leak", 0.0))
+    ident, vid = _video_split(frames_ds)
+    ids = sorted(set(ident))
+    feats = {"exp_stored": [], "beta_prime": [], "lambda": []}
+    labels, videos, true = [], [], []
+    for v, c in enumerate(frames_ds.coeffs):
+        c = np.asarray(c, np.float32)
+        lam, bp = model.expr(expression_of(torch.from_numpy(c)))
+        feats["exp_stored"].append(c[:, 80:144])
+        feats["beta_prime"].append(bp.numpy())
+        feats["lambda"].append(lam.numpy())
+        labels += [ids.index(ident[v])] * len(c)
+        videos += [vid[v]] * len(c)
+        true.append(_true_exp(c, leak))
+    labels, videos, true = np.array(labels), np.array(videos), np.concatenate(true)
+    tr, te = videos == 0, videos == 1
+    onehot = np.eye(len(ids))[labels]
+    probe, r2 = {}, {}
+    for name, f in feats.items():
+        x = np.concatenate(f)
+        pred = _ridge(x[tr], onehot[tr], x[te])
+        probe[name] = float((pred.argmax(1) == labels[te]).mean())
+    xb = np.concatenate(feats["beta_prime"])
+    for pname in ("jaw_open", "blink_left", "smile"):
+        y = true[:, EXP_NAMES.index(pname)]
+        pred = _ridge(xb[tr], y[tr, None], xb[te])[:, 0]
+        r2[pname] = float(1 - ((pred - y[te]) ** 2).sum() / ((y[te] - y[te].mean()) ** 2).sum())
+    return {"retrieval_top1": float(np.mean(hits)), "retrieval_chance": 1.0 / frames,
+            "clips": len(hits), "frames": frames, "identity_probe": probe,
+            "identity_chance": 1.0 / len(ids), "exp_leak": leak, "r2_from_beta_prime": r2}
+
+
+def _psnr(a, b):
+    mse = ((a - b) ** 2).mean().clamp_min(1e-10)
+    return float(10 * torch.log10(4.0 / mse))     # images in [-1, 1]: peak-to-peak 2
+
+
+@torch.no_grad()
+def mouth_check(run: str, data: str, threshold: float = 0.2, ema: bool = True) -> dict:
+    import pyface.models
+    from pyface.nn.roi import roi_align
+
+    pipe = pyface.models.load("export3d", run, device="cpu", ema=ema)
+    R = pipe.resolution
+    ds = FrameDataset(data, R)
+    meta = json.load(open(os.path.join(data, ds.videos[0].name, "meta.json")))
+    leak = float(meta.get("exp_leak", 0.0))
+    jaw = EXP_NAMES.index("jaw_open")
+    gains, n = [], 0
+    for v, rec in enumerate(ds.videos):
+        c = np.asarray(ds.coeffs[v], np.float32)
+        tj = _true_exp(c, leak)[:, jaw]
+        src = ds.frame(v, 0)
+        src = {"image": src["image"].float() / 127.5 - 1, "coeffs": src["coeffs"],
+               "camera": src["camera"]}
+        state = pipe.encode_source(src)
+        for f in np.nonzero(np.abs(tj - tj[0]) > threshold)[0]:
+            d = ds.frame(v, int(f))
+            drv = {"image": (d["image"].float() / 127.5 - 1)[None], "coeffs": d["coeffs"][None],
+                   "camera": d["camera"][None]}
+            motion = pipe.encode_driving(drv)
+            with_drv = pipe.generate(state, motion)
+            motion_src = dict(motion, beta=state["beta"], lambda_=None)
+            with_src = pipe.generate(state, motion_src)
+            box = landmark_boxes(d["landmarks"][None].float(), R)["mouth"]
+            rois = torch.cat([torch.zeros(1, 1), box], 1)
+            tgt = roi_align(drv["image"], rois, 16)
+            gains.append((_psnr(roi_align(with_drv, rois, 16), tgt),
+                          _psnr(roi_align(with_src, rois, 16), tgt)))
+            n += 1
+    g = np.array(gains)
+    return {"pairs": n, "mouth_psnr_driving_exp": float(g[:, 0].mean()),
+            "mouth_psnr_source_exp": float(g[:, 1].mean()),
+            "gain_db": float((g[:, 0] - g[:, 1]).mean()), "jaw_threshold": threshold}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("check", choices=["clebs", "mouth"])
+    p.add_argument("run")
+    p.add_argument("--data", required=True)
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--json")
+    p.add_argument("--no-ema", action="store_true", help="mouth: the live weights")
+    a = p.parse_args(argv)
+    torch.manual_seed(0)
+    if a.check == "clebs":
+        res = clebs_checks(a.run, a.data, a.frames)
+    else:
+        res = mouth_check(a.run, a.data, ema=not a.no_ema)
+    text = json.dumps(res, indent=1)
+    print(text)
+    if a.json:
+        with open(a.json, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
