@@ -23,6 +23,7 @@ from typing import Any
 
 MODELS: dict[str, str] = {
     "example": "pyface.train.example:TriplaneAutoencoder",
+    "mmfa": "pyface.models.mmfa:MMFA",
     # portrait models (pyface/models/<name>/) register here as they land, one line each
 }
 
