@@ -86,6 +86,9 @@ class MMFAConfig:
     # decoder
     dec_channels: list[int] = field(default_factory=lambda: [256, 128, 64])
     dec_res_blocks: int = 1
+    # deviation (off in "full"): blend each output with the source image warped by the
+    # depth-averaged dense motion, mask from a 4th decoder channel (see docs/models/mmfa.md)
+    source_blend: bool = False
     # encoders and expression codec
     enc_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512, 512])
     exp_dim: int = 128
@@ -160,6 +163,7 @@ class MMFA(TrainableModel):
                            "dm_block_expansion": 16, "dm_blocks": 3, "dm_max_features": 128,
                            "dec_channels": [64, 32, 16], "enc_channels": [16, 32, 64, 64],
                            "exp_dim": 32, "exp_hidden": 64, "w_gan": 0.0, "w_fm": 0.0,
+                           "source_blend": True,
                            "lr": 1e-3, "betas": [0.5, 0.999]},
                  "data": {"resolution": 64},
                  "train": {"steps": 800, "batch_size": 4, "ckpt_every": 200,
@@ -167,7 +171,8 @@ class MMFA(TrainableModel):
                            "lr_schedule": {"kind": "cosine", "warmup_steps": 20,
                                            "min_factor": 0.1}}},
         # spec (b): one H100/H200, about 8 minutes
-        "gpu-short": {"model": {"resolution": 256, "num_kp": 15, "lr": 4e-4},
+        "gpu-short": {"model": {"resolution": 256, "num_kp": 15, "lr": 4e-4,
+                                "source_blend": True},
                       "data": {"resolution": 256},
                       "train": {"steps": 2500, "batch_size": 16, "precision": "bf16",
                                 "ckpt_every": 500, "image_every": 500,
@@ -210,7 +215,12 @@ class MMFA(TrainableModel):
             reshape_depth=cfg.app_depth, compress=cfg.dm_compress))
         self.decoder = MultiScaleDecoder(in_channels=cfg.app_channels * cfg.app_depth,
                                          channels=tuple(cfg.dec_channels),
-                                         res_blocks=cfg.dec_res_blocks)
+                                         res_blocks=cfg.dec_res_blocks,
+                                         image_channel=4 if cfg.source_blend else 3)
+        if cfg.source_blend:
+            with torch.no_grad():          # start by copying the warped source (mask ~ 0.98)
+                for conv in self.decoder.to_image:
+                    conv.bias[3] = 2.0
         self.discriminator = None
         if cfg.w_gan > 0 or cfg.w_fm > 0:
             self.discriminator = MultiScalePatchDiscriminator(PatchDiscriminatorConfig(
@@ -259,15 +269,34 @@ class MMFA(TrainableModel):
         s, t = self.scale_translation(image)
         return {"scale": s, "translation": t, "f_exp": self.exp_encoder(image)}
 
-    def render(self, volume: torch.Tensor, kp_source: torch.Tensor,
-               kp_driving: torch.Tensor) -> dict:
-        """volume (B, C, D, h, w); kp_source, kp_driving (B, K, 3) -> {"images": [coarse..fine]
-        (B, 3, r, r), "mask" (B, K+1, D, h, w), "occlusion" (B, 1, h, w)}."""
-        dm = self.dense_motion(volume, kp_source=kp_source, kp_driving=kp_driving)
+    def render(self, volume: torch.Tensor, kp_source: torch.Tensor, kp_driving: torch.Tensor,
+               source: torch.Tensor | None = None) -> dict:
+        """volume (B, C, D, h, w); kp_source, kp_driving (B, K, 3); source (B, 3, R, R) in
+        [-1, 1], required with ``source_blend`` -> {"images": [coarse..fine] (B, 3, r, r),
+        "mask" (B, K+1, D, h, w), "occlusion" (B, 1, h, w), with ``source_blend`` also "blend":
+        [coarse..fine] (B, 1, r, r)}."""
+        blend = self.cfg.source_blend
+        if blend and (source is None or source.shape[0] != volume.shape[0]):
+            raise ValueError(f"source: expected shape ({volume.shape[0]}, 3, "
+                             f"{self.cfg.resolution}, {self.cfg.resolution}) with "
+                             f"model.source_blend, got "
+                             f"{None if source is None else tuple(source.shape)}")
+        dm = self.dense_motion(volume, kp_source=kp_source, kp_driving=kp_driving,
+                               return_deformation=blend)
         warped = self.dense_motion.warp(volume, kp_source=kp_source, kp_driving=kp_driving,
                                         mask=dm["mask"])
         occ = dm.get("occlusion_map")
-        return {"images": self.decoder(warped, occ), "mask": dm["mask"], "occlusion": occ}
+        images = self.decoder(warped, occ)
+        out = {"images": images, "mask": dm["mask"], "occlusion": occ}
+        if blend:
+            flow = dm["deformation"][..., :2].mean(1)          # (B, h, w, 2): depth-averaged
+            out["images"], out["blend"] = [], []
+            for img in images:
+                w = warp_image(source, flow, img.shape[-1])
+                m = (img[:, 3:] + 1) / 2
+                out["images"].append(m * w + (1 - m) * img[:, :3])
+                out["blend"].append(m)
+        return out
 
     def forward(self, source: torch.Tensor, driving: torch.Tensor, rot_source: torch.Tensor,
                 rot_driving: torch.Tensor) -> dict:
@@ -295,7 +324,7 @@ class MMFA(TrainableModel):
         delta = self.exp_decoder(both["f_exp"], kc2)
         kp_s = pose_keypoints(kc, rot_source, ms["scale"], ms["translation"], delta[:B])
         kp_d = pose_keypoints(kc, rot_driving, md["scale"], md["translation"], delta[B:])
-        out = self.render(volume, kp_s, kp_d)
+        out = self.render(volume, kp_s, kp_d, source)
         out.update(kp_canonical=kc, kp_source=kp_s, kp_driving=kp_d, delta_source=delta[:B],
                    delta_driving=delta[B:], f_exp=md["f_exp"], scale=md["scale"],
                    translation=md["translation"])
@@ -352,7 +381,7 @@ class MMFA(TrainableModel):
         kp_s = pose_keypoints(kc, rs, mo["scale"][:B], mo["translation"][:B], delta[:B])
         kp_d = pose_keypoints(kc, rd, mo["scale"][B:2 * B], mo["translation"][B:2 * B],
                               delta[B:2 * B])
-        out = self.render(self.appearance(src), kp_s, kp_d)
+        out = self.render(self.appearance(src), kp_s, kp_d, src)
         logs = {}
         n = len(out["images"])
         rec = src.new_zeros(())
@@ -418,6 +447,18 @@ class MMFA(TrainableModel):
 
     def preview_video(self, batch: dict, frames: int):
         return None
+
+
+def warp_image(image: torch.Tensor, flow: torch.Tensor, size: int) -> torch.Tensor:
+    """``image`` (B, 3, R, R) resized to ``size`` and sampled at ``flow`` (B, h, w, 2) (x, y) in
+    [-1, 1] (identity: an inclusive linspace), upsampled to ``size`` -> (B, 3, size, size)."""
+    if image.shape[-1] != size:
+        image = F.interpolate(image, size=(size, size), mode="bilinear", antialias=True,
+                              align_corners=False)
+    grid = F.interpolate(flow.permute(0, 3, 1, 2), size=(size, size), mode="bilinear",
+                         align_corners=True).permute(0, 2, 3, 1)
+    return F.grid_sample(image, grid.to(image.dtype), mode="bilinear", padding_mode="border",
+                         align_corners=True)
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """MMFA's inference pipeline: encode the source once, then stream driving frames.
 
-* ``encode_source(source)`` -> state: appearance ``volume (1, C, D, h, w)``, canonical keypoints
+* ``encode_source(source)`` -> state: the source ``image (1, 3, R, R)``, appearance ``volume (1, C, D, h, w)``, canonical keypoints
   ``kp_canonical (1, K, 3)``, the source's ``scale (1,)``, ``translation (1, 2)``,
   ``rotation (1, 3, 3)`` (keypoint space; from ``coeffs`` with ``rotation="gt"``, else the
   identity), ``f_exp (1, exp_dim)`` and posed ``kp_source (1, K, 3)``.
@@ -52,7 +52,7 @@ class MMFAPipeline(Pipeline):
         mo = m.motion_of(img)
         delta = m.exp_decoder(mo["f_exp"], kc)
         kp = pose_keypoints(kc, rot, mo["scale"], mo["translation"], delta)
-        return {"volume": m.appearance(img), "kp_canonical": kc, "rotation": rot,
+        return {"image": img, "volume": m.appearance(img), "kp_canonical": kc, "rotation": rot,
                 "scale": mo["scale"], "translation": mo["translation"], "f_exp": mo["f_exp"],
                 "kp_source": kp}
 
@@ -131,5 +131,6 @@ class MMFAPipeline(Pipeline):
         kp_d = pose_keypoints(kc, rot.contiguous(), s.contiguous(), t.contiguous(), delta)
         kp_s = state["kp_source"].expand(T, -1, -1)
         vol = state["volume"].expand(T, -1, -1, -1, -1)
-        out = m.render(vol.contiguous(), kp_s.contiguous(), kp_d)
+        out = m.render(vol.contiguous(), kp_s.contiguous(), kp_d,
+                       state["image"].expand(T, -1, -1, -1).contiguous())
         return out["images"][-1].clamp(-1, 1)
