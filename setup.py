@@ -210,7 +210,7 @@ setup(
     extras_require={
         "triton": ["triton==3.6.0"],
         "train": ["tensorboard", "imageio", "imageio-ffmpeg", "pillow"],
-        "test": ["pytest", "pytest-benchmark", "triton==3.6.0", "scipy"],
+        "test": ["pytest", "pytest-benchmark", "triton==3.6.0", "scipy", "scikit-image"],
     },
     entry_points={"console_scripts": ["pyface=pyface.cli:main"]},
 )

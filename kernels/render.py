@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pyface.kernels.triplane import _plane_bwd_tile, _plane_fwd_tile, _plane_uv, _taps
+from pyface.kernels.triplane import (_plane_bwd_tile, _plane_fwd_tile, _plane_uv, _point_grad,
+                                     _taps)
 
 N_SLOTS = 32
 MIN_DOT = 16  # smallest tl.dot tile dimension GPUs accept
@@ -80,7 +81,7 @@ def _features(planes_ptr, b, ox, oy, oz, dx, dy, dz, t, mask_s, H, W,
         u, v = _plane_uv(x, y, z, plane, AXES_EG3D)
         ix, iy, fx0, fy0, nan = _taps(u, v, W, H, False)
         base = planes_ptr + b * s_pb + plane * s_pp
-        acc += _plane_fwd_tile(base, ix, iy, fx0, fy0, W, H, coff, s_ph, s_pw, m2)
+        acc += _plane_fwd_tile(base, ix, iy, fx0, fy0, nan, W, H, coff, s_ph, s_pw, m2)
     return acc / 3.0
 
 
@@ -333,21 +334,8 @@ def _render_bwd_kernel(
             gx, gy = _plane_bwd_tile(base, gbase, ix, iy, fx0, fy0, nan, W, H, oc, s_ph, s_pw,
                                      s_pc, g_f, m2, NEED_PLANES, NEED_RAYS)
             if NEED_RAYS:
-                # d(pixel)/d(world) = size / 2 * scale (align_corners=False)
-                gx = gx * (W / 2.0) * scale
-                gy = gy * (H / 2.0) * scale
-                if plane == 0:
-                    gpx += gx
-                    gpy += gy
-                elif plane == 1:
-                    gpx += gx
-                    gpz += gy
-                else:
-                    gpz += gx
-                    if AXES_EG3D:
-                        gpx += gy
-                    else:
-                        gpy += gy
+                gpx, gpy, gpz = _point_grad(gx, gy, nan, W, H, scale, gpx, gpy, gpz, plane,
+                                            AXES_EG3D, False)
         if NEED_RAYS:
             gpx = tl.where(ms, gpx, 0.0)
             gpy = tl.where(ms, gpy, 0.0)
@@ -373,8 +361,12 @@ def _geometry(planes, w1, w2):
     return B, H, W, dims
 
 
+def _identity(kernel):
+    return kernel
+
+
 def forward(planes, w1, b1, w2, b2, o, d, tc, u, *, plane_axes, box_size, density_bias,
-            white_back, interpret=False):
+            white_back, wrap=_identity, interpret=False):
     """Fused render. planes (B, 3, C, H, W) float32, o / d (B, R, 3), tc (B, R, SC) coarse
     depths, u (B, R, SF) or None. Returns feats (B, R, OUT - 1), depth (B, R, 1),
     wsum (B, R, 1), merged depths (B, R, SC + SF)."""
@@ -395,7 +387,7 @@ def forward(planes, w1, b1, w2, b2, o, d, tc, u, *, plane_axes, box_size, densit
     tc = tc.to(torch.float32).contiguous()
     rng = torch.stack(torch.aminmax(tc)).contiguous()
     uu = u.to(torch.float32).contiguous() if u is not None else tc
-    _render_fwd_kernel[(B * R,)](
+    wrap(_render_fwd_kernel)[(B * R,)](
         planes, o.contiguous(), d.contiguous(), tc, uu, w1.contiguous(), b1.contiguous(),
         w2.contiguous(), b2.contiguous(), rng, feats, depth, wsum, merged,
         H, W, *planes.stride(), 2.0 / box_size, float(density_bias),
@@ -407,7 +399,7 @@ def forward(planes, w1, b1, w2, b2, o, d, tc, u, *, plane_axes, box_size, densit
 
 def backward(g_feats, g_depth, g_wsum, planes, w1, b1, w2, b2, o, d, merged, tc, *, plane_axes,
              box_size, density_bias, white_back, need_planes, need_decoder, need_rays=False,
-             interpret=False):
+             wrap=_identity, interpret=False):
     """Gradients (planes, w1, b1, w2, b2, ray_origins, ray_dirs) of the fused render (None where
     not needed)."""
     B, H, W, dims = _geometry(planes, w1, w2)
@@ -424,7 +416,7 @@ def backward(g_feats, g_depth, g_wsum, planes, w1, b1, w2, b2, o, d, merged, tc,
     g_d = torch.zeros(B, R, 3, **f32) if need_rays else torch.empty(1, **f32)
     if B * R > 0 and (need_planes or need_decoder or need_rays):
         rng = torch.stack(torch.aminmax(tc.to(torch.float32))).contiguous()
-        _render_bwd_kernel[(B * R,)](
+        wrap(_render_bwd_kernel)[(B * R,)](
             planes, o.contiguous(), d.contiguous(), merged.contiguous(), w1.contiguous(),
             b1.contiguous(), w2.contiguous(), b2.contiguous(), rng,
             g_feats.to(torch.float32).contiguous(), g_depth.to(torch.float32).contiguous(),

@@ -77,9 +77,10 @@ def _tap(K: tl.constexpr, ix, iy, fx0, fy0, x0, y0, W, H):
 
 
 @triton.jit
-def _plane_fwd_tile(base, ix, iy, fx0, fy0, W, H, coff, s_ph, s_pw, m2):
+def _plane_fwd_tile(base, ix, iy, fx0, fy0, nan, W, H, coff, s_ph, s_pw, m2):
     """Bilinear sample of one plane (base, strides) for a [points, channels] tile; ``coff`` is
-    the channel offsets (1, BLOCK_C), ``m2`` the tile mask. Taps outside the plane read zeros."""
+    the channel offsets (1, BLOCK_C), ``m2`` the tile mask. Taps outside the plane read zeros;
+    a NaN coordinate (``nan``) gives NaN features."""
     x0 = fx0.to(tl.int64)
     y0 = fy0.to(tl.int64)
     val = tl.zeros(m2.shape, dtype=tl.float32)
@@ -88,7 +89,7 @@ def _plane_fwd_tile(base, ix, iy, fx0, fy0, W, H, coff, s_ph, s_pw, m2):
         ptrs = base + (yk * s_ph + xk * s_pw)[:, None] + coff
         tap = tl.load(ptrs, mask=m2 & valid[:, None], other=0.0).to(tl.float32)
         val += tap * w[:, None]
-    return val
+    return tl.where(nan[:, None], float("nan"), val)
 
 
 @triton.jit
@@ -117,6 +118,36 @@ def _plane_bwd_tile(base, gbase, ix, iy, fx0, fy0, nan, W, H, offs_c, s_ph, s_pw
 
 
 @triton.jit
+def _point_grad(gx, gy, nan, W, H, scale, gpx, gpy, gpz, PLANE: tl.constexpr,
+                AXES_EG3D: tl.constexpr, ALIGN: tl.constexpr):
+    """Chain rule from one plane's pixel coordinates (ix, iy) to the point (x, y, z), added to
+    (gpx, gpy, gpz): d(pixel)/d(world) is (size - 1) / 2 * scale with ``align_corners`` and
+    size / 2 * scale without, routed to the plane's two axes (``_plane_uv``). A NaN coordinate
+    gives a NaN gradient, as its forward gives NaN features (the taps were evaluated at 0)."""
+    if ALIGN:
+        gx = gx * ((W - 1) / 2.0) * scale
+        gy = gy * ((H - 1) / 2.0) * scale
+    else:
+        gx = gx * (W / 2.0) * scale
+        gy = gy * (H / 2.0) * scale
+    gx = tl.where(nan, float("nan"), gx)
+    gy = tl.where(nan, float("nan"), gy)
+    if PLANE == 0:
+        gpx += gx
+        gpy += gy
+    elif PLANE == 1:
+        gpx += gx
+        gpz += gy
+    else:
+        gpz += gx
+        if AXES_EG3D:
+            gpx += gy
+        else:
+            gpy += gy
+    return gpx, gpy, gpz
+
+
+@triton.jit
 def _triplane_fwd_kernel(
     planes_ptr, points_ptr, out_ptr,
     N, H, W,
@@ -141,8 +172,7 @@ def _triplane_fwd_kernel(
             u, v = _plane_uv(x, y, z, plane, AXES_EG3D)
             ix, iy, fx0, fy0, nan = _taps(u, v, W, H, ALIGN)
             base = planes_ptr + b * s_pb + plane * s_pp
-            val = _plane_fwd_tile(base, ix, iy, fx0, fy0, W, H, coff, s_ph, s_pw, m2)
-            val = tl.where(nan[:, None], float("nan"), val)
+            val = _plane_fwd_tile(base, ix, iy, fx0, fy0, nan, W, H, coff, s_ph, s_pw, m2)
             if REDUCE == 2:
                 optr = out_ptr + ((b * 3 + plane) * N + offs_n)[:, None] * C + offs_c[None, :]
                 tl.store(optr, val.to(out_ptr.dtype.element_ty), mask=m2)
@@ -198,26 +228,8 @@ def _triplane_bwd_kernel(
             gx += dgx
             gy += dgy
         if NEED_POINTS:
-            if ALIGN:
-                gx = gx * ((W - 1) / 2.0) * scale
-                gy = gy * ((H - 1) / 2.0) * scale
-            else:
-                gx = gx * (W / 2.0) * scale
-                gy = gy * (H / 2.0) * scale
-            gx = tl.where(nan, float("nan"), gx)
-            gy = tl.where(nan, float("nan"), gy)
-            if plane == 0:
-                gpx += gx
-                gpy += gy
-            elif plane == 1:
-                gpx += gx
-                gpz += gy
-            else:
-                gpz += gx
-                if AXES_EG3D:
-                    gpx += gy
-                else:
-                    gpy += gy
+            gpx, gpy, gpz = _point_grad(gx, gy, nan, W, H, scale, gpx, gpy, gpz, plane,
+                                        AXES_EG3D, ALIGN)
     if NEED_POINTS:
         gpt = grad_points_ptr + (b * N + offs_n) * 3
         tl.store(gpt + 0, gpx, mask=mask_n)

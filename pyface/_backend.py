@@ -8,27 +8,34 @@ Backends of an op, in the order the layering goes:
 * ``triton``    - Triton kernels (``pyface.kernels``); CUDA tensors, or CPU tensors when
                   ``TRITON_INTERPRET=1`` (the Triton interpreter, for tests).
 
+Which backend an op takes by default is data: the table in :mod:`pyface._opspecs`; this module
+only applies it (:func:`select_backend`, the one function that chooses).
+
 Nothing here runs at ``import pyface``: the extension and Triton load on first use, and every
 failure is kept as a readable reason that ``python -m pyface.info`` prints.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 import json
 import logging
 import os
-import pkgutil
 import threading
 import warnings
 from types import ModuleType
 
 import torch
 
-log = logging.getLogger("pyface")
+from pyface._ops import triton_interpret
+from pyface._opspecs import BACKENDS, DEFAULTS, FAMILIES, OPS, Default, OpSpec
 
-BACKENDS = ("reference", "cpu", "cuda", "triton")
+__all__ = ["BACKENDS", "OpSpec", "Default", "BackendUnavailableError", "PyfaceFallbackWarning",
+           "build_config", "extension", "extension_reason", "load_library",
+           "has_compiled_kernel", "triton_interpret", "triton_version", "triton_available",
+           "registered_ops", "default_order", "backend_status", "select_backend"]
+
+log = logging.getLogger("pyface")
 _lock = threading.RLock()
 
 
@@ -82,14 +89,19 @@ def extension_reason() -> str:
 
 
 def _register_compiled_ops() -> None:
-    """Register fake kernels and autograd for the C++ ops of every family in ``pyface._ops``."""
-    import pyface._ops as pkg
+    """Register fake kernels, autograd and autocast for the C++ ops of every family."""
+    for family in FAMILIES:
+        importlib.import_module(f"pyface._ops.{family}").register_cpp()
 
-    for info in pkgutil.iter_modules(pkg.__path__):
-        module = importlib.import_module(f"pyface._ops.{info.name}")
-        register = getattr(module, "register_cpp", None)
-        if register is not None:
-            register()
+
+def load_library() -> ModuleType:
+    """Load ``pyface._C`` and register its ``torch.ops.pyface.*`` ops (fake kernels, autograd,
+    autocast); idempotent. Raises :class:`BackendUnavailableError` with the reason when the
+    extension is not built or does not load."""
+    module = extension()
+    if module is None:
+        raise BackendUnavailableError(f"pyface._C cannot be loaded: {extension_reason()}")
+    return module
 
 
 def has_compiled_kernel(op: str, dispatch_key: str) -> bool:
@@ -102,10 +114,6 @@ def has_compiled_kernel(op: str, dispatch_key: str) -> bool:
 # --------------------------------------------------------------------------------------------
 # Triton
 # --------------------------------------------------------------------------------------------
-
-def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
-
 
 @functools.lru_cache(maxsize=None)
 def _triton_import() -> tuple[str | None, str]:
@@ -136,46 +144,21 @@ def triton_available(device_type: str) -> tuple[bool, str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Op registry and selection
+# Op table and selection
 # --------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class OpSpec:
-    """How an op can run.
-
-    Attributes:
-        name: public name (``pyface.ops.<name>``).
-        backends: the backends implemented for this op.
-        priority: default order per device type; the first available one runs.
-        compiled_op: name of the ``torch.ops.pyface`` op that the ``cpu``/``cuda`` backends run.
-        note: why the default order is what it is (shown by ``pyface info``).
-        dtypes: per backend, the input dtypes it supports (absent: all floating dtypes).
-    """
-
-    name: str
-    backends: tuple[str, ...]
-    priority: dict[str, tuple[str, ...]]
-    compiled_op: str | None = None
-    note: str = ""
-    dtypes: dict[str, tuple[torch.dtype, ...]] = dataclasses.field(default_factory=dict)
-
-
-_OPS: dict[str, OpSpec] = {}
 _warned: set[tuple[str, str]] = set()
 
 
-def register_op(spec: OpSpec) -> OpSpec:
-    for b in spec.backends:
-        if b not in BACKENDS:
-            raise ValueError(f"unknown backend {b!r} for op {spec.name}")
-    _OPS[spec.name] = spec
-    return spec
-
-
 def registered_ops() -> dict[str, OpSpec]:
-    import pyface.ops  # noqa: F401  (registers every public op)
+    """Every public op's spec (the table in :mod:`pyface._opspecs`; independent of imports)."""
+    return dict(OPS)
 
-    return dict(_OPS)
+
+def default_order(op: str, device_type: str) -> Default:
+    """The default backend order of ``op`` on ``device_type`` and why (``pyface._opspecs``)."""
+    return DEFAULTS[op].get(device_type, Default(("reference",), "no compiled backend for "
+                                                                 f"{device_type} tensors"))
 
 
 def backend_status(spec: OpSpec, backend: str, device_type: str) -> tuple[bool, str]:
@@ -225,16 +208,19 @@ _forced: str | None = None
 @torch.compiler.assume_constant_result
 def select_backend(op: str, device: torch.device, backend: str | None,
                    dtype: torch.dtype | None = None) -> str:
-    """Pick the backend that runs ``op`` on ``device``.
+    """Pick the backend that runs ``op`` on ``device``: the one function that decides.
 
-    An explicit ``backend`` is honoured or raises; ``None`` takes the backend forced by
+    An explicit ``backend`` is honoured or raises. ``None`` takes the backend forced by
     ``pyface.ops.use_backend`` or the ``PYFACE_BACKEND`` environment variable (honoured or raises
-    like an explicit one), else the first available backend of the op's priority list, and a fall
-    back to ``reference`` is announced once per op and device.
-    The choice depends only on the arguments and the installation, so ``torch.compile`` evaluates
+    like an explicit one), else the first available backend of the op's default order
+    (``pyface._opspecs.DEFAULTS``); under ``torch.use_deterministic_algorithms(True)`` backends
+    whose backward uses atomics are skipped (as torchvision falls back to its deterministic
+    path). A fall back to ``reference`` past an available-in-principle compiled backend is
+    announced once per op and device. The choice depends only on the arguments, the
+    installation, the forced backend and the deterministic flag, so ``torch.compile`` evaluates
     it once while tracing and treats it as a constant.
     """
-    spec = _OPS[op]
+    spec = OPS[op]
     device_type = device.type
     if backend is None:
         backend = _forced or os.environ.get("PYFACE_BACKEND") or None
@@ -250,9 +236,11 @@ def select_backend(op: str, device: torch.device, backend: str | None,
             raise BackendUnavailableError(
                 f"{op}: backend {backend!r} cannot run on {device_type} tensors: {reason}")
         return backend
-    order = spec.priority.get(device_type, ("reference",))
+    deterministic = torch.are_deterministic_algorithms_enabled()
     reasons = []
-    for b in order:
+    for b in default_order(op, device_type).order:
+        if deterministic and b in spec.atomic_backward:
+            continue
         ok, reason = backend_status(spec, b, device_type)
         if ok:
             ok, reason = _dtype_status(spec, b, dtype)

@@ -18,6 +18,7 @@ COMMANDS = {
     "animate": "pyface.train.animate_cli",
     "convert": "pyface.convert",
     "data": "pyface.data.cli",
+    "eval": "pyface.eval.cli",
 }
 
 

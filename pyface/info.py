@@ -1,12 +1,61 @@
 """``python -m pyface.info`` / ``pyface info``: versions, what was built, and for every op which
-backend runs on CPU and CUDA tensors and why the others are unavailable."""
+backend runs on CPU and CUDA tensors, why (the default table in ``pyface._opspecs``), why the
+others are unavailable, and the op's measured number from the newest bench JSON.
+
+Exits with status 1 when the build recorded in ``pyface/_build_config.json`` is missing or does
+not load (so a broken install fails loudly in CI)."""
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import platform
 import sys
+
+
+def bench_results_dir() -> str:
+    """Where the bench JSON lives: ``$PYFACE_BENCH_RESULTS`` or the checkout's bench/results."""
+    return os.environ.get("PYFACE_BENCH_RESULTS") or os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results")
+
+
+def measured(results_dir: str | None = None) -> dict[str, dict]:
+    """Per op, the row named by its spec's ``bench`` (shape, provider), forward median, from the
+    newest JSON file (by its recorded date) in ``results_dir`` (not its sub-folders) that has it.
+    -> {op: {"ms", "shape", "provider", "file", "date"}}; ops without such a row are absent."""
+    from pyface._opspecs import OPS
+
+    results_dir = results_dir or bench_results_dir()
+    found: dict[str, dict] = {}
+    for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            date = data["environment"]["date"]
+            rows = data["results"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        for name, spec in OPS.items():
+            if spec.bench is None:
+                continue
+            shape, provider = spec.bench
+            for row in rows:
+                if (isinstance(row, dict) and row.get("op") == name
+                        and row.get("shape") == shape and row.get("provider") == provider
+                        and row.get("mode") == "fwd" and row.get("error") is None
+                        and row.get("median_ms") is not None):
+                    if name not in found or date > found[name]["date"]:
+                        found[name] = {"ms": float(row["median_ms"]), "shape": shape,
+                                       "provider": provider, "file": os.path.basename(path),
+                                       "date": date}
+    return found
+
+
+def format_ms(ms: float) -> str:
+    """As the docs quote it: whole milliseconds from 100 ms, else three significant digits
+    (11854, 518, 10.9, 4.71)."""
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
 
 
 def collect() -> dict:
@@ -14,18 +63,22 @@ def collect() -> dict:
 
     from pyface import __version__, _backend
 
+    numbers = measured()
     ops = {}
     for name, spec in sorted(_backend.registered_ops().items()):
-        entry = {"backends": {}, "default": {}, "note": spec.note}
+        entry = {"backends": {}, "default": {}, "why": {}, "note": spec.note,
+                 "atomic_backward": list(spec.atomic_backward),
+                 "measured": numbers.get(name)}
         for device in ("cpu", "cuda"):
             statuses = {}
             for b in spec.backends:
                 ok, reason = _backend.backend_status(spec, b, device)
                 statuses[b] = {"available": ok, "reason": reason}
             entry["backends"][device] = statuses
-            default = next((b for b in spec.priority.get(device, ("reference",))
-                            if statuses.get(b, {}).get("available")), "reference")
-            entry["default"][device] = default
+            default = _backend.default_order(name, device)
+            entry["default"][device] = next(
+                (b for b in default.order if statuses.get(b, {}).get("available")), "reference")
+            entry["why"][device] = {"order": list(default.order), "why": default.why}
         ops[name] = entry
     cuda = None
     if torch.cuda.is_available():
@@ -43,15 +96,30 @@ def collect() -> dict:
         "extension": {"loaded": _backend.extension() is not None,
                       "reason": _backend.extension_reason(),
                       "build": _backend.build_config()},
+        "bench_results": bench_results_dir(),
         "ops": ops,
         "forced_backend": os.environ.get("PYFACE_BACKEND") or None,
     }
 
 
+def build_problem(info: dict) -> str | None:
+    """Why the recorded build is unusable (missing _build_config.json, or pyface._C does not
+    load), or None when it is fine."""
+    ext = info["extension"]
+    if ext["build"] is None:
+        return ("pyface/_build_config.json is missing: the extension was never built; build it "
+                "with `pip install -e . --no-build-isolation`")
+    if not ext["loaded"]:
+        return f"the recorded build does not load: {ext['reason']}"
+    return None
+
+
 def format_report(info: dict) -> str:
+    gpu = info["cuda_device"]
     lines = [f"pyface {info['pyface']}  (python {info['python']}, {info['platform']})",
              f"torch {info['torch']}  CUDA runtime: {info['torch_cuda'] or 'none (CPU build)'}",
-             f"GPU: {info['cuda_device']['device'] + ' sm_' + info['cuda_device']['capability'].replace('.', '') if info['cuda_device'] else 'none visible'}",
+             "GPU: " + (f"{gpu['device']} sm_{gpu['capability'].replace('.', '')}" if gpu
+                        else "none visible"),
              f"triton: {info['triton'] or 'not installed'}"
              + ("  (TRITON_INTERPRET=1: kernels run in the CPU interpreter)"
                 if info["triton_interpret"] else ""),
@@ -70,16 +138,31 @@ def format_report(info: dict) -> str:
     if info.get("forced_backend"):
         lines.append(f"PYFACE_BACKEND={info['forced_backend']}: every op called without "
                      "backend= is forced onto it (the defaults below do not apply)")
-    lines.append("")
+    lines += ["", "Default backends (pyface/_opspecs.py): a compiled backend is a default on a "
+              "device only after its tests passed there.",
+              f"Measured: forward median of the op's compiled CPU path, newest JSON in "
+              f"{info['bench_results']}.", ""]
     for name, op in info["ops"].items():
         lines.append(f"{name}:")
         for device in ("cpu", "cuda"):
-            lines.append(f"  {device:<5} -> {op['default'][device]}")
+            why = op["why"][device]
+            lines.append(f"  {device:<5} -> {op['default'][device]}   (order "
+                         f"{', '.join(why['order'])}: {why['why']})")
             for b, st in op["backends"][device].items():
                 mark = "ok " if st["available"] else "-- "
                 lines.append(f"      {mark}{b:<10} {st['reason']}")
+        m = op["measured"]
+        if m:
+            lines.append(f"  measured: {format_ms(m['ms'])} ms ({m['provider']}, shape "
+                         f"{m['shape']}, fwd; {m['file']})")
+        if op["atomic_backward"]:
+            lines.append(f"  backward uses atomics on: {', '.join(op['atomic_backward'])} "
+                         "(skipped by default under torch.use_deterministic_algorithms)")
         if op["note"]:
             lines.append(f"  note: {op['note']}")
+    problem = build_problem(info)
+    if problem:
+        lines += ["", f"ERROR: {problem}"]
     return "\n".join(lines)
 
 
@@ -93,7 +176,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     info = collect()
     print(json.dumps(info, indent=2) if args.json else format_report(info))
-    return 0
+    return 1 if build_problem(info) else 0
 
 
 def main(argv=None) -> int:

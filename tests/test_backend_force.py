@@ -28,7 +28,7 @@ def _sample():
     torch.manual_seed(0)
     planes = torch.randn(1, 3, 4, 5, 5, requires_grad=True)
     points = torch.rand(1, 7, 3) - 0.5
-    out = ops.triplane_sample(planes, points)
+    out = ops.triplane_sample(planes, points, plane_axes="xy_xz_zy")
     out.sum().backward()
     return out
 

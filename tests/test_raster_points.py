@@ -122,8 +122,9 @@ def test_p2t_cpu_equals_reference_index(kind):
     # both compute the same float64 distances: identical choices, ties included
     points = cloud(kind, N=400, seed=3)
     features = torch.randn(2, 400, 3)
-    for kw in (dict(), dict(align_corners=True, plane_axes="eg3d", box_size=1.3),
-               dict(max_distance=0.05)):
+    for kw in (dict(plane_axes="xy_xz_zy"), dict(align_corners=True, plane_axes="eg3d",
+                                                 box_size=1.3),
+               dict(plane_axes="xy_xz_zy", max_distance=0.05)):
         a = ops.points_to_triplane(points, features, (16, 11), backend="cpu", **kw)
         b = points_to_triplane_reference(points, features, (16, 11), **kw)
         torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
@@ -136,12 +137,12 @@ def test_p2t_ties_lowest_index(backend):
     base = torch.rand(1, 50, 3) - 0.5
     points = torch.cat([base, base, base], 1)
     features = torch.randn(1, 150, 2)
-    _, index = ops.points_to_triplane(points, features, 12, backend=backend)
+    _, index = ops.points_to_triplane(points, features, 12, backend=backend, plane_axes="xy_xz_zy")
     assert (index < 50).all()
     # two points symmetric about a texel centre: equal distances -> lower index
     p = torch.tensor([[[0.1, 0.0, 0.0], [-0.1, 0.0, 0.0]]])  # plane xy, texel at u = 0 (W odd)
     _, index = ops.points_to_triplane(p, torch.randn(1, 2, 1), 5, backend=backend,
-                                      align_corners=True)
+                                      align_corners=True, plane_axes="xy_xz_zy")
     assert index[0, 0, 2, 2] == 0
 
 
@@ -149,12 +150,13 @@ def test_p2t_ties_lowest_index(backend):
 def test_p2t_single_point_all_invalid_max_distance(backend):
     p = torch.tensor([[[0.2, -0.1, 0.3]]])
     f = torch.tensor([[[1.0, 2.0]]])
-    planes, index = ops.points_to_triplane(p, f, (4, 6), backend=backend)
+    planes, index = ops.points_to_triplane(p, f, (4, 6), backend=backend, plane_axes="xy_xz_zy")
     assert (index == 0).all() and (planes[:, :, 0] == 1).all() and (planes[:, :, 1] == 2).all()
     points = cloud("uniform", N=40)
     feats = torch.randn(2, 40, 3)
     valid = torch.zeros(2, 40, dtype=torch.bool)
-    planes, index = ops.points_to_triplane(points, feats, 7, valid=valid, backend=backend)
+    planes, index = ops.points_to_triplane(points, feats, 7, valid=valid, backend=backend,
+                                           plane_axes="xy_xz_zy")
     assert (index == -1).all() and (planes == 0).all()
     valid[0, ::3] = True
     check_against_brute_force(points, feats, (7, 9), backend, valid=valid)
@@ -164,7 +166,7 @@ def test_p2t_single_point_all_invalid_max_distance(backend):
     bad = points.clone()
     bad[0, 0] = float("nan")
     bad[1, 1, 2] = float("inf")
-    _, index = ops.points_to_triplane(bad, feats, 9, backend=backend)
+    _, index = ops.points_to_triplane(bad, feats, 9, backend=backend, plane_axes="xy_xz_zy")
     assert (index[0] != 0).all() and (index[1, 1:] != 1).all()
 
 
@@ -183,12 +185,14 @@ def test_p2t_noncontiguous_and_dtypes():
     points = cloud("uniform", N=60).transpose(0, 1).contiguous().transpose(0, 1)
     feats = torch.randn(5, 2, 60).permute(1, 2, 0)
     assert not points.is_contiguous() and not feats.is_contiguous()
-    a = ops.points_to_triplane(points, feats, 9, backend="cpu")
-    b = points_to_triplane_reference(points.contiguous(), feats.contiguous(), 9)
+    a = ops.points_to_triplane(points, feats, 9, backend="cpu", plane_axes="xy_xz_zy")
+    b = points_to_triplane_reference(points.contiguous(), feats.contiguous(), 9,
+                                     plane_axes="xy_xz_zy")
     torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
     for dt in (torch.float64, torch.float16, torch.bfloat16):
-        a = ops.points_to_triplane(points.to(dt), feats.to(dt), 9, backend="cpu")
-        b = points_to_triplane_reference(points.to(dt), feats.to(dt), 9)
+        a = ops.points_to_triplane(points.to(dt), feats.to(dt), 9, backend="cpu",
+                                   plane_axes="xy_xz_zy")
+        b = points_to_triplane_reference(points.to(dt), feats.to(dt), 9, plane_axes="xy_xz_zy")
         assert a[0].dtype == dt
         torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
 
@@ -197,16 +201,19 @@ def test_p2t_noncontiguous_and_dtypes():
 def test_p2t_backward_gradcheck_opcheck_compile():
     points = cloud("clustered", N=80)
     feats = torch.randn(2, 80, 3, requires_grad=True)
-    (pa, _), (_, ga), cot = grads(lambda p, f: ops.points_to_triplane(p, f, (7, 8), backend="cpu"),
+    (pa, _), (_, ga), cot = grads(lambda p, f: ops.points_to_triplane(p, f, (7, 8), backend="cpu",
+                                                                      plane_axes="xy_xz_zy"),
                                   [points, feats])
-    (pb, _), (_, gb), _ = grads(lambda p, f: points_to_triplane_reference(p, f, (7, 8)),
+    (pb, _), (_, gb), _ = grads(lambda p, f: points_to_triplane_reference(p, f, (7, 8),
+                                                                          plane_axes="xy_xz_zy"),
                                 [points, feats], cot)
     assert_close(pa, pb)
     assert_close(ga, gb)
     f64 = torch.randn(1, 20, 2, dtype=torch.float64, requires_grad=True)
     p64 = cloud("uniform", B=1, N=20, dtype=torch.float64)
     assert torch.autograd.gradcheck(
-        lambda f: ops.points_to_triplane(p64, f, (5, 4), backend="cpu")[0], (f64,))
+        lambda f: ops.points_to_triplane(p64, f, (5, 4), backend="cpu",
+                                         plane_axes="xy_xz_zy")[0], (f64,))
     valid = torch.rand(2, 80) > 0.3
     torch.library.opcheck(torch.ops.pyface.points_to_triplane_index.default,
                           (points, valid, 6, 7, "eg3d", 1.0, True, 0.2))
@@ -222,7 +229,7 @@ def test_p2t_backward_gradcheck_opcheck_compile():
         return torch.ops.pyface.gather_features(f, idx.view(2, 3, 42), 0.0)
 
     out = torch.compile(fn, fullgraph=True, backend="aot_eager")(points, feats)
-    ref = points_to_triplane_reference(points, feats, (6, 7))[0]
+    ref = points_to_triplane_reference(points, feats, (6, 7), plane_axes="xy_xz_zy")[0]
     assert_close(out.view(2, 3, 3, 6, 7), ref)
 
 
@@ -230,7 +237,8 @@ def test_p2t_backward_gradcheck_opcheck_compile():
 def test_p2t_bad_input(backend):
     points = cloud("uniform", N=10)
     feats = torch.randn(2, 10, 3)
-    f = lambda *a, **k: ops.points_to_triplane(*a, backend=backend, **k)  # noqa: E731
+    f = lambda *a, **k: ops.points_to_triplane(  # noqa: E731
+        *a, backend=backend, **{"plane_axes": "xy_xz_zy", **k})
     with pytest.raises(ValueError, match=r"points: expected at least one point"):
         f(points[:, :0], feats[:, :0], 8)
     with pytest.raises(ValueError, match=r"features: expected shape \(B, N, C\)"):
@@ -407,7 +415,8 @@ def test_torch_compile_public_api():
     feats = torch.randn(2, 50, 3, requires_grad=True)
 
     def fn(p, f):
-        planes, _ = ops.points_to_triplane(p, f, (6, 5), max_distance=0.5, backend="cpu")
+        planes, _ = ops.points_to_triplane(p, f, (6, 5), max_distance=0.5, backend="cpu",
+                                           plane_axes="xy_xz_zy")
         image, _, _ = ops.splat_points(p, f, (7, 9), radius=1.0, backend="cpu")
         return planes.square().sum() + image.sin().sum()
 

@@ -228,8 +228,16 @@ def test_mip_composite_bad_input():
     if HAS_CPP:
         with pytest.raises(ValueError, match=r"densities: expected shape \(B, R, S\)"):
             torch.ops.pyface.mip_composite(f, s[:1], t, None, -1.0, False)
-        with pytest.raises(_backend.BackendUnavailableError, match="float16"):
-            ops.mip_composite(f.half(), s.half(), t.half(), backend="cpu")
+        # float16 / bfloat16 are computed in float32 (not refused, not sent to the reference)
+        for dt in (torch.float16, torch.bfloat16):
+            fh, sh, th = f.detach().to(dt), s.detach().to(dt), t.to(dt)
+            out = ops.mip_composite(fh, sh, th, backend="cpu")
+            ref = ops.mip_composite(fh.float(), sh.float(), th.float(), backend="cpu")
+            assert all(a.dtype == dt and torch.equal(a, b.to(dt)) for a, b in zip(out, ref))
+            u = torch.rand(2, 3, 3)
+            imp = ops.sample_importance(th, ref[2].detach().to(dt)[..., :4], 3, u=u,
+                                        backend="cpu")
+            assert imp.dtype == dt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,9 +316,9 @@ def test_sample_importance_bad_input():
 # render_triplane
 # ---------------------------------------------------------------------------------------------
 
-def _render_kw(B, R, nc=8, nf=6, seed=0, dtype=torch.float64, **kw):
+def _render_kw(B, R, nc=8, nf=6, seed=0, dtype=torch.float64, plane_axes="eg3d", **kw):
     gen = torch.Generator().manual_seed(seed + 100)
-    return dict(near=2.25, far=3.3, n_coarse=nc, n_fine=nf,
+    return dict(near=2.25, far=3.3, n_coarse=nc, n_fine=nf, plane_axes=plane_axes,
                 stratified_noise=torch.rand(B, R, nc, generator=gen, dtype=dtype),
                 importance_u=torch.rand(B, R, nf, generator=gen, dtype=dtype) if nf else None,
                 **kw)
@@ -356,7 +364,7 @@ def test_render_triplane_ray_grads_and_coarse_only():
 @needs_cpp
 def test_render_triplane_float32_and_random_draws():
     planes, o, d, w = scene(dtype=torch.float32)
-    kw = dict(near=2.25, far=3.3, n_coarse=12, n_fine=12)
+    kw = dict(near=2.25, far=3.3, n_coarse=12, n_fine=12, plane_axes="eg3d")
     torch.manual_seed(5)
     ref = render_triplane_reference(planes, o, d, w, **kw)
     torch.manual_seed(5)
@@ -420,7 +428,7 @@ def test_render_triplane_two_coarse_samples():
 
 def test_render_triplane_bad_input():
     planes, o, d, w = scene()
-    kw = dict(near=2.25, far=3.3, n_coarse=8, n_fine=4)
+    kw = dict(near=2.25, far=3.3, n_coarse=8, n_fine=4, plane_axes="eg3d")
     with pytest.raises(ValueError, match="ray_origins: expected a tensor on meta"):
         ops.render_triplane(planes.to("meta"), o, d, w, **kw)
     with pytest.raises(ValueError, match="decoder: expected tensors on meta"):
@@ -493,6 +501,149 @@ def test_render_triplane_triton_refuses_what_it_cannot_do():
 
 
 # ---------------------------------------------------------------------------------------------
+# render_triplane: gradcheck, compile, opcheck, random numbers, precision
+# ---------------------------------------------------------------------------------------------
+
+def _tiny_scene(dtype=torch.float64):
+    return scene(B=1, res=2, C=4, HW=6, dtype=dtype, hidden=8, c_out=2)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpp)])
+def test_render_triplane_gradcheck_float64(backend):
+    # coarse pass only: the importance samples are detached (EG3D), so a finite difference
+    # through them would not match the analytic gradient by design
+    planes, o, d, w = _tiny_scene()
+    o, d = o.clone().requires_grad_(), d.clone().requires_grad_()
+    kw = _render_kw(1, 4, nc=5, nf=0)
+
+    def fn(p, o, d, *w):
+        return ops.render_triplane(p, o, d, list(w), backend=backend, chunk_points=8, **kw)
+
+    assert torch.autograd.gradcheck(fn, (planes, o, d, *w), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpp)])
+def test_render_triplane_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    planes, o, d, w = _tiny_scene()
+    kw = _render_kw(1, 4, nc=6, nf=4)
+
+    def fn(p, *w):
+        return ops.render_triplane(p, o, d, list(w), backend=backend, **kw)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    _compare_render(compiled(planes, *w), render_triplane_reference(planes, o, d, w, **kw),
+                    [planes, *w], torch.float64)
+
+
+@pytest.mark.triton_interpret
+def test_render_triplane_triton_op_opcheck():
+    # schema and autograd registration of the triton_op; the fake-tensor and compile checks need
+    # compiled kernels (the interpreter reads real memory): test_gpu_render_triplane_triton_op
+    from pyface._ops.render import triton_op
+
+    planes, o, d, w = _tiny_scene(torch.float32)
+    kw = _render_kw(1, 4, nc=6, nf=4, dtype=torch.float32)
+    triton_op()
+    tc = sample_stratified_reference(o, 2.25, 3.3, 6, kw["stratified_noise"])
+    args = (planes, *w, o, d, tc, kw["importance_u"], "eg3d", 1.0, -1.0, False)
+    torch.library.opcheck(torch.ops.pyface.render_triplane_triton.default, args,
+                          test_utils=("test_schema", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpp),
+                                     pytest.param("triton", marks=pytest.mark.triton_interpret)])
+def test_render_triplane_draws_eg3d_random_numbers_once(backend):
+    planes, o, d, w = _tiny_scene(torch.float32)
+    kw = dict(near=2.25, far=3.3, n_coarse=6, n_fine=4, plane_axes="eg3d")
+    torch.manual_seed(3)
+    noise, u = torch.rand(1, 4, 6), torch.rand(1, 4, 4)
+    after = torch.rand(8)
+    ref = render_triplane_reference(planes, o, d, w, stratified_noise=noise, importance_u=u, **kw)
+    torch.manual_seed(3)
+    out = ops.render_triplane(planes, o, d, w, backend=backend, **kw)
+    assert torch.equal(torch.rand(8), after)  # exactly those draws, in EG3D's order
+    for a, b in zip(out, ref):
+        assert_close(a, b, scale=20)
+
+
+@pytest.mark.triton_interpret
+def test_render_triplane_triton_nan_ray_gets_nan_gradient():
+    # the shared tap and plane-to-point gradient helpers propagate NaN coordinates (as the
+    # tri-plane kernel always did, and as the reference does); other rays are unaffected
+    planes, o, d, w = scene(B=1, res=2, C=8, HW=8, dtype=torch.float32)
+    o = o.clone()
+    o[0, 1, 0] = float("nan")
+    o.requires_grad_()
+    kw = _render_kw(1, 4, nc=6, nf=0, dtype=torch.float32)
+    out = ops.render_triplane(planes, o, d, w, backend="triton", **kw)
+    ref = render_triplane_reference(planes, o, d, w, **kw)
+    (g,) = torch.autograd.grad(out[0].sum(), o)
+    (g_ref,) = torch.autograd.grad(ref[0].sum(), o)
+    assert torch.isnan(g[0, 1]).all() and torch.isnan(out[0][0, 1]).all()
+    assert torch.isnan(ref[0][0, 1]).all() and torch.isnan(g_ref[0, 1]).all()
+    assert_close(out[1], ref[1])  # a NaN ray's depth is the clamp's upper end, as EG3D's
+    keep = [0, 2, 3]
+    assert_close(g[0, keep], g_ref[0, keep], scale=20)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpp),
+                                     pytest.param("triton", marks=pytest.mark.triton_interpret)])
+def test_render_triplane_half_precision_computes_in_float32(dtype, backend):
+    planes, o, d, w = scene(B=1, res=2, C=8, HW=8, dtype=torch.float32)
+    half = planes.detach().to(dtype).requires_grad_()
+    w = [x.detach().requires_grad_() for x in w]
+    kw = _render_kw(1, 4, nc=6, nf=4, dtype=torch.float32)
+    out = ops.render_triplane(half, o, d, w, backend=backend, **kw)
+    assert [x.dtype for x in out] == [dtype] * 3
+    planes32 = half.detach().float().requires_grad_()
+    ref = ops.render_triplane(planes32, o, d, w, backend=backend, **kw)
+    for a, b in zip(out, ref):
+        assert torch.equal(a, b.to(dtype))
+    (g,) = torch.autograd.grad(out[0].float().sum(), half)
+    (g_ref,) = torch.autograd.grad(ref[0].to(dtype).float().sum(), planes32)
+    assert g.dtype == dtype
+    assert_close(g.float(), g_ref.to(dtype).float())
+
+
+@needs_cpp
+def test_render_triplane_under_autocast_runs_the_compiled_path(monkeypatch):
+    from pyface.nn import OSGDecoder
+
+    chosen = []
+    select = _backend.select_backend
+
+    def spy(op, device, backend, dtype=None):
+        chosen.append((op, select(op, device, backend, dtype)))
+        return chosen[-1][1]
+
+    monkeypatch.setattr(_backend, "select_backend", spy)
+    planes, o, d, w = scene(B=1, res=2, C=8, HW=8, dtype=torch.float32)
+    kw = _render_kw(1, 4, nc=6, nf=4, dtype=torch.float32)
+    ref = ops.render_triplane(planes, o, d, w, **kw)
+    chosen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.render_triplane(planes.to(torch.bfloat16), o, d, w, **kw)
+        # a decoder module runs under the caller's autocast (bfloat16 matmuls)
+        dec = OSGDecoder(8, 16, 5)
+        out_m = ops.render_triplane(planes, o, d, dec, **kw)
+    assert chosen and all(b == "cpu" for _, b in chosen)
+    assert [x.dtype for x in out] == [torch.bfloat16] * 3 and out_m[0].dtype == torch.float32
+    for a, b in zip(out, ref):
+        assert_close(a.float(), b.to(torch.bfloat16).float(), scale=1e4)
+    torch.autograd.grad(out_m[0].sum(), list(dec.parameters()))
+    # the compositing ops under autocast: float32 in, float32 out, no dtype error
+    f, s, t = rand_composite_inputs(1, 3, 6, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        comp = ops.mip_composite(f.to(torch.bfloat16), s, t)
+        direct = torch.ops.pyface.mip_composite(f.to(torch.bfloat16), s.to(torch.bfloat16), t,
+                                                None, -1.0, False)
+    assert comp[0].dtype == torch.float32 and direct[0].dtype == torch.float32
+    assert_close(comp[0], mip_composite_reference(f.to(torch.bfloat16).float(), s, t)[0])
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU (skipped without CUDA)
 # ---------------------------------------------------------------------------------------------
 
@@ -514,6 +665,27 @@ def test_gpu_composite_and_importance_vs_reference(white_back):
     tc = t[..., :48].contiguous()
     assert_close(ops.sample_importance(tc, w, 48, u=u, backend="cuda"),
                  sample_importance_reference(tc, w, 48, u), scale=10)
+
+
+@pytest.mark.gpu
+def test_gpu_render_triplane_triton_op():
+    from pyface._ops.render import triton_op
+
+    torch._dynamo.reset()
+    planes, o, d, w = scene(B=1, res=4, C=16, HW=16, dtype=torch.float32, hidden=16, c_out=4)
+    planes, o, d = planes.detach().cuda().requires_grad_(), o.cuda(), d.cuda()
+    w = [x.detach().cuda().requires_grad_() for x in w]
+    kw = _render_kw(1, 16, nc=8, nf=8, dtype=torch.float32)
+    kw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    triton_op()
+    tc = sample_stratified_reference(o, 2.25, 3.3, 8, kw["stratified_noise"])
+    torch.library.opcheck(torch.ops.pyface.render_triplane_triton.default,
+                          (planes, *w, o, d, tc, kw["importance_u"], "eg3d", 1.0, -1.0, False))
+    fn = torch.compile(lambda p, *w: ops.render_triplane(p, o, d, list(w), backend="triton",
+                                                         **kw), fullgraph=True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    _compare_render(fn(planes, *w), render_triplane_reference(planes, o, d, w, **kw),
+                    [planes, *w], torch.float32, scale=100)
 
 
 @pytest.mark.gpu

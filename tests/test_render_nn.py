@@ -18,6 +18,7 @@ from pyface.nn import (
 )
 from pyface.ops.reference import render_triplane_reference, triplane_sample_reference
 from pyface.testing import assert_close
+from pyface.train import Phase, Trainer, TrainableModel, build_experiment
 
 needs_cpp = pytest.mark.skipif(_backend.extension() is None, reason="pyface._C is not built")
 
@@ -99,7 +100,8 @@ def test_density_regularizers_match_eg3d_loss():
                                              reduce="none"))["sigma"][..., 0]
 
     gen = torch.Generator().manual_seed(7)
-    loss = density_l1_regularizer(planes, dec, n_points=50, p_dist=0.004, generator=gen)
+    loss = density_l1_regularizer(planes, dec, n_points=50, p_dist=0.004, generator=gen,
+                                  plane_axes="eg3d")
     gen = torch.Generator().manual_seed(7)
     x = torch.rand(2, 50, 3, dtype=torch.float64, generator=gen) * 2 - 1
     y = x + torch.randn(x.shape, dtype=torch.float64, generator=gen) * 0.004
@@ -112,7 +114,7 @@ def test_density_regularizers_match_eg3d_loss():
     for detach in (True, False):
         gen = torch.Generator().manual_seed(3)
         loss = density_monotonic_regularizer(planes, dec, n_points=60, detach=detach,
-                                             generator=gen)
+                                             generator=gen, plane_axes="eg3d")
         gen = torch.Generator().manual_seed(3)
         x = torch.rand(2, 60, 3, dtype=torch.float64, generator=gen) * 2 - 1
         y = x + torch.tensor([0.0, 0.0, -1.0], dtype=torch.float64) / 256
@@ -122,6 +124,91 @@ def test_density_regularizers_match_eg3d_loss():
     # works with a plain callable decoder and with the raw weights too
     w = dec.effective_weights()
     gen = torch.Generator().manual_seed(7)
-    assert_close(density_l1_regularizer(planes, w, n_points=50, generator=gen),
-                 density_l1_regularizer(planes, dec, n_points=50,
+    assert_close(density_l1_regularizer(planes, w, n_points=50, generator=gen, plane_axes="eg3d"),
+                 density_l1_regularizer(planes, dec, n_points=50, plane_axes="eg3d",
                                         generator=torch.Generator().manual_seed(7)))
+
+
+class _TinyRenderModel(TrainableModel):
+    """image (B, 3, 8, 8) -> conv -> tri-plane -> TriplaneRenderer at 4^2 -> L1 to the image."""
+
+    @dataclasses.dataclass
+    class Config:
+        lr: float = 1e-3
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = torch.nn.Conv2d(3, 3 * 8, 3, padding=1)
+        self.decoder = OSGDecoder(8, 16, 3)
+        self.renderer = TriplaneRenderer(RenderConfig.ffhq(depth_resolution=6,
+                                                           depth_resolution_importance=4))
+        self.plane_dtypes = []
+
+    def build_optimizers(self):
+        return {"main": torch.optim.Adam(self.parameters(), self.cfg.lr)}
+
+    def phases(self):
+        return [Phase("main", "main")]
+
+    def step(self, phase, batch, ctx):
+        from pyface.ops import ray_bundle
+
+        image = batch["image"]
+        B = image.shape[0]
+        planes = self.encoder(image).view(B, 3, 8, 8, 8)
+        self.plane_dtypes.append(planes.dtype)
+        o, d = ray_bundle(_cameras(B).float(), 4)
+        raw = self.renderer(planes, self.decoder, o, d).images(4)["image_raw"]
+        target = F.interpolate(image, size=4, mode="area")
+        return {"loss": (raw.float() - target.float()).abs().mean()}
+
+
+@needs_cpp
+def test_bf16_training_step_of_a_model_that_renders(tmp_path, monkeypatch):
+    """The engine's precision=bf16 (CPU autocast) reaches render_triplane with bfloat16 planes:
+    no dtype error, the compiled backends run (no reference fallback), the weights train."""
+    from pyface.train.data import ProceduralFaces
+
+    chosen = []
+    select = _backend.select_backend
+
+    def spy(op, device, backend, dtype=None):
+        chosen.append((op, select(op, device, backend, dtype)))
+        return chosen[-1][1]
+
+    monkeypatch.setattr(_backend, "select_backend", spy)
+    exp = build_experiment("render", _TinyRenderModel.Config, overrides=[
+        f"train.run_dir={tmp_path / 'run'}", "train.batch_size=2", "train.steps=2",
+        "train.precision=bf16", "train.progress=false", "train.tensorboard=false",
+        "train.image_every=0", "train.ckpt_every=0", "train.log_every=1"])
+    torch.manual_seed(0)
+    model = _TinyRenderModel(exp.model_config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = Trainer(exp, model=model, dataset=ProceduralFaces(size=8, resolution=8)).fit()
+    assert math.isfinite(res.losses["main/loss"])
+    assert model.plane_dtypes and all(dt == torch.bfloat16 for dt in model.plane_dtypes)
+    ops_run = {op for op, _ in chosen}
+    assert {"render_triplane", "mip_composite", "sample_importance"} <= ops_run
+    assert all(b == "cpu" for _, b in chosen), chosen
+    assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_density_regularizers_in_half_precision_compute_in_float32(dtype):
+    # the L1 term compares densities 0.004 apart: half-precision points or MLP would round the
+    # difference away, so the points and the decoder run in float32 as in the renderer
+    torch.manual_seed(0)
+    dec = OSGDecoder(8, 16, 3)
+    planes = torch.randn(2, 3, 8, 16, 16).to(dtype)
+    for reg in (density_l1_regularizer, density_monotonic_regularizer):
+        half = reg(planes, dec, n_points=64, plane_axes="eg3d",
+                   generator=torch.Generator().manual_seed(3))
+        ref = reg(planes.float(), dec, n_points=64, plane_axes="eg3d",
+                  generator=torch.Generator().manual_seed(3))
+        assert half.dtype == torch.float32
+        assert torch.equal(half, ref)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = reg(planes.float(), dec, n_points=64, plane_axes="eg3d",
+                       generator=torch.Generator().manual_seed(3))
+        assert torch.equal(auto, ref)

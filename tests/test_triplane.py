@@ -64,7 +64,8 @@ def test_reference_is_eg3d(align_corners):
 @pytest.mark.parametrize("align_corners", (False, True))
 def test_reference_xy_xz_zy_per_plane(align_corners):
     planes, points = make()
-    out = triplane_sample_reference(planes, points, reduce="none", align_corners=align_corners)
+    out = triplane_sample_reference(planes, points, reduce="none", align_corners=align_corners,
+                                    plane_axes="xy_xz_zy")
     uv = {0: (0, 1), 1: (0, 2), 2: (2, 1)}
     for p in range(3):
         grid = (2 * points[..., list(uv[p])]).unsqueeze(1)
@@ -101,8 +102,10 @@ def test_cpu_matches_reference(case, plane_axes, reduce, align_corners):
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 def test_cpu_low_precision(dtype):
     planes, points = make(C=8, dtype=dtype)
-    out, g, cot = grads(lambda p, x: triplane_sample(p, x, backend="cpu"), [planes, points])
-    ref, g_ref, _ = grads(triplane_sample_reference, [planes, points], cot)
+    out, g, cot = grads(lambda p, x: triplane_sample(p, x, backend="cpu",
+                                                     plane_axes="xy_xz_zy"), [planes, points])
+    ref, g_ref, _ = grads(lambda p, x: triplane_sample_reference(p, x, plane_axes="xy_xz_zy"),
+                          [planes, points], cot)
     assert out[0].dtype == dtype and g[0].dtype == dtype and g[1].dtype == torch.float32
     assert_close(out[0], ref[0])
     assert_close(g[0], g_ref[0])
@@ -151,17 +154,20 @@ def test_torch_compile_fullgraph():
 def test_torch_compile_inductor_reference_and_cpu():
     planes, points = make(C=4)
     for backend in ("reference", "cpu"):
-        fn = torch.compile(lambda p, x: triplane_sample(p, x, backend=backend), fullgraph=True)
-        assert_close(fn(planes, points), triplane_sample_reference(planes, points))
+        fn = torch.compile(lambda p, x: triplane_sample(p, x, backend=backend,
+                                                        plane_axes="xy_xz_zy"), fullgraph=True)
+        assert_close(fn(planes, points), triplane_sample_reference(planes, points,
+                                                                   plane_axes="xy_xz_zy"))
 
 
 @pytest.mark.parametrize("B,N", [(2, 0), (0, 5), (0, 0)])
 def test_empty(B, N):
     planes, points = make(B=B, N=N)
     for backend in ("cpu", "reference"):
-        out = triplane_sample(planes, points, backend=backend)
+        out = triplane_sample(planes, points, backend=backend, plane_axes="xy_xz_zy")
         assert out.shape == (B, N, 5)
-        out_none = triplane_sample(planes, points, reduce="none", backend=backend)
+        out_none = triplane_sample(planes, points, reduce="none", backend=backend,
+                                   plane_axes="xy_xz_zy")
         assert out_none.shape == (B, 3, N, 5)
         gp, gx = torch.autograd.grad(out.sum(), (planes, points), allow_unused=True)
         assert gp is None or (gp.shape == planes.shape and not gp.any())
@@ -172,7 +178,7 @@ def test_nan_points_propagate_and_outside_is_zero():
     with torch.no_grad():
         points[0, 0, 0] = float("nan")
         points[0, 1] = torch.tensor([50.0, -1e30, float("inf")])
-    out = triplane_sample(planes, points, backend="cpu")
+    out = triplane_sample(planes, points, backend="cpu", plane_axes="xy_xz_zy")
     assert torch.isnan(out[0, 0]).all()
     assert (out[0, 1] == 0).all()
     assert torch.isfinite(out[0, 2:]).all() and torch.isfinite(out[1]).all()
@@ -184,8 +190,8 @@ def test_nan_in_planes_propagates():
     planes, points = make(N=50, spread=0.45)  # all inside the box
     with torch.no_grad():
         planes[0, 0, 1].fill_(float("nan"))
-    out = triplane_sample(planes, points, backend="cpu")
-    ref = triplane_sample_reference(planes, points)
+    out = triplane_sample(planes, points, backend="cpu", plane_axes="xy_xz_zy")
+    ref = triplane_sample_reference(planes, points, plane_axes="xy_xz_zy")
     assert torch.equal(torch.isnan(out), torch.isnan(ref))
     assert torch.isnan(out[0, :, 1]).all() and not torch.isnan(out[0, :, 0]).any()
 
@@ -193,7 +199,7 @@ def test_nan_in_planes_propagates():
 def test_points_dtype_float64_with_float32_planes():
     planes, points = make()
     x64 = points.detach().double().requires_grad_()
-    out = triplane_sample(planes, x64, backend="cpu")
+    out = triplane_sample(planes, x64, backend="cpu", plane_axes="xy_xz_zy")
     assert out.dtype == torch.float32
     (gx,) = torch.autograd.grad(out.sum(), x64)
     assert gx.dtype == torch.float64
@@ -202,9 +208,9 @@ def test_points_dtype_float64_with_float32_planes():
 def test_only_points_grad():
     planes, points = make()
     planes = planes.detach()
-    out = triplane_sample(planes, points, backend="cpu")
+    out = triplane_sample(planes, points, backend="cpu", plane_axes="xy_xz_zy")
     (gx,) = torch.autograd.grad(out.sum(), points)
-    ref = triplane_sample_reference(planes, points)
+    ref = triplane_sample_reference(planes, points, plane_axes="xy_xz_zy")
     (gx_ref,) = torch.autograd.grad(ref.sum(), points)
     assert_close(gx, gx_ref, scale=10)
 
@@ -231,7 +237,7 @@ def test_bad_input(mutate, exc, match, backend):
     planes, points = make()
     p, x = mutate(planes.detach(), points.detach())
     with pytest.raises(exc, match=match):
-        triplane_sample(p, x, backend=backend)
+        triplane_sample(p, x, backend=backend, plane_axes="xy_xz_zy")
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -244,13 +250,13 @@ def test_bad_input(mutate, exc, match, backend):
 def test_bad_options(kwargs, match):
     planes, points = make()
     with pytest.raises(ValueError, match=match):
-        triplane_sample(planes, points, **kwargs)
+        triplane_sample(planes, points, **{"plane_axes": "xy_xz_zy", **kwargs})
 
 
 def test_unavailable_backend_is_a_clear_error():
     planes, points = make()
     with pytest.raises(_backend.BackendUnavailableError, match="'cuda' cannot run on cpu tensors"):
-        triplane_sample(planes, points, backend="cuda")
+        triplane_sample(planes, points, backend="cuda", plane_axes="xy_xz_zy")
 
 
 @pytest.mark.parametrize("args,match", [
@@ -294,10 +300,10 @@ def test_fallback_is_announced_once(monkeypatch):
     monkeypatch.setattr(_backend, "_warned", set())
     planes, points = make()
     with pytest.warns(_backend.PyfaceFallbackWarning, match="pretend the extension is missing"):
-        triplane_sample(planes, points)
+        triplane_sample(planes, points, plane_axes="xy_xz_zy")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        triplane_sample(planes, points)  # second call: silent
+        triplane_sample(planes, points, plane_axes="xy_xz_zy")  # second call: silent
     assert spec.name == "triplane_sample"
 
 
@@ -349,11 +355,12 @@ def test_triton_interpreter(plane_axes, reduce, case):
 @pytest.mark.triton_interpret
 def test_triton_interpreter_empty_and_nan():
     planes, points = make(N=0)
-    assert triplane_sample(planes, points, backend="triton").shape == (2, 0, 5)
+    assert triplane_sample(planes, points, backend="triton",
+                           plane_axes="xy_xz_zy").shape == (2, 0, 5)
     planes, points = make(N=3)
     with torch.no_grad():
         points[1, 2, 1] = float("nan")
-    out = triplane_sample(planes, points, backend="triton")
+    out = triplane_sample(planes, points, backend="triton", plane_axes="xy_xz_zy")
     assert torch.isnan(out[1, 2]).all() and torch.isfinite(out[0]).all()
 
 
@@ -379,11 +386,13 @@ def test_gpu_matches_reference(backend, dtype, layout, reduce):
 def test_gpu_gradcheck_float64_and_compile():
     planes, points = make(B=1, C=2, H=4, W=5, N=6, dtype=torch.float64, device="cuda")
     points = points.detach().double().requires_grad_()
-    fn = lambda p, x: triplane_sample(p, x, backend="cuda")  # noqa: E731
+    fn = lambda p, x: triplane_sample(p, x, backend="cuda", plane_axes="xy_xz_zy")  # noqa: E731
     assert torch.autograd.gradcheck(fn, (planes, points), eps=1e-6, atol=1e-6,
                                     nondet_tol=1e-12)
     planes, points = make(C=32, device="cuda")
     for backend in ("cuda", "triton"):
-        compiled = torch.compile(lambda p, x: triplane_sample(p, x, backend=backend),
+        compiled = torch.compile(lambda p, x: triplane_sample(p, x, backend=backend,
+                                                              plane_axes="xy_xz_zy"),
                                  fullgraph=True)
-        assert_close(compiled(planes, points), triplane_sample_reference(planes, points))
+        assert_close(compiled(planes, points), triplane_sample_reference(planes, points,
+                                                                         plane_axes="xy_xz_zy"))

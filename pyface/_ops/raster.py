@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from pyface._ops import fused_backward
+
 
 def _gather_setup(ctx, inputs, output):
     features, index, background = inputs
@@ -72,7 +74,12 @@ def register_cpp() -> None:
     def _gather_bwd_fake(grad, index, num_points):
         return grad.new_empty((grad.shape[0], num_points, grad.shape[2]))
 
-    torch.library.register_autograd("pyface::gather_features", _gather_backward,
+    torch.library.register_autograd("pyface::gather_features",
+                                    fused_backward("gather_features (splat_points, "
+                                                   "points_to_triplane)", atomics=("cuda",))(
+                                        _gather_backward),
                                     setup_context=_gather_setup)
-    torch.library.register_autograd("pyface::mesh_interpolate", _interp_backward,
+    torch.library.register_autograd("pyface::mesh_interpolate",
+                                    fused_backward("rasterize_mesh", atomics=("cuda",))(
+                                        _interp_backward),
                                     setup_context=_interp_setup)

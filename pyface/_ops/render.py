@@ -1,10 +1,12 @@
-"""Registration of the volume-rendering ops: C++ (fake kernels + autograd) and the fused Triton
-renderer (an autograd Function)."""
+"""Registration of the volume-rendering ops: C++ (fake kernels, autograd, autocast) and the
+fused Triton renderer (a ``triton_op`` with registered autograd)."""
 from __future__ import annotations
+
+import functools
 
 import torch
 
-from pyface._backend import triton_interpret
+from pyface._ops import fused_backward, register_autocast_float32, triton_interpret
 
 
 def _composite_setup_context(ctx, inputs, output):
@@ -45,50 +47,77 @@ def register_cpp() -> None:
         B, R, _ = depths.shape
         return depths.new_empty((B, R, u.shape[2]))
 
-    torch.library.register_autograd("pyface::mip_composite", _composite_backward,
+    for op in ("pyface::mip_composite", "pyface::sample_importance"):
+        register_autocast_float32(op)
+    torch.library.register_autograd("pyface::mip_composite",
+                                    fused_backward("mip_composite")(_composite_backward),
                                     setup_context=_composite_setup_context)
 
 
-class _FusedRender(torch.autograd.Function):
-    """The fused Triton renderer; the backward recomputes every per-sample value."""
+@functools.lru_cache(maxsize=None)
+def triton_op():
+    """The fused Triton renderer as ``torch.ops.pyface.render_triplane_triton`` (a
+    ``torch.library.triton_op`` with registered autograd, so ``torch.compile`` traces the kernel
+    launches; defined on first use)."""
+    from torch.library import triton_op as _triton_op
+    from torch.library import wrap_triton
 
-    @staticmethod
-    def forward(ctx, planes, w1, b1, w2, b2, o, d, tc, u, opts):
-        from pyface.kernels import render as rk
+    from pyface.kernels import render as rk
 
-        feats, depth, wsum, merged = rk.forward(planes, w1, b1, w2, b2, o, d, tc, u, **opts,
-                                                interpret=triton_interpret())
-        ctx.save_for_backward(planes, w1, b1, w2, b2, o, d, merged, tc)
+    def _opts(plane_axes, box_size, density_bias, white_back):
+        return dict(plane_axes=plane_axes, box_size=box_size, density_bias=density_bias,
+                    white_back=white_back)
+
+    @_triton_op("pyface::render_triplane_triton", mutates_args={})
+    def render_triplane_triton(planes: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+                               w2: torch.Tensor, b2: torch.Tensor, ray_origins: torch.Tensor,
+                               ray_dirs: torch.Tensor, coarse_depths: torch.Tensor,
+                               importance_u: torch.Tensor | None, plane_axes: str,
+                               box_size: float, density_bias: float, white_back: bool
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor]:
+        """float32 inputs -> features (B, R, C_out), depth (B, R, 1), weights_sum (B, R, 1),
+        merged sample depths (B, R, S) (saved for the backward)."""
+        return rk.forward(planes, w1, b1, w2, b2, ray_origins, ray_dirs, coarse_depths,
+                          importance_u, **_opts(plane_axes, box_size, density_bias, white_back),
+                          wrap=wrap_triton, interpret=triton_interpret())
+
+    @_triton_op("pyface::render_triplane_triton_bwd", mutates_args={})
+    def render_triplane_triton_bwd(
+            grad_features: torch.Tensor, grad_depth: torch.Tensor, grad_weights_sum: torch.Tensor,
+            planes: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+            b2: torch.Tensor, ray_origins: torch.Tensor, ray_dirs: torch.Tensor,
+            merged_depths: torch.Tensor, coarse_depths: torch.Tensor, plane_axes: str,
+            box_size: float, density_bias: float, white_back: bool, need_planes_grad: bool,
+            need_decoder_grad: bool, need_rays_grad: bool) -> list[torch.Tensor]:
+        """Gradients (planes, w1, b1, w2, b2, ray_origins, ray_dirs); empty where not asked."""
+        g = rk.backward(grad_features, grad_depth, grad_weights_sum, planes, w1, b1, w2, b2,
+                        ray_origins, ray_dirs, merged_depths, coarse_depths,
+                        **_opts(plane_axes, box_size, density_bias, white_back),
+                        need_planes=need_planes_grad, need_decoder=need_decoder_grad,
+                        need_rays=need_rays_grad, wrap=wrap_triton, interpret=triton_interpret())
+        return [x if x is not None else planes.new_empty((0,)) for x in g]
+
+    def _setup(ctx, inputs, output):
+        planes, w1, b1, w2, b2, o, d, tc, u, *opts = inputs
+        ctx.save_for_backward(planes, w1, b1, w2, b2, o, d, output[3], tc)
         ctx.opts = opts
-        return feats, depth, wsum
+        ctx.mark_non_differentiable(output[3])
 
-    @staticmethod
-    def backward(ctx, g_feats, g_depth, g_wsum):
-        from pyface.kernels import render as rk
-
+    def _backward(ctx, g_feats, g_depth, g_wsum, _g_merged):
         planes, w1, b1, w2, b2, o, d, merged, tc = ctx.saved_tensors
         need = ctx.needs_input_grad
-        g = rk.backward(g_feats, g_depth, g_wsum, planes, w1, b1, w2, b2, o, d, merged, tc,
-                        **ctx.opts, need_planes=need[0], need_decoder=any(need[1:5]),
-                        need_rays=need[5] or need[6], interpret=triton_interpret())
-        return (g[0], *(g[i] if need[i] else None for i in range(1, 7)), None, None, None)
+        B, R = merged.shape[:2]
+        shapes = ((B, R, w2.shape[0] - 1), (B, R, 1), (B, R, 1))
+        grads = [g if g is not None else merged.new_zeros(shape)
+                 for g, shape in zip((g_feats, g_depth, g_wsum), shapes)]
+        g = render_triplane_triton_bwd(*grads, planes, w1, b1, w2, b2, o, d, merged, tc,
+                                       *ctx.opts, need[0], any(need[1:5]), need[5] or need[6])
+        return (*(g[i] if need[i] else None for i in range(7)), None, None, None, None, None,
+                None)
 
-
-def render_triton(planes, ray_origins, ray_dirs, decoder, noise, u, *, near, far, n_coarse,
-                  n_fine, plane_axes, box_size, density_bias, white_back):
-    """``render_triplane`` through the fused Triton kernels (float32, OSG decoder weights)."""
-    from pyface.ops.reference.render import sample_stratified_reference
-
-    B, R, _ = ray_origins.shape
-    dev, dt = ray_origins.device, ray_origins.dtype
-    if noise is None:
-        noise = torch.rand(B, R, n_coarse, device=dev, dtype=dt)
-    if n_fine > 0 and u is None:
-        u = torch.rand(B, R, n_fine, device=dev, dtype=dt)
-    tc = sample_stratified_reference(ray_origins, near, far, n_coarse, noise)
-    w1, b1, w2, b2 = (w.to(torch.float32) for w in decoder)
-    opts = dict(plane_axes=plane_axes, box_size=box_size, density_bias=density_bias,
-                white_back=white_back)
-    return _FusedRender.apply(planes, w1, b1, w2, b2, ray_origins.float(), ray_dirs.float(),
-                              tc.detach().float(),
-                              u.float() if n_fine > 0 else None, opts)
+    render_triplane_triton.register_autograd(
+        fused_backward("render_triplane", atomics=("triton",), triton=True)(_backward),
+        setup_context=_setup)
+    register_autocast_float32("pyface::render_triplane_triton")
+    return render_triplane_triton

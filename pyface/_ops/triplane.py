@@ -5,7 +5,7 @@ import functools
 
 import torch
 
-from pyface._backend import triton_interpret
+from pyface._ops import fused_backward, triton_interpret
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -50,7 +50,9 @@ def register_cpp() -> None:
         g_points = points.new_empty(points.shape if need_points_grad else (0,))
         return g_planes, g_points
 
-    torch.library.register_autograd("pyface::triplane_sample", _backward_cpp,
+    torch.library.register_autograd("pyface::triplane_sample",
+                                    fused_backward("triplane_sample", atomics=("cuda",))(
+                                        _backward_cpp),
                                     setup_context=_setup_context)
 
 
@@ -89,5 +91,7 @@ def triton_op():
         return (g_planes if need_planes else None, g_points if need_points else None,
                 None, None, None, None)
 
-    triplane_sample_triton.register_autograd(_backward, setup_context=_setup_context)
+    triplane_sample_triton.register_autograd(
+        fused_backward("triplane_sample", atomics=("triton",), triton=True)(_backward),
+        setup_context=_setup_context)
     return triplane_sample_triton

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pyface._backend import triton_interpret
+from pyface._ops import fused_backward, triton_interpret
 
 
 def _none(like: torch.Tensor) -> torch.Tensor:
@@ -153,16 +153,20 @@ def register_cpp() -> None:
 
     ops = torch.ops.pyface
     torch.library.register_autograd("pyface::warp_volume",
-                                    _warp_volume_backward(ops.warp_volume_bwd),
+                                    fused_backward("warp_volume", atomics=("cuda",))(
+                                        _warp_volume_backward(ops.warp_volume_bwd)),
                                     setup_context=_warp_volume_setup)
     torch.library.register_autograd("pyface::keypoint_flow",
-                                    _keypoint_flow_backward(ops.keypoint_flow_bwd),
+                                    fused_backward("keypoint_flow", atomics=("cuda",))(
+                                        _keypoint_flow_backward(ops.keypoint_flow_bwd)),
                                     setup_context=_keypoint_flow_setup)
     torch.library.register_autograd("pyface::warp_by_keypoints",
-                                    _warp_by_keypoints_backward(ops.warp_by_keypoints_bwd),
+                                    fused_backward("warp_by_keypoints", atomics=("cuda",))(
+                                        _warp_by_keypoints_backward(ops.warp_by_keypoints_bwd)),
                                     setup_context=_warp_by_keypoints_setup)
     torch.library.register_autograd("pyface::motion_field_input",
-                                    _motion_field_input_backward(ops.motion_field_input_bwd),
+                                    fused_backward("motion_field_input", atomics=("cuda",))(
+                                        _motion_field_input_backward(ops.motion_field_input_bwd)),
                                     setup_context=_motion_field_input_setup)
 
 
@@ -273,15 +277,22 @@ def _define_triton_ops() -> dict:
                                          need_volume_grad, need_kp_grad, need_jacobian_grad,
                                          **kw())
 
-    warp_volume_triton.register_autograd(_warp_volume_backward(warp_volume_triton_bwd),
-                                         setup_context=_warp_volume_setup)
-    keypoint_flow_triton.register_autograd(_keypoint_flow_backward(keypoint_flow_triton_bwd),
-                                           setup_context=_keypoint_flow_setup)
+    def triton_backward(name, backward):
+        return fused_backward(name, atomics=("triton",), triton=True)(backward)
+
+    warp_volume_triton.register_autograd(
+        triton_backward("warp_volume", _warp_volume_backward(warp_volume_triton_bwd)),
+        setup_context=_warp_volume_setup)
+    keypoint_flow_triton.register_autograd(
+        triton_backward("keypoint_flow", _keypoint_flow_backward(keypoint_flow_triton_bwd)),
+        setup_context=_keypoint_flow_setup)
     warp_by_keypoints_triton.register_autograd(
-        _warp_by_keypoints_backward(warp_by_keypoints_triton_bwd),
+        triton_backward("warp_by_keypoints",
+                        _warp_by_keypoints_backward(warp_by_keypoints_triton_bwd)),
         setup_context=_warp_by_keypoints_setup)
     motion_field_input_triton.register_autograd(
-        _motion_field_input_backward(motion_field_input_triton_bwd),
+        triton_backward("motion_field_input",
+                        _motion_field_input_backward(motion_field_input_triton_bwd)),
         setup_context=_motion_field_input_setup)
     return {"warp_volume": warp_volume_triton, "keypoint_flow": keypoint_flow_triton,
             "warp_by_keypoints": warp_by_keypoints_triton,

@@ -5,9 +5,13 @@
 # papers and the upstream's documented behaviour; no upstream code is copied. pyface's code is
 # licensed under Apache-2.0 (LICENSE).
 """Tri-plane volume renderer modules: EG3D's ``ImportanceRenderer`` and ``OSGDecoder``, and the
-density regularisers of EG3D and OTAvatar, on top of :func:`pyface.ops.render_triplane`."""
+density regularisers of EG3D and OTAvatar, on top of :func:`pyface.ops.render_triplane`.
+
+They call fused ops: first-order gradients are exact; double backward needs
+``RenderConfig(backend="reference")`` (the fused backwards raise an error naming the op)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -60,9 +64,11 @@ class OSGDecoder(nn.Module):
         return {"rgb": rgb, "sigma": x[..., 0:1]}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class RenderConfig:
-    """Rendering options (EG3D's ``rendering_kwargs``); defaults are EG3D's FFHQ configuration.
+    """Rendering options (EG3D's ``rendering_kwargs``); defaults are EG3D's FFHQ configuration,
+    except ``plane_axes``, which has none (the presets :meth:`ffhq` and
+    :meth:`ffhq_corrected_axes` set it).
 
     Attributes:
         depth_resolution: coarse samples per ray.
@@ -70,11 +76,12 @@ class RenderConfig:
         ray_start, ray_end: depth range of the coarse samples.
         box_warp: side of the cube spanned by the planes.
         plane_axes: ``"eg3d"`` (EG3D / OTAvatar checkpoints: planes xy, xz, zx) or
-            ``"xy_xz_zy"`` (corrected projection, e.g. GOHA).
+            ``"xy_xz_zy"`` (corrected projection: GOHA, Export3D, MMFA). Required: it is a
+            property of the checkpoint, and a wrong default silently swaps the third plane.
         density_bias: added to the density before the softplus.
         white_back: composite over white.
-        backend: ``render_triplane`` backend (``None``: the best available, the fused one when
-            possible).
+        backend: ``render_triplane`` backend (``None``: the default for the device, see
+            ``pyface info``; ``"reference"`` for double backward through the renderer).
         recompute: recompute ray chunks in the backward (compiled backends).
         chunk_points: samples per chunk for the compiled backends (``None``: default).
     """
@@ -84,7 +91,7 @@ class RenderConfig:
     ray_start: float = 2.25
     ray_end: float = 3.3
     box_warp: float = 1.0
-    plane_axes: str = "eg3d"
+    plane_axes: str
     density_bias: float = -1.0
     white_back: bool = False
     backend: str | None = None
@@ -94,12 +101,12 @@ class RenderConfig:
     @classmethod
     def ffhq(cls, **overrides) -> "RenderConfig":
         """EG3D FFHQ: 48 + 48 samples, rays 2.25 - 3.3, box 1, EG3D plane axes."""
-        return cls(**overrides)
+        return cls(**{"plane_axes": "eg3d", **overrides})
 
     @classmethod
     def ffhq_corrected_axes(cls, **overrides) -> "RenderConfig":
         """FFHQ options with the corrected xy / xz / zy plane projection."""
-        return cls(plane_axes="xy_xz_zy", **overrides)
+        return cls(**{"plane_axes": "xy_xz_zy", **overrides})
 
 
 @dataclasses.dataclass
@@ -135,9 +142,12 @@ class TriplaneRenderer(nn.Module):
     otherwise the unfused ops with the decoder module on the sampled (B, 3, N, C) features.
     """
 
-    def __init__(self, config: RenderConfig | None = None) -> None:
+    def __init__(self, config: RenderConfig) -> None:
         super().__init__()
-        self.config = config or RenderConfig()
+        if not isinstance(config, RenderConfig):
+            raise TypeError(f"config: expected a RenderConfig (e.g. RenderConfig.ffhq()), got "
+                            f"{type(config).__name__}")
+        self.config = config
 
     def forward(self, planes: torch.Tensor, decoder: nn.Module, ray_origins: torch.Tensor,
                 ray_dirs: torch.Tensor, *, stratified_noise: torch.Tensor | None = None,
@@ -148,7 +158,7 @@ class TriplaneRenderer(nn.Module):
         cfg = self.config
         dec = decoder
         if isinstance(decoder, OSGDecoder):
-            dec = decoder.effective_weights(planes.dtype)
+            dec = decoder.effective_weights(_weights_dtype(planes))
         feats, depth, wsum = render_triplane(
             planes, ray_origins, ray_dirs, dec, near=cfg.ray_start, far=cfg.ray_end,
             n_coarse=cfg.depth_resolution, n_fine=cfg.depth_resolution_importance,
@@ -163,25 +173,43 @@ class TriplaneRenderer(nn.Module):
 # Density regularisers (EG3D training/loss.py; OTAvatar uses the monotonic one)
 # ---------------------------------------------------------------------------------------------
 
+def _weights_dtype(planes: torch.Tensor) -> torch.dtype:
+    """The renderer computes in float64 or float32 (also for float16 / bfloat16 planes)."""
+    return torch.float64 if planes.dtype == torch.float64 else torch.float32
+
+
 def query_density(planes: torch.Tensor, decoder, points: torch.Tensor, *,
-                  plane_axes: str = "eg3d", box_size: float = 1.0) -> torch.Tensor:
-    """Raw density (B, N) of the decoder at points (B, N, 3) (EG3D's ``sample_mixed``)."""
+                  plane_axes: str, box_size: float = 1.0) -> torch.Tensor:
+    """Raw density (B, N) of the decoder at points (B, N, 3) (EG3D's ``sample_mixed``);
+    ``plane_axes`` as in :class:`RenderConfig` (required).
+
+    Precision as in the renderer: float16 / bfloat16 planes are sampled and OSG weights applied
+    in float32 (autocast off), so the differences of nearby densities the regularisers take are
+    not lost to rounding; a callable decoder gets the features in the dtype of ``planes`` under
+    the caller's autocast. Returns float32 (float64 for float64 planes)."""
+    work = _weights_dtype(planes)
+    in_dtype = planes.dtype
+    planes = planes.to(work)
     if isinstance(decoder, OSGDecoder):
-        decoder = decoder.effective_weights(planes.dtype)
+        decoder = decoder.effective_weights(work)
     if isinstance(decoder, (tuple, list)):
-        w1, b1, w2, b2 = decoder
-        f = triplane_sample(planes, points, plane_axes=plane_axes, box_size=box_size)
-        h = F.softplus(torch.addmm(b1.unsqueeze(0), f.reshape(-1, f.shape[-1]), w1.t()))
-        sigma = torch.addmm(b2[:1].unsqueeze(0), h, w2[:1].t())
+        w1, b1, w2, b2 = (w.to(work) for w in decoder)
+        dev = planes.device.type
+        off = (torch.autocast(dev, enabled=False) if dev in ("cpu", "cuda")
+               and torch.is_autocast_enabled(dev) else contextlib.nullcontext())
+        with off:
+            f = triplane_sample(planes, points, plane_axes=plane_axes, box_size=box_size)
+            h = F.softplus(torch.addmm(b1.unsqueeze(0), f.reshape(-1, f.shape[-1]), w1.t()))
+            sigma = torch.addmm(b2[:1].unsqueeze(0), h, w2[:1].t())
         return sigma.reshape(points.shape[:2])
     f = triplane_sample(planes, points, plane_axes=plane_axes, box_size=box_size, reduce="none")
-    out = decoder(f)
+    out = decoder(f.to(in_dtype))
     sigma = out["sigma"] if isinstance(out, dict) else out[1]
-    return sigma.reshape(points.shape[:2])
+    return sigma.reshape(points.shape[:2]).to(work)
 
 
 def density_l1_regularizer(planes: torch.Tensor, decoder, *, n_points: int = 1000,
-                           p_dist: float = 0.004, plane_axes: str = "eg3d",
+                           p_dist: float = 0.004, plane_axes: str,
                            box_size: float = 1.0,
                            generator: torch.Generator | None = None) -> torch.Tensor:
     """EG3D's density regulariser (``reg_type='l1'``): ``n_points`` uniform points in
@@ -190,8 +218,10 @@ def density_l1_regularizer(planes: torch.Tensor, decoder, *, n_points: int = 100
 
     Args:
         planes: (B, 3, C, H, W); decoder: an :class:`OSGDecoder`, its weights or a callable.
+        plane_axes: as in :class:`RenderConfig` (required; use the renderer's
+            ``config.plane_axes``).
     """
-    B, dev, dt = planes.shape[0], planes.device, planes.dtype
+    B, dev, dt = planes.shape[0], planes.device, _weights_dtype(planes)
     x = torch.rand(B, n_points, 3, device=dev, dtype=dt, generator=generator) * 2 - 1
     y = x + torch.randn(x.shape, device=dev, dtype=dt, generator=generator) * p_dist
     sigma = query_density(planes, decoder, torch.cat([x, y], 1), plane_axes=plane_axes,
@@ -201,15 +231,16 @@ def density_l1_regularizer(planes: torch.Tensor, decoder, *, n_points: int = 100
 
 def density_monotonic_regularizer(planes: torch.Tensor, decoder, *, n_points: int = 2000,
                                   box_size: float = 1.0, detach: bool = True,
-                                  scale: float = 10.0, plane_axes: str = "eg3d",
+                                  scale: float = 10.0, plane_axes: str,
                                   generator: torch.Generator | None = None) -> torch.Tensor:
     """EG3D's ``monotonic-detach`` / ``monotonic-fixed`` term (used by OTAvatar): density should
     not decrease towards -z. ``n_points`` uniform points in [-1, 1]^3 and copies shifted by
     ``-box_size / 256`` in z; returns ``relu(sigma_front - sigma_behind).mean() * scale`` with
     ``sigma_front`` detached when ``detach``. (EG3D adds an L1 term with p_dist = box_size / 256
-    next to it: :func:`density_l1_regularizer`.)
+    next to it: :func:`density_l1_regularizer`.) ``plane_axes`` as in :class:`RenderConfig`
+    (required; use the renderer's ``config.plane_axes``).
     """
-    B, dev, dt = planes.shape[0], planes.device, planes.dtype
+    B, dev, dt = planes.shape[0], planes.device, _weights_dtype(planes)
     x = torch.rand(B, n_points, 3, device=dev, dtype=dt, generator=generator) * 2 - 1
     y = x + torch.tensor([0.0, 0.0, -1.0], device=dev, dtype=dt) * (1 / 256) * box_size
     sigma = query_density(planes, decoder, torch.cat([x, y], 1), plane_axes=plane_axes,

@@ -1,16 +1,21 @@
 """Public functional API of pyface's fused ops.
 
-Every op validates its arguments, picks a backend (``backend=None``: the best available for the
-tensors' device; see ``python -m pyface.info``) and is differentiable. The pure-PyTorch reference
+Every op validates its arguments, picks a backend (``backend=None``: the default for the tensors'
+device from the table in ``pyface._opspecs``; see ``python -m pyface.info``) and is
+differentiable. The pure-PyTorch reference
 twin of each op lives in :mod:`pyface.ops.reference`.
 
 ``use_backend(name)`` (or the environment variable ``PYFACE_BACKEND=name``) forces every op
 called without an explicit ``backend=`` onto one backend, e.g. to compare a model on fused and
 on reference ops.
+
+Code that calls ``torch.ops.pyface.*`` directly calls :func:`load_library` first (the functions
+here load it on first use).
 """
 import contextlib
 
 from pyface import _backend
+from pyface._backend import load_library
 from pyface.ops.raster import (BFMCamera, points_to_triplane, project_points, rasterize_mesh,
                                splat_points)
 from pyface.ops.render import (
@@ -44,7 +49,7 @@ def use_backend(name: str | None):
         _backend._forced = previous
 
 
-__all__ = ["use_backend", "triplane_sample", "rasterize_mesh", "project_points", "BFMCamera",
+__all__ = ["use_backend", "load_library", "triplane_sample", "rasterize_mesh", "project_points", "BFMCamera",
            "splat_points", "points_to_triplane", "ray_bundle", "sample_stratified", "mip_composite",
            "sample_importance", "render_triplane", "warp_volume", "keypoint_flow",
            "warp_by_keypoints", "motion_field_input"]

@@ -26,31 +26,6 @@ from pyface.ops.reference.raster import (
 )
 from pyface.ops.triplane import PLANE_AXES
 
-_backend.register_op(_backend.OpSpec(
-    name="rasterize_mesh",
-    backends=("reference", "cpu", "cuda"),
-    priority={"cpu": ("cpu", "reference"), "cuda": ("cuda", "reference")},
-    compiled_op="raster_mesh",
-    note="CPU: C++ tiled z-buffer (bench: a 70k-face head at 512^2 in 56 ms median, see "
-         "docs/raster.md). CUDA: one thread per face, 64-bit atomicMin on packed depth|face, then "
-         "a resolve pass.",
-))
-_backend.register_op(_backend.OpSpec(
-    name="splat_points",
-    backends=("reference", "cpu", "cuda"),
-    priority={"cpu": ("cpu", "reference"), "cuda": ("cuda", "reference")},
-    compiled_op="splat_points_index",
-    note="CPU: C++ row-band z-buffer. CUDA: 64-bit atomicMin on packed depth|index + resolve.",
-))
-_backend.register_op(_backend.OpSpec(
-    name="points_to_triplane",
-    backends=("reference", "cpu", "cuda"),
-    priority={"cpu": ("cpu", "reference"), "cuda": ("cuda", "reference")},
-    compiled_op="points_to_triplane_index",
-    note="Uniform-grid binning + outward column search with per-column envelopes and early exit, "
-         "O(N + H W) memory (the reference is GOHA's brute force).",
-))
-
 
 @dataclasses.dataclass(frozen=True)
 class BFMCamera:
@@ -154,7 +129,7 @@ def rasterize_mesh(verts_ndc: torch.Tensor, faces: torch.Tensor, image_size,
             them clockwise on the image: cull back faces with ``cull="ccw"``.
         perspective_correct: interpolate with 1/z (default). False: screen-space linear
             barycentrics and depth (for orthographic projections; any z).
-        backend: ``None`` (best available), ``"reference"``, ``"cpu"`` or ``"cuda"``.
+        backend: ``None`` (the default for the device), ``"reference"``, ``"cpu"`` or ``"cuda"``.
 
     Returns:
         attr_image: (B, C, H, W) interpolated attributes (zeros where empty; C = 0 without
@@ -243,7 +218,7 @@ def splat_points(points_ndc: torch.Tensor, features: torch.Tensor, image_size, *
 
 
 def points_to_triplane(points: torch.Tensor, features: torch.Tensor, resolution, *,
-                       plane_axes: str = "xy_xz_zy", box_size: float = 1.0,
+                       plane_axes: str, box_size: float = 1.0,
                        align_corners: bool = False, valid: torch.Tensor | None = None,
                        max_distance: float | None = None, backend: str | None = None):
     """Lifts a point cloud to a tri-plane: every texel of each plane takes the features of the
@@ -264,7 +239,11 @@ def points_to_triplane(points: torch.Tensor, features: torch.Tensor, resolution,
         points: (B, N, 3) world coordinates; N >= 1.
         features: (B, N, C).
         resolution: int or (H, W) of each plane.
-        plane_axes: ``"xy_xz_zy"`` or ``"eg3d"``.
+        plane_axes: ``"eg3d"`` (EG3D / OTAvatar checkpoints: planes (x, y), (x, z), (z, x)) or
+            ``"xy_xz_zy"`` (corrected: (x, y), (x, z), (z, y); GOHA, Export3D, MMFA). Required,
+            with no default: the planes' axes are a property of the checkpoint / the network
+            that made them, and points lifted or sampled with one and rendered with the other
+            silently swap the third plane.
         box_size: side of the cube that the planes span.
         align_corners: texel-centre convention, as in ``F.grid_sample``.
         valid: (B, N) bool, or None (all valid).

@@ -8,6 +8,7 @@ activation memory), or as one fused Triton kernel per ray block.
 from __future__ import annotations
 
 import math
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -20,39 +21,12 @@ from pyface.ops.reference.render import (
     mip_composite_reference,
     ray_bundle_reference,
     render_triplane_reference,
+    render_uniforms,
     sample_importance_reference,
     sample_stratified_reference,
 )
 from pyface.ops.triplane import PLANE_AXES, triplane_sample
 
-_FLOATS = (torch.float32, torch.float64)
-
-_backend.register_op(_backend.OpSpec(
-    name="mip_composite",
-    backends=("reference", "cpu", "cuda"),
-    priority={"cpu": ("cpu", "reference"), "cuda": ("cuda", "reference")},
-    compiled_op="mip_composite",
-    dtypes={"cpu": _FLOATS, "cuda": _FLOATS},
-    note="One pass per ray, backward recomputes the transmittance in forward order (no cumprod "
-         "stored). CPU: C++ (bench: faster than the reference).",
-))
-_backend.register_op(_backend.OpSpec(
-    name="sample_importance",
-    backends=("reference", "cpu", "cuda"),
-    priority={"cpu": ("cpu", "reference"), "cuda": ("cuda", "reference")},
-    compiled_op="sample_importance",
-    dtypes={"cpu": _FLOATS, "cuda": _FLOATS},
-    note="One pass per ray (smoothing, cdf, binary search); no gradient, as EG3D.",
-))
-_backend.register_op(_backend.OpSpec(
-    name="render_triplane",
-    backends=("reference", "cpu", "cuda", "triton"),
-    priority={"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")},
-    compiled_op="mip_composite",
-    dtypes={"cpu": _FLOATS, "cuda": _FLOATS, "triton": (torch.float32,)},
-    note="cpu/cuda: the compiled ops over ray chunks, recomputed in the backward. triton: one "
-         "fused kernel (OSG decoder weights only); GPU speed unmeasured so far.",
-))
 
 Decoder = Sequence[torch.Tensor] | Callable
 
@@ -154,6 +128,9 @@ def mip_composite(features: torch.Tensor, densities: torch.Tensor, depths: torch
         depth_range: optional (2,) tensor (min, max) for the depth clamp.
         backend: ``None``, ``"reference"``, ``"cpu"`` or ``"cuda"``.
 
+    Precision: float16 / bfloat16 inputs are computed in float32 and returned in the dtype of
+    ``features``; under ``torch.autocast`` they are computed and returned in float32.
+
     Returns:
         features_out (B, R, C), depth (B, R, 1), weights (B, R, S - 1).
     """
@@ -164,6 +141,7 @@ def mip_composite(features: torch.Tensor, densities: torch.Tensor, depths: torch
     if chk.dims["S"] < 2:
         raise ValueError(f"features: expected S >= 2 samples per ray, got shape "
                          f"{tuple(features.shape)}")
+    out_dtype, (features, densities, depths) = _float32_compute(features, densities, depths)
     for name, t in (("densities", densities), ("depths", depths)):
         if t.dtype != features.dtype:
             raise TypeError(f"{name}: expected dtype {features.dtype} (the dtype of features), "
@@ -174,11 +152,34 @@ def mip_composite(features: torch.Tensor, densities: torch.Tensor, depths: torch
         raise TypeError(f"white_back: expected bool, got {type(white_back).__name__}")
     density_bias = float(density_bias)
     name = _backend.select_backend("mip_composite", features.device, backend, features.dtype)
-    if name == "reference":
-        return mip_composite_reference(features, densities, depths, density_bias=density_bias,
-                                       white_back=white_back, depth_range=depth_range)
-    return torch.ops.pyface.mip_composite(features, densities, depths.detach(), depth_range,
-                                          density_bias, white_back)
+    with _no_autocast(features.device):
+        if name == "reference":
+            out = mip_composite_reference(features, densities, depths, density_bias=density_bias,
+                                          white_back=white_back, depth_range=depth_range)
+        else:
+            out = torch.ops.pyface.mip_composite(features, densities, depths.detach(),
+                                                 depth_range, density_bias, white_back)
+    return tuple(o.to(out_dtype) for o in out)
+
+
+def _autocast_on(device: torch.device) -> bool:
+    return device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
+
+
+def _no_autocast(device: torch.device):
+    """Autocast off inside a float32 op (as torchvision's autocast kernels do)."""
+    if _autocast_on(device):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _float32_compute(*tensors: torch.Tensor):
+    """The compositing ops compute in float32 / float64: float16 / bfloat16 inputs are promoted
+    to float32. Returns the output dtype (float32 under autocast, as autocast's float32 ops
+    do; else the first tensor's dtype) and the promoted tensors."""
+    half = (torch.float16, torch.bfloat16)
+    out_dtype = torch.float32 if _autocast_on(tensors[0].device) else tensors[0].dtype
+    return out_dtype, tuple(t.float() if t.dtype in half else t for t in tensors)
 
 
 def sample_importance(depths: torch.Tensor, weights: torch.Tensor, n_importance: int, *,
@@ -199,6 +200,8 @@ def sample_importance(depths: torch.Tensor, weights: torch.Tensor, n_importance:
             current generator (the same numbers EG3D would draw).
         backend: ``None``, ``"reference"``, ``"cpu"`` or ``"cuda"``.
 
+    Precision: as :func:`mip_composite` (float16 / bfloat16 computed in float32).
+
     Returns:
         (B, R, M) depths, detached (not sorted).
     """
@@ -211,6 +214,7 @@ def sample_importance(depths: torch.Tensor, weights: torch.Tensor, n_importance:
     chk._bound_by["S-1"] = "depths"
     chk.tensor("weights", weights, "B R S-1")
     M = _check_samples("n_importance", n_importance, 1)
+    out_dtype, (depths, weights) = _float32_compute(depths, weights)
     if weights.dtype != depths.dtype:
         raise TypeError(f"weights: expected dtype {depths.dtype} (the dtype of depths), got "
                         f"{weights.dtype}")
@@ -223,10 +227,11 @@ def sample_importance(depths: torch.Tensor, weights: torch.Tensor, n_importance:
         chk.tensor("u", u, "B R M")
         u = u.to(depths.dtype)
     name = _backend.select_backend("sample_importance", depths.device, backend, depths.dtype)
-    with torch.no_grad():
+    with torch.no_grad(), _no_autocast(depths.device):
         if name == "reference":
-            return sample_importance_reference(depths, weights, M, u)
-        return torch.ops.pyface.sample_importance(depths.detach(), weights.detach(), u.detach())
+            return sample_importance_reference(depths, weights, M, u).to(out_dtype)
+        return torch.ops.pyface.sample_importance(depths.detach(), weights.detach(),
+                                                  u.detach()).to(out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,11 +316,7 @@ def _render_compiled(planes, ray_origins, ray_dirs, decoder, near, far, n_coarse
                      plane_axes, box_size, density_bias, white_back, noise, u, backend,
                      chunk_points, recompute):
     B, R, _ = ray_origins.shape
-    dt, dev = ray_origins.dtype, ray_origins.device
-    if noise is None:
-        noise = torch.rand(B, R, n_coarse, device=dev, dtype=dt)
-    if n_fine > 0 and u is None:
-        u = torch.rand(B, R, n_fine, device=dev, dtype=dt)
+    dt = ray_origins.dtype
     depths_c = sample_stratified_reference(ray_origins, near, far, n_coarse, noise)
     S = n_coarse + n_fine
     if chunk_points is None:
@@ -365,7 +366,7 @@ def _render_compiled(planes, ray_origins, ray_dirs, decoder, near, far, n_coarse
 
 def render_triplane(planes: torch.Tensor, ray_origins: torch.Tensor, ray_dirs: torch.Tensor,
                     decoder: Decoder, *, near: float, far: float, n_coarse: int, n_fine: int,
-                    plane_axes: str = "eg3d", box_size: float = 1.0, density_bias: float = -1.0,
+                    plane_axes: str, box_size: float = 1.0, density_bias: float = -1.0,
                     white_back: bool = False, stratified_noise: torch.Tensor | None = None,
                     importance_u: torch.Tensor | None = None, backend: str | None = None,
                     recompute: bool = True, chunk_points: int | None = None):
@@ -381,9 +382,20 @@ def render_triplane(planes: torch.Tensor, ray_origins: torch.Tensor, ray_dirs: t
     Backends: ``"cpu"`` / ``"cuda"`` run the compiled ops over chunks of rays; with
     ``recompute=True`` only the merged sample depths are kept and each chunk is recomputed in
     the backward, so activation memory is one chunk's, not the whole image's (``recompute=False``
-    is the plain unfused pipeline). ``"triton"`` runs the fully fused kernel (OSG weights,
-    float32; gradients for planes, decoder weights and rays). ``"reference"`` is EG3D's code. All give the same
-    result for the same random numbers.
+    is the plain unfused pipeline). ``"triton"`` runs the fully fused kernel (the ``triton_op``
+    ``torch.ops.pyface.render_triplane_triton``; OSG weights, float32; gradients for planes,
+    decoder weights and rays). ``"reference"`` is EG3D's code. The random numbers are drawn once,
+    before the backend is chosen (:func:`pyface.ops.reference.render.render_uniforms`), so all
+    backends give the same result for the same seed.
+
+    Precision: float64 inputs compute in float64; float32, float16 and bfloat16 compute in
+    float32 (also under ``torch.autocast``, which is switched off inside, as torchvision does for
+    its float32-only ops) and the outputs come back in the dtype of ``planes``. A callable
+    decoder gets the features in the dtype of ``planes`` under the caller's autocast state.
+
+    Double backward (gradients of gradients) works with ``backend="reference"`` only; the fused
+    backwards raise an error naming the op. Under ``torch.use_deterministic_algorithms(True)``
+    the default choice skips backends whose backward uses atomics (CUDA, Triton).
 
     Args:
         planes: (B, 3, C, H, W) tri-plane features.
@@ -392,13 +404,18 @@ def render_triplane(planes: torch.Tensor, ray_origins: torch.Tensor, ray_dirs: t
         near, far: depth range of the stratified samples (EG3D FFHQ: 2.25, 3.3).
         n_coarse: samples per ray of the coarse pass (>= 2, >= 4 with n_fine > 0; EG3D: 48).
         n_fine: importance samples per ray (>= 0; EG3D: 48).
-        plane_axes: ``"eg3d"`` (EG3D's released checkpoints) or ``"xy_xz_zy"``.
+        plane_axes: ``"eg3d"`` (EG3D / OTAvatar checkpoints: planes (x, y), (x, z), (z, x)) or
+            ``"xy_xz_zy"`` (corrected: (x, y), (x, z), (z, y); GOHA, Export3D, MMFA). Required,
+            with no default: the planes' axes are a property of the checkpoint / the network
+            that made them, and points lifted or sampled with one and rendered with the other
+            silently swap the third plane.
         box_size: side of the cube the planes span (EG3D's ``box_warp``).
         density_bias, white_back: as in ``mip_composite``.
         stratified_noise: (B, R, n_coarse) uniforms or ``None`` (drawn with torch.rand).
         importance_u: (B, R, n_fine) uniforms or ``None`` (drawn with torch.rand after the
             stratified noise, like EG3D).
-        backend: ``None`` (best available), ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
+        backend: ``None`` (the default for the device), ``"reference"``, ``"cpu"``, ``"cuda"``,
+            ``"triton"``.
         recompute: recompute ray chunks in the backward (compiled backends).
         chunk_points: samples per chunk (default 131072) for the compiled backends.
 
@@ -417,41 +434,95 @@ def render_triplane(planes: torch.Tensor, ray_origins: torch.Tensor, ray_dirs: t
     if n_fine > 0 and n_coarse < 4:
         raise ValueError(f"n_coarse: expected >= 4 when n_fine > 0 (importance sampling builds "
                          f"its pdf over n_coarse - 3 bins), got {n_coarse}")
+    dev = planes.device
+    autocast = _autocast_on(dev)
+    out_dtype = planes.dtype
+    work = _work_dtype(planes.dtype)
     for name, t in (("ray_origins", ray_origins), ("ray_dirs", ray_dirs)):
-        if t.dtype != planes.dtype:
-            raise TypeError(f"{name}: expected dtype {planes.dtype} (the dtype of planes), "
-                            f"got {t.dtype}")
+        if _work_dtype(t.dtype) != work:
+            expected = ("torch.float64 (the dtype of planes)" if work == torch.float64 else
+                        f"float16, bfloat16 or float32 (planes are {planes.dtype})")
+            raise TypeError(f"{name}: expected dtype {expected}, got {t.dtype}")
     if stratified_noise is not None:
         chk.dims["S"] = n_coarse
         chk._bound_by["S"] = "n_coarse"
         chk.tensor("stratified_noise", stratified_noise, "B R S")
-        stratified_noise = stratified_noise.to(planes.dtype)
+        stratified_noise = stratified_noise.to(work)
     if importance_u is not None:
         chk.dims["M"] = n_fine
         chk._bound_by["M"] = "n_fine"
         chk.tensor("importance_u", importance_u, "B R M")
-        importance_u = importance_u.to(planes.dtype)
+        importance_u = importance_u.to(work)
     _check_decoder(decoder, chk.dims["C"], planes)
     if not isinstance(white_back, bool):
         raise TypeError(f"white_back: expected bool, got {type(white_back).__name__}")
     if chunk_points is not None:
         check_positive("chunk_points", chunk_points, integer=True)
     box_size, density_bias = float(box_size), float(density_bias)
+    # Float16 / bfloat16 and autocast: the renderer computes in float32 (transmittance products,
+    # softplus and the sorted depths need it), the callable decoder sees the caller's dtype and
+    # autocast state, and the outputs come back in the dtype of planes.
+    planes, ray_origins, ray_dirs = (t.to(work) for t in (planes, ray_origins, ray_dirs))
+    if _is_osg(decoder):
+        decoder = tuple(w.to(work) for w in decoder)
+    elif work != out_dtype or autocast:
+        decoder = _CastDecoder(decoder, out_dtype, work, dev.type, autocast)
+    # EG3D's random numbers, drawn once here, whatever backend runs.
+    B, R, _ = ray_origins.shape
+    stratified_noise, importance_u = render_uniforms(B, R, n_coarse, n_fine, ray_origins,
+                                                     stratified_noise, importance_u)
     kw = dict(near=near, far=far, n_coarse=n_coarse, n_fine=n_fine, plane_axes=plane_axes,
               box_size=box_size, density_bias=density_bias, white_back=white_back)
     name = _select_renderer(planes, ray_origins, ray_dirs, decoder, backend)
-    if name == "reference":
-        return render_triplane_reference(planes, ray_origins, ray_dirs, decoder,
-                                         stratified_noise=stratified_noise,
-                                         importance_u=importance_u, **kw)
-    if name == "triton":
-        from pyface._ops.render import render_triton
+    with torch.autocast(dev.type, enabled=False) if autocast else contextlib.nullcontext():
+        if name == "reference":
+            out = render_triplane_reference(planes, ray_origins, ray_dirs, decoder,
+                                            stratified_noise=stratified_noise,
+                                            importance_u=importance_u, **kw)
+        elif name == "triton":
+            out = _render_triton(planes, ray_origins, ray_dirs, decoder, stratified_noise,
+                                 importance_u, **kw)
+        else:
+            out = _render_compiled(planes, ray_origins, ray_dirs, decoder, near, far, n_coarse,
+                                   n_fine, plane_axes, box_size, density_bias, white_back,
+                                   stratified_noise, importance_u, name, chunk_points, recompute)
+    return tuple(o.to(out_dtype) for o in out)
 
-        return render_triton(planes, ray_origins, ray_dirs, decoder, stratified_noise,
-                             importance_u, **kw)
-    return _render_compiled(planes, ray_origins, ray_dirs, decoder, near, far, n_coarse, n_fine,
-                            plane_axes, box_size, density_bias, white_back, stratified_noise,
-                            importance_u, name, chunk_points, recompute)
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the renderer computes in: float64 stays, everything else runs in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _CastDecoder(torch.nn.Module):
+    """A callable decoder seen through the renderer's float32 compute: it gets the features in
+    the caller's dtype and autocast state, and its outputs come back in float32."""
+
+    def __init__(self, decoder, in_dtype, work, device_type, autocast):
+        super().__init__()
+        self.decoder = decoder
+        self.in_dtype, self.work, self.device_type, self.autocast = (in_dtype, work, device_type,
+                                                                     autocast)
+
+    def forward(self, feats):
+        ctx = (torch.autocast(self.device_type, dtype=torch.get_autocast_dtype(self.device_type))
+               if self.autocast else contextlib.nullcontext())
+        with ctx:
+            out = self.decoder(feats.to(self.in_dtype))
+        rgb, sigma = (out["rgb"], out["sigma"]) if isinstance(out, dict) else out
+        return rgb.to(self.work), sigma.to(self.work)
+
+
+def _render_triton(planes, ray_origins, ray_dirs, decoder, noise, u, *, near, far, n_coarse,
+                   n_fine, plane_axes, box_size, density_bias, white_back):
+    """``render_triplane`` through the fused Triton op (float32, OSG decoder weights)."""
+    from pyface._ops.render import triton_op
+
+    tc = sample_stratified_reference(ray_origins, near, far, n_coarse, noise).detach()
+    f32 = [t.to(torch.float32) for t in (planes, *decoder, ray_origins, ray_dirs, tc)]
+    feats, depth, wsum, _ = triton_op()(*f32, u.float() if n_fine > 0 else None, plane_axes,
+                                        box_size, density_bias, white_back)
+    return feats, depth, wsum
 
 
 def _triton_ok(planes, ray_origins, ray_dirs, decoder) -> str:

@@ -10,18 +10,8 @@ from pyface.ops.reference.triplane import triplane_sample_reference
 PLANE_AXES = ("xy_xz_zy", "eg3d")
 REDUCTIONS = ("mean", "sum", "none")
 
-_backend.register_op(_backend.OpSpec(
-    name="triplane_sample",
-    backends=("reference", "cpu", "cuda", "triton"),
-    priority={"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")},
-    compiled_op="triplane_sample",
-    dtypes={"triton": (torch.float32, torch.float16, torch.bfloat16)},
-    note="CPU: C++ (bench: faster and smaller than the reference). CUDA: the CUDA kernel first, "
-         "Triton second, pending GPU bench results (bench/results/).",
-))
 
-
-def triplane_sample(planes: torch.Tensor, points: torch.Tensor, *, plane_axes: str = "xy_xz_zy",
+def triplane_sample(planes: torch.Tensor, points: torch.Tensor, *, plane_axes: str,
                     box_size: float = 1.0, reduce: str = "mean", align_corners: bool = False,
                     backend: str | None = None) -> torch.Tensor:
     """Bilinear sampling of three feature planes at 3D points (fused; forward and backward).
@@ -38,11 +28,16 @@ def triplane_sample(planes: torch.Tensor, points: torch.Tensor, *, plane_axes: s
         planes: (B, 3, C, H, W) plane features, any strides (a channels-last view,
             ``planes_bhwc.permute(0, 1, 4, 2, 3)`` of a (B, 3, H, W, C) tensor, is read in place).
         points: (B, N, 3) world coordinates, floating point.
-        plane_axes: ``"xy_xz_zy"`` or ``"eg3d"``.
+        plane_axes: ``"eg3d"`` (EG3D / OTAvatar checkpoints: planes (x, y), (x, z), (z, x)) or
+            ``"xy_xz_zy"`` (corrected: (x, y), (x, z), (z, y); GOHA, Export3D, MMFA). Required,
+            with no default: the planes' axes are a property of the checkpoint / the network
+            that made them, and points lifted or sampled with one and rendered with the other
+            silently swap the third plane.
         box_size: side of the cube that the planes span, centred at the origin.
         reduce: ``"mean"`` or ``"sum"`` over the planes -> (B, N, C); ``"none"`` -> (B, 3, N, C).
         align_corners: as in ``F.grid_sample``.
-        backend: ``None`` (best available), ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+        backend: ``None`` (the default for the device), ``"reference"``, ``"cpu"``, ``"cuda"`` or
+            ``"triton"``.
 
     Returns:
         (B, N, C) or (B, 3, N, C) features in the dtype of ``planes``.
@@ -50,7 +45,7 @@ def triplane_sample(planes: torch.Tensor, points: torch.Tensor, *, plane_axes: s
     Example:
         >>> planes = torch.randn(2, 3, 32, 64, 64, requires_grad=True)
         >>> points = torch.rand(2, 1000, 3) - 0.5
-        >>> feats = pyface.ops.triplane_sample(planes, points)   # (2, 1000, 32)
+        >>> feats = pyface.ops.triplane_sample(planes, points, plane_axes="eg3d")  # (2, 1000, 32)
         >>> feats.square().mean().backward()
     """
     chk = ShapeChecker()

@@ -14,18 +14,6 @@ from pyface.ops._checks import ShapeChecker, check_positive
 from pyface.ops.reference.warp import (keypoint_flow_reference, motion_field_input_reference,
                                        warp_by_keypoints_reference, warp_volume_reference)
 
-_NOTE = ("CPU: C++ (fused; bench: faster and smaller than the reference). CUDA: Triton first "
-         "(tested under the Triton interpreter); the CUDA kernels are compile-checked but have not "
-         "run on a GPU yet, so they are opt-in (backend='cuda'); float64 uses the reference or "
-         "backend='cuda'.")
-_LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
-
-for _name in ("warp_volume", "keypoint_flow", "warp_by_keypoints", "motion_field_input"):
-    _backend.register_op(_backend.OpSpec(
-        name=_name, backends=("reference", "cpu", "cuda", "triton"),
-        priority={"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")},
-        compiled_op=_name, note=_NOTE, dtypes={"triton": _LOW_PRECISION}))
-
 
 def _triton(name: str):
     from pyface._ops.warp import triton_ops
@@ -69,7 +57,7 @@ def warp_volume(volume: torch.Tensor, grid: torch.Tensor, *, align_corners: bool
         grid: (B, D', H', W', 3) sample positions, last dim (x -> W, y -> H, z -> D) in [-1, 1];
             the output may have another size than the volume. Positions outside give zeros.
         align_corners: as in ``F.grid_sample``.
-        backend: ``None`` (best available), ``"reference"``, ``"cpu"``, ``"cuda"`` or
+        backend: ``None`` (the default for the device), ``"reference"``, ``"cpu"``, ``"cuda"`` or
             ``"triton"``.
 
     Returns:

@@ -132,7 +132,8 @@ class TriplaneAutoencoder(TrainableModel):
         pts = torch.stack([xx, yy, zz], -1).reshape(1, -1, 3).expand(B, -1, -1)
         if yaw is not None:
             pts = pts @ _yaw_matrix(yaw.to(dt)).transpose(1, 2)
-        feats = triplane_sample(planes, pts.contiguous())                   # (B, R*R*D, C)
+        feats = triplane_sample(planes, pts.contiguous(),                   # (B, R*R*D, C)
+                                plane_axes="xy_xz_zy")
         out = self.decoder(feats).view(B, R, R, Dn, 4)
         sigma = F.softplus(out[..., 0] - 1.0) * Dn                           # per unit length
         rgb = torch.sigmoid(out[..., 1:])

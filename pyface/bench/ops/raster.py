@@ -126,7 +126,8 @@ def cases(device: torch.device, size: str) -> list[BenchCase]:
         providers = {"reference": functools.partial(goha_cdist, resolution=R)}
         providers.update(_providers(
             "points_to_triplane", device,
-            lambda pts, f, backend, R=R: points_to_triplane(pts, f, R, align_corners=True,
+            lambda pts, f, backend, R=R: points_to_triplane(pts, f, R, plane_axes="xy_xz_zy",
+                                                            align_corners=True,
                                                             backend=backend)))
         out.append(BenchCase("points_to_triplane", name, p,
                              functools.partial(_depth_cloud, p), providers))

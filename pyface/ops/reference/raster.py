@@ -239,7 +239,7 @@ def texel_centres(n: int, align_corners: bool, dtype=torch.float64, device=None)
 
 
 def points_to_triplane_reference(points: torch.Tensor, features: torch.Tensor, resolution, *,
-                                 plane_axes: str = "xy_xz_zy", box_size: float = 1.0,
+                                 plane_axes: str, box_size: float = 1.0,
                                  align_corners: bool = False, valid: torch.Tensor | None = None,
                                  max_distance: float | None = None):
     """Nearest-point lifting of a point cloud to three planes, by brute force (as GOHA's

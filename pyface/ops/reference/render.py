@@ -209,9 +209,25 @@ def run_decoder(decoder: Decoder, planes: torch.Tensor, points: torch.Tensor, *,
     return rgb, sigma
 
 
+def render_uniforms(B: int, R: int, n_coarse: int, n_fine: int, like: torch.Tensor,
+                    stratified_noise: torch.Tensor | None = None,
+                    importance_u: torch.Tensor | None = None):
+    """The random numbers of one EG3D render, drawn where not given: stratified noise
+    (B, R, n_coarse), then the importance uniforms (B, R, n_fine) (``None`` when n_fine = 0),
+    with ``torch.rand`` from the current generator on the device and in the dtype of ``like``.
+    EG3D draws the same numbers in the same order (nothing else is drawn between them), so every
+    backend renders EG3D's image for the same seed."""
+    kw = dict(device=like.device, dtype=like.dtype)
+    if stratified_noise is None:
+        stratified_noise = torch.rand(B, R, n_coarse, **kw)
+    if n_fine > 0 and importance_u is None:
+        importance_u = torch.rand(B, R, n_fine, **kw)
+    return stratified_noise, importance_u
+
+
 def render_triplane_reference(planes: torch.Tensor, ray_origins: torch.Tensor,
                               ray_dirs: torch.Tensor, decoder: Decoder, *, near: float, far: float,
-                              n_coarse: int, n_fine: int, plane_axes: str = "eg3d",
+                              n_coarse: int, n_fine: int, plane_axes: str,
                               box_size: float = 1.0, density_bias: float = -1.0,
                               white_back: bool = False,
                               stratified_noise: torch.Tensor | None = None,
@@ -226,9 +242,8 @@ def render_triplane_reference(planes: torch.Tensor, ray_origins: torch.Tensor,
         features (B, R, C_out), depth (B, R, 1), weights_sum (B, R, 1).
     """
     B, R, _ = ray_origins.shape
-    if stratified_noise is None:
-        stratified_noise = torch.rand(B, R, n_coarse, device=ray_origins.device,
-                                      dtype=ray_origins.dtype)
+    stratified_noise, importance_u = render_uniforms(B, R, n_coarse, n_fine, ray_origins,
+                                                     stratified_noise, importance_u)
     depths_c = sample_stratified_reference(ray_origins, near, far, n_coarse, stratified_noise)
 
     def run(depths):

@@ -42,7 +42,7 @@ def project_onto_planes(points: torch.Tensor, plane_axes: str) -> torch.Tensor:
 
 
 def triplane_sample_reference(planes: torch.Tensor, points: torch.Tensor, *,
-                              plane_axes: str = "xy_xz_zy", box_size: float = 1.0,
+                              plane_axes: str, box_size: float = 1.0,
                               reduce: str = "mean", align_corners: bool = False) -> torch.Tensor:
     """Bilinear tri-plane sampling with ``F.grid_sample``, exactly as EG3D.
 

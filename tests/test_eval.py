@@ -1,0 +1,373 @@
+"""pyface eval: metrics (against scikit-image and known answers), evaluation pairs, the
+evaluator with pipelines, and the CLI."""
+import json
+import math
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from pyface.data import format as fmt
+from pyface.data import synthetic as S
+from pyface.data.reenactment import MOVING_EXP_L2, MOVING_POSE_DEG, reenactment_pairs
+from pyface.eval import metrics as M
+from pyface.eval.evaluate import CopySource, evaluate, source_key
+
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics
+
+
+def _pair(seed, shape=(2, 3, 29, 37), noise=0.15):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.rand(shape, generator=g, dtype=torch.float64)
+    p = (t + noise * torch.randn(shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    return p, t
+
+
+def _skimage():
+    # a required check (scikit-image is in the `test` extra), not a skip: fails when missing
+    import skimage.metrics
+    return skimage.metrics
+
+
+def _sk_ssim(p, t, full=False):
+    return _skimage().structural_similarity(t.numpy(), p.numpy(), data_range=1, channel_axis=0,
+                                     gaussian_weights=True, sigma=1.5,
+                                     use_sample_covariance=False, full=full)
+
+
+@pytest.mark.parametrize("seed,noise", [(0, 0.05), (1, 0.3)])
+def test_psnr_ssim_match_skimage(seed, noise):
+    skm = _skimage()
+    p, t = _pair(seed, noise=noise)
+    ours_psnr, ours_ssim = M.psnr(p, t), M.ssim(p, t)
+    for i in range(p.shape[0]):
+        assert ours_psnr[i].item() == pytest.approx(
+            skm.peak_signal_noise_ratio(t[i].numpy(), p[i].numpy(), data_range=1), abs=1e-9)
+        assert ours_ssim[i].item() == pytest.approx(_sk_ssim(p[i], t[i]), abs=1e-9)
+
+
+def test_masked_metrics_match_skimage_map():
+    p, t = _pair(2)
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(2, 1, 29, 37, generator=g) > 0.6
+    got_ssim, got_psnr = M.ssim(p, t, mask), M.psnr(p, t, mask)
+    for i in range(2):
+        _, smap = _sk_ssim(p[i], t[i], full=True)           # (3, H, W), borders not valid
+        m = mask[i, 0].numpy()[5:-5, 5:-5]
+        want = smap[:, 5:-5, 5:-5][:, m].mean()
+        assert got_ssim[i].item() == pytest.approx(want, abs=1e-9)
+        mse = ((p[i] - t[i]) ** 2).numpy()[:, mask[i, 0].numpy()].mean()
+        assert got_psnr[i].item() == pytest.approx(10 * math.log10(1 / mse), abs=1e-9)
+
+
+def test_known_answers():
+    t = torch.full((1, 3, 16, 16), 0.5, dtype=torch.float64)
+    assert M.psnr(t + 0.1, t).item() == pytest.approx(20.0, abs=1e-9)      # MSE 0.01
+    assert M.psnr(t, t).item() == 100.0                                      # floored MSE
+    assert M.ssim(t, t).item() == pytest.approx(1.0, abs=1e-12)
+    # constant images: no variance, SSIM = luminance term (2ab + C1) / (a^2 + b^2 + C1)
+    a, b, c1 = 0.3, 0.6, 0.01 ** 2
+    got = M.ssim(torch.full_like(t, a), torch.full_like(t, b)).item()
+    assert got == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), abs=1e-12)
+    # error only outside the face: the face region is perfect, the whole image is not
+    t = torch.full((1, 3, 32, 32), 0.5, dtype=torch.float64)
+    p = t.clone()
+    p[..., :, :4] = 0.0
+    mask = torch.zeros(1, 1, 32, 32, dtype=torch.bool)
+    mask[..., 8:24, 16:32] = True            # > 5 px (the window radius) from the error
+    assert M.psnr(p, t, mask).item() == 100.0 and M.psnr(p, t).item() < 20
+    assert M.ssim(p, t, mask).item() == pytest.approx(1.0) and M.ssim(p, t).item() < 0.9
+    # an empty mask (in the valid region) gives NaN, which aggregation skips
+    edge = torch.zeros_like(mask)
+    edge[..., 0, 0] = True
+    assert math.isnan(M.ssim(p, t, edge).item())
+    assert math.isnan(M.psnr(p, t, torch.zeros_like(mask)).item())
+    assert M.mean_finite([1.0, float("nan"), 3.0]) == 2.0
+
+
+def test_prepare_and_errors():
+    x = torch.tensor([[-2.0, -1.0, 0.0, 0.999]])
+    assert torch.equal(M.prepare(x), torch.tensor([[0.0, 0.0, 128 / 255, 1.0]], dtype=torch.float64))
+    assert torch.equal(M.prepare(torch.tensor([0, 255], dtype=torch.uint8)),
+                       torch.tensor([0.0, 1.0], dtype=torch.float64))
+    a = torch.zeros(1, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"target: expected shape \(1, 3, 16, 16\)"):
+        M.psnr(a, torch.zeros(1, 3, 16, 15))
+    with pytest.raises(ValueError, match="pred: expected"):
+        M.ssim(torch.zeros(3, 16, 16), torch.zeros(3, 16, 16))
+    with pytest.raises(ValueError, match="mask: expected shape"):
+        M.ssim(a, a, torch.ones(1, 3, 16, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="at least 11"):
+        M.ssim(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))
+    with pytest.raises(NotImplementedError, match="lpips"):
+        M.get("lpips")
+    with pytest.raises(ValueError, match="expected one of"):
+        M.get("nope")
+    assert set(M.METRICS) == {"psnr", "ssim"}
+
+
+# ----------------------------------------------------------------------------------------------
+# data: tiny synthetic set (2 identities x 2 videos x 8 frames, 64 px) plus a static video
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("eval") / "ds")
+    S.generate(out, S.default_config(), progress=False)
+    rec = fmt.load_index(out)[0]
+    frame = fmt.read_frame(out, rec, 0)
+    mask = fmt.read_mask(out, rec, 0) > 127
+    c, lab = fmt.load_coeffs(out, rec)[:1], fmt.load_labels(out, rec)[:1]
+    lms = fmt.load_landmarks(out, rec)[:1]
+    fmt.write_video(out, "static", np.repeat(frame[None], 6, 0), np.repeat(c, 6, 0),
+                    np.repeat(lab, 6, 0), identity="static", masks=np.repeat(mask[None], 6, 0),
+                    landmarks=np.repeat(lms, 6, 0))
+    fmt.write_index(out)
+    return out
+
+
+def test_source_keys_group_pairs_by_source(root):
+    """The evaluator groups pairs by source without loading them; the keys agree with the
+    items' source frames."""
+    from pyface.eval.evaluate import _groups
+
+    same = reenactment_pairs(root, protocol="same")
+    groups = _groups(same, list(range(len(same))))
+    assert [len(g) for g in groups] == [7, 7, 7, 7, 5]      # 4 synthetic videos + static
+    for g in groups:
+        src = [(int(same[i]["source"]["video"]), int(same[i]["source"]["frame"])) for i in (g[0], g[-1])]
+        assert src[0] == src[1] and src[0][1] == 0
+    assert len({source_key(same, g[0]) for g in groups}) == 5
+    cross = reenactment_pairs(root, protocol="cross", subset="moving")
+    groups = _groups(cross, list(range(len(cross))))
+    assert sum(map(len, groups)) == len(cross) and len(groups) == 2
+    for g in groups:
+        imgs = [cross[i]["source"]["image"] for i in (g[0], g[-1])]
+        assert torch.equal(*imgs)
+    assert not torch.equal(cross[groups[0][0]]["source"]["image"], cross[groups[1][0]]["source"]["image"])
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluator
+
+
+def test_copy_source(root):
+    res = evaluate(CopySource(64), root, protocol="same")
+    psnr, ssim = res.values["psnr"], res.values["ssim"]
+    static = np.arange(len(res.indices)) >= 28          # the static video's pairs come last
+    assert np.all(psnr["image"][static] == 100.0) and np.all(psnr["face"][static] == 100.0)
+    assert np.allclose(ssim["image"][static], 1.0) and np.allclose(ssim["face"][static], 1.0)
+    assert np.all(np.isfinite(psnr["image"])) and np.all(psnr["image"][~static] < 50)
+    assert np.all(ssim["face"][~static] < 0.999)
+    assert not res.moving[static].any()
+    s = res.to_dict()
+    assert s["subsets"]["all"]["count"] == 33 and s["subsets"]["moving"]["count"] == res.moving.sum()
+    assert s["subsets"]["all"]["psnr"]["image"] == pytest.approx(psnr["image"].mean())
+    assert s["sources"] == 5 and s["frames"] == 33 and s["fps"] > 0
+    # moving pairs are harder for copy-source than the average pair
+    assert s["subsets"]["moving"]["psnr"]["image"] < s["subsets"]["all"]["psnr"]["image"]
+    assert set(res.sheet) == {"source", "driving", "target", "prediction"}
+    assert res.sheet["prediction"].shape == (5, 3, 64, 64)
+    torch.testing.assert_close(res.sheet["prediction"], res.sheet["source"])
+    cross = evaluate(CopySource(64), root, protocol="cross", subset="moving")
+    assert 10 < cross.to_dict()["subsets"]["moving"]["psnr"]["image"] < 50
+    assert list(cross.to_dict()["subsets"]) == ["moving"]
+
+
+class CopyDriving:
+    """A pipeline whose prediction is the driving frame; counts its calls."""
+
+    def __init__(self, resolution):
+        self.resolution, self.device = resolution, torch.device("cpu")
+        self.sources, self.driving_sizes = 0, []
+
+    def encode_source(self, source):
+        assert source["image"].shape == (3, self.resolution, self.resolution)
+        assert source["image"].dtype == torch.float32 and source["image"].min() >= -1
+        assert source["coeffs"].shape == (257,) and source["mask"].max() <= 1
+        self.sources += 1
+        return source["image"]
+
+    def encode_driving(self, driving):
+        assert driving["image"].dim() == 4 and driving["camera"].shape[1:] == (25,)
+        self.driving_sizes.append(driving["image"].shape[0])
+        return driving["image"]
+
+    def generate(self, state, motion):
+        return motion
+
+
+def test_pipeline_groups_and_batches(root):
+    pipe = CopyDriving(48)
+    res = evaluate(pipe, root, protocol="same", batch_size=3)
+    assert pipe.sources == 5                             # each source encoded once
+    assert pipe.driving_sizes == [3, 3, 1] * 4 + [3, 2]  # chunks never cross a source
+    # driving = target in the same-identity protocol: perfect at the pipeline's resolution
+    assert np.all(res.values["psnr"]["image"] == 100.0) and res.resolution == 48
+    assert res.sheet["target"].shape[-1] == 48
+    cross = evaluate(CopyDriving(48), root, protocol="cross", max_pairs=5)
+    assert cross.indices == [0, 4, 8, 11, 15]
+    assert np.all(cross.values["psnr"]["image"] < 50)
+
+
+def test_bad_pipeline_output(root):
+    class Bad(CopySource):
+        def generate(self, state, motion, **kw):
+            return state[None]
+    with pytest.raises(ValueError, match=r"pipeline.generate: expected \(T=4, 3, H, W\)"):
+        evaluate(Bad(32), root, batch_size=4)
+
+
+def test_image_only_data_has_no_moving_subset(root, tmp_path):
+    import shutil
+
+    d = str(tmp_path / "img")
+    shutil.copytree(root, d, ignore=shutil.ignore_patterns("cross", "multiview"))
+    for name in fmt.video_names(d):
+        for f in ("coeffs.npy", "dataset.json", "landmarks.npy", "meta.json"):
+            os.remove(os.path.join(d, name, f))
+    os.remove(os.path.join(d, fmt.INDEX))
+    fmt.write_index(d)
+    res = evaluate(CopySource(32), d, protocol="same")
+    assert list(res.to_dict()["subsets"]) == ["all"] and res.to_dict()["subsets"]["all"]["count"] == 33
+    assert not res.has_moving
+
+
+def test_example_model_pipeline(root):
+    """The example model's own pipeline (tri-plane reconstruction of the source, turned by the
+    driving camera's yaw) at its 32 px output resolution, on 64 px data."""
+    from pyface.train.example import ExamplePipeline, TriplaneAEConfig, TriplaneAutoencoder
+
+    torch.manual_seed(0)
+    model = TriplaneAutoencoder(TriplaneAEConfig(resolution=32, plane_resolution=16,
+                                                 plane_channels=4, encoder_channels=8,
+                                                 hidden=8, depth_samples=4))
+    res = evaluate(ExamplePipeline(model, device="cpu"), root, protocol="cross", max_pairs=6)
+    d = res.to_dict()
+    assert d["frames"] == 6 and d["sources"] == 2 and res.resolution == 32
+    v = d["subsets"]["all"]
+    assert 0 < v["psnr"]["image"] < 40 and -1 < v["ssim"]["face"] < 1
+    assert res.sheet["prediction"].shape == (2, 3, 32, 32)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_copy_source(root, tmp_path, capsys):
+    from PIL import Image
+
+    from pyface.cli import main
+    from pyface.eval.cli import data_hash
+
+    out, sheet = tmp_path / "r" / "cs.json", tmp_path / "cs.png"
+    rc = main(["eval", "copy-source", "--data", root, "--json", str(out), "--sheet", str(sheet),
+               "--quiet", "--sheet-rows", "2", "--resolution", "32"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "same" in text and "cross" in text and "psnr face" in text
+    rep = json.loads(out.read_text())
+    assert rep["model"] == "copy-source" and rep["checkpoint"] is None
+    assert rep["resolution"] == 32 and rep["data_hash"] == data_hash(root)
+    assert set(rep["versions"]) >= {"pyface", "torch", "python"} and rep["device"].startswith("cpu")
+    assert rep["moving"] == {"pose_deg": MOVING_POSE_DEG, "exp_l2": MOVING_EXP_L2}
+    same = rep["protocols"]["same"]
+    assert same["subsets"]["all"]["count"] == 33 and same["fps"] > 0
+    assert set(same["subsets"]["all"]) == {"count", "psnr", "ssim"}
+    assert set(same["subsets"]["all"]["psnr"]) == {"image", "face"}
+    assert rep["protocols"]["cross"]["subsets"]["all"]["count"] == 16
+    # 2 rows per protocol, 4 columns of 32 px with 2 px padding
+    assert Image.open(sheet).size == (4 * 34 + 2, 4 * 34 + 2)
+
+
+def test_cli_trained_example(root, tmp_path):
+    """`pyface eval example --checkpoint RUN`: a 2-step run of the example model, loaded by
+    pyface.models.load, evaluated at its 16 px output resolution."""
+    from pyface.cli import main
+
+    run = tmp_path / "run"
+    sets = ["model.resolution=16", "model.plane_resolution=8", "model.plane_channels=4",
+            "model.encoder_channels=8", "model.hidden=8", "model.depth_samples=4",
+            "data.resolution=16", f"data.path={root}", "train.batch_size=4",
+            "train.progress=false", "train.tensorboard=false", "train.image_every=0",
+            f"train.run_dir={run}", "train.steps=2"]
+    assert main(["train", "example", *sum((["--set", x] for x in sets), [])]) == 0
+    out = tmp_path / "ex.json"
+    assert main(["eval", "example", "--checkpoint", str(run), "--data", root, "--device", "cpu",
+                 "--json", str(out), "--sheet", str(tmp_path / "ex.png"), "--max-pairs", "8",
+                 "--quiet"]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["model"] == "example" and rep["resolution"] == 16
+    for proto in ("same", "cross"):
+        r = rep["protocols"][proto]
+        assert r["subsets"]["all"]["count"] == 8 and r["fps"] > 0
+        assert 0 < r["subsets"]["all"]["psnr"]["face"] < 40
+    assert os.path.getsize(tmp_path / "ex.png") > 0
+
+
+def test_cli_model_loads_through_pyface_models(root, tmp_path, monkeypatch, capsys):
+    from pyface.cli import main
+
+    calls = []
+
+    def load(name, checkpoint, *, device=None, ema=True):
+        calls.append((name, checkpoint, str(device), ema))
+        return CopyDriving(32)
+
+    monkeypatch.setitem(sys.modules, "pyface.models", types.SimpleNamespace(load=load))
+    out = tmp_path / "m.json"
+    rc = main(["eval", "example", "--checkpoint", str(tmp_path), "--data", root, "--protocol",
+               "same", "--subset", "moving", "--device", "cpu", "--no-ema", "--json", str(out),
+               "--quiet", "--max-pairs", "4"])
+    assert rc == 0 and calls == [("example", str(tmp_path), "cpu", False)]
+    rep = json.loads(out.read_text())
+    assert list(rep["protocols"]) == ["same"] and rep["checkpoint"] == os.path.abspath(tmp_path)
+    assert rep["protocols"]["same"]["subsets"]["moving"]["psnr"]["image"] == 100.0
+    assert rep["protocols"]["same"]["subsets"]["moving"]["count"] == 4
+    assert main(["eval", "example", "--data", root, "--quiet"]) == 1
+    assert "--checkpoint: required" in capsys.readouterr().err
+    assert main(["eval", "copy-source", "--data", root, "--metrics", "psnr,fid", "--quiet"]) == 1
+    assert "'fid' is not implemented" in capsys.readouterr().err
+
+
+def test_data_hash(root, tmp_path):
+    import shutil
+
+    from pyface.eval.cli import data_hash
+
+    h = data_hash(root)
+    assert len(h) == 16 and data_hash(root) == h
+    copy = str(tmp_path / "copy")
+    shutil.copytree(root, copy)
+    assert data_hash(copy) == h                        # a moved copy keeps its hash
+    c = np.load(os.path.join(copy, "static", "coeffs.npy"))
+    np.save(os.path.join(copy, "static", "coeffs.npy"), c + 1)
+    assert data_hash(copy) != h
+
+
+def test_cli_help(capsys):
+    from pyface.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: pyface eval" in out and "copy-source" in out and "--max-pairs" in out
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(root):
+    cpu = evaluate(CopyDriving(48), root, protocol="cross", max_pairs=6)
+    pipe = CopySource(48, device="cuda")
+    gpu = evaluate(pipe, root, protocol="cross", max_pairs=6)
+    ref = evaluate(CopySource(48), root, protocol="cross", max_pairs=6)
+    for name in ("psnr", "ssim"):
+        for region in ("image", "face"):
+            np.testing.assert_array_equal(gpu.values[name][region], ref.values[name][region])
+    assert gpu.frames == cpu.frames == 6
