@@ -248,3 +248,76 @@ def test_pipeline_load_controls_and_animate(micro_run, data_root, tmp_path, caps
     assert mp4.stat().st_size > 0
     assert f"{T} frames at {RES}x{RES}" in capsys.readouterr().out
     assert np.isfinite(out.numpy()).all()
+
+
+# ------------------------------------------------------------------------------------------
+# the expression VAE stage (mmfa_vae)
+# ------------------------------------------------------------------------------------------
+
+def vae_experiment(run_dir, data_root, mmfa_run, *extra):
+    from pyface.models.mmfa.vae import MMFAVAE, MMFAVAEConfig
+
+    sets = [f"model.mmfa_checkpoint={mmfa_run}", f"data.path={data_root}",
+            f"data.resolution={RES}", "data.options.repeats=1", f"train.run_dir={run_dir}",
+            "train.batch_size=2", "train.progress=false", "train.tensorboard=false",
+            "train.num_workers=0", "train.device=cpu", "model.hidden=[16]",
+            "model.d_hidden=[8]", "model.latent=4", *extra]
+    return build_experiment("mmfa_vae", MMFAVAEConfig, defaults=MMFAVAE.recipe, preset="tiny",
+                            overrides=sets)
+
+
+def test_vae_stage_trains_on_frozen_mmfa_and_resumes(micro_run, data_root, tmp_path):
+    from pyface.models.mmfa.vae import MMFAVAE
+
+    assert MMFAVAE.stages[0].model == "mmfa"
+    assert MMFAVAE.stages[0].checkpoint_key == "mmfa_checkpoint"
+    full = Trainer(vae_experiment(tmp_path / "full", data_root, micro_run, "train.steps=4",
+                                  "train.ckpt_every=0"))
+    frozen = {k: v.clone() for k, v in full.model.mmfa.state_dict().items()}
+    vae0 = {k: v.clone() for k, v in full.model.vae.state_dict().items()}
+    full.fit()
+    # the stage-1 model (weights and BatchNorm statistics) is untouched; the VAE trains
+    for k, v in full.model.mmfa.state_dict().items():
+        assert torch.equal(v, frozen[k]), k
+    assert any(not torch.equal(v, vae0[k]) for k, v in full.model.vae.state_dict().items())
+    a = Trainer(vae_experiment(tmp_path / "split", data_root, micro_run, "train.steps=2",
+                               "train.ckpt_every=0"))
+    a.fit()
+    b = Trainer(vae_experiment(tmp_path / "split", data_root, micro_run, "train.steps=4",
+                               "train.ckpt_every=0"))
+    b.resume("auto")
+    b.fit()
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+    with pytest.raises(ValueError, match="model.mmfa_checkpoint: expected a trained mmfa run"):
+        MMFAVAE()
+
+
+def test_vae_pipeline_interpolates_and_samples(micro_run, data_root, tmp_path):
+    import pyface.models
+    from pyface.data.driving import read_driving, read_source
+
+    run = tmp_path / "vae"
+    Trainer(vae_experiment(run, data_root, micro_run, "train.steps=2",
+                           "train.ckpt_every=0")).fit()
+    pipe = pyface.models.load("mmfa_vae", str(run), device="cpu")
+    assert pipe.resolution == RES
+    video = os.path.join(data_root, sorted(d for d in os.listdir(data_root)
+                                           if d.startswith("id"))[0])
+    src, drv = read_source(video, RES), read_driving(video, RES)
+    state, motion = pipe.encode_source(src), pipe.encode_driving(drv)
+    f = motion["f_exp"]
+    path = pipe.interpolate_expression(f[0], f[-1], torch.linspace(0, 1, 5))
+    assert path.shape == (5, 8)
+    mu_a, _ = pipe.model.vae.encode(f[:1])
+    torch.testing.assert_close(path[0], pipe.model.vae.decode(mu_a)[0])
+    samples = pipe.sample_expression(3, torch.Generator().manual_seed(0))
+    assert samples.shape == (3, 8)
+    out = pipe.generate(state, {k: (v[:3] if v is not None else None) for k, v in motion.items()},
+                        expression=samples)
+    assert out.shape == (3, 3, RES, RES)
+    torch.testing.assert_close(pipe.reconstruct(src),
+                               pyface.models.load("mmfa", str(micro_run),
+                                                  device="cpu").reconstruct(src))
+    with pytest.raises(ValueError, match=r"f_b: expected shape \(8,\)"):
+        pipe.interpolate_expression(f[0], f[:2], [0.5])

@@ -32,8 +32,13 @@ from .motion import deep3d_to_keypoint_rotation, keypoint_rotation_from_degrees,
 class MMFAPipeline(Pipeline):
     """Inference with :class:`pyface.models.mmfa.MMFA` (see the module docstring)."""
 
+    @property
+    def net(self):
+        """The MMFA networks (``model`` itself; the VAE pipeline's frozen stage-1 model)."""
+        return self.model
+
     def _rotation(self, frames: dict, n: int):
-        if self.model.cfg.rotation == "none":
+        if self.net.cfg.rotation == "none":
             return torch.eye(3, device=self.device).expand(n, 3, 3)
         if "coeffs" not in frames:
             return None
@@ -42,7 +47,7 @@ class MMFAPipeline(Pipeline):
     @torch.no_grad()
     def encode_source(self, source: dict) -> dict:
         src = self.prepare(source, batched=False)
-        m = self.model
+        m = self.net
         img = src["image"][None]
         rot = self._rotation({k: v[None] for k, v in src.items()
                               if isinstance(v, torch.Tensor)}, 1)
@@ -60,7 +65,7 @@ class MMFAPipeline(Pipeline):
     def encode_driving(self, driving: dict) -> dict:
         drv = self.prepare(driving, batched=True, name="driving")
         T = drv["image"].shape[0]
-        mo = self.model.motion_of(drv["image"])
+        mo = self.net.motion_of(drv["image"])
         mo["rotation"] = self._rotation(drv, T)
         return mo
 
@@ -80,7 +85,7 @@ class MMFAPipeline(Pipeline):
     def generate(self, state: dict, motion: dict, *, cross_identity: bool = False,
                  rotation=None, angles=None, scale=None, translation=None,
                  expression="driving") -> torch.Tensor:
-        m, dev = self.model, self.device
+        m, dev = self.net, self.device
         T = int(motion["f_exp"].shape[0])
         if rotation is not None and angles is not None:
             raise ValueError("rotation, angles: give at most one")
