@@ -2,6 +2,7 @@
 copy-source and the model-specific keypoint, expression and mouth-region checks.
 
     python tools/mmfa_eval.py --checkpoint RUN --data HELDOUT [--json OUT.json] [--max-pairs N]
+    python tools/mmfa_eval.py --vae VAE_RUN --data HELDOUT [--json OUT.json]
 
 * same-identity PSNR (whole image and face mask) on the ``moving`` pairs of
   ``pyface.data.reenactment_pairs`` (images in [0, 1] rounded to 8 bits, per-pair PSNR
@@ -14,6 +15,12 @@ copy-source and the model-specific keypoint, expression and mouth-region checks.
 * expression: mouth-box PSNR (the box of landmarks 48-67, 4 px margin) of the output with the
   driving expression against the output with the source's expression (``expression="source"``),
   on the same-identity pairs whose expression coefficients differ by more than 0.25.
+* ``--vae RUN`` (an ``mmfa_vae`` run) instead: on the expression features of every held-out
+  frame, the VAE's reconstruction cosine (z = mu), active latent dimensions
+  (Var(mu) > 0.01), mean KL in nats, a 9-step interpolation between the two frames of most
+  different features (largest step of delta over the mean step; endpoint error of delta relative
+  to the endpoints' distance), and the fraction of prior-sample components inside the data's
+  per-dimension 5-95 % range.
 """
 from __future__ import annotations
 
@@ -70,15 +77,64 @@ def mouth_box(landmarks: torch.Tensor, size: int, margin: int = 4):
     return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
 
 
+@torch.no_grad()
+def vae_checks(run: str, data: str, device) -> dict:
+    from pyface.data.datasets import FrameDataset
+    from pyface.nn.vae import active_dims
+
+    pipe = pyface.models.load("mmfa_vae", run, device=device)
+    net, vae = pipe.net, pipe.model.vae
+    frames = FrameDataset(data, pipe.resolution)
+    feats, kcs = [], []
+    for s in range(0, len(frames), 64):
+        imgs = torch.stack([frames[i]["image"] for i in range(s, min(s + 64, len(frames)))])
+        img = pipe.prepare({"image": imgs}, batched=True, name="frames")["image"]
+        feats.append(net.exp_encoder(img))
+        kcs.append(net.kp_detector(img)["value"])
+    f, kc = torch.cat(feats), torch.cat(kcs)
+    mu, logvar = vae.encode(f)
+    rec = vae.decode(mu)
+    out = {"frames": int(f.shape[0]),
+           "rec_cos": float(F.cosine_similarity(rec, f, dim=1).mean()),
+           "active_dims": active_dims(mu), "latent": int(mu.shape[1]),
+           "kl_nats": float(vae.kl(mu, logvar))}
+    # interpolation between the two most different features (of one identity's first frame)
+    d = torch.cdist(f, f)
+    i, j = divmod(int(d.argmax()), d.shape[1])
+    path = pipe.interpolate_expression(f[i], f[j], torch.linspace(0, 1, 9))
+    delta = net.exp_decoder(path, kc[i:i + 1].expand(9, -1, -1))
+    steps = (delta[1:] - delta[:-1]).flatten(1).norm(dim=1)
+    ends = net.exp_decoder(torch.stack([f[i], f[j]]), kc[i:i + 1].expand(2, -1, -1))
+    span = (ends[1] - ends[0]).norm()
+    out["interp_max_over_mean_step"] = float(steps.max() / steps.mean())
+    out["interp_endpoint_error"] = float(torch.stack([(delta[0] - ends[0]).norm(),
+                                                      (delta[-1] - ends[1]).norm()]).max() / span)
+    g = torch.Generator(device=f.device).manual_seed(0)
+    samples = pipe.sample_expression(1000, g)
+    lo, hi = torch.quantile(f, 0.05, dim=0), torch.quantile(f, 0.95, dim=0)
+    out["prior_in_5_95"] = float(((samples >= lo) & (samples <= hi)).float().mean())
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--vae", default=None, help="an mmfa_vae run: the VAE checks only")
     ap.add_argument("--data", required=True)
     ap.add_argument("--json", default=None)
     ap.add_argument("--max-pairs", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.vae:
+        report = vae_checks(args.vae, args.data, args.device)
+        print(json.dumps(report, indent=1))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+        return 0
+    if not args.checkpoint:
+        ap.error("--checkpoint or --vae is required")
 
     pipe = pyface.models.load("mmfa", args.checkpoint, device=args.device)
     model, dev, R = pipe.model, pipe.device, pipe.resolution
