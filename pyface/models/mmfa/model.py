@@ -163,7 +163,7 @@ class MMFA(TrainableModel):
                            "dm_block_expansion": 16, "dm_blocks": 3, "dm_max_features": 128,
                            "dec_channels": [64, 32, 16], "enc_channels": [16, 32, 64, 64],
                            "exp_dim": 32, "exp_hidden": 64, "w_gan": 0.0, "w_fm": 0.0,
-                           "source_blend": True,
+                           "source_blend": True, "w_delta": 0.5,
                            "lr": 1e-3, "betas": [0.5, 0.999]},
                  "data": {"resolution": 64},
                  "train": {"steps": 800, "batch_size": 4, "ckpt_every": 200,
