@@ -23,6 +23,8 @@ from typing import Any
 
 MODELS: dict[str, str] = {
     "example": "pyface.train.example:TriplaneAutoencoder",
+    "mmfa": "pyface.models.mmfa:MMFA",
+    "mmfa_vae": "pyface.models.mmfa.vae:MMFAVAE",
     # portrait models (pyface/models/<name>/) register here as they land, one line each
     "eg3d": "pyface.models.eg3d.model:EG3D",
     "goha": "pyface.models.goha:GOHA",

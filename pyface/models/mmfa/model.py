@@ -1,0 +1,467 @@
+"""MMFA: unsupervised 3D keypoints with a scaled-orthographic transform, an expression codec and a
+multi-scale warping generator on the fused 3D-flow ops.
+
+MMFA (Li et al. 2026; no code released) is built from the paper's description, on the
+structure of face-vid2vid (Wang et al. 2021); the code is our own. Architecture, losses and
+presets: docs/models/mmfa.md.
+
+Shapes (full size, 256^2, K = 15; ``tiny``: 64^2, K = 10, a 16 x 8 x 16^2 volume):
+
+* appearance: image (B, 3, R, R) -> volume (B, 32, 16, R/4, R/4);
+* canonical keypoints x_c: (B, K, 3) from the source (CanonicalKeypointDetector);
+* scale / translation head: image -> (log s, t_x, t_y), s = exp(log s): (B,), (B, 2);
+* expression encoder: image -> f_exp (B, exp_dim); decoder: (f_exp, x_c) -> delta (B, K, 3);
+* rotation R (B, 3, 3): from the ground-truth Deep3D angles of the frame (``rotation="gt"``;
+  synthetic data) or the identity (``"none"``);
+* posed keypoints x = s R (x_c + delta) + (t_x, t_y, 0) for source and driving;
+* DenseMotion masks (B, K+1, D, R/4, R/4) + occlusion (B, 1, R/4, R/4); the volume is warped by
+  the fused ``warp_by_keypoints``;
+* MultiScaleDecoder: images at R/4, R/2 and R (B, 3, r, r) in [-1, 1].
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyface.data.datasets import to_float
+from pyface.nn.augment import RandomAffineTPS, equivariance_loss, keypoint_prior_loss
+from pyface.nn.discriminators import MultiScalePatchDiscriminator, PatchDiscriminatorConfig
+from pyface.nn.fv2v import (AppearanceFeatureExtractor, CanonicalKeypointDetector,
+                            MultiScaleDecoder)
+from pyface.nn.losses import feature_matching_loss, gan_d_loss, gan_g_loss
+from pyface.nn.motion import DenseMotion, DenseMotionConfig
+from pyface.train.model import Phase, StepContext, TrainableModel
+
+from .pipeline import MMFAPipeline
+from .motion import ExpressionDecoder, ImageEncoder, deep3d_to_keypoint_rotation, pose_keypoints
+
+ROTATION_SOURCES = ("gt", "none")
+
+
+@dataclass
+class MMFAConfig:
+    """MMFA hyper-parameters (defaults: the full 256^2 model; see docs/models/mmfa.md).
+
+    Networks: ``app_*`` the appearance extractor (volume ``app_channels x app_depth`` at
+    R / 2^app_down); ``kp_*`` the canonical keypoint detector; ``dm_*`` the dense-motion
+    hourglass; ``dec_channels`` the multi-scale decoder (one output per entry); ``enc_channels``
+    the two image encoders (scale/translation, expression) and ``exp_dim`` / ``exp_hidden`` the
+    expression codec. ``rotation``: ``"gt"`` (keypoint-space rotation from the frames' Deep3D
+    angles, ``coeffs[224:227]``) or ``"none"`` (identity).
+
+    Losses (weights; 0 turns a term off): ``w_rec`` L1 pyramid on every output scale (levels:
+    ``pyramid_levels`` at the finest output, one fewer per coarser one); ``w_perceptual`` VGG19
+    pyramid (needs ``vgg_weights``, else it warns once and is off); ``w_gan`` / ``w_fm`` LSGAN and
+    feature matching of a multi-scale PatchGAN on the final output; ``w_equivariance`` (random
+    affine + TPS); ``w_prior`` keypoint prior; ``w_delta`` L1 of delta; ``w_exp_consistency``
+    1 - cos of f_exp under the augmentation; ``w_canonical`` L1 between x_c(S) and x_c(D).
+    """
+
+    resolution: int = 256
+    num_kp: int = 15
+    rotation: str = "gt"
+    # appearance extractor
+    app_block_expansion: int = 64
+    app_down: int = 2
+    app_max_features: int = 512
+    app_channels: int = 32
+    app_depth: int = 16
+    app_resblocks: int = 6
+    # canonical keypoint detector
+    kp_scale_factor: float = 0.25
+    kp_block_expansion: int = 32
+    kp_max_features: int = 1024
+    kp_blocks: int = 5
+    kp_depth: int = 16
+    kp_temperature: float = 0.1
+    # dense motion
+    dm_block_expansion: int = 32
+    dm_blocks: int = 5
+    dm_max_features: int = 1024
+    dm_compress: int = 4
+    # decoder
+    dec_channels: list[int] = field(default_factory=lambda: [256, 128, 64])
+    dec_res_blocks: int = 1
+    # deviation (off in "full"): blend each output with the source image warped by the
+    # depth-averaged dense motion, mask from a 4th decoder channel (see docs/models/mmfa.md)
+    source_blend: bool = False
+    # encoders and expression codec
+    enc_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512, 512])
+    exp_dim: int = 128
+    exp_hidden: int = 256
+    # discriminator
+    d_block_expansion: int = 64
+    d_blocks: int = 4
+    d_scales: list[float] = field(default_factory=lambda: [1.0, 0.5])
+    # losses
+    w_rec: float = 10.0
+    pyramid_levels: int = 4
+    w_perceptual: float = 0.0
+    vgg_weights: str | None = None
+    w_gan: float = 1.0
+    w_fm: float = 10.0
+    w_equivariance: float = 10.0
+    w_prior: float = 10.0
+    w_delta: float = 5.0
+    w_exp_consistency: float = 1.0
+    w_canonical: float = 10.0
+    sigma_affine: float = 0.05
+    sigma_tps: float = 0.005
+    # optimisation
+    lr: float = 2e-4
+    lr_d: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+
+
+def images_of(frame: dict, name: str, resolution: int) -> torch.Tensor:
+    """``frame["image"]`` (B, 3, R, R), uint8 or float in [-1, 1] -> float in [-1, 1]."""
+    if not isinstance(frame, dict) or "image" not in frame:
+        raise ValueError(f"batch['{name}']: expected a frame dict with 'image' (B, 3, "
+                         f"{resolution}, {resolution})")
+    img = frame["image"]
+    if img.dim() != 4 or tuple(img.shape[1:]) != (3, resolution, resolution):
+        raise ValueError(f"batch['{name}']['image']: expected shape (B, 3, {resolution}, "
+                         f"{resolution}) (model.resolution; set data.resolution to match), got "
+                         f"{tuple(img.shape)}")
+    if img.dtype == torch.uint8:
+        return to_float(img) * 2 - 1
+    return img.float()
+
+
+def l1_pyramid(pred: torch.Tensor, target: torch.Tensor, levels: int) -> torch.Tensor:
+    """Sum over scales 1, 1/2, ... (``levels`` of them) of the mean L1; pred, target (B, 3, h, w)."""
+    total = pred.new_zeros(())
+    for i in range(max(levels, 1)):
+        if i:
+            pred = F.avg_pool2d(pred, 2)
+            target = F.avg_pool2d(target, 2)
+        total = total + (pred - target).abs().mean()
+    return total
+
+
+class MMFA(TrainableModel):
+    """MMFA (see the module docstring). ``forward(source, driving, ...)`` -> dict of outputs."""
+
+    Config = MMFAConfig
+    Pipeline = MMFAPipeline
+    recipe = {"data": {"name": "pairs", "resolution": 256,
+                       "options": {"mode": "same_video", "synth": {"zoom": 0.2}}},
+              "train": {"steps": 100000, "batch_size": 16, "ckpt_every": 5000,
+                        "image_every": 1000,
+                        "lr_schedule": {"kind": "step", "step_size": 60000, "gamma": 0.1}}}
+    presets = {
+        # spec (a): 64^2, K = 10, a 16 x 8 x 16^2 volume, R from the ground truth, L1 pyramid
+        "tiny": {"model": {"resolution": 64, "num_kp": 10,
+                           "app_block_expansion": 16, "app_max_features": 64,
+                           "app_channels": 16, "app_depth": 8, "app_resblocks": 1,
+                           "kp_scale_factor": 0.25, "kp_block_expansion": 16,
+                           "kp_max_features": 128, "kp_blocks": 3, "kp_depth": 8,
+                           "dm_block_expansion": 16, "dm_blocks": 3, "dm_max_features": 128,
+                           "dec_channels": [64, 32, 16], "enc_channels": [16, 32, 64, 64],
+                           "exp_dim": 32, "exp_hidden": 64, "w_gan": 0.0, "w_fm": 0.0,
+                           "source_blend": True, "w_delta": 0.5,
+                           "lr": 1e-3, "betas": [0.5, 0.999]},
+                 "data": {"resolution": 64},
+                 "train": {"steps": 800, "batch_size": 4, "ckpt_every": 200,
+                           "image_every": 200, "video_every": 0,
+                           "lr_schedule": {"kind": "cosine", "warmup_steps": 20,
+                                           "min_factor": 0.1}}},
+        # spec (b): one H100/H200, about 8 minutes
+        "gpu-short": {"model": {"resolution": 256, "num_kp": 15, "lr": 4e-4,
+                                "source_blend": True},
+                      "data": {"resolution": 256},
+                      "train": {"steps": 2500, "batch_size": 16, "precision": "bf16",
+                                "ckpt_every": 500, "image_every": 500,
+                                "lr_schedule": {"kind": "cosine", "warmup_steps": 100,
+                                                "min_factor": 0.1}}},
+        # paper scale (face-vid2vid reimplementation's schedule)
+        "full": {"model": {"resolution": 256, "num_kp": 15},
+                 "data": {"resolution": 256},
+                 "train": {"steps": 100000, "batch_size": 16}},
+    }
+
+    def __init__(self, cfg: MMFAConfig | None = None):
+        super().__init__()
+        cfg = cfg or MMFAConfig()
+        if cfg.rotation not in ROTATION_SOURCES:
+            raise ValueError(f"model.rotation: expected one of {ROTATION_SOURCES}, got "
+                             f"{cfg.rotation!r}")
+        m = 2 ** cfg.app_down
+        if cfg.resolution % m:
+            raise ValueError(f"model.resolution: expected a multiple of 2^app_down = {m}, got "
+                             f"{cfg.resolution}")
+        self.cfg = cfg
+        K = cfg.num_kp
+        self.appearance = AppearanceFeatureExtractor(
+            block_expansion=cfg.app_block_expansion, num_down_blocks=cfg.app_down,
+            max_features=cfg.app_max_features, reshape_channel=cfg.app_channels,
+            reshape_depth=cfg.app_depth, num_resblocks=cfg.app_resblocks)
+        self.kp_detector = CanonicalKeypointDetector(
+            num_kp=K, scale_factor=cfg.kp_scale_factor, block_expansion=cfg.kp_block_expansion,
+            max_features=cfg.kp_max_features, num_blocks=cfg.kp_blocks,
+            reshape_depth=cfg.kp_depth, temperature=cfg.kp_temperature)
+        self.pose_encoder = ImageEncoder(list(cfg.enc_channels), 3)
+        nn.init.zeros_(self.pose_encoder.fc.weight)
+        nn.init.zeros_(self.pose_encoder.fc.bias)
+        self.exp_encoder = ImageEncoder(list(cfg.enc_channels), cfg.exp_dim)
+        self.exp_decoder = ExpressionDecoder(cfg.exp_dim, K, cfg.exp_hidden)
+        self.dense_motion = DenseMotion(DenseMotionConfig(
+            num_kp=K, feature_channel=cfg.app_channels, block_expansion=cfg.dm_block_expansion,
+            num_blocks=cfg.dm_blocks, max_features=cfg.dm_max_features,
+            reshape_depth=cfg.app_depth, compress=cfg.dm_compress))
+        self.decoder = MultiScaleDecoder(in_channels=cfg.app_channels * cfg.app_depth,
+                                         channels=tuple(cfg.dec_channels),
+                                         res_blocks=cfg.dec_res_blocks,
+                                         image_channel=4 if cfg.source_blend else 3)
+        if cfg.source_blend:
+            with torch.no_grad():          # start by copying the warped source (mask ~ 0.98)
+                for conv in self.decoder.to_image:
+                    conv.bias[3] = 2.0
+        self.discriminator = None
+        if cfg.w_gan > 0 or cfg.w_fm > 0:
+            self.discriminator = MultiScalePatchDiscriminator(PatchDiscriminatorConfig(
+                scales=list(cfg.d_scales), block_expansion=cfg.d_block_expansion,
+                num_blocks=cfg.d_blocks))
+        self.perceptual = None
+        if cfg.w_perceptual > 0:
+            if cfg.vgg_weights:
+                from pyface.nn.vgg import PerceptualLoss
+                self.perceptual = PerceptualLoss(weights=cfg.vgg_weights,
+                                                 scales=[1.0, 0.5, 0.25, 0.125])
+                self.perceptual.requires_grad_(False)
+            else:
+                warnings.warn("MMFA: model.w_perceptual > 0 but model.vgg_weights is not set; "
+                              "the VGG perceptual loss is off (the L1 pyramid stays)")
+        self.augment = RandomAffineTPS(cfg.sigma_affine, cfg.sigma_tps)
+        self._fake = None
+
+    # --- generator-side modules ---------------------------------------------------------
+    GENERATOR = ("appearance", "kp_detector", "pose_encoder", "exp_encoder", "exp_decoder",
+                 "dense_motion", "decoder")
+
+    def generator_parameters(self):
+        return [p for n in self.GENERATOR for p in getattr(self, n).parameters()]
+
+    # --- pieces -------------------------------------------------------------------------
+    def rotation_of(self, frame: dict, name: str, batch: int, device) -> torch.Tensor:
+        """Keypoint-space rotation (B, 3, 3) of a frame dict (``coeffs`` (B, 257) with
+        ``rotation="gt"``)."""
+        if self.cfg.rotation == "none":
+            return torch.eye(3, device=device).expand(batch, 3, 3)
+        coeffs = frame.get("coeffs") if isinstance(frame, dict) else None
+        if coeffs is None or coeffs.shape != (batch, 257):
+            got = None if coeffs is None else tuple(coeffs.shape)
+            raise ValueError(f"batch['{name}']['coeffs']: expected shape ({batch}, 257) "
+                             f"(Deep3D angles for model.rotation='gt'), got {got}")
+        return deep3d_to_keypoint_rotation(coeffs[:, 224:227].float())
+
+    def scale_translation(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """image (B, 3, R, R) -> scale (B,) = exp(.), translation (B, 2)."""
+        out = self.pose_encoder(image)
+        return out[:, 0].clamp(-3, 3).exp(), out[:, 1:]
+
+    def motion_of(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """image (B, 3, R, R) -> {scale (B,), translation (B, 2), f_exp (B, exp_dim)}."""
+        s, t = self.scale_translation(image)
+        return {"scale": s, "translation": t, "f_exp": self.exp_encoder(image)}
+
+    def render(self, volume: torch.Tensor, kp_source: torch.Tensor, kp_driving: torch.Tensor,
+               source: torch.Tensor | None = None) -> dict:
+        """volume (B, C, D, h, w); kp_source, kp_driving (B, K, 3); source (B, 3, R, R) in
+        [-1, 1], required with ``source_blend`` -> {"images": [coarse..fine] (B, 3, r, r),
+        "mask" (B, K+1, D, h, w), "occlusion" (B, 1, h, w), with ``source_blend`` also "blend":
+        [coarse..fine] (B, 1, r, r)}."""
+        blend = self.cfg.source_blend
+        if blend and (source is None or source.shape[0] != volume.shape[0]):
+            raise ValueError(f"source: expected shape ({volume.shape[0]}, 3, "
+                             f"{self.cfg.resolution}, {self.cfg.resolution}) with "
+                             f"model.source_blend, got "
+                             f"{None if source is None else tuple(source.shape)}")
+        dm = self.dense_motion(volume, kp_source=kp_source, kp_driving=kp_driving,
+                               return_deformation=blend)
+        warped = self.dense_motion.warp(volume, kp_source=kp_source, kp_driving=kp_driving,
+                                        mask=dm["mask"])
+        occ = dm.get("occlusion_map")
+        images = self.decoder(warped, occ)
+        out = {"images": images, "mask": dm["mask"], "occlusion": occ}
+        if blend:
+            flow = dm["deformation"][..., :2].mean(1)          # (B, h, w, 2): depth-averaged
+            out["images"], out["blend"] = [], []
+            for img in images:
+                w = warp_image(source, flow, img.shape[-1])
+                m = (img[:, 3:] + 1) / 2
+                out["images"].append(m * w + (1 - m) * img[:, :3])
+                out["blend"].append(m)
+        return out
+
+    def forward(self, source: torch.Tensor, driving: torch.Tensor, rot_source: torch.Tensor,
+                rot_driving: torch.Tensor) -> dict:
+        """source, driving (B, 3, R, R) in [-1, 1]; rot_source, rot_driving (B, 3, 3) keypoint
+        space -> dict: images (list, coarse to fine), kp_canonical (B, K, 3) of the source,
+        kp_source / kp_driving (B, K, 3), delta_source / delta_driving (B, K, 3), f_exp
+        (B, exp_dim) of the driving, scale / translation of the driving, mask, occlusion."""
+        R = self.cfg.resolution
+        for name, img in (("source", source), ("driving", driving)):
+            if img.dim() != 4 or tuple(img.shape[1:]) != (3, R, R):
+                raise ValueError(f"{name}: expected shape (B, 3, {R}, {R}), got "
+                                 f"{tuple(img.shape)}")
+        B = source.shape[0]
+        if driving.shape[0] != B:
+            raise ValueError(f"driving: expected batch {B} (the source's), got {driving.shape[0]}")
+        for name, r in (("rot_source", rot_source), ("rot_driving", rot_driving)):
+            if r.shape != (B, 3, 3):
+                raise ValueError(f"{name}: expected shape ({B}, 3, 3), got {tuple(r.shape)}")
+        volume = self.appearance(source)
+        kc = self.kp_detector(source)["value"]
+        both = self.motion_of(torch.cat([source, driving]))
+        ms = {k: v[:B] for k, v in both.items()}
+        md = {k: v[B:] for k, v in both.items()}
+        kc2 = torch.cat([kc, kc])
+        delta = self.exp_decoder(both["f_exp"], kc2)
+        kp_s = pose_keypoints(kc, rot_source, ms["scale"], ms["translation"], delta[:B])
+        kp_d = pose_keypoints(kc, rot_driving, md["scale"], md["translation"], delta[B:])
+        out = self.render(volume, kp_s, kp_d, source)
+        out.update(kp_canonical=kc, kp_source=kp_s, kp_driving=kp_d, delta_source=delta[:B],
+                   delta_driving=delta[B:], f_exp=md["f_exp"], scale=md["scale"],
+                   translation=md["translation"])
+        return out
+
+    # --- TrainableModel -------------------------------------------------------------------
+    def build_optimizers(self):
+        c = self.cfg
+        opts = {"G": torch.optim.Adam(self.generator_parameters(), lr=c.lr, betas=tuple(c.betas))}
+        if self.discriminator is not None:
+            opts["D"] = torch.optim.Adam(self.discriminator.parameters(), lr=c.lr_d,
+                                         betas=tuple(c.betas))
+        return opts
+
+    def phases(self):
+        ph = [Phase("G", "G", frozen=("discriminator",) if self.discriminator is not None else ())]
+        if self.discriminator is not None:
+            ph.append(Phase("D", "D"))
+        return ph
+
+    def _inputs(self, batch: dict):
+        R = self.cfg.resolution
+        src = images_of(batch.get("source"), "source", R)
+        drv = images_of(batch.get("driving"), "driving", R)
+        B = src.shape[0]
+        rs = self.rotation_of(batch["source"], "source", B, src.device)
+        rd = self.rotation_of(batch["driving"], "driving", B, src.device)
+        return src, drv, rs, rd
+
+    def step(self, phase: str, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
+        if phase == "D":
+            return self._step_d(batch)
+        c = self.cfg
+        src, drv, rs, rd = self._inputs(batch)
+        B = src.shape[0]
+        need_aug = c.w_equivariance > 0 or c.w_exp_consistency > 0
+        images = [src, drv]
+        if need_aug:
+            t = self.augment.sample(B, device=drv.device, dtype=drv.dtype)
+            images.append(t.warp_image(drv))
+        # one pass of the keypoint detector and the encoders over source, driving (and the
+        # augmented driving frame)
+        images = torch.cat(images)
+        kc_all = self.kp_detector(images)["value"]
+        mo = self.motion_of(images)
+        kc, kc_d = kc_all[:B], kc_all[B:2 * B]
+        f = mo["f_exp"]
+        rows = [f[:2 * B]]
+        kps = [kc, kc]
+        if need_aug:
+            rows += [f[B:]]
+            kps += [kc_d, kc_all[2 * B:]]
+        delta = self.exp_decoder(torch.cat(rows), torch.cat(kps))
+        kp_s = pose_keypoints(kc, rs, mo["scale"][:B], mo["translation"][:B], delta[:B])
+        kp_d = pose_keypoints(kc, rd, mo["scale"][B:2 * B], mo["translation"][B:2 * B],
+                              delta[B:2 * B])
+        out = self.render(self.appearance(src), kp_s, kp_d, src)
+        logs = {}
+        n = len(out["images"])
+        rec = src.new_zeros(())
+        for i, img in enumerate(out["images"]):
+            tgt = drv if img.shape[-1] == drv.shape[-1] else F.interpolate(
+                drv, size=img.shape[-2:], mode="bilinear", antialias=True, align_corners=False)
+            rec = rec + l1_pyramid(img.float(), tgt, c.pyramid_levels - (n - 1 - i))
+        logs["rec_l1"] = rec.detach()
+        loss = c.w_rec * rec
+        final = out["images"][-1]
+        if self.perceptual is not None:
+            per = self.perceptual(final.float(), drv)
+            logs["perceptual"] = per.detach()
+            loss = loss + c.w_perceptual * per
+        if self.discriminator is not None:
+            fake = self.discriminator(final)
+            real = self.discriminator(drv)
+            g = sum(gan_g_loss(lg, "lsgan") for _, lg in fake.values()) / len(fake)
+            fm = sum(feature_matching_loss(real[k][0], fake[k][0]) for k in fake) / len(fake)
+            logs["gan_g"], logs["feature_matching"] = g.detach(), fm.detach()
+            loss = loss + c.w_gan * g + c.w_fm * fm
+            self._fake = final.detach()
+        canon = (kc_d - kc).abs().mean()
+        logs["canonical_l1"] = canon.detach()
+        loss = loss + c.w_canonical * canon
+        if need_aug:
+            # posed keypoints of the driving frame and of its warped copy, each from the frame
+            # alone (its own canonical keypoints, scale, translation and expression)
+            kp_self = pose_keypoints(kc_d, rd, mo["scale"][B:2 * B],
+                                     mo["translation"][B:2 * B], delta[2 * B:3 * B])
+            kp_aug = pose_keypoints(kc_all[2 * B:], rd, mo["scale"][2 * B:],
+                                    mo["translation"][2 * B:], delta[3 * B:])
+            eq = equivariance_loss(kp_self, kp_aug, t)
+            cos = F.cosine_similarity(f[B:2 * B], f[2 * B:], dim=1).mean()
+            logs["equivariance"], logs["exp_cos"] = eq.detach(), cos.detach()
+            loss = loss + c.w_equivariance * eq + c.w_exp_consistency * (1 - cos)
+        prior = keypoint_prior_loss(kp_d)
+        dl = delta[B:2 * B].abs().mean()
+        logs["kp_prior"], logs["delta_l1"] = prior.detach(), dl.detach()
+        loss = loss + c.w_prior * prior + c.w_delta * dl
+        with torch.no_grad():
+            logs["psnr"] = psnr(final.detach().float().clamp(-1, 1), drv).mean()
+            logs["scale"] = mo["scale"][B:2 * B].detach().mean()
+        logs["loss"] = loss
+        return logs
+
+    def _step_d(self, batch: dict) -> dict[str, torch.Tensor]:
+        R = self.cfg.resolution
+        drv = images_of(batch.get("driving"), "driving", R)
+        if self._fake is None:
+            raise RuntimeError("MMFA: the D phase runs after the G phase of the same step")
+        real = self.discriminator(drv)
+        fake = self.discriminator(self._fake)
+        self._fake = None
+        d = sum(gan_d_loss(real[k][1], fake[k][1], "lsgan") for k in real) / len(real)
+        return {"loss": d, "gan_d": d.detach()}
+
+    @torch.no_grad()
+    def preview(self, batch: dict) -> dict[str, torch.Tensor]:
+        src, drv, rs, rd = self._inputs(batch)
+        out = self(src, drv, rs, rd)
+        return {"source": src, "driving": drv, "output": out["images"][-1].clamp(-1, 1)}
+
+    def preview_video(self, batch: dict, frames: int):
+        return None
+
+
+def warp_image(image: torch.Tensor, flow: torch.Tensor, size: int) -> torch.Tensor:
+    """``image`` (B, 3, R, R) resized to ``size`` and sampled at ``flow`` (B, h, w, 2) (x, y) in
+    [-1, 1] (identity: an inclusive linspace), upsampled to ``size`` -> (B, 3, size, size)."""
+    if image.shape[-1] != size:
+        image = F.interpolate(image, size=(size, size), mode="bilinear", antialias=True,
+                              align_corners=False)
+    grid = F.interpolate(flow.permute(0, 3, 1, 2), size=(size, size), mode="bilinear",
+                         align_corners=True).permute(0, 2, 3, 1)
+    return F.grid_sample(image, grid.to(image.dtype), mode="bilinear", padding_mode="border",
+                         align_corners=True)
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PSNR (B,) in dB of images in [-1, 1] (peak-to-peak 2): (B, 3, H, W) each."""
+    mse = (pred - target).square().flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(4.0 / mse)

@@ -1,0 +1,165 @@
+"""MMFA's expression VAE (registered as ``mmfa_vae``): a Gaussian VAE on the expression features
+f_exp of a trained, frozen MMFA, so that expressions can be interpolated and sampled.
+
+MMFA (Li et al. 2026; no code released); built from the paper's description, our own code.
+
+* Stage: ``mmfa`` (``model.mmfa_checkpoint``): ``pyface train mmfa_vae --preset tiny`` first
+  trains ``mmfa`` with the same preset (or takes ``--set model.mmfa_checkpoint=RUN``), then the
+  VAE on the expression features of the source and driving frames of each pair.
+* Losses: reconstruction MSE (``w_rec`` 1) + KL (``w_kl`` 1e-3, linear warm-up over
+  ``kl_warmup`` steps) + LSGAN against a feature discriminator (``w_adv`` 0.1); phases
+  ``VAE`` then ``Dfeat``.
+* ``MMFAVAEPipeline``: :class:`~pyface.models.mmfa.pipeline.MMFAPipeline` plus
+  ``interpolate_expression(f_a, f_b, alphas)`` and ``sample_expression(n)``, whose f_exp go to
+  ``generate(..., expression=f)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from pyface.nn.losses import gan_d_loss, gan_g_loss
+from pyface.nn.vae import FeatureDiscriminator, GaussianMLPVAE, kl_warmup
+from pyface.train.model import (Phase, Stage, StepContext, TrainableModel, config_from_dict,
+                                load_pretrained)
+
+from .model import MMFA, MMFAConfig, images_of
+from .pipeline import MMFAPipeline
+
+
+@dataclass
+class MMFAVAEConfig:
+    """``mmfa_checkpoint``: the trained MMFA (run folder or checkpoint; the ``mmfa`` stage fills
+    it). ``latent`` / ``hidden``: the VAE; ``d_hidden``: the feature discriminator."""
+
+    mmfa_checkpoint: str | None = None
+    latent: int = 32
+    hidden: list[int] = field(default_factory=lambda: [256, 256])
+    d_hidden: list[int] = field(default_factory=lambda: [256, 256])
+    w_rec: float = 1.0
+    w_kl: float = 1e-3
+    kl_warmup: int = 2000
+    w_adv: float = 0.1
+    lr: float = 1e-4
+    lr_d: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+
+
+class MMFAVAEPipeline(MMFAPipeline):
+    """MMFA's pipeline (the frozen stage-1 model) plus the VAE's expression controls."""
+
+    def __init__(self, model, *, device=None):
+        self.resolution = int(model.mmfa.cfg.resolution)
+        super().__init__(model, device=device)
+
+    @property
+    def net(self) -> MMFA:
+        return self.model.mmfa
+
+    @torch.no_grad()
+    def interpolate_expression(self, f_a: torch.Tensor, f_b: torch.Tensor,
+                               alphas) -> torch.Tensor:
+        """f_a, f_b: (exp_dim,) expression features (e.g. ``encode_driving(...)["f_exp"][i]``);
+        alphas: (S,) -> (S, exp_dim) = Dec((1 - alpha) mu_a + alpha mu_b)."""
+        a = torch.as_tensor(alphas, dtype=torch.float32, device=self.device).reshape(-1)
+        d = self.net.cfg.exp_dim
+        for name, f in (("f_a", f_a), ("f_b", f_b)):
+            if f.shape != (d,):
+                raise ValueError(f"{name}: expected shape ({d},), got {tuple(f.shape)}")
+        return self.model.vae.interpolate(f_a[None], f_b[None], a)[:, 0]
+
+    @torch.no_grad()
+    def sample_expression(self, n: int, generator: torch.Generator | None = None):
+        """(n, exp_dim) expression features decoded from z ~ N(0, I)."""
+        return self.model.vae.sample_prior(int(n), generator=generator)
+
+
+class MMFAVAE(TrainableModel):
+    """The expression VAE on a frozen MMFA (see the module docstring)."""
+
+    Config = MMFAVAEConfig
+    Pipeline = MMFAVAEPipeline
+    stages = (Stage(name="mmfa", model="mmfa", checkpoint_key="mmfa_checkpoint"),)
+    recipe = {"data": {"name": "pairs", "resolution": 256,
+                       "options": {"mode": "same_video", "synth": {"zoom": 0.2}}},
+              "train": {"steps": 20000, "batch_size": 32, "ckpt_every": 5000,
+                        "image_every": 0, "video_every": 0}}
+    presets = {"tiny": {"model": {"latent": 8, "hidden": [64, 64], "d_hidden": [64],
+                                  "kl_warmup": 300, "lr": 1e-3, "lr_d": 1e-3},
+                        "data": {"resolution": 64},
+                        "train": {"steps": 1000, "batch_size": 16, "ckpt_every": 500}},
+               "gpu-short": {"model": {"kl_warmup": 500, "lr": 5e-4, "lr_d": 5e-4},
+                             "data": {"resolution": 256},
+                             "train": {"steps": 2000, "batch_size": 64}},
+               "full": {"data": {"resolution": 256}, "train": {"steps": 20000}}}
+
+    def __init__(self, cfg: MMFAVAEConfig | None = None):
+        super().__init__()
+        cfg = cfg or MMFAVAEConfig()
+        if not cfg.mmfa_checkpoint:
+            raise ValueError("model.mmfa_checkpoint: expected a trained mmfa run or checkpoint "
+                             "(the 'mmfa' stage sets it), got None")
+        self.cfg = cfg
+        c, state = load_pretrained(cfg.mmfa_checkpoint)
+        self.mmfa = MMFA(config_from_dict(MMFAConfig, c))
+        self.mmfa.load_state_dict(state)
+        self.mmfa.requires_grad_(False)
+        self.mmfa.eval()
+        d = self.mmfa.cfg.exp_dim
+        self.vae = GaussianMLPVAE(in_dim=d, hidden=tuple(cfg.hidden), latent=cfg.latent)
+        self.feature_discriminator = FeatureDiscriminator(d, tuple(cfg.d_hidden))
+        self._fake = None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.mmfa.eval()            # frozen: BatchNorm statistics stay those of stage 1
+        return self
+
+    @torch.no_grad()
+    def features(self, batch: dict) -> torch.Tensor:
+        """f_exp (2B, exp_dim) of the source and driving images of a pairs batch."""
+        R = self.mmfa.cfg.resolution
+        imgs = [images_of(batch.get(k), k, R) for k in ("source", "driving")]
+        return self.mmfa.exp_encoder(torch.cat(imgs))
+
+    def build_optimizers(self):
+        c = self.cfg
+        return {"VAE": torch.optim.Adam(self.vae.parameters(), lr=c.lr, betas=tuple(c.betas)),
+                "Dfeat": torch.optim.Adam(self.feature_discriminator.parameters(), lr=c.lr_d,
+                                          betas=tuple(c.betas))}
+
+    def phases(self):
+        return [Phase("VAE", "VAE", frozen=("feature_discriminator",)),
+                Phase("Dfeat", "Dfeat")]
+
+    def step(self, phase: str, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
+        c = self.cfg
+        if phase == "Dfeat":
+            if self._fake is None:
+                raise RuntimeError("MMFAVAE: the Dfeat phase runs after the VAE phase")
+            real, fake = self._fake
+            self._fake = None
+            d = gan_d_loss(self.feature_discriminator(real), self.feature_discriminator(fake),
+                           "lsgan")
+            return {"loss": d, "d_feat": d.detach()}
+        f = self.features(batch)
+        out = self.vae(f)
+        rec = F.mse_loss(out["recon"], f)
+        kl = self.vae.kl(out["mu"], out["logvar"])
+        w = c.w_kl * kl_warmup(ctx.step, c.kl_warmup)
+        adv = gan_g_loss(self.feature_discriminator(out["recon"]), "lsgan")
+        self._fake = (f, out["recon"].detach())
+        loss = c.w_rec * rec + w * kl + c.w_adv * adv
+        with torch.no_grad():
+            cos = F.cosine_similarity(out["recon"], f, dim=1).mean()
+        return {"loss": loss, "rec_mse": rec.detach(), "kl": kl.detach(), "adv": adv.detach(),
+                "kl_weight": torch.tensor(w), "rec_cos": cos}
+
+    @torch.no_grad()
+    def preview(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {}
+
+    def preview_video(self, batch: dict, frames: int):
+        return None

@@ -1,0 +1,323 @@
+"""MMFA: angle conversion, shapes and bad input, one engine step, exact resume, the pipeline on a
+tiny checkpoint (pyface.models.load and pyface animate)."""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from pyface.cli import main
+from pyface.data import synthetic as S
+from pyface.face.cameras import euler_to_rotation as deep3d_rotation
+from pyface.models.mmfa import (MMFA, MMFAConfig, deep3d_to_keypoint_degrees,
+                                deep3d_to_keypoint_rotation, pose_keypoints)
+from pyface.models.mmfa.motion import ExpressionDecoder
+from pyface.nn.motion import euler_to_rotation
+from pyface.train import Trainer, build_experiment
+
+RES = 32
+#: a micro MMFA at 32^2: 8^2 x 4 x 8 volume, K = 4
+MICRO = {"resolution": RES, "num_kp": 4, "app_block_expansion": 8, "app_max_features": 16,
+         "app_channels": 4, "app_depth": 4, "app_resblocks": 1, "kp_scale_factor": 0.25,
+         "kp_block_expansion": 8, "kp_max_features": 16, "kp_blocks": 2, "kp_depth": 4,
+         "dm_block_expansion": 8, "dm_blocks": 2, "dm_max_features": 16,
+         "dec_channels": [16, 8, 8], "enc_channels": [8, 16], "exp_dim": 8, "exp_hidden": 16,
+         "d_block_expansion": 8, "d_blocks": 2, "d_scales": [1.0]}
+
+
+def micro_model(**kw):
+    return MMFA(MMFAConfig(**{**MICRO, **kw}))
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("mmfa") / "ds")
+    S.generate(out, S.SynthConfig(identities=2, videos_per_identity=1, frames=4, resolution=RES,
+                                  workers=1), progress=False)
+    return out
+
+
+def experiment(run_dir, data_root, *extra):
+    sets = [f"model.{k}={v}" for k, v in MICRO.items()] + [
+        f"data.path={data_root}", f"data.resolution={RES}", "data.options.repeats=1",
+        f"train.run_dir={run_dir}", "train.batch_size=2", "train.progress=false",
+        "train.tensorboard=false", "train.image_every=0", "train.video_every=0",
+        "train.num_workers=0", "train.device=cpu", *extra]
+    sets = [s.replace(" ", "") for s in sets]   # list values as YAML flow sequences
+    return build_experiment("mmfa", MMFAConfig, defaults=MMFA.recipe, preset="tiny",
+                            overrides=sets)
+
+
+# ------------------------------------------------------------------------------------------
+# angle conventions
+# ------------------------------------------------------------------------------------------
+
+def test_angle_conversion_is_the_same_rotation_in_keypoint_axes():
+    g = torch.Generator().manual_seed(0)
+    angles = (torch.rand(64, 3, generator=g, dtype=torch.float64) - 0.5) * 1.6   # |.| < 46 deg
+    rk = deep3d_to_keypoint_rotation(angles)
+    flip = torch.diag(torch.tensor([1.0, -1.0, -1.0], dtype=torch.float64))
+    # a point rotated in Deep3D's camera frame, then expressed in the keypoint grid's frame
+    p = torch.randn(64, 3, dtype=torch.float64, generator=g)
+    a = (flip @ (deep3d_rotation(angles) @ p[..., None]))[..., 0]
+    b = (rk @ (flip @ p[..., None]))[..., 0]
+    torch.testing.assert_close(a, b)
+    # the Rx Ry Rz degrees give the same matrix through pyface.nn.motion.euler_to_rotation
+    deg = deep3d_to_keypoint_degrees(angles)
+    torch.testing.assert_close(euler_to_rotation(**deg), rk)
+    # single-axis cases: pitch keeps its sign, yaw and roll flip (y and z axes are reversed)
+    one = torch.tensor([[0.3, 0.0, 0.0], [0.0, 0.3, 0.0], [0.0, 0.0, 0.3]], dtype=torch.float64)
+    d = deep3d_to_keypoint_degrees(one)
+    v = math.degrees(0.3)
+    torch.testing.assert_close(torch.stack([d["pitch"], d["yaw"], d["roll"]], 1),
+                               torch.tensor([[v, 0, 0], [0, -v, 0], [0, 0, -v]],
+                                            dtype=torch.float64))
+    # the nose (towards the camera) of a head turned by +yaw moves to +x in the image in both
+    nose_kp = rk.new_tensor([0.0, 0.0, -1.0])
+    turned = deep3d_to_keypoint_rotation(one[1:2])[0] @ nose_kp
+    assert turned[0] > 0.25
+    with pytest.raises(ValueError, match=r"angles: expected shape \(\.\.\., 3\)"):
+        deep3d_to_keypoint_rotation(torch.zeros(2, 4))
+
+
+def test_pose_keypoints_is_scaled_orthographic():
+    kc = torch.randn(2, 5, 3)
+    delta = 0.1 * torch.randn(2, 5, 3)
+    rot = deep3d_to_keypoint_rotation(torch.randn(2, 3) * 0.3)
+    s = torch.tensor([0.8, 1.2])
+    t = torch.tensor([[0.1, -0.2], [0.0, 0.3]])
+    out = pose_keypoints(kc, rot, s, t, delta)
+    want = s[:, None, None] * torch.einsum("bij,bkj->bki", rot, kc + delta)
+    want[..., :2] += t[:, None]
+    torch.testing.assert_close(out, want)
+    with pytest.raises(ValueError, match=r"translation: expected shape \(2, 2\)"):
+        pose_keypoints(kc, rot, s, torch.zeros(2, 3), delta)
+    with pytest.raises(ValueError, match=r"scale: expected shape \(2,\)"):
+        pose_keypoints(kc, rot, s[:, None], t, delta)
+
+
+# ------------------------------------------------------------------------------------------
+# shapes and bad input
+# ------------------------------------------------------------------------------------------
+
+def test_forward_shapes_and_bad_input():
+    torch.manual_seed(0)
+    m = micro_model().eval()
+    B = 2
+    src, drv = torch.rand(B, 3, RES, RES) * 2 - 1, torch.rand(B, 3, RES, RES) * 2 - 1
+    eye = torch.eye(3).expand(B, 3, 3)
+    out = m(src, drv, eye, eye)
+    assert [tuple(i.shape) for i in out["images"]] == [(B, 3, 8, 8), (B, 3, 16, 16),
+                                                       (B, 3, 32, 32)]
+    assert out["kp_canonical"].shape == out["kp_driving"].shape == (B, 4, 3)
+    assert out["mask"].shape == (B, 5, 4, 8, 8) and out["occlusion"].shape == (B, 1, 8, 8)
+    assert out["f_exp"].shape == (B, 8) and out["scale"].shape == (B,)
+    # expression decoder starts at zero deformation; scale at 1 and translation at 0
+    assert out["delta_driving"].abs().max() == 0
+    torch.testing.assert_close(out["scale"], torch.ones(B))
+    with pytest.raises(ValueError, match=r"source: expected shape \(B, 3, 32, 32\), got "
+                                         r"\(2, 3, 16, 16\)"):
+        m(src[..., :16, :16], drv, eye, eye)
+    with pytest.raises(ValueError, match=r"rot_driving: expected shape \(2, 3, 3\)"):
+        m(src, drv, eye, eye[:1])
+    with pytest.raises(ValueError, match=r"f_exp: expected shape \(B, 8\)"):
+        m.exp_decoder(torch.zeros(2, 7), torch.zeros(2, 4, 3))
+    with pytest.raises(ValueError, match=r"kp_canonical: expected shape \(2, 4, 3\)"):
+        ExpressionDecoder(8, 4)(torch.zeros(2, 8), torch.zeros(2, 5, 3))
+    with pytest.raises(ValueError, match="model.rotation: expected one of"):
+        micro_model(rotation="hopenet")
+    # a training batch without the Deep3D angles that rotation='gt' needs
+    img = torch.zeros(B, 3, RES, RES, dtype=torch.uint8)
+    batch = {"source": {"image": img}, "driving": {"image": img, "coeffs": torch.zeros(B, 257)}}
+    with pytest.raises(ValueError, match=r"batch\['source'\]\['coeffs'\]: expected shape "
+                                         r"\(2, 257\)"):
+        m.preview(batch)
+    batch["source"]["image"] = torch.zeros(B, 3, 16, 16, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"batch\['source'\]\['image'\]: expected shape "
+                                         r"\(B, 3, 32, 32\)"):
+        m.preview(batch)
+
+
+def test_presets_build():
+    for name, preset in MMFA.presets.items():
+        cfg = MMFAConfig(**preset.get("model", {}))
+        assert cfg.resolution == preset["data"]["resolution"], name
+    tiny = MMFAConfig(**MMFA.presets["tiny"]["model"])
+    assert (tiny.resolution, tiny.num_kp, tiny.app_channels, tiny.app_depth) == (64, 10, 16, 8)
+    m = MMFA(tiny)
+    vol = m.appearance(torch.zeros(1, 3, 64, 64))
+    assert vol.shape == (1, 16, 8, 16, 16)
+
+
+# ------------------------------------------------------------------------------------------
+# engine: one step, exact resume
+# ------------------------------------------------------------------------------------------
+
+def test_one_engine_step_trains_every_part(tmp_path, data_root):
+    tr = Trainer(experiment(tmp_path / "run", data_root, "train.steps=1", "train.ckpt_every=0",
+                            "model.w_gan=1.0", "model.w_fm=10.0"))
+    before = {k: v.detach().clone() for k, v in tr.model.named_parameters()}
+    tr.fit()
+    changed = {k.split(".")[0] for k, v in tr.model.named_parameters()
+               if not torch.equal(v, before[k])}
+    assert {"appearance", "kp_detector", "pose_encoder", "exp_encoder", "exp_decoder",
+            "dense_motion", "decoder", "discriminator"} <= changed
+    assert set(tr.optimizers) == {"G", "D"}
+
+
+def test_exact_resume_matches_uninterrupted(tmp_path, data_root):
+    extra = ["train.ckpt_every=0", "model.w_gan=1.0", "model.w_fm=10.0"]
+    full = Trainer(experiment(tmp_path / "full", data_root, "train.steps=4", *extra))
+    full.fit()
+    a = Trainer(experiment(tmp_path / "split", data_root, "train.steps=2", *extra))
+    a.fit()
+    b = Trainer(experiment(tmp_path / "split", data_root, "train.steps=4", *extra))
+    assert b.resume("auto").endswith("ckpt-000002")
+    b.fit()
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+    for name in ("G", "D"):
+        sa, sb = full.optimizers[name].state_dict(), b.optimizers[name].state_dict()
+        for i, st in sa["state"].items():
+            for k, v in st.items():
+                assert torch.equal(torch.as_tensor(v), torch.as_tensor(sb["state"][i][k]))
+
+
+# ------------------------------------------------------------------------------------------
+# pipeline on a tiny checkpoint
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory, data_root):
+    run = tmp_path_factory.mktemp("mmfa_run") / "run"
+    Trainer(experiment(run, data_root, "train.steps=2", "train.ckpt_every=0")).fit()
+    return run
+
+
+def test_pipeline_load_controls_and_animate(micro_run, data_root, tmp_path, capsys):
+    import pyface.models
+    from pyface.data.driving import read_driving, read_source
+
+    pipe = pyface.models.load("mmfa", str(micro_run), device="cpu")
+    video = os.path.join(data_root, sorted(d for d in os.listdir(data_root)
+                                           if os.path.isdir(os.path.join(data_root, d))
+                                           and d.startswith("id"))[0])
+    src = read_source(video, pipe.resolution)
+    drv = read_driving(video, pipe.resolution)
+    T = drv["image"].shape[0]
+    rec = pipe.reconstruct(src)
+    assert rec.shape == (1, 3, RES, RES) and rec.abs().max() <= 1
+    state = pipe.encode_source(src)
+    motion = pipe.encode_driving(drv)
+    assert motion["rotation"].shape == (T, 3, 3) and motion["f_exp"].shape == (T, 8)
+    out = pipe.generate(state, motion)
+    assert out.shape == (T, 3, RES, RES)
+    torch.testing.assert_close(out, pipe.animate(src, drv))
+    # cross-identity keeps the source's scale and translation
+    cross = pipe.generate(state, motion, cross_identity=True)
+    same = pipe.generate(state, motion, scale=state["scale"].expand(T),
+                         translation=state["translation"].expand(T, 2))
+    torch.testing.assert_close(cross, same)
+    # overrides change the output; the source's own everything reproduces reconstruct
+    moved = pipe.generate(state, motion, angles=(0.0, 25.0, 0.0), scale=1.3,
+                          translation=torch.tensor([0.2, 0.0]))
+    assert not torch.allclose(moved, out)
+    own = pipe.generate(state, motion, rotation="source", scale="source", translation="source",
+                        expression="source")
+    torch.testing.assert_close(own, rec.expand(T, -1, -1, -1), atol=1e-5, rtol=1e-5)
+    # without coeffs the source's rotation is kept
+    no_rot = pipe.encode_driving({"image": drv["image"]})
+    assert no_rot["rotation"] is None
+    pipe.generate(state, no_rot)
+    with pytest.raises(ValueError, match=r"scale: expected shape \(\) or \(%d,\)" % T):
+        pipe.generate(state, motion, scale=torch.ones(T + 1))
+    with pytest.raises(ValueError, match=r"expression: expected 'driving', 'source'"):
+        pipe.generate(state, motion, expression="mouth")
+    with pytest.raises(ValueError, match=r"rotation, angles: give at most one"):
+        pipe.generate(state, motion, rotation="source", angles=(0, 0, 0))
+    with pytest.raises(ValueError, match=r"driving\['image'\]: expected shape"):
+        pipe.encode_driving({"image": torch.zeros(3, RES, RES)})
+    # pyface animate mmfa writes an mp4
+    mp4 = tmp_path / "out.mp4"
+    assert main(["animate", "mmfa", "--checkpoint", str(micro_run), "--source", video,
+                 "--driving", video, "--out", str(mp4), "--device", "cpu",
+                 "--no-progress"]) == 0
+    assert mp4.stat().st_size > 0
+    assert f"{T} frames at {RES}x{RES}" in capsys.readouterr().out
+    assert np.isfinite(out.numpy()).all()
+
+
+# ------------------------------------------------------------------------------------------
+# the expression VAE stage (mmfa_vae)
+# ------------------------------------------------------------------------------------------
+
+def vae_experiment(run_dir, data_root, mmfa_run, *extra):
+    from pyface.models.mmfa.vae import MMFAVAE, MMFAVAEConfig
+
+    sets = [f"model.mmfa_checkpoint={mmfa_run}", f"data.path={data_root}",
+            f"data.resolution={RES}", "data.options.repeats=1", f"train.run_dir={run_dir}",
+            "train.batch_size=2", "train.progress=false", "train.tensorboard=false",
+            "train.num_workers=0", "train.device=cpu", "model.hidden=[16]",
+            "model.d_hidden=[8]", "model.latent=4", *extra]
+    return build_experiment("mmfa_vae", MMFAVAEConfig, defaults=MMFAVAE.recipe, preset="tiny",
+                            overrides=sets)
+
+
+def test_vae_stage_trains_on_frozen_mmfa_and_resumes(micro_run, data_root, tmp_path):
+    from pyface.models.mmfa.vae import MMFAVAE
+
+    assert MMFAVAE.stages[0].model == "mmfa"
+    assert MMFAVAE.stages[0].checkpoint_key == "mmfa_checkpoint"
+    full = Trainer(vae_experiment(tmp_path / "full", data_root, micro_run, "train.steps=4",
+                                  "train.ckpt_every=0"))
+    frozen = {k: v.clone() for k, v in full.model.mmfa.state_dict().items()}
+    vae0 = {k: v.clone() for k, v in full.model.vae.state_dict().items()}
+    full.fit()
+    # the stage-1 model (weights and BatchNorm statistics) is untouched; the VAE trains
+    for k, v in full.model.mmfa.state_dict().items():
+        assert torch.equal(v, frozen[k]), k
+    assert any(not torch.equal(v, vae0[k]) for k, v in full.model.vae.state_dict().items())
+    a = Trainer(vae_experiment(tmp_path / "split", data_root, micro_run, "train.steps=2",
+                               "train.ckpt_every=0"))
+    a.fit()
+    b = Trainer(vae_experiment(tmp_path / "split", data_root, micro_run, "train.steps=4",
+                               "train.ckpt_every=0"))
+    b.resume("auto")
+    b.fit()
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+    with pytest.raises(ValueError, match="model.mmfa_checkpoint: expected a trained mmfa run"):
+        MMFAVAE()
+
+
+def test_vae_pipeline_interpolates_and_samples(micro_run, data_root, tmp_path):
+    import pyface.models
+    from pyface.data.driving import read_driving, read_source
+
+    run = tmp_path / "vae"
+    Trainer(vae_experiment(run, data_root, micro_run, "train.steps=2",
+                           "train.ckpt_every=0")).fit()
+    pipe = pyface.models.load("mmfa_vae", str(run), device="cpu")
+    assert pipe.resolution == RES
+    video = os.path.join(data_root, sorted(d for d in os.listdir(data_root)
+                                           if d.startswith("id"))[0])
+    src, drv = read_source(video, RES), read_driving(video, RES)
+    state, motion = pipe.encode_source(src), pipe.encode_driving(drv)
+    f = motion["f_exp"]
+    path = pipe.interpolate_expression(f[0], f[-1], torch.linspace(0, 1, 5))
+    assert path.shape == (5, 8)
+    mu_a, _ = pipe.model.vae.encode(f[:1])
+    torch.testing.assert_close(path[0], pipe.model.vae.decode(mu_a)[0])
+    samples = pipe.sample_expression(3, torch.Generator().manual_seed(0))
+    assert samples.shape == (3, 8)
+    out = pipe.generate(state, {k: (v[:3] if v is not None else None) for k, v in motion.items()},
+                        expression=samples)
+    assert out.shape == (3, 3, RES, RES)
+    torch.testing.assert_close(pipe.reconstruct(src),
+                               pyface.models.load("mmfa", str(micro_run),
+                                                  device="cpu").reconstruct(src))
+    with pytest.raises(ValueError, match=r"f_b: expected shape \(8,\)"):
+        pipe.interpolate_expression(f[0], f[:2], [0.5])
