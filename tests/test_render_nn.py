@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pyface import _backend
 from pyface.nn import (
     OSGDecoder,
     RenderConfig,
