@@ -97,7 +97,8 @@ def reference_coefficients(S: dict[str, torch.Tensor], motion: torch.Tensor) -> 
     f = x.mean(dim=2)
     h = f
     for j in range(5):
-        h = lrelu(F.linear(h, S[f"mapping_Refine.{2 * j}.weight"], S[f"mapping_Refine.{2 * j}.bias"]))
+        lin = f"mapping_Refine.{2 * j}"
+        h = lrelu(F.linear(h, S[f"{lin}.weight"], S[f"{lin}.bias"]))
     out = F.linear(lrelu(f + h), S["mapping_Refine.10.weight"], S["mapping_Refine.10.bias"])
     rows = out.view(motion.shape[0], 15, 20)
     return rows[:, :1] + rows[:, 1:]
