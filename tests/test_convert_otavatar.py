@@ -1,3 +1,6 @@
+# Provenance: the transcription below reproduces the checkpoint key layout and the controller's
+# forward semantics of OTAvatar (theEricMa/OTAvatar, commit c8c484f, CC BY-NC-SA 4.0), written
+# from its documented behaviour; no upstream code is copied.
 """``pyface convert otavatar``: OTAvatar's released checkpoint against a hand transcription of
 its layout (``net_Warp_ema`` / ``net_G_ema`` and the trained copies, ``module.`` prefixes, the
 weight-tied MLP stored five times under ``mapping_Refine.{0,2,4,6,8}``).
@@ -231,3 +234,20 @@ def test_cli_is_registered(tmp_path, capsys):
     args = parser.parse_args(["convert", "otavatar", str(tmp_path / "bad.pt"), str(tmp_path / "x")])
     assert args.func(args) == 1
     assert "mapping_Refine.8.weight differs" in capsys.readouterr().err
+
+
+def test_pose_free_controller_converts_and_scaling_variant_is_refused(tmp_path):
+    # if_use_pose=False: 64 coefficients per frame, read from the first conv's shape
+    g = torch.Generator().manual_seed(2)
+    S = {k: torch.randn(s, generator=g) for k, s in release_controller_keys(coeff=64).items()}
+    for k in list(S):
+        if k.startswith(TIED):
+            S[k] = S["mapping_Refine.0." + k.split(".")[-1]]
+    write_release(tmp_path / "p.pt", warp=S)
+    C = load_controller(convert_otavatar(str(tmp_path / "p.pt"), str(tmp_path / "o")))
+    assert C.cfg.in_channels == 64
+    # if_plus_scaling: (28 + 2) x 20 output rows
+    S = {k: torch.zeros(s) for k, s in release_controller_keys(num_ws=29).items()}
+    write_release(tmp_path / "s.pt", warp=S)
+    with pytest.raises(ConversionError, match=r"expected 300 rows.*if_plus_scaling"):
+        convert_otavatar(str(tmp_path / "s.pt"), str(tmp_path / "o2"))
