@@ -186,6 +186,9 @@ def test_mixed_prefixes_and_foreign_keys_are_refused(tmp_path):
     write_release(tmp_path / "b.pt", warp={**S, "norm.weight": torch.ones(256)})
     with pytest.raises(ConversionError, match="norm.weight"):
         convert_otavatar(str(tmp_path / "b.pt"), str(tmp_path / "o"))
+    torch.save({"net_Warp": S}, tmp_path / "d.pt")
+    with pytest.raises(ConversionError, match="expected key 'net_Warp_ema'.*--no-ema"):
+        convert_otavatar(str(tmp_path / "d.pt"), str(tmp_path / "o"))
     write_release(tmp_path / "c.pt", extra={"net_Warp_ema": None})
     with pytest.raises(ConversionError, match="'net_Warp_ema': expected a state dict"):
         convert_otavatar(str(tmp_path / "c.pt"), str(tmp_path / "o"))

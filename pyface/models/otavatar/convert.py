@@ -84,8 +84,10 @@ def release_entries(raw, path: str, ema: bool = True):
         raise OTAvatarConversionError(f"{path}: expected a dict with {warp!r} (OTAvatar "
                                       f"checkpoint), got {type(raw).__name__}")
     if warp not in raw:
+        hint = (" (the trained weights: pass ema=False, --no-ema)"
+                if ema and ENTRIES[False][0] in raw else "")
         raise OTAvatarConversionError(f"{path}: expected key {warp!r} (OTAvatar checkpoint), got "
-                                      f"keys {sorted(map(str, raw))}")
+                                      f"keys {sorted(map(str, raw))}{hint}")
     out = []
     for name in (warp, gen):
         state = raw.get(name)
