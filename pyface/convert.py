@@ -22,6 +22,8 @@
   FaceParser` weights.
 * ``segformer DIR OUT`` HuggingFace-format SegFormer folder (says what it drops: classifiers;
   an encoder-only checkpoint converts to an encoder-only folder).
+* ``otavatar CKPT OUT`` OTAvatar's released checkpoint -> :class:`pyface.nn.MotionController`
+  weights (the tied MLP's five stored copies must agree) + its EG3D generator.
 * ``dense-motion PTH OUT`` face-vid2vid (reimplementation) checkpoint or LivePortrait
   ``warping_module.pth`` -> :class:`pyface.nn.DenseMotion` weights.
 
@@ -301,6 +303,55 @@ def _eg3d_sr_config(state, w_dim, class_names):
     return SuperResolutionConfig(variant=variant, channels=cin, w_dim=w_dim)
 
 
+def eg3d_state_config(state: dict[str, torch.Tensor], *, init: dict, rendering_kwargs: dict,
+                      neural_rendering_resolution: int | None, sr_class_names: list,
+                      where: str, network: str) -> dict:
+    """Check an EG3D ``TriPlaneGenerator`` state dict (EG3D's names: ``backbone.*``,
+    ``superresolution.*``, ``decoder.*``) against pyface's modules (every key and shape, on the
+    meta device) and return the config of a kind-``"eg3d"`` weights folder: ``generator``
+    (``EG3DGeneratorConfig`` as a dict), ``backbone``, ``superresolution``,
+    ``rendering_kwargs``, ``init_kwargs``. Errors name ``where`` (the file) and ``network``
+    (the entry). Shared by ``pyface convert eg3d`` and the converters
+    of checkpoints that embed an EG3D generator (``pyface convert otavatar``)."""
+    from pyface.models.eg3d.convert import generator_config
+    from pyface.nn.stylegan import SuperResolution, TriplaneBackbone
+    from pyface.train.config import to_dict
+
+    rk = rendering_kwargs
+    backbone_cfg = _eg3d_configs(state)
+    sr_cfg = _eg3d_sr_config(state, backbone_cfg.mapping.w_dim,
+                             list(sr_class_names) + [rk.get("superresolution_module")])
+    if sr_cfg is not None and "sr_antialias" in rk:
+        sr_cfg.antialias = bool(rk["sr_antialias"])
+    if sr_cfg is not None and "superresolution_noise_mode" in rk:
+        sr_cfg.noise_mode = str(rk["superresolution_noise_mode"])
+    # check everything against our modules: names and shapes (built on the meta device)
+    with torch.device("meta"):
+        backbone = TriplaneBackbone(backbone_cfg)
+        sr_module = SuperResolution(sr_cfg) if sr_cfg is not None else None
+    check_state_dict(backbone, {k[9:]: v for k, v in state.items() if k.startswith("backbone.")},
+                     f"{where} ({network}.backbone)")
+    if sr_cfg is not None:
+        check_state_dict(sr_module,
+                         {k[16:]: v for k, v in state.items()
+                          if k.startswith("superresolution.")},
+                         f"{where} ({network}.superresolution)")
+    known = ("backbone.", "superresolution.", "decoder.")
+    other = [k for k in state if not k.startswith(known)]
+    if other:
+        raise ConversionError(f"{where}: unexpected keys {other[:5]} outside backbone / "
+                              "superresolution / decoder")
+    dec_state = {k[8:]: v for k, v in state.items() if k.startswith("decoder.")}
+    if "net.0.weight" not in dec_state or "net.2.weight" not in dec_state:
+        raise ConversionError(f"{where}: decoder.net.0.weight / decoder.net.2.weight missing")
+    gen_cfg = generator_config(backbone_cfg, sr_cfg.variant if sr_cfg else None, dec_state,
+                               _plain(init), _plain(rk), neural_rendering_resolution)
+    return {"generator": to_dict(gen_cfg), "backbone": to_dict(backbone_cfg),
+            "superresolution": to_dict(sr_cfg) if sr_cfg else None,
+            "rendering_kwargs": _plain(rk),
+            "init_kwargs": _plain({k: v for k, v in init.items() if k != "rendering_kwargs"})}
+
+
 def convert_eg3d(pkl: str, out: str, network: str = "G_ema") -> str:
     """EG3D network pickle -> pyface weights folder (kind ``"eg3d"``).
 
@@ -313,9 +364,6 @@ def convert_eg3d(pkl: str, out: str, network: str = "G_ema") -> str:
     ``neural_rendering_resolution``), the module configs, and EG3D's raw ``rendering_kwargs`` /
     ``init_kwargs``. ``pyface.models.eg3d.EG3DGenerator.from_converted(OUT)`` loads it.
     """
-    from pyface.nn.stylegan import SuperResolution, TriplaneBackbone
-    from pyface.train.config import to_dict
-
     try:
         data = restricted_load(pkl)
     except pickle.UnpicklingError as exc:
@@ -326,52 +374,20 @@ def convert_eg3d(pkl: str, out: str, network: str = "G_ema") -> str:
                               f"got {keys}")
     net = data[network]
     state = module_state_dict(net)
-    from pyface.models.eg3d.convert import generator_config
-
     net_state = _record_state(net)
     init = net_state.get("init_kwargs") or {}
     rk = init.get("rendering_kwargs") or {}
     if not isinstance(rk, dict):
         raise ConversionError(f"{pkl}: init_kwargs['rendering_kwargs'] is "
                               f"{type(rk).__name__}, expected a mapping")
-    backbone_cfg = _eg3d_configs(state)
     sr_rec = (net_state.get("_modules") or {}).get("superresolution")
-    sr_cfg = _eg3d_sr_config(state, backbone_cfg.mapping.w_dim,
-                             [getattr(sr_rec, "class_name", None),
-                              getattr(sr_rec, "_qualname", None),
-                              rk.get("superresolution_module")])
-    if sr_cfg is not None and "sr_antialias" in rk:
-        sr_cfg.antialias = bool(rk["sr_antialias"])
-    if sr_cfg is not None and "superresolution_noise_mode" in rk:
-        sr_cfg.noise_mode = str(rk["superresolution_noise_mode"])
-    # check everything against our modules: names and shapes (built on the meta device)
-    with torch.device("meta"):
-        backbone = TriplaneBackbone(backbone_cfg)
-        sr_module = SuperResolution(sr_cfg) if sr_cfg is not None else None
-    check_state_dict(backbone, {k[9:]: v for k, v in state.items() if k.startswith("backbone.")},
-                     f"{pkl} ({network}.backbone)")
-    if sr_cfg is not None:
-        check_state_dict(sr_module,
-                         {k[16:]: v for k, v in state.items()
-                          if k.startswith("superresolution.")},
-                         f"{pkl} ({network}.superresolution)")
-    known = ("backbone.", "superresolution.", "decoder.")
-    other = [k for k in state if not k.startswith(known)]
-    if other:
-        raise ConversionError(f"{pkl}: unexpected keys {other[:5]} outside backbone / "
-                              "superresolution / decoder")
-    dec_state = {k[8:]: v for k, v in state.items() if k.startswith("decoder.")}
-    if "net.0.weight" not in dec_state or "net.2.weight" not in dec_state:
-        raise ConversionError(f"{pkl}: decoder.net.0.weight / decoder.net.2.weight missing")
     nrr = net_state.get("neural_rendering_resolution")
-    gen_cfg = generator_config(backbone_cfg, sr_cfg.variant if sr_cfg else None, dec_state,
-                               _plain(init), _plain(rk),
-                               int(nrr) if isinstance(nrr, (int, float)) else None)
-    config = {"generator": to_dict(gen_cfg), "backbone": to_dict(backbone_cfg),
-              "superresolution": to_dict(sr_cfg) if sr_cfg else None,
-              "rendering_kwargs": _plain(init.get("rendering_kwargs", {})),
-              "init_kwargs": _plain({k: v for k, v in init.items() if k != "rendering_kwargs"}),
-              "network": network, "class_name": getattr(net, "class_name", None)}
+    config = eg3d_state_config(
+        state, init=init, rendering_kwargs=rk,
+        neural_rendering_resolution=int(nrr) if isinstance(nrr, (int, float)) else None,
+        sr_class_names=[getattr(sr_rec, "class_name", None), getattr(sr_rec, "_qualname", None)],
+        where=pkl, network=network)
+    config.update(network=network, class_name=getattr(net, "class_name", None))
     return save_weights(out, state, kind="eg3d", config=config,
                         extra={"source": os.path.basename(pkl)})
 
@@ -744,6 +760,66 @@ def load_dense_motion(path: str, device="cpu"):
     return module.to(device), meta.get("extra", {})
 
 
+# --------------------------------------------------------------------------------------------
+# OTAvatar's released checkpoint
+# --------------------------------------------------------------------------------------------
+
+def convert_otavatar(path: str, out: str, ema: bool = True) -> str:
+    """OTAvatar's released checkpoint (``torch.save`` dict) -> weights folder (kind
+    ``"otavatar"``): ``controller.*`` (:class:`pyface.nn.MotionController`, tied MLP) and
+    ``generator.*`` (EG3D names, as ``pyface convert eg3d`` writes them).
+
+    Read with ``torch.load(weights_only=True)``. Uses ``net_Warp_ema`` / ``net_G_ema`` (the
+    trained ``net_Warp`` / ``net_G`` with ``ema=False``, ``--no-ema``); ``module.`` prefixes are
+    stripped. The tied MLP is stored five times (``mapping_Refine.{0,2,4,6,8}``): the copies
+    must be identical, else the file is refused naming the keys. The generator is checked key by
+    key by the EG3D converter's code, with OTAvatar's rendering options (the release holds no
+    options). ``pyface.models.otavatar.convert.load_controller(OUT)`` and
+    ``EG3DGenerator.from_converted(OUT)`` load the two parts. A release without a generator
+    (``net_G_ema`` None) converts the controller only (a note says so).
+    """
+    import warnings
+
+    from pyface.models.otavatar import convert as ota
+    from pyface.train.config import to_dict
+
+    raw = load_weights_file(path)
+    try:
+        warp, gen, names = ota.release_entries(raw, path, ema=ema)
+        config = {}
+        tensors = {}
+        num_ws = 14
+        if gen is not None:
+            config = eg3d_state_config(
+                gen, init={}, rendering_kwargs=dict(ota.OTAVATAR_RENDERING_KWARGS),
+                neural_rendering_resolution=ota.OTAVATAR_NEURAL_RENDERING_RESOLUTION,
+                sr_class_names=[], where=path, network=names[1])
+            # W+ layers: one per synthesis conv, plus the last block's toRGB
+            num_ws = 1 + sum(bool(re.match(r"backbone\.synthesis\.b\d+\.conv[01]\.weight$", k))
+                             for k in gen)
+            tensors.update({"generator." + k: v for k, v in gen.items()})
+        cfg, cstate = ota.controller_state(warp, f"{path} ({names[0]})", num_ws=num_ws)
+        if gen is not None and cfg.w_dim != config["generator"]["w_dim"]:
+            raise ConversionError(f"{path}: {names[0]}.direction.weight spans w_dim {cfg.w_dim} "
+                                  f"but {names[1]} has w_dim {config['generator']['w_dim']}")
+    except ConversionError:
+        raise
+    except CheckpointError as exc:
+        raise ConversionError(str(exc)) from None
+    tensors.update({"controller." + k: v for k, v in cstate.items()})
+    config["controller"] = to_dict(cfg)
+    ignored = sorted(str(k) for k in raw if k not in names)
+    if gen is None:
+        warnings.warn(f"{path}: {names[1]!r} is empty; wrote the controller only (take the "
+                      "generator from an EG3D pickle: pyface convert eg3d)", ConversionWarning,
+                      stacklevel=2)
+    return save_weights(out, tensors, kind="otavatar", config=config,
+                        extra={"source": os.path.basename(path),
+                               "entries": {"controller": names[0],
+                                           "generator": names[1] if gen is not None else None},
+                               "ignored_entries": ignored})
+
+
 CONVERTERS = {
     "eg3d": (convert_eg3d, "official EG3D network pickle (.pkl) -> backbone/SR/decoder weights"),
     "vgg19": (convert_vgg19, "torchvision vgg19 .pth -> perceptual-loss weights"),
@@ -757,6 +833,9 @@ CONVERTERS = {
     "dense-motion": (convert_dense_motion,
                      "face-vid2vid checkpoint / LivePortrait warping_module.pth -> DenseMotion "
                      "weights"),
+    "otavatar": (convert_otavatar,
+                 "OTAvatar release checkpoint (net_Warp_ema / net_G_ema) -> controller + EG3D "
+                 "generator weights"),
 }
 
 
@@ -782,6 +861,9 @@ def add_parser(subparsers) -> None:
                            choices=("auto", "face-vid2vid", "liveportrait"),
                            help="upstream layout (default: inferred; it only sets the recorded "
                                 "degree convention)")
+        if name == "otavatar":
+            q.add_argument("--no-ema", dest="ema", action="store_false",
+                           help="convert the trained net_Warp / net_G instead of the EMA copies")
         q.set_defaults(func=run)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -797,6 +879,8 @@ def run(args) -> int:
         kwargs["keep_classifier"] = args.keep_classifier
     elif args.format == "dense-motion":
         kwargs["layout"] = args.layout
+    elif args.format == "otavatar":
+        kwargs["ema"] = args.ema
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConversionWarning)

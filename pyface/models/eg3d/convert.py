@@ -129,10 +129,16 @@ def config_from_dict(d: dict) -> EG3DGeneratorConfig:
 
 
 def load_converted(path: str, *, device="cpu"):
-    """A ``pyface convert eg3d`` folder -> :class:`EG3DGenerator` in eval mode."""
+    """A ``pyface convert eg3d`` folder (or the generator of a ``pyface convert otavatar``
+    folder) -> :class:`EG3DGenerator` in eval mode."""
     from pyface.models.eg3d.generator import EG3DGenerator
 
-    tensors, meta = load_weights(path, kind="eg3d", device="cpu")
+    tensors, meta = load_weights(path, device="cpu")
+    if meta.get("kind") == "otavatar":      # pyface convert otavatar: the generator part
+        tensors = sub_state(tensors, "generator")
+    elif meta.get("kind") != "eg3d":
+        raise CheckpointError(f"checkpoint {path!r} holds {meta.get('kind')!r} weights, expected "
+                              "'eg3d' (or 'otavatar', whose generator part is EG3D's)")
     cfg_dict = (meta.get("config") or {}).get("generator")
     if cfg_dict is None:
         raise CheckpointError(f"{path}: converted by an older pyface (no 'generator' config); "
