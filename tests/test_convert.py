@@ -13,8 +13,6 @@ from __future__ import annotations
 import collections
 import os
 import pickle
-import sys
-import types
 
 import pytest
 import torch
@@ -74,32 +72,6 @@ def test_restricted_unpickler_keeps_plain_data():
 # ------------------------------------------------------------------------------------------
 
 MARKER_ENV = "PYFACE_TEST_MARKER"
-
-
-@pytest.fixture
-def eg3d_modules(monkeypatch):
-    """Stand-ins for EG3D's torch_utils.persistence and dnnlib.util, so that the test pickle
-    references exactly the globals an official one does."""
-    tu, pers = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
-    dn, dnu = types.ModuleType("dnnlib"), types.ModuleType("dnnlib.util")
-
-    def _reconstruct_persistent_obj(meta):  # what EG3D would run (exec of module_src)
-        raise AssertionError("must never be called by pyface")
-
-    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
-    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
-    pers._reconstruct_persistent_obj = _reconstruct_persistent_obj
-
-    class EasyDict(dict):
-        pass
-
-    EasyDict.__module__, EasyDict.__qualname__ = "dnnlib.util", "EasyDict"
-    dnu.EasyDict = EasyDict
-    tu.persistence, dn.util = pers, dnu
-    for name, mod in [("torch_utils", tu), ("torch_utils.persistence", pers), ("dnnlib", dn),
-                      ("dnnlib.util", dnu)]:
-        monkeypatch.setitem(sys.modules, name, mod)
-    return pers, EasyDict
 
 
 class _OSGDecoder(nn.Module):

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from _train_toys import TinyGAN, TinyGANConfig
+
 from pyface import checkpoint as ckpt
 from pyface.train import Phase, Trainer, TrainableModel, build_experiment
 from pyface.train.config import ConfigError, EMAConfig, ScheduleConfig, TrainConfig, parse_set
@@ -394,48 +396,19 @@ def test_bf16_autocast_step(tmp_path):
         Trainer(tiny(tmp_path, "train.precision=fp16"))
 
 
-class _TinyGAN(TrainableModel):
-    """A GAN built from pyface.nn: G/D/lazy-R1 phases through the engine (double backward)."""
+class _TinyGAN(TinyGAN):
+    """The toy GAN of ``_train_toys`` (G / D / lazy-R1 phases, a double backward through D)
+    with EG3D's lazy-regularisation compensation of D's Adam and single-process phases."""
 
-    @dataclass
-    class Config:
-        r1_gamma: float = 1.0
-        r1_interval: int = 2
-
-    def __init__(self, cfg):
-        super().__init__()
-        import pyface.nn as N
-
-        self.cfg = cfg
-        self.G = N.SynthesisNetwork(w_dim=8, img_resolution=8, img_channels=3, channel_base=32,
-                                    channel_max=8)
-        self.D = N.StyleGAN2Discriminator(c_dim=0, img_resolution=8, channel_base=32,
-                                          channel_max=8, mbstd_group_size=2)
+    Config = TinyGANConfig
 
     def build_optimizers(self):
-        from pyface.train.schedules import lazy_regularization
-
         lr, betas = lazy_regularization(2e-3, (0.0, 0.99), self.cfg.r1_interval)
         return {"G": torch.optim.Adam(self.G.parameters(), 2e-3, betas=(0.0, 0.99)),
                 "D": torch.optim.Adam(self.D.parameters(), lr, betas=betas)}
 
     def phases(self):
         return [Phase("G", "G"), Phase("D", "D"), Phase("Dreg", "D", self.cfg.r1_interval)]
-
-    def step(self, phase, batch, ctx):
-        import pyface.nn as N
-
-        real = batch["image"]
-        ws = torch.randn(real.shape[0], self.G.num_ws, 8, device=real.device)
-        if phase == "G":
-            return {"loss": N.gan_g_loss(self.D(self.G(ws)))}
-        if phase == "D":
-            with torch.no_grad():
-                fake = self.G(ws)
-            return {"loss": N.gan_d_loss(self.D(real), self.D(fake))}
-        real = real.detach().requires_grad_(True)
-        r1 = N.r1_penalty(self.D(real), [real]).mean()
-        return {"loss": r1 * (self.cfg.r1_gamma / 2) * self.cfg.r1_interval, "r1": r1}
 
 
 def test_gan_with_lazy_r1_trains_through_the_engine(tmp_path):
