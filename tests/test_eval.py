@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from _eval_data import eval_set
+
 from pyface.data import format as fmt
-from pyface.data import synthetic as S
 from pyface.data.reenactment import MOVING_EXP_L2, MOVING_POSE_DEG, reenactment_pairs
 from pyface.eval import metrics as M
 from pyface.eval.evaluate import CopySource, evaluate, source_key
@@ -125,17 +126,7 @@ def test_prepare_and_errors():
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("eval") / "ds")
-    S.generate(out, S.default_config(), progress=False)
-    rec = fmt.load_index(out)[0]
-    frame = fmt.read_frame(out, rec, 0)
-    mask = fmt.read_mask(out, rec, 0) > 127
-    c, lab = fmt.load_coeffs(out, rec)[:1], fmt.load_labels(out, rec)[:1]
-    lms = fmt.load_landmarks(out, rec)[:1]
-    fmt.write_video(out, "static", np.repeat(frame[None], 6, 0), np.repeat(c, 6, 0),
-                    np.repeat(lab, 6, 0), identity="static", masks=np.repeat(mask[None], 6, 0),
-                    landmarks=np.repeat(lms, 6, 0))
-    fmt.write_index(out)
-    return out
+    return eval_set(out, 6)
 
 
 def test_source_keys_group_pairs_by_source(root):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pyface.data import format as fmt
-from pyface.data import synthetic as S
+from _eval_data import eval_set
+
 from pyface.eval.evaluate import CopySource, evaluate, load_networks
 from pyface.eval.weights import MissingWeightsError
 
@@ -18,18 +18,7 @@ from pyface.eval.weights import MissingWeightsError
 def root(tmp_path_factory):
     """2 videos of 4 frames at 64 px and a static video (every frame = frame 0)."""
     out = str(tmp_path_factory.mktemp("evals") / "ds")
-    S.generate(out, S.default_config(identities=2, videos_per_identity=1, frames=4),
-               progress=False)
-    rec = fmt.load_index(out)[0]
-    frame = fmt.read_frame(out, rec, 0)
-    mask = fmt.read_mask(out, rec, 0) > 127
-    c, lab = fmt.load_coeffs(out, rec)[:1], fmt.load_labels(out, rec)[:1]
-    lms = fmt.load_landmarks(out, rec)[:1]
-    fmt.write_video(out, "static", np.repeat(frame[None], 4, 0), np.repeat(c, 4, 0),
-                    np.repeat(lab, 4, 0), identity="static", masks=np.repeat(mask[None], 4, 0),
-                    landmarks=np.repeat(lms, 4, 0))
-    fmt.write_index(out)
-    return out
+    return eval_set(out, 4, identities=2, videos_per_identity=1, frames=4)
 
 
 @pytest.fixture(scope="module")
