@@ -1,0 +1,207 @@
+"""OTAvatar on tiny shapes: one engine step (inversion through ctx.update), exact resume, shapes
+and bad input, the eye-RoI bug flag, the pipeline on a tiny checkpoint, a converted-release
+folder, and the inversion loss decreasing."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import pyface.models
+from pyface import checkpoint as ckpt
+from pyface.data.synthetic import make_default
+from pyface.train.config import build_experiment
+from pyface.train.engine import Trainer
+
+QUIET = ["train.progress=false", "train.tensorboard=false", "train.image_every=0",
+         "train.log_every=1", "train.ckpt_every=0"]
+TINY = ["model.controller.window=9", "model.controller.descriptor=16",
+        "model.controller.first_kernel=3", "model.controller.layers=1",
+        "model.controller.dilation=2", "model.controller.directions=4",
+        "model.local_batch=2", "model.invert_iters=3", "model.invert_controller_iters=1",
+        "model.density_points=16", "model.invert_steps=3", "data.resolution=16",
+        "data.options.radius=4", "data.options.repeats=1", "train.batch_size=2"]
+
+
+def tiny_generator_config():
+    from pyface.models.eg3d.config import EG3DGeneratorConfig
+    from pyface.nn.render import RenderConfig
+
+    return EG3DGeneratorConfig(
+        z_dim=8, w_dim=8, backbone_resolution=8, plane_channels=4, channel_base=64,
+        channel_max=8, decoder_hidden=8, decoder_features=4, img_resolution=16,
+        neural_rendering_resolution=8, sr_variant="hybrid2x", sr_input_resolution=8,
+        sr_block_channels=[8, 8],
+        render=RenderConfig.ffhq(depth_resolution=4, depth_resolution_importance=4))
+
+
+@pytest.fixture(scope="module")
+def generator_dir(tmp_path_factory):
+    """A tiny EG3D generator stored like `pyface convert eg3d` output."""
+    from pyface.models.eg3d.generator import EG3DGenerator
+
+    torch.manual_seed(0)
+    cfg = tiny_generator_config()
+    G = EG3DGenerator(cfg)
+    with torch.no_grad():
+        G.backbone.mapping.w_avg.normal_()
+    state = {k: v for k, v in G.state_dict().items() if k != "rendering_resolution"}
+    out = str(tmp_path_factory.mktemp("ota") / "eg3d")
+    ckpt.save_weights(out, state, kind="eg3d", config={"generator": dataclasses.asdict(cfg)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_default(str(tmp_path_factory.mktemp("ota") / "data"), resolution=16)
+
+
+def _exp(run, data, generator, *extra):
+    from pyface.models.otavatar.model import OTAvatar
+
+    return build_experiment("otavatar", OTAvatar.Config, defaults=OTAvatar.recipe,
+                            overrides=QUIET + TINY + [f"train.run_dir={run}",
+                                                      f"data.path={data}",
+                                                      f"model.generator={generator}", *extra])
+
+
+@pytest.fixture(scope="module")
+def run(data, generator_dir, tmp_path_factory):
+    r = tmp_path_factory.mktemp("ota") / "run"
+    torch.manual_seed(0)
+    res = Trainer(_exp(r, data, generator_dir, "train.steps=2", "train.ckpt_every=2")).fit()
+    return str(r), res
+
+
+def test_engine_step_updates_controller_generator_and_logs_inversion(data, generator_dir,
+                                                                     tmp_path):
+    from torch.utils.data import default_collate
+
+    tr = Trainer(_exp(tmp_path / "r", data, generator_dir, "train.steps=1"))
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    batch = default_collate([tr.dataset[0], tr.dataset[1]])
+    out = tr.train_step(batch)
+    for k in ("loss", "invert_first", "invert_last", "invert_ratio", "monotonic", "tv",
+              "smooth_l1_raw", "smooth_l1_sr", "mouth", "eyes"):
+        assert f"main/{k}" in out and torch.isfinite(out[f"main/{k}"]), k
+    after = tr.model.state_dict()
+    changed = {k.split(".")[0] for k, v in after.items() if not torch.equal(v, before[k])}
+    assert {"controller", "generator", "latent"} <= changed
+    # the inverted latent of each item moved away from w_avg (rank-local, one row per item)
+    w_avg = tr.model.w_avg
+    assert (after["latent"] - w_avg).abs().amax(dim=(1, 2)).min() > 0
+    ema = tr.ema_module("controller")
+    assert not torch.equal(ema.out.weight, tr.model.controller.out.weight)
+
+
+def test_exact_resume(data, generator_dir, tmp_path):
+    torch.manual_seed(0)
+    a = Trainer(_exp(tmp_path / "a", data, generator_dir, "train.steps=2"))
+    a.fit()
+    torch.manual_seed(0)
+    b = Trainer(_exp(tmp_path / "b", data, generator_dir, "train.steps=1",
+                     "train.ckpt_every=1"))
+    b.fit()
+    c = Trainer(_exp(tmp_path / "b", data, generator_dir, "train.steps=2"))
+    c.resume("auto")
+    c.fit()
+    sa, sc = a.model.state_dict(), c.model.state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sc[k]), k
+
+
+def test_shapes_and_bad_input(generator_dir):
+    from pyface.models.otavatar.model import OTAvatar, OTAvatarConfig, apply_intrinsics
+
+    cfg = build_experiment("otavatar", OTAvatarConfig, defaults=OTAvatar.recipe,
+                           overrides=TINY + [f"model.generator={generator_dir}"]).model_config
+    m = OTAvatar(cfg)
+    w = m.w_avg.expand(3, m.generator.num_ws, -1)
+    cam = m.generator.camera(torch.zeros(3), torch.zeros(3))
+    out = m(w, torch.zeros(3, 70, 9), cam)
+    assert out["image"].shape == (3, 3, 16, 16) and out["image_raw"].shape == (3, 3, 8, 8)
+    assert out["planes"].shape == (3, 3, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"motion: expected shape \(3, 70, 9\)"):
+        m(w, torch.zeros(2, 70, 9), cam)
+    with pytest.raises(ValueError, match=r"motion: expected shape \(B, 70, 9\), got \(3, 70, 8\)"):
+        m(w, torch.zeros(3, 70, 8), cam)
+    with pytest.raises(ValueError, match=r"bias: expected shape \(3, 18\)"):
+        apply_intrinsics(cam, torch.zeros(3, 9))
+    # zero bias keeps the camera; the bias scales and shifts the intrinsics only
+    assert torch.equal(apply_intrinsics(cam, torch.zeros(3, 18)), cam)
+    bad = {"image": torch.zeros(2, 2, 3, 16, 16), "motion": torch.zeros(2, 2, 70, 7),
+           "camera": torch.zeros(2, 2, 25)}
+    with pytest.raises(ValueError, match=r"batch\['motion'\]: expected \(2, 2, 70, 9\)"):
+        m.step("main", bad, None)
+    bad["motion"] = torch.zeros(2, 2, 70, 9)
+    bad["image"] = torch.zeros(2, 2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"batch\['image'\]: expected \(B, K, 3, 16, 16\)"):
+        m.step("main", bad, None)
+    with pytest.raises(ValueError, match="model.generator: required"):
+        OTAvatar(OTAvatarConfig())
+
+
+def test_eye_roi_bug_flag():
+    from pyface.models.otavatar.losses import OTAvatarLoss
+
+    torch.manual_seed(0)
+    lm = torch.rand(2, 68, 2) * 40 + 12
+    pred, tgt = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    fixed = OTAvatarLoss(w_perceptual=0, w_identity=0).roi(pred, tgt, lm)
+    bug = OTAvatarLoss(w_perceptual=0, w_identity=0, eye_roi_bug=True).roi(pred, tgt, lm)
+    assert fixed["eye_l"] > 0 and fixed["eye_r"] > 0
+    assert bug["eye_l"] == 0 and bug["eye_r"] == 0          # the reference's zero eye term
+    assert torch.equal(bug["mouth"], fixed["mouth"])
+
+
+def test_pipeline_on_a_tiny_checkpoint(run, data):
+    from pyface.data.driving import read_driving, read_source
+
+    r, _ = run
+    pipe = pyface.models.load("otavatar", r, device="cpu")
+    assert pipe.resolution == 16
+    import glob
+    import os
+
+    folders = sorted(os.path.dirname(p) for p in glob.glob(f"{data}/**/coeffs.npy",
+                                                            recursive=True))
+    src = read_source(folders[0], 16)
+    drv = read_driving(folders[0], 16, max_frames=5)
+    state = pipe.encode_source(src)
+    assert state["w"].shape == (1, pipe.model.generator.num_ws, 8) and len(state["loss"]) == 3
+    motion = pipe.encode_driving(drv)
+    assert motion["motion"].shape == (5, 70, 9)
+    for cam in ("driving", "source", "orbit"):
+        frames = pipe.generate(state, motion, camera=cam)
+        assert frames.shape == (5, 3, 16, 16) and frames.abs().max() <= 1
+    # the driving windows change the output; the same window gives the same frame
+    a = pipe.generate(state, motion, camera="source")
+    assert not torch.allclose(a[0], a[-1]) or torch.equal(drv["coeffs"][0], drv["coeffs"][-1])
+    orbit = pipe.generate(state, pipe.default_motion(4))
+    assert orbit.shape == (4, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"driving\['coeffs'\]: expected shape \(T, 257\)"):
+        pipe.encode_driving({"coeffs": torch.zeros(5, 70)})
+    with pytest.raises(ValueError, match="camera: expected one of"):
+        pipe.generate(state, motion, camera="fixed")
+    with pytest.raises(KeyError, match="camera"):
+        pipe.encode_source({"image": src["image"]})
+
+
+def test_inversion_loss_decreases(generator_dir):
+    """W inversion of an image the generator rendered from a perturbed latent."""
+    from pyface.models.otavatar.model import OTAvatar, OTAvatarConfig
+    from pyface.models.otavatar.pipeline import invert
+
+    cfg = build_experiment("otavatar", OTAvatarConfig, defaults=OTAvatar.recipe,
+                           overrides=TINY + [f"model.generator={generator_dir}",
+                                             "model.invert_lr=0.1"]).model_config
+    m = OTAvatar(cfg).eval()
+    torch.manual_seed(1)
+    cam = m.generator.camera(0.0, 0.0)
+    motion = torch.zeros(1, 70, 9)
+    with torch.no_grad():
+        w_true = m.w_avg.expand(1, m.generator.num_ws, -1) + torch.randn(1, 1, 8)
+        target = m(w_true, motion, cam)["image"].clamp(-1, 1)
+    _, _, losses = invert(m, target, cam, motion, steps=30, sr_steps=0)
+    assert losses[-1] <= 0.7 * losses[0], losses
