@@ -196,10 +196,7 @@ class OTAvatar(TrainableModel):
             raise ValueError(f"motion: expected shape ({w.shape[0]}, {MOTION_DIM}, "
                              f"{self.controller.cfg.window}), got {tuple(motion.shape)}")
         ws = w + ctrl(motion.to(w.dtype))
-        if clamp and self.cfg.w_clamp is not None:
-            a = self.w_avg.to(ws.dtype)
-            ws = torch.maximum(torch.minimum(ws, a + self.cfg.w_clamp), a - self.cfg.w_clamp)
-        return ws
+        return self._clamp(ws) if clamp else ws
 
     def forward(self, w: torch.Tensor, motion: torch.Tensor, camera: torch.Tensor, *,
                 sr: bool = True) -> dict[str, torch.Tensor]:
@@ -308,6 +305,10 @@ class OTAvatar(TrainableModel):
         logs.update({"loss": total, "invert_first": first, "invert_last": last})
         if first is not None:
             logs["invert_ratio"] = last / first.clamp(min=1e-12)
+            if ctx.rank == 0:       # every batch in log.txt (the engine logs averages)
+                log.info("otavatar inversion step %d: first %.5f last %.5f ratio %.4f "
+                         "(refined loss %.5f)", ctx.step, float(first), float(last),
+                         float(logs["invert_ratio"]), float(total))
         return logs
 
     def _clamp(self, ws: torch.Tensor) -> torch.Tensor:
