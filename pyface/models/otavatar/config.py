@@ -67,6 +67,11 @@ class OTAvatarConfig:
             frame's planes (1, 0.25, 2000 points, sigma 0.004).
         invert_steps, invert_space, wplus_steps: inference inversion (pipeline): W iterations
             (100), and an optional W+ pass of ``wplus_steps`` more (``invert_space="w+"``).
+        pti_steps, pti_lr, pti_stop: optional pivotal tuning after the inversion: a copy of the
+            generator, Adam ``pti_lr`` (3e-4), at most ``pti_steps`` iterations (0: off; the
+            reference: 50) of SmoothL1 on the raw and super-resolved images, stopping once that
+            loss is <= ``pti_stop`` (the reference stops at LPIPS <= 0.06; pyface.nn has no
+            LPIPS, so the rule is on the SmoothL1; None: run every iteration).
     """
 
     generator: str | None = None
@@ -103,3 +108,6 @@ class OTAvatarConfig:
     invert_steps: int = 100
     invert_space: str = "w"
     wplus_steps: int = 100
+    pti_steps: int = 0
+    pti_lr: float = 3e-4
+    pti_stop: float | None = None

@@ -8,7 +8,8 @@ controller, trained by inverting each batch.
 
 Per batch of ``B`` items of ``K`` frames of one video (``motion_windows``):
 
-1. inversion: the identity latent W (B, num_ws, w_dim) starts at ``w_avg``; for
+1. inversion: the identity latent w (B, 1, w_dim), repeated over the num_ws layers, starts
+   at ``w_avg``; for
    ``invert_iters`` iterations both frames are rendered as one (B K) batch with the EMA
    generator at ``ws = clamp(W + controller(window), w_avg +- w_clamp)``; the first iterations
    step W and the intrinsics bias (B, 18), the last ``invert_controller_iters`` step the
@@ -43,13 +44,14 @@ _EMA = ["generator", "controller"]
 
 _TINY = {
     # 2-core CPU: the eg3d tiny generator (32^2 output, 16^2 render, 12+12 samples, w 32),
-    # a small controller on 13-frame windows, 12-iteration inversion
+    # a small controller on 13-frame windows, 12-iteration inversion; the pipeline tunes the
+    # generator on the source (PTI, 100 iterations)
     "model": {"controller": {"window": 13, "descriptor": 64, "first_kernel": 3, "layers": 2,
                              "dilation": 2, "directions": 8},
               "local_batch": 2, "invert_iters": 12, "invert_controller_iters": 2,
-              "invert_lr": 0.05, "intrinsics_lr": 0.002, "controller_lr": 2e-3,
+              "invert_lr": 0.1, "intrinsics_lr": 0.002, "controller_lr": 2e-3,
               "controller_wd": 0.01, "generator_lr": 5e-4, "density_points": 500,
-              "invert_steps": 30, "wplus_steps": 0},
+              "invert_steps": 30, "wplus_steps": 0, "pti_steps": 100, "pti_lr": 3e-3},
     "data": {"name": "motion_windows", "resolution": 32,
              "options": {"frames_per_item": 2, "radius": 6, "repeats": 64}},
     "train": {"steps": 150, "batch_size": 2, "log_every": 10, "ckpt_every": 75,
@@ -111,8 +113,8 @@ def density_terms(G, planes: torch.Tensor, cfg: OTAvatarConfig) -> dict[str, tor
 
 class OTAvatar(TrainableModel):
     """EG3D ``generator`` + :class:`pyface.nn.MotionController` ``controller`` (codebook
-    included), and the rank-local inversion parameters ``latent`` (local_batch, num_ws, w_dim)
-    and ``intrinsics`` (local_batch, 18).
+    included), and the rank-local inversion parameters ``latent`` (local_batch, 1, w_dim) (one
+    w per item, repeated over the num_ws layers) and ``intrinsics`` (local_batch, 18).
 
     Batches (``motion_windows``): ``image`` (B, K, 3, R, R) in [-1, 1] with R the generator's
     ``img_resolution``, ``motion`` (B, K, 70, window), ``camera`` (B, K, 25), optionally
@@ -166,7 +168,7 @@ class OTAvatar(TrainableModel):
 
             ctrl = load_controller(cfg.controller_init)
             self.controller.load_state_dict(ctrl.state_dict())
-        self.latent = nn.Parameter(torch.zeros(cfg.local_batch, G.num_ws, G.cfg.w_dim))
+        self.latent = nn.Parameter(torch.zeros(cfg.local_batch, 1, G.cfg.w_dim))
         self.intrinsics = nn.Parameter(torch.zeros(cfg.local_batch, 18))
         self.loss = OTAvatarLoss(
             w_perceptual=cfg.w_perceptual, style_weight=cfg.style_weight,
@@ -189,9 +191,9 @@ class OTAvatar(TrainableModel):
         """w (N, num_ws, w_dim), motion (N, 70, window) -> ws (N, num_ws, w_dim) =
         ``w + controller(motion)``, clamped to ``w_avg +- w_clamp`` with ``clamp``."""
         ctrl = controller if controller is not None else self.controller
-        if w.dim() != 3 or w.shape[1:] != self.latent.shape[1:]:
-            raise ValueError(f"w: expected shape (N, {self.latent.shape[1]}, "
-                             f"{self.latent.shape[2]}), got {tuple(w.shape)}")
+        n, d = self.generator.num_ws, self.generator.cfg.w_dim
+        if w.dim() != 3 or w.shape[1:] != (n, d):
+            raise ValueError(f"w: expected shape (N, {n}, {d}), got {tuple(w.shape)}")
         if motion.dim() != 3 or motion.shape[0] != w.shape[0]:
             raise ValueError(f"motion: expected shape ({w.shape[0]}, {MOTION_DIM}, "
                              f"{self.controller.cfg.window}), got {tuple(motion.shape)}")
@@ -267,7 +269,7 @@ class OTAvatar(TrainableModel):
         n_w = cfg.invert_iters - cfg.invert_controller_iters
         first = last = None
         for it in range(cfg.invert_iters):
-            w = self.latent[:B].repeat_interleave(K, 0)
+            w = self.latent[:B].repeat_interleave(K, 0).expand(-1, self.generator.num_ws, -1)
             camk = apply_intrinsics(c, self.intrinsics[:B].repeat_interleave(K, 0))
             if it < n_w:
                 with torch.no_grad():
@@ -284,7 +286,7 @@ class OTAvatar(TrainableModel):
                 loss, _ = self.loss(out, x, lmf, sr=True)
                 ctx.update("controller", loss)
         # 2. refinement of the controller and the generator, frame by frame
-        w = self.latent[:B].detach()
+        w = self.latent[:B].detach().expand(-1, self.generator.num_ws, -1)
         kb = self.intrinsics[:B].detach()
         logs: dict[str, torch.Tensor] = {}
         total = x.new_zeros(())
@@ -319,9 +321,12 @@ class OTAvatar(TrainableModel):
 
     @torch.no_grad()
     def preview(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The first ``local_batch`` items rendered with the last batch's inverted latents."""
+        n = self.cfg.local_batch
+        batch = {k: v[:n] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         img, motion, cam, _ = self._unpack(batch)
         B, K = img.shape[:2]
-        w = self.latent[:B].repeat_interleave(K, 0)
+        w = self.latent[:B].repeat_interleave(K, 0).expand(-1, self.generator.num_ws, -1)
         out = self.generator.synthesis(self.motion_ws(w, motion.flatten(0, 1)),
                                        cam.flatten(0, 1))
         R = self.resolution

@@ -39,8 +39,9 @@ def invert(model, image: torch.Tensor, camera: torch.Tensor, motion: torch.Tenso
     window ``motion`` (1, 70, W), into the identity latent of ``model`` (an :class:`OTAvatar`,
     its generator and controller frozen): ``ws = w + controller(motion)``.
 
-    ``space="w"`` optimises one latent per layer starting at ``w_avg`` (as training does);
-    ``"w+"`` continues from ``w_init`` (a W result) with the same parameterisation. The
+    ``space="w"`` optimises one latent w (1, 1, w_dim) repeated over the layers, starting at
+    ``w_avg`` (as training does); ``"w+"`` one latent per layer, starting at ``w_init`` (a W
+    result, (1, num_ws, w_dim)) or ``w_avg``. The
     intrinsics bias (1, 18) is optimised with it (AdamW, no decay); the last ``sr_steps``
     iterations add the super-resolved terms. Returns ``(w (1, num_ws, w_dim),
     intrinsics (1, 18), losses per iteration)``. No clamp (inference)."""
@@ -58,14 +59,15 @@ def invert(model, image: torch.Tensor, camera: torch.Tensor, motion: torch.Tenso
     for p, _ in req:
         p.requires_grad_(False)
     try:
-        with torch.no_grad():
-            offset = ctrl(motion.float())
-            if w_init is None:
-                w0 = model.w_avg.expand(1, G.num_ws, -1).clone()
-            else:
-                w0 = w_init.detach().clone()
         if space == "w" and w_init is not None:
             raise ValueError("w_init: only for space='w+'")
+        with torch.no_grad():
+            offset = ctrl(motion.float())
+            if space == "w":
+                w0 = model.w_avg.reshape(1, 1, -1).clone()
+            else:
+                start = model.w_avg.reshape(1, 1, -1) if w_init is None else w_init.detach()
+                w0 = start.expand(1, G.num_ws, -1).clone()
         w = w0.requires_grad_(True)
         kb = torch.zeros(1, 18, device=image.device, requires_grad=True)
         opt_w = torch.optim.Adam([w], lr=cfg.invert_lr if lr is None else lr,
@@ -76,7 +78,8 @@ def invert(model, image: torch.Tensor, camera: torch.Tensor, motion: torch.Tenso
         losses = []
         for it in range(steps):
             sr = it >= steps - sr_steps
-            out = G.synthesis(w + offset, apply_intrinsics(camera, kb), sr=sr)
+            out = G.synthesis(w.expand(1, G.num_ws, -1) + offset,
+                              apply_intrinsics(camera, kb), sr=sr)
             loss, _ = model.loss(out, image, landmarks, sr=sr)
             opt_w.zero_grad(set_to_none=True)
             opt_k.zero_grad(set_to_none=True)
@@ -89,7 +92,36 @@ def invert(model, image: torch.Tensor, camera: torch.Tensor, motion: torch.Tenso
     finally:
         for p, r in req:
             p.requires_grad_(r)
-    return w.detach(), kb.detach(), losses
+    return w.detach().expand(1, G.num_ws, -1).contiguous(), kb.detach(), losses
+
+
+def pivotal_tuning(model, ws: torch.Tensor, camera: torch.Tensor, image: torch.Tensor, *,
+                   steps: int, lr: float, stop: float | None = None):
+    """PTI: a copy of ``model.generator`` tuned so that ``ws`` (1, num_ws, w_dim) seen from
+    ``camera`` (1, 25) renders ``image`` (1, 3, R, R): Adam ``lr``, at most ``steps``
+    iterations of SmoothL1 on the raw (area-resized target) and super-resolved images, stopping
+    when the loss is <= ``stop``. Returns ``(generator copy (eval mode, frozen), losses)``."""
+    import copy
+
+    import torch.nn.functional as F
+
+    G = copy.deepcopy(model.generator).train()
+    G.requires_grad_(True)
+    opt = torch.optim.Adam(G.parameters(), lr=lr)
+    ws, camera, image = ws.detach(), camera.detach(), image.float()
+    losses = []
+    for _ in range(steps):
+        out = G.synthesis(ws, camera, sr=True)
+        raw = out["image_raw"]
+        tgt_raw = F.interpolate(image, size=raw.shape[-2:], mode="area")
+        loss = F.smooth_l1_loss(out["image"], image) + F.smooth_l1_loss(raw, tgt_raw)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if stop is not None and losses[-1] <= stop:
+            break
+    return G.eval().requires_grad_(False), losses
 
 
 class OTAvatarPipeline(Pipeline):
@@ -137,7 +169,7 @@ class OTAvatarPipeline(Pipeline):
         return motion_window(coeffs.float(), torch.arange(T), radius).to(self.device)
 
     def encode_source(self, source: dict, *, steps: int | None = None,
-                      space: str | None = None) -> dict:
+                      space: str | None = None, pti_steps: int | None = None) -> dict:
         model, cfg = self.model, self.model.cfg
         source = self.prepare(source, batched=False)
         if "camera" not in source:
@@ -162,10 +194,21 @@ class OTAvatarPipeline(Pipeline):
                                       sr_steps=min(sr_steps, cfg.wplus_steps), space="w+",
                                       w_init=w)
                 kb, losses = kb2, losses + more
+        state = {"w": w, "intrinsics": kb, "camera": cam, "motion": motion, "loss": losses}
+        pti = cfg.pti_steps if pti_steps is None else pti_steps
+        if pti:
+            from pyface.models.otavatar.model import apply_intrinsics
+
+            with torch.enable_grad():
+                with torch.no_grad():
+                    ws = w + model.controller(motion)
+                G, pl = pivotal_tuning(model, ws, apply_intrinsics(cam, kb), img, steps=pti,
+                                       lr=cfg.pti_lr, stop=cfg.pti_stop)
+            state["generator"], state["pti_loss"] = G, pl
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return {"w": w, "intrinsics": kb, "camera": cam, "motion": motion, "loss": losses,
-                "seconds": time.perf_counter() - t0}
+        state["seconds"] = time.perf_counter() - t0
+        return state
 
     def encode_driving(self, driving: dict) -> dict:
         if "image" in driving:
@@ -233,7 +276,7 @@ class OTAvatarPipeline(Pipeline):
         cam = apply_intrinsics(cam.float(), state["intrinsics"].expand(T, -1))
         w = state["w"].expand(T, -1, -1)
         ws = w + model.controller(m)
-        G = model.generator
+        G = state.get("generator") or model.generator       # the PTI copy when tuned
         planes = G.backbone.planes(ws, noise_mode="const")
         out = G.synthesis(ws, cam, planes=planes, **fixed_samples(G, T, self.device))
         return out["image"].clamp(-1, 1)
