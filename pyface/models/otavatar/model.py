@@ -44,11 +44,11 @@ _EMA = ["generator", "controller"]
 
 _TINY = {
     # 2-core CPU: the eg3d tiny generator (32^2 output, 16^2 render, 12+12 samples, w 32),
-    # a small controller on 13-frame windows, 12-iteration inversion; the pipeline tunes the
+    # a small controller on 13-frame windows, 16-iteration inversion; the pipeline tunes the
     # generator on the source (PTI, 100 iterations)
     "model": {"controller": {"window": 13, "descriptor": 64, "first_kernel": 3, "layers": 2,
                              "dilation": 2, "directions": 8},
-              "local_batch": 2, "invert_iters": 12, "invert_controller_iters": 2,
+              "local_batch": 2, "invert_iters": 16, "invert_controller_iters": 2,
               "invert_lr": 0.1, "intrinsics_lr": 0.002, "controller_lr": 2e-3,
               "controller_wd": 0.01, "generator_lr": 5e-4, "density_points": 500,
               "invert_steps": 30, "wplus_steps": 0, "pti_steps": 100, "pti_lr": 3e-3},
