@@ -215,3 +215,32 @@ def test_inversion_loss_decreases(generator_dir):
         target = m(w_true, motion, cam)["image"].clamp(-1, 1)
     _, _, losses = invert(m, target, cam, motion, steps=60, sr_steps=0)
     assert losses[-1] <= 0.7 * losses[0], losses
+
+
+def test_pipeline_from_a_converted_release(tmp_path):
+    """`pyface.models.load("otavatar", FOLDER)` on a `pyface convert otavatar` folder: the
+    release's controller (full size) drives the release's generator."""
+    from test_convert_otavatar import write_release
+
+    from pyface.convert import convert_otavatar
+    from pyface.models.otavatar.convert import load_controller
+
+    write_release(tmp_path / "r.pt")
+    out = convert_otavatar(str(tmp_path / "r.pt"), str(tmp_path / "conv"))
+    pipe = pyface.models.load("otavatar", out, device="cpu")
+    ref = load_controller(out)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(pipe.model.controller.state_dict()[k], v), k
+    R = pipe.resolution                      # OTAvatar's 512 (this generator has no SR)
+    assert R == 512 and pipe.model.controller.cfg.window == 27
+    G = pipe.model.generator
+    G.rendering_resolution.fill_(8)          # a small render keeps the test fast
+    pipe.model.generator.renderer.config.depth_resolution = 4
+    pipe.model.generator.renderer.config.depth_resolution_importance = 4
+    cam = G.camera(0.0, 0.0)[0]
+    state = pipe.encode_source({"image": torch.zeros(3, 64, 64), "camera": cam}, steps=1,
+                               pti_steps=0)
+    assert state["w"].shape == (1, 14, 512)
+    frames = pipe.generate(state, {"motion": torch.randn(2, 70, 27) * 0.1,
+                                   "camera": cam.expand(2, -1)})
+    assert frames.shape == (2, 3, R, R)
