@@ -87,7 +87,7 @@ def test_engine_step_updates_controller_generator_and_logs_inversion(data, gener
         assert f"main/{k}" in out and torch.isfinite(out[f"main/{k}"]), k
     after = tr.model.state_dict()
     changed = {k.split(".")[0] for k, v in after.items() if not torch.equal(v, before[k])}
-    assert {"controller", "generator", "latent"} <= changed
+    assert {"controller", "generator", "latent", "intrinsics"} <= changed
     # the inverted latent of each item moved away from w_avg (rank-local, one row per item)
     w_avg = tr.model.w_avg
     assert (after["latent"] - w_avg).abs().amax(dim=(1, 2)).min() > 0
