@@ -157,6 +157,26 @@ def test_eye_roi_bug_flag():
     assert torch.equal(bug["mouth"], fixed["mouth"])
 
 
+def test_identity_term_with_arcface_weights(tmp_path):
+    from pyface.models.otavatar.losses import OTAvatarLoss
+    from pyface.nn.arcface18 import ResNetArcFace
+
+    torch.manual_seed(0)
+    torch.save(ResNetArcFace().state_dict(), tmp_path / "arc.pth")
+    loss = OTAvatarLoss(w_perceptual=0, arcface_weights=str(tmp_path / "arc.pth"))
+    assert "arcface" not in dict(loss.named_modules())       # not in the model's state dict
+    tgt = torch.rand(2, 3, 32, 32) * 2 - 1
+    lm = torch.rand(2, 68, 2) * 16 + 8
+    raw = (torch.rand(2, 3, 16, 16) * 2 - 1).requires_grad_(True)
+    total, logs = loss({"image_raw": raw}, tgt, lm, sr=False)
+    assert logs["identity"] > 0
+    total.backward()
+    assert raw.grad.abs().sum() > 0
+    # without weights the term is off
+    _, logs = OTAvatarLoss(w_perceptual=0)({"image_raw": raw}, tgt, lm, sr=False)
+    assert "identity" not in logs
+
+
 def test_pipeline_on_a_tiny_checkpoint(run, data):
     from pyface.data.driving import read_driving, read_source
 

@@ -61,8 +61,9 @@ class OTAvatarConfig:
             (10, 10); boxes 120/512 of the image with int(10/512 H) padding.
         eye_roi_bug: reproduce the reference's eye term (the predicted eye crops are cut from
             the target, so the term is identically zero). Default False: the bug is fixed.
-        w_identity, arcface_weights: ArcFace identity loss (1) with ResNetArcFace-18 weights;
-            None disables it (a warning says so once). Not available yet: giving weights raises.
+        w_identity, arcface_weights: ArcFace identity loss (1): ResNetArcFace-18 weights (a
+            local file, e.g. GFPGAN's ``arcface_resnet18.pth``) on 5-point-aligned grayscale
+            128² crops (:mod:`pyface.nn.arcface18`); None disables it (a warning says so once).
         w_monotonic, w_tv, density_points, tv_sigma: density regularisers on each refined
             frame's planes (1, 0.25, 2000 points, sigma 0.004).
         invert_steps, invert_space, wplus_steps: inference inversion (pipeline): W iterations

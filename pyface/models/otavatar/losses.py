@@ -1,7 +1,7 @@
 # Provenance: reproduces the semantics of OTAvatar's training losses (theEricMa/OTAvatar, commit
 # c8c484f, CC BY-NC-SA 4.0; trainers/otavatar_trainer.py and its loss modules) as documented in
 # shared/reference/specs/otavatar-goha.md section 1.1: VGG19 perceptual + Gram, SmoothL1, mouth
-# and eye RoI L1 (the reference's eye-RoI bug kept behind a flag), density regularisers. Our own
+# and eye RoI L1 (the reference's eye-RoI bug kept behind a flag), ArcFace identity. Our own
 # implementation; no upstream code is copied. pyface's code is licensed under Apache-2.0 (LICENSE).
 """OTAvatar's reconstruction losses on one rendered batch.
 
@@ -55,7 +55,9 @@ def _pyramid_l1(pred: torch.Tensor, target: torch.Tensor, scales: int) -> torch.
 
 class OTAvatarLoss(nn.Module):
     """Perceptual (VGG19 + Gram, or the image-pyramid L1 that replaces it without weights),
-    SmoothL1, mouth / eye RoI L1 of one rendered batch (see the module docstring).
+    SmoothL1, mouth / eye RoI L1 and the ArcFace identity term
+    (:class:`pyface.nn.arcface18.ArcFaceIdentityLoss`, with ``arcface_weights``) of one rendered
+    batch (see the module docstring).
 
     Args: the ``w_*`` weights, ``style_weight``, ``vgg_weights``, ``eye_roi_bug`` and
     ``arcface_weights`` of :class:`~pyface.models.otavatar.config.OTAvatarConfig`.
@@ -84,11 +86,13 @@ class OTAvatarLoss(nn.Module):
             log.warning("otavatar: model.vgg_weights is not set; the VGG19 perceptual loss "
                         "(and its Gram term) is replaced by an image-pyramid L1 (2 scales on the "
                         "raw render, 4 on the super-resolved image)")
+        self.w_identity = w_identity if arcface_weights else 0.0
+        self.arcface = {}
         if arcface_weights and w_identity:
-            raise NotImplementedError(
-                "model.arcface_weights: the ResNetArcFace-18 identity loss on 5-point-aligned "
-                "grayscale crops is not implemented yet; set model.arcface_weights=null (the "
-                "identity term is then disabled)")
+            from pyface.nn.arcface18 import ArcFaceIdentityLoss
+
+            # plain dict: the frozen network is not part of the model's state dict
+            self.arcface["net"] = ArcFaceIdentityLoss(weights=arcface_weights)
         if w_identity and not arcface_weights:
             log.warning("otavatar: model.arcface_weights is not set; the ArcFace identity loss "
                         "is disabled")
@@ -145,4 +149,11 @@ class OTAvatarLoss(nn.Module):
                     eyes = r["eye_l"] + r["eye_r"]
                     total = total + self.w_mouth * r["mouth"] + self.w_eyes * eyes
                     logs["mouth"], logs["eyes"] = r["mouth"].detach(), eyes.detach()
+                if landmarks is not None and self.w_identity:
+                    net = self.arcface["net"]
+                    if next(net.parameters()).device != pred.device:
+                        net.to(pred.device)
+                    ident = net(pred, tgt, landmarks.float() * (H / R))
+                    total = total + self.w_identity * ident
+                    logs["identity"] = ident.detach()
         return total, logs
