@@ -60,7 +60,7 @@ def data(tmp_path_factory):
 def _exp(run, data, generator, *extra):
     from pyface.models.otavatar.model import OTAvatar
 
-    return build_experiment("otavatar", OTAvatar.Config, defaults=OTAvatar.recipe,
+    return build_experiment("otavatar", OTAvatar.Config, defaults=OTAvatar.presets["tiny"],
                             overrides=QUIET + TINY + [f"train.run_dir={run}",
                                                       f"data.path={data}",
                                                       f"model.generator={generator}", *extra])
@@ -116,7 +116,7 @@ def test_exact_resume(data, generator_dir, tmp_path):
 def test_shapes_and_bad_input(generator_dir):
     from pyface.models.otavatar.model import OTAvatar, OTAvatarConfig, apply_intrinsics
 
-    cfg = build_experiment("otavatar", OTAvatarConfig, defaults=OTAvatar.recipe,
+    cfg = build_experiment("otavatar", OTAvatarConfig, defaults=OTAvatar.presets["tiny"],
                            overrides=TINY + [f"model.generator={generator_dir}"]).model_config
     m = OTAvatar(cfg)
     w = m.w_avg.expand(3, m.generator.num_ws, -1)
@@ -223,7 +223,7 @@ def test_inversion_loss_decreases(generator_dir):
     from pyface.models.otavatar.model import OTAvatar, OTAvatarConfig
     from pyface.models.otavatar.pipeline import invert
 
-    cfg = build_experiment("otavatar", OTAvatarConfig, defaults=OTAvatar.recipe,
+    cfg = build_experiment("otavatar", OTAvatarConfig, defaults=OTAvatar.presets["tiny"],
                            overrides=TINY + [f"model.generator={generator_dir}",
                                              "model.invert_lr=0.1"]).model_config
     m = OTAvatar(cfg).eval()
@@ -264,3 +264,23 @@ def test_pipeline_from_a_converted_release(tmp_path):
     frames = pipe.generate(state, {"motion": torch.randn(2, 70, 27) * 0.1,
                                    "camera": cam.expand(2, -1)})
     assert frames.shape == (2, 3, R, R)
+
+
+def test_presets_resolve_and_full_keeps_the_reference_recipe():
+    from pyface.models.otavatar.model import OTAvatar
+
+    for name in ("tiny", "gpu-short", "full"):
+        exp = build_experiment("otavatar", OTAvatar.Config, defaults=OTAvatar.recipe,
+                               preset=name, presets=OTAvatar.presets)
+        cfg = exp.model_config
+        assert exp.data.name == "motion_windows"
+        assert cfg.controller.window == 2 * exp.data.options.radius + 1, name
+        assert exp.train.batch_size % cfg.local_batch == 0, name
+        assert sorted(exp.train.ema.modules) == ["controller", "generator"]
+        assert exp.train.ema.decay == 0.95 and exp.train.ema.half_life_kimg is None
+    full = build_experiment("otavatar", OTAvatar.Config, defaults=OTAvatar.recipe,
+                            preset="full", presets=OTAvatar.presets).model_config
+    assert (full.invert_iters, full.invert_controller_iters, full.invert_lr) == (100, 10, 0.01)
+    assert (full.controller_lr, full.controller_wd, full.generator_lr) == (1e-3, 1.0, 1e-4)
+    assert (full.style_weight, full.w_mouth, full.w_tv, full.w_clamp) == (250.0, 10.0, 0.25, 5.0)
+    assert not full.eye_roi_bug and full.controller.window == 27 and full.controller.tie_mlp

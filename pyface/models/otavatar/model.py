@@ -127,7 +127,7 @@ class OTAvatar(TrainableModel):
     Config = OTAvatarConfig
     Pipeline = OTAvatarPipeline
     stages = (Stage("eg3d", "eg3d", "generator"),)
-    recipe = _TINY
+    recipe = _FULL          # the reference's recipe; the presets override it
     presets = {"tiny": _TINY, "gpu-short": _GPU_SHORT, "full": _FULL}
 
     @staticmethod
