@@ -105,6 +105,12 @@ def test_config_and_input_errors(tmp_path):
         PrepareConfig(out="x", crop="ffhq")
     with pytest.raises(ValueError, match="resolution"):
         PrepareConfig(out="x", resolution=300)
+    with pytest.raises(ValueError, match=r"matting: expected one of \('selfie', 'modnet'\), got 'rvm'"):
+        PrepareConfig(out="x", matting="rvm")
+    with pytest.raises(ValueError, match="'modnet' needs its weights.*--matting-weights PATH"):
+        PrepareConfig(out="x", matting="modnet")
+    with pytest.raises(ValueError, match="matting_weights: only used with matting='modnet'"):
+        PrepareConfig(out="x", matting_weights="w.ckpt")
     with pytest.raises(PrepareError, match="nope.mp4"):
         collect_sources([str(tmp_path / "nope.mp4")])
     (tmp_path / "notes.txt").write_text("x")
@@ -323,6 +329,52 @@ def test_prepare_cli(prepared, tmp_path, capsys):
     assert main(["data", "prepare", mp4, "--out", out, "--crop", "fomm", "--no-fit", "--quiet"]) == 0
     assert "13/14 frames with a face" in capsys.readouterr().out
     assert main(["data", "check", out]) == 0
+
+
+@needs_prepare
+def test_prepare_modnet_matting(prepared, tmp_path, capsys):
+    """--matting modnet: soft MODNet alpha masks from a user weights file (random weights here);
+    a missing or wrong file is an error naming it before any video is prepared."""
+    from PIL import Image
+
+    from pyface.cli import main
+    from pyface.data.prepare import prepare
+    from pyface.nn.modnet import MODNet
+
+    synth = prepared["synth"]
+    rec = fmt.load_index(synth)[0]
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    for i in range(2):
+        Image.fromarray(fmt.read_frame(synth, rec, i)).save(clip / f"{i}.png")
+    out = str(tmp_path / "out")
+    with pytest.raises(PrepareError, match="nothere.ckpt: MODNet weights file not found"):
+        prepare([str(clip)], PrepareConfig(out=out, matting="modnet", progress=False,
+                                           matting_weights=str(tmp_path / "nothere.ckpt")))
+    torch.save({"module.x": torch.zeros(1)}, tmp_path / "other.ckpt")
+    with pytest.raises(PrepareError, match="other.ckpt: not a MODNet state dict"):
+        prepare([str(clip)], PrepareConfig(out=out, matting="modnet", progress=False,
+                                           matting_weights=str(tmp_path / "other.ckpt")))
+    assert not os.path.exists(os.path.join(out, "clip"))
+    torch.manual_seed(0)
+    net = MODNet()
+    for m in net.modules():                 # varied BN statistics: a non-constant random matte
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 1.5)
+            m.running_mean.normal_(0, 0.1)
+    torch.save({"module." + k: v for k, v in net.state_dict().items()}, tmp_path / "modnet.ckpt")
+    assert main(["data", "prepare", str(clip), "--out", out, "--no-fit", "--quiet",
+                 "--matting", "modnet", "--matting-weights", str(tmp_path / "modnet.ckpt")]) == 0
+    assert fmt.check_dataset(out)[1] == []
+    meta = json.load(open(os.path.join(out, "clip", fmt.META)))
+    assert meta["matting"] == "modnet" and meta["num_frames"] == 2
+    masks = [np.asarray(Image.open(os.path.join(out, "clip", fmt.MASK_DIR, f"{k:05d}.png")))
+             for k in range(2)]
+    assert masks[0].shape == (256, 256) and masks[0].dtype == np.uint8
+    assert len(np.unique(masks[0])) > 2                 # a soft alpha, not a thresholded mask
+    capsys.readouterr()
+    assert main(["data", "prepare", str(clip), "--out", out, "--quiet", "--matting", "modnet"]) == 1
+    assert "--matting-weights PATH" in capsys.readouterr().err
 
 
 @needs_prepare

@@ -242,7 +242,7 @@ def matte_image(model: MODNet, image: np.ndarray) -> np.ndarray:
         raise ValueError(f"image: expected (H, W, 3) uint8, got {image.dtype} {image.shape}")
     h, w = image.shape[:2]
     p = next(model.parameters())
-    x = torch.from_numpy(np.ascontiguousarray(image)).to(p.device).permute(2, 0, 1)[None]
+    x = torch.from_numpy(np.array(image, copy=True)).to(p.device).permute(2, 0, 1)[None]
     x = x.to(p.dtype) / 127.5 - 1.0
     x = F.interpolate(x, size=inference_size(h, w), mode="area")
     m = F.interpolate(model(x), size=(h, w), mode="area")
