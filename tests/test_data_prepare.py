@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pyface.data import format as fmt
-from pyface.data.landmarks import FIXED_68, JAW_RING, jitter, mesh_to_68, resample_polyline
+from pyface.data.landmarks import (FIXED_68, JAW_RING, LIP_ARCS, jaw_points, jitter, mesh_to_68,
+                                   resample_polyline)
 from pyface.data.prepare import (PrepareConfig, PrepareError, collect_sources, crop_image,
                                  runs, smooth_savgol, to_crop)
 
@@ -32,14 +33,50 @@ def test_mesh_to_68_table_and_jaw():
     mesh[:, 0] = np.arange(478)                      # x = vertex index: the table is readable
     for k, v in enumerate(JAW_RING):                 # jaw ring on a straight line, uneven steps
         mesh[v, :2] = (k ** 1.5, 100.0)
-    lm = mesh_to_68(mesh)
+    lm = mesh_to_68(mesh, contour="static")
     assert lm.shape == (68, 2)
-    assert [int(lm[k, 0]) for k in (30, 36, 39, 42, 45, 48, 54)] == [1, 33, 133, 362, 263, 61, 291]
+    assert [int(lm[k, 0]) for k in (30, 36, 39, 42, 45, 48, 50, 51, 52, 54, 57)] == \
+        [1, 33, 133, 362, 263, 61, 37, 0, 267, 291, 17]
     jaw = lm[:17, 0]
     np.testing.assert_allclose(np.diff(jaw), np.diff(jaw).mean(), rtol=1e-4)   # equal arc length
     assert jaw[0] == 0 and jaw[-1] == pytest.approx(20 ** 1.5)
     with pytest.raises(ValueError, match="mesh"):
         mesh_to_68(np.zeros((10, 2)))
+    with pytest.raises(ValueError, match="contour: expected one of"):
+        mesh_to_68(mesh, contour="dynamic")
+
+
+def test_lip_points_follow_3d_arc_length():
+    """49 lies halfway along the lip from the corner (61) to the Cupid's-bow peak (37), measured
+    in 3D: a ring foreshortened in the image (large z steps) moves the point in the image."""
+    mesh = np.zeros((478, 3))
+    ring = LIP_ARCS[49][0]                           # 61, 185, 40, 39, 37
+    for k, v in enumerate(ring):
+        mesh[v] = (10.0 * k, 50.0, 0.0)
+    assert mesh_to_68(mesh)[49, 0] == pytest.approx(20.0)
+    mesh[ring[0], 2] = 30.0                          # the corner far behind: first step longer
+    mesh[ring[1], 2] = 0.0
+    x = mesh_to_68(mesh)[49, 0]                      # 3D length 31.6 + 30 = 61.6: half = 30.8
+    assert x == pytest.approx(10.0 * (30.8 / 31.62), abs=0.05)
+
+
+def test_silhouette_jaw_moves_hidden_points_to_the_outline():
+    """A U-shaped jaw inside a wider mesh outline (the far cheek seen past the oval): static
+    points stay where the oval is, silhouette points move out to the outline along the jaw's
+    normal; points already on the outline do not move."""
+    mesh = np.zeros((478, 3))
+    mesh[:, :2] = (50.0, 40.0)                                   # filler inside the face
+    ang = np.linspace(np.pi, 2 * np.pi, len(JAW_RING))
+    for k, v in enumerate(JAW_RING):                             # lower half circle, radius 30
+        mesh[v, :2] = (50 + 30 * np.cos(ang[k]), 40 - 30 * np.sin(ang[k]))
+    mesh[10, :2] = (10.0, 40.0)                                  # the outline reaches x = 10 ...
+    mesh[11, :2] = (10.0, 30.0)                                  # ... on the image-left side
+    static = jaw_points(mesh, "static")
+    sil = jaw_points(mesh, "silhouette")
+    np.testing.assert_allclose(static[0], (20.0, 40.0), atol=1e-6)
+    assert 10.0 - 1e-6 <= sil[0, 0] < 11.0 and abs(sil[0, 1] - 40.0) < 1.5     # at the outline
+    np.testing.assert_allclose(sil[8:], static[8:], atol=1e-6)   # right half: on the outline
+    assert np.all(np.linalg.norm(sil - static, axis=-1) < 10.5)
 
 
 def test_resample_polyline_batched():

@@ -527,12 +527,14 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
         seg = runs(kept)
         raw68 = mesh_to_68(mesh)
         mesh_s = smooth_savgol(mesh, seg, cfg.smooth_window)
-        lm68 = mesh_to_68(mesh_s)
+        lm68 = mesh_to_68(mesh_s)                       # iBUG: jaw on the visible outline
+        fit68 = mesh_to_68(mesh_s, contour="static")    # fixed face places, for the 3DMM fit
         boxes = crop_boxes(lm68, cfg.crop)
         boxes = smooth_gauss(boxes, seg, cfg.crop_sigma)
         r = cfg.resolution
         lm_crop, raw_crop = to_crop(lm68, boxes, r), to_crop(raw68, boxes, r)
         mesh_crop = to_crop(mesh_s, boxes, r)
+        fit_crop = to_crop(fit68, boxes, r)
         jit = {"before": jitter_by_segment(raw_crop, seg), "after": jitter_by_segment(lm_crop, seg)}
 
         # pass 2: crops, masks, frames
@@ -576,7 +578,7 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
 
         torch.set_num_threads(1)
         model, index = fit_model(cfg.bfm)
-        res = fit_landmarks(model, torch.from_numpy(lm_crop), r, segments=torch.from_numpy(seg),
+        res = fit_landmarks(model, torch.from_numpy(fit_crop), r, segments=torch.from_numpy(seg),
                             config=FitConfig(steps=cfg.fit_steps), landmark_index=index)
         coeffs = res.coeffs.numpy()
         if cfg.submission_offsets:

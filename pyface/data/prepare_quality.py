@@ -7,7 +7,11 @@ their source index in ``meta.json["source_frames"]``):
 * camera yaw and pitch error in degrees: the fitted Deep3DFaceRecon angles against the
   generator's (both rotate the head in the camera frame, so the crop does not change them);
 * landmark error in pixels at the prepared resolution: prepared 68 landmarks against the
-  generator's 68 landmarks mapped into the same crop, per group (jaw, brows, nose, eyes, mouth);
+  generator's 68 landmarks mapped into the same crop, per group (jaw, brows, nose, eyes, mouth),
+  over the 51 inner points (17-67) and over the 32 eye and mouth points; the jaw also with the
+  static contour (the generator's jaw landmarks are fixed vertices, not the visible outline);
+  and, as a diagnostic of how much of the error is a fixed per-point offset (a difference of
+  definition), the error left after subtracting each point's mean offset over the set;
 * expression correlation: Pearson correlation over frames of the fitted and true ``jaw_open``,
   ``smile`` and ``blink`` (mean of left/right) coefficients of the built-in model;
 * mask IoU inside the crop's part of the source image (the generator's head mask, cropped the
@@ -28,7 +32,7 @@ import time
 import numpy as np
 
 from pyface.data import format as fmt
-from pyface.data.landmarks import GROUPS
+from pyface.data.landmarks import GROUPS, mesh_to_68
 
 
 def encode_mp4(frames: np.ndarray, path: str, fps: float = 25.0, crf: int = 18) -> None:
@@ -83,6 +87,13 @@ def compare_video(synth_root: str, prepared_root: str, name: str) -> dict:
     plm = fmt.load_landmarks(prepared_root, p)
     err = np.linalg.norm(plm - glm, axis=-1)                               # (T, 68)
     out["landmark_err_px"] = err.mean(1).tolist()
+    out["landmark_err_px_inner51"] = err[:, 17:].mean(1).tolist()
+    out["landmark_err_px_eyes_mouth"] = err[:, 36:].mean(1).tolist()
+    out["landmark_offset_px"] = (plm - glm).astype(np.float64).tolist()    # (T, 68, 2)
+    mesh_file = os.path.join(prepared_root, name, "mesh.npy")
+    if os.path.isfile(mesh_file):
+        static = mesh_to_68(np.load(mesh_file), contour="static")[:, :17]
+        out["jaw_static_err_px"] = np.linalg.norm(static - glm[:, :17], axis=-1).mean(1).tolist()
     out["landmark_err_px_by_group"] = {k: float(err[:, list(v)].mean()) for k, v in GROUPS.items()}
     ious = []
     for k, i in enumerate(src):
@@ -103,6 +114,8 @@ def compare_video(synth_root: str, prepared_root: str, name: str) -> dict:
         pe = pc[:, [80 + idx[n] for n in names]].mean(1)
         corr[key] = float(np.corrcoef(ge, pe)[0, 1]) if ge.std() > 1e-6 and pe.std() > 1e-6 else None
     out["exp_corr"] = corr
+    out["pitch_signed_median_deg"] = float(np.median(pa[:, 0] - ga[:, 0]))
+    out["yaw_signed_median_deg"] = float(np.median(pa[:, 1] - ga[:, 1]))
     out["photometric_rms"] = [x for x in meta.get("photometric_rms", []) if x is not None]
     return out
 
@@ -115,12 +128,22 @@ def summarize(per_video: list[dict]) -> dict:
     for k in ("jaw", "smile", "blink"):
         vals = [v["exp_corr"][k] for v in per_video if v["exp_corr"][k] is not None]
         corr[k] = float(np.mean(vals)) if vals else None
+    off = np.concatenate([np.asarray(v["landmark_offset_px"], np.float64) for v in per_video])
+    resid = np.linalg.norm(off - off.mean(0), axis=-1).mean(1)               # (frames,)
+    extra = {}
+    if all("jaw_static_err_px" in v for v in per_video):
+        extra["jaw_static_err_px_mean"] = float(np.mean(cat("jaw_static_err_px")))
     return {"videos": len(per_video), "frames": int(sum(v["frames"] for v in per_video)),
             "source_frames": int(sum(v["source_frames"] for v in per_video)),
             "yaw_err_deg_median": float(np.median(cat("yaw_err_deg"))),
             "pitch_err_deg_median": float(np.median(cat("pitch_err_deg"))),
             "landmark_err_px_median": float(np.median(cat("landmark_err_px"))),
-            "landmark_err_px_mean_by_group": groups,
+            "landmark_err_px_median_inner51": float(np.median(cat("landmark_err_px_inner51"))),
+            "landmark_err_px_median_eyes_mouth": float(np.median(cat("landmark_err_px_eyes_mouth"))),
+            "landmark_err_px_median_offset_removed": float(np.median(resid)),
+            "landmark_err_px_mean_by_group": groups, **extra,
+            "pitch_signed_median_deg_by_video": [round(v["pitch_signed_median_deg"], 2) for v in per_video],
+            "yaw_signed_median_deg_by_video": [round(v["yaw_signed_median_deg"], 2) for v in per_video],
             "mask_iou_median": float(np.median(cat("mask_iou"))),
             "photometric_rms_median": (float(np.median(cat("photometric_rms")))
                                        if any(v["photometric_rms"] for v in per_video) else None),
@@ -157,6 +180,8 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - t0
     per = [compare_video(synth, prepared, r["name"]) for r in s["results"]]
     summary = summarize(per)
+    for v in per:                       # per-point offsets only feed the summary's diagnostic
+        v.pop("landmark_offset_px", None)
     summary.update({"prepare_seconds": round(seconds, 2),
                     "prepare_fps": round(summary["frames"] / seconds, 2),
                     "timing_s": {k: round(sum(r["timing_s"].get(k, 0.0) for r in s["results"]), 2)
