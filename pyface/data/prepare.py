@@ -502,7 +502,7 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
     :class:`PrepareError` (naming the file) for unreadable input or when no frame has a face."""
     from PIL import Image
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     timing = {}
     det = MediaPipeFaces(cfg.max_faces, cfg.min_detection_confidence, static=src.kind == "image")
     try:
@@ -517,6 +517,7 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
         if n == 0:
             raise PrepareError(f"{src.path}: no frames decoded")
         timing["detect_s"] = time.perf_counter() - t0
+        timing["detect_cpu_s"] = time.process_time() - c0
         picks = select_track(frame_faces, size)
         kept = np.array([i for i, p in enumerate(picks) if p is not None], np.int64)
         no_face = [i for i, p in enumerate(picks) if p is None]
@@ -538,7 +539,7 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
         jit = {"before": jitter_by_segment(raw_crop, seg), "after": jitter_by_segment(lm_crop, seg)}
 
         # pass 2: crops, masks, frames
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         tmp = os.path.join(cfg.out, f".{src.name}.partial")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, fmt.FRAME_DIR))
@@ -564,11 +565,12 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
             Image.fromarray(mask).save(
                 os.path.join(tmp, fmt.MASK_DIR, f"{k:05d}.png"), compress_level=1)
         timing["crop_segment_s"] = time.perf_counter() - t1
+        timing["crop_segment_cpu_s"] = time.process_time() - c1
     finally:
         det.close()
 
     # 3DMM fit
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     t = len(kept)
     if cfg.fit:
         import torch
@@ -590,6 +592,7 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
         residual = res.residual.numpy()
         photometric = np.full(t, np.nan, np.float32)
         timing["fit_landmarks_s"] = time.perf_counter() - t2
+        timing["fit_landmarks_cpu_s"] = time.process_time() - c2
         if cfg.appearance:
             from pyface.face.fit import fit_appearance
 
@@ -604,6 +607,7 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
         labels = np.repeat(cameras.default_label().numpy()[None], t, 0)
         residual = np.full(t, np.nan, np.float32)
     timing["fit_s"] = time.perf_counter() - t2      # landmarks + appearance
+    timing["fit_cpu_s"] = time.process_time() - c2
 
     np.save(os.path.join(tmp, fmt.COEFFS), coeffs.astype(np.float32))
     np.save(os.path.join(tmp, fmt.LANDMARKS), lm_crop.astype(np.float32))
@@ -611,6 +615,7 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
     entries = [[f"{fmt.FRAME_DIR}/{k:05d}.png", [float(x) for x in labels[k]]] for k in range(t)]
     fmt._dump(os.path.join(tmp, fmt.LABELS), {"labels": entries})
     seconds = time.perf_counter() - t0
+    timing["total_cpu_s"] = time.process_time() - c0
     meta = {"identity": src.name, "fps": source_fps(src), "source": os.path.abspath(src.path),
             "num_frames": t, "resolution": [r, r], "generator": "pyface.data.prepare",
             "crop": cfg.crop, "source_num_frames": n, "source_frames": kept.tolist(),
