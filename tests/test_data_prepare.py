@@ -347,12 +347,16 @@ def test_prepare_quality_regression(prepared):
     from pyface.data.prepare_quality import compare_video, summarize
 
     q = summarize([compare_video(prepared["synth"], prepared["out"], prepared["name"])])
-    assert q["mask_iou_median"] > 0.8, q
-    assert q["landmark_err_px_mean_by_group"]["eyes"] < 6.0, q
-    assert q["landmark_err_px_mean_by_group"]["mouth"] < 6.0, q
-    assert q["yaw_err_deg_median"] < 6.5, q
-    assert q["pitch_err_deg_median"] < 5.0, q
-    assert q["exp_corr_mean"]["jaw"] > 0.8, q
+    # measured on this clip (13 frames): IoU 0.884, eyes 4.0 / mouth 3.5 px, eyes+mouth 3.41 px,
+    # inner 51 points 6.99 px, yaw 5.05 deg, pitch 1.31 deg, jaw correlation 0.948
+    assert q["mask_iou_median"] > 0.85, q
+    assert q["landmark_err_px_mean_by_group"]["eyes"] < 5.0, q
+    assert q["landmark_err_px_mean_by_group"]["mouth"] < 4.5, q
+    assert q["landmark_err_px_median_eyes_mouth"] < 4.5, q
+    assert q["landmark_err_px_median_inner51"] < 8.0, q
+    assert q["yaw_err_deg_median"] < 6.0, q
+    assert q["pitch_err_deg_median"] < 3.0, q
+    assert q["exp_corr_mean"]["jaw"] > 0.9, q
 
 
 @needs_prepare
