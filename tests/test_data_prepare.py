@@ -114,6 +114,13 @@ def test_crop_image_and_to_crop_agree():
     assert abs(xs.mean() + 0.5 - c[0]) < 1 and abs(ys.mean() + 0.5 - c[1]) < 1
     crop2, valid2 = crop_image(img, (5.0, 5.0, 40.0), 64)   # leaves the image: edges repeated
     assert not valid2.all() and valid2.any()
+    # sub-pixel: fractional boxes, the intensity centroid (pixel centres at +0.5) lands on to_crop
+    ys, xs = np.mgrid[0:256, 0:256] + 0.5
+    for box in ([63.3, 47.7, 37.3], [66.8, 42.1, 52.9]):
+        w = crop_image(img, box, 256)[0][..., 0].astype(np.float64)
+        c = to_crop(np.array([[[65.0, 45.0]]]), np.array([box]), 256)[0, 0]
+        assert abs((w * xs).sum() / w.sum() - c[0]) < 0.05
+        assert abs((w * ys).sum() / w.sum() - c[1]) < 0.05
 
 
 def _face(cx, cy, half):
