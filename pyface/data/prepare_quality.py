@@ -5,7 +5,11 @@ prepares them, and compares with the ground truth, frame by frame (the prepared 
 their source index in ``meta.json["source_frames"]``):
 
 * camera yaw and pitch error in degrees: the fitted Deep3DFaceRecon angles against the
-  generator's (both rotate the head in the camera frame, so the crop does not change them);
+  generator's, seen from the crop's camera (:func:`crop_view_angles`): an EG3D label
+  describes the crop with its principal point at the crop's centre, i.e. a camera turned from
+  the source camera towards the crop's centre, so the generator's head rotation is expressed
+  in that turned camera (the crop centre sits up to ~25 px off the source's centre, 1-1.5 deg);
+  the errors against the source camera's angles are kept as ``*_source``;
 * landmark error in pixels at the prepared resolution: prepared 68 landmarks against the
   generator's 68 landmarks mapped into the same crop, per group (jaw, brows, nose, eyes, mouth),
   over the 51 inner points (17-67) and over the 32 eye and mouth points; the jaw also with the
@@ -19,8 +23,8 @@ their source index in ``meta.json["source_frames"]``):
 * the albedo/lighting fit's RMS colour residual on skin pixels (0..255, from ``meta.json``);
 * with ``--oracle``, the fit's own error floor: the camera error of the same landmark fit run on
   the generator's exact landmarks (in the crop, with the head's own 68 landmark vertices), so
-  fit and camera convention are checked apart from the detector's landmark definitions; once
-  with the default priors and once with nearly none (``w_id = w_exp = 1e-3``, 3x the steps).
+  fit and camera convention are checked apart from the detector's landmark definitions (the
+  default :class:`pyface.face.fit.FitConfig`, noise level estimated from the data).
 
 ``--compare-only`` re-runs the comparison on an existing ``DIR/prepared`` (no preparation).
 
@@ -70,6 +74,41 @@ def synth_to_mp4(synth_root: str, video_dir: str) -> list[str]:
     return paths
 
 
+def crop_view_angles(angles: np.ndarray, boxes: np.ndarray, size: tuple[int, int],
+                     focal: float | None = None) -> np.ndarray:
+    """Deep3DFaceRecon ``angles: (T, 3)`` (radians) of a head seen by a source camera with EG3D's
+    normalised ``focal`` (default FFHQ's) and its principal point at the centre of a ``size =
+    (W, H)`` image, re-expressed in the camera turned (by the smallest rotation) to look
+    through the centre of each crop, ``boxes: (T, 3)`` = (cx, cy, side) in source pixels; the
+    camera an EG3D label of the crop describes. Returns ``(T, 3)`` radians."""
+    import torch
+
+    from pyface.face import cameras as cam
+
+    f = cam.FFHQ_FOCAL if focal is None else focal
+    a = torch.as_tensor(np.asarray(angles), dtype=torch.float64)
+    b = torch.as_tensor(np.asarray(boxes), dtype=torch.float64)
+    if a.dim() != 2 or a.shape[1] != 3:
+        raise ValueError(f"angles: expected shape (T, 3), got {tuple(a.shape)}")
+    if b.dim() != 2 or b.shape[1] != 3 or b.shape[0] != a.shape[0]:
+        raise ValueError(f"boxes: expected shape ({a.shape[0]}, 3), got {tuple(b.shape)}")
+    # ray through the crop centre in the Deep3DFaceRecon camera frame (x right, y up, looking -z)
+    d = torch.stack([(b[:, 0] / size[0] - 0.5) / f, -(b[:, 1] / size[1] - 0.5) / f,
+                     -torch.ones(len(b), dtype=torch.float64)], -1)
+    d = d / d.norm(dim=-1, keepdim=True)
+    z = d.new_tensor([0.0, 0.0, -1.0]).expand_as(d)
+    axis = torch.linalg.cross(z, d, dim=-1)
+    sin, cos = axis.norm(dim=-1), (z * d).sum(-1)
+    k = axis / sin.clamp_min(1e-12)[:, None]
+    kx = torch.zeros(len(b), 3, 3, dtype=torch.float64)
+    kx[:, 0, 1], kx[:, 0, 2], kx[:, 1, 2] = -k[:, 2], k[:, 1], -k[:, 0]
+    kx = kx - kx.transpose(1, 2)
+    turn = torch.eye(3, dtype=torch.float64) + sin[:, None, None] * kx \
+        + (1 - cos)[:, None, None] * (kx @ kx)                           # Rodrigues
+    rot = turn.transpose(1, 2) @ cam.euler_to_rotation(a)
+    return cam.rotation_to_euler(rot).numpy()
+
+
 def compare_video(synth_root: str, prepared_root: str, name: str, oracle: bool = False,
                   fit_steps: int = 100) -> dict:
     """Per-frame errors of one prepared video against its synthetic ground truth (``oracle``:
@@ -87,10 +126,15 @@ def compare_video(synth_root: str, prepared_root: str, name: str, oracle: bool =
     r = meta["resolution"][0]
     gc = fmt.load_coeffs(synth_root, g)[src]
     pc = fmt.load_coeffs(prepared_root, p)
-    ga, pa = np.degrees(gc[:, 224:227]), np.degrees(pc[:, 224:227])
+    src_size = fmt.read_frame(synth_root, g, 0).shape[1::-1]             # (W, H)
+    gs = np.degrees(gc[:, 224:227])                                      # source camera
+    ga = np.degrees(crop_view_angles(gc[:, 224:227], boxes, src_size))   # the crop's camera
+    pa = np.degrees(pc[:, 224:227])
     out = {"name": name, "frames": int(len(src)), "source_frames": int(g.num_frames),
            "pitch_err_deg": np.abs(pa[:, 0] - ga[:, 0]).tolist(),
-           "yaw_err_deg": np.abs(pa[:, 1] - ga[:, 1]).tolist()}
+           "yaw_err_deg": np.abs(pa[:, 1] - ga[:, 1]).tolist(),
+           "pitch_err_deg_source": np.abs(pa[:, 0] - gs[:, 0]).tolist(),
+           "yaw_err_deg_source": np.abs(pa[:, 1] - gs[:, 1]).tolist()}
     glm = to_crop(fmt.load_landmarks(synth_root, g)[src], boxes, r)
     plm = fmt.load_landmarks(prepared_root, p)
     err = np.linalg.norm(plm - glm, axis=-1)                               # (T, 68)
@@ -129,8 +173,7 @@ def compare_video(synth_root: str, prepared_root: str, name: str, oracle: bool =
         from pyface.face import MorphableModel
         from pyface.face.fit import FitConfig, fit_landmarks
 
-        for tag, cfg in (("oracle", FitConfig(steps=fit_steps)),
-                         ("oracle_weak_priors", FitConfig(steps=3 * fit_steps, w_id=1e-3, w_exp=1e-3))):
+        for tag, cfg in (("oracle", FitConfig(steps=fit_steps)),):
             res = fit_landmarks(MorphableModel.builtin(), torch.from_numpy(glm), r,
                                 segments=torch.from_numpy(runs(src)), config=cfg)
             oa = np.degrees(res.coeffs.numpy()[:, 224:227])
@@ -156,7 +199,7 @@ def summarize(per_video: list[dict]) -> dict:
     extra = {}
     if all("jaw_static_err_px" in v for v in per_video):
         extra["jaw_static_err_px_mean"] = float(np.mean(cat("jaw_static_err_px")))
-    for tag in ("oracle", "oracle_weak_priors"):
+    for tag in ("oracle",):
         if all(f"{tag}_yaw_err_deg" in v for v in per_video):
             extra[tag] = {"yaw_err_deg_median": float(np.median(cat(f"{tag}_yaw_err_deg"))),
                           "pitch_err_deg_median": float(np.median(cat(f"{tag}_pitch_err_deg"))),
@@ -166,6 +209,8 @@ def summarize(per_video: list[dict]) -> dict:
             "source_frames": int(sum(v["source_frames"] for v in per_video)),
             "yaw_err_deg_median": float(np.median(cat("yaw_err_deg"))),
             "pitch_err_deg_median": float(np.median(cat("pitch_err_deg"))),
+            "yaw_err_deg_median_source": float(np.median(cat("yaw_err_deg_source"))),
+            "pitch_err_deg_median_source": float(np.median(cat("pitch_err_deg_source"))),
             "landmark_err_px_median": float(np.median(cat("landmark_err_px"))),
             "landmark_err_px_median_inner51": float(np.median(cat("landmark_err_px_inner51"))),
             "landmark_err_px_median_eyes_mouth": float(np.median(cat("landmark_err_px_eyes_mouth"))),
