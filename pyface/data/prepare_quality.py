@@ -74,6 +74,82 @@ def synth_to_mp4(synth_root: str, video_dir: str) -> list[str]:
     return paths
 
 
+def convention_landmarks(coeffs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The generator's heads' 68 landmarks placed by the standard 68-point (iBUG / 300-W)
+    definitions, from the mesh and the camera of ``coeffs: (T, 257)`` (built-in head, rendered
+    at ``size = (W, H)``); returns ``(T, 68, 2)`` source pixels. Only for the quality comparison:
+    the dataset's ``landmarks.npy`` keeps the head's fixed landmark vertices.
+
+    * jaw 0-5 and 11-16: the visible outline. Each point moves along its mesh row (the head's
+      horizontal ring through the fixed landmark vertex), on its side of the face (15-100 deg
+      from the midline), to the vertex farthest out in the image along the jaw line's direction:
+      the row's contour point, which moves with the pose (outwards on the side turned to the
+      camera, inwards on the other); chin points 6-10 stay at their fixed vertices (the
+      head's chin has no silhouette in front views);
+    * nose 27-30: 30 the pronasale, the most protruding midline point of the frame's shape (max
+      z in the head frame), 27 the nasion, the deepest midline point between the eyes and the
+      brow ridge, 28 and 29 the midline vertices at 1/3 and 2/3 of the height between them;
+    * nose 31-35: 33 the subnasale, the deepest midline point between the tip and the upper lip;
+      31, 32, 34, 35 the fixed vertices' head-frame positions moved down with it;
+    * brows, eyes and mouth: the fixed vertices (they lie on the painted brows, the lid margins
+      and eye corners and the lip contours: already the convention).
+    """
+    import torch
+
+    from pyface.face import MorphableModel
+    from pyface.face import cameras as cam
+    from pyface.face.procedural import BROW_Y, EYE_C, MOUTH_Y, _theta_of_s
+
+    m = MorphableModel.builtin()
+    cols = 144                                   # build_head's default grid
+    c = torch.as_tensor(np.asarray(coeffs), dtype=torch.float32)
+    with torch.no_grad():
+        verts = m.shape(c[:, :80], c[:, 80:144])                               # (T, V, 3)
+        uv, _ = cam.project_label(verts * cam.BFM_TO_EG3D_SCALE, m.label_of(c))
+    uv = (uv.double() * uv.new_tensor(size).double()).numpy()                  # (T, V, 2)
+    vh = verts.double().numpy()                                                # head frame
+    lm = m.landmarks.numpy()
+    t = len(c)
+    out = uv[:, lm].copy()
+    n_sheet = int((~(m.region("ears") | m.region("eyelids"))).sum())   # the sheet comes first
+    if n_sheet % cols or n_sheet > m.num_vertices:
+        raise RuntimeError(f"the built-in head's sheet is not a {cols}-column grid")
+    theta = _theta_of_s(-1.0 + 2.0 * np.arange(cols) / cols)
+    across = out[:, 16] - out[:, 0]
+    across /= np.linalg.norm(across, axis=-1, keepdims=True)                   # (T, 2)
+    for k in list(range(0, 6)) + list(range(11, 17)):
+        row, col = divmod(int(lm[k]), cols)
+        side = np.sign(theta[col])
+        cand = row * cols + np.nonzero((np.sign(theta) == side) & (np.abs(theta) >= np.radians(15))
+                                       & (np.abs(theta) <= np.radians(100)))[0]
+        score = side * (uv[:, cand] @ across[..., None])[..., 0]              # (T, C)
+        out[:, k] = uv[np.arange(t), cand[score.argmax(1)]]
+    mid = np.arange(n_sheet // cols) * cols + cols // 2                        # midline column
+    y0 = vh[0, mid, 1]
+    ti = np.arange(t)[:, None]
+
+    def pick(lo, hi, key):
+        sel = mid[(y0 > lo) & (y0 < hi)]
+        return sel[key(vh[:, sel, 2], axis=1)]                               # (T,)
+
+    tip = pick(-0.25, 0.45, np.argmax)
+    nasion = pick(EYE_C[1] - 0.05, BROW_Y, np.argmin)
+    sub = pick(MOUTH_Y + 0.1, -0.05, np.argmin)
+    out[:, 30], out[:, 27], out[:, 33] = uv[ti[:, 0], tip], uv[ti[:, 0], nasion], uv[ti[:, 0], sub]
+    for k, f in ((28, 1 / 3), (29, 2 / 3)):
+        yk = vh[ti[:, 0], nasion, 1] * (1 - f) + vh[ti[:, 0], tip, 1] * f      # (T,)
+        j = np.abs(vh[:, mid, 1] - yk[:, None]).argmin(1)
+        out[:, k] = uv[ti[:, 0], mid[j]]
+    dy = vh[ti[:, 0], sub, 1] - vh[ti[:, 0], lm[33], 1]                        # (T,)
+    front = np.nonzero(np.abs(theta) < np.radians(60))[0]
+    near = (np.arange(n_sheet // cols)[:, None] * cols + front[None]).ravel()
+    for k in (31, 32, 34, 35):
+        goal = vh[ti[:, 0], lm[k], :2] + np.stack([np.zeros(t), dy], -1)      # (T, 2)
+        j = np.linalg.norm(vh[:, near, :2] - goal[:, None], axis=-1).argmin(1)
+        out[:, k] = uv[ti[:, 0], near[j]]
+    return out
+
+
 def crop_view_angles(angles: np.ndarray, boxes: np.ndarray, size: tuple[int, int],
                      focal: float | None = None) -> np.ndarray:
     """Deep3DFaceRecon ``angles: (T, 3)`` (radians) of a head seen by a source camera with EG3D's
@@ -147,6 +223,13 @@ def compare_video(synth_root: str, prepared_root: str, name: str, oracle: bool =
         static = mesh_to_68(np.load(mesh_file), contour="static")[:, :17]
         out["jaw_static_err_px"] = np.linalg.norm(static - glm[:, :17], axis=-1).mean(1).tolist()
     out["landmark_err_px_by_group"] = {k: float(err[:, list(v)].mean()) for k, v in GROUPS.items()}
+    clm = to_crop(convention_landmarks(gc, fmt.read_frame(synth_root, g, 0).shape[1::-1]), boxes, r)
+    cerr = np.linalg.norm(plm - clm, axis=-1)                              # (T, 68)
+    out["landmark_err_px_convention"] = cerr.mean(1).tolist()
+    out["landmark_err_px_convention_inner51"] = cerr[:, 17:].mean(1).tolist()
+    out["landmark_err_px_convention_by_group"] = {k: float(cerr[:, list(v)].mean())
+                                                  for k, v in GROUPS.items()}
+    out["landmark_offset_px_convention"] = (plm - clm).astype(np.float64).tolist()
     ious = []
     for k, i in enumerate(src):
         gm = fmt.read_mask(synth_root, g, int(i))
@@ -196,6 +279,9 @@ def summarize(per_video: list[dict]) -> dict:
         corr[k] = float(np.mean(vals)) if vals else None
     off = np.concatenate([np.asarray(v["landmark_offset_px"], np.float64) for v in per_video])
     resid = np.linalg.norm(off - off.mean(0), axis=-1).mean(1)               # (frames,)
+    coff = np.concatenate([np.asarray(v["landmark_offset_px_convention"], np.float64)
+                           for v in per_video])
+    cresid = np.linalg.norm(coff - coff.mean(0), axis=-1).mean(1)
     extra = {}
     if all("jaw_static_err_px" in v for v in per_video):
         extra["jaw_static_err_px_mean"] = float(np.mean(cat("jaw_static_err_px")))
@@ -205,6 +291,7 @@ def summarize(per_video: list[dict]) -> dict:
                           "pitch_err_deg_median": float(np.median(cat(f"{tag}_pitch_err_deg"))),
                           "residual_px_median": float(np.median(cat(f"{tag}_residual_px")))}
     extra["landmark_mean_offset_px"] = np.round(off.mean(0), 2).tolist()   # (68, 2) x, y
+    extra["landmark_mean_offset_px_convention"] = np.round(coff.mean(0), 2).tolist()
     return {"videos": len(per_video), "frames": int(sum(v["frames"] for v in per_video)),
             "source_frames": int(sum(v["source_frames"] for v in per_video)),
             "yaw_err_deg_median": float(np.median(cat("yaw_err_deg"))),
@@ -215,7 +302,14 @@ def summarize(per_video: list[dict]) -> dict:
             "landmark_err_px_median_inner51": float(np.median(cat("landmark_err_px_inner51"))),
             "landmark_err_px_median_eyes_mouth": float(np.median(cat("landmark_err_px_eyes_mouth"))),
             "landmark_err_px_median_offset_removed": float(np.median(resid)),
-            "landmark_err_px_mean_by_group": groups, **extra,
+            "landmark_err_px_mean_by_group": groups,
+            "landmark_err_px_median_convention": float(np.median(cat("landmark_err_px_convention"))),
+            "landmark_err_px_median_convention_inner51":
+                float(np.median(cat("landmark_err_px_convention_inner51"))),
+            "landmark_err_px_median_convention_offset_removed": float(np.median(cresid)),
+            "landmark_err_px_mean_by_group_convention":
+                {k: float(np.mean([v["landmark_err_px_convention_by_group"][k] for v in per_video]))
+                 for k in GROUPS}, **extra,
             "pitch_signed_median_deg_by_video": [round(v["pitch_signed_median_deg"], 2) for v in per_video],
             "yaw_signed_median_deg_by_video": [round(v["yaw_signed_median_deg"], 2) for v in per_video],
             "mask_iou_median": float(np.median(cat("mask_iou"))),
@@ -253,6 +347,7 @@ def main(argv=None) -> int:
         summary = summarize(per)
         for v in per:
             v.pop("landmark_offset_px", None)
+            v.pop("landmark_offset_px_convention", None)
         old = os.path.join(a.out, "quality.json")
         if os.path.isfile(old):             # keep the timing of the run that prepared the set
             prev = json.load(open(old))["summary"]
@@ -276,6 +371,7 @@ def main(argv=None) -> int:
     summary = summarize(per)
     for v in per:                       # per-point offsets only feed the summary's diagnostic
         v.pop("landmark_offset_px", None)
+        v.pop("landmark_offset_px_convention", None)
     summary.update({"prepare_seconds": round(seconds, 2),
                     "prepare_fps": round(summary["frames"] / seconds, 2),
                     "timing_s": {k: round(sum(r["timing_s"].get(k, 0.0) for r in s["results"]), 2)
