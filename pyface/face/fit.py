@@ -51,7 +51,6 @@ class FitConfig:
     smooth_exp: float = 0.3     # per-frame random walk of the expression coefficients
     smooth_angle: float = 0.05  # per-frame random walk of the angles, radians (about 3 deg)
     smooth_trans: float = 0.05  # per-frame random walk of the translation, BFM units (5 mm)
-    systematic: bool = False    # landmark errors shared by the frames: the id prior counts T times
     device: str = "cpu"
 
 
@@ -157,7 +156,6 @@ def fit_landmarks(model, landmarks: torch.Tensor, image_size: int, *, weights=No
     angles = torch.zeros(t, 3, device=dev, requires_grad=True)
     trans = torch.zeros(t, 3, device=dev, requires_grad=True)
     id_std = torch.as_tensor(cfg.id_std, dtype=torch.float32).to(dev) * model_id_std(model).to(dev)
-    id_count = float(t) if cfg.systematic else 1.0
     px = image_size / 256.0                                             # pixels per 256^2 pixel
     norm = float(t * w.sum())               # the objective is divided by it (scale only)
 
@@ -167,7 +165,7 @@ def fit_landmarks(model, landmarks: torch.Tensor, image_size: int, *, weights=No
         proj = project_landmarks(model, i, e, angles, trans, image_size, landmark_index)
         d2 = (proj - target).pow(2).sum(-1) / (sigma * px) ** 2         # (T, K)
         loss = 0.5 * (d2 * w).sum()
-        loss = loss + 0.5 * id_count * (i / id_std).pow(2).sum() + 0.5 * (e / cfg.exp_std).pow(2).sum()
+        loss = loss + 0.5 * (i / id_std).pow(2).sum() + 0.5 * (e / cfg.exp_std).pow(2).sum()
         if t > 1:
             for x, s in ((e, cfg.smooth_exp), (angles, cfg.smooth_angle), (trans, cfg.smooth_trans)):
                 loss = loss + 0.5 * (((x[1:] - x[:-1]) / s).pow(2).sum(-1) * link).sum()
