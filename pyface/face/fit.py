@@ -6,6 +6,8 @@ landmarks are projected with the EG3D camera of the pose (:func:`pyface.face.cam
 deep3d_to_label`, fixed FFHQ intrinsics), exactly as :meth:`MorphableModel.render` draws them, so
 the fitted coefficients and their labels are consistent with the image the landmarks come from.
 Only the 68 landmark rows of the bases are evaluated. Texture and lighting are not fitted (zeros).
+The objective is a negative log posterior in the model's own units (:class:`FitConfig`), with
+the landmark noise level estimated from the data.
 """
 from __future__ import annotations
 
