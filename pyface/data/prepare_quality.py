@@ -189,8 +189,6 @@ def compare_video(synth_root: str, prepared_root: str, name: str, oracle: bool =
                   fit_steps: int = 100) -> dict:
     """Per-frame errors of one prepared video against its synthetic ground truth (``oracle``:
     also fit the exact landmarks; see the module docstring)."""
-    from PIL import Image
-
     from pyface.data.prepare import crop_image, to_crop
     from pyface.face.procedural import EXP_NAMES
 
