@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pyface.data import format as fmt
-from pyface.data.landmarks import FIXED_68, JAW_RING, jitter, mesh_to_68, resample_polyline
+from pyface.data.landmarks import (FIXED_68, JAW_RING, LIP_ARCS, jaw_points, jitter, mesh_to_68,
+                                   resample_polyline)
 from pyface.data.prepare import (PrepareConfig, PrepareError, collect_sources, crop_image,
                                  runs, smooth_savgol, to_crop)
 
@@ -32,14 +33,50 @@ def test_mesh_to_68_table_and_jaw():
     mesh[:, 0] = np.arange(478)                      # x = vertex index: the table is readable
     for k, v in enumerate(JAW_RING):                 # jaw ring on a straight line, uneven steps
         mesh[v, :2] = (k ** 1.5, 100.0)
-    lm = mesh_to_68(mesh)
+    lm = mesh_to_68(mesh, contour="static")
     assert lm.shape == (68, 2)
-    assert [int(lm[k, 0]) for k in (30, 36, 39, 42, 45, 48, 54)] == [1, 33, 133, 362, 263, 61, 291]
+    assert [int(lm[k, 0]) for k in (30, 36, 39, 42, 45, 48, 50, 51, 52, 54, 57)] == \
+        [1, 33, 133, 362, 263, 61, 37, 0, 267, 291, 17]
     jaw = lm[:17, 0]
     np.testing.assert_allclose(np.diff(jaw), np.diff(jaw).mean(), rtol=1e-4)   # equal arc length
     assert jaw[0] == 0 and jaw[-1] == pytest.approx(20 ** 1.5)
     with pytest.raises(ValueError, match="mesh"):
         mesh_to_68(np.zeros((10, 2)))
+    with pytest.raises(ValueError, match="contour: expected one of"):
+        mesh_to_68(mesh, contour="dynamic")
+
+
+def test_lip_points_follow_3d_arc_length():
+    """49 lies halfway along the lip from the corner (61) to the Cupid's-bow peak (37), measured
+    in 3D: a ring foreshortened in the image (large z steps) moves the point in the image."""
+    mesh = np.zeros((478, 3))
+    ring = LIP_ARCS[49][0]                           # 61, 185, 40, 39, 37
+    for k, v in enumerate(ring):
+        mesh[v] = (10.0 * k, 50.0, 0.0)
+    assert mesh_to_68(mesh)[49, 0] == pytest.approx(20.0)
+    mesh[ring[0], 2] = 30.0                          # the corner far behind: first step longer
+    mesh[ring[1], 2] = 0.0
+    x = mesh_to_68(mesh)[49, 0]                      # 3D length 31.6 + 30 = 61.6: half = 30.8
+    assert x == pytest.approx(10.0 * (30.8 / 31.62), abs=0.05)
+
+
+def test_silhouette_jaw_moves_hidden_points_to_the_outline():
+    """A U-shaped jaw inside a wider mesh outline (the far cheek seen past the oval): static
+    points stay where the oval is, silhouette points move out to the outline along the jaw's
+    normal; points already on the outline do not move."""
+    mesh = np.zeros((478, 3))
+    mesh[:, :2] = (50.0, 40.0)                                   # filler inside the face
+    ang = np.linspace(np.pi, 2 * np.pi, len(JAW_RING))
+    for k, v in enumerate(JAW_RING):                             # lower half circle, radius 30
+        mesh[v, :2] = (50 + 30 * np.cos(ang[k]), 40 - 30 * np.sin(ang[k]))
+    mesh[10, :2] = (10.0, 40.0)                                  # the outline reaches x = 10 ...
+    mesh[11, :2] = (10.0, 30.0)                                  # ... on the image-left side
+    static = jaw_points(mesh, "static")
+    sil = jaw_points(mesh, "silhouette")
+    np.testing.assert_allclose(static[0], (20.0, 40.0), atol=1e-6)
+    assert 10.0 - 1e-6 <= sil[0, 0] < 11.0 and abs(sil[0, 1] - 40.0) < 1.5     # at the outline
+    np.testing.assert_allclose(sil[8:], static[8:], atol=1e-6)   # right half: on the outline
+    assert np.all(np.linalg.norm(sil - static, axis=-1) < 10.5)
 
 
 def test_resample_polyline_batched():
@@ -77,6 +114,13 @@ def test_crop_image_and_to_crop_agree():
     assert abs(xs.mean() + 0.5 - c[0]) < 1 and abs(ys.mean() + 0.5 - c[1]) < 1
     crop2, valid2 = crop_image(img, (5.0, 5.0, 40.0), 64)   # leaves the image: edges repeated
     assert not valid2.all() and valid2.any()
+    # sub-pixel: fractional boxes, the intensity centroid (pixel centres at +0.5) lands on to_crop
+    ys, xs = np.mgrid[0:256, 0:256] + 0.5
+    for box in ([63.3, 47.7, 37.3], [66.8, 42.1, 52.9]):
+        w = crop_image(img, box, 256)[0][..., 0].astype(np.float64)
+        c = to_crop(np.array([[[65.0, 45.0]]]), np.array([box]), 256)[0, 0]
+        assert abs((w * xs).sum() / w.sum() - c[0]) < 0.05
+        assert abs((w * ys).sum() / w.sum() - c[1]) < 0.05
 
 
 def _face(cx, cy, half):
@@ -105,6 +149,12 @@ def test_config_and_input_errors(tmp_path):
         PrepareConfig(out="x", crop="ffhq")
     with pytest.raises(ValueError, match="resolution"):
         PrepareConfig(out="x", resolution=300)
+    with pytest.raises(ValueError, match=r"matting: expected one of \('selfie', 'modnet'\), got 'rvm'"):
+        PrepareConfig(out="x", matting="rvm")
+    with pytest.raises(ValueError, match="'modnet' needs its weights.*--matting-weights PATH"):
+        PrepareConfig(out="x", matting="modnet")
+    with pytest.raises(ValueError, match="matting_weights: only used with matting='modnet'"):
+        PrepareConfig(out="x", matting_weights="w.ckpt")
     with pytest.raises(PrepareError, match="nope.mp4"):
         collect_sources([str(tmp_path / "nope.mp4")])
     (tmp_path / "notes.txt").write_text("x")
@@ -140,16 +190,84 @@ def test_fit_recovers_pose_from_exact_landmarks():
     lm = m.landmarks2d(c, image_size=256)
     r = fit_landmarks(m, lm, 256, config=FitConfig(steps=60))
     assert r.coeffs.shape == (t, 257) and r.labels.shape == (t, 25)
-    assert r.residual.max() < 1.5
+    assert r.residual.max() < 0.5
+    assert r.sigma < 0.5            # the noise level estimated from exact points is small
     err = (r.coeffs[:, 224:226] - ang[:, :2]).abs().rad2deg()
-    assert err.max() < 4.0, err
+    assert err.max() < 1.5, err     # measured 0.78 deg (the previous fixed-prior fit: > 2 deg)
+    with pytest.raises(ValueError, match="config.sigma_min"):
+        fit_landmarks(m, lm, 256, config=FitConfig(sigma_min=0.0))
+    with pytest.raises(ValueError, match="config.id_std"):
+        fit_landmarks(m, lm, 256, config=FitConfig(id_std=-1.0))
     with pytest.raises(ValueError, match="landmarks"):
         fit_landmarks(m, torch.zeros(2, 5, 2), 256)
     with pytest.raises(ValueError, match="landmark_index"):
         fit_landmarks(m, torch.zeros(2, 5, 2), 256, landmark_index=torch.arange(4))
 
 
-def test_fit_appearance_recovers_colours():
+def test_builtin_identity_prior_matches_the_generator():
+    from pyface.data.synthetic import sample_identity
+    from pyface.face import MorphableModel
+    from pyface.face.fit import model_id_std
+
+    m = MorphableModel.builtin()
+    std = model_id_std(m)
+    assert std.shape == (80,) and std[:30].eq(1).all() and std[30:44].eq(0.8).all()
+    assert std[44:48].eq(0.5).all()
+    ids = np.stack([sample_identity(m, 5, i, 8)[0] for i in range(200)])
+    ratio = ids[:, :48].std(0) / std[:48].numpy()
+    assert 0.75 < ratio.mean() < 1.25, ratio.mean()
+
+
+def test_crop_view_angles():
+    from pyface.data.prepare_quality import crop_view_angles
+    from pyface.face import cameras as cam
+
+    ang = np.array([[0.1, -0.3, 0.05], [-0.2, 0.4, 0.0]])
+    centred = np.array([[128.0, 128.0, 256.0]] * 2)
+    assert np.allclose(crop_view_angles(ang, centred, (256, 256)), ang, atol=1e-9)
+    # a crop centred above the principal point: the crop's camera looks up by atan(dy / f)
+    up = np.array([[128.0, 100.0, 256.0]] * 2)
+    turn = np.degrees(np.arctan(28 / 256 / cam.FFHQ_FOCAL))
+    d = np.degrees(crop_view_angles(np.zeros((2, 3)), up, (256, 256)) )
+    assert abs(abs(d[0, 0]) - turn) < 1e-6 and abs(d[0, 1]) < 1e-9 and abs(d[0, 2]) < 1e-9
+    right = np.array([[150.0, 128.0, 256.0]] * 2)
+    d = np.degrees(crop_view_angles(np.zeros((2, 3)), right, (256, 256)))
+    assert abs(abs(d[0, 1]) - np.degrees(np.arctan(22 / 256 / cam.FFHQ_FOCAL))) < 1e-6
+    with pytest.raises(ValueError, match="boxes"):
+        crop_view_angles(ang, centred[:1], (256, 256))
+
+
+def test_convention_landmarks_follow_the_outline():
+    """The convention-following jaw lies on the rendered head's outline, the nose tip is the
+    most protruding point; the other points are the head's own landmark vertices."""
+    from pyface.data.prepare_quality import convention_landmarks
+    from pyface.face import MorphableModel
+    from pyface.face.coeffs import merge_coeffs
+
+    m = MorphableModel.builtin()
+    ang = torch.tensor([[0.0, 0.0, 0.0], [0.05, 0.5, 0.0]])
+    c = merge_coeffs(torch.zeros(2, 80), torch.zeros(2, 64), torch.zeros(2, 80), ang,
+                     torch.zeros(2, 27), torch.zeros(2, 3))
+    lm = convention_landmarks(c.numpy(), (128, 128))
+    own = m.landmarks2d(c, image_size=128).numpy()
+    assert lm.shape == (2, 68, 2)
+    assert np.allclose(lm[:, 36:], own[:, 36:]) and np.allclose(lm[:, 17:27], own[:, 17:27])
+    # frontal: mirror symmetric about the face's vertical centre line
+    mid = own[0, 8, 0]
+    for k in range(6):
+        assert abs((lm[0, k, 0] - mid) + (lm[0, 16 - k, 0] - mid)) < 1.0, k
+        assert lm[0, k, 0] <= own[0, k, 0] + 0.5 and lm[0, 16 - k, 0] >= own[0, 16 - k, 0] - 0.5
+    # turned: the jaw points of both sides sit on the head mask's edge (rows below the ears)
+    mask = m.render(c[1:], 128).mask[0, 0].numpy() > 0.5
+    for k in (2, 3, 4, 5, 11, 12, 13, 14):
+        x, y = lm[1, k]
+        row = np.nonzero(mask[int(y)])[0]
+        edge = row.min() if k < 8 else row.max() + 1
+        assert abs(x - edge) < 2.0, (k, x, edge)
+    assert abs(lm[1, 3, 0] - own[1, 3, 0]) > 5       # the side turned to the camera moved out
+    # the nose tip is the most protruding point: in the turned view the nose's outermost point
+    nx = lm[1, 27:36, 0]
+    assert lm[1, 30, 0] in (nx.min(), nx.max()), nx
     from pyface.face import MorphableModel
     from pyface.face.fit import fit_appearance
 
@@ -298,18 +416,39 @@ def test_prepare_resume_skips_finished(prepared):
     assert [r.name for r in fmt.load_index(out)] == [name]
 
 
-@needs_prepare
-def test_prepare_quality_regression(prepared):
-    """Regression bounds on exact ground truth (docs/data.md has the full measurement)."""
+@pytest.fixture(scope="module")
+def clip_quality(prepared):
     from pyface.data.prepare_quality import compare_video, summarize
 
-    q = summarize([compare_video(prepared["synth"], prepared["out"], prepared["name"])])
-    assert q["mask_iou_median"] > 0.8, q
-    assert q["landmark_err_px_mean_by_group"]["eyes"] < 6.0, q
-    assert q["landmark_err_px_mean_by_group"]["mouth"] < 6.0, q
-    assert q["yaw_err_deg_median"] < 6.5, q
-    assert q["pitch_err_deg_median"] < 5.0, q
-    assert q["exp_corr_mean"]["jaw"] > 0.8, q
+    return summarize([compare_video(prepared["synth"], prepared["out"], prepared["name"],
+                                    oracle=True, fit_steps=prepared["cfg"].fit_steps)])
+
+
+@needs_prepare
+def test_prepare_quality_regression(clip_quality):
+    """Regression bounds on exact ground truth (docs/data.md has the full measurement)."""
+    q = clip_quality
+    # measured on this clip (13 frames): IoU 0.884, eyes 4.0 / mouth 3.5 px, eyes+mouth 3.41 px,
+    # inner 51 points 6.99 px (convention-following ground truth 6.48 px), yaw 5.23 deg,
+    # jaw correlation 0.933; the fit on the exact landmarks: yaw 1.75 deg, pitch 0.60 deg
+    assert q["mask_iou_median"] > 0.85, q
+    assert q["landmark_err_px_mean_by_group"]["eyes"] < 5.0, q
+    assert q["landmark_err_px_mean_by_group"]["mouth"] < 4.5, q
+    assert q["landmark_err_px_median_eyes_mouth"] < 4.5, q
+    assert q["landmark_err_px_median_inner51"] < 8.0, q
+    assert q["landmark_err_px_median_convention_inner51"] < 7.5, q
+    assert q["yaw_err_deg_median"] < 6.0, q
+    assert q["exp_corr_mean"]["jaw"] > 0.9, q
+    assert q["oracle"]["yaw_err_deg_median"] < 2.5, q["oracle"]
+    assert q["oracle"]["pitch_err_deg_median"] < 1.0, q["oracle"]
+
+
+@needs_prepare
+@pytest.mark.xfail(strict=True, reason="median pitch 4.7 deg on this clip with the MAP fit (1.3 deg "
+                   "with the former fit, whose pose was biased on exact landmarks): a per-identity "
+                   "bias of the detector's landmark definitions, docs/data.md; the bound stays")
+def test_prepare_quality_pitch_bound(clip_quality):
+    assert clip_quality["pitch_err_deg_median"] < 3.0, clip_quality
 
 
 @needs_prepare
@@ -323,6 +462,52 @@ def test_prepare_cli(prepared, tmp_path, capsys):
     assert main(["data", "prepare", mp4, "--out", out, "--crop", "fomm", "--no-fit", "--quiet"]) == 0
     assert "13/14 frames with a face" in capsys.readouterr().out
     assert main(["data", "check", out]) == 0
+
+
+@needs_prepare
+def test_prepare_modnet_matting(prepared, tmp_path, capsys):
+    """--matting modnet: soft MODNet alpha masks from a user weights file (random weights here);
+    a missing or wrong file is an error naming it before any video is prepared."""
+    from PIL import Image
+
+    from pyface.cli import main
+    from pyface.data.prepare import prepare
+    from pyface.nn.modnet import MODNet
+
+    synth = prepared["synth"]
+    rec = fmt.load_index(synth)[0]
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    for i in range(2):
+        Image.fromarray(fmt.read_frame(synth, rec, i)).save(clip / f"{i}.png")
+    out = str(tmp_path / "out")
+    with pytest.raises(PrepareError, match="nothere.ckpt: MODNet weights file not found"):
+        prepare([str(clip)], PrepareConfig(out=out, matting="modnet", progress=False,
+                                           matting_weights=str(tmp_path / "nothere.ckpt")))
+    torch.save({"module.x": torch.zeros(1)}, tmp_path / "other.ckpt")
+    with pytest.raises(PrepareError, match="other.ckpt: not a MODNet state dict"):
+        prepare([str(clip)], PrepareConfig(out=out, matting="modnet", progress=False,
+                                           matting_weights=str(tmp_path / "other.ckpt")))
+    assert not os.path.exists(os.path.join(out, "clip"))
+    torch.manual_seed(0)
+    net = MODNet()
+    for m in net.modules():                 # varied BN statistics: a non-constant random matte
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 1.5)
+            m.running_mean.normal_(0, 0.1)
+    torch.save({"module." + k: v for k, v in net.state_dict().items()}, tmp_path / "modnet.ckpt")
+    assert main(["data", "prepare", str(clip), "--out", out, "--no-fit", "--quiet",
+                 "--matting", "modnet", "--matting-weights", str(tmp_path / "modnet.ckpt")]) == 0
+    assert fmt.check_dataset(out)[1] == []
+    meta = json.load(open(os.path.join(out, "clip", fmt.META)))
+    assert meta["matting"] == "modnet" and meta["num_frames"] == 2
+    masks = [np.asarray(Image.open(os.path.join(out, "clip", fmt.MASK_DIR, f"{k:05d}.png")))
+             for k in range(2)]
+    assert masks[0].shape == (256, 256) and masks[0].dtype == np.uint8
+    assert len(np.unique(masks[0])) > 2                 # a soft alpha, not a thresholded mask
+    capsys.readouterr()
+    assert main(["data", "prepare", str(clip), "--out", out, "--quiet", "--matting", "modnet"]) == 1
+    assert "--matting-weights PATH" in capsys.readouterr().err
 
 
 @needs_prepare

@@ -52,7 +52,7 @@ def main():
             for i, p in enumerate(picks):
                 if p is None:
                     continue
-                dets.append(mesh_to_68(p[0]))
+                dets.append(mesh_to_68(p[0], contour="static"))   # what the fit sees
                 projs.append((uv[i] * 256).numpy())
         dets, projs = np.stack(dets), np.stack(projs)                 # (N, 68, 2), (N, V, 2)
         cand = np.nonzero(torch.stack(fronts).all(0).numpy())[0]

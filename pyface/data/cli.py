@@ -87,6 +87,11 @@ def add_parser(subparsers) -> None:
                    help="fit Deep3DFaceRecon's BFM_model_front.mat instead of the built-in head")
     q.add_argument("--submission-offsets", action="store_true",
                    help="add EG3D's FFHQ submission offsets to the camera labels")
+    q.add_argument("--matting", choices=("selfie", "modnet"), default="selfie",
+                   help="masks: MediaPipe selfie segmentation (default) or MODNet's soft alpha "
+                        "(needs --matting-weights)")
+    q.add_argument("--matting-weights", default=None, metavar="PATH",
+                   help="MODNet weights file (e.g. modnet_photographic_portrait_matting.ckpt)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_prepare)
 
@@ -233,8 +238,8 @@ def _prepare(args) -> int:
                             workers=args.workers, skip_bad=args.skip_bad, resume=args.resume,
                             fit=not args.no_fit, fit_steps=args.fit_steps,
                             submission_offsets=args.submission_offsets, bfm=args.bfm,
-                            appearance=not args.no_appearance,
-                            progress=not args.quiet)
+                            appearance=not args.no_appearance, matting=args.matting,
+                            matting_weights=args.matting_weights, progress=not args.quiet)
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.formatwarning = lambda m, *a, **k: f"WARNING {m}\n"

@@ -21,7 +21,9 @@ Pipeline per video (two decoding passes, so memory does not grow with the video 
    the crop and the central 700 of the 1024 square is kept: side ``700 s / 300``.
    ``fomm``: FOMM/LivePortrait-style - side 2.0 x the larger side of the 68-landmark box, centre
    the box centre raised by 0.1 x side.
-5. **Matting**: MediaPipe selfie segmentation of the crop (threshold 0.5).
+5. **Matting**: MediaPipe selfie segmentation of the crop (threshold 0.5), or with
+   ``matting="modnet"`` the soft alpha of MODNet (:mod:`pyface.nn.modnet`) with weights from a
+   user path (``matting_weights``; nothing is downloaded).
 6. **3DMM fit** (:func:`pyface.face.fit.fit_landmarks`): 257 coefficients and EG3D labels;
    then albedo and lighting (:func:`pyface.face.fit.fit_appearance`) on 64x64 copies of the crops.
 
@@ -50,6 +52,7 @@ APPEARANCE_SIZE = 64                # crops are downsampled to this for the albe
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CROPS = ("eg3d", "fomm")
+MATTING = ("selfie", "modnet")
 EXTRA_HINT = 'pip install -e ".[prepare]"'
 
 
@@ -75,10 +78,21 @@ class PrepareConfig:
     submission_offsets: bool = False
     bfm: str | None = None          # BFM_model_front.mat for the fit (default: the built-in head)
     appearance: bool = True         # fit albedo (per video) and SH lighting (per frame) too
+    matting: str = "selfie"         # "selfie" (MediaPipe) or "modnet" (needs matting_weights)
+    matting_weights: str | None = None   # MODNet weights file (e.g. the released .ckpt)
 
     def __post_init__(self):
         if self.crop not in CROPS:
             raise ValueError(f"crop: expected one of {CROPS}, got {self.crop!r}")
+        if self.matting not in MATTING:
+            raise ValueError(f"matting: expected one of {MATTING}, got {self.matting!r}")
+        if self.matting == "modnet" and not self.matting_weights:
+            raise ValueError("matting: 'modnet' needs its weights: pass matting_weights "
+                             "(--matting-weights PATH, e.g. MODNet's released "
+                             "modnet_photographic_portrait_matting.ckpt); pyface downloads nothing")
+        if self.matting == "selfie" and self.matting_weights:
+            raise ValueError(f"matting_weights: only used with matting='modnet', got "
+                             f"{self.matting_weights!r} with matting='selfie'")
         if self.resolution not in (256, 512):
             raise ValueError(f"resolution: expected 256 or 512, got {self.resolution}")
         if self.workers < 1:
@@ -488,7 +502,7 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
     :class:`PrepareError` (naming the file) for unreadable input or when no frame has a face."""
     from PIL import Image
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     timing = {}
     det = MediaPipeFaces(cfg.max_faces, cfg.min_detection_confidence, static=src.kind == "image")
     try:
@@ -503,6 +517,7 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
         if n == 0:
             raise PrepareError(f"{src.path}: no frames decoded")
         timing["detect_s"] = time.perf_counter() - t0
+        timing["detect_cpu_s"] = time.process_time() - c0
         picks = select_track(frame_faces, size)
         kept = np.array([i for i, p in enumerate(picks) if p is not None], np.int64)
         no_face = [i for i, p in enumerate(picks) if p is None]
@@ -513,39 +528,49 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
         seg = runs(kept)
         raw68 = mesh_to_68(mesh)
         mesh_s = smooth_savgol(mesh, seg, cfg.smooth_window)
-        lm68 = mesh_to_68(mesh_s)
+        lm68 = mesh_to_68(mesh_s)                       # iBUG: jaw on the visible outline
+        fit68 = mesh_to_68(mesh_s, contour="static")    # fixed face places, for the 3DMM fit
         boxes = crop_boxes(lm68, cfg.crop)
         boxes = smooth_gauss(boxes, seg, cfg.crop_sigma)
         r = cfg.resolution
         lm_crop, raw_crop = to_crop(lm68, boxes, r), to_crop(raw68, boxes, r)
         mesh_crop = to_crop(mesh_s, boxes, r)
+        fit_crop = to_crop(fit68, boxes, r)
         jit = {"before": jitter_by_segment(raw_crop, seg), "after": jitter_by_segment(lm_crop, seg)}
 
         # pass 2: crops, masks, frames
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         tmp = os.path.join(cfg.out, f".{src.name}.partial")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, fmt.FRAME_DIR))
         os.makedirs(os.path.join(tmp, fmt.MASK_DIR))
         where = {int(f): k for k, f in enumerate(kept)}
+        matter = None
+        if cfg.matting == "modnet":
+            from pyface.nn.modnet import matte_image
+            matter = _modnet(cfg.matting_weights)
         small = np.zeros((len(kept), APPEARANCE_SIZE, APPEARANCE_SIZE, 3), np.uint8)
         for i, img in enumerate(iter_frames(src)):
             k = where.get(i)
             if k is None:
                 continue
             crop, _ = crop_image(img, boxes[k], r)
-            mask = det.segment(crop) > 0.5
+            if matter is None:
+                mask = (det.segment(crop) > 0.5).astype(np.uint8) * 255
+            else:                                       # soft alpha, 0..255
+                mask = np.round(matte_image(matter, crop) * 255.0).astype(np.uint8)
             small[k] = np.asarray(Image.fromarray(crop).resize((APPEARANCE_SIZE,) * 2, Image.BOX))
             Image.fromarray(crop).save(os.path.join(tmp, fmt.FRAME_DIR, f"{k:05d}.png"),
                                        compress_level=1)
-            Image.fromarray(mask.astype(np.uint8) * 255).save(
+            Image.fromarray(mask).save(
                 os.path.join(tmp, fmt.MASK_DIR, f"{k:05d}.png"), compress_level=1)
         timing["crop_segment_s"] = time.perf_counter() - t1
+        timing["crop_segment_cpu_s"] = time.process_time() - c1
     finally:
         det.close()
 
     # 3DMM fit
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     t = len(kept)
     if cfg.fit:
         import torch
@@ -555,7 +580,7 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
 
         torch.set_num_threads(1)
         model, index = fit_model(cfg.bfm)
-        res = fit_landmarks(model, torch.from_numpy(lm_crop), r, segments=torch.from_numpy(seg),
+        res = fit_landmarks(model, torch.from_numpy(fit_crop), r, segments=torch.from_numpy(seg),
                             config=FitConfig(steps=cfg.fit_steps), landmark_index=index)
         coeffs = res.coeffs.numpy()
         if cfg.submission_offsets:
@@ -567,6 +592,7 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
         residual = res.residual.numpy()
         photometric = np.full(t, np.nan, np.float32)
         timing["fit_landmarks_s"] = time.perf_counter() - t2
+        timing["fit_landmarks_cpu_s"] = time.process_time() - c2
         if cfg.appearance:
             from pyface.face.fit import fit_appearance
 
@@ -581,6 +607,7 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
         labels = np.repeat(cameras.default_label().numpy()[None], t, 0)
         residual = np.full(t, np.nan, np.float32)
     timing["fit_s"] = time.perf_counter() - t2      # landmarks + appearance
+    timing["fit_cpu_s"] = time.process_time() - c2
 
     np.save(os.path.join(tmp, fmt.COEFFS), coeffs.astype(np.float32))
     np.save(os.path.join(tmp, fmt.LANDMARKS), lm_crop.astype(np.float32))
@@ -588,6 +615,7 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
     entries = [[f"{fmt.FRAME_DIR}/{k:05d}.png", [float(x) for x in labels[k]]] for k in range(t)]
     fmt._dump(os.path.join(tmp, fmt.LABELS), {"labels": entries})
     seconds = time.perf_counter() - t0
+    timing["total_cpu_s"] = time.process_time() - c0
     meta = {"identity": src.name, "fps": source_fps(src), "source": os.path.abspath(src.path),
             "num_frames": t, "resolution": [r, r], "generator": "pyface.data.prepare",
             "crop": cfg.crop, "source_num_frames": n, "source_frames": kept.tolist(),
@@ -595,7 +623,7 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
             "fit_residual_px": [None if not np.isfinite(x) else round(float(x), 3) for x in residual],
             "photometric_rms": [None if not np.isfinite(x) else round(float(x), 2) for x in photometric],
             "crop_boxes": np.round(boxes, 2).tolist(), "jitter_px": jit,
-            "submission_offsets": cfg.submission_offsets,
+            "submission_offsets": cfg.submission_offsets, "matting": cfg.matting,
             "fit_model": "bfm" if cfg.bfm else ("builtin" if cfg.fit else None), "seconds": round(seconds, 2),
             "timing_s": {k: round(v, 2) for k, v in timing.items()}}
     fmt._dump(os.path.join(tmp, fmt.META), meta)
@@ -604,6 +632,21 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
     os.replace(tmp, final)
     return {"name": src.name, "frames": t, "source_frames": n, "no_face": len(no_face),
             "seconds": seconds, "jitter_px": jit, "timing_s": timing}
+
+
+_MODNET: dict = {}
+
+
+def _modnet(path: str):
+    """The MODNet of ``path``, loaded once per process (workers load their own copy)."""
+    if path not in _MODNET:
+        import torch
+
+        from pyface.nn.modnet import load_modnet
+
+        torch.set_num_threads(1)
+        _MODNET[path] = load_modnet(path)
+    return _MODNET[path]
 
 
 def fit_model(bfm: str | None = None):
@@ -682,6 +725,16 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
     if cfg.bfm and not os.path.isfile(cfg.bfm):
         raise PrepareError(f"{cfg.bfm}: BFM model file not found (--bfm expects Deep3DFaceRecon's "
                            "BFM_model_front.mat)")
+    if cfg.matting == "modnet":
+        from pyface.checkpoint import CheckpointError
+        if not os.path.isfile(cfg.matting_weights):
+            raise PrepareError(f"{cfg.matting_weights}: MODNet weights file not found "
+                               "(--matting-weights expects e.g. MODNet's released "
+                               "modnet_photographic_portrait_matting.ckpt)")
+        try:
+            _modnet(cfg.matting_weights)          # a bad file fails here, before any video
+        except CheckpointError as e:
+            raise PrepareError(str(e)) from None
     sources = collect_sources(inputs)
     if not sources:
         raise PrepareError(f"no videos or images found in {list(inputs)}")

@@ -117,10 +117,12 @@ def _names(model, kind):
 def sample_identity(model, seed: int, identity: int, resolution: int, split: str = "train"):
     """Returns ``(id (80,), tex (80,), background (3, H, W))`` float32 numpy arrays."""
     rng = np.random.default_rng([seed, _stream(split, 0), identity])
+    from pyface.face.procedural import id_prior_std
+
     idn, texn = _names(model, "id"), _names(model, "tex")
     idc = np.zeros(80, np.float32)
     for n, i in idn.items():
-        std = 0.8 if n.startswith("shape_lowfreq") else 0.5 if n.startswith("asym") else 1.0
+        std = id_prior_std(n)
         idc[i] = np.clip(rng.normal() * std, -2.5, 2.5)
     tex = np.zeros(80, np.float32)
     mean = model.mean_tex.numpy()

@@ -6,6 +6,8 @@ landmarks are projected with the EG3D camera of the pose (:func:`pyface.face.cam
 deep3d_to_label`, fixed FFHQ intrinsics), exactly as :meth:`MorphableModel.render` draws them, so
 the fitted coefficients and their labels are consistent with the image the landmarks come from.
 Only the 68 landmark rows of the bases are evaluated. Texture and lighting are not fitted (zeros).
+The objective is a negative log posterior in the model's own units (:class:`FitConfig`), with
+the landmark noise level estimated from the data.
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ import torch
 from pyface.face import cameras as cam
 from pyface.face.coeffs import merge_coeffs
 
-#: Default per-landmark weights: the jaw contour and the nose carry less weight (their meaning
-#: differs most between landmark detectors and head models).
+#: Default per-landmark weights, read as inverse variance factors of the landmark noise (point
+#: k has standard deviation ``sigma / sqrt(w_k)``): the jaw contour and the nose carry less
+#: weight (their meaning differs most between landmark detectors and head models).
 GROUP_WEIGHTS = {"jaw": 0.2, "brows": 1.0, "nose": 0.5, "eyes": 1.0, "mouth": 1.0}
 _GROUPS = {"jaw": range(0, 17), "brows": range(17, 27), "nose": range(27, 36),
            "eyes": range(36, 48), "mouth": range(48, 68)}
@@ -25,22 +28,60 @@ _GROUPS = {"jaw": range(0, 17), "brows": range(17, 27), "nose": range(27, 36),
 
 @dataclass
 class FitConfig:
-    steps: int = 100            # L-BFGS iterations of the joint stage (the pose stage: a fifth)
-    w_id: float = 100.0         # x 1e-3 mean id^2 (strong: 68 points barely constrain shape)
-    w_exp: float = 1.0          # x 1e-3 mean exp^2
-    w_smooth: float = 1.0       # x 1e-3 squared first differences of exp, angles and trans
+    """Settings of :func:`fit_landmarks`, a maximum a posteriori fit.
+
+    The negative log posterior is ``sum_t,k w_k |p_tk - q_tk|^2 / (2 sigma^2)`` (landmark noise
+    ``sigma`` pixels at 256^2, scaled with the image) plus the Gaussian priors of the model in its
+    own units: ``|id / id_std|^2 / 2`` once per video and ``|exp / exp_std|^2 / 2`` per frame (the
+    built-in head and Deep3DFaceRecon's BFM both scale their bases so that a coefficient of 1 is
+    one standard deviation, or for the built-in expressions the full extent), plus a random walk
+    on expression, angles and translation between consecutive frames with per-frame standard
+    deviations ``smooth_exp``, ``smooth_angle`` (radians) and ``smooth_trans`` (BFM units,
+    1 = 10 cm). With ``sigma = None`` the noise level is estimated from the data: a first joint
+    fit at ``sigma_init`` px, then ``sigma`` is set to the weighted RMS residual of that fit
+    (floored at ``sigma_min`` px) and the fit continues (empirical Bayes): exact landmarks give
+    a small ``sigma`` and the priors barely act; noisy detections a larger one.
+    """
+
+    steps: int = 100            # L-BFGS iterations of the first joint stage (pose stage: a fifth,
+    #                             the stage at the estimated sigma: twice as many)
+    sigma: float | None = None  # landmark noise in px at 256^2 (None: estimated from the data)
+    sigma_init: float = 2.0     # px at 256^2, the first stage of the estimate
+    sigma_min: float = 0.25     # px at 256^2, floor of the estimate
+    id_std: float = 1.0         # factor on the model's identity standard deviations (model_id_std)
+    exp_std: float = 1.0        # expression prior, in the model's coefficient units
+    smooth_exp: float = 0.3     # per-frame random walk of the expression coefficients
+    smooth_angle: float = 0.05  # per-frame random walk of the angles, radians (about 3 deg)
+    smooth_trans: float = 0.05  # per-frame random walk of the translation, BFM units (5 mm)
     device: str = "cpu"
 
 
 @dataclass
 class FitResult:
     """``coeffs (T, 257)``, ``labels (T, 25)``, ``residual (T,)`` mean point error in pixels,
-    ``landmarks (T, K, 2)`` the fitted model's points in pixels."""
+    ``landmarks (T, K, 2)`` the fitted model's points in pixels, ``sigma`` the landmark noise
+    (px at 256^2) the final stage used."""
 
     coeffs: torch.Tensor
     labels: torch.Tensor
     residual: torch.Tensor
     landmarks: torch.Tensor
+    sigma: float = float("nan")
+
+
+def model_id_std(model) -> torch.Tensor:
+    """The standard deviation ``(80,)`` of each identity coefficient in the model's prior:
+    ``model.id_std`` where the model has one (the built-in head:
+    :data:`pyface.face.procedural.ID_STD`), else ones (Deep3DFaceRecon's BFM bases are scaled
+    by their PCA standard deviations)."""
+    std = getattr(model, "id_std", None)
+    n = model.id_basis.shape[1]
+    if std is None:
+        return torch.ones(n)
+    std = torch.as_tensor(std, dtype=torch.float32)
+    if tuple(std.shape) != (n,):
+        raise ValueError(f"model.id_std: expected shape ({n},), got {tuple(std.shape)}")
+    return std
 
 
 def landmark_weights() -> torch.Tensor:
@@ -100,6 +141,14 @@ def fit_landmarks(model, landmarks: torch.Tensor, image_size: int, *, weights=No
     if weights is None:
         weights = landmark_weights() if k == 68 else torch.ones(k)
     w = torch.as_tensor(weights).to(dev, torch.float32)
+    if not bool((torch.as_tensor(cfg.id_std) > 0).all()):
+        raise ValueError(f"config.id_std: expected a positive number, got {cfg.id_std}")
+    for name in ("sigma_init", "sigma_min", "exp_std", "smooth_exp", "smooth_angle",
+                 "smooth_trans"):
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"config.{name}: expected a positive number, got {getattr(cfg, name)}")
+    if cfg.sigma is not None and not cfg.sigma > 0:
+        raise ValueError(f"config.sigma: expected a positive number or None, got {cfg.sigma}")
     link = torch.ones(max(t - 1, 0), device=dev)
     if segments is not None:
         seg = torch.as_tensor(segments, device=dev)
@@ -108,24 +157,23 @@ def fit_landmarks(model, landmarks: torch.Tensor, image_size: int, *, weights=No
     exp = torch.zeros(t, model.exp_basis.shape[1], device=dev, requires_grad=True)
     angles = torch.zeros(t, 3, device=dev, requires_grad=True)
     trans = torch.zeros(t, 3, device=dev, requires_grad=True)
-    scale = 1.0 / image_size
+    id_std = torch.as_tensor(cfg.id_std, dtype=torch.float32).to(dev) * model_id_std(model).to(dev)
+    px = image_size / 256.0                                             # pixels per 256^2 pixel
+    norm = float(t * w.sum())               # the objective is divided by it (scale only)
 
-    def objective(shape_on: bool):
+    def objective(shape_on: bool, sigma: float):
         e = exp if shape_on else exp.detach()
         i = id_c if shape_on else id_c.detach()
         proj = project_landmarks(model, i, e, angles, trans, image_size, landmark_index)
-        d2 = ((proj - target) * scale).pow(2).sum(-1)                   # (T, 68)
-        loss = (d2 * w).sum(-1).mean() / w.sum()
-        loss = loss + cfg.w_id * 1e-3 * id_c.pow(2).mean() + cfg.w_exp * 1e-3 * exp.pow(2).mean()
+        d2 = (proj - target).pow(2).sum(-1) / (sigma * px) ** 2         # (T, K)
+        loss = 0.5 * (d2 * w).sum()
+        loss = loss + 0.5 * (i / id_std).pow(2).sum() + 0.5 * (e / cfg.exp_std).pow(2).sum()
         if t > 1:
-            sm = 0.0
-            for x, k in ((exp, 1.0), (angles, 10.0), (trans, 10.0)):
-                sm = sm + k * ((x[1:] - x[:-1]).pow(2).mean(-1) * link).sum() / (t - 1)
-            loss = loss + cfg.w_smooth * 1e-3 * sm
-        return loss
+            for x, s in ((e, cfg.smooth_exp), (angles, cfg.smooth_angle), (trans, cfg.smooth_trans)):
+                loss = loss + 0.5 * (((x[1:] - x[:-1]) / s).pow(2).sum(-1) * link).sum()
+        return loss / norm
 
-    # L-BFGS (strong Wolfe line search): the pose alone first, then everything together
-    for shape_on, iters in ((False, max(cfg.steps // 5, 5)), (True, cfg.steps)):
+    def run(shape_on: bool, iters: int, sigma: float):
         params = [angles, trans] + ([id_c, exp] if shape_on else [])
         opt = torch.optim.LBFGS(params, lr=1.0, max_iter=iters, history_size=20,
                                 tolerance_grad=1e-12, tolerance_change=1e-14,
@@ -133,10 +181,24 @@ def fit_landmarks(model, landmarks: torch.Tensor, image_size: int, *, weights=No
 
         def closure():
             opt.zero_grad(set_to_none=True)
-            loss = objective(shape_on)
+            loss = objective(shape_on, sigma)
             loss.backward()
             return loss
         opt.step(closure)
+
+    # L-BFGS (strong Wolfe line search): the pose alone first, then everything together; with
+    # the noise level unknown, a first joint stage at sigma_init and a second at the estimate
+    sigma = cfg.sigma_init if cfg.sigma is None else cfg.sigma
+    run(False, max(cfg.steps // 5, 5), sigma)
+    run(True, cfg.steps, sigma)
+    if cfg.sigma is None:
+        with torch.no_grad():
+            proj = project_landmarks(model, id_c, exp, angles, trans, image_size, landmark_index)
+            d2 = (proj - target).pow(2).sum(-1) / px ** 2
+            # E|d|^2 = 2 sigma^2 / w_k for a 2D point with per-axis variance sigma^2 / w_k
+            est = float(((d2 * w).sum() / (2 * t * k)).sqrt())
+        sigma = max(est, cfg.sigma_min)
+        run(True, 2 * cfg.steps, sigma)
     with torch.no_grad():
         proj = project_landmarks(model, id_c, exp, angles, trans, image_size, landmark_index)
         residual = (proj - target).norm(dim=-1).mean(-1)
@@ -144,7 +206,7 @@ def fit_landmarks(model, landmarks: torch.Tensor, image_size: int, *, weights=No
         coeffs = merge_coeffs(id_c.expand(t, -1), exp, zeros(80), angles, zeros(27), trans)
         labels = cam.deep3d_to_label(angles, trans)
     return FitResult(coeffs=coeffs.cpu(), labels=labels.cpu(), residual=residual.cpu(),
-                     landmarks=proj.cpu())
+                     landmarks=proj.cpu(), sigma=sigma)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -189,6 +189,8 @@ class MorphableModel(torch.nn.Module):
         m = MorphableModel.__new__(MorphableModel)
         torch.nn.Module.__init__(m)
         m.name, m.region_names, m.cull = self.name, list(self.region_names), self.cull
+        if hasattr(self, "id_std"):
+            m.id_std = self.id_std
         m.id_names, m.exp_names, m.tex_names = self.id_names, self.exp_names, self.tex_names
         for k, b in self.named_buffers():
             m.register_buffer(k, b)
@@ -367,7 +369,7 @@ def _check_coeff(name, x, n):
 
 @functools.lru_cache(maxsize=1)
 def _builtin_cached() -> MorphableModel:
-    from pyface.face.procedural import build_head
+    from pyface.face.procedural import ID_STD, build_head
 
     p = build_head()
     v = p.verts.shape[0]
@@ -378,4 +380,7 @@ def _builtin_cached() -> MorphableModel:
                        id_names=p.id_names, exp_names=p.exp_names, tex_names=p.tex_names)
     m.register_buffer("mirror_index", t(p.mirror))
     m.cull = "cw"
+    # the identity prior's standard deviations (80,): a plain attribute, not a buffer, so the
+    # state dicts of modules holding the model do not change
+    m.id_std = torch.tensor(ID_STD, dtype=torch.float32)
     return m

@@ -36,6 +36,17 @@ ID_NAMES = [
     "hair_volume", "hair_top", "cheek_fullness", "temple_width", "face_flatness", "occiput",
 ] + [f"shape_lowfreq_{i}" for i in range(14)] + [f"asym_{i}" for i in range(4)]
 
+
+def id_prior_std(name: str) -> float:
+    """Standard deviation of an identity coefficient in the head's shape prior: 1 for the named
+    components, 0.8 for the low-frequency fields, 0.5 for the asymmetric ones (the synthetic
+    identities are drawn from it, :func:`pyface.data.synthetic.sample_identity`)."""
+    return 0.8 if name.startswith("shape_lowfreq") else 0.5 if name.startswith("asym") else 1.0
+
+
+#: ``(80,)`` the identity prior's standard deviations by slot (unused slots: 1).
+ID_STD = tuple([id_prior_std(n) for n in ID_NAMES] + [1.0] * (80 - len(ID_NAMES)))
+
 EXP_NAMES = [
     "jaw_open", "smile", "smile_left", "smile_right", "lip_pucker", "blink_left", "blink_right",
     "brow_raise", "brow_frown", "brow_raise_left", "brow_raise_right", "mouth_stretch",

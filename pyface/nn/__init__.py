@@ -24,6 +24,7 @@ from pyface.nn.gfpgan import (GFPGANConfig, GFPGANDiscriminator, GFPGANDiscrimin
 from pyface.nn.layers import Conv2dLayer, FullyConnectedLayer, modulated_conv2d
 from pyface.nn.losses import (feature_matching_loss, gan_d_loss, gan_g_loss, kl_divergence,
                               r1_penalty, tv_loss)
+from pyface.nn.modnet import MODNet, load_modnet, matte_image
 from pyface.nn.motion import (FACE_VID2VID_PI, DenseMotion, DenseMotionConfig, DownBlock3d,
                               Hourglass3d, KeypointTransformConfig, UpBlock3d,
                               euler_to_rotation, headpose_to_degrees, transform_keypoints)
