@@ -59,7 +59,10 @@ class MMFAConfig:
     ``pyramid_levels`` at the finest output, one fewer per coarser one); ``w_perceptual`` VGG19
     pyramid (needs ``vgg_weights``, else it warns once and is off); ``w_gan`` / ``w_fm`` LSGAN and
     feature matching of a multi-scale PatchGAN on the final output; ``w_equivariance`` (random
-    affine + TPS); ``w_prior`` keypoint prior; ``w_delta`` L1 of delta; ``w_exp_consistency``
+    affine + TPS); ``w_prior`` keypoint prior (mean depth ``kp_prior_depth``: -0.33, on the
+    camera's side of the rotation centre, since the keypoint space's z points away from the
+    camera; face-vid2vid's +0.33 would put the keypoints behind the head's centre, where the
+    ground-truth yaw and pitch move them against the face surface); ``w_delta`` L1 of delta; ``w_exp_consistency``
     1 - cos of f_exp under the augmentation; ``w_canonical`` L1 between x_c(S) and x_c(D);
     ``w_landmark`` the landmark term (:func:`landmark_flow_loss`): the depth-averaged dense
     motion at the driving frame's 68 landmarks must land on the source's (the frames'
@@ -114,6 +117,7 @@ class MMFAConfig:
     w_fm: float = 10.0
     w_equivariance: float = 10.0
     w_prior: float = 10.0
+    kp_prior_depth: float = -0.33
     w_delta: float = 5.0
     w_exp_consistency: float = 1.0
     w_canonical: float = 10.0
@@ -514,7 +518,7 @@ class MMFA(TrainableModel):
             cos = F.cosine_similarity(f[B:2 * B], f[2 * B:], dim=1).mean()
             logs["equivariance"], logs["exp_cos"] = eq.detach(), cos.detach()
             loss = loss + c.w_equivariance * eq + c.w_exp_consistency * (1 - cos)
-        prior = keypoint_prior_loss(kp_d)
+        prior = keypoint_prior_loss(kp_d, depth=c.kp_prior_depth)
         dl = delta[B:2 * B].abs().mean()
         logs["kp_prior"], logs["delta_l1"] = prior.detach(), dl.detach()
         loss = loss + c.w_prior * prior + c.w_delta * dl
