@@ -121,7 +121,7 @@ class MMFAConfig:
     w_delta: float = 5.0
     w_exp_consistency: float = 1.0
     w_canonical: float = 10.0
-    w_landmark: float = 0.0
+    w_landmark: float = 10.0
     landmark_weights: list[float] = field(default_factory=lambda: [1.0, 2.0, 2.0])
     sigma_affine: float = 0.05
     sigma_tps: float = 0.005
