@@ -15,6 +15,11 @@ all points, the mouth (48-67), the eyes (36-47) and the jaw line (0-16), for:
   than ``model`` means the keypoints move against the ground-truth rotation;
 * ``identity``: no motion at all.
 
+The report also checks the angle conversion against the rendered frames (no model involved):
+the correlation, over pairs of frames of each video, between the in-plane angle of the relative
+keypoint-space rotation ``R_d R_s^T`` and the rotation of the eye line (landmarks 36 -> 45) in
+the image, and between Deep3D's yaw and the nose's (landmark 30) x offset from the eyes' middle.
+
 ``--oracle N``: for N of those pairs, the driving deformation delta is optimised directly (40
 Adam steps, everything else fixed) against the mouth and whole-face landmark errors: how far the
 keypoints and the dense motion could follow the expression if the expression encoder delivered
@@ -40,6 +45,36 @@ def _weights(part: str) -> torch.Tensor:
     w = torch.zeros(68)
     w[list(PARTS[part])] = 1.0
     return w
+
+
+def conversion_check(root: str) -> dict:
+    """Correlations between the keypoint-space rotations of the frames' Deep3D angles and the
+    rendered landmarks (see the module docstring)."""
+    import glob
+    import os
+
+    from pyface.models.mmfa.motion import deep3d_to_keypoint_rotation
+
+    roll_kp, roll_img, yaw, nose = [], [], [], []
+    for d in sorted(glob.glob(os.path.join(root, "*_v*"))):
+        if not (os.path.isfile(os.path.join(d, "coeffs.npy")) and
+                os.path.isfile(os.path.join(d, "landmarks.npy"))):
+            continue
+        c, lm = np.load(os.path.join(d, "coeffs.npy")), np.load(os.path.join(d, "landmarks.npy"))
+        rot = deep3d_to_keypoint_rotation(torch.from_numpy(c[:, 224:227]).double()).numpy()
+        v = lm[:, 45] - lm[:, 36]
+        eye = np.arctan2(v[:, 1], v[:, 0])
+        for i in range(0, len(c), 6):
+            for j in range(0, len(c), 6):
+                r = rot[j] @ rot[i].T
+                roll_kp.append(np.arctan2(r[1, 0], r[0, 0]))
+                roll_img.append(eye[j] - eye[i])
+        yaw += list(c[:, 225])
+        nose += list(lm[:, 30, 0] - (lm[:, 36, 0] + lm[:, 45, 0]) / 2)
+    if not yaw:
+        return {}
+    return {"in_plane_rotation_vs_eye_line": float(np.corrcoef(roll_kp, roll_img)[0, 1]),
+            "deep3d_yaw_vs_nose_x": float(np.corrcoef(yaw, nose)[0, 1])}
 
 
 def main(argv=None) -> int:
@@ -111,6 +146,7 @@ def main(argv=None) -> int:
         if n >= args.pairs and len(oracle) >= args.oracle:
             break
     report = {"checkpoint": args.checkpoint, "data": args.data, "pairs": n,
+              "conversion": conversion_check(args.data),
               "landmark_error_px": {md: {p: float(np.mean(v)) for p, v in e.items()}
                                     for md, e in err.items()}}
     if oracle:
