@@ -2,7 +2,7 @@
 # NVIDIA Source Code License, non-commercial) network pickles, torchvision (BSD-3-Clause),
 # insightface (MIT), GFPGAN (TencentARC/GFPGAN, Apache-2.0), face-parsing.PyTorch
 # (zllrunning/face-parsing.PyTorch, commit d2e684c, MIT), HuggingFace transformers' SegFormer
-# (Apache-2.0), face-vid2vid as reimplemented in
+# (Apache-2.0), Hopenet (natanielruiz/deep-head-pose, Apache-2.0), face-vid2vid as reimplemented in
 # zhanglonghao1992/One-Shot_Free-View_Neural_Talking_Head_Synthesis (commit 9511d25, CC BY-NC 4.0)
 # and LivePortrait (KwaiVGI/LivePortrait, commit 1986663, MIT). Our own implementation, written
 # from the papers and the upstream's documented behaviour; no upstream code is copied. pyface's
@@ -24,6 +24,8 @@
   an encoder-only checkpoint converts to an encoder-only folder).
 * ``otavatar CKPT OUT`` OTAvatar's released checkpoint -> :class:`pyface.nn.MotionController`
   weights (the tied MLP's five stored copies must agree) + its EG3D generator.
+* ``hopenet PKL_OR_PTH OUT`` Hopenet (natanielruiz/deep-head-pose, e.g.
+  ``hopenet_robust_alpha1.pkl``) -> :class:`pyface.nn.Hopenet` weights (MMFA's rotation network).
 * ``dense-motion PTH OUT`` face-vid2vid (reimplementation) checkpoint or LivePortrait
   ``warping_module.pth`` -> :class:`pyface.nn.DenseMotion` weights.
 
@@ -820,6 +822,31 @@ def convert_otavatar(path: str, out: str, ema: bool = True) -> str:
                                "ignored_entries": ignored})
 
 
+def convert_hopenet(path: str, out: str) -> str:
+    """Hopenet (natanielruiz/deep-head-pose) ``.pkl`` / ``.pth`` state dict -> weights folder
+    (kind ``"hopenet"``) for :class:`pyface.nn.Hopenet`; every key and shape checked.
+
+    Read with ``torch.load(weights_only=True)`` (upstream's ``.pkl`` files are ``torch.save``
+    state dicts); ``module.`` prefixes are stripped, missing BatchNorm ``num_batches_tracked``
+    counters filled in, and the vestigial ``fc_finetune`` dropped (said in a note). Load with
+    :func:`pyface.nn.load_hopenet`, or MMFA's ``model.rotation=hopenet``."""
+    import warnings
+
+    from pyface.nn.hopenet import hopenet_state
+
+    try:
+        state, dropped = hopenet_state(load_weights_file(path), path)
+    except ConversionError:
+        raise
+    except CheckpointError as exc:
+        raise ConversionError(str(exc)) from None
+    if dropped:
+        warnings.warn(ConversionWarning(f"dropped {', '.join(sorted(dropped))} (Hopenet's "
+                                        "vestigial fc_finetune, unused by its forward)"))
+    return save_weights(out, state, kind="hopenet", extra={"source": os.path.basename(path),
+                                                           "dropped": sorted(dropped)})
+
+
 CONVERTERS = {
     "eg3d": (convert_eg3d, "official EG3D network pickle (.pkl) -> backbone/SR/decoder weights"),
     "vgg19": (convert_vgg19, "torchvision vgg19 .pth -> perceptual-loss weights"),
@@ -833,6 +860,8 @@ CONVERTERS = {
     "dense-motion": (convert_dense_motion,
                      "face-vid2vid checkpoint / LivePortrait warping_module.pth -> DenseMotion "
                      "weights"),
+    "hopenet": (convert_hopenet,
+                "Hopenet (deep-head-pose) .pkl/.pth -> frozen head-pose weights (MMFA rotation)"),
     "otavatar": (convert_otavatar,
                  "OTAvatar release checkpoint (net_Warp_ema / net_G_ema) -> controller + EG3D "
                  "generator weights"),

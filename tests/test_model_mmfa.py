@@ -128,7 +128,11 @@ def test_forward_shapes_and_bad_input():
     with pytest.raises(ValueError, match=r"kp_canonical: expected shape \(2, 4, 3\)"):
         ExpressionDecoder(8, 4)(torch.zeros(2, 8), torch.zeros(2, 5, 3))
     with pytest.raises(ValueError, match="model.rotation: expected one of"):
+        micro_model(rotation="posenet")
+    with pytest.raises(ValueError, match="model.hopenet_weights: expected a Hopenet weights"):
         micro_model(rotation="hopenet")
+    with pytest.raises(ValueError, match="model.landmark_weights: expected 3 weights"):
+        micro_model(landmark_weights=[1.0, 2.0])
     # a training batch without the Deep3D angles that rotation='gt' needs
     img = torch.zeros(B, 3, RES, RES, dtype=torch.uint8)
     batch = {"source": {"image": img}, "driving": {"image": img, "coeffs": torch.zeros(B, 257)}}
@@ -139,6 +143,86 @@ def test_forward_shapes_and_bad_input():
     with pytest.raises(ValueError, match=r"batch\['source'\]\['image'\]: expected shape "
                                          r"\(B, 3, 32, 32\)"):
         m.preview(batch)
+
+
+def test_landmark_flow_loss_measures_the_motion_at_the_landmarks():
+    from pyface.models.mmfa.model import landmark_flow_loss, landmark_point_weights, pixels_to_grid
+
+    size, B = 32, 2
+    g = torch.Generator().manual_seed(0)
+    lm_d = torch.rand(B, 68, 2, generator=g) * 20 + 6                 # pixels
+    shift = torch.tensor([[1.5, -2.0], [0.0, 3.0]])                   # pixels, per sample
+    lm_s = lm_d + shift[:, None]
+    lin = torch.linspace(-1, 1, 8)
+    ident = torch.stack(torch.meshgrid(lin, lin, indexing="xy"), -1).expand(B, 8, 8, 2)
+    w = landmark_point_weights([1.0, 2.0, 2.0])
+    assert w[0] == 1 and w[36] == w[47] == 2 and w[48] == w[67] == 2 and w[30] == 1
+    # the motion that maps every driving point to its source position: no loss
+    moved = ident + shift[:, None, None] * (2.0 / (size - 1))
+    assert float(landmark_flow_loss(moved, lm_s, lm_d, size, w)) < 1e-5
+    # no motion: the landmarks' displacement in grid units (L1 over x, y; mean over samples)
+    want = (shift.abs().sum(1) * 2.0 / (size - 1)).mean()
+    torch.testing.assert_close(landmark_flow_loss(ident, lm_s, lm_d, size, w), want)
+    # part weights: an error on the mouth only counts twice as much as one on the jaw
+    one = lm_d.clone()
+    one[:, 50] += torch.tensor([2.0, 0.0])
+    jaw = lm_d.clone()
+    jaw[:, 5] += torch.tensor([2.0, 0.0])
+    a = landmark_flow_loss(ident, one, lm_d, size, w)
+    b = landmark_flow_loss(ident, jaw, lm_d, size, w)
+    torch.testing.assert_close(a, 2 * b)
+    # pixel centres: the first and last pixels are the grid's -1 and 1
+    torch.testing.assert_close(pixels_to_grid(torch.tensor([0.5, size - 0.5]), size),
+                               torch.tensor([-1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"lm_driving: expected shape \(2, 68, 2\)"):
+        landmark_flow_loss(ident, lm_s, lm_d[:, :10], size, w)
+
+
+def test_landmark_term_in_the_step_and_without_landmarks(data_root):
+    from pyface.data.datasets import PairDataset
+
+    ds = PairDataset(data_root, resolution=RES)
+    batch = torch.utils.data.default_collate([ds[0], ds[1]])
+    m = micro_model(w_landmark=10.0)
+    logs = m.step("G", batch, None)
+    assert float(logs["landmark"]) > 0
+    logs["loss"].backward()
+    assert m.pose_encoder.fc.weight.grad.abs().sum() > 0
+    for f in ("source", "driving"):
+        batch[f].pop("landmarks")
+    with pytest.warns(UserWarning, match="landmark term is off"):
+        logs = m.step("G", batch, None)
+    assert "landmark" not in logs
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")       # warned once only
+        m.step("G", batch, None)
+
+
+def test_hopenet_rotation_source_is_frozen(tmp_path, data_root):
+    from pyface.checkpoint import save_weights
+    from pyface.data.datasets import PairDataset
+    from pyface.nn import Hopenet
+
+    torch.manual_seed(0)
+    path = save_weights(str(tmp_path / "hopenet"), Hopenet().state_dict(), kind="hopenet")
+    m = micro_model(rotation="hopenet", hopenet_weights=path).train()
+    assert not m.hopenet.training and m.training
+    m.hopenet.input_size = 32                 # keep the ResNet-50 cheap in this test
+    before = {k: v.clone() for k, v in m.hopenet.state_dict().items()}
+    batch = torch.utils.data.default_collate([PairDataset(data_root, resolution=RES)[i]
+                                              for i in range(2)])
+    for f in ("source", "driving"):
+        batch[f].pop("coeffs")                # images only: the rotation comes from Hopenet
+    opt = m.build_optimizers()["G"]
+    logs = m.step("G", batch, None)
+    logs["loss"].backward()
+    opt.step()
+    assert all(torch.equal(v, m.hopenet.state_dict()[k]) for k, v in before.items())
+    assert not any(p.requires_grad for p in m.hopenet.parameters())
+    img = batch["driving"]["image"].float() / 127.5 - 1
+    want = m.hopenet.rotation(img)
+    torch.testing.assert_close(m.rotation_of(batch["driving"], "driving", 2, "cpu"), want)
 
 
 def test_presets_build():

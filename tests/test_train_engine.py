@@ -306,6 +306,8 @@ def test_bench_train_model_fused_vs_reference(tmp_path, capsys):
         assert x["steps"] == 2 and x["p20_p80_s"][0] <= x["median_s"] <= x["p20_p80_s"][1]
         assert x["peak_mem_mb"] > 0
     assert r["speedup"] == pytest.approx(ref["median_s"] / fused["median_s"])
+    assert all(x["cpu_median_s"] > 0 for x in (fused, ref))
+    assert r["speedup_cpu"] == pytest.approx(ref["cpu_median_s"] / fused["cpu_median_s"])
     assert "reference / fused" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"--preset 'no-such': model 'example' has no such preset; valid presets: tiny"):
         main(["example", "--preset", "no-such", "--json", str(out)])

@@ -12,6 +12,10 @@ copy-source and the model-specific keypoint, expression and mouth-region checks.
   keypoints under a random affine + TPS warp, sigmas of the training config), mean pairwise
   distance of the posed keypoints (collapse check), mean |x_c(S) - x_c(D)| of the canonical
   keypoints, and cos(f_exp(D), f_exp(T D));
+* landmarks: the dense motion's landmark error (:func:`pyface.models.mmfa.model.
+  landmark_flow_loss` with unit weights, in pixels, L1 over x and y): the depth-averaged flow at
+  the driving frame's 68 landmarks against the source's landmarks, on all 68 and on the mouth
+  (48-67), for the model, the model with the source's expression, and no motion (identity);
 * expression: mouth-box PSNR (the box of landmarks 48-67, 4 px margin) of the output with the
   driving expression against the output with the source's expression (``expression="source"``),
   on the same-identity pairs whose expression coefficients differ by more than 0.25.
@@ -34,6 +38,7 @@ import torch.nn.functional as F
 
 import pyface.models
 from pyface.data.reenactment import MOVING_EXP_L2, expression_difference, reenactment_pairs
+from pyface.models.mmfa.model import landmark_flow_loss
 from pyface.models.mmfa.motion import pose_keypoints
 from pyface.nn.augment import RandomAffineTPS
 
@@ -116,6 +121,7 @@ def vae_checks(run: str, data: str, device) -> dict:
     return out
 
 
+@torch.no_grad()
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", default=None)
@@ -145,6 +151,10 @@ def main(argv=None) -> int:
     n_frames = 0
     kp_stats = {"equivariance": [], "pairwise": [], "canonical": [], "exp_cos": []}
     mouth = {"driving": [], "source": []}
+    lm_err = {f"{w}_{p}": [] for w in ("model", "source_expression", "identity")
+              for p in ("all", "mouth")}
+    part_w = {"all": torch.ones(68, device=dev), "mouth": torch.zeros(68, device=dev)}
+    part_w["mouth"][48:68] = 1
     for protocol in ("same", "cross"):
         ds = reenactment_pairs(args.data, resolution=R, protocol=protocol, subset="moving")
         n = len(ds) if args.max_pairs is None else min(len(ds), args.max_pairs)
@@ -191,6 +201,25 @@ def main(argv=None) -> int:
             kp_stats["pairwise"].append(float(dist.sum() / (K * (K - 1))))
             kp_stats["canonical"].append(float((a["kc"] - state["kp_canonical"]).abs().mean()))
             kp_stats["exp_cos"].append(float(F.cosine_similarity(a["f"], b["f"]).mean()))
+            # landmark error of the dense motion
+            if "landmarks" in item["source"] and "landmarks" in item["target"]:
+                lms = item["source"]["landmarks"][None].float().to(dev)
+                lmd = item["target"]["landmarks"][None].float().to(dev)
+                kc = state["kp_canonical"]
+                for who, f_exp in (("model", motion["f_exp"]), ("source_expression",
+                                                                 state["f_exp"])):
+                    kp_d = pose_keypoints(kc, rot, motion["scale"], motion["translation"],
+                                          model.exp_decoder(f_exp, kc))
+                    flow = model.render(state["volume"], state["kp_source"], kp_d,
+                                        state["image"], flow=True)["flow"]
+                    for p, w in part_w.items():
+                        lm_err[f"{who}_{p}"].append(
+                            float(landmark_flow_loss(flow, lms, lmd, R, w)) * R / 2)
+                lin = torch.linspace(-1, 1, flow.shape[1], device=dev)
+                ident = torch.stack(torch.meshgrid(lin, lin, indexing="xy"), -1)[None]
+                for p, w in part_w.items():
+                    lm_err[f"identity_{p}"].append(
+                        float(landmark_flow_loss(ident, lms, lmd, R, w)) * R / 2)
             # mouth region: the driving expression vs the source's
             ed = expression_difference(item["source"]["coeffs"].numpy(),
                                        item["target"]["coeffs"].numpy())
@@ -207,6 +236,7 @@ def main(argv=None) -> int:
         if r["model_face"] is not None:
             r["margin_face"] = r["model_face"] - r["copy_face"]
     report["keypoints"] = {k: float(np.mean(v)) for k, v in kp_stats.items()}
+    report["landmark_error_px"] = {k: float(np.mean(v)) for k, v in lm_err.items() if v}
     report["mouth"] = {"pairs": len(mouth["driving"]),
                        "psnr_driving_expression": float(np.mean(mouth["driving"])),
                        "psnr_source_expression": float(np.mean(mouth["source"])),

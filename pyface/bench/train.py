@@ -8,7 +8,8 @@ Without arguments: the per-step overhead of :class:`pyface.train.Trainer` over a
 loop on the example model, and checkpoint save/load time of a ~30M-parameter model.
 
 ``MODEL``: a registered model's training step on fused ops (each op's default backend) vs
-reference ops (``train.backend=reference``): step time (median, [p20, p80]) and peak memory of a
+reference ops (``train.backend=reference``): step time (median, [p20, p80]; also the process's
+CPU time, which machine load does not inflate) and peak memory of a
 step above the resident weights and optimizer state, with the backends the ops actually ran on;
 the two trainers alternate step by step so that machine load hits both alike. JSON under
 ``bench/results/`` (or ``--json``).
@@ -204,16 +205,18 @@ def model_backends(name: str, overrides: list[str] | None = None, *, steps: int 
             trainers[label] = tr
             batches[label] = tr.preview_batch(tr.local_batch)
         times: dict[str, list[float]] = {k: [] for k in trainers}
+        cpu: dict[str, list[float]] = {k: [] for k in trainers}
         _backend.select_backend = counting_select
         for i in range(warmup + steps):
             for label, tr in trainers.items():
                 current[0] = label if i == warmup else None    # count one step's op calls
                 _sync(dev)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 tr.train_step(batches[label])
                 _sync(dev)
                 if i >= warmup:
                     times[label].append(time.perf_counter() - t0)
+                    cpu[label].append(time.process_time() - c0)
         _backend.select_backend = real_select
         out = {"bench": "train_backends", "model": name, "preset": preset,
                "overrides": list(overrides or []), "device": str(dev),
@@ -221,10 +224,14 @@ def model_backends(name: str, overrides: list[str] | None = None, *, steps: int 
                "threads": torch.get_num_threads(), "results": {}}
         for label, tr in trainers.items():
             mem = peak_memory_mb(lambda: tr.train_step(batches[label]), dev)
-            out["results"][label] = {**_stats(times[label]), "peak_mem_mb": mem,
+            out["results"][label] = {**_stats(times[label]),
+                                     "cpu_median_s": statistics.median(cpu[label]),
+                                     "peak_mem_mb": mem,
                                      "ops": counts.get(label, {})}
         f, r = out["results"]["fused"], out["results"]["reference"]
         out["speedup"] = r["median_s"] / f["median_s"]
+        # process CPU time: what the step costs when other jobs share the cores
+        out["speedup_cpu"] = r["cpu_median_s"] / max(f["cpu_median_s"], 1e-9)
         out["memory_ratio"] = r["peak_mem_mb"] / max(f["peak_mem_mb"], 1e-9)
         out["note"] = ("peak_mem_mb: peak of one training step above the memory allocated "
                        "before it (weights, optimizer state); CPU: ATen allocations on the "
@@ -325,9 +332,11 @@ def _print_backends(r: dict) -> None:
         x = r["results"][label]
         ops = ", ".join(f"{op}: {'/'.join(sorted(b))}" for op, b in sorted(x["ops"].items()))
         print(f"{r['model']} {label:9s} step {x['median_s'] * 1e3:8.1f} ms "
-              f"[{x['p20_p80_s'][0] * 1e3:.1f}, {x['p20_p80_s'][1] * 1e3:.1f}]  peak "
+              f"[{x['p20_p80_s'][0] * 1e3:.1f}, {x['p20_p80_s'][1] * 1e3:.1f}] "
+              f"(CPU {x.get('cpu_median_s', float('nan')) * 1e3:.1f} ms)  peak "
               f"{x['peak_mem_mb']:8.1f} MB  ops: {ops or 'none'}")
-    print(f"reference / fused: time x{r['speedup']:.2f}, peak memory x{r['memory_ratio']:.2f}")
+    print(f"reference / fused: time x{r['speedup']:.2f} (process CPU time "
+          f"x{r.get('speedup_cpu', float('nan')):.2f}), peak memory x{r['memory_ratio']:.2f}")
 
 
 def main(argv=None) -> int:

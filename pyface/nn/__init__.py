@@ -21,6 +21,7 @@ from pyface.nn.gfpgan import (GFPGANConfig, GFPGANDiscriminator, GFPGANDiscrimin
                               GFPGANv1Clean, gfpgan_config_from_state,
                               gfpgan_discriminator_config_from_state, load_gfpgan,
                               load_gfpgan_discriminator)
+from pyface.nn.hopenet import Hopenet, hopenet_key, hopenet_state, load_hopenet
 from pyface.nn.layers import Conv2dLayer, FullyConnectedLayer, modulated_conv2d
 from pyface.nn.losses import (feature_matching_loss, gan_d_loss, gan_g_loss, kl_divergence,
                               r1_penalty, tv_loss)

@@ -12,7 +12,7 @@ Shapes (full size, 256^2, K = 15; ``tiny``: 64^2, K = 10, a 16 x 8 x 16^2 volume
 * scale / translation head: image -> (log s, t_x, t_y), s = exp(log s): (B,), (B, 2);
 * expression encoder: image -> f_exp (B, exp_dim); decoder: (f_exp, x_c) -> delta (B, K, 3);
 * rotation R (B, 3, 3): from the ground-truth Deep3D angles of the frame (``rotation="gt"``;
-  synthetic data) or the identity (``"none"``);
+  synthetic data), a frozen pretrained Hopenet (``"hopenet"``) or the identity (``"none"``);
 * posed keypoints x = s R (x_c + delta) + (t_x, t_y, 0) for source and driving;
 * DenseMotion masks (B, K+1, D, R/4, R/4) + occlusion (B, 1, R/4, R/4); the volume is warped by
   the fused ``warp_by_keypoints``;
@@ -39,7 +39,7 @@ from pyface.train.model import Phase, StepContext, TrainableModel
 from .pipeline import MMFAPipeline
 from .motion import ExpressionDecoder, ImageEncoder, deep3d_to_keypoint_rotation, pose_keypoints
 
-ROTATION_SOURCES = ("gt", "none")
+ROTATION_SOURCES = ("gt", "none", "hopenet")
 
 
 @dataclass
@@ -51,19 +51,30 @@ class MMFAConfig:
     hourglass; ``dec_channels`` the multi-scale decoder (one output per entry); ``enc_channels``
     the two image encoders (scale/translation, expression) and ``exp_dim`` / ``exp_hidden`` the
     expression codec. ``rotation``: ``"gt"`` (keypoint-space rotation from the frames' Deep3D
-    angles, ``coeffs[224:227]``) or ``"none"`` (identity).
+    angles, ``coeffs[224:227]``), ``"none"`` (identity) or ``"hopenet"`` (a frozen, pretrained
+    :class:`pyface.nn.Hopenet` on the frame's image; ``hopenet_weights``: a ``pyface convert
+    hopenet`` folder or upstream's ``.pkl`` / ``.pth``; never downloaded).
 
     Losses (weights; 0 turns a term off): ``w_rec`` L1 pyramid on every output scale (levels:
     ``pyramid_levels`` at the finest output, one fewer per coarser one); ``w_perceptual`` VGG19
     pyramid (needs ``vgg_weights``, else it warns once and is off); ``w_gan`` / ``w_fm`` LSGAN and
     feature matching of a multi-scale PatchGAN on the final output; ``w_equivariance`` (random
-    affine + TPS); ``w_prior`` keypoint prior; ``w_delta`` L1 of delta; ``w_exp_consistency``
-    1 - cos of f_exp under the augmentation; ``w_canonical`` L1 between x_c(S) and x_c(D).
+    affine + TPS); ``w_prior`` keypoint prior (mean depth ``kp_prior_depth``: -0.33, on the
+    camera's side of the rotation centre, since the keypoint space's z points away from the
+    camera; face-vid2vid's +0.33 would put the keypoints behind the head's centre, where the
+    ground-truth yaw and pitch move them against the face surface); ``w_delta`` L1 of delta; ``w_exp_consistency``
+    1 - cos of f_exp under the augmentation; ``w_canonical`` L1 between x_c(S) and x_c(D);
+    ``w_landmark`` the landmark term (:func:`landmark_flow_loss`): the depth-averaged dense
+    motion at the driving frame's 68 landmarks must land on the source's (the frames'
+    ``landmarks``: synthetic ground truth, or a detector's from ``pyface data prepare``), part
+    weights ``landmark_weights`` (rest, eyes, mouth); frames without landmarks warn once and the
+    term is off.
     """
 
     resolution: int = 256
     num_kp: int = 15
     rotation: str = "gt"
+    hopenet_weights: str | None = None
     # appearance extractor
     app_block_expansion: int = 64
     app_down: int = 2
@@ -106,15 +117,69 @@ class MMFAConfig:
     w_fm: float = 10.0
     w_equivariance: float = 10.0
     w_prior: float = 10.0
+    kp_prior_depth: float = -0.33
     w_delta: float = 5.0
     w_exp_consistency: float = 1.0
     w_canonical: float = 10.0
+    w_landmark: float = 10.0
+    landmark_weights: list[float] = field(default_factory=lambda: [1.0, 2.0, 2.0])
     sigma_affine: float = 0.05
     sigma_tps: float = 0.005
     # optimisation
     lr: float = 2e-4
     lr_d: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+
+
+#: iBUG-68 parts of the landmark term: eyes 36-47, mouth 48-67, the rest (jaw, brows, nose)
+LANDMARK_PARTS = {"eyes": range(36, 48), "mouth": range(48, 68)}
+
+
+def landmark_point_weights(weights, device=None) -> torch.Tensor:
+    """(rest, eyes, mouth) part weights -> (68,) per-landmark weights."""
+    if len(weights) != 3:
+        raise ValueError(f"model.landmark_weights: expected 3 weights (rest, eyes, mouth), got "
+                         f"{list(weights)}")
+    w = torch.full((68,), float(weights[0]), device=device)
+    w[36:48] = float(weights[1])
+    w[48:68] = float(weights[2])
+    return w
+
+
+def pixels_to_grid(points: torch.Tensor, size: int) -> torch.Tensor:
+    """Pixel coordinates (..., 2) (x, y; 0 at the image's top-left edge, pixel centres at
+    i + 0.5) -> the dense motion's [-1, 1] grid (inclusive linspace: -1 and 1 are the centres of
+    the first and last pixels)."""
+    return (points - 0.5) * (2.0 / (size - 1)) - 1.0
+
+
+def landmark_flow_loss(flow: torch.Tensor, lm_source: torch.Tensor, lm_driving: torch.Tensor,
+                       size: int, weights: torch.Tensor) -> torch.Tensor:
+    """The landmark term: the backward motion at the driving frame's landmarks must point to the
+    same landmarks in the source.
+
+    Args:
+        flow: (B, h, w, 2) for every driving position, the (x, y) position in the source, on the
+            [-1, 1] grid (the depth-averaged dense motion, inclusive linspace).
+        lm_source, lm_driving: (B, N, 2) landmarks in pixels of the ``size``-pixel frames.
+        size: the frames' resolution.
+        weights: (N,) per-landmark weights (:func:`landmark_point_weights`).
+    Returns:
+        () the weighted mean over landmarks of the L1 distance, in grid units (2 = image width).
+    """
+    B = flow.shape[0]
+    if flow.dim() != 4 or flow.shape[-1] != 2:
+        raise ValueError(f"flow: expected shape (B, h, w, 2), got {tuple(flow.shape)}")
+    for name, lm in (("lm_source", lm_source), ("lm_driving", lm_driving)):
+        if lm.dim() != 3 or lm.shape[0] != B or lm.shape[1:] != weights.shape + (2,):
+            raise ValueError(f"{name}: expected shape ({B}, {weights.shape[0]}, 2), got "
+                             f"{tuple(lm.shape)}")
+    grid = pixels_to_grid(lm_driving.to(flow.dtype), size)[:, :, None]        # (B, N, 1, 2)
+    at = F.grid_sample(flow.permute(0, 3, 1, 2), grid, mode="bilinear", padding_mode="border",
+                       align_corners=True)[..., 0].transpose(1, 2)            # (B, N, 2)
+    err = (at - pixels_to_grid(lm_source.to(flow.dtype), size)).abs().sum(-1)  # (B, N)
+    w = weights.to(err)
+    return (err * w).sum(-1).mean() / w.sum()
 
 
 def images_of(frame: dict, name: str, resolution: int) -> torch.Tensor:
@@ -195,6 +260,14 @@ class MMFA(TrainableModel):
             raise ValueError(f"model.resolution: expected a multiple of 2^app_down = {m}, got "
                              f"{cfg.resolution}")
         self.cfg = cfg
+        self.hopenet = None
+        if cfg.rotation == "hopenet":
+            if not cfg.hopenet_weights:
+                raise ValueError("model.hopenet_weights: expected a Hopenet weights path (`pyface "
+                                 "convert hopenet` folder, .pkl or .pth) with "
+                                 "model.rotation='hopenet', got None")
+            from pyface.nn.hopenet import load_hopenet
+            self.hopenet = load_hopenet(cfg.hopenet_weights)     # frozen, eval mode
         K = cfg.num_kp
         self.appearance = AppearanceFeatureExtractor(
             block_expansion=cfg.app_block_expansion, num_down_blocks=cfg.app_down,
@@ -237,6 +310,9 @@ class MMFA(TrainableModel):
                 warnings.warn("MMFA: model.w_perceptual > 0 but model.vgg_weights is not set; "
                               "the VGG perceptual loss is off (the L1 pyramid stays)")
         self.augment = RandomAffineTPS(cfg.sigma_affine, cfg.sigma_tps)
+        self.register_buffer("_lm_weights", landmark_point_weights(cfg.landmark_weights),
+                             persistent=False)
+        self._lm_warned = False
         self._fake = None
 
     # --- generator-side modules ---------------------------------------------------------
@@ -247,11 +323,25 @@ class MMFA(TrainableModel):
         return [p for n in self.GENERATOR for p in getattr(self, n).parameters()]
 
     # --- pieces -------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.hopenet is not None:      # frozen: BatchNorm statistics stay the pretrained ones
+            self.hopenet.eval()
+        return self
+
+    @torch.no_grad()
+    def hopenet_rotation(self, image: torch.Tensor) -> torch.Tensor:
+        """image (B, 3, R, R) in [-1, 1] -> (B, 3, 3) keypoint-space rotation from the frozen
+        Hopenet (``rotation="hopenet"``)."""
+        return self.hopenet.rotation(image.float())
+
     def rotation_of(self, frame: dict, name: str, batch: int, device) -> torch.Tensor:
         """Keypoint-space rotation (B, 3, 3) of a frame dict (``coeffs`` (B, 257) with
-        ``rotation="gt"``)."""
+        ``rotation="gt"``, ``image`` (B, 3, R, R) with ``"hopenet"``)."""
         if self.cfg.rotation == "none":
             return torch.eye(3, device=device).expand(batch, 3, 3)
+        if self.cfg.rotation == "hopenet":
+            return self.hopenet_rotation(images_of(frame, name, self.cfg.resolution))
         coeffs = frame.get("coeffs") if isinstance(frame, dict) else None
         if coeffs is None or coeffs.shape != (batch, 257):
             got = None if coeffs is None else tuple(coeffs.shape)
@@ -270,11 +360,12 @@ class MMFA(TrainableModel):
         return {"scale": s, "translation": t, "f_exp": self.exp_encoder(image)}
 
     def render(self, volume: torch.Tensor, kp_source: torch.Tensor, kp_driving: torch.Tensor,
-               source: torch.Tensor | None = None) -> dict:
+               source: torch.Tensor | None = None, flow: bool = False) -> dict:
         """volume (B, C, D, h, w); kp_source, kp_driving (B, K, 3); source (B, 3, R, R) in
         [-1, 1], required with ``source_blend`` -> {"images": [coarse..fine] (B, 3, r, r),
         "mask" (B, K+1, D, h, w), "occlusion" (B, 1, h, w), with ``source_blend`` also "blend":
-        [coarse..fine] (B, 1, r, r)}."""
+        [coarse..fine] (B, 1, r, r); with ``source_blend`` or ``flow`` also "flow" (B, h, w, 2),
+        the depth-averaged backward motion (x, y) on the [-1, 1] grid}."""
         blend = self.cfg.source_blend
         if blend and (source is None or source.shape[0] != volume.shape[0]):
             raise ValueError(f"source: expected shape ({volume.shape[0]}, 3, "
@@ -282,17 +373,18 @@ class MMFA(TrainableModel):
                              f"model.source_blend, got "
                              f"{None if source is None else tuple(source.shape)}")
         dm = self.dense_motion(volume, kp_source=kp_source, kp_driving=kp_driving,
-                               return_deformation=blend)
+                               return_deformation=blend or flow)
         warped = self.dense_motion.warp(volume, kp_source=kp_source, kp_driving=kp_driving,
                                         mask=dm["mask"])
         occ = dm.get("occlusion_map")
         images = self.decoder(warped, occ)
         out = {"images": images, "mask": dm["mask"], "occlusion": occ}
+        if blend or flow:
+            out["flow"] = dm["deformation"][..., :2].mean(1)   # (B, h, w, 2): depth-averaged
         if blend:
-            flow = dm["deformation"][..., :2].mean(1)          # (B, h, w, 2): depth-averaged
             out["images"], out["blend"] = [], []
             for img in images:
-                w = warp_image(source, flow, img.shape[-1])
+                w = warp_image(source, out["flow"], img.shape[-1])
                 m = (img[:, 3:] + 1) / 2
                 out["images"].append(m * w + (1 - m) * img[:, :3])
                 out["blend"].append(m)
@@ -381,8 +473,14 @@ class MMFA(TrainableModel):
         kp_s = pose_keypoints(kc, rs, mo["scale"][:B], mo["translation"][:B], delta[:B])
         kp_d = pose_keypoints(kc, rd, mo["scale"][B:2 * B], mo["translation"][B:2 * B],
                               delta[B:2 * B])
-        out = self.render(self.appearance(src), kp_s, kp_d, src)
+        lms = self._landmarks(batch) if c.w_landmark > 0 else None
+        out = self.render(self.appearance(src), kp_s, kp_d, src, flow=lms is not None)
         logs = {}
+        if lms is not None:
+            lm = landmark_flow_loss(out["flow"].float(), lms[0], lms[1], c.resolution,
+                                    self._lm_weights)
+            logs["landmark"] = lm.detach()
+            loss_lm = c.w_landmark * lm
         n = len(out["images"])
         rec = src.new_zeros(())
         for i, img in enumerate(out["images"]):
@@ -391,6 +489,8 @@ class MMFA(TrainableModel):
             rec = rec + l1_pyramid(img.float(), tgt, c.pyramid_levels - (n - 1 - i))
         logs["rec_l1"] = rec.detach()
         loss = c.w_rec * rec
+        if lms is not None:
+            loss = loss + loss_lm
         final = out["images"][-1]
         if self.perceptual is not None:
             per = self.perceptual(final.float(), drv)
@@ -418,7 +518,7 @@ class MMFA(TrainableModel):
             cos = F.cosine_similarity(f[B:2 * B], f[2 * B:], dim=1).mean()
             logs["equivariance"], logs["exp_cos"] = eq.detach(), cos.detach()
             loss = loss + c.w_equivariance * eq + c.w_exp_consistency * (1 - cos)
-        prior = keypoint_prior_loss(kp_d)
+        prior = keypoint_prior_loss(kp_d, depth=c.kp_prior_depth)
         dl = delta[B:2 * B].abs().mean()
         logs["kp_prior"], logs["delta_l1"] = prior.detach(), dl.detach()
         loss = loss + c.w_prior * prior + c.w_delta * dl
@@ -427,6 +527,22 @@ class MMFA(TrainableModel):
             logs["scale"] = mo["scale"][B:2 * B].detach().mean()
         logs["loss"] = loss
         return logs
+
+    def _landmarks(self, batch: dict):
+        """(source, driving) landmarks (B, 68, 2) in pixels, or None (warned once) when a frame
+        lacks them."""
+        lms = []
+        for name in ("source", "driving"):
+            lm = batch[name].get("landmarks")
+            if lm is None or lm.dim() != 3 or tuple(lm.shape[1:]) != (68, 2):
+                if not self._lm_warned:
+                    got = None if lm is None else tuple(lm.shape)
+                    warnings.warn(f"MMFA: model.w_landmark > 0 but batch['{name}']['landmarks'] "
+                                  f"is {got}, expected (B, 68, 2); the landmark term is off")
+                    self._lm_warned = True
+                return None
+            lms.append(lm.float())
+        return lms
 
     def _step_d(self, batch: dict) -> dict[str, torch.Tensor]:
         R = self.cfg.resolution

@@ -2,8 +2,8 @@
 
 * ``encode_source(source)`` -> state: the source ``image (1, 3, R, R)``, appearance ``volume (1, C, D, h, w)``, canonical keypoints
   ``kp_canonical (1, K, 3)``, the source's ``scale (1,)``, ``translation (1, 2)``,
-  ``rotation (1, 3, 3)`` (keypoint space; from ``coeffs`` with ``rotation="gt"``, else the
-  identity), ``f_exp (1, exp_dim)`` and posed ``kp_source (1, K, 3)``.
+  ``rotation (1, 3, 3)`` (keypoint space; from ``coeffs`` with ``rotation="gt"``, from the
+  frozen Hopenet with ``"hopenet"``, else the identity), ``f_exp (1, exp_dim)`` and posed ``kp_source (1, K, 3)``.
 * ``encode_driving(driving)`` -> motion: ``rotation (T, 3, 3)`` or None (no ``coeffs``: the
   source's rotation is kept), ``scale (T,)``, ``translation (T, 2)``, ``f_exp (T, exp_dim)``.
 * ``generate(state, motion, **controls)`` -> (T, 3, R, R) in [-1, 1].
@@ -40,6 +40,8 @@ class MMFAPipeline(Pipeline):
     def _rotation(self, frames: dict, n: int):
         if self.net.cfg.rotation == "none":
             return torch.eye(3, device=self.device).expand(n, 3, 3)
+        if self.net.cfg.rotation == "hopenet":
+            return self.net.hopenet_rotation(frames["image"].reshape(n, *frames["image"].shape[-3:]))
         if "coeffs" not in frames:
             return None
         return deep3d_to_keypoint_rotation(frames["coeffs"].reshape(n, 257)[:, 224:227])
