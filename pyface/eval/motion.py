@@ -101,7 +101,7 @@ FIT_STEPS = 100
 
 
 def fit_coefficients(landmarks: torch.Tensor, image_size: int, *, convention: str = "mediapipe",
-                     steps: int = FIT_STEPS) -> torch.Tensor:
+                     steps: int | None = None) -> torch.Tensor:
     """pyface's 3DMM fit of a group of frames of one face (one source's outputs, or the frames
     they should reproduce): :func:`pyface.face.fit.fit_landmarks` with the identity shared by the
     frames, expression and pose per frame, no temporal prior (each frame's motion is its own).
@@ -110,6 +110,7 @@ def fit_coefficients(landmarks: torch.Tensor, image_size: int, *, convention: st
         landmarks: (T, 68, 2) pixels of ``image_size`` square images; frames with NaN points
             (no face) are left out of the fit.
         convention: what the points mean (see :mod:`pyface.eval.landmarks`).
+        steps: L-BFGS iterations (default :data:`FIT_STEPS`).
     Returns: (T, 257) float64 coefficients, NaN rows for the left-out frames.
     """
     from pyface.face.fit import FitConfig, fit_landmarks
@@ -126,6 +127,6 @@ def fit_coefficients(landmarks: torch.Tensor, image_size: int, *, convention: st
     n = lm.shape[0]
     with torch.enable_grad():
         res = fit_landmarks(model, lm, int(image_size), segments=torch.arange(n),
-                            config=FitConfig(steps=int(steps)), landmark_index=index)
+                            config=FitConfig(steps=int(steps or FIT_STEPS)), landmark_index=index)
     out[ok] = res.coeffs.double()
     return out
