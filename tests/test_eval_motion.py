@@ -371,3 +371,31 @@ def test_real_clip_protocol(real_root, root, tmp_path, capsys, monkeypatch):
     r = rep["protocols"]["real"]
     assert r["pairs"] == 9 and r["sources"] == 3 and r["ground_truth"] is False
     assert r["jitter"]["output"] == 0.0 and "real" in capsys.readouterr().out
+
+
+def test_runs_table_with_a_detector(root, tmp_path, monkeypatch, capsys):
+    from pyface.cli import main
+
+    monkeypatch.setattr(mo, "FIT_STEPS", 20)
+    det = OracleDetector(root, offset=(3.0, 4.0))
+    monkeypatch.setattr(L, "get_detector", lambda spec, required_by=(): det)
+    out = tmp_path / "t"
+    assert main(["eval", "--runs", "--data", root, "--out", str(out), "--protocol", "same",
+                 "--metrics", "psnr,akd,aed,apd,jitter", "--quiet"]) == 0
+    capsys.readouterr()
+    lines = (out / "table.md").read_text().splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    for col in ("same/all akd", "same/all aed", "same/all aed gt", "same/all apd gt",
+                "same jitter"):
+        assert col in head
+    rows = {r.strip("|").split("|")[0].strip(): [c.strip() for c in r.strip("|").split("|")]
+            for r in lines[2:]}
+    assert set(rows) == {"copy-source", "warp-baseline", "driving (ground truth)",
+                         "target (detector floor)"}
+    floor = rows["target (detector floor)"]
+    assert floor[head.index("same/all akd")] == "5.000"        # the detector's offset
+    assert floor[head.index("same/all aed")] == "-"             # 0 by construction: not shown
+    rep = json.loads((out / "copy-source.json").read_text())["protocols"]["same"]
+    assert rep["detector"] == "oracle" and rep["jitter"]["output_landmarks"] == "detector"
+    # the targets were detected once for both baselines
+    assert det.calls == 2 * 9 + 9

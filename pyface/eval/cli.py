@@ -141,7 +141,7 @@ def _fmt(name: str, v) -> str:
         return f"{v:.4f}"
     if name == "kid":
         return f"{v:.5f}"
-    if name == "jitter":
+    if name in ("jitter", "akd"):
         return f"{v:.3f}"
     if name == "fps":
         return f"{v:.1f}"
@@ -150,14 +150,15 @@ def _fmt(name: str, v) -> str:
 
 def metric_columns(report: dict) -> list[tuple[str, str, str]]:
     """``(label, metric, region)`` of the per-subset values of a report, in metric order:
-    ``psnr``, ``psnr face``, ..., ``kid``."""
+    ``psnr``, ``psnr face``, ..., ``aed``, ``aed gt`` (against the exact coefficients), ...,
+    ``kid``. Other sub-fields (``floor``, ``detected``, ``image_std``) stay in the JSON."""
     cols = []
     for n in report["metrics"]:
         regions = set()
         for r in report["protocols"].values():
             for s in r["subsets"].values():
-                regions |= {k for k in s.get(n, {}) if not k.endswith("_std")}
-        for region in ("image", "face"):
+                regions |= set(s.get(n, {}))
+        for region in ("image", "face", "gt"):
             if region in regions:
                 cols.append((n if region == "image" else f"{n} {region}", n, region))
     return cols
@@ -193,7 +194,10 @@ def markdown_table(reports: dict) -> str:
     """One markdown table of several reports (``{row label: report}``): one row per model;
     columns: resolution, then ``protocol/subset metric`` for every protocol, subset and metric,
     then fps and jitter per protocol (jitter: the output's; the driving ground truth's is in the
-    last row, ``driving (ground truth)``)."""
+    row ``driving (ground truth)``). With a detector on ground-truth data, a row
+    ``target (detector floor)`` per resolution holds what the target frames themselves score:
+    akd of the detected target against the ground truth, aed / apd gt of the target's fit
+    against the exact coefficients, and the detected targets' jitter."""
     first = next(iter(reports.values()))
     cols = metric_columns(first)
     head, keys = ["model", "res"], []
@@ -221,6 +225,25 @@ def markdown_table(reports: dict) -> str:
         row += ["-"] * len(protos)
         row += [_fmt("jitter", (first["protocols"][p].get("jitter") or {}).get("driving"))
                 for p in protos]
+        rows.append(row)
+    floors = {}              # the targets through the detector: what a perfect output scores
+    for rep in reports.values():
+        res = rep["resolution"]
+        for (proto, subset, n, region) in keys:
+            s = rep["protocols"].get(proto, {}).get("subsets", {}).get(subset, {})
+            if n in ("akd", "aed", "apd") and "floor" in s.get(n, {}) and \
+                    region == ("image" if n == "akd" else "gt"):
+                floors.setdefault(res, {})[(proto, subset, n, region)] = s[n]["floor"]
+        if jit and res in floors:
+            for p in protos:
+                j = rep["protocols"].get(p, {}).get("jitter") or {}
+                if j.get("target_detector") is not None:
+                    floors[res][("jitter", p)] = j["target_detector"]
+    for res, vals in floors.items():
+        row = ["target (detector floor)", str(res)]
+        row += [_fmt(k[2], vals.get(k)) for k in keys] + ["-"] * len(protos)
+        if jit:
+            row += [_fmt("jitter", vals.get(("jitter", p))) for p in protos]
         rows.append(row)
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
