@@ -88,7 +88,9 @@ class CopySource:
 class EvalResult:
     """What :func:`evaluate` measured for one protocol.
 
-    ``values[metric][region]``: per-pair values ``(n,)`` float64, in pair order; ``moving``:
+    ``values[metric][region]``: per-pair values ``(n,)`` float64, in pair order (regions:
+    ``image``, ``face``; akd / aed / apd also ``detected`` (1 / 0) and, with ground truth,
+    ``floor`` and (aed / apd) ``gt``, see docs/eval.md); ``moving``:
     ``(n,)`` bool (``has_moving`` is False when the data has no ``moving`` flags); ``sheet``:
     ``{"source", "driving", "target", "prediction"}`` -> ``(K, 3, H, W)``
     in [-1, 1] (a few pairs, one per source, for :func:`pyface.train.monitor.image_grid`)."""
@@ -412,6 +414,7 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
         from tqdm import tqdm
         bar = tqdm(total=len(indices), unit="pair", desc=f"pyface eval {protocol}")
     state = None
+    own_detector = det is not None and isinstance(detector, str)     # started here: closed here
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
@@ -530,6 +533,8 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
     finally:
         if bar is not None:
             bar.close()
+        if own_detector and hasattr(det, "close"):
+            det.close()
     if want_jitter and res.jitter["kind"] is None:
         res.jitter["output"] = None                      # neither detected nor implied
     if sheet["prediction"]:
