@@ -428,8 +428,10 @@ def run(args) -> int:
 
 
 def _run_many(args, metrics, networks, device, detector=None) -> int:
-    """--runs: every run, then the baselines at each model's resolution (``NAME@RES`` rows
-    when the models' resolutions differ)."""
+    """--runs: every run and the baselines at each model's resolution (``NAME@RES`` rows
+    when the models' resolutions differ). The baselines are evaluated first (they are fast), and
+    the table and report.json are rewritten after every evaluation, runs first in the given
+    order, so an interrupted evaluation leaves the finished rows."""
     import os
 
     runs = parse_runs(args.runs)
@@ -445,7 +447,9 @@ def _run_many(args, metrics, networks, device, detector=None) -> int:
             label = b if len(resolutions) == 1 else f"{b}@{r}"
             pipelines[label] = load_pipeline(b, None, device=device, resolution=r)
     reports, cache = {}, {}        # cache: the targets' detections and fits, computed once
-    for label, pipe in pipelines.items():
+    order = list(pipelines)
+    for label in order[len(runs):] + order[:len(runs)]:
+        pipe = pipelines[label]
         rep, sheets = evaluate_report(label, pipe, args, metrics=metrics, networks=networks,
                                       checkpoint=runs.get(label), detector=detector or "none",
                                       cache=cache)
@@ -454,15 +458,23 @@ def _run_many(args, metrics, networks, device, detector=None) -> int:
         _write_sheet(sheets, os.path.join(out, f"{label}.png"))
         print(f"{label} ({rep['resolution']} px, {rep['device']})")
         print(format_table(rep))
+        table = _write_table({k: reports[k] for k in order if k in reports}, metrics, out)
+    print(table)
+    print(f"wrote {out}/table.md, report.json and per-model .json / .png")
+    return 0
+
+
+def _write_table(reports: dict, metrics, out: str) -> str:
+    """Writes ``out/table.md`` and ``out/report.json`` of the reports so far; returns the table."""
+    import os
+
     table = markdown_table(reports)
     first = next(iter(reports.values()))
     _write_json({"data": first["data"], "data_hash": first["data_hash"], "metrics": metrics,
                  "reports": reports}, os.path.join(out, "report.json"))
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table + "\n")
-    print(table)
-    print(f"wrote {out}/table.md, report.json and per-model .json / .png")
-    return 0
+    return table
 
 
 def _moving_thresholds() -> dict:
