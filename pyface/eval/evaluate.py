@@ -153,7 +153,8 @@ class EvalResult:
         if self.jitter is None:
             return None
         d, o = self.jitter["driving"], self.jitter["output"]
-        mean = lambda v: _json_float(np.nanmean(v)) if v and np.isfinite(v).any() else None  # noqa: E731,E501
+        def mean(v):
+            return _json_float(np.nanmean(v)) if v and np.isfinite(v).any() else None
         out = {"output": mean(o) if o is not None else None, "driving": mean(d),
                "triples": len(d), "output_landmarks": self.jitter.get("kind")}
         if self.jitter.get("target") is not None:

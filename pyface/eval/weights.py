@@ -104,7 +104,8 @@ def load_weighted_metric(metric: str, weights: dict[str, str], *,
                          device: str | None = None):
     """The network of ``metric`` built from ``weights`` (as from :func:`parse_weights`), frozen
     on ``device``: lpips -> ``LPIPS`` (call ``(x, y)``), fid / kid -> ``FIDInception`` (use
-    ``.features``), csim / aed_id -> ``CSIM`` (aed_id uses ``.embed``). Raises MissingWeightsError without a usable file."""
+    ``.features``), csim / aed_id -> ``CSIM`` (aed_id uses ``.embed``). Raises
+    MissingWeightsError without a usable file."""
     alias = {"fid": "kid", "kid": "fid", "csim": "aed_id", "aed_id": "csim"}.get(metric)
     path = require_weights(metric, weights.get(metric, weights.get(alias)))
     if metric == "lpips":
