@@ -16,6 +16,7 @@ def eval_set(out: str, static_frames: int, **synth) -> str:
     n = static_frames
     fmt.write_video(out, "static", np.repeat(frame[None], n, 0), np.repeat(c, n, 0),
                     np.repeat(lab, n, 0), identity="static", masks=np.repeat(mask[None], n, 0),
-                    landmarks=np.repeat(lms, n, 0))
+                    landmarks=np.repeat(lms, n, 0),
+                    extra_meta={"generator": "pyface.data.synthetic"})   # exact ground truth
     fmt.write_index(out)
     return out

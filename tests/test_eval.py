@@ -106,11 +106,10 @@ def test_prepare_and_errors():
         M.ssim(a, a, torch.ones(1, 3, 16, 16, dtype=torch.bool))
     with pytest.raises(ValueError, match="at least 11"):
         M.ssim(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))
-    with pytest.raises(NotImplementedError, match="'akd' is not implemented: it needs a 68-point"):
-        M.get("akd")
-    for name in ("aed", "apd", "aed_id"):
-        with pytest.raises(NotImplementedError, match=f"'{name}' is not implemented: it needs"):
-            M.check_name(name)
+    for name in ("akd", "aed", "apd", "aed_id"):     # computed by the evaluator
+        assert M.check_name(name) == name
+        with pytest.raises(ValueError, match=f"'{name}' is not a per-pair image metric"):
+            M.get(name)
     with pytest.raises(ValueError, match="'lpips' is not a per-pair image metric"):
         M.get("lpips")              # computed by the evaluator with its network
     assert [M.check_name(n) for n in ("lpips", "csim", "fid", "kid", "jitter", "fps")]
@@ -329,9 +328,10 @@ def test_cli_model_loads_through_pyface_models(root, tmp_path, monkeypatch, caps
     assert rep["protocols"]["same"]["subsets"]["moving"]["count"] == 4
     assert main(["eval", "example", "--data", root, "--quiet"]) == 1
     assert "--checkpoint: required" in capsys.readouterr().err
-    assert main(["eval", "copy-source", "--data", root, "--metrics", "psnr,akd", "--quiet"]) == 1
+    assert main(["eval", "copy-source", "--data", root, "--metrics", "psnr,akd", "--quiet",
+                 "--detector", "none"]) == 1
     err = capsys.readouterr().err
-    assert "'akd' is not implemented" in err and "landmark detector" in err
+    assert "'akd' needs a 68-point landmark detector" in err and '".[prepare]"' in err
     assert main(["eval", "copy-source", "--data", root, "--metrics", "psnr,fid", "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "metric 'fid' needs" in err and "--weights fid=PATH" in err

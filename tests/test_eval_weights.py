@@ -9,7 +9,7 @@ from pyface.nn.arcface import IResNet
 
 
 def test_every_metric_says_what_to_pass(tmp_path):
-    assert set(w.METRICS_NEEDING_WEIGHTS) == {"lpips", "fid", "kid", "csim"}
+    assert set(w.METRICS_NEEDING_WEIGHTS) == {"lpips", "fid", "kid", "csim", "aed_id"}
     for name, spec in w.METRICS_NEEDING_WEIGHTS.items():
         msg = w.missing_weights_message(name)
         assert f"--weights {name}=PATH" in msg and spec.file in msg and "never downloads" in msg
@@ -38,3 +38,8 @@ def test_parse_weights_and_load(tmp_path):
     torch.save(IResNet("r18").state_dict(), path)
     m = w.load_weighted_metric("csim", w.parse_weights([f"csim={path}"]))
     assert m.arch == "r18" and not m.training
+    # csim and aed_id name one ArcFace file: either key sets both
+    assert w.parse_weights([f"aed_id={path}"]) == {"aed_id": path, "csim": path}
+    assert w.parse_weights([f"csim={path}"]) == {"aed_id": path, "csim": path}
+    m = w.load_weighted_metric("aed_id", w.parse_weights([f"aed_id={path}"]))
+    assert m.arch == "r18"

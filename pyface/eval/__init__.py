@@ -6,6 +6,9 @@
 * :mod:`pyface.eval.warp_baseline`: :class:`WarpBaseline`, the thin-plate-spline warp baseline;
 * :mod:`pyface.eval.lpips`, :mod:`pyface.eval.fid`, :mod:`pyface.eval.identity`: LPIPS, FID / KID
   and CSIM with user-supplied weights (:mod:`pyface.eval.weights`);
+* :mod:`pyface.eval.motion`: akd, aed / apd (pyface's 3DMM fit) and aed_id (ArcFace identity
+  distance); :mod:`pyface.eval.landmarks`: the landmark detector interface and pyface's MediaPipe
+  detector (the ``prepare`` extra);
 * :mod:`pyface.eval.cli`: the command, its JSON report, tables and PNG sheets.
 """
 from __future__ import annotations
@@ -17,7 +20,11 @@ _LAZY = {"evaluate": "pyface.eval.evaluate", "CopySource": "pyface.eval.evaluate
          "data_hash": "pyface.eval.cli", "METRICS": "pyface.eval.metrics",
          "psnr": "pyface.eval.metrics", "ssim": "pyface.eval.metrics",
          "jitter": "pyface.eval.metrics", "load_networks": "pyface.eval.evaluate",
-         "WarpBaseline": "pyface.eval.warp_baseline", "tps_warp": "pyface.eval.warp_baseline"}
+         "WarpBaseline": "pyface.eval.warp_baseline", "tps_warp": "pyface.eval.warp_baseline",
+         "data_kind": "pyface.eval.evaluate", "akd": "pyface.eval.motion",
+         "aed": "pyface.eval.motion", "apd": "pyface.eval.motion",
+         "identity_distance": "pyface.eval.motion", "get_detector": "pyface.eval.landmarks",
+         "MediaPipeDetector": "pyface.eval.landmarks"}
 
 
 def __getattr__(name: str):

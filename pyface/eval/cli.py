@@ -34,16 +34,28 @@ def add_parser(subparsers) -> None:
                    "(default: eval)")
     p.add_argument("--data", required=True,
                    help="dataset root (pyface format; held-out: `pyface data synth --split test`)")
-    p.add_argument("--protocol", choices=("same", "cross", "both"), default="both")
+    p.add_argument("--protocol", choices=("auto", "same", "cross", "both", "real"),
+                   default="auto",
+                   help="auto (default): same and cross on synthetic data (cross where ROOT/cross "
+                        "exists), real on any other folder (e.g. written by `pyface data "
+                        "prepare`); real: same-identity pairs (first frame of each video = "
+                        "source) without exact ground truth (the landmark detector runs on the "
+                        "output and the target)")
     p.add_argument("--subset", choices=("all", "moving"), default="all",
                    help="all pairs (the moving subset is reported as well) or moving pairs only")
     p.add_argument("--metrics", default=None,
                    help="comma-separated metric names (default: psnr,ssim,jitter; jitter only "
-                        "when the data has landmarks): psnr, ssim, lpips, csim, fid, kid, jitter "
-                        "(fps is always measured; akd, aed, aed_id, apd are not implemented)")
+                        "when the data has landmarks): psnr, ssim, lpips, csim, fid, kid, akd, "
+                        "aed, aed_id, apd, jitter (fps is always measured; akd, aed, apd need "
+                        "the landmark detector of the `prepare` extra; lpips, csim, aed_id, "
+                        "fid, kid need --weights)")
     p.add_argument("--weights", action="append", default=[], metavar="NAME=PATH",
                    help="weights of a metric (repeatable): lpips=, lpips_heads=, fid= (or kid=), "
-                        "csim=; pyface never downloads them (docs/eval.md)")
+                        "csim= (or aed_id=); pyface never downloads them (docs/eval.md)")
+    p.add_argument("--detector", choices=("auto", "mediapipe", "none"), default="auto",
+                   help="landmark detector of akd / aed / apd and of the output's jitter: "
+                        "auto (default: MediaPipe when installed), mediapipe, none (jitter then "
+                        "uses the landmarks a baseline knows by construction)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the report here")
     p.add_argument("--sheet", default=None, metavar="OUT.png", help="write a PNG sheet here")
     p.add_argument("--sheet-rows", type=int, default=6, help="rows of the sheet per protocol")
@@ -125,11 +137,11 @@ def _data_resolution(root: str) -> int:
 def _fmt(name: str, v) -> str:
     if v is None:
         return "-"
-    if name in ("ssim", "lpips", "csim"):
+    if name in ("ssim", "lpips", "csim", "aed", "apd", "aed_id"):
         return f"{v:.4f}"
     if name == "kid":
         return f"{v:.5f}"
-    if name == "jitter":
+    if name in ("jitter", "akd"):
         return f"{v:.3f}"
     if name == "fps":
         return f"{v:.1f}"
@@ -138,14 +150,15 @@ def _fmt(name: str, v) -> str:
 
 def metric_columns(report: dict) -> list[tuple[str, str, str]]:
     """``(label, metric, region)`` of the per-subset values of a report, in metric order:
-    ``psnr``, ``psnr face``, ..., ``kid``."""
+    ``psnr``, ``psnr face``, ..., ``aed``, ``aed gt`` (against the exact coefficients), ...,
+    ``kid``. Other sub-fields (``floor``, ``detected``, ``image_std``) stay in the JSON."""
     cols = []
     for n in report["metrics"]:
         regions = set()
         for r in report["protocols"].values():
             for s in r["subsets"].values():
-                regions |= {k for k in s.get(n, {}) if not k.endswith("_std")}
-        for region in ("image", "face"):
+                regions |= set(s.get(n, {}))
+        for region in ("image", "face", "gt"):
             if region in regions:
                 cols.append((n if region == "image" else f"{n} {region}", n, region))
     return cols
@@ -181,7 +194,10 @@ def markdown_table(reports: dict) -> str:
     """One markdown table of several reports (``{row label: report}``): one row per model;
     columns: resolution, then ``protocol/subset metric`` for every protocol, subset and metric,
     then fps and jitter per protocol (jitter: the output's; the driving ground truth's is in the
-    last row, ``driving (ground truth)``)."""
+    row ``driving (ground truth)``). With a detector on ground-truth data, a row
+    ``target (detector floor)`` per resolution holds what the target frames themselves score:
+    akd of the detected target against the ground truth, aed / apd gt of the target's fit
+    against the exact coefficients, and the detected targets' jitter."""
     first = next(iter(reports.values()))
     cols = metric_columns(first)
     head, keys = ["model", "res"], []
@@ -209,6 +225,25 @@ def markdown_table(reports: dict) -> str:
         row += ["-"] * len(protos)
         row += [_fmt("jitter", (first["protocols"][p].get("jitter") or {}).get("driving"))
                 for p in protos]
+        rows.append(row)
+    floors = {}              # the targets through the detector: what a perfect output scores
+    for rep in reports.values():
+        res = rep["resolution"]
+        for (proto, subset, n, region) in keys:
+            s = rep["protocols"].get(proto, {}).get("subsets", {}).get(subset, {})
+            if n in ("akd", "aed", "apd") and "floor" in s.get(n, {}) and \
+                    region == ("image" if n == "akd" else "gt"):
+                floors.setdefault(res, {})[(proto, subset, n, region)] = s[n]["floor"]
+        if jit and res in floors:
+            for p in protos:
+                j = rep["protocols"].get(p, {}).get("jitter") or {}
+                if j.get("target_detector") is not None:
+                    floors[res][("jitter", p)] = j["target_detector"]
+    for res, vals in floors.items():
+        row = ["target (detector floor)", str(res)]
+        row += [_fmt(k[2], vals.get(k)) for k in keys] + ["-"] * len(protos)
+        if jit:
+            row += [_fmt("jitter", vals.get(("jitter", p))) for p in protos]
         rows.append(row)
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -252,14 +287,34 @@ def _metrics(args) -> list[str]:
     return names
 
 
-def evaluate_report(name: str, pipeline, args, *, metrics, networks, checkpoint=None):
+def protocols_of(protocol: str, data: str) -> tuple[str, ...]:
+    """The protocols ``--protocol`` means on the dataset root ``data``: ``auto`` -> ``same`` and
+    ``cross`` (when ``data/cross`` holds an index) on synthetic data, ``real`` on any other
+    folder (:func:`pyface.eval.evaluate.data_kind`); ``both`` -> ``same``, ``cross``."""
+    import os
+
+    from pyface.data import format as fmt
+    from pyface.eval.evaluate import data_kind
+
+    if protocol == "both":
+        return ("same", "cross")
+    if protocol != "auto":
+        return (protocol,)
+    if data_kind(data) == "real":
+        return ("real",)
+    has_cross = os.path.isfile(os.path.join(data, "cross", fmt.INDEX))
+    return ("same", "cross") if has_cross else ("same",)
+
+
+def evaluate_report(name: str, pipeline, args, *, metrics, networks, checkpoint=None,
+                    detector="auto", cache=None):
     """Evaluates ``pipeline`` on every requested protocol -> (report dict, sheet dicts)."""
     import datetime
     import os
 
     from pyface.eval.evaluate import evaluate
 
-    protocols = ("same", "cross") if args.protocol == "both" else (args.protocol,)
+    protocols = protocols_of(args.protocol, args.data)
     device = getattr(pipeline, "device", None) or "cpu"
     report = {"model": name,
               "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
@@ -274,7 +329,8 @@ def evaluate_report(name: str, pipeline, args, *, metrics, networks, checkpoint=
         res = evaluate(pipeline, args.data, protocol=proto, subset=args.subset, metrics=metrics,
                        batch_size=args.batch_size, max_pairs=args.max_pairs,
                        sheet_rows=args.sheet_rows, workers=args.workers,
-                       progress=not args.quiet, networks=networks)
+                       progress=not args.quiet, networks=networks, detector=detector,
+                       cache=cache)
         report["protocols"][proto] = res.to_dict()
         sheets.append(res.sheet)
     return report, sheets
@@ -335,20 +391,30 @@ def run(args) -> int:
         print("pyface eval: --resolution applies to the baselines only (a model evaluates at its "
               "output resolution)", file=sys.stderr)
         return 2
+    detector = None
     try:
-        from pyface.eval.evaluate import load_networks
+        from pyface.eval.evaluate import DETECTOR_METRICS, load_networks
+        from pyface.eval.landmarks import MissingDetectorError, get_detector
 
         metrics = _metrics(args)
         networks = load_networks(metrics, parse_weights(args.weights), device=device)
+        needs = [m for m in metrics if m in DETECTOR_METRICS]
+        if needs or "jitter" in metrics:    # started once, shared by every evaluation
+            detector = get_detector(args.detector, required_by=needs)
         if args.runs is not None:
-            return _run_many(args, metrics, networks, device)
+            return _run_many(args, metrics, networks, device, detector)
         pipeline = load_pipeline(args.model, args.checkpoint, device=device, ema=not args.no_ema,
                                  resolution=args.resolution, data=args.data)
         report, sheets = evaluate_report(args.model, pipeline, args, metrics=metrics,
-                                         networks=networks, checkpoint=args.checkpoint)
-    except (DataError, ValueError, NotImplementedError, RuntimeError, FileNotFoundError) as e:
+                                         networks=networks, checkpoint=args.checkpoint,
+                                         detector=detector or "none")
+    except (DataError, ValueError, NotImplementedError, RuntimeError, FileNotFoundError,
+            MissingDetectorError) as e:
         print(f"pyface eval: {e}", file=sys.stderr)
         return 1
+    finally:
+        if detector is not None and hasattr(detector, "close"):
+            detector.close()
     print(f"{args.model} on {args.data} (data hash {report['data_hash']}, "
           f"{report['resolution']} px, {report['device']})")
     print(format_table(report))
@@ -361,9 +427,11 @@ def run(args) -> int:
     return 0
 
 
-def _run_many(args, metrics, networks, device) -> int:
-    """--runs: every run, then the baselines at each model's resolution (``NAME@RES`` rows
-    when the models' resolutions differ)."""
+def _run_many(args, metrics, networks, device, detector=None) -> int:
+    """--runs: every run and the baselines at each model's resolution (``NAME@RES`` rows
+    when the models' resolutions differ). The baselines are evaluated first (they are fast), and
+    the table and report.json are rewritten after every evaluation, runs first in the given
+    order, so an interrupted evaluation leaves the finished rows."""
     import os
 
     runs = parse_runs(args.runs)
@@ -378,24 +446,35 @@ def _run_many(args, metrics, networks, device) -> int:
         for r in resolutions:
             label = b if len(resolutions) == 1 else f"{b}@{r}"
             pipelines[label] = load_pipeline(b, None, device=device, resolution=r)
-    reports = {}
-    for label, pipe in pipelines.items():
+    reports, cache = {}, {}        # cache: the targets' detections and fits, computed once
+    order = list(pipelines)
+    for label in order[len(runs):] + order[:len(runs)]:
+        pipe = pipelines[label]
         rep, sheets = evaluate_report(label, pipe, args, metrics=metrics, networks=networks,
-                                      checkpoint=runs.get(label))
+                                      checkpoint=runs.get(label), detector=detector or "none",
+                                      cache=cache)
         reports[label] = rep
         _write_json(rep, os.path.join(out, f"{label}.json"))
         _write_sheet(sheets, os.path.join(out, f"{label}.png"))
         print(f"{label} ({rep['resolution']} px, {rep['device']})")
         print(format_table(rep))
+        table = _write_table({k: reports[k] for k in order if k in reports}, metrics, out)
+    print(table)
+    print(f"wrote {out}/table.md, report.json and per-model .json / .png")
+    return 0
+
+
+def _write_table(reports: dict, metrics, out: str) -> str:
+    """Writes ``out/table.md`` and ``out/report.json`` of the reports so far; returns the table."""
+    import os
+
     table = markdown_table(reports)
     first = next(iter(reports.values()))
     _write_json({"data": first["data"], "data_hash": first["data_hash"], "metrics": metrics,
                  "reports": reports}, os.path.join(out, "report.json"))
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table + "\n")
-    print(table)
-    print(f"wrote {out}/table.md, report.json and per-model .json / .png")
-    return 0
+    return table
 
 
 def _moving_thresholds() -> dict:

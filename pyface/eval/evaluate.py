@@ -17,11 +17,19 @@ go through ``encode_driving`` + ``generate`` in chunks of ``batch_size``; frames
 and metrics excluded; CUDA synchronised around each chunk). All pipeline calls run under
 ``torch.no_grad()``; a pipeline that optimises at encode time enables gradients itself.
 
-Beside the per-pair image metrics (psnr, ssim) the evaluator computes lpips and csim per pair
-and fid / kid over each subset with user-weighted networks (:func:`load_networks`), and jitter
-over the driving sequences of each source: of the ground-truth driving landmarks, and of the
-output's landmarks when the pipeline knows them (optional
-``implied_landmarks(source, driving) -> (T, 68, 2) | None``; a model needs a detector for that).
+Beside the per-pair image metrics (psnr, ssim) the evaluator computes lpips, csim and aed_id
+per pair and fid / kid over each subset with user-weighted networks (:func:`load_networks`);
+akd per pair and aed / apd per source group with a landmark detector
+(:mod:`pyface.eval.landmarks`) and pyface's 3DMM fit (:mod:`pyface.eval.motion`); and jitter over
+the driving sequences of each source: of the ground-truth driving landmarks, and of the output's
+landmarks: detected when a detector is in use, else those the pipeline knows by construction
+(optional ``implied_landmarks(source, driving) -> (T, 68, 2) | None``).
+
+*Ground truth*: on synthetic data (``meta.json`` ``generator`` = ``pyface.data.synthetic``) the
+stored landmarks and coefficients are exact, so akd compares the detected output with them and
+aed / apd are also reported against the exact coefficients; on real clips (``protocol="real"``,
+the default for a folder written by ``pyface data prepare``) the stored ones are themselves
+detections, so the detector runs on both the output and the target (see docs/eval.md).
 """
 from __future__ import annotations
 
@@ -80,7 +88,9 @@ class CopySource:
 class EvalResult:
     """What :func:`evaluate` measured for one protocol.
 
-    ``values[metric][region]``: per-pair values ``(n,)`` float64, in pair order; ``moving``:
+    ``values[metric][region]``: per-pair values ``(n,)`` float64, in pair order (regions:
+    ``image``, ``face``; akd / aed / apd also ``detected`` (1 / 0) and, with ground truth,
+    ``floor`` and (aed / apd) ``gt``, see docs/eval.md); ``moving``:
     ``(n,)`` bool (``has_moving`` is False when the data has no ``moving`` flags); ``sheet``:
     ``{"source", "driving", "target", "prediction"}`` -> ``(K, 3, H, W)``
     in [-1, 1] (a few pairs, one per source, for :func:`pyface.train.monitor.image_grid`)."""
@@ -102,6 +112,8 @@ class EvalResult:
     set_metrics: tuple[str, ...] = ()        # of fid, kid
     # jitter: per-triple second differences of landmark sequences (see jitter_summary)
     jitter: dict[str, list] | None = None
+    ground_truth: bool = True                # stored landmarks / coefficients are exact
+    detector: str | None = None              # the landmark detector's name, if one ran
 
     @property
     def fps(self) -> float:
@@ -129,16 +141,25 @@ class EvalResult:
         return out
 
     def jitter_summary(self) -> dict | None:
-        """``{"output", "driving", "triples"}``: :func:`pyface.eval.metrics.jitter` over every
-        run of three consecutive driving frames of one source, of the output's landmarks (None
-        when the pipeline implies none: it needs a detector) and of the driving frames' ground
-        truth, in pixels at the evaluation resolution."""
+        """``{"output", "driving", "triples", "output_landmarks", "target_detector"}``:
+        :func:`pyface.eval.metrics.jitter` over every run of three consecutive driving frames of
+        one source, in pixels at the evaluation resolution, of: the output's landmarks
+        (``output_landmarks`` says whence: ``"detector"`` when a detector is in use,
+        ``"implied"`` from the pipeline's ``implied_landmarks``; ``output`` is None when neither
+        exists); the driving frames' stored landmarks (``driving``); and, with a detector, the
+        detector run on the target frames (``target_detector``: what a perfect output scores
+        through the same detector, its own noise included). Triples with an undetected frame
+        are left out of the detector-based means."""
         if self.jitter is None:
             return None
         d, o = self.jitter["driving"], self.jitter["output"]
-        mean = lambda v: _json_float(np.mean(v)) if v else None        # noqa: E731
-        return {"output": mean(o) if o is not None else None, "driving": mean(d),
-                "triples": len(d)}
+        def mean(v):
+            return _json_float(np.nanmean(v)) if v and np.isfinite(v).any() else None
+        out = {"output": mean(o) if o is not None else None, "driving": mean(d),
+               "triples": len(d), "output_landmarks": self.jitter.get("kind")}
+        if self.jitter.get("target") is not None:
+            out["target_detector"] = mean(self.jitter["target"])
+        return out
 
     def to_dict(self) -> dict:
         subsets = ("moving",) if self.subset == "moving" else \
@@ -150,6 +171,7 @@ class EvalResult:
                 "source_encode_ms": _json_float(1000 * self.source_seconds / max(self.sources, 1)),
                 "memory_peak_mb": (None if self.memory_peak_mb is None
                                    else round(self.memory_peak_mb, 1)),
+                "ground_truth": self.ground_truth, "detector": self.detector,
                 **({"jitter": self.jitter_summary()} if self.jitter is not None else {})}
 
 
@@ -230,26 +252,65 @@ def _sync(device):
 
 
 def load_networks(metrics, weights: dict | None, *, device=None) -> dict:
-    """The networks of the requested metrics that need user weights (lpips, csim, fid / kid:
-    one Inception for both), built by :func:`pyface.eval.weights.load_weighted_metric` from
-    ``weights`` (``{name: path}``, as from :func:`pyface.eval.weights.parse_weights`).
-    Raises :class:`pyface.eval.weights.MissingWeightsError` naming the file to pass."""
+    """The networks of the requested metrics that need user weights (lpips; csim and aed_id: one
+    ArcFace for both; fid / kid: one Inception for both), built by
+    :func:`pyface.eval.weights.load_weighted_metric` from ``weights`` (``{name: path}``, as from
+    :func:`pyface.eval.weights.parse_weights`). Raises
+    :class:`pyface.eval.weights.MissingWeightsError` naming the file to pass."""
     from pyface.eval.weights import METRICS_NEEDING_WEIGHTS, load_weighted_metric
 
     out = {}
     for name in metrics:
         if name not in METRICS_NEEDING_WEIGHTS:
             continue
-        key = "fid" if name in ("fid", "kid") else name
+        key = network_key(name)
         if key not in out:
             out[key] = load_weighted_metric(name, dict(weights or {}), device=device)
     return out
 
 
+def network_key(metric: str) -> str:
+    """The ``networks`` entry a weight-dependent metric uses: fid and kid share ``"fid"``, csim
+    and aed_id share ``"csim"`` (the ArcFace)."""
+    return {"kid": "fid", "aed_id": "csim"}.get(metric, metric)
+
+
+#: Metrics that cannot run without a landmark detector.
+DETECTOR_METRICS = ("akd", "aed", "apd")
+#: Protocols of :func:`evaluate`: ``real`` = the same-identity pairs of real clips (no exact
+#: ground truth: the detector runs on the output and on the target).
+EVAL_PROTOCOLS = ("same", "cross", "real")
+
+
+def data_kind(root) -> str:
+    """``"synthetic"`` when every video of the dataset root was written by ``pyface data synth``
+    (``meta.json`` ``generator`` = ``pyface.data.synthetic``: exact landmarks and coefficients),
+    ``"real"`` otherwise (e.g. ``pyface data prepare``'s ``pyface.data.prepare``)."""
+    import json
+    import os
+
+    from pyface.data import format as fmt
+
+    recs = fmt.load_index(root)
+    if not recs:
+        raise fmt.DataError(f"{root}: no videos")
+    for r in recs:
+        path = r.path(root, fmt.META)
+        gen = None
+        if os.path.isfile(path):
+            with open(path) as f:
+                gen = json.load(f).get("generator")
+        if gen != "pyface.data.synthetic":
+            return "real"
+    return "synthetic"
+
+
 def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
              metrics=("psnr", "ssim"), batch_size: int = 8, max_pairs: int | None = None,
              sheet_rows: int = 8, workers: int = 0, progress: bool = False,
-             networks: dict | None = None, weights: dict | None = None) -> EvalResult:
+             networks: dict | None = None, weights: dict | None = None,
+             detector="auto", ground_truth: bool | None = None,
+             cache: dict | None = None) -> EvalResult:
     """Evaluates ``pipeline`` (see the module docstring) on reenactment pairs.
 
     Args:
@@ -257,24 +318,36 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
             ``pipeline.resolution`` for ``protocol`` / ``subset``) or a dataset whose items are
             ``{"source", "driving", "target", "moving"}`` (targets and masks are then resized
             to the prediction's size with antialiasing when they differ).
+        protocol: ``"same"``, ``"cross"`` (:mod:`pyface.data.reenactment`) or ``"real"`` (the
+            same-identity pairs, without exact ground truth: real clips).
         metrics: names of :data:`pyface.eval.metrics.METRICS` (per-pair image metrics) and of
-            :data:`pyface.eval.metrics.EVALUATOR_METRICS` (lpips, csim, fid, kid, jitter; fps is
-            always measured).
+            :data:`pyface.eval.metrics.EVALUATOR_METRICS` (lpips, csim, fid, kid, akd, aed,
+            aed_id, apd, jitter; fps is always measured).
         batch_size: driving frames per ``encode_driving`` / ``generate`` call.
         max_pairs: evaluate this many pairs spread evenly over the set (None: all).
         sheet_rows: pairs kept for the PNG sheet (the middle pair of each source, in order).
         workers: DataLoader worker processes.
         networks: ``{"lpips" | "csim" | "fid": module}`` already built (:func:`load_networks`);
             missing ones are built from ``weights`` (``{name: path}``).
+        detector: the landmark detector of akd / aed / apd and of the output's jitter
+            (:func:`pyface.eval.landmarks.get_detector`: ``"auto"``, ``"mediapipe"``,
+            ``"none"`` or a detector object). Without one, akd / aed / apd raise
+            :class:`pyface.eval.landmarks.MissingDetectorError` naming the extra to install.
+        ground_truth: whether the data's landmarks and coefficients are exact (default: True for
+            ``same`` / ``cross`` on synthetic data or a dataset object, False for ``real`` and
+            for roots not written by ``pyface data synth``).
+        cache: a dict reused across calls on the same data (``pyface eval --runs``): the target
+            frames' detections and fits are computed once.
     """
     import os
 
     from torch.utils.data import DataLoader
 
-    from pyface.data.reenactment import PROTOCOLS, SUBSETS, reenactment_pairs
+    from pyface.data.reenactment import SUBSETS, reenactment_pairs
+    from pyface.eval import landmarks as L
 
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")
+    if protocol not in EVAL_PROTOCOLS:
+        raise ValueError(f"protocol: expected one of {EVAL_PROTOCOLS}, got {protocol!r}")
     if subset not in SUBSETS:
         raise ValueError(f"subset: expected one of {SUBSETS}, got {subset!r}")
     if int(batch_size) <= 0:
@@ -284,42 +357,65 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
     resolution = int(getattr(pipeline, "resolution"))
     device = torch.device(getattr(pipeline, "device", None) or "cpu")
     nets = dict(networks or {})
-    missing = [n for n in metrics if n in ("lpips", "csim", "fid", "kid")
-               and ("fid" if n == "kid" else n) not in nets]
+    missing = [n for n in metrics if n in ("lpips", "csim", "aed_id", "fid", "kid")
+               and network_key(n) not in nets]
     nets.update(load_networks(missing, weights, device=device))
     set_metrics = tuple(n for n in ("fid", "kid") if n in metrics)
     want_jitter = "jitter" in metrics
-    if isinstance(data, (str, os.PathLike)):
-        data = reenactment_pairs(data, resolution=resolution, protocol=protocol, subset=subset)
+    det_metrics = [n for n in DETECTOR_METRICS if n in metrics]
+    det = L.get_detector(detector, required_by=det_metrics) \
+        if (det_metrics or want_jitter) else None
+    is_root = isinstance(data, (str, os.PathLike))
+    if ground_truth is None:
+        ground_truth = protocol != "real" and (not is_root or data_kind(data) == "synthetic")
+    pair_protocol = "same" if protocol == "real" else protocol
+    data_key = os.path.abspath(data) if is_root else id(data)
+    if is_root:
+        data = reenactment_pairs(data, resolution=resolution, protocol=pair_protocol,
+                                 subset=subset)
     indices = select_pairs(len(data), max_pairs)
     if not indices:
-        raise ValueError(f"data: no {protocol}-identity pairs in subset {subset!r}")
+        raise ValueError(f"data: no {pair_protocol}-identity pairs in subset {subset!r}")
     groups = _groups(data, indices)
     chunks = [g[s:s + batch_size] for g in groups for s in range(0, len(g), batch_size)]
     first_of_group = {g[0] for g in groups}
     sheet_pick = {g[len(g) // 2] for g in groups[:sheet_rows]}
     loader = DataLoader(data, batch_sampler=chunks, num_workers=workers)
+    cache = {} if cache is None else cache
+    det_key = None if det is None else (data_key, pair_protocol, subset, resolution,
+                                        getattr(det, "name", type(det).__name__))
 
     pos = {i: k for k, i in enumerate(indices)}
     values = {m.name: {} for m in mets}
     moving = np.zeros(len(indices), bool)
-    for name in ("lpips", "csim"):
+    nan = lambda: np.full(len(indices), np.nan)           # noqa: E731
+    for name in ("lpips", "csim", "aed_id"):
         if name in metrics:
-            values[name] = {"image": np.full(len(indices), np.nan)}
+            values[name] = {"image": nan()}
+    for name in det_metrics:
+        values[name] = {"image": nan(), "detected": nan()}
+        if ground_truth:
+            values[name]["floor"] = nan()
+            if name != "akd":
+                values[name]["gt"] = nan()
     res = EvalResult(protocol, subset, resolution, indices, moving, values,
-                     set_metrics=set_metrics)
+                     set_metrics=set_metrics, ground_truth=bool(ground_truth),
+                     detector=None if det is None else getattr(det, "name", type(det).__name__))
     if set_metrics:
         from pyface.eval.fid import FEATURE_DIM
         res.features = {k: np.full((len(indices), FEATURE_DIM), np.nan) for k in ("real", "fake")}
     if want_jitter:
-        res.jitter = {"driving": [], "output": []}
+        res.jitter = {"driving": [], "output": [], "kind": None,
+                      "target": [] if det is not None else None}
     seq: dict = {}
+    fits: dict = {}
     sheet = {k: [] for k in ("source", "driving", "target", "prediction")}
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(indices), unit="pair", desc=f"pyface eval {protocol}")
     state = None
+    own_detector = det is not None and isinstance(detector, str)     # started here: closed here
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
@@ -328,7 +424,10 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
                 if chunk[0] in first_of_group:
                     if want_jitter:
                         _close_sequence(res, seq)
-                        seq = {"driving": [], "output": [], "frame": []}
+                        seq = {"driving": [], "output": [], "frame": [], "target": []}
+                    if {"aed", "apd"} & set(metrics):
+                        _close_fits(res, fits, cache, det, det_key)
+                        fits = {"rows": [], "keys": [], "pred": [], "target": [], "gt": []}
                     first = {k: v[0] for k, v in batch["source"].items()}
                     source = to_pipeline_frame(first, device)
                     _sync(device)
@@ -369,10 +468,32 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
             if "csim" in metrics:
                 values["csim"]["image"][rows] = _csim(nets["csim"], batch, p, size, scale,
                                                       device)
+            if "aed_id" in metrics:
+                values["aed_id"]["image"][rows] = _aed_id(nets["csim"], batch, p, t, scale,
+                                                          device)
             if set_metrics:
                 f = nets["fid"]
                 res.features["real"][rows] = f.features((t * 2 - 1).float())
                 res.features["fake"][rows] = f.features((p * 2 - 1).float())
+            gt_lm = batch["target"].get("landmarks")
+            gt_lm = None if gt_lm is None else gt_lm.double() * scale.double()
+            pred_lm = tgt_lm = None
+            if det is not None:
+                pred_lm, pred_found = L.detect(det, (p * 2 - 1).float())
+                tgt_lm, tgt_found = _detect_targets(cache, det, det_key, chunk, t)
+            if "akd" in metrics:
+                _akd_chunk(values["akd"], rows, pred_lm, pred_found, tgt_lm, tgt_found, gt_lm,
+                           bool(ground_truth))
+            if {"aed", "apd"} & set(metrics):
+                gt_c = batch["target"].get("coeffs")
+                if ground_truth and gt_c is None:
+                    raise ValueError("data: metrics 'aed' / 'apd' with ground truth need the "
+                                     "target frames' 'coeffs' (coeffs.npy); this data has none")
+                fits["rows"] += rows
+                fits["keys"] += list(chunk)
+                fits["pred"].append(pred_lm)
+                fits["target"].append(tgt_lm)
+                fits["gt"].append(None if gt_c is None else gt_c.double())
             if want_jitter:
                 lm = batch["driving"].get("landmarks")
                 if lm is None:
@@ -381,9 +502,17 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
                 seq["driving"].append(lm.double() * scale.double())
                 fr = batch["driving"].get("frame")
                 seq["frame"].append(None if fr is None else torch.as_tensor(fr).long())
-                imp = getattr(pipeline, "implied_landmarks", None)
-                imp = imp(source, driving) if imp is not None else None
-                seq["output"].append(None if imp is None else imp.double().cpu() * scale.double())
+                if det is not None:
+                    res.jitter["kind"] = "detector"
+                    seq["output"].append(pred_lm)
+                    seq["target"].append(tgt_lm)
+                else:
+                    imp = getattr(pipeline, "implied_landmarks", None)
+                    imp = imp(source, driving) if imp is not None else None
+                    seq["output"].append(None if imp is None
+                                         else imp.double().cpu() * scale.double())
+                    if imp is not None:
+                        res.jitter["kind"] = "implied"
             if "moving" in batch:
                 moving[[pos[i] for i in chunk]] = batch["moving"].numpy().astype(bool)
             else:                                   # no coefficients: no moving subset
@@ -398,11 +527,17 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
                 bar.update(n)
         if want_jitter:
             _close_sequence(res, seq)
+        if {"aed", "apd"} & set(metrics):
+            _close_fits(res, fits, cache, det, det_key)
         if device.type == "cuda":
             res.memory_peak_mb = torch.cuda.max_memory_allocated(device) / 2 ** 20
     finally:
         if bar is not None:
             bar.close()
+        if own_detector and hasattr(det, "close"):
+            det.close()
+    if want_jitter and res.jitter["kind"] is None:
+        res.jitter["output"] = None                      # neither detected nor implied
     if sheet["prediction"]:
         size = tuple(sheet["prediction"][0].shape[-2:])
         res.sheet = {k: torch.stack(v).float() if k == "prediction"
@@ -429,6 +564,90 @@ def _csim(net, batch, p: torch.Tensor, size, scale: torch.Tensor, device) -> np.
     return v.double().cpu().numpy()
 
 
+def _aed_id(net, batch, p: torch.Tensor, t: torch.Tensor, scale: torch.Tensor,
+            device) -> np.ndarray:
+    """aed_id of one chunk (:func:`pyface.eval.motion.identity_distance`): the prediction
+    ``p (n, 3, h, w)`` and the target ``t (n, 3, h, w)`` (both in [0, 1], the prediction's size),
+    both aligned with the target frame's stored landmarks, embedded by the ArcFace of csim."""
+    from pyface.eval.motion import identity_distance
+
+    lm = batch["target"].get("landmarks")
+    if lm is None:
+        raise ValueError("data: metric 'aed_id' needs the target frames' 'landmarks' "
+                         "(landmarks.npy) to align the faces; this data has none")
+    lm = (lm.double() * scale.double()).to(device)
+    with torch.no_grad():
+        e_p = net.embed((p * 2 - 1).float().to(device), lm)
+        e_t = net.embed((t * 2 - 1).float().to(device), lm)
+    return identity_distance(e_p.cpu(), e_t.cpu()).numpy()
+
+
+def _detect_targets(cache: dict, det, det_key, chunk: list[int], t: torch.Tensor):
+    """The detector on the target frames ``t (n, 3, h, w)`` in [0, 1] of the pairs ``chunk``,
+    cached per pair (the targets are the same for every model evaluated on the data)."""
+    from pyface.eval import landmarks as L
+
+    store = cache.setdefault(("targets",) + det_key, {})
+    todo = [j for j, i in enumerate(chunk) if i not in store]
+    if todo:
+        lm, found = L.detect(det, (t[todo] * 2 - 1).float())
+        for k, j in enumerate(todo):
+            store[chunk[j]] = (lm[k], bool(found[k]))
+    lm = torch.stack([store[i][0] for i in chunk])
+    found = torch.tensor([store[i][1] for i in chunk])
+    return lm, found
+
+
+def _akd_chunk(vals: dict, rows, pred_lm, pred_found, tgt_lm, tgt_found, gt_lm,
+               ground_truth: bool) -> None:
+    """akd of one chunk (:func:`pyface.eval.motion.akd`): with ground truth the detected output
+    against the stored landmarks (``floor``: the detected target against them); without, the
+    detected output against the detected target. ``detected``: 1 where the reference exists and
+    the output's face was found."""
+    from pyface.eval.motion import akd
+
+    if ground_truth:
+        if gt_lm is None:
+            raise ValueError("data: metric 'akd' needs the target frames' ground-truth "
+                             "'landmarks' (landmarks.npy); this data has none")
+        vals["image"][rows] = akd(pred_lm, gt_lm).numpy()
+        vals["floor"][rows] = akd(tgt_lm, gt_lm).numpy()
+        vals["detected"][rows] = pred_found.double().numpy()
+    else:
+        vals["image"][rows] = akd(pred_lm, tgt_lm).numpy()
+        vals["detected"][rows] = (pred_found & tgt_found).double().numpy()
+
+
+def _close_fits(res: EvalResult, fits: dict, cache: dict, det, det_key) -> None:
+    """aed / apd of one source group: pyface's 3DMM fit (:func:`pyface.eval.motion.
+    fit_coefficients`, identity shared by the group) of the detected outputs and of the
+    detected targets (cached per group); ``gt`` against the stored coefficients and ``floor``
+    the targets' fit against them (ground truth only)."""
+    from pyface.eval import motion as mo
+
+    if not fits or not fits["rows"]:
+        return
+    conv = det.convention
+    size = res.resolution
+    pred_c = mo.fit_coefficients(torch.cat(fits["pred"]), size, convention=conv)
+    key = ("fits",) + det_key + (tuple(fits["keys"]),)
+    if key not in cache:
+        cache[key] = mo.fit_coefficients(torch.cat(fits["target"]), size, convention=conv)
+    tgt_c = cache[key]
+    rows = fits["rows"]
+    ok = (torch.isfinite(pred_c).all(1) & torch.isfinite(tgt_c).all(1)).double().numpy()
+    gt = None if any(g is None for g in fits["gt"]) else torch.cat(fits["gt"])
+    for name, fn in (("aed", mo.aed), ("apd", mo.apd)):
+        if name not in res.values:
+            continue
+        v = res.values[name]
+        v["image"][rows] = fn(pred_c, tgt_c).numpy()
+        v["detected"][rows] = ok
+        if "gt" in v and gt is not None:
+            v["gt"][rows] = fn(pred_c, gt).numpy()
+            v["floor"][rows] = fn(tgt_c, gt).numpy()
+
+
 def _close_sequence(res: EvalResult, seq: dict) -> None:
     """Adds the jitter triples of one source's driving sequence (see
     :meth:`EvalResult.jitter_summary`): runs of three consecutive driving frames (by their
@@ -451,3 +670,5 @@ def _close_sequence(res: EvalResult, seq: dict) -> None:
         else:
             res.jitter["output"].extend(M.second_differences(torch.cat(seq["output"]))[ok]
                                         .tolist())
+    if res.jitter.get("target") is not None and seq["target"]:
+        res.jitter["target"].extend(M.second_differences(torch.cat(seq["target"]))[ok].tolist())

@@ -206,20 +206,14 @@ def register(metric: Metric) -> Metric:
 
 
 #: metrics computed by the evaluator beside the per-pair image metrics of :data:`METRICS`:
-#: per pair with a network (lpips, csim), over a set of frames (fid, kid), over frame sequences
-#: (jitter), or timed (fps, always measured).
-EVALUATOR_METRICS = ("lpips", "csim", "fid", "kid", "jitter", "fps")
+#: per pair with a network (lpips, csim, aed_id), over a set of frames (fid, kid), with a
+#: landmark detector and pyface's 3DMM fit (akd per pair, aed / apd per source group; see
+#: :mod:`pyface.eval.motion`), over frame sequences (jitter), or timed (fps, always measured).
+EVALUATOR_METRICS = ("lpips", "csim", "fid", "kid", "akd", "aed", "aed_id", "apd", "jitter",
+                     "fps")
 
-#: names of the suite that are not implemented, and what they need.
-NOT_IMPLEMENTED = {
-    "akd": "a 68-point landmark detector run on the predictions (and on real frames); pyface has "
-           "none yet (`pyface data prepare`, issue 18)",
-    "aed": "pyface's 3DMM fit of the predictions' expression coefficients (`pyface data "
-           "prepare`, issue 18)",
-    "apd": "pyface's 3DMM fit of the predictions' pose (`pyface data prepare`, issue 18)",
-    "aed_id": "an identity-feature distance protocol (MMFA's 'AED') decided on ArcFace features; "
-              "use csim for now",
-}
+#: names of the suite that are not implemented, and what they need (none left).
+NOT_IMPLEMENTED: dict[str, str] = {}
 
 
 def get(name: str) -> Metric:

@@ -49,6 +49,11 @@ METRICS_NEEDING_WEIGHTS: dict[str, WeightSpec] = {
         "an ArcFace IResNet-100 (insightface arcface_torch; r50 / r34 / r18 also load)",
         "backbone.pth of an arcface_torch model, e.g. ms1mv3_arcface_r100_fp16",
         "insightface's arcface_torch model zoo (non-commercial research licence on the weights)"),
+    "aed_id": WeightSpec(
+        "aed_id",
+        "the ArcFace IResNet of csim (the same file as csim)",
+        "backbone.pth of an arcface_torch model, e.g. ms1mv3_arcface_r100_fp16",
+        "insightface's arcface_torch model zoo (non-commercial research licence on the weights)"),
 }
 
 
@@ -73,7 +78,8 @@ def require_weights(metric: str, path: str | None) -> str:
 
 def parse_weights(items) -> dict[str, str]:
     """``["lpips=PATH", "csim=PATH"]`` (the CLI's ``--weights``) -> ``{"lpips": PATH, ...}``.
-    Keys: the metric names above, plus ``lpips_heads`` (the LPIPS linear-head file)."""
+    Keys: the metric names above, plus ``lpips_heads`` (the LPIPS linear-head file); fid and
+    kid name one file, and so do csim and aed_id (either key sets both)."""
     known = set(METRICS_NEEDING_WEIGHTS) | {"lpips_heads"}
     out: dict[str, str] = {}
     for item in items or ():
@@ -87,6 +93,10 @@ def parse_weights(items) -> dict[str, str]:
         out["kid"] = out["fid"]      # the same Inception file
     elif "kid" in out and "fid" not in out:
         out["fid"] = out["kid"]
+    if "csim" in out and "aed_id" not in out:
+        out["aed_id"] = out["csim"]      # the same ArcFace file
+    elif "aed_id" in out and "csim" not in out:
+        out["csim"] = out["aed_id"]
     return out
 
 
@@ -94,8 +104,10 @@ def load_weighted_metric(metric: str, weights: dict[str, str], *,
                          device: str | None = None):
     """The network of ``metric`` built from ``weights`` (as from :func:`parse_weights`), frozen
     on ``device``: lpips -> ``LPIPS`` (call ``(x, y)``), fid / kid -> ``FIDInception`` (use
-    ``.features``), csim -> ``CSIM``. Raises MissingWeightsError without a usable file."""
-    path = require_weights(metric, weights.get(metric))
+    ``.features``), csim / aed_id -> ``CSIM`` (aed_id uses ``.embed``). Raises
+    MissingWeightsError without a usable file."""
+    alias = {"fid": "kid", "kid": "fid", "csim": "aed_id", "aed_id": "csim"}.get(metric)
+    path = require_weights(metric, weights.get(metric, weights.get(alias)))
     if metric == "lpips":
         from pyface.eval.lpips import LPIPS
         m = LPIPS(path, heads=weights.get("lpips_heads"))
