@@ -28,49 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyface.eval.weights import MissingWeightsError, missing_weights_message
+from pyface.face.align import ARCFACE_SIZE, ARCFACE_TEMPLATE, five_points, umeyama_similarity
 from pyface.nn._pretrained import load_into, read_state
 from pyface.nn.arcface import IRESNET_LAYERS, IResNet
 
-# insightface's ArcFace template for 112x112 crops, (x, y) pixels: left eye, right eye (as seen in
-# the image), nose tip, left and right mouth corners.
-ARCFACE_TEMPLATE = torch.tensor([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-                                 [41.5493, 92.3655], [70.7299, 92.2041]], dtype=torch.float64)
-ARCFACE_SIZE = 112
-
-
-def five_points(landmarks: torch.Tensor) -> torch.Tensor:
-    """landmarks: (..., 68, 2) or (..., 5, 2) pixels (x right, y down) -> (..., 5, 2)."""
-    if landmarks.ndim < 2 or landmarks.shape[-1] != 2 or landmarks.shape[-2] not in (5, 68):
-        raise ValueError(f"landmarks: expected shape (..., 68, 2) or (..., 5, 2), got "
-                         f"{tuple(landmarks.shape)}")
-    if landmarks.shape[-2] == 5:
-        return landmarks
-    return torch.stack([landmarks[..., 36:42, :].mean(-2), landmarks[..., 42:48, :].mean(-2),
-                        landmarks[..., 30, :], landmarks[..., 48, :], landmarks[..., 54, :]], -2)
-
-
-def umeyama_similarity(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-    """Least-squares similarity ``dst ~ s R src + t`` (no reflection).
-
-    src, dst: (B, N, 2) with N >= 2 -> (B, 2, 3) float64 matrices ``[s R | t]``."""
-    if src.ndim != 3 or src.shape[-1] != 2 or src.shape != dst.shape or src.shape[1] < 2:
-        raise ValueError(f"src, dst: expected equal shapes (B, N >= 2, 2), got "
-                         f"{tuple(src.shape)} and {tuple(dst.shape)}")
-    src, dst = src.double(), dst.double()
-    ms, md = src.mean(1, keepdim=True), dst.mean(1, keepdim=True)
-    xs, xd = src - ms, dst - md
-    cov = xd.transpose(1, 2) @ xs / src.shape[1]                      # (B, 2, 2)
-    U, S, Vh = torch.linalg.svd(cov)
-    d = torch.sign(torch.linalg.det(U) * torch.linalg.det(Vh))
-    d = torch.where(d == 0, torch.ones_like(d), d)
-    D = torch.stack([torch.ones_like(d), d], -1)                      # (B, 2)
-    R = U @ torch.diag_embed(D) @ Vh
-    var = xs.square().sum((1, 2)) / src.shape[1]
-    scale = (S * D).sum(-1) / var
-    A = scale[:, None, None] * R
-    t = md.squeeze(1) - (A @ ms.transpose(1, 2)).squeeze(-1)
-    return torch.cat([A, t[..., None]], -1)
-
+__all__ = ["ARCFACE_SIZE", "ARCFACE_TEMPLATE", "five_points", "umeyama_similarity", "warp_affine",
+           "align_faces", "detect_arch", "CSIM"]
 
 def warp_affine(images: torch.Tensor, matrix: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """images: (B, C, H, W); matrix: (B, 2, 3) mapping input pixels to output pixels ->

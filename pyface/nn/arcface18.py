@@ -8,8 +8,8 @@
 """ResNetArcFace-18 on 128x128 grayscale crops, 68 -> 5-point similarity alignment, and the
 identity loss built from them (OTAvatar's ArcFace term).
 
-* :func:`five_points`: landmarks (N, 68, 2) -> (N, 5, 2): eye centres (36/39, 42/45), nose tip
-  (30), mouth corners (48, 54).
+* :func:`five_points` (from :mod:`pyface.face.align`): landmarks (N, 68, 2) -> (N, 5, 2): eye
+  centres (means of 36-41 and 42-47), nose tip (30), mouth corners (48, 54).
 * :func:`align_crops`: images (N, C, H, W) + landmarks (N, 68 | 5, 2) pixels -> (N, C, S, S)
   crops, a least-squares similarity mapping the 5 points onto the 112-px template placed inside
   an S = 128 canvas (offset 8), differentiable with respect to the images.
@@ -24,37 +24,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyface.face.align import ARCFACE_TEMPLATE, five_points, umeyama_similarity
 from pyface.nn._pretrained import load_into, read_state, warn_random_init
 
 #: insightface's 5-point template for 112 x 112 crops (left eye, right eye, nose, mouth corners)
-TEMPLATE_112 = ((38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.7366),
-                (41.5493, 92.3655), (70.7299, 92.2041))
-
-
-def five_points(landmarks: torch.Tensor) -> torch.Tensor:
-    """landmarks (N, 68, 2) -> (N, 5, 2); (N, 5, 2) is returned as it is."""
-    if landmarks.dim() != 3 or landmarks.shape[1:] not in ((68, 2), (5, 2)):
-        raise ValueError(f"landmarks: expected shape (N, 68, 2) or (N, 5, 2), got "
-                         f"{tuple(landmarks.shape)}")
-    if landmarks.shape[1] == 5:
-        return landmarks
-    lm = landmarks
-    return torch.stack([(lm[:, 36] + lm[:, 39]) / 2, (lm[:, 42] + lm[:, 45]) / 2, lm[:, 30],
-                        lm[:, 48], lm[:, 54]], dim=1)
+TEMPLATE_112 = tuple(tuple(p) for p in ARCFACE_TEMPLATE.tolist())
 
 
 def similarity(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     """Least-squares similarity (rotation, uniform scale, translation) mapping src (N, K, 2) onto
-    dst (N, K, 2) or (K, 2): (N, 2, 3) matrices ``[[a, -b, tx], [b, a, ty]]``."""
-    N, K = src.shape[:2]
-    dst = dst.expand(N, K, 2).to(src.dtype)
-    x, y = src[..., 0], src[..., 1]
-    one, zero = torch.ones_like(x), torch.zeros_like(x)
-    A = torch.cat([torch.stack([x, -y, one, zero], -1), torch.stack([y, x, zero, one], -1)], 1)
-    b = torch.cat([dst[..., 0], dst[..., 1]], 1).unsqueeze(-1)
-    p = torch.linalg.lstsq(A.double(), b.double()).solution.squeeze(-1).to(src.dtype)
-    a, bb, tx, ty = p.unbind(-1)
-    return torch.stack([torch.stack([a, -bb, tx], -1), torch.stack([bb, a, ty], -1)], 1)
+    dst (N, K, 2) or (K, 2): (N, 2, 3) matrices ``[s R | t]`` in src's dtype
+    (:func:`pyface.face.align.umeyama_similarity`)."""
+    dst = dst.to(src.device).expand(src.shape[0], *src.shape[1:])
+    return umeyama_similarity(src, dst).to(src.dtype)
 
 
 def align_crops(images: torch.Tensor, landmarks: torch.Tensor, size: int = 128,

@@ -1,0 +1,57 @@
+# Provenance: the 5-point face alignment of ArcFace (deepinsight/insightface, MIT: the 5-point
+# 112x112 template) with the least-squares similarity of Umeyama (1991). Our own implementation,
+# written from the papers and the upstream's documented behaviour; no upstream code is copied.
+# pyface's code is licensed under Apache-2.0 (LICENSE).
+"""5-point face alignment shared by the identity networks (``pyface.nn.arcface18``, the models'
+identity losses) and the identity metrics (``pyface.eval.identity``: csim, aed_id).
+
+* :func:`five_points`: 68-point landmarks -> the 5 ArcFace points: the eye centres (means of the
+  68-point layout's points 36-41 and 42-47, 0-based), the nose tip (30) and the mouth corners
+  (48, 54); 5-point input is returned as it is.
+* :func:`umeyama_similarity`: the least-squares similarity (rotation, uniform scale, translation,
+  no reflection) between two point sets.
+* :data:`ARCFACE_TEMPLATE`: insightface's template for 112 x 112 crops, (x, y) pixels.
+"""
+from __future__ import annotations
+
+import torch
+
+#: insightface's ArcFace template for 112x112 crops, (x, y) pixels: left eye, right eye (as seen
+#: in the image), nose tip, left and right mouth corners. (5, 2) float64.
+ARCFACE_TEMPLATE = torch.tensor([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                                 [41.5493, 92.3655], [70.7299, 92.2041]], dtype=torch.float64)
+ARCFACE_SIZE = 112
+
+
+def five_points(landmarks: torch.Tensor) -> torch.Tensor:
+    """landmarks: (..., 68, 2) or (..., 5, 2) pixels (x right, y down) -> (..., 5, 2)."""
+    if landmarks.ndim < 2 or landmarks.shape[-1] != 2 or landmarks.shape[-2] not in (5, 68):
+        raise ValueError(f"landmarks: expected shape (..., 68, 2) or (..., 5, 2), got "
+                         f"{tuple(landmarks.shape)}")
+    if landmarks.shape[-2] == 5:
+        return landmarks
+    return torch.stack([landmarks[..., 36:42, :].mean(-2), landmarks[..., 42:48, :].mean(-2),
+                        landmarks[..., 30, :], landmarks[..., 48, :], landmarks[..., 54, :]], -2)
+
+
+def umeyama_similarity(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Least-squares similarity ``dst ~ s R src + t`` (no reflection).
+
+    src, dst: (B, N, 2) with N >= 2 -> (B, 2, 3) float64 matrices ``[s R | t]``."""
+    if src.ndim != 3 or src.shape[-1] != 2 or src.shape != dst.shape or src.shape[1] < 2:
+        raise ValueError(f"src, dst: expected equal shapes (B, N >= 2, 2), got "
+                         f"{tuple(src.shape)} and {tuple(dst.shape)}")
+    src, dst = src.double(), dst.double()
+    ms, md = src.mean(1, keepdim=True), dst.mean(1, keepdim=True)
+    xs, xd = src - ms, dst - md
+    cov = xd.transpose(1, 2) @ xs / src.shape[1]                      # (B, 2, 2)
+    U, S, Vh = torch.linalg.svd(cov)
+    d = torch.sign(torch.linalg.det(U) * torch.linalg.det(Vh))
+    d = torch.where(d == 0, torch.ones_like(d), d)
+    D = torch.stack([torch.ones_like(d), d], -1)                      # (B, 2)
+    R = U @ torch.diag_embed(D) @ Vh
+    var = xs.square().sum((1, 2)) / src.shape[1]
+    scale = (S * D).sum(-1) / var
+    A = scale[:, None, None] * R
+    t = md.squeeze(1) - (A @ ms.transpose(1, 2)).squeeze(-1)
+    return torch.cat([A, t[..., None]], -1)

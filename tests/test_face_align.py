@@ -1,0 +1,39 @@
+"""pyface.face.align: the 68 -> 5 ArcFace points and the least-squares similarity shared by the
+identity networks and the identity metrics."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pyface.face.align import ARCFACE_TEMPLATE, five_points, umeyama_similarity
+
+
+def test_five_points_layout_and_passthrough():
+    lm = torch.randn(3, 68, 2)
+    p = five_points(lm)
+    assert p.shape == (3, 5, 2)
+    torch.testing.assert_close(p[:, 0], lm[:, 36:42].mean(1))
+    torch.testing.assert_close(p[:, 1], lm[:, 42:48].mean(1))
+    assert torch.equal(p[:, 2], lm[:, 30]) and torch.equal(p[:, 3], lm[:, 48])
+    assert torch.equal(p[:, 4], lm[:, 54])
+    five = torch.randn(2, 5, 2)
+    assert five_points(five) is five
+    with pytest.raises(ValueError, match=r"landmarks: expected shape .* got \(2, 10, 2\)"):
+        five_points(torch.zeros(2, 10, 2))
+
+
+def test_umeyama_recovers_a_similarity_and_refuses_reflections():
+    src = torch.rand(2, 5, 2, dtype=torch.float64) * 100
+    ang, s, t = 0.4, 1.3, torch.tensor([5.0, -7.0], dtype=torch.float64)
+    A = s * torch.tensor([[math.cos(ang), -math.sin(ang)], [math.sin(ang), math.cos(ang)]],
+                         dtype=torch.float64)
+    M = umeyama_similarity(src, src @ A.T + t)
+    torch.testing.assert_close(M[:, :, :2], A.expand(2, 2, 2))
+    torch.testing.assert_close(M[:, :, 2], t.expand(2, 2))
+    mirrored = src * torch.tensor([-1.0, 1.0], dtype=torch.float64)
+    assert (torch.linalg.det(umeyama_similarity(src, mirrored)[:, :, :2]) > 0).all()
+    with pytest.raises(ValueError, match="src, dst: expected equal shapes"):
+        umeyama_similarity(src, src[:, :4])
+    assert ARCFACE_TEMPLATE.shape == (5, 2)
