@@ -68,6 +68,20 @@ class GOHAConfig:
     # --- optimiser --------------------------------------------------------------------------
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
+    # --- stages s1_gan and s2 (pyface.models.goha.stages) ---------------------------------
+    s1_checkpoint: str | None = None        # s1 run s1_gan starts from (set by `pyface train`)
+    s1_gan_checkpoint: str | None = None    # s1_gan run s2 starts from (set by `pyface train`)
+    vgg_weight: float = 1.0             # s1_gan / s2 VGG19 term (GOHA's layer weights); vgg_path
+    gan_weight: float = 0.1             # non-saturating logistic GAN term of G
+    r1_gamma: float = 10.0
+    d_interval: int = 4                 # D update every d_interval steps (s1_gan 4, s2 1)
+    r1_interval: int = 16               # lazy R1 every r1_interval steps
+    lr_d: float = 1e-4                  # D learning rate (s1_gan 1e-4, s2 5e-4)
+    disc_narrow: float = 1.0            # width factor of the StyleGAN2 D (GFPGAN net_d: 1)
+    disc_path: str | None = None        # GFPGANv1_net_d.pth / `pyface convert gfpgan-d` folder
+    sr_narrow: float = 1.0              # width factor of GFPGANv1Clean (GOHA: 1)
+    sr_style_features: int = 512        # GFPGANv1Clean num_style_feat (GOHA: 512)
+    sr_path: str | None = None          # GFPGANv1.3 .pth / `pyface convert gfpgan` folder
 
     def __post_init__(self):
         if self.resolution % 4 or self.resolution < 16:
@@ -83,6 +97,9 @@ class GOHAConfig:
                              f"each, got {self.exemplar_angles} / {self.exemplar_trans}")
         if len(self.betas) != 2:
             raise ValueError(f"model.betas: expected 2 numbers, got {self.betas}")
+        for k in ("d_interval", "r1_interval"):
+            if int(getattr(self, k)) < 1:
+                raise ValueError(f"model.{k}: expected >= 1, got {getattr(self, k)}")
         if self.perceptual_weight > 0 and not self.vgg_path:
             raise ValueError("model.perceptual_weight > 0 needs model.vgg_path (a torchvision "
                              "VGG19 weights file; nothing is downloaded)")

@@ -45,6 +45,26 @@ PLANE_AXES = "xy_xz_zy"
 MODES = ("src", "tar", "coarse", "cano")
 
 
+#: the model part of the ``tiny`` preset, shared by the three stages (one architecture): 64^2
+#: input, tiny MiT, planes 32^2, 32^2 renders with 12 + 12 samples, depth lifted at 16^2,
+#: compressed s1 schedule (spec 2.5); GFPGANv1Clean and the StyleGAN2 D at 1/32 width
+TINY_MODEL = {"resolution": 64, "encoder": "tiny", "encoder_width": 32, "plane_channels": 16,
+              "embed_width": 32, "eye_dilation": 3, "eye_dilation_iters": 1,
+              "pseudo_render_size": 64, "lift_resolution": 16, "lift_samples": 12,
+              "appearance_erode": 3, "render_resolution": 32, "depth_samples": 12,
+              "depth_samples_importance": 12, "decoder_hidden": 32, "decoder_features": 8,
+              "canonical_until": 100, "expression_from": 100, "appearance_from": 200,
+              "tv_points": 256, "lr": 1e-3, "betas": [0.9, 0.99], "disc_narrow": 0.03125,
+              "sr_narrow": 0.03125, "sr_style_features": 32}
+#: the model part of ``gpu-short`` (one H100/H200): 256^2 input, MiT-b0, SR and D at 1/4 width
+GPU_SHORT_MODEL = {"resolution": 256, "plane_channels": 32, "pseudo_render_size": 224,
+                   "lift_resolution": 64, "lift_samples": 24, "appearance_erode": 5,
+                   "render_resolution": 128, "depth_samples": 24,
+                   "depth_samples_importance": 24, "canonical_until": 1000,
+                   "expression_from": 1000, "appearance_from": 2000, "lr": 2e-4,
+                   "disc_narrow": 0.25, "sr_narrow": 0.25, "sr_style_features": 128}
+
+
 def bfm224_label(angles: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
     """EG3D label ``(B, 25)`` of Deep3DFaceRecon's 224 crop camera (focal 1015 px, centre
     112 px, camera 10 BFM units from the origin) for a pose ``angles (B, 3)``, ``trans (B, 3)``:
@@ -93,32 +113,25 @@ class GOHA(TrainableModel):
     ``decoder`` (:class:`OSGDecoder`)."""
 
     Config = GOHAConfig
+    #: the training stage this class trains (``s1``; :mod:`pyface.models.goha.stages`: ``s1_gan``
+    #: and ``s2``)
+    stage_name = "s1"
+    #: every plane in every mode from step 0 (the later stages); s1 follows its schedule
+    all_planes = False
+    #: the canonical branch gets gradients (frozen in s1_gan and s2)
+    canonical_trainable = True
     recipe = {"data": {"name": "pairs", "resolution": 512},
               "train": {"steps": 695_000, "batch_size": 8, "grad_clip": 1000.0,
                         "ckpt_every": 5000, "image_every": 5000}}
     presets = {
         # 2-core CPU, a few minutes: 64^2 input, tiny MiT, planes 32^2, 32^2 renders with 12 + 12
         # samples, depth lifted at 16^2; compressed schedule (spec 2.5)
-        "tiny": {"model": {"resolution": 64, "encoder": "tiny", "encoder_width": 32,
-                           "plane_channels": 16, "embed_width": 32, "eye_dilation": 3,
-                           "eye_dilation_iters": 1, "pseudo_render_size": 64,
-                           "lift_resolution": 16, "lift_samples": 12, "appearance_erode": 3,
-                           "render_resolution": 32, "depth_samples": 12,
-                           "depth_samples_importance": 12, "decoder_hidden": 32,
-                           "decoder_features": 8, "canonical_until": 100,
-                           "expression_from": 100, "appearance_from": 200, "tv_points": 256,
-                           "lr": 1e-3, "betas": [0.9, 0.99]},
+        "tiny": {"model": dict(TINY_MODEL),
                  "data": {"name": "pairs", "resolution": 64},
                  "train": {"steps": 400, "batch_size": 2, "grad_clip": 1000.0,
                            "ckpt_every": 100, "image_every": 100, "log_every": 20}},
-        # one H100/H200, about 8 minutes (not yet measured on a GPU): 256^2 input, MiT-b0
-        "gpu-short": {"model": {"resolution": 256, "plane_channels": 32,
-                                "pseudo_render_size": 224, "lift_resolution": 64,
-                                "lift_samples": 24, "appearance_erode": 5,
-                                "render_resolution": 128, "depth_samples": 24,
-                                "depth_samples_importance": 24, "canonical_until": 1000,
-                                "expression_from": 1000, "appearance_from": 2000,
-                                "lr": 2e-4},
+        # one H100/H200 (not yet measured on a GPU): 256^2 input, MiT-b0
+        "gpu-short": {"model": dict(GPU_SHORT_MODEL),
                       "data": {"name": "pairs", "resolution": 256},
                       "train": {"steps": 3000, "batch_size": 8, "ckpt_every": 1000,
                                 "image_every": 500}},
@@ -356,6 +369,16 @@ class GOHA(TrainableModel):
         planes = self.animate_planes(state, drv["coeffs"][:, 80:144])
         return self.render(planes, drv["camera"])["image"]
 
+    @property
+    def output_resolution(self) -> int:
+        """Side of :meth:`finish`'s output: the render side r (s2: the SR side R)."""
+        return self.cfg.render_resolution
+
+    def finish(self, raw: torch.Tensor) -> torch.Tensor:
+        """The final image from the raw render ``(B, 3, r, r)``: itself (s2 adds the
+        super-resolution)."""
+        return raw
+
     # ------------------------------------------------------------------ training
     def build_optimizers(self):
         return {"G": torch.optim.Adam(self.parameters(), lr=self.cfg.lr,
@@ -378,15 +401,21 @@ class GOHA(TrainableModel):
             out["perceptual"] = p(pred, target)
         return out
 
-    def s1_losses(self, batch: dict, step: int, mode: str | None = None):
-        """Losses of one s1 iteration; returns ``(total, logs, render)``."""
+    def s1_losses(self, batch: dict, step: int, mode: str | None = None, *,
+                  targets: dict | None = None):
+        """Losses of one s1 iteration; returns ``(total, logs, render)``. ``targets`` (a dict)
+        receives the prepared frames (``source``, ``driving``) and the ``target`` image of the
+        mode at the render size (B, 3, r, r)."""
         cfg = self.cfg
         mode = mode or mode_of(cfg, step)
         src = self.prepare_frame(batch["source"], "batch['source']")
         tgt = self.prepare_frame(batch["driving"], "batch['driving']")
         r = cfg.render_resolution
         mask = self.region_mask(src["coeffs"], src["camera"], cfg.resolution)
-        cano = self.encode_canonical(src["image"], mask)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.canonical_trainable):
+            cano = self.encode_canonical(src["image"], mask)
+        if targets is not None:
+            targets.update(source=src, driving=tgt)
         logs: dict[str, torch.Tensor] = {}
         if mode == "cano":
             planes = cano
@@ -402,8 +431,8 @@ class GOHA(TrainableModel):
             logs.update(neutral_l1=n["l1"].detach(), masked_l1=m["l1"].detach())
         else:
             drv = src if mode == "src" else tgt
-            use_exp = step >= cfg.expression_from
-            use_app = mode in ("src", "tar") and step >= cfg.appearance_from
+            use_exp = self.all_planes or step >= cfg.expression_from
+            use_app = mode in ("src", "tar") and (self.all_planes or step >= cfg.appearance_from)
             planes = cano
             exp_planes = None
             if use_exp or use_app:
@@ -419,7 +448,8 @@ class GOHA(TrainableModel):
                 planes = planes + self.encode_appearance(src["image"], mask, cano + src_exp,
                                                          src["camera"], regions)
             out = self.render(planes, drv["camera"])["image"]
-            p = self._photo(out, self._resize(drv["image"]))
+            target = self._resize(drv["image"])
+            p = self._photo(out, target)
             total = cfg.l1_weight * p["l1"]
             if "perceptual" in p:
                 total = total + cfg.perceptual_weight * p["perceptual"]
@@ -431,6 +461,8 @@ class GOHA(TrainableModel):
             total = total + cfg.tv_weight * tv
             logs["tv"] = tv.detach()
         logs[f"mode_{mode}"] = torch.ones(())
+        if targets is not None:
+            targets["target"] = target
         return total, logs, out
 
     def step(self, phase: str, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
@@ -454,18 +486,19 @@ class GOHA(TrainableModel):
 
 
 class GOHAPipeline(Pipeline):
-    """One-shot animation with GOHA s1.
+    """One-shot animation with GOHA (any stage; the registered ``goha`` is the last, s2).
 
-    ``resolution`` is the output side (``render_resolution``); sources are resized to the
-    encoders' ``input_resolution`` (``model.resolution``).
+    ``resolution`` is the output side (``render_resolution``; with s2's super-resolution
+    ``model.resolution``); sources are resized to the encoders' ``input_resolution``
+    (``model.resolution``).
 
     * ``encode_source``: the avatar: canonical and appearance planes (the three encoders plus
       the lift); needs ``image``, ``camera (25,)`` and ``coeffs (257,)`` (``mask`` mattes it);
     * ``encode_driving``: ``expression (T, 64)`` and ``camera (T, 25)`` from the driving
       ``coeffs`` and ``camera``;
     * ``generate``: expression planes of each driving expression (the source's identity in the
-      pseudo-render), summed with the avatar's, rendered at each driving camera:
-      ``(T, 3, r, r)`` in [-1, 1]. ``controls``: ``expression`` / ``appearance`` (bool) switch
+      pseudo-render), summed with the avatar's, rendered at each driving camera (and
+      super-resolved in s2): ``(T, 3, resolution, resolution)`` in [-1, 1]. ``controls``: ``expression`` / ``appearance`` (bool) switch
       those planes off; ``composite`` (default True) puts the render over the source's
       background when the source has a ``mask`` (GOHA's own output is matted, over black;
       the head's hole in the background is filled with the mean background colour).
@@ -475,7 +508,7 @@ class GOHAPipeline(Pipeline):
         super().__init__(model, device=device)
         #: input side R of the encoders; ``resolution`` is the output (render) side r
         self.input_resolution = int(model.cfg.resolution)
-        self.resolution = int(model.cfg.render_resolution)
+        self.resolution = int(model.output_resolution)
 
     def encode_source(self, source: dict) -> dict:
         out_res, self.resolution = self.resolution, self.input_resolution
@@ -519,10 +552,13 @@ class GOHAPipeline(Pipeline):
         planes = self.model.animate_planes(st, motion["expression"], use_expression=expression,
                                            use_appearance=appearance)
         out = self.model.render(planes, motion["camera"])
-        img = out["image"]
+        img = self.model.finish(out["image"])
         if composite and st.get("background") is not None:
             # the render is premultiplied over black: add the background where it is clear
             alpha = out["weights"].clamp(0, 1)
+            if alpha.shape[-1] != img.shape[-1]:
+                alpha = F.interpolate(alpha, size=img.shape[-2:], mode="bilinear",
+                                      align_corners=False)
             img = (img * 0.5 + 0.5 + (1 - alpha) * st["background"]) * 2 - 1
         return img.clamp(-1, 1)
 
