@@ -313,8 +313,12 @@ class GOHASR(_GANStage):
 
     def finish(self, raw: torch.Tensor) -> torch.Tensor:
         """raw render (B, 3, r, r) -> SR image (B, 3, R, R): GFPGANv1Clean on the bilinear
-        upsampling (stored noise maps outside training)."""
-        return self.sr(_resize(raw, self.cfg.resolution), randomize_noise=self.sr.training)
+        upsampling (``align_corners=True``, as GOHA's GFPUpsampler; stored noise maps outside
+        training)."""
+        R = self.cfg.resolution
+        x = raw if raw.shape[-1] == R else F.interpolate(raw, size=(R, R), mode="bilinear",
+                                                         align_corners=True)
+        return self.sr(x, randomize_noise=self.sr.training)
 
     def _fake_real(self, batch: dict, step: int):
         cfg = self.cfg
