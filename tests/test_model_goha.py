@@ -212,6 +212,28 @@ def test_every_mode_trains_its_branches():
     assert "neutral_l1" in m.s1_losses(batch, 0, "cano")[1]
 
 
+def test_matte_supervises_the_opacity_and_plane_rows_flip():
+    """mask_weight: L1 of the render's opacity to the target matte (empty space and black fog
+    look alike over black); flip_plane_rows flips Embed2Plane's rows, nothing else."""
+    torch.manual_seed(0)
+    m = GOHA(tiny_config(canonical_until=0, expression_from=0, appearance_from=0, tv_weight=0))
+    batch = {"source": frame(random_coeffs(2, seed=6)), "driving": frame(random_coeffs(2, seed=7))}
+    torch.manual_seed(1)
+    loss, logs, _ = m.s1_losses(batch, 0, "coarse")
+    m.cfg.mask_weight = 0.0
+    torch.manual_seed(1)
+    plain, logs0, _ = m.s1_losses(batch, 0, "coarse")
+    assert "mask_l1" in logs and "mask_l1" not in logs0
+    torch.testing.assert_close(loss - plain, logs["mask_l1"])
+    src = m.prepare_frame(batch["source"], "source")
+    mask = m.region_mask(src["coeffs"], src["camera"], 64)
+    with torch.no_grad():
+        a = m.encode_canonical(src["image"], mask)
+        m.cfg.flip_plane_rows = True
+        b = m.encode_canonical(src["image"], mask)
+    torch.testing.assert_close(b, a.flip(-2))
+
+
 def test_engine_step_and_exact_resume(tmp_path, data_root):
     full = Trainer(experiment(tmp_path / "full", data_root, "train.steps=2"))
     full.fit()

@@ -29,6 +29,8 @@ class GOHAConfig:
     plane_channels: int = 32            # C of every plane; planes (B, 3, C, R/2, R/2)
     embed_width: int = 128              # Embed2Plane hidden width
     share_upsampler_weights: bool = False   # GOHA's bug: xz / zy planes reuse the xy up-branch
+    flip_plane_rows: bool = False       # flip Embed2Plane's output rows: the xy plane's rows run
+    # with +y (up), the image's rows down; flipped, the encoders' maps line up with the planes
     # --- canonical branch -------------------------------------------------------------------
     mask_regions: list[str] = field(default_factory=lambda: ["brows", "eyes", "mouth", "lips"])
     eye_dilation: int = 7               # square kernel of the eye dilation (0: none)
@@ -38,6 +40,7 @@ class GOHAConfig:
     bfm_path: str | None = None         # Deep3DFaceRecon BFM_model_front.mat; None: built-in
     exemplar_angles: list[float] = field(default_factory=lambda: list(EXEMPLAR_ANGLES))
     exemplar_trans: list[float] = field(default_factory=lambda: list(EXEMPLAR_TRANS))
+    prep_default_backend: bool = True   # 3DMM renders (data preparation) on the default backends
     # --- appearance branch ------------------------------------------------------------------
     lift_resolution: int = 128          # source-view render whose depth is lifted: N = L^2 points
     lift_samples: int = 48              # coarse (= importance) samples of that render
@@ -60,6 +63,9 @@ class GOHAConfig:
     # --- losses -----------------------------------------------------------------------------
     l1_weight: float = 1.0
     neutral_weight: float = 1.0         # neutral-render term of the cano mode (x l1)
+    mask_weight: float = 0.0            # L1 of the render's opacity to the target's matte (0:
+    # GOHA; over black, an opaque black fog and empty space look alike, and a composite over a
+    # background needs the opacity)
     tv_weight: float = 0.25             # EG3D density TV: |sigma(x) - sigma(x + N(0, tv_sigma))|
     tv_points: int = 1000
     tv_sigma: float = 0.004

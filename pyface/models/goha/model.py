@@ -47,21 +47,26 @@ MODES = ("src", "tar", "coarse", "cano")
 
 #: the model part of the ``tiny`` preset, shared by the three stages (one architecture): 64^2
 #: input, tiny MiT, planes 32^2, 32^2 renders with 12 + 12 samples, depth lifted at 16^2,
-#: compressed s1 schedule (spec 2.5); GFPGANv1Clean and the StyleGAN2 D at 1/32 width
+#: compressed s1 schedule (spec 2.5); density TV at 0.05 (GOHA's 0.25 collapses the density of
+#: these 32^2 planes within 75 steps, docs/models/goha.md); the opacity supervised by the matte
+#: (the composite over the source background needs it); GFPGANv1Clean and the StyleGAN2 D at
+#: 1/32 width
 TINY_MODEL = {"resolution": 64, "encoder": "tiny", "encoder_width": 32, "plane_channels": 16,
               "embed_width": 32, "eye_dilation": 3, "eye_dilation_iters": 1,
               "pseudo_render_size": 64, "lift_resolution": 16, "lift_samples": 12,
               "appearance_erode": 3, "render_resolution": 32, "depth_samples": 12,
               "depth_samples_importance": 12, "decoder_hidden": 32, "decoder_features": 8,
               "canonical_until": 100, "expression_from": 100, "appearance_from": 200,
-              "tv_points": 256, "lr": 1e-3, "betas": [0.9, 0.99], "disc_narrow": 0.03125,
-              "sr_narrow": 0.03125, "sr_style_features": 32}
+              "tv_points": 256, "tv_weight": 0.05, "mask_weight": 1.0, "lr": 1e-3,
+              "betas": [0.9, 0.99], "disc_narrow": 0.03125, "sr_narrow": 0.03125,
+              "sr_style_features": 32}
 #: the model part of ``gpu-short`` (one H100/H200): 256^2 input, MiT-b0, SR and D at 1/4 width
 GPU_SHORT_MODEL = {"resolution": 256, "plane_channels": 32, "pseudo_render_size": 224,
                    "lift_resolution": 64, "lift_samples": 24, "appearance_erode": 5,
                    "render_resolution": 128, "depth_samples": 24,
                    "depth_samples_importance": 24, "canonical_until": 1000,
                    "expression_from": 1000, "appearance_from": 2000, "lr": 2e-4,
+                   "mask_weight": 1.0,
                    "disc_narrow": 0.25, "sr_narrow": 0.25, "sr_style_features": 128}
 
 
@@ -171,6 +176,17 @@ class GOHA(TrainableModel):
             self._perceptual = [PerceptualLoss(weights=cfg.vgg_path)]
 
     # ------------------------------------------------------------------ morphable model
+    def _prep(self):
+        """Context of the morphable-model renders (masks, pseudo-renders, neutral renders: data
+        preparation, which GOHA does in its data pipeline): the ops' default backends even under
+        ``train.backend=reference`` when ``model.prep_default_backend`` (so a fused-vs-reference
+        comparison measures the tri-plane path), else whatever is in force."""
+        import contextlib
+
+        from pyface.ops import use_backend
+
+        return use_backend(None) if self.cfg.prep_default_backend else contextlib.nullcontext()
+
     def face(self, device) -> MorphableModel:
         """The morphable model (built-in, or BFM from ``model.bfm_path``) on ``device``."""
         key = str(device)
@@ -194,7 +210,8 @@ class GOHA(TrainableModel):
         c = coeffs.float().clone()
         if neutral:
             c[:, 80:144] = 0
-        r = face.render(c, size, label=camera.float(), regions=tuple(names))
+        with self._prep():
+            r = face.render(c, size, label=camera.float(), regions=tuple(names))
         out = torch.zeros_like(r.mask)
         for n in names:
             m = r.regions[n]
@@ -214,8 +231,9 @@ class GOHA(TrainableModel):
         angles = torch.tensor(self.cfg.exemplar_angles, device=dev).expand(B, 3)
         trans = torch.tensor(self.cfg.exemplar_trans, device=dev).expand(B, 3)
         coeffs = merge_coeffs(s["id"], expression.float(), s["tex"], angles, s["gamma"], trans)
-        r = self.face(dev).render(coeffs, self.cfg.pseudo_render_size,
-                                  label=bfm224_label(angles, trans))
+        with self._prep():
+            r = self.face(dev).render(coeffs, self.cfg.pseudo_render_size,
+                                      label=bfm224_label(angles, trans))
         img = r.image * 2 - 1
         R = self.cfg.resolution
         if img.shape[-1] != R:
@@ -229,7 +247,8 @@ class GOHA(TrainableModel):
         ``(image (B, 3, size, size) in [-1, 1], mask (B, 1, size, size))``."""
         c = coeffs.float().clone()
         c[:, 80:144] = 0
-        r = self.face(coeffs.device).render(c, size, label=camera.float())
+        with self._prep():
+            r = self.face(coeffs.device).render(c, size, label=camera.float())
         return r.image * 2 - 1, r.mask
 
     # ------------------------------------------------------------------ branches
@@ -244,12 +263,17 @@ class GOHA(TrainableModel):
         self._check_image("image", image)
         self._check_image("region_mask", region_mask, 1)
         x = imagenet_normalize(image) * (1 - region_mask)
-        return self.embed_canonical(self.encoder_canonical(x))
+        return self._orient(self.embed_canonical(self.encoder_canonical(x)))
 
     def encode_expression(self, pseudo: torch.Tensor) -> torch.Tensor:
         """pseudo (B, 3, R, R) in [-1, 1] (:meth:`pseudo_render`) -> planes (B, 3, C, P, P)."""
         self._check_image("pseudo", pseudo)
-        return self.embed_expression(self.encoder_expression(imagenet_normalize(pseudo)))
+        return self._orient(self.embed_expression(self.encoder_expression(
+            imagenet_normalize(pseudo))))
+
+    def _orient(self, planes: torch.Tensor) -> torch.Tensor:
+        """Embed2Plane output (B, 3, C, P, P), rows flipped with ``model.flip_plane_rows``."""
+        return planes.flip(-2) if self.cfg.flip_plane_rows else planes
 
     def render(self, planes: torch.Tensor, camera: torch.Tensor, resolution: int | None = None,
                *, lift: bool = False) -> dict[str, torch.Tensor]:
@@ -321,7 +345,8 @@ class GOHA(TrainableModel):
     # ------------------------------------------------------------------ whole model
     def prepare_frame(self, frame: dict, name: str) -> dict:
         """A batched frame dict -> ``image`` (B, 3, R, R) float in [-1, 1], matted by ``mask``
-        when present, ``camera`` (B, 25) float, ``coeffs`` (B, 257) float."""
+        when present, ``camera`` (B, 25) float, ``coeffs`` (B, 257) float, ``mask``
+        (B, 1, R, R) float in [0, 1] or None."""
         img = to_signed(_frame(frame, "image", (3, None, None), name))
         self._check_image(f"{name}['image']", img)
         cam_ = _frame(frame, "camera", (25,), name).float()
@@ -329,11 +354,12 @@ class GOHA(TrainableModel):
         if img.shape[0] != cam_.shape[0] or img.shape[0] != coeffs.shape[0]:
             raise ValueError(f"{name}: batch sizes differ: image {img.shape[0]}, camera "
                              f"{cam_.shape[0]}, coeffs {coeffs.shape[0]}")
+        m = None
         if "mask" in frame:
             m = frame["mask"]
             m = m.float() / 255 if m.dtype == torch.uint8 else m.float()
             img = img * m + (-1) * (1 - m)                              # black background
-        return {"image": img, "camera": cam_, "coeffs": coeffs}
+        return {"image": img, "camera": cam_, "coeffs": coeffs, "mask": m}
 
     def encode_source(self, src: dict, *, appearance: bool = True) -> dict:
         """Prepared source frame -> ``canonical`` planes, ``appearance`` planes (or None),
@@ -419,7 +445,8 @@ class GOHA(TrainableModel):
         logs: dict[str, torch.Tensor] = {}
         if mode == "cano":
             planes = cano
-            out = self.render(planes, tgt["camera"])["image"]
+            rend = self.render(planes, tgt["camera"])
+            out, matte = rend["image"], tgt["mask"]
             neutral, nmask = self.neutral_render(tgt["coeffs"], tgt["camera"], r)
             tmask = 1 - self.region_mask(tgt["coeffs"], tgt["camera"], r)
             target = self._resize(tgt["image"])
@@ -447,13 +474,18 @@ class GOHA(TrainableModel):
                                            neutral=True)
                 planes = planes + self.encode_appearance(src["image"], mask, cano + src_exp,
                                                          src["camera"], regions)
-            out = self.render(planes, drv["camera"])["image"]
+            rend = self.render(planes, drv["camera"])
+            out, matte = rend["image"], drv["mask"]
             target = self._resize(drv["image"])
             p = self._photo(out, target)
             total = cfg.l1_weight * p["l1"]
             if "perceptual" in p:
                 total = total + cfg.perceptual_weight * p["perceptual"]
             logs["l1"] = p["l1"].detach()
+        if cfg.mask_weight > 0 and matte is not None:
+            ml = (rend["weights"] - self._resize(matte).clamp(0, 1)).abs().mean()
+            total = total + cfg.mask_weight * ml
+            logs["mask_l1"] = ml.detach()
         if cfg.tv_weight > 0:
             tv = density_l1_regularizer(planes, self.decoder, n_points=cfg.tv_points,
                                         p_dist=cfg.tv_sigma, plane_axes=PLANE_AXES,
