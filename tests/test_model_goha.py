@@ -429,3 +429,21 @@ def test_s2_pipeline_super_resolves(chain):
     assert not torch.allclose(out, again)          # composited over the source background
     with pytest.raises(ValueError, match="power of two"):
         GOHASR(tiny_config(resolution=48))
+
+
+def test_static_multiview_pairs_train_s1(tmp_path):
+    """The platform's `multiview` dataset (one instant from two cameras) feeds GOHA as is:
+    `--set data.name=multiview` (data rendered with `pyface data synth --multiview`)."""
+    from pyface.data.synthetic import SynthConfig, generate
+
+    root = tmp_path / "mv"
+    generate(str(root), SynthConfig(identities=1, videos_per_identity=1, frames=2, resolution=64,
+                                    workers=1, cross=False, multiview=True), progress=False)
+    from pyface.data.datasets import MultiViewDataset
+
+    item = MultiViewDataset(root, 64)[0]
+    assert not torch.equal(item["source"]["camera"], item["driving"]["camera"])
+    assert torch.equal(item["source"]["coeffs"][80:144], item["driving"]["coeffs"][80:144])
+    t = Trainer(experiment(tmp_path / "run", root, "train.steps=1", "data.name=multiview"))
+    t.fit()
+    assert t.step == 1
