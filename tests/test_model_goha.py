@@ -424,9 +424,24 @@ def test_s2_pipeline_super_resolves(chain):
         out = pipe.animate(source, driving)
         again = pipe.animate(source, driving, composite=False)
         rec = pipe.reconstruct(source)
+        st, mo = pipe.encode_source(source), pipe.encode_driving(driving)
+        torch.manual_seed(1)
+        comp = pipe.generate(st, mo)
+        torch.manual_seed(1)
+        plain = pipe.generate(st, mo, composite=False)
+        torch.manual_seed(1)
+        planes = pipe.model.animate_planes(
+            {k: (v.expand(2, *v.shape[1:]) if torch.is_tensor(v) else v) for k, v in st.items()},
+            mo["expression"])
+        alpha = torch.nn.functional.interpolate(
+            pipe.model.render(planes, mo["camera"])["weights"].clamp(0, 1), size=(64, 64),
+            mode="bilinear", align_corners=False)
     assert out.shape == (2, 3, 64, 64) and rec.shape == (1, 3, 64, 64)
     assert out.abs().max() <= 1 and torch.isfinite(out).all()
     assert not torch.allclose(out, again)          # composited over the source background
+    # the SR image is kept inside the render's opacity, the background fills the rest
+    want = (((plain + 1) / 2).clamp(0, 1) * alpha + (1 - alpha) * st["background"]) * 2 - 1
+    torch.testing.assert_close(comp, want.clamp(-1, 1), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="power of two"):
         GOHASR(tiny_config(resolution=48))
 
