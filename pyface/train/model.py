@@ -258,6 +258,17 @@ def load_pretrained(path: str, *, ema: bool = True) -> tuple[dict, dict[str, tor
     return p.config, p.state
 
 
+
+def load_registered(model: str, path: str, *, ema: bool = True,
+                    device: str | torch.device | None = "cpu"):
+    """The inference pipeline of another registered model ``model`` with the weights of
+    ``path`` (:func:`pyface.models.load`, resolved through the registry by name), for a model
+    built on it: OTAvatar fine-tunes the EG3D generator of an ``eg3d`` run or converted folder
+    (``load_registered("eg3d", path).G``) without importing the ``eg3d`` package."""
+    from pyface.models import load
+
+    return load(model, path, device=device, ema=ema)
+
 # --------------------------------------------------------------------------------------------
 # Inference pipelines
 # --------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ MODELS: dict[str, str] = {
     "goha": "pyface.models.goha.stages:GOHASR",
     "export3d_clebs": "pyface.models.export3d:CLeBS",
     "export3d": "pyface.models.export3d:Export3D",
+    "otavatar": "pyface.models.otavatar.model:OTAvatar",
 }
 
 DATASETS: dict[str, str] = {

@@ -33,7 +33,7 @@ def load_generator(path: str, *, device="cpu", ema: bool = True) -> EG3DGenerato
             raise ckpt.CheckpointError(f"{path}: run folder without checkpoints")
         path = latest
     meta = ckpt.read_meta(path)
-    if meta.get("kind") == "eg3d":
+    if meta.get("kind") in ("eg3d", "otavatar"):   # otavatar: the generator of its release
         return load_converted(path, device=device)
     if meta.get("kind") != "train" or meta.get("experiment", {}).get("model") != "eg3d":
         raise ckpt.CheckpointError(f"{path}: expected converted EG3D weights (kind 'eg3d') or a "

@@ -1,0 +1,114 @@
+# Provenance: option names and defaults follow OTAvatar (Ma et al., CVPR 2023;
+# theEricMa/OTAvatar, commit c8c484f, CC BY-NC-SA 4.0; config/otavatar.yaml and its trainer) as
+# documented in shared/reference/specs/otavatar-goha.md section 1. Our own implementation; no
+# upstream code is copied. pyface's code is licensed under Apache-2.0 (LICENSE).
+"""Configuration of OTAvatar (``pyface train otavatar``): the motion controller, the losses and
+the decoupling-by-inverting recipe. Defaults are the paper / reference-code values."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ControllerOptions:
+    """:class:`pyface.nn.MotionControllerConfig` fields (``model.controller.*``); ``w_dim`` and
+    ``num_ws`` come from the generator. Defaults: OTAvatar's 869,420-parameter controller."""
+
+    window: int = 27
+    descriptor: int = 256
+    first_kernel: int = 7
+    layers: int = 3
+    dilation: int = 3
+    mlp_layers: int = 5
+    tie_mlp: bool = True
+    directions: int = 20
+    global_row: bool = True
+    init_gain: float = 0.02
+
+
+@dataclass
+class OTAvatarConfig:
+    """OTAvatar: an EG3D generator (fine-tuned) + motion controller, trained by inverting.
+
+    Attributes:
+        generator: the EG3D generator to start from: a ``pyface convert eg3d`` /
+            ``pyface convert otavatar`` folder or a ``pyface train eg3d`` run (stage ``eg3d``,
+            trained first by ``pyface train otavatar --preset tiny|gpu-short`` when empty).
+        controller_init: a ``pyface convert otavatar`` folder whose controller initialises ours
+            (None: Xavier init, gain ``controller.init_gain``).
+        controller: controller sizes (:class:`ControllerOptions`).
+        local_batch: items per rank (the inverted latents are one row per item: rank-local
+            parameters of this many rows; ``train.batch_size / world_size``).
+        invert_iters: inversion iterations per batch (100); the last ``invert_controller_iters``
+            (10) step the controller instead of W and the intrinsics bias, and only they use the
+            super-resolved image.
+        invert_lr, invert_betas, invert_clip: Adam of W (0.01, (0.9, 0.999), grad-norm clip 1
+            over the whole W tensor).
+        intrinsics_lr, intrinsics_betas: AdamW (weight decay 0) of the intrinsics bias s, t
+            (B, 18): ``K' = K (1 + tanh s) + t`` (0.01, (0.9, 0.9999)).
+        controller_lr, controller_betas, controller_wd: AdamW of the controller (1e-3,
+            (0.5, 0.999), weight decay 1: the paper's l1 on the controller is this decay).
+        generator_lr, generator_betas: Adam of the generator refinement (1e-4, (0.9, 0.9999)).
+        clip: grad-norm clip of the controller and generator updates (1).
+        w_clamp: training clamps ws to ``w_avg +- w_clamp`` (5; None: no clamp); inference never
+            clamps.
+        w_perceptual, style_weight: VGG19 perceptual loss (relu1_1..relu5_1, L1) and its Gram
+            term on the first scale (1, 250); 2 scales on the raw render, 4 on the SR output.
+        vgg_weights: torchvision VGG19 file (``pyface convert vgg19``); None: the perceptual term
+            is replaced by an image-pyramid L1 (a warning says so once).
+        w_smooth_l1: SmoothL1 on the raw render and the SR output (1).
+        w_mouth, w_eyes: RoI L1 of the mouth (landmarks 48-67) and of the eyes (36-41, 42-47)
+            (10, 10); boxes 120/512 of the image with int(10/512 H) padding.
+        eye_roi_bug: reproduce the reference's eye term (the predicted eye crops are cut from
+            the target, so the term is identically zero). Default False: the bug is fixed.
+        w_identity, arcface_weights: ArcFace identity loss (1): ResNetArcFace-18 weights (a
+            local file, e.g. GFPGAN's ``arcface_resnet18.pth``) on 5-point-aligned grayscale
+            128² crops (:mod:`pyface.nn.arcface18`); None disables it (a warning says so once).
+        w_monotonic, w_tv, density_points, tv_sigma: density regularisers on each refined
+            frame's planes (1, 0.25, 2000 points, sigma 0.004).
+        invert_steps, invert_space, wplus_steps: inference inversion (pipeline): W iterations
+            (100), and an optional W+ pass of ``wplus_steps`` more (``invert_space="w+"``).
+        pti_steps, pti_lr, pti_stop: optional pivotal tuning after the inversion: a copy of the
+            generator, Adam ``pti_lr`` (3e-4), at most ``pti_steps`` iterations (0: off; the
+            reference: 50) of SmoothL1 on the raw and super-resolved images, stopping once that
+            loss is <= ``pti_stop`` (the reference stops at LPIPS <= 0.06; pyface.nn has no
+            LPIPS, so the rule is on the SmoothL1; None: run every iteration).
+    """
+
+    generator: str | None = None
+    controller_init: str | None = None
+    controller: ControllerOptions = field(default_factory=ControllerOptions)
+    local_batch: int = 6
+    invert_iters: int = 100
+    invert_controller_iters: int = 10
+    invert_lr: float = 0.01
+    invert_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    invert_clip: float = 1.0
+    intrinsics_lr: float = 0.01
+    intrinsics_betas: list[float] = field(default_factory=lambda: [0.9, 0.9999])
+    controller_lr: float = 1e-3
+    controller_betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    controller_wd: float = 1.0
+    generator_lr: float = 1e-4
+    generator_betas: list[float] = field(default_factory=lambda: [0.9, 0.9999])
+    clip: float = 1.0
+    w_clamp: float | None = 5.0
+    w_perceptual: float = 1.0
+    style_weight: float = 250.0
+    vgg_weights: str | None = None
+    w_smooth_l1: float = 1.0
+    w_mouth: float = 10.0
+    w_eyes: float = 10.0
+    eye_roi_bug: bool = False
+    w_identity: float = 1.0
+    arcface_weights: str | None = None
+    w_monotonic: float = 1.0
+    w_tv: float = 0.25
+    density_points: int = 2000
+    tv_sigma: float = 0.004
+    invert_steps: int = 100
+    invert_space: str = "w"
+    wplus_steps: int = 100
+    pti_steps: int = 0
+    pti_lr: float = 3e-4
+    pti_stop: float | None = None

@@ -1,0 +1,334 @@
+# Provenance: reproduces the semantics of OTAvatar's "decoupling by inverting" training
+# (Ma et al., CVPR 2023; theEricMa/OTAvatar, commit c8c484f, CC BY-NC-SA 4.0;
+# trainers/otavatar_trainer.py) as documented in shared/reference/specs/otavatar-goha.md
+# section 1.1. Our own implementation; no upstream code is copied. pyface's code is licensed
+# under Apache-2.0 (LICENSE).
+"""``pyface train otavatar``: an EG3D generator (fine-tuned) driven by OTAvatar's motion
+controller, trained by inverting each batch.
+
+Per batch of ``B`` items of ``K`` frames of one video (``motion_windows``):
+
+1. inversion: the identity latent w (B, 1, w_dim), repeated over the num_ws layers, starts
+   at ``w_avg``; for
+   ``invert_iters`` iterations both frames are rendered as one (B K) batch with the EMA
+   generator at ``ws = clamp(W + controller(window), w_avg +- w_clamp)``; the first iterations
+   step W and the intrinsics bias (B, 18), the last ``invert_controller_iters`` step the
+   controller (and add the super-resolved terms);
+2. refinement: for each frame, one update of the controller and the generator (losses + the
+   density regularisers on that frame's planes);
+3. the engine's EMA (``train.ema``: generator and controller, decay 0.95) after the step.
+
+Every update goes through ``ctx.update``: W and the bias are rank-local parameters
+(``local_batch`` rows), so N ranks compute what one process does with the whole batch.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyface.nn.controller import MotionController, MotionControllerConfig
+from pyface.nn.render import density_l1_regularizer, density_monotonic_regularizer
+from pyface.train.model import Phase, Stage, StepContext, TrainableModel, load_registered
+
+from pyface.models.otavatar.config import OTAvatarConfig
+from pyface.models.otavatar.losses import OTAvatarLoss
+from pyface.models.otavatar.pipeline import OTAvatarPipeline
+
+log = logging.getLogger("pyface.models.otavatar")
+
+MOTION_DIM = 70
+_EMA = ["generator", "controller"]
+
+_TINY = {
+    # 2-core CPU: the eg3d tiny generator (32^2 output, 16^2 render, 12+12 samples, w 32),
+    # a small controller on 13-frame windows, 16-iteration inversion; the pipeline tunes the
+    # generator on the source (PTI, 100 iterations)
+    "model": {"controller": {"window": 13, "descriptor": 64, "first_kernel": 3, "layers": 2,
+                             "dilation": 2, "directions": 8},
+              "local_batch": 2, "invert_iters": 16, "invert_controller_iters": 2,
+              "invert_lr": 0.1, "intrinsics_lr": 0.002, "controller_lr": 1e-3,
+              "controller_wd": 0.01, "generator_lr": 1e-4, "density_points": 500,
+              "invert_steps": 30, "wplus_steps": 0, "pti_steps": 100, "pti_lr": 3e-3},
+    "data": {"name": "motion_windows", "resolution": 32,
+             "options": {"frames_per_item": 2, "radius": 6, "repeats": 64}},
+    "train": {"steps": 150, "batch_size": 2, "log_every": 10, "ckpt_every": 75,
+              "image_every": 75, "video_frames": 0,
+              "ema": {"modules": _EMA, "decay": 0.95, "half_life_kimg": None}},
+}
+
+_GPU_SHORT = {
+    # one H100/H200, about 8 minutes: the eg3d gpu-short generator (128^2, 64^2 render),
+    # full controller, 30-iteration inversion
+    "model": {"local_batch": 4, "invert_iters": 30, "invert_controller_iters": 5,
+              "invert_steps": 100, "wplus_steps": 0},
+    "data": {"name": "motion_windows", "resolution": 128,
+             "options": {"frames_per_item": 2, "radius": 13, "repeats": 64}},
+    "train": {"steps": 600, "batch_size": 4, "log_every": 20, "ckpt_every": 300,
+              "image_every": 300, "precision": "fp32",
+              "ema": {"modules": _EMA, "decay": 0.95, "half_life_kimg": None}},
+}
+
+_FULL = {
+    # the paper: 2000 iterations at batch 24 (4 x 6) on an ffhqrebalanced512-64 generator
+    "model": {"local_batch": 6},
+    "data": {"name": "motion_windows", "resolution": 512,
+             "options": {"frames_per_item": 2, "radius": 13}},
+    "train": {"steps": 2000, "batch_size": 24, "log_every": 10, "ckpt_every": 500,
+              "image_every": 500,
+              "ema": {"modules": _EMA, "decay": 0.95, "half_life_kimg": None}},
+}
+
+
+def apply_intrinsics(camera: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """camera (N, 25) EG3D labels, bias (N, 18) = (s, t) -> labels with
+    ``K' = K (1 + tanh s) + t`` (K: the 9 flattened normalised intrinsics)."""
+    if camera.dim() != 2 or camera.shape[1] != 25:
+        raise ValueError(f"camera: expected shape (N, 25), got {tuple(camera.shape)}")
+    if bias.shape != (camera.shape[0], 18):
+        raise ValueError(f"bias: expected shape ({camera.shape[0]}, 18), got "
+                         f"{tuple(bias.shape)}")
+    K = camera[:, 16:]
+    K = K * (1 + torch.tanh(bias[:, :9])) + bias[:, 9:]
+    return torch.cat([camera[:, :16], K], dim=1)
+
+
+def density_terms(G, planes: torch.Tensor, cfg: OTAvatarConfig) -> dict[str, torch.Tensor]:
+    """Monotonic (no detach, x1) and TV (L1 under N(0, tv_sigma^2) jitter) density terms of
+    planes (N, 3, C, P, P) through G's decoder."""
+    r = G.cfg.render
+    out = {}
+    if cfg.w_monotonic:
+        out["monotonic"] = density_monotonic_regularizer(
+            planes, G.decoder, n_points=cfg.density_points, box_size=r.box_warp, detach=False,
+            scale=1.0, plane_axes=r.plane_axes)
+    if cfg.w_tv:
+        out["tv"] = density_l1_regularizer(planes, G.decoder, n_points=cfg.density_points,
+                                           p_dist=cfg.tv_sigma, plane_axes=r.plane_axes,
+                                           box_size=r.box_warp)
+    return out
+
+
+class OTAvatar(TrainableModel):
+    """EG3D ``generator`` + :class:`pyface.nn.MotionController` ``controller`` (codebook
+    included), and the rank-local inversion parameters ``latent`` (local_batch, 1, w_dim) (one
+    w per item, repeated over the num_ws layers) and ``intrinsics`` (local_batch, 18).
+
+    Batches (``motion_windows``): ``image`` (B, K, 3, R, R) in [-1, 1] with R the generator's
+    ``img_resolution``, ``motion`` (B, K, 70, window), ``camera`` (B, K, 25), optionally
+    ``landmarks`` (B, K, 68, 2) pixels at R.
+
+    ``forward(w (B, num_ws, w_dim), motion (B, 70, window), camera (B, 25))`` -> the generator's
+    dict (``image``, ``image_raw``, ``planes``, ...) at ``ws = w + controller(motion)``.
+    """
+
+    Config = OTAvatarConfig
+    Pipeline = OTAvatarPipeline
+    stages = (Stage("eg3d", "eg3d", "generator"),)
+    recipe = _FULL          # the reference's recipe; the presets override it
+    presets = {"tiny": _TINY, "gpu-short": _GPU_SHORT, "full": _FULL}
+
+    @staticmethod
+    def load_pipeline(path: str, *, device=None, ema: bool = True) -> OTAvatarPipeline:
+        """``pyface.models.load("otavatar", path)``: an OTAvatar run / checkpoint, or a
+        ``pyface convert otavatar`` folder (the authors' release)."""
+        return OTAvatarPipeline.from_checkpoint(path, device=device, ema=ema)
+
+    def __init__(self, cfg: OTAvatarConfig | None = None):
+        super().__init__()
+        cfg = cfg or OTAvatarConfig()
+        if not cfg.generator:
+            raise ValueError("model.generator: required: a `pyface convert eg3d` / `pyface "
+                             "convert otavatar` folder or a `pyface train eg3d` run (`pyface "
+                             "train otavatar --preset tiny` trains one first as stage 'eg3d'), "
+                             "got None")
+        if not 0 <= cfg.invert_controller_iters <= cfg.invert_iters:
+            raise ValueError(f"model.invert_controller_iters: expected 0..invert_iters "
+                             f"({cfg.invert_iters}), got {cfg.invert_controller_iters}")
+        if cfg.invert_space not in ("w", "w+"):
+            raise ValueError(f"model.invert_space: expected 'w' or 'w+', got "
+                             f"{cfg.invert_space!r}")
+        if cfg.local_batch < 1:
+            raise ValueError(f"model.local_batch: expected >= 1, got {cfg.local_batch}")
+        self.cfg = cfg
+        self.generator = load_registered("eg3d", cfg.generator, device="cpu").G
+        self.generator.train()
+        G = self.generator
+        c = cfg.controller
+        self.controller = MotionController(MotionControllerConfig(
+            in_channels=MOTION_DIM, window=c.window, descriptor=c.descriptor,
+            first_kernel=c.first_kernel, layers=c.layers, dilation=c.dilation,
+            mlp_layers=c.mlp_layers, tie_mlp=c.tie_mlp, num_ws=G.num_ws,
+            directions=c.directions, w_dim=G.cfg.w_dim, global_row=c.global_row,
+            init_gain=c.init_gain))
+        if cfg.controller_init:
+            from pyface.models.otavatar.convert import load_controller
+
+            ctrl = load_controller(cfg.controller_init)
+            self.controller.load_state_dict(ctrl.state_dict())
+        self.latent = nn.Parameter(torch.zeros(cfg.local_batch, 1, G.cfg.w_dim))
+        self.intrinsics = nn.Parameter(torch.zeros(cfg.local_batch, 18))
+        self.loss = OTAvatarLoss(
+            w_perceptual=cfg.w_perceptual, style_weight=cfg.style_weight,
+            vgg_weights=cfg.vgg_weights, w_smooth_l1=cfg.w_smooth_l1, w_mouth=cfg.w_mouth,
+            w_eyes=cfg.w_eyes, eye_roi_bug=cfg.eye_roi_bug, w_identity=cfg.w_identity,
+            arcface_weights=cfg.arcface_weights)
+
+    # --- pieces ----------------------------------------------------------------------------
+    @property
+    def w_avg(self) -> torch.Tensor:
+        """(w_dim,) the generator mapping's tracked mean latent."""
+        return self.generator.backbone.mapping.w_avg
+
+    @property
+    def resolution(self) -> int:
+        return int(self.generator.cfg.img_resolution)
+
+    def motion_ws(self, w: torch.Tensor, motion: torch.Tensor, *, controller=None,
+                  clamp: bool = False) -> torch.Tensor:
+        """w (N, num_ws, w_dim), motion (N, 70, window) -> ws (N, num_ws, w_dim) =
+        ``w + controller(motion)``, clamped to ``w_avg +- w_clamp`` with ``clamp``."""
+        ctrl = controller if controller is not None else self.controller
+        n, d = self.generator.num_ws, self.generator.cfg.w_dim
+        if w.dim() != 3 or w.shape[1:] != (n, d):
+            raise ValueError(f"w: expected shape (N, {n}, {d}), got {tuple(w.shape)}")
+        if motion.dim() != 3 or motion.shape[0] != w.shape[0]:
+            raise ValueError(f"motion: expected shape ({w.shape[0]}, {MOTION_DIM}, "
+                             f"{self.controller.cfg.window}), got {tuple(motion.shape)}")
+        ws = w + ctrl(motion.to(w.dtype))
+        return self._clamp(ws) if clamp else ws
+
+    def forward(self, w: torch.Tensor, motion: torch.Tensor, camera: torch.Tensor, *,
+                sr: bool = True) -> dict[str, torch.Tensor]:
+        return self.generator.synthesis(self.motion_ws(w, motion), camera, sr=sr)
+
+    # --- training --------------------------------------------------------------------------
+    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        cfg = self.cfg
+        return {
+            "latent": torch.optim.Adam([{"params": [self.latent], "local": True,
+                                         "max_norm": cfg.invert_clip}], lr=cfg.invert_lr,
+                                       betas=tuple(cfg.invert_betas)),
+            "intrinsics": torch.optim.AdamW([{"params": [self.intrinsics], "local": True}],
+                                            lr=cfg.intrinsics_lr,
+                                            betas=tuple(cfg.intrinsics_betas), weight_decay=0.0),
+            "controller": torch.optim.AdamW([{"params": list(self.controller.parameters()),
+                                              "max_norm": cfg.clip}], lr=cfg.controller_lr,
+                                            betas=tuple(cfg.controller_betas),
+                                            weight_decay=cfg.controller_wd),
+            "generator": torch.optim.Adam([{"params": list(self.generator.parameters()),
+                                            "max_norm": cfg.clip}], lr=cfg.generator_lr,
+                                          betas=tuple(cfg.generator_betas)),
+        }
+
+    def phases(self) -> list[Phase]:
+        return [Phase("main", None)]
+
+    def _unpack(self, batch: dict):
+        for k in ("image", "motion", "camera"):
+            if k not in batch:
+                raise ValueError(f"batch['{k}']: missing; otavatar trains on the "
+                                 "'motion_windows' dataset (image, motion, camera, landmarks)")
+        img, motion, cam = batch["image"], batch["motion"], batch["camera"]
+        R, win = self.resolution, self.controller.cfg.window
+        if img.dim() != 5 or img.shape[2:] != (3, R, R):
+            raise ValueError(f"batch['image']: expected (B, K, 3, {R}, {R}) (R = the "
+                             f"generator's img_resolution; set data.resolution={R}), got "
+                             f"{tuple(img.shape)}")
+        B, K = img.shape[:2]
+        if motion.shape != (B, K, MOTION_DIM, win):
+            raise ValueError(f"batch['motion']: expected ({B}, {K}, {MOTION_DIM}, {win}) "
+                             f"(data.options.radius = {(win - 1) // 2}), got "
+                             f"{tuple(motion.shape)}")
+        if cam.shape != (B, K, 25):
+            raise ValueError(f"batch['camera']: expected ({B}, {K}, 25), got "
+                             f"{tuple(cam.shape)}")
+        if B > self.cfg.local_batch:
+            raise ValueError(f"batch['image']: {B} items on this rank, but model.local_batch = "
+                             f"{self.cfg.local_batch} (set it to train.batch_size / ranks)")
+        lm = batch.get("landmarks")
+        if img.dtype == torch.uint8:
+            img = img.float() / 127.5 - 1
+        return img.float(), motion.float(), cam.float(), None if lm is None else lm.float()
+
+    def step(self, phase: str, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        img, motion, cam, lm = self._unpack(batch)
+        B, K = img.shape[:2]
+        x, m, c = img.flatten(0, 1), motion.flatten(0, 1), cam.flatten(0, 1)
+        lmf = None if lm is None else lm.flatten(0, 1)
+        G_ema = ctx.ema("generator")
+        # 1. inversion of W and the intrinsics bias on both frames (one B*K batch, EMA G)
+        with torch.no_grad():
+            self.latent.copy_(self.w_avg.to(self.latent.dtype).expand_as(self.latent))
+            self.intrinsics.zero_()
+        ctx.reset_optimizer("latent")
+        ctx.reset_optimizer("intrinsics")
+        n_w = cfg.invert_iters - cfg.invert_controller_iters
+        first = last = None
+        for it in range(cfg.invert_iters):
+            w = self.latent[:B].repeat_interleave(K, 0).expand(-1, self.generator.num_ws, -1)
+            camk = apply_intrinsics(c, self.intrinsics[:B].repeat_interleave(K, 0))
+            if it < n_w:
+                with torch.no_grad():
+                    offset = self.controller(m)
+                ws = self._clamp(w + offset)
+                out = G_ema.synthesis(ws, camk, sr=False)
+                loss, _ = self.loss(out, x, lmf, sr=False)
+                ctx.update(("latent", "intrinsics"), loss)
+                first = loss.detach() if first is None else first
+                last = loss.detach()
+            else:
+                ws = self._clamp(w.detach() + self.controller(m))
+                out = G_ema.synthesis(ws, camk.detach(), sr=True)
+                loss, _ = self.loss(out, x, lmf, sr=True)
+                ctx.update("controller", loss)
+        # 2. refinement of the controller and the generator, frame by frame
+        w = self.latent[:B].detach().expand(-1, self.generator.num_ws, -1)
+        kb = self.intrinsics[:B].detach()
+        logs: dict[str, torch.Tensor] = {}
+        total = x.new_zeros(())
+        for f in range(K):
+            sel = torch.arange(B, device=x.device) * K + f
+            ws = self._clamp(w + self.controller(m[sel]))
+            out = self.generator.synthesis(ws, apply_intrinsics(c[sel], kb), sr=True)
+            loss, terms = self.loss(out, x[sel], None if lmf is None else lmf[sel], sr=True)
+            dens = density_terms(self.generator, out["planes"], cfg)
+            if "monotonic" in dens:
+                loss = loss + cfg.w_monotonic * dens["monotonic"]
+            if "tv" in dens:
+                loss = loss + cfg.w_tv * dens["tv"]
+            ctx.update(("controller", "generator"), loss)
+            total = total + loss.detach() / K
+            for k, v in {**terms, **{k: v.detach() for k, v in dens.items()}}.items():
+                logs[k] = logs.get(k, 0) + v / K
+        logs.update({"loss": total, "invert_first": first, "invert_last": last})
+        if first is not None:
+            logs["invert_ratio"] = last / first.clamp(min=1e-12)
+            if ctx.rank == 0:       # every batch in log.txt (the engine logs averages)
+                log.info("otavatar inversion step %d: first %.5f last %.5f ratio %.4f "
+                         "(refined loss %.5f)", ctx.step, float(first), float(last),
+                         float(logs["invert_ratio"]), float(total))
+        return logs
+
+    def _clamp(self, ws: torch.Tensor) -> torch.Tensor:
+        if self.cfg.w_clamp is None:
+            return ws
+        a = self.w_avg.to(ws.dtype)
+        return torch.maximum(torch.minimum(ws, a + self.cfg.w_clamp), a - self.cfg.w_clamp)
+
+    @torch.no_grad()
+    def preview(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The first ``local_batch`` items rendered with the last batch's inverted latents."""
+        n = self.cfg.local_batch
+        batch = {k: v[:n] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        img, motion, cam, _ = self._unpack(batch)
+        B, K = img.shape[:2]
+        w = self.latent[:B].repeat_interleave(K, 0).expand(-1, self.generator.num_ws, -1)
+        out = self.generator.synthesis(self.motion_ws(w, motion.flatten(0, 1)),
+                                       cam.flatten(0, 1))
+        R = self.resolution
+        raw = F.interpolate(out["image_raw"], size=(R, R), mode="nearest")
+        return {"target": img.flatten(0, 1), "image": out["image"], "image_raw": raw}

@@ -1,0 +1,295 @@
+# Provenance: reproduces the semantics of OTAvatar's inference (theEricMa/OTAvatar, commit
+# c8c484f, CC BY-NC-SA 4.0; inference_refine_1D_cam.py): W inversion of the source with the EMA
+# controller and an intrinsics bias (SR terms in the last iterations), an optional W+ pass, then
+# per driving frame controller -> planes -> render -> super-resolution. Our own implementation; no
+# upstream code is copied. pyface's code is licensed under Apache-2.0 (LICENSE).
+"""OTAvatar inference: one-shot inversion of the source, then animation by motion windows.
+
+``encode_source``: source ``image`` (3, H, W), ``camera`` (25,), optional ``coeffs`` (257,)
+(the source's own motion window: its coefficients repeated) and ``landmarks`` (68, 2) ->
+state ``{"w" (1, num_ws, w_dim), "intrinsics" (1, 18), "camera" (1, 25), "motion" (1, 70, W),
+"loss": [...], "seconds"}``.
+``encode_driving``: ``motion`` (T, 70, W) windows, or ``coeffs`` (T, 257) (windows over these T
+frames, clamped at the ends), and optional ``camera`` (T, 25).
+``generate(state, motion, camera="driving" | "source" | "orbit")`` -> (T, 3, R, R) in [-1, 1].
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import torch
+
+from pyface.face.cameras import orbit_labels
+from pyface.face.coeffs import motion_window
+from pyface.train.model import Pipeline
+
+log = logging.getLogger("pyface.models.otavatar")
+
+CAMERA_MODES = ("driving", "source", "orbit")
+
+
+def invert(model, image: torch.Tensor, camera: torch.Tensor, motion: torch.Tensor,
+           landmarks: torch.Tensor | None = None, *, steps: int = 100, sr_steps: int = 10,
+           space: str = "w", lr: float | None = None, intrinsics_lr: float | None = None,
+           w_init: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Inverts ``image`` (1, 3, R, R) in [-1, 1], seen from ``camera`` (1, 25) with motion
+    window ``motion`` (1, 70, W), into the identity latent of ``model`` (an :class:`OTAvatar`,
+    its generator and controller frozen): ``ws = w + controller(motion)``.
+
+    ``space="w"`` optimises one latent w (1, 1, w_dim) repeated over the layers, starting at
+    ``w_avg`` (as training does); ``"w+"`` one latent per layer, starting at ``w_init`` (a W
+    result, (1, num_ws, w_dim)) or ``w_avg``. The
+    intrinsics bias (1, 18) is optimised with it (AdamW, no decay); the last ``sr_steps``
+    iterations add the super-resolved terms. Returns ``(w (1, num_ws, w_dim),
+    intrinsics (1, 18), losses per iteration)``. No clamp (inference)."""
+    from pyface.models.otavatar.model import apply_intrinsics
+
+    cfg = model.cfg
+    if space not in ("w", "w+"):
+        raise ValueError(f"space: expected 'w' or 'w+', got {space!r}")
+    if image.dim() != 4 or image.shape[:2] != (1, 3):
+        raise ValueError(f"image: expected shape (1, 3, R, R), got {tuple(image.shape)}")
+    if camera.shape != (1, 25):
+        raise ValueError(f"camera: expected shape (1, 25), got {tuple(camera.shape)}")
+    G, ctrl = model.generator, model.controller
+    req = [(p, p.requires_grad) for p in list(G.parameters()) + list(ctrl.parameters())]
+    for p, _ in req:
+        p.requires_grad_(False)
+    try:
+        if space == "w" and w_init is not None:
+            raise ValueError("w_init: only for space='w+'")
+        with torch.no_grad():
+            offset = ctrl(motion.float())
+            if space == "w":
+                w0 = model.w_avg.reshape(1, 1, -1).clone()
+            else:
+                start = model.w_avg.reshape(1, 1, -1) if w_init is None else w_init.detach()
+                w0 = start.expand(1, G.num_ws, -1).clone()
+        w = w0.requires_grad_(True)
+        kb = torch.zeros(1, 18, device=image.device, requires_grad=True)
+        opt_w = torch.optim.Adam([w], lr=cfg.invert_lr if lr is None else lr,
+                                 betas=tuple(cfg.invert_betas))
+        opt_k = torch.optim.AdamW([kb], lr=cfg.intrinsics_lr if intrinsics_lr is None
+                                  else intrinsics_lr, betas=tuple(cfg.intrinsics_betas),
+                                  weight_decay=0.0)
+        losses = []
+        for it in range(steps):
+            sr = it >= steps - sr_steps
+            out = G.synthesis(w.expand(1, G.num_ws, -1) + offset,
+                              apply_intrinsics(camera, kb), sr=sr)
+            loss, _ = model.loss(out, image, landmarks, sr=sr)
+            opt_w.zero_grad(set_to_none=True)
+            opt_k.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.invert_clip:
+                torch.nn.utils.clip_grad_norm_([w], cfg.invert_clip)
+            opt_w.step()
+            opt_k.step()
+            losses.append(float(loss.detach()))
+    finally:
+        for p, r in req:
+            p.requires_grad_(r)
+    return w.detach().expand(1, G.num_ws, -1).contiguous(), kb.detach(), losses
+
+
+def pivotal_tuning(model, ws: torch.Tensor, camera: torch.Tensor, image: torch.Tensor, *,
+                   steps: int, lr: float, stop: float | None = None):
+    """PTI: a copy of ``model.generator`` tuned so that ``ws`` (1, num_ws, w_dim) seen from
+    ``camera`` (1, 25) renders ``image`` (1, 3, R, R): Adam ``lr``, at most ``steps``
+    iterations of SmoothL1 on the raw (area-resized target) and super-resolved images, stopping
+    when the loss is <= ``stop``. Returns ``(generator copy (eval mode, frozen), losses)``."""
+    import copy
+
+    import torch.nn.functional as F
+
+    G = copy.deepcopy(model.generator).train()
+    G.requires_grad_(True)
+    opt = torch.optim.Adam(G.parameters(), lr=lr)
+    ws, camera, image = ws.detach(), camera.detach(), image.float()
+    losses = []
+    for _ in range(steps):
+        out = G.synthesis(ws, camera, sr=True)
+        raw = out["image_raw"]
+        tgt_raw = F.interpolate(image, size=raw.shape[-2:], mode="area")
+        loss = F.smooth_l1_loss(out["image"], image) + F.smooth_l1_loss(raw, tgt_raw)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if stop is not None and losses[-1] <= stop:
+            break
+    return G.eval().requires_grad_(False), losses
+
+
+class OTAvatarPipeline(Pipeline):
+    """OTAvatar as a portrait pipeline (see the module docstring). Controls of ``generate``:
+    ``camera`` (``"driving"``: the driving frames' cameras, the default when they have one;
+    ``"source"``: fixed at the source's; ``"orbit"``: EG3D's elliptic orbit, free view).
+    Controls of ``encode_source``: ``steps``, ``space`` (``"w"`` / ``"w+"``)."""
+
+    def __init__(self, model, *, device=None):
+        self.resolution = int(model.generator.cfg.img_resolution)
+        super().__init__(model, device=device)
+
+    @classmethod
+    def from_checkpoint(cls, path: str, *, device=None, ema: bool = True):
+        """An OTAvatar run / training checkpoint, or a ``pyface convert otavatar`` folder."""
+        from pyface import checkpoint as ckpt
+        from pyface.train.model import config_from_dict, read_pretrained, resolve_checkpoint
+
+        from pyface.models.otavatar.model import OTAvatar, OTAvatarConfig
+
+        folder = resolve_checkpoint(path)
+        meta = ckpt.read_meta(folder)
+        if meta.get("kind") == "otavatar":           # the authors' release, converted
+            model = OTAvatar(OTAvatarConfig(generator=folder, controller_init=folder,
+                                            local_batch=1))
+            return cls(model, device=device)
+        pre = read_pretrained(folder, ema=ema)
+        if pre.model is not None and pre.model != "otavatar":
+            raise ValueError(f"checkpoint {pre.path!r} holds model {pre.model!r}, not "
+                             "'otavatar'")
+        cfg = config_from_dict(OTAvatar.Config, pre.config)
+        if cfg.generator and not os.path.exists(cfg.generator):
+            run = os.path.dirname(os.path.dirname(os.path.abspath(pre.path)))
+            local = os.path.join(run, "stages", "eg3d")
+            if os.path.isdir(local):
+                cfg.generator = local
+        model = OTAvatar(cfg)
+        ckpt.load_module_state(model, pre.state, f"checkpoint {pre.path!r}")
+        return cls(model, device=device)
+
+    # -- stages --------------------------------------------------------------------------------
+    def _window(self, coeffs: torch.Tensor) -> torch.Tensor:
+        radius = (self.model.controller.cfg.window - 1) // 2
+        T = coeffs.shape[0]
+        return motion_window(coeffs.float(), torch.arange(T), radius).to(self.device)
+
+    def encode_source(self, source: dict, *, steps: int | None = None,
+                      space: str | None = None, pti_steps: int | None = None) -> dict:
+        model, cfg = self.model, self.model.cfg
+        source = self.prepare(source, batched=False)
+        if "camera" not in source:
+            raise KeyError("source['camera']: missing; OTAvatar's inversion needs the source's "
+                           "EG3D camera label (25,)")
+        space = cfg.invert_space if space is None else space
+        steps = cfg.invert_steps if steps is None else steps
+        if "coeffs" in source:
+            motion = self._window(source["coeffs"][None])[:1]
+        else:
+            motion = torch.zeros(1, 70, model.controller.cfg.window, device=self.device)
+        img = source["image"][None]
+        cam = source["camera"][None].float()
+        lm = source.get("landmarks")
+        lm = lm[None].float() if isinstance(lm, torch.Tensor) and lm.shape[0] == 68 else None
+        sr_steps = min(cfg.invert_controller_iters, steps)
+        t0 = time.perf_counter()
+        with torch.enable_grad():
+            w, kb, losses = invert(model, img, cam, motion, lm, steps=steps, sr_steps=sr_steps)
+            if space == "w+" and cfg.wplus_steps:
+                w, kb2, more = invert(model, img, cam, motion, lm, steps=cfg.wplus_steps,
+                                      sr_steps=min(sr_steps, cfg.wplus_steps), space="w+",
+                                      w_init=w)
+                kb, losses = kb2, losses + more
+        state = {"w": w, "intrinsics": kb, "camera": cam, "motion": motion, "loss": losses}
+        pti = cfg.pti_steps if pti_steps is None else pti_steps
+        if pti:
+            from pyface.models.otavatar.model import apply_intrinsics
+
+            with torch.enable_grad():
+                with torch.no_grad():
+                    ws = w + model.controller(motion)
+                G, pl = pivotal_tuning(model, ws, apply_intrinsics(cam, kb), img, steps=pti,
+                                       lr=cfg.pti_lr, stop=cfg.pti_stop)
+            state["generator"], state["pti_loss"] = G, pl
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        state["seconds"] = time.perf_counter() - t0
+        return state
+
+    def encode_driving(self, driving: dict) -> dict:
+        if "image" in driving:
+            driving = self.prepare(driving, batched=True, name="driving")
+        win = self.model.controller.cfg.window
+        if isinstance(driving.get("motion"), torch.Tensor):
+            m = driving["motion"].float().to(self.device)
+            if m.dim() != 3 or m.shape[1:] != (70, win):
+                raise ValueError(f"driving['motion']: expected shape (T, 70, {win}), got "
+                                 f"{tuple(m.shape)}")
+        elif isinstance(driving.get("coeffs"), torch.Tensor):
+            c = driving["coeffs"]
+            if c.dim() != 2 or c.shape[1] != 257:
+                raise ValueError(f"driving['coeffs']: expected shape (T, 257), got "
+                                 f"{tuple(c.shape)}")
+            m = self._window(c)
+        else:
+            raise ValueError("driving: expected 'motion' (T, 70, W) windows or 'coeffs' "
+                             "(T, 257) 3DMM coefficients (OTAvatar is driven by coefficients)")
+        out = {"motion": m}
+        cam = driving.get("camera")
+        if isinstance(cam, torch.Tensor):
+            if cam.shape != (m.shape[0], 25):
+                raise ValueError(f"driving['camera']: expected shape ({m.shape[0]}, 25), got "
+                                 f"{tuple(cam.shape)}")
+            out["camera"] = cam.float().to(self.device)
+        return out
+
+    def default_motion(self, frames: int) -> dict:
+        """No driving frames: the source's own window along an orbit (free view)."""
+        return {"orbit": torch.arange(frames)}
+
+    @torch.no_grad()
+    def generate(self, state: dict, motion: dict, *, camera: str | None = None,
+                 **controls) -> torch.Tensor:
+        from pyface.models.otavatar.model import apply_intrinsics
+
+        model = self.model
+        if "orbit" in motion:
+            idx = motion["orbit"]
+            T = int(idx.shape[0])
+            m = state["motion"].expand(T, -1, -1)
+            camera = "orbit"
+        else:
+            m = motion["motion"]
+            T = m.shape[0]
+        if camera is None:
+            camera = "driving" if "camera" in motion else "source"
+        if camera not in CAMERA_MODES:
+            raise ValueError(f"camera: expected one of {CAMERA_MODES}, got {camera!r}")
+        if camera == "driving":
+            if "camera" not in motion:
+                raise ValueError("camera='driving': the driving frames have no 'camera'")
+            cam = motion["camera"]
+        elif camera == "source":
+            cam = state["camera"].expand(T, -1)
+        else:
+            G = model.generator
+            n = max(int(motion.get("orbit_length", 48)), 2) if "orbit" in motion else T
+            labels = orbit_labels(max(n, T), math.radians(20), math.radians(8),
+                                  radius=G.cfg.avg_camera_radius,
+                                  pivot=tuple(G.cfg.avg_camera_pivot)).to(self.device)
+            cam = labels[motion["orbit"].long() % labels.shape[0]] if "orbit" in motion \
+                else labels[:T]
+        cam = apply_intrinsics(cam.float(), state["intrinsics"].expand(T, -1))
+        w = state["w"].expand(T, -1, -1)
+        ws = w + model.controller(m)
+        G = state.get("generator") or model.generator       # the PTI copy when tuned
+        planes = G.backbone.planes(ws, noise_mode="const")
+        out = G.synthesis(ws, cam, planes=planes, **fixed_samples(G, T, self.device))
+        return out["image"].clamp(-1, 1)
+
+
+def fixed_samples(G, n: int, device) -> dict[str, torch.Tensor]:
+    """Mid-interval stratified samples and evenly spaced importance uniforms for ``n`` views of
+    generator ``G`` (no frame-to-frame sampling noise at inference)."""
+    r = G.resolve_resolution(None)
+    rc = G.cfg.render
+    out = {"stratified_noise": torch.full((n, r * r, rc.depth_resolution), 0.5, device=device)}
+    k = rc.depth_resolution_importance
+    if k:
+        u = (torch.arange(k, device=device, dtype=torch.float32) + 0.5) / k
+        out["importance_u"] = u.expand(n, r * r, k).contiguous()
+    return out

@@ -1,0 +1,173 @@
+# Provenance: reproduces the layout of the ResNetArcFace-18 identity network used by GFPGAN and
+# OTAvatar (TencentARC/GFPGAN, Apache-2.0, basicsr/archs/arcface_arch.py layout; theEricMa/
+# OTAvatar, commit c8c484f, CC BY-NC-SA 4.0, uses it on grayscale crops) so that its released
+# weights load, and the 5-point similarity alignment onto insightface's 112-px ArcFace template
+# (deepinsight/insightface, MIT; a least-squares similarity, Umeyama 1991). Our own
+# implementation, written from the documented behaviour; no upstream code is copied. pyface's
+# code is licensed under Apache-2.0 (LICENSE).
+"""ResNetArcFace-18 on 128x128 grayscale crops, 68 -> 5-point similarity alignment, and the
+identity loss built from them (OTAvatar's ArcFace term).
+
+* :func:`five_points`: landmarks (N, 68, 2) -> (N, 5, 2): eye centres (36/39, 42/45), nose tip
+  (30), mouth corners (48, 54).
+* :func:`align_crops`: images (N, C, H, W) + landmarks (N, 68 | 5, 2) pixels -> (N, C, S, S)
+  crops, a least-squares similarity mapping the 5 points onto the 112-px template placed inside
+  an S = 128 canvas (offset 8), differentiable with respect to the images.
+* :class:`ResNetArcFace`: (N, 1, 128, 128) -> (N, 512). State-dict keys ``conv1``, ``bn1``,
+  ``prelu``, ``layer{1-4}.{i}.{bn0,conv1,bn1,prelu,conv2,bn2,downsample.{0,1}}``, ``bn4``,
+  ``fc5``, ``bn5``.
+* :class:`ArcFaceIdentityLoss`: ``1 - cos`` of the embeddings of the aligned grayscale crops.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyface.nn._pretrained import load_into, read_state, warn_random_init
+
+#: insightface's 5-point template for 112 x 112 crops (left eye, right eye, nose, mouth corners)
+TEMPLATE_112 = ((38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.7366),
+                (41.5493, 92.3655), (70.7299, 92.2041))
+
+
+def five_points(landmarks: torch.Tensor) -> torch.Tensor:
+    """landmarks (N, 68, 2) -> (N, 5, 2); (N, 5, 2) is returned as it is."""
+    if landmarks.dim() != 3 or landmarks.shape[1:] not in ((68, 2), (5, 2)):
+        raise ValueError(f"landmarks: expected shape (N, 68, 2) or (N, 5, 2), got "
+                         f"{tuple(landmarks.shape)}")
+    if landmarks.shape[1] == 5:
+        return landmarks
+    lm = landmarks
+    return torch.stack([(lm[:, 36] + lm[:, 39]) / 2, (lm[:, 42] + lm[:, 45]) / 2, lm[:, 30],
+                        lm[:, 48], lm[:, 54]], dim=1)
+
+
+def similarity(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Least-squares similarity (rotation, uniform scale, translation) mapping src (N, K, 2) onto
+    dst (N, K, 2) or (K, 2): (N, 2, 3) matrices ``[[a, -b, tx], [b, a, ty]]``."""
+    N, K = src.shape[:2]
+    dst = dst.expand(N, K, 2).to(src.dtype)
+    x, y = src[..., 0], src[..., 1]
+    one, zero = torch.ones_like(x), torch.zeros_like(x)
+    A = torch.cat([torch.stack([x, -y, one, zero], -1), torch.stack([y, x, zero, one], -1)], 1)
+    b = torch.cat([dst[..., 0], dst[..., 1]], 1).unsqueeze(-1)
+    p = torch.linalg.lstsq(A.double(), b.double()).solution.squeeze(-1).to(src.dtype)
+    a, bb, tx, ty = p.unbind(-1)
+    return torch.stack([torch.stack([a, -bb, tx], -1), torch.stack([bb, a, ty], -1)], 1)
+
+
+def align_crops(images: torch.Tensor, landmarks: torch.Tensor, size: int = 128,
+                offset: float = 8.0) -> torch.Tensor:
+    """images (N, C, H, W), landmarks (N, 68 | 5, 2) in pixels of images -> aligned crops
+    (N, C, size, size): the 5 points land on the 112-px template shifted by ``offset``."""
+    if images.dim() != 4:
+        raise ValueError(f"images: expected shape (N, C, H, W), got {tuple(images.shape)}")
+    pts = five_points(landmarks).to(images.dtype)
+    if pts.shape[0] != images.shape[0]:
+        raise ValueError(f"landmarks: expected {images.shape[0]} sets, got {pts.shape[0]}")
+    N, _, H, W = images.shape
+    tmpl = torch.tensor(TEMPLATE_112, dtype=images.dtype, device=images.device) + offset
+    M = similarity(pts.detach(), tmpl)                         # image px -> canvas px
+    A, t = M[:, :, :2], M[:, :, 2:]
+    Ainv = torch.linalg.inv(A)
+    c = (torch.arange(size, device=images.device, dtype=images.dtype) + 0.5)
+    gy, gx = torch.meshgrid(c, c, indexing="ij")
+    out_pts = torch.stack([gx, gy], -1).reshape(1, -1, 2, 1)    # canvas pixel centres
+    src = (Ainv[:, None] @ (out_pts - t[:, None])).squeeze(-1)  # (N, S*S, 2) image px
+    grid = torch.stack([src[..., 0] / W * 2 - 1, src[..., 1] / H * 2 - 1], -1)
+    return F.grid_sample(images, grid.view(N, size, size, 2), mode="bilinear",
+                         padding_mode="zeros", align_corners=False)
+
+
+class IRBlock(nn.Module):
+    """bn0 -> conv1 (3x3) -> bn1 -> prelu -> conv2 (3x3, stride) -> bn2, + (downsampled) input,
+    -> prelu (the same PReLU)."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.bn0 = nn.BatchNorm2d(inplanes)
+        self.conv1 = nn.Conv2d(inplanes, inplanes, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(inplanes)
+        self.prelu = nn.PReLU()
+        self.conv2 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False),
+                                            nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.prelu(self.bn1(self.conv1(self.bn0(x))))
+        y = self.bn2(self.conv2(y))
+        return self.prelu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNetArcFace(nn.Module):
+    """ResNetArcFace-18: x (N, 1, 128, 128) grayscale in [-1, 1] -> embedding (N, 512)."""
+
+    def __init__(self, layers: tuple[int, ...] = (2, 2, 2, 2)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.prelu = nn.PReLU()
+        self.maxpool = nn.MaxPool2d(2, 2)
+        cin = 64
+        for i, (n, planes) in enumerate(zip(layers, (64, 128, 256, 512))):
+            stride = 1 if i == 0 else 2
+            blocks = [IRBlock(cin, planes, stride)] + [IRBlock(planes, planes)
+                                                       for _ in range(n - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            cin = planes
+        self.bn4 = nn.BatchNorm2d(512)
+        self.dropout = nn.Dropout()
+        self.fc5 = nn.Linear(512 * 8 * 8, 512)
+        self.bn5 = nn.BatchNorm1d(512)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1:] != (1, 128, 128):
+            raise ValueError(f"x: expected shape (N, 1, 128, 128), got {tuple(x.shape)}")
+        x = self.maxpool(self.prelu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = self.dropout(self.bn4(x)).flatten(1)
+        return self.bn5(self.fc5(x))
+
+
+def to_gray(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) RGB -> (N, 1, H, W) luma (0.299, 0.587, 0.114)."""
+    w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)
+
+
+class ArcFaceIdentityLoss(nn.Module):
+    """``1 - cos(E(crop(pred)), E(crop(target)))``, mean over the batch, with E a frozen
+    :class:`ResNetArcFace` and crops the 5-point-aligned grayscale 128² crops.
+
+    ``forward(pred, target, landmarks)``: pred, target (N, 3, H, W) in [-1, 1], landmarks
+    (N, 68 | 5, 2) pixels of the target (used for both). ``weights``: a local ResNetArcFace-18
+    file (e.g. GFPGAN's ``arcface_resnet18.pth``); None: random weights with a warning."""
+
+    def __init__(self, weights: str | None = None):
+        super().__init__()
+        self.net = ResNetArcFace()
+        if weights is not None:
+            load_into(self.net, read_state(weights), source=weights,
+                      rename=lambda k: k[len("module."):] if k.startswith("module.") else k)
+        else:
+            warn_random_init("ArcFaceIdentityLoss (ResNetArcFace-18)", "the identity loss")
+        self.net.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def embed(self, images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(to_gray(align_crops(images.float(), landmarks))), dim=1)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor,
+                landmarks: torch.Tensor) -> torch.Tensor:
+        if pred.shape != target.shape or pred.dim() != 4 or pred.shape[1] != 3:
+            raise ValueError(f"pred/target: expected equal shapes (N, 3, H, W), got "
+                             f"{tuple(pred.shape)} and {tuple(target.shape)}")
+        with torch.no_grad():
+            et = self.embed(target, landmarks)
+        return (1 - (self.embed(pred, landmarks) * et).sum(1)).mean()

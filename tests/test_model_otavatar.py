@@ -1,0 +1,286 @@
+"""OTAvatar on tiny shapes: one engine step (inversion through ctx.update), exact resume, shapes
+and bad input, the eye-RoI bug flag, the pipeline on a tiny checkpoint, a converted-release
+folder, and the inversion loss decreasing."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import pyface.models
+from pyface import checkpoint as ckpt
+from pyface.data.synthetic import make_default
+from pyface.train.config import build_experiment
+from pyface.train.engine import Trainer
+
+QUIET = ["train.progress=false", "train.tensorboard=false", "train.image_every=0",
+         "train.log_every=1", "train.ckpt_every=0"]
+TINY = ["model.controller.window=9", "model.controller.descriptor=16",
+        "model.controller.first_kernel=3", "model.controller.layers=1",
+        "model.controller.dilation=2", "model.controller.directions=4",
+        "model.local_batch=2", "model.invert_iters=3", "model.invert_controller_iters=1",
+        "model.density_points=16", "model.invert_steps=3", "model.pti_steps=2", "model.wplus_steps=2", "data.resolution=16",
+        "data.options.radius=4", "data.options.repeats=1", "train.batch_size=2"]
+
+
+def tiny_generator_config():
+    from pyface.models.eg3d.config import EG3DGeneratorConfig
+    from pyface.nn.render import RenderConfig
+
+    return EG3DGeneratorConfig(
+        z_dim=8, w_dim=8, backbone_resolution=8, plane_channels=4, channel_base=64,
+        channel_max=8, decoder_hidden=8, decoder_features=4, img_resolution=16,
+        neural_rendering_resolution=8, sr_variant="hybrid2x", sr_input_resolution=8,
+        sr_block_channels=[8, 8],
+        render=RenderConfig.ffhq(depth_resolution=4, depth_resolution_importance=4))
+
+
+@pytest.fixture(scope="module")
+def generator_dir(tmp_path_factory):
+    """A tiny EG3D generator stored like `pyface convert eg3d` output."""
+    from pyface.models.eg3d.generator import EG3DGenerator
+
+    torch.manual_seed(0)
+    cfg = tiny_generator_config()
+    G = EG3DGenerator(cfg)
+    with torch.no_grad():
+        G.backbone.mapping.w_avg.normal_()
+    state = {k: v for k, v in G.state_dict().items() if k != "rendering_resolution"}
+    out = str(tmp_path_factory.mktemp("ota") / "eg3d")
+    ckpt.save_weights(out, state, kind="eg3d", config={"generator": dataclasses.asdict(cfg)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_default(str(tmp_path_factory.mktemp("ota") / "data"), resolution=16)
+
+
+def _exp(run, data, generator, *extra):
+    from pyface.models.otavatar.model import OTAvatar
+
+    return build_experiment("otavatar", OTAvatar.Config, defaults=OTAvatar.presets["tiny"],
+                            overrides=QUIET + TINY + [f"train.run_dir={run}",
+                                                      f"data.path={data}",
+                                                      f"model.generator={generator}", *extra])
+
+
+@pytest.fixture(scope="module")
+def run(data, generator_dir, tmp_path_factory):
+    r = tmp_path_factory.mktemp("ota") / "run"
+    torch.manual_seed(0)
+    res = Trainer(_exp(r, data, generator_dir, "train.steps=2", "train.ckpt_every=2")).fit()
+    return str(r), res
+
+
+def test_engine_step_updates_controller_generator_and_logs_inversion(data, generator_dir,
+                                                                     tmp_path):
+    from torch.utils.data import default_collate
+
+    tr = Trainer(_exp(tmp_path / "r", data, generator_dir, "train.steps=1"))
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    batch = default_collate([tr.dataset[0], tr.dataset[1]])
+    out = tr.train_step(batch)
+    for k in ("loss", "invert_first", "invert_last", "invert_ratio", "monotonic", "tv",
+              "smooth_l1_raw", "smooth_l1_sr", "mouth", "eyes"):
+        assert f"main/{k}" in out and torch.isfinite(out[f"main/{k}"]), k
+    after = tr.model.state_dict()
+    changed = {k.split(".")[0] for k, v in after.items() if not torch.equal(v, before[k])}
+    assert {"controller", "generator", "latent", "intrinsics"} <= changed
+    # the inverted latent of each item moved away from w_avg (rank-local, one row per item)
+    w_avg = tr.model.w_avg
+    assert (after["latent"] - w_avg).abs().amax(dim=(1, 2)).min() > 0
+    grid = tr.model.preview(default_collate([tr.dataset[i] for i in range(3)]))
+    assert grid["image"].shape == (4, 3, 16, 16)        # the first local_batch items
+    ema = tr.ema_module("controller")
+    assert not torch.equal(ema.out.weight, tr.model.controller.out.weight)
+
+
+def test_exact_resume(data, generator_dir, tmp_path):
+    torch.manual_seed(0)
+    a = Trainer(_exp(tmp_path / "a", data, generator_dir, "train.steps=2"))
+    a.fit()
+    torch.manual_seed(0)
+    b = Trainer(_exp(tmp_path / "b", data, generator_dir, "train.steps=1",
+                     "train.ckpt_every=1"))
+    b.fit()
+    c = Trainer(_exp(tmp_path / "b", data, generator_dir, "train.steps=2"))
+    c.resume("auto")
+    c.fit()
+    sa, sc = a.model.state_dict(), c.model.state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sc[k]), k
+
+
+def test_shapes_and_bad_input(generator_dir):
+    from pyface.models.otavatar.model import OTAvatar, OTAvatarConfig, apply_intrinsics
+
+    cfg = build_experiment("otavatar", OTAvatarConfig, defaults=OTAvatar.presets["tiny"],
+                           overrides=TINY + [f"model.generator={generator_dir}"]).model_config
+    m = OTAvatar(cfg)
+    w = m.w_avg.expand(3, m.generator.num_ws, -1)
+    cam = m.generator.camera(torch.zeros(3), torch.zeros(3))
+    out = m(w, torch.zeros(3, 70, 9), cam)
+    assert out["image"].shape == (3, 3, 16, 16) and out["image_raw"].shape == (3, 3, 8, 8)
+    assert out["planes"].shape == (3, 3, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"motion: expected shape \(3, 70, 9\)"):
+        m(w, torch.zeros(2, 70, 9), cam)
+    with pytest.raises(ValueError, match=r"motion: expected shape \(B, 70, 9\), got \(3, 70, 8\)"):
+        m(w, torch.zeros(3, 70, 8), cam)
+    with pytest.raises(ValueError, match=r"bias: expected shape \(3, 18\)"):
+        apply_intrinsics(cam, torch.zeros(3, 9))
+    # zero bias keeps the camera; the bias scales and shifts the intrinsics only
+    assert torch.equal(apply_intrinsics(cam, torch.zeros(3, 18)), cam)
+    bad = {"image": torch.zeros(2, 2, 3, 16, 16), "motion": torch.zeros(2, 2, 70, 7),
+           "camera": torch.zeros(2, 2, 25)}
+    with pytest.raises(ValueError, match=r"batch\['motion'\]: expected \(2, 2, 70, 9\)"):
+        m.step("main", bad, None)
+    bad["motion"] = torch.zeros(2, 2, 70, 9)
+    bad["image"] = torch.zeros(2, 2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"batch\['image'\]: expected \(B, K, 3, 16, 16\)"):
+        m.step("main", bad, None)
+    with pytest.raises(ValueError, match="model.generator: required"):
+        OTAvatar(OTAvatarConfig())
+
+
+def test_eye_roi_bug_flag():
+    from pyface.models.otavatar.losses import OTAvatarLoss
+
+    torch.manual_seed(0)
+    lm = torch.rand(2, 68, 2) * 40 + 12
+    pred, tgt = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    fixed = OTAvatarLoss(w_perceptual=0, w_identity=0).roi(pred, tgt, lm)
+    bug = OTAvatarLoss(w_perceptual=0, w_identity=0, eye_roi_bug=True).roi(pred, tgt, lm)
+    assert fixed["eye_l"] > 0 and fixed["eye_r"] > 0
+    assert bug["eye_l"] == 0 and bug["eye_r"] == 0          # the reference's zero eye term
+    assert torch.equal(bug["mouth"], fixed["mouth"])
+
+
+def test_identity_term_with_arcface_weights(tmp_path):
+    from pyface.models.otavatar.losses import OTAvatarLoss
+    from pyface.nn.arcface18 import ResNetArcFace
+
+    torch.manual_seed(0)
+    torch.save(ResNetArcFace().state_dict(), tmp_path / "arc.pth")
+    loss = OTAvatarLoss(w_perceptual=0, arcface_weights=str(tmp_path / "arc.pth"))
+    assert "arcface" not in dict(loss.named_modules())       # not in the model's state dict
+    tgt = torch.rand(2, 3, 32, 32) * 2 - 1
+    lm = torch.rand(2, 68, 2) * 16 + 8
+    raw = (torch.rand(2, 3, 16, 16) * 2 - 1).requires_grad_(True)
+    total, logs = loss({"image_raw": raw}, tgt, lm, sr=False)
+    assert logs["identity"] > 0
+    total.backward()
+    assert raw.grad.abs().sum() > 0
+    # without weights the term is off
+    _, logs = OTAvatarLoss(w_perceptual=0)({"image_raw": raw}, tgt, lm, sr=False)
+    assert "identity" not in logs
+
+
+def test_pipeline_on_a_tiny_checkpoint(run, data):
+    from pyface.data.driving import read_driving, read_source
+
+    r, _ = run
+    pipe = pyface.models.load("otavatar", r, device="cpu")
+    assert pipe.resolution == 16
+    import glob
+    import os
+
+    folders = sorted(os.path.dirname(p) for p in glob.glob(f"{data}/**/coeffs.npy",
+                                                            recursive=True))
+    src = read_source(folders[0], 16)
+    drv = read_driving(folders[0], 16, max_frames=5)
+    state = pipe.encode_source(src)
+    assert state["w"].shape == (1, pipe.model.generator.num_ws, 8) and len(state["loss"]) == 3
+    # one w repeated over the layers; PTI tuned a copy of the generator, the model's is unchanged
+    assert torch.equal(state["w"][:, 0], state["w"][:, -1])
+    assert len(state["pti_loss"]) == 2 and state["generator"] is not pipe.model.generator
+    assert not torch.equal(state["generator"].decoder.net[0].weight,
+                           pipe.model.generator.decoder.net[0].weight)
+    plus = pipe.encode_source(src, space="w+", pti_steps=0)
+    assert "generator" not in plus and len(plus["loss"]) == 3 + 2
+    assert not torch.equal(plus["w"][:, 0], plus["w"][:, -1])      # W+: one w per layer
+    motion = pipe.encode_driving(drv)
+    assert motion["motion"].shape == (5, 70, 9)
+    for cam in ("driving", "source", "orbit"):
+        frames = pipe.generate(state, motion, camera=cam)
+        assert frames.shape == (5, 3, 16, 16) and frames.abs().max() <= 1
+    # the driving windows change the output; the same window gives the same frame
+    a = pipe.generate(state, motion, camera="source")
+    assert not torch.allclose(a[0], a[-1]) or torch.equal(drv["coeffs"][0], drv["coeffs"][-1])
+    orbit = pipe.generate(state, pipe.default_motion(4))
+    assert orbit.shape == (4, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"driving\['coeffs'\]: expected shape \(T, 257\)"):
+        pipe.encode_driving({"coeffs": torch.zeros(5, 70)})
+    with pytest.raises(ValueError, match="camera: expected one of"):
+        pipe.generate(state, motion, camera="fixed")
+    with pytest.raises(KeyError, match="camera"):
+        pipe.encode_source({"image": src["image"]})
+
+
+def test_inversion_loss_decreases(generator_dir):
+    """W inversion of an image the generator rendered from a perturbed latent."""
+    from pyface.models.otavatar.model import OTAvatar, OTAvatarConfig
+    from pyface.models.otavatar.pipeline import invert
+
+    cfg = build_experiment("otavatar", OTAvatarConfig, defaults=OTAvatar.presets["tiny"],
+                           overrides=TINY + [f"model.generator={generator_dir}",
+                                             "model.invert_lr=0.1"]).model_config
+    m = OTAvatar(cfg).eval()
+    torch.manual_seed(1)
+    cam = m.generator.camera(0.0, 0.0)
+    motion = torch.zeros(1, 70, 9)
+    with torch.no_grad():
+        w_true = m.w_avg.expand(1, m.generator.num_ws, -1) + torch.randn(1, 1, 8)
+        target = m(w_true, motion, cam)["image"].clamp(-1, 1)
+    _, _, losses = invert(m, target, cam, motion, steps=60, sr_steps=0)
+    assert losses[-1] <= 0.7 * losses[0], losses
+
+
+def test_pipeline_from_a_converted_release(tmp_path):
+    """`pyface.models.load("otavatar", FOLDER)` on a `pyface convert otavatar` folder: the
+    release's controller (full size) drives the release's generator."""
+    from test_convert_otavatar import write_release
+
+    from pyface.convert import convert_otavatar
+    from pyface.models.otavatar.convert import load_controller
+
+    write_release(tmp_path / "r.pt")
+    out = convert_otavatar(str(tmp_path / "r.pt"), str(tmp_path / "conv"))
+    pipe = pyface.models.load("otavatar", out, device="cpu")
+    ref = load_controller(out)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(pipe.model.controller.state_dict()[k], v), k
+    R = pipe.resolution                      # OTAvatar's 512 (this generator has no SR)
+    assert R == 512 and pipe.model.controller.cfg.window == 27
+    G = pipe.model.generator
+    G.rendering_resolution.fill_(8)          # a small render keeps the test fast
+    pipe.model.generator.renderer.config.depth_resolution = 4
+    pipe.model.generator.renderer.config.depth_resolution_importance = 4
+    cam = G.camera(0.0, 0.0)[0]
+    state = pipe.encode_source({"image": torch.zeros(3, 64, 64), "camera": cam}, steps=1,
+                               pti_steps=0)
+    assert state["w"].shape == (1, 14, 512)
+    frames = pipe.generate(state, {"motion": torch.randn(2, 70, 27) * 0.1,
+                                   "camera": cam.expand(2, -1)})
+    assert frames.shape == (2, 3, R, R)
+
+
+def test_presets_resolve_and_full_keeps_the_reference_recipe():
+    from pyface.models.otavatar.model import OTAvatar
+
+    for name in ("tiny", "gpu-short", "full"):
+        exp = build_experiment("otavatar", OTAvatar.Config, defaults=OTAvatar.recipe,
+                               preset=name, presets=OTAvatar.presets)
+        cfg = exp.model_config
+        assert exp.data.name == "motion_windows"
+        assert cfg.controller.window == 2 * exp.data.options.radius + 1, name
+        assert exp.train.batch_size % cfg.local_batch == 0, name
+        assert sorted(exp.train.ema.modules) == ["controller", "generator"]
+        assert exp.train.ema.decay == 0.95 and exp.train.ema.half_life_kimg is None
+    full = build_experiment("otavatar", OTAvatar.Config, defaults=OTAvatar.recipe,
+                            preset="full", presets=OTAvatar.presets).model_config
+    assert (full.invert_iters, full.invert_controller_iters, full.invert_lr) == (100, 10, 0.01)
+    assert (full.controller_lr, full.controller_wd, full.generator_lr) == (1e-3, 1.0, 1e-4)
+    assert (full.style_weight, full.w_mouth, full.w_tv, full.w_clamp) == (250.0, 10.0, 0.25, 5.0)
+    assert not full.eye_roi_bug and full.controller.window == 27 and full.controller.tie_mlp
