@@ -3,8 +3,9 @@
 # insightface (MIT), GFPGAN (TencentARC/GFPGAN, Apache-2.0), face-parsing.PyTorch
 # (zllrunning/face-parsing.PyTorch, commit d2e684c, MIT), HuggingFace transformers' SegFormer
 # (Apache-2.0), Hopenet (natanielruiz/deep-head-pose, Apache-2.0), face-vid2vid as reimplemented in
-# zhanglonghao1992/One-Shot_Free-View_Neural_Talking_Head_Synthesis (commit 9511d25, CC BY-NC 4.0)
-# and LivePortrait (KwaiVGI/LivePortrait, commit 1986663, MIT). Our own implementation, written
+# zhanglonghao1992/One-Shot_Free-View_Neural_Talking_Head_Synthesis (commit 9511d25, CC BY-NC 4.0),
+# LivePortrait (KwaiVGI/LivePortrait, commit 1986663, MIT) and GOHA's release checkpoint
+# (NVlabs/GOHA, commit 38e15ed, NVIDIA Source Code License). Our own implementation, written
 # from the papers and the upstream's documented behaviour; no upstream code is copied. pyface's
 # code is licensed under Apache-2.0 (LICENSE).
 """``pyface convert``: third-party weights -> pyface weight folders (safetensors + JSON).
@@ -26,6 +27,8 @@
   weights (the tied MLP's five stored copies must agree) + its EG3D generator.
 * ``hopenet PKL_OR_PTH OUT`` Hopenet (natanielruiz/deep-head-pose, e.g.
   ``hopenet_robust_alpha1.pkl``) -> :class:`pyface.nn.Hopenet` weights (MMFA's rotation network).
+* ``goha CKPT OUT``      GOHA's released stage-2 checkpoint -> the weights of pyface's GOHA
+  (``pyface.models.load("goha", OUT)``); lists the keys pyface does not hold.
 * ``dense-motion PTH OUT`` face-vid2vid (reimplementation) checkpoint or LivePortrait
   ``warping_module.pth`` -> :class:`pyface.nn.DenseMotion` weights.
 
@@ -847,6 +850,48 @@ def convert_hopenet(path: str, out: str) -> str:
                                                            "dropped": sorted(dropped)})
 
 
+# --------------------------------------------------------------------------------------------
+# GOHA's released checkpoint
+# --------------------------------------------------------------------------------------------
+
+def convert_goha(path: str, out: str, render_resolution: int = 224) -> str:
+    """GOHA's released stage-2 checkpoint (``logs/s3/checkpoint825000.ckpt``: ``torch.save`` of
+    ``model_state_dict`` and ``discriminator_dict``) -> weights folder (kind ``"goha"``) that
+    ``pyface.models.load("goha", OUT)`` and ``pyface animate goha --checkpoint OUT`` load.
+
+    Read with ``torch.load(weights_only=True)``. The config (R, MiT size, widths, SR and D
+    widths) is read from the shapes, ``share_upsampler_weights`` is set (the release's
+    up-branch sharing) and ``render_resolution`` is s2.yml's 224. Every key is checked against
+    pyface's GOHA s2 model; keys with no pyface counterpart (the unused expression upsampler,
+    the BiSeNet face parser, the Deep3D helper, constant buffers) are listed in a note and in the
+    folder's meta (``extra.dropped``). A release without ``discriminator_dict`` gets a freshly
+    initialised dual discriminator (a note says so; inference does not use it).
+    """
+    import warnings
+
+    from pyface.models.goha import convert as gc
+
+    raw = load_weights_file(path)
+    model, disc = gc.release_entries(raw, path)
+    config = gc.release_config(model, disc, path, render_resolution=render_resolution)
+    state, dropped = gc.release_to_pyface(model, disc, path)
+    state = gc.check_against_model(state, config, path, fill_discriminator=disc is None)
+    if disc is None:
+        warnings.warn(f"{path}: no discriminator_dict; the dual discriminator is freshly "
+                      "initialised (only training uses it)", ConversionWarning, stacklevel=2)
+    if dropped:
+        warnings.warn(f"{path}: dropped {sum(map(len, dropped.values()))} tensors with no pyface "
+                      "counterpart: " + "; ".join(f"{p}* ({len(v)}): {gc.DROPPED[p]}"
+                                                  for p, v in dropped.items()),
+                      ConversionWarning, stacklevel=2)
+    return save_weights(out, state, kind="goha", config=config,
+                        extra={"source": os.path.basename(path),
+                               "iter": int(raw["iter"]) if isinstance(raw.get("iter"), int)
+                               else None,
+                               "dropped": {p: len(v) for p, v in dropped.items()},
+                               "discriminator": "release" if disc is not None else "fresh"})
+
+
 CONVERTERS = {
     "eg3d": (convert_eg3d, "official EG3D network pickle (.pkl) -> backbone/SR/decoder weights"),
     "vgg19": (convert_vgg19, "torchvision vgg19 .pth -> perceptual-loss weights"),
@@ -865,6 +910,9 @@ CONVERTERS = {
     "otavatar": (convert_otavatar,
                  "OTAvatar release checkpoint (net_Warp_ema / net_G_ema) -> controller + EG3D "
                  "generator weights"),
+    "goha": (convert_goha,
+             "GOHA release checkpoint (logs/s3/checkpoint825000.ckpt) -> GOHA s2 weights "
+             "(pyface.models.load('goha', OUT))"),
 }
 
 
@@ -890,6 +938,9 @@ def add_parser(subparsers) -> None:
                            choices=("auto", "face-vid2vid", "liveportrait"),
                            help="upstream layout (default: inferred; it only sets the recorded "
                                 "degree convention)")
+        if name == "goha":
+            q.add_argument("--render-resolution", type=int, default=224,
+                           help="render side r of the converted model (GOHA's s2.yml: 224)")
         if name == "otavatar":
             q.add_argument("--no-ema", dest="ema", action="store_false",
                            help="convert the trained net_Warp / net_G instead of the EMA copies")
@@ -910,6 +961,8 @@ def run(args) -> int:
         kwargs["layout"] = args.layout
     elif args.format == "otavatar":
         kwargs["ema"] = args.ema
+    elif args.format == "goha":
+        kwargs["render_resolution"] = args.render_resolution
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConversionWarning)

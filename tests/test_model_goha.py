@@ -1,5 +1,6 @@
-"""GOHA stage s1 (pyface/models/goha): framing, blocks, masks, engine step, exact resume,
-pipeline on a tiny checkpoint, bad input."""
+"""GOHA (pyface/models/goha): framing, blocks, masks, stage s1's engine step and exact resume,
+the s1 -> s1_gan -> s2 chain (one step each), s2's exact resume, pipelines on tiny checkpoints,
+bad input."""
 from __future__ import annotations
 
 import pytest
@@ -22,7 +23,7 @@ FAST = ["model.canonical_until=1", "model.expression_from=1", "model.appearance_
 
 
 def tiny_config(**over) -> GOHAConfig:
-    cfg = build_experiment("goha", GOHA.Config, defaults=GOHA.recipe, presets=GOHA.presets,
+    cfg = build_experiment("goha_s1", GOHA.Config, defaults=GOHA.recipe, presets=GOHA.presets,
                            preset="tiny").model_config
     for k, v in over.items():
         setattr(cfg, k, v)
@@ -57,7 +58,7 @@ def data_root(tmp_path_factory):
 
 
 def experiment(run, data_root, *extra):
-    return build_experiment("goha", GOHA.Config, defaults=GOHA.recipe, presets=GOHA.presets,
+    return build_experiment("goha_s1", GOHA.Config, defaults=GOHA.recipe, presets=GOHA.presets,
                             preset="tiny", overrides=FAST + [f"train.run_dir={run}",
                                                              f"data.path={data_root}", *extra])
 
@@ -211,6 +212,28 @@ def test_every_mode_trains_its_branches():
     assert "neutral_l1" in m.s1_losses(batch, 0, "cano")[1]
 
 
+def test_matte_supervises_the_opacity_and_plane_rows_flip():
+    """mask_weight: L1 of the render's opacity to the target matte (empty space and black fog
+    look alike over black); flip_plane_rows flips Embed2Plane's rows, nothing else."""
+    torch.manual_seed(0)
+    m = GOHA(tiny_config(canonical_until=0, expression_from=0, appearance_from=0, tv_weight=0))
+    batch = {"source": frame(random_coeffs(2, seed=6)), "driving": frame(random_coeffs(2, seed=7))}
+    torch.manual_seed(1)
+    loss, logs, _ = m.s1_losses(batch, 0, "coarse")
+    m.cfg.mask_weight = 0.0
+    torch.manual_seed(1)
+    plain, logs0, _ = m.s1_losses(batch, 0, "coarse")
+    assert "mask_l1" in logs and "mask_l1" not in logs0
+    torch.testing.assert_close(loss - plain, logs["mask_l1"])
+    src = m.prepare_frame(batch["source"], "source")
+    mask = m.region_mask(src["coeffs"], src["camera"], 64)
+    with torch.no_grad():
+        a = m.encode_canonical(src["image"], mask)
+        m.cfg.flip_plane_rows = True
+        b = m.encode_canonical(src["image"], mask)
+    torch.testing.assert_close(b, a.flip(-2))
+
+
 def test_engine_step_and_exact_resume(tmp_path, data_root):
     full = Trainer(experiment(tmp_path / "full", data_root, "train.steps=2"))
     full.fit()
@@ -228,7 +251,7 @@ def test_engine_step_and_exact_resume(tmp_path, data_root):
 
 
 def test_pipeline_on_a_tiny_checkpoint(tiny_run):
-    pipe = pyface.models.load("goha", str(tiny_run), device="cpu")
+    pipe = pyface.models.load("goha_s1", str(tiny_run), device="cpu")
     assert pipe.resolution == 32 and pipe.input_resolution == 64
     _, state = load_pretrained(str(tiny_run))
     assert all(torch.equal(v, state[k]) for k, v in pipe.model.state_dict().items())
@@ -283,3 +306,159 @@ def test_segformer_path_initialises_the_encoders_with_fresh_stems(tmp_path):
                            sd[k])
     assert m.encoder_canonical.decode_head.batch_norm is None
     assert m.encoder_canonical.decode_head.classifier is None
+
+
+# ------------------------------------------------------------------------------- stages
+def _stage_train_fn(data_root):
+    """Trains a stage config for one step (D and R1 phases included) instead of its preset's
+    steps; records the stage models in order."""
+    seen = []
+
+    def train_fn(cfg):
+        seen.append(cfg.model)
+        cfg.train.steps = 1
+        cfg.train.ckpt_every = 1
+        cfg.train.image_every = 0
+        cfg.train.batch_size = 2
+        cfg.model_config.tv_points = 32
+        cfg.model_config.r1_interval = 1
+        cfg.model_config.d_interval = 1
+        t = Trainer(cfg)
+        t.fit()
+        seen.append(t)
+    return train_fn, seen
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, data_root):
+    """`pyface train goha --preset tiny`'s stage chain (s1, then s1_gan), one step each, then s2
+    for one step."""
+    from pyface.models.goha import GOHASR
+    from pyface.train.stages import prepare_stages
+
+    run = tmp_path_factory.mktemp("goha_chain") / "run"
+    shared = ["train.progress=false", "train.tensorboard=false", "train.num_workers=0",
+              f"data.path={data_root}"]
+    cfg = build_experiment("goha", GOHASR.Config, defaults=GOHASR.recipe,
+                           presets=GOHASR.presets, preset="tiny",
+                           overrides=shared + [f"train.run_dir={run}", "train.steps=2",
+                                               "train.ckpt_every=1", "train.image_every=0",
+                                               "model.tv_points=32", "model.r1_interval=2"])
+    train_fn, seen = _stage_train_fn(data_root)
+    filled = prepare_stages(GOHASR, cfg, overrides=shared, train_fn=train_fn)
+    final = Trainer(cfg)
+    final.fit()
+    return {"run": run, "filled": filled, "stages": seen, "final": final}
+
+
+def test_train_goha_chains_s1_s1gan_s2(chain):
+    from pyface.models.goha import GOHAGAN, GOHASR
+
+    names = [s for s in chain["stages"] if isinstance(s, str)]
+    s1, s1_gan = [t for t in chain["stages"] if not isinstance(t, str)]
+    assert names == ["goha_s1", "goha_s1_gan"]
+    assert set(chain["filled"]) == {"s1_gan_checkpoint"}
+    assert type(s1.model) is GOHA and type(s1_gan.model) is GOHAGAN
+    assert s1_gan.model.cfg.s1_checkpoint.endswith("stages/s1")
+    final = chain["final"].model
+    assert type(final) is GOHASR and final.cfg.s1_gan_checkpoint.endswith("stages/s1_gan")
+    _, st1 = load_pretrained(str(chain["run"] / "stages" / "s1_gan" / "stages" / "s1"))
+    _, st2 = load_pretrained(str(chain["run"] / "stages" / "s1_gan"))
+    # s1_gan: the canonical branch is frozen, the expression branch and the decoder train, D
+    # trained (its D phase ran)
+    for k, v in st1.items():
+        if k.startswith(("encoder_canonical.", "embed_canonical.")):
+            assert torch.equal(v, st2[k]), k
+    for prefix in ("encoder_expression.", "decoder.", "discriminator."):
+        start = st1 if prefix != "discriminator." else GOHAGAN(s1_gan.model.cfg).state_dict()
+        assert any(not torch.equal(v, start[k]) for k, v in st2.items()
+                   if k.startswith(prefix)), prefix
+    # s2: every tri-plane tensor is s1_gan's, only the SR and the dual D train; the dual D
+    # keeps s1_gan's D except its fresh 6-channel first conv
+    sf = final.state_dict()
+    for k, v in st2.items():
+        if not k.startswith("discriminator."):
+            assert torch.equal(v, sf[k]), k
+    fresh = GOHASR(final.cfg).state_dict()   # s1_gan's weights plus fresh SR / first D conv
+    assert any(not torch.equal(v, fresh[k]) for k, v in sf.items() if k.startswith("sr."))
+    assert sf["discriminator.conv_body.0.0.weight"].shape[1] == 6
+    assert st2["discriminator.conv_body.0.0.weight"].shape[1] == 3
+    assert torch.equal(fresh["discriminator.final_linear.1.weight"],
+                       st2["discriminator.final_linear.1.weight"])
+
+
+def test_s2_exact_resume(tmp_path, chain, data_root):
+    from pyface.models.goha import GOHASR
+
+    def exp(run, *extra):
+        return build_experiment("goha", GOHASR.Config, defaults=GOHASR.recipe,
+                                presets=GOHASR.presets, preset="tiny", overrides=FAST + [
+                                    f"train.run_dir={run}", f"data.path={data_root}",
+                                    "model.r1_interval=2",
+                                    f"model.s1_gan_checkpoint={chain['run']}/stages/s1_gan",
+                                    *extra])
+    full = Trainer(exp(tmp_path / "full", "train.steps=2"))
+    full.fit()
+    a = Trainer(exp(tmp_path / "split", "train.steps=1", "train.ckpt_every=1"))
+    a.fit()
+    b = Trainer(exp(tmp_path / "split", "train.steps=2"))
+    assert b.resume("auto").endswith("ckpt-000001")
+    b.fit()
+    sb = b.model.state_dict()
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, sb[k]), k
+
+
+def test_s2_pipeline_super_resolves(chain):
+    from pyface.models.goha import GOHASR
+
+    pipe = pyface.models.load("goha", str(chain["run"]), device="cpu")
+    assert type(pipe.model) is GOHASR
+    assert pipe.resolution == 64 and pipe.input_resolution == 64
+    c = random_coeffs(2, seed=9)
+    f = frame(c)
+    source = {"image": f["image"][0].float() / 127.5 - 1, "camera": f["camera"][0],
+              "coeffs": c[0], "mask": f["mask"][0].float() / 255}
+    driving = {"image": f["image"].float() / 127.5 - 1, "camera": f["camera"], "coeffs": c}
+    with torch.no_grad():
+        out = pipe.animate(source, driving)
+        again = pipe.animate(source, driving, composite=False)
+        rec = pipe.reconstruct(source)
+        st, mo = pipe.encode_source(source), pipe.encode_driving(driving)
+        torch.manual_seed(1)
+        comp = pipe.generate(st, mo)
+        torch.manual_seed(1)
+        plain = pipe.generate(st, mo, composite=False)
+        torch.manual_seed(1)
+        planes = pipe.model.animate_planes(
+            {k: (v.expand(2, *v.shape[1:]) if torch.is_tensor(v) else v) for k, v in st.items()},
+            mo["expression"])
+        alpha = torch.nn.functional.interpolate(
+            pipe.model.render(planes, mo["camera"])["weights"].clamp(0, 1), size=(64, 64),
+            mode="bilinear", align_corners=False)
+    assert out.shape == (2, 3, 64, 64) and rec.shape == (1, 3, 64, 64)
+    assert out.abs().max() <= 1 and torch.isfinite(out).all()
+    assert not torch.allclose(out, again)          # composited over the source background
+    # the SR image is kept inside the render's opacity, the background fills the rest
+    want = (((plain + 1) / 2).clamp(0, 1) * alpha + (1 - alpha) * st["background"]) * 2 - 1
+    torch.testing.assert_close(comp, want.clamp(-1, 1), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="power of two"):
+        GOHASR(tiny_config(resolution=48))
+
+
+def test_static_multiview_pairs_train_s1(tmp_path):
+    """The platform's `multiview` dataset (one instant from two cameras) feeds GOHA as is:
+    `--set data.name=multiview` (data rendered with `pyface data synth --multiview`)."""
+    from pyface.data.synthetic import SynthConfig, generate
+
+    root = tmp_path / "mv"
+    generate(str(root), SynthConfig(identities=1, videos_per_identity=1, frames=2, resolution=64,
+                                    workers=1, cross=False, multiview=True), progress=False)
+    from pyface.data.datasets import MultiViewDataset
+
+    item = MultiViewDataset(root, 64)[0]
+    assert not torch.equal(item["source"]["camera"], item["driving"]["camera"])
+    assert torch.equal(item["source"]["coeffs"][80:144], item["driving"]["coeffs"][80:144])
+    t = Trainer(experiment(tmp_path / "run", root, "train.steps=1", "data.name=multiview"))
+    t.fit()
+    assert t.step == 1

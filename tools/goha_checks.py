@@ -9,7 +9,10 @@ For same-video pairs of ``--data`` (``pyface.data.reenactment_pairs``, protocol 
 * appearance: source-view PSNR (matted source, at the render size) with and without the
   appearance plane;
 * expression: L1 to the matted driving frame inside its mouth + lips region (morphable-model
-  regions at the driving camera), canonical + expression planes against canonical only.
+  regions at the driving camera), canonical + expression planes against canonical only, over
+  all pairs and over the half with the largest expression change (jaw / mouth motion).
+
+RUN may be any stage's run (s1, s1_gan or the final s2): the tri-plane networks are compared.
 
 Usage: ``python tools/goha_checks.py RUN --data DIR [--pairs 64]``.
 """
@@ -35,7 +38,8 @@ def main():
     cfg_d, state = load_pretrained(args.run)
     cfg = config_from_dict(GOHA.Config, cfg_d)
     trained = GOHA(cfg).eval()
-    trained.load_state_dict(state)
+    # any stage's run: the tri-plane networks (s1_gan / s2 add a discriminator and the SR)
+    trained.load_state_dict({k: v for k, v in state.items() if k in trained.state_dict()})
     torch.manual_seed(0)
     init = GOHA(cfg).eval()
     data = reenactment_pairs(args.data, resolution=cfg.resolution, protocol="same")
@@ -43,6 +47,7 @@ def main():
     r = cfg.render_resolution
     sums = {"neutral_trained": 0.0, "neutral_init": 0.0, "psnr_app": 0.0, "psnr_noapp": 0.0,
             "mouth_exp": 0.0, "mouth_cano": 0.0}
+    mouth_pairs = []       # (expression change |e_d - e_s|, L1 with, L1 without expression)
     with torch.no_grad():
         for i in idx:
             item = data[i]
@@ -66,12 +71,15 @@ def main():
                     tgt = F.interpolate(drv["image"], size=(r, r), mode="bilinear",
                                         antialias=True, align_corners=False)
                     dexp = drv["coeffs"][:, 80:144]
+                    pair = [float((dexp - exp).norm())]
                     for key, use in (("mouth_exp", True), ("mouth_cano", False)):
                         out = m.render(m.animate_planes(st, dexp, use_expression=use,
                                                         use_appearance=False),
                                        drv["camera"])["image"]
-                        sums[key] += float(((out - tgt).abs() * mm).sum()
-                                           / (3 * mm.sum()).clamp_min(1))
+                        l1 = float(((out - tgt).abs() * mm).sum() / (3 * mm.sum()).clamp_min(1))
+                        sums[key] += l1
+                        pair.append(l1)
+                    mouth_pairs.append(pair)
                     for key, app in (("psnr_app", True), ("psnr_noapp", False)):
                         out = m.render(m.animate_planes(st, exp, use_appearance=app),
                                        src["camera"])["image"].clamp(-1, 1)
@@ -86,6 +94,10 @@ def main():
           f"{res['psnr_noapp']:.2f} dB, gain {res['psnr_app'] - res['psnr_noapp']:+.2f} dB")
     print(f"mouth-region L1 to the driving frame: canonical + expression {res['mouth_exp']:.4f}, "
           f"canonical only {res['mouth_cano']:.4f}")
+    big = sorted(mouth_pairs, reverse=True)[:max(1, len(mouth_pairs) // 2)]
+    print(f"  on the {len(big)} pairs with the largest expression change: canonical + expression "
+          f"{sum(p[1] for p in big) / len(big):.4f}, canonical only "
+          f"{sum(p[2] for p in big) / len(big):.4f}")
 
 
 if __name__ == "__main__":

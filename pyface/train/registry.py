@@ -27,7 +27,9 @@ MODELS: dict[str, str] = {
     "mmfa_vae": "pyface.models.mmfa.vae:MMFAVAE",
     # portrait models (pyface/models/<name>/) register here as they land, one line each
     "eg3d": "pyface.models.eg3d.model:EG3D",
-    "goha": "pyface.models.goha:GOHA",
+    "goha_s1": "pyface.models.goha:GOHA",
+    "goha_s1_gan": "pyface.models.goha.stages:GOHAGAN",
+    "goha": "pyface.models.goha.stages:GOHASR",
     "export3d_clebs": "pyface.models.export3d:CLeBS",
     "export3d": "pyface.models.export3d:Export3D",
     "otavatar": "pyface.models.otavatar.model:OTAvatar",

@@ -29,6 +29,8 @@ class GOHAConfig:
     plane_channels: int = 32            # C of every plane; planes (B, 3, C, R/2, R/2)
     embed_width: int = 128              # Embed2Plane hidden width
     share_upsampler_weights: bool = False   # GOHA's bug: xz / zy planes reuse the xy up-branch
+    flip_plane_rows: bool = False       # flip Embed2Plane's output rows: the xy plane's rows run
+    # with +y (up), the image's rows down; flipped, the encoders' maps line up with the planes
     # --- canonical branch -------------------------------------------------------------------
     mask_regions: list[str] = field(default_factory=lambda: ["brows", "eyes", "mouth", "lips"])
     eye_dilation: int = 7               # square kernel of the eye dilation (0: none)
@@ -38,6 +40,7 @@ class GOHAConfig:
     bfm_path: str | None = None         # Deep3DFaceRecon BFM_model_front.mat; None: built-in
     exemplar_angles: list[float] = field(default_factory=lambda: list(EXEMPLAR_ANGLES))
     exemplar_trans: list[float] = field(default_factory=lambda: list(EXEMPLAR_TRANS))
+    prep_default_backend: bool = True   # 3DMM renders (data preparation) on the default backends
     # --- appearance branch ------------------------------------------------------------------
     lift_resolution: int = 128          # source-view render whose depth is lifted: N = L^2 points
     lift_samples: int = 48              # coarse (= importance) samples of that render
@@ -60,6 +63,9 @@ class GOHAConfig:
     # --- losses -----------------------------------------------------------------------------
     l1_weight: float = 1.0
     neutral_weight: float = 1.0         # neutral-render term of the cano mode (x l1)
+    mask_weight: float = 0.0            # L1 of the render's opacity to the target's matte (0:
+    # GOHA; over black, an opaque black fog and empty space look alike, and a composite over a
+    # background needs the opacity)
     tv_weight: float = 0.25             # EG3D density TV: |sigma(x) - sigma(x + N(0, tv_sigma))|
     tv_points: int = 1000
     tv_sigma: float = 0.004
@@ -68,6 +74,20 @@ class GOHAConfig:
     # --- optimiser --------------------------------------------------------------------------
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
+    # --- stages s1_gan and s2 (pyface.models.goha.stages) ---------------------------------
+    s1_checkpoint: str | None = None        # s1 run s1_gan starts from (set by `pyface train`)
+    s1_gan_checkpoint: str | None = None    # s1_gan run s2 starts from (set by `pyface train`)
+    vgg_weight: float = 1.0             # s1_gan / s2 VGG19 term (GOHA's layer weights); vgg_path
+    gan_weight: float = 0.1             # non-saturating logistic GAN term of G
+    r1_gamma: float = 10.0
+    d_interval: int = 4                 # D update every d_interval steps (s1_gan 4, s2 1)
+    r1_interval: int = 16               # lazy R1 every r1_interval steps
+    lr_d: float = 1e-4                  # D learning rate (s1_gan 1e-4, s2 5e-4)
+    disc_narrow: float = 1.0            # width factor of the StyleGAN2 D (GFPGAN net_d: 1)
+    disc_path: str | None = None        # GFPGANv1_net_d.pth / `pyface convert gfpgan-d` folder
+    sr_narrow: float = 1.0              # width factor of GFPGANv1Clean (GOHA: 1)
+    sr_style_features: int = 512        # GFPGANv1Clean num_style_feat (GOHA: 512)
+    sr_path: str | None = None          # GFPGANv1.3 .pth / `pyface convert gfpgan` folder
 
     def __post_init__(self):
         if self.resolution % 4 or self.resolution < 16:
@@ -83,6 +103,9 @@ class GOHAConfig:
                              f"each, got {self.exemplar_angles} / {self.exemplar_trans}")
         if len(self.betas) != 2:
             raise ValueError(f"model.betas: expected 2 numbers, got {self.betas}")
+        for k in ("d_interval", "r1_interval"):
+            if int(getattr(self, k)) < 1:
+                raise ValueError(f"model.{k}: expected >= 1, got {getattr(self, k)}")
         if self.perceptual_weight > 0 and not self.vgg_path:
             raise ValueError("model.perceptual_weight > 0 needs model.vgg_path (a torchvision "
                              "VGG19 weights file; nothing is downloaded)")

@@ -45,6 +45,31 @@ PLANE_AXES = "xy_xz_zy"
 MODES = ("src", "tar", "coarse", "cano")
 
 
+#: the model part of the ``tiny`` preset, shared by the three stages (one architecture): 64^2
+#: input, tiny MiT, planes 32^2, 32^2 renders with 12 + 12 samples, depth lifted at 16^2,
+#: compressed s1 schedule (spec 2.5); density TV at 0.05 (GOHA's 0.25 collapses the density of
+#: these 32^2 planes within 75 steps, docs/models/goha.md); the opacity supervised by the matte
+#: (the composite over the source background needs it); GFPGANv1Clean and the StyleGAN2 D at
+#: 1/32 width
+TINY_MODEL = {"resolution": 64, "encoder": "tiny", "encoder_width": 32, "plane_channels": 16,
+              "embed_width": 32, "eye_dilation": 3, "eye_dilation_iters": 1,
+              "pseudo_render_size": 64, "lift_resolution": 16, "lift_samples": 12,
+              "appearance_erode": 3, "render_resolution": 32, "depth_samples": 12,
+              "depth_samples_importance": 12, "decoder_hidden": 32, "decoder_features": 8,
+              "canonical_until": 100, "expression_from": 100, "appearance_from": 200,
+              "tv_points": 256, "tv_weight": 0.05, "mask_weight": 1.0, "lr": 1e-3,
+              "betas": [0.9, 0.99], "disc_narrow": 0.03125, "sr_narrow": 0.03125,
+              "sr_style_features": 32}
+#: the model part of ``gpu-short`` (one H100/H200): 256^2 input, MiT-b0, SR and D at 1/4 width
+GPU_SHORT_MODEL = {"resolution": 256, "plane_channels": 32, "pseudo_render_size": 224,
+                   "lift_resolution": 64, "lift_samples": 24, "appearance_erode": 5,
+                   "render_resolution": 128, "depth_samples": 24,
+                   "depth_samples_importance": 24, "canonical_until": 1000,
+                   "expression_from": 1000, "appearance_from": 2000, "lr": 2e-4,
+                   "mask_weight": 1.0,
+                   "disc_narrow": 0.25, "sr_narrow": 0.25, "sr_style_features": 128}
+
+
 def bfm224_label(angles: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
     """EG3D label ``(B, 25)`` of Deep3DFaceRecon's 224 crop camera (focal 1015 px, centre
     112 px, camera 10 BFM units from the origin) for a pose ``angles (B, 3)``, ``trans (B, 3)``:
@@ -93,32 +118,25 @@ class GOHA(TrainableModel):
     ``decoder`` (:class:`OSGDecoder`)."""
 
     Config = GOHAConfig
+    #: the training stage this class trains (``s1``; :mod:`pyface.models.goha.stages`: ``s1_gan``
+    #: and ``s2``)
+    stage_name = "s1"
+    #: every plane in every mode from step 0 (the later stages); s1 follows its schedule
+    all_planes = False
+    #: the canonical branch gets gradients (frozen in s1_gan and s2)
+    canonical_trainable = True
     recipe = {"data": {"name": "pairs", "resolution": 512},
               "train": {"steps": 695_000, "batch_size": 8, "grad_clip": 1000.0,
                         "ckpt_every": 5000, "image_every": 5000}}
     presets = {
         # 2-core CPU, a few minutes: 64^2 input, tiny MiT, planes 32^2, 32^2 renders with 12 + 12
         # samples, depth lifted at 16^2; compressed schedule (spec 2.5)
-        "tiny": {"model": {"resolution": 64, "encoder": "tiny", "encoder_width": 32,
-                           "plane_channels": 16, "embed_width": 32, "eye_dilation": 3,
-                           "eye_dilation_iters": 1, "pseudo_render_size": 64,
-                           "lift_resolution": 16, "lift_samples": 12, "appearance_erode": 3,
-                           "render_resolution": 32, "depth_samples": 12,
-                           "depth_samples_importance": 12, "decoder_hidden": 32,
-                           "decoder_features": 8, "canonical_until": 100,
-                           "expression_from": 100, "appearance_from": 200, "tv_points": 256,
-                           "lr": 1e-3, "betas": [0.9, 0.99]},
+        "tiny": {"model": dict(TINY_MODEL),
                  "data": {"name": "pairs", "resolution": 64},
                  "train": {"steps": 400, "batch_size": 2, "grad_clip": 1000.0,
                            "ckpt_every": 100, "image_every": 100, "log_every": 20}},
-        # one H100/H200, about 8 minutes (not yet measured on a GPU): 256^2 input, MiT-b0
-        "gpu-short": {"model": {"resolution": 256, "plane_channels": 32,
-                                "pseudo_render_size": 224, "lift_resolution": 64,
-                                "lift_samples": 24, "appearance_erode": 5,
-                                "render_resolution": 128, "depth_samples": 24,
-                                "depth_samples_importance": 24, "canonical_until": 1000,
-                                "expression_from": 1000, "appearance_from": 2000,
-                                "lr": 2e-4},
+        # one H100/H200 (not yet measured on a GPU): 256^2 input, MiT-b0
+        "gpu-short": {"model": dict(GPU_SHORT_MODEL),
                       "data": {"name": "pairs", "resolution": 256},
                       "train": {"steps": 3000, "batch_size": 8, "ckpt_every": 1000,
                                 "image_every": 500}},
@@ -158,6 +176,17 @@ class GOHA(TrainableModel):
             self._perceptual = [PerceptualLoss(weights=cfg.vgg_path)]
 
     # ------------------------------------------------------------------ morphable model
+    def _prep(self):
+        """Context of the morphable-model renders (masks, pseudo-renders, neutral renders: data
+        preparation, which GOHA does in its data pipeline): the ops' default backends even under
+        ``train.backend=reference`` when ``model.prep_default_backend`` (so a fused-vs-reference
+        comparison measures the tri-plane path), else whatever is in force."""
+        import contextlib
+
+        from pyface.ops import use_backend
+
+        return use_backend(None) if self.cfg.prep_default_backend else contextlib.nullcontext()
+
     def face(self, device) -> MorphableModel:
         """The morphable model (built-in, or BFM from ``model.bfm_path``) on ``device``."""
         key = str(device)
@@ -181,7 +210,8 @@ class GOHA(TrainableModel):
         c = coeffs.float().clone()
         if neutral:
             c[:, 80:144] = 0
-        r = face.render(c, size, label=camera.float(), regions=tuple(names))
+        with self._prep():
+            r = face.render(c, size, label=camera.float(), regions=tuple(names))
         out = torch.zeros_like(r.mask)
         for n in names:
             m = r.regions[n]
@@ -201,8 +231,9 @@ class GOHA(TrainableModel):
         angles = torch.tensor(self.cfg.exemplar_angles, device=dev).expand(B, 3)
         trans = torch.tensor(self.cfg.exemplar_trans, device=dev).expand(B, 3)
         coeffs = merge_coeffs(s["id"], expression.float(), s["tex"], angles, s["gamma"], trans)
-        r = self.face(dev).render(coeffs, self.cfg.pseudo_render_size,
-                                  label=bfm224_label(angles, trans))
+        with self._prep():
+            r = self.face(dev).render(coeffs, self.cfg.pseudo_render_size,
+                                      label=bfm224_label(angles, trans))
         img = r.image * 2 - 1
         R = self.cfg.resolution
         if img.shape[-1] != R:
@@ -216,7 +247,8 @@ class GOHA(TrainableModel):
         ``(image (B, 3, size, size) in [-1, 1], mask (B, 1, size, size))``."""
         c = coeffs.float().clone()
         c[:, 80:144] = 0
-        r = self.face(coeffs.device).render(c, size, label=camera.float())
+        with self._prep():
+            r = self.face(coeffs.device).render(c, size, label=camera.float())
         return r.image * 2 - 1, r.mask
 
     # ------------------------------------------------------------------ branches
@@ -231,12 +263,17 @@ class GOHA(TrainableModel):
         self._check_image("image", image)
         self._check_image("region_mask", region_mask, 1)
         x = imagenet_normalize(image) * (1 - region_mask)
-        return self.embed_canonical(self.encoder_canonical(x))
+        return self._orient(self.embed_canonical(self.encoder_canonical(x)))
 
     def encode_expression(self, pseudo: torch.Tensor) -> torch.Tensor:
         """pseudo (B, 3, R, R) in [-1, 1] (:meth:`pseudo_render`) -> planes (B, 3, C, P, P)."""
         self._check_image("pseudo", pseudo)
-        return self.embed_expression(self.encoder_expression(imagenet_normalize(pseudo)))
+        return self._orient(self.embed_expression(self.encoder_expression(
+            imagenet_normalize(pseudo))))
+
+    def _orient(self, planes: torch.Tensor) -> torch.Tensor:
+        """Embed2Plane output (B, 3, C, P, P), rows flipped with ``model.flip_plane_rows``."""
+        return planes.flip(-2) if self.cfg.flip_plane_rows else planes
 
     def render(self, planes: torch.Tensor, camera: torch.Tensor, resolution: int | None = None,
                *, lift: bool = False) -> dict[str, torch.Tensor]:
@@ -308,7 +345,8 @@ class GOHA(TrainableModel):
     # ------------------------------------------------------------------ whole model
     def prepare_frame(self, frame: dict, name: str) -> dict:
         """A batched frame dict -> ``image`` (B, 3, R, R) float in [-1, 1], matted by ``mask``
-        when present, ``camera`` (B, 25) float, ``coeffs`` (B, 257) float."""
+        when present, ``camera`` (B, 25) float, ``coeffs`` (B, 257) float, ``mask``
+        (B, 1, R, R) float in [0, 1] or None."""
         img = to_signed(_frame(frame, "image", (3, None, None), name))
         self._check_image(f"{name}['image']", img)
         cam_ = _frame(frame, "camera", (25,), name).float()
@@ -316,11 +354,12 @@ class GOHA(TrainableModel):
         if img.shape[0] != cam_.shape[0] or img.shape[0] != coeffs.shape[0]:
             raise ValueError(f"{name}: batch sizes differ: image {img.shape[0]}, camera "
                              f"{cam_.shape[0]}, coeffs {coeffs.shape[0]}")
+        m = None
         if "mask" in frame:
             m = frame["mask"]
             m = m.float() / 255 if m.dtype == torch.uint8 else m.float()
             img = img * m + (-1) * (1 - m)                              # black background
-        return {"image": img, "camera": cam_, "coeffs": coeffs}
+        return {"image": img, "camera": cam_, "coeffs": coeffs, "mask": m}
 
     def encode_source(self, src: dict, *, appearance: bool = True) -> dict:
         """Prepared source frame -> ``canonical`` planes, ``appearance`` planes (or None),
@@ -356,6 +395,16 @@ class GOHA(TrainableModel):
         planes = self.animate_planes(state, drv["coeffs"][:, 80:144])
         return self.render(planes, drv["camera"])["image"]
 
+    @property
+    def output_resolution(self) -> int:
+        """Side of :meth:`finish`'s output: the render side r (s2: the SR side R)."""
+        return self.cfg.render_resolution
+
+    def finish(self, raw: torch.Tensor) -> torch.Tensor:
+        """The final image from the raw render ``(B, 3, r, r)``: itself (s2 adds the
+        super-resolution)."""
+        return raw
+
     # ------------------------------------------------------------------ training
     def build_optimizers(self):
         return {"G": torch.optim.Adam(self.parameters(), lr=self.cfg.lr,
@@ -378,19 +427,26 @@ class GOHA(TrainableModel):
             out["perceptual"] = p(pred, target)
         return out
 
-    def s1_losses(self, batch: dict, step: int, mode: str | None = None):
-        """Losses of one s1 iteration; returns ``(total, logs, render)``."""
+    def s1_losses(self, batch: dict, step: int, mode: str | None = None, *,
+                  targets: dict | None = None):
+        """Losses of one s1 iteration; returns ``(total, logs, render)``. ``targets`` (a dict)
+        receives the prepared frames (``source``, ``driving``) and the ``target`` image of the
+        mode at the render size (B, 3, r, r)."""
         cfg = self.cfg
         mode = mode or mode_of(cfg, step)
         src = self.prepare_frame(batch["source"], "batch['source']")
         tgt = self.prepare_frame(batch["driving"], "batch['driving']")
         r = cfg.render_resolution
         mask = self.region_mask(src["coeffs"], src["camera"], cfg.resolution)
-        cano = self.encode_canonical(src["image"], mask)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.canonical_trainable):
+            cano = self.encode_canonical(src["image"], mask)
+        if targets is not None:
+            targets.update(source=src, driving=tgt)
         logs: dict[str, torch.Tensor] = {}
         if mode == "cano":
             planes = cano
-            out = self.render(planes, tgt["camera"])["image"]
+            rend = self.render(planes, tgt["camera"])
+            out, matte = rend["image"], tgt["mask"]
             neutral, nmask = self.neutral_render(tgt["coeffs"], tgt["camera"], r)
             tmask = 1 - self.region_mask(tgt["coeffs"], tgt["camera"], r)
             target = self._resize(tgt["image"])
@@ -402,8 +458,8 @@ class GOHA(TrainableModel):
             logs.update(neutral_l1=n["l1"].detach(), masked_l1=m["l1"].detach())
         else:
             drv = src if mode == "src" else tgt
-            use_exp = step >= cfg.expression_from
-            use_app = mode in ("src", "tar") and step >= cfg.appearance_from
+            use_exp = self.all_planes or step >= cfg.expression_from
+            use_app = mode in ("src", "tar") and (self.all_planes or step >= cfg.appearance_from)
             planes = cano
             exp_planes = None
             if use_exp or use_app:
@@ -418,12 +474,18 @@ class GOHA(TrainableModel):
                                            neutral=True)
                 planes = planes + self.encode_appearance(src["image"], mask, cano + src_exp,
                                                          src["camera"], regions)
-            out = self.render(planes, drv["camera"])["image"]
-            p = self._photo(out, self._resize(drv["image"]))
+            rend = self.render(planes, drv["camera"])
+            out, matte = rend["image"], drv["mask"]
+            target = self._resize(drv["image"])
+            p = self._photo(out, target)
             total = cfg.l1_weight * p["l1"]
             if "perceptual" in p:
                 total = total + cfg.perceptual_weight * p["perceptual"]
             logs["l1"] = p["l1"].detach()
+        if cfg.mask_weight > 0 and matte is not None:
+            ml = (rend["weights"] - self._resize(matte).clamp(0, 1)).abs().mean()
+            total = total + cfg.mask_weight * ml
+            logs["mask_l1"] = ml.detach()
         if cfg.tv_weight > 0:
             tv = density_l1_regularizer(planes, self.decoder, n_points=cfg.tv_points,
                                         p_dist=cfg.tv_sigma, plane_axes=PLANE_AXES,
@@ -431,6 +493,8 @@ class GOHA(TrainableModel):
             total = total + cfg.tv_weight * tv
             logs["tv"] = tv.detach()
         logs[f"mode_{mode}"] = torch.ones(())
+        if targets is not None:
+            targets["target"] = target
         return total, logs, out
 
     def step(self, phase: str, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
@@ -454,28 +518,30 @@ class GOHA(TrainableModel):
 
 
 class GOHAPipeline(Pipeline):
-    """One-shot animation with GOHA s1.
+    """One-shot animation with GOHA (any stage; the registered ``goha`` is the last, s2).
 
-    ``resolution`` is the output side (``render_resolution``); sources are resized to the
-    encoders' ``input_resolution`` (``model.resolution``).
+    ``resolution`` is the output side (``render_resolution``; with s2's super-resolution
+    ``model.resolution``); sources are resized to the encoders' ``input_resolution``
+    (``model.resolution``).
 
     * ``encode_source``: the avatar: canonical and appearance planes (the three encoders plus
       the lift); needs ``image``, ``camera (25,)`` and ``coeffs (257,)`` (``mask`` mattes it);
     * ``encode_driving``: ``expression (T, 64)`` and ``camera (T, 25)`` from the driving
       ``coeffs`` and ``camera``;
     * ``generate``: expression planes of each driving expression (the source's identity in the
-      pseudo-render), summed with the avatar's, rendered at each driving camera:
-      ``(T, 3, r, r)`` in [-1, 1]. ``controls``: ``expression`` / ``appearance`` (bool) switch
+      pseudo-render), summed with the avatar's, rendered at each driving camera (and
+      super-resolved in s2): ``(T, 3, resolution, resolution)`` in [-1, 1]. ``controls``: ``expression`` / ``appearance`` (bool) switch
       those planes off; ``composite`` (default True) puts the render over the source's
       background when the source has a ``mask`` (GOHA's own output is matted, over black;
-      the head's hole in the background is filled with the mean background colour).
+      the head's hole in the background is filled with the mean background colour; a
+      super-resolved image is first multiplied by the render's opacity, upsampled).
     """
 
     def __init__(self, model, *, device=None):
         super().__init__(model, device=device)
         #: input side R of the encoders; ``resolution`` is the output (render) side r
         self.input_resolution = int(model.cfg.resolution)
-        self.resolution = int(model.cfg.render_resolution)
+        self.resolution = int(model.output_resolution)
 
     def encode_source(self, source: dict) -> dict:
         out_res, self.resolution = self.resolution, self.input_resolution
@@ -519,11 +585,19 @@ class GOHAPipeline(Pipeline):
         planes = self.model.animate_planes(st, motion["expression"], use_expression=expression,
                                            use_appearance=appearance)
         out = self.model.render(planes, motion["camera"])
-        img = out["image"]
+        img = self.model.finish(out["image"])
         if composite and st.get("background") is not None:
             # the render is premultiplied over black: add the background where it is clear
             alpha = out["weights"].clamp(0, 1)
-            img = (img * 0.5 + 0.5 + (1 - alpha) * st["background"]) * 2 - 1
+            if alpha.shape[-1] != img.shape[-1]:
+                alpha = F.interpolate(alpha, size=img.shape[-2:], mode="bilinear",
+                                      align_corners=False)
+            fg = img * 0.5 + 0.5
+            if self.model.output_resolution != self.model.cfg.render_resolution:
+                # super-resolved: GFPGAN's image is not exactly black where the render is
+                # clear; keep it inside the render's opacity (+0.8 dB held out, tiny)
+                fg = fg.clamp(0, 1) * alpha
+            img = (fg + (1 - alpha) * st["background"]) * 2 - 1
         return img.clamp(-1, 1)
 
 
