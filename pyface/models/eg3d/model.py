@@ -78,7 +78,7 @@ _TINY = {
             "img_resolution": 32, "neural_rendering_resolution": 16, "sr_variant": "hybrid2x",
             "sr_input_resolution": 16, "sr_block_channels": [32, 16],
             "render": {"depth_resolution": 12, "depth_resolution_importance": 12,
-                       "white_back": True}},
+                       "white_back": True, "chunk_points": 8192}},
         "discriminator": {"channel_base": 512, "channel_max": 64, "mapping_layers": 2},
         "r1_gamma": 1.0, "gpc_reg_fade_kimg": 2.0, "blur_fade_kimg": 1.0,
         "neural_rendering_resolution_initial": 16, "background": "white",
