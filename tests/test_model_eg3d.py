@@ -3,6 +3,7 @@ hand transcription of EG3D's published module structure, the training recipe on 
 from __future__ import annotations
 
 import collections
+import math
 import os
 import pickle
 
@@ -524,9 +525,11 @@ def test_engine_steps_every_phase_and_logs_measures(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="pyface"):
         losses = tr.train_step(batch)
     for k in ("Gmain/loss", "Greg/density_tv", "Dmain/logit_gap", "Dreg/r1_penalty",
-              "Gmain/iou", "Gmain/iou_all", "Gmain/fg_opacity", "Gmain/bg_opacity"):
+              "Gmain/iou", "Gmain/iou_all", "Gmain/fg_opacity", "Gmain/bg_opacity",
+              "Gmain/depth_err", "Gmain/depth_err_flat", "Gmain/depth_overlap"):
         assert k in losses and torch.isfinite(losses[k]), k
     assert "eg3d measures step 0" in caplog.text and "iou=" in caplog.text
+    assert "depth_err=" in caplog.text
     after = tr.model.state_dict()
     changed = {k.split(".")[0] for k in after if not torch.equal(after[k], before[k])}
     assert changed == {"G", "D"}
@@ -534,6 +537,43 @@ def test_engine_steps_every_phase_and_logs_measures(tmp_path, caplog):
     assert not torch.equal(after["G.backbone.mapping.w_avg"],
                            before["G.backbone.mapping.w_avg"])
     assert "G" in tr.ema.modules
+
+
+def _sphere_depth(c, r, radius=0.4):
+    """Exact ray-sphere depths (B, 1, r, r) and opacities of a sphere at the origin."""
+    from pyface.ops.render import ray_bundle
+
+    o, d = ray_bundle(c, r)
+    b = (o * d).sum(-1)
+    disc = b.square() - (o.square().sum(-1) - radius ** 2)
+    hit = disc > 0
+    t = torch.where(hit, -b - disc.clamp(min=0).sqrt(), torch.zeros_like(b))
+    B = c.shape[0]
+    return t.reshape(B, 1, r, r), hit.float().reshape(B, 1, r, r)
+
+
+def test_depth_consistency_is_small_for_a_solid_and_large_for_flat_depth():
+    from pyface.face import cameras as cams
+    from pyface.models.eg3d.model import depth_consistency, orbit_label
+
+    K = cams.intrinsics_from_focal(cams.FFHQ_FOCAL).expand(2, 3, 3)
+    c = cams.make_label(cams.orbit_camera(torch.tensor([0.0, -0.2]), torch.tensor([0.0, 0.1]),
+                                          radius=2.7, pivot=(0.0, 0.0, 0.0)), K)
+    c_b = orbit_label(c, 0.35)
+    # the orbit keeps the distance to the origin and turns the camera by the yaw
+    pa, pb = c[:, :16].reshape(-1, 4, 4)[:, :3, 3], c_b[:, :16].reshape(-1, 4, 4)[:, :3, 3]
+    torch.testing.assert_close(pb.norm(dim=-1), pa.norm(dim=-1))
+    cos = (pa * pb).sum(-1) / pa.norm(dim=-1) / pb.norm(dim=-1)
+    torch.testing.assert_close(cos[:1], torch.tensor([math.cos(0.35)]))
+    da, oa = _sphere_depth(c, 32)
+    db, ob = _sphere_depth(c_b, 32)
+    err, overlap = depth_consistency(da, oa, c, db, ob, c_b)
+    flat = torch.full_like(da, 2.775)
+    err_flat, _ = depth_consistency(flat, torch.ones_like(da), c, flat, torch.ones_like(da), c_b)
+    assert err < 0.01 and overlap > 0.8 and err_flat > 5 * err
+    # a sphere seen from B but placed differently in A is inconsistent
+    err_bad, _ = depth_consistency(da + 0.2, oa, c, db, ob, c_b)
+    assert err_bad > 5 * err
 
 
 def test_presets_are_complete_and_full_is_eg3d_ffhq():
