@@ -63,8 +63,10 @@ class _BiasActOutputSaved(torch.autograd.Function):
     def backward(ctx, gy):
         (y,) = ctx.saved_tensors
         has_b, slope, gain, clamp, dim = ctx.args
-        # boolean masks only (1 byte per element) stay in a double-backward graph
-        gx = torch.where(y > 0, gy * gain, gy * (gain * slope) if slope else 0.0)
+        # PyTorch's own (double-differentiable) slope kernels, fed the output: y > 0 iff x > 0
+        g = gy * gain if gain != 1 else gy
+        gx = (torch.ops.aten.leaky_relu_backward(g, y, slope, False) if slope else
+              torch.ops.aten.threshold_backward(g, y, 0))
         if clamp is not None and clamp >= 0:
             gx = torch.where(y.abs() < clamp, gx, 0.0)
         gb = None
