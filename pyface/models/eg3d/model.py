@@ -78,8 +78,8 @@ def depth_consistency(depth_a: torch.Tensor, opacity_a: torch.Tensor, c_a: torch
                       threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Agreement of two renderings' depths: the pixels of view A with opacity > ``threshold``
     are lifted to 3D along A's rays at A's depth, projected into view B, and B's depth there
-    (bilinear, weighted by B's opacity) is compared with their distance to B's camera (EG3D's depth is the distance along
-    the unit ray). depth_* / opacity_* (B, 1, r, r), c_* (B, 25).
+    (bilinear, weighted by B's opacity) is compared with their distance to B's camera (EG3D's
+    depth is the distance along the unit ray). depth_* / opacity_* (B, 1, r, r), c_* (B, 25).
 
     Returns (mean |difference| over the points that land inside B on pixels with opacity >
     ``threshold``, the fraction of A's opaque pixels that do)."""
