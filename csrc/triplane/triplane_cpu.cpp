@@ -85,49 +85,79 @@ inline const scalar_t* grad_row(const scalar_t* grad_out, const Geometry& g, con
 }
 
 // Forward for channels-last planes (channel stride 1): one independent task per point, each tap a
-// contiguous channel row.
-template <typename scalar_t, typename acc_t>
-void forward_cpu_kernel(const scalar_t* planes, const acc_t* points, scalar_t* out,
-                        const Geometry& g, const Args& a) {
+// contiguous channel row. CC > 0 fixes the channel count at compile time (the common plane widths
+// get fully unrolled channel loops); CC = 0 reads it from the geometry. A plane whose four taps are
+// all inside is summed in one pass over the channels, in the same order as the general path (so
+// the result is the same to the bit).
+template <typename scalar_t, typename acc_t, int CC>
+void forward_cpu_kernel_c(const scalar_t* planes, const acc_t* points, scalar_t* out,
+                          const Geometry& g, const Args& a) {
   const int64_t total = g.B * g.N;
-  constexpr int64_t sc = 1;  // channels-last planes: contiguous channel rows
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.C));
+  const int64_t C = CC > 0 ? CC : g.C;
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, C));
   at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(g.C), val(g.C);
+    std::vector<acc_t> acc_buf(C), val_buf(C);
+    acc_t* __restrict__ acc = acc_buf.data();
+    acc_t* __restrict__ val = val_buf.data();
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / g.N, n = i % g.N;
       const acc_t* p = points + i * 3;
-      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t c = 0; c < C; ++c) acc[c] = acc_t(0);
       for (int pl = 0; pl < 3; ++pl) {
         acc_t u, v;
         plane_coords(p, a, pl, u, v);
         const Taps<acc_t> t = bilinear_taps(u, v, g.W, g.H, a.align_corners);
-        std::fill(val.begin(), val.end(), acc_t(0));
         const scalar_t* base = planes + b * g.sb + pl * g.sp;
-        for (int k = 0; k < 4; ++k) {
-          if (!t.valid[k]) continue;
-          const scalar_t* tap = base + tap_offset(t, k, g.sh, g.sw);
-          const acc_t w = t.w[k];
-          for (int64_t c = 0; c < g.C; ++c) val[c] += static_cast<acc_t>(tap[c * sc]) * w;
-        }
-        if (t.nan) std::fill(val.begin(), val.end(), std::numeric_limits<acc_t>::quiet_NaN());
-        if (a.reduce == Reduce::NONE) {
-          scalar_t* o = out + ((b * 3 + pl) * g.N + n) * g.C;
-          for (int64_t c = 0; c < g.C; ++c) o[c] = static_cast<scalar_t>(val[c]);
+        if (t.valid[0] && t.valid[1] && t.valid[2] && t.valid[3] && !t.nan) {
+          const scalar_t* __restrict__ t0 = base + tap_offset(t, 0, g.sh, g.sw);
+          const scalar_t* __restrict__ t1 = base + tap_offset(t, 1, g.sh, g.sw);
+          const scalar_t* __restrict__ t2 = base + tap_offset(t, 2, g.sh, g.sw);
+          const scalar_t* __restrict__ t3 = base + tap_offset(t, 3, g.sh, g.sw);
+          const acc_t w0 = t.w[0], w1 = t.w[1], w2 = t.w[2], w3 = t.w[3];
+          for (int64_t c = 0; c < C; ++c) {
+            val[c] = ((static_cast<acc_t>(t0[c]) * w0 + static_cast<acc_t>(t1[c]) * w1) +
+                      static_cast<acc_t>(t2[c]) * w2) + static_cast<acc_t>(t3[c]) * w3;
+          }
         } else {
-          for (int64_t c = 0; c < g.C; ++c) acc[c] += val[c];
+          for (int64_t c = 0; c < C; ++c) val[c] = acc_t(0);
+          for (int k = 0; k < 4; ++k) {
+            if (!t.valid[k]) continue;
+            const scalar_t* tap = base + tap_offset(t, k, g.sh, g.sw);
+            const acc_t w = t.w[k];
+            for (int64_t c = 0; c < C; ++c) val[c] += static_cast<acc_t>(tap[c]) * w;
+          }
+          if (t.nan) {
+            for (int64_t c = 0; c < C; ++c) val[c] = std::numeric_limits<acc_t>::quiet_NaN();
+          }
+        }
+        if (a.reduce == Reduce::NONE) {
+          scalar_t* o = out + ((b * 3 + pl) * g.N + n) * C;
+          for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(val[c]);
+        } else {
+          for (int64_t c = 0; c < C; ++c) acc[c] += val[c];
         }
       }
       if (a.reduce != Reduce::NONE) {
-        scalar_t* o = out + i * g.C;
+        scalar_t* o = out + i * C;
         if (a.reduce == Reduce::MEAN) {
-          for (int64_t c = 0; c < g.C; ++c) o[c] = static_cast<scalar_t>(acc[c] / acc_t(3));
+          for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(acc[c] / acc_t(3));
         } else {
-          for (int64_t c = 0; c < g.C; ++c) o[c] = static_cast<scalar_t>(acc[c]);
+          for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(acc[c]);
         }
       }
     }
   });
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_cpu_kernel(const scalar_t* planes, const acc_t* points, scalar_t* out,
+                        const Geometry& g, const Args& a) {
+  switch (g.C) {
+    case 8: return forward_cpu_kernel_c<scalar_t, acc_t, 8>(planes, points, out, g, a);
+    case 16: return forward_cpu_kernel_c<scalar_t, acc_t, 16>(planes, points, out, g, a);
+    case 32: return forward_cpu_kernel_c<scalar_t, acc_t, 32>(planes, points, out, g, a);
+    default: return forward_cpu_kernel_c<scalar_t, acc_t, 0>(planes, points, out, g, a);
+  }
 }
 
 // Gradient w.r.t. points for channels-last planes: one independent task per point.

@@ -118,7 +118,8 @@ _TINY = {
             "img_resolution": 32, "neural_rendering_resolution": 16, "sr_variant": "hybrid2x",
             "sr_input_resolution": 16, "sr_block_channels": [32, 16],
             "render": {"depth_resolution": 12, "depth_resolution_importance": 12,
-                       "white_back": True, "chunk_points": 16384}},
+                       "white_back": True, "chunk_points": 16384,
+                       "recompute": "decoder"}},
         "discriminator": {"channel_base": 512, "channel_max": 64, "mapping_layers": 2},
         # EG3D's blur starts at 10 px on 512^2 images; at 32^2 that blurs the image away and D
         # sees no silhouette: the same sigma relative to the image size
