@@ -438,6 +438,34 @@ void planes_grad_cpu_kernel(const scalar_t* grad_out, const acc_t* points, acc_t
       acc_t* gplane = grad + (b * 3 + pl) * hwc + c0;
       const scalar_t* plane = WITH_POINTS ? planes_cl + b * g.sb + pl * g.sp + c0 : nullptr;
       acc_t* part = WITH_POINTS ? partial + ((b * 3 + pl) * n_chunks + ch) * g.N * 2 : nullptr;
+      if (!WITH_POINTS) {
+        // plane gradient only: tap set-up vectorised over blocks of points (plane_tap_block),
+        // then the scatter in the same order as below
+        auto tb = std::make_unique<PlaneTapBlock<acc_t>>();
+        for (int64_t n0 = 0; n0 < g.N; n0 += kTapBlock) {
+          const int64_t count = std::min(kTapBlock, g.N - n0);
+          plane_tap_block(*tb, points, b * g.N + n0, count, g, a, pl);
+          for (int64_t j = 0; j < count; ++j) {
+            if (tb->nan[j]) continue;
+            const int64_t x0 = tb->x0[j], y0 = tb->y0[j];
+            const bool x0_in = x0 >= 0 && x0 < g.W, x1_in = x0 + 1 >= 0 && x0 + 1 < g.W;
+            const bool y0_in = y0 >= 0 && y0 < g.H, y1_in = y0 + 1 >= 0 && y0 + 1 < g.H;
+            const bool valid[4] = {x0_in && y0_in, x1_in && y0_in, x0_in && y1_in,
+                                   x1_in && y1_in};
+            if (!(valid[0] || valid[1] || valid[2] || valid[3])) continue;
+            acc_t factor;
+            const scalar_t* row = grad_row(grad_out, g, a, b, pl, n0 + j, factor) + c0;
+            for (int64_t c = 0; c < nc; ++c) go[c] = static_cast<acc_t>(row[c]) * factor;
+            for (int k = 0; k < 4; ++k) {
+              if (!valid[k]) continue;
+              acc_t* dst = gplane + ((y0 + (k >> 1)) * g.W + (x0 + (k & 1))) * g.C;
+              const acc_t w = tb->w[k][j];
+              for (int64_t c = 0; c < nc; ++c) dst[c] += w * go[c];
+            }
+          }
+        }
+        continue;
+      }
       for (int64_t n = 0; n < g.N; ++n) {
         const acc_t* p = points + (b * g.N + n) * 3;
         acc_t u, v;
