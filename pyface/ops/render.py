@@ -333,14 +333,14 @@ def _osg_final_backward(ctx, g_feats, g_depth, g_wsum):
     h = F.softplus(hp)
     sigma = torch.addmm(b2[:1].unsqueeze(0), h, w2[:1].t())
     s = torch.sigmoid(torch.addmm(b2[1:].unsqueeze(0), h, w2[1:].t()))
-    with torch.enable_grad():
-        rgb = (s * (1 + 2 * OSG_CLAMP) - OSG_CLAMP).requires_grad_(True)
-        sig = sigma.requires_grad_(True)
-        out = mip_composite(rgb.reshape(B, R, S, rgb.shape[-1]), sig.reshape(B, R, S), t,
-                            density_bias=density_bias, white_back=white_back,
-                            depth_range=depth_range, backend=backend)
-        g_rgb, g_sig = torch.autograd.grad((out[0], out[1], out[2].sum(-1, keepdim=True)),
-                                           (rgb, sig), (g_feats, g_depth, g_wsum))
+    rgb = s * (1 + 2 * OSG_CLAMP) - OSG_CLAMP
+    # the compositing backward straight from its inputs (its forward is not needed again); the
+    # weights' gradient is that of their sum
+    g_rgb, g_sig = torch.ops.pyface.mip_composite_bwd(
+        g_feats.contiguous(), g_depth.contiguous(), g_wsum.expand(B, R, S - 1).contiguous(),
+        rgb.reshape(B, R, S, rgb.shape[-1]), sigma.reshape(B, R, S), t, depth_range,
+        density_bias, white_back, True, True)
+    g_rgb, g_sig = g_rgb.reshape(rgb.shape), g_sig.reshape(sigma.shape)
     g_x = torch.cat([g_sig, g_rgb * (s * (1 - s)) * (1 + 2 * OSG_CLAMP)], 1)
     g_h = g_x @ w2
     g_hp = torch.ops.aten.softplus_backward(g_h, hp, 1.0, 20.0)
