@@ -549,14 +549,16 @@ def test_render_triplane_gradcheck_float64(backend):
                                         (planes, o, d, *w), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpp)])
-def test_render_triplane_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("backend,recompute", [
+    ("reference", True), pytest.param("cpu", True, marks=needs_cpp),
+    pytest.param("cpu", "decoder", marks=needs_cpp)])
+def test_render_triplane_torch_compile_fullgraph(backend, recompute):
     torch._dynamo.reset()
     planes, o, d, w = _tiny_scene()
     kw = _render_kw(1, 4, nc=6, nf=4)
 
     def fn(p, *w):
-        return ops.render_triplane(p, o, d, list(w), backend=backend, **kw)
+        return ops.render_triplane(p, o, d, list(w), backend=backend, recompute=recompute, **kw)
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     _compare_render(compiled(planes, *w), render_triplane_reference(planes, o, d, w, **kw),
