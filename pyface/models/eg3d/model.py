@@ -139,7 +139,7 @@ _GPU_SHORT = {
             "channel_base": 16384, "channel_max": 256, "img_resolution": 128,
             "neural_rendering_resolution": 64, "sr_variant": "hybrid2x",
             "render": {"depth_resolution": 32, "depth_resolution_importance": 32,
-                       "white_back": True}},
+                       "white_back": True, "recompute": True, "chunk_points": 131072}},
         "discriminator": {"channel_base": 16384, "channel_max": 256},
         "r1_gamma": 1.0, "gpc_reg_fade_kimg": 20.0, "blur_init_sigma": 10 * 128 / 512,
         "blur_fade_kimg": 10.0,
@@ -151,7 +151,8 @@ _GPU_SHORT = {
 }
 
 _FULL = {  # EG3D FFHQ 512: 25000 kimg at 64^2, then the 2000-kimg fine-tune fading to 128^2
-    "model": {"neural_rendering_resolution_initial": 64,
+    "model": {"generator": {"render": {"recompute": True, "chunk_points": 131072}},
+              "neural_rendering_resolution_initial": 64,
               "neural_rendering_resolution_final": 128,
               "neural_rendering_resolution_fade_kimg": 1000.0,
               "neural_rendering_resolution_fade_start_kimg": 25000.0},
