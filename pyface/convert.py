@@ -380,11 +380,14 @@ def convert_eg3d(pkl: str, out: str, network: str = "G_ema") -> str:
     net = data[network]
     state = module_state_dict(net)
     net_state = _record_state(net)
-    init = net_state.get("init_kwargs") or {}
-    rk = init.get("rendering_kwargs") or {}
-    if not isinstance(rk, dict):
-        raise ConversionError(f"{pkl}: init_kwargs['rendering_kwargs'] is "
-                              f"{type(rk).__name__}, expected a mapping")
+    # EG3D's persistence pickles the instance __dict__: the constructor's kwargs are under
+    # ``_init_kwargs``; the ``rendering_kwargs`` attribute is what EG3D renders with (scripts
+    # may edit it after construction), the constructor's copy is the fallback
+    init = net_state.get("_init_kwargs") or net_state.get("init_kwargs") or {}
+    rk = net_state.get("rendering_kwargs") or init.get("rendering_kwargs") or {}
+    if not isinstance(init, dict) or not isinstance(rk, dict):
+        raise ConversionError(f"{pkl}: _init_kwargs / rendering_kwargs are "
+                              f"{type(init).__name__} / {type(rk).__name__}, expected mappings")
     sr_rec = (net_state.get("_modules") or {}).get("superresolution")
     nrr = net_state.get("neural_rendering_resolution")
     config = eg3d_state_config(

@@ -98,7 +98,8 @@ def _eg3d_pickle(path, pers, EasyDict, marker):
                          "_non_persistent_buffers_set": set(obj._non_persistent_buffers_set),
                          "_modules": collections.OrderedDict(obj._modules),
                          "training": obj.training,
-                         "init_kwargs": getattr(obj, "_init_kwargs", EasyDict())}
+                         # EG3D's persistence pickles the instance __dict__
+                         "_init_kwargs": getattr(obj, "_init_kwargs", EasyDict())}
                 meta = dict(type="class", version=4, module_src=src,
                             class_name=f"training.networks.{type(obj).__name__}", state=state)
                 return pers._reconstruct_persistent_obj, (meta,)

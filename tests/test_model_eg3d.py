@@ -3,6 +3,7 @@ hand transcription of EG3D's published module structure, the training recipe on 
 from __future__ import annotations
 
 import collections
+import math
 import os
 import pickle
 
@@ -285,7 +286,7 @@ def _tree(structure: dict[str, tuple], sr_class, root_attrs) -> nn.Module:
 
 
 def _write_pickle(path, pers, EasyDict, structure, sr_class, rendering_kwargs, nrr=64,
-                  img_resolution=512, extra_src=""):
+                  img_resolution=512, extra_src="", attr_rendering_kwargs=None):
     class Pickler(pickle.Pickler):
         def reducer_override(self, obj):
             if isinstance(obj, _Rec):
@@ -302,8 +303,13 @@ def _write_pickle(path, pers, EasyDict, structure, sr_class, rendering_kwargs, n
     init = EasyDict(z_dim=512, c_dim=25, w_dim=512, img_resolution=img_resolution,
                     img_channels=3, sr_num_fp16_res=4, rendering_kwargs=EasyDict(rendering_kwargs),
                     mapping_kwargs=EasyDict(num_layers=2), sr_kwargs=EasyDict(channel_base=32768))
-    G = _tree(structure, sr_class, {"init_kwargs": init, "neural_rendering_resolution": nrr,
-                                    "rendering_kwargs": EasyDict(rendering_kwargs)})
+    # EG3D's persistence pickles the instance __dict__: constructor kwargs under
+    # "_init_kwargs", next to the rendering_kwargs attribute EG3D renders with
+    attr_rk = EasyDict(rendering_kwargs if attr_rendering_kwargs is None else
+                       attr_rendering_kwargs)
+    G = _tree(structure, sr_class, {"_init_args": (), "_init_kwargs": init,
+                                    "neural_rendering_resolution": nrr,
+                                    "rendering_kwargs": attr_rk})
     with open(path, "wb") as f:
         Pickler(f, protocol=4).dump({"G": G, "G_ema": G, "D": None, "augment_pipe": None,
                                      "training_set_kwargs": EasyDict(resolution=img_resolution)})
@@ -383,8 +389,57 @@ def test_convert_other_sr_modules(tmp_path, eg3d_modules, sr_class, named):
     assert g["sr_variant"] == SR_VARIANT[sr_class] and g["img_resolution"] == res
     assert g["neural_rendering_resolution"] == 128 and g["avg_camera_pivot"] == [0, 0, 0.2]
     assert g["c_gen_conditioning_zero"] is False
+    assert g["sr_image_raw_alias"] is False
     G = EG3DGenerator.from_converted(out)
     assert G.superresolution.output_resolution == res
+
+
+def test_convert_reads_eg3d_instance_state(tmp_path, eg3d_modules):
+    """EG3D renders with the ``rendering_kwargs`` attribute (scripts may edit it after
+    construction); without it the constructor's ``_init_kwargs['rendering_kwargs']`` is used."""
+    from pyface.convert import convert_eg3d
+
+    pers, EasyDict = eg3d_modules
+    s = eg3d_structure("SuperresolutionHybrid2X", **SMALL)
+    _write_pickle(tmp_path / "a.pkl", pers, EasyDict, s, "SuperresolutionHybrid2X",
+                  SHAPENET_RK, img_resolution=128,
+                  attr_rendering_kwargs=dict(SHAPENET_RK, depth_resolution=20, box_warp=1.5))
+    g = ckpt.read_meta(convert_eg3d(str(tmp_path / "a.pkl"), str(tmp_path / "a")))
+    g = g["config"]["generator"]["render"]
+    assert (g["depth_resolution"], g["box_warp"]) == (20, 1.5)
+    _write_pickle(tmp_path / "b.pkl", pers, EasyDict, s, "SuperresolutionHybrid2X",
+                  SHAPENET_RK, img_resolution=128, attr_rendering_kwargs={})
+    g = ckpt.read_meta(convert_eg3d(str(tmp_path / "b.pkl"), str(tmp_path / "b")))
+    g = g["config"]["generator"]["render"]
+    assert (g["depth_resolution"], g["box_warp"], g["white_back"]) == (64, 1.6, True)
+
+
+def test_sr_image_raw_alias_is_eg3d_in_place_add():
+    """EG3D's NoUp first SR block adds its RGB into the rendered RGB in place (when the input is
+    not resized); ``sr_image_raw_alias`` returns that, the default returns the rendering."""
+    cfg = tiny_cfg(sr_variant="hybrid2x", sr_input_resolution=8,
+                   sr_block_channels=[8, 8], img_resolution=16)
+    G = EG3DGenerator(cfg).eval()
+    z, c = torch.randn(1, cfg.z_dim), G.camera(0.1, 0.0)
+    n8, u8 = _uniforms(1, 8, cfg)
+    n4, u4 = _uniforms(1, 4, cfg)
+    with torch.no_grad():
+        a = G(z, c, neural_rendering_resolution=8, stratified_noise=n8, importance_u=u8)
+        G.cfg.sr_image_raw_alias = True
+        b = G(z, c, neural_rendering_resolution=8, stratified_noise=n8, importance_u=u8)
+        _, alias = G.superresolution(a["image_raw"], a["feature_image"], a["ws"],
+                                     return_alias=True)
+        G.cfg.sr_image_raw_alias = True
+        d = G(z, c, neural_rendering_resolution=4, stratified_noise=n4, importance_u=u4)
+    torch.testing.assert_close(b["image"], a["image"], rtol=0, atol=0)
+    torch.testing.assert_close(b["image_raw"], alias, rtol=0, atol=0)
+    assert (b["image_raw"] - a["image_raw"]).abs().max() > 1e-3
+    torch.testing.assert_close(b["feature_image"][:, 3:], a["feature_image"][:, 3:])
+    G.cfg.sr_image_raw_alias = False
+    with torch.no_grad():
+        e = G(z, c, neural_rendering_resolution=4, stratified_noise=n4,
+              importance_u=u4)      # input resized: EG3D leaves it untouched
+    torch.testing.assert_close(d["image_raw"], e["image_raw"], rtol=0, atol=0)
 
 
 def test_convert_refuses_unsupported_options(tmp_path, eg3d_modules):
@@ -470,9 +525,11 @@ def test_engine_steps_every_phase_and_logs_measures(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="pyface"):
         losses = tr.train_step(batch)
     for k in ("Gmain/loss", "Greg/density_tv", "Dmain/logit_gap", "Dreg/r1_penalty",
-              "Gmain/iou", "Gmain/iou_all", "Gmain/fg_opacity", "Gmain/bg_opacity"):
+              "Gmain/iou", "Gmain/iou_all", "Gmain/fg_opacity", "Gmain/bg_opacity",
+              "Gmain/depth_err", "Gmain/depth_err_flat", "Gmain/depth_overlap"):
         assert k in losses and torch.isfinite(losses[k]), k
     assert "eg3d measures step 0" in caplog.text and "iou=" in caplog.text
+    assert "depth_err=" in caplog.text
     after = tr.model.state_dict()
     changed = {k.split(".")[0] for k in after if not torch.equal(after[k], before[k])}
     assert changed == {"G", "D"}
@@ -480,6 +537,43 @@ def test_engine_steps_every_phase_and_logs_measures(tmp_path, caplog):
     assert not torch.equal(after["G.backbone.mapping.w_avg"],
                            before["G.backbone.mapping.w_avg"])
     assert "G" in tr.ema.modules
+
+
+def _sphere_depth(c, r, radius=0.4):
+    """Exact ray-sphere depths (B, 1, r, r) and opacities of a sphere at the origin."""
+    from pyface.ops.render import ray_bundle
+
+    o, d = ray_bundle(c, r)
+    b = (o * d).sum(-1)
+    disc = b.square() - (o.square().sum(-1) - radius ** 2)
+    hit = disc > 0
+    t = torch.where(hit, -b - disc.clamp(min=0).sqrt(), torch.zeros_like(b))
+    B = c.shape[0]
+    return t.reshape(B, 1, r, r), hit.float().reshape(B, 1, r, r)
+
+
+def test_depth_consistency_is_small_for_a_solid_and_large_for_flat_depth():
+    from pyface.face import cameras as cams
+    from pyface.models.eg3d.model import depth_consistency, orbit_label
+
+    K = cams.intrinsics_from_focal(cams.FFHQ_FOCAL).expand(2, 3, 3)
+    c = cams.make_label(cams.orbit_camera(torch.tensor([0.0, -0.2]), torch.tensor([0.0, 0.1]),
+                                          radius=2.7, pivot=(0.0, 0.0, 0.0)), K)
+    c_b = orbit_label(c, 0.35)
+    # the orbit keeps the distance to the origin and turns the camera by the yaw
+    pa, pb = c[:, :16].reshape(-1, 4, 4)[:, :3, 3], c_b[:, :16].reshape(-1, 4, 4)[:, :3, 3]
+    torch.testing.assert_close(pb.norm(dim=-1), pa.norm(dim=-1))
+    cos = (pa * pb).sum(-1) / pa.norm(dim=-1) / pb.norm(dim=-1)
+    torch.testing.assert_close(cos[:1], torch.tensor([math.cos(0.35)]))
+    da, oa = _sphere_depth(c, 32)
+    db, ob = _sphere_depth(c_b, 32)
+    err, overlap = depth_consistency(da, oa, c, db, ob, c_b)
+    flat = torch.full_like(da, 2.775)
+    err_flat, _ = depth_consistency(flat, torch.ones_like(da), c, flat, torch.ones_like(da), c_b)
+    assert err < 0.01 and overlap > 0.8 and err_flat > 5 * err
+    # a sphere seen from B but placed differently in A is inconsistent
+    err_bad, _ = depth_consistency(da + 0.2, oa, c, db, ob, c_b)
+    assert err_bad > 5 * err
 
 
 def test_presets_are_complete_and_full_is_eg3d_ffhq():

@@ -413,3 +413,43 @@ def test_up_conv_is_transposed_conv_then_filter(one_thread):
     mod = modulated_conv2d(x, w, s, demodulate=False, up=2, padding=1, resample_filter=f,
                            flip_weight=False)
     assert_close(mod, ref)
+
+
+@pytest.mark.parametrize("act, clamp", [("lrelu", None), ("lrelu", 0.5), ("relu", None)])
+def test_bias_act_keeps_only_its_output(act, clamp, one_thread):
+    """Fused path: the same values and (double) gradients as PyTorch's composition (the reference
+    path), with one activation-sized tensor saved for a bias_act -> conv chain instead of two."""
+    from pyface.ops import use_backend
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(x, b):
+        return bias_act(x, b, act=act, clamp=clamp)
+
+    assert torch.autograd.gradcheck(f, (x, b)) and torch.autograd.gradgradcheck(f, (x, b))
+    y = f(x, b)
+    with use_backend("reference"):
+        r = f(x, b)
+    torch.testing.assert_close(y, r, rtol=0, atol=0)
+    g = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, [x, b], g),
+                               torch.autograd.grad(r, [x, b], g), rtol=1e-14, atol=1e-14)
+
+    def saved_storages(fn):
+        ptrs = set()
+
+        def pack(t):
+            if t.numel() >= x.numel():
+                ptrs.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            F.conv2d(fn(x, b), w, padding=1).sum()
+        return len(ptrs)
+
+    with use_backend("reference"):
+        assert saved_storages(f) >= 2          # pre-activation (slope), pre-clamp, output
+    assert saved_storages(f) == 1              # output only

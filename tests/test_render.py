@@ -360,7 +360,7 @@ def _compare_render(out, ref, leaves, dtype, scale=1.0):
 @needs_cpp
 @pytest.mark.parametrize("plane_axes", ["eg3d", "xy_xz_zy"])
 @pytest.mark.parametrize("white_back", [False, True])
-@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("recompute", [True, False, "decoder"])
 def test_render_triplane_compiled_vs_reference(plane_axes, white_back, recompute):
     planes, o, d, w = scene()
     kw = _render_kw(2, 16, plane_axes=plane_axes, white_back=white_back)
@@ -378,8 +378,10 @@ def test_render_triplane_ray_grads_and_coarse_only():
     for nf in (0, 6):
         kw = _render_kw(2, 16, nf=nf)
         ref = render_triplane_reference(planes, o, d, w, **kw)
-        out = ops.render_triplane(planes, o, d, w, backend="cpu", chunk_points=64, **kw)
-        _compare_render(out, ref, [planes, o, d, *w], torch.float64)
+        for recompute in (True, "decoder"):
+            out = ops.render_triplane(planes, o, d, w, backend="cpu", chunk_points=64,
+                                      recompute=recompute, **kw)
+            _compare_render(out, ref, [planes, o, d, *w], torch.float64)
 
 
 @needs_cpp
@@ -537,20 +539,26 @@ def test_render_triplane_gradcheck_float64(backend):
     o, d = o.clone().requires_grad_(), d.clone().requires_grad_()
     kw = _render_kw(1, 4, nc=5, nf=0)
 
-    def fn(p, o, d, *w):
-        return ops.render_triplane(p, o, d, list(w), backend=backend, chunk_points=8, **kw)
+    def fn(p, o, d, *w, recompute=True):
+        return ops.render_triplane(p, o, d, list(w), backend=backend, chunk_points=8,
+                                   recompute=recompute, **kw)
 
     assert torch.autograd.gradcheck(fn, (planes, o, d, *w), eps=1e-6, atol=1e-6, fast_mode=True)
+    if backend == "cpu":
+        assert torch.autograd.gradcheck(lambda *a: fn(*a, recompute="decoder"),
+                                        (planes, o, d, *w), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpp)])
-def test_render_triplane_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("backend,recompute", [
+    ("reference", True), pytest.param("cpu", True, marks=needs_cpp),
+    pytest.param("cpu", "decoder", marks=needs_cpp)])
+def test_render_triplane_torch_compile_fullgraph(backend, recompute):
     torch._dynamo.reset()
     planes, o, d, w = _tiny_scene()
     kw = _render_kw(1, 4, nc=6, nf=4)
 
     def fn(p, *w):
-        return ops.render_triplane(p, o, d, list(w), backend=backend, **kw)
+        return ops.render_triplane(p, o, d, list(w), backend=backend, recompute=recompute, **kw)
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     _compare_render(compiled(planes, *w), render_triplane_reference(planes, o, d, w, **kw),
@@ -722,3 +730,16 @@ def test_gpu_render_triplane_vs_reference(backend):
     out = ops.render_triplane(planes, o, d, w, backend=backend, **kw)
     ref = render_triplane_reference(planes, o, d, w, **kw)
     _compare_render(out, ref, [planes, *w], torch.float32, scale=100)
+
+
+@needs_cpp
+def test_render_triplane_recompute_decoder_double_backward_names_the_op():
+    planes, o, d, w = _tiny_scene()
+    planes = planes.clone().requires_grad_()
+    kw = _render_kw(1, 4, nc=5, nf=0)
+    out = ops.render_triplane(planes, o, d, list(w), backend="cpu", recompute="decoder", **kw)
+    (g,) = torch.autograd.grad(out[0].square().sum(), planes, create_graph=True)
+    with pytest.raises(RuntimeError, match="render_triplane \\(cpu backend\\): double backward"):
+        torch.autograd.grad(g.square().sum(), planes)
+    with pytest.raises(ValueError, match="recompute: expected True, False or 'decoder'"):
+        ops.render_triplane(planes, o, d, list(w), backend="cpu", recompute="all", **kw)

@@ -84,50 +84,147 @@ inline const scalar_t* grad_row(const scalar_t* grad_out, const Geometry& g, con
   return grad_out + (b * g.N + n) * g.C;
 }
 
-// Forward for channels-last planes (channel stride 1): one independent task per point, each tap a
-// contiguous channel row.
-template <typename scalar_t, typename acc_t>
-void forward_cpu_kernel(const scalar_t* planes, const acc_t* points, scalar_t* out,
-                        const Geometry& g, const Args& a) {
+// Forward for channels-last planes (channel stride 1), points in blocks of kTapBlock: the tap
+// set-up (bilinear_taps' arithmetic: unnormalise, clamp, floor, weights, bounds) runs over the
+// block in branch-free loops the compiler vectorises across points; then each point gathers its
+// taps, each a contiguous channel row. CC > 0 fixes the channel count at compile time (the common
+// plane widths get fully unrolled channel loops); CC = 0 reads it from the geometry. The weights
+// and sums are the same expressions, in the same order, as bilinear_taps and the per-tap loop, so
+// the result is the same to the bit.
+constexpr int64_t kTapBlock = 64;
+
+template <typename acc_t>
+struct PlaneTapBlock {
+  acc_t ix[kTapBlock], iy[kTapBlock];
+  int32_t x0[kTapBlock], y0[kTapBlock];
+  acc_t w[4][kTapBlock];
+  uint8_t nan[kTapBlock];
+};
+
+// bilinear_taps for points[i0 .. i0 + count) on one plane, vectorisable over the block.
+template <typename acc_t>
+inline void plane_tap_block(PlaneTapBlock<acc_t>& tb, const acc_t* points, int64_t i0,
+                            int64_t count, const Geometry& g, const Args& a, int pl) {
+  const int au = axis_u(a.axes, pl), av = axis_v(a.axes, pl);
+  const acc_t scale = static_cast<acc_t>(a.scale);
+  const acc_t Wf = acc_t(g.W), Hf = acc_t(g.H);
+  const acc_t xmax = acc_t(g.W + 1), ymax = acc_t(g.H + 1);
+  const bool ac = a.align_corners;
+  for (int64_t j = 0; j < count; ++j) {
+    const acc_t u = points[(i0 + j) * 3 + au] * scale;
+    const acc_t v = points[(i0 + j) * 3 + av] * scale;
+    const bool bad = (u != u) | (v != v);
+    acc_t ix = ac ? ((u + acc_t(1)) / acc_t(2)) * acc_t(g.W - 1)
+                  : ((u + acc_t(1)) * Wf - acc_t(1)) / acc_t(2);
+    acc_t iy = ac ? ((v + acc_t(1)) / acc_t(2)) * acc_t(g.H - 1)
+                  : ((v + acc_t(1)) * Hf - acc_t(1)) / acc_t(2);
+    ix = bad ? acc_t(0) : ix;
+    iy = bad ? acc_t(0) : iy;
+    ix = ix < acc_t(-2) ? acc_t(-2) : (ix > xmax ? xmax : ix);
+    iy = iy < acc_t(-2) ? acc_t(-2) : (iy > ymax ? ymax : iy);
+    // floor of a value in [-2, size + 1]: truncate, then step down where truncation rounded up
+    int32_t xi = static_cast<int32_t>(ix), yi = static_cast<int32_t>(iy);
+    xi -= static_cast<acc_t>(xi) > ix ? 1 : 0;
+    yi -= static_cast<acc_t>(yi) > iy ? 1 : 0;
+    const acc_t fx0 = static_cast<acc_t>(xi), fy0 = static_cast<acc_t>(yi);
+    const acc_t fx1 = fx0 + acc_t(1), fy1 = fy0 + acc_t(1);
+    tb.ix[j] = ix;
+    tb.iy[j] = iy;
+    tb.x0[j] = xi;
+    tb.y0[j] = yi;
+    tb.w[0][j] = (fx1 - ix) * (fy1 - iy);
+    tb.w[1][j] = (ix - fx0) * (fy1 - iy);
+    tb.w[2][j] = (fx1 - ix) * (iy - fy0);
+    tb.w[3][j] = (ix - fx0) * (iy - fy0);
+    tb.nan[j] = bad;
+  }
+}
+
+template <typename scalar_t, typename acc_t, int CC>
+void forward_cpu_kernel_c(const scalar_t* planes, const acc_t* points, scalar_t* out,
+                          const Geometry& g, const Args& a) {
   const int64_t total = g.B * g.N;
-  constexpr int64_t sc = 1;  // channels-last planes: contiguous channel rows
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.C));
-  at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(g.C), val(g.C);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / g.N, n = i % g.N;
-      const acc_t* p = points + i * 3;
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int pl = 0; pl < 3; ++pl) {
-        acc_t u, v;
-        plane_coords(p, a, pl, u, v);
-        const Taps<acc_t> t = bilinear_taps(u, v, g.W, g.H, a.align_corners);
-        std::fill(val.begin(), val.end(), acc_t(0));
-        const scalar_t* base = planes + b * g.sb + pl * g.sp;
-        for (int k = 0; k < 4; ++k) {
-          if (!t.valid[k]) continue;
-          const scalar_t* tap = base + tap_offset(t, k, g.sh, g.sw);
-          const acc_t w = t.w[k];
-          for (int64_t c = 0; c < g.C; ++c) val[c] += static_cast<acc_t>(tap[c * sc]) * w;
+  const int64_t C = CC > 0 ? CC : g.C;
+  const int64_t n_blocks = (total + kTapBlock - 1) / kTapBlock;
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, C * kTapBlock));
+  at::parallel_for(0, n_blocks, grain, [&](int64_t begin, int64_t end) {
+    auto tb = std::make_unique<PlaneTapBlock<acc_t>[]>(3);
+    // fixed channel counts keep the running sums in registers
+    acc_t acc_fixed[CC > 0 ? CC : 1], val_fixed[CC > 0 ? CC : 1];
+    std::vector<acc_t> acc_buf(CC > 0 ? 0 : C), val_buf(CC > 0 ? 0 : C);
+    acc_t* __restrict__ acc = CC > 0 ? acc_fixed : acc_buf.data();
+    acc_t* __restrict__ val = CC > 0 ? val_fixed : val_buf.data();
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t i0 = blk * kTapBlock;
+      const int64_t count = std::min(kTapBlock, total - i0);
+      for (int pl = 0; pl < 3; ++pl) plane_tap_block(tb[pl], points, i0, count, g, a, pl);
+      int64_t b = i0 / g.N, n = i0 % g.N;
+      for (int64_t j = 0; j < count; ++j, ++n) {
+        if (n == g.N) {
+          n = 0;
+          ++b;
         }
-        if (t.nan) std::fill(val.begin(), val.end(), std::numeric_limits<acc_t>::quiet_NaN());
-        if (a.reduce == Reduce::NONE) {
-          scalar_t* o = out + ((b * 3 + pl) * g.N + n) * g.C;
-          for (int64_t c = 0; c < g.C; ++c) o[c] = static_cast<scalar_t>(val[c]);
-        } else {
-          for (int64_t c = 0; c < g.C; ++c) acc[c] += val[c];
+        const int64_t i = i0 + j;
+        for (int64_t c = 0; c < C; ++c) acc[c] = acc_t(0);
+        for (int pl = 0; pl < 3; ++pl) {
+          const PlaneTapBlock<acc_t>& t = tb[pl];
+          const int64_t x0 = t.x0[j], y0 = t.y0[j];
+          const bool x0_in = x0 >= 0 && x0 < g.W, x1_in = x0 + 1 >= 0 && x0 + 1 < g.W;
+          const bool y0_in = y0 >= 0 && y0 < g.H, y1_in = y0 + 1 >= 0 && y0 + 1 < g.H;
+          const scalar_t* base = planes + b * g.sb + pl * g.sp;
+          const scalar_t* __restrict__ t0 = base + y0 * g.sh + x0 * g.sw;
+          if (x0_in && x1_in && y0_in && y1_in && !t.nan[j]) {
+            const scalar_t* __restrict__ t1 = t0 + g.sw;
+            const scalar_t* __restrict__ t2 = t0 + g.sh;
+            const scalar_t* __restrict__ t3 = t2 + g.sw;
+            const acc_t w0 = t.w[0][j], w1 = t.w[1][j], w2 = t.w[2][j], w3 = t.w[3][j];
+            for (int64_t c = 0; c < C; ++c) {
+              val[c] = ((static_cast<acc_t>(t0[c]) * w0 + static_cast<acc_t>(t1[c]) * w1) +
+                        static_cast<acc_t>(t2[c]) * w2) + static_cast<acc_t>(t3[c]) * w3;
+            }
+          } else {
+            const bool valid[4] = {x0_in && y0_in, x1_in && y0_in, x0_in && y1_in,
+                                   x1_in && y1_in};
+            for (int64_t c = 0; c < C; ++c) val[c] = acc_t(0);
+            for (int k = 0; k < 4; ++k) {
+              if (!valid[k]) continue;
+              const scalar_t* tap = base + (y0 + (k >> 1)) * g.sh + (x0 + (k & 1)) * g.sw;
+              const acc_t w = t.w[k][j];
+              for (int64_t c = 0; c < C; ++c) val[c] += static_cast<acc_t>(tap[c]) * w;
+            }
+            if (t.nan[j]) {
+              for (int64_t c = 0; c < C; ++c) val[c] = std::numeric_limits<acc_t>::quiet_NaN();
+            }
+          }
+          if (a.reduce == Reduce::NONE) {
+            scalar_t* o = out + ((b * 3 + pl) * g.N + n) * C;
+            for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(val[c]);
+          } else {
+            for (int64_t c = 0; c < C; ++c) acc[c] += val[c];
+          }
         }
-      }
-      if (a.reduce != Reduce::NONE) {
-        scalar_t* o = out + i * g.C;
-        if (a.reduce == Reduce::MEAN) {
-          for (int64_t c = 0; c < g.C; ++c) o[c] = static_cast<scalar_t>(acc[c] / acc_t(3));
-        } else {
-          for (int64_t c = 0; c < g.C; ++c) o[c] = static_cast<scalar_t>(acc[c]);
+        if (a.reduce != Reduce::NONE) {
+          scalar_t* o = out + i * C;
+          if (a.reduce == Reduce::MEAN) {
+            for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(acc[c] / acc_t(3));
+          } else {
+            for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(acc[c]);
+          }
         }
       }
     }
   });
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_cpu_kernel(const scalar_t* planes, const acc_t* points, scalar_t* out,
+                        const Geometry& g, const Args& a) {
+  switch (g.C) {
+    case 8: return forward_cpu_kernel_c<scalar_t, acc_t, 8>(planes, points, out, g, a);
+    case 16: return forward_cpu_kernel_c<scalar_t, acc_t, 16>(planes, points, out, g, a);
+    case 32: return forward_cpu_kernel_c<scalar_t, acc_t, 32>(planes, points, out, g, a);
+    default: return forward_cpu_kernel_c<scalar_t, acc_t, 0>(planes, points, out, g, a);
+  }
 }
 
 // Gradient w.r.t. points for channels-last planes: one independent task per point.
@@ -341,6 +438,34 @@ void planes_grad_cpu_kernel(const scalar_t* grad_out, const acc_t* points, acc_t
       acc_t* gplane = grad + (b * 3 + pl) * hwc + c0;
       const scalar_t* plane = WITH_POINTS ? planes_cl + b * g.sb + pl * g.sp + c0 : nullptr;
       acc_t* part = WITH_POINTS ? partial + ((b * 3 + pl) * n_chunks + ch) * g.N * 2 : nullptr;
+      if (!WITH_POINTS) {
+        // plane gradient only: tap set-up vectorised over blocks of points (plane_tap_block),
+        // then the scatter in the same order as below
+        auto tb = std::make_unique<PlaneTapBlock<acc_t>>();
+        for (int64_t n0 = 0; n0 < g.N; n0 += kTapBlock) {
+          const int64_t count = std::min(kTapBlock, g.N - n0);
+          plane_tap_block(*tb, points, b * g.N + n0, count, g, a, pl);
+          for (int64_t j = 0; j < count; ++j) {
+            if (tb->nan[j]) continue;
+            const int64_t x0 = tb->x0[j], y0 = tb->y0[j];
+            const bool x0_in = x0 >= 0 && x0 < g.W, x1_in = x0 + 1 >= 0 && x0 + 1 < g.W;
+            const bool y0_in = y0 >= 0 && y0 < g.H, y1_in = y0 + 1 >= 0 && y0 + 1 < g.H;
+            const bool valid[4] = {x0_in && y0_in, x1_in && y0_in, x0_in && y1_in,
+                                   x1_in && y1_in};
+            if (!(valid[0] || valid[1] || valid[2] || valid[3])) continue;
+            acc_t factor;
+            const scalar_t* row = grad_row(grad_out, g, a, b, pl, n0 + j, factor) + c0;
+            for (int64_t c = 0; c < nc; ++c) go[c] = static_cast<acc_t>(row[c]) * factor;
+            for (int k = 0; k < 4; ++k) {
+              if (!valid[k]) continue;
+              acc_t* dst = gplane + ((y0 + (k >> 1)) * g.W + (x0 + (k & 1))) * g.C;
+              const acc_t w = tb->w[k][j];
+              for (int64_t c = 0; c < nc; ++c) dst[c] += w * go[c];
+            }
+          }
+        }
+        continue;
+      }
       for (int64_t n = 0; n < g.N; ++n) {
         const acc_t* p = points + (b * g.N + n) * 3;
         acc_t u, v;

@@ -9,6 +9,7 @@ converted state dicts load without renaming."""
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -27,18 +28,73 @@ ACTIVATIONS = {  # name -> (function, default gain)
 }
 
 
+_SLOPES = {"relu": 0.0, "lrelu": 0.2}   # piecewise-linear activations: negative-side slope
+
+
+def _reference_forced() -> bool:
+    from pyface import _backend
+
+    return (_backend._forced or os.environ.get("PYFACE_BACKEND")) == "reference"
+
+
+class _BiasActOutputSaved(torch.autograd.Function):
+    """``clamp(act(x + b) * gain)`` for (leaky) ReLU keeping only its output for the backward:
+    with ``gain > 0`` the output's sign is the pre-activation's, so the slope is recovered from
+    it (PyTorch's composition keeps the pre-activation too: one more activation-sized tensor per
+    layer). The backward is made of differentiable ops on the incoming gradient, so double
+    backward (R1) works; the slope itself is piecewise constant, as in the composition."""
+
+    @staticmethod
+    def forward(ctx, x, b, slope, gain, clamp, dim):
+        if b is not None:
+            shape = [1] * x.ndim
+            shape[dim] = -1
+            x = x + b.to(x.dtype).reshape(shape)
+        y = F.leaky_relu(x, slope) if slope else F.relu(x)
+        if gain != 1:
+            y = y.mul_(gain)
+        if clamp is not None and clamp >= 0:
+            y = y.clamp_(-clamp, clamp)
+        ctx.save_for_backward(y)
+        ctx.args = (b is not None, slope, gain, clamp, dim)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        (y,) = ctx.saved_tensors
+        has_b, slope, gain, clamp, dim = ctx.args
+        # PyTorch's own (double-differentiable) slope kernels, fed the output: y > 0 iff x > 0
+        g = gy * gain if gain != 1 else gy
+        gx = (torch.ops.aten.leaky_relu_backward(g, y, slope, False) if slope else
+              torch.ops.aten.threshold_backward(g, y, 0))
+        if clamp is not None and clamp >= 0:
+            gx = torch.where(y.abs() < clamp, gx, 0.0)
+        gb = None
+        if has_b and ctx.needs_input_grad[1]:
+            gb = gx.sum([d for d in range(gx.ndim) if d != dim % gx.ndim])
+        return gx, gb, None, None, None, None
+
+
 def bias_act(x: torch.Tensor, b: torch.Tensor | None = None, act: str = "linear",
              gain: float | None = None, clamp: float | None = None, dim: int = 1) -> torch.Tensor:
-    """``clamp(act(x + b) * gain, -clamp, clamp)`` with ``b`` broadcast along ``dim``."""
+    """``clamp(act(x + b) * gain, -clamp, clamp)`` with ``b`` broadcast along ``dim``.
+
+    x: (..., C, ...) with C = ``b.shape[0]`` at ``dim``. When gradients are needed, ReLU / leaky
+    ReLU with a positive gain run as one autograd node that keeps only the output (the fused
+    path; under ``pyface.ops.use_backend("reference")`` / ``train.backend=reference`` PyTorch's
+    composition runs instead, which also keeps the pre-activation)."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act: expected one of {sorted(ACTIVATIONS)}, got {act!r}")
     fn, default_gain = ACTIVATIONS[act]
+    g = default_gain if gain is None else gain
+    if act in _SLOPES and g > 0 and torch.is_grad_enabled() and (
+            x.requires_grad or (b is not None and b.requires_grad)) and not _reference_forced():
+        return _BiasActOutputSaved.apply(x, b, _SLOPES[act], float(g), clamp, dim)
     if b is not None:
         shape = [1] * x.ndim
         shape[dim] = -1
         x = x + b.to(x.dtype).reshape(shape)
     x = fn(x)
-    g = default_gain if gain is None else gain
     if g != 1:
         x = x * g
     if clamp is not None and clamp >= 0:

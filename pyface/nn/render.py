@@ -82,7 +82,9 @@ class RenderConfig:
         white_back: composite over white.
         backend: ``render_triplane`` backend (``None``: the default for the device, see
             ``pyface info``; ``"reference"`` for double backward through the renderer).
-        recompute: recompute ray chunks in the backward (compiled backends).
+        recompute: recompute ray chunks in the backward (compiled backends); ``"decoder"``
+            keeps the sampled plane features (C floats per sample) and recomputes only the
+            decoder and the compositing (see ``render_triplane``).
         chunk_points: samples per chunk for the compiled backends (``None``: default).
     """
 
@@ -95,7 +97,7 @@ class RenderConfig:
     density_bias: float = -1.0
     white_back: bool = False
     backend: str | None = None
-    recompute: bool = True
+    recompute: bool | str = True
     chunk_points: int | None = None
 
     @classmethod

@@ -388,7 +388,8 @@ class SuperResolution(nn.Module):
     """EG3D's super-resolution modules (``superresolution.*``): raw RGB (B, 3, r, r) and features
     (B, channels, r, r) -> image (B, 3, R, R); styles from the last w repeated 3 times.
 
-    forward(rgb, x, ws (B, num_ws, w_dim)) -> (B, 3, R, R) float32."""
+    forward(rgb, x, ws (B, num_ws, w_dim)) -> (B, 3, R, R) float32; with ``return_alias=True``
+    also EG3D's in-place side effect on ``rgb`` (see :meth:`forward`)."""
 
     def __init__(self, cfg: SuperResolutionConfig | None = None, **overrides):
         super().__init__()
@@ -402,6 +403,7 @@ class SuperResolution(nn.Module):
             c0, c1 = cfg.block_channels
         self.input_resolution, self.output_resolution = r_in, r1
         self._resize, self._antialias = resize, cfg.antialias and not no_aa
+        self._up0 = up0
         self.block0 = SynthesisBlock(cfg.channels, c0, cfg.w_dim, r0, 3, is_last=False, up=up0,
                                      conv_clamp=cfg.conv_clamp)
         self.block1 = SynthesisBlock(c0, c1, cfg.w_dim, r1, 3, is_last=True,
@@ -409,7 +411,16 @@ class SuperResolution(nn.Module):
         if buf:  # registered (unused) by EG3D's module, so its state dicts carry it
             self.register_buffer("resample_filter", setup_filter())
 
-    def forward(self, rgb: torch.Tensor, x: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    def forward(self, rgb: torch.Tensor, x: torch.Tensor, ws: torch.Tensor, *,
+                return_alias: bool = False):
+        """rgb (B, 3, r, r), x (B, channels, r, r), ws (B, num_ws, w_dim) -> image (B, 3, R, R).
+
+        ``return_alias=True`` returns ``(image, alias)``: EG3D's first block of the 2X / 4X /
+        Deepfp32 modules does not up-sample, so when the input is used as it is (not resized)
+        its ``img.add_(torgb)`` adds the block's RGB into the caller's ``rgb`` in place; ``alias``
+        (B, 3, r, r) is that modified ``rgb`` (EG3D then returns it as ``image_raw``), or None
+        when EG3D leaves ``rgb`` untouched. pyface never modifies ``rgb``.
+        """
         if ws.ndim != 3 or ws.shape[-1] != self.cfg.w_dim:
             raise ValueError(f"ws: expected shape (B, num_ws, {self.cfg.w_dim}), got "
                              f"{tuple(ws.shape)}")
@@ -419,12 +430,14 @@ class SuperResolution(nn.Module):
                                  f"{tuple(t.shape)}")
         ws = ws[:, -1:, :].expand(-1, 3, -1)
         r = self.input_resolution
-        if x.shape[-1] != r if self._resize == "ne" else x.shape[-1] < r:
+        resized = x.shape[-1] != r if self._resize == "ne" else x.shape[-1] < r
+        if resized:
             x = filtered_resize(x, r, antialias=self._antialias)
             rgb = filtered_resize(rgb, r, antialias=self._antialias)
         dt = torch.bfloat16 if self.cfg.dtype == "bfloat16" else None
         if dt is not None:
             x, rgb, ws = x.to(dt), rgb.to(dt), ws.to(dt)
         x, rgb = self.block0(x, rgb, ws, noise_mode=self.cfg.noise_mode)
+        alias = rgb.float() if self._up0 == 1 and not resized else None
         x, rgb = self.block1(x, rgb, ws, noise_mode=self.cfg.noise_mode)
-        return rgb.float()
+        return (rgb.float(), alias) if return_alias else rgb.float()

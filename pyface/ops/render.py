@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pyface import _backend
+from pyface._ops import fused_backward
 from pyface.ops._checks import ShapeChecker, check_choice, check_positive
 from pyface.ops.reference.render import (
     OSG_CLAMP,
@@ -275,9 +276,13 @@ def _osg_mlp(feats: torch.Tensor, w1, b1, w2, b2, density_only: bool = False):
     if density_only:
         sigma = torch.addmm(b2[:1].unsqueeze(0), h, w2[:1].t())
         return None, sigma.reshape(shape)
-    x = torch.addmm(b2.unsqueeze(0), h, w2.t())
-    rgb = torch.sigmoid(x[:, 1:]) * (1 + 2 * OSG_CLAMP) - OSG_CLAMP
-    return rgb.reshape(*shape, rgb.shape[-1]), x[:, 0].reshape(shape)
+    # density and features as two GEMMs: the feature block comes out contiguous, so the sigmoid
+    # and the affine run vectorised (on the strided x[:, 1:] of one GEMM they are several times
+    # slower on CPU)
+    sigma = torch.addmm(b2[:1].unsqueeze(0), h, w2[:1].t())
+    x = torch.addmm(b2[1:].unsqueeze(0), h, w2[1:].t())
+    rgb = torch.sigmoid(x) * (1 + 2 * OSG_CLAMP) - OSG_CLAMP
+    return rgb.reshape(*shape, rgb.shape[-1]), sigma.reshape(shape)
 
 
 def _decode(decoder, planes, points, plane_axes, box_size, backend, density_only=False):
@@ -312,6 +317,80 @@ def _final_pass(planes, o, d, t, depth_range, opts, decoder, *weights):
     return feats, depth, w.sum(-1, keepdim=True)
 
 
+def _osg_final_backward(ctx, g_feats, g_depth, g_wsum):
+    planes, o, d, t, depth_range, feats, *weights = ctx.saved_tensors
+    plane_axes, box_size, density_bias, white_back, backend = ctx.opts
+    need = ctx.needs_input_grad
+    need_planes, need_rays = need[0], need[1] or need[2]
+    B, R, S = t.shape
+    # the decoder and the compositing run again from the kept plane features; the decoder's
+    # backward is written out so that its narrow GEMMs run in their fast orientation (on CPU,
+    # (N, 32)^T @ (N, C) and (N, 32) @ (32, C) with small C are several times slower than the
+    # transposed products autograd's addmm backward would use)
+    w1, b1, w2, b2 = (w.detach() for w in weights)
+    f = feats.detach().reshape(-1, feats.shape[-1])
+    hp = torch.addmm(b1.unsqueeze(0), f, w1.t())
+    h = F.softplus(hp)
+    sigma = torch.addmm(b2[:1].unsqueeze(0), h, w2[:1].t())
+    s = torch.sigmoid(torch.addmm(b2[1:].unsqueeze(0), h, w2[1:].t()))
+    rgb = s * (1 + 2 * OSG_CLAMP) - OSG_CLAMP
+    # the compositing backward straight from its inputs (its forward is not needed again); the
+    # weights' gradient is that of their sum
+    g_rgb, g_sig = torch.ops.pyface.mip_composite_bwd(
+        g_feats.contiguous(), g_depth.contiguous(), g_wsum.expand(B, R, S - 1).contiguous(),
+        rgb.reshape(B, R, S, rgb.shape[-1]), sigma.reshape(B, R, S), t, depth_range,
+        density_bias, white_back, True, True)
+    g_rgb, g_sig = g_rgb.reshape(rgb.shape), g_sig.reshape(sigma.shape)
+    g_x = torch.cat([g_sig, g_rgb * (s * (1 - s)) * (1 + 2 * OSG_CLAMP)], 1)
+    g_h = g_x @ w2
+    g_hp = torch.ops.aten.softplus_backward(g_h, hp, 1.0, 20.0)
+    g_w = [(h.t() @ g_x).t() if need[9] else None, g_x.sum(0) if need[10] else None]
+    g_w = [(f.t() @ g_hp).t() if need[7] else None, g_hp.sum(0) if need[8] else None] + g_w
+    g_f = ((w1.t() @ g_hp.t()).t().reshape(feats.shape).contiguous()
+           if (need_planes or need_rays) else None)
+    g_planes = g_o = g_d = None
+    if g_f is not None:
+        g_planes, g_pts = torch.ops.pyface.triplane_sample_bwd(
+            g_f, planes, _points(o, d, t), plane_axes, box_size, "mean", False,
+            need_planes, need_rays)
+        g_planes = g_planes if need_planes else None
+        if need_rays:
+            g_pts = g_pts.reshape(B, R, S, 3)
+            g_o = g_pts.sum(2) if need[1] else None
+            g_d = (g_pts * t.unsqueeze(-1)).sum(2) if need[2] else None
+    return (g_planes, g_o, g_d, None, None, None, None, *g_w)
+
+
+_osg_final_backward_guarded = fused_backward("render_triplane", atomics=("cuda",))(
+    _osg_final_backward)
+
+
+class _OSGFinalPass(torch.autograd.Function):
+    """The final pass of one ray chunk with OSG decoder weights (``recompute="decoder"``): keeps
+    the plane-averaged features (B, R * S, C) and recomputes only the decoder and the compositing
+    in the backward (``_final_pass`` under ``torch.utils.checkpoint`` recomputes the sampling
+    too)."""
+
+    @staticmethod
+    def forward(ctx, planes, o, d, t, depth_range, opts, decoder, w1, b1, w2, b2):
+        plane_axes, box_size, density_bias, white_back, backend = opts
+        B, R, S = t.shape
+        feats = triplane_sample(planes, _points(o, d, t), plane_axes=plane_axes,
+                                box_size=box_size, reduce="mean", backend=backend)
+        rgb, sigma = _osg_mlp(feats, w1, b1, w2, b2)
+        out_f, depth, w = mip_composite(rgb.reshape(B, R, S, rgb.shape[-1]),
+                                        sigma.reshape(B, R, S), t, density_bias=density_bias,
+                                        white_back=white_back, depth_range=depth_range,
+                                        backend=backend)
+        ctx.save_for_backward(planes, o, d, t, depth_range, feats, w1, b1, w2, b2)
+        ctx.opts = opts
+        return out_f, depth, w.sum(-1, keepdim=True)
+
+    @staticmethod
+    def backward(ctx, g_feats, g_depth, g_wsum):
+        return _osg_final_backward_guarded(ctx, g_feats, g_depth, g_wsum)
+
+
 def _render_compiled(planes, ray_origins, ray_dirs, decoder, near, far, n_coarse, n_fine,
                      plane_axes, box_size, density_bias, white_back, noise, u, backend,
                      chunk_points, recompute):
@@ -322,6 +401,9 @@ def _render_compiled(planes, ray_origins, ray_dirs, decoder, near, far, n_coarse
     if chunk_points is None:
         chunk_points = 1 << 17
     chunk = R if not recompute else max(1, chunk_points // max(1, B * S))
+    # equal chunks (at most chunk rays each): no small remainder chunk paying a whole chunk's
+    # per-call overhead
+    chunk = -(-R // -(-R // chunk)) if R > 0 else chunk
     # Coarse pass and importance sampling: no gradient flows through them (EG3D), so they run
     # without autograd, chunk by chunk; only the merged sorted depths (B, R, S) are kept.
     if n_fine > 0:
@@ -357,7 +439,9 @@ def _render_compiled(planes, ray_origins, ray_dirs, decoder, near, far, n_coarse
         sl = slice(r0, min(R, r0 + chunk))
         args = (planes, ray_origins[:, sl], ray_dirs[:, sl], depths[:, sl], depth_range, opts,
                 decoder, *weights)
-        if recompute and need_grad:
+        if recompute == "decoder" and need_grad and _is_osg(decoder):
+            outs.append(_OSGFinalPass.apply(*args))
+        elif recompute and need_grad:
             outs.append(torch.utils.checkpoint.checkpoint(_final_pass, *args, use_reentrant=False))
         else:
             outs.append(_final_pass(*args))
@@ -416,7 +500,11 @@ def render_triplane(planes: torch.Tensor, ray_origins: torch.Tensor, ray_dirs: t
             stratified noise, like EG3D).
         backend: ``None`` (the default for the device), ``"reference"``, ``"cpu"``, ``"cuda"``,
             ``"triton"``.
-        recompute: recompute ray chunks in the backward (compiled backends).
+        recompute: ``True``: recompute each ray chunk in the backward (compiled backends;
+            only the merged depths are kept); ``"decoder"`` (OSG decoder weights): keep the
+            plane-averaged features of each sample, (B, R * S, C), and recompute only the decoder
+            and the compositing (the sampling is not run again; a callable decoder falls back to
+            ``True``); ``False``: keep the whole graph.
         chunk_points: samples per chunk (default 131072) for the compiled backends.
 
     Returns:
@@ -458,6 +546,8 @@ def render_triplane(planes: torch.Tensor, ray_origins: torch.Tensor, ray_dirs: t
         raise TypeError(f"white_back: expected bool, got {type(white_back).__name__}")
     if chunk_points is not None:
         check_positive("chunk_points", chunk_points, integer=True)
+    if recompute not in (True, False, "decoder"):
+        raise ValueError(f"recompute: expected True, False or 'decoder', got {recompute!r}")
     box_size, density_bias = float(box_size), float(density_bias)
     # Float16 / bfloat16 and autocast: the renderer computes in float32 (transmittance products,
     # softplus and the sorted depths need it), the callable decoder sees the caller's dtype and

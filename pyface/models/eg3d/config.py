@@ -31,6 +31,12 @@ class EG3DGeneratorConfig:
         sr_dtype: ``"float32"`` (default) or ``"bfloat16"`` (GPU switch) for the SR layers.
         sr_conv_clamp: EG3D clamps SR convolutions at 256 (they run in fp16 there); None here.
         sr_input_resolution, sr_block_channels: small-model overrides of EG3D's fixed SR sizes.
+        sr_image_raw_alias: return ``image_raw`` as EG3D's code does: its 2X / 4X / Deepfp32
+            super-resolution adds its first block's RGB into the rendered RGB in place
+            (``img.add_`` on a view of the feature image) when that input is not resized
+            (Hybrid2X at 64^2, Hybrid4X / Deepfp32 at 128^2), so EG3D's ``image_raw`` is the
+            rendering plus that block's ToRGB output. False (default): ``image_raw`` is the
+            rendering (``image`` is the same either way).
         c_scale: the mapping sees ``c * c_scale`` (EG3D's ``rendering_kwargs['c_scale']``).
         c_gen_conditioning_zero: the mapping sees an all-zero pose (``--gen_pose_cond=False``).
         avg_camera_radius, avg_camera_pivot: the orbit used by videos and default cameras.
@@ -58,6 +64,7 @@ class EG3DGeneratorConfig:
     sr_conv_clamp: float | None = None
     sr_input_resolution: int | None = None
     sr_block_channels: list[int] | None = None
+    sr_image_raw_alias: bool = False
     c_scale: float = 1.0
     c_gen_conditioning_zero: bool = False
     avg_camera_radius: float = 2.7

@@ -133,8 +133,12 @@ class EG3DGenerator(nn.Module):
         images["planes"] = planes
         if sr:
             if self.superresolution is not None:
-                images["image"] = self.superresolution(images["image_raw"],
-                                                       images["feature_image"], ws)
+                images["image"], alias = self.superresolution(
+                    images["image_raw"], images["feature_image"], ws, return_alias=True)
+                if alias is not None and self.cfg.sr_image_raw_alias:   # EG3D's in-place add
+                    feat = images["feature_image"]
+                    images["feature_image"] = torch.cat([alias.to(feat.dtype), feat[:, 3:]], 1)
+                    images["image_raw"] = images["feature_image"][:, :3]
             else:
                 images["image"] = filtered_resize(images["image_raw"], self.cfg.img_resolution)
         return images

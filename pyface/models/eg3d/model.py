@@ -64,6 +64,46 @@ def silhouette_measures(opacity: torch.Tensor, mask: torch.Tensor, threshold: fl
             "fg_opacity": fo, "bg_opacity": bo, "opacity_contrast": fo - bo}
 
 
+def orbit_label(c: torch.Tensor, yaw: float) -> torch.Tensor:
+    """EG3D labels c (B, 25) with their cameras orbited by ``yaw`` radians about the world y
+    axis (through the origin) -> (B, 25)."""
+    c2w = c[:, :16].reshape(-1, 4, 4)
+    co, si = math.cos(yaw), math.sin(yaw)
+    rot = c2w.new_tensor([[co, 0, si, 0], [0, 1, 0, 0], [-si, 0, co, 0], [0, 0, 0, 1]])
+    return torch.cat([(rot @ c2w).reshape(-1, 16), c[:, 16:]], 1)
+
+
+def depth_consistency(depth_a: torch.Tensor, opacity_a: torch.Tensor, c_a: torch.Tensor,
+                      depth_b: torch.Tensor, opacity_b: torch.Tensor, c_b: torch.Tensor,
+                      threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Agreement of two renderings' depths: the pixels of view A with opacity > ``threshold``
+    are lifted to 3D along A's rays at A's depth, projected into view B, and B's depth there
+    (bilinear, weighted by B's opacity) is compared with their distance to B's camera (EG3D's
+    depth is the distance along the unit ray). depth_* / opacity_* (B, 1, r, r), c_* (B, 25).
+
+    Returns (mean |difference| over the points that land inside B on pixels with opacity >
+    ``threshold``, the fraction of A's opaque pixels that do)."""
+    from pyface.face.cameras import project_label
+    from pyface.ops.render import ray_bundle
+
+    B, _, r, _ = depth_a.shape
+    o_a, d_a = ray_bundle(c_a.float(), r)
+    o_b, _ = ray_bundle(c_b.float(), r)
+    pts = o_a + depth_a.float().reshape(B, -1, 1) * d_a                   # (B, R, 3)
+    uv, z = project_label(pts, c_b.float())
+    grid = (uv * 2 - 1).unsqueeze(1)                                      # (B, 1, R, 2)
+    ob = F.grid_sample(opacity_b.float(), grid, align_corners=False).reshape(B, -1)
+    # opacity-weighted interpolation: empty neighbours (whose depth means nothing) do not count
+    db = F.grid_sample(depth_b.float() * opacity_b.float(), grid,
+                       align_corners=False).reshape(B, -1) / ob.clamp(min=1e-6)
+    inside = ((uv > 0) & (uv < 1)).all(-1) & (z[..., 0] > 0)
+    lit = opacity_a.float().reshape(B, -1) > threshold
+    valid = lit & inside & (ob > threshold)
+    err = (db - (pts - o_b[:, :1]).norm(dim=-1)).abs()
+    n = valid.sum()
+    return ((err * valid).sum() / n.clamp(min=1), n / lit.sum().clamp(min=1))
+
+
 def _schedule_frac(images_seen: int, kimg: float | None) -> float:
     if kimg is None or kimg <= 0:
         return 1.0
@@ -78,10 +118,13 @@ _TINY = {
             "img_resolution": 32, "neural_rendering_resolution": 16, "sr_variant": "hybrid2x",
             "sr_input_resolution": 16, "sr_block_channels": [32, 16],
             "render": {"depth_resolution": 12, "depth_resolution_importance": 12,
-                       "white_back": True}},
+                       "white_back": True, "chunk_points": 16384,
+                       "recompute": "decoder"}},
         "discriminator": {"channel_base": 512, "channel_max": 64, "mapping_layers": 2},
-        "r1_gamma": 1.0, "gpc_reg_fade_kimg": 2.0, "blur_fade_kimg": 1.0,
-        "neural_rendering_resolution_initial": 16, "background": "white",
+        # EG3D's blur starts at 10 px on 512^2 images; at 32^2 that blurs the image away and D
+        # sees no silhouette: the same sigma relative to the image size
+        "r1_gamma": 1.0, "gpc_reg_fade_kimg": 2.0, "blur_init_sigma": 10 * 32 / 512,
+        "blur_fade_kimg": 1.0, "neural_rendering_resolution_initial": 16, "background": "white",
         "measure_every": 50},
     "data": {"name": "synthetic", "resolution": 32},
     "train": {"steps": 400, "batch_size": 8, "log_every": 10, "ckpt_every": 200,
@@ -96,9 +139,10 @@ _GPU_SHORT = {
             "channel_base": 16384, "channel_max": 256, "img_resolution": 128,
             "neural_rendering_resolution": 64, "sr_variant": "hybrid2x",
             "render": {"depth_resolution": 32, "depth_resolution_importance": 32,
-                       "white_back": True}},
+                       "white_back": True, "recompute": True, "chunk_points": 131072}},
         "discriminator": {"channel_base": 16384, "channel_max": 256},
-        "r1_gamma": 1.0, "gpc_reg_fade_kimg": 20.0, "blur_fade_kimg": 10.0,
+        "r1_gamma": 1.0, "gpc_reg_fade_kimg": 20.0, "blur_init_sigma": 10 * 128 / 512,
+        "blur_fade_kimg": 10.0,
         "neural_rendering_resolution_initial": 64, "background": "white"},
     "data": {"name": "synthetic", "resolution": 128},
     "train": {"steps": 6000, "batch_size": 16, "log_every": 50, "ckpt_every": 1000,
@@ -107,7 +151,8 @@ _GPU_SHORT = {
 }
 
 _FULL = {  # EG3D FFHQ 512: 25000 kimg at 64^2, then the 2000-kimg fine-tune fading to 128^2
-    "model": {"neural_rendering_resolution_initial": 64,
+    "model": {"generator": {"render": {"recompute": True, "chunk_points": 131072}},
+              "neural_rendering_resolution_initial": 64,
               "neural_rendering_resolution_final": 128,
               "neural_rendering_resolution_fade_kimg": 1000.0,
               "neural_rendering_resolution_fade_start_kimg": 25000.0},
@@ -290,6 +335,8 @@ class EG3D(TrainableModel):
                    "opacity": gen["image_opacity"].detach().mean()}
             if data["gen_mask"] is not None:
                 out.update(silhouette_measures(gen["image_opacity"], data["gen_mask"]))
+            if self._measuring_depth(ctx):
+                out.update(self.depth_measures(gen, gen_c, res))
             self._measure(ctx, out)
             return out
         if phase == "Greg":
@@ -339,7 +386,30 @@ class EG3D(TrainableModel):
                          f"{phase!r}")
 
     # --- measurements in the training log ----------------------------------------------------
-    _MEASURES = ("iou", "iou_all", "fg_opacity", "bg_opacity", "opacity_contrast", "logit_gap")
+    _MEASURES = ("iou", "iou_all", "fg_opacity", "bg_opacity", "opacity_contrast", "depth_err",
+                 "depth_err_flat", "depth_overlap", "logit_gap")
+    DEPTH_YAW = 0.35            # radians between the two views of the depth measure
+
+    def _measuring_depth(self, ctx: StepContext) -> bool:
+        every = self.cfg.measure_every
+        return bool(every) and ctx.rank == 0 and ctx.step % max(1, every // 5) == 0
+
+    @torch.no_grad()
+    def depth_measures(self, gen: dict, c: torch.Tensor, res: int) -> dict[str, torch.Tensor]:
+        """The generated planes rendered again from the cameras orbited by ``DEPTH_YAW``:
+        ``depth_err`` (:func:`depth_consistency` of the two views' depths), ``depth_err_flat``
+        (the same for the trivial answer: every ray opaque at the middle of the ray range) and
+        ``depth_overlap`` (the fraction of opaque pixels compared)."""
+        c_b = orbit_label(c, self.DEPTH_YAW)
+        other = self.G.synthesis(gen["ws"].detach(), c_b, neural_rendering_resolution=res,
+                                 planes=gen["planes"].detach(), sr=False)
+        err, overlap = depth_consistency(gen["image_depth"], gen["image_opacity"], c,
+                                         other["image_depth"], other["image_opacity"], c_b)
+        r = self.cfg.generator.render
+        flat = torch.full_like(gen["image_depth"], (r.ray_start + r.ray_end) / 2)
+        ones = torch.ones_like(flat)
+        err_flat, _ = depth_consistency(flat, ones, c, flat, ones, c_b)
+        return {"depth_err": err, "depth_err_flat": err_flat, "depth_overlap": overlap}
 
     def _measure(self, ctx: StepContext, out: dict) -> None:
         """Averages the silhouette measures and the D logit gap over ``measure_every`` steps and
