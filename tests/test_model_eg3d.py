@@ -581,17 +581,29 @@ def test_presets_are_complete_and_full_is_eg3d_ffhq():
     from pyface.train.config import build_experiment
 
     assert set(EG3D.presets) == {"tiny", "gpu-short", "full"}
-    for name, p in EG3D.presets.items():
-        exp = build_experiment("eg3d", EG3D.Config, defaults=p)
+    for name in EG3D.presets:      # as `pyface train eg3d --preset NAME`: over the recipe
+        exp = build_experiment("eg3d", EG3D.Config, defaults=EG3D.recipe, preset=name,
+                               presets=EG3D.presets)
         assert exp.model_config.generator.img_resolution == exp.data.resolution, name
         with torch.device("meta"):
             m = EG3D(exp.model_config)
         assert m.G.superresolution.output_resolution == exp.data.resolution, name
-    full = build_experiment("eg3d", EG3D.Config, defaults=EG3D.presets["full"])
+        if name != "tiny":       # nothing of tiny's sizes leaks into the other presets
+            g = exp.model_config.generator
+            assert (g.decoder_hidden, g.decoder_features, g.sr_input_resolution,
+                    g.sr_block_channels) == (64, 32, None, None), name
+            assert exp.model_config.discriminator.mapping_layers == 8, name
+    full = build_experiment("eg3d", EG3D.Config, defaults=EG3D.recipe, preset="full",
+                            presets=EG3D.presets)
     m, t = full.model_config, full.train
     g = m.generator
     assert (g.z_dim, g.w_dim, g.backbone_resolution, g.plane_channels, g.sr_variant) == \
         (512, 512, 256, 32, "hybrid8xdc")
+    assert (g.img_resolution, g.neural_rendering_resolution, g.channel_base, g.channel_max) == \
+        (512, 64, 32768, 512)
+    assert (g.render.depth_resolution, g.render.depth_resolution_importance,
+            g.render.white_back) == (48, 48, False)
+    assert m.background == "data" and full.data.resolution == 512
     assert (m.r1_gamma, m.d_reg_interval, m.g_reg_interval, m.density_reg, m.reg_type) == \
         (1.0, 16, 4, 0.25, "l1")
     assert (m.g_lr, m.d_lr, m.betas, m.gpc_reg_prob, m.blur_init_sigma) == \

@@ -13,6 +13,7 @@ Source Code License, non-commercial). The code is pyface's own.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -161,6 +162,32 @@ _FULL = {  # EG3D FFHQ 512: 25000 kimg at 64^2, then the 2000-kimg fine-tune fad
               "image_every": 5000,
               "ema": {"modules": ["G"], "half_life_kimg": 10.0, "rampup": 0.05}},
 }
+
+
+def _eg3d_values_for(keys: dict, values: dict) -> dict:
+    """For every key ``keys`` sets (recursively), EG3D's own value from ``values``."""
+    return {k: (_eg3d_values_for(v, values[k]) if isinstance(v, dict)
+                and isinstance(values.get(k), dict) else values[k])
+            for k, v in keys.items() if k in values}
+
+
+def _over_eg3d(preset: dict) -> dict:
+    """``preset`` over EG3D's own values for every model key the ``tiny`` recipe sets: presets
+    are merged over the recipe, so a preset that is not ``tiny`` must not inherit tiny's sizes
+    (the SR input size, decoder widths, D mapping, ...) by leaving a key unset."""
+    base = _eg3d_values_for(_TINY["model"], dataclasses.asdict(EG3DConfig()))
+    train = {"video_frames": 24, **preset.get("train", {})}
+    return {**preset, "model": _merge(base, preset.get("model", {})), "train": train}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+_GPU_SHORT, _FULL = _over_eg3d(_GPU_SHORT), _over_eg3d(_FULL)
 
 
 class EG3D(TrainableModel):
