@@ -56,6 +56,13 @@ class Export3DConfig:
         sr_widths: PlainSuperResolution widths; scale 2^(len - 1).
         sr_source: also feed the source image, resized to the raw resolution, to the
             super-resolution ([D], not in the paper; default off).
+        sr_guide: also feed the source image at the output resolution to the last stage of the
+            super-resolution (``PlainSuperResolution`` guide; [D], not in the paper; default
+            off).
+        augment: joint colour augmentation of the training pair ([D]; 0: off): source and
+            driving frame get the same random RGB permutation, per-channel gain 1 +- augment and
+            offset +- augment, so the generator learns to carry the source's colours instead of
+            memorising the training identities'.
         lr, betas: Adam of the generator.
         w_l1, w_l1_raw, w_perceptual, w_roi, w_density: loss weights; density every
             ``density_every`` steps (scaled by it).
@@ -87,6 +94,8 @@ class Export3DConfig:
     box_warp: float = 1.0
     sr_widths: list[int] = field(default_factory=lambda: [256, 128, 64])
     sr_source: bool = False
+    sr_guide: bool = False
+    augment: float = 0.0
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
     w_l1: float = 1.0
@@ -154,6 +163,23 @@ def _pyramid_l1(pred: torch.Tensor, target: torch.Tensor, levels: int = 3) -> to
         if pred.shape[-1] < 4:
             break
     return total
+
+
+def joint_colour_augment(a: torch.Tensor, b: torch.Tensor,
+                         amount: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """a, b (B, 3, H, W) in [-1, 1] -> the same random colour change applied to both (per
+    sample): an RGB permutation, a gain 1 +- amount and an offset +- amount per channel; clamped
+    to [-1, 1]."""
+    B = a.shape[0]
+    perm = torch.argsort(torch.rand(B, 3, device=a.device), dim=1)
+    gain = 1 + (torch.rand(B, 3, 1, 1, device=a.device) * 2 - 1) * amount
+    off = (torch.rand(B, 3, 1, 1, device=a.device) * 2 - 1) * amount
+    idx = perm[:, :, None, None].expand(-1, -1, *a.shape[-2:])
+
+    def apply(x):
+        return (torch.gather(x, 1, idx) * gain + off).clamp(-1, 1)
+
+    return apply(a), apply(b)
 
 
 class Export3D(TrainableModel):
@@ -249,7 +275,8 @@ class Export3D(TrainableModel):
             depth_resolution_importance=cfg.importance_samples, ray_start=cfg.ray_start,
             ray_end=cfg.ray_end, box_warp=cfg.box_warp))
         self.sr = PlainSuperResolution(channels=cfg.decoder_features - 3 + 3 * cfg.sr_source,
-                                       widths=tuple(cfg.sr_widths))
+                                       widths=tuple(cfg.sr_widths),
+                                       guide_channels=3 if cfg.sr_guide else 0)
         self._perceptual = None
         self._warned = False
 
@@ -282,7 +309,8 @@ class Export3D(TrainableModel):
     def render(self, planes: torch.Tensor, camera: torch.Tensor,
                source: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """planes (B, 3, C, P, P), camera (B, 25) -> image (B, 3, H, W), image_raw (B, 3, r, r),
-        image_depth (B, 1, r, r). ``source`` (B or 1, 3, H, W): required with ``sr_source``."""
+        image_depth (B, 1, r, r). ``source`` (B or 1, 3, H, W): required with ``sr_source`` or
+        ``sr_guide``."""
         B = planes.shape[0]
         if camera.dim() != 2 or camera.shape != (B, 25):
             raise ValueError(f"camera: expected shape ({B}, 25) (EG3D labels), got "
@@ -302,14 +330,19 @@ class Export3D(TrainableModel):
                             importance_u=u).images(r)
         feat = out["feature_image"]
         extra = feat[:, 3:]
+        guide = None
+        if self.cfg.sr_source or self.cfg.sr_guide:
+            R = self.cfg.resolution
+            if source is None or source.dim() != 4 or source.shape[1:] != (3, R, R):
+                raise ValueError(f"source: expected (B, 3, {R}, {R}) with model.sr_source / "
+                                 f"sr_guide, got {None if source is None else tuple(source.shape)}")
         if self.cfg.sr_source:
-            if source is None or source.dim() != 4 or source.shape[1] != 3:
-                raise ValueError(f"source: expected (B, 3, H, W) with model.sr_source, got "
-                                 f"{None if source is None else tuple(source.shape)}")
             small = F.interpolate(source.to(feat.dtype), size=(r, r), mode="bilinear",
                                   align_corners=False, antialias=True)
             extra = torch.cat([extra, small.expand(B, -1, -1, -1)], 1)
-        image = self.sr(feat[:, :3], extra)
+        if self.cfg.sr_guide:
+            guide = source.to(feat.dtype).expand(B, -1, -1, -1)
+        image = self.sr(feat[:, :3], extra, guide)
         return {"image": image, "image_raw": out["image_raw"], "image_depth": out["image_depth"]}
 
     def forward(self, source: torch.Tensor, beta: torch.Tensor, camera: torch.Tensor, *,
@@ -365,6 +398,8 @@ class Export3D(TrainableModel):
             raise ValueError(f"batch images: expected (B, 3, {R}, {R}) (model.resolution), got "
                              f"source {tuple(src.shape)}, driving {tuple(tgt.shape)}; set "
                              f"data.resolution = model.resolution")
+        if self.training and cfg.augment > 0:
+            src, tgt = joint_colour_augment(src, tgt, cfg.augment)
         beta = expression_of(self._frame(batch, "driving", "coeffs"), "batch['driving']['coeffs']")
         cam = self._frame(batch, "driving", "camera").float()
         out = self(src, beta, cam, update_ema=self.training)
