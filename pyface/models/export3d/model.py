@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyface.nn.discriminators import DualDiscriminator
+from pyface.nn.losses import gan_d_loss, gan_g_loss, r1_penalty
 from pyface.nn.render import OSGDecoder, RenderConfig, TriplaneRenderer, density_l1_regularizer
 from pyface.nn.roi import roi_l1_loss
 from pyface.nn.vit import PlainSuperResolution
@@ -56,6 +58,10 @@ class Export3DConfig:
         sr_widths: PlainSuperResolution widths; scale 2^(len - 1).
         sr_source: also feed the source image, resized to the raw resolution, to the
             super-resolution ([D], not in the paper; default off).
+        raw_background: composite the raw render over the source image resized to the raw
+            resolution (``rgb + (1 - opacity) * (source + 1)`` in [-1, 1]), so the volume only
+            has to hold the head and the static background comes from the source ([D], not in
+            the paper; default off).
         sr_guide: also feed the source image at the output resolution to the last stage of the
             super-resolution (``PlainSuperResolution`` guide; [D], not in the paper; default
             off).
@@ -68,6 +74,15 @@ class Export3DConfig:
             ``density_every`` steps (scaled by it).
         vgg_weights: torchvision VGG19 file for the perceptual loss; None: an image-pyramid L1
             replaces it (a warning says so once).
+        arcface_weights, w_identity: insightface ArcFace (IResNet-50) file for the identity loss
+            ``1 - cos(ArcFace(image), ArcFace(driving))`` and its weight; None: no identity loss
+            (a warning says so once when ``w_identity`` > 0).
+        w_gan: weight of the non-saturating GAN loss of the generator (0: no discriminator);
+            on from step ``gan_start`` (warm-up). The dual discriminator
+            (``pyface.nn.DualDiscriminator``: image ‖ upsampled raw image) is conditioned on
+            the driving camera; R1 with ``r1_gamma`` every ``r1_every`` steps (lazy, scaled by
+            it). ``d_lr``, ``d_channel_base``, ``d_channel_max``: its Adam lr (betas as G's)
+            and widths.
     """
 
     resolution: int = 512
@@ -95,6 +110,7 @@ class Export3DConfig:
     sr_widths: list[int] = field(default_factory=lambda: [256, 128, 64])
     sr_source: bool = False
     sr_guide: bool = False
+    raw_background: bool = False
     augment: float = 0.0
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
@@ -105,6 +121,15 @@ class Export3DConfig:
     w_roi: float = 1.0
     w_density: float = 0.25
     density_every: int = 4
+    arcface_weights: str | None = None
+    w_identity: float = 0.1
+    w_gan: float = 0.0
+    gan_start: int = 0
+    r1_gamma: float = 10.0
+    r1_every: int = 16
+    d_lr: float = 1e-4
+    d_channel_base: int = 32768
+    d_channel_max: int = 512
 
 
 class Conditioner(nn.Module):
@@ -277,8 +302,16 @@ class Export3D(TrainableModel):
         self.sr = PlainSuperResolution(channels=cfg.decoder_features - 3 + 3 * cfg.sr_source,
                                        widths=tuple(cfg.sr_widths),
                                        guide_channels=3 if cfg.sr_guide else 0)
+        self.D = None
+        if cfg.w_gan > 0:
+            self.D = DualDiscriminator(c_dim=25, img_resolution=cfg.resolution,
+                                       channel_base=cfg.d_channel_base,
+                                       channel_max=cfg.d_channel_max)
         self._perceptual = None
+        self._identity = None
         self._warned = False
+        self._warned_id = False
+        self._fake = None
 
     @property
     def frozen_expression(self) -> bool:
@@ -325,25 +358,30 @@ class Export3D(TrainableModel):
                 k = rc.depth_resolution_importance
                 u = ((torch.arange(k, device=origins.device, dtype=origins.dtype) + 0.5) / k
                      ).expand(B, r * r, k).contiguous()
-        out = self.renderer(planes, self.decoder, origins.to(planes.dtype),
-                            dirs.to(planes.dtype), stratified_noise=noise,
-                            importance_u=u).images(r)
+        ro = self.renderer(planes, self.decoder, origins.to(planes.dtype),
+                           dirs.to(planes.dtype), stratified_noise=noise, importance_u=u)
+        out = ro.images(r)
         feat = out["feature_image"]
         extra = feat[:, 3:]
         guide = None
-        if self.cfg.sr_source or self.cfg.sr_guide:
+        if self.cfg.sr_source or self.cfg.sr_guide or self.cfg.raw_background:
             R = self.cfg.resolution
             if source is None or source.dim() != 4 or source.shape[1:] != (3, R, R):
                 raise ValueError(f"source: expected (B, 3, {R}, {R}) with model.sr_source / "
-                                 f"sr_guide, got {None if source is None else tuple(source.shape)}")
-        if self.cfg.sr_source:
+                                 f"sr_guide / raw_background, got "
+                                 f"{None if source is None else tuple(source.shape)}")
             small = F.interpolate(source.to(feat.dtype), size=(r, r), mode="bilinear",
-                                  align_corners=False, antialias=True)
-            extra = torch.cat([extra, small.expand(B, -1, -1, -1)], 1)
+                                  align_corners=False, antialias=True).expand(B, -1, -1, -1)
+        rgb = feat[:, :3]
+        if self.cfg.raw_background:
+            opacity = ro.weights_sum.permute(0, 2, 1).reshape(B, 1, r, r).to(feat.dtype)
+            rgb = rgb + (1 - opacity) * (small + 1)
+        if self.cfg.sr_source:
+            extra = torch.cat([extra, small], 1)
         if self.cfg.sr_guide:
             guide = source.to(feat.dtype).expand(B, -1, -1, -1)
-        image = self.sr(feat[:, :3], extra, guide)
-        return {"image": image, "image_raw": out["image_raw"], "image_depth": out["image_depth"]}
+        image = self.sr(rgb, extra, guide)
+        return {"image": image, "image_raw": rgb, "image_depth": out["image_depth"]}
 
     def forward(self, source: torch.Tensor, beta: torch.Tensor, camera: torch.Tensor, *,
                 lam_scale: torch.Tensor | None = None, update_ema: bool = False):
@@ -360,12 +398,61 @@ class Export3D(TrainableModel):
         return out
 
     # --- training --------------------------------------------------------------------------
+    G_MODULES = ("generator", "cond", "decoder", "sr")
+
     def build_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        return {"G": torch.optim.Adam(params, lr=self.cfg.lr, betas=tuple(self.cfg.betas))}
+        params = [p for n, p in self.named_parameters()
+                  if p.requires_grad and not n.startswith("D.")]
+        opts = {"G": torch.optim.Adam(params, lr=self.cfg.lr, betas=tuple(self.cfg.betas))}
+        if self.D is not None:
+            opts["D"] = torch.optim.Adam(self.D.parameters(), lr=self.cfg.d_lr,
+                                         betas=tuple(self.cfg.betas))
+        return opts
 
     def phases(self):
-        return [Phase("G", "G")]
+        if self.D is None:
+            return [Phase("G", "G")]
+        # the D phases apply their update themselves (ctx.update) once the warm-up is over
+        return [Phase("G", "G", frozen=("D",)),
+                Phase("D", None, frozen=self.G_MODULES),
+                Phase("Dreg", None, interval=self.cfg.r1_every, frozen=self.G_MODULES)]
+
+    def _identity_loss(self, pred, target):
+        cfg = self.cfg
+        if not cfg.arcface_weights:
+            if not self._warned_id:
+                log.warning("export3d: model.arcface_weights is not set; the identity loss is "
+                            "off")
+                self._warned_id = True
+            return None
+        if self._identity is None:
+            from pyface.nn.arcface import IdentityLoss
+            ident = IdentityLoss(weights=cfg.arcface_weights).to(pred.device)
+            object.__setattr__(self, "_identity", ident)        # not part of the state dict
+        return self._identity(pred, target)
+
+    def _gan_on(self, ctx: StepContext) -> bool:
+        return self.D is not None and ctx.step >= self.cfg.gan_start
+
+    def _d_step(self, phase: str, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """The discriminator phases on the pair kept by this step's G phase."""
+        cfg = self.cfg
+        if not self._gan_on(ctx) or self._fake is None or self._fake["step"] != ctx.step:
+            return {"loss": torch.zeros((), device=ctx.device)}
+        f = self._fake
+        if phase == "D":
+            fake_logits = self.D(f["image"], f["image_raw"], f["camera"])
+            real_logits = self.D(f["real"], f["real_raw"], f["camera"])
+            loss = gan_d_loss(real_logits, fake_logits)
+            ctx.update("D", loss)
+            return {"loss": loss.detach(), "real_logits": real_logits.detach().mean(),
+                    "fake_logits": fake_logits.detach().mean()}
+        img = f["real"].detach().requires_grad_(True)
+        raw = f["real_raw"].detach().requires_grad_(True)
+        pen = r1_penalty(self.D(img, raw, f["camera"]), [img, raw])
+        loss = (pen * (cfg.r1_gamma / 2)).mean() * cfg.r1_every
+        ctx.update("D", loss)
+        return {"loss": loss.detach(), "r1_penalty": pen.detach().mean()}
 
     def _perceptual_loss(self, pred, target):
         cfg = self.cfg
@@ -391,6 +478,8 @@ class Export3D(TrainableModel):
 
     def step(self, phase: str, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         cfg = self.cfg
+        if phase in ("D", "Dreg"):
+            return self._d_step(phase, ctx)
         src = image_to_float(self._frame(batch, "source", "image"))
         tgt = image_to_float(self._frame(batch, "driving", "image"))
         R = cfg.resolution
@@ -424,6 +513,17 @@ class Export3D(TrainableModel):
                                           box_size=cfg.box_warp)
             loss = loss + cfg.w_density * cfg.density_every * dens
             logs["density"] = dens.detach()
+        if cfg.w_identity:
+            ident = self._identity_loss(img, tgt)
+            if ident is not None:
+                loss = loss + cfg.w_identity * ident
+                logs["identity"] = ident.detach()
+        if self._gan_on(ctx):
+            gan = gan_g_loss(self.D(img, raw, cam))
+            loss = loss + cfg.w_gan * gan
+            logs["gan"] = gan.detach()
+            self._fake = {"step": ctx.step, "image": img.detach(), "image_raw": raw.detach(),
+                          "camera": cam, "real": tgt, "real_raw": tgt_raw}
         logs["loss"] = loss
         return logs
 
