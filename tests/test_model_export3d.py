@@ -270,3 +270,25 @@ def test_source_guide_background_and_colour_augmentation(data, tmp_path):
     a, b = torch.rand(2, 3, 4, 4) * 2 - 1, torch.rand(2, 3, 4, 4) * 2 - 1
     a2, b2 = joint_colour_augment(a, a.clone(), 0.3)
     assert torch.equal(a2, b2) and not torch.equal(a2, a) and a2.abs().max() <= 1
+
+
+def test_clebs_offset_noise_is_one_offset_per_clip_and_training_only():
+    m = CLeBS(CLeBS.Config(n=3, dim=8, hidden=[16], image_stem=8, image_widths=[8, 16],
+                           image_depths=[1, 1], resolution=32, offset_noise=0.3))
+
+    class Identity(torch.nn.Module):          # lambda = beta: the offset is visible
+        def forward(self, beta):
+            return beta, beta
+
+    m.expr = Identity()
+    img = torch.zeros(2, 4, 3, 32, 32, dtype=torch.uint8)
+    coeffs = torch.randn(2, 4, 257)
+    m.eval()
+    _, _, lam_eval = m.embed(img, coeffs)
+    torch.testing.assert_close(lam_eval, coeffs[..., 80:144])
+    m.train()
+    _, _, lam = m.embed(img, coeffs)
+    d = lam - coeffs[..., 80:144]
+    assert d.abs().mean() > 0.05                                  # an offset was added
+    torch.testing.assert_close(d, d[:, :1].expand_as(d))          # the same for the whole clip
+    assert not torch.allclose(d[0], d[1])                         # another one per clip

@@ -3,6 +3,7 @@ written with the expression-identity leak (``pyface data synth --split test --ex
 
     python tools/export3d_checks.py clebs RUN/stages/clebs --data DIR [--frames 8] [--json OUT]
     python tools/export3d_checks.py mouth RUN --data DIR [--no-ema] [--json OUT]
+    python tools/export3d_checks.py render-memory [--resolution 128] [--samples 48] [--json OUT]
 
 ``clebs``: same-video retrieval top-1 (image -> expression, N-frame clips of held-out videos;
 chance 1/N); a ridge identity probe trained on each identity's first video and tested on its
@@ -12,6 +13,11 @@ from beta' to the true jaw_open / blink_left / smile (the stored coefficients mi
 ``mouth``: same-video pairs (source frame 0) whose true jaw_open differs by more than 0.2: PSNR
 of the mouth box (driving landmarks) when generating with the driving expression vs with the
 source expression, both at the driving camera.
+
+``render-memory``: peak memory and time of one forward + backward of Export3D's raw render
+(``full`` sizes: tri-plane 3 x 32 x 256^2, OSGDecoder 32-64-33, corrected axes) at
+``resolution``^2 rays with ``samples`` + ``samples`` samples, batch 1, on the fused renderer (the
+device's default backend) against the reference path (``pyface.bench.harness.peak_memory_mb``).
 """
 from __future__ import annotations
 
@@ -147,17 +153,57 @@ def mouth_check(run: str, data: str, threshold: float = 0.2, ema: bool = True) -
             "gain_db": float((g[:, 0] - g[:, 1]).mean()), "jaw_threshold": threshold}
 
 
+def render_memory(resolution: int = 128, samples: int = 48, device: str = "cpu") -> dict:
+    import time
+
+    from pyface.bench.harness import peak_memory_mb
+    from pyface.face.cameras import default_label
+    from pyface.nn.render import OSGDecoder, RenderConfig, TriplaneRenderer
+    from pyface.ops.render import ray_bundle
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    planes = (torch.randn(1, 3, 32, 256, 256, device=dev) * 0.5).requires_grad_(True)
+    decoder = OSGDecoder(32, 64, 32).to(dev)
+    origins, dirs = ray_bundle(default_label().reshape(1, 25).to(dev), resolution)
+    res = {"resolution": resolution, "samples": f"{samples}+{samples}", "device": device}
+    for name, backend in (("fused", None), ("reference", "reference")):
+        r = TriplaneRenderer(RenderConfig.ffhq_corrected_axes(
+            depth_resolution=samples, depth_resolution_importance=samples, backend=backend))
+
+        def run():
+            out = r(planes, decoder, origins, dirs)
+            (out.features.square().mean() + out.depth.mean()).backward()
+            planes.grad = None
+            decoder.zero_grad(set_to_none=True)
+
+        run()                                   # warm-up (compilation, caches)
+        t0 = time.perf_counter()
+        run()
+        seconds = time.perf_counter() - t0
+        res[name] = {"peak_mb": peak_memory_mb(run, dev), "seconds": seconds}
+    res["memory_ratio"] = res["reference"]["peak_mb"] / max(res["fused"]["peak_mb"], 1e-9)
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("check", choices=["clebs", "mouth"])
-    p.add_argument("run")
-    p.add_argument("--data", required=True)
+    p.add_argument("check", choices=["clebs", "mouth", "render-memory"])
+    p.add_argument("run", nargs="?")
+    p.add_argument("--data")
+    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--samples", type=int, default=48)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--json")
     p.add_argument("--no-ema", action="store_true", help="mouth: the live weights")
     a = p.parse_args(argv)
     torch.manual_seed(0)
-    if a.check == "clebs":
+    if a.check == "render-memory":
+        res = render_memory(a.resolution, a.samples, a.device)
+    elif not a.run or not a.data:
+        p.error(f"{a.check}: RUN and --data are required")
+    elif a.check == "clebs":
         res = clebs_checks(a.run, a.data, a.frames)
     else:
         res = mouth_check(a.run, a.data, ema=not a.no_ema)

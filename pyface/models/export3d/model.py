@@ -74,6 +74,10 @@ class Export3DConfig:
             ``density_every`` steps (scaled by it).
         vgg_weights: torchvision VGG19 file for the perceptual loss; None: an image-pyramid L1
             replaces it (a warning says so once).
+        w_mask: weight of the silhouette loss L1(raw opacity, driving face mask resized to the
+            raw resolution) when the data has masks ([D], not in the paper; 0: off): with
+            ``raw_background`` the volume must hold the head instead of leaving it to the
+            source.
         arcface_weights, w_identity: insightface ArcFace (IResNet-50) file for the identity loss
             ``1 - cos(ArcFace(image), ArcFace(driving))`` and its weight; None: no identity loss
             (a warning says so once when ``w_identity`` > 0).
@@ -121,6 +125,7 @@ class Export3DConfig:
     w_roi: float = 1.0
     w_density: float = 0.25
     density_every: int = 4
+    w_mask: float = 0.0
     arcface_weights: str | None = None
     w_identity: float = 0.1
     w_gan: float = 0.0
@@ -373,15 +378,16 @@ class Export3D(TrainableModel):
             small = F.interpolate(source.to(feat.dtype), size=(r, r), mode="bilinear",
                                   align_corners=False, antialias=True).expand(B, -1, -1, -1)
         rgb = feat[:, :3]
+        opacity = ro.weights_sum.permute(0, 2, 1).reshape(B, 1, r, r).to(feat.dtype)
         if self.cfg.raw_background:
-            opacity = ro.weights_sum.permute(0, 2, 1).reshape(B, 1, r, r).to(feat.dtype)
             rgb = rgb + (1 - opacity) * (small + 1)
         if self.cfg.sr_source:
             extra = torch.cat([extra, small], 1)
         if self.cfg.sr_guide:
             guide = source.to(feat.dtype).expand(B, -1, -1, -1)
         image = self.sr(rgb, extra, guide)
-        return {"image": image, "image_raw": rgb, "image_depth": out["image_depth"]}
+        return {"image": image, "image_raw": rgb, "image_depth": out["image_depth"],
+                "image_opacity": opacity}
 
     def forward(self, source: torch.Tensor, beta: torch.Tensor, camera: torch.Tensor, *,
                 lam_scale: torch.Tensor | None = None, update_ema: bool = False):
@@ -508,6 +514,14 @@ class Export3D(TrainableModel):
                               output_size=max(4, R // 8))
             loss = loss + cfg.w_roi * roi
             logs["roi"] = roi.detach()
+        if cfg.w_mask and "mask" in batch["driving"]:
+            mask = batch["driving"]["mask"].float()
+            mask = mask / 255 if batch["driving"]["mask"].dtype == torch.uint8 else mask
+            mask = F.interpolate(mask.reshape(-1, 1, *mask.shape[-2:]), size=raw.shape[-2:],
+                                 mode="bilinear", align_corners=False, antialias=True)
+            sil = (out["image_opacity"].float() - mask).abs().mean()
+            loss = loss + cfg.w_mask * sil
+            logs["mask"] = sil.detach()
         if cfg.w_density and cfg.density_every and ctx.step % cfg.density_every == 0:
             dens = density_l1_regularizer(out["planes"], self.decoder, plane_axes=PLANE_AXES,
                                           box_size=cfg.box_warp)
