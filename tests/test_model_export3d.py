@@ -27,7 +27,7 @@ GEN_TINY = ["model.resolution=32", "model.stem_widths=[4,8]", "model.vit_dim=16"
             "model.decoder_features=7", "model.depth_samples=4", "model.importance_samples=4",
             "model.sr_widths=[4,4,4]", "model.n=3", "model.code_dim=8", "data.resolution=32",
             "data.options.repeats=1", "train.batch_size=2", "model.density_every=2",
-            "train.ema.decay=0.5"]
+            "train.ema.decay=0.5", "model.w_gan=0"]
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +224,9 @@ def test_presets_resolve_and_small_presets_use_a_per_step_ema():
         exp = build_experiment("export3d", Export3D.Config, defaults=Export3D.recipe,
                                preset=name)
         assert exp.train.ema.half_life_kimg is None and exp.train.ema.decay < 1
+        assert exp.model_config.w_gan == 0       # GAN: full only (after a 10k-step warm-up)
+    full = build_experiment("export3d", Export3D.Config, defaults=Export3D.recipe, preset="full")
+    assert full.model_config.w_gan > 0 and full.model_config.gan_start > 0
 
 
 def test_gan_after_warmup_with_r1_trains_the_discriminator(data, tmp_path):

@@ -81,8 +81,8 @@ class Export3DConfig:
         arcface_weights, w_identity: insightface ArcFace (IResNet-50) file for the identity loss
             ``1 - cos(ArcFace(image), ArcFace(driving))`` and its weight; None: no identity loss
             (a warning says so once when ``w_identity`` > 0).
-        w_gan: weight of the non-saturating GAN loss of the generator (0: no discriminator);
-            on from step ``gan_start`` (warm-up). The dual discriminator
+        w_gan: weight of the non-saturating GAN loss of the generator (0: no discriminator;
+            the small presets set 0); on from step ``gan_start`` (warm-up). The dual discriminator
             (``pyface.nn.DualDiscriminator``: image ‖ upsampled raw image) is conditioned on
             the driving camera; R1 with ``r1_gamma`` every ``r1_every`` steps (lazy, scaled by
             it). ``d_lr``, ``d_channel_base``, ``d_channel_max``: its Adam lr (betas as G's)
@@ -128,8 +128,8 @@ class Export3DConfig:
     w_mask: float = 0.0
     arcface_weights: str | None = None
     w_identity: float = 0.1
-    w_gan: float = 0.0
-    gan_start: int = 0
+    w_gan: float = 0.025
+    gan_start: int = 10000
     r1_gamma: float = 10.0
     r1_every: int = 16
     d_lr: float = 1e-4
@@ -241,7 +241,8 @@ class Export3D(TrainableModel):
                            "depth_samples": 12, "importance_samples": 12,
                            "sr_widths": [24, 16, 8], "lr": 1e-3, "betas": [0.9, 0.99],
                            "ema_momentum": 0.99, "blur_sigma": 0.5, "sr_source": True,
-                           "sr_guide": True, "raw_background": True, "augment": 0.2},
+                           "sr_guide": True, "raw_background": True, "augment": 0.2,
+                           "w_gan": 0.0},
                  "data": {"name": "pairs", "resolution": 64,
                           "options": {"mode": "same_video", "synth": {"exp_leak": 0.5}}},
                  "train": {"steps": 800, "batch_size": 4, "ckpt_every": 400, "image_every": 400,
@@ -256,7 +257,8 @@ class Export3D(TrainableModel):
                                 "ups": 3, "up_widths": [128, 96, 64], "plane_channels": 32,
                                 "n": 10, "code_dim": 256, "depth_samples": 24,
                                 "importance_samples": 24, "sr_widths": [128, 64, 32],
-                                "lr": 5e-4, "betas": [0.9, 0.99], "ema_momentum": 0.995},
+                                "lr": 5e-4, "betas": [0.9, 0.99], "ema_momentum": 0.995,
+                                "w_gan": 0.0},
                       "data": {"name": "pairs", "resolution": 256,
                                "options": {"mode": "same_video",
                                            "synth": {"exp_leak": 0.5, "identities": 16,
