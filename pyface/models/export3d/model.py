@@ -81,8 +81,9 @@ class Export3DConfig:
         arcface_weights, w_identity: insightface ArcFace (IResNet-50) file for the identity loss
             ``1 - cos(ArcFace(image), ArcFace(driving))`` and its weight; None: no identity loss
             (a warning says so once when ``w_identity`` > 0).
-        w_gan: weight of the non-saturating GAN loss of the generator (0: no discriminator;
-            the small presets set 0); on from step ``gan_start`` (warm-up). The dual discriminator
+        w_gan: weight of the non-saturating GAN loss of the generator (0, the default: no
+            discriminator; the ``full`` preset sets 0.025); on from step ``gan_start``
+            (warm-up). The dual discriminator
             (``pyface.nn.DualDiscriminator``: image ‖ upsampled raw image) is conditioned on
             the driving camera; R1 with ``r1_gamma`` every ``r1_every`` steps (lazy, scaled by
             it). ``d_lr``, ``d_channel_base``, ``d_channel_max``: its Adam lr (betas as G's)
@@ -128,7 +129,7 @@ class Export3DConfig:
     w_mask: float = 0.0
     arcface_weights: str | None = None
     w_identity: float = 0.1
-    w_gan: float = 0.025
+    w_gan: float = 0.0
     gan_start: int = 10000
     r1_gamma: float = 10.0
     r1_every: int = 16
@@ -270,7 +271,8 @@ class Export3D(TrainableModel):
                                 "ema": {"modules": ["generator", "cond", "decoder", "sr"],
                                         "decay": 0.995, "half_life_kimg": None}}},
         # paper scale (our reading): 512^2, raw 128^2, 48+48 samples, 8 blocks of 512
-        "full": {},
+        # (the GAN after a 10k-step warm-up, as in the spec: 0.025, R1 gamma 10 every 16 steps)
+        "full": {"model": {"w_gan": 0.025, "gan_start": 10000}},
     }
 
     def __init__(self, cfg: Export3DConfig | None = None):
