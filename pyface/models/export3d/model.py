@@ -234,7 +234,8 @@ class Export3D(TrainableModel):
     presets = {
         # 2-core CPU: 64^2 output, raw 16^2, tri-plane 3x16x32^2, 12+12 samples, 2 blocks of 64;
         # the source reaches the SR at 16^2 and 64^2 and is the raw render's background, and the
-        # training pairs get a joint colour augmentation (docs/models/export3d.md, "Generator")
+        # training pairs get a joint colour augmentation; a silhouette loss makes the volume hold
+        # the head (docs/models/export3d.md, "Generator at tiny")
         "tiny": {"model": {"resolution": 64, "stem_widths": [8, 32, 64], "vit_dim": 64,
                            "vit_depth": 2, "vit_heads": 2, "cond_dim": 64, "ups": 2,
                            "up_widths": [48, 32], "plane_channels": 16, "n": 6, "code_dim": 64,
@@ -243,10 +244,10 @@ class Export3D(TrainableModel):
                            "sr_widths": [24, 16, 8], "lr": 1e-3, "betas": [0.9, 0.99],
                            "ema_momentum": 0.99, "blur_sigma": 0.5, "sr_source": True,
                            "sr_guide": True, "raw_background": True, "augment": 0.2,
-                           "w_gan": 0.0},
+                           "w_mask": 10.0, "w_density": 0.0, "w_gan": 0.0},
                  "data": {"name": "pairs", "resolution": 64,
                           "options": {"mode": "same_video", "synth": {"exp_leak": 0.5}}},
-                 "train": {"steps": 800, "batch_size": 4, "ckpt_every": 400, "image_every": 400,
+                 "train": {"steps": 2400, "batch_size": 4, "ckpt_every": 400, "image_every": 400,
                            "log_every": 50,
                            "lr_schedule": {"kind": "cosine", "warmup_steps": 20,
                                            "min_factor": 0.1},
