@@ -27,7 +27,7 @@ GEN_TINY = ["model.resolution=32", "model.stem_widths=[4,8]", "model.vit_dim=16"
             "model.decoder_features=7", "model.depth_samples=4", "model.importance_samples=4",
             "model.sr_widths=[4,4,4]", "model.n=3", "model.code_dim=8", "data.resolution=32",
             "data.options.repeats=1", "train.batch_size=2", "model.density_every=2",
-            "train.ema.decay=0.5"]
+            "train.ema.decay=0.5", "model.w_gan=0"]
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +224,74 @@ def test_presets_resolve_and_small_presets_use_a_per_step_ema():
         exp = build_experiment("export3d", Export3D.Config, defaults=Export3D.recipe,
                                preset=name)
         assert exp.train.ema.half_life_kimg is None and exp.train.ema.decay < 1
+        assert exp.model_config.w_gan == 0       # GAN: full only (after a 10k-step warm-up)
+    full = build_experiment("export3d", Export3D.Config, defaults=Export3D.recipe, preset="full")
+    assert full.model_config.w_gan > 0 and full.model_config.gan_start > 0
+
+
+def test_gan_after_warmup_with_r1_trains_the_discriminator(data, tmp_path):
+    extra = [*GEN_TINY, "model.cond=direct", "model.w_gan=0.1", "model.gan_start=1",
+             "model.r1_every=2", "model.d_channel_base=256", "model.d_channel_max=16",
+             "train.steps=3"]
+    t = Trainer(_exp("export3d", Export3D, tmp_path / "gan", data, *extra))
+    m = t.model
+    assert [p.name for p in m.phases()] == ["G", "D", "Dreg"]
+    assert set(m.build_optimizers()) == {"G", "D"}
+    d0 = {k: v.clone() for k, v in m.D.state_dict().items()}
+    t.fit()
+    changed = [k for k, v in m.D.state_dict().items()
+               if v.dtype.is_floating_point and not torch.equal(v, d0[k])]
+    assert changed, "the discriminator was never updated"
+    ctx = StepContext(0, 0, 2)
+    assert not m._gan_on(ctx) and m._gan_on(StepContext(1, 2, 2))
+    assert float(m.step("D", {}, ctx)["loss"]) == 0.0
+    # the checkpoint holds D; the pipeline loads it
+    assert pyface.models.load("export3d", str(tmp_path / "gan"), device="cpu").model.D is not None
+
+
+def test_source_guide_background_and_colour_augmentation(data, tmp_path):
+    from pyface.models.export3d.model import joint_colour_augment
+
+    exp = _exp("export3d", Export3D, tmp_path / "g", data, *GEN_TINY, "model.cond=direct",
+               "model.sr_guide=true", "model.raw_background=true", "model.augment=0.2")
+    m = Export3D(exp.model_config)
+    B = 2
+    cam = torch.tensor([1., 0, 0, 0, 0, -1, 0, 0, 0, 0, -1, 2.7, 0, 0, 0, 1,
+                        4.26, 0, .5, 0, 4.26, .5, 0, 0, 1]).expand(B, 25)
+    src = torch.rand(B, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        m.sr.to_rgb.weight.normal_()
+        m.decoder.net[2].bias[0] = -30.0          # an empty volume: the raw image is the source
+        out = m(src, torch.randn(B, 64), cam)
+        small = torch.nn.functional.interpolate(src, size=(8, 8), mode="bilinear",
+                                                align_corners=False, antialias=True)
+        torch.testing.assert_close(out["image_raw"], small, atol=1e-3, rtol=0)
+        other = m(src, torch.randn(B, 64), cam)["image"]
+        assert not torch.allclose(m.render(out["planes"], cam, -src)["image"], other)  # guide
+    with pytest.raises(ValueError, match="source: expected .* sr_guide"):
+        m.render(out["planes"], cam)
+    a, b = torch.rand(2, 3, 4, 4) * 2 - 1, torch.rand(2, 3, 4, 4) * 2 - 1
+    a2, b2 = joint_colour_augment(a, a.clone(), 0.3)
+    assert torch.equal(a2, b2) and not torch.equal(a2, a) and a2.abs().max() <= 1
+
+
+def test_clebs_offset_noise_is_one_offset_per_clip_and_training_only():
+    m = CLeBS(CLeBS.Config(n=3, dim=8, hidden=[16], image_stem=8, image_widths=[8, 16],
+                           image_depths=[1, 1], resolution=32, offset_noise=0.3))
+
+    class Identity(torch.nn.Module):          # lambda = beta: the offset is visible
+        def forward(self, beta):
+            return beta, beta
+
+    m.expr = Identity()
+    img = torch.zeros(2, 4, 3, 32, 32, dtype=torch.uint8)
+    coeffs = torch.randn(2, 4, 257)
+    m.eval()
+    _, _, lam_eval = m.embed(img, coeffs)
+    torch.testing.assert_close(lam_eval, coeffs[..., 80:144])
+    m.train()
+    _, _, lam = m.embed(img, coeffs)
+    d = lam - coeffs[..., 80:144]
+    assert d.abs().mean() > 0.05                                  # an offset was added
+    torch.testing.assert_close(d, d[:, :1].expand_as(d))          # the same for the whole clip
+    assert not torch.allclose(d[0], d[1])                         # another one per clip

@@ -84,6 +84,25 @@ def test_plain_super_resolution():
         sr(rgb, torch.randn(2, 5, 5, 6))
     with pytest.raises(ValueError, match="rgb: expected shape \\(B, 3, r, r\\)"):
         sr(torch.randn(2, 4, 6, 6), feat)
+    with pytest.raises(ValueError, match="guide: this super-resolution was built with"):
+        sr(rgb, feat, torch.randn(2, 3, 24, 24))
+
+
+def test_plain_super_resolution_guide():
+    torch.manual_seed(3)
+    sr = N.PlainSuperResolution(channels=5, widths=(8, 4), guide_channels=3)
+    rgb, feat, guide = torch.randn(2, 3, 6, 6), torch.randn(2, 5, 6, 6), torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        sr.to_rgb.weight.normal_()
+    out = sr(rgb, feat, guide)
+    assert out.shape == (2, 3, 12, 12)
+    assert not torch.allclose(out, sr(rgb, feat, torch.randn(2, 3, 12, 12)))   # guide matters
+    out.square().mean().backward()
+    assert sr.guide.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="guide: expected shape \\(2, 3, 12, 12\\)"):
+        sr(rgb, feat, torch.randn(2, 3, 6, 6))
+    with pytest.raises(ValueError, match="guide: expected shape"):
+        sr(rgb, feat)
     with torch.device("meta"):
         full = N.PlainSuperResolution()
         assert full(torch.empty(1, 3, 128, 128), torch.empty(1, 32, 128, 128)).shape == \

@@ -3,6 +3,8 @@ written with the expression-identity leak (``pyface data synth --split test --ex
 
     python tools/export3d_checks.py clebs RUN/stages/clebs --data DIR [--frames 8] [--json OUT]
     python tools/export3d_checks.py mouth RUN --data DIR [--no-ema] [--json OUT]
+    python tools/export3d_checks.py diagnose RUN --data DIR [--pairs 64] [--no-ema] [--json OUT]
+    python tools/export3d_checks.py render-memory [--resolution 128] [--samples 48] [--json OUT]
 
 ``clebs``: same-video retrieval top-1 (image -> expression, N-frame clips of held-out videos;
 chance 1/N); a ridge identity probe trained on each identity's first video and tested on its
@@ -12,6 +14,17 @@ from beta' to the true jaw_open / blink_left / smile (the stored coefficients mi
 ``mouth``: same-video pairs (source frame 0) whose true jaw_open differs by more than 0.2: PSNR
 of the mouth box (driving landmarks) when generating with the driving expression vs with the
 source expression, both at the driving camera.
+
+``diagnose``: on ``pairs`` same-identity moving pairs spread over the split, PSNR (whole / face
+mask) of copy-source, of the output, of the raw render against the driving frame resized to the
+raw resolution, of the source reconstructed (source expression and camera), and of the output
+rendered at the source camera; the mean raw opacity; and the ceiling of a raw-resolution image
+(the driving frame resized down to the raw resolution and back up, bilinear).
+
+``render-memory``: peak memory and time of one forward + backward of Export3D's raw render
+(``full`` sizes: tri-plane 3 x 32 x 256^2, OSGDecoder 32-64-33, corrected axes) at
+``resolution``^2 rays with ``samples`` + ``samples`` samples, batch 1, on the fused renderer (the
+device's default backend) against the reference path (``pyface.bench.harness.peak_memory_mb``).
 """
 from __future__ import annotations
 
@@ -147,18 +160,111 @@ def mouth_check(run: str, data: str, threshold: float = 0.2, ema: bool = True) -
             "gain_db": float((g[:, 0] - g[:, 1]).mean()), "jaw_threshold": threshold}
 
 
+@torch.no_grad()
+def diagnose(run: str, data: str, pairs: int = 64, ema: bool = True) -> dict:
+    import torch.nn.functional as F
+
+    import pyface.models
+    from pyface.data.reenactment import reenactment_pairs
+    from pyface.eval.evaluate import to_pipeline_frame
+
+    pipe = pyface.models.load("export3d", run, device="cpu", ema=ema)
+    m = pipe.model.eval()
+    ds = reenactment_pairs(data, resolution=pipe.resolution, protocol="same", subset="moving")
+    items = [ds[i] for i in np.linspace(0, len(ds) - 1, min(pairs, len(ds))).astype(int)]
+    frames = {k: [to_pipeline_frame(it[k], "cpu") for it in items] for k in ("source", "target")}
+    S = torch.stack([f["image"] for f in frames["source"]])
+    D = torch.stack([f["image"] for f in frames["target"]])
+    M = torch.stack([f["mask"] for f in frames["target"]]).reshape(len(items), 1, *D.shape[-2:])
+    coeffs = {k: torch.stack([it[k]["coeffs"] for it in items]).float() for k in ("source",
+                                                                                 "driving")}
+    cams = {k: torch.stack([it[k]["camera"] for it in items]).float() for k in ("source",
+                                                                               "driving")}
+
+    def psnr(a, b, mask=None):
+        d = (a - b) ** 2
+        if mask is None:
+            mse = d.mean((1, 2, 3))
+        else:
+            mse = (d * mask).sum((1, 2, 3)) / (mask.sum((1, 2, 3)) * 3).clamp_min(1)
+        return float((10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean())
+
+    out = m(S, expression_of(coeffs["driving"]), cams["driving"])
+    rec = m(S, expression_of(coeffs["source"]), cams["source"])
+    at_src = m(S, expression_of(coeffs["driving"]), cams["source"])
+    r = out["image_raw"].shape[-1]
+
+    def small(x):
+        return F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False, antialias=True)
+
+    up = F.interpolate(small(D), size=D.shape[-2:], mode="bilinear", align_corners=False)
+    return {"pairs": len(items), "raw_resolution": r,
+            "copy_source": [psnr(S, D), psnr(S, D, M)],
+            "output": [psnr(out["image"], D), psnr(out["image"], D, M)],
+            "raw_vs_driving_small": [psnr(out["image_raw"], small(D)),
+                                     psnr(out["image_raw"], small(D), small(M))],
+            "copy_source_small": psnr(small(S), small(D)),
+            "reconstruct_source": psnr(rec["image"], S),
+            "output_at_source_camera": [psnr(at_src["image"], D), psnr(at_src["image"], D, M)],
+            "raw_opacity": float(out["image_opacity"].mean()),
+            "raw_resolution_ceiling": psnr(up, D)}
+
+
+def render_memory(resolution: int = 128, samples: int = 48, device: str = "cpu") -> dict:
+    import time
+
+    from pyface.bench.harness import peak_memory_mb
+    from pyface.face.cameras import default_label
+    from pyface.nn.render import OSGDecoder, RenderConfig, TriplaneRenderer
+    from pyface.ops.render import ray_bundle
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    planes = (torch.randn(1, 3, 32, 256, 256, device=dev) * 0.5).requires_grad_(True)
+    decoder = OSGDecoder(32, 64, 32).to(dev)
+    origins, dirs = ray_bundle(default_label().reshape(1, 25).to(dev), resolution)
+    res = {"resolution": resolution, "samples": f"{samples}+{samples}", "device": device}
+    for name, backend in (("fused", None), ("reference", "reference")):
+        r = TriplaneRenderer(RenderConfig.ffhq_corrected_axes(
+            depth_resolution=samples, depth_resolution_importance=samples, backend=backend))
+
+        def run():
+            out = r(planes, decoder, origins, dirs)
+            (out.features.square().mean() + out.depth.mean()).backward()
+            planes.grad = None
+            decoder.zero_grad(set_to_none=True)
+
+        run()                                   # warm-up (compilation, caches)
+        t0 = time.perf_counter()
+        run()
+        seconds = time.perf_counter() - t0
+        res[name] = {"peak_mb": peak_memory_mb(run, dev), "seconds": seconds}
+    res["memory_ratio"] = res["reference"]["peak_mb"] / max(res["fused"]["peak_mb"], 1e-9)
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("check", choices=["clebs", "mouth"])
-    p.add_argument("run")
-    p.add_argument("--data", required=True)
+    p.add_argument("check", choices=["clebs", "mouth", "diagnose", "render-memory"])
+    p.add_argument("run", nargs="?")
+    p.add_argument("--data")
+    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--samples", type=int, default=48)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--pairs", type=int, default=64)
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--json")
-    p.add_argument("--no-ema", action="store_true", help="mouth: the live weights")
+    p.add_argument("--no-ema", action="store_true", help="mouth, diagnose: the live weights")
     a = p.parse_args(argv)
     torch.manual_seed(0)
-    if a.check == "clebs":
+    if a.check == "render-memory":
+        res = render_memory(a.resolution, a.samples, a.device)
+    elif not a.run or not a.data:
+        p.error(f"{a.check}: RUN and --data are required")
+    elif a.check == "clebs":
         res = clebs_checks(a.run, a.data, a.frames)
+    elif a.check == "diagnose":
+        res = diagnose(a.run, a.data, a.pairs, ema=not a.no_ema)
     else:
         res = mouth_check(a.run, a.data, ema=not a.no_ema)
     text = json.dumps(res, indent=1)

@@ -126,12 +126,15 @@ class PlainSuperResolutionConfig:
             the scale is ``2 ** (len(widths) - 1)``.
         res_blocks: residual blocks per stage (conv-LeakyReLU-conv + skip).
         image_channel: channels of the raw RGB and of the output.
+        guide_channels: channels of an optional output-resolution guide image (0: none), added
+            through a 3x3 conv to the input of the last stage.
     """
 
     channels: int = 32
     widths: tuple[int, ...] = (256, 128, 64)
     res_blocks: int = 1
     image_channel: int = 3
+    guide_channels: int = 0
 
 
 class _PlainResBlock(nn.Module):
@@ -147,10 +150,11 @@ class _PlainResBlock(nn.Module):
 class PlainSuperResolution(nn.Module):
     """Plain convolutional super-resolution (no style input).
 
-    ``forward(rgb, features)``: rgb (B, image_channel, r, r) raw render, features
-    (B, channels, r, r) (same spatial size) -> (B, image_channel, r * scale, r * scale) =
-    ``bilinear_up(rgb) + to_rgb(convs(rgb ‖ features))``. ``to_rgb`` starts at zero, so the
-    initial output is the upsampled raw RGB.
+    ``forward(rgb, features, guide=None)``: rgb (B, image_channel, r, r) raw render, features
+    (B, channels, r, r) (same spatial size), guide (B, guide_channels, r * scale, r * scale) when
+    ``guide_channels`` > 0 -> (B, image_channel, r * scale, r * scale) =
+    ``bilinear_up(rgb) + to_rgb(convs(rgb ‖ features, guide))``. ``to_rgb`` starts at zero, so
+    the initial output is the upsampled raw RGB.
     """
 
     def __init__(self, cfg: PlainSuperResolutionConfig | None = None, **overrides):
@@ -165,11 +169,14 @@ class PlainSuperResolution(nn.Module):
                                 for i in range(len(w) - 1))
         self.stages = nn.ModuleList(nn.Sequential(*[_PlainResBlock(wi)
                                                     for _ in range(c.res_blocks)]) for wi in w)
+        self.guide = (nn.Conv2d(c.guide_channels, w[-1], 3, padding=1) if c.guide_channels
+                      else None)
         self.to_rgb = nn.Conv2d(w[-1], c.image_channel, 1)
         nn.init.zeros_(self.to_rgb.weight)
         nn.init.zeros_(self.to_rgb.bias)
 
-    def forward(self, rgb: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, rgb: torch.Tensor, features: torch.Tensor,
+                guide: torch.Tensor | None = None) -> torch.Tensor:
         c = self.cfg
         if rgb.dim() != 4 or rgb.shape[1] != c.image_channel:
             raise ValueError(f"rgb: expected shape (B, {c.image_channel}, r, r), got "
@@ -177,11 +184,23 @@ class PlainSuperResolution(nn.Module):
         if features.shape != (rgb.shape[0], c.channels) + rgb.shape[2:]:
             raise ValueError(f"features: expected shape ({rgb.shape[0]}, {c.channels}, "
                              f"{rgb.shape[2]}, {rgb.shape[3]}), got {tuple(features.shape)}")
+        out_size = (rgb.shape[2] * self.scale, rgb.shape[3] * self.scale)
+        if self.guide is not None:
+            if guide is None or guide.shape != (rgb.shape[0], c.guide_channels) + out_size:
+                raise ValueError(f"guide: expected shape ({rgb.shape[0]}, {c.guide_channels}, "
+                                 f"{out_size[0]}, {out_size[1]}), got "
+                                 f"{None if guide is None else tuple(guide.shape)}")
+        elif guide is not None:
+            raise ValueError("guide: this super-resolution was built with guide_channels=0, got "
+                             f"a guide of shape {tuple(guide.shape)}")
         x = F.leaky_relu(self.stem(torch.cat([rgb, features], dim=1)), 0.2)
+        last = len(self.stages) - 1
         for i, stage in enumerate(self.stages):
             if i > 0:
                 x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
                 x = F.leaky_relu(self.up[i - 1](x), 0.2)
+            if i == last and self.guide is not None:
+                x = x + self.guide(guide.to(x.dtype))
             x = stage(x)
         base = rgb if self.scale == 1 else F.interpolate(
             rgb, scale_factor=self.scale, mode="bilinear", align_corners=False)

@@ -63,6 +63,11 @@ class CLeBSConfig:
             shift and scale of up to this fraction and a random colour gain / offset of up to
             this amount (0: off, the default: at `tiny` it lowered held-out retrieval, see
             docs/models/export3d.md).
+        offset_noise: std of a random offset added in training to all N expression vectors of a
+            clip (one offset per clip, all 64 dimensions; [D], 0: off). Appearance that leaks
+            into the 3DMM expression is constant within a video, like this offset, so the same-
+            video contrast teaches f_e to ignore it in every direction, not only in the few
+            spanned by the training identities.
     """
 
     n: int = 10
@@ -76,6 +81,7 @@ class CLeBSConfig:
     lr: float = 1e-4
     weight_decay: float = 0.01
     augment: float = 0.0
+    offset_noise: float = 0.0
 
 
 def augment_frames(img: torch.Tensor, amount: float) -> torch.Tensor:
@@ -221,7 +227,10 @@ class CLeBS(TrainableModel):
         if self.training and self.cfg.augment > 0:
             img = augment_frames(img, self.cfg.augment)
         f_img = self.image_encoder(img).reshape(B, N, -1)
-        lam, beta_p = self.expr(expression_of(coeffs))
+        beta = expression_of(coeffs)
+        if self.training and self.cfg.offset_noise > 0:
+            beta = beta + torch.randn(B, 1, EXP_DIM, device=beta.device) * self.cfg.offset_noise
+        lam, beta_p = self.expr(beta)
         return f_img, beta_p, lam
 
     def step(self, phase: str, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:

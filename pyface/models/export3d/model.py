@@ -12,6 +12,13 @@ basis-scaling encoder trained end to end without contrast; ``direct``: the raw 3
 :class:`pyface.nn.render.OSGDecoder` + :class:`TriplaneRenderer` (corrected plane axes) at the
 driving camera, raw render (B, 3 + F, H/4, H/4) -> :class:`pyface.nn.vit.PlainSuperResolution`
 -> image (B, 3, H, W).
+
+Options that are ours, not the paper's (on in ``tiny``): the source as the raw render's background
+(``raw_background``) and as inputs of the super-resolution at H/4 (``sr_source``) and H
+(``sr_guide``), a joint colour augmentation of the training pair (``augment``) and a silhouette
+loss on the raw opacity (``w_mask``). Training (``full``): L1 on image and raw image, perceptual,
+mouth / eye RoI, density, identity (user ArcFace weights), and a non-saturating GAN with the
+camera-conditioned :class:`pyface.nn.DualDiscriminator` and lazy R1 after a warm-up.
 """
 from __future__ import annotations
 
@@ -22,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyface.nn.discriminators import DualDiscriminator
+from pyface.nn.losses import gan_d_loss, gan_g_loss, r1_penalty
 from pyface.nn.render import OSGDecoder, RenderConfig, TriplaneRenderer, density_l1_regularizer
 from pyface.nn.roi import roi_l1_loss
 from pyface.nn.vit import PlainSuperResolution
@@ -56,11 +65,36 @@ class Export3DConfig:
         sr_widths: PlainSuperResolution widths; scale 2^(len - 1).
         sr_source: also feed the source image, resized to the raw resolution, to the
             super-resolution ([D], not in the paper; default off).
+        raw_background: composite the raw render over the source image resized to the raw
+            resolution (``rgb + (1 - opacity) * (source + 1)`` in [-1, 1]), so the volume only
+            has to hold the head and the static background comes from the source ([D], not in
+            the paper; default off).
+        sr_guide: also feed the source image at the output resolution to the last stage of the
+            super-resolution (``PlainSuperResolution`` guide; [D], not in the paper; default
+            off).
+        augment: joint colour augmentation of the training pair ([D]; 0: off): source and
+            driving frame get the same random RGB permutation, per-channel gain 1 +- augment and
+            offset +- augment, so the generator learns to carry the source's colours instead of
+            memorising the training identities'.
         lr, betas: Adam of the generator.
         w_l1, w_l1_raw, w_perceptual, w_roi, w_density: loss weights; density every
             ``density_every`` steps (scaled by it).
         vgg_weights: torchvision VGG19 file for the perceptual loss; None: an image-pyramid L1
             replaces it (a warning says so once).
+        w_mask: weight of the silhouette loss L1(raw opacity, driving face mask resized to the
+            raw resolution) when the data has masks ([D], not in the paper; 0: off): with
+            ``raw_background`` the volume must hold the head instead of leaving it to the
+            source.
+        arcface_weights, w_identity: insightface ArcFace (IResNet-50) file for the identity loss
+            ``1 - cos(ArcFace(image), ArcFace(driving))`` and its weight; None: no identity loss
+            (a warning says so once when ``w_identity`` > 0).
+        w_gan: weight of the non-saturating GAN loss of the generator (0, the default: no
+            discriminator; the ``full`` preset sets 0.025); on from step ``gan_start``
+            (warm-up). The dual discriminator
+            (``pyface.nn.DualDiscriminator``: image ‖ upsampled raw image) is conditioned on
+            the driving camera; R1 with ``r1_gamma`` every ``r1_every`` steps (lazy, scaled by
+            it). ``d_lr``, ``d_channel_base``, ``d_channel_max``: its Adam lr (betas as G's)
+            and widths.
     """
 
     resolution: int = 512
@@ -87,6 +121,9 @@ class Export3DConfig:
     box_warp: float = 1.0
     sr_widths: list[int] = field(default_factory=lambda: [256, 128, 64])
     sr_source: bool = False
+    sr_guide: bool = False
+    raw_background: bool = False
+    augment: float = 0.0
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
     w_l1: float = 1.0
@@ -96,6 +133,16 @@ class Export3DConfig:
     w_roi: float = 1.0
     w_density: float = 0.25
     density_every: int = 4
+    w_mask: float = 0.0
+    arcface_weights: str | None = None
+    w_identity: float = 0.1
+    w_gan: float = 0.0
+    gan_start: int = 10000
+    r1_gamma: float = 10.0
+    r1_every: int = 16
+    d_lr: float = 1e-4
+    d_channel_base: int = 32768
+    d_channel_max: int = 512
 
 
 class Conditioner(nn.Module):
@@ -156,6 +203,23 @@ def _pyramid_l1(pred: torch.Tensor, target: torch.Tensor, levels: int = 3) -> to
     return total
 
 
+def joint_colour_augment(a: torch.Tensor, b: torch.Tensor,
+                         amount: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """a, b (B, 3, H, W) in [-1, 1] -> the same random colour change applied to both (per
+    sample): an RGB permutation, a gain 1 +- amount and an offset +- amount per channel; clamped
+    to [-1, 1]."""
+    B = a.shape[0]
+    perm = torch.argsort(torch.rand(B, 3, device=a.device), dim=1)
+    gain = 1 + (torch.rand(B, 3, 1, 1, device=a.device) * 2 - 1) * amount
+    off = (torch.rand(B, 3, 1, 1, device=a.device) * 2 - 1) * amount
+    idx = perm[:, :, None, None].expand(-1, -1, *a.shape[-2:])
+
+    def apply(x):
+        return (torch.gather(x, 1, idx) * gain + off).clamp(-1, 1)
+
+    return apply(a), apply(b)
+
+
 class Export3D(TrainableModel):
     """Export3D generator (stage 2). Data: ``pairs`` (same video): ``source``, ``driving``
     frames with ``coeffs``, ``camera`` and ``landmarks`` on the driving frame.
@@ -176,17 +240,21 @@ class Export3D(TrainableModel):
                                 "half_life_kimg": 10}}}
     presets = {
         # 2-core CPU: 64^2 output, raw 16^2, tri-plane 3x16x32^2, 12+12 samples, 2 blocks of 64;
-        # the SR also sees the source (+2.7 dB same-identity, +1.7 dB cross-identity held out)
+        # the source reaches the SR at 16^2 and 64^2 and is the raw render's background, and the
+        # training pairs get a joint colour augmentation; a silhouette loss makes the volume hold
+        # the head (docs/models/export3d.md, "Generator at tiny")
         "tiny": {"model": {"resolution": 64, "stem_widths": [8, 32, 64], "vit_dim": 64,
                            "vit_depth": 2, "vit_heads": 2, "cond_dim": 64, "ups": 2,
                            "up_widths": [48, 32], "plane_channels": 16, "n": 6, "code_dim": 64,
                            "decoder_hidden": 32, "decoder_features": 16,
                            "depth_samples": 12, "importance_samples": 12,
                            "sr_widths": [24, 16, 8], "lr": 1e-3, "betas": [0.9, 0.99],
-                           "ema_momentum": 0.99, "blur_sigma": 0.5, "sr_source": True},
+                           "ema_momentum": 0.99, "blur_sigma": 0.5, "sr_source": True,
+                           "sr_guide": True, "raw_background": True, "augment": 0.2,
+                           "w_mask": 10.0, "w_density": 0.0, "w_gan": 0.0},
                  "data": {"name": "pairs", "resolution": 64,
                           "options": {"mode": "same_video", "synth": {"exp_leak": 0.5}}},
-                 "train": {"steps": 800, "batch_size": 4, "ckpt_every": 400, "image_every": 400,
+                 "train": {"steps": 2400, "batch_size": 4, "ckpt_every": 400, "image_every": 400,
                            "log_every": 50,
                            "lr_schedule": {"kind": "cosine", "warmup_steps": 20,
                                            "min_factor": 0.1},
@@ -198,7 +266,8 @@ class Export3D(TrainableModel):
                                 "ups": 3, "up_widths": [128, 96, 64], "plane_channels": 32,
                                 "n": 10, "code_dim": 256, "depth_samples": 24,
                                 "importance_samples": 24, "sr_widths": [128, 64, 32],
-                                "lr": 5e-4, "betas": [0.9, 0.99], "ema_momentum": 0.995},
+                                "lr": 5e-4, "betas": [0.9, 0.99], "ema_momentum": 0.995,
+                                "w_gan": 0.0},
                       "data": {"name": "pairs", "resolution": 256,
                                "options": {"mode": "same_video",
                                            "synth": {"exp_leak": 0.5, "identities": 16,
@@ -210,7 +279,8 @@ class Export3D(TrainableModel):
                                 "ema": {"modules": ["generator", "cond", "decoder", "sr"],
                                         "decay": 0.995, "half_life_kimg": None}}},
         # paper scale (our reading): 512^2, raw 128^2, 48+48 samples, 8 blocks of 512
-        "full": {},
+        # (the GAN after a 10k-step warm-up, as in the spec: 0.025, R1 gamma 10 every 16 steps)
+        "full": {"model": {"w_gan": 0.025, "gan_start": 10000}},
     }
 
     def __init__(self, cfg: Export3DConfig | None = None):
@@ -249,9 +319,18 @@ class Export3D(TrainableModel):
             depth_resolution_importance=cfg.importance_samples, ray_start=cfg.ray_start,
             ray_end=cfg.ray_end, box_warp=cfg.box_warp))
         self.sr = PlainSuperResolution(channels=cfg.decoder_features - 3 + 3 * cfg.sr_source,
-                                       widths=tuple(cfg.sr_widths))
+                                       widths=tuple(cfg.sr_widths),
+                                       guide_channels=3 if cfg.sr_guide else 0)
+        self.D = None
+        if cfg.w_gan > 0:
+            self.D = DualDiscriminator(c_dim=25, img_resolution=cfg.resolution,
+                                       channel_base=cfg.d_channel_base,
+                                       channel_max=cfg.d_channel_max)
         self._perceptual = None
+        self._identity = None
         self._warned = False
+        self._warned_id = False
+        self._fake = None
 
     @property
     def frozen_expression(self) -> bool:
@@ -282,7 +361,8 @@ class Export3D(TrainableModel):
     def render(self, planes: torch.Tensor, camera: torch.Tensor,
                source: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """planes (B, 3, C, P, P), camera (B, 25) -> image (B, 3, H, W), image_raw (B, 3, r, r),
-        image_depth (B, 1, r, r). ``source`` (B or 1, 3, H, W): required with ``sr_source``."""
+        image_depth (B, 1, r, r). ``source`` (B or 1, 3, H, W): required with ``sr_source`` or
+        ``sr_guide``."""
         B = planes.shape[0]
         if camera.dim() != 2 or camera.shape != (B, 25):
             raise ValueError(f"camera: expected shape ({B}, 25) (EG3D labels), got "
@@ -297,20 +377,31 @@ class Export3D(TrainableModel):
                 k = rc.depth_resolution_importance
                 u = ((torch.arange(k, device=origins.device, dtype=origins.dtype) + 0.5) / k
                      ).expand(B, r * r, k).contiguous()
-        out = self.renderer(planes, self.decoder, origins.to(planes.dtype),
-                            dirs.to(planes.dtype), stratified_noise=noise,
-                            importance_u=u).images(r)
+        ro = self.renderer(planes, self.decoder, origins.to(planes.dtype),
+                           dirs.to(planes.dtype), stratified_noise=noise, importance_u=u)
+        out = ro.images(r)
         feat = out["feature_image"]
         extra = feat[:, 3:]
-        if self.cfg.sr_source:
-            if source is None or source.dim() != 4 or source.shape[1] != 3:
-                raise ValueError(f"source: expected (B, 3, H, W) with model.sr_source, got "
+        guide = None
+        if self.cfg.sr_source or self.cfg.sr_guide or self.cfg.raw_background:
+            R = self.cfg.resolution
+            if source is None or source.dim() != 4 or source.shape[1:] != (3, R, R):
+                raise ValueError(f"source: expected (B, 3, {R}, {R}) with model.sr_source / "
+                                 f"sr_guide / raw_background, got "
                                  f"{None if source is None else tuple(source.shape)}")
             small = F.interpolate(source.to(feat.dtype), size=(r, r), mode="bilinear",
-                                  align_corners=False, antialias=True)
-            extra = torch.cat([extra, small.expand(B, -1, -1, -1)], 1)
-        image = self.sr(feat[:, :3], extra)
-        return {"image": image, "image_raw": out["image_raw"], "image_depth": out["image_depth"]}
+                                  align_corners=False, antialias=True).expand(B, -1, -1, -1)
+        rgb = feat[:, :3]
+        opacity = ro.weights_sum.permute(0, 2, 1).reshape(B, 1, r, r).to(feat.dtype)
+        if self.cfg.raw_background:
+            rgb = rgb + (1 - opacity) * (small + 1)
+        if self.cfg.sr_source:
+            extra = torch.cat([extra, small], 1)
+        if self.cfg.sr_guide:
+            guide = source.to(feat.dtype).expand(B, -1, -1, -1)
+        image = self.sr(rgb, extra, guide)
+        return {"image": image, "image_raw": rgb, "image_depth": out["image_depth"],
+                "image_opacity": opacity}
 
     def forward(self, source: torch.Tensor, beta: torch.Tensor, camera: torch.Tensor, *,
                 lam_scale: torch.Tensor | None = None, update_ema: bool = False):
@@ -327,12 +418,61 @@ class Export3D(TrainableModel):
         return out
 
     # --- training --------------------------------------------------------------------------
+    G_MODULES = ("generator", "cond", "decoder", "sr")
+
     def build_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        return {"G": torch.optim.Adam(params, lr=self.cfg.lr, betas=tuple(self.cfg.betas))}
+        params = [p for n, p in self.named_parameters()
+                  if p.requires_grad and not n.startswith("D.")]
+        opts = {"G": torch.optim.Adam(params, lr=self.cfg.lr, betas=tuple(self.cfg.betas))}
+        if self.D is not None:
+            opts["D"] = torch.optim.Adam(self.D.parameters(), lr=self.cfg.d_lr,
+                                         betas=tuple(self.cfg.betas))
+        return opts
 
     def phases(self):
-        return [Phase("G", "G")]
+        if self.D is None:
+            return [Phase("G", "G")]
+        # the D phases apply their update themselves (ctx.update) once the warm-up is over
+        return [Phase("G", "G", frozen=("D",)),
+                Phase("D", None, frozen=self.G_MODULES),
+                Phase("Dreg", None, interval=self.cfg.r1_every, frozen=self.G_MODULES)]
+
+    def _identity_loss(self, pred, target):
+        cfg = self.cfg
+        if not cfg.arcface_weights:
+            if not self._warned_id:
+                log.warning("export3d: model.arcface_weights is not set; the identity loss is "
+                            "off")
+                self._warned_id = True
+            return None
+        if self._identity is None:
+            from pyface.nn.arcface import IdentityLoss
+            ident = IdentityLoss(weights=cfg.arcface_weights).to(pred.device)
+            object.__setattr__(self, "_identity", ident)        # not part of the state dict
+        return self._identity(pred, target)
+
+    def _gan_on(self, ctx: StepContext) -> bool:
+        return self.D is not None and ctx.step >= self.cfg.gan_start
+
+    def _d_step(self, phase: str, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """The discriminator phases on the pair kept by this step's G phase."""
+        cfg = self.cfg
+        if not self._gan_on(ctx) or self._fake is None or self._fake["step"] != ctx.step:
+            return {"loss": torch.zeros((), device=ctx.device)}
+        f = self._fake
+        if phase == "D":
+            fake_logits = self.D(f["image"], f["image_raw"], f["camera"])
+            real_logits = self.D(f["real"], f["real_raw"], f["camera"])
+            loss = gan_d_loss(real_logits, fake_logits)
+            ctx.update("D", loss)
+            return {"loss": loss.detach(), "real_logits": real_logits.detach().mean(),
+                    "fake_logits": fake_logits.detach().mean()}
+        img = f["real"].detach().requires_grad_(True)
+        raw = f["real_raw"].detach().requires_grad_(True)
+        pen = r1_penalty(self.D(img, raw, f["camera"]), [img, raw])
+        loss = (pen * (cfg.r1_gamma / 2)).mean() * cfg.r1_every
+        ctx.update("D", loss)
+        return {"loss": loss.detach(), "r1_penalty": pen.detach().mean()}
 
     def _perceptual_loss(self, pred, target):
         cfg = self.cfg
@@ -358,6 +498,8 @@ class Export3D(TrainableModel):
 
     def step(self, phase: str, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         cfg = self.cfg
+        if phase in ("D", "Dreg"):
+            return self._d_step(phase, ctx)
         src = image_to_float(self._frame(batch, "source", "image"))
         tgt = image_to_float(self._frame(batch, "driving", "image"))
         R = cfg.resolution
@@ -365,6 +507,8 @@ class Export3D(TrainableModel):
             raise ValueError(f"batch images: expected (B, 3, {R}, {R}) (model.resolution), got "
                              f"source {tuple(src.shape)}, driving {tuple(tgt.shape)}; set "
                              f"data.resolution = model.resolution")
+        if self.training and cfg.augment > 0:
+            src, tgt = joint_colour_augment(src, tgt, cfg.augment)
         beta = expression_of(self._frame(batch, "driving", "coeffs"), "batch['driving']['coeffs']")
         cam = self._frame(batch, "driving", "camera").float()
         out = self(src, beta, cam, update_ema=self.training)
@@ -384,11 +528,30 @@ class Export3D(TrainableModel):
                               output_size=max(4, R // 8))
             loss = loss + cfg.w_roi * roi
             logs["roi"] = roi.detach()
+        if cfg.w_mask and "mask" in batch["driving"]:
+            mask = batch["driving"]["mask"].float()
+            mask = mask / 255 if batch["driving"]["mask"].dtype == torch.uint8 else mask
+            mask = F.interpolate(mask.reshape(-1, 1, *mask.shape[-2:]), size=raw.shape[-2:],
+                                 mode="bilinear", align_corners=False, antialias=True)
+            sil = (out["image_opacity"].float() - mask).abs().mean()
+            loss = loss + cfg.w_mask * sil
+            logs["mask"] = sil.detach()
         if cfg.w_density and cfg.density_every and ctx.step % cfg.density_every == 0:
             dens = density_l1_regularizer(out["planes"], self.decoder, plane_axes=PLANE_AXES,
                                           box_size=cfg.box_warp)
             loss = loss + cfg.w_density * cfg.density_every * dens
             logs["density"] = dens.detach()
+        if cfg.w_identity:
+            ident = self._identity_loss(img, tgt)
+            if ident is not None:
+                loss = loss + cfg.w_identity * ident
+                logs["identity"] = ident.detach()
+        if self._gan_on(ctx):
+            gan = gan_g_loss(self.D(img, raw, cam))
+            loss = loss + cfg.w_gan * gan
+            logs["gan"] = gan.detach()
+            self._fake = {"step": ctx.step, "image": img.detach(), "image_raw": raw.detach(),
+                          "camera": cam, "real": tgt, "real_raw": tgt_raw}
         logs["loss"] = loss
         return logs
 
