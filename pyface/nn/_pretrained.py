@@ -57,3 +57,20 @@ def read_state(path: str) -> dict[str, torch.Tensor]:
                                                                            Mapping):
         state = state["state_dict"]
     return state
+
+
+def plain_state_dict(raw, where: str) -> dict[str, torch.Tensor]:
+    """A released checkpoint's tensors: the dict itself or its ``state_dict`` entry, with a
+    ``module.`` prefix on every key (DataParallel) removed. Raises
+    :class:`pyface.checkpoint.CheckpointError` naming ``where`` when it is not a non-empty
+    mapping of tensors."""
+    from pyface.checkpoint import CheckpointError
+
+    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
+        raw = raw["state_dict"]
+    if not isinstance(raw, dict) or not raw or not all(isinstance(v, torch.Tensor)
+                                                       for v in raw.values()):
+        raise CheckpointError(f"{where}: expected a state dict of tensors")
+    if all(k.startswith("module.") for k in raw):
+        raw = {k[len("module."):]: v for k, v in raw.items()}
+    return raw

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyface.nn._pretrained import plain_state_dict
+
 FACE_PARSER_CLASSES = ("background", "skin", "l_brow", "r_brow", "l_eye", "r_eye", "eye_g",
                        "l_ear", "r_ear", "ear_r", "nose", "mouth", "u_lip", "l_lip", "neck",
                        "neck_l", "cloth", "hair", "hat")
@@ -287,13 +289,7 @@ def face_parser_state(raw, where: str) -> dict[str, torch.Tensor]:
     the file predates them. Checks every key and shape."""
     from pyface.checkpoint import CheckpointError, check_state_dict
 
-    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
-        raw = raw["state_dict"]
-    if not isinstance(raw, dict) or not raw or not all(isinstance(v, torch.Tensor)
-                                                       for v in raw.values()):
-        raise CheckpointError(f"{where}: expected a state dict of tensors")
-    if all(k.startswith("module.") for k in raw):
-        raw = {k[len("module."):]: v for k, v in raw.items()}
+    raw = plain_state_dict(raw, where)
     head = raw.get("conv_out.conv_out.weight")
     if head is None or head.ndim != 4:
         raise CheckpointError(f"{where}: not a face-parsing BiSeNet state dict; missing "

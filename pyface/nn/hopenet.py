@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyface.nn._pretrained import plain_state_dict
 from pyface.nn.encoders import ResNetConfig, ResNetEncoder
 from pyface.nn.motion import HEADPOSE_BINS, euler_to_rotation, headpose_to_degrees
 
@@ -118,13 +119,7 @@ def hopenet_state(raw, where: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     :class:`pyface.nn.Hopenet` folder's own keys pass through unchanged."""
     from pyface.checkpoint import CheckpointError, check_state_dict
 
-    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
-        raw = raw["state_dict"]
-    if not isinstance(raw, dict) or not raw or not all(isinstance(v, torch.Tensor)
-                                                       for v in raw.values()):
-        raise CheckpointError(f"{where}: expected a state dict of tensors")
-    if all(k.startswith("module.") for k in raw):
-        raw = {k[len("module."):]: v for k, v in raw.items()}
+    raw = plain_state_dict(raw, where)
     state, dropped, unknown = {}, [], []
     for k, v in raw.items():
         if k.startswith("backbone."):          # already pyface-named

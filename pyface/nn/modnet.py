@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyface.nn._pretrained import plain_state_dict
+
 #: MobileNetV2 inverted-residual settings (expansion t, width c, repeats n, first stride s).
 MOBILENETV2_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
                         (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
@@ -260,13 +262,7 @@ def modnet_state(raw, where: str) -> dict[str, torch.Tensor]:
     when absent. Checks every key and shape (an error names the file and the keys)."""
     from pyface.checkpoint import CheckpointError, check_state_dict
 
-    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
-        raw = raw["state_dict"]
-    if not isinstance(raw, dict) or not raw or not all(isinstance(v, torch.Tensor)
-                                                       for v in raw.values()):
-        raise CheckpointError(f"{where}: expected a state dict of tensors")
-    if all(k.startswith("module.") for k in raw):
-        raw = {k[len("module."):]: v for k, v in raw.items()}
+    raw = plain_state_dict(raw, where)
     if "f_branch.conv_f.1.layers.0.weight" not in raw:
         raise CheckpointError(f"{where}: not a MODNet state dict; missing "
                               "'f_branch.conv_f.1.layers.0.weight' (1, 16, 1, 1)")
