@@ -328,7 +328,8 @@ class GOHASR(_GANStage):
         drv = src if mode == "src" else self.prepare_frame(batch["driving"], "batch['driving']")
         with torch.no_grad():
             state = self.encode_source(src)
-            planes = self.animate_planes(state, drv["coeffs"][:, 80:144])
+            planes = self.animate_planes(state, drv["coeffs"][:, 80:144],
+                                         pseudo=self._pseudo(src, drv))
             raw = self.render(planes, drv["camera"])["image"]
         img = self.finish(raw)
         target = drv["image"]
