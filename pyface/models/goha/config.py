@@ -59,6 +59,9 @@ class GOHAConfig:
     ray_start: float = 2.25
     ray_end: float = 3.3
     box_warp: float = 1.0
+    render_chunk_points: int | None = None  # samples per chunk of the fused renderer, each
+    # recomputed in the backward (None: the op's default, 131072; the tiny preset's whole
+    # 32^2 x (12 + 12) render at batch 2 is 49152 samples, one chunk)
     decoder_hidden: int = 64
     decoder_features: int = 32          # OSGDecoder feature outputs (GOHA: 1 + 32 = 33)
     # --- s1 schedule ------------------------------------------------------------------------

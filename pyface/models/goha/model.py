@@ -54,7 +54,8 @@ TINY_MODEL = {"resolution": 64, "encoder": "tiny", "encoder_width": 32, "plane_c
               "embed_width": 32, "eye_dilation": 3, "eye_dilation_iters": 1,
               "pseudo_render_size": 64, "lift_resolution": 16, "lift_samples": 12,
               "appearance_erode": 3, "render_resolution": 32, "depth_samples": 12,
-              "depth_samples_importance": 12, "decoder_hidden": 32, "decoder_features": 8,
+              "depth_samples_importance": 12, "render_chunk_points": 8192, "decoder_hidden": 32,
+              "decoder_features": 8,
               "canonical_until": 100, "expression_from": 100, "appearance_from": 200,
               "tv_points": 256, "tv_weight": 0.05, "mask_weight": 1.0, "lr": 1e-3,
               "betas": [0.9, 0.99], "disc_narrow": 0.03125, "sr_narrow": 0.03125,
@@ -149,7 +150,7 @@ class GOHA(TrainableModel):
                                      share_weights=cfg.share_upsampler_weights)
         self.decoder = OSGDecoder(C, cfg.decoder_hidden, cfg.decoder_features)
         common = dict(plane_axes=PLANE_AXES, ray_start=cfg.ray_start, ray_end=cfg.ray_end,
-                      box_warp=cfg.box_warp)
+                      box_warp=cfg.box_warp, chunk_points=cfg.render_chunk_points)
         self.renderer = TriplaneRenderer(RenderConfig(
             depth_resolution=cfg.depth_samples,
             depth_resolution_importance=cfg.depth_samples_importance, **common))
