@@ -9,7 +9,7 @@ it would be with a perfect colour (``fg := t * m``), a perfect opacity (``a := m
 the MSE share of each term; with ``--stages`` also for the run's earlier stages (s1 / s1_gan at
 their render side).
 
-Usage: ``python tools/goha_error_budget.py MODEL RUN --data DIR [--pairs 96]``
+Usage: ``python tools/goha_error_budget.py MODEL RUN --data DIR [--pairs 96] [--side S]``
 (MODEL: ``goha``, ``goha_s1_gan`` or ``goha_s1``).
 """
 from __future__ import annotations
@@ -36,9 +36,11 @@ def _rs(x: torch.Tensor, s: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def budget(name: str, run: str, data_dir: str, pairs: int) -> dict:
+def budget(name: str, run: str, data_dir: str, pairs: int, side: int | None = None) -> dict:
     pipe = pyface.models.load(name, run, device="cpu")
     model = pipe.model
+    if side:
+        pipe.resolution = side      # the output (and the background) at this side
     s = pipe.resolution
     data = reenactment_pairs(data_dir, protocol="same", subset="moving")
     idx = torch.linspace(0, len(data) - 1, min(pairs, len(data))).round().long().tolist()
@@ -51,7 +53,7 @@ def budget(name: str, run: str, data_dir: str, pairs: int) -> dict:
         motion = pipe.encode_driving(drv)
         planes = model.animate_planes(state, motion["expression"])
         out = model.render(planes, motion["camera"])
-        fg = (model.finish(out["image"]).clamp(-1, 1) * 0.5 + 0.5)
+        fg = _rs(model.finish(out["image"]).clamp(-1, 1) * 0.5 + 0.5, s)
         a = _rs(out["weights"].clamp(0, 1), s)
         if model.output_resolution != model.cfg.render_resolution:
             fg = fg * a
@@ -77,8 +79,11 @@ def main():
     ap.add_argument("run")
     ap.add_argument("--data", required=True)
     ap.add_argument("--pairs", type=int, default=96)
+    ap.add_argument("--side", type=int, default=None,
+                    help="evaluate at this side (the output resized bilinearly; default: the "
+                         "pipeline's output side)")
     args = ap.parse_args()
-    print(budget(args.model, args.run, args.data, args.pairs))
+    print(budget(args.model, args.run, args.data, args.pairs, args.side))
 
 
 if __name__ == "__main__":

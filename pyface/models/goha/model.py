@@ -17,9 +17,10 @@ A = R/4, L = ``lift_resolution``, r = ``render_resolution``):
   points, ``pyface.ops.points_to_triplane -> (B, 3, D, A, A) -> IDUpsampler -> (B, 3, C, P, P)``;
 * the summed planes are rendered at the driving camera: ``(B, 3, r, r)`` in [-1, 1].
 
-Pseudo-renders, region masks and neutral renders come from :mod:`pyface.face` in the model's
-step (under ``no_grad``), not in the dataset workers: the registered ``pairs`` dataset carries
-the coefficients and cameras they need.
+Pseudo-renders, region masks and neutral renders come from :mod:`pyface.face`: in training,
+per sample in the dataset workers (:mod:`pyface.models.goha.data`, the model's
+``data_transform``, ``model.data_renders``); a batch without them (pipelines, tools,
+``data_renders=false``) has them rendered in the step (under ``no_grad``).
 """
 from __future__ import annotations
 
