@@ -57,7 +57,8 @@ TINY_MODEL = {"resolution": 64, "encoder": "tiny", "encoder_width": 32, "plane_c
               "appearance_erode": 3, "render_resolution": 32, "depth_samples": 12,
               "depth_samples_importance": 12, "render_chunk_points": 8192, "decoder_hidden": 32,
               "decoder_features": 8,
-              "canonical_until": 100, "expression_from": 100, "appearance_from": 200,
+              "canonical_until": 125, "expression_from": 125, "appearance_from": 250,
+              "plane_gain": 10.0, "neutral_weight": 3.0,
               "tv_points": 256, "tv_weight": 0.05, "mask_weight": 1.0, "lr": 1e-3,
               "betas": [0.9, 0.99], "disc_narrow": 0.03125, "sr_narrow": 0.03125,
               "sr_style_features": 32}
@@ -122,7 +123,7 @@ class GOHA(TrainableModel):
         # samples, depth lifted at 16^2; compressed schedule (spec 2.5)
         "tiny": {"model": dict(TINY_MODEL),
                  "data": {"name": "pairs", "resolution": 64},
-                 "train": {"steps": 400, "batch_size": 2, "grad_clip": 1000.0,
+                 "train": {"steps": 500, "batch_size": 2, "grad_clip": 1000.0,
                            "ckpt_every": 100, "image_every": 100, "log_every": 20}},
         # one H100/H200 (not yet measured on a GPU): 256^2 input, MiT-b0
         "gpu-short": {"model": dict(GPU_SHORT_MODEL),
