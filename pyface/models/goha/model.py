@@ -124,7 +124,8 @@ class GOHA(TrainableModel):
         "tiny": {"model": dict(TINY_MODEL),
                  "data": {"name": "pairs", "resolution": 64},
                  "train": {"steps": 500, "batch_size": 2, "grad_clip": 1000.0,
-                           "ckpt_every": 100, "image_every": 100, "log_every": 20}},
+                           "ckpt_every": 100, "image_every": 100, "log_every": 20,
+                           "num_workers": 1}},
         # one H100/H200 (not yet measured on a GPU): 256^2 input, MiT-b0
         "gpu-short": {"model": dict(GPU_SHORT_MODEL),
                       "data": {"name": "pairs", "resolution": 256},
