@@ -55,7 +55,7 @@ TINY_MODEL = {"resolution": 64, "encoder": "tiny", "encoder_width": 32, "plane_c
               "embed_width": 32, "eye_dilation": 3, "eye_dilation_iters": 1,
               "pseudo_render_size": 64, "lift_resolution": 16, "lift_samples": 12,
               "appearance_erode": 3, "render_resolution": 32, "depth_samples": 12,
-              "depth_samples_importance": 12, "render_chunk_points": 8192, "decoder_hidden": 32,
+              "depth_samples_importance": 12, "render_chunk_points": 16384, "decoder_hidden": 32,
               "decoder_features": 8,
               "canonical_until": 125, "expression_from": 125, "appearance_from": 250,
               "plane_gain": 10.0, "neutral_weight": 3.0,
