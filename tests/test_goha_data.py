@@ -89,6 +89,8 @@ def test_engine_applies_the_transform_and_the_flag(tmp_path, data_root):  # noqa
     off = Trainer(experiment(tmp_path / "off", data_root, "train.steps=1",
                              "model.data_renders=false"))
     assert not isinstance(off.dataset, MappedDataset)
+    # on in tiny; off by default (GOHA's scale: the step renders on the accelerator)
+    assert tiny_config().data_renders and not GOHA.Config().data_renders
 
 
 def test_bad_input():

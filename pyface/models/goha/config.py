@@ -43,8 +43,10 @@ class GOHAConfig:
     bfm_path: str | None = None         # Deep3DFaceRecon BFM_model_front.mat; None: built-in
     exemplar_angles: list[float] = field(default_factory=lambda: list(EXEMPLAR_ANGLES))
     exemplar_trans: list[float] = field(default_factory=lambda: list(EXEMPLAR_TRANS))
-    data_renders: bool = True           # pseudo-renders, region masks and the neutral render
-    # computed per sample in the dataset workers (pyface.models.goha.data); False: in the step
+    data_renders: bool = False          # pseudo-renders, region masks and the neutral render
+    # computed per sample in the dataset workers (pyface.models.goha.data; on in tiny); False:
+    # in the step, batched, on the training device (six CPU renders per item at R = 256 / 512
+    # would need many loader workers to keep up with a GPU step; unmeasured)
     prep_default_backend: bool = True   # 3DMM renders (data preparation) on the default backends
     # --- appearance branch ------------------------------------------------------------------
     lift_resolution: int = 128          # source-view render whose depth is lifted: N = L^2 points

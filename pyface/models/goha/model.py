@@ -58,7 +58,7 @@ TINY_MODEL = {"resolution": 64, "encoder": "tiny", "encoder_width": 32, "plane_c
               "depth_samples_importance": 12, "render_chunk_points": 16384, "decoder_hidden": 32,
               "decoder_features": 8,
               "canonical_until": 125, "expression_from": 125, "appearance_from": 250,
-              "plane_gain": 10.0, "neutral_weight": 3.0,
+              "plane_gain": 10.0, "neutral_weight": 3.0, "data_renders": True,
               "tv_points": 256, "tv_weight": 0.05, "mask_weight": 1.0, "lr": 1e-3,
               "betas": [0.9, 0.99], "disc_narrow": 0.03125, "sr_narrow": 0.03125,
               "sr_style_features": 32}
