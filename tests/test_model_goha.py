@@ -212,7 +212,7 @@ def test_every_mode_trains_its_branches():
     assert "neutral_l1" in m.s1_losses(batch, 0, "cano")[1]
 
 
-def test_matte_supervises_the_opacity_and_plane_rows_flip():
+def test_matte_supervises_the_opacity_plane_rows_flip_and_gain():
     """mask_weight: L1 of the render's opacity to the target matte (empty space and black fog
     look alike over black); flip_plane_rows flips Embed2Plane's rows, nothing else."""
     torch.manual_seed(0)
@@ -227,11 +227,20 @@ def test_matte_supervises_the_opacity_and_plane_rows_flip():
     torch.testing.assert_close(loss - plain, logs["mask_l1"])
     src = m.prepare_frame(batch["source"], "source")
     mask = m.region_mask(src["coeffs"], src["camera"], 64)
+    m.cfg.plane_gain = 1.0
     with torch.no_grad():
         a = m.encode_canonical(src["image"], mask)
         m.cfg.flip_plane_rows = True
         b = m.encode_canonical(src["image"], mask)
     torch.testing.assert_close(b, a.flip(-2))
+    # plane_gain scales the branches' planes (canonical and expression), nothing else
+    pseudo = m.pseudo_render(src["coeffs"], src["coeffs"][:, 80:144])
+    with torch.no_grad():
+        m.cfg.flip_plane_rows = False
+        e = m.encode_expression(pseudo)
+        m.cfg.plane_gain = 10.0
+        torch.testing.assert_close(m.encode_canonical(src["image"], mask), 10 * a)
+        torch.testing.assert_close(m.encode_expression(pseudo), 10 * e)
 
 
 def test_engine_step_and_exact_resume(tmp_path, data_root):

@@ -5,7 +5,8 @@ For same-video pairs of ``--data`` (``pyface.data.reenactment_pairs``, protocol 
 
 * neutrality: L1 between the canonical render at the driving camera and the neutral 3DMM
   render (driving coefficients with expression 0), inside the neutral render's mask, for the
-  trained model and for the same architecture at initialisation (ratio: trained / initial);
+  trained model and for the same architecture at initialisation (ratio: trained / initial),
+  and for the matted driving frame itself (what a perfect reconstruction scores);
 * appearance: source-view PSNR (matted source, at the render size) with and without the
   appearance plane;
 * expression: L1 to the matted driving frame inside its mouth + lips region (morphable-model
@@ -45,7 +46,8 @@ def main():
     data = reenactment_pairs(args.data, resolution=cfg.resolution, protocol="same")
     idx = torch.linspace(0, len(data) - 1, min(args.pairs, len(data))).round().long().tolist()
     r = cfg.render_resolution
-    sums = {"neutral_trained": 0.0, "neutral_init": 0.0, "psnr_app": 0.0, "psnr_noapp": 0.0,
+    sums = {"neutral_trained": 0.0, "neutral_init": 0.0, "neutral_frame": 0.0,
+            "psnr_app": 0.0, "psnr_noapp": 0.0,
             "mouth_exp": 0.0, "mouth_cano": 0.0}
     mouth_pairs = []       # (expression change |e_d - e_s|, L1 with, L1 without expression)
     with torch.no_grad():
@@ -53,6 +55,12 @@ def main():
             item = data[i]
             batch = {k: {kk: v[None] for kk, v in item[k].items() if torch.is_tensor(v)}
                      for k in ("source", "driving")}
+            drv0 = trained.prepare_frame(batch["driving"], "driving")
+            neutral0, nm0 = trained.neutral_render(drv0["coeffs"], drv0["camera"], r)
+            frame0 = F.interpolate(drv0["image"], size=(r, r), mode="bilinear", antialias=True,
+                                   align_corners=False)
+            sums["neutral_frame"] += float(((frame0 - neutral0).abs() * nm0).sum()
+                                           / (3 * nm0.sum()).clamp_min(1))
             for name, m in (("trained", trained), ("init", init)):
                 src = m.prepare_frame(batch["source"], "source")
                 drv = m.prepare_frame(batch["driving"], "driving")
@@ -89,7 +97,9 @@ def main():
     res = {k: v / n for k, v in sums.items()}
     print(f"pairs: {n}")
     print(f"neutral masked L1: trained {res['neutral_trained']:.4f}, init "
-          f"{res['neutral_init']:.4f}, ratio {res['neutral_trained'] / res['neutral_init']:.3f}")
+          f"{res['neutral_init']:.4f}, ratio {res['neutral_trained'] / res['neutral_init']:.3f} "
+          f"(the matted driving frame itself: {res['neutral_frame']:.4f}, ratio "
+          f"{res['neutral_frame'] / res['neutral_init']:.3f})")
     print(f"source-view PSNR: with appearance {res['psnr_app']:.2f} dB, without "
           f"{res['psnr_noapp']:.2f} dB, gain {res['psnr_app'] - res['psnr_noapp']:+.2f} dB")
     print(f"mouth-region L1 to the driving frame: canonical + expression {res['mouth_exp']:.4f}, "

@@ -58,6 +58,26 @@ def _total_norm(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
+class MappedDataset(torch.utils.data.Dataset):
+    """``dataset`` with ``fn(item)`` applied to every item (in the data loader's workers; see
+    :meth:`TrainableModel.data_transform`); other attributes (``set_epoch``, ...) are those of
+    ``dataset``."""
+
+    def __init__(self, dataset, fn):
+        self.dataset, self.fn = dataset, fn
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.fn(self.dataset[index])
+
+    def __getattr__(self, name):
+        if name in ("dataset", "fn"):       # not set yet (unpickling)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
 class Trainer:
     """Trains a :class:`~pyface.train.model.TrainableModel` on a dataset.
 
@@ -151,6 +171,10 @@ class Trainer:
         self._local_ids = {k: {id(p) for g in o.param_groups if g.get("local")
                                for p in g["params"]} for k, o in self.optimizers.items()}
         self.dataset = dataset if dataset is not None else registry.build_dataset(cfg.data)
+        transform = self.model.data_transform() if hasattr(self.model, "data_transform") \
+            else None
+        if transform is not None:       # the model's per-item preparation, in the workers
+            self.dataset = MappedDataset(self.dataset, transform)
         self.step = 0
         self.last_losses: dict[str, float] = {}
         self._stop_signal: int | None = None

@@ -160,6 +160,12 @@ class TrainableModel(nn.Module):
     def step(self, phase: str, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def data_transform(self):
+        """A picklable per-item function ``fn(item) -> item`` that the engine applies to every
+        dataset item in the loader's workers (data preparation that belongs beside the loading,
+        e.g. renders computed from an item's coefficients), or None (default)."""
+        return None
+
     @torch.no_grad()
     def preview(self, batch: dict) -> dict[str, torch.Tensor]:
         """Named image batches (N, 3, H, W) in [-1, 1] shown side by side as one grid per row."""

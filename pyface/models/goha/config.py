@@ -28,6 +28,9 @@ class GOHAConfig:
     # --- tri-planes -------------------------------------------------------------------------
     plane_channels: int = 32            # C of every plane; planes (B, 3, C, R/2, R/2)
     embed_width: int = 128              # Embed2Plane hidden width
+    plane_gain: float = 1.0             # every branch's planes are multiplied by this (GOHA: 1):
+    # with 1, the tiny preset's planes start at std ~0.04 and change by ~lr per step, so the
+    # density takes ~1000 steps to take shape (docs/models/goha.md)
     share_upsampler_weights: bool = False   # GOHA's bug: xz / zy planes reuse the xy up-branch
     flip_plane_rows: bool = False       # flip Embed2Plane's output rows: the xy plane's rows run
     # with +y (up), the image's rows down; flipped, the encoders' maps line up with the planes
@@ -40,6 +43,10 @@ class GOHAConfig:
     bfm_path: str | None = None         # Deep3DFaceRecon BFM_model_front.mat; None: built-in
     exemplar_angles: list[float] = field(default_factory=lambda: list(EXEMPLAR_ANGLES))
     exemplar_trans: list[float] = field(default_factory=lambda: list(EXEMPLAR_TRANS))
+    data_renders: bool = False          # pseudo-renders, region masks and the neutral render
+    # computed per sample in the dataset workers (pyface.models.goha.data; on in tiny); False:
+    # in the step, batched, on the training device (six CPU renders per item at R = 256 / 512
+    # would need many loader workers to keep up with a GPU step; unmeasured)
     prep_default_backend: bool = True   # 3DMM renders (data preparation) on the default backends
     # --- appearance branch ------------------------------------------------------------------
     lift_resolution: int = 128          # source-view render whose depth is lifted: N = L^2 points
@@ -54,6 +61,9 @@ class GOHAConfig:
     ray_start: float = 2.25
     ray_end: float = 3.3
     box_warp: float = 1.0
+    render_chunk_points: int | None = None  # samples per chunk of the fused renderer, each
+    # recomputed in the backward (None: the op's default, 131072; the tiny preset's whole
+    # 32^2 x (12 + 12) render at batch 2 is 49152 samples, one chunk)
     decoder_hidden: int = 64
     decoder_features: int = 32          # OSGDecoder feature outputs (GOHA: 1 + 32 = 33)
     # --- s1 schedule ------------------------------------------------------------------------

@@ -17,9 +17,10 @@ A = R/4, L = ``lift_resolution``, r = ``render_resolution``):
   points, ``pyface.ops.points_to_triplane -> (B, 3, D, A, A) -> IDUpsampler -> (B, 3, C, P, P)``;
 * the summed planes are rendered at the driving camera: ``(B, 3, r, r)`` in [-1, 1].
 
-Pseudo-renders, region masks and neutral renders come from :mod:`pyface.face` in the model's
-step (under ``no_grad``), not in the dataset workers: the registered ``pairs`` dataset carries
-the coefficients and cameras they need.
+Pseudo-renders, region masks and neutral renders come from :mod:`pyface.face`: in training,
+per sample in the dataset workers (:mod:`pyface.models.goha.data`, the model's
+``data_transform``, ``model.data_renders``); a batch without them (pipelines, tools,
+``data_renders=false``) has them rendered in the step (under ``no_grad``).
 """
 from __future__ import annotations
 
@@ -28,8 +29,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pyface.face import cameras as cam
-from pyface.face.coeffs import merge_coeffs, split_coeffs
 from pyface.face.morphable import MorphableModel
 from pyface.nn import OSGDecoder, RenderConfig, TriplaneRenderer
 from pyface.nn.render import density_l1_regularizer
@@ -38,6 +37,7 @@ from pyface.ops import points_to_triplane, ray_bundle
 from pyface.train.model import Phase, Pipeline, StepContext, TrainableModel
 
 from pyface.models.goha.config import GOHAConfig
+from pyface.models.goha.data import DRIVING_KEYS, SOURCE_KEYS, GOHARenders, bfm224_label
 from pyface.models.goha.networks import (Embed2Plane, IDUpsampler, build_encoder, dilate, erode,
                                          imagenet_normalize)
 
@@ -55,8 +55,10 @@ TINY_MODEL = {"resolution": 64, "encoder": "tiny", "encoder_width": 32, "plane_c
               "embed_width": 32, "eye_dilation": 3, "eye_dilation_iters": 1,
               "pseudo_render_size": 64, "lift_resolution": 16, "lift_samples": 12,
               "appearance_erode": 3, "render_resolution": 32, "depth_samples": 12,
-              "depth_samples_importance": 12, "decoder_hidden": 32, "decoder_features": 8,
-              "canonical_until": 100, "expression_from": 100, "appearance_from": 200,
+              "depth_samples_importance": 12, "render_chunk_points": 16384, "decoder_hidden": 32,
+              "decoder_features": 8,
+              "canonical_until": 125, "expression_from": 125, "appearance_from": 250,
+              "plane_gain": 10.0, "neutral_weight": 3.0, "data_renders": True,
               "tv_points": 256, "tv_weight": 0.05, "mask_weight": 1.0, "lr": 1e-3,
               "betas": [0.9, 0.99], "disc_narrow": 0.03125, "sr_narrow": 0.03125,
               "sr_style_features": 32}
@@ -68,18 +70,6 @@ GPU_SHORT_MODEL = {"resolution": 256, "plane_channels": 32, "pseudo_render_size"
                    "expression_from": 1000, "appearance_from": 2000, "lr": 2e-4,
                    "mask_weight": 1.0,
                    "disc_narrow": 0.25, "sr_narrow": 0.25, "sr_style_features": 128}
-
-
-def bfm224_label(angles: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
-    """EG3D label ``(B, 25)`` of Deep3DFaceRecon's 224 crop camera (focal 1015 px, centre
-    112 px, camera 10 BFM units from the origin) for a pose ``angles (B, 3)``, ``trans (B, 3)``:
-    a render with it at any size S is Deep3DFaceRecon's 224 framing scaled by S / 224."""
-    c2w = cam.deep3d_to_cam2world(angles, trans)
-    k = cam.intrinsics_from_focal(cam.BFM_FOCAL / cam.BFM_IMAGE_SIZE,
-                                  cx=cam.BFM_CENTER / cam.BFM_IMAGE_SIZE,
-                                  cy=cam.BFM_CENTER / cam.BFM_IMAGE_SIZE,
-                                  dtype=c2w.dtype, device=c2w.device)
-    return cam.make_label(c2w, k)
 
 
 def mode_of(cfg: GOHAConfig, step: int) -> str:
@@ -133,8 +123,9 @@ class GOHA(TrainableModel):
         # samples, depth lifted at 16^2; compressed schedule (spec 2.5)
         "tiny": {"model": dict(TINY_MODEL),
                  "data": {"name": "pairs", "resolution": 64},
-                 "train": {"steps": 400, "batch_size": 2, "grad_clip": 1000.0,
-                           "ckpt_every": 100, "image_every": 100, "log_every": 20}},
+                 "train": {"steps": 500, "batch_size": 2, "grad_clip": 1000.0,
+                           "ckpt_every": 100, "image_every": 100, "log_every": 20,
+                           "num_workers": 1}},
         # one H100/H200 (not yet measured on a GPU): 256^2 input, MiT-b0
         "gpu-short": {"model": dict(GPU_SHORT_MODEL),
                       "data": {"name": "pairs", "resolution": 256},
@@ -162,94 +153,49 @@ class GOHA(TrainableModel):
                                      share_weights=cfg.share_upsampler_weights)
         self.decoder = OSGDecoder(C, cfg.decoder_hidden, cfg.decoder_features)
         common = dict(plane_axes=PLANE_AXES, ray_start=cfg.ray_start, ray_end=cfg.ray_end,
-                      box_warp=cfg.box_warp)
+                      box_warp=cfg.box_warp, chunk_points=cfg.render_chunk_points)
         self.renderer = TriplaneRenderer(RenderConfig(
             depth_resolution=cfg.depth_samples,
             depth_resolution_importance=cfg.depth_samples_importance, **common))
         self.lift_renderer = TriplaneRenderer(RenderConfig(
             depth_resolution=cfg.lift_samples, depth_resolution_importance=cfg.lift_samples,
             **common))
-        self._faces: dict = {}      # device -> MorphableModel (kept out of the state dict)
+        #: the morphable-model renders (the model itself stays out of the state dict)
+        self.renders = GOHARenders(cfg)
         self._perceptual = None
         if cfg.perceptual_weight > 0:
             from pyface.nn import PerceptualLoss
             self._perceptual = [PerceptualLoss(weights=cfg.vgg_path)]
 
     # ------------------------------------------------------------------ morphable model
-    def _prep(self):
-        """Context of the morphable-model renders (masks, pseudo-renders, neutral renders: data
-        preparation, which GOHA does in its data pipeline): the ops' default backends even under
-        ``train.backend=reference`` when ``model.prep_default_backend`` (so a fused-vs-reference
-        comparison measures the tri-plane path), else whatever is in force."""
-        import contextlib
-
-        from pyface.ops import use_backend
-
-        return use_backend(None) if self.cfg.prep_default_backend else contextlib.nullcontext()
-
     def face(self, device) -> MorphableModel:
         """The morphable model (built-in, or BFM from ``model.bfm_path``) on ``device``."""
-        key = str(device)
-        if key not in self._faces:
-            base = (MorphableModel.from_bfm(self.cfg.bfm_path) if self.cfg.bfm_path
-                    else MorphableModel.builtin())
-            self._faces[key] = base.to(device)
-        return self._faces[key]
+        return self.renders.face(device)
 
-    @torch.no_grad()
+    def data_transform(self) -> GOHARenders | None:
+        """The per-sample transform the training engine applies in the dataset workers: the
+        morphable-model renders of :mod:`pyface.models.goha.data` (``model.data_renders``;
+        None: the step computes them)."""
+        return GOHARenders(self.cfg) if self.cfg.data_renders else None
+
     def region_mask(self, coeffs: torch.Tensor, camera: torch.Tensor, size: int, *,
                     neutral: bool = False, dilate_eyes: bool = True) -> torch.Tensor:
         """Union of the ``mask_regions`` of ``coeffs (B, 257)`` seen by ``camera (B, 25)``:
         ``(B, 1, size, size)`` in {0, 1}; eyes dilated (``eye_dilation``, ``_iters``);
-        ``neutral`` zeroes the expression first."""
-        face = self.face(coeffs.device)
-        names = [r for r in self.cfg.mask_regions if r in face.region_names]
-        if not names:
-            raise ValueError(f"model.mask_regions: none of {self.cfg.mask_regions} is a region "
-                             f"of the morphable model ({face.region_names})")
-        c = coeffs.float().clone()
-        if neutral:
-            c[:, 80:144] = 0
-        with self._prep():
-            r = face.render(c, size, label=camera.float(), regions=tuple(names))
-        out = torch.zeros_like(r.mask)
-        for n in names:
-            m = r.regions[n]
-            if n == "eyes":
-                m = dilate(m, self.cfg.eye_dilation, self.cfg.eye_dilation_iters) \
-                    if dilate_eyes else m
-            out = torch.maximum(out, m)
-        return out
+        ``neutral`` zeroes the expression first (:meth:`GOHARenders.region_mask`)."""
+        return self.renders.region_mask(coeffs, camera, size, neutral=neutral,
+                                        dilate_eyes=dilate_eyes)
 
-    @torch.no_grad()
     def pseudo_render(self, source_coeffs: torch.Tensor, expression: torch.Tensor) -> torch.Tensor:
         """The expression branch's input: identity, texture and lighting of
         ``source_coeffs (B, 257)``, ``expression (B, 64)``, the exemplar pose, rendered with the
         BFM-224 camera at ``pseudo_render_size`` and resized to R: ``(B, 3, R, R)`` in [-1, 1]."""
-        B, dev = source_coeffs.shape[0], source_coeffs.device
-        s = split_coeffs(source_coeffs.float())
-        angles = torch.tensor(self.cfg.exemplar_angles, device=dev).expand(B, 3)
-        trans = torch.tensor(self.cfg.exemplar_trans, device=dev).expand(B, 3)
-        coeffs = merge_coeffs(s["id"], expression.float(), s["tex"], angles, s["gamma"], trans)
-        with self._prep():
-            r = self.face(dev).render(coeffs, self.cfg.pseudo_render_size,
-                                      label=bfm224_label(angles, trans))
-        img = r.image * 2 - 1
-        R = self.cfg.resolution
-        if img.shape[-1] != R:
-            img = F.interpolate(img, size=(R, R), mode="bilinear", antialias=True,
-                                align_corners=False)
-        return img
+        return self.renders.pseudo_render(source_coeffs, expression)
 
-    @torch.no_grad()
     def neutral_render(self, coeffs: torch.Tensor, camera: torch.Tensor, size: int):
         """The 3DMM render of ``coeffs (B, 257)`` with expression 0 at ``camera (B, 25)``:
         ``(image (B, 3, size, size) in [-1, 1], mask (B, 1, size, size))``."""
-        c = coeffs.float().clone()
-        c[:, 80:144] = 0
-        with self._prep():
-            r = self.face(coeffs.device).render(c, size, label=camera.float())
-        return r.image * 2 - 1, r.mask
+        return self.renders.neutral_render(coeffs, camera, size)
 
     # ------------------------------------------------------------------ branches
     def _check_image(self, name: str, image: torch.Tensor, channels: int = 3):
@@ -272,8 +218,10 @@ class GOHA(TrainableModel):
             imagenet_normalize(pseudo))))
 
     def _orient(self, planes: torch.Tensor) -> torch.Tensor:
-        """Embed2Plane output (B, 3, C, P, P), rows flipped with ``model.flip_plane_rows``."""
-        return planes.flip(-2) if self.cfg.flip_plane_rows else planes
+        """Embed2Plane output (B, 3, C, P, P), rows flipped with ``model.flip_plane_rows``,
+        times ``model.plane_gain``."""
+        planes = planes.flip(-2) if self.cfg.flip_plane_rows else planes
+        return planes * self.cfg.plane_gain if self.cfg.plane_gain != 1 else planes
 
     def render(self, planes: torch.Tensor, camera: torch.Tensor, resolution: int | None = None,
                *, lift: bool = False) -> dict[str, torch.Tensor]:
@@ -340,7 +288,8 @@ class GOHA(TrainableModel):
         planes, _ = points_to_triplane(points.to(feats.dtype), feats, A, plane_axes=PLANE_AXES,
                                        box_size=self.cfg.box_warp, align_corners=True,
                                        valid=valid, max_distance=self.cfg.lift_max_distance)
-        return self.upsampler(planes)
+        out = self.upsampler(planes)
+        return out * self.cfg.plane_gain if self.cfg.plane_gain != 1 else out
 
     # ------------------------------------------------------------------ whole model
     def prepare_frame(self, frame: dict, name: str) -> dict:
@@ -359,30 +308,68 @@ class GOHA(TrainableModel):
             m = frame["mask"]
             m = m.float() / 255 if m.dtype == torch.uint8 else m.float()
             img = img * m + (-1) * (1 - m)                              # black background
-        return {"image": img, "camera": cam_, "coeffs": coeffs, "mask": m}
+        out = {"image": img, "camera": cam_, "coeffs": coeffs, "mask": m}
+        # renders computed in the dataset workers (pyface.models.goha.data), kept as they are
+        out.update({k: v.float() for k, v in frame.items() if k.startswith("goha_")})
+        return out
+
+    def _given(self, frame: dict, key: str, side: int | None = None) -> torch.Tensor | None:
+        """The data-side render ``frame[key]`` (:mod:`pyface.models.goha.data`), or None when
+        the batch has none (the step then renders it); a wrong shape is an error."""
+        x = frame.get(key)
+        if x is None:
+            return None
+        ch, s = {**SOURCE_KEYS, **DRIVING_KEYS}[key]
+        side = side or (self.cfg.resolution if s == "R" else self.cfg.render_resolution)
+        B = frame["image"].shape[0]
+        if tuple(x.shape) != (B, ch, side, side):
+            raise ValueError(f"batch[...][{key!r}]: expected ({B}, {ch}, {side}, {side}) "
+                             f"(model.resolution / render_resolution), got {tuple(x.shape)}; "
+                             "the data-side renders were made for another config")
+        return x
+
+    def _source_mask(self, src: dict) -> torch.Tensor:
+        """The prepared source's masked regions (B, 1, R, R)."""
+        m = self._given(src, "goha_region_mask")
+        return m if m is not None else self.region_mask(src["coeffs"], src["camera"],
+                                                        self.cfg.resolution)
+
+    def _source_regions_neutral(self, src: dict) -> torch.Tensor:
+        """The source's regions with expression 0 (B, 1, R, R): the appearance blend's mask."""
+        m = self._given(src, "goha_regions_neutral")
+        return m if m is not None else self.region_mask(src["coeffs"], src["camera"],
+                                                        self.cfg.resolution, neutral=True)
+
+    def _pseudo(self, src: dict, drv: dict) -> torch.Tensor:
+        """Pseudo-render (B, 3, R, R) of the source's identity with ``drv``'s expression
+        (``drv`` the prepared driving frame of the batch, or ``src`` itself)."""
+        p = self._given(drv, "goha_pseudo")
+        return p if p is not None else self.pseudo_render(src["coeffs"],
+                                                          drv["coeffs"][:, 80:144])
 
     def encode_source(self, src: dict, *, appearance: bool = True) -> dict:
         """Prepared source frame -> ``canonical`` planes, ``appearance`` planes (or None),
         ``coeffs``, ``camera``, ``region_mask``."""
-        R = self.cfg.resolution
-        mask = self.region_mask(src["coeffs"], src["camera"], R)
+        mask = self._source_mask(src)
         cano = self.encode_canonical(src["image"], mask)
         app = None
         if appearance:
-            exp = self.encode_expression(self.pseudo_render(src["coeffs"],
-                                                            src["coeffs"][:, 80:144]))
-            regions = self.region_mask(src["coeffs"], src["camera"], R, neutral=True)
-            app = self.encode_appearance(src["image"], mask, cano + exp, src["camera"], regions)
+            exp = self.encode_expression(self._pseudo(src, src))
+            app = self.encode_appearance(src["image"], mask, cano + exp, src["camera"],
+                                         self._source_regions_neutral(src))
         return {"canonical": cano, "appearance": app, "coeffs": src["coeffs"],
                 "camera": src["camera"], "region_mask": mask}
 
     def animate_planes(self, state: dict, expression: torch.Tensor, *,
-                       use_expression: bool = True, use_appearance: bool = True) -> torch.Tensor:
-        """Summed planes ``(B, 3, C, P, P)`` for ``expression (B, 64)``."""
+                       use_expression: bool = True, use_appearance: bool = True,
+                       pseudo: torch.Tensor | None = None) -> torch.Tensor:
+        """Summed planes ``(B, 3, C, P, P)`` for ``expression (B, 64)`` (``pseudo (B, 3, R, R)``:
+        its pseudo-render when the data made it, else it is rendered here)."""
         planes = state["canonical"]
         if use_expression:
-            planes = planes + self.encode_expression(
-                self.pseudo_render(state["coeffs"], expression))
+            if pseudo is None:
+                pseudo = self.pseudo_render(state["coeffs"], expression)
+            planes = planes + self.encode_expression(pseudo)
         if use_appearance and state.get("appearance") is not None:
             planes = planes + state["appearance"]
         return planes
@@ -437,7 +424,7 @@ class GOHA(TrainableModel):
         src = self.prepare_frame(batch["source"], "batch['source']")
         tgt = self.prepare_frame(batch["driving"], "batch['driving']")
         r = cfg.render_resolution
-        mask = self.region_mask(src["coeffs"], src["camera"], cfg.resolution)
+        mask = self._source_mask(src)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.canonical_trainable):
             cano = self.encode_canonical(src["image"], mask)
         if targets is not None:
@@ -447,8 +434,14 @@ class GOHA(TrainableModel):
             planes = cano
             rend = self.render(planes, tgt["camera"])
             out, matte = rend["image"], tgt["mask"]
-            neutral, nmask = self.neutral_render(tgt["coeffs"], tgt["camera"], r)
-            tmask = 1 - self.region_mask(tgt["coeffs"], tgt["camera"], r)
+            neutral, nmask = self._given(tgt, "goha_neutral"), self._given(tgt,
+                                                                          "goha_neutral_mask")
+            if neutral is None or nmask is None:
+                neutral, nmask = self.neutral_render(tgt["coeffs"], tgt["camera"], r)
+            tmask = self._given(tgt, "goha_target_regions")
+            if tmask is None:
+                tmask = self.region_mask(tgt["coeffs"], tgt["camera"], r)
+            tmask = 1 - tmask
             target = self._resize(tgt["image"])
             n = self._photo(out * nmask - (1 - nmask), neutral)      # both black outside
             m = self._photo(out * tmask, target * tmask)
@@ -463,17 +456,15 @@ class GOHA(TrainableModel):
             planes = cano
             exp_planes = None
             if use_exp or use_app:
-                exp_planes = self.encode_expression(
-                    self.pseudo_render(src["coeffs"], drv["coeffs"][:, 80:144]))
+                exp_planes = self.encode_expression(self._pseudo(src, drv))
             if use_exp:
                 planes = planes + exp_planes
             if use_app:
                 src_exp = exp_planes if mode == "src" else self.encode_expression(
-                    self.pseudo_render(src["coeffs"], src["coeffs"][:, 80:144]))
-                regions = self.region_mask(src["coeffs"], src["camera"], cfg.resolution,
-                                           neutral=True)
+                    self._pseudo(src, src))
                 planes = planes + self.encode_appearance(src["image"], mask, cano + src_exp,
-                                                         src["camera"], regions)
+                                                         src["camera"],
+                                                         self._source_regions_neutral(src))
             rend = self.render(planes, drv["camera"])
             out, matte = rend["image"], drv["mask"]
             target = self._resize(drv["image"])

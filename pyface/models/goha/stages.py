@@ -214,7 +214,8 @@ class GOHAGAN(_GANStage):
         "tiny": {"model": dict(TINY_MODEL),
                  "data": {"name": "pairs", "resolution": 64},
                  "train": {"steps": 60, "batch_size": 2, "grad_clip": 1000.0,
-                           "ckpt_every": 60, "image_every": 60, "log_every": 10}},
+                           "ckpt_every": 60, "image_every": 60, "log_every": 10,
+                           "num_workers": 1}},
         "gpu-short": {"model": dict(GPU_SHORT_MODEL),
                       "data": {"name": "pairs", "resolution": 256},
                       "train": {"steps": 500, "batch_size": 8, "ckpt_every": 500,
@@ -266,7 +267,8 @@ class GOHASR(_GANStage):
         "tiny": {"model": {**TINY_MODEL, "d_interval": 1, "lr_d": 5e-3},
                  "data": {"name": "pairs", "resolution": 64},
                  "train": {"steps": 60, "batch_size": 2, "grad_clip": 1000.0,
-                           "ckpt_every": 60, "image_every": 60, "log_every": 10}},
+                           "ckpt_every": 60, "image_every": 60, "log_every": 10,
+                           "num_workers": 1}},
         "gpu-short": {"model": {**GPU_SHORT_MODEL, "d_interval": 1, "lr_d": 1e-3},
                       "data": {"name": "pairs", "resolution": 256},
                       "train": {"steps": 500, "batch_size": 8, "ckpt_every": 500,
@@ -328,7 +330,8 @@ class GOHASR(_GANStage):
         drv = src if mode == "src" else self.prepare_frame(batch["driving"], "batch['driving']")
         with torch.no_grad():
             state = self.encode_source(src)
-            planes = self.animate_planes(state, drv["coeffs"][:, 80:144])
+            planes = self.animate_planes(state, drv["coeffs"][:, 80:144],
+                                         pseudo=self._pseudo(src, drv))
             raw = self.render(planes, drv["camera"])["image"]
         img = self.finish(raw)
         target = drv["image"]
