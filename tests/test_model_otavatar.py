@@ -385,3 +385,31 @@ def test_center_motion_and_render_overrides(generator_dir):
         make("model.render.plane_axes=xy_xz_zy")
     with pytest.raises(ValueError, match="model.render.nope"):
         make("model.render.nope=1")
+
+
+def test_pti_stops_by_a_perceptual_metric(run, data):
+    """With a metric (LPIPS in practice) pivotal tuning stops once it is <= pti_stop_metric,
+    OTAvatar's rule; without one the SmoothL1 rule (here: every iteration) applies."""
+    import glob
+    import os
+
+    from pyface.data.driving import read_source
+
+    pipe = pyface.models.load("otavatar", run[0], device="cpu")
+    pipe.model.cfg.pti_steps = 6
+    folder = os.path.dirname(sorted(glob.glob(f"{data}/**/coeffs.npy", recursive=True))[0])
+    src = read_source(folder, 16)
+    seen = []
+
+    def metric(pred, target):                   # 0.5, 0.5, then below OTAvatar's 0.06
+        assert pred.shape == target.shape == (1, 3, 16, 16)
+        seen.append(1)
+        return torch.full((1,), 0.5 if len(seen) < 3 else 0.01)
+
+    state = pipe.encode_source(src, pti_metric=metric)
+    assert state["pti_rule"] == "metric" and state["pti_loss"] == pytest.approx([0.5, 0.5, 0.01])
+    pipe.pti_metric = lambda p, t: torch.ones(1)          # never reached: every iteration
+    assert len(pipe.encode_source(src)["pti_loss"]) == 6
+    pipe.pti_metric = None
+    state = pipe.encode_source(src)
+    assert state["pti_rule"] == "smooth_l1" and len(state["pti_loss"]) == 6

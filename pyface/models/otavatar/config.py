@@ -82,8 +82,10 @@ class OTAvatarConfig:
         pti_steps, pti_lr, pti_stop: optional pivotal tuning after the inversion: a copy of the
             generator, Adam ``pti_lr`` (3e-4), at most ``pti_steps`` iterations (0: off; the
             reference: 50) of SmoothL1 on the raw and super-resolved images, stopping once that
-            loss is <= ``pti_stop`` (the reference stops at LPIPS <= 0.06; pyface.nn has no
-            LPIPS, so the rule is on the SmoothL1; None: run every iteration).
+            loss is <= ``pti_stop`` (None: run every iteration). With a perceptual metric
+            given to the pipeline (``OTAvatarPipeline.pti_metric``, e.g. LPIPS built from
+            user weights) the reference's rule applies instead: stop once the metric is <=
+            ``pti_stop_metric`` (0.06). The SmoothL1 rule is the fallback without weights.
     """
 
     generator: str | None = None
@@ -125,3 +127,4 @@ class OTAvatarConfig:
     pti_steps: int = 0
     pti_lr: float = 3e-4
     pti_stop: float | None = None
+    pti_stop_metric: float = 0.06
