@@ -342,17 +342,18 @@ class OTAvatar(TrainableModel):
         frame, call) so that N ranks render what one process renders."""
         G = self.generator
         r, rc = G.resolve_resolution(None), G.cfg.render
+        dev = self.latent.device
         strat, imp = [], []
         for b in range(B):
             for f in frames:
-                g = _item_generator(ctx, ctx.rank * B + b, f, call)
-                strat.append(torch.rand(r * r, rc.depth_resolution, generator=g))
+                g = _item_generator(ctx, ctx.rank * B + b, f, call, dev)
+                strat.append(torch.rand(r * r, rc.depth_resolution, generator=g, device=dev))
                 if rc.depth_resolution_importance:
-                    imp.append(torch.rand(r * r, rc.depth_resolution_importance, generator=g))
-        dev = self.latent.device
-        out = {"stratified_noise": torch.stack(strat).to(dev)}
+                    imp.append(torch.rand(r * r, rc.depth_resolution_importance, generator=g,
+                                          device=dev))
+        out = {"stratified_noise": torch.stack(strat)}
         if imp:
-            out["importance_u"] = torch.stack(imp).to(dev)
+            out["importance_u"] = torch.stack(imp)
         return out
 
     def _density(self, ctx: StepContext, planes: torch.Tensor, frame: int,
