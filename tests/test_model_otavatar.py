@@ -21,7 +21,8 @@ TINY = ["model.controller.window=9", "model.controller.descriptor=16",
         "model.controller.dilation=2", "model.controller.directions=4",
         "model.local_batch=2", "model.invert_iters=3", "model.invert_controller_iters=1",
         "model.density_points=16", "model.invert_steps=3", "model.pti_steps=2", "model.wplus_steps=2", "data.resolution=16",
-        "data.options.radius=4", "data.options.repeats=1", "train.batch_size=2"]
+        "data.options.radius=4", "data.options.repeats=1", "data.options.frames_per_item=2",
+        "train.batch_size=2"]
 
 
 def tiny_generator_config():

@@ -57,8 +57,10 @@ _TINY = {
               # centring keeps it out of the controller (docs/models/otavatar.md)
               "center_motion": True,
               "invert_steps": 30, "wplus_steps": 0, "pti_steps": 100, "pti_lr": 3e-3},
+    # 4 frames per inverted w (the reference: 2): more frame-to-frame differences for the
+    # controller per batch (docs/models/otavatar.md, motion transfer)
     "data": {"name": "motion_windows", "resolution": 32,
-             "options": {"frames_per_item": 2, "radius": 6, "repeats": 64}},
+             "options": {"frames_per_item": 4, "radius": 6, "repeats": 64}},
     "train": {"steps": 150, "batch_size": 2, "log_every": 10, "ckpt_every": 75,
               "image_every": 75, "video_frames": 0,
               "ema": {"modules": _EMA, "decay": 0.95, "half_life_kimg": None}},
