@@ -21,7 +21,8 @@ TINY = ["model.controller.window=9", "model.controller.descriptor=16",
         "model.controller.dilation=2", "model.controller.directions=4",
         "model.local_batch=2", "model.invert_iters=3", "model.invert_controller_iters=1",
         "model.density_points=16", "model.invert_steps=3", "model.pti_steps=2", "model.wplus_steps=2", "data.resolution=16",
-        "data.options.radius=4", "data.options.repeats=1", "train.batch_size=2"]
+        "data.options.radius=4", "data.options.repeats=1", "data.options.frames_per_item=2",
+        "train.batch_size=2"]
 
 
 def tiny_generator_config():
@@ -284,3 +285,132 @@ def test_presets_resolve_and_full_keeps_the_reference_recipe():
     assert (full.controller_lr, full.controller_wd, full.generator_lr) == (1e-3, 1.0, 1e-4)
     assert (full.style_weight, full.w_mouth, full.w_tv, full.w_clamp) == (250.0, 10.0, 0.25, 5.0)
     assert not full.eye_roi_bug and full.controller.window == 27 and full.controller.tie_mlp
+
+
+RANK_SCRIPT = """
+import os, sys
+import torch
+from safetensors.torch import save_file
+from pyface.train.config import build_experiment
+from pyface.train.engine import Trainer
+from pyface.models.otavatar.model import OTAvatar
+
+torch.set_num_threads(1)
+out, overrides = sys.argv[1], sys.argv[2:]
+tr = Trainer(build_experiment("otavatar", OTAvatar.Config, defaults=OTAvatar.presets["tiny"],
+                              overrides=overrides))
+tr.fit()
+assert tr.dist.world_size == 2 and tr.local_batch == 1
+state = {k: v.contiguous() for k, v in tr.model.state_dict().items()}
+state.update({f"ema.{n}." + k: v.contiguous() for n, m in tr.ema.modules.items()
+              for k, v in m.state_dict().items()})
+save_file(state, os.path.join(out, f"rank{tr.dist.rank}.safetensors"))
+tr.close()
+"""
+
+
+def test_two_ranks_match_one_process(data, generator_dir, tmp_path):
+    """2 gloo ranks (one item each) train what one process does with the whole batch: the
+    inversion's rank-local latents and intrinsics are each rank's rows of the one-process
+    tensors; the controller, the generator and their EMAs agree on both ranks and with the
+    one-process run. The renderer's uniforms and the density points are drawn per (step, item),
+    so they do not depend on the split."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from pyface.testing import assert_close
+
+    script = tmp_path / "worker.py"
+    script.write_text(RANK_SCRIPT)
+    sets = QUIET + TINY + [f"data.path={data}", f"model.generator={generator_dir}",
+                           "train.steps=2", "train.device=cpu", "model.center_motion=false"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script), str(tmp_path), *sets, f"train.run_dir={tmp_path / 'two'}",
+         "model.local_batch=1"],
+        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0 = load_file(str(tmp_path / "rank0.safetensors"))
+    r1 = load_file(str(tmp_path / "rank1.safetensors"))
+    torch.manual_seed(0)
+    one = Trainer(_exp(tmp_path / "one", data, generator_dir, "train.steps=2",
+                       "train.device=cpu", "model.center_motion=false"))
+    before = {k: v.clone() for k, v in one.model.state_dict().items()}
+    one.fit()
+    state = one.model.state_dict()
+    state.update({f"ema.{n}." + k: v for n, m in one.ema.modules.items()
+                  for k, v in m.state_dict().items()})
+    for k, v in state.items():
+        if k in ("latent", "intrinsics"):                 # rank-local rows
+            got = torch.cat([r0[k], r1[k]])
+        else:
+            assert torch.equal(r0[k], r1[k]), f"{k} differs between ranks"
+            got = r0[k]
+        if not v.is_floating_point():
+            assert torch.equal(got, v), k
+            continue
+        # the mean of two half-batch gradients equals the whole batch's up to fp32 order
+        assert_close(got, v, scale=50, msg=k)
+    for part in ("controller.", "generator.", "latent", "intrinsics"):
+        assert any(not torch.allclose(before[k], r0[k]) for k in before if k.startswith(part))
+
+
+def test_center_motion_and_render_overrides(generator_dir):
+    """``center_motion``: each item's offsets over its K frames sum to zero (only frame-to-frame
+    differences act); ``model.render`` overrides the generator's renderer options and refuses
+    plane_axes and unknown names."""
+    from pyface.models.otavatar.model import OTAvatar, OTAvatarConfig
+
+    def make(*extra):
+        return OTAvatar(build_experiment("otavatar", OTAvatarConfig,
+                                         defaults=OTAvatar.presets["tiny"],
+                                         overrides=TINY + [f"model.generator={generator_dir}",
+                                                           *extra]).model_config)
+
+    torch.manual_seed(0)
+    m = make("model.center_motion=true", "model.controller.init_gain=1.0")
+    motion = torch.randn(6, 70, 9)
+    raw, cen = m.controller(motion), m._offsets(motion, 3)
+    assert raw.abs().amax() > 1e-3
+    assert cen.unflatten(0, (2, 3)).sum(1).abs().amax() < 1e-5
+    assert torch.allclose(cen[1] - cen[0], raw[1] - raw[0], atol=1e-6)
+    m.cfg.center_motion = False
+    assert torch.equal(m._offsets(motion, 3), raw)                 # the reference: raw offsets
+    r = make().generator.renderer.config                               # the tiny preset's
+    assert (r.recompute, r.chunk_points) == ("decoder", 16384)
+    assert make("model.render.recompute=false").generator.renderer.config.recompute is False
+    with pytest.raises(ValueError, match="model.render.plane_axes"):
+        make("model.render.plane_axes=xy_xz_zy")
+    with pytest.raises(ValueError, match="model.render.nope"):
+        make("model.render.nope=1")
+
+
+def test_pti_stops_by_a_perceptual_metric(run, data):
+    """With a metric (LPIPS in practice) pivotal tuning stops once it is <= pti_stop_metric,
+    OTAvatar's rule; without one the SmoothL1 rule (here: every iteration) applies."""
+    import glob
+    import os
+
+    from pyface.data.driving import read_source
+
+    pipe = pyface.models.load("otavatar", run[0], device="cpu")
+    pipe.model.cfg.pti_steps = 6
+    folder = os.path.dirname(sorted(glob.glob(f"{data}/**/coeffs.npy", recursive=True))[0])
+    src = read_source(folder, 16)
+    seen = []
+
+    def metric(pred, target):                   # 0.5, 0.5, then below OTAvatar's 0.06
+        assert pred.shape == target.shape == (1, 3, 16, 16)
+        seen.append(1)
+        return torch.full((1,), 0.5 if len(seen) < 3 else 0.01)
+
+    state = pipe.encode_source(src, pti_metric=metric)
+    assert state["pti_rule"] == "metric" and state["pti_loss"] == pytest.approx([0.5, 0.5, 0.01])
+    pipe.pti_metric = lambda p, t: torch.ones(1)          # never reached: every iteration
+    assert len(pipe.encode_source(src)["pti_loss"]) == 6
+    pipe.pti_metric = None
+    state = pipe.encode_source(src)
+    assert state["pti_rule"] == "smooth_l1" and len(state["pti_loss"]) == 6

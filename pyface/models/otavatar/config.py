@@ -36,6 +36,10 @@ class OTAvatarConfig:
             trained first by ``pyface train otavatar --preset tiny|gpu-short`` when empty).
         controller_init: a ``pyface convert otavatar`` folder whose controller initialises ours
             (None: Xavier init, gain ``controller.init_gain``).
+        render: overrides of the generator's :class:`pyface.nn.RenderConfig` fields applied
+            after loading it (e.g. ``recompute``, ``chunk_points``, ``backend``: how the
+            fused renderer trades memory for time; the sampling fields change the model).
+            Empty: the generator's own (the EG3D run's or the converted file's).
         controller: controller sizes (:class:`ControllerOptions`).
         local_batch: items per rank (the inverted latents are one row per item: rank-local
             parameters of this many rows; ``train.batch_size / world_size``).
@@ -50,6 +54,13 @@ class OTAvatarConfig:
             (0.5, 0.999), weight decay 1: the paper's l1 on the controller is this decay).
         generator_lr, generator_betas: Adam of the generator refinement (1e-4, (0.9, 0.9999)).
         clip: grad-norm clip of the controller and generator updates (1).
+        center_motion: training subtracts from each frame's controller offset the mean offset
+            of its item's K frames (False: the reference adds the raw offset). The shared w
+            absorbs a common offset anyway; centring keeps the part of the reconstruction error
+            that all frames of a video share (the identity misfit of a short inversion) out of
+            the controller's gradient, so the controller cannot learn to fix identities from a
+            video's motion signature. Inference is unchanged (w is inverted against the
+            source's own offset, so only differences from it act).
         w_clamp: training clamps ws to ``w_avg +- w_clamp`` (5; None: no clamp); inference never
             clamps.
         w_perceptual, style_weight: VGG19 perceptual loss (relu1_1..relu5_1, L1) and its Gram
@@ -71,12 +82,15 @@ class OTAvatarConfig:
         pti_steps, pti_lr, pti_stop: optional pivotal tuning after the inversion: a copy of the
             generator, Adam ``pti_lr`` (3e-4), at most ``pti_steps`` iterations (0: off; the
             reference: 50) of SmoothL1 on the raw and super-resolved images, stopping once that
-            loss is <= ``pti_stop`` (the reference stops at LPIPS <= 0.06; pyface.nn has no
-            LPIPS, so the rule is on the SmoothL1; None: run every iteration).
+            loss is <= ``pti_stop`` (None: run every iteration). With a perceptual metric
+            given to the pipeline (``OTAvatarPipeline.pti_metric``, e.g. LPIPS built from
+            user weights) the reference's rule applies instead: stop once the metric is <=
+            ``pti_stop_metric`` (0.06). The SmoothL1 rule is the fallback without weights.
     """
 
     generator: str | None = None
     controller_init: str | None = None
+    render: dict = field(default_factory=dict)
     controller: ControllerOptions = field(default_factory=ControllerOptions)
     local_batch: int = 6
     invert_iters: int = 100
@@ -93,6 +107,7 @@ class OTAvatarConfig:
     generator_betas: list[float] = field(default_factory=lambda: [0.9, 0.9999])
     clip: float = 1.0
     w_clamp: float | None = 5.0
+    center_motion: bool = False
     w_perceptual: float = 1.0
     style_weight: float = 250.0
     vgg_weights: str | None = None
@@ -112,3 +127,4 @@ class OTAvatarConfig:
     pti_steps: int = 0
     pti_lr: float = 3e-4
     pti_stop: float | None = None
+    pti_stop_metric: float = 0.06

@@ -48,12 +48,19 @@ _TINY = {
     # generator on the source (PTI, 100 iterations)
     "model": {"controller": {"window": 13, "descriptor": 64, "first_kernel": 3, "layers": 2,
                              "dilation": 2, "directions": 8},
+              # the eg3d tiny preset's renderer: the decoder recomputed in 16384-sample chunks
+              "render": {"recompute": "decoder", "chunk_points": 16384},
               "local_batch": 2, "invert_iters": 16, "invert_controller_iters": 2,
               "invert_lr": 0.1, "intrinsics_lr": 0.002, "controller_lr": 1e-3,
-              "controller_wd": 0.01, "generator_lr": 1e-4, "density_points": 500,
+              "controller_wd": 0.01, "generator_lr": 1e-3, "density_points": 500,
+              # a 16-iteration inversion leaves an identity misfit that both frames share:
+              # centring keeps it out of the controller (docs/models/otavatar.md)
+              "center_motion": True,
               "invert_steps": 30, "wplus_steps": 0, "pti_steps": 100, "pti_lr": 3e-3},
+    # 4 frames per inverted w (the reference: 2): more frame-to-frame differences for the
+    # controller per batch (docs/models/otavatar.md, motion transfer)
     "data": {"name": "motion_windows", "resolution": 32,
-             "options": {"frames_per_item": 2, "radius": 6, "repeats": 64}},
+             "options": {"frames_per_item": 4, "radius": 6, "repeats": 64}},
     "train": {"steps": 150, "batch_size": 2, "log_every": 10, "ckpt_every": 75,
               "image_every": 75, "video_frames": 0,
               "ema": {"modules": _EMA, "decay": 0.95, "half_life_kimg": None}},
@@ -95,20 +102,29 @@ def apply_intrinsics(camera: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return torch.cat([camera[:, :16], K], dim=1)
 
 
-def density_terms(G, planes: torch.Tensor, cfg: OTAvatarConfig) -> dict[str, torch.Tensor]:
+def density_terms(G, planes: torch.Tensor, cfg: OTAvatarConfig,
+                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Monotonic (no detach, x1) and TV (L1 under N(0, tv_sigma^2) jitter) density terms of
-    planes (N, 3, C, P, P) through G's decoder."""
+    planes (N, 3, C, P, P) through G's decoder; the points are drawn with ``generator``."""
     r = G.cfg.render
     out = {}
     if cfg.w_monotonic:
         out["monotonic"] = density_monotonic_regularizer(
             planes, G.decoder, n_points=cfg.density_points, box_size=r.box_warp, detach=False,
-            scale=1.0, plane_axes=r.plane_axes)
+            scale=1.0, plane_axes=r.plane_axes, generator=generator)
     if cfg.w_tv:
         out["tv"] = density_l1_regularizer(planes, G.decoder, n_points=cfg.density_points,
                                            p_dist=cfg.tv_sigma, plane_axes=r.plane_axes,
-                                           box_size=r.box_warp)
+                                           box_size=r.box_warp, generator=generator)
     return out
+
+
+def _item_generator(ctx: StepContext, item: int, frame: int, call: int,
+                    device="cpu") -> torch.Generator:
+    """A generator (on ``device``) seeded by (step, global item index, frame, call): the draws of an item do
+    not depend on how the global batch is split over ranks."""
+    seed = (ctx.step * 1_000_003 + item * 7_919 + frame * 104_729 + call * 15_485_863) % 2**62
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 class OTAvatar(TrainableModel):
@@ -156,6 +172,11 @@ class OTAvatar(TrainableModel):
         self.generator = load_registered("eg3d", cfg.generator, device="cpu").G
         self.generator.train()
         G = self.generator
+        for k, v in (cfg.render or {}).items():
+            if k == "plane_axes" or not hasattr(G.cfg.render, k):
+                raise ValueError(f"model.render.{k}: not a RenderConfig field that can be "
+                                 f"overridden (plane_axes is fixed by the weights); got {v!r}")
+            setattr(G.cfg.render, k, v)
         c = cfg.controller
         self.controller = MotionController(MotionControllerConfig(
             in_channels=MOTION_DIM, window=c.window, descriptor=c.descriptor,
@@ -273,16 +294,17 @@ class OTAvatar(TrainableModel):
             camk = apply_intrinsics(c, self.intrinsics[:B].repeat_interleave(K, 0))
             if it < n_w:
                 with torch.no_grad():
-                    offset = self.controller(m)
+                    offset = self._offsets(m, K)
                 ws = self._clamp(w + offset)
-                out = G_ema.synthesis(ws, camk, sr=False)
+                out = G_ema.synthesis(ws, camk, sr=False, **self._uniforms(ctx, B, range(K), it))
                 loss, _ = self.loss(out, x, lmf, sr=False)
                 ctx.update(("latent", "intrinsics"), loss)
                 first = loss.detach() if first is None else first
                 last = loss.detach()
             else:
-                ws = self._clamp(w.detach() + self.controller(m))
-                out = G_ema.synthesis(ws, camk.detach(), sr=True)
+                ws = self._clamp(w.detach() + self._offsets(m, K))
+                out = G_ema.synthesis(ws, camk.detach(), sr=True,
+                                      **self._uniforms(ctx, B, range(K), it))
                 loss, _ = self.loss(out, x, lmf, sr=True)
                 ctx.update("controller", loss)
         # 2. refinement of the controller and the generator, frame by frame
@@ -292,10 +314,12 @@ class OTAvatar(TrainableModel):
         total = x.new_zeros(())
         for f in range(K):
             sel = torch.arange(B, device=x.device) * K + f
-            ws = self._clamp(w + self.controller(m[sel]))
-            out = self.generator.synthesis(ws, apply_intrinsics(c[sel], kb), sr=True)
+            ws = self._clamp(w + self._offsets(m, K)[sel])
+            call = cfg.invert_iters + f
+            out = self.generator.synthesis(ws, apply_intrinsics(c[sel], kb), sr=True,
+                                           **self._uniforms(ctx, B, [f], call))
             loss, terms = self.loss(out, x[sel], None if lmf is None else lmf[sel], sr=True)
-            dens = density_terms(self.generator, out["planes"], cfg)
+            dens = self._density(ctx, out["planes"], f, call)
             if "monotonic" in dens:
                 loss = loss + cfg.w_monotonic * dens["monotonic"]
             if "tv" in dens:
@@ -312,6 +336,49 @@ class OTAvatar(TrainableModel):
                          "(refined loss %.5f)", ctx.step, float(first), float(last),
                          float(logs["invert_ratio"]), float(total))
         return logs
+
+    def _uniforms(self, ctx: StepContext, B: int, frames, call: int) -> dict[str, torch.Tensor]:
+        """The renderer's uniforms for frames ``frames`` of this rank's B items (rows item-major:
+        item b, frame f), ``stratified_noise`` (B len(frames), r*r, depth_resolution) and
+        ``importance_u`` (..., depth_resolution_importance), drawn per (step, global item,
+        frame, call) so that N ranks render what one process renders."""
+        G = self.generator
+        r, rc = G.resolve_resolution(None), G.cfg.render
+        dev = self.latent.device
+        strat, imp = [], []
+        for b in range(B):
+            for f in frames:
+                g = _item_generator(ctx, ctx.rank * B + b, f, call, dev)
+                strat.append(torch.rand(r * r, rc.depth_resolution, generator=g, device=dev))
+                if rc.depth_resolution_importance:
+                    imp.append(torch.rand(r * r, rc.depth_resolution_importance, generator=g,
+                                          device=dev))
+        out = {"stratified_noise": torch.stack(strat)}
+        if imp:
+            out["importance_u"] = torch.stack(imp)
+        return out
+
+    def _density(self, ctx: StepContext, planes: torch.Tensor, frame: int,
+                 call: int) -> dict[str, torch.Tensor]:
+        """:func:`density_terms` of planes (B, 3, C, P, P), the points of each item drawn per
+        (step, global item, frame) (the mean over items, as one batched draw would give)."""
+        B = planes.shape[0]
+        per = [density_terms(self.generator, planes[b:b + 1], self.cfg,
+                             _item_generator(ctx, ctx.rank * B + b, frame, call + 1_000,
+                                             planes.device))
+               for b in range(B)]
+        return {k: torch.stack([d[k] for d in per]).mean() for k in per[0]} if per else {}
+
+    def _offsets(self, m: torch.Tensor, K: int) -> torch.Tensor:
+        """m (B K, 70, window), the K frames of each item consecutive -> the controller's
+        offsets (B K, num_ws, w_dim); with ``center_motion`` each item's mean over its K frames
+        is subtracted (the shared latent w absorbs any common offset, so only the frame-to-frame
+        differences reach the controller's gradient)."""
+        off = self.controller(m)
+        if not self.cfg.center_motion or K < 2:
+            return off
+        o = off.unflatten(0, (-1, K))
+        return (o - o.mean(1, keepdim=True)).flatten(0, 1)
 
     def _clamp(self, ws: torch.Tensor) -> torch.Tensor:
         if self.cfg.w_clamp is None:

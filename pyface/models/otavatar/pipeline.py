@@ -96,11 +96,17 @@ def invert(model, image: torch.Tensor, camera: torch.Tensor, motion: torch.Tenso
 
 
 def pivotal_tuning(model, ws: torch.Tensor, camera: torch.Tensor, image: torch.Tensor, *,
-                   steps: int, lr: float, stop: float | None = None):
+                   steps: int, lr: float, stop: float | None = None, metric=None,
+                   metric_stop: float = 0.06):
     """PTI: a copy of ``model.generator`` tuned so that ``ws`` (1, num_ws, w_dim) seen from
     ``camera`` (1, 25) renders ``image`` (1, 3, R, R): Adam ``lr``, at most ``steps``
-    iterations of SmoothL1 on the raw (area-resized target) and super-resolved images, stopping
-    when the loss is <= ``stop``. Returns ``(generator copy (eval mode, frozen), losses)``."""
+    iterations of SmoothL1 on the raw (area-resized target) and super-resolved images.
+
+    Stopping rule: with ``metric`` (a callable ``(pred, target) -> (N,)`` distance of images
+    (N, 3, R, R) in [-1, 1], e.g. LPIPS), OTAvatar's: stop once the metric of the
+    super-resolved image before an update is <= ``metric_stop`` (0.06); without it, stop once
+    the SmoothL1 is <= ``stop`` (None: run every iteration). Returns ``(generator copy (eval
+    mode, frozen), losses)``; with ``metric`` the losses are the metric's values."""
     import copy
 
     import torch.nn.functional as F
@@ -113,14 +119,21 @@ def pivotal_tuning(model, ws: torch.Tensor, camera: torch.Tensor, image: torch.T
     for _ in range(steps):
         out = G.synthesis(ws, camera, sr=True)
         raw = out["image_raw"]
+        if metric is not None:
+            with torch.no_grad():
+                d = float(metric(out["image"].detach().clamp(-1, 1), image).mean())
+            losses.append(d)
+            if d <= metric_stop:
+                break
         tgt_raw = F.interpolate(image, size=raw.shape[-2:], mode="area")
         loss = F.smooth_l1_loss(out["image"], image) + F.smooth_l1_loss(raw, tgt_raw)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss.detach()))
-        if stop is not None and losses[-1] <= stop:
-            break
+        if metric is None:
+            losses.append(float(loss.detach()))
+            if stop is not None and losses[-1] <= stop:
+                break
     return G.eval().requires_grad_(False), losses
 
 
@@ -128,10 +141,17 @@ class OTAvatarPipeline(Pipeline):
     """OTAvatar as a portrait pipeline (see the module docstring). Controls of ``generate``:
     ``camera`` (``"driving"``: the driving frames' cameras, the default when they have one;
     ``"source"``: fixed at the source's; ``"orbit"``: EG3D's elliptic orbit, free view).
-    Controls of ``encode_source``: ``steps``, ``space`` (``"w"`` / ``"w+"``)."""
+    Controls of ``encode_source``: ``steps``, ``space`` (``"w"`` / ``"w+"``), ``pti_steps``.
 
-    def __init__(self, model, *, device=None):
+    ``pti_metric``: a perceptual distance ``(pred, target) -> (N,)`` on (N, 3, R, R) images in
+    [-1, 1] (e.g. ``pyface.eval.lpips.LPIPS``); when set, pivotal tuning stops by OTAvatar's
+    rule, the metric <= ``model.cfg.pti_stop_metric`` (0.06); otherwise by the SmoothL1 rule
+    (``pti_stop``). pyface.models does not build one (no weights ship): the caller passes it
+    (constructor, attribute or ``encode_source(pti_metric=...)``)."""
+
+    def __init__(self, model, *, device=None, pti_metric=None):
         self.resolution = int(model.generator.cfg.img_resolution)
+        self.pti_metric = pti_metric
         super().__init__(model, device=device)
 
     @classmethod
@@ -169,7 +189,8 @@ class OTAvatarPipeline(Pipeline):
         return motion_window(coeffs.float(), torch.arange(T), radius).to(self.device)
 
     def encode_source(self, source: dict, *, steps: int | None = None,
-                      space: str | None = None, pti_steps: int | None = None) -> dict:
+                      space: str | None = None, pti_steps: int | None = None,
+                      pti_metric=None) -> dict:
         model, cfg = self.model, self.model.cfg
         source = self.prepare(source, batched=False)
         if "camera" not in source:
@@ -202,9 +223,12 @@ class OTAvatarPipeline(Pipeline):
             with torch.enable_grad():
                 with torch.no_grad():
                     ws = w + model.controller(motion)
+                metric = pti_metric if pti_metric is not None else self.pti_metric
                 G, pl = pivotal_tuning(model, ws, apply_intrinsics(cam, kb), img, steps=pti,
-                                       lr=cfg.pti_lr, stop=cfg.pti_stop)
+                                       lr=cfg.pti_lr, stop=cfg.pti_stop, metric=metric,
+                                       metric_stop=cfg.pti_stop_metric)
             state["generator"], state["pti_loss"] = G, pl
+            state["pti_rule"] = "metric" if metric is not None else "smooth_l1"
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         state["seconds"] = time.perf_counter() - t0
