@@ -178,6 +178,55 @@ def test_landmark_flow_loss_measures_the_motion_at_the_landmarks():
         landmark_flow_loss(ident, lm_s, lm_d[:, :10], size, w)
 
 
+def test_mouth_shape_removes_the_similarity_transform_and_follows_the_jaw():
+    from pyface.models.mmfa.model import MOUTH_SHAPE_POINTS, expression_landmark_loss, mouth_shape
+
+    g = torch.Generator().manual_seed(0)
+    lm = torch.rand(3, 68, 2, generator=g) * 40 + 10
+    a = torch.tensor(0.4)
+    rot = torch.stack([torch.stack([a.cos(), -a.sin()]), torch.stack([a.sin(), a.cos()])])
+    moved = 1.7 * lm @ rot.T + torch.tensor([5.0, -3.0])
+    shape = mouth_shape(lm)
+    assert shape.shape == (3, 2 * len(MOUTH_SHAPE_POINTS))
+    torch.testing.assert_close(mouth_shape(moved), shape, atol=1e-4, rtol=1e-4)
+    # eyes level at y = 0, left to right 10 px apart: the lower lip 4 px down -> y grows by 0.4
+    flat = lm.clone()
+    flat[:, 36:42] = torch.tensor([20.0, 30.0])
+    flat[:, 42:48] = torch.tensor([30.0, 30.0])
+    open_ = flat.clone()
+    open_[:, 57, 1] += 4.0
+    diff = mouth_shape(open_) - mouth_shape(flat)
+    i = MOUTH_SHAPE_POINTS.index(57)
+    torch.testing.assert_close(diff[:, 2 * i + 1], torch.full((3,), 0.4))
+    assert diff.abs().sum() == pytest.approx(1.2, abs=1e-5)
+    zero = expression_landmark_loss(torch.zeros_like(diff), diff, flat, open_)
+    assert float(zero) == pytest.approx(0.0, abs=1e-6)
+    assert float(expression_landmark_loss(diff, diff, flat, open_)) > 0
+    with pytest.raises(ValueError, match="pred_driving"):
+        expression_landmark_loss(diff, diff[:, :4], flat, open_)
+    with pytest.raises(ValueError, match="landmarks"):
+        mouth_shape(lm[:, :60])
+
+
+def test_expression_landmark_term_trains_the_expression_encoder(data_root):
+    from pyface.data.datasets import PairDataset
+
+    ds = PairDataset(data_root, resolution=RES)
+    batch = torch.utils.data.default_collate([ds[0], ds[1]])
+    assert micro_model(w_exp_landmark=0.0).exp_landmark_head is None
+    m = micro_model(w_landmark=0.0, w_exp_landmark=10.0, w_rec=0.0, w_equivariance=0.0,
+                    w_exp_consistency=0.0, w_prior=0.0, w_delta=0.0, w_canonical=0.0,
+                    w_gan=0.0, w_fm=0.0)
+    assert any(p is m.exp_landmark_head.weight for p in m.generator_parameters())
+    logs = m.step("G", batch, None)
+    assert float(logs["exp_landmark"]) > 0 and "landmark" not in logs
+    logs["loss"].backward()
+    assert m.exp_encoder.first.conv.weight.grad.abs().sum() > 0
+    assert m.exp_landmark_head.weight.grad.abs().sum() > 0
+    g = m.pose_encoder.fc.weight.grad         # every other term is weighted 0
+    assert g is None or float(g.abs().sum()) == 0
+
+
 def test_landmark_term_in_the_step_and_without_landmarks(data_root):
     from pyface.data.datasets import PairDataset
 
@@ -190,7 +239,7 @@ def test_landmark_term_in_the_step_and_without_landmarks(data_root):
     assert m.pose_encoder.fc.weight.grad.abs().sum() > 0
     for f in ("source", "driving"):
         batch[f].pop("landmarks")
-    with pytest.warns(UserWarning, match="landmark term is off"):
+    with pytest.warns(UserWarning, match="landmark terms are off"):
         logs = m.step("G", batch, None)
     assert "landmark" not in logs
     import warnings

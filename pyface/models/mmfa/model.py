@@ -68,7 +68,10 @@ class MMFAConfig:
     motion at the driving frame's 68 landmarks must land on the source's (the frames'
     ``landmarks``: synthetic ground truth, or a detector's from ``pyface data prepare``), part
     weights ``landmark_weights`` (rest, eyes, mouth); frames without landmarks warn once and the
-    term is off.
+    term is off. ``w_exp_landmark`` the expression-landmark term (:func:`mouth_shape`,
+    :func:`expression_landmark_loss`): a linear head on f_exp must predict the change of the
+    eye-aligned mouth and chin landmarks from the source to the driving frame (0: off, and no
+    head is built).
     """
 
     resolution: int = 256
@@ -123,6 +126,7 @@ class MMFAConfig:
     w_canonical: float = 10.0
     w_landmark: float = 10.0
     landmark_weights: list[float] = field(default_factory=lambda: [1.0, 2.0, 2.0])
+    w_exp_landmark: float = 0.0
     sigma_affine: float = 0.05
     sigma_tps: float = 0.005
     # optimisation
@@ -144,6 +148,47 @@ def landmark_point_weights(weights, device=None) -> torch.Tensor:
     w[36:48] = float(weights[1])
     w[48:68] = float(weights[2])
     return w
+
+
+#: landmarks of the expression-landmark term: the mouth (48-67) and the chin (6-10)
+MOUTH_SHAPE_POINTS = tuple(range(48, 68)) + tuple(range(6, 11))
+
+
+def mouth_shape(landmarks: torch.Tensor) -> torch.Tensor:
+    """The eye-aligned shape of the mouth and chin: (B, 68, 2) landmarks in pixels ->
+    (B, 2 * len(MOUTH_SHAPE_POINTS)) coordinates of :data:`MOUTH_SHAPE_POINTS` in a frame with
+    its origin between the eye centres, its x axis along the eye line and the inter-ocular
+    distance as unit (in-plane rotation, scale and translation removed)."""
+    if landmarks.dim() != 3 or tuple(landmarks.shape[1:]) != (68, 2):
+        raise ValueError(f"landmarks: expected shape (B, 68, 2), got {tuple(landmarks.shape)}")
+    left, right = landmarks[:, 36:42].mean(1), landmarks[:, 42:48].mean(1)    # (B, 2)
+    origin, axis = (left + right) / 2, right - left
+    dist = axis.norm(dim=-1, keepdim=True).clamp_min(1e-6)                   # (B, 1)
+    ex = axis / dist
+    ey = torch.stack([-ex[:, 1], ex[:, 0]], -1)
+    pts = landmarks[:, list(MOUTH_SHAPE_POINTS)] - origin[:, None]           # (B, P, 2)
+    local = torch.stack([(pts * ex[:, None]).sum(-1), (pts * ey[:, None]).sum(-1)], -1)
+    return (local / dist[:, None]).flatten(1)
+
+
+def expression_landmark_loss(pred_source: torch.Tensor, pred_driving: torch.Tensor,
+                             lm_source: torch.Tensor, lm_driving: torch.Tensor) -> torch.Tensor:
+    """The expression-landmark term: the predicted change of the mouth shape from source to
+    driving against the landmarks' change.
+
+    Args:
+        pred_source, pred_driving: (B, 2P) the linear head's output on each frame's f_exp.
+        lm_source, lm_driving: (B, 68, 2) landmarks in pixels.
+    Returns:
+        () mean abs of ``(pred_d - pred_s) - (mouth_shape(lm_d) - mouth_shape(lm_s))`` in
+        inter-ocular distances.
+    """
+    target = mouth_shape(lm_driving) - mouth_shape(lm_source)
+    for name, p in (("pred_source", pred_source), ("pred_driving", pred_driving)):
+        if p.shape != target.shape:
+            raise ValueError(f"{name}: expected shape {tuple(target.shape)}, got "
+                             f"{tuple(p.shape)}")
+    return ((pred_driving - pred_source) - target).abs().mean()
 
 
 def pixels_to_grid(points: torch.Tensor, size: int) -> torch.Tensor:
@@ -228,7 +273,7 @@ class MMFA(TrainableModel):
                            "dm_block_expansion": 16, "dm_blocks": 3, "dm_max_features": 128,
                            "dec_channels": [64, 32, 16], "enc_channels": [16, 32, 64, 64],
                            "exp_dim": 32, "exp_hidden": 64, "w_gan": 0.0, "w_fm": 0.0,
-                           "source_blend": True, "w_delta": 0.5,
+                           "source_blend": True, "w_delta": 0.5, "w_exp_landmark": 10.0,
                            "lr": 1e-3, "betas": [0.5, 0.999]},
                  "data": {"resolution": 64},
                  "train": {"steps": 800, "batch_size": 4, "ckpt_every": 200,
@@ -237,14 +282,14 @@ class MMFA(TrainableModel):
                                            "min_factor": 0.1}}},
         # spec (b): one H100/H200, about 8 minutes
         "gpu-short": {"model": {"resolution": 256, "num_kp": 15, "lr": 4e-4,
-                                "source_blend": True},
+                                "source_blend": True, "w_exp_landmark": 10.0},
                       "data": {"resolution": 256},
                       "train": {"steps": 2500, "batch_size": 16, "precision": "bf16",
                                 "ckpt_every": 500, "image_every": 500,
                                 "lr_schedule": {"kind": "cosine", "warmup_steps": 100,
                                                 "min_factor": 0.1}}},
         # paper scale (face-vid2vid reimplementation's schedule)
-        "full": {"model": {"resolution": 256, "num_kp": 15},
+        "full": {"model": {"resolution": 256, "num_kp": 15, "w_exp_landmark": 10.0},
                  "data": {"resolution": 256},
                  "train": {"steps": 100000, "batch_size": 16}},
     }
@@ -282,6 +327,9 @@ class MMFA(TrainableModel):
         nn.init.zeros_(self.pose_encoder.fc.bias)
         self.exp_encoder = ImageEncoder(list(cfg.enc_channels), cfg.exp_dim)
         self.exp_decoder = ExpressionDecoder(cfg.exp_dim, K, cfg.exp_hidden)
+        # training-only head of the expression-landmark term (f_exp -> mouth-shape coordinates)
+        self.exp_landmark_head = (nn.Linear(cfg.exp_dim, 2 * len(MOUTH_SHAPE_POINTS))
+                                  if cfg.w_exp_landmark > 0 else None)
         self.dense_motion = DenseMotion(DenseMotionConfig(
             num_kp=K, feature_channel=cfg.app_channels, block_expansion=cfg.dm_block_expansion,
             num_blocks=cfg.dm_blocks, max_features=cfg.dm_max_features,
@@ -317,10 +365,11 @@ class MMFA(TrainableModel):
 
     # --- generator-side modules ---------------------------------------------------------
     GENERATOR = ("appearance", "kp_detector", "pose_encoder", "exp_encoder", "exp_decoder",
-                 "dense_motion", "decoder")
+                 "dense_motion", "decoder", "exp_landmark_head")
 
     def generator_parameters(self):
-        return [p for n in self.GENERATOR for p in getattr(self, n).parameters()]
+        return [p for n in self.GENERATOR if getattr(self, n) is not None
+                for p in getattr(self, n).parameters()]
 
     # --- pieces -------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -473,14 +522,21 @@ class MMFA(TrainableModel):
         kp_s = pose_keypoints(kc, rs, mo["scale"][:B], mo["translation"][:B], delta[:B])
         kp_d = pose_keypoints(kc, rd, mo["scale"][B:2 * B], mo["translation"][B:2 * B],
                               delta[B:2 * B])
-        lms = self._landmarks(batch) if c.w_landmark > 0 else None
-        out = self.render(self.appearance(src), kp_s, kp_d, src, flow=lms is not None)
+        lms = (self._landmarks(batch) if c.w_landmark > 0 or c.w_exp_landmark > 0 else None)
+        out = self.render(self.appearance(src), kp_s, kp_d, src,
+                          flow=lms is not None and c.w_landmark > 0)
         logs = {}
-        if lms is not None:
+        loss_lm = src.new_zeros(())
+        if lms is not None and c.w_landmark > 0:
             lm = landmark_flow_loss(out["flow"].float(), lms[0], lms[1], c.resolution,
                                     self._lm_weights)
             logs["landmark"] = lm.detach()
-            loss_lm = c.w_landmark * lm
+            loss_lm = loss_lm + c.w_landmark * lm
+        if lms is not None and self.exp_landmark_head is not None:
+            pred = self.exp_landmark_head(f[:2 * B].float())
+            el = expression_landmark_loss(pred[:B], pred[B:], lms[0], lms[1])
+            logs["exp_landmark"] = el.detach()
+            loss_lm = loss_lm + c.w_exp_landmark * el
         n = len(out["images"])
         rec = src.new_zeros(())
         for i, img in enumerate(out["images"]):
@@ -537,8 +593,9 @@ class MMFA(TrainableModel):
             if lm is None or lm.dim() != 3 or tuple(lm.shape[1:]) != (68, 2):
                 if not self._lm_warned:
                     got = None if lm is None else tuple(lm.shape)
-                    warnings.warn(f"MMFA: model.w_landmark > 0 but batch['{name}']['landmarks'] "
-                                  f"is {got}, expected (B, 68, 2); the landmark term is off")
+                    warnings.warn(f"MMFA: model.w_landmark or model.w_exp_landmark > 0 but "
+                                  f"batch['{name}']['landmarks'] is {got}, expected (B, 68, 2); "
+                                  f"the landmark terms are off")
                     self._lm_warned = True
                 return None
             lms.append(lm.float())
