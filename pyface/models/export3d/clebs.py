@@ -68,6 +68,12 @@ class CLeBSConfig:
             into the 3DMM expression is constant within a video, like this offset, so the same-
             video contrast teaches f_e to ignore it in every direction, not only in the few
             spanned by the training identities.
+        w_invariance: weight of the video-invariance term ([D], 0: off): for every coefficient
+            lambda_i, the variance of its clip means across the batch's clips (different
+            videos) over its mean variance within a clip. Appearance that leaks into the 3DMM
+            expression is constant within a video and differs between videos; the InfoNCE over
+            frames of one video is blind to such constants, this term is not. It needs many
+            training identities to generalise (docs/models/export3d.md, "CLeBS checks").
     """
 
     n: int = 10
@@ -82,6 +88,7 @@ class CLeBSConfig:
     weight_decay: float = 0.01
     augment: float = 0.0
     offset_noise: float = 0.0
+    w_invariance: float = 0.0
 
 
 def augment_frames(img: torch.Tensor, amount: float) -> torch.Tensor:
@@ -99,6 +106,18 @@ def augment_frames(img: torch.Tensor, amount: float) -> torch.Tensor:
     gain = 1 + (torch.rand(B, 3, 1, 1, device=dev, dtype=dt) * 2 - 1) * amount
     off = (torch.rand(B, 3, 1, 1, device=dev, dtype=dt) * 2 - 1) * amount
     return out * gain + off
+
+
+def video_invariance(lam: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """lam (B, N, n): the coefficients of N frames of each of B videos (B >= 2) -> scalar:
+    sum over the n coefficients of var_B(mean_N lam) / (mean_B var_N lam + eps). Small when every
+    coefficient varies within a video and its video means agree (an LDA-style ratio)."""
+    if lam.dim() != 3 or lam.shape[0] < 2 or lam.shape[1] < 2:
+        raise ValueError(f"lam: expected (B, N, n) with B >= 2 videos and N >= 2 frames, got "
+                         f"{tuple(lam.shape)}")
+    between = lam.mean(1).var(0)                      # (n,)
+    within = lam.var(1).mean(0)                       # (n,)
+    return (between / (within + eps)).sum()
 
 
 class ExpressionEncoder(nn.Module):
@@ -237,12 +256,17 @@ class CLeBS(TrainableModel):
         if "coeffs" not in batch:
             raise ValueError("batch: CLeBS needs 'coeffs' (B, N, 257) (the clips dataset on "
                              "videos with coeffs.npy)")
-        f_img, beta_p, _ = self.embed(batch["image"], batch["coeffs"])
+        f_img, beta_p, lam = self.embed(batch["image"], batch["coeffs"])
         tau = self.temperature()
         loss = info_nce(f_img.float(), beta_p.float(), tau)
+        logs = {}
+        if self.cfg.w_invariance > 0 and lam.shape[0] > 1:
+            inv = video_invariance(lam.float())
+            loss = loss + self.cfg.w_invariance * inv
+            logs["invariance"] = inv.detach()
         with torch.no_grad():
             q = F.normalize(f_img.float(), dim=-1)
             k = F.normalize(beta_p.float(), dim=-1)
             top1 = ((q @ k.transpose(1, 2)).argmax(-1)
                     == torch.arange(q.shape[1], device=q.device)).float().mean()
-        return {"loss": loss, "top1": top1, "tau": tau.detach()}
+        return {"loss": loss, "top1": top1, "tau": tau.detach(), **logs}

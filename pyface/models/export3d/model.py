@@ -72,6 +72,11 @@ class Export3DConfig:
         sr_guide: also feed the source image at the output resolution to the last stage of the
             super-resolution (``PlainSuperResolution`` guide; [D], not in the paper; default
             off).
+        sr_cond: modulate every super-resolution stage with the expression condition c
+            (``PlainSuperResolution(cond_dim=...)``, zero-initialised; [D], not in the paper: the
+            paper's SR has no style input; default off). At ``tiny`` the raw render is 16^2 and
+            the source reaches the SR at 64^2, so without it the mouth of the output follows the
+            source, not the driving expression (docs/models/export3d.md).
         augment: joint colour augmentation of the training pair ([D]; 0: off): source and
             driving frame get the same random RGB permutation, per-channel gain 1 +- augment and
             offset +- augment, so the generator learns to carry the source's colours instead of
@@ -123,6 +128,7 @@ class Export3DConfig:
     sr_source: bool = False
     sr_guide: bool = False
     raw_background: bool = False
+    sr_cond: bool = False
     augment: float = 0.0
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
@@ -320,7 +326,8 @@ class Export3D(TrainableModel):
             ray_end=cfg.ray_end, box_warp=cfg.box_warp))
         self.sr = PlainSuperResolution(channels=cfg.decoder_features - 3 + 3 * cfg.sr_source,
                                        widths=tuple(cfg.sr_widths),
-                                       guide_channels=3 if cfg.sr_guide else 0)
+                                       guide_channels=3 if cfg.sr_guide else 0,
+                                       cond_dim=cfg.cond_dim if cfg.sr_cond else 0)
         self.D = None
         if cfg.w_gan > 0:
             self.D = DualDiscriminator(c_dim=25, img_resolution=cfg.resolution,
@@ -359,10 +366,11 @@ class Export3D(TrainableModel):
         return lam, self.cond.from_code(beta, lam)
 
     def render(self, planes: torch.Tensor, camera: torch.Tensor,
-               source: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               source: torch.Tensor | None = None,
+               cond: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """planes (B, 3, C, P, P), camera (B, 25) -> image (B, 3, H, W), image_raw (B, 3, r, r),
         image_depth (B, 1, r, r). ``source`` (B or 1, 3, H, W): required with ``sr_source`` or
-        ``sr_guide``."""
+        ``sr_guide``; ``cond`` (B, cond_dim): required with ``sr_cond``."""
         B = planes.shape[0]
         if camera.dim() != 2 or camera.shape != (B, 25):
             raise ValueError(f"camera: expected shape ({B}, 25) (EG3D labels), got "
@@ -399,7 +407,10 @@ class Export3D(TrainableModel):
             extra = torch.cat([extra, small], 1)
         if self.cfg.sr_guide:
             guide = source.to(feat.dtype).expand(B, -1, -1, -1)
-        image = self.sr(rgb, extra, guide)
+        if self.cfg.sr_cond and (cond is None or cond.shape != (B, self.cfg.cond_dim)):
+            raise ValueError(f"cond: expected ({B}, {self.cfg.cond_dim}) with model.sr_cond, got "
+                             f"{None if cond is None else tuple(cond.shape)}")
+        image = self.sr(rgb, extra, guide, cond if self.cfg.sr_cond else None)
         return {"image": image, "image_raw": rgb, "image_depth": out["image_depth"],
                 "image_opacity": opacity}
 
@@ -411,7 +422,7 @@ class Export3D(TrainableModel):
                              f"{tuple(beta.shape)}")
         lam, cond = self.condition(beta, lam_scale)
         planes = self.generator(source, cond, update_ema=update_ema)
-        out = self.render(planes, camera, source)
+        out = self.render(planes, camera, source, cond)
         out["planes"] = planes
         if lam is not None:
             out["lambda"] = lam
