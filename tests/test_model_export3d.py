@@ -348,3 +348,32 @@ def test_online_ema_follows_the_generated_planes_not_itself():
             g(img, c, update_ema=True)
     # T_EMA converges to mean_B(G) (an EMA of T = G + T_EMA would grow without bound)
     torch.testing.assert_close(g.planes_ema, gen.mean(0, keepdim=True), atol=1e-5, rtol=1e-4)
+
+
+def test_expression_whitening_by_video_statistics():
+    torch.manual_seed(0)
+    enc = ExpressionEncoder(3, 8, [], whiten=True, whiten_momentum=0.5)
+    offsets = torch.randn(400, 1, 64) * torch.linspace(0.1, 3, 64)    # per-video, anisotropic
+    beta = offsets + 0.01 * torch.randn(400, 6, 64)
+    for _ in range(5):
+        enc.update_video_stats(beta)
+    x = (beta - enc.video_mean) @ enc.whitener
+    cov = torch.cov(x.mean(1).t())
+    # the per-video means are (close to) white after the transform
+    assert cov.diagonal().std() < 0.2 * cov.diagonal().mean()
+    lam, _ = enc(beta[0])
+    torch.testing.assert_close(lam, enc.mlp(x[0]))
+    with pytest.raises(ValueError, match="beta: expected \\(B, N, 64\\)"):
+        enc.update_video_stats(beta[:1])
+    with pytest.raises(ValueError, match="whiten=False"):
+        ExpressionEncoder(3, 8, []).update_video_stats(beta)
+    # a CLeBS with whiten updates the statistics in training only
+    m = CLeBS(CLeBS.Config(n=3, dim=8, hidden=[], image_stem=8, image_widths=[8, 16],
+                           image_depths=[1, 1], resolution=32, whiten=True))
+    img = torch.zeros(2, 4, 3, 32, 32, dtype=torch.uint8)
+    m.eval()
+    m.embed(img, torch.randn(2, 4, 257))
+    assert int(m.expr.video_batches) == 0
+    m.train()
+    m.embed(img, torch.randn(2, 4, 257))
+    assert int(m.expr.video_batches) == 1 and not torch.equal(m.expr.whitener, torch.eye(64))

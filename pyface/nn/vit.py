@@ -128,9 +128,10 @@ class PlainSuperResolutionConfig:
         image_channel: channels of the raw RGB and of the output.
         guide_channels: channels of an optional output-resolution guide image (0: none), added
             through a 3x3 conv to the input of the last stage.
-        cond_dim: width of an optional condition vector (0: none): every stage's input is
-            modulated as ``x (1 + scale(c)) + shift(c)`` per channel (zero-initialised linear
-            maps, so the initial output does not depend on it).
+        cond_dim: width of an optional condition vector (0: none): the first stage's input
+            (at the input resolution, where it costs the least memory) is modulated as
+            ``x (1 + scale(c)) + shift(c)`` per channel (a zero-initialised linear map, so the
+            initial output does not depend on it).
     """
 
     channels: int = 32
@@ -178,7 +179,7 @@ class PlainSuperResolution(nn.Module):
                       else None)
         self.modulation = None
         if c.cond_dim:
-            self.modulation = nn.ModuleList(nn.Linear(c.cond_dim, 2 * wi) for wi in w)
+            self.modulation = nn.ModuleList([nn.Linear(c.cond_dim, 2 * w[0])])
             for lin in self.modulation:
                 nn.init.zeros_(lin.weight)
                 nn.init.zeros_(lin.bias)
@@ -220,8 +221,8 @@ class PlainSuperResolution(nn.Module):
                 x = F.leaky_relu(self.up[i - 1](x), 0.2, inplace=True)
             if i == last and self.guide is not None:
                 x = x + self.guide(guide.to(x.dtype))
-            if self.modulation is not None:
-                scale, shift = self.modulation[i](cond.to(x.dtype))[:, :, None, None].chunk(2, 1)
+            if i == 0 and self.modulation is not None:
+                scale, shift = self.modulation[0](cond.to(x.dtype))[:, :, None, None].chunk(2, 1)
                 x = x * (1 + scale) + shift
             x = stage(x)
         base = rgb if self.scale == 1 else F.interpolate(

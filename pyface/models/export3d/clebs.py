@@ -74,6 +74,9 @@ class CLeBSConfig:
             expression is constant within a video and differs between videos; the InfoNCE over
             frames of one video is blind to such constants, this term is not. It needs many
             training identities to generalise (docs/models/export3d.md, "CLeBS checks").
+        whiten: f_e whitens beta by the running covariance of the training videos' mean
+            expression before its MLP ([D], :meth:`ExpressionEncoder.update_video_stats`;
+            the statistics are buffers of f_e, frozen with it after pre-training).
     """
 
     n: int = 10
@@ -89,6 +92,7 @@ class CLeBSConfig:
     augment: float = 0.0
     offset_noise: float = 0.0
     w_invariance: float = 0.0
+    whiten: bool = False
 
 
 def augment_frames(img: torch.Tensor, amount: float) -> torch.Tensor:
@@ -127,8 +131,18 @@ class ExpressionEncoder(nn.Module):
     ``forward`` both. V (dim, n) has orthonormal columns (``basis.basis()``).
     """
 
-    def __init__(self, n: int, dim: int, hidden: list[int] | tuple[int, ...] = (256, 256)):
+    def __init__(self, n: int, dim: int, hidden: list[int] | tuple[int, ...] = (256, 256),
+                 whiten: bool = False, whiten_momentum: float = 0.99):
         super().__init__()
+        self.whiten = bool(whiten)
+        self.whiten_momentum = float(whiten_momentum)
+        if self.whiten:
+            # running statistics of the per-video mean expression (training clips) and the
+            # whitening transform they give: beta -> (beta - mean) W, W = cov^(-1/2)
+            self.register_buffer("video_mean", torch.zeros(EXP_DIM))
+            self.register_buffer("video_cov", torch.zeros(EXP_DIM, EXP_DIM))
+            self.register_buffer("whitener", torch.eye(EXP_DIM))
+            self.register_buffer("video_batches", torch.zeros((), dtype=torch.long))
         layers: list[nn.Module] = []
         cin = EXP_DIM
         for h in hidden:
@@ -139,11 +153,45 @@ class ExpressionEncoder(nn.Module):
         self.basis = OrthogonalBasis(dim, n)
         self.n, self.dim = n, dim
 
+    @torch.no_grad()
+    def update_video_stats(self, beta: torch.Tensor, eps: float = 1e-2) -> None:
+        """beta (B, N, 64): N frames of each of B videos (training) -> updates the running mean
+        and covariance of the per-video mean expression (EMA, ``whiten_momentum``) and the
+        whitener ``V diag(1 / sqrt(e + eps mean(e))) V^T`` of that covariance (eigen-
+        decomposition ``V diag(e) V^T``). Appearance that leaks into the 3DMM expression moves
+        every frame of a video alike, so it lives in this covariance; the within-video
+        expression changes that CLeBS contrasts stand out after whitening."""
+        if not self.whiten:
+            raise ValueError("update_video_stats: this encoder was built with whiten=False")
+        if beta.dim() != 3 or beta.shape[0] < 2 or beta.shape[-1] != EXP_DIM:
+            raise ValueError(f"beta: expected (B, N, {EXP_DIM}) with B >= 2 videos, got "
+                             f"{tuple(beta.shape)}")
+        means = beta.float().mean(1)                                      # (B, 64)
+        mu = means.mean(0)
+        d = means - mu
+        cov = d.t() @ d / (means.shape[0] - 1)
+        if int(self.video_batches) == 0:
+            self.video_mean.copy_(mu)
+            self.video_cov.copy_(cov)
+        else:
+            m = self.whiten_momentum
+            delta = mu - self.video_mean
+            self.video_mean.add_(delta, alpha=1 - m)
+            self.video_cov.mul_(m).add_(cov + m * torch.outer(delta, delta), alpha=1 - m)
+        self.video_batches += 1
+        e, V = torch.linalg.eigh(self.video_cov.double())
+        e = e.clamp_min(0)
+        inv = (e + eps * e.mean() + 1e-12).rsqrt()
+        self.whitener.copy_((V * inv) @ V.t())
+
     def coefficients(self, beta: torch.Tensor) -> torch.Tensor:
         if beta.dim() < 1 or beta.shape[-1] != EXP_DIM:
             raise ValueError(f"beta: expected 3DMM expression of shape (..., {EXP_DIM}), got "
                              f"{tuple(beta.shape)}")
-        return self.mlp(beta.float())
+        x = beta.float()
+        if self.whiten:
+            x = (x - self.video_mean) @ self.whitener
+        return self.mlp(x)
 
     def combine(self, lam: torch.Tensor) -> torch.Tensor:
         return self.basis(lam)
@@ -216,7 +264,7 @@ class CLeBS(TrainableModel):
         if cfg.n < 1 or cfg.n > cfg.dim:
             raise ValueError(f"model.n: expected 1 <= n <= model.dim ({cfg.dim}), got {cfg.n}")
         self.cfg = cfg
-        self.expr = ExpressionEncoder(cfg.n, cfg.dim, cfg.hidden)
+        self.expr = ExpressionEncoder(cfg.n, cfg.dim, cfg.hidden, whiten=cfg.whiten)
         self.image_encoder = ImageEncoder(cfg.dim, cfg.image_stem, cfg.image_widths,
                                           cfg.image_depths)
         self.temperature = LearnableTemperature(cfg.temperature)
@@ -249,6 +297,8 @@ class CLeBS(TrainableModel):
         beta = expression_of(coeffs)
         if self.training and self.cfg.offset_noise > 0:
             beta = beta + torch.randn(B, 1, EXP_DIM, device=beta.device) * self.cfg.offset_noise
+        if self.training and self.cfg.whiten and B > 1:
+            self.expr.update_video_stats(beta)
         lam, beta_p = self.expr(beta)
         return f_img, beta_p, lam
 

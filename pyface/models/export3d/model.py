@@ -62,6 +62,9 @@ class Export3DConfig:
         blur_sigma, ema_momentum: see :class:`GeneratorConfig`.
         decoder_hidden, decoder_features: OSGDecoder widths (the first 3 features are RGB).
         depth_samples, importance_samples, ray_start, ray_end, box_warp: the renderer.
+        render_chunk_points: samples per chunk of the fused renderer's recomputing backward
+            (``RenderConfig.chunk_points``; None: the op's default, one chunk at ``tiny``);
+            smaller chunks lower the peak memory of a training step.
         sr_widths: PlainSuperResolution widths; scale 2^(len - 1).
         sr_source: also feed the source image, resized to the raw resolution, to the
             super-resolution ([D], not in the paper; default off).
@@ -72,8 +75,9 @@ class Export3DConfig:
         sr_guide: also feed the source image at the output resolution to the last stage of the
             super-resolution (``PlainSuperResolution`` guide; [D], not in the paper; default
             off).
-        sr_cond: modulate every super-resolution stage with the expression condition c
-            (``PlainSuperResolution(cond_dim=...)``, zero-initialised; [D], not in the paper: the
+        sr_cond: modulate the super-resolution's first stage (at the raw resolution) with the
+            expression condition c (``PlainSuperResolution(cond_dim=...)``, zero-initialised;
+            [D], not in the paper: the
             paper's SR has no style input; default off). At ``tiny`` the raw render is 16^2 and
             the source reaches the SR at 64^2, so without it the mouth of the output follows the
             source, not the driving expression (docs/models/export3d.md).
@@ -124,6 +128,7 @@ class Export3DConfig:
     ray_start: float = 2.25
     ray_end: float = 3.3
     box_warp: float = 1.0
+    render_chunk_points: int | None = None
     sr_widths: list[int] = field(default_factory=lambda: [256, 128, 64])
     sr_source: bool = False
     sr_guide: bool = False
@@ -251,12 +256,13 @@ class Export3D(TrainableModel):
         # the head (docs/models/export3d.md, "Generator at tiny")
         "tiny": {"model": {"resolution": 64, "stem_widths": [8, 32, 64], "vit_dim": 64,
                            "vit_depth": 2, "vit_heads": 2, "cond_dim": 64, "ups": 2,
-                           "up_widths": [48, 32], "plane_channels": 16, "n": 6, "code_dim": 64,
+                           "up_widths": [48, 32], "plane_channels": 16, "n": 10, "code_dim": 64,
                            "decoder_hidden": 32, "decoder_features": 16,
                            "depth_samples": 12, "importance_samples": 12,
                            "sr_widths": [24, 16, 8], "lr": 1e-3, "betas": [0.9, 0.99],
                            "ema_momentum": 0.99, "blur_sigma": 0.5, "sr_source": True,
-                           "sr_guide": True, "raw_background": True, "augment": 0.2,
+                           "sr_guide": True, "sr_cond": True, "raw_background": True,
+                           "augment": 0.2, "render_chunk_points": 8192,
                            "w_mask": 10.0, "w_density": 0.0, "w_gan": 0.0},
                  "data": {"name": "pairs", "resolution": 64,
                           "options": {"mode": "same_video", "synth": {"exp_leak": 0.5}}},
@@ -323,7 +329,7 @@ class Export3D(TrainableModel):
         self.renderer = TriplaneRenderer(RenderConfig.ffhq_corrected_axes(
             depth_resolution=cfg.depth_samples,
             depth_resolution_importance=cfg.importance_samples, ray_start=cfg.ray_start,
-            ray_end=cfg.ray_end, box_warp=cfg.box_warp))
+            ray_end=cfg.ray_end, box_warp=cfg.box_warp, chunk_points=cfg.render_chunk_points))
         self.sr = PlainSuperResolution(channels=cfg.decoder_features - 3 + 3 * cfg.sr_source,
                                        widths=tuple(cfg.sr_widths),
                                        guide_channels=3 if cfg.sr_guide else 0,
