@@ -232,13 +232,19 @@ class CLeBS(TrainableModel):
                         "image_every": 0, "lr_schedule": {"kind": "cosine", "warmup_steps": 200,
                                                           "min_factor": 0.1}}}
     presets = {
-        # 2-core CPU, about 2 minutes: 64^2, small ResNet, n=6, d=64, N=8, 400 steps
-        "tiny": {"model": {"n": 6, "dim": 64, "hidden": [128, 128], "image_stem": 16,
+        # 2-core CPU: 64^2, small ResNet, n=10, d=64, N=8; a linear f_e on beta whitened by the
+        # video-mean statistics, with the video-invariance term; 128 identities x 2 videos x 32
+        # frames (no cross-identity or multi-view sets): the leak spans 48 directions and a
+        # linear leak removal needs about 100 training identities (docs/models/export3d.md)
+        "tiny": {"model": {"n": 10, "dim": 64, "hidden": [], "image_stem": 16,
                            "image_widths": [32, 64, 128], "image_depths": [1, 1, 1],
-                           "resolution": 64, "lr": 1e-3},
+                           "resolution": 64, "lr": 1e-3, "whiten": True, "w_invariance": 1.0},
                  "data": {"name": "clips", "resolution": 64,
-                          "options": {"frames": 8, "min_gap": 3, "synth": {"exp_leak": 0.5}}},
-                 "train": {"steps": 400, "batch_size": 4, "ckpt_every": 200, "image_every": 0,
+                          "options": {"frames": 8, "min_gap": 3,
+                                      "synth": {"exp_leak": 0.5, "identities": 128,
+                                                "frames": 32, "cross": False,
+                                                "multiview": False}}},
+                 "train": {"steps": 1600, "batch_size": 8, "ckpt_every": 400, "image_every": 0,
                            "log_every": 50,
                            "lr_schedule": {"kind": "cosine", "warmup_steps": 20,
                                            "min_factor": 0.1}}},
