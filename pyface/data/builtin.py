@@ -44,7 +44,8 @@ class SynthOptions:
 
         return SynthConfig(identities=self.identities, videos_per_identity=self.videos_per_identity,
                            frames=self.frames, resolution=int(self.resolution or resolution),
-                           seed=self.seed, fps=self.fps, cross=bool(self.cross) and self.identities >= 2,
+                           seed=self.seed, fps=self.fps,
+                           cross=bool(self.cross) and self.identities >= 2,
                            workers=self.workers, zoom=self.zoom, exp_leak=self.exp_leak,
                            multiview=bool(self.multiview))
 
