@@ -281,35 +281,56 @@ def diagnose(run: str, data: str, pairs: int = 64, ema: bool = True) -> dict:
             "raw_resolution_ceiling": psnr(up, D)}
 
 
-@torch.no_grad()
 def sensitivity(run: str, data: str, ema: bool = True) -> dict:
     """How much the driving expression moves the generator: 8 held-out videos, source frame 0,
     driving frames 10, 20, 30 at the driving camera; mean |.| of the tri-plane T, of the online
     EMA tri-plane T_EMA and of the condition c, and the mean |difference| of c, T, the raw image
-    and the image between the driving and the source expression (images in [-1, 1])."""
+    and the image between the driving and the source expression (images in [-1, 1]); the
+    gradient norm of L1(image, driving frame) on the EAdaLN modulations, the super-resolution's
+    modulation, the condition MLP and all parameters."""
     import pyface.models
 
     pipe = pyface.models.load("export3d", run, device="cpu", ema=ema)
     m = pipe.model.eval()
     ds = FrameDataset(data, pipe.resolution, load_masks=False)
-    src, b_s, b_d, cam = [], [], [], []
+    src, drv, b_s, b_d, cam = [], [], [], [], []
     for v in range(0, len(ds.videos), max(1, len(ds.videos) // 8)):
         a = ds.frame(v, 0)
         for f in (10, 20, 30):
             b = ds.frame(v, min(f, len(ds.coeffs[v]) - 1))
             src.append(a["image"].float() / 127.5 - 1)
+            drv.append(b["image"].float() / 127.5 - 1)
             b_s.append(a["coeffs"])
             b_d.append(b["coeffs"])
             cam.append(b["camera"])
     S, cam = torch.stack(src), torch.stack(cam).float()
+    D = torch.stack(drv)
     b_s, b_d = expression_of(torch.stack(b_s)), expression_of(torch.stack(b_d))
-    o_d, o_s = m(S, b_d, cam), m(S, b_s, cam)
-    c_d, c_s = m.condition(b_d)[1], m.condition(b_s)[1]
+    # gradient norms of L1(image, driving frame) per parameter group (expression paths vs all)
+    m.zero_grad(set_to_none=True)
+    (m(S, b_d, cam)["image"] - D).abs().mean().backward()
+    groups = {"eadaln": [], "sr_modulation": [], "cond_mlp": [], "all": []}
+    for name, p in m.named_parameters():
+        if p.grad is None:
+            continue
+        g = float(p.grad.norm()) ** 2
+        groups["all"].append(g)
+        if ".ada." in name:
+            groups["eadaln"].append(g)
+        elif name.startswith("sr.modulation"):
+            groups["sr_modulation"].append(g)
+        elif name.startswith("cond.mlp"):
+            groups["cond_mlp"].append(g)
+    grad = {k: float(np.sqrt(sum(v))) for k, v in groups.items()}
+    m.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        o_d, o_s = m(S, b_d, cam), m(S, b_s, cam)
+        c_d, c_s = m.condition(b_d)[1], m.condition(b_s)[1]
 
     def mad(x):
         return float(x.abs().mean())
 
-    return {"pairs": len(S), "planes_abs": mad(o_d["planes"]),
+    return {"pairs": len(S), "grad_norm": grad, "planes_abs": mad(o_d["planes"]),
             "planes_ema_abs": mad(m.generator.planes_ema), "cond_abs": mad(c_d),
             "cond_diff": mad(c_d - c_s), "planes_diff": mad(o_d["planes"] - o_s["planes"]),
             "raw_diff": mad(o_d["image_raw"] - o_s["image_raw"]),
