@@ -12,7 +12,9 @@
   in pre-training.
 * :class:`CLeBS` (registered ``export3d_clebs``): symmetric InfoNCE between ``f_I(X_j)`` and
   ``f_e(beta_k)`` over the N frames of one video (every other frame of the same video is a
-  negative), with a learnable temperature.
+  negative), with a learnable temperature; optionally ([D]) a video-invariance term
+  (:func:`video_invariance`) and f_e on beta whitened by the training videos' mean-expression
+  covariance (``whiten``), which the same-video InfoNCE alone cannot learn to ignore.
 """
 from __future__ import annotations
 
@@ -73,7 +75,7 @@ class CLeBSConfig:
             videos) over its mean variance within a clip. Appearance that leaks into the 3DMM
             expression is constant within a video and differs between videos; the InfoNCE over
             frames of one video is blind to such constants, this term is not. It needs many
-            training identities to generalise (docs/models/export3d.md, "CLeBS checks").
+            training identities to generalise (docs/models/export3d.md, "CLeBS: what limits it").
         whiten: f_e whitens beta by the running covariance of the training videos' mean
             expression before its MLP ([D], :meth:`ExpressionEncoder.update_video_stats`;
             the statistics are buffers of f_e, frozen with it after pre-training).
