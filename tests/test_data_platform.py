@@ -566,3 +566,15 @@ def test_reenactment_pairs_image_only(root, tmp_path):
     assert len(ds) == 44 and "moving" not in ds[0]
     with pytest.raises(fmt.DataError, match="subset='moving' needs coeffs.npy"):
         reenactment_pairs(d, subset="moving")
+
+
+def test_builtin_set_options_cross_and_multiview():
+    from pyface.data.builtin import SynthOptions
+    from pyface.data.cache import config_hash
+
+    default = SynthOptions().synth_config(64)
+    assert default.cross and default.multiview          # the default set is unchanged
+    off = SynthOptions(cross=False, multiview=False).synth_config(64)
+    assert not off.cross and not off.multiview
+    assert config_hash(off) != config_hash(default)     # a different cached set
+    assert not SynthOptions(identities=1).synth_config(64).cross

@@ -270,6 +270,22 @@ def test_source_guide_background_and_colour_augmentation(data, tmp_path):
         assert not torch.allclose(m.render(out["planes"], cam, -src)["image"], other)  # guide
     with pytest.raises(ValueError, match="source: expected .* sr_guide"):
         m.render(out["planes"], cam)
+    # sr_cond: the expression condition reaches the super-resolution (zero-initialised)
+    exp = _exp("export3d", Export3D, tmp_path / "c", data, *GEN_TINY, "model.cond=direct",
+               "model.sr_cond=true")
+    mc = Export3D(exp.model_config).eval()
+    beta = torch.randn(B, 64)
+    with torch.no_grad():
+        mc.sr.to_rgb.weight.normal_()
+        for lin in mc.sr.modulation:
+            lin.weight.normal_()
+        _, c1 = mc.condition(beta)
+        _, c2 = mc.condition(torch.randn(B, 64))
+        planes = mc.generator(src, c1)
+        assert not torch.allclose(mc.render(planes, cam, src, c1)["image"],
+                                  mc.render(planes, cam, src, c2)["image"])
+    with pytest.raises(ValueError, match=r"cond: expected \(2, 16\) with model.sr_cond"):
+        mc.render(planes, cam, src)
     a, b = torch.rand(2, 3, 4, 4) * 2 - 1, torch.rand(2, 3, 4, 4) * 2 - 1
     a2, b2 = joint_colour_augment(a, a.clone(), 0.3)
     assert torch.equal(a2, b2) and not torch.equal(a2, a) and a2.abs().max() <= 1
@@ -295,3 +311,69 @@ def test_clebs_offset_noise_is_one_offset_per_clip_and_training_only():
     assert d.abs().mean() > 0.05                                  # an offset was added
     torch.testing.assert_close(d, d[:, :1].expand_as(d))          # the same for the whole clip
     assert not torch.allclose(d[0], d[1])                         # another one per clip
+
+
+def test_video_invariance_ratio():
+    from pyface.models.export3d.clebs import video_invariance
+
+    torch.manual_seed(0)
+    within = torch.randn(6, 8, 3)
+    # the same within-video variation; constant per-video offsets raise the ratio
+    low = video_invariance(within)
+    high = video_invariance(within + 3 * torch.randn(6, 1, 3))
+    assert high > 10 * low
+    with pytest.raises(ValueError, match="lam: expected \\(B, N, n\\)"):
+        video_invariance(torch.randn(1, 8, 3))
+    m = CLeBS(CLeBS.Config(n=3, dim=8, hidden=[16], image_stem=8, image_widths=[8, 16],
+                           image_depths=[1, 1], resolution=32, w_invariance=0.5))
+    batch = {"image": torch.zeros(2, 4, 3, 32, 32, dtype=torch.uint8),
+             "coeffs": torch.randn(2, 4, 257)}
+    out = m.step("main", batch, StepContext(0, 0, 1))
+    assert "invariance" in out and out["invariance"] > 0
+    out["loss"].backward()
+    assert m.expr.mlp[0].weight.grad.abs().sum() > 0
+
+
+def test_online_ema_follows_the_generated_planes_not_itself():
+    from pyface.models.export3d.generator import GeneratorConfig, TriplaneGenerator
+
+    torch.manual_seed(0)
+    g = TriplaneGenerator(GeneratorConfig(resolution=16, stem_widths=[4, 8], dim=8, depth=1,
+                                          heads=2, cond_dim=4, ups=1, up_widths=[8],
+                                          plane_channels=2, blur_sigma=0, ema_momentum=0.5))
+    img, c = torch.rand(2, 3, 16, 16) * 2 - 1, torch.randn(2, 4)
+    with torch.no_grad():
+        gen = g(img, c)                                  # T_EMA = 0: the generated planes
+        for _ in range(30):
+            g(img, c, update_ema=True)
+    # T_EMA converges to mean_B(G) (an EMA of T = G + T_EMA would grow without bound)
+    torch.testing.assert_close(g.planes_ema, gen.mean(0, keepdim=True), atol=1e-5, rtol=1e-4)
+
+
+def test_expression_whitening_by_video_statistics():
+    torch.manual_seed(0)
+    enc = ExpressionEncoder(3, 8, [], whiten=True, whiten_momentum=0.5)
+    offsets = torch.randn(400, 1, 64) * torch.linspace(0.1, 3, 64)    # per-video, anisotropic
+    beta = offsets + 0.01 * torch.randn(400, 6, 64)
+    for _ in range(5):
+        enc.update_video_stats(beta)
+    x = (beta - enc.video_mean) @ enc.whitener
+    cov = torch.cov(x.mean(1).t())
+    # the per-video means are (close to) white after the transform
+    assert cov.diagonal().std() < 0.2 * cov.diagonal().mean()
+    lam, _ = enc(beta[0])
+    torch.testing.assert_close(lam, enc.mlp(x[0]))
+    with pytest.raises(ValueError, match="beta: expected \\(B, N, 64\\)"):
+        enc.update_video_stats(beta[:1])
+    with pytest.raises(ValueError, match="whiten=False"):
+        ExpressionEncoder(3, 8, []).update_video_stats(beta)
+    # a CLeBS with whiten updates the statistics in training only
+    m = CLeBS(CLeBS.Config(n=3, dim=8, hidden=[], image_stem=8, image_widths=[8, 16],
+                           image_depths=[1, 1], resolution=32, whiten=True))
+    img = torch.zeros(2, 4, 3, 32, 32, dtype=torch.uint8)
+    m.eval()
+    m.embed(img, torch.randn(2, 4, 257))
+    assert int(m.expr.video_batches) == 0
+    m.train()
+    m.embed(img, torch.randn(2, 4, 257))
+    assert int(m.expr.video_batches) == 1 and not torch.equal(m.expr.whitener, torch.eye(64))

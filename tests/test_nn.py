@@ -453,3 +453,15 @@ def test_bias_act_keeps_only_its_output(act, clamp, one_thread):
     with use_backend("reference"):
         assert saved_storages(f) >= 2          # pre-activation (slope), pre-clamp, output
     assert saved_storages(f) == 1              # output only
+
+
+def test_blur_equals_the_padded_fir_filter():
+    from pyface.nn.resample import blur, setup_filter, upfirdn2d
+
+    x = torch.randn(2, 5, 9, 11)
+    for sigma in (0.5, 1.0):
+        r = int(3 * sigma + 0.5)
+        k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sigma) ** 2)
+        ref = upfirdn2d(x, setup_filter(k / k.sum()), padding=[r, r, r, r])
+        torch.testing.assert_close(blur(x, sigma), ref)
+    assert blur(x, 0) is x

@@ -107,3 +107,24 @@ def test_plain_super_resolution_guide():
         full = N.PlainSuperResolution()
         assert full(torch.empty(1, 3, 128, 128), torch.empty(1, 32, 128, 128)).shape == \
             (1, 3, 512, 512)
+
+
+def test_plain_super_resolution_condition():
+    torch.manual_seed(4)
+    sr = N.PlainSuperResolution(channels=5, widths=(8, 4), cond_dim=6)
+    rgb, feat, c = torch.randn(2, 3, 6, 6), torch.randn(2, 5, 6, 6), torch.randn(2, 6)
+    with torch.no_grad():
+        sr.to_rgb.weight.normal_()
+    base = sr(rgb, feat, cond=c)
+    # zero-initialised modulation: at init the condition has no effect
+    torch.testing.assert_close(base, sr(rgb, feat, cond=torch.randn(2, 6)))
+    base.square().mean().backward()
+    assert all(lin.weight.grad.abs().sum() > 0 for lin in sr.modulation)
+    with torch.no_grad():
+        for lin in sr.modulation:
+            lin.weight.normal_()
+    assert not torch.allclose(sr(rgb, feat, cond=c), sr(rgb, feat, cond=torch.randn(2, 6)))
+    with pytest.raises(ValueError, match="cond: expected shape \\(2, 6\\)"):
+        sr(rgb, feat)
+    with pytest.raises(ValueError, match="cond: this super-resolution was built with cond_dim=0"):
+        N.PlainSuperResolution(channels=5, widths=(8, 4))(rgb, feat, cond=c)

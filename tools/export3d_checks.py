@@ -5,6 +5,8 @@ written with the expression-identity leak (``pyface data synth --split test --ex
     python tools/export3d_checks.py mouth RUN --data DIR [--no-ema] [--json OUT]
     python tools/export3d_checks.py diagnose RUN --data DIR [--pairs 64] [--no-ema] [--json OUT]
     python tools/export3d_checks.py render-memory [--resolution 128] [--samples 48] [--json OUT]
+    python tools/export3d_checks.py lda-oracle --data DIR [--json OUT]
+    python tools/export3d_checks.py sensitivity RUN --data DIR [--no-ema] [--json OUT]
 
 ``clebs``: same-video retrieval top-1 (image -> expression, N-frame clips of held-out videos;
 chance 1/N); a ridge identity probe trained on each identity's first video and tested on its
@@ -20,6 +22,13 @@ mask) of copy-source, of the output, of the raw render against the driving frame
 raw resolution, of the source reconstructed (source expression and camera), and of the output
 rendered at the source camera; the mean raw opacity; and the ceiling of a raw-resolution image
 (the driving frame resized down to the raw resolution and back up, bilinear).
+
+``lda-oracle``: the identity probe and R^2 of ``clebs`` for a linear leak removal fitted on the
+stored coefficients of 8 ... 256 training identities (no images): how many identities removing a
+48-direction leak needs (:func:`lda_oracle`).
+
+``sensitivity``: how much the driving expression changes the condition, the tri-plane, the raw
+image and the image, next to the size of the tri-plane and of the online EMA tri-plane.
 
 ``render-memory``: peak memory and time of one forward + backward of Export3D's raw render
 (``full`` sizes: tri-plane 3 x 32 x 256^2, OSGDecoder 32-64-33, corrected axes) at
@@ -116,6 +125,68 @@ def clebs_checks(run: str, data: str, frames: int = 8, min_gap: int = 3, clips: 
             "identity_chance": 1.0 / len(ids), "exp_leak": leak, "r2_from_beta_prime": r2}
 
 
+def _probe_and_r2(feats: list, coeffs: list, ident: list, vid: list, leak: float) -> tuple:
+    """The ``clebs`` check's identity probe and R^2 on per-video features (T, k)."""
+    ids = sorted(set(ident))
+    x = np.concatenate(feats)
+    labels = np.concatenate([[ids.index(i)] * len(f) for i, f in zip(ident, feats)])
+    videos = np.concatenate([[v] * len(f) for v, f in zip(vid, feats)])
+    true = np.concatenate([_true_exp(c, leak) for c in coeffs])
+    tr, te = videos == 0, videos == 1
+    pred = _ridge(x[tr], np.eye(len(ids))[labels][tr], x[te])
+    probe = float((pred.argmax(1) == labels[te]).mean())
+    r2 = {}
+    for pname in ("jaw_open", "blink_left", "smile"):
+        y = true[:, EXP_NAMES.index(pname)]
+        p = _ridge(x[tr], y[tr, None], x[te])[:, 0]
+        r2[pname] = float(1 - ((p - y[te]) ** 2).sum() / ((y[te] - y[te].mean()) ** 2).sum())
+    return probe, r2
+
+
+def lda_oracle(data: str, identities=(8, 32, 64, 128, 256), ks=(6, 10), videos: int = 2,
+               frames: int = 32) -> dict:
+    """How many training identities a LINEAR leak removal needs (no images, no training): the
+    stored expression coefficients of ``identities`` synthetic training identities (sampled as
+    ``pyface data synth`` does, with the held-out split's ``exp_leak``) give the k directions
+    that maximise the within-video variance over the variance of the video means
+    (LDA-style generalised eigenvectors); the identity probe and R^2 of the ``clebs`` check are
+    then computed on the held-out split projected on them."""
+    import scipy.linalg
+
+    from pyface.data.synthetic import apply_leak, sample_identity, sample_motion
+    from pyface.face import MorphableModel
+
+    frames_ds = FrameDataset(data, 64, load_masks=False)
+    meta = json.load(open(os.path.join(data, frames_ds.videos[0].name, "meta.json")))
+    leak = float(meta.get("exp_leak", 0.0))
+    ident, vid = _video_split(frames_ds)
+    test = [np.asarray(c, np.float32) for c in frames_ds.coeffs]
+    model = MorphableModel.builtin()
+    res = {"exp_leak": leak, "identity_chance": 1.0 / len(set(ident)), "rows": []}
+    for n in identities:
+        train = []
+        for i in range(n):
+            idc, _, _ = sample_identity(model, 0, i, 8, "train")
+            for v in range(videos):
+                exp = sample_motion(model, 0, i, v, frames, 25.0, "train")[0]
+                c = np.zeros((frames, 257), np.float32)
+                c[:, :80], c[:, 80:144] = idc, exp
+                train.append(apply_leak(c, leak)[:, 80:144])
+        means = np.stack([t.mean(0) for t in train])
+        sb = np.cov(means.T)
+        w = np.concatenate([t - t.mean(0) for t in train])
+        sw = w.T @ w / len(w)
+        _, vecs = scipy.linalg.eigh(sw, sb + 1e-3 * np.eye(EXP_DIM_))
+        for k in ks:
+            a = vecs[:, ::-1][:, :k]
+            probe, r2 = _probe_and_r2([c[:, 80:144] @ a for c in test], test, ident, vid, leak)
+            res["rows"].append({"identities": n, "k": k, "identity_probe": probe, "r2": r2})
+    return res
+
+
+EXP_DIM_ = 64
+
+
 def _psnr(a, b):
     mse = ((a - b) ** 2).mean().clamp_min(1e-10)
     return float(10 * torch.log10(4.0 / mse))     # images in [-1, 1]: peak-to-peak 2
@@ -210,6 +281,62 @@ def diagnose(run: str, data: str, pairs: int = 64, ema: bool = True) -> dict:
             "raw_resolution_ceiling": psnr(up, D)}
 
 
+def sensitivity(run: str, data: str, ema: bool = True) -> dict:
+    """How much the driving expression moves the generator: 8 held-out videos, source frame 0,
+    driving frames 10, 20, 30 at the driving camera; mean |.| of the tri-plane T, of the online
+    EMA tri-plane T_EMA and of the condition c, and the mean |difference| of c, T, the raw image
+    and the image between the driving and the source expression (images in [-1, 1]); the
+    gradient norm of L1(image, driving frame) on the EAdaLN modulations, the super-resolution's
+    modulation, the condition MLP and all parameters."""
+    import pyface.models
+
+    pipe = pyface.models.load("export3d", run, device="cpu", ema=ema)
+    m = pipe.model.eval()
+    ds = FrameDataset(data, pipe.resolution, load_masks=False)
+    src, drv, b_s, b_d, cam = [], [], [], [], []
+    for v in range(0, len(ds.videos), max(1, len(ds.videos) // 8)):
+        a = ds.frame(v, 0)
+        for f in (10, 20, 30):
+            b = ds.frame(v, min(f, len(ds.coeffs[v]) - 1))
+            src.append(a["image"].float() / 127.5 - 1)
+            drv.append(b["image"].float() / 127.5 - 1)
+            b_s.append(a["coeffs"])
+            b_d.append(b["coeffs"])
+            cam.append(b["camera"])
+    S, cam = torch.stack(src), torch.stack(cam).float()
+    D = torch.stack(drv)
+    b_s, b_d = expression_of(torch.stack(b_s)), expression_of(torch.stack(b_d))
+    # gradient norms of L1(image, driving frame) per parameter group (expression paths vs all)
+    m.zero_grad(set_to_none=True)
+    (m(S, b_d, cam)["image"] - D).abs().mean().backward()
+    groups = {"eadaln": [], "sr_modulation": [], "cond_mlp": [], "all": []}
+    for name, p in m.named_parameters():
+        if p.grad is None:
+            continue
+        g = float(p.grad.norm()) ** 2
+        groups["all"].append(g)
+        if ".ada." in name:
+            groups["eadaln"].append(g)
+        elif name.startswith("sr.modulation"):
+            groups["sr_modulation"].append(g)
+        elif name.startswith("cond.mlp"):
+            groups["cond_mlp"].append(g)
+    grad = {k: float(np.sqrt(sum(v))) for k, v in groups.items()}
+    m.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        o_d, o_s = m(S, b_d, cam), m(S, b_s, cam)
+        c_d, c_s = m.condition(b_d)[1], m.condition(b_s)[1]
+
+    def mad(x):
+        return float(x.abs().mean())
+
+    return {"pairs": len(S), "grad_norm": grad, "planes_abs": mad(o_d["planes"]),
+            "planes_ema_abs": mad(m.generator.planes_ema), "cond_abs": mad(c_d),
+            "cond_diff": mad(c_d - c_s), "planes_diff": mad(o_d["planes"] - o_s["planes"]),
+            "raw_diff": mad(o_d["image_raw"] - o_s["image_raw"]),
+            "image_diff": mad(o_d["image"] - o_s["image"])}
+
+
 def render_memory(resolution: int = 128, samples: int = 48, device: str = "cpu") -> dict:
     import time
 
@@ -245,7 +372,8 @@ def render_memory(resolution: int = 128, samples: int = 48, device: str = "cpu")
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("check", choices=["clebs", "mouth", "diagnose", "render-memory"])
+    p.add_argument("check", choices=["clebs", "mouth", "diagnose", "render-memory",
+                                     "lda-oracle", "sensitivity"])
     p.add_argument("run", nargs="?")
     p.add_argument("--data")
     p.add_argument("--resolution", type=int, default=128)
@@ -259,10 +387,16 @@ def main(argv=None):
     torch.manual_seed(0)
     if a.check == "render-memory":
         res = render_memory(a.resolution, a.samples, a.device)
+    elif a.check == "lda-oracle":
+        if not a.data:
+            p.error("lda-oracle: --data is required")
+        res = lda_oracle(a.data)
     elif not a.run or not a.data:
         p.error(f"{a.check}: RUN and --data are required")
     elif a.check == "clebs":
         res = clebs_checks(a.run, a.data, a.frames)
+    elif a.check == "sensitivity":
+        res = sensitivity(a.run, a.data, ema=not a.no_ema)
     elif a.check == "diagnose":
         res = diagnose(a.run, a.data, a.pairs, ema=not a.no_ema)
     else:

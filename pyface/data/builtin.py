@@ -20,7 +20,9 @@ class SynthOptions:
 
     ``resolution``: None renders at ``data.resolution``. ``zoom``, ``exp_leak``: see
     :class:`pyface.data.synthetic.SynthConfig`. ``workers``: generation processes (0: all cores;
-    not part of the cache key)."""
+    not part of the cache key). ``cross``, ``multiview``: also write the cross-identity ground
+    truth and the second camera of every video (default on; a set used only for clips, e.g.
+    Export3D's CLeBS pre-training on many identities, can leave them out)."""
 
     identities: int = 8
     videos_per_identity: int = 2
@@ -31,17 +33,21 @@ class SynthOptions:
     zoom: float = 0.0
     exp_leak: float = 0.0
     workers: int = 0
+    cross: bool = True
+    multiview: bool = True
 
     def synth_config(self, resolution: int):
-        """The :class:`~pyface.data.synthetic.SynthConfig` (cross-identity set and multi-view
-        on) at ``self.resolution or resolution``."""
+        """The :class:`~pyface.data.synthetic.SynthConfig` (with the cross-identity set and
+        multi-view unless ``cross`` / ``multiview`` are off) at ``self.resolution or
+        resolution``."""
         from pyface.data.synthetic import SynthConfig
 
         return SynthConfig(identities=self.identities, videos_per_identity=self.videos_per_identity,
                            frames=self.frames, resolution=int(self.resolution or resolution),
-                           seed=self.seed, fps=self.fps, cross=self.identities >= 2,
+                           seed=self.seed, fps=self.fps,
+                           cross=bool(self.cross) and self.identities >= 2,
                            workers=self.workers, zoom=self.zoom, exp_leak=self.exp_leak,
-                           multiview=True)
+                           multiview=bool(self.multiview))
 
 
 def resolve_root(cfg, synth: SynthOptions | None) -> str:

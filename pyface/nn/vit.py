@@ -128,6 +128,10 @@ class PlainSuperResolutionConfig:
         image_channel: channels of the raw RGB and of the output.
         guide_channels: channels of an optional output-resolution guide image (0: none), added
             through a 3x3 conv to the input of the last stage.
+        cond_dim: width of an optional condition vector (0: none): the first stage's input
+            (at the input resolution, where it costs the least memory) is modulated as
+            ``x (1 + scale(c)) + shift(c)`` per channel (a zero-initialised linear map, so the
+            initial output does not depend on it).
     """
 
     channels: int = 32
@@ -135,6 +139,7 @@ class PlainSuperResolutionConfig:
     res_blocks: int = 1
     image_channel: int = 3
     guide_channels: int = 0
+    cond_dim: int = 0
 
 
 class _PlainResBlock(nn.Module):
@@ -144,15 +149,16 @@ class _PlainResBlock(nn.Module):
         self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x):
-        return x + self.conv2(F.leaky_relu(self.conv1(x), 0.2))
+        return x + self.conv2(F.leaky_relu(self.conv1(x), 0.2, inplace=True))
 
 
 class PlainSuperResolution(nn.Module):
     """Plain convolutional super-resolution (no style input).
 
-    ``forward(rgb, features, guide=None)``: rgb (B, image_channel, r, r) raw render, features
-    (B, channels, r, r) (same spatial size), guide (B, guide_channels, r * scale, r * scale) when
-    ``guide_channels`` > 0 -> (B, image_channel, r * scale, r * scale) =
+    ``forward(rgb, features, guide=None, cond=None)``: rgb (B, image_channel, r, r) raw render,
+    features (B, channels, r, r) (same spatial size), guide (B, guide_channels, r * scale,
+    r * scale) when ``guide_channels`` > 0, cond (B, cond_dim) when ``cond_dim`` > 0 ->
+    (B, image_channel, r * scale, r * scale) =
     ``bilinear_up(rgb) + to_rgb(convs(rgb ‖ features, guide))``. ``to_rgb`` starts at zero, so
     the initial output is the upsampled raw RGB.
     """
@@ -171,12 +177,19 @@ class PlainSuperResolution(nn.Module):
                                                     for _ in range(c.res_blocks)]) for wi in w)
         self.guide = (nn.Conv2d(c.guide_channels, w[-1], 3, padding=1) if c.guide_channels
                       else None)
+        self.modulation = None
+        if c.cond_dim:
+            self.modulation = nn.ModuleList([nn.Linear(c.cond_dim, 2 * w[0])])
+            for lin in self.modulation:
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
         self.to_rgb = nn.Conv2d(w[-1], c.image_channel, 1)
         nn.init.zeros_(self.to_rgb.weight)
         nn.init.zeros_(self.to_rgb.bias)
 
     def forward(self, rgb: torch.Tensor, features: torch.Tensor,
-                guide: torch.Tensor | None = None) -> torch.Tensor:
+                guide: torch.Tensor | None = None,
+                cond: torch.Tensor | None = None) -> torch.Tensor:
         c = self.cfg
         if rgb.dim() != 4 or rgb.shape[1] != c.image_channel:
             raise ValueError(f"rgb: expected shape (B, {c.image_channel}, r, r), got "
@@ -193,14 +206,24 @@ class PlainSuperResolution(nn.Module):
         elif guide is not None:
             raise ValueError("guide: this super-resolution was built with guide_channels=0, got "
                              f"a guide of shape {tuple(guide.shape)}")
-        x = F.leaky_relu(self.stem(torch.cat([rgb, features], dim=1)), 0.2)
+        if self.modulation is not None:
+            if cond is None or cond.shape != (rgb.shape[0], c.cond_dim):
+                raise ValueError(f"cond: expected shape ({rgb.shape[0]}, {c.cond_dim}), got "
+                                 f"{None if cond is None else tuple(cond.shape)}")
+        elif cond is not None:
+            raise ValueError("cond: this super-resolution was built with cond_dim=0, got a "
+                             f"condition of shape {tuple(cond.shape)}")
+        x = F.leaky_relu(self.stem(torch.cat([rgb, features], dim=1)), 0.2, inplace=True)
         last = len(self.stages) - 1
         for i, stage in enumerate(self.stages):
             if i > 0:
                 x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-                x = F.leaky_relu(self.up[i - 1](x), 0.2)
+                x = F.leaky_relu(self.up[i - 1](x), 0.2, inplace=True)
             if i == last and self.guide is not None:
                 x = x + self.guide(guide.to(x.dtype))
+            if i == 0 and self.modulation is not None:
+                scale, shift = self.modulation[0](cond.to(x.dtype))[:, :, None, None].chunk(2, 1)
+                x = x * (1 + scale) + shift
             x = stage(x)
         base = rgb if self.scale == 1 else F.interpolate(
             rgb, scale_factor=self.scale, mode="bilinear", align_corners=False)

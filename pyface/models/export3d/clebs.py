@@ -12,7 +12,9 @@
   in pre-training.
 * :class:`CLeBS` (registered ``export3d_clebs``): symmetric InfoNCE between ``f_I(X_j)`` and
   ``f_e(beta_k)`` over the N frames of one video (every other frame of the same video is a
-  negative), with a learnable temperature.
+  negative), with a learnable temperature; optionally ([D]) a video-invariance term
+  (:func:`video_invariance`) and f_e on beta whitened by the training videos' mean-expression
+  covariance (``whiten``), which the same-video InfoNCE alone cannot learn to ignore.
 """
 from __future__ import annotations
 
@@ -68,6 +70,15 @@ class CLeBSConfig:
             into the 3DMM expression is constant within a video, like this offset, so the same-
             video contrast teaches f_e to ignore it in every direction, not only in the few
             spanned by the training identities.
+        w_invariance: weight of the video-invariance term ([D], 0: off): for every coefficient
+            lambda_i, the variance of its clip means across the batch's clips (different
+            videos) over its mean variance within a clip. Appearance that leaks into the 3DMM
+            expression is constant within a video and differs between videos; the InfoNCE over
+            frames of one video is blind to such constants, this term is not. It needs many
+            training identities to generalise (docs/models/export3d.md, "CLeBS: what limits it").
+        whiten: f_e whitens beta by the running covariance of the training videos' mean
+            expression before its MLP ([D], :meth:`ExpressionEncoder.update_video_stats`;
+            the statistics are buffers of f_e, frozen with it after pre-training).
     """
 
     n: int = 10
@@ -82,6 +93,8 @@ class CLeBSConfig:
     weight_decay: float = 0.01
     augment: float = 0.0
     offset_noise: float = 0.0
+    w_invariance: float = 0.0
+    whiten: bool = False
 
 
 def augment_frames(img: torch.Tensor, amount: float) -> torch.Tensor:
@@ -101,6 +114,18 @@ def augment_frames(img: torch.Tensor, amount: float) -> torch.Tensor:
     return out * gain + off
 
 
+def video_invariance(lam: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """lam (B, N, n): the coefficients of N frames of each of B videos (B >= 2) -> scalar:
+    sum over the n coefficients of var_B(mean_N lam) / (mean_B var_N lam + eps). Small when every
+    coefficient varies within a video and its video means agree (an LDA-style ratio)."""
+    if lam.dim() != 3 or lam.shape[0] < 2 or lam.shape[1] < 2:
+        raise ValueError(f"lam: expected (B, N, n) with B >= 2 videos and N >= 2 frames, got "
+                         f"{tuple(lam.shape)}")
+    between = lam.mean(1).var(0)                      # (n,)
+    within = lam.var(1).mean(0)                       # (n,)
+    return (between / (within + eps)).sum()
+
+
 class ExpressionEncoder(nn.Module):
     """f_e: expression beta (..., 64) -> (lambda (..., n), beta' (..., dim)).
 
@@ -108,8 +133,18 @@ class ExpressionEncoder(nn.Module):
     ``forward`` both. V (dim, n) has orthonormal columns (``basis.basis()``).
     """
 
-    def __init__(self, n: int, dim: int, hidden: list[int] | tuple[int, ...] = (256, 256)):
+    def __init__(self, n: int, dim: int, hidden: list[int] | tuple[int, ...] = (256, 256),
+                 whiten: bool = False, whiten_momentum: float = 0.99):
         super().__init__()
+        self.whiten = bool(whiten)
+        self.whiten_momentum = float(whiten_momentum)
+        if self.whiten:
+            # running statistics of the per-video mean expression (training clips) and the
+            # whitening transform they give: beta -> (beta - mean) W, W = cov^(-1/2)
+            self.register_buffer("video_mean", torch.zeros(EXP_DIM))
+            self.register_buffer("video_cov", torch.zeros(EXP_DIM, EXP_DIM))
+            self.register_buffer("whitener", torch.eye(EXP_DIM))
+            self.register_buffer("video_batches", torch.zeros((), dtype=torch.long))
         layers: list[nn.Module] = []
         cin = EXP_DIM
         for h in hidden:
@@ -120,11 +155,45 @@ class ExpressionEncoder(nn.Module):
         self.basis = OrthogonalBasis(dim, n)
         self.n, self.dim = n, dim
 
+    @torch.no_grad()
+    def update_video_stats(self, beta: torch.Tensor, eps: float = 1e-2) -> None:
+        """beta (B, N, 64): N frames of each of B videos (training) -> updates the running mean
+        and covariance of the per-video mean expression (EMA, ``whiten_momentum``) and the
+        whitener ``V diag(1 / sqrt(e + eps mean(e))) V^T`` of that covariance (eigen-
+        decomposition ``V diag(e) V^T``). Appearance that leaks into the 3DMM expression moves
+        every frame of a video alike, so it lives in this covariance; the within-video
+        expression changes that CLeBS contrasts stand out after whitening."""
+        if not self.whiten:
+            raise ValueError("update_video_stats: this encoder was built with whiten=False")
+        if beta.dim() != 3 or beta.shape[0] < 2 or beta.shape[-1] != EXP_DIM:
+            raise ValueError(f"beta: expected (B, N, {EXP_DIM}) with B >= 2 videos, got "
+                             f"{tuple(beta.shape)}")
+        means = beta.float().mean(1)                                      # (B, 64)
+        mu = means.mean(0)
+        d = means - mu
+        cov = d.t() @ d / (means.shape[0] - 1)
+        if int(self.video_batches) == 0:
+            self.video_mean.copy_(mu)
+            self.video_cov.copy_(cov)
+        else:
+            m = self.whiten_momentum
+            delta = mu - self.video_mean
+            self.video_mean.add_(delta, alpha=1 - m)
+            self.video_cov.mul_(m).add_(cov + m * torch.outer(delta, delta), alpha=1 - m)
+        self.video_batches += 1
+        e, V = torch.linalg.eigh(self.video_cov.double())
+        e = e.clamp_min(0)
+        inv = (e + eps * e.mean() + 1e-12).rsqrt()
+        self.whitener.copy_((V * inv) @ V.t())
+
     def coefficients(self, beta: torch.Tensor) -> torch.Tensor:
         if beta.dim() < 1 or beta.shape[-1] != EXP_DIM:
             raise ValueError(f"beta: expected 3DMM expression of shape (..., {EXP_DIM}), got "
                              f"{tuple(beta.shape)}")
-        return self.mlp(beta.float())
+        x = beta.float()
+        if self.whiten:
+            x = (x - self.video_mean) @ self.whitener
+        return self.mlp(x)
 
     def combine(self, lam: torch.Tensor) -> torch.Tensor:
         return self.basis(lam)
@@ -165,13 +234,19 @@ class CLeBS(TrainableModel):
                         "image_every": 0, "lr_schedule": {"kind": "cosine", "warmup_steps": 200,
                                                           "min_factor": 0.1}}}
     presets = {
-        # 2-core CPU, about 2 minutes: 64^2, small ResNet, n=6, d=64, N=8, 400 steps
-        "tiny": {"model": {"n": 6, "dim": 64, "hidden": [128, 128], "image_stem": 16,
+        # 2-core CPU: 64^2, small ResNet, n=10, d=64, N=8; a linear f_e on beta whitened by the
+        # video-mean statistics, with the video-invariance term; 128 identities x 2 videos x 32
+        # frames (no cross-identity or multi-view sets): the leak spans 48 directions and a
+        # linear leak removal needs about 100 training identities (docs/models/export3d.md)
+        "tiny": {"model": {"n": 10, "dim": 64, "hidden": [], "image_stem": 16,
                            "image_widths": [32, 64, 128], "image_depths": [1, 1, 1],
-                           "resolution": 64, "lr": 1e-3},
+                           "resolution": 64, "lr": 1e-3, "whiten": True, "w_invariance": 1.0},
                  "data": {"name": "clips", "resolution": 64,
-                          "options": {"frames": 8, "min_gap": 3, "synth": {"exp_leak": 0.5}}},
-                 "train": {"steps": 400, "batch_size": 4, "ckpt_every": 200, "image_every": 0,
+                          "options": {"frames": 8, "min_gap": 3,
+                                      "synth": {"exp_leak": 0.5, "identities": 128,
+                                                "frames": 32, "cross": False,
+                                                "multiview": False}}},
+                 "train": {"steps": 1600, "batch_size": 8, "ckpt_every": 400, "image_every": 0,
                            "log_every": 50,
                            "lr_schedule": {"kind": "cosine", "warmup_steps": 20,
                                            "min_factor": 0.1}}},
@@ -197,7 +272,7 @@ class CLeBS(TrainableModel):
         if cfg.n < 1 or cfg.n > cfg.dim:
             raise ValueError(f"model.n: expected 1 <= n <= model.dim ({cfg.dim}), got {cfg.n}")
         self.cfg = cfg
-        self.expr = ExpressionEncoder(cfg.n, cfg.dim, cfg.hidden)
+        self.expr = ExpressionEncoder(cfg.n, cfg.dim, cfg.hidden, whiten=cfg.whiten)
         self.image_encoder = ImageEncoder(cfg.dim, cfg.image_stem, cfg.image_widths,
                                           cfg.image_depths)
         self.temperature = LearnableTemperature(cfg.temperature)
@@ -230,6 +305,8 @@ class CLeBS(TrainableModel):
         beta = expression_of(coeffs)
         if self.training and self.cfg.offset_noise > 0:
             beta = beta + torch.randn(B, 1, EXP_DIM, device=beta.device) * self.cfg.offset_noise
+        if self.training and self.cfg.whiten and B > 1:
+            self.expr.update_video_stats(beta)
         lam, beta_p = self.expr(beta)
         return f_img, beta_p, lam
 
@@ -237,12 +314,17 @@ class CLeBS(TrainableModel):
         if "coeffs" not in batch:
             raise ValueError("batch: CLeBS needs 'coeffs' (B, N, 257) (the clips dataset on "
                              "videos with coeffs.npy)")
-        f_img, beta_p, _ = self.embed(batch["image"], batch["coeffs"])
+        f_img, beta_p, lam = self.embed(batch["image"], batch["coeffs"])
         tau = self.temperature()
         loss = info_nce(f_img.float(), beta_p.float(), tau)
+        logs = {}
+        if self.cfg.w_invariance > 0 and lam.shape[0] > 1:
+            inv = video_invariance(lam.float())
+            loss = loss + self.cfg.w_invariance * inv
+            logs["invariance"] = inv.detach()
         with torch.no_grad():
             q = F.normalize(f_img.float(), dim=-1)
             k = F.normalize(beta_p.float(), dim=-1)
             top1 = ((q @ k.transpose(1, 2)).argmax(-1)
                     == torch.arange(q.shape[1], device=q.device)).float().mean()
-        return {"loss": loss, "top1": top1, "tau": tau.detach()}
+        return {"loss": loss, "top1": top1, "tau": tau.detach(), **logs}

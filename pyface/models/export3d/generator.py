@@ -14,7 +14,8 @@ source image (B, 3, H, W) in [-1, 1] ‖ pixel coordinates (B, 2, H, W)
    condition: EAdaLN)
 -> ``ups`` x [3x3 conv, PixelShuffle(2), + 1x1 projection of the stem map of that size]
 -> 3x3 conv to 3 * C channels -> Gaussian low-pass (``blur_sigma`` pixels)
--> tri-plane (B, 3, C, P, P), P = h * 2^ups; plus the online EMA tri-plane ``T_EMA``.
+-> G (B, 3, C, P, P), P = h * 2^ups; the tri-plane is ``T = G + T_EMA``, the online EMA
+   tri-plane, updated in training as ``T_EMA <- m T_EMA + (1 - m) mean_B(G)`` (detached).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class GeneratorConfig:
         up_widths: channels after each upsampling.
         plane_channels: C.
         blur_sigma: Gaussian low-pass std in plane pixels (0: off).
-        ema_momentum: T_EMA <- m T_EMA + (1 - m) mean_B(T) in training (1: off).
+        ema_momentum: T_EMA <- m T_EMA + (1 - m) mean_B(G) in training (1: off).
     """
 
     resolution: int = 512
@@ -73,7 +74,7 @@ class _ResBlock(nn.Module):
         self.c2 = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x):
-        return x + self.c2(F.leaky_relu(self.c1(x), 0.2))
+        return x + self.c2(F.leaky_relu(self.c1(x), 0.2, inplace=True))
 
 
 def coordinate_grid(B: int, H: int, W: int, device, dtype) -> torch.Tensor:
@@ -107,7 +108,7 @@ class TriplaneGenerator(nn.Module):
         for i in range(1, s):
             self.downs.append(nn.Sequential(
                 nn.Conv2d(c.stem_widths[i - 1], c.stem_widths[i], 3, stride=2, padding=1),
-                nn.LeakyReLU(0.2), _ResBlock(c.stem_widths[i])))
+                nn.LeakyReLU(0.2, inplace=True), _ResBlock(c.stem_widths[i])))
         # patch merging: an overlapping stride-2 patch embedding to the token width
         self.patch = nn.Conv2d(c.stem_widths[-1], c.dim, 3, stride=2, padding=1)
         self.patch_norm = nn.LayerNorm(c.dim)
@@ -136,7 +137,7 @@ class TriplaneGenerator(nn.Module):
                              f"{tuple(image.shape)}")
         B, _, H, W = image.shape
         x = torch.cat([image, coordinate_grid(B, H, W, image.device, image.dtype)], 1)
-        x = self.stem_in_block(F.leaky_relu(self.stem_in(x), 0.2))
+        x = self.stem_in_block(F.leaky_relu(self.stem_in(x), 0.2, inplace=True))
         stem = [x]
         for d in self.downs:
             x = d(x)
@@ -165,16 +166,20 @@ class TriplaneGenerator(nn.Module):
         x = t.transpose(1, 2).reshape(B, c.dim, h, h)
         by_res = {s.shape[-1]: s for s in stem}
         for j, up in enumerate(self.ups):
-            x = F.leaky_relu(F.pixel_shuffle(up(x), 2), 0.2)
+            x = F.leaky_relu(F.pixel_shuffle(up(x), 2), 0.2, inplace=True)
             if str(j) in self.skips:
                 x = x + self.skips[str(j)](by_res[x.shape[-1]])
         x = blur(self.to_planes(x), c.blur_sigma)
         P = c.plane_resolution
-        planes = x.reshape(B, 3, c.plane_channels, P, P) + self.planes_ema.to(x.dtype)
+        gen = x.reshape(B, 3, c.plane_channels, P, P)
+        planes = gen + self.planes_ema.to(x.dtype)
         if update_ema and c.ema_momentum < 1:
+            # the EMA follows the generated part G, not T = G + T_EMA: an EMA of T feeds on
+            # itself (T_EMA <- T_EMA + (1 - m) mean(G), a running sum of G's mean) and grew to
+            # 25 times G's size at `tiny` (docs/models/export3d.md)
             with torch.no_grad():
                 m = c.ema_momentum
-                self.planes_ema.mul_(m).add_(planes.detach().float().mean(0, keepdim=True),
+                self.planes_ema.mul_(m).add_(gen.detach().float().mean(0, keepdim=True),
                                              alpha=1 - m)
         return planes
 

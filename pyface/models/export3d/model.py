@@ -62,6 +62,9 @@ class Export3DConfig:
         blur_sigma, ema_momentum: see :class:`GeneratorConfig`.
         decoder_hidden, decoder_features: OSGDecoder widths (the first 3 features are RGB).
         depth_samples, importance_samples, ray_start, ray_end, box_warp: the renderer.
+        render_chunk_points: samples per chunk of the fused renderer's recomputing backward
+            (``RenderConfig.chunk_points``; None: the op's default, one chunk at ``tiny``);
+            smaller chunks lower the peak memory of a training step.
         sr_widths: PlainSuperResolution widths; scale 2^(len - 1).
         sr_source: also feed the source image, resized to the raw resolution, to the
             super-resolution ([D], not in the paper; default off).
@@ -72,6 +75,12 @@ class Export3DConfig:
         sr_guide: also feed the source image at the output resolution to the last stage of the
             super-resolution (``PlainSuperResolution`` guide; [D], not in the paper; default
             off).
+        sr_cond: modulate the super-resolution's first stage (at the raw resolution) with the
+            expression condition c (``PlainSuperResolution(cond_dim=...)``, zero-initialised;
+            [D], not in the paper: the
+            paper's SR has no style input; default off). At ``tiny`` the raw render is 16^2 and
+            the source reaches the SR at 64^2, so without it the mouth of the output follows the
+            source, not the driving expression (docs/models/export3d.md).
         augment: joint colour augmentation of the training pair ([D]; 0: off): source and
             driving frame get the same random RGB permutation, per-channel gain 1 +- augment and
             offset +- augment, so the generator learns to carry the source's colours instead of
@@ -119,10 +128,12 @@ class Export3DConfig:
     ray_start: float = 2.25
     ray_end: float = 3.3
     box_warp: float = 1.0
+    render_chunk_points: int | None = None
     sr_widths: list[int] = field(default_factory=lambda: [256, 128, 64])
     sr_source: bool = False
     sr_guide: bool = False
     raw_background: bool = False
+    sr_cond: bool = False
     augment: float = 0.0
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
@@ -245,12 +256,13 @@ class Export3D(TrainableModel):
         # the head (docs/models/export3d.md, "Generator at tiny")
         "tiny": {"model": {"resolution": 64, "stem_widths": [8, 32, 64], "vit_dim": 64,
                            "vit_depth": 2, "vit_heads": 2, "cond_dim": 64, "ups": 2,
-                           "up_widths": [48, 32], "plane_channels": 16, "n": 6, "code_dim": 64,
+                           "up_widths": [48, 32], "plane_channels": 16, "n": 10, "code_dim": 64,
                            "decoder_hidden": 32, "decoder_features": 16,
                            "depth_samples": 12, "importance_samples": 12,
                            "sr_widths": [24, 16, 8], "lr": 1e-3, "betas": [0.9, 0.99],
                            "ema_momentum": 0.99, "blur_sigma": 0.5, "sr_source": True,
-                           "sr_guide": True, "raw_background": True, "augment": 0.2,
+                           "sr_guide": True, "sr_cond": True, "raw_background": True,
+                           "augment": 0.2, "render_chunk_points": 8192,
                            "w_mask": 10.0, "w_density": 0.0, "w_gan": 0.0},
                  "data": {"name": "pairs", "resolution": 64,
                           "options": {"mode": "same_video", "synth": {"exp_leak": 0.5}}},
@@ -317,10 +329,11 @@ class Export3D(TrainableModel):
         self.renderer = TriplaneRenderer(RenderConfig.ffhq_corrected_axes(
             depth_resolution=cfg.depth_samples,
             depth_resolution_importance=cfg.importance_samples, ray_start=cfg.ray_start,
-            ray_end=cfg.ray_end, box_warp=cfg.box_warp))
+            ray_end=cfg.ray_end, box_warp=cfg.box_warp, chunk_points=cfg.render_chunk_points))
         self.sr = PlainSuperResolution(channels=cfg.decoder_features - 3 + 3 * cfg.sr_source,
                                        widths=tuple(cfg.sr_widths),
-                                       guide_channels=3 if cfg.sr_guide else 0)
+                                       guide_channels=3 if cfg.sr_guide else 0,
+                                       cond_dim=cfg.cond_dim if cfg.sr_cond else 0)
         self.D = None
         if cfg.w_gan > 0:
             self.D = DualDiscriminator(c_dim=25, img_resolution=cfg.resolution,
@@ -359,10 +372,11 @@ class Export3D(TrainableModel):
         return lam, self.cond.from_code(beta, lam)
 
     def render(self, planes: torch.Tensor, camera: torch.Tensor,
-               source: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               source: torch.Tensor | None = None,
+               cond: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """planes (B, 3, C, P, P), camera (B, 25) -> image (B, 3, H, W), image_raw (B, 3, r, r),
         image_depth (B, 1, r, r). ``source`` (B or 1, 3, H, W): required with ``sr_source`` or
-        ``sr_guide``."""
+        ``sr_guide``; ``cond`` (B, cond_dim): required with ``sr_cond``."""
         B = planes.shape[0]
         if camera.dim() != 2 or camera.shape != (B, 25):
             raise ValueError(f"camera: expected shape ({B}, 25) (EG3D labels), got "
@@ -399,7 +413,10 @@ class Export3D(TrainableModel):
             extra = torch.cat([extra, small], 1)
         if self.cfg.sr_guide:
             guide = source.to(feat.dtype).expand(B, -1, -1, -1)
-        image = self.sr(rgb, extra, guide)
+        if self.cfg.sr_cond and (cond is None or cond.shape != (B, self.cfg.cond_dim)):
+            raise ValueError(f"cond: expected ({B}, {self.cfg.cond_dim}) with model.sr_cond, got "
+                             f"{None if cond is None else tuple(cond.shape)}")
+        image = self.sr(rgb, extra, guide, cond if self.cfg.sr_cond else None)
         return {"image": image, "image_raw": rgb, "image_depth": out["image_depth"],
                 "image_opacity": opacity}
 
@@ -411,7 +428,7 @@ class Export3D(TrainableModel):
                              f"{tuple(beta.shape)}")
         lam, cond = self.condition(beta, lam_scale)
         planes = self.generator(source, cond, update_ema=update_ema)
-        out = self.render(planes, camera, source)
+        out = self.render(planes, camera, source, cond)
         out["planes"] = planes
         if lam is not None:
             out["lambda"] = lam

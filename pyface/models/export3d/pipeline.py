@@ -77,6 +77,6 @@ class Export3DPipeline(Pipeline):
             b = beta[t0:t0 + chunk]
             _, cond = model.condition(b, lam_scale)
             planes = model.generator.decode(state["features"], cond)
-            out = model.render(planes, cams[t0:t0 + chunk], state["image"])
+            out = model.render(planes, cams[t0:t0 + chunk], state["image"], cond)
             frames.append(out["image"].clamp(-1, 1))
         return torch.cat(frames)
