@@ -78,6 +78,7 @@ class PrepareConfig:
     submission_offsets: bool = False
     bfm: str | None = None          # BFM_model_front.mat for the fit (default: the built-in head)
     appearance: bool = True         # fit albedo (per video) and SH lighting (per frame) too
+    photometric: bool = True        # refine geometry and pose with the image (needs appearance)
     matting: str = "selfie"         # "selfie" (MediaPipe) or "modnet" (needs matting_weights)
     matting_weights: str | None = None   # MODNet weights file (e.g. the released .ckpt)
 
@@ -594,10 +595,22 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
         timing["fit_landmarks_s"] = time.perf_counter() - t2
         timing["fit_landmarks_cpu_s"] = time.process_time() - c2
         if cfg.appearance:
-            from pyface.face.fit import fit_appearance
+            from pyface.face.fit import fit_appearance, fit_photometric
 
             imgs = torch.from_numpy(small).permute(0, 3, 1, 2).float() / 255.0
-            app = fit_appearance(model, res.coeffs, imgs)
+            if cfg.photometric:
+                t3, c3 = time.perf_counter(), time.process_time()
+                res = fit_photometric(model, res.coeffs, imgs, torch.from_numpy(fit_crop), r,
+                                      sigma=res.sigma, segments=torch.from_numpy(seg),
+                                      config=FitConfig(steps=cfg.fit_steps), landmark_index=index)
+                app = res.appearance
+                labels = cameras.deep3d_to_label(res.coeffs[:, 224:227], res.coeffs[:, 254:257],
+                                                 submission_offsets=cfg.submission_offsets).numpy()
+                residual = res.residual.numpy()
+                timing["fit_photometric_s"] = time.perf_counter() - t3
+                timing["fit_photometric_cpu_s"] = time.process_time() - c3
+            else:
+                app = fit_appearance(model, res.coeffs, imgs)
             coeffs = app.coeffs.numpy()
             photometric = np.where(app.pixels.numpy() > 0, 255.0 * app.residual.numpy(), np.nan)
     else:
@@ -606,7 +619,7 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
         coeffs = np.zeros((t, 257), np.float32)
         labels = np.repeat(cameras.default_label().numpy()[None], t, 0)
         residual = np.full(t, np.nan, np.float32)
-    timing["fit_s"] = time.perf_counter() - t2      # landmarks + appearance
+    timing["fit_s"] = time.perf_counter() - t2      # landmarks, photometric refinement, appearance
     timing["fit_cpu_s"] = time.process_time() - c2
 
     np.save(os.path.join(tmp, fmt.COEFFS), coeffs.astype(np.float32))
