@@ -238,9 +238,9 @@ def _skin_vertices(model) -> torch.Tensor:
     return keep
 
 
-def _skin_pixels(model, coeffs, images, max_pixels):
+def _skin_pixels(model, coeffs, images, max_pixels, valid=None):
     """Rasterizes ``coeffs: (T, 257)`` once and gathers up to about ``max_pixels`` evenly spread
-    skin pixels per frame: frame index ``(P,)``, triangle vertices ``(P, 3)``, barycentrics
+    skin pixels per frame (inside ``valid: (T, 1, H, W)`` where given): frame index ``(P,)``, triangle vertices ``(P, 3)``, barycentrics
     ``(P, 3)``, target colours ``(P, 3)`` and the vertices' SH basis ``(P, 3, 9)``."""
     from pyface.face.coeffs import split_coeffs
     from pyface.face.morphable import sh_basis, vertex_normals
@@ -259,6 +259,8 @@ def _skin_pixels(model, coeffs, images, max_pixels):
     fidx = ras.face_index                                                         # (T, H, W)
     tri = model.faces[fidx.clamp_min(0)]                                           # (T, H, W, 3)
     ok = (fidx >= 0) & skin[tri].all(-1)
+    if valid is not None:
+        ok &= valid[:, 0] > 0.5
     tt, yy, xx = ok.nonzero(as_tuple=True)
     step = max(1, -(-len(tt) // (max_pixels * t)))
     tt, yy, xx = tt[::step], yy[::step], xx[::step]
@@ -290,7 +292,8 @@ def _solve_gamma(a, target, tt, t, w_gamma, init_light):
 
 def fit_appearance(model, coeffs: torch.Tensor, images: torch.Tensor, *, iters: int = 3,
                    w_tex: float = 1e-3, w_gamma: float = 1e-3, max_pixels: int = 600,
-                   albedo_frames: int = 32, chunk: int = 64) -> AppearanceResult:
+                   albedo_frames: int = 32, chunk: int = 64,
+                   valid: torch.Tensor | None = None) -> AppearanceResult:
     """Albedo ``tex`` (shared by the frames) and SH lighting ``gamma`` (per frame) of the
     geometry in ``coeffs: (T, 257)`` (id, exp, angles, trans as fitted) from ``images:
     (T, 3, H, W)`` in [0, 1], seen by the camera of the coefficients (:meth:`MorphableModel.
@@ -304,7 +307,9 @@ def fit_appearance(model, coeffs: torch.Tensor, images: torch.Tensor, *, iters: 
     time (memory does not grow with T). At most about ``max_pixels`` evenly spread pixels per
     frame enter the solves. Clamping of the renderer is ignored. Albedo and lighting share an
     overall scale that the images cannot separate: the priors (``w_tex``, ``w_gamma``, towards
-    the mean albedo and Deep3DFaceRecon's ambient 0.8) pick it.
+    the mean albedo and Deep3DFaceRecon's ambient 0.8) pick it. ``valid: (T, 1, H, W)``
+    (optional, > 0.5 = usable) leaves out pixels that are not image content, e.g. the repeated
+    edge of a crop that leaves the source frame.
     """
     from pyface.face.morphable import INIT_LIGHT
 
@@ -313,12 +318,16 @@ def fit_appearance(model, coeffs: torch.Tensor, images: torch.Tensor, *, iters: 
     t = coeffs.shape[0]
     if images.dim() != 4 or images.shape[:2] != (t, 3):
         raise ValueError(f"images: expected shape ({t}, 3, H, W), got {tuple(images.shape)}")
+    if valid is not None and tuple(valid.shape) != (t, 1, *images.shape[2:]):
+        raise ValueError(f"valid: expected shape ({t}, 1, {images.shape[2]}, {images.shape[3]}), "
+                         f"got {tuple(valid.shape)}")
     coeffs = coeffs.float()
     v = model.num_vertices
     with torch.no_grad():
         # albedo from a subset of frames
         sub = torch.linspace(0, t - 1, min(t, albedo_frames)).round().long().unique()
-        tt, tri, bary, target, ysh = _skin_pixels(model, coeffs[sub], images[sub], max_pixels)
+        tt, tri, bary, target, ysh = _skin_pixels(model, coeffs[sub], images[sub], max_pixels,
+                                                  None if valid is None else valid[sub])
         mean_p = model.mean_tex[tri]                                               # (P, 3v, 3ch)
         basis = model.tex_basis.view(v, 3, -1)[tri]                                # (P, 3, 3, 80)
         tex = torch.zeros(basis.shape[-1])
@@ -338,7 +347,8 @@ def fit_appearance(model, coeffs: torch.Tensor, images: torch.Tensor, *, iters: 
         for s0 in range(0, t, chunk):
             sl = slice(s0, min(t, s0 + chunk))
             n = sl.stop - sl.start
-            tt, tri, bary, target, ysh = _skin_pixels(model, coeffs[sl], images[sl], max_pixels)
+            tt, tri, bary, target, ysh = _skin_pixels(model, coeffs[sl], images[sl], max_pixels,
+                                                      None if valid is None else valid[sl])
             a = torch.einsum("pi,pic,pik->pck", bary, albedo[tri], ysh)
             g = _solve_gamma(a, target, tt, n, w_gamma, INIT_LIGHT)
             pred = torch.einsum("pck,pck->pc", a, g[tt])
@@ -367,15 +377,20 @@ class PhotometricConfig:
     ``sigma_color`` the colour noise (0..1 units, per channel) of one vertex sample, i.e. the
     weight of the photometric term against the landmark term; ``min_facing`` the smallest
     camera-facing component of a vertex normal that is sampled (grazing vertices near the
-    outline are left out: their colour changes with occlusion, not with the pose)."""
+    outline are left out: their colour changes with occlusion, not with the pose);
+    ``max_vertices`` how many skin vertices (evenly strided over the model's vertex order) are
+    sampled at most; ``expression``: whether the expression is refined too (False: it stays
+    as the landmark fit has it)."""
 
-    rounds: int = 3
-    steps: int = 60
+    rounds: int = 4
+    steps: int = 120
     sigma_color: float = 0.07
     min_facing: float = 0.2
+    max_vertices: int = 100000
+    expression: bool = True
 
 
-def _visible_skin(model, coeffs, size: int, min_facing: float):
+def _visible_skin(model, coeffs, size: int, min_facing: float, max_vertices: int = 100000):
     """Per frame, which skin vertices (:func:`_skin_vertices`) are visible at ``size^2`` and
     face the camera, and their predicted colours: ``mask (T, K)`` bool, ``colors (T, K, 3)``
     (albedo x SH shading of ``coeffs: (T, 257)``, clamped to [0, 1]) and ``index (K,)``."""
@@ -400,6 +415,7 @@ def _visible_skin(model, coeffs, size: int, min_facing: float):
         drawn = ras.face_index[f].unique()
         visible[f, model.faces[drawn[drawn >= 0]].reshape(-1)] = True
     index = _skin_vertices(model).nonzero()[:, 0]
+    index = index[::max(1, -(-len(index) // max_vertices))]
     mask = (visible & (normals[..., 2] > min_facing))[:, index]
     return mask, colors[:, index], index
 
@@ -408,7 +424,8 @@ def fit_photometric(model, coeffs: torch.Tensor, images: torch.Tensor, landmarks
                     image_size: int, *, sigma: float, weights=None,
                     segments: torch.Tensor | None = None,
                     landmark_index: torch.Tensor | None = None, config: FitConfig | None = None,
-                    photometric: PhotometricConfig | None = None) -> FitResult:
+                    photometric: PhotometricConfig | None = None,
+                    valid: torch.Tensor | None = None) -> FitResult:
     """Refines a landmark fit (:func:`fit_landmarks`) with the image: identity, expression and
     pose under the landmark term of :func:`fit_landmarks` (at the noise level ``sigma`` px at
     256^2, e.g. its ``FitResult.sigma``) plus a photometric term, the colour of the image at the
@@ -427,6 +444,9 @@ def fit_photometric(model, coeffs: torch.Tensor, images: torch.Tensor, landmarks
         landmarks: ``(T, K, 2)`` pixels of the square ``image_size`` crop, as for
             :func:`fit_landmarks` (``landmark_index``, ``weights``, ``segments`` likewise).
         sigma: landmark noise in px at 256^2 (positive).
+        valid: optional ``(T, 1, S, S)``, > 0.5 where ``images`` show the source (a crop that
+            leaves the frame repeats its edge there): vertices projecting elsewhere are not
+            sampled, and the albedo/lighting solves skip those pixels.
     """
     cfg = config or FitConfig()
     pc = photometric or PhotometricConfig()
@@ -443,7 +463,10 @@ def fit_photometric(model, coeffs: torch.Tensor, images: torch.Tensor, landmarks
                          f"{tuple(landmarks.shape)}")
     if not sigma > 0:
         raise ValueError(f"sigma: expected a positive number, got {sigma}")
-    for name in ("rounds", "steps", "sigma_color"):
+    if valid is not None and tuple(valid.shape) != (t, 1, *images.shape[2:]):
+        raise ValueError(f"valid: expected shape ({t}, 1, {images.shape[2]}, {images.shape[3]}), "
+                         f"got {tuple(valid.shape)}")
+    for name in ("rounds", "steps", "sigma_color", "max_vertices"):
         if not getattr(pc, name) > 0:
             raise ValueError(f"photometric.{name}: expected a positive number, got {getattr(pc, name)}")
     import torch.nn.functional as F
@@ -471,9 +494,14 @@ def fit_photometric(model, coeffs: torch.Tensor, images: torch.Tensor, landmarks
     cur = coeffs.float()
     for _ in range(pc.rounds):
         with torch.no_grad():
-            cur = fit_appearance(model, cur, images).coeffs
-            mask, colors, index = _visible_skin(model, cur, size, pc.min_facing)
+            cur = fit_appearance(model, cur, images, valid=valid).coeffs
+            mask, colors, index = _visible_skin(model, cur, size, pc.min_facing, pc.max_vertices)
             mask = mask.float()
+            if valid is not None:           # where the vertices project now, inside the source
+                uv, _ = cam.project_label(model.shape(cur[:, :80], cur[:, 80:144])[:, index]
+                                          * cam.BFM_TO_EG3D_SCALE, model.label_of(cur))
+                mask = mask * (F.grid_sample(valid.float(), (uv * 2 - 1)[:, :, None, :],
+                                             align_corners=False)[:, 0, :, 0] > 0.5).float()
         mean = model.mean_shape[index]                                           # (K', 3)
         idb = model.id_basis.view(v, 3, -1)[index]
         exb = model.exp_basis.view(v, 3, -1)[index]
@@ -492,7 +520,8 @@ def fit_photometric(model, coeffs: torch.Tensor, images: torch.Tensor, landmarks
                     loss = loss + 0.5 * (((x[1:] - x[:-1]) / s).pow(2).sum(-1) * link).sum()
             return loss / norm
 
-        opt = torch.optim.LBFGS([angles, trans, exp, id_c], lr=1.0, max_iter=pc.steps,
+        params = [angles, trans, id_c] + ([exp] if pc.expression else [])
+        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=pc.steps,
                                 history_size=20, tolerance_grad=1e-12, tolerance_change=1e-14,
                                 line_search_fn="strong_wolfe")
 
@@ -506,7 +535,7 @@ def fit_photometric(model, coeffs: torch.Tensor, images: torch.Tensor, landmarks
             cur = merge_coeffs(id_c.detach().expand(t, -1), exp.detach(), cur[:, 144:224],
                                angles.detach(), cur[:, 227:254], trans.detach())
     with torch.no_grad():
-        app = fit_appearance(model, cur, images)
+        app = fit_appearance(model, cur, images, valid=valid)
         proj = project_landmarks(model, id_c, exp, angles, trans, image_size, landmark_index)
         residual = (proj - target).norm(dim=-1).mean(-1)
         labels = cam.deep3d_to_label(angles, trans)
