@@ -406,6 +406,7 @@ def test_prepare_output_is_a_valid_dataset(prepared):
     assert len(meta["confidence"]) == 13 and len(meta["fit_residual_px"]) == 13
     assert np.load(os.path.join(out, name, "mesh.npy")).shape == (13, 478, 3)
     assert meta["jitter_px"]["after"] < meta["jitter_px"]["before"]
+    assert "fit_photometric_cpu_s" in meta["timing_s"]          # the refinement ran (default)
     item = PairDataset(out, resolution=256)[0]
     assert item["source"]["image"].shape == (3, 256, 256)
     assert item["source"]["coeffs"].shape == (257,) and item["source"]["camera"].shape == (25,)
@@ -444,6 +445,7 @@ def test_prepare_photos_and_frame_folders(prepared, tmp_path):
         s2 = prepare([str(inp)], PrepareConfig(out=out2, fit_steps=20, progress=False, workers=2,
                                                skip_bad=True, appearance=False))
     assert sorted(r["name"] for r in s2["results"]) == ["photo", "seq"]
+    assert all("fit_photometric_s" not in r["timing_s"] for r in s2["results"])   # appearance off
     assert len(s2["bad"]) == 1 and "zz_bad.png" in s2["bad"][0]
     assert any("zz_bad.png" in str(x.message) for x in w)
     np.testing.assert_allclose(fmt.load_landmarks(out2, recs["seq"]), fmt.load_landmarks(out, recs["seq"]))
