@@ -26,6 +26,9 @@ Pipeline per video (two decoding passes, so memory does not grow with the video 
    user path (``matting_weights``; nothing is downloaded).
 6. **3DMM fit** (:func:`pyface.face.fit.fit_landmarks`): 257 coefficients and EG3D labels;
    then albedo and lighting (:func:`pyface.face.fit.fit_appearance`) on 64x64 copies of the crops.
+7. **Photometric refinement** (:func:`pyface.face.fit.fit_photometric`, ``photometric=True``):
+   identity, expression and pose refined against the 64x64 crops (skin colours sampled at the
+   projected vertices) together with the landmarks; then the final albedo and lighting.
 
 Output per video: ``frames/``, ``masks/``, ``landmarks.npy (T, 68, 2)``, ``mesh.npy (T, 478, 3)``
 (crop pixels; z in the same scale), ``coeffs.npy``, ``dataset.json``, ``meta.json`` (with

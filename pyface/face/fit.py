@@ -5,9 +5,13 @@ Unknowns: ``id (80,)`` shared, ``exp (T, 64)``, ``angles (T, 3)``, ``trans (T, 3
 landmarks are projected with the EG3D camera of the pose (:func:`pyface.face.cameras.
 deep3d_to_label`, fixed FFHQ intrinsics), exactly as :meth:`MorphableModel.render` draws them, so
 the fitted coefficients and their labels are consistent with the image the landmarks come from.
-Only the 68 landmark rows of the bases are evaluated. Texture and lighting are not fitted (zeros).
-The objective is a negative log posterior in the model's own units (:class:`FitConfig`), with
-the landmark noise level estimated from the data.
+Only the 68 landmark rows of the bases are evaluated; :func:`fit_landmarks` leaves texture and
+lighting at zero. The objective is a negative log posterior in the model's own units
+(:class:`FitConfig`), with the landmark noise level estimated from the data.
+
+:func:`fit_appearance` then solves albedo (shared) and SH lighting (per frame) for a fixed
+geometry, and :func:`fit_photometric` refines geometry and pose against the image itself
+(landmark term plus the colours of the image sampled at the projected skin vertices).
 """
 from __future__ import annotations
 
