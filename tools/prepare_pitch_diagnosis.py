@@ -117,7 +117,8 @@ def main():
             elif v.startswith("only_"):
                 tgt = exact.copy()
                 tgt[:, list(GROUPS[v[5:]])] = det[:, list(GROUPS[v[5:]])]
-            pa = np.degrees(refit(model, torch.from_numpy(tgt).float(), index, seg, fixed).numpy()[:, 224:227])
+            fit = refit(model, torch.from_numpy(tgt).float(), index, seg, fixed)
+            pa = np.degrees(fit.numpy()[:, 224:227])
             rows[v].append((float(np.median(pa[:, 0] - ga[:, 0])), float(np.median(pa[:, 1] - ga[:, 1]))))
     for v in variants:
         print(f"{v:12s} signed median pitch / yaw error per video (deg): "

@@ -244,8 +244,9 @@ def _skin_vertices(model) -> torch.Tensor:
 
 def _skin_pixels(model, coeffs, images, max_pixels, valid=None):
     """Rasterizes ``coeffs: (T, 257)`` once and gathers up to about ``max_pixels`` evenly spread
-    skin pixels per frame (inside ``valid: (T, 1, H, W)`` where given): frame index ``(P,)``, triangle vertices ``(P, 3)``, barycentrics
-    ``(P, 3)``, target colours ``(P, 3)`` and the vertices' SH basis ``(P, 3, 9)``."""
+    skin pixels per frame (inside ``valid: (T, 1, H, W)`` where given): frame index ``(P,)``,
+    triangle vertices ``(P, 3)``, barycentrics ``(P, 3)``, target colours ``(P, 3)`` and the
+    vertices' SH basis ``(P, 3, 9)``."""
     from pyface.face.coeffs import split_coeffs
     from pyface.face.morphable import sh_basis, vertex_normals
     from pyface.face.render import render_mesh
