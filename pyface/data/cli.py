@@ -81,7 +81,10 @@ def add_parser(subparsers) -> None:
     q.add_argument("--no-fit", action="store_true",
                    help="skip the 3DMM fit (zero coefficients, frontal EG3D cameras)")
     q.add_argument("--no-appearance", action="store_true",
-                   help="do not fit albedo and lighting (tex and gamma stay 0)")
+                   help="do not fit albedo and lighting (tex and gamma stay 0; no photometric "
+                        "refinement either)")
+    q.add_argument("--no-photometric", action="store_true",
+                   help="landmarks only for the geometry and pose (no photometric refinement)")
     q.add_argument("--fit-steps", type=int, default=100, help="L-BFGS iterations of the 3DMM fit")
     q.add_argument("--bfm", default=None, metavar="PATH",
                    help="fit Deep3DFaceRecon's BFM_model_front.mat instead of the built-in head")
@@ -238,7 +241,8 @@ def _prepare(args) -> int:
                             workers=args.workers, skip_bad=args.skip_bad, resume=args.resume,
                             fit=not args.no_fit, fit_steps=args.fit_steps,
                             submission_offsets=args.submission_offsets, bfm=args.bfm,
-                            appearance=not args.no_appearance, matting=args.matting,
+                            appearance=not args.no_appearance,
+                            photometric=not args.no_photometric, matting=args.matting,
                             matting_weights=args.matting_weights, progress=not args.quiet)
         with warnings.catch_warnings():
             warnings.simplefilter("always")

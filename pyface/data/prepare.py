@@ -26,6 +26,9 @@ Pipeline per video (two decoding passes, so memory does not grow with the video 
    user path (``matting_weights``; nothing is downloaded).
 6. **3DMM fit** (:func:`pyface.face.fit.fit_landmarks`): 257 coefficients and EG3D labels;
    then albedo and lighting (:func:`pyface.face.fit.fit_appearance`) on 64x64 copies of the crops.
+7. **Photometric refinement** (:func:`pyface.face.fit.fit_photometric`, ``photometric=True``):
+   identity, expression and pose refined against the 64x64 crops (skin colours sampled at the
+   projected vertices) together with the landmarks; then the final albedo and lighting.
 
 Output per video: ``frames/``, ``masks/``, ``landmarks.npy (T, 68, 2)``, ``mesh.npy (T, 478, 3)``
 (crop pixels; z in the same scale), ``coeffs.npy``, ``dataset.json``, ``meta.json`` (with
@@ -49,6 +52,8 @@ from pyface.data import format as fmt
 from pyface.data.landmarks import jitter, mesh_to_68
 
 APPEARANCE_SIZE = 64                # crops are downsampled to this for the albedo/lighting fit
+#: Overrides of :class:`pyface.face.fit.PhotometricConfig` for the photometric refinement.
+PHOTOMETRIC_OPTIONS: dict = {}
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CROPS = ("eg3d", "fomm")
@@ -78,6 +83,7 @@ class PrepareConfig:
     submission_offsets: bool = False
     bfm: str | None = None          # BFM_model_front.mat for the fit (default: the built-in head)
     appearance: bool = True         # fit albedo (per video) and SH lighting (per frame) too
+    photometric: bool = True        # refine geometry and pose with the image (needs appearance)
     matting: str = "selfie"         # "selfie" (MediaPipe) or "modnet" (needs matting_weights)
     matting_weights: str | None = None   # MODNet weights file (e.g. the released .ckpt)
 
@@ -550,16 +556,19 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
             from pyface.nn.modnet import matte_image
             matter = _modnet(cfg.matting_weights)
         small = np.zeros((len(kept), APPEARANCE_SIZE, APPEARANCE_SIZE, 3), np.uint8)
+        small_valid = np.zeros((len(kept), APPEARANCE_SIZE, APPEARANCE_SIZE), bool)
         for i, img in enumerate(iter_frames(src)):
             k = where.get(i)
             if k is None:
                 continue
-            crop, _ = crop_image(img, boxes[k], r)
+            crop, valid = crop_image(img, boxes[k], r)
             if matter is None:
                 mask = (det.segment(crop) > 0.5).astype(np.uint8) * 255
             else:                                       # soft alpha, 0..255
                 mask = np.round(matte_image(matter, crop) * 255.0).astype(np.uint8)
             small[k] = np.asarray(Image.fromarray(crop).resize((APPEARANCE_SIZE,) * 2, Image.BOX))
+            small_valid[k] = np.asarray(Image.fromarray(valid.astype(np.uint8) * 255).resize(
+                (APPEARANCE_SIZE,) * 2, Image.BOX)) > 254            # wholly inside the source
             Image.fromarray(crop).save(os.path.join(tmp, fmt.FRAME_DIR, f"{k:05d}.png"),
                                        compress_level=1)
             Image.fromarray(mask).save(
@@ -594,10 +603,25 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
         timing["fit_landmarks_s"] = time.perf_counter() - t2
         timing["fit_landmarks_cpu_s"] = time.process_time() - c2
         if cfg.appearance:
-            from pyface.face.fit import fit_appearance
+            from pyface.face.fit import PhotometricConfig, fit_appearance, fit_photometric
 
             imgs = torch.from_numpy(small).permute(0, 3, 1, 2).float() / 255.0
-            app = fit_appearance(model, res.coeffs, imgs)
+            ok = torch.from_numpy(small_valid)[:, None].float()
+            if cfg.photometric:
+                t3, c3 = time.perf_counter(), time.process_time()
+                res = fit_photometric(model, res.coeffs, imgs, torch.from_numpy(fit_crop), r,
+                                      sigma=res.sigma, segments=torch.from_numpy(seg),
+                                      config=FitConfig(steps=cfg.fit_steps), landmark_index=index,
+                                      photometric=PhotometricConfig(**PHOTOMETRIC_OPTIONS),
+                                      valid=ok)
+                app = res.appearance
+                labels = cameras.deep3d_to_label(res.coeffs[:, 224:227], res.coeffs[:, 254:257],
+                                                 submission_offsets=cfg.submission_offsets).numpy()
+                residual = res.residual.numpy()
+                timing["fit_photometric_s"] = time.perf_counter() - t3
+                timing["fit_photometric_cpu_s"] = time.process_time() - c3
+            else:
+                app = fit_appearance(model, res.coeffs, imgs, valid=ok)
             coeffs = app.coeffs.numpy()
             photometric = np.where(app.pixels.numpy() > 0, 255.0 * app.residual.numpy(), np.nan)
     else:
@@ -606,7 +630,7 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
         coeffs = np.zeros((t, 257), np.float32)
         labels = np.repeat(cameras.default_label().numpy()[None], t, 0)
         residual = np.full(t, np.nan, np.float32)
-    timing["fit_s"] = time.perf_counter() - t2      # landmarks + appearance
+    timing["fit_s"] = time.perf_counter() - t2      # landmarks, photometric refinement, appearance
     timing["fit_cpu_s"] = time.process_time() - c2
 
     np.save(os.path.join(tmp, fmt.COEFFS), coeffs.astype(np.float32))

@@ -267,6 +267,27 @@ def compare_video(synth_root: str, prepared_root: str, name: str, oracle: bool =
     return out
 
 
+def error_causes(offsets: list[np.ndarray]) -> dict:
+    """Splits landmark offsets (prepared minus truth), one ``(T_v, 68, 2)`` array per video, into
+    three parts per point: the mean offset over the whole set (a difference of definition
+    between the detector's points and the truth's), each video's mean offset minus it (a
+    placement that depends on the face: identity, pose range) and each frame's offset minus its
+    video's mean (noise and motion). Returns, per landmark group and ``"all"``, the mean length
+    in pixels of each part (``"definition"``, ``"per_video"``, ``"per_frame"``) and of the
+    whole offset (``"total"``)."""
+    cat = np.concatenate(offsets)                                          # (N, 68, 2)
+    glob = cat.mean(0)                                                     # (68, 2)
+    vid = np.concatenate([np.broadcast_to(o.mean(0) - glob, o.shape) for o in offsets])
+    frame = np.concatenate([o - o.mean(0) for o in offsets])
+    parts = {"definition": np.broadcast_to(glob, cat.shape), "per_video": vid,
+             "per_frame": frame, "total": cat}
+    out = {}
+    for g, idx in {**{k: list(v) for k, v in GROUPS.items()}, "all": list(range(68))}.items():
+        out[g] = {k: round(float(np.linalg.norm(x[:, idx], axis=-1).mean()), 2)
+                  for k, x in parts.items()}
+    return out
+
+
 def summarize(per_video: list[dict]) -> dict:
     cat = lambda k: np.concatenate([np.asarray(v[k], np.float64) for v in per_video])
     groups = {k: float(np.mean([v["landmark_err_px_by_group"][k] for v in per_video]))
@@ -288,6 +309,10 @@ def summarize(per_video: list[dict]) -> dict:
             extra[tag] = {"yaw_err_deg_median": float(np.median(cat(f"{tag}_yaw_err_deg"))),
                           "pitch_err_deg_median": float(np.median(cat(f"{tag}_pitch_err_deg"))),
                           "residual_px_median": float(np.median(cat(f"{tag}_residual_px")))}
+    extra["landmark_err_px_by_cause"] = error_causes(
+        [np.asarray(v["landmark_offset_px"], np.float64) for v in per_video])
+    extra["landmark_err_px_by_cause_convention"] = error_causes(
+        [np.asarray(v["landmark_offset_px_convention"], np.float64) for v in per_video])
     extra["landmark_mean_offset_px"] = np.round(off.mean(0), 2).tolist()   # (68, 2) x, y
     extra["landmark_mean_offset_px_convention"] = np.round(coff.mean(0), 2).tolist()
     return {"videos": len(per_video), "frames": int(sum(v["frames"] for v in per_video)),

@@ -5,9 +5,13 @@ Unknowns: ``id (80,)`` shared, ``exp (T, 64)``, ``angles (T, 3)``, ``trans (T, 3
 landmarks are projected with the EG3D camera of the pose (:func:`pyface.face.cameras.
 deep3d_to_label`, fixed FFHQ intrinsics), exactly as :meth:`MorphableModel.render` draws them, so
 the fitted coefficients and their labels are consistent with the image the landmarks come from.
-Only the 68 landmark rows of the bases are evaluated. Texture and lighting are not fitted (zeros).
-The objective is a negative log posterior in the model's own units (:class:`FitConfig`), with
-the landmark noise level estimated from the data.
+Only the 68 landmark rows of the bases are evaluated; :func:`fit_landmarks` leaves texture and
+lighting at zero. The objective is a negative log posterior in the model's own units
+(:class:`FitConfig`), with the landmark noise level estimated from the data.
+
+:func:`fit_appearance` then solves albedo (shared) and SH lighting (per frame) for a fixed
+geometry, and :func:`fit_photometric` refines geometry and pose against the image itself
+(landmark term plus the colours of the image sampled at the projected skin vertices).
 """
 from __future__ import annotations
 
@@ -60,13 +64,15 @@ class FitConfig:
 class FitResult:
     """``coeffs (T, 257)``, ``labels (T, 25)``, ``residual (T,)`` mean point error in pixels,
     ``landmarks (T, K, 2)`` the fitted model's points in pixels, ``sigma`` the landmark noise
-    (px at 256^2) the final stage used."""
+    (px at 256^2) the final stage used; ``appearance`` the final albedo/lighting solve of
+    :func:`fit_photometric` (None from :func:`fit_landmarks`)."""
 
     coeffs: torch.Tensor
     labels: torch.Tensor
     residual: torch.Tensor
     landmarks: torch.Tensor
     sigma: float = float("nan")
+    appearance: "AppearanceResult | None" = None
 
 
 def model_id_std(model) -> torch.Tensor:
@@ -236,10 +242,11 @@ def _skin_vertices(model) -> torch.Tensor:
     return keep
 
 
-def _skin_pixels(model, coeffs, images, max_pixels):
+def _skin_pixels(model, coeffs, images, max_pixels, valid=None):
     """Rasterizes ``coeffs: (T, 257)`` once and gathers up to about ``max_pixels`` evenly spread
-    skin pixels per frame: frame index ``(P,)``, triangle vertices ``(P, 3)``, barycentrics
-    ``(P, 3)``, target colours ``(P, 3)`` and the vertices' SH basis ``(P, 3, 9)``."""
+    skin pixels per frame (inside ``valid: (T, 1, H, W)`` where given): frame index ``(P,)``,
+    triangle vertices ``(P, 3)``, barycentrics ``(P, 3)``, target colours ``(P, 3)`` and the
+    vertices' SH basis ``(P, 3, 9)``."""
     from pyface.face.coeffs import split_coeffs
     from pyface.face.morphable import sh_basis, vertex_normals
     from pyface.face.render import render_mesh
@@ -257,6 +264,8 @@ def _skin_pixels(model, coeffs, images, max_pixels):
     fidx = ras.face_index                                                         # (T, H, W)
     tri = model.faces[fidx.clamp_min(0)]                                           # (T, H, W, 3)
     ok = (fidx >= 0) & skin[tri].all(-1)
+    if valid is not None:
+        ok &= valid[:, 0] > 0.5
     tt, yy, xx = ok.nonzero(as_tuple=True)
     step = max(1, -(-len(tt) // (max_pixels * t)))
     tt, yy, xx = tt[::step], yy[::step], xx[::step]
@@ -288,7 +297,8 @@ def _solve_gamma(a, target, tt, t, w_gamma, init_light):
 
 def fit_appearance(model, coeffs: torch.Tensor, images: torch.Tensor, *, iters: int = 3,
                    w_tex: float = 1e-3, w_gamma: float = 1e-3, max_pixels: int = 600,
-                   albedo_frames: int = 32, chunk: int = 64) -> AppearanceResult:
+                   albedo_frames: int = 32, chunk: int = 64,
+                   valid: torch.Tensor | None = None) -> AppearanceResult:
     """Albedo ``tex`` (shared by the frames) and SH lighting ``gamma`` (per frame) of the
     geometry in ``coeffs: (T, 257)`` (id, exp, angles, trans as fitted) from ``images:
     (T, 3, H, W)`` in [0, 1], seen by the camera of the coefficients (:meth:`MorphableModel.
@@ -302,7 +312,9 @@ def fit_appearance(model, coeffs: torch.Tensor, images: torch.Tensor, *, iters: 
     time (memory does not grow with T). At most about ``max_pixels`` evenly spread pixels per
     frame enter the solves. Clamping of the renderer is ignored. Albedo and lighting share an
     overall scale that the images cannot separate: the priors (``w_tex``, ``w_gamma``, towards
-    the mean albedo and Deep3DFaceRecon's ambient 0.8) pick it.
+    the mean albedo and Deep3DFaceRecon's ambient 0.8) pick it. ``valid: (T, 1, H, W)``
+    (optional, > 0.5 = usable) leaves out pixels that are not image content, e.g. the repeated
+    edge of a crop that leaves the source frame.
     """
     from pyface.face.morphable import INIT_LIGHT
 
@@ -311,12 +323,16 @@ def fit_appearance(model, coeffs: torch.Tensor, images: torch.Tensor, *, iters: 
     t = coeffs.shape[0]
     if images.dim() != 4 or images.shape[:2] != (t, 3):
         raise ValueError(f"images: expected shape ({t}, 3, H, W), got {tuple(images.shape)}")
+    if valid is not None and tuple(valid.shape) != (t, 1, *images.shape[2:]):
+        raise ValueError(f"valid: expected shape ({t}, 1, {images.shape[2]}, {images.shape[3]}), "
+                         f"got {tuple(valid.shape)}")
     coeffs = coeffs.float()
     v = model.num_vertices
     with torch.no_grad():
         # albedo from a subset of frames
         sub = torch.linspace(0, t - 1, min(t, albedo_frames)).round().long().unique()
-        tt, tri, bary, target, ysh = _skin_pixels(model, coeffs[sub], images[sub], max_pixels)
+        tt, tri, bary, target, ysh = _skin_pixels(model, coeffs[sub], images[sub], max_pixels,
+                                                  None if valid is None else valid[sub])
         mean_p = model.mean_tex[tri]                                               # (P, 3v, 3ch)
         basis = model.tex_basis.view(v, 3, -1)[tri]                                # (P, 3, 3, 80)
         tex = torch.zeros(basis.shape[-1])
@@ -336,7 +352,8 @@ def fit_appearance(model, coeffs: torch.Tensor, images: torch.Tensor, *, iters: 
         for s0 in range(0, t, chunk):
             sl = slice(s0, min(t, s0 + chunk))
             n = sl.stop - sl.start
-            tt, tri, bary, target, ysh = _skin_pixels(model, coeffs[sl], images[sl], max_pixels)
+            tt, tri, bary, target, ysh = _skin_pixels(model, coeffs[sl], images[sl], max_pixels,
+                                                      None if valid is None else valid[sl])
             a = torch.einsum("pi,pic,pik->pck", bary, albedo[tri], ysh)
             g = _solve_gamma(a, target, tt, n, w_gamma, INIT_LIGHT)
             pred = torch.einsum("pck,pck->pc", a, g[tt])
@@ -350,3 +367,182 @@ def fit_appearance(model, coeffs: torch.Tensor, images: torch.Tensor, *, iters: 
         out[:, 144:224] = tex
         out[:, 227:254] = gamma.reshape(t, 27)
     return AppearanceResult(coeffs=out, residual=residual, pixels=count)
+
+
+# ----------------------------------------------------------------------------------------------
+# photometric refinement of the geometry and pose
+
+
+@dataclass
+class PhotometricConfig:
+    """Settings of :func:`fit_photometric`.
+
+    ``rounds`` alternations of the albedo/lighting solve (:func:`fit_appearance`) and an L-BFGS
+    run of ``steps`` iterations on the geometry (identity, expression, angles, translation);
+    ``sigma_color`` the colour noise (0..1 units, per channel) of one vertex sample, i.e. the
+    weight of the photometric term against the landmark term; ``min_facing`` the smallest
+    camera-facing component of a vertex normal that is sampled (grazing vertices near the
+    outline are left out: their colour changes with occlusion, not with the pose);
+    ``max_vertices`` how many skin vertices (evenly strided over the model's vertex order) are
+    sampled at most; ``expression``: whether the expression is refined too (False: it stays
+    as the landmark fit has it)."""
+
+    rounds: int = 4
+    steps: int = 120
+    sigma_color: float = 0.07
+    min_facing: float = 0.2
+    max_vertices: int = 100000
+    expression: bool = True
+
+
+def _visible_skin(model, coeffs, size: int, min_facing: float, max_vertices: int = 100000):
+    """Per frame, which skin vertices (:func:`_skin_vertices`) are visible at ``size^2`` and
+    face the camera, and their predicted colours: ``mask (T, K)`` bool, ``colors (T, K, 3)``
+    (albedo x SH shading of ``coeffs: (T, 257)``, clamped to [0, 1]) and ``index (K,)``."""
+    from pyface.face.coeffs import split_coeffs
+    from pyface.face.morphable import INIT_LIGHT, sh_basis, vertex_normals
+    from pyface.face.render import render_mesh
+
+    t = coeffs.shape[0]
+    c = split_coeffs(coeffs)
+    verts = model.shape(c["id"], c["exp"])                                       # (T, V, 3)
+    label = model.label_of(coeffs)
+    c2w, _ = cam.split_label(label)
+    rot = (c2w[:, :3, :3] @ torch.diag(c2w.new_tensor([1.0, -1.0, -1.0]))).transpose(1, 2)
+    normals = vertex_normals(verts, model.faces) @ rot.transpose(1, 2)          # camera frame
+    g = c["gamma"].reshape(t, 3, 9).clone()
+    g[:, :, 0] = g[:, :, 0] + INIT_LIGHT
+    colors = (model.albedo(c["tex"]).clamp(0, 1) * (sh_basis(normals) @ g.transpose(1, 2))).clamp(0, 1)
+    uv, z = cam.project_label(verts * cam.BFM_TO_EG3D_SCALE, label)
+    ras = render_mesh(torch.cat([uv * 2 - 1, z], -1), model.faces, (size, size), None, cull=model.cull)
+    visible = torch.zeros(t, model.num_vertices, dtype=torch.bool)
+    for f in range(t):
+        drawn = ras.face_index[f].unique()
+        visible[f, model.faces[drawn[drawn >= 0]].reshape(-1)] = True
+    index = _skin_vertices(model).nonzero()[:, 0]
+    index = index[::max(1, -(-len(index) // max_vertices))]
+    mask = (visible & (normals[..., 2] > min_facing))[:, index]
+    return mask, colors[:, index], index
+
+
+def fit_photometric(model, coeffs: torch.Tensor, images: torch.Tensor, landmarks: torch.Tensor,
+                    image_size: int, *, sigma: float, weights=None,
+                    segments: torch.Tensor | None = None,
+                    landmark_index: torch.Tensor | None = None, config: FitConfig | None = None,
+                    photometric: PhotometricConfig | None = None,
+                    valid: torch.Tensor | None = None) -> FitResult:
+    """Refines a landmark fit (:func:`fit_landmarks`) with the image: identity, expression and
+    pose under the landmark term of :func:`fit_landmarks` (at the noise level ``sigma`` px at
+    256^2, e.g. its ``FitResult.sigma``) plus a photometric term, the colour of the image at the
+    projection of every visible skin vertex against the vertex's predicted colour (albedo x SH
+    lighting), as in analysis-by-synthesis 3DMM fitting. The image is sampled bilinearly at the
+    projected vertices, so the term is differentiable in the geometry and pose (the rasterizer
+    gives no vertex gradients: visibility and the predicted colours are held fixed within a
+    round). Each round first solves albedo and lighting for the current geometry
+    (:func:`fit_appearance`); the returned coefficients carry the albedo and lighting of a final
+    solve. Landmarks alone leave the head's pitch to where the detector puts the points; the
+    shading and the painted-on features fix it.
+
+    Args:
+        coeffs: ``(T, 257)`` the landmark fit (id, exp, angles, trans; tex and gamma ignored).
+        images: ``(T, 3, S, S)`` in [0, 1], the crops the landmarks are in (any ``S``; e.g. 64).
+        landmarks: ``(T, K, 2)`` pixels of the square ``image_size`` crop, as for
+            :func:`fit_landmarks` (``landmark_index``, ``weights``, ``segments`` likewise).
+        sigma: landmark noise in px at 256^2 (positive).
+        valid: optional ``(T, 1, S, S)``, > 0.5 where ``images`` show the source (a crop that
+            leaves the frame repeats its edge there): vertices projecting elsewhere are not
+            sampled, and the albedo/lighting solves skip those pixels.
+    """
+    cfg = config or FitConfig()
+    pc = photometric or PhotometricConfig()
+    if coeffs.dim() != 2 or coeffs.shape[1] != 257:
+        raise ValueError(f"coeffs: expected shape (T, 257), got {tuple(coeffs.shape)}")
+    t = coeffs.shape[0]
+    if images.dim() != 4 or images.shape[:2] != (t, 3) or images.shape[2] != images.shape[3]:
+        raise ValueError(f"images: expected shape ({t}, 3, S, S), got {tuple(images.shape)}")
+    if landmarks.dim() != 3 or landmarks.shape[0] != t or landmarks.shape[-1] != 2:
+        raise ValueError(f"landmarks: expected shape ({t}, K, 2), got {tuple(landmarks.shape)}")
+    k = landmarks.shape[1]
+    if landmark_index is None and k != 68:
+        raise ValueError(f"landmarks: expected shape ({t}, 68, 2) without landmark_index, got "
+                         f"{tuple(landmarks.shape)}")
+    if not sigma > 0:
+        raise ValueError(f"sigma: expected a positive number, got {sigma}")
+    if valid is not None and tuple(valid.shape) != (t, 1, *images.shape[2:]):
+        raise ValueError(f"valid: expected shape ({t}, 1, {images.shape[2]}, {images.shape[3]}), "
+                         f"got {tuple(valid.shape)}")
+    for name in ("rounds", "steps", "sigma_color", "max_vertices"):
+        if not getattr(pc, name) > 0:
+            raise ValueError(f"photometric.{name}: expected a positive number, got {getattr(pc, name)}")
+    import torch.nn.functional as F
+
+    from pyface.face.coeffs import split_coeffs
+
+    size = images.shape[-1]
+    images = images.float()
+    target = landmarks.float()
+    w = (landmark_weights() if k == 68 else torch.ones(k)) if weights is None else \
+        torch.as_tensor(weights, dtype=torch.float32)
+    link = torch.ones(max(t - 1, 0))
+    if segments is not None:
+        seg = torch.as_tensor(segments)
+        link = (seg[1:] == seg[:-1]).float()
+    c = split_coeffs(coeffs.float())
+    id_c = c["id"][0].clone().requires_grad_(True)
+    exp = c["exp"].clone().requires_grad_(True)
+    angles = c["angles"].clone().requires_grad_(True)
+    trans = c["trans"].clone().requires_grad_(True)
+    id_std = torch.as_tensor(cfg.id_std, dtype=torch.float32) * model_id_std(model)
+    s2 = (sigma * image_size / 256.0) ** 2
+    norm = float(t * w.sum())
+    v = model.num_vertices
+    cur = coeffs.float()
+    for _ in range(pc.rounds):
+        with torch.no_grad():
+            cur = fit_appearance(model, cur, images, valid=valid).coeffs
+            mask, colors, index = _visible_skin(model, cur, size, pc.min_facing, pc.max_vertices)
+            mask = mask.float()
+            if valid is not None:           # where the vertices project now, inside the source
+                uv, _ = cam.project_label(model.shape(cur[:, :80], cur[:, 80:144])[:, index]
+                                          * cam.BFM_TO_EG3D_SCALE, model.label_of(cur))
+                mask = mask * (F.grid_sample(valid.float(), (uv * 2 - 1)[:, :, None, :],
+                                             align_corners=False)[:, 0, :, 0] > 0.5).float()
+        mean = model.mean_shape[index]                                           # (K', 3)
+        idb = model.id_basis.view(v, 3, -1)[index]
+        exb = model.exp_basis.view(v, 3, -1)[index]
+
+        def objective():
+            pts = mean + idb @ id_c + torch.einsum("kcj,tj->tkc", exb, exp)
+            uv, _ = cam.project_label(pts * cam.BFM_TO_EG3D_SCALE, cam.deep3d_to_label(angles, trans))
+            seen = F.grid_sample(images, (uv * 2 - 1)[:, :, None, :], mode="bilinear",
+                                 padding_mode="border", align_corners=False)[..., 0].transpose(1, 2)
+            loss = 0.5 * ((seen - colors).pow(2).sum(-1) * mask).sum() / pc.sigma_color ** 2
+            proj = project_landmarks(model, id_c, exp, angles, trans, image_size, landmark_index)
+            loss = loss + 0.5 * ((proj - target).pow(2).sum(-1) * w).sum() / s2
+            loss = loss + 0.5 * (id_c / id_std).pow(2).sum() + 0.5 * (exp / cfg.exp_std).pow(2).sum()
+            if t > 1:
+                for x, s in ((exp, cfg.smooth_exp), (angles, cfg.smooth_angle), (trans, cfg.smooth_trans)):
+                    loss = loss + 0.5 * (((x[1:] - x[:-1]) / s).pow(2).sum(-1) * link).sum()
+            return loss / norm
+
+        params = [angles, trans, id_c] + ([exp] if pc.expression else [])
+        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=pc.steps,
+                                history_size=20, tolerance_grad=1e-12, tolerance_change=1e-14,
+                                line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            loss = objective()
+            loss.backward()
+            return loss
+        opt.step(closure)
+        with torch.no_grad():
+            cur = merge_coeffs(id_c.detach().expand(t, -1), exp.detach(), cur[:, 144:224],
+                               angles.detach(), cur[:, 227:254], trans.detach())
+    with torch.no_grad():
+        app = fit_appearance(model, cur, images, valid=valid)
+        proj = project_landmarks(model, id_c, exp, angles, trans, image_size, landmark_index)
+        residual = (proj - target).norm(dim=-1).mean(-1)
+        labels = cam.deep3d_to_label(angles, trans)
+    return FitResult(coeffs=app.coeffs, labels=labels.detach(), residual=residual,
+                     landmarks=proj.detach(), sigma=sigma, appearance=app)
