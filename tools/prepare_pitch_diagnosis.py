@@ -31,7 +31,8 @@ GROUPS = {"jaw": range(0, 17), "brows": range(17, 27), "nose": range(27, 36),
 def refit(model, target, index, seg, fixed_id=None, steps=100):
     """fit_landmarks' objective (estimated noise level), optionally with a fixed identity."""
     from pyface.face.coeffs import merge_coeffs
-    from pyface.face.fit import FitConfig, landmark_weights, model_id_std, project_landmarks
+    from pyface.face.fit import (FitConfig, landmark_weights, lbfgs_minimise, model_id_std,
+                                  project_landmarks)
 
     cfg = FitConfig(steps=steps)
     t = target.shape[0]
@@ -55,15 +56,7 @@ def refit(model, target, index, seg, fixed_id=None, steps=100):
 
     def run(shape_on, iters, sigma):
         ps = [ang, tr] + ([exp] if shape_on else []) + ([id_c] if shape_on and fixed_id is None else [])
-        opt = torch.optim.LBFGS(ps, lr=1.0, max_iter=iters, history_size=20, tolerance_grad=1e-12,
-                                tolerance_change=1e-14, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad(set_to_none=True)
-            loss = objective(shape_on, sigma)
-            loss.backward()
-            return loss
-        opt.step(closure)
+        lbfgs_minimise(ps, lambda: objective(shape_on, sigma), iters)
 
     run(False, steps // 5, cfg.sigma_init)
     run(True, steps, cfg.sigma_init)

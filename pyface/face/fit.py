@@ -113,6 +113,21 @@ def project_landmarks(model, id_c, exp, angles, trans, image_size: int,
     return uv * image_size
 
 
+def lbfgs_minimise(params: list, objective, iters: int) -> None:
+    """Minimises ``objective()`` (a scalar tensor) over ``params`` in place with at most ``iters``
+    L-BFGS iterations (strong Wolfe line search; tolerances tight enough that ``iters`` decides)."""
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=iters, history_size=20,
+                            tolerance_grad=1e-12, tolerance_change=1e-14,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = objective()
+        loss.backward()
+        return loss
+    opt.step(closure)
+
+
 def fit_landmarks(model, landmarks: torch.Tensor, image_size: int, *, weights=None,
                   segments: torch.Tensor | None = None, config: FitConfig | None = None,
                   landmark_index: torch.Tensor | None = None) -> FitResult:
@@ -181,16 +196,7 @@ def fit_landmarks(model, landmarks: torch.Tensor, image_size: int, *, weights=No
 
     def run(shape_on: bool, iters: int, sigma: float):
         params = [angles, trans] + ([id_c, exp] if shape_on else [])
-        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=iters, history_size=20,
-                                tolerance_grad=1e-12, tolerance_change=1e-14,
-                                line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad(set_to_none=True)
-            loss = objective(shape_on, sigma)
-            loss.backward()
-            return loss
-        opt.step(closure)
+        lbfgs_minimise(params, lambda: objective(shape_on, sigma), iters)
 
     # L-BFGS (strong Wolfe line search): the pose alone first, then everything together; with
     # the noise level unknown, a first joint stage at sigma_init and a second at the estimate
@@ -526,16 +532,7 @@ def fit_photometric(model, coeffs: torch.Tensor, images: torch.Tensor, landmarks
             return loss / norm
 
         params = [angles, trans, id_c] + ([exp] if pc.expression else [])
-        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=pc.steps,
-                                history_size=20, tolerance_grad=1e-12, tolerance_change=1e-14,
-                                line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad(set_to_none=True)
-            loss = objective()
-            loss.backward()
-            return loss
-        opt.step(closure)
+        lbfgs_minimise(params, objective, pc.steps)
         with torch.no_grad():
             cur = merge_coeffs(id_c.detach().expand(t, -1), exp.detach(), cur[:, 144:224],
                                angles.detach(), cur[:, 227:254], trans.detach())
