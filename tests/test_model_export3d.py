@@ -277,8 +277,7 @@ def test_source_guide_background_and_colour_augmentation(data, tmp_path):
     beta = torch.randn(B, 64)
     with torch.no_grad():
         mc.sr.to_rgb.weight.normal_()
-        for lin in mc.sr.modulation:
-            lin.weight.normal_()
+        mc.sr.modulation.weight.normal_()
         _, c1 = mc.condition(beta)
         _, c2 = mc.condition(torch.randn(B, 64))
         planes = mc.generator(src, c1)

@@ -119,10 +119,9 @@ def test_plain_super_resolution_condition():
     # zero-initialised modulation: at init the condition has no effect
     torch.testing.assert_close(base, sr(rgb, feat, cond=torch.randn(2, 6)))
     base.square().mean().backward()
-    assert all(lin.weight.grad.abs().sum() > 0 for lin in sr.modulation)
+    assert sr.modulation.weight.grad.abs().sum() > 0
     with torch.no_grad():
-        for lin in sr.modulation:
-            lin.weight.normal_()
+        sr.modulation.weight.normal_()
     assert not torch.allclose(sr(rgb, feat, cond=c), sr(rgb, feat, cond=torch.randn(2, 6)))
     with pytest.raises(ValueError, match="cond: expected shape \\(2, 6\\)"):
         sr(rgb, feat)

@@ -179,10 +179,9 @@ class PlainSuperResolution(nn.Module):
                       else None)
         self.modulation = None
         if c.cond_dim:
-            self.modulation = nn.ModuleList([nn.Linear(c.cond_dim, 2 * w[0])])
-            for lin in self.modulation:
-                nn.init.zeros_(lin.weight)
-                nn.init.zeros_(lin.bias)
+            self.modulation = nn.Linear(c.cond_dim, 2 * w[0])
+            nn.init.zeros_(self.modulation.weight)
+            nn.init.zeros_(self.modulation.bias)
         self.to_rgb = nn.Conv2d(w[-1], c.image_channel, 1)
         nn.init.zeros_(self.to_rgb.weight)
         nn.init.zeros_(self.to_rgb.bias)
@@ -222,7 +221,7 @@ class PlainSuperResolution(nn.Module):
             if i == last and self.guide is not None:
                 x = x + self.guide(guide.to(x.dtype))
             if i == 0 and self.modulation is not None:
-                scale, shift = self.modulation[0](cond.to(x.dtype))[:, :, None, None].chunk(2, 1)
+                scale, shift = self.modulation(cond.to(x.dtype))[:, :, None, None].chunk(2, 1)
                 x = x * (1 + scale) + shift
             x = stage(x)
         base = rgb if self.scale == 1 else F.interpolate(
