@@ -481,6 +481,38 @@ def test_stages_train_first_then_are_reused(tmp_path, monkeypatch, caplog):
                         {"image": torch.zeros(2, 3, 8, 8)}).shape == (2, 3, 8, 8)
 
 
+def test_stage_overrides_reach_their_stage_and_stale_stages_are_refused(tmp_path, monkeypatch,
+                                                                         capsys):
+    monkeypatch.setitem(registry.MODELS, "toy_stage1", f"{__name__}:Stage1Toy")
+    monkeypatch.setitem(registry.MODELS, "toy_stage2", f"{__name__}:Stage2Toy")
+    run = tmp_path / "run"
+    stage_dir = run / "stages" / "s1"
+    base = ["train", "toy_stage2", "--preset", "tiny", "--set", f"train.run_dir={run}",
+            *sets(QUIET)]
+    # stages.s1.* configures stage 1 only; model.lr the final model only
+    assert main(base + ["--set", "stages.s1.model.width=6", "--set", "model.lr=0.5"]) == 0
+    s1_meta = ckpt.read_meta(ckpt.latest_checkpoint(str(stage_dir)))["experiment"]
+    final = ckpt.read_meta(ckpt.latest_checkpoint(str(run)))["experiment"]
+    assert s1_meta["model_config"]["width"] == 6 and s1_meta["model_config"]["lr"] == 1e-2
+    assert final["model_config"]["lr"] == 0.5
+    stamp = os.path.getmtime(os.path.join(ckpt.latest_checkpoint(str(stage_dir)), "meta.json"))
+    # the same stage settings reuse the finished stage; other ones are refused, naming the key
+    assert main(base + ["--set", "stages.s1.model.width=6"]) == 0
+    capsys.readouterr()
+    assert main(base + ["--set", "stages.s1.model.width=5"]) == 2
+    err = capsys.readouterr().err
+    assert "stage 's1'" in err and "model.width: finished run 6 vs this command 5" in err
+    assert os.path.getmtime(os.path.join(ckpt.latest_checkpoint(str(stage_dir)),
+                                         "meta.json")) == stamp
+    # bad addresses name the stage, the valid stages or the key
+    assert main(base + ["--set", "stages.s9.model.width=5"]) == 2
+    err = capsys.readouterr().err
+    assert "stages.s9.model.width" in err and "stages (s1)" in err
+    assert main(base + ["--set", "stages.s1.model.depth=5"]) == 2
+    err = capsys.readouterr().err
+    assert "stage 's1' (toy_stage1)" in err and "model.depth" in err
+
+
 # ------------------------------------------------------------------------------------------
 # plugins
 # ------------------------------------------------------------------------------------------

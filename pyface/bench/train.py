@@ -171,7 +171,7 @@ def model_backends(name: str, overrides: list[str] | None = None, *, steps: int 
     from pyface.bench.harness import peak_memory_mb
     from pyface.train import Trainer
     from pyface.train.config import build_experiment
-    from pyface.train.stages import prepare_stages
+    from pyface.train.stages import own_overrides, prepare_stages
     from pyface.train.registry import model_class
 
     cls = model_class(name)
@@ -195,7 +195,7 @@ def model_backends(name: str, overrides: list[str] | None = None, *, steps: int 
             sets = [*(overrides or []), f"train.run_dir={tmp}/{label}", "train.progress=false",
                     "train.tensorboard=false", f"train.device={dev}", f"train.backend={backend}"]
             cfg = build_experiment(name, cls.Config, defaults=defaults, preset=preset,
-                                   overrides=sets)
+                                   overrides=own_overrides(sets))
             if getattr(cls, "stages", ()):
                 # earlier stages are trained once (fused ops) and shared by both measurements
                 filled = filled or prepare_stages(cls, cfg, overrides=list(overrides or []))

@@ -13,7 +13,10 @@ def add_parser(subparsers) -> None:
         description="Train a model. Config: the model's recipe < --preset < --config YAML < --set "
                     "overrides. A model built on earlier stages trains those first (in "
                     "RUN_DIR/stages/NAME, same preset; a finished stage run is reused) unless "
-                    "their checkpoint is given (--set model.<stage>_checkpoint=RUN). "
+                    "their checkpoint is given (--set model.<stage>_checkpoint=RUN); --set "
+                    "stages.<stage>.<key>=<value> configures one stage (e.g. "
+                    "stages.s1.model.neutral_weight=5), other --set keys the final model "
+                    "only. "
                     "Outputs go to train.run_dir: config.yaml, log.txt, tb/ (TensorBoard), "
                     "checkpoints/ and previews/ (PNG grids and mp4 clips). Distributed: "
                     "torchrun --nproc_per_node=N -m pyface train MODEL ...",
@@ -62,8 +65,12 @@ def run_train(args) -> int:
         import_plugins(args.imports)
         cls = model_class(args.model)
         overrides = list(args.overrides) + (["data.skip_bad=true"] if args.skip_bad else [])
+        from pyface.train.stages import check_stage_overrides, own_overrides
+
+        check_stage_overrides(args.model, cls, overrides)
         cfg = build_experiment(args.model, cls.Config, yaml_path=args.config,
-                               overrides=overrides, defaults=getattr(cls, "recipe", {}),
+                               overrides=own_overrides(overrides),
+                               defaults=getattr(cls, "recipe", {}),
                                preset=args.preset)
     except (KeyError, ConfigError, OSError, ImportError) as exc:
         print(f"pyface train: {exc}", file=sys.stderr)

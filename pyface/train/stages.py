@@ -9,8 +9,15 @@ unfinished one is resumed, so re-running the command after an interruption conti
 stopped.
 
 A stage gets its own recipe and the preset, plus the run-wide ``--set`` overrides of
-:data:`SHARED_KEYS` (device, precision, logging, data location, seed); the other overrides apply
-to the final model only.
+:data:`SHARED_KEYS` (device, precision, logging, data location, seed) and the overrides addressed
+to it by name, ``stages.<name>.<key>=<value>`` (e.g. ``stages.s1.model.neutral_weight=5``; a
+stage's own stages are addressed by their names too); the other overrides apply to the final
+model only.
+
+A finished stage run is reused only if its model config equals the one this command asks for
+(the stage checkpoints of its own stages aside); otherwise :func:`prepare_stages` stops with a
+ConfigError naming the differing keys, so a changed stage setting never silently reuses a stale
+run.
 """
 from __future__ import annotations
 
@@ -26,9 +33,58 @@ SHARED_KEYS = ("train.device", "train.precision", "train.progress", "train.tenso
                "data.skip_bad")
 
 
+#: prefix of the ``--set`` keys addressed to one stage: ``stages.<name>.<key>=<value>``
+STAGE_PREFIX = "stages."
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].strip()
+
+
 def shared_overrides(overrides: list[str] | None) -> list[str]:
     """The ``key=value`` items of ``overrides`` whose key is in :data:`SHARED_KEYS`."""
-    return [o for o in overrides or [] if o.split("=", 1)[0].strip() in SHARED_KEYS]
+    return [o for o in overrides or [] if _key(o) in SHARED_KEYS]
+
+
+def own_overrides(overrides: list[str] | None) -> list[str]:
+    """``overrides`` without the items addressed to a stage (``stages.<name>.<key>=...``)."""
+    return [o for o in overrides or [] if not _key(o).startswith(STAGE_PREFIX)]
+
+
+def stage_overrides(overrides: list[str] | None, name: str) -> list[str]:
+    """The items ``stages.<name>.<key>=<value>`` of ``overrides``, as ``<key>=<value>``."""
+    prefix = f"{STAGE_PREFIX}{name}."
+    return [o.strip()[len(prefix):] for o in overrides or [] if _key(o).startswith(prefix)]
+
+
+def stage_names(model_cls) -> list[str]:
+    """The names of ``model_cls``'s stages and, recursively, of their own stages."""
+    from pyface.train.registry import model_class
+
+    names: list[str] = []
+    for stage in getattr(model_cls, "stages", ()) or ():
+        names.append(stage.name)
+        names.extend(stage_names(model_class(stage.model)))
+    return names
+
+
+def check_stage_overrides(model: str, model_cls, overrides: list[str] | None) -> None:
+    """ConfigError if an item ``stages.<name>.<key>=...`` of ``overrides`` names no stage of
+    ``model`` or no key."""
+    from pyface.train.config import ConfigError
+
+    names = stage_names(model_cls)
+    for o in overrides or []:
+        key = _key(o)
+        if not key.startswith(STAGE_PREFIX):
+            continue
+        rest = key[len(STAGE_PREFIX):]
+        name = next((n for n in sorted(names, key=len, reverse=True)
+                     if rest.startswith(n + ".") and len(rest) > len(n) + 1), None)
+        if name is None:
+            raise ConfigError(f"--set {o}: expected stages.<stage>.<key>=<value> with <stage> "
+                              f"one of {model!r}'s stages ({', '.join(names) or 'it has none'})"
+                              f", got {key!r}")
 
 
 def stage_run_finished(run_dir: str, steps: int) -> str | None:
@@ -73,13 +129,18 @@ def prepare_stages(model_cls, cfg, *, overrides: list[str] | None = None,
         if cfg.preset is not None and preset is None:
             log.warning("stage %r (%s) has no preset %r; training it with its recipe",
                         stage.name, stage.model, cfg.preset)
-        stage_cfg = build_experiment(
-            stage.model, stage_cls.Config, defaults=getattr(stage_cls, "recipe", {}),
-            preset=preset, presets=presets,
-            overrides=shared_overrides(overrides) + [f"train.run_dir={stage_dir}"])
+        try:
+            stage_cfg = build_experiment(
+                stage.model, stage_cls.Config, defaults=getattr(stage_cls, "recipe", {}),
+                preset=preset, presets=presets,
+                overrides=(shared_overrides(overrides) + stage_overrides(overrides, stage.name)
+                           + [f"train.run_dir={stage_dir}"]))
+        except ConfigError as exc:
+            raise ConfigError(f"stage {stage.name!r} ({stage.model}): {exc}") from None
         prepare_stages(stage_cls, stage_cfg, overrides=overrides, train_fn=train_fn)
         done = stage_run_finished(stage_dir, stage_cfg.train.steps)
         if done:
+            _check_reuse(stage, stage_cls, stage_cfg, done)
             log.info("stage %r: reusing the finished run %s", stage.name, done)
         else:
             log.info("stage %r: training %s in %s", stage.name, stage.model, stage_dir)
@@ -92,6 +153,28 @@ def prepare_stages(model_cls, cfg, *, overrides: list[str] | None = None,
         setattr(cfg.model_config, stage.checkpoint_key, stage_dir)
         filled[stage.checkpoint_key] = stage_dir
     return filled
+
+
+def _check_reuse(stage, stage_cls, stage_cfg, latest: str) -> None:
+    """ConfigError if the finished checkpoint ``latest`` of a stage run was trained with another
+    model config than ``stage_cfg`` (the checkpoint keys of the stage's own stages aside: they
+    are run folders, which move with the run)."""
+    from pyface import checkpoint as ckpt
+    from pyface.train.config import ConfigError, experiment_to_dict
+
+    theirs = (ckpt.read_meta(latest).get("experiment") or {}).get("model_config") or {}
+    ours = experiment_to_dict(stage_cfg)["model_config"] or {}
+    paths = {s.checkpoint_key for s in getattr(stage_cls, "stages", ()) or ()}
+    diff = sorted(k for k in set(theirs) | set(ours)
+                  if k not in paths and theirs.get(k) != ours.get(k))
+    if diff:
+        details = ", ".join(f"model.{k}: finished run {theirs.get(k)!r} vs this command "
+                            f"{ours.get(k)!r}" for k in diff[:5])
+        run_dir = stage_cfg.train.run_dir
+        raise ConfigError(f"stage {stage.name!r}: the finished run {run_dir} was trained with "
+                          f"another config ({details}); remove that folder to train the stage "
+                          f"again, or pass --set model.{stage.checkpoint_key}={run_dir} to use "
+                          "it as it is")
 
 
 def train_stage(cfg) -> None:
