@@ -507,7 +507,7 @@ def test_stage_overrides_reach_their_stage_and_stale_stages_are_refused(tmp_path
     # bad addresses name the stage, the valid stages or the key
     assert main(base + ["--set", "stages.s9.model.width=5"]) == 2
     err = capsys.readouterr().err
-    assert "stages.s9.model.width" in err and "stages (s1)" in err
+    assert "stages.s9.model.width" in err and "a stage of 'toy_stage2' (s1)" in err
     assert main(base + ["--set", "stages.s1.model.depth=5"]) == 2
     err = capsys.readouterr().err
     assert "stage 's1' (toy_stage1)" in err and "model.depth" in err

@@ -83,7 +83,7 @@ def check_stage_overrides(model: str, model_cls, overrides: list[str] | None) ->
                      if rest.startswith(n + ".") and len(rest) > len(n) + 1), None)
         if name is None:
             raise ConfigError(f"--set {o}: expected stages.<stage>.<key>=<value> with <stage> "
-                              f"one of {model!r}'s stages ({', '.join(names) or 'it has none'})"
+                              f"a stage of {model!r} ({', '.join(names) or 'it has none'})"
                               f", got {key!r}")
 
 
