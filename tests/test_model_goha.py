@@ -243,6 +243,29 @@ def test_matte_supervises_the_opacity_plane_rows_flip_and_gain():
         torch.testing.assert_close(m.encode_expression(pseudo), 10 * e)
 
 
+def test_render_recompute_decoder_gives_the_same_losses_and_gradients():
+    """model.render_recompute="decoder" (tiny) keeps the sampled plane features instead of
+    recomputing the sampling in the backward: same losses and gradients as True."""
+    batch = {"source": frame(random_coeffs(2, seed=6)), "driving": frame(random_coeffs(2, seed=7))}
+    grads = []
+    for rec in (True, "decoder"):
+        torch.manual_seed(0)
+        m = GOHA(tiny_config(canonical_until=0, expression_from=0, appearance_from=0,
+                             render_recompute=rec, render_chunk_points=4096))
+        assert m.renderer.config.recompute == rec
+        torch.manual_seed(1)
+        loss, _, _ = m.s1_losses(batch, 0, "tar")
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()
+                                      if p.grad is not None}))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    assert grads[0][1].keys() == grads[1][1].keys() and len(grads[0][1]) > 0
+    for k, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][k], g, atol=1e-5, rtol=1e-4, msg=k)
+    with pytest.raises(ValueError, match="model.render_recompute"):
+        tiny_config(render_recompute="features").__post_init__()
+
+
 def test_engine_step_and_exact_resume(tmp_path, data_root):
     full = Trainer(experiment(tmp_path / "full", data_root, "train.steps=2"))
     full.fit()
@@ -453,6 +476,34 @@ def test_s2_pipeline_super_resolves(chain):
     torch.testing.assert_close(comp, want.clamp(-1, 1), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="power of two"):
         GOHASR(tiny_config(resolution=48))
+
+
+def test_s2_residual_super_resolution_starts_at_the_bilinear_upsampling():
+    """model.sr_residual (the goha tiny preset): SR image = bilinear upsampling (pixel centres)
+    + sr_gain x GFPGAN(upsampling), sr_gain a parameter starting at 0; off (GOHA), GFPGAN's
+    image itself and no extra tensor."""
+    from pyface.models.goha import GOHASR
+
+    cfg = build_experiment("goha", GOHASR.Config, defaults=GOHASR.recipe,
+                           presets=GOHASR.presets, preset="tiny").model_config
+    assert cfg.sr_residual and not GOHASR.Config().sr_residual
+    assert "sr_gain" not in GOHASR(tiny_config()).state_dict()
+    torch.manual_seed(0)
+    m = GOHASR(tiny_config(sr_residual=True)).eval()
+    assert "sr_gain" in m.state_dict() and float(m.sr_gain.detach()) == 0
+    opt = m.build_optimizers()["G"]
+    assert any(p is m.sr_gain for g in opt.param_groups for p in g["params"])
+    raw = torch.rand(2, 3, 32, 32) * 2 - 1
+    up = torch.nn.functional.interpolate(raw, size=(64, 64), mode="bilinear",
+                                         align_corners=False)
+    with torch.no_grad():
+        torch.testing.assert_close(m.finish(raw), up)
+        m.sr_gain.fill_(0.5)
+        torch.testing.assert_close(m.finish(raw), up + 0.5 * m.sr(up, randomize_noise=False))
+    # the gain's gradient is GFPGAN's image against the loss's gradient: nonzero at 0
+    m.sr_gain.data.zero_()
+    m.finish(raw).square().sum().backward()
+    assert m.sr_gain.grad is not None and float(m.sr_gain.grad.abs()) > 0
 
 
 def test_static_multiview_pairs_train_s1(tmp_path):

@@ -47,7 +47,9 @@ MODES = ("src", "tar", "coarse", "cano")
 
 #: the model part of the ``tiny`` preset, shared by the three stages (one architecture): 64^2
 #: input, tiny MiT, planes 32^2, 32^2 renders with 12 + 12 samples, depth lifted at 16^2,
-#: compressed s1 schedule (spec 2.5); density TV at 0.05 (GOHA's 0.25 collapses the density of
+#: compressed s1 schedule (spec 2.5); the fused renderer in chunks of 16384 samples, keeping the
+#: sampled plane features for the backward (``render_recompute="decoder"``: the sampling is not
+#: recomputed); density TV at 0.05 (GOHA's 0.25 collapses the density of
 #: these 32^2 planes within 75 steps, docs/models/goha.md); the opacity supervised by the matte
 #: (the composite over the source background needs it); GFPGANv1Clean and the StyleGAN2 D at
 #: 1/32 width
@@ -55,7 +57,8 @@ TINY_MODEL = {"resolution": 64, "encoder": "tiny", "encoder_width": 32, "plane_c
               "embed_width": 32, "eye_dilation": 3, "eye_dilation_iters": 1,
               "pseudo_render_size": 64, "lift_resolution": 16, "lift_samples": 12,
               "appearance_erode": 3, "render_resolution": 32, "depth_samples": 12,
-              "depth_samples_importance": 12, "render_chunk_points": 16384, "decoder_hidden": 32,
+              "depth_samples_importance": 12, "render_chunk_points": 16384,
+              "render_recompute": "decoder", "decoder_hidden": 32,
               "decoder_features": 8,
               "canonical_until": 125, "expression_from": 125, "appearance_from": 250,
               "plane_gain": 10.0, "neutral_weight": 3.0, "data_renders": True,
@@ -153,7 +156,8 @@ class GOHA(TrainableModel):
                                      share_weights=cfg.share_upsampler_weights)
         self.decoder = OSGDecoder(C, cfg.decoder_hidden, cfg.decoder_features)
         common = dict(plane_axes=PLANE_AXES, ray_start=cfg.ray_start, ray_end=cfg.ray_end,
-                      box_warp=cfg.box_warp, chunk_points=cfg.render_chunk_points)
+                      box_warp=cfg.box_warp, chunk_points=cfg.render_chunk_points,
+                      recompute=cfg.render_recompute)
         self.renderer = TriplaneRenderer(RenderConfig(
             depth_resolution=cfg.depth_samples,
             depth_resolution_importance=cfg.depth_samples_importance, **common))
