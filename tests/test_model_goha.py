@@ -465,15 +465,25 @@ def test_s2_pipeline_super_resolves(chain):
         planes = pipe.model.animate_planes(
             {k: (v.expand(2, *v.shape[1:]) if torch.is_tensor(v) else v) for k, v in st.items()},
             mo["expression"])
-        alpha = torch.nn.functional.interpolate(
-            pipe.model.render(planes, mo["camera"])["weights"].clamp(0, 1), size=(64, 64),
-            mode="bilinear", align_corners=False)
+        rend = pipe.model.render(planes, mo["camera"])
+        alpha = torch.nn.functional.interpolate(rend["weights"].clamp(0, 1), size=(64, 64),
+                                                mode="bilinear", align_corners=False)
+        up = torch.nn.functional.interpolate(rend["image"], size=(64, 64), mode="bilinear",
+                                             align_corners=False)
     assert out.shape == (2, 3, 64, 64) and rec.shape == (1, 3, 64, 64)
     assert out.abs().max() <= 1 and torch.isfinite(out).all()
     assert not torch.allclose(out, again)          # composited over the source background
-    # the SR image is kept inside the render's opacity, the background fills the rest
-    want = (((plain + 1) / 2).clamp(0, 1) * alpha + (1 - alpha) * st["background"]) * 2 - 1
+    # the tiny preset's residual SR: its residual over the upsampled render is kept inside
+    # the render's opacity, the background fills the rest
+    assert pipe.model.cfg.sr_residual
+    fg = ((up + (plain - up) * alpha + 1) / 2).clamp(0, 1)
+    want = (fg + (1 - alpha) * st["background"]) * 2 - 1
     torch.testing.assert_close(comp, want.clamp(-1, 1), atol=1e-4, rtol=0)
+    # GOHA's SR (no residual): the whole SR image is kept inside the opacity
+    img = plain[:1]
+    torch.testing.assert_close(GOHASR.foreground(_NoResidual(), rend["image"][:1], img,
+                                                 alpha[:1]),
+                               ((img + 1) / 2).clamp(0, 1) * alpha[:1])
     with pytest.raises(ValueError, match="power of two"):
         GOHASR(tiny_config(resolution=48))
 
@@ -504,6 +514,10 @@ def test_s2_residual_super_resolution_starts_at_the_bilinear_upsampling():
     m.sr_gain.data.zero_()
     m.finish(raw).square().sum().backward()
     assert m.sr_gain.grad is not None and float(m.sr_gain.grad.abs()) > 0
+
+
+class _NoResidual:
+    sr_gain = None
 
 
 def test_static_multiview_pairs_train_s1(tmp_path):

@@ -396,6 +396,15 @@ class GOHA(TrainableModel):
         super-resolution)."""
         return raw
 
+    def foreground(self, raw: torch.Tensor, image: torch.Tensor,
+                   alpha: torch.Tensor) -> torch.Tensor:
+        """The head premultiplied by its opacity, in [0, 1], for a composite
+        ``foreground + (1 - alpha) * background``: ``raw (B, 3, r, r)`` the render (over black),
+        ``image`` its :meth:`finish` ``(B, 3, S, S)`` (S = :attr:`output_resolution`), ``alpha
+        (B, 1, S, S)`` the render's opacity at S. Here the render itself (already over
+        black); s2 keeps the super-resolution inside the opacity."""
+        return image * 0.5 + 0.5
+
     # ------------------------------------------------------------------ training
     def build_optimizers(self):
         return {"G": torch.optim.Adam(self.parameters(), lr=self.cfg.lr,
@@ -529,7 +538,8 @@ class GOHAPipeline(Pipeline):
       those planes off; ``composite`` (default True) puts the render over the source's
       background when the source has a ``mask`` (GOHA's own output is matted, over black;
       the head's hole in the background is filled with the mean background colour; a
-      super-resolved image is first multiplied by the render's opacity, upsampled).
+      super-resolved image is first multiplied by the render's opacity, upsampled, or with
+      ``model.sr_residual`` only its residual over the upsampled render: ``model.foreground``).
     """
 
     def __init__(self, model, *, device=None):
@@ -587,11 +597,7 @@ class GOHAPipeline(Pipeline):
             if alpha.shape[-1] != img.shape[-1]:
                 alpha = F.interpolate(alpha, size=img.shape[-2:], mode="bilinear",
                                       align_corners=False)
-            fg = img * 0.5 + 0.5
-            if self.model.output_resolution != self.model.cfg.render_resolution:
-                # super-resolved: GFPGAN's image is not exactly black where the render is
-                # clear; keep it inside the render's opacity (+0.8 dB held out, tiny)
-                fg = fg.clamp(0, 1) * alpha
+            fg = self.model.foreground(out["image"], img, alpha)
             img = (fg + (1 - alpha) * st["background"]) * 2 - 1
         return img.clamp(-1, 1)
 

@@ -331,6 +331,20 @@ class GOHASR(_GANStage):
         y = self.sr(x, randomize_noise=self.sr.training)
         return x + self.sr_gain * y if residual else y
 
+    def foreground(self, raw: torch.Tensor, image: torch.Tensor,
+                   alpha: torch.Tensor) -> torch.Tensor:
+        """The SR image kept inside the render's opacity ``alpha (B, 1, R, R)``, premultiplied,
+        in [0, 1] (see :meth:`GOHA.foreground`): GFPGAN's image is not exactly black where the
+        render is clear (+0.8 dB held out, tiny), so it is multiplied by ``alpha``; with
+        ``model.sr_residual`` only the residual is (the upsampled render is already
+        premultiplied)."""
+        if self.sr_gain is None:
+            return (image * 0.5 + 0.5).clamp(0, 1) * alpha
+        R = self.cfg.resolution
+        up = raw if raw.shape[-1] == R else F.interpolate(raw, size=(R, R), mode="bilinear",
+                                                          align_corners=False)
+        return ((up + (image - up) * alpha) * 0.5 + 0.5).clamp(0, 1)
+
     def _fake_real(self, batch: dict, step: int):
         cfg = self.cfg
         R = cfg.resolution
