@@ -243,6 +243,29 @@ def test_matte_supervises_the_opacity_plane_rows_flip_and_gain():
         torch.testing.assert_close(m.encode_expression(pseudo), 10 * e)
 
 
+def test_render_recompute_decoder_gives_the_same_losses_and_gradients():
+    """model.render_recompute="decoder" (tiny) keeps the sampled plane features instead of
+    recomputing the sampling in the backward: same losses and gradients as True."""
+    batch = {"source": frame(random_coeffs(2, seed=6)), "driving": frame(random_coeffs(2, seed=7))}
+    grads = []
+    for rec in (True, "decoder"):
+        torch.manual_seed(0)
+        m = GOHA(tiny_config(canonical_until=0, expression_from=0, appearance_from=0,
+                             render_recompute=rec, render_chunk_points=4096))
+        assert m.renderer.config.recompute == rec
+        torch.manual_seed(1)
+        loss, _, _ = m.s1_losses(batch, 0, "tar")
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()
+                                      if p.grad is not None}))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    assert grads[0][1].keys() == grads[1][1].keys() and len(grads[0][1]) > 0
+    for k, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][k], g, atol=1e-5, rtol=1e-4, msg=k)
+    with pytest.raises(ValueError, match="model.render_recompute"):
+        tiny_config(render_recompute="features").__post_init__()
+
+
 def test_engine_step_and_exact_resume(tmp_path, data_root):
     full = Trainer(experiment(tmp_path / "full", data_root, "train.steps=2"))
     full.fit()
@@ -442,17 +465,59 @@ def test_s2_pipeline_super_resolves(chain):
         planes = pipe.model.animate_planes(
             {k: (v.expand(2, *v.shape[1:]) if torch.is_tensor(v) else v) for k, v in st.items()},
             mo["expression"])
-        alpha = torch.nn.functional.interpolate(
-            pipe.model.render(planes, mo["camera"])["weights"].clamp(0, 1), size=(64, 64),
-            mode="bilinear", align_corners=False)
+        rend = pipe.model.render(planes, mo["camera"])
+        alpha = torch.nn.functional.interpolate(rend["weights"].clamp(0, 1), size=(64, 64),
+                                                mode="bilinear", align_corners=False)
+        up = torch.nn.functional.interpolate(rend["image"], size=(64, 64), mode="bilinear",
+                                             align_corners=False)
     assert out.shape == (2, 3, 64, 64) and rec.shape == (1, 3, 64, 64)
     assert out.abs().max() <= 1 and torch.isfinite(out).all()
     assert not torch.allclose(out, again)          # composited over the source background
-    # the SR image is kept inside the render's opacity, the background fills the rest
-    want = (((plain + 1) / 2).clamp(0, 1) * alpha + (1 - alpha) * st["background"]) * 2 - 1
+    # the tiny preset's residual SR: its residual over the upsampled render is kept inside
+    # the render's opacity, the background fills the rest
+    assert pipe.model.cfg.sr_residual
+    fg = ((up + (plain - up) * alpha + 1) / 2).clamp(0, 1)
+    want = (fg + (1 - alpha) * st["background"]) * 2 - 1
     torch.testing.assert_close(comp, want.clamp(-1, 1), atol=1e-4, rtol=0)
+    # GOHA's SR (no residual): the whole SR image is kept inside the opacity
+    img = plain[:1]
+    torch.testing.assert_close(GOHASR.foreground(_NoResidual(), rend["image"][:1], img,
+                                                 alpha[:1]),
+                               ((img + 1) / 2).clamp(0, 1) * alpha[:1])
     with pytest.raises(ValueError, match="power of two"):
         GOHASR(tiny_config(resolution=48))
+
+
+def test_s2_residual_super_resolution_starts_at_the_bilinear_upsampling():
+    """model.sr_residual (the goha tiny preset): SR image = bilinear upsampling (pixel centres)
+    + sr_gain x GFPGAN(upsampling), sr_gain a parameter starting at 0; off (GOHA), GFPGAN's
+    image itself and no extra tensor."""
+    from pyface.models.goha import GOHASR
+
+    cfg = build_experiment("goha", GOHASR.Config, defaults=GOHASR.recipe,
+                           presets=GOHASR.presets, preset="tiny").model_config
+    assert cfg.sr_residual and not GOHASR.Config().sr_residual
+    assert "sr_gain" not in GOHASR(tiny_config()).state_dict()
+    torch.manual_seed(0)
+    m = GOHASR(tiny_config(sr_residual=True)).eval()
+    assert "sr_gain" in m.state_dict() and float(m.sr_gain.detach()) == 0
+    opt = m.build_optimizers()["G"]
+    assert any(p is m.sr_gain for g in opt.param_groups for p in g["params"])
+    raw = torch.rand(2, 3, 32, 32) * 2 - 1
+    up = torch.nn.functional.interpolate(raw, size=(64, 64), mode="bilinear",
+                                         align_corners=False)
+    with torch.no_grad():
+        torch.testing.assert_close(m.finish(raw), up)
+        m.sr_gain.fill_(0.5)
+        torch.testing.assert_close(m.finish(raw), up + 0.5 * m.sr(up, randomize_noise=False))
+    # the gain's gradient is GFPGAN's image against the loss's gradient: nonzero at 0
+    m.sr_gain.data.zero_()
+    m.finish(raw).square().sum().backward()
+    assert m.sr_gain.grad is not None and float(m.sr_gain.grad.abs()) > 0
+
+
+class _NoResidual:
+    sr_gain = None
 
 
 def test_static_multiview_pairs_train_s1(tmp_path):

@@ -6,7 +6,10 @@ For same-video pairs of ``--data`` (``pyface.data.reenactment_pairs``, protocol 
 * neutrality: L1 between the canonical render at the driving camera and the neutral 3DMM
   render (driving coefficients with expression 0), inside the neutral render's mask, for the
   trained model and for the same architecture at initialisation (ratio: trained / initial),
-  and for the matted driving frame itself (what a perfect reconstruction scores);
+  and for the matted driving frame itself (what a perfect reconstruction scores); for the
+  trained model also the part of that L1 inside the expression regions (the canonical
+  branch's masked input; neutral expression, at the driving camera) and the render's mean
+  opacity inside the neutral mask;
 * appearance: source-view PSNR (matted source, at the render size) with and without the
   appearance plane;
 * expression: L1 to the matted driving frame inside its mouth + lips region (morphable-model
@@ -47,6 +50,7 @@ def main():
     idx = torch.linspace(0, len(data) - 1, min(args.pairs, len(data))).round().long().tolist()
     r = cfg.render_resolution
     sums = {"neutral_trained": 0.0, "neutral_init": 0.0, "neutral_frame": 0.0,
+            "neutral_regions": 0.0, "regions_share": 0.0, "neutral_opacity": 0.0,
             "psnr_app": 0.0, "psnr_noapp": 0.0,
             "mouth_exp": 0.0, "mouth_cano": 0.0}
     mouth_pairs = []       # (expression change |e_d - e_s|, L1 with, L1 without expression)
@@ -65,11 +69,18 @@ def main():
                 src = m.prepare_frame(batch["source"], "source")
                 drv = m.prepare_frame(batch["driving"], "driving")
                 st = m.encode_source(src, appearance=(name == "trained"))
-                cano = m.render(st["canonical"], drv["camera"])["image"]
+                rend = m.render(st["canonical"], drv["camera"])
+                cano = rend["image"]
                 neutral, nm = m.neutral_render(drv["coeffs"], drv["camera"], r)
                 l1 = ((cano - neutral).abs() * nm).sum() / (3 * nm.sum()).clamp_min(1)
                 sums[f"neutral_{name}"] += float(l1)
                 if name == "trained":
+                    reg = m.region_mask(drv["coeffs"], drv["camera"], r, neutral=True)
+                    sums["neutral_regions"] += float(((cano - neutral).abs() * nm * reg).sum()
+                                                     / (3 * nm.sum()).clamp_min(1))
+                    sums["regions_share"] += float((nm * reg).sum() / nm.sum().clamp_min(1))
+                    sums["neutral_opacity"] += float((rend["weights"].clamp(0, 1) * nm).sum()
+                                                     / nm.sum().clamp_min(1))
                     target = F.interpolate(src["image"], size=(r, r), mode="bilinear",
                                            antialias=True, align_corners=False)
                     exp = src["coeffs"][:, 80:144]
@@ -100,6 +111,9 @@ def main():
           f"{res['neutral_init']:.4f}, ratio {res['neutral_trained'] / res['neutral_init']:.3f} "
           f"(the matted driving frame itself: {res['neutral_frame']:.4f}, ratio "
           f"{res['neutral_frame'] / res['neutral_init']:.3f})")
+    print(f"  of the trained L1, inside the expression regions: {res['neutral_regions']:.4f} "
+          f"(the regions: {100 * res['regions_share']:.1f} % of the neutral mask); the canonical "
+          f"render's mean opacity inside the mask: {res['neutral_opacity']:.3f}")
     print(f"source-view PSNR: with appearance {res['psnr_app']:.2f} dB, without "
           f"{res['psnr_noapp']:.2f} dB, gain {res['psnr_app'] - res['psnr_noapp']:+.2f} dB")
     print(f"mouth-region L1 to the driving frame: canonical + expression {res['mouth_exp']:.4f}, "

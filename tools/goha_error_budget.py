@@ -53,10 +53,11 @@ def budget(name: str, run: str, data_dir: str, pairs: int, side: int | None = No
         motion = pipe.encode_driving(drv)
         planes = model.animate_planes(state, motion["expression"])
         out = model.render(planes, motion["camera"])
-        fg = _rs(model.finish(out["image"]).clamp(-1, 1) * 0.5 + 0.5, s)
+        # the pipeline's foreground (s2: the SR kept inside the opacity) at the output side,
+        # then resized to s
+        a_out = _rs(out["weights"].clamp(0, 1), model.output_resolution)
+        fg = _rs(model.foreground(out["image"], model.finish(out["image"]).clamp(-1, 1), a_out), s)
         a = _rs(out["weights"].clamp(0, 1), s)
-        if model.output_resolution != model.cfg.render_resolution:
-            fg = fg * a
         bg = state["background"]
         t = _rs(it["target"]["image"][None].float() / 255, s)
         m = _rs(it["target"]["mask"][None].float() / 255, s).clamp(0, 1)

@@ -64,6 +64,9 @@ class GOHAConfig:
     render_chunk_points: int | None = None  # samples per chunk of the fused renderer, each
     # recomputed in the backward (None: the op's default, 131072; the tiny preset's whole
     # 32^2 x (12 + 12) render at batch 2 is 49152 samples, one chunk)
+    render_recompute: bool | str = True  # the fused renderer's backward: True recomputes each
+    # chunk (sampling, decoder, compositing); "decoder" keeps the sampled plane features (C
+    # floats per sample) and recomputes only the decoder and the compositing (faster on CPU)
     decoder_hidden: int = 64
     decoder_features: int = 32          # OSGDecoder feature outputs (GOHA: 1 + 32 = 33)
     # --- s1 schedule ------------------------------------------------------------------------
@@ -98,6 +101,10 @@ class GOHAConfig:
     sr_narrow: float = 1.0              # width factor of GFPGANv1Clean (GOHA: 1)
     sr_style_features: int = 512        # GFPGANv1Clean num_style_feat (GOHA: 512)
     sr_path: str | None = None          # GFPGANv1.3 .pth / `pyface convert gfpgan` folder
+    sr_residual: bool = False           # the SR image = the render upsampled bilinearly
+    # (align_corners=False) + sr_gain x GFPGAN(that upsampling), sr_gain a learned scalar
+    # starting at 0, so s2 starts at the bilinear upsampling (GOHA: False, GFPGAN's image
+    # itself; on in tiny, where GFPGAN starts from random weights at 1/32 width)
 
     def __post_init__(self):
         if self.resolution % 4 or self.resolution < 16:
@@ -116,6 +123,9 @@ class GOHAConfig:
         for k in ("d_interval", "r1_interval"):
             if int(getattr(self, k)) < 1:
                 raise ValueError(f"model.{k}: expected >= 1, got {getattr(self, k)}")
+        if self.render_recompute not in (True, False, "decoder"):
+            raise ValueError(f"model.render_recompute: expected true, false or 'decoder', got "
+                             f"{self.render_recompute!r}")
         if self.perceptual_weight > 0 and not self.vgg_path:
             raise ValueError("model.perceptual_weight > 0 needs model.vgg_path (a torchvision "
                              "VGG19 weights file; nothing is downloaded)")
