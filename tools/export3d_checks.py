@@ -7,6 +7,7 @@ written with the expression-identity leak (``pyface data synth --split test --ex
     python tools/export3d_checks.py render-memory [--resolution 128] [--samples 48] [--json OUT]
     python tools/export3d_checks.py lda-oracle --data DIR [--json OUT]
     python tools/export3d_checks.py sensitivity RUN --data DIR [--no-ema] [--json OUT]
+    python tools/export3d_checks.py clip-stats --data DIR [--frames 8] [--min-gap 3] [--json OUT]
 
 ``clebs``: same-video retrieval top-1 (image -> expression, N-frame clips of held-out videos;
 chance 1/N); a ridge identity probe trained on each identity's first video and tested on its
@@ -29,6 +30,13 @@ stored coefficients of 8 ... 256 training identities (no images): how many ident
 
 ``sensitivity``: how much the driving expression changes the condition, the tri-plane, the raw
 image and the image, next to the size of the tri-plane and of the online EMA tri-plane.
+
+``clip-stats``: what same-video contrast can see in N-frame clips (sampled as the ``clips``
+dataset does): for jaw_open, blink_left and smile (true values, leak removed), the standard
+deviation over all frames, the mean standard deviation within a clip and the standard deviation
+of the video means; and a retrieval ceiling: top-1 of matching each frame of a clip to the
+clip's true expressions (the animated coefficients, Euclidean) when the query carries Gaussian
+noise of std sigma per coefficient (sigma 0: a perfect image encoder).
 
 ``render-memory``: peak memory and time of one forward + backward of Export3D's raw render
 (``full`` sizes: tri-plane 3 x 32 x 256^2, OSGDecoder 32-64-33, corrected axes) at
@@ -121,8 +129,40 @@ def clebs_checks(run: str, data: str, frames: int = 8, min_gap: int = 3, clips: 
         pred = _ridge(xb[tr], y[tr, None], xb[te])[:, 0]
         r2[pname] = float(1 - ((pred - y[te]) ** 2).sum() / ((y[te] - y[te].mean()) ** 2).sum())
     return {"retrieval_top1": float(np.mean(hits)), "retrieval_chance": 1.0 / frames,
-            "clips": len(hits), "frames": frames, "identity_probe": probe,
+            "clips": len(hits), "frames": frames, "min_gap": min_gap, "identity_probe": probe,
             "identity_chance": 1.0 / len(ids), "exp_leak": leak, "r2_from_beta_prime": r2}
+
+
+def clip_stats(data: str, frames: int = 8, min_gap: int = 3, clips: int = 20,
+               sigmas=(0.0, 0.01, 0.02, 0.05, 0.1)) -> dict:
+    frames_ds = FrameDataset(data, 64, load_masks=False)
+    meta = json.load(open(os.path.join(data, frames_ds.videos[0].name, "meta.json")))
+    leak = float(meta.get("exp_leak", 0.0))
+    clip_ds = ClipDataset(data, 64, frames=frames, min_gap=min_gap, repeats=clips, seed=1,
+                          load_masks=False)
+    true = [_true_exp(np.asarray(c, np.float32), leak) for c in frames_ds.coeffs]
+    allf = np.concatenate(true)
+    animated = np.nonzero(allf.std(0) > 1e-6)[0]
+    rng = np.random.default_rng(0)
+    params, hits = {}, {s: [] for s in sigmas}
+    within = {p: [] for p in ("jaw_open", "blink_left", "smile")}
+    for i in range(len(clip_ds)):
+        v, idx = clip_ds.clip_frames(i)
+        e = true[v][idx][:, animated]
+        for p in within:
+            within[p].append(true[v][idx, EXP_NAMES.index(p)].std())
+        for s in sigmas:
+            q = e + rng.normal(0, s, e.shape)
+            d = ((q[:, None] - e[None]) ** 2).sum(-1)
+            hits[s].append((d.argmin(1) == np.arange(frames)).mean())
+    for p in within:
+        j = EXP_NAMES.index(p)
+        params[p] = {"std_all": float(allf[:, j].std()),
+                     "std_within_clip": float(np.mean(within[p])),
+                     "std_video_means": float(np.std([t[:, j].mean() for t in true]))}
+    return {"frames": frames, "min_gap": min_gap, "clips": len(clip_ds),
+            "animated_coefficients": int(len(animated)), "params": params,
+            "retrieval_ceiling": {str(s): float(np.mean(h)) for s, h in hits.items()}}
 
 
 def _probe_and_r2(feats: list, coeffs: list, ident: list, vid: list, leak: float) -> tuple:
@@ -373,7 +413,7 @@ def render_memory(resolution: int = 128, samples: int = 48, device: str = "cpu")
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("check", choices=["clebs", "mouth", "diagnose", "render-memory",
-                                     "lda-oracle", "sensitivity"])
+                                     "lda-oracle", "sensitivity", "clip-stats"])
     p.add_argument("run", nargs="?")
     p.add_argument("--data")
     p.add_argument("--resolution", type=int, default=128)
@@ -381,6 +421,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--pairs", type=int, default=64)
     p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--min-gap", type=int, default=3, help="clebs, clip-stats")
     p.add_argument("--json")
     p.add_argument("--no-ema", action="store_true", help="mouth, diagnose: the live weights")
     a = p.parse_args(argv)
@@ -391,10 +432,14 @@ def main(argv=None):
         if not a.data:
             p.error("lda-oracle: --data is required")
         res = lda_oracle(a.data)
+    elif a.check == "clip-stats":
+        if not a.data:
+            p.error("clip-stats: --data is required")
+        res = clip_stats(a.data, a.frames, a.min_gap)
     elif not a.run or not a.data:
         p.error(f"{a.check}: RUN and --data are required")
     elif a.check == "clebs":
-        res = clebs_checks(a.run, a.data, a.frames)
+        res = clebs_checks(a.run, a.data, a.frames, a.min_gap)
     elif a.check == "sensitivity":
         res = sensitivity(a.run, a.data, ema=not a.no_ema)
     elif a.check == "diagnose":
