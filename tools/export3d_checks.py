@@ -8,6 +8,7 @@ written with the expression-identity leak (``pyface data synth --split test --ex
     python tools/export3d_checks.py lda-oracle --data DIR [--json OUT]
     python tools/export3d_checks.py sensitivity RUN --data DIR [--no-ema] [--json OUT]
     python tools/export3d_checks.py clip-stats --data DIR [--frames 8] [--min-gap 3] [--json OUT]
+    python tools/export3d_checks.py step-memory RUN1 [--set KEY=VALUE ...] [--json OUT]
 
 ``clebs``: same-video retrieval top-1 (image -> expression, N-frame clips of held-out videos;
 chance 1/N); a ridge identity probe trained on each identity's first video and tested on its
@@ -16,7 +17,7 @@ from beta' to the true jaw_open / blink_left / smile (the stored coefficients mi
 
 ``mouth``: same-video pairs (source frame 0) whose true jaw_open differs by more than 0.2: PSNR
 of the mouth box (driving landmarks) when generating with the driving expression vs with the
-source expression, both at the driving camera.
+source expression, both at the driving camera, and of copy-source (the source frame itself).
 
 ``diagnose``: on ``pairs`` same-identity moving pairs spread over the split, PSNR (whole / face
 mask) of copy-source, of the output, of the raw render against the driving frame resized to the
@@ -37,6 +38,10 @@ deviation over all frames, the mean standard deviation within a clip and the sta
 of the video means; and a retrieval ceiling: top-1 of matching each frame of a clip to the
 clip's true expressions (the animated coefficients, Euclidean) when the query carries Gaussian
 noise of std sigma per coefficient (sigma 0: a perfect image encoder).
+
+``step-memory``: peak memory of one ``tiny`` training step (``RUN1``: the stage-1 run) on the
+fused ops and on the reference path, as ``python -m pyface.bench.train`` measures it (profiler
+allocation events above the resident weights), with the innermost op running at each peak.
 
 ``render-memory``: peak memory and time of one forward + backward of Export3D's raw render
 (``full`` sizes: tri-plane 3 x 32 x 256^2, OSGDecoder 32-64-33, corrected axes) at
@@ -263,11 +268,13 @@ def mouth_check(run: str, data: str, threshold: float = 0.2, ema: bool = True) -
             rois = torch.cat([torch.zeros(1, 1), box], 1)
             tgt = roi_align(drv["image"], rois, 16)
             gains.append((_psnr(roi_align(with_drv, rois, 16), tgt),
-                          _psnr(roi_align(with_src, rois, 16), tgt)))
+                          _psnr(roi_align(with_src, rois, 16), tgt),
+                          _psnr(roi_align(src["image"][None], rois, 16), tgt)))
             n += 1
     g = np.array(gains)
     return {"pairs": n, "mouth_psnr_driving_exp": float(g[:, 0].mean()),
             "mouth_psnr_source_exp": float(g[:, 1].mean()),
+            "mouth_psnr_copy_source": float(g[:, 2].mean()),
             "gain_db": float((g[:, 0] - g[:, 1]).mean()), "jaw_threshold": threshold}
 
 
@@ -377,6 +384,45 @@ def sensitivity(run: str, data: str, ema: bool = True) -> dict:
             "image_diff": mad(o_d["image"] - o_s["image"])}
 
 
+def step_memory(clebs_run: str, sets: list[str] | None = None, warmup: int = 2) -> dict:
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from pyface.models.export3d import Export3D
+    from pyface.train import Trainer
+    from pyface.train.config import build_experiment
+
+    res = {"overrides": list(sets or [])}
+    for label, backend in (("fused", "null"), ("reference", "reference")):
+        cfg = build_experiment("export3d", Export3D.Config, defaults=dict(Export3D.recipe),
+                               preset="tiny", overrides=[
+                                   f"model.clebs_checkpoint={clebs_run}",
+                                   f"train.run_dir={tempfile.mkdtemp(prefix='e3d-mem-')}",
+                                   "train.progress=false", "train.tensorboard=false",
+                                   "train.device=cpu", f"train.backend={backend}",
+                                   *(sets or [])])
+        tr = Trainer(cfg)
+        batch = tr.preview_batch(tr.local_batch)
+        for _ in range(warmup):
+            tr.train_step(batch)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            tr.train_step(batch)
+        events = list(prof.profiler.kineto_results.events())
+        mem = sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns())
+        cur = peak = 0
+        t_peak = None
+        for e in mem:
+            cur += e.nbytes()
+            if cur > peak:
+                peak, t_peak = cur, e.start_ns()
+        at = sorted((e for e in events if e.name() != "[memory]"
+                     and e.start_ns() <= t_peak <= e.end_ns()), key=lambda e: e.start_ns())
+        res[label] = {"peak_mb": peak / 2**20, "at_peak": [e.name() for e in at[-4:]]}
+    res["memory_ratio"] = res["reference"]["peak_mb"] / max(res["fused"]["peak_mb"], 1e-9)
+    return res
+
+
 def render_memory(resolution: int = 128, samples: int = 48, device: str = "cpu") -> dict:
     import time
 
@@ -413,7 +459,8 @@ def render_memory(resolution: int = 128, samples: int = 48, device: str = "cpu")
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("check", choices=["clebs", "mouth", "diagnose", "render-memory",
-                                     "lda-oracle", "sensitivity", "clip-stats"])
+                                     "lda-oracle", "sensitivity", "clip-stats",
+                                     "step-memory"])
     p.add_argument("run", nargs="?")
     p.add_argument("--data")
     p.add_argument("--resolution", type=int, default=128)
@@ -423,6 +470,7 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--min-gap", type=int, default=3, help="clebs, clip-stats")
     p.add_argument("--json")
+    p.add_argument("--set", action="append", default=[], help="step-memory: config overrides")
     p.add_argument("--no-ema", action="store_true", help="mouth, diagnose: the live weights")
     a = p.parse_args(argv)
     torch.manual_seed(0)
@@ -436,6 +484,10 @@ def main(argv=None):
         if not a.data:
             p.error("clip-stats: --data is required")
         res = clip_stats(a.data, a.frames, a.min_gap)
+    elif a.check == "step-memory":
+        if not a.run:
+            p.error("step-memory: RUN1 (the stage-1 run) is required")
+        res = step_memory(a.run, a.set)
     elif not a.run or not a.data:
         p.error(f"{a.check}: RUN and --data are required")
     elif a.check == "clebs":
