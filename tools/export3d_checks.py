@@ -9,6 +9,7 @@ written with the expression-identity leak (``pyface data synth --split test --ex
     python tools/export3d_checks.py sensitivity RUN --data DIR [--no-ema] [--json OUT]
     python tools/export3d_checks.py clip-stats --data DIR [--frames 8] [--min-gap 3] [--json OUT]
     python tools/export3d_checks.py step-memory RUN1 [--set KEY=VALUE ...] [--json OUT]
+    python tools/export3d_checks.py code-stats RUN1 --data DIR [--json OUT]
 
 ``clebs``: same-video retrieval top-1 (image -> expression, N-frame clips of held-out videos;
 chance 1/N); a ridge identity probe trained on each identity's first video and tested on its
@@ -42,6 +43,11 @@ noise of std sigma per coefficient (sigma 0: a perfect image encoder).
 ``step-memory``: peak memory of one ``tiny`` training step (``RUN1``: the stage-1 run) on the
 fused ops and on the reference path, as ``python -m pyface.bench.train`` measures it (profiler
 allocation events above the resident weights), with the innermost op running at each peak.
+
+``code-stats``: the scale of what the generator's condition MLP sees, on every frame of DIR:
+lambda of the CLeBS run ``RUN1`` (mean, std and mean within-video std per coefficient) and, for
+``cond=direct``, beta: mean |beta|, mean |beta - its video's mean| and their ratio, raw and
+standardised per coefficient.
 
 ``render-memory``: peak memory and time of one forward + backward of Export3D's raw render
 (``full`` sizes: tri-plane 3 x 32 x 256^2, OSGDecoder 32-64-33, corrected axes) at
@@ -384,6 +390,31 @@ def sensitivity(run: str, data: str, ema: bool = True) -> dict:
             "image_diff": mad(o_d["image"] - o_s["image"])}
 
 
+@torch.no_grad()
+def code_stats(run: str, data: str) -> dict:
+    cfg, state = load_pretrained(run)
+    model = CLeBS(config_from_dict(CLeBS.Config, cfg))
+    model.load_state_dict(state)
+    model.eval()
+    ds = FrameDataset(data, 64, load_masks=False)
+    betas = [np.asarray(c, np.float32)[:, 80:144] for c in ds.coeffs]
+    lams = [model.expr.coefficients(torch.from_numpy(b)).numpy() for b in betas]
+    lam = np.concatenate(lams)
+    res = {"frames": int(len(lam)), "videos": len(lams),
+           "lambda_mean": lam.mean(0).tolist(), "lambda_std": lam.std(0).tolist(),
+           "lambda_within_video_std": np.mean([x.std(0) for x in lams], 0).tolist()}
+    allb = np.concatenate(betas)
+    sd = allb.std(0)
+    for name, xs in (("beta", betas),
+                     ("beta_standardised", [(b - allb.mean(0)) / np.sqrt(sd ** 2 + 1e-3 *
+                                                                          (sd ** 2).mean())
+                                            for b in betas])):
+        mag = float(np.abs(np.concatenate(xs)).mean())
+        within = float(np.mean([np.abs(x - x.mean(0)).mean() for x in xs]))
+        res[name] = {"mean_abs": mag, "mean_abs_within_video": within, "ratio": within / mag}
+    return res
+
+
 def step_memory(clebs_run: str, sets: list[str] | None = None, warmup: int = 2) -> dict:
     import tempfile
 
@@ -460,7 +491,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("check", choices=["clebs", "mouth", "diagnose", "render-memory",
                                      "lda-oracle", "sensitivity", "clip-stats",
-                                     "step-memory"])
+                                     "step-memory", "code-stats"])
     p.add_argument("run", nargs="?")
     p.add_argument("--data")
     p.add_argument("--resolution", type=int, default=128)
@@ -490,6 +521,8 @@ def main(argv=None):
         res = step_memory(a.run, a.set)
     elif not a.run or not a.data:
         p.error(f"{a.check}: RUN and --data are required")
+    elif a.check == "code-stats":
+        res = code_stats(a.run, a.data)
     elif a.check == "clebs":
         res = clebs_checks(a.run, a.data, a.frames, a.min_gap)
     elif a.check == "sensitivity":
