@@ -10,6 +10,7 @@ written with the expression-identity leak (``pyface data synth --split test --ex
     python tools/export3d_checks.py clip-stats --data DIR [--frames 8] [--min-gap 3] [--json OUT]
     python tools/export3d_checks.py step-memory RUN1 [--set KEY=VALUE ...] [--json OUT]
     python tools/export3d_checks.py code-stats RUN1 --data DIR [--json OUT]
+    python tools/export3d_checks.py leak RUN --data DIR [--no-ema] [--json OUT]
 
 ``clebs``: same-video retrieval top-1 (image -> expression, N-frame clips of held-out videos;
 chance 1/N); a ridge identity probe trained on each identity's first video and tested on its
@@ -48,6 +49,14 @@ allocation events above the resident weights), with the innermost op running at 
 lambda of the CLeBS run ``RUN1`` (mean, std and mean within-video std per coefficient) and, for
 ``cond=direct``, beta: mean |beta|, mean |beta - its video's mean| and their ratio, raw and
 standardised per coefficient.
+
+``leak``: how much the driving identity's expression leak moves the output, next to how much
+the expression does: for a source frame of one identity and driving frames of another (every
+identity pair of the split, frames 10 / 20 / 30 of the first video), mean |output with the
+driving coefficients as stored (the driving identity's leak) - output with the same true
+expression plus the source identity's leak|, and mean |output with the driving expression -
+output with the source frame's expression| (both with the source identity's leak; images in
+[-1, 1]), at the driving camera.
 
 ``render-memory``: peak memory and time of one forward + backward of Export3D's raw render
 (``full`` sizes: tri-plane 3 x 32 x 256^2, OSGDecoder 32-64-33, corrected axes) at
@@ -391,6 +400,49 @@ def sensitivity(run: str, data: str, ema: bool = True) -> dict:
 
 
 @torch.no_grad()
+def leak_sensitivity(run: str, data: str, ema: bool = True) -> dict:
+    import pyface.models
+    from pyface.data.synthetic import apply_leak
+
+    pipe = pyface.models.load("export3d", run, device="cpu", ema=ema)
+    m = pipe.model.eval()
+    ds = FrameDataset(data, pipe.resolution, load_masks=False)
+    meta = json.load(open(os.path.join(data, ds.videos[0].name, "meta.json")))
+    leak = float(meta.get("exp_leak", 0.0))
+    ident, vid = _video_split(ds)
+    first = {i: v for v, (i, k) in enumerate(zip(ident, vid)) if k == 0}
+    ids = sorted(first)
+    S, stored, own, src_exp, cam = [], [], [], [], []
+    for a in ids:
+        fa = ds.frame(first[a], 0)
+        ca = np.asarray(fa["coeffs"], np.float32)[None]
+        for b in ids:
+            if b == a:
+                continue
+            for f in (10, 20, 30):
+                fb = ds.frame(first[b], f)
+                cb = np.asarray(fb["coeffs"], np.float32)[None]
+                true = cb.copy()
+                true[:, 80:144] = _true_exp(cb, leak)
+                mixed = true.copy()
+                mixed[:, :80] = ca[:, :80]        # the source identity's leak on the same expression
+                S.append(fa["image"].float() / 127.5 - 1)
+                stored.append(cb[0, 80:144])
+                own.append(apply_leak(mixed, leak)[0, 80:144])
+                src_exp.append(ca[0, 80:144])
+                cam.append(fb["camera"])
+    S, cam = torch.stack(S), torch.stack(cam).float()
+    outs = {}
+    for name, beta in (("stored", stored), ("own", own), ("source", src_exp)):
+        beta = torch.from_numpy(np.stack(beta))
+        outs[name] = torch.cat([m(S[i:i + 16], beta[i:i + 16], cam[i:i + 16])["image"]
+                                for i in range(0, len(S), 16)])
+    return {"pairs": len(S), "exp_leak": leak,
+            "leak_effect": float((outs["stored"] - outs["own"]).abs().mean()),
+            "expression_effect": float((outs["own"] - outs["source"]).abs().mean())}
+
+
+@torch.no_grad()
 def code_stats(run: str, data: str) -> dict:
     cfg, state = load_pretrained(run)
     model = CLeBS(config_from_dict(CLeBS.Config, cfg))
@@ -491,7 +543,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("check", choices=["clebs", "mouth", "diagnose", "render-memory",
                                      "lda-oracle", "sensitivity", "clip-stats",
-                                     "step-memory", "code-stats"])
+                                     "step-memory", "code-stats", "leak"])
     p.add_argument("run", nargs="?")
     p.add_argument("--data")
     p.add_argument("--resolution", type=int, default=128)
@@ -521,6 +573,8 @@ def main(argv=None):
         res = step_memory(a.run, a.set)
     elif not a.run or not a.data:
         p.error(f"{a.check}: RUN and --data are required")
+    elif a.check == "leak":
+        res = leak_sensitivity(a.run, a.data, ema=not a.no_ema)
     elif a.check == "code-stats":
         res = code_stats(a.run, a.data)
     elif a.check == "clebs":
