@@ -169,10 +169,10 @@ class Conditioner(nn.Module):
     ``normalize`` ([D]): the MLP's input is standardised per coefficient with running statistics
     of the training batches (EMA ``momentum``, updated in training under autograd, detached;
     never the batch's own statistics): ``direct``: beta; ``e2e`` / ``clebs``: lambda, before the
-    basis (so the code is ``((lambda - mean) / std) V^T``). The contrastive loss is blind to the
-    scale and to a constant offset of beta', and the stored coefficients carry a per-identity
-    leak: without it the expression moves the code only by a small fraction of its size
-    (docs/models/export3d.md).
+    basis (so the code is ``((lambda - mean) / std) V^T``). The contrastive loss leaves the scale
+    and a constant offset of beta' free, so the condition's input scale no longer depends on the
+    CLeBS run (the `tiny` stage 1's whitening already gives lambda about unit spread; measured
+    in docs/models/export3d.md, where this did not make the generator use the expression).
     """
 
     def __init__(self, mode: str, expr: ExpressionEncoder | None, cond_dim: int,
