@@ -376,3 +376,42 @@ def test_expression_whitening_by_video_statistics():
     m.train()
     m.embed(img, torch.randn(2, 4, 257))
     assert int(m.expr.video_batches) == 1 and not torch.equal(m.expr.whitener, torch.eye(64))
+
+
+def test_condition_normalisation_uses_running_statistics():
+    from pyface.models.export3d.model import Conditioner
+
+    torch.manual_seed(0)
+    enc = ExpressionEncoder(3, 8, [])
+    c = Conditioner("e2e", enc, 6, normalize=True, momentum=0.5)
+    # a large constant offset and a small spread, as the contrastive code has
+    beta = 5 + 0.01 * torch.randn(64, 64)
+    lam = enc.coefficients(beta)
+    with torch.no_grad():
+        for _ in range(20):
+            c.from_code(beta, lam, update_stats=True)
+        c.from_code(beta, lam)                       # no update without the flag
+    assert int(c.code_batches) == 20
+    torch.testing.assert_close(c.code_mean, lam.mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(c.code_var, lam.var(0, unbiased=False), rtol=1e-3, atol=1e-8)
+    # the standardised coefficients have unit spread, whatever the code's offset and scale
+    z = c._standardise(lam, False)
+    assert (z.std(0) - 1).abs().max() < 0.05 and z.mean(0).abs().max() < 0.05
+    # a batch of one is normalised with the running statistics, not its own
+    one = c.from_code(beta[:1], lam[:1])
+    torch.testing.assert_close(one, c.from_code(beta, lam)[:1])
+    # direct: beta itself, 64 coefficients; the model updates the statistics in training only
+    exp = build_experiment("export3d", Export3D.Config, defaults=Export3D.recipe,
+                           overrides=[o for o in GEN_TINY if not o.startswith(("data.", "train."))]
+                           + ["model.cond=direct", "model.cond_norm=true"])
+    m = Export3D(exp.model_config)
+    assert m.cond.code_mean.shape == (64,)
+    cam = torch.tensor([1., 0, 0, 0, 0, -1, 0, 0, 0, 0, -1, 2.7, 0, 0, 0, 1,
+                        4.26, 0, .5, 0, 4.26, .5, 0, 0, 1]).expand(2, 25)
+    img = torch.rand(2, 3, 32, 32) * 2 - 1
+    m.eval()
+    m(img, torch.randn(2, 64), cam, update_ema=False)
+    assert int(m.cond.code_batches) == 0
+    m.train()
+    m(img, torch.randn(2, 64), cam, update_ema=True)
+    assert int(m.cond.code_batches) == 1

@@ -328,6 +328,22 @@ def test_roi_align_matches_definition_and_grads(one_thread):
         N.roi_align(x, torch.tensor([[2, 0, 0, 1, 1.0]], dtype=D64), 2)
 
 
+def test_roi_align_one_box_per_image_in_order():
+    # the RoI losses' case (box k on image k) samples x itself; same values and gradients as
+    # the gathered copy the general case uses
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 9, 11, dtype=D64, requires_grad=True)
+    boxes = torch.tensor([[0, 1.0, 2.0, 7.5, 8.0], [1, -2.0, 3.0, 4.0, 12.0]], dtype=D64)
+    out = N.roi_align(x, boxes, (3, 4), sampling_ratio=2)
+    for k in range(2):
+        assert_close(out[k], _roi_naive(x.detach(), boxes[k], 3, 4, 2))
+    g = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, x, g)
+    flipped = N.roi_align(x, boxes.flip(0), (3, 4), sampling_ratio=2)   # gathered path
+    (gx2,) = torch.autograd.grad(flipped, x, g.flip(0))
+    assert_close(gx, gx2)
+
+
 def test_roi_l1_loss_only_sees_the_boxes():
     pred, target = torch.zeros(2, 3, 32, 32), torch.zeros(2, 3, 32, 32)
     pred[..., 0:4, 0:4] = 1.0                                   # outside the mouth box

@@ -7,6 +7,10 @@ written with the expression-identity leak (``pyface data synth --split test --ex
     python tools/export3d_checks.py render-memory [--resolution 128] [--samples 48] [--json OUT]
     python tools/export3d_checks.py lda-oracle --data DIR [--json OUT]
     python tools/export3d_checks.py sensitivity RUN --data DIR [--no-ema] [--json OUT]
+    python tools/export3d_checks.py clip-stats --data DIR [--frames 8] [--min-gap 3] [--json OUT]
+    python tools/export3d_checks.py step-memory RUN1 [--set KEY=VALUE ...] [--json OUT]
+    python tools/export3d_checks.py code-stats RUN1 --data DIR [--json OUT]
+    python tools/export3d_checks.py leak RUN --data DIR [--no-ema] [--json OUT]
 
 ``clebs``: same-video retrieval top-1 (image -> expression, N-frame clips of held-out videos;
 chance 1/N); a ridge identity probe trained on each identity's first video and tested on its
@@ -15,7 +19,7 @@ from beta' to the true jaw_open / blink_left / smile (the stored coefficients mi
 
 ``mouth``: same-video pairs (source frame 0) whose true jaw_open differs by more than 0.2: PSNR
 of the mouth box (driving landmarks) when generating with the driving expression vs with the
-source expression, both at the driving camera.
+source expression, both at the driving camera, and of copy-source (the source frame itself).
 
 ``diagnose``: on ``pairs`` same-identity moving pairs spread over the split, PSNR (whole / face
 mask) of copy-source, of the output, of the raw render against the driving frame resized to the
@@ -29,6 +33,30 @@ stored coefficients of 8 ... 256 training identities (no images): how many ident
 
 ``sensitivity``: how much the driving expression changes the condition, the tri-plane, the raw
 image and the image, next to the size of the tri-plane and of the online EMA tri-plane.
+
+``clip-stats``: what same-video contrast can see in N-frame clips (sampled as the ``clips``
+dataset does): for jaw_open, blink_left and smile (true values, leak removed), the standard
+deviation over all frames, the mean standard deviation within a clip and the standard deviation
+of the video means; and a retrieval ceiling: top-1 of matching each frame of a clip to the
+clip's true expressions (the animated coefficients, Euclidean) when the query carries Gaussian
+noise of std sigma per coefficient (sigma 0: a perfect image encoder).
+
+``step-memory``: peak memory of one ``tiny`` training step (``RUN1``: the stage-1 run) on the
+fused ops and on the reference path, as ``python -m pyface.bench.train`` measures it (profiler
+allocation events above the resident weights), with the innermost op running at each peak.
+
+``code-stats``: the scale of what the generator's condition MLP sees, on every frame of DIR:
+lambda of the CLeBS run ``RUN1`` (mean, std and mean within-video std per coefficient) and, for
+``cond=direct``, beta: mean |beta|, mean |beta - its video's mean| and their ratio, raw and
+standardised per coefficient.
+
+``leak``: how much the driving identity's expression leak moves the output, next to how much
+the expression does: for a source frame of one identity and driving frames of another (every
+identity pair of the split, frames 10 / 20 / 30 of the first video), mean |output with the
+driving coefficients as stored (the driving identity's leak) - output with the same true
+expression plus the source identity's leak|, and mean |output with the driving expression -
+output with the source frame's expression| (both with the source identity's leak; images in
+[-1, 1]), at the driving camera.
 
 ``render-memory``: peak memory and time of one forward + backward of Export3D's raw render
 (``full`` sizes: tri-plane 3 x 32 x 256^2, OSGDecoder 32-64-33, corrected axes) at
@@ -121,8 +149,40 @@ def clebs_checks(run: str, data: str, frames: int = 8, min_gap: int = 3, clips: 
         pred = _ridge(xb[tr], y[tr, None], xb[te])[:, 0]
         r2[pname] = float(1 - ((pred - y[te]) ** 2).sum() / ((y[te] - y[te].mean()) ** 2).sum())
     return {"retrieval_top1": float(np.mean(hits)), "retrieval_chance": 1.0 / frames,
-            "clips": len(hits), "frames": frames, "identity_probe": probe,
+            "clips": len(hits), "frames": frames, "min_gap": min_gap, "identity_probe": probe,
             "identity_chance": 1.0 / len(ids), "exp_leak": leak, "r2_from_beta_prime": r2}
+
+
+def clip_stats(data: str, frames: int = 8, min_gap: int = 3, clips: int = 20,
+               sigmas=(0.0, 0.01, 0.02, 0.05, 0.1)) -> dict:
+    frames_ds = FrameDataset(data, 64, load_masks=False)
+    meta = json.load(open(os.path.join(data, frames_ds.videos[0].name, "meta.json")))
+    leak = float(meta.get("exp_leak", 0.0))
+    clip_ds = ClipDataset(data, 64, frames=frames, min_gap=min_gap, repeats=clips, seed=1,
+                          load_masks=False)
+    true = [_true_exp(np.asarray(c, np.float32), leak) for c in frames_ds.coeffs]
+    allf = np.concatenate(true)
+    animated = np.nonzero(allf.std(0) > 1e-6)[0]
+    rng = np.random.default_rng(0)
+    params, hits = {}, {s: [] for s in sigmas}
+    within = {p: [] for p in ("jaw_open", "blink_left", "smile")}
+    for i in range(len(clip_ds)):
+        v, idx = clip_ds.clip_frames(i)
+        e = true[v][idx][:, animated]
+        for p in within:
+            within[p].append(true[v][idx, EXP_NAMES.index(p)].std())
+        for s in sigmas:
+            q = e + rng.normal(0, s, e.shape)
+            d = ((q[:, None] - e[None]) ** 2).sum(-1)
+            hits[s].append((d.argmin(1) == np.arange(frames)).mean())
+    for p in within:
+        j = EXP_NAMES.index(p)
+        params[p] = {"std_all": float(allf[:, j].std()),
+                     "std_within_clip": float(np.mean(within[p])),
+                     "std_video_means": float(np.std([t[:, j].mean() for t in true]))}
+    return {"frames": frames, "min_gap": min_gap, "clips": len(clip_ds),
+            "animated_coefficients": int(len(animated)), "params": params,
+            "retrieval_ceiling": {str(s): float(np.mean(h)) for s, h in hits.items()}}
 
 
 def _probe_and_r2(feats: list, coeffs: list, ident: list, vid: list, leak: float) -> tuple:
@@ -223,11 +283,13 @@ def mouth_check(run: str, data: str, threshold: float = 0.2, ema: bool = True) -
             rois = torch.cat([torch.zeros(1, 1), box], 1)
             tgt = roi_align(drv["image"], rois, 16)
             gains.append((_psnr(roi_align(with_drv, rois, 16), tgt),
-                          _psnr(roi_align(with_src, rois, 16), tgt)))
+                          _psnr(roi_align(with_src, rois, 16), tgt),
+                          _psnr(roi_align(src["image"][None], rois, 16), tgt)))
             n += 1
     g = np.array(gains)
     return {"pairs": n, "mouth_psnr_driving_exp": float(g[:, 0].mean()),
             "mouth_psnr_source_exp": float(g[:, 1].mean()),
+            "mouth_psnr_copy_source": float(g[:, 2].mean()),
             "gain_db": float((g[:, 0] - g[:, 1]).mean()), "jaw_threshold": threshold}
 
 
@@ -337,6 +399,113 @@ def sensitivity(run: str, data: str, ema: bool = True) -> dict:
             "image_diff": mad(o_d["image"] - o_s["image"])}
 
 
+@torch.no_grad()
+def leak_sensitivity(run: str, data: str, ema: bool = True) -> dict:
+    import pyface.models
+    from pyface.data.synthetic import apply_leak
+
+    pipe = pyface.models.load("export3d", run, device="cpu", ema=ema)
+    m = pipe.model.eval()
+    ds = FrameDataset(data, pipe.resolution, load_masks=False)
+    meta = json.load(open(os.path.join(data, ds.videos[0].name, "meta.json")))
+    leak = float(meta.get("exp_leak", 0.0))
+    ident, vid = _video_split(ds)
+    first = {i: v for v, (i, k) in enumerate(zip(ident, vid)) if k == 0}
+    ids = sorted(first)
+    S, stored, own, src_exp, cam = [], [], [], [], []
+    for a in ids:
+        fa = ds.frame(first[a], 0)
+        ca = np.asarray(fa["coeffs"], np.float32)[None]
+        for b in ids:
+            if b == a:
+                continue
+            for f in (10, 20, 30):
+                fb = ds.frame(first[b], f)
+                cb = np.asarray(fb["coeffs"], np.float32)[None]
+                true = cb.copy()
+                true[:, 80:144] = _true_exp(cb, leak)
+                mixed = true.copy()
+                mixed[:, :80] = ca[:, :80]        # the source identity's leak on the same expression
+                S.append(fa["image"].float() / 127.5 - 1)
+                stored.append(cb[0, 80:144])
+                own.append(apply_leak(mixed, leak)[0, 80:144])
+                src_exp.append(ca[0, 80:144])
+                cam.append(fb["camera"])
+    S, cam = torch.stack(S), torch.stack(cam).float()
+    outs = {}
+    for name, beta in (("stored", stored), ("own", own), ("source", src_exp)):
+        beta = torch.from_numpy(np.stack(beta))
+        outs[name] = torch.cat([m(S[i:i + 16], beta[i:i + 16], cam[i:i + 16])["image"]
+                                for i in range(0, len(S), 16)])
+    return {"pairs": len(S), "exp_leak": leak,
+            "leak_effect": float((outs["stored"] - outs["own"]).abs().mean()),
+            "expression_effect": float((outs["own"] - outs["source"]).abs().mean())}
+
+
+@torch.no_grad()
+def code_stats(run: str, data: str) -> dict:
+    cfg, state = load_pretrained(run)
+    model = CLeBS(config_from_dict(CLeBS.Config, cfg))
+    model.load_state_dict(state)
+    model.eval()
+    ds = FrameDataset(data, 64, load_masks=False)
+    betas = [np.asarray(c, np.float32)[:, 80:144] for c in ds.coeffs]
+    lams = [model.expr.coefficients(torch.from_numpy(b)).numpy() for b in betas]
+    lam = np.concatenate(lams)
+    res = {"frames": int(len(lam)), "videos": len(lams),
+           "lambda_mean": lam.mean(0).tolist(), "lambda_std": lam.std(0).tolist(),
+           "lambda_within_video_std": np.mean([x.std(0) for x in lams], 0).tolist()}
+    allb = np.concatenate(betas)
+    sd = allb.std(0)
+    for name, xs in (("beta", betas),
+                     ("beta_standardised", [(b - allb.mean(0)) / np.sqrt(sd ** 2 + 1e-3 *
+                                                                          (sd ** 2).mean())
+                                            for b in betas])):
+        mag = float(np.abs(np.concatenate(xs)).mean())
+        within = float(np.mean([np.abs(x - x.mean(0)).mean() for x in xs]))
+        res[name] = {"mean_abs": mag, "mean_abs_within_video": within, "ratio": within / mag}
+    return res
+
+
+def step_memory(clebs_run: str, sets: list[str] | None = None, warmup: int = 2) -> dict:
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from pyface.models.export3d import Export3D
+    from pyface.train import Trainer
+    from pyface.train.config import build_experiment
+
+    res = {"overrides": list(sets or [])}
+    for label, backend in (("fused", "null"), ("reference", "reference")):
+        cfg = build_experiment("export3d", Export3D.Config, defaults=dict(Export3D.recipe),
+                               preset="tiny", overrides=[
+                                   f"model.clebs_checkpoint={clebs_run}",
+                                   f"train.run_dir={tempfile.mkdtemp(prefix='e3d-mem-')}",
+                                   "train.progress=false", "train.tensorboard=false",
+                                   "train.device=cpu", f"train.backend={backend}",
+                                   *(sets or [])])
+        tr = Trainer(cfg)
+        batch = tr.preview_batch(tr.local_batch)
+        for _ in range(warmup):
+            tr.train_step(batch)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            tr.train_step(batch)
+        events = list(prof.profiler.kineto_results.events())
+        mem = sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns())
+        cur = peak = 0
+        t_peak = None
+        for e in mem:
+            cur += e.nbytes()
+            if cur > peak:
+                peak, t_peak = cur, e.start_ns()
+        at = sorted((e for e in events if e.name() != "[memory]"
+                     and e.start_ns() <= t_peak <= e.end_ns()), key=lambda e: e.start_ns())
+        res[label] = {"peak_mb": peak / 2**20, "at_peak": [e.name() for e in at[-4:]]}
+    res["memory_ratio"] = res["reference"]["peak_mb"] / max(res["fused"]["peak_mb"], 1e-9)
+    return res
+
+
 def render_memory(resolution: int = 128, samples: int = 48, device: str = "cpu") -> dict:
     import time
 
@@ -373,7 +542,8 @@ def render_memory(resolution: int = 128, samples: int = 48, device: str = "cpu")
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("check", choices=["clebs", "mouth", "diagnose", "render-memory",
-                                     "lda-oracle", "sensitivity"])
+                                     "lda-oracle", "sensitivity", "clip-stats",
+                                     "step-memory", "code-stats", "leak"])
     p.add_argument("run", nargs="?")
     p.add_argument("--data")
     p.add_argument("--resolution", type=int, default=128)
@@ -381,7 +551,9 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--pairs", type=int, default=64)
     p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--min-gap", type=int, default=3, help="clebs, clip-stats")
     p.add_argument("--json")
+    p.add_argument("--set", action="append", default=[], help="step-memory: config overrides")
     p.add_argument("--no-ema", action="store_true", help="mouth, diagnose: the live weights")
     a = p.parse_args(argv)
     torch.manual_seed(0)
@@ -391,10 +563,22 @@ def main(argv=None):
         if not a.data:
             p.error("lda-oracle: --data is required")
         res = lda_oracle(a.data)
+    elif a.check == "clip-stats":
+        if not a.data:
+            p.error("clip-stats: --data is required")
+        res = clip_stats(a.data, a.frames, a.min_gap)
+    elif a.check == "step-memory":
+        if not a.run:
+            p.error("step-memory: RUN1 (the stage-1 run) is required")
+        res = step_memory(a.run, a.set)
     elif not a.run or not a.data:
         p.error(f"{a.check}: RUN and --data are required")
+    elif a.check == "leak":
+        res = leak_sensitivity(a.run, a.data, ema=not a.no_ema)
+    elif a.check == "code-stats":
+        res = code_stats(a.run, a.data)
     elif a.check == "clebs":
-        res = clebs_checks(a.run, a.data, a.frames)
+        res = clebs_checks(a.run, a.data, a.frames, a.min_gap)
     elif a.check == "sensitivity":
         res = sensitivity(a.run, a.data, ema=not a.no_ema)
     elif a.check == "diagnose":

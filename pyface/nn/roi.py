@@ -45,7 +45,10 @@ def roi_align(x: torch.Tensor, boxes: torch.Tensor, output_size: int | tuple[int
     gx = (px + 0.5) / W * 2 - 1
     grid = torch.stack([gx[:, None, :].expand(-1, oh * sr, -1),
                         gy[:, :, None].expand(-1, -1, ow * sr)], dim=-1)
-    samples = F.grid_sample(x[idx], grid, mode="bilinear", padding_mode="border",
+    # one box per image, in batch order (the RoI losses): sample x itself, not a gathered copy
+    # (grid_sample keeps its input for the backward, so the copy would stay alive until then)
+    same = K == N and bool((idx == torch.arange(N, device=idx.device)).all())
+    samples = F.grid_sample(x if same else x[idx], grid, mode="bilinear", padding_mode="border",
                             align_corners=False)
     return F.avg_pool2d(samples, sr)
 

@@ -132,6 +132,11 @@ class PlainSuperResolutionConfig:
             (at the input resolution, where it costs the least memory) is modulated as
             ``x (1 + scale(c)) + shift(c)`` per channel (a zero-initialised linear map, so the
             initial output does not depend on it).
+        channels_last: run the convolutions in channels-last memory format (the output is
+            returned contiguous). On CPU (oneDNN) the backward of a narrow convolution then
+            needs no copies padded to 16 channels: 0.5 MB instead of 2.0 MB of temporaries for
+            8 channels at 64^2, batch 4, and 1.6x less CPU time (docs/models/export3d.md). Not
+            measured on CUDA.
     """
 
     channels: int = 32
@@ -140,6 +145,7 @@ class PlainSuperResolutionConfig:
     image_channel: int = 3
     guide_channels: int = 0
     cond_dim: int = 0
+    channels_last: bool = True
 
 
 class _PlainResBlock(nn.Module):
@@ -212,18 +218,20 @@ class PlainSuperResolution(nn.Module):
         elif cond is not None:
             raise ValueError("cond: this super-resolution was built with cond_dim=0, got a "
                              f"condition of shape {tuple(cond.shape)}")
-        x = F.leaky_relu(self.stem(torch.cat([rgb, features], dim=1)), 0.2, inplace=True)
+        fmt = torch.channels_last if c.channels_last else torch.contiguous_format
+        x = torch.cat([rgb, features], dim=1).contiguous(memory_format=fmt)
+        x = F.leaky_relu(self.stem(x), 0.2, inplace=True)
         last = len(self.stages) - 1
         for i, stage in enumerate(self.stages):
             if i > 0:
                 x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
                 x = F.leaky_relu(self.up[i - 1](x), 0.2, inplace=True)
             if i == last and self.guide is not None:
-                x = x + self.guide(guide.to(x.dtype))
+                x = x + self.guide(guide.to(x.dtype).contiguous(memory_format=fmt))
             if i == 0 and self.modulation is not None:
                 scale, shift = self.modulation(cond.to(x.dtype))[:, :, None, None].chunk(2, 1)
                 x = x * (1 + scale) + shift
             x = stage(x)
         base = rgb if self.scale == 1 else F.interpolate(
             rgb, scale_factor=self.scale, mode="bilinear", align_corners=False)
-        return base + self.to_rgb(x)
+        return (base + self.to_rgb(x)).contiguous()

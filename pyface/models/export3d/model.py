@@ -58,6 +58,9 @@ class Export3DConfig:
         clebs_checkpoint: the CLeBS run (stage ``clebs``); required for ``cond=clebs``.
         n, code_dim: basis size and code width of the ``e2e`` encoder (clebs: the stage's).
         cond_dim: width of the EAdaLN condition (an MLP maps the code to it).
+        cond_norm: standardise the MLP's input (lambda for e2e / clebs, beta for direct) with
+            running statistics of the training batches (:class:`Conditioner`; [D], default off
+            so that older checkpoints load; on in every preset).
         stem_widths, vit_dim, vit_depth, vit_heads, ups, up_widths, plane_channels,
         blur_sigma, ema_momentum: see :class:`GeneratorConfig`.
         decoder_hidden, decoder_features: OSGDecoder widths (the first 3 features are RGB).
@@ -112,6 +115,7 @@ class Export3DConfig:
     n: int = 10
     code_dim: int = 512
     cond_dim: int = 512
+    cond_norm: bool = False
     stem_widths: list[int] = field(default_factory=lambda: [64, 128, 256, 256])
     vit_dim: int = 512
     vit_depth: int = 8
@@ -161,15 +165,31 @@ class Conditioner(nn.Module):
 
     ``direct``: MLP(beta); ``e2e`` / ``clebs``: MLP(f_e(beta)), with lambda editable through
     ``scale`` (B, n) or (n,) multiplying lambda before the basis.
+
+    ``normalize`` ([D]): the MLP's input is standardised per coefficient with running statistics
+    of the training batches (EMA ``momentum``, updated in training under autograd, detached;
+    never the batch's own statistics): ``direct``: beta; ``e2e`` / ``clebs``: lambda, before the
+    basis (so the code is ``((lambda - mean) / std) V^T``). The contrastive loss leaves the scale
+    and a constant offset of beta' free, so the condition's input scale no longer depends on the
+    CLeBS run (the `tiny` stage 1's whitening already gives lambda about unit spread; measured
+    in docs/models/export3d.md, where this did not make the generator use the expression).
     """
 
-    def __init__(self, mode: str, expr: ExpressionEncoder | None, cond_dim: int):
+    def __init__(self, mode: str, expr: ExpressionEncoder | None, cond_dim: int,
+                 normalize: bool = False, momentum: float = 0.99):
         super().__init__()
         self.mode = mode
         self.expr = expr
         cin = EXP_DIM if expr is None else expr.dim
         self.mlp = nn.Sequential(nn.Linear(cin, cond_dim), nn.LeakyReLU(0.2),
                                  nn.Linear(cond_dim, cond_dim))
+        self.normalize = bool(normalize)
+        self.momentum = float(momentum)
+        if self.normalize:
+            k = EXP_DIM if expr is None else expr.n
+            self.register_buffer("code_mean", torch.zeros(k))
+            self.register_buffer("code_var", torch.ones(k))
+            self.register_buffer("code_batches", torch.zeros((), dtype=torch.long))
 
     @property
     def n(self) -> int | None:
@@ -178,9 +198,38 @@ class Conditioner(nn.Module):
     def coefficients(self, beta: torch.Tensor) -> torch.Tensor | None:
         return None if self.expr is None else self.expr.coefficients(beta)
 
-    def from_code(self, beta: torch.Tensor | None, lam: torch.Tensor | None) -> torch.Tensor:
-        """The condition from beta (direct) or lambda (e2e, clebs)."""
-        code = beta.float() if self.expr is None else self.expr.combine(lam)
+    @torch.no_grad()
+    def _update_stats(self, x: torch.Tensor) -> None:
+        """x (B, k): one training batch of the normalised quantity."""
+        mu, var = x.mean(0), x.var(0, unbiased=False)
+        if int(self.code_batches) == 0:
+            self.code_mean.copy_(mu)
+            self.code_var.copy_(var)
+        else:
+            m = self.momentum
+            delta = mu - self.code_mean
+            self.code_mean.add_(delta, alpha=1 - m)
+            self.code_var.mul_(m).add_(var + m * delta * delta, alpha=1 - m)
+        self.code_batches += 1
+
+    def _standardise(self, x: torch.Tensor, update: bool) -> torch.Tensor:
+        if update:
+            self._update_stats(x.detach().float())
+        var = self.code_var
+        return (x - self.code_mean) * torch.rsqrt(var + 1e-3 * var.mean() + 1e-12)
+
+    def from_code(self, beta: torch.Tensor | None, lam: torch.Tensor | None, *,
+                  update_stats: bool = False) -> torch.Tensor:
+        """The condition from beta (direct) or lambda (e2e, clebs). ``update_stats``: update the
+        running statistics of ``normalize`` with this batch first (training)."""
+        if self.expr is None:
+            code = beta.float()
+            if self.normalize:
+                code = self._standardise(code, update_stats)
+        else:
+            if self.normalize:
+                lam = self._standardise(lam, update_stats)
+            code = self.expr.combine(lam)
         return self.mlp(code)
 
     def forward(self, beta: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -260,6 +309,7 @@ class Export3D(TrainableModel):
                            "decoder_hidden": 32, "decoder_features": 16,
                            "depth_samples": 12, "importance_samples": 12,
                            "sr_widths": [24, 16, 8], "lr": 1e-3, "betas": [0.9, 0.99],
+                           "cond_norm": True,
                            "ema_momentum": 0.99, "blur_sigma": 0.5, "sr_source": True,
                            "sr_guide": True, "sr_cond": True, "raw_background": True,
                            "augment": 0.2, "render_chunk_points": 8192,
@@ -279,6 +329,7 @@ class Export3D(TrainableModel):
                                 "n": 10, "code_dim": 256, "depth_samples": 24,
                                 "importance_samples": 24, "sr_widths": [128, 64, 32],
                                 "lr": 5e-4, "betas": [0.9, 0.99], "ema_momentum": 0.995,
+                                "cond_norm": True,
                                 "w_gan": 0.0},
                       "data": {"name": "pairs", "resolution": 256,
                                "options": {"mode": "same_video",
@@ -292,7 +343,7 @@ class Export3D(TrainableModel):
                                         "decay": 0.995, "half_life_kimg": None}}},
         # paper scale (our reading): 512^2, raw 128^2, 48+48 samples, 8 blocks of 512
         # (the GAN after a 10k-step warm-up, as in the spec: 0.025, R1 gamma 10 every 16 steps)
-        "full": {"model": {"w_gan": 0.025, "gan_start": 10000}},
+        "full": {"model": {"w_gan": 0.025, "gan_start": 10000, "cond_norm": True}},
     }
 
     def __init__(self, cfg: Export3DConfig | None = None):
@@ -319,7 +370,7 @@ class Export3D(TrainableModel):
             expr.requires_grad_(False)
         elif cfg.cond == "e2e":
             expr = ExpressionEncoder(cfg.n, cfg.code_dim)
-        self.cond = Conditioner(cfg.cond, expr, cfg.cond_dim)
+        self.cond = Conditioner(cfg.cond, expr, cfg.cond_dim, normalize=cfg.cond_norm)
         self.generator = TriplaneGenerator(GeneratorConfig(
             resolution=cfg.resolution, stem_widths=list(cfg.stem_widths), dim=cfg.vit_dim,
             depth=cfg.vit_depth, heads=cfg.vit_heads, cond_dim=cfg.cond_dim, ups=cfg.ups,
@@ -356,9 +407,11 @@ class Export3D(TrainableModel):
         return self
 
     # --- forward pieces --------------------------------------------------------------------
-    def condition(self, beta: torch.Tensor, lam_scale: torch.Tensor | None = None):
+    def condition(self, beta: torch.Tensor, lam_scale: torch.Tensor | None = None, *,
+                  update_stats: bool = False):
         """beta (B, 64) -> (lambda (B, n) or None, cond (B, cond_dim)); ``lam_scale`` (n,) or
-        (B, n) multiplies lambda (e2e / clebs only)."""
+        (B, n) multiplies lambda (e2e / clebs only); ``update_stats``: update the condition's
+        running statistics (``cond_norm``, training)."""
         lam = self.cond.coefficients(beta)
         if lam_scale is not None:
             if lam is None:
@@ -369,7 +422,7 @@ class Export3D(TrainableModel):
                 raise ValueError(f"lam_scale: expected shape ({lam.shape[-1]},) or "
                                  f"(B, {lam.shape[-1]}), got {tuple(lam_scale.shape)}")
             lam = lam * lam_scale
-        return lam, self.cond.from_code(beta, lam)
+        return lam, self.cond.from_code(beta, lam, update_stats=update_stats)
 
     def render(self, planes: torch.Tensor, camera: torch.Tensor,
                source: torch.Tensor | None = None,
@@ -426,7 +479,7 @@ class Export3D(TrainableModel):
         if beta.dim() != 2 or beta.shape != (B, EXP_DIM):
             raise ValueError(f"beta: expected shape ({B}, {EXP_DIM}) (3DMM expression), got "
                              f"{tuple(beta.shape)}")
-        lam, cond = self.condition(beta, lam_scale)
+        lam, cond = self.condition(beta, lam_scale, update_stats=update_ema)
         planes = self.generator(source, cond, update_ema=update_ema)
         out = self.render(planes, camera, source, cond)
         out["planes"] = planes
