@@ -354,6 +354,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--fit-steps", type=int, default=100)
+    ap.add_argument("--no-photometric", action="store_true",
+                    help="prepare with the landmark fit alone (e.g. to refit the detections with "
+                         "tools/prepare_photometric_sweep.py)")
     ap.add_argument("--oracle", action="store_true",
                     help="also fit the exact landmarks (the fit's own error floor)")
     ap.add_argument("--compare-only", action="store_true",
@@ -388,7 +391,8 @@ def main(argv=None) -> int:
     videos = synth_to_mp4(synth, os.path.join(a.out, "mp4"))
     t0 = time.perf_counter()
     s = prepare(videos, PrepareConfig(out=prepared, crop=a.crop, resolution=a.resolution,
-                                      workers=a.workers, fit_steps=a.fit_steps, progress=False))
+                                      workers=a.workers, fit_steps=a.fit_steps, progress=False,
+                                      photometric=not a.no_photometric))
     seconds = time.perf_counter() - t0
     per = [compare_video(synth, prepared, r["name"], a.oracle, a.fit_steps) for r in s["results"]]
     summary = summarize(per)
