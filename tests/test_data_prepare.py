@@ -407,6 +407,13 @@ def test_prepare_output_is_a_valid_dataset(prepared):
     assert np.load(os.path.join(out, name, "mesh.npy")).shape == (13, 478, 3)
     assert meta["jitter_px"]["after"] < meta["jitter_px"]["before"]
     assert "fit_photometric_cpu_s" in meta["timing_s"]          # the refinement ran (default)
+    # the fitted model's own landmarks: its landmark vertices drawn with the stored coefficients
+    from pyface.face import MorphableModel
+    assert meta["landmarks_fit"] == "landmarks_fit.npy"
+    lm_fit = np.load(os.path.join(out, name, "landmarks_fit.npy"))
+    coeffs = torch.from_numpy(fmt.load_coeffs(out, fmt.scan_video(out, name)))
+    drawn = MorphableModel.builtin().landmarks2d(coeffs, image_size=256).numpy()
+    assert lm_fit.shape == (13, 68, 2) and np.abs(lm_fit - drawn).max() < 0.05
     item = PairDataset(out, resolution=256)[0]
     assert item["source"]["image"].shape == (3, 256, 256)
     assert item["source"]["coeffs"].shape == (257,) and item["source"]["camera"].shape == (25,)

@@ -10,7 +10,8 @@ their source index in ``meta.json["source_frames"]``):
   the source camera towards the crop's centre, so the generator's head rotation is expressed
   in that turned camera (the crop centre sits up to ~25 px off the source's centre, 1-1.5 deg);
   the errors against the source camera's angles are kept as ``*_source``;
-* landmark error in pixels at the prepared resolution: prepared 68 landmarks against the
+* landmark error in pixels at the prepared resolution: prepared 68 landmarks (the detector's
+  ``landmarks.npy``, and the fitted model's own ``landmarks_fit.npy``) against the
   generator's 68 landmarks mapped into the same crop, per group (jaw, brows, nose, eyes, mouth),
   over the 51 inner points (17-67) and over the 32 eye and mouth points; the jaw also with the
   static contour (the generator's jaw landmarks are fixed vertices, not the visible outline);
@@ -228,6 +229,15 @@ def compare_video(synth_root: str, prepared_root: str, name: str, oracle: bool =
     out["landmark_err_px_convention_by_group"] = {k: float(cerr[:, list(v)].mean())
                                                   for k, v in GROUPS.items()}
     out["landmark_offset_px_convention"] = (plm - clm).astype(np.float64).tolist()
+    fit_file = os.path.join(prepared_root, name, "landmarks_fit.npy")
+    if os.path.isfile(fit_file):        # the fitted model's own landmarks (its landmark vertices)
+        flm = np.load(fit_file)
+        for tag, truth in (("", glm), ("_convention", clm)):
+            ferr = np.linalg.norm(flm - truth, axis=-1)                    # (T, 68)
+            out[f"landmark_fit_err_px{tag}"] = ferr.mean(1).tolist()
+            out[f"landmark_fit_err_px{tag}_eyes_mouth"] = ferr[:, 36:].mean(1).tolist()
+            out[f"landmark_fit_err_px{tag}_by_group"] = {k: float(ferr[:, list(v)].mean())
+                                                          for k, v in GROUPS.items()}
     ious = []
     for k, i in enumerate(src):
         gm = fmt.read_mask(synth_root, g, int(i))
@@ -309,6 +319,14 @@ def summarize(per_video: list[dict]) -> dict:
             extra[tag] = {"yaw_err_deg_median": float(np.median(cat(f"{tag}_yaw_err_deg"))),
                           "pitch_err_deg_median": float(np.median(cat(f"{tag}_pitch_err_deg"))),
                           "residual_px_median": float(np.median(cat(f"{tag}_residual_px")))}
+    for tag in ("", "_convention"):
+        if all(f"landmark_fit_err_px{tag}" in v for v in per_video):
+            extra[f"landmark_fit_err_px_median{tag}"] = float(np.median(cat(f"landmark_fit_err_px{tag}")))
+            extra[f"landmark_fit_err_px_median{tag}_eyes_mouth"] = float(
+                np.median(cat(f"landmark_fit_err_px{tag}_eyes_mouth")))
+            extra[f"landmark_fit_err_px_mean_by_group{tag}"] = {
+                k: float(np.mean([v[f"landmark_fit_err_px{tag}_by_group"][k] for v in per_video]))
+                for k in GROUPS}
     extra["landmark_err_px_by_cause"] = error_causes(
         [np.asarray(v["landmark_offset_px"], np.float64) for v in per_video])
     extra["landmark_err_px_by_cause_convention"] = error_causes(
