@@ -18,7 +18,10 @@ their source index in ``meta.json["source_frames"]``):
   and, as a diagnostic of how much of the error is a fixed per-point offset (a difference of
   definition), the error left after subtracting each point's mean offset over the set;
 * expression correlation: Pearson correlation over frames of the fitted and true ``jaw_open``,
-  ``smile`` and ``blink`` (mean of left/right) coefficients of the built-in model;
+  ``smile`` and ``blink`` (mean of left/right) coefficients of the built-in model, per video
+  (``exp_corr_mean``: their mean) and over all frames of the set (``exp_pooled``: correlation,
+  the slope of fitted on true, and the median within-video standard deviation of the truth; a
+  coefficient that barely moves within a video has a per-video correlation of noise);
 * mask IoU inside the crop's part of the source image (the generator's head mask, cropped the
   same way, against the prepared mask);
 * the albedo/lighting fit's RMS colour residual on skin pixels (0..255, from ``meta.json``);
@@ -250,13 +253,15 @@ def compare_video(synth_root: str, prepared_root: str, name: str, oracle: bool =
         ious.append(float(inter / max(union, 1)))
     out["mask_iou"] = ious
     idx = {n: i for i, n in enumerate(EXP_NAMES)}
-    corr = {}
+    corr, series = {}, {}
     for key, names in (("jaw", ["jaw_open"]), ("smile", ["smile"]),
                        ("blink", ["blink_left", "blink_right"])):
         ge = gc[:, [80 + idx[n] for n in names]].mean(1)
         pe = pc[:, [80 + idx[n] for n in names]].mean(1)
         corr[key] = float(np.corrcoef(ge, pe)[0, 1]) if ge.std() > 1e-6 and pe.std() > 1e-6 else None
+        series[key] = {"true": ge.astype(np.float64).tolist(), "fit": pe.astype(np.float64).tolist()}
     out["exp_corr"] = corr
+    out["exp_series"] = series
     if oracle:
         import torch
 
@@ -306,6 +311,16 @@ def summarize(per_video: list[dict]) -> dict:
     for k in ("jaw", "smile", "blink"):
         vals = [v["exp_corr"][k] for v in per_video if v["exp_corr"][k] is not None]
         corr[k] = float(np.mean(vals)) if vals else None
+    pooled = {}
+    if all("exp_series" in v for v in per_video):
+        for k in ("jaw", "smile", "blink"):
+            gt = np.concatenate([v["exp_series"][k]["true"] for v in per_video])
+            fit = np.concatenate([v["exp_series"][k]["fit"] for v in per_video])
+            ok = gt.std() > 1e-6 and fit.std() > 1e-6
+            pooled[k] = {"corr": float(np.corrcoef(gt, fit)[0, 1]) if ok else None,
+                         "slope": float(np.polyfit(gt, fit, 1)[0]) if ok else None,
+                         "true_std_within_video_median": float(np.median(
+                             [np.std(v["exp_series"][k]["true"]) for v in per_video]))}
     off = np.concatenate([np.asarray(v["landmark_offset_px"], np.float64) for v in per_video])
     resid = np.linalg.norm(off - off.mean(0), axis=-1).mean(1)               # (frames,)
     coff = np.concatenate([np.asarray(v["landmark_offset_px_convention"], np.float64)
@@ -356,7 +371,7 @@ def summarize(per_video: list[dict]) -> dict:
             "mask_iou_median": float(np.median(cat("mask_iou"))),
             "photometric_rms_median": (float(np.median(cat("photometric_rms")))
                                        if any(v["photometric_rms"] for v in per_video) else None),
-            "exp_corr_mean": corr}
+            "exp_corr_mean": corr, "exp_pooled": pooled}
 
 
 def main(argv=None) -> int:
