@@ -258,7 +258,7 @@ def test_photometric_refinement_removes_a_landmark_pitch_bias():
     p = fit_photometric(m, r.coeffs, img, lm, 256, sigma=r.sigma,
                         photometric=PhotometricConfig(rounds=3, steps=60, sigma_color=0.07))
     after = (p.coeffs[:, 224] - ang[:, 0]).rad2deg().abs()
-    assert after.median() < 1.5, after          # measured 0.6-1.4 deg, median 0.9
+    assert after.median() < 1.5, after          # measured 0.8-2.0 deg, median 0.9
     assert (p.coeffs[:, 225] - ang[:, 1]).rad2deg().abs().max() < 1.5
     assert p.appearance is not None and p.appearance.residual.max() < 0.06   # measured 0.03
     torch.testing.assert_close(p.labels, m.label_of(p.coeffs))

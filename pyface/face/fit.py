@@ -552,9 +552,13 @@ def fit_photometric(model, coeffs: torch.Tensor, images: torch.Tensor, landmarks
                                           * cam.BFM_TO_EG3D_SCALE, model.label_of(cur))
                 mask = mask * (F.grid_sample(valid.float(), (uv * 2 - 1)[:, :, None, :],
                                              align_corners=False)[:, 0, :, 0] > 0.5).float()
-        basis = _stacked_basis(model, index)
         # per-sample weight; a subsample of the skin vertices stands for all of them
-        wmask = (mask * (0.5 * n_skin / len(index) / pc.sigma_color ** 2))[:, None]   # (T, 1, K')
+        weight = 0.5 * n_skin / len(index) / pc.sigma_color ** 2
+        seen_any = mask.any(0) if mask.dtype == torch.bool else mask.amax(0) > 0
+        index, mask, colors = index[seen_any], mask[:, seen_any], colors[:, seen_any]
+        # only vertices sampled in some frame enter the objective (about half of the skin)
+        basis = _stacked_basis(model, index)
+        wmask = (mask * weight)[:, None]                                         # (T, 1, K')
         colors = colors.transpose(1, 2).contiguous()                             # (T, 3, K')
 
         def objective():
