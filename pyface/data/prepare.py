@@ -30,8 +30,9 @@ Pipeline per video (two decoding passes, so memory does not grow with the video 
    identity, expression and pose refined against the 64x64 crops (skin colours sampled at the
    projected vertices) together with the landmarks; then the final albedo and lighting.
 
-Output per video: ``frames/``, ``masks/``, ``landmarks.npy (T, 68, 2)``, ``mesh.npy (T, 478, 3)``
-(crop pixels; z in the same scale), ``coeffs.npy``, ``dataset.json``, ``meta.json`` (with
+Output per video: ``frames/``, ``masks/``, ``landmarks.npy (T, 68, 2)`` (the detector's, iBUG
+convention), ``landmarks_fit.npy (T, 68, 2)`` (the fitted model's own landmarks, with the fit),
+``mesh.npy (T, 478, 3)`` (crop pixels; z in the same scale), ``coeffs.npy``, ``dataset.json``, ``meta.json`` (with
 ``source_frames``, per-frame ``confidence``, ``fit_residual_px`` and ``photometric_rms``
 (0..255), ``no_face_frames``,
 ``jitter_px``); a video is written into a hidden folder and renamed when complete, so
@@ -52,6 +53,9 @@ from pyface.data import format as fmt
 from pyface.data.landmarks import jitter, mesh_to_68
 
 APPEARANCE_SIZE = 64                # crops are downsampled to this for the albedo/lighting fit
+#: The fitted model's own 68 landmarks ``(T, 68, 2)`` in crop pixels (its landmark vertices, or
+#: BFM's iBUG keypoints, projected with the fitted camera); ``landmarks.npy`` keeps the detector's.
+LANDMARKS_FIT = "landmarks_fit.npy"
 #: Overrides of :class:`pyface.face.fit.PhotometricConfig` for the photometric refinement.
 PHOTOMETRIC_OPTIONS: dict = {}
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
@@ -630,12 +634,22 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
         coeffs = np.zeros((t, 257), np.float32)
         labels = np.repeat(cameras.default_label().numpy()[None], t, 0)
         residual = np.full(t, np.nan, np.float32)
+    lm_fit = None
+    if cfg.fit:             # the fitted model's own 68 landmarks, projected with the fitted camera
+        from pyface.face.fit import project_landmarks
+
+        c = torch.from_numpy(coeffs)
+        with torch.no_grad():
+            lm_fit = project_landmarks(model, c[0, :80], c[:, 80:144], c[:, 224:227],
+                                       c[:, 254:257], r).numpy()
     timing["fit_s"] = time.perf_counter() - t2      # landmarks, photometric refinement, appearance
     timing["fit_cpu_s"] = time.process_time() - c2
 
     np.save(os.path.join(tmp, fmt.COEFFS), coeffs.astype(np.float32))
     np.save(os.path.join(tmp, fmt.LANDMARKS), lm_crop.astype(np.float32))
     np.save(os.path.join(tmp, "mesh.npy"), mesh_crop.astype(np.float32))
+    if lm_fit is not None:
+        np.save(os.path.join(tmp, LANDMARKS_FIT), lm_fit.astype(np.float32))
     entries = [[f"{fmt.FRAME_DIR}/{k:05d}.png", [float(x) for x in labels[k]]] for k in range(t)]
     fmt._dump(os.path.join(tmp, fmt.LABELS), {"labels": entries})
     seconds = time.perf_counter() - t0
@@ -648,6 +662,7 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
             "photometric_rms": [None if not np.isfinite(x) else round(float(x), 2) for x in photometric],
             "crop_boxes": np.round(boxes, 2).tolist(), "jitter_px": jit,
             "submission_offsets": cfg.submission_offsets, "matting": cfg.matting,
+            "landmarks_fit": LANDMARKS_FIT if lm_fit is not None else None,
             "fit_model": "bfm" if cfg.bfm else ("builtin" if cfg.fit else None), "seconds": round(seconds, 2),
             "timing_s": {k: round(v, 2) for k, v in timing.items()}}
     fmt._dump(os.path.join(tmp, fmt.META), meta)

@@ -10,14 +10,18 @@ their source index in ``meta.json["source_frames"]``):
   the source camera towards the crop's centre, so the generator's head rotation is expressed
   in that turned camera (the crop centre sits up to ~25 px off the source's centre, 1-1.5 deg);
   the errors against the source camera's angles are kept as ``*_source``;
-* landmark error in pixels at the prepared resolution: prepared 68 landmarks against the
+* landmark error in pixels at the prepared resolution: prepared 68 landmarks (the detector's
+  ``landmarks.npy``, and the fitted model's own ``landmarks_fit.npy``) against the
   generator's 68 landmarks mapped into the same crop, per group (jaw, brows, nose, eyes, mouth),
   over the 51 inner points (17-67) and over the 32 eye and mouth points; the jaw also with the
   static contour (the generator's jaw landmarks are fixed vertices, not the visible outline);
   and, as a diagnostic of how much of the error is a fixed per-point offset (a difference of
   definition), the error left after subtracting each point's mean offset over the set;
 * expression correlation: Pearson correlation over frames of the fitted and true ``jaw_open``,
-  ``smile`` and ``blink`` (mean of left/right) coefficients of the built-in model;
+  ``smile`` and ``blink`` (mean of left/right) coefficients of the built-in model, per video
+  (``exp_corr_mean``: their mean) and over all frames of the set (``exp_pooled``: correlation,
+  the slope of fitted on true, and the median within-video standard deviation of the truth; a
+  coefficient that barely moves within a video has a per-video correlation of noise);
 * mask IoU inside the crop's part of the source image (the generator's head mask, cropped the
   same way, against the prepared mask);
 * the albedo/lighting fit's RMS colour residual on skin pixels (0..255, from ``meta.json``);
@@ -228,6 +232,15 @@ def compare_video(synth_root: str, prepared_root: str, name: str, oracle: bool =
     out["landmark_err_px_convention_by_group"] = {k: float(cerr[:, list(v)].mean())
                                                   for k, v in GROUPS.items()}
     out["landmark_offset_px_convention"] = (plm - clm).astype(np.float64).tolist()
+    fit_file = os.path.join(prepared_root, name, "landmarks_fit.npy")
+    if os.path.isfile(fit_file):        # the fitted model's own landmarks (its landmark vertices)
+        flm = np.load(fit_file)
+        for tag, truth in (("", glm), ("_convention", clm)):
+            ferr = np.linalg.norm(flm - truth, axis=-1)                    # (T, 68)
+            out[f"landmark_fit_err_px{tag}"] = ferr.mean(1).tolist()
+            out[f"landmark_fit_err_px{tag}_eyes_mouth"] = ferr[:, 36:].mean(1).tolist()
+            out[f"landmark_fit_err_px{tag}_by_group"] = {k: float(ferr[:, list(v)].mean())
+                                                          for k, v in GROUPS.items()}
     ious = []
     for k, i in enumerate(src):
         gm = fmt.read_mask(synth_root, g, int(i))
@@ -240,13 +253,15 @@ def compare_video(synth_root: str, prepared_root: str, name: str, oracle: bool =
         ious.append(float(inter / max(union, 1)))
     out["mask_iou"] = ious
     idx = {n: i for i, n in enumerate(EXP_NAMES)}
-    corr = {}
+    corr, series = {}, {}
     for key, names in (("jaw", ["jaw_open"]), ("smile", ["smile"]),
                        ("blink", ["blink_left", "blink_right"])):
         ge = gc[:, [80 + idx[n] for n in names]].mean(1)
         pe = pc[:, [80 + idx[n] for n in names]].mean(1)
         corr[key] = float(np.corrcoef(ge, pe)[0, 1]) if ge.std() > 1e-6 and pe.std() > 1e-6 else None
+        series[key] = {"true": ge.astype(np.float64).tolist(), "fit": pe.astype(np.float64).tolist()}
     out["exp_corr"] = corr
+    out["exp_series"] = series
     if oracle:
         import torch
 
@@ -296,6 +311,16 @@ def summarize(per_video: list[dict]) -> dict:
     for k in ("jaw", "smile", "blink"):
         vals = [v["exp_corr"][k] for v in per_video if v["exp_corr"][k] is not None]
         corr[k] = float(np.mean(vals)) if vals else None
+    pooled = {}
+    if all("exp_series" in v for v in per_video):
+        for k in ("jaw", "smile", "blink"):
+            gt = np.concatenate([v["exp_series"][k]["true"] for v in per_video])
+            fit = np.concatenate([v["exp_series"][k]["fit"] for v in per_video])
+            ok = gt.std() > 1e-6 and fit.std() > 1e-6
+            pooled[k] = {"corr": float(np.corrcoef(gt, fit)[0, 1]) if ok else None,
+                         "slope": float(np.polyfit(gt, fit, 1)[0]) if ok else None,
+                         "true_std_within_video_median": float(np.median(
+                             [np.std(v["exp_series"][k]["true"]) for v in per_video]))}
     off = np.concatenate([np.asarray(v["landmark_offset_px"], np.float64) for v in per_video])
     resid = np.linalg.norm(off - off.mean(0), axis=-1).mean(1)               # (frames,)
     coff = np.concatenate([np.asarray(v["landmark_offset_px_convention"], np.float64)
@@ -309,6 +334,14 @@ def summarize(per_video: list[dict]) -> dict:
             extra[tag] = {"yaw_err_deg_median": float(np.median(cat(f"{tag}_yaw_err_deg"))),
                           "pitch_err_deg_median": float(np.median(cat(f"{tag}_pitch_err_deg"))),
                           "residual_px_median": float(np.median(cat(f"{tag}_residual_px")))}
+    for tag in ("", "_convention"):
+        if all(f"landmark_fit_err_px{tag}" in v for v in per_video):
+            extra[f"landmark_fit_err_px_median{tag}"] = float(np.median(cat(f"landmark_fit_err_px{tag}")))
+            extra[f"landmark_fit_err_px_median{tag}_eyes_mouth"] = float(
+                np.median(cat(f"landmark_fit_err_px{tag}_eyes_mouth")))
+            extra[f"landmark_fit_err_px_mean_by_group{tag}"] = {
+                k: float(np.mean([v[f"landmark_fit_err_px{tag}_by_group"][k] for v in per_video]))
+                for k in GROUPS}
     extra["landmark_err_px_by_cause"] = error_causes(
         [np.asarray(v["landmark_offset_px"], np.float64) for v in per_video])
     extra["landmark_err_px_by_cause_convention"] = error_causes(
@@ -338,7 +371,7 @@ def summarize(per_video: list[dict]) -> dict:
             "mask_iou_median": float(np.median(cat("mask_iou"))),
             "photometric_rms_median": (float(np.median(cat("photometric_rms")))
                                        if any(v["photometric_rms"] for v in per_video) else None),
-            "exp_corr_mean": corr}
+            "exp_corr_mean": corr, "exp_pooled": pooled}
 
 
 def main(argv=None) -> int:
@@ -354,6 +387,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--fit-steps", type=int, default=100)
+    ap.add_argument("--no-photometric", action="store_true",
+                    help="prepare with the landmark fit alone (e.g. to refit the detections with "
+                         "tools/prepare_photometric_sweep.py)")
     ap.add_argument("--oracle", action="store_true",
                     help="also fit the exact landmarks (the fit's own error floor)")
     ap.add_argument("--compare-only", action="store_true",
@@ -388,7 +424,8 @@ def main(argv=None) -> int:
     videos = synth_to_mp4(synth, os.path.join(a.out, "mp4"))
     t0 = time.perf_counter()
     s = prepare(videos, PrepareConfig(out=prepared, crop=a.crop, resolution=a.resolution,
-                                      workers=a.workers, fit_steps=a.fit_steps, progress=False))
+                                      workers=a.workers, fit_steps=a.fit_steps, progress=False,
+                                      photometric=not a.no_photometric))
     seconds = time.perf_counter() - t0
     per = [compare_video(synth, prepared, r["name"], a.oracle, a.fit_steps) for r in s["results"]]
     summary = summarize(per)

@@ -97,20 +97,53 @@ def landmark_weights() -> torch.Tensor:
     return w
 
 
+def project_pose(points: torch.Tensor, angles: torch.Tensor, trans: torch.Tensor,
+                 focal: float = cam.FFHQ_FOCAL) -> torch.Tensor:
+    """Normalised image coordinates ``uv (T, N, 2)`` (0..1, origin top-left) of head-frame
+    ``points: (T, N, 3)`` (model units) posed by Deep3DFaceRecon ``angles (T, 3)`` and
+    ``trans (T, 3)``: the same as ``cam.project_label(points * cam.BFM_TO_EG3D_SCALE,
+    cam.deep3d_to_label(angles, trans))`` (what :meth:`MorphableModel.render` draws) in closed
+    form, without building and inverting the camera matrix (the EG3D scale cancels): the camera
+    sits at ``(0, 0, BFM_CAMERA_DISTANCE)`` looking down -z at ``R p + t``."""
+    return _project_xyz(*points.unbind(-1), angles, trans, focal)
+
+
+def _project_xyz(x, y, z, angles, trans, focal: float = cam.FFHQ_FOCAL) -> torch.Tensor:
+    """:func:`project_pose` of the coordinates ``x, y, z: (T, N)`` each: ``(T, N, 2)``. Written
+    out per coordinate: a batched ``(N, 3) @ (3, 3)`` product is far slower on CPU."""
+    r = cam.euler_to_rotation(angles)[..., None]                          # (T, 3, 3, 1)
+    t = trans[..., None]                                                  # (T, 3, 1)
+    px = r[:, 0, 0] * x + r[:, 0, 1] * y + r[:, 0, 2] * z + t[:, 0]
+    py = r[:, 1, 0] * x + r[:, 1, 1] * y + r[:, 1, 2] * z + t[:, 1]
+    pz = r[:, 2, 0] * x + r[:, 2, 1] * y + r[:, 2, 2] * z + t[:, 2]
+    inv_z = focal / (cam.BFM_CAMERA_DISTANCE - pz)
+    return torch.stack([px * inv_z, -py * inv_z], -1) + 0.5
+
+
+def _stacked_basis(model, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows of ``index: (K,)`` vertices, coordinate-major (x of every vertex, then y, then
+    z): mean ``(3K,)``, identity basis ``(n_id, 3K)`` and expression basis ``(n_exp, 3K)``."""
+    v = model.num_vertices
+    rows = lambda b: b.view(v, 3, -1)[index].permute(2, 1, 0).reshape(b.shape[-1], -1).contiguous()
+    return (model.mean_shape[index].T.reshape(-1).contiguous(), rows(model.id_basis),
+            rows(model.exp_basis))
+
+
+def _posed_points(basis, id_c, exp) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Head-frame ``x, y, z (T, K)`` of :func:`_stacked_basis` ``basis`` for ``id_c (n_id,)``
+    shared and ``exp (T, n_exp)`` per frame (the identity's part is computed once)."""
+    mean, id_b, exp_b = basis
+    shape = torch.addmv(mean, id_b.T, id_c)                              # (3K,)
+    return torch.addmm(shape, exp, exp_b).view(exp.shape[0], 3, -1).unbind(1)
+
+
 def project_landmarks(model, id_c, exp, angles, trans, image_size: int,
                       landmark_index: torch.Tensor | None = None) -> torch.Tensor:
     """Model landmarks ``(T, K, 2)`` in pixels of ``image_size`` for ``id_c: (80,)`` and per
     frame ``exp (T, 64)``, ``angles (T, 3)``, ``trans (T, 3)``; ``landmark_index: (K,)`` vertex
     indices (default ``model.landmarks``)."""
     lm = model.landmarks if landmark_index is None else landmark_index.to(model.landmarks)
-    v = model.num_vertices
-    mean = model.mean_shape[lm]                                        # (68, 3)
-    idb = model.id_basis.view(v, 3, -1)[lm]                            # (68, 3, 80)
-    exb = model.exp_basis.view(v, 3, -1)[lm]                           # (68, 3, 64)
-    pts = mean + idb @ id_c + torch.einsum("kcj,tj->tkc", exb, exp)    # (T, 68, 3)
-    label = cam.deep3d_to_label(angles, trans)
-    uv, _ = cam.project_label(pts * cam.BFM_TO_EG3D_SCALE, label)
-    return uv * image_size
+    return _project_xyz(*_posed_points(_stacked_basis(model, lm), id_c, exp), angles, trans) * image_size
 
 
 def lbfgs_minimise(params: list, objective, iters: int) -> None:
@@ -337,8 +370,10 @@ def fit_appearance(model, coeffs: torch.Tensor, images: torch.Tensor, *, iters: 
     with torch.no_grad():
         # albedo from a subset of frames
         sub = torch.linspace(0, t - 1, min(t, albedo_frames)).round().long().unique()
-        tt, tri, bary, target, ysh = _skin_pixels(model, coeffs[sub], images[sub], max_pixels,
-                                                  None if valid is None else valid[sub])
+        pixels = _skin_pixels(model, coeffs[sub], images[sub], max_pixels,
+                              None if valid is None else valid[sub])
+        tt, tri, bary, target, ysh = pixels
+        every = len(sub) == t and t <= chunk    # the same pixels serve the lighting solve below
         mean_p = model.mean_tex[tri]                                               # (P, 3v, 3ch)
         basis = model.tex_basis.view(v, 3, -1)[tri]                                # (P, 3, 3, 80)
         tex = torch.zeros(basis.shape[-1])
@@ -358,8 +393,8 @@ def fit_appearance(model, coeffs: torch.Tensor, images: torch.Tensor, *, iters: 
         for s0 in range(0, t, chunk):
             sl = slice(s0, min(t, s0 + chunk))
             n = sl.stop - sl.start
-            tt, tri, bary, target, ysh = _skin_pixels(model, coeffs[sl], images[sl], max_pixels,
-                                                      None if valid is None else valid[sl])
+            tt, tri, bary, target, ysh = pixels if every else _skin_pixels(
+                model, coeffs[sl], images[sl], max_pixels, None if valid is None else valid[sl])
             a = torch.einsum("pi,pic,pik->pck", bary, albedo[tri], ysh)
             g = _solve_gamma(a, target, tt, n, w_gamma, INIT_LIGHT)
             pred = torch.einsum("pck,pck->pc", a, g[tt])
@@ -386,16 +421,18 @@ class PhotometricConfig:
     ``rounds`` alternations of the albedo/lighting solve (:func:`fit_appearance`) and an L-BFGS
     run of ``steps`` iterations on the geometry (identity, expression, angles, translation);
     ``sigma_color`` the colour noise (0..1 units, per channel) of one vertex sample, i.e. the
-    weight of the photometric term against the landmark term; ``min_facing`` the smallest
+    weight of the photometric term against the landmark term (0.1: chosen on three quality sets
+    and confirmed on two fresh ones, docs/data.md; 0.07 before); ``min_facing`` the smallest
     camera-facing component of a vertex normal that is sampled (grazing vertices near the
     outline are left out: their colour changes with occlusion, not with the pose);
     ``max_vertices`` how many skin vertices (evenly strided over the model's vertex order) are
-    sampled at most; ``expression``: whether the expression is refined too (False: it stays
+    sampled at most (a subsample is weighted as all skin vertices; fewer lose accuracy: on a
+    24-frame rendered clip 4000 of the 11 290 took the pitch error from 0.2 to 0.9 deg); ``expression``: whether the expression is refined too (False: it stays
     as the landmark fit has it)."""
 
     rounds: int = 4
     steps: int = 120
-    sigma_color: float = 0.07
+    sigma_color: float = 0.1
     min_facing: float = 0.2
     max_vertices: int = 100000
     expression: bool = True
@@ -501,8 +538,10 @@ def fit_photometric(model, coeffs: torch.Tensor, images: torch.Tensor, landmarks
     id_std = torch.as_tensor(cfg.id_std, dtype=torch.float32) * model_id_std(model)
     s2 = (sigma * image_size / 256.0) ** 2
     norm = float(t * w.sum())
-    v = model.num_vertices
     cur = coeffs.float()
+    lm_basis = _stacked_basis(model, model.landmarks if landmark_index is None
+                              else landmark_index.to(model.landmarks))
+    n_skin = int(_skin_vertices(model).sum())
     for _ in range(pc.rounds):
         with torch.no_grad():
             cur = fit_appearance(model, cur, images, valid=valid).coeffs
@@ -513,17 +552,21 @@ def fit_photometric(model, coeffs: torch.Tensor, images: torch.Tensor, landmarks
                                           * cam.BFM_TO_EG3D_SCALE, model.label_of(cur))
                 mask = mask * (F.grid_sample(valid.float(), (uv * 2 - 1)[:, :, None, :],
                                              align_corners=False)[:, 0, :, 0] > 0.5).float()
-        mean = model.mean_shape[index]                                           # (K', 3)
-        idb = model.id_basis.view(v, 3, -1)[index]
-        exb = model.exp_basis.view(v, 3, -1)[index]
+        # per-sample weight; a subsample of the skin vertices stands for all of them
+        weight = 0.5 * n_skin / len(index) / pc.sigma_color ** 2
+        seen_any = mask.any(0) if mask.dtype == torch.bool else mask.amax(0) > 0
+        index, mask, colors = index[seen_any], mask[:, seen_any], colors[:, seen_any]
+        # only vertices sampled in some frame enter the objective (about half of the skin)
+        basis = _stacked_basis(model, index)
+        wmask = (mask * weight)[:, None]                                         # (T, 1, K')
+        colors = colors.transpose(1, 2).contiguous()                             # (T, 3, K')
 
         def objective():
-            pts = mean + idb @ id_c + torch.einsum("kcj,tj->tkc", exb, exp)
-            uv, _ = cam.project_label(pts * cam.BFM_TO_EG3D_SCALE, cam.deep3d_to_label(angles, trans))
+            uv = _project_xyz(*_posed_points(basis, id_c, exp), angles, trans)
             seen = F.grid_sample(images, (uv * 2 - 1)[:, :, None, :], mode="bilinear",
-                                 padding_mode="border", align_corners=False)[..., 0].transpose(1, 2)
-            loss = 0.5 * ((seen - colors).pow(2).sum(-1) * mask).sum() / pc.sigma_color ** 2
-            proj = project_landmarks(model, id_c, exp, angles, trans, image_size, landmark_index)
+                                 padding_mode="border", align_corners=False)[..., 0]   # (T, 3, K')
+            loss = ((seen - colors).pow(2) * wmask).sum()
+            proj = _project_xyz(*_posed_points(lm_basis, id_c, exp), angles, trans) * image_size
             loss = loss + 0.5 * ((proj - target).pow(2).sum(-1) * w).sum() / s2
             loss = loss + 0.5 * (id_c / id_std).pow(2).sum() + 0.5 * (exp / cfg.exp_std).pow(2).sum()
             if t > 1:
