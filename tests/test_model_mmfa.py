@@ -227,6 +227,28 @@ def test_expression_landmark_term_trains_the_expression_encoder(data_root):
     assert g is None or float(g.abs().sum()) == 0
 
 
+def test_exp_detach_leaves_the_encoder_to_the_expression_landmark_term(data_root):
+    from pyface.data.datasets import PairDataset
+
+    ds = PairDataset(data_root, resolution=RES)
+    batch = torch.utils.data.default_collate([ds[0], ds[1]])
+    with pytest.raises(ValueError, match="w_exp_landmark"):
+        micro_model(exp_detach=True, w_exp_landmark=0.0)
+    # only the motion terms on: with exp_detach the encoder gets no gradient, the decoder does
+    only_motion = dict(w_exp_landmark=1e-12, w_exp_consistency=0.0, w_gan=0.0, w_fm=0.0)
+    grads = {}
+    for detach in (False, True):
+        torch.manual_seed(0)
+        m = micro_model(exp_detach=detach, **only_motion)
+        with torch.no_grad():         # a non-zero decoder output layer, so delta depends on f
+            m.exp_decoder.out.weight.normal_(std=0.1)
+        m.step("G", batch, None)["loss"].backward()
+        grads[detach] = (float(m.exp_encoder.first.conv.weight.grad.abs().sum()),
+                         float(m.exp_decoder.out.weight.grad.abs().sum()))
+    assert grads[False][0] > 1e3 * grads[True][0] and grads[False][0] > 0
+    assert grads[True][1] > 0
+
+
 def test_landmark_term_in_the_step_and_without_landmarks(data_root):
     from pyface.data.datasets import PairDataset
 
