@@ -202,6 +202,16 @@ def test_mouth_shape_removes_the_similarity_transform_and_follows_the_jaw():
     zero = expression_landmark_loss(torch.zeros_like(diff), diff, flat, open_)
     assert float(zero) == pytest.approx(0.0, abs=1e-6)
     assert float(expression_landmark_loss(diff, diff, flat, open_)) > 0
+    # no predicted change: L1 is the mean abs target (0.4 in each row of 50 coordinates); the
+    # squared error in units of 0.05 is the mean of (target / 0.05)^2 (one 0.4 per row: 8^2 / 50)
+    none = torch.zeros_like(diff)
+    assert float(expression_landmark_loss(none, none, flat, open_)) == pytest.approx(0.4 / 50)
+    assert float(expression_landmark_loss(none, none, flat, open_, "mse")) == pytest.approx(
+        64 / 50, rel=1e-5)
+    with pytest.raises(ValueError, match="kind"):
+        expression_landmark_loss(none, none, flat, open_, "l2")
+    with pytest.raises(ValueError, match="exp_landmark_loss"):
+        micro_model(w_exp_landmark=1.0, exp_landmark_loss="huber")
     with pytest.raises(ValueError, match="pred_driving"):
         expression_landmark_loss(diff, diff[:, :4], flat, open_)
     with pytest.raises(ValueError, match="landmarks"):
