@@ -445,6 +445,8 @@ def test_vae_stage_trains_on_frozen_mmfa_and_resumes(micro_run, data_root, tmp_p
     for k, v in full.model.mmfa.state_dict().items():
         assert torch.equal(v, frozen[k]), k
     assert any(not torch.equal(v, vae0[k]) for k, v in full.model.vae.state_dict().items())
+    # the standardisation saw every feature of the 4 steps (2 per pair: source and driving)
+    assert float(full.model.vae.stat_count) == 4 * 2 * full.cfg.train.batch_size
     a = Trainer(vae_experiment(tmp_path / "split", data_root, micro_run, "train.steps=2",
                                "train.ckpt_every=0"))
     a.fit()
@@ -456,6 +458,30 @@ def test_vae_stage_trains_on_frozen_mmfa_and_resumes(micro_run, data_root, tmp_p
         assert torch.equal(v, b.model.state_dict()[k]), k
     with pytest.raises(ValueError, match="model.mmfa_checkpoint: expected a trained mmfa run"):
         MMFAVAE()
+
+
+def test_standardized_vae_works_in_units_of_the_observed_spread():
+    from pyface.models.mmfa.vae import StandardizedVAE
+
+    torch.manual_seed(0)
+    vae = StandardizedVAE(in_dim=4, hidden=(8,), latent=2)
+    x = torch.randn(40, 4) * torch.tensor([0.1, 1.0, 5.0, 0.01]) + torch.tensor([3.0, -1, 0, 7])
+    # before any observation the standardisation is the identity
+    torch.testing.assert_close(vae.standardize(x), x)
+    for part in x.split([7, 13, 20]):
+        vae.observe(part)
+    assert float(vae.stat_count) == 40
+    z = vae.standardize(x)
+    torch.testing.assert_close(z.mean(0), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(0, unbiased=False), torch.ones(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(vae.unstandardize(z), x, atol=1e-5, rtol=1e-5)
+    # encode sees standardised inputs, decode gives x units back
+    mu, _ = vae.encode(x)
+    torch.testing.assert_close(mu, super(StandardizedVAE, vae).encode(z)[0])
+    torch.testing.assert_close(vae.decode(mu), vae.unstandardize(
+        super(StandardizedVAE, vae).decode(mu)))
+    with pytest.raises(ValueError, match="x: expected shape"):
+        vae.observe(x[:, :3])
 
 
 def test_vae_pipeline_interpolates_and_samples(micro_run, data_root, tmp_path):

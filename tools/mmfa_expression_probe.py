@@ -15,6 +15,8 @@ within-identity change counts):
 
 R^2 is reported per feature (1: fully predictable, 0 or below: nothing), next to the same probe
 on a freshly initialised encoder (``f_exp_untrained``) and on the 16 x 16 average-pooled pixels.
+``spread``: for f_exp and delta, the norm of the per-dimension standard deviation within a video
+(averaged over videos) and between the identities' means: what the feature varies with.
 
 ``--fit-encoder TRAIN_FOLDER``: a fresh expression encoder of the run's size and a linear head,
 trained alone (no MMFA around them) on the expression-landmark target of
@@ -146,7 +148,16 @@ def main(argv=None) -> int:
              "f_exp_untrained": torch.cat(f0).numpy(),
              "pixels_16x16": torch.nn.functional.avg_pool2d(img, img.shape[-1] // 16)
              .flatten(1).numpy()}
+    videos = np.array([hash((int(f["identity"]), str(f["video"]))) for f in items])
+    spread = {}
+    for fn in ("f_exp", "delta"):
+        fx = feats[fn]
+        within = np.mean([fx[videos == v].std(0) for v in np.unique(videos)], 0)
+        between = np.array([fx[groups == g].mean(0) for g in np.unique(groups)]).std(0)
+        spread[fn] = {"within_video": round(float(np.linalg.norm(within)), 4),
+                      "between_identities": round(float(np.linalg.norm(between)), 4)}
     report = {"checkpoint": args.checkpoint, "data": args.data, "frames": len(items),
+              "spread": spread,
               "r2": {fn: {tn: round(ridge_r2(fx, t, groups), 3) for tn, t in targets.items()}
                      for fn, fx in feats.items()}}
     if args.fit_encoder:
