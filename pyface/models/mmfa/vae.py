@@ -6,7 +6,7 @@ MMFA (Li et al. 2026; no code released); built from the paper's description, our
 * Stage: ``mmfa`` (``model.mmfa_checkpoint``): ``pyface train mmfa_vae --preset tiny`` first
   trains ``mmfa`` with the same preset (or takes ``--set model.mmfa_checkpoint=RUN``), then the
   VAE on the expression features of the source and driving frames of each pair.
-* Standardised features (``standardize``, on by default; :class:`StandardizedVAE`): the VAE
+* Standardised features (``standardize``, on in every preset; :class:`StandardizedVAE`): the VAE
   encodes ``(f - mean) / std`` and decodes back to f, with the per-dimension mean and standard
   deviation of every feature seen in training (running totals, saved with the checkpoint). The
   reconstruction MSE and the feature discriminator work in these units, so the balance against
@@ -88,10 +88,11 @@ class MMFAVAEConfig:
     """``mmfa_checkpoint``: the trained MMFA (run folder or checkpoint; the ``mmfa`` stage fills
     it). ``latent`` / ``hidden``: the VAE; ``d_hidden``: the feature discriminator;
     ``standardize``: the VAE and the discriminator work on standardised features
-    (:class:`StandardizedVAE`)."""
+    (:class:`StandardizedVAE`; on in every preset, off by default so that runs from before it
+    load as they were)."""
 
     mmfa_checkpoint: str | None = None
-    standardize: bool = True
+    standardize: bool = False
     latent: int = 32
     hidden: list[int] = field(default_factory=lambda: [256, 256])
     d_hidden: list[int] = field(default_factory=lambda: [256, 256])
@@ -144,13 +145,16 @@ class MMFAVAE(TrainableModel):
               "train": {"steps": 20000, "batch_size": 32, "ckpt_every": 5000,
                         "image_every": 0, "video_every": 0}}
     presets = {"tiny": {"model": {"latent": 8, "hidden": [64, 64], "d_hidden": [64],
-                                  "kl_warmup": 300, "lr": 1e-3, "lr_d": 1e-3},
+                                  "kl_warmup": 300, "lr": 1e-3, "lr_d": 1e-3,
+                                  "standardize": True},
                         "data": {"resolution": 64},
                         "train": {"steps": 1000, "batch_size": 16, "ckpt_every": 500}},
-               "gpu-short": {"model": {"kl_warmup": 500, "lr": 5e-4, "lr_d": 5e-4},
+               "gpu-short": {"model": {"kl_warmup": 500, "lr": 5e-4, "lr_d": 5e-4,
+                                       "standardize": True},
                              "data": {"resolution": 256},
                              "train": {"steps": 2000, "batch_size": 64}},
-               "full": {"data": {"resolution": 256}, "train": {"steps": 20000}}}
+               "full": {"model": {"standardize": True}, "data": {"resolution": 256},
+                        "train": {"steps": 20000}}}
 
     def __init__(self, cfg: MMFAVAEConfig | None = None):
         super().__init__()
