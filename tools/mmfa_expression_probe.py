@@ -1,7 +1,7 @@
 """Does MMFA's expression feature carry the mouth? Linear probes of f_exp and delta per frame.
 
     python tools/mmfa_expression_probe.py --checkpoint RUN --data FOLDER [--json OUT]
-        [--fit-encoder TRAIN_FOLDER --steps 800]
+        [--fit-encoder TRAIN_FOLDER --steps 800 --fit-loss l1]
 
 For every frame of ``FOLDER`` (a ``pyface data synth`` folder: 2 videos x 48 frames per
 identity), the run's expression feature f_exp (B, exp_dim) and deformation delta (B, K, 3) are
@@ -22,7 +22,8 @@ on a freshly initialised encoder (``f_exp_untrained``) and on the 16 x 16 averag
 trained alone (no MMFA around them) on the expression-landmark target of
 :func:`pyface.models.mmfa.model.expression_landmark_loss` (L1 of the pair difference of
 :func:`~pyface.models.mmfa.model.mouth_shape`) over same-video pairs of ``TRAIN_FOLDER``'s frames
-(8 pairs a step, Adam 1e-3, betas 0.5 / 0.999); the mouth-opening R^2 of its feature on
+(8 pairs a step, Adam 1e-3, betas 0.5 / 0.999; ``--fit-loss``: the term's ``kind``, ``l1`` or
+``mse``); the mouth-opening R^2 of its feature on
 ``FOLDER`` and on ``TRAIN_FOLDER`` every 200 steps (``fit_encoder``): how well this encoder can
 learn to read the mouth at all from those identities.
 """
@@ -79,7 +80,7 @@ def mouth_open(lms: np.ndarray) -> np.ndarray:
             / np.linalg.norm(lms[:, 45] - lms[:, 36], axis=1))
 
 
-def fit_encoder(cfg, train, test, steps: int) -> list[dict]:
+def fit_encoder(cfg, train, test, steps: int, kind: str = "l1") -> list[dict]:
     """Trains a fresh ImageEncoder + linear head on the expression-landmark target (see the
     module docstring) -> the mouth-opening R^2 on ``test`` and ``train`` every 200 steps."""
     torch.manual_seed(0)
@@ -106,7 +107,7 @@ def fit_encoder(cfg, train, test, steps: int) -> list[dict]:
         a = torch.as_tensor([np.random.choice(v) for v in pick])
         b = torch.as_tensor([np.random.choice(v) for v in pick])
         p = head(enc(torch.cat([img[a], img[b]])))
-        loss = expression_landmark_loss(p[:8], p[8:], lm[a], lm[b])
+        loss = expression_landmark_loss(p[:8], p[8:], lm[a], lm[b], kind)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -120,6 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--fit-encoder", default=None, metavar="TRAIN_FOLDER")
     ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--fit-loss", choices=("l1", "mse"), default="l1")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     pipe = pyface.models.load("mmfa", args.checkpoint, device="cpu")
@@ -164,7 +166,7 @@ def main(argv=None) -> int:
         np.random.seed(0)
         report["fit_encoder"] = fit_encoder(
             net.cfg, frames_of(pipe, args.fit_encoder),
-            (img, torch.as_tensor(lms), None, groups, None), args.steps)
+            (img, torch.as_tensor(lms), None, groups, None), args.steps, args.fit_loss)
     print(json.dumps(report, indent=1))
     if args.json:
         with open(args.json, "w") as fh:
