@@ -202,6 +202,16 @@ def test_mouth_shape_removes_the_similarity_transform_and_follows_the_jaw():
     zero = expression_landmark_loss(torch.zeros_like(diff), diff, flat, open_)
     assert float(zero) == pytest.approx(0.0, abs=1e-6)
     assert float(expression_landmark_loss(diff, diff, flat, open_)) > 0
+    # no predicted change: L1 is the mean abs target (0.4 in each row of 50 coordinates); the
+    # squared error in units of 0.05 is the mean of (target / 0.05)^2 (one 0.4 per row: 8^2 / 50)
+    none = torch.zeros_like(diff)
+    assert float(expression_landmark_loss(none, none, flat, open_)) == pytest.approx(0.4 / 50)
+    assert float(expression_landmark_loss(none, none, flat, open_, "mse")) == pytest.approx(
+        64 / 50, rel=1e-5)
+    with pytest.raises(ValueError, match="kind"):
+        expression_landmark_loss(none, none, flat, open_, "l2")
+    with pytest.raises(ValueError, match="exp_landmark_loss"):
+        micro_model(w_exp_landmark=1.0, exp_landmark_loss="huber")
     with pytest.raises(ValueError, match="pred_driving"):
         expression_landmark_loss(diff, diff[:, :4], flat, open_)
     with pytest.raises(ValueError, match="landmarks"):
@@ -225,6 +235,28 @@ def test_expression_landmark_term_trains_the_expression_encoder(data_root):
     assert m.exp_landmark_head.weight.grad.abs().sum() > 0
     g = m.pose_encoder.fc.weight.grad         # every other term is weighted 0
     assert g is None or float(g.abs().sum()) == 0
+
+
+def test_exp_detach_leaves_the_encoder_to_the_expression_landmark_term(data_root):
+    from pyface.data.datasets import PairDataset
+
+    ds = PairDataset(data_root, resolution=RES)
+    batch = torch.utils.data.default_collate([ds[0], ds[1]])
+    with pytest.raises(ValueError, match="w_exp_landmark"):
+        micro_model(exp_detach=True, w_exp_landmark=0.0)
+    # only the motion terms on: with exp_detach the encoder gets no gradient, the decoder does
+    only_motion = dict(w_exp_landmark=1e-12, w_exp_consistency=0.0, w_gan=0.0, w_fm=0.0)
+    grads = {}
+    for detach in (False, True):
+        torch.manual_seed(0)
+        m = micro_model(exp_detach=detach, **only_motion)
+        with torch.no_grad():         # a non-zero decoder output layer, so delta depends on f
+            m.exp_decoder.out.weight.normal_(std=0.1)
+        m.step("G", batch, None)["loss"].backward()
+        grads[detach] = (float(m.exp_encoder.first.conv.weight.grad.abs().sum()),
+                         float(m.exp_decoder.out.weight.grad.abs().sum()))
+    assert grads[False][0] > 1e3 * grads[True][0] and grads[False][0] > 0
+    assert grads[True][1] > 0
 
 
 def test_landmark_term_in_the_step_and_without_landmarks(data_root):
@@ -413,6 +445,8 @@ def test_vae_stage_trains_on_frozen_mmfa_and_resumes(micro_run, data_root, tmp_p
     for k, v in full.model.mmfa.state_dict().items():
         assert torch.equal(v, frozen[k]), k
     assert any(not torch.equal(v, vae0[k]) for k, v in full.model.vae.state_dict().items())
+    # the standardisation saw every feature of the 4 steps (2 per pair: source and driving)
+    assert float(full.model.vae.stat_count) == 4 * 2 * full.cfg.train.batch_size
     a = Trainer(vae_experiment(tmp_path / "split", data_root, micro_run, "train.steps=2",
                                "train.ckpt_every=0"))
     a.fit()
@@ -424,6 +458,30 @@ def test_vae_stage_trains_on_frozen_mmfa_and_resumes(micro_run, data_root, tmp_p
         assert torch.equal(v, b.model.state_dict()[k]), k
     with pytest.raises(ValueError, match="model.mmfa_checkpoint: expected a trained mmfa run"):
         MMFAVAE()
+
+
+def test_standardized_vae_works_in_units_of_the_observed_spread():
+    from pyface.models.mmfa.vae import StandardizedVAE
+
+    torch.manual_seed(0)
+    vae = StandardizedVAE(in_dim=4, hidden=(8,), latent=2)
+    x = torch.randn(40, 4) * torch.tensor([0.1, 1.0, 5.0, 0.01]) + torch.tensor([3.0, -1, 0, 7])
+    # before any observation the standardisation is the identity
+    torch.testing.assert_close(vae.standardize(x), x)
+    for part in x.split([7, 13, 20]):
+        vae.observe(part)
+    assert float(vae.stat_count) == 40
+    z = vae.standardize(x)
+    torch.testing.assert_close(z.mean(0), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(0, unbiased=False), torch.ones(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(vae.unstandardize(z), x, atol=1e-5, rtol=1e-5)
+    # encode sees standardised inputs, decode gives x units back
+    mu, _ = vae.encode(x)
+    torch.testing.assert_close(mu, super(StandardizedVAE, vae).encode(z)[0])
+    torch.testing.assert_close(vae.decode(mu), vae.unstandardize(
+        super(StandardizedVAE, vae).decode(mu)))
+    with pytest.raises(ValueError, match="x: expected shape"):
+        vae.observe(x[:, :3])
 
 
 def test_vae_pipeline_interpolates_and_samples(micro_run, data_root, tmp_path):

@@ -1,7 +1,7 @@
 """Does MMFA's expression feature carry the mouth? Linear probes of f_exp and delta per frame.
 
     python tools/mmfa_expression_probe.py --checkpoint RUN --data FOLDER [--json OUT]
-        [--fit-encoder TRAIN_FOLDER --steps 800]
+        [--fit-encoder TRAIN_FOLDER --steps 800 --fit-loss l1]
 
 For every frame of ``FOLDER`` (a ``pyface data synth`` folder: 2 videos x 48 frames per
 identity), the run's expression feature f_exp (B, exp_dim) and deformation delta (B, K, 3) are
@@ -15,12 +15,15 @@ within-identity change counts):
 
 R^2 is reported per feature (1: fully predictable, 0 or below: nothing), next to the same probe
 on a freshly initialised encoder (``f_exp_untrained``) and on the 16 x 16 average-pooled pixels.
+``spread``: for f_exp and delta, the norm of the per-dimension standard deviation within a video
+(averaged over videos) and between the identities' means: what the feature varies with.
 
 ``--fit-encoder TRAIN_FOLDER``: a fresh expression encoder of the run's size and a linear head,
 trained alone (no MMFA around them) on the expression-landmark target of
 :func:`pyface.models.mmfa.model.expression_landmark_loss` (L1 of the pair difference of
 :func:`~pyface.models.mmfa.model.mouth_shape`) over same-video pairs of ``TRAIN_FOLDER``'s frames
-(8 pairs a step, Adam 1e-3, betas 0.5 / 0.999); the mouth-opening R^2 of its feature on
+(8 pairs a step, Adam 1e-3, betas 0.5 / 0.999; ``--fit-loss``: the term's ``kind``, ``l1`` or
+``mse``); the mouth-opening R^2 of its feature on
 ``FOLDER`` and on ``TRAIN_FOLDER`` every 200 steps (``fit_encoder``): how well this encoder can
 learn to read the mouth at all from those identities.
 """
@@ -77,7 +80,7 @@ def mouth_open(lms: np.ndarray) -> np.ndarray:
             / np.linalg.norm(lms[:, 45] - lms[:, 36], axis=1))
 
 
-def fit_encoder(cfg, train, test, steps: int) -> list[dict]:
+def fit_encoder(cfg, train, test, steps: int, kind: str = "l1") -> list[dict]:
     """Trains a fresh ImageEncoder + linear head on the expression-landmark target (see the
     module docstring) -> the mouth-opening R^2 on ``test`` and ``train`` every 200 steps."""
     torch.manual_seed(0)
@@ -104,7 +107,7 @@ def fit_encoder(cfg, train, test, steps: int) -> list[dict]:
         a = torch.as_tensor([np.random.choice(v) for v in pick])
         b = torch.as_tensor([np.random.choice(v) for v in pick])
         p = head(enc(torch.cat([img[a], img[b]])))
-        loss = expression_landmark_loss(p[:8], p[8:], lm[a], lm[b])
+        loss = expression_landmark_loss(p[:8], p[8:], lm[a], lm[b], kind)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -118,6 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--fit-encoder", default=None, metavar="TRAIN_FOLDER")
     ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--fit-loss", choices=("l1", "mse"), default="l1")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     pipe = pyface.models.load("mmfa", args.checkpoint, device="cpu")
@@ -146,14 +150,23 @@ def main(argv=None) -> int:
              "f_exp_untrained": torch.cat(f0).numpy(),
              "pixels_16x16": torch.nn.functional.avg_pool2d(img, img.shape[-1] // 16)
              .flatten(1).numpy()}
+    videos = np.array([hash((int(f["identity"]), str(f["video"]))) for f in items])
+    spread = {}
+    for fn in ("f_exp", "delta"):
+        fx = feats[fn]
+        within = np.mean([fx[videos == v].std(0) for v in np.unique(videos)], 0)
+        between = np.array([fx[groups == g].mean(0) for g in np.unique(groups)]).std(0)
+        spread[fn] = {"within_video": round(float(np.linalg.norm(within)), 4),
+                      "between_identities": round(float(np.linalg.norm(between)), 4)}
     report = {"checkpoint": args.checkpoint, "data": args.data, "frames": len(items),
+              "spread": spread,
               "r2": {fn: {tn: round(ridge_r2(fx, t, groups), 3) for tn, t in targets.items()}
                      for fn, fx in feats.items()}}
     if args.fit_encoder:
         np.random.seed(0)
         report["fit_encoder"] = fit_encoder(
             net.cfg, frames_of(pipe, args.fit_encoder),
-            (img, torch.as_tensor(lms), None, groups, None), args.steps)
+            (img, torch.as_tensor(lms), None, groups, None), args.steps, args.fit_loss)
     print(json.dumps(report, indent=1))
     if args.json:
         with open(args.json, "w") as fh:

@@ -71,7 +71,13 @@ class MMFAConfig:
     term is off. ``w_exp_landmark`` the expression-landmark term (:func:`mouth_shape`,
     :func:`expression_landmark_loss`): a linear head on f_exp must predict the change of the
     eye-aligned mouth and chin landmarks from the source to the driving frame (0: off, and no
-    head is built).
+    head is built); ``exp_landmark_loss`` its error, ``"l1"`` or ``"mse"``
+    (:func:`expression_landmark_loss`). ``exp_detach`` (our deviation, on in ``tiny``): in
+    training, f_exp enters the expression decoder detached, so the expression encoder learns only
+    from the expression-landmark term and the expression consistency, while the decoder,
+    keypoints and dense motion learn to use it (the motion losses' gradient through delta
+    otherwise keeps f_exp from reading the mouth at ``tiny``; docs/models/mmfa.md); it needs
+    ``w_exp_landmark > 0``.
     """
 
     resolution: int = 256
@@ -127,6 +133,8 @@ class MMFAConfig:
     w_landmark: float = 10.0
     landmark_weights: list[float] = field(default_factory=lambda: [1.0, 2.0, 2.0])
     w_exp_landmark: float = 0.0
+    exp_landmark_loss: str = "l1"
+    exp_detach: bool = False
     sigma_affine: float = 0.05
     sigma_tps: float = 0.005
     # optimisation
@@ -171,24 +179,36 @@ def mouth_shape(landmarks: torch.Tensor) -> torch.Tensor:
     return (local / dist[:, None]).flatten(1)
 
 
+#: unit of the squared expression-landmark error (``kind="mse"``), in inter-ocular distances
+EXP_LANDMARK_UNIT = 0.05
+EXP_LANDMARK_KINDS = ("l1", "mse")
+
+
 def expression_landmark_loss(pred_source: torch.Tensor, pred_driving: torch.Tensor,
-                             lm_source: torch.Tensor, lm_driving: torch.Tensor) -> torch.Tensor:
+                             lm_source: torch.Tensor, lm_driving: torch.Tensor,
+                             kind: str = "l1") -> torch.Tensor:
     """The expression-landmark term: the predicted change of the mouth shape from source to
     driving against the landmarks' change.
 
     Args:
         pred_source, pred_driving: (B, 2P) the linear head's output on each frame's f_exp.
         lm_source, lm_driving: (B, 68, 2) landmarks in pixels.
+        kind: ``"l1"``: mean abs error in inter-ocular distances; ``"mse"``: mean squared error
+            in units of :data:`EXP_LANDMARK_UNIT` inter-ocular distances.
     Returns:
-        () mean abs of ``(pred_d - pred_s) - (mouth_shape(lm_d) - mouth_shape(lm_s))`` in
-        inter-ocular distances.
+        () the error of ``(pred_d - pred_s) - (mouth_shape(lm_d) - mouth_shape(lm_s))``.
     """
+    if kind not in EXP_LANDMARK_KINDS:
+        raise ValueError(f"kind: expected one of {EXP_LANDMARK_KINDS}, got {kind!r}")
     target = mouth_shape(lm_driving) - mouth_shape(lm_source)
     for name, p in (("pred_source", pred_source), ("pred_driving", pred_driving)):
         if p.shape != target.shape:
             raise ValueError(f"{name}: expected shape {tuple(target.shape)}, got "
                              f"{tuple(p.shape)}")
-    return ((pred_driving - pred_source) - target).abs().mean()
+    err = (pred_driving - pred_source) - target
+    if kind == "mse":
+        return (err / EXP_LANDMARK_UNIT).square().mean()
+    return err.abs().mean()
 
 
 def pixels_to_grid(points: torch.Tensor, size: int) -> torch.Tensor:
@@ -274,6 +294,7 @@ class MMFA(TrainableModel):
                            "dec_channels": [64, 32, 16], "enc_channels": [16, 32, 64, 64],
                            "exp_dim": 32, "exp_hidden": 64, "w_gan": 0.0, "w_fm": 0.0,
                            "source_blend": True, "w_delta": 0.5, "w_exp_landmark": 10.0,
+                           "exp_landmark_loss": "mse", "exp_detach": True,
                            "lr": 1e-3, "betas": [0.5, 0.999]},
                  "data": {"resolution": 64},
                  "train": {"steps": 800, "batch_size": 4, "ckpt_every": 200,
@@ -300,6 +321,13 @@ class MMFA(TrainableModel):
         if cfg.rotation not in ROTATION_SOURCES:
             raise ValueError(f"model.rotation: expected one of {ROTATION_SOURCES}, got "
                              f"{cfg.rotation!r}")
+        if cfg.exp_landmark_loss not in EXP_LANDMARK_KINDS:
+            raise ValueError(f"model.exp_landmark_loss: expected one of {EXP_LANDMARK_KINDS}, "
+                             f"got {cfg.exp_landmark_loss!r}")
+        if cfg.exp_detach and cfg.w_exp_landmark <= 0:
+            raise ValueError(f"model.exp_detach: needs model.w_exp_landmark > 0 (the expression "
+                             f"encoder's only training signal then), got w_exp_landmark = "
+                             f"{cfg.w_exp_landmark}")
         m = 2 ** cfg.app_down
         if cfg.resolution % m:
             raise ValueError(f"model.resolution: expected a multiple of 2^app_down = {m}, got "
@@ -518,7 +546,10 @@ class MMFA(TrainableModel):
         if need_aug:
             rows += [f[B:]]
             kps += [kc_d, kc_all[2 * B:]]
-        delta = self.exp_decoder(torch.cat(rows), torch.cat(kps))
+        rows = torch.cat(rows)
+        if c.exp_detach:        # the encoder learns from the expression-landmark term only
+            rows = rows.detach()
+        delta = self.exp_decoder(rows, torch.cat(kps))
         kp_s = pose_keypoints(kc, rs, mo["scale"][:B], mo["translation"][:B], delta[:B])
         kp_d = pose_keypoints(kc, rd, mo["scale"][B:2 * B], mo["translation"][B:2 * B],
                               delta[B:2 * B])
@@ -534,7 +565,8 @@ class MMFA(TrainableModel):
             loss_lm = loss_lm + c.w_landmark * lm
         if lms is not None and self.exp_landmark_head is not None:
             pred = self.exp_landmark_head(f[:2 * B].float())
-            el = expression_landmark_loss(pred[:B], pred[B:], lms[0], lms[1])
+            el = expression_landmark_loss(pred[:B], pred[B:], lms[0], lms[1],
+                                          c.exp_landmark_loss)
             logs["exp_landmark"] = el.detach()
             loss_lm = loss_lm + c.w_exp_landmark * el
         n = len(out["images"])
