@@ -292,6 +292,7 @@ CPU_DECODER_BLOCK = 4096
 
 
 def _decoder_block(feats: torch.Tensor) -> int:
+    """Samples per decoder block for feats (N, C): ``CPU_DECODER_BLOCK`` on CPU, all on GPUs."""
     return CPU_DECODER_BLOCK if feats.device.type == "cpu" else max(1, feats.shape[0])
 
 
@@ -320,9 +321,9 @@ def _decode(decoder, planes, points, plane_axes, box_size, backend, density_only
         if torch.is_grad_enabled():     # the autograd graph keeps every block anyway
             return _osg_mlp(feats, *decoder, density_only=density_only)
         B, N = feats.shape[:2]
-        rgb, sigma = _osg_mlp_blocked(feats.reshape(B * N, -1), *decoder,
+        rgb, sigma = _osg_mlp_blocked(feats.reshape(B * N, feats.shape[-1]), *decoder,
                                       density_only=density_only)
-        return (None if rgb is None else rgb.reshape(B, N, -1)), sigma.reshape(B, N)
+        return (None if rgb is None else rgb.reshape(B, N, rgb.shape[-1])), sigma.reshape(B, N)
     feats = triplane_sample(planes, points, plane_axes=plane_axes, box_size=box_size,
                             reduce="none", backend=backend)
     out = decoder(feats)
@@ -366,7 +367,7 @@ def _osg_final_backward(ctx, g_feats, g_depth, g_wsum):
     w1, b1, w2, b2 = (w.detach() for w in weights)
     f_all = feats.detach().reshape(B * R, S, C)
     t_all = t.reshape(B * R, S)
-    gf_all = g_feats.contiguous().reshape(B * R, -1)
+    gf_all = g_feats.contiguous().reshape(B * R, g_feats.shape[-1])
     gd_all = g_depth.contiguous().reshape(B * R, 1)
     gw_all = g_wsum.contiguous().reshape(B * R, 1)
     need_f = need_planes or need_rays
@@ -374,7 +375,7 @@ def _osg_final_backward(ctx, g_feats, g_depth, g_wsum):
     # weight-gradient accumulators, transposed (the fast GEMM orientation)
     acc = [torch.zeros_like(w1.t()) if need[7] else None, torch.zeros_like(b1) if need[8] else None,
            torch.zeros_like(w2.t()) if need[9] else None, torch.zeros_like(b2) if need[10] else None]
-    rays = max(1, _decoder_block(f_all.reshape(-1, C)) // max(1, S))
+    rays = max(1, _decoder_block(feats.reshape(B * R * S, C)) // max(1, S))
     for i0 in range(0, B * R, rays):
         i1 = min(B * R, i0 + rays)
         n = i1 - i0
