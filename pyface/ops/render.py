@@ -373,8 +373,10 @@ def _osg_final_backward(ctx, g_feats, g_depth, g_wsum):
     need_f = need_planes or need_rays
     g_f_all = feats.new_empty(B * R, S, C) if need_f else None
     # weight-gradient accumulators, transposed (the fast GEMM orientation)
-    acc = [torch.zeros_like(w1.t()) if need[7] else None, torch.zeros_like(b1) if need[8] else None,
-           torch.zeros_like(w2.t()) if need[9] else None, torch.zeros_like(b2) if need[10] else None]
+    acc = [torch.zeros_like(w1.t()) if need[7] else None,
+           torch.zeros_like(b1) if need[8] else None,
+           torch.zeros_like(w2.t()) if need[9] else None,
+           torch.zeros_like(b2) if need[10] else None]
     rays = max(1, _decoder_block(feats.reshape(B * R * S, C)) // max(1, S))
     for i0 in range(0, B * R, rays):
         i1 = min(B * R, i0 + rays)
@@ -436,7 +438,7 @@ class _OSGFinalPass(torch.autograd.Function):
         B, R, S = t.shape
         feats = triplane_sample(planes, _points(o, d, t), plane_axes=plane_axes,
                                 box_size=box_size, reduce="mean", backend=backend)
-        rgb, sigma = _osg_mlp_blocked(feats.reshape(-1, feats.shape[-1]), w1, b1, w2, b2)
+        rgb, sigma = _osg_mlp_blocked(feats.reshape(B * R * S, feats.shape[-1]), w1, b1, w2, b2)
         out_f, depth, w = mip_composite(rgb.reshape(B, R, S, rgb.shape[-1]),
                                         sigma.reshape(B, R, S), t, density_bias=density_bias,
                                         white_back=white_back, depth_range=depth_range,
