@@ -92,7 +92,10 @@ def main(argv=None) -> int:
     src.add_argument("--eg3d", help="a pyface train eg3d run (its generator, not fine-tuned)")
     src.add_argument("--otavatar", help="an OTAvatar run (its fine-tuned generator)")
     p.add_argument("data", help="held-out dataset root (pyface data synth --split test)")
-    p.add_argument("--pairs", type=int, default=24, help="moving same-identity pairs")
+    p.add_argument("--pairs", type=int, default=24, help="moving pairs")
+    p.add_argument("--protocol", choices=("same", "cross"), default="same",
+                   help="pyface eval's protocol (the oracle needs 'same': the target frame "
+                        "is a frame of the source's video only there)")
     p.add_argument("--steps", type=int, default=100, help="W inversion iterations")
     p.add_argument("--wplus", type=int, default=0, help="W+ iterations after W (0: none)")
     p.add_argument("--pti", type=int, default=0, help="pivotal-tuning iterations (0: none)")
@@ -116,14 +119,14 @@ def main(argv=None) -> int:
     else:
         oracle = InversionOracle(pipe, steps=args.steps, space="w+" if args.wplus else "w",
                                  pti=args.pti)
-    kw = dict(protocol="same", subset="moving", metrics=("psnr", "ssim"),
+    kw = dict(protocol=args.protocol, subset="moving", metrics=("psnr", "ssim"),
               max_pairs=args.pairs, detector="none")
     t0 = time.perf_counter()
     res = evaluate(oracle, args.data, **kw).summary("moving")
     seconds = time.perf_counter() - t0
     copy = evaluate(CopySource(pipe.resolution), args.data, **kw).summary("moving")
     out = {"generator": args.eg3d or args.otavatar, "resolution": pipe.resolution,
-           "pairs": res["count"], "seconds": seconds,
+           "protocol": args.protocol, "pairs": res["count"], "seconds": seconds,
            **({"mode": "pipeline", "cfg": args.cfg} if args.pipeline else
               {"mode": "oracle", "steps": args.steps, "wplus": args.wplus, "pti": args.pti}),
            "model": {k: v for k, v in res.items() if k != "count"},
