@@ -380,7 +380,7 @@ def test_center_motion_and_render_overrides(generator_dir):
     m.cfg.center_motion = False
     assert torch.equal(m._offsets(motion, 3), raw)                 # the reference: raw offsets
     r = make().generator.renderer.config                               # the tiny preset's
-    assert (r.recompute, r.chunk_points) == ("decoder", 16384)
+    assert (r.recompute, r.chunk_points) == ("decoder", 65536)
     assert make("model.render.recompute=false").generator.renderer.config.recompute is False
     with pytest.raises(ValueError, match="model.render.plane_axes"):
         make("model.render.plane_axes=xy_xz_zy")

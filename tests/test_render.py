@@ -385,6 +385,26 @@ def test_render_triplane_ray_grads_and_coarse_only():
 
 
 @needs_cpp
+@pytest.mark.parametrize("block", [1, 7, 40])
+def test_render_triplane_decoder_blocks_match_reference(monkeypatch, block):
+    # the OSG decoder runs in blocks of CPU_DECODER_BLOCK samples (rounded to whole rays in the
+    # recompute="decoder" backward): blocks of one ray, of a ragged number of samples and of
+    # several rays give the reference's values and gradients (planes, rays and weights)
+    import pyface.ops.render as render_mod
+
+    monkeypatch.setattr(render_mod, "CPU_DECODER_BLOCK", block)
+    planes, o, d, w = scene()
+    o, d = o.clone().requires_grad_(), d.clone().requires_grad_()
+    kw = _render_kw(2, 16, plane_axes="eg3d", white_back=True)
+    ref = render_triplane_reference(planes, o, d, w, **kw)
+    for recompute in ("decoder", True):
+        for chunk in (None, 100):
+            out = ops.render_triplane(planes, o, d, w, backend="cpu", recompute=recompute,
+                                      chunk_points=chunk, **kw)
+            _compare_render(out, ref, [planes, o, d, *w], torch.float64)
+
+
+@needs_cpp
 def test_render_triplane_float32_and_random_draws():
     planes, o, d, w = scene(dtype=torch.float32)
     kw = dict(near=2.25, far=3.3, n_coarse=12, n_fine=12, plane_axes="eg3d")

@@ -285,12 +285,45 @@ def _osg_mlp(feats: torch.Tensor, w1, b1, w2, b2, density_only: bool = False):
     return rgb.reshape(*shape, rgb.shape[-1]), sigma.reshape(shape)
 
 
+# Samples per block of the OSG decoder on CPU (recompute="decoder" and the coarse pass): its
+# (block, hidden) activations then stay in cache, and transient memory is a block's, not a
+# chunk's. Measured on the OTAvatar / EG3D tiny renders (docs/models/otavatar.md).
+CPU_DECODER_BLOCK = 4096
+
+
+def _decoder_block(feats: torch.Tensor) -> int:
+    """Samples per decoder block for feats (N, C): ``CPU_DECODER_BLOCK`` on CPU, all on GPUs."""
+    return CPU_DECODER_BLOCK if feats.device.type == "cpu" else max(1, feats.shape[0])
+
+
+def _osg_mlp_blocked(feats: torch.Tensor, w1, b1, w2, b2, density_only: bool = False):
+    """``_osg_mlp`` of feats (N, C) in row blocks of ``_decoder_block`` samples (the same values):
+    rgb (N, C_out) or None, sigma (N,)."""
+    N = feats.shape[0]
+    block = _decoder_block(feats)
+    if N <= block:
+        return _osg_mlp(feats, w1, b1, w2, b2, density_only)
+    sigma = feats.new_empty(N)
+    rgb = None if density_only else feats.new_empty(N, w2.shape[0] - 1)
+    for i0 in range(0, N, block):
+        r, s = _osg_mlp(feats[i0:i0 + block], w1, b1, w2, b2, density_only)
+        sigma[i0:i0 + block] = s
+        if rgb is not None:
+            rgb[i0:i0 + block] = r
+    return rgb, sigma
+
+
 def _decode(decoder, planes, points, plane_axes, box_size, backend, density_only=False):
     """points (B, N, 3) -> rgb (B, N, C_out) or None, sigma (B, N)."""
     if _is_osg(decoder):
         feats = triplane_sample(planes, points, plane_axes=plane_axes, box_size=box_size,
                                 reduce="mean", backend=backend)
-        return _osg_mlp(feats, *decoder, density_only=density_only)
+        if torch.is_grad_enabled():     # the autograd graph keeps every block anyway
+            return _osg_mlp(feats, *decoder, density_only=density_only)
+        B, N = feats.shape[:2]
+        rgb, sigma = _osg_mlp_blocked(feats.reshape(B * N, feats.shape[-1]), *decoder,
+                                      density_only=density_only)
+        return (None if rgb is None else rgb.reshape(B, N, rgb.shape[-1])), sigma.reshape(B, N)
     feats = triplane_sample(planes, points, plane_axes=plane_axes, box_size=box_size,
                             reduce="none", backend=backend)
     out = decoder(feats)
@@ -323,36 +356,64 @@ def _osg_final_backward(ctx, g_feats, g_depth, g_wsum):
     need = ctx.needs_input_grad
     need_planes, need_rays = need[0], need[1] or need[2]
     B, R, S = t.shape
-    # the decoder and the compositing run again from the kept plane features; the decoder's
-    # backward is written out so that its narrow GEMMs run in their fast orientation (on CPU,
-    # (N, 32)^T @ (N, C) and (N, 32) @ (32, C) with small C are several times slower than the
-    # transposed products autograd's addmm backward would use)
+    C = feats.shape[-1]
+    # the decoder and the compositing run again from the kept plane features, in blocks of rays
+    # (B * R rays, ``_decoder_block`` samples per block: the block's activations stay in cache
+    # and are the only transient memory); the feature gradients of all samples are gathered and
+    # scattered to the planes in one triplane_sample_bwd call (one plane-sized gradient per
+    # chunk). The decoder's backward is written out so that its narrow GEMMs run in their fast
+    # orientation (on CPU, (N, 32)^T @ (N, C) and (N, 32) @ (32, C) with small C are several
+    # times slower than the transposed products autograd's addmm backward would use)
     w1, b1, w2, b2 = (w.detach() for w in weights)
-    f = feats.detach().reshape(-1, feats.shape[-1])
-    hp = torch.addmm(b1.unsqueeze(0), f, w1.t())
-    h = F.softplus(hp)
-    sigma = torch.addmm(b2[:1].unsqueeze(0), h, w2[:1].t())
-    s = torch.sigmoid(torch.addmm(b2[1:].unsqueeze(0), h, w2[1:].t()))
-    rgb = s * (1 + 2 * OSG_CLAMP) - OSG_CLAMP
-    # the compositing backward straight from its inputs (its forward is not needed again); the
-    # weights' gradient is that of their sum
-    g_rgb, g_sig = torch.ops.pyface.mip_composite_bwd(
-        g_feats.contiguous(), g_depth.contiguous(), g_wsum.expand(B, R, S - 1).contiguous(),
-        rgb.reshape(B, R, S, rgb.shape[-1]), sigma.reshape(B, R, S), t, depth_range,
-        density_bias, white_back, True, True)
-    g_rgb, g_sig = g_rgb.reshape(rgb.shape), g_sig.reshape(sigma.shape)
-    g_x = torch.cat([g_sig, g_rgb * (s * (1 - s)) * (1 + 2 * OSG_CLAMP)], 1)
-    g_h = g_x @ w2
-    g_hp = torch.ops.aten.softplus_backward(g_h, hp, 1.0, 20.0)
-    g_w = [(h.t() @ g_x).t() if need[9] else None, g_x.sum(0) if need[10] else None]
-    g_w = [(f.t() @ g_hp).t() if need[7] else None, g_hp.sum(0) if need[8] else None] + g_w
-    g_f = ((w1.t() @ g_hp.t()).t().reshape(feats.shape).contiguous()
-           if (need_planes or need_rays) else None)
+    f_all = feats.detach().reshape(B * R, S, C)
+    t_all = t.reshape(B * R, S)
+    gf_all = g_feats.contiguous().reshape(B * R, g_feats.shape[-1])
+    gd_all = g_depth.contiguous().reshape(B * R, 1)
+    gw_all = g_wsum.contiguous().reshape(B * R, 1)
+    need_f = need_planes or need_rays
+    g_f_all = feats.new_empty(B * R, S, C) if need_f else None
+    # weight-gradient accumulators, transposed (the fast GEMM orientation)
+    acc = [torch.zeros_like(w1.t()) if need[7] else None,
+           torch.zeros_like(b1) if need[8] else None,
+           torch.zeros_like(w2.t()) if need[9] else None,
+           torch.zeros_like(b2) if need[10] else None]
+    rays = max(1, _decoder_block(feats.reshape(B * R * S, C)) // max(1, S))
+    for i0 in range(0, B * R, rays):
+        i1 = min(B * R, i0 + rays)
+        n = i1 - i0
+        f = f_all[i0:i1].reshape(n * S, C)
+        hp = torch.addmm(b1.unsqueeze(0), f, w1.t())
+        h = F.softplus(hp)
+        sigma = torch.addmm(b2[:1].unsqueeze(0), h, w2[:1].t())
+        sg = torch.sigmoid(torch.addmm(b2[1:].unsqueeze(0), h, w2[1:].t()))
+        rgb = sg * (1 + 2 * OSG_CLAMP) - OSG_CLAMP
+        # the compositing backward straight from its inputs (its forward is not needed
+        # again); the weights' gradient is that of their sum
+        g_rgb, g_sig = torch.ops.pyface.mip_composite_bwd(
+            gf_all[i0:i1].unsqueeze(0), gd_all[i0:i1].unsqueeze(0),
+            gw_all[i0:i1].unsqueeze(0).expand(1, n, S - 1).contiguous(),
+            rgb.reshape(1, n, S, rgb.shape[-1]), sigma.reshape(1, n, S),
+            t_all[i0:i1].unsqueeze(0), depth_range, density_bias, white_back, True, True)
+        g_rgb, g_sig = g_rgb.reshape(rgb.shape), g_sig.reshape(sigma.shape)
+        g_x = torch.cat([g_sig, g_rgb * (sg * (1 - sg)) * (1 + 2 * OSG_CLAMP)], 1)
+        g_h = g_x @ w2
+        g_hp = torch.ops.aten.softplus_backward(g_h, hp, 1.0, 20.0)
+        if acc[2] is not None:
+            acc[2].addmm_(h.t(), g_x)
+        if acc[3] is not None:
+            acc[3] += g_x.sum(0)
+        if acc[0] is not None:
+            acc[0].addmm_(f.t(), g_hp)
+        if acc[1] is not None:
+            acc[1] += g_hp.sum(0)
+        if g_f_all is not None:
+            g_f_all[i0:i1] = (w1.t() @ g_hp.t()).t().reshape(n, S, C)
+    g_w = [None if a is None else (a.t() if a.dim() == 2 else a) for a in acc]
     g_planes = g_o = g_d = None
-    if g_f is not None:
+    if g_f_all is not None:
         g_planes, g_pts = torch.ops.pyface.triplane_sample_bwd(
-            g_f, planes, _points(o, d, t), plane_axes, box_size, "mean", False,
-            need_planes, need_rays)
+            g_f_all.reshape(feats.shape), planes, _points(o, d, t), plane_axes, box_size, "mean",
+            False, need_planes, need_rays)
         g_planes = g_planes if need_planes else None
         if need_rays:
             g_pts = g_pts.reshape(B, R, S, 3)
@@ -377,7 +438,7 @@ class _OSGFinalPass(torch.autograd.Function):
         B, R, S = t.shape
         feats = triplane_sample(planes, _points(o, d, t), plane_axes=plane_axes,
                                 box_size=box_size, reduce="mean", backend=backend)
-        rgb, sigma = _osg_mlp(feats, w1, b1, w2, b2)
+        rgb, sigma = _osg_mlp_blocked(feats.reshape(B * R * S, feats.shape[-1]), w1, b1, w2, b2)
         out_f, depth, w = mip_composite(rgb.reshape(B, R, S, rgb.shape[-1]),
                                         sigma.reshape(B, R, S), t, density_bias=density_bias,
                                         white_back=white_back, depth_range=depth_range,

@@ -48,8 +48,10 @@ _TINY = {
     # generator on the source (PTI, 100 iterations)
     "model": {"controller": {"window": 13, "descriptor": 64, "first_kernel": 3, "layers": 2,
                              "dilation": 2, "directions": 8},
-              # the eg3d tiny preset's renderer: the decoder recomputed in 16384-sample chunks
-              "render": {"recompute": "decoder", "chunk_points": 16384},
+              # the decoder recomputed in the backward (in 4096-sample blocks) from the kept
+              # plane features; one 65536-sample chunk holds the 2 x 4 frames' 49152 samples,
+              # so the planes' gradient is scattered once per render (docs/models/otavatar.md)
+              "render": {"recompute": "decoder", "chunk_points": 65536},
               "local_batch": 2, "invert_iters": 16, "invert_controller_iters": 2,
               "invert_lr": 0.1, "intrinsics_lr": 0.002, "controller_lr": 1e-3,
               "controller_wd": 0.01, "generator_lr": 1e-3, "density_points": 500,
