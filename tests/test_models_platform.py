@@ -2,6 +2,7 @@
 (entry points and --import), driving input and ``pyface animate``."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -504,6 +505,15 @@ def test_stage_overrides_reach_their_stage_and_stale_stages_are_refused(tmp_path
     assert "stage 's1'" in err and "model.width: finished run 6 vs this command 5" in err
     assert os.path.getmtime(os.path.join(ckpt.latest_checkpoint(str(stage_dir)),
                                          "meta.json")) == stamp
+    # a field the finished run's config lacks (added since) counts as its default
+    meta_path = os.path.join(ckpt.latest_checkpoint(str(stage_dir)), "meta.json")
+    meta = json.load(open(meta_path))
+    del meta["experiment"]["model_config"]["lr"]
+    json.dump(meta, open(meta_path, "w"))
+    assert main(base + ["--set", "stages.s1.model.width=6"]) == 0
+    capsys.readouterr()
+    assert main(base + ["--set", "stages.s1.model.width=6", "--set", "stages.s1.model.lr=0.1"]) == 2
+    assert "model.lr: finished run 0.01 vs this command 0.1" in capsys.readouterr().err
     # bad addresses name the stage, the valid stages or the key
     assert main(base + ["--set", "stages.s9.model.width=5"]) == 2
     err = capsys.readouterr().err

@@ -158,11 +158,16 @@ def prepare_stages(model_cls, cfg, *, overrides: list[str] | None = None,
 def _check_reuse(stage, stage_cls, stage_cfg, latest: str) -> None:
     """ConfigError if the finished checkpoint ``latest`` of a stage run was trained with another
     model config than ``stage_cfg`` (the checkpoint keys of the stage's own stages aside: they
-    are run folders, which move with the run)."""
+    are run folders, which move with the run). A key the finished run's config lacks (a field
+    added since) counts as the field's default, which keeps the earlier behaviour."""
     from pyface import checkpoint as ckpt
-    from pyface.train.config import ConfigError, experiment_to_dict
+    from pyface.train.config import ConfigError, experiment_to_dict, merge, to_dict
 
     theirs = (ckpt.read_meta(latest).get("experiment") or {}).get("model_config") or {}
+    try:
+        theirs = merge(to_dict(type(stage_cfg.model_config)()), theirs)
+    except TypeError:                     # a config without defaults for every field
+        pass
     ours = experiment_to_dict(stage_cfg)["model_config"] or {}
     paths = {s.checkpoint_key for s in getattr(stage_cls, "stages", ()) or ()}
     diff = sorted(k for k in set(theirs) | set(ours)
