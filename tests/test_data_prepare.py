@@ -654,3 +654,34 @@ def test_prepare_output_evaluates_with_the_real_clip_protocol(prepared, tmp_path
     assert a["count"] == 12 and 15.0 < a["psnr"]["image"] < 45.0
     assert a["akd"]["detected"] == 1.0 and 0.5 < a["akd"]["image"] < 10.0
     assert r["detector"] == "mediapipe" and r["jitter"]["output"] == 0.0
+
+
+@needs_prepare
+def test_prepared_folder_trains_and_drives_a_3dmm_model(prepared, tmp_path, capsys):
+    """A folder written by `pyface data prepare` trains OTAvatar (its motion windows come from
+    the fitted coefficients) and drives `pyface animate otavatar --driving PREPARED_VIDEO`."""
+    import dataclasses
+
+    from test_model_otavatar import QUIET, TINY, tiny_generator_config
+
+    from pyface import checkpoint as ckpt
+    from pyface.cli import main
+    from pyface.models.eg3d.generator import EG3DGenerator
+
+    torch.manual_seed(0)
+    cfg = tiny_generator_config()
+    G = EG3DGenerator(cfg)
+    state = {k: v for k, v in G.state_dict().items() if k != "rendering_resolution"}
+    gen = str(tmp_path / "eg3d")
+    ckpt.save_weights(gen, state, kind="eg3d", config={"generator": dataclasses.asdict(cfg)})
+    run = str(tmp_path / "run")
+    sets = sum((["--set", s] for s in QUIET + TINY + [
+        f"train.run_dir={run}", f"data.path={prepared['out']}", f"model.generator={gen}",
+        "train.steps=1", "train.ckpt_every=1"]), [])
+    assert main(["train", "otavatar", "--preset", "tiny", *sets]) == 0
+    video = os.path.join(prepared["out"], prepared["name"])
+    out = str(tmp_path / "anim.mp4")
+    assert main(["animate", "otavatar", "--checkpoint", run, "--source", video, "--driving", video,
+                 "--frames", "3", "--out", out, "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "3 frames at" in text and os.path.getsize(out) > 0
