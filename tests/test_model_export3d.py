@@ -415,3 +415,22 @@ def test_condition_normalisation_uses_running_statistics():
     m.train()
     m(img, torch.randn(2, 64), cam, update_ema=True)
     assert int(m.cond.code_batches) == 1
+
+
+def test_ema_moments_mix_two_equal_batches_exactly():
+    """With momentum 0.5, two equal batches give the moments of their union (variance and
+    covariance forms: the mean shift enters the spread)."""
+    from pyface.models.export3d.clebs import ema_moments_
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 3, generator=g), torch.randn(6, 3, generator=g) + 2.0
+    both = torch.cat([a, b])
+    cov = lambda x: (x - x.mean(0)).t() @ (x - x.mean(0)) / x.shape[0]
+    for spread_of, want in ((lambda x: x.var(0, unbiased=False), both.var(0, unbiased=False)),
+                            (cov, cov(both))):
+        mean, spread = torch.zeros(3), torch.zeros_like(want)
+        ema_moments_(mean, spread, a.mean(0), spread_of(a), 0.5, first=True)
+        torch.testing.assert_close(mean, a.mean(0))
+        ema_moments_(mean, spread, b.mean(0), spread_of(b), 0.5, first=False)
+        torch.testing.assert_close(mean, both.mean(0))
+        torch.testing.assert_close(spread, want)

@@ -126,6 +126,24 @@ def video_invariance(lam: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     return (between / (within + eps)).sum()
 
 
+
+@torch.no_grad()
+def ema_moments_(mean: torch.Tensor, spread: torch.Tensor, mu: torch.Tensor,
+                 batch_spread: torch.Tensor, momentum: float, *, first: bool) -> None:
+    """In place: running ``mean`` (k,) and ``spread`` — the variance (k,) or the covariance
+    (k, k) — of a quantity whose batch has mean ``mu`` (k,) and spread ``batch_spread`` (same
+    shape as ``spread``), as an exponential moving average with ``momentum``; the spread of the
+    mixture includes the shift of the mean (m·δδᵀ, or m·δ² for a variance). ``first`` copies the
+    batch's moments."""
+    if first:
+        mean.copy_(mu)
+        spread.copy_(batch_spread)
+        return
+    delta = mu - mean
+    shift = torch.outer(delta, delta) if spread.dim() == 2 else delta * delta
+    mean.add_(delta, alpha=1 - momentum)
+    spread.mul_(momentum).add_(batch_spread + momentum * shift, alpha=1 - momentum)
+
 class ExpressionEncoder(nn.Module):
     """f_e: expression beta (..., 64) -> (lambda (..., n), beta' (..., dim)).
 
@@ -172,14 +190,8 @@ class ExpressionEncoder(nn.Module):
         mu = means.mean(0)
         d = means - mu
         cov = d.t() @ d / (means.shape[0] - 1)
-        if int(self.video_batches) == 0:
-            self.video_mean.copy_(mu)
-            self.video_cov.copy_(cov)
-        else:
-            m = self.whiten_momentum
-            delta = mu - self.video_mean
-            self.video_mean.add_(delta, alpha=1 - m)
-            self.video_cov.mul_(m).add_(cov + m * torch.outer(delta, delta), alpha=1 - m)
+        ema_moments_(self.video_mean, self.video_cov, mu, cov, self.whiten_momentum,
+                     first=int(self.video_batches) == 0)
         self.video_batches += 1
         e, V = torch.linalg.eigh(self.video_cov.double())
         e = e.clamp_min(0)

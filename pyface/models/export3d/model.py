@@ -35,8 +35,8 @@ from pyface.nn.render import OSGDecoder, RenderConfig, TriplaneRenderer, density
 from pyface.nn.roi import roi_l1_loss
 from pyface.nn.vit import PlainSuperResolution
 from pyface.ops.render import ray_bundle
-from pyface.models.export3d.clebs import (CLeBS, EXP_DIM, ExpressionEncoder, expression_of,
-                                          image_to_float)
+from pyface.models.export3d.clebs import (CLeBS, EXP_DIM, ExpressionEncoder, ema_moments_,
+                                          expression_of, image_to_float)
 from pyface.models.export3d.generator import GeneratorConfig, TriplaneGenerator
 from pyface.models.export3d.pipeline import Export3DPipeline
 from pyface.train.model import (Phase, Stage, StepContext, TrainableModel, config_from_dict,
@@ -201,15 +201,8 @@ class Conditioner(nn.Module):
     @torch.no_grad()
     def _update_stats(self, x: torch.Tensor) -> None:
         """x (B, k): one training batch of the normalised quantity."""
-        mu, var = x.mean(0), x.var(0, unbiased=False)
-        if int(self.code_batches) == 0:
-            self.code_mean.copy_(mu)
-            self.code_var.copy_(var)
-        else:
-            m = self.momentum
-            delta = mu - self.code_mean
-            self.code_mean.add_(delta, alpha=1 - m)
-            self.code_var.mul_(m).add_(var + m * delta * delta, alpha=1 - m)
+        ema_moments_(self.code_mean, self.code_var, x.mean(0), x.var(0, unbiased=False),
+                     self.momentum, first=int(self.code_batches) == 0)
         self.code_batches += 1
 
     def _standardise(self, x: torch.Tensor, update: bool) -> torch.Tensor:
