@@ -108,6 +108,7 @@ class OTAvatarConfig:
     clip: float = 1.0
     w_clamp: float | None = 5.0
     center_motion: bool = False
+    motion_pose: bool = True
     w_perceptual: float = 1.0
     style_weight: float = 250.0
     vgg_weights: str | None = None
@@ -128,3 +129,12 @@ class OTAvatarConfig:
     pti_lr: float = 3e-4
     pti_stop: float | None = None
     pti_stop_metric: float = 0.06
+    pti_tune: str = "generator"
+    pti_plane_lr: float | None = None
+    pti_motion_weight: float = 0.0
+    pti_motion_pool: int = 16
+    pti_motion_batch: int = 2
+    pti_motion_sigma: float = 0.3
+    drive_pose: bool = True
+    pti_motion_keep: str = "generator"
+    pti_face_pad: float = 0.1
