@@ -86,6 +86,10 @@ class OTAvatarConfig:
             given to the pipeline (``OTAvatarPipeline.pti_metric``, e.g. LPIPS built from
             user weights) the reference's rule applies instead: stop once the metric is <=
             ``pti_stop_metric`` (0.06). The SmoothL1 rule is the fallback without weights.
+        drive_pose: the pipeline's driving windows keep their angle and translation rows
+            (True, the reference). False: the driving frames' expression rows with the
+            source's pose rows, so the controller's offset follows the expression only and the
+            driving pose acts through the camera alone.
     """
 
     generator: str | None = None
@@ -108,7 +112,6 @@ class OTAvatarConfig:
     clip: float = 1.0
     w_clamp: float | None = 5.0
     center_motion: bool = False
-    motion_pose: bool = True
     w_perceptual: float = 1.0
     style_weight: float = 250.0
     vgg_weights: str | None = None
@@ -129,12 +132,4 @@ class OTAvatarConfig:
     pti_lr: float = 3e-4
     pti_stop: float | None = None
     pti_stop_metric: float = 0.06
-    pti_tune: str = "generator"
-    pti_plane_lr: float | None = None
-    pti_motion_weight: float = 0.0
-    pti_motion_pool: int = 16
-    pti_motion_batch: int = 2
-    pti_motion_sigma: float = 0.3
     drive_pose: bool = True
-    pti_motion_keep: str = "generator"
-    pti_face_pad: float = 0.1

@@ -220,7 +220,7 @@ class OTAvatar(TrainableModel):
         if motion.dim() != 3 or motion.shape[0] != w.shape[0]:
             raise ValueError(f"motion: expected shape ({w.shape[0]}, {MOTION_DIM}, "
                              f"{self.controller.cfg.window}), got {tuple(motion.shape)}")
-        ws = w + self.motion_offset(motion.to(w.dtype), controller=ctrl)
+        ws = w + ctrl(motion.to(w.dtype))
         return self._clamp(ws) if clamp else ws
 
     def forward(self, w: torch.Tensor, motion: torch.Tensor, camera: torch.Tensor, *,
@@ -371,20 +371,12 @@ class OTAvatar(TrainableModel):
                for b in range(B)]
         return {k: torch.stack([d[k] for d in per]).mean() for k in per[0]} if per else {}
 
-    def motion_offset(self, m: torch.Tensor, *, controller=None) -> torch.Tensor:
-        """The offsets (N, num_ws, w_dim) of ``controller`` (None: ours) for windows m (N, 70,
-        window); without ``motion_pose`` the windows' angle and translation rows (64-69) are
-        zeroed first, so only the expression drives the offset (the camera carries the pose)."""
-        if not self.cfg.motion_pose:
-            m = torch.cat([m[:, :64], torch.zeros_like(m[:, 64:])], 1)
-        return (self.controller if controller is None else controller)(m)
-
     def _offsets(self, m: torch.Tensor, K: int) -> torch.Tensor:
         """m (B K, 70, window), the K frames of each item consecutive -> the controller's
         offsets (B K, num_ws, w_dim); with ``center_motion`` each item's mean over its K frames
         is subtracted (the shared latent w absorbs any common offset, so only the frame-to-frame
         differences reach the controller's gradient)."""
-        off = self.motion_offset(m)
+        off = self.controller(m)
         if not self.cfg.center_motion or K < 2:
             return off
         o = off.unflatten(0, (-1, K))

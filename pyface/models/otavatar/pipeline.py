@@ -62,7 +62,7 @@ def invert(model, image: torch.Tensor, camera: torch.Tensor, motion: torch.Tenso
         if space == "w" and w_init is not None:
             raise ValueError("w_init: only for space='w+'")
         with torch.no_grad():
-            offset = model.motion_offset(motion.float())
+            offset = ctrl(motion.float())
             if space == "w":
                 w0 = model.w_avg.reshape(1, 1, -1).clone()
             else:
@@ -95,90 +95,29 @@ def invert(model, image: torch.Tensor, camera: torch.Tensor, motion: torch.Tenso
     return w.detach().expand(1, G.num_ws, -1).contiguous(), kb.detach(), losses
 
 
-PTI_TUNE = ("generator", "renderer", "planes")
-
-
 def pivotal_tuning(model, ws: torch.Tensor, camera: torch.Tensor, image: torch.Tensor, *,
                    steps: int, lr: float, stop: float | None = None, metric=None,
-                   metric_stop: float = 0.06, tune: str = "generator",
-                   plane_lr: float | None = None, motion_ws: torch.Tensor | None = None,
-                   motion_weight: float = 1.0, motion_batch: int = 2,
-                   motion_mask: torch.Tensor | None = None):
+                   metric_stop: float = 0.06):
     """PTI: a copy of ``model.generator`` tuned so that ``ws`` (1, num_ws, w_dim) seen from
     ``camera`` (1, 25) renders ``image`` (1, 3, R, R): Adam ``lr``, at most ``steps``
     iterations of SmoothL1 on the raw (area-resized target) and super-resolved images.
-
-    ``tune`` says what the copy may change:
-
-    * ``"generator"``: every weight (PTI as in the paper and the reference);
-    * ``"renderer"``: the tri-plane decoder and the super-resolution only; the backbone, which
-      maps ``ws`` (motion offset included) to planes, keeps its weights;
-    * ``"planes"``: as ``"renderer"``, plus a plane residual (1, 3, C, Hp, Wp) added to the
-      backbone's planes of every frame (Adam ``plane_lr``, None: ``lr``). The planes' response
-      to a motion offset stays the untuned backbone's exactly; the residual holds the source's
-      detail.
-
-    Motion regulariser (``motion_ws`` (P, num_ws, w_dim): the pivot's w under P other motion
-    windows): the untuned generator's change between ``ws`` and each of them, added to
-    ``image``, is a target for the tuned copy at that motion (weight ``motion_weight``, the same
-    SmoothL1 terms, ``motion_batch`` of them per iteration, cycling), so tuning keeps the
-    generator's response to the motion offset instead of fitting the pivot alone.
 
     Stopping rule: with ``metric`` (a callable ``(pred, target) -> (N,)`` distance of images
     (N, 3, R, R) in [-1, 1], e.g. LPIPS), OTAvatar's: stop once the metric of the
     super-resolved image before an update is <= ``metric_stop`` (0.06); without it, stop once
     the SmoothL1 is <= ``stop`` (None: run every iteration). Returns ``(generator copy (eval
-    mode, frozen), losses, plane residual or None)``; with ``metric`` the losses are the
-    metric's values."""
+    mode, frozen), losses)``; with ``metric`` the losses are the metric's values."""
     import copy
 
     import torch.nn.functional as F
 
-    if tune not in PTI_TUNE:
-        raise ValueError(f"tune: expected one of {PTI_TUNE}, got {tune!r}")
     G = copy.deepcopy(model.generator).train()
-    G.requires_grad_(tune == "generator")
+    G.requires_grad_(True)
+    opt = torch.optim.Adam(G.parameters(), lr=lr)
     ws, camera, image = ws.detach(), camera.detach(), image.float()
-    residual, base = None, None
-    groups = [{"params": list(G.parameters())}]
-    if tune != "generator":
-        parts = [G.decoder] + ([G.superresolution] if G.superresolution is not None else [])
-        for m in parts:
-            m.requires_grad_(True)
-        groups = [{"params": [p for m in parts for p in m.parameters()]}]
-        with torch.no_grad():
-            base = G.backbone.planes(ws, noise_mode="const")
-        if tune == "planes":
-            residual = torch.zeros_like(base, requires_grad=True)
-            groups.append({"params": [residual], "lr": lr if plane_lr is None else plane_lr})
-    opt = torch.optim.Adam(groups, lr=lr)
-    if motion_ws is not None:
-        P = motion_ws.shape[0]
-        G0 = model.generator
-        with torch.no_grad():
-            both = torch.cat([ws, motion_ws.detach()])
-            from_pivot = G0.synthesis(both, camera.expand(P + 1, -1),
-                                      **fixed_samples(G0, P + 1, ws.device))
-        raw0 = F.interpolate(image, size=from_pivot["image_raw"].shape[-2:], mode="area")
-        if motion_mask is None:
-            reg_img = image + from_pivot["image"][1:] - from_pivot["image"][:1]
-            reg_raw = raw0 + from_pivot["image_raw"][1:] - from_pivot["image_raw"][:1]
-        else:
-            reg_img, reg_raw = image.expand(P, -1, -1, -1), raw0.expand(P, -1, -1, -1)
-            mask_raw = F.interpolate(motion_mask.float(), size=raw0.shape[-2:], mode="area")
     losses = []
-    for it in range(steps):
-        planes = None if base is None else base if residual is None else base + residual
-        if motion_ws is None:
-            out = G.synthesis(ws, camera, sr=True, planes=planes)
-        else:
-            k = (torch.arange(motion_batch) + it * motion_batch) % P
-            w_it = torch.cat([ws, motion_ws[k]])
-            if planes is not None:
-                planes = torch.cat([planes, G.backbone.planes(motion_ws[k], noise_mode="const")
-                                    + (0 if residual is None else residual)])
-            full = G.synthesis(w_it, camera.expand(len(k) + 1, -1), sr=True, planes=planes)
-            out = {n: full[n][:1] for n in ("image", "image_raw")}
+    for _ in range(steps):
+        out = G.synthesis(ws, camera, sr=True)
         raw = out["image_raw"]
         if metric is not None:
             with torch.no_grad():
@@ -188,28 +127,14 @@ def pivotal_tuning(model, ws: torch.Tensor, camera: torch.Tensor, image: torch.T
                 break
         tgt_raw = F.interpolate(image, size=raw.shape[-2:], mode="area")
         loss = F.smooth_l1_loss(out["image"], image) + F.smooth_l1_loss(raw, tgt_raw)
-        if motion_ws is not None:
-            if motion_mask is None:
-                reg = (F.smooth_l1_loss(full["image"][1:], reg_img[k])
-                       + F.smooth_l1_loss(full["image_raw"][1:], reg_raw[k]))
-            else:
-                reg = ((F.smooth_l1_loss(full["image"][1:], reg_img[k], reduction="none")
-                        * motion_mask).mean()
-                       + (F.smooth_l1_loss(full["image_raw"][1:], reg_raw[k], reduction="none")
-                          * mask_raw).mean())
-            loss_all = loss + motion_weight * reg
-        else:
-            loss_all = loss
         opt.zero_grad(set_to_none=True)
-        loss_all.backward()
+        loss.backward()
         opt.step()
         if metric is None:
             losses.append(float(loss.detach()))
             if stop is not None and losses[-1] <= stop:
                 break
-    if residual is not None:
-        residual = residual.detach()
-    return G.eval().requires_grad_(False), losses, residual
+    return G.eval().requires_grad_(False), losses
 
 
 class OTAvatarPipeline(Pipeline):
@@ -297,33 +222,12 @@ class OTAvatarPipeline(Pipeline):
 
             with torch.enable_grad():
                 with torch.no_grad():
-                    ws = w + model.motion_offset(motion)
-                    motion_ws = None
-                    if cfg.pti_motion_weight:
-                        gen = torch.Generator().manual_seed(0)
-                        eps = torch.randn(cfg.pti_motion_pool, motion.shape[1], 1, generator=gen)
-                        if not cfg.drive_pose:
-                            eps[:, 64:] = 0
-                        m = motion + cfg.pti_motion_sigma * eps.to(self.device)
-                        motion_ws = w + model.motion_offset(m)
-                    mask = None
-                    if cfg.pti_motion_weight and cfg.pti_motion_keep == "outside_face":
-                        if lm is None:
-                            raise ValueError("model.pti_motion_keep='outside_face' needs the "
-                                             "source's landmarks (68, 2)")
-                        mask = outside_face_mask(lm, img.shape[-1], cfg.pti_face_pad)
+                    ws = w + model.controller(motion)
                 metric = pti_metric if pti_metric is not None else self.pti_metric
-                G, pl, res = pivotal_tuning(model, ws, apply_intrinsics(cam, kb), img,
-                                            steps=pti, lr=cfg.pti_lr, stop=cfg.pti_stop,
-                                            metric=metric, metric_stop=cfg.pti_stop_metric,
-                                            tune=cfg.pti_tune, plane_lr=cfg.pti_plane_lr,
-                                            motion_ws=motion_ws,
-                                            motion_weight=cfg.pti_motion_weight,
-                                            motion_batch=cfg.pti_motion_batch,
-                                            motion_mask=mask)
+                G, pl = pivotal_tuning(model, ws, apply_intrinsics(cam, kb), img, steps=pti,
+                                       lr=cfg.pti_lr, stop=cfg.pti_stop, metric=metric,
+                                       metric_stop=cfg.pti_stop_metric)
             state["generator"], state["pti_loss"] = G, pl
-            if res is not None:
-                state["plane_residual"] = res
             state["pti_rule"] = "metric" if metric is not None else "smooth_l1"
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -397,27 +301,11 @@ class OTAvatarPipeline(Pipeline):
                 else labels[:T]
         cam = apply_intrinsics(cam.float(), state["intrinsics"].expand(T, -1))
         w = state["w"].expand(T, -1, -1)
-        ws = w + model.motion_offset(m)
+        ws = w + model.controller(m)
         G = state.get("generator") or model.generator       # the PTI copy when tuned
         planes = G.backbone.planes(ws, noise_mode="const")
-        if state.get("plane_residual") is not None:      # PTI with tune="planes"
-            planes = planes + state["plane_residual"]
         out = G.synthesis(ws, cam, planes=planes, **fixed_samples(G, T, self.device))
         return out["image"].clamp(-1, 1)
-
-
-def outside_face_mask(landmarks: torch.Tensor, resolution: int, pad: float) -> torch.Tensor:
-    """(1, 1, R, R): 1 outside the bounding box of ``landmarks`` (1, 68, 2) (pixels of the
-    R x R image; jaw line, brows, eyes, nose, mouth) grown by ``pad`` times its size on every
-    side, 0 inside: where a change of expression moves nothing."""
-    if landmarks.shape != (1, 68, 2):
-        raise ValueError(f"landmarks: expected shape (1, 68, 2), got {tuple(landmarks.shape)}")
-    lo, hi = landmarks[0].min(0).values, landmarks[0].max(0).values
-    lo, hi = lo - pad * (hi - lo), hi + pad * (hi - lo)
-    c = torch.arange(resolution, device=landmarks.device, dtype=torch.float32) + 0.5
-    inx = (c >= lo[0]) & (c <= hi[0])
-    iny = (c >= lo[1]) & (c <= hi[1])
-    return (~(iny[:, None] & inx[None, :])).float()[None, None]
 
 
 def fixed_samples(G, n: int, device) -> dict[str, torch.Tensor]:
