@@ -388,6 +388,35 @@ def test_center_motion_and_render_overrides(generator_dir):
         make("model.render.nope=1")
 
 
+def test_drive_pose_off_keeps_the_source_pose_rows(run, data):
+    """``drive_pose=False``: the driving windows' angle and translation rows (64-69) are
+    replaced by the source's, so a frame depends on the driving expression only (the pose acts
+    through the camera); with the default the pose rows move the controller's offset."""
+    import glob
+    import os
+
+    from pyface.data.driving import read_source
+
+    pipe = pyface.models.load("otavatar", run[0], device="cpu")
+    torch.manual_seed(0)
+    for p in pipe.model.controller.parameters():            # a controller that reads every row
+        p.data.normal_(0, 0.5)
+    folder = os.path.dirname(sorted(glob.glob(f"{data}/**/coeffs.npy", recursive=True))[0])
+    state = pipe.encode_source(read_source(folder, 16), pti_steps=0)
+    src = state["motion"]                                   # (1, 70, 9)
+    pose = src.expand(2, -1, -1).clone()
+    pose[:, 64:] += torch.tensor([0.5, -0.5])[:, None, None]      # pose rows moved only
+    exp = pose.clone()
+    exp[:, :64] += 0.5
+    go = lambda m: pipe.generate(state, {"motion": m}, camera="source")  # noqa: E731
+    assert pipe.model.cfg.drive_pose
+    assert (go(pose) - go(src.expand(2, -1, -1))).abs().amax() > 1e-4
+    pipe.model.cfg.drive_pose = False
+    assert torch.equal(go(pose), go(src.expand(2, -1, -1)))
+    assert torch.equal(go(exp), go(torch.cat([exp[:, :64], src[:, 64:].expand(2, -1, -1)], 1)))
+    assert (go(exp) - go(pose)).abs().amax() > 1e-4        # the expression still drives
+
+
 def test_pti_stops_by_a_perceptual_metric(run, data):
     """With a metric (LPIPS in practice) pivotal tuning stops once it is <= pti_stop_metric,
     OTAvatar's rule; without one the SmoothL1 rule (here: every iteration) applies."""

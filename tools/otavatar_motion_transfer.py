@@ -3,11 +3,12 @@ invert the source (frame 0) only, then render every frame whose jaw opening diff
 source's by more than 0.3 with the driving window and with the source window, both at that
 frame's camera; PSNR and mouth-RoI L1 against the ground truth.
 
-    python tools/otavatar_motion_transfer.py RUN HELDOUT [VIDEOS] [PTI_STEPS]
+    python tools/otavatar_motion_transfer.py RUN HELDOUT [VIDEOS] [PTI_STEPS] [KEY=VALUE ...]
 
 ``VIDEOS``: the first this many videos of HELDOUT (default 16; the cross-identity folder is not
 read);
-``PTI_STEPS``: override the pipeline's pivotal-tuning iterations (e.g. 0). Prints JSON.
+``PTI_STEPS``: override the pipeline's pivotal-tuning iterations (e.g. 0);
+``KEY=VALUE``: override a field of the model's config (e.g. ``pti_tune=planes``). Prints JSON.
 """
 import glob
 import json
@@ -28,11 +29,18 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(10 * torch.log10(4 / ((a - b) ** 2).mean()))
 
 
-def main(run: str, data: str, max_videos: int = 16, pti: int | None = None) -> dict:
+def main(run: str, data: str, max_videos: int = 16, pti: int | None = None,
+         overrides: tuple[str, ...] = ()) -> dict:
     torch.manual_seed(0)
     pipe = pyface.models.load("otavatar", run, device="cpu")
     if pti is not None:
         pipe.model.cfg.pti_steps = pti
+    for kv in overrides:
+        k, v = kv.split("=", 1)
+        old = getattr(pipe.model.cfg, k)
+        setattr(pipe.model.cfg, k, v if isinstance(old, str) else None if v == "None" else
+                v.lower() in ("1", "true") if isinstance(old, bool) else
+                type(old)(v) if old is not None else float(v))
     R = pipe.resolution
     folders = sorted(os.path.dirname(p) for p in glob.glob(f"{data}/*/coeffs.npy"))
     rows, ratios = [], []
@@ -70,6 +78,7 @@ def main(run: str, data: str, max_videos: int = 16, pti: int | None = None) -> d
 
 
 if __name__ == "__main__":
-    a = sys.argv[1:]
+    kv = tuple(x for x in sys.argv[1:] if "=" in x)
+    a = [x for x in sys.argv[1:] if "=" not in x]
     print(json.dumps(main(a[0], a[1], int(a[2]) if len(a) > 2 else 16,
-                          int(a[3]) if len(a) > 3 else None), indent=1))
+                          int(a[3]) if len(a) > 3 else None, kv), indent=1))

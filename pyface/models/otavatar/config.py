@@ -86,6 +86,10 @@ class OTAvatarConfig:
             given to the pipeline (``OTAvatarPipeline.pti_metric``, e.g. LPIPS built from
             user weights) the reference's rule applies instead: stop once the metric is <=
             ``pti_stop_metric`` (0.06). The SmoothL1 rule is the fallback without weights.
+        drive_pose: the pipeline's driving windows keep their angle and translation rows
+            (True, the reference). False: the driving frames' expression rows with the
+            source's pose rows, so the controller's offset follows the expression only and the
+            driving pose acts through the camera alone.
     """
 
     generator: str | None = None
@@ -128,3 +132,4 @@ class OTAvatarConfig:
     pti_lr: float = 3e-4
     pti_stop: float | None = None
     pti_stop_metric: float = 0.06
+    drive_pose: bool = True

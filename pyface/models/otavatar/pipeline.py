@@ -279,6 +279,8 @@ class OTAvatarPipeline(Pipeline):
         else:
             m = motion["motion"]
             T = m.shape[0]
+            if not model.cfg.drive_pose:            # the driving expression, the source's pose
+                m = torch.cat([m[:, :64], state["motion"][:, 64:].expand(T, -1, -1)], 1)
         if camera is None:
             camera = "driving" if "camera" in motion else "source"
         if camera not in CAMERA_MODES:
