@@ -349,7 +349,8 @@ def sensitivity(run: str, data: str, ema: bool = True) -> dict:
     EMA tri-plane T_EMA and of the condition c, and the mean |difference| of c, T, the raw image
     and the image between the driving and the source expression (images in [-1, 1]); the
     gradient norm of L1(image, driving frame) on the EAdaLN modulations, the super-resolution's
-    modulation, the condition MLP and all parameters."""
+    modulation, the condition MLP, the expression tri-plane directions (``expr_planes``) and all
+    parameters."""
     import pyface.models
 
     pipe = pyface.models.load("export3d", run, device="cpu", ema=ema)
@@ -371,7 +372,7 @@ def sensitivity(run: str, data: str, ema: bool = True) -> dict:
     # gradient norms of L1(image, driving frame) per parameter group (expression paths vs all)
     m.zero_grad(set_to_none=True)
     (m(S, b_d, cam)["image"] - D).abs().mean().backward()
-    groups = {"eadaln": [], "sr_modulation": [], "cond_mlp": [], "all": []}
+    groups = {"eadaln": [], "sr_modulation": [], "cond_mlp": [], "expr_planes": [], "all": []}
     for name, p in m.named_parameters():
         if p.grad is None:
             continue
@@ -383,6 +384,8 @@ def sensitivity(run: str, data: str, ema: bool = True) -> dict:
             groups["sr_modulation"].append(g)
         elif name.startswith("cond.mlp"):
             groups["cond_mlp"].append(g)
+        elif name.startswith("generator.expr_"):
+            groups["expr_planes"].append(g)
     grad = {k: float(np.sqrt(sum(v))) for k, v in groups.items()}
     m.zero_grad(set_to_none=True)
     with torch.no_grad():

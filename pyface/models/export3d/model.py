@@ -62,7 +62,7 @@ class Export3DConfig:
             running statistics of the training batches (:class:`Conditioner`; [D], default off
             so that older checkpoints load; on in every preset).
         stem_widths, vit_dim, vit_depth, vit_heads, ups, up_widths, plane_channels,
-        blur_sigma, ema_momentum: see :class:`GeneratorConfig`.
+        blur_sigma, ema_momentum, expr_planes: see :class:`GeneratorConfig`.
         decoder_hidden, decoder_features: OSGDecoder widths (the first 3 features are RGB).
         depth_samples, importance_samples, ray_start, ray_end, box_warp: the renderer.
         render_chunk_points: samples per chunk of the fused renderer's recomputing backward
@@ -125,6 +125,7 @@ class Export3DConfig:
     plane_channels: int = 32
     blur_sigma: float = 1.0
     ema_momentum: float = 0.999
+    expr_planes: int = 0
     decoder_hidden: int = 64
     decoder_features: int = 32
     depth_samples: int = 48
@@ -211,10 +212,16 @@ class Conditioner(nn.Module):
         var = self.code_var
         return (x - self.code_mean) * torch.rsqrt(var + 1e-3 * var.mean() + 1e-12)
 
-    def from_code(self, beta: torch.Tensor | None, lam: torch.Tensor | None, *,
-                  update_stats: bool = False) -> torch.Tensor:
-        """The condition from beta (direct) or lambda (e2e, clebs). ``update_stats``: update the
-        running statistics of ``normalize`` with this batch first (training)."""
+    @property
+    def code_dim(self) -> int:
+        """Width of the code the MLP reads (64 for direct, the basis width d otherwise)."""
+        return EXP_DIM if self.expr is None else self.expr.dim
+
+    def code(self, beta: torch.Tensor | None, lam: torch.Tensor | None, *,
+             update_stats: bool = False) -> torch.Tensor:
+        """The MLP's input (B, code_dim): beta (direct) or beta' from lambda (e2e, clebs),
+        standardised with ``normalize``. ``update_stats``: update the running statistics of
+        ``normalize`` with this batch first (training)."""
         if self.expr is None:
             code = beta.float()
             if self.normalize:
@@ -223,7 +230,13 @@ class Conditioner(nn.Module):
             if self.normalize:
                 lam = self._standardise(lam, update_stats)
             code = self.expr.combine(lam)
-        return self.mlp(code)
+        return code
+
+    def from_code(self, beta: torch.Tensor | None, lam: torch.Tensor | None, *,
+                  update_stats: bool = False) -> torch.Tensor:
+        """The condition (B, cond_dim) from beta (direct) or lambda (e2e, clebs): the MLP of
+        :meth:`code`."""
+        return self.mlp(self.code(beta, lam, update_stats=update_stats))
 
     def forward(self, beta: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         lam = self.coefficients(beta)
@@ -368,7 +381,8 @@ class Export3D(TrainableModel):
             resolution=cfg.resolution, stem_widths=list(cfg.stem_widths), dim=cfg.vit_dim,
             depth=cfg.vit_depth, heads=cfg.vit_heads, cond_dim=cfg.cond_dim, ups=cfg.ups,
             up_widths=list(cfg.up_widths), plane_channels=cfg.plane_channels,
-            blur_sigma=cfg.blur_sigma, ema_momentum=cfg.ema_momentum))
+            blur_sigma=cfg.blur_sigma, ema_momentum=cfg.ema_momentum,
+            expr_planes=cfg.expr_planes, expr_dim=self.cond.code_dim))
         self.decoder = OSGDecoder(cfg.plane_channels, cfg.decoder_hidden, cfg.decoder_features)
         self.renderer = TriplaneRenderer(RenderConfig.ffhq_corrected_axes(
             depth_resolution=cfg.depth_samples,
@@ -401,10 +415,12 @@ class Export3D(TrainableModel):
 
     # --- forward pieces --------------------------------------------------------------------
     def condition(self, beta: torch.Tensor, lam_scale: torch.Tensor | None = None, *,
-                  update_stats: bool = False):
-        """beta (B, 64) -> (lambda (B, n) or None, cond (B, cond_dim)); ``lam_scale`` (n,) or
-        (B, n) multiplies lambda (e2e / clebs only); ``update_stats``: update the condition's
-        running statistics (``cond_norm``, training)."""
+                  update_stats: bool = False, with_code: bool = False):
+        """beta (B, 64) -> (lambda (B, n) or None, cond (B, cond_dim)), and with ``with_code``
+        also the code (B, code_dim) the MLP read (the generator's ``expr`` input with
+        ``expr_planes``); ``lam_scale`` (n,) or (B, n) multiplies lambda (e2e / clebs only);
+        ``update_stats``: update the condition's running statistics (``cond_norm``,
+        training)."""
         lam = self.cond.coefficients(beta)
         if lam_scale is not None:
             if lam is None:
@@ -415,7 +431,9 @@ class Export3D(TrainableModel):
                 raise ValueError(f"lam_scale: expected shape ({lam.shape[-1]},) or "
                                  f"(B, {lam.shape[-1]}), got {tuple(lam_scale.shape)}")
             lam = lam * lam_scale
-        return lam, self.cond.from_code(beta, lam, update_stats=update_stats)
+        code = self.cond.code(beta, lam, update_stats=update_stats)
+        cond = self.cond.mlp(code)
+        return (lam, cond, code) if with_code else (lam, cond)
 
     def render(self, planes: torch.Tensor, camera: torch.Tensor,
                source: torch.Tensor | None = None,
@@ -472,8 +490,8 @@ class Export3D(TrainableModel):
         if beta.dim() != 2 or beta.shape != (B, EXP_DIM):
             raise ValueError(f"beta: expected shape ({B}, {EXP_DIM}) (3DMM expression), got "
                              f"{tuple(beta.shape)}")
-        lam, cond = self.condition(beta, lam_scale, update_stats=update_ema)
-        planes = self.generator(source, cond, update_ema=update_ema)
+        lam, cond, code = self.condition(beta, lam_scale, update_stats=update_ema, with_code=True)
+        planes = self.generator(source, cond, code, update_ema=update_ema)
         out = self.render(planes, camera, source, cond)
         out["planes"] = planes
         if lam is not None:
