@@ -124,7 +124,8 @@ def test_generator_exact_resume(data, clebs_run, tmp_path):
 
 @pytest.mark.parametrize("cond", ["direct", "e2e"])
 def test_cond_modes_step_and_shapes(data, cond, tmp_path):
-    exp = _exp("export3d", Export3D, tmp_path / cond, data, *GEN_TINY, f"model.cond={cond}")
+    exp = _exp("export3d", Export3D, tmp_path / cond, data, *GEN_TINY, f"model.cond={cond}",
+               "model.w_roi_raw=1")
     m = Export3D(exp.model_config)
     B = 2
     cam = torch.tensor([1., 0, 0, 0, 0, -1, 0, 0, 0, 0, -1, 2.7, 0, 0, 0, 1,
@@ -133,7 +134,7 @@ def test_cond_modes_step_and_shapes(data, cond, tmp_path):
              "coeffs": torch.randn(B, 257), "camera": cam, "landmarks": torch.rand(B, 68, 2) * 32}
     out = m.step("G", {"source": frame, "driving": frame}, StepContext(0, 0, B))
     out["loss"].backward()
-    assert {"l1", "l1_raw", "perceptual", "roi", "density"} <= set(out)
+    assert {"l1", "l1_raw", "perceptual", "roi", "roi_raw", "density"} <= set(out)
     assert m.generator.to_planes.weight.grad is not None
     assert (m.cond.expr is None) == (cond == "direct")
     if cond == "e2e":     # trained end to end: the basis gets gradients

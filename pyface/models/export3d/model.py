@@ -91,6 +91,8 @@ class Export3DConfig:
         lr, betas: Adam of the generator.
         w_l1, w_l1_raw, w_perceptual, w_roi, w_density: loss weights; density every
             ``density_every`` steps (scaled by it).
+        w_roi_raw: weight of the mouth and eye RoI L1 on the raw image against the driving
+            frame at the raw resolution (the boxes scaled to it; [D], 0: off).
         vgg_weights: torchvision VGG19 file for the perceptual loss; None: an image-pyramid L1
             replaces it (a warning says so once).
         w_mask: weight of the silhouette loss L1(raw opacity, driving face mask resized to the
@@ -147,6 +149,7 @@ class Export3DConfig:
     w_perceptual: float = 1.0
     vgg_weights: str | None = None
     w_roi: float = 1.0
+    w_roi_raw: float = 0.0
     w_density: float = 0.25
     density_every: int = 4
     w_mask: float = 0.0
@@ -609,6 +612,13 @@ class Export3D(TrainableModel):
                               output_size=max(4, R // 8))
             loss = loss + cfg.w_roi * roi
             logs["roi"] = roi.detach()
+        if cfg.w_roi_raw and "landmarks" in batch["driving"]:
+            r = raw.shape[-1]
+            boxes = {k: b * (r / R) for k, b in
+                     landmark_boxes(batch["driving"]["landmarks"], R).items()}
+            roi_raw = roi_l1_loss(raw, tgt_raw, boxes, output_size=max(4, r // 4))
+            loss = loss + cfg.w_roi_raw * roi_raw
+            logs["roi_raw"] = roi_raw.detach()
         if cfg.w_mask and "mask" in batch["driving"]:
             mask = batch["driving"]["mask"].float()
             mask = mask / 255 if batch["driving"]["mask"].dtype == torch.uint8 else mask
