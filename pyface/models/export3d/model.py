@@ -311,14 +311,15 @@ class Export3D(TrainableModel):
         # 2-core CPU: 64^2 output, raw 16^2, tri-plane 3x16x32^2, 12+12 samples, 2 blocks of 64;
         # the source reaches the SR at 16^2 and 64^2 and is the raw render's background, and the
         # training pairs get a joint colour augmentation; a silhouette loss makes the volume hold
-        # the head (docs/models/export3d.md, "Generator at tiny")
+        # the head (docs/models/export3d.md, "Generator at tiny"); 10 expression tri-plane
+        # directions give the expression a spatial path ("A spatial path for the expression")
         "tiny": {"model": {"resolution": 64, "stem_widths": [8, 32, 64], "vit_dim": 64,
                            "vit_depth": 2, "vit_heads": 2, "cond_dim": 64, "ups": 2,
                            "up_widths": [48, 32], "plane_channels": 16, "n": 10, "code_dim": 64,
                            "decoder_hidden": 32, "decoder_features": 16,
                            "depth_samples": 12, "importance_samples": 12,
                            "sr_widths": [24, 16, 8], "lr": 1e-3, "betas": [0.9, 0.99],
-                           "cond_norm": True,
+                           "cond_norm": True, "expr_planes": 10,
                            "ema_momentum": 0.99, "blur_sigma": 0.5, "sr_source": True,
                            "sr_guide": True, "sr_cond": True, "raw_background": True,
                            "augment": 0.2, "render_chunk_points": 8192,
