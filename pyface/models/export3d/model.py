@@ -13,7 +13,8 @@ basis-scaling encoder trained end to end without contrast; ``direct``: the raw 3
 driving camera, raw render (B, 3 + F, H/4, H/4) -> :class:`pyface.nn.vit.PlainSuperResolution`
 -> image (B, 3, H, W).
 
-Options that are ours, not the paper's (on in ``tiny``): the source as the raw render's background
+Options that are ours, not the paper's (on in ``tiny``): learned expression tri-plane directions
+(``expr_planes``), the source as the raw render's background
 (``raw_background``) and as inputs of the super-resolution at H/4 (``sr_source``) and H
 (``sr_guide``), a joint colour augmentation of the training pair (``augment``) and a silhouette
 loss on the raw opacity (``w_mask``). Training (``full``): L1 on image and raw image, perceptual,
