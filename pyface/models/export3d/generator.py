@@ -55,6 +55,9 @@ class GeneratorConfig:
             unit variance) and E's gradient is the planes' gradient weighted by w(e): a spatial
             path from the expression to the volume that does not pass the ViT's per-channel
             EAdaLN modulation (docs/models/export3d.md, "A spatial path for the expression").
+            E is linear in e, so e must keep its training scale on new identities: true for
+            ``cond=clebs`` and ``direct``, not for ``e2e`` (measured: 14x larger on held-out
+            identities, and the output breaks).
         expr_dim: width of e (with ``expr_planes``).
     """
 
