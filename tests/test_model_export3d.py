@@ -124,7 +124,8 @@ def test_generator_exact_resume(data, clebs_run, tmp_path):
 
 @pytest.mark.parametrize("cond", ["direct", "e2e"])
 def test_cond_modes_step_and_shapes(data, cond, tmp_path):
-    exp = _exp("export3d", Export3D, tmp_path / cond, data, *GEN_TINY, f"model.cond={cond}")
+    exp = _exp("export3d", Export3D, tmp_path / cond, data, *GEN_TINY, f"model.cond={cond}",
+               "model.w_roi_raw=1")
     m = Export3D(exp.model_config)
     B = 2
     cam = torch.tensor([1., 0, 0, 0, 0, -1, 0, 0, 0, 0, -1, 2.7, 0, 0, 0, 1,
@@ -133,7 +134,7 @@ def test_cond_modes_step_and_shapes(data, cond, tmp_path):
              "coeffs": torch.randn(B, 257), "camera": cam, "landmarks": torch.rand(B, 68, 2) * 32}
     out = m.step("G", {"source": frame, "driving": frame}, StepContext(0, 0, B))
     out["loss"].backward()
-    assert {"l1", "l1_raw", "perceptual", "roi", "density"} <= set(out)
+    assert {"l1", "l1_raw", "perceptual", "roi", "roi_raw", "density"} <= set(out)
     assert m.generator.to_planes.weight.grad is not None
     assert (m.cond.expr is None) == (cond == "direct")
     if cond == "e2e":     # trained end to end: the basis gets gradients
@@ -434,3 +435,58 @@ def test_ema_moments_mix_two_equal_batches_exactly():
         ema_moments_(mean, spread, b.mean(0), spread_of(b), 0.5, first=False)
         torch.testing.assert_close(mean, both.mean(0))
         torch.testing.assert_close(spread, want)
+
+
+def test_expression_planes_start_at_zero_are_linear_in_the_code_and_train():
+    from pyface.models.export3d.generator import GeneratorConfig, TriplaneGenerator
+
+    torch.manual_seed(0)
+    kw = dict(resolution=16, stem_widths=[4, 8], dim=8, depth=1, heads=2, cond_dim=4, ups=1,
+              up_widths=[8], plane_channels=2, blur_sigma=0, ema_momentum=1)
+    g = TriplaneGenerator(GeneratorConfig(**kw, expr_planes=3, expr_dim=5))
+    plain = TriplaneGenerator(GeneratorConfig(**kw))
+    plain.load_state_dict({k: v for k, v in g.state_dict().items()
+                           if not k.startswith("expr_")})
+    img, c = torch.rand(2, 3, 16, 16) * 2 - 1, torch.randn(2, 4)
+    e1, e2 = torch.randn(2, 5), torch.randn(2, 5)
+    # E starts at zero: the planes equal the generator's without the directions, for any code
+    torch.testing.assert_close(g(img, c, e1), plain(img, c))
+    # W is orthogonal: its rows are orthonormal (a white code gives w of unit variance)
+    W = g.expr_weights.weight
+    torch.testing.assert_close(W @ W.T, torch.eye(3), atol=1e-5, rtol=0)
+    # the basis gets the planes' gradient weighted by w(e), and the planes then depend on e
+    # linearly: T(e1) - T(e2) = sum_k (w_k(e1) - w_k(e2)) E_k, the same for every source
+    (g(img, c, e1) ** 2).sum().backward()
+    assert g.expr_basis.grad.abs().sum() > 0
+    with torch.no_grad():
+        g.expr_basis.normal_()
+        d = g(img, c, e1) - g(img, c, e2)
+        want = torch.einsum("bk,kchw->bchw", (e1 - e2) @ W.T, g.expr_basis).reshape(d.shape)
+        torch.testing.assert_close(d, want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"expr: expected shape \(2, 5\) with expr_planes"):
+        g(img, c)
+    with pytest.raises(ValueError, match="expr_planes: expected >= 0"):
+        TriplaneGenerator(GeneratorConfig(**kw, expr_planes=-1))
+
+
+def test_expression_planes_in_the_model_and_pipeline(data, clebs_run, tmp_path):
+    import os
+
+    run = tmp_path / "ep"
+    Trainer(_exp("export3d", Export3D, run, data, *GEN_TINY, "train.steps=2",
+                 f"model.clebs_checkpoint={clebs_run}", "model.expr_planes=2",
+                 "model.cond_norm=true")).fit()
+    pipe = pyface.models.load("export3d", str(run), device="cpu")
+    m = pipe.model
+    assert m.generator.expr_basis.shape == (2, 3 * 4, 16, 16)
+    assert m.generator.expr_weights.weight.shape == (2, m.cond.code_dim)
+    assert m.generator.expr_basis.abs().sum() > 0            # trained (two steps)
+    video = os.path.join(data, sorted(v for v in os.listdir(data) if v.startswith("id"))[0])
+    source = read_source(video, pipe.resolution)
+    driving = read_driving(video, pipe.resolution)
+    driving = {k: v[:3] if isinstance(v, torch.Tensor) else v for k, v in driving.items()}
+    state, motion = pipe.encode_source(source), pipe.encode_driving(driving)
+    # generate (cached source features) == the model's forward, expression planes included
+    direct = m(pipe.prepare(source, batched=False)["image"][None].expand(3, -1, -1, -1),
+               motion["beta"], motion["camera"])["image"].clamp(-1, 1)
+    torch.testing.assert_close(pipe.generate(state, motion), direct, atol=1e-5, rtol=0)

@@ -11,6 +11,7 @@ written with the expression-identity leak (``pyface data synth --split test --ex
     python tools/export3d_checks.py step-memory RUN1 [--set KEY=VALUE ...] [--json OUT]
     python tools/export3d_checks.py code-stats RUN1 --data DIR [--json OUT]
     python tools/export3d_checks.py leak RUN --data DIR [--no-ema] [--json OUT]
+    python tools/export3d_checks.py mouth-oracle --data DIR [--json OUT]
 
 ``clebs``: same-video retrieval top-1 (image -> expression, N-frame clips of held-out videos;
 chance 1/N); a ridge identity probe trained on each identity's first video and tested on its
@@ -57,6 +58,13 @@ driving coefficients as stored (the driving identity's leak) - output with the s
 expression plus the source identity's leak|, and mean |output with the driving expression -
 output with the source frame's expression| (both with the source identity's leak; images in
 [-1, 1]), at the driving camera.
+
+``mouth-oracle``: how visible the expression is in the mouth box of ``mouth``'s pairs (a
+synthetic split written by ``pyface data synth``): each driving frame is rendered again by the
+synthetic generator with the source frame's true expression (its own identity, texture, pose,
+lighting and background), and the mouth box of that is compared with the driving frame's: the
+PSNR a perfect model would reach with the source's expression. The same re-render with the
+driving frame's own expression checks that the render reproduces the stored frame.
 
 ``render-memory``: peak memory and time of one forward + backward of Export3D's raw render
 (``full`` sizes: tri-plane 3 x 32 x 256^2, OSGDecoder 32-64-33, corrected axes) at
@@ -294,6 +302,48 @@ def mouth_check(run: str, data: str, threshold: float = 0.2, ema: bool = True) -
 
 
 @torch.no_grad()
+def mouth_oracle(data: str, threshold: float = 0.2) -> dict:
+    from pyface.data.synthetic import sample_identity
+    from pyface.face import MorphableModel
+    from pyface.nn.roi import roi_align
+
+    model = MorphableModel.builtin()
+    ds = FrameDataset(data, None)
+    jaw = EXP_NAMES.index("jaw_open")
+    rows = []
+    for v, rec in enumerate(ds.videos):
+        meta = json.load(open(os.path.join(data, rec.name, "meta.json")))
+        leak = float(meta.get("exp_leak", 0.0))
+        c = np.asarray(ds.coeffs[v], np.float32)
+        true = _true_exp(c, leak)
+        frames = np.nonzero(np.abs(true[:, jaw] - true[0, jaw]) > threshold)[0]
+        if not len(frames):
+            continue
+        ident = int(meta["identity"][len(meta.get("split", "train")):])
+        R = ds.frame(v, 0)["image"].shape[-1]
+        _, _, bg = sample_identity(model, int(meta.get("seed", 0)), ident, R,
+                                   meta.get("split", "train"))
+        bg = torch.from_numpy(bg)[None]
+        for f in frames:
+            d = ds.frame(v, int(f))
+            tgt = d["image"].float()[None] / 127.5 - 1
+            co = torch.from_numpy(c[[f, f]]).clone()
+            co[:, 80:144] = torch.from_numpy(true[[f, 0]])     # own / the source's expression
+            img = model.render(co, R, background=bg.expand(2, -1, -1, -1)).image
+            img = (img.clamp(0, 1) * 255 + 0.5).floor() / 127.5 - 1
+            box = landmark_boxes(d["landmarks"][None].float(), R)["mouth"]
+            rois = torch.cat([torch.zeros(1, 1), box], 1)
+            t = roi_align(tgt, rois, 16)
+            rows.append((_psnr(roi_align(img[:1], rois, 16), t),
+                         _psnr(roi_align(img[1:], rois, 16), t)))
+    g = np.array(rows)
+    return {"pairs": len(g), "rerender_own_expression_psnr": float(g[:, 0].mean()),
+            "source_expression_psnr": float(g[:, 1].mean()),
+            "source_expression_psnr_median": float(np.median(g[:, 1])),
+            "jaw_threshold": threshold}
+
+
+@torch.no_grad()
 def diagnose(run: str, data: str, pairs: int = 64, ema: bool = True) -> dict:
     import torch.nn.functional as F
 
@@ -349,7 +399,8 @@ def sensitivity(run: str, data: str, ema: bool = True) -> dict:
     EMA tri-plane T_EMA and of the condition c, and the mean |difference| of c, T, the raw image
     and the image between the driving and the source expression (images in [-1, 1]); the
     gradient norm of L1(image, driving frame) on the EAdaLN modulations, the super-resolution's
-    modulation, the condition MLP and all parameters."""
+    modulation, the condition MLP, the expression tri-plane directions (``expr_planes``) and all
+    parameters."""
     import pyface.models
 
     pipe = pyface.models.load("export3d", run, device="cpu", ema=ema)
@@ -371,7 +422,7 @@ def sensitivity(run: str, data: str, ema: bool = True) -> dict:
     # gradient norms of L1(image, driving frame) per parameter group (expression paths vs all)
     m.zero_grad(set_to_none=True)
     (m(S, b_d, cam)["image"] - D).abs().mean().backward()
-    groups = {"eadaln": [], "sr_modulation": [], "cond_mlp": [], "all": []}
+    groups = {"eadaln": [], "sr_modulation": [], "cond_mlp": [], "expr_planes": [], "all": []}
     for name, p in m.named_parameters():
         if p.grad is None:
             continue
@@ -383,6 +434,8 @@ def sensitivity(run: str, data: str, ema: bool = True) -> dict:
             groups["sr_modulation"].append(g)
         elif name.startswith("cond.mlp"):
             groups["cond_mlp"].append(g)
+        elif name.startswith("generator.expr_"):
+            groups["expr_planes"].append(g)
     grad = {k: float(np.sqrt(sum(v))) for k, v in groups.items()}
     m.zero_grad(set_to_none=True)
     with torch.no_grad():
@@ -541,8 +594,8 @@ def render_memory(resolution: int = 128, samples: int = 48, device: str = "cpu")
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("check", choices=["clebs", "mouth", "diagnose", "render-memory",
-                                     "lda-oracle", "sensitivity", "clip-stats",
+    p.add_argument("check", choices=["clebs", "mouth", "mouth-oracle", "diagnose",
+                                     "render-memory", "lda-oracle", "sensitivity", "clip-stats",
                                      "step-memory", "code-stats", "leak"])
     p.add_argument("run", nargs="?")
     p.add_argument("--data")
@@ -567,6 +620,10 @@ def main(argv=None):
         if not a.data:
             p.error("clip-stats: --data is required")
         res = clip_stats(a.data, a.frames, a.min_gap)
+    elif a.check == "mouth-oracle":
+        if not a.data:
+            p.error("mouth-oracle: --data is required")
+        res = mouth_oracle(a.data)
     elif a.check == "step-memory":
         if not a.run:
             p.error("step-memory: RUN1 (the stage-1 run) is required")

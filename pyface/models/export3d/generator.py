@@ -13,7 +13,10 @@ source image (B, 3, H, W) in [-1, 1] ‖ pixel coordinates (B, 2, H, W)
 -> :class:`pyface.nn.MiTStack` (``depth`` blocks, every LayerNorm adaptive on the expression
    condition: EAdaLN)
 -> ``ups`` x [3x3 conv, PixelShuffle(2), + 1x1 projection of the stem map of that size]
--> 3x3 conv to 3 * C channels -> Gaussian low-pass (``blur_sigma`` pixels)
+-> 3x3 conv to 3 * C channels (+ optionally ``expr_planes`` learned tri-plane directions
+   weighted by a linear map of the expression code: ``sum_k w_k(e) E_k``, E (k, 3 * C, P, P)
+   zero-initialised; [D], see :class:`GeneratorConfig`) -> Gaussian low-pass (``blur_sigma``
+   pixels)
 -> G (B, 3, C, P, P), P = h * 2^ups; the tri-plane is ``T = G + T_EMA``, the online EMA
    tri-plane, updated in training as ``T_EMA <- m T_EMA + (1 - m) mean_B(G)`` (detached).
 """
@@ -44,6 +47,18 @@ class GeneratorConfig:
         plane_channels: C.
         blur_sigma: Gaussian low-pass std in plane pixels (0: off).
         ema_momentum: T_EMA <- m T_EMA + (1 - m) mean_B(G) in training (1: off).
+        expr_planes: k learned tri-plane directions E (k, 3 * C, P, P) added to the generated
+            planes as ``sum_k w_k(e) E_k`` with ``w = W e`` (B, k), e (B, expr_dim) the
+            standardised expression code (the condition MLP's input), before the low-pass ([D],
+            not in the paper; 0: off). E starts at zero (the initial planes do not depend on
+            it), W is orthogonal (the rows orthonormal, so a unit-variance code gives w about
+            unit variance) and E's gradient is the planes' gradient weighted by w(e): a spatial
+            path from the expression to the volume that does not pass the ViT's per-channel
+            EAdaLN modulation (docs/models/export3d.md, "A spatial path for the expression").
+            E is linear in e, so e must keep its training scale on new identities: true for
+            ``cond=clebs`` and ``direct``, not for ``e2e`` (measured: 14x larger on held-out
+            identities, and the output breaks).
+        expr_dim: width of e (with ``expr_planes``).
     """
 
     resolution: int = 512
@@ -57,6 +72,8 @@ class GeneratorConfig:
     plane_channels: int = 32
     blur_sigma: float = 1.0
     ema_momentum: float = 0.999
+    expr_planes: int = 0
+    expr_dim: int = 64
 
     @property
     def token_resolution(self) -> int:
@@ -89,7 +106,8 @@ class TriplaneGenerator(nn.Module):
     """``encode(image) -> features`` (the expression-free part, cacheable per source) and
     ``decode(features, cond) -> planes (B, 3, C, P, P)``; ``forward(image, cond)`` both.
 
-    image: (B, 3, H, W) in [-1, 1]; cond: (B, cond_dim).
+    image: (B, 3, H, W) in [-1, 1]; cond: (B, cond_dim); expr: (B, expr_dim) with
+    ``expr_planes``.
     """
 
     def __init__(self, cfg: GeneratorConfig):
@@ -127,6 +145,14 @@ class TriplaneGenerator(nn.Module):
             cin = w
         self.to_planes = nn.Conv2d(cin, 3 * c.plane_channels, 3, padding=1)
         P = c.plane_resolution
+        if c.expr_planes < 0:
+            raise ValueError(f"expr_planes: expected >= 0, got {c.expr_planes}")
+        self.expr_weights = self.expr_basis = None
+        if c.expr_planes:
+            self.expr_weights = nn.Linear(c.expr_dim, c.expr_planes, bias=False)
+            nn.init.orthogonal_(self.expr_weights.weight)
+            self.expr_basis = nn.Parameter(torch.zeros(c.expr_planes, 3 * c.plane_channels,
+                                                       P, P))
         self.register_buffer("planes_ema", torch.zeros(1, 3, c.plane_channels, P, P))
 
     def encode(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -146,16 +172,21 @@ class TriplaneGenerator(nn.Module):
         tokens = self.patch_norm(t.flatten(2).transpose(1, 2))
         return {"tokens": tokens, "stem": stem}
 
-    def decode(self, feats: dict, cond: torch.Tensor, *, update_ema: bool = False) -> torch.Tensor:
+    def decode(self, feats: dict, cond: torch.Tensor, expr: torch.Tensor | None = None, *,
+               update_ema: bool = False) -> torch.Tensor:
         """feats from :meth:`encode` (batch B, or 1 broadcast to cond's batch), cond
-        (B, cond_dim) -> planes (B, 3, C, P, P) including T_EMA. ``update_ema``: update T_EMA
-        with this batch's mean (training)."""
+        (B, cond_dim), expr (B, expr_dim) the expression code (required with ``expr_planes``)
+        -> planes (B, 3, C, P, P) including T_EMA. ``update_ema``: update T_EMA with this
+        batch's mean (training)."""
         c = self.cfg
         h = c.token_resolution
         tokens, stem = feats["tokens"], feats["stem"]
         if cond.dim() != 2 or cond.shape[1] != c.cond_dim:
             raise ValueError(f"cond: expected shape (B, {c.cond_dim}), got {tuple(cond.shape)}")
         B = cond.shape[0]
+        if self.expr_basis is not None and (expr is None or expr.shape != (B, c.expr_dim)):
+            raise ValueError(f"expr: expected shape ({B}, {c.expr_dim}) with expr_planes, got "
+                             f"{None if expr is None else tuple(expr.shape)}")
         if tokens.shape[0] != B:
             if tokens.shape[0] != 1:
                 raise ValueError(f"cond: batch {B} does not match the source features' batch "
@@ -169,7 +200,11 @@ class TriplaneGenerator(nn.Module):
             x = F.leaky_relu(F.pixel_shuffle(up(x), 2), 0.2, inplace=True)
             if str(j) in self.skips:
                 x = x + self.skips[str(j)](by_res[x.shape[-1]])
-        x = blur(self.to_planes(x), c.blur_sigma)
+        x = self.to_planes(x)
+        if self.expr_basis is not None:
+            w = self.expr_weights(expr.to(x.dtype))                     # (B, k)
+            x = x + torch.einsum("bk,kchw->bchw", w, self.expr_basis.to(x.dtype))
+        x = blur(x, c.blur_sigma)
         P = c.plane_resolution
         gen = x.reshape(B, 3, c.plane_channels, P, P)
         planes = gen + self.planes_ema.to(x.dtype)
@@ -183,6 +218,6 @@ class TriplaneGenerator(nn.Module):
                                              alpha=1 - m)
         return planes
 
-    def forward(self, image: torch.Tensor, cond: torch.Tensor, *,
-                update_ema: bool = False) -> torch.Tensor:
-        return self.decode(self.encode(image), cond, update_ema=update_ema)
+    def forward(self, image: torch.Tensor, cond: torch.Tensor,
+                expr: torch.Tensor | None = None, *, update_ema: bool = False) -> torch.Tensor:
+        return self.decode(self.encode(image), cond, expr, update_ema=update_ema)

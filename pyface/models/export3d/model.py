@@ -13,7 +13,8 @@ basis-scaling encoder trained end to end without contrast; ``direct``: the raw 3
 driving camera, raw render (B, 3 + F, H/4, H/4) -> :class:`pyface.nn.vit.PlainSuperResolution`
 -> image (B, 3, H, W).
 
-Options that are ours, not the paper's (on in ``tiny``): the source as the raw render's background
+Options that are ours, not the paper's (on in ``tiny``): learned expression tri-plane directions
+(``expr_planes``), the source as the raw render's background
 (``raw_background``) and as inputs of the super-resolution at H/4 (``sr_source``) and H
 (``sr_guide``), a joint colour augmentation of the training pair (``augment``) and a silhouette
 loss on the raw opacity (``w_mask``). Training (``full``): L1 on image and raw image, perceptual,
@@ -62,7 +63,7 @@ class Export3DConfig:
             running statistics of the training batches (:class:`Conditioner`; [D], default off
             so that older checkpoints load; on in every preset).
         stem_widths, vit_dim, vit_depth, vit_heads, ups, up_widths, plane_channels,
-        blur_sigma, ema_momentum: see :class:`GeneratorConfig`.
+        blur_sigma, ema_momentum, expr_planes: see :class:`GeneratorConfig`.
         decoder_hidden, decoder_features: OSGDecoder widths (the first 3 features are RGB).
         depth_samples, importance_samples, ray_start, ray_end, box_warp: the renderer.
         render_chunk_points: samples per chunk of the fused renderer's recomputing backward
@@ -91,6 +92,8 @@ class Export3DConfig:
         lr, betas: Adam of the generator.
         w_l1, w_l1_raw, w_perceptual, w_roi, w_density: loss weights; density every
             ``density_every`` steps (scaled by it).
+        w_roi_raw: weight of the mouth and eye RoI L1 on the raw image against the driving
+            frame at the raw resolution (the boxes scaled to it; [D], 0: off).
         vgg_weights: torchvision VGG19 file for the perceptual loss; None: an image-pyramid L1
             replaces it (a warning says so once).
         w_mask: weight of the silhouette loss L1(raw opacity, driving face mask resized to the
@@ -125,6 +128,7 @@ class Export3DConfig:
     plane_channels: int = 32
     blur_sigma: float = 1.0
     ema_momentum: float = 0.999
+    expr_planes: int = 0
     decoder_hidden: int = 64
     decoder_features: int = 32
     depth_samples: int = 48
@@ -146,6 +150,7 @@ class Export3DConfig:
     w_perceptual: float = 1.0
     vgg_weights: str | None = None
     w_roi: float = 1.0
+    w_roi_raw: float = 0.0
     w_density: float = 0.25
     density_every: int = 4
     w_mask: float = 0.0
@@ -211,10 +216,16 @@ class Conditioner(nn.Module):
         var = self.code_var
         return (x - self.code_mean) * torch.rsqrt(var + 1e-3 * var.mean() + 1e-12)
 
-    def from_code(self, beta: torch.Tensor | None, lam: torch.Tensor | None, *,
-                  update_stats: bool = False) -> torch.Tensor:
-        """The condition from beta (direct) or lambda (e2e, clebs). ``update_stats``: update the
-        running statistics of ``normalize`` with this batch first (training)."""
+    @property
+    def code_dim(self) -> int:
+        """Width of the code the MLP reads (64 for direct, the basis width d otherwise)."""
+        return EXP_DIM if self.expr is None else self.expr.dim
+
+    def code(self, beta: torch.Tensor | None, lam: torch.Tensor | None, *,
+             update_stats: bool = False) -> torch.Tensor:
+        """The MLP's input (B, code_dim): beta (direct) or beta' from lambda (e2e, clebs),
+        standardised with ``normalize``. ``update_stats``: update the running statistics of
+        ``normalize`` with this batch first (training)."""
         if self.expr is None:
             code = beta.float()
             if self.normalize:
@@ -223,7 +234,13 @@ class Conditioner(nn.Module):
             if self.normalize:
                 lam = self._standardise(lam, update_stats)
             code = self.expr.combine(lam)
-        return self.mlp(code)
+        return code
+
+    def from_code(self, beta: torch.Tensor | None, lam: torch.Tensor | None, *,
+                  update_stats: bool = False) -> torch.Tensor:
+        """The condition (B, cond_dim) from beta (direct) or lambda (e2e, clebs): the MLP of
+        :meth:`code`."""
+        return self.mlp(self.code(beta, lam, update_stats=update_stats))
 
     def forward(self, beta: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         lam = self.coefficients(beta)
@@ -295,14 +312,15 @@ class Export3D(TrainableModel):
         # 2-core CPU: 64^2 output, raw 16^2, tri-plane 3x16x32^2, 12+12 samples, 2 blocks of 64;
         # the source reaches the SR at 16^2 and 64^2 and is the raw render's background, and the
         # training pairs get a joint colour augmentation; a silhouette loss makes the volume hold
-        # the head (docs/models/export3d.md, "Generator at tiny")
+        # the head (docs/models/export3d.md, "Generator at tiny"); 10 expression tri-plane
+        # directions give the expression a spatial path ("A spatial path for the expression")
         "tiny": {"model": {"resolution": 64, "stem_widths": [8, 32, 64], "vit_dim": 64,
                            "vit_depth": 2, "vit_heads": 2, "cond_dim": 64, "ups": 2,
                            "up_widths": [48, 32], "plane_channels": 16, "n": 10, "code_dim": 64,
                            "decoder_hidden": 32, "decoder_features": 16,
                            "depth_samples": 12, "importance_samples": 12,
                            "sr_widths": [24, 16, 8], "lr": 1e-3, "betas": [0.9, 0.99],
-                           "cond_norm": True,
+                           "cond_norm": True, "expr_planes": 10,
                            "ema_momentum": 0.99, "blur_sigma": 0.5, "sr_source": True,
                            "sr_guide": True, "sr_cond": True, "raw_background": True,
                            "augment": 0.2, "render_chunk_points": 8192,
@@ -368,7 +386,8 @@ class Export3D(TrainableModel):
             resolution=cfg.resolution, stem_widths=list(cfg.stem_widths), dim=cfg.vit_dim,
             depth=cfg.vit_depth, heads=cfg.vit_heads, cond_dim=cfg.cond_dim, ups=cfg.ups,
             up_widths=list(cfg.up_widths), plane_channels=cfg.plane_channels,
-            blur_sigma=cfg.blur_sigma, ema_momentum=cfg.ema_momentum))
+            blur_sigma=cfg.blur_sigma, ema_momentum=cfg.ema_momentum,
+            expr_planes=cfg.expr_planes, expr_dim=self.cond.code_dim))
         self.decoder = OSGDecoder(cfg.plane_channels, cfg.decoder_hidden, cfg.decoder_features)
         self.renderer = TriplaneRenderer(RenderConfig.ffhq_corrected_axes(
             depth_resolution=cfg.depth_samples,
@@ -401,10 +420,12 @@ class Export3D(TrainableModel):
 
     # --- forward pieces --------------------------------------------------------------------
     def condition(self, beta: torch.Tensor, lam_scale: torch.Tensor | None = None, *,
-                  update_stats: bool = False):
-        """beta (B, 64) -> (lambda (B, n) or None, cond (B, cond_dim)); ``lam_scale`` (n,) or
-        (B, n) multiplies lambda (e2e / clebs only); ``update_stats``: update the condition's
-        running statistics (``cond_norm``, training)."""
+                  update_stats: bool = False, with_code: bool = False):
+        """beta (B, 64) -> (lambda (B, n) or None, cond (B, cond_dim)), and with ``with_code``
+        also the code (B, code_dim) the MLP read (the generator's ``expr`` input with
+        ``expr_planes``); ``lam_scale`` (n,) or (B, n) multiplies lambda (e2e / clebs only);
+        ``update_stats``: update the condition's running statistics (``cond_norm``,
+        training)."""
         lam = self.cond.coefficients(beta)
         if lam_scale is not None:
             if lam is None:
@@ -415,7 +436,9 @@ class Export3D(TrainableModel):
                 raise ValueError(f"lam_scale: expected shape ({lam.shape[-1]},) or "
                                  f"(B, {lam.shape[-1]}), got {tuple(lam_scale.shape)}")
             lam = lam * lam_scale
-        return lam, self.cond.from_code(beta, lam, update_stats=update_stats)
+        code = self.cond.code(beta, lam, update_stats=update_stats)
+        cond = self.cond.mlp(code)
+        return (lam, cond, code) if with_code else (lam, cond)
 
     def render(self, planes: torch.Tensor, camera: torch.Tensor,
                source: torch.Tensor | None = None,
@@ -472,8 +495,8 @@ class Export3D(TrainableModel):
         if beta.dim() != 2 or beta.shape != (B, EXP_DIM):
             raise ValueError(f"beta: expected shape ({B}, {EXP_DIM}) (3DMM expression), got "
                              f"{tuple(beta.shape)}")
-        lam, cond = self.condition(beta, lam_scale, update_stats=update_ema)
-        planes = self.generator(source, cond, update_ema=update_ema)
+        lam, cond, code = self.condition(beta, lam_scale, update_stats=update_ema, with_code=True)
+        planes = self.generator(source, cond, code, update_ema=update_ema)
         out = self.render(planes, camera, source, cond)
         out["planes"] = planes
         if lam is not None:
@@ -591,6 +614,13 @@ class Export3D(TrainableModel):
                               output_size=max(4, R // 8))
             loss = loss + cfg.w_roi * roi
             logs["roi"] = roi.detach()
+        if cfg.w_roi_raw and "landmarks" in batch["driving"]:
+            r = raw.shape[-1]
+            boxes = {k: b * (r / R) for k, b in
+                     landmark_boxes(batch["driving"]["landmarks"], R).items()}
+            roi_raw = roi_l1_loss(raw, tgt_raw, boxes, output_size=max(4, r // 4))
+            loss = loss + cfg.w_roi_raw * roi_raw
+            logs["roi_raw"] = roi_raw.detach()
         if cfg.w_mask and "mask" in batch["driving"]:
             mask = batch["driving"]["mask"].float()
             mask = mask / 255 if batch["driving"]["mask"].dtype == torch.uint8 else mask

@@ -75,8 +75,8 @@ class Export3DPipeline(Pipeline):
         frames = []
         for t0 in range(0, T, chunk):
             b = beta[t0:t0 + chunk]
-            _, cond = model.condition(b, lam_scale)
-            planes = model.generator.decode(state["features"], cond)
+            _, cond, code = model.condition(b, lam_scale, with_code=True)
+            planes = model.generator.decode(state["features"], cond, code)
             out = model.render(planes, cams[t0:t0 + chunk], state["image"], cond)
             frames.append(out["image"].clamp(-1, 1))
         return torch.cat(frames)
