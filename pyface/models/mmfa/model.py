@@ -324,7 +324,7 @@ class MMFA(TrainableModel):
                            "exp_dim": 32, "exp_hidden": 64, "w_gan": 0.0, "w_fm": 0.0,
                            "source_blend": True, "w_delta": 0.5, "w_exp_landmark": 10.0,
                            "exp_landmark_loss": "mse", "exp_detach": True,
-                           "w_placement": 10.0,
+                           "w_placement": 10.0, "w_equivariance": 20.0,
                            "lr": 1e-3, "betas": [0.5, 0.999]},
                  "data": {"resolution": 64},
                  "train": {"steps": 800, "batch_size": 4, "ckpt_every": 200,
