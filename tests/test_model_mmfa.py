@@ -435,6 +435,9 @@ def test_pipeline_load_controls_and_animate(micro_run, data_root, tmp_path, caps
     same = pipe.generate(state, motion, scale=state["scale"].expand(T),
                          translation=state["translation"].expand(T, 2))
     torch.testing.assert_close(cross, same)
+    # pyface eval's cross protocol runs this mode; the same-identity protocol has no controls
+    assert pipe.protocol_controls("cross") == {"cross_identity": True}
+    assert pipe.protocol_controls("same") == {}
     # overrides change the output; the source's own everything reproduces reconstruct
     moved = pipe.generate(state, motion, angles=(0.0, 25.0, 0.0), scale=1.3,
                           translation=torch.tensor([0.2, 0.0]))
