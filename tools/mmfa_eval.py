@@ -7,9 +7,9 @@ copy-source and the model-specific keypoint, expression and mouth-region checks.
 * same-identity PSNR (whole image and face mask) on the ``moving`` pairs of
   ``pyface.data.reenactment_pairs`` (images in [0, 1] rounded to 8 bits, per-pair PSNR
   averaged), for the model and for copy-source; the same for the cross-identity protocol (the
-  pipeline's ``cross_identity=True``: the source's scale and translation), and, as
-  ``model_eval`` / ``margin_eval``, for ``pyface eval``'s cross protocol (no controls: the
-  driving frame's scale and translation);
+  pipeline's ``cross_identity=True``: the source's scale and translation; what ``pyface eval``
+  runs, :meth:`MMFAPipeline.protocol_controls`), and, as ``model_driving_st`` /
+  ``margin_driving_st``, with no controls (the driving frame's scale and translation);
 * keypoints on the driving frames: equivariance error (mean |x(D) - T(x(T D))| of the posed 2D
   keypoints under a random affine + TPS warp, sigmas of the training config), mean pairwise
   distance of the posed keypoints (collapse check), mean |x_c(S) - x_c(D)| of the canonical
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
         idx = np.linspace(0, len(ds) - 1, n).round().astype(int) if n < len(ds) else range(n)
         rows = {"model": [], "model_face": [], "copy": [], "copy_face": []}
         if protocol == "cross":
-            rows.update(model_eval=[], model_eval_face=[])
+            rows.update(model_driving_st=[], model_driving_st_face=[])
         cache = {}
         for i in idx:
             item = ds[int(i)]
@@ -189,11 +189,11 @@ def main(argv=None) -> int:
                 rows["model_face"].append(psnr(pred, tgt, mask.to(dev)))
                 rows["copy_face"].append(psnr(cpy, tgt, mask.to(dev)))
             if protocol != "same":
-                # pyface eval's cross protocol: generate() without controls
+                # no controls: the driving frame's scale and translation
                 plain = to01(pipe.generate(state, motion)[0])
-                rows["model_eval"].append(psnr(plain, tgt))
+                rows["model_driving_st"].append(psnr(plain, tgt))
                 if mask is not None:
-                    rows["model_eval_face"].append(psnr(plain, tgt, mask.to(dev)))
+                    rows["model_driving_st_face"].append(psnr(plain, tgt, mask.to(dev)))
                 continue
             # keypoint checks on the driving frame (and the source's canonical keypoints)
             img = pipe.prepare(d1, batched=True, name="driving")["image"]
@@ -244,10 +244,10 @@ def main(argv=None) -> int:
         r["margin"] = r["model"] - r["copy"]
         if r["model_face"] is not None:
             r["margin_face"] = r["model_face"] - r["copy_face"]
-        if r.get("model_eval") is not None:
-            r["margin_eval"] = r["model_eval"] - r["copy"]
-            if r.get("model_eval_face") is not None:
-                r["margin_eval_face"] = r["model_eval_face"] - r["copy_face"]
+        if r.get("model_driving_st") is not None:
+            r["margin_driving_st"] = r["model_driving_st"] - r["copy"]
+            if r.get("model_driving_st_face") is not None:
+                r["margin_driving_st_face"] = r["model_driving_st_face"] - r["copy_face"]
     report["keypoints"] = {k: float(np.mean(v)) for k, v in kp_stats.items()}
     report["landmark_error_px"] = {k: float(np.mean(v)) for k, v in lm_err.items() if v}
     report["mouth"] = {"pairs": len(mouth["driving"]),
