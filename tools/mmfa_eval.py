@@ -1,7 +1,7 @@
 """MMFA's held-out checks (docs/models/mmfa.md, "Measured"): reenactment PSNR against
 copy-source and the model-specific keypoint, expression and mouth-region checks.
 
-    python tools/mmfa_eval.py --checkpoint RUN --data HELDOUT [--json OUT.json] [--max-pairs N]
+    python tools/mmfa_eval.py --checkpoint RUN --data HELDOUT [--json OUT.json] [--max-pairs N] [--protocols same,cross]
     python tools/mmfa_eval.py --vae VAE_RUN --data HELDOUT [--json OUT.json]
 
 * same-identity PSNR (whole image and face mask) on the ``moving`` pairs of
@@ -133,6 +133,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-pairs", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--protocols", default="same,cross",
+                    help="comma-separated: same, cross (a folder without cross/: same)")
     args = ap.parse_args(argv)
     if args.vae:
         report = vae_checks(args.vae, args.data, args.device)
@@ -157,7 +159,11 @@ def main(argv=None) -> int:
               for p in ("all", "mouth")}
     part_w = {"all": torch.ones(68, device=dev), "mouth": torch.zeros(68, device=dev)}
     part_w["mouth"][48:68] = 1
-    for protocol in ("same", "cross"):
+    protocols = [p for p in args.protocols.split(",") if p]
+    if not protocols or any(p not in ("same", "cross") for p in protocols):
+        ap.error(f"--protocols: expected a comma-separated subset of same,cross, got "
+                 f"{args.protocols!r}")
+    for protocol in protocols:
         ds = reenactment_pairs(args.data, resolution=R, protocol=protocol, subset="moving")
         n = len(ds) if args.max_pairs is None else min(len(ds), args.max_pairs)
         idx = np.linspace(0, len(ds) - 1, n).round().astype(int) if n < len(ds) else range(n)
