@@ -212,6 +212,30 @@ def test_pipeline_groups_and_batches(root):
     assert np.all(cross.values["psnr"]["image"] < 50)
 
 
+def test_pipeline_protocol_controls_reach_generate(root):
+    """A pipeline's protocol_controls(protocol) are passed to generate and recorded."""
+    class WithControls(CopyDriving):
+        seen = []
+
+        def protocol_controls(self, protocol):
+            return {"cross_identity": True} if protocol == "cross" else {}
+
+        def generate(self, state, motion, **kw):
+            self.seen.append(kw)
+            return motion if not kw else state[None].expand_as(motion)
+
+    pipe = WithControls(48)
+    same = evaluate(pipe, root, protocol="same", max_pairs=4)
+    assert pipe.seen and all(kw == {} for kw in pipe.seen)
+    assert "controls" not in same.to_dict() and np.all(same.values["psnr"]["image"] == 100.0)
+    pipe.seen.clear()
+    cross = evaluate(pipe, root, protocol="cross", max_pairs=4)
+    assert pipe.seen and all(kw == {"cross_identity": True} for kw in pipe.seen)
+    assert cross.to_dict()["controls"] == {"cross_identity": True}
+    copy = evaluate(CopySource(48), root, protocol="cross", max_pairs=4)
+    np.testing.assert_allclose(cross.values["psnr"]["image"], copy.values["psnr"]["image"])
+
+
 def test_bad_pipeline_output(root):
     class Bad(CopySource):
         def generate(self, state, motion, **kw):

@@ -280,6 +280,55 @@ def test_landmark_term_in_the_step_and_without_landmarks(data_root):
         m.step("G", batch, None)
 
 
+def test_placement_from_label_is_the_projected_head_centre():
+    from pyface.face.cameras import FFHQ_FOCAL, deep3d_to_label
+    from pyface.models.mmfa.motion import placement_from_label
+
+    g = torch.Generator().manual_seed(0)
+    angles = (torch.rand(5, 3, generator=g) - 0.5) * 0.6
+    trans = (torch.rand(5, 3, generator=g) - 0.5) * torch.tensor([0.2, 0.2, 1.0])
+    log_s, t = placement_from_label(deep3d_to_label(angles, trans))
+    # the synthetic engine's camera: the head's origin at depth 10 - t_z (Deep3D units) and
+    # focal FFHQ_FOCAL; Deep3D's y points up, the grid's down; rotation does not move the origin
+    depth = 10.0 - trans[:, 2]
+    torch.testing.assert_close(log_s, torch.log(10.0 / depth), atol=1e-5, rtol=0)
+    want = 2 * FFHQ_FOCAL * torch.stack([trans[:, 0], -trans[:, 1]], -1) / depth[:, None]
+    torch.testing.assert_close(t, want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="label"):
+        placement_from_label(torch.zeros(2, 16))
+
+
+def test_placement_term_trains_the_scale_translation_head(data_root):
+    from pyface.data.datasets import PairDataset
+    from pyface.models.mmfa.model import placement_loss
+    from pyface.models.mmfa.motion import placement_from_label
+
+    ds = PairDataset(data_root, resolution=RES)
+    batch = torch.utils.data.default_collate([ds[0], ds[1]])
+    cam = batch["driving"]["camera"].float()
+    log_s, t = placement_from_label(cam)
+    assert float(placement_loss(log_s.exp(), t, cam)) < 1e-5
+    assert abs(float(placement_loss(log_s.exp() * math.exp(0.1), t + 0.2, cam)) - 0.3) < 1e-4
+    with pytest.raises(ValueError, match="translation"):
+        placement_loss(log_s.exp(), t[:, :1], cam)
+    zero = dict(w_rec=0.0, w_landmark=0.0, w_exp_landmark=0.0, w_equivariance=0.0,
+                w_exp_consistency=0.0, w_prior=0.0, w_delta=0.0, w_canonical=0.0, w_gan=0.0,
+                w_fm=0.0)
+    assert "placement" not in micro_model(**zero).step("G", batch, None)   # off by default
+    m = micro_model(w_placement=10.0, **zero)
+    logs = m.step("G", batch, None)
+    assert float(logs["placement"]) > 0
+    logs["loss"].backward()
+    assert m.pose_encoder.fc.weight.grad.abs().sum() > 0          # only this term is on
+    g = m.exp_encoder.first.conv.weight.grad
+    assert g is None or float(g.abs().sum()) == 0
+    for f in ("source", "driving"):
+        batch[f].pop("camera")
+    with pytest.warns(UserWarning, match="placement term is off"):
+        logs = m.step("G", batch, None)
+    assert "placement" not in logs
+
+
 def test_hopenet_rotation_source_is_frozen(tmp_path, data_root):
     from pyface.checkpoint import save_weights
     from pyface.data.datasets import PairDataset
@@ -386,6 +435,9 @@ def test_pipeline_load_controls_and_animate(micro_run, data_root, tmp_path, caps
     same = pipe.generate(state, motion, scale=state["scale"].expand(T),
                          translation=state["translation"].expand(T, 2))
     torch.testing.assert_close(cross, same)
+    # pyface eval's cross protocol runs this mode; the same-identity protocol has no controls
+    assert pipe.protocol_controls("cross") == {"cross_identity": True}
+    assert pipe.protocol_controls("same") == {}
     # overrides change the output; the source's own everything reproduces reconstruct
     moved = pipe.generate(state, motion, angles=(0.0, 25.0, 0.0), scale=1.3,
                           translation=torch.tensor([0.2, 0.0]))

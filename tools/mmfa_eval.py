@@ -1,13 +1,15 @@
 """MMFA's held-out checks (docs/models/mmfa.md, "Measured"): reenactment PSNR against
 copy-source and the model-specific keypoint, expression and mouth-region checks.
 
-    python tools/mmfa_eval.py --checkpoint RUN --data HELDOUT [--json OUT.json] [--max-pairs N]
+    python tools/mmfa_eval.py --checkpoint RUN --data HELDOUT [--json OUT.json] [--max-pairs N] [--protocols same,cross]
     python tools/mmfa_eval.py --vae VAE_RUN --data HELDOUT [--json OUT.json]
 
 * same-identity PSNR (whole image and face mask) on the ``moving`` pairs of
   ``pyface.data.reenactment_pairs`` (images in [0, 1] rounded to 8 bits, per-pair PSNR
   averaged), for the model and for copy-source; the same for the cross-identity protocol (the
-  pipeline's ``cross_identity=True``: the source's scale and translation);
+  pipeline's ``cross_identity=True``: the source's scale and translation; what ``pyface eval``
+  runs, :meth:`MMFAPipeline.protocol_controls`), and, as ``model_driving_st`` /
+  ``margin_driving_st``, with no controls (the driving frame's scale and translation);
 * keypoints on the driving frames: equivariance error (mean |x(D) - T(x(T D))| of the posed 2D
   keypoints under a random affine + TPS warp, sigmas of the training config), mean pairwise
   distance of the posed keypoints (collapse check), mean |x_c(S) - x_c(D)| of the canonical
@@ -131,6 +133,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-pairs", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--protocols", default="same,cross",
+                    help="comma-separated: same, cross (a folder without cross/: same)")
     args = ap.parse_args(argv)
     if args.vae:
         report = vae_checks(args.vae, args.data, args.device)
@@ -155,11 +159,17 @@ def main(argv=None) -> int:
               for p in ("all", "mouth")}
     part_w = {"all": torch.ones(68, device=dev), "mouth": torch.zeros(68, device=dev)}
     part_w["mouth"][48:68] = 1
-    for protocol in ("same", "cross"):
+    protocols = [p for p in args.protocols.split(",") if p]
+    if not protocols or any(p not in ("same", "cross") for p in protocols):
+        ap.error(f"--protocols: expected a comma-separated subset of same,cross, got "
+                 f"{args.protocols!r}")
+    for protocol in protocols:
         ds = reenactment_pairs(args.data, resolution=R, protocol=protocol, subset="moving")
         n = len(ds) if args.max_pairs is None else min(len(ds), args.max_pairs)
         idx = np.linspace(0, len(ds) - 1, n).round().astype(int) if n < len(ds) else range(n)
         rows = {"model": [], "model_face": [], "copy": [], "copy_face": []}
+        if protocol == "cross":
+            rows.update(model_driving_st=[], model_driving_st_face=[])
         cache = {}
         for i in idx:
             item = ds[int(i)]
@@ -185,6 +195,11 @@ def main(argv=None) -> int:
                 rows["model_face"].append(psnr(pred, tgt, mask.to(dev)))
                 rows["copy_face"].append(psnr(cpy, tgt, mask.to(dev)))
             if protocol != "same":
+                # no controls: the driving frame's scale and translation
+                plain = to01(pipe.generate(state, motion)[0])
+                rows["model_driving_st"].append(psnr(plain, tgt))
+                if mask is not None:
+                    rows["model_driving_st_face"].append(psnr(plain, tgt, mask.to(dev)))
                 continue
             # keypoint checks on the driving frame (and the source's canonical keypoints)
             img = pipe.prepare(d1, batched=True, name="driving")["image"]
@@ -235,6 +250,10 @@ def main(argv=None) -> int:
         r["margin"] = r["model"] - r["copy"]
         if r["model_face"] is not None:
             r["margin_face"] = r["model_face"] - r["copy_face"]
+        if r.get("model_driving_st") is not None:
+            r["margin_driving_st"] = r["model_driving_st"] - r["copy"]
+            if r.get("model_driving_st_face") is not None:
+                r["margin_driving_st_face"] = r["model_driving_st_face"] - r["copy_face"]
     report["keypoints"] = {k: float(np.mean(v)) for k, v in kp_stats.items()}
     report["landmark_error_px"] = {k: float(np.mean(v)) for k, v in lm_err.items() if v}
     report["mouth"] = {"pairs": len(mouth["driving"]),

@@ -114,6 +114,7 @@ class EvalResult:
     jitter: dict[str, list] | None = None
     ground_truth: bool = True                # stored landmarks / coefficients are exact
     detector: str | None = None              # the landmark detector's name, if one ran
+    controls: dict = field(default_factory=dict)   # generate() controls (protocol_controls)
 
     @property
     def fps(self) -> float:
@@ -172,6 +173,7 @@ class EvalResult:
                 "memory_peak_mb": (None if self.memory_peak_mb is None
                                    else round(self.memory_peak_mb, 1)),
                 "ground_truth": self.ground_truth, "detector": self.detector,
+                **({"controls": self.controls} if self.controls else {}),
                 **({"jitter": self.jitter_summary()} if self.jitter is not None else {})}
 
 
@@ -401,6 +403,9 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
     res = EvalResult(protocol, subset, resolution, indices, moving, values,
                      set_metrics=set_metrics, ground_truth=bool(ground_truth),
                      detector=None if det is None else getattr(det, "name", type(det).__name__))
+    # the pipeline's own controls for this protocol (e.g. MMFA's cross_identity=True)
+    controls = dict(getattr(pipeline, "protocol_controls", lambda p: {})(pair_protocol) or {})
+    res.controls = controls
     if set_metrics:
         from pyface.eval.fid import FEATURE_DIM
         res.features = {k: np.full((len(indices), FEATURE_DIM), np.nan) for k in ("real", "fake")}
@@ -439,7 +444,7 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
                 driving = to_pipeline_frame(batch["driving"], device)
                 _sync(device)
                 t0 = time.perf_counter()
-                pred = pipeline.generate(state, pipeline.encode_driving(driving))
+                pred = pipeline.generate(state, pipeline.encode_driving(driving), **controls)
                 _sync(device)
                 res.seconds += time.perf_counter() - t0
             n = len(chunk)

@@ -322,6 +322,13 @@ class Pipeline:
             raise ValueError(f"{type(self).__name__}: no output resolution (set the class "
                              f"attribute 'resolution' or give the model a cfg.resolution)")
 
+    def protocol_controls(self, protocol: str) -> dict:
+        """The ``generate`` controls this pipeline's model defines for an evaluation protocol
+        (``"same"``, ``"cross"``; ``pyface eval`` passes them and records them in its JSON as
+        ``controls``). Default: none. A model whose cross-identity reenactment is a mode of its
+        own (MMFA keeps the source's scale and translation) returns it for ``"cross"``."""
+        return {}
+
     # -- input --------------------------------------------------------------------------------
     def prepare(self, frames: dict, *, batched: bool, name: str = "source") -> dict:
         """Checks a frame dict, moves it to ``device``, converts images to float and resizes

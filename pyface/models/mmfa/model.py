@@ -37,7 +37,8 @@ from pyface.nn.motion import DenseMotion, DenseMotionConfig
 from pyface.train.model import Phase, StepContext, TrainableModel
 
 from .pipeline import MMFAPipeline
-from .motion import ExpressionDecoder, ImageEncoder, deep3d_to_keypoint_rotation, pose_keypoints
+from .motion import (ExpressionDecoder, ImageEncoder, deep3d_to_keypoint_rotation,
+                     placement_from_label, pose_keypoints)
 
 ROTATION_SOURCES = ("gt", "none", "hopenet")
 
@@ -77,7 +78,14 @@ class MMFAConfig:
     from the expression-landmark term and the expression consistency, while the decoder,
     keypoints and dense motion learn to use it (the motion losses' gradient through delta
     otherwise keeps f_exp from reading the mouth at ``tiny``; docs/models/mmfa.md); it needs
-    ``w_exp_landmark > 0``.
+    ``w_exp_landmark > 0``. ``w_placement`` the placement term (our deviation, on in ``tiny``;
+    :func:`placement_loss`): the scale / translation head's log s and (t_x, t_y) of source and
+    driving against the head's placement in the frame's camera (:func:`~pyface.models.mmfa.
+    motion.placement_from_label`: the projection of the head's rotation centre and its
+    perspective size), so that s and t carry where the head is and not the face's shape, which
+    then stays in the source's canonical keypoints (another identity's s and t otherwise resize
+    the source's face in cross-identity reenactment); frames without ``camera`` warn once and the
+    term is off.
     """
 
     resolution: int = 256
@@ -135,6 +143,7 @@ class MMFAConfig:
     w_exp_landmark: float = 0.0
     exp_landmark_loss: str = "l1"
     exp_detach: bool = False
+    w_placement: float = 0.0
     sigma_affine: float = 0.05
     sigma_tps: float = 0.005
     # optimisation
@@ -209,6 +218,26 @@ def expression_landmark_loss(pred_source: torch.Tensor, pred_driving: torch.Tens
     if kind == "mse":
         return (err / EXP_LANDMARK_UNIT).square().mean()
     return err.abs().mean()
+
+
+def placement_loss(scale: torch.Tensor, translation: torch.Tensor,
+                   label: torch.Tensor) -> torch.Tensor:
+    """The placement term: the head's predicted scale and translation against its placement in
+    the frame's camera (:func:`~pyface.models.mmfa.motion.placement_from_label`).
+
+    Args:
+        scale: (B,) s, > 0; translation: (B, 2) (t_x, t_y) on the [-1, 1] grid.
+        label: (B, 25) the frames' EG3D camera labels.
+    Returns:
+        () mean |log s - log s*| + mean over x, y of |t - t*| (grid units).
+    """
+    B = scale.shape[0]
+    if scale.shape != (B,) or translation.shape != (B, 2) or label.shape != (B, 25):
+        raise ValueError(f"scale, translation, label: expected shapes ({B},), ({B}, 2), "
+                         f"({B}, 25), got {tuple(scale.shape)}, {tuple(translation.shape)}, "
+                         f"{tuple(label.shape)}")
+    log_s, t = placement_from_label(label.float())
+    return (scale.log() - log_s).abs().mean() + (translation - t).abs().mean()
 
 
 def pixels_to_grid(points: torch.Tensor, size: int) -> torch.Tensor:
@@ -295,6 +324,7 @@ class MMFA(TrainableModel):
                            "exp_dim": 32, "exp_hidden": 64, "w_gan": 0.0, "w_fm": 0.0,
                            "source_blend": True, "w_delta": 0.5, "w_exp_landmark": 10.0,
                            "exp_landmark_loss": "mse", "exp_detach": True,
+                           "w_placement": 10.0, "w_equivariance": 20.0,
                            "lr": 1e-3, "betas": [0.5, 0.999]},
                  "data": {"resolution": 64},
                  "train": {"steps": 800, "batch_size": 4, "ckpt_every": 200,
@@ -389,6 +419,7 @@ class MMFA(TrainableModel):
         self.register_buffer("_lm_weights", landmark_point_weights(cfg.landmark_weights),
                              persistent=False)
         self._lm_warned = False
+        self._cam_warned = False
         self._fake = None
 
     # --- generator-side modules ---------------------------------------------------------
@@ -592,6 +623,12 @@ class MMFA(TrainableModel):
             logs["gan_g"], logs["feature_matching"] = g.detach(), fm.detach()
             loss = loss + c.w_gan * g + c.w_fm * fm
             self._fake = final.detach()
+        if c.w_placement > 0:
+            cams = self._cameras(batch)
+            if cams is not None:
+                pl = placement_loss(mo["scale"][:2 * B], mo["translation"][:2 * B], cams)
+                logs["placement"] = pl.detach()
+                loss = loss + c.w_placement * pl
         canon = (kc_d - kc).abs().mean()
         logs["canonical_l1"] = canon.detach()
         loss = loss + c.w_canonical * canon
@@ -632,6 +669,22 @@ class MMFA(TrainableModel):
                 return None
             lms.append(lm.float())
         return lms
+
+    def _cameras(self, batch: dict):
+        """The cameras (2B, 25) of source then driving, or None (warned once) when a frame lacks
+        them."""
+        cams = []
+        for name in ("source", "driving"):
+            cam = batch[name].get("camera")
+            if cam is None or cam.dim() != 2 or cam.shape[1] != 25:
+                if not self._cam_warned:
+                    got = None if cam is None else tuple(cam.shape)
+                    warnings.warn(f"MMFA: model.w_placement > 0 but batch['{name}']['camera'] is "
+                                  f"{got}, expected (B, 25); the placement term is off")
+                    self._cam_warned = True
+                return None
+            cams.append(cam)
+        return torch.cat(cams)
 
     def _step_d(self, batch: dict) -> dict[str, torch.Tensor]:
         R = self.cfg.resolution

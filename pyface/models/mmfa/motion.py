@@ -13,6 +13,8 @@ specification (docs/models/mmfa.md); the code is our own.
 * :class:`ExpressionDecoder`: ``(f_exp, x_c)`` -> per-keypoint deformations ``delta``.
 * :func:`pose_keypoints`: ``x = s R (x_c + delta) + (t_x, t_y, 0)`` through
   :func:`pyface.nn.motion.transform_keypoints` (scaled, orthographic).
+* :func:`placement_from_label`: the head's image placement (log scale, translation) from a
+  frame's camera label, the target of the placement term.
 """
 from __future__ import annotations
 
@@ -22,13 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyface.face.cameras import FFHQ_RADIUS, project_label
 from pyface.face.cameras import euler_to_rotation as deep3d_rotation
 from pyface.nn.fv2v import DownBlock2d, ResBlock2d, SameBlock2d
 from pyface.nn.motion import KeypointTransformConfig, euler_to_rotation, transform_keypoints
 
 __all__ = ["FLIP", "deep3d_to_keypoint_rotation", "deep3d_to_keypoint_degrees",
            "keypoint_rotation_from_degrees", "ImageEncoder", "ExpressionDecoder",
-           "pose_keypoints", "SCALED_ORTHOGRAPHIC"]
+           "pose_keypoints", "placement_from_label", "SCALED_ORTHOGRAPHIC"]
 
 #: Deep3D camera frame (y up, z towards the camera) -> keypoint grid frame (y down, z away from
 #: the camera): a 180 degree rotation about x, its own inverse.
@@ -154,3 +157,27 @@ def pose_keypoints(kp_canonical: torch.Tensor, rotation: torch.Tensor, scale: to
     t3 = F.pad(translation, (0, 1))
     return transform_keypoints(kp_canonical, rotation, t3, delta, scale=scale,
                                config=SCALED_ORTHOGRAPHIC)
+
+
+def placement_from_label(label: torch.Tensor,
+                         reference_depth: float = FFHQ_RADIUS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's placement in the image from the frame's camera: where the head's origin (the
+    centre of its rotation, the world origin of the rendered head) projects, and how large the
+    head appears.
+
+    Args:
+        label: (B, 25) EG3D camera label of the frame (``camera``; the synthetic engine's exact
+            camera, or a fit's).
+        reference_depth: the camera depth of the head's origin at which the scale is 1 (2.7, the
+            synthetic engine's camera with no head translation).
+    Returns:
+        log_scale (B,) = log(reference_depth / depth of the origin) (perspective size, the
+        scaled-orthographic ``log s``); translation (B, 2): the origin's projection (x, y) on
+        the [-1, 1] grid (x right, y down; the keypoint space's ``(t_x, t_y)``).
+    """
+    if label.dim() != 2 or label.shape[1] != 25:
+        raise ValueError(f"label: expected shape (B, 25) (EG3D camera), got "
+                         f"{tuple(label.shape)}")
+    origin = label.new_zeros(label.shape[0], 1, 3)
+    uv, depth = project_label(origin, label)
+    return (reference_depth / depth[:, 0, 0]).log(), uv[:, 0] * 2 - 1

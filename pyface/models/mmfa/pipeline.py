@@ -46,6 +46,12 @@ class MMFAPipeline(Pipeline):
             return None
         return deep3d_to_keypoint_rotation(frames["coeffs"].reshape(n, 257)[:, 224:227])
 
+    def protocol_controls(self, protocol: str) -> dict:
+        """``pyface eval``'s cross-identity protocol runs MMFA's cross-identity mode
+        (``cross_identity=True``: the source's scale and translation, the issue's definition);
+        the same-identity protocol takes every attribute from the driving frame."""
+        return {"cross_identity": True} if protocol == "cross" else {}
+
     @torch.no_grad()
     def encode_source(self, source: dict) -> dict:
         src = self.prepare(source, batched=False)
