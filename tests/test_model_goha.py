@@ -228,7 +228,7 @@ def test_matte_supervises_the_opacity_plane_rows_flip_and_gain():
     torch.testing.assert_close(loss - plain, logs["mask_l1"])
     src = m.prepare_frame(batch["source"], "source")
     mask = m.region_mask(src["coeffs"], src["camera"], 64)
-    m.cfg.plane_gain = 1.0
+    m.cfg.plane_gain, m.cfg.plane_field, m.cfg.flip_plane_rows = 1.0, None, False
     with torch.no_grad():
         a = m.encode_canonical(src["image"], mask)
         m.cfg.flip_plane_rows = True
