@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import pyface.models
 from pyface.face import cameras as cam
@@ -227,7 +228,7 @@ def test_matte_supervises_the_opacity_plane_rows_flip_and_gain():
     torch.testing.assert_close(loss - plain, logs["mask_l1"])
     src = m.prepare_frame(batch["source"], "source")
     mask = m.region_mask(src["coeffs"], src["camera"], 64)
-    m.cfg.plane_gain = 1.0
+    m.cfg.plane_gain, m.cfg.plane_field, m.cfg.flip_plane_rows = 1.0, None, False
     with torch.no_grad():
         a = m.encode_canonical(src["image"], mask)
         m.cfg.flip_plane_rows = True
@@ -241,6 +242,33 @@ def test_matte_supervises_the_opacity_plane_rows_flip_and_gain():
         m.cfg.plane_gain = 10.0
         torch.testing.assert_close(m.encode_canonical(src["image"], mask), 10 * a)
         torch.testing.assert_close(m.encode_expression(pseudo), 10 * e)
+
+
+def test_plane_field_resamples_the_maps_into_the_box():
+    """model.plane_field: Embed2Plane's maps cover [-field, field]^3, resampled into the box
+    (zero outside); field = box / 2 changes nothing; bad input is an error."""
+    from pyface.models.goha.model import field_to_box
+    x = torch.randn(2, 3, 4, 8, 8)
+    torch.testing.assert_close(field_to_box(x, 0.5, 1.0), x)
+    y = field_to_box(x, 0.25, 1.0)             # the map fills the box's middle half
+    torch.testing.assert_close(y[..., 2:6, 2:6],
+                               F.avg_pool2d(x.flatten(0, 1), 2).view(2, 3, 4, 4, 4))
+    inner = torch.zeros(8, 8, dtype=torch.bool)
+    inner[2:6, 2:6] = True
+    assert y[..., ~inner].abs().max() == 0
+    with pytest.raises(ValueError, match="planes"):
+        field_to_box(x[:, :2], 0.25, 1.0)
+    with pytest.raises(ValueError, match="plane_field"):
+        GOHAConfig(plane_field=0.0)
+    torch.manual_seed(0)
+    m = GOHA(tiny_config(plane_field=0.25))
+    src = m.prepare_frame(frame(random_coeffs(2, seed=6)), "source")
+    mask = m.region_mask(src["coeffs"], src["camera"], 64)
+    with torch.no_grad():
+        a = m.encode_canonical(src["image"], mask)
+        m.cfg.plane_field = None
+        b = m.encode_canonical(src["image"], mask)
+    torch.testing.assert_close(a, field_to_box(b, 0.25, 1.0))
 
 
 def test_render_recompute_decoder_gives_the_same_losses_and_gradients():

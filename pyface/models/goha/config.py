@@ -34,6 +34,10 @@ class GOHAConfig:
     share_upsampler_weights: bool = False   # GOHA's bug: xz / zy planes reuse the xy up-branch
     flip_plane_rows: bool = False       # flip Embed2Plane's output rows: the xy plane's rows run
     # with +y (up), the image's rows down; flipped, the encoders' maps line up with the planes
+    plane_field: float | None = None    # half-extent (world units) that Embed2Plane's maps
+    # cover: resampled bilinearly into the box's planes (zero outside), so a frontal image's
+    # field (about +-0.25 at the head for the synthetic cameras) fills the map instead of its
+    # middle half (None: the map covers the whole box, GOHA)
     # --- canonical branch -------------------------------------------------------------------
     mask_regions: list[str] = field(default_factory=lambda: ["brows", "eyes", "mouth", "lips"])
     eye_dilation: int = 7               # square kernel of the eye dilation (0: none)
@@ -118,6 +122,9 @@ class GOHAConfig:
         if len(self.exemplar_angles) != 3 or len(self.exemplar_trans) != 3:
             raise ValueError("model.exemplar_angles / model.exemplar_trans: expected 3 numbers "
                              f"each, got {self.exemplar_angles} / {self.exemplar_trans}")
+        if self.plane_field is not None and not 0 < self.plane_field:
+            raise ValueError(f"model.plane_field: expected a half-extent > 0 or None, got "
+                             f"{self.plane_field}")
         if len(self.betas) != 2:
             raise ValueError(f"model.betas: expected 2 numbers, got {self.betas}")
         for k in ("d_interval", "r1_interval"):

@@ -52,8 +52,11 @@ MODES = ("src", "tar", "coarse", "cano")
 #: recomputed; >= 2x less peak memory than the reference in every mode, not slower on CPU,
 #: docs/models/goha.md); density TV at 0.05 (GOHA's 0.25 collapses the density of
 #: these 32^2 planes within 75 steps, docs/models/goha.md); the opacity supervised by the matte
-#: (the composite over the source background needs it); GFPGANv1Clean and the StyleGAN2 D at
-#: 1/32 width
+#: (the composite over the source background needs it); Embed2Plane's maps aligned with the
+#: source image (rows flipped, covering +-0.35 instead of the whole box: the heads' 16^2
+#: encoder maps otherwise had to be flipped and zoomed by the network, and the canonical
+#: geometry stayed a mean head: +1.0 dB same / +0.6 dB cross held-out, docs/models/goha.md);
+#: GFPGANv1Clean and the StyleGAN2 D at 1/32 width
 TINY_MODEL = {"resolution": 64, "encoder": "tiny", "encoder_width": 32, "plane_channels": 16,
               "embed_width": 32, "eye_dilation": 3, "eye_dilation_iters": 1,
               "pseudo_render_size": 64, "lift_resolution": 16, "lift_samples": 12,
@@ -62,7 +65,8 @@ TINY_MODEL = {"resolution": 64, "encoder": "tiny", "encoder_width": 32, "plane_c
               "render_recompute": "decoder", "decoder_hidden": 32,
               "decoder_features": 8,
               "canonical_until": 125, "expression_from": 125, "appearance_from": 250,
-              "plane_gain": 10.0, "neutral_weight": 3.0, "data_renders": True,
+              "plane_gain": 10.0, "plane_field": 0.35, "flip_plane_rows": True,
+              "neutral_weight": 3.0, "data_renders": True,
               "tv_points": 256, "tv_weight": 0.05, "mask_weight": 1.0, "lr": 1e-3,
               "betas": [0.9, 0.99], "disc_narrow": 0.03125, "sr_narrow": 0.03125,
               "sr_style_features": 32}
@@ -97,6 +101,25 @@ def _frame(frame: dict, key: str, shape: tuple, name: str) -> torch.Tensor:
     return x
 
 
+def field_to_box(planes: torch.Tensor, field: float, box: float) -> torch.Tensor:
+    """Planes ``(B, 3, C, P, P)`` whose texels span the cube ``[-field, field]^3`` -> the same
+    planes over the renderer's box ``[-box/2, box/2]^3`` ``(B, 3, C, P, P)``: bilinear, zero
+    outside the field (``field`` = box/2 returns ``planes`` unchanged). With a field about the
+    size of the source image at the head, Embed2Plane's output lines up with the image up to
+    the row flip (``model.flip_plane_rows``) instead of filling only the middle of the planes."""
+    if planes.dim() != 5 or planes.shape[1] != 3:
+        raise ValueError(f"planes: expected (B, 3, C, P, P), got {tuple(planes.shape)}")
+    s = 0.5 * box / field
+    if s == 1:
+        return planes
+    B, _, C, H, W = planes.shape
+    x = planes.reshape(B * 3, C, H, W)
+    theta = x.new_tensor([[s, 0.0, 0.0], [0.0, s, 0.0]]).expand(B * 3, 2, 3)
+    grid = F.affine_grid(theta, (B * 3, C, H, W), align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.view(B, 3, C, H, W)
+
+
 def to_signed(image: torch.Tensor) -> torch.Tensor:
     """uint8 images in [0, 255] (datasets) -> float in [-1, 1]; float images must already be
     in [-1, 1] (pipelines) and pass through."""
@@ -126,13 +149,14 @@ class GOHA(TrainableModel):
         # 2-core CPU, a few minutes: 64^2 input, tiny MiT, planes 32^2, 32^2 renders with 12 + 12
         # samples, depth lifted at 16^2; compressed schedule (spec 2.5); the learning rate x0.1
         # for the last 100 steps (GOHA: no decay; at lr 1e-3 the canonical render does not
-        # settle: neutrality 0.519 -> 0.440, docs/models/goha.md)
+        # settle: neutrality 0.519 -> 0.440, docs/models/goha.md); 1000 steps (500: -0.57 dB
+        # held out at s1)
         "tiny": {"model": dict(TINY_MODEL),
                  "data": {"name": "pairs", "resolution": 64},
-                 "train": {"steps": 500, "batch_size": 2, "grad_clip": 1000.0,
+                 "train": {"steps": 1000, "batch_size": 2, "grad_clip": 1000.0,
                            "ckpt_every": 100, "image_every": 100, "log_every": 20,
                            "num_workers": 1,
-                           "lr_schedule": {"kind": "step", "step_size": 400, "gamma": 0.1}}},
+                           "lr_schedule": {"kind": "step", "step_size": 900, "gamma": 0.1}}},
         # one H100/H200 (not yet measured on a GPU): 256^2 input, MiT-b0
         "gpu-short": {"model": dict(GPU_SHORT_MODEL),
                       "data": {"name": "pairs", "resolution": 256},
@@ -227,8 +251,11 @@ class GOHA(TrainableModel):
 
     def _orient(self, planes: torch.Tensor) -> torch.Tensor:
         """Embed2Plane output (B, 3, C, P, P), rows flipped with ``model.flip_plane_rows``,
-        times ``model.plane_gain``."""
+        resampled from the cube of half-extent ``model.plane_field`` into the box
+        (:func:`field_to_box`), times ``model.plane_gain``."""
         planes = planes.flip(-2) if self.cfg.flip_plane_rows else planes
+        if self.cfg.plane_field is not None:
+            planes = field_to_box(planes, self.cfg.plane_field, self.cfg.box_warp)
         return planes * self.cfg.plane_gain if self.cfg.plane_gain != 1 else planes
 
     def render(self, planes: torch.Tensor, camera: torch.Tensor, resolution: int | None = None,
