@@ -19,24 +19,16 @@ Usage: ``python tools/goha_view_split.py MODEL RUN --data DIR [--pairs 64] [--si
 from __future__ import annotations
 
 import argparse
-import math
+import os
+import sys
 
 import torch
-import torch.nn.functional as F
 
 import pyface.models
 from pyface.data import reenactment_pairs
 
-
-def psnr(mse: float) -> float:
-    return 10 * math.log10(1 / max(mse, 1e-10))
-
-
-def _rs(x: torch.Tensor, s: int) -> torch.Tensor:
-    if x.shape[-1] == s:
-        return x
-    return F.interpolate(x, size=(s, s), mode="bilinear", antialias=s < x.shape[-1],
-                         align_corners=False)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from goha_error_budget import _rs, psnr  # noqa: E402
 
 
 @torch.no_grad()
