@@ -236,6 +236,34 @@ def test_pipeline_protocol_controls_reach_generate(root):
     np.testing.assert_allclose(cross.values["psnr"]["image"], copy.values["psnr"]["image"])
 
 
+def test_evaluation_is_reproducible_and_keeps_the_callers_random_state(root):
+    """A pipeline that draws random numbers gives the same values on every seeded evaluation;
+    the caller's random state is left as it was; seed=None draws from the caller's state."""
+    class Noisy(CopyDriving):
+        def encode_source(self, source):
+            return super().encode_source(source) + 0.1 * torch.randn(1)
+
+        def generate(self, state, motion):
+            return (state[None] + 0.1 * torch.rand(motion.shape[0], 1, 1, 1)).clamp(-1, 1)
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = evaluate(Noisy(48), root, protocol="same", max_pairs=6, batch_size=2)
+    assert torch.equal(torch.rand(3), expected)              # the caller's state is untouched
+    b = evaluate(Noisy(48), root, protocol="same", max_pairs=6, batch_size=2)
+    np.testing.assert_array_equal(a.values["psnr"]["image"], b.values["psnr"]["image"])
+    assert a.to_dict()["seed"] == 0
+    c = evaluate(Noisy(48), root, protocol="same", max_pairs=6, batch_size=2, seed=1)
+    assert not np.array_equal(a.values["psnr"]["image"], c.values["psnr"]["image"])
+    d = evaluate(Noisy(48), root, protocol="same", max_pairs=6, batch_size=2, seed=None)
+    e = evaluate(Noisy(48), root, protocol="same", max_pairs=6, batch_size=2, seed=None)
+    assert not np.array_equal(d.values["psnr"]["image"], e.values["psnr"]["image"])
+    assert d.to_dict()["seed"] is None
+    with pytest.raises(ValueError, match="seed must be a non-negative int or None, got -1"):
+        evaluate(Noisy(48), root, protocol="same", max_pairs=2, seed=-1)
+
+
 def test_bad_pipeline_output(root):
     class Bad(CopySource):
         def generate(self, state, motion, **kw):

@@ -63,6 +63,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-pairs", type=int, default=None,
                    help="evaluate at most N pairs per protocol, spread evenly over the set")
     p.add_argument("--batch-size", type=int, default=8, help="driving frames per generate call")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random numbers a pipeline draws (e.g. OTAvatar's pivotal "
+                        "tuning), reset per chunk of pairs: the same arguments give the same "
+                        "numbers (default 0)")
     p.add_argument("--resolution", type=int, default=None,
                    help="baselines only: evaluation size (default: the data's resolution; with "
                         "--runs: every model's resolution)")
@@ -321,6 +325,7 @@ def evaluate_report(name: str, pipeline, args, *, metrics, networks, checkpoint=
               "data": os.path.abspath(args.data), "data_hash": data_hash(args.data),
               "device": device_name(device), "resolution": int(pipeline.resolution),
               "batch_size": args.batch_size, "max_pairs": args.max_pairs, "subset": args.subset,
+              "seed": args.seed,
               "metrics": metrics, "moving": _moving_thresholds(),
               "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "versions": versions(), "protocols": {}}
@@ -330,7 +335,7 @@ def evaluate_report(name: str, pipeline, args, *, metrics, networks, checkpoint=
                        batch_size=args.batch_size, max_pairs=args.max_pairs,
                        sheet_rows=args.sheet_rows, workers=args.workers,
                        progress=not args.quiet, networks=networks, detector=detector,
-                       cache=cache)
+                       cache=cache, seed=args.seed)
         report["protocols"][proto] = res.to_dict()
         sheets.append(res.sheet)
     return report, sheets

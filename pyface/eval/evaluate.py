@@ -16,6 +16,10 @@ go through ``encode_driving`` + ``generate`` in chunks of ``batch_size``; frames
 ``driven frames / seconds spent in encode_driving + generate`` (the source encoding, data loading
 and metrics excluded; CUDA synchronised around each chunk). All pipeline calls run under
 ``torch.no_grad()``; a pipeline that optimises at encode time enables gradients itself.
+Evaluations are reproducible: before each chunk torch's generators are seeded with ``seed +``
+the chunk's first pair index, inside :func:`torch.random.fork_rng` (the caller's random state is
+left as it was), so a pipeline that draws random numbers (e.g. OTAvatar's pivotal tuning, which
+renders random samples) gives the same numbers on every run with the same arguments.
 
 Beside the per-pair image metrics (psnr, ssim) the evaluator computes lpips, csim and aed_id
 per pair and fid / kid over each subset with user-weighted networks (:func:`load_networks`);
@@ -115,6 +119,7 @@ class EvalResult:
     ground_truth: bool = True                # stored landmarks / coefficients are exact
     detector: str | None = None              # the landmark detector's name, if one ran
     controls: dict = field(default_factory=dict)   # generate() controls (protocol_controls)
+    seed: int | None = None                          # the evaluation's seed (None: unseeded)
 
     @property
     def fps(self) -> float:
@@ -173,6 +178,7 @@ class EvalResult:
                 "memory_peak_mb": (None if self.memory_peak_mb is None
                                    else round(self.memory_peak_mb, 1)),
                 "ground_truth": self.ground_truth, "detector": self.detector,
+                "seed": self.seed,
                 **({"controls": self.controls} if self.controls else {}),
                 **({"jitter": self.jitter_summary()} if self.jitter is not None else {})}
 
@@ -312,7 +318,7 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
              sheet_rows: int = 8, workers: int = 0, progress: bool = False,
              networks: dict | None = None, weights: dict | None = None,
              detector="auto", ground_truth: bool | None = None,
-             cache: dict | None = None) -> EvalResult:
+             cache: dict | None = None, seed: int | None = 0) -> EvalResult:
     """Evaluates ``pipeline`` (see the module docstring) on reenactment pairs.
 
     Args:
@@ -340,7 +346,11 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
             for roots not written by ``pyface data synth``).
         cache: a dict reused across calls on the same data (``pyface eval --runs``): the target
             frames' detections and fits are computed once.
+        seed: torch's generators are seeded with ``seed + i`` before the chunk whose first pair
+            index is ``i`` (the caller's random state is restored afterwards); None: no seeding
+            (the pipeline draws from the caller's random state).
     """
+    import contextlib
     import os
 
     from torch.utils.data import DataLoader
@@ -423,8 +433,17 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
     own_detector = det is not None and isinstance(detector, str)     # started here: closed here
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"evaluate: seed must be a non-negative int or None, got {seed!r}")
+    rng = contextlib.ExitStack()
+    if seed is not None:
+        rng.enter_context(torch.random.fork_rng(
+            devices=[device] if device.type == "cuda" else [], device_type=device.type))
+    res.seed = seed
     try:
         for chunk, batch in zip(chunks, loader):
+            if seed is not None:
+                torch.manual_seed(seed + int(chunk[0]))
             with torch.no_grad():
                 if chunk[0] in first_of_group:
                     if want_jitter:
@@ -537,6 +556,7 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
         if device.type == "cuda":
             res.memory_peak_mb = torch.cuda.max_memory_allocated(device) / 2 ** 20
     finally:
+        rng.close()
         if bar is not None:
             bar.close()
         if own_detector and hasattr(det, "close"):
