@@ -21,8 +21,18 @@ import pyface.models
 from pyface.data.driving import read_driving, read_source
 from pyface.models.otavatar.losses import MOUTH, landmark_box
 from pyface.nn.roi import roi_align
+from pyface.train.config import parse_set
 
 JAW_OPEN = 80          # coeffs index of exp[0] (jaw_open in the synthetic face model)
+
+
+def apply_overrides(cfg, overrides) -> None:
+    """``KEY=VALUE`` items onto the model config ``cfg`` (values parsed as YAML scalars, as
+    ``pyface train --set``: ``false``, ``null``, ``1e-3``); an unknown key is an error."""
+    for key, value in parse_set(list(overrides)).items():
+        if not hasattr(cfg, key):
+            raise SystemExit(f"{key}: not a field of the model config {type(cfg).__name__}")
+        setattr(cfg, key, value)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -35,12 +45,7 @@ def main(run: str, data: str, max_videos: int = 16, pti: int | None = None,
     pipe = pyface.models.load("otavatar", run, device="cpu")
     if pti is not None:
         pipe.model.cfg.pti_steps = pti
-    for kv in overrides:
-        k, v = kv.split("=", 1)
-        old = getattr(pipe.model.cfg, k)
-        setattr(pipe.model.cfg, k, v if isinstance(old, str) else None if v == "None" else
-                v.lower() in ("1", "true") if isinstance(old, bool) else
-                type(old)(v) if old is not None else float(v))
+    apply_overrides(pipe.model.cfg, overrides)
     R = pipe.resolution
     folders = sorted(os.path.dirname(p) for p in glob.glob(f"{data}/*/coeffs.npy"))
     rows, ratios = [], []

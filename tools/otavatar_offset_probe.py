@@ -26,7 +26,9 @@ from pyface.models.otavatar.model import apply_intrinsics
 from pyface.models.otavatar.pipeline import fixed_samples
 from pyface.nn.roi import roi_align
 
-JAW_OPEN = 80                       # coeffs index of exp[0]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from otavatar_motion_transfer import JAW_OPEN, apply_overrides  # noqa: E402
+
 GAINS = (0.0, 0.25, 0.5, 1.0)
 
 
@@ -41,12 +43,7 @@ def box_mask(boxes: torch.Tensor, R: int) -> torch.Tensor:
 def main(run: str, data: str, max_videos: int = 16, overrides: tuple[str, ...] = ()) -> dict:
     torch.manual_seed(0)
     pipe = pyface.models.load("otavatar", run, device="cpu")
-    for kv in overrides:
-        k, v = kv.split("=", 1)
-        old = getattr(pipe.model.cfg, k)
-        setattr(pipe.model.cfg, k, v if isinstance(old, str) else None if v == "None" else
-                v.lower() in ("1", "true") if isinstance(old, bool) else
-                type(old)(v) if old is not None else float(v))
+    apply_overrides(pipe.model.cfg, overrides)
     R, ctrl = pipe.resolution, pipe.model.controller
     folders = sorted(os.path.dirname(p) for p in glob.glob(f"{data}/*/coeffs.npy"))
     sums: dict[str, torch.Tensor] = {}
