@@ -287,6 +287,41 @@ def test_presets_resolve_and_full_keeps_the_reference_recipe():
     assert not full.eye_roi_bug and full.controller.window == 27 and full.controller.tie_mlp
 
 
+def test_tiny_trains_its_eg3d_stage_on_backgrounds(tmp_path):
+    """``pyface train otavatar --preset tiny`` trains its EG3D stage with OTAvatar's additions to
+    EG3D's ``tiny`` (``Stage.presets``: the data's backgrounds, a longer run) while EG3D's own
+    ``tiny`` preset is unchanged; ``stages.eg3d.*`` overrides still apply above them."""
+    from pyface.models.eg3d.model import EG3D
+    from pyface.models.otavatar.model import OTAvatar
+    from pyface.train.stages import prepare_stages
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def train_fn(cfg):
+        seen.append(cfg)
+        raise Stop
+
+    def stage_cfg(*overrides):
+        cfg = build_experiment("otavatar", OTAvatar.Config, defaults=OTAvatar.recipe,
+                               preset="tiny", presets=OTAvatar.presets,
+                               overrides=[f"train.run_dir={tmp_path}"])
+        with pytest.raises(Stop):
+            prepare_stages(OTAvatar, cfg, overrides=list(overrides), train_fn=train_fn)
+        return seen[-1]
+
+    own = build_experiment("eg3d", EG3D.Config, defaults=EG3D.recipe, preset="tiny",
+                           presets=EG3D.presets)
+    st = stage_cfg()
+    assert st.model == "eg3d" and st.train.run_dir == str(tmp_path / "stages" / "eg3d")
+    assert own.model_config.background == "white" and st.model_config.background == "data"
+    assert (own.train.steps, st.train.steps) == (400, 1200)
+    assert st.model_config.generator == own.model_config.generator      # same architecture
+    assert stage_cfg("stages.eg3d.train.steps=7").train.steps == 7
+
+
 RANK_SCRIPT = """
 import os, sys
 import torch

@@ -128,10 +128,16 @@ class Stage:
     ``checkpoint_key: str | None`` naming that run (a run folder or checkpoint folder, read with
     :func:`load_pretrained`). ``pyface train M --preset P`` trains every stage whose key is empty
     first (with the same preset, in ``<run_dir>/stages/<name>``), then sets the key to its run.
+
+    ``presets``: per preset name of M, a config ``{"model": {...}, "data": {...}, "train":
+    {...}}`` merged above the stage model's own preset of that name when M trains the stage
+    (e.g. OTAvatar's ``tiny`` trains its EG3D stage on backgrounds), so M's preset can set up
+    its stage without changing the stage model's preset.
     """
     name: str
     model: str
     checkpoint_key: str
+    presets: dict = field(default_factory=dict, hash=False, compare=False)
 
 
 class TrainableModel(nn.Module):

@@ -8,7 +8,8 @@ that run folder. A finished stage run (its latest checkpoint at ``train.steps``)
 unfinished one is resumed, so re-running the command after an interruption continues where it
 stopped.
 
-A stage gets its own recipe and the preset, plus the run-wide ``--set`` overrides of
+A stage gets its own recipe and the preset (with the final model's additions for that preset,
+``Stage.presets``), plus the run-wide ``--set`` overrides of
 :data:`SHARED_KEYS` (device, precision, logging, data location, seed) and the overrides addressed
 to it by name, ``stages.<name>.<key>=<value>`` (e.g. ``stages.s1.model.neutral_weight=5``; a
 stage's own stages are addressed by their names too); the other overrides apply to the final
@@ -109,7 +110,7 @@ def prepare_stages(model_cls, cfg, *, overrides: list[str] | None = None,
 
     ``train_fn(stage_cfg) -> None`` trains one stage config (default: :func:`train_stage`, a
     :class:`~pyface.train.engine.Trainer` that resumes an unfinished run)."""
-    from pyface.train.config import ConfigError, build_experiment
+    from pyface.train.config import ConfigError, build_experiment, merge
     from pyface.train.registry import model_class
 
     train_fn = train_fn or train_stage
@@ -129,6 +130,10 @@ def prepare_stages(model_cls, cfg, *, overrides: list[str] | None = None,
         if cfg.preset is not None and preset is None:
             log.warning("stage %r (%s) has no preset %r; training it with its recipe",
                         stage.name, stage.model, cfg.preset)
+        extra = (getattr(stage, "presets", None) or {}).get(preset) if preset else None
+        if extra:
+            # the final model's preset configures its stage above the stage model's preset
+            presets = {**presets, preset: merge(presets[preset], extra)}
         try:
             stage_cfg = build_experiment(
                 stage.model, stage_cls.Config, defaults=getattr(stage_cls, "recipe", {}),
