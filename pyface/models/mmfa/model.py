@@ -85,7 +85,12 @@ class MMFAConfig:
     perspective size), so that s and t carry where the head is and not the face's shape, which
     then stays in the source's canonical keypoints (another identity's s and t otherwise resize
     the source's face in cross-identity reenactment); frames without ``camera`` warn once and the
-    term is off.
+    term is off. ``w_mouth`` the mouth term (our deviation, on in ``tiny``;
+    :func:`mouth_box_mask`, :func:`masked_l1`): the final output's L1 error inside the box of the
+    driving frame's mouth landmarks (48-67, widened by ``mouth_margin`` pixels at 64^2, scaled
+    with the resolution), averaged over the box's pixels, so that the decoder paints what no
+    warp of the source contains (the inside of an opening mouth); frames without landmarks: the
+    landmark terms' warning, and the term is off.
     """
 
     resolution: int = 256
@@ -144,6 +149,8 @@ class MMFAConfig:
     exp_landmark_loss: str = "l1"
     exp_detach: bool = False
     w_placement: float = 0.0
+    w_mouth: float = 0.0
+    mouth_margin: float = 4.0
     sigma_affine: float = 0.05
     sigma_tps: float = 0.005
     # optimisation
@@ -276,6 +283,33 @@ def landmark_flow_loss(flow: torch.Tensor, lm_source: torch.Tensor, lm_driving: 
     return (err * w).sum(-1).mean() / w.sum()
 
 
+def mouth_box_mask(landmarks: torch.Tensor, size: int, margin: float) -> torch.Tensor:
+    """The mouth term's region: landmarks (B, 68, 2) in pixels of ``size``-pixel frames ->
+    (B, 1, size, size) float mask, 1 at the pixels whose centres lie in the box of the mouth
+    landmarks 48-67 widened by ``margin`` pixels on every side."""
+    if landmarks.dim() != 3 or tuple(landmarks.shape[1:]) != (68, 2):
+        raise ValueError(f"landmarks: expected shape (B, 68, 2), got {tuple(landmarks.shape)}")
+    pts = landmarks[:, 48:68].float()
+    lo, hi = pts.amin(1) - margin, pts.amax(1) + margin                     # (B, 2)
+    c = torch.arange(size, device=landmarks.device, dtype=torch.float32) + 0.5
+    inx = (c >= lo[:, :1]) & (c <= hi[:, :1])                               # (B, size)
+    iny = (c >= lo[:, 1:]) & (c <= hi[:, 1:])
+    return (iny[:, :, None] & inx[:, None, :]).float()[:, None]
+
+
+def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """pred, target (B, C, H, W); mask (B, 1, H, W) in [0, 1] -> () the mean over the batch of
+    each sample's mean abs error inside its mask (0 for an empty mask)."""
+    if pred.shape != target.shape:
+        raise ValueError(f"target: expected shape {tuple(pred.shape)} (pred's), got "
+                         f"{tuple(target.shape)}")
+    if mask.shape != (pred.shape[0], 1, *pred.shape[2:]):
+        raise ValueError(f"mask: expected shape ({pred.shape[0]}, 1, {pred.shape[2]}, "
+                         f"{pred.shape[3]}), got {tuple(mask.shape)}")
+    err = ((pred - target).abs() * mask).sum((1, 2, 3))
+    return (err / (mask.sum((1, 2, 3)) * pred.shape[1]).clamp_min(1.0)).mean()
+
+
 def images_of(frame: dict, name: str, resolution: int) -> torch.Tensor:
     """``frame["image"]`` (B, 3, R, R), uint8 or float in [-1, 1] -> float in [-1, 1]."""
     if not isinstance(frame, dict) or "image" not in frame:
@@ -324,7 +358,7 @@ class MMFA(TrainableModel):
                            "exp_dim": 32, "exp_hidden": 64, "w_gan": 0.0, "w_fm": 0.0,
                            "source_blend": True, "w_delta": 0.5, "w_exp_landmark": 10.0,
                            "exp_landmark_loss": "mse", "exp_detach": True,
-                           "w_placement": 10.0, "w_equivariance": 20.0,
+                           "w_placement": 10.0, "w_equivariance": 20.0, "w_mouth": 10.0,
                            "lr": 1e-3, "betas": [0.5, 0.999]},
                  "data": {"resolution": 64},
                  "train": {"steps": 800, "batch_size": 4, "ckpt_every": 200,
@@ -584,7 +618,8 @@ class MMFA(TrainableModel):
         kp_s = pose_keypoints(kc, rs, mo["scale"][:B], mo["translation"][:B], delta[:B])
         kp_d = pose_keypoints(kc, rd, mo["scale"][B:2 * B], mo["translation"][B:2 * B],
                               delta[B:2 * B])
-        lms = (self._landmarks(batch) if c.w_landmark > 0 or c.w_exp_landmark > 0 else None)
+        lms = (self._landmarks(batch)
+               if c.w_landmark > 0 or c.w_exp_landmark > 0 or c.w_mouth > 0 else None)
         out = self.render(self.appearance(src), kp_s, kp_d, src,
                           flow=lms is not None and c.w_landmark > 0)
         logs = {}
@@ -611,6 +646,12 @@ class MMFA(TrainableModel):
         if lms is not None:
             loss = loss + loss_lm
         final = out["images"][-1]
+        if lms is not None and c.w_mouth > 0:
+            box = mouth_box_mask(lms[1], final.shape[-1],
+                                 c.mouth_margin * final.shape[-1] / 64)
+            mouth = masked_l1(final.float(), drv, box)
+            logs["mouth_l1"] = mouth.detach()
+            loss = loss + c.w_mouth * mouth
         if self.perceptual is not None:
             per = self.perceptual(final.float(), drv)
             logs["perceptual"] = per.detach()
@@ -662,7 +703,7 @@ class MMFA(TrainableModel):
             if lm is None or lm.dim() != 3 or tuple(lm.shape[1:]) != (68, 2):
                 if not self._lm_warned:
                     got = None if lm is None else tuple(lm.shape)
-                    warnings.warn(f"MMFA: model.w_landmark or model.w_exp_landmark > 0 but "
+                    warnings.warn(f"MMFA: model.w_landmark, w_exp_landmark or w_mouth > 0 but "
                                   f"batch['{name}']['landmarks'] is {got}, expected (B, 68, 2); "
                                   f"the landmark terms are off")
                     self._lm_warned = True
