@@ -316,6 +316,25 @@ def test_mouth_term_weights_the_mouth_box_of_the_driving_frame(data_root):
     assert m.pose_encoder.fc.weight.grad.abs().sum() > 0   # the box's content moves with s, t
 
 
+def test_blend_cap_bounds_the_source_blend_mask(data_root):
+    from pyface.data.datasets import PairDataset
+
+    with pytest.raises(ValueError, match="blend_cap"):
+        micro_model(source_blend=True, blend_cap=0.0)
+    ds = PairDataset(data_root, resolution=RES)
+    src = torch.stack([ds[0]["source"]["image"], ds[1]["source"]["image"]]).float() / 127.5 - 1
+    rot = torch.eye(3).expand(2, 3, 3)
+    for cap in (1.0, 0.9):
+        torch.manual_seed(0)
+        m = micro_model(source_blend=True, blend_cap=cap).eval()
+        with torch.no_grad():
+            for conv in m.decoder.to_image:        # a saturated mask: tanh -> 1
+                conv.bias[3] = 50.0
+            out = m(src, src, rot, rot)
+        blend = out["blend"][-1]
+        assert float(blend.max()) <= cap + 1e-6 and float(blend.min()) > cap - 1e-3
+
+
 def test_placement_from_label_is_the_projected_head_centre():
     from pyface.face.cameras import FFHQ_FOCAL, deep3d_to_label
     from pyface.models.mmfa.motion import placement_from_label

@@ -23,6 +23,8 @@ the target, 4 px margin; images rounded to 8 bits), the mouth-box PSNR against t
   ground-truth warp in place of the warp by its depth-averaged dense motion;
 * ``jaw_changes``: the same means over the pairs whose inner-lip opening (landmarks 62-66)
   changes by more than 1 px;
+* ``decoder_share``: the mean of 1 - the blend mask in the mouth box (``source_blend``): how
+  much of the output there is the decoder's own colour rather than the warped source;
 * ``occluded_fraction``: the share of mouth-box pixels that the source does not show: the
   target's surface point is hidden there (depth test), the target shows background where the
   source shows the head, or the point's triangle has less than a quarter of its target area in
@@ -143,7 +145,7 @@ def main(argv=None) -> int:
     keys = ("model", "model_source_expression", "copy_source", "gt_warp",
             "gt_warp_source_expression", "gt_warp_inpainted", "model_gt_warp")
     rows = {k: [] for k in keys}
-    occ, occ_se, opening, oracle = [], [], [], {"model": [], "delta_landmarks": [], "delta_image": [],
+    occ, occ_se, opening, painted, oracle = [], [], [], [], {"model": [], "delta_landmarks": [], "delta_image": [],
                        "mouth_lm_before": [], "mouth_lm_after": []}
     cand = [int(i) for i in np.linspace(0, len(ds) - 1, min(len(ds), 600)).round()]
     for i in cand:
@@ -181,8 +183,9 @@ def main(argv=None) -> int:
                                      mask=dm["mask"])
             img = m.decoder(wv, dm.get("occlusion_map"))[-1]
             if img.shape[1] == 4:
-                blend = (img[:, 3:] + 1) / 2
+                blend = m.cfg.blend_cap * (img[:, 3:] + 1) / 2
                 mgw = (blend * w_gt[None] + (1 - blend) * img[:, :3])[0]
+                painted.append(float(1 - blend[0][box].mean()))
             else:
                 mgw = img[0, :3]
         for k, im in (("model", pred), ("model_source_expression", own),
@@ -237,7 +240,8 @@ def main(argv=None) -> int:
               "drop_model": mean["model"] - mean["model_source_expression"],
               "drop_gt_warp": mean["gt_warp"] - mean["gt_warp_source_expression"],
               "occluded_fraction": float(np.mean(occ)),
-              "occluded_fraction_source_expression": float(np.mean(occ_se))}
+              "occluded_fraction_source_expression": float(np.mean(occ_se)),
+              "decoder_share": float(np.mean(painted)) if painted else None}
     # the pairs where the jaw changes most: the inner-lip opening (landmarks 62-66) changes by
     # more than 1 px between source and target
     big = np.array(opening) > 1.0
@@ -246,6 +250,8 @@ def main(argv=None) -> int:
                                 for k, v in rows.items()}}
     report["jaw_changes"]["occluded_fraction"] = float(np.mean(np.array(occ)[big])) \
         if big.any() else None
+    report["jaw_changes"]["decoder_share"] = float(np.mean(np.array(painted)[big])) \
+        if big.any() and painted else None
     report["per_pair"] = {"opening_change_px": opening, "occluded_fraction": occ, **rows}
     if oracle["model"]:
         report["oracle"] = {"pairs": len(oracle["model"]),

@@ -122,6 +122,9 @@ class MMFAConfig:
     # deviation (off in "full"): blend each output with the source image warped by the
     # depth-averaged dense motion, mask from a 4th decoder channel (see docs/models/mmfa.md)
     source_blend: bool = False
+    # the blend mask's largest value (1: uncapped); below 1 the decoder's own colour always
+    # enters every pixel, so it keeps training where the warped source wins (docs/models/mmfa.md)
+    blend_cap: float = 1.0
     # encoders and expression codec
     enc_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512, 512])
     exp_dim: int = 128
@@ -359,6 +362,7 @@ class MMFA(TrainableModel):
                            "source_blend": True, "w_delta": 0.5, "w_exp_landmark": 10.0,
                            "exp_landmark_loss": "mse", "exp_detach": True,
                            "w_placement": 10.0, "w_equivariance": 20.0, "w_mouth": 10.0,
+                           "blend_cap": 0.9,
                            "lr": 1e-3, "betas": [0.5, 0.999]},
                  "data": {"resolution": 64},
                  "train": {"steps": 800, "batch_size": 4, "ckpt_every": 200,
@@ -392,6 +396,9 @@ class MMFA(TrainableModel):
             raise ValueError(f"model.exp_detach: needs model.w_exp_landmark > 0 (the expression "
                              f"encoder's only training signal then), got w_exp_landmark = "
                              f"{cfg.w_exp_landmark}")
+        if not 0.0 < cfg.blend_cap <= 1.0:
+            raise ValueError(f"model.blend_cap: expected a value in (0, 1], got "
+                             f"{cfg.blend_cap}")
         m = 2 ** cfg.app_down
         if cfg.resolution % m:
             raise ValueError(f"model.resolution: expected a multiple of 2^app_down = {m}, got "
@@ -527,7 +534,7 @@ class MMFA(TrainableModel):
             out["images"], out["blend"] = [], []
             for img in images:
                 w = warp_image(source, out["flow"], img.shape[-1])
-                m = (img[:, 3:] + 1) / 2
+                m = self.cfg.blend_cap * (img[:, 3:] + 1) / 2
                 out["images"].append(m * w + (1 - m) * img[:, :3])
                 out["blend"].append(m)
         return out
