@@ -333,6 +333,23 @@ def test_blend_cap_bounds_the_source_blend_mask(data_root):
             out = m(src, src, rot, rot)
         blend = out["blend"][-1]
         assert float(blend.max()) <= cap + 1e-6 and float(blend.min()) > cap - 1e-3
+    # the bound penalty: only the pre-activation beyond +-blend_bound counts, and it has a
+    # gradient where the tanh has none
+    ds_batch = torch.utils.data.default_collate([ds[0], ds[1]])
+    zero = dict(w_rec=0.0, w_landmark=0.0, w_exp_landmark=0.0, w_equivariance=0.0,
+                w_exp_consistency=0.0, w_prior=0.0, w_delta=0.0, w_canonical=0.0, w_gan=0.0,
+                w_fm=0.0, source_blend=True)
+    m = micro_model(w_blend_bound=1.0, blend_bound=3.0, **zero)
+    with torch.no_grad():
+        for conv in m.decoder.to_image:
+            conv.bias[3] = 50.0
+    logs = m.step("G", ds_batch, None)
+    assert 40.0 < float(logs["blend_bound"]) < 60.0
+    logs["loss"].backward()
+    # d/d bias of mean(relu(x - 3)) over pixels, averaged over the 3 scales: 1 / 3
+    assert abs(float(m.decoder.to_image[-1].bias.grad[3]) - 1 / 3) < 1e-3
+    m = micro_model(w_blend_bound=1.0, blend_bound=3.0, **zero)  # bias 2: inside the bound
+    assert float(m.step("G", ds_batch, None)["blend_bound"]) < 1e-2
 
 
 def test_placement_from_label_is_the_projected_head_centre():

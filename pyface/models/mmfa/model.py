@@ -88,9 +88,13 @@ class MMFAConfig:
     term is off. ``w_mouth`` the mouth term (our deviation, on in ``tiny``;
     :func:`mouth_box_mask`, :func:`masked_l1`): the final output's L1 error inside the box of the
     driving frame's mouth landmarks (48-67, widened by ``mouth_margin`` pixels at 64^2, scaled
-    with the resolution), averaged over the box's pixels, so that the decoder paints what no
-    warp of the source contains (the inside of an opening mouth); frames without landmarks: the
-    landmark terms' warning, and the term is off.
+    with the resolution), averaged over the box's pixels, plus (with ``source_blend``) the same
+    error of the decoder's own colour, so that the decoder paints what no warp of the source
+    contains (the inside of an opening mouth); frames without landmarks: the landmark terms'
+    warning, and the term is off. ``blend_cap``, ``w_blend_bound`` / ``blend_bound``: the
+    source blend's mask m = blend_cap (tanh x + 1) / 2, and a penalty on |x| beyond the bound
+    that keeps the tanh from saturating (a saturated mask passes no gradient, and the decoder
+    then never paints).
     """
 
     resolution: int = 256
@@ -125,6 +129,11 @@ class MMFAConfig:
     # the blend mask's largest value (1: uncapped); below 1 the decoder's own colour always
     # enters every pixel, so it keeps training where the warped source wins (docs/models/mmfa.md)
     blend_cap: float = 1.0
+    # the blend mask's pre-activation x (m = blend_cap (tanh x + 1) / 2) is kept within
+    # +-blend_bound by the penalty w_blend_bound * mean(relu(|x| - blend_bound)) (0: off), so
+    # that the tanh does not saturate and m keeps learning (docs/models/mmfa.md)
+    w_blend_bound: float = 0.0
+    blend_bound: float = 3.0
     # encoders and expression codec
     enc_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512, 512])
     exp_dim: int = 128
@@ -362,7 +371,7 @@ class MMFA(TrainableModel):
                            "source_blend": True, "w_delta": 0.5, "w_exp_landmark": 10.0,
                            "exp_landmark_loss": "mse", "exp_detach": True,
                            "w_placement": 10.0, "w_equivariance": 20.0, "w_mouth": 10.0,
-                           "blend_cap": 0.9,
+                           "w_blend_bound": 1.0,
                            "lr": 1e-3, "betas": [0.5, 0.999]},
                  "data": {"resolution": 64},
                  "train": {"steps": 800, "batch_size": 4, "ckpt_every": 200,
@@ -513,7 +522,8 @@ class MMFA(TrainableModel):
         """volume (B, C, D, h, w); kp_source, kp_driving (B, K, 3); source (B, 3, R, R) in
         [-1, 1], required with ``source_blend`` -> {"images": [coarse..fine] (B, 3, r, r),
         "mask" (B, K+1, D, h, w), "occlusion" (B, 1, h, w), with ``source_blend`` also "blend":
-        [coarse..fine] (B, 1, r, r); with ``source_blend`` or ``flow`` also "flow" (B, h, w, 2),
+        [coarse..fine] (B, 1, r, r), its pre-activations "blend_logits" (same shapes) and the
+        decoder's own finest colour "rgb" (B, 3, R, R); with ``source_blend`` or ``flow`` also "flow" (B, h, w, 2),
         the depth-averaged backward motion (x, y) on the [-1, 1] grid}."""
         blend = self.cfg.source_blend
         if blend and (source is None or source.shape[0] != volume.shape[0]):
@@ -526,11 +536,13 @@ class MMFA(TrainableModel):
         warped = self.dense_motion.warp(volume, kp_source=kp_source, kp_driving=kp_driving,
                                         mask=dm["mask"])
         occ = dm.get("occlusion_map")
-        images = self.decoder(warped, occ)
+        images, logits = self.decoder(warped, occ, return_logits=True)
         out = {"images": images, "mask": dm["mask"], "occlusion": occ}
         if blend or flow:
             out["flow"] = dm["deformation"][..., :2].mean(1)   # (B, h, w, 2): depth-averaged
         if blend:
+            out["rgb"] = images[-1][:, :3]                 # the decoder's own colour
+            out["blend_logits"] = [x[:, 3:] for x in logits]
             out["images"], out["blend"] = [], []
             for img in images:
                 w = warp_image(source, out["flow"], img.shape[-1])
@@ -658,7 +670,14 @@ class MMFA(TrainableModel):
                                  c.mouth_margin * final.shape[-1] / 64)
             mouth = masked_l1(final.float(), drv, box)
             logs["mouth_l1"] = mouth.detach()
+            if "rgb" in out:        # the decoder's own colour too, whatever the blend mask
+                mouth = mouth + masked_l1(out["rgb"].float(), drv, box)
             loss = loss + c.w_mouth * mouth
+        if c.source_blend and c.w_blend_bound > 0:
+            bound = sum(F.relu(x.float().abs() - c.blend_bound).mean()
+                        for x in out["blend_logits"]) / len(out["blend_logits"])
+            logs["blend_bound"] = bound.detach()
+            loss = loss + c.w_blend_bound * bound
         if self.perceptual is not None:
             per = self.perceptual(final.float(), drv)
             logs["perceptual"] = per.detach()
