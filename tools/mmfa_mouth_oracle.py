@@ -2,7 +2,7 @@
 
     python tools/mmfa_mouth_oracle.py --checkpoint RUN --data HELDOUT [--pairs 60] [--oracle 12] [--json OUT]
 
-On the pairs of the mouth check of tools/mmfa_eval.py (same-identity ``moving`` pairs whose
+On ``--pairs`` pairs spread evenly over those of the mouth check of tools/mmfa_eval.py (same-identity ``moving`` pairs whose
 expression coefficients differ by more than ``MOVING_EXP_L2``; mouth box = landmarks 48-67 of
 the target, 4 px margin; images rounded to 8 bits), the mouth-box PSNR against the target of:
 
@@ -31,7 +31,7 @@ the target, 4 px margin; images rounded to 8 bits), the mouth-box PSNR against t
   the source (new surface: the synthetic head's mouth interior, degenerate while the mouth is
   closed, opens with the jaw).
 
-``--oracle N``: for the first N pairs, two delta oracles (the expression decoder's output
+``--oracle N``: for N of the pairs (every pairs / N-th), two delta oracles (the expression decoder's output
 replaced by a per-pair optimised delta, everything else fixed; 40 Adam steps, lr 0.01, from the
 model's delta):
 
@@ -147,12 +147,13 @@ def main(argv=None) -> int:
     rows = {k: [] for k in keys}
     occ, occ_se, opening, painted, oracle = [], [], [], [], {"model": [], "delta_landmarks": [], "delta_image": [],
                        "mouth_lm_before": [], "mouth_lm_after": []}
-    cand = [int(i) for i in np.linspace(0, len(ds) - 1, min(len(ds), 600)).round()]
-    for i in cand:
+    # the mouth check's pairs, args.pairs of them spread evenly over the set
+    keep = [i for i in range(len(ds)) if expression_difference(
+        ds[i]["source"]["coeffs"].numpy(), ds[i]["target"]["coeffs"].numpy()) > MOVING_EXP_L2]
+    n = min(len(keep), max(args.pairs, args.oracle))
+    for i in [keep[int(j)] for j in np.linspace(0, len(keep) - 1, n).round()]:
         item = ds[i]
         cs, ct = item["source"]["coeffs"], item["target"]["coeffs"]
-        if expression_difference(cs.numpy(), ct.numpy()) <= MOVING_EXP_L2:
-            continue
         with torch.no_grad():
             st = pipe.encode_source({k: v for k, v in item["source"].items()
                                      if k in ("image", "coeffs")})
@@ -197,7 +198,8 @@ def main(argv=None) -> int:
         occ_se.append(float(gt_se["occluded"][0, 0][box[1:]].float().mean()))
         lm_s, lm_t = item["source"]["landmarks"].float(), item["target"]["landmarks"].float()
         opening.append(float(((lm_t[66] - lm_t[62]).norm() - (lm_s[66] - lm_s[62]).norm()).abs()))
-        if len(oracle["model"]) < args.oracle:
+        if args.oracle and len(rows["model"]) % max(1, n // args.oracle) == 1 \
+                and len(oracle["model"]) < args.oracle:       # every (n / oracle)-th pair
             lms = item["source"]["landmarks"][None].float()
             lmd = item["target"]["landmarks"][None].float()
             wm = torch.zeros(68)
@@ -232,8 +234,6 @@ def main(argv=None) -> int:
                 oracle["mouth_lm_before"].append(
                     float(landmark_flow_loss(render(delta)["flow"], lms, lmd, R, wm)) * R / 2)
             oracle["model"].append(rows["model"][-1])
-        if len(rows["model"]) >= args.pairs and len(oracle["model"]) >= args.oracle:
-            break
     mean = {k: float(np.mean(v)) for k, v in rows.items()}
     report = {"checkpoint": args.checkpoint, "data": args.data, "pairs": len(rows["model"]),
               "mouth_box_psnr": mean,

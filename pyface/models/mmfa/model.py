@@ -85,7 +85,7 @@ class MMFAConfig:
     perspective size), so that s and t carry where the head is and not the face's shape, which
     then stays in the source's canonical keypoints (another identity's s and t otherwise resize
     the source's face in cross-identity reenactment); frames without ``camera`` warn once and the
-    term is off. ``w_mouth`` the mouth term (our deviation, on in ``tiny``;
+    term is off. ``w_mouth`` the mouth term (our deviation, off in every preset;
     :func:`mouth_box_mask`, :func:`masked_l1`): the final output's L1 error inside the box of the
     driving frame's mouth landmarks (48-67, widened by ``mouth_margin`` pixels at 64^2, scaled
     with the resolution), averaged over the box's pixels, plus (with ``source_blend``) the same
@@ -126,8 +126,8 @@ class MMFAConfig:
     # deviation (off in "full"): blend each output with the source image warped by the
     # depth-averaged dense motion, mask from a 4th decoder channel (see docs/models/mmfa.md)
     source_blend: bool = False
-    # the blend mask's largest value (1: uncapped); below 1 the decoder's own colour always
-    # enters every pixel, so it keeps training where the warped source wins (docs/models/mmfa.md)
+    # the blend mask's largest value (1: uncapped, every preset); below 1 the decoder's own
+    # colour always enters every pixel, so it keeps training where the warped source wins
     blend_cap: float = 1.0
     # the blend mask's pre-activation x (m = blend_cap (tanh x + 1) / 2) is kept within
     # +-blend_bound by the penalty w_blend_bound * mean(relu(|x| - blend_bound)) (0: off), so
@@ -370,8 +370,7 @@ class MMFA(TrainableModel):
                            "exp_dim": 32, "exp_hidden": 64, "w_gan": 0.0, "w_fm": 0.0,
                            "source_blend": True, "w_delta": 0.5, "w_exp_landmark": 10.0,
                            "exp_landmark_loss": "mse", "exp_detach": True,
-                           "w_placement": 10.0, "w_equivariance": 20.0, "w_mouth": 10.0,
-                           "w_blend_bound": 1.0,
+                           "w_placement": 10.0, "w_equivariance": 20.0,
                            "lr": 1e-3, "betas": [0.5, 0.999]},
                  "data": {"resolution": 64},
                  "train": {"steps": 800, "batch_size": 4, "ckpt_every": 200,
