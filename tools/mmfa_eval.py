@@ -250,7 +250,8 @@ def main(argv=None) -> int:
                 own = to01(pipe.generate(state, motion, expression="source")[0])
                 mouth["driving"].append(psnr(pred[crop], tgt[crop]))
                 mouth["source"].append(psnr(own[crop], tgt[crop]))
-                lm_s, lm_t = item["source"]["landmarks"].float(), item["target"]["landmarks"].float()
+                lm_s = item["source"]["landmarks"].float()
+                lm_t = item["target"]["landmarks"].float()
                 mouth["jaw"].append(bool(abs(float((lm_t[66] - lm_t[62]).norm()
                                                    - (lm_s[66] - lm_s[62]).norm())) > JAW_PX))
         report[protocol] = {"pairs": len(rows["model"]),
@@ -272,7 +273,8 @@ def main(argv=None) -> int:
     jaw = np.array(mouth["jaw"], bool)
     if jaw.any():
         d, s_ = np.array(mouth["driving"])[jaw], np.array(mouth["source"])[jaw]
-        report["mouth"].update(jaw_pairs=int(jaw.sum()), jaw_psnr_driving_expression=float(d.mean()),
+        report["mouth"].update(jaw_pairs=int(jaw.sum()),
+                               jaw_psnr_driving_expression=float(d.mean()),
                                jaw_psnr_source_expression=float(s_.mean()),
                                jaw_drop=float(d.mean() - s_.mean()))
     report["fps_per_frame_unbatched"] = n_frames / t_model

@@ -31,9 +31,9 @@ the target, 4 px margin; images rounded to 8 bits), the mouth-box PSNR against t
   the source (new surface: the synthetic head's mouth interior, degenerate while the mouth is
   closed, opens with the jaw).
 
-``--oracle N``: for N of the pairs (every pairs / N-th), two delta oracles (the expression decoder's output
-replaced by a per-pair optimised delta, everything else fixed; 40 Adam steps, lr 0.01, from the
-model's delta):
+``--oracle N``: for N of the pairs (every pairs / N-th), two delta oracles (the expression
+decoder's output replaced by a per-pair optimised delta, everything else fixed; 40 Adam steps,
+lr 0.01, from the model's delta):
 
 * ``delta_landmarks``: delta optimised against the dense motion's landmark error (mouth + all
   68, as tools/mmfa_diagnose.py), then rendered;
@@ -145,8 +145,9 @@ def main(argv=None) -> int:
     keys = ("model", "model_source_expression", "copy_source", "gt_warp",
             "gt_warp_source_expression", "gt_warp_inpainted", "model_gt_warp")
     rows = {k: [] for k in keys}
-    occ, occ_se, opening, painted, oracle = [], [], [], [], {"model": [], "delta_landmarks": [], "delta_image": [],
-                       "mouth_lm_before": [], "mouth_lm_after": []}
+    occ, occ_se, opening, painted = [], [], [], []
+    oracle = {"model": [], "delta_landmarks": [], "delta_image": [],
+              "mouth_lm_before": [], "mouth_lm_after": []}
     # the mouth check's pairs, args.pairs of them spread evenly over the set
     keep = [i for i in range(len(ds)) if expression_difference(
         ds[i]["source"]["coeffs"].numpy(), ds[i]["target"]["coeffs"].numpy()) > MOVING_EXP_L2]

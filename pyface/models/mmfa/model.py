@@ -522,8 +522,8 @@ class MMFA(TrainableModel):
         [-1, 1], required with ``source_blend`` -> {"images": [coarse..fine] (B, 3, r, r),
         "mask" (B, K+1, D, h, w), "occlusion" (B, 1, h, w), with ``source_blend`` also "blend":
         [coarse..fine] (B, 1, r, r), its pre-activations "blend_logits" (same shapes) and the
-        decoder's own finest colour "rgb" (B, 3, R, R); with ``source_blend`` or ``flow`` also "flow" (B, h, w, 2),
-        the depth-averaged backward motion (x, y) on the [-1, 1] grid}."""
+        decoder's own finest colour "rgb" (B, 3, R, R); with ``source_blend`` or ``flow`` also
+        "flow" (B, h, w, 2), the depth-averaged backward motion (x, y) on the [-1, 1] grid}."""
         blend = self.cfg.source_blend
         if blend and (source is None or source.shape[0] != volume.shape[0]):
             raise ValueError(f"source: expected shape ({volume.shape[0]}, 3, "
