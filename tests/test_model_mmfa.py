@@ -280,6 +280,78 @@ def test_landmark_term_in_the_step_and_without_landmarks(data_root):
         m.step("G", batch, None)
 
 
+def test_mouth_term_weights_the_mouth_box_of_the_driving_frame(data_root):
+    from pyface.data.datasets import PairDataset
+    from pyface.models.mmfa.model import masked_l1, mouth_box_mask
+
+    lm = torch.zeros(2, 68, 2)
+    lm[:, 48:68, 0] = torch.linspace(10.0, 20.0, 20)
+    lm[:, 48:68, 1] = torch.linspace(22.0, 25.0, 20)
+    lm[1, 48:68] += 3.0
+    box = mouth_box_mask(lm, RES, 2.0)
+    assert box.shape == (2, 1, RES, RES)
+    ys, xs = box[0, 0].nonzero().T            # pixel centres i + 0.5 in [8, 22] x [20, 27]
+    assert (int(xs.min()), int(xs.max()), int(ys.min()), int(ys.max())) == (8, 21, 20, 26)
+    torch.testing.assert_close(box[1, 0, 3:, 3:], box[0, 0, :-3, :-3])
+    with pytest.raises(ValueError, match="landmarks"):
+        mouth_box_mask(lm[:, :60], RES, 2.0)
+    pred, tgt = torch.zeros(2, 3, RES, RES), torch.zeros(2, 3, RES, RES)
+    tgt[:, :, 0, 0] = 1.0                      # an error outside both boxes does not count
+    assert float(masked_l1(pred, tgt, box)) == 0.0
+    tgt[0, :, 22, 12] = 1.0
+    assert abs(float(masked_l1(pred, tgt, box)) - 0.5 / float(box[0].sum())) < 1e-7
+    with pytest.raises(ValueError, match="mask"):
+        masked_l1(pred, tgt, box[:, :, :-1])
+    ds = PairDataset(data_root, resolution=RES)
+    batch = torch.utils.data.default_collate([ds[0], ds[1]])
+    zero = dict(w_rec=0.0, w_landmark=0.0, w_exp_landmark=0.0, w_equivariance=0.0,
+                w_exp_consistency=0.0, w_prior=0.0, w_delta=0.0, w_canonical=0.0, w_gan=0.0,
+                w_fm=0.0, source_blend=True)
+    assert "mouth_l1" not in micro_model(**zero).step("G", batch, None)   # off by default
+    m = micro_model(w_mouth=10.0, **zero)
+    logs = m.step("G", batch, None)
+    assert float(logs["mouth_l1"]) > 0
+    logs["loss"].backward()
+    assert m.decoder.to_image[-1].weight.grad.abs().sum() > 0
+    assert m.pose_encoder.fc.weight.grad.abs().sum() > 0   # the box's content moves with s, t
+
+
+def test_blend_cap_bounds_the_source_blend_mask(data_root):
+    from pyface.data.datasets import PairDataset
+
+    with pytest.raises(ValueError, match="blend_cap"):
+        micro_model(source_blend=True, blend_cap=0.0)
+    ds = PairDataset(data_root, resolution=RES)
+    src = torch.stack([ds[0]["source"]["image"], ds[1]["source"]["image"]]).float() / 127.5 - 1
+    rot = torch.eye(3).expand(2, 3, 3)
+    for cap in (1.0, 0.9):
+        torch.manual_seed(0)
+        m = micro_model(source_blend=True, blend_cap=cap).eval()
+        with torch.no_grad():
+            for conv in m.decoder.to_image:        # a saturated mask: tanh -> 1
+                conv.bias[3] = 50.0
+            out = m(src, src, rot, rot)
+        blend = out["blend"][-1]
+        assert float(blend.max()) <= cap + 1e-6 and float(blend.min()) > cap - 1e-3
+    # the bound penalty: only the pre-activation beyond +-blend_bound counts, and it has a
+    # gradient where the tanh has none
+    ds_batch = torch.utils.data.default_collate([ds[0], ds[1]])
+    zero = dict(w_rec=0.0, w_landmark=0.0, w_exp_landmark=0.0, w_equivariance=0.0,
+                w_exp_consistency=0.0, w_prior=0.0, w_delta=0.0, w_canonical=0.0, w_gan=0.0,
+                w_fm=0.0, source_blend=True)
+    m = micro_model(w_blend_bound=1.0, blend_bound=3.0, **zero)
+    with torch.no_grad():
+        for conv in m.decoder.to_image:
+            conv.bias[3] = 50.0
+    logs = m.step("G", ds_batch, None)
+    assert 40.0 < float(logs["blend_bound"]) < 60.0
+    logs["loss"].backward()
+    # d/d bias of mean(relu(x - 3)) over pixels, averaged over the 3 scales: 1 / 3
+    assert abs(float(m.decoder.to_image[-1].bias.grad[3]) - 1 / 3) < 1e-3
+    m = micro_model(w_blend_bound=1.0, blend_bound=3.0, **zero)  # bias 2: inside the bound
+    assert float(m.step("G", ds_batch, None)["blend_bound"]) < 1e-2
+
+
 def test_placement_from_label_is_the_projected_head_centre():
     from pyface.face.cameras import FFHQ_FOCAL, deep3d_to_label
     from pyface.models.mmfa.motion import placement_from_label

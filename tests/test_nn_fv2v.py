@@ -161,6 +161,11 @@ def test_multiscale_decoder_tiny():
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y)
     assert not torch.allclose(dec(vol)[2], dec(torch.randn(2, 4, 2, 8, 8))[2])
+    # the pre-activations: tanh of them is the output
+    images, logits = dec(vol, return_logits=True)
+    for img, x in zip(images, logits):
+        torch.testing.assert_close(img, torch.tanh(x))
+        assert x.abs().max() > 0
     with pytest.raises(ValueError, match="volume: expected shape"):
         dec(torch.randn(2, 3, 2, 8, 8))
     with pytest.raises(ValueError, match="occlusion: expected shape \\(2, 1, 8, 8\\)"):

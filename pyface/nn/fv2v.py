@@ -400,8 +400,11 @@ class MultiScaleDecoder(nn.Module):
         self.up = nn.ModuleList(UpBlock2d(ch[s] + c.image_channel, ch[s + 1])
                                 for s in range(n - 1))
 
-    def forward(self, volume: torch.Tensor,
-                occlusion: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def forward(self, volume: torch.Tensor, occlusion: torch.Tensor | None = None,
+                return_logits: bool = False):
+        """See the class docstring; ``return_logits=True`` also returns each scale's
+        ``to_image`` output before the output activation: ``(images, logits)``, both lists of
+        (B, image_channel, H * 2^s, W * 2^s)."""
         c = self.cfg
         if volume.dim() == 5:
             B, C, D, H, W = volume.shape
@@ -418,10 +421,11 @@ class MultiScaleDecoder(nn.Module):
                 raise ValueError(f"occlusion: expected shape ({x.shape[0]}, 1, {x.shape[2]}, "
                                  f"{x.shape[3]}), got {tuple(occlusion.shape)}")
             x = x * occlusion
-        images = []
+        images, logits = [], []
         for s in range(len(c.channels)):
             x = self.res[s](x)
             img = self.to_image[s](x)
+            logits.append(img)
             if c.output == "tanh":
                 img = torch.tanh(img)
             elif c.output == "sigmoid":
@@ -429,4 +433,4 @@ class MultiScaleDecoder(nn.Module):
             images.append(img)
             if s < len(self.up):
                 x = self.up[s](torch.cat([x, img], dim=1))
-        return images
+        return (images, logits) if return_logits else images

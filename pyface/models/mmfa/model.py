@@ -85,7 +85,16 @@ class MMFAConfig:
     perspective size), so that s and t carry where the head is and not the face's shape, which
     then stays in the source's canonical keypoints (another identity's s and t otherwise resize
     the source's face in cross-identity reenactment); frames without ``camera`` warn once and the
-    term is off.
+    term is off. ``w_mouth`` the mouth term (our deviation, off in every preset;
+    :func:`mouth_box_mask`, :func:`masked_l1`): the final output's L1 error inside the box of the
+    driving frame's mouth landmarks (48-67, widened by ``mouth_margin`` pixels at 64^2, scaled
+    with the resolution), averaged over the box's pixels, plus (with ``source_blend``) the same
+    error of the decoder's own colour, so that the decoder paints what no warp of the source
+    contains (the inside of an opening mouth); frames without landmarks: the landmark terms'
+    warning, and the term is off. ``blend_cap``, ``w_blend_bound`` / ``blend_bound``: the
+    source blend's mask m = blend_cap (tanh x + 1) / 2, and a penalty on |x| beyond the bound
+    that keeps the tanh from saturating (a saturated mask passes no gradient, and the decoder
+    then never paints).
     """
 
     resolution: int = 256
@@ -117,6 +126,14 @@ class MMFAConfig:
     # deviation (off in "full"): blend each output with the source image warped by the
     # depth-averaged dense motion, mask from a 4th decoder channel (see docs/models/mmfa.md)
     source_blend: bool = False
+    # the blend mask's largest value (1: uncapped, every preset); below 1 the decoder's own
+    # colour always enters every pixel, so it keeps training where the warped source wins
+    blend_cap: float = 1.0
+    # the blend mask's pre-activation x (m = blend_cap (tanh x + 1) / 2) is kept within
+    # +-blend_bound by the penalty w_blend_bound * mean(relu(|x| - blend_bound)) (0: off), so
+    # that the tanh does not saturate and m keeps learning (docs/models/mmfa.md)
+    w_blend_bound: float = 0.0
+    blend_bound: float = 3.0
     # encoders and expression codec
     enc_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512, 512])
     exp_dim: int = 128
@@ -144,6 +161,8 @@ class MMFAConfig:
     exp_landmark_loss: str = "l1"
     exp_detach: bool = False
     w_placement: float = 0.0
+    w_mouth: float = 0.0
+    mouth_margin: float = 4.0
     sigma_affine: float = 0.05
     sigma_tps: float = 0.005
     # optimisation
@@ -276,6 +295,33 @@ def landmark_flow_loss(flow: torch.Tensor, lm_source: torch.Tensor, lm_driving: 
     return (err * w).sum(-1).mean() / w.sum()
 
 
+def mouth_box_mask(landmarks: torch.Tensor, size: int, margin: float) -> torch.Tensor:
+    """The mouth term's region: landmarks (B, 68, 2) in pixels of ``size``-pixel frames ->
+    (B, 1, size, size) float mask, 1 at the pixels whose centres lie in the box of the mouth
+    landmarks 48-67 widened by ``margin`` pixels on every side."""
+    if landmarks.dim() != 3 or tuple(landmarks.shape[1:]) != (68, 2):
+        raise ValueError(f"landmarks: expected shape (B, 68, 2), got {tuple(landmarks.shape)}")
+    pts = landmarks[:, 48:68].float()
+    lo, hi = pts.amin(1) - margin, pts.amax(1) + margin                     # (B, 2)
+    c = torch.arange(size, device=landmarks.device, dtype=torch.float32) + 0.5
+    inx = (c >= lo[:, :1]) & (c <= hi[:, :1])                               # (B, size)
+    iny = (c >= lo[:, 1:]) & (c <= hi[:, 1:])
+    return (iny[:, :, None] & inx[:, None, :]).float()[:, None]
+
+
+def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """pred, target (B, C, H, W); mask (B, 1, H, W) in [0, 1] -> () the mean over the batch of
+    each sample's mean abs error inside its mask (0 for an empty mask)."""
+    if pred.shape != target.shape:
+        raise ValueError(f"target: expected shape {tuple(pred.shape)} (pred's), got "
+                         f"{tuple(target.shape)}")
+    if mask.shape != (pred.shape[0], 1, *pred.shape[2:]):
+        raise ValueError(f"mask: expected shape ({pred.shape[0]}, 1, {pred.shape[2]}, "
+                         f"{pred.shape[3]}), got {tuple(mask.shape)}")
+    err = ((pred - target).abs() * mask).sum((1, 2, 3))
+    return (err / (mask.sum((1, 2, 3)) * pred.shape[1]).clamp_min(1.0)).mean()
+
+
 def images_of(frame: dict, name: str, resolution: int) -> torch.Tensor:
     """``frame["image"]`` (B, 3, R, R), uint8 or float in [-1, 1] -> float in [-1, 1]."""
     if not isinstance(frame, dict) or "image" not in frame:
@@ -358,6 +404,9 @@ class MMFA(TrainableModel):
             raise ValueError(f"model.exp_detach: needs model.w_exp_landmark > 0 (the expression "
                              f"encoder's only training signal then), got w_exp_landmark = "
                              f"{cfg.w_exp_landmark}")
+        if not 0.0 < cfg.blend_cap <= 1.0:
+            raise ValueError(f"model.blend_cap: expected a value in (0, 1], got "
+                             f"{cfg.blend_cap}")
         m = 2 ** cfg.app_down
         if cfg.resolution % m:
             raise ValueError(f"model.resolution: expected a multiple of 2^app_down = {m}, got "
@@ -472,8 +521,9 @@ class MMFA(TrainableModel):
         """volume (B, C, D, h, w); kp_source, kp_driving (B, K, 3); source (B, 3, R, R) in
         [-1, 1], required with ``source_blend`` -> {"images": [coarse..fine] (B, 3, r, r),
         "mask" (B, K+1, D, h, w), "occlusion" (B, 1, h, w), with ``source_blend`` also "blend":
-        [coarse..fine] (B, 1, r, r); with ``source_blend`` or ``flow`` also "flow" (B, h, w, 2),
-        the depth-averaged backward motion (x, y) on the [-1, 1] grid}."""
+        [coarse..fine] (B, 1, r, r), its pre-activations "blend_logits" (same shapes) and the
+        decoder's own finest colour "rgb" (B, 3, R, R); with ``source_blend`` or ``flow`` also
+        "flow" (B, h, w, 2), the depth-averaged backward motion (x, y) on the [-1, 1] grid}."""
         blend = self.cfg.source_blend
         if blend and (source is None or source.shape[0] != volume.shape[0]):
             raise ValueError(f"source: expected shape ({volume.shape[0]}, 3, "
@@ -485,15 +535,17 @@ class MMFA(TrainableModel):
         warped = self.dense_motion.warp(volume, kp_source=kp_source, kp_driving=kp_driving,
                                         mask=dm["mask"])
         occ = dm.get("occlusion_map")
-        images = self.decoder(warped, occ)
+        images, logits = self.decoder(warped, occ, return_logits=True)
         out = {"images": images, "mask": dm["mask"], "occlusion": occ}
         if blend or flow:
             out["flow"] = dm["deformation"][..., :2].mean(1)   # (B, h, w, 2): depth-averaged
         if blend:
+            out["rgb"] = images[-1][:, :3]                 # the decoder's own colour
+            out["blend_logits"] = [x[:, 3:] for x in logits]
             out["images"], out["blend"] = [], []
             for img in images:
                 w = warp_image(source, out["flow"], img.shape[-1])
-                m = (img[:, 3:] + 1) / 2
+                m = self.cfg.blend_cap * (img[:, 3:] + 1) / 2
                 out["images"].append(m * w + (1 - m) * img[:, :3])
                 out["blend"].append(m)
         return out
@@ -584,7 +636,8 @@ class MMFA(TrainableModel):
         kp_s = pose_keypoints(kc, rs, mo["scale"][:B], mo["translation"][:B], delta[:B])
         kp_d = pose_keypoints(kc, rd, mo["scale"][B:2 * B], mo["translation"][B:2 * B],
                               delta[B:2 * B])
-        lms = (self._landmarks(batch) if c.w_landmark > 0 or c.w_exp_landmark > 0 else None)
+        lms = (self._landmarks(batch)
+               if c.w_landmark > 0 or c.w_exp_landmark > 0 or c.w_mouth > 0 else None)
         out = self.render(self.appearance(src), kp_s, kp_d, src,
                           flow=lms is not None and c.w_landmark > 0)
         logs = {}
@@ -611,6 +664,19 @@ class MMFA(TrainableModel):
         if lms is not None:
             loss = loss + loss_lm
         final = out["images"][-1]
+        if lms is not None and c.w_mouth > 0:
+            box = mouth_box_mask(lms[1], final.shape[-1],
+                                 c.mouth_margin * final.shape[-1] / 64)
+            mouth = masked_l1(final.float(), drv, box)
+            logs["mouth_l1"] = mouth.detach()
+            if "rgb" in out:        # the decoder's own colour too, whatever the blend mask
+                mouth = mouth + masked_l1(out["rgb"].float(), drv, box)
+            loss = loss + c.w_mouth * mouth
+        if c.source_blend and c.w_blend_bound > 0:
+            bound = sum(F.relu(x.float().abs() - c.blend_bound).mean()
+                        for x in out["blend_logits"]) / len(out["blend_logits"])
+            logs["blend_bound"] = bound.detach()
+            loss = loss + c.w_blend_bound * bound
         if self.perceptual is not None:
             per = self.perceptual(final.float(), drv)
             logs["perceptual"] = per.detach()
@@ -662,7 +728,7 @@ class MMFA(TrainableModel):
             if lm is None or lm.dim() != 3 or tuple(lm.shape[1:]) != (68, 2):
                 if not self._lm_warned:
                     got = None if lm is None else tuple(lm.shape)
-                    warnings.warn(f"MMFA: model.w_landmark or model.w_exp_landmark > 0 but "
+                    warnings.warn(f"MMFA: model.w_landmark, w_exp_landmark or w_mouth > 0 but "
                                   f"batch['{name}']['landmarks'] is {got}, expected (B, 68, 2); "
                                   f"the landmark terms are off")
                     self._lm_warned = True
