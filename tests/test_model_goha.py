@@ -1,6 +1,6 @@
 """GOHA (pyface/models/goha): framing, blocks, masks, stage s1's engine step and exact resume,
 the s1 -> s1_gan -> s2 chain (one step each), s2's exact resume, pipelines on tiny checkpoints,
-bad input."""
+bad input, the tiny preset's training set."""
 from __future__ import annotations
 
 import pytest
