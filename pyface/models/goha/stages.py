@@ -26,6 +26,7 @@ fake images of a step's G phase (detached) feed the same step's D phase.
 """
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -37,7 +38,7 @@ from pyface.nn.gfpgan import GFPGANConfig, GFPGANDiscriminatorConfig
 from pyface.nn.losses import gan_d_loss, gan_g_loss, r1_penalty
 from pyface.train.model import Phase, Stage, StepContext, load_pretrained
 
-from pyface.models.goha.model import GOHA, GPU_SHORT_MODEL, TINY_MODEL, PLANE_AXES
+from pyface.models.goha.model import GOHA, GPU_SHORT_MODEL, TINY_DATA, TINY_MODEL, PLANE_AXES
 
 log = logging.getLogger("pyface.models.goha")
 
@@ -214,7 +215,7 @@ class GOHAGAN(_GANStage):
         # tiny: at s1's final (decayed) learning rate: at 1e-3 the 60 steps undo s1's settled
         # render (-0.30 dB held out; 1e-4: +0.14 dB, docs/models/goha.md)
         "tiny": {"model": {**TINY_MODEL, "lr": 1e-4},
-                 "data": {"name": "pairs", "resolution": 64},
+                 "data": copy.deepcopy(TINY_DATA),
                  "train": {"steps": 60, "batch_size": 2, "grad_clip": 1000.0,
                            "ckpt_every": 60, "image_every": 60, "log_every": 10,
                            "num_workers": 1}},
@@ -269,7 +270,7 @@ class GOHASR(_GANStage):
         # tiny: GFPGAN at 1/32 width from random weights cannot learn an identity within 60
         # steps (it lost 0.35 dB against a bilinear upsampling): residual on the upsampling
         "tiny": {"model": {**TINY_MODEL, "d_interval": 1, "lr_d": 5e-3, "sr_residual": True},
-                 "data": {"name": "pairs", "resolution": 64},
+                 "data": copy.deepcopy(TINY_DATA),
                  "train": {"steps": 60, "batch_size": 2, "grad_clip": 1000.0,
                            "ckpt_every": 60, "image_every": 60, "log_every": 10,
                            "num_workers": 1}},
