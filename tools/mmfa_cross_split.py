@@ -25,7 +25,6 @@ reenactment then puts on the source.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -37,7 +36,7 @@ from pyface.data.reenactment import reenactment_pairs
 from pyface.models.mmfa.motion import placement_from_label
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mmfa_eval import frame, psnr, to01  # noqa: E402
+from mmfa_eval import emit_report, frame, psnr, to01  # noqa: E402
 
 VARIANTS = {"driving_st": {}, "source_st": {"cross_identity": True},
             "driving_s_source_t": {"translation": "source"},
@@ -89,10 +88,7 @@ def main(argv=None) -> int:
               "psnr": {k: float(np.nanmean(v)) for k, v in rows.items()},
               "placement": {k: float(np.mean(v)) for k, v in moves.items() if v}}
     report["margin"] = {k: report["psnr"][k] - report["psnr"]["copy"] for k in VARIANTS}
-    print(json.dumps(report, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    emit_report(report, args.json)
     return 0
 
 

@@ -13,7 +13,6 @@ and the whole-image PSNR of the output.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -31,6 +30,7 @@ from pyface.data.reenactment import (MOVING_EXP_L2, expression_difference,  # no
 from pyface.models.mmfa.model import (landmark_flow_loss, landmark_point_weights,  # noqa: E402
                                       l1_pyramid)
 from pyface.models.mmfa.motion import deep3d_to_keypoint_rotation, pose_keypoints  # noqa: E402
+from mmfa_eval import emit_report  # noqa: E402
 
 
 @torch.no_grad()
@@ -110,10 +110,7 @@ def main(argv=None) -> int:
     report["train_loss_first_last_10"] = [float(np.mean(losses[:10])), float(np.mean(losses[-10:]))]
     report["after"] = mouth_check(pipe, pairs)
     report["cpu_s"] = time.process_time() - t0
-    print(json.dumps(report, indent=1))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=1)
+    emit_report(report, args.json)
     return 0
 
 

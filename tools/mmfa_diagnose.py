@@ -28,7 +28,6 @@ the right delta.
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 import torch
@@ -37,6 +36,7 @@ import pyface.models
 from pyface.data.reenactment import MOVING_EXP_L2, expression_difference, reenactment_pairs
 from pyface.models.mmfa.model import landmark_flow_loss
 from pyface.models.mmfa.motion import pose_keypoints
+from mmfa_eval import emit_report
 
 PARTS = {"all": range(0, 68), "mouth": range(48, 68), "eyes": range(36, 48), "jaw": range(0, 17)}
 
@@ -155,10 +155,7 @@ def main(argv=None) -> int:
                                   "mouth_after": float(o[:, 1].mean()),
                                   "all_before": float(o[:, 2].mean()),
                                   "all_after": float(o[:, 3].mean())}
-    print(json.dumps(report, indent=1))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=1)
+    emit_report(report, args.json)
     return 0
 
 

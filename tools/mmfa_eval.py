@@ -130,6 +130,15 @@ def vae_checks(run: str, data: str, device) -> dict:
 
 
 @torch.no_grad()
+def emit_report(report: dict, path: str | None) -> None:
+    """Print ``report`` as JSON and, when ``path`` is given, write it there too (every MMFA tool's
+    output)."""
+    print(json.dumps(report, indent=1))
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", default=None)
@@ -144,10 +153,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.vae:
         report = vae_checks(args.vae, args.data, args.device)
-        print(json.dumps(report, indent=1))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(report, f, indent=1)
+        emit_report(report, args.json)
         return 0
     if not args.checkpoint:
         ap.error("--checkpoint or --vae is required")
@@ -278,10 +284,7 @@ def main(argv=None) -> int:
                                jaw_psnr_source_expression=float(s_.mean()),
                                jaw_drop=float(d.mean() - s_.mean()))
     report["fps_per_frame_unbatched"] = n_frames / t_model
-    print(json.dumps(report, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    emit_report(report, args.json)
     return 0
 
 

@@ -30,7 +30,6 @@ learn to read the mouth at all from those identities.
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 import torch
@@ -39,6 +38,7 @@ import pyface.models
 from pyface.data.datasets import FrameDataset
 from pyface.models.mmfa.model import MMFA, MMFAConfig, expression_landmark_loss
 from pyface.models.mmfa.motion import ImageEncoder
+from mmfa_eval import emit_report
 
 
 def ridge_r2(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> float:
@@ -167,10 +167,7 @@ def main(argv=None) -> int:
         report["fit_encoder"] = fit_encoder(
             net.cfg, frames_of(pipe, args.fit_encoder),
             (img, torch.as_tensor(lms), None, groups, None), args.steps, args.fit_loss)
-    print(json.dumps(report, indent=1))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=1)
+    emit_report(report, args.json)
     return 0
 
 

@@ -43,7 +43,6 @@ lr 0.01, from the model's delta):
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
@@ -58,6 +57,7 @@ from pyface.face.morphable import MorphableModel
 from pyface.face.render import render_mesh
 from pyface.models.mmfa.model import landmark_flow_loss
 from pyface.models.mmfa.motion import pose_keypoints
+from mmfa_eval import emit_report
 
 OCCLUSION_TOL = 0.01   # EG3D units of camera depth (the head is about 0.5 deep)
 STRETCH_RATIO = 0.25   # a target triangle whose source area is below this share is new surface
@@ -258,10 +258,7 @@ def main(argv=None) -> int:
         report["oracle"] = {"pairs": len(oracle["model"]),
                             **{k: float(np.mean(v)) for k, v in oracle.items()}}
     report["cpu_s"] = time.process_time() - t0
-    print(json.dumps(report, indent=1))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=1)
+    emit_report(report, args.json)
     return 0
 
 

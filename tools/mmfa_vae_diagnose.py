@@ -22,12 +22,12 @@ the training folder (``--train``, e.g. the built-in set the MMFA was trained on)
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 import pyface.models
 from pyface.data.datasets import FrameDataset
+from mmfa_eval import emit_report
 
 
 @torch.no_grad()
@@ -93,10 +93,7 @@ def main(argv=None) -> int:
         r["norm"] = {"endpoints": [float(z[i].norm()), float(z[j].norm())],
                      "median": float(z.norm(dim=1).median())}
         report[name] = r
-    print(json.dumps(report, indent=1))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=1)
+    emit_report(report, args.json)
     return 0
 
 
