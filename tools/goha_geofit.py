@@ -18,6 +18,18 @@ from pyface.nn import OSGDecoder, RenderConfig, TriplaneRenderer
 from pyface.ops import ray_bundle
 
 
+def free_triplane(scale: float, lr: float):
+    """A free tri-plane (1, 3, 16, 32, 32) with its decoder, the tiny preset's renderer (12 + 12
+    samples, corrected axes, the synthetic cameras' ray range) and an Adam over both."""
+    planes = torch.nn.Parameter(torch.randn(1, 3, 16, 32, 32) * scale)
+    dec = OSGDecoder(16, 32, 8)
+    ren = TriplaneRenderer(RenderConfig(depth_resolution=12, depth_resolution_importance=12,
+                                        plane_axes="xy_xz_zy", ray_start=2.25, ray_end=3.3,
+                                        box_warp=1.0))
+    opt = torch.optim.Adam([planes, *dec.parameters()], lr=lr, betas=(0.9, 0.99))
+    return planes, dec, ren, opt
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("data")
@@ -27,12 +39,7 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     ds = FrameDataset(args.data, 32)
-    planes = torch.nn.Parameter(torch.randn(1, 3, 16, 32, 32) * args.scale)
-    dec = OSGDecoder(16, 32, 8)
-    ren = TriplaneRenderer(RenderConfig(depth_resolution=12, depth_resolution_importance=12,
-                                        plane_axes="xy_xz_zy", ray_start=2.25, ray_end=3.3,
-                                        box_warp=1.0))
-    opt = torch.optim.Adam([planes, *dec.parameters()], lr=args.lr, betas=(0.9, 0.99))
+    planes, dec, ren, opt = free_triplane(args.scale, args.lr)
     g = torch.Generator().manual_seed(0)
     t0 = time.time()
     for s in range(args.steps + 1):

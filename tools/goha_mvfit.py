@@ -13,8 +13,8 @@ import argparse
 
 import torch
 
+from goha_geofit import free_triplane
 from pyface.data.datasets import FrameDataset
-from pyface.nn import OSGDecoder, RenderConfig, TriplaneRenderer
 from pyface.ops import ray_bundle
 
 
@@ -29,12 +29,7 @@ def main():
     ds = FrameDataset(args.data, 32)
     a, b = int(ds.offsets[args.video]), int(ds.offsets[args.video + 1])
     fit, held = list(range(a, b, 2)), list(range(a + 1, b, 2))
-    planes = torch.nn.Parameter(torch.randn(1, 3, 16, 32, 32) * 0.1)
-    dec = OSGDecoder(16, 32, 8)
-    ren = TriplaneRenderer(RenderConfig(depth_resolution=12, depth_resolution_importance=12,
-                                        plane_axes="xy_xz_zy", ray_start=2.25, ray_end=3.3,
-                                        box_warp=1.0))
-    opt = torch.optim.Adam([planes, *dec.parameters()], lr=args.lr, betas=(0.9, 0.99))
+    planes, dec, ren, opt = free_triplane(0.1, args.lr)
     g = torch.Generator().manual_seed(0)
 
     def batch(ids):

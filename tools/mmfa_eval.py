@@ -91,20 +91,29 @@ def mouth_box(landmarks: torch.Tensor, size: int, margin: int = 4):
 
 
 @torch.no_grad()
-def vae_checks(run: str, data: str, device) -> dict:
+def frame_features(pipe, folder: str):
+    """f_exp (N, exp_dim) and canonical keypoints (N, K, 3) of every frame of ``folder``, in
+    batches of 64 through the pipeline's input preparation."""
     from pyface.data.datasets import FrameDataset
+
+    net = pipe.net
+    frames = FrameDataset(folder, pipe.resolution)
+    fs, ks = [], []
+    for s in range(0, len(frames), 64):
+        img = torch.stack([frames[i]["image"] for i in range(s, min(s + 64, len(frames)))])
+        img = pipe.prepare({"image": img}, batched=True, name="frames")["image"]
+        fs.append(net.exp_encoder(img))
+        ks.append(net.kp_detector(img)["value"])
+    return torch.cat(fs), torch.cat(ks)
+
+
+@torch.no_grad()
+def vae_checks(run: str, data: str, device) -> dict:
     from pyface.nn.vae import active_dims
 
     pipe = pyface.models.load("mmfa_vae", run, device=device)
     net, vae = pipe.net, pipe.model.vae
-    frames = FrameDataset(data, pipe.resolution)
-    feats, kcs = [], []
-    for s in range(0, len(frames), 64):
-        imgs = torch.stack([frames[i]["image"] for i in range(s, min(s + 64, len(frames)))])
-        img = pipe.prepare({"image": imgs}, batched=True, name="frames")["image"]
-        feats.append(net.exp_encoder(img))
-        kcs.append(net.kp_detector(img)["value"])
-    f, kc = torch.cat(feats), torch.cat(kcs)
+    f, kc = frame_features(pipe, data)
     mu, logvar = vae.encode(f)
     rec = vae.decode(mu)
     out = {"frames": int(f.shape[0]),

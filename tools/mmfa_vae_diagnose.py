@@ -26,22 +26,7 @@ import argparse
 import torch
 
 import pyface.models
-from pyface.data.datasets import FrameDataset
-from mmfa_eval import emit_report
-
-
-@torch.no_grad()
-def features(pipe, folder: str):
-    """f_exp (N, exp_dim) and canonical keypoints (N, K, 3) of every frame of ``folder``."""
-    net = pipe.net
-    frames = FrameDataset(folder, pipe.resolution)
-    fs, ks = [], []
-    for s in range(0, len(frames), 64):
-        img = torch.stack([frames[i]["image"] for i in range(s, min(s + 64, len(frames)))])
-        img = pipe.prepare({"image": img}, batched=True, name="frames")["image"]
-        fs.append(net.exp_encoder(img))
-        ks.append(net.kp_detector(img)["value"])
-    return torch.cat(fs), torch.cat(ks)
+from mmfa_eval import emit_report, frame_features as features
 
 
 @torch.no_grad()
