@@ -15,9 +15,14 @@
   negative), with a learnable temperature; optionally ([D]) a video-invariance term
   (:func:`video_invariance`) and f_e on beta whitened by the training videos' mean-expression
   covariance (``whiten``), which the same-video InfoNCE alone cannot learn to ignore.
+* ``fe_init="fisher"`` ([D]): a linear f_e starts at the closed-form minimiser of the
+  video-invariance term (:func:`fisher_directions`, the generalised eigenvectors of the within-
+  and between-video scatter of beta over the stage's training videos); ``fe_freeze`` keeps it
+  there and trains only f_I and the temperature.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +32,8 @@ from torch import nn
 from pyface.nn.codebook import LearnableTemperature, OrthogonalBasis, info_nce
 from pyface.nn.encoders import ResNetEncoder
 from pyface.train.model import Phase, StepContext, TrainableModel
+
+log = logging.getLogger(__name__)
 
 #: slice of the expression coefficients in a Deep3DFaceRecon vector (257,)
 EXP_SLICE = slice(80, 144)
@@ -79,6 +86,14 @@ class CLeBSConfig:
         whiten: f_e whitens beta by the running covariance of the training videos' mean
             expression before its MLP ([D], :meth:`ExpressionEncoder.update_video_stats`;
             the statistics are buffers of f_e, frozen with it after pre-training).
+        fe_init: ``"none"`` (default: random f_e) or ``"fisher"`` ([D]): before the first
+            training step, one pass over the training set's stored coefficients (no images)
+            sets a linear f_e (``hidden: []``) to the closed-form minimiser of the
+            video-invariance term: the n directions of beta with the largest within-video over
+            between-video variance (:func:`fisher_directions`; with ``whiten`` the whitening
+            statistics are set from the same pass).
+        fe_freeze: keep f_e (and its whitening statistics) fixed; only f_I and the temperature
+            are trained ([D], default off).
     """
 
     n: int = 10
@@ -95,6 +110,11 @@ class CLeBSConfig:
     offset_noise: float = 0.0
     w_invariance: float = 0.0
     whiten: bool = False
+    fe_init: str = "none"
+    fe_freeze: bool = False
+
+
+FE_INITS = ("none", "fisher")
 
 
 def augment_frames(img: torch.Tensor, amount: float) -> torch.Tensor:
@@ -125,6 +145,59 @@ def video_invariance(lam: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     within = lam.var(1).mean(0)                       # (n,)
     return (between / (within + eps)).sum()
 
+
+def video_mean_whitener(cov: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
+    """cov (k, k): covariance of the per-video mean expression -> the symmetric whitener
+    ``V diag(1 / sqrt(e + eps mean(e))) V^T`` (k, k) of its eigendecomposition ``V diag(e) V^T``
+    (float64; ``eps`` regularises the directions the videos' means do not span)."""
+    e, V = torch.linalg.eigh(cov.double())
+    e = e.clamp_min(0)
+    inv = (e + eps * e.mean() + 1e-12).rsqrt()
+    return (V * inv) @ V.t()
+
+
+@torch.no_grad()
+def fisher_directions(videos: list[torch.Tensor], n: int, eps: float = 1e-2) -> dict:
+    """The closed-form minimiser of :func:`video_invariance` for a LINEAR map of beta.
+
+    videos: per-video expression ``(T_v, k)`` (at least 2 videos of at least 2 frames each).
+    The ratio of between-video to within-video variance of ``beta a`` is a generalised Rayleigh
+    quotient; after whitening by the covariance of the video means (:func:`video_mean_whitener`,
+    between-video scatter about the identity) its minimisers are the top eigenvectors of the
+    within-video scatter of the whitened expression (LDA / Fisher directions, most within-video
+    variance per unit of between-video variance).
+
+    Returns a dict (float64 tensors): ``mean`` (k,) the mean of the video means, ``cov`` (k, k)
+    their covariance, ``whitener`` (k, k), ``proj`` (k, n) the whitened directions scaled to
+    unit within-video variance (so ``lambda = (beta - mean) @ whitener @ proj``),
+    ``frame_mean`` (k,) the mean over all frames, and per direction ``within`` (n,) (its
+    within-video variance before scaling) and ``ratio`` (n,) (between over within variance of
+    lambda_i on these videos, what the invariance term sums).
+    """
+    if len(videos) < 2:
+        raise ValueError(f"videos: expected at least 2 videos, got {len(videos)}")
+    k = videos[0].shape[-1]
+    for i, v in enumerate(videos):
+        if v.dim() != 2 or v.shape[0] < 2 or v.shape[1] != k:
+            raise ValueError(f"videos[{i}]: expected (T >= 2, {k}), got {tuple(v.shape)}")
+    if not 1 <= n <= k:
+        raise ValueError(f"n: expected 1 <= n <= {k}, got {n}")
+    vids = [v.double() for v in videos]
+    means = torch.stack([v.mean(0) for v in vids])                       # (V, k)
+    mu = means.mean(0)
+    d = means - mu
+    cov = d.t() @ d / (means.shape[0] - 1)
+    wh = video_mean_whitener(cov, eps)
+    cen = torch.cat([(v - v.mean(0)) @ wh for v in vids])              # (T, k) whitened
+    sw = cen.t() @ cen / cen.shape[0]
+    e, U = torch.linalg.eigh(sw)                                        # ascending
+    within, U = e.flip(0)[:n].clamp_min(1e-12), U.flip(1)[:, :n]
+    proj = U / within.sqrt()
+    lam_means = (means - mu) @ wh @ proj                                 # (V, n)
+    ratio = lam_means.var(0)                 # over the within-video variance, which is 1
+    frame_mean = torch.cat(vids).mean(0)
+    return {"mean": mu, "cov": cov, "whitener": wh, "proj": proj, "frame_mean": frame_mean,
+            "within": within, "ratio": ratio}
 
 
 @torch.no_grad()
@@ -193,10 +266,35 @@ class ExpressionEncoder(nn.Module):
         ema_moments_(self.video_mean, self.video_cov, mu, cov, self.whiten_momentum,
                      first=int(self.video_batches) == 0)
         self.video_batches += 1
-        e, V = torch.linalg.eigh(self.video_cov.double())
-        e = e.clamp_min(0)
-        inv = (e + eps * e.mean() + 1e-12).rsqrt()
-        self.whitener.copy_((V * inv) @ V.t())
+        self.whitener.copy_(video_mean_whitener(self.video_cov, eps))
+
+    @torch.no_grad()
+    def init_fisher(self, videos: list[torch.Tensor], eps: float = 1e-2) -> dict:
+        """Sets a linear f_e (``hidden: []``) to the closed-form minimiser of the video-
+        invariance term on ``videos`` (per-video expression ``(T_v, 64)``;
+        :func:`fisher_directions`): lambda_i = the i-th Fisher direction of beta, unit
+        within-video variance, zero mean over the frames. With ``whiten`` the whitening
+        statistics are set from the same videos (and count as one batch of the running
+        average). Returns :func:`fisher_directions`' dict."""
+        lin = self.mlp[0]
+        if len(self.mlp) != 1 or not isinstance(lin, nn.Linear):
+            raise ValueError("fe_init='fisher': expected a linear f_e (model.hidden = []), got "
+                             f"{len(self.mlp) // 2} hidden layers")
+        fd = fisher_directions(videos, self.n, eps)
+        if self.whiten:
+            self.video_mean.copy_(fd["mean"])
+            self.video_cov.copy_(fd["cov"])
+            self.whitener.copy_(fd["whitener"])
+            self.video_batches.fill_(1)
+            # x = (beta - mean) W; lambda = x proj + b
+            weight = fd["proj"]
+            bias = -((fd["frame_mean"] - fd["mean"]) @ self.whitener.double() @ weight)
+        else:
+            weight = fd["whitener"] @ fd["proj"]
+            bias = -(fd["frame_mean"] @ weight)
+        lin.weight.copy_(weight.t())
+        lin.bias.copy_(bias)
+        return fd
 
     def coefficients(self, beta: torch.Tensor) -> torch.Tensor:
         if beta.dim() < 1 or beta.shape[-1] != EXP_DIM:
@@ -283,15 +381,59 @@ class CLeBS(TrainableModel):
         cfg = cfg or CLeBSConfig()
         if cfg.n < 1 or cfg.n > cfg.dim:
             raise ValueError(f"model.n: expected 1 <= n <= model.dim ({cfg.dim}), got {cfg.n}")
+        if cfg.fe_init not in FE_INITS:
+            raise ValueError(f"model.fe_init: expected one of {FE_INITS}, got {cfg.fe_init!r}")
+        if cfg.fe_init == "fisher" and cfg.hidden:
+            raise ValueError(f"model.fe_init='fisher' needs a linear f_e: expected "
+                             f"model.hidden = [], got {list(cfg.hidden)}")
         self.cfg = cfg
         self.expr = ExpressionEncoder(cfg.n, cfg.dim, cfg.hidden, whiten=cfg.whiten)
         self.image_encoder = ImageEncoder(cfg.dim, cfg.image_stem, cfg.image_widths,
                                           cfg.image_depths)
         self.temperature = LearnableTemperature(cfg.temperature)
+        if cfg.fe_init != "none":
+            # set once the closed-form initialisation ran (saved: a resumed run keeps f_e)
+            self.register_buffer("fe_initialised", torch.zeros((), dtype=torch.bool))
+        if cfg.fe_freeze:
+            self.expr.requires_grad_(False)
+        #: what the last :meth:`init_expression` found (directions' ratios, seconds), or None
+        self.init_report: dict | None = None
 
     def build_optimizers(self):
-        return {"main": torch.optim.AdamW(self.parameters(), lr=self.cfg.lr,
+        params = [p for name, p in self.named_parameters()
+                  if not (self.cfg.fe_freeze and name.startswith("expr."))]
+        return {"main": torch.optim.AdamW(params, lr=self.cfg.lr,
                                           weight_decay=self.cfg.weight_decay)}
+
+    @torch.no_grad()
+    def init_expression(self, dataset) -> dict:
+        """``fe_init='fisher'``: sets f_e from one pass over ``dataset``'s stored coefficients
+        (a video dataset with ``coeffs``, a list per video of ``(T, 257)`` arrays, and, for the
+        ``clips`` dataset, ``clip_videos``; no images are read): the expression of every video
+        the dataset draws from (:meth:`ExpressionEncoder.init_fisher`). Returns a report
+        (videos, frames, seconds, the per-direction between / within ratios)."""
+        import time
+
+        t0 = time.perf_counter()
+        coeffs = getattr(dataset, "coeffs", None)
+        if coeffs is None:
+            raise ValueError(f"dataset: fe_init='fisher' reads the stored coefficients of every "
+                             f"video (a pyface video dataset with .coeffs), got "
+                             f"{type(dataset).__name__}")
+        which = getattr(dataset, "clip_videos", range(len(coeffs)))
+        videos = []
+        for v in which:
+            if coeffs[v] is None:
+                raise ValueError(f"dataset: video {v} has no coeffs.npy; fe_init='fisher' needs "
+                                 f"the coefficients of every video")
+            videos.append(expression_of(torch.as_tensor(coeffs[v]), f"coeffs of video {v}"))
+        fd = self.expr.init_fisher(videos)
+        self.fe_initialised.fill_(True)
+        self.init_report = {"videos": len(videos), "frames": int(sum(len(v) for v in videos)),
+                            "seconds": time.perf_counter() - t0,
+                            "ratio": [round(float(r), 4) for r in fd["ratio"]],
+                            "within": [round(float(w), 4) for w in fd["within"]]}
+        return self.init_report
 
     def phases(self):
         return [Phase("main", "main")]
@@ -317,7 +459,7 @@ class CLeBS(TrainableModel):
         beta = expression_of(coeffs)
         if self.training and self.cfg.offset_noise > 0:
             beta = beta + torch.randn(B, 1, EXP_DIM, device=beta.device) * self.cfg.offset_noise
-        if self.training and self.cfg.whiten and B > 1:
+        if self.training and self.cfg.whiten and B > 1 and not self.cfg.fe_freeze:
             self.expr.update_video_stats(beta)
         lam, beta_p = self.expr(beta)
         return f_img, beta_p, lam
@@ -326,6 +468,11 @@ class CLeBS(TrainableModel):
         if "coeffs" not in batch:
             raise ValueError("batch: CLeBS needs 'coeffs' (B, N, 257) (the clips dataset on "
                              "videos with coeffs.npy)")
+        if self.cfg.fe_init != "none" and self.training and not bool(self.fe_initialised):
+            if ctx.engine is None:
+                raise RuntimeError("model.fe_init='fisher': call model.init_expression(dataset) "
+                                   "before training outside the Trainer")
+            log.info("CLeBS fe_init=fisher: %s", self.init_expression(ctx.engine.dataset))
         f_img, beta_p, lam = self.embed(batch["image"], batch["coeffs"])
         tau = self.temperature()
         loss = info_nce(f_img.float(), beta_p.float(), tau)
