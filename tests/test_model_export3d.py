@@ -324,6 +324,16 @@ def test_video_invariance_ratio():
     assert high > 10 * low
     with pytest.raises(ValueError, match="lam: expected \\(B, N, n\\)"):
         video_invariance(torch.randn(1, 8, 3))
+    # a shared large within-video component hides a per-video offset from the per-coefficient
+    # ratios (e + o, e - o), not from the joint one, which no rotation of lambda changes
+    e, o = 4 * torch.randn(8, 8, 1), torch.randn(8, 1, 1).expand(8, 8, 1)
+    mixed = torch.cat([e + o, e - o, torch.randn(8, 8, 1)], -1)
+    assert video_invariance(mixed) < 1 and video_invariance(mixed, joint=True) > 100
+    rot = torch.linalg.qr(torch.randn(3, 3))[0]
+    torch.testing.assert_close(video_invariance(mixed @ rot, joint=True),
+                               video_invariance(mixed, joint=True), rtol=1e-2, atol=0)
+    torch.testing.assert_close(video_invariance(within, joint=True),
+                               video_invariance(within @ rot, joint=True), rtol=1e-3, atol=0)
     m = CLeBS(CLeBS.Config(n=3, dim=8, hidden=[16], image_stem=8, image_widths=[8, 16],
                            image_depths=[1, 1], resolution=32, w_invariance=0.5))
     batch = {"image": torch.zeros(2, 4, 3, 32, 32, dtype=torch.uint8),
@@ -538,6 +548,8 @@ def test_fisher_init_removes_per_video_offsets():
         ExpressionEncoder(3, 8, [16]).init_fisher(list(beta))
     with pytest.raises(ValueError, match=r"videos\[1\]: expected \(T >= 2, 64\)"):
         fisher_directions([beta[0], beta[1, :1]], 3)
+    with pytest.raises(ValueError, match="model.invariance: expected 'coefficient' or 'joint'"):
+        CLeBS(CLeBS.Config(invariance="trace"))
     with pytest.raises(ValueError, match="model.fe_init: expected one of"):
         CLeBS(CLeBS.Config(fe_init="pca"))
     with pytest.raises(ValueError, match="needs a linear f_e"):

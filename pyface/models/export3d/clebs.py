@@ -16,7 +16,7 @@
   (:func:`video_invariance`) and f_e on beta whitened by the training videos' mean-expression
   covariance (``whiten``), which the same-video InfoNCE alone cannot learn to ignore.
 * ``fe_init="fisher"`` ([D]): a linear f_e starts at the closed-form minimiser of the
-  video-invariance term (:func:`fisher_directions`, the generalised eigenvectors of the within-
+  (joint) video-invariance term (:func:`fisher_directions`, the generalised eigenvectors of the within-
   and between-video scatter of beta over the stage's training videos); ``fe_freeze`` keeps it
   there and trains only f_I and the temperature.
 """
@@ -83,13 +83,17 @@ class CLeBSConfig:
             expression is constant within a video and differs between videos; the InfoNCE over
             frames of one video is blind to such constants, this term is not. It needs many
             training identities to generalise (docs/models/export3d.md, "CLeBS: what limits it").
+        invariance: ``"coefficient"`` (default: the per-coefficient ratios above) or
+            ``"joint"`` ([D]): the rotation-invariant ratio of the between- and within-video
+            covariances of lambda (:func:`video_invariance` with ``joint``), which mixing the
+            coefficients cannot lower.
         whiten: f_e whitens beta by the running covariance of the training videos' mean
             expression before its MLP ([D], :meth:`ExpressionEncoder.update_video_stats`;
             the statistics are buffers of f_e, frozen with it after pre-training).
         fe_init: ``"none"`` (default: random f_e) or ``"fisher"`` ([D]): before the first
             training step, one pass over the training set's stored coefficients (no images)
             sets a linear f_e (``hidden: []``) to the closed-form minimiser of the
-            video-invariance term: the n directions of beta with the largest within-video over
+            (joint) video-invariance term: the n directions of beta with the largest within-video over
             between-video variance (:func:`fisher_directions`; with ``whiten`` the whitening
             statistics are set from the same pass).
         fe_freeze: keep f_e (and its whitening statistics) fixed; only f_I and the temperature
@@ -109,6 +113,7 @@ class CLeBSConfig:
     augment: float = 0.0
     offset_noise: float = 0.0
     w_invariance: float = 0.0
+    invariance: str = "coefficient"
     whiten: bool = False
     fe_init: str = "none"
     fe_freeze: bool = False
@@ -134,13 +139,32 @@ def augment_frames(img: torch.Tensor, amount: float) -> torch.Tensor:
     return out * gain + off
 
 
-def video_invariance(lam: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """lam (B, N, n): the coefficients of N frames of each of B videos (B >= 2) -> scalar:
-    sum over the n coefficients of var_B(mean_N lam) / (mean_B var_N lam + eps). Small when every
-    coefficient varies within a video and its video means agree (an LDA-style ratio)."""
+def video_invariance(lam: torch.Tensor, eps: float = 1e-4, joint: bool = False) -> torch.Tensor:
+    """lam (B, N, n): the coefficients of N frames of each of B videos (B >= 2) -> scalar.
+
+    Default: sum over the n coefficients of var_B(mean_N lam) / (mean_B var_N lam + eps). Small
+    when every coefficient varies within a video and its video means agree (an LDA-style
+    ratio). It is not invariant to mixing the coefficients: a component with a large within-
+    video variance shared by every coefficient lowers each ratio while their differences may
+    still carry a per-video offset (docs/models/export3d.md, "CLeBS: the closed-form f_e").
+
+    ``joint``: the rotation-invariant ratio ``trace(W^-1 S)`` of the between-video covariance
+    S (n, n) of the clip means and the mean within-clip covariance W (n, n) (plus ``eps``
+    times its mean variance on the diagonal): the sum of the generalised eigenvalues, so every
+    direction of lambda's span counts, not only the n axes."""
     if lam.dim() != 3 or lam.shape[0] < 2 or lam.shape[1] < 2:
         raise ValueError(f"lam: expected (B, N, n) with B >= 2 videos and N >= 2 frames, got "
                          f"{tuple(lam.shape)}")
+    if joint:
+        means = lam.mean(1)                                             # (B, n)
+        d = means - means.mean(0)
+        between = d.t() @ d / (lam.shape[0] - 1)                        # (n, n)
+        c = lam - lam.mean(1, keepdim=True)
+        within = torch.einsum("bti,btj->ij", c, c) / (lam.shape[0] * (lam.shape[1] - 1))
+        n = lam.shape[-1]
+        within = within + (eps + eps * within.diagonal().mean()) * torch.eye(
+            n, device=lam.device, dtype=lam.dtype)
+        return torch.linalg.solve(within, between).diagonal().sum()
     between = lam.mean(1).var(0)                      # (n,)
     within = lam.var(1).mean(0)                       # (n,)
     return (between / (within + eps)).sum()
@@ -158,7 +182,9 @@ def video_mean_whitener(cov: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
 
 @torch.no_grad()
 def fisher_directions(videos: list[torch.Tensor], n: int, eps: float = 1e-2) -> dict:
-    """The closed-form minimiser of :func:`video_invariance` for a LINEAR map of beta.
+    """The closed-form minimiser of :func:`video_invariance` (``joint``) for a LINEAR map of
+    beta: the n-dimensional span with the least between-video variance per unit of within-video
+    variance.
 
     videos: per-video expression ``(T_v, k)`` (at least 2 videos of at least 2 frames each).
     The ratio of between-video to within-video variance of ``beta a`` is a generalised Rayleigh
@@ -381,6 +407,9 @@ class CLeBS(TrainableModel):
         cfg = cfg or CLeBSConfig()
         if cfg.n < 1 or cfg.n > cfg.dim:
             raise ValueError(f"model.n: expected 1 <= n <= model.dim ({cfg.dim}), got {cfg.n}")
+        if cfg.invariance not in ("coefficient", "joint"):
+            raise ValueError(f"model.invariance: expected 'coefficient' or 'joint', got "
+                             f"{cfg.invariance!r}")
         if cfg.fe_init not in FE_INITS:
             raise ValueError(f"model.fe_init: expected one of {FE_INITS}, got {cfg.fe_init!r}")
         if cfg.fe_init == "fisher" and cfg.hidden:
@@ -478,7 +507,7 @@ class CLeBS(TrainableModel):
         loss = info_nce(f_img.float(), beta_p.float(), tau)
         logs = {}
         if self.cfg.w_invariance > 0 and lam.shape[0] > 1:
-            inv = video_invariance(lam.float())
+            inv = video_invariance(lam.float(), joint=self.cfg.invariance == "joint")
             loss = loss + self.cfg.w_invariance * inv
             logs["invariance"] = inv.detach()
         with torch.no_grad():
