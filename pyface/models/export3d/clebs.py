@@ -373,10 +373,12 @@ class CLeBS(TrainableModel):
         # 2-core CPU: 64^2, small ResNet, n=10, d=64, N=8; a linear f_e on beta whitened by the
         # video-mean statistics, with the video-invariance term; 128 identities x 2 videos x 32
         # frames (no cross-identity or multi-view sets): the leak spans 48 directions and a
-        # linear leak removal needs about 100 training identities (docs/models/export3d.md)
+        # linear leak removal needs about 100 training identities (docs/models/export3d.md);
+        # f_e starts at the closed-form minimiser of the invariance term (fe_init: fisher)
         "tiny": {"model": {"n": 10, "dim": 64, "hidden": [], "image_stem": 16,
                            "image_widths": [32, 64, 128], "image_depths": [1, 1, 1],
-                           "resolution": 64, "lr": 1e-3, "whiten": True, "w_invariance": 1.0},
+                           "resolution": 64, "lr": 1e-3, "whiten": True, "w_invariance": 1.0,
+                           "fe_init": "fisher"},
                  "data": {"name": "clips", "resolution": 64,
                           "options": {"frames": 8, "min_gap": 3,
                                       "synth": {"exp_leak": 0.5, "identities": 128,
