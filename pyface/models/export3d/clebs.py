@@ -315,7 +315,7 @@ class ExpressionEncoder(nn.Module):
             self.video_batches.fill_(1)
             # x = (beta - mean) W; lambda = x proj + b
             weight = fd["proj"]
-            bias = -((fd["frame_mean"] - fd["mean"]) @ self.whitener.double() @ weight)
+            bias = -((fd["frame_mean"] - fd["mean"]) @ fd["whitener"] @ weight)
         else:
             weight = fd["whitener"] @ fd["proj"]
             bias = -(fd["frame_mean"] @ weight)
