@@ -324,6 +324,16 @@ def test_video_invariance_ratio():
     assert high > 10 * low
     with pytest.raises(ValueError, match="lam: expected \\(B, N, n\\)"):
         video_invariance(torch.randn(1, 8, 3))
+    # a shared large within-video component hides a per-video offset from the per-coefficient
+    # ratios (e + o, e - o), not from the joint one, which no rotation of lambda changes
+    e, o = 4 * torch.randn(8, 8, 1), torch.randn(8, 1, 1).expand(8, 8, 1)
+    mixed = torch.cat([e + o, e - o, torch.randn(8, 8, 1)], -1)
+    assert video_invariance(mixed) < 1 and video_invariance(mixed, joint=True) > 100
+    rot = torch.linalg.qr(torch.randn(3, 3))[0]
+    torch.testing.assert_close(video_invariance(mixed @ rot, joint=True),
+                               video_invariance(mixed, joint=True), rtol=1e-2, atol=0)
+    torch.testing.assert_close(video_invariance(within, joint=True),
+                               video_invariance(within @ rot, joint=True), rtol=1e-3, atol=0)
     m = CLeBS(CLeBS.Config(n=3, dim=8, hidden=[16], image_stem=8, image_widths=[8, 16],
                            image_depths=[1, 1], resolution=32, w_invariance=0.5))
     batch = {"image": torch.zeros(2, 4, 3, 32, 32, dtype=torch.uint8),
@@ -490,3 +500,85 @@ def test_expression_planes_in_the_model_and_pipeline(data, clebs_run, tmp_path):
     direct = m(pipe.prepare(source, batched=False)["image"][None].expand(3, -1, -1, -1),
                motion["beta"], motion["camera"])["image"].clamp(-1, 1)
     torch.testing.assert_close(pipe.generate(state, motion), direct, atol=1e-5, rtol=0)
+
+
+def _offset_videos(videos: int, frames: int = 16, seed: int = 0):
+    """Synthetic expressions (videos, frames, 64): 3 directions vary within a video (std 1),
+    38 others carry a large per-video offset (std 5, constant in a video) - a leak."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(99)))
+    expr = torch.randn(videos, frames, 3, generator=g)
+    offset = 5 * torch.randn(videos, 1, 38, generator=g).expand(-1, frames, -1)
+    noise = 0.01 * torch.randn(videos, frames, 64 - 3 - 38, generator=g)
+    z = torch.cat([expr, offset, noise], -1)                  # (V, T, 64) in the q basis
+    return z @ q.t(), expr
+
+
+def test_fisher_init_removes_per_video_offsets():
+    from pyface.models.export3d.clebs import fisher_directions, video_invariance
+
+    beta, _ = _offset_videos(200)
+    held, expr = _offset_videos(20, seed=1)                  # new videos, new offsets
+    enc = ExpressionEncoder(3, 8, [])
+    fd = enc.init_fisher(list(beta))
+    assert fd["proj"].shape == (64, 3) and fd["ratio"].max() < 0.1
+    lam = enc.coefficients(held)                             # (20, 16, 3)
+    # the offsets are gone: the held-out video means differ about as much as those of the
+    # true expression (16 random frames: 0.17), and the expression is kept
+    assert video_invariance(lam) < 2 * video_invariance(expr)
+    x = torch.cat([lam.reshape(-1, 3), torch.ones(320, 1)], 1)
+    y = expr.reshape(-1, 3)
+    res = y - x @ torch.linalg.lstsq(x, y).solution
+    assert (res.var(0) / y.var(0)).max() < 0.05                 # R^2 > 0.95
+    # on the training frames lambda has zero mean and unit within-video variance
+    lam_tr = enc.coefficients(beta)
+    torch.testing.assert_close(lam_tr.mean((0, 1)), torch.zeros(3), atol=1e-3, rtol=0)
+    torch.testing.assert_close(lam_tr.var(1, unbiased=False).mean(0), torch.ones(3),
+                               atol=1e-3, rtol=0)
+    # the top principal directions of all frames are the offsets (what the init must avoid)
+    flat = beta.reshape(-1, 64)
+    pcs = torch.linalg.eigh(torch.cov(flat.t()))[1][:, -3:]
+    assert video_invariance(held @ pcs) > 10
+    # the whitened encoder computes the same lambda (its statistics set from the same videos)
+    encw = ExpressionEncoder(3, 8, [], whiten=True)
+    encw.init_fisher(list(beta))
+    assert int(encw.video_batches) == 1
+    torch.testing.assert_close(encw.coefficients(held), lam, atol=2e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match=r"linear f_e \(model.hidden = \[\]\)"):
+        ExpressionEncoder(3, 8, [16]).init_fisher(list(beta))
+    with pytest.raises(ValueError, match=r"videos\[1\]: expected \(T >= 2, 64\)"):
+        fisher_directions([beta[0], beta[1, :1]], 3)
+    with pytest.raises(ValueError, match="model.invariance: expected 'coefficient' or 'joint'"):
+        CLeBS(CLeBS.Config(invariance="trace"))
+    with pytest.raises(ValueError, match="model.fe_init: expected one of"):
+        CLeBS(CLeBS.Config(fe_init="pca"))
+    with pytest.raises(ValueError, match="needs a linear f_e"):
+        CLeBS(CLeBS.Config(fe_init="fisher", hidden=[16]))
+
+
+def test_clebs_fisher_init_in_the_engine_with_a_frozen_encoder(data, tmp_path):
+    over = [o if not o.startswith("model.hidden") else "model.hidden=[]" for o in CLEBS_TINY]
+    tr = Trainer(_exp("export3d_clebs", CLeBS, tmp_path / "run", data, *over, "train.steps=2",
+                      "model.fe_init=fisher", "model.fe_freeze=true", "model.whiten=true"))
+    assert not bool(tr.model.fe_initialised)
+    assert not any(p is q for p in tr.model.expr.parameters()
+                   for q in tr.model.build_optimizers()["main"].param_groups[0]["params"])
+    head0 = tr.model.image_encoder.head[-1].weight.clone()
+    ref = CLeBS(tr.model.cfg)
+    ref.load_state_dict(tr.model.state_dict())
+    tr.fit()
+    m = tr.model
+    assert bool(m.fe_initialised) and m.init_report["videos"] == len(tr.dataset.clip_videos)
+    ref.init_expression(tr.dataset)
+    # f_e is the closed-form one, unchanged by training (and its statistics too); f_I trained
+    for k, v in ref.expr.state_dict().items():
+        torch.testing.assert_close(m.expr.state_dict()[k], v, msg=k)
+    assert not torch.equal(m.image_encoder.head[-1].weight, head0)
+    # resuming keeps it: the flag is in the checkpoint
+    _, state = load_pretrained(str(tmp_path / "run"))
+    assert bool(state["fe_initialised"])
+    fresh = CLeBS(m.cfg)
+    fresh.train()
+    with pytest.raises(RuntimeError, match="call model.init_expression"):
+        fresh.step("main", {"image": torch.zeros(2, 4, 3, 32, 32, dtype=torch.uint8),
+                            "coeffs": torch.randn(2, 4, 257)}, StepContext(0, 0, 2))

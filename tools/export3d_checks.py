@@ -12,6 +12,8 @@ written with the expression-identity leak (``pyface data synth --split test --ex
     python tools/export3d_checks.py code-stats RUN1 --data DIR [--json OUT]
     python tools/export3d_checks.py leak RUN --data DIR [--no-ema] [--json OUT]
     python tools/export3d_checks.py mouth-oracle --data DIR [--json OUT]
+    python tools/export3d_checks.py invariance RUN1 --data DIR [--json OUT]
+    python tools/export3d_checks.py directions RUN1 --data DIR [--json OUT]
 
 ``clebs``: same-video retrieval top-1 (image -> expression, N-frame clips of held-out videos;
 chance 1/N); a ridge identity probe trained on each identity's first video and tested on its
@@ -65,6 +67,16 @@ synthetic generator with the source frame's true expression (its own identity, t
 lighting and background), and the mouth box of that is compared with the driving frame's: the
 PSNR a perfect model would reach with the source's expression. The same re-render with the
 driving frame's own expression checks that the render reproduces the stored frame.
+
+``invariance``: the CLeBS run's video-invariance objective on every frame of every video of DIR
+(any pyface root with ``coeffs.npy``, e.g. the stage-1 training set): the per-coefficient sum of
+var(video means of lambda_i) / mean within-video var(lambda_i) (``model.invariance=coefficient``)
+and the rotation-invariant ratio trace(W^-1 S) (``joint``; S, W the between- and within-video
+covariances of lambda).
+
+``directions``: which coefficient carries what: R^2 (least squares with an intercept on every
+frame of DIR, no held-out part) of the true jaw_open / blink_left / smile (stored coefficients
+minus the leak) from each lambda_i alone and from lambda_1..k, k = 1 .. n.
 
 ``render-memory``: peak memory and time of one forward + backward of Export3D's raw render
 (``full`` sizes: tri-plane 3 x 32 x 256^2, OSGDecoder 32-64-33, corrected axes) at
@@ -520,6 +532,53 @@ def code_stats(run: str, data: str) -> dict:
     return res
 
 
+def _clebs_lambdas(run: str, data: str) -> tuple[list, list, float]:
+    """lambda (T, n) of a CLeBS run's f_e and the stored coefficients (T, 257), per video of
+    DIR, and the split's exp_leak."""
+    cfg, state = load_pretrained(run)
+    model = CLeBS(config_from_dict(CLeBS.Config, cfg))
+    model.load_state_dict(state)
+    model.eval()
+    ds = FrameDataset(data, 64, load_masks=False)
+    meta = json.load(open(os.path.join(data, ds.videos[0].name, "meta.json")))
+    coeffs = [np.asarray(c, np.float32) for c in ds.coeffs]
+    with torch.no_grad():
+        lams = [model.expr.coefficients(expression_of(torch.from_numpy(c))).double()
+                for c in coeffs]
+    return lams, coeffs, float(meta.get("exp_leak", 0.0))
+
+
+def invariance(run: str, data: str) -> dict:
+    lams, _, _ = _clebs_lambdas(run, data)
+    means = torch.stack([x.mean(0) for x in lams])
+    within = torch.stack([x.var(0, unbiased=False) for x in lams]).mean(0)
+    cen = torch.cat([x - x.mean(0) for x in lams])
+    sw = cen.t() @ cen / len(cen)
+    sb = torch.cov(means.t())
+    return {"videos": len(lams), "frames": int(len(cen)),
+            "per_coefficient": (means.var(0) / within).tolist(),
+            "coefficient_sum": float((means.var(0) / within).sum()),
+            "joint": float(torch.linalg.solve(sw, sb).trace())}
+
+
+def directions(run: str, data: str) -> dict:
+    lams, coeffs, leak = _clebs_lambdas(run, data)
+    lam = torch.cat(lams).numpy()
+    true = np.concatenate([_true_exp(c, leak) for c in coeffs])
+
+    def r2(x, y):
+        x = np.concatenate([x, np.ones((len(x), 1))], 1)
+        p = x @ np.linalg.lstsq(x, y, rcond=None)[0]
+        return float(1 - ((y - p) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+
+    res = {"frames": int(len(lam)), "exp_leak": leak}
+    for name in ("jaw_open", "blink_left", "smile"):
+        y = true[:, EXP_NAMES.index(name)]
+        res[name] = {"single": [r2(lam[:, [i]], y) for i in range(lam.shape[1])],
+                     "first_k": [r2(lam[:, :k], y) for k in range(1, lam.shape[1] + 1)]}
+    return res
+
+
 def step_memory(clebs_run: str, sets: list[str] | None = None, warmup: int = 2) -> dict:
     import tempfile
 
@@ -596,7 +655,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("check", choices=["clebs", "mouth", "mouth-oracle", "diagnose",
                                      "render-memory", "lda-oracle", "sensitivity", "clip-stats",
-                                     "step-memory", "code-stats", "leak"])
+                                     "step-memory", "code-stats", "leak", "invariance",
+                                     "directions"])
     p.add_argument("run", nargs="?")
     p.add_argument("--data")
     p.add_argument("--resolution", type=int, default=128)
@@ -634,6 +694,10 @@ def main(argv=None):
         res = leak_sensitivity(a.run, a.data, ema=not a.no_ema)
     elif a.check == "code-stats":
         res = code_stats(a.run, a.data)
+    elif a.check == "invariance":
+        res = invariance(a.run, a.data)
+    elif a.check == "directions":
+        res = directions(a.run, a.data)
     elif a.check == "clebs":
         res = clebs_checks(a.run, a.data, a.frames, a.min_gap)
     elif a.check == "sensitivity":

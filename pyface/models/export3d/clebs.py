@@ -15,9 +15,14 @@
   negative), with a learnable temperature; optionally ([D]) a video-invariance term
   (:func:`video_invariance`) and f_e on beta whitened by the training videos' mean-expression
   covariance (``whiten``), which the same-video InfoNCE alone cannot learn to ignore.
+* ``fe_init="fisher"`` ([D]): a linear f_e starts at the closed-form minimiser of the
+  (joint) video-invariance term (:func:`fisher_directions`, the generalised eigenvectors of the within-
+  and between-video scatter of beta over the stage's training videos); ``fe_freeze`` keeps it
+  there and trains only f_I and the temperature.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +32,8 @@ from torch import nn
 from pyface.nn.codebook import LearnableTemperature, OrthogonalBasis, info_nce
 from pyface.nn.encoders import ResNetEncoder
 from pyface.train.model import Phase, StepContext, TrainableModel
+
+log = logging.getLogger(__name__)
 
 #: slice of the expression coefficients in a Deep3DFaceRecon vector (257,)
 EXP_SLICE = slice(80, 144)
@@ -63,7 +70,8 @@ class CLeBSConfig:
         lr, weight_decay: AdamW ([D] 1e-4, 0.01).
         augment: training-time augmentation of f_I's input ([D]): every frame gets a random
             shift and scale of up to this fraction and a random colour gain / offset of up to
-            this amount (0: off, the default: at `tiny` it lowered held-out retrieval, see
+            this amount (0: off, the default; with 8 training identities it lowered held-out
+            retrieval, with the 128 of `tiny` and ``fe_init`` 0.1 raises it, see
             docs/models/export3d.md).
         offset_noise: std of a random offset added in training to all N expression vectors of a
             clip (one offset per clip, all 64 dimensions; [D], 0: off). Appearance that leaks
@@ -76,9 +84,21 @@ class CLeBSConfig:
             expression is constant within a video and differs between videos; the InfoNCE over
             frames of one video is blind to such constants, this term is not. It needs many
             training identities to generalise (docs/models/export3d.md, "CLeBS: what limits it").
+        invariance: ``"coefficient"`` (default: the per-coefficient ratios above) or
+            ``"joint"`` ([D]): the rotation-invariant ratio of the between- and within-video
+            covariances of lambda (:func:`video_invariance` with ``joint``), which mixing the
+            coefficients cannot lower.
         whiten: f_e whitens beta by the running covariance of the training videos' mean
             expression before its MLP ([D], :meth:`ExpressionEncoder.update_video_stats`;
             the statistics are buffers of f_e, frozen with it after pre-training).
+        fe_init: ``"none"`` (default: random f_e) or ``"fisher"`` ([D]): before the first
+            training step, one pass over the training set's stored coefficients (no images)
+            sets a linear f_e (``hidden: []``) to the closed-form minimiser of the
+            (joint) video-invariance term: the n directions of beta with the largest within-video over
+            between-video variance (:func:`fisher_directions`; with ``whiten`` the whitening
+            statistics are set from the same pass).
+        fe_freeze: keep f_e (and its whitening statistics) fixed; only f_I and the temperature
+            are trained ([D], default off).
     """
 
     n: int = 10
@@ -94,7 +114,13 @@ class CLeBSConfig:
     augment: float = 0.0
     offset_noise: float = 0.0
     w_invariance: float = 0.0
+    invariance: str = "coefficient"
     whiten: bool = False
+    fe_init: str = "none"
+    fe_freeze: bool = False
+
+
+FE_INITS = ("none", "fisher")
 
 
 def augment_frames(img: torch.Tensor, amount: float) -> torch.Tensor:
@@ -114,17 +140,91 @@ def augment_frames(img: torch.Tensor, amount: float) -> torch.Tensor:
     return out * gain + off
 
 
-def video_invariance(lam: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """lam (B, N, n): the coefficients of N frames of each of B videos (B >= 2) -> scalar:
-    sum over the n coefficients of var_B(mean_N lam) / (mean_B var_N lam + eps). Small when every
-    coefficient varies within a video and its video means agree (an LDA-style ratio)."""
+def video_invariance(lam: torch.Tensor, eps: float = 1e-4, joint: bool = False) -> torch.Tensor:
+    """lam (B, N, n): the coefficients of N frames of each of B videos (B >= 2) -> scalar.
+
+    Default: sum over the n coefficients of var_B(mean_N lam) / (mean_B var_N lam + eps). Small
+    when every coefficient varies within a video and its video means agree (an LDA-style
+    ratio). It is not invariant to mixing the coefficients: a component with a large within-
+    video variance shared by every coefficient lowers each ratio while their differences may
+    still carry a per-video offset (docs/models/export3d.md, "CLeBS: the closed-form f_e").
+
+    ``joint``: the rotation-invariant ratio ``trace(W^-1 S)`` of the between-video covariance
+    S (n, n) of the clip means and the mean within-clip covariance W (n, n) (plus ``eps``
+    times its mean variance on the diagonal): the sum of the generalised eigenvalues, so every
+    direction of lambda's span counts, not only the n axes."""
     if lam.dim() != 3 or lam.shape[0] < 2 or lam.shape[1] < 2:
         raise ValueError(f"lam: expected (B, N, n) with B >= 2 videos and N >= 2 frames, got "
                          f"{tuple(lam.shape)}")
+    if joint:
+        means = lam.mean(1)                                             # (B, n)
+        d = means - means.mean(0)
+        between = d.t() @ d / (lam.shape[0] - 1)                        # (n, n)
+        c = lam - lam.mean(1, keepdim=True)
+        within = torch.einsum("bti,btj->ij", c, c) / (lam.shape[0] * (lam.shape[1] - 1))
+        n = lam.shape[-1]
+        within = within + (eps + eps * within.diagonal().mean()) * torch.eye(
+            n, device=lam.device, dtype=lam.dtype)
+        return torch.linalg.solve(within, between).diagonal().sum()
     between = lam.mean(1).var(0)                      # (n,)
     within = lam.var(1).mean(0)                       # (n,)
     return (between / (within + eps)).sum()
 
+
+def video_mean_whitener(cov: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
+    """cov (k, k): covariance of the per-video mean expression -> the symmetric whitener
+    ``V diag(1 / sqrt(e + eps mean(e))) V^T`` (k, k) of its eigendecomposition ``V diag(e) V^T``
+    (float64; ``eps`` regularises the directions the videos' means do not span)."""
+    e, V = torch.linalg.eigh(cov.double())
+    e = e.clamp_min(0)
+    inv = (e + eps * e.mean() + 1e-12).rsqrt()
+    return (V * inv) @ V.t()
+
+
+@torch.no_grad()
+def fisher_directions(videos: list[torch.Tensor], n: int, eps: float = 1e-2) -> dict:
+    """The closed-form minimiser of :func:`video_invariance` (``joint``) for a LINEAR map of
+    beta: the n-dimensional span with the least between-video variance per unit of within-video
+    variance.
+
+    videos: per-video expression ``(T_v, k)`` (at least 2 videos of at least 2 frames each).
+    The ratio of between-video to within-video variance of ``beta a`` is a generalised Rayleigh
+    quotient; after whitening by the covariance of the video means (:func:`video_mean_whitener`,
+    between-video scatter about the identity) its minimisers are the top eigenvectors of the
+    within-video scatter of the whitened expression (LDA / Fisher directions, most within-video
+    variance per unit of between-video variance).
+
+    Returns a dict (float64 tensors): ``mean`` (k,) the mean of the video means, ``cov`` (k, k)
+    their covariance, ``whitener`` (k, k), ``proj`` (k, n) the whitened directions scaled to
+    unit within-video variance (so ``lambda = (beta - mean) @ whitener @ proj``),
+    ``frame_mean`` (k,) the mean over all frames, and per direction ``within`` (n,) (its
+    within-video variance before scaling) and ``ratio`` (n,) (between over within variance of
+    lambda_i on these videos, what the invariance term sums).
+    """
+    if len(videos) < 2:
+        raise ValueError(f"videos: expected at least 2 videos, got {len(videos)}")
+    k = videos[0].shape[-1]
+    for i, v in enumerate(videos):
+        if v.dim() != 2 or v.shape[0] < 2 or v.shape[1] != k:
+            raise ValueError(f"videos[{i}]: expected (T >= 2, {k}), got {tuple(v.shape)}")
+    if not 1 <= n <= k:
+        raise ValueError(f"n: expected 1 <= n <= {k}, got {n}")
+    vids = [v.double() for v in videos]
+    means = torch.stack([v.mean(0) for v in vids])                       # (V, k)
+    mu = means.mean(0)
+    d = means - mu
+    cov = d.t() @ d / (means.shape[0] - 1)
+    wh = video_mean_whitener(cov, eps)
+    cen = torch.cat([(v - v.mean(0)) @ wh for v in vids])              # (T, k) whitened
+    sw = cen.t() @ cen / cen.shape[0]
+    e, U = torch.linalg.eigh(sw)                                        # ascending
+    within, U = e.flip(0)[:n].clamp_min(1e-12), U.flip(1)[:, :n]
+    proj = U / within.sqrt()
+    lam_means = (means - mu) @ wh @ proj                                 # (V, n)
+    ratio = lam_means.var(0)                 # over the within-video variance, which is 1
+    frame_mean = torch.cat(vids).mean(0)
+    return {"mean": mu, "cov": cov, "whitener": wh, "proj": proj, "frame_mean": frame_mean,
+            "within": within, "ratio": ratio}
 
 
 @torch.no_grad()
@@ -193,10 +293,35 @@ class ExpressionEncoder(nn.Module):
         ema_moments_(self.video_mean, self.video_cov, mu, cov, self.whiten_momentum,
                      first=int(self.video_batches) == 0)
         self.video_batches += 1
-        e, V = torch.linalg.eigh(self.video_cov.double())
-        e = e.clamp_min(0)
-        inv = (e + eps * e.mean() + 1e-12).rsqrt()
-        self.whitener.copy_((V * inv) @ V.t())
+        self.whitener.copy_(video_mean_whitener(self.video_cov, eps))
+
+    @torch.no_grad()
+    def init_fisher(self, videos: list[torch.Tensor], eps: float = 1e-2) -> dict:
+        """Sets a linear f_e (``hidden: []``) to the closed-form minimiser of the video-
+        invariance term on ``videos`` (per-video expression ``(T_v, 64)``;
+        :func:`fisher_directions`): lambda_i = the i-th Fisher direction of beta, unit
+        within-video variance, zero mean over the frames. With ``whiten`` the whitening
+        statistics are set from the same videos (and count as one batch of the running
+        average). Returns :func:`fisher_directions`' dict."""
+        lin = self.mlp[0]
+        if len(self.mlp) != 1 or not isinstance(lin, nn.Linear):
+            raise ValueError("fe_init='fisher': expected a linear f_e (model.hidden = []), got "
+                             f"{len(self.mlp) // 2} hidden layers")
+        fd = fisher_directions(videos, self.n, eps)
+        if self.whiten:
+            self.video_mean.copy_(fd["mean"])
+            self.video_cov.copy_(fd["cov"])
+            self.whitener.copy_(fd["whitener"])
+            self.video_batches.fill_(1)
+            # x = (beta - mean) W; lambda = x proj + b
+            weight = fd["proj"]
+            bias = -((fd["frame_mean"] - fd["mean"]) @ fd["whitener"] @ weight)
+        else:
+            weight = fd["whitener"] @ fd["proj"]
+            bias = -(fd["frame_mean"] @ weight)
+        lin.weight.copy_(weight.t())
+        lin.bias.copy_(bias)
+        return fd
 
     def coefficients(self, beta: torch.Tensor) -> torch.Tensor:
         if beta.dim() < 1 or beta.shape[-1] != EXP_DIM:
@@ -249,10 +374,13 @@ class CLeBS(TrainableModel):
         # 2-core CPU: 64^2, small ResNet, n=10, d=64, N=8; a linear f_e on beta whitened by the
         # video-mean statistics, with the video-invariance term; 128 identities x 2 videos x 32
         # frames (no cross-identity or multi-view sets): the leak spans 48 directions and a
-        # linear leak removal needs about 100 training identities (docs/models/export3d.md)
+        # linear leak removal needs about 100 training identities (docs/models/export3d.md);
+        # f_e starts at the closed-form minimiser of the invariance term (fe_init: fisher);
+        # f_I's input is augmented (held-out retrieval 0.275 -> 0.312 on the validation split)
         "tiny": {"model": {"n": 10, "dim": 64, "hidden": [], "image_stem": 16,
                            "image_widths": [32, 64, 128], "image_depths": [1, 1, 1],
-                           "resolution": 64, "lr": 1e-3, "whiten": True, "w_invariance": 1.0},
+                           "resolution": 64, "lr": 1e-3, "whiten": True, "w_invariance": 1.0,
+                           "fe_init": "fisher", "augment": 0.1},
                  "data": {"name": "clips", "resolution": 64,
                           "options": {"frames": 8, "min_gap": 3,
                                       "synth": {"exp_leak": 0.5, "identities": 128,
@@ -283,15 +411,62 @@ class CLeBS(TrainableModel):
         cfg = cfg or CLeBSConfig()
         if cfg.n < 1 or cfg.n > cfg.dim:
             raise ValueError(f"model.n: expected 1 <= n <= model.dim ({cfg.dim}), got {cfg.n}")
+        if cfg.invariance not in ("coefficient", "joint"):
+            raise ValueError(f"model.invariance: expected 'coefficient' or 'joint', got "
+                             f"{cfg.invariance!r}")
+        if cfg.fe_init not in FE_INITS:
+            raise ValueError(f"model.fe_init: expected one of {FE_INITS}, got {cfg.fe_init!r}")
+        if cfg.fe_init == "fisher" and cfg.hidden:
+            raise ValueError(f"model.fe_init='fisher' needs a linear f_e: expected "
+                             f"model.hidden = [], got {list(cfg.hidden)}")
         self.cfg = cfg
         self.expr = ExpressionEncoder(cfg.n, cfg.dim, cfg.hidden, whiten=cfg.whiten)
         self.image_encoder = ImageEncoder(cfg.dim, cfg.image_stem, cfg.image_widths,
                                           cfg.image_depths)
         self.temperature = LearnableTemperature(cfg.temperature)
+        if cfg.fe_init != "none":
+            # set once the closed-form initialisation ran (saved: a resumed run keeps f_e)
+            self.register_buffer("fe_initialised", torch.zeros((), dtype=torch.bool))
+        if cfg.fe_freeze:
+            self.expr.requires_grad_(False)
+        #: what the last :meth:`init_expression` found (directions' ratios, seconds), or None
+        self.init_report: dict | None = None
 
     def build_optimizers(self):
-        return {"main": torch.optim.AdamW(self.parameters(), lr=self.cfg.lr,
+        params = [p for name, p in self.named_parameters()
+                  if not (self.cfg.fe_freeze and name.startswith("expr."))]
+        return {"main": torch.optim.AdamW(params, lr=self.cfg.lr,
                                           weight_decay=self.cfg.weight_decay)}
+
+    @torch.no_grad()
+    def init_expression(self, dataset) -> dict:
+        """``fe_init='fisher'``: sets f_e from one pass over ``dataset``'s stored coefficients
+        (a video dataset with ``coeffs``, a list per video of ``(T, 257)`` arrays, and, for the
+        ``clips`` dataset, ``clip_videos``; no images are read): the expression of every video
+        the dataset draws from (:meth:`ExpressionEncoder.init_fisher`). Returns a report
+        (videos, frames, seconds, the per-direction between / within ratios)."""
+        import time
+
+        t0 = time.perf_counter()
+        coeffs = getattr(dataset, "coeffs", None)
+        if coeffs is None:
+            raise ValueError(f"dataset: fe_init='fisher' reads the stored coefficients of every "
+                             f"video (a pyface video dataset with .coeffs), got "
+                             f"{type(dataset).__name__}")
+        which = getattr(dataset, "clip_videos", range(len(coeffs)))
+        videos = []
+        for v in which:
+            if coeffs[v] is None:
+                raise ValueError(f"dataset: video {v} has no coeffs.npy; fe_init='fisher' needs "
+                                 f"the coefficients of every video")
+            videos.append(expression_of(torch.as_tensor(coeffs[v]), f"coeffs of video {v}"))
+        fd = self.expr.init_fisher(videos)
+        self.fe_initialised.fill_(True)
+        self.init_report = {"videos": len(videos), "frames": int(sum(len(v) for v in videos)),
+                            "seconds": time.perf_counter() - t0,
+                            "ratio": [round(float(r), 4) for r in fd["ratio"]],
+                            "within": [round(float(w), 4) for w in fd["within"]]}
+        return self.init_report
 
     def phases(self):
         return [Phase("main", "main")]
@@ -317,7 +492,7 @@ class CLeBS(TrainableModel):
         beta = expression_of(coeffs)
         if self.training and self.cfg.offset_noise > 0:
             beta = beta + torch.randn(B, 1, EXP_DIM, device=beta.device) * self.cfg.offset_noise
-        if self.training and self.cfg.whiten and B > 1:
+        if self.training and self.cfg.whiten and B > 1 and not self.cfg.fe_freeze:
             self.expr.update_video_stats(beta)
         lam, beta_p = self.expr(beta)
         return f_img, beta_p, lam
@@ -326,12 +501,17 @@ class CLeBS(TrainableModel):
         if "coeffs" not in batch:
             raise ValueError("batch: CLeBS needs 'coeffs' (B, N, 257) (the clips dataset on "
                              "videos with coeffs.npy)")
+        if self.cfg.fe_init != "none" and self.training and not bool(self.fe_initialised):
+            if ctx.engine is None:
+                raise RuntimeError("model.fe_init='fisher': call model.init_expression(dataset) "
+                                   "before training outside the Trainer")
+            log.info("CLeBS fe_init=fisher: %s", self.init_expression(ctx.engine.dataset))
         f_img, beta_p, lam = self.embed(batch["image"], batch["coeffs"])
         tau = self.temperature()
         loss = info_nce(f_img.float(), beta_p.float(), tau)
         logs = {}
         if self.cfg.w_invariance > 0 and lam.shape[0] > 1:
-            inv = video_invariance(lam.float())
+            inv = video_invariance(lam.float(), joint=self.cfg.invariance == "joint")
             loss = loss + self.cfg.w_invariance * inv
             logs["invariance"] = inv.detach()
         with torch.no_grad():
