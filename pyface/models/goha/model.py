@@ -386,6 +386,17 @@ class GOHA(TrainableModel):
         return m if m is not None else self.region_mask(src["coeffs"], src["camera"],
                                                         self.cfg.resolution, neutral=True)
 
+    def mouth_mask(self, coeffs: torch.Tensor, camera: torch.Tensor, size: int) -> torch.Tensor:
+        """The mouth + lips of ``coeffs (B, 257)`` seen by ``camera (B, 25)``: ``(B, 1, size,
+        size)`` in {0, 1} (:meth:`GOHARenders.mouth_mask`; the mouth term's region)."""
+        return self.renders.mouth_mask(coeffs, camera, size)
+
+    def _mouth(self, frame: dict) -> torch.Tensor:
+        """The prepared frame's mouth + lips at its camera, at r (B, 1, r, r)."""
+        m = self._given(frame, "goha_mouth")
+        return m if m is not None else self.mouth_mask(frame["coeffs"], frame["camera"],
+                                                       self.cfg.render_resolution)
+
     def _pseudo(self, src: dict, drv: dict) -> torch.Tensor:
         """Pseudo-render (B, 3, R, R) of the source's identity with ``drv``'s expression
         (``drv`` the prepared driving frame of the batch, or ``src`` itself)."""
@@ -528,6 +539,13 @@ class GOHA(TrainableModel):
             if "perceptual" in p:
                 total = total + cfg.perceptual_weight * p["perceptual"]
             logs["l1"] = p["l1"].detach()
+            if cfg.mouth_weight > 0 and use_exp and mode != "src":
+                # the driving frame's mouth + lips, mean over the region (what the expression
+                # plane must change; ~2 % of the whole-image L1's pixels)
+                mm = self._mouth(tgt)
+                ml = ((out - target).abs() * mm).sum() / (3 * mm.sum()).clamp_min(1)
+                total = total + cfg.l1_weight * cfg.mouth_weight * ml
+                logs["mouth_l1"] = ml.detach()
         if cfg.mask_weight > 0 and matte is not None:
             ml = (rend["weights"] - self._resize(matte).clamp(0, 1)).abs().mean()
             total = total + cfg.mask_weight * ml
