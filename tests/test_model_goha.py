@@ -277,6 +277,8 @@ def test_mouth_term_weights_the_driving_mouth_in_tar_and_coarse():
     logs_grad.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0
                for p in m.encoder_expression.parameters())
+    # off by default (GOHA); 0.25 in the tiny preset (chosen on the validation split)
+    assert GOHAConfig().mouth_weight == 0.0 and tiny_config().mouth_weight == 0.25
 
 
 def test_plane_field_resamples_the_maps_into_the_box():
