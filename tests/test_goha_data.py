@@ -48,11 +48,15 @@ def test_transform_matches_the_model_step_renders():
         ("driving", "goha_target_regions"): m.region_mask(dc, dk, r),
         ("driving", "goha_neutral"): m.neutral_render(dc, dk, r)[0],
         ("driving", "goha_neutral_mask"): m.neutral_render(dc, dk, r)[1],
+        ("driving", "goha_mouth"): m.mouth_mask(dc, dk, r),
     }
     for (role, k), w in want.items():
         torch.testing.assert_close(done[role][k], w, atol=1e-5, rtol=1e-5, msg=f"{role}.{k}")
     # the masks are not trivially empty, and the two pseudo-renders differ (the expressions)
     assert done["source"]["goha_region_mask"].sum() > 0
+    # the mouth + lips lie inside the driving frame's masked regions, and are a part of them
+    mouth, regions = done["driving"]["goha_mouth"], done["driving"]["goha_target_regions"]
+    assert 0 < mouth.sum() < regions.sum() and (mouth * (1 - regions)).sum() == 0
     assert (done["source"]["goha_pseudo"] - done["driving"]["goha_pseudo"]).abs().max() > 0.05
     # the transform leaves the frames' own tensors as they were
     for role in ("source", "driving"):
@@ -62,7 +66,8 @@ def test_transform_matches_the_model_step_renders():
 
 @pytest.mark.parametrize("mode", ["cano", "coarse", "src", "tar"])
 def test_losses_equal_with_data_side_renders(mode):
-    cfg = tiny_config(canonical_until=0, expression_from=0, appearance_from=0)
+    cfg = tiny_config(canonical_until=0, expression_from=0, appearance_from=0,
+                      mouth_weight=0.5)
     torch.manual_seed(0)
     m = GOHA(cfg)
     items, batch = _items()

@@ -83,6 +83,10 @@ class GOHAConfig:
     mask_weight: float = 0.0            # L1 of the render's opacity to the target's matte (0:
     # GOHA; over black, an opaque black fog and empty space look alike, and a composite over a
     # background needs the opacity)
+    mouth_weight: float = 0.0           # extra L1 inside the driving frame's mouth + lips
+    # (morphable-model regions at the driving camera, mean over the region) in the modes that
+    # render the driving frame with the expression plane (tar, coarse; s1 and s1_gan) (0: GOHA;
+    # the whole-image L1 gives the mouth ~2 % of the pixels, docs/models/goha.md)
     tv_weight: float = 0.25             # EG3D density TV: |sigma(x) - sigma(x + N(0, tv_sigma))|
     tv_points: int = 1000
     tv_sigma: float = 0.004

@@ -26,7 +26,9 @@ renders a training step needs (R = ``model.resolution``, r = ``model.render_reso
   lighting with the driving expression;
 * ``driving["goha_target_regions"] (1, r, r)``: the driving frame's masked regions at r;
 * ``driving["goha_neutral"] (3, r, r)`` in [-1, 1] and ``driving["goha_neutral_mask"]
-  (1, r, r)``: the neutral render at the driving camera.
+  (1, r, r)``: the neutral render at the driving camera;
+* ``driving["goha_mouth"] (1, r, r)``: the driving frame's mouth + lips at r (the mouth term,
+  ``model.mouth_weight``; from the same render as its masked regions).
 
 Three morphable-model renders per item, each over a batch of two (source and neutral source at
 R; the two pseudo-renders; the neutral driving frame and the driving frame at r). ``GOHA``
@@ -49,7 +51,10 @@ from pyface.models.goha.networks import dilate
 SOURCE_KEYS = {"goha_region_mask": (1, "R"), "goha_regions_neutral": (1, "R"),
                "goha_pseudo": (3, "R")}
 DRIVING_KEYS = {"goha_pseudo": (3, "R"), "goha_target_regions": (1, "r"),
-                "goha_neutral": (3, "r"), "goha_neutral_mask": (1, "r")}
+                "goha_neutral": (3, "r"), "goha_neutral_mask": (1, "r"),
+                "goha_mouth": (1, "r")}
+#: the morphable-model regions of the mouth term (``model.mouth_weight``)
+MOUTH_REGIONS = ("mouth", "lips")
 
 
 def bfm224_label(angles: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
@@ -129,6 +134,15 @@ class GOHARenders:
         return self._union(r.regions, names, dilate_eyes)
 
     @torch.no_grad()
+    def mouth_mask(self, coeffs: torch.Tensor, camera: torch.Tensor, size: int) -> torch.Tensor:
+        """The mouth + lips (:data:`MOUTH_REGIONS`) of ``coeffs (B, 257)`` seen by ``camera
+        (B, 25)``: ``(B, 1, size, size)`` in {0, 1}."""
+        with self._prep():
+            r = self.face(coeffs.device).render(coeffs.float(), size, label=camera.float(),
+                                                regions=MOUTH_REGIONS)
+        return self._union(r.regions, list(MOUTH_REGIONS), False)
+
+    @torch.no_grad()
     def pseudo_render(self, source_coeffs: torch.Tensor, expression: torch.Tensor) -> torch.Tensor:
         """The expression branch's input: identity, texture and lighting of
         ``source_coeffs (B, 257)``, ``expression (B, 64)``, the exemplar pose, rendered with the
@@ -182,15 +196,18 @@ class GOHARenders:
                              neutral=torch.tensor([False, True]))
         # the pseudo-renders: the source's identity with its own / the driving expression
         p = self.pseudo_render(torch.cat([cs, cs]), torch.cat([cs, cd])[:, 80:144])
-        # the driving camera at r: the neutral render, and the driving frame's regions
+        # the driving camera at r: the neutral render, and the driving frame's regions (its
+        # mouth + lips too, for the mouth term)
         neutral = cd.clone()
         neutral[:, 80:144] = 0
+        wanted = tuple(dict.fromkeys(names + list(MOUTH_REGIONS)))
         with self._prep():
             r = face.render(torch.cat([neutral, cd]), cfg.render_resolution,
-                            label=torch.cat([kd, kd]), regions=tuple(names))
+                            label=torch.cat([kd, kd]), regions=wanted)
+        driving_regions = {n: v[1:] for n, v in r.regions.items()}
         s = dict(s, goha_region_mask=m[0], goha_regions_neutral=m[1], goha_pseudo=p[0])
         d = dict(d, goha_pseudo=p[1],
-                 goha_target_regions=self._union({n: v[1:] for n, v in r.regions.items()},
-                                                 names, True)[0],
+                 goha_target_regions=self._union(driving_regions, names, True)[0],
+                 goha_mouth=self._union(driving_regions, list(MOUTH_REGIONS), False)[0],
                  goha_neutral=r.image[0] * 2 - 1, goha_neutral_mask=r.mask[0])
         return dict(item, source=s, driving=d)
