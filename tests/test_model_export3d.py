@@ -582,3 +582,46 @@ def test_clebs_fisher_init_in_the_engine_with_a_frozen_encoder(data, tmp_path):
     with pytest.raises(RuntimeError, match="call model.init_expression"):
         fresh.step("main", {"image": torch.zeros(2, 4, 3, 32, 32, dtype=torch.uint8),
                             "coeffs": torch.randn(2, 4, 257)}, StepContext(0, 0, 2))
+
+
+def test_image_encoder_without_stem_pool_keeps_twice_the_resolution():
+    from pyface.nn.encoders import ResNetEncoder
+
+    kw = dict(stem_channels=8, widths=[8, 16], depths=[1, 1])
+    pooled, full = ResNetEncoder(**kw), ResNetEncoder(**kw, stem_pool=False)
+    x = torch.randn(2, 3, 32, 32)
+    assert [f.shape[-1] for f in pooled.features(x)] == [8, 4]
+    assert [f.shape[-1] for f in full.features(x)] == [16, 8]
+    # the same parameters: a checkpoint of one loads into the other
+    assert pooled.state_dict().keys() == full.state_dict().keys()
+    m = CLeBS(CLeBS.Config(n=3, dim=8, hidden=[16], image_stem=8, image_widths=[8, 16],
+                           image_depths=[1, 1], resolution=32, image_stem_pool=False))
+    assert m.image_encoder.backbone.features(x)[-1].shape[-1] == 8
+    assert m.image_encoder(x).shape == (2, 8)
+
+
+def test_clebs_regression_term_trains_only_the_image_encoder():
+    kw = dict(n=3, dim=8, hidden=[16], image_stem=8, image_widths=[8, 16], image_depths=[1, 1],
+              resolution=32)
+    torch.manual_seed(0)
+    batch = {"image": torch.randint(0, 256, (2, 4, 3, 32, 32), dtype=torch.uint8),
+             "coeffs": torch.randn(2, 4, 257)}
+    grads, outs = [], []
+    for w in (0.0, 2.0):
+        torch.manual_seed(1)
+        m = CLeBS(CLeBS.Config(**kw, w_regress=w))
+        out = m.step("main", batch, StepContext(0, 0, 1))
+        out["loss"].backward()
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters()})
+        outs.append(out)
+        f_img, beta_p, _ = m.embed(batch["image"], batch["coeffs"])
+    assert "regress" not in outs[0]
+    reg = (f_img - beta_p).pow(2).sum(-1).mean() / 3
+    torch.testing.assert_close(outs[1]["regress"], reg.detach())
+    torch.testing.assert_close(outs[1]["loss"] - outs[0]["loss"], 2 * reg.detach())
+    # f_e's gradient is the InfoNCE's alone (beta' is detached); f_I's includes the regression
+    for k in grads[0]:
+        if k.startswith("expr."):
+            torch.testing.assert_close(grads[1][k], grads[0][k], msg=k)
+    assert not torch.allclose(grads[1]["image_encoder.head.2.weight"],
+                              grads[0]["image_encoder.head.2.weight"])

@@ -65,6 +65,8 @@ class CLeBSConfig:
         dim: d, the dimension of beta' and of the basis ([D] 512 at paper scale).
         hidden: widths of the f_e MLP ([D] 64-256-256-n).
         image_stem, image_widths, image_depths: the image encoder's ResNet ([D]).
+        image_stem_pool: the ResNet stem's max-pool (default True); False runs f_I's stages at
+            twice the resolution (H/2 instead of H/4 after the stem; [D]).
         temperature: initial tau ([D] CLIP's 0.07, learnable).
         resolution: image size (must equal data.resolution).
         lr, weight_decay: AdamW ([D] 1e-4, 0.01).
@@ -99,6 +101,9 @@ class CLeBSConfig:
             statistics are set from the same pass).
         fe_freeze: keep f_e (and its whitening statistics) fixed; only f_I and the temperature
             are trained ([D], default off).
+        w_regress: weight of an auxiliary regression of f_I onto the expression code ([D], 0:
+            off): ``|f_I(X) - beta'|^2 / n`` per frame with beta' detached (no gradient into
+            f_e), so f_I is told every frame's code, not only which of the clip's N codes is its.
     """
 
     n: int = 10
@@ -107,6 +112,7 @@ class CLeBSConfig:
     image_stem: int = 64
     image_widths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
     image_depths: list[int] = field(default_factory=lambda: [3, 4, 6, 3])
+    image_stem_pool: bool = True
     temperature: float = 0.07
     resolution: int = 224
     lr: float = 1e-4
@@ -118,6 +124,7 @@ class CLeBSConfig:
     whiten: bool = False
     fe_init: str = "none"
     fe_freeze: bool = False
+    w_regress: float = 0.0
 
 
 FE_INITS = ("none", "fisher")
@@ -343,12 +350,14 @@ class ExpressionEncoder(nn.Module):
 class ImageEncoder(nn.Module):
     """f_I: image (B, 3, H, W) in [-1, 1] -> embedding (B, dim) (ResNet, pooled, MLP head)."""
 
-    def __init__(self, dim: int, stem: int, widths: list[int], depths: list[int]):
+    def __init__(self, dim: int, stem: int, widths: list[int], depths: list[int],
+                 stem_pool: bool = True):
         super().__init__()
         if len(widths) != len(depths) or not widths:
             raise ValueError(f"image_widths / image_depths: expected equal non-empty lengths, got "
                              f"{widths} / {depths}")
-        self.backbone = ResNetEncoder(stem_channels=stem, widths=list(widths), depths=list(depths))
+        self.backbone = ResNetEncoder(stem_channels=stem, widths=list(widths), depths=list(depths),
+                                      stem_pool=stem_pool)
         self.head = nn.Sequential(nn.Linear(widths[-1], widths[-1]), nn.ReLU(),
                                   nn.Linear(widths[-1], dim))
 
@@ -422,7 +431,7 @@ class CLeBS(TrainableModel):
         self.cfg = cfg
         self.expr = ExpressionEncoder(cfg.n, cfg.dim, cfg.hidden, whiten=cfg.whiten)
         self.image_encoder = ImageEncoder(cfg.dim, cfg.image_stem, cfg.image_widths,
-                                          cfg.image_depths)
+                                          cfg.image_depths, cfg.image_stem_pool)
         self.temperature = LearnableTemperature(cfg.temperature)
         if cfg.fe_init != "none":
             # set once the closed-form initialisation ran (saved: a resumed run keeps f_e)
@@ -514,6 +523,10 @@ class CLeBS(TrainableModel):
             inv = video_invariance(lam.float(), joint=self.cfg.invariance == "joint")
             loss = loss + self.cfg.w_invariance * inv
             logs["invariance"] = inv.detach()
+        if self.cfg.w_regress > 0:
+            reg = (f_img.float() - beta_p.detach().float()).pow(2).sum(-1).mean() / self.cfg.n
+            loss = loss + self.cfg.w_regress * reg
+            logs["regress"] = reg.detach()
         with torch.no_grad():
             q = F.normalize(f_img.float(), dim=-1)
             k = F.normalize(beta_p.float(), dim=-1)
