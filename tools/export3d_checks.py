@@ -14,6 +14,7 @@ written with the expression-identity leak (``pyface data synth --split test --ex
     python tools/export3d_checks.py mouth-oracle --data DIR [--json OUT]
     python tools/export3d_checks.py invariance RUN1 --data DIR [--json OUT]
     python tools/export3d_checks.py directions RUN1 --data DIR [--json OUT]
+    python tools/export3d_checks.py readout RUN1 --data DIR [--frames 8] [--json OUT]
 
 ``clebs``: same-video retrieval top-1 (image -> expression, N-frame clips of held-out videos;
 chance 1/N); a ridge identity probe trained on each identity's first video and tested on its
@@ -77,6 +78,13 @@ covariances of lambda).
 ``directions``: which coefficient carries what: R^2 (least squares with an intercept on every
 frame of DIR, no held-out part) of the true jaw_open / blink_left / smile (stored coefficients
 minus the leak) from each lambda_i alone and from lambda_1..k, k = 1 .. n.
+
+``readout``: what limits ``clebs``' retrieval, on the same clips: the retrieval ceiling of the
+run's own code (top-1 when the query is beta' of the true frame with Gaussian noise of std
+sigma added to each lambda_i, cosine as in ``clebs``), and how well f_I reads each lambda_i: the
+R^2 of the projection of f_I(X) on the basis (what the cosine compares) against lambda_i, over
+all frames and within clips (both sides minus their clip mean), and of a ridge map from f_I(X)
+to lambda fitted on each identity's first video and tested on its second.
 
 ``render-memory``: peak memory and time of one forward + backward of Export3D's raw render
 (``full`` sizes: tri-plane 3 x 32 x 256^2, OSGDecoder 32-64-33, corrected axes) at
@@ -171,6 +179,60 @@ def clebs_checks(run: str, data: str, frames: int = 8, min_gap: int = 3, clips: 
     return {"retrieval_top1": float(np.mean(hits)), "retrieval_chance": 1.0 / frames,
             "clips": len(hits), "frames": frames, "min_gap": min_gap, "identity_probe": probe,
             "identity_chance": 1.0 / len(ids), "exp_leak": leak, "r2_from_beta_prime": r2}
+
+
+@torch.no_grad()
+def readout(run: str, data: str, frames: int = 8, min_gap: int = 3, clips: int = 20,
+            sigmas=(0.0, 0.1, 0.2, 0.3, 0.5, 1.0)) -> dict:
+    cfg, state = load_pretrained(run)
+    model = CLeBS(config_from_dict(CLeBS.Config, cfg))
+    model.load_state_dict(state)
+    model.eval()
+    clip_ds = ClipDataset(data, model.cfg.resolution, frames=frames, min_gap=min_gap,
+                          repeats=clips, seed=1, load_masks=False)
+    _, vid_no = _video_split(clip_ds)
+    V = model.expr.basis.basis()                                          # (d, n)
+    g = torch.Generator().manual_seed(0)
+    hits = {s: [] for s in sigmas}
+    proj, lams, feats, second = [], [], [], []
+    for i in range(len(clip_ds)):
+        it = clip_ds[i]
+        f_img, beta_p, lam = model.embed(it["image"][None], it["coeffs"][None])
+        f_img, lam = f_img[0], lam[0]
+        k = torch.nn.functional.normalize(beta_p[0], dim=-1)
+        for s in sigmas:
+            q = torch.nn.functional.normalize(
+                (lam + s * torch.randn(lam.shape, generator=g)) @ V.t(), dim=-1)
+            hits[s].append(((q @ k.t()).argmax(-1) == torch.arange(frames)).float().mean().item())
+        proj.append((f_img @ V).numpy())
+        lams.append(lam.numpy())
+        feats.append(f_img.numpy())
+        second.append(np.full(frames, vid_no[clip_ds.clip_frames(i)[0]] == 1))
+    P, L, X = np.stack(proj), np.stack(lams), np.stack(feats)               # (C, N, n / d)
+
+    def r2(pred, y):                 # per coefficient, the best affine fit of pred to y
+        out = []
+        for j in range(y.shape[-1]):
+            a = np.stack([pred[:, j], np.ones(len(y))], 1)
+            w = np.linalg.lstsq(a, y[:, j], rcond=None)[0]
+            out.append(float(1 - ((a @ w - y[:, j]) ** 2).sum() / ((y[:, j] - y[:, j].mean()) ** 2).sum()))
+        return out
+
+    n = L.shape[-1]
+    flat = lambda a: a.reshape(-1, a.shape[-1])
+    within = lambda a: flat(a - a.mean(1, keepdims=True))
+    sec = np.concatenate(second)
+    ridge = _ridge(flat(X)[~sec], flat(L)[~sec], flat(X)[sec])
+    y = flat(L)[sec]
+    ridge_r2 = [float(1 - ((ridge[:, j] - y[:, j]) ** 2).sum() / ((y[:, j] - y[:, j].mean()) ** 2).sum())
+                for j in range(n)]
+    return {"retrieval_ceiling": {str(s): float(np.mean(h)) for s, h in hits.items()},
+            "clips": len(clip_ds), "frames": frames,
+            "r2_projection_all": r2(flat(P), flat(L)),
+            "r2_projection_within_clip": r2(within(P), within(L)),
+            "r2_ridge_held_out_video": ridge_r2,
+            "lambda_std_all": flat(L).std(0).tolist(),
+            "lambda_std_within_clip": within(L).std(0).tolist()}
 
 
 def clip_stats(data: str, frames: int = 8, min_gap: int = 3, clips: int = 20,
@@ -656,7 +718,7 @@ def main(argv=None):
     p.add_argument("check", choices=["clebs", "mouth", "mouth-oracle", "diagnose",
                                      "render-memory", "lda-oracle", "sensitivity", "clip-stats",
                                      "step-memory", "code-stats", "leak", "invariance",
-                                     "directions"])
+                                     "directions", "readout"])
     p.add_argument("run", nargs="?")
     p.add_argument("--data")
     p.add_argument("--resolution", type=int, default=128)
@@ -698,6 +760,8 @@ def main(argv=None):
         res = invariance(a.run, a.data)
     elif a.check == "directions":
         res = directions(a.run, a.data)
+    elif a.check == "readout":
+        res = readout(a.run, a.data, a.frames, a.min_gap)
     elif a.check == "clebs":
         res = clebs_checks(a.run, a.data, a.frames, a.min_gap)
     elif a.check == "sensitivity":
