@@ -625,3 +625,21 @@ def test_clebs_regression_term_trains_only_the_image_encoder():
             torch.testing.assert_close(grads[1][k], grads[0][k], msg=k)
     assert not torch.allclose(grads[1]["image_encoder.head.2.weight"],
                               grads[0]["image_encoder.head.2.weight"])
+
+
+def test_image_encoder_flattened_head_sees_where_a_feature_is():
+    kw = dict(n=3, dim=8, hidden=[16], image_stem=8, image_widths=[8, 16], image_depths=[1, 1],
+              resolution=32)
+    flat = CLeBS(CLeBS.Config(**kw, image_flatten=True)).image_encoder
+    mean = CLeBS(CLeBS.Config(**kw)).image_encoder
+    assert flat.head[0].in_features == 16 * 4 * 4 and mean.head[0].in_features == 16
+    # the size probe leaves the BatchNorm statistics at their initial values
+    for mod in flat.backbone.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            assert int(mod.num_batches_tracked) == 0 and torch.all(mod.running_mean == 0)
+    # a map and its mirror image: equal spatial means, different flattened heads
+    flat.eval()
+    feat = torch.rand(1, 16, 4, 4)
+    flat.backbone.features = lambda x: [feat if x.sum() > 0 else feat.flip(-1)]
+    a, b = flat(torch.ones(1, 3, 32, 32)), flat(-torch.ones(1, 3, 32, 32))
+    assert a.shape == (1, 8) and not torch.allclose(a, b)

@@ -67,6 +67,9 @@ class CLeBSConfig:
         image_stem, image_widths, image_depths: the image encoder's ResNet ([D]).
         image_stem_pool: the ResNet stem's max-pool (default True); False runs f_I's stages at
             twice the resolution (H/2 instead of H/4 after the stem; [D]).
+        image_flatten: f_I's head reads the last stage's map flattened, (C, h, w) -> C h w, so
+            where a feature is (mouth or eyes) is kept, instead of its spatial mean (default
+            False; [D]).
         temperature: initial tau ([D] CLIP's 0.07, learnable).
         resolution: image size (must equal data.resolution).
         lr, weight_decay: AdamW ([D] 1e-4, 0.01).
@@ -113,6 +116,7 @@ class CLeBSConfig:
     image_widths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
     image_depths: list[int] = field(default_factory=lambda: [3, 4, 6, 3])
     image_stem_pool: bool = True
+    image_flatten: bool = False
     temperature: float = 0.07
     resolution: int = 224
     lr: float = 1e-4
@@ -348,20 +352,33 @@ class ExpressionEncoder(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """f_I: image (B, 3, H, W) in [-1, 1] -> embedding (B, dim) (ResNet, pooled, MLP head)."""
+    """f_I: image (B, 3, H, W) in [-1, 1] -> embedding (B, dim) (ResNet, pooled, MLP head).
+
+    ``flatten_size``: the input size H = W; when given, the head reads the last stage's map
+    flattened (B, C h w) instead of its spatial mean (B, C)."""
 
     def __init__(self, dim: int, stem: int, widths: list[int], depths: list[int],
-                 stem_pool: bool = True):
+                 stem_pool: bool = True, flatten_size: int | None = None):
         super().__init__()
         if len(widths) != len(depths) or not widths:
             raise ValueError(f"image_widths / image_depths: expected equal non-empty lengths, got "
                              f"{widths} / {depths}")
         self.backbone = ResNetEncoder(stem_channels=stem, widths=list(widths), depths=list(depths),
                                       stem_pool=stem_pool)
-        self.head = nn.Sequential(nn.Linear(widths[-1], widths[-1]), nn.ReLU(),
+        self.flatten = flatten_size is not None
+        cin = widths[-1]
+        if self.flatten:
+            self.backbone.eval()                   # (no BatchNorm statistics from the probe)
+            with torch.no_grad():
+                probe = torch.zeros(1, 3, flatten_size, flatten_size)
+                cin = self.backbone.features(probe)[-1].numel()
+            self.backbone.train()
+        self.head = nn.Sequential(nn.Linear(cin, widths[-1]), nn.ReLU(),
                                   nn.Linear(widths[-1], dim))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.flatten:
+            return self.head(self.backbone.features(image)[-1].flatten(1))
         return self.head(self.backbone(image))
 
 
@@ -431,7 +448,8 @@ class CLeBS(TrainableModel):
         self.cfg = cfg
         self.expr = ExpressionEncoder(cfg.n, cfg.dim, cfg.hidden, whiten=cfg.whiten)
         self.image_encoder = ImageEncoder(cfg.dim, cfg.image_stem, cfg.image_widths,
-                                          cfg.image_depths, cfg.image_stem_pool)
+                                          cfg.image_depths, cfg.image_stem_pool,
+                                          cfg.resolution if cfg.image_flatten else None)
         self.temperature = LearnableTemperature(cfg.temperature)
         if cfg.fe_init != "none":
             # set once the closed-form initialisation ran (saved: a resumed run keeps f_e)
