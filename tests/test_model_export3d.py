@@ -643,3 +643,38 @@ def test_image_encoder_flattened_head_sees_where_a_feature_is():
     flat.backbone.features = lambda x: [feat if x.sum() > 0 else feat.flip(-1)]
     a, b = flat(torch.ones(1, 3, 32, 32)), flat(-torch.ones(1, 3, 32, 32))
     assert a.shape == (1, 8) and not torch.allclose(a, b)
+
+
+def test_clebs_similarity_gain_weights_the_key_and_leaves_f_e_alone():
+    kw = dict(n=3, dim=8, hidden=[], image_stem=8, image_widths=[8, 16], image_depths=[1, 1],
+              resolution=32, sim_gain=True, fe_freeze=True, lr=1e-3, sim_gain_lr=10.0)
+    m = CLeBS(CLeBS.Config(**kw))
+    batch = {"image": torch.randint(0, 256, (2, 4, 3, 32, 32), dtype=torch.uint8),
+             "coeffs": torch.randn(2, 4, 257)}
+    with torch.no_grad():
+        m.sim_log_gain.copy_(torch.tensor([0.0, 1.0, -2.0]))
+    m.eval()
+    _, key, lam = m.embed(batch["image"], batch["coeffs"])
+    lam_fe, beta_p = m.expr(batch["coeffs"][..., 80:144])
+    torch.testing.assert_close(lam, lam_fe)                       # f_e's output is unchanged
+    gained = lam * torch.tensor([1.0, 2.718282, 0.135335])
+    torch.testing.assert_close(key @ m.expr.basis.basis(), gained, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(key, beta_p)
+    # with f_e frozen the gains still learn, at lr x sim_gain_lr without weight decay
+    m.train()
+    opt = m.build_optimizers()["main"]
+    names = {id(p): k for k, p in m.named_parameters()}
+    in_opt = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    assert in_opt.count("sim_log_gain") == 1 and not any(k.startswith("expr.") for k in in_opt)
+    group = [g for g in opt.param_groups if g["params"][0] is m.sim_log_gain][0]
+    assert group["lr"] == pytest.approx(1e-2) and group["weight_decay"] == 0
+    w0, s0 = m.expr.mlp[0].weight.clone(), m.sim_log_gain.detach().clone()
+    m.step("main", batch, StepContext(0, 0, 1))["loss"].backward()
+    opt.step()
+    assert torch.equal(m.expr.mlp[0].weight, w0) and not torch.equal(m.sim_log_gain, s0)
+    # off by default: the key is beta' and the state dict has no gain
+    m0 = CLeBS(CLeBS.Config(**{**kw, "sim_gain": False}))
+    m0.eval()
+    _, key0, lam0 = m0.embed(batch["image"], batch["coeffs"])
+    torch.testing.assert_close(key0, m0.expr(batch["coeffs"][..., 80:144])[1])
+    assert "sim_log_gain" not in m0.state_dict()

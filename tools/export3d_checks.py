@@ -17,7 +17,8 @@ written with the expression-identity leak (``pyface data synth --split test --ex
     python tools/export3d_checks.py readout RUN1 --data DIR [--frames 8] [--json OUT]
 
 ``clebs``: same-video retrieval top-1 (image -> expression, N-frame clips of held-out videos;
-chance 1/N); a ridge identity probe trained on each identity's first video and tested on its
+chance 1/N; cosine of f_I and the run's contrastive key, which is beta' unless the run has
+``sim_gain``; ``retrieval_top1_beta_prime`` against beta' itself); a ridge identity probe trained on each identity's first video and tested on its
 second, on the stored (leaky) expression, on beta' and on lambda (chance 1/identities); ridge R^2
 from beta' to the true jaw_open / blink_left / smile (the stored coefficients minus the leak).
 
@@ -140,13 +141,15 @@ def clebs_checks(run: str, data: str, frames: int = 8, min_gap: int = 3, clips: 
     R = model.cfg.resolution
     clip_ds = ClipDataset(data, R, frames=frames, min_gap=min_gap, repeats=clips, seed=1,
                           load_masks=False)
-    hits = []
+    hits, plain = [], []
     for i in range(len(clip_ds)):
         it = clip_ds[i]
-        f_img, beta_p, _ = model.embed(it["image"][None], it["coeffs"][None])
+        f_img, key, lam = model.embed(it["image"][None], it["coeffs"][None])
         q = torch.nn.functional.normalize(f_img[0], dim=-1)
-        k = torch.nn.functional.normalize(beta_p[0], dim=-1)
+        k = torch.nn.functional.normalize(key[0], dim=-1)
         hits.append(((q @ k.t()).argmax(-1) == torch.arange(frames)).float().mean().item())
+        k = torch.nn.functional.normalize(model.expr.combine(lam[0]), dim=-1)     # beta'
+        plain.append(((q @ k.t()).argmax(-1) == torch.arange(frames)).float().mean().item())
     frames_ds = FrameDataset(data, R, load_masks=False)
     meta = json.load(open(os.path.join(data, frames_ds.videos[0].name, "meta.json")))
     leak = float(meta.get("exp_leak", 0.0))
@@ -177,6 +180,8 @@ def clebs_checks(run: str, data: str, frames: int = 8, min_gap: int = 3, clips: 
         pred = _ridge(xb[tr], y[tr, None], xb[te])[:, 0]
         r2[pname] = float(1 - ((pred - y[te]) ** 2).sum() / ((y[te] - y[te].mean()) ** 2).sum())
     return {"retrieval_top1": float(np.mean(hits)), "retrieval_chance": 1.0 / frames,
+            "retrieval_top1_beta_prime": float(np.mean(plain)),
+            "sim_gain": (model.sim_log_gain.exp().tolist() if model.cfg.sim_gain else None),
             "clips": len(hits), "frames": frames, "min_gap": min_gap, "identity_probe": probe,
             "identity_chance": 1.0 / len(ids), "exp_leak": leak, "r2_from_beta_prime": r2}
 

@@ -104,6 +104,15 @@ class CLeBSConfig:
             statistics are set from the same pass).
         fe_freeze: keep f_e (and its whitening statistics) fixed; only f_I and the temperature
             are trained ([D], default off).
+        sim_gain: the contrastive similarity weights the code per coefficient ([D], default
+            off): InfoNCE compares f_I(X) with ``sum_i exp(s_i) lambda_i v_i`` (s (n,) learned,
+            initially 0, the module's ``sim_log_gain``) instead of beta', an expression-side
+            projection head used only in pre-training like f_I's. f_e itself (what stage 2
+            loads) is not changed by it. The closed-form init gives every coefficient the same
+            within-video variance, the ones the 64^2 images hardly show (brows, cheek puff,
+            smile_left) as much as jaw and blink; the gains let the loss weight what f_I can see.
+        sim_gain_lr: learning-rate multiplier of ``s`` (no weight decay), so that the gains can
+            move by several e-folds within a short run ([D] 10).
         w_regress: weight of an auxiliary regression of f_I onto the expression code ([D], 0:
             off): ``|f_I(X) - beta'|^2 / n`` per frame with beta' detached (no gradient into
             f_e), so f_I is told every frame's code, not only which of the clip's N codes is its.
@@ -128,6 +137,8 @@ class CLeBSConfig:
     whiten: bool = False
     fe_init: str = "none"
     fe_freeze: bool = False
+    sim_gain: bool = False
+    sim_gain_lr: float = 10.0
     w_regress: float = 0.0
 
 
@@ -451,6 +462,8 @@ class CLeBS(TrainableModel):
                                           cfg.image_depths, cfg.image_stem_pool,
                                           cfg.resolution if cfg.image_flatten else None)
         self.temperature = LearnableTemperature(cfg.temperature)
+        if cfg.sim_gain:
+            self.sim_log_gain = nn.Parameter(torch.zeros(cfg.n))
         if cfg.fe_init != "none":
             # set once the closed-form initialisation ran (saved: a resumed run keeps f_e)
             self.register_buffer("fe_initialised", torch.zeros((), dtype=torch.bool))
@@ -461,8 +474,13 @@ class CLeBS(TrainableModel):
 
     def build_optimizers(self):
         params = [p for name, p in self.named_parameters()
-                  if not (self.cfg.fe_freeze and name.startswith("expr."))]
-        return {"main": torch.optim.AdamW(params, lr=self.cfg.lr,
+                  if not (self.cfg.fe_freeze and name.startswith("expr.")) and
+                  name != "sim_log_gain"]
+        groups = [{"params": params}]
+        if self.cfg.sim_gain:
+            groups.append({"params": [self.sim_log_gain], "weight_decay": 0.0,
+                           "lr": self.cfg.lr * self.cfg.sim_gain_lr})
+        return {"main": torch.optim.AdamW(groups, lr=self.cfg.lr,
                                           weight_decay=self.cfg.weight_decay)}
 
     @torch.no_grad()
@@ -499,8 +517,9 @@ class CLeBS(TrainableModel):
         return [Phase("main", "main")]
 
     def embed(self, image: torch.Tensor, coeffs: torch.Tensor):
-        """image (B, N, 3, H, W), coeffs (B, N, 257) -> (f_I (B, N, d), beta' (B, N, d),
-        lambda (B, N, n))."""
+        """image (B, N, 3, H, W), coeffs (B, N, 257) -> (f_I (B, N, d), the contrastive key
+        (B, N, d), lambda (B, N, n)). The key is beta' = f_e's code; with ``sim_gain`` the code
+        of the gained coefficients, ``sum_i exp(s_i) lambda_i v_i``."""
         if image.dim() != 5 or image.shape[2] != 3:
             raise ValueError(f"batch['image']: expected clips of shape (B, N, 3, H, W), got "
                              f"{tuple(image.shape)}")
@@ -522,6 +541,8 @@ class CLeBS(TrainableModel):
         if self.training and self.cfg.whiten and B > 1 and not self.cfg.fe_freeze:
             self.expr.update_video_stats(beta)
         lam, beta_p = self.expr(beta)
+        if self.cfg.sim_gain:
+            beta_p = self.expr.combine(lam * self.sim_log_gain.exp())
         return f_img, beta_p, lam
 
     def step(self, phase: str, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
