@@ -81,8 +81,9 @@ frame of DIR, no held-out part) of the true jaw_open / blink_left / smile (store
 minus the leak) from each lambda_i alone and from lambda_1..k, k = 1 .. n.
 
 ``readout``: what limits ``clebs``' retrieval, on the same clips: the retrieval ceiling of the
-run's own code (top-1 when the query is beta' of the true frame with Gaussian noise of std
-sigma added to each lambda_i, cosine as in ``clebs``), and how well f_I reads each lambda_i: the
+run's own code (top-1 when the query is the true frame's key, beta' or with ``sim_gain`` the
+gained code, with Gaussian noise of std sigma added to each lambda_i before the gains, cosine
+as in ``clebs``), and how well f_I reads each lambda_i: the
 R^2 of the projection of f_I(X) on the basis (what the cosine compares) against lambda_i, over
 all frames and within clips (both sides minus their clip mean), and of a ridge map from f_I(X)
 to lambda fitted on each identity's first video and tested on its second.
@@ -197,6 +198,7 @@ def readout(run: str, data: str, frames: int = 8, min_gap: int = 3, clips: int =
                           repeats=clips, seed=1, load_masks=False)
     _, vid_no = _video_split(clip_ds)
     V = model.expr.basis.basis()                                          # (d, n)
+    gain = model.sim_log_gain.exp() if model.cfg.sim_gain else torch.ones(model.cfg.n)
     g = torch.Generator().manual_seed(0)
     hits = {s: [] for s in sigmas}
     proj, lams, feats, second = [], [], [], []
@@ -204,10 +206,10 @@ def readout(run: str, data: str, frames: int = 8, min_gap: int = 3, clips: int =
         it = clip_ds[i]
         f_img, beta_p, lam = model.embed(it["image"][None], it["coeffs"][None])
         f_img, lam = f_img[0], lam[0]
-        k = torch.nn.functional.normalize(beta_p[0], dim=-1)
+        k = torch.nn.functional.normalize(beta_p[0], dim=-1)         # the contrastive key
         for s in sigmas:
             q = torch.nn.functional.normalize(
-                (lam + s * torch.randn(lam.shape, generator=g)) @ V.t(), dim=-1)
+                ((lam + s * torch.randn(lam.shape, generator=g)) * gain) @ V.t(), dim=-1)
             hits[s].append(((q @ k.t()).argmax(-1) == torch.arange(frames)).float().mean().item())
         proj.append((f_img @ V).numpy())
         lams.append(lam.numpy())

@@ -114,8 +114,9 @@ class CLeBSConfig:
         sim_gain_lr: learning-rate multiplier of ``s`` (no weight decay), so that the gains can
             move by several e-folds within a short run ([D] 10).
         w_regress: weight of an auxiliary regression of f_I onto the expression code ([D], 0:
-            off): ``|f_I(X) - beta'|^2 / n`` per frame with beta' detached (no gradient into
-            f_e), so f_I is told every frame's code, not only which of the clip's N codes is its.
+            off): ``|f_I(X) - key|^2 / n`` per frame with the contrastive key (beta', or its
+            ``sim_gain`` version) detached (no gradient into f_e or the gains), so f_I is told
+            every frame's code, not only which of the clip's N codes is its.
     """
 
     n: int = 10
