@@ -86,7 +86,9 @@ gained code, with Gaussian noise of std sigma added to each lambda_i before the 
 as in ``clebs``), and how well f_I reads each lambda_i: the
 R^2 of the projection of f_I(X) on the basis (what the cosine compares) against lambda_i, over
 all frames and within clips (both sides minus their clip mean), and of a ridge map from f_I(X)
-to lambda fitted on each identity's first video and tested on its second.
+to lambda fitted on each identity's first video and tested on its second; and the top-1 of
+a perfect reader of some true parameters only (jaw_open; + blinks; + lips; + mouth_stretch,
+lip_pucker, jaw_left; all 13 animated), the rest of lambda at its clip mean.
 
 ``render-memory``: peak memory and time of one forward + backward of Export3D's raw render
 (``full`` sizes: tri-plane 3 x 32 x 256^2, OSGDecoder 32-64-33, corrected axes) at
@@ -201,9 +203,12 @@ def readout(run: str, data: str, frames: int = 8, min_gap: int = 3, clips: int =
     gain = model.sim_log_gain.exp() if model.cfg.sim_gain else torch.ones(model.cfg.n)
     g = torch.Generator().manual_seed(0)
     hits = {s: [] for s in sigmas}
-    proj, lams, feats, second = [], [], [], []
+    meta = json.load(open(os.path.join(data, clip_ds.videos[0].name, "meta.json")))
+    leak = float(meta.get("exp_leak", 0.0))
+    proj, lams, feats, second, trues = [], [], [], [], []
     for i in range(len(clip_ds)):
         it = clip_ds[i]
+        trues.append(torch.from_numpy(_true_exp(it["coeffs"].numpy(), leak)).float())
         f_img, beta_p, lam = model.embed(it["image"][None], it["coeffs"][None])
         f_img, lam = f_img[0], lam[0]
         k = torch.nn.functional.normalize(beta_p[0], dim=-1)         # the contrastive key
@@ -216,6 +221,26 @@ def readout(run: str, data: str, frames: int = 8, min_gap: int = 3, clips: int =
         feats.append(f_img.numpy())
         second.append(np.full(frames, vid_no[clip_ds.clip_frames(i)[0]] == 1))
     P, L, X = np.stack(proj), np.stack(lams), np.stack(feats)               # (C, N, n / d)
+    # a perfect reader of some true parameters: lambda's clip mean plus the least-squares map
+    # of the parameters' within-clip deviations to lambda's (fitted on these clips)
+    Lt, T = torch.from_numpy(L), torch.stack(trues)
+    Lm = Lt.mean(1, keepdim=True)
+    keys = torch.nn.functional.normalize((Lt * gain) @ V.t(), dim=-1)
+    readers = {"jaw_open": ["jaw_open"], "+blink": ["jaw_open", "blink_left", "blink_right"],
+               "+lips": ["jaw_open", "blink_left", "blink_right", "upper_lip_raise",
+                         "lower_lip_down"],
+               "+stretch,pucker,jaw_left": ["jaw_open", "blink_left", "blink_right",
+                                            "upper_lip_raise", "lower_lip_down", "mouth_stretch",
+                                            "lip_pucker", "jaw_left"],
+               "all animated": [n for j, n in enumerate(EXP_NAMES) if T[..., j].std() > 1e-6]}
+    reader_top1 = {}
+    for name, params in readers.items():
+        idx = [EXP_NAMES.index(p) for p in params]
+        dev = T[..., idx] - T[..., idx].mean(1, keepdim=True)
+        w = torch.linalg.lstsq(dev.flatten(0, 1), (Lt - Lm).flatten(0, 1)).solution
+        q = torch.nn.functional.normalize(((Lm + dev @ w) * gain) @ V.t(), dim=-1)
+        reader_top1[name] = float(((q @ keys.transpose(1, 2)).argmax(-1)
+                                   == torch.arange(frames)).float().mean())
 
     def r2(pred, y):                 # per coefficient, the best affine fit of pred to y
         out = []
@@ -234,7 +259,7 @@ def readout(run: str, data: str, frames: int = 8, min_gap: int = 3, clips: int =
     ridge_r2 = [float(1 - ((ridge[:, j] - y[:, j]) ** 2).sum() / ((y[:, j] - y[:, j].mean()) ** 2).sum())
                 for j in range(n)]
     return {"retrieval_ceiling": {str(s): float(np.mean(h)) for s, h in hits.items()},
-            "clips": len(clip_ds), "frames": frames,
+            "clips": len(clip_ds), "frames": frames, "perfect_reader_top1": reader_top1,
             "r2_projection_all": r2(flat(P), flat(L)),
             "r2_projection_within_clip": r2(within(P), within(L)),
             "r2_ridge_held_out_video": ridge_r2,
