@@ -15,6 +15,7 @@ written with the expression-identity leak (``pyface data synth --split test --ex
     python tools/export3d_checks.py invariance RUN1 --data DIR [--json OUT]
     python tools/export3d_checks.py directions RUN1 --data DIR [--json OUT]
     python tools/export3d_checks.py readout RUN1 --data DIR [--frames 8] [--json OUT]
+    python tools/export3d_checks.py visibility --data DIR [--json OUT]
 
 ``clebs``: same-video retrieval top-1 (image -> expression, N-frame clips of held-out videos;
 chance 1/N; cosine of f_I and the run's contrastive key, which is beta' unless the run has
@@ -89,6 +90,10 @@ all frames and within clips (both sides minus their clip mean), and of a ridge m
 to lambda fitted on each identity's first video and tested on its second; and the top-1 of
 a perfect reader of some true parameters only (jaw_open; + blinks; + lips; + mouth_stretch,
 lip_pucker, jaw_left; all 13 animated), the rest of lambda at its clip mean.
+
+``visibility``: how much each animated expression parameter changes the image when it moves by
+its within-clip standard deviation (synthetic re-render, as ``mouth-oracle``; 3 frames per
+video): mean absolute change in grey levels and pixels changed by at least one level.
 
 ``render-memory``: peak memory and time of one forward + backward of Export3D's raw render
 (``full`` sizes: tri-plane 3 x 32 x 256^2, OSGDecoder 32-64-33, corrected axes) at
@@ -450,6 +455,59 @@ def mouth_oracle(data: str, threshold: float = 0.2) -> dict:
 
 
 @torch.no_grad()
+def visibility(data: str, frames_per_video: int = 3) -> dict:
+    """How visible each animated expression parameter is at the split's resolution: frames of
+    every video are rendered again by the synthetic generator with their true expression, and
+    with one parameter moved by its within-clip standard deviation (N = 8, min gap 3); mean
+    absolute change of the 8-bit image (grey levels, over the whole frame) and the number of
+    pixels that change by at least one grey level."""
+    from pyface.data.synthetic import sample_identity
+    from pyface.face import MorphableModel
+
+    model = MorphableModel.builtin()
+    ds = FrameDataset(data, None)
+    stats = clip_stats(data)
+    trues, metas = [], []
+    for v, rec in enumerate(ds.videos):
+        meta = json.load(open(os.path.join(data, rec.name, "meta.json")))
+        trues.append(_true_exp(np.asarray(ds.coeffs[v], np.float32), float(meta.get("exp_leak", 0.0))))
+        metas.append(meta)
+    allf = np.concatenate(trues)
+    animated = [j for j in range(64) if allf[:, j].std() > 1e-6]
+    # within-clip std per parameter, as clip_stats samples clips
+    clip_ds = ClipDataset(data, 64, frames=8, min_gap=3, repeats=20, seed=1, load_masks=False)
+    within = np.zeros(64)
+    for i in range(len(clip_ds)):
+        v, idx = clip_ds.clip_frames(i)
+        within += trues[v][idx].std(0) / len(clip_ds)
+    change = {EXP_NAMES[j]: [] for j in animated}
+    changed_px = {EXP_NAMES[j]: [] for j in animated}
+    for v, rec in enumerate(ds.videos):
+        meta = metas[v]
+        ident = int(meta["identity"][len(meta.get("split", "train")):])
+        R = ds.frame(v, 0)["image"].shape[-1]
+        _, _, bg = sample_identity(model, int(meta.get("seed", 0)), ident, R,
+                                   meta.get("split", "train"))
+        bg = torch.from_numpy(bg)[None]
+        c = np.asarray(ds.coeffs[v], np.float32)
+        for f in np.linspace(0, len(c) - 1, frames_per_video).astype(int):
+            co = torch.from_numpy(c[[f] * (1 + len(animated))]).clone()
+            co[:, 80:144] = torch.from_numpy(trues[v][f])
+            for k, j in enumerate(animated):
+                co[1 + k, 80 + j] += float(within[j])
+            img = model.render(co, R, background=bg.expand(len(co), -1, -1, -1)).image
+            img = (img.clamp(0, 1) * 255 + 0.5).floor()
+            for k, j in enumerate(animated):
+                d = (img[1 + k] - img[0]).abs()
+                change[EXP_NAMES[j]].append(float(d.mean()))
+                changed_px[EXP_NAMES[j]].append(float((d.amax(0) >= 1).sum()))
+    return {"within_clip_std": {EXP_NAMES[j]: float(within[j]) for j in animated},
+            "mean_abs_change_grey_levels": {k: float(np.mean(v)) for k, v in change.items()},
+            "pixels_changed": {k: float(np.mean(v)) for k, v in changed_px.items()},
+            "frames": len(next(iter(change.values()))), "clip_stats": stats}
+
+
+@torch.no_grad()
 def diagnose(run: str, data: str, pairs: int = 64, ema: bool = True) -> dict:
     import torch.nn.functional as F
 
@@ -750,7 +808,7 @@ def main(argv=None):
     p.add_argument("check", choices=["clebs", "mouth", "mouth-oracle", "diagnose",
                                      "render-memory", "lda-oracle", "sensitivity", "clip-stats",
                                      "step-memory", "code-stats", "leak", "invariance",
-                                     "directions", "readout"])
+                                     "directions", "readout", "visibility"])
     p.add_argument("run", nargs="?")
     p.add_argument("--data")
     p.add_argument("--resolution", type=int, default=128)
@@ -774,6 +832,10 @@ def main(argv=None):
         if not a.data:
             p.error("clip-stats: --data is required")
         res = clip_stats(a.data, a.frames, a.min_gap)
+    elif a.check == "visibility":
+        if not a.data:
+            p.error("visibility: --data is required")
+        res = visibility(a.data)
     elif a.check == "mouth-oracle":
         if not a.data:
             p.error("mouth-oracle: --data is required")
