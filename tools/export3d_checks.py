@@ -19,7 +19,8 @@ written with the expression-identity leak (``pyface data synth --split test --ex
 
 ``clebs``: same-video retrieval top-1 (image -> expression, N-frame clips of held-out videos;
 chance 1/N; cosine of f_I and the run's contrastive key, which is beta' unless the run has
-``sim_gain``; ``retrieval_top1_beta_prime`` against beta' itself); a ridge identity probe trained on each identity's first video and tested on its
+``sim_gain``; ``retrieval_top1_beta_prime`` against beta' itself); a ridge identity probe
+trained on each identity's first video and tested on its
 second, on the stored (leaky) expression, on beta' and on lambda (chance 1/identities); ridge R^2
 from beta' to the true jaw_open / blink_left / smile (the stored coefficients minus the leak).
 
@@ -242,7 +243,10 @@ def readout(run: str, data: str, frames: int = 8, min_gap: int = 3, clips: int =
     for name, params in readers.items():
         idx = [EXP_NAMES.index(p) for p in params]
         dev = T[..., idx] - T[..., idx].mean(1, keepdim=True)
-        w = torch.linalg.lstsq(dev.flatten(0, 1), (Lt - Lm).flatten(0, 1)).solution
+        # SVD least squares in float64: blink_left and blink_right are equal in the synthetic
+        # motion, so the system is rank-deficient
+        w = torch.linalg.lstsq(dev.flatten(0, 1).double(), (Lt - Lm).flatten(0, 1).double(),
+                               driver="gelsd").solution.float()
         q = torch.nn.functional.normalize(((Lm + dev @ w) * gain) @ V.t(), dim=-1)
         reader_top1[name] = float(((q @ keys.transpose(1, 2)).argmax(-1)
                                    == torch.arange(frames)).float().mean())
@@ -252,7 +256,8 @@ def readout(run: str, data: str, frames: int = 8, min_gap: int = 3, clips: int =
         for j in range(y.shape[-1]):
             a = np.stack([pred[:, j], np.ones(len(y))], 1)
             w = np.linalg.lstsq(a, y[:, j], rcond=None)[0]
-            out.append(float(1 - ((a @ w - y[:, j]) ** 2).sum() / ((y[:, j] - y[:, j].mean()) ** 2).sum()))
+            res, tot = ((a @ w - y[:, j]) ** 2).sum(), ((y[:, j] - y[:, j].mean()) ** 2).sum()
+            out.append(float(1 - res / tot))
         return out
 
     n = L.shape[-1]
@@ -261,8 +266,8 @@ def readout(run: str, data: str, frames: int = 8, min_gap: int = 3, clips: int =
     sec = np.concatenate(second)
     ridge = _ridge(flat(X)[~sec], flat(L)[~sec], flat(X)[sec])
     y = flat(L)[sec]
-    ridge_r2 = [float(1 - ((ridge[:, j] - y[:, j]) ** 2).sum() / ((y[:, j] - y[:, j].mean()) ** 2).sum())
-                for j in range(n)]
+    ridge_r2 = [float(1 - ((ridge[:, j] - y[:, j]) ** 2).sum()
+                      / ((y[:, j] - y[:, j].mean()) ** 2).sum()) for j in range(n)]
     return {"retrieval_ceiling": {str(s): float(np.mean(h)) for s, h in hits.items()},
             "clips": len(clip_ds), "frames": frames, "perfect_reader_top1": reader_top1,
             "r2_projection_all": r2(flat(P), flat(L)),
@@ -470,7 +475,8 @@ def visibility(data: str, frames_per_video: int = 3) -> dict:
     trues, metas = [], []
     for v, rec in enumerate(ds.videos):
         meta = json.load(open(os.path.join(data, rec.name, "meta.json")))
-        trues.append(_true_exp(np.asarray(ds.coeffs[v], np.float32), float(meta.get("exp_leak", 0.0))))
+        trues.append(_true_exp(np.asarray(ds.coeffs[v], np.float32),
+                               float(meta.get("exp_leak", 0.0))))
         metas.append(meta)
     allf = np.concatenate(trues)
     animated = [j for j in range(64) if allf[:, j].std() > 1e-6]
