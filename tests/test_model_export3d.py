@@ -678,3 +678,7 @@ def test_clebs_similarity_gain_weights_the_key_and_leaves_f_e_alone():
     _, key0, lam0 = m0.embed(batch["image"], batch["coeffs"])
     torch.testing.assert_close(key0, m0.expr(batch["coeffs"][..., 80:144])[1])
     assert "sim_log_gain" not in m0.state_dict()
+    with pytest.raises(ValueError, match=r"model.sim_gain_lr: expected > 0, got 0"):
+        CLeBS(CLeBS.Config(**{**kw, "sim_gain_lr": 0}))
+    with pytest.raises(ValueError, match=r"model.w_regress: expected >= 0, got -1"):
+        CLeBS(CLeBS.Config(**{**kw, "w_regress": -1.0}))

@@ -452,6 +452,10 @@ class CLeBS(TrainableModel):
         if cfg.invariance not in ("coefficient", "joint"):
             raise ValueError(f"model.invariance: expected 'coefficient' or 'joint', got "
                              f"{cfg.invariance!r}")
+        if cfg.w_regress < 0:
+            raise ValueError(f"model.w_regress: expected >= 0, got {cfg.w_regress}")
+        if cfg.sim_gain_lr <= 0:
+            raise ValueError(f"model.sim_gain_lr: expected > 0, got {cfg.sim_gain_lr}")
         if cfg.fe_init not in FE_INITS:
             raise ValueError(f"model.fe_init: expected one of {FE_INITS}, got {cfg.fe_init!r}")
         if cfg.fe_init == "fisher" and cfg.hidden:
