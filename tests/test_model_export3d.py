@@ -582,3 +582,103 @@ def test_clebs_fisher_init_in_the_engine_with_a_frozen_encoder(data, tmp_path):
     with pytest.raises(RuntimeError, match="call model.init_expression"):
         fresh.step("main", {"image": torch.zeros(2, 4, 3, 32, 32, dtype=torch.uint8),
                             "coeffs": torch.randn(2, 4, 257)}, StepContext(0, 0, 2))
+
+
+def test_image_encoder_without_stem_pool_keeps_twice_the_resolution():
+    from pyface.nn.encoders import ResNetEncoder
+
+    kw = dict(stem_channels=8, widths=[8, 16], depths=[1, 1])
+    pooled, full = ResNetEncoder(**kw), ResNetEncoder(**kw, stem_pool=False)
+    x = torch.randn(2, 3, 32, 32)
+    assert [f.shape[-1] for f in pooled.features(x)] == [8, 4]
+    assert [f.shape[-1] for f in full.features(x)] == [16, 8]
+    # the same parameters: a checkpoint of one loads into the other
+    assert pooled.state_dict().keys() == full.state_dict().keys()
+    m = CLeBS(CLeBS.Config(n=3, dim=8, hidden=[16], image_stem=8, image_widths=[8, 16],
+                           image_depths=[1, 1], resolution=32, image_stem_pool=False))
+    assert m.image_encoder.backbone.features(x)[-1].shape[-1] == 8
+    assert m.image_encoder(x).shape == (2, 8)
+
+
+def test_clebs_regression_term_trains_only_the_image_encoder():
+    kw = dict(n=3, dim=8, hidden=[16], image_stem=8, image_widths=[8, 16], image_depths=[1, 1],
+              resolution=32)
+    torch.manual_seed(0)
+    batch = {"image": torch.randint(0, 256, (2, 4, 3, 32, 32), dtype=torch.uint8),
+             "coeffs": torch.randn(2, 4, 257)}
+    grads, outs = [], []
+    for w in (0.0, 2.0):
+        torch.manual_seed(1)
+        m = CLeBS(CLeBS.Config(**kw, w_regress=w))
+        out = m.step("main", batch, StepContext(0, 0, 1))
+        out["loss"].backward()
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters()})
+        outs.append(out)
+        f_img, beta_p, _ = m.embed(batch["image"], batch["coeffs"])
+    assert "regress" not in outs[0]
+    reg = (f_img - beta_p).pow(2).sum(-1).mean() / 3
+    torch.testing.assert_close(outs[1]["regress"], reg.detach())
+    torch.testing.assert_close(outs[1]["loss"] - outs[0]["loss"], 2 * reg.detach())
+    # f_e's gradient is the InfoNCE's alone (beta' is detached); f_I's includes the regression
+    for k in grads[0]:
+        if k.startswith("expr."):
+            torch.testing.assert_close(grads[1][k], grads[0][k], msg=k)
+    assert not torch.allclose(grads[1]["image_encoder.head.2.weight"],
+                              grads[0]["image_encoder.head.2.weight"])
+
+
+def test_image_encoder_flattened_head_sees_where_a_feature_is():
+    kw = dict(n=3, dim=8, hidden=[16], image_stem=8, image_widths=[8, 16], image_depths=[1, 1],
+              resolution=32)
+    flat = CLeBS(CLeBS.Config(**kw, image_flatten=True)).image_encoder
+    mean = CLeBS(CLeBS.Config(**kw)).image_encoder
+    assert flat.head[0].in_features == 16 * 4 * 4 and mean.head[0].in_features == 16
+    # the size probe leaves the BatchNorm statistics at their initial values
+    for mod in flat.backbone.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            assert int(mod.num_batches_tracked) == 0 and torch.all(mod.running_mean == 0)
+    # a map and its mirror image: equal spatial means, different flattened heads
+    flat.eval()
+    feat = torch.rand(1, 16, 4, 4)
+    flat.backbone.features = lambda x: [feat if x.sum() > 0 else feat.flip(-1)]
+    a, b = flat(torch.ones(1, 3, 32, 32)), flat(-torch.ones(1, 3, 32, 32))
+    assert a.shape == (1, 8) and not torch.allclose(a, b)
+
+
+def test_clebs_similarity_gain_weights_the_key_and_leaves_f_e_alone():
+    kw = dict(n=3, dim=8, hidden=[], image_stem=8, image_widths=[8, 16], image_depths=[1, 1],
+              resolution=32, sim_gain=True, fe_freeze=True, lr=1e-3, sim_gain_lr=10.0)
+    m = CLeBS(CLeBS.Config(**kw))
+    batch = {"image": torch.randint(0, 256, (2, 4, 3, 32, 32), dtype=torch.uint8),
+             "coeffs": torch.randn(2, 4, 257)}
+    with torch.no_grad():
+        m.sim_log_gain.copy_(torch.tensor([0.0, 1.0, -2.0]))
+    m.eval()
+    _, key, lam = m.embed(batch["image"], batch["coeffs"])
+    lam_fe, beta_p = m.expr(batch["coeffs"][..., 80:144])
+    torch.testing.assert_close(lam, lam_fe)                       # f_e's output is unchanged
+    gained = lam * torch.tensor([1.0, 2.718282, 0.135335])
+    torch.testing.assert_close(key @ m.expr.basis.basis(), gained, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(key, beta_p)
+    # with f_e frozen the gains still learn, at lr x sim_gain_lr without weight decay
+    m.train()
+    opt = m.build_optimizers()["main"]
+    names = {id(p): k for k, p in m.named_parameters()}
+    in_opt = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    assert in_opt.count("sim_log_gain") == 1 and not any(k.startswith("expr.") for k in in_opt)
+    group = [g for g in opt.param_groups if g["params"][0] is m.sim_log_gain][0]
+    assert group["lr"] == pytest.approx(1e-2) and group["weight_decay"] == 0
+    w0, s0 = m.expr.mlp[0].weight.clone(), m.sim_log_gain.detach().clone()
+    m.step("main", batch, StepContext(0, 0, 1))["loss"].backward()
+    opt.step()
+    assert torch.equal(m.expr.mlp[0].weight, w0) and not torch.equal(m.sim_log_gain, s0)
+    # off by default: the key is beta' and the state dict has no gain
+    m0 = CLeBS(CLeBS.Config(**{**kw, "sim_gain": False}))
+    m0.eval()
+    _, key0, lam0 = m0.embed(batch["image"], batch["coeffs"])
+    torch.testing.assert_close(key0, m0.expr(batch["coeffs"][..., 80:144])[1])
+    assert "sim_log_gain" not in m0.state_dict()
+    with pytest.raises(ValueError, match=r"model.sim_gain_lr: expected > 0, got 0"):
+        CLeBS(CLeBS.Config(**{**kw, "sim_gain_lr": 0}))
+    with pytest.raises(ValueError, match=r"model.w_regress: expected >= 0, got -1"):
+        CLeBS(CLeBS.Config(**{**kw, "w_regress": -1.0}))

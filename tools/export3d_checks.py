@@ -14,9 +14,13 @@ written with the expression-identity leak (``pyface data synth --split test --ex
     python tools/export3d_checks.py mouth-oracle --data DIR [--json OUT]
     python tools/export3d_checks.py invariance RUN1 --data DIR [--json OUT]
     python tools/export3d_checks.py directions RUN1 --data DIR [--json OUT]
+    python tools/export3d_checks.py readout RUN1 --data DIR [--frames 8] [--json OUT]
+    python tools/export3d_checks.py visibility --data DIR [--json OUT]
 
 ``clebs``: same-video retrieval top-1 (image -> expression, N-frame clips of held-out videos;
-chance 1/N); a ridge identity probe trained on each identity's first video and tested on its
+chance 1/N; cosine of f_I and the run's contrastive key, which is beta' unless the run has
+``sim_gain``; ``retrieval_top1_beta_prime`` against beta' itself); a ridge identity probe
+trained on each identity's first video and tested on its
 second, on the stored (leaky) expression, on beta' and on lambda (chance 1/identities); ridge R^2
 from beta' to the true jaw_open / blink_left / smile (the stored coefficients minus the leak).
 
@@ -78,6 +82,20 @@ covariances of lambda).
 frame of DIR, no held-out part) of the true jaw_open / blink_left / smile (stored coefficients
 minus the leak) from each lambda_i alone and from lambda_1..k, k = 1 .. n.
 
+``readout``: what limits ``clebs``' retrieval, on the same clips: the retrieval ceiling of the
+run's own code (top-1 when the query is the true frame's key, beta' or with ``sim_gain`` the
+gained code, with Gaussian noise of std sigma added to each lambda_i before the gains, cosine
+as in ``clebs``), and how well f_I reads each lambda_i: the
+R^2 of the projection of f_I(X) on the basis (what the cosine compares) against lambda_i, over
+all frames and within clips (both sides minus their clip mean), and of a ridge map from f_I(X)
+to lambda fitted on each identity's first video and tested on its second; and the top-1 of
+a perfect reader of some true parameters only (jaw_open; + blinks; + lips; + mouth_stretch,
+lip_pucker, jaw_left; all 13 animated), the rest of lambda at its clip mean.
+
+``visibility``: how much each animated expression parameter changes the image when it moves by
+its within-clip standard deviation (synthetic re-render, as ``mouth-oracle``; 3 frames per
+video): mean absolute change in grey levels and pixels changed by at least one level.
+
 ``render-memory``: peak memory and time of one forward + backward of Export3D's raw render
 (``full`` sizes: tri-plane 3 x 32 x 256^2, OSGDecoder 32-64-33, corrected axes) at
 ``resolution``^2 rays with ``samples`` + ``samples`` samples, batch 1, on the fused renderer (the
@@ -132,13 +150,15 @@ def clebs_checks(run: str, data: str, frames: int = 8, min_gap: int = 3, clips: 
     R = model.cfg.resolution
     clip_ds = ClipDataset(data, R, frames=frames, min_gap=min_gap, repeats=clips, seed=1,
                           load_masks=False)
-    hits = []
+    hits, plain = [], []
     for i in range(len(clip_ds)):
         it = clip_ds[i]
-        f_img, beta_p, _ = model.embed(it["image"][None], it["coeffs"][None])
+        f_img, key, lam = model.embed(it["image"][None], it["coeffs"][None])
         q = torch.nn.functional.normalize(f_img[0], dim=-1)
-        k = torch.nn.functional.normalize(beta_p[0], dim=-1)
+        k = torch.nn.functional.normalize(key[0], dim=-1)
         hits.append(((q @ k.t()).argmax(-1) == torch.arange(frames)).float().mean().item())
+        k = torch.nn.functional.normalize(model.expr.combine(lam[0]), dim=-1)     # beta'
+        plain.append(((q @ k.t()).argmax(-1) == torch.arange(frames)).float().mean().item())
     frames_ds = FrameDataset(data, R, load_masks=False)
     meta = json.load(open(os.path.join(data, frames_ds.videos[0].name, "meta.json")))
     leak = float(meta.get("exp_leak", 0.0))
@@ -169,8 +189,92 @@ def clebs_checks(run: str, data: str, frames: int = 8, min_gap: int = 3, clips: 
         pred = _ridge(xb[tr], y[tr, None], xb[te])[:, 0]
         r2[pname] = float(1 - ((pred - y[te]) ** 2).sum() / ((y[te] - y[te].mean()) ** 2).sum())
     return {"retrieval_top1": float(np.mean(hits)), "retrieval_chance": 1.0 / frames,
+            "retrieval_top1_beta_prime": float(np.mean(plain)),
+            "sim_gain": (model.sim_log_gain.exp().tolist() if model.cfg.sim_gain else None),
             "clips": len(hits), "frames": frames, "min_gap": min_gap, "identity_probe": probe,
             "identity_chance": 1.0 / len(ids), "exp_leak": leak, "r2_from_beta_prime": r2}
+
+
+@torch.no_grad()
+def readout(run: str, data: str, frames: int = 8, min_gap: int = 3, clips: int = 20,
+            sigmas=(0.0, 0.1, 0.2, 0.3, 0.5, 1.0)) -> dict:
+    cfg, state = load_pretrained(run)
+    model = CLeBS(config_from_dict(CLeBS.Config, cfg))
+    model.load_state_dict(state)
+    model.eval()
+    clip_ds = ClipDataset(data, model.cfg.resolution, frames=frames, min_gap=min_gap,
+                          repeats=clips, seed=1, load_masks=False)
+    _, vid_no = _video_split(clip_ds)
+    V = model.expr.basis.basis()                                          # (d, n)
+    gain = model.sim_log_gain.exp() if model.cfg.sim_gain else torch.ones(model.cfg.n)
+    g = torch.Generator().manual_seed(0)
+    hits = {s: [] for s in sigmas}
+    meta = json.load(open(os.path.join(data, clip_ds.videos[0].name, "meta.json")))
+    leak = float(meta.get("exp_leak", 0.0))
+    proj, lams, feats, second, trues = [], [], [], [], []
+    for i in range(len(clip_ds)):
+        it = clip_ds[i]
+        trues.append(torch.from_numpy(_true_exp(it["coeffs"].numpy(), leak)).float())
+        f_img, beta_p, lam = model.embed(it["image"][None], it["coeffs"][None])
+        f_img, lam = f_img[0], lam[0]
+        k = torch.nn.functional.normalize(beta_p[0], dim=-1)         # the contrastive key
+        for s in sigmas:
+            q = torch.nn.functional.normalize(
+                ((lam + s * torch.randn(lam.shape, generator=g)) * gain) @ V.t(), dim=-1)
+            hits[s].append(((q @ k.t()).argmax(-1) == torch.arange(frames)).float().mean().item())
+        proj.append((f_img @ V).numpy())
+        lams.append(lam.numpy())
+        feats.append(f_img.numpy())
+        second.append(np.full(frames, vid_no[clip_ds.clip_frames(i)[0]] == 1))
+    P, L, X = np.stack(proj), np.stack(lams), np.stack(feats)               # (C, N, n / d)
+    # a perfect reader of some true parameters: lambda's clip mean plus the least-squares map
+    # of the parameters' within-clip deviations to lambda's (fitted on these clips)
+    Lt, T = torch.from_numpy(L), torch.stack(trues)
+    Lm = Lt.mean(1, keepdim=True)
+    keys = torch.nn.functional.normalize((Lt * gain) @ V.t(), dim=-1)
+    readers = {"jaw_open": ["jaw_open"], "+blink": ["jaw_open", "blink_left", "blink_right"],
+               "+lips": ["jaw_open", "blink_left", "blink_right", "upper_lip_raise",
+                         "lower_lip_down"],
+               "+stretch,pucker,jaw_left": ["jaw_open", "blink_left", "blink_right",
+                                            "upper_lip_raise", "lower_lip_down", "mouth_stretch",
+                                            "lip_pucker", "jaw_left"],
+               "all animated": [n for j, n in enumerate(EXP_NAMES) if T[..., j].std() > 1e-6]}
+    reader_top1 = {}
+    for name, params in readers.items():
+        idx = [EXP_NAMES.index(p) for p in params]
+        dev = T[..., idx] - T[..., idx].mean(1, keepdim=True)
+        # SVD least squares in float64: blink_left and blink_right are equal in the synthetic
+        # motion, so the system is rank-deficient
+        w = torch.linalg.lstsq(dev.flatten(0, 1).double(), (Lt - Lm).flatten(0, 1).double(),
+                               driver="gelsd").solution.float()
+        q = torch.nn.functional.normalize(((Lm + dev @ w) * gain) @ V.t(), dim=-1)
+        reader_top1[name] = float(((q @ keys.transpose(1, 2)).argmax(-1)
+                                   == torch.arange(frames)).float().mean())
+
+    def r2(pred, y):                 # per coefficient, the best affine fit of pred to y
+        out = []
+        for j in range(y.shape[-1]):
+            a = np.stack([pred[:, j], np.ones(len(y))], 1)
+            w = np.linalg.lstsq(a, y[:, j], rcond=None)[0]
+            res, tot = ((a @ w - y[:, j]) ** 2).sum(), ((y[:, j] - y[:, j].mean()) ** 2).sum()
+            out.append(float(1 - res / tot))
+        return out
+
+    n = L.shape[-1]
+    flat = lambda a: a.reshape(-1, a.shape[-1])
+    within = lambda a: flat(a - a.mean(1, keepdims=True))
+    sec = np.concatenate(second)
+    ridge = _ridge(flat(X)[~sec], flat(L)[~sec], flat(X)[sec])
+    y = flat(L)[sec]
+    ridge_r2 = [float(1 - ((ridge[:, j] - y[:, j]) ** 2).sum()
+                      / ((y[:, j] - y[:, j].mean()) ** 2).sum()) for j in range(n)]
+    return {"retrieval_ceiling": {str(s): float(np.mean(h)) for s, h in hits.items()},
+            "clips": len(clip_ds), "frames": frames, "perfect_reader_top1": reader_top1,
+            "r2_projection_all": r2(flat(P), flat(L)),
+            "r2_projection_within_clip": r2(within(P), within(L)),
+            "r2_ridge_held_out_video": ridge_r2,
+            "lambda_std_all": flat(L).std(0).tolist(),
+            "lambda_std_within_clip": within(L).std(0).tolist()}
 
 
 def clip_stats(data: str, frames: int = 8, min_gap: int = 3, clips: int = 20,
@@ -353,6 +457,60 @@ def mouth_oracle(data: str, threshold: float = 0.2) -> dict:
             "source_expression_psnr": float(g[:, 1].mean()),
             "source_expression_psnr_median": float(np.median(g[:, 1])),
             "jaw_threshold": threshold}
+
+
+@torch.no_grad()
+def visibility(data: str, frames_per_video: int = 3) -> dict:
+    """How visible each animated expression parameter is at the split's resolution: frames of
+    every video are rendered again by the synthetic generator with their true expression, and
+    with one parameter moved by its within-clip standard deviation (N = 8, min gap 3); mean
+    absolute change of the 8-bit image (grey levels, over the whole frame) and the number of
+    pixels that change by at least one grey level."""
+    from pyface.data.synthetic import sample_identity
+    from pyface.face import MorphableModel
+
+    model = MorphableModel.builtin()
+    ds = FrameDataset(data, None)
+    stats = clip_stats(data)
+    trues, metas = [], []
+    for v, rec in enumerate(ds.videos):
+        meta = json.load(open(os.path.join(data, rec.name, "meta.json")))
+        trues.append(_true_exp(np.asarray(ds.coeffs[v], np.float32),
+                               float(meta.get("exp_leak", 0.0))))
+        metas.append(meta)
+    allf = np.concatenate(trues)
+    animated = [j for j in range(64) if allf[:, j].std() > 1e-6]
+    # within-clip std per parameter, as clip_stats samples clips
+    clip_ds = ClipDataset(data, 64, frames=8, min_gap=3, repeats=20, seed=1, load_masks=False)
+    within = np.zeros(64)
+    for i in range(len(clip_ds)):
+        v, idx = clip_ds.clip_frames(i)
+        within += trues[v][idx].std(0) / len(clip_ds)
+    change = {EXP_NAMES[j]: [] for j in animated}
+    changed_px = {EXP_NAMES[j]: [] for j in animated}
+    for v, rec in enumerate(ds.videos):
+        meta = metas[v]
+        ident = int(meta["identity"][len(meta.get("split", "train")):])
+        R = ds.frame(v, 0)["image"].shape[-1]
+        _, _, bg = sample_identity(model, int(meta.get("seed", 0)), ident, R,
+                                   meta.get("split", "train"))
+        bg = torch.from_numpy(bg)[None]
+        c = np.asarray(ds.coeffs[v], np.float32)
+        for f in np.linspace(0, len(c) - 1, frames_per_video).astype(int):
+            co = torch.from_numpy(c[[f] * (1 + len(animated))]).clone()
+            co[:, 80:144] = torch.from_numpy(trues[v][f])
+            for k, j in enumerate(animated):
+                co[1 + k, 80 + j] += float(within[j])
+            img = model.render(co, R, background=bg.expand(len(co), -1, -1, -1)).image
+            img = (img.clamp(0, 1) * 255 + 0.5).floor()
+            for k, j in enumerate(animated):
+                d = (img[1 + k] - img[0]).abs()
+                change[EXP_NAMES[j]].append(float(d.mean()))
+                changed_px[EXP_NAMES[j]].append(float((d.amax(0) >= 1).sum()))
+    return {"within_clip_std": {EXP_NAMES[j]: float(within[j]) for j in animated},
+            "mean_abs_change_grey_levels": {k: float(np.mean(v)) for k, v in change.items()},
+            "pixels_changed": {k: float(np.mean(v)) for k, v in changed_px.items()},
+            "frames": len(next(iter(change.values()))), "clip_stats": stats}
 
 
 @torch.no_grad()
@@ -656,7 +814,7 @@ def main(argv=None):
     p.add_argument("check", choices=["clebs", "mouth", "mouth-oracle", "diagnose",
                                      "render-memory", "lda-oracle", "sensitivity", "clip-stats",
                                      "step-memory", "code-stats", "leak", "invariance",
-                                     "directions"])
+                                     "directions", "readout", "visibility"])
     p.add_argument("run", nargs="?")
     p.add_argument("--data")
     p.add_argument("--resolution", type=int, default=128)
@@ -680,6 +838,10 @@ def main(argv=None):
         if not a.data:
             p.error("clip-stats: --data is required")
         res = clip_stats(a.data, a.frames, a.min_gap)
+    elif a.check == "visibility":
+        if not a.data:
+            p.error("visibility: --data is required")
+        res = visibility(a.data)
     elif a.check == "mouth-oracle":
         if not a.data:
             p.error("mouth-oracle: --data is required")
@@ -698,6 +860,8 @@ def main(argv=None):
         res = invariance(a.run, a.data)
     elif a.check == "directions":
         res = directions(a.run, a.data)
+    elif a.check == "readout":
+        res = readout(a.run, a.data, a.frames, a.min_gap)
     elif a.check == "clebs":
         res = clebs_checks(a.run, a.data, a.frames, a.min_gap)
     elif a.check == "sensitivity":

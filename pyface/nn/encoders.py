@@ -44,6 +44,9 @@ class ResNetConfig:
     stem_channels: int = 64
     widths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
     depths: list[int] = field(default_factory=lambda: [3, 4, 6, 3])   # ResNet-50
+    #: the stem's 3x3 stride-2 max-pool (ResNet's); False keeps the stem output at H/2 x W/2,
+    #: so the stages run at 2x the resolution (4x the cost) for small inputs
+    stem_pool: bool = True
 
 
 class ResNetEncoder(nn.Module):
@@ -54,10 +57,11 @@ class ResNetEncoder(nn.Module):
         super().__init__()
         cfg = cfg or ResNetConfig(**overrides)
         self.cfg = cfg
-        self.stem = nn.Sequential(nn.Conv2d(cfg.in_channels, cfg.stem_channels, 7, 2, 3,
-                                            bias=False),
-                                  nn.BatchNorm2d(cfg.stem_channels), nn.ReLU(),
-                                  nn.MaxPool2d(3, 2, 1))
+        stem = [nn.Conv2d(cfg.in_channels, cfg.stem_channels, 7, 2, 3, bias=False),
+                nn.BatchNorm2d(cfg.stem_channels), nn.ReLU()]
+        if cfg.stem_pool:
+            stem.append(nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(*stem)
         stages, cin = [], cfg.stem_channels
         for i, (w, d) in enumerate(zip(cfg.widths, cfg.depths)):
             blocks = [Bottleneck(cin, w, stride=1 if i == 0 else 2)]

@@ -65,6 +65,11 @@ class CLeBSConfig:
         dim: d, the dimension of beta' and of the basis ([D] 512 at paper scale).
         hidden: widths of the f_e MLP ([D] 64-256-256-n).
         image_stem, image_widths, image_depths: the image encoder's ResNet ([D]).
+        image_stem_pool: the ResNet stem's max-pool (default True); False runs f_I's stages at
+            twice the resolution (H/2 instead of H/4 after the stem; [D]).
+        image_flatten: f_I's head reads the last stage's map flattened, (C, h, w) -> C h w, so
+            where a feature is (mouth or eyes) is kept, instead of its spatial mean (default
+            False; [D]).
         temperature: initial tau ([D] CLIP's 0.07, learnable).
         resolution: image size (must equal data.resolution).
         lr, weight_decay: AdamW ([D] 1e-4, 0.01).
@@ -99,6 +104,19 @@ class CLeBSConfig:
             statistics are set from the same pass).
         fe_freeze: keep f_e (and its whitening statistics) fixed; only f_I and the temperature
             are trained ([D], default off).
+        sim_gain: the contrastive similarity weights the code per coefficient ([D], default
+            off): InfoNCE compares f_I(X) with ``sum_i exp(s_i) lambda_i v_i`` (s (n,) learned,
+            initially 0, the module's ``sim_log_gain``) instead of beta', an expression-side
+            projection head used only in pre-training like f_I's. f_e itself (what stage 2
+            loads) is not changed by it. The closed-form init gives every coefficient the same
+            within-video variance, the ones the 64^2 images hardly show (brows, cheek puff,
+            smile_left) as much as jaw and blink; the gains let the loss weight what f_I can see.
+        sim_gain_lr: learning-rate multiplier of ``s`` (no weight decay), so that the gains can
+            move by several e-folds within a short run ([D] 10).
+        w_regress: weight of an auxiliary regression of f_I onto the expression code ([D], 0:
+            off): ``|f_I(X) - key|^2 / n`` per frame with the contrastive key (beta', or its
+            ``sim_gain`` version) detached (no gradient into f_e or the gains), so f_I is told
+            every frame's code, not only which of the clip's N codes is its.
     """
 
     n: int = 10
@@ -107,6 +125,8 @@ class CLeBSConfig:
     image_stem: int = 64
     image_widths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
     image_depths: list[int] = field(default_factory=lambda: [3, 4, 6, 3])
+    image_stem_pool: bool = True
+    image_flatten: bool = False
     temperature: float = 0.07
     resolution: int = 224
     lr: float = 1e-4
@@ -118,6 +138,9 @@ class CLeBSConfig:
     whiten: bool = False
     fe_init: str = "none"
     fe_freeze: bool = False
+    sim_gain: bool = False
+    sim_gain_lr: float = 10.0
+    w_regress: float = 0.0
 
 
 FE_INITS = ("none", "fisher")
@@ -341,18 +364,33 @@ class ExpressionEncoder(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """f_I: image (B, 3, H, W) in [-1, 1] -> embedding (B, dim) (ResNet, pooled, MLP head)."""
+    """f_I: image (B, 3, H, W) in [-1, 1] -> embedding (B, dim) (ResNet, pooled, MLP head).
 
-    def __init__(self, dim: int, stem: int, widths: list[int], depths: list[int]):
+    ``flatten_size``: the input size H = W; when given, the head reads the last stage's map
+    flattened (B, C h w) instead of its spatial mean (B, C)."""
+
+    def __init__(self, dim: int, stem: int, widths: list[int], depths: list[int],
+                 stem_pool: bool = True, flatten_size: int | None = None):
         super().__init__()
         if len(widths) != len(depths) or not widths:
             raise ValueError(f"image_widths / image_depths: expected equal non-empty lengths, got "
                              f"{widths} / {depths}")
-        self.backbone = ResNetEncoder(stem_channels=stem, widths=list(widths), depths=list(depths))
-        self.head = nn.Sequential(nn.Linear(widths[-1], widths[-1]), nn.ReLU(),
+        self.backbone = ResNetEncoder(stem_channels=stem, widths=list(widths), depths=list(depths),
+                                      stem_pool=stem_pool)
+        self.flatten = flatten_size is not None
+        cin = widths[-1]
+        if self.flatten:
+            self.backbone.eval()                   # (no BatchNorm statistics from the probe)
+            with torch.no_grad():
+                probe = torch.zeros(1, 3, flatten_size, flatten_size)
+                cin = self.backbone.features(probe)[-1].numel()
+            self.backbone.train()
+        self.head = nn.Sequential(nn.Linear(cin, widths[-1]), nn.ReLU(),
                                   nn.Linear(widths[-1], dim))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.flatten:
+            return self.head(self.backbone.features(image)[-1].flatten(1))
         return self.head(self.backbone(image))
 
 
@@ -414,6 +452,10 @@ class CLeBS(TrainableModel):
         if cfg.invariance not in ("coefficient", "joint"):
             raise ValueError(f"model.invariance: expected 'coefficient' or 'joint', got "
                              f"{cfg.invariance!r}")
+        if cfg.w_regress < 0:
+            raise ValueError(f"model.w_regress: expected >= 0, got {cfg.w_regress}")
+        if cfg.sim_gain_lr <= 0:
+            raise ValueError(f"model.sim_gain_lr: expected > 0, got {cfg.sim_gain_lr}")
         if cfg.fe_init not in FE_INITS:
             raise ValueError(f"model.fe_init: expected one of {FE_INITS}, got {cfg.fe_init!r}")
         if cfg.fe_init == "fisher" and cfg.hidden:
@@ -422,8 +464,11 @@ class CLeBS(TrainableModel):
         self.cfg = cfg
         self.expr = ExpressionEncoder(cfg.n, cfg.dim, cfg.hidden, whiten=cfg.whiten)
         self.image_encoder = ImageEncoder(cfg.dim, cfg.image_stem, cfg.image_widths,
-                                          cfg.image_depths)
+                                          cfg.image_depths, cfg.image_stem_pool,
+                                          cfg.resolution if cfg.image_flatten else None)
         self.temperature = LearnableTemperature(cfg.temperature)
+        if cfg.sim_gain:
+            self.sim_log_gain = nn.Parameter(torch.zeros(cfg.n))
         if cfg.fe_init != "none":
             # set once the closed-form initialisation ran (saved: a resumed run keeps f_e)
             self.register_buffer("fe_initialised", torch.zeros((), dtype=torch.bool))
@@ -434,8 +479,13 @@ class CLeBS(TrainableModel):
 
     def build_optimizers(self):
         params = [p for name, p in self.named_parameters()
-                  if not (self.cfg.fe_freeze and name.startswith("expr."))]
-        return {"main": torch.optim.AdamW(params, lr=self.cfg.lr,
+                  if not (self.cfg.fe_freeze and name.startswith("expr.")) and
+                  name != "sim_log_gain"]
+        groups = [{"params": params}]
+        if self.cfg.sim_gain:
+            groups.append({"params": [self.sim_log_gain], "weight_decay": 0.0,
+                           "lr": self.cfg.lr * self.cfg.sim_gain_lr})
+        return {"main": torch.optim.AdamW(groups, lr=self.cfg.lr,
                                           weight_decay=self.cfg.weight_decay)}
 
     @torch.no_grad()
@@ -472,8 +522,9 @@ class CLeBS(TrainableModel):
         return [Phase("main", "main")]
 
     def embed(self, image: torch.Tensor, coeffs: torch.Tensor):
-        """image (B, N, 3, H, W), coeffs (B, N, 257) -> (f_I (B, N, d), beta' (B, N, d),
-        lambda (B, N, n))."""
+        """image (B, N, 3, H, W), coeffs (B, N, 257) -> (f_I (B, N, d), the contrastive key
+        (B, N, d), lambda (B, N, n)). The key is beta' = f_e's code; with ``sim_gain`` the code
+        of the gained coefficients, ``sum_i exp(s_i) lambda_i v_i``."""
         if image.dim() != 5 or image.shape[2] != 3:
             raise ValueError(f"batch['image']: expected clips of shape (B, N, 3, H, W), got "
                              f"{tuple(image.shape)}")
@@ -495,6 +546,8 @@ class CLeBS(TrainableModel):
         if self.training and self.cfg.whiten and B > 1 and not self.cfg.fe_freeze:
             self.expr.update_video_stats(beta)
         lam, beta_p = self.expr(beta)
+        if self.cfg.sim_gain:
+            beta_p = self.expr.combine(lam * self.sim_log_gain.exp())
         return f_img, beta_p, lam
 
     def step(self, phase: str, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
@@ -514,6 +567,10 @@ class CLeBS(TrainableModel):
             inv = video_invariance(lam.float(), joint=self.cfg.invariance == "joint")
             loss = loss + self.cfg.w_invariance * inv
             logs["invariance"] = inv.detach()
+        if self.cfg.w_regress > 0:
+            reg = (f_img.float() - beta_p.detach().float()).pow(2).sum(-1).mean() / self.cfg.n
+            loss = loss + self.cfg.w_regress * reg
+            logs["regress"] = reg.detach()
         with torch.no_grad():
             q = F.normalize(f_img.float(), dim=-1)
             k = F.normalize(beta_p.float(), dim=-1)
