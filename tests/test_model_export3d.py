@@ -428,6 +428,42 @@ def test_condition_normalisation_uses_running_statistics():
     assert int(m.cond.code_batches) == 1
 
 
+def test_condition_whitening_equalises_a_shared_component():
+    """cond_whiten: a code whose coefficients share one large component (each has unit
+    variance, so per-coefficient scaling leaves it) comes out with identity covariance."""
+    from pyface.models.export3d.model import Conditioner
+
+    torch.manual_seed(0)
+    enc = ExpressionEncoder(4, 8, [])
+    g = torch.Generator().manual_seed(1)
+    shared = torch.randn(512, 1, generator=g)
+    lam = 3 + 0.95 * shared + 0.3 * torch.randn(512, 4, generator=g)     # correlation ~0.9
+    beta = torch.zeros(512, 64)
+    plain = Conditioner("e2e", enc, 6, normalize=True, momentum=0.5)
+    white = Conditioner("e2e", enc, 6, normalize=True, momentum=0.5, whiten=True)
+    white.mlp.load_state_dict(plain.mlp.state_dict())
+    with torch.no_grad():
+        for _ in range(20):
+            plain.from_code(beta, lam, update_stats=True)
+            white.from_code(beta, lam, update_stats=True)
+    assert not hasattr(white, "code_var") and white.code_whitener.shape == (4, 4)
+    cov = lambda x: (x - x.mean(0)).t() @ (x - x.mean(0)) / x.shape[0]
+    torch.testing.assert_close(white.code_cov, cov(lam), rtol=1e-4, atol=1e-5)
+    zp, zw = plain._standardise(lam, False), white._standardise(lam, False)
+    # per coefficient: unit variances, but the shared direction keeps ~90 % of the spread
+    assert (zp.var(0, unbiased=False) - 1).abs().max() < 0.05
+    assert torch.linalg.eigvalsh(cov(zp))[-1] > 3.0
+    # whitened: about identity covariance (the 1 % eigenvalue regulariser shrinks the small
+    # directions, variance 0.09, by 10 %), zero mean
+    ev = torch.linalg.eigvalsh(cov(zw))
+    assert ev.min() > 0.85 and ev.max() < 1.001, ev
+    assert zw.mean(0).abs().max() < 1e-4
+    # a batch of one is whitened with the running statistics, not its own
+    torch.testing.assert_close(white.from_code(beta[:1], lam[:1]), white.from_code(beta, lam)[:1])
+    with pytest.raises(ValueError, match="cond_whiten: needs model.cond_norm=true"):
+        Conditioner("e2e", enc, 6, normalize=False, whiten=True)
+
+
 def test_ema_moments_mix_two_equal_batches_exactly():
     """With momentum 0.5, two equal batches give the moments of their union (variance and
     covariance forms: the mean shift enters the spread)."""

@@ -37,7 +37,7 @@ from pyface.nn.roi import roi_l1_loss
 from pyface.nn.vit import PlainSuperResolution
 from pyface.ops.render import ray_bundle
 from pyface.models.export3d.clebs import (CLeBS, EXP_DIM, ExpressionEncoder, ema_moments_,
-                                          expression_of, image_to_float)
+                                          expression_of, image_to_float, video_mean_whitener)
 from pyface.models.export3d.generator import GeneratorConfig, TriplaneGenerator
 from pyface.models.export3d.pipeline import Export3DPipeline
 from pyface.train.model import (Phase, Stage, StepContext, TrainableModel, config_from_dict,
@@ -62,6 +62,13 @@ class Export3DConfig:
         cond_norm: standardise the MLP's input (lambda for e2e / clebs, beta for direct) with
             running statistics of the training batches (:class:`Conditioner`; [D], default off
             so that older checkpoints load; on in every preset).
+        cond_whiten: with ``cond_norm``, whiten the MLP's input with the running covariance
+            instead of standardising each coefficient: ``(x - mean) C^(-1/2)``, the symmetric
+            (ZCA) inverse square root of the running covariance C, its eigenvalues regularised
+            by 1 % of their mean ([D], default off). The trained CLeBS code puts one shared
+            component (blink) into every coefficient, so per-coefficient scaling leaves most of
+            the code's variance to blink and little to the jaw; whitening gives every direction
+            of the code's span the same spread (docs/models/export3d.md, "The code's spread").
         stem_widths, vit_dim, vit_depth, vit_heads, ups, up_widths, plane_channels,
         blur_sigma, ema_momentum, expr_planes: see :class:`GeneratorConfig`.
         decoder_hidden, decoder_features: OSGDecoder widths (the first 3 features are RGB).
@@ -119,6 +126,7 @@ class Export3DConfig:
     code_dim: int = 512
     cond_dim: int = 512
     cond_norm: bool = False
+    cond_whiten: bool = False
     stem_widths: list[int] = field(default_factory=lambda: [64, 128, 256, 256])
     vit_dim: int = 512
     vit_depth: int = 8
@@ -178,10 +186,16 @@ class Conditioner(nn.Module):
     and a constant offset of beta' free, so the condition's input scale no longer depends on the
     CLeBS run (the `tiny` stage 1's whitening already gives lambda about unit spread; measured
     in docs/models/export3d.md, where this did not make the generator use the expression).
+
+    ``whiten`` (with ``normalize``; [D]): the running covariance (k, k) replaces the variance,
+    and the input is multiplied by its symmetric inverse square root ``code_whitener`` (k, k;
+    eigenvalues regularised by ``whiten_eps`` times their mean, recomputed at every update), so
+    the code's directions have equal spread instead of its coefficients.
     """
 
     def __init__(self, mode: str, expr: ExpressionEncoder | None, cond_dim: int,
-                 normalize: bool = False, momentum: float = 0.99):
+                 normalize: bool = False, momentum: float = 0.99, whiten: bool = False,
+                 whiten_eps: float = 1e-2):
         super().__init__()
         self.mode = mode
         self.expr = expr
@@ -189,11 +203,20 @@ class Conditioner(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cin, cond_dim), nn.LeakyReLU(0.2),
                                  nn.Linear(cond_dim, cond_dim))
         self.normalize = bool(normalize)
+        self.whiten = bool(whiten)
+        if self.whiten and not self.normalize:
+            raise ValueError("model.cond_whiten: needs model.cond_norm=true (the whitening "
+                             "replaces its per-coefficient scaling), got cond_norm=false")
         self.momentum = float(momentum)
+        self.whiten_eps = float(whiten_eps)
         if self.normalize:
             k = EXP_DIM if expr is None else expr.n
             self.register_buffer("code_mean", torch.zeros(k))
-            self.register_buffer("code_var", torch.ones(k))
+            if self.whiten:
+                self.register_buffer("code_cov", torch.eye(k))
+                self.register_buffer("code_whitener", torch.eye(k))
+            else:
+                self.register_buffer("code_var", torch.ones(k))
             self.register_buffer("code_batches", torch.zeros((), dtype=torch.long))
 
     @property
@@ -206,13 +229,22 @@ class Conditioner(nn.Module):
     @torch.no_grad()
     def _update_stats(self, x: torch.Tensor) -> None:
         """x (B, k): one training batch of the normalised quantity."""
-        ema_moments_(self.code_mean, self.code_var, x.mean(0), x.var(0, unbiased=False),
-                     self.momentum, first=int(self.code_batches) == 0)
+        first = int(self.code_batches) == 0
+        if self.whiten:
+            xc = x - x.mean(0)
+            ema_moments_(self.code_mean, self.code_cov, x.mean(0), xc.t() @ xc / x.shape[0],
+                         self.momentum, first=first)
+            self.code_whitener.copy_(video_mean_whitener(self.code_cov, self.whiten_eps))
+        else:
+            ema_moments_(self.code_mean, self.code_var, x.mean(0), x.var(0, unbiased=False),
+                         self.momentum, first=first)
         self.code_batches += 1
 
     def _standardise(self, x: torch.Tensor, update: bool) -> torch.Tensor:
         if update:
             self._update_stats(x.detach().float())
+        if self.whiten:
+            return (x - self.code_mean) @ self.code_whitener.to(x.dtype)
         var = self.code_var
         return (x - self.code_mean) * torch.rsqrt(var + 1e-3 * var.mean() + 1e-12)
 
@@ -381,7 +413,8 @@ class Export3D(TrainableModel):
             expr.requires_grad_(False)
         elif cfg.cond == "e2e":
             expr = ExpressionEncoder(cfg.n, cfg.code_dim)
-        self.cond = Conditioner(cfg.cond, expr, cfg.cond_dim, normalize=cfg.cond_norm)
+        self.cond = Conditioner(cfg.cond, expr, cfg.cond_dim, normalize=cfg.cond_norm,
+                                whiten=cfg.cond_whiten)
         self.generator = TriplaneGenerator(GeneratorConfig(
             resolution=cfg.resolution, stem_widths=list(cfg.stem_widths), dim=cfg.vit_dim,
             depth=cfg.vit_depth, heads=cfg.vit_heads, cond_dim=cfg.cond_dim, ups=cfg.ups,
