@@ -515,6 +515,36 @@ def test_expression_planes_start_at_zero_are_linear_in_the_code_and_train():
         TriplaneGenerator(GeneratorConfig(**kw, expr_planes=-1))
 
 
+def test_expression_planes_basis_init_reads_lambda_directly():
+    """expr_init=basis: w = W beta' is the (standardised) lambda itself at the start; the
+    default orthogonal W sees the code's span only partly; direct has no basis."""
+    base = [o for o in GEN_TINY if not o.startswith(("data.", "train."))] + ["model.cond=e2e"]
+
+    def model(*extra):
+        torch.manual_seed(0)
+        exp = build_experiment("export3d", Export3D.Config, defaults=Export3D.recipe,
+                               overrides=base + list(extra))
+        return Export3D(exp.model_config)
+
+    lam = torch.randn(5, 3)
+    for k in (3, 2, 5):                          # n = 3 (GEN_TINY)
+        m = model(f"model.expr_planes={k}", "model.expr_init=basis")
+        W = m.generator.expr_weights.weight
+        w = m.cond.expr.combine(lam) @ W.t()                 # (5, k)
+        torch.testing.assert_close(w[:, :min(k, 3)], lam[:, :min(k, 3)], atol=1e-5, rtol=0)
+        torch.testing.assert_close(W @ W.t(), torch.eye(k), atol=1e-5, rtol=0)
+        if k > 3:                                            # the other rows see nothing of V
+            assert w[:, 3:].abs().max() < 1e-5
+    default = model("model.expr_planes=3")
+    gains = torch.linalg.svdvals(default.generator.expr_weights.weight
+                                 @ default.cond.expr.basis.basis())
+    assert gains.max() < 0.99                   # a random W does not pass lambda at full gain
+    with pytest.raises(ValueError, match="expr_init='basis': needs a basis"):
+        model("model.expr_planes=3", "model.expr_init=basis", "model.cond=direct")
+    with pytest.raises(ValueError, match="model.expr_init: expected one of"):
+        model("model.expr_planes=3", "model.expr_init=random")
+
+
 def test_expression_planes_in_the_model_and_pipeline(data, clebs_run, tmp_path):
     import os
 

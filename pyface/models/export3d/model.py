@@ -46,6 +46,7 @@ from pyface.train.model import (Phase, Stage, StepContext, TrainableModel, confi
 log = logging.getLogger("pyface.models.export3d")
 
 COND_MODES = ("direct", "e2e", "clebs")
+EXPR_INITS = ("orthogonal", "basis")
 PLANE_AXES = "xy_xz_zy"
 
 
@@ -71,6 +72,12 @@ class Export3DConfig:
             of the code's span the same spread (docs/models/export3d.md, "The code's spread").
         stem_widths, vit_dim, vit_depth, vit_heads, ups, up_widths, plane_channels,
         blur_sigma, ema_momentum, expr_planes: see :class:`GeneratorConfig`.
+        expr_init: the initial weights W (k, d) of ``expr_planes``: ``orthogonal`` (a random
+            orthogonal map of the code, the default) or ``basis`` (W = V^T, the code's own
+            basis: ``w = W beta' = lambda`` (standardised) exactly, so every coefficient reaches
+            a direction E_k at full gain from the first step; a random orthogonal W sees the
+            n-dimensional span of V with gains between about 0.01 and 0.7; [D], ``clebs`` /
+            ``e2e`` only; k > n: the remaining rows orthogonal to V).
         decoder_hidden, decoder_features: OSGDecoder widths (the first 3 features are RGB).
         depth_samples, importance_samples, ray_start, ray_end, box_warp: the renderer.
         render_chunk_points: samples per chunk of the fused renderer's recomputing backward
@@ -137,6 +144,7 @@ class Export3DConfig:
     blur_sigma: float = 1.0
     ema_momentum: float = 0.999
     expr_planes: int = 0
+    expr_init: str = "orthogonal"
     decoder_hidden: int = 64
     decoder_features: int = 32
     depth_samples: int = 48
@@ -421,6 +429,11 @@ class Export3D(TrainableModel):
             up_widths=list(cfg.up_widths), plane_channels=cfg.plane_channels,
             blur_sigma=cfg.blur_sigma, ema_momentum=cfg.ema_momentum,
             expr_planes=cfg.expr_planes, expr_dim=self.cond.code_dim))
+        if cfg.expr_init not in EXPR_INITS:
+            raise ValueError(f"model.expr_init: expected one of {EXPR_INITS}, got "
+                             f"{cfg.expr_init!r}")
+        if cfg.expr_init == "basis" and cfg.expr_planes:
+            self._init_expr_weights_from_basis()
         self.decoder = OSGDecoder(cfg.plane_channels, cfg.decoder_hidden, cfg.decoder_features)
         self.renderer = TriplaneRenderer(RenderConfig.ffhq_corrected_axes(
             depth_resolution=cfg.depth_samples,
@@ -440,6 +453,23 @@ class Export3D(TrainableModel):
         self._warned = False
         self._warned_id = False
         self._fake = None
+
+    @torch.no_grad()
+    def _init_expr_weights_from_basis(self) -> None:
+        """``expr_init=basis``: the expression planes' weights W (k, d) start as V^T (the first
+        min(k, n) rows), the rest orthonormal and orthogonal to V."""
+        if self.cond.expr is None:
+            raise ValueError(f"model.expr_init='basis': needs a basis (model.cond 'clebs' or "
+                             f"'e2e'), got model.cond={self.cfg.cond!r}")
+        V = self.cond.expr.basis.basis().float()                  # (d, n)
+        W = self.generator.expr_weights.weight                    # (k, d)
+        k, n = W.shape[0], V.shape[1]
+        m = min(k, n)
+        W[:m] = V[:, :m].t().to(W.dtype)
+        if k > n:
+            rest = W[n:].float().t()                              # (d, k - n)
+            rest = rest - V @ (V.t() @ rest)
+            W[n:] = torch.linalg.qr(rest, mode="reduced")[0].t().to(W.dtype)
 
     @property
     def frozen_expression(self) -> bool:
