@@ -14,6 +14,7 @@ written with the expression-identity leak (``pyface data synth --split test --ex
     python tools/export3d_checks.py mouth-oracle --data DIR [--json OUT]
     python tools/export3d_checks.py invariance RUN1 --data DIR [--json OUT]
     python tools/export3d_checks.py directions RUN1 --data DIR [--json OUT]
+    python tools/export3d_checks.py code-gain RUN --data DIR [--json OUT]
 
 ``clebs``: same-video retrieval top-1 (image -> expression, N-frame clips of held-out videos;
 chance 1/N); a ridge identity probe trained on each identity's first video and tested on its
@@ -77,6 +78,14 @@ covariances of lambda).
 ``directions``: which coefficient carries what: R^2 (least squares with an intercept on every
 frame of DIR, no held-out part) of the true jaw_open / blink_left / smile (stored coefficients
 minus the leak) from each lambda_i alone and from lambda_1..k, k = 1 .. n.
+
+``code-gain``: how strongly the expression reaches a stage-2 run's condition, on every frame of
+DIR: the code e the condition MLP reads, before the basis (the standardised or whitened lambda;
+``direct``: beta), and the expression planes' weights w (``expr_planes``); per unit change of the
+true jaw_open / blink_left / smile within a video (least squares of the frames' deviations from
+their video's mean on the three parameters' deviations), the norm of the change of e and of w;
+the spread of e within videos and between video means (root of the summed variances), and the
+eigenvalues of e's covariance.
 
 ``render-memory``: peak memory and time of one forward + backward of Export3D's raw render
 (``full`` sizes: tri-plane 3 x 32 x 256^2, OSGDecoder 32-64-33, corrected axes) at
@@ -651,12 +660,52 @@ def render_memory(resolution: int = 128, samples: int = 48, device: str = "cpu")
     return res
 
 
+@torch.no_grad()
+def code_gain(run: str, data: str, ema: bool = True) -> dict:
+    import pyface.models
+
+    m = pyface.models.load("export3d", run, device="cpu", ema=ema).model.eval()
+    cond = m.cond
+    ds = FrameDataset(data, m.cfg.resolution, load_masks=False)
+    meta = json.load(open(os.path.join(data, ds.videos[0].name, "meta.json")))
+    leak = float(meta.get("exp_leak", 0.0))
+    idx = [EXP_NAMES.index(n) for n in ("jaw_open", "blink_left", "smile")]
+    es, ws, ts = [], [], []
+    for c in ds.coeffs:
+        c = np.asarray(c, np.float32)
+        beta = expression_of(torch.from_numpy(c))
+        lam = cond.coefficients(beta)
+        x = beta.float() if lam is None else lam
+        e = cond._standardise(x, False) if cond.normalize else x
+        es.append(e.double().numpy())
+        if m.generator.expr_weights is not None:
+            ws.append(m.generator.expr_weights(cond.code(beta, lam)).double().numpy())
+        ts.append(_true_exp(c, leak)[:, idx].astype(np.float64))
+    tc = np.concatenate([t - t.mean(0) for t in ts])
+
+    def gain(xs):
+        xc = np.concatenate([x - x.mean(0) for x in xs])
+        b = np.linalg.lstsq(tc, xc, rcond=None)[0]                   # (3, k)
+        return dict(zip(("jaw_open", "blink_left", "smile"), np.linalg.norm(b, axis=1).tolist()))
+
+    e = np.concatenate(es)
+    within = np.mean([x.var(0) for x in es], 0)
+    between = np.stack([x.mean(0) for x in es]).var(0)
+    res = {"frames": int(len(e)), "exp_leak": leak, "code_per_unit": gain(es),
+           "code_within_spread": float(np.sqrt(within.sum())),
+           "code_between_spread": float(np.sqrt(between.sum())),
+           "code_cov_eigenvalues": np.linalg.eigvalsh(np.cov(e.T))[::-1].tolist()}
+    if ws:
+        res["weights_per_unit"] = gain(ws)
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("check", choices=["clebs", "mouth", "mouth-oracle", "diagnose",
                                      "render-memory", "lda-oracle", "sensitivity", "clip-stats",
                                      "step-memory", "code-stats", "leak", "invariance",
-                                     "directions"])
+                                     "directions", "code-gain"])
     p.add_argument("run", nargs="?")
     p.add_argument("--data")
     p.add_argument("--resolution", type=int, default=128)
@@ -698,6 +747,8 @@ def main(argv=None):
         res = invariance(a.run, a.data)
     elif a.check == "directions":
         res = directions(a.run, a.data)
+    elif a.check == "code-gain":
+        res = code_gain(a.run, a.data, ema=not a.no_ema)
     elif a.check == "clebs":
         res = clebs_checks(a.run, a.data, a.frames, a.min_gap)
     elif a.check == "sensitivity":
