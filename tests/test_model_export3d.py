@@ -545,13 +545,15 @@ def test_expression_planes_basis_init_reads_lambda_directly():
         model("model.expr_planes=3", "model.expr_init=random")
 
 
-def test_expression_planes_in_the_model_and_pipeline(data, clebs_run, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("model.expr_relative=true", "model.expr_init=basis",
+                                          "model.cond_whiten=true")])
+def test_expression_planes_in_the_model_and_pipeline(data, clebs_run, tmp_path, extra):
     import os
 
     run = tmp_path / "ep"
     Trainer(_exp("export3d", Export3D, run, data, *GEN_TINY, "train.steps=2",
                  f"model.clebs_checkpoint={clebs_run}", "model.expr_planes=2",
-                 "model.cond_norm=true")).fit()
+                 "model.cond_norm=true", *extra)).fit()
     pipe = pyface.models.load("export3d", str(run), device="cpu")
     m = pipe.model
     assert m.generator.expr_basis.shape == (2, 3 * 4, 16, 16)
@@ -564,8 +566,45 @@ def test_expression_planes_in_the_model_and_pipeline(data, clebs_run, tmp_path):
     state, motion = pipe.encode_source(source), pipe.encode_driving(driving)
     # generate (cached source features) == the model's forward, expression planes included
     direct = m(pipe.prepare(source, batched=False)["image"][None].expand(3, -1, -1, -1),
-               motion["beta"], motion["camera"])["image"].clamp(-1, 1)
+               motion["beta"], motion["camera"], source_beta=state["beta"])["image"].clamp(-1, 1)
     torch.testing.assert_close(pipe.generate(state, motion), direct, atol=1e-5, rtol=0)
+    if extra:       # expr_relative needs the source's coefficients
+        with pytest.raises(ValueError, match="source\\['coeffs'\\]: required with"):
+            pipe.generate(dict(state, beta=None), motion)
+
+
+def test_relative_expression_planes_add_nothing_at_the_source_expression():
+    """expr_relative: the planes move by w(e_D) - w(e_S); at the source's own expression they
+    equal the generator's planes without the directions, whatever E holds."""
+    torch.manual_seed(0)
+    exp = build_experiment("export3d", Export3D.Config, defaults=Export3D.recipe,
+                           overrides=[o for o in GEN_TINY if not o.startswith(("data.", "train."))]
+                           + ["model.cond=e2e", "model.expr_planes=2",
+                              "model.expr_relative=true", "model.blur_sigma=0"])
+    m = Export3D(exp.model_config).eval()
+    cam = torch.tensor([1., 0, 0, 0, 0, -1, 0, 0, 0, 0, -1, 2.7, 0, 0, 0, 1,
+                        4.26, 0, .5, 0, 4.26, .5, 0, 0, 1]).expand(2, 25)
+    img = torch.rand(2, 3, 32, 32) * 2 - 1
+    b_s, b_d = torch.randn(2, 64), torch.randn(2, 64)
+    with torch.no_grad():
+        m.generator.expr_basis.normal_()
+        at_source = m(img, b_s, cam, source_beta=b_s)["planes"]
+        moved = m(img, b_d, cam, source_beta=b_s)["planes"]
+        basis = m.generator.expr_basis.clone()
+        m.generator.expr_basis.zero_()
+        plain = m(img, b_s, cam, source_beta=b_s)["planes"]
+        m.generator.expr_basis.copy_(basis)
+        # the change is sum_k (w_k(e_D) - w_k(e_S)) E_k on top of the driving condition's planes
+        own = m(img, b_d, cam, source_beta=b_d)["planes"]
+        _, _, c_d = m.condition(b_d, with_code=True)
+        _, _, c_s = m.condition(b_s, with_code=True)
+        dw = m.generator.expr_weights(c_d - c_s)
+    torch.testing.assert_close(at_source, plain, atol=1e-5, rtol=0)
+    want = own + torch.einsum("bk,kchw->bchw", dw, basis).reshape(own.shape)
+    torch.testing.assert_close(moved, want, atol=1e-4, rtol=1e-4)
+    assert (moved - own).abs().mean() > 1e-3
+    with pytest.raises(ValueError, match="source_beta: expected shape"):
+        m(img, b_d, cam)
 
 
 def _offset_videos(videos: int, frames: int = 16, seed: int = 0):

@@ -393,9 +393,10 @@ def diagnose(run: str, data: str, pairs: int = 64, ema: bool = True) -> dict:
             mse = (d * mask).sum((1, 2, 3)) / (mask.sum((1, 2, 3)) * 3).clamp_min(1)
         return float((10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean())
 
-    out = m(S, expression_of(coeffs["driving"]), cams["driving"])
-    rec = m(S, expression_of(coeffs["source"]), cams["source"])
-    at_src = m(S, expression_of(coeffs["driving"]), cams["source"])
+    sb = expression_of(coeffs["source"])          # the source's expression (expr_relative)
+    out = m(S, expression_of(coeffs["driving"]), cams["driving"], source_beta=sb)
+    rec = m(S, sb, cams["source"], source_beta=sb)
+    at_src = m(S, expression_of(coeffs["driving"]), cams["source"], source_beta=sb)
     r = out["image_raw"].shape[-1]
 
     def small(x):
@@ -442,7 +443,7 @@ def sensitivity(run: str, data: str, ema: bool = True) -> dict:
     b_s, b_d = expression_of(torch.stack(b_s)), expression_of(torch.stack(b_d))
     # gradient norms of L1(image, driving frame) per parameter group (expression paths vs all)
     m.zero_grad(set_to_none=True)
-    (m(S, b_d, cam)["image"] - D).abs().mean().backward()
+    (m(S, b_d, cam, source_beta=b_s)["image"] - D).abs().mean().backward()
     groups = {"eadaln": [], "sr_modulation": [], "cond_mlp": [], "expr_planes": [], "all": []}
     for name, p in m.named_parameters():
         if p.grad is None:
@@ -460,7 +461,7 @@ def sensitivity(run: str, data: str, ema: bool = True) -> dict:
     grad = {k: float(np.sqrt(sum(v))) for k, v in groups.items()}
     m.zero_grad(set_to_none=True)
     with torch.no_grad():
-        o_d, o_s = m(S, b_d, cam), m(S, b_s, cam)
+        o_d, o_s = m(S, b_d, cam, source_beta=b_s), m(S, b_s, cam, source_beta=b_s)
         c_d, c_s = m.condition(b_d)[1], m.condition(b_s)[1]
 
     def mad(x):
@@ -506,10 +507,12 @@ def leak_sensitivity(run: str, data: str, ema: bool = True) -> dict:
                 src_exp.append(ca[0, 80:144])
                 cam.append(fb["camera"])
     S, cam = torch.stack(S), torch.stack(cam).float()
+    sb = torch.from_numpy(np.stack(src_exp))      # the source's expression (expr_relative)
     outs = {}
     for name, beta in (("stored", stored), ("own", own), ("source", src_exp)):
         beta = torch.from_numpy(np.stack(beta))
-        outs[name] = torch.cat([m(S[i:i + 16], beta[i:i + 16], cam[i:i + 16])["image"]
+        outs[name] = torch.cat([m(S[i:i + 16], beta[i:i + 16], cam[i:i + 16],
+                                  source_beta=sb[i:i + 16])["image"]
                                 for i in range(0, len(S), 16)])
     return {"pairs": len(S), "exp_leak": leak,
             "leak_effect": float((outs["stored"] - outs["own"]).abs().mean()),

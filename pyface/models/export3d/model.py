@@ -78,6 +78,14 @@ class Export3DConfig:
             a direction E_k at full gain from the first step; a random orthogonal W sees the
             n-dimensional span of V with gains between about 0.01 and 0.7; [D], ``clebs`` /
             ``e2e`` only; k > n: the remaining rows orthogonal to V).
+        expr_relative: with ``expr_planes``, weight the directions by the change of the code
+            from the source frame's expression to the driving one, ``w(e_D) - w(e_S)``, instead
+            of ``w(e_D)`` ([D], not in the paper, whose generator reads the driving code only;
+            default off). The generator's own path then renders the source frame as it is and
+            the directions move it by the expression change, like blendshapes; with the
+            source's own expression the planes add nothing. Needs the source frame's 3DMM
+            coefficients: ``forward(source_beta=...)``, the training pairs' ``source.coeffs``,
+            ``encode_source(source)`` with ``source['coeffs']``.
         decoder_hidden, decoder_features: OSGDecoder widths (the first 3 features are RGB).
         depth_samples, importance_samples, ray_start, ray_end, box_warp: the renderer.
         render_chunk_points: samples per chunk of the fused renderer's recomputing backward
@@ -145,6 +153,7 @@ class Export3DConfig:
     ema_momentum: float = 0.999
     expr_planes: int = 0
     expr_init: str = "orthogonal"
+    expr_relative: bool = False
     decoder_hidden: int = 64
     decoder_features: int = 32
     depth_samples: int = 48
@@ -334,7 +343,8 @@ class Export3D(TrainableModel):
     """Export3D generator (stage 2). Data: ``pairs`` (same video): ``source``, ``driving``
     frames with ``coeffs``, ``camera`` and ``landmarks`` on the driving frame.
 
-    ``forward(source_image (B, 3, H, W), beta (B, 64), camera (B, 25), lam_scale=None)`` ->
+    ``forward(source_image (B, 3, H, W), beta (B, 64), camera (B, 25), source_beta=None,
+    lam_scale=None)`` ->
     dict ``image (B, 3, H, W)``, ``image_raw (B, 3, r, r)``, ``planes (B, 3, C, P, P)``,
     ``lambda (B, n)`` (e2e / clebs).
     """
@@ -552,14 +562,32 @@ class Export3D(TrainableModel):
         return {"image": image, "image_raw": rgb, "image_depth": out["image_depth"],
                 "image_opacity": opacity}
 
+    def expression_input(self, code: torch.Tensor,
+                         source_beta: torch.Tensor | None) -> torch.Tensor:
+        """The expression planes' input: the driving code (B, code_dim), or with
+        ``expr_relative`` its difference from the code of ``source_beta`` (B or 1, 64), the
+        source frame's expression (no lambda scaling, no statistics update)."""
+        if not (self.cfg.expr_relative and self.cfg.expr_planes):
+            return code
+        if source_beta is None or source_beta.dim() != 2 or source_beta.shape[1] != EXP_DIM \
+                or source_beta.shape[0] not in (1, code.shape[0]):
+            raise ValueError(f"source_beta: expected shape ({code.shape[0]} or 1, {EXP_DIM}) "
+                             f"(the source frame's 3DMM expression) with model.expr_relative, "
+                             f"got {None if source_beta is None else tuple(source_beta.shape)}")
+        return code - self.condition(source_beta.to(code.dtype), with_code=True)[2]
+
     def forward(self, source: torch.Tensor, beta: torch.Tensor, camera: torch.Tensor, *,
-                lam_scale: torch.Tensor | None = None, update_ema: bool = False):
+                source_beta: torch.Tensor | None = None, lam_scale: torch.Tensor | None = None,
+                update_ema: bool = False):
+        """``source_beta`` (B or 1, 64): the source frame's expression; required with
+        ``expr_relative``, ignored otherwise."""
         B = source.shape[0]
         if beta.dim() != 2 or beta.shape != (B, EXP_DIM):
             raise ValueError(f"beta: expected shape ({B}, {EXP_DIM}) (3DMM expression), got "
                              f"{tuple(beta.shape)}")
         lam, cond, code = self.condition(beta, lam_scale, update_stats=update_ema, with_code=True)
-        planes = self.generator(source, cond, code, update_ema=update_ema)
+        planes = self.generator(source, cond, self.expression_input(code, source_beta),
+                                update_ema=update_ema)
         out = self.render(planes, camera, source, cond)
         out["planes"] = planes
         if lam is not None:
@@ -659,8 +687,12 @@ class Export3D(TrainableModel):
         if self.training and cfg.augment > 0:
             src, tgt = joint_colour_augment(src, tgt, cfg.augment)
         beta = expression_of(self._frame(batch, "driving", "coeffs"), "batch['driving']['coeffs']")
+        src_beta = None
+        if cfg.expr_relative:
+            src_beta = expression_of(self._frame(batch, "source", "coeffs"),
+                                     "batch['source']['coeffs']")
         cam = self._frame(batch, "driving", "camera").float()
-        out = self(src, beta, cam, update_ema=self.training)
+        out = self(src, beta, cam, source_beta=src_beta, update_ema=self.training)
         img, raw = out["image"].float(), out["image_raw"].float()
         tgt_raw = F.interpolate(tgt, size=raw.shape[-2:], mode="bilinear", align_corners=False,
                                 antialias=True)
@@ -716,8 +748,9 @@ class Export3D(TrainableModel):
         src = image_to_float(batch["source"]["image"])[:4]
         tgt = image_to_float(batch["driving"]["image"])[:4]
         beta = expression_of(batch["driving"]["coeffs"][:4])
+        sb = expression_of(batch["source"]["coeffs"][:4]) if self.cfg.expr_relative else None
         cam = batch["driving"]["camera"][:4].float()
-        out = self(src, beta, cam)
+        out = self(src, beta, cam, source_beta=sb)
         up = F.interpolate(out["image_raw"], size=src.shape[-2:], mode="nearest")
         grid = {"source": src, "driving": tgt, "output": out["image"], "raw": up}
         n = self.cond.n
@@ -726,5 +759,6 @@ class Export3D(TrainableModel):
                 for s in (0.0, 2.0):
                     scale = torch.ones(n, device=src.device)
                     scale[i] = s
-                    grid[f"lambda{i} x{s:g}"] = self(src, beta, cam, lam_scale=scale)["image"]
+                    grid[f"lambda{i} x{s:g}"] = self(src, beta, cam, source_beta=sb,
+                                                     lam_scale=scale)["image"]
         return grid
