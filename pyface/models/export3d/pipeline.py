@@ -9,7 +9,9 @@ every driving frame gives an expression (from its 3DMM coefficients) and a camer
 * ``generate(state, motion, camera="driving"|"source"|"orbit", lam_scale=None,
   expression_scale=1.0)``: ``(T, 3, R, R)``. ``lam_scale`` ((n,) or {index: factor}) scales
   individual basis coefficients lambda_i (editing; e2e / clebs); ``camera="orbit"`` follows a
-  +-30 / 10 degree ellipse (:func:`pyface.face.cameras.orbit_labels`).
+  +-30 / 10 degree ellipse (:func:`pyface.face.cameras.orbit_labels`). With
+  ``model.expr_relative`` the source's coefficients (``source['coeffs']``) are required: the
+  expression planes move the source by the change from its expression to the driving one.
 """
 from __future__ import annotations
 
