@@ -69,7 +69,8 @@ class Export3DConfig:
             by 1 % of their mean ([D], default off). The trained CLeBS code puts one shared
             component (blink) into every coefficient, so per-coefficient scaling leaves most of
             the code's variance to blink and little to the jaw; whitening gives every direction
-            of the code's span the same spread (docs/models/export3d.md, "Stage 2 on the closed-form code").
+            of the code's span the same spread (measured, not kept: docs/models/export3d.md,
+            "Stage 2 on the closed-form code").
         stem_widths, vit_dim, vit_depth, vit_heads, ups, up_widths, plane_channels,
         blur_sigma, ema_momentum, expr_planes: see :class:`GeneratorConfig`.
         expr_init: the initial weights W (k, d) of ``expr_planes``: ``orthogonal`` (a random
