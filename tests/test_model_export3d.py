@@ -428,6 +428,42 @@ def test_condition_normalisation_uses_running_statistics():
     assert int(m.cond.code_batches) == 1
 
 
+def test_condition_whitening_equalises_a_shared_component():
+    """cond_whiten: a code whose coefficients share one large component (each has unit
+    variance, so per-coefficient scaling leaves it) comes out with identity covariance."""
+    from pyface.models.export3d.model import Conditioner
+
+    torch.manual_seed(0)
+    enc = ExpressionEncoder(4, 8, [])
+    g = torch.Generator().manual_seed(1)
+    shared = torch.randn(512, 1, generator=g)
+    lam = 3 + 0.95 * shared + 0.3 * torch.randn(512, 4, generator=g)     # correlation ~0.9
+    beta = torch.zeros(512, 64)
+    plain = Conditioner("e2e", enc, 6, normalize=True, momentum=0.5)
+    white = Conditioner("e2e", enc, 6, normalize=True, momentum=0.5, whiten=True)
+    white.mlp.load_state_dict(plain.mlp.state_dict())
+    with torch.no_grad():
+        for _ in range(20):
+            plain.from_code(beta, lam, update_stats=True)
+            white.from_code(beta, lam, update_stats=True)
+    assert not hasattr(white, "code_var") and white.code_whitener.shape == (4, 4)
+    cov = lambda x: (x - x.mean(0)).t() @ (x - x.mean(0)) / x.shape[0]
+    torch.testing.assert_close(white.code_cov, cov(lam), rtol=1e-4, atol=1e-5)
+    zp, zw = plain._standardise(lam, False), white._standardise(lam, False)
+    # per coefficient: unit variances, but the shared direction keeps ~90 % of the spread
+    assert (zp.var(0, unbiased=False) - 1).abs().max() < 0.05
+    assert torch.linalg.eigvalsh(cov(zp))[-1] > 3.0
+    # whitened: about identity covariance (the 1 % eigenvalue regulariser shrinks the small
+    # directions, variance 0.09, by 10 %), zero mean
+    ev = torch.linalg.eigvalsh(cov(zw))
+    assert ev.min() > 0.85 and ev.max() < 1.001, ev
+    assert zw.mean(0).abs().max() < 1e-4
+    # a batch of one is whitened with the running statistics, not its own
+    torch.testing.assert_close(white.from_code(beta[:1], lam[:1]), white.from_code(beta, lam)[:1])
+    with pytest.raises(ValueError, match="cond_whiten: needs model.cond_norm=true"):
+        Conditioner("e2e", enc, 6, normalize=False, whiten=True)
+
+
 def test_ema_moments_mix_two_equal_batches_exactly():
     """With momentum 0.5, two equal batches give the moments of their union (variance and
     covariance forms: the mean shift enters the spread)."""
@@ -479,13 +515,45 @@ def test_expression_planes_start_at_zero_are_linear_in_the_code_and_train():
         TriplaneGenerator(GeneratorConfig(**kw, expr_planes=-1))
 
 
-def test_expression_planes_in_the_model_and_pipeline(data, clebs_run, tmp_path):
+def test_expression_planes_basis_init_reads_lambda_directly():
+    """expr_init=basis: w = W beta' is the (standardised) lambda itself at the start; the
+    default orthogonal W sees the code's span only partly; direct has no basis."""
+    base = [o for o in GEN_TINY if not o.startswith(("data.", "train."))] + ["model.cond=e2e"]
+
+    def model(*extra):
+        torch.manual_seed(0)
+        exp = build_experiment("export3d", Export3D.Config, defaults=Export3D.recipe,
+                               overrides=base + list(extra))
+        return Export3D(exp.model_config)
+
+    lam = torch.randn(5, 3)
+    for k in (3, 2, 5):                          # n = 3 (GEN_TINY)
+        m = model(f"model.expr_planes={k}", "model.expr_init=basis")
+        W = m.generator.expr_weights.weight
+        w = m.cond.expr.combine(lam) @ W.t()                 # (5, k)
+        torch.testing.assert_close(w[:, :min(k, 3)], lam[:, :min(k, 3)], atol=1e-5, rtol=0)
+        torch.testing.assert_close(W @ W.t(), torch.eye(k), atol=1e-5, rtol=0)
+        if k > 3:                                            # the other rows see nothing of V
+            assert w[:, 3:].abs().max() < 1e-5
+    default = model("model.expr_planes=3")
+    gains = torch.linalg.svdvals(default.generator.expr_weights.weight
+                                 @ default.cond.expr.basis.basis())
+    assert gains.max() < 0.99                   # a random W does not pass lambda at full gain
+    with pytest.raises(ValueError, match="expr_init='basis': needs a basis"):
+        model("model.expr_planes=3", "model.expr_init=basis", "model.cond=direct")
+    with pytest.raises(ValueError, match="model.expr_init: expected one of"):
+        model("model.expr_planes=3", "model.expr_init=random")
+
+
+@pytest.mark.parametrize("extra", [(), ("model.expr_relative=true", "model.expr_init=basis",
+                                          "model.cond_whiten=true")])
+def test_expression_planes_in_the_model_and_pipeline(data, clebs_run, tmp_path, extra):
     import os
 
     run = tmp_path / "ep"
     Trainer(_exp("export3d", Export3D, run, data, *GEN_TINY, "train.steps=2",
                  f"model.clebs_checkpoint={clebs_run}", "model.expr_planes=2",
-                 "model.cond_norm=true")).fit()
+                 "model.cond_norm=true", *extra)).fit()
     pipe = pyface.models.load("export3d", str(run), device="cpu")
     m = pipe.model
     assert m.generator.expr_basis.shape == (2, 3 * 4, 16, 16)
@@ -498,8 +566,45 @@ def test_expression_planes_in_the_model_and_pipeline(data, clebs_run, tmp_path):
     state, motion = pipe.encode_source(source), pipe.encode_driving(driving)
     # generate (cached source features) == the model's forward, expression planes included
     direct = m(pipe.prepare(source, batched=False)["image"][None].expand(3, -1, -1, -1),
-               motion["beta"], motion["camera"])["image"].clamp(-1, 1)
+               motion["beta"], motion["camera"], source_beta=state["beta"])["image"].clamp(-1, 1)
     torch.testing.assert_close(pipe.generate(state, motion), direct, atol=1e-5, rtol=0)
+    if extra:       # expr_relative needs the source's coefficients
+        with pytest.raises(ValueError, match="source\\['coeffs'\\]: required with"):
+            pipe.generate(dict(state, beta=None), motion)
+
+
+def test_relative_expression_planes_add_nothing_at_the_source_expression():
+    """expr_relative: the planes move by w(e_D) - w(e_S); at the source's own expression they
+    equal the generator's planes without the directions, whatever E holds."""
+    torch.manual_seed(0)
+    exp = build_experiment("export3d", Export3D.Config, defaults=Export3D.recipe,
+                           overrides=[o for o in GEN_TINY if not o.startswith(("data.", "train."))]
+                           + ["model.cond=e2e", "model.expr_planes=2",
+                              "model.expr_relative=true", "model.blur_sigma=0"])
+    m = Export3D(exp.model_config).eval()
+    cam = torch.tensor([1., 0, 0, 0, 0, -1, 0, 0, 0, 0, -1, 2.7, 0, 0, 0, 1,
+                        4.26, 0, .5, 0, 4.26, .5, 0, 0, 1]).expand(2, 25)
+    img = torch.rand(2, 3, 32, 32) * 2 - 1
+    b_s, b_d = torch.randn(2, 64), torch.randn(2, 64)
+    with torch.no_grad():
+        m.generator.expr_basis.normal_()
+        at_source = m(img, b_s, cam, source_beta=b_s)["planes"]
+        moved = m(img, b_d, cam, source_beta=b_s)["planes"]
+        basis = m.generator.expr_basis.clone()
+        m.generator.expr_basis.zero_()
+        plain = m(img, b_s, cam, source_beta=b_s)["planes"]
+        m.generator.expr_basis.copy_(basis)
+        # the change is sum_k (w_k(e_D) - w_k(e_S)) E_k on top of the driving condition's planes
+        own = m(img, b_d, cam, source_beta=b_d)["planes"]
+        _, _, c_d = m.condition(b_d, with_code=True)
+        _, _, c_s = m.condition(b_s, with_code=True)
+        dw = m.generator.expr_weights(c_d - c_s)
+    torch.testing.assert_close(at_source, plain, atol=1e-5, rtol=0)
+    want = own + torch.einsum("bk,kchw->bchw", dw, basis).reshape(own.shape)
+    torch.testing.assert_close(moved, want, atol=1e-4, rtol=1e-4)
+    assert (moved - own).abs().mean() > 1e-3
+    with pytest.raises(ValueError, match="source_beta: expected shape"):
+        m(img, b_d, cam)
 
 
 def _offset_videos(videos: int, frames: int = 16, seed: int = 0):

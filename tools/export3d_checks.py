@@ -16,6 +16,7 @@ written with the expression-identity leak (``pyface data synth --split test --ex
     python tools/export3d_checks.py directions RUN1 --data DIR [--json OUT]
     python tools/export3d_checks.py readout RUN1 --data DIR [--frames 8] [--json OUT]
     python tools/export3d_checks.py visibility --data DIR [--json OUT]
+    python tools/export3d_checks.py code-gain RUN --data DIR [--json OUT]
 
 ``clebs``: same-video retrieval top-1 (image -> expression, N-frame clips of held-out videos;
 chance 1/N; cosine of f_I and the run's contrastive key, which is beta' unless the run has
@@ -95,6 +96,14 @@ lip_pucker, jaw_left; all 13 animated), the rest of lambda at its clip mean.
 ``visibility``: how much each animated expression parameter changes the image when it moves by
 its within-clip standard deviation (synthetic re-render, as ``mouth-oracle``; 3 frames per
 video): mean absolute change in grey levels and pixels changed by at least one level.
+
+``code-gain``: how strongly the expression reaches a stage-2 run's condition, on every frame of
+DIR: the code e the condition MLP reads, before the basis (the standardised or whitened lambda;
+``direct``: beta), and the expression planes' weights w (``expr_planes``); per unit change of the
+true jaw_open / blink_left / smile within a video (least squares of the frames' deviations from
+their video's mean on the three parameters' deviations), the norm of the change of e and of w;
+the spread of e within videos and between video means (root of the summed variances), and the
+eigenvalues of e's covariance.
 
 ``render-memory``: peak memory and time of one forward + backward of Export3D's raw render
 (``full`` sizes: tri-plane 3 x 32 x 256^2, OSGDecoder 32-64-33, corrected axes) at
@@ -542,9 +551,10 @@ def diagnose(run: str, data: str, pairs: int = 64, ema: bool = True) -> dict:
             mse = (d * mask).sum((1, 2, 3)) / (mask.sum((1, 2, 3)) * 3).clamp_min(1)
         return float((10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean())
 
-    out = m(S, expression_of(coeffs["driving"]), cams["driving"])
-    rec = m(S, expression_of(coeffs["source"]), cams["source"])
-    at_src = m(S, expression_of(coeffs["driving"]), cams["source"])
+    sb = expression_of(coeffs["source"])          # the source's expression (expr_relative)
+    out = m(S, expression_of(coeffs["driving"]), cams["driving"], source_beta=sb)
+    rec = m(S, sb, cams["source"], source_beta=sb)
+    at_src = m(S, expression_of(coeffs["driving"]), cams["source"], source_beta=sb)
     r = out["image_raw"].shape[-1]
 
     def small(x):
@@ -591,7 +601,7 @@ def sensitivity(run: str, data: str, ema: bool = True) -> dict:
     b_s, b_d = expression_of(torch.stack(b_s)), expression_of(torch.stack(b_d))
     # gradient norms of L1(image, driving frame) per parameter group (expression paths vs all)
     m.zero_grad(set_to_none=True)
-    (m(S, b_d, cam)["image"] - D).abs().mean().backward()
+    (m(S, b_d, cam, source_beta=b_s)["image"] - D).abs().mean().backward()
     groups = {"eadaln": [], "sr_modulation": [], "cond_mlp": [], "expr_planes": [], "all": []}
     for name, p in m.named_parameters():
         if p.grad is None:
@@ -609,7 +619,7 @@ def sensitivity(run: str, data: str, ema: bool = True) -> dict:
     grad = {k: float(np.sqrt(sum(v))) for k, v in groups.items()}
     m.zero_grad(set_to_none=True)
     with torch.no_grad():
-        o_d, o_s = m(S, b_d, cam), m(S, b_s, cam)
+        o_d, o_s = m(S, b_d, cam, source_beta=b_s), m(S, b_s, cam, source_beta=b_s)
         c_d, c_s = m.condition(b_d)[1], m.condition(b_s)[1]
 
     def mad(x):
@@ -655,10 +665,12 @@ def leak_sensitivity(run: str, data: str, ema: bool = True) -> dict:
                 src_exp.append(ca[0, 80:144])
                 cam.append(fb["camera"])
     S, cam = torch.stack(S), torch.stack(cam).float()
+    sb = torch.from_numpy(np.stack(src_exp))      # the source's expression (expr_relative)
     outs = {}
     for name, beta in (("stored", stored), ("own", own), ("source", src_exp)):
         beta = torch.from_numpy(np.stack(beta))
-        outs[name] = torch.cat([m(S[i:i + 16], beta[i:i + 16], cam[i:i + 16])["image"]
+        outs[name] = torch.cat([m(S[i:i + 16], beta[i:i + 16], cam[i:i + 16],
+                                  source_beta=sb[i:i + 16])["image"]
                                 for i in range(0, len(S), 16)])
     return {"pairs": len(S), "exp_leak": leak,
             "leak_effect": float((outs["stored"] - outs["own"]).abs().mean()),
@@ -809,12 +821,52 @@ def render_memory(resolution: int = 128, samples: int = 48, device: str = "cpu")
     return res
 
 
+@torch.no_grad()
+def code_gain(run: str, data: str, ema: bool = True) -> dict:
+    import pyface.models
+
+    m = pyface.models.load("export3d", run, device="cpu", ema=ema).model.eval()
+    cond = m.cond
+    ds = FrameDataset(data, m.cfg.resolution, load_masks=False)
+    meta = json.load(open(os.path.join(data, ds.videos[0].name, "meta.json")))
+    leak = float(meta.get("exp_leak", 0.0))
+    idx = [EXP_NAMES.index(n) for n in ("jaw_open", "blink_left", "smile")]
+    es, ws, ts = [], [], []
+    for c in ds.coeffs:
+        c = np.asarray(c, np.float32)
+        beta = expression_of(torch.from_numpy(c))
+        lam = cond.coefficients(beta)
+        x = beta.float() if lam is None else lam
+        e = cond._standardise(x, False) if cond.normalize else x
+        es.append(e.double().numpy())
+        if m.generator.expr_weights is not None:
+            ws.append(m.generator.expr_weights(cond.code(beta, lam)).double().numpy())
+        ts.append(_true_exp(c, leak)[:, idx].astype(np.float64))
+    tc = np.concatenate([t - t.mean(0) for t in ts])
+
+    def gain(xs):
+        xc = np.concatenate([x - x.mean(0) for x in xs])
+        b = np.linalg.lstsq(tc, xc, rcond=None)[0]                   # (3, k)
+        return dict(zip(("jaw_open", "blink_left", "smile"), np.linalg.norm(b, axis=1).tolist()))
+
+    e = np.concatenate(es)
+    within = np.mean([x.var(0) for x in es], 0)
+    between = np.stack([x.mean(0) for x in es]).var(0)
+    res = {"frames": int(len(e)), "exp_leak": leak, "code_per_unit": gain(es),
+           "code_within_spread": float(np.sqrt(within.sum())),
+           "code_between_spread": float(np.sqrt(between.sum())),
+           "code_cov_eigenvalues": np.linalg.eigvalsh(np.cov(e.T))[::-1].tolist()}
+    if ws:
+        res["weights_per_unit"] = gain(ws)
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("check", choices=["clebs", "mouth", "mouth-oracle", "diagnose",
                                      "render-memory", "lda-oracle", "sensitivity", "clip-stats",
                                      "step-memory", "code-stats", "leak", "invariance",
-                                     "directions", "readout", "visibility"])
+                                     "directions", "readout", "visibility", "code-gain"])
     p.add_argument("run", nargs="?")
     p.add_argument("--data")
     p.add_argument("--resolution", type=int, default=128)
@@ -862,6 +914,8 @@ def main(argv=None):
         res = directions(a.run, a.data)
     elif a.check == "readout":
         res = readout(a.run, a.data, a.frames, a.min_gap)
+    elif a.check == "code-gain":
+        res = code_gain(a.run, a.data, ema=not a.no_ema)
     elif a.check == "clebs":
         res = clebs_checks(a.run, a.data, a.frames, a.min_gap)
     elif a.check == "sensitivity":

@@ -37,7 +37,7 @@ from pyface.nn.roi import roi_l1_loss
 from pyface.nn.vit import PlainSuperResolution
 from pyface.ops.render import ray_bundle
 from pyface.models.export3d.clebs import (CLeBS, EXP_DIM, ExpressionEncoder, ema_moments_,
-                                          expression_of, image_to_float)
+                                          expression_of, image_to_float, video_mean_whitener)
 from pyface.models.export3d.generator import GeneratorConfig, TriplaneGenerator
 from pyface.models.export3d.pipeline import Export3DPipeline
 from pyface.train.model import (Phase, Stage, StepContext, TrainableModel, config_from_dict,
@@ -46,6 +46,7 @@ from pyface.train.model import (Phase, Stage, StepContext, TrainableModel, confi
 log = logging.getLogger("pyface.models.export3d")
 
 COND_MODES = ("direct", "e2e", "clebs")
+EXPR_INITS = ("orthogonal", "basis")
 PLANE_AXES = "xy_xz_zy"
 
 
@@ -62,8 +63,30 @@ class Export3DConfig:
         cond_norm: standardise the MLP's input (lambda for e2e / clebs, beta for direct) with
             running statistics of the training batches (:class:`Conditioner`; [D], default off
             so that older checkpoints load; on in every preset).
+        cond_whiten: with ``cond_norm``, whiten the MLP's input with the running covariance
+            instead of standardising each coefficient: ``(x - mean) C^(-1/2)``, the symmetric
+            (ZCA) inverse square root of the running covariance C, its eigenvalues regularised
+            by 1 % of their mean ([D], default off). The trained CLeBS code puts one shared
+            component (blink) into every coefficient, so per-coefficient scaling leaves most of
+            the code's variance to blink and little to the jaw; whitening gives every direction
+            of the code's span the same spread (measured, not kept: docs/models/export3d.md,
+            "Stage 2 on the closed-form code").
         stem_widths, vit_dim, vit_depth, vit_heads, ups, up_widths, plane_channels,
         blur_sigma, ema_momentum, expr_planes: see :class:`GeneratorConfig`.
+        expr_init: the initial weights W (k, d) of ``expr_planes``: ``orthogonal`` (a random
+            orthogonal map of the code, the default) or ``basis`` (W = V^T, the code's own
+            basis: ``w = W beta' = lambda`` (standardised) exactly, so every coefficient reaches
+            a direction E_k at full gain from the first step; a random orthogonal W sees the
+            n-dimensional span of V with gains between about 0.01 and 0.7; [D], ``clebs`` /
+            ``e2e`` only; k > n: the remaining rows orthogonal to V).
+        expr_relative: with ``expr_planes``, weight the directions by the change of the code
+            from the source frame's expression to the driving one, ``w(e_D) - w(e_S)``, instead
+            of ``w(e_D)`` ([D], not in the paper, whose generator reads the driving code only;
+            default off). The generator's own path then renders the source frame as it is and
+            the directions move it by the expression change, like blendshapes; with the
+            source's own expression the planes add nothing. Needs the source frame's 3DMM
+            coefficients: ``forward(source_beta=...)``, the training pairs' ``source.coeffs``,
+            ``encode_source(source)`` with ``source['coeffs']``.
         decoder_hidden, decoder_features: OSGDecoder widths (the first 3 features are RGB).
         depth_samples, importance_samples, ray_start, ray_end, box_warp: the renderer.
         render_chunk_points: samples per chunk of the fused renderer's recomputing backward
@@ -119,6 +142,7 @@ class Export3DConfig:
     code_dim: int = 512
     cond_dim: int = 512
     cond_norm: bool = False
+    cond_whiten: bool = False
     stem_widths: list[int] = field(default_factory=lambda: [64, 128, 256, 256])
     vit_dim: int = 512
     vit_depth: int = 8
@@ -129,6 +153,8 @@ class Export3DConfig:
     blur_sigma: float = 1.0
     ema_momentum: float = 0.999
     expr_planes: int = 0
+    expr_init: str = "orthogonal"
+    expr_relative: bool = False
     decoder_hidden: int = 64
     decoder_features: int = 32
     depth_samples: int = 48
@@ -178,10 +204,16 @@ class Conditioner(nn.Module):
     and a constant offset of beta' free, so the condition's input scale no longer depends on the
     CLeBS run (the `tiny` stage 1's whitening already gives lambda about unit spread; measured
     in docs/models/export3d.md, where this did not make the generator use the expression).
+
+    ``whiten`` (with ``normalize``; [D]): the running covariance (k, k) replaces the variance,
+    and the input is multiplied by its symmetric inverse square root ``code_whitener`` (k, k;
+    eigenvalues regularised by ``whiten_eps`` times their mean, recomputed at every update), so
+    the code's directions have equal spread instead of its coefficients.
     """
 
     def __init__(self, mode: str, expr: ExpressionEncoder | None, cond_dim: int,
-                 normalize: bool = False, momentum: float = 0.99):
+                 normalize: bool = False, momentum: float = 0.99, whiten: bool = False,
+                 whiten_eps: float = 1e-2):
         super().__init__()
         self.mode = mode
         self.expr = expr
@@ -189,11 +221,20 @@ class Conditioner(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cin, cond_dim), nn.LeakyReLU(0.2),
                                  nn.Linear(cond_dim, cond_dim))
         self.normalize = bool(normalize)
+        self.whiten = bool(whiten)
+        if self.whiten and not self.normalize:
+            raise ValueError("model.cond_whiten: needs model.cond_norm=true (the whitening "
+                             "replaces its per-coefficient scaling), got cond_norm=false")
         self.momentum = float(momentum)
+        self.whiten_eps = float(whiten_eps)
         if self.normalize:
             k = EXP_DIM if expr is None else expr.n
             self.register_buffer("code_mean", torch.zeros(k))
-            self.register_buffer("code_var", torch.ones(k))
+            if self.whiten:
+                self.register_buffer("code_cov", torch.eye(k))
+                self.register_buffer("code_whitener", torch.eye(k))
+            else:
+                self.register_buffer("code_var", torch.ones(k))
             self.register_buffer("code_batches", torch.zeros((), dtype=torch.long))
 
     @property
@@ -206,13 +247,22 @@ class Conditioner(nn.Module):
     @torch.no_grad()
     def _update_stats(self, x: torch.Tensor) -> None:
         """x (B, k): one training batch of the normalised quantity."""
-        ema_moments_(self.code_mean, self.code_var, x.mean(0), x.var(0, unbiased=False),
-                     self.momentum, first=int(self.code_batches) == 0)
+        first = int(self.code_batches) == 0
+        if self.whiten:
+            xc = x - x.mean(0)
+            ema_moments_(self.code_mean, self.code_cov, x.mean(0), xc.t() @ xc / x.shape[0],
+                         self.momentum, first=first)
+            self.code_whitener.copy_(video_mean_whitener(self.code_cov, self.whiten_eps))
+        else:
+            ema_moments_(self.code_mean, self.code_var, x.mean(0), x.var(0, unbiased=False),
+                         self.momentum, first=first)
         self.code_batches += 1
 
     def _standardise(self, x: torch.Tensor, update: bool) -> torch.Tensor:
         if update:
             self._update_stats(x.detach().float())
+        if self.whiten:
+            return (x - self.code_mean) @ self.code_whitener.to(x.dtype)
         var = self.code_var
         return (x - self.code_mean) * torch.rsqrt(var + 1e-3 * var.mean() + 1e-12)
 
@@ -294,7 +344,8 @@ class Export3D(TrainableModel):
     """Export3D generator (stage 2). Data: ``pairs`` (same video): ``source``, ``driving``
     frames with ``coeffs``, ``camera`` and ``landmarks`` on the driving frame.
 
-    ``forward(source_image (B, 3, H, W), beta (B, 64), camera (B, 25), lam_scale=None)`` ->
+    ``forward(source_image (B, 3, H, W), beta (B, 64), camera (B, 25), source_beta=None,
+    lam_scale=None)`` ->
     dict ``image (B, 3, H, W)``, ``image_raw (B, 3, r, r)``, ``planes (B, 3, C, P, P)``,
     ``lambda (B, n)`` (e2e / clebs).
     """
@@ -381,13 +432,19 @@ class Export3D(TrainableModel):
             expr.requires_grad_(False)
         elif cfg.cond == "e2e":
             expr = ExpressionEncoder(cfg.n, cfg.code_dim)
-        self.cond = Conditioner(cfg.cond, expr, cfg.cond_dim, normalize=cfg.cond_norm)
+        self.cond = Conditioner(cfg.cond, expr, cfg.cond_dim, normalize=cfg.cond_norm,
+                                whiten=cfg.cond_whiten)
         self.generator = TriplaneGenerator(GeneratorConfig(
             resolution=cfg.resolution, stem_widths=list(cfg.stem_widths), dim=cfg.vit_dim,
             depth=cfg.vit_depth, heads=cfg.vit_heads, cond_dim=cfg.cond_dim, ups=cfg.ups,
             up_widths=list(cfg.up_widths), plane_channels=cfg.plane_channels,
             blur_sigma=cfg.blur_sigma, ema_momentum=cfg.ema_momentum,
             expr_planes=cfg.expr_planes, expr_dim=self.cond.code_dim))
+        if cfg.expr_init not in EXPR_INITS:
+            raise ValueError(f"model.expr_init: expected one of {EXPR_INITS}, got "
+                             f"{cfg.expr_init!r}")
+        if cfg.expr_init == "basis" and cfg.expr_planes:
+            self._init_expr_weights_from_basis()
         self.decoder = OSGDecoder(cfg.plane_channels, cfg.decoder_hidden, cfg.decoder_features)
         self.renderer = TriplaneRenderer(RenderConfig.ffhq_corrected_axes(
             depth_resolution=cfg.depth_samples,
@@ -407,6 +464,23 @@ class Export3D(TrainableModel):
         self._warned = False
         self._warned_id = False
         self._fake = None
+
+    @torch.no_grad()
+    def _init_expr_weights_from_basis(self) -> None:
+        """``expr_init=basis``: the expression planes' weights W (k, d) start as V^T (the first
+        min(k, n) rows), the rest orthonormal and orthogonal to V."""
+        if self.cond.expr is None:
+            raise ValueError(f"model.expr_init='basis': needs a basis (model.cond 'clebs' or "
+                             f"'e2e'), got model.cond={self.cfg.cond!r}")
+        V = self.cond.expr.basis.basis().float()                  # (d, n)
+        W = self.generator.expr_weights.weight                    # (k, d)
+        k, n = W.shape[0], V.shape[1]
+        m = min(k, n)
+        W[:m] = V[:, :m].t().to(W.dtype)
+        if k > n:
+            rest = W[n:].float().t()                              # (d, k - n)
+            rest = rest - V @ (V.t() @ rest)
+            W[n:] = torch.linalg.qr(rest, mode="reduced")[0].t().to(W.dtype)
 
     @property
     def frozen_expression(self) -> bool:
@@ -489,14 +563,32 @@ class Export3D(TrainableModel):
         return {"image": image, "image_raw": rgb, "image_depth": out["image_depth"],
                 "image_opacity": opacity}
 
+    def expression_input(self, code: torch.Tensor,
+                         source_beta: torch.Tensor | None) -> torch.Tensor:
+        """The expression planes' input: the driving code (B, code_dim), or with
+        ``expr_relative`` its difference from the code of ``source_beta`` (B or 1, 64), the
+        source frame's expression (no lambda scaling, no statistics update)."""
+        if not (self.cfg.expr_relative and self.cfg.expr_planes):
+            return code
+        if source_beta is None or source_beta.dim() != 2 or source_beta.shape[1] != EXP_DIM \
+                or source_beta.shape[0] not in (1, code.shape[0]):
+            raise ValueError(f"source_beta: expected shape ({code.shape[0]} or 1, {EXP_DIM}) "
+                             f"(the source frame's 3DMM expression) with model.expr_relative, "
+                             f"got {None if source_beta is None else tuple(source_beta.shape)}")
+        return code - self.condition(source_beta.to(code.dtype), with_code=True)[2]
+
     def forward(self, source: torch.Tensor, beta: torch.Tensor, camera: torch.Tensor, *,
-                lam_scale: torch.Tensor | None = None, update_ema: bool = False):
+                source_beta: torch.Tensor | None = None, lam_scale: torch.Tensor | None = None,
+                update_ema: bool = False):
+        """``source_beta`` (B or 1, 64): the source frame's expression; required with
+        ``expr_relative``, ignored otherwise."""
         B = source.shape[0]
         if beta.dim() != 2 or beta.shape != (B, EXP_DIM):
             raise ValueError(f"beta: expected shape ({B}, {EXP_DIM}) (3DMM expression), got "
                              f"{tuple(beta.shape)}")
         lam, cond, code = self.condition(beta, lam_scale, update_stats=update_ema, with_code=True)
-        planes = self.generator(source, cond, code, update_ema=update_ema)
+        planes = self.generator(source, cond, self.expression_input(code, source_beta),
+                                update_ema=update_ema)
         out = self.render(planes, camera, source, cond)
         out["planes"] = planes
         if lam is not None:
@@ -596,8 +688,12 @@ class Export3D(TrainableModel):
         if self.training and cfg.augment > 0:
             src, tgt = joint_colour_augment(src, tgt, cfg.augment)
         beta = expression_of(self._frame(batch, "driving", "coeffs"), "batch['driving']['coeffs']")
+        src_beta = None
+        if cfg.expr_relative:
+            src_beta = expression_of(self._frame(batch, "source", "coeffs"),
+                                     "batch['source']['coeffs']")
         cam = self._frame(batch, "driving", "camera").float()
-        out = self(src, beta, cam, update_ema=self.training)
+        out = self(src, beta, cam, source_beta=src_beta, update_ema=self.training)
         img, raw = out["image"].float(), out["image_raw"].float()
         tgt_raw = F.interpolate(tgt, size=raw.shape[-2:], mode="bilinear", align_corners=False,
                                 antialias=True)
@@ -653,8 +749,9 @@ class Export3D(TrainableModel):
         src = image_to_float(batch["source"]["image"])[:4]
         tgt = image_to_float(batch["driving"]["image"])[:4]
         beta = expression_of(batch["driving"]["coeffs"][:4])
+        sb = expression_of(batch["source"]["coeffs"][:4]) if self.cfg.expr_relative else None
         cam = batch["driving"]["camera"][:4].float()
-        out = self(src, beta, cam)
+        out = self(src, beta, cam, source_beta=sb)
         up = F.interpolate(out["image_raw"], size=src.shape[-2:], mode="nearest")
         grid = {"source": src, "driving": tgt, "output": out["image"], "raw": up}
         n = self.cond.n
@@ -663,5 +760,6 @@ class Export3D(TrainableModel):
                 for s in (0.0, 2.0):
                     scale = torch.ones(n, device=src.device)
                     scale[i] = s
-                    grid[f"lambda{i} x{s:g}"] = self(src, beta, cam, lam_scale=scale)["image"]
+                    grid[f"lambda{i} x{s:g}"] = self(src, beta, cam, source_beta=sb,
+                                                     lam_scale=scale)["image"]
         return grid

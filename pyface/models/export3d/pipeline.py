@@ -9,7 +9,9 @@ every driving frame gives an expression (from its 3DMM coefficients) and a camer
 * ``generate(state, motion, camera="driving"|"source"|"orbit", lam_scale=None,
   expression_scale=1.0)``: ``(T, 3, R, R)``. ``lam_scale`` ((n,) or {index: factor}) scales
   individual basis coefficients lambda_i (editing; e2e / clebs); ``camera="orbit"`` follows a
-  +-30 / 10 degree ellipse (:func:`pyface.face.cameras.orbit_labels`).
+  +-30 / 10 degree ellipse (:func:`pyface.face.cameras.orbit_labels`). With
+  ``model.expr_relative`` the source's coefficients (``source['coeffs']``) are required: the
+  expression planes move the source by the change from its expression to the driving one.
 """
 from __future__ import annotations
 
@@ -72,11 +74,15 @@ class Export3DPipeline(Pipeline):
                 s[int(i)] = float(v)
             lam_scale = s
         cams = self._camera(state, motion, T, camera)
+        if model.cfg.expr_relative and model.cfg.expr_planes and state["beta"] is None:
+            raise ValueError("source['coeffs']: required with model.expr_relative (the "
+                             "expression planes move the source by its expression change)")
         frames = []
         for t0 in range(0, T, chunk):
             b = beta[t0:t0 + chunk]
             _, cond, code = model.condition(b, lam_scale, with_code=True)
-            planes = model.generator.decode(state["features"], cond, code)
+            planes = model.generator.decode(state["features"], cond,
+                                            model.expression_input(code, state["beta"]))
             out = model.render(planes, cams[t0:t0 + chunk], state["image"], cond)
             frames.append(out["image"].clamp(-1, 1))
         return torch.cat(frames)
