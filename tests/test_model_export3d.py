@@ -228,6 +228,9 @@ def test_presets_resolve_and_small_presets_use_a_per_step_ema():
         assert exp.model_config.w_gan == 0       # GAN: full only (after a 10k-step warm-up)
     full = build_experiment("export3d", Export3D.Config, defaults=Export3D.recipe, preset="full")
     assert full.model_config.w_gan > 0 and full.model_config.gan_start > 0
+    tiny = build_experiment("export3d", Export3D.Config, defaults=Export3D.recipe, preset="tiny")
+    assert tiny.model_config.expr_planes and tiny.model_config.expr_init == "basis"
+    assert full.model_config.expr_init == "orthogonal"      # the default: old checkpoints
 
 
 def test_gan_after_warmup_with_r1_trains_the_discriminator(data, tmp_path):
