@@ -359,10 +359,7 @@ class MMFA(TrainableModel):
                         "image_every": 1000,
                         "lr_schedule": {"kind": "step", "step_size": 60000, "gamma": 0.1}}}
     presets = {
-        # spec (a): 64^2, K = 10, a 16 x 8 x 16^2 volume, R from the ground truth, L1 pyramid;
-        # 24 training identities and 1200 steps (8 x 800: -0.78 dB same-identity, -0.43 dB
-        # cross-identity on the validation split; the expression feature reads held-out mouths
-        # with R^2 0.51 instead of 0.09, docs/models/mmfa.md)
+        # spec (a): 64^2, K = 10, a 16 x 8 x 16^2 volume, R from the ground truth, L1 pyramid
         "tiny": {"model": {"resolution": 64, "num_kp": 10,
                            "app_block_expansion": 16, "app_max_features": 64,
                            "app_channels": 16, "app_depth": 8, "app_resblocks": 1,
@@ -375,8 +372,8 @@ class MMFA(TrainableModel):
                            "exp_landmark_loss": "mse", "exp_detach": True,
                            "w_placement": 10.0, "w_equivariance": 20.0,
                            "lr": 1e-3, "betas": [0.5, 0.999]},
-                 "data": {"resolution": 64, "options": {"synth": {"identities": 24}}},
-                 "train": {"steps": 1200, "batch_size": 4, "ckpt_every": 200,
+                 "data": {"resolution": 64},
+                 "train": {"steps": 800, "batch_size": 4, "ckpt_every": 200,
                            "image_every": 200, "video_every": 0,
                            "lr_schedule": {"kind": "cosine", "warmup_steps": 20,
                                            "min_factor": 0.1}}},
