@@ -536,3 +536,34 @@ def test_relative_controller_loss_trains_and_checks_its_options(data, generator_
         OTAvatar(dataclasses.replace(cfg, controller_loss="diff"))
     with pytest.raises(ValueError, match="model.invert_controller_iters"):
         OTAvatar(dataclasses.replace(cfg, controller_loss="relative", invert_controller_iters=0))
+
+
+def test_motion_pose_off_zeroes_the_pose_rows_everywhere(generator_dir):
+    """``motion_pose=false``: the controller's offset ignores the windows' angle and translation
+    rows (64-69), in the model's controller and in a copy of it (the EMA, the pipeline); the
+    expression rows still act. The default keeps the reference's pose input."""
+    import copy
+
+    from pyface.models.otavatar.model import OTAvatar, OTAvatarConfig
+
+    def make(*extra):
+        return OTAvatar(build_experiment("otavatar", OTAvatarConfig,
+                                         defaults=OTAvatar.presets["tiny"],
+                                         overrides=TINY + [f"model.generator={generator_dir}",
+                                                           "model.controller.init_gain=1.0",
+                                                           *extra]).model_config)
+
+    torch.manual_seed(0)
+    m = torch.randn(3, 70, 9)
+    pose = m.clone()
+    pose[:, 64:] += torch.randn(3, 6, 9)
+    expr = m.clone()
+    expr[:, :64] += torch.randn(3, 64, 9)
+    torch.manual_seed(1)
+    off = make("model.motion_pose=false").controller
+    for ctrl in (off, copy.deepcopy(off)):
+        assert torch.equal(ctrl(pose), ctrl(m))
+        assert (ctrl(expr) - ctrl(m)).abs().amax() > 1e-3
+    torch.manual_seed(1)
+    on = make().controller
+    assert (on(pose) - on(m)).abs().amax() > 1e-3

@@ -73,6 +73,10 @@ class OTAvatarConfig:
             the last controller iteration, detached) and the generator from the reconstruction
             loss, from the same render. Needs ``invert_controller_iters >= 1`` and K >= 2
             frames per item.
+        motion_pose: the controller sees the windows' angle and translation rows (64-69)
+            (True, the reference). False: they are zeroed before every controller call
+            (training, inference, the EMA copy), so only the expression drives the offset and
+            the pose acts through the camera alone.
         w_clamp: training clamps ws to ``w_avg +- w_clamp`` (5; None: no clamp); inference never
             clamps.
         w_perceptual, style_weight: VGG19 perceptual loss (relu1_1..relu5_1, L1) and its Gram
@@ -125,6 +129,7 @@ class OTAvatarConfig:
     w_clamp: float | None = 5.0
     center_motion: bool = False
     controller_loss: str = "absolute"
+    motion_pose: bool = True
     w_perceptual: float = 1.0
     style_weight: float = 250.0
     vgg_weights: str | None = None

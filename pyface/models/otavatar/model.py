@@ -170,6 +170,13 @@ def relative_outputs(out: dict, pred_mean: dict, target_mean: torch.Tensor) -> d
     return res
 
 
+def _zero_pose_rows(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook of the controller with ``model.motion_pose=false``: motion (N, 70, window)
+    -> the same with the angle and translation rows (64-69) zeroed."""
+    m = args[0]
+    return (torch.cat([m[:, :64], torch.zeros_like(m[:, 64:])], 1), *args[1:])
+
+
 def _item_generator(ctx: StepContext, item: int, frame: int, call: int,
                     device="cpu") -> torch.Generator:
     """A generator (on ``device``) seeded by (step, global item index, frame, call): the draws of an item do
@@ -242,6 +249,8 @@ class OTAvatar(TrainableModel):
             mlp_layers=c.mlp_layers, tie_mlp=c.tie_mlp, num_ws=G.num_ws,
             directions=c.directions, w_dim=G.cfg.w_dim, global_row=c.global_row,
             init_gain=c.init_gain))
+        if not cfg.motion_pose:       # kept by copies of the controller (EMA, pipeline)
+            self.controller.register_forward_pre_hook(_zero_pose_rows)
         if cfg.controller_init:
             from pyface.models.otavatar.convert import load_controller
 
