@@ -567,3 +567,22 @@ def test_motion_pose_off_zeroes_the_pose_rows_everywhere(generator_dir):
     torch.manual_seed(1)
     on = make().controller
     assert (on(pose) - on(m)).abs().amax() > 1e-3
+
+
+def test_controller_mouth_weight_is_the_controllers_only(data, generator_dir, tmp_path):
+    """``controller_w_mouth``: the controller's loss has its own mouth weight, the generator's
+    keeps ``w_mouth``; a step with it updates both and differs from the default's controller."""
+    from torch.utils.data import default_collate
+
+    def step(*extra):
+        torch.manual_seed(0)
+        tr = Trainer(_exp(tmp_path / f"r{len(extra)}", data, generator_dir, "train.steps=1",
+                          *extra))
+        tr.train_step(default_collate([tr.dataset[0], tr.dataset[1]]))
+        return tr.model
+
+    m = step("model.controller_w_mouth=0.0", "model.w_mouth=10.0")
+    assert (m.controller_loss.w_mouth, m.loss.w_mouth) == (0.0, 10.0)
+    ref = step()
+    assert ref.controller_loss is ref.loss
+    assert not torch.equal(m.controller.out.weight, ref.controller.out.weight)

@@ -73,6 +73,11 @@ class OTAvatarConfig:
             the last controller iteration, detached) and the generator from the reconstruction
             loss, from the same render. Needs ``invert_controller_iters >= 1`` and K >= 2
             frames per item.
+        controller_w_mouth: the mouth-RoI weight of the controller's loss (None: ``w_mouth``).
+            Set, the controller's terms (the inversion's controller iterations and its
+            refinement update) use it while the generator's refinement keeps ``w_mouth``; the
+            refinement then updates the controller and the generator from separate losses of
+            the same render (as with ``controller_loss=relative``).
         motion_pose: the controller sees the windows' angle and translation rows (64-69)
             (True, the reference). False: they are zeroed before every controller call
             (training, inference, the EMA copy), so only the expression drives the offset and
@@ -129,6 +134,7 @@ class OTAvatarConfig:
     w_clamp: float | None = 5.0
     center_motion: bool = False
     controller_loss: str = "absolute"
+    controller_w_mouth: float | None = None
     motion_pose: bool = True
     w_perceptual: float = 1.0
     style_weight: float = 250.0

@@ -263,6 +263,12 @@ class OTAvatar(TrainableModel):
             vgg_weights=cfg.vgg_weights, w_smooth_l1=cfg.w_smooth_l1, w_mouth=cfg.w_mouth,
             w_eyes=cfg.w_eyes, eye_roi_bug=cfg.eye_roi_bug, w_identity=cfg.w_identity,
             arcface_weights=cfg.arcface_weights)
+        # the controller's loss: the same terms, its own mouth weight if set (no state)
+        self.controller_loss = self.loss if cfg.controller_w_mouth is None else OTAvatarLoss(
+            w_perceptual=cfg.w_perceptual, style_weight=cfg.style_weight,
+            vgg_weights=cfg.vgg_weights, w_smooth_l1=cfg.w_smooth_l1,
+            w_mouth=cfg.controller_w_mouth, w_eyes=cfg.w_eyes, eye_roi_bug=cfg.eye_roi_bug,
+            w_identity=cfg.w_identity, arcface_weights=cfg.arcface_weights)
 
     # --- pieces ----------------------------------------------------------------------------
     @property
@@ -380,10 +386,11 @@ class OTAvatar(TrainableModel):
                                       **self._uniforms(ctx, B, range(K), it))
                 if rel:     # the frames' differences only (the item's mean error cancels)
                     means = {k: item_mean(out[k], K) for k in ("image_raw", "image")}
-                    loss, _ = self.loss(relative_outputs(out, means, x_mean), x, lmf, sr=True)
+                    loss, _ = self.controller_loss(relative_outputs(out, means, x_mean), x, lmf,
+                                                   sr=True)
                     pred_mean = {k: v.detach() for k, v in means.items()}
                 else:
-                    loss, _ = self.loss(out, x, lmf, sr=True)
+                    loss, _ = self.controller_loss(out, x, lmf, sr=True)
                 ctx.update("controller", loss)
         # 2. refinement of the controller and the generator, frame by frame
         w = self.latent[:B].detach().expand(-1, self.generator.num_ws, -1)
@@ -398,21 +405,27 @@ class OTAvatar(TrainableModel):
                                            **self._uniforms(ctx, B, [f], call))
             loss, terms = self.loss(out, x[sel], None if lmf is None else lmf[sel], sr=True)
             dens = self._density(ctx, out["planes"], f, call)
+            reg = loss.new_zeros(())
             if "monotonic" in dens:
-                loss = loss + cfg.w_monotonic * dens["monotonic"]
+                reg = reg + cfg.w_monotonic * dens["monotonic"]
             if "tv" in dens:
-                loss = loss + cfg.w_tv * dens["tv"]
-            if rel:
-                # the controller from the relative terms, the generator from the reconstruction
-                # loss, through the same render (the controller first: its backward passes
-                # through the generator, whose weights must not have been stepped yet)
+                reg = reg + cfg.w_tv * dens["tv"]
+            loss = loss + reg
+            if rel or cfg.controller_w_mouth is not None:
+                # the controller from its own terms (relative, or its mouth weight), the
+                # generator from the reconstruction loss, through the same render (the
+                # controller first: its backward passes through the generator, whose weights
+                # must not have been stepped yet)
                 lm_f = None if lmf is None else lmf[sel]
-                rloss, _ = self.loss(relative_outputs(
-                    out, {k: v[sel] for k, v in pred_mean.items()}, x_mean[sel]), x[sel], lm_f,
-                    sr=True)
-                ctx.update("controller", rloss, retain_graph=True)
+                if rel:
+                    closs, _ = self.controller_loss(relative_outputs(
+                        out, {k: v[sel] for k, v in pred_mean.items()}, x_mean[sel]), x[sel],
+                        lm_f, sr=True)
+                    logs["relative"] = logs.get("relative", 0) + closs.detach() / K
+                else:
+                    closs = self.controller_loss(out, x[sel], lm_f, sr=True)[0] + reg
+                ctx.update("controller", closs, retain_graph=True)
                 ctx.update("generator", loss)
-                logs["relative"] = logs.get("relative", 0) + rloss.detach() / K
             else:
                 ctx.update(("controller", "generator"), loss)
             total = total + loss.detach() / K
