@@ -18,6 +18,10 @@ Per batch of ``B`` items of ``K`` frames of one video (``motion_windows``):
    density regularisers on that frame's planes);
 3. the engine's EMA (``train.ema``: generator and controller, decay 0.95) after the step.
 
+``controller_loss=relative`` trains the controller on each frame's error minus its item's mean
+error (:func:`relative_outputs`), ``controller_w_mouth`` gives it its own mouth weight and
+``motion_pose=false`` hides the windows' pose rows from it (docs/models/otavatar.md).
+
 Every update goes through ``ctx.update``: W and the bias are rank-local parameters
 (``local_batch`` rows), so N ranks compute what one process does with the whole batch.
 """
@@ -405,12 +409,13 @@ class OTAvatar(TrainableModel):
                                            **self._uniforms(ctx, B, [f], call))
             loss, terms = self.loss(out, x[sel], None if lmf is None else lmf[sel], sr=True)
             dens = self._density(ctx, out["planes"], f, call)
-            reg = loss.new_zeros(())
+            reg = []
             if "monotonic" in dens:
-                reg = reg + cfg.w_monotonic * dens["monotonic"]
+                reg.append(cfg.w_monotonic * dens["monotonic"])
             if "tv" in dens:
-                reg = reg + cfg.w_tv * dens["tv"]
-            loss = loss + reg
+                reg.append(cfg.w_tv * dens["tv"])
+            for r in reg:
+                loss = loss + r
             if rel or cfg.controller_w_mouth is not None:
                 # the controller from its own terms (relative, or its mouth weight), the
                 # generator from the reconstruction loss, through the same render (the
@@ -423,7 +428,9 @@ class OTAvatar(TrainableModel):
                         lm_f, sr=True)
                     logs["relative"] = logs.get("relative", 0) + closs.detach() / K
                 else:
-                    closs = self.controller_loss(out, x[sel], lm_f, sr=True)[0] + reg
+                    closs = self.controller_loss(out, x[sel], lm_f, sr=True)[0]
+                    for r in reg:
+                        closs = closs + r
                 ctx.update("controller", closs, retain_graph=True)
                 ctx.update("generator", loss)
             else:
