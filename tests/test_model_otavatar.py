@@ -478,3 +478,111 @@ def test_pti_stops_by_a_perceptual_metric(run, data):
     pipe.pti_metric = None
     state = pipe.encode_source(src)
     assert state["pti_rule"] == "smooth_l1" and len(state["pti_loss"]) == 6
+
+
+def test_relative_outputs_cancel_an_error_every_frame_shares():
+    """``controller_loss=relative``: the loss of the relative predictions sees each frame's error
+    minus its item's mean error, so an image added to every frame's prediction of an item (the
+    shared blur of a short inversion) leaves it unchanged, while the reconstruction loss moves;
+    a difference between the frames (motion) still changes it."""
+    from pyface.models.otavatar.losses import OTAvatarLoss
+    from pyface.models.otavatar.model import item_mean, relative_outputs
+
+    torch.manual_seed(0)
+    B, K = 2, 3
+    loss = OTAvatarLoss(w_identity=0.0)
+    x = torch.rand(B * K, 3, 16, 16) * 2 - 1
+    lm = torch.rand(B * K, 68, 2) * 8 + 4
+    out = {"image_raw": torch.rand(B * K, 3, 8, 8), "image": torch.rand(B * K, 3, 16, 16)}
+
+    def both(o):
+        means = {k: item_mean(v, K) for k, v in o.items()}
+        rel = loss(relative_outputs(o, means, item_mean(x, K)), x, lm, sr=True)[0]
+        return float(rel), float(loss(o, x, lm, sr=True)[0])
+
+    rel0, abs0 = both(out)
+    shared = {k: v + torch.randn(B, 1, *v.shape[1:]).expand(-1, K, -1, -1, -1).flatten(0, 1)
+              for k, v in out.items()}                     # one image per item, every frame
+    rel1, abs1 = both(shared)
+    assert abs(rel1 - rel0) < 1e-5 and abs(abs1 - abs0) > 0.1
+    moved = {k: v.clone() for k, v in out.items()}
+    moved["image"][1] += 0.5                               # one frame differs from the others
+    assert abs(both(moved)[0] - rel0) > 1e-3
+    means = {k: item_mean(v, K) for k, v in out.items()}
+    r = relative_outputs(out, means, item_mean(x, K))
+    assert torch.allclose(item_mean(r["image"], K), item_mean(x, K), atol=1e-6)
+    with pytest.raises(ValueError, match="pred_mean"):
+        relative_outputs(out, {"image_raw": means["image_raw"][:1], "image": means["image"]},
+                         item_mean(x, K))
+
+
+def test_relative_controller_loss_trains_and_checks_its_options(data, generator_dir, tmp_path):
+    """One engine step with ``controller_loss=relative``: the controller and the generator are
+    updated, the relative term is logged; bad values are refused."""
+    from torch.utils.data import default_collate
+
+    from pyface.models.otavatar.model import OTAvatar
+
+    tr = Trainer(_exp(tmp_path / "r", data, generator_dir, "train.steps=1",
+                      "model.controller_loss=relative"))
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    out = tr.train_step(default_collate([tr.dataset[0], tr.dataset[1]]))
+    assert torch.isfinite(out["main/relative"]) and float(out["main/relative"]) > 0
+    after = tr.model.state_dict()
+    changed = {k.split(".")[0] for k, v in after.items() if not torch.equal(v, before[k])}
+    assert {"controller", "generator", "latent", "intrinsics"} <= changed
+    cfg = _exp(tmp_path / "s", data, generator_dir).model_config
+    with pytest.raises(ValueError, match="model.controller_loss"):
+        OTAvatar(dataclasses.replace(cfg, controller_loss="diff"))
+    with pytest.raises(ValueError, match="model.invert_controller_iters"):
+        OTAvatar(dataclasses.replace(cfg, controller_loss="relative", invert_controller_iters=0))
+
+
+def test_motion_pose_off_zeroes_the_pose_rows_everywhere(generator_dir):
+    """``motion_pose=false``: the controller's offset ignores the windows' angle and translation
+    rows (64-69), in the model's controller and in a copy of it (the EMA, the pipeline); the
+    expression rows still act. The default keeps the reference's pose input."""
+    import copy
+
+    from pyface.models.otavatar.model import OTAvatar, OTAvatarConfig
+
+    def make(*extra):
+        return OTAvatar(build_experiment("otavatar", OTAvatarConfig,
+                                         defaults=OTAvatar.presets["tiny"],
+                                         overrides=TINY + [f"model.generator={generator_dir}",
+                                                           "model.controller.init_gain=1.0",
+                                                           *extra]).model_config)
+
+    torch.manual_seed(0)
+    m = torch.randn(3, 70, 9)
+    pose = m.clone()
+    pose[:, 64:] += torch.randn(3, 6, 9)
+    expr = m.clone()
+    expr[:, :64] += torch.randn(3, 64, 9)
+    torch.manual_seed(1)
+    off = make("model.motion_pose=false").controller
+    for ctrl in (off, copy.deepcopy(off)):
+        assert torch.equal(ctrl(pose), ctrl(m))
+        assert (ctrl(expr) - ctrl(m)).abs().amax() > 1e-3
+    torch.manual_seed(1)
+    on = make().controller
+    assert (on(pose) - on(m)).abs().amax() > 1e-3
+
+
+def test_controller_mouth_weight_is_the_controllers_only(data, generator_dir, tmp_path):
+    """``controller_w_mouth``: the controller's loss has its own mouth weight, the generator's
+    keeps ``w_mouth``; a step with it updates both and differs from the default's controller."""
+    from torch.utils.data import default_collate
+
+    def step(*extra):
+        torch.manual_seed(0)
+        tr = Trainer(_exp(tmp_path / f"r{len(extra)}", data, generator_dir, "train.steps=1",
+                          *extra))
+        tr.train_step(default_collate([tr.dataset[0], tr.dataset[1]]))
+        return tr.model
+
+    m = step("model.controller_w_mouth=0.0", "model.w_mouth=10.0")
+    assert (m.controller_loss.w_mouth, m.loss.w_mouth) == (0.0, 10.0)
+    ref = step()
+    assert ref.controller_loss is ref.loss
+    assert not torch.equal(m.controller.out.weight, ref.controller.out.weight)

@@ -61,6 +61,27 @@ class OTAvatarConfig:
             the controller's gradient, so the controller cannot learn to fix identities from a
             video's motion signature. Inference is unchanged (w is inverted against the
             source's own offset, so only differences from it act).
+        controller_loss: what the controller learns from in training. ``"absolute"`` (the
+            reference): each frame's reconstruction loss, in the inversion's controller
+            iterations and in the refinement. ``"relative"``: the same loss terms on each
+            frame's prediction minus its item's mean prediction plus its item's mean target
+            (:func:`pyface.models.otavatar.model.relative_outputs`), so the controller fits the
+            difference between the frames of an item (their motion) while an error that all
+            of them share (the blur a short inversion leaves) cancels: the inversion's
+            controller iterations use it (the item's mean over the K frames rendered together),
+            and the refinement updates the controller from it (the item's mean prediction from
+            the last controller iteration, detached) and the generator from the reconstruction
+            loss, from the same render. Needs ``invert_controller_iters >= 1`` and K >= 2
+            frames per item.
+        controller_w_mouth: the mouth-RoI weight of the controller's loss (None: ``w_mouth``).
+            Set, the controller's terms (the inversion's controller iterations and its
+            refinement update) use it while the generator's refinement keeps ``w_mouth``; the
+            refinement then updates the controller and the generator from separate losses of
+            the same render (as with ``controller_loss=relative``).
+        motion_pose: the controller sees the windows' angle and translation rows (64-69)
+            (True, the reference). False: they are zeroed before every controller call
+            (training, inference, the EMA copy), so only the expression drives the offset and
+            the pose acts through the camera alone.
         w_clamp: training clamps ws to ``w_avg +- w_clamp`` (5; None: no clamp); inference never
             clamps.
         w_perceptual, style_weight: VGG19 perceptual loss (relu1_1..relu5_1, L1) and its Gram
@@ -112,6 +133,9 @@ class OTAvatarConfig:
     clip: float = 1.0
     w_clamp: float | None = 5.0
     center_motion: bool = False
+    controller_loss: str = "absolute"
+    controller_w_mouth: float | None = None
+    motion_pose: bool = True
     w_perceptual: float = 1.0
     style_weight: float = 250.0
     vgg_weights: str | None = None

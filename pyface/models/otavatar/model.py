@@ -18,6 +18,10 @@ Per batch of ``B`` items of ``K`` frames of one video (``motion_windows``):
    density regularisers on that frame's planes);
 3. the engine's EMA (``train.ema``: generator and controller, decay 0.95) after the step.
 
+``controller_loss=relative`` trains the controller on each frame's error minus its item's mean
+error (:func:`relative_outputs`), ``controller_w_mouth`` gives it its own mouth weight and
+``motion_pose=false`` hides the windows' pose rows from it (docs/models/otavatar.md).
+
 Every update goes through ``ctx.update``: W and the bias are rank-local parameters
 (``local_batch`` rows), so N ranks compute what one process does with the whole batch.
 """
@@ -131,6 +135,52 @@ def density_terms(G, planes: torch.Tensor, cfg: OTAvatarConfig,
     return out
 
 
+def item_mean(x: torch.Tensor, K: int) -> torch.Tensor:
+    """x (B K, ...), the K frames of each item consecutive -> (B K, ...): every row replaced by
+    its item's mean over the K frames."""
+    if x.shape[0] % K:
+        raise ValueError(f"x: expected B * K = B * {K} rows, got {x.shape[0]}")
+    return x.unflatten(0, (-1, K)).mean(1, keepdim=True).expand(
+        -1, K, *x.shape[1:]).flatten(0, 1)
+
+
+def relative_outputs(out: dict, pred_mean: dict, target_mean: torch.Tensor) -> dict:
+    """The predictions of ``out`` made relative to their item (``model.controller_loss=
+    relative``).
+
+    ``out``: the generator's dict, ``image_raw`` (N, 3, r, r) and optionally ``image``
+    (N, 3, H, H); ``pred_mean``: for the same keys, each row's item mean of the predictions
+    (N, 3, r, r) / (N, 3, H, H); ``target_mean`` (N, 3, R, R): each row's item mean of the
+    targets. Returns a dict with each image replaced by ``pred - pred_mean +
+    area(target_mean)`` (area-resized as the loss resizes targets), so that a loss of it against
+    the frame's target x sees the frame's error minus its item's mean error,
+    ``(pred - x) - mean(pred - x)``: an error every frame of the item shares cancels, and only
+    what differs between the frames (their motion) is fitted.
+    """
+    res = {}
+    for k in ("image_raw", "image"):
+        if k not in out:
+            continue
+        p, m = out[k], pred_mean[k]
+        if m.shape != p.shape:
+            raise ValueError(f"pred_mean['{k}']: expected shape {tuple(p.shape)}, got "
+                             f"{tuple(m.shape)}")
+        if target_mean.shape[0] != p.shape[0] or target_mean.shape[1] != 3:
+            raise ValueError(f"target_mean: expected shape ({p.shape[0]}, 3, R, R), got "
+                             f"{tuple(target_mean.shape)}")
+        t = target_mean if target_mean.shape[-1] == p.shape[-1] else F.interpolate(
+            target_mean, size=p.shape[-2:], mode="area")
+        res[k] = p - m + t.to(p.dtype)
+    return res
+
+
+def _zero_pose_rows(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook of the controller with ``model.motion_pose=false``: motion (N, 70, window)
+    -> the same with the angle and translation rows (64-69) zeroed."""
+    m = args[0]
+    return (torch.cat([m[:, :64], torch.zeros_like(m[:, 64:])], 1), *args[1:])
+
+
 def _item_generator(ctx: StepContext, item: int, frame: int, call: int,
                     device="cpu") -> torch.Generator:
     """A generator (on ``device``) seeded by (step, global item index, frame, call): the draws of an item do
@@ -178,6 +228,13 @@ class OTAvatar(TrainableModel):
         if cfg.invert_space not in ("w", "w+"):
             raise ValueError(f"model.invert_space: expected 'w' or 'w+', got "
                              f"{cfg.invert_space!r}")
+        if cfg.controller_loss not in ("absolute", "relative"):
+            raise ValueError(f"model.controller_loss: expected 'absolute' or 'relative', got "
+                             f"{cfg.controller_loss!r}")
+        if cfg.controller_loss == "relative" and cfg.invert_controller_iters < 1:
+            raise ValueError("model.invert_controller_iters: model.controller_loss=relative "
+                             "needs >= 1 (the item's mean prediction comes from the last "
+                             f"controller iteration), got {cfg.invert_controller_iters}")
         if cfg.local_batch < 1:
             raise ValueError(f"model.local_batch: expected >= 1, got {cfg.local_batch}")
         self.cfg = cfg
@@ -196,6 +253,8 @@ class OTAvatar(TrainableModel):
             mlp_layers=c.mlp_layers, tie_mlp=c.tie_mlp, num_ws=G.num_ws,
             directions=c.directions, w_dim=G.cfg.w_dim, global_row=c.global_row,
             init_gain=c.init_gain))
+        if not cfg.motion_pose:       # kept by copies of the controller (EMA, pipeline)
+            self.controller.register_forward_pre_hook(_zero_pose_rows)
         if cfg.controller_init:
             from pyface.models.otavatar.convert import load_controller
 
@@ -208,6 +267,12 @@ class OTAvatar(TrainableModel):
             vgg_weights=cfg.vgg_weights, w_smooth_l1=cfg.w_smooth_l1, w_mouth=cfg.w_mouth,
             w_eyes=cfg.w_eyes, eye_roi_bug=cfg.eye_roi_bug, w_identity=cfg.w_identity,
             arcface_weights=cfg.arcface_weights)
+        # the controller's loss: the same terms, its own mouth weight if set (no state)
+        self.controller_loss = self.loss if cfg.controller_w_mouth is None else OTAvatarLoss(
+            w_perceptual=cfg.w_perceptual, style_weight=cfg.style_weight,
+            vgg_weights=cfg.vgg_weights, w_smooth_l1=cfg.w_smooth_l1,
+            w_mouth=cfg.controller_w_mouth, w_eyes=cfg.w_eyes, eye_roi_bug=cfg.eye_roi_bug,
+            w_identity=cfg.w_identity, arcface_weights=cfg.arcface_weights)
 
     # --- pieces ----------------------------------------------------------------------------
     @property
@@ -293,6 +358,12 @@ class OTAvatar(TrainableModel):
         x, m, c = img.flatten(0, 1), motion.flatten(0, 1), cam.flatten(0, 1)
         lmf = None if lm is None else lm.flatten(0, 1)
         G_ema = ctx.ema("generator")
+        rel = cfg.controller_loss == "relative"
+        if rel and K < 2:
+            raise ValueError("batch['image']: model.controller_loss=relative needs >= 2 frames "
+                             f"per item (data.options.frames_per_item), got {K}")
+        x_mean = item_mean(x, K) if rel else None
+        pred_mean = None
         # 1. inversion of W and the intrinsics bias on both frames (one B*K batch, EMA G)
         with torch.no_grad():
             self.latent.copy_(self.w_avg.to(self.latent.dtype).expand_as(self.latent))
@@ -317,7 +388,13 @@ class OTAvatar(TrainableModel):
                 ws = self._clamp(w.detach() + self._offsets(m, K))
                 out = G_ema.synthesis(ws, camk.detach(), sr=True,
                                       **self._uniforms(ctx, B, range(K), it))
-                loss, _ = self.loss(out, x, lmf, sr=True)
+                if rel:     # the frames' differences only (the item's mean error cancels)
+                    means = {k: item_mean(out[k], K) for k in ("image_raw", "image")}
+                    loss, _ = self.controller_loss(relative_outputs(out, means, x_mean), x, lmf,
+                                                   sr=True)
+                    pred_mean = {k: v.detach() for k, v in means.items()}
+                else:
+                    loss, _ = self.controller_loss(out, x, lmf, sr=True)
                 ctx.update("controller", loss)
         # 2. refinement of the controller and the generator, frame by frame
         w = self.latent[:B].detach().expand(-1, self.generator.num_ws, -1)
@@ -332,11 +409,32 @@ class OTAvatar(TrainableModel):
                                            **self._uniforms(ctx, B, [f], call))
             loss, terms = self.loss(out, x[sel], None if lmf is None else lmf[sel], sr=True)
             dens = self._density(ctx, out["planes"], f, call)
+            reg = []
             if "monotonic" in dens:
-                loss = loss + cfg.w_monotonic * dens["monotonic"]
+                reg.append(cfg.w_monotonic * dens["monotonic"])
             if "tv" in dens:
-                loss = loss + cfg.w_tv * dens["tv"]
-            ctx.update(("controller", "generator"), loss)
+                reg.append(cfg.w_tv * dens["tv"])
+            for r in reg:
+                loss = loss + r
+            if rel or cfg.controller_w_mouth is not None:
+                # the controller from its own terms (relative, or its mouth weight), the
+                # generator from the reconstruction loss, through the same render (the
+                # controller first: its backward passes through the generator, whose weights
+                # must not have been stepped yet)
+                lm_f = None if lmf is None else lmf[sel]
+                if rel:
+                    closs, _ = self.controller_loss(relative_outputs(
+                        out, {k: v[sel] for k, v in pred_mean.items()}, x_mean[sel]), x[sel],
+                        lm_f, sr=True)
+                    logs["relative"] = logs.get("relative", 0) + closs.detach() / K
+                else:
+                    closs = self.controller_loss(out, x[sel], lm_f, sr=True)[0]
+                    for r in reg:
+                        closs = closs + r
+                ctx.update("controller", closs, retain_graph=True)
+                ctx.update("generator", loss)
+            else:
+                ctx.update(("controller", "generator"), loss)
             total = total + loss.detach() / K
             for k, v in {**terms, **{k: v.detach() for k, v in dens.items()}}.items():
                 logs[k] = logs.get(k, 0) + v / K
