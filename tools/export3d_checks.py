@@ -142,6 +142,11 @@ def _ridge(x_tr, y_tr, x_te, alpha=1.0):
     return b @ w
 
 
+def _landmarks_of(item):
+    """the clip's landmarks (1, N, 68, 2) when it has them (``image_crops`` runs need them)."""
+    return item["landmarks"][None] if "landmarks" in item else None
+
+
 def _video_split(ds):
     """identity name and video index per video of a pyface root (names ``<identity>_vNN``)."""
     names = [rec.name for rec in ds.videos]
@@ -162,7 +167,8 @@ def clebs_checks(run: str, data: str, frames: int = 8, min_gap: int = 3, clips: 
     hits, plain = [], []
     for i in range(len(clip_ds)):
         it = clip_ds[i]
-        f_img, key, lam = model.embed(it["image"][None], it["coeffs"][None])
+        f_img, key, lam = model.embed(it["image"][None], it["coeffs"][None],
+                                      _landmarks_of(it))
         q = torch.nn.functional.normalize(f_img[0], dim=-1)
         k = torch.nn.functional.normalize(key[0], dim=-1)
         hits.append(((q @ k.t()).argmax(-1) == torch.arange(frames)).float().mean().item())
@@ -224,7 +230,8 @@ def readout(run: str, data: str, frames: int = 8, min_gap: int = 3, clips: int =
     for i in range(len(clip_ds)):
         it = clip_ds[i]
         trues.append(torch.from_numpy(_true_exp(it["coeffs"].numpy(), leak)).float())
-        f_img, beta_p, lam = model.embed(it["image"][None], it["coeffs"][None])
+        f_img, beta_p, lam = model.embed(it["image"][None], it["coeffs"][None],
+                                         _landmarks_of(it))
         f_img, lam = f_img[0], lam[0]
         k = torch.nn.functional.normalize(beta_p[0], dim=-1)         # the contrastive key
         for s in sigmas:
