@@ -24,6 +24,9 @@ chance 1/N; cosine of f_I and the run's contrastive key, which is beta' unless t
 trained on each identity's first video and tested on its
 second, on the stored (leaky) expression, on beta' and on lambda (chance 1/identities); ridge R^2
 from beta' to the true jaw_open / blink_left / smile (the stored coefficients minus the leak).
+A run with ``image_crops`` reads the clips' landmarks (``clebs`` and ``readout``); a run at
+another resolution than DIR's (``model.resolution``) reads DIR resized, so check a 128^2 run on
+a split rendered at 128^2.
 
 ``mouth``: same-video pairs (source frame 0) whose true jaw_open differs by more than 0.2: PSNR
 of the mouth box (driving landmarks) when generating with the driving expression vs with the
