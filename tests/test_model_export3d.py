@@ -790,3 +790,69 @@ def test_clebs_similarity_gain_weights_the_key_and_leaves_f_e_alone():
         CLeBS(CLeBS.Config(**{**kw, "sim_gain_lr": 0}))
     with pytest.raises(ValueError, match=r"model.w_regress: expected >= 0, got -1"):
         CLeBS(CLeBS.Config(**{**kw, "w_regress": -1.0}))
+
+
+def test_image_encoder_stem_stride_4_reads_twice_the_size_at_the_same_stage_sizes():
+    from pyface.nn.encoders import ResNetEncoder
+
+    kw = dict(stem_channels=8, widths=[8, 16], depths=[1, 1])
+    s2, s4 = ResNetEncoder(**kw), ResNetEncoder(**kw, stem_stride=4)
+    assert [f.shape[-1] for f in s2.features(torch.randn(2, 3, 32, 32))] == [8, 4]
+    assert [f.shape[-1] for f in s4.features(torch.randn(2, 3, 64, 64))] == [8, 4]
+    assert s2.state_dict().keys() == s4.state_dict().keys()
+    with pytest.raises(ValueError, match="stem_stride"):
+        ResNetEncoder(**kw, stem_stride=3)
+    m = CLeBS(CLeBS.Config(n=3, dim=8, hidden=[], image_stem=8, image_widths=[8, 16],
+                           image_depths=[1, 1], resolution=64, image_stem_stride=4))
+    assert m.image_encoder.backbone.stem[0].stride == (4, 4)
+    assert CLeBS(CLeBS.Config()).image_encoder.backbone.stem[0].stride == (2, 2)
+    with pytest.raises(ValueError, match="image_stem_stride"):
+        CLeBS(CLeBS.Config(image_stem_stride=8))
+
+
+def test_landmark_crops_follow_the_mouth_and_eyes():
+    from pyface.models.export3d.clebs import landmark_crops
+
+    R = 64
+    img = -torch.ones(2, 3, R, R)
+    img[0, :, 40:48, 20:28] = 1.0              # a bright patch at (x 24, y 44) in frame 0
+    lm = torch.full((2, 68, 2), 32.0)
+    lm[0, 48:68] = torch.tensor([24.0, 44.0])  # frame 0: the mouth on the patch
+    lm[1, 48:68] = torch.tensor([24.0, 44.0])  # frame 1: the same place, no patch
+    lm[:, 36:48] = torch.tensor([32.0, 16.0])  # the eyes: a band 48 x 24 px about y 16
+    crops = landmark_crops(img, lm, 16, 0.375)
+    assert crops.shape == (2, 6, 16, 16)
+    # the mouth window (24 px wide, 16 samples) is centred on the patch: its middle is bright,
+    # its corners are not; the eye band (y 4 .. 28) does not reach it
+    assert crops[0, :3, 6:10, 6:10].min() > 0.9 and crops[0, :3, 0, 0].max() < -0.9
+    assert crops[0, 3:].max() < -0.9 and crops[1].max() < -0.9
+    # moving the landmarks moves the window
+    lm2 = lm.clone()
+    lm2[0, 48:68] = torch.tensor([40.0, 44.0])
+    assert landmark_crops(img, lm2, 16, 0.375)[0, :3, 6:10, 6:10].max() < -0.9
+    with pytest.raises(ValueError, match="landmarks"):
+        landmark_crops(img, lm[:, :60], 16, 0.375)
+
+
+def test_clebs_landmark_crops_need_landmarks_and_reach_the_head():
+    kw = dict(n=3, dim=8, hidden=[], image_stem=8, image_widths=[8, 16], image_depths=[1, 1],
+              resolution=32, image_crops=12, augment=0.1)
+    m = CLeBS(CLeBS.Config(**kw))
+    assert m.image_encoder.crop_backbone is not None
+    assert m.image_encoder.head[0].in_features == 2 * 16
+    assert CLeBS(CLeBS.Config(**{**kw, "image_crops": 0})).image_encoder.crop_backbone is None
+    batch = {"image": torch.randint(0, 256, (2, 4, 3, 32, 32), dtype=torch.uint8),
+             "coeffs": torch.randn(2, 4, 257)}
+    with pytest.raises(ValueError, match="landmarks"):
+        m.step("main", batch, StepContext(0, 0, 1))
+    batch["landmarks"] = torch.rand(2, 4, 68, 2) * 16 + 8
+    out = m.step("main", batch, StepContext(0, 0, 1))
+    out["loss"].backward()
+    g = m.image_encoder.crop_backbone.stem[0].weight.grad
+    assert g is not None and g.abs().sum() > 0
+    # in eval mode the embedding depends on the landmarks (where the crops are taken)
+    m.eval()
+    with torch.no_grad():
+        a = m.embed(batch["image"], batch["coeffs"], batch["landmarks"])[0]
+        b = m.embed(batch["image"], batch["coeffs"], batch["landmarks"] + 6)[0]
+    assert not torch.allclose(a, b)

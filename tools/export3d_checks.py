@@ -24,6 +24,9 @@ chance 1/N; cosine of f_I and the run's contrastive key, which is beta' unless t
 trained on each identity's first video and tested on its
 second, on the stored (leaky) expression, on beta' and on lambda (chance 1/identities); ridge R^2
 from beta' to the true jaw_open / blink_left / smile (the stored coefficients minus the leak).
+A run with ``image_crops`` reads the clips' landmarks (``clebs`` and ``readout``); a run at
+another resolution than DIR's (``model.resolution``) reads DIR resized, so check a 128^2 run on
+a split rendered at 128^2.
 
 ``mouth``: same-video pairs (source frame 0) whose true jaw_open differs by more than 0.2: PSNR
 of the mouth box (driving landmarks) when generating with the driving expression vs with the
@@ -93,6 +96,11 @@ to lambda fitted on each identity's first video and tested on its second; and th
 a perfect reader of some true parameters only (jaw_open; + blinks; + lips; + mouth_stretch,
 lip_pucker, jaw_left; all 13 animated), the rest of lambda at its clip mean.
 
+``readout`` also gives two diagnostics that use the whole clip (not the metric, which compares
+one frame's f_I with the N keys): top-1 with f_I and the key each centred on their clip's mean
+(``top1_clip_centred``), and with f_I's clip mean replaced by the key's
+(``top1_at_key_clip_mean``): whether reading the clip's constant part is what limits retrieval.
+
 ``visibility``: how much each animated expression parameter changes the image when it moves by
 its within-clip standard deviation (synthetic re-render, as ``mouth-oracle``; 3 frames per
 video): mean absolute change in grey levels and pixels changed by at least one level.
@@ -142,6 +150,11 @@ def _ridge(x_tr, y_tr, x_te, alpha=1.0):
     return b @ w
 
 
+def _landmarks_of(item):
+    """the clip's landmarks (1, N, 68, 2) when it has them (``image_crops`` runs need them)."""
+    return item["landmarks"][None] if "landmarks" in item else None
+
+
 def _video_split(ds):
     """identity name and video index per video of a pyface root (names ``<identity>_vNN``)."""
     names = [rec.name for rec in ds.videos]
@@ -162,7 +175,8 @@ def clebs_checks(run: str, data: str, frames: int = 8, min_gap: int = 3, clips: 
     hits, plain = [], []
     for i in range(len(clip_ds)):
         it = clip_ds[i]
-        f_img, key, lam = model.embed(it["image"][None], it["coeffs"][None])
+        f_img, key, lam = model.embed(it["image"][None], it["coeffs"][None],
+                                      _landmarks_of(it))
         q = torch.nn.functional.normalize(f_img[0], dim=-1)
         k = torch.nn.functional.normalize(key[0], dim=-1)
         hits.append(((q @ k.t()).argmax(-1) == torch.arange(frames)).float().mean().item())
@@ -221,12 +235,22 @@ def readout(run: str, data: str, frames: int = 8, min_gap: int = 3, clips: int =
     meta = json.load(open(os.path.join(data, clip_ds.videos[0].name, "meta.json")))
     leak = float(meta.get("exp_leak", 0.0))
     proj, lams, feats, second, trues = [], [], [], [], []
+    clip_diag = {"centred": [], "key_clip_mean": []}
     for i in range(len(clip_ds)):
         it = clip_ds[i]
         trues.append(torch.from_numpy(_true_exp(it["coeffs"].numpy(), leak)).float())
-        f_img, beta_p, lam = model.embed(it["image"][None], it["coeffs"][None])
+        f_img, beta_p, lam = model.embed(it["image"][None], it["coeffs"][None],
+                                         _landmarks_of(it))
         f_img, lam = f_img[0], lam[0]
         k = torch.nn.functional.normalize(beta_p[0], dim=-1)         # the contrastive key
+        # diagnostics (they use the whole clip, unlike the metric): both sides centred on
+        # their clip means; f_I moved to the key's clip mean
+        fc, kc = f_img - f_img.mean(0), beta_p[0] - beta_p[0].mean(0)
+        for name, a, b in (("centred", fc, kc), ("key_clip_mean", fc + beta_p[0].mean(0), k)):
+            a = torch.nn.functional.normalize(a, dim=-1)
+            b = torch.nn.functional.normalize(b, dim=-1)
+            clip_diag[name].append(((a @ b.t()).argmax(-1) == torch.arange(frames)).float()
+                                   .mean().item())
         for s in sigmas:
             q = torch.nn.functional.normalize(
                 ((lam + s * torch.randn(lam.shape, generator=g)) * gain) @ V.t(), dim=-1)
@@ -279,6 +303,8 @@ def readout(run: str, data: str, frames: int = 8, min_gap: int = 3, clips: int =
                       / ((y[:, j] - y[:, j].mean()) ** 2).sum()) for j in range(n)]
     return {"retrieval_ceiling": {str(s): float(np.mean(h)) for s, h in hits.items()},
             "clips": len(clip_ds), "frames": frames, "perfect_reader_top1": reader_top1,
+            "top1_clip_centred": float(np.mean(clip_diag["centred"])),
+            "top1_at_key_clip_mean": float(np.mean(clip_diag["key_clip_mean"])),
             "r2_projection_all": r2(flat(P), flat(L)),
             "r2_projection_within_clip": r2(within(P), within(L)),
             "r2_ridge_held_out_video": ridge_r2,

@@ -47,6 +47,10 @@ class ResNetConfig:
     #: the stem's 3x3 stride-2 max-pool (ResNet's); False keeps the stem output at H/2 x W/2,
     #: so the stages run at 2x the resolution (4x the cost) for small inputs
     stem_pool: bool = True
+    #: the stem's 7x7 convolution stride (ResNet's 2); 4 reads a 2x larger input at the same
+    #: stage resolutions (and cost) as stride 2 at the smaller one: the stem still sees every
+    #: pixel (kernel 7 > stride 4)
+    stem_stride: int = 2
 
 
 class ResNetEncoder(nn.Module):
@@ -57,7 +61,9 @@ class ResNetEncoder(nn.Module):
         super().__init__()
         cfg = cfg or ResNetConfig(**overrides)
         self.cfg = cfg
-        stem = [nn.Conv2d(cfg.in_channels, cfg.stem_channels, 7, 2, 3, bias=False),
+        if cfg.stem_stride not in (1, 2, 4):
+            raise ValueError(f"stem_stride: expected 1, 2 or 4, got {cfg.stem_stride}")
+        stem = [nn.Conv2d(cfg.in_channels, cfg.stem_channels, 7, cfg.stem_stride, 3, bias=False),
                 nn.BatchNorm2d(cfg.stem_channels), nn.ReLU()]
         if cfg.stem_pool:
             stem.append(nn.MaxPool2d(3, 2, 1))

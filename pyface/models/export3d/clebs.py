@@ -70,6 +70,17 @@ class CLeBSConfig:
         image_flatten: f_I's head reads the last stage's map flattened, (C, h, w) -> C h w, so
             where a feature is (mouth or eyes) is kept, instead of its spatial mean (default
             False; [D]).
+        image_stem_stride: the stride of f_I's 7x7 stem convolution (default 2, ResNet's); 4
+            reads frames of twice the size (e.g. 128^2 instead of 64^2) at the same stage
+            resolutions and nearly the same cost ([D]).
+        image_crops: side c of the landmark crops f_I also reads (default 0: off; [D]): a mouth
+            window (a square of ``image_crop_box`` x the frame size, centred on landmarks
+            48-67) and an eye band (twice as wide, centred on landmarks 36-47), each resampled
+            (bilinear) to c x c from the full-resolution frame, stacked to 6 channels, read by a
+            second ResNet of f_I's widths (without the stem max-pool) whose pooled features are
+            concatenated with the frame's before the head. Needs ``landmarks (B, N, 68, 2)`` in
+            the batch (pixels of the frame).
+        image_crop_box: the mouth window's side as a fraction of the frame size ([D] 0.375).
         temperature: initial tau ([D] CLIP's 0.07, learnable).
         resolution: image size (must equal data.resolution).
         lr, weight_decay: AdamW ([D] 1e-4, 0.01).
@@ -127,6 +138,9 @@ class CLeBSConfig:
     image_depths: list[int] = field(default_factory=lambda: [3, 4, 6, 3])
     image_stem_pool: bool = True
     image_flatten: bool = False
+    image_stem_stride: int = 2
+    image_crops: int = 0
+    image_crop_box: float = 0.375
     temperature: float = 0.07
     resolution: int = 224
     lr: float = 1e-4
@@ -161,6 +175,40 @@ def augment_frames(img: torch.Tensor, amount: float) -> torch.Tensor:
     gain = 1 + (torch.rand(B, 3, 1, 1, device=dev, dtype=dt) * 2 - 1) * amount
     off = (torch.rand(B, 3, 1, 1, device=dev, dtype=dt) * 2 - 1) * amount
     return out * gain + off
+
+
+#: landmark groups of :func:`landmark_crops`: (first, last + 1, window width / height in units
+#: of the mouth window's side)
+CROP_GROUPS = (("mouth", 48, 68, 1.0, 1.0), ("eyes", 36, 48, 2.0, 1.0))
+
+
+def landmark_crops(img: torch.Tensor, landmarks: torch.Tensor, size: int,
+                   box: float) -> torch.Tensor:
+    """img (B, 3, H, W), landmarks (B, 68, 2) in pixels of img -> crops (B, 6, size, size): the
+    mouth window (side ``box`` H, centred on the mean of landmarks 48-67) and the eye band
+    (2 ``box`` W wide, ``box`` H high, centred on landmarks 36-47), bilinearly resampled
+    (border padding) and stacked along the channels."""
+    if img.dim() != 4 or img.shape[1] != 3:
+        raise ValueError(f"img: expected (B, 3, H, W), got {tuple(img.shape)}")
+    B, _, H, W = img.shape
+    if landmarks.shape != (B, 68, 2):
+        raise ValueError(f"landmarks: expected shape ({B}, 68, 2), got "
+                         f"{tuple(landmarks.shape)}")
+    if size < 1 or not 0 < box <= 1:
+        raise ValueError(f"size / box: expected >= 1 / in (0, 1], got {size} / {box}")
+    lm = landmarks.to(img.dtype)
+    out = []
+    for _, a, b, fw, fh in CROP_GROUPS:
+        c = lm[:, a:b].mean(1)                                          # (B, 2) pixels
+        theta = img.new_zeros(B, 2, 3)
+        theta[:, 0, 0] = min(box * fw, 1.0)
+        theta[:, 1, 1] = min(box * fh, 1.0)
+        theta[:, 0, 2] = 2 * c[:, 0] / W - 1
+        theta[:, 1, 2] = 2 * c[:, 1] / H - 1
+        grid = F.affine_grid(theta, [B, 3, size, size], align_corners=False)
+        out.append(F.grid_sample(img, grid, mode="bilinear", padding_mode="border",
+                                 align_corners=False))
+    return torch.cat(out, 1)
 
 
 def video_invariance(lam: torch.Tensor, eps: float = 1e-4, joint: bool = False) -> torch.Tensor:
@@ -367,16 +415,25 @@ class ImageEncoder(nn.Module):
     """f_I: image (B, 3, H, W) in [-1, 1] -> embedding (B, dim) (ResNet, pooled, MLP head).
 
     ``flatten_size``: the input size H = W; when given, the head reads the last stage's map
-    flattened (B, C h w) instead of its spatial mean (B, C)."""
+    flattened (B, C h w) instead of its spatial mean (B, C). ``stem_stride``: the stem
+    convolution's stride. ``crop_channels``: when > 0, a second ResNet (same widths, no stem
+    max-pool) reads ``crops (B, crop_channels, c, c)`` and its pooled features join the
+    frame's before the head."""
 
     def __init__(self, dim: int, stem: int, widths: list[int], depths: list[int],
-                 stem_pool: bool = True, flatten_size: int | None = None):
+                 stem_pool: bool = True, flatten_size: int | None = None, stem_stride: int = 2,
+                 crop_channels: int = 0):
         super().__init__()
         if len(widths) != len(depths) or not widths:
             raise ValueError(f"image_widths / image_depths: expected equal non-empty lengths, got "
                              f"{widths} / {depths}")
         self.backbone = ResNetEncoder(stem_channels=stem, widths=list(widths), depths=list(depths),
-                                      stem_pool=stem_pool)
+                                      stem_pool=stem_pool, stem_stride=stem_stride)
+        self.crop_backbone = None
+        if crop_channels > 0:
+            self.crop_backbone = ResNetEncoder(in_channels=crop_channels, stem_channels=stem,
+                                               widths=list(widths), depths=list(depths),
+                                               stem_pool=False)
         self.flatten = flatten_size is not None
         cin = widths[-1]
         if self.flatten:
@@ -385,13 +442,22 @@ class ImageEncoder(nn.Module):
                 probe = torch.zeros(1, 3, flatten_size, flatten_size)
                 cin = self.backbone.features(probe)[-1].numel()
             self.backbone.train()
+        if self.crop_backbone is not None:
+            cin += widths[-1]
         self.head = nn.Sequential(nn.Linear(cin, widths[-1]), nn.ReLU(),
                                   nn.Linear(widths[-1], dim))
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, crops: torch.Tensor | None = None) -> torch.Tensor:
         if self.flatten:
-            return self.head(self.backbone.features(image)[-1].flatten(1))
-        return self.head(self.backbone(image))
+            f = self.backbone.features(image)[-1].flatten(1)
+        else:
+            f = self.backbone(image)
+        if self.crop_backbone is not None:
+            if crops is None:
+                raise ValueError("crops: f_I was built with landmark crops (model.image_crops > "
+                                 "0); expected crops (B, C, c, c), got None")
+            f = torch.cat([f, self.crop_backbone(crops)], -1)
+        return self.head(f)
 
 
 class CLeBS(TrainableModel):
@@ -463,9 +529,18 @@ class CLeBS(TrainableModel):
                              f"model.hidden = [], got {list(cfg.hidden)}")
         self.cfg = cfg
         self.expr = ExpressionEncoder(cfg.n, cfg.dim, cfg.hidden, whiten=cfg.whiten)
+        if cfg.image_stem_stride not in (1, 2, 4):
+            raise ValueError(f"model.image_stem_stride: expected 1, 2 or 4, got "
+                             f"{cfg.image_stem_stride}")
+        if cfg.image_crops < 0 or not 0 < cfg.image_crop_box <= 1:
+            raise ValueError(f"model.image_crops / image_crop_box: expected >= 0 / in (0, 1], "
+                             f"got {cfg.image_crops} / {cfg.image_crop_box}")
         self.image_encoder = ImageEncoder(cfg.dim, cfg.image_stem, cfg.image_widths,
                                           cfg.image_depths, cfg.image_stem_pool,
-                                          cfg.resolution if cfg.image_flatten else None)
+                                          cfg.resolution if cfg.image_flatten else None,
+                                          stem_stride=cfg.image_stem_stride,
+                                          crop_channels=3 * len(CROP_GROUPS)
+                                          if cfg.image_crops else 0)
         self.temperature = LearnableTemperature(cfg.temperature)
         if cfg.sim_gain:
             self.sim_log_gain = nn.Parameter(torch.zeros(cfg.n))
@@ -521,10 +596,12 @@ class CLeBS(TrainableModel):
     def phases(self):
         return [Phase("main", "main")]
 
-    def embed(self, image: torch.Tensor, coeffs: torch.Tensor):
-        """image (B, N, 3, H, W), coeffs (B, N, 257) -> (f_I (B, N, d), the contrastive key
-        (B, N, d), lambda (B, N, n)). The key is beta' = f_e's code; with ``sim_gain`` the code
-        of the gained coefficients, ``sum_i exp(s_i) lambda_i v_i``."""
+    def embed(self, image: torch.Tensor, coeffs: torch.Tensor,
+              landmarks: torch.Tensor | None = None):
+        """image (B, N, 3, H, W), coeffs (B, N, 257), landmarks (B, N, 68, 2) pixels (needed
+        with ``image_crops``) -> (f_I (B, N, d), the contrastive key (B, N, d), lambda
+        (B, N, n)). The key is beta' = f_e's code; with ``sim_gain`` the code of the gained
+        coefficients, ``sum_i exp(s_i) lambda_i v_i``."""
         if image.dim() != 5 or image.shape[2] != 3:
             raise ValueError(f"batch['image']: expected clips of shape (B, N, 3, H, W), got "
                              f"{tuple(image.shape)}")
@@ -537,9 +614,21 @@ class CLeBS(TrainableModel):
             raise ValueError(f"batch['coeffs']: expected shape ({B}, {N}, 257), got "
                              f"{tuple(coeffs.shape)}")
         img = image_to_float(image).reshape(B * N, 3, R, R)
+        crops = None
+        if self.cfg.image_crops:
+            if landmarks is None or landmarks.shape != (B, N, 68, 2):
+                got = None if landmarks is None else tuple(landmarks.shape)
+                raise ValueError(f"batch['landmarks']: model.image_crops needs landmarks of shape "
+                                 f"({B}, {N}, 68, 2) (pixels of the frame), got {got}")
+            crops = landmark_crops(img, landmarks.reshape(B * N, 68, 2), self.cfg.image_crops,
+                                   self.cfg.image_crop_box)
+            if self.training and self.cfg.augment > 0:
+                c = self.cfg.image_crops
+                crops = augment_frames(crops.reshape(-1, 3, c, c),
+                                       self.cfg.augment).reshape(B * N, -1, c, c)
         if self.training and self.cfg.augment > 0:
             img = augment_frames(img, self.cfg.augment)
-        f_img = self.image_encoder(img).reshape(B, N, -1)
+        f_img = self.image_encoder(img, crops).reshape(B, N, -1)
         beta = expression_of(coeffs)
         if self.training and self.cfg.offset_noise > 0:
             beta = beta + torch.randn(B, 1, EXP_DIM, device=beta.device) * self.cfg.offset_noise
@@ -559,7 +648,7 @@ class CLeBS(TrainableModel):
                 raise RuntimeError("model.fe_init='fisher': call model.init_expression(dataset) "
                                    "before training outside the Trainer")
             log.info("CLeBS fe_init=fisher: %s", self.init_expression(ctx.engine.dataset))
-        f_img, beta_p, lam = self.embed(batch["image"], batch["coeffs"])
+        f_img, beta_p, lam = self.embed(batch["image"], batch["coeffs"], batch.get("landmarks"))
         tau = self.temperature()
         loss = info_nce(f_img.float(), beta_p.float(), tau)
         logs = {}
