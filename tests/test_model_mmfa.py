@@ -270,6 +270,32 @@ def test_mouth_motion_target_is_the_expression_motion_near_each_keypoint():
         micro_model(mouth_motion_sigma=0.0)
 
 
+def test_mouth_flow_loss_asks_the_expression_share_of_the_flow_to_follow_the_mouth():
+    from pyface.models.mmfa.model import (MOUTH_MOTION_UNIT, MOUTH_SHAPE_POINTS,
+                                          mouth_flow_loss)
+
+    g = torch.Generator().manual_seed(1)
+    lm = torch.rand(2, 68, 2, generator=g) * 30 + 10
+    lm[:, 36:42] = torch.tensor([15.0, 12.0])
+    lm[:, 42:48] = torch.tensor([45.0, 12.0])
+    drv = lm.clone()
+    drv[:, list(MOUTH_SHAPE_POINTS), 1] += 2.0          # mouth and chin 2 px down
+    lin = torch.linspace(-1, 1, 16)
+    ident = torch.stack(torch.meshgrid(lin, lin, indexing="xy"), -1)[None].expand(2, -1, -1, -1)
+    m = torch.tensor([0.0, 2.0 * 2 / 63])              # the motion in grid units
+    # the driving expression's backward flow points 2 px higher than the source expression's
+    assert float(mouth_flow_loss(ident - m, ident, lm, drv, 64)) == pytest.approx(0, abs=1e-8)
+    assert float(mouth_flow_loss(ident, ident, lm, drv, 64)) == pytest.approx(
+        float((m[1] / MOUTH_MOTION_UNIT) ** 2), rel=1e-4)
+    # the wrong way round costs four times as much
+    assert float(mouth_flow_loss(ident + m, ident, lm, drv, 64)) == pytest.approx(
+        4 * float((m[1] / MOUTH_MOTION_UNIT) ** 2), rel=1e-4)
+    with pytest.raises(ValueError, match="flow_swap"):
+        mouth_flow_loss(ident, ident[:, :8], lm, drv, 64)
+    with pytest.raises(ValueError, match="mouth_motion_mode"):
+        micro_model(mouth_motion_mode="pixels")
+
+
 def test_mouth_motion_term_trains_the_expression_decoder_only(data_root):
     from pyface.data.datasets import PairDataset
 
@@ -288,6 +314,16 @@ def test_mouth_motion_term_trains_the_expression_decoder_only(data_root):
     assert g is None or float(g.abs().sum()) == 0
     for p in m.dense_motion.parameters():            # the term does not touch the motion net
         assert p.grad is None or float(p.grad.abs().sum()) == 0
+    # on the dense motion: a second pass with the source's delta; the dense motion trains too
+    m = micro_model(w_mouth_motion=10.0, mouth_motion_mode="flow", **zero)
+    with torch.no_grad():         # a non-zero decoder output layer, so delta depends on f_exp
+        m.exp_decoder.out.weight.normal_(std=0.1)
+    logs = m.step("G", batch, None)
+    assert float(logs["mouth_motion"]) > 0 and "landmark" not in logs
+    logs["loss"].backward()
+    assert m.exp_decoder.out.weight.grad.abs().sum() > 0
+    assert sum(float(p.grad.abs().sum()) for p in m.dense_motion.parameters()
+               if p.grad is not None) > 0
 
 
 def test_expression_landmark_term_trains_the_expression_encoder(data_root):

@@ -100,7 +100,11 @@ class MMFAConfig:
     eye-aligned change of the mouth and chin landmarks near them (``mouth_motion_sigma``: the
     nearness weights' width in grid units), so that the expression decoder's delta moves the
     keypoints at the mouth with the jaw; its gradient reaches delta only (the scale,
-    translation and keypoint positions in it are detached); frames without landmarks: the
+    translation and keypoint positions in it are detached). ``mouth_motion_mode="flow"``
+    instead compares the dense motion (:func:`mouth_flow_loss`): a second dense-motion pass
+    with the source's delta at the driving pose, and the difference of the two backward flows
+    at the driving frame's mouth and chin must be the landmarks' expression motion (its
+    gradient reaches delta, the keypoints and the dense motion). Frames without landmarks: the
     landmark terms' warning, and the term is off.
     """
 
@@ -171,6 +175,7 @@ class MMFAConfig:
     w_mouth: float = 0.0
     mouth_margin: float = 4.0
     w_mouth_motion: float = 0.0
+    mouth_motion_mode: str = "keypoints"
     mouth_motion_sigma: float = 0.2
     sigma_affine: float = 0.05
     sigma_tps: float = 0.005
@@ -257,8 +262,32 @@ def expression_landmark_loss(pred_source: torch.Tensor, pred_driving: torch.Tens
     return err.abs().mean()
 
 
+MOUTH_MOTION_MODES = ("keypoints", "flow")
 #: unit of the mouth-motion error, in grid units (2 = image width): one pixel at 64^2
 MOUTH_MOTION_UNIT = 1.0 / 32
+
+
+def expression_motion(lm_source: torch.Tensor, lm_driving: torch.Tensor,
+                      size: int) -> torch.Tensor:
+    """The expression's image motion of the mouth and chin: the change of the eye-aligned
+    positions (:func:`mouth_shape`, driving minus source) put back into the driving frame's image
+    (its eye line and inter-ocular distance), so that the head's pose does not enter it.
+
+    Args:
+        lm_source, lm_driving: (B, 68, 2) landmarks in pixels of the ``size``-pixel frames.
+    Returns:
+        (B, P, 2) the motion (x, y) of :data:`MOUTH_SHAPE_POINTS` in grid units (2 = image
+        width).
+    """
+    if lm_driving.shape != lm_source.shape:
+        raise ValueError(f"lm_driving: expected shape {tuple(lm_source.shape)} (lm_source's), "
+                         f"got {tuple(lm_driving.shape)}")
+    lm_s, lm_d = lm_source.float(), lm_driving.float()
+    B = lm_d.shape[0]
+    change = (mouth_shape(lm_d) - mouth_shape(lm_s)).view(B, -1, 2)        # (B, P, 2) IOD
+    _, ex, ey, dist = eye_frame(lm_d)
+    motion = dist[:, None] * (change[..., :1] * ex[:, None] + change[..., 1:] * ey[:, None])
+    return motion * (2.0 / (size - 1))                                     # pixels -> grid
 
 
 def mouth_motion_target(kp_driving: torch.Tensor, lm_source: torch.Tensor,
@@ -288,12 +317,8 @@ def mouth_motion_target(kp_driving: torch.Tensor, lm_source: torch.Tensor,
             raise ValueError(f"{name}: expected shape ({B}, 68, 2), got {tuple(lm.shape)}")
     if sigma <= 0:
         raise ValueError(f"sigma: expected a width > 0 (grid units), got {sigma}")
-    lm_s, lm_d = lm_source.float(), lm_driving.float()
-    change = (mouth_shape(lm_d) - mouth_shape(lm_s)).view(B, -1, 2)        # (B, P, 2) IOD
-    _, ex, ey, dist = eye_frame(lm_d)
-    motion = dist[:, None] * (change[..., :1] * ex[:, None] + change[..., 1:] * ey[:, None])
-    motion = motion * (2.0 / (size - 1))                                   # pixels -> grid
-    pts = pixels_to_grid(lm_d[:, list(MOUTH_SHAPE_POINTS)], size)          # (B, P, 2)
+    motion = expression_motion(lm_source, lm_driving, size)               # (B, P, 2)
+    pts = pixels_to_grid(lm_driving.float()[:, list(MOUTH_SHAPE_POINTS)], size)   # (B, P, 2)
     d2 = (kp_driving[:, :, None, :2].float() - pts[:, None]).square().sum(-1)   # (B, K, P)
     logw = -d2 / (2 * sigma ** 2)
     target = (torch.softmax(logw, -1)[..., None] * motion[:, None]).sum(2)     # (B, K, 2)
@@ -325,6 +350,45 @@ def mouth_motion_loss(motion: torch.Tensor, kp_driving: torch.Tensor, lm_source:
                                            sigma)
     err = ((motion.float() - target) / MOUTH_MOTION_UNIT).square().sum(-1)    # (B, K)
     return (near * err).sum() / near.sum().clamp_min(1e-6)
+
+
+def mouth_flow_loss(flow_driving: torch.Tensor, flow_swap: torch.Tensor,
+                    lm_source: torch.Tensor, lm_driving: torch.Tensor,
+                    size: int) -> torch.Tensor:
+    """The mouth-motion term on the dense motion (``mouth_motion_mode="flow"``): the share of the
+    backward flow that the expression makes, at the driving frame's mouth and chin, must be the
+    landmarks' expression motion.
+
+    If the expression moves a point by m in the driving frame, the backward flow there (driving
+    -> source) changes by -m, so ``flow_driving - flow_swap`` sampled at the driving frame's
+    :data:`MOUTH_SHAPE_POINTS` is compared with -:func:`expression_motion`.
+
+    Args:
+        flow_driving: (B, h, w, 2) the depth-averaged backward flow with the driving frame's
+            keypoints ([-1, 1] grid).
+        flow_swap: (B, h, w, 2) the same with the source's delta at the driving frame's pose (the
+            mouth check's expression swap).
+        lm_source, lm_driving: (B, 68, 2) landmarks in pixels; size: the frames' resolution.
+    Returns:
+        () the mean squared error over the points, in units of :data:`MOUTH_MOTION_UNIT`.
+    """
+    B = flow_driving.shape[0]
+    if flow_driving.dim() != 4 or flow_driving.shape[-1] != 2:
+        raise ValueError(f"flow_driving: expected shape (B, h, w, 2), got "
+                         f"{tuple(flow_driving.shape)}")
+    if flow_swap.shape != flow_driving.shape:
+        raise ValueError(f"flow_swap: expected shape {tuple(flow_driving.shape)} "
+                         f"(flow_driving's), got {tuple(flow_swap.shape)}")
+    for name, lm in (("lm_source", lm_source), ("lm_driving", lm_driving)):
+        if tuple(lm.shape) != (B, 68, 2):
+            raise ValueError(f"{name}: expected shape ({B}, 68, 2), got {tuple(lm.shape)}")
+    with torch.no_grad():
+        target = -expression_motion(lm_source, lm_driving, size)          # (B, P, 2)
+        grid = pixels_to_grid(lm_driving.float()[:, list(MOUTH_SHAPE_POINTS)], size)[:, :, None]
+    diff = (flow_driving - flow_swap).float().permute(0, 3, 1, 2)          # (B, 2, h, w)
+    at = F.grid_sample(diff, grid, mode="bilinear", padding_mode="border",
+                       align_corners=True)[..., 0].transpose(1, 2)        # (B, P, 2)
+    return ((at - target) / MOUTH_MOTION_UNIT).square().sum(-1).mean()
 
 
 def placement_loss(scale: torch.Tensor, translation: torch.Tensor,
@@ -492,6 +556,9 @@ class MMFA(TrainableModel):
             raise ValueError(f"model.exp_detach: needs model.w_exp_landmark > 0 (the expression "
                              f"encoder's only training signal then), got w_exp_landmark = "
                              f"{cfg.w_exp_landmark}")
+        if cfg.mouth_motion_mode not in MOUTH_MOTION_MODES:
+            raise ValueError(f"model.mouth_motion_mode: expected one of {MOUTH_MOTION_MODES}, "
+                             f"got {cfg.mouth_motion_mode!r}")
         if cfg.mouth_motion_sigma <= 0:
             raise ValueError(f"model.mouth_motion_sigma: expected a width > 0 (grid units), got "
                              f"{cfg.mouth_motion_sigma}")
@@ -730,8 +797,10 @@ class MMFA(TrainableModel):
         lms = (self._landmarks(batch)
                if c.w_landmark > 0 or c.w_exp_landmark > 0 or c.w_mouth > 0
                or c.w_mouth_motion > 0 else None)
-        out = self.render(self.appearance(src), kp_s, kp_d, src,
-                          flow=lms is not None and c.w_landmark > 0)
+        volume = self.appearance(src)
+        mm_flow = lms is not None and c.w_mouth_motion > 0 and c.mouth_motion_mode == "flow"
+        out = self.render(volume, kp_s, kp_d, src,
+                          flow=lms is not None and (c.w_landmark > 0 or mm_flow))
         logs = {}
         loss_lm = src.new_zeros(())
         if lms is not None and c.w_landmark > 0:
@@ -745,7 +814,17 @@ class MMFA(TrainableModel):
                                           c.exp_landmark_loss)
             logs["exp_landmark"] = el.detach()
             loss_lm = loss_lm + c.w_exp_landmark * el
-        if lms is not None and c.w_mouth_motion > 0:
+        if mm_flow:
+            # the dense motion once more, with the source's delta at the driving frame's pose
+            kp_swap = pose_keypoints(kc, rd, mo["scale"][B:2 * B], mo["translation"][B:2 * B],
+                                     delta[:B])
+            dm = self.dense_motion(volume, kp_source=kp_s, kp_driving=kp_swap,
+                                   return_deformation=True)
+            mm = mouth_flow_loss(out["flow"], dm["deformation"][..., :2].mean(1), lms[0],
+                                 lms[1], c.resolution)
+            logs["mouth_motion"] = mm.detach()
+            loss_lm = loss_lm + c.w_mouth_motion * mm
+        elif lms is not None and c.w_mouth_motion > 0:
             # the expression's share of the driving keypoints' motion: delta_D against the
             # source's delta_S, both at the driving frame's (detached) pose
             sd, td = mo["scale"][B:2 * B].detach(), mo["translation"][B:2 * B].detach()
