@@ -305,6 +305,10 @@ def test_mouth_motion_term_trains_the_expression_decoder_only(data_root):
                 w_exp_consistency=0.0, w_prior=0.0, w_delta=0.0, w_canonical=0.0, w_gan=0.0,
                 w_fm=0.0, w_placement=0.0)
     assert "mouth_motion" not in micro_model(**zero).step("G", batch, None)   # off by default
+    from pyface.train.model import StepContext
+    late = micro_model(w_mouth_motion=10.0, mouth_motion_start=5, **zero)
+    assert "mouth_motion" not in late.step("G", batch, StepContext(4, 8, 2))
+    assert "mouth_motion" in late.step("G", batch, StepContext(5, 10, 2))
     m = micro_model(w_mouth_motion=10.0, **zero)
     logs = m.step("G", batch, None)
     assert float(logs["mouth_motion"]) > 0          # delta starts at 0; the mouths differ

@@ -104,7 +104,8 @@ class MMFAConfig:
     instead compares the dense motion (:func:`mouth_flow_loss`): a second dense-motion pass
     with the source's delta at the driving pose, and the difference of the two backward flows
     at the driving frame's mouth and chin must be the landmarks' expression motion (its
-    gradient reaches delta, the keypoints and the dense motion). Frames without landmarks: the
+    gradient reaches delta, the keypoints and the dense motion). ``mouth_motion_start``: the
+    training step from which the term is on (0: from the start). Frames without landmarks: the
     landmark terms' warning, and the term is off.
     """
 
@@ -177,6 +178,7 @@ class MMFAConfig:
     w_mouth_motion: float = 0.0
     mouth_motion_mode: str = "keypoints"
     mouth_motion_sigma: float = 0.2
+    mouth_motion_start: int = 0
     sigma_affine: float = 0.05
     sigma_tps: float = 0.005
     # optimisation
@@ -794,11 +796,12 @@ class MMFA(TrainableModel):
         kp_s = pose_keypoints(kc, rs, mo["scale"][:B], mo["translation"][:B], delta[:B])
         kp_d = pose_keypoints(kc, rd, mo["scale"][B:2 * B], mo["translation"][B:2 * B],
                               delta[B:2 * B])
+        w_mm = c.w_mouth_motion if ctx is None or ctx.step >= c.mouth_motion_start else 0.0
         lms = (self._landmarks(batch)
                if c.w_landmark > 0 or c.w_exp_landmark > 0 or c.w_mouth > 0
-               or c.w_mouth_motion > 0 else None)
+               or w_mm > 0 else None)
         volume = self.appearance(src)
-        mm_flow = lms is not None and c.w_mouth_motion > 0 and c.mouth_motion_mode == "flow"
+        mm_flow = lms is not None and w_mm > 0 and c.mouth_motion_mode == "flow"
         out = self.render(volume, kp_s, kp_d, src,
                           flow=lms is not None and (c.w_landmark > 0 or mm_flow))
         logs = {}
@@ -823,8 +826,8 @@ class MMFA(TrainableModel):
             mm = mouth_flow_loss(out["flow"], dm["deformation"][..., :2].mean(1), lms[0],
                                  lms[1], c.resolution)
             logs["mouth_motion"] = mm.detach()
-            loss_lm = loss_lm + c.w_mouth_motion * mm
-        elif lms is not None and c.w_mouth_motion > 0:
+            loss_lm = loss_lm + w_mm * mm
+        elif lms is not None and w_mm > 0:
             # the expression's share of the driving keypoints' motion: delta_D against the
             # source's delta_S, both at the driving frame's (detached) pose
             sd, td = mo["scale"][B:2 * B].detach(), mo["translation"][B:2 * B].detach()
@@ -834,7 +837,7 @@ class MMFA(TrainableModel):
             mm = mouth_motion_loss(motion, kp_d, lms[0], lms[1], c.resolution,
                                    c.mouth_motion_sigma)
             logs["mouth_motion"] = mm.detach()
-            loss_lm = loss_lm + c.w_mouth_motion * mm
+            loss_lm = loss_lm + w_mm * mm
         n = len(out["images"])
         rec = src.new_zeros(())
         for i, img in enumerate(out["images"]):
