@@ -103,7 +103,7 @@ class MMFAConfig:
     translation and keypoint positions in it are detached). ``mouth_motion_mode="flow"``
     instead compares the dense motion (:func:`mouth_flow_loss`): a second dense-motion pass
     with the source's delta at the driving pose, and the difference of the two backward flows
-    at the driving frame's mouth and chin must be the landmarks' expression motion (its
+    at the driving frame's mouth and chin must be minus the landmarks' expression motion (its
     gradient reaches delta, the keypoints and the dense motion). ``mouth_motion_start``: the
     training step from which the term is on (0: from the start). Frames without landmarks: the
     landmark terms' warning, and the term is off.
