@@ -218,6 +218,118 @@ def test_mouth_shape_removes_the_similarity_transform_and_follows_the_jaw():
         mouth_shape(lm[:, :60])
 
 
+def test_mouth_motion_target_is_the_expression_motion_near_each_keypoint():
+    from pyface.models.mmfa.model import (MOUTH_MOTION_UNIT, mouth_motion_loss,
+                                          mouth_motion_target, pixels_to_grid)
+
+    g = torch.Generator().manual_seed(0)
+    lm = torch.rand(2, 68, 2, generator=g) * 40 + 10
+    lm[:, 36:42] = torch.tensor([20.0, 30.0])          # eyes level, 10 px apart
+    lm[:, 42:48] = torch.tensor([30.0, 30.0])
+    lm[:, 48:68] = torch.linspace(20.0, 30.0, 20)[:, None] + torch.tensor([0.0, 20.0])
+    lm[:, 6:11] = torch.linspace(20.0, 30.0, 5)[:, None] + torch.tensor([0.0, 40.0])
+    drv = lm.clone()
+    drv[:, 57, 1] += 4.0                                # the lower lip 4 px down
+    kp = torch.zeros(2, 3, 3)
+    kp[:, 0, :2] = pixels_to_grid(drv[:, 57], 64)       # on the moved lip
+    kp[:, 1, :2] = pixels_to_grid(torch.tensor([25.0, 4.0]), 64)   # far above the eyes
+    kp[:, 2, :2] = pixels_to_grid(torch.tensor([60.0, 40.0]), 64)  # between them: partly near
+    target, near = mouth_motion_target(kp, lm, drv, 64, sigma=0.02)
+    px = 2.0 / 63
+    torch.testing.assert_close(target[:, 0], torch.tensor([[0.0, 4 * px]] * 2), atol=1e-4,
+                               rtol=1e-3)
+    assert float(near[:, 0].min()) == pytest.approx(1.0) and float(near[:, 1].max()) < 1e-6
+    # a head that turns in the image plane, grows and moves, without changing its expression,
+    # asks for no expression motion
+    a = torch.tensor(0.3)
+    rot = torch.stack([torch.stack([a.cos(), -a.sin()]), torch.stack([a.sin(), a.cos()])])
+    posed = 1.3 * lm @ rot.T + torch.tensor([4.0, -2.0])
+    t0, _ = mouth_motion_target(kp, lm, posed, 64, sigma=0.2)
+    assert float(t0.abs().max()) < 1e-5
+    # ... and a jaw drop in the turned head is the same motion turned with it
+    posed_open = 1.3 * drv @ rot.T + torch.tensor([4.0, -2.0])
+    kp_t = kp.clone()
+    kp_t[:, 0, :2] = pixels_to_grid(posed_open[:, 57], 64)
+    t1, _ = mouth_motion_target(kp_t, lm, posed_open, 64, sigma=0.02)
+    want = 1.3 * torch.tensor([0.0, 4.0]) @ rot.T * px
+    torch.testing.assert_close(t1[:, 0], want.expand(2, 2), atol=1e-5, rtol=1e-4)
+    # the loss: zero on the target, the squared error in units of 1/32 grid units, weighted by
+    # nearness (the far keypoint's wrong motion does not count)
+    motion = target.clone()
+    motion[:, 1] = 0.5
+    assert float(mouth_motion_loss(motion, kp, lm, drv, 64, 0.02)) == pytest.approx(0, abs=1e-6)
+    motion[:, 0, 1] += MOUTH_MOTION_UNIT
+    w = near / near.sum()
+    assert float(mouth_motion_loss(motion, kp, lm, drv, 64, 0.02)) == pytest.approx(
+        float(w[:, 0].sum()), rel=1e-4)
+    with pytest.raises(ValueError, match="motion"):
+        mouth_motion_loss(motion[:, :2], kp, lm, drv, 64, 0.02)
+    with pytest.raises(ValueError, match="lm_driving"):
+        mouth_motion_target(kp, lm, drv[:1], 64, 0.02)
+    with pytest.raises(ValueError, match="mouth_motion_sigma"):
+        micro_model(mouth_motion_sigma=0.0)
+
+
+def test_mouth_flow_loss_asks_the_expression_share_of_the_flow_to_follow_the_mouth():
+    from pyface.models.mmfa.model import (MOUTH_MOTION_UNIT, MOUTH_SHAPE_POINTS,
+                                          mouth_flow_loss)
+
+    g = torch.Generator().manual_seed(1)
+    lm = torch.rand(2, 68, 2, generator=g) * 30 + 10
+    lm[:, 36:42] = torch.tensor([15.0, 12.0])
+    lm[:, 42:48] = torch.tensor([45.0, 12.0])
+    drv = lm.clone()
+    drv[:, list(MOUTH_SHAPE_POINTS), 1] += 2.0          # mouth and chin 2 px down
+    lin = torch.linspace(-1, 1, 16)
+    ident = torch.stack(torch.meshgrid(lin, lin, indexing="xy"), -1)[None].expand(2, -1, -1, -1)
+    m = torch.tensor([0.0, 2.0 * 2 / 63])              # the motion in grid units
+    # the driving expression's backward flow points 2 px higher than the source expression's
+    assert float(mouth_flow_loss(ident - m, ident, lm, drv, 64)) == pytest.approx(0, abs=1e-8)
+    assert float(mouth_flow_loss(ident, ident, lm, drv, 64)) == pytest.approx(
+        float((m[1] / MOUTH_MOTION_UNIT) ** 2), rel=1e-4)
+    # the wrong way round costs four times as much
+    assert float(mouth_flow_loss(ident + m, ident, lm, drv, 64)) == pytest.approx(
+        4 * float((m[1] / MOUTH_MOTION_UNIT) ** 2), rel=1e-4)
+    with pytest.raises(ValueError, match="flow_swap"):
+        mouth_flow_loss(ident, ident[:, :8], lm, drv, 64)
+    with pytest.raises(ValueError, match="mouth_motion_mode"):
+        micro_model(mouth_motion_mode="pixels")
+
+
+def test_mouth_motion_term_trains_the_expression_decoder_only(data_root):
+    from pyface.data.datasets import PairDataset
+
+    ds = PairDataset(data_root, resolution=RES)
+    batch = torch.utils.data.default_collate([ds[0], ds[1]])
+    zero = dict(w_rec=0.0, w_landmark=0.0, w_exp_landmark=0.0, w_equivariance=0.0,
+                w_exp_consistency=0.0, w_prior=0.0, w_delta=0.0, w_canonical=0.0, w_gan=0.0,
+                w_fm=0.0, w_placement=0.0)
+    assert "mouth_motion" not in micro_model(**zero).step("G", batch, None)   # off by default
+    from pyface.train.model import StepContext
+    late = micro_model(w_mouth_motion=10.0, mouth_motion_start=5, **zero)
+    assert "mouth_motion" not in late.step("G", batch, StepContext(4, 8, 2))
+    assert "mouth_motion" in late.step("G", batch, StepContext(5, 10, 2))
+    m = micro_model(w_mouth_motion=10.0, **zero)
+    logs = m.step("G", batch, None)
+    assert float(logs["mouth_motion"]) > 0          # delta starts at 0; the mouths differ
+    logs["loss"].backward()
+    assert m.exp_decoder.out.weight.grad.abs().sum() > 0
+    g = m.pose_encoder.fc.weight.grad                # s and t are detached in the term
+    assert g is None or float(g.abs().sum()) == 0
+    for p in m.dense_motion.parameters():            # the term does not touch the motion net
+        assert p.grad is None or float(p.grad.abs().sum()) == 0
+    # on the dense motion: a second pass with the source's delta; the dense motion trains too
+    m = micro_model(w_mouth_motion=10.0, mouth_motion_mode="flow", **zero)
+    with torch.no_grad():         # a non-zero decoder output layer, so delta depends on f_exp
+        m.exp_decoder.out.weight.normal_(std=0.1)
+    logs = m.step("G", batch, None)
+    assert float(logs["mouth_motion"]) > 0 and "landmark" not in logs
+    logs["loss"].backward()
+    assert m.exp_decoder.out.weight.grad.abs().sum() > 0
+    assert sum(float(p.grad.abs().sum()) for p in m.dense_motion.parameters()
+               if p.grad is not None) > 0
+
+
 def test_expression_landmark_term_trains_the_expression_encoder(data_root):
     from pyface.data.datasets import PairDataset
 

@@ -94,7 +94,19 @@ class MMFAConfig:
     warning, and the term is off. ``blend_cap``, ``w_blend_bound`` / ``blend_bound``: the
     source blend's mask m = blend_cap (tanh x + 1) / 2, and a penalty on |x| beyond the bound
     that keeps the tanh from saturating (a saturated mask passes no gradient, and the decoder
-    then never paints).
+    then never paints). ``w_mouth_motion`` the mouth-motion term (our deviation, off by
+    default; :func:`mouth_motion_loss`): the keypoints' motion caused by the expression alone,
+    the image (x, y) of s_D R_D (delta_D - delta_S) at the driving frame's pose, must follow the
+    eye-aligned change of the mouth and chin landmarks near them (``mouth_motion_sigma``: the
+    nearness weights' width in grid units), so that the expression decoder's delta moves the
+    keypoints at the mouth with the jaw; its gradient reaches delta only (the scale,
+    translation and keypoint positions in it are detached). ``mouth_motion_mode="flow"``
+    instead compares the dense motion (:func:`mouth_flow_loss`): a second dense-motion pass
+    with the source's delta at the driving pose, and the difference of the two backward flows
+    at the driving frame's mouth and chin must be minus the landmarks' expression motion (its
+    gradient reaches delta, the keypoints and the dense motion). ``mouth_motion_start``: the
+    training step from which the term is on (0: from the start). Frames without landmarks: the
+    landmark terms' warning, and the term is off.
     """
 
     resolution: int = 256
@@ -163,6 +175,10 @@ class MMFAConfig:
     w_placement: float = 0.0
     w_mouth: float = 0.0
     mouth_margin: float = 4.0
+    w_mouth_motion: float = 0.0
+    mouth_motion_mode: str = "keypoints"
+    mouth_motion_sigma: float = 0.2
+    mouth_motion_start: int = 0
     sigma_affine: float = 0.05
     sigma_tps: float = 0.005
     # optimisation
@@ -190,11 +206,11 @@ def landmark_point_weights(weights, device=None) -> torch.Tensor:
 MOUTH_SHAPE_POINTS = tuple(range(48, 68)) + tuple(range(6, 11))
 
 
-def mouth_shape(landmarks: torch.Tensor) -> torch.Tensor:
-    """The eye-aligned shape of the mouth and chin: (B, 68, 2) landmarks in pixels ->
-    (B, 2 * len(MOUTH_SHAPE_POINTS)) coordinates of :data:`MOUTH_SHAPE_POINTS` in a frame with
-    its origin between the eye centres, its x axis along the eye line and the inter-ocular
-    distance as unit (in-plane rotation, scale and translation removed)."""
+def eye_frame(landmarks: torch.Tensor):
+    """The eye-aligned frame of (B, 68, 2) landmarks in pixels -> origin (B, 2) between the eye
+    centres (36-41, 42-47), unit axes ex (B, 2) along the eye line (left to right) and ey (B, 2)
+    (ex turned by +90 degrees: down in the image for level eyes), and the inter-ocular distance
+    (B, 1) in pixels."""
     if landmarks.dim() != 3 or tuple(landmarks.shape[1:]) != (68, 2):
         raise ValueError(f"landmarks: expected shape (B, 68, 2), got {tuple(landmarks.shape)}")
     left, right = landmarks[:, 36:42].mean(1), landmarks[:, 42:48].mean(1)    # (B, 2)
@@ -202,6 +218,15 @@ def mouth_shape(landmarks: torch.Tensor) -> torch.Tensor:
     dist = axis.norm(dim=-1, keepdim=True).clamp_min(1e-6)                   # (B, 1)
     ex = axis / dist
     ey = torch.stack([-ex[:, 1], ex[:, 0]], -1)
+    return origin, ex, ey, dist
+
+
+def mouth_shape(landmarks: torch.Tensor) -> torch.Tensor:
+    """The eye-aligned shape of the mouth and chin: (B, 68, 2) landmarks in pixels ->
+    (B, 2 * len(MOUTH_SHAPE_POINTS)) coordinates of :data:`MOUTH_SHAPE_POINTS` in a frame with
+    its origin between the eye centres, its x axis along the eye line and the inter-ocular
+    distance as unit (in-plane rotation, scale and translation removed)."""
+    origin, ex, ey, dist = eye_frame(landmarks)
     pts = landmarks[:, list(MOUTH_SHAPE_POINTS)] - origin[:, None]           # (B, P, 2)
     local = torch.stack([(pts * ex[:, None]).sum(-1), (pts * ey[:, None]).sum(-1)], -1)
     return (local / dist[:, None]).flatten(1)
@@ -237,6 +262,135 @@ def expression_landmark_loss(pred_source: torch.Tensor, pred_driving: torch.Tens
     if kind == "mse":
         return (err / EXP_LANDMARK_UNIT).square().mean()
     return err.abs().mean()
+
+
+MOUTH_MOTION_MODES = ("keypoints", "flow")
+#: unit of the mouth-motion error, in grid units (2 = image width): one pixel at 64^2
+MOUTH_MOTION_UNIT = 1.0 / 32
+
+
+def expression_motion(lm_source: torch.Tensor, lm_driving: torch.Tensor,
+                      size: int) -> torch.Tensor:
+    """The expression's image motion of the mouth and chin: the change of the eye-aligned
+    positions (:func:`mouth_shape`, driving minus source) put back into the driving frame's image
+    (its eye line and inter-ocular distance), so that the head's pose does not enter it.
+
+    Args:
+        lm_source, lm_driving: (B, 68, 2) landmarks in pixels of the ``size``-pixel frames.
+    Returns:
+        (B, P, 2) the motion (x, y) of :data:`MOUTH_SHAPE_POINTS` in grid units (2 = image
+        width).
+    """
+    if lm_driving.shape != lm_source.shape:
+        raise ValueError(f"lm_driving: expected shape {tuple(lm_source.shape)} (lm_source's), "
+                         f"got {tuple(lm_driving.shape)}")
+    lm_s, lm_d = lm_source.float(), lm_driving.float()
+    B = lm_d.shape[0]
+    change = (mouth_shape(lm_d) - mouth_shape(lm_s)).view(B, -1, 2)        # (B, P, 2) IOD
+    _, ex, ey, dist = eye_frame(lm_d)
+    motion = dist[:, None] * (change[..., :1] * ex[:, None] + change[..., 1:] * ey[:, None])
+    return motion * (2.0 / (size - 1))                                     # pixels -> grid
+
+
+def mouth_motion_target(kp_driving: torch.Tensor, lm_source: torch.Tensor,
+                        lm_driving: torch.Tensor, size: int, sigma: float):
+    """What the mouth-motion term asks of each keypoint: the expression's motion of the mouth
+    and chin near it, and how near it is.
+
+    The expression's motion of each point of :data:`MOUTH_SHAPE_POINTS` is the change of its
+    eye-aligned position (:func:`mouth_shape`, driving minus source) put back into the driving
+    frame's image (the driving frame's eye line and inter-ocular distance), so that the head's
+    pose does not enter it. Each keypoint's target is the Gaussian-weighted mean of those
+    motions over the points, weights exp(-d^2 / (2 sigma^2)) of the distance d between the
+    keypoint and the point in the driving frame.
+
+    Args:
+        kp_driving: (B, K, 3) the driving frame's posed keypoints ([-1, 1] grid; x, y used).
+        lm_source, lm_driving: (B, 68, 2) landmarks in pixels of the ``size``-pixel frames.
+        size: the frames' resolution. sigma: the weights' width in grid units.
+    Returns:
+        target (B, K, 2) in grid units, and nearness (B, K) in (0, 1]: the largest weight.
+    """
+    B, K = kp_driving.shape[:2]
+    if kp_driving.dim() != 3 or kp_driving.shape[-1] != 3:
+        raise ValueError(f"kp_driving: expected shape (B, K, 3), got {tuple(kp_driving.shape)}")
+    for name, lm in (("lm_source", lm_source), ("lm_driving", lm_driving)):
+        if tuple(lm.shape) != (B, 68, 2):
+            raise ValueError(f"{name}: expected shape ({B}, 68, 2), got {tuple(lm.shape)}")
+    if sigma <= 0:
+        raise ValueError(f"sigma: expected a width > 0 (grid units), got {sigma}")
+    motion = expression_motion(lm_source, lm_driving, size)               # (B, P, 2)
+    pts = pixels_to_grid(lm_driving.float()[:, list(MOUTH_SHAPE_POINTS)], size)   # (B, P, 2)
+    d2 = (kp_driving[:, :, None, :2].float() - pts[:, None]).square().sum(-1)   # (B, K, P)
+    logw = -d2 / (2 * sigma ** 2)
+    target = (torch.softmax(logw, -1)[..., None] * motion[:, None]).sum(2)     # (B, K, 2)
+    return target, logw.amax(-1).exp()
+
+
+def mouth_motion_loss(motion: torch.Tensor, kp_driving: torch.Tensor, lm_source: torch.Tensor,
+                      lm_driving: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+    """The mouth-motion term: the keypoints' motion caused by the expression alone must follow
+    the mouth and chin landmarks near them (:func:`mouth_motion_target`).
+
+    Args:
+        motion: (B, K, 2) each keypoint's image motion (x, y; grid units) from the source's
+            expression to the driving frame's, at the driving frame's pose: the (x, y) of
+            ``s_D R_D (delta_D - delta_S)``, i.e. what the mouth check's expression swap takes
+            away.
+        kp_driving: (B, K, 3) the driving frame's posed keypoints (where they are; no gradient).
+        lm_source, lm_driving: (B, 68, 2) landmarks in pixels; size: the frames' resolution.
+        sigma: the width (grid units) of the nearness weights.
+    Returns:
+        () the nearness-weighted mean over keypoints of the squared error, in units of
+        :data:`MOUTH_MOTION_UNIT` (keypoints far from the mouth count little).
+    """
+    B, K = kp_driving.shape[:2]
+    if motion.shape != (B, K, 2):
+        raise ValueError(f"motion: expected shape ({B}, {K}, 2), got {tuple(motion.shape)}")
+    with torch.no_grad():
+        target, near = mouth_motion_target(kp_driving.detach(), lm_source, lm_driving, size,
+                                           sigma)
+    err = ((motion.float() - target) / MOUTH_MOTION_UNIT).square().sum(-1)    # (B, K)
+    return (near * err).sum() / near.sum().clamp_min(1e-6)
+
+
+def mouth_flow_loss(flow_driving: torch.Tensor, flow_swap: torch.Tensor,
+                    lm_source: torch.Tensor, lm_driving: torch.Tensor,
+                    size: int) -> torch.Tensor:
+    """The mouth-motion term on the dense motion (``mouth_motion_mode="flow"``): the share of the
+    backward flow that the expression makes, at the driving frame's mouth and chin, must be the
+    landmarks' expression motion.
+
+    If the expression moves a point by m in the driving frame, the backward flow there (driving
+    -> source) changes by -m, so ``flow_driving - flow_swap`` sampled at the driving frame's
+    :data:`MOUTH_SHAPE_POINTS` is compared with -:func:`expression_motion`.
+
+    Args:
+        flow_driving: (B, h, w, 2) the depth-averaged backward flow with the driving frame's
+            keypoints ([-1, 1] grid).
+        flow_swap: (B, h, w, 2) the same with the source's delta at the driving frame's pose (the
+            mouth check's expression swap).
+        lm_source, lm_driving: (B, 68, 2) landmarks in pixels; size: the frames' resolution.
+    Returns:
+        () the mean squared error over the points, in units of :data:`MOUTH_MOTION_UNIT`.
+    """
+    B = flow_driving.shape[0]
+    if flow_driving.dim() != 4 or flow_driving.shape[-1] != 2:
+        raise ValueError(f"flow_driving: expected shape (B, h, w, 2), got "
+                         f"{tuple(flow_driving.shape)}")
+    if flow_swap.shape != flow_driving.shape:
+        raise ValueError(f"flow_swap: expected shape {tuple(flow_driving.shape)} "
+                         f"(flow_driving's), got {tuple(flow_swap.shape)}")
+    for name, lm in (("lm_source", lm_source), ("lm_driving", lm_driving)):
+        if tuple(lm.shape) != (B, 68, 2):
+            raise ValueError(f"{name}: expected shape ({B}, 68, 2), got {tuple(lm.shape)}")
+    with torch.no_grad():
+        target = -expression_motion(lm_source, lm_driving, size)          # (B, P, 2)
+        grid = pixels_to_grid(lm_driving.float()[:, list(MOUTH_SHAPE_POINTS)], size)[:, :, None]
+    diff = (flow_driving - flow_swap).float().permute(0, 3, 1, 2)          # (B, 2, h, w)
+    at = F.grid_sample(diff, grid, mode="bilinear", padding_mode="border",
+                       align_corners=True)[..., 0].transpose(1, 2)        # (B, P, 2)
+    return ((at - target) / MOUTH_MOTION_UNIT).square().sum(-1).mean()
 
 
 def placement_loss(scale: torch.Tensor, translation: torch.Tensor,
@@ -404,6 +558,12 @@ class MMFA(TrainableModel):
             raise ValueError(f"model.exp_detach: needs model.w_exp_landmark > 0 (the expression "
                              f"encoder's only training signal then), got w_exp_landmark = "
                              f"{cfg.w_exp_landmark}")
+        if cfg.mouth_motion_mode not in MOUTH_MOTION_MODES:
+            raise ValueError(f"model.mouth_motion_mode: expected one of {MOUTH_MOTION_MODES}, "
+                             f"got {cfg.mouth_motion_mode!r}")
+        if cfg.mouth_motion_sigma <= 0:
+            raise ValueError(f"model.mouth_motion_sigma: expected a width > 0 (grid units), got "
+                             f"{cfg.mouth_motion_sigma}")
         if not 0.0 < cfg.blend_cap <= 1.0:
             raise ValueError(f"model.blend_cap: expected a value in (0, 1], got "
                              f"{cfg.blend_cap}")
@@ -636,10 +796,14 @@ class MMFA(TrainableModel):
         kp_s = pose_keypoints(kc, rs, mo["scale"][:B], mo["translation"][:B], delta[:B])
         kp_d = pose_keypoints(kc, rd, mo["scale"][B:2 * B], mo["translation"][B:2 * B],
                               delta[B:2 * B])
+        w_mm = c.w_mouth_motion if ctx is None or ctx.step >= c.mouth_motion_start else 0.0
         lms = (self._landmarks(batch)
-               if c.w_landmark > 0 or c.w_exp_landmark > 0 or c.w_mouth > 0 else None)
-        out = self.render(self.appearance(src), kp_s, kp_d, src,
-                          flow=lms is not None and c.w_landmark > 0)
+               if c.w_landmark > 0 or c.w_exp_landmark > 0 or c.w_mouth > 0
+               or w_mm > 0 else None)
+        volume = self.appearance(src)
+        mm_flow = lms is not None and w_mm > 0 and c.mouth_motion_mode == "flow"
+        out = self.render(volume, kp_s, kp_d, src,
+                          flow=lms is not None and (c.w_landmark > 0 or mm_flow))
         logs = {}
         loss_lm = src.new_zeros(())
         if lms is not None and c.w_landmark > 0:
@@ -653,6 +817,27 @@ class MMFA(TrainableModel):
                                           c.exp_landmark_loss)
             logs["exp_landmark"] = el.detach()
             loss_lm = loss_lm + c.w_exp_landmark * el
+        if mm_flow:
+            # the dense motion once more, with the source's delta at the driving frame's pose
+            kp_swap = pose_keypoints(kc, rd, mo["scale"][B:2 * B], mo["translation"][B:2 * B],
+                                     delta[:B])
+            dm = self.dense_motion(volume, kp_source=kp_s, kp_driving=kp_swap,
+                                   return_deformation=True)
+            mm = mouth_flow_loss(out["flow"], dm["deformation"][..., :2].mean(1), lms[0],
+                                 lms[1], c.resolution)
+            logs["mouth_motion"] = mm.detach()
+            loss_lm = loss_lm + w_mm * mm
+        elif lms is not None and w_mm > 0:
+            # the expression's share of the driving keypoints' motion: delta_D against the
+            # source's delta_S, both at the driving frame's (detached) pose
+            sd, td = mo["scale"][B:2 * B].detach(), mo["translation"][B:2 * B].detach()
+            kcd = kc.detach()
+            motion = (pose_keypoints(kcd, rd, sd, td, delta[B:2 * B])
+                      - pose_keypoints(kcd, rd, sd, td, delta[:B]))[..., :2]
+            mm = mouth_motion_loss(motion, kp_d, lms[0], lms[1], c.resolution,
+                                   c.mouth_motion_sigma)
+            logs["mouth_motion"] = mm.detach()
+            loss_lm = loss_lm + w_mm * mm
         n = len(out["images"])
         rec = src.new_zeros(())
         for i, img in enumerate(out["images"]):
@@ -728,7 +913,8 @@ class MMFA(TrainableModel):
             if lm is None or lm.dim() != 3 or tuple(lm.shape[1:]) != (68, 2):
                 if not self._lm_warned:
                     got = None if lm is None else tuple(lm.shape)
-                    warnings.warn(f"MMFA: model.w_landmark, w_exp_landmark or w_mouth > 0 but "
+                    warnings.warn(f"MMFA: model.w_landmark, w_exp_landmark, w_mouth or "
+                                  f"w_mouth_motion > 0 but "
                                   f"batch['{name}']['landmarks'] is {got}, expected (B, 68, 2); "
                                   f"the landmark terms are off")
                     self._lm_warned = True
