@@ -266,6 +266,8 @@ def test_mouth_motion_target_is_the_expression_motion_near_each_keypoint():
         mouth_motion_loss(motion[:, :2], kp, lm, drv, 64, 0.02)
     with pytest.raises(ValueError, match="lm_driving"):
         mouth_motion_target(kp, lm, drv[:1], 64, 0.02)
+    with pytest.raises(ValueError, match="kp_driving"):
+        mouth_motion_loss(motion, kp[0], lm, drv, 64, 0.02)
     with pytest.raises(ValueError, match="mouth_motion_sigma"):
         micro_model(mouth_motion_sigma=0.0)
 

@@ -292,6 +292,11 @@ def expression_motion(lm_source: torch.Tensor, lm_driving: torch.Tensor,
     return motion * (2.0 / (size - 1))                                     # pixels -> grid
 
 
+def _check_keypoints(kp_driving: torch.Tensor) -> None:
+    if kp_driving.dim() != 3 or kp_driving.shape[-1] != 3:
+        raise ValueError(f"kp_driving: expected shape (B, K, 3), got {tuple(kp_driving.shape)}")
+
+
 def mouth_motion_target(kp_driving: torch.Tensor, lm_source: torch.Tensor,
                         lm_driving: torch.Tensor, size: int, sigma: float):
     """What the mouth-motion term asks of each keypoint: the expression's motion of the mouth
@@ -311,9 +316,8 @@ def mouth_motion_target(kp_driving: torch.Tensor, lm_source: torch.Tensor,
     Returns:
         target (B, K, 2) in grid units, and nearness (B, K) in (0, 1]: the largest weight.
     """
+    _check_keypoints(kp_driving)
     B, K = kp_driving.shape[:2]
-    if kp_driving.dim() != 3 or kp_driving.shape[-1] != 3:
-        raise ValueError(f"kp_driving: expected shape (B, K, 3), got {tuple(kp_driving.shape)}")
     for name, lm in (("lm_source", lm_source), ("lm_driving", lm_driving)):
         if tuple(lm.shape) != (B, 68, 2):
             raise ValueError(f"{name}: expected shape ({B}, 68, 2), got {tuple(lm.shape)}")
@@ -344,6 +348,7 @@ def mouth_motion_loss(motion: torch.Tensor, kp_driving: torch.Tensor, lm_source:
         () the nearness-weighted mean over keypoints of the squared error, in units of
         :data:`MOUTH_MOTION_UNIT` (keypoints far from the mouth count little).
     """
+    _check_keypoints(kp_driving)
     B, K = kp_driving.shape[:2]
     if motion.shape != (B, K, 2):
         raise ValueError(f"motion: expected shape ({B}, {K}, 2), got {tuple(motion.shape)}")
