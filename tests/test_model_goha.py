@@ -603,6 +603,35 @@ def test_static_multiview_pairs_train_s1(tmp_path):
     assert t.step == 1
 
 
+def test_mixture_of_pairs_and_multiview_trains_s1(tmp_path):
+    """GOHA's data: same-video pairs and static multi-view pairs in one run (the ``mixture``
+    dataset, 2 : 1); the data-side renders are made for items of both, which collate into one
+    batch (every item of the 3-item epoch in the batch of 3); exact resume."""
+    from pyface.data.synthetic import SynthConfig, generate
+
+    root = tmp_path / "mv"
+    generate(str(root), SynthConfig(identities=1, videos_per_identity=1, frames=2, resolution=64,
+                                    workers=1, cross=False, multiview=True), progress=False)
+    mix = ["train.batch_size=3", "data.name=mixture", "data.options.length=3",
+           "data.options.components.pairs.weight=2", "data.options.components.multiview.weight=1"]
+    t = Trainer(experiment(tmp_path / "run", root, "train.steps=2", *mix))
+    ds = t.dataset.dataset
+    assert [ds.locate(i)[0] for i in range(3)].count(1) == 1 and len(ds) == 3
+    items = [t.dataset[i] for i in range(3)]
+    assert all("goha_pseudo" in it["driving"] and "view" in it["driving"] for it in items)
+    t.fit()
+    assert t.step == 2
+    # exact resume on the mixture: 1 step, then the second from the checkpoint
+    Trainer(experiment(tmp_path / "split", root, "train.steps=1", "train.ckpt_every=1",
+                       *mix)).fit()
+    b = Trainer(experiment(tmp_path / "split", root, "train.steps=2", *mix))
+    assert b.resume("auto").endswith("ckpt-000001")
+    b.fit()
+    sb = b.model.state_dict()
+    for k, v in t.model.state_dict().items():
+        assert torch.equal(v, sb[k]), k
+
+
 def _moving_fraction(synth, identities: int) -> float:
     """Fraction of the moving pairs (``pyface.data.reenactment.is_moving``) among the
     same-video (source, driving) pairs of distinct frames of the first ``identities``

@@ -1,7 +1,8 @@
 """The built-in synthetic dataset behind the registered datasets (``pyface train``).
 
 Every registered talking-head dataset (``synthetic``, ``pairs``, ``cross_identity``,
-``motion_windows``, ``clips``, ``multiview``) reads a pyface video root. With ``data.path``
+``motion_windows``, ``clips``, ``multiview``) reads a pyface video root (``mixture`` gives its
+``synth`` to all its components, so they read one root). With ``data.path``
 unset that root is the built-in synthetic set described by :class:`SynthOptions` (the dataset's
 ``options.synth``), generated once and cached by config hash (:mod:`pyface.data.cache`). With
 ``data.path`` set to a folder that holds no dataset yet, the same set is generated there.

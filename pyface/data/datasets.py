@@ -31,6 +31,7 @@ import os
 import warnings
 import zipfile
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -614,6 +615,300 @@ class CrossIdentityDataset(_Configurable, Dataset):
         return {"source": self.base.frame(self.by_name[m["source_video"]], int(m.get("source_frame", 0))),
                 "driving": self.base.frame(self.by_name[m["driving_video"]], f),
                 "target": self.cross.frame(v, f)}
+
+
+# ----------------------------------------------------------------------------------------------
+# mixtures of registered datasets
+
+
+@dataclass
+class MixtureComponent:
+    """One component of a :class:`MixtureDataset` (``data.options.components.<key>``):
+    ``dataset``, a registered dataset (None: the component's key); ``weight``, its sampling
+    weight (>= 0; 0 leaves it out); ``options``, that dataset's own ``Options`` (a mapping is
+    converted; ``synth`` is the mixture's, shared by every component)."""
+
+    dataset: str | None = None
+    weight: float = 1.0
+    options: Any = None
+
+
+def _config_error(msg: str) -> Exception:
+    from pyface.train.config import ConfigError
+
+    return ConfigError(msg)
+
+
+class MixtureDataset(Dataset):
+    """Items drawn from several registered datasets over one root, by weight (registered as
+    ``mixture``), e.g. GOHA's same-video pairs and static multi-view pairs at 2 : 1::
+
+        data: {name: mixture, options: {components: {pairs: {weight: 2},
+                                                     multiview: {weight: 1}}}}
+
+    Layout: the mixture has ``L`` items (``length``; 0: the smallest ``L`` in which every
+    component's share covers all its items, ``max_k ceil(len_k / p_k)`` with ``p_k = w_k /
+    sum(w)``); component ``k`` owns ``n_k = round(L p_k)`` of them (largest remainders, so
+    ``sum n_k = L``), interleaved evenly (its ``j``-th slot at about ``(j + 0.5) L / n_k``), so an
+    epoch of the engine's permutation sampler draws each component exactly in proportion and
+    any run of consecutive indices nearly so. Slot ``j`` of component ``k`` is its item
+    ``perm[j % len_k]``, ``perm`` a permutation of its items seeded by ``(seed, epoch, k)``
+    (identity when ``n_k >= len_k`` leaves no choice to make); the component draws its own
+    randomness from ``(seed, epoch, its index)``. So an item is a pure function of ``(seed,
+    epoch, index)``, whatever the worker or the number of ranks. :meth:`set_epoch` is passed on
+    to the components.
+
+    Items: the component's item with one more key, ``component`` (its index in
+    :attr:`names`, int64). Keys: items of every component must collate together. A key that
+    some components have and others lack is filled where it is missing when :data:`FILL` has a
+    value for it (``view``: 0, the camera of a one-camera video; so ``pairs`` frames get the
+    ``view`` that ``multiview`` frames carry), and dropped from every item otherwise (with a
+    warning when the mixture is built, naming the keys; :attr:`dropped_keys`). A key with
+    different shapes or dtypes in two components is a DataError naming it. The key sets are
+    read from each component's item 0 when the mixture is built.
+
+    Args:
+        components: ``{name: dataset}``, map-style datasets of dict items (ordered).
+        weights: ``{name: weight}``, the same names, weights >= 0, not all 0 (a 0 weight
+            leaves the component out).
+        seed: the mixture's seed (inner permutations).
+        length: ``L``; 0: the smallest that covers every component.
+    """
+
+    #: default values of keys a component may lack (see the class docstring)
+    FILL = {"view": 0}
+
+    @dataclass
+    class Options:
+        components: dict[str, MixtureComponent] = field(default_factory=dict)
+        length: int = 0
+        synth: SynthOptions = _synth_field()
+
+        def __post_init__(self):
+            _check_mixture_options(self)
+
+    @classmethod
+    def from_config(cls, cfg):
+        """Builds every component with weight > 0 from ``cfg`` (a data config) with its own
+        name and options and the mixture's ``synth`` (so all read the same root)."""
+        from pyface.train import registry
+
+        o = cfg.options
+        if o is None or isinstance(o, dict):
+            from pyface.train.config import from_dict
+
+            o = from_dict(cls.Options, o or {}, prefix="data.options.")
+        if not isinstance(o, cls.Options):
+            raise TypeError(f"data.options: expected MixtureDataset.Options, got "
+                            f"{type(o).__name__}")
+        datasets, weights = {}, {}
+        for key, comp in o.components.items():
+            if comp.weight == 0:
+                continue
+            opts = comp.options
+            if opts is not None and any(f.name == "synth" for f in dataclasses.fields(opts)):
+                opts = dataclasses.replace(opts, synth=o.synth)
+            if dataclasses.is_dataclass(cfg):
+                sub = dataclasses.replace(cfg, name=comp.dataset, options=opts)
+            else:
+                import copy
+
+                sub = copy.copy(cfg)
+                sub.name, sub.options = comp.dataset, opts
+            ds = registry.build_dataset(sub)
+            if len(ds) == 0:
+                raise fmt.DataError(f"data.options.components.{key}: dataset {comp.dataset!r} "
+                                    f"has no items (data.path {getattr(cfg, 'path', None)!r})")
+            datasets[key], weights[key] = ds, comp.weight
+        return cls(datasets, weights, seed=cfg.seed, length=o.length)
+
+    def __init__(self, components: dict, weights: dict, *, seed: int = 0, length: int = 0):
+        if not components:
+            raise ValueError("components: expected at least one dataset, got none")
+        if set(weights) != set(components):
+            raise ValueError(f"weights: expected one weight per component "
+                             f"{sorted(components)}, got {sorted(weights)}")
+        for k, w in weights.items():
+            if not np.isfinite(w) or w < 0:
+                raise ValueError(f"weights[{k!r}]: expected a finite weight >= 0, got {w}")
+        if int(length) < 0:
+            raise ValueError(f"length: expected >= 0 (0: automatic), got {length}")
+        self.names = [k for k in components if weights[k] > 0]
+        if not self.names:
+            raise ValueError(f"weights: expected at least one > 0, got {dict(weights)}")
+        self.datasets = [components[k] for k in self.names]
+        for k, ds in zip(self.names, self.datasets):
+            if len(ds) == 0:
+                raise ValueError(f"components[{k!r}]: empty dataset")
+        self.seed, self.epoch = int(seed), 0
+        w = np.array([float(weights[k]) for k in self.names])
+        p = w / w.sum()
+        lens = np.array([len(ds) for ds in self.datasets], dtype=np.int64)
+        L = int(length) or int(max(np.ceil(lens / p - 1e-9).max(), 1))
+        q = L * p
+        n = np.floor(q).astype(np.int64)
+        for k in np.argsort(-(q - n), kind="stable")[:L - int(n.sum())]:
+            n[k] += 1
+        self.lengths, self.counts, self.weights = lens, n, p
+        keys = np.concatenate([(np.arange(c) + 0.5) / c for c in n if c > 0])
+        comp = np.concatenate([np.full(c, k, np.int64) for k, c in enumerate(n) if c > 0])
+        rank = np.concatenate([np.arange(c, dtype=np.int64) for c in n if c > 0])
+        order = np.argsort(keys, kind="stable")
+        self._comp, self._rank = comp[order], rank[order]
+        self._perms: dict = {}
+        self._keys, self.dropped_keys = self._schema()
+        if self.dropped_keys:
+            warnings.warn(f"mixture of {', '.join(self.names)}: keys not in every component's "
+                          f"items are dropped: {', '.join(self.dropped_keys)}", stacklevel=2)
+
+    # -- key sets
+    def _schema(self):
+        """The kept key tree ``{key: (shape, dtype) or subtree}`` and the dropped keys."""
+        def tree(item, where):
+            if not isinstance(item, dict):
+                raise fmt.DataError(f"{where}: expected a dict item, got {type(item).__name__}")
+            out = {}
+            for k, v in item.items():
+                if isinstance(v, dict):
+                    out[k] = tree(v, f"{where}[{k!r}]")
+                elif torch.is_tensor(v):
+                    out[k] = (tuple(v.shape), v.dtype)
+                else:
+                    out[k] = (None, type(v))
+            return out
+
+        trees = [tree(ds[0], f"components[{k!r}][0]") for k, ds in zip(self.names, self.datasets)]
+        dropped: list[str] = []
+
+        def merge(ts, path):
+            out = {}
+            for key in dict.fromkeys(k for t in ts for k in t):
+                here = [(n, t[key]) for n, t in zip(self.names, ts) if key in t]
+                name = ".".join(path + [key])
+                kinds = {isinstance(v, dict) for _, v in here}
+                if len(kinds) > 1:
+                    raise fmt.DataError(f"mixture: key {name!r} is a dict in some components "
+                                        f"and not in others ({', '.join(n for n, _ in here)})")
+                if len(here) < len(ts) and not (key in self.FILL and kinds == {False}):
+                    dropped.append(name)
+                    continue
+                if kinds == {True}:
+                    out[key] = merge([v for _, v in here], path + [key])
+                    continue
+                specs = {v for _, v in here}
+                if len(specs) > 1:
+                    raise fmt.DataError(
+                        f"mixture: key {name!r} differs between components: "
+                        + ", ".join(f"{n} {v[0]} {v[1]}" for n, v in here))
+                out[key] = here[0][1]
+            return out
+
+        return merge(trees, []), dropped
+
+    def _conform(self, item: dict, keys: dict) -> dict:
+        out = {}
+        for k, spec in keys.items():
+            if isinstance(spec, dict):
+                out[k] = self._conform(item[k], spec)
+            elif k in item:
+                out[k] = item[k]
+            else:
+                out[k] = torch.full(spec[0], self.FILL[k], dtype=spec[1])
+        return out
+
+    # -- sampling
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch of the inner permutations, passed on to every component that has
+        ``set_epoch``."""
+        self.epoch = int(epoch)
+        for ds in self.datasets:
+            if hasattr(ds, "set_epoch"):
+                ds.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self._comp)
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """Mixture index -> (component, the component's index)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index: expected 0 <= index < {len(self)}, got {index}")
+        k, j = int(self._comp[index]), int(self._rank[index])
+        n = int(self.lengths[k])
+        if self.counts[k] >= n:
+            return k, j % n
+        perm = self._perms.get((self.epoch, k))
+        if perm is None:
+            self._perms = {e: v for e, v in self._perms.items() if e[0] == self.epoch}
+            perm = np.random.default_rng([self.seed, self.epoch, k, 7919]).permutation(n)
+            self._perms[(self.epoch, k)] = perm
+        return k, int(perm[j])
+
+    def __getitem__(self, index):
+        k, j = self.locate(int(index))
+        out = self._conform(self.datasets[k][j], self._keys)
+        out["component"] = torch.tensor(k)
+        return out
+
+
+def _check_mixture_options(o) -> None:
+    """Converts and checks :class:`MixtureDataset.Options` in place (ConfigError naming the
+    field)."""
+    import math
+
+    from pyface.train import registry
+    from pyface.train.config import from_dict
+
+    pre = "data.options.components"
+    if not isinstance(o.components, dict):
+        raise _config_error(f"{pre}: expected a mapping {{name: {{weight, options}}}}, got "
+                            f"{o.components!r}")
+    if not o.components:
+        raise _config_error(f"{pre}: expected at least one component, e.g. --set "
+                            f"{pre}.pairs.weight=2 --set {pre}.multiview.weight=1")
+    if int(o.length) < 0:
+        raise _config_error(f"data.options.length: expected >= 0 (0: automatic), got {o.length}")
+    comps = {}
+    for key, c in o.components.items():
+        where = f"{pre}.{key}"
+        if c is None:
+            c = MixtureComponent()
+        elif isinstance(c, dict):
+            c = from_dict(MixtureComponent, c, prefix=where + ".")
+        elif not isinstance(c, MixtureComponent):
+            raise _config_error(f"{where}: expected a mapping {{dataset, weight, options}}, got "
+                                f"{c!r}")
+        name = c.dataset or key
+        try:
+            target = registry.dataset_class(name)
+        except KeyError as exc:
+            raise _config_error(f"{where}.dataset: {exc.args[0]}") from None
+        if target is MixtureDataset:
+            raise _config_error(f"{where}.dataset: a mixture cannot be a component of a mixture")
+        w = c.weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise _config_error(f"{where}.weight: expected a finite number >= 0, got {w!r}")
+        opt_cls = getattr(target, "Options", None)
+        opts = c.options
+        if opt_cls is None:
+            if opts:
+                raise _config_error(f"{where}.options: dataset {name!r} takes no options, got "
+                                    f"{opts!r}")
+        elif not isinstance(opts, opt_cls):
+            if opts is not None and not isinstance(opts, dict):
+                raise _config_error(f"{where}.options: expected a mapping of {name!r}'s "
+                                    f"options, got {opts!r}")
+            opts = from_dict(opt_cls, opts or {}, prefix=where + ".options.")
+        if opts is not None and any(f.name == "synth" for f in dataclasses.fields(opts)):
+            if isinstance(c.options, dict) and "synth" in c.options and opts.synth != o.synth:
+                raise _config_error(f"{where}.options.synth: the components share the "
+                                    "mixture's root; set data.options.synth instead (got "
+                                    f"{opts.synth}, the mixture's {o.synth})")
+            opts = dataclasses.replace(opts, synth=o.synth)
+        comps[key] = MixtureComponent(dataset=name, weight=float(w), options=opts)
+    if not any(c.weight > 0 for c in comps.values()):
+        raise _config_error(f"{pre}: every weight is 0; at least one must be > 0 (got "
+                            + ", ".join(f"{k} {c.weight:g}" for k, c in comps.items()) + ")")
+    o.components = comps
 
 
 # ----------------------------------------------------------------------------------------------

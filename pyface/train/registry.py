@@ -43,6 +43,7 @@ DATASETS: dict[str, str] = {
     "motion_windows": "pyface.data.datasets:MotionWindowDataset",
     "clips": "pyface.data.datasets:ClipDataset",
     "multiview": "pyface.data.datasets:MultiViewDataset",
+    "mixture": "pyface.data.datasets:MixtureDataset",
     "eg3d": "pyface.models.eg3d.data:EG3DImages",
 }
 
