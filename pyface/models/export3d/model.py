@@ -599,8 +599,7 @@ class Export3D(TrainableModel):
                                  f"sr_guide / raw_background, got "
                                  f"{None if source is None else tuple(source.shape)}")
             source = source.to(feat.dtype)
-            small = F.interpolate(source, size=(r, r), mode="bilinear",
-                                  align_corners=False, antialias=True)
+            box = None
             if self.cfg.source_mouth_mask:
                 S = source.shape[0]
                 if source_landmarks is None or source_landmarks.shape != (S, 68, 2):
@@ -608,12 +607,13 @@ class Export3D(TrainableModel):
                         f"source_landmarks: expected shape ({S}, 68, 2) (the source frame's "
                         f"landmarks, pixels at {R}) with model.source_mouth_mask, got "
                         f"{None if source_landmarks is None else tuple(source_landmarks.shape)}")
-                # masked at H first, so that the resized image carries nothing from inside the
-                # box either (the antialiasing filter reaches past it), then at r
+                # masked at H before resizing, so that the raw-resolution image carries nothing
+                # from inside the box (the antialiasing filter reaches past it), then again at r
                 box = landmark_boxes(source_landmarks.to(source.device), R)["mouth"]
                 source = mask_mouth_box(source, box)
-                small = F.interpolate(source, size=(r, r), mode="bilinear", align_corners=False,
-                                      antialias=True)
+            small = F.interpolate(source, size=(r, r), mode="bilinear",
+                                  align_corners=False, antialias=True)
+            if box is not None:
                 small = mask_mouth_box(small, box * (r / R))
             small = small.expand(B, -1, -1, -1)
         rgb = feat[:, :3]
