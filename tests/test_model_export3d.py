@@ -939,6 +939,22 @@ def test_source_mouth_mask_hides_the_source_mouth_from_the_direct_paths(data, tm
         # the generator's own input stays whole: the source's mouth still reaches the planes
         assert not torch.equal(on(src, beta, cam, source_landmarks=lm)["image"],
                                on(other, beta, cam, source_landmarks=lm)["image"])
+    # one path at a time: `raw` (raw_background, sr_source) keeps the guide whole, `guide` the
+    # raw-resolution paths
+    for paths in ("raw", "guide"):
+        torch.manual_seed(0)
+        part = Export3D(_exp("export3d", Export3D, tmp_path / paths, data, *opts,
+                             "model.source_mouth_mask=true",
+                             f"model.source_mouth_mask_paths={paths}").model_config).eval()
+        part.load_state_dict(on.state_dict())
+        with torch.no_grad():
+            a = part.render(planes, cam, src, source_landmarks=lm)
+            b = part.render(planes, cam, other, source_landmarks=lm)
+        assert torch.equal(a["image_raw"], b["image_raw"]) == (paths == "raw")
+        assert not torch.equal(a["image"], b["image"])
+    with pytest.raises(ValueError, match=r"model.source_mouth_mask_paths: expected one of"):
+        Export3D(_exp("export3d", Export3D, tmp_path / "x", data, *opts,
+                      "model.source_mouth_mask_paths=sr").model_config)
     with pytest.raises(ValueError, match=r"source_landmarks: expected shape \(2, 68, 2\).*"
                                          r"source_mouth_mask, got None"):
         on(src, beta, cam)

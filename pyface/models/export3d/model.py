@@ -48,6 +48,7 @@ log = logging.getLogger("pyface.models.export3d")
 COND_MODES = ("direct", "e2e", "clebs")
 EXPR_INITS = ("orthogonal", "basis")
 PLANE_AXES = "xy_xz_zy"
+MOUTH_MASK_PATHS = ("all", "raw", "guide")
 
 
 @dataclass
@@ -118,6 +119,9 @@ class Export3DConfig:
             the lips' colour). Needs the source frame's landmarks (68, 2) in pixels at H:
             ``forward(source_landmarks=...)``, the training pairs' ``source.landmarks``,
             ``encode_source(source)`` with ``source['landmarks']``.
+        source_mouth_mask_paths: which direct paths ``source_mouth_mask`` masks: ``all`` (the
+            default), ``raw`` (``raw_background`` and ``sr_source``, at the raw resolution) or
+            ``guide`` (``sr_guide``, at H) (measured, docs/models/export3d.md).
         augment: joint colour augmentation of the training pair ([D]; 0: off): source and
             driving frame get the same random RGB permutation, per-channel gain 1 +- augment and
             offset +- augment, so the generator learns to carry the source's colours instead of
@@ -179,6 +183,7 @@ class Export3DConfig:
     raw_background: bool = False
     sr_cond: bool = False
     source_mouth_mask: bool = False
+    source_mouth_mask_paths: str = "all"
     augment: float = 0.0
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
@@ -460,6 +465,9 @@ class Export3D(TrainableModel):
     def __init__(self, cfg: Export3DConfig | None = None):
         super().__init__()
         cfg = cfg or Export3DConfig()
+        if cfg.source_mouth_mask_paths not in MOUTH_MASK_PATHS:
+            raise ValueError(f"model.source_mouth_mask_paths: expected one of {MOUTH_MASK_PATHS}, "
+                             f"got {cfg.source_mouth_mask_paths!r}")
         if cfg.cond not in COND_MODES:
             raise ValueError(f"model.cond: expected one of {COND_MODES}, got {cfg.cond!r}")
         self.cfg = cfg
@@ -599,7 +607,7 @@ class Export3D(TrainableModel):
                                  f"sr_guide / raw_background, got "
                                  f"{None if source is None else tuple(source.shape)}")
             source = source.to(feat.dtype)
-            box = None
+            box = guide_source = None
             if self.cfg.source_mouth_mask:
                 S = source.shape[0]
                 if source_landmarks is None or source_landmarks.shape != (S, 68, 2):
@@ -610,7 +618,13 @@ class Export3D(TrainableModel):
                 # masked at H before resizing, so that the raw-resolution image carries nothing
                 # from inside the box (the antialiasing filter reaches past it), then again at r
                 box = landmark_boxes(source_landmarks.to(source.device), R)["mouth"]
-                source = mask_mouth_box(source, box)
+                masked = mask_mouth_box(source, box)
+                paths = self.cfg.source_mouth_mask_paths
+                guide_source = masked if paths in ("all", "guide") else source
+                if paths in ("all", "raw"):
+                    source = masked
+                else:
+                    box = None
             small = F.interpolate(source, size=(r, r), mode="bilinear",
                                   align_corners=False, antialias=True)
             if box is not None:
@@ -623,7 +637,8 @@ class Export3D(TrainableModel):
         if self.cfg.sr_source:
             extra = torch.cat([extra, small], 1)
         if self.cfg.sr_guide:
-            guide = source.to(feat.dtype).expand(B, -1, -1, -1)
+            guide = (source if guide_source is None else guide_source).to(feat.dtype).expand(
+                B, -1, -1, -1)
         if self.cfg.sr_cond and (cond is None or cond.shape != (B, self.cfg.cond_dim)):
             raise ValueError(f"cond: expected ({B}, {self.cfg.cond_dim}) with model.sr_cond, got "
                              f"{None if cond is None else tuple(cond.shape)}")
