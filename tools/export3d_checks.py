@@ -628,7 +628,8 @@ def sensitivity(run: str, data: str, ema: bool = True) -> dict:
     b_s, b_d = expression_of(torch.stack(b_s)), expression_of(torch.stack(b_d))
     # gradient norms of L1(image, driving frame) per parameter group (expression paths vs all)
     m.zero_grad(set_to_none=True)
-    (m(S, b_d, cam, source_beta=b_s, source_landmarks=lms)["image"] - D).abs().mean().backward()
+    out = m(S, b_d, cam, source_beta=b_s, source_landmarks=lms)
+    (out["image"] - D).abs().mean().backward()
     groups = {"eadaln": [], "sr_modulation": [], "cond_mlp": [], "expr_planes": [], "all": []}
     for name, p in m.named_parameters():
         if p.grad is None:

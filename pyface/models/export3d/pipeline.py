@@ -37,10 +37,11 @@ class Export3DPipeline(Pipeline):
         beta = expression_of(src["coeffs"][None], "source['coeffs']") if "coeffs" in src else None
         lm = None
         if self.model.cfg.source_mouth_mask:
-            if "landmarks" not in src or tuple(src["landmarks"].shape) != (68, 2):
+            got = tuple(src["landmarks"].shape) if "landmarks" in src else None
+            if got != (68, 2):
                 raise ValueError(f"source['landmarks']: expected shape (68, 2) (pixels) with "
                                  f"model.source_mouth_mask (the source's mouth box is masked), "
-                                 f"got {tuple(src['landmarks'].shape) if 'landmarks' in src else None}")
+                                 f"got {got}")
             lm = src["landmarks"][None].float()
         return {"features": feats, "camera": cam, "beta": beta, "image": src["image"][None],
                 "landmarks": lm}
