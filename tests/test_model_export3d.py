@@ -856,3 +856,132 @@ def test_clebs_landmark_crops_need_landmarks_and_reach_the_head():
         a = m.embed(batch["image"], batch["coeffs"], batch["landmarks"])[0]
         b = m.embed(batch["image"], batch["coeffs"], batch["landmarks"] + 6)[0]
     assert not torch.allclose(a, b)
+
+
+def _mouth_landmarks(B: int, cx: float, cy: float, spread: float = 2.0) -> torch.Tensor:
+    """(B, 68, 2): every point at the image's top-left corner, the mouth (48-67) around (cx,
+    cy) with +-spread in x and y."""
+    lm = torch.full((B, 68, 2), 1.0)
+    lm[:, 48:68] = torch.tensor([cx, cy])
+    lm[:, 48] += torch.tensor([-spread, -spread])
+    lm[:, 54] += torch.tensor([spread, spread])
+    return lm
+
+
+def _inside(box, h: int, w: int) -> torch.Tensor:
+    """box (4,) -> (h, w) bool: pixels [x, x + 1) x [y, y + 1) meeting the open box."""
+    x0, y0, x1, y1 = box.tolist()
+    xs, ys = torch.arange(w).float(), torch.arange(h).float()
+    return ((ys + 1 > y0) & (ys < y1))[:, None] & ((xs + 1 > x0) & (xs < x1))[None]
+
+
+def test_mask_mouth_box_fills_the_box_with_its_ring_at_each_resolution():
+    from pyface.models.export3d.model import mask_mouth_box
+
+    img = torch.rand(2, 3, 32, 32) * 2 - 1
+    box = landmark_boxes(_mouth_landmarks(2, 16.0, 22.0), 32)["mouth"]
+    assert box[0].tolist() == [13.0, 19.0, 19.0, 25.0]          # grown by half its size
+    for res in (32, 8):                                         # H and the raw resolution
+        x = torch.nn.functional.interpolate(img, size=(res, res), mode="area")
+        b = box * (res / 32)
+        out = mask_mouth_box(x, b)
+        inside = _inside(b[0], res, res)
+        ring = _inside(torch.stack([b[0, 0].floor() - 1, b[0, 1].floor() - 1,
+                                    b[0, 2].ceil() + 1, b[0, 3].ceil() + 1]), res, res) & ~inside
+        assert inside.sum() == (36 if res == 32 else 6)         # 6 x 6 at 32^2, 2 x 3 at 8^2
+        assert torch.equal(out[:, :, ~inside], x[:, :, ~inside])    # outside untouched
+        fill = x[:, :, ring].mean(-1)                           # (2, 3): the ring's mean
+        torch.testing.assert_close(out[:, :, inside], fill[..., None].expand(-1, -1, int(
+            inside.sum())), atol=1e-6, rtol=0)
+    # a box over the whole image: the image's mean; an empty box: unchanged
+    whole = mask_mouth_box(img, torch.tensor([[-5.0, -5.0, 40.0, 40.0]] * 2))
+    torch.testing.assert_close(whole, img.mean((2, 3), keepdim=True).expand_as(img))
+    assert torch.equal(mask_mouth_box(img, torch.tensor([[4.0, 4.0, 4.0, 4.0]] * 2)), img)
+    with pytest.raises(ValueError, match=r"box: expected shape \(2, 4\)"):
+        mask_mouth_box(img, box[:1])
+    with pytest.raises(ValueError, match=r"image: expected shape \(B, 3, h, w\)"):
+        mask_mouth_box(img[:, :1], box)
+
+
+def test_source_mouth_mask_hides_the_source_mouth_from_the_direct_paths(data, tmp_path):
+    opts = [*GEN_TINY, "model.cond=direct", "model.sr_guide=true", "model.sr_source=true",
+            "model.raw_background=true"]
+    torch.manual_seed(0)
+    off = Export3D(_exp("export3d", Export3D, tmp_path / "a", data, *opts).model_config).eval()
+    torch.manual_seed(0)
+    on = Export3D(_exp("export3d", Export3D, tmp_path / "b", data, *opts,
+                       "model.source_mouth_mask=true").model_config).eval()
+    assert not off.cfg.source_mouth_mask                       # default off
+    on.load_state_dict(off.state_dict())                       # no new parameters
+    B = 2
+    cam = torch.tensor([1., 0, 0, 0, 0, -1, 0, 0, 0, 0, -1, 2.7, 0, 0, 0, 1,
+                        4.26, 0, .5, 0, 4.26, .5, 0, 0, 1]).expand(B, 25)
+    src, beta = torch.rand(B, 3, 32, 32) * 2 - 1, torch.randn(B, 64)
+    lm = _mouth_landmarks(B, 16.0, 22.0)
+    inside = _inside(landmark_boxes(lm, 32)["mouth"][0], 32, 32)
+    other = src.clone()
+    other[:, :, inside] = torch.rand(B, 3, int(inside.sum())) * 2 - 1   # another mouth
+    with torch.no_grad():
+        on.sr.to_rgb.weight.normal_()
+        off.sr.to_rgb.weight.copy_(on.sr.to_rgb.weight)
+        # off: the landmarks are ignored, bit for bit
+        ref = off(src, beta, cam)
+        for k, v in off(src, beta, cam, source_landmarks=lm).items():
+            assert torch.equal(v, ref[k]), k
+        # on: the same planes render the same image and raw image whatever the source's mouth
+        planes = on.generator(src, on.condition(beta)[1])
+        a = on.render(planes, cam, src, source_landmarks=lm)
+        b = on.render(planes, cam, other, source_landmarks=lm)
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["image_raw"], b["image_raw"])
+        c = off.render(planes, cam, src)
+        d = off.render(planes, cam, other)
+        assert not torch.equal(c["image"], d["image"]) and not torch.equal(a["image"], c["image"])
+        # the generator's own input stays whole: the source's mouth still reaches the planes
+        assert not torch.equal(on(src, beta, cam, source_landmarks=lm)["image"],
+                               on(other, beta, cam, source_landmarks=lm)["image"])
+    # one path at a time: `raw` (raw_background, sr_source) keeps the guide whole, `guide` the
+    # raw-resolution paths
+    for paths in ("raw", "guide"):
+        torch.manual_seed(0)
+        part = Export3D(_exp("export3d", Export3D, tmp_path / paths, data, *opts,
+                             "model.source_mouth_mask=true",
+                             f"model.source_mouth_mask_paths={paths}").model_config).eval()
+        part.load_state_dict(on.state_dict())
+        with torch.no_grad():
+            a = part.render(planes, cam, src, source_landmarks=lm)
+            b = part.render(planes, cam, other, source_landmarks=lm)
+        assert torch.equal(a["image_raw"], b["image_raw"]) == (paths == "raw")
+        assert not torch.equal(a["image"], b["image"])
+    with pytest.raises(ValueError, match=r"model.source_mouth_mask_paths: expected one of"):
+        Export3D(_exp("export3d", Export3D, tmp_path / "x", data, *opts,
+                      "model.source_mouth_mask_paths=sr").model_config)
+    with pytest.raises(ValueError, match=r"source_landmarks: expected shape \(2, 68, 2\).*"
+                                         r"source_mouth_mask, got None"):
+        on(src, beta, cam)
+    with pytest.raises(ValueError, match=r"source_landmarks: expected shape \(2, 68, 2\)"):
+        on(src, beta, cam, source_landmarks=lm[:, :20])
+
+
+def test_source_mouth_mask_trains_and_the_pipeline_needs_the_landmarks(data, tmp_path):
+    import os
+
+    run = tmp_path / "mm"
+    Trainer(_exp("export3d", Export3D, run, data, *GEN_TINY, "train.steps=2",
+                 "model.cond=direct", "model.sr_guide=true", "model.raw_background=true",
+                 "model.source_mouth_mask=true")).fit()
+    pipe = pyface.models.load("export3d", str(run), device="cpu")
+    m = pipe.model
+    video = os.path.join(data, sorted(v for v in os.listdir(data) if v.startswith("id"))[0])
+    source = read_source(video, pipe.resolution)
+    driving = read_driving(video, pipe.resolution)
+    driving = {k: v[:3] if isinstance(v, torch.Tensor) else v for k, v in driving.items()}
+    state, motion = pipe.encode_source(source), pipe.encode_driving(driving)
+    assert state["landmarks"].shape == (1, 68, 2)
+    src = pipe.prepare(source, batched=False)
+    direct = m(src["image"][None].expand(3, -1, -1, -1), motion["beta"], motion["camera"],
+               source_landmarks=src["landmarks"][None].expand(3, -1, -1).float())["image"]
+    torch.testing.assert_close(pipe.generate(state, motion), direct.clamp(-1, 1), atol=1e-5,
+                               rtol=0)
+    with pytest.raises(ValueError, match=r"source\['landmarks'\]: expected shape \(68, 2\).*"
+                                         r"source_mouth_mask"):
+        pipe.encode_source({k: v for k, v in source.items() if k != "landmarks"})

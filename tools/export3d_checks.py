@@ -428,7 +428,7 @@ def mouth_check(run: str, data: str, threshold: float = 0.2, ema: bool = True) -
         tj = _true_exp(c, leak)[:, jaw]
         src = ds.frame(v, 0)
         src = {"image": src["image"].float() / 127.5 - 1, "coeffs": src["coeffs"],
-               "camera": src["camera"]}
+               "camera": src["camera"], "landmarks": src["landmarks"]}
         state = pipe.encode_source(src)
         for f in np.nonzero(np.abs(tj - tj[0]) > threshold)[0]:
             d = ds.frame(v, int(f))
@@ -612,22 +612,24 @@ def sensitivity(run: str, data: str, ema: bool = True) -> dict:
     pipe = pyface.models.load("export3d", run, device="cpu", ema=ema)
     m = pipe.model.eval()
     ds = FrameDataset(data, pipe.resolution, load_masks=False)
-    src, drv, b_s, b_d, cam = [], [], [], [], []
+    src, drv, b_s, b_d, cam, lms = [], [], [], [], [], []
     for v in range(0, len(ds.videos), max(1, len(ds.videos) // 8)):
         a = ds.frame(v, 0)
         for f in (10, 20, 30):
             b = ds.frame(v, min(f, len(ds.coeffs[v]) - 1))
             src.append(a["image"].float() / 127.5 - 1)
+            lms.append(a["landmarks"].float())
             drv.append(b["image"].float() / 127.5 - 1)
             b_s.append(a["coeffs"])
             b_d.append(b["coeffs"])
             cam.append(b["camera"])
-    S, cam = torch.stack(src), torch.stack(cam).float()
+    S, cam, lms = torch.stack(src), torch.stack(cam).float(), torch.stack(lms)
     D = torch.stack(drv)
     b_s, b_d = expression_of(torch.stack(b_s)), expression_of(torch.stack(b_d))
     # gradient norms of L1(image, driving frame) per parameter group (expression paths vs all)
     m.zero_grad(set_to_none=True)
-    (m(S, b_d, cam, source_beta=b_s)["image"] - D).abs().mean().backward()
+    out = m(S, b_d, cam, source_beta=b_s, source_landmarks=lms)
+    (out["image"] - D).abs().mean().backward()
     groups = {"eadaln": [], "sr_modulation": [], "cond_mlp": [], "expr_planes": [], "all": []}
     for name, p in m.named_parameters():
         if p.grad is None:
@@ -645,7 +647,8 @@ def sensitivity(run: str, data: str, ema: bool = True) -> dict:
     grad = {k: float(np.sqrt(sum(v))) for k, v in groups.items()}
     m.zero_grad(set_to_none=True)
     with torch.no_grad():
-        o_d, o_s = m(S, b_d, cam, source_beta=b_s), m(S, b_s, cam, source_beta=b_s)
+        o_d = m(S, b_d, cam, source_beta=b_s, source_landmarks=lms)
+        o_s = m(S, b_s, cam, source_beta=b_s, source_landmarks=lms)
         c_d, c_s = m.condition(b_d)[1], m.condition(b_s)[1]
 
     def mad(x):
@@ -671,7 +674,7 @@ def leak_sensitivity(run: str, data: str, ema: bool = True) -> dict:
     ident, vid = _video_split(ds)
     first = {i: v for v, (i, k) in enumerate(zip(ident, vid)) if k == 0}
     ids = sorted(first)
-    S, stored, own, src_exp, cam = [], [], [], [], []
+    S, stored, own, src_exp, cam, lms = [], [], [], [], [], []
     for a in ids:
         fa = ds.frame(first[a], 0)
         ca = np.asarray(fa["coeffs"], np.float32)[None]
@@ -686,17 +689,19 @@ def leak_sensitivity(run: str, data: str, ema: bool = True) -> dict:
                 mixed = true.copy()
                 mixed[:, :80] = ca[:, :80]        # the source identity's leak on the same expression
                 S.append(fa["image"].float() / 127.5 - 1)
+                lms.append(fa["landmarks"].float())
                 stored.append(cb[0, 80:144])
                 own.append(apply_leak(mixed, leak)[0, 80:144])
                 src_exp.append(ca[0, 80:144])
                 cam.append(fb["camera"])
-    S, cam = torch.stack(S), torch.stack(cam).float()
+    S, cam, lms = torch.stack(S), torch.stack(cam).float(), torch.stack(lms)
     sb = torch.from_numpy(np.stack(src_exp))      # the source's expression (expr_relative)
     outs = {}
     for name, beta in (("stored", stored), ("own", own), ("source", src_exp)):
         beta = torch.from_numpy(np.stack(beta))
         outs[name] = torch.cat([m(S[i:i + 16], beta[i:i + 16], cam[i:i + 16],
-                                  source_beta=sb[i:i + 16])["image"]
+                                  source_beta=sb[i:i + 16],
+                                  source_landmarks=lms[i:i + 16])["image"]
                                 for i in range(0, len(S), 16)])
     return {"pairs": len(S), "exp_leak": leak,
             "leak_effect": float((outs["stored"] - outs["own"]).abs().mean()),

@@ -48,6 +48,7 @@ log = logging.getLogger("pyface.models.export3d")
 COND_MODES = ("direct", "e2e", "clebs")
 EXPR_INITS = ("orthogonal", "basis")
 PLANE_AXES = "xy_xz_zy"
+MOUTH_MASK_PATHS = ("all", "raw", "guide")
 
 
 @dataclass
@@ -108,6 +109,19 @@ class Export3DConfig:
             paper's SR has no style input; default off). At ``tiny`` the raw render is 16^2 and
             the source reaches the SR at 64^2, so without it the mouth of the output follows the
             source, not the driving expression (docs/models/export3d.md).
+        source_mouth_mask: the source image that reaches the output directly (``raw_background``
+            and ``sr_source`` at the raw resolution, ``sr_guide`` at H) has its mouth box
+            replaced by a flat fill (:func:`mask_mouth_box`: the box of the SOURCE frame's
+            landmarks 48-67 grown as the RoI boxes are, scaled to each path's resolution,
+            filled with the mean colour of the one-pixel ring around it), so those paths cannot
+            copy the source's mouth and the mouth must come from the expression path ([D], not
+            in the paper; default off). The generator's own input stays whole (it has to see
+            the lips' colour). Needs the source frame's landmarks (68, 2) in pixels at H:
+            ``forward(source_landmarks=...)``, the training pairs' ``source.landmarks``,
+            ``encode_source(source)`` with ``source['landmarks']``.
+        source_mouth_mask_paths: which direct paths ``source_mouth_mask`` masks: ``all`` (the
+            default), ``raw`` (``raw_background`` and ``sr_source``, at the raw resolution) or
+            ``guide`` (``sr_guide``, at H) (measured, docs/models/export3d.md).
         augment: joint colour augmentation of the training pair ([D]; 0: off): source and
             driving frame get the same random RGB permutation, per-channel gain 1 +- augment and
             offset +- augment, so the generator learns to carry the source's colours instead of
@@ -168,6 +182,8 @@ class Export3DConfig:
     sr_guide: bool = False
     raw_background: bool = False
     sr_cond: bool = False
+    source_mouth_mask: bool = False
+    source_mouth_mask_paths: str = "all"
     augment: float = 0.0
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
@@ -313,6 +329,42 @@ def landmark_boxes(landmarks: torch.Tensor, resolution: int) -> dict[str, torch.
     return out
 
 
+def mask_mouth_box(image: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """image (B, 3, h, w), box (B, 4) x0, y0, x1, y1 in pixels of this image -> image
+    (B, 3, h, w) with every pixel that overlaps the box (pixel ``[x, x + 1)`` meets ``(x0, x1)``)
+    replaced by the mean colour of the one-pixel ring of pixels around those (clipped to the
+    image; the whole image's mean if the ring is empty).
+
+    A flat fill rather than a blur: the jaw's opening is a large dark region that a blur keeps
+    (at 16^2 the mouth box is 2-4 pixels, about one blur footprint), so a blurred mouth still
+    tells the output how open the source's mouth is; the ring's mean keeps only the skin colour
+    around it."""
+    if image.dim() != 4 or image.shape[1] != 3:
+        raise ValueError(f"image: expected shape (B, 3, h, w), got {tuple(image.shape)}")
+    B, _, h, w = image.shape
+    if box.dim() != 2 or box.shape != (B, 4):
+        raise ValueError(f"box: expected shape ({B}, 4) (x0, y0, x1, y1), got "
+                         f"{tuple(box.shape)}")
+    box = box.to(image.device, torch.float32)
+    xs = torch.arange(w, device=image.device, dtype=torch.float32)
+    ys = torch.arange(h, device=image.device, dtype=torch.float32)
+
+    def region(b):      # (B, 1, h, w): pixels overlapping the open box b (B, 4)
+        x0, y0, x1, y1 = (b[:, i, None] for i in range(4))
+        inx = (xs + 1 > x0) & (xs < x1)
+        iny = (ys + 1 > y0) & (ys < y1)
+        return (iny[:, :, None] & inx[:, None, :])[:, None]
+
+    inside = region(box)
+    ring_box = torch.stack([box[:, 0].floor() - 1, box[:, 1].floor() - 1,
+                            box[:, 2].ceil() + 1, box[:, 3].ceil() + 1], 1)
+    ring = (region(ring_box) & ~inside).to(image.dtype)
+    count = ring.sum((2, 3), keepdim=True)
+    mean_ring = (image * ring).sum((2, 3), keepdim=True) / count.clamp_min(1)
+    fill = torch.where(count > 0, mean_ring, image.mean((2, 3), keepdim=True))
+    return torch.where(inside, fill, image)
+
+
 def _pyramid_l1(pred: torch.Tensor, target: torch.Tensor, levels: int = 3) -> torch.Tensor:
     total = pred.new_zeros(())
     for _ in range(levels):
@@ -413,6 +465,9 @@ class Export3D(TrainableModel):
     def __init__(self, cfg: Export3DConfig | None = None):
         super().__init__()
         cfg = cfg or Export3DConfig()
+        if cfg.source_mouth_mask_paths not in MOUTH_MASK_PATHS:
+            raise ValueError(f"model.source_mouth_mask_paths: expected one of {MOUTH_MASK_PATHS}, "
+                             f"got {cfg.source_mouth_mask_paths!r}")
         if cfg.cond not in COND_MODES:
             raise ValueError(f"model.cond: expected one of {COND_MODES}, got {cfg.cond!r}")
         self.cfg = cfg
@@ -518,10 +573,13 @@ class Export3D(TrainableModel):
 
     def render(self, planes: torch.Tensor, camera: torch.Tensor,
                source: torch.Tensor | None = None,
-               cond: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               cond: torch.Tensor | None = None,
+               source_landmarks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """planes (B, 3, C, P, P), camera (B, 25) -> image (B, 3, H, W), image_raw (B, 3, r, r),
-        image_depth (B, 1, r, r). ``source`` (B or 1, 3, H, W): required with ``sr_source`` or
-        ``sr_guide``; ``cond`` (B, cond_dim): required with ``sr_cond``."""
+        image_depth (B, 1, r, r). ``source`` (B or 1, 3, H, W): required with ``sr_source``,
+        ``sr_guide`` or ``raw_background``; ``cond`` (B, cond_dim): required with ``sr_cond``;
+        ``source_landmarks`` (as source's B, 68, 2; pixels at H): required with
+        ``source_mouth_mask``."""
         B = planes.shape[0]
         if camera.dim() != 2 or camera.shape != (B, 25):
             raise ValueError(f"camera: expected shape ({B}, 25) (EG3D labels), got "
@@ -548,8 +606,30 @@ class Export3D(TrainableModel):
                 raise ValueError(f"source: expected (B, 3, {R}, {R}) with model.sr_source / "
                                  f"sr_guide / raw_background, got "
                                  f"{None if source is None else tuple(source.shape)}")
-            small = F.interpolate(source.to(feat.dtype), size=(r, r), mode="bilinear",
-                                  align_corners=False, antialias=True).expand(B, -1, -1, -1)
+            source = source.to(feat.dtype)
+            box = guide_source = None
+            if self.cfg.source_mouth_mask:
+                S = source.shape[0]
+                if source_landmarks is None or source_landmarks.shape != (S, 68, 2):
+                    raise ValueError(
+                        f"source_landmarks: expected shape ({S}, 68, 2) (the source frame's "
+                        f"landmarks, pixels at {R}) with model.source_mouth_mask, got "
+                        f"{None if source_landmarks is None else tuple(source_landmarks.shape)}")
+                # masked at H before resizing, so that the raw-resolution image carries nothing
+                # from inside the box (the antialiasing filter reaches past it), then again at r
+                box = landmark_boxes(source_landmarks.to(source.device), R)["mouth"]
+                masked = mask_mouth_box(source, box)
+                paths = self.cfg.source_mouth_mask_paths
+                guide_source = masked if paths in ("all", "guide") else source
+                if paths in ("all", "raw"):
+                    source = masked
+                else:
+                    box = None
+            small = F.interpolate(source, size=(r, r), mode="bilinear",
+                                  align_corners=False, antialias=True)
+            if box is not None:
+                small = mask_mouth_box(small, box * (r / R))
+            small = small.expand(B, -1, -1, -1)
         rgb = feat[:, :3]
         opacity = ro.weights_sum.permute(0, 2, 1).reshape(B, 1, r, r).to(feat.dtype)
         if self.cfg.raw_background:
@@ -557,7 +637,8 @@ class Export3D(TrainableModel):
         if self.cfg.sr_source:
             extra = torch.cat([extra, small], 1)
         if self.cfg.sr_guide:
-            guide = source.to(feat.dtype).expand(B, -1, -1, -1)
+            guide = (source if guide_source is None else guide_source).to(feat.dtype).expand(
+                B, -1, -1, -1)
         if self.cfg.sr_cond and (cond is None or cond.shape != (B, self.cfg.cond_dim)):
             raise ValueError(f"cond: expected ({B}, {self.cfg.cond_dim}) with model.sr_cond, got "
                              f"{None if cond is None else tuple(cond.shape)}")
@@ -581,9 +662,11 @@ class Export3D(TrainableModel):
 
     def forward(self, source: torch.Tensor, beta: torch.Tensor, camera: torch.Tensor, *,
                 source_beta: torch.Tensor | None = None, lam_scale: torch.Tensor | None = None,
-                update_ema: bool = False):
+                source_landmarks: torch.Tensor | None = None, update_ema: bool = False):
         """``source_beta`` (B or 1, 64): the source frame's expression; required with
-        ``expr_relative``, ignored otherwise."""
+        ``expr_relative``, ignored otherwise. ``source_landmarks`` (B, 68, 2): the source
+        frame's landmarks in pixels at H; required with ``source_mouth_mask``, ignored
+        otherwise."""
         B = source.shape[0]
         if beta.dim() != 2 or beta.shape != (B, EXP_DIM):
             raise ValueError(f"beta: expected shape ({B}, {EXP_DIM}) (3DMM expression), got "
@@ -591,7 +674,8 @@ class Export3D(TrainableModel):
         lam, cond, code = self.condition(beta, lam_scale, update_stats=update_ema, with_code=True)
         planes = self.generator(source, cond, self.expression_input(code, source_beta),
                                 update_ema=update_ema)
-        out = self.render(planes, camera, source, cond)
+        out = self.render(planes, camera, source, cond,
+                          source_landmarks if self.cfg.source_mouth_mask else None)
         out["planes"] = planes
         if lam is not None:
             out["lambda"] = lam
@@ -694,8 +778,12 @@ class Export3D(TrainableModel):
         if cfg.expr_relative:
             src_beta = expression_of(self._frame(batch, "source", "coeffs"),
                                      "batch['source']['coeffs']")
+        src_lm = None
+        if cfg.source_mouth_mask:
+            src_lm = self._frame(batch, "source", "landmarks").float()
         cam = self._frame(batch, "driving", "camera").float()
-        out = self(src, beta, cam, source_beta=src_beta, update_ema=self.training)
+        out = self(src, beta, cam, source_beta=src_beta, source_landmarks=src_lm,
+                   update_ema=self.training)
         img, raw = out["image"].float(), out["image_raw"].float()
         tgt_raw = F.interpolate(tgt, size=raw.shape[-2:], mode="bilinear", align_corners=False,
                                 antialias=True)
@@ -753,7 +841,8 @@ class Export3D(TrainableModel):
         beta = expression_of(batch["driving"]["coeffs"][:4])
         sb = expression_of(batch["source"]["coeffs"][:4]) if self.cfg.expr_relative else None
         cam = batch["driving"]["camera"][:4].float()
-        out = self(src, beta, cam, source_beta=sb)
+        sl = batch["source"]["landmarks"][:4].float() if self.cfg.source_mouth_mask else None
+        out = self(src, beta, cam, source_beta=sb, source_landmarks=sl)
         up = F.interpolate(out["image_raw"], size=src.shape[-2:], mode="nearest")
         grid = {"source": src, "driving": tgt, "output": out["image"], "raw": up}
         n = self.cond.n
@@ -763,5 +852,6 @@ class Export3D(TrainableModel):
                     scale = torch.ones(n, device=src.device)
                     scale[i] = s
                     grid[f"lambda{i} x{s:g}"] = self(src, beta, cam, source_beta=sb,
+                                                     source_landmarks=sl,
                                                      lam_scale=scale)["image"]
         return grid

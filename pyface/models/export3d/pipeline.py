@@ -12,6 +12,8 @@ every driving frame gives an expression (from its 3DMM coefficients) and a camer
   +-30 / 10 degree ellipse (:func:`pyface.face.cameras.orbit_labels`). With
   ``model.expr_relative`` the source's coefficients (``source['coeffs']``) are required: the
   expression planes move the source by the change from its expression to the driving one.
+  With ``model.source_mouth_mask`` the source's landmarks (``source['landmarks'] (68, 2)``,
+  pixels) are required: its mouth box is masked in the paths that copy the source.
 """
 from __future__ import annotations
 
@@ -33,7 +35,16 @@ class Export3DPipeline(Pipeline):
         feats = self.model.generator.encode(src["image"][None])
         cam = src["camera"][None] if "camera" in src else None
         beta = expression_of(src["coeffs"][None], "source['coeffs']") if "coeffs" in src else None
-        return {"features": feats, "camera": cam, "beta": beta, "image": src["image"][None]}
+        lm = None
+        if self.model.cfg.source_mouth_mask:
+            got = tuple(src["landmarks"].shape) if "landmarks" in src else None
+            if got != (68, 2):
+                raise ValueError(f"source['landmarks']: expected shape (68, 2) (pixels) with "
+                                 f"model.source_mouth_mask (the source's mouth box is masked), "
+                                 f"got {got}")
+            lm = src["landmarks"][None].float()
+        return {"features": feats, "camera": cam, "beta": beta, "image": src["image"][None],
+                "landmarks": lm}
 
     @torch.no_grad()
     def encode_driving(self, driving: dict) -> dict:
@@ -83,6 +94,7 @@ class Export3DPipeline(Pipeline):
             _, cond, code = model.condition(b, lam_scale, with_code=True)
             planes = model.generator.decode(state["features"], cond,
                                             model.expression_input(code, state["beta"]))
-            out = model.render(planes, cams[t0:t0 + chunk], state["image"], cond)
+            out = model.render(planes, cams[t0:t0 + chunk], state["image"], cond,
+                               state.get("landmarks"))
             frames.append(out["image"].clamp(-1, 1))
         return torch.cat(frames)
