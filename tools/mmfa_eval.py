@@ -1,4 +1,4 @@
-"""MMFA's held-out checks (docs/models/mmfa.md, "Measured"): reenactment PSNR against
+"""MMFA's held-out checks (docs/models/mmfa-measured.md, "Measured"): reenactment PSNR against
 copy-source and the model-specific keypoint, expression and mouth-region checks.
 
     python tools/mmfa_eval.py --checkpoint RUN --data HELDOUT [--json OUT.json] [--max-pairs N] [--protocols same,cross]

@@ -1,4 +1,5 @@
-"""Where the expression VAE's endpoint error comes from (docs/models/mmfa.md, "Expression VAE").
+"""Where the expression VAE's endpoint error comes from (docs/models/mmfa-measured.md,
+"Expression VAE").
 
     python tools/mmfa_vae_diagnose.py --vae VAE_RUN --data HELDOUT --train TRAIN_FOLDER [--json OUT]
 

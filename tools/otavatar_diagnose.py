@@ -1,5 +1,6 @@
-"""Why an OTAvatar run's controller does or does not move the mouth (docs/models/otavatar.md,
-"Motion transfer: diagnosis"). On held-out videos (frames whose jaw opening differs from frame
+"""Why an OTAvatar run's controller does or does not move the mouth
+(docs/models/otavatar-measured.md, "Motion transfer: diagnosis"). On held-out videos
+(frames whose jaw opening differs from frame
 0's by > 0.3, as tools/otavatar_motion_transfer.py):
 
 * ``signal``: the mouth-RoI L1 between the ground-truth source frame and the ground-truth

@@ -1,4 +1,5 @@
-"""OTAvatar's motion-transfer check (docs/models/otavatar.md, "Measured"): on held-out videos,
+"""OTAvatar's motion-transfer check (docs/models/otavatar-measured.md, "Motion transfer on
+held-out frames"): on held-out videos,
 invert the source (frame 0) only, then render every frame whose jaw opening differs from the
 source's by more than 0.3 with the driving window and with the source window, both at that
 frame's camera; PSNR and mouth-RoI L1 against the ground truth.

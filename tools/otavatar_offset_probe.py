@@ -1,5 +1,6 @@
-"""Where OTAvatar's motion offset helps and hurts (docs/models/otavatar.md, "Motion transfer:
-what the offset does"). On the frames of tools/otavatar_motion_transfer.py (jaw opening
+"""Where OTAvatar's motion offset helps and hurts (docs/models/otavatar-measured.md,
+"Motion transfer with pivotal tuning: what was tried"). On the frames of
+tools/otavatar_motion_transfer.py (jaw opening
 differs from frame 0's by > 0.3), the source inverted once with the run's pipeline, every frame
 is rendered at its own camera with ``ws = w + o_src + g (o_drv - o_src)``, ``o`` the
 controller's offsets of the source window and of the driving window (``driving``) or of the

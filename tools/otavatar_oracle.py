@@ -1,5 +1,5 @@
 """What the generator behind OTAvatar can reconstruct at best on held-out frames (an oracle for
-``pyface eval otavatar``; docs/models/otavatar.md, "Same-identity margin").
+``pyface eval otavatar``; docs/models/otavatar-measured.md, "Same-identity margin").
 
 Each evaluated pair's *driving* frame (the target itself) is inverted - W, optionally a W+ pass
 and pivotal tuning on that frame - and rendered back at its own camera with its own motion

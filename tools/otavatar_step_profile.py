@@ -1,5 +1,5 @@
-"""Where the peak memory and the CPU time of one OTAvatar training step go (docs/models/otavatar.md,
-"Fused vs reference ops").
+"""Where the peak memory and the CPU time of one OTAvatar training step go
+(docs/models/otavatar-measured.md, "Fused vs reference ops").
 
     python tools/otavatar_step_profile.py --set model.generator=EG3D_RUN [--backend reference]
         [--set KEY=VALUE ...] [--top 20]

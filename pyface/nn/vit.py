@@ -135,8 +135,8 @@ class PlainSuperResolutionConfig:
         channels_last: run the convolutions in channels-last memory format (the output is
             returned contiguous). On CPU (oneDNN) the backward of a narrow convolution then
             needs no copies padded to 16 channels: 0.5 MB instead of 2.0 MB of temporaries for
-            8 channels at 64^2, batch 4, and 1.6x less CPU time (docs/models/export3d.md). Not
-            measured on CUDA.
+            8 channels at 64^2, batch 4, and 1.6x less CPU time
+            (docs/models/export3d-measured.md). Not measured on CUDA.
     """
 
     channels: int = 32

@@ -287,7 +287,7 @@ def _osg_mlp(feats: torch.Tensor, w1, b1, w2, b2, density_only: bool = False):
 
 # Samples per block of the OSG decoder on CPU (recompute="decoder" and the coarse pass): its
 # (block, hidden) activations then stay in cache, and transient memory is a block's, not a
-# chunk's. Measured on the OTAvatar / EG3D tiny renders (docs/models/otavatar.md).
+# chunk's. Measured on the OTAvatar / EG3D tiny renders (docs/models/otavatar-measured.md).
 CPU_DECODER_BLOCK = 4096
 
 

@@ -88,7 +88,7 @@ class CLeBSConfig:
             shift and scale of up to this fraction and a random colour gain / offset of up to
             this amount (0: off, the default; with 8 training identities it lowered held-out
             retrieval, with the 128 of `tiny` and ``fe_init`` 0.1 raises it, see
-            docs/models/export3d.md).
+            docs/models/export3d-measured.md).
         offset_noise: std of a random offset added in training to all N expression vectors of a
             clip (one offset per clip, all 64 dimensions; [D], 0: off). Appearance that leaks
             into the 3DMM expression is constant within a video, like this offset, so the same-
@@ -99,7 +99,8 @@ class CLeBSConfig:
             videos) over its mean variance within a clip. Appearance that leaks into the 3DMM
             expression is constant within a video and differs between videos; the InfoNCE over
             frames of one video is blind to such constants, this term is not. It needs many
-            training identities to generalise (docs/models/export3d.md, "CLeBS: what limits it").
+            training identities to generalise (docs/models/export3d-measured.md,
+            "CLeBS: what limits it").
         invariance: ``"coefficient"`` (default: the per-coefficient ratios above) or
             ``"joint"`` ([D]): the rotation-invariant ratio of the between- and within-video
             covariances of lambda (:func:`video_invariance` with ``joint``), which mixing the
@@ -218,7 +219,7 @@ def video_invariance(lam: torch.Tensor, eps: float = 1e-4, joint: bool = False) 
     when every coefficient varies within a video and its video means agree (an LDA-style
     ratio). It is not invariant to mixing the coefficients: a component with a large within-
     video variance shared by every coefficient lowers each ratio while their differences may
-    still carry a per-video offset (docs/models/export3d.md, "CLeBS: the closed-form f_e").
+    still carry a per-video offset (docs/models/export3d-measured.md, "CLeBS: the closed-form f_e").
 
     ``joint``: the rotation-invariant ratio ``trace(W^-1 S)`` of the between-video covariance
     S (n, n) of the clip means and the mean within-clip covariance W (n, n) (plus ``eps``
@@ -478,7 +479,8 @@ class CLeBS(TrainableModel):
         # 2-core CPU: 64^2, small ResNet, n=10, d=64, N=8; a linear f_e on beta whitened by the
         # video-mean statistics, with the video-invariance term; 128 identities x 2 videos x 32
         # frames (no cross-identity or multi-view sets): the leak spans 48 directions and a
-        # linear leak removal needs about 100 training identities (docs/models/export3d.md);
+        # linear leak removal needs about 100 training identities
+        # (docs/models/export3d-measured.md);
         # f_e starts at the closed-form minimiser of the invariance term (fe_init: fisher);
         # f_I's input is augmented (held-out retrieval 0.275 -> 0.312 on the validation split)
         "tiny": {"model": {"n": 10, "dim": 64, "hidden": [], "image_stem": 16,

@@ -54,7 +54,8 @@ class GeneratorConfig:
             it), W is orthogonal (the rows orthonormal, so a unit-variance code gives w about
             unit variance) and E's gradient is the planes' gradient weighted by w(e): a spatial
             path from the expression to the volume that does not pass the ViT's per-channel
-            EAdaLN modulation (docs/models/export3d.md, "A spatial path for the expression").
+            EAdaLN modulation (docs/models/export3d-measured.md, "A spatial path for the
+            expression").
             E is linear in e, so e must keep its training scale on new identities: true for
             ``cond=clebs`` and ``direct``, not for ``e2e`` (measured: 14x larger on held-out
             identities, and the output breaks).
@@ -211,7 +212,7 @@ class TriplaneGenerator(nn.Module):
         if update_ema and c.ema_momentum < 1:
             # the EMA follows the generated part G, not T = G + T_EMA: an EMA of T feeds on
             # itself (T_EMA <- T_EMA + (1 - m) mean(G), a running sum of G's mean) and grew to
-            # 25 times G's size at `tiny` (docs/models/export3d.md)
+            # 25 times G's size at `tiny` (docs/models/export3d-measured.md)
             with torch.no_grad():
                 m = c.ema_momentum
                 self.planes_ema.mul_(m).add_(gen.detach().float().mean(0, keepdim=True),

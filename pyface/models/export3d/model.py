@@ -70,7 +70,8 @@ class Export3DConfig:
             by 1 % of their mean ([D], default off). The trained CLeBS code puts one shared
             component (blink) into every coefficient, so per-coefficient scaling leaves most of
             the code's variance to blink and little to the jaw; whitening gives every direction
-            of the code's span the same spread (measured, not kept: docs/models/export3d.md,
+            of the code's span the same spread (measured, not kept:
+            docs/models/export3d-measured.md,
             "Stage 2 on the closed-form code").
         stem_widths, vit_dim, vit_depth, vit_heads, ups, up_widths, plane_channels,
         blur_sigma, ema_momentum, expr_planes: see :class:`GeneratorConfig`.
@@ -108,7 +109,7 @@ class Export3DConfig:
             [D], not in the paper: the
             paper's SR has no style input; default off). At ``tiny`` the raw render is 16^2 and
             the source reaches the SR at 64^2, so without it the mouth of the output follows the
-            source, not the driving expression (docs/models/export3d.md).
+            source, not the driving expression (docs/models/export3d-measured.md).
         source_mouth_mask: the source image that reaches the output directly (``raw_background``
             and ``sr_source`` at the raw resolution, ``sr_guide`` at H) has its mouth box
             replaced by a flat fill (:func:`mask_mouth_box`: the box of the SOURCE frame's
@@ -121,7 +122,7 @@ class Export3DConfig:
             ``encode_source(source)`` with ``source['landmarks']``.
         source_mouth_mask_paths: which direct paths ``source_mouth_mask`` masks: ``all`` (the
             default), ``raw`` (``raw_background`` and ``sr_source``, at the raw resolution) or
-            ``guide`` (``sr_guide``, at H) (measured, docs/models/export3d.md).
+            ``guide`` (``sr_guide``, at H) (measured, docs/models/export3d-measured.md).
         augment: joint colour augmentation of the training pair ([D]; 0: off): source and
             driving frame get the same random RGB permutation, per-channel gain 1 +- augment and
             offset +- augment, so the generator learns to carry the source's colours instead of
@@ -219,7 +220,7 @@ class Conditioner(nn.Module):
     basis (so the code is ``((lambda - mean) / std) V^T``). The contrastive loss leaves the scale
     and a constant offset of beta' free, so the condition's input scale no longer depends on the
     CLeBS run (the `tiny` stage 1's whitening already gives lambda about unit spread; measured
-    in docs/models/export3d.md, where this did not make the generator use the expression).
+    in docs/models/export3d-measured.md, where this did not make the generator use the expression).
 
     ``whiten`` (with ``normalize``; [D]): the running covariance (k, k) replaces the variance,
     and the input is multiplied by its symmetric inverse square root ``code_whitener`` (k, k;
@@ -415,7 +416,7 @@ class Export3D(TrainableModel):
         # 2-core CPU: 64^2 output, raw 16^2, tri-plane 3x16x32^2, 12+12 samples, 2 blocks of 64;
         # the source reaches the SR at 16^2 and 64^2 and is the raw render's background, and the
         # training pairs get a joint colour augmentation; a silhouette loss makes the volume hold
-        # the head (docs/models/export3d.md, "Generator at tiny"); 10 expression tri-plane
+        # the head (docs/models/export3d-measured.md, "Generator at tiny"); 10 expression tri-plane
         # directions give the expression a spatial path ("A spatial path for the expression"),
         # their weights starting at the code's basis (mouth gain +0.37 / +0.37 dB against +0.16
         # / +0.28 on the validation split, seeds 0 / 1: "Stage 2 on the closed-form code")

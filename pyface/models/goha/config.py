@@ -30,7 +30,7 @@ class GOHAConfig:
     embed_width: int = 128              # Embed2Plane hidden width
     plane_gain: float = 1.0             # every branch's planes are multiplied by this (GOHA: 1):
     # with 1, the tiny preset's planes start at std ~0.04 and change by ~lr per step, so the
-    # density takes ~1000 steps to take shape (docs/models/goha.md)
+    # density takes ~1000 steps to take shape (docs/models/goha-measured.md)
     share_upsampler_weights: bool = False   # GOHA's bug: xz / zy planes reuse the xy up-branch
     flip_plane_rows: bool = False       # flip Embed2Plane's output rows: the xy plane's rows run
     # with +y (up), the image's rows down; flipped, the encoders' maps line up with the planes

@@ -51,16 +51,18 @@ MODES = ("src", "tar", "coarse", "cano")
 #: compressed s1 schedule (spec 2.5); the fused renderer in chunks of 8192 samples, keeping the
 #: sampled plane features for the backward (``render_recompute="decoder"``: the sampling is not
 #: recomputed; >= 2x less peak memory than the reference in every mode, not slower on CPU,
-#: docs/models/goha.md); density TV at 0.05 (GOHA's 0.25 collapses the density of
-#: these 32^2 planes within 75 steps, docs/models/goha.md); the opacity supervised by the matte
+#: docs/models/goha-measured.md); density TV at 0.05 (GOHA's 0.25 collapses the density of
+#: these 32^2 planes within 75 steps, docs/models/goha-measured.md); the opacity
+#: supervised by the matte
 #: (the composite over the source background needs it); Embed2Plane's maps aligned with the
 #: source image (rows flipped, covering +-0.35 instead of the whole box: the heads' 16^2
 #: encoder maps otherwise had to be flipped and zoomed by the network, and the canonical
-#: geometry stayed a mean head: +1.0 dB same / +0.6 dB cross held-out, docs/models/goha.md);
+#: geometry stayed a mean head: +1.0 dB same / +0.6 dB cross held-out,
+#: docs/models/goha-measured.md);
 #: GFPGANv1Clean and the StyleGAN2 D at 1/32 width; the mouth term at 0.25 (the mouth + lips
 #: are ~2 % of the 32^2 render: without it the expression plane's gain on the mouth region of
 #: held-out frames changed sign with the seed; chosen on the validation split over 1.0, which
-#: cost 0.5 dB, docs/models/goha.md)
+#: cost 0.5 dB, docs/models/goha-measured.md)
 TINY_MODEL = {"resolution": 64, "encoder": "tiny", "encoder_width": 32, "plane_channels": 16,
               "embed_width": 32, "eye_dilation": 3, "eye_dilation_iters": 1,
               "pseudo_render_size": 64, "lift_resolution": 16, "lift_samples": 12,
@@ -81,7 +83,7 @@ TINY_MODEL = {"resolution": 64, "encoder": "tiny", "encoder_width": 32, "plane_c
 #: pairs of distinct frames are moving, the default's 76 %; at 25 fps 37 %). Trained on the 8
 #: identities the one-shot encoders reconstruct training identities 1.1 dB better than
 #: held-out ones; s1 held out: 8 identities 19.22 dB, 32 (x 12 frames) 20.05, 64 (x 6) 20.30
-#: (docs/models/goha.md, "Training identities")
+#: (docs/models/goha-measured.md, "Training identities")
 TINY_DATA = {"name": "pairs", "resolution": 64,
              "options": {"synth": {"identities": 64, "frames": 6, "fps": 3.125}}}
 #: the model part of ``gpu-short`` (one H100/H200): 256^2 input, MiT-b0, SR and D at 1/4 width
@@ -163,7 +165,8 @@ class GOHA(TrainableModel):
         # 2-core CPU, a few minutes: 64^2 input, tiny MiT, planes 32^2, 32^2 renders with 12 + 12
         # samples, depth lifted at 16^2; compressed schedule (spec 2.5); the learning rate x0.1
         # for the last 100 steps (GOHA: no decay; at lr 1e-3 the canonical render does not
-        # settle: neutrality 0.519 -> 0.440, docs/models/goha.md); 1500 steps (1000: -0.40 /
+        # settle: neutrality 0.519 -> 0.440, docs/models/goha-measured.md);
+        # 1500 steps (1000: -0.40 /
         # -0.62 dB same-identity on the validation split through the chain, seeds 0 / 1; 500:
         # -0.57 dB held out at s1)
         "tiny": {"model": dict(TINY_MODEL),

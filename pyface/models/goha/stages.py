@@ -213,7 +213,7 @@ class GOHAGAN(_GANStage):
                         "ckpt_every": 5000, "image_every": 5000}}
     presets = {
         # tiny: at s1's final (decayed) learning rate: at 1e-3 the 60 steps undo s1's settled
-        # render (-0.30 dB held out; 1e-4: +0.14 dB, docs/models/goha.md)
+        # render (-0.30 dB held out; 1e-4: +0.14 dB, docs/models/goha-measured.md)
         "tiny": {"model": {**TINY_MODEL, "lr": 1e-4},
                  "data": copy.deepcopy(TINY_DATA),
                  "train": {"steps": 60, "batch_size": 2, "grad_clip": 1000.0,

@@ -77,7 +77,8 @@ class MMFAConfig:
     training, f_exp enters the expression decoder detached, so the expression encoder learns only
     from the expression-landmark term and the expression consistency, while the decoder,
     keypoints and dense motion learn to use it (the motion losses' gradient through delta
-    otherwise keeps f_exp from reading the mouth at ``tiny``; docs/models/mmfa.md); it needs
+    otherwise keeps f_exp from reading the mouth at ``tiny``;
+    docs/models/mmfa-measured.md); it needs
     ``w_exp_landmark > 0``. ``w_placement`` the placement term (our deviation, on in ``tiny``;
     :func:`placement_loss`): the scale / translation head's log s and (t_x, t_y) of source and
     driving against the head's placement in the frame's camera (:func:`~pyface.models.mmfa.

@@ -54,7 +54,8 @@ _TINY = {
                              "dilation": 2, "directions": 8},
               # the decoder recomputed in the backward (in 4096-sample blocks) from the kept
               # plane features; one 65536-sample chunk holds the 2 x 4 frames' 49152 samples,
-              # so the planes' gradient is scattered once per render (docs/models/otavatar.md)
+              # so the planes' gradient is scattered once per render
+              # (docs/models/otavatar-measured.md)
               "render": {"recompute": "decoder", "chunk_points": 65536},
               "local_batch": 2, "invert_iters": 16, "invert_controller_iters": 2,
               "invert_lr": 0.1, "intrinsics_lr": 0.002, "controller_lr": 1e-3,
@@ -64,7 +65,7 @@ _TINY = {
               "center_motion": True,
               "invert_steps": 30, "wplus_steps": 0, "pti_steps": 100, "pti_lr": 3e-3},
     # 4 frames per inverted w (the reference: 2): more frame-to-frame differences for the
-    # controller per batch (docs/models/otavatar.md, motion transfer)
+    # controller per batch (docs/models/otavatar-measured.md, motion transfer)
     "data": {"name": "motion_windows", "resolution": 32,
              "options": {"frames_per_item": 4, "radius": 6, "repeats": 64}},
     "train": {"steps": 150, "batch_size": 2, "log_every": 10, "ckpt_every": 75,
@@ -75,7 +76,7 @@ _TINY = {
 # OTAvatar's additions to ``eg3d --preset tiny`` for its stage (the EG3D issue's own preset is
 # unchanged): OTAvatar reconstructs whole frames, so the generator learns the data's
 # backgrounds (EG3D's tiny composites them over white), and it trains 3x longer (1200 steps,
-# 9.6 kimg): a W 30 + PTI 100 fit of held-out frames gains 3.5 dB (docs/models/otavatar.md,
+# 9.6 kimg): a W 30 + PTI 100 fit of held-out frames gains 3.5 dB (docs/models/otavatar-measured.md,
 # "Same-identity margin")
 _TINY_EG3D = {
     "model": {"background": "data"},
