@@ -202,6 +202,36 @@ def test_pipeline_input_checks(example_run):
     assert torch.allclose(p["landmarks"], torch.full((2, 68, 2), 4.0))
 
 
+def test_pipeline_pixel_checks(example_run):
+    """Images other than float in [-1, 1] or uint8 (and masks other than float in [0, 1] or
+    uint8) are errors naming the key, the expected range or dtype and the actual one; a numpy
+    array is checked like a tensor."""
+    import numpy as np
+
+    pipe = pyface.models.load("example", str(example_run), device="cpu")
+    img = torch.rand(3, 16, 16) * 2 - 1
+    with pytest.raises(ValueError, match=r"source\['image'\]: expected float values in \[-1, 1\], "
+                                         r"got \[0, 255\] \(0\.\.255 pixels"):
+        pipe.encode_source({"image": (img > 0).float() * 255})
+    with pytest.raises(ValueError, match=r"driving\['image'\]: expected float in \[-1, 1\] or "
+                                         r"uint8 \(0\.\.255\), got dtype int64"):
+        pipe.encode_driving({"image": torch.zeros(2, 3, 16, 16, dtype=torch.int64)})
+    with pytest.raises(ValueError, match=r"source\['image'\]: expected finite values"):
+        pipe.encode_source({"image": img * float("nan")})
+    with pytest.raises(ValueError, match=r"source\['mask'\]: expected float values in \[0, 1\], "
+                                         r"got \[-1, 1\]"):
+        pipe.encode_source({"image": img, "mask": torch.tensor([-1.0, 1.0]).repeat(8)
+                            .reshape(1, 4, 4)})
+    # within range (a resampling overshoot of up to PIXEL_TOLERANCE included), numpy arrays
+    ok = pipe.prepare({"image": (img * 1.005).numpy(), "mask": np.ones((1, 16, 16),
+                                                                        np.float32)},
+                      batched=False)
+    assert isinstance(ok["image"], torch.Tensor) and torch.allclose(ok["image"], img * 1.005)
+    with pytest.raises(ValueError, match=r"source\['image'\]: expected shape \(3, H, W\), got "
+                                         r"\(16, 16, 3\)"):
+        pipe.encode_source({"image": np.zeros((16, 16, 3), np.uint8)})
+
+
 def test_models_load_errors(example_run, monkeypatch):
     with pytest.raises(KeyError, match=r"unknown model 'nope'; registered: .*example"):
         pyface.models.load("nope", str(example_run))
