@@ -615,6 +615,7 @@ class GOHAPipeline(Pipeline):
         self.input_resolution = int(model.cfg.resolution)
         self.resolution = int(model.output_resolution)
 
+    @torch.no_grad()
     def encode_source(self, source: dict) -> dict:
         out_res, self.resolution = self.resolution, self.input_resolution
         try:
@@ -641,6 +642,7 @@ class GOHAPipeline(Pipeline):
             state["background"] = img * (1 - m) + fill * m
         return state
 
+    @torch.no_grad()
     def encode_driving(self, driving: dict) -> dict:
         drv = self.prepare(driving, batched=True, name="driving")
         for k in ("camera", "coeffs"):
@@ -649,6 +651,7 @@ class GOHAPipeline(Pipeline):
                                "(T, 25) and 3DMM coefficients (T, 257)")
         return {"expression": drv["coeffs"][:, 80:144].float(), "camera": drv["camera"].float()}
 
+    @torch.no_grad()
     def generate(self, state: dict, motion: dict, expression: bool = True,
                  appearance: bool = True, composite: bool = True) -> torch.Tensor:
         T = motion["camera"].shape[0]
