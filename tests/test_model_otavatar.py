@@ -217,6 +217,13 @@ def test_pipeline_on_a_tiny_checkpoint(run, data):
         pipe.generate(state, motion, camera="fixed")
     with pytest.raises(KeyError, match="camera"):
         pipe.encode_source({"image": src["image"]})
+    # options are checked: a misspelt control or inversion space is an error, not ignored
+    with pytest.raises(TypeError, match="camra"):
+        pipe.generate(state, motion, camra="source")
+    with pytest.raises(ValueError, match=r"space: expected 'w' or 'w\+', got 'W\+'"):
+        pipe.encode_source(src, space="W+")
+    with pytest.raises(ValueError, match=r"pti_steps: expected an int >= 0, got -1"):
+        pipe.encode_source(src, pti_steps=-1)
 
 
 def test_inversion_loss_decreases(generator_dir):

@@ -198,6 +198,11 @@ class OTAvatarPipeline(Pipeline):
                            "EG3D camera label (25,)")
         space = cfg.invert_space if space is None else space
         steps = cfg.invert_steps if steps is None else steps
+        if space not in ("w", "w+"):
+            raise ValueError(f"space: expected 'w' or 'w+', got {space!r}")
+        for what, n in (("steps", steps), ("pti_steps", pti_steps)):
+            if n is not None and (not isinstance(n, int) or n < 0):
+                raise ValueError(f"{what}: expected an int >= 0, got {n!r}")
         if "coeffs" in source:
             motion = self._window(source["coeffs"][None])[:1]
         else:
@@ -266,8 +271,7 @@ class OTAvatarPipeline(Pipeline):
         return {"orbit": torch.arange(frames)}
 
     @torch.no_grad()
-    def generate(self, state: dict, motion: dict, *, camera: str | None = None,
-                 **controls) -> torch.Tensor:
+    def generate(self, state: dict, motion: dict, *, camera: str | None = None) -> torch.Tensor:
         from pyface.models.otavatar.model import apply_intrinsics
 
         model = self.model
