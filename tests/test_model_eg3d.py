@@ -769,6 +769,8 @@ def test_orbit_inversion_pipeline(tiny_run):
     assert out.shape == (3, 3, 16, 16)
     with pytest.raises(ValueError, match=r"driving\['camera'\]: expected \(T, 25\)"):
         pipe.encode_driving({"camera": cams[:, :5]})
+    with pytest.raises(TypeError, match="space"):     # an encode_source option, not a control
+        pipe.generate({"ws": torch.zeros(1, G.num_ws, 16)}, {"camera": cams}, space="w")
 
 
 def test_cli_animate_and_invert(tiny_run, tmp_path):
