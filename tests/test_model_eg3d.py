@@ -761,6 +761,8 @@ def test_orbit_inversion_pipeline(tiny_run):
     from pyface.models.eg3d import load_pipeline
 
     assert isinstance(load_pipeline(run), EG3DPipeline)
+    with pytest.raises(ValueError, match="device: got 'cuda:"):
+        load_pipeline(run, device=f"cuda:{torch.cuda.device_count()}")
     pipe = EG3DPipeline.from_checkpoint(run, invert_steps=2)
     assert pipe.resolution == 16
     cams = torch.stack([_Frames(4, 16)[i]["camera"] for i in range(3)])

@@ -235,6 +235,11 @@ def test_pipeline_pixel_checks(example_run):
 def test_models_load_errors(example_run, monkeypatch):
     with pytest.raises(KeyError, match=r"unknown model 'nope'; registered: .*example"):
         pyface.models.load("nope", str(example_run))
+    # a CUDA device that is not there (no CUDA at all, or an index past the last) names itself
+    missing = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(ValueError, match=rf"device: got '{missing}', but this machine has "
+                                         rf"{torch.cuda.device_count()} CUDA device"):
+        pyface.models.load("example", str(example_run), device=missing)
     monkeypatch.setitem(registry.MODELS, "toy_stage1", f"{__name__}:Stage1Toy")
     with pytest.raises(ValueError, match=r"model 'toy_stage1' has no inference pipeline"):
         pyface.models.load("toy_stage1", str(example_run))

@@ -347,6 +347,12 @@ class Pipeline:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if n == 0 or (self.device.index or 0) >= n:
+                raise ValueError(f"device: got {str(device)!r}, but this machine has "
+                                 f"{n} CUDA device(s) visible to torch (device=None picks "
+                                 "CUDA when there is one, else the CPU)")
         self.model = model.to(self.device).eval()
         res = getattr(getattr(model, "cfg", None), "resolution", None)
         if res is not None and not getattr(self, "resolution", None):

@@ -162,7 +162,7 @@ class EG3DPipeline(_PipelineBase):
 
     @classmethod
     def from_checkpoint(cls, path: str, *, device=None, ema: bool = True, **kw):
-        return cls(load_generator(path, device=device or "cpu", ema=ema), device=device, **kw)
+        return cls(load_generator(path, device="cpu", ema=ema), device=device, **kw)
 
     def encode_source(self, source: dict, *, space: str = "w+", steps: int | None = None
                       ) -> dict:
