@@ -607,6 +607,7 @@ class GOHAPipeline(Pipeline):
       the head's hole in the background is filled with the mean background colour; a
       super-resolved image is first multiplied by the render's opacity, upsampled, or with
       ``model.sr_residual`` only its residual over the upsampled render: ``model.foreground``).
+      The ray samples are random (as in training): seed ``torch`` for repeatable frames.
     """
 
     def __init__(self, model, *, device=None):
