@@ -773,6 +773,13 @@ def test_orbit_inversion_pipeline(tiny_run):
         pipe.encode_driving({"camera": cams[:, :5]})
     with pytest.raises(TypeError, match="space"):     # an encode_source option, not a control
         pipe.generate({"ws": torch.zeros(1, G.num_ws, 16)}, {"camera": cams}, space="w")
+    # streaming a camera-only driving dict (no images) in chunks
+    torch.manual_seed(0)
+    whole = pipe.generate({"ws": torch.zeros(1, G.num_ws, 16)}, {"camera": cams})
+    torch.manual_seed(0)
+    parts = list(pipe.stream({"ws": torch.zeros(1, G.num_ws, 16)}, {"camera": cams}, chunk=2))
+    assert [t for t, _ in parts] == [0, 2]
+    torch.testing.assert_close(torch.cat([f for _, f in parts]), whole)
 
 
 def test_cli_animate_and_invert(tiny_run, tmp_path):

@@ -173,6 +173,8 @@ def test_models_load_and_example_pipeline(example_run):
     chunks = list(pipe.stream(state, driving, chunk=2))
     assert [t for t, _ in chunks] == [0, 2, 4]
     torch.testing.assert_close(torch.cat([c for _, c in chunks]), out)
+    with pytest.raises(ValueError, match=r"chunk: expected an int >= 1, got 0"):
+        next(pipe.stream(state, driving, chunk=0))
     orbit = pipe.default_motion(6)
     frames = torch.cat([c for _, c in pipe.stream(state, None, motion=orbit, chunk=4)])
     assert frames.shape == (6, 3, 16, 16)

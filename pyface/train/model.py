@@ -465,8 +465,15 @@ class Pipeline:
         axis); ``state`` from :meth:`encode_source`."""
         if (driving is None) == (motion is None):
             raise ValueError("stream: give exactly one of driving and motion")
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk: expected an int >= 1, got {chunk!r}")
         if driving is not None:
-            T = int(driving["image"].shape[0])
+            # T from any per-frame tensor: a camera-only driving dict (EG3D) has no image
+            per_frame = {k: v for k, v in driving.items() if isinstance(v, torch.Tensor)}
+            if not per_frame:
+                raise ValueError(f"driving: expected a dict of (T, ...) tensors, got keys "
+                                 f"{sorted(driving)}")
+            T = motion_length(per_frame)
             for t in range(0, T, chunk):
                 part = {k: v[t:t + chunk] if isinstance(v, torch.Tensor) else v
                         for k, v in driving.items()}
