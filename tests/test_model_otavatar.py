@@ -226,6 +226,28 @@ def test_pipeline_on_a_tiny_checkpoint(run, data):
         pipe.encode_source(src, pti_steps=-1)
 
 
+def test_pipeline_names_a_missing_generator(run, tmp_path):
+    """A run whose EG3D generator folder is gone (and not under RUN/stages/eg3d) is an error
+    naming model.generator and both paths, not a bare 'not a folder' of an unnamed path."""
+    import json
+    import shutil
+
+    r, _ = run
+    moved = tmp_path / "run"
+    shutil.copytree(r, moved)
+    latest = ckpt.latest_checkpoint(str(moved))
+    meta_path = f"{latest}/meta.json"
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta["experiment"]["model_config"]["generator"] = str(tmp_path / "gone")
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ckpt.CheckpointError, match=r"its EG3D generator \(model\.generator = "
+                                                  r"'.*gone'\) does not exist, nor does "
+                                                  r"'.*stages/eg3d'"):
+        pyface.models.load("otavatar", str(moved), device="cpu")
+
+
 def test_inversion_loss_decreases(generator_dir):
     """W inversion of an image the generator rendered from a perturbed latent."""
     from pyface.models.otavatar.model import OTAvatar, OTAvatarConfig

@@ -517,6 +517,11 @@ def test_stages_train_first_then_are_reused(tmp_path, monkeypatch, caplog):
         assert torch.equal(v, tensors[f"model.{k}"])
     assert pipe.animate({"image": torch.zeros(3, 8, 8)},
                         {"image": torch.zeros(2, 3, 8, 8)}).shape == (2, 3, 8, 8)
+    # the stage gone from both places: the error names the stage, its key and both paths
+    shutil.move(str(moved / "stages"), str(tmp_path / "elsewhere"))
+    with pytest.raises(ckpt.CheckpointError, match=r"its stage 's1' \(model\.stage1_checkpoint = "
+                                                  r".*\) does not exist, nor does .*stages/s1"):
+        pyface.models.load("toy_stage2", str(moved), device="cpu")
 
 
 def test_stage_overrides_reach_their_stage_and_stale_stages_are_refused(tmp_path, monkeypatch,

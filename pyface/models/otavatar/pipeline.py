@@ -176,8 +176,12 @@ class OTAvatarPipeline(Pipeline):
         if cfg.generator and not os.path.exists(cfg.generator):
             run = os.path.dirname(os.path.dirname(os.path.abspath(pre.path)))
             local = os.path.join(run, "stages", "eg3d")
-            if os.path.isdir(local):
-                cfg.generator = local
+            if not os.path.isdir(local):
+                raise ckpt.CheckpointError(
+                    f"checkpoint {pre.path!r}: its EG3D generator (model.generator = "
+                    f"{cfg.generator!r}) does not exist, nor does {local!r}; the model is built "
+                    "from it: put the generator back at either path")
+            cfg.generator = local
         model = OTAvatar(cfg)
         ckpt.load_module_state(model, pre.state, f"checkpoint {pre.path!r}")
         return cls(model, device=device)
