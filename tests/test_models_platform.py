@@ -338,6 +338,17 @@ def test_read_driving_from_frames_and_video_files(tmp_path):
         read_source(str(tmp_path / "bad.png"), 8)
     with pytest.raises(ValueError, match=r"resolution: expected a positive int"):
         read_source(str(folder), 0)
+    with pytest.raises(ValueError, match=r"resolution: expected a positive int or None, got True"):
+        read_source(str(folder), True)
+    # frame counts are ints: a float stride or max_frames is an error naming it
+    with pytest.raises(ValueError, match=r"stride: expected an int >= 1, got 2\.0"):
+        read_driving(str(folder), 8, stride=2.0)
+    with pytest.raises(ValueError, match=r"max_frames: expected an int >= 1 or None, got 2\.5"):
+        next(iter_driving(str(video), 8, max_frames=2.5))
+    with pytest.raises(ValueError, match=r"chunk: expected an int >= 1, got 0"):
+        next(iter_driving(str(video), 8, chunk=0))
+    with pytest.raises(ValueError, match=r"stride: expected an int >= 1, got 0"):
+        count_driving(str(video), stride=0)
 
 
 # ------------------------------------------------------------------------------------------
