@@ -224,6 +224,8 @@ def test_pipeline_on_a_tiny_checkpoint(run, data):
         pipe.encode_source(src, space="W+")
     with pytest.raises(ValueError, match=r"pti_steps: expected an int >= 0, got -1"):
         pipe.encode_source(src, pti_steps=-1)
+    with pytest.raises(ValueError, match=r"pti_metric: expected a callable .* got 'lpips'"):
+        pipe.encode_source(src, pti_metric="lpips")
 
 
 def test_pipeline_names_a_missing_generator(run, tmp_path):

@@ -207,6 +207,10 @@ class OTAvatarPipeline(Pipeline):
         for what, n in (("steps", steps), ("pti_steps", pti_steps)):
             if n is not None and (not isinstance(n, int) or n < 0):
                 raise ValueError(f"{what}: expected an int >= 0, got {n!r}")
+        metric = pti_metric if pti_metric is not None else self.pti_metric
+        if metric is not None and not callable(metric):
+            raise ValueError(f"pti_metric: expected a callable (pred, target) -> (N,) distance "
+                             f"(e.g. pyface.eval.lpips.LPIPS) or None, got {metric!r}")
         if "coeffs" in source:
             motion = self._window(source["coeffs"][None])[:1]
         else:
@@ -232,7 +236,6 @@ class OTAvatarPipeline(Pipeline):
             with torch.enable_grad():
                 with torch.no_grad():
                     ws = w + model.controller(motion)
-                metric = pti_metric if pti_metric is not None else self.pti_metric
                 G, pl = pivotal_tuning(model, ws, apply_intrinsics(cam, kb), img, steps=pti,
                                        lr=cfg.pti_lr, stop=cfg.pti_stop, metric=metric,
                                        metric_stop=cfg.pti_stop_metric)
