@@ -213,6 +213,10 @@ def test_pipeline_on_a_tiny_checkpoint(data, gen_run):
         pipe.generate(state, motion, lam_scale={"jaw": 2.0})
     with pytest.raises(ValueError, match=r"chunk: expected an int >= 1, got 0"):
         pipe.generate(state, motion, chunk=0)
+    import numpy as np
+
+    torch.testing.assert_close(pipe.generate(state, motion, chunk=np.int64(2)),
+                               pipe.generate(state, motion))
     with pytest.raises(ValueError, match="camera: expected one of"):
         pipe.generate(state, motion, camera="side")
     with pytest.raises(ValueError, match=r"driving\['coeffs'\]: missing"):

@@ -226,6 +226,9 @@ def test_pipeline_on_a_tiny_checkpoint(run, data):
         pipe.encode_source(src, pti_steps=-1)
     with pytest.raises(ValueError, match=r"pti_metric: expected a callable .* got 'lpips'"):
         pipe.encode_source(src, pti_metric="lpips")
+    import numpy as np
+
+    assert len(pipe.encode_source(src, steps=np.int64(1), pti_steps=0)["loss"]) == 1
 
 
 def test_pipeline_names_a_missing_generator(run, tmp_path):

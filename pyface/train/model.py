@@ -20,6 +20,7 @@ schedules, checkpoints, logging and previews.
 """
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -465,7 +466,7 @@ class Pipeline:
         axis); ``state`` from :meth:`encode_source`."""
         if (driving is None) == (motion is None):
             raise ValueError("stream: give exactly one of driving and motion")
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
             raise ValueError(f"chunk: expected an int >= 1, got {chunk!r}")
         if driving is not None:
             # T from any per-frame tensor: a camera-only driving dict (EG3D) has no image

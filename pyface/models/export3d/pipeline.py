@@ -17,6 +17,7 @@ every driving frame gives an expression (from its 3DMM coefficients) and a camer
 """
 from __future__ import annotations
 
+import numbers
 import operator
 
 import torch
@@ -77,7 +78,7 @@ class Export3DPipeline(Pipeline):
         beta = motion["beta"]
         T = beta.shape[0]
         n = model.cond.n
-        if not isinstance(chunk, int) or chunk < 1:
+        if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
             raise ValueError(f"chunk: expected an int >= 1, got {chunk!r}")
         if isinstance(lam_scale, dict):
             if n is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import time
 
@@ -205,7 +206,8 @@ class OTAvatarPipeline(Pipeline):
         if space not in ("w", "w+"):
             raise ValueError(f"space: expected 'w' or 'w+', got {space!r}")
         for what, n in (("steps", steps), ("pti_steps", pti_steps)):
-            if n is not None and (not isinstance(n, int) or n < 0):
+            if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral)
+                                  or n < 0):
                 raise ValueError(f"{what}: expected an int >= 0, got {n!r}")
         metric = pti_metric if pti_metric is not None else self.pti_metric
         if metric is not None and not callable(metric):
