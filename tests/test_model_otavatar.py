@@ -211,6 +211,10 @@ def test_pipeline_on_a_tiny_checkpoint(run, data):
     assert not torch.allclose(a[0], a[-1]) or torch.equal(drv["coeffs"][0], drv["coeffs"][-1])
     orbit = pipe.generate(state, pipe.default_motion(4))
     assert orbit.shape == (4, 3, 16, 16)
+    torch.testing.assert_close(pipe.generate(state, pipe.default_motion(4), camera="orbit"),
+                               orbit)
+    with pytest.raises(ValueError, match=r"camera: default_motion's frames follow the orbit"):
+        pipe.generate(state, pipe.default_motion(4), camera="source")
     with pytest.raises(ValueError, match=r"driving\['coeffs'\]: expected shape \(T, 257\)"):
         pipe.encode_driving({"coeffs": torch.zeros(5, 70)})
     with pytest.raises(ValueError, match="camera: expected one of"):

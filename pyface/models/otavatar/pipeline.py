@@ -285,6 +285,9 @@ class OTAvatarPipeline(Pipeline):
 
         model = self.model
         if "orbit" in motion:
+            if camera not in (None, "orbit"):
+                raise ValueError(f"camera: default_motion's frames follow the orbit (camera None "
+                                 f"or 'orbit'), got {camera!r}")
             idx = motion["orbit"]
             T = int(idx.shape[0])
             m = state["motion"].expand(T, -1, -1)
