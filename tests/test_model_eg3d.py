@@ -761,6 +761,8 @@ def test_orbit_inversion_pipeline(tiny_run):
     from pyface.models.eg3d import load_pipeline
 
     assert isinstance(load_pipeline(run), EG3DPipeline)
+    with pytest.raises(ValueError, match="device: got 'cuda:"):
+        load_pipeline(run, device=f"cuda:{torch.cuda.device_count()}")
     pipe = EG3DPipeline.from_checkpoint(run, invert_steps=2)
     assert pipe.resolution == 16
     cams = torch.stack([_Frames(4, 16)[i]["camera"] for i in range(3)])
@@ -769,6 +771,15 @@ def test_orbit_inversion_pipeline(tiny_run):
     assert out.shape == (3, 3, 16, 16)
     with pytest.raises(ValueError, match=r"driving\['camera'\]: expected \(T, 25\)"):
         pipe.encode_driving({"camera": cams[:, :5]})
+    with pytest.raises(TypeError, match="space"):     # an encode_source option, not a control
+        pipe.generate({"ws": torch.zeros(1, G.num_ws, 16)}, {"camera": cams}, space="w")
+    # streaming a camera-only driving dict (no images) in chunks
+    torch.manual_seed(0)
+    whole = pipe.generate({"ws": torch.zeros(1, G.num_ws, 16)}, {"camera": cams})
+    torch.manual_seed(0)
+    parts = list(pipe.stream({"ws": torch.zeros(1, G.num_ws, 16)}, {"camera": cams}, chunk=2))
+    assert [t for t, _ in parts] == [0, 2]
+    torch.testing.assert_close(torch.cat([f for _, f in parts]), whole)
 
 
 def test_cli_animate_and_invert(tiny_run, tmp_path):

@@ -201,6 +201,22 @@ def test_pipeline_on_a_tiny_checkpoint(data, gen_run):
     assert pipe.generate(state, motion, camera="source").shape == (3, 3, 32, 32)
     with pytest.raises(ValueError, match="lam_scale: index 7 out of range"):
         pipe.generate(state, motion, lam_scale={7: 2.0})
+    # (T, n) factors are per frame, sliced with the chunks; other shapes and keys are errors
+    per_frame = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [0.0, 3.0, 1.0]])
+    chunked = pipe.generate(state, motion, lam_scale=per_frame, chunk=2)
+    torch.testing.assert_close(chunked[0], same[0])
+    torch.testing.assert_close(chunked[2], edit[2])
+    with pytest.raises(ValueError, match=r"lam_scale: expected .* shape \(3,\) or \(3, 3\), "
+                                         r"got \(\)"):
+        pipe.generate(state, motion, lam_scale=2.0)
+    with pytest.raises(ValueError, match=r"lam_scale: index 'jaw': expected an int"):
+        pipe.generate(state, motion, lam_scale={"jaw": 2.0})
+    with pytest.raises(ValueError, match=r"chunk: expected an int >= 1, got 0"):
+        pipe.generate(state, motion, chunk=0)
+    import numpy as np
+
+    torch.testing.assert_close(pipe.generate(state, motion, chunk=np.int64(2)),
+                               pipe.generate(state, motion))
     with pytest.raises(ValueError, match="camera: expected one of"):
         pipe.generate(state, motion, camera="side")
     with pytest.raises(ValueError, match=r"driving\['coeffs'\]: missing"):

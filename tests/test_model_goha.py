@@ -373,6 +373,10 @@ def test_pipeline_on_a_tiny_checkpoint(tiny_run):
             mo["expression"]), mo["camera"])["weights"]
     assert out.shape == (3, 3, 32, 32) and rec.shape == (1, 3, 32, 32)
     assert out.abs().max() <= 1 and not torch.allclose(out, no_app)
+    # inference builds no autograd graph, even outside torch.no_grad (a caller's script)
+    st_grad = pipe.encode_source(source)
+    assert not any(v.requires_grad for v in st_grad.values() if torch.is_tensor(v))
+    assert not pipe.generate(st_grad, pipe.encode_driving(driving)).requires_grad
     # the composite adds the source background where the render is not opaque
     assert st["background"].shape == (1, 3, 32, 32) and not torch.allclose(comp, plain)
     want = ((plain + 1) / 2 + (1 - alpha.clamp(0, 1)) * st["background"]) * 2 - 1

@@ -639,6 +639,8 @@ def test_pipeline_load_controls_and_animate(micro_run, data_root, tmp_path, caps
         pipe.generate(state, motion, scale=torch.ones(T + 1))
     with pytest.raises(ValueError, match=r"expression: expected 'driving', 'source'"):
         pipe.generate(state, motion, expression="mouth")
+    with pytest.raises(ValueError, match=r"cross_identity: expected True or False, got 'yes'"):
+        pipe.generate(state, motion, cross_identity="yes")
     with pytest.raises(ValueError, match=r"rotation, angles: give at most one"):
         pipe.generate(state, motion, rotation="source", angles=(0, 0, 0))
     with pytest.raises(ValueError, match=r"driving\['image'\]: expected shape"):
@@ -750,3 +752,5 @@ def test_vae_pipeline_interpolates_and_samples(micro_run, data_root, tmp_path):
                                                   device="cpu").reconstruct(src))
     with pytest.raises(ValueError, match=r"f_b: expected shape \(8,\)"):
         pipe.interpolate_expression(f[0], f[:2], [0.5])
+    with pytest.raises(ValueError, match=r"n: expected an int >= 1, got -1"):
+        pipe.sample_expression(-1)

@@ -211,12 +211,50 @@ def test_pipeline_on_a_tiny_checkpoint(run, data):
     assert not torch.allclose(a[0], a[-1]) or torch.equal(drv["coeffs"][0], drv["coeffs"][-1])
     orbit = pipe.generate(state, pipe.default_motion(4))
     assert orbit.shape == (4, 3, 16, 16)
+    torch.testing.assert_close(pipe.generate(state, pipe.default_motion(4), camera="orbit"),
+                               orbit)
+    with pytest.raises(ValueError, match=r"camera: default_motion's frames follow the orbit"):
+        pipe.generate(state, pipe.default_motion(4), camera="source")
     with pytest.raises(ValueError, match=r"driving\['coeffs'\]: expected shape \(T, 257\)"):
         pipe.encode_driving({"coeffs": torch.zeros(5, 70)})
     with pytest.raises(ValueError, match="camera: expected one of"):
         pipe.generate(state, motion, camera="fixed")
     with pytest.raises(KeyError, match="camera"):
         pipe.encode_source({"image": src["image"]})
+    # options are checked: a misspelt control or inversion space is an error, not ignored
+    with pytest.raises(TypeError, match="camra"):
+        pipe.generate(state, motion, camra="source")
+    with pytest.raises(ValueError, match=r"space: expected 'w' or 'w\+', got 'W\+'"):
+        pipe.encode_source(src, space="W+")
+    with pytest.raises(ValueError, match=r"pti_steps: expected an int >= 0, got -1"):
+        pipe.encode_source(src, pti_steps=-1)
+    with pytest.raises(ValueError, match=r"pti_metric: expected a callable .* got 'lpips'"):
+        pipe.encode_source(src, pti_metric="lpips")
+    import numpy as np
+
+    assert len(pipe.encode_source(src, steps=np.int64(1), pti_steps=0)["loss"]) == 1
+
+
+def test_pipeline_names_a_missing_generator(run, tmp_path):
+    """A run whose EG3D generator folder is gone (and not under RUN/stages/eg3d) is an error
+    naming model.generator and both paths, not a bare 'not a folder' of an unnamed path."""
+    import json
+    import shutil
+
+    r, _ = run
+    moved = tmp_path / "run"
+    shutil.copytree(r, moved)
+    latest = ckpt.latest_checkpoint(str(moved))
+    meta_path = f"{latest}/meta.json"
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta["experiment"]["model_config"]["generator"] = str(tmp_path / "gone")
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ckpt.CheckpointError, match=r"its EG3D generator \(model\.generator = "
+                                                  r"'.*gone'\) does not exist, nor does "
+                                                  r"'.*stages/eg3d'"):
+        pyface.models.load("otavatar", str(moved), device="cpu")
 
 
 def test_inversion_loss_decreases(generator_dir):

@@ -173,6 +173,8 @@ def test_models_load_and_example_pipeline(example_run):
     chunks = list(pipe.stream(state, driving, chunk=2))
     assert [t for t, _ in chunks] == [0, 2, 4]
     torch.testing.assert_close(torch.cat([c for _, c in chunks]), out)
+    with pytest.raises(ValueError, match=r"chunk: expected an int >= 1, got 0"):
+        next(pipe.stream(state, driving, chunk=0))
     orbit = pipe.default_motion(6)
     frames = torch.cat([c for _, c in pipe.stream(state, None, motion=orbit, chunk=4)])
     assert frames.shape == (6, 3, 16, 16)
@@ -202,9 +204,44 @@ def test_pipeline_input_checks(example_run):
     assert torch.allclose(p["landmarks"], torch.full((2, 68, 2), 4.0))
 
 
+def test_pipeline_pixel_checks(example_run):
+    """Images other than float in [-1, 1] or uint8 (and masks other than float in [0, 1] or
+    uint8) are errors naming the key, the expected range or dtype and the actual one; a numpy
+    array is checked like a tensor."""
+    import numpy as np
+
+    pipe = pyface.models.load("example", str(example_run), device="cpu")
+    img = torch.rand(3, 16, 16) * 2 - 1
+    with pytest.raises(ValueError, match=r"source\['image'\]: expected float values in \[-1, 1\], "
+                                         r"got \[0, 255\] \(0\.\.255 pixels"):
+        pipe.encode_source({"image": (img > 0).float() * 255})
+    with pytest.raises(ValueError, match=r"driving\['image'\]: expected float in \[-1, 1\] or "
+                                         r"uint8 \(0\.\.255\), got dtype int64"):
+        pipe.encode_driving({"image": torch.zeros(2, 3, 16, 16, dtype=torch.int64)})
+    with pytest.raises(ValueError, match=r"source\['image'\]: expected finite values"):
+        pipe.encode_source({"image": img * float("nan")})
+    with pytest.raises(ValueError, match=r"source\['mask'\]: expected float values in \[0, 1\], "
+                                         r"got \[-1, 1\]"):
+        pipe.encode_source({"image": img, "mask": torch.tensor([-1.0, 1.0]).repeat(8)
+                            .reshape(1, 4, 4)})
+    # within range (a resampling overshoot of up to PIXEL_TOLERANCE included), numpy arrays
+    ok = pipe.prepare({"image": (img * 1.005).numpy(), "mask": np.ones((1, 16, 16),
+                                                                        np.float32)},
+                      batched=False)
+    assert isinstance(ok["image"], torch.Tensor) and torch.allclose(ok["image"], img * 1.005)
+    with pytest.raises(ValueError, match=r"source\['image'\]: expected shape \(3, H, W\), got "
+                                         r"\(16, 16, 3\)"):
+        pipe.encode_source({"image": np.zeros((16, 16, 3), np.uint8)})
+
+
 def test_models_load_errors(example_run, monkeypatch):
     with pytest.raises(KeyError, match=r"unknown model 'nope'; registered: .*example"):
         pyface.models.load("nope", str(example_run))
+    # a CUDA device that is not there (no CUDA at all, or an index past the last) names itself
+    missing = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(ValueError, match=rf"device: got '{missing}', but this machine has "
+                                         rf"{torch.cuda.device_count()} CUDA device"):
+        pyface.models.load("example", str(example_run), device=missing)
     monkeypatch.setitem(registry.MODELS, "toy_stage1", f"{__name__}:Stage1Toy")
     with pytest.raises(ValueError, match=r"model 'toy_stage1' has no inference pipeline"):
         pyface.models.load("toy_stage1", str(example_run))
@@ -301,6 +338,17 @@ def test_read_driving_from_frames_and_video_files(tmp_path):
         read_source(str(tmp_path / "bad.png"), 8)
     with pytest.raises(ValueError, match=r"resolution: expected a positive int"):
         read_source(str(folder), 0)
+    with pytest.raises(ValueError, match=r"resolution: expected a positive int or None, got True"):
+        read_source(str(folder), True)
+    # frame counts are ints: a float stride or max_frames is an error naming it
+    with pytest.raises(ValueError, match=r"stride: expected an int >= 1, got 2\.0"):
+        read_driving(str(folder), 8, stride=2.0)
+    with pytest.raises(ValueError, match=r"max_frames: expected an int >= 1 or None, got 2\.5"):
+        next(iter_driving(str(video), 8, max_frames=2.5))
+    with pytest.raises(ValueError, match=r"chunk: expected an int >= 1, got 0"):
+        next(iter_driving(str(video), 8, chunk=0))
+    with pytest.raises(ValueError, match=r"stride: expected an int >= 1, got 0"):
+        count_driving(str(video), stride=0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -480,6 +528,11 @@ def test_stages_train_first_then_are_reused(tmp_path, monkeypatch, caplog):
         assert torch.equal(v, tensors[f"model.{k}"])
     assert pipe.animate({"image": torch.zeros(3, 8, 8)},
                         {"image": torch.zeros(2, 3, 8, 8)}).shape == (2, 3, 8, 8)
+    # the stage gone from both places: the error names the stage, its key and both paths
+    shutil.move(str(moved / "stages"), str(tmp_path / "elsewhere"))
+    with pytest.raises(ckpt.CheckpointError, match=r"its stage 's1' \(model\.stage1_checkpoint = "
+                                                  r".*\) does not exist, nor does .*stages/s1"):
+        pyface.models.load("toy_stage2", str(moved), device="cpu")
 
 
 def test_stage_overrides_reach_their_stage_and_stale_stages_are_refused(tmp_path, monkeypatch,

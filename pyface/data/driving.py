@@ -14,6 +14,7 @@ first); landmarks are rescaled to the new pixel grid. ``resolution=None`` keeps 
 """
 from __future__ import annotations
 
+import numbers
 import os
 
 import numpy as np
@@ -56,8 +57,19 @@ def _images(frames: list[np.ndarray], resolution: int | None, *, crop: bool,
 
 
 def _check_resolution(resolution) -> None:
-    if resolution is not None and (not isinstance(resolution, int) or resolution <= 0):
+    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int)
+                                   or resolution <= 0):
         raise ValueError(f"resolution: expected a positive int or None, got {resolution!r}")
+
+
+def _check_counts(**counts) -> None:
+    """``stride`` / ``chunk`` / ``max_frames`` (None allowed): ints >= 1."""
+    for name, n in counts.items():
+        if n is None and name == "max_frames":
+            continue
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"{name}: expected an int >= 1"
+                             + (" or None" if name == "max_frames" else "") + f", got {n!r}")
 
 
 def _read_image_file(path: str) -> np.ndarray:
@@ -156,10 +168,7 @@ def read_driving(path: str, resolution: int | None, *, max_frames: int | None = 
     at R) and ``mask (T, 1, R, R)`` (when present). A video file or a folder of images gives
     ``image`` only. ``stride`` keeps every n-th frame, ``max_frames`` the first ones after that."""
     _check_resolution(resolution)
-    if stride < 1:
-        raise ValueError(f"stride: expected >= 1, got {stride}")
-    if max_frames is not None and max_frames < 1:
-        raise ValueError(f"max_frames: expected >= 1 or None, got {max_frames}")
+    _check_counts(stride=stride, max_frames=max_frames)
     if os.path.isdir(path):
         if is_video_folder(path):
             n = fmt.scan_video(*os.path.split(os.path.normpath(os.path.abspath(path)))).num_frames
@@ -179,6 +188,7 @@ def read_driving(path: str, resolution: int | None, *, max_frames: int | None = 
 def count_driving(path: str, *, max_frames: int | None = None, stride: int = 1) -> int | None:
     """The number of frames :func:`read_driving` / :func:`iter_driving` give for ``path``
     (None when a video file does not say)."""
+    _check_counts(stride=stride, max_frames=max_frames)
     if os.path.isdir(path):
         if is_video_folder(path):
             n = fmt.scan_video(*os.path.split(os.path.normpath(os.path.abspath(path)))).num_frames
@@ -201,9 +211,7 @@ def iter_driving(path: str, resolution: int | None, *, chunk: int = 16,
     """:func:`read_driving` in chunks of at most ``chunk`` frames (the same dicts, split along
     T), reading only one chunk at a time: memory stays bounded for long videos."""
     _check_resolution(resolution)
-    if chunk < 1 or stride < 1 or (max_frames is not None and max_frames < 1):
-        raise ValueError(f"chunk, stride and max_frames must be >= 1, got {chunk}, {stride}, "
-                         f"{max_frames}")
+    _check_counts(chunk=chunk, stride=stride, max_frames=max_frames)
     if os.path.isdir(path):
         if is_video_folder(path):
             n = fmt.scan_video(*os.path.split(os.path.normpath(os.path.abspath(path)))).num_frames

@@ -84,11 +84,21 @@ def load(name: str, checkpoint: str, *, device: str | torch.device | None = None
 def _relocate_stages(cls, cfg, checkpoint_folder: str) -> None:
     """A stage run recorded at a path that no longer exists (the run folder was moved, or the
     path was relative to another working directory) is taken from the run folder itself,
-    ``<run>/stages/<name>``, where ``pyface train`` puts it."""
+    ``<run>/stages/<name>``, where ``pyface train`` puts it. Found in neither place: a
+    :class:`~pyface.checkpoint.CheckpointError` naming the stage's config key and both paths
+    (the model is built from the stage's checkpoint)."""
+    from pyface.checkpoint import CheckpointError
+
     run = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_folder)))
     for stage in getattr(cls, "stages", ()) or ():
         path = getattr(cfg, stage.checkpoint_key, None)
         local = os.path.join(run, "stages", stage.name)
-        if path and not os.path.exists(path) and os.path.isdir(local):
+        if path and not os.path.exists(path):
+            if not os.path.isdir(local):
+                raise CheckpointError(
+                    f"checkpoint {checkpoint_folder!r}: its stage {stage.name!r} "
+                    f"(model.{stage.checkpoint_key} = {path!r}) does not exist, nor does "
+                    f"{local!r}; the model is built from it: put the stage's run back at either "
+                    "path")
             log.info("stage %r: %s not found; using %s", stage.name, path, local)
             setattr(cfg, stage.checkpoint_key, local)

@@ -20,6 +20,7 @@ schedules, checkpoints, logging and previews.
 """
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -294,6 +295,32 @@ _SHAPE_TEXT = {"image": "3, H, W", "camera": "25", "coeffs": "257", "landmarks":
                "mask": "1, H, W"}
 
 
+#: how far a float image / mask may stray outside its range (resampling overshoot) before
+#: :meth:`Pipeline.prepare` calls it another convention (e.g. 0..255 floats)
+PIXEL_TOLERANCE = 0.01
+
+
+def _check_pixels(value: torch.Tensor, what: str, bounds: tuple[float, float]) -> None:
+    """An image or mask is uint8 (0..255) or float within ``bounds`` (finite); anything else
+    (other integer types, 0..255 floats, NaN) is a ValueError naming ``what``."""
+    lo, hi = bounds
+    if value.dtype == torch.uint8:
+        return
+    if not value.is_floating_point():
+        raise ValueError(f"{what}: expected float in [{lo:g}, {hi:g}] or uint8 (0..255), got "
+                         f"dtype {str(value.dtype).replace('torch.', '')}")
+    if value.numel() == 0:
+        return
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{what}: expected finite values in [{lo:g}, {hi:g}], got NaN or inf")
+    vmin, vmax = (float(v) for v in torch.aminmax(value.detach().float()))
+    if vmin < lo - PIXEL_TOLERANCE or vmax > hi + PIXEL_TOLERANCE:
+        hint = " (0..255 pixels: divide by 127.5 and subtract 1, or pass uint8)" \
+            if hi == 1.0 and lo == -1.0 and vmax > 2 else ""
+        raise ValueError(f"{what}: expected float values in [{lo:g}, {hi:g}], got "
+                         f"[{vmin:.4g}, {vmax:.4g}]{hint}")
+
+
 class Pipeline:
     """Inference with a trained model, one method per stage (LivePortrait style): encode the
     source once, then stream driving frames through ``encode_driving`` and ``generate``.
@@ -302,7 +329,8 @@ class Pipeline:
     ``camera (25,)`` (EG3D label), ``coeffs (257,)`` (Deep3DFaceRecon), ``landmarks (68, 2)``
     (pixels), ``mask (1, H, W)`` in [0, 1]. *driving* has the same keys with a leading ``T``.
     Pipelines resize images to ``resolution`` (antialiased) themselves (:meth:`prepare`), so any
-    input size is accepted.
+    input size is accepted; an image must be uint8 or float within [-1, 1] (a mask: [0, 1]),
+    give or take :data:`PIXEL_TOLERANCE`.
 
     Subclasses implement ``encode_source``, ``encode_driving`` and ``generate``; ``reconstruct``
     and ``animate`` compose them. A pipeline whose model can animate without driving frames
@@ -320,6 +348,12 @@ class Pipeline:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if n == 0 or (self.device.index or 0) >= n:
+                raise ValueError(f"device: got {str(device)!r}, but this machine has "
+                                 f"{n} CUDA device(s) visible to torch (device=None picks "
+                                 "CUDA when there is one, else the CPU)")
         self.model = model.to(self.device).eval()
         res = getattr(getattr(model, "cfg", None), "resolution", None)
         if res is not None and not getattr(self, "resolution", None):
@@ -350,6 +384,8 @@ class Pipeline:
         scale = None
         R = self.resolution
         for key, value in frames.items():
+            if key in FRAME_KEYS and type(value).__module__ == "numpy":
+                value = torch.as_tensor(value)          # a numpy array: same checks as a tensor
             if key not in FRAME_KEYS or not isinstance(value, torch.Tensor):
                 out[key] = value
                 continue
@@ -369,6 +405,9 @@ class Pipeline:
                 raise ValueError(f"{name}['{key}']: expected shape ({pre}{exp})"
                                  + (f" with T={T}" if batched and T is not None else "")
                                  + f", got {shape}")
+            if key in ("image", "mask"):
+                _check_pixels(value, f"{name}['{key}']", (-1.0, 1.0) if key == "image"
+                              else (0.0, 1.0))
             value = value.to(self.device)
             if key in ("image", "mask"):
                 if value.dtype == torch.uint8:
@@ -427,8 +466,15 @@ class Pipeline:
         axis); ``state`` from :meth:`encode_source`."""
         if (driving is None) == (motion is None):
             raise ValueError("stream: give exactly one of driving and motion")
+        if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
+            raise ValueError(f"chunk: expected an int >= 1, got {chunk!r}")
         if driving is not None:
-            T = int(driving["image"].shape[0])
+            # T from any per-frame tensor: a camera-only driving dict (EG3D) has no image
+            per_frame = {k: v for k, v in driving.items() if isinstance(v, torch.Tensor)}
+            if not per_frame:
+                raise ValueError(f"driving: expected a dict of (T, ...) tensors, got keys "
+                                 f"{sorted(driving)}")
+            T = motion_length(per_frame)
             for t in range(0, T, chunk):
                 part = {k: v[t:t + chunk] if isinstance(v, torch.Tensor) else v
                         for k, v in driving.items()}

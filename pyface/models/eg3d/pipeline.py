@@ -148,7 +148,10 @@ class EG3DPipeline(_PipelineBase):
     """EG3D as a portrait pipeline: the source is projected into W+ of the generator
     (``encode_source``: ``image`` (3, H, W) and ``camera`` (25,)); driving frames give cameras
     (``camera`` (T, 25)); ``generate`` renders the source's latent from those cameras ->
-    (T, 3, R, R) in [-1, 1]. Controls: ``invert_steps``, ``space`` ("w" / "w+")."""
+    (T, 3, R, R) in [-1, 1]. Options of ``encode_source``: ``steps`` (default: the constructor's
+    ``invert_steps``, 300), ``space`` ("w" / "w+"); ``generate`` takes no controls (a misspelt
+    one is a TypeError). Its ray samples are random, as EG3D's: seed ``torch`` for repeatable
+    frames."""
 
     def __init__(self, model, *, device=None, perceptual=None, invert_steps: int = 300):
         G = model.G if hasattr(model, "G") else model
@@ -159,7 +162,7 @@ class EG3DPipeline(_PipelineBase):
 
     @classmethod
     def from_checkpoint(cls, path: str, *, device=None, ema: bool = True, **kw):
-        return cls(load_generator(path, device=device or "cpu", ema=ema), device=device, **kw)
+        return cls(load_generator(path, device="cpu", ema=ema), device=device, **kw)
 
     def encode_source(self, source: dict, *, space: str = "w+", steps: int | None = None
                       ) -> dict:
@@ -183,7 +186,7 @@ class EG3DPipeline(_PipelineBase):
         return {"camera": cam.float().to(self.device)}
 
     @torch.no_grad()
-    def generate(self, state: dict, motion: dict, **controls) -> torch.Tensor:
+    def generate(self, state: dict, motion: dict) -> torch.Tensor:
         cam = motion["camera"]
         ws = state["ws"].to(self.device)
         planes = self.G.backbone.planes(ws, noise_mode="const")

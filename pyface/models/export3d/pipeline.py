@@ -6,9 +6,9 @@ every driving frame gives an expression (from its 3DMM coefficients) and a camer
 * ``encode_driving(driving)``: ``{"beta": (T, 64), "lambda": (T, n) or None, "camera": (T, 25)
   or None}``; ``driving["coeffs"] (T, 257)`` is required (Export3D is driven by 3DMM
   expressions, e.g. from Deep3DFaceRecon, prepared outside pyface).
-* ``generate(state, motion, camera="driving"|"source"|"orbit", lam_scale=None,
-  expression_scale=1.0)``: ``(T, 3, R, R)``. ``lam_scale`` ((n,) or {index: factor}) scales
-  individual basis coefficients lambda_i (editing; e2e / clebs); ``camera="orbit"`` follows a
+* ``generate(state, motion, camera="driving"|"source"|"orbit", lam_scale=None, chunk=16)``:
+  ``(T, 3, R, R)``, ``chunk`` frames at a time. ``lam_scale`` ((n,), (T, n) or {index: factor})
+  scales individual basis coefficients lambda_i (editing; e2e / clebs); ``camera="orbit"`` follows a
   +-30 / 10 degree ellipse (:func:`pyface.face.cameras.orbit_labels`). With
   ``model.expr_relative`` the source's coefficients (``source['coeffs']``) are required: the
   expression planes move the source by the change from its expression to the driving one.
@@ -16,6 +16,9 @@ every driving frame gives an expression (from its 3DMM coefficients) and a camer
   pixels) are required: its mouth box is masked in the paths that copy the source.
 """
 from __future__ import annotations
+
+import numbers
+import operator
 
 import torch
 
@@ -75,15 +78,29 @@ class Export3DPipeline(Pipeline):
         beta = motion["beta"]
         T = beta.shape[0]
         n = model.cond.n
+        if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
+            raise ValueError(f"chunk: expected an int >= 1, got {chunk!r}")
         if isinstance(lam_scale, dict):
             if n is None:
                 raise ValueError("lam_scale: model.cond='direct' has no basis coefficients")
             s = torch.ones(n, device=self.device)
             for i, v in lam_scale.items():
-                if not 0 <= int(i) < n:
+                try:
+                    i = operator.index(i)
+                except TypeError:
+                    raise ValueError(f"lam_scale: index {i!r}: expected an int in [0, {n})") \
+                        from None
+                if not 0 <= i < n:
                     raise ValueError(f"lam_scale: index {i} out of range [0, {n})")
-                s[int(i)] = float(v)
+                s[i] = float(v)
             lam_scale = s
+        elif lam_scale is not None:
+            if n is None:
+                raise ValueError("lam_scale: model.cond='direct' has no basis coefficients")
+            lam_scale = torch.as_tensor(lam_scale, dtype=torch.float32, device=self.device)
+            if tuple(lam_scale.shape) not in ((n,), (T, n)):
+                raise ValueError(f"lam_scale: expected a dict {{index: factor}} or shape ({n},) "
+                                 f"or ({T}, {n}), got {tuple(lam_scale.shape)}")
         cams = self._camera(state, motion, T, camera)
         if model.cfg.expr_relative and model.cfg.expr_planes and state["beta"] is None:
             raise ValueError("source['coeffs']: required with model.expr_relative (the "
@@ -91,7 +108,9 @@ class Export3DPipeline(Pipeline):
         frames = []
         for t0 in range(0, T, chunk):
             b = beta[t0:t0 + chunk]
-            _, cond, code = model.condition(b, lam_scale, with_code=True)
+            ls = lam_scale[t0:t0 + chunk] if lam_scale is not None and lam_scale.dim() == 2 \
+                else lam_scale
+            _, cond, code = model.condition(b, ls, with_code=True)
             planes = model.generator.decode(state["features"], cond,
                                             model.expression_input(code, state["beta"]))
             out = model.render(planes, cams[t0:t0 + chunk], state["image"], cond,

@@ -607,6 +607,7 @@ class GOHAPipeline(Pipeline):
       the head's hole in the background is filled with the mean background colour; a
       super-resolved image is first multiplied by the render's opacity, upsampled, or with
       ``model.sr_residual`` only its residual over the upsampled render: ``model.foreground``).
+      The ray samples are random (as in training): seed ``torch`` for repeatable frames.
     """
 
     def __init__(self, model, *, device=None):
@@ -615,6 +616,7 @@ class GOHAPipeline(Pipeline):
         self.input_resolution = int(model.cfg.resolution)
         self.resolution = int(model.output_resolution)
 
+    @torch.no_grad()
     def encode_source(self, source: dict) -> dict:
         out_res, self.resolution = self.resolution, self.input_resolution
         try:
@@ -641,6 +643,7 @@ class GOHAPipeline(Pipeline):
             state["background"] = img * (1 - m) + fill * m
         return state
 
+    @torch.no_grad()
     def encode_driving(self, driving: dict) -> dict:
         drv = self.prepare(driving, batched=True, name="driving")
         for k in ("camera", "coeffs"):
@@ -649,6 +652,7 @@ class GOHAPipeline(Pipeline):
                                "(T, 25) and 3DMM coefficients (T, 257)")
         return {"expression": drv["coeffs"][:, 80:144].float(), "camera": drv["camera"].float()}
 
+    @torch.no_grad()
     def generate(self, state: dict, motion: dict, expression: bool = True,
                  appearance: bool = True, composite: bool = True) -> torch.Tensor:
         T = motion["camera"].shape[0]

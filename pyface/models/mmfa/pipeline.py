@@ -97,6 +97,8 @@ class MMFAPipeline(Pipeline):
         T = int(motion["f_exp"].shape[0])
         if rotation is not None and angles is not None:
             raise ValueError("rotation, angles: give at most one")
+        if not isinstance(cross_identity, bool):
+            raise ValueError(f"cross_identity: expected True or False, got {cross_identity!r}")
         # rotation
         if angles is not None:
             if len(angles) != 3:

@@ -21,6 +21,7 @@ MMFA (Li et al. 2026; no code released); built from the paper's description, our
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -131,6 +132,8 @@ class MMFAVAEPipeline(MMFAPipeline):
     @torch.no_grad()
     def sample_expression(self, n: int, generator: torch.Generator | None = None):
         """(n, exp_dim) expression features decoded from z ~ N(0, I)."""
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"n: expected an int >= 1, got {n!r}")
         return self.model.vae.sample_prior(int(n), generator=generator)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import time
 
@@ -176,8 +177,12 @@ class OTAvatarPipeline(Pipeline):
         if cfg.generator and not os.path.exists(cfg.generator):
             run = os.path.dirname(os.path.dirname(os.path.abspath(pre.path)))
             local = os.path.join(run, "stages", "eg3d")
-            if os.path.isdir(local):
-                cfg.generator = local
+            if not os.path.isdir(local):
+                raise ckpt.CheckpointError(
+                    f"checkpoint {pre.path!r}: its EG3D generator (model.generator = "
+                    f"{cfg.generator!r}) does not exist, nor does {local!r}; the model is built "
+                    "from it: put the generator back at either path")
+            cfg.generator = local
         model = OTAvatar(cfg)
         ckpt.load_module_state(model, pre.state, f"checkpoint {pre.path!r}")
         return cls(model, device=device)
@@ -198,6 +203,16 @@ class OTAvatarPipeline(Pipeline):
                            "EG3D camera label (25,)")
         space = cfg.invert_space if space is None else space
         steps = cfg.invert_steps if steps is None else steps
+        if space not in ("w", "w+"):
+            raise ValueError(f"space: expected 'w' or 'w+', got {space!r}")
+        for what, n in (("steps", steps), ("pti_steps", pti_steps)):
+            if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral)
+                                  or n < 0):
+                raise ValueError(f"{what}: expected an int >= 0, got {n!r}")
+        metric = pti_metric if pti_metric is not None else self.pti_metric
+        if metric is not None and not callable(metric):
+            raise ValueError(f"pti_metric: expected a callable (pred, target) -> (N,) distance "
+                             f"(e.g. pyface.eval.lpips.LPIPS) or None, got {metric!r}")
         if "coeffs" in source:
             motion = self._window(source["coeffs"][None])[:1]
         else:
@@ -223,7 +238,6 @@ class OTAvatarPipeline(Pipeline):
             with torch.enable_grad():
                 with torch.no_grad():
                     ws = w + model.controller(motion)
-                metric = pti_metric if pti_metric is not None else self.pti_metric
                 G, pl = pivotal_tuning(model, ws, apply_intrinsics(cam, kb), img, steps=pti,
                                        lr=cfg.pti_lr, stop=cfg.pti_stop, metric=metric,
                                        metric_stop=cfg.pti_stop_metric)
@@ -266,12 +280,14 @@ class OTAvatarPipeline(Pipeline):
         return {"orbit": torch.arange(frames)}
 
     @torch.no_grad()
-    def generate(self, state: dict, motion: dict, *, camera: str | None = None,
-                 **controls) -> torch.Tensor:
+    def generate(self, state: dict, motion: dict, *, camera: str | None = None) -> torch.Tensor:
         from pyface.models.otavatar.model import apply_intrinsics
 
         model = self.model
         if "orbit" in motion:
+            if camera not in (None, "orbit"):
+                raise ValueError(f"camera: default_motion's frames follow the orbit (camera None "
+                                 f"or 'orbit'), got {camera!r}")
             idx = motion["orbit"]
             T = int(idx.shape[0])
             m = state["motion"].expand(T, -1, -1)
