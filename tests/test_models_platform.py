@@ -224,11 +224,19 @@ def test_pipeline_pixel_checks(example_run):
                                          r"got \[-1, 1\]"):
         pipe.encode_source({"image": img, "mask": torch.tensor([-1.0, 1.0]).repeat(8)
                             .reshape(1, 4, 4)})
-    # within range (a resampling overshoot of up to PIXEL_TOLERANCE included), numpy arrays
+    with pytest.raises(ValueError, match=r"source\['image'\]: expected float values in \[-1, 1\], "
+                                         r"got \[-0\.\d+, 2\.5\]"):
+        pipe.encode_source({"image": torch.cat([img[:2], torch.full((1, 16, 16), 2.5)])})
+    # within range, numpy arrays; a caller's own bicubic resize of a hard-edged image overshoots
+    # [-1, 1] and is accepted
     ok = pipe.prepare({"image": (img * 1.005).numpy(), "mask": np.ones((1, 16, 16),
                                                                         np.float32)},
                       batched=False)
     assert isinstance(ok["image"], torch.Tensor) and torch.allclose(ok["image"], img * 1.005)
+    edges = torch.nn.functional.interpolate((img > 0).float()[None] * 2 - 1, scale_factor=2,
+                                            mode="bicubic")[0]
+    assert edges.abs().max() > 1.2
+    pipe.encode_source({"image": edges})
     with pytest.raises(ValueError, match=r"source\['image'\]: expected shape \(3, H, W\), got "
                                          r"\(16, 16, 3\)"):
         pipe.encode_source({"image": np.zeros((16, 16, 3), np.uint8)})

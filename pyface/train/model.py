@@ -295,9 +295,12 @@ _SHAPE_TEXT = {"image": "3, H, W", "camera": "25", "coeffs": "257", "landmarks":
                "mask": "1, H, W"}
 
 
-#: how far a float image / mask may stray outside its range (resampling overshoot) before
-#: :meth:`Pipeline.prepare` calls it another convention (e.g. 0..255 floats)
-PIXEL_TOLERANCE = 0.01
+#: how far a float image / mask may stray outside its range before :meth:`Pipeline.prepare`
+#: calls it another convention (e.g. 0..255 floats), as a fraction of the range's half-width
+#: (1.0 for an image in [-1, 1], 0.5 for a mask in [0, 1]). Resampling overshoots: bicubic
+#: upsampling of a hard-edged [-1, 1] image reaches about +-1.8, so a caller who resized an
+#: image themselves is not refused.
+PIXEL_TOLERANCE = 1.0
 
 
 def _check_pixels(value: torch.Tensor, what: str, bounds: tuple[float, float]) -> None:
@@ -314,7 +317,8 @@ def _check_pixels(value: torch.Tensor, what: str, bounds: tuple[float, float]) -
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"{what}: expected finite values in [{lo:g}, {hi:g}], got NaN or inf")
     vmin, vmax = (float(v) for v in torch.aminmax(value.detach().float()))
-    if vmin < lo - PIXEL_TOLERANCE or vmax > hi + PIXEL_TOLERANCE:
+    slack = PIXEL_TOLERANCE * (hi - lo) / 2
+    if vmin < lo - slack or vmax > hi + slack:
         hint = " (0..255 pixels: divide by 127.5 and subtract 1, or pass uint8)" \
             if hi == 1.0 and lo == -1.0 and vmax > 2 else ""
         raise ValueError(f"{what}: expected float values in [{lo:g}, {hi:g}], got "
