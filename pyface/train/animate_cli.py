@@ -18,7 +18,7 @@ def add_parser(subparsers) -> None:
                     "encoding, reading and writing excluded). Driving frames are read --batch "
                     "at a time, so long videos need little memory.",
         epilog="example: pyface animate example --checkpoint runs/example --source face.png "
-               "--driving data/test/id0000_v00 --out anim.mp4")
+               "--driving data/test/test0000_v00 --out anim.mp4")
     a.add_argument("model", help=f"registered model: {', '.join(sorted(MODELS))}, or a plugin's")
     a.add_argument("--checkpoint", required=True,
                    help="a run folder (latest checkpoint), a checkpoint folder or a weights folder")
