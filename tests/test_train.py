@@ -122,6 +122,22 @@ def test_sampler_shards_partition_the_global_batch():
 # end to end, resume, checkpoints
 # ------------------------------------------------------------------------------------------
 
+def test_run_without_imageio_finishes_without_its_preview_clip(tmp_path, monkeypatch, caplog):
+    # the `prepare` extra alone has no imageio: the run still ends, with the PNG previews
+    import sys
+
+    monkeypatch.setitem(sys.modules, "imageio", None)
+    monkeypatch.setitem(sys.modules, "imageio.v2", None)
+    cfg = tiny(tmp_path, "train.steps=2", "train.image_every=0", "train.video_frames=2")
+    with caplog.at_level("WARNING", logger="pyface"):
+        res = Trainer(cfg).fit()
+    assert res.step == 2 and res.previews == [str(tmp_path / "run" / "previews" /
+                                                  "step-000002.png")]
+    assert sorted(os.listdir(tmp_path / "run" / "previews")) == ["step-000002.png"]
+    assert any("preview video" in r.getMessage() and "imageio" in r.getMessage()
+               and ".[train]" in r.getMessage() for r in caplog.records)
+
+
 def test_example_end_to_end_writes_run_folder(tmp_path):
     cfg = tiny(tmp_path, "train.steps=4", "train.tensorboard=true", "train.image_every=2",
                "train.video_frames=4", "train.ckpt_every=2")

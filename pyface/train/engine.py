@@ -615,8 +615,9 @@ class Trainer:
             if video:
                 frames = self.model.preview_video(batch, self.cfg.train.video_frames)
                 if frames is not None:
-                    paths.append(save_video(frames, os.path.join(
-                        self.run_dir, "previews", f"step-{self.step:06d}.mp4")))
+                    clip = save_video(frames, os.path.join(
+                        self.run_dir, "previews", f"step-{self.step:06d}.mp4"))
+                    paths += [clip] if clip else []
         finally:
             self.model.train(was)
         return paths
