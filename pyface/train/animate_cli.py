@@ -215,9 +215,14 @@ def run_animate(args) -> int:
                     done += frames.shape[0]
                     bar.update(frames.shape[0])
             bar.close()
-    except (DataError, ValueError) as exc:
+    except (DataError, KeyError, ValueError) as exc:   # KeyError: a label the model needs
         writer.close()
-        return fail(str(exc), 1)
+        msg = str(exc).strip('"')
+        if "missing" in msg:
+            msg += (". An image or video file carries the image only; `pyface data prepare FILE "
+                    "--out DIR` adds the camera, 3DMM coefficients and landmarks: pass its video "
+                    "folder DIR/NAME instead")
+        return fail(msg, 1)
     if done == 0:
         writer.close()
         return fail(f"{args.driving}: no driving frames", 1)
