@@ -786,6 +786,19 @@ def test_cli_animate_image_source_without_camera_is_a_message(tiny_run, tmp_path
     assert "pyface data prepare FILE --out DIR" in err
 
 
+def test_cli_animate_seeds_honours_no_progress_and_device(tiny_run, tmp_path, capsys):
+    from pyface.cli import main
+
+    run, _ = tiny_run
+    capsys.readouterr()
+    assert main(["animate", "eg3d", "--checkpoint", run, "--seeds", "0", "--frames", "2",
+                 "--device", "cpu", "--no-progress", "--out", str(tmp_path / "o.mp4")]) == 0
+    assert "frame" not in capsys.readouterr().err                 # no progress bar
+    assert main(["animate", "eg3d", "--checkpoint", run, "--seeds", "0", "--frames", "2",
+                 "--device", "nodevice", "--out", str(tmp_path / "o.mp4")]) == 2
+    assert "--device: expected cpu, cuda or cuda:N, got 'nodevice'" in capsys.readouterr().err
+
+
 def test_cli_animate_and_invert(tiny_run, tmp_path):
     from pyface.cli import main
     from pyface.train.monitor import save_png
