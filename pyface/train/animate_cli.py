@@ -147,6 +147,12 @@ def run_animate(args) -> int:
     if args.batch < 1 or args.stride < 1 or (args.frames is not None and args.frames < 1):
         return fail(f"--batch, --stride and --frames must be >= 1, got {args.batch}, "
                     f"{args.stride}, {args.frames}", 2)
+    from pyface.train.cli import resolve_device
+
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as exc:
+        return fail(str(exc), 2)
     if args.seeds is not None or (args.source is None and args.model in SEED_ANIMATORS):
         if args.model not in SEED_ANIMATORS:
             return fail(f"--seeds: model {args.model!r} is not a generator; models animated from "
