@@ -539,6 +539,21 @@ def test_reenactment_pairs_cross(root):
         reenactment_pairs(root, protocol="both")
 
 
+def test_data_bench_with_fewer_pairs_than_a_batch_is_an_error(root, capsys):
+    import re
+
+    from pyface.cli import main
+
+    assert main(["data", "bench", "--root", root, "--workers", "0", "--batch-size", "8",
+                 "--samples", "16"]) == 0
+    assert "pairs/s" in capsys.readouterr().out
+    # the loader drops the incomplete batch: it would yield nothing, and the timing loop waited
+    assert main(["data", "bench", "--root", root, "--workers", "0", "--batch-size", "100000",
+                 "--samples", "4"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"--batch-size 100000 needs at least that many pairs, got \d+ in ", err)
+
+
 def test_pairs_and_cache_commands(root, cache, capsys):
     from pyface.cli import main
 

@@ -298,6 +298,11 @@ def _bench(args) -> int:
                   f"workers {s['render_cpu_seconds']:.2f} s "
                   f"({1e3 * s['render_cpu_seconds'] / s['frames']:.0f} ms/frame)", flush=True)
         ds = PairDataset(root)
+        if len(ds) < args.batch_size:   # the loader drops the incomplete batch: none to time
+            print(f"pyface data bench: --batch-size {args.batch_size} needs at least that many "
+                  f"pairs, got {len(ds)} in {root} (more --frames / --identities, or a smaller "
+                  "--batch-size)", file=sys.stderr)
+            return 2
         loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True,
                                              num_workers=args.workers, drop_last=True,
                                              persistent_workers=args.workers > 0)
