@@ -437,6 +437,21 @@ def test_test_split_is_disjoint_and_has_the_cross_set(tmp_path):
         S.SynthConfig(split="val")
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--identities", "1"], "--identities: cross-identity ground truth needs identities >= 2 "
+                            "(or --no-cross), got 1"),
+    (["--frames", "0"], "--frames: expected > 0, got 0"),
+    (["--zoom", "2"], "--zoom: expected a log-scale amplitude in [0, 0.5], got 2.0"),
+    (["--exp-leak", "-1"], "--exp-leak: expected >= 0, got -1.0"),
+])
+def test_synth_cli_bad_option_is_a_message_naming_it(tmp_path, capsys, args, message):
+    from pyface.cli import main
+
+    assert main(["data", "synth", "--out", str(tmp_path / "x"), *args]) == 2
+    assert capsys.readouterr().err == f"pyface data synth: {message}\n"
+    assert not (tmp_path / "x").exists()
+
+
 def test_synth_cli_split_and_options(tmp_path, capsys):
     from pyface.cli import main
 
