@@ -116,3 +116,14 @@ def test_cli_writes_json(tmp_path):
     assert all(r["work_mem_mb"] is not None for r in data["results"] if r["mode"] != "bwd")
     assert {r["shape"] for r in data["results"]} == {"small"}  # --shapes left out "eg3d"
     assert "triplane_sample" in proc.stdout
+
+
+def test_cli_unknown_op_or_shape_is_an_error_naming_the_choices(tmp_path, capsys):
+    from pyface.cli import main
+
+    assert main(["bench", "triplane", "nosuchop", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown op or family 'nosuchop'" in err and "triplane_sample" in err
+    assert main(["bench", "triplane", "--device", "cpu", "--shapes", "huge"]) == 2
+    assert "--shapes huge: none of these at --size small; shapes of the selected ops: small" \
+        in capsys.readouterr().err

@@ -437,6 +437,21 @@ def test_test_split_is_disjoint_and_has_the_cross_set(tmp_path):
         S.SynthConfig(split="val")
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--identities", "1"], "--identities: cross-identity ground truth needs identities >= 2 "
+                            "(or --no-cross), got 1"),
+    (["--frames", "0"], "--frames: expected > 0, got 0"),
+    (["--zoom", "2"], "--zoom: expected a log-scale amplitude in [0, 0.5], got 2.0"),
+    (["--exp-leak", "-1"], "--exp-leak: expected >= 0, got -1.0"),
+])
+def test_synth_cli_bad_option_is_a_message_naming_it(tmp_path, capsys, args, message):
+    from pyface.cli import main
+
+    assert main(["data", "synth", "--out", str(tmp_path / "x"), *args]) == 2
+    assert capsys.readouterr().err == f"pyface data synth: {message}\n"
+    assert not (tmp_path / "x").exists()
+
+
 def test_synth_cli_split_and_options(tmp_path, capsys):
     from pyface.cli import main
 
@@ -537,6 +552,21 @@ def test_reenactment_pairs_cross(root):
     assert bool(it["moving"]) == bool(expect)
     with pytest.raises(ValueError, match="protocol: expected one of"):
         reenactment_pairs(root, protocol="both")
+
+
+def test_data_bench_with_fewer_pairs_than_a_batch_is_an_error(root, capsys):
+    import re
+
+    from pyface.cli import main
+
+    assert main(["data", "bench", "--root", root, "--workers", "0", "--batch-size", "8",
+                 "--samples", "16"]) == 0
+    assert "pairs/s" in capsys.readouterr().out
+    # the loader drops the incomplete batch: it would yield nothing, and the timing loop waited
+    assert main(["data", "bench", "--root", root, "--workers", "0", "--batch-size", "100000",
+                 "--samples", "4"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"--batch-size 100000 needs at least that many pairs, got \d+ in ", err)
 
 
 def test_pairs_and_cache_commands(root, cache, capsys):

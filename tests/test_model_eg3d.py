@@ -782,6 +782,34 @@ def test_orbit_inversion_pipeline(tiny_run):
     torch.testing.assert_close(torch.cat([f for _, f in parts]), whole)
 
 
+def test_cli_animate_image_source_without_camera_is_a_message(tiny_run, tmp_path, capsys):
+    from pyface.cli import main
+    from pyface.train.monitor import save_png
+
+    run, _ = tiny_run
+    save_png(_Frames(2, 16)[0]["image"], str(tmp_path / "src.png"))
+    save_png(_Frames(2, 16)[1]["image"], str(tmp_path / "drv" / "00000.png"))
+    assert main(["animate", "eg3d", "--checkpoint", run, "--source", str(tmp_path / "src.png"),
+                 "--driving", str(tmp_path / "drv"), "--out", str(tmp_path / "a.mp4"),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pyface animate: source['camera']") and "Traceback" not in err
+    assert "pyface data prepare FILE --out DIR" in err
+
+
+def test_cli_animate_seeds_honours_no_progress_and_device(tiny_run, tmp_path, capsys):
+    from pyface.cli import main
+
+    run, _ = tiny_run
+    capsys.readouterr()
+    assert main(["animate", "eg3d", "--checkpoint", run, "--seeds", "0", "--frames", "2",
+                 "--device", "cpu", "--no-progress", "--out", str(tmp_path / "o.mp4")]) == 0
+    assert "frame" not in capsys.readouterr().err                 # no progress bar
+    assert main(["animate", "eg3d", "--checkpoint", run, "--seeds", "0", "--frames", "2",
+                 "--device", "nodevice", "--out", str(tmp_path / "o.mp4")]) == 2
+    assert "--device: expected cpu, cuda or cuda:N, got 'nodevice'" in capsys.readouterr().err
+
+
 def test_cli_animate_and_invert(tiny_run, tmp_path):
     from pyface.cli import main
     from pyface.train.monitor import save_png

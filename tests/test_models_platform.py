@@ -363,6 +363,19 @@ def test_read_driving_from_frames_and_video_files(tmp_path):
 # pyface animate
 # ------------------------------------------------------------------------------------------
 
+def test_cli_animate_missing_driving_fails_before_any_progress_output(example_run, tmp_path,
+                                                                     capsys):
+    path, *_ = write_video_folder(tmp_path, T=2)
+    with pytest.raises(fmt.DataError, match=r"nope\.mp4: not found \(expected a pyface video"):
+        count_driving(str(tmp_path / "nope.mp4"))
+    assert main(["animate", "example", "--checkpoint", str(example_run), "--source", path,
+                 "--driving", str(tmp_path / "nope"), "--out", str(tmp_path / "a.mp4"),
+                 "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pyface animate: ") and "nope: not found" in err and "frame" not in \
+        err.split("not found")[0]
+
+
 def test_cli_animate(example_run, tmp_path, capsys):
     import imageio.v2 as iio
 

@@ -122,6 +122,51 @@ def test_sampler_shards_partition_the_global_batch():
 # end to end, resume, checkpoints
 # ------------------------------------------------------------------------------------------
 
+def test_run_without_imageio_finishes_without_its_preview_clip(tmp_path, monkeypatch, caplog):
+    # the `prepare` extra alone has no imageio: the run still ends, with the PNG previews
+    import sys
+
+    monkeypatch.setitem(sys.modules, "imageio", None)
+    monkeypatch.setitem(sys.modules, "imageio.v2", None)
+    cfg = tiny(tmp_path, "train.steps=2", "train.image_every=0", "train.video_frames=2")
+    with caplog.at_level("WARNING", logger="pyface"):
+        res = Trainer(cfg).fit()
+    assert res.step == 2 and res.previews == [str(tmp_path / "run" / "previews" /
+                                                  "step-000002.png")]
+    assert sorted(os.listdir(tmp_path / "run" / "previews")) == ["step-000002.png"]
+    assert any("preview video" in r.getMessage() and "imageio" in r.getMessage()
+               and ".[train]" in r.getMessage() for r in caplog.records)
+
+
+def test_resolve_device_names_the_option_and_value(monkeypatch):
+    from pyface.train.cli import resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match=r"--device: expected cpu, cuda or cuda:N, got 'gpu0'"):
+        resolve_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == "cpu"
+    with pytest.raises(ValueError, match=r"--device: got 'cuda', but CUDA is not available"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == "cuda:0"
+    with pytest.raises(ValueError, match=r"got 'cuda:1', but there are 1 CUDA device"):
+        resolve_device("cuda:1")
+
+
+def test_cli_animate_and_eval_refuse_an_unavailable_device(tmp_path, capsys, monkeypatch):
+    from pyface.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["animate", "example", "--checkpoint", str(tmp_path), "--source", "x.png",
+                 "--device", "cuda"]) == 2
+    assert main(["eval", "copy-source", "--data", str(tmp_path), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("pyface animate: --device: got 'cuda', but CUDA is not available")
+    assert err[1].startswith("pyface eval: --device: got 'cuda', but CUDA is not available")
+
+
 def test_example_end_to_end_writes_run_folder(tmp_path):
     cfg = tiny(tmp_path, "train.steps=4", "train.tensorboard=true", "train.image_every=2",
                "train.video_frames=4", "train.ckpt_every=2")

@@ -103,6 +103,22 @@ def test_inner_loop_exact_resume(tmp_path):
         assert torch.equal(v, b.ema.modules["G"].state_dict()[k]), k
 
 
+@pytest.mark.parametrize("progress", [False, True])
+def test_losses_are_logged_to_log_txt_and_without_a_bar_to_the_console(tmp_path, caplog,
+                                                                       progress):
+    cfg = example(tmp_path, "train.steps=2", "train.log_every=1", f"train.progress={progress}")
+    with caplog.at_level("INFO", logger="pyface"):
+        tr = Trainer(cfg)
+        tr.fit()
+        tr.close()
+    lines = (tmp_path / "run" / "log.txt").read_text().splitlines()
+    steps = [ln.split(" INFO ", 1)[1] for ln in lines if " INFO step " in ln]
+    assert [s.split(":")[0] for s in steps] == ["step 1/2", "step 2/2"]
+    assert all(" loss " in s and s.endswith("steps/s)") for s in steps), steps
+    console = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(console) == (0 if progress else 2)
+
+
 def test_in_step_update_guard_names_the_optimizer(tmp_path):
     tr = inverter_trainer([f"train.run_dir={tmp_path / 'inv'}", "train.steps=1"], 4)
     real_step = tr.model.step

@@ -42,7 +42,13 @@ def run(args) -> int:
 
     from pyface.bench.harness import environment, format_table, run_case
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from pyface.train.cli import resolve_device
+
+    try:
+        device = torch.device(resolve_device(args.device))
+    except ValueError as exc:
+        print(f"pyface bench: {exc}", file=sys.stderr)
+        return 2
     size = args.size or ("full" if device.type == "cuda" else "small")
     families = _families()
     wanted = args.ops or families
@@ -51,18 +57,28 @@ def run(args) -> int:
     env = environment(device)
     print(f"# device: {env.get('gpu') or env['cpu']} ({device.type}, {env['cpu_threads']} threads)"
           f"  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}", flush=True)
+    cases = [(fam, case) for fam in families
+             for case in importlib.import_module(f"pyface.bench.ops.{fam}").cases(device, size)]
+    unknown = [w for w in wanted if w not in families and w not in {c.op for _, c in cases}]
+    if unknown:
+        ops = sorted({c.op for _, c in cases})
+        print(f"pyface bench: unknown op or family {', '.join(map(repr, unknown))}; expected "
+              f"families {', '.join(families)} or ops {', '.join(ops)}", file=sys.stderr)
+        return 2
+    cases = [c for fam, c in cases if fam in wanted or c.op in wanted]
+    if shapes is not None and not any(c.shape in shapes for c in cases):
+        print(f"pyface bench: --shapes {args.shapes}: none of these at --size {size}; shapes of "
+              f"the selected ops: {', '.join(sorted({c.shape for c in cases}))}",
+              file=sys.stderr)
+        return 2
     results = []
-    for fam in families:
-        module = importlib.import_module(f"pyface.bench.ops.{fam}")
-        for case in module.cases(device, size):
-            if fam not in wanted and case.op not in wanted:
-                continue
-            if shapes is not None and case.shape not in shapes:
-                continue
-            print(f"# {case.op} [{case.shape}] {case.params}", flush=True)
-            results += run_case(case, device, providers=providers, min_time=args.min_time,
-                                compile_reference=not args.no_compile,
-                                log=lambda line: print("  " + line, flush=True))
+    for case in cases:
+        if shapes is not None and case.shape not in shapes:
+            continue
+        print(f"# {case.op} [{case.shape}] {case.params}", flush=True)
+        results += run_case(case, device, providers=providers, min_time=args.min_time,
+                            compile_reference=not args.no_compile,
+                            log=lambda line: print("  " + line, flush=True))
     print()
     print(format_table(results))
     if args.json:

@@ -120,11 +120,20 @@ def add_parser(subparsers) -> None:
 def _synth(args) -> int:
     from pyface.data.synthetic import SynthConfig, generate
 
-    cfg = SynthConfig(identities=args.identities, videos_per_identity=args.videos_per_identity,
-                      frames=args.frames, resolution=args.resolution, fps=args.fps, seed=args.seed,
-                      workers=args.workers, cross=not args.no_cross, masks=not args.no_masks,
-                      split=args.split, zoom=args.zoom, exp_leak=args.exp_leak,
-                      multiview=args.multiview)
+    try:
+        cfg = SynthConfig(identities=args.identities, videos_per_identity=args.videos_per_identity,
+                          frames=args.frames, resolution=args.resolution, fps=args.fps,
+                          seed=args.seed, workers=args.workers, cross=not args.no_cross,
+                          masks=not args.no_masks, split=args.split, zoom=args.zoom,
+                          exp_leak=args.exp_leak, multiview=args.multiview)
+    except ValueError as exc:   # the config's field names are the options'
+        field, _, msg = str(exc).partition(": ")
+        option = "--" + field.replace("_", "-")
+        if field == "cross":
+            option, msg = (("--split test --no-cross", msg) if args.no_cross else
+                           ("--identities", f"{msg} (or --no-cross), got {args.identities}"))
+        print(f"pyface data synth: {option}: {msg}", file=sys.stderr)
+        return 2
     s = generate(args.out, cfg, progress=not args.quiet)
     extra = (f", {s['view_videos']} second views" if s["view_videos"] else "") + \
         (f", split {args.split}" if args.split != "train" else "")
@@ -298,6 +307,11 @@ def _bench(args) -> int:
                   f"workers {s['render_cpu_seconds']:.2f} s "
                   f"({1e3 * s['render_cpu_seconds'] / s['frames']:.0f} ms/frame)", flush=True)
         ds = PairDataset(root)
+        if len(ds) < args.batch_size:   # the loader drops the incomplete batch: none to time
+            print(f"pyface data bench: --batch-size {args.batch_size} needs at least that many "
+                  f"pairs, got {len(ds)} in {root} (more --frames / --identities, or a smaller "
+                  "--batch-size)", file=sys.stderr)
+            return 2
         loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True,
                                              num_workers=args.workers, drop_last=True,
                                              persistent_workers=args.workers > 0)

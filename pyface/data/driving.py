@@ -194,6 +194,9 @@ def count_driving(path: str, *, max_frames: int | None = None, stride: int = 1) 
             n = fmt.scan_video(*os.path.split(os.path.normpath(os.path.abspath(path)))).num_frames
         else:
             n = len(_frame_files(path))
+    elif not os.path.isfile(path):   # an error here, before a caller starts its progress bar
+        raise fmt.DataError(f"{path}: not found (expected a pyface video folder, a video file or "
+                            "a folder of images)")
     else:
         import imageio.v2 as iio
 

@@ -378,12 +378,15 @@ def parse_runs(items) -> dict[str, str]:
 
 
 def run(args) -> int:
-    import torch
-
     from pyface.data.format import DataError
     from pyface.eval.weights import parse_weights
+    from pyface.train.cli import resolve_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        print(f"pyface eval: {exc}", file=sys.stderr)
+        return 2
     if args.runs is not None:
         if args.model is not None or args.checkpoint or args.json or args.sheet:
             print("pyface eval: --runs takes no MODEL, --checkpoint, --json or --sheet (it "

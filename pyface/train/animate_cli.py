@@ -18,7 +18,7 @@ def add_parser(subparsers) -> None:
                     "encoding, reading and writing excluded). Driving frames are read --batch "
                     "at a time, so long videos need little memory.",
         epilog="example: pyface animate example --checkpoint runs/example --source face.png "
-               "--driving data/test/id0000_v00 --out anim.mp4")
+               "--driving data/test/test0000_v00 --out anim.mp4")
     a.add_argument("model", help=f"registered model: {', '.join(sorted(MODELS))}, or a plugin's")
     a.add_argument("--checkpoint", required=True,
                    help="a run folder (latest checkpoint), a checkpoint folder or a weights folder")
@@ -147,6 +147,12 @@ def run_animate(args) -> int:
     if args.batch < 1 or args.stride < 1 or (args.frames is not None and args.frames < 1):
         return fail(f"--batch, --stride and --frames must be >= 1, got {args.batch}, "
                     f"{args.stride}, {args.frames}", 2)
+    from pyface.train.cli import resolve_device
+
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as exc:
+        return fail(str(exc), 2)
     if args.seeds is not None or (args.source is None and args.model in SEED_ANIMATORS):
         if args.model not in SEED_ANIMATORS:
             return fail(f"--seeds: model {args.model!r} is not a generator; models animated from "
@@ -215,9 +221,14 @@ def run_animate(args) -> int:
                     done += frames.shape[0]
                     bar.update(frames.shape[0])
             bar.close()
-    except (DataError, ValueError) as exc:
+    except (DataError, KeyError, ValueError) as exc:   # KeyError: a label the model needs
         writer.close()
-        return fail(str(exc), 1)
+        msg = str(exc).strip('"')
+        if "missing" in msg:
+            msg += (". An image or video file carries the image only; `pyface data prepare FILE "
+                    "--out DIR` adds the camera, 3DMM coefficients and landmarks: pass its video "
+                    "folder DIR/NAME instead")
+        return fail(msg, 1)
     if done == 0:
         writer.close()
         return fail(f"{args.driving}: no driving frames", 1)

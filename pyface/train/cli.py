@@ -47,6 +47,30 @@ def add_import_argument(p) -> None:
                         "pyface.train.register_model; repeatable; also PYFACE_PLUGINS=M1,M2)")
 
 
+def resolve_device(spec: str | None, option: str = "--device") -> str:
+    """A command's ``--device``: None -> CUDA when available, else CPU. A string torch does not
+    parse, or a CUDA device on a machine without one, raises ValueError naming the option, what
+    it expects and the value given."""
+    import torch
+
+    if spec is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"{option}: expected cpu, cuda or cuda:N, got {spec!r}") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            build = " (a CPU-only build)" if torch.version.cuda is None else ""
+            raise ValueError(f"{option}: got {spec!r}, but CUDA is not available to torch "
+                             f"{torch.__version__}{build}; use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"{option}: got {spec!r}, but there are {n} CUDA device(s) "
+                             f"(cuda:0..cuda:{n - 1})")
+    return spec
+
+
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)

@@ -615,8 +615,9 @@ class Trainer:
             if video:
                 frames = self.model.preview_video(batch, self.cfg.train.video_frames)
                 if frames is not None:
-                    paths.append(save_video(frames, os.path.join(
-                        self.run_dir, "previews", f"step-{self.step:06d}.mp4")))
+                    clip = save_video(frames, os.path.join(
+                        self.run_dir, "previews", f"step-{self.step:06d}.mp4"))
+                    paths += [clip] if clip else []
         finally:
             self.model.train(was)
         return paths
@@ -643,6 +644,18 @@ class Trainer:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logging.getLogger("pyface").addHandler(handler)
         self._log_handler = handler
+
+    def _log_losses(self, totals: dict, steps_per_s: float, to_console: bool) -> None:
+        """One line per ``log_every`` steps: into log.txt always, and on the console when there
+        is no progress bar (``train.progress=false``), so a batch job still shows its progress."""
+        line = (f"step {self.step}/{self.cfg.train.steps}: "
+                + ", ".join(f"{k} {v:.4g}" for k, v in totals.items())
+                + f" ({steps_per_s:.2f} steps/s)")
+        if to_console:
+            log.info(line)
+        elif self._log_handler is not None:
+            self._log_handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, line,
+                                                    None, None))
 
     def fit(self) -> FitResult:
         """Train until ``train.steps`` (or a SIGTERM/SIGINT, which checkpoints and stops)."""
@@ -689,6 +702,8 @@ class Trainer:
                             totals = {"loss": next(iter(totals.values()))}
                         bar.set_postfix({k: f"{v:.4g}" for k, v in totals.items()},
                                         refresh=False)
+                        self._log_losses(totals, (self.step - start) /
+                                         max(time.perf_counter() - t0, 1e-9), bar.disable)
                         if self._board:
                             self._board.scalars({f"loss/{k}" if not k.endswith("grad_norm")
                                                  else f"grad/{k}": v

@@ -51,10 +51,16 @@ def save_png(image: torch.Tensor, path: str) -> str:
     return path
 
 
-def save_video(frames: torch.Tensor, path: str, fps: int = 12) -> str:
+def save_video(frames: torch.Tensor, path: str, fps: int = 12) -> str | None:
     """(T, 3, H, W) in [-1, 1] -> mp4 (imageio + ffmpeg); a GIF next to it if ffmpeg is missing.
-    Returns the written path."""
-    import imageio.v2 as imageio
+    Returns the written path; None, with a warning, when imageio is not installed (the `train`
+    extra), so that a run never fails over its preview clip."""
+    try:
+        import imageio.v2 as imageio
+    except ImportError as exc:
+        log.warning("preview video %s skipped: %s (the `train` extra installs imageio and "
+                    "imageio-ffmpeg: pip install -e \".[train]\" --no-build-isolation)", path, exc)
+        return None
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     arr = to_uint8(frames).numpy()

@@ -43,12 +43,13 @@ def run_animate(args) -> int:
 
     try:
         seeds = parse_seeds(getattr(args, "seeds", None) or "0-3")
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-        G = load_generator(args.checkpoint, device=dev, ema=True)
+        dev = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+        G = load_generator(args.checkpoint, device=dev, ema=getattr(args, "ema", True))
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"pyface animate eg3d: {exc}", file=sys.stderr)
         return 1
-    frames = orbit_video(G, seeds, args.frames, truncation_psi=args.truncation)
+    frames = orbit_video(G, seeds, args.frames, truncation_psi=args.truncation,
+                         progress=not getattr(args, "no_progress", False))
     print(write_video(frames, args.out, fps=24))
     return 0
 
