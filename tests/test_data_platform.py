@@ -603,7 +603,7 @@ def _prepared_like(root, dst, *, mouth_from=None, frames=12, seed=0):
     return dst, coeffs
 
 
-def test_prepared_moving_subset_uses_the_landmarks(root, tmp_path):
+def test_prepared_moving_subset_uses_the_landmarks(root, tmp_path, capsys):
     from pyface.data.reenactment import MOVING_LANDMARK_EXP, moving_criterion
 
     # static expression, jittery fitted coefficients: the coefficient rule calls every pair
@@ -622,6 +622,10 @@ def test_prepared_moving_subset_uses_the_landmarks(root, tmp_path):
     assert ds.moving.tolist() == [False] * 5 + [True] * 6
     mv = reenactment_pairs(d, subset="moving")
     assert [f for _, _, f in mv.pairs] == list(range(6, 12))
+    from pyface.cli import main
+    assert main(["data", "pairs", d]) == 0
+    out = capsys.readouterr().out
+    assert "moving 6 " in out and "static 5 " in out and "[moving by the landmarks rule]" in out
 
 
 def test_eval_json_records_the_landmark_rule(root, tmp_path):
