@@ -554,6 +554,94 @@ def test_reenactment_pairs_cross(root):
         reenactment_pairs(root, protocol="both")
 
 
+def test_synthetic_moving_flags_follow_the_coefficient_rule(root):
+    """Ground truth keeps the coefficient rule, flag for flag; the landmark rule would differ on
+    these pairs, so a switch of rule is caught."""
+    from pyface.data.reenactment import is_moving_landmarks, moving_criterion
+
+    ds = reenactment_pairs(root, protocol="same")
+    assert ds.moving_rule == "coefficients"
+    assert moving_criterion(root) == {"rule": "coefficients", "pose_deg": 10.0, "exp_l2": 0.25}
+    recs = fmt.load_index(root)
+    c = [fmt.load_coeffs(root, r) for r in recs]
+    lm = [fmt.load_landmarks(root, r) for r in recs]
+    src = np.stack([c[v][s] for v, s, _ in ds.pairs])
+    drv = np.stack([c[v][f] for v, _, f in ds.pairs])
+    expect = is_moving(src, drv)
+    assert ds.moving.dtype == bool and np.array_equal(ds.moving, expect)
+    by_lm = is_moving_landmarks(src, drv, np.stack([lm[v][s] for v, s, _ in ds.pairs]),
+                                np.stack([lm[v][f] for v, _, f in ds.pairs]))
+    assert not np.array_equal(by_lm, expect)
+
+
+def _prepared_like(root, dst, *, mouth_from=None, frames=12, seed=0):
+    """A ``pyface data prepare``-like set of one video: the first synthetic frame's 68
+    landmarks moved by a small in-plane head motion (scale, rotation, translation) plus 0.2 px
+    noise, and fitted-like coefficients: small pose jitter (< 3 deg) and jittery expression
+    coefficients (L2 to the first frame ~ 1, like a 3DMM fit's). ``mouth_from``: from that frame
+    on the mouth opens (lower lip and chin down by 0.3 inter-ocular distances)."""
+    rng = np.random.default_rng(seed)
+    rec = fmt.load_index(root)[0]
+    base = fmt.load_landmarks(root, rec)[0].astype(np.float64) * 4       # 128 px frame
+    iod = np.linalg.norm(base[45] - base[36])
+    lms, coeffs = [], np.zeros((frames, 257))
+    for t in range(frames):
+        p = base.copy()
+        if mouth_from is not None and t >= mouth_from:
+            p[[7, 8, 9, 56, 57, 58, 65, 66, 67], 1] += 0.3 * iod
+        a, k = np.radians(rng.uniform(-4, 4)), rng.uniform(0.95, 1.05)
+        rot = k * np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+        c = base.mean(0)
+        lms.append((p - c) @ rot.T + c + rng.uniform(-3, 3, 2) + rng.normal(0, 0.2, p.shape))
+        coeffs[t, 80:144] = rng.normal(0, 0.12, 64)
+        coeffs[t, 224:227] = np.radians(rng.uniform(-1.5, 1.5, 3))
+    fmt.write_video(dst, "clip", np.zeros((frames, 16, 16, 3), np.uint8), coeffs,
+                    np.repeat(fmt.load_labels(root, rec)[:1], frames, 0), identity="clip",
+                    landmarks=np.stack(lms),
+                    extra_meta={"generator": "pyface.data.prepare"})
+    fmt.write_index(dst)
+    return dst, coeffs
+
+
+def test_prepared_moving_subset_uses_the_landmarks(root, tmp_path, capsys):
+    from pyface.data.reenactment import MOVING_LANDMARK_EXP, moving_criterion
+
+    # static expression, jittery fitted coefficients: the coefficient rule calls every pair
+    # moving, the landmark rule none
+    d, c = _prepared_like(root, str(tmp_path / "static"))
+    assert is_moving(c[:1], c[1:]).all()
+    ds = reenactment_pairs(d)
+    assert ds.moving_rule == "landmarks" and len(ds) == 11
+    assert not ds.moving.any()
+    assert moving_criterion(d) == {"rule": "landmarks", "pose_deg": 10.0,
+                                   "landmark_exp": MOVING_LANDMARK_EXP}
+    # the mouth opens from frame 6 on: exactly those pairs are moving
+    d, c = _prepared_like(root, str(tmp_path / "mouth"), mouth_from=6, seed=1)
+    ds = reenactment_pairs(d)
+    assert [f for _, _, f in ds.pairs] == list(range(1, 12))
+    assert ds.moving.tolist() == [False] * 5 + [True] * 6
+    mv = reenactment_pairs(d, subset="moving")
+    assert [f for _, _, f in mv.pairs] == list(range(6, 12))
+    from pyface.cli import main
+    assert main(["data", "pairs", d]) == 0
+    out = capsys.readouterr().out
+    assert "moving 6 " in out and "static 5 " in out and "[moving by the landmarks rule]" in out
+
+
+def test_eval_json_records_the_landmark_rule(root, tmp_path):
+    from pyface.cli import main
+    from pyface.data.reenactment import MOVING_LANDMARK_EXP
+
+    d, _ = _prepared_like(root, str(tmp_path / "mouth"), mouth_from=6, seed=1)
+    out = tmp_path / "cs.json"
+    assert main(["eval", "copy-source", "--data", d, "--json", str(out), "--quiet",
+                 "--resolution", "16", "--metrics", "psnr"]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["moving"] == {"rule": "landmarks", "pose_deg": 10.0,
+                             "landmark_exp": MOVING_LANDMARK_EXP}
+    assert rep["protocols"]["real"]["subsets"]["moving"]["count"] == 6
+
+
 def test_data_bench_with_fewer_pairs_than_a_batch_is_an_error(root, capsys):
     import re
 

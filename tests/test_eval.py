@@ -324,7 +324,8 @@ def test_cli_copy_source(root, tmp_path, capsys):
     assert rep["model"] == "copy-source" and rep["checkpoint"] is None
     assert rep["resolution"] == 32 and rep["data_hash"] == data_hash(root)
     assert set(rep["versions"]) >= {"pyface", "torch", "python"} and rep["device"].startswith("cpu")
-    assert rep["moving"] == {"pose_deg": MOVING_POSE_DEG, "exp_l2": MOVING_EXP_L2}
+    assert rep["moving"] == {"rule": "coefficients", "pose_deg": MOVING_POSE_DEG,
+                             "exp_l2": MOVING_EXP_L2}
     same = rep["protocols"]["same"]
     assert same["subsets"]["all"]["count"] == 33 and same["fps"] > 0
     assert set(same["subsets"]["all"]) == {"count", "psnr", "ssim"}

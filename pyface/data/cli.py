@@ -167,6 +167,8 @@ def _pairs(args) -> int:
             line += (f"; moving {int(mv.sum())} ({psnr[mv].mean() if mv.any() else float('nan'):.2f} dB)"
                      f", static {int((~mv).sum())} "
                      f"({psnr[~mv].mean() if (~mv).any() else float('nan'):.2f} dB)")
+            if ds.moving_rule != "coefficients":        # fitted coefficients: docs/eval.md
+                line += f" [moving by the {ds.moving_rule} rule]"
         print(line)
     return 0
 

@@ -326,7 +326,7 @@ def evaluate_report(name: str, pipeline, args, *, metrics, networks, checkpoint=
               "device": device_name(device), "resolution": int(pipeline.resolution),
               "batch_size": args.batch_size, "max_pairs": args.max_pairs, "subset": args.subset,
               "seed": args.seed,
-              "metrics": metrics, "moving": _moving_thresholds(),
+              "metrics": metrics, "moving": _moving_thresholds(args.data),
               "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "versions": versions(), "protocols": {}}
     sheets = []
@@ -485,6 +485,8 @@ def _write_table(reports: dict, metrics, out: str) -> str:
     return table
 
 
-def _moving_thresholds() -> dict:
-    from pyface.data.reenactment import MOVING_EXP_L2, MOVING_POSE_DEG
-    return {"pose_deg": MOVING_POSE_DEG, "exp_l2": MOVING_EXP_L2}
+def _moving_thresholds(data) -> dict:
+    """The moving subset's rule and thresholds on the dataset root ``data``
+    (:func:`pyface.data.reenactment.moving_criterion`)."""
+    from pyface.data.reenactment import moving_criterion
+    return moving_criterion(data)
