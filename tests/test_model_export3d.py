@@ -1001,3 +1001,50 @@ def test_source_mouth_mask_trains_and_the_pipeline_needs_the_landmarks(data, tmp
     with pytest.raises(ValueError, match=r"source\['landmarks'\]: expected shape \(68, 2\).*"
                                          r"source_mouth_mask"):
         pipe.encode_source({k: v for k, v in source.items() if k != "landmarks"})
+
+
+RANK_STATS = '''
+import torch
+import torch.distributed as dist
+from pyface.models.export3d.generator import GeneratorConfig, TriplaneGenerator
+from pyface.models.export3d.model import _global_batch_moments
+
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+r = dist.get_rank()
+torch.manual_seed(0)
+x = torch.randn(6, 5) * 3 + 1
+mine = x[3 * r:3 * r + 3]
+mu, var = _global_batch_moments(mine, False)
+torch.testing.assert_close(mu, x.mean(0))
+torch.testing.assert_close(var, x.var(0, unbiased=False))
+mu, cov = _global_batch_moments(mine, True)
+xc = x - x.mean(0)
+torch.testing.assert_close(cov, xc.t() @ xc / 6)
+g = TriplaneGenerator(GeneratorConfig(resolution=16, stem_widths=[4, 8], dim=8, depth=1,
+                                      heads=2, cond_dim=4, ups=1, up_widths=[8],
+                                      plane_channels=2, blur_sigma=0, ema_momentum=0.5))
+img, c = torch.rand(4, 3, 16, 16) * 2 - 1, torch.randn(4, 4)
+with torch.no_grad():
+    whole = g(img, c)                                 # T_EMA = 0: the generated planes
+    g(img[2 * r:2 * r + 2], c[2 * r:2 * r + 2], update_ema=True)
+torch.testing.assert_close(g.planes_ema, 0.5 * whole.mean(0, keepdim=True))
+dist.destroy_process_group()
+'''
+
+
+def test_running_statistics_are_global_under_torchrun(tmp_path):
+    """2 gloo ranks, half the batch each: the condition's running moments and the generator's
+    plane EMA follow the whole batch, as one process does, so the ranks keep the same buffers
+    (and a resume, which broadcasts rank 0's, continues exactly)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "stats.py"
+    script.write_text(RANK_STATS)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script)], env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+        text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -754,3 +754,41 @@ def test_vae_pipeline_interpolates_and_samples(micro_run, data_root, tmp_path):
         pipe.interpolate_expression(f[0], f[:2], [0.5])
     with pytest.raises(ValueError, match=r"n: expected an int >= 1, got -1"):
         pipe.sample_expression(-1)
+
+
+VAE_RANKS = '''
+import torch
+import torch.distributed as dist
+from pyface.models.mmfa.vae import StandardizedVAE
+
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+r = dist.get_rank()
+torch.manual_seed(0)
+batches = [torch.randn(4, 6) * 2 + 3 for _ in range(3)]
+vae = StandardizedVAE(in_dim=6)
+for x in batches:
+    vae.observe(x[2 * r:2 * r + 2])                  # this rank's half of the global batch
+x = torch.cat(batches).double()
+assert float(vae.stat_count) == 12
+torch.testing.assert_close(vae.stat_mean, x.mean(0))
+torch.testing.assert_close(vae.stat_m2, (x - x.mean(0)).square().sum(0))
+dist.destroy_process_group()
+'''
+
+
+def test_vae_statistics_are_global_under_torchrun(tmp_path):
+    """2 gloo ranks, half of each batch each: StandardizedVAE.observe accumulates the whole
+    batches' count, mean and squared deviations (as one process does), so the ranks keep the
+    same buffers and a resumed run (rank 0's broadcast) continues exactly."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "vae_ranks.py"
+    script.write_text(VAE_RANKS)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script)], env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+        text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

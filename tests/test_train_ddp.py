@@ -184,3 +184,90 @@ def test_two_ranks_inner_loop_overlap_and_flat(tmp_path):
     init = Inverter(one.cfg.model_config).state_dict()
     assert all(not torch.allclose(init[k], r0[k]) for k in init if k != "latent")
     assert j0["losses"]["invert/loss"] == pytest.approx(res.losses["invert/loss"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# multi-stage models under torchrun (one command trains the stages, then the model)
+# ------------------------------------------------------------------------------------------
+
+STAGE_TOYS = textwrap.dedent('''
+    """Three chained toy stages (like GOHA's s1 -> s1_gan -> s2); stage a logs a measure on
+    rank 0 only (like EG3D's depth measures)."""
+    from dataclasses import dataclass
+    import torch
+    from torch import nn
+    from pyface.train import register_model
+    from pyface.train.model import Stage, TrainableModel, config_from_dict, load_pretrained
+
+    torch.set_num_threads(1)
+
+    @dataclass
+    class Cfg:
+        prev_checkpoint: str | None = None
+        lr: float = 1e-2
+
+    class Base(TrainableModel):
+        Config = Cfg
+        recipe = {"data": {"resolution": 8, "size": 16},
+                  "train": {"steps": 2, "batch_size": 4, "ckpt_every": 1}}
+
+        def __init__(self, cfg):
+            super().__init__()
+            self.cfg = cfg
+            self.conv = nn.Conv2d(3, 3, 1)
+            if cfg.prev_checkpoint:      # the earlier stage's run, written by rank 0
+                _, state = load_pretrained(cfg.prev_checkpoint)
+                self.conv.load_state_dict({k[5:]: v for k, v in state.items()
+                                           if k.startswith("conv.")})
+
+        def build_optimizers(self):
+            return {"main": torch.optim.Adam(self.parameters(), lr=self.cfg.lr)}
+
+        def step(self, phase, batch, ctx):
+            x = batch["image"]
+            loss = (self.conv(x) - x.flip(1)).abs().mean()
+            out = {"loss": loss}
+            if ctx.rank == 0 and type(self).__name__ == "A":
+                out["rank0_measure"] = loss.detach() * 2
+            return out
+
+    class A(Base):
+        pass
+
+    class B(Base):
+        stages = (Stage("a", "ddp_toy_a", "prev_checkpoint"),)
+
+    class C(Base):
+        stages = (Stage("b", "ddp_toy_b", "prev_checkpoint"),)
+
+    register_model("ddp_toy_a", __name__ + ":A")
+    register_model("ddp_toy_b", __name__ + ":B")
+    register_model("ddp_toy_c", __name__ + ":C")
+''')
+
+
+def test_torchrun_chains_stages(tmp_path):
+    """``torchrun -m pyface train`` of a model with nested stages: every stage and the final
+    model train in one process group (rank 0 writes each stage's checkpoint before the next
+    stage loads it), a measure logged on rank 0 only is reduced over the ranks that logged it,
+    and rank 1 does not repeat rank 0's progress messages."""
+    (tmp_path / "ddp_stage_toys.py").write_text(STAGE_TOYS)
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    sets = sum((["--set", s] for s in ["train.progress=false", "train.tensorboard=false",
+                                      "train.image_every=0", "train.log_every=1",
+                                      "train.device=cpu", f"train.run_dir={run}"]), [])
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "pyface", "train", "ddp_toy_c", "--import", "ddp_stage_toys", *sets],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from pyface import checkpoint as ckpt
+
+    a, b = run / "stages" / "b" / "stages" / "a", run / "stages" / "b"
+    for folder in (a, b, run):
+        assert ckpt.latest_checkpoint(str(folder)).endswith("ckpt-000002"), folder
+    assert proc.stderr.count("stage run: model.prev_checkpoint=") == 1
+    assert proc.stderr.count("stage 'a': training ddp_toy_a") == 1
+    assert proc.stdout.count("run folder:") == 1

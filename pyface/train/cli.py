@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 
@@ -72,16 +73,14 @@ def resolve_device(spec: str | None, option: str = "--device") -> str:
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    # under torchrun the other ranks print warnings and errors only (rank 0 reports progress)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
 def run_train(args) -> int:
-    import yaml
-
-    from pyface.checkpoint import CheckpointError
-    from pyface.train.config import ConfigError, build_experiment, experiment_to_dict
-    from pyface.train.engine import NonFiniteError, Trainer
+    from pyface.train.config import ConfigError, build_experiment
     from pyface.train.registry import import_plugins, model_class
 
     _setup_logging()
@@ -99,7 +98,33 @@ def run_train(args) -> int:
     except (KeyError, ConfigError, OSError, ImportError) as exc:
         print(f"pyface train: {exc}", file=sys.stderr)
         return 2
-    if getattr(cls, "stages", ()) and not args.print_config:
+    staged = bool(getattr(cls, "stages", ())) and not args.print_config
+    group = None
+    if staged and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # under torchrun one process group serves every stage and the final model (each
+        # Trainer leaving and re-joining its own group raced the ranks' re-rendezvous)
+        from pyface.train import distributed as D
+
+        try:
+            group, _ = D.init_distributed(cfg.train.device)
+        except RuntimeError as exc:
+            print(f"pyface train: {exc}", file=sys.stderr)
+            return 2
+    try:
+        return _train(args, cls, cfg, overrides, staged)
+    finally:
+        if group is not None:
+            D.shutdown(group)
+
+
+def _train(args, cls, cfg, overrides, staged: bool) -> int:
+    import yaml
+
+    from pyface.checkpoint import CheckpointError
+    from pyface.train.config import ConfigError, experiment_to_dict
+    from pyface.train.engine import NonFiniteError, Trainer
+
+    if staged:
         from pyface.train.stages import prepare_stages
 
         try:
@@ -115,7 +140,8 @@ def run_train(args) -> int:
                   file=sys.stderr)
             return 143
         for key, path in filled.items():
-            print(f"stage run: model.{key}={path}", file=sys.stderr)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"stage run: model.{key}={path}", file=sys.stderr)
     if args.print_config:
         print(yaml.safe_dump(experiment_to_dict(cfg), sort_keys=False), end="")
         return 0

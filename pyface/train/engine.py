@@ -742,16 +742,23 @@ class Trainer:
                          previews=previews, seconds=time.perf_counter() - t0)
 
     def _reduce_log(self, acc: dict[str, torch.Tensor], n: dict[str, int]) -> dict[str, float]:
-        """Means over the steps each key was produced in, averaged over ranks (every rank runs
-        the same phases, so the keys agree)."""
-        if not acc:
-            return {}
+        """Means over the steps each key was produced in, averaged over the ranks that produced
+        it (every rank runs the same phases, but a model may log a measure on rank 0 only, e.g.
+        EG3D's depth measures, so the ranks' key sets are exchanged first)."""
         keys = sorted(acc)
-        vals = torch.stack([acc[k].float().reshape(()) / n[k] for k in keys])
         if self.dist.enabled:
-            vals = vals.to(self.device)
-            torch.distributed.all_reduce(vals)
-            vals = vals / self.dist.world_size
+            gathered: list = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(gathered, keys)
+            keys = sorted(set().union(*gathered))
+        if not keys:
+            return {}
+        vals = torch.stack([acc[k].float().reshape(()) / n[k] if k in acc
+                            else torch.zeros((), device=self.device) for k in keys])
+        if self.dist.enabled:
+            have = torch.tensor([float(k in acc) for k in keys], device=self.device)
+            both = torch.stack([vals.to(self.device), have])
+            torch.distributed.all_reduce(both)
+            vals = both[0] / both[1]
         return dict(zip(keys, vals.tolist()))
 
     def close(self) -> None:

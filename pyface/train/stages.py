@@ -197,5 +197,9 @@ def train_stage(cfg) -> None:
         result = trainer.fit()
     finally:
         trainer.close()
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()      # rank 0 has written the stage's checkpoint before the next reads it
     if result.interrupted:
         raise KeyboardInterrupt(f"stage run {result.run_dir} interrupted at step {result.step}")

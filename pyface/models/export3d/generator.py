@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -215,8 +216,13 @@ class TriplaneGenerator(nn.Module):
             # 25 times G's size at `tiny` (docs/models/export3d-measured.md)
             with torch.no_grad():
                 m = c.ema_momentum
-                self.planes_ema.mul_(m).add_(gen.detach().float().mean(0, keepdim=True),
-                                             alpha=1 - m)
+                mean = gen.detach().float().mean(0, keepdim=True)
+                if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                    # under torchrun the global batch's mean (the ranks' batches are equal),
+                    # so every rank keeps the same EMA, that of one process
+                    dist.all_reduce(mean)
+                    mean /= dist.get_world_size()
+                self.planes_ema.mul_(m).add_(mean, alpha=1 - m)
         return planes
 
     def forward(self, image: torch.Tensor, cond: torch.Tensor,

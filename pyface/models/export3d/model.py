@@ -208,6 +208,26 @@ class Export3DConfig:
     d_channel_max: int = 512
 
 
+@torch.no_grad()
+def _global_batch_moments(x: torch.Tensor, cov: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and spread (covariance (k, k) if ``cov``, else variance (k,); biased) of the rows of
+    x (B, k). Under torchrun, of all ranks' rows: every rank then keeps the same running
+    statistics, those of one process with the whole batch."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if cov:
+            xc = x - x.mean(0)
+            return x.mean(0), xc.t() @ xc / x.shape[0]
+        return x.mean(0), x.var(0, unbiased=False)
+    s = torch.cat([x.sum(0), x.new_tensor([x.shape[0]])])
+    dist.all_reduce(s)
+    mu, n = s[:-1] / s[-1], s[-1]
+    xc = x - mu
+    spread = xc.t() @ xc if cov else (xc * xc).sum(0)
+    dist.all_reduce(spread)
+    return mu, spread / n
+
 class Conditioner(nn.Module):
     """beta (B, 64) -> (lambda (B, n) or None, condition (B, cond_dim)).
 
@@ -265,14 +285,12 @@ class Conditioner(nn.Module):
     def _update_stats(self, x: torch.Tensor) -> None:
         """x (B, k): one training batch of the normalised quantity."""
         first = int(self.code_batches) == 0
+        mu, spread = _global_batch_moments(x, self.whiten)
         if self.whiten:
-            xc = x - x.mean(0)
-            ema_moments_(self.code_mean, self.code_cov, x.mean(0), xc.t() @ xc / x.shape[0],
-                         self.momentum, first=first)
+            ema_moments_(self.code_mean, self.code_cov, mu, spread, self.momentum, first=first)
             self.code_whitener.copy_(video_mean_whitener(self.code_cov, self.whiten_eps))
         else:
-            ema_moments_(self.code_mean, self.code_var, x.mean(0), x.var(0, unbiased=False),
-                         self.momentum, first=first)
+            ema_moments_(self.code_mean, self.code_var, mu, spread, self.momentum, first=first)
         self.code_batches += 1
 
     def _standardise(self, x: torch.Tensor, update: bool) -> torch.Tensor:

@@ -25,6 +25,7 @@ import numbers
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from pyface.nn.losses import gan_d_loss, gan_g_loss
@@ -41,7 +42,8 @@ class StandardizedVAE(GaussianMLPVAE):
     ``standardize(x) = (x - mean) / std``, ``decode(z)`` returns ``x`` units (``unstandardize``),
     so ``forward``, ``interpolate`` and ``sample_prior`` take and give x (B, in_dim) as before.
     ``observe(x)`` (x (B, in_dim)) adds a batch to the running per-dimension count, mean and sum
-    of squared deviations (buffers, saved with the state); before any, mean 0 and std 1."""
+    of squared deviations (buffers, saved with the state); before any, mean 0 and std 1. Under
+    torchrun ``observe`` is a collective: every rank passes its share of the global batch."""
 
     def __init__(self, cfg=None, **overrides):
         super().__init__(cfg, **overrides)
@@ -55,7 +57,16 @@ class StandardizedVAE(GaussianMLPVAE):
         self._check("x", x, self.cfg.in_dim)
         x = x.detach().to(torch.float64)
         n, mean = float(x.shape[0]), x.mean(0)
-        m2 = (x - mean).square().sum(0)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # under torchrun (every rank calls this with its share of the global batch): the
+            # whole batch's moments, so every rank keeps the same statistics as one process
+            s = torch.cat([x.sum(0), x.new_tensor([n])])
+            dist.all_reduce(s)
+            n, mean = float(s[-1]), s[:-1] / s[-1]
+            m2 = (x - mean).square().sum(0)
+            dist.all_reduce(m2)
+        else:
+            m2 = (x - mean).square().sum(0)
         total = float(self.stat_count) + n
         delta = mean - self.stat_mean
         self.stat_m2 += m2 + delta.square() * float(self.stat_count) * n / total
