@@ -228,6 +228,7 @@ def _global_batch_moments(x: torch.Tensor, cov: bool) -> tuple[torch.Tensor, tor
     dist.all_reduce(spread)
     return mu, spread / n
 
+
 class Conditioner(nn.Module):
     """beta (B, 64) -> (lambda (B, n) or None, condition (B, cond_dim)).
 
