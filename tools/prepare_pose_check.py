@@ -127,7 +127,8 @@ def main(argv=None) -> int:
     ap.add_argument("pq", help="a prepare_quality folder (synth/ and prepared/)")
     ap.add_argument("--json", help="also write the report here")
     ap.add_argument("--refit", action="store_true",
-                    help="also the landmark fit alone on the detector's points and on the exact ones")
+                    help="also refit: the landmark fit alone on the detector's points, and on "
+                         "the exact ones")
     a = ap.parse_args(argv)
     from pyface.data import format as fmt
     import torch
