@@ -1029,13 +1029,23 @@ with torch.no_grad():
     whole = g(img, c)                                 # T_EMA = 0: the generated planes
     g(img[2 * r:2 * r + 2], c[2 * r:2 * r + 2], update_ema=True)
 torch.testing.assert_close(g.planes_ema, 0.5 * whole.mean(0, keepdim=True))
+from pyface.models.export3d.clebs import ExpressionEncoder, video_mean_whitener
+beta = torch.randn(4, 3, 64) + torch.randn(4, 1, 64)           # 4 videos x 3 frames
+enc = ExpressionEncoder(2, 8, hidden=[], whiten=True)
+enc.update_video_stats(beta[2 * r:2 * r + 2])                   # this rank's 2 videos
+means = beta.mean(1)                                            # one process: all 4 videos
+d = means - means.mean(0)
+torch.testing.assert_close(enc.video_mean, means.mean(0))
+torch.testing.assert_close(enc.video_cov, d.t() @ d / 3)
+torch.testing.assert_close(enc.whitener, video_mean_whitener(d.t() @ d / 3).float())
 dist.destroy_process_group()
 '''
 
 
 def test_running_statistics_are_global_under_torchrun(tmp_path):
-    """2 gloo ranks, half the batch each: the condition's running moments and the generator's
-    plane EMA follow the whole batch, as one process does, so the ranks keep the same buffers
+    """2 gloo ranks, half the batch each: the condition's running moments, the generator's
+    plane EMA and CLeBS's video whitening statistics (``whiten``) follow the whole batch, as one
+    process does, so the ranks keep the same buffers
     (and a resume, which broadcasts rank 0's, continues exactly)."""
     import os
     import subprocess

@@ -353,12 +353,23 @@ class ExpressionEncoder(nn.Module):
         decomposition ``V diag(e) V^T``). Appearance that leaks into the 3DMM expression moves
         every frame of a video alike, so it lives in this covariance; the within-video
         expression changes that CLeBS contrasts stand out after whitening."""
+        import torch.distributed as dist
+
         if not self.whiten:
             raise ValueError("update_video_stats: this encoder was built with whiten=False")
-        if beta.dim() != 3 or beta.shape[0] < 2 or beta.shape[-1] != EXP_DIM:
+        if beta.dim() != 3 or beta.shape[-1] != EXP_DIM:
             raise ValueError(f"beta: expected (B, N, {EXP_DIM}) with B >= 2 videos, got "
                              f"{tuple(beta.shape)}")
         means = beta.float().mean(1)                                      # (B, 64)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # under torchrun (every rank calls this with its share of the global batch): the
+            # statistics of all ranks' videos, so every rank keeps those of one process
+            parts = [torch.empty_like(means) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, means.contiguous())
+            means = torch.cat(parts)
+        if means.shape[0] < 2:
+            raise ValueError(f"beta: expected (B, N, {EXP_DIM}) with B >= 2 videos (over all "
+                             f"ranks), got {tuple(beta.shape)}")
         mu = means.mean(0)
         d = means - mu
         cov = d.t() @ d / (means.shape[0] - 1)
