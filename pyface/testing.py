@@ -52,3 +52,20 @@ def grads(fn: Callable[..., torch.Tensor | Sequence[torch.Tensor]], inputs: Sequ
     out_grads = [next(it) if isinstance(x, torch.Tensor) and x.requires_grad else None
                  for x in inputs]
     return outs, out_grads, cotangents
+
+
+def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 120.0) -> None:
+    """Run the Python file ``script`` (with ``args``) on ``nproc`` local CPU processes through
+    ``torch.distributed.run --standalone`` (one thread each) and fail with the tail of its
+    output unless every rank exits 0. For tests of code that behaves differently under
+    torchrun (all-reduced statistics, collectives)."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         f"--nproc_per_node={nproc}", str(script), *map(str, args)],
+        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+        timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1047,14 +1047,8 @@ def test_running_statistics_are_global_under_torchrun(tmp_path):
     plane EMA and CLeBS's video whitening statistics (``whiten``) follow the whole batch, as one
     process does, so the ranks keep the same buffers
     (and a resume, which broadcasts rank 0's, continues exactly)."""
-    import os
-    import subprocess
-    import sys
+    from pyface.testing import run_torchrun
 
     script = tmp_path / "stats.py"
     script.write_text(RANK_STATS)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script)], env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
-        text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun(script)

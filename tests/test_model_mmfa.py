@@ -781,14 +781,8 @@ def test_vae_statistics_are_global_under_torchrun(tmp_path):
     """2 gloo ranks, half of each batch each: StandardizedVAE.observe accumulates the whole
     batches' count, mean and squared deviations (as one process does), so the ranks keep the
     same buffers and a resumed run (rank 0's broadcast) continues exactly."""
-    import os
-    import subprocess
-    import sys
+    from pyface.testing import run_torchrun
 
     script = tmp_path / "vae_ranks.py"
     script.write_text(VAE_RANKS)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script)], env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
-        text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun(script)

@@ -388,24 +388,16 @@ def test_two_ranks_match_one_process(data, generator_dir, tmp_path):
     tensors; the controller, the generator and their EMAs agree on both ranks and with the
     one-process run. The renderer's uniforms and the density points are drawn per (step, item),
     so they do not depend on the split."""
-    import os
-    import subprocess
-    import sys
-
     from safetensors.torch import load_file
 
-    from pyface.testing import assert_close
+    from pyface.testing import assert_close, run_torchrun
 
     script = tmp_path / "worker.py"
     script.write_text(RANK_SCRIPT)
     sets = QUIET + TINY + [f"data.path={data}", f"model.generator={generator_dir}",
                            "train.steps=2", "train.device=cpu", "model.center_motion=false"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), str(tmp_path), *sets, f"train.run_dir={tmp_path / 'two'}",
-         "model.local_batch=1"],
-        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun(script, tmp_path, *sets, f"train.run_dir={tmp_path / 'two'}",
+                 "model.local_batch=1", timeout=240)
     r0 = load_file(str(tmp_path / "rank0.safetensors"))
     r1 = load_file(str(tmp_path / "rank1.safetensors"))
     torch.manual_seed(0)

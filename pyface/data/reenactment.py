@@ -150,7 +150,6 @@ def moving_rule(root, rec) -> str:
     ``pyface.data.synthetic``) and for videos without ``landmarks.npy``, ``"landmarks"`` for
     any other video (fitted coefficients, e.g. ``pyface data prepare``)."""
     import json
-    import os
 
     path = rec.path(os.fspath(root), fmt.META)
     gen = None
