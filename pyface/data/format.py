@@ -168,10 +168,13 @@ def scan_video(root: str, name: str) -> VideoRecord:
 
 
 def video_names(root: str) -> list[str]:
-    """Folders of ``root`` that are videos: with a ``meta.json`` or a ``frames/`` folder."""
+    """Folders of ``root`` that are videos: with a ``meta.json`` or a ``frames/`` folder. Hidden
+    folders (``.name``) are not: ``pyface data prepare`` writes a video into
+    ``.<name>.partial`` until it is complete."""
     return sorted(e for e in os.listdir(root)
-                  if os.path.isfile(os.path.join(root, e, META))
-                  or os.path.isdir(os.path.join(root, e, FRAME_DIR)))
+                  if not e.startswith(".")
+                  and (os.path.isfile(os.path.join(root, e, META))
+                       or os.path.isdir(os.path.join(root, e, FRAME_DIR))))
 
 
 def write_index(root: str, records: list[VideoRecord] | None = None) -> list[VideoRecord]:
@@ -382,6 +385,11 @@ def check_dataset(root: str, deep: bool = True) -> tuple[list[VideoRecord], list
         return [], problems + [str(e)]
     if not names:
         problems.append(f"{root}: no video folders (folders with {META} or {FRAME_DIR}/)")
+    for e in sorted(os.listdir(root)):
+        if e.startswith(".") and e.endswith(".partial") and os.path.isdir(os.path.join(root, e)):
+            problems.append(f"{os.path.join(root, e)}: an unfinished video of an interrupted "
+                            "`pyface data prepare` (not part of the dataset; re-run the same "
+                            "command with --resume to finish it, or delete the folder)")
     for rec in records:
         problems += check_video(root, rec, deep=deep)
     return records, problems
