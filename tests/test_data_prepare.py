@@ -155,6 +155,8 @@ def test_config_and_input_errors(tmp_path):
         PrepareConfig(out="x", matting="modnet")
     with pytest.raises(ValueError, match="matting_weights: only used with matting='modnet'"):
         PrepareConfig(out="x", matting_weights="w.ckpt")
+    with pytest.raises(ValueError, match="fit_steps: expected >= 1, got 0"):
+        PrepareConfig(out="x", fit_steps=0)
     with pytest.raises(PrepareError, match="nope.mp4"):
         collect_sources([str(tmp_path / "nope.mp4")])
     (tmp_path / "notes.txt").write_text("x")
@@ -170,6 +172,105 @@ def test_config_and_input_errors(tmp_path):
     s = collect_sources([str(frames), str(tmp_path / "photos")])
     assert [(x.name, x.kind) for x in s] == [("clip", "frames"), ("a", "image"), ("b", "video")]
     assert [os.path.basename(f) for f in s[0].files] == ["1.png", "2.png", "10.png"]
+
+
+def test_collect_sources_unique_names_and_ignored_entries(tmp_path):
+    """Same stems, a stem equal to another input's suffixed name, spaces and unicode get distinct
+    names; folder entries that are not read are reported, hidden ones passed over; a missing
+    path is collected as an error when a list is given (--skip-bad)."""
+    d = tmp_path / "clips"
+    d.mkdir()
+    for f in ("clip.mov", "clip.mp4", "clip_1.mp4", "my clip é.mp4", "face.TIFF", "notes.txt",
+              ".DS_Store"):
+        (d / f).write_bytes(b"")
+    (d / "photos").mkdir()                                   # not a frame folder: not read
+    (d / "photos" / "me.png").write_bytes(b"")
+    ignored, errors = [], []
+    s = collect_sources([str(d), str(tmp_path / "gone.mp4")], ignored=ignored, errors=errors)
+    names = {os.path.basename(x.path): x.name for x in s}
+    assert names == {"clip.mov": "clip", "clip.mp4": "clip_2", "clip_1.mp4": "clip_1",
+                     "face.TIFF": "face", "my clip é.mp4": "my_clip"}
+    assert len(ignored) == 2 and "notes.txt: not a video" in ignored[0]
+    assert "photos: a folder inside a folder" in ignored[1]
+    assert len(errors) == 1 and "gone.mp4: no such file or folder" in errors[0]
+    with pytest.raises(PrepareError, match="gone.mp4"):
+        collect_sources([str(tmp_path / "gone.mp4")])
+
+
+def test_sixteen_bit_images_keep_their_contrast(tmp_path):
+    """Pillow's convert("RGB") clips 16-bit grayscale at 255 (a white image): scaled instead."""
+    from PIL import Image
+
+    from pyface.data.prepare import Source, iter_frames
+
+    ramp = (np.arange(64, dtype=np.uint16)[None].repeat(16, 0) * 1040)     # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as im:
+        assert im.mode.startswith("I")                      # Pillow reads it as 16-bit
+    (img,) = list(iter_frames(Source("deep", "image", str(tmp_path / "deep.png"),
+                                     [str(tmp_path / "deep.png")])))
+    assert img.shape == (16, 64, 3) and img.dtype == np.uint8
+    np.testing.assert_allclose(img[0, :, 0], np.round(ramp[0] * 255.0 / 65535.0), atol=1)
+    assert (img[..., 0] == img[..., 2]).all()
+
+
+def test_unfinished_videos_are_not_part_of_a_dataset(tmp_path):
+    """A video being written lives in .<name>.partial: never indexed, and `pyface data check`
+    reports one left behind by a killed run."""
+    from pyface.data.synthetic import SynthConfig, generate
+
+    root = str(tmp_path / "d")
+    generate(root, SynthConfig(identities=1, videos_per_identity=1, frames=2, resolution=32,
+                               cross=False, workers=1), progress=False)
+    name = fmt.video_names(root)[0]
+    os.makedirs(os.path.join(root, ".half.partial", fmt.FRAME_DIR))
+    assert fmt.video_names(root) == [name]
+    assert [r.name for r in fmt.write_index(root)] == [name]
+    _, problems = fmt.check_dataset(root)
+    assert len(problems) == 1 and ".half.partial: an unfinished video" in problems[0]
+
+
+def test_place_sources_never_takes_another_inputs_video(tmp_path):
+    """An output folder holding the video of another input keeps it: the new input of the same
+    name gets a new name, and keeps that name in later runs (so --resume finds it)."""
+    from pyface.data.prepare import Source, place_sources
+
+    out = tmp_path / "out"
+    for name, src in (("clip", "/data/a/clip.mp4"), ("clip_2", "/data/b/clip.mp4")):
+        (out / name).mkdir(parents=True)
+        (out / name / fmt.META).write_text(json.dumps({"source": src}))
+    s = [Source("clip", "video", "/data/a/clip.mp4")]
+    assert place_sources(s, str(out)) == [] and s[0].name == "clip"
+    s = [Source("clip", "video", "/data/b/clip.mp4")]          # renamed by an earlier run
+    assert place_sources(s, str(out)) == [] and s[0].name == "clip_2"
+    s = [Source("clip", "video", "/data/c/clip.mp4"), Source("x", "video", "/data/c/x.mp4")]
+    notes = place_sources(s, str(out))
+    assert [x.name for x in s] == ["clip_3", "x"]
+    assert len(notes) == 1 and "prepared as clip_3" in notes[0] and "/data/a/clip.mp4" in notes[0]
+
+
+def test_prepare_cli_option_errors_name_the_option(tmp_path, capsys):
+    from pyface.cli import main
+
+    for args, msg in ((["--workers", "0"], "--workers: expected >= 1, got 0"),
+                      (["--fit-steps", "-3"], "--fit-steps: expected >= 1, got -3"),
+                      (["--matting-weights", "w.ckpt"], "--matting-weights: only used with")):
+        assert main(["data", "prepare", str(tmp_path), "--out", str(tmp_path / "o"), *args]) == 1
+        assert f"ERROR {msg}" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_prepare_cli_interrupted(tmp_path, monkeypatch, capsys):
+    """Ctrl-C: a short message saying what is kept and how to go on (exit code 130)."""
+    import pyface.data.prepare as P
+    from pyface.cli import main
+
+    def interrupted(inputs, cfg):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(P, "prepare", interrupted)
+    assert main(["data", "prepare", str(tmp_path), "--out", str(tmp_path / "o")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "--resume" in err and "Traceback" not in err
 
 
 def test_fit_recovers_pose_from_exact_landmarks():
@@ -507,13 +608,155 @@ def test_prepare_resume_skips_finished(prepared):
 
     out, name = prepared["out"], prepared["name"]
     stamp = os.path.getmtime(os.path.join(out, name, fmt.META))
-    cfg = PrepareConfig(out=out, fit_steps=10, progress=False, skip_bad=True, resume=True)
+    cfg = PrepareConfig(out=out, fit_steps=prepared["cfg"].fit_steps, progress=False,
+                        skip_bad=True, resume=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         s = prepare([prepared["inputs"]], cfg)
     assert s["skipped_finished"] == [name] and s["videos"] == 0
     assert os.path.getmtime(os.path.join(out, name, fmt.META)) == stamp
     assert [r.name for r in fmt.load_index(out)] == [name]
+    # a finished video prepared with other options is not reused: an error before any work
+    for change, msg in (({"fit_steps": 10}, "--fit-steps 40 there, 10 now"),
+                        ({"resolution": 512, "photometric": False},
+                         "--resolution 256 there, 512 now; --no-photometric not given there, "
+                         "given now")):
+        cfg = PrepareConfig(out=out, progress=False, skip_bad=True, resume=True,
+                            **{"fit_steps": prepared["cfg"].fit_steps, **change})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(PrepareError, match="--resume: .*" + name + ": " + msg):
+                prepare([prepared["inputs"]], cfg)
+    assert os.path.getmtime(os.path.join(out, name, fmt.META)) == stamp
+
+
+def _two_inputs(prepared, folder):
+    """A 4-frame mp4 a.mp4 and a photo b.png of the prepared fixture's synthetic clip."""
+    from PIL import Image
+
+    from pyface.data.prepare_quality import encode_mp4
+
+    rec = fmt.load_index(prepared["synth"])[0]
+    frames = np.stack([fmt.read_frame(prepared["synth"], rec, i) for i in range(5)])
+    os.makedirs(folder)
+    encode_mp4(frames[:4], os.path.join(folder, "a.mp4"))
+    Image.fromarray(frames[4]).save(os.path.join(folder, "b.png"))
+    return folder
+
+
+_FAST = dict(fit_steps=10, photometric=False, progress=False)
+
+
+@needs_prepare
+def test_prepare_killed_then_resumed_equals_one_run(prepared, tmp_path):
+    """SIGKILL while the second video is being written: the first stays finished and indexed,
+    the half-written one is no part of the dataset, and --resume finishes the set exactly as one
+    uninterrupted run writes it."""
+    import subprocess
+    import sys
+
+    from pyface.data.prepare import prepare
+
+    inp = _two_inputs(prepared, str(tmp_path / "in"))
+    out = str(tmp_path / "killed")
+    code = (
+        "import os, signal\n"
+        "import pyface.data.format as fmt\n"
+        "from pyface.data.prepare import PrepareConfig, prepare\n"
+        "real = fmt._dump\n"
+        "def dump(path, obj):   # killed just before b's meta.json: all else of b is written\n"
+        "    if os.path.join('.b.partial', 'meta.json') in path:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    real(path, obj)\n"
+        "fmt._dump = dump\n"
+        f"prepare([{inp!r}], PrepareConfig(out={out!r}, **{_FAST!r}))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fmt.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert os.path.isdir(os.path.join(out, ".b.partial", fmt.FRAME_DIR))
+    assert [x.name for x in fmt.load_index(out)] == ["a"]           # indexed when it finished
+    records, problems = fmt.check_dataset(out)
+    assert [x.name for x in records] == ["a"]
+    assert len(problems) == 1 and ".b.partial: an unfinished video" in problems[0]
+    s = prepare([inp], PrepareConfig(out=out, resume=True, **_FAST))
+    assert s["skipped_finished"] == ["a"] and [x["name"] for x in s["results"]] == ["b"]
+    assert sorted(os.listdir(out)) == ["a", "b", fmt.INDEX]
+    ref = str(tmp_path / "ref")
+    prepare([inp], PrepareConfig(out=ref, **_FAST))
+    assert fmt.load_index(ref) == fmt.load_index(out)
+    for name in ("a", "b"):
+        for f in (fmt.COEFFS, fmt.LANDMARKS, "mesh.npy", fmt.LABELS):
+            a, b = os.path.join(ref, name, f), os.path.join(out, name, f)
+            assert open(a, "rb").read() == open(b, "rb").read(), (name, f)
+        for f in os.listdir(os.path.join(ref, name, fmt.FRAME_DIR)):
+            a, b = (os.path.join(d, name, fmt.FRAME_DIR, f) for d in (ref, out))
+            assert open(a, "rb").read() == open(b, "rb").read(), (name, f)
+
+
+@needs_prepare
+def test_prepare_skip_bad_survives_any_failure(prepared, tmp_path, monkeypatch):
+    """With --skip-bad an input failing in an unexpected way is a warning naming it; without,
+    the error propagates and the video finished before it stays written and indexed."""
+    import pyface.data.prepare as P
+
+    inp = _two_inputs(prepared, str(tmp_path / "in"))
+    real = P.prepare_video
+
+    def flaky(src, cfg, progress=None):
+        if src.name == "a":
+            raise RuntimeError("boom")
+        return real(src, cfg, progress)
+    monkeypatch.setattr(P, "prepare_video", flaky)
+    out = str(tmp_path / "out")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        s = P.prepare([inp], P.PrepareConfig(out=out, skip_bad=True, **_FAST))
+    assert [x["name"] for x in s["results"]] == ["b"]
+    assert s["bad"] == [f"{os.path.join(inp, 'a.mp4')}: preparation failed (RuntimeError: boom)"]
+    assert any("a.mp4: preparation failed" in str(x.message) for x in w)
+    with pytest.raises(RuntimeError, match="boom"):
+        P.prepare([os.path.join(inp, "b.png"), os.path.join(inp, "a.mp4")],
+                  P.PrepareConfig(out=str(tmp_path / "strict"), **_FAST))
+    assert [x.name for x in fmt.load_index(str(tmp_path / "strict"))] == ["b"]
+
+
+@needs_prepare
+def test_prepare_worker_killed_is_an_error_not_a_hang(prepared, tmp_path):
+    """A worker process killed from outside (out of memory) ends the run with an error naming
+    the inputs in flight, instead of waiting forever for its video."""
+    import subprocess
+    import sys
+
+    inp = _two_inputs(prepared, str(tmp_path / "in"))
+    (tmp_path / "dying.py").write_text(
+        "import os\nfrom pyface.data.prepare import Source\n\n\n"
+        "class DyingSource(Source):\n"
+        "    def __setstate__(self, state):     # in the worker: as if the kernel killed it\n"
+        "        os._exit(9)\n")
+    code = (
+        f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\n"
+        "from dying import DyingSource\n"
+        "import pyface.data.prepare as P\n"
+        "collect = P.collect_sources\n"
+        "def sources(inputs, **kw):\n"
+        "    s = collect(inputs, **kw)\n"
+        "    s[1].__class__ = DyingSource\n"
+        "    return s\n"
+        "P.collect_sources = sources\n"
+        "try:\n"
+        f"    P.prepare([{inp!r}], P.PrepareConfig(out={str(tmp_path / 'out')!r}, workers=2, "
+        f"**{_FAST!r}))\n"
+        "except P.PrepareError as e:\n"
+        "    print(e)\n"
+        "    sys.exit(7)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fmt.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 7, r.stderr[-2000:]
+    assert "a worker process died" in r.stdout and "b.png" in r.stdout
 
 
 @pytest.fixture(scope="module")
@@ -565,6 +808,10 @@ def test_prepare_cli(prepared, tmp_path, capsys):
     assert main(["data", "prepare", mp4, "--out", out, "--crop", "fomm", "--no-fit", "--quiet"]) == 0
     assert "13/14 frames with a face" in capsys.readouterr().out
     assert main(["data", "check", out]) == 0
+    (tmp_path / "file").write_text("x")
+    assert main(["data", "prepare", mp4, "--out", str(tmp_path / "file"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / 'file'}: exists and is not a folder" in err
 
 
 @needs_prepare

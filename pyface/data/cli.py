@@ -76,8 +76,11 @@ def add_parser(subparsers) -> None:
     q.add_argument("--resolution", type=int, choices=(256, 512), default=256)
     q.add_argument("--workers", type=int, default=1, help="videos prepared in parallel")
     q.add_argument("--skip-bad", action="store_true",
-                   help="warn about unreadable inputs (and inputs without a face) and go on")
-    q.add_argument("--resume", action="store_true", help="skip videos already finished in --out")
+                   help="warn about a bad input (missing, unreadable, no face, or failing "
+                        "otherwise), skip it and go on")
+    q.add_argument("--resume", action="store_true",
+                   help="skip the videos of these inputs already finished in --out (an error "
+                        "when they were prepared with other options)")
     q.add_argument("--no-fit", action="store_true",
                    help="skip the 3DMM fit (zero coefficients, frontal EG3D cameras)")
     q.add_argument("--no-appearance", action="store_true",
@@ -245,7 +248,7 @@ def _prepare(args) -> int:
     import warnings
 
     from pyface.data.format import DataError
-    from pyface.data.prepare import PrepareConfig, prepare
+    from pyface.data.prepare import CLI_OPTIONS, PrepareConfig, prepare
 
     try:
         cfg = PrepareConfig(out=args.out, crop=args.crop, resolution=args.resolution,
@@ -255,6 +258,11 @@ def _prepare(args) -> int:
                             appearance=not args.no_appearance,
                             photometric=not args.no_photometric, matting=args.matting,
                             matting_weights=args.matting_weights, progress=not args.quiet)
+    except ValueError as exc:   # name the command-line option, not the config field
+        field, _, msg = str(exc).partition(": ")
+        print(f"ERROR {CLI_OPTIONS.get(field, field)}: {msg}", file=sys.stderr)
+        return 1
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.formatwarning = lambda m, *a, **k: f"WARNING {m}\n"
@@ -265,14 +273,23 @@ def _prepare(args) -> int:
     except (DataError, ValueError) as e:
         print(f"ERROR {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the finished videos in {args.out} are kept and indexed; run the "
+              "same command with --resume to prepare the rest", file=sys.stderr)
+        return 130
     for r in s["results"]:
         j = r["jitter_px"]
         print(f"{r['name']}: {r['frames']}/{r['source_frames']} frames with a face, "
               f"jitter {j['before']:.3f} -> {j['after']:.3f} px, {r['seconds']:.1f} s")
     if s["skipped_finished"]:
         print(f"resumed: {len(s['skipped_finished'])} finished videos skipped")
+    for b in s["bad"]:
+        print(f"skipped: {b}")
+    for m in s["ignored"]:
+        print(f"ignored: {m}")
     print(f"{args.out}: prepared {s['videos']} videos, {s['frames']} frames in {s['seconds']:.1f} s "
-          f"({s['fps']:.2f} frames/s); {len(s['bad'])} bad input(s) skipped")
+          f"({s['fps']:.2f} frames/s); {len(s['bad'])} bad input(s) skipped, "
+          f"{len(s['ignored'])} folder entries ignored")
     return 0
 
 

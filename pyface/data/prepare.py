@@ -59,10 +59,24 @@ LANDMARKS_FIT = "landmarks_fit.npy"
 #: Overrides of :class:`pyface.face.fit.PhotometricConfig` for the photometric refinement.
 PHOTOMETRIC_OPTIONS: dict = {}
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 CROPS = ("eg3d", "fomm")
 MATTING = ("selfie", "modnet")
 EXTRA_HINT = 'pip install -e ".[prepare]"'
+
+
+#: The config fields that change what a video's preparation writes: stored in ``meta.json``
+#: (``options``); ``--resume`` reuses a finished video only when they match.
+OUTPUT_OPTIONS = ("crop", "resolution", "fit", "fit_steps", "smooth_window", "crop_sigma",
+                  "min_detection_confidence", "max_faces", "submission_offsets", "bfm",
+                  "appearance", "photometric", "matting", "matting_weights")
+#: The ``pyface data prepare`` option of each config field (messages name the option).
+CLI_OPTIONS = {"out": "--out", "crop": "--crop", "resolution": "--resolution",
+               "workers": "--workers", "fit": "--no-fit", "fit_steps": "--fit-steps",
+               "bfm": "--bfm", "appearance": "--no-appearance", "photometric": "--no-photometric",
+               "matting": "--matting", "matting_weights": "--matting-weights",
+               "submission_offsets": "--submission-offsets", "skip_bad": "--skip-bad",
+               "resume": "--resume"}
 
 
 class PrepareError(fmt.DataError):
@@ -107,8 +121,19 @@ class PrepareConfig:
             raise ValueError(f"resolution: expected 256 or 512, got {self.resolution}")
         if self.workers < 1:
             raise ValueError(f"workers: expected >= 1, got {self.workers}")
+        if self.fit_steps < 1:
+            raise ValueError(f"fit_steps: expected >= 1, got {self.fit_steps}")
         if self.smooth_window < 1 or self.smooth_window % 2 == 0:
             raise ValueError(f"smooth_window: expected an odd number >= 1, got {self.smooth_window}")
+
+
+def options(cfg: PrepareConfig) -> dict:
+    """The :data:`OUTPUT_OPTIONS` of ``cfg`` as ``meta.json`` stores them (paths absolute)."""
+    d = {k: getattr(cfg, k) for k in OUTPUT_OPTIONS}
+    for k in ("bfm", "matting_weights"):
+        if d[k]:
+            d[k] = os.path.abspath(d[k])
+    return d
 
 
 @dataclass
@@ -140,16 +165,31 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "video"
 
 
-def collect_sources(inputs) -> list[Source]:
+def collect_sources(inputs, ignored: list | None = None,
+                    errors: list | None = None) -> list[Source]:
     """Expands the command-line inputs into videos.
 
     * a video file (``VIDEO_EXTS``) -> one video; an image file -> a one-frame video;
     * a folder whose images all have numeric names (``00001.png``...) -> one frame-folder video;
     * any other folder -> each video file in it, and each image in it as a one-frame video
       (one level deep; numeric-named sub-folders are frame folders).
-    Missing paths raise :class:`PrepareError`. Names are made unique with a numeric suffix.
+
+    A missing path or a named file that is neither a video nor an image raises
+    :class:`PrepareError`, or is appended to ``errors`` (a message naming it) when a list is
+    given. Entries of a folder that are not read (other files, sub-folders that are not frame
+    folders) are appended to ``ignored`` as messages naming them; hidden entries (``.name``) are
+    passed over silently. Names are the file or folder stems made file-system safe and unique:
+    a name taken twice gets the first free ``_2``, ``_3``, ... suffix that no input's own name
+    uses, so ``clip.mov``, ``clip.mp4`` and ``clip_1.mp4`` become ``clip``, ``clip_2``,
+    ``clip_1``.
     """
     out: list[Source] = []
+    kinds = f"a video ({', '.join(VIDEO_EXTS)}) or image ({', '.join(IMAGE_EXTS)}) file"
+
+    def fail(msg):
+        if errors is None:
+            raise PrepareError(msg)
+        errors.append(msg)
 
     def add_file(p):
         ext = os.path.splitext(p)[1].lower()
@@ -158,6 +198,9 @@ def collect_sources(inputs) -> list[Source]:
             out.append(Source(stem, "video", p))
         elif ext in IMAGE_EXTS:
             out.append(Source(stem, "image", p, [p]))
+        else:
+            return False
+        return True
 
     def frame_folder(d):
         imgs = sorted(f for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTS))
@@ -167,11 +210,8 @@ def collect_sources(inputs) -> list[Source]:
 
     for p in inputs:
         if os.path.isfile(p):
-            before = len(out)
-            add_file(p)
-            if len(out) == before:
-                raise PrepareError(f"{p}: not a video ({', '.join(VIDEO_EXTS)}) or image "
-                                   f"({', '.join(IMAGE_EXTS)}) file")
+            if not add_file(p):
+                fail(f"{p}: not {kinds}")
         elif os.path.isdir(p):
             frames = frame_folder(p)
             if frames:
@@ -179,21 +219,40 @@ def collect_sources(inputs) -> list[Source]:
                 continue
             for f in sorted(os.listdir(p)):
                 q = os.path.join(p, f)
+                if f.startswith("."):
+                    continue
                 if os.path.isdir(q):
                     fr = frame_folder(q)
                     if fr:
                         out.append(Source(_safe(f), "frames", q, fr))
-                else:
-                    add_file(q)
+                    elif ignored is not None:
+                        ignored.append(f"{q}: a folder inside a folder is read only as a frame "
+                                       "folder (every image name numeric: 00001.png, ...); pass "
+                                       "it as an input of its own")
+                elif not add_file(q) and ignored is not None:
+                    ignored.append(f"{q}: not {kinds}")
         else:
-            raise PrepareError(f"{p}: no such file or folder")
-    seen: dict[str, int] = {}
-    for s in out:
-        n = seen.get(s.name, 0)
-        seen[s.name] = n + 1
-        if n:
-            s.name = f"{s.name}_{n}"
+            fail(f"{p}: no such file or folder")
+    unique_names(out)
     return out
+
+
+def unique_names(sources, taken=()) -> None:
+    """Makes the names of ``sources`` unique (in place, in order) and different from ``taken``:
+    a repeated name gets the first free ``_2``, ``_3``, ... suffix that is neither another
+    source's own name nor taken."""
+    own = {s.name for s in sources}
+    used = set(taken)
+    for s in sources:
+        name, k = s.name, 2
+        while name in used:
+            name = f"{s.name}_{k}"
+            k += 1
+            while name in own:
+                name = f"{s.name}_{k}"
+                k += 1
+        s.name = name
+        used.add(name)
 
 
 def iter_frames(src: Source):
@@ -222,9 +281,21 @@ def iter_frames(src: Source):
     for f in src.files:
         try:
             with Image.open(f) as im:
-                yield np.array(ImageOps.exif_transpose(im).convert("RGB"))   # EXIF orientation
+                img = rgb8(ImageOps.exif_transpose(im))                   # EXIF orientation
         except Exception as e:  # PIL raises many types for corrupt data
             raise PrepareError(f"{f}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
+        yield img
+
+
+def rgb8(im) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB of a Pillow image. 16-bit grayscale (``I;16*``, or ``I`` as
+    Pillow opens 16-bit PNGs) is scaled by 255/65535: Pillow's own ``convert("RGB")`` clips
+    those values at 255, which turns nearly every pixel white."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im).astype(np.float64)
+        g = np.clip(np.round(a * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        return np.repeat(g[..., None], 3, -1)
+    return np.array(im.convert("RGB"))
 
 
 def count_frames(src: Source) -> int:
@@ -664,11 +735,17 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
             "submission_offsets": cfg.submission_offsets, "matting": cfg.matting,
             "landmarks_fit": LANDMARKS_FIT if lm_fit is not None else None,
             "fit_model": "bfm" if cfg.bfm else ("builtin" if cfg.fit else None), "seconds": round(seconds, 2),
-            "timing_s": {k: round(v, 2) for k, v in timing.items()}}
+            "timing_s": {k: round(v, 2) for k, v in timing.items()}, "options": options(cfg)}
     fmt._dump(os.path.join(tmp, fmt.META), meta)
     final = os.path.join(cfg.out, src.name)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    if os.path.lexists(final):      # a previous preparation: moved aside whole, then deleted, so
+        old = os.path.join(cfg.out, f".{src.name}.replaced.partial")   # a kill never leaves a
+        shutil.rmtree(old, ignore_errors=True)                         # half-deleted video
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
     return {"name": src.name, "frames": t, "source_frames": n, "no_face": len(no_face),
             "seconds": seconds, "jitter_px": jit, "timing_s": timing}
 
@@ -729,9 +806,16 @@ _progress_queue = None
 
 def _worker_init(q):
     global _progress_queue
+    import signal
+
     _progress_queue = q
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C: the main process stops the pool
     import torch
     torch.set_num_threads(1)
+
+
+def _failed(src: Source, e: Exception) -> str:
+    return f"{src.path}: preparation failed ({type(e).__name__}: {e})"
 
 
 def _worker(args):
@@ -749,16 +833,93 @@ def _worker(args):
         return src, r, None
     except PrepareError as e:
         return src, None, str(e)
+    except Exception as e:      # with --skip-bad one failing input never stops the others
+        if not cfg.skip_bad:
+            raise
+        return src, None, _failed(src, e)
     finally:
         if q is not None and pending[0]:
             q.put(pending[0])
 
 
+def _recorded_source(out: str, name: str) -> str | None:
+    """The input path a prepared video's ``meta.json`` records (None when it records none)."""
+    try:
+        src = fmt._load_json(os.path.join(out, name, fmt.META)).get("source")
+    except (fmt.DataError, AttributeError, OSError):
+        return None
+    return src if isinstance(src, str) else None
+
+
+def _same_file(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def place_sources(sources, out: str) -> list[str]:
+    """Keeps every prepared video of ``out`` with the input it was prepared from: a source whose
+    name is a folder of ``out`` holding another input's video (its ``meta.json`` records another
+    ``source``) takes the folder that records its own path, if one exists (an earlier run
+    renamed it), or else a new unique name. Renames ``sources`` in place; returns a note per
+    renamed source. Without this, re-running with another input of the same name would replace
+    (or, with ``--resume``, wrongly reuse) the other input's video."""
+    if not os.path.isdir(out):
+        return []
+    recorded = {n: _recorded_source(out, n) for n in fmt.video_names(out)}
+    clash = [s for s in sources if s.name in recorded
+             and not (recorded[s.name] and _same_file(recorded[s.name], s.path))]
+    if not clash:
+        return []
+    keep = {s.name for s in sources if s not in clash}
+    by_path = {os.path.realpath(v): n for n, v in recorded.items() if v}
+    taken = set(recorded) | keep
+    notes = []
+    for s in clash:
+        base = s.name
+        n = by_path.get(os.path.realpath(s.path))
+        if n is not None and n not in keep:
+            s.name = n                  # its own folder from an earlier run: no news
+        else:
+            unique_names([s], taken)
+            other = recorded[base] or "an input it does not record"
+            notes.append(f"{s.path}: prepared as {s.name} ({os.path.join(out, base)} holds the "
+                         f"video of {other})")
+        keep.add(s.name)
+        taken.add(s.name)
+    return notes
+
+
+def _option_mismatch(out: str, name: str, cfg: PrepareConfig) -> str | None:
+    """How the finished video ``out/name`` was prepared differently from ``cfg`` (None: alike)."""
+    meta = fmt._load_json(os.path.join(out, name, fmt.META))
+    want = options(cfg)
+    have = meta.get("options")
+    if not isinstance(have, dict):      # written before meta.json kept the options
+        have = {"crop": meta.get("crop"), "matting": meta.get("matting", "selfie"),
+                "submission_offsets": meta.get("submission_offsets", False)}
+        res = meta.get("resolution")
+        if isinstance(res, list) and res:
+            have["resolution"] = res[0]
+
+    def show(k, v):                     # flags: given or not, as the command line says it
+        opt = CLI_OPTIONS.get(k, k)
+        if isinstance(v, bool) and opt.startswith("--"):
+            return "given" if v != opt.startswith("--no-") else "not given"
+        return repr(v)
+    diff = [f"{CLI_OPTIONS.get(k, k)} {show(k, have[k])} there, {show(k, want[k])} now"
+            for k in want if k in have and have[k] != want[k]]
+    return "; ".join(diff) or None
+
+
 def prepare(inputs, cfg: PrepareConfig) -> dict:
-    """Prepares every input (see :func:`collect_sources`) into ``cfg.out`` and writes the index.
+    """Prepares every input (see :func:`collect_sources`) into ``cfg.out`` and writes the index
+    (again after every finished video, so a killed run leaves its finished videos indexed).
 
     Without ``skip_bad`` the first bad input raises :class:`PrepareError` (videos finished
-    before it stay written and indexed); with it, bad inputs are warnings listed in the summary.
+    before it stay written and indexed); with it, bad inputs (missing, unreadable, no face, or
+    failing in any other way) are warnings listed in the summary (``bad``). Folder entries that
+    are not read are warnings listed in ``ignored``. With ``resume``, finished videos of the same
+    inputs are skipped; one prepared with other options (:data:`OUTPUT_OPTIONS`) is an error
+    before any work.
     """
     require_backends()
     if cfg.bfm and not os.path.isfile(cfg.bfm):
@@ -774,17 +935,35 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
             _modnet(cfg.matting_weights)          # a bad file fails here, before any video
         except CheckpointError as e:
             raise PrepareError(str(e)) from None
-    sources = collect_sources(inputs)
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise PrepareError(f"--out {cfg.out}: exists and is not a folder")
+    ignored, bad = [], []
+    sources = collect_sources(inputs, ignored=ignored, errors=bad if cfg.skip_bad else None)
+    for m in ignored:
+        warnings.warn(f"ignored: {m}", stacklevel=2)
+    for m in bad:
+        warnings.warn(f"skipped: {m}", stacklevel=2)
     if not sources:
         raise PrepareError(f"no videos or images found in {list(inputs)}")
-    os.makedirs(cfg.out, exist_ok=True)
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+    except OSError as e:
+        raise PrepareError(f"--out {cfg.out}: cannot create the output folder ({e})") from None
+    for m in place_sources(sources, cfg.out):
+        warnings.warn(m, stacklevel=2)
     todo, skipped = [], []
     for s in sources:
         if cfg.resume and os.path.isfile(os.path.join(cfg.out, s.name, fmt.META)):
             skipped.append(s.name)
         else:
             todo.append(s)
-    results, bad = [], []
+    differ = [(n, _option_mismatch(cfg.out, n, cfg)) for n in skipped]
+    differ = [f"{os.path.join(cfg.out, n)}: {d}" for n, d in differ if d]
+    if differ:
+        raise PrepareError("--resume: finished videos were prepared with other options ("
+                           + " | ".join(differ) + "); resume with the same options, or prepare "
+                           "into another --out")
+    results = []
     t0 = time.perf_counter()
     vbar = fbar = None
     if cfg.progress:
@@ -801,6 +980,7 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
             bad.append(err)
         else:
             results.append(r)
+            fmt.write_index(cfg.out)
         if vbar is not None:
             vbar.update(1)
 
@@ -809,9 +989,14 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
             for s in todo:
                 try:
                     r = prepare_video(s, cfg, fbar.update if fbar is not None else None)
-                    done(s, r, None)
                 except PrepareError as e:
                     done(s, None, str(e))
+                except Exception as e:  # with --skip-bad one failing input never stops the others
+                    if not cfg.skip_bad:
+                        raise
+                    done(s, None, _failed(s, e))
+                else:
+                    done(s, r, None)
         else:
             import multiprocessing as mp
             import threading
@@ -837,13 +1022,38 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
                         fbar.update(k)
             th = threading.Thread(target=drain, daemon=True)
             th.start()
-            with ctx.Pool(min(cfg.workers, len(todo)), initializer=_worker_init, initargs=(q,)) as pool:
-                try:
-                    for s, r, err in pool.imap_unordered(_worker, [(s, cfg) for s in todo]):
-                        done(s, r, err)
-                finally:
-                    stop.set()
-                    th.join()
+            # an executor, not multiprocessing.Pool: a worker killed from outside (the kernel's
+            # out-of-memory killer) breaks it with an error, where a Pool waits forever for the
+            # lost video
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+            from concurrent.futures.process import BrokenProcessPool
+
+            ex = ProcessPoolExecutor(min(cfg.workers, len(todo)), mp_context=ctx,
+                                     initializer=_worker_init, initargs=(q,))
+            try:
+                futures = {ex.submit(_worker, (s, cfg)): s for s in todo}
+                for f in as_completed(futures):
+                    try:
+                        s, r, err = f.result()
+                    except BrokenProcessPool:
+                        lost = [futures[g].path for g in futures
+                                if not g.done() or isinstance(g.exception(), BrokenProcessPool)]
+                        raise PrepareError(
+                            "a worker process died (killed from outside, e.g. by the out-of-"
+                            f"memory killer) while preparing one of {lost}; the finished videos "
+                            "are kept and indexed: re-run with --resume (fewer --workers if "
+                            "memory is short)") from None
+                    done(s, r, err)
+            except BaseException:
+                for proc in list((getattr(ex, "_processes", None) or {}).values()):
+                    proc.terminate()        # do not wait for the running videos
+                ex.shutdown(wait=False, cancel_futures=True)
+                raise
+            else:
+                ex.shutdown()
+            finally:
+                stop.set()
+                th.join()
     finally:
         for b in (vbar, fbar):
             if b is not None:
@@ -854,7 +1064,8 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
     seconds = time.perf_counter() - t0
     frames = sum(r["frames"] for r in results)
     return {"videos": len(results), "frames": frames, "skipped_finished": skipped, "bad": bad,
-            "seconds": round(seconds, 2), "fps": round(frames / seconds, 2) if seconds else 0.0,
+            "ignored": ignored, "seconds": round(seconds, 2),
+            "fps": round(frames / seconds, 2) if seconds else 0.0,
             "results": results, "config": asdict(cfg)}
 
 
