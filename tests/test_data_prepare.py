@@ -812,6 +812,20 @@ def test_prepare_cli(prepared, tmp_path, capsys):
     assert main(["data", "prepare", mp4, "--out", str(tmp_path / "file"), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert f"--out {tmp_path / 'file'}: exists and is not a folder" in err
+    # the summary repeats what was skipped and ignored, naming the files
+    import shutil
+    messy = tmp_path / "messy"
+    messy.mkdir()
+    shutil.copy(mp4, messy / "clip.mp4")
+    shutil.copy(os.path.join(prepared["inputs"], "broken.mp4"), messy / "broken.mp4")
+    (messy / "notes.txt").write_text("x")
+    assert main(["data", "prepare", str(messy), "--out", str(tmp_path / "o2"), "--no-fit",
+                 "--quiet", "--skip-bad"]) == 0
+    text = capsys.readouterr().out
+    assert f"skipped: {messy / 'broken.mp4'}: corrupt or unreadable video" in text
+    assert f"ignored: {messy / 'notes.txt'}: not a video" in text
+    assert "prepared 1 videos, 13 frames" in text
+    assert "1 bad input(s) skipped, 1 folder entries ignored" in text
 
 
 @needs_prepare

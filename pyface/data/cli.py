@@ -288,8 +288,8 @@ def _prepare(args) -> int:
     for m in s["ignored"]:
         print(f"ignored: {m}")
     print(f"{args.out}: prepared {s['videos']} videos, {s['frames']} frames in {s['seconds']:.1f} s "
-          f"({s['fps']:.2f} frames/s); {len(s['bad'])} bad input(s) skipped, "
-          f"{len(s['ignored'])} folder entries ignored")
+          f"({s['fps']:.2f} frames/s); {len(s['bad'])} bad input(s) skipped"
+          + (f", {len(s['ignored'])} folder entries ignored" if s["ignored"] else ""))
     return 0
 
 
