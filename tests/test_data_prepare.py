@@ -812,6 +812,11 @@ def test_prepare_cli(prepared, tmp_path, capsys):
     assert main(["data", "prepare", mp4, "--out", str(tmp_path / "file"), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert f"--out {tmp_path / 'file'}: exists and is not a folder" in err
+    (tmp_path / "fake.mat").write_text("x")                # a bad model: once, before any video
+    assert main(["data", "prepare", mp4, "--out", str(tmp_path / "o1"), "--quiet", "--skip-bad",
+                 "--bfm", str(tmp_path / "fake.mat")]) == 1
+    assert f"ERROR --bfm {tmp_path / 'fake.mat'}: not a readable .mat file" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o1")
     # the summary repeats what was skipped and ignored, naming the files
     import shutil
     messy = tmp_path / "messy"

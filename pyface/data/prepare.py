@@ -925,6 +925,11 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
     if cfg.bfm and not os.path.isfile(cfg.bfm):
         raise PrepareError(f"{cfg.bfm}: BFM model file not found (--bfm expects Deep3DFaceRecon's "
                            "BFM_model_front.mat)")
+    if cfg.bfm and cfg.fit:
+        try:
+            fit_model(cfg.bfm)              # a bad file fails here, not once per video
+        except (ValueError, KeyError, OSError) as e:
+            raise PrepareError(f"--bfm {e}") from None
     if cfg.matting == "modnet":
         from pyface.checkpoint import CheckpointError
         if not os.path.isfile(cfg.matting_weights):
