@@ -901,6 +901,36 @@ def test_decode_applies_display_rotation(tmp_path):
 
 
 @needs_prepare
+def test_truncated_video_error_says_how_far_it_decoded(tmp_path):
+    """A video cut short (an interrupted copy or recording) names the file and the frames that
+    decoded before the damage."""
+    import av
+
+    from pyface.data.prepare import Source, iter_frames
+
+    frames = np.random.default_rng(0).integers(0, 255, (30, 64, 64, 3), dtype=np.uint8)
+    path = str(tmp_path / "long.mp4")
+    with av.open(path, "w", options={"movflags": "faststart"}) as c:    # index first
+        s = c.add_stream("libx264", rate=25)
+        s.width = s.height = 64
+        s.pix_fmt, s.options = "yuv420p", {"g": "5"}
+        for f in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    data = open(path, "rb").read()
+    cut = str(tmp_path / "cut.mp4")
+    open(cut, "wb").write(data[: int(len(data) * 0.6)])
+    got = []
+    with pytest.raises(PrepareError, match=r"cut.mp4: corrupt or unreadable video after "
+                                           r"(\d+) decoded frames \(truncated\?\)") as e:
+        for img in iter_frames(Source("cut", "video", cut)):
+            got.append(img)
+    assert 0 < len(got) < 30 and f"after {len(got)} decoded" in str(e.value)
+
+
+@needs_prepare
 def test_prepare_output_evaluates_with_the_real_clip_protocol(prepared, tmp_path, capsys):
     """End to end: a folder written by `pyface data prepare` is a real-clip evaluation set
     (first frame = the source) and the MediaPipe detector measures akd on it."""

@@ -260,6 +260,7 @@ def iter_frames(src: Source):
     file when it cannot be decoded."""
     if src.kind == "video":
         import av
+        decoded = 0
         try:
             with av.open(src.path) as container:
                 if not container.streams.video:
@@ -270,11 +271,13 @@ def iter_frames(src: Source):
                     # phone videos store their orientation as a display rotation
                     # (counterclockwise degrees): show the frame the way players do
                     k = int(round((getattr(frame, "rotation", 0) or 0) / 90.0)) % 4
+                    decoded += 1
                     yield np.ascontiguousarray(np.rot90(img, k)) if k else img
         except PrepareError:
             raise
         except (av.FFmpegError, ValueError, OSError) as e:
-            raise PrepareError(f"{src.path}: corrupt or unreadable video "
+            where = f" after {decoded} decoded frames (truncated?)" if decoded else ""
+            raise PrepareError(f"{src.path}: corrupt or unreadable video{where} "
                                f"({type(e).__name__}: {e})") from None
         return
     from PIL import Image, ImageOps
