@@ -186,12 +186,15 @@ def test_collect_sources_unique_names_and_ignored_entries(tmp_path):
     (d / "photos").mkdir()                                   # not a frame folder: not read
     (d / "photos" / "me.png").write_bytes(b"")
     ignored, errors = [], []
-    s = collect_sources([str(d), str(tmp_path / "gone.mp4")], ignored=ignored, errors=errors)
+    s = collect_sources([str(d), str(tmp_path / "gone.mp4"), str(d / "clip.mp4")],
+                        ignored=ignored, errors=errors)
     names = {os.path.basename(x.path): x.name for x in s}
-    assert names == {"clip.mov": "clip", "clip.mp4": "clip_2", "clip_1.mp4": "clip_1",
-                     "face.TIFF": "face", "my clip é.mp4": "my_clip"}
-    assert len(ignored) == 2 and "notes.txt: not a video" in ignored[0]
+    assert len(s) == 5 and names == {"clip.mov": "clip", "clip.mp4": "clip_2",
+                                     "clip_1.mp4": "clip_1", "face.TIFF": "face",
+                                     "my clip é.mp4": "my_clip"}
+    assert len(ignored) == 3 and "notes.txt: not a video" in ignored[0]
     assert "photos: a folder inside a folder" in ignored[1]
+    assert "clip.mp4: given more than once" in ignored[2]
     assert len(errors) == 1 and "gone.mp4: no such file or folder" in errors[0]
     with pytest.raises(PrepareError, match="gone.mp4"):
         collect_sources([str(tmp_path / "gone.mp4")])

@@ -178,7 +178,8 @@ def collect_sources(inputs, ignored: list | None = None,
     :class:`PrepareError`, or is appended to ``errors`` (a message naming it) when a list is
     given. Entries of a folder that are not read (other files, sub-folders that are not frame
     folders) are appended to ``ignored`` as messages naming them; hidden entries (``.name``) are
-    passed over silently. Names are the file or folder stems made file-system safe and unique:
+    passed over silently; an input met twice is read once. Names are the file or folder stems
+    made file-system safe and unique:
     a name taken twice gets the first free ``_2``, ``_3``, ... suffix that no input's own name
     uses, so ``clip.mov``, ``clip.mp4`` and ``clip_1.mp4`` become ``clip``, ``clip_2``,
     ``clip_1``.
@@ -233,8 +234,17 @@ def collect_sources(inputs, ignored: list | None = None,
                     ignored.append(f"{q}: not {kinds}")
         else:
             fail(f"{p}: no such file or folder")
-    unique_names(out)
-    return out
+    seen, unique = set(), []
+    for s in out:           # `clips/ clips/a.mp4` or a path given twice: prepared once
+        key = os.path.realpath(s.path)
+        if key in seen:
+            if ignored is not None:
+                ignored.append(f"{s.path}: given more than once (prepared once)")
+            continue
+        seen.add(key)
+        unique.append(s)
+    unique_names(unique)
+    return unique
 
 
 def unique_names(sources, taken=()) -> None:
