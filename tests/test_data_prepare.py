@@ -699,6 +699,35 @@ def test_prepare_killed_then_resumed_equals_one_run(prepared, tmp_path):
 
 
 @needs_prepare
+def test_prepare_again_interrupted_while_replacing(prepared, tmp_path, monkeypatch):
+    """Preparing a finished video again and being stopped while the old copy is deleted never
+    leaves a folder that looks finished but lacks files: --resume then gives a complete set."""
+    import shutil
+
+    import pyface.data.prepare as P
+
+    inp = os.path.join(_two_inputs(prepared, str(tmp_path / "in")), "b.png")
+    out = str(tmp_path / "out")
+    P.prepare([inp], P.PrepareConfig(out=out, **_FAST))
+    real, calls = shutil.rmtree, []
+
+    def stopped(path, *a, **k):         # half a deletion, then Ctrl-C
+        if os.path.isdir(os.path.join(path, fmt.FRAME_DIR)) and not calls:
+            calls.append(path)
+            real(os.path.join(path, fmt.FRAME_DIR))
+            raise KeyboardInterrupt
+        return real(path, *a, **k)
+    monkeypatch.setattr(P.shutil, "rmtree", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        P.prepare([inp], P.PrepareConfig(out=out, **_FAST))
+    assert calls
+    monkeypatch.setattr(P.shutil, "rmtree", real)
+    P.prepare([inp], P.PrepareConfig(out=out, resume=True, **_FAST))
+    assert fmt.check_dataset(out)[1] == []
+    assert sorted(os.listdir(out)) == ["b", fmt.INDEX]
+
+
+@needs_prepare
 def test_prepare_skip_bad_survives_any_failure(prepared, tmp_path, monkeypatch):
     """With --skip-bad an input failing in an unexpected way is a warning naming it; without,
     the error propagates and the video finished before it stays written and indexed."""
