@@ -856,9 +856,12 @@ def test_prepare_cli(prepared, tmp_path, capsys):
     shutil.copy(mp4, messy / "clip.mp4")
     shutil.copy(os.path.join(prepared["inputs"], "broken.mp4"), messy / "broken.mp4")
     (messy / "notes.txt").write_text("x")
+    shown, formatted = warnings.showwarning, warnings.formatwarning
     assert main(["data", "prepare", str(messy), "--out", str(tmp_path / "o2"), "--no-fit",
                  "--quiet", "--skip-bad"]) == 0
-    text = capsys.readouterr().out
+    assert (warnings.showwarning, warnings.formatwarning) == (shown, formatted)   # restored
+    text, err = capsys.readouterr()
+    assert f"WARNING ignored: {messy / 'notes.txt'}: not a video" in err
     assert f"skipped: {messy / 'broken.mp4'}: corrupt or unreadable video" in text
     assert f"ignored: {messy / 'notes.txt'}: not a video" in text
     assert "prepared 1 videos, 13 frames" in text

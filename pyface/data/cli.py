@@ -263,9 +263,13 @@ def _prepare(args) -> int:
         print(f"ERROR {CLI_OPTIONS.get(field, field)}: {msg}", file=sys.stderr)
         return 1
     try:
-        with warnings.catch_warnings():
+        def show(message, *_, **__):   # a line above the progress bars, not through them
+            from tqdm import tqdm
+            tqdm.write(f"WARNING {message}", file=sys.stderr)
+
+        with warnings.catch_warnings():     # restores showwarning afterwards
             warnings.simplefilter("always")
-            warnings.formatwarning = lambda m, *a, **k: f"WARNING {m}\n"
+            warnings.showwarning = show
             s = prepare(args.inputs, cfg)
     except ImportError as e:
         print(f"ERROR {e}", file=sys.stderr)
