@@ -195,6 +195,9 @@ def test_collect_sources_unique_names_and_ignored_entries(tmp_path):
     assert len(ignored) == 3 and "notes.txt: not a video" in ignored[0]
     assert "photos: a folder inside a folder" in ignored[1]
     assert "clip.mp4: given more than once" in ignored[2]
+    ignored = []                                # the output folder inside the input folder
+    collect_sources([str(d)], ignored=ignored, exclude=[str(d / "photos")])
+    assert len(ignored) == 1 and "notes.txt" in ignored[0]
     assert len(errors) == 1 and "gone.mp4: no such file or folder" in errors[0]
     with pytest.raises(PrepareError, match="gone.mp4"):
         collect_sources([str(tmp_path / "gone.mp4")])

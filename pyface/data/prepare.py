@@ -165,8 +165,8 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "video"
 
 
-def collect_sources(inputs, ignored: list | None = None,
-                    errors: list | None = None) -> list[Source]:
+def collect_sources(inputs, ignored: list | None = None, errors: list | None = None,
+                    exclude=()) -> list[Source]:
     """Expands the command-line inputs into videos.
 
     * a video file (``VIDEO_EXTS``) -> one video; an image file -> a one-frame video;
@@ -178,13 +178,15 @@ def collect_sources(inputs, ignored: list | None = None,
     :class:`PrepareError`, or is appended to ``errors`` (a message naming it) when a list is
     given. Entries of a folder that are not read (other files, sub-folders that are not frame
     folders) are appended to ``ignored`` as messages naming them; hidden entries (``.name``) are
-    passed over silently; an input met twice is read once. Names are the file or folder stems
+    passed over silently, and so are the folders of ``exclude`` (the output folder, when it lies
+    in an input folder); an input met twice is read once. Names are the file or folder stems
     made file-system safe and unique:
     a name taken twice gets the first free ``_2``, ``_3``, ... suffix that no input's own name
     uses, so ``clip.mov``, ``clip.mp4`` and ``clip_1.mp4`` become ``clip``, ``clip_2``,
     ``clip_1``.
     """
     out: list[Source] = []
+    skip = {os.path.realpath(e) for e in exclude}
     kinds = f"a video ({', '.join(VIDEO_EXTS)}) or image ({', '.join(IMAGE_EXTS)}) file"
 
     def fail(msg):
@@ -220,7 +222,7 @@ def collect_sources(inputs, ignored: list | None = None,
                 continue
             for f in sorted(os.listdir(p)):
                 q = os.path.join(p, f)
-                if f.startswith("."):
+                if f.startswith(".") or os.path.realpath(q) in skip:
                     continue
                 if os.path.isdir(q):
                     fr = frame_folder(q)
@@ -956,7 +958,8 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise PrepareError(f"--out {cfg.out}: exists and is not a folder")
     ignored, bad = [], []
-    sources = collect_sources(inputs, ignored=ignored, errors=bad if cfg.skip_bad else None)
+    sources = collect_sources(inputs, ignored=ignored, errors=bad if cfg.skip_bad else None,
+                              exclude=[cfg.out])
     for m in ignored:
         warnings.warn(f"ignored: {m}", stacklevel=2)
     for m in bad:
