@@ -94,7 +94,6 @@ class Trainer:
                  dataset=None):
         from pyface.train import registry
 
-        self.cfg = cfg
         t = cfg.train
         if t.precision not in ("fp32", "bf16"):
             raise ValueError(f"train.precision: expected 'fp32' or 'bf16', got {t.precision!r}")
@@ -104,8 +103,11 @@ class Trainer:
         self.dist, self.device = D.init_distributed(t.device)
         if t.batch_size % self.dist.world_size:
             raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the "
-                             f"{self.dist.world_size} ranks")
+                             f"{self.dist.world_size} ranks (the global batch is split into "
+                             "equal shares); use a multiple of the number of ranks")
+        #: this rank's share of the global batch (``train.batch_size / world size``)
         self.local_batch = t.batch_size // self.dist.world_size
+        self.cfg = cfg = self._resolve_local_batch(cfg, model)
         self.run_dir = t.run_dir.format(model=cfg.model)
         torch.manual_seed(t.seed)  # identical initialisation on every rank
         random.seed(t.seed)
@@ -182,6 +184,33 @@ class Trainer:
         #: set to a dict to collect per-step seconds in "model" (forward + losses), "backward",
         #: "optimizer" and "total" (bench: the rest is engine overhead)
         self.timings: dict[str, list[float]] | None = None
+
+    def _resolve_local_batch(self, cfg: ExperimentConfig, model) -> ExperimentConfig:
+        """``cfg`` with the model's ``local_batch_field`` (if it has one) set to this rank's
+        share of the batch when it is None; an explicit value below the share raises."""
+        import dataclasses
+
+        from pyface.train import registry
+
+        cls = type(model) if model is not None else registry.model_class(cfg.model)
+        key = getattr(cls, "local_batch_field", None)
+        mc = cfg.model_config if cfg.model_config is not None else getattr(model, "cfg", None)
+        if not key or mc is None or not dataclasses.is_dataclass(mc):
+            return cfg
+        value = getattr(mc, key)
+        share = (f"train.batch_size / ranks = {cfg.train.batch_size} / "
+                 f"{self.dist.world_size} = {self.local_batch}")
+        if value is None:
+            if model is not None:
+                raise ValueError(f"model.{key}: None in the config of the model passed in; "
+                                 f"build it with {key}={self.local_batch} ({share})")
+            return dataclasses.replace(cfg, model_config=dataclasses.replace(
+                mc, **{key: self.local_batch}))
+        if value < self.local_batch:
+            raise ValueError(f"model.{key}={value}: smaller than this rank's share of the batch "
+                             f"({share}); leave it unset (null: derived from the batch) or "
+                             f"set it to {self.local_batch}")
+        return cfg
 
     # ----------------------------------------------------------------------------------------
     # Checkpoints
