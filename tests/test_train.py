@@ -65,10 +65,43 @@ def test_config_yaml_set_and_types(tmp_path):
     (["train.progress=maybe"], r"train\.progress: expected a bool"),
     (["nosection.x=1"], r"nosection: unknown section"),
     (["train.steps"], r"expected key=value"),
+    # a misspelt key or section names the near matches
+    (["train.stepz=1"], r"; did you mean train\.steps\?$"),
+    (["model.lrr=1"], r"model\.lrr: unknown key for TriplaneAEConfig; valid keys: .*; did you "
+                      r"mean model\.lr\?$"),
+    (["train.lr_schedule.kindd=cosine"], r"did you mean train\.lr_schedule\.kind\?$"),
+    (["trian.steps=1"], r"trian: unknown section; valid sections: model, data, train; did you "
+                        r"mean train\?$"),
 ])
 def test_config_errors_name_the_key(bad, match):
     with pytest.raises(ConfigError, match=match):
         build_experiment("example", TriplaneAutoencoder.Config, overrides=bad)
+
+
+def test_config_file_and_preset_errors_name_the_file_and_near_matches(tmp_path):
+    M = TriplaneAutoencoder
+    with pytest.raises(ConfigError, match=r"--preset 'tin': model 'example' has no such preset; "
+                                          r"valid presets: tiny; did you mean tiny\?"):
+        build_experiment("example", M.Config, preset="tin")
+    with pytest.raises(ConfigError, match=r"--config .*none\.yaml: no such file"):
+        build_experiment("example", M.Config, yaml_path=str(tmp_path / "none.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  steps: [1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML at line 3, column 1: "
+                                          r"expected ',' or ']'"):
+        build_experiment("example", M.Config, yaml_path=str(bad))
+    bad.write_text("- 1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: expected a mapping at the top level"):
+        build_experiment("example", M.Config, yaml_path=str(bad))
+    # a run's config.yaml of another model
+    bad.write_text("model: eg3d\npreset: tiny\nmodel_config: {}\ndata: {}\ntrain: {}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: the config of model 'eg3d', not 'example' "
+                                          r"\(pyface train eg3d --config"):
+        build_experiment("example", M.Config, yaml_path=str(bad))
+    with pytest.raises(KeyError, match=r"unknown model 'exmple'; .*did you mean example\?"):
+        from pyface.train.registry import model_class
+
+        model_class("exmple")
 
 
 def test_parse_set_nested():
@@ -265,6 +298,47 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
                        match=r"missing keys: decoder\.2\.bias.*shape mismatches: decoder\.0\.weight:"
                              r" checkpoint \(3, 3\) vs model \(8, 4\)"):
         fresh.load_checkpoint(str(tmp_path / "edited"))
+
+
+def test_cli_resume_errors_and_changed_settings(tmp_path, capsys, caplog):
+    """``--resume`` of another model's run, or with another model config (a forgotten
+    ``--preset``), stops with exit code 1 naming the difference and the way out; changed train /
+    data settings apply and are listed in a warning."""
+    import logging
+
+    from pyface.cli import main
+
+    run = tmp_path / "run"
+    sets = sum((["--set", s] for s in TINY + [f"train.run_dir={run}"]), [])
+    assert main(["train", "example", *sets, "--set", "train.steps=1"]) == 0
+    capsys.readouterr()
+    assert main(["train", "example", *sets, "--set", "train.steps=2", "--set",
+                 "model.hidden=16", "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "model config differs (model.hidden: checkpoint 8 vs run 16)" in err
+    assert "--config RUN/config.yaml --resume" in err
+    # another model's run: its checkpoint names the model it trained
+    tensors, meta = ckpt.load_folder(ckpt.latest_checkpoint(str(run)))
+    meta["experiment"]["model"] = "eg3d"
+    ckpt.save_folder(str(tmp_path / "eg3d-ckpt"), tensors, meta)
+    assert main(["train", "example", *sets, "--set", "train.steps=2", "--resume",
+                 str(tmp_path / "eg3d-ckpt")]) == 1
+    assert "trained model 'eg3d', this run trains 'example'" in capsys.readouterr().err
+    # the command's train/data values apply on resume, listed in a warning
+    with caplog.at_level(logging.WARNING, logger="pyface.train"):
+        assert main(["train", "example", *sets, "--set", "train.steps=2", "--set",
+                     "train.log_every=2", "--resume"]) == 0
+    warned = [r.getMessage() for r in caplog.records
+              if "differ from the checkpoint" in r.getMessage()]
+    assert len(warned) == 1 and "(this command's values apply from step 1 on)" in warned[0]
+    assert "train.steps: 1 -> 2" in warned[0]
+    assert "train.log_every: 1 -> 2" in warned[0]
+    assert "run_dir" not in warned[0]
+    # --config of the run's config.yaml resumes it unchanged: no warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pyface.train"):
+        assert main(["train", "example", "--config", str(run / "config.yaml"), "--resume"]) == 0
+    assert not [r for r in caplog.records if "differ from the checkpoint" in r.getMessage()]
 
 
 def test_failed_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -532,3 +606,28 @@ def test_skip_bad_option_reaches_the_dataset(tmp_path):
     with pytest.warns(UserWarning, match="coeffs.npy"):
         tr = Trainer(tiny(tmp_path, *args, "data.skip_bad=true", name="skip"))
     assert len(tr.dataset) == 3  # the good video's frames only
+
+
+def test_print_config_round_trips_through_config_for_every_model(tmp_path, capsys):
+    """``pyface train M [--preset P] --print-config`` output given back with ``--config``
+    prints the same config, preset included (a staged model's stages train with it), for every
+    registered model and preset."""
+    import yaml
+
+    from pyface.cli import main
+    from pyface.train.registry import MODELS, model_class
+
+    checked = 0
+    for name in sorted(MODELS):
+        for preset in [None, *sorted(getattr(model_class(name), "presets", None) or {})]:
+            first = ["train", name, "--print-config"] + (["--preset", preset] if preset else [])
+            assert main(first) == 0, (name, preset)
+            printed = capsys.readouterr().out
+            path = tmp_path / f"{name}-{preset}.yaml"
+            path.write_text(printed)
+            assert main(["train", name, "--print-config", "--config", str(path)]) == 0
+            again = capsys.readouterr().out
+            assert yaml.safe_load(again) == yaml.safe_load(printed), (name, preset)
+            assert yaml.safe_load(again)["preset"] == preset
+            checked += 1
+    assert checked >= 10 + 3 * 9      # every model, the portrait models' three presets

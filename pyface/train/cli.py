@@ -72,6 +72,13 @@ def resolve_device(spec: str | None, option: str = "--device") -> str:
     return spec
 
 
+def _message(exc: BaseException) -> str:
+    """An exception's message (a KeyError's without the quotes its ``str`` adds)."""
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        return exc.args[0]
+    return str(exc)
+
+
 def _setup_logging() -> None:
     # under torchrun the other ranks print warnings and errors only (rank 0 reports progress)
     rank = int(os.environ.get("RANK", "0"))
@@ -96,7 +103,7 @@ def run_train(args) -> int:
                                defaults=getattr(cls, "recipe", {}),
                                preset=args.preset)
     except (KeyError, ConfigError, OSError, ImportError) as exc:
-        print(f"pyface train: {exc}", file=sys.stderr)
+        print(f"pyface train: {_message(exc)}", file=sys.stderr)
         return 2
     staged = bool(getattr(cls, "stages", ())) and not args.print_config
     group = None
@@ -108,7 +115,7 @@ def run_train(args) -> int:
         try:
             group, _ = D.init_distributed(cfg.train.device)
         except RuntimeError as exc:
-            print(f"pyface train: {exc}", file=sys.stderr)
+            print(f"pyface train: {_message(exc)}", file=sys.stderr)
             return 2
     try:
         return _train(args, cls, cfg, overrides, staged)
@@ -130,10 +137,10 @@ def _train(args, cls, cfg, overrides, staged: bool) -> int:
         try:
             filled = prepare_stages(cls, cfg, overrides=overrides)
         except (KeyError, ConfigError, OSError, ValueError) as exc:
-            print(f"pyface train: {exc}", file=sys.stderr)
+            print(f"pyface train: {_message(exc)}", file=sys.stderr)
             return 2
         except (CheckpointError, NonFiniteError, RuntimeError) as exc:
-            print(f"pyface train: {exc}", file=sys.stderr)
+            print(f"pyface train: {_message(exc)}", file=sys.stderr)
             return 1
         except KeyboardInterrupt as exc:
             print(f"pyface train: {exc}; run the same command again to continue",
@@ -148,14 +155,14 @@ def _train(args, cls, cfg, overrides, staged: bool) -> int:
     try:
         trainer = Trainer(cfg)
     except (ValueError, KeyError, RuntimeError) as exc:
-        print(f"pyface train: {exc}", file=sys.stderr)
+        print(f"pyface train: {_message(exc)}", file=sys.stderr)
         return 2
     try:
         if args.resume:
             trainer.resume(args.resume)
         result = trainer.fit()
     except (CheckpointError, NonFiniteError) as exc:
-        print(f"pyface train: {exc}", file=sys.stderr)
+        print(f"pyface train: {_message(exc)}", file=sys.stderr)
         return 1
     finally:
         trainer.close()

@@ -58,6 +58,35 @@ def _total_norm(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
+def _flat(d, prefix: str) -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+#: settings whose change on resume is expected (a moved run, the batch's own warning)
+_RESUME_QUIET = {"train.run_dir", "train.batch_size", "train.init_from"}
+
+
+def _changed_settings(theirs: dict, ours: dict) -> list[tuple[str, object, object]]:
+    """(key, checkpoint value, run value) of the ``train.*`` / ``data.*`` settings that differ
+    between two ``experiment_to_dict`` dicts (lists and tuples compare equal)."""
+    out = []
+    for section in ("train", "data"):
+        a, b = _flat(theirs.get(section), f"{section}."), _flat(ours.get(section), f"{section}.")
+        for k in sorted(set(a) | set(b)):
+            va, vb = a.get(k), b.get(k)
+            if isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple)):
+                va, vb = list(va), list(vb)
+            if k not in _RESUME_QUIET and va != vb:
+                out.append((k, va, vb))
+    return out
+
+
 class MappedDataset(torch.utils.data.Dataset):
     """``dataset`` with ``fn(item)`` applied to every item (in the data loader's workers; see
     :meth:`TrainableModel.data_transform`); other attributes (``set_epoch``, ...) are those of
@@ -261,11 +290,20 @@ class Trainer:
         if diff:
             details = ", ".join(f"model.{k}: checkpoint {theirs.get(k)!r} vs run "
                                 f"{ours.get(k)!r}" for k in diff[:5])
-            raise ckpt.CheckpointError(f"{where}: model config differs ({details})")
+            more = f" and {len(diff) - 5} more" if len(diff) > 5 else ""
+            raise ckpt.CheckpointError(
+                f"{where}: model config differs ({details}{more}); a resumed run keeps its "
+                "model config: repeat the run's --preset and model.* settings, or resume with "
+                "its config (--config RUN/config.yaml --resume)")
         if exp.get("train", {}).get("batch_size") != self.cfg.train.batch_size:
             log.warning("resuming with train.batch_size=%d, the checkpoint used %s: the data "
                         "order will differ from an uninterrupted run", self.cfg.train.batch_size,
                         exp.get("train", {}).get("batch_size"))
+        changed = [f"{k}: {a!r} -> {b!r}" for k, a, b in _changed_settings(exp, mine)]
+        if changed:
+            log.warning("resuming with train/data settings that differ from the checkpoint's "
+                        "(this command's values apply from step %d on): %s", int(meta["step"]),
+                        "; ".join(changed))
         ckpt.load_module_state(self.model, ckpt.sub_state(tensors, "model"), where + " (model)")
         for name, m in self.ema.modules.items():
             st = ckpt.sub_state(tensors, f"ema.{name}")
