@@ -17,6 +17,7 @@ A crash mid-write leaves the previous checkpoint and ``latest`` untouched.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -215,8 +216,33 @@ def mark_latest(path: str) -> None:
     os.replace(tmp, os.path.join(root, LATEST_FILE))
 
 
+_PARTIAL_RE = re.compile(r"^(ckpt-\d+\.(tmp|old)|\.latest\.tmp)-(\d+)$")
+
+
+def remove_partial_writes(run_dir: str) -> list[str]:
+    """Delete what a writer killed mid-save left in ``run_dir/checkpoints`` (``ckpt-N.tmp-PID``,
+    ``ckpt-N.old-PID``, ``.latest.tmp-PID`` of another process; never read as checkpoints);
+    returns the removed paths."""
+    root = os.path.join(run_dir, "checkpoints")
+    removed = []
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            m = _PARTIAL_RE.match(name)
+            if m and int(m.group(3)) != os.getpid():
+                path = os.path.join(root, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.remove(path)
+                removed.append(path)
+    return removed
+
+
 def prune_checkpoints(run_dir: str, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints (never the one ``latest`` names)."""
+    """Delete all but the newest ``keep`` checkpoints (never the one ``latest`` names), and the
+    partial writes of a killed writer (:func:`remove_partial_writes`)."""
+    remove_partial_writes(run_dir)
     if keep <= 0:
         return
     latest = latest_checkpoint(run_dir)

@@ -500,6 +500,11 @@ def test_cli_help(cmd, capsys):
     assert "usage: pyface" in capsys.readouterr().out
 
 
+def test_video_frames_zero_writes_no_preview_clip(tmp_path):
+    res = Trainer(tiny(tmp_path, "train.steps=1", "train.video_frames=0")).fit()
+    assert res.previews and not [p for p in res.previews if p.endswith(".mp4")]
+
+
 def test_resolution_mismatch_is_a_clear_error(tmp_path):
     tr = Trainer(tiny(tmp_path, "train.steps=1", "data.resolution=32"))
     with pytest.raises(ValueError, match=r"batch\['image'\]: expected \(B, 3, 16, 16\)"):

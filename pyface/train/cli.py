@@ -164,6 +164,9 @@ def _train(args, cls, cfg, overrides, staged: bool) -> int:
     except (CheckpointError, NonFiniteError) as exc:
         print(f"pyface train: {_message(exc)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as exc:          # a second stop signal
+        print(f"pyface train: {exc or 'interrupted'}; resume with --resume", file=sys.stderr)
+        return 143
     finally:
         trainer.close()
     if trainer.dist.is_main:

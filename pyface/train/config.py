@@ -62,7 +62,7 @@ class TrainConfig:
     log_every: int = 10
     image_every: int = 250            # TensorBoard image grid + preview PNG
     video_every: int = 0              # mp4 preview; 0: only at the end
-    video_frames: int = 24
+    video_frames: int = 24            # frames of a preview clip; 0: no clips
     num_workers: int = 0
     progress: bool = True
     tensorboard: bool = True

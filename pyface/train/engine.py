@@ -45,6 +45,21 @@ class FitResult:
     seconds: float = 0.0
 
 
+#: signals that stop training after the current step with a checkpoint: SIGTERM (SLURM's
+#: preemption and time limit, torchrun's shutdown of its workers), SIGINT (Ctrl-C) and SIGUSR1
+#: (SLURM's warning before the time limit, ``--signal=USR1@SECONDS``)
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGUSR1")
+                     if hasattr(signal, n))
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the workers ignore the stop signals (a terminal's Ctrl-C
+    or a job scheduler signals the whole process group), so the main process can finish its step
+    and checkpoint before it shuts them down."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 def _step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2**63 - 1)
 
@@ -645,6 +660,7 @@ class Trainer:
                                      start_step=self.step, steps=self.cfg.train.steps)
         return torch.utils.data.DataLoader(
             self.dataset, batch_sampler=sampler, num_workers=self.cfg.train.num_workers,
+            worker_init_fn=_ignore_stop_signals if self.cfg.train.num_workers > 0 else None,
             pin_memory=self.device.type == "cuda",
             persistent_workers=self.cfg.train.num_workers > 0)
 
@@ -679,7 +695,7 @@ class Trainer:
                 paths.append(p)
                 if self._board is not None:
                     self._board.image("preview", grid, self.step)
-            if video:
+            if video and self.cfg.train.video_frames > 0:      # 0: no preview clips
                 frames = self.model.preview_video(batch, self.cfg.train.video_frames)
                 if frames is not None:
                     clip = save_video(frames, os.path.join(
@@ -691,7 +707,10 @@ class Trainer:
 
     def _on_signal(self, signum, frame):
         if self._stop_signal is not None:  # second signal: stop now
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(
+                f"a second signal ({signal.Signals(signum).name}) stopped training at once "
+                f"during step {self.step}; the latest checkpoint: "
+                f"{ckpt.latest_checkpoint(self.run_dir) or 'none'}")
         self._stop_signal = signum
         log.warning("received %s: saving a checkpoint after this step and stopping",
                     signal.Signals(signum).name)
@@ -725,7 +744,10 @@ class Trainer:
                                                     None, None))
 
     def fit(self) -> FitResult:
-        """Train until ``train.steps`` (or a SIGTERM/SIGINT, which checkpoints and stops)."""
+        """Train until ``train.steps``, or until a signal of :data:`STOP_SIGNALS` (SIGTERM,
+        SIGINT, SIGUSR1) on any rank: the current step finishes, every rank stops after the same
+        step, a checkpoint is written and the result is ``interrupted`` (a second signal raises
+        KeyboardInterrupt at once)."""
         from tqdm import tqdm
 
         t = self.cfg.train
@@ -739,14 +761,16 @@ class Trainer:
                             self.run_dir, os.path.basename(prev))
             self._setup_run_dir()
             self._board = Board(os.path.join(self.run_dir, "tb") if t.tensorboard else None)
+        self._stop_signal = None
         old_handlers = {}
         if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
+            for s in STOP_SIGNALS:
                 old_handlers[s] = signal.signal(s, self._on_signal)
         self.model.train()
         start, t0 = self.step, time.perf_counter()
         previews: list[str] = []
         last_ckpt = None
+        saved_at = None
         interrupted = False
         bar = tqdm(total=t.steps, initial=self.step, disable=not (main and t.progress),
                    dynamic_ncols=True, unit="step")
@@ -782,13 +806,15 @@ class Trainer:
                                 max(time.perf_counter() - t0, 1e-9)}, self.step)
                 if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.steps:
                     last_ckpt = self.save_checkpoint() or last_ckpt
+                    saved_at = self.step
                 if t.image_every and self.step % t.image_every == 0 and self.step < t.steps:
                     previews += self.write_previews(
                         video=bool(t.video_every) and self.step % t.video_every == 0)
                 if D.any_flag(self._stop_signal is not None, self.dist, self.device):
                     interrupted = True
                     break
-            last_ckpt = self.save_checkpoint() or last_ckpt
+            if saved_at != self.step:      # not twice at one step (a signal after ckpt_every)
+                last_ckpt = self.save_checkpoint() or last_ckpt
             if not interrupted:
                 previews += self.write_previews(video=True)
         finally:
