@@ -169,3 +169,46 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
     straight = _state(ckpt.latest_checkpoint(str(tmp_path / "straight")))
     for k, v in straight.items():
         assert torch.equal(resumed[k], v), k
+
+
+CLI_SCRIPT = """
+import sys
+from pyface.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigusr1_to_torchrun_stops_both_ranks_at_one_step_and_resumes_exactly(tmp_path):
+    """``torchrun --signals-to-handle=SIGTERM,SIGINT,SIGUSR1``: SIGUSR1 to torchrun reaches both
+    gloo ranks, which stop after the same step with one checkpoint; ``--resume`` under torchrun
+    ends where an uninterrupted 2-rank run does."""
+    from pyface.testing import run_torchrun
+
+    script = tmp_path / "cli.py"
+    script.write_text(CLI_SCRIPT)
+    run = str(tmp_path / "run")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+              "--nproc_per_node=2", "--signals-to-handle=SIGTERM,SIGINT,SIGUSR1"]
+    proc = subprocess.Popen(launch + [str(script), *_cmd(run, "train.steps=100000")[3:]],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        _wait_for_step(run, proc, 2)
+        proc.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert out.count("received SIGUSR1: saving a checkpoint after this step") == 2, out[-3000:]
+    latest = ckpt.latest_checkpoint(run)
+    stopped = ckpt.read_meta(latest)["step"]
+    assert f"stopped at step {stopped}; resume with --resume" in out
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [stopped]
+    end = stopped + 2
+    run_torchrun(script, *_cmd(run, f"train.steps={end}")[3:], "--resume")
+    run_torchrun(script, *_cmd(tmp_path / "straight", f"train.steps={end}")[3:])
+    resumed = _state(ckpt.latest_checkpoint(run))
+    straight = _state(ckpt.latest_checkpoint(str(tmp_path / "straight")))
+    assert ckpt.read_meta(ckpt.latest_checkpoint(run))["step"] == end
+    for k, v in straight.items():
+        assert torch.equal(resumed[k], v), k
