@@ -500,6 +500,20 @@ def test_cli_help(cmd, capsys):
     assert "usage: pyface" in capsys.readouterr().out
 
 
+def test_resuming_a_finished_run_does_not_rewrite_its_checkpoint(tmp_path):
+    """No step to run: the checkpoint resumed from stays as it is (not replaced by an equal
+    copy, which would open a window where a kill leaves no checkpoint of that step)."""
+    path = Trainer(tiny(tmp_path, "train.steps=2", "train.ckpt_every=0")).fit().checkpoint
+    tensors = os.path.join(path, ckpt.TENSORS_FILE)
+    before = os.stat(tensors)
+    again = Trainer(tiny(tmp_path, "train.steps=2"))
+    again.resume("auto")
+    res = again.fit()
+    assert res.step == 2 and res.checkpoint == path
+    after = os.stat(tensors)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
 def test_video_frames_zero_writes_no_preview_clip(tmp_path):
     res = Trainer(tiny(tmp_path, "train.steps=1", "train.video_frames=0")).fit()
     assert res.previews and not [p for p in res.previews if p.endswith(".mp4")]

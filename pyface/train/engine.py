@@ -224,6 +224,7 @@ class Trainer:
         self.step = 0
         self.last_losses: dict[str, float] = {}
         self._stop_signal: int | None = None
+        self._loaded: tuple[str | None, int | None] = (None, None)   # (checkpoint, its step)
         self._board: Board | None = None
         #: set to a dict to collect per-step seconds in "model" (forward + losses), "backward",
         #: "optimizer" and "total" (bench: the rest is engine overhead)
@@ -336,6 +337,7 @@ class Trainer:
         self._base_lrs = {k: [g.get("initial_lr", g["lr"]) for g in o.param_groups]
                           for k, o in self.optimizers.items()}
         self.step = int(meta["step"])
+        self._loaded = (path, self.step)
         if self.dist.enabled:
             D.broadcast_module(self.model)
 
@@ -769,8 +771,9 @@ class Trainer:
         self.model.train()
         start, t0 = self.step, time.perf_counter()
         previews: list[str] = []
-        last_ckpt = None
-        saved_at = None
+        # a checkpoint of the current step already on disk (the one resumed from) is not
+        # written again when no step runs (a finished run resumed)
+        last_ckpt, saved_at = self._loaded if self._loaded[1] == self.step else (None, None)
         interrupted = False
         bar = tqdm(total=t.steps, initial=self.step, disable=not (main and t.progress),
                    dynamic_ncols=True, unit="step")
