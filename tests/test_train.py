@@ -72,6 +72,13 @@ def test_config_yaml_set_and_types(tmp_path):
     (["train.lr_schedule.kindd=cosine"], r"did you mean train\.lr_schedule\.kind\?$"),
     (["trian.steps=1"], r"trian: unknown section; valid sections: model, data, train; did you "
                         r"mean train\?$"),
+    # values checked when the config is built (so --print-config reports them too)
+    (["train.lr_schedule.kind=cosin"], r"train\.lr_schedule\.kind: expected one of constant, "
+                                       r"cosine, linear, step, got 'cosin'; did you mean cosine\?"),
+    (["train.device=gpu"], r"train\.device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (["train.precision=fp8"], r"train\.precision: expected 'fp32' or 'bf16', got 'fp8'"),
+    (["train.steps=-1"], r"train\.steps: expected an int >= 0, got -1"),
+    (["train.batch_size=0"], r"train\.batch_size: expected an int >= 1, got 0"),
 ])
 def test_config_errors_name_the_key(bad, match):
     with pytest.raises(ConfigError, match=match):

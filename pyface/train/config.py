@@ -28,6 +28,12 @@ class ScheduleConfig:
     step_size: int = 10000          # step: multiply by gamma every step_size steps
     gamma: float = 0.2
 
+    def __post_init__(self):
+        kinds = ("constant", "cosine", "linear", "step")
+        if self.kind not in kinds:
+            raise ConfigError(f"train.lr_schedule.kind: expected one of {', '.join(kinds)}, got "
+                              f"{self.kind!r}{did_you_mean(self.kind, kinds)}")
+
 
 @dataclass
 class EMAConfig:
@@ -72,6 +78,25 @@ class TrainConfig:
     bucket_mb: float = 25.0           # ... bucket size in MiB
     lr_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+
+    def __post_init__(self):
+        # what can be checked without the model or the machine (--print-config reports it too)
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"train.precision: expected 'fp32' or 'bf16', got "
+                              f"{self.precision!r}{did_you_mean(self.precision, ('fp32', 'bf16'))}")
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got "
+                                  f"{self.device!r}") from None
+        for key in ("steps", "batch_size", "ckpt_every", "log_every",
+                    "image_every", "video_every", "video_frames", "num_workers"):
+            value, low = getattr(self, key), 1 if key == "batch_size" else 0
+            if value < low:
+                raise ConfigError(f"train.{key}: expected an int >= {low}, got {value!r}")
 
 
 @dataclass
