@@ -521,6 +521,15 @@ def test_resuming_a_finished_run_does_not_rewrite_its_checkpoint(tmp_path):
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
 
+def test_resume_from_a_run_folder_takes_its_latest_checkpoint(tmp_path):
+    Trainer(tiny(tmp_path, "train.steps=2", "train.ckpt_every=1")).fit()
+    other = Trainer(tiny(tmp_path, "train.steps=3", name="other"))
+    assert other.resume(str(tmp_path / "run")).endswith("ckpt-000002") and other.step == 2
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ckpt.CheckpointError, match="empty: a run folder without a complete"):
+        other.resume(str(tmp_path / "empty"))
+
+
 def test_video_frames_zero_writes_no_preview_clip(tmp_path):
     res = Trainer(tiny(tmp_path, "train.steps=1", "train.video_frames=0")).fit()
     assert res.previews and not [p for p in res.previews if p.endswith(".mp4")]

@@ -342,8 +342,15 @@ class Trainer:
             D.broadcast_module(self.model)
 
     def resume(self, where: str = "auto") -> str | None:
-        """``"auto"``: the latest checkpoint of the run folder, if any; else a checkpoint path."""
+        """``"auto"``: the latest checkpoint of the run folder, if any; else a checkpoint path
+        or another run folder (its latest checkpoint)."""
         path = ckpt.latest_checkpoint(self.run_dir) if where == "auto" else where
+        if where != "auto" and os.path.isdir(os.path.join(where, "checkpoints")) \
+                and not os.path.isfile(os.path.join(where, ckpt.META_FILE)):
+            path = ckpt.latest_checkpoint(where)
+            if path is None:
+                raise ckpt.CheckpointError(f"--resume {where}: a run folder without a complete "
+                                           "checkpoint")
         if path is None:
             log.info("no checkpoint in %s; starting from scratch", self.run_dir)
             return None
