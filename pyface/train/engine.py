@@ -778,9 +778,12 @@ class Trainer:
         self.model.train()
         start, t0 = self.step, time.perf_counter()
         previews: list[str] = []
-        # a checkpoint of the current step already on disk (the one resumed from) is not
-        # written again when no step runs (a finished run resumed)
-        last_ckpt, saved_at = self._loaded if self._loaded[1] == self.step else (None, None)
+        # this run's checkpoint of the current step (the one resumed from) is not written
+        # again when no step runs (a finished run resumed)
+        loaded, at = self._loaded
+        mine = loaded is not None and os.path.dirname(os.path.abspath(loaded)) == \
+            os.path.abspath(os.path.join(self.run_dir, "checkpoints"))
+        last_ckpt, saved_at = (loaded, at) if mine and at == self.step else (None, None)
         interrupted = False
         bar = tqdm(total=t.steps, initial=self.step, disable=not (main and t.progress),
                    dynamic_ncols=True, unit="step")
