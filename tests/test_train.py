@@ -666,3 +666,21 @@ def test_print_config_round_trips_through_config_for_every_model(tmp_path, capsy
             assert yaml.safe_load(again)["preset"] == preset
             checked += 1
     assert checked >= 10 + 3 * 9      # every model, the portrait models' three presets
+
+
+def test_print_config_checks_the_stage_keys_without_training(tmp_path, capsys):
+    """``--print-config`` of a staged model builds its stages' configs (a misspelt
+    ``stages.<name>.<key>`` is the error the training command gives) and trains nothing."""
+    import yaml
+
+    from pyface.cli import main
+
+    run = ["--set", f"train.run_dir={tmp_path / 'run'}"]
+    assert main(["train", "otavatar", "--preset", "tiny", *run, "--set",
+                 "stages.eg3d.train.stepz=3", "--print-config"]) == 2
+    assert ("stage 'eg3d' (eg3d): train.stepz: unknown key for TrainConfig; valid keys: "
+            in capsys.readouterr().err)
+    assert main(["train", "otavatar", "--preset", "tiny", *run, "--set",
+                 "stages.eg3d.train.steps=3", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model_config"]["generator"] is None
+    assert not (tmp_path / "run").exists()

@@ -151,6 +151,14 @@ def _train(args, cls, cfg, overrides, staged: bool) -> int:
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"stage run: model.{key}={path}", file=sys.stderr)
     if args.print_config:
+        if getattr(cls, "stages", ()):       # the stages' --set keys are checked, not trained
+            from pyface.train.stages import prepare_stages
+
+            try:
+                prepare_stages(cls, cfg, overrides=overrides, dry_run=True)
+            except (KeyError, ConfigError, OSError, ValueError) as exc:
+                print(f"pyface train: {_message(exc)}", file=sys.stderr)
+                return 2
         print(yaml.safe_dump(experiment_to_dict(cfg), sort_keys=False), end="")
         return 0
     try:
