@@ -248,7 +248,14 @@ def prune_checkpoints(run_dir: str, keep: int) -> None:
     latest = latest_checkpoint(run_dir)
     for _, path in list_checkpoints(run_dir)[:-keep]:
         if latest is None or os.path.abspath(path) != os.path.abspath(latest):
-            shutil.rmtree(path, ignore_errors=True)
+            # renamed first: a deletion cut short leaves a folder that is never listed as a
+            # checkpoint (and that the next save removes), not one with meta.json and no tensors
+            gone = f"{path}.old-{os.getpid()}"
+            try:
+                os.rename(path, gone)
+            except OSError:
+                continue
+            shutil.rmtree(gone, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
