@@ -212,3 +212,52 @@ def test_sigusr1_to_torchrun_stops_both_ranks_at_one_step_and_resumes_exactly(tm
     assert ckpt.read_meta(ckpt.latest_checkpoint(run))["step"] == end
     for k, v in straight.items():
         assert torch.equal(resumed[k], v), k
+
+
+SLOW_MODEL = """
+import time
+from pyface.train.example import TriplaneAutoencoder
+from pyface.train.registry import register_model
+
+
+class SlowSteps(TriplaneAutoencoder):
+    def step(self, phase, batch, ctx):
+        if ctx.step >= 2:
+            time.sleep(2.0)             # a long step: the signals arrive inside it
+        return super().step(phase, batch, ctx)
+
+
+register_model("slow_steps", "slowsteps:SlowSteps")
+"""
+
+
+def test_second_signal_stops_at_once_naming_the_latest_checkpoint(tmp_path):
+    """Two SIGTERMs inside one step: the second stops at once (exit code 143) and the message
+    names the latest checkpoint, which ``--resume`` continues from."""
+    (tmp_path / "slowsteps.py").write_text(SLOW_MODEL)
+    env = dict(_env(), PYFACE_PLUGINS="slowsteps",
+               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    run = str(tmp_path / "run")
+    cmd = _cmd(run, "train.steps=100000", "train.ckpt_every=2")
+    cmd[cmd.index("example")] = "slow_steps"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        _wait_for_step(run, proc, 2)
+        end = time.monotonic() + 60
+        while not (ckpt.latest_checkpoint(run) or "").endswith("ckpt-000002"):
+            assert time.monotonic() < end
+            time.sleep(0.05)
+        time.sleep(0.3)                 # into step 2 (log line, then checkpoint, then step)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert ("pyface train: a second signal (SIGTERM) stopped training at once during step 2; "
+            f"the latest checkpoint: {os.path.join(run, 'checkpoints', 'ckpt-000002')}; resume "
+            "with --resume") in err
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [2]
