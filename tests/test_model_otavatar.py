@@ -135,6 +135,36 @@ def test_local_batch_follows_the_batch_and_recorded_runs_resume(run, data, gener
         OTAvatar(OTAvatarConfig(generator=generator_dir))
 
 
+def test_resume_at_another_share_of_the_batch_restarts_the_rank_local_rows(run, data,
+                                                                          generator_dir,
+                                                                          tmp_path, caplog):
+    """A run resumed with another batch per rank (other ranks or another train.batch_size)
+    changes model.local_batch: the latents and intrinsics (rank-local, restarted every batch)
+    and their optimizer state start afresh at the new shape, the rest is the checkpoint's."""
+    import logging
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run[0], copy)
+    tensors, _ = ckpt.load_folder(ckpt.latest_checkpoint(str(copy)))
+    wide = Trainer(_exp(copy, data, generator_dir, "train.batch_size=4", "train.steps=3"))
+    with caplog.at_level(logging.WARNING, logger="pyface.train"):
+        wide.resume("auto")
+    assert wide.step == 2 and wide.model.latent.shape[0] == 4
+    assert "resuming with model.local_batch=4, the checkpoint has 2" in caplog.text
+    for k, v in wide.model.state_dict().items():
+        if k not in ("latent", "intrinsics"):
+            assert torch.equal(v, tensors[f"model.{k}"]), k
+    assert wide.optimizers["latent"].state_dict()["state"] == {}
+    assert wide.optimizers["controller"].state_dict()["state"]            # loaded
+    wide.fit()
+    assert wide.step == 3
+    # the same share is still refused when another model key differs
+    with pytest.raises(ckpt.CheckpointError, match=r"model\.invert_iters: checkpoint 3 vs run 4"):
+        Trainer(_exp(copy, data, generator_dir, "train.batch_size=4",
+                     "model.invert_iters=4")).resume("auto")
+
+
 def test_exact_resume(data, generator_dir, tmp_path):
     torch.manual_seed(0)
     a = Trainer(_exp(tmp_path / "a", data, generator_dir, "train.steps=2"))

@@ -303,6 +303,10 @@ class Trainer:
                                        f"trains {mine['model']!r}")
         theirs, ours = exp.get("model_config") or {}, mine["model_config"] or {}
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        share = getattr(type(self.model), "local_batch_field", None)
+        reshaped = share in diff        # another share of the batch per rank (ranks, batch)
+        if reshaped:
+            diff.remove(share)
         if diff:
             details = ", ".join(f"model.{k}: checkpoint {theirs.get(k)!r} vs run "
                                 f"{ours.get(k)!r}" for k in diff[:5])
@@ -320,7 +324,23 @@ class Trainer:
             log.warning("resuming with train/data settings that differ from the checkpoint's "
                         "(this command's values apply from step %d on): %s", int(meta["step"]),
                         "; ".join(changed))
-        ckpt.load_module_state(self.model, ckpt.sub_state(tensors, "model"), where + " (model)")
+        state = ckpt.sub_state(tensors, "model")
+        drop: dict[str, set[str]] = {k: set() for k in self.optimizers}
+        if reshaped:
+            # rank-local parameters of one row per item: the checkpoint holds rank 0's rows
+            # only, which inner loops restart every batch, so they and their optimizer state
+            # start afresh at the new share
+            local = set().union(*self._local_ids.values())
+            own = self.model.state_dict()
+            for n, p in self.model.named_parameters():
+                if id(p) in local and n in state and state[n].shape != own[n].shape:
+                    state[n] = own[n]
+            for k, params in self._opt_params.items():
+                drop[k] = {str(i) for i, p in enumerate(params) if id(p) in local}
+            log.warning("resuming with model.%s=%s, the checkpoint has %s (another share of the "
+                        "batch per rank): the rank-local parameters and their optimizer state "
+                        "start afresh", share, ours.get(share), theirs.get(share))
+        ckpt.load_module_state(self.model, state, where + " (model)")
         for name, m in self.ema.modules.items():
             st = ckpt.sub_state(tensors, f"ema.{name}")
             if not st:
@@ -333,7 +353,15 @@ class Trainer:
             info = meta.get("optimizers", {}).get(name)
             if info is None:
                 raise ckpt.CheckpointError(f"{where}: no state for optimizer {name!r}")
-            ckpt.optimizer_from_flat(opt, tensors, info, f"optim.{name}", where)
+            if drop[name]:
+                pre = f"optim.{name}."
+                info = dict(info, scalars={i: v for i, v in info.get("scalars", {}).items()
+                                           if i not in drop[name]})
+                ts = {k: v for k, v in tensors.items() if not k.startswith(pre)
+                      or k[len(pre):].split(".", 1)[0] not in drop[name]}
+            else:
+                ts = tensors
+            ckpt.optimizer_from_flat(opt, ts, info, f"optim.{name}", where)
         self._base_lrs = {k: [g.get("initial_lr", g["lr"]) for g in o.param_groups]
                           for k, o in self.optimizers.items()}
         self.step = int(meta["step"])
