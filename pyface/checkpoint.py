@@ -17,6 +17,7 @@ A crash mid-write leaves the previous checkpoint and ``latest`` untouched.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -215,14 +216,46 @@ def mark_latest(path: str) -> None:
     os.replace(tmp, os.path.join(root, LATEST_FILE))
 
 
+_PARTIAL_RE = re.compile(r"^(ckpt-\d+\.(tmp|old)|\.latest\.tmp)-(\d+)$")
+
+
+def remove_partial_writes(run_dir: str) -> list[str]:
+    """Delete what a writer killed mid-save left in ``run_dir/checkpoints`` (``ckpt-N.tmp-PID``,
+    ``ckpt-N.old-PID``, ``.latest.tmp-PID`` of another process; never read as checkpoints);
+    returns the removed paths."""
+    root = os.path.join(run_dir, "checkpoints")
+    removed = []
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            m = _PARTIAL_RE.match(name)
+            if m and int(m.group(3)) != os.getpid():
+                path = os.path.join(root, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.remove(path)
+                removed.append(path)
+    return removed
+
+
 def prune_checkpoints(run_dir: str, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints (never the one ``latest`` names)."""
+    """Delete all but the newest ``keep`` checkpoints (never the one ``latest`` names), and the
+    partial writes of a killed writer (:func:`remove_partial_writes`)."""
+    remove_partial_writes(run_dir)
     if keep <= 0:
         return
     latest = latest_checkpoint(run_dir)
     for _, path in list_checkpoints(run_dir)[:-keep]:
         if latest is None or os.path.abspath(path) != os.path.abspath(latest):
-            shutil.rmtree(path, ignore_errors=True)
+            # renamed first: a deletion cut short leaves a folder that is never listed as a
+            # checkpoint (and that the next save removes), not one with meta.json and no tensors
+            gone = f"{path}.old-{os.getpid()}"
+            try:
+                os.rename(path, gone)
+            except OSError:
+                continue
+            shutil.rmtree(gone, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------

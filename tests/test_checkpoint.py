@@ -84,6 +84,37 @@ def test_latest_pointer_and_pruning(tmp_path):
     assert ckpt.latest_checkpoint(run).endswith("ckpt-000004")
 
 
+def test_pruning_cut_short_leaves_no_listed_half_checkpoint(tmp_path, monkeypatch):
+    """A kill while an old checkpoint is being deleted: what is left is never listed (nor a
+    fallback for a lost ``latest``), and the next save by another process removes it."""
+    run = str(tmp_path)
+    for s in (1, 2):
+        ckpt.mark_latest(ckpt.save_folder(ckpt.checkpoint_path(run, s), {"w": torch.ones(1)},
+                                          {"step": s}))
+
+    class Killed(BaseException):
+        pass
+
+    def rmtree_cut_short(path, ignore_errors=False):
+        os.remove(os.path.join(path, ckpt.TENSORS_FILE))    # meta.json stays behind
+        raise Killed
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", rmtree_cut_short)
+    with pytest.raises(Killed):
+        ckpt.prune_checkpoints(run, keep=1)
+    monkeypatch.undo()
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [2]
+    left = [n for n in os.listdir(os.path.join(run, "checkpoints")) if n.startswith("ckpt-000001")]
+    assert len(left) == 1 and ".old-" in left[0]
+    os.rename(os.path.join(run, "checkpoints", left[0]),          # as if another process's
+              os.path.join(run, "checkpoints", "ckpt-000001.old-1"))
+    ckpt.mark_latest(ckpt.save_folder(ckpt.checkpoint_path(run, 3), {"w": torch.ones(1)},
+                                      {"step": 3}))
+    ckpt.prune_checkpoints(run, keep=3)
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == [
+        "ckpt-000002", "ckpt-000003", "latest"]
+
+
 def test_optimizer_state_roundtrip(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)

@@ -19,10 +19,12 @@ QUIET = ["train.progress=false", "train.tensorboard=false", "train.image_every=0
 TINY = ["model.controller.window=9", "model.controller.descriptor=16",
         "model.controller.first_kernel=3", "model.controller.layers=1",
         "model.controller.dilation=2", "model.controller.directions=4",
-        "model.local_batch=2", "model.invert_iters=3", "model.invert_controller_iters=1",
+        "model.invert_iters=3", "model.invert_controller_iters=1",
         "model.density_points=16", "model.invert_steps=3", "model.pti_steps=2", "model.wplus_steps=2", "data.resolution=16",
         "data.options.radius=4", "data.options.repeats=1", "data.options.frames_per_item=2",
         "train.batch_size=2"]
+# a model built by hand (not by the Trainer, which derives it from the batch) sets local_batch
+BY_HAND = TINY + ["model.local_batch=2"]
 
 
 def tiny_generator_config():
@@ -98,6 +100,71 @@ def test_engine_step_updates_controller_generator_and_logs_inversion(data, gener
     assert not torch.equal(ema.out.weight, tr.model.controller.out.weight)
 
 
+def test_local_batch_follows_the_batch_and_recorded_runs_resume(run, data, generator_dir,
+                                                                tmp_path):
+    """Left unset, ``model.local_batch`` is the rank's share of the batch (here the whole batch
+    of one process), recorded in config.yaml and the checkpoint; a run whose config names it
+    resumes from a command that leaves it unset, and from ``--config`` of its config.yaml. An
+    explicit value below the share is an error naming both; a larger one keeps working."""
+    import os
+
+    import yaml
+
+    from pyface.models.otavatar.model import OTAvatar, OTAvatarConfig
+
+    recorded = yaml.safe_load(open(os.path.join(run[0], "config.yaml")))["model_config"]
+    assert recorded["local_batch"] == 2
+    meta = ckpt.read_meta(run[1].checkpoint)
+    assert meta["experiment"]["model_config"]["local_batch"] == 2
+    derived = Trainer(_exp(run[0], data, generator_dir, "train.steps=2"))
+    assert derived.model.latent.shape[0] == 2 and derived.cfg.model_config.local_batch == 2
+    derived.resume("auto")
+    assert derived.step == 2
+    from_yaml = Trainer(build_experiment("otavatar", OTAvatar.Config,
+                                         yaml_path=os.path.join(run[0], "config.yaml")))
+    from_yaml.resume("auto")
+    assert from_yaml.step == 2
+    with pytest.raises(ValueError, match=r"model\.local_batch=1: smaller than this rank's share "
+                                         r"of the batch \(train\.batch_size / ranks = 2 / 1 = 2\)"):
+        Trainer(_exp(tmp_path / "small", data, generator_dir, "model.local_batch=1"))
+    large = Trainer(_exp(tmp_path / "large", data, generator_dir, "model.local_batch=3",
+                         "train.steps=1"))
+    assert large.model.latent.shape[0] == 3
+    large.fit()
+    with pytest.raises(ValueError, match=r"model\.local_batch: None; pyface\.train's Trainer"):
+        OTAvatar(OTAvatarConfig(generator=generator_dir))
+
+
+def test_resume_at_another_share_of_the_batch_restarts_the_rank_local_rows(run, data,
+                                                                          generator_dir,
+                                                                          tmp_path, caplog):
+    """A run resumed with another batch per rank (other ranks or another train.batch_size)
+    changes model.local_batch: the latents and intrinsics (rank-local, restarted every batch)
+    and their optimizer state start afresh at the new shape, the rest is the checkpoint's."""
+    import logging
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run[0], copy)
+    tensors, _ = ckpt.load_folder(ckpt.latest_checkpoint(str(copy)))
+    wide = Trainer(_exp(copy, data, generator_dir, "train.batch_size=4", "train.steps=3"))
+    with caplog.at_level(logging.WARNING, logger="pyface.train"):
+        wide.resume("auto")
+    assert wide.step == 2 and wide.model.latent.shape[0] == 4
+    assert "resuming with model.local_batch=4, the checkpoint has 2" in caplog.text
+    for k, v in wide.model.state_dict().items():
+        if k not in ("latent", "intrinsics"):
+            assert torch.equal(v, tensors[f"model.{k}"]), k
+    assert wide.optimizers["latent"].state_dict()["state"] == {}
+    assert wide.optimizers["controller"].state_dict()["state"]            # loaded
+    wide.fit()
+    assert wide.step == 3
+    # the same share is still refused when another model key differs
+    with pytest.raises(ckpt.CheckpointError, match=r"model\.invert_iters: checkpoint 3 vs run 4"):
+        Trainer(_exp(copy, data, generator_dir, "train.batch_size=4",
+                     "model.invert_iters=4")).resume("auto")
+
+
 def test_exact_resume(data, generator_dir, tmp_path):
     torch.manual_seed(0)
     a = Trainer(_exp(tmp_path / "a", data, generator_dir, "train.steps=2"))
@@ -118,7 +185,7 @@ def test_shapes_and_bad_input(generator_dir):
     from pyface.models.otavatar.model import OTAvatar, OTAvatarConfig, apply_intrinsics
 
     cfg = build_experiment("otavatar", OTAvatarConfig, defaults=OTAvatar.presets["tiny"],
-                           overrides=TINY + [f"model.generator={generator_dir}"]).model_config
+                           overrides=BY_HAND + [f"model.generator={generator_dir}"]).model_config
     m = OTAvatar(cfg)
     w = m.w_avg.expand(3, m.generator.num_ws, -1)
     cam = m.generator.camera(torch.zeros(3), torch.zeros(3))
@@ -263,7 +330,7 @@ def test_inversion_loss_decreases(generator_dir):
     from pyface.models.otavatar.pipeline import invert
 
     cfg = build_experiment("otavatar", OTAvatarConfig, defaults=OTAvatar.presets["tiny"],
-                           overrides=TINY + [f"model.generator={generator_dir}",
+                           overrides=BY_HAND + [f"model.generator={generator_dir}",
                                              "model.invert_lr=0.1"]).model_config
     m = OTAvatar(cfg).eval()
     torch.manual_seed(1)
@@ -314,7 +381,7 @@ def test_presets_resolve_and_full_keeps_the_reference_recipe():
         cfg = exp.model_config
         assert exp.data.name == "motion_windows"
         assert cfg.controller.window == 2 * exp.data.options.radius + 1, name
-        assert exp.train.batch_size % cfg.local_batch == 0, name
+        assert cfg.local_batch is None, name        # the Trainer derives it from the batch
         assert sorted(exp.train.ema.modules) == ["controller", "generator"]
         assert exp.train.ema.decay == 0.95 and exp.train.ema.half_life_kimg is None
     full = build_experiment("otavatar", OTAvatar.Config, defaults=OTAvatar.recipe,
@@ -373,7 +440,9 @@ out, overrides = sys.argv[1], sys.argv[2:]
 tr = Trainer(build_experiment("otavatar", OTAvatar.Config, defaults=OTAvatar.presets["tiny"],
                               overrides=overrides))
 tr.fit()
-assert tr.dist.world_size == 2 and tr.local_batch == 1
+# model.local_batch is not set: each rank's latents have train.batch_size / ranks rows
+assert tr.dist.world_size == 2 and tr.local_batch == 1 and tr.model.cfg.local_batch == 1
+assert tr.model.latent.shape[0] == 1 and tr.cfg.model_config.local_batch == 1
 state = {k: v.contiguous() for k, v in tr.model.state_dict().items()}
 state.update({f"ema.{n}." + k: v.contiguous() for n, m in tr.ema.modules.items()
               for k, v in m.state_dict().items()})
@@ -396,8 +465,7 @@ def test_two_ranks_match_one_process(data, generator_dir, tmp_path):
     script.write_text(RANK_SCRIPT)
     sets = QUIET + TINY + [f"data.path={data}", f"model.generator={generator_dir}",
                            "train.steps=2", "train.device=cpu", "model.center_motion=false"]
-    run_torchrun(script, tmp_path, *sets, f"train.run_dir={tmp_path / 'two'}",
-                 "model.local_batch=1", timeout=240)
+    run_torchrun(script, tmp_path, *sets, f"train.run_dir={tmp_path / 'two'}", timeout=240)
     r0 = load_file(str(tmp_path / "rank0.safetensors"))
     r1 = load_file(str(tmp_path / "rank1.safetensors"))
     torch.manual_seed(0)
@@ -432,7 +500,7 @@ def test_center_motion_and_render_overrides(generator_dir):
     def make(*extra):
         return OTAvatar(build_experiment("otavatar", OTAvatarConfig,
                                          defaults=OTAvatar.presets["tiny"],
-                                         overrides=TINY + [f"model.generator={generator_dir}",
+                                         overrides=BY_HAND + [f"model.generator={generator_dir}",
                                                            *extra]).model_config)
 
     torch.manual_seed(0)
@@ -579,7 +647,7 @@ def test_motion_pose_off_zeroes_the_pose_rows_everywhere(generator_dir):
     def make(*extra):
         return OTAvatar(build_experiment("otavatar", OTAvatarConfig,
                                          defaults=OTAvatar.presets["tiny"],
-                                         overrides=TINY + [f"model.generator={generator_dir}",
+                                         overrides=BY_HAND + [f"model.generator={generator_dir}",
                                                            "model.controller.init_gain=1.0",
                                                            *extra]).model_config)
 

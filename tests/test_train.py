@@ -65,10 +65,50 @@ def test_config_yaml_set_and_types(tmp_path):
     (["train.progress=maybe"], r"train\.progress: expected a bool"),
     (["nosection.x=1"], r"nosection: unknown section"),
     (["train.steps"], r"expected key=value"),
+    # a misspelt key or section names the near matches
+    (["train.stepz=1"], r"; did you mean train\.steps\?$"),
+    (["model.lrr=1"], r"model\.lrr: unknown key for TriplaneAEConfig; valid keys: .*; did you "
+                      r"mean model\.lr\?$"),
+    (["train.lr_schedule.kindd=cosine"], r"did you mean train\.lr_schedule\.kind\?$"),
+    (["trian.steps=1"], r"trian: unknown section; valid sections: model, data, train; did you "
+                        r"mean train\?$"),
+    # values checked when the config is built (so --print-config reports them too)
+    (["train.lr_schedule.kind=cosin"], r"train\.lr_schedule\.kind: expected one of constant, "
+                                       r"cosine, linear, step, got 'cosin'; did you mean cosine\?"),
+    (["train.device=gpu"], r"train\.device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (["train.precision=fp8"], r"train\.precision: expected 'fp32' or 'bf16', got 'fp8'"),
+    (["train.steps=-1"], r"train\.steps: expected an int >= 0, got -1"),
+    (["train.batch_size=0"], r"train\.batch_size: expected an int >= 1, got 0"),
 ])
 def test_config_errors_name_the_key(bad, match):
     with pytest.raises(ConfigError, match=match):
         build_experiment("example", TriplaneAutoencoder.Config, overrides=bad)
+
+
+def test_config_file_and_preset_errors_name_the_file_and_near_matches(tmp_path):
+    M = TriplaneAutoencoder
+    with pytest.raises(ConfigError, match=r"--preset 'tin': model 'example' has no such preset; "
+                                          r"valid presets: tiny; did you mean tiny\?"):
+        build_experiment("example", M.Config, preset="tin")
+    with pytest.raises(ConfigError, match=r"--config .*none\.yaml: no such file"):
+        build_experiment("example", M.Config, yaml_path=str(tmp_path / "none.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  steps: [1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML at line 3, column 1: "
+                                          r"expected ',' or ']'"):
+        build_experiment("example", M.Config, yaml_path=str(bad))
+    bad.write_text("- 1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: expected a mapping at the top level"):
+        build_experiment("example", M.Config, yaml_path=str(bad))
+    # a run's config.yaml of another model
+    bad.write_text("model: eg3d\npreset: tiny\nmodel_config: {}\ndata: {}\ntrain: {}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: the config of model 'eg3d', not 'example' "
+                                          r"\(pyface train eg3d --config"):
+        build_experiment("example", M.Config, yaml_path=str(bad))
+    with pytest.raises(KeyError, match=r"unknown model 'exmple'; .*did you mean example\?"):
+        from pyface.train.registry import model_class
+
+        model_class("exmple")
 
 
 def test_parse_set_nested():
@@ -267,6 +307,47 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
         fresh.load_checkpoint(str(tmp_path / "edited"))
 
 
+def test_cli_resume_errors_and_changed_settings(tmp_path, capsys, caplog):
+    """``--resume`` of another model's run, or with another model config (a forgotten
+    ``--preset``), stops with exit code 1 naming the difference and the way out; changed train /
+    data settings apply and are listed in a warning."""
+    import logging
+
+    from pyface.cli import main
+
+    run = tmp_path / "run"
+    sets = sum((["--set", s] for s in TINY + [f"train.run_dir={run}"]), [])
+    assert main(["train", "example", *sets, "--set", "train.steps=1"]) == 0
+    capsys.readouterr()
+    assert main(["train", "example", *sets, "--set", "train.steps=2", "--set",
+                 "model.hidden=16", "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "model config differs (model.hidden: checkpoint 8 vs run 16)" in err
+    assert "--config RUN/config.yaml --resume" in err
+    # another model's run: its checkpoint names the model it trained
+    tensors, meta = ckpt.load_folder(ckpt.latest_checkpoint(str(run)))
+    meta["experiment"]["model"] = "eg3d"
+    ckpt.save_folder(str(tmp_path / "eg3d-ckpt"), tensors, meta)
+    assert main(["train", "example", *sets, "--set", "train.steps=2", "--resume",
+                 str(tmp_path / "eg3d-ckpt")]) == 1
+    assert "trained model 'eg3d', this run trains 'example'" in capsys.readouterr().err
+    # the command's train/data values apply on resume, listed in a warning
+    with caplog.at_level(logging.WARNING, logger="pyface.train"):
+        assert main(["train", "example", *sets, "--set", "train.steps=2", "--set",
+                     "train.log_every=2", "--resume"]) == 0
+    warned = [r.getMessage() for r in caplog.records
+              if "differ from the checkpoint" in r.getMessage()]
+    assert len(warned) == 1 and "(this command's values apply from step 1 on)" in warned[0]
+    assert "train.steps: 1 -> 2" in warned[0]
+    assert "train.log_every: 1 -> 2" in warned[0]
+    assert "run_dir" not in warned[0]
+    # --config of the run's config.yaml resumes it unchanged: no warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pyface.train"):
+        assert main(["train", "example", "--config", str(run / "config.yaml"), "--resume"]) == 0
+    assert not [r for r in caplog.records if "differ from the checkpoint" in r.getMessage()]
+
+
 def test_failed_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     tr = Trainer(tiny(tmp_path, "train.steps=2", "train.ckpt_every=1"))
     tr.fit()
@@ -426,6 +507,34 @@ def test_cli_help(cmd, capsys):
     assert "usage: pyface" in capsys.readouterr().out
 
 
+def test_resuming_a_finished_run_does_not_rewrite_its_checkpoint(tmp_path):
+    """No step to run: the checkpoint resumed from stays as it is (not replaced by an equal
+    copy, which would open a window where a kill leaves no checkpoint of that step)."""
+    path = Trainer(tiny(tmp_path, "train.steps=2", "train.ckpt_every=0")).fit().checkpoint
+    tensors = os.path.join(path, ckpt.TENSORS_FILE)
+    before = os.stat(tensors)
+    again = Trainer(tiny(tmp_path, "train.steps=2"))
+    again.resume("auto")
+    res = again.fit()
+    assert res.step == 2 and res.checkpoint == path
+    after = os.stat(tensors)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_resume_from_a_run_folder_takes_its_latest_checkpoint(tmp_path):
+    Trainer(tiny(tmp_path, "train.steps=2", "train.ckpt_every=1")).fit()
+    other = Trainer(tiny(tmp_path, "train.steps=3", name="other"))
+    assert other.resume(str(tmp_path / "run")).endswith("ckpt-000002") and other.step == 2
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ckpt.CheckpointError, match="empty: a run folder without a complete"):
+        other.resume(str(tmp_path / "empty"))
+
+
+def test_video_frames_zero_writes_no_preview_clip(tmp_path):
+    res = Trainer(tiny(tmp_path, "train.steps=1", "train.video_frames=0")).fit()
+    assert res.previews and not [p for p in res.previews if p.endswith(".mp4")]
+
+
 def test_resolution_mismatch_is_a_clear_error(tmp_path):
     tr = Trainer(tiny(tmp_path, "train.steps=1", "data.resolution=32"))
     with pytest.raises(ValueError, match=r"batch\['image'\]: expected \(B, 3, 16, 16\)"):
@@ -532,3 +641,46 @@ def test_skip_bad_option_reaches_the_dataset(tmp_path):
     with pytest.warns(UserWarning, match="coeffs.npy"):
         tr = Trainer(tiny(tmp_path, *args, "data.skip_bad=true", name="skip"))
     assert len(tr.dataset) == 3  # the good video's frames only
+
+
+def test_print_config_round_trips_through_config_for_every_model(tmp_path, capsys):
+    """``pyface train M [--preset P] --print-config`` output given back with ``--config``
+    prints the same config, preset included (a staged model's stages train with it), for every
+    registered model and preset."""
+    import yaml
+
+    from pyface.cli import main
+    from pyface.train.registry import MODELS, model_class
+
+    checked = 0
+    for name in sorted(MODELS):
+        for preset in [None, *sorted(getattr(model_class(name), "presets", None) or {})]:
+            first = ["train", name, "--print-config"] + (["--preset", preset] if preset else [])
+            assert main(first) == 0, (name, preset)
+            printed = capsys.readouterr().out
+            path = tmp_path / f"{name}-{preset}.yaml"
+            path.write_text(printed)
+            assert main(["train", name, "--print-config", "--config", str(path)]) == 0
+            again = capsys.readouterr().out
+            assert yaml.safe_load(again) == yaml.safe_load(printed), (name, preset)
+            assert yaml.safe_load(again)["preset"] == preset
+            checked += 1
+    assert checked >= 10 + 3 * 9      # every model, the portrait models' three presets
+
+
+def test_print_config_checks_the_stage_keys_without_training(tmp_path, capsys):
+    """``--print-config`` of a staged model builds its stages' configs (a misspelt
+    ``stages.<name>.<key>`` is the error the training command gives) and trains nothing."""
+    import yaml
+
+    from pyface.cli import main
+
+    run = ["--set", f"train.run_dir={tmp_path / 'run'}"]
+    assert main(["train", "otavatar", "--preset", "tiny", *run, "--set",
+                 "stages.eg3d.train.stepz=3", "--print-config"]) == 2
+    assert ("stage 'eg3d' (eg3d): train.stepz: unknown key for TrainConfig; valid keys: "
+            in capsys.readouterr().err)
+    assert main(["train", "otavatar", "--preset", "tiny", *run, "--set",
+                 "stages.eg3d.train.steps=3", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model_config"]["generator"] is None
+    assert not (tmp_path / "run").exists()

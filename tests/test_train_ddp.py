@@ -271,3 +271,26 @@ def test_torchrun_chains_stages(tmp_path):
     assert proc.stderr.count("stage run: model.prev_checkpoint=") == 1
     assert proc.stderr.count("stage 'a': training ddp_toy_a") == 1
     assert proc.stdout.count("run folder:") == 1
+
+
+INDIVISIBLE = textwrap.dedent("""
+    import contextlib, io, sys
+    from pyface.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["train", "example", *sum((["--set", s] for s in sys.argv[1:]), [])])
+    assert rc == 2, (rc, err.getvalue()[-2000:])
+    assert ("train.batch_size=3 is not divisible by the 2 ranks (the global batch is split "
+            "into equal shares); use a multiple of the number of ranks") in err.getvalue()
+""")
+
+
+def test_torchrun_batch_that_does_not_divide_is_a_clear_error(tmp_path):
+    """``pyface train`` on 2 ranks with a global batch of 3: both ranks exit with code 2 and a
+    message naming the batch, the number of ranks and the fix."""
+    from pyface.testing import run_torchrun
+
+    script = tmp_path / "indivisible.py"
+    script.write_text(INDIVISIBLE)
+    run_torchrun(script, *OVERRIDES, f"train.run_dir={tmp_path / 'run'}", "train.batch_size=3")

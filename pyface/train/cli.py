@@ -32,7 +32,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. train.steps=100 (repeatable)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
-                   help="continue from CKPT, or (no value) from the run folder's latest checkpoint")
+                   help="continue from CKPT (a checkpoint folder, or a run folder: its latest "
+                        "checkpoint), or (no value) from train.run_dir's latest checkpoint")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as YAML and exit")
     p.add_argument("--skip-bad", action="store_true",
@@ -72,6 +73,13 @@ def resolve_device(spec: str | None, option: str = "--device") -> str:
     return spec
 
 
+def _message(exc: BaseException) -> str:
+    """An exception's message (a KeyError's without the quotes its ``str`` adds)."""
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        return exc.args[0]
+    return str(exc)
+
+
 def _setup_logging() -> None:
     # under torchrun the other ranks print warnings and errors only (rank 0 reports progress)
     rank = int(os.environ.get("RANK", "0"))
@@ -96,7 +104,7 @@ def run_train(args) -> int:
                                defaults=getattr(cls, "recipe", {}),
                                preset=args.preset)
     except (KeyError, ConfigError, OSError, ImportError) as exc:
-        print(f"pyface train: {exc}", file=sys.stderr)
+        print(f"pyface train: {_message(exc)}", file=sys.stderr)
         return 2
     staged = bool(getattr(cls, "stages", ())) and not args.print_config
     group = None
@@ -108,7 +116,7 @@ def run_train(args) -> int:
         try:
             group, _ = D.init_distributed(cfg.train.device)
         except RuntimeError as exc:
-            print(f"pyface train: {exc}", file=sys.stderr)
+            print(f"pyface train: {_message(exc)}", file=sys.stderr)
             return 2
     try:
         return _train(args, cls, cfg, overrides, staged)
@@ -130,10 +138,10 @@ def _train(args, cls, cfg, overrides, staged: bool) -> int:
         try:
             filled = prepare_stages(cls, cfg, overrides=overrides)
         except (KeyError, ConfigError, OSError, ValueError) as exc:
-            print(f"pyface train: {exc}", file=sys.stderr)
+            print(f"pyface train: {_message(exc)}", file=sys.stderr)
             return 2
         except (CheckpointError, NonFiniteError, RuntimeError) as exc:
-            print(f"pyface train: {exc}", file=sys.stderr)
+            print(f"pyface train: {_message(exc)}", file=sys.stderr)
             return 1
         except KeyboardInterrupt as exc:
             print(f"pyface train: {exc}; run the same command again to continue",
@@ -143,20 +151,31 @@ def _train(args, cls, cfg, overrides, staged: bool) -> int:
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"stage run: model.{key}={path}", file=sys.stderr)
     if args.print_config:
+        if getattr(cls, "stages", ()):       # the stages' --set keys are checked, not trained
+            from pyface.train.stages import prepare_stages
+
+            try:
+                prepare_stages(cls, cfg, overrides=overrides, dry_run=True)
+            except (KeyError, ConfigError, OSError, ValueError) as exc:
+                print(f"pyface train: {_message(exc)}", file=sys.stderr)
+                return 2
         print(yaml.safe_dump(experiment_to_dict(cfg), sort_keys=False), end="")
         return 0
     try:
         trainer = Trainer(cfg)
     except (ValueError, KeyError, RuntimeError) as exc:
-        print(f"pyface train: {exc}", file=sys.stderr)
+        print(f"pyface train: {_message(exc)}", file=sys.stderr)
         return 2
     try:
         if args.resume:
             trainer.resume(args.resume)
         result = trainer.fit()
     except (CheckpointError, NonFiniteError) as exc:
-        print(f"pyface train: {exc}", file=sys.stderr)
+        print(f"pyface train: {_message(exc)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as exc:          # a second stop signal
+        print(f"pyface train: {exc or 'interrupted'}; resume with --resume", file=sys.stderr)
+        return 143
     finally:
         trainer.close()
     if trainer.dist.is_main:

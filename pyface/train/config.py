@@ -28,6 +28,12 @@ class ScheduleConfig:
     step_size: int = 10000          # step: multiply by gamma every step_size steps
     gamma: float = 0.2
 
+    def __post_init__(self):
+        kinds = ("constant", "cosine", "linear", "step")
+        if self.kind not in kinds:
+            raise ConfigError(f"train.lr_schedule.kind: expected one of {', '.join(kinds)}, got "
+                              f"{self.kind!r}{did_you_mean(self.kind, kinds)}")
+
 
 @dataclass
 class EMAConfig:
@@ -62,7 +68,7 @@ class TrainConfig:
     log_every: int = 10
     image_every: int = 250            # TensorBoard image grid + preview PNG
     video_every: int = 0              # mp4 preview; 0: only at the end
-    video_frames: int = 24
+    video_frames: int = 24            # frames of a preview clip; 0: no clips
     num_workers: int = 0
     progress: bool = True
     tensorboard: bool = True
@@ -72,6 +78,25 @@ class TrainConfig:
     bucket_mb: float = 25.0           # ... bucket size in MiB
     lr_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+
+    def __post_init__(self):
+        # what can be checked without the model or the machine (--print-config reports it too)
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"train.precision: expected 'fp32' or 'bf16', got "
+                              f"{self.precision!r}{did_you_mean(self.precision, ('fp32', 'bf16'))}")
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got "
+                                  f"{self.device!r}") from None
+        for key in ("steps", "batch_size", "ckpt_every", "log_every",
+                    "image_every", "video_every", "video_frames", "num_workers"):
+            value, low = getattr(self, key), 1 if key == "batch_size" else 0
+            if value < low:
+                raise ConfigError(f"train.{key}: expected an int >= {low}, got {value!r}")
 
 
 @dataclass
@@ -126,6 +151,16 @@ class ExperimentConfig:
 
 class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names it."""
+
+
+def did_you_mean(name: str, choices, prefix: str = "") -> str:
+    """``"; did you mean PREFIX+X?"`` for the choices closest to ``name`` (difflib), or ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=2, cutoff=0.6)
+    if not close:
+        return ""
+    return "; did you mean " + " or ".join(f"{prefix}{c}" for c in close) + "?"
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,7 +246,7 @@ def from_dict(cls, data: dict, *, prefix: str = ""):
     for k, v in data.items():
         if k not in fields:
             raise ConfigError(f"{prefix}{k}: unknown key for {cls.__qualname__}; valid keys: "
-                              f"{', '.join(fields)}")
+                              f"{', '.join(fields)}{did_you_mean(k, fields, prefix)}")
         default = _field_default(fields[k])
         if isinstance(v, dict) and dataclasses.is_dataclass(default):
             # a partial mapping overrides the field's default instance (e.g. a preset of a
@@ -287,12 +322,25 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def load_yaml(path: str) -> dict:
+    """A YAML config file as a dict; a missing, unreadable or malformed file raises ConfigError
+    naming it (and the position of a syntax error)."""
     import yaml
 
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        pos = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"--config {path}: not valid YAML{pos}: {problem}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+        raise ConfigError(f"--config {path}: expected a mapping at the top level (sections "
+                          f"model, data, train, or a run's config.yaml), got {data!r}")
     return data
 
 
@@ -314,7 +362,8 @@ def preset_config(model: str, preset: str, presets: dict | None = None) -> dict:
         presets = getattr(model_class(model), "presets", None) or {}
     if preset not in presets:
         raise ConfigError(f"--preset {preset!r}: model {model!r} has no such preset; valid "
-                          f"presets: {', '.join(sorted(presets)) or '(none)'}")
+                          f"presets: {', '.join(sorted(presets)) or '(none)'}"
+                          f"{did_you_mean(preset, presets)}")
     data = presets[preset] or {}
     unknown = set(data) - {"model", "data", "train"}
     if unknown:
@@ -331,19 +380,35 @@ def build_experiment(model: str, model_config_cls, *, yaml_path: str | None = No
     file < ``--set`` overrides.
 
     ``preset`` names one of ``presets`` (default: the ``presets`` of the registered model
-    ``model``); an unknown name raises ConfigError listing the valid presets.
+    ``model``); an unknown name raises ConfigError listing the valid presets. A YAML file that
+    is a run's ``config.yaml`` (or ``--print-config`` output) must be one of ``model``; without
+    ``preset`` its recorded preset is kept as the record (not applied again: the file holds the
+    resolved values), so its stages train with the same preset.
     """
     data = dict(defaults or {})
     if preset is not None:
         data = merge(data, preset_config(model, preset, presets))
-    data = merge(data, _sections(load_yaml(yaml_path)) if yaml_path else {})
+    recorded = preset
+    if yaml_path:
+        file = load_yaml(yaml_path)
+        if isinstance(file.get("model"), str) and "model_config" in file:
+            # a run's config.yaml or --print-config output: the resolved config of one model,
+            # built with a preset that is kept as the record (stages are trained with it)
+            if file["model"] != model:
+                raise ConfigError(f"--config {yaml_path}: the config of model {file['model']!r}, "
+                                  f"not {model!r} (pyface train {file['model']} --config "
+                                  f"{yaml_path})")
+            if recorded is None:
+                recorded = file.get("preset")
+        data = merge(data, _sections(file))
     data = merge(data, parse_set(overrides))
     unknown = set(data) - {"model", "data", "train"}
     if unknown:
-        raise ConfigError(f"{sorted(unknown)[0]}: unknown section; valid sections: model, data, "
-                          "train")
+        bad = sorted(unknown)[0]
+        raise ConfigError(f"{bad}: unknown section; valid sections: model, data, train"
+                          f"{did_you_mean(bad, ('model', 'data', 'train'))}")
     return ExperimentConfig(
-        model=model, preset=preset,
+        model=model, preset=recorded,
         model_config=from_dict(model_config_cls, data.get("model") or {}, prefix="model."),
         data=from_dict(DataConfig, data.get("data") or {}, prefix="data."),
         train=from_dict(TrainConfig, data.get("train") or {}, prefix="train."))

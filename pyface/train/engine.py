@@ -45,6 +45,21 @@ class FitResult:
     seconds: float = 0.0
 
 
+#: signals that stop training after the current step with a checkpoint: SIGTERM (SLURM's
+#: preemption and time limit, torchrun's shutdown of its workers), SIGINT (Ctrl-C) and SIGUSR1
+#: (SLURM's warning before the time limit, ``--signal=USR1@SECONDS``)
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGUSR1")
+                     if hasattr(signal, n))
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the workers ignore the stop signals (a terminal's Ctrl-C
+    or a job scheduler signals the whole process group), so the main process can finish its step
+    and checkpoint before it shuts them down."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 def _step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2**63 - 1)
 
@@ -56,6 +71,35 @@ def _total_norm(params: list[torch.Tensor]) -> torch.Tensor:
     if hasattr(torch.nn.utils, "get_total_norm"):
         return torch.nn.utils.get_total_norm(grads, foreach=True)
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+def _flat(d, prefix: str) -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+#: settings whose change on resume is expected (a moved run, the batch's own warning)
+_RESUME_QUIET = {"train.run_dir", "train.batch_size", "train.init_from"}
+
+
+def _changed_settings(theirs: dict, ours: dict) -> list[tuple[str, object, object]]:
+    """(key, checkpoint value, run value) of the ``train.*`` / ``data.*`` settings that differ
+    between two ``experiment_to_dict`` dicts (lists and tuples compare equal)."""
+    out = []
+    for section in ("train", "data"):
+        a, b = _flat(theirs.get(section), f"{section}."), _flat(ours.get(section), f"{section}.")
+        for k in sorted(set(a) | set(b)):
+            va, vb = a.get(k), b.get(k)
+            if isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple)):
+                va, vb = list(va), list(vb)
+            if k not in _RESUME_QUIET and va != vb:
+                out.append((k, va, vb))
+    return out
 
 
 class MappedDataset(torch.utils.data.Dataset):
@@ -94,7 +138,6 @@ class Trainer:
                  dataset=None):
         from pyface.train import registry
 
-        self.cfg = cfg
         t = cfg.train
         if t.precision not in ("fp32", "bf16"):
             raise ValueError(f"train.precision: expected 'fp32' or 'bf16', got {t.precision!r}")
@@ -104,8 +147,11 @@ class Trainer:
         self.dist, self.device = D.init_distributed(t.device)
         if t.batch_size % self.dist.world_size:
             raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the "
-                             f"{self.dist.world_size} ranks")
+                             f"{self.dist.world_size} ranks (the global batch is split into "
+                             "equal shares); use a multiple of the number of ranks")
+        #: this rank's share of the global batch (``train.batch_size / world size``)
         self.local_batch = t.batch_size // self.dist.world_size
+        self.cfg = cfg = self._resolve_local_batch(cfg, model)
         self.run_dir = t.run_dir.format(model=cfg.model)
         torch.manual_seed(t.seed)  # identical initialisation on every rank
         random.seed(t.seed)
@@ -178,10 +224,38 @@ class Trainer:
         self.step = 0
         self.last_losses: dict[str, float] = {}
         self._stop_signal: int | None = None
+        self._loaded: tuple[str | None, int | None] = (None, None)   # (checkpoint, its step)
         self._board: Board | None = None
         #: set to a dict to collect per-step seconds in "model" (forward + losses), "backward",
         #: "optimizer" and "total" (bench: the rest is engine overhead)
         self.timings: dict[str, list[float]] | None = None
+
+    def _resolve_local_batch(self, cfg: ExperimentConfig, model) -> ExperimentConfig:
+        """``cfg`` with the model's ``local_batch_field`` (if it has one) set to this rank's
+        share of the batch when it is None; an explicit value below the share raises."""
+        import dataclasses
+
+        from pyface.train import registry
+
+        cls = type(model) if model is not None else registry.model_class(cfg.model)
+        key = getattr(cls, "local_batch_field", None)
+        mc = cfg.model_config if cfg.model_config is not None else getattr(model, "cfg", None)
+        if not key or mc is None or not dataclasses.is_dataclass(mc):
+            return cfg
+        value = getattr(mc, key)
+        share = (f"train.batch_size / ranks = {cfg.train.batch_size} / "
+                 f"{self.dist.world_size} = {self.local_batch}")
+        if value is None:
+            if model is not None:
+                raise ValueError(f"model.{key}: None in the config of the model passed in; "
+                                 f"build it with {key}={self.local_batch} ({share})")
+            return dataclasses.replace(cfg, model_config=dataclasses.replace(
+                mc, **{key: self.local_batch}))
+        if value < self.local_batch:
+            raise ValueError(f"model.{key}={value}: smaller than this rank's share of the batch "
+                             f"({share}); leave it unset (null: derived from the batch) or "
+                             f"set it to {self.local_batch}")
+        return cfg
 
     # ----------------------------------------------------------------------------------------
     # Checkpoints
@@ -229,15 +303,44 @@ class Trainer:
                                        f"trains {mine['model']!r}")
         theirs, ours = exp.get("model_config") or {}, mine["model_config"] or {}
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        share = getattr(type(self.model), "local_batch_field", None)
+        reshaped = share in diff        # another share of the batch per rank (ranks, batch)
+        if reshaped:
+            diff.remove(share)
         if diff:
             details = ", ".join(f"model.{k}: checkpoint {theirs.get(k)!r} vs run "
                                 f"{ours.get(k)!r}" for k in diff[:5])
-            raise ckpt.CheckpointError(f"{where}: model config differs ({details})")
+            more = f" and {len(diff) - 5} more" if len(diff) > 5 else ""
+            raise ckpt.CheckpointError(
+                f"{where}: model config differs ({details}{more}); a resumed run keeps its "
+                "model config: repeat the run's --preset and model.* settings, or resume with "
+                "its config (--config RUN/config.yaml --resume)")
         if exp.get("train", {}).get("batch_size") != self.cfg.train.batch_size:
             log.warning("resuming with train.batch_size=%d, the checkpoint used %s: the data "
                         "order will differ from an uninterrupted run", self.cfg.train.batch_size,
                         exp.get("train", {}).get("batch_size"))
-        ckpt.load_module_state(self.model, ckpt.sub_state(tensors, "model"), where + " (model)")
+        changed = [f"{k}: {a!r} -> {b!r}" for k, a, b in _changed_settings(exp, mine)]
+        if changed:
+            log.warning("resuming with train/data settings that differ from the checkpoint's "
+                        "(this command's values apply from step %d on): %s", int(meta["step"]),
+                        "; ".join(changed))
+        state = ckpt.sub_state(tensors, "model")
+        drop: dict[str, set[str]] = {k: set() for k in self.optimizers}
+        if reshaped:
+            # rank-local parameters of one row per item: the checkpoint holds rank 0's rows
+            # only, which inner loops restart every batch, so they and their optimizer state
+            # start afresh at the new share
+            local = set().union(*self._local_ids.values())
+            own = self.model.state_dict()
+            for n, p in self.model.named_parameters():
+                if id(p) in local and n in state and state[n].shape != own[n].shape:
+                    state[n] = own[n]
+            for k, params in self._opt_params.items():
+                drop[k] = {str(i) for i, p in enumerate(params) if id(p) in local}
+            log.warning("resuming with model.%s=%s, the checkpoint has %s (another share of the "
+                        "batch per rank): the rank-local parameters and their optimizer state "
+                        "start afresh", share, ours.get(share), theirs.get(share))
+        ckpt.load_module_state(self.model, state, where + " (model)")
         for name, m in self.ema.modules.items():
             st = ckpt.sub_state(tensors, f"ema.{name}")
             if not st:
@@ -250,16 +353,32 @@ class Trainer:
             info = meta.get("optimizers", {}).get(name)
             if info is None:
                 raise ckpt.CheckpointError(f"{where}: no state for optimizer {name!r}")
-            ckpt.optimizer_from_flat(opt, tensors, info, f"optim.{name}", where)
+            if drop[name]:
+                pre = f"optim.{name}."
+                info = dict(info, scalars={i: v for i, v in info.get("scalars", {}).items()
+                                           if i not in drop[name]})
+                ts = {k: v for k, v in tensors.items() if not k.startswith(pre)
+                      or k[len(pre):].split(".", 1)[0] not in drop[name]}
+            else:
+                ts = tensors
+            ckpt.optimizer_from_flat(opt, ts, info, f"optim.{name}", where)
         self._base_lrs = {k: [g.get("initial_lr", g["lr"]) for g in o.param_groups]
                           for k, o in self.optimizers.items()}
         self.step = int(meta["step"])
+        self._loaded = (path, self.step)
         if self.dist.enabled:
             D.broadcast_module(self.model)
 
     def resume(self, where: str = "auto") -> str | None:
-        """``"auto"``: the latest checkpoint of the run folder, if any; else a checkpoint path."""
+        """``"auto"``: the latest checkpoint of the run folder, if any; else a checkpoint path
+        or another run folder (its latest checkpoint)."""
         path = ckpt.latest_checkpoint(self.run_dir) if where == "auto" else where
+        if where != "auto" and os.path.isdir(os.path.join(where, "checkpoints")) \
+                and not os.path.isfile(os.path.join(where, ckpt.META_FILE)):
+            path = ckpt.latest_checkpoint(where)
+            if path is None:
+                raise ckpt.CheckpointError(f"--resume {where}: a run folder without a complete "
+                                           "checkpoint")
         if path is None:
             log.info("no checkpoint in %s; starting from scratch", self.run_dir)
             return None
@@ -578,6 +697,7 @@ class Trainer:
                                      start_step=self.step, steps=self.cfg.train.steps)
         return torch.utils.data.DataLoader(
             self.dataset, batch_sampler=sampler, num_workers=self.cfg.train.num_workers,
+            worker_init_fn=_ignore_stop_signals if self.cfg.train.num_workers > 0 else None,
             pin_memory=self.device.type == "cuda",
             persistent_workers=self.cfg.train.num_workers > 0)
 
@@ -612,7 +732,7 @@ class Trainer:
                 paths.append(p)
                 if self._board is not None:
                     self._board.image("preview", grid, self.step)
-            if video:
+            if video and self.cfg.train.video_frames > 0:      # 0: no preview clips
                 frames = self.model.preview_video(batch, self.cfg.train.video_frames)
                 if frames is not None:
                     clip = save_video(frames, os.path.join(
@@ -624,7 +744,10 @@ class Trainer:
 
     def _on_signal(self, signum, frame):
         if self._stop_signal is not None:  # second signal: stop now
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(
+                f"a second signal ({signal.Signals(signum).name}) stopped training at once "
+                f"during step {self.step}; the latest checkpoint: "
+                f"{ckpt.latest_checkpoint(self.run_dir) or 'none'}")
         self._stop_signal = signum
         log.warning("received %s: saving a checkpoint after this step and stopping",
                     signal.Signals(signum).name)
@@ -658,7 +781,10 @@ class Trainer:
                                                     None, None))
 
     def fit(self) -> FitResult:
-        """Train until ``train.steps`` (or a SIGTERM/SIGINT, which checkpoints and stops)."""
+        """Train until ``train.steps``, or until a signal of :data:`STOP_SIGNALS` (SIGTERM,
+        SIGINT, SIGUSR1) on any rank: the current step finishes, every rank stops after the same
+        step, a checkpoint is written and the result is ``interrupted`` (a second signal raises
+        KeyboardInterrupt at once)."""
         from tqdm import tqdm
 
         t = self.cfg.train
@@ -672,14 +798,20 @@ class Trainer:
                             self.run_dir, os.path.basename(prev))
             self._setup_run_dir()
             self._board = Board(os.path.join(self.run_dir, "tb") if t.tensorboard else None)
+        self._stop_signal = None
         old_handlers = {}
         if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
+            for s in STOP_SIGNALS:
                 old_handlers[s] = signal.signal(s, self._on_signal)
         self.model.train()
         start, t0 = self.step, time.perf_counter()
         previews: list[str] = []
-        last_ckpt = None
+        # this run's checkpoint of the current step (the one resumed from) is not written
+        # again when no step runs (a finished run resumed)
+        loaded, at = self._loaded
+        mine = loaded is not None and os.path.dirname(os.path.abspath(loaded)) == \
+            os.path.abspath(os.path.join(self.run_dir, "checkpoints"))
+        last_ckpt, saved_at = (loaded, at) if mine and at == self.step else (None, None)
         interrupted = False
         bar = tqdm(total=t.steps, initial=self.step, disable=not (main and t.progress),
                    dynamic_ncols=True, unit="step")
@@ -715,13 +847,15 @@ class Trainer:
                                 max(time.perf_counter() - t0, 1e-9)}, self.step)
                 if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.steps:
                     last_ckpt = self.save_checkpoint() or last_ckpt
+                    saved_at = self.step
                 if t.image_every and self.step % t.image_every == 0 and self.step < t.steps:
                     previews += self.write_previews(
                         video=bool(t.video_every) and self.step % t.video_every == 0)
                 if D.any_flag(self._stop_signal is not None, self.dist, self.device):
                     interrupted = True
                     break
-            last_ckpt = self.save_checkpoint() or last_ckpt
+            if saved_at != self.step:      # not twice at one step (a signal after ckpt_every)
+                last_ckpt = self.save_checkpoint() or last_ckpt
             if not interrupted:
                 previews += self.write_previews(video=True)
         finally:

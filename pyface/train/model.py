@@ -157,6 +157,12 @@ class TrainableModel(nn.Module):
     stages: tuple[Stage, ...] = ()
     #: the inference pipeline class (a :class:`Pipeline` subclass) or None.
     Pipeline: type | None = None
+    #: the name of a ``Config`` field that holds this rank's share of the global batch (a model
+    #: with rank-local parameters of one row per item, e.g. OTAvatar's inverted latents), or
+    #: None. The Trainer sets the field, when it is None, to ``train.batch_size / world size``
+    #: before it builds the model (so ``config.yaml`` and the checkpoints record the number);
+    #: an explicit value below that share is an error naming both.
+    local_batch_field: str | None = None
 
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         raise NotImplementedError

@@ -121,9 +121,11 @@ def _resolve(table: dict[str, str], kind: str, name: str) -> Any:
     if name not in table:
         load_entry_points()
     if name not in table:
+        from pyface.train.config import did_you_mean
+
         raise KeyError(f"unknown {kind} {name!r}; registered: {', '.join(sorted(table))} (a "
                        f"plugin registers through the entry-point group pyface.{kind}s, "
-                       f"--import MODULE or {PLUGINS_ENV})")
+                       f"--import MODULE or {PLUGINS_ENV}){did_you_mean(name, table)}")
     target = table[name]
     if ":" not in target:
         raise KeyError(f"{kind} {name!r}: registry entry {target!r} is not 'module:attribute'")

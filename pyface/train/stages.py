@@ -103,13 +103,19 @@ def stage_run_finished(run_dir: str, steps: int) -> str | None:
 
 
 def prepare_stages(model_cls, cfg, *, overrides: list[str] | None = None,
-                   train_fn=None) -> dict[str, str]:
+                   train_fn=None, dry_run: bool = False) -> dict[str, str]:
     """Trains the missing stages of ``cfg`` (an ExperimentConfig of ``model_cls``) and sets
     their checkpoint keys in ``cfg.model_config``. Returns ``{checkpoint_key: run folder}`` of
     the stages it filled in.
 
     ``train_fn(stage_cfg) -> None`` trains one stage config (default: :func:`train_stage`, a
-    :class:`~pyface.train.engine.Trainer` that resumes an unfinished run)."""
+    :class:`~pyface.train.engine.Trainer` that resumes an unfinished run). ``dry_run``: build
+    and check every stage config (and the reuse of finished stage runs) without training
+    (``pyface train M --print-config``); ``cfg`` is left as it is."""
+    if dry_run:
+        import copy
+
+        cfg = copy.deepcopy(cfg)
     from pyface.train.config import ConfigError, build_experiment, merge
     from pyface.train.registry import model_class
 
@@ -142,11 +148,14 @@ def prepare_stages(model_cls, cfg, *, overrides: list[str] | None = None,
                            + [f"train.run_dir={stage_dir}"]))
         except ConfigError as exc:
             raise ConfigError(f"stage {stage.name!r} ({stage.model}): {exc}") from None
-        prepare_stages(stage_cls, stage_cfg, overrides=overrides, train_fn=train_fn)
+        prepare_stages(stage_cls, stage_cfg, overrides=overrides, train_fn=train_fn,
+                       dry_run=dry_run)
         done = stage_run_finished(stage_dir, stage_cfg.train.steps)
         if done:
             _check_reuse(stage, stage_cls, stage_cfg, done)
             log.info("stage %r: reusing the finished run %s", stage.name, done)
+        elif dry_run:
+            pass
         else:
             log.info("stage %r: training %s in %s", stage.name, stage.model, stage_dir)
             train_fn(stage_cfg)

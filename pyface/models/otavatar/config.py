@@ -42,7 +42,9 @@ class OTAvatarConfig:
             Empty: the generator's own (the EG3D run's or the converted file's).
         controller: controller sizes (:class:`ControllerOptions`).
         local_batch: items per rank (the inverted latents are one row per item: rank-local
-            parameters of this many rows; ``train.batch_size / world_size``).
+            parameters of this many rows). None (default): ``pyface.train`` sets it to
+            ``train.batch_size / world size`` (one process: the whole batch); a model built by
+            hand needs it set.
         invert_iters: inversion iterations per batch (100); the last ``invert_controller_iters``
             (10) step the controller instead of W and the intrinsics bias, and only they use the
             super-resolved image.
@@ -117,7 +119,7 @@ class OTAvatarConfig:
     controller_init: str | None = None
     render: dict = field(default_factory=dict)
     controller: ControllerOptions = field(default_factory=ControllerOptions)
-    local_batch: int = 6
+    local_batch: int | None = None
     invert_iters: int = 100
     invert_controller_iters: int = 10
     invert_lr: float = 0.01

@@ -57,7 +57,7 @@ _TINY = {
               # so the planes' gradient is scattered once per render
               # (docs/models/otavatar-measured.md)
               "render": {"recompute": "decoder", "chunk_points": 65536},
-              "local_batch": 2, "invert_iters": 16, "invert_controller_iters": 2,
+              "invert_iters": 16, "invert_controller_iters": 2,
               "invert_lr": 0.1, "intrinsics_lr": 0.002, "controller_lr": 1e-3,
               "controller_wd": 0.01, "generator_lr": 1e-3, "density_points": 500,
               # a 16-iteration inversion leaves an identity misfit that both frames share:
@@ -86,7 +86,7 @@ _TINY_EG3D = {
 _GPU_SHORT = {
     # one H100/H200, about 8 minutes: the eg3d gpu-short generator (128^2, 64^2 render),
     # full controller, 30-iteration inversion
-    "model": {"local_batch": 4, "invert_iters": 30, "invert_controller_iters": 5,
+    "model": {"invert_iters": 30, "invert_controller_iters": 5,
               "invert_steps": 100, "wplus_steps": 0},
     "data": {"name": "motion_windows", "resolution": 128,
              "options": {"frames_per_item": 2, "radius": 13, "repeats": 64}},
@@ -96,8 +96,8 @@ _GPU_SHORT = {
 }
 
 _FULL = {
-    # the paper: 2000 iterations at batch 24 (4 x 6) on an ffhqrebalanced512-64 generator
-    "model": {"local_batch": 6},
+    # the paper: 2000 iterations at batch 24 (4 GPUs x 6) on an ffhqrebalanced512-64
+    # generator (model.local_batch follows from the batch and the number of ranks)
     "data": {"name": "motion_windows", "resolution": 512,
              "options": {"frames_per_item": 2, "radius": 13}},
     "train": {"steps": 2000, "batch_size": 24, "log_every": 10, "ckpt_every": 500,
@@ -208,6 +208,7 @@ class OTAvatar(TrainableModel):
     stages = (Stage("eg3d", "eg3d", "generator", presets={"tiny": _TINY_EG3D}),)
     recipe = _FULL          # the reference's recipe; the presets override it
     presets = {"tiny": _TINY, "gpu-short": _GPU_SHORT, "full": _FULL}
+    local_batch_field = "local_batch"     # set by the Trainer: train.batch_size / ranks
 
     @staticmethod
     def load_pipeline(path: str, *, device=None, ema: bool = True) -> OTAvatarPipeline:
@@ -236,6 +237,10 @@ class OTAvatar(TrainableModel):
             raise ValueError("model.invert_controller_iters: model.controller_loss=relative "
                              "needs >= 1 (the item's mean prediction comes from the last "
                              f"controller iteration), got {cfg.invert_controller_iters}")
+        if cfg.local_batch is None:
+            raise ValueError("model.local_batch: None; pyface.train's Trainer sets it to "
+                             "train.batch_size / ranks, a model built by hand needs it (the "
+                             "rows of the rank-local latents, >= the items per step)")
         if cfg.local_batch < 1:
             raise ValueError(f"model.local_batch: expected >= 1, got {cfg.local_batch}")
         self.cfg = cfg
@@ -346,7 +351,8 @@ class OTAvatar(TrainableModel):
                              f"{tuple(cam.shape)}")
         if B > self.cfg.local_batch:
             raise ValueError(f"batch['image']: {B} items on this rank, but model.local_batch = "
-                             f"{self.cfg.local_batch} (set it to train.batch_size / ranks)")
+                             f"{self.cfg.local_batch} (leave it unset: the Trainer derives it from "
+                             "train.batch_size / ranks)")
         lm = batch.get("landmarks")
         if img.dtype == torch.uint8:
             img = img.float() / 127.5 - 1
