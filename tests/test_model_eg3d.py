@@ -810,6 +810,27 @@ def test_cli_animate_seeds_honours_no_progress_and_device(tiny_run, tmp_path, ca
     assert "--device: expected cpu, cuda or cuda:N, got 'nodevice'" in capsys.readouterr().err
 
 
+def test_cli_animate_seeds_takes_fps_and_refuses_a_source(tiny_run, tmp_path, capsys):
+    import imageio.v2 as iio
+
+    from pyface.cli import main
+
+    run, _ = tiny_run
+    out = str(tmp_path / "o.mp4")
+    base = ["animate", "eg3d", "--checkpoint", run, "--frames", "2", "--device", "cpu",
+            "--no-progress", "--out", out]
+    assert main(base + ["--seeds", "0", "--fps", "5"]) == 0
+    with iio.get_reader(out) as r:
+        assert r.get_meta_data()["fps"] == 5.0
+    capsys.readouterr()
+    assert main(base + ["--seeds", "0", "--source", out]) == 2
+    assert "--seeds renders latent seeds along an orbit and takes no --source" in \
+        capsys.readouterr().err
+    assert main(base + ["--seeds", "a-b"]) == 1
+    assert capsys.readouterr().err == ("pyface animate eg3d: --seeds: expected integers, e.g. 0-3 "
+                                       "or 0,5,9, got 'a-b'\n")
+
+
 def test_cli_animate_and_invert(tiny_run, tmp_path):
     from pyface.cli import main
     from pyface.train.monitor import save_png

@@ -29,12 +29,16 @@ def add_parser(subparsers) -> None:
                    help="driving: a pyface video folder (frames + coeffs.npy + dataset.json + "
                         "landmarks.npy, as `pyface data synth` writes), a video file or a folder "
                         "of images; omitted: the model's default motion (example: an orbit)")
-    a.add_argument("--out", default="animation.mp4", help="output mp4")
+    a.add_argument("--out", default="animation.mp4",
+                   help="output video: a file name ending in " + ", ".join(OUT_EXTS) + ", or a "
+                        "folder (existing, or given with a trailing /): FOLDER/animation.mp4; "
+                        "missing parent folders are created (default: animation.mp4)")
     a.add_argument("--frames", type=int, default=None,
                    help="at most this many driving frames (default: all; 48 without --driving)")
     a.add_argument("--stride", type=int, default=1, help="use every n-th driving frame")
     a.add_argument("--fps", type=float, default=None,
-                   help="output frame rate (default: the driving video's / --stride, else 25)")
+                   help="output frame rate, > 0 (default: the driving video's / --stride, else "
+                        "25; 24 for --seeds)")
     a.add_argument("--batch", type=int, default=8, help="driving frames per generate call")
     a.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     a.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
@@ -52,6 +56,46 @@ def add_parser(subparsers) -> None:
 
 #: models that animate latent seeds without a source image: name -> "module:function(args)"
 SEED_ANIMATORS = {"eg3d": "pyface.models.eg3d.cli:run_animate"}
+
+#: the file types --out may name (imageio + ffmpeg; .gif through Pillow)
+OUT_EXTS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".gif")
+
+
+def resolve_out(out: str, default_name: str = "animation.mp4") -> str:
+    """``--out`` -> the video file to write: an existing folder, or a name ending in a path
+    separator, gets ``default_name`` inside; otherwise the name must end in one of
+    :data:`OUT_EXTS` and no existing part of its folder may be a file (ValueError naming
+    ``--out`` otherwise). Checked before any work, so a typo costs no inference."""
+    import os
+
+    if not out:
+        raise ValueError("--out: expected a video file name or a folder, got ''")
+    if out.endswith(("/", os.sep)) or os.path.isdir(out):
+        out = os.path.join(out, default_name)
+    ext = os.path.splitext(out)[1].lower()
+    if ext not in OUT_EXTS:
+        raise ValueError(f"--out: expected a video file name ending in {', '.join(OUT_EXTS)} (or "
+                         f"a folder), got {out!r}")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {out}: cannot create its folder: {parent} is a file")
+    return out
+
+
+def check_animate_args(args) -> None:
+    """The numeric options' ranges, each error naming its option and the value given."""
+    import math
+
+    for name in ("batch", "stride", "frames"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name}: expected an integer >= 1, got {v}")
+    if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
+        raise ValueError(f"--fps: expected a frame rate > 0, got {args.fps}")
+    if not math.isfinite(args.truncation):
+        raise ValueError(f"--truncation: expected a finite number, got {args.truncation}")
 
 
 def side_by_side(*columns) -> "torch.Tensor":  # noqa: F821
@@ -144,12 +188,11 @@ def run_animate(args) -> int:
         print(f"pyface animate: {msg}", file=sys.stderr)
         return code
 
-    if args.batch < 1 or args.stride < 1 or (args.frames is not None and args.frames < 1):
-        return fail(f"--batch, --stride and --frames must be >= 1, got {args.batch}, "
-                    f"{args.stride}, {args.frames}", 2)
     from pyface.train.cli import resolve_device
 
     try:
+        check_animate_args(args)
+        args.out = resolve_out(args.out)
         args.device = resolve_device(args.device)
     except ValueError as exc:
         return fail(str(exc), 2)
@@ -157,6 +200,10 @@ def run_animate(args) -> int:
         if args.model not in SEED_ANIMATORS:
             return fail(f"--seeds: model {args.model!r} is not a generator; models animated from "
                         f"seeds: {', '.join(sorted(SEED_ANIMATORS))}", 2)
+        if args.source is not None or args.driving is not None:
+            return fail("--seeds renders latent seeds along an orbit and takes no --source or "
+                        "--driving (without --seeds, --source and --driving animate an image)",
+                        2)
         import importlib
 
         module, fn = SEED_ANIMATORS[args.model].split(":")
@@ -191,7 +238,10 @@ def run_animate(args) -> int:
     if fps is None and args.driving is not None and video_fps(args.driving):
         fps = video_fps(args.driving) / args.stride          # keep the driving video's speed
     fps = fps or 25.0
-    writer = VideoWriter(args.out, fps)
+    try:
+        writer = VideoWriter(args.out, fps)
+    except OSError as exc:
+        return fail(f"--out {args.out}: {exc.strerror or exc}", 1)
     sync = (lambda: torch.cuda.synchronize(pipe.device)) if pipe.device.type == "cuda" \
         else (lambda: None)
     done, seconds = 0, 0.0
@@ -224,7 +274,7 @@ def run_animate(args) -> int:
     except (DataError, KeyError, ValueError) as exc:   # KeyError: a label the model needs
         writer.close()
         msg = str(exc).strip('"')
-        if "missing" in msg:
+        if "missing" in msg or "got None" in msg:
             msg += (". An image or video file carries the image only; `pyface data prepare FILE "
                     "--out DIR` adds the camera, 3DMM coefficients and landmarks: pass its video "
                     "folder DIR/NAME instead")

@@ -50,7 +50,11 @@ def run_animate(args) -> int:
         return 1
     frames = orbit_video(G, seeds, args.frames, truncation_psi=args.truncation,
                          progress=not getattr(args, "no_progress", False))
-    print(write_video(frames, args.out, fps=24))
+    try:
+        print(write_video(frames, args.out, fps=getattr(args, "fps", None) or 24))
+    except OSError as exc:
+        print(f"pyface animate eg3d: --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 

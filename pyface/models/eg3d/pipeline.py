@@ -61,11 +61,15 @@ def parse_seeds(text: str) -> list[int]:
         part = part.strip()
         if not part:
             continue
-        if "-" in part[1:]:
-            a, b = part.split("-", 1) if not part.startswith("-") else (part, part)
-            out.extend(range(int(a), int(b) + 1))
-        else:
-            out.append(int(part))
+        try:
+            if "-" in part[1:]:
+                a, b = part.split("-", 1) if not part.startswith("-") else (part, part)
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise ValueError(f"--seeds: expected integers, e.g. 0-3 or 0,5,9, got {text!r}") \
+                from None
     if not out:
         raise ValueError(f"--seeds: expected e.g. 0-3 or 0,5,9, got {text!r}")
     return out

@@ -1,0 +1,135 @@
+"""``pyface animate`` with the inputs users have: where --out goes, the numeric options' ranges,
+images PIL reads in other modes (16-bit grey, EXIF-rotated) and files that are not videos. Every
+wrong input is one line naming the option and the value, never a traceback."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pyface.cli import main
+from pyface.data.driving import read_driving, read_source
+from pyface.data.format import DataError
+
+TINY = ["model.resolution=16", "model.plane_resolution=8", "model.plane_channels=4",
+        "model.encoder_channels=8", "model.hidden=8", "model.depth_samples=4",
+        "data.resolution=16", "data.size=16", "train.batch_size=4", "train.progress=false",
+        "train.tensorboard=false", "train.image_every=0", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def example_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("example") / "run"
+    sets = sum((["--set", s] for s in TINY), [])
+    assert main(["train", "example", *sets, "--set", f"train.run_dir={run}",
+                 "--set", "train.steps=1"]) == 0
+    return str(run)
+
+
+@pytest.fixture(scope="module")
+def frames_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("frames")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return str(d)
+
+
+def _animate(run, frames, *extra):
+    return main(["animate", "example", "--checkpoint", run, "--source", frames, "--driving",
+                 frames, "--device", "cpu", "--no-progress", *extra])
+
+
+def test_out_folder_gets_the_default_name(example_run, frames_dir, tmp_path, capsys):
+    (tmp_path / "videos").mkdir()
+    assert _animate(example_run, frames_dir, "--out", str(tmp_path / "videos")) == 0
+    assert os.listdir(tmp_path / "videos") == ["animation.mp4"]
+    capsys.readouterr()
+    assert _animate(example_run, frames_dir, "--out", str(tmp_path / "new") + os.sep) == 0
+    assert os.listdir(tmp_path / "new") == ["animation.mp4"]
+    assert capsys.readouterr().out.startswith(os.path.join(str(tmp_path / "new"),
+                                                           "animation.mp4"))
+
+
+@pytest.mark.parametrize("out, msg", [
+    ("noext", "--out: expected a video file name ending in .mp4"),
+    ("still.png", "--out: expected a video file name ending in .mp4"),
+    ("afile/x.mp4", "cannot create its folder: "),
+])
+def test_out_that_cannot_be_a_video_is_refused_before_any_work(example_run, frames_dir,
+                                                               tmp_path, capsys, out, msg):
+    (tmp_path / "afile").write_text("x")
+    assert _animate(example_run, frames_dir, "--out", str(tmp_path / out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pyface animate: ") and msg in err and err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == ["afile"]                 # nothing written
+
+
+@pytest.mark.parametrize("option, value, msg", [
+    ("--fps", "0", "--fps: expected a frame rate > 0, got 0.0"),
+    ("--fps", "-5", "--fps: expected a frame rate > 0, got -5.0"),
+    ("--fps", "nan", "--fps: expected a frame rate > 0, got nan"),
+    ("--fps", "inf", "--fps: expected a frame rate > 0, got inf"),
+    ("--frames", "0", "--frames: expected an integer >= 1, got 0"),
+    ("--stride", "-1", "--stride: expected an integer >= 1, got -1"),
+    ("--batch", "0", "--batch: expected an integer >= 1, got 0"),
+    ("--truncation", "nan", "--truncation: expected a finite number, got nan"),
+])
+def test_numeric_options_name_the_option_and_value(example_run, frames_dir, tmp_path, capsys,
+                                                   option, value, msg):
+    assert _animate(example_run, frames_dir, "--out", str(tmp_path / "a.mp4"), option,
+                    value) == 2
+    assert capsys.readouterr().err == f"pyface animate: {msg}\n"
+    assert not (tmp_path / "a.mp4").exists()
+
+
+def test_frames_and_stride_beyond_the_clip_use_what_there_is(example_run, frames_dir, tmp_path,
+                                                             capsys):
+    assert _animate(example_run, frames_dir, "--out", str(tmp_path / "a.mp4"), "--frames", "100",
+                    "--stride", "2", "--batch", "100") == 0
+    assert "2 frames at 16x16" in capsys.readouterr().out
+
+
+def test_a_file_that_is_not_a_video_says_so(example_run, frames_dir, tmp_path, capsys):
+    pytest.importorskip("imageio_ffmpeg")
+    (tmp_path / "notes.mp4").write_text("hello")
+    assert main(["animate", "example", "--checkpoint", example_run, "--source", frames_dir,
+                 "--driving", str(tmp_path / "notes.mp4"), "--device", "cpu",
+                 "--out", str(tmp_path / "a.mp4")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pyface animate: ") and "notes.mp4: not a video file ffmpeg can read" \
+        in err and "pip install" not in err and err.count("\n") == 1
+
+
+def test_16_bit_grey_png_keeps_its_tones(tmp_path):
+    """PIL converts I;16 to RGB by clipping at 255 (the image turns white); the reader scales."""
+    a = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    Image.fromarray(a).save(tmp_path / "deep.png")
+    img = read_source(str(tmp_path / "deep.png"), None)["image"]
+    want = np.round(a / 257.0) / 127.5 - 1
+    np.testing.assert_allclose(img[0].numpy(), want, atol=1e-6)
+    assert float(img.mean()) == pytest.approx(0.0, abs=0.01)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stored landscape with orientation 6 (rotate 90 degrees clockwise) is read
+    upright, as `pyface data prepare` reads it."""
+    a = np.zeros((10, 20, 3), np.uint8)
+    a[:, :10] = 255                                  # left half white in storage
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    img = read_source(str(tmp_path / "phone.jpg"), None)["image"]
+    assert img.shape == (3, 10, 10)                  # upright 20x10, centre-cropped to 10x10
+    top, bottom = img[:, :2].mean(), img[:, -2:].mean()
+    assert top > 0.9 and bottom < -0.9               # white half rotated to the top
+    assert read_driving(str(tmp_path / "phone.jpg"), None)["image"].shape == (1, 3, 10, 10)
+
+
+def test_unreadable_image_source_is_a_data_error(tmp_path):
+    (tmp_path / "x.png").write_text("not an image")
+    with pytest.raises(DataError, match=r"x\.png: not a readable image"):
+        read_source(str(tmp_path / "x.png"), 16)
