@@ -782,7 +782,8 @@ def test_orbit_inversion_pipeline(tiny_run):
     torch.testing.assert_close(torch.cat([f for _, f in parts]), whole)
 
 
-def test_cli_animate_image_source_without_camera_is_a_message(tiny_run, tmp_path, capsys):
+def test_cli_animate_image_source_without_camera_is_a_message(tiny_run, tmp_path, capsys,
+                                                              monkeypatch):
     from pyface.cli import main
     from pyface.train.monitor import save_png
 
@@ -795,6 +796,20 @@ def test_cli_animate_image_source_without_camera_is_a_message(tiny_run, tmp_path
     err = capsys.readouterr().err
     assert err.startswith("pyface animate: source['camera']") and "Traceback" not in err
     assert "pyface data prepare FILE --out DIR" in err
+    # a camera-less driving folder behind a pyface video folder source: the same hint (the
+    # source's inversion is skipped: the driving frames fail before it is used)
+    from pyface.data import format as fmt
+    from pyface.models.eg3d.pipeline import EG3DPipeline
+    monkeypatch.setattr(EG3DPipeline, "encode_source", lambda self, source, **kw: {})
+    item = _Frames(2, 16)[0]
+    frame = ((item["image"].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()[None]
+    fmt.write_video(str(tmp_path), "v", frame, torch.zeros(1, 257).numpy(),
+                    item["camera"][None].numpy(), identity="a", fps=10.0)
+    assert main(["animate", "eg3d", "--checkpoint", run, "--source", str(tmp_path / "v"),
+                 "--driving", str(tmp_path / "drv"), "--out", str(tmp_path / "a.mp4"),
+                 "--no-progress", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pyface animate: driving['camera']") and "pyface data prepare" in err
 
 
 def test_cli_animate_seeds_honours_no_progress_and_device(tiny_run, tmp_path, capsys):

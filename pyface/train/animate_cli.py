@@ -179,7 +179,8 @@ def run_animate(args) -> int:
 
     import pyface.models
     from pyface.checkpoint import CheckpointError
-    from pyface.data.driving import count_driving, iter_driving, read_source, video_fps
+    from pyface.data.driving import (count_driving, is_video_folder, iter_driving, read_source,
+                                     video_fps)
     from pyface.data.format import DataError
     from pyface.train.model import motion_length
     from pyface.train.registry import import_plugins
@@ -274,7 +275,9 @@ def run_animate(args) -> int:
     except (DataError, KeyError, ValueError) as exc:   # KeyError: a label the model needs
         writer.close()
         msg = str(exc).strip('"')
-        if "missing" in msg or "got None" in msg:
+        plain = [p for p in (args.source, args.driving) if p and not is_video_folder(p)]
+        if plain and any(f"'{k}'" in msg for k in ("camera", "coeffs", "landmarks", "motion",
+                                                   "mask")):    # a label an image lacks
             msg += (". An image or video file carries the image only; `pyface data prepare FILE "
                     "--out DIR` adds the camera, 3DMM coefficients and landmarks: pass its video "
                     "folder DIR/NAME instead")
