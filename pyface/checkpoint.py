@@ -161,12 +161,25 @@ def save_folder(path: str, tensors: Mapping[str, torch.Tensor], meta: dict) -> s
     return path
 
 
+def not_a_folder_hint(path: str) -> str:
+    """The end of a "not a checkpoint folder" message: the path does not exist, or is a file
+    (third-party weights convert with ``pyface convert``), or nothing."""
+    if not os.path.exists(path):
+        return "; it does not exist"
+    if os.path.isfile(path):
+        return ("; it is a file: third-party weights (an EG3D .pkl, a released .pth) convert to a "
+                "weights folder with `pyface convert FORMAT FILE OUT` (see `pyface convert "
+                "--help`)")
+    return ""
+
+
 def read_meta(path: str) -> dict:
     """The JSON part of a checkpoint folder, validated."""
     mfile = os.path.join(path, META_FILE)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path!r}: not a folder (expected a pyface checkpoint "
-                              f"folder with {TENSORS_FILE} and {META_FILE})")
+                              f"folder with {TENSORS_FILE} and {META_FILE})"
+                              + not_a_folder_hint(path))
     try:
         with open(mfile) as f:
             meta = json.load(f)

@@ -133,3 +133,12 @@ def test_unreadable_image_source_is_a_data_error(tmp_path):
     (tmp_path / "x.png").write_text("not an image")
     with pytest.raises(DataError, match=r"x\.png: not a readable image"):
         read_source(str(tmp_path / "x.png"), 16)
+
+
+def test_checkpoint_that_is_a_weights_file_points_to_convert(frames_dir, tmp_path, capsys):
+    (tmp_path / "net.pth").write_bytes(b"x")
+    assert main(["animate", "example", "--checkpoint", str(tmp_path / "net.pth"), "--source",
+                 frames_dir, "--device", "cpu", "--out", str(tmp_path / "a.mp4")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pyface animate: checkpoint ") and "it is a file" in err
+    assert "pyface convert FORMAT FILE OUT" in err and err.count("\n") == 1

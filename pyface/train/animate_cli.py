@@ -23,8 +23,10 @@ def add_parser(subparsers) -> None:
     a.add_argument("--checkpoint", required=True,
                    help="a run folder (latest checkpoint), a checkpoint folder or a weights folder")
     a.add_argument("--source", default=None,
-                   help="source: an image, a pyface video folder (first frame) or a video file "
-                        "(required, except for a generator animated from --seeds)")
+                   help="source: an image (centre-cropped when not square), a video file or a "
+                        "folder of images (the first frame), or a pyface video folder (its first "
+                        "frame and labels); required, except for a generator animated from "
+                        "--seeds")
     a.add_argument("--driving", default=None, metavar="DIR_OR_VIDEO",
                    help="driving: a pyface video folder (frames + coeffs.npy + dataset.json + "
                         "landmarks.npy, as `pyface data synth` writes), a video file or a folder "

@@ -215,8 +215,7 @@ def resolve_checkpoint(path: str) -> str:
         return path
     raise ckpt.CheckpointError(f"checkpoint {path!r}: expected a run folder (with checkpoints/) "
                                f"or a checkpoint folder (with {ckpt.META_FILE} and "
-                               f"{ckpt.TENSORS_FILE})" + ("" if os.path.exists(path)
-                                                          else "; it does not exist"))
+                               f"{ckpt.TENSORS_FILE})" + ckpt.not_a_folder_hint(path))
 
 
 def read_pretrained(path: str, *, ema: bool = True,
