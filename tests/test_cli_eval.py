@@ -57,6 +57,11 @@ def test_weights_of_another_network_name_the_option(root, vgg_file, tmp_path, ca
     assert "list.pth: expected a state dict (names -> tensors), got list" in _err(capsys)
 
 
+def test_unknown_metric_names_the_option(root, capsys):
+    assert main(["eval", "copy-source", "--data", root, *BASE[:-1], "psnr,foo"]) == 1
+    assert "--metrics psnr,foo: metric: expected one of psnr, ssim" in _err(capsys)
+
+
 def test_unknown_model_is_a_message(root, capsys):
     assert main(["eval", "nope", "--checkpoint", root, "--data", root, *BASE]) == 1
     assert "unknown model 'nope'; registered: " in _err(capsys)

@@ -288,7 +288,10 @@ def _metrics(args) -> list[str]:
 
     names = [m.strip() for m in (args.metrics or DEFAULT_METRICS).split(",") if m.strip()]
     for m in names:
-        M.check_name(m)
+        try:
+            M.check_name(m)
+        except ValueError as e:
+            raise ValueError(f"--metrics {args.metrics}: {e}") from None
     if args.metrics is None:      # the default: jitter only where the data has landmarks
         try:
             if not all(r.has_landmarks for r in fmt.load_index(args.data)):
