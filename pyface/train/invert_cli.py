@@ -46,5 +46,14 @@ def add_parser(subparsers) -> None:
 
 
 def run_invert(args) -> int:
+    import sys
+
+    from pyface.train.cli import resolve_device
+
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as exc:
+        print(f"pyface invert: {exc}", file=sys.stderr)
+        return 2
     module, fn = INVERTERS[args.model].split(":")
     return getattr(importlib.import_module(module), fn)(args)

@@ -132,7 +132,6 @@ def run_invert(args) -> int:
     from pyface.data.driving import read_source
     from pyface.data.format import DataError
     from pyface.models.eg3d.pipeline import load_generator, project
-    from pyface.train.cli import resolve_device
 
     def fail(msg, code=1):
         print(f"pyface invert: {msg}", file=sys.stderr)
@@ -140,9 +139,9 @@ def run_invert(args) -> int:
 
     try:
         _check_invert_args(args)
-        dev = resolve_device(getattr(args, "device", None))
     except ValueError as exc:
         return fail(exc, 2)
+    dev = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         source = read_source(args.image, None)
         img = source["image"]
