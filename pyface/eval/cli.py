@@ -455,8 +455,8 @@ def run(args) -> int:
     from pyface.train.cli import resolve_device
 
     try:
-        check_args(args)
         device = resolve_device(args.device)
+        check_args(args)
     except ValueError as exc:
         print(f"pyface eval: {exc}", file=sys.stderr)
         return 2
