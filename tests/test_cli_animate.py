@@ -142,3 +142,16 @@ def test_checkpoint_that_is_a_weights_file_points_to_convert(frames_dir, tmp_pat
     err = capsys.readouterr().err
     assert err.startswith("pyface animate: checkpoint ") and "it is a file" in err
     assert "pyface convert FORMAT FILE OUT" in err and err.count("\n") == 1
+
+
+def test_out_that_is_the_driving_video_is_refused(example_run, frames_dir, tmp_path, capsys):
+    import imageio.v2 as iio
+
+    video = tmp_path / "drive.mp4"
+    iio.mimwrite(str(video), list(np.full((3, 16, 16, 3), 90, np.uint8)), fps=5,
+                 macro_block_size=1)
+    before = video.read_bytes()
+    assert main(["animate", "example", "--checkpoint", example_run, "--source", frames_dir,
+                 "--driving", str(video), "--device", "cpu", "--out", str(video)]) == 2
+    assert "the same file as --driving" in capsys.readouterr().err
+    assert video.read_bytes() == before

@@ -174,6 +174,7 @@ class VideoWriter:
 
 
 def run_animate(args) -> int:
+    import os
     import time
 
     import torch
@@ -196,6 +197,11 @@ def run_animate(args) -> int:
     try:
         check_animate_args(args)
         args.out = resolve_out(args.out)
+        for opt in ("source", "driving"):
+            given = getattr(args, opt)
+            if given and os.path.realpath(given) == os.path.realpath(args.out):
+                raise ValueError(f"--out {args.out}: the same file as --{opt}; writing it would "
+                                 "destroy the input: choose another --out")
         args.device = resolve_device(args.device)
     except ValueError as exc:
         return fail(str(exc), 2)
