@@ -97,8 +97,16 @@ def test_runs_out_that_is_a_file(root, tmp_path, capsys):
 def test_cross_protocol_on_a_set_without_cross_pairs(one_identity, capsys):
     for proto in ("cross", "both"):
         assert main(["eval", "copy-source", "--data", one_identity, *BASE, "--protocol",
-                     proto]) == 1
+                     proto]) == 2
         assert f"--protocol {proto}: {one_identity} has no cross-identity pairs" in _err(capsys)
+
+
+def test_runs_without_sheet_rows_write_no_sheets(root, tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert main(["eval", "--runs", "--data", root, *BASE, "--max-pairs", "1", "--sheet-rows",
+                 "0", "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["copy-source.json", "report.json", "table.md",
+                                       "warp-baseline.json"]
 
 
 def test_data_that_is_not_a_dataset(tmp_path, capsys):

@@ -438,6 +438,7 @@ def check_args(args) -> None:
         raise ValueError(f"--data {args.data}: not found ({data_help})")
     if not os.path.isfile(os.path.join(args.data, fmt.INDEX)) and not fmt.video_names(args.data):
         raise ValueError(f"--data {args.data}: no {fmt.INDEX} and no video folders ({data_help})")
+    protocols_of(args.protocol, args.data)      # e.g. cross pairs the data does not have
     label = args.model or "report"
     if args.json:
         args.json = output_file(args.json, "--json", f"{label}.json", (".json",))
@@ -536,12 +537,14 @@ def _run_many(args, metrics, networks, device, detector=None) -> int:
                                       cache=cache)
         reports[label] = rep
         _write_json(rep, os.path.join(out, f"{label}.json"))
-        _write_sheet(sheets, os.path.join(out, f"{label}.png"))
+        if args.sheet_rows:
+            _write_sheet(sheets, os.path.join(out, f"{label}.png"))
         print(f"{label} ({rep['resolution']} px, {rep['device']})")
         print(format_table(rep))
         table = _write_table({k: reports[k] for k in order if k in reports}, metrics, out)
     print(table)
-    print(f"wrote {out}/table.md, report.json and per-model .json / .png")
+    print(f"wrote {out}/table.md, report.json and per-model .json"
+          + (" / .png" if args.sheet_rows else ""))
     return 0
 
 
