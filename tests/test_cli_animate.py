@@ -76,6 +76,7 @@ def test_out_that_cannot_be_a_video_is_refused_before_any_work(example_run, fram
     ("--stride", "-1", "--stride: expected an integer >= 1, got -1"),
     ("--batch", "0", "--batch: expected an integer >= 1, got 0"),
     ("--truncation", "nan", "--truncation: expected a finite number, got nan"),
+    ("--driving", "", "--driving: expected a path, got ''"),
 ])
 def test_numeric_options_name_the_option_and_value(example_run, frames_dir, tmp_path, capsys,
                                                    option, value, msg):

@@ -838,7 +838,7 @@ def test_cli_animate_seeds_takes_fps_and_refuses_a_source(tiny_run, tmp_path, ca
     with iio.get_reader(out) as r:
         assert r.get_meta_data()["fps"] == 5.0
     capsys.readouterr()
-    assert main(base + ["--seeds", "0", "--source", out]) == 2
+    assert main(base + ["--seeds", "0", "--source", str(tmp_path)]) == 2
     assert "--seeds renders latent seeds along an orbit and takes no --source" in \
         capsys.readouterr().err
     assert main(base + ["--seeds", "a-b"]) == 1
@@ -855,6 +855,7 @@ def test_cli_animate_seeds_takes_fps_and_refuses_a_source(tiny_run, tmp_path, ca
     (["--camera", "missing.json"], 1, "--camera missing.json: not found"),
     (["--vgg", "missing.pth"], 1, "--vgg missing.pth: weights file 'missing.pth' does not exist"),
     (["--out", "FILE"], 2, "exists and is not a folder"),
+    (["--out", ""], 2, "--out: expected a folder, got ''"),
 ])
 def test_cli_invert_option_errors_are_one_line(tiny_run, tmp_path, capsys, extra, code, msg):
     from pyface.cli import main

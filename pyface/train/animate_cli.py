@@ -94,6 +94,9 @@ def check_animate_args(args) -> None:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name}: expected an integer >= 1, got {v}")
+    for name in ("source", "driving", "checkpoint"):
+        if getattr(args, name) == "":
+            raise ValueError(f"--{name}: expected a path, got ''")
     if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
         raise ValueError(f"--fps: expected a frame rate > 0, got {args.fps}")
     if not math.isfinite(args.truncation):

@@ -113,6 +113,10 @@ def _check_invert_args(args) -> None:
 
     from pyface.checkpoint import check_replaceable
 
+    if not args.image:
+        raise ValueError("IMAGE: expected a path, got ''")
+    if not args.out:
+        raise ValueError("--out: expected a folder, got ''")
     if args.steps < 1:
         raise ValueError(f"--steps: expected an integer >= 1, got {args.steps}")
     if not (math.isfinite(args.lr) and args.lr > 0):
