@@ -62,6 +62,11 @@ def test_unknown_metric_names_the_option(root, capsys):
     assert "--metrics psnr,foo: metric: expected one of psnr, ssim" in _err(capsys)
 
 
+def test_a_baseline_with_a_checkpoint_is_refused(root, capsys):
+    assert main(["eval", "copy-source", "--checkpoint", root, "--data", root, *BASE]) == 2
+    assert "--checkpoint: copy-source is a baseline and takes none" in _err(capsys)
+
+
 def test_unknown_model_is_a_message(root, capsys):
     assert main(["eval", "nope", "--checkpoint", root, "--data", root, *BASE]) == 1
     assert "unknown model 'nope'; registered: " in _err(capsys)

@@ -469,6 +469,10 @@ def run(args) -> int:
     elif args.model is None:
         print("pyface eval: expected MODEL (or --runs MODEL=RUN ...)", file=sys.stderr)
         return 2
+    elif args.checkpoint and args.model in BASELINES:
+        print(f"pyface eval: --checkpoint: {args.model} is a baseline and takes none (to "
+              "evaluate a run: pyface eval MODEL --checkpoint RUN)", file=sys.stderr)
+        return 2
     elif args.resolution is not None and args.model not in BASELINES:
         print("pyface eval: --resolution applies to the baselines only (a model evaluates at its "
               "output resolution)", file=sys.stderr)
