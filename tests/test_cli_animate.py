@@ -156,3 +156,28 @@ def test_out_that_is_the_driving_video_is_refused(example_run, frames_dir, tmp_p
                  "--driving", str(video), "--device", "cpu", "--out", str(video)]) == 2
     assert "the same file as --driving" in capsys.readouterr().err
     assert video.read_bytes() == before
+
+
+def _zero_frame_mp4(path) -> str:
+    """An mp4 container written with no frames (ffmpeg -frames:v 0): it has no stream."""
+    import subprocess
+
+    ffmpeg = pytest.importorskip("imageio_ffmpeg").get_ffmpeg_exe()
+    subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "color=c=black:s=16x16:r=5", "-frames:v", "0", "-c:v", "libx264",
+                    str(path)], check=True)
+    assert os.path.getsize(path) > 0
+    return str(path)
+
+
+@pytest.mark.parametrize("role", ["--driving", "--source"])
+def test_a_zero_frame_video_says_it_has_no_frames(example_run, frames_dir, tmp_path, capsys,
+                                                  role):
+    empty = _zero_frame_mp4(tmp_path / "empty.mp4")
+    inputs = {"--source": frames_dir, "--driving": frames_dir, role: empty}
+    assert main(["animate", "example", "--checkpoint", example_run, *sum(inputs.items(), ()),
+                 "--device", "cpu", "--no-progress", "--out", str(tmp_path / "a.mp4")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"pyface animate: {empty}: the video has no frames (ffmpeg finds no video " \
+                  "stream in it)\n"
+    assert not (tmp_path / "a.mp4").exists()

@@ -124,13 +124,19 @@ def _read_video_file(path: str, max_frames: int | None) -> tuple[list[np.ndarray
 
 def _open_video_error(path: str, exc: Exception) -> str:
     """One line: why ``path`` did not open as a video. imageio-ffmpeg is suggested only when it
-    is not installed; otherwise the file is not a video ffmpeg decodes (ffmpeg's last line)."""
+    is not installed; a container ffmpeg opens without any stream (an mp4 of zero frames) has
+    no frames; otherwise the file is not a video ffmpeg decodes (ffmpeg's last line)."""
     try:
         import imageio_ffmpeg  # noqa: F401
     except ImportError:
         return (f"{path}: cannot open the video ({type(exc).__name__}); video files need "
                 "imageio-ffmpeg (pip install imageio-ffmpeg)")
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = str(exc)
+    if "Input #0" in text and "Stream #" not in text:
+        # ffmpeg opened the container but found no stream in it (e.g. an mp4 written with no
+        # frames): a video, but an empty one
+        return f"{path}: the video has no frames (ffmpeg finds no video stream in it)"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return (f"{path}: not a video file ffmpeg can read"
             + (f" ({lines[-1].rstrip(').')})" if lines else "")
             + f"; expected a video ({', '.join(VIDEO_EXTS)}), an image or a folder")
