@@ -181,3 +181,10 @@ def test_a_zero_frame_video_says_it_has_no_frames(example_run, frames_dir, tmp_p
     assert err == f"pyface animate: {empty}: the video has no frames (ffmpeg finds no video " \
                   "stream in it)\n"
     assert not (tmp_path / "a.mp4").exists()
+
+
+def test_one_frame_is_counted_in_the_singular(example_run, frames_dir, tmp_path, capsys):
+    assert _animate(example_run, frames_dir, "--out", str(tmp_path / "a.mp4"), "--frames",
+                    "1") == 0
+    out = capsys.readouterr().out
+    assert "\n  1 frame at 16x16; " in out and "1 frames" not in out

@@ -86,6 +86,11 @@ def resolve_out(out: str, default_name: str = "animation.mp4") -> str:
     return out
 
 
+def plural(n: int, word: str) -> str:
+    """``plural(1, "frame")`` -> "1 frame", ``plural(2, "frame")`` -> "2 frames"."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def check_animate_args(args) -> None:
     """The numeric options' ranges, each error naming its option and the value given."""
     import math
@@ -297,6 +302,6 @@ def run_animate(args) -> int:
         writer.close()
         return fail(f"{args.driving}: no driving frames", 1)
     out = writer.close()
-    print(f"{out}\n  {done} frames at {R}x{R}; animate: {done / max(seconds, 1e-9):.1f} frames/s "
+    print(f"{out}\n  {plural(done, 'frame')} at {R}x{R}; animate: {done / max(seconds, 1e-9):.1f} frames/s "
           f"on {pipe.device} (source encoding, reading and video writing excluded)")
     return 0
