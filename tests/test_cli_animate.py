@@ -188,3 +188,18 @@ def test_one_frame_is_counted_in_the_singular(example_run, frames_dir, tmp_path,
                     "1") == 0
     out = capsys.readouterr().out
     assert "\n  1 frame at 16x16; " in out and "1 frames" not in out
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--stride", "2"], "--stride"),
+    (["--batch", "4"], "--batch"),
+    (["--stride", "1", "--batch", "8"], "--stride or --batch"),      # defaults given explicitly
+])
+def test_seeds_refuse_stride_and_batch(tmp_path, capsys, extra, named):
+    """EG3D's seed orbit renders every frame itself: --stride and --batch would be ignored."""
+    assert main(["animate", "eg3d", "--checkpoint", str(tmp_path / "none"), "--seeds", "0",
+                 "--out", str(tmp_path / "a.mp4"), *extra]) == 2
+    assert capsys.readouterr().err == (f"pyface animate: --seeds renders every orbit frame and "
+                                       f"takes no {named} (they pick and batch driving "
+                                       "frames)\n")
+    assert os.listdir(tmp_path) == []

@@ -37,11 +37,13 @@ def add_parser(subparsers) -> None:
                         "missing parent folders are created (default: animation.mp4)")
     a.add_argument("--frames", type=int, default=None,
                    help="at most this many driving frames (default: all; 48 without --driving)")
-    a.add_argument("--stride", type=int, default=1, help="use every n-th driving frame")
+    a.add_argument("--stride", type=int, default=None,
+                   help="use every n-th driving frame (default 1; not with --seeds)")
     a.add_argument("--fps", type=float, default=None,
                    help="output frame rate, > 0 (default: the driving video's / --stride, else "
                         "25; 24 for --seeds)")
-    a.add_argument("--batch", type=int, default=8, help="driving frames per generate call")
+    a.add_argument("--batch", type=int, default=None,
+                   help="driving frames per generate call (default 8; not with --seeds)")
     a.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     a.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="use the EMA weights where the run kept them (default); --no-ema: the "
@@ -49,7 +51,8 @@ def add_parser(subparsers) -> None:
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
     a.add_argument("--seeds", default=None,
                    help="generators (eg3d): instead of a source, orbit videos of these latent "
-                        "seeds side by side, e.g. 0-3")
+                        "seeds side by side, e.g. 0-3 (--frames, --fps, --truncation apply; "
+                        "--source, --driving, --stride and --batch are refused)")
     a.add_argument("--truncation", type=float, default=0.7,
                    help="generators (eg3d), with --seeds: truncation psi (default 0.7)")
     add_import_argument(a)
@@ -221,11 +224,17 @@ def run_animate(args) -> int:
             return fail("--seeds renders latent seeds along an orbit and takes no --source or "
                         "--driving (without --seeds, --source and --driving animate an image)",
                         2)
+        given = [f"--{k}" for k in ("stride", "batch") if getattr(args, k) is not None]
+        if given:
+            return fail(f"--seeds renders every orbit frame and takes no {' or '.join(given)} "
+                        "(they pick and batch driving frames)", 2)
         import importlib
 
         module, fn = SEED_ANIMATORS[args.model].split(":")
         args.frames = args.frames or 48
         return getattr(importlib.import_module(module), fn)(args)
+    args.stride = 1 if args.stride is None else args.stride
+    args.batch = 8 if args.batch is None else args.batch
     if args.source is None:
         return fail("--source is required (an image, a pyface video folder or a video file)", 2)
     try:
