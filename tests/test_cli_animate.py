@@ -203,3 +203,79 @@ def test_seeds_refuse_stride_and_batch(tmp_path, capsys, extra, named):
                                        f"takes no {named} (they pick and batch driving "
                                        "frames)\n")
     assert os.listdir(tmp_path) == []
+
+
+def _video_folder(root, name, *, drop=()) -> str:
+    """A 3-frame pyface video folder (frames, coeffs, cameras, landmarks) without ``drop``."""
+    from pyface.data import format as fmt
+
+    cam = np.concatenate([np.eye(4).reshape(-1), [4.26, 0, 0.5, 0, 4.26, 0.5, 0, 0, 1]])
+    fmt.write_video(str(root), name, np.full((3, 16, 16, 3), 100, np.uint8),
+                    np.zeros((3, 257), np.float32), np.tile(cam, (3, 1)).astype(np.float32),
+                    identity=name, fps=5.0, landmarks=np.full((3, 68, 2), 8.0, np.float32))
+    for f in drop:
+        os.remove(os.path.join(root, name, f))
+    return os.path.join(str(root), name)
+
+
+@pytest.mark.parametrize("model, inputs, msg", [
+    ("eg3d", ("frames", "frames"), "source['camera'] missing: EG3D inversion needs the image's "
+                                   "EG3D camera label (25,)"),
+    ("eg3d", ("video", "frames"), "driving['camera']: expected (T, 25) EG3D labels, got None"),
+    ("otavatar", ("frames", "video"), "source['camera']: missing; OTAvatar's inversion needs "
+                                      "the source's EG3D camera label (25,)"),
+    ("otavatar", ("video", "frames"), "driving: expected 'motion' (T, 70, W) windows or "
+                                      "'coeffs' (T, 257)"),
+    ("goha", ("nocoeffs", "video"), "source['coeffs']: missing; GOHA needs the source's camera"),
+    ("goha", ("video", "nocamera"), "driving['camera']: missing; GOHA is driven by per-frame "
+                                    "cameras"),
+    ("export3d", ("video", "frames"), "driving['coeffs']: missing; Export3D is driven by 3DMM"),
+])
+def test_a_missing_label_is_refused_before_the_model_loads(frames_dir, tmp_path, capsys, model,
+                                                           inputs, msg):
+    """The checkpoint does not exist: the label error comes first, from the inputs' files
+    alone, with the message the pipeline's stage would raise after loading (and, for EG3D and
+    OTAvatar, after minutes of source inversion)."""
+    paths = {"frames": frames_dir, "video": _video_folder(tmp_path, "v"),
+             "nocoeffs": _video_folder(tmp_path, "nc", drop=["coeffs.npy"]),
+             "nocamera": _video_folder(tmp_path, "ncam", drop=["dataset.json"])}
+    src, drv = (paths[k] for k in inputs)
+    assert main(["animate", model, "--checkpoint", str(tmp_path / "missing"), "--source", src,
+                 "--driving", drv, "--device", "cpu", "--out", str(tmp_path / "a.mp4")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"pyface animate: {msg}") and err.count("\n") == 1
+    assert ("pyface data prepare" in err) == (frames_dir in (src, drv))
+    assert not (tmp_path / "a.mp4").exists()
+
+
+@pytest.mark.parametrize("model", ["eg3d", "export3d", "goha", "mmfa"])
+def test_a_model_without_default_motion_needs_driving_before_it_loads(frames_dir, tmp_path,
+                                                                     capsys, model):
+    assert main(["animate", model, "--checkpoint", str(tmp_path / "missing"), "--source",
+                 frames_dir, "--device", "cpu", "--out", str(tmp_path / "a.mp4")]) == 2
+    assert capsys.readouterr().err == (f"pyface animate: model {model!r} needs --driving (a "
+                                       "video folder, video file or frame folder)\n")
+
+
+def test_inputs_that_carry_the_labels_reach_the_checkpoint(tmp_path, capsys):
+    """The early check refuses nothing a model can use: with every label present the next
+    error is the missing checkpoint."""
+    video = _video_folder(tmp_path, "v")
+    assert main(["animate", "goha", "--checkpoint", str(tmp_path / "missing"), "--source",
+                 video, "--driving", video, "--device", "cpu",
+                 "--out", str(tmp_path / "a.mp4")]) == 1
+    err = capsys.readouterr().err
+    assert "missing" in err and "GOHA" not in err and "needs" not in err
+
+
+def test_frame_labels_name_what_the_readers_give(frames_dir, tmp_path):
+    from pyface.data.driving import frame_labels
+
+    full = _video_folder(tmp_path, "v")
+    part = _video_folder(tmp_path, "p", drop=["coeffs.npy", "landmarks.npy"])
+    assert frame_labels(full) == set(read_source(full, None)) == set(read_driving(full, None)) \
+        == {"image", "camera", "coeffs", "landmarks"}
+    assert frame_labels(part) == {"image", "camera"}
+    assert frame_labels(frames_dir) == set(read_source(frames_dir, None)) == {"image"}
+    with pytest.raises(DataError, match=r"nowhere: not found"):
+        frame_labels(str(tmp_path / "nowhere"))

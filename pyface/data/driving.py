@@ -215,6 +215,27 @@ def read_driving(path: str, resolution: int | None, *, max_frames: int | None = 
     return {"image": _images(raw, resolution, crop=True, name=path)[0]}
 
 
+def frame_labels(path: str) -> set[str]:
+    """The keys :func:`read_source` / :func:`read_driving` give for ``path``, from its files
+    alone (no frame is decoded): ``image``, plus for a pyface video folder ``camera``
+    (dataset.json), ``coeffs`` (coeffs.npy), ``landmarks`` and ``mask`` where they exist. A
+    caller checks with it what a model needs before any weights load. DataError when ``path``
+    does not exist."""
+    if not os.path.exists(path):
+        raise fmt.DataError(f"{path}: not found (expected a pyface video folder, a video file, "
+                            "an image or a folder of images)")
+    keys = {"image"}
+    if os.path.isdir(path) and is_video_folder(path):
+        root, name = os.path.split(os.path.normpath(os.path.abspath(path)))
+        rec = fmt.scan_video(root, name)
+        for key, present in (("camera", os.path.isfile(rec.path(root, fmt.LABELS))),
+                             ("coeffs", os.path.isfile(rec.path(root, fmt.COEFFS))),
+                             ("landmarks", rec.has_landmarks), ("mask", rec.has_masks)):
+            if present:
+                keys.add(key)
+    return keys
+
+
 def count_driving(path: str, *, max_frames: int | None = None, stride: int = 1) -> int | None:
     """The number of frames :func:`read_driving` / :func:`iter_driving` give for ``path``
     (None when a video file does not say)."""

@@ -16,7 +16,10 @@ def add_parser(subparsers) -> None:
                     "are streamed through it. Writes an mp4 of side-by-side source | driving | "
                     "result frames and prints the frames per second of the animation (source "
                     "encoding, reading and writing excluded). Driving frames are read --batch "
-                    "at a time, so long videos need little memory.",
+                    "at a time, so long videos need little memory. The inputs are checked "
+                    "before the model loads: a source or driving without a label the model "
+                    "needs (camera, 3DMM coefficients) and a missing --driving for a model "
+                    "with no default motion are refused.",
         epilog="example: pyface animate example --checkpoint runs/example --source face.png "
                "--driving data/test/test0000_v00 --out anim.mp4")
     a.add_argument("model", help=f"registered model: {', '.join(sorted(MODELS))}, or a plugin's")
@@ -111,6 +114,21 @@ def check_animate_args(args) -> None:
         raise ValueError(f"--truncation: expected a finite number, got {args.truncation}")
 
 
+def label_error(exc: Exception, args) -> str:
+    """The one-line message of an input error; a missing label (camera, coeffs, ...) of a plain
+    image or video gets the `pyface data prepare` hint."""
+    from pyface.data.driving import is_video_folder
+
+    msg = str(exc).strip('"')
+    plain = [p for p in (args.source, args.driving) if p and not is_video_folder(p)]
+    if plain and any(f"'{k}'" in msg for k in ("camera", "coeffs", "landmarks", "motion",
+                                               "mask")):    # a label an image lacks
+        msg += (". An image or video file carries the image only; `pyface data prepare FILE "
+                "--out DIR` adds the camera, 3DMM coefficients and landmarks: pass its video "
+                "folder DIR/NAME instead")
+    return msg
+
+
 def side_by_side(*columns) -> "torch.Tensor":  # noqa: F821
     """Columns of (T, 3, H, W) (or (3, H, W), repeated) in [-1, 1] -> (T, 3, H', n * W'),
     every column resized (antialiased) to the last one's (H', W'), the result's size."""
@@ -193,10 +211,10 @@ def run_animate(args) -> int:
 
     import pyface.models
     from pyface.checkpoint import CheckpointError
-    from pyface.data.driving import (count_driving, is_video_folder, iter_driving, read_source,
+    from pyface.data.driving import (count_driving, frame_labels, iter_driving, read_source,
                                      video_fps)
     from pyface.data.format import DataError
-    from pyface.train.model import motion_length
+    from pyface.train.model import Pipeline, motion_length
     from pyface.train.registry import import_plugins
 
     def fail(msg: str, code: int) -> int:
@@ -237,8 +255,25 @@ def run_animate(args) -> int:
     args.batch = 8 if args.batch is None else args.batch
     if args.source is None:
         return fail("--source is required (an image, a pyface video folder or a video file)", 2)
+    needs_driving = (f"model {args.model!r} needs --driving (a video folder, video file or "
+                     "frame folder)")
     try:
         import_plugins(args.imports)
+        pipeline_cls = getattr(pyface.models.model_class(args.model), "Pipeline", None)
+    except (KeyError, ValueError, ImportError) as exc:
+        return fail(str(exc).strip('"'), 2)
+    if isinstance(pipeline_cls, type) and issubclass(pipeline_cls, Pipeline):
+        # what the inputs must carry, from their files alone: refused before the weights load
+        # and the source is encoded (an inversion takes minutes)
+        if args.driving is None and pipeline_cls.needs_driving():
+            return fail(needs_driving, 2)
+        try:
+            pipeline_cls.check_labels(
+                source=frame_labels(args.source),
+                driving=None if args.driving is None else frame_labels(args.driving))
+        except (DataError, KeyError, ValueError) as exc:
+            return fail(label_error(exc, args), 1)
+    try:
         pipe = pyface.models.load(args.model, args.checkpoint, device=args.device, ema=args.ema)
     except (KeyError, ValueError, ImportError) as exc:
         return fail(str(exc).strip('"'), 2)
@@ -257,8 +292,7 @@ def run_animate(args) -> int:
     if args.driving is None:
         motion = pipe.default_motion(args.frames or 48)
         if motion is None:
-            return fail(f"model {args.model!r} needs --driving (a video folder, video file or "
-                        "frame folder)", 2)
+            return fail(needs_driving, 2)
         T = motion_length(motion)
     fps = args.fps
     if fps is None and args.driving is not None and video_fps(args.driving):
@@ -299,14 +333,7 @@ def run_animate(args) -> int:
             bar.close()
     except (DataError, KeyError, ValueError) as exc:   # KeyError: a label the model needs
         writer.close()
-        msg = str(exc).strip('"')
-        plain = [p for p in (args.source, args.driving) if p and not is_video_folder(p)]
-        if plain and any(f"'{k}'" in msg for k in ("camera", "coeffs", "landmarks", "motion",
-                                                   "mask")):    # a label an image lacks
-            msg += (". An image or video file carries the image only; `pyface data prepare FILE "
-                    "--out DIR` adds the camera, 3DMM coefficients and landmarks: pass its video "
-                    "folder DIR/NAME instead")
-        return fail(msg, 1)
+        return fail(label_error(exc, args), 1)
     if done == 0:
         writer.close()
         return fail(f"{args.driving}: no driving frames", 1)

@@ -32,6 +32,14 @@ CAMERAS = ("driving", "source", "orbit")
 class Export3DPipeline(Pipeline):
     """See the module docstring. ``model``: an :class:`~pyface.models.export3d.Export3D`."""
 
+    @classmethod
+    def check_labels(cls, source=None, driving=None) -> None:
+        """Driving frames need ``coeffs``; what the source needs depends on the model's config
+        (``expr_relative``: coeffs, ``source_mouth_mask``: landmarks), checked by the stages."""
+        if driving is not None and "coeffs" not in driving:
+            raise ValueError("driving['coeffs']: missing; Export3D is driven by 3DMM expression "
+                             "coefficients (T, 257) (a pyface video folder's coeffs.npy)")
+
     @torch.no_grad()
     def encode_source(self, source: dict) -> dict:
         src = self.prepare(source, batched=False)
@@ -52,9 +60,7 @@ class Export3DPipeline(Pipeline):
     @torch.no_grad()
     def encode_driving(self, driving: dict) -> dict:
         drv = self.prepare(driving, batched=True, name="driving")
-        if "coeffs" not in drv:
-            raise ValueError("driving['coeffs']: missing; Export3D is driven by 3DMM expression "
-                             "coefficients (T, 257) (a pyface video folder's coeffs.npy)")
+        self.check_labels(driving=drv)
         beta = expression_of(drv["coeffs"], "driving['coeffs']")
         lam = self.model.cond.coefficients(beta)
         return {"beta": beta, "lambda": lam, "camera": drv.get("camera")}

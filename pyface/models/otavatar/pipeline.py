@@ -187,6 +187,17 @@ class OTAvatarPipeline(Pipeline):
         ckpt.load_module_state(model, pre.state, f"checkpoint {pre.path!r}")
         return cls(model, device=device)
 
+    @classmethod
+    def check_labels(cls, source=None, driving=None) -> None:
+        """The source needs its ``camera`` (inversion); driving frames ``motion`` windows or
+        ``coeffs``."""
+        if source is not None and "camera" not in source:
+            raise KeyError("source['camera']: missing; OTAvatar's inversion needs the source's "
+                           "EG3D camera label (25,)")
+        if driving is not None and "motion" not in driving and "coeffs" not in driving:
+            raise ValueError("driving: expected 'motion' (T, 70, W) windows or 'coeffs' "
+                             "(T, 257) 3DMM coefficients (OTAvatar is driven by coefficients)")
+
     # -- stages --------------------------------------------------------------------------------
     def _window(self, coeffs: torch.Tensor) -> torch.Tensor:
         radius = (self.model.controller.cfg.window - 1) // 2
@@ -198,9 +209,7 @@ class OTAvatarPipeline(Pipeline):
                       pti_metric=None) -> dict:
         model, cfg = self.model, self.model.cfg
         source = self.prepare(source, batched=False)
-        if "camera" not in source:
-            raise KeyError("source['camera']: missing; OTAvatar's inversion needs the source's "
-                           "EG3D camera label (25,)")
+        self.check_labels(source=source)
         space = cfg.invert_space if space is None else space
         steps = cfg.invert_steps if steps is None else steps
         if space not in ("w", "w+"):
@@ -264,8 +273,7 @@ class OTAvatarPipeline(Pipeline):
                                  f"{tuple(c.shape)}")
             m = self._window(c)
         else:
-            raise ValueError("driving: expected 'motion' (T, 70, W) windows or 'coeffs' "
-                             "(T, 257) 3DMM coefficients (OTAvatar is driven by coefficients)")
+            self.check_labels(driving={})        # neither tensor: the same message
         out = {"motion": m}
         cam = driving.get("camera")
         if isinstance(cam, torch.Tensor):
