@@ -279,3 +279,11 @@ def test_frame_labels_name_what_the_readers_give(frames_dir, tmp_path):
     assert frame_labels(frames_dir) == set(read_source(frames_dir, None)) == {"image"}
     with pytest.raises(DataError, match=r"nowhere: not found"):
         frame_labels(str(tmp_path / "nowhere"))
+
+
+def test_a_missing_source_is_named_before_the_checkpoint_is_read(tmp_path, capsys):
+    assert main(["animate", "example", "--checkpoint", str(tmp_path / "none"), "--source",
+                 str(tmp_path / "x.png"), "--out", str(tmp_path / "a.mp4")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"pyface animate: {tmp_path / 'x.png'}: not found") and \
+        "none" not in err and err.count("\n") == 1
