@@ -338,6 +338,7 @@ def run_animate(args) -> int:
         writer.close()
         return fail(f"{args.driving}: no driving frames", 1)
     out = writer.close()
-    print(f"{out}\n  {plural(done, 'frame')} at {R}x{R}; animate: {done / max(seconds, 1e-9):.1f} frames/s "
+    rate = done / max(seconds, 1e-9)
+    print(f"{out}\n  {plural(done, 'frame')} at {R}x{R}; animate: {rate:.1f} frames/s "
           f"on {pipe.device} (source encoding, reading and video writing excluded)")
     return 0
