@@ -87,13 +87,45 @@ def _prepare_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
+def check_replaceable(path: str) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` may become a checkpoint folder: it does not
+    exist, is an empty folder, or is a pyface checkpoint folder (``meta.json`` of this format),
+    which :func:`save_folder` replaces. Anything else (a file, a folder of other files) is never
+    replaced, so a mistyped output path cannot delete a user's files."""
+    if not os.path.lexists(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        while parent and not os.path.exists(parent):   # the first existing ancestor
+            parent = os.path.dirname(parent)
+        if parent and not os.path.isdir(parent):
+            raise CheckpointError(f"{path}: cannot create the folder: {parent} is a file")
+        return
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: exists and is not a folder; pyface writes a checkpoint "
+                              "folder there only if the path is free, an empty folder or a pyface "
+                              "checkpoint folder: choose another output path")
+    if not os.listdir(path):
+        return
+    try:
+        with open(os.path.join(path, META_FILE)) as f:
+            ours = json.load(f).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise CheckpointError(f"{path}: the folder holds other files (it is not a pyface "
+                              f"checkpoint folder with {META_FILE} and {TENSORS_FILE}); pyface "
+                              "replaces only its own folders: choose a new or empty output folder")
+
+
 def save_folder(path: str, tensors: Mapping[str, torch.Tensor], meta: dict) -> str:
     """Atomically write ``path/`` with ``tensors.safetensors`` and ``meta.json``.
 
-    An existing folder at ``path`` is replaced only after the new one is complete on disk.
+    An existing pyface checkpoint folder at ``path`` is replaced only after the new one is
+    complete on disk; any other existing file or non-empty folder is refused
+    (:func:`check_replaceable`), never overwritten.
     """
     from safetensors.torch import save_file
 
+    check_replaceable(path)
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -114,6 +146,8 @@ def save_folder(path: str, tensors: Mapping[str, torch.Tensor], meta: dict) -> s
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
+        if os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
         if os.path.exists(path):
             old = f"{path}.old-{os.getpid()}"
             os.rename(path, old)
@@ -128,12 +162,25 @@ def save_folder(path: str, tensors: Mapping[str, torch.Tensor], meta: dict) -> s
     return path
 
 
+def not_a_folder_hint(path: str) -> str:
+    """The end of a "not a checkpoint folder" message: the path does not exist, or is a file
+    (third-party weights convert with ``pyface convert``), or nothing."""
+    if not os.path.exists(path):
+        return "; it does not exist"
+    if os.path.isfile(path):
+        return ("; it is a file: third-party weights (an EG3D .pkl, a released .pth) convert to a "
+                "weights folder with `pyface convert FORMAT FILE OUT` (see `pyface convert "
+                "--help`)")
+    return ""
+
+
 def read_meta(path: str) -> dict:
     """The JSON part of a checkpoint folder, validated."""
     mfile = os.path.join(path, META_FILE)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path!r}: not a folder (expected a pyface checkpoint "
-                              f"folder with {TENSORS_FILE} and {META_FILE})")
+                              f"folder with {TENSORS_FILE} and {META_FILE})"
+                              + not_a_folder_hint(path))
     try:
         with open(mfile) as f:
             meta = json.load(f)
@@ -376,6 +423,9 @@ def load_weights_file(path: str, *, map_location: str | torch.device = "cpu") ->
     :func:`load_folder`. Official EG3D pickles need ``pyface convert eg3d`` first.
     """
     if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, META_FILE)):
+            raise CheckpointError(f"{path!r}: a folder without {META_FILE}; expected a weights "
+                                  "file (.pth / .pt / .safetensors) or a pyface weights folder")
         return load_folder(path, device=map_location)[0]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file {path!r} does not exist")

@@ -32,7 +32,9 @@
 * ``dense-motion PTH OUT`` face-vid2vid (reimplementation) checkpoint or LivePortrait
   ``warping_module.pth`` -> :class:`pyface.nn.DenseMotion` weights.
 
-``.pth`` files are read with ``torch.load(weights_only=True)``; nothing is downloaded.
+``.pth`` files are read with ``torch.load(weights_only=True)``; nothing is downloaded. ``OUT``
+must be new, an empty folder or an earlier pyface weights folder (replaced once the new one is
+complete on disk); a file or a folder of other files is refused before anything is read.
 """
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ from typing import Any
 
 import torch
 
-from pyface.checkpoint import CheckpointError, check_state_dict, load_weights_file, save_weights
+from pyface.checkpoint import (CheckpointError, check_replaceable, check_state_dict,
+                               load_weights_file, save_weights)
 
 
 class ConversionError(CheckpointError):
@@ -369,10 +372,25 @@ def convert_eg3d(pkl: str, out: str, network: str = "G_ema") -> str:
     ``neural_rendering_resolution``), the module configs, and EG3D's raw ``rendering_kwargs`` /
     ``init_kwargs``. ``pyface.models.eg3d.EG3DGenerator.from_converted(OUT)`` loads it.
     """
+    import zipfile
+
+    if os.path.isdir(pkl):
+        raise ConversionError(f"{pkl}: a folder; expected an EG3D network pickle file (.pkl)")
+    if not os.path.isfile(pkl):
+        raise FileNotFoundError(f"{pkl}: not found (expected an EG3D network pickle, .pkl)")
+    if zipfile.is_zipfile(pkl):
+        raise ConversionError(f"{pkl}: a torch.save archive (.pth), not an EG3D network pickle "
+                              "(.pkl); the converters of .pth files are listed by `pyface "
+                              "convert --help`")
     try:
         data = restricted_load(pkl)
     except pickle.UnpicklingError as exc:
-        raise ConversionError(f"{pkl}: {exc}") from None
+        if "refusing" in str(exc) or "unsupported" in str(exc):
+            raise ConversionError(f"{pkl}: {exc}") from None
+        raise ConversionError(f"{pkl}: not an EG3D network pickle ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - any other byte stream: not a pickle
+        raise ConversionError(f"{pkl}: not an EG3D network pickle ({type(exc).__name__}: "
+                              f"{exc})") from None
     if not isinstance(data, dict) or network not in data:
         keys = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise ConversionError(f"{pkl}: expected a dict with {network!r} (EG3D network pickle), "
@@ -586,6 +604,11 @@ def convert_segformer(path: str, out: str, keep_classifier: bool = False) -> str
                                      load_hf_segformer, read_hf_segformer)
     from pyface.train.config import to_dict
 
+    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+        what = ("not found" if not os.path.exists(path) else "a file" if os.path.isfile(path)
+                else "a folder without config.json")
+        raise ConversionError(f"{path}: {what}; expected a HuggingFace SegFormer folder "
+                              "(config.json + model.safetensors or pytorch_model.bin)")
     cfg = config_from_hf(path)
     _, info = read_hf_segformer(path)
     dropped = list(info["dropped"])
@@ -924,12 +947,16 @@ def add_parser(subparsers) -> None:
         "convert", help="convert third-party weights to pyface weight folders (no code runs)",
         description="Convert third-party weights into pyface weight folders (safetensors + "
                     "JSON). Pickles are read with a restricted unpickler; .pth files with "
-                    "torch.load(weights_only=True). Nothing is downloaded.")
+                    "torch.load(weights_only=True). Nothing is downloaded. OUT is a new or "
+                    "empty folder, or an earlier pyface weights folder, which is replaced once "
+                    "the new one is complete; a file or a folder of other files is refused.")
     sub = p.add_subparsers(dest="format", metavar="FORMAT")
     for name, (fn, help_) in CONVERTERS.items():
         q = sub.add_parser(name, help=help_, description=(fn.__doc__ or help_).split("\n\n")[0])
         q.add_argument("src", help="input file or folder")
-        q.add_argument("out", help="output folder")
+        q.add_argument("out", help="output folder: new, empty, or an earlier pyface weights "
+                                   "folder (replaced once the new one is complete); a file or a "
+                                   "folder of other files is refused")
         if name == "eg3d":
             q.add_argument("--network", default="G_ema", choices=("G_ema", "G"),
                            help="which generator of the pickle (default: G_ema)")
@@ -967,10 +994,11 @@ def run(args) -> int:
     elif args.format == "goha":
         kwargs["render_resolution"] = args.render_resolution
     try:
+        check_replaceable(args.out)       # before the conversion: OUT is never half-replaced
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConversionWarning)
             out = fn(args.src, args.out, **kwargs)
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+    except (CheckpointError, OSError, ValueError) as exc:
         print(f"pyface convert {args.format}: {exc}", file=sys.stderr)
         return 1
     for w in caught:

@@ -42,6 +42,37 @@ def test_overwrite_is_atomic_and_leaves_no_temporaries(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["c"]
 
 
+def test_save_folder_never_replaces_other_files(tmp_path):
+    """An output path that is a file, a folder of other files or below a file is refused and left
+    as it was; an empty folder or an earlier checkpoint folder is (re)written."""
+    user = tmp_path / "photos"
+    user.mkdir()
+    (user / "a.jpg").write_bytes(b"keep")
+    with pytest.raises(ckpt.CheckpointError, match=r"photos: the folder holds other files"):
+        ckpt.save_folder(str(user), {"w": torch.ones(1)}, {})
+    assert os.listdir(user) == ["a.jpg"] and (user / "a.jpg").read_bytes() == b"keep"
+    f = tmp_path / "clip.mp4"
+    f.write_bytes(b"video")
+    with pytest.raises(ckpt.CheckpointError, match=r"clip\.mp4: exists and is not a folder"):
+        ckpt.save_folder(str(f), {"w": torch.ones(1)}, {})
+    with pytest.raises(ckpt.CheckpointError, match=r"clip\.mp4 is a file"):
+        ckpt.save_folder(str(f / "sub"), {"w": torch.ones(1)}, {})
+    assert f.read_bytes() == b"video"
+    assert sorted(os.listdir(tmp_path)) == ["clip.mp4", "photos"]     # no temporaries either
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ckpt.save_folder(str(empty), {"w": torch.ones(1)}, {"step": 1})
+    ckpt.save_folder(str(empty), {"w": torch.ones(1)}, {"step": 2})
+    assert ckpt.load_folder(str(empty))[1]["step"] == 2
+
+
+def test_weights_file_folder_without_meta_is_a_clear_error(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    with pytest.raises(ckpt.CheckpointError, match=r"a folder without meta\.json; expected a "
+                                                   r"weights file"):
+        ckpt.load_weights_file(str(tmp_path))
+
+
 @pytest.mark.parametrize("damage, match", [
     ("flip", "corrupt \\(SHA-256"), ("truncate", "corrupt"), ("meta", "meta.json is corrupt"),
     ("format", "format 'other', expected 'pyface-checkpoint'"),

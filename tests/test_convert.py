@@ -791,3 +791,43 @@ def test_cli_convert_segformer_and_dense_motion(tmp_path, capsys):
     torch.save({"generator": {}}, tmp_path / "empty.pth")
     assert main(["convert", "dense-motion", str(tmp_path / "empty.pth"), str(tmp_path / "x")]) == 1
     assert "no hourglass down blocks" in capsys.readouterr().err
+
+
+def test_cli_convert_refuses_an_out_that_is_not_its_own_and_explains_wrong_inputs(tmp_path,
+                                                                                   capsys):
+    """OUT: a folder of other files, a file, or a path below a file is refused before anything is
+    read (nothing in it changes); an earlier weights folder is replaced. Wrong SRC kinds (a
+    folder, a .pth given to eg3d, a file given to segformer, garbage) are one-line messages."""
+    from pyface.cli import main
+    from pyface.nn.vgg import VGG19
+
+    torch.save({k: torch.zeros_like(v) for k, v in VGG19().state_dict().items()},
+               tmp_path / "vgg.pth")
+    user = tmp_path / "weights"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    src = str(tmp_path / "vgg.pth")
+    assert main(["convert", "vgg19", src, str(user)]) == 1
+    assert "weights: the folder holds other files" in capsys.readouterr().err
+    assert os.listdir(user) == ["notes.txt"]
+    assert main(["convert", "vgg19", src, src]) == 1
+    assert "vgg.pth: exists and is not a folder" in capsys.readouterr().err
+    assert main(["convert", "vgg19", src, os.path.join(src, "out")]) == 1
+    assert "vgg.pth is a file" in capsys.readouterr().err
+    assert main(["convert", "vgg19", src, str(tmp_path / "v")]) == 0
+    assert main(["convert", "vgg19", src, str(tmp_path / "v")]) == 0      # replaces its own folder
+    assert ckpt.read_meta(str(tmp_path / "v"))["kind"] == "vgg19"
+    assert sorted(os.listdir(tmp_path)) == ["v", "vgg.pth", "weights"]    # no temporaries
+    capsys.readouterr()
+    (tmp_path / "junk.pkl").write_text("hello")
+    for fmt_, bad, msg in [("eg3d", src, "a torch.save archive (.pth), not an EG3D network "
+                                         "pickle"),
+                           ("eg3d", str(user), "a folder; expected an EG3D network pickle"),
+                           ("eg3d", str(tmp_path / "junk.pkl"), "not an EG3D network pickle"),
+                           ("segformer", src, "a file; expected a HuggingFace SegFormer folder"),
+                           ("vgg19", str(user), "a folder without meta.json; expected a weights "
+                                                "file")]:
+        assert main(["convert", fmt_, bad, str(tmp_path / "o")]) == 1, (fmt_, bad)
+        err = capsys.readouterr().err
+        assert err.startswith(f"pyface convert {fmt_}: ") and msg in err, err
+        assert not (tmp_path / "o").exists()

@@ -782,7 +782,8 @@ def test_orbit_inversion_pipeline(tiny_run):
     torch.testing.assert_close(torch.cat([f for _, f in parts]), whole)
 
 
-def test_cli_animate_image_source_without_camera_is_a_message(tiny_run, tmp_path, capsys):
+def test_cli_animate_image_source_without_camera_is_a_message(tiny_run, tmp_path, capsys,
+                                                              monkeypatch):
     from pyface.cli import main
     from pyface.train.monitor import save_png
 
@@ -795,6 +796,20 @@ def test_cli_animate_image_source_without_camera_is_a_message(tiny_run, tmp_path
     err = capsys.readouterr().err
     assert err.startswith("pyface animate: source['camera']") and "Traceback" not in err
     assert "pyface data prepare FILE --out DIR" in err
+    # a camera-less driving folder behind a pyface video folder source: the same hint (the
+    # source's inversion is skipped: the driving frames fail before it is used)
+    from pyface.data import format as fmt
+    from pyface.models.eg3d.pipeline import EG3DPipeline
+    monkeypatch.setattr(EG3DPipeline, "encode_source", lambda self, source, **kw: {})
+    item = _Frames(2, 16)[0]
+    frame = ((item["image"].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()[None]
+    fmt.write_video(str(tmp_path), "v", frame, torch.zeros(1, 257).numpy(),
+                    item["camera"][None].numpy(), identity="a", fps=10.0)
+    assert main(["animate", "eg3d", "--checkpoint", run, "--source", str(tmp_path / "v"),
+                 "--driving", str(tmp_path / "drv"), "--out", str(tmp_path / "a.mp4"),
+                 "--no-progress", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pyface animate: driving['camera']") and "pyface data prepare" in err
 
 
 def test_cli_animate_seeds_honours_no_progress_and_device(tiny_run, tmp_path, capsys):
@@ -808,6 +823,74 @@ def test_cli_animate_seeds_honours_no_progress_and_device(tiny_run, tmp_path, ca
     assert main(["animate", "eg3d", "--checkpoint", run, "--seeds", "0", "--frames", "2",
                  "--device", "nodevice", "--out", str(tmp_path / "o.mp4")]) == 2
     assert "--device: expected cpu, cuda or cuda:N, got 'nodevice'" in capsys.readouterr().err
+
+
+def test_cli_animate_seeds_takes_fps_and_refuses_a_source(tiny_run, tmp_path, capsys):
+    import imageio.v2 as iio
+
+    from pyface.cli import main
+
+    run, _ = tiny_run
+    out = str(tmp_path / "o.mp4")
+    base = ["animate", "eg3d", "--checkpoint", run, "--frames", "2", "--device", "cpu",
+            "--no-progress", "--out", out]
+    assert main(base + ["--seeds", "0", "--fps", "5"]) == 0
+    with iio.get_reader(out) as r:
+        assert r.get_meta_data()["fps"] == 5.0
+    capsys.readouterr()
+    assert main(base + ["--seeds", "0", "--source", str(tmp_path)]) == 2
+    assert "--seeds renders latent seeds along an orbit and takes no --source" in \
+        capsys.readouterr().err
+    assert main(base + ["--seeds", "a-b"]) == 1
+    assert capsys.readouterr().err == ("pyface animate eg3d: --seeds: expected integers, e.g. 0-3 "
+                                       "or 0,5,9, got 'a-b'\n")
+
+
+@pytest.mark.parametrize("extra, code, msg", [
+    (["--steps", "0"], 2, "--steps: expected an integer >= 1, got 0"),
+    (["--lr", "nan"], 2, "--lr: expected a learning rate > 0, got nan"),
+    (["--lr", "-1"], 2, "--lr: expected a learning rate > 0, got -1.0"),
+    (["--device", "tpu"], 2, "--device: expected cpu, cuda or cuda:N, got 'tpu'"),
+    (["--camera", "abc"], 1, "--camera: expected 25 comma-separated floats, 'frontal'"),
+    (["--camera", "missing.json"], 1, "--camera missing.json: not found"),
+    (["--vgg", "missing.pth"], 1, "--vgg missing.pth: weights file 'missing.pth' does not exist"),
+    (["--out", "FILE"], 2, "exists and is not a folder"),
+    (["--out", ""], 2, "--out: expected a folder, got ''"),
+])
+def test_cli_invert_option_errors_are_one_line(tiny_run, tmp_path, capsys, extra, code, msg):
+    from pyface.cli import main
+    from pyface.train.monitor import save_png
+
+    run, _ = tiny_run
+    save_png(_Frames(2, 16)[0]["image"], str(tmp_path / "src.png"))
+    (tmp_path / "FILE").write_text("x")
+    extra = [str(tmp_path / "FILE") if e == "FILE" else e for e in extra]
+    args = ["invert", "eg3d", str(tmp_path / "src.png"), "--checkpoint", run, "--steps", "1",
+            "--no-progress", "--device", "cpu", "--out", str(tmp_path / "inv"), *extra]
+    assert main(args) == code
+    err = capsys.readouterr().err
+    assert err.startswith("pyface invert: ") and msg in err and "Traceback" not in err, err
+    assert not (tmp_path / "inv").exists()
+
+
+def test_cli_invert_reads_a_video_folder_with_its_camera(tiny_run, tmp_path, capsys):
+    """A pyface video folder gives its first frame and that frame's camera (no --camera)."""
+    import numpy as np
+
+    from pyface.cli import main
+    from pyface.data import format as fmt
+
+    run, _ = tiny_run
+    items = [_Frames(8, 16)[i] for i in (0, 6)]
+    frames = np.stack([((it["image"].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+                       for it in items])
+    labels = np.stack([it["camera"].numpy() for it in items]).astype(np.float32)
+    fmt.write_video(str(tmp_path), "v", frames, np.zeros((2, 257), np.float32), labels,
+                    identity="a", fps=10.0)
+    assert main(["invert", "eg3d", str(tmp_path / "v"), "--checkpoint", run, "--steps", "1",
+                 "--no-progress", "--device", "cpu", "--out", str(tmp_path / "inv")]) == 0
+    t, _ = ckpt.load_weights(str(tmp_path / "inv" / "latent"), kind="eg3d-latent")
+    torch.testing.assert_close(t["camera"], torch.from_numpy(labels[0]))
 
 
 def test_cli_animate_and_invert(tiny_run, tmp_path):

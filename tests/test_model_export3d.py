@@ -590,6 +590,10 @@ def test_expression_planes_in_the_model_and_pipeline(data, clebs_run, tmp_path, 
     if extra:       # expr_relative needs the source's coefficients
         with pytest.raises(ValueError, match="source\\['coeffs'\\]: required with"):
             pipe.generate(dict(state, beta=None), motion)
+        # refused by encode_source itself, before the encoder runs
+        m.generator.encode = None                    # calling it would be a TypeError
+        with pytest.raises(ValueError, match="source\\['coeffs'\\]: required with"):
+            pipe.encode_source({"image": source["image"]})
 
 
 def test_relative_expression_planes_add_nothing_at_the_source_expression():

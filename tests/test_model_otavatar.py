@@ -684,3 +684,43 @@ def test_controller_mouth_weight_is_the_controllers_only(data, generator_dir, tm
     ref = step()
     assert ref.controller_loss is ref.loss
     assert not torch.equal(m.controller.out.weight, ref.controller.out.weight)
+
+
+def test_inference_says_once_which_inversion_terms_lack_weights(run, data, tmp_path, caplog):
+    """The inversion optimises the training loss, so unset vgg_weights / arcface_weights do
+    change it: loading logs no training warning, the first inversion one line saying what runs
+    without them and how to add them (PTI uses neither); given weights leave their term out."""
+    import glob
+    import logging
+    import os
+
+    from pyface.data.driving import read_source
+    from pyface.models.otavatar.pipeline import OTAvatarPipeline
+    from pyface.nn.arcface18 import ResNetArcFace
+
+    r, _ = run
+    caplog.set_level(logging.WARNING, logger="pyface")
+    pipe = pyface.models.load("otavatar", r, device="cpu")
+    assert not any("is not set" in m for m in caplog.messages), caplog.messages  # no training note
+    folder = sorted(os.path.dirname(p) for p in glob.glob(f"{data}/**/coeffs.npy",
+                                                          recursive=True))[0]
+    src = read_source(folder, 16)
+    pipe.encode_source(src, pti_steps=0, steps=0)             # no inversion: nothing to say
+    assert caplog.messages == []
+    for _ in range(2):
+        pipe.encode_source(src, pti_steps=0, steps=1)
+    assert caplog.messages == [
+        "otavatar: the source inversion runs without the VGG19 perceptual term (an image-pyramid "
+        "L1 replaces it; model.vgg_weights is not set) and without the ArcFace identity term "
+        "(model.arcface_weights is not set): pass vgg_weights= (pyface convert vgg19) / "
+        "arcface_weights= (ResNetArcFace-18 .pth) to OTAvatarPipeline.from_checkpoint to use "
+        "them (PTI uses neither)"]
+    caplog.clear()
+    torch.save(ResNetArcFace().state_dict(), tmp_path / "arc.pth")
+    pipe = OTAvatarPipeline.from_checkpoint(r, device="cpu",
+                                            arcface_weights=str(tmp_path / "arc.pth"))
+    assert pipe.model.loss.missing_terms() == ["vgg"]
+    pipe.encode_source(src, pti_steps=0, steps=1)
+    assert len(caplog.messages) == 1 and "ArcFace" not in caplog.messages[0]
+    assert caplog.messages[0].endswith("to OTAvatarPipeline.from_checkpoint to use it (PTI uses "
+                                       "neither)")

@@ -490,7 +490,7 @@ def test_cli_train_resume_and_animate(tmp_path, capsys):
     assert out.stat().st_size > 0
     assert main(["animate", "nosuchmodel", "--checkpoint", str(run), "--source", "x.png"]) == 2
     assert main(["animate", "example", "--checkpoint", str(tmp_path / "none"), "--source",
-                 "x.png"]) == 1
+                 str(tmp_path / "src.png")]) == 1
     assert main(["train", "example", "--set", "train.batch_size=3", "--set",
                  f"train.run_dir={run}", "--set", "train.precision=fp8"]) == 2
     err = capsys.readouterr().err

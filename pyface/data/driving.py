@@ -72,12 +72,23 @@ def _check_counts(**counts) -> None:
                              + (" or None" if name == "max_frames" else "") + f", got {n!r}")
 
 
+def _to_rgb8(im) -> np.ndarray:
+    """A PIL image -> (H, W, 3) uint8. 16-bit and 32-bit grey (modes I;16*, I, F) are scaled
+    from their 16-bit range (PIL's own conversion clips them at 255, turning them white); an
+    alpha channel is dropped (the colour under it is kept as stored)."""
+    if im.mode.startswith("I") or im.mode == "F":
+        a = np.asarray(im).astype(np.float64)
+        a = np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=-1)
+    return np.array(im.convert("RGB"))
+
+
 def _read_image_file(path: str) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
+            return _to_rgb8(ImageOps.exif_transpose(im))    # EXIF orientation, as prepare
     except FileNotFoundError:
         raise fmt.DataError(f"{path}: not found") from None
     except Exception as e:  # PIL raises many types for corrupt files
@@ -93,8 +104,7 @@ def _read_video_file(path: str, max_frames: int | None) -> tuple[list[np.ndarray
     except FileNotFoundError:
         raise fmt.DataError(f"{path}: not found") from None
     except Exception as e:
-        raise fmt.DataError(f"{path}: cannot open the video ({type(e).__name__}: {e}); mp4 "
-                            "needs imageio-ffmpeg (pip install imageio-ffmpeg)") from None
+        raise fmt.DataError(_open_video_error(path, e)) from None
     try:
         fps = reader.get_meta_data().get("fps")
         for frame in reader:
@@ -110,6 +120,26 @@ def _read_video_file(path: str, max_frames: int | None) -> tuple[list[np.ndarray
     if not frames:
         raise fmt.DataError(f"{path}: the video has no frames")
     return frames, (float(fps) if fps else None)
+
+
+def _open_video_error(path: str, exc: Exception) -> str:
+    """One line: why ``path`` did not open as a video. imageio-ffmpeg is suggested only when it
+    is not installed; a container ffmpeg opens without any stream (an mp4 of zero frames) has
+    no frames; otherwise the file is not a video ffmpeg decodes (ffmpeg's last line)."""
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        return (f"{path}: cannot open the video ({type(exc).__name__}); video files need "
+                "imageio-ffmpeg (pip install imageio-ffmpeg)")
+    text = str(exc)
+    if "Input #0" in text and "Stream #" not in text:
+        # ffmpeg opened the container but found no stream in it (e.g. an mp4 written with no
+        # frames): a video, but an empty one
+        return f"{path}: the video has no frames (ffmpeg finds no video stream in it)"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return (f"{path}: not a video file ffmpeg can read"
+            + (f" ({lines[-1].rstrip(').')})" if lines else "")
+            + f"; expected a video ({', '.join(VIDEO_EXTS)}), an image or a folder")
 
 
 def _frame_files(path: str) -> list[str]:
@@ -185,6 +215,27 @@ def read_driving(path: str, resolution: int | None, *, max_frames: int | None = 
     return {"image": _images(raw, resolution, crop=True, name=path)[0]}
 
 
+def frame_labels(path: str) -> set[str]:
+    """The keys :func:`read_source` / :func:`read_driving` give for ``path``, from its files
+    alone (no frame is decoded): ``image``, plus for a pyface video folder ``camera``
+    (dataset.json), ``coeffs`` (coeffs.npy), ``landmarks`` and ``mask`` where they exist. A
+    caller checks with it what a model needs before any weights load. DataError when ``path``
+    does not exist."""
+    if not os.path.exists(path):
+        raise fmt.DataError(f"{path}: not found (expected a pyface video folder, a video file, "
+                            "an image or a folder of images)")
+    keys = {"image"}
+    if os.path.isdir(path) and is_video_folder(path):
+        root, name = os.path.split(os.path.normpath(os.path.abspath(path)))
+        rec = fmt.scan_video(root, name)
+        for key, present in (("camera", os.path.isfile(rec.path(root, fmt.LABELS))),
+                             ("coeffs", os.path.isfile(rec.path(root, fmt.COEFFS))),
+                             ("landmarks", rec.has_landmarks), ("mask", rec.has_masks)):
+            if present:
+                keys.add(key)
+    return keys
+
+
 def count_driving(path: str, *, max_frames: int | None = None, stride: int = 1) -> int | None:
     """The number of frames :func:`read_driving` / :func:`iter_driving` give for ``path``
     (None when a video file does not say)."""
@@ -201,10 +252,15 @@ def count_driving(path: str, *, max_frames: int | None = None, stride: int = 1) 
         import imageio.v2 as iio
 
         try:
-            with iio.get_reader(path) as r:
-                n = r.count_frames()
+            r = iio.get_reader(path)
+        except Exception as e:  # not a video: an error now, before any progress output
+            raise fmt.DataError(_open_video_error(path, e)) from None
+        try:
+            n = r.count_frames()
         except Exception:  # a container without a frame count: unknown
             return None
+        finally:
+            r.close()
     n = len(range(0, n, stride))
     return n if max_frames is None else min(n, max_frames)
 
@@ -235,8 +291,7 @@ def iter_driving(path: str, resolution: int | None, *, chunk: int = 16,
     try:
         reader = iio.get_reader(path)
     except Exception as e:
-        raise fmt.DataError(f"{path}: cannot open the video ({type(e).__name__}: {e}); mp4 "
-                            "needs imageio-ffmpeg (pip install imageio-ffmpeg)") from None
+        raise fmt.DataError(_open_video_error(path, e)) from None
     raw, kept = [], 0
     try:
         for i, frame in enumerate(reader):

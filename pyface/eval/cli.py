@@ -56,9 +56,12 @@ def add_parser(subparsers) -> None:
                    help="landmark detector of akd / aed / apd and of the output's jitter: "
                         "auto (default: MediaPipe when installed), mediapipe, none (jitter then "
                         "uses the landmarks a baseline knows by construction)")
-    p.add_argument("--json", default=None, metavar="OUT", help="write the report here")
-    p.add_argument("--sheet", default=None, metavar="OUT.png", help="write a PNG sheet here")
-    p.add_argument("--sheet-rows", type=int, default=6, help="rows of the sheet per protocol")
+    p.add_argument("--json", default=None, metavar="OUT.json",
+                   help="write the report here (a folder: FOLDER/MODEL.json)")
+    p.add_argument("--sheet", default=None, metavar="OUT.png",
+                   help="write a PNG sheet here (a folder: FOLDER/MODEL.png)")
+    p.add_argument("--sheet-rows", type=int, default=6,
+                   help="rows of the sheet per protocol (default 6; 0: no sheet)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--max-pairs", type=int, default=None,
                    help="evaluate at most N pairs per protocol, spread evenly over the set")
@@ -272,7 +275,11 @@ def load_pipeline(model: str, checkpoint: str | None, *, device, ema: bool = Tru
         from pyface.models import load
     except ImportError as e:
         raise RuntimeError(f"pyface.models.load is not available in this build ({e})") from None
-    return load(model, checkpoint, device=device, ema=ema)
+    try:
+        return load(model, checkpoint, device=device, ema=ema)
+    except KeyError as e:      # an unknown model name: the registry's message lists the names
+        raise ValueError(str(e).strip('"') + f"; or a baseline: {', '.join(BASELINES)}") \
+            from None
 
 
 def _metrics(args) -> list[str]:
@@ -281,7 +288,10 @@ def _metrics(args) -> list[str]:
 
     names = [m.strip() for m in (args.metrics or DEFAULT_METRICS).split(",") if m.strip()]
     for m in names:
-        M.check_name(m)
+        try:
+            M.check_name(m)
+        except ValueError as e:
+            raise ValueError(f"--metrics {args.metrics}: {e}") from None
     if args.metrics is None:      # the default: jitter only where the data has landmarks
         try:
             if not all(r.has_landmarks for r in fmt.load_index(args.data)):
@@ -300,13 +310,17 @@ def protocols_of(protocol: str, data: str) -> tuple[str, ...]:
     from pyface.data import format as fmt
     from pyface.eval.evaluate import data_kind
 
+    has_cross = os.path.isfile(os.path.join(data, "cross", fmt.INDEX))
+    if protocol in ("both", "cross") and not has_cross and os.path.isdir(data):
+        raise ValueError(f"--protocol {protocol}: {data} has no cross-identity pairs (no "
+                         f"{os.path.join(data, 'cross', fmt.INDEX)}; `pyface data synth` writes "
+                         "them for 2 or more identities); use --protocol same")
     if protocol == "both":
         return ("same", "cross")
     if protocol != "auto":
         return (protocol,)
     if data_kind(data) == "real":
         return ("real",)
-    has_cross = os.path.isfile(os.path.join(data, "cross", fmt.INDEX))
     return ("same", "cross") if has_cross else ("same",)
 
 
@@ -377,6 +391,65 @@ def parse_runs(items) -> dict[str, str]:
     return out
 
 
+def output_file(path: str, option: str, default_name: str, exts: tuple[str, ...]) -> str:
+    """``--json`` / ``--sheet``: a file name ending in one of ``exts``, or a folder (existing, or
+    given with a trailing separator) -> ``FOLDER/default_name``; no existing part of its folder
+    may be a file. ValueError naming ``option`` otherwise; checked before the evaluation."""
+    import os
+
+    if path.endswith(("/", os.sep)) or os.path.isdir(path):
+        path = os.path.join(path, default_name)
+    if not path.lower().endswith(exts):
+        raise ValueError(f"{option}: expected a file name ending in {' or '.join(exts)} (or a "
+                         f"folder), got {path!r}")
+    _check_parent(path, option)
+    return path
+
+
+def _check_parent(path: str, option: str) -> None:
+    import os
+
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{option} {path}: cannot create its folder: {parent} is a file")
+
+
+def check_args(args) -> None:
+    """The numeric options' ranges and the output paths, before any model loads (ValueError
+    naming the option, what it expects and the value given)."""
+    import os
+
+    for name, low in (("max_pairs", 1), ("batch_size", 1), ("sheet_rows", 0), ("workers", 0),
+                      ("resolution", 1)):
+        v = getattr(args, name)
+        if v is not None and v < low:
+            raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= {low}"
+                             + (" or none" if name in ("max_pairs", "resolution") else "")
+                             + f", got {v}")
+    if args.sheet and args.sheet_rows < 1:
+        raise ValueError(f"--sheet-rows: --sheet needs at least 1 row, got {args.sheet_rows}")
+    from pyface.data import format as fmt
+
+    data_help = ("expected a pyface dataset root: index.json and video folders, as `pyface data "
+                 "synth` or `pyface data prepare` write")
+    if not os.path.isdir(args.data):
+        raise ValueError(f"--data {args.data}: not found ({data_help})")
+    if not os.path.isfile(os.path.join(args.data, fmt.INDEX)) and not fmt.video_names(args.data):
+        raise ValueError(f"--data {args.data}: no {fmt.INDEX} and no video folders ({data_help})")
+    protocols_of(args.protocol, args.data)      # e.g. cross pairs the data does not have
+    label = args.model or "report"
+    if args.json:
+        args.json = output_file(args.json, "--json", f"{label}.json", (".json",))
+    if args.sheet:
+        args.sheet = output_file(args.sheet, "--sheet", f"{label}.png", (".png", ".jpg", ".jpeg"))
+    if args.runs is not None and args.out:
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out}: exists and is not a folder")
+        _check_parent(os.path.join(args.out, "table.md"), "--out")
+
+
 def run(args) -> int:
     from pyface.data.format import DataError
     from pyface.eval.weights import parse_weights
@@ -384,6 +457,7 @@ def run(args) -> int:
 
     try:
         device = resolve_device(args.device)
+        check_args(args)
     except ValueError as exc:
         print(f"pyface eval: {exc}", file=sys.stderr)
         return 2
@@ -394,6 +468,10 @@ def run(args) -> int:
             return 2
     elif args.model is None:
         print("pyface eval: expected MODEL (or --runs MODEL=RUN ...)", file=sys.stderr)
+        return 2
+    elif args.checkpoint and args.model in BASELINES:
+        print(f"pyface eval: --checkpoint: {args.model} is a baseline and takes none (to "
+              "evaluate a run: pyface eval MODEL --checkpoint RUN)", file=sys.stderr)
         return 2
     elif args.resolution is not None and args.model not in BASELINES:
         print("pyface eval: --resolution applies to the baselines only (a model evaluates at its "
@@ -463,12 +541,14 @@ def _run_many(args, metrics, networks, device, detector=None) -> int:
                                       cache=cache)
         reports[label] = rep
         _write_json(rep, os.path.join(out, f"{label}.json"))
-        _write_sheet(sheets, os.path.join(out, f"{label}.png"))
+        if args.sheet_rows:
+            _write_sheet(sheets, os.path.join(out, f"{label}.png"))
         print(f"{label} ({rep['resolution']} px, {rep['device']})")
         print(format_table(rep))
         table = _write_table({k: reports[k] for k in order if k in reports}, metrics, out)
     print(table)
-    print(f"wrote {out}/table.md, report.json and per-model .json / .png")
+    print(f"wrote {out}/table.md, report.json and per-model .json"
+          + (" / .png" if args.sheet_rows else ""))
     return 0
 
 

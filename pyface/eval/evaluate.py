@@ -265,15 +265,32 @@ def load_networks(metrics, weights: dict | None, *, device=None) -> dict:
     :func:`pyface.eval.weights.load_weighted_metric` from ``weights`` (``{name: path}``, as from
     :func:`pyface.eval.weights.parse_weights`). Raises
     :class:`pyface.eval.weights.MissingWeightsError` naming the file to pass."""
-    from pyface.eval.weights import METRICS_NEEDING_WEIGHTS, load_weighted_metric
+    from pyface.checkpoint import CheckpointError
+    from pyface.eval.weights import (METRICS_NEEDING_WEIGHTS, MissingWeightsError,
+                                     load_weighted_metric)
 
     out = {}
+    weights = dict(weights or {})
     for name in metrics:
         if name not in METRICS_NEEDING_WEIGHTS:
             continue
         key = network_key(name)
         if key not in out:
-            out[key] = load_weighted_metric(name, dict(weights or {}), device=device)
+            try:
+                out[key] = load_weighted_metric(name, weights, device=device)
+            except MissingWeightsError:
+                raise
+            except (CheckpointError, ValueError, KeyError) as exc:   # a file of another network
+                msg = str(exc).strip('"')
+                heads = weights.get("lpips_heads")
+                if name == "lpips" and heads and heads in msg:
+                    given, what = f"lpips_heads={heads}", "LPIPS's linear heads"
+                else:
+                    k = next(k for k in (key, name) if k in weights)
+                    given = f"{k}={weights[k]}"
+                    what = METRICS_NEEDING_WEIGHTS[name].what
+                raise ValueError(f"metric {name!r}: --weights {given} is not {what} ({msg})") \
+                    from None
     return out
 
 

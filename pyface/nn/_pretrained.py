@@ -52,10 +52,15 @@ def read_state(path: str) -> dict[str, torch.Tensor]:
     """A state dict from a local .safetensors / .pth / .pt / .bin file or a pyface folder."""
     from pyface.checkpoint import load_weights_file
 
+    from pyface.checkpoint import CheckpointError
+
     state = load_weights_file(path)
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"],
                                                                            Mapping):
         state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
+        raise CheckpointError(f"{path}: expected a state dict (names -> tensors), got "
+                              f"{type(state).__name__}")
     return state
 
 

@@ -19,22 +19,41 @@ def add_parser(subparsers) -> None:
                     "(safetensors folder), the reconstruction PNG and optionally an orbit mp4.")
     p.add_argument("model", choices=sorted(INVERTERS),
                    help="model: " + ", ".join(sorted(INVERTERS)))
-    p.add_argument("image", help="aligned portrait image (PNG/JPEG)")
+    p.add_argument("image", help="aligned portrait: an image file (a non-square one is "
+                                 "centre-cropped), a video file or folder of images (the first "
+                                 "frame) or a pyface video folder (its first frame and camera)")
     p.add_argument("--checkpoint", required=True,
                    help="converted EG3D folder, training checkpoint or run folder")
-    p.add_argument("--camera", default="frontal",
+    p.add_argument("--camera", default=None,
                    help="25 comma-separated floats, 'frontal', a .npy/.json file, or an EG3D "
-                        "dataset folder / dataset.json holding the image's label")
+                        "dataset folder / dataset.json holding the image's label (default: the "
+                        "camera of a pyface video folder, else frontal)")
     p.add_argument("--space", default="w+", choices=["w", "w+"])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--steps", type=int, default=300, help="optimisation steps, >= 1 (default "
+                                                          "300)")
+    p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate, > 0 (default "
+                                                         "0.01)")
     p.add_argument("--vgg", default=None, help="VGG19 weights (pyface convert vgg19) for the "
                                               "perceptual term; without: L1 only")
-    p.add_argument("--out", default="inversion", help="output folder")
+    p.add_argument("--out", default="inversion",
+                   help="output folder (created; latent/, reconstruction.png and orbit.mp4 in it "
+                        "are replaced)")
     p.add_argument("--video", action="store_true", help="also render an orbit mp4")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if "
+                                                 "available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_invert)
 
 
 def run_invert(args) -> int:
+    import sys
+
+    from pyface.train.cli import resolve_device
+
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as exc:
+        print(f"pyface invert: {exc}", file=sys.stderr)
+        return 2
     module, fn = INVERTERS[args.model].split(":")
     return getattr(importlib.import_module(module), fn)(args)

@@ -221,8 +221,7 @@ def resolve_checkpoint(path: str) -> str:
         return path
     raise ckpt.CheckpointError(f"checkpoint {path!r}: expected a run folder (with checkpoints/) "
                                f"or a checkpoint folder (with {ckpt.META_FILE} and "
-                               f"{ckpt.TENSORS_FILE})" + ("" if os.path.exists(path)
-                                                          else "; it does not exist"))
+                               f"{ckpt.TENSORS_FILE})" + ckpt.not_a_folder_hint(path))
 
 
 def read_pretrained(path: str, *, ema: bool = True,
@@ -439,6 +438,23 @@ class Pipeline:
         if scale is not None and "landmarks" in out and isinstance(out["landmarks"], torch.Tensor):
             out["landmarks"] = out["landmarks"] * torch.tensor(scale, device=self.device)
         return out
+
+    # -- what the inputs must carry ----------------------------------------------------------
+    @classmethod
+    def check_labels(cls, source=None, driving=None) -> None:
+        """Refuses a source or driving frames that lack a label this pipeline needs, from the
+        label names alone (``source`` / ``driving``: a collection of keys such as
+        ``{"image", "camera"}``, or a frame dict; None: not checked), with the error
+        ``encode_source`` / ``encode_driving`` would raise on those frames. A caller checks its
+        inputs with it before loading weights or encoding the source (``pyface animate``).
+        Labels that depend on the model's config are checked by the stages only. Default: an
+        image is all it needs."""
+
+    @classmethod
+    def needs_driving(cls) -> bool:
+        """True when the pipeline cannot animate without driving frames: it does not override
+        :meth:`default_motion`."""
+        return cls.default_motion is Pipeline.default_motion
 
     # -- the three stages ------------------------------------------------------------------
     def encode_source(self, source: dict):

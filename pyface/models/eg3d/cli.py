@@ -50,70 +50,128 @@ def run_animate(args) -> int:
         return 1
     frames = orbit_video(G, seeds, args.frames, truncation_psi=args.truncation,
                          progress=not getattr(args, "no_progress", False))
-    print(write_video(frames, args.out, fps=24))
+    try:
+        print(write_video(frames, args.out, fps=getattr(args, "fps", None) or 24))
+    except OSError as exc:
+        print(f"pyface animate eg3d: --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 
-def read_camera(spec: str, image_path: str):
-    """``--camera``: 25 comma-separated floats, ``frontal``, a ``.npy`` / ``.json`` file with 25
-    values, or an EG3D dataset folder / ``dataset.json`` holding the image's label."""
+def read_camera(spec: str | None, image_path: str):
+    """``--camera``: 25 comma-separated floats, ``frontal`` (or None: returns None, the caller
+    picks), a ``.npy`` / ``.json`` file with 25 values, or an EG3D dataset folder /
+    ``dataset.json`` holding the image's label. ValueError naming ``--camera`` otherwise."""
     import numpy as np
     import torch
 
-    if spec == "frontal":
+    if spec is None or spec == "frontal":
         return None
     if os.path.isdir(spec):
         spec = os.path.join(spec, "dataset.json")
+        if not os.path.isfile(spec):
+            raise ValueError(f"--camera {os.path.dirname(spec)}: a folder without dataset.json "
+                             "(expected an EG3D dataset folder holding the image's label)")
     if os.path.isfile(spec):
-        if spec.endswith(".npy"):
-            vals = np.load(spec, allow_pickle=False).reshape(-1)
-        else:
-            with open(spec) as f:
-                data = json.load(f)
-            if isinstance(data, dict) and "labels" in data:
-                name = os.path.basename(image_path)
-                found = [c for n, c in data["labels"] if os.path.basename(str(n)) == name]
-                if not found:
-                    raise ValueError(f"--camera {spec}: no label for {name!r}")
-                vals = found[0]
+        try:
+            if spec.endswith(".npy"):
+                vals = np.load(spec, allow_pickle=False).reshape(-1)
             else:
-                vals = data
+                with open(spec) as f:
+                    data = json.load(f)
+                if isinstance(data, dict) and "labels" in data:
+                    name = os.path.basename(image_path)
+                    found = [c for n, c in data["labels"] if os.path.basename(str(n)) == name]
+                    if not found:
+                        raise ValueError(f"--camera {spec}: no label for {name!r}")
+                    vals = found[0]
+                else:
+                    vals = data
+            vals = np.asarray(vals, dtype=np.float32)
+        except (OSError, ValueError, TypeError) as exc:
+            if str(exc).startswith("--camera"):
+                raise
+            raise ValueError(f"--camera {spec}: not 25 numbers ({exc})") from None
+    elif spec.lower().endswith((".npy", ".json")) or os.sep in spec:
+        raise ValueError(f"--camera {spec}: not found")
     else:
-        vals = [float(v) for v in spec.split(",") if v.strip()]
-    t = torch.as_tensor(np.asarray(vals, dtype=np.float32)).reshape(-1)
+        try:
+            vals = np.asarray([float(v) for v in spec.split(",") if v.strip()], dtype=np.float32)
+        except ValueError:
+            raise ValueError(f"--camera: expected 25 comma-separated floats, 'frontal', a "
+                             f".npy/.json file or a dataset folder, got {spec!r}") from None
+    t = torch.as_tensor(vals).reshape(-1)
     if t.numel() != 25:
         raise ValueError(f"--camera: expected 25 values (EG3D label), got {t.numel()}")
+    if not torch.isfinite(t).all():
+        raise ValueError("--camera: the label holds NaN or infinite values")
     return t
+
+
+def _check_invert_args(args) -> None:
+    import math
+
+    from pyface.checkpoint import check_replaceable
+
+    if not args.image:
+        raise ValueError("IMAGE: expected a path, got ''")
+    if not args.out:
+        raise ValueError("--out: expected a folder, got ''")
+    if args.steps < 1:
+        raise ValueError(f"--steps: expected an integer >= 1, got {args.steps}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr: expected a learning rate > 0, got {args.lr}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out}: exists and is not a folder")
+    try:
+        check_replaceable(os.path.join(args.out, "latent"))
+    except Exception as exc:  # CheckpointError: a file or a folder of other files
+        raise ValueError(f"--out: {exc}") from None
 
 
 def run_invert(args) -> int:
     import torch
-    from PIL import Image
 
     from pyface.checkpoint import CheckpointError, save_weights
+    from pyface.data.driving import read_source
+    from pyface.data.format import DataError
     from pyface.models.eg3d.pipeline import load_generator, project
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    def fail(msg, code=1):
+        print(f"pyface invert: {msg}", file=sys.stderr)
+        return code
+
+    try:
+        _check_invert_args(args)
+    except ValueError as exc:
+        return fail(exc, 2)
+    dev = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        source = read_source(args.image, None)
+        img = source["image"]
+        cam = read_camera(args.camera, args.image)
+        if cam is None and args.camera is None and "camera" in source:
+            cam = source["camera"].float()        # a pyface video folder's own label
+    except (DataError, ValueError, OSError) as exc:
+        return fail(exc)
     try:
         G = load_generator(args.checkpoint, device=dev, ema=True)
-        cam = read_camera(args.camera, args.image)
-        with Image.open(args.image) as im:
-            arr = torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8)
-            img = arr.view(im.height, im.width, 3).permute(2, 0, 1).float() / 127.5 - 1
     except (CheckpointError, ValueError, OSError) as exc:
-        print(f"pyface invert: {exc}", file=sys.stderr)
-        return 1
+        return fail(exc)
     if cam is None:
         cam = G.camera(0.0, 0.0)[0].cpu()
     perceptual = None
     if args.vgg:
         from pyface.nn.vgg import PerceptualLoss
 
-        perceptual = PerceptualLoss(weights=args.vgg).to(dev)
+        try:
+            perceptual = PerceptualLoss(weights=args.vgg).to(dev)
+        except (CheckpointError, OSError, ValueError, KeyError) as exc:
+            return fail(f"--vgg {args.vgg}: {str(exc).strip(chr(34))}")
     else:
         print("pyface invert: no --vgg weights; using the L1 loss only", file=sys.stderr)
     ws, info = project(G, img, cam, space=args.space, steps=args.steps, lr=args.lr,
-                       perceptual=perceptual)
+                       perceptual=perceptual, progress=not getattr(args, "no_progress", False))
     os.makedirs(args.out, exist_ok=True)
     save_weights(os.path.join(args.out, "latent"), {"ws": ws.cpu().contiguous(),
                                                     "camera": cam.contiguous()},
@@ -123,7 +181,7 @@ def run_invert(args) -> int:
     target = torch.nn.functional.interpolate(img[None], size=info["image"].shape[-2:],
                                              mode="bilinear", antialias=True)
     write_png(torch.cat([target.cpu(), info["image"].cpu().clamp(-1, 1)], -1)[0],
-             os.path.join(args.out, "reconstruction.png"))
+              os.path.join(args.out, "reconstruction.png"))
     if args.video:
         from pyface.face.cameras import orbit_labels
 

@@ -61,11 +61,15 @@ def parse_seeds(text: str) -> list[int]:
         part = part.strip()
         if not part:
             continue
-        if "-" in part[1:]:
-            a, b = part.split("-", 1) if not part.startswith("-") else (part, part)
-            out.extend(range(int(a), int(b) + 1))
-        else:
-            out.append(int(part))
+        try:
+            if "-" in part[1:]:
+                a, b = part.split("-", 1) if not part.startswith("-") else (part, part)
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise ValueError(f"--seeds: expected integers, e.g. 0-3 or 0,5,9, got {text!r}") \
+                from None
     if not out:
         raise ValueError(f"--seeds: expected e.g. 0-3 or 0,5,9, got {text!r}")
     return out
@@ -161,15 +165,22 @@ class EG3DPipeline(_PipelineBase):
         self.perceptual, self.invert_steps = perceptual, invert_steps
 
     @classmethod
+    def check_labels(cls, source=None, driving=None) -> None:
+        """The source needs its ``camera`` (inversion), driving frames theirs (rendering)."""
+        if source is not None and "camera" not in source:
+            raise KeyError("source['camera'] missing: EG3D inversion needs the image's EG3D "
+                           "camera label (25,)")
+        if driving is not None and "camera" not in driving:
+            raise ValueError("driving['camera']: expected (T, 25) EG3D labels, got None")
+
+    @classmethod
     def from_checkpoint(cls, path: str, *, device=None, ema: bool = True, **kw):
         return cls(load_generator(path, device="cpu", ema=ema), device=device, **kw)
 
     def encode_source(self, source: dict, *, space: str = "w+", steps: int | None = None
                       ) -> dict:
         source = self.prepare(source, batched=False)
-        if "camera" not in source:
-            raise KeyError("source['camera'] missing: EG3D inversion needs the image's EG3D "
-                           "camera label (25,)")
+        self.check_labels(source=source)
         with torch.enable_grad():            # inversion optimises W even under animate's no_grad
             ws, info = project(self.G, source["image"], source["camera"], space=space,
                                steps=self.invert_steps if steps is None else steps,
@@ -179,6 +190,7 @@ class EG3DPipeline(_PipelineBase):
     def encode_driving(self, driving: dict) -> dict:
         driving = self.prepare(driving, batched=True, name="driving") if "image" in driving \
             else driving
+        self.check_labels(driving=driving)
         cam = driving.get("camera")
         if cam is None or cam.ndim != 2 or cam.shape[1] != 25:
             raise ValueError(f"driving['camera']: expected (T, 25) EG3D labels, got "

@@ -13,7 +13,8 @@ every driving frame gives an expression (from its 3DMM coefficients) and a camer
   ``model.expr_relative`` the source's coefficients (``source['coeffs']``) are required: the
   expression planes move the source by the change from its expression to the driving one.
   With ``model.source_mouth_mask`` the source's landmarks (``source['landmarks'] (68, 2)``,
-  pixels) are required: its mouth box is masked in the paths that copy the source.
+  pixels) are required: its mouth box is masked in the paths that copy the source. Both are
+  checked by ``encode_source`` before it encodes.
 """
 from __future__ import annotations
 
@@ -28,33 +29,45 @@ from pyface.train.model import Pipeline
 
 CAMERAS = ("driving", "source", "orbit")
 
+_RELATIVE_NEEDS_COEFFS = ("source['coeffs']: required with model.expr_relative (the expression "
+                          "planes move the source by its expression change)")
+
 
 class Export3DPipeline(Pipeline):
     """See the module docstring. ``model``: an :class:`~pyface.models.export3d.Export3D`."""
 
+    @classmethod
+    def check_labels(cls, source=None, driving=None) -> None:
+        """Driving frames need ``coeffs``; what the source needs depends on the model's config
+        (``expr_relative``: coeffs, ``source_mouth_mask``: landmarks), checked by the stages."""
+        if driving is not None and "coeffs" not in driving:
+            raise ValueError("driving['coeffs']: missing; Export3D is driven by 3DMM expression "
+                             "coefficients (T, 257) (a pyface video folder's coeffs.npy)")
+
     @torch.no_grad()
     def encode_source(self, source: dict) -> dict:
         src = self.prepare(source, batched=False)
-        feats = self.model.generator.encode(src["image"][None])
-        cam = src["camera"][None] if "camera" in src else None
-        beta = expression_of(src["coeffs"][None], "source['coeffs']") if "coeffs" in src else None
+        cfg = self.model.cfg
+        if cfg.expr_relative and cfg.expr_planes and "coeffs" not in src:
+            raise ValueError(_RELATIVE_NEEDS_COEFFS)      # before any encoding
         lm = None
-        if self.model.cfg.source_mouth_mask:
+        if cfg.source_mouth_mask:
             got = tuple(src["landmarks"].shape) if "landmarks" in src else None
             if got != (68, 2):
                 raise ValueError(f"source['landmarks']: expected shape (68, 2) (pixels) with "
                                  f"model.source_mouth_mask (the source's mouth box is masked), "
                                  f"got {got}")
             lm = src["landmarks"][None].float()
+        feats = self.model.generator.encode(src["image"][None])
+        cam = src["camera"][None] if "camera" in src else None
+        beta = expression_of(src["coeffs"][None], "source['coeffs']") if "coeffs" in src else None
         return {"features": feats, "camera": cam, "beta": beta, "image": src["image"][None],
                 "landmarks": lm}
 
     @torch.no_grad()
     def encode_driving(self, driving: dict) -> dict:
         drv = self.prepare(driving, batched=True, name="driving")
-        if "coeffs" not in drv:
-            raise ValueError("driving['coeffs']: missing; Export3D is driven by 3DMM expression "
-                             "coefficients (T, 257) (a pyface video folder's coeffs.npy)")
+        self.check_labels(driving=drv)
         beta = expression_of(drv["coeffs"], "driving['coeffs']")
         lam = self.model.cond.coefficients(beta)
         return {"beta": beta, "lambda": lam, "camera": drv.get("camera")}
@@ -103,8 +116,7 @@ class Export3DPipeline(Pipeline):
                                  f"or ({T}, {n}), got {tuple(lam_scale.shape)}")
         cams = self._camera(state, motion, T, camera)
         if model.cfg.expr_relative and model.cfg.expr_planes and state["beta"] is None:
-            raise ValueError("source['coeffs']: required with model.expr_relative (the "
-                             "expression planes move the source by its expression change)")
+            raise ValueError(_RELATIVE_NEEDS_COEFFS)
         frames = []
         for t0 in range(0, T, chunk):
             b = beta[t0:t0 + chunk]

@@ -616,6 +616,18 @@ class GOHAPipeline(Pipeline):
         self.input_resolution = int(model.cfg.resolution)
         self.resolution = int(model.output_resolution)
 
+    @classmethod
+    def check_labels(cls, source=None, driving=None) -> None:
+        """Source and driving frames need their ``camera`` and ``coeffs``."""
+        for k in ("camera", "coeffs"):
+            if source is not None and k not in source:
+                raise KeyError(f"source[{k!r}]: missing; GOHA needs the source's camera (25,) "
+                               "and 3DMM coefficients (257,)")
+        for k in ("camera", "coeffs"):
+            if driving is not None and k not in driving:
+                raise KeyError(f"driving[{k!r}]: missing; GOHA is driven by per-frame cameras "
+                               "(T, 25) and 3DMM coefficients (T, 257)")
+
     @torch.no_grad()
     def encode_source(self, source: dict) -> dict:
         out_res, self.resolution = self.resolution, self.input_resolution
@@ -623,10 +635,7 @@ class GOHAPipeline(Pipeline):
             src = self.prepare(source, batched=False)
         finally:
             self.resolution = out_res
-        for k in ("camera", "coeffs"):
-            if k not in src:
-                raise KeyError(f"source[{k!r}]: missing; GOHA needs the source's camera (25,) "
-                               "and 3DMM coefficients (257,)")
+        self.check_labels(source=src)
         frame = {k: v[None] for k, v in src.items() if k in ("image", "camera", "coeffs", "mask")}
         state = self.model.encode_source(self.model.prepare_frame(frame, "source"))
         state["background"] = None
@@ -646,10 +655,7 @@ class GOHAPipeline(Pipeline):
     @torch.no_grad()
     def encode_driving(self, driving: dict) -> dict:
         drv = self.prepare(driving, batched=True, name="driving")
-        for k in ("camera", "coeffs"):
-            if k not in drv:
-                raise KeyError(f"driving[{k!r}]: missing; GOHA is driven by per-frame cameras "
-                               "(T, 25) and 3DMM coefficients (T, 257)")
+        self.check_labels(driving=drv)
         return {"expression": drv["coeffs"][:, 80:144].float(), "camera": drv["camera"].float()}
 
     @torch.no_grad()

@@ -60,7 +60,10 @@ class OTAvatarLoss(nn.Module):
     batch (see the module docstring).
 
     Args: the ``w_*`` weights, ``style_weight``, ``vgg_weights``, ``eye_roi_bug`` and
-    ``arcface_weights`` of :class:`~pyface.models.otavatar.config.OTAvatarConfig`.
+    ``arcface_weights`` of :class:`~pyface.models.otavatar.config.OTAvatarConfig`; ``warn``:
+    log the training warnings about missing weights (the inference pipeline says what they
+    mean for its inversion instead). :meth:`missing_terms` names the terms that run without
+    their weights.
     """
 
     RAW_SCALES = 2
@@ -69,7 +72,8 @@ class OTAvatarLoss(nn.Module):
     def __init__(self, *, w_perceptual: float = 1.0, style_weight: float = 250.0,
                  vgg_weights: str | None = None, w_smooth_l1: float = 1.0,
                  w_mouth: float = 10.0, w_eyes: float = 10.0, eye_roi_bug: bool = False,
-                 w_identity: float = 1.0, arcface_weights: str | None = None):
+                 w_identity: float = 1.0, arcface_weights: str | None = None,
+                 warn: bool = True):
         super().__init__()
         self.w_perceptual, self.w_smooth_l1 = w_perceptual, w_smooth_l1
         self.w_mouth, self.w_eyes, self.eye_roi_bug = w_mouth, w_eyes, eye_roi_bug
@@ -82,7 +86,7 @@ class OTAvatarLoss(nn.Module):
                                    style_weight=style_weight, style_scales=1).eval()
                 p.requires_grad_(False)
                 self.vgg[name] = p          # plain dict: not part of the model's state dict
-        elif w_perceptual:
+        elif w_perceptual and warn:
             log.warning("otavatar: model.vgg_weights is not set; the VGG19 perceptual loss "
                         "(and its Gram term) is replaced by an image-pyramid L1 (2 scales on the "
                         "raw render, 4 on the super-resolved image)")
@@ -93,9 +97,16 @@ class OTAvatarLoss(nn.Module):
 
             # plain dict: the frozen network is not part of the model's state dict
             self.arcface["net"] = ArcFaceIdentityLoss(weights=arcface_weights)
-        if w_identity and not arcface_weights:
+        self._identity_off = bool(w_identity and not arcface_weights)
+        if self._identity_off and warn:
             log.warning("otavatar: model.arcface_weights is not set; the ArcFace identity loss "
                         "is disabled")
+
+    def missing_terms(self) -> list[str]:
+        """The terms that run without their weights: ``"vgg"`` (the VGG19 perceptual term,
+        replaced by an image-pyramid L1) and ``"arcface"`` (the identity term, off)."""
+        return ((["vgg"] if self.w_perceptual and not self.vgg else [])
+                + (["arcface"] if self._identity_off else []))
 
     def _perceptual(self, pred: torch.Tensor, target: torch.Tensor, which: str) -> torch.Tensor:
         if which in self.vgg:

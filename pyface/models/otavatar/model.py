@@ -201,6 +201,10 @@ class OTAvatar(TrainableModel):
 
     ``forward(w (B, num_ws, w_dim), motion (B, 70, window), camera (B, 25))`` -> the generator's
     dict (``image``, ``image_raw``, ``planes``, ...) at ``ws = w + controller(motion)``.
+
+    ``inference=True`` (the pipeline's): the losses do not log the training warnings about
+    unset ``vgg_weights`` / ``arcface_weights``; the pipeline says what they mean for its
+    inversion.
     """
 
     Config = OTAvatarConfig
@@ -216,7 +220,7 @@ class OTAvatar(TrainableModel):
         ``pyface convert otavatar`` folder (the authors' release)."""
         return OTAvatarPipeline.from_checkpoint(path, device=device, ema=ema)
 
-    def __init__(self, cfg: OTAvatarConfig | None = None):
+    def __init__(self, cfg: OTAvatarConfig | None = None, *, inference: bool = False):
         super().__init__()
         cfg = cfg or OTAvatarConfig()
         if not cfg.generator:
@@ -272,13 +276,14 @@ class OTAvatar(TrainableModel):
             w_perceptual=cfg.w_perceptual, style_weight=cfg.style_weight,
             vgg_weights=cfg.vgg_weights, w_smooth_l1=cfg.w_smooth_l1, w_mouth=cfg.w_mouth,
             w_eyes=cfg.w_eyes, eye_roi_bug=cfg.eye_roi_bug, w_identity=cfg.w_identity,
-            arcface_weights=cfg.arcface_weights)
+            arcface_weights=cfg.arcface_weights, warn=not inference)
         # the controller's loss: the same terms, its own mouth weight if set (no state)
         self.controller_loss = self.loss if cfg.controller_w_mouth is None else OTAvatarLoss(
             w_perceptual=cfg.w_perceptual, style_weight=cfg.style_weight,
             vgg_weights=cfg.vgg_weights, w_smooth_l1=cfg.w_smooth_l1,
             w_mouth=cfg.controller_w_mouth, w_eyes=cfg.w_eyes, eye_roi_bug=cfg.eye_roi_bug,
-            w_identity=cfg.w_identity, arcface_weights=cfg.arcface_weights)
+            w_identity=cfg.w_identity, arcface_weights=cfg.arcface_weights,
+            warn=False)                 # the same weights: the warnings above are enough
 
     # --- pieces ----------------------------------------------------------------------------
     @property

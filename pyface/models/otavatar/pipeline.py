@@ -148,16 +148,29 @@ class OTAvatarPipeline(Pipeline):
     [-1, 1] (e.g. ``pyface.eval.lpips.LPIPS``); when set, pivotal tuning stops by OTAvatar's
     rule, the metric <= ``model.cfg.pti_stop_metric`` (0.06); otherwise by the SmoothL1 rule
     (``pti_stop``). pyface.models does not build one (no weights ship): the caller passes it
-    (constructor, attribute or ``encode_source(pti_metric=...)``)."""
+    (constructor, attribute or ``encode_source(pti_metric=...)``).
+
+    The inversion optimises the model's own training loss (:class:`OTAvatarLoss`): its VGG19
+    perceptual term needs ``model.vgg_weights`` (else an image-pyramid L1 replaces it) and its
+    ArcFace identity term ``model.arcface_weights`` (else it is off); PTI uses neither (SmoothL1
+    and ``pti_metric``). The first inversion logs once which terms it runs without;
+    :meth:`from_checkpoint` takes ``vgg_weights`` / ``arcface_weights`` to add them."""
 
     def __init__(self, model, *, device=None, pti_metric=None):
         self.resolution = int(model.generator.cfg.img_resolution)
         self.pti_metric = pti_metric
+        self._noted_terms = False
         super().__init__(model, device=device)
 
     @classmethod
-    def from_checkpoint(cls, path: str, *, device=None, ema: bool = True):
-        """An OTAvatar run / training checkpoint, or a ``pyface convert otavatar`` folder."""
+    def from_checkpoint(cls, path: str, *, device=None, ema: bool = True,
+                        vgg_weights: str | None = None, arcface_weights: str | None = None):
+        """An OTAvatar run / training checkpoint, or a ``pyface convert otavatar`` folder.
+        ``vgg_weights`` / ``arcface_weights`` (given: they replace the checkpoint's
+        ``model.vgg_weights`` / ``model.arcface_weights``): the inversion's perceptual and
+        identity terms."""
+        over = {k: v for k, v in (("vgg_weights", vgg_weights),
+                                  ("arcface_weights", arcface_weights)) if v is not None}
         from pyface import checkpoint as ckpt
         from pyface.train.model import config_from_dict, read_pretrained, resolve_checkpoint
 
@@ -167,7 +180,7 @@ class OTAvatarPipeline(Pipeline):
         meta = ckpt.read_meta(folder)
         if meta.get("kind") == "otavatar":           # the authors' release, converted
             model = OTAvatar(OTAvatarConfig(generator=folder, controller_init=folder,
-                                            local_batch=1))
+                                            local_batch=1, **over), inference=True)
             return cls(model, device=device)
         pre = read_pretrained(folder, ema=ema)
         if pre.model is not None and pre.model != "otavatar":
@@ -183,9 +196,22 @@ class OTAvatarPipeline(Pipeline):
                     f"{cfg.generator!r}) does not exist, nor does {local!r}; the model is built "
                     "from it: put the generator back at either path")
             cfg.generator = local
-        model = OTAvatar(cfg)
+        for k, v in over.items():
+            setattr(cfg, k, v)
+        model = OTAvatar(cfg, inference=True)
         ckpt.load_module_state(model, pre.state, f"checkpoint {pre.path!r}")
         return cls(model, device=device)
+
+    @classmethod
+    def check_labels(cls, source=None, driving=None) -> None:
+        """The source needs its ``camera`` (inversion); driving frames ``motion`` windows or
+        ``coeffs``."""
+        if source is not None and "camera" not in source:
+            raise KeyError("source['camera']: missing; OTAvatar's inversion needs the source's "
+                           "EG3D camera label (25,)")
+        if driving is not None and "motion" not in driving and "coeffs" not in driving:
+            raise ValueError("driving: expected 'motion' (T, 70, W) windows or 'coeffs' "
+                             "(T, 257) 3DMM coefficients (OTAvatar is driven by coefficients)")
 
     # -- stages --------------------------------------------------------------------------------
     def _window(self, coeffs: torch.Tensor) -> torch.Tensor:
@@ -198,9 +224,7 @@ class OTAvatarPipeline(Pipeline):
                       pti_metric=None) -> dict:
         model, cfg = self.model, self.model.cfg
         source = self.prepare(source, batched=False)
-        if "camera" not in source:
-            raise KeyError("source['camera']: missing; OTAvatar's inversion needs the source's "
-                           "EG3D camera label (25,)")
+        self.check_labels(source=source)
         space = cfg.invert_space if space is None else space
         steps = cfg.invert_steps if steps is None else steps
         if space not in ("w", "w+"):
@@ -222,6 +246,9 @@ class OTAvatarPipeline(Pipeline):
         lm = source.get("landmarks")
         lm = lm[None].float() if isinstance(lm, torch.Tensor) and lm.shape[0] == 68 else None
         sr_steps = min(cfg.invert_controller_iters, steps)
+        if steps and not self._noted_terms:
+            self._noted_terms = True
+            self._note_missing_terms()
         t0 = time.perf_counter()
         with torch.enable_grad():
             w, kb, losses = invert(model, img, cam, motion, lm, steps=steps, sr_steps=sr_steps)
@@ -248,6 +275,22 @@ class OTAvatarPipeline(Pipeline):
         state["seconds"] = time.perf_counter() - t0
         return state
 
+    def _note_missing_terms(self) -> None:
+        """One log line: the inversion's loss terms that run without their weights."""
+        missing = self.model.loss.missing_terms()
+        if not missing:
+            return
+        parts = {"vgg": "the VGG19 perceptual term (an image-pyramid L1 replaces it; "
+                        "model.vgg_weights is not set)",
+                 "arcface": "the ArcFace identity term (model.arcface_weights is not set)"}
+        given = {"vgg": "vgg_weights= (pyface convert vgg19)",
+                 "arcface": "arcface_weights= (ResNetArcFace-18 .pth)"}
+        log.warning("otavatar: the source inversion runs without %s: pass %s to "
+                    "OTAvatarPipeline.from_checkpoint to use %s (PTI uses neither)",
+                    " and without ".join(parts[m] for m in missing),
+                    " / ".join(given[m] for m in missing),
+                    "it" if len(missing) == 1 else "them")
+
     def encode_driving(self, driving: dict) -> dict:
         if "image" in driving:
             driving = self.prepare(driving, batched=True, name="driving")
@@ -264,8 +307,7 @@ class OTAvatarPipeline(Pipeline):
                                  f"{tuple(c.shape)}")
             m = self._window(c)
         else:
-            raise ValueError("driving: expected 'motion' (T, 70, W) windows or 'coeffs' "
-                             "(T, 257) 3DMM coefficients (OTAvatar is driven by coefficients)")
+            self.check_labels(driving={})        # neither tensor: the same message
         out = {"motion": m}
         cam = driving.get("camera")
         if isinstance(cam, torch.Tensor):

@@ -1,0 +1,289 @@
+"""``pyface animate`` with the inputs users have: where --out goes, the numeric options' ranges,
+images PIL reads in other modes (16-bit grey, EXIF-rotated) and files that are not videos. Every
+wrong input is one line naming the option and the value, never a traceback."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pyface.cli import main
+from pyface.data.driving import read_driving, read_source
+from pyface.data.format import DataError
+
+TINY = ["model.resolution=16", "model.plane_resolution=8", "model.plane_channels=4",
+        "model.encoder_channels=8", "model.hidden=8", "model.depth_samples=4",
+        "data.resolution=16", "data.size=16", "train.batch_size=4", "train.progress=false",
+        "train.tensorboard=false", "train.image_every=0", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def example_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("example") / "run"
+    sets = sum((["--set", s] for s in TINY), [])
+    assert main(["train", "example", *sets, "--set", f"train.run_dir={run}",
+                 "--set", "train.steps=1"]) == 0
+    return str(run)
+
+
+@pytest.fixture(scope="module")
+def frames_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("frames")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return str(d)
+
+
+def _animate(run, frames, *extra):
+    return main(["animate", "example", "--checkpoint", run, "--source", frames, "--driving",
+                 frames, "--device", "cpu", "--no-progress", *extra])
+
+
+def test_out_folder_gets_the_default_name(example_run, frames_dir, tmp_path, capsys):
+    (tmp_path / "videos").mkdir()
+    assert _animate(example_run, frames_dir, "--out", str(tmp_path / "videos")) == 0
+    assert os.listdir(tmp_path / "videos") == ["animation.mp4"]
+    capsys.readouterr()
+    assert _animate(example_run, frames_dir, "--out", str(tmp_path / "new") + os.sep) == 0
+    assert os.listdir(tmp_path / "new") == ["animation.mp4"]
+    assert capsys.readouterr().out.startswith(os.path.join(str(tmp_path / "new"),
+                                                           "animation.mp4"))
+
+
+@pytest.mark.parametrize("out, msg", [
+    ("noext", "--out: expected a video file name ending in .mp4"),
+    ("still.png", "--out: expected a video file name ending in .mp4"),
+    ("afile/x.mp4", "cannot create its folder: "),
+])
+def test_out_that_cannot_be_a_video_is_refused_before_any_work(example_run, frames_dir,
+                                                               tmp_path, capsys, out, msg):
+    (tmp_path / "afile").write_text("x")
+    assert _animate(example_run, frames_dir, "--out", str(tmp_path / out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pyface animate: ") and msg in err and err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == ["afile"]                 # nothing written
+
+
+@pytest.mark.parametrize("option, value, msg", [
+    ("--fps", "0", "--fps: expected a frame rate > 0, got 0.0"),
+    ("--fps", "-5", "--fps: expected a frame rate > 0, got -5.0"),
+    ("--fps", "nan", "--fps: expected a frame rate > 0, got nan"),
+    ("--fps", "inf", "--fps: expected a frame rate > 0, got inf"),
+    ("--frames", "0", "--frames: expected an integer >= 1, got 0"),
+    ("--stride", "-1", "--stride: expected an integer >= 1, got -1"),
+    ("--batch", "0", "--batch: expected an integer >= 1, got 0"),
+    ("--truncation", "nan", "--truncation: expected a finite number, got nan"),
+    ("--driving", "", "--driving: expected a path, got ''"),
+])
+def test_numeric_options_name_the_option_and_value(example_run, frames_dir, tmp_path, capsys,
+                                                   option, value, msg):
+    assert _animate(example_run, frames_dir, "--out", str(tmp_path / "a.mp4"), option,
+                    value) == 2
+    assert capsys.readouterr().err == f"pyface animate: {msg}\n"
+    assert not (tmp_path / "a.mp4").exists()
+
+
+def test_frames_and_stride_beyond_the_clip_use_what_there_is(example_run, frames_dir, tmp_path,
+                                                             capsys):
+    assert _animate(example_run, frames_dir, "--out", str(tmp_path / "a.mp4"), "--frames", "100",
+                    "--stride", "2", "--batch", "100") == 0
+    assert "2 frames at 16x16" in capsys.readouterr().out
+
+
+def test_a_file_that_is_not_a_video_says_so(example_run, frames_dir, tmp_path, capsys):
+    pytest.importorskip("imageio_ffmpeg")
+    (tmp_path / "notes.mp4").write_text("hello")
+    assert main(["animate", "example", "--checkpoint", example_run, "--source", frames_dir,
+                 "--driving", str(tmp_path / "notes.mp4"), "--device", "cpu",
+                 "--out", str(tmp_path / "a.mp4")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pyface animate: ") and "notes.mp4: not a video file ffmpeg can read" \
+        in err and "pip install" not in err and err.count("\n") == 1
+
+
+def test_16_bit_grey_png_keeps_its_tones(tmp_path):
+    """PIL converts I;16 to RGB by clipping at 255 (the image turns white); the reader scales."""
+    a = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    Image.fromarray(a).save(tmp_path / "deep.png")
+    img = read_source(str(tmp_path / "deep.png"), None)["image"]
+    want = np.round(a / 257.0) / 127.5 - 1
+    np.testing.assert_allclose(img[0].numpy(), want, atol=1e-6)
+    assert float(img.mean()) == pytest.approx(0.0, abs=0.01)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stored landscape with orientation 6 (rotate 90 degrees clockwise) is read
+    upright, as `pyface data prepare` reads it."""
+    a = np.zeros((10, 20, 3), np.uint8)
+    a[:, :10] = 255                                  # left half white in storage
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    img = read_source(str(tmp_path / "phone.jpg"), None)["image"]
+    assert img.shape == (3, 10, 10)                  # upright 20x10, centre-cropped to 10x10
+    top, bottom = img[:, :2].mean(), img[:, -2:].mean()
+    assert top > 0.9 and bottom < -0.9               # white half rotated to the top
+    assert read_driving(str(tmp_path / "phone.jpg"), None)["image"].shape == (1, 3, 10, 10)
+
+
+def test_unreadable_image_source_is_a_data_error(tmp_path):
+    (tmp_path / "x.png").write_text("not an image")
+    with pytest.raises(DataError, match=r"x\.png: not a readable image"):
+        read_source(str(tmp_path / "x.png"), 16)
+
+
+def test_checkpoint_that_is_a_weights_file_points_to_convert(frames_dir, tmp_path, capsys):
+    (tmp_path / "net.pth").write_bytes(b"x")
+    assert main(["animate", "example", "--checkpoint", str(tmp_path / "net.pth"), "--source",
+                 frames_dir, "--device", "cpu", "--out", str(tmp_path / "a.mp4")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pyface animate: checkpoint ") and "it is a file" in err
+    assert "pyface convert FORMAT FILE OUT" in err and err.count("\n") == 1
+
+
+def test_out_that_is_the_driving_video_is_refused(example_run, frames_dir, tmp_path, capsys):
+    import imageio.v2 as iio
+
+    video = tmp_path / "drive.mp4"
+    iio.mimwrite(str(video), list(np.full((3, 16, 16, 3), 90, np.uint8)), fps=5,
+                 macro_block_size=1)
+    before = video.read_bytes()
+    assert main(["animate", "example", "--checkpoint", example_run, "--source", frames_dir,
+                 "--driving", str(video), "--device", "cpu", "--out", str(video)]) == 2
+    assert "the same file as --driving" in capsys.readouterr().err
+    assert video.read_bytes() == before
+
+
+def _zero_frame_mp4(path) -> str:
+    """An mp4 container written with no frames (ffmpeg -frames:v 0): it has no stream."""
+    import subprocess
+
+    ffmpeg = pytest.importorskip("imageio_ffmpeg").get_ffmpeg_exe()
+    subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "color=c=black:s=16x16:r=5", "-frames:v", "0", "-c:v", "libx264",
+                    str(path)], check=True)
+    assert os.path.getsize(path) > 0
+    return str(path)
+
+
+@pytest.mark.parametrize("role", ["--driving", "--source"])
+def test_a_zero_frame_video_says_it_has_no_frames(example_run, frames_dir, tmp_path, capsys,
+                                                  role):
+    empty = _zero_frame_mp4(tmp_path / "empty.mp4")
+    inputs = {"--source": frames_dir, "--driving": frames_dir, role: empty}
+    assert main(["animate", "example", "--checkpoint", example_run, *sum(inputs.items(), ()),
+                 "--device", "cpu", "--no-progress", "--out", str(tmp_path / "a.mp4")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"pyface animate: {empty}: the video has no frames (ffmpeg finds no video " \
+                  "stream in it)\n"
+    assert not (tmp_path / "a.mp4").exists()
+
+
+def test_one_frame_is_counted_in_the_singular(example_run, frames_dir, tmp_path, capsys):
+    assert _animate(example_run, frames_dir, "--out", str(tmp_path / "a.mp4"), "--frames",
+                    "1") == 0
+    out = capsys.readouterr().out
+    assert "\n  1 frame at 16x16; " in out and "1 frames" not in out
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--stride", "2"], "--stride"),
+    (["--batch", "4"], "--batch"),
+    (["--stride", "1", "--batch", "8"], "--stride or --batch"),      # defaults given explicitly
+])
+def test_seeds_refuse_stride_and_batch(tmp_path, capsys, extra, named):
+    """EG3D's seed orbit renders every frame itself: --stride and --batch would be ignored."""
+    assert main(["animate", "eg3d", "--checkpoint", str(tmp_path / "none"), "--seeds", "0",
+                 "--out", str(tmp_path / "a.mp4"), *extra]) == 2
+    assert capsys.readouterr().err == (f"pyface animate: --seeds renders every orbit frame and "
+                                       f"takes no {named} (they pick and batch driving "
+                                       "frames)\n")
+    assert os.listdir(tmp_path) == []
+
+
+def _video_folder(root, name, *, drop=()) -> str:
+    """A 3-frame pyface video folder (frames, coeffs, cameras, landmarks) without ``drop``."""
+    from pyface.data import format as fmt
+
+    cam = np.concatenate([np.eye(4).reshape(-1), [4.26, 0, 0.5, 0, 4.26, 0.5, 0, 0, 1]])
+    fmt.write_video(str(root), name, np.full((3, 16, 16, 3), 100, np.uint8),
+                    np.zeros((3, 257), np.float32), np.tile(cam, (3, 1)).astype(np.float32),
+                    identity=name, fps=5.0, landmarks=np.full((3, 68, 2), 8.0, np.float32))
+    for f in drop:
+        os.remove(os.path.join(root, name, f))
+    return os.path.join(str(root), name)
+
+
+@pytest.mark.parametrize("model, inputs, msg", [
+    ("eg3d", ("frames", "frames"), "source['camera'] missing: EG3D inversion needs the image's "
+                                   "EG3D camera label (25,)"),
+    ("eg3d", ("video", "frames"), "driving['camera']: expected (T, 25) EG3D labels, got None"),
+    ("otavatar", ("frames", "video"), "source['camera']: missing; OTAvatar's inversion needs "
+                                      "the source's EG3D camera label (25,)"),
+    ("otavatar", ("video", "frames"), "driving: expected 'motion' (T, 70, W) windows or "
+                                      "'coeffs' (T, 257)"),
+    ("goha", ("nocoeffs", "video"), "source['coeffs']: missing; GOHA needs the source's camera"),
+    ("goha", ("video", "nocamera"), "driving['camera']: missing; GOHA is driven by per-frame "
+                                    "cameras"),
+    ("export3d", ("video", "frames"), "driving['coeffs']: missing; Export3D is driven by 3DMM"),
+])
+def test_a_missing_label_is_refused_before_the_model_loads(frames_dir, tmp_path, capsys, model,
+                                                           inputs, msg):
+    """The checkpoint does not exist: the label error comes first, from the inputs' files
+    alone, with the message the pipeline's stage would raise after loading (and, for EG3D and
+    OTAvatar, after minutes of source inversion)."""
+    paths = {"frames": frames_dir, "video": _video_folder(tmp_path, "v"),
+             "nocoeffs": _video_folder(tmp_path, "nc", drop=["coeffs.npy"]),
+             "nocamera": _video_folder(tmp_path, "ncam", drop=["dataset.json"])}
+    src, drv = (paths[k] for k in inputs)
+    assert main(["animate", model, "--checkpoint", str(tmp_path / "missing"), "--source", src,
+                 "--driving", drv, "--device", "cpu", "--out", str(tmp_path / "a.mp4")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"pyface animate: {msg}") and err.count("\n") == 1
+    assert ("pyface data prepare" in err) == (frames_dir in (src, drv))
+    assert not (tmp_path / "a.mp4").exists()
+
+
+@pytest.mark.parametrize("model", ["eg3d", "export3d", "goha", "mmfa"])
+def test_a_model_without_default_motion_needs_driving_before_it_loads(frames_dir, tmp_path,
+                                                                     capsys, model):
+    assert main(["animate", model, "--checkpoint", str(tmp_path / "missing"), "--source",
+                 frames_dir, "--device", "cpu", "--out", str(tmp_path / "a.mp4")]) == 2
+    assert capsys.readouterr().err == (f"pyface animate: model {model!r} needs --driving (a "
+                                       "video folder, video file or frame folder)\n")
+
+
+def test_inputs_that_carry_the_labels_reach_the_checkpoint(tmp_path, capsys):
+    """The early check refuses nothing a model can use: with every label present the next
+    error is the missing checkpoint."""
+    video = _video_folder(tmp_path, "v")
+    assert main(["animate", "goha", "--checkpoint", str(tmp_path / "missing"), "--source",
+                 video, "--driving", video, "--device", "cpu",
+                 "--out", str(tmp_path / "a.mp4")]) == 1
+    err = capsys.readouterr().err
+    assert "missing" in err and "GOHA" not in err and "needs" not in err
+
+
+def test_frame_labels_name_what_the_readers_give(frames_dir, tmp_path):
+    from pyface.data.driving import frame_labels
+
+    full = _video_folder(tmp_path, "v")
+    part = _video_folder(tmp_path, "p", drop=["coeffs.npy", "landmarks.npy"])
+    assert frame_labels(full) == set(read_source(full, None)) == set(read_driving(full, None)) \
+        == {"image", "camera", "coeffs", "landmarks"}
+    assert frame_labels(part) == {"image", "camera"}
+    assert frame_labels(frames_dir) == set(read_source(frames_dir, None)) == {"image"}
+    with pytest.raises(DataError, match=r"nowhere: not found"):
+        frame_labels(str(tmp_path / "nowhere"))
+
+
+def test_a_missing_source_is_named_before_the_checkpoint_is_read(tmp_path, capsys):
+    assert main(["animate", "example", "--checkpoint", str(tmp_path / "none"), "--source",
+                 str(tmp_path / "x.png"), "--out", str(tmp_path / "a.mp4")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"pyface animate: {tmp_path / 'x.png'}: not found") and \
+        "none" not in err and err.count("\n") == 1

@@ -1,0 +1,142 @@
+"""``pyface eval`` with the mistakes users make: weights of another network, a file that is no
+state dict, an unknown model, out-of-range numbers, output paths that cannot be written, a
+cross-identity protocol on a set without one, a folder that is no dataset. Each is one line
+naming the option and the value, given before any evaluation; the printed table and the JSON
+report hold the same numbers."""
+import json
+import os
+
+import pytest
+import torch
+
+from _eval_data import eval_set
+
+from pyface.cli import main
+
+BASE = ["--quiet", "--device", "cpu", "--detector", "none", "--metrics", "psnr"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("evalcli") / "ds")
+    return eval_set(out, 2, identities=2, videos_per_identity=1, frames=3, resolution=16)
+
+
+@pytest.fixture(scope="module")
+def one_identity(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("evalcli1") / "ds")
+    return eval_set(out, 2, identities=1, videos_per_identity=1, frames=3, resolution=16,
+                    cross=False)
+
+
+@pytest.fixture(scope="module")
+def vgg_file(tmp_path_factory):
+    from pyface.nn.vgg import VGG19
+
+    path = tmp_path_factory.mktemp("w") / "vgg19.pth"
+    torch.save({k: torch.zeros_like(v) for k, v in VGG19().state_dict().items()}, path)
+    return str(path)
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("pyface eval: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_weights_of_another_network_name_the_option(root, vgg_file, tmp_path, capsys):
+    args = ["eval", "copy-source", "--data", root, *BASE[:-2]]
+    assert main(args + ["--metrics", "csim", "--weights", f"csim={vgg_file}"]) == 1
+    err = _err(capsys)
+    assert f"metric 'csim': --weights csim={vgg_file} is not an ArcFace IResNet" in err
+    assert main(args + ["--metrics", "lpips", "--weights", f"lpips={vgg_file}"]) == 1
+    assert f"metric 'lpips': --weights lpips={vgg_file} is not the ImageNet backbone" in \
+        _err(capsys)
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    assert main(args + ["--metrics", "csim", "--weights", f"csim={tmp_path / 'list.pth'}"]) == 1
+    assert "list.pth: expected a state dict (names -> tensors), got list" in _err(capsys)
+
+
+def test_unknown_metric_names_the_option(root, capsys):
+    assert main(["eval", "copy-source", "--data", root, *BASE[:-1], "psnr,foo"]) == 1
+    assert "--metrics psnr,foo: metric: expected one of psnr, ssim" in _err(capsys)
+
+
+def test_a_baseline_with_a_checkpoint_is_refused(root, capsys):
+    assert main(["eval", "copy-source", "--checkpoint", root, "--data", root, *BASE]) == 2
+    assert "--checkpoint: copy-source is a baseline and takes none" in _err(capsys)
+
+
+def test_unknown_model_is_a_message(root, capsys):
+    assert main(["eval", "nope", "--checkpoint", root, "--data", root, *BASE]) == 1
+    assert "unknown model 'nope'; registered: " in _err(capsys)
+    assert main(["eval", "--runs", f"nope={root}", "--data", root, *BASE]) == 1
+    assert "unknown model 'nope'" in _err(capsys)
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--max-pairs", "0"], "--max-pairs: expected an integer >= 1 or none, got 0"),
+    (["--batch-size", "-1"], "--batch-size: expected an integer >= 1, got -1"),
+    (["--sheet-rows", "-1"], "--sheet-rows: expected an integer >= 0, got -1"),
+    (["--sheet-rows", "0", "--sheet", "s.png"], "--sheet needs at least 1 row, got 0"),
+    (["--workers", "-2"], "--workers: expected an integer >= 0, got -2"),
+    (["--sheet", "sheet.txt"], "--sheet: expected a file name ending in .png"),
+    (["--json", "report"], "--json: expected a file name ending in .json"),
+    (["--json", "FILE/r.json"], "cannot create its folder: "),
+])
+def test_option_errors_come_before_the_evaluation(root, tmp_path, capsys, extra, msg):
+    (tmp_path / "FILE").write_text("x")
+    extra = [os.path.join(str(tmp_path), e) if e.endswith((".png", ".txt", ".json", "report"))
+             else e for e in extra]
+    assert main(["eval", "copy-source", "--data", root, *BASE, *extra]) == 2
+    assert msg in _err(capsys)
+    assert sorted(os.listdir(tmp_path)) == ["FILE"]
+
+
+def test_runs_out_that_is_a_file(root, tmp_path, capsys):
+    (tmp_path / "FILE").write_text("x")
+    assert main(["eval", "--runs", "--data", root, *BASE, "--out", str(tmp_path / "FILE")]) == 2
+    assert "FILE: exists and is not a folder" in _err(capsys)
+
+
+def test_cross_protocol_on_a_set_without_cross_pairs(one_identity, capsys):
+    for proto in ("cross", "both"):
+        assert main(["eval", "copy-source", "--data", one_identity, *BASE, "--protocol",
+                     proto]) == 2
+        assert f"--protocol {proto}: {one_identity} has no cross-identity pairs" in _err(capsys)
+
+
+def test_runs_without_sheet_rows_write_no_sheets(root, tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert main(["eval", "--runs", "--data", root, *BASE, "--max-pairs", "1", "--sheet-rows",
+                 "0", "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["copy-source.json", "report.json", "table.md",
+                                       "warp-baseline.json"]
+
+
+def test_data_that_is_not_a_dataset(tmp_path, capsys):
+    (tmp_path / "a.png").write_bytes(b"x")
+    assert main(["eval", "copy-source", "--data", str(tmp_path), *BASE]) == 2
+    assert "no index.json and no video folders" in _err(capsys)
+    assert main(["eval", "copy-source", "--data", str(tmp_path / "nope"), *BASE]) == 2
+    assert "nope: not found (expected a pyface dataset root" in _err(capsys)
+
+
+def test_sheet_and_json_into_a_folder_and_the_table_matches_the_json(root, tmp_path, capsys):
+    out = str(tmp_path / "new") + os.sep
+    assert main(["eval", "copy-source", "--data", root, *BASE[:-1], "psnr,ssim", "--json", out,
+                 "--sheet", out]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "new")) == ["copy-source.json", "copy-source.png"]
+    with open(tmp_path / "new" / "copy-source.json") as f:
+        report = json.load(f)
+    rows = {tuple(line.split()[:2]): line.split()[2:] for line in printed.splitlines()
+            if line.split()[:1] and line.split()[0] in report["protocols"]}
+    assert len(rows) == sum(len(r["subsets"]) for r in report["protocols"].values()) > 0
+    for proto, r in report["protocols"].items():
+        for subset, s in r["subsets"].items():
+            count, psnr, psnr_face, ssim, ssim_face, fps = rows[(proto, subset)]
+            assert int(count) == s["count"]
+            assert psnr == f"{s['psnr']['image']:.2f}" and psnr_face == f"{s['psnr']['face']:.2f}"
+            assert ssim == f"{s['ssim']['image']:.4f}" and ssim_face == f"{s['ssim']['face']:.4f}"
+            assert fps == f"{r['fps']:.1f}"
