@@ -293,3 +293,26 @@ def test_mp4_videos(root, tmp_path):
     for i in (0, 5, 7):
         img = ds[i]["image"].permute(1, 2, 0).numpy().astype(float)
         assert np.abs(img - frames[i]).mean() < 6
+
+
+def test_sixteen_bit_grey_images_keep_their_tones(tmp_path):
+    """Every image reader goes through ``format.rgb8``: a 16-bit grey PNG (Pillow mode ``I`` /
+    ``I;16``) is scaled by 255/65535 instead of clipped at 255 (which made it nearly white)."""
+    ramp = (np.arange(16 * 16, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)
+    want = np.repeat((ramp // 257).astype(np.uint8)[..., None], 3, -1)
+    path = tmp_path / "grey16.png"
+    Image.fromarray(ramp).save(path)
+    with Image.open(path) as im:
+        assert im.mode.startswith("I")
+        np.testing.assert_array_equal(fmt.rgb8(im), want)
+    with Image.open(path) as im:                       # Pillow's own conversion clips
+        assert (np.array(im.convert("RGB")) == 255).mean() > 0.9
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 0                # alpha dropped, colour under it kept
+    assert fmt.rgb8(Image.fromarray(rgba, "RGBA"))[0, 0].tolist() == [200, 0, 0]
+    # the EG3D image-folder loader
+    d = tmp_path / "folder"
+    d.mkdir()
+    Image.fromarray(ramp).save(d / "img00000.png")
+    img = ImageFolderDataset(str(d), labels=False)[0]["image"]
+    np.testing.assert_array_equal(img[0].numpy(), want[..., 0])      # (3, H, W) in 0..255

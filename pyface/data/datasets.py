@@ -956,7 +956,7 @@ class _Source:
         data = self.read(name)
         try:
             with Image.open(io.BytesIO(data)) as im:
-                return np.array(im.convert("RGB"))
+                return fmt.rgb8(im)
         except Exception as e:
             raise fmt.DataError(f"{where}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
 

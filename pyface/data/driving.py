@@ -72,23 +72,12 @@ def _check_counts(**counts) -> None:
                              + (" or None" if name == "max_frames" else "") + f", got {n!r}")
 
 
-def _to_rgb8(im) -> np.ndarray:
-    """A PIL image -> (H, W, 3) uint8. 16-bit and 32-bit grey (modes I;16*, I, F) are scaled
-    from their 16-bit range (PIL's own conversion clips them at 255, turning them white); an
-    alpha channel is dropped (the colour under it is kept as stored)."""
-    if im.mode.startswith("I") or im.mode == "F":
-        a = np.asarray(im).astype(np.float64)
-        a = np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8)
-        return np.repeat(a[..., None], 3, axis=-1)
-    return np.array(im.convert("RGB"))
-
-
 def _read_image_file(path: str) -> np.ndarray:
     from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as im:
-            return _to_rgb8(ImageOps.exif_transpose(im))    # EXIF orientation, as prepare
+            return fmt.rgb8(ImageOps.exif_transpose(im))    # EXIF orientation, as prepare
     except FileNotFoundError:
         raise fmt.DataError(f"{path}: not found") from None
     except Exception as e:  # PIL raises many types for corrupt files

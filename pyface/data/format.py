@@ -280,6 +280,19 @@ def close_readers() -> None:
 atexit.register(close_readers)
 
 
+def rgb8(im) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB of a Pillow image, the one conversion every pyface image reader
+    uses. 16-bit and 32-bit grey (modes ``I;16*``, ``I`` as Pillow opens 16-bit PNGs, ``F``) are
+    scaled from the 16-bit range by 255/65535: Pillow's own ``convert("RGB")`` clips those values
+    at 255, which turns nearly every pixel white. Other modes (palette, grey, CMYK, with alpha)
+    go through ``convert("RGB")``; an alpha channel is dropped, keeping the colour under it."""
+    if im.mode.startswith("I") or im.mode == "F":
+        a = np.asarray(im).astype(np.float64)
+        g = np.clip(np.round(a * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        return np.repeat(g[..., None], 3, axis=-1)
+    return np.array(im if im.mode == "RGB" else im.convert("RGB"))
+
+
 def read_frame(root: str, rec: VideoRecord, i: int) -> np.ndarray:
     """Frame ``i`` as ``(H, W, 3)`` uint8; raises :class:`DataError` naming the file."""
     if not 0 <= i < rec.num_frames:
@@ -295,7 +308,7 @@ def read_frame(root: str, rec: VideoRecord, i: int) -> np.ndarray:
         else:
             from PIL import Image
             with Image.open(path) as im:
-                img = np.array(im if im.mode == "RGB" else im.convert("RGB"))
+                img = rgb8(im)
     except FileNotFoundError:
         raise DataError(f"{path}: missing frame") from None
     except Exception as e:  # PIL/imageio raise many types for corrupt data

@@ -296,21 +296,10 @@ def iter_frames(src: Source):
     for f in src.files:
         try:
             with Image.open(f) as im:
-                img = rgb8(ImageOps.exif_transpose(im))                   # EXIF orientation
+                img = fmt.rgb8(ImageOps.exif_transpose(im))                   # EXIF orientation
         except Exception as e:  # PIL raises many types for corrupt data
             raise PrepareError(f"{f}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
         yield img
-
-
-def rgb8(im) -> np.ndarray:
-    """``(H, W, 3)`` uint8 RGB of a Pillow image. 16-bit grayscale (``I;16*``, or ``I`` as
-    Pillow opens 16-bit PNGs) is scaled by 255/65535: Pillow's own ``convert("RGB")`` clips
-    those values at 255, which turns nearly every pixel white."""
-    if im.mode.startswith("I;16") or im.mode == "I":
-        a = np.asarray(im).astype(np.float64)
-        g = np.clip(np.round(a * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
-        return np.repeat(g[..., None], 3, -1)
-    return np.array(im.convert("RGB"))
 
 
 def count_frames(src: Source) -> int:
