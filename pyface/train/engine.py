@@ -23,7 +23,7 @@ from pyface import checkpoint as ckpt
 from pyface.train import distributed as D
 from pyface.train.config import ExperimentConfig, experiment_to_dict
 from pyface.train.ema import EMA
-from pyface.train.model import Phase, StepContext, TrainableModel
+from pyface.train.model import ModelDefinitionError, Phase, StepContext, TrainableModel
 from pyface.train.monitor import Board, image_grid, save_png, save_video
 from pyface.train.schedules import lr_factor
 
@@ -173,6 +173,7 @@ class Trainer:
         if self.dist.enabled:
             D.broadcast_module(self.model)
         self.optimizers = self.model.build_optimizers()
+        self._check_optimizers()
         self._opt_params = {k: [p for g in o.param_groups for p in g["params"]]
                             for k, o in self.optimizers.items()}
         self._base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in self.optimizers.items()}
@@ -182,6 +183,10 @@ class Trainer:
                              f"built {sorted(self.optimizers)}")
         self.phases: list[Phase] = list(self.model.phases())
         for ph in self.phases:
+            if not isinstance(ph, Phase):
+                raise ModelDefinitionError(
+                    f"{type(self.model).__name__}.phases() must return a list of "
+                    f"pyface.train.Phase(name, optimizer, ...), got an item {ph!r}")
             names = (ph.optimizer,) if isinstance(ph.optimizer, str) else ph.optimizer or ()
             for name in names:
                 if name not in self.optimizers:
@@ -530,7 +535,7 @@ class Trainer:
                 raise KeyError(f"{what}: no optimizer {name!r}; the model built "
                                f"{sorted(self.optimizers)}")
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise ValueError(f"{what}: the loss must be a scalar tensor, got "
+            raise ModelDefinitionError(f"{what}: the loss must be a scalar tensor, got "
                              f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else loss!r}")
         parts = []      # per optimizer: (optimizer, trainable, shared, local, local ids)
         for name in names:
@@ -650,9 +655,10 @@ class Trainer:
                 with self._autocast():
                     losses = self.model.step(ph.name, batch, ctx)
                 t_model += clock() - t0 - (self._t_update - inner0)   # less in-step updates
+                losses = self._check_losses(ph, losses)
                 if ph.optimizer is not None:
                     if "loss" not in losses:
-                        raise KeyError(f"{type(self.model).__name__}.step({ph.name!r}) must "
+                        raise ModelDefinitionError(f"{type(self.model).__name__}.step({ph.name!r}) must "
                                        f"return the total loss under 'loss'; got keys "
                                        f"{sorted(losses)}")
                     gnorm = self._apply_update(ph.optimizer, losses["loss"], phase=ph.name,
@@ -667,6 +673,41 @@ class Trainer:
             for k, v in (("model", t_model), ("backward", self._t_back),
                          ("optimizer", self._t_opt), ("total", clock() - t_start)):
                 self.timings.setdefault(k, []).append(v)
+        return out
+
+    def _check_optimizers(self) -> None:
+        name = type(self.model).__name__
+        opts = self.optimizers
+        if not isinstance(opts, dict) or not opts:
+            raise ModelDefinitionError(
+                f"{name}.build_optimizers() must return a non-empty dict {{name: "
+                f"torch.optim.Optimizer}} (the names phases and ctx.update use), got "
+                + (repr(opts) if isinstance(opts, dict) else type(opts).__name__))
+        for k, o in opts.items():
+            if not isinstance(k, str) or not isinstance(o, torch.optim.Optimizer):
+                raise ModelDefinitionError(
+                    f"{name}.build_optimizers(): entry {k!r} must map a name (str) to a "
+                    f"torch.optim.Optimizer, got {type(k).__name__} -> {type(o).__name__}")
+
+    def _check_losses(self, ph: Phase, losses) -> dict:
+        """``step``'s return value: a dict of name -> tensor (numbers are converted)."""
+        name = f"{type(self.model).__name__}.step({ph.name!r})"
+        if not isinstance(losses, dict):
+            raise ModelDefinitionError(
+                f"{name} must return a dict {{'loss': scalar tensor, other name: value to "
+                f"log}}, got {type(losses).__name__}")
+        out = {}
+        for k, v in losses.items():
+            if isinstance(v, torch.Tensor):
+                out[k] = v
+            elif isinstance(v, (int, float)) and not isinstance(v, bool) and not (
+                    k == "loss" and ph.optimizer is not None):
+                out[k] = torch.tensor(float(v))
+            else:
+                raise ModelDefinitionError(
+                    f"{name} returned {k!r} as {type(v).__name__}; expected "
+                    + ("a scalar tensor (the loss its phase's optimizer updates)"
+                       if k == "loss" and ph.optimizer is not None else "a tensor or a number"))
         return out
 
     def _guard(self, what: str, loss: float, gnorm: float) -> None:
