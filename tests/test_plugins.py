@@ -90,6 +90,32 @@ MISTAKES = {
                         "returned 'loss' as float; expected a scalar tensor"),
     "step_loss_not_scalar": ("M.step = lambda self, p, b, c: {'loss': b['image'] * self.w}",
                              "the loss must be a scalar tensor, got (2, 3, 8, 8)"),
+    "config_field_without_default": ("@dataclass\nclass C2:\n    lr: float\nM.Config = C2",
+                                     "every field of Config (C2) needs a default"),
+    "phase_interval_zero": ("M.phases = lambda self: [Phase('main', 'main', interval=0)]",
+                            "Phase('main', ...): interval must be an int >= 1"),
+    "phase_frozen_string": ("M.phases = lambda self: [Phase('main', 'main', frozen='enc')]",
+                            "frozen must be a tuple of sub-module names, got 'enc' (write "
+                            "('enc',))"),
+    "phases_empty": ("M.phases = lambda self: []", "phases() returned no phase"),
+    "phases_same_name": ("M.phases = lambda self: [Phase('main', 'main')] * 2",
+                         "two phases are named 'main'"),
+    "optimizer_over_a_foreign_tensor": (
+        "M.build_optimizers = lambda self: {'main': torch.optim.Adam([nn.Parameter(torch.ones(2))"
+        "])}", "optimizer 'main' holds 1 tensor(s) that are not parameters of the model"),
+    "data_transform_not_callable": ("M.data_transform = lambda self: 3",
+                                    "data_transform() must return a function"),
+    "loss_without_grad": ("M.step = lambda self, p, b, c: {'loss': b['image'].abs().mean()}",
+                          "phase 'main': the loss does not require grad"),
+    "preview_not_a_dict": ("M.preview = lambda self, b: b['image']\n"
+                           "M.recipe = {'data': {'resolution': 8}, 'train': {'steps': 1, "
+                           "'batch_size': 2, 'image_every': 1}}",
+                           "preview(batch) must return a dict {name: (N, 3, H, W) tensor"),
+    "preview_video_not_frames": ("M.preview_video = lambda self, b, f: b['image'][0]\n"
+                                 "M.recipe = {'data': {'resolution': 8}, 'train': {'steps': 1, "
+                                 "'batch_size': 2, 'video_every': 1, 'video_frames': 2}}",
+                                 "preview_video(batch, frames) must return a (T, 3, H, W) tensor"
+                                 " in [-1, 1] or None, got (3, 8, 8)"),
     "step_logs_string": ("M.step = lambda self, p, b, c: {'loss': (b['image'] * self.w).mean(), "
                          "'note': 'x'}", "returned 'note' as str; expected a tensor or a number"),
 }
@@ -110,7 +136,8 @@ def test_a_plugin_mistake_is_one_line_naming_it(mistake, tmp_path, monkeypatch, 
     try:
         rc = main(["train", name, "--import", module, "--preset", "tiny",
                    "--set", f"train.run_dir={tmp_path / 'run'}",
-                   *sum((["--set", s] for s in QUIET), [])])
+                   *sum((["--set", s] for s in QUIET), []),
+                   *(["--set", "train.image_every=1"] if mistake.startswith("preview") else [])])
     finally:
         registry.MODELS.pop(name, None)
     err = capsys.readouterr().err
@@ -275,3 +302,22 @@ def test_example_plugin_under_torchrun_two_gloo_ranks(tmp_path):
                                       quiet=sum((["--set", s] for s in QUIET), [])))
     run_torchrun(str(script), nproc=2, timeout=300)
     assert ckpt.latest_checkpoint(str(run)).endswith("ckpt-000002")
+
+
+def test_an_entry_point_with_a_builtin_name_is_ignored_with_a_warning(tmp_path, monkeypatch):
+    dist = tmp_path / "clashplugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: clashplugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        "[pyface.models]\nexample = clashplugin:Mine\nclash_free = clashplugin:Other\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    target = registry.MODELS["example"]
+    try:
+        with pytest.warns(UserWarning, match=r"entry point example = 'clashplugin:Mine' of "
+                                             r"clashplugin \(group pyface.models\) is ignored: "
+                                             r"'example' is pyface's own model"):
+            registry.load_entry_points(force=True)
+        assert registry.MODELS["example"] == target
+        assert registry.MODELS["clash_free"] == "clashplugin:Other"
+    finally:
+        registry.MODELS.pop("clash_free", None)

@@ -29,6 +29,12 @@ import torch
 from torch import nn
 
 
+class ModelDefinitionError(TypeError):
+    """A model class (a plugin's, typically) that does not follow the :class:`TrainableModel`
+    contract: the message names the class, the attribute or method and what it should be.
+    ``pyface train`` reports it in one line and exits with code 2."""
+
+
 @dataclass(frozen=True)
 class Phase:
     """One optimisation phase: ``step(name, ...)`` runs every ``interval`` steps and the
@@ -53,6 +59,27 @@ class Phase:
     interval: int = 1
     frozen: tuple[str, ...] = ()
     overlap: bool = True
+
+    def __post_init__(self):
+        where = f"Phase({self.name!r}, ...)"
+        if not isinstance(self.name, str) or not self.name:
+            raise ModelDefinitionError(f"Phase: name must be a non-empty string, got "
+                                       f"{self.name!r}")
+        opt = self.optimizer
+        if not (opt is None or isinstance(opt, str) or (
+                isinstance(opt, tuple) and opt and all(isinstance(o, str) for o in opt))):
+            raise ModelDefinitionError(f"{where}: optimizer must be a name, a tuple of names or "
+                                       f"None, got {opt!r}")
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int) \
+                or self.interval < 1:
+            raise ModelDefinitionError(f"{where}: interval must be an int >= 1 (run every "
+                                       f"interval steps), got {self.interval!r}")
+        if isinstance(self.frozen, str) or not all(isinstance(f, str) for f in self.frozen):
+            raise ModelDefinitionError(f"{where}: frozen must be a tuple of sub-module names, "
+                                       f"got {self.frozen!r}"
+                                       + (f" (write ({self.frozen!r},))"
+                                          if isinstance(self.frozen, str) else ""))
+        object.__setattr__(self, "frozen", tuple(self.frozen))
 
 
 @dataclass
@@ -190,12 +217,6 @@ class TrainableModel(nn.Module):
         return None
 
 
-class ModelDefinitionError(TypeError):
-    """A model class (a plugin's, typically) that does not follow the :class:`TrainableModel`
-    contract: the message names the class, the attribute or method and what it should be.
-    ``pyface train`` reports it in one line and exits with code 2."""
-
-
 def check_model_class(cls, name: str | None = None) -> None:
     """Checks what the engine needs from a model class before anything is built, so a mistake
     in a model (a plugin's) is an error naming it instead of a traceback deep in the engine:
@@ -222,6 +243,12 @@ def check_model_class(cls, name: str | None = None) -> None:
             else f"an instance of {type(cfg).__name__}, not a class")
         raise ModelDefinitionError(f"{label}: Config must be a @dataclass class (its fields are "
                                    f"the model.* keys); got {got}")
+    required = [f.name for f in dataclasses.fields(cfg)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if required:
+        raise ModelDefinitionError(f"{label}: every field of Config ({cfg.__qualname__}) needs a "
+                                   f"default (the model.* keys are optional); no default: "
+                                   f"{', '.join(required)}")
     for meth, sig in (("build_optimizers", "build_optimizers(self) -> {name: optimizer}"),
                       ("step", "step(self, phase, batch, ctx) -> {'loss': tensor, ...}")):
         if getattr(cls, meth, None) is getattr(TrainableModel, meth):
