@@ -273,6 +273,20 @@ def test_example_plugin_trains_resumes_chains_loads_and_benchmarks(tmp_path, mon
                  "--set", f"train.run_dir={refine}", *quiet]) == 0, capsys.readouterr().err
     assert ckpt.latest_checkpoint(str(refine / "stages" / "base")).endswith("ckpt-000004")
     assert ckpt.latest_checkpoint(str(refine)).endswith("ckpt-000002")
+    # an unfinished stage run started with another model config: the stage's own remedy
+    other = tmp_path / "other"
+    started = ["train", "toyplane_refine", "--import", "toyplane", "--preset", "tiny",
+               "--set", f"train.run_dir={other}", *quiet]
+    assert main(started + ["--set", "stages.base.train.steps=2",
+                           "--set", "stages.base.model.channels=2"]) == 0
+    capsys.readouterr()
+    assert main(started) == 2
+    err = capsys.readouterr().err
+    assert ("stage 'base': the unfinished run" in err and "model.channels: unfinished run 2 vs "
+            "this command 4" in err and "--set stages.base.model.channels=2" in err), err
+    assert main(started + ["--set", "stages.base.model.channels=2"]) == 0, \
+        capsys.readouterr().err
+    assert ckpt.latest_checkpoint(str(other / "stages" / "base")).endswith("ckpt-000004")
     # the fused-vs-reference benchmark takes the plugin through --import
     from pyface.bench.train import main as bench_main
 
