@@ -72,6 +72,11 @@ MISTAKES = {
                               "model.stage1_checkpoint, which is not a field of Cfg"),
     "pipeline_not_a_class": ("M.Pipeline = 3", "Pipeline must be a subclass of "
                              "pyface.train.model.Pipeline"),
+    "pipeline_without_generate": (
+        "from pyface.train.model import Pipeline\n"
+        "class P(Pipeline):\n    def encode_source(self, s): return s\n"
+        "    def encode_driving(self, d): return d\nM.Pipeline = P",
+        "its Pipeline P does not define generate(self, state, motion, **controls)"),
     "not_a_trainable_model": ("class Q(nn.Module):\n    Config = Cfg\nM = Q",
                               "not a subclass of pyface.train.TrainableModel"),
     "optimizers_list": ("M.build_optimizers = lambda self: [torch.optim.Adam([self.w])]",

@@ -285,6 +285,13 @@ def check_model_class(cls, name: str | None = None) -> None:
     if pipe is not None and not (isinstance(pipe, type) and issubclass(pipe, Pipeline)):
         raise ModelDefinitionError(f"{label}: Pipeline must be a subclass of "
                                    f"pyface.train.model.Pipeline or None, got {pipe!r}")
+    if pipe is not None:
+        for meth, sig in (("encode_source", "encode_source(self, source)"),
+                          ("encode_driving", "encode_driving(self, driving)"),
+                          ("generate", "generate(self, state, motion, **controls)")):
+            if getattr(pipe, meth) is getattr(Pipeline, meth):
+                raise ModelDefinitionError(f"{label}: its Pipeline {pipe.__qualname__} does not "
+                                           f"define {sig}")
     lbf = cls.local_batch_field
     if lbf is not None and lbf not in fields:
         raise ModelDefinitionError(f"{label}: local_batch_field {lbf!r} is not a field of "
