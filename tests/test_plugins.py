@@ -4,6 +4,7 @@ the runnable plugin of docs/train.md (``examples/plugin/toyplane.py``) trains, r
 its stage, animates, loads and benchmarks through the documented commands."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 import textwrap
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import pyface.models
+from _eval_data import eval_set
 from pyface import checkpoint as ckpt
 from pyface.cli import main
 from pyface.train import registry
@@ -278,6 +280,16 @@ def test_example_plugin_trains_resumes_chains_loads_and_benchmarks(tmp_path, mon
                  "--set", f"train.run_dir={refine}", *quiet]) == 0, capsys.readouterr().err
     assert ckpt.latest_checkpoint(str(refine / "stages" / "base")).endswith("ckpt-000004")
     assert ckpt.latest_checkpoint(str(refine)).endswith("ckpt-000002")
+    # pyface eval finds the plugin through --import too
+    data = eval_set(str(tmp_path / "eval_set"), 4)
+    report = tmp_path / "eval.json"
+    assert main(["eval", "toyplane", "--import", "toyplane", "--checkpoint", str(run),
+                 "--data", data, "--device", "cpu", "--max-pairs", "2", "--quiet",
+                 "--json", str(report)]) == 0, capsys.readouterr().err
+    assert json.loads(report.read_text())["model"] == "toyplane"
+    assert main(["eval", "toyplan", "--import", "toyplane", "--checkpoint", str(run),
+                 "--data", data]) == 2
+    assert "did you mean toyplane" in capsys.readouterr().err
     # an unfinished stage run started with another model config: the stage's own remedy
     other = tmp_path / "other"
     started = ["train", "toyplane_refine", "--import", "toyplane", "--preset", "tiny",

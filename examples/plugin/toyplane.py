@@ -11,6 +11,7 @@ stage, trained first when its checkpoint is not given). From this folder::
     pyface train toyplane_refine --import toyplane --preset tiny --set train.run_dir=runs/refine
     pyface animate toyplane --import toyplane --checkpoint runs/toy --source FACE.png \\
         --driving FRAMES_FOLDER
+    pyface eval toyplane --import toyplane --checkpoint runs/toy --data HELD_OUT_SET
     python -m pyface.bench.train toyplane --import toyplane --preset tiny --steps 4
 
 (``tests/test_plugins.py`` runs these.)

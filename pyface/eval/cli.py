@@ -73,6 +73,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-ema", action="store_true", help="use the live weights, not the EMA")
     p.add_argument("--workers", type=int, default=0, help="data loader processes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from pyface.train.cli import add_import_argument
+
+    add_import_argument(p)
     p.set_defaults(func=run)
 
 
@@ -382,10 +385,19 @@ def run(args) -> int:
     from pyface.eval.weights import parse_weights
     from pyface.train.cli import resolve_device
 
+    from pyface.train.model import ModelDefinitionError
+    from pyface.train.registry import RegistryError, import_plugins, model_class
+
     try:
         device = resolve_device(args.device)
-    except ValueError as exc:
+        import_plugins(getattr(args, "imports", None) or [])
+        if args.model is not None and args.model not in BASELINES:
+            model_class(args.model)            # an unknown or broken model: one line
+    except (ValueError, ImportError, RegistryError, ModelDefinitionError) as exc:
         print(f"pyface eval: {exc}", file=sys.stderr)
+        return 2
+    except KeyError as exc:
+        print(f"pyface eval: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
     if args.runs is not None:
         if args.model is not None or args.checkpoint or args.json or args.sheet:
