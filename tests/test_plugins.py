@@ -202,6 +202,10 @@ def test_registration_cannot_shadow_a_builtin_or_another_plugin(tmp_path, monkey
     with pytest.raises(registry.RegistryError, match=r"'package.module:Class'"):
         registry.register_model("shadow_test2", "no_colon")
     registry.MODELS.pop("shadow_test")
+    from pyface.train.example import TriplaneAutoencoder
+
+    registry.register_model("shadow_test", TriplaneAutoencoder)      # a class: its path
+    assert registry.MODELS.pop("shadow_test") == "pyface.train.example:TriplaneAutoencoder"
     # through pyface train: one line, exit code 2
     (tmp_path / "plugin_clash.py").write_text(
         "from pyface.train import register_model\n"

@@ -70,6 +70,8 @@ def _register(table: dict[str, str], builtin: frozenset, kind: str, name: str, t
               replace: bool) -> None:
     if not isinstance(name, str) or not name:
         raise RegistryError(f"register_{kind}: name must be a non-empty string, got {name!r}")
+    if isinstance(target, type) or callable(target) and hasattr(target, "__qualname__"):
+        target = f"{target.__module__}:{target.__qualname__}"     # a class: its import path
     if not isinstance(target, str) or ":" not in target:
         raise RegistryError(f"register_{kind}({name!r}, {target!r}): target must be a "
                          f"'package.module:Class' string")
@@ -84,16 +86,17 @@ def _register(table: dict[str, str], builtin: frozenset, kind: str, name: str, t
     table[name] = target
 
 
-def register_model(name: str, target: str, *, replace: bool = False) -> None:
+def register_model(name: str, target, *, replace: bool = False) -> None:
     """``target``: ``"package.module:Class"``, a TrainableModel subclass with a ``Config``
-    (checked when the model is first used, :func:`pyface.train.model.check_model_class`).
+    (checked when the model is first used, :func:`pyface.train.model.check_model_class`), or
+    the class itself (recorded as its ``module:qualname``).
 
     A name of pyface's own models is a ValueError; so is a name already registered with
     another target, unless ``replace``. Registering the same target again is a no-op."""
     _register(MODELS, BUILTIN_MODELS, "model", name, target, replace)
 
 
-def register_dataset(name: str, target: str, *, replace: bool = False) -> None:
+def register_dataset(name: str, target, *, replace: bool = False) -> None:
     """``target``: ``"package.module:Class"`` with ``from_config(data_config)`` (and an
     ``Options`` dataclass: ``data.options`` is converted to it), a factory called as
     ``factory(data_config)``, or a Dataset class taking ``(size=, resolution=, seed=)``.
