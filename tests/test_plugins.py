@@ -8,6 +8,8 @@ import json
 import os
 import sys
 import textwrap
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import pytest
 import torch
@@ -356,3 +358,26 @@ def test_an_entry_point_with_a_builtin_name_is_ignored_with_a_warning(tmp_path, 
         assert registry.MODELS["clash_free"] == "clashplugin:Other"
     finally:
         registry.MODELS.pop("clash_free", None)
+
+
+@dataclass
+class LitConfig:
+    mode: Literal["fast", "exact"] = "fast"
+    levels: Literal[1, 2, 4] = 1
+    extra: Optional[Literal["a", "b"]] = None
+
+
+def test_a_literal_config_field_takes_only_its_values():
+    from pyface.train.config import ConfigError, build_experiment
+
+    cfg = build_experiment("lit", LitConfig, overrides=["model.mode=exact", "model.levels=4",
+                                                        "model.extra=null"])
+    assert (cfg.model_config.mode, cfg.model_config.levels, cfg.model_config.extra) == \
+        ("exact", 4, None)
+    with pytest.raises(ConfigError, match=r"model.mode: expected one of fast, exact, got "
+                                          r"'exakt'; did you mean exact\?"):
+        build_experiment("lit", LitConfig, overrides=["model.mode=exakt"])
+    with pytest.raises(ConfigError, match=r"model.levels: expected one of 1, 2, 4, got 3"):
+        build_experiment("lit", LitConfig, overrides=["model.levels=3"])
+    with pytest.raises(ConfigError, match=r"model.extra: expected one of a, b, got 'c'"):
+        build_experiment("lit", LitConfig, overrides=["model.extra=c"])
