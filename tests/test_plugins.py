@@ -11,6 +11,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+import numpy as np
 import pytest
 import torch
 
@@ -381,3 +382,23 @@ def test_a_literal_config_field_takes_only_its_values():
         build_experiment("lit", LitConfig, overrides=["model.levels=3"])
     with pytest.raises(ConfigError, match=r"model.extra: expected one of a, b, got 'c'"):
         build_experiment("lit", LitConfig, overrides=["model.extra=c"])
+
+
+def test_animate_and_eval_report_a_broken_plugin_in_one_line(tmp_path, monkeypatch, capsys):
+    import imageio.v3 as iio
+
+    write_plugin(tmp_path, monkeypatch, "plugin_broken_cli", "del M.step", "broken_cli")
+    src = tmp_path / "src.png"
+    iio.imwrite(src, np.zeros((8, 8, 3), np.uint8))
+    try:
+        assert main(["animate", "broken_cli", "--import", "plugin_broken_cli", "--checkpoint",
+                     str(tmp_path), "--source", str(src), "--driving", str(tmp_path),
+                     "--out", str(tmp_path / "o.mp4"), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert "model 'broken_cli' (M): does not define step" in err and "Traceback" not in err
+        assert main(["eval", "broken_cli", "--import", "plugin_broken_cli", "--checkpoint",
+                     str(tmp_path), "--data", str(tmp_path), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert "model 'broken_cli' (M): does not define step" in err and "Traceback" not in err
+    finally:
+        registry.MODELS.pop("broken_cli", None)

@@ -385,19 +385,10 @@ def run(args) -> int:
     from pyface.eval.weights import parse_weights
     from pyface.train.cli import resolve_device
 
-    from pyface.train.model import ModelDefinitionError
-    from pyface.train.registry import RegistryError, import_plugins, model_class
-
     try:
         device = resolve_device(args.device)
-        import_plugins(getattr(args, "imports", None) or [])
-        if args.model is not None and args.model not in BASELINES:
-            model_class(args.model)            # an unknown or broken model: one line
-    except (ValueError, ImportError, RegistryError, ModelDefinitionError) as exc:
+    except ValueError as exc:
         print(f"pyface eval: {exc}", file=sys.stderr)
-        return 2
-    except KeyError as exc:
-        print(f"pyface eval: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
     if args.runs is not None:
         if args.model is not None or args.checkpoint or args.json or args.sheet:
@@ -410,6 +401,16 @@ def run(args) -> int:
     elif args.resolution is not None and args.model not in BASELINES:
         print("pyface eval: --resolution applies to the baselines only (a model evaluates at its "
               "output resolution)", file=sys.stderr)
+        return 2
+    from pyface.train.registry import import_plugins, model_class
+
+    try:            # a plugin (--import), and an unknown or broken model, before any data
+        import_plugins(args.imports)
+        if args.model is not None and args.model not in BASELINES:
+            model_class(args.model)
+    except (ValueError, ImportError, KeyError) as exc:   # ValueError: ModelDefinitionError too
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"pyface eval: {msg}", file=sys.stderr)
         return 2
     detector = None
     try:

@@ -138,7 +138,6 @@ def run_animate(args) -> int:
     from pyface.data.driving import count_driving, iter_driving, read_source, video_fps
     from pyface.data.format import DataError
     from pyface.train.model import motion_length
-    from pyface.train.model import ModelDefinitionError
     from pyface.train.registry import import_plugins
 
     def fail(msg: str, code: int) -> int:
@@ -168,7 +167,7 @@ def run_animate(args) -> int:
     try:
         import_plugins(args.imports)
         pipe = pyface.models.load(args.model, args.checkpoint, device=args.device, ema=args.ema)
-    except (KeyError, ValueError, ImportError, ModelDefinitionError) as exc:
+    except (KeyError, ValueError, ImportError) as exc:
         return fail(str(exc).strip('"'), 2)
     except CheckpointError as exc:
         return fail(str(exc), 1)

@@ -29,10 +29,11 @@ import torch
 from torch import nn
 
 
-class ModelDefinitionError(TypeError):
+class ModelDefinitionError(TypeError, ValueError):
     """A model class (a plugin's, typically) that does not follow the :class:`TrainableModel`
     contract: the message names the class, the attribute or method and what it should be.
-    ``pyface train`` reports it in one line and exits with code 2."""
+    ``pyface train`` reports it in one line and exits with code 2. A TypeError (a wrong kind of
+    object) and a ValueError, so every command that reports bad input in one line reports it."""
 
 
 @dataclass(frozen=True)
