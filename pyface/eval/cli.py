@@ -404,14 +404,18 @@ def run(args) -> int:
         return 2
     from pyface.train.registry import import_plugins, model_class
 
-    try:            # a plugin (--import), and an unknown or broken model, before any data
+    try:            # a plugin (--import); an unknown or broken model before the metrics load
         import_plugins(args.imports)
+    except (ValueError, ImportError) as exc:
+        print(f"pyface eval: {exc}", file=sys.stderr)
+        return 2
+    try:
         if args.model is not None and args.model not in BASELINES:
             model_class(args.model)
-    except (ValueError, ImportError, KeyError) as exc:   # ValueError: ModelDefinitionError too
+    except (ValueError, KeyError) as exc:     # ValueError: ModelDefinitionError too
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"pyface eval: {msg}", file=sys.stderr)
-        return 2
+        return 1
     detector = None
     try:
         from pyface.eval.evaluate import DETECTOR_METRICS, load_networks
