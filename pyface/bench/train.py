@@ -36,6 +36,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 
@@ -346,6 +347,9 @@ def main(argv=None) -> int:
                    help="a registered model: fused vs reference ops (default: engine overhead "
                         "and checkpoint benchmarks)")
     p.add_argument("--preset", default=None, help="with MODEL: one of the model's presets")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="with MODEL: import MODULE first (a plugin that registers MODEL with "
+                        "pyface.train.register_model; repeatable; also PYFACE_PLUGINS=M1,M2)")
     p.add_argument("--device", default=None, help="with MODEL: cpu or cuda (default: cuda if "
                                                   "available)")
     p.add_argument("--overlap", action="store_true",
@@ -387,6 +391,17 @@ def main(argv=None) -> int:
         _write(path, {"environment": env, "results": [r]})
         return 0
     if args.model:
+        from pyface.train.config import ConfigError
+        from pyface.train.model import ModelDefinitionError
+        from pyface.train.registry import RegistryError, import_plugins, model_class
+
+        try:
+            import_plugins(args.imports)
+            model_class(args.model)
+        except (KeyError, ImportError, ConfigError, ModelDefinitionError, RegistryError) as exc:
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            print(f"{p.prog}: {msg}", file=sys.stderr)
+            return 2
         r = model_backends(args.model, args.overrides, steps=args.steps or 10,
                            warmup=args.warmup, device=args.device, preset=args.preset)
         env = environment(torch.device(r["device"]))

@@ -76,6 +76,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-ema", action="store_true", help="use the live weights, not the EMA")
     p.add_argument("--workers", type=int, default=0, help="data loader processes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from pyface.train.cli import add_import_argument
+
+    add_import_argument(p)
     p.set_defaults(func=run)
 
 
@@ -477,6 +480,20 @@ def run(args) -> int:
         print("pyface eval: --resolution applies to the baselines only (a model evaluates at its "
               "output resolution)", file=sys.stderr)
         return 2
+    from pyface.train.registry import import_plugins, model_class
+
+    try:            # a plugin (--import); an unknown or broken model before the metrics load
+        import_plugins(args.imports)
+    except (ValueError, ImportError) as exc:
+        print(f"pyface eval: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.model is not None and args.model not in BASELINES:
+            model_class(args.model)
+    except (ValueError, KeyError) as exc:     # ValueError: ModelDefinitionError too
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"pyface eval: {msg}", file=sys.stderr)
+        return 1
     detector = None
     try:
         from pyface.eval.evaluate import DETECTOR_METRICS, load_networks

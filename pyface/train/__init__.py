@@ -14,7 +14,8 @@ _EXPORTS = {
     "DataConfig": "config", "EMAConfig": "config", "ExperimentConfig": "config",
     "ScheduleConfig": "config", "TrainConfig": "config", "build_experiment": "config",
     "FitResult": "engine", "NonFiniteError": "engine", "Trainer": "engine",
-    "Phase": "model", "StepContext": "model", "TrainableModel": "model",
+    "ModelDefinitionError": "model", "Phase": "model", "Pipeline": "model", "Stage": "model",
+    "StepContext": "model", "TrainableModel": "model",
     "register_dataset": "registry", "register_model": "registry",
 }
 __all__ = sorted(_EXPORTS)

@@ -89,9 +89,12 @@ def _setup_logging() -> None:
 
 def run_train(args) -> int:
     from pyface.train.config import ConfigError, build_experiment
+    from pyface.train.model import ModelDefinitionError
     from pyface.train.registry import import_plugins, model_class
 
     _setup_logging()
+    from pyface.train.registry import RegistryError
+
     try:
         import_plugins(args.imports)
         cls = model_class(args.model)
@@ -103,7 +106,8 @@ def run_train(args) -> int:
                                overrides=own_overrides(overrides),
                                defaults=getattr(cls, "recipe", {}),
                                preset=args.preset)
-    except (KeyError, ConfigError, OSError, ImportError) as exc:
+    except (KeyError, ConfigError, OSError, ImportError, ModelDefinitionError,
+            RegistryError) as exc:
         print(f"pyface train: {_message(exc)}", file=sys.stderr)
         return 2
     staged = bool(getattr(cls, "stages", ())) and not args.print_config
@@ -131,13 +135,14 @@ def _train(args, cls, cfg, overrides, staged: bool) -> int:
     from pyface.checkpoint import CheckpointError
     from pyface.train.config import ConfigError, experiment_to_dict
     from pyface.train.engine import NonFiniteError, Trainer
+    from pyface.train.model import ModelDefinitionError
 
     if staged:
         from pyface.train.stages import prepare_stages
 
         try:
             filled = prepare_stages(cls, cfg, overrides=overrides)
-        except (KeyError, ConfigError, OSError, ValueError) as exc:
+        except (KeyError, ConfigError, OSError, ValueError, ModelDefinitionError) as exc:
             print(f"pyface train: {_message(exc)}", file=sys.stderr)
             return 2
         except (CheckpointError, NonFiniteError, RuntimeError) as exc:
@@ -156,14 +161,14 @@ def _train(args, cls, cfg, overrides, staged: bool) -> int:
 
             try:
                 prepare_stages(cls, cfg, overrides=overrides, dry_run=True)
-            except (KeyError, ConfigError, OSError, ValueError) as exc:
+            except (KeyError, ConfigError, OSError, ValueError, ModelDefinitionError) as exc:
                 print(f"pyface train: {_message(exc)}", file=sys.stderr)
                 return 2
         print(yaml.safe_dump(experiment_to_dict(cfg), sort_keys=False), end="")
         return 0
     try:
         trainer = Trainer(cfg)
-    except (ValueError, KeyError, RuntimeError) as exc:
+    except (ValueError, KeyError, RuntimeError, ModelDefinitionError) as exc:
         print(f"pyface train: {_message(exc)}", file=sys.stderr)
         return 2
     try:
@@ -173,6 +178,9 @@ def _train(args, cls, cfg, overrides, staged: bool) -> int:
     except (CheckpointError, NonFiniteError) as exc:
         print(f"pyface train: {_message(exc)}", file=sys.stderr)
         return 1
+    except ModelDefinitionError as exc:
+        print(f"pyface train: {_message(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as exc:          # a second stop signal
         print(f"pyface train: {exc or 'interrupted'}; resume with --resume", file=sys.stderr)
         return 143

@@ -189,6 +189,15 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{key}: cannot convert {value!r}")
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        for a in allowed:
+            if value == a and type(value) is type(a) or (isinstance(value, str)
+                                                         and not isinstance(a, str)
+                                                         and value == str(a).lower()):
+                return a
+        raise ConfigError(f"{key}: expected one of {', '.join(map(str, allowed))}, got "
+                          f"{value!r}{did_you_mean(value, allowed)}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value

@@ -23,7 +23,7 @@ from pyface import checkpoint as ckpt
 from pyface.train import distributed as D
 from pyface.train.config import ExperimentConfig, experiment_to_dict
 from pyface.train.ema import EMA
-from pyface.train.model import Phase, StepContext, TrainableModel
+from pyface.train.model import ModelDefinitionError, Phase, StepContext, TrainableModel
 from pyface.train.monitor import Board, image_grid, save_png, save_video
 from pyface.train.schedules import lr_factor
 
@@ -173,6 +173,7 @@ class Trainer:
         if self.dist.enabled:
             D.broadcast_module(self.model)
         self.optimizers = self.model.build_optimizers()
+        self._check_optimizers()
         self._opt_params = {k: [p for g in o.param_groups for p in g["params"]]
                             for k, o in self.optimizers.items()}
         self._base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in self.optimizers.items()}
@@ -181,7 +182,21 @@ class Trainer:
             raise ValueError(f"train.grad_clip_per: unknown optimizer {unknown[0]!r}; the model "
                              f"built {sorted(self.optimizers)}")
         self.phases: list[Phase] = list(self.model.phases())
+        if not self.phases:
+            raise ModelDefinitionError(f"{type(self.model).__name__}.phases() returned no phase; "
+                                       "a step runs at least one (default: [Phase('main', "
+                                       "'main')])")
+        seen_phases = set()
         for ph in self.phases:
+            if not isinstance(ph, Phase):
+                raise ModelDefinitionError(
+                    f"{type(self.model).__name__}.phases() must return a list of "
+                    f"pyface.train.Phase(name, optimizer, ...), got an item {ph!r}")
+            if ph.name in seen_phases:
+                raise ModelDefinitionError(
+                    f"{type(self.model).__name__}.phases(): two phases are named {ph.name!r} "
+                    "(the name prefixes the logged values)")
+            seen_phases.add(ph.name)
             names = (ph.optimizer,) if isinstance(ph.optimizer, str) else ph.optimizer or ()
             for name in names:
                 if name not in self.optimizers:
@@ -219,6 +234,10 @@ class Trainer:
         self.dataset = dataset if dataset is not None else registry.build_dataset(cfg.data)
         transform = self.model.data_transform() if hasattr(self.model, "data_transform") \
             else None
+        if transform is not None and not callable(transform):
+            raise ModelDefinitionError(f"{type(self.model).__name__}.data_transform() must return "
+                                       f"a function fn(item) -> item or None, got "
+                                       f"{type(transform).__name__}")
         if transform is not None:       # the model's per-item preparation, in the workers
             self.dataset = MappedDataset(self.dataset, transform)
         self.step = 0
@@ -530,7 +549,7 @@ class Trainer:
                 raise KeyError(f"{what}: no optimizer {name!r}; the model built "
                                f"{sorted(self.optimizers)}")
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise ValueError(f"{what}: the loss must be a scalar tensor, got "
+            raise ModelDefinitionError(f"{what}: the loss must be a scalar tensor, got "
                              f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else loss!r}")
         parts = []      # per optimizer: (optimizer, trainable, shared, local, local ids)
         for name in names:
@@ -545,6 +564,13 @@ class Trainer:
         if not params:
             raise ValueError(f"{what}: every parameter of optimizer "
                              f"{' and '.join(map(repr, names))} is frozen")
+        if not loss.requires_grad:
+            raise ModelDefinitionError(
+                f"{what}: the loss does not require grad (computed under torch.no_grad, "
+                f"detached, or from no trainable parameter), so it cannot update optimizer "
+                f"{' and '.join(map(repr, names))}"
+                + ("; a phase whose step applies its updates with ctx.update takes "
+                   "optimizer=None" if not inner else ""))
         multi = self.dist.enabled
         clock = time.perf_counter
         for part in parts:
@@ -650,9 +676,10 @@ class Trainer:
                 with self._autocast():
                     losses = self.model.step(ph.name, batch, ctx)
                 t_model += clock() - t0 - (self._t_update - inner0)   # less in-step updates
+                losses = self._check_losses(ph, losses)
                 if ph.optimizer is not None:
                     if "loss" not in losses:
-                        raise KeyError(f"{type(self.model).__name__}.step({ph.name!r}) must "
+                        raise ModelDefinitionError(f"{type(self.model).__name__}.step({ph.name!r}) must "
                                        f"return the total loss under 'loss'; got keys "
                                        f"{sorted(losses)}")
                     gnorm = self._apply_update(ph.optimizer, losses["loss"], phase=ph.name,
@@ -667,6 +694,50 @@ class Trainer:
             for k, v in (("model", t_model), ("backward", self._t_back),
                          ("optimizer", self._t_opt), ("total", clock() - t_start)):
                 self.timings.setdefault(k, []).append(v)
+        return out
+
+    def _check_optimizers(self) -> None:
+        name = type(self.model).__name__
+        opts = self.optimizers
+        if not isinstance(opts, dict) or not opts:
+            raise ModelDefinitionError(
+                f"{name}.build_optimizers() must return a non-empty dict {{name: "
+                f"torch.optim.Optimizer}} (the names phases and ctx.update use), got "
+                + (repr(opts) if isinstance(opts, dict) else type(opts).__name__))
+        own = {id(p) for p in self.model.parameters()}
+        for k, o in opts.items():
+            if not isinstance(k, str) or not isinstance(o, torch.optim.Optimizer):
+                raise ModelDefinitionError(
+                    f"{name}.build_optimizers(): entry {k!r} must map a name (str) to a "
+                    f"torch.optim.Optimizer, got {type(k).__name__} -> {type(o).__name__}")
+            foreign = [tuple(p.shape) for g in o.param_groups for p in g["params"]
+                       if id(p) not in own]
+            if foreign:
+                raise ModelDefinitionError(
+                    f"{name}.build_optimizers(): optimizer {k!r} holds {len(foreign)} tensor(s) "
+                    f"that are not parameters of the model (shapes {foreign[:3]}): they would "
+                    "be neither moved to the device, averaged over ranks nor checkpointed; make "
+                    "them nn.Parameter attributes of the model (or of a sub-module)")
+
+    def _check_losses(self, ph: Phase, losses) -> dict:
+        """``step``'s return value: a dict of name -> tensor (numbers are converted)."""
+        name = f"{type(self.model).__name__}.step({ph.name!r})"
+        if not isinstance(losses, dict):
+            raise ModelDefinitionError(
+                f"{name} must return a dict {{'loss': scalar tensor, other name: value to "
+                f"log}}, got {type(losses).__name__}")
+        out = {}
+        for k, v in losses.items():
+            if isinstance(v, torch.Tensor):
+                out[k] = v
+            elif isinstance(v, (int, float)) and not isinstance(v, bool) and not (
+                    k == "loss" and ph.optimizer is not None):
+                out[k] = torch.tensor(float(v))
+            else:
+                raise ModelDefinitionError(
+                    f"{name} returned {k!r} as {type(v).__name__}; expected "
+                    + ("a scalar tensor (the loss its phase's optimizer updates)"
+                       if k == "loss" and ph.optimizer is not None else "a tensor or a number"))
         return out
 
     def _guard(self, what: str, loss: float, gnorm: float) -> None:
@@ -725,6 +796,14 @@ class Trainer:
         try:
             batch = self.preview_batch()
             rows = self.model.preview(batch)
+            name = type(self.model).__name__
+            if rows is not None and not (isinstance(rows, dict) and all(
+                    isinstance(v, torch.Tensor) and v.dim() == 4 for v in rows.values())):
+                got = type(rows).__name__ if not isinstance(rows, dict) else ", ".join(
+                    f"{k}: {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}"
+                    for k, v in rows.items())
+                raise ModelDefinitionError(f"{name}.preview(batch) must return a dict {{name: "
+                                           f"(N, 3, H, W) tensor in [-1, 1]}}, got {got}")
             if rows:
                 grid = image_grid(rows)
                 p = save_png(grid, os.path.join(self.run_dir, "previews",
@@ -734,6 +813,13 @@ class Trainer:
                     self._board.image("preview", grid, self.step)
             if video and self.cfg.train.video_frames > 0:      # 0: no preview clips
                 frames = self.model.preview_video(batch, self.cfg.train.video_frames)
+                if frames is not None and not (isinstance(frames, torch.Tensor)
+                                               and frames.dim() == 4 and frames.shape[1] == 3):
+                    got = tuple(frames.shape) if isinstance(frames, torch.Tensor) \
+                        else type(frames).__name__
+                    raise ModelDefinitionError(f"{name}.preview_video(batch, frames) must return "
+                                               f"a (T, 3, H, W) tensor in [-1, 1] or None, got "
+                                               f"{got}")
                 if frames is not None:
                     clip = save_video(frames, os.path.join(
                         self.run_dir, "previews", f"step-{self.step:06d}.mp4"))

@@ -29,6 +29,13 @@ import torch
 from torch import nn
 
 
+class ModelDefinitionError(TypeError, ValueError):
+    """A model class (a plugin's, typically) that does not follow the :class:`TrainableModel`
+    contract: the message names the class, the attribute or method and what it should be.
+    ``pyface train`` reports it in one line and exits with code 2. A TypeError (a wrong kind of
+    object) and a ValueError, so every command that reports bad input in one line reports it."""
+
+
 @dataclass(frozen=True)
 class Phase:
     """One optimisation phase: ``step(name, ...)`` runs every ``interval`` steps and the
@@ -53,6 +60,27 @@ class Phase:
     interval: int = 1
     frozen: tuple[str, ...] = ()
     overlap: bool = True
+
+    def __post_init__(self):
+        where = f"Phase({self.name!r}, ...)"
+        if not isinstance(self.name, str) or not self.name:
+            raise ModelDefinitionError(f"Phase: name must be a non-empty string, got "
+                                       f"{self.name!r}")
+        opt = self.optimizer
+        if not (opt is None or isinstance(opt, str) or (
+                isinstance(opt, tuple) and opt and all(isinstance(o, str) for o in opt))):
+            raise ModelDefinitionError(f"{where}: optimizer must be a name, a tuple of names or "
+                                       f"None, got {opt!r}")
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int) \
+                or self.interval < 1:
+            raise ModelDefinitionError(f"{where}: interval must be an int >= 1 (run every "
+                                       f"interval steps), got {self.interval!r}")
+        if isinstance(self.frozen, str) or not all(isinstance(f, str) for f in self.frozen):
+            raise ModelDefinitionError(f"{where}: frozen must be a tuple of sub-module names, "
+                                       f"got {self.frozen!r}"
+                                       + (f" (write ({self.frozen!r},))"
+                                          if isinstance(self.frozen, str) else ""))
+        object.__setattr__(self, "frozen", tuple(self.frozen))
 
 
 @dataclass
@@ -188,6 +216,87 @@ class TrainableModel(nn.Module):
     def preview_video(self, batch: dict, frames: int) -> torch.Tensor | None:
         """(T, 3, H, W) in [-1, 1], or None."""
         return None
+
+
+def check_model_class(cls, name: str | None = None) -> None:
+    """Checks what the engine needs from a model class before anything is built, so a mistake
+    in a model (a plugin's) is an error naming it instead of a traceback deep in the engine:
+    a :class:`TrainableModel` subclass, ``Config`` a dataclass, ``build_optimizers`` and
+    ``step`` defined, ``__init__(self, cfg)``, ``recipe`` / ``presets`` dicts (each preset a
+    dict), ``stages`` :class:`Stage` objects, ``Pipeline`` a :class:`Pipeline` subclass or
+    None, ``local_batch_field`` a field of ``Config`` or None.
+
+    Raises :class:`ModelDefinitionError`."""
+    import dataclasses
+    import inspect
+
+    what = f"model {name!r}" if name else "model"
+    if not (isinstance(cls, type) and issubclass(cls, TrainableModel)):
+        kind = f"class {cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) \
+            else f"a {type(cls).__name__}"
+        raise ModelDefinitionError(f"{what}: the registered target is {kind}, not a subclass of "
+                                   "pyface.train.TrainableModel")
+    label = f"{what} ({cls.__qualname__})" if name else cls.__qualname__
+    cfg = cls.Config
+    if not (isinstance(cfg, type) and dataclasses.is_dataclass(cfg)):
+        got = "None (not set)" if cfg is None else (
+            f"class {cfg.__qualname__}, not a dataclass" if isinstance(cfg, type)
+            else f"an instance of {type(cfg).__name__}, not a class")
+        raise ModelDefinitionError(f"{label}: Config must be a @dataclass class (its fields are "
+                                   f"the model.* keys); got {got}")
+    required = [f.name for f in dataclasses.fields(cfg)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if required:
+        raise ModelDefinitionError(f"{label}: every field of Config ({cfg.__qualname__}) needs a "
+                                   f"default (the model.* keys are optional); no default: "
+                                   f"{', '.join(required)}")
+    for meth, sig in (("build_optimizers", "build_optimizers(self) -> {name: optimizer}"),
+                      ("step", "step(self, phase, batch, ctx) -> {'loss': tensor, ...}")):
+        if getattr(cls, meth, None) is getattr(TrainableModel, meth):
+            raise ModelDefinitionError(f"{label}: does not define {sig}")
+    try:
+        inspect.signature(cls).bind(object())
+    except TypeError as exc:
+        raise ModelDefinitionError(f"{label}: __init__ must take the config as its one "
+                                   f"argument, __init__(self, cfg) ({exc})") from None
+    except ValueError:          # no signature to inspect (a C type): let the call tell
+        pass
+    if not isinstance(cls.recipe, dict):
+        raise ModelDefinitionError(f"{label}: recipe must be a dict of sections (model, data, "
+                                   f"train), got {type(cls.recipe).__name__}")
+    if not isinstance(cls.presets, dict):
+        raise ModelDefinitionError(f"{label}: presets must be a dict {{name: config dict}}, "
+                                   f"got {type(cls.presets).__name__}")
+    for pname, preset in cls.presets.items():
+        if not isinstance(preset, dict):
+            raise ModelDefinitionError(f"{label}: preset {pname!r} must be a dict of sections "
+                                       f"(model, data, train), got {type(preset).__name__}")
+    stages = cls.stages
+    if not isinstance(stages, (tuple, list)) or not all(isinstance(s, Stage) for s in stages):
+        raise ModelDefinitionError(f"{label}: stages must be a tuple of "
+                                   f"pyface.train.model.Stage, got {stages!r}")
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    for s in stages:
+        if s.checkpoint_key not in fields:
+            raise ModelDefinitionError(f"{label}: stage {s.name!r} stores its run in "
+                                       f"model.{s.checkpoint_key}, which is not a field of "
+                                       f"{cfg.__qualname__} (add '{s.checkpoint_key}: str | "
+                                       "None = None')")
+    pipe = cls.Pipeline
+    if pipe is not None and not (isinstance(pipe, type) and issubclass(pipe, Pipeline)):
+        raise ModelDefinitionError(f"{label}: Pipeline must be a subclass of "
+                                   f"pyface.train.model.Pipeline or None, got {pipe!r}")
+    if pipe is not None:
+        for meth, sig in (("encode_source", "encode_source(self, source)"),
+                          ("encode_driving", "encode_driving(self, driving)"),
+                          ("generate", "generate(self, state, motion, **controls)")):
+            if getattr(pipe, meth) is getattr(Pipeline, meth):
+                raise ModelDefinitionError(f"{label}: its Pipeline {pipe.__qualname__} does not "
+                                           f"define {sig}")
+    lbf = cls.local_batch_field
+    if lbf is not None and lbf not in fields:
+        raise ModelDefinitionError(f"{label}: local_batch_field {lbf!r} is not a field of "
+                                   f"{cfg.__qualname__}")
 
 
 # --------------------------------------------------------------------------------------------

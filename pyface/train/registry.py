@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
+import warnings
 from typing import Any
 
 MODELS: dict[str, str] = {
@@ -55,16 +57,51 @@ _entry_points_loaded = False
 _plugins_imported: set[str] = set()
 
 
-def register_model(name: str, target: str) -> None:
-    """``target``: ``"package.module:Class"``, a TrainableModel subclass with a ``Config``."""
-    MODELS[name] = target
+class RegistryError(ValueError):
+    """A registration that would shadow pyface's own name or another plugin's."""
 
 
-def register_dataset(name: str, target: str) -> None:
+#: pyface's own names: a plugin cannot take them
+BUILTIN_MODELS = frozenset(MODELS)
+BUILTIN_DATASETS = frozenset(DATASETS)
+
+
+def _register(table: dict[str, str], builtin: frozenset, kind: str, name: str, target: str,
+              replace: bool) -> None:
+    if not isinstance(name, str) or not name:
+        raise RegistryError(f"register_{kind}: name must be a non-empty string, got {name!r}")
+    if isinstance(target, type) or callable(target) and hasattr(target, "__qualname__"):
+        target = f"{target.__module__}:{target.__qualname__}"     # a class: its import path
+    if not isinstance(target, str) or ":" not in target:
+        raise RegistryError(f"register_{kind}({name!r}, {target!r}): target must be a "
+                         f"'package.module:Class' string")
+    old = table.get(name)
+    if old is not None and old != target:
+        if name in builtin:
+            raise RegistryError(f"register_{kind}({name!r}, {target!r}): {name!r} is pyface's own "
+                             f"{kind} ({old}); register the plugin under another name")
+        if not replace:
+            raise RegistryError(f"register_{kind}({name!r}, {target!r}): {name!r} is already "
+                             f"registered as {old!r}; use another name, or replace=True")
+    table[name] = target
+
+
+def register_model(name: str, target, *, replace: bool = False) -> None:
+    """``target``: ``"package.module:Class"``, a TrainableModel subclass with a ``Config``
+    (checked when the model is first used, :func:`pyface.train.model.check_model_class`), or
+    the class itself (recorded as its ``module:qualname``).
+
+    A name of pyface's own models is a ValueError; so is a name already registered with
+    another target, unless ``replace``. Registering the same target again is a no-op."""
+    _register(MODELS, BUILTIN_MODELS, "model", name, target, replace)
+
+
+def register_dataset(name: str, target, *, replace: bool = False) -> None:
     """``target``: ``"package.module:Class"`` with ``from_config(data_config)`` (and an
     ``Options`` dataclass: ``data.options`` is converted to it), a factory called as
-    ``factory(data_config)``, or a Dataset class taking ``(size=, resolution=, seed=)``."""
-    DATASETS[name] = target
+    ``factory(data_config)``, or a Dataset class taking ``(size=, resolution=, seed=)``.
+    Names as for :func:`register_model`."""
+    _register(DATASETS, BUILTIN_DATASETS, "dataset", name, target, replace)
 
 
 def import_plugins(modules: list[str] | tuple[str, ...] | str | None = None) -> None:
@@ -79,10 +116,22 @@ def import_plugins(modules: list[str] | tuple[str, ...] | str | None = None) -> 
         if not m or m in _plugins_imported:
             continue
         try:
-            importlib.import_module(m)
+            try:
+                importlib.import_module(m)
+            except ModuleNotFoundError as exc:
+                # like ``python -m``: a module in the current directory is found (the
+                # ``pyface`` console script does not put the directory on sys.path)
+                cwd = os.getcwd()
+                top = m.split(".")[0]
+                if exc.name != top or cwd in sys.path or "" in sys.path:
+                    raise
+                sys.path.append(cwd)
+                importlib.import_module(m)
         except ImportError as exc:
             raise ImportError(f"plugin module {m!r} (from --import or {PLUGINS_ENV}) cannot be "
-                              f"imported: {exc}") from exc
+                              f"imported: {exc} (a module is imported by its dotted name from "
+                              f"sys.path: the current directory, PYTHONPATH or an installed "
+                              f"package)") from exc
         _plugins_imported.add(m)
 
 
@@ -95,8 +144,15 @@ def load_entry_points(*, force: bool = False) -> None:
 
     if not _entry_points_loaded or force:
         for group, table in GROUPS.items():
+            builtin = BUILTIN_MODELS if table is MODELS else BUILTIN_DATASETS
             for ep in entry_points(group=group):
-                table.setdefault(ep.name, ep.value)
+                old = table.setdefault(ep.name, ep.value)
+                if old != ep.value and ep.name in builtin:
+                    dist = getattr(getattr(ep, "dist", None), "name", None) or "a package"
+                    warnings.warn(f"entry point {ep.name} = {ep.value!r} of {dist} (group "
+                                  f"{group}) is ignored: {ep.name!r} is pyface's own "
+                                  f"{'model' if table is MODELS else 'dataset'} ({old}); "
+                                  f"the plugin must use another name", stacklevel=2)
         _entry_points_loaded = True
     import_plugins()            # PYFACE_PLUGINS may name new modules since the last call
 
@@ -130,19 +186,48 @@ def _resolve(table: dict[str, str], kind: str, name: str) -> Any:
     if ":" not in target:
         raise KeyError(f"{kind} {name!r}: registry entry {target!r} is not 'module:attribute'")
     module, attr = target.split(":", 1)
-    obj = importlib.import_module(module)
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"{kind} {name!r} is registered as {target!r}, but module {module!r} "
+                          f"cannot be imported: {exc}") from exc
     for part in attr.split("."):
-        obj = getattr(obj, part)
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise KeyError(f"{kind} {name!r} is registered as {target!r}, but module {module!r} "
+                           f"has no attribute {attr!r}") from None
     return obj
 
 
 def model_class(name: str):
-    return _resolve(MODELS, "model", name)
+    """The registered model class of ``name`` (imports its module), checked with
+    :func:`pyface.train.model.check_model_class` (a ``ModelDefinitionError`` names what is
+    wrong with it)."""
+    from pyface.train.model import check_model_class
+
+    cls = _resolve(MODELS, "model", name)
+    check_model_class(cls, name)
+    return cls
 
 
 def build_model(name: str, config=None):
+    from pyface.train.model import ModelDefinitionError
+
     cls = model_class(name)
-    return cls(config if config is not None else cls.Config())
+    fix = (f"model {name!r} ({cls.__qualname__}): __init__ must call super().__init__() "
+           "before it sets attributes")
+    try:
+        model = cls(config if config is not None else cls.Config())
+    except AttributeError as exc:
+        # nn.Module's attributes are missing until nn.Module.__init__ has run
+        if any(f"'{a}'" in str(exc) for a in ("_modules", "_parameters", "_buffers")) or \
+                "before Module.__init__() call" in str(exc):
+            raise ModelDefinitionError(f"{fix} ({exc})") from exc
+        raise
+    if "_modules" not in vars(model):
+        raise ModelDefinitionError(fix)
+    return model
 
 
 def build_dataset(cfg):

@@ -154,7 +154,13 @@ def prepare_stages(model_cls, cfg, *, overrides: list[str] | None = None,
         if done:
             _check_reuse(stage, stage_cls, stage_cfg, done)
             log.info("stage %r: reusing the finished run %s", stage.name, done)
-        elif dry_run:
+        else:
+            from pyface import checkpoint as ckpt
+
+            started = ckpt.latest_checkpoint(stage_dir) if os.path.isdir(stage_dir) else None
+            if started:         # resumed below: only with the config it was started with
+                _check_reuse(stage, stage_cls, stage_cfg, started, finished=False)
+        if done or dry_run:
             pass
         else:
             log.info("stage %r: training %s in %s", stage.name, stage.model, stage_dir)
@@ -169,11 +175,11 @@ def prepare_stages(model_cls, cfg, *, overrides: list[str] | None = None,
     return filled
 
 
-def _check_reuse(stage, stage_cls, stage_cfg, latest: str) -> None:
-    """ConfigError if the finished checkpoint ``latest`` of a stage run was trained with another
-    model config than ``stage_cfg`` (the checkpoint keys of the stage's own stages aside: they
-    are run folders, which move with the run). A key the finished run's config lacks (a field
-    added since) counts as the field's default, which keeps the earlier behaviour."""
+def _check_reuse(stage, stage_cls, stage_cfg, latest: str, *, finished: bool = True) -> None:
+    """ConfigError if the checkpoint ``latest`` of a stage run (finished, or to be resumed) was
+    trained with another model config than ``stage_cfg`` (the checkpoint keys of the stage's own
+    stages aside: they are run folders, which move with the run). A key the run's config lacks
+    (a field added since) counts as the field's default, which keeps the earlier behaviour."""
     from pyface import checkpoint as ckpt
     from pyface.train.config import ConfigError, experiment_to_dict, merge, to_dict
 
@@ -187,13 +193,28 @@ def _check_reuse(stage, stage_cls, stage_cfg, latest: str) -> None:
     diff = sorted(k for k in set(theirs) | set(ours)
                   if k not in paths and theirs.get(k) != ours.get(k))
     if diff:
-        details = ", ".join(f"model.{k}: finished run {theirs.get(k)!r} vs this command "
+        kind = "finished" if finished else "unfinished"
+        details = ", ".join(f"model.{k}: {kind} run {theirs.get(k)!r} vs this command "
                             f"{ours.get(k)!r}" for k in diff[:5])
         run_dir = stage_cfg.train.run_dir
-        raise ConfigError(f"stage {stage.name!r}: the finished run {run_dir} was trained with "
-                          f"another config ({details}); remove that folder to train the stage "
-                          f"again, or pass --set model.{stage.checkpoint_key}={run_dir} to use "
-                          "it as it is")
+        if finished:
+            raise ConfigError(f"stage {stage.name!r}: the finished run {run_dir} was trained "
+                              f"with another config ({details}); remove that folder to train the "
+                              f"stage again, or pass --set model.{stage.checkpoint_key}={run_dir}"
+                              " to use it as it is")
+        import json
+
+        def arg(v):         # a --set value YAML reads back
+            return v if isinstance(v, str) else json.dumps(v, separators=(",", ":"))
+
+        again = " ".join(f"--set stages.{stage.name}.model.{k}={arg(theirs.get(k))}"
+                         for k in diff[:5])
+        raise ConfigError(f"stage {stage.name!r}: the unfinished run {run_dir} (latest "
+                          f"{os.path.basename(latest)}, short of train.steps="
+                          f"{stage_cfg.train.steps}) was started with another config "
+                          f"({details}); remove that folder to train the stage again with this "
+                          f"config, or continue it with the settings it was started with "
+                          f"({again})")
 
 
 def train_stage(cfg) -> None:
