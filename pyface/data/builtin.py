@@ -64,6 +64,13 @@ def resolve_root(cfg, synth: SynthOptions | None) -> str:
 
         return cached(synth.synth_config(cfg.resolution))
     path = os.fspath(cfg.path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise fmt.DataError(f"data.path: {path} is not a folder")
+    if os.path.isfile(os.path.join(path, fmt.SYNTH_PARTIAL)):
+        from pyface.data.synthetic import generate
+
+        generate(path, synth.synth_config(cfg.resolution), progress=False)   # finish it, or refuse
+        return path
     if os.path.isfile(os.path.join(path, fmt.INDEX)) or \
             (os.path.isdir(path) and fmt.video_names(path)):
         return path

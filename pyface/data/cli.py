@@ -121,7 +121,8 @@ def add_parser(subparsers) -> None:
 
 
 def _synth(args) -> int:
-    from pyface.data.synthetic import SynthConfig, generate
+    from pyface.data.format import DataError
+    from pyface.data.synthetic import PARTIAL, SynthConfig, generate
 
     try:
         cfg = SynthConfig(identities=args.identities, videos_per_identity=args.videos_per_identity,
@@ -137,7 +138,20 @@ def _synth(args) -> int:
                            ("--identities", f"{msg} (or --no-cross), got {args.identities}"))
         print(f"pyface data synth: {option}: {msg}", file=sys.stderr)
         return 2
-    s = generate(args.out, cfg, progress=not args.quiet)
+    try:
+        s = generate(args.out, cfg, progress=not args.quiet)
+    except DataError as exc:
+        print(f"pyface data synth: --out {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {args.out} is unfinished ({PARTIAL}; no loader takes it); run "
+              "the same command again to finish it", file=sys.stderr)
+        return 130
+    if s.get("existing"):
+        print(f"{args.out} already holds this dataset (synth.json): nothing to do")
+        return 0
+    if s.get("resumed_videos"):
+        print(f"resumed: {s['resumed_videos']} finished videos kept")
     extra = (f", {s['view_videos']} second views" if s["view_videos"] else "") + \
         (f", split {args.split}" if args.split != "train" else "")
     print(f"wrote {s['videos']} videos + {s['cross_videos']} cross-identity videos "
@@ -151,7 +165,20 @@ def _pairs(args) -> int:
 
     import numpy as np
 
+    from pyface.data.format import DataError
     from pyface.data.reenactment import reenactment_pairs
+
+    try:
+        return _pairs_report(args, reenactment_pairs)
+    except DataError as exc:
+        print(f"pyface data pairs: {exc}", file=sys.stderr)
+        return 1
+
+
+def _pairs_report(args, reenactment_pairs) -> int:
+    import os
+
+    import numpy as np
 
     for protocol in ("same", "cross"):
         if protocol == "cross" and not os.path.isdir(os.path.join(args.root, "cross")):
@@ -192,6 +219,7 @@ def _cache(args) -> int:
         import yaml
 
         valid = [f.name for f in dataclasses.fields(SynthOptions)]
+        defaults = {f.name: f.default for f in dataclasses.fields(SynthOptions)}
         kw = {}
         for item in args.overrides:
             k, sep, v = item.partition("=")
@@ -200,7 +228,22 @@ def _cache(args) -> int:
                       file=sys.stderr)
                 return 2
             kw[k] = yaml.safe_load(v)
-        cfg = SynthOptions(**kw).synth_config(args.build)
+            want = type(defaults[k]) if defaults[k] is not None else int   # resolution: int
+            ok = isinstance(kw[k], (int, float)) and not isinstance(kw[k], bool) \
+                if want is float else isinstance(kw[k], want) and \
+                (want is bool or not isinstance(kw[k], bool))
+            if not ok:
+                print(f"pyface data cache: --set {k}: expected {want.__name__}, got {v!r}",
+                      file=sys.stderr)
+                return 2
+        try:
+            cfg = SynthOptions(**kw).synth_config(args.build)
+        except (ValueError, TypeError) as exc:
+            field, _, msg = str(exc).partition(": ")
+            where = "--build" if field == "resolution" and "resolution" not in kw else \
+                f"--set {field}"
+            print(f"pyface data cache: {where}: {msg or exc}", file=sys.stderr)
+            return 2
         t0 = time.perf_counter()
         root = cached(cfg, progress=True)
         print(f"{root} ({time.perf_counter() - t0:.1f} s)")
@@ -214,9 +257,12 @@ def _cache(args) -> int:
         if not is_complete(root):
             print(f"  {n}  (incomplete)")
             continue
-        with open(os.path.join(root, "synth.json")) as f:
-            s = json.load(f)
-        print(f"  {n}  {s['frames']} frames, generated in {s['seconds']:.1f} s")
+        try:
+            with open(os.path.join(root, "synth.json")) as f:
+                s = json.load(f)
+            print(f"  {n}  {s['frames']} frames, generated in {s['seconds']:.1f} s")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"  {n}  (unreadable synth.json: {exc})")
     return 0
 
 
@@ -298,9 +344,13 @@ def _prepare(args) -> int:
 
 
 def _index(args) -> int:
-    from pyface.data.format import write_index
+    from pyface.data.format import DataError, write_index
 
-    recs = write_index(args.root)
+    try:
+        recs = write_index(args.root)
+    except DataError as exc:
+        print(f"pyface data index: {exc}", file=sys.stderr)
+        return 1
     print(f"{args.root}/index.json: {len(recs)} videos")
     return 0
 
@@ -315,14 +365,46 @@ def _bench(args) -> int:
     from pyface.data.datasets import PairDataset
     from pyface.data.synthetic import SynthConfig, generate
 
+    for option, value, low in (("--batch-size", args.batch_size, 1), ("--samples", args.samples, 1),
+                               ("--workers", args.workers, 0)):
+        if value < low:
+            print(f"pyface data bench: {option}: expected >= {low}, got {value}", file=sys.stderr)
+            return 2
+    from pyface.data.format import DataError
+    from pyface.data.synthetic import SynthConfig
+
+    cfg = None
+    if args.root is None:
+        try:
+            cfg = SynthConfig(identities=args.identities,
+                              videos_per_identity=args.videos_per_identity, frames=args.frames,
+                              resolution=args.resolution, workers=args.workers, cross=False)
+        except ValueError as exc:   # the config's field names are the options'
+            field, _, msg = str(exc).partition(": ")
+            print(f"pyface data bench: --{field.replace('_', '-')}: {msg}", file=sys.stderr)
+            return 2
+    try:
+        return _bench_run(args, cfg)
+    except DataError as exc:        # a bad --root
+        print(f"pyface data bench: {exc}", file=sys.stderr)
+        return 1
+
+
+def _bench_run(args, cfg) -> int:
+    import os
+    import tempfile
+    import time
+
+    import torch
+
+    from pyface.data.datasets import PairDataset
+    from pyface.data.synthetic import generate
+
     print(f"# cpu cores {os.cpu_count()}  torch {torch.__version__}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root
         if root is None:
             root = os.path.join(tmp, "synth")
-            cfg = SynthConfig(identities=args.identities, videos_per_identity=args.videos_per_identity,
-                              frames=args.frames, resolution=args.resolution, workers=args.workers,
-                              cross=False)
             s = generate(root, cfg, progress=False)
             print(f"generate {args.identities}x{args.videos_per_identity}x{args.frames} at "
                   f"{args.resolution}^2 (no cross), {s['workers']} workers: {s['seconds']:.2f} s "
