@@ -251,3 +251,81 @@ def test_data_path_that_is_a_file_or_unfinished(tmp_path, tiny):
     assert resolve_root(DataConfig(path=part, resolution=16), opts) == part
     assert fmt.check_dataset(part)[1] == []
     assert len(fmt.load_index(part)) == 2
+
+
+# ------------------------------------------------------------------------------------------
+# training data keys: a dataset without the labels the model reads fails before any step
+# ------------------------------------------------------------------------------------------
+
+def _image_only(src, dst):
+    shutil.copytree(src, dst)
+    for d in os.listdir(dst):
+        for f in ("coeffs.npy", "dataset.json", "landmarks.npy"):
+            p = os.path.join(dst, d, f)
+            if os.path.isfile(p):
+                os.remove(p)
+    fmt.write_index(dst)
+    return dst
+
+
+def test_missing_labels_are_named_before_training(tmp_path, tiny):
+    from pyface.train.config import DataConfig
+    from pyface.train.engine import check_data_keys
+    from pyface.train.registry import build_dataset
+
+    class NeedsCamera:
+        def data_keys(self):
+            return {"image": None, "camera": None}
+
+    class NeedsDrivingCoeffs:
+        def data_keys(self):
+            return {"source": {"image": None}, "driving": {"image": None, "coeffs": None}}
+
+    root = _image_only(tiny, str(tmp_path / "io"))
+    frames = build_dataset(DataConfig(name="synthetic", path=root, resolution=16))
+    with pytest.raises(fmt.DataError) as e:
+        check_data_keys(NeedsCamera(), frames)
+    msg = str(e.value)
+    assert "model NeedsCamera needs item['camera'], from each video's dataset.json" in msg
+    assert "the dataset's items have frame, identity, image, index" in msg
+    pairs = build_dataset(DataConfig(name="pairs", path=root, resolution=16))
+    with pytest.raises(fmt.DataError, match=r"needs item\['driving'\]\['coeffs'\], from each "
+                                            r"video's coeffs.npy"):
+        check_data_keys(NeedsDrivingCoeffs(), pairs)
+    check_data_keys(NeedsCamera(), build_dataset(DataConfig(name="synthetic", path=tiny,
+                                                            resolution=16)))
+
+
+def test_engine_checks_the_model_data_keys_before_the_first_step(tmp_path, monkeypatch):
+    from pyface.train import Trainer, build_experiment
+    from pyface.train.example import TriplaneAutoencoder as M
+
+    monkeypatch.setattr(M, "data_keys", lambda self: {"image": None, "camera": None},
+                        raising=False)
+    cfg = build_experiment("example", M.Config, defaults=M.recipe, overrides=[
+        "model.resolution=16", "model.plane_resolution=8", "model.plane_channels=4",
+        "model.encoder_channels=8", "model.hidden=8", "model.depth_samples=4", "data.resolution=16", "data.size=8", "train.batch_size=2", "train.steps=1",
+        f"train.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(fmt.DataError, match=r"data \(data.name=procedural, data.path=unset: the "
+                                            r"built-in set\): model example needs "
+                                            r"item\['camera'\].*items have image, index"):
+        Trainer(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_portrait_models_declare_the_labels_they_read():
+    from pyface.train import registry
+
+    def keys(name, **cfg):
+        cls = registry.model_class(name)
+        model = cls.__new__(cls)            # the declaration reads the config only
+        model.cfg = cls.Config(**cfg)
+        return model.data_keys()
+
+    assert keys("eg3d") == {"image": None, "camera": None}
+    assert keys("otavatar") == {"image": None, "motion": None, "camera": None}
+    assert keys("export3d_clebs") == {"image": None, "coeffs": None}
+    assert keys("export3d")["driving"] == {"image": None, "coeffs": None, "camera": None}
+    assert "coeffs" in keys("mmfa")["source"]
+    assert "coeffs" not in keys("mmfa", rotation="none")["source"]
+    assert keys("goha_s1")["source"] == {"image": None, "camera": None, "coeffs": None}
