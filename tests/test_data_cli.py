@@ -290,7 +290,8 @@ def test_missing_labels_are_named_before_training(tmp_path, tiny):
     assert "the dataset's items have frame, identity, image, index" in msg
     pairs = build_dataset(DataConfig(name="pairs", path=root, resolution=16))
     with pytest.raises(fmt.DataError, match=r"needs item\['driving'\]\['coeffs'\], from each "
-                                            r"video's coeffs.npy"):
+                                            r"video's coeffs.npy .*; the dataset's "
+                                            r"item\['driving'\] has frame, identity, image"):
         check_data_keys(NeedsDrivingCoeffs(), pairs)
     check_data_keys(NeedsCamera(), build_dataset(DataConfig(name="synthetic", path=tiny,
                                                             resolution=16)))

@@ -54,7 +54,7 @@ def check_data_keys(model, dataset, cfg=None) -> None:
         for k, sub in spec.items():
             where = f"{prefix}[{k!r}]"
             if not isinstance(it, dict) or k not in it:
-                return where, k, sorted(it) if isinstance(it, dict) else type(it).__name__
+                return where, k, prefix, sorted(it) if isinstance(it, dict) else type(it).__name__
             if sub:
                 found = missing(sub, it[k], where)
                 if found:
@@ -64,14 +64,15 @@ def check_data_keys(model, dataset, cfg=None) -> None:
     found = missing(need, item, "item")
     if found is None:
         return
-    where, key, have = found
+    where, key, parent, have = found
     name = type(model).__name__ if cfg is None else f"{cfg.model}"
     data = "" if cfg is None else (f" (data.name={cfg.data.name}, data.path="
                                    f"{cfg.data.path or 'unset: the built-in set'})")
     src = _KEY_SOURCES.get(key)
     have = ", ".join(have) if isinstance(have, list) else have
     raise DataError(f"data{data}: model {name} needs {where}" + (f", from {src}" if src else "")
-                    + f"; the dataset's items have {have}")
+                    + "; the dataset's " + ("items have" if parent == "item" else f"{parent} has")
+                    + f" {have}")
 
 
 class NonFiniteError(RuntimeError):
