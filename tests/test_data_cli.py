@@ -330,3 +330,11 @@ def test_portrait_models_declare_the_labels_they_read():
     assert "coeffs" in keys("mmfa")["source"]
     assert "coeffs" not in keys("mmfa", rotation="none")["source"]
     assert keys("goha_s1")["source"] == {"image": None, "camera": None, "coeffs": None}
+
+
+def test_cross_identity_without_cross_names_what_writes_it(tiny):
+    from pyface.data.datasets import CrossIdentityDataset
+
+    with pytest.raises(fmt.DataError, match=r"/cross: missing; the cross-identity ground truth "
+                                            r"is written by the synthetic engine with cross=True"):
+        CrossIdentityDataset(tiny)      # generated with --no-cross

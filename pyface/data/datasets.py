@@ -594,7 +594,12 @@ class CrossIdentityDataset(_Configurable, Dataset):
 
     def __init__(self, root, resolution=None, **kw):
         self.root = os.fspath(root)
-        self.cross = FrameDataset(os.path.join(self.root, "cross"), resolution, **kw)
+        cross = os.path.join(self.root, "cross")
+        if os.path.isdir(self.root) and not os.path.isdir(cross):
+            raise fmt.DataError(f"{cross}: missing; the cross-identity ground truth is written by "
+                                "the synthetic engine with cross=True and >= 2 identities "
+                                "(pyface data synth without --no-cross)")
+        self.cross = FrameDataset(cross, resolution, **kw)
         self.base = FrameDataset(self.root, resolution, **kw)
         self.by_name = {r.name: i for i, r in enumerate(self.base.videos)}
         self.meta = []
