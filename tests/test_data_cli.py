@@ -240,7 +240,7 @@ def test_data_path_that_is_a_file_or_unfinished(tmp_path, tiny):
 
     afile = tmp_path / "afile"
     afile.write_text("x")
-    with pytest.raises(fmt.DataError, match="data.path: .* is not a folder"):
+    with pytest.raises(fmt.DataError, match="data.path: .*afile: not a folder"):
         resolve_root(DataConfig(path=str(afile), resolution=16), SynthOptions())
     # an interrupted generation into data.path is finished, not loaded half-written
     opts = SynthOptions(identities=2, videos_per_identity=1, frames=3, cross=False,
@@ -338,3 +338,18 @@ def test_cross_identity_without_cross_names_what_writes_it(tiny):
     with pytest.raises(fmt.DataError, match=r"/cross: missing; the cross-identity ground truth "
                                             r"is written by the synthetic engine with cross=True"):
         CrossIdentityDataset(tiny)      # generated with --no-cross
+
+
+def test_zipped_video_set_is_named_as_such(tmp_path, tiny, capsys):
+    import zipfile
+
+    z = str(tmp_path / "set.zip")
+    with zipfile.ZipFile(z, "w") as f:
+        for d, _, names in os.walk(tiny):
+            for n in names:
+                f.write(os.path.join(d, n), os.path.relpath(os.path.join(d, n), tiny))
+    for cmd, stream in ((["check", z], "out"), (["index", z], "err"), (["pairs", z], "err"),
+                        (["bench", "--root", z], "err")):
+        assert main(["data", *cmd]) == 1
+        text = getattr(capsys.readouterr(), stream)
+        assert f"{z}: a zip file; a pyface video dataset is a folder (unzip it" in text, cmd

@@ -65,7 +65,7 @@ def resolve_root(cfg, synth: SynthOptions | None) -> str:
         return cached(synth.synth_config(cfg.resolution))
     path = os.fspath(cfg.path)
     if os.path.exists(path) and not os.path.isdir(path):
-        raise fmt.DataError(f"data.path: {path} is not a folder")
+        raise fmt.DataError(f"data.path: {fmt._not_a_root(path)}")
     if os.path.isfile(os.path.join(path, fmt.SYNTH_PARTIAL)):
         from pyface.data.synthetic import generate
 

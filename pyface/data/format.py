@@ -186,8 +186,7 @@ def write_index(root: str, records: list[VideoRecord] | None = None) -> list[Vid
     synthetic set (:class:`DataError`)."""
     if records is None:
         if not os.path.isdir(root):
-            raise DataError(f"{root}: dataset root not found" if not os.path.exists(root)
-                            else f"{root}: not a folder")
+            raise DataError(_not_a_root(root))
         _refuse_unfinished(root)
         if _is_video_folder(root):
             raise DataError(f"{root}: a video folder ({META} or {FRAME_DIR}/), not a dataset "
@@ -199,6 +198,18 @@ def write_index(root: str, records: list[VideoRecord] | None = None) -> list[Vid
     records = sorted(records, key=lambda r: r.name)
     _dump(os.path.join(root, INDEX), {"format": FORMAT, "videos": [asdict(r) for r in records]})
     return records
+
+
+def _not_a_root(root: str) -> str:
+    """Why ``root`` (not a folder) is no dataset root."""
+    import zipfile
+
+    if not os.path.exists(root):
+        return f"{root}: dataset root not found"
+    if zipfile.is_zipfile(root):
+        return (f"{root}: a zip file; a pyface video dataset is a folder (unzip it: only image "
+                "folders and EG3D datasets are read from zips, docs/data.md)")
+    return f"{root}: not a folder"
 
 
 def _is_video_folder(path: str) -> bool:
@@ -224,7 +235,7 @@ def _unfinished_message(root: str) -> str:
 def load_index(root: str) -> list[VideoRecord]:
     """The videos of ``root`` from ``index.json`` (scanned, with a warning, when it is absent)."""
     if not os.path.isdir(root):
-        raise DataError(f"{root}: dataset root not found")
+        raise DataError(_not_a_root(root))
     _refuse_unfinished(root)
     path = os.path.join(root, INDEX)
     if not os.path.isfile(path):
@@ -405,8 +416,7 @@ def check_dataset(root: str, deep: bool = True) -> tuple[list[VideoRecord], list
     """Validates a dataset root: index vs folders, then every video. Returns (records, problems)."""
     problems = []
     if not os.path.isdir(root):
-        return [], [f"{root}: dataset root not found" if not os.path.exists(root)
-                    else f"{root}: not a folder"]
+        return [], [_not_a_root(root)]
     if os.path.isfile(os.path.join(root, SYNTH_PARTIAL)):
         return [], [_unfinished_message(root)]
     if _is_video_folder(root):
