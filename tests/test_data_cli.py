@@ -353,3 +353,18 @@ def test_zipped_video_set_is_named_as_such(tmp_path, tiny, capsys):
         assert main(["data", *cmd]) == 1
         text = getattr(capsys.readouterr(), stream)
         assert f"{z}: a zip file; a pyface video dataset is a folder (unzip it" in text, cmd
+
+
+def test_pairs_resolution_and_single_frame_videos(tmp_path, tiny, capsys):
+    assert main(["data", "pairs", tiny, "--resolution", "0"]) == 2     # was a torch traceback
+    assert "pyface data pairs: --resolution: expected > 0, got 0" in capsys.readouterr().err
+    one = str(tmp_path / "one")
+    S.generate(one, S.SynthConfig(**{**TINY, "frames": 1}), progress=False)
+    assert main(["data", "pairs", one]) == 0
+    assert capsys.readouterr().out == "same : 0 pairs (every video has a single frame)\n"
+
+
+def test_cache_set_without_build_is_an_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PYFACE_CACHE", str(tmp_path))
+    assert main(["data", "cache", "--set", "zoom=0.2"]) == 2    # was ignored silently
+    assert "--set needs --build RESOLUTION" in capsys.readouterr().err

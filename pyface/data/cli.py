@@ -168,6 +168,10 @@ def _pairs(args) -> int:
     from pyface.data.format import DataError
     from pyface.data.reenactment import reenactment_pairs
 
+    if args.resolution is not None and args.resolution <= 0:
+        print(f"pyface data pairs: --resolution: expected > 0, got {args.resolution}",
+              file=sys.stderr)
+        return 2
     try:
         return _pairs_report(args, reenactment_pairs)
     except DataError as exc:
@@ -192,6 +196,9 @@ def _pairs_report(args, reenactment_pairs) -> int:
             psnr.append(-10 * np.log10(max(float(((a - b) ** 2).mean()), 1e-10)))
         psnr = np.array(psnr)
         mv = np.asarray(ds.moving, bool)
+        if not len(ds):     # one frame per video: no driving frame besides the source
+            print(f"{protocol:5s}: 0 pairs (every video has a single frame)")
+            continue
         line = f"{protocol:5s}: {len(ds)} pairs, copy-source PSNR {psnr.mean():.2f} dB"
         if ds.has_coeffs:
             line += (f"; moving {int(mv.sum())} ({psnr[mv].mean() if mv.any() else float('nan'):.2f} dB)"
@@ -209,6 +216,10 @@ def _cache(args) -> int:
 
     from pyface.data.cache import cache_dir, cached, is_complete
 
+    if args.overrides and args.build is None:
+        print("pyface data cache: --set needs --build RESOLUTION (it sets an option of the set "
+              "to build)", file=sys.stderr)
+        return 2
     if args.build is not None:
         import time
 
