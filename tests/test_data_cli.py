@@ -230,8 +230,11 @@ def test_cache_bad_build_options(tmp_path, monkeypatch, capsys):
     junk.mkdir(parents=True)
     (junk / "synth.json").write_text("{")
     (junk / fmt.INDEX).write_text("{}")
+    (tmp_path / "synthetic" / ".2x1x3-16px-0123.tmp-abc").mkdir()    # a killed generation's
     assert main(["data", "cache"]) == 0
-    assert "junk  (unreadable synth.json" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "junk  (unreadable synth.json" in out
+    assert ".2x1x3-16px-0123.tmp-abc  (temporary folder of an interrupted generation" in out
 
 
 def test_data_path_that_is_a_file_or_unfinished(tmp_path, tiny):

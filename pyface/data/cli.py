@@ -261,8 +261,14 @@ def _cache(args) -> int:
         return 0
     base = os.path.join(cache_dir(), "synthetic")
     names = sorted(os.listdir(base)) if os.path.isdir(base) else []
+    # a generation killed before its rename leaves its hidden temporary folder behind
+    stale = [n for n in names if n.startswith(".") and ".tmp-" in n
+             and os.path.isdir(os.path.join(base, n))]
     names = [n for n in names if not n.startswith(".") and not n.endswith(".lock")]
     print(f"{base}: {len(names)} dataset(s)")
+    for n in stale:
+        print(f"  {n}  (temporary folder of an interrupted generation; no run uses it, delete it "
+              "unless a generation is running)")
     for n in names:
         root = os.path.join(base, n)
         if not is_complete(root):
