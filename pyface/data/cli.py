@@ -13,13 +13,16 @@ def add_parser(subparsers) -> None:
     s = sub.add_parser("synth", help="render a synthetic talking-head dataset",
                        description="Render talking-head videos of the built-in procedural head "
                                    "model with exact ground truth (see docs/data.md).")
-    s.add_argument("--out", required=True, help="output dataset root")
+    s.add_argument("--out", required=True,
+                   help="output dataset root: absent or empty, outside other datasets; the same "
+                        "command again finishes an interrupted set (synth.partial.json) and "
+                        "leaves a complete one as it is")
     s.add_argument("--identities", type=int, default=4)
     s.add_argument("--videos-per-identity", type=int, default=2)
     s.add_argument("--frames", type=int, default=32, help="frames per video")
-    s.add_argument("--resolution", type=int, default=256)
-    s.add_argument("--fps", type=float, default=25.0)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--resolution", type=int, default=256, help="frame side, 1-4096")
+    s.add_argument("--fps", type=float, default=25.0, help="frame rate, >= 0.1")
+    s.add_argument("--seed", type=int, default=0, help=">= 0")
     s.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
     s.add_argument("--no-cross", action="store_true",
                    help="skip the cross-identity ground truth (ROOT/cross)")
@@ -101,7 +104,10 @@ def add_parser(subparsers) -> None:
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_prepare)
 
-    i = sub.add_parser("index", help="(re)write ROOT/index.json by scanning the video folders")
+    i = sub.add_parser("index", help="(re)write ROOT/index.json by scanning the video folders",
+                       description="Scan the video folders of ROOT (folders with meta.json or "
+                                   "frames/) and write ROOT/index.json. Refused: a root without "
+                                   "video folders, a video folder, an unfinished synthetic set.")
     i.add_argument("root")
     i.set_defaults(func=_index)
 
