@@ -371,3 +371,19 @@ def test_cache_set_without_build_is_an_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PYFACE_CACHE", str(tmp_path))
     assert main(["data", "cache", "--set", "zoom=0.2"]) == 2    # was ignored silently
     assert "--set needs --build RESOLUTION" in capsys.readouterr().err
+
+
+def test_synth_refuses_a_folder_another_run_is_writing(tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    out = tmp_path / "busy"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)          # what a running generation holds
+        with pytest.raises(fmt.DataError, match="another `pyface data synth` is writing it"):
+            S.generate(str(out), S.SynthConfig(**TINY), progress=False)
+    finally:
+        os.close(fd)
+    assert os.listdir(out) == []
+    S.generate(str(out), S.SynthConfig(**TINY), progress=False)     # the lock is gone
+    assert fmt.check_dataset(str(out))[1] == []

@@ -536,20 +536,47 @@ def generate(out: str, cfg: SynthConfig | None = None, progress: bool = True) ->
     such a set. Generating again into an unfinished set of the same content finishes it (the
     complete videos are kept: the output is a pure function of the config), into a complete one
     of the same content does nothing (the summary has ``"existing": True``); any other
-    non-empty ``out`` raises :class:`~pyface.data.format.DataError` naming the reason.
+    non-empty ``out`` raises :class:`~pyface.data.format.DataError` naming the reason, and so
+    does a folder another generation is writing (an exclusive ``flock`` on ``out``).
     """
+    cfg = cfg or SynthConfig()
+    _check_out(out, cfg)            # refuse before creating anything
+    os.makedirs(out, exist_ok=True)
+    with _exclusive(out):
+        return _generate(out, cfg, _check_out(out, cfg), progress)   # again, under the lock
+
+
+@contextlib.contextmanager
+def _exclusive(out: str):
+    """An exclusive ``flock`` on the folder ``out`` itself (held by the render processes too),
+    so that two runs never write one set; without ``fcntl`` (non-POSIX) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise fmt.DataError(f"{out}: another `pyface data synth` is writing it (it holds the "
+                                "folder's lock); wait for it to end or stop it") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _generate(out: str, cfg: SynthConfig, state: str, progress: bool) -> dict:
     import json
     import multiprocessing as mp
     import time
 
     from pyface.data.cache import content_key
 
-    cfg = cfg or SynthConfig()
-    state = _check_out(out, cfg)
     if state == "done":
         with open(os.path.join(out, "synth.json")) as f:
             return {**json.load(f), "existing": True}
-    os.makedirs(out, exist_ok=True)
     cross_root = os.path.join(out, "cross")
     view_root = os.path.join(out, "multiview")
     roots = [out] + ([cross_root] if cfg.cross else []) + ([view_root] if cfg.multiview else [])
