@@ -3,6 +3,7 @@ exit code and one message naming the option or file, never a traceback or a half
 taken as complete."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -387,3 +388,21 @@ def test_synth_refuses_a_folder_another_run_is_writing(tmp_path):
     assert os.listdir(out) == []
     S.generate(str(out), S.SynthConfig(**TINY), progress=False)     # the lock is gone
     assert fmt.check_dataset(str(out))[1] == []
+
+
+@pytest.mark.parametrize("synth,resolution,message", [
+    ({"fps": 0.0}, 16, "data.options.synth.fps: expected a finite frame rate >= 0.1, got 0.0"),
+    ({"frames": 0}, 16, "data.options.synth.frames: expected > 0, got 0"),
+    ({}, 0, "data.resolution: expected > 0, got 0"),
+    ({"resolution": 5000}, 16, "data.options.synth.resolution: expected at most 4096"),
+])
+def test_bad_builtin_set_options_name_their_key(tmp_path, monkeypatch, synth, resolution,
+                                                message):
+    from pyface.data.builtin import SynthOptions, resolve_root
+    from pyface.train.config import DataConfig
+
+    monkeypatch.setenv("PYFACE_CACHE", str(tmp_path / "cache"))
+    for path in (None, str(tmp_path / "gen")):      # the cached set, or generated into data.path
+        with pytest.raises(fmt.DataError, match=re.escape(message)):
+            resolve_root(DataConfig(path=path, resolution=resolution), SynthOptions(**synth))
+    assert not (tmp_path / "gen").exists()
