@@ -406,3 +406,19 @@ def test_bad_builtin_set_options_name_their_key(tmp_path, monkeypatch, synth, re
         with pytest.raises(fmt.DataError, match=re.escape(message)):
             resolve_root(DataConfig(path=path, resolution=resolution), SynthOptions(**synth))
     assert not (tmp_path / "gen").exists()
+
+
+@pytest.mark.parametrize("name,key,value,low", [("pairs", "min_gap", -1, 0),
+                                                ("pairs", "repeats", 0, 1),
+                                                ("clips", "min_gap", 0, 1),
+                                                ("motion_windows", "frames_per_item", 0, 1)])
+def test_bad_dataset_options_are_named_before_any_generation(tmp_path, name, key, value, low):
+    from pyface.train.config import DataConfig
+    from pyface.train.registry import build_dataset
+
+    gen = tmp_path / "gen"              # empty data.path: the built-in set would be rendered here
+    with pytest.raises(fmt.DataError, match=rf"data.options.{key}: expected >= {low} for "
+                                            rf"\w+, got {value}"):
+        build_dataset(DataConfig(name=name, path=str(gen), resolution=16,
+                                 options={key: value}))
+    assert not gen.exists()
