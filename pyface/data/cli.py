@@ -167,10 +167,6 @@ def _synth(args) -> int:
 
 
 def _pairs(args) -> int:
-    import os
-
-    import numpy as np
-
     from pyface.data.format import DataError
     from pyface.data.reenactment import reenactment_pairs
 
@@ -379,15 +375,6 @@ def _index(args) -> int:
 
 
 def _bench(args) -> int:
-    import os
-    import tempfile
-    import time
-
-    import torch
-
-    from pyface.data.datasets import PairDataset
-    from pyface.data.synthetic import SynthConfig, generate
-
     for option, value, low in (("--batch-size", args.batch_size, 1), ("--samples", args.samples, 1),
                                ("--workers", args.workers, 0)):
         if value < low:
