@@ -62,8 +62,15 @@ def resolve_root(cfg, synth: SynthOptions | None) -> str:
     if not cfg.path:
         from pyface.data.cache import cached
 
-        return cached(synth.synth_config(cfg.resolution))
+        return cached(_synth_config(cfg, synth))
     path = os.fspath(cfg.path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise fmt.DataError(f"data.path: {fmt._not_a_root(path)}")
+    if os.path.isfile(os.path.join(path, fmt.SYNTH_PARTIAL)):
+        from pyface.data.synthetic import generate
+
+        generate(path, _synth_config(cfg, synth), progress=False)   # finish it, or refuse
+        return path
     if os.path.isfile(os.path.join(path, fmt.INDEX)) or \
             (os.path.isdir(path) and fmt.video_names(path)):
         return path
@@ -72,5 +79,18 @@ def resolve_root(cfg, synth: SynthOptions | None) -> str:
                             "empty; refusing to generate the synthetic set into it")
     from pyface.data.synthetic import generate
 
-    generate(path, synth.synth_config(cfg.resolution), progress=False)
+    generate(path, _synth_config(cfg, synth), progress=False)
     return path
+
+
+def _synth_config(cfg, synth: SynthOptions):
+    """``synth.synth_config(cfg.resolution)``; a bad value is a DataError naming its key."""
+    from pyface.data import format as fmt
+
+    try:
+        return synth.synth_config(cfg.resolution)
+    except ValueError as exc:       # "field: message" from SynthConfig
+        field, _, msg = str(exc).partition(": ")
+        key = ("data.resolution" if field == "resolution" and not synth.resolution
+               else f"data.options.synth.{field}")
+        raise fmt.DataError(f"{key}: {msg}") from None

@@ -59,9 +59,11 @@ def cache_path(cfg) -> str:
 
 
 def is_complete(root: str) -> bool:
-    """A generated dataset is complete once ``synth.json`` (written last) exists."""
+    """A generated dataset is complete once ``synth.json`` (written last) exists and its
+    unfinished marker (:data:`pyface.data.format.SYNTH_PARTIAL`) is gone."""
     return os.path.isfile(os.path.join(root, "synth.json")) and \
-        os.path.isfile(os.path.join(root, fmt.INDEX))
+        os.path.isfile(os.path.join(root, fmt.INDEX)) and \
+        not os.path.exists(os.path.join(root, fmt.SYNTH_PARTIAL))
 
 
 @contextlib.contextmanager

@@ -13,13 +13,16 @@ def add_parser(subparsers) -> None:
     s = sub.add_parser("synth", help="render a synthetic talking-head dataset",
                        description="Render talking-head videos of the built-in procedural head "
                                    "model with exact ground truth (see docs/data.md).")
-    s.add_argument("--out", required=True, help="output dataset root")
+    s.add_argument("--out", required=True,
+                   help="output dataset root: absent or empty, outside other datasets; the same "
+                        "command again finishes an interrupted set (synth.partial.json) and "
+                        "leaves a complete one as it is")
     s.add_argument("--identities", type=int, default=4)
     s.add_argument("--videos-per-identity", type=int, default=2)
     s.add_argument("--frames", type=int, default=32, help="frames per video")
-    s.add_argument("--resolution", type=int, default=256)
-    s.add_argument("--fps", type=float, default=25.0)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--resolution", type=int, default=256, help="frame side, 1-4096")
+    s.add_argument("--fps", type=float, default=25.0, help="frame rate, >= 0.1")
+    s.add_argument("--seed", type=int, default=0, help=">= 0")
     s.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
     s.add_argument("--no-cross", action="store_true",
                    help="skip the cross-identity ground truth (ROOT/cross)")
@@ -101,7 +104,10 @@ def add_parser(subparsers) -> None:
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_prepare)
 
-    i = sub.add_parser("index", help="(re)write ROOT/index.json by scanning the video folders")
+    i = sub.add_parser("index", help="(re)write ROOT/index.json by scanning the video folders",
+                       description="Scan the video folders of ROOT (folders with meta.json or "
+                                   "frames/) and write ROOT/index.json. Refused: a root without "
+                                   "video folders, a video folder, an unfinished synthetic set.")
     i.add_argument("root")
     i.set_defaults(func=_index)
 
@@ -121,7 +127,8 @@ def add_parser(subparsers) -> None:
 
 
 def _synth(args) -> int:
-    from pyface.data.synthetic import SynthConfig, generate
+    from pyface.data.format import DataError
+    from pyface.data.synthetic import PARTIAL, SynthConfig, generate
 
     try:
         cfg = SynthConfig(identities=args.identities, videos_per_identity=args.videos_per_identity,
@@ -137,7 +144,20 @@ def _synth(args) -> int:
                            ("--identities", f"{msg} (or --no-cross), got {args.identities}"))
         print(f"pyface data synth: {option}: {msg}", file=sys.stderr)
         return 2
-    s = generate(args.out, cfg, progress=not args.quiet)
+    try:
+        s = generate(args.out, cfg, progress=not args.quiet)
+    except DataError as exc:
+        print(f"pyface data synth: --out {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {args.out} is unfinished ({PARTIAL}; no loader takes it); run "
+              "the same command again to finish it", file=sys.stderr)
+        return 130
+    if s.get("existing"):
+        print(f"{args.out} already holds this dataset (synth.json): nothing to do")
+        return 0
+    if s.get("resumed_videos"):
+        print(f"resumed: {s['resumed_videos']} finished videos kept")
     extra = (f", {s['view_videos']} second views" if s["view_videos"] else "") + \
         (f", split {args.split}" if args.split != "train" else "")
     print(f"wrote {s['videos']} videos + {s['cross_videos']} cross-identity videos "
@@ -147,11 +167,24 @@ def _synth(args) -> int:
 
 
 def _pairs(args) -> int:
+    from pyface.data.format import DataError
+    from pyface.data.reenactment import reenactment_pairs
+
+    if args.resolution is not None and args.resolution <= 0:
+        print(f"pyface data pairs: --resolution: expected > 0, got {args.resolution}",
+              file=sys.stderr)
+        return 2
+    try:
+        return _pairs_report(args, reenactment_pairs)
+    except DataError as exc:
+        print(f"pyface data pairs: {exc}", file=sys.stderr)
+        return 1
+
+
+def _pairs_report(args, reenactment_pairs) -> int:
     import os
 
     import numpy as np
-
-    from pyface.data.reenactment import reenactment_pairs
 
     for protocol in ("same", "cross"):
         if protocol == "cross" and not os.path.isdir(os.path.join(args.root, "cross")):
@@ -165,6 +198,9 @@ def _pairs(args) -> int:
             psnr.append(-10 * np.log10(max(float(((a - b) ** 2).mean()), 1e-10)))
         psnr = np.array(psnr)
         mv = np.asarray(ds.moving, bool)
+        if not len(ds):     # one frame per video: no driving frame besides the source
+            print(f"{protocol:5s}: 0 pairs (every video has a single frame)")
+            continue
         line = f"{protocol:5s}: {len(ds)} pairs, copy-source PSNR {psnr.mean():.2f} dB"
         if ds.has_coeffs:
             line += (f"; moving {int(mv.sum())} ({psnr[mv].mean() if mv.any() else float('nan'):.2f} dB)"
@@ -182,6 +218,10 @@ def _cache(args) -> int:
 
     from pyface.data.cache import cache_dir, cached, is_complete
 
+    if args.overrides and args.build is None:
+        print("pyface data cache: --set needs --build RESOLUTION (it sets an option of the set "
+              "to build)", file=sys.stderr)
+        return 2
     if args.build is not None:
         import time
 
@@ -192,6 +232,7 @@ def _cache(args) -> int:
         import yaml
 
         valid = [f.name for f in dataclasses.fields(SynthOptions)]
+        defaults = {f.name: f.default for f in dataclasses.fields(SynthOptions)}
         kw = {}
         for item in args.overrides:
             k, sep, v = item.partition("=")
@@ -200,23 +241,47 @@ def _cache(args) -> int:
                       file=sys.stderr)
                 return 2
             kw[k] = yaml.safe_load(v)
-        cfg = SynthOptions(**kw).synth_config(args.build)
+            want = type(defaults[k]) if defaults[k] is not None else int   # resolution: int
+            ok = isinstance(kw[k], (int, float)) and not isinstance(kw[k], bool) \
+                if want is float else isinstance(kw[k], want) and \
+                (want is bool or not isinstance(kw[k], bool))
+            if not ok:
+                print(f"pyface data cache: --set {k}: expected {want.__name__}, got {v!r}",
+                      file=sys.stderr)
+                return 2
+        try:
+            cfg = SynthOptions(**kw).synth_config(args.build)
+        except (ValueError, TypeError) as exc:
+            field, _, msg = str(exc).partition(": ")
+            where = "--build" if field == "resolution" and "resolution" not in kw else \
+                f"--set {field}"
+            print(f"pyface data cache: {where}: {msg or exc}", file=sys.stderr)
+            return 2
         t0 = time.perf_counter()
         root = cached(cfg, progress=True)
         print(f"{root} ({time.perf_counter() - t0:.1f} s)")
         return 0
     base = os.path.join(cache_dir(), "synthetic")
     names = sorted(os.listdir(base)) if os.path.isdir(base) else []
+    # a generation killed before its rename leaves its hidden temporary folder behind
+    stale = [n for n in names if n.startswith(".") and ".tmp-" in n
+             and os.path.isdir(os.path.join(base, n))]
     names = [n for n in names if not n.startswith(".") and not n.endswith(".lock")]
     print(f"{base}: {len(names)} dataset(s)")
+    for n in stale:
+        print(f"  {n}  (temporary folder of an interrupted generation; no run uses it, delete it "
+              "unless a generation is running)")
     for n in names:
         root = os.path.join(base, n)
         if not is_complete(root):
             print(f"  {n}  (incomplete)")
             continue
-        with open(os.path.join(root, "synth.json")) as f:
-            s = json.load(f)
-        print(f"  {n}  {s['frames']} frames, generated in {s['seconds']:.1f} s")
+        try:
+            with open(os.path.join(root, "synth.json")) as f:
+                s = json.load(f)
+            print(f"  {n}  {s['frames']} frames, generated in {s['seconds']:.1f} s")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"  {n}  (unreadable synth.json: {exc})")
     return 0
 
 
@@ -298,14 +363,44 @@ def _prepare(args) -> int:
 
 
 def _index(args) -> int:
-    from pyface.data.format import write_index
+    from pyface.data.format import DataError, write_index
 
-    recs = write_index(args.root)
+    try:
+        recs = write_index(args.root)
+    except DataError as exc:
+        print(f"pyface data index: {exc}", file=sys.stderr)
+        return 1
     print(f"{args.root}/index.json: {len(recs)} videos")
     return 0
 
 
 def _bench(args) -> int:
+    for option, value, low in (("--batch-size", args.batch_size, 1), ("--samples", args.samples, 1),
+                               ("--workers", args.workers, 0)):
+        if value < low:
+            print(f"pyface data bench: {option}: expected >= {low}, got {value}", file=sys.stderr)
+            return 2
+    from pyface.data.format import DataError
+    from pyface.data.synthetic import SynthConfig
+
+    cfg = None
+    if args.root is None:
+        try:
+            cfg = SynthConfig(identities=args.identities,
+                              videos_per_identity=args.videos_per_identity, frames=args.frames,
+                              resolution=args.resolution, workers=args.workers, cross=False)
+        except ValueError as exc:   # the config's field names are the options'
+            field, _, msg = str(exc).partition(": ")
+            print(f"pyface data bench: --{field.replace('_', '-')}: {msg}", file=sys.stderr)
+            return 2
+    try:
+        return _bench_run(args, cfg)
+    except DataError as exc:        # a bad --root
+        print(f"pyface data bench: {exc}", file=sys.stderr)
+        return 1
+
+
+def _bench_run(args, cfg) -> int:
     import os
     import tempfile
     import time
@@ -313,16 +408,13 @@ def _bench(args) -> int:
     import torch
 
     from pyface.data.datasets import PairDataset
-    from pyface.data.synthetic import SynthConfig, generate
+    from pyface.data.synthetic import generate
 
     print(f"# cpu cores {os.cpu_count()}  torch {torch.__version__}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root
         if root is None:
             root = os.path.join(tmp, "synth")
-            cfg = SynthConfig(identities=args.identities, videos_per_identity=args.videos_per_identity,
-                              frames=args.frames, resolution=args.resolution, workers=args.workers,
-                              cross=False)
             s = generate(root, cfg, progress=False)
             print(f"generate {args.identities}x{args.videos_per_identity}x{args.frames} at "
                   f"{args.resolution}^2 (no cross), {s['workers']} workers: {s['seconds']:.2f} s "

@@ -141,6 +141,10 @@ class _Configurable:
     (:func:`pyface.data.builtin.resolve_root`), the common fields (resolution, seed, skip_bad)
     and ``data.options`` converted to ``cls.Options``."""
 
+    #: Lower bounds of numeric options, checked before the root is resolved (and the built-in
+    #: set perhaps generated): ``{field: minimum}``.
+    _OPTION_MIN: dict = {}
+
     @classmethod
     def _init_kwargs(cls, o) -> dict:
         return {}
@@ -148,6 +152,10 @@ class _Configurable:
     @classmethod
     def from_config(cls, cfg):
         o = options_of(cls, getattr(cfg, "options", None))
+        for k, low in cls._OPTION_MIN.items():
+            if getattr(o, k) < low:
+                raise fmt.DataError(f"data.options.{k}: expected >= {low} for {cls.__name__}, "
+                                    f"got {getattr(o, k)}")
         root = resolve_root(cfg, getattr(o, "synth", None))
         return cls(root, cfg.resolution, seed=cfg.seed, skip_bad=cfg.skip_bad,
                    load_masks=o.load_masks, **cls._init_kwargs(o))
@@ -296,6 +304,8 @@ class PairDataset(_Configurable, VideoDatasetBase):
 
     MODES = ("same_video", "cross_video", "cross_identity")
 
+    _OPTION_MIN = {"min_gap": 0, "repeats": 1}
+
     @dataclass
     class Options:
         mode: str = "same_video"
@@ -374,6 +384,8 @@ class MotionWindowDataset(_Configurable, VideoDatasetBase):
     ``identity``. Needs ``coeffs.npy`` and ``dataset.json`` in every video.
     """
 
+    _OPTION_MIN = {"frames_per_item": 1, "radius": 0, "repeats": 1}
+
     @dataclass
     class Options:
         frames_per_item: int = 2
@@ -450,6 +462,8 @@ class ClipDataset(_Configurable, VideoDatasetBase):
     ``landmarks (N, 68, 2)`` (each when the video has it), ``frame (N,)`` sorted, ``video``,
     ``identity``.
     """
+
+    _OPTION_MIN = {"frames": 1, "min_gap": 1, "repeats": 1}
 
     @dataclass
     class Options:
@@ -594,7 +608,12 @@ class CrossIdentityDataset(_Configurable, Dataset):
 
     def __init__(self, root, resolution=None, **kw):
         self.root = os.fspath(root)
-        self.cross = FrameDataset(os.path.join(self.root, "cross"), resolution, **kw)
+        cross = os.path.join(self.root, "cross")
+        if os.path.isdir(self.root) and not os.path.isdir(cross):
+            raise fmt.DataError(f"{cross}: missing; the cross-identity ground truth is written by "
+                                "the synthetic engine with cross=True and >= 2 identities "
+                                "(pyface data synth without --no-cross)")
+        self.cross = FrameDataset(cross, resolution, **kw)
         self.base = FrameDataset(self.root, resolution, **kw)
         self.by_name = {r.name: i for i, r in enumerate(self.base.videos)}
         self.meta = []

@@ -37,6 +37,9 @@ import numpy as np
 FORMAT = "pyface-video/1"
 INDEX = "index.json"
 META = "meta.json"
+#: Marks a dataset root whose `pyface data synth` generation has not finished
+#: (:data:`pyface.data.synthetic.PARTIAL`).
+SYNTH_PARTIAL = "synth.partial.json"
 LABELS = "dataset.json"
 COEFFS = "coeffs.npy"
 LANDMARKS = "landmarks.npy"
@@ -178,18 +181,62 @@ def video_names(root: str) -> list[str]:
 
 
 def write_index(root: str, records: list[VideoRecord] | None = None) -> list[VideoRecord]:
-    """Scans ``root`` (unless ``records`` are given) and writes ``index.json``."""
+    """Scans ``root`` (unless ``records`` are given) and writes ``index.json``. Scanning
+    refuses a missing root, a folder without videos, a video folder and an unfinished
+    synthetic set (:class:`DataError`)."""
     if records is None:
+        if not os.path.isdir(root):
+            raise DataError(_not_a_root(root))
+        _refuse_unfinished(root)
+        if _is_video_folder(root):
+            raise DataError(f"{root}: a video folder ({META} or {FRAME_DIR}/), not a dataset "
+                            f"root; index the folder above it")
+        if not video_names(root):
+            raise DataError(f"{root}: no video folders (folders with {META} or {FRAME_DIR}/); "
+                            f"{INDEX} not written")
         records = [scan_video(root, n) for n in video_names(root)]
     records = sorted(records, key=lambda r: r.name)
     _dump(os.path.join(root, INDEX), {"format": FORMAT, "videos": [asdict(r) for r in records]})
     return records
 
 
+def _not_a_root(root: str) -> str:
+    """Why ``root`` (not a folder) is no dataset root."""
+    import zipfile
+
+    if not os.path.exists(root):
+        return f"{root}: dataset root not found"
+    if zipfile.is_zipfile(root):
+        return (f"{root}: a zip file; a pyface video dataset is a folder (unzip it: only image "
+                "folders and EG3D datasets are read from zips, docs/data.md)")
+    return f"{root}: not a folder"
+
+
+def _is_video_folder(path: str) -> bool:
+    """``path`` is one video (``meta.json``, or ``frames/`` holding frames), not a root whose
+    video happens to be named ``frames``."""
+    if os.path.isfile(os.path.join(path, META)):
+        return True
+    d = os.path.join(path, FRAME_DIR)
+    return os.path.isdir(d) and any(f.endswith(".png") for f in os.listdir(d))
+
+
+def _refuse_unfinished(root: str) -> None:
+    if os.path.isfile(os.path.join(root, SYNTH_PARTIAL)):
+        raise DataError(_unfinished_message(root))
+
+
+def _unfinished_message(root: str) -> str:
+    return (f"{os.path.join(root, SYNTH_PARTIAL)}: an unfinished `pyface data synth` (interrupted "
+            "or still running), not a dataset; run the same command again to finish it, or "
+            "delete the folder")
+
+
 def load_index(root: str) -> list[VideoRecord]:
     """The videos of ``root`` from ``index.json`` (scanned, with a warning, when it is absent)."""
     if not os.path.isdir(root):
-        raise DataError(f"{root}: dataset root not found")
+        raise DataError(_not_a_root(root))
+    _refuse_unfinished(root)
     path = os.path.join(root, INDEX)
     if not os.path.isfile(path):
         warnings.warn(f"{path} not found; scanning the folders (run `pyface data index {root}` "
@@ -338,6 +385,14 @@ def check_video(root: str, rec: VideoRecord, deep: bool = True) -> list[str]:
     """Problems of one video (each names a file); empty when the video is fine. ``deep`` decodes
     every frame and mask, otherwise only their presence is checked."""
     problems = []
+    meta = rec.path(root, META)
+    if os.path.isfile(meta):
+        try:
+            m = _load_json(meta)
+            if not isinstance(m, dict) or "identity" not in m:
+                problems.append(f"{meta}: expected an object with an 'identity' field")
+        except DataError as e:
+            problems.append(str(e))
     for fn in (lambda: load_coeffs(root, rec, required=False),
                lambda: load_labels(root, rec, required=False),
                lambda: load_landmarks(root, rec)):
@@ -374,7 +429,12 @@ def check_dataset(root: str, deep: bool = True) -> tuple[list[VideoRecord], list
     """Validates a dataset root: index vs folders, then every video. Returns (records, problems)."""
     problems = []
     if not os.path.isdir(root):
-        return [], [f"{root}: dataset root not found"]
+        return [], [_not_a_root(root)]
+    if os.path.isfile(os.path.join(root, SYNTH_PARTIAL)):
+        return [], [_unfinished_message(root)]
+    if _is_video_folder(root):
+        return [], [f"{root}: a video folder ({META} or {FRAME_DIR}/), not a dataset root; check "
+                    "the folder above it"]
     names = set(video_names(root))
     try:
         if os.path.isfile(os.path.join(root, INDEX)):

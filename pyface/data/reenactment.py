@@ -149,13 +149,10 @@ def moving_rule(root, rec) -> str:
     ``root``: ``"coefficients"`` for ground truth (``meta.json`` ``generator`` =
     ``pyface.data.synthetic``) and for videos without ``landmarks.npy``, ``"landmarks"`` for
     any other video (fitted coefficients, e.g. ``pyface data prepare``)."""
-    import json
-
     path = rec.path(os.fspath(root), fmt.META)
     gen = None
     if os.path.isfile(path):
-        with open(path) as f:
-            meta = json.load(f)
+        meta = fmt._load_json(path)     # an unparsable file is a DataError naming it
         gen = meta.get("generator") if isinstance(meta, dict) else None
     if gen == "pyface.data.synthetic" or not rec.has_landmarks:
         return "coefficients"

@@ -26,6 +26,7 @@ the number of worker processes or on the order they finish in.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -41,6 +42,14 @@ SPLITS = ("train", "test")
 #: Seed of the fixed expression-identity leak matrix (the same for every dataset and split, like
 #: the bias of one coefficient fitter).
 LEAK_SEED = 20_241_117
+
+#: Bounds of :class:`SynthConfig` beyond the obvious (> 0): the lowest frame rate and the largest
+#: frame side (a guard against typos; one 4096^2 frame batch already takes gigabytes).
+MIN_FPS = 0.1
+MAX_RESOLUTION = 4096
+#: Written into the dataset root (and ``cross/``, ``multiview/``) when a generation starts and
+#: removed when it is complete: a set holding it is unfinished, never loaded as a dataset.
+PARTIAL = fmt.SYNTH_PARTIAL
 
 YAW_LIMIT = math.radians(35)
 PITCH_LIMIT = math.radians(20)
@@ -70,6 +79,18 @@ class SynthConfig:
         for k in ("identities", "videos_per_identity", "frames", "resolution", "batch"):
             if int(getattr(self, k)) <= 0:
                 raise ValueError(f"{k}: expected > 0, got {getattr(self, k)}")
+        if int(self.resolution) > MAX_RESOLUTION:
+            raise ValueError(f"resolution: expected at most {MAX_RESOLUTION}, got {self.resolution}")
+        if int(self.seed) < 0:
+            raise ValueError(f"seed: expected >= 0, got {self.seed}")
+        if int(self.workers) < 0:
+            raise ValueError(f"workers: expected >= 0 (0: all cores), got {self.workers}")
+        # the blink schedule steps through the video's duration (frames / fps) in 1.5-4 s steps:
+        # a zero, negative or NaN rate would never end it
+        if not (math.isfinite(float(self.fps)) and float(self.fps) >= MIN_FPS):
+            raise ValueError(f"fps: expected a finite frame rate >= {MIN_FPS}, got {self.fps}")
+        if not math.isfinite(float(self.exp_leak)):
+            raise ValueError(f"exp_leak: expected a finite number >= 0, got {self.exp_leak}")
         if self.cross and self.identities < 2:
             raise ValueError("cross: cross-identity ground truth needs identities >= 2")
         if self.split not in SPLITS:
@@ -423,36 +444,176 @@ def _render_task(kind, cfg, root, i, v, extra):
     return kind, rec
 
 
+def _task_name(kind, cfg, i, v, extra) -> str:
+    """The folder name :func:`_render_task` writes for a task."""
+    if kind == "cross":
+        return f"{identity_name(i, cfg.split)}_by_{video_name(extra, v, cfg.split)}"
+    return video_name(i, v, cfg.split)
+
+
+def _dataset_root_above(path: str) -> str | None:
+    """The nearest folder above ``path`` that is a pyface dataset root (a ``pyface-video``
+    ``index.json``, or an unfinished synthetic set), or None."""
+    d = os.path.dirname(os.path.abspath(path))
+    while True:
+        if os.path.isfile(os.path.join(d, PARTIAL)):
+            return d
+        index = os.path.join(d, fmt.INDEX)
+        if os.path.isfile(index):
+            try:
+                if fmt._load_json(index).get("format") == fmt.FORMAT:
+                    return d
+            except (fmt.DataError, AttributeError):
+                pass
+        up = os.path.dirname(d)
+        if up == d:
+            return None
+        d = up
+
+
+def _differences(old: dict, new: dict) -> str:
+    keys = sorted(set(old) | set(new))
+    return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys
+                     if old.get(k) != new.get(k))
+
+
+def _check_out(out: str, cfg) -> str:
+    """What :func:`generate` does with ``out``: ``"new"`` (absent or empty), ``"resume"`` (an
+    unfinished set of the same content) or ``"done"`` (this set, complete). Raises
+    :class:`~pyface.data.format.DataError` naming the reason for anything else."""
+    import json
+
+    from pyface.data.cache import content_key
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise fmt.DataError(f"{out}: exists and is not a folder")
+    above = _dataset_root_above(out)
+    if above is not None:
+        raise fmt.DataError(f"{out}: inside the dataset {above}; write the new set outside it "
+                            "(its index and loaders would not see it, or mix it in)")
+    if not os.path.isdir(out) or not os.listdir(out):
+        return "new"
+    key = json.loads(json.dumps(content_key(cfg), default=str))
+    partial = os.path.join(out, PARTIAL)
+    if os.path.isfile(partial):
+        try:
+            old = fmt._load_json(partial)["config"]
+        except (fmt.DataError, KeyError, TypeError):
+            old = None
+        if old != key:
+            why = _differences(old, key) if isinstance(old, dict) else f"{partial} unreadable"
+            raise fmt.DataError(f"{out}: an unfinished `pyface data synth` with other options "
+                                f"({why}); run it again with its own options to finish it, or "
+                                "delete the folder")
+        return "resume"
+    summary = os.path.join(out, "synth.json")
+    if os.path.isfile(summary) and os.path.isfile(os.path.join(out, fmt.INDEX)):
+        try:
+            s = fmt._load_json(summary)
+            from pyface.data.cache import _NOT_CONTENT
+
+            old = {k: v for k, v in s["config"].items() if k not in _NOT_CONTENT}
+            old["generator_version"] = s["generator_version"]
+        except (fmt.DataError, KeyError, TypeError, AttributeError):
+            old = None
+        if old == key:
+            return "done"
+        why = _differences(old, key) if isinstance(old, dict) else f"{summary} unreadable"
+        raise fmt.DataError(f"{out}: holds a synthetic dataset with other options ({why}); "
+                            "choose another folder or delete it")
+    entries = sorted(os.listdir(out))
+    shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    raise fmt.DataError(f"{out}: not empty ({shown}) and not written by `pyface data synth`; "
+                        "choose a new or empty folder")
+
+
 def generate(out: str, cfg: SynthConfig | None = None, progress: bool = True) -> dict:
     """Generates a dataset under ``out`` (videos at the root, cross-identity ground truth under
-    ``out/cross``), writes the indexes and a ``synth.json`` with the config. Returns a summary."""
+    ``out/cross``), writes the indexes and a ``synth.json`` with the config. Returns a summary.
+
+    ``out`` must be absent or empty, outside any other dataset. While generating, ``out`` holds
+    :data:`PARTIAL` (the content config): loaders, ``pyface data index`` and ``check`` refuse
+    such a set. Generating again into an unfinished set of the same content finishes it (the
+    complete videos are kept: the output is a pure function of the config), into a complete one
+    of the same content does nothing (the summary has ``"existing": True``); any other
+    non-empty ``out`` raises :class:`~pyface.data.format.DataError` naming the reason, and so
+    does a folder another generation is writing (an exclusive ``flock`` on ``out``).
+    """
+    cfg = cfg or SynthConfig()
+    _check_out(out, cfg)            # refuse before creating anything
+    os.makedirs(out, exist_ok=True)
+    with _exclusive(out):
+        return _generate(out, cfg, _check_out(out, cfg), progress)   # again, under the lock
+
+
+@contextlib.contextmanager
+def _exclusive(out: str):
+    """An exclusive ``flock`` on the folder ``out`` itself (held by the render processes too),
+    so that two runs never write one set; without ``fcntl`` (non-POSIX) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise fmt.DataError(f"{out}: another `pyface data synth` is writing it (it holds the "
+                                "folder's lock); wait for it to end or stop it") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _generate(out: str, cfg: SynthConfig, state: str, progress: bool) -> dict:
+    import json
     import multiprocessing as mp
     import time
 
-    cfg = cfg or SynthConfig()
-    os.makedirs(out, exist_ok=True)
+    from pyface.data.cache import content_key
+
+    if state == "done":
+        with open(os.path.join(out, "synth.json")) as f:
+            return {**json.load(f), "existing": True}
     cross_root = os.path.join(out, "cross")
+    view_root = os.path.join(out, "multiview")
+    roots = [out] + ([cross_root] if cfg.cross else []) + ([view_root] if cfg.multiview else [])
+    marker = {"config": content_key(cfg)}
+    for r in roots:
+        os.makedirs(r, exist_ok=True)
+        fmt._dump(os.path.join(r, PARTIAL), marker)
     tasks = [("video", cfg, out, i, v, None) for i in range(cfg.identities)
              for v in range(cfg.videos_per_identity)]
     if cfg.cross:
-        os.makedirs(cross_root, exist_ok=True)
         tasks += [("cross", cfg, cross_root, i, 0, (i + 1) % cfg.identities)
                   for i in range(cfg.identities)]
-    view_root = os.path.join(out, "multiview")
     if cfg.multiview:
-        os.makedirs(view_root, exist_ok=True)
         tasks += [("view", cfg, view_root, i, v, None) for i in range(cfg.identities)
                   for v in range(cfg.videos_per_identity)]
+    results = []
+    if state == "resume":   # a video's meta.json is written last: with it the folder is complete
+        todo = []
+        for t in tasks:
+            name = _task_name(t[0], cfg, *t[3:])
+            if os.path.isfile(os.path.join(t[2], name, fmt.META)):
+                results.append((t[0], fmt.scan_video(t[2], name), 0.0))
+            else:
+                todo.append(t)
+        tasks = todo
+    resumed = len(results)
     workers = cfg.workers or os.cpu_count() or 1
     workers = max(1, min(workers, len(tasks)))
     t0 = time.perf_counter()
-    from pyface.face import MorphableModel
-    MorphableModel.builtin()  # build once; forked workers inherit it
+    if tasks:
+        from pyface.face import MorphableModel
+        MorphableModel.builtin()  # build once; forked workers inherit it
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(tasks) * cfg.frames, unit="frame", desc="pyface data synth")
-    results = []
+        bar = tqdm(total=(len(tasks) + resumed) * cfg.frames, initial=resumed * cfg.frames,
+                   unit="frame", desc="pyface data synth")
     if workers == 1:
         it = map(_task, tasks)
         pool = None
@@ -465,6 +626,12 @@ def generate(out: str, cfg: SynthConfig | None = None, progress: bool = True) ->
             results.append(r)
             if bar is not None:
                 bar.update(cfg.frames)
+    except BaseException:
+        if pool is not None:        # an error or Ctrl-C: do not wait for the other videos
+            pool.terminate()
+            pool.join()
+            pool = None
+        raise
     finally:
         if pool is not None:
             pool.close()
@@ -484,7 +651,12 @@ def generate(out: str, cfg: SynthConfig | None = None, progress: bool = True) ->
                "frames": len(results) * cfg.frames, "seconds": round(seconds, 2),
                "render_cpu_seconds": round(sum(c for _, _, c in results), 2),
                "workers": workers}
+    if resumed:
+        summary["resumed_videos"] = resumed
     fmt._dump(os.path.join(out, "synth.json"), summary)
+    for r in roots[::-1]:           # the top-level marker last: it is what marks the set unfinished
+        with contextlib.suppress(FileNotFoundError):    # another run on the same folder finished
+            os.remove(os.path.join(r, PARTIAL))
     return summary
 
 

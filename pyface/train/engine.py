@@ -30,6 +30,51 @@ from pyface.train.schedules import lr_factor
 log = logging.getLogger("pyface.train")
 
 
+#: Where a dataset item's key comes from on disk (docs/data.md), for the error of
+#: :func:`check_data_keys`.
+_KEY_SOURCES = {"image": "frames/", "camera": "each video's dataset.json (EG3D cameras)",
+                "coeffs": "each video's coeffs.npy (257 3DMM coefficients)",
+                "landmarks": "each video's landmarks.npy", "mask": "each video's masks/",
+                "motion": "coeffs.npy, read by data.name=motion_windows"}
+
+
+def check_data_keys(model, dataset, cfg=None) -> None:
+    """Raises :class:`pyface.data.format.DataError` when item 0 of ``dataset`` lacks a key that
+    ``model.data_keys()`` (optional) lists: a nested mapping ``{key: sub-keys or None}``, e.g.
+    ``{"source": {"image": None, "coeffs": None}}``. The message names the model, the dataset,
+    the missing key, the file it comes from and the keys the items have."""
+    need = model.data_keys() if hasattr(model, "data_keys") else None
+    if not need:
+        return
+    from pyface.data.format import DataError
+
+    item = dataset[0]
+
+    def missing(spec, it, prefix):
+        for k, sub in spec.items():
+            where = f"{prefix}[{k!r}]"
+            if not isinstance(it, dict) or k not in it:
+                return where, k, prefix, sorted(it) if isinstance(it, dict) else type(it).__name__
+            if sub:
+                found = missing(sub, it[k], where)
+                if found:
+                    return found
+        return None
+
+    found = missing(need, item, "item")
+    if found is None:
+        return
+    where, key, parent, have = found
+    name = type(model).__name__ if cfg is None else f"{cfg.model}"
+    data = "" if cfg is None else (f" (data.name={cfg.data.name}, data.path="
+                                   f"{cfg.data.path or 'unset: the built-in set'})")
+    src = _KEY_SOURCES.get(key)
+    have = ", ".join(have) if isinstance(have, list) else have
+    raise DataError(f"data{data}: model {name} needs {where}" + (f", from {src}" if src else "")
+                    + "; the dataset's " + ("items have" if parent == "item" else f"{parent} has")
+                    + f" {have}")
+
+
 class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss or gradient norm, or an exploding gradient norm."""
 
@@ -232,6 +277,7 @@ class Trainer:
         self._local_ids = {k: {id(p) for g in o.param_groups if g.get("local")
                                for p in g["params"]} for k, o in self.optimizers.items()}
         self.dataset = dataset if dataset is not None else registry.build_dataset(cfg.data)
+        check_data_keys(self.model, self.dataset, cfg)      # before any step, not in the first
         transform = self.model.data_transform() if hasattr(self.model, "data_transform") \
             else None
         if transform is not None and not callable(transform):

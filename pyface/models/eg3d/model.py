@@ -341,6 +341,10 @@ class EG3D(TrainableModel):
         self.D.requires_grad_(not g)
 
     # --- TrainableModel --------------------------------------------------------------------
+    def data_keys(self) -> dict:
+        """Item keys a training step reads (checked before training by the engine)."""
+        return {"image": None, "camera": None}
+
     def step(self, phase: str, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         data = self._prepare(batch, ctx)

@@ -652,6 +652,10 @@ class CLeBS(TrainableModel):
             beta_p = self.expr.combine(lam * self.sim_log_gain.exp())
         return f_img, beta_p, lam
 
+    def data_keys(self) -> dict:
+        """Item keys a training step reads (checked before training by the engine)."""
+        return {"image": None, "coeffs": None}
+
     def step(self, phase: str, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         if "coeffs" not in batch:
             raise ValueError("batch: CLeBS needs 'coeffs' (B, N, 257) (the clips dataset on "

@@ -780,6 +780,15 @@ class Export3D(TrainableModel):
                              f"dataset with coeffs, camera and landmarks")
         return batch[key][field_]
 
+    def data_keys(self) -> dict:
+        """Item keys a training step reads (checked before training by the engine)."""
+        src = {"image": None}
+        if self.cfg.expr_relative:
+            src["coeffs"] = None
+        if self.cfg.source_mouth_mask:
+            src["landmarks"] = None
+        return {"source": src, "driving": {"image": None, "coeffs": None, "camera": None}}
+
     def step(self, phase: str, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         if phase in ("D", "Dreg"):

@@ -568,6 +568,11 @@ class GOHA(TrainableModel):
             targets["target"] = target
         return total, logs, out
 
+    def data_keys(self) -> dict:
+        """Item keys a training step reads (checked before training by the engine)."""
+        frame = {"image": None, "camera": None, "coeffs": None}
+        return {"source": frame, "driving": dict(frame)}
+
     def step(self, phase: str, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         total, logs, _ = self.s1_losses(batch, ctx.step)
         return {"loss": total, **logs}

@@ -772,6 +772,11 @@ class MMFA(TrainableModel):
         rd = self.rotation_of(batch["driving"], "driving", B, src.device)
         return src, drv, rs, rd
 
+    def data_keys(self) -> dict:
+        """Item keys a training step reads (checked before training by the engine)."""
+        frame = {"image": None, **({"coeffs": None} if self.cfg.rotation == "gt" else {})}
+        return {"source": frame, "driving": dict(frame)}
+
     def step(self, phase: str, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         if phase == "D":
             return self._step_d(batch)

@@ -210,6 +210,10 @@ class MMFAVAE(TrainableModel):
         return [Phase("VAE", "VAE", frozen=("feature_discriminator",)),
                 Phase("Dfeat", "Dfeat")]
 
+    def data_keys(self) -> dict:
+        """Item keys a training step reads (checked before training by the engine)."""
+        return {"source": {"image": None}, "driving": {"image": None}}
+
     def step(self, phase: str, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         c = self.cfg
         if phase == "Dfeat":

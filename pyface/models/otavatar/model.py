@@ -363,6 +363,10 @@ class OTAvatar(TrainableModel):
             img = img.float() / 127.5 - 1
         return img.float(), motion.float(), cam.float(), None if lm is None else lm.float()
 
+    def data_keys(self) -> dict:
+        """Item keys a training step reads (checked before training by the engine)."""
+        return {"image": None, "motion": None, "camera": None}
+
     def step(self, phase: str, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         img, motion, cam, lm = self._unpack(batch)
