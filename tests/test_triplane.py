@@ -228,6 +228,12 @@ BAD = [
     (lambda p, x: (p, x.long()), TypeError, "points: expected a floating-point tensor, got dtype int64"),
     (lambda p, x: (p, x.to("meta")), ValueError, "points: expected a tensor on cpu .*got meta"),
     (lambda p, x: (p.tolist(), x), TypeError, "planes: expected a torch.Tensor"),
+    # an empty plane is an error on every backend alike (the reference returned (B, N, 0) for
+    # C = 0 and raised grid_sample's own error for H = 0 or W = 0)
+    (lambda p, x: (p[:, :, :0], x), ValueError,
+     r"planes: expected shape \(B, 3, C, H, W\) with C, H, W >= 1, got \(2, 3, 0, "),
+    (lambda p, x: (p[:, :, :, :0], x), ValueError, r"planes: .*C, H, W >= 1, got \(2, 3, \d+, 0, "),
+    (lambda p, x: (p[..., :0], x), ValueError, r"planes: .*C, H, W >= 1, got \(2, 3, \d+, \d+, 0\)"),
 ]
 
 
