@@ -249,8 +249,11 @@ def test_bad_input(mutate, exc, match, backend):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(plane_axes="xyz"), "plane_axes: expected one of .*got 'xyz'"),
     (dict(reduce="max"), "reduce: expected one of .*got 'max'"),
-    (dict(box_size=0.0), "box_size: expected a positive number, got 0.0"),
-    (dict(box_size=float("nan")), "box_size: expected a positive number"),
+    (dict(box_size=0.0), "box_size: expected a positive finite number, got 0.0"),
+    (dict(box_size=float("nan")), "box_size: expected a positive finite number, got nan"),
+    # the reference sampled every point at the centre (2 / inf = 0); the C++ kernels refused it
+    (dict(box_size=float("inf"), backend="reference"),
+     "box_size: expected a positive finite number, got inf"),
     (dict(backend="tpu"), "backend: expected one of"),
 ])
 def test_bad_options(kwargs, match):
