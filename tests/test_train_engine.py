@@ -419,3 +419,15 @@ def test_sequential_updates_of_one_graph_need_the_tuple_form(tmp_path):
     tr = _two(tmp_path, _Pair("sequential"))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         tr.train_step(tr.preview_batch(2))
+
+
+def test_bench_train_ctrl_c_exits_130_and_writes_no_json(tmp_path, capsys, monkeypatch):
+    from pyface.bench import train
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "model_backends", interrupted)
+    out = tmp_path / "r.json"
+    assert train.main(["example", "--device", "cpu", "--json", str(out)]) == 130
+    assert "interrupted; no JSON written" in capsys.readouterr().err and not out.exists()

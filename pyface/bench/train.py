@@ -340,6 +340,14 @@ def _print_backends(r: dict) -> None:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:       # the JSON is written only once everything has run
+        print("\npython -m pyface.bench.train: interrupted; no JSON written", file=sys.stderr)
+        return 130
+
+
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pyface.bench.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=None,
