@@ -166,6 +166,14 @@ def test_cli_unknown_provider_is_an_error_naming_the_choices(capsys):
     assert "(--no-compile leaves out 'compile'); expected some of cpu, reference" in err
 
 
+@pytest.mark.parametrize("option", ["--shapes", "--providers"])
+def test_cli_an_empty_list_of_names_is_an_error(capsys, option):
+    # "" or "," selected nothing (--shapes "": everything) and printed an empty table
+    for value in ("", ","):
+        err = _bench_error(capsys, option, value)
+        assert f"{option}: expected a comma-separated list of names, got {value!r}" in err
+
+
 @pytest.mark.parametrize("value", ["-1", "nan", "inf"])
 def test_cli_min_time_must_be_a_finite_non_negative_number(capsys, value):
     err = _bench_error(capsys, "--min-time", value)

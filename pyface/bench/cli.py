@@ -67,8 +67,13 @@ def run(args) -> int:
     size = args.size or ("full" if device.type == "cuda" else "small")
     families = _families()
     wanted = args.ops or families
-    providers = [p for p in args.providers.split(",") if p] if args.providers else None
-    shapes = [s for s in args.shapes.split(",") if s] if args.shapes else None
+    providers = ([p for p in args.providers.split(",") if p] if args.providers is not None
+                 else None)
+    shapes = [s for s in args.shapes.split(",") if s] if args.shapes is not None else None
+    for opt, names in (("--shapes", shapes), ("--providers", providers)):
+        if names == []:
+            return fail(f"{opt}: expected a comma-separated list of names, got "
+                        f"{getattr(args, opt[2:])!r}")
 
     def family_cases(sz):
         return [(fam, case) for fam in families
