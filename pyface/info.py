@@ -3,7 +3,7 @@ backend runs on CPU and CUDA tensors, why (the default table in ``pyface._opspec
 others are unavailable, and the op's measured number from the newest bench JSON.
 
 Exits with status 1 when the build recorded in ``pyface/_build_config.json`` is missing or does
-not load (so a broken install fails loudly in CI)."""
+not load (so a broken install fails loudly in CI), or when ``PYFACE_BACKEND`` names no backend."""
 from __future__ import annotations
 
 import argparse
@@ -84,7 +84,7 @@ def collect() -> dict:
     if torch.cuda.is_available():
         cuda = {"device": torch.cuda.get_device_name(),
                 "capability": ".".join(map(str, torch.cuda.get_device_capability()))}
-    return {
+    info = {
         "pyface": __version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -100,6 +100,8 @@ def collect() -> dict:
         "ops": ops,
         "forced_backend": os.environ.get("PYFACE_BACKEND") or None,
     }
+    info["forced_backend_error"] = forced_backend_problem(info)
+    return info
 
 
 def build_problem(info: dict) -> str | None:
@@ -112,6 +114,18 @@ def build_problem(info: dict) -> str | None:
     if not ext["loaded"]:
         return f"the recorded build does not load: {ext['reason']}"
     return None
+
+
+def forced_backend_problem(info: dict) -> str | None:
+    """Why ``PYFACE_BACKEND`` cannot be used (a value that is no backend: every op called without
+    ``backend=`` raises), or None when it is unset or valid."""
+    from pyface._backend import BACKENDS
+
+    forced = info.get("forced_backend")
+    if forced is None or forced in BACKENDS:
+        return None
+    return (f"PYFACE_BACKEND: expected one of {', '.join(BACKENDS)} (or unset), got {forced!r}; "
+            "every op called without backend= raises ValueError until it is fixed")
 
 
 def format_report(info: dict) -> str:
@@ -135,7 +149,7 @@ def format_report(info: dict) -> str:
             lines.append(f"  CUDA kernels: yes, archs {build.get('cuda_archs')}")
         else:
             lines.append(f"  CUDA kernels: NO - {build.get('cuda_reason')}")
-    if info.get("forced_backend"):
+    if info.get("forced_backend") and not forced_backend_problem(info):
         lines.append(f"PYFACE_BACKEND={info['forced_backend']}: every op called without "
                      "backend= is forced onto it (the defaults below do not apply)")
     lines += ["", "Default backends (pyface/_opspecs.py): a compiled backend is a default on a "
@@ -160,9 +174,9 @@ def format_report(info: dict) -> str:
                          "(skipped by default under torch.use_deterministic_algorithms)")
         if op["note"]:
             lines.append(f"  note: {op['note']}")
-    problem = build_problem(info)
-    if problem:
-        lines += ["", f"ERROR: {problem}"]
+    for problem in (build_problem(info), forced_backend_problem(info)):
+        if problem:
+            lines += ["", f"ERROR: {problem}"]
     return "\n".join(lines)
 
 
@@ -176,7 +190,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     info = collect()
     print(json.dumps(info, indent=2) if args.json else format_report(info))
-    return 1 if build_problem(info) else 0
+    return 1 if build_problem(info) or forced_backend_problem(info) else 0
 
 
 def main(argv=None) -> int:

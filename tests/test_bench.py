@@ -125,5 +125,118 @@ def test_cli_unknown_op_or_shape_is_an_error_naming_the_choices(tmp_path, capsys
     err = capsys.readouterr().err
     assert "unknown op or family 'nosuchop'" in err and "triplane_sample" in err
     assert main(["bench", "triplane", "--device", "cpu", "--shapes", "huge"]) == 2
-    assert "--shapes huge: none of these at --size small; shapes of the selected ops: small" \
-        in capsys.readouterr().err
+    assert "--shapes huge: 'huge' is not a shape of the selected ops at --size small; shapes of " \
+        "the selected ops: small" in capsys.readouterr().err
+
+
+def _bench_error(capsys, *argv) -> str:
+    """Runs `pyface bench triplane --device cpu ARGV`, which must stop with code 2 before
+    measuring anything; returns its error line."""
+    from pyface.cli import main
+
+    assert main(["bench", "triplane", "--device", "cpu", *argv]) == 2
+    out = capsys.readouterr()
+    assert "# triplane_sample" not in out.out      # nothing was measured
+    return out.err
+
+
+def test_cli_misspelt_names_get_near_matches(capsys):
+    from pyface.cli import main
+
+    assert main(["bench", "triplane_sampel", "--device", "cpu"]) == 2
+    assert "did you mean triplane_sample" in capsys.readouterr().err
+    assert "'smal' is not a shape" in _bench_error(capsys, "--shapes", "smal")
+    assert "did you mean small?" in _bench_error(capsys, "--shapes", "smal")
+    assert "did you mean cpu?" in _bench_error(capsys, "--providers", "cpuu")
+
+
+def test_cli_every_listed_shape_must_exist(capsys):
+    # one unknown name among known ones was left out silently
+    err = _bench_error(capsys, "--shapes", "small,eg3d")
+    assert "'eg3d' is not a shape of the selected ops at --size small" in err
+    assert "(--size full has eg3d)" in err
+
+
+def test_cli_unknown_provider_is_an_error_naming_the_choices(capsys):
+    # an unknown provider used to be dropped, leaving an empty table and exit code 0
+    err = _bench_error(capsys, "--providers", "cpu,nosuch")
+    assert "--providers cpu,nosuch: unknown or unavailable provider 'nosuch' for the selected ops " \
+        "on cpu; expected some of compile, cpu, reference" in err
+    err = _bench_error(capsys, "--providers", "compile", "--no-compile")
+    assert "(--no-compile leaves out 'compile'); expected some of cpu, reference" in err
+
+
+@pytest.mark.parametrize("option", ["--shapes", "--providers"])
+def test_cli_an_empty_list_of_names_is_an_error(capsys, option):
+    # "" or "," selected nothing (--shapes "": everything) and printed an empty table
+    for value in ("", ","):
+        err = _bench_error(capsys, option, value)
+        assert f"{option}: expected a comma-separated list of names, got {value!r}" in err
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_cli_min_time_must_be_a_finite_non_negative_number(capsys, value):
+    err = _bench_error(capsys, "--min-time", value)
+    assert "--min-time: expected a finite number of seconds >= 0" in err and value in err
+
+
+@pytest.mark.parametrize("name,match", [
+    ("r.csv", "--json: expected a file ending in .json or a folder"),
+    ("results", "--json: expected a file ending in .json or a folder"),   # neither: ambiguous
+    ("a_file/r.json", "--json: cannot write to "),                         # folder is a file
+    ("a_file/sub/", "--json: cannot write to "),
+])
+def test_cli_bad_json_path_is_an_error_before_measuring(tmp_path, capsys, name, match):
+    (tmp_path / "a_file").write_text("x")
+    err = _bench_error(capsys, "--json", f"{tmp_path}/{name}")
+    assert match in err and str(tmp_path) in err
+
+
+def test_json_path_resolution(tmp_path):
+    from pyface.bench.harness import JsonPathError, resolve_json_path
+
+    new = tmp_path / "new" / "deeper"
+    assert resolve_json_path(f"{new}/", "x.json") == str(new / "x.json")   # created
+    assert new.is_dir() and list(new.iterdir()) == []                      # probe removed
+    assert resolve_json_path(str(new), "y.json") == str(new / "y.json")   # existing folder
+    assert resolve_json_path(str(tmp_path / "a" / "r.json"), "x.json") == str(tmp_path / "a" /
+                                                                                "r.json")
+    (tmp_path / "d.json").mkdir()
+    assert resolve_json_path(str(tmp_path / "d.json"), "x.json") == str(tmp_path / "d.json" /
+                                                                         "x.json")
+    with pytest.raises(JsonPathError, match="--out: expected a file ending in .json"):
+        resolve_json_path(str(tmp_path / "r.txt"), "x.json", "--out")
+
+
+def test_write_json_is_whole_or_nothing(tmp_path, monkeypatch):
+    from pyface.bench import harness
+
+    path = tmp_path / "r.json"
+    harness.write_json(str(path), {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1}
+
+    def dump_half(data, f, **kw):
+        f.write('{"results": [')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness.json, "dump", dump_half)
+    with pytest.raises(KeyboardInterrupt):
+        harness.write_json(str(path), {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 1}            # the old file, untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left
+
+
+def test_cli_ctrl_c_prints_what_was_measured_and_writes_no_json(tmp_path, capsys, monkeypatch):
+    from pyface.bench import harness
+    from pyface.cli import main
+
+    def interrupted(case, device, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness, "run_case", interrupted)
+    out = tmp_path / "r.json"
+    out.write_text("old")
+    assert main(["bench", "triplane", "--device", "cpu", "--json", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; the measurements above are not written" in err and str(out) in err
+    assert out.read_text() == "old"

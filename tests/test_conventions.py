@@ -162,6 +162,23 @@ def test_info_exits_nonzero_without_a_loadable_build(monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out)["ops"]
 
 
+def test_info_reports_a_bad_pyface_backend_as_an_error(monkeypatch, capsys):
+    # it used to say every op "is forced onto" the bad value, and exit 0
+    monkeypatch.setenv("PYFACE_BACKEND", "fused")
+    assert pyface.info.main([]) == 1
+    out = capsys.readouterr().out
+    assert ("ERROR: PYFACE_BACKEND: expected one of reference, cpu, cuda, triton (or unset), got "
+            "'fused'; every op called without backend= raises ValueError") in out
+    assert "PYFACE_BACKEND=fused: every op called without backend= is forced" not in out
+    assert pyface.info.main(["--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["forced_backend"] == "fused" and "got 'fused'" in data["forced_backend_error"]
+    monkeypatch.setenv("PYFACE_BACKEND", "reference")       # a valid one is no problem
+    assert pyface.info.main([]) == (0 if HAS_CPP else 1)
+    assert "PYFACE_BACKEND=reference: every op called without backend= is forced onto it" \
+        in capsys.readouterr().out
+
+
 def test_info_and_readme_quote_the_same_number_per_op():
     numbers = pyface.info.measured(os.path.join(ROOT, "bench", "results"))
     assert {"rasterize_mesh", "triplane_sample", "render_triplane"} <= set(numbers)

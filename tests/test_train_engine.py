@@ -324,9 +324,38 @@ def test_bench_train_model_fused_vs_reference(tmp_path, capsys):
     assert r["speedup"] == pytest.approx(ref["median_s"] / fused["median_s"])
     assert all(x["cpu_median_s"] > 0 for x in (fused, ref))
     assert r["speedup_cpu"] == pytest.approx(ref["cpu_median_s"] / fused["cpu_median_s"])
-    assert "reference / fused" in capsys.readouterr().out
-    with pytest.raises(ValueError, match=r"--preset 'no-such': model 'example' has no such preset; valid presets: tiny"):
-        main(["example", "--preset", "no-such", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "reference / fused" in printed
+    for label, x in (("fused", fused), ("reference", ref)):   # the table is the JSON's numbers
+        assert (f"example {label:9s} step {x['median_s'] * 1e3:8.1f} ms "
+                f"[{x['p20_p80_s'][0] * 1e3:.1f}, {x['p20_p80_s'][1] * 1e3:.1f}]") in printed
+        assert f"peak {x['peak_mem_mb']:8.1f} MB" in printed
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--steps", "0"], "--steps: expected an integer >= 1, got 0"),    # was taken as the default
+    (["--steps", "-2"], "--steps: expected an integer >= 1, got -2"),
+    (["--warmup", "-1"], "--warmup: expected an integer >= 0, got -1"),
+    (["--preset", "no-such"],
+     "--preset 'no-such': model 'example' has no such preset; valid presets: tiny"),
+    (["--set", "train.no_such=1"], "train.no_such: unknown key for TrainConfig"),
+    (["--json", "OUT/r.txt"], "--json: expected a file ending in .json or a folder"),
+    (["--json", "OUT/a_file/r.json"], "--json: cannot write to "),
+])
+def test_bench_train_option_errors_exit_2_before_running(tmp_path, capsys, monkeypatch, argv,
+                                                         message):
+    from pyface.bench import train
+
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.chdir(tmp_path)           # a default JSON would land in tmp_path/bench/results
+    argv = [a.replace("OUT", str(tmp_path)) for a in argv]
+    ran = []
+    real = train.model_backends
+    monkeypatch.setattr(train, "model_backends",
+                        lambda *a, **k: ran.append(1) or real(*a, **{**k, "steps": 1}))
+    assert train.main(["example", "--device", "cpu", *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "bench").exists() and ran == []   # refused before anything ran
 
 
 def test_bucket_layout():
@@ -390,3 +419,15 @@ def test_sequential_updates_of_one_graph_need_the_tuple_form(tmp_path):
     tr = _two(tmp_path, _Pair("sequential"))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         tr.train_step(tr.preview_batch(2))
+
+
+def test_bench_train_ctrl_c_exits_130_and_writes_no_json(tmp_path, capsys, monkeypatch):
+    from pyface.bench import train
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "model_backends", interrupted)
+    out = tmp_path / "r.json"
+    assert train.main(["example", "--device", "cpu", "--json", str(out)]) == 130
+    assert "interrupted; no JSON written" in capsys.readouterr().err and not out.exists()

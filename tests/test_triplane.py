@@ -228,6 +228,12 @@ BAD = [
     (lambda p, x: (p, x.long()), TypeError, "points: expected a floating-point tensor, got dtype int64"),
     (lambda p, x: (p, x.to("meta")), ValueError, "points: expected a tensor on cpu .*got meta"),
     (lambda p, x: (p.tolist(), x), TypeError, "planes: expected a torch.Tensor"),
+    # an empty plane is an error on every backend alike (the reference returned (B, N, 0) for
+    # C = 0 and raised grid_sample's own error for H = 0 or W = 0)
+    (lambda p, x: (p[:, :, :0], x), ValueError,
+     r"planes: expected shape \(B, 3, C, H, W\) with C, H, W >= 1, got \(2, 3, 0, "),
+    (lambda p, x: (p[:, :, :, :0], x), ValueError, r"planes: .*C, H, W >= 1, got \(2, 3, \d+, 0, "),
+    (lambda p, x: (p[..., :0], x), ValueError, r"planes: .*C, H, W >= 1, got \(2, 3, \d+, \d+, 0\)"),
 ]
 
 
@@ -243,8 +249,11 @@ def test_bad_input(mutate, exc, match, backend):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(plane_axes="xyz"), "plane_axes: expected one of .*got 'xyz'"),
     (dict(reduce="max"), "reduce: expected one of .*got 'max'"),
-    (dict(box_size=0.0), "box_size: expected a positive number, got 0.0"),
-    (dict(box_size=float("nan")), "box_size: expected a positive number"),
+    (dict(box_size=0.0), "box_size: expected a positive finite number, got 0.0"),
+    (dict(box_size=float("nan")), "box_size: expected a positive finite number, got nan"),
+    # the reference sampled every point at the centre (2 / inf = 0); the C++ kernels refused it
+    (dict(box_size=float("inf"), backend="reference"),
+     "box_size: expected a positive finite number, got inf"),
     (dict(backend="tpu"), "backend: expected one of"),
 ])
 def test_bad_options(kwargs, match):

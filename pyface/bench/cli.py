@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import importlib
-import json
-import os
 import pkgutil
 import sys
 
@@ -31,66 +29,119 @@ def add_parser(subparsers) -> None:
     p.add_argument("--providers", default=None,
                    help="comma-separated subset, e.g. reference,compile,cpu")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
-    p.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement")
+    p.add_argument("--min-time", type=float, default=0.5,
+                   help="seconds per measurement (>= 0; each runs at least 3 times)")
     p.add_argument("--json", default=None, metavar="PATH",
-                   help="write results here (a folder -> an auto-named file inside it)")
+                   help="write results here: a file ending in .json, or a folder (existing or ending "
+                        "in /; created) for an auto-named file inside it")
     p.set_defaults(func=run)
 
 
+def _near(name: str, choices) -> str:
+    from pyface.train.config import did_you_mean
+
+    return did_you_mean(name, sorted(choices))
+
+
 def run(args) -> int:
+    import math
+
     import torch
 
-    from pyface.bench.harness import environment, format_table, run_case
+    from pyface.bench.harness import (JsonPathError, environment, format_table, resolve_json_path,
+                                      run_case, write_json)
 
     from pyface.train.cli import resolve_device
+
+    def fail(msg: str) -> int:
+        print(f"pyface bench: {msg}", file=sys.stderr)
+        return 2
 
     try:
         device = torch.device(resolve_device(args.device))
     except ValueError as exc:
-        print(f"pyface bench: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc))
+    if not math.isfinite(args.min_time) or args.min_time < 0:
+        return fail(f"--min-time: expected a finite number of seconds >= 0 (0: the minimum of 3 "
+                    f"runs per measurement), got {args.min_time}")
     size = args.size or ("full" if device.type == "cuda" else "small")
     families = _families()
     wanted = args.ops or families
-    providers = args.providers.split(",") if args.providers else None
-    shapes = set(args.shapes.split(",")) if args.shapes else None
-    env = environment(device)
-    print(f"# device: {env.get('gpu') or env['cpu']} ({device.type}, {env['cpu_threads']} threads)"
-          f"  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}", flush=True)
-    cases = [(fam, case) for fam in families
-             for case in importlib.import_module(f"pyface.bench.ops.{fam}").cases(device, size)]
+    providers = ([p for p in args.providers.split(",") if p] if args.providers is not None
+                 else None)
+    shapes = [s for s in args.shapes.split(",") if s] if args.shapes is not None else None
+    for opt, names in (("--shapes", shapes), ("--providers", providers)):
+        if names == []:
+            return fail(f"{opt}: expected a comma-separated list of names, got "
+                        f"{getattr(args, opt[2:])!r}")
+
+    def family_cases(sz):
+        return [(fam, case) for fam in families
+                for case in importlib.import_module(f"pyface.bench.ops.{fam}").cases(device, sz)]
+
+    cases = family_cases(size)
     unknown = [w for w in wanted if w not in families and w not in {c.op for _, c in cases}]
     if unknown:
         ops = sorted({c.op for _, c in cases})
-        print(f"pyface bench: unknown op or family {', '.join(map(repr, unknown))}; expected "
-              f"families {', '.join(families)} or ops {', '.join(ops)}", file=sys.stderr)
-        return 2
+        return fail(f"unknown op or family {', '.join(map(repr, unknown))}; expected families "
+                    f"{', '.join(families)} or ops {', '.join(ops)}"
+                    + _near(unknown[0], [*families, *ops]))
     cases = [c for fam, c in cases if fam in wanted or c.op in wanted]
-    if shapes is not None and not any(c.shape in shapes for c in cases):
-        print(f"pyface bench: --shapes {args.shapes}: none of these at --size {size}; shapes of "
-              f"the selected ops: {', '.join(sorted({c.shape for c in cases}))}",
-              file=sys.stderr)
-        return 2
+    if shapes is not None:
+        known = {c.shape for c in cases}
+        missing = [s for s in shapes if s not in known]
+        if missing:
+            other = "full" if size == "small" else "small"
+            there = {c.shape for fam, c in family_cases(other) if fam in wanted or c.op in wanted}
+            hint = [s for s in missing if s in there]
+            return fail(f"--shapes {args.shapes}: {', '.join(map(repr, missing))} "
+                        f"{'is' if len(missing) == 1 else 'are'} not a shape of the selected ops "
+                        f"at --size {size}; shapes of the selected ops: {', '.join(sorted(known))}"
+                        + (f" (--size {other} has {', '.join(hint)})" if hint
+                           else _near(missing[0], known)))
+        cases = [c for c in cases if c.shape in shapes]
+    if providers is not None:
+        known = {p for c in cases for p in c.providers}
+        if not args.no_compile and any("reference" in c.providers for c in cases):
+            known.add("compile")
+        missing = [p for p in providers if p not in known]
+        if missing:
+            why = " (--no-compile leaves out 'compile')" if "compile" in missing and \
+                args.no_compile else ""
+            return fail(f"--providers {args.providers}: unknown or unavailable provider "
+                        f"{', '.join(map(repr, missing))} for the selected ops on {device.type}"
+                        f"{why}; expected some of {', '.join(sorted(known))}"
+                        + _near(missing[0], known))
+    env = environment(device)
+    json_path = None
+    if args.json:
+        tag = (env.get("gpu") or device.type).replace(" ", "_")
+        try:   # before measuring, so that a bad path does not cost the run
+            json_path = resolve_json_path(
+                args.json, f"{'_'.join(wanted)}-{tag}-{env['date'][:10]}.json", "--json")
+        except JsonPathError as exc:
+            return fail(str(exc))
+    print(f"# device: {env.get('gpu') or env['cpu']} ({device.type}, {env['cpu_threads']} threads)"
+          f"  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}", flush=True)
     results = []
-    for case in cases:
-        if shapes is not None and case.shape not in shapes:
-            continue
-        print(f"# {case.op} [{case.shape}] {case.params}", flush=True)
-        results += run_case(case, device, providers=providers, min_time=args.min_time,
-                            compile_reference=not args.no_compile,
-                            log=lambda line: print("  " + line, flush=True))
+    try:
+        for case in cases:
+            print(f"# {case.op} [{case.shape}] {case.params}", flush=True)
+            results += run_case(case, device, providers=providers, min_time=args.min_time,
+                                compile_reference=not args.no_compile,
+                                log=lambda line: print("  " + line, flush=True))
+    except KeyboardInterrupt:
+        print()
+        print(format_table(results))
+        print("pyface bench: interrupted; the measurements above are not written"
+              + (f" ({json_path} left as it was)" if json_path else ""), file=sys.stderr)
+        return 130
     print()
     print(format_table(results))
-    if args.json:
-        path = args.json
-        if os.path.isdir(path) or path.endswith(os.sep):
-            os.makedirs(path, exist_ok=True)
-            tag = (env.get("gpu") or device.type).replace(" ", "_")
-            path = os.path.join(path, f"{'_'.join(wanted)}-{tag}-{env['date'][:10]}.json")
-        with open(path, "w") as f:
-            json.dump({"environment": env, "size": size,
-                       "results": [r.as_dict() for r in results]}, f, indent=2)
-        print(f"wrote {path}")
+    if json_path:
+        write_json(json_path, {"environment": env, "size": size,
+                               "results": [r.as_dict() for r in results]})
+        print(f"wrote {json_path}")
     return 0
 
 

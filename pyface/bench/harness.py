@@ -4,11 +4,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 
@@ -279,3 +281,47 @@ def environment(device: torch.device) -> dict:
         env.update(gpu=props.name, gpu_capability=f"{props.major}.{props.minor}",
                    gpu_memory_gb=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
     return env
+
+
+class JsonPathError(ValueError):
+    """A ``--json`` destination that cannot take the results; the message names the option."""
+
+
+def resolve_json_path(path: str, default_name: str, option: str = "--json") -> str:
+    """Where results given as ``option PATH`` go, checked before anything is measured.
+
+    ``PATH`` is a file ending in ``.json`` (its folder is created), or a folder (an existing one,
+    or one written with a trailing ``/``, created) that gets ``default_name`` inside it. Any
+    other path, or a folder that cannot be created or written, raises :class:`JsonPathError`
+    naming the option, what it expects and the path given.
+    """
+    is_dir = os.path.isdir(path) or path.endswith(("/", os.sep))
+    if not is_dir and not path.endswith(".json"):
+        raise JsonPathError(f"{option}: expected a file ending in .json or a folder (an existing "
+                            f"one, or ending in /), got {path!r}")
+    folder = path if is_dir else (os.path.dirname(path) or ".")
+    target = os.path.join(path, default_name) if is_dir else path
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if os.path.isdir(target):
+            raise JsonPathError(f"{option}: {target!r} is a folder, expected a file to write")
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".pyface-", suffix=".tmp"):
+            pass
+    except OSError as exc:
+        raise JsonPathError(f"{option}: cannot write to {folder!r}: "
+                            f"{exc.strerror or exc}") from None
+    return target
+
+
+def write_json(path: str, data: dict) -> None:
+    """Writes ``data`` to ``path`` whole or not at all: a temporary file in the same folder,
+    renamed over ``path`` once complete, so an interrupted write leaves no half-written file."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -32,7 +32,6 @@ Medians and [p20, p80] are reported.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -341,6 +340,14 @@ def _print_backends(r: dict) -> None:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:       # the JSON is written only once everything has run
+        print("\npython -m pyface.bench.train: interrupted; no JSON written", file=sys.stderr)
+        return 130
+
+
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pyface.bench.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=None,
@@ -356,21 +363,49 @@ def main(argv=None) -> int:
                    help="under torchrun: overlapped vs flat gradient all-reduce")
     p.add_argument("--bucket-mb", type=float, default=4.0, help="with --overlap: bucket size")
     p.add_argument("--steps", type=int, default=None,
-                   help="measured steps (default: 40; MODEL: 10; --overlap: 20)")
-    p.add_argument("--warmup", type=int, default=2, help="with MODEL: unmeasured steps")
+                   help="measured steps, >= 1 (default: 40; MODEL: 10; --overlap: 20)")
+    p.add_argument("--warmup", type=int, default=2, help="with MODEL: unmeasured steps, >= 0")
     p.add_argument("--repeats", type=int, default=5, help="checkpoint save/load repeats")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="config override (MODEL, or the example model of the overhead "
                         "benchmark), e.g. train.batch_size=16")
     p.add_argument("--json", default=None,
-                   help="write the results here (MODEL / --overlap: default an auto-named file "
-                        "under bench/results/)")
+                   help="write the results here: a file ending in .json, or a folder (existing "
+                        "or ending in /) for an auto-named file (MODEL / --overlap: default "
+                        "bench/results/)")
     args = p.parse_args(argv)
-    from pyface.bench.harness import environment
+    import datetime
+
+    from pyface.bench.harness import JsonPathError, environment, resolve_json_path
 
     import torch
 
+    def fail(msg: str) -> int:
+        print(f"{p.prog}: {msg}", file=sys.stderr)
+        return 2
+
+    for opt, value, least in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
+                              ("--repeats", args.repeats, 1)):
+        if value is not None and value < least:
+            return fail(f"{opt}: expected an integer >= {least}, got {value}")
+    if not args.bucket_mb > 0:
+        return fail(f"--bucket-mb: expected a positive number, got {args.bucket_mb}")
+    today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+
+    def json_path(default_name: str | None) -> str | None:
+        """--json (a .json file or a folder for ``default_name``), else bench/results/ when
+        ``default_name`` is given; checked before anything runs."""
+        if args.json is None and default_name is None:
+            return None
+        return resolve_json_path(args.json or os.path.join("bench", "results", ""),
+                                 default_name or "train.json", "--json")
+
     if args.overlap:
+        try:
+            path = json_path(f"train-overlap-{os.environ.get('WORLD_SIZE', '1')}ranks-"
+                             f"{today}.json") if int(os.environ.get("RANK", "0")) == 0 else None
+        except JsonPathError as exc:
+            return fail(str(exc))
         r = overlap_bench(args.steps or 20, bucket_mb=args.bucket_mb)
         if int(os.environ.get("RANK", "0")) != 0:
             return 0
@@ -386,34 +421,43 @@ def main(argv=None) -> int:
         print(f"overlap saves {r['saved_pct']:.1f}% of the median step; paired: "
               f"{r['paired_saved_ms']:.1f} ms [{r['paired_saved_p20_p80_ms'][0]:.1f}, "
               f"{r['paired_saved_p20_p80_ms'][1]:.1f}] per step")
-        path = args.json or os.path.join(
-            "bench", "results", f"train-overlap-{r['world_size']}ranks-{env['date'][:10]}.json")
         _write(path, {"environment": env, "results": [r]})
         return 0
     if args.model:
-        from pyface.train.config import ConfigError
+        from pyface.train.cli import resolve_device
+        from pyface.train.config import ConfigError, build_experiment
         from pyface.train.model import ModelDefinitionError
         from pyface.train.registry import RegistryError, import_plugins, model_class
+        from pyface.train.stages import own_overrides
 
         try:
             import_plugins(args.imports)
-            model_class(args.model)
-        except (KeyError, ImportError, ConfigError, ModelDefinitionError, RegistryError) as exc:
+            cls = model_class(args.model)
+            device = resolve_device(args.device)
+            # --preset / --set (ConfigError, a ValueError naming the key and the choices)
+            build_experiment(args.model, cls.Config,
+                             defaults=dict(getattr(cls, "recipe", {}) or {}), preset=args.preset,
+                             overrides=own_overrides(list(args.overrides)))
+            path = json_path(f"train-{args.model}{'-' + args.preset if args.preset else ''}-"
+                             f"{torch.device(device).type}-{today}.json")
+        except (KeyError, ImportError, ValueError, ModelDefinitionError, RegistryError) as exc:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            print(f"{p.prog}: {msg}", file=sys.stderr)
-            return 2
-        r = model_backends(args.model, args.overrides, steps=args.steps or 10,
-                           warmup=args.warmup, device=args.device, preset=args.preset)
+            return fail(msg)
+        try:
+            r = model_backends(args.model, args.overrides, steps=args.steps or 10,
+                               warmup=args.warmup, device=device, preset=args.preset)
+        except ConfigError as exc:          # a value only the built trainer can check
+            return fail(str(exc))
         env = environment(torch.device(r["device"]))
         print(f"# {env.get('gpu') or env.get('cpu')}  torch {env.get('torch')}  "
               f"threads {torch.get_num_threads()}")
         _print_backends(r)
-        path = args.json or os.path.join("bench", "results", f"train-{args.model}"
-                                         f"{'-' + args.preset if args.preset else ''}-"
-                                         f"{torch.device(r['device']).type}-"
-                                         f"{env['date'][:10]}.json")
         _write(path, {"environment": env, "results": [r]})
         return 0
+    try:
+        path = json_path(None)
+    except JsonPathError as exc:
+        return fail(str(exc))
     env = environment(torch.device("cpu"))
     args.steps = args.steps or 40
     results = [engine_overhead(args.steps, overrides=args.overrides),
@@ -433,15 +477,15 @@ def main(argv=None) -> int:
               f"{' + Adam state' if r['with_optimizer'] else ''} ({r['bytes'] / 2**20:.0f} MiB): "
               f"save {r['save_median_s']:.3f} s (max {r['save_max_s']:.3f}), load "
               f"{r['load_median_s']:.3f} s (max {r['load_max_s']:.3f})")
-    if args.json:
-        _write(args.json, {"environment": env, "results": results})
+    if path:
+        _write(path, {"environment": env, "results": results})
     return 0
 
 
 def _write(path: str, data: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
+    from pyface.bench.harness import write_json
+
+    write_json(path, data)
     print(f"wrote {path}")
 
 

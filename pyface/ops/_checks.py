@@ -6,6 +6,7 @@ Errors name the argument, what was expected and what was given, e.g.::
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -82,8 +83,10 @@ def check_choice(name: str, value, choices: Iterable) -> None:
 
 
 def check_positive(name: str, value, *, integer: bool = False) -> None:
+    """``value`` is a positive int (``integer``) or a positive finite number (NaN and inf are
+    refused here, as the C++ entry points refuse them, so every backend answers alike)."""
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind) or not value > 0 or (
-            not integer and value != value):
-        what = "a positive integer" if integer else "a positive number"
+            not integer and not math.isfinite(value)):
+        what = "a positive integer" if integer else "a positive finite number"
         raise ValueError(f"{name}: expected {what}, got {value!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from pyface import _backend
-from pyface.ops._checks import ShapeChecker, check_choice, check_positive
+from pyface.ops._checks import ShapeChecker, _fmt, check_choice, check_positive
 from pyface.ops.reference.triplane import triplane_sample_reference
 
 PLANE_AXES = ("xy_xz_zy", "eg3d")
@@ -25,7 +25,7 @@ def triplane_sample(planes: torch.Tensor, points: torch.Tensor, *, plane_axes: s
     NaN features for that point.
 
     Args:
-        planes: (B, 3, C, H, W) plane features, any strides (a channels-last view,
+        planes: (B, 3, C, H, W) plane features, C, H, W >= 1, any strides (a channels-last view,
             ``planes_bhwc.permute(0, 1, 4, 2, 3)`` of a (B, 3, H, W, C) tensor, is read in place).
         points: (B, N, 3) world coordinates, floating point.
         plane_axes: ``"eg3d"`` (EG3D / OTAvatar checkpoints: planes (x, y), (x, z), (z, x)) or
@@ -51,6 +51,9 @@ def triplane_sample(planes: torch.Tensor, points: torch.Tensor, *, plane_axes: s
     chk = ShapeChecker()
     chk.tensor("planes", planes, "B 3 C H W")
     chk.tensor("points", points, "B N 3")
+    if min(planes.shape[2:]) < 1:   # every backend alike (grid_sample raises its own words)
+        raise ValueError(f"planes: expected shape (B, 3, C, H, W) with C, H, W >= 1, got "
+                         f"{_fmt(planes.shape)}")
     check_choice("plane_axes", plane_axes, PLANE_AXES)
     check_choice("reduce", reduce, REDUCTIONS)
     check_positive("box_size", box_size)
