@@ -237,8 +237,6 @@ def test_p2t_bad_input(backend):
     feats = torch.randn(2, 10, 3)
     f = lambda *a, **k: ops.points_to_triplane(  # noqa: E731
         *a, backend=backend, **{"plane_axes": "xy_xz_zy", **k})
-    with pytest.raises(ValueError, match=r"points: expected at least one point"):
-        f(points[:, :0], feats[:, :0], 8)
     with pytest.raises(ValueError, match=r"features: expected shape \(B, N, C\)"):
         f(points, feats[:, :5], 8)
     with pytest.raises(ValueError, match=r"points: expected shape \(B, N, 3\)"):
@@ -356,8 +354,6 @@ def test_splat_bad_input(backend):
     points = torch.rand(2, 10, 3)
     feats = torch.randn(2, 10, 3)
     f = lambda *a, **k: ops.splat_points(*a, backend=backend, **k)  # noqa: E731
-    with pytest.raises(ValueError, match="points_ndc: expected at least one point"):
-        f(points[:, :0], feats[:, :0], 8)
     with pytest.raises(ValueError, match=r"features: expected shape \(B, N, C\)"):
         f(points, feats[:1], 8)
     with pytest.raises(ValueError, match="image_size"):
@@ -423,3 +419,27 @@ def test_torch_compile_public_api():
     ref = fn(points, feats)
     assert_close(out, ref)
     assert_close(g, torch.autograd.grad(ref, feats)[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_points_give_empty_outputs(backend):
+    """N = 0 is not an error: the outputs are those of a cloud with no valid point (planes 0,
+    index -1; image = background, depth inf), and the backward reaches the empty features."""
+    points = cloud("uniform", N=10)
+    feats = torch.randn(2, 10, 3)
+    none = ops.points_to_triplane(points, feats, (6, 7), plane_axes="eg3d", backend=backend,
+                                  valid=torch.zeros(2, 10, dtype=torch.bool))
+    empty_feats = feats[:, :0].clone().requires_grad_()
+    planes, index = ops.points_to_triplane(points[:, :0], empty_feats, (6, 7),
+                                           plane_axes="eg3d", backend=backend)
+    assert torch.equal(planes, none[0]) and torch.equal(index, none[1])
+    planes.sum().backward()
+    assert empty_feats.grad is not None and empty_feats.grad.shape == (2, 0, 3)
+    image, depth, idx = ops.splat_points(torch.rand(2, 0, 3), feats[:, :0], (5, 4),
+                                         background=0.5, backend=backend)
+    assert image.shape == (2, 3, 5, 4) and (image == 0.5).all()
+    assert depth.shape == (2, 1, 5, 4) and torch.isinf(depth).all()
+    assert idx.shape == (2, 5, 4) and (idx == -1).all() and idx.dtype == torch.int64
+    with pytest.raises(ValueError, match="resolution"):     # other arguments still checked
+        ops.points_to_triplane(points[:, :0], feats[:, :0], 0, plane_axes="eg3d",
+                               backend=backend)

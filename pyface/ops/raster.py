@@ -183,7 +183,8 @@ def splat_points(points_ndc: torch.Tensor, features: torch.Tensor, image_size, *
     Gradients flow to ``features`` (scatter-add through ``index``); points get none.
 
     Args:
-        points_ndc: (B, N, 3) x, y in NDC, z = depth (smaller is nearer); N >= 1.
+        points_ndc: (B, N, 3) x, y in NDC, z = depth (smaller is nearer); N = 0 gives an
+            empty image.
         features: (B, N, C).
         image_size: int or (H, W).
         radius: splat radius in pixels (>= 0).
@@ -198,15 +199,18 @@ def splat_points(points_ndc: torch.Tensor, features: torch.Tensor, image_size, *
     chk = ShapeChecker()
     chk.tensor("points_ndc", points_ndc, "B N 3")
     chk.tensor("features", features, "B N C")
-    if chk.dims["N"] == 0:
-        raise ValueError(f"points_ndc: expected at least one point (N >= 1), got shape "
-                         f"{tuple(points_ndc.shape)}")
     H, W = _image_hw("image_size", image_size)
     if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not radius >= 0 or \
             radius == float("inf"):
         raise ValueError(f"radius: expected a finite number >= 0, got {radius!r}")
     if isinstance(background, bool) or not isinstance(background, (int, float)):
         raise TypeError(f"background: expected a number, got {background!r}")
+    if chk.dims["N"] == 0:      # no point: every pixel is empty (the same on every backend)
+        B, C = features.shape[0], features.shape[2]
+        image = features.new_full((B, C, H, W), float(background)) + features.sum() * 0
+        depth = points_ndc.new_full((B, 1, H, W), float("inf"))
+        return image, depth, torch.full((B, H, W), -1, dtype=torch.int64,
+                                        device=points_ndc.device)
     name = _backend.select_backend("splat_points", points_ndc.device, backend, points_ndc.dtype)
     if name == "reference":
         return splat_points_reference(points_ndc, features, (H, W), radius=radius,
@@ -236,7 +240,7 @@ def points_to_triplane(points: torch.Tensor, features: torch.Tensor, resolution,
     of the nearest point is piecewise constant).
 
     Args:
-        points: (B, N, 3) world coordinates; N >= 1.
+        points: (B, N, 3) world coordinates; N = 0 gives empty planes (as no valid point).
         features: (B, N, C).
         resolution: int or (H, W) of each plane.
         plane_axes: ``"eg3d"`` (EG3D / OTAvatar checkpoints: planes (x, y), (x, z), (z, x)) or
@@ -260,9 +264,6 @@ def points_to_triplane(points: torch.Tensor, features: torch.Tensor, resolution,
     chk.tensor("features", features, "B N C")
     if valid is not None:
         chk.tensor("valid", valid, "B N", dtypes=(torch.bool,))
-    if chk.dims["N"] == 0:
-        raise ValueError(f"points: expected at least one point (N >= 1), got shape "
-                         f"{tuple(points.shape)}")
     H, W = _image_hw("resolution", resolution)
     check_choice("plane_axes", plane_axes, PLANE_AXES)
     check_positive("box_size", box_size)
@@ -271,6 +272,10 @@ def points_to_triplane(points: torch.Tensor, features: torch.Tensor, resolution,
     if max_distance is not None and (isinstance(max_distance, bool) or not isinstance(
             max_distance, (int, float)) or not max_distance >= 0):
         raise ValueError(f"max_distance: expected None or a number >= 0, got {max_distance!r}")
+    if chk.dims["N"] == 0:      # no point: every texel is empty, as when no point is valid
+        B, C = features.shape[0], features.shape[2]
+        planes = features.new_zeros((B, 3, C, H, W)) + features.sum() * 0
+        return planes, torch.full((B, 3, H, W), -1, dtype=torch.int64, device=points.device)
     name = _backend.select_backend("points_to_triplane", points.device, backend, points.dtype)
     if name == "reference":
         return points_to_triplane_reference(points, features, (H, W), plane_axes=plane_axes,
