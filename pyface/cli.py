@@ -40,7 +40,12 @@ def main(argv=None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0 if args.command is None else 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:   # commands that keep partial work say so themselves
+        sub = " ".join(a for a in (args.command, getattr(args, "data_command", None)) if a)
+        print(f"\npyface {sub}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -422,3 +422,17 @@ def test_bad_dataset_options_are_named_before_any_generation(tmp_path, name, key
         build_dataset(DataConfig(name=name, path=str(gen), resolution=16,
                                  options={key: value}))
     assert not gen.exists()
+
+
+def test_ctrl_c_is_one_line_and_exit_code_130(monkeypatch, capsys):
+    """Ctrl-C in a command without its own handling (here `pyface data check`) prints one line
+    naming the command and exits with 130, not a traceback."""
+    import pyface.data.cli as data_cli
+    from pyface.cli import main
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data_cli, "_check", interrupted)
+    assert main(["data", "check", "anywhere"]) == 130
+    assert capsys.readouterr().err == "\npyface data check: interrupted\n"
