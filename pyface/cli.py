@@ -23,6 +23,12 @@ COMMANDS = {
 }
 
 
+def plural(n: int, word: str) -> str:
+    """``plural(1, "frame")`` -> "1 frame", ``plural(2, "frame")`` -> "2 frames" (the commands'
+    printed counts)."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pyface",

@@ -436,3 +436,19 @@ def test_ctrl_c_is_one_line_and_exit_code_130(monkeypatch, capsys):
     monkeypatch.setattr(data_cli, "_check", interrupted)
     assert main(["data", "check", "anywhere"]) == 130
     assert capsys.readouterr().err == "\npyface data check: interrupted\n"
+
+
+def test_counts_of_one_are_singular(tmp_path, capsys):
+    """`pyface data synth` / `check` / `index` print '1 video', '1 frame', not '1 videos'."""
+    from pyface.cli import main, plural
+
+    assert (plural(1, "frame"), plural(0, "frame"), plural(3, "video")) == \
+        ("1 frame", "0 frames", "3 videos")
+    out = str(tmp_path / "one")
+    assert main(["data", "synth", "--out", out, "--identities", "1", "--videos-per-identity",
+                 "1", "--frames", "1", "--resolution", "16", "--no-cross", "--quiet"]) == 0
+    assert "wrote 1 video + 0 cross-identity videos (1 frame) to " in capsys.readouterr().out
+    assert main(["data", "check", out]) == 0
+    assert f"{out}: 1 video, 1 frame: OK" in capsys.readouterr().out
+    assert main(["data", "index", out]) == 0
+    assert capsys.readouterr().out.strip().endswith("index.json: 1 video")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from pyface.cli import plural
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("data", help="synthetic talking-head data, dataset index and checks",
@@ -157,12 +159,13 @@ def _synth(args) -> int:
         print(f"{args.out} already holds this dataset (synth.json): nothing to do")
         return 0
     if s.get("resumed_videos"):
-        print(f"resumed: {s['resumed_videos']} finished videos kept")
-    extra = (f", {s['view_videos']} second views" if s["view_videos"] else "") + \
+        print(f"resumed: {plural(s['resumed_videos'], 'finished video')} kept")
+    extra = (f", {plural(s['view_videos'], 'second view')}" if s["view_videos"] else "") + \
         (f", split {args.split}" if args.split != "train" else "")
-    print(f"wrote {s['videos']} videos + {s['cross_videos']} cross-identity videos "
-          f"({s['frames']} frames){extra} to {args.out} in {s['seconds']:.1f} s with "
-          f"{s['workers']} workers")
+    print(f"wrote {plural(s['videos'], 'video')} + "
+          f"{plural(s['cross_videos'], 'cross-identity video')} "
+          f"({plural(s['frames'], 'frame')}){extra} to {args.out} in {s['seconds']:.1f} s with "
+          f"{plural(s['workers'], 'worker')}")
     return 0
 
 
@@ -279,7 +282,7 @@ def _cache(args) -> int:
         try:
             with open(os.path.join(root, "synth.json")) as f:
                 s = json.load(f)
-            print(f"  {n}  {s['frames']} frames, generated in {s['seconds']:.1f} s")
+            print(f"  {n}  {plural(s['frames'], 'frame')}, generated in {s['seconds']:.1f} s")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             print(f"  {n}  (unreadable synth.json: {exc})")
     return 0
@@ -305,7 +308,8 @@ def _check(args) -> int:
         problems += pc
         extra += f" (+ {len(rc)} {what}, {sum(r.num_frames for r in rc)} frames)"
     status = "OK" if not problems else f"{len(problems)} problem(s)"
-    print(f"{args.root}: {len(records)} videos, {frames} frames{extra}: {status}")
+    print(f"{args.root}: {plural(len(records), 'video')}, {plural(frames, 'frame')}{extra}: "
+          f"{status}")
     return 0 if not problems else 1
 
 
@@ -351,13 +355,13 @@ def _prepare(args) -> int:
         print(f"{r['name']}: {r['frames']}/{r['source_frames']} frames with a face, "
               f"jitter {j['before']:.3f} -> {j['after']:.3f} px, {r['seconds']:.1f} s")
     if s["skipped_finished"]:
-        print(f"resumed: {len(s['skipped_finished'])} finished videos skipped")
+        print(f"resumed: {plural(len(s['skipped_finished']), 'finished video')} skipped")
     for b in s["bad"]:
         print(f"skipped: {b}")
     for m in s["ignored"]:
         print(f"ignored: {m}")
-    print(f"{args.out}: prepared {s['videos']} videos, {s['frames']} frames in {s['seconds']:.1f} s "
-          f"({s['fps']:.2f} frames/s); {len(s['bad'])} bad input(s) skipped"
+    print(f"{args.out}: prepared {plural(s['videos'], 'video')}, {plural(s['frames'], 'frame')} "
+          f"in {s['seconds']:.1f} s ({s['fps']:.2f} frames/s); {len(s['bad'])} bad input(s) skipped"
           + (f", {len(s['ignored'])} folder entries ignored" if s["ignored"] else ""))
     return 0
 
@@ -370,7 +374,7 @@ def _index(args) -> int:
     except DataError as exc:
         print(f"pyface data index: {exc}", file=sys.stderr)
         return 1
-    print(f"{args.root}/index.json: {len(recs)} videos")
+    print(f"{args.root}/index.json: {plural(len(recs), 'video')}")
     return 0
 
 

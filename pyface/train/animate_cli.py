@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pyface.cli import plural
+
 
 def add_parser(subparsers) -> None:
     from pyface.train.cli import add_import_argument
@@ -90,11 +92,6 @@ def resolve_out(out: str, default_name: str = "animation.mp4") -> str:
     if not os.path.isdir(parent):
         raise ValueError(f"--out {out}: cannot create its folder: {parent} is a file")
     return out
-
-
-def plural(n: int, word: str) -> str:
-    """``plural(1, "frame")`` -> "1 frame", ``plural(2, "frame")`` -> "2 frames"."""
-    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def check_animate_args(args) -> None:
