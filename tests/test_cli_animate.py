@@ -289,3 +289,22 @@ def test_a_missing_source_is_named_before_the_checkpoint_is_read(tmp_path, capsy
     err = capsys.readouterr().err
     assert err.startswith(f"pyface animate: {tmp_path / 'x.png'}: not found") and \
         "none" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("item, message", [
+    ("vgg", "--weights: expected NAME=PATH, got 'vgg'"),
+    ("vgg=MISSING", "--weights vgg=MISSING: no such file"),
+    ("vgg=FILE", "weights: model 'example''s pipeline uses no pretrained networks, got ['vgg']"),
+])
+def test_weights_are_checked_before_any_work(example_run, frames_dir, tmp_path, capsys, item,
+                                             message):
+    """--weights NAME=PATH (OTAvatar's inversion networks): a malformed item, a missing file and
+    a model whose pipeline uses no pretrained network are one line with exit code 2."""
+    (tmp_path / "vgg.pth").write_bytes(b"")
+    item = item.replace("MISSING", str(tmp_path / "nope.pth")).replace("FILE",
+                                                                      str(tmp_path / "vgg.pth"))
+    message = message.replace("MISSING", str(tmp_path / "nope.pth"))
+    assert _animate(example_run, frames_dir, "--out", str(tmp_path / "a.mp4"), "--weights",
+                    item) == 2
+    assert capsys.readouterr().err == f"pyface animate: {message}\n"
+    assert not (tmp_path / "a.mp4").exists()

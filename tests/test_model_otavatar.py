@@ -712,9 +712,9 @@ def test_inference_says_once_which_inversion_terms_lack_weights(run, data, tmp_p
     assert caplog.messages == [
         "otavatar: the source inversion runs without the VGG19 perceptual term (an image-pyramid "
         "L1 replaces it; model.vgg_weights is not set) and without the ArcFace identity term "
-        "(model.arcface_weights is not set): pass vgg_weights= (pyface convert vgg19) / "
-        "arcface_weights= (ResNetArcFace-18 .pth) to OTAvatarPipeline.from_checkpoint to use "
-        "them (PTI uses neither)"]
+        "(model.arcface_weights is not set): pass vgg=PATH (pyface convert vgg19) / "
+        "arcface=PATH (ResNetArcFace-18 .pth) (pyface animate --weights NAME=PATH, or "
+        "pyface.models.load(..., weights={NAME: PATH})) to use them (PTI uses neither)"]
     caplog.clear()
     torch.save(ResNetArcFace().state_dict(), tmp_path / "arc.pth")
     pipe = OTAvatarPipeline.from_checkpoint(r, device="cpu",
@@ -722,5 +722,13 @@ def test_inference_says_once_which_inversion_terms_lack_weights(run, data, tmp_p
     assert pipe.model.loss.missing_terms() == ["vgg"]
     pipe.encode_source(src, pti_steps=0, steps=1)
     assert len(caplog.messages) == 1 and "ArcFace" not in caplog.messages[0]
-    assert caplog.messages[0].endswith("to OTAvatarPipeline.from_checkpoint to use it (PTI uses "
-                                       "neither)")
+    assert caplog.messages[0].endswith("to use it (PTI uses neither)")
+    # the same through pyface.models.load(weights=) and pyface animate --weights
+    pipe = pyface.models.load("otavatar", r, device="cpu",
+                              weights={"arcface": str(tmp_path / "arc.pth")})
+    assert pipe.model.loss.missing_terms() == ["vgg"]
+    with pytest.raises(ValueError, match=r"weights: expected names in \['arcface', 'vgg'\].*"
+                                         r"\['lpips'\]"):
+        pyface.models.load("otavatar", r, device="cpu", weights={"lpips": "x"})
+    with pytest.raises(ValueError, match="'example''s pipeline uses no pretrained networks"):
+        pyface.models.load("example", r, device="cpu", weights={"vgg": "x"})

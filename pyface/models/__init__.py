@@ -16,6 +16,7 @@ Names resolve lazily: importing this package imports no model.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 
@@ -41,7 +42,7 @@ def model_class(name: str):
 
 
 def load(name: str, checkpoint: str, *, device: str | torch.device | None = None,
-         ema: bool = True):
+         ema: bool = True, weights: dict[str, str] | None = None):
     """The inference pipeline of model ``name`` with the weights of ``checkpoint``.
 
     Args:
@@ -50,6 +51,9 @@ def load(name: str, checkpoint: str, *, device: str | torch.device | None = None
             a weights folder written by a converter; read safely (no code is executed).
         device: None (CUDA when available, else CPU), or a device.
         ema: use the EMA weights where the run kept an EMA copy.
+        weights: pretrained networks the pipeline's source encoding uses, name -> path (e.g.
+            OTAvatar's inversion: ``{"vgg": PATH, "arcface": PATH}``); they replace the
+            checkpoint's. A model whose pipeline uses none refuses them (ValueError).
 
     Raises KeyError (unknown name), ValueError (the model has no pipeline, or the checkpoint
     belongs to another model) and :class:`pyface.checkpoint.CheckpointError` (missing, corrupt
@@ -64,8 +68,13 @@ def load(name: str, checkpoint: str, *, device: str | torch.device | None = None
         raise ValueError(f"model {name!r} has no inference pipeline ({cls.__name__}.Pipeline is "
                          "None)")
     custom = getattr(cls, "load_pipeline", None)
+    takes = custom is not None and "weights" in inspect.signature(custom).parameters
+    if weights and not takes:
+        raise ValueError(f"weights: model {name!r}'s pipeline uses no pretrained networks, got "
+                         f"{sorted(weights)}")
     if custom is not None:     # a model whose weights also come from converted release folders
-        return custom(checkpoint, device=device, ema=ema)
+        return custom(checkpoint, device=device, ema=ema,
+                      **({"weights": dict(weights)} if weights else {}))
     pre = read_pretrained(checkpoint, ema=ema)
     if pre.model is not None and pre.model != name:
         raise ValueError(f"checkpoint {pre.path!r} holds model {pre.model!r}, not {name!r}")

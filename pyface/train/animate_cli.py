@@ -60,6 +60,10 @@ def add_parser(subparsers) -> None:
                         "--source, --driving, --stride and --batch are refused)")
     a.add_argument("--truncation", type=float, default=0.7,
                    help="generators (eg3d), with --seeds: truncation psi (default 0.7)")
+    a.add_argument("--weights", action="append", default=[], metavar="NAME=PATH",
+                   help="a pretrained network the source encoding uses (repeatable), for models "
+                        "whose source encoding optimises a loss: otavatar's inversion takes "
+                        "vgg=PATH (pyface convert vgg19) and arcface=PATH")
     add_import_argument(a)
     a.set_defaults(func=run_animate)
 
@@ -109,6 +113,22 @@ def check_animate_args(args) -> None:
         raise ValueError(f"--fps: expected a frame rate > 0, got {args.fps}")
     if not math.isfinite(args.truncation):
         raise ValueError(f"--truncation: expected a finite number, got {args.truncation}")
+    args.weights = parse_weights(getattr(args, "weights", None) or [])
+
+
+def parse_weights(items) -> dict[str, str]:
+    """``["vgg=PATH", ...]`` (``--weights``) -> ``{"vgg": PATH}``; each PATH must exist."""
+    import os
+
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, path = str(item).partition("=")
+        if not sep or not key or not path:
+            raise ValueError(f"--weights: expected NAME=PATH, got {item!r}")
+        if not os.path.exists(path):
+            raise ValueError(f"--weights {key}={path}: no such file")
+        out[key] = path
+    return out
 
 
 def label_error(exc: Exception, args) -> str:
@@ -271,7 +291,8 @@ def run_animate(args) -> int:
         except (DataError, KeyError, ValueError) as exc:
             return fail(label_error(exc, args), 1)
     try:
-        pipe = pyface.models.load(args.model, args.checkpoint, device=args.device, ema=args.ema)
+        pipe = pyface.models.load(args.model, args.checkpoint, device=args.device, ema=args.ema,
+                                  weights=args.weights or None)
     except (KeyError, ValueError, ImportError) as exc:
         return fail(str(exc).strip('"'), 2)
     except CheckpointError as exc:

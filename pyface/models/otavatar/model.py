@@ -215,10 +215,20 @@ class OTAvatar(TrainableModel):
     local_batch_field = "local_batch"     # set by the Trainer: train.batch_size / ranks
 
     @staticmethod
-    def load_pipeline(path: str, *, device=None, ema: bool = True) -> OTAvatarPipeline:
+    def load_pipeline(path: str, *, device=None, ema: bool = True,
+                      weights: dict[str, str] | None = None) -> OTAvatarPipeline:
         """``pyface.models.load("otavatar", path)``: an OTAvatar run / checkpoint, or a
-        ``pyface convert otavatar`` folder (the authors' release)."""
-        return OTAvatarPipeline.from_checkpoint(path, device=device, ema=ema)
+        ``pyface convert otavatar`` folder (the authors' release). ``weights``: ``vgg`` /
+        ``arcface`` paths for the source inversion's perceptual and identity terms
+        (``pyface animate --weights vgg=PATH``)."""
+        weights = dict(weights or {})
+        unknown = sorted(set(weights) - {"vgg", "arcface"})
+        if unknown:
+            raise ValueError(f"weights: expected names in ['arcface', 'vgg'] (the source "
+                             f"inversion's loss networks), got {unknown}")
+        return OTAvatarPipeline.from_checkpoint(path, device=device, ema=ema,
+                                                vgg_weights=weights.get("vgg"),
+                                                arcface_weights=weights.get("arcface"))
 
     def __init__(self, cfg: OTAvatarConfig | None = None, *, inference: bool = False):
         super().__init__()

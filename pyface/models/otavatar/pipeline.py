@@ -283,10 +283,11 @@ class OTAvatarPipeline(Pipeline):
         parts = {"vgg": "the VGG19 perceptual term (an image-pyramid L1 replaces it; "
                         "model.vgg_weights is not set)",
                  "arcface": "the ArcFace identity term (model.arcface_weights is not set)"}
-        given = {"vgg": "vgg_weights= (pyface convert vgg19)",
-                 "arcface": "arcface_weights= (ResNetArcFace-18 .pth)"}
-        log.warning("otavatar: the source inversion runs without %s: pass %s to "
-                    "OTAvatarPipeline.from_checkpoint to use %s (PTI uses neither)",
+        given = {"vgg": "vgg=PATH (pyface convert vgg19)",
+                 "arcface": "arcface=PATH (ResNetArcFace-18 .pth)"}
+        log.warning("otavatar: the source inversion runs without %s: pass %s (pyface animate "
+                    "--weights NAME=PATH, or pyface.models.load(..., weights={NAME: PATH})) to "
+                    "use %s (PTI uses neither)",
                     " and without ".join(parts[m] for m in missing),
                     " / ".join(given[m] for m in missing),
                     "it" if len(missing) == 1 else "them")
