@@ -19,7 +19,8 @@ What is checked (nothing is run: no training, no data, no network):
 * References in the text, in and out of code spans: ``path/to/file.py:Symbol`` and
   ``tests/test_x.py::test_name`` (the file exists and defines the symbol; read with ``ast``),
   paths under pyface/, tools/, tests/, bench/, examples/ (the file exists) and dotted names
-  ``pyface.x.Y`` (the module exists and defines Y, read with ``ast``, else imported).
+  ``pyface.x.Y`` (the module exists and defines Y, read with ``ast``, else imported), and the
+  ``import pyface...`` / ``from pyface... import Y`` lines of ``python`` blocks.
 
 Where commands are found: every line of a fenced ``bash``/``sh``/``console`` block or one
 without a language (``\\`` continuations joined, ``# comments`` and a leading ``$ `` dropped)
@@ -67,10 +68,8 @@ import importlib
 import importlib.util
 import io
 import itertools
-import os
 import re
 import shlex
-import sys
 import typing
 from pathlib import Path
 
@@ -398,11 +397,13 @@ def source_options(path: Path) -> frozenset[str] | None:
     for node in ast.walk(tree):
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                 and node.func.attr == "add_argument"):
+            negatable = any(k.arg == "action" and "BooleanOptional" in ast.unparse(k.value)
+                            for k in node.keywords)
             for a in node.args:
-                if isinstance(a, ast.Constant) and isinstance(a.value, str) and a.value.startswith("-"):
+                if isinstance(a, ast.Constant) and str(a.value).startswith("-"):
                     opts.add(a.value)
-                    if a.value.startswith("--"):
-                        opts.add("--no-" + a.value[2:])       # BooleanOptionalAction
+                    if negatable and a.value.startswith("--"):
+                        opts.add("--no-" + a.value[2:])
     return frozenset(opts) if opts else None
 
 
@@ -754,10 +755,39 @@ def command_failures(files=None, used: set | None = None) -> list[str]:
     return out
 
 
+def python_import_failures(text: str, rel: str) -> list[str]:
+    """``import pyface.x`` / ``from pyface.x import Y`` of the ``python`` blocks of the page
+    ``rel`` (its ``text``) resolve (a block that is not valid Python is reported too)."""
+    import textwrap
+
+    out = []
+    for kind, lang, lines in _blocks(text):
+        if kind != "fence" or lang != "python" or not lines:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent("\n".join(line for _, line in lines)))
+        except SyntaxError as exc:
+            out.append(f"{rel}:{lines[0][0] + (exc.lineno or 1) - 1}: not valid Python: {exc.msg}")
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "pyface":
+                names = [f"{node.module}.{a.name}" for a in node.names if a.name != "*"]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.split(".")[0] == "pyface"]
+            else:
+                continue
+            for name in names:
+                if not _names_example(name) and not resolve_dotted(name):
+                    out.append(f"{rel}:{lines[0][0] + node.lineno - 1}: import {name}: "
+                               "no such module or attribute")
+    return out
+
+
 def reference_failures(used: set | None = None) -> list[str]:
     out = []
     for path in doc_files():
         rel = path.relative_to(ROOT).as_posix()
+        out += python_import_failures(path.read_text(encoding="utf-8"), rel)
         for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             for m in FILE_REF.finditer(line):
                 why = check_file_ref(m.group(1), m.group(3))
@@ -947,9 +977,14 @@ def test_snippets_joins_continuations_and_spans_over_lines(tmp_path):
     ("pyface.cli.build_parser", True),
     ("pyface.cli.no_such_function", False),
     ("pyface.no_such_module", False),
+    ("from pyface.cli import build_parser, plural", True),
+    ("from pyface.cli import build_parserz", False),
+    ("import pyface.no_such_module", False),
 ])
 def test_checker_of_code_references(ref, ok):
-    if ref.startswith("pyface."):
+    if ref.startswith(("from ", "import ")):
+        assert (python_import_failures(f"```python\n{ref}\n```\n", "x.md") == []) is ok
+    elif ref.startswith("pyface."):
         assert resolve_dotted(ref) is ok
     else:
         m = FILE_REF.fullmatch(ref)
