@@ -22,7 +22,8 @@ What is checked (nothing is run: no training, no data, no network):
   ``tests/test_x.py::test_name`` (the file exists and defines the symbol; read with ``ast``),
   paths under pyface/, tools/, tests/, bench/, examples/ (the file exists) and dotted names
   ``pyface.x.Y`` (the module exists and defines Y, read with ``ast``, else imported), and the
-  ``import pyface...`` / ``from pyface... import Y`` lines of ``python`` blocks.
+  ``import pyface...`` / ``from pyface... import Y`` lines of ``python`` blocks; the keyword
+  arguments of a call ``pyface.x.f(..., name=...)`` in a code span are parameters of ``f``.
 
 Where commands are found: every line of a fenced ``bash``/``sh``/``console`` block or one
 without a language (``\\`` continuations joined, ``# comments`` and a leading ``$ `` dropped)
@@ -787,6 +788,51 @@ def python_import_failures(text: str, rel: str) -> list[str]:
     return out
 
 
+CALL = re.compile(r"(?<![\w.])(pyface(?:\.[A-Za-z_]\w*)+)\(([^()]*(?:\([^()]*\)[^()]*)*)\)")
+
+
+def call_failures(text: str) -> list[str]:
+    """The keyword arguments of the calls ``pyface.x.f(..., name=...)`` of a code span are
+    parameters of ``f`` (imported; a callable taking ``**kwargs`` takes any)."""
+    import inspect
+
+    out = []
+    for m in CALL.finditer(text):
+        depth, top, word = 0, [], ""
+        for c in m.group(2):                    # the keywords at the call's own level
+            depth += c in "([{" and 1 or -(c in ")]}")
+            if depth == 0 and c == "=" and re.fullmatch(r"[A-Za-z_]\w*", word.strip()):
+                top.append(word.strip())
+            word = "" if depth == 0 and c in ",(" else word + c
+        if not top or _names_example(m.group(1)):
+            continue
+        parts, obj = m.group(1).split("."), None
+        for i in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:i]))
+            except ImportError:
+                continue
+            try:
+                for r in parts[i:]:
+                    obj = getattr(obj, r)
+            except AttributeError:
+                obj = None
+            break
+        if obj is None:
+            continue                            # reported by the dotted-name check
+        try:
+            params = inspect.signature(obj).parameters
+        except (TypeError, ValueError):
+            continue
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            continue
+        bad = [k for k in top if k not in params]
+        if bad:
+            out.append(f"{m.group(1)}(): no parameter {', '.join(bad)} "
+                       f"(it takes {', '.join(params)})")
+    return out
+
+
 def reference_failures(used: set | None = None) -> list[str]:
     out = []
     for path in doc_files():
@@ -805,6 +851,9 @@ def reference_failures(used: set | None = None) -> list[str]:
                     continue
                 if not _names_example(name) and not resolve_dotted(name):
                     out.append(f"{rel}:{i}: {name}: no such module or attribute")
+    for s in all_snippets():
+        if s.fragment:
+            out += [f"{s.file}:{s.line}: {why}" for why in call_failures(s.text)]
     return out
 
 
@@ -984,9 +1033,14 @@ def test_snippets_joins_continuations_and_spans_over_lines(tmp_path):
     ("from pyface.cli import build_parser, plural", True),
     ("from pyface.cli import build_parserz", False),
     ("import pyface.no_such_module", False),
+    ("call pyface.cli.plural(2, word='frame')", True),
+    ("call pyface.cli.plural(2, words='frame')", False),
+    ("call pyface.cli.plural(len(x), word=f(a=1))", True),   # a nested call's keyword
 ])
 def test_checker_of_code_references(ref, ok):
-    if ref.startswith(("from ", "import ")):
+    if ref.startswith("call "):
+        assert (call_failures(ref[5:]) == []) is ok
+    elif ref.startswith(("from ", "import ")):
         assert (python_import_failures(f"```python\n{ref}\n```\n", "x.md") == []) is ok
     elif ref.startswith("pyface."):
         assert resolve_dotted(ref) is ok
