@@ -239,6 +239,13 @@ def _drop_redirections(argv: list[str]) -> list[str]:
 UPPER = re.compile(r"[A-Z][A-Z0-9]*(?:[_-][A-Z0-9]+)*")
 
 
+def placeholder_path(path: str) -> bool:
+    """A path or dotted module name with a placeholder part (``tools/X.py``, ``RUN/config.yaml``,
+    ``bench/results/train-MODEL.json``, ``pyface/ops/<family>.py``)."""
+    return bool(re.search(r"<[^<>]*>", path)) or any(
+        is_placeholder(p) for p in re.split(r"[/._-]", path) if p)
+
+
 def is_placeholder(token: str) -> bool:
     return bool(UPPER.fullmatch(token) or re.search(r"<[^<>]*>", token)
                 or re.match(r"\$\{?\w", token) or token in ("...", "…"))
@@ -544,8 +551,8 @@ def _check_one(argv: list[str], fragment: bool) -> None:
     if rest[0] == "-m" and len(rest) > 1:
         return _check_module(rest[1], rest[2:], fragment)
     script = rest[0]
-    if not re.match(r"(tools|examples|bench|pyface)/.*\.py$", script):
-        return                                  # stdin, -c, or a script outside the repository
+    if not re.match(r"(tools|examples|bench|pyface)/.*\.py$", script) or placeholder_path(script):
+        return                      # stdin, -c, a script outside the repository, or a placeholder
     path = ROOT / script
     if not path.is_file():
         raise ParseError(f"{script}: no such file")
@@ -564,7 +571,7 @@ def _check_module(module: str, argv: list[str], fragment: bool) -> None:
         return _check_pyface(argv, fragment)
     if module == "pytest":
         return _check_pytest(argv)
-    if not module.startswith("pyface"):
+    if not module.startswith("pyface") or placeholder_path(module):
         return
     if importlib.util.find_spec(module) is None:
         raise ParseError(f"python -m {module}: no such module")
@@ -714,7 +721,7 @@ def _names_example(ref: str) -> bool:
 def check_file_ref(path: str, symbol: str | None) -> str | None:
     """Why the reference ``path[:symbol]`` is broken, or None. A path holding ``<...>`` or an
     UPPER-CASE placeholder, or naming one of EXAMPLE_MODELS, is not looked for."""
-    if "<" in path or UPPER.search(path) or _names_example(path):
+    if placeholder_path(path) or _names_example(path):
         return None
     for p in _brace_expand(path):
         files = [Path(f) for f in glob.glob(str(ROOT / p))]
@@ -1000,6 +1007,8 @@ def test_checker_refuses_a_wrong_command(text, needle):
     ("cd examples/plugin; pyface train toyplane --import toyplane --preset tiny", False),
     ("python -m pyface.bench.train [--steps N] [--json PATH]", True),
     ("python tools/bench_goha_lift.py --paths fused,reference --json x.json", False),
+    ("python tools/X.py --anything", False),                            # a placeholder tool
+    ("python -m pyface.MODULE --anything", False),
 ])
 def test_checker_accepts_documented_forms(text, fragment):
     assert _problems(text, fragment=fragment) == []
