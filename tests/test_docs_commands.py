@@ -13,6 +13,8 @@ What is checked (nothing is run: no training, no data, no network):
   wrong type fails (``train.run_dir`` is replaced by a folder of an empty directory, so no
   finished stage run on this machine is compared). ``pyface data cache --set key=value``: the
   key is a field of SynthConfig.
+* ``pyface eval --metrics a,b``: each name is a metric; ``pyface bench OP ...``: each OP is an
+  op family or an op of the benchmark cases.
 * ``python -m pyface.X ...``: the module exists, and when it has ``main(argv)`` its argument
   parser accepts the arguments (its ``parse_args`` stops the run right after parsing).
 * ``python tools/X.py ...``: the file exists, and every ``--option`` is one its
@@ -613,6 +615,34 @@ def _check_pyface(argv: list[str], fragment: bool) -> None:
         check_sets(ns.model, ns.preset, ns.overrides)
     if cmd == "data" and getattr(ns, "data_command", None) == "cache":
         check_synth_sets(ns.overrides)
+    if cmd == "eval" and ns.metrics and not is_placeholder(ns.metrics):
+        from pyface.eval.metrics import check_name
+
+        for name in filter(None, ns.metrics.split(",")):
+            try:
+                check_name(name)
+            except ValueError as exc:
+                raise ParseError(f"--metrics {ns.metrics}: {exc}") from None
+    if cmd == "bench":
+        for op in ns.ops:
+            if not is_placeholder(op) and op not in bench_names():
+                raise ParseError(f"pyface bench: no op or family {op!r} "
+                                 f"({', '.join(sorted(bench_names()))})")
+
+
+@functools.lru_cache(maxsize=None)
+def bench_names() -> frozenset[str]:
+    """The op families of ``pyface bench`` and the ops of their cases (both sizes)."""
+    import torch
+
+    from pyface.bench.cli import _families
+
+    names = set(_families())
+    for fam in _families():
+        mod = importlib.import_module(f"pyface.bench.ops.{fam}")
+        for size in ("small", "full"):
+            names.update(c.op for c in mod.cases(torch.device("cpu"), size))
+    return frozenset(names)
 
 
 # --------------------------------------------------------------------------------------------
@@ -961,6 +991,8 @@ def _problems(text: str, *, fragment: bool = False) -> list[str]:
     ("pyface data synthesize --out d", "synthesize"),                    # unknown subcommand
     ("pyface bench render --size huge", "huge"),                         # a value not in choices
     ("pyface bench render --size small|huge", "huge"),                   # one alternative wrong
+    ("pyface bench rendr --device cpu", "rendr"),                        # unknown op family
+    ("pyface eval copy-source --data d --metrics psnr,ssimm", "ssimm"),  # unknown metric
     ("pyface data synth --out d --frames many", "many"),                 # a value of wrong type
     ("pyface train example --set train.stepz=3", "train.stepz"),         # unknown config key
     ("pyface train example --set train.steps=N --set train.stepz=N", "train.stepz"),
