@@ -25,7 +25,8 @@ What is checked (nothing is run: no training, no data, no network):
   paths under pyface/, tools/, tests/, bench/, examples/ (the file exists) and dotted names
   ``pyface.x.Y`` (the module exists and defines Y, read with ``ast``, else imported), and the
   ``import pyface...`` / ``from pyface... import Y`` lines of ``python`` blocks; the keyword
-  arguments of a call ``pyface.x.f(..., name=...)`` in a code span are parameters of ``f``.
+  arguments of a call ``pyface.x.f(..., name=...)`` in a code span are parameters of ``f``; a
+  test named alone in a code span (``test_exact_resume...``) is defined under tests/ or bench/.
 
 Where commands are found: every line of a fenced ``bash``/``sh``/``console`` block or one
 without a language (``\\`` continuations joined, ``# comments`` and a leading ``$ `` dropped)
@@ -891,7 +892,25 @@ def reference_failures(used: set | None = None) -> list[str]:
     for s in all_snippets():
         if s.fragment:
             out += [f"{s.file}:{s.line}: {why}" for why in call_failures(s.text)]
+            for m in TEST_NAME.finditer(s.text):
+                if not any(n.startswith(m.group(1)) for n in defined_test_names()):
+                    out.append(f"{s.file}:{s.line}: {m.group(1)}: no such test under tests/ "
+                               "or bench/")
     return out
+
+
+TEST_NAME = re.compile(r"(?<![\w/:.<-])(test_\w+)(?![\w.]*\.py)")
+
+
+@functools.lru_cache(maxsize=None)
+def defined_test_names() -> frozenset[str]:
+    """The functions and classes of tests/ and bench/ (a test named alone in a code span, or
+    the prefix of a group of them, ``test_plugin_*``)."""
+    names = set()
+    for f in [*(ROOT / "tests").rglob("*.py"), *(ROOT / "bench").rglob("*.py")]:
+        names.update(n.name for n in ast.walk(_tree(f))
+                     if isinstance(n, (ast.FunctionDef, ast.ClassDef)))
+    return frozenset(names)
 
 
 SETTING = re.compile(r"(?:--set )?((?:model|train|data|stages)\.[\w.<>-]+)=\S*")
@@ -1077,9 +1096,15 @@ def test_snippets_joins_continuations_and_spans_over_lines(tmp_path):
     ("call pyface.cli.plural(2, word='frame')", True),
     ("call pyface.cli.plural(2, words='frame')", False),
     ("call pyface.cli.plural(len(x), word=f(a=1))", True),   # a nested call's keyword
+    ("span test_exact_resume_matches_uninterrupted", True),
+    ("span test_exact_resume_matches_nothing", False),
 ])
 def test_checker_of_code_references(ref, ok):
-    if ref.startswith("call "):
+    if ref.startswith("span "):
+        names = [m.group(1) for m in TEST_NAME.finditer(ref[5:])]
+        assert names and all(any(n.startswith(x) for n in defined_test_names())
+                             for x in names) is ok
+    elif ref.startswith("call "):
         assert (call_failures(ref[5:]) == []) is ok
     elif ref.startswith(("from ", "import ")):
         assert (python_import_failures(f"```python\n{ref}\n```\n", "x.md") == []) is ok
