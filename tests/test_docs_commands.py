@@ -76,6 +76,7 @@ import io
 import itertools
 import re
 import shlex
+import types
 import typing
 from pathlib import Path
 
@@ -463,7 +464,7 @@ def _key_exists(model_cls, key: str) -> bool:
     if tp is None:
         return False
     for p in parts[1:]:
-        while typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType")):
+        while typing.get_origin(tp) in (typing.Union, types.UnionType):
             tp = next(a for a in typing.get_args(tp) if a is not type(None))
         if not dataclasses.is_dataclass(tp):
             return tp is typing.Any or typing.get_origin(tp) is dict or tp is dict
@@ -483,10 +484,10 @@ def check_sets(model: str, preset: str | None, sets: list[str]) -> None:
     cls = model_class(model)
     concrete = []
     for item in sets:
-        key, _, value = item.partition("=")
+        key, sep, value = item.partition("=")
         if any(is_placeholder(p) for p in key.split(".")) or is_placeholder(key):
             continue
-        if is_placeholder(value) or not _:
+        if is_placeholder(value) or not sep:
             if not _key_exists(cls, key):
                 raise ParseError(f"--set {item}: no such key in the config of {model!r}")
             continue
