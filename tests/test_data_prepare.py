@@ -279,6 +279,59 @@ def test_prepare_cli_interrupted(tmp_path, monkeypatch, capsys):
     assert "interrupted" in err and "--resume" in err and "Traceback" not in err
 
 
+def _stderr_is_null() -> bool:
+    st, null = os.fstat(2), os.stat(os.devnull)
+    return (st.st_dev, st.st_ino) == (null.st_dev, null.st_ino)
+
+
+def test_mediapipe_start_up_logging_stays_in_the_quiet_window(monkeypatch):
+    """MediaPipe logs from its own threads while a graph opens its calculators (absl logging,
+    which no environment variable silences): every graph start - the face mesh's restart by
+    reset() included - is waited for while stderr is sent to /dev/null, so no native line lands
+    between the progress bars after the detector is created."""
+    import sys
+    import types
+
+    import pyface.data.prepare as P
+
+    events = []
+
+    class Graph:
+        def wait_until_idle(self):
+            events.append(("idle", _stderr_is_null()))
+
+    class Solution:
+        def __init__(self, **kw):
+            self._graph = Graph()
+            events.append(("start", _stderr_is_null()))
+
+        def process(self, img):
+            events.append(("process", _stderr_is_null()))
+            self._graph.wait_until_idle()       # MediaPipe's process() waits for its outputs
+
+        def reset(self):                        # closes the graph and starts it again
+            events.append(("reset", _stderr_is_null()))
+
+        def close(self):
+            pass
+
+    solutions = types.ModuleType("mediapipe.python.solutions")
+    solutions.face_mesh = types.SimpleNamespace(FaceMesh=Solution)
+    solutions.face_detection = types.SimpleNamespace(FaceDetection=Solution)
+    python = types.ModuleType("mediapipe.python")
+    python.solutions = solutions
+    mp = types.ModuleType("mediapipe")
+    mp.python = python
+    for name, mod in (("av", types.ModuleType("av")), ("mediapipe", mp),
+                      ("mediapipe.python", python), ("mediapipe.python.solutions", solutions)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    P.MediaPipeFaces(static=False).close()
+    assert events and all(quiet for _, quiet in events), events
+    reset = [k for k, _ in events].index("reset")
+    assert ("idle", True) in events[reset + 1:], events     # the restart is waited for
+    assert not _stderr_is_null()                            # and stderr is back
+
+
 def test_fit_recovers_pose_from_exact_landmarks():
     from pyface.face import MorphableModel
     from pyface.face.coeffs import merge_coeffs
@@ -869,6 +922,29 @@ def test_prepare_cli(prepared, tmp_path, capsys):
     assert f"ignored: {messy / 'notes.txt'}: not a video" in text
     assert "prepared 1 video, 13 frames" in text
     assert "1 bad input(s) skipped, 1 folder entries ignored" in text
+
+
+@needs_prepare
+def test_prepare_prints_no_native_log_lines(prepared, tmp_path):
+    """MediaPipe's own start-up notices (absl / TensorFlow Lite lines such as
+    "W0000 ... inference_feedback_manager.cc ...") never reach the terminal, for any video."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    mp4 = os.path.join(prepared["inputs"], prepared["name"] + ".mp4")
+    for k in range(2):
+        shutil.copy(mp4, tmp_path / f"clip{k}.mp4")
+    clips = [str(tmp_path / "clip0.mp4"), str(tmp_path / "clip1.mp4")]
+    r = subprocess.run([sys.executable, "-m", "pyface", "data", "prepare", *clips, "--out",
+                        str(tmp_path / "o"), "--no-fit", "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "prepared 2 videos" in r.stdout
+    native = [line for line in r.stderr.splitlines()
+              if re.match(r"[IWEF]\d{4} ", line) or "absl::" in line or "TensorFlow Lite" in line]
+    assert not native, r.stderr
 
 
 @needs_prepare

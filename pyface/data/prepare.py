@@ -374,6 +374,9 @@ class MediaPipeFaces:
                 d.process(blank)
             if not static:                             # forget the blank frame's tracking state
                 self.mesh.reset()
+                # reset() restarts the graph: its calculators open (and log) on MediaPipe's
+                # threads, after reset() returns; wait for them before stderr comes back
+                self.mesh._graph.wait_until_idle()
         self._seg = None
         self._quiet = True
 
