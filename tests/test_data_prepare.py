@@ -1014,34 +1014,77 @@ def test_decode_applies_display_rotation(tmp_path):
     assert out[0][-16:].mean() > 200 and out[0][:40].mean() < 40   # 90 deg counterclockwise
 
 
-@needs_prepare
-def test_truncated_video_error_says_how_far_it_decoded(tmp_path):
-    """A video cut short (an interrupted copy or recording) names the file and the frames that
-    decoded before the damage."""
+def _mp4_cut(frames, path, keep=0.6):
+    """Writes ``frames`` to an H.264 mp4 with its index first (faststart, a key frame every 5),
+    then keeps only the first ``keep`` of its bytes at ``path`` (a copy or recording cut short)."""
     import av
 
-    from pyface.data.prepare import Source, iter_frames
-
-    frames = np.random.default_rng(0).integers(0, 255, (30, 64, 64, 3), dtype=np.uint8)
-    path = str(tmp_path / "long.mp4")
-    with av.open(path, "w", options={"movflags": "faststart"}) as c:    # index first
+    full = path + ".full.mp4"
+    with av.open(full, "w", options={"movflags": "faststart"}) as c:    # index first
         s = c.add_stream("libx264", rate=25)
-        s.width = s.height = 64
+        s.height, s.width = frames.shape[1:3]
         s.pix_fmt, s.options = "yuv420p", {"g": "5"}
         for f in frames:
             for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
                 c.mux(p)
         for p in s.encode():
             c.mux(p)
-    data = open(path, "rb").read()
-    cut = str(tmp_path / "cut.mp4")
-    open(cut, "wb").write(data[: int(len(data) * 0.6)])
+    data = open(full, "rb").read()
+    os.remove(full)
+    if keep == "header":                # the index and no frame data
+        keep = (data.index(b"mdat") + 8) / len(data)
+    open(path, "wb").write(data[: int(len(data) * keep)])
+    return path
+
+
+@needs_prepare
+def test_truncated_video_error_says_how_far_it_decoded(tmp_path):
+    """A video cut short (an interrupted copy or recording) names the file and the frames that
+    decoded before the damage."""
+    from pyface.data.prepare import Source, iter_frames
+
+    frames = np.random.default_rng(0).integers(0, 255, (30, 64, 64, 3), dtype=np.uint8)
+    cut = _mp4_cut(frames, str(tmp_path / "cut.mp4"))
     got = []
     with pytest.raises(PrepareError, match=r"cut.mp4: corrupt or unreadable video after "
                                            r"(\d+) decoded frames \(truncated\?\)") as e:
         for img in iter_frames(Source("cut", "video", cut)):
             got.append(img)
     assert 0 < len(got) < 30 and f"after {len(got)} decoded" in str(e.value)
+
+
+@needs_prepare
+def test_prepare_keeps_the_frames_of_a_truncated_video(prepared, tmp_path):
+    """`pyface data prepare` on a truncated video keeps the frames that decode, with one warning
+    naming the file and how many frames were kept (also in meta.json); a cut that leaves no
+    frame is still a bad input."""
+    from pyface.data.prepare import MIN_FRAMES, prepare
+
+    rec = fmt.load_index(prepared["synth"])[0]
+    frames = np.stack([fmt.read_frame(prepared["synth"], rec, i) for i in range(rec.num_frames)])
+    cut = _mp4_cut(frames, str(tmp_path / "cut.mp4"))
+    out = str(tmp_path / "out")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        s = prepare([cut], PrepareConfig(out=out, fit=False, progress=False))
+    said = [str(x.message) for x in w if "truncated" in str(x.message)]
+    (r,) = s["results"]
+    assert MIN_FRAMES <= r["source_frames"] < len(frames) and s["bad"] == []
+    assert len(said) == 1 and said[0].startswith(f"{cut}: truncated or damaged video: kept the "
+                                                 f"{r['source_frames']} frames decoded before "
+                                                 "the damage (")
+    meta = json.load(open(os.path.join(out, "cut", fmt.META)))
+    assert meta["source_num_frames"] == r["source_frames"] and meta["source_damaged"] == said[0]
+    assert meta["num_frames"] == r["frames"] == len(os.listdir(os.path.join(out, "cut",
+                                                                            fmt.FRAME_DIR)))
+    assert fmt.check_dataset(out)[1] == []
+    empty = _mp4_cut(frames, str(tmp_path / "empty.mp4"), keep="header")
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        s = prepare([empty], PrepareConfig(out=str(tmp_path / "o2"), fit=False, progress=False,
+                                           skip_bad=True))
+    assert s["results"] == [] and len(s["bad"]) == 1
+    assert f"{empty}: corrupt or unreadable video" in s["bad"][0]
 
 
 @needs_prepare
