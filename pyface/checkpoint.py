@@ -36,6 +36,13 @@ META_FILE = "meta.json"
 LATEST_FILE = "latest"
 _CKPT_RE = re.compile(r"^ckpt-(\d+)$")
 
+__all__ = ["FORMAT", "FORMAT_VERSION", "TENSORS_FILE", "META_FILE", "LATEST_FILE",
+           "CheckpointError", "check_replaceable", "save_folder", "not_a_folder_hint", "read_meta",
+           "load_folder", "checkpoint_path", "list_checkpoints", "latest_checkpoint",
+           "mark_latest", "remove_partial_writes", "prune_checkpoints", "optimizer_to_flat",
+           "optimizer_from_flat", "check_state_dict", "load_module_state", "sub_state",
+           "save_weights", "load_weights", "load_weights_file"]
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, or does not match what it is loaded into."""

@@ -29,6 +29,26 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
+def parse_name_paths(items, option: str = "--weights", *, names=None,
+                     must_exist: bool = False) -> dict[str, str]:
+    """``["NAME=PATH", ...]`` (a repeatable ``option``) -> ``{NAME: PATH}``, the last one winning.
+    ``names``: the accepted NAMEs (any when None); ``must_exist``: each PATH must exist. Raises
+    ValueError naming ``option`` and the item."""
+    import os
+
+    out: dict[str, str] = {}
+    for item in items or ():
+        key, sep, path = str(item).partition("=")
+        if not sep or not key or not path:
+            raise ValueError(f"{option}: expected NAME=PATH, got {item!r}")
+        if names is not None and key not in names:
+            raise ValueError(f"{option}: expected NAME in {sorted(names)}, got {key!r}")
+        if must_exist and not os.path.exists(path):
+            raise ValueError(f"{option} {key}={path}: no such file")
+        out[key] = path
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pyface",

@@ -452,3 +452,20 @@ def test_counts_of_one_are_singular(tmp_path, capsys):
     assert f"{out}: 1 video, 1 frame: OK" in capsys.readouterr().out
     assert main(["data", "index", out]) == 0
     assert capsys.readouterr().out.strip().endswith("index.json: 1 video")
+
+
+def test_bench_with_no_workers_loads_in_the_main_process(capsys):
+    """`pyface data bench --workers 0`: generation on every core, loading in the main process -
+    said so, and the loading's CPU time is the main process's (there are no loader workers)."""
+    import re
+
+    assert main(["data", "bench", "--workers", "0", "--identities", "1", "--videos-per-identity",
+                 "1", "--frames", "4", "--resolution", "16", "--batch-size", "1",
+                 "--samples", "4"]) == 0
+    out = capsys.readouterr().out
+    gen = re.search(r"\(no cross\), (\d+) workers?: ", out)
+    assert gen and int(gen.group(1)) >= 1 and " 1 workers" not in out
+    load = re.search(r"batch 1, loaded in the main process: .* pairs/s .*; CPU time of the main "
+                     r"process ([\d.]+) ms/pair", out)
+    assert load and float(load.group(1)) > 0, out
+    assert "0 workers" not in out and "loader workers" not in out

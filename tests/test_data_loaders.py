@@ -316,3 +316,27 @@ def test_sixteen_bit_grey_images_keep_their_tones(tmp_path):
     Image.fromarray(ramp).save(d / "img00000.png")
     img = ImageFolderDataset(str(d), labels=False)[0]["image"]
     np.testing.assert_array_equal(img[0].numpy(), want[..., 0])      # (3, H, W) in 0..255
+
+
+def test_driving_inputs_missing_path_and_video_folder(root, tmp_path):
+    """pyface.data.driving: a missing input is one DataError naming it, the same from every
+    reader; a pyface video folder is read through its record (frames, stride, labels)."""
+    from pyface.data import driving as D
+
+    missing = str(tmp_path / "nope")
+    msg = (f"{missing}: not found (expected a pyface video folder, a video file or a folder of "
+           "images)")
+    for call in (lambda: D.read_driving(missing, 16), lambda: list(D.iter_driving(missing, 16)),
+                 lambda: D.count_driving(missing)):
+        with pytest.raises(fmt.DataError) as e:
+            call()
+        assert str(e.value) == msg
+    with pytest.raises(fmt.DataError, match="a video file, an image or a folder of images"):
+        D.frame_labels(missing)
+    folder = os.path.join(root, fmt.load_index(root)[0].name)
+    assert D.count_driving(folder, stride=3) == 3 and D.count_driving(folder, max_frames=2) == 2
+    d = D.read_driving(folder, 16, stride=3)
+    chunks = list(D.iter_driving(folder, 16, stride=3, chunk=2))
+    assert d["image"].shape == (3, 3, 16, 16) and [c["image"].shape[0] for c in chunks] == [2, 1]
+    assert torch.equal(torch.cat([c["image"] for c in chunks]), d["image"])
+    assert {"image", "camera", "coeffs", "landmarks", "mask"} <= D.frame_labels(folder)

@@ -279,6 +279,59 @@ def test_prepare_cli_interrupted(tmp_path, monkeypatch, capsys):
     assert "interrupted" in err and "--resume" in err and "Traceback" not in err
 
 
+def _stderr_is_null() -> bool:
+    st, null = os.fstat(2), os.stat(os.devnull)
+    return (st.st_dev, st.st_ino) == (null.st_dev, null.st_ino)
+
+
+def test_mediapipe_start_up_logging_stays_in_the_quiet_window(monkeypatch):
+    """MediaPipe logs from its own threads while a graph opens its calculators (absl logging,
+    which no environment variable silences): every graph start - the face mesh's restart by
+    reset() included - is waited for while stderr is sent to /dev/null, so no native line lands
+    between the progress bars after the detector is created."""
+    import sys
+    import types
+
+    import pyface.data.prepare as P
+
+    events = []
+
+    class Graph:
+        def wait_until_idle(self):
+            events.append(("idle", _stderr_is_null()))
+
+    class Solution:
+        def __init__(self, **kw):
+            self._graph = Graph()
+            events.append(("start", _stderr_is_null()))
+
+        def process(self, img):
+            events.append(("process", _stderr_is_null()))
+            self._graph.wait_until_idle()       # MediaPipe's process() waits for its outputs
+
+        def reset(self):                        # closes the graph and starts it again
+            events.append(("reset", _stderr_is_null()))
+
+        def close(self):
+            pass
+
+    solutions = types.ModuleType("mediapipe.python.solutions")
+    solutions.face_mesh = types.SimpleNamespace(FaceMesh=Solution)
+    solutions.face_detection = types.SimpleNamespace(FaceDetection=Solution)
+    python = types.ModuleType("mediapipe.python")
+    python.solutions = solutions
+    mp = types.ModuleType("mediapipe")
+    mp.python = python
+    for name, mod in (("av", types.ModuleType("av")), ("mediapipe", mp),
+                      ("mediapipe.python", python), ("mediapipe.python.solutions", solutions)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    P.MediaPipeFaces(static=False).close()
+    assert events and all(quiet for _, quiet in events), events
+    reset = [k for k, _ in events].index("reset")
+    assert ("idle", True) in events[reset + 1:], events     # the restart is waited for
+    assert not _stderr_is_null()                            # and stderr is back
+
+
 def test_fit_recovers_pose_from_exact_landmarks():
     from pyface.face import MorphableModel
     from pyface.face.coeffs import merge_coeffs
@@ -872,6 +925,29 @@ def test_prepare_cli(prepared, tmp_path, capsys):
 
 
 @needs_prepare
+def test_prepare_prints_no_native_log_lines(prepared, tmp_path):
+    """MediaPipe's own start-up notices (absl / TensorFlow Lite lines such as
+    "W0000 ... inference_feedback_manager.cc ...") never reach the terminal, for any video."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    mp4 = os.path.join(prepared["inputs"], prepared["name"] + ".mp4")
+    for k in range(2):
+        shutil.copy(mp4, tmp_path / f"clip{k}.mp4")
+    clips = [str(tmp_path / "clip0.mp4"), str(tmp_path / "clip1.mp4")]
+    r = subprocess.run([sys.executable, "-m", "pyface", "data", "prepare", *clips, "--out",
+                        str(tmp_path / "o"), "--no-fit", "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "prepared 2 videos" in r.stdout
+    native = [line for line in r.stderr.splitlines()
+              if re.match(r"[IWEF]\d{4} ", line) or "absl::" in line or "TensorFlow Lite" in line]
+    assert not native, r.stderr
+
+
+@needs_prepare
 def test_prepare_modnet_matting(prepared, tmp_path, capsys):
     """--matting modnet: soft MODNet alpha masks from a user weights file (random weights here);
     a missing or wrong file is an error naming it before any video is prepared."""
@@ -938,34 +1014,77 @@ def test_decode_applies_display_rotation(tmp_path):
     assert out[0][-16:].mean() > 200 and out[0][:40].mean() < 40   # 90 deg counterclockwise
 
 
-@needs_prepare
-def test_truncated_video_error_says_how_far_it_decoded(tmp_path):
-    """A video cut short (an interrupted copy or recording) names the file and the frames that
-    decoded before the damage."""
+def _mp4_cut(frames, path, keep=0.6):
+    """Writes ``frames`` to an H.264 mp4 with its index first (faststart, a key frame every 5),
+    then keeps only the first ``keep`` of its bytes at ``path`` (a copy or recording cut short)."""
     import av
 
-    from pyface.data.prepare import Source, iter_frames
-
-    frames = np.random.default_rng(0).integers(0, 255, (30, 64, 64, 3), dtype=np.uint8)
-    path = str(tmp_path / "long.mp4")
-    with av.open(path, "w", options={"movflags": "faststart"}) as c:    # index first
+    full = path + ".full.mp4"
+    with av.open(full, "w", options={"movflags": "faststart"}) as c:    # index first
         s = c.add_stream("libx264", rate=25)
-        s.width = s.height = 64
+        s.height, s.width = frames.shape[1:3]
         s.pix_fmt, s.options = "yuv420p", {"g": "5"}
         for f in frames:
             for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
                 c.mux(p)
         for p in s.encode():
             c.mux(p)
-    data = open(path, "rb").read()
-    cut = str(tmp_path / "cut.mp4")
-    open(cut, "wb").write(data[: int(len(data) * 0.6)])
+    data = open(full, "rb").read()
+    os.remove(full)
+    if keep == "header":                # the index and no frame data
+        keep = (data.index(b"mdat") + 8) / len(data)
+    open(path, "wb").write(data[: int(len(data) * keep)])
+    return path
+
+
+@needs_prepare
+def test_truncated_video_error_says_how_far_it_decoded(tmp_path):
+    """A video cut short (an interrupted copy or recording) names the file and the frames that
+    decoded before the damage."""
+    from pyface.data.prepare import Source, iter_frames
+
+    frames = np.random.default_rng(0).integers(0, 255, (30, 64, 64, 3), dtype=np.uint8)
+    cut = _mp4_cut(frames, str(tmp_path / "cut.mp4"))
     got = []
     with pytest.raises(PrepareError, match=r"cut.mp4: corrupt or unreadable video after "
                                            r"(\d+) decoded frames \(truncated\?\)") as e:
         for img in iter_frames(Source("cut", "video", cut)):
             got.append(img)
     assert 0 < len(got) < 30 and f"after {len(got)} decoded" in str(e.value)
+
+
+@needs_prepare
+def test_prepare_keeps_the_frames_of_a_truncated_video(prepared, tmp_path):
+    """`pyface data prepare` on a truncated video keeps the frames that decode, with one warning
+    naming the file and how many frames were kept (also in meta.json); a cut that leaves no
+    frame is still a bad input."""
+    from pyface.data.prepare import MIN_FRAMES, prepare
+
+    rec = fmt.load_index(prepared["synth"])[0]
+    frames = np.stack([fmt.read_frame(prepared["synth"], rec, i) for i in range(rec.num_frames)])
+    cut = _mp4_cut(frames, str(tmp_path / "cut.mp4"))
+    out = str(tmp_path / "out")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        s = prepare([cut], PrepareConfig(out=out, fit=False, progress=False))
+    said = [str(x.message) for x in w if "truncated" in str(x.message)]
+    (r,) = s["results"]
+    assert MIN_FRAMES <= r["source_frames"] < len(frames) and s["bad"] == []
+    assert len(said) == 1 and said[0].startswith(f"{cut}: truncated or damaged video: kept the "
+                                                 f"{r['source_frames']} frames decoded before "
+                                                 "the damage (")
+    meta = json.load(open(os.path.join(out, "cut", fmt.META)))
+    assert meta["source_num_frames"] == r["source_frames"] and meta["source_damaged"] == said[0]
+    assert meta["num_frames"] == r["frames"] == len(os.listdir(os.path.join(out, "cut",
+                                                                            fmt.FRAME_DIR)))
+    assert fmt.check_dataset(out)[1] == []
+    empty = _mp4_cut(frames, str(tmp_path / "empty.mp4"), keep="header")
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        s = prepare([empty], PrepareConfig(out=str(tmp_path / "o2"), fit=False, progress=False,
+                                           skip_bad=True))
+    assert s["results"] == [] and len(s["bad"]) == 1
+    assert f"{empty}: corrupt or unreadable video" in s["bad"][0]
 
 
 @needs_prepare

@@ -113,6 +113,62 @@ def test_deterministic_across_runs_and_workers(tmp_path, root):
     assert not np.array_equal(other, same)
 
 
+def test_task_stream_is_read_as_results_come_back():
+    """`pyface data synth` never lists its tasks: _unordered reads an endless task stream only
+    as far as the results taken so far plus its window, and raises a task's error."""
+    import itertools
+    from multiprocessing.pool import ThreadPool
+
+    pulled = []
+
+    def stream():
+        for k in itertools.count():
+            pulled.append(k)
+            yield k
+
+    with ThreadPool(2) as pool:
+        got = []
+        for r in S._unordered(pool, lambda k: k * k, stream(), window=3):
+            got.append(r)
+            assert len(pulled) <= len(got) + 3
+            if len(got) == 20:
+                break
+        assert len(set(got)) == 20 and set(got) <= {k * k for k in pulled}
+
+        def boom(k):
+            raise ValueError(f"task {k}")
+        with pytest.raises(ValueError, match="task "):
+            list(S._unordered(pool, boom, range(5), window=2))
+        assert list(S._unordered(pool, boom, [], window=2)) == []
+
+
+def test_generate_streams_its_tasks(tmp_path, monkeypatch):
+    """The render tasks reach the pool as a generator through the bounded window (no list of
+    every video), and the set is the same, file for file, as with one worker; _task_count
+    counts what _tasks yields."""
+    import inspect
+
+    for kw in ({}, {"cross": False}, {"multiview": True}, {"identities": 3, "multiview": True,
+                                                          "cross": False}):
+        cfg = S.default_config(**kw)
+        assert S._task_count(cfg) == len(list(S._tasks(cfg, "a", "b", "c")))
+    seen = []
+    real = S._unordered
+
+    def spy(pool, fn, tasks, window):
+        seen.append((inspect.isgenerator(tasks), window))
+        return real(pool, fn, tasks, window)
+
+    monkeypatch.setattr(S, "_unordered", spy)
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    S.generate(one, S.default_config(frames=2, resolution=16, multiview=True), progress=False)
+    S.generate(two, S.default_config(frames=2, resolution=16, multiview=True, workers=2),
+               progress=False)
+    assert seen == [(True, 2 * S.SUBMIT_AHEAD)]
+    a, b = _files(one), _files(two)
+    assert a.keys() == b.keys() and len(a) > 0 and all(a[k] == b[k] for k in a)
+
+
 def test_motion_ranges_and_blinks():
     model = MorphableModel.builtin()
     exp, ang, tr, gam = S.sample_motion(model, 0, 3, 1, frames=250, fps=25.0)

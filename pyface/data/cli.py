@@ -120,7 +120,9 @@ def add_parser(subparsers) -> None:
     b.add_argument("--videos-per-identity", type=int, default=2)
     b.add_argument("--frames", type=int, default=32)
     b.add_argument("--resolution", type=int, default=256)
-    b.add_argument("--workers", type=int, default=2, help="generation processes and loader workers")
+    b.add_argument("--workers", type=int, default=2,
+                   help="generation processes and loader workers (0: generation on all cores, "
+                        "loading in the main process)")
     b.add_argument("--batch-size", type=int, default=8)
     b.add_argument("--samples", type=int, default=1024, help="pairs to load")
     b.add_argument("--root", default=None, help="use this existing dataset instead of generating")
@@ -421,7 +423,8 @@ def _bench_run(args, cfg) -> int:
             root = os.path.join(tmp, "synth")
             s = generate(root, cfg, progress=False)
             print(f"generate {args.identities}x{args.videos_per_identity}x{args.frames} at "
-                  f"{args.resolution}^2 (no cross), {s['workers']} workers: {s['seconds']:.2f} s "
+                  f"{args.resolution}^2 (no cross), {plural(s['workers'], 'worker')}: "
+                  f"{s['seconds']:.2f} s "
                   f"({s['frames'] / s['seconds']:.1f} frames/s); CPU time of the render "
                   f"workers {s['render_cpu_seconds']:.2f} s "
                   f"({1e3 * s['render_cpu_seconds'] / s['frames']:.0f} ms/frame)", flush=True)
@@ -434,22 +437,26 @@ def _bench_run(args, cfg) -> int:
         loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True,
                                              num_workers=args.workers, drop_last=True,
                                              persistent_workers=args.workers > 0)
+        # the loading's CPU time: the workers', or with --workers 0 this (the main) process's
+        cpu_now = _children_cpu if args.workers > 0 else time.process_time
         n, t0, epochs, c0 = 0, None, 0, None
         while n < args.samples:
             for batch in loader:
                 if t0 is None:   # exclude worker start-up and the first batch
-                    t0, c0 = time.perf_counter(), _children_cpu()
+                    t0, c0 = time.perf_counter(), cpu_now()
                     continue
                 n += batch["driving"]["image"].shape[0]
                 if n >= args.samples:
                     break
             epochs += 1
         dt = time.perf_counter() - t0
-        cpu = _children_cpu() - c0
+        cpu = cpu_now() - c0
         del loader
+        who = plural(args.workers, "worker") if args.workers > 0 else "loaded in the main process"
         print(f"PairDataset at {ds.frame(0, 0)['image'].shape[-1]}^2, batch {args.batch_size}, "
-              f"{args.workers} workers: {n / dt:.1f} pairs/s ({n} pairs in {dt:.2f} s); CPU time "
-              f"of the loader workers {1e3 * cpu / n:.2f} ms/pair")
+              f"{who}: {n / dt:.1f} pairs/s ({n} pairs in {dt:.2f} s); CPU time of the "
+              f"{'loader workers' if args.workers > 0 else 'main process'} "
+              f"{1e3 * cpu / n:.2f} ms/pair")
         _load_note()
     return 0
 

@@ -33,6 +33,17 @@ def is_video_folder(path: str) -> bool:
         or os.path.isfile(os.path.join(path, fmt.VIDEO_FILE)))
 
 
+def _scan_folder(path: str) -> tuple[str, fmt.VideoRecord]:
+    """The dataset root above the pyface video folder ``path`` and the folder's record."""
+    root, name = os.path.split(os.path.normpath(os.path.abspath(path)))
+    return root, fmt.scan_video(root, name)
+
+
+def _not_found(path: str) -> fmt.DataError:
+    return fmt.DataError(f"{path}: not found (expected a pyface video folder, a video file or a "
+                         "folder of images)")
+
+
 def _images(frames: list[np.ndarray], resolution: int | None, *, crop: bool,
             name: str) -> tuple[torch.Tensor, tuple[float, float, float, float]]:
     """(T, H, W, 3) uint8 frames -> ((T, 3, R, R) float in [-1, 1], (sx, sy, ox, oy)): an input
@@ -140,8 +151,7 @@ def _frame_files(path: str) -> list[str]:
 
 
 def _read_video_folder(path: str, resolution: int | None, frames: list[int] | None) -> dict:
-    root, name = os.path.split(os.path.normpath(os.path.abspath(path)))
-    rec = fmt.scan_video(root, name)
+    root, rec = _scan_folder(path)
     idx = list(range(rec.num_frames)) if frames is None else frames
     if not idx:
         raise fmt.DataError(f"{path}: no frames")
@@ -190,7 +200,7 @@ def read_driving(path: str, resolution: int | None, *, max_frames: int | None = 
     _check_counts(stride=stride, max_frames=max_frames)
     if os.path.isdir(path):
         if is_video_folder(path):
-            n = fmt.scan_video(*os.path.split(os.path.normpath(os.path.abspath(path)))).num_frames
+            n = _scan_folder(path)[1].num_frames
             idx = list(range(0, n, stride))[:max_frames]
             return _read_video_folder(path, resolution, idx)
         files = _frame_files(path)[::stride][:max_frames]
@@ -199,8 +209,7 @@ def read_driving(path: str, resolution: int | None, *, max_frames: int | None = 
         limit = None if max_frames is None else max_frames * stride
         raw = _read_video_file(path, limit)[0][::stride]
     else:
-        raise fmt.DataError(f"{path}: not found (expected a pyface video folder, a video file or "
-                            "a folder of images)")
+        raise _not_found(path)
     return {"image": _images(raw, resolution, crop=True, name=path)[0]}
 
 
@@ -215,8 +224,7 @@ def frame_labels(path: str) -> set[str]:
                             "an image or a folder of images)")
     keys = {"image"}
     if os.path.isdir(path) and is_video_folder(path):
-        root, name = os.path.split(os.path.normpath(os.path.abspath(path)))
-        rec = fmt.scan_video(root, name)
+        root, rec = _scan_folder(path)
         for key, present in (("camera", os.path.isfile(rec.path(root, fmt.LABELS))),
                              ("coeffs", os.path.isfile(rec.path(root, fmt.COEFFS))),
                              ("landmarks", rec.has_landmarks), ("mask", rec.has_masks)):
@@ -231,12 +239,11 @@ def count_driving(path: str, *, max_frames: int | None = None, stride: int = 1) 
     _check_counts(stride=stride, max_frames=max_frames)
     if os.path.isdir(path):
         if is_video_folder(path):
-            n = fmt.scan_video(*os.path.split(os.path.normpath(os.path.abspath(path)))).num_frames
+            n = _scan_folder(path)[1].num_frames
         else:
             n = len(_frame_files(path))
     elif not os.path.isfile(path):   # an error here, before a caller starts its progress bar
-        raise fmt.DataError(f"{path}: not found (expected a pyface video folder, a video file or "
-                            "a folder of images)")
+        raise _not_found(path)
     else:
         import imageio.v2 as iio
 
@@ -262,7 +269,7 @@ def iter_driving(path: str, resolution: int | None, *, chunk: int = 16,
     _check_counts(chunk=chunk, stride=stride, max_frames=max_frames)
     if os.path.isdir(path):
         if is_video_folder(path):
-            n = fmt.scan_video(*os.path.split(os.path.normpath(os.path.abspath(path)))).num_frames
+            n = _scan_folder(path)[1].num_frames
             idx = list(range(0, n, stride))[:max_frames]
             for a in range(0, len(idx), chunk):
                 yield _read_video_folder(path, resolution, idx[a:a + chunk])
@@ -273,8 +280,7 @@ def iter_driving(path: str, resolution: int | None, *, chunk: int = 16,
             yield {"image": _images(raw, resolution, crop=True, name=path)[0]}
         return
     if not os.path.isfile(path):
-        raise fmt.DataError(f"{path}: not found (expected a pyface video folder, a video file or "
-                            "a folder of images)")
+        raise _not_found(path)
     import imageio.v2 as iio
 
     try:

@@ -35,11 +35,13 @@ convention), ``landmarks_fit.npy (T, 68, 2)`` (the fitted model's own landmarks,
 ``mesh.npy (T, 478, 3)`` (crop pixels; z in the same scale), ``coeffs.npy``, ``dataset.json``, ``meta.json`` (with
 ``source_frames``, per-frame ``confidence``, ``fit_residual_px`` and ``photometric_rms``
 (0..255), ``no_face_frames``,
-``jitter_px``); a video is written into a hidden folder and renamed when complete, so
-``--resume`` skips exactly the finished ones.
+``jitter_px``, and ``source_damaged`` for a video whose decoding failed part-way: its frames
+up to there are kept, with a warning); a video is written into a hidden folder and renamed when
+complete, so ``--resume`` skips exactly the finished ones.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -49,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from pyface.cli import plural
 from pyface.data import format as fmt
 from pyface.data.landmarks import jitter, mesh_to_68
 
@@ -63,6 +66,9 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 CROPS = ("eg3d", "fomm")
 MATTING = ("selfie", "modnet")
 EXTRA_HINT = 'pip install -e ".[prepare]"'
+#: The fewest decoded frames that make a video: fewer is an error; a video whose decoding fails
+#: part-way (a truncated file) keeps its frames when at least this many decoded.
+MIN_FRAMES = 1
 
 
 #: The config fields that change what a video's preparation writes: stored in ``meta.json``
@@ -267,9 +273,11 @@ def unique_names(sources, taken=()) -> None:
         used.add(name)
 
 
-def iter_frames(src: Source):
+def iter_frames(src: Source, damaged: list | None = None):
     """Yields ``(H, W, 3)`` uint8 RGB frames of a source; raises :class:`PrepareError` naming the
-    file when it cannot be decoded."""
+    file when it cannot be decoded. With a list ``damaged``, a video whose decoding fails after
+    :data:`MIN_FRAMES` or more frames (a truncated file) ends there instead, and the reason (a
+    message naming the file and the frames kept) is appended to ``damaged``."""
     if src.kind == "video":
         import av
         decoded = 0
@@ -277,8 +285,7 @@ def iter_frames(src: Source):
             with av.open(src.path) as container:
                 if not container.streams.video:
                     raise PrepareError(f"{src.path}: no video stream")
-                stream = container.streams.video[0]
-                for frame in container.decode(stream):
+                for frame in _decode(container, container.streams.video[0], av.FFmpegError):
                     img = frame.to_ndarray(format="rgb24")
                     # phone videos store their orientation as a display rotation
                     # (counterclockwise degrees): show the frame the way players do
@@ -288,6 +295,11 @@ def iter_frames(src: Source):
         except PrepareError:
             raise
         except (av.FFmpegError, ValueError, OSError) as e:
+            if damaged is not None and decoded >= MIN_FRAMES:
+                damaged.append(f"{src.path}: truncated or damaged video: kept the "
+                               f"{plural(decoded, 'frame')} decoded before the damage "
+                               f"({type(e).__name__}: {e})")
+                return
             where = f" after {decoded} decoded frames (truncated?)" if decoded else ""
             raise PrepareError(f"{src.path}: corrupt or unreadable video{where} "
                                f"({type(e).__name__}: {e})") from None
@@ -300,6 +312,23 @@ def iter_frames(src: Source):
         except Exception as e:  # PIL raises many types for corrupt data
             raise PrepareError(f"{f}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
         yield img
+
+
+def _decode(container, stream, ffmpeg_error):
+    """The frames of ``stream`` (``container.decode(stream)``), packet by packet; on an error
+    (a truncated file) the frames the decoder still holds (its reordering delay) come out before
+    the error is raised."""
+    errors = (ffmpeg_error, ValueError, OSError)
+    try:
+        for packet in container.demux(stream):      # the last packet (empty) flushes the decoder
+            yield from packet.decode()
+    except errors:
+        try:
+            held = stream.codec_context.decode(None)
+        except errors:
+            held = []
+        yield from held
+        raise
 
 
 def count_frames(src: Source) -> int:
@@ -374,6 +403,9 @@ class MediaPipeFaces:
                 d.process(blank)
             if not static:                             # forget the blank frame's tracking state
                 self.mesh.reset()
+                # reset() restarts the graph: its calculators open (and log) on MediaPipe's
+                # threads, after reset() returns; wait for them before stderr comes back
+                self.mesh._graph.wait_until_idle()
         self._seg = None
         self._quiet = True
 
@@ -592,14 +624,14 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
     det = MediaPipeFaces(cfg.max_faces, cfg.min_detection_confidence, static=src.kind == "image")
     try:
         # pass 1: mesh per frame
-        frame_faces, size, n = [], None, 0
-        for img in iter_frames(src):
+        frame_faces, size, n, damaged = [], None, 0, []
+        for img in iter_frames(src, damaged):
             size = (img.shape[1], img.shape[0])
             frame_faces.append(det.faces(img))
             n += 1
             if progress:
                 progress(1)
-        if n == 0:
+        if n < MIN_FRAMES:
             raise PrepareError(f"{src.path}: no frames decoded")
         timing["detect_s"] = time.perf_counter() - t0
         timing["detect_cpu_s"] = time.process_time() - c0
@@ -636,8 +668,8 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
             matter = _modnet(cfg.matting_weights)
         small = np.zeros((len(kept), APPEARANCE_SIZE, APPEARANCE_SIZE, 3), np.uint8)
         small_valid = np.zeros((len(kept), APPEARANCE_SIZE, APPEARANCE_SIZE), bool)
-        for i, img in enumerate(iter_frames(src)):
-            k = where.get(i)
+        for i, img in enumerate(itertools.islice(iter_frames(src), n)):   # a truncated
+            k = where.get(i)                                # video: the frames of pass 1 only
             if k is None:
                 continue
             crop, valid = crop_image(img, boxes[k], r)
@@ -740,6 +772,8 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
             "landmarks_fit": LANDMARKS_FIT if lm_fit is not None else None,
             "fit_model": "bfm" if cfg.bfm else ("builtin" if cfg.fit else None), "seconds": round(seconds, 2),
             "timing_s": {k: round(v, 2) for k, v in timing.items()}, "options": options(cfg)}
+    if damaged:             # a truncated video: the frames that decoded, and why no more
+        meta["source_damaged"] = damaged[0]
     fmt._dump(os.path.join(tmp, fmt.META), meta)
     final = os.path.join(cfg.out, src.name)
     if os.path.lexists(final):      # a previous preparation: moved aside whole, then deleted, so
@@ -751,7 +785,7 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
     else:
         os.replace(tmp, final)
     return {"name": src.name, "frames": t, "source_frames": n, "no_face": len(no_face),
-            "seconds": seconds, "jitter_px": jit, "timing_s": timing}
+            "seconds": seconds, "jitter_px": jit, "timing_s": timing, "warnings": damaged}
 
 
 _MODNET: dict = {}
@@ -989,6 +1023,8 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
             warnings.warn(f"skipped: {err}", stacklevel=3)
             bad.append(err)
         else:
+            for m in r.get("warnings", ()):     # said by the main process, once per video
+                warnings.warn(m, stacklevel=3)
             results.append(r)
             fmt.write_index(cfg.out)
         if vbar is not None:

@@ -444,6 +444,58 @@ def _render_task(kind, cfg, root, i, v, extra):
     return kind, rec
 
 
+def _tasks(cfg, out: str, cross_root: str, view_root: str):
+    """The render tasks of ``cfg`` in order (a generator): its videos, then the cross-identity
+    videos and the second views."""
+    for i in range(cfg.identities):
+        for v in range(cfg.videos_per_identity):
+            yield ("video", cfg, out, i, v, None)
+    if cfg.cross:
+        for i in range(cfg.identities):
+            yield ("cross", cfg, cross_root, i, 0, (i + 1) % cfg.identities)
+    if cfg.multiview:
+        for i in range(cfg.identities):
+            for v in range(cfg.videos_per_identity):
+                yield ("view", cfg, view_root, i, v, None)
+
+
+def _task_count(cfg) -> int:
+    """How many tasks :func:`_tasks` yields."""
+    videos = cfg.identities * cfg.videos_per_identity
+    return videos + (cfg.identities if cfg.cross else 0) + (videos if cfg.multiview else 0)
+
+
+def _unordered(pool, fn, tasks, window: int):
+    """``pool.imap_unordered(fn, tasks)`` that reads ``tasks`` (any iterable, a generator
+    included) only as results come back: at most ``window`` tasks are submitted and not yet
+    returned (``imap_unordered`` reads the whole iterable ahead). The first task error is
+    raised."""
+    import queue
+
+    returned = queue.SimpleQueue()
+    tasks = iter(tasks)
+    pending = 0
+
+    def submit() -> bool:
+        nonlocal pending
+        for t in tasks:
+            pool.apply_async(fn, (t,), callback=lambda r: returned.put((True, r)),
+                             error_callback=lambda e: returned.put((False, e)))
+            pending += 1
+            return True
+        return False
+
+    while pending < window and submit():
+        pass
+    while pending:
+        ok, r = returned.get()
+        pending -= 1
+        if not ok:
+            raise r
+        submit()
+        yield r
+
+
 def _task_name(kind, cfg, i, v, extra) -> str:
     """The folder name :func:`_render_task` writes for a task."""
     if kind == "cross":
@@ -567,6 +619,10 @@ def _exclusive(out: str):
         os.close(fd)
 
 
+#: Render tasks submitted per worker ahead of the results (:func:`_unordered`).
+SUBMIT_AHEAD = 4
+
+
 def _generate(out: str, cfg: SynthConfig, state: str, progress: bool) -> dict:
     import json
     import multiprocessing as mp
@@ -584,43 +640,35 @@ def _generate(out: str, cfg: SynthConfig, state: str, progress: bool) -> dict:
     for r in roots:
         os.makedirs(r, exist_ok=True)
         fmt._dump(os.path.join(r, PARTIAL), marker)
-    tasks = [("video", cfg, out, i, v, None) for i in range(cfg.identities)
-             for v in range(cfg.videos_per_identity)]
-    if cfg.cross:
-        tasks += [("cross", cfg, cross_root, i, 0, (i + 1) % cfg.identities)
-                  for i in range(cfg.identities)]
-    if cfg.multiview:
-        tasks += [("view", cfg, view_root, i, v, None) for i in range(cfg.identities)
-                  for v in range(cfg.videos_per_identity)]
+    def finished(t):        # a video's meta.json is written last: with it the folder is complete
+        return os.path.isfile(os.path.join(t[2], _task_name(t[0], cfg, *t[3:]), fmt.META))
+
     results = []
-    if state == "resume":   # a video's meta.json is written last: with it the folder is complete
-        todo = []
-        for t in tasks:
-            name = _task_name(t[0], cfg, *t[3:])
-            if os.path.isfile(os.path.join(t[2], name, fmt.META)):
-                results.append((t[0], fmt.scan_video(t[2], name), 0.0))
-            else:
-                todo.append(t)
-        tasks = todo
+    if state == "resume":
+        results = [(t[0], fmt.scan_video(t[2], _task_name(t[0], cfg, *t[3:])), 0.0)
+                   for t in _tasks(cfg, out, cross_root, view_root) if finished(t)]
     resumed = len(results)
+    # generated as the workers take them: a large set is never listed whole
+    todo = (t for t in _tasks(cfg, out, cross_root, view_root) if not (resumed and finished(t)))
+    count = _task_count(cfg) - resumed
     workers = cfg.workers or os.cpu_count() or 1
-    workers = max(1, min(workers, len(tasks)))
+    workers = max(1, min(workers, count))
     t0 = time.perf_counter()
-    if tasks:
+    if count:
         from pyface.face import MorphableModel
         MorphableModel.builtin()  # build once; forked workers inherit it
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=(len(tasks) + resumed) * cfg.frames, initial=resumed * cfg.frames,
+        bar = tqdm(total=(count + resumed) * cfg.frames, initial=resumed * cfg.frames,
                    unit="frame", desc="pyface data synth")
     if workers == 1:
-        it = map(_task, tasks)
+        it = map(_task, todo)
         pool = None
     else:
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
         pool = ctx.Pool(workers)
-        it = pool.imap_unordered(_task, tasks)
+        it = _unordered(pool, _task, todo, window=SUBMIT_AHEAD * workers)
     try:
         for r in it:
             results.append(r)

@@ -11,9 +11,7 @@
   detector (the ``prepare`` extra);
 * :mod:`pyface.eval.cli`: the command, its JSON report, tables and PNG sheets.
 """
-from __future__ import annotations
-
-import importlib
+import importlib as _importlib
 
 _LAZY = {"evaluate": "pyface.eval.evaluate", "CopySource": "pyface.eval.evaluate",
          "EvalResult": "pyface.eval.evaluate", "run": "pyface.eval.cli",
@@ -29,9 +27,12 @@ _LAZY = {"evaluate": "pyface.eval.evaluate", "CopySource": "pyface.eval.evaluate
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(_importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'pyface.eval' has no attribute {name!r}")
 
 
+__all__ = sorted(_LAZY)
+
+
 def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
+    return sorted(set(globals()) | set(_LAZY))

@@ -80,15 +80,9 @@ def parse_weights(items) -> dict[str, str]:
     """``["lpips=PATH", "csim=PATH"]`` (the CLI's ``--weights``) -> ``{"lpips": PATH, ...}``.
     Keys: the metric names above, plus ``lpips_heads`` (the LPIPS linear-head file); fid and
     kid name one file, and so do csim and aed_id (either key sets both)."""
-    known = set(METRICS_NEEDING_WEIGHTS) | {"lpips_heads"}
-    out: dict[str, str] = {}
-    for item in items or ():
-        key, sep, path = str(item).partition("=")
-        if not sep or not key or not path:
-            raise ValueError(f"--weights: expected NAME=PATH, got {item!r}")
-        if key not in known:
-            raise ValueError(f"--weights: expected NAME in {sorted(known)}, got {key!r}")
-        out[key] = path
+    from pyface.cli import parse_name_paths
+
+    out = parse_name_paths(items, names=set(METRICS_NEEDING_WEIGHTS) | {"lpips_heads"})
     if "fid" in out and "kid" not in out:
         out["kid"] = out["fid"]      # the same Inception file
     elif "kid" in out and "fid" not in out:

@@ -12,7 +12,7 @@ on reference ops.
 Code that calls ``torch.ops.pyface.*`` directly calls :func:`load_library` first (the functions
 here load it on first use).
 """
-import contextlib
+import contextlib as _contextlib
 
 from pyface import _backend
 from pyface._backend import load_library
@@ -29,7 +29,7 @@ from pyface.ops.triplane import triplane_sample
 from pyface.ops.warp import keypoint_flow, motion_field_input, warp_by_keypoints, warp_volume
 
 
-@contextlib.contextmanager
+@_contextlib.contextmanager
 def use_backend(name: str | None):
     """Force every op called without ``backend=`` onto backend ``name`` inside the block.
 

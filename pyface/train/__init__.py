@@ -8,7 +8,7 @@
 
 Names are imported lazily so that ``pyface --help`` stays fast.
 """
-import importlib
+import importlib as _importlib
 
 _EXPORTS = {
     "DataConfig": "config", "EMAConfig": "config", "ExperimentConfig": "config",
@@ -23,7 +23,7 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f"pyface.train.{_EXPORTS[name]}"), name)
+        return getattr(_importlib.import_module(f"pyface.train.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module 'pyface.train' has no attribute {name!r}")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pyface.cli import plural
+from pyface.cli import parse_name_paths, plural
 
 
 def add_parser(subparsers) -> None:
@@ -113,22 +113,7 @@ def check_animate_args(args) -> None:
         raise ValueError(f"--fps: expected a frame rate > 0, got {args.fps}")
     if not math.isfinite(args.truncation):
         raise ValueError(f"--truncation: expected a finite number, got {args.truncation}")
-    args.weights = parse_weights(getattr(args, "weights", None) or [])
-
-
-def parse_weights(items) -> dict[str, str]:
-    """``["vgg=PATH", ...]`` (``--weights``) -> ``{"vgg": PATH}``; each PATH must exist."""
-    import os
-
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, path = str(item).partition("=")
-        if not sep or not key or not path:
-            raise ValueError(f"--weights: expected NAME=PATH, got {item!r}")
-        if not os.path.exists(path):
-            raise ValueError(f"--weights {key}={path}: no such file")
-        out[key] = path
-    return out
+    args.weights = parse_name_paths(getattr(args, "weights", None), must_exist=True)
 
 
 def label_error(exc: Exception, args) -> str:
