@@ -695,7 +695,10 @@ def defines(path: Path, symbol: str) -> bool:
 
 
 def _module_file(dotted: str) -> Path | None:
-    p = ROOT.joinpath(*dotted.split("."))
+    parts = dotted.split(".")
+    if parts[:2] == ["pyface", "kernels"]:      # setup.py's package_dir: kernels/ is pyface.kernels
+        parts = parts[1:]
+    p = ROOT.joinpath(*parts)
     if p.with_suffix(".py").is_file():
         return p.with_suffix(".py")
     if (p / "__init__.py").is_file():
