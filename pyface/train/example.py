@@ -57,6 +57,8 @@ class ExamplePipeline(Pipeline):
     * ``default_motion(T)``: a +-35 degree orbit when there is no driving video.
     """
 
+    driving_camera = True           # the driving cameras' yaw sets the view (--camera)
+
     def encode_source(self, source: dict) -> dict:
         src = self.prepare(source, batched=False)
         yaw = camera_yaw(src["camera"]) if "camera" in src else torch.zeros((), device=self.device)

@@ -461,6 +461,10 @@ class Pipeline:
 
     #: output size (H = W); default ``model.cfg.resolution``
     resolution: int
+    #: True when the driving frames' ``camera`` labels (T, 25) set the view of the generated
+    #: frames, so that replacing them moves the camera (``pyface animate --camera``); None
+    #: (default): inferred by :meth:`camera_control`.
+    driving_camera: bool | None = None
 
     def __init__(self, model: nn.Module, *, device: str | torch.device | None = None):
         if device is None:
@@ -564,6 +568,32 @@ class Pipeline:
         """True when the pipeline cannot animate without driving frames: it does not override
         :meth:`default_motion`."""
         return cls.default_motion is Pipeline.default_motion
+
+    @classmethod
+    def camera_control(cls) -> str | None:
+        """How the view of the generated frames is chosen (``pyface animate --camera``):
+        ``"generate"`` when ``generate`` takes a ``camera`` control (``"driving"``,
+        ``"source"``, ``"orbit"``: OTAvatar, Export3D), ``"labels"`` when the driving frames'
+        ``camera`` labels set it (:attr:`driving_camera` True, or :meth:`check_labels` refuses
+        driving frames without a ``camera``: EG3D, GOHA), None when the pipeline has no camera
+        (:attr:`driving_camera` False, or neither: a 2D model)."""
+        import inspect
+
+        if cls.driving_camera is False:
+            return None
+        try:
+            if "camera" in inspect.signature(cls.generate).parameters:
+                return "generate"
+        except (TypeError, ValueError):         # no signature to read
+            pass
+        if cls.driving_camera:
+            return "labels"
+        try:
+            cls.check_labels(driving={k for k in FRAME_KEYS if k != "camera"} | {"motion"})
+        except (KeyError, ValueError) as exc:
+            if "camera" in str(exc):
+                return "labels"
+        return None
 
     # -- the three stages ------------------------------------------------------------------
     def encode_source(self, source: dict):
