@@ -60,6 +60,22 @@ def add_parser(subparsers) -> None:
                         "--source, --driving, --stride and --batch are refused)")
     a.add_argument("--truncation", type=float, default=0.7,
                    help="generators (eg3d), with --seeds: truncation psi (default 0.7)")
+    a.add_argument("--camera", choices=CAMERA_MODES, default=None,
+                   help="3D-aware models (" + ", ".join(CAMERA_MODELS) + ", a plugin whose "
+                        "pipeline has a camera): the view of every frame: 'driving' (the "
+                        "driving frames' cameras), 'source' (fixed at the source's camera) or "
+                        "'orbit' (free view: an ellipse of +-20 degrees yaw and +-8 degrees "
+                        "pitch around the head, one turn over the animated frames); needs "
+                        "--driving; default: what the model does (the driving cameras). "
+                        "Example: --camera orbit")
+    a.add_argument("--control", action="append", default=[], metavar="NAME=VALUE",
+                   help="a keyword control of the model's generate (repeatable), passed to "
+                        "every generate call, checked against its signature before the model "
+                        "loads and parsed by its type (bool: true/false, int, float, str; "
+                        "untyped: a Python literal such as 0,20,0 or {3: 2.0}, else text): "
+                        "example: yaw_scale; goha: expression, appearance, composite; "
+                        "export3d: lam_scale, chunk; mmfa: cross_identity, rotation, angles, "
+                        "scale, translation, expression. Example: --control yaw_scale=0.5")
     a.add_argument("--weights", action="append", default=[], metavar="NAME=PATH",
                    help="a pretrained network the source encoding uses (repeatable), for models "
                         "whose source encoding optimises a loss: otavatar's inversion takes "
@@ -70,6 +86,17 @@ def add_parser(subparsers) -> None:
 
 #: models that animate latent seeds without a source image: name -> "module:function(args)"
 SEED_ANIMATORS = {"eg3d": "pyface.models.eg3d.cli:run_animate"}
+
+#: --camera: the view of the frames, one meaning for every 3D-aware model (OTAvatar's and
+#: Export3D's ``generate(camera=...)`` modes)
+CAMERA_MODES = ("driving", "source", "orbit")
+
+#: the built-in models that take --camera (for the help; an error lists the registered ones)
+CAMERA_MODELS = ("eg3d", "example", "export3d", "goha", "goha_s1", "goha_s1_gan", "otavatar")
+
+#: --camera orbit: OTAvatar's free-view orbit (its ``generate(camera="orbit")``), yaw and pitch
+#: amplitudes in degrees of an ellipse that turns once over the animated frames
+ORBIT_YAW_DEG, ORBIT_PITCH_DEG = 20.0, 8.0
 
 #: the file types --out may name (imageio + ffmpeg; .gif through Pillow)
 OUT_EXTS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".gif")
@@ -114,6 +141,220 @@ def check_animate_args(args) -> None:
     if not math.isfinite(args.truncation):
         raise ValueError(f"--truncation: expected a finite number, got {args.truncation}")
     args.weights = parse_name_paths(getattr(args, "weights", None), must_exist=True)
+
+
+def camera_models() -> list[str]:
+    """The registered models whose pipeline has a camera (:meth:`Pipeline.camera_control`),
+    plugins included; a model that fails to import is left out."""
+    from pyface.train.model import Pipeline
+    from pyface.train.registry import model_class, model_names
+
+    out = []
+    for name in model_names():
+        try:
+            pc = getattr(model_class(name), "Pipeline", None)
+            if isinstance(pc, type) and issubclass(pc, Pipeline) and pc.camera_control():
+                out.append(name)
+        except Exception:  # noqa: BLE001 - a broken plugin is not this command's error
+            continue
+    return out
+
+
+def orbit_cameras(pipe, frames: int) -> "torch.Tensor":  # noqa: F821
+    """``(frames, 25)`` labels of ``--camera orbit``: OTAvatar's orbit (an ellipse of
+    :data:`ORBIT_YAW_DEG` yaw and :data:`ORBIT_PITCH_DEG` pitch, one turn over ``frames``),
+    at the camera radius and pivot of the pipeline's EG3D generator (``cfg.avg_camera_radius``,
+    ``cfg.avg_camera_pivot`` of ``pipe.G``, ``pipe.model.generator`` or ``pipe.model``), else
+    EG3D's FFHQ ones: OTAvatar's ``generate(state, motion, camera="orbit")`` renders these
+    labels for ``frames`` driving frames."""
+    import math
+
+    from pyface.face.cameras import FFHQ_PIVOT, FFHQ_RADIUS, orbit_labels
+
+    radius, pivot = FFHQ_RADIUS, FFHQ_PIVOT
+    model = getattr(pipe, "model", None)
+    for owner in (getattr(pipe, "G", None), getattr(model, "generator", None), model):
+        cfg = getattr(owner, "cfg", None)
+        if cfg is not None and hasattr(cfg, "avg_camera_radius"):
+            radius, pivot = cfg.avg_camera_radius, tuple(cfg.avg_camera_pivot)
+            break
+    return orbit_labels(frames, math.radians(ORBIT_YAW_DEG), math.radians(ORBIT_PITCH_DEG),
+                        radius=radius, pivot=pivot)
+
+
+def split_controls(items, option: str = "--control") -> dict[str, str]:
+    """``["NAME=VALUE", ...]`` -> ``{NAME: VALUE}`` (text), the last one winning, as
+    :func:`pyface.cli.parse_name_paths` splits ``NAME=PATH``; ValueError naming ``option`` and
+    the item."""
+    out: dict[str, str] = {}
+    for item in items or ():
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip() or not value:
+            raise ValueError(f"{option}: expected NAME=VALUE, got {item!r}")
+        out[key.strip()] = value
+    return out
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _control_types(annotation, default) -> list:
+    """What a control's text may become: a list of ``bool``, ``int``, ``float``, ``str``,
+    ``None``, a tuple of Literal choices, or ``"literal"`` (untyped: a Python literal or text)."""
+    import inspect
+    import types
+    import typing
+
+    if annotation is inspect.Parameter.empty or isinstance(annotation, str):
+        if isinstance(annotation, str):               # an annotation get_type_hints could not read
+            parts = [a.strip() for a in annotation.split("|")]
+            named = {"bool": bool, "int": int, "float": float, "str": str, "None": None}
+            if all(p in named for p in parts):
+                return [named[p] for p in parts]
+        if isinstance(default, (bool, int, float, str)):
+            return [type(default)]
+        return ["literal"]
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return [tuple(typing.get_args(annotation))]
+    if origin in (typing.Union, types.UnionType):
+        out = []
+        for a in typing.get_args(annotation):
+            out += [None] if a is type(None) else _control_types(a, default)
+        return out
+    if annotation in (bool, int, float, str):
+        return [annotation]
+    if annotation is None or annotation is type(None):
+        return [None]
+    return ["literal"]
+
+
+def _type_text(kinds) -> str:
+    words = []
+    for k in kinds:
+        if isinstance(k, tuple):
+            words.append("one of " + ", ".join(repr(c) for c in k))
+        elif k == "literal":
+            words.append("a Python literal or text")
+        elif k is None:
+            words.append("none")
+        else:
+            words.append({bool: "a bool (true/false)", int: "an int", float: "a float",
+                          str: "text"}[k])
+    return " or ".join(words)
+
+
+def _parse_control(text: str, kinds):
+    """``text`` as the first of ``kinds`` it parses as; ValueError when none does."""
+    import ast
+    import math
+
+    for k in kinds:
+        if isinstance(k, tuple):                       # Literal choices, compared as text
+            for c in k:
+                if text == str(c):
+                    return c
+        elif k is None:
+            if text.lower() == "none":
+                return None
+        elif k is bool:
+            if text.lower() in _TRUE + _FALSE:
+                return text.lower() in _TRUE
+        elif k is int:
+            try:
+                return int(text)
+            except ValueError:
+                pass
+        elif k is float:
+            try:
+                v = float(text)
+            except ValueError:
+                continue
+            if math.isfinite(v):
+                return v
+        elif k is str:
+            return text
+        elif k == "literal":
+            try:
+                return ast.literal_eval(text)
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                return text
+    raise ValueError
+
+
+def generate_controls(pipeline_cls) -> tuple[dict, bool]:
+    """The keyword controls of ``pipeline_cls.generate``: ``({name: (types, default)}, open)``
+    (``open``: it takes ``**controls``, any name). The parameters after ``state`` and
+    ``motion``."""
+    import inspect
+    import typing
+
+    fn = pipeline_cls.generate
+    sig = inspect.signature(fn)
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve: read its text
+        hints = {}
+    params = [p for p in sig.parameters.values() if p.name != "self"][2:]
+    out, open_ = {}, False
+    for p in params:
+        if p.kind is p.VAR_KEYWORD:
+            open_ = True
+        elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            ann = hints.get(p.name, p.annotation)
+            out[p.name] = (_control_types(ann, p.default), p.default)
+    return out, open_
+
+
+def parse_controls(items, pipeline_cls, model: str) -> dict:
+    """``--control NAME=VALUE`` items -> ``generate`` keyword arguments of ``pipeline_cls``,
+    each value parsed by its parameter's annotation (or its default's type). ValueError naming
+    the control: an unknown name (listing the pipeline's controls), ``camera`` (``--camera``
+    sets it) or a value that is not of the expected type."""
+    given = split_controls(items)
+    if not given:
+        return {}
+    controls, open_ = generate_controls(pipeline_cls)
+    listed = ", ".join(f"{n} ({_type_text(k)}, default {d!r})" for n, (k, d) in
+                       controls.items() if n != "camera")
+    out = {}
+    for name, text in given.items():
+        if name == "camera":
+            raise ValueError(f"--control camera: use --camera {{{','.join(CAMERA_MODES)}}} (the "
+                             "view of every frame, one meaning for every model)")
+        if name not in controls and not open_:
+            raise ValueError(f"--control {name}: model {model!r} has no generate control "
+                             f"{name!r}; " + (f"its controls: {listed}" if listed else
+                                              "it takes none"))
+        kinds = controls[name][0] if name in controls else ["literal"]
+        try:
+            out[name] = _parse_control(text, kinds)
+        except ValueError:
+            raise ValueError(f"--control {name}={text}: expected {_type_text(kinds)}, got "
+                             f"{text!r}") from None
+    return out
+
+
+def check_camera(args, pipeline_cls, frame_labels) -> tuple[str | None, int]:
+    """``--camera``'s checks before the model loads, from the inputs' files alone:
+    ``(message, exit code)`` or ``(None, 0)``. A model without a camera (listing the models
+    that take one), no ``--driving``, and a ``--camera driving`` / ``source`` whose driving /
+    source frames carry no camera label are refused."""
+    mode = args.camera
+    if mode is None:
+        return None, 0
+    if not (isinstance(pipeline_cls, type) and pipeline_cls.camera_control()):
+        return (f"--camera: model {args.model!r} has no camera (its frames are not rendered "
+                f"from camera labels); models that take --camera: "
+                f"{', '.join(camera_models())}"), 2
+    if args.driving is None:
+        return (f"--camera {mode}: sets the camera of the driving frames; give --driving "
+                f"(without it, model {args.model!r} animates its default motion)"), 2
+    role = {"driving": "driving", "source": "source"}.get(mode)
+    if role is not None and "camera" not in frame_labels(getattr(args, role)):
+        return (f"{role}['camera']: missing; --camera {mode} renders every frame from the "
+                f"{role}'s EG3D camera label (25,)"), 1
+    return None, 0
 
 
 def label_error(exc: Exception, args) -> str:
@@ -248,6 +489,10 @@ def run_animate(args) -> int:
         if given:
             return fail(f"--seeds renders every orbit frame and takes no {' or '.join(given)} "
                         "(they pick and batch driving frames)", 2)
+        given = [f"--{k}" for k in ("camera", "control") if getattr(args, k)]
+        if given:
+            return fail(f"--seeds renders latent seeds along EG3D's orbit and takes no "
+                        f"{' or '.join(given)} (they steer a source's animation)", 2)
         import importlib
 
         module, fn = SEED_ANIMATORS[args.model].split(":")
@@ -273,8 +518,18 @@ def run_animate(args) -> int:
             pipeline_cls.check_labels(
                 source=frame_labels(args.source),
                 driving=None if args.driving is None else frame_labels(args.driving))
+            msg, code = check_camera(args, pipeline_cls, frame_labels)
         except (DataError, KeyError, ValueError) as exc:
             return fail(label_error(exc, args), 1)
+        if msg is not None:
+            return fail(label_error(ValueError(msg), args) if code == 1 else msg, code)
+        try:
+            controls = parse_controls(args.control, pipeline_cls, args.model)
+        except ValueError as exc:
+            return fail(str(exc), 2)
+    elif args.camera is not None:          # no Pipeline class to ask before loading
+        return fail(f"--camera: model {args.model!r} has no camera; models that take --camera: "
+                    f"{', '.join(camera_models())}", 2)
     try:
         pipe = pyface.models.load(args.model, args.checkpoint, device=args.device, ema=args.ema,
                                   weights=args.weights or None)
@@ -282,6 +537,17 @@ def run_animate(args) -> int:
         return fail(str(exc).strip('"'), 2)
     except CheckpointError as exc:
         return fail(str(exc), 1)
+    if not (isinstance(pipeline_cls, type) and issubclass(pipeline_cls, Pipeline)):
+        try:
+            controls = parse_controls(args.control, type(pipe), args.model)
+        except ValueError as exc:
+            return fail(str(exc), 2)
+    # --camera: the pipeline's own control where generate has one ("driving", "source"); the
+    # driving frames' camera labels replaced otherwise, and for "orbit" everywhere (one orbit
+    # over all the frames, the same labels for every model, whatever --batch)
+    native = args.camera is not None and type(pipe).camera_control() == "generate"
+    if native:
+        controls["camera"] = "driving" if args.camera == "orbit" else args.camera
     R = pipe.resolution
     try:
         source = read_source(args.source, R)
@@ -292,6 +558,11 @@ def run_animate(args) -> int:
                                   stride=args.stride)
     except (DataError, OSError, ValueError) as exc:
         return fail(str(exc), 1)
+    cameras = None                                   # (T, 25) labels replacing the driving's
+    if args.camera == "orbit":
+        cameras = orbit_cameras(pipe, T)
+    elif args.camera == "source" and not native:
+        cameras = source["camera"].float().reshape(1, 25).expand(T, 25)
     if args.driving is None:
         motion = pipe.default_motion(args.frames or 48)
         if motion is None:
@@ -316,7 +587,8 @@ def run_animate(args) -> int:
             if args.driving is None:
                 sync()
                 t0 = time.perf_counter()
-                for _, frames in pipe.stream(state, None, motion=motion, chunk=args.batch):
+                for _, frames in pipe.stream(state, None, motion=motion, chunk=args.batch,
+                                             **controls):
                     sync()
                     seconds += time.perf_counter() - t0
                     writer.append(side_by_side(src, frames))
@@ -325,9 +597,12 @@ def run_animate(args) -> int:
                     t0 = time.perf_counter()
             else:
                 for part in chunks:                      # read one chunk at a time
+                    if cameras is not None:
+                        n = part["image"].shape[0]
+                        part = {**part, "camera": cameras[done:done + n]}
                     sync()
                     t0 = time.perf_counter()
-                    frames = pipe.generate(state, pipe.encode_driving(part))
+                    frames = pipe.generate(state, pipe.encode_driving(part), **controls)
                     sync()
                     seconds += time.perf_counter() - t0
                     writer.append(side_by_side(src, part["image"], frames))
