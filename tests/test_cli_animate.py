@@ -308,3 +308,349 @@ def test_weights_are_checked_before_any_work(example_run, frames_dir, tmp_path, 
                     item) == 2
     assert capsys.readouterr().err == f"pyface animate: {message}\n"
     assert not (tmp_path / "a.mp4").exists()
+
+
+# -- --camera and --control ------------------------------------------------------------------
+
+def _orbit_video(root, name, n=5) -> str:
+    """A pyface video folder whose ``n`` frames look at the head from different yaws."""
+    import math
+
+    from pyface.data import format as fmt
+    from pyface.face.cameras import orbit_labels
+
+    cams = orbit_labels(n, math.radians(25), 0.0, kind="yaw").numpy().astype(np.float32)
+    rng = np.random.default_rng(1)
+    fmt.write_video(str(root), name, rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8),
+                    np.zeros((n, 257), np.float32), cams, identity=name, fps=5.0,
+                    landmarks=np.full((n, 68, 2), 8.0, np.float32))
+    return os.path.join(str(root), name)
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Records what `pyface animate` hands the example pipeline: the driving cameras reaching
+    encode_driving, the controls of every generate call and the frames written."""
+    import torch
+
+    from pyface.train import animate_cli
+    from pyface.train.example import ExamplePipeline
+
+    seen = {"cameras": [], "controls": [], "frames": []}
+    encode, generate = ExamplePipeline.encode_driving, ExamplePipeline.generate
+    columns = animate_cli.side_by_side
+
+    def encode_driving(self, driving):
+        seen["cameras"].append(driving.get("camera"))
+        return encode(self, driving)
+
+    def gen(self, state, motion, **controls):
+        seen["controls"].append(controls)
+        return generate(self, state, motion, **controls)
+
+    def side_by_side(*cols):
+        seen["frames"].append(cols[-1].clone())
+        return columns(*cols)
+
+    monkeypatch.setattr(ExamplePipeline, "encode_driving", encode_driving)
+    monkeypatch.setattr(ExamplePipeline, "generate", gen)
+    monkeypatch.setattr(animate_cli, "side_by_side", side_by_side)
+    seen["cat"] = lambda key: torch.cat(seen[key])
+    return seen
+
+
+def test_without_camera_the_frames_are_the_pipelines_own(example_run, tmp_path, recorded):
+    """The default path is unchanged: the frames are, bit for bit, those of the pipeline called
+    by hand, and --camera driving (the default view) gives the same bytes."""
+    import torch
+
+    import pyface.models
+
+    video = _orbit_video(tmp_path, "v")
+    args = ["animate", "example", "--checkpoint", example_run, "--source", video, "--driving",
+            video, "--device", "cpu", "--no-progress", "--batch", "2"]
+    assert main(args + ["--out", str(tmp_path / "a.mp4")]) == 0
+    default = recorded["cat"]("frames")
+    assert recorded["controls"] == [{}, {}, {}]
+    pipe = pyface.models.load("example", example_run, device="cpu")
+    with torch.no_grad():
+        want = pipe.animate(read_source(video, 16), read_driving(video, 16))
+    assert torch.equal(default, want)
+    recorded["frames"].clear()
+    assert main(args + ["--camera", "driving", "--out", str(tmp_path / "b.mp4")]) == 0
+    assert torch.equal(recorded["cat"]("frames"), default)
+    assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes()
+
+
+def test_camera_orbit_and_source_replace_the_driving_cameras(example_run, tmp_path, recorded):
+    """orbit: every chunk's cameras are its frames' slice of one orbit over the whole clip
+    (OTAvatar's); source: every frame at the source's camera (the example then renders the
+    source view throughout). Both change the frames."""
+    import math
+
+    import torch
+
+    from pyface.face.cameras import orbit_labels
+
+    video = _orbit_video(tmp_path, "v")
+    source = _video_folder(tmp_path, "s")
+    args = ["animate", "example", "--checkpoint", example_run, "--source", source, "--driving",
+            video, "--device", "cpu", "--no-progress", "--batch", "2",
+            "--out", str(tmp_path / "a.mp4")]
+    assert main(args) == 0
+    default = recorded["cat"]("frames")
+    assert torch.equal(recorded["cat"]("cameras"), read_driving(video, None)["camera"])
+    for k in ("cameras", "frames"):
+        recorded[k].clear()
+    assert main(args + ["--camera", "orbit"]) == 0
+    assert [c.shape[0] for c in recorded["cameras"]] == [2, 2, 1]
+    orbit = orbit_labels(5, math.radians(20), math.radians(8))
+    assert torch.equal(recorded["cat"]("cameras"), orbit)
+    frames = recorded["cat"]("frames")
+    assert frames.shape == default.shape and not torch.equal(frames, default)
+    for k in ("cameras", "frames"):
+        recorded[k].clear()
+    assert main(args + ["--camera", "source"]) == 0
+    cams = recorded["cat"]("cameras")
+    assert torch.equal(cams, read_source(source, None)["camera"].expand(5, 25))
+    frames = recorded["cat"]("frames")
+    assert all(torch.equal(f, frames[0]) for f in frames)          # one view: the source's
+    assert not torch.equal(frames, default)
+
+
+class _Ota:
+    """What OTAvatar's generate reads before it renders: the generator's orbit radius and
+    pivot (not FFHQ's, so the conventions are seen to be read) and drive_pose."""
+
+    def __init__(self, radius=2.5, pivot=(0.0, 0.05, 0.15)):
+        from types import SimpleNamespace
+
+        gcfg = SimpleNamespace(avg_camera_radius=radius, avg_camera_pivot=list(pivot))
+        self.model = SimpleNamespace(cfg=SimpleNamespace(drive_pose=True),
+                                     generator=SimpleNamespace(cfg=gcfg))
+        self.device = "cpu"
+
+
+def _otavatar_orbit(monkeypatch, pipe, T):
+    """The (T, 25) labels OTAvatar's own generate(camera="orbit") renders T driving frames
+    from (captured where it applies the inverted intrinsics, before any rendering)."""
+    import torch
+
+    import pyface.models.otavatar.model as ota_model
+    from pyface.models.otavatar.pipeline import OTAvatarPipeline
+
+    class Seen(Exception):
+        pass
+
+    def capture(cam, bias):
+        raise Seen(cam)
+
+    monkeypatch.setattr(ota_model, "apply_intrinsics", capture)
+    state = {"motion": torch.zeros(1, 70, 9), "camera": torch.zeros(1, 25),
+             "intrinsics": torch.zeros(1, 18)}
+    with pytest.raises(Seen) as got:
+        OTAvatarPipeline.generate(pipe, state, {"motion": torch.zeros(T, 70, 9)},
+                                  camera="orbit")
+    return got.value.args[0]
+
+
+def test_every_model_orbits_on_otavatars_orbit(monkeypatch):
+    """--camera orbit gives every model the labels OTAvatar's own orbit mode renders: its
+    generator's radius and pivot are read, and with EG3D's FFHQ conventions (EG3D's default
+    generator config, GOHA, Export3D and the example, which have none) all agree frame by
+    frame."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pyface.train.animate_cli import orbit_cameras
+
+    T = 7
+    ota = _Ota()
+    assert torch.equal(orbit_cameras(ota, T), _otavatar_orbit(monkeypatch, ota, T))
+    ffhq = _Ota(2.7, (0.0, 0.0, 0.2))
+    want = _otavatar_orbit(monkeypatch, ffhq, T)
+    from pyface.models.eg3d.config import EG3DGeneratorConfig
+
+    eg3d = SimpleNamespace(G=SimpleNamespace(cfg=EG3DGeneratorConfig()))
+    plain = SimpleNamespace(model=torch.nn.Identity())           # GOHA, Export3D, the example
+    for pipe in (ffhq, eg3d, plain):
+        assert torch.equal(orbit_cameras(pipe, T), want)
+    assert not torch.equal(orbit_cameras(ota, T), want)
+
+
+def test_a_generate_camera_control_is_passed_through(tmp_path, monkeypatch):
+    """A pipeline whose generate has a camera control (OTAvatar, Export3D) gets --camera as
+    that control; orbit: camera='driving' with the driving cameras replaced by the orbit, so
+    the orbit runs once over the clip whatever --batch (their own orbit mode restarts every
+    generate call). --control values reach every call."""
+    import torch
+
+    import pyface.models
+    from pyface.train.animate_cli import orbit_cameras
+    from pyface.train.model import Pipeline
+
+    calls = []
+
+    class Cam(Pipeline):
+        resolution = 16
+
+        def encode_source(self, source):
+            return {}
+
+        def encode_driving(self, driving):
+            return {"camera": driving["camera"], "T": driving["image"].shape[0]}
+
+        def generate(self, state, motion, *, camera: str = "driving", gain: float = 1.0):
+            calls.append((camera, motion["camera"], gain))
+            return torch.zeros(motion["T"], 3, 16, 16)
+
+    model = type("M", (), {"Pipeline": Cam})
+    monkeypatch.setattr(pyface.models, "model_class", lambda name: model)
+    monkeypatch.setattr(pyface.models, "load",
+                        lambda *a, **k: Cam(torch.nn.Identity(), device="cpu"))
+    video = _orbit_video(tmp_path, "v")
+    args = ["animate", "cam", "--checkpoint", "x", "--source", video, "--driving", video,
+            "--device", "cpu", "--no-progress", "--batch", "2", "--out", str(tmp_path / "a.mp4")]
+    assert main(args) == 0
+    assert [c[0] for c in calls] == ["driving"] * 3 and {c[2] for c in calls} == {1.0}
+    for mode in ("source", "driving"):
+        calls.clear()
+        assert main(args + ["--camera", mode, "--control", "gain=0.5"]) == 0
+        assert [(c[0], c[2]) for c in calls] == [(mode, 0.5)] * 3
+        assert torch.equal(torch.cat([c[1] for c in calls]), read_driving(video, None)["camera"])
+    calls.clear()
+    assert main(args + ["--camera", "orbit"]) == 0
+    assert [c[0] for c in calls] == ["driving"] * 3
+    assert torch.equal(torch.cat([c[1] for c in calls]), orbit_cameras(None, 5))
+
+
+def test_camera_is_refused_before_the_model_loads(frames_dir, tmp_path, capsys):
+    """A model without a camera (mmfa) names the models that take one; no --driving, and a
+    --camera driving / source whose frames have no camera label, are refused; the checkpoint
+    does not exist, so each error comes before any loading."""
+    missing = str(tmp_path / "missing")
+    video = _video_folder(tmp_path, "v")
+    out = ["--device", "cpu", "--out", str(tmp_path / "a.mp4")]
+    assert main(["animate", "mmfa", "--checkpoint", missing, "--source", frames_dir,
+                 "--driving", frames_dir, "--camera", "orbit", *out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pyface animate: --camera: model 'mmfa' has no camera") and \
+        err.count("\n") == 1
+    named = err.split("models that take --camera: ")[1].strip().split(", ")
+    assert {"eg3d", "example", "export3d", "goha", "goha_s1", "otavatar"} <= set(named)
+    assert "mmfa" not in named
+    assert main(["animate", "otavatar", "--checkpoint", missing, "--source", video,
+                 "--camera", "orbit", *out]) == 2
+    assert capsys.readouterr().err.startswith("pyface animate: --camera orbit: sets the camera "
+                                              "of the driving frames; give --driving")
+    nocam = _video_folder(tmp_path, "ncam", drop=["dataset.json"])
+    for model, driving in (("export3d", nocam), ("example", frames_dir)):
+        assert main(["animate", model, "--checkpoint", missing, "--source", video,
+                     "--driving", driving, "--camera", "driving", *out]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("pyface animate: driving['camera']: missing; --camera driving") \
+            and err.count("\n") == 1
+        assert ("pyface data prepare" in err) == (driving == frames_dir)
+    assert main(["animate", "example", "--checkpoint", missing, "--source", frames_dir,
+                 "--driving", video, "--camera", "source", *out]) == 1
+    assert capsys.readouterr().err.startswith("pyface animate: source['camera']: missing; "
+                                              "--camera source")
+    assert main(["animate", "eg3d", "--checkpoint", missing, "--seeds", "0", "--camera",
+                 "orbit", *out]) == 2
+    assert "takes no --camera" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["animate", "example", "--checkpoint", missing, "--source", frames_dir,
+              "--driving", frames_dir, "--camera", "free", *out])
+    assert "invalid choice: 'free' (choose from 'driving', 'source', 'orbit')" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "a.mp4").exists()
+
+
+def test_controls_reach_every_generate_call_and_change_the_frames(example_run, tmp_path,
+                                                                  recorded):
+    """--control yaw_scale=0 (the example's control): every chunk's generate gets it, and every
+    frame is then the source's view."""
+    import torch
+
+    video = _orbit_video(tmp_path, "v")
+    args = ["animate", "example", "--checkpoint", example_run, "--source", video, "--driving",
+            video, "--device", "cpu", "--batch", "2", "--out", str(tmp_path / "a.mp4")]
+    assert main(args + ["--no-progress"]) == 0
+    default = recorded["cat"]("frames")
+    recorded["frames"].clear()
+    assert main(args + ["--control", "yaw_scale=0"]) == 0          # with the progress bar
+    assert recorded["controls"][3:] == [{"yaw_scale": 0.0}] * 3
+    frames = recorded["cat"]("frames")
+    assert not torch.equal(frames, default) and all(torch.equal(f, frames[0]) for f in frames)
+
+
+@pytest.mark.parametrize("item, msg", [
+    ("yaw_scale", "--control: expected NAME=VALUE, got 'yaw_scale'"),
+    ("yaw_scale=", "--control: expected NAME=VALUE, got 'yaw_scale='"),
+    ("yaw_scale=fast", "--control yaw_scale=fast: expected a float, got 'fast'"),
+    ("yaw_scale=nan", "--control yaw_scale=nan: expected a float, got 'nan'"),
+    ("yaw=2", "--control yaw: model 'example' has no generate control 'yaw'; its controls: "
+              "yaw_scale (a float, default 1.0)"),
+    ("camera=orbit", "--control camera: use --camera {driving,source,orbit}"),
+])
+def test_a_bad_control_is_refused_before_the_model_loads(frames_dir, tmp_path, capsys, item,
+                                                         msg):
+    assert main(["animate", "example", "--checkpoint", str(tmp_path / "missing"), "--source",
+                 frames_dir, "--driving", frames_dir, "--device", "cpu", "--control", item,
+                 "--out", str(tmp_path / "a.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pyface animate: {msg}") and err.count("\n") == 1
+    assert not (tmp_path / "a.mp4").exists()
+
+
+def test_controls_are_parsed_by_the_generate_signature():
+    """bool / int / float / str / Literal annotations and untyped controls (a Python literal,
+    else text), read from the models' own generate signatures."""
+    from typing import Literal
+
+    import torch
+
+    from pyface.models.export3d.pipeline import Export3DPipeline
+    from pyface.models.goha.model import GOHAPipeline
+    from pyface.models.mmfa.pipeline import MMFAPipeline
+    from pyface.train.animate_cli import parse_controls
+    from pyface.train.model import Pipeline
+
+    assert parse_controls(["expression=false", "appearance=True", "composite=0"],
+                          GOHAPipeline, "goha") == {"expression": False, "appearance": True,
+                                                    "composite": False}
+    assert parse_controls(["angles=0,20,0", "rotation=source", "scale=1.5",
+                           "cross_identity=yes", "expression=source"], MMFAPipeline, "mmfa") \
+        == {"angles": (0, 20, 0), "rotation": "source", "scale": 1.5, "cross_identity": True,
+            "expression": "source"}
+    assert parse_controls(["lam_scale={3: 2.0}", "chunk=4"], Export3DPipeline, "export3d") \
+        == {"lam_scale": {3: 2.0}, "chunk": 4}
+    with pytest.raises(ValueError, match=r"^--control chunk=4\.5: expected an int, got '4\.5'$"):
+        parse_controls(["chunk=4.5"], Export3DPipeline, "export3d")
+    with pytest.raises(ValueError, match=r"expected a bool \(true/false\), got 'maybe'"):
+        parse_controls(["composite=maybe"], GOHAPipeline, "goha")
+    with pytest.raises(ValueError, match=r"model 'eg3d' has no generate control 'x'; it takes "
+                                         r"none$"):
+        from pyface.models.eg3d.pipeline import EG3DPipeline
+
+        parse_controls(["x=1"], EG3DPipeline, "eg3d")
+
+    class Modes(Pipeline):
+        def generate(self, state, motion, *, mode: Literal["a", "b"] = "a",
+                     steps: int | None = None, **more) -> torch.Tensor:
+            raise NotImplementedError
+
+    assert parse_controls(["mode=b", "steps=none", "extra=[1, 2]"], Modes, "m") == \
+        {"mode": "b", "steps": None, "extra": [1, 2]}
+    with pytest.raises(ValueError, match=r"^--control mode=c: expected one of 'a', 'b', got "
+                                         r"'c'$"):
+        parse_controls(["mode=c"], Modes, "m")
+
+
+def test_help_explains_camera_and_control(capsys):
+    with pytest.raises(SystemExit):
+        main(["animate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--camera {driving,source,orbit}" in text and "Example: --camera orbit" in text
+    assert "--control NAME=VALUE" in text and "Example: --control yaw_scale=0.5" in text

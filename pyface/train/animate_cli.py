@@ -291,17 +291,19 @@ def generate_controls(pipeline_cls) -> tuple[dict, bool]:
 
     fn = pipeline_cls.generate
     sig = inspect.signature(fn)
-    try:
-        hints = typing.get_type_hints(fn)
-    except Exception:  # noqa: BLE001 - an annotation that does not resolve: read its text
-        hints = {}
     params = [p for p in sig.parameters.values() if p.name != "self"][2:]
     out, open_ = {}, False
     for p in params:
         if p.kind is p.VAR_KEYWORD:
             open_ = True
         elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-            ann = hints.get(p.name, p.annotation)
+            ann = p.annotation
+            if isinstance(ann, str):          # postponed: resolved in generate's module
+                try:
+                    scope = getattr(fn, "__globals__", {})
+                    ann = eval(ann, dict(vars(typing)), scope)  # noqa: S307
+                except Exception:  # noqa: BLE001 - unresolvable: _control_types reads the text
+                    pass
             out[p.name] = (_control_types(ann, p.default), p.default)
     return out, open_
 
