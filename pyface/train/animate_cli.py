@@ -560,11 +560,16 @@ def run_animate(args) -> int:
                                   stride=args.stride)
     except (DataError, OSError, ValueError) as exc:
         return fail(str(exc), 1)
-    cameras = None                                   # (T, 25) labels replacing the driving's
+    cameras = None                    # (n, 25) labels replacing the driving's, one per frame
     if args.camera == "orbit":
-        cameras = orbit_cameras(pipe, T)
+        try:                          # a video file that does not say its length: count it
+            n = T if T is not None else sum(p["image"].shape[0] for p in iter_driving(
+                args.driving, 8, chunk=64, max_frames=args.frames, stride=args.stride))
+        except (DataError, OSError, ValueError) as exc:
+            return fail(str(exc), 1)
+        cameras = orbit_cameras(pipe, max(n, 1))
     elif args.camera == "source" and not native:
-        cameras = source["camera"].float().reshape(1, 25).expand(T, 25)
+        cameras = source["camera"].float().reshape(1, 25)
     if args.driving is None:
         motion = pipe.default_motion(args.frames or 48)
         if motion is None:
@@ -601,7 +606,8 @@ def run_animate(args) -> int:
                 for part in chunks:                      # read one chunk at a time
                     if cameras is not None:
                         n = part["image"].shape[0]
-                        part = {**part, "camera": cameras[done:done + n]}
+                        idx = torch.arange(done, done + n) % cameras.shape[0]
+                        part = {**part, "camera": cameras[idx]}
                     sync()
                     t0 = time.perf_counter()
                     frames = pipe.generate(state, pipe.encode_driving(part), **controls)
