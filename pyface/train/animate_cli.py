@@ -66,7 +66,8 @@ def add_parser(subparsers) -> None:
                         "driving frames' cameras), 'source' (fixed at the source's camera) or "
                         "'orbit' (free view: an ellipse of +-20 degrees yaw and +-8 degrees "
                         "pitch around the head, one turn over the animated frames); needs "
-                        "--driving; default: what the model does (the driving cameras). "
+                        "--driving; default: what the model does (the driving cameras where "
+                        "they have them). "
                         "Example: --camera orbit")
     a.add_argument("--control", action="append", default=[], metavar="NAME=VALUE",
                    help="a keyword control of the model's generate (repeatable), passed to "
