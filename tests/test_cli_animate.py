@@ -431,7 +431,7 @@ class _Ota:
         self.device = "cpu"
 
 
-def _otavatar_orbit(monkeypatch, pipe, T):
+def _otavatar_orbit(monkeypatch, pipe, T, motion=None):
     """The (T, 25) labels OTAvatar's own generate(camera="orbit") renders T driving frames
     from (captured where it applies the inverted intrinsics, before any rendering)."""
     import torch
@@ -449,7 +449,7 @@ def _otavatar_orbit(monkeypatch, pipe, T):
     state = {"motion": torch.zeros(1, 70, 9), "camera": torch.zeros(1, 25),
              "intrinsics": torch.zeros(1, 18)}
     with pytest.raises(Seen) as got:
-        OTAvatarPipeline.generate(pipe, state, {"motion": torch.zeros(T, 70, 9)},
+        OTAvatarPipeline.generate(pipe, state, motion or {"motion": torch.zeros(T, 70, 9)},
                                   camera="orbit")
     return got.value.args[0]
 
@@ -477,6 +477,17 @@ def test_every_model_orbits_on_otavatars_orbit(monkeypatch):
     for pipe in (ffhq, eg3d, plain):
         assert torch.equal(orbit_cameras(pipe, T), want)
     assert not torch.equal(orbit_cameras(ota, T), want)
+    # Export3D's own orbit mode (FFHQ conventions) renders the same labels
+    from pyface.models.export3d.pipeline import Export3DPipeline
+
+    e3d = SimpleNamespace(model=SimpleNamespace(generator=torch.nn.Identity()), device="cpu")
+    assert torch.equal(Export3DPipeline._camera(e3d, {}, {}, T, "orbit"), want)
+    # frames 2 .. 4 of a 7-frame stream (Pipeline.locate): rows 2 .. 4 of that orbit
+    from pyface.train.model import locate_frames
+
+    part = locate_frames({"motion": torch.zeros(3, 70, 9)}, 2, T)
+    assert torch.equal(Export3DPipeline._camera(e3d, {}, part, 3, "orbit"), want[2:5])
+    assert torch.equal(_otavatar_orbit(monkeypatch, ffhq, 3, part), want[2:5])
 
 
 def test_a_generate_camera_control_is_passed_through(tmp_path, monkeypatch):
@@ -654,3 +665,85 @@ def test_help_explains_camera_and_control(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--camera {driving,source,orbit}" in text and "Example: --camera orbit" in text
     assert "--control NAME=VALUE" in text and "Example: --control yaw_scale=0.5" in text
+
+
+# -- --seed ----------------------------------------------------------------------------------
+
+def _dice_pipeline(seen):
+    """A stochastic pipeline class: frames of torch.rand; ``seen`` gets the seed torch had at
+    each stage."""
+    import torch
+
+    from pyface.train.model import Pipeline
+
+    class Dice(Pipeline):
+        resolution = 16
+
+        def encode_source(self, source):
+            seen.append(("source", torch.initial_seed()))
+            return {"offset": torch.rand(())}
+
+        def encode_driving(self, driving):
+            return {"T": driving["image"].shape[0]}
+
+        def generate(self, state, motion):
+            seen.append(("generate", torch.initial_seed()))
+            return torch.rand(motion["T"], 3, 16, 16) * 2 - 1 + 0 * state["offset"]
+
+    return Dice
+
+
+def test_seed_seeds_the_source_and_every_chunk(tmp_path, monkeypatch):
+    """--seed N seeds torch with N before the source encoding and with N + t before the chunk
+    whose first frame is t (default 0): two runs write the same bytes, another seed other
+    frames; --seed none leaves torch's state alone. Pipeline.stream(seed=) seeds its chunks
+    alike and gives the caller its random state back between them."""
+    import torch
+
+    import pyface.models
+
+    seen = []
+    Dice = _dice_pipeline(seen)
+    model = type("M", (), {"Pipeline": Dice})
+    monkeypatch.setattr(pyface.models, "model_class", lambda name: model)
+    monkeypatch.setattr(pyface.models, "load",
+                        lambda *a, **k: Dice(torch.nn.Identity(), device="cpu"))
+    video = _orbit_video(tmp_path, "v")
+    args = ["animate", "dice", "--checkpoint", "x", "--source", video, "--driving", video,
+            "--device", "cpu", "--no-progress", "--batch", "2"]
+    videos = []
+    for i, extra in enumerate(([], [], ["--seed", "10"])):
+        seen.clear()
+        assert main(args + ["--out", str(tmp_path / f"{i}.mp4"), *extra]) == 0
+        s = 10 if extra else 0
+        assert seen == [("source", s), ("generate", s), ("generate", s + 2),
+                        ("generate", s + 4)]
+        videos.append((tmp_path / f"{i}.mp4").read_bytes())
+    assert videos[0] == videos[1] != videos[2]
+    torch.manual_seed(1234)
+    seen.clear()
+    assert main(args + ["--out", str(tmp_path / "n.mp4"), "--seed", "none"]) == 0
+    assert {s for _, s in seen} == {1234}                        # not seeded
+    pipe, drv = Dice(torch.nn.Identity(), device="cpu"), read_driving(video, None)
+    state = torch.get_rng_state()
+    chunks = []
+    for t, frames in pipe.stream({"offset": 0}, drv, chunk=2, seed=3):
+        assert torch.equal(torch.get_rng_state(), state)        # between chunks: the caller's
+        chunks.append(frames)
+    for t, frames in zip((0, 2, 4), chunks):
+        torch.manual_seed(3 + t)
+        assert torch.equal(frames, torch.rand(frames.shape[0], 3, 16, 16) * 2 - 1)
+    # a stochastic model's frames depend on the chunking: frames 2 and 3 are drawn after seed 3
+    # + 2 in chunks of 2, after frames 0 and 1 from seed 3 in chunks of 4
+    four = torch.cat([f for _, f in pipe.stream({"offset": 0}, drv, chunk=4, seed=3)])
+    assert torch.equal(four[:2], chunks[0]) and not torch.equal(four[2:4], chunks[1])
+    with pytest.raises(ValueError, match=r"seed: expected an int >= 0 or None, got True"):
+        next(pipe.stream({}, drv, seed=True))
+
+
+@pytest.mark.parametrize("value", ["-1", "x", "1.5"])
+def test_a_bad_seed_is_refused_before_any_work(tmp_path, capsys, value):
+    assert main(["animate", "example", "--checkpoint", str(tmp_path / "none"), "--source", "x",
+                 "--seed", value, "--out", str(tmp_path / "a.mp4")]) == 2
+    assert capsys.readouterr().err == (f"pyface animate: --seed: expected an integer >= 0 or "
+                                       f"'none', got {value!r}\n")

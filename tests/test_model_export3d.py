@@ -1056,3 +1056,37 @@ def test_running_statistics_are_global_under_torchrun(tmp_path):
     script = tmp_path / "stats.py"
     script.write_text(RANK_STATS)
     run_torchrun(script)
+
+
+def test_stream_orbit_is_one_orbit_over_the_stream(data, gen_run):
+    """camera="orbit" under stream(): every frame's camera is its place on one orbit over all
+    the streamed frames (chunks of 3 and 8 give the same label per frame), the orbit of
+    `pyface animate --camera orbit`; the driving cameras (the default) are unchanged."""
+    import os
+
+    from pyface.train.animate_cli import orbit_cameras
+
+    pipe = pyface.models.load("export3d", gen_run, device="cpu")
+    video = os.path.join(data, sorted(v for v in os.listdir(data) if v.startswith("id"))[0])
+    source, driving = read_source(video, 32), read_driving(video, 32)
+    T = driving["coeffs"].shape[0]
+    assert T > 3
+    state = pipe.encode_source(source)
+    seen, camera = [], pipe._camera
+
+    def spy(*args):
+        seen.append(camera(*args).clone())
+        return seen[-1]
+
+    pipe._camera = spy
+    labels = {}
+    for chunk in (3, 8):
+        seen.clear()
+        frames = torch.cat([f for _, f in pipe.stream(state, driving, chunk=chunk,
+                                                      camera="orbit")])
+        assert frames.shape == (T, 3, 32, 32)
+        labels[chunk] = torch.cat(seen)
+    assert torch.equal(labels[3], labels[8]) and torch.equal(labels[3], orbit_cameras(pipe, T))
+    seen.clear()
+    list(pipe.stream(state, driving, chunk=3))
+    assert torch.equal(torch.cat(seen), driving["camera"])

@@ -732,3 +732,75 @@ def test_inference_says_once_which_inversion_terms_lack_weights(run, data, tmp_p
         pyface.models.load("otavatar", r, device="cpu", weights={"lpips": "x"})
     with pytest.raises(ValueError, match="'example''s pipeline uses no pretrained networks"):
         pyface.models.load("example", r, device="cpu", weights={"vgg": "x"})
+
+
+def _folders(data):
+    import glob
+    import os
+
+    return sorted(os.path.dirname(p) for p in glob.glob(f"{data}/**/coeffs.npy", recursive=True))
+
+
+def test_animate_seed_gives_the_same_video_on_every_run(run, data, tmp_path):
+    """The source inversion samples rays at random: `pyface animate` seeds torch (--seed,
+    default 0), so the same command writes the same bytes and another seed other frames;
+    Pipeline.animate(seed=) likewise, leaving the caller's random state as it was."""
+    from pyface.cli import main
+    from pyface.data.driving import read_driving, read_source
+
+    r, _ = run
+    folders = _folders(data)
+    args = ["animate", "otavatar", "--checkpoint", r, "--source", folders[0], "--driving",
+            folders[1], "--frames", "4", "--batch", "2", "--device", "cpu", "--no-progress"]
+    videos = []
+    for i, extra in enumerate(([], [], ["--seed", "0"], ["--seed", "7"])):
+        out = tmp_path / f"a{i}.mp4"
+        assert main(args + ["--out", str(out), *extra]) == 0
+        videos.append(out.read_bytes())
+    assert videos[0] == videos[1] == videos[2] and videos[3] != videos[0]
+    pipe = pyface.models.load("otavatar", r, device="cpu")
+    src, drv = read_source(folders[0], 16), read_driving(folders[1], 16, max_frames=4)
+    state = torch.get_rng_state()
+    a, b, c = (pipe.animate(src, drv, seed=s) for s in (0, 0, 7))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(torch.get_rng_state(), state)           # the caller's random state
+    with pytest.raises(ValueError, match=r"seed: expected an int >= 0 or None, got -1"):
+        pipe.animate(src, drv, seed=-1)
+
+
+def test_stream_orbit_is_one_orbit_over_the_stream(run, data, monkeypatch):
+    """camera="orbit" under stream(): every frame's camera is its place on one orbit over all
+    the streamed frames, so chunks of 3 and 8 give the same label per frame, the labels of
+    `pyface animate --camera orbit`; default_motion's orbit turns once over its frames too."""
+    import pyface.models.otavatar.model as ota_model
+    from pyface.data.driving import read_driving, read_source
+    from pyface.train.animate_cli import orbit_cameras
+
+    r, _ = run
+    pipe = pyface.models.load("otavatar", r, device="cpu")
+    folders = _folders(data)
+    drv = read_driving(folders[1], 16)
+    T = drv["coeffs"].shape[0]
+    assert T > 3
+    state = pipe.encode_source(read_source(folders[0], 16), pti_steps=0)
+    seen, apply = [], ota_model.apply_intrinsics
+
+    def spy(cam, bias):                       # the labels generate renders, before intrinsics
+        seen.append(cam.clone())
+        return apply(cam, bias)
+
+    monkeypatch.setattr(ota_model, "apply_intrinsics", spy)
+    labels = {}
+    for chunk in (3, 8):
+        seen.clear()
+        frames = torch.cat([f for _, f in pipe.stream(state, drv, chunk=chunk, camera="orbit")])
+        assert frames.shape == (T, 3, 16, 16)
+        labels[chunk] = torch.cat(seen)
+    assert torch.equal(labels[3], labels[8])
+    assert torch.equal(labels[3], orbit_cameras(pipe, T))
+    seen.clear()
+    list(pipe.stream(state, None, motion=pipe.default_motion(T), chunk=3))
+    assert torch.equal(torch.cat(seen), orbit_cameras(pipe, T))
+    seen.clear()                               # one generate call: one orbit over its frames
+    pipe.generate(state, pipe.encode_driving(drv), camera="orbit")
+    assert torch.equal(torch.cat(seen), orbit_cameras(pipe, T))

@@ -203,6 +203,26 @@ def orbit_labels(n: int, yaw_range: float = math.radians(30), pitch_range: float
     return make_label(orbit_camera(yaw, pitch, radius, pivot), intrinsics_from_focal(focal))
 
 
+#: The free-view orbit of an animation (``pyface animate --camera orbit``, OTAvatar's and
+#: Export3D's ``generate(camera="orbit")``): yaw and pitch amplitudes in degrees of an ellipse
+#: that turns once over the animated frames (OTAvatar's orbit).
+FREE_VIEW_YAW_DEG, FREE_VIEW_PITCH_DEG = 20.0, 8.0
+
+
+def free_view_orbit(n: int, *, radius: float = FFHQ_RADIUS, pivot=FFHQ_PIVOT,
+                    generator=None) -> torch.Tensor:
+    """``(n, 25)`` labels of the free-view orbit: :func:`orbit_labels` on an ellipse of
+    :data:`FREE_VIEW_YAW_DEG` yaw and :data:`FREE_VIEW_PITCH_DEG` pitch, one turn over ``n``
+    frames (frame ``t`` of an animation of ``n`` frames: row ``t``). ``generator``: an EG3D
+    generator (or anything with ``cfg.avg_camera_radius`` / ``cfg.avg_camera_pivot``) whose
+    radius and pivot replace ``radius`` and ``pivot``; one without them keeps the given ones."""
+    cfg = getattr(generator, "cfg", None)
+    if cfg is not None and hasattr(cfg, "avg_camera_radius"):
+        radius, pivot = cfg.avg_camera_radius, cfg.avg_camera_pivot
+    return orbit_labels(n, math.radians(FREE_VIEW_YAW_DEG), math.radians(FREE_VIEW_PITCH_DEG),
+                        radius=float(radius), pivot=tuple(pivot))
+
+
 def camera_yaw_pitch(cam2world: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`orbit_camera` for the camera position: (yaw, pitch) in radians of the
     camera centre around the world origin."""

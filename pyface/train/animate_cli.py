@@ -77,6 +77,13 @@ def add_parser(subparsers) -> None:
                         "example: yaw_scale; goha: expression, appearance, composite; "
                         "export3d: lam_scale, chunk; mmfa: cross_identity, rotation, angles, "
                         "scale, translation, expression. Example: --control yaw_scale=0.5")
+    a.add_argument("--seed", default=None, metavar="N",
+                   help="seed of the random numbers a model draws (OTAvatar's source inversion "
+                        "samples rays at random, EG3D and GOHA render random ray samples): "
+                        "torch is seeded with N before the source encoding and with N + t "
+                        "before the chunk whose first frame is t, so the same command gives the "
+                        "same frames; 'none': torch's random state as it is (frames differ "
+                        "from run to run) (default 0)")
     a.add_argument("--weights", action="append", default=[], metavar="NAME=PATH",
                    help="a pretrained network the source encoding uses (repeatable), for models "
                         "whose source encoding optimises a loss: otavatar's inversion takes "
@@ -94,10 +101,6 @@ CAMERA_MODES = ("driving", "source", "orbit")
 
 #: the built-in models that take --camera (for the help; an error lists the registered ones)
 CAMERA_MODELS = ("eg3d", "example", "export3d", "goha", "goha_s1", "goha_s1_gan", "otavatar")
-
-#: --camera orbit: OTAvatar's free-view orbit (its ``generate(camera="orbit")``), yaw and pitch
-#: amplitudes in degrees of an ellipse that turns once over the animated frames
-ORBIT_YAW_DEG, ORBIT_PITCH_DEG = 20.0, 8.0
 
 #: the file types --out may name (imageio + ffmpeg; .gif through Pillow)
 OUT_EXTS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".gif")
@@ -139,9 +142,28 @@ def check_animate_args(args) -> None:
             raise ValueError(f"--{name}: expected a path, got ''")
     if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
         raise ValueError(f"--fps: expected a frame rate > 0, got {args.fps}")
+    args.seed = parse_seed(getattr(args, "seed", None))
     if not math.isfinite(args.truncation):
         raise ValueError(f"--truncation: expected a finite number, got {args.truncation}")
     args.weights = parse_name_paths(getattr(args, "weights", None), must_exist=True)
+
+
+def parse_seed(text) -> int | None:
+    """``--seed`` -> an int >= 0 (None, not given: 0) or None for ``none``; ValueError naming
+    ``--seed`` and the value otherwise."""
+    if text is None:
+        return 0
+    if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
+        return text
+    if str(text).strip().lower() == "none":
+        return None
+    try:
+        seed = int(str(text).strip())
+    except ValueError:
+        seed = -1
+    if seed < 0:
+        raise ValueError(f"--seed: expected an integer >= 0 or 'none', got {text!r}")
+    return seed
 
 
 def camera_models() -> list[str]:
@@ -162,25 +184,20 @@ def camera_models() -> list[str]:
 
 
 def orbit_cameras(pipe, frames: int) -> "torch.Tensor":  # noqa: F821
-    """``(frames, 25)`` labels of ``--camera orbit``: OTAvatar's orbit (an ellipse of
-    :data:`ORBIT_YAW_DEG` yaw and :data:`ORBIT_PITCH_DEG` pitch, one turn over ``frames``),
-    at the camera radius and pivot of the pipeline's EG3D generator (``cfg.avg_camera_radius``,
-    ``cfg.avg_camera_pivot`` of ``pipe.G``, ``pipe.model.generator`` or ``pipe.model``), else
-    EG3D's FFHQ ones: OTAvatar's ``generate(state, motion, camera="orbit")`` renders these
-    labels for ``frames`` driving frames."""
-    import math
+    """``(frames, 25)`` labels of ``--camera orbit``: the free-view orbit
+    (:func:`pyface.face.cameras.free_view_orbit`: an ellipse of ``FREE_VIEW_YAW_DEG`` yaw and
+    ``FREE_VIEW_PITCH_DEG`` pitch, one turn over ``frames``), at the camera radius and pivot of
+    the pipeline's EG3D generator (``cfg.avg_camera_radius``, ``cfg.avg_camera_pivot`` of
+    ``pipe.G``, ``pipe.model.generator`` or ``pipe.model``), else EG3D's FFHQ ones: the labels
+    OTAvatar's and Export3D's ``generate(camera="orbit")`` render for frames 0 .. frames - 1 of
+    a ``frames``-frame :meth:`~pyface.train.model.Pipeline.stream`."""
+    from pyface.face.cameras import free_view_orbit
 
-    from pyface.face.cameras import FFHQ_PIVOT, FFHQ_RADIUS, orbit_labels
-
-    radius, pivot = FFHQ_RADIUS, FFHQ_PIVOT
     model = getattr(pipe, "model", None)
     for owner in (getattr(pipe, "G", None), getattr(model, "generator", None), model):
-        cfg = getattr(owner, "cfg", None)
-        if cfg is not None and hasattr(cfg, "avg_camera_radius"):
-            radius, pivot = cfg.avg_camera_radius, tuple(cfg.avg_camera_pivot)
-            break
-    return orbit_labels(frames, math.radians(ORBIT_YAW_DEG), math.radians(ORBIT_PITCH_DEG),
-                        radius=radius, pivot=pivot)
+        if hasattr(getattr(owner, "cfg", None), "avg_camera_radius"):
+            return free_view_orbit(frames, generator=owner)
+    return free_view_orbit(frames)
 
 
 def split_controls(items, option: str = "--control") -> dict[str, str]:
@@ -460,7 +477,7 @@ def run_animate(args) -> int:
     from pyface.data.driving import (count_driving, frame_labels, iter_driving, read_source,
                                      video_fps)
     from pyface.data.format import DataError
-    from pyface.train.model import Pipeline, motion_length
+    from pyface.train.model import Pipeline, motion_length, seeded
     from pyface.train.registry import import_plugins
 
     def fail(msg: str, code: int) -> int:
@@ -498,9 +515,12 @@ def run_animate(args) -> int:
                         f"{' or '.join(given)} (they steer a source's animation)", 2)
         import importlib
 
+        from pyface.train.model import seeded
+
         module, fn = SEED_ANIMATORS[args.model].split(":")
         args.frames = args.frames or 48
-        return getattr(importlib.import_module(module), fn)(args)
+        with seeded(args.seed, args.device):
+            return getattr(importlib.import_module(module), fn)(args)
     args.stride = 1 if args.stride is None else args.stride
     args.batch = 8 if args.batch is None else args.batch
     if args.source is None:
@@ -589,20 +609,26 @@ def run_animate(args) -> int:
     done, seconds = 0, 0.0
     try:
         with torch.no_grad():
-            state = pipe.encode_source(source)
+            with seeded(args.seed, pipe.device):
+                state = pipe.encode_source(source)
             src = source["image"].cpu()
             bar = tqdm(total=T, unit="frame", disable=args.no_progress, dynamic_ncols=True)
             if args.driving is None:
                 sync()
                 t0 = time.perf_counter()
-                for _, frames in pipe.stream(state, None, motion=motion, chunk=args.batch,
-                                             **controls):
-                    sync()
-                    seconds += time.perf_counter() - t0
-                    writer.append(side_by_side(src, frames))
-                    done += frames.shape[0]
-                    bar.update(frames.shape[0])
-                    t0 = time.perf_counter()
+                # a Pipeline seeds each chunk itself (seed + its first frame); another
+                # object's stream is seeded once, before it starts
+                own = isinstance(pipe, Pipeline)
+                with seeded(None if own else args.seed, pipe.device):
+                    for _, frames in pipe.stream(state, None, motion=motion, chunk=args.batch,
+                                                 **({"seed": args.seed} if own else {}),
+                                                 **controls):
+                        sync()
+                        seconds += time.perf_counter() - t0
+                        writer.append(side_by_side(src, frames))
+                        done += frames.shape[0]
+                        bar.update(frames.shape[0])
+                        t0 = time.perf_counter()
             else:
                 for part in chunks:                      # read one chunk at a time
                     if cameras is not None:
@@ -611,7 +637,11 @@ def run_animate(args) -> int:
                         part = {**part, "camera": cameras[idx]}
                     sync()
                     t0 = time.perf_counter()
-                    frames = pipe.generate(state, pipe.encode_driving(part), **controls)
+                    with seeded(None if args.seed is None else args.seed + done, pipe.device):
+                        motion = pipe.encode_driving(part)
+                        if T is not None and isinstance(pipe, Pipeline):
+                            motion = pipe.locate(motion, done, T)      # as stream() does
+                        frames = pipe.generate(state, motion, **controls)
                     sync()
                     seconds += time.perf_counter() - t0
                     writer.append(side_by_side(src, part["image"], frames))

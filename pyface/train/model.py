@@ -613,10 +613,29 @@ class Pipeline:
         return None
 
     # -- composed --------------------------------------------------------------------------
+    def locate(self, motion, start: int, total: int):
+        """``motion`` of the frames ``start``, ``start + 1``, ... of a ``total``-frame
+        animation, told where they are in it: :meth:`stream` calls it on every chunk, so that a
+        control that depends on a frame's place in the whole animation does not restart at
+        every chunk (OTAvatar's and Export3D's ``camera="orbit"``: one turn over ``total``
+        frames). Default: ``motion`` unchanged."""
+        return motion
+
     @torch.no_grad()
-    def animate(self, source: dict, driving: dict, **controls) -> torch.Tensor:
-        """``generate(encode_source(source), encode_driving(driving))``: (T, 3, R, R) in [-1, 1]."""
-        return self.generate(self.encode_source(source), self.encode_driving(driving), **controls)
+    def animate(self, source: dict, driving: dict, *, seed: int | None = None,
+                **controls) -> torch.Tensor:
+        """``generate(encode_source(source), encode_driving(driving))``: (T, 3, R, R) in [-1, 1].
+
+        ``seed``: None (default) draws from torch's generators as they are; an int >= 0 seeds
+        them (CPU and the pipeline's CUDA device) with ``seed`` before the source encoding and
+        again before the driving frames, inside :func:`seeded` (the caller's random state is
+        left as it was): the frames ``pyface animate --seed`` writes for one chunk of all the
+        frames."""
+        check_seed(seed)
+        with seeded(seed, self.device):
+            state = self.encode_source(source)
+        with seeded(seed, self.device):
+            return self.generate(state, self.encode_driving(driving), **controls)
 
     @torch.no_grad()
     def reconstruct(self, source: dict) -> torch.Tensor:
@@ -625,14 +644,22 @@ class Pipeline:
         return self.animate(source, driving)
 
     @torch.no_grad()
-    def stream(self, state, driving: dict | None, *, chunk: int = 8, motion=None, **controls):
+    def stream(self, state, driving: dict | None, *, chunk: int = 8, motion=None,
+               seed: int | None = None, **controls):
         """Yields ``(t, frames)`` chunks of ``(n, 3, R, R)`` for ``driving`` (``T`` frames, encoded
         ``chunk`` at a time) or for a precomputed batched ``motion`` (sliced along its first
-        axis); ``state`` from :meth:`encode_source`."""
+        axis); ``state`` from :meth:`encode_source`. Every chunk's motion is passed through
+        :meth:`locate` (its place in the ``T`` frames) before ``generate``.
+
+        ``seed``: None (default) draws from torch's generators as they are; an int >= 0 seeds
+        them with ``seed + t`` before the chunk of first frame ``t`` (``pyface animate --seed``,
+        as ``pyface eval`` seeds its chunks), inside :func:`seeded`: the caller's random state
+        is restored before each chunk is yielded."""
         if (driving is None) == (motion is None):
             raise ValueError("stream: give exactly one of driving and motion")
         if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
             raise ValueError(f"chunk: expected an int >= 1, got {chunk!r}")
+        check_seed(seed)
         if driving is not None:
             # T from any per-frame tensor: a camera-only driving dict (EG3D) has no image
             per_frame = {k: v for k, v in driving.items() if isinstance(v, torch.Tensor)}
@@ -643,11 +670,60 @@ class Pipeline:
             for t in range(0, T, chunk):
                 part = {k: v[t:t + chunk] if isinstance(v, torch.Tensor) else v
                         for k, v in driving.items()}
-                yield t, self.generate(state, self.encode_driving(part), **controls)
+                with seeded(None if seed is None else seed + t, self.device):
+                    m = self.locate(self.encode_driving(part), t, T)
+                    frames = self.generate(state, m, **controls)
+                yield t, frames
         else:
             T = motion_length(motion)
             for t in range(0, T, chunk):
-                yield t, self.generate(state, _slice_motion(motion, t, t + chunk), **controls)
+                with seeded(None if seed is None else seed + t, self.device):
+                    m = self.locate(_slice_motion(motion, t, t + chunk), t, T)
+                    frames = self.generate(state, m, **controls)
+                yield t, frames
+
+
+def locate_frames(motion: dict, start: int, total: int) -> dict:
+    """A :meth:`Pipeline.locate` for a dict motion: ``motion`` plus ``stream_index`` (n,)
+    (``start .. start + n - 1``, its frames' indices in the animation) and ``stream_length``
+    (``total``)."""
+    n = motion_length({k: v for k, v in motion.items() if isinstance(v, torch.Tensor)})
+    return {**motion, "stream_index": torch.arange(start, start + n),
+            "stream_length": int(total)}
+
+
+def frame_place(motion, T: int) -> tuple[torch.Tensor, int]:
+    """``(index (T,), length)``: the place of a motion's ``T`` frames in its animation, as
+    :func:`locate_frames` wrote it, else frames ``0 .. T - 1`` of a ``T``-frame animation (a
+    ``generate`` called on its own)."""
+    if isinstance(motion, dict) and "stream_index" in motion:
+        return motion["stream_index"].long().cpu(), int(motion["stream_length"])
+    return torch.arange(T), T
+
+
+def check_seed(seed, what: str = "seed") -> None:
+    """ValueError unless ``seed`` is None or an int >= 0 (a bool is not a seed)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or seed < 0):
+        raise ValueError(f"{what}: expected an int >= 0 or None, got {seed!r}")
+
+
+def seeded(seed: int | None, device: str | torch.device | None = None):
+    """A context in which torch's generators are seeded with ``seed`` (``torch.manual_seed``:
+    the CPU's and every CUDA device's) and after which the random state of the CPU and of
+    ``device`` (when it is a CUDA device) is restored (:func:`torch.random.fork_rng`); None:
+    no seeding, nothing restored (a no-op context)."""
+    import contextlib
+
+    if seed is None:
+        return contextlib.nullcontext()
+    check_seed(seed)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.random.fork_rng(
+        devices=[dev] if dev.type == "cuda" else [], device_type=dev.type))
+    torch.manual_seed(int(seed))
+    return stack
 
 
 def motion_length(motion) -> int:

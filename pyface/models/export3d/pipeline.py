@@ -8,8 +8,10 @@ every driving frame gives an expression (from its 3DMM coefficients) and a camer
   expressions, e.g. from Deep3DFaceRecon, prepared outside pyface).
 * ``generate(state, motion, camera="driving"|"source"|"orbit", lam_scale=None, chunk=16)``:
   ``(T, 3, R, R)``, ``chunk`` frames at a time. ``lam_scale`` ((n,), (T, n) or {index: factor})
-  scales individual basis coefficients lambda_i (editing; e2e / clebs); ``camera="orbit"`` follows a
-  +-30 / 10 degree ellipse (:func:`pyface.face.cameras.orbit_labels`). With
+  scales individual basis coefficients lambda_i (editing; e2e / clebs); ``camera="orbit"`` follows
+  the free-view orbit of ``pyface animate --camera orbit``, a +-20 / 8 degree ellipse at EG3D's
+  FFHQ radius and pivot (:func:`pyface.face.cameras.free_view_orbit`), one turn over a
+  ``stream``'s frames (``locate``; over the ``T`` frames of a ``generate`` called on its own). With
   ``model.expr_relative`` the source's coefficients (``source['coeffs']``) are required: the
   expression planes move the source by the change from its expression to the driving one.
   With ``model.source_mouth_mask`` the source's landmarks (``source['landmarks'] (68, 2)``,
@@ -23,9 +25,9 @@ import operator
 
 import torch
 
-from pyface.face.cameras import default_label, orbit_labels
+from pyface.face.cameras import default_label, free_view_orbit
 from pyface.models.export3d.clebs import expression_of
-from pyface.train.model import Pipeline
+from pyface.train.model import Pipeline, frame_place, locate_frames
 
 CAMERAS = ("driving", "source", "orbit")
 
@@ -76,13 +78,20 @@ class Export3DPipeline(Pipeline):
         if which not in CAMERAS:
             raise ValueError(f"camera: expected one of {CAMERAS}, got {which!r}")
         if which == "orbit":
-            return orbit_labels(T).to(self.device)
+            idx, n = frame_place(motion, T)
+            labels = free_view_orbit(max(n, 1), generator=self.model.generator)
+            return labels[idx % labels.shape[0]].to(self.device)
         cam = motion["camera"] if which == "driving" else state["camera"]
         if cam is None:
             if which == "source" or state["camera"] is None:
                 return default_label().to(self.device).reshape(1, 25).expand(T, -1)
             cam = state["camera"]
         return cam.expand(T, -1) if cam.shape[0] == 1 else cam
+
+    def locate(self, motion, start: int, total: int):
+        """Frames ``start ..`` of a ``total``-frame stream: ``camera="orbit"`` renders them at
+        their place on one orbit over the ``total`` frames (:func:`locate_frames`)."""
+        return locate_frames(motion, start, total) if isinstance(motion, dict) else motion
 
     @torch.no_grad()
     def generate(self, state: dict, motion: dict, *, camera: str = "driving",

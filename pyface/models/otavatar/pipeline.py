@@ -16,16 +16,15 @@ frames, clamped at the ends), and optional ``camera`` (T, 25).
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 import os
 import time
 
 import torch
 
-from pyface.face.cameras import orbit_labels
+from pyface.face.cameras import free_view_orbit
 from pyface.face.coeffs import motion_window
-from pyface.train.model import Pipeline
+from pyface.train.model import Pipeline, frame_place, locate_frames
 
 log = logging.getLogger("pyface.models.otavatar")
 
@@ -141,7 +140,8 @@ def pivotal_tuning(model, ws: torch.Tensor, camera: torch.Tensor, image: torch.T
 class OTAvatarPipeline(Pipeline):
     """OTAvatar as a portrait pipeline (see the module docstring). Controls of ``generate``:
     ``camera`` (``"driving"``: the driving frames' cameras, the default when they have one;
-    ``"source"``: fixed at the source's; ``"orbit"``: EG3D's elliptic orbit, free view).
+    ``"source"``: fixed at the source's; ``"orbit"``: free view, :func:`orbit_cameras`: the
+    orbit of ``pyface animate --camera orbit``, one turn over a :meth:`stream`'s frames).
     Controls of ``encode_source``: ``steps``, ``space`` (``"w"`` / ``"w+"``), ``pti_steps``.
 
     ``pti_metric``: a perceptual distance ``(pred, target) -> (N,)`` on (N, 3, R, R) images in
@@ -319,8 +319,14 @@ class OTAvatarPipeline(Pipeline):
         return out
 
     def default_motion(self, frames: int) -> dict:
-        """No driving frames: the source's own window along an orbit (free view)."""
-        return {"orbit": torch.arange(frames)}
+        """No driving frames: the source's own window along the free-view orbit, one turn over
+        the ``frames`` frames."""
+        return {"orbit": torch.arange(frames), "orbit_length": int(frames)}
+
+    def locate(self, motion, start: int, total: int):
+        """Frames ``start ..`` of a ``total``-frame stream: ``camera="orbit"`` renders them at
+        their place on one orbit over the ``total`` frames (:func:`locate_frames`)."""
+        return locate_frames(motion, start, total) if isinstance(motion, dict) else motion
 
     @torch.no_grad()
     def generate(self, state: dict, motion: dict, *, camera: str | None = None) -> torch.Tensor:
@@ -351,13 +357,7 @@ class OTAvatarPipeline(Pipeline):
         elif camera == "source":
             cam = state["camera"].expand(T, -1)
         else:
-            G = model.generator
-            n = max(int(motion.get("orbit_length", 48)), 2) if "orbit" in motion else T
-            labels = orbit_labels(max(n, T), math.radians(20), math.radians(8),
-                                  radius=G.cfg.avg_camera_radius,
-                                  pivot=tuple(G.cfg.avg_camera_pivot)).to(self.device)
-            cam = labels[motion["orbit"].long() % labels.shape[0]] if "orbit" in motion \
-                else labels[:T]
+            cam = orbit_cameras(model.generator, motion, T).to(self.device)
         cam = apply_intrinsics(cam.float(), state["intrinsics"].expand(T, -1))
         w = state["w"].expand(T, -1, -1)
         ws = w + model.controller(m)
@@ -365,6 +365,22 @@ class OTAvatarPipeline(Pipeline):
         planes = G.backbone.planes(ws, noise_mode="const")
         out = G.synthesis(ws, cam, planes=planes, **fixed_samples(G, T, self.device))
         return out["image"].clamp(-1, 1)
+
+
+def orbit_cameras(G, motion: dict, T: int) -> torch.Tensor:
+    """``(T, 25)`` labels of ``generate(camera="orbit")`` for the ``T`` frames of ``motion``:
+    the free-view orbit (:func:`pyface.face.cameras.free_view_orbit`, at generator ``G``'s
+    camera radius and pivot), one turn over the animation, each frame at its place: the
+    indices and length :meth:`OTAvatarPipeline.locate` adds (``stream``), else
+    ``default_motion``'s ``orbit`` / ``orbit_length`` (without a length: 48 frames, or ``T``
+    when more), else frames ``0 .. T - 1`` of a ``T``-frame animation."""
+    if "stream_index" in motion or "orbit" not in motion:
+        idx, n = frame_place(motion, T)
+    else:
+        idx = motion["orbit"].long().cpu()
+        n = int(motion["orbit_length"]) if "orbit_length" in motion else max(48, T)
+    labels = free_view_orbit(max(n, 1), generator=G)
+    return labels[idx % labels.shape[0]]
 
 
 def fixed_samples(G, n: int, device) -> dict[str, torch.Tensor]:
