@@ -493,8 +493,8 @@ def test_every_model_orbits_on_otavatars_orbit(monkeypatch):
 def test_a_generate_camera_control_is_passed_through(tmp_path, monkeypatch):
     """A pipeline whose generate has a camera control (OTAvatar, Export3D) gets --camera as
     that control; orbit: camera='driving' with the driving cameras replaced by the orbit, so
-    the orbit runs once over the clip whatever --batch (their own orbit mode restarts every
-    generate call). --control values reach every call."""
+    the orbit runs once over the clip whatever --batch (their own orbit mode needs to be told
+    each chunk's place, Pipeline.locate). --control values reach every call."""
     import torch
 
     import pyface.models
