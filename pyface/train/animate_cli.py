@@ -515,8 +515,6 @@ def run_animate(args) -> int:
                         f"{' or '.join(given)} (they steer a source's animation)", 2)
         import importlib
 
-        from pyface.train.model import seeded
-
         module, fn = SEED_ANIMATORS[args.model].split(":")
         args.frames = args.frames or 48
         with seeded(args.seed, args.device):
