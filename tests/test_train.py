@@ -111,6 +111,87 @@ def test_config_file_and_preset_errors_name_the_file_and_near_matches(tmp_path):
         model_class("exmple")
 
 
+def _portrait(name, *, preset=None, overrides=(), yaml_path=None):
+    from pyface.train.registry import model_class
+
+    cls = model_class(name)
+    return build_experiment(name, cls.Config, defaults=cls.recipe, preset=preset,
+                            overrides=list(overrides), yaml_path=yaml_path)
+
+
+@pytest.mark.parametrize("model, preset, old, new, option", [
+    ("export3d", "tiny", "pairs", "clips", ("frames", 6)),
+    ("export3d", None, "pairs", "clips", ("min_gap", 2)),
+    ("otavatar", "tiny", "motion_windows", "clips", ("frames", 6)),
+    ("mmfa", "tiny", "pairs", "clips", ("frames", 6)),
+    ("export3d_clebs", "tiny", "clips", "pairs", ("mode", "cross_video")),
+])
+def test_changing_the_dataset_leaves_the_recipe_options_behind(model, preset, old, new, option):
+    """``--set data.name=NEW`` on a model whose recipe/preset sets ``data.options`` for its own
+    dataset: those options do not follow; the options given for NEW apply (in either order) and
+    a wrong one is refused with its near match."""
+    from pyface.train.registry import dataset_class
+
+    assert _portrait(model, preset=preset).data.name == old
+    key, value = option
+    for sets in ([f"data.name={new}"], [f"data.name={new}", f"data.options.{key}={value}"],
+                 [f"data.options.{key}={value}", f"data.name={new}"]):
+        cfg = _portrait(model, preset=preset, overrides=sets)
+        Options = dataset_class(new).Options
+        assert cfg.data.name == new and isinstance(cfg.data.options, Options)
+        given = {key: value} if len(sets) == 2 else {}
+        assert cfg.data.options == Options(**given)
+        assert {dataset for _, dataset, _ in cfg.dropped_options} == {old}
+        assert cfg.dropped_options[0][0] == "the recipe"
+    with pytest.raises(ConfigError, match=rf"data\.options\.{key}x: unknown key for "
+                                          rf"{Options.__qualname__}; .*did you mean "
+                                          rf"data\.options\.{key}\?"):
+        _portrait(model, preset=preset, overrides=[f"data.name={new}", f"data.options.{key}x=1"])
+
+
+def test_dataset_options_merge_while_the_dataset_stays(tmp_path):
+    """Options for the recipe's own dataset still merge with the recipe's; a ``--config`` file's
+    options without a ``data.name`` belong to the dataset finally selected; the options of a
+    file that names another dataset (a run's config.yaml) are left behind like the recipe's."""
+    cfg = _portrait("export3d", preset="tiny", overrides=["data.options.mode=cross_video"])
+    assert cfg.data.name == "pairs" and cfg.data.options.mode == "cross_video"
+    assert cfg.data.options.synth.exp_leak == 0.5 and cfg.dropped_options == []
+    # the same name again keeps the recipe's options
+    cfg = _portrait("export3d", preset="tiny", overrides=["data.name=pairs"])
+    assert cfg.data.options.synth.exp_leak == 0.5 and cfg.dropped_options == []
+    y = tmp_path / "opts.yaml"
+    y.write_text("data:\n  options: {frames: 6}\n")
+    cfg = _portrait("export3d", preset="tiny", yaml_path=str(y), overrides=["data.name=clips"])
+    assert cfg.data.options.frames == 6 and cfg.data.options.synth.exp_leak == 0.0
+    # a resolved config of the pairs dataset, then another dataset
+    y.write_text("data:\n  name: pairs\n  options: {mode: cross_video, min_gap: 3}\n")
+    cfg = _portrait("export3d", yaml_path=str(y), overrides=["data.name=clips"])
+    assert cfg.data.options == type(cfg.data.options)()
+    assert [s for s, _, _ in cfg.dropped_options] == ["the recipe", f"--config {y}"]
+
+
+@pytest.mark.parametrize("model", ["export3d", "otavatar"])
+def test_print_config_with_another_dataset_round_trips(model, tmp_path, capsys):
+    """``--print-config`` after ``--set data.name=clips`` names the options left behind in a
+    comment, and ``--config`` of its output (with or without the preset) gives it back."""
+    import yaml
+
+    from pyface.cli import main
+
+    assert main(["train", model, "--preset", "tiny", "--set", "data.name=clips", "--set",
+                 "data.options.frames=6", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("# data.options of the recipe for dataset ")
+    assert "not applied to data.name 'clips'" in printed
+    first = yaml.safe_load(printed)
+    assert first["data"]["name"] == "clips" and first["data"]["options"]["frames"] == 6
+    path = tmp_path / "printed.yaml"
+    path.write_text(printed)
+    for preset in ([], ["--preset", "tiny"]):
+        assert main(["train", model, *preset, "--config", str(path), "--print-config"]) == 0
+        assert yaml.safe_load(capsys.readouterr().out) == first
+
+
 def test_parse_set_nested():
     assert parse_set(["a.b.c=1", "a.d=x", "e=[1, 2]"]) == {"a": {"b": {"c": 1}, "d": "x"},
                                                          "e": [1, 2]}

@@ -130,10 +130,8 @@ def run_train(args) -> int:
 
 
 def _train(args, cls, cfg, overrides, staged: bool) -> int:
-    import yaml
-
     from pyface.checkpoint import CheckpointError
-    from pyface.train.config import ConfigError, experiment_to_dict
+    from pyface.train.config import ConfigError, experiment_yaml
     from pyface.train.engine import NonFiniteError, Trainer
     from pyface.train.model import ModelDefinitionError
 
@@ -164,7 +162,7 @@ def _train(args, cls, cfg, overrides, staged: bool) -> int:
             except (KeyError, ConfigError, OSError, ValueError, ModelDefinitionError) as exc:
                 print(f"pyface train: {_message(exc)}", file=sys.stderr)
                 return 2
-        print(yaml.safe_dump(experiment_to_dict(cfg), sort_keys=False), end="")
+        print(experiment_yaml(cfg), end="")
         return 0
     try:
         trainer = Trainer(cfg)

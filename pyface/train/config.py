@@ -147,6 +147,10 @@ class ExperimentConfig:
     preset: str | None = None         # the preset it was built with (recorded in config.yaml)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # the data.options that build_experiment left out because they were set for another
+    # dataset than the selected data.name: [(source, dataset, option keys)] (not a setting:
+    # neither compared nor recorded as one; --print-config and config.yaml name them in a comment)
+    dropped_options: list = field(default_factory=list, compare=False, repr=False)
 
 
 class ConfigError(ValueError):
@@ -393,10 +397,14 @@ def build_experiment(model: str, model_config_cls, *, yaml_path: str | None = No
     is a run's ``config.yaml`` (or ``--print-config`` output) must be one of ``model``; without
     ``preset`` its recorded preset is kept as the record (not applied again: the file holds the
     resolved values), so its stages train with the same preset.
+
+    ``data.options`` follow the dataset they were set for: when ``data.name`` ends up another
+    dataset than the one a layer's options belong to, that layer's options are left out
+    (listed in ``dropped_options``; see :func:`_options_of_the_selected_dataset`).
     """
-    data = dict(defaults or {})
+    layers = [("the recipe", dict(defaults or {}), True)]
     if preset is not None:
-        data = merge(data, preset_config(model, preset, presets))
+        layers.append((f"preset {preset!r}", preset_config(model, preset, presets), True))
     recorded = preset
     if yaml_path:
         file = load_yaml(yaml_path)
@@ -409,8 +417,12 @@ def build_experiment(model: str, model_config_cls, *, yaml_path: str | None = No
                                   f"{yaml_path})")
             if recorded is None:
                 recorded = file.get("preset")
-        data = merge(data, _sections(file))
-    data = merge(data, parse_set(overrides))
+        layers.append((f"--config {yaml_path}", _sections(file), False))
+    layers.append(("--set", parse_set(overrides), False))
+    layers, dropped = _options_of_the_selected_dataset(layers)
+    data: dict = {}
+    for _, layer, _ in layers:
+        data = merge(data, layer)
     unknown = set(data) - {"model", "data", "train"}
     if unknown:
         bad = sorted(unknown)[0]
@@ -420,9 +432,58 @@ def build_experiment(model: str, model_config_cls, *, yaml_path: str | None = No
         model=model, preset=recorded,
         model_config=from_dict(model_config_cls, data.get("model") or {}, prefix="model."),
         data=from_dict(DataConfig, data.get("data") or {}, prefix="data."),
-        train=from_dict(TrainConfig, data.get("train") or {}, prefix="train."))
+        train=from_dict(TrainConfig, data.get("train") or {}, prefix="train."),
+        dropped_options=dropped)
+
+
+def _options_of_the_selected_dataset(layers: list) -> tuple[list, list]:
+    """``layers`` ``[(source, sections, model_authored)]``, lowest first, without the
+    ``data.options`` that belong to another dataset than the one finally selected, and the list
+    of what was left out ``[(source, dataset, keys)]``.
+
+    The options a layer sets belong to the ``data.name`` set in the same layer; the recipe's and
+    a preset's options without a ``data.name`` next to them belong to the dataset the layers
+    below select (default ``procedural``). Options of ``--config`` or ``--set`` without a
+    ``data.name`` next to them belong to the dataset finally selected (they are checked against
+    its ``Options``). So changing ``data.name`` leaves behind what the recipe and preset (or a
+    run's ``config.yaml``) set for their own dataset, while the options given for the new one
+    apply."""
+    def name_of(layer):
+        section = layer.get("data")
+        if isinstance(section, dict) and section.get("name") is not None:
+            return str(section["name"])
+        return None
+
+    selected = DataConfig.name
+    for _, layer, _ in layers:
+        selected = name_of(layer) or selected
+    out, dropped, below = [], [], DataConfig.name
+    for source, layer, model_authored in layers:
+        owner = name_of(layer) or (below if model_authored else None)
+        below = name_of(layer) or below
+        section = layer.get("data")
+        if owner is not None and owner != selected and isinstance(section, dict) \
+                and section.get("options") is not None:
+            options = section["options"]
+            keys = sorted(options) if isinstance(options, dict) else [str(options)]
+            dropped.append((source, owner, keys))
+            layer = {**layer, "data": {k: v for k, v in section.items() if k != "options"}}
+        out.append((source, layer, model_authored))
+    return out, dropped
 
 
 def experiment_to_dict(cfg: ExperimentConfig) -> dict:
     return {"model": cfg.model, "preset": cfg.preset, "model_config": to_dict(cfg.model_config),
             "data": to_dict(cfg.data), "train": to_dict(cfg.train)}
+
+
+def experiment_yaml(cfg: ExperimentConfig) -> str:
+    """``experiment_to_dict(cfg)`` as YAML (``--print-config``, a run's ``config.yaml``), after
+    one comment line per source whose ``data.options`` were left out for another dataset
+    (comments: ``--config`` reads the values back unchanged)."""
+    import yaml
+
+    notes = "".join(f"# data.options of {source} for dataset {dataset!r} not applied to "
+                    f"data.name {cfg.data.name!r}: {', '.join(keys)}\n"
+                    for source, dataset, keys in getattr(cfg, "dropped_options", ()))
+    return notes + yaml.safe_dump(experiment_to_dict(cfg), sort_keys=False)

@@ -21,7 +21,7 @@ import torch
 
 from pyface import checkpoint as ckpt
 from pyface.train import distributed as D
-from pyface.train.config import ExperimentConfig, experiment_to_dict
+from pyface.train.config import ExperimentConfig, experiment_to_dict, experiment_yaml
 from pyface.train.ema import EMA
 from pyface.train.model import ModelDefinitionError, Phase, StepContext, TrainableModel
 from pyface.train.monitor import Board, image_grid, save_png, save_video
@@ -885,11 +885,9 @@ class Trainer:
                     signal.Signals(signum).name)
 
     def _setup_run_dir(self) -> None:
-        import yaml
-
         os.makedirs(self.run_dir, exist_ok=True)
         with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(experiment_to_dict(self.cfg), f, sort_keys=False)
+            f.write(experiment_yaml(self.cfg))
         if self.init_report is not None:
             import json
 
