@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import typing
 from dataclasses import dataclass
 
 import pytest
@@ -190,6 +191,101 @@ def test_print_config_with_another_dataset_round_trips(model, tmp_path, capsys):
     for preset in ([], ["--preset", "tiny"]):
         assert main(["train", model, *preset, "--config", str(path), "--print-config"]) == 0
         assert yaml.safe_load(capsys.readouterr().out) == first
+
+
+@dataclass
+class _Typed:
+    count: int = 1
+    rate: float = 0.5
+    flag: bool = False
+    name: str = "a"
+    path: str | None = None
+    limit: float | None = None
+    sizes: list[int] = None
+    pair: tuple[float, float] = (0.0, 1.0)
+    widths: tuple[int, ...] = (1,)
+    mode: typing.Literal["fast", "exact"] = "fast"
+    switch: typing.Literal[True, False] = True
+    ema: EMAConfig = None
+
+
+def _typed(*sets):
+    from pyface.train.config import from_dict
+
+    return from_dict(_Typed, parse_set(list(sets), texts=True), prefix="model.")
+
+
+@pytest.mark.parametrize("item, key, value", [
+    ("count=3", "count", 3), ("count=-1", "count", -1), ("count=1e3", "count", 1000),
+    ("count=3.0", "count", 3), ("count='4'", "count", 4),
+    ("rate=1e-3", "rate", 1e-3), ("rate=3", "rate", 3.0), ("rate=-1", "rate", -1.0),
+    *[(f"flag={t}", "flag", True) for t in ("true", "True", "yes", "on", "1")],
+    *[(f"flag={f}", "flag", False) for f in ("false", "False", "no", "off", "0")],
+    # a string field takes the text as written, not YAML's reading of it
+    ("name=007", "name", "007"), ("name=0.10", "name", "0.10"), ("name=true", "name", "true"),
+    ("name=1:30", "name", "1:30"), ("name=2024-01-01", "name", "2024-01-01"),
+    ("name=null", "name", "null"), ("path=null", "path", None), ("path=~", "path", None),
+    ("path=1e3", "path", "1e3"), ("limit=null", "limit", None), ("limit=2", "limit", 2.0),
+    ("sizes=[1,2]", "sizes", [1, 2]), ("sizes=1,2", "sizes", [1, 2]), ("sizes=3", "sizes", [3]),
+    ("sizes=(1, 2)", "sizes", [1, 2]), ("sizes=[]", "sizes", []),
+    ("pair=0.5,0.9", "pair", (0.5, 0.9)), ("widths=4", "widths", (4,)),
+    ("mode=exact", "mode", "exact"), ("switch=false", "switch", False),
+    ("switch=False", "switch", False),
+])
+def test_set_values_are_read_as_the_field_type(item, key, value):
+    got = getattr(_typed(item), key)
+    assert got == value and type(got) is type(value), (item, got)
+
+
+def test_set_values_through_build_experiment():
+    """``pyface train --set``: a path keeps its text, list items are stripped, a fraction is not
+    an int."""
+    assert _typed("sizes=1, 2").sizes == [1, 2]
+    cfg = build_experiment("example", TriplaneAutoencoder.Config,
+                           overrides=["train.ema.modules=encoder, decoder", "data.path=0.10",
+                                      "train.run_dir=1:30", "train.progress=0"])
+    assert cfg.train.ema.modules == ["encoder", "decoder"]
+    assert (cfg.data.path, cfg.train.run_dir, cfg.train.progress) == ("0.10", "1:30", False)
+    with pytest.raises(ConfigError, match=r"train\.steps: expected int \(a whole number\), got "
+                                          r"'1e-3'"):
+        build_experiment("example", TriplaneAutoencoder.Config, overrides=["train.steps=1e-3"])
+
+
+@pytest.mark.parametrize("item, match", [
+    ("count=1e-3", r"model\.count: expected int \(a whole number\), got '1e-3'"),
+    ("count=3.5", r"model\.count: expected int \(a whole number\), got 3\.5"),
+    ("count=.inf", r"model\.count: expected int \(a whole number\), got inf"),
+    ("count=true", r"model\.count: expected int, got True"),
+    ("count=null", r"model\.count: expected int, got None"),
+    ("rate=abc", r"model\.rate: expected float, got 'abc'"),
+    ("flag=2", r"model\.flag: expected a bool \(true/false, yes/no, on/off, 1/0\), got 2"),
+    ("flag=maybe", r"model\.flag: expected a bool .*, got 'maybe'"),
+    ("name=[a, b]", r"model\.name: expected a string, got \['a', 'b'\]"),
+    ("limit=abc", r"model\.limit: expected float, got 'abc'"),
+    ("sizes=null", r"model\.sizes: expected a list \(A,B or \[A, B\]\), got None"),
+    ("sizes=1,x", r"model\.sizes\[1\]: expected int, got 'x'"),
+    ("pair=1,2,3", r"model\.pair: expected 2 items, got 3"),
+    ("mode=exakt", r"model\.mode: expected one of fast, exact, got 'exakt'; did you mean exact\?"),
+    ("ema=3", r"model\.ema: expected a mapping for EMAConfig, got 3"),
+    ("ema.decayy=3", r"model\.ema\.decayy: unknown key for EMAConfig; .*did you mean "
+                     r"model\.ema\.decay\?"),
+])
+def test_set_wrong_values_name_the_key_the_type_and_the_value(item, match):
+    with pytest.raises(ConfigError, match=match):
+        _typed(item)
+
+
+def test_set_same_key_twice_last_wins():
+    assert _typed("count=1", "count=2").count == 2
+    ema = _typed("ema={decay: 0.5}", "ema.start_step=4").ema
+    assert (ema.decay, ema.start_step) == (0.5, 4)
+    ema = _typed("ema.decay=0.5", "ema={start_step: 4}").ema     # the whole mapping replaces it
+    assert (ema.decay, ema.start_step) == (EMAConfig().decay, 4)
+    with pytest.raises(ConfigError, match=r"--set 'count.x=1': count is set to a value and used "
+                                          r"as a section"):
+        _typed("count=1", "count.x=1")
+    with pytest.raises(ConfigError, match=r"--set 'ema..decay=1': empty part in the key"):
+        _typed("ema..decay=1")
 
 
 def test_parse_set_nested():

@@ -13,6 +13,8 @@ list the valid ones; values are converted to the field's declared type.
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -175,13 +177,35 @@ def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+class _SetText(str):
+    """A ``--set`` value as typed (``007``, ``true``, ``1:2``) whose YAML reading (``value``)
+    is not a string: a ``str`` field takes the text, every other type the YAML value."""
+
+    def __new__(cls, text: str, value: Any):
+        out = super().__new__(cls, text)
+        out.value = value
+        return out
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, _SetText) else value
+
+
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True,
+          "false": False, "no": False, "off": False, "0": False}
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
+    if isinstance(value, _SetText) and tp is not str and origin not in (
+            typing.Union, types.UnionType, typing.Literal, list, tuple):
+        value = value.value
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        plain = _plain(value)
+        if plain is None or (isinstance(plain, str) and plain.lower() in ("none", "null")):
             if type(None) in args:
                 return None
         errors = []
@@ -195,11 +219,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(errors[0] if errors else f"{key}: cannot convert {value!r}")
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
-        for a in allowed:
-            if value == a and type(value) is type(a) or (isinstance(value, str)
-                                                         and not isinstance(a, str)
-                                                         and value == str(a).lower()):
-                return a
+        for v in ([value.value, str(value)] if isinstance(value, _SetText) else [value]):
+            for a in allowed:
+                if v == a and type(v) is type(a) or (isinstance(v, str) and not isinstance(a, str)
+                                                     and v.lower() == str(a).lower()):
+                    return a
+        value = str(value) if isinstance(value, _SetText) else value
         raise ConfigError(f"{key}: expected one of {', '.join(map(str, allowed))}, got "
                           f"{value!r}{did_you_mean(value, allowed)}")
     if dataclasses.is_dataclass(tp):
@@ -215,33 +240,56 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                               f"{value!r}")
         return {_convert(k, kt, key): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
-        (inner,) = typing.get_args(tp)[:1] or (Any,)
+        args = typing.get_args(tp)
+        if isinstance(value, _SetText):       # a --set scalar: the text, read as A,B or A
+            value = value.value if value.value is None else str(value)
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v != ""]
+            text = value.strip()
+            if text[:1] + text[-1:] in ("()", "[]"):
+                text = text[1:-1]
+            value = [v.strip() for v in text.split(",") if v.strip() != ""]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list (A,B or [A, B]), got {value!r}")
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):           # tuple[T1, T2]: exactly that many items
+                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}: "
+                                  f"{list(value)!r}")
+            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in
+                         enumerate(zip(value, args)))
+        inner = args[0] if args else Any
         return origin(_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{key}: expected a bool, got {value!r}")
+        if isinstance(value, int) and value in (0, 1) or isinstance(value, str) \
+                and value.strip().lower() in _BOOLS:
+            return _BOOLS[str(value).strip().lower()]
+        raise ConfigError(f"{key}: expected a bool (true/false, yes/no, on/off, 1/0), got "
+                          f"{value!r}")
     if tp in (int, float):
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+        if tp is float:
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected float, got {value!r}") from None
+        if not isinstance(value, float):
+            try:
+                return int(value)                 # an int, or the text of one
+            except ValueError:                    # '3.0', '1e3': a whole number written so
+                pass
         try:
-            out = tp(float(value)) if tp is int and isinstance(value, str) and "e" in value.lower() \
-                else tp(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
-        if tp is int and isinstance(value, float) and value != int(value):
-            raise ConfigError(f"{key}: expected int, got {value!r}")
-        return out
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected int, got {value!r}") from None
+        if not math.isfinite(number) or number != int(number):
+            raise ConfigError(f"{key}: expected int (a whole number), got {value!r}")
+        return int(number)
     if tp is str:
-        if not isinstance(value, (str, int, float)):
+        if isinstance(value, _SetText):
+            return str(value)
+        if not isinstance(value, (str, int, float, datetime.date)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     return value
@@ -249,6 +297,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 def from_dict(cls, data: dict, *, prefix: str = ""):
     """Build dataclass ``cls`` from a (nested) dict; unknown keys raise ConfigError."""
+    data = _plain(data)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -298,8 +347,13 @@ def to_dict(obj) -> Any:
     return obj
 
 
-def parse_set(items: list[str] | None) -> dict:
-    """``["train.steps=10", "model.a.b=1"]`` -> nested dict (values parsed as YAML scalars)."""
+def parse_set(items: list[str] | None, *, texts: bool = False) -> dict:
+    """``["train.steps=10", "model.a.b=1"]`` -> nested dict (values parsed as YAML scalars).
+
+    The same key given twice: the last value wins (a mapping value and later keys inside it
+    merge: ``train.ema={decay: 0.5}`` then ``train.ema.start_step=10``). ``texts``: a value
+    whose YAML reading is not a string, a list or a mapping (``007``, ``true``, ``null``,
+    ``1:2``) keeps its text too, which a ``str`` field takes as written (``build_experiment``)."""
     import yaml
 
     out: dict = {}
@@ -310,16 +364,22 @@ def parse_set(items: list[str] | None) -> dict:
         key = key.strip()
         if not key:
             raise ConfigError(f"--set {item!r}: empty key")
+        parts = key.split(".")
+        if "" in parts:
+            raise ConfigError(f"--set {item!r}: empty part in the key {key!r}, e.g. "
+                              f"train.ema.decay=0.999")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        if texts and not isinstance(value, (str, list, dict)):
+            value = _SetText(raw.strip(), value)
         node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {p} is set to a value and used as a section")
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:i + 1])} is set to a "
+                                  f"value and used as a section")
         node[parts[-1]] = value
     return out
 
@@ -418,7 +478,7 @@ def build_experiment(model: str, model_config_cls, *, yaml_path: str | None = No
             if recorded is None:
                 recorded = file.get("preset")
         layers.append((f"--config {yaml_path}", _sections(file), False))
-    layers.append(("--set", parse_set(overrides), False))
+    layers.append(("--set", parse_set(overrides, texts=True), False))
     layers, dropped = _options_of_the_selected_dataset(layers)
     data: dict = {}
     for _, layer, _ in layers:
@@ -450,7 +510,7 @@ def _options_of_the_selected_dataset(layers: list) -> tuple[list, list]:
     apply."""
     def name_of(layer):
         section = layer.get("data")
-        if isinstance(section, dict) and section.get("name") is not None:
+        if isinstance(section, dict) and _plain(section.get("name")) is not None:
             return str(section["name"])
         return None
 
@@ -463,8 +523,8 @@ def _options_of_the_selected_dataset(layers: list) -> tuple[list, list]:
         below = name_of(layer) or below
         section = layer.get("data")
         if owner is not None and owner != selected and isinstance(section, dict) \
-                and section.get("options") is not None:
-            options = section["options"]
+                and _plain(section.get("options")) is not None:
+            options = _plain(section["options"])
             keys = sorted(options) if isinstance(options, dict) else [str(options)]
             dropped.append((source, owner, keys))
             layer = {**layer, "data": {k: v for k, v in section.items() if k != "options"}}
