@@ -845,6 +845,84 @@ def test_print_config_round_trips_through_config_for_every_model(tmp_path, capsy
     assert checked >= 10 + 3 * 9      # every model, the portrait models' three presets
 
 
+def test_run_dir_of_another_model_or_a_file_is_refused(tmp_path, capsys):
+    """``pyface train M`` (and ``--print-config``) into a run folder whose checkpoints are another
+    model's, into a file, or with a placeholder other than ``{model}`` exits with code 2 naming
+    it; nothing is written there."""
+    from pyface.cli import main
+
+    other = tmp_path / "other"
+    ckpt.save_folder(ckpt.checkpoint_path(str(other), 3), {"w": torch.zeros(1)},
+                     {"kind": "train", "step": 3, "experiment": {"model": "eg3d"}})
+    before = sorted(p.name for p in other.rglob("*"))
+    for extra in ([], ["--print-config"], ["--resume"]):
+        assert main(["train", "example", *sum((["--set", s] for s in TINY), []), "--set",
+                     f"train.run_dir={other}", "--set", "train.steps=1", *extra]) == 2
+        err = capsys.readouterr().err
+        assert (f"train.run_dir={other}: holds a run of model 'eg3d' (latest checkpoint "
+                f"ckpt-000003); training 'example' there would overwrite it" in err), err
+    assert sorted(p.name for p in other.rglob("*")) == before
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["train", "example", "--set", f"train.run_dir={afile}", "--print-config"]) == 2
+    assert f"train.run_dir={afile}: a file, not a folder" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"train\.run_dir: only \{model\} is replaced .*got "
+                                          r"'runs/\{name\}'"):
+        build_experiment("example", TriplaneAutoencoder.Config,
+                         overrides=["train.run_dir=runs/{name}"])
+
+
+def test_resume_without_a_checkpoint_warns(tmp_path, caplog):
+    import logging
+
+    from pyface.cli import main
+
+    with caplog.at_level(logging.WARNING, logger="pyface.train"):
+        assert main(["train", "example", *sum((["--set", s] for s in TINY), []), "--set",
+                     f"train.run_dir={tmp_path / 'new'}", "--set", "train.steps=1",
+                     "--resume"]) == 0
+    assert any(f"--resume: {tmp_path / 'new'} holds no checkpoint; training from scratch"
+               in r.getMessage() for r in caplog.records)
+
+
+def test_preset_with_a_resolved_config_of_another_preset_is_refused(tmp_path, capsys):
+    """``--preset P --config FILE`` where FILE is ``--print-config`` output of another preset
+    (or of none): FILE's values would replace P's, so P would only relabel the run (and its
+    stages); refused. The same preset, or a plain YAML of sections, is taken."""
+    from pyface.cli import main
+
+    assert main(["train", "goha", "--preset", "gpu-short", "--print-config"]) == 0
+    path = tmp_path / "gpu-short.yaml"
+    path.write_text(capsys.readouterr().out)
+    assert main(["train", "goha", "--preset", "tiny", "--config", str(path),
+                 "--print-config"]) == 2
+    assert (f"--preset 'tiny': --config {path} is a resolved config built with preset "
+            f"'gpu-short', whose values replace the preset's; leave out --preset"
+            in capsys.readouterr().err)
+    assert main(["train", "goha", "--preset", "gpu-short", "--config", str(path),
+                 "--print-config"]) == 0
+    capsys.readouterr()
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("train: {steps: 7}\n")
+    cfg = _portrait("goha", preset="tiny", yaml_path=str(plain))
+    assert (cfg.preset, cfg.train.steps) == ("tiny", 7)
+
+
+def test_a_stage_run_dir_override_is_refused(capsys):
+    """A stage trains in ``<run_dir>/stages/<name>``: ``stages.<name>.train.run_dir`` (which the
+    stage's folder replaced silently) is refused, naming the checkpoint key that takes a run
+    from elsewhere."""
+    from pyface.cli import main
+
+    assert main(["train", "mmfa_vae", "--preset", "tiny", "--set",
+                 "stages.mmfa.train.run_dir=/elsewhere", "--print-config"]) == 2
+    assert ("stage 'mmfa' trains in the run folder's stages/mmfa; to use a run of 'mmfa' from "
+            "elsewhere, pass it as --set model.mmfa_checkpoint=RUN" in capsys.readouterr().err)
+    assert main(["train", "goha", "--preset", "tiny", "--set", "stages.s1.train.run_dir=/x",
+                 "--print-config"]) == 2
+    assert "--set stages.s1_gan.model.s1_checkpoint=RUN" in capsys.readouterr().err
+
+
 def test_print_config_checks_the_stage_keys_without_training(tmp_path, capsys):
     """``--print-config`` of a staged model builds its stages' configs (a misspelt
     ``stages.<name>.<key>`` is the error the training command gives) and trains nothing."""

@@ -73,6 +73,31 @@ def resolve_device(spec: str | None, option: str = "--device") -> str:
     return spec
 
 
+def check_run_dir(cfg) -> None:
+    """ConfigError if ``train.run_dir`` cannot be this model's run folder: a file, or a folder
+    whose latest checkpoint is another model's (training there would replace that run's
+    config.yaml and prune its checkpoints; resuming it fails)."""
+    from pyface import checkpoint as ckpt
+    from pyface.train.config import ConfigError
+
+    run_dir = cfg.train.run_dir.format(model=cfg.model)
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ConfigError(f"train.run_dir={run_dir}: a file, not a folder; choose another "
+                          f"train.run_dir")
+    latest = ckpt.latest_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+    if latest is None:
+        return
+    try:
+        other = (ckpt.read_meta(latest).get("experiment") or {}).get("model")
+    except ckpt.CheckpointError:          # --resume names what is wrong with it
+        return
+    if other and other != cfg.model:
+        raise ConfigError(f"train.run_dir={run_dir}: holds a run of model {other!r} (latest "
+                          f"checkpoint {os.path.basename(latest)}); training {cfg.model!r} there "
+                          f"would overwrite it: choose another folder (--set train.run_dir="
+                          f"runs/{cfg.model}) or remove that one")
+
+
 def _message(exc: BaseException) -> str:
     """An exception's message (a KeyError's without the quotes its ``str`` adds)."""
     if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
@@ -106,6 +131,7 @@ def run_train(args) -> int:
                                overrides=own_overrides(overrides),
                                defaults=getattr(cls, "recipe", {}),
                                preset=args.preset)
+        check_run_dir(cfg)
     except (KeyError, ConfigError, OSError, ImportError, ModelDefinitionError,
             RegistryError) as exc:
         print(f"pyface train: {_message(exc)}", file=sys.stderr)
@@ -170,8 +196,10 @@ def _train(args, cls, cfg, overrides, staged: bool) -> int:
         print(f"pyface train: {_message(exc)}", file=sys.stderr)
         return 2
     try:
-        if args.resume:
-            trainer.resume(args.resume)
+        if args.resume and trainer.resume(args.resume) is None \
+                and trainer.dist.is_main:
+            logging.getLogger("pyface.train").warning(
+                "--resume: %s holds no checkpoint; training from scratch", trainer.run_dir)
         result = trainer.fit()
     except (CheckpointError, NonFiniteError) as exc:
         print(f"pyface train: {_message(exc)}", file=sys.stderr)

@@ -83,6 +83,11 @@ class TrainConfig:
 
     def __post_init__(self):
         # what can be checked without the model or the machine (--print-config reports it too)
+        try:
+            self.run_dir.format(model="m")
+        except (KeyError, IndexError, ValueError):
+            raise ConfigError(f"train.run_dir: only {{model}} is replaced (a literal brace is "
+                              f"written {{{{ or }}}}), got {self.run_dir!r}") from None
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"train.precision: expected 'fp32' or 'bf16', got "
                               f"{self.precision!r}{did_you_mean(self.precision, ('fp32', 'bf16'))}")
@@ -477,6 +482,15 @@ def build_experiment(model: str, model_config_cls, *, yaml_path: str | None = No
                                   f"{yaml_path})")
             if recorded is None:
                 recorded = file.get("preset")
+            elif file.get("preset") != recorded:
+                # the file's values replace every value of --preset, which would only change
+                # the record (and the preset its stages train with)
+                built = (f"preset {file['preset']!r}" if file.get("preset") is not None
+                         else "no preset")
+                raise ConfigError(f"--preset {recorded!r}: --config {yaml_path} is a resolved "
+                                  f"config built with {built}, whose values replace the "
+                                  f"preset's; leave out --preset (the file's is kept), or use "
+                                  f"--preset {recorded} without that file")
         layers.append((f"--config {yaml_path}", _sections(file), False))
     layers.append(("--set", parse_set(overrides, texts=True), False))
     layers, dropped = _options_of_the_selected_dataset(layers)

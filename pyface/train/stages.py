@@ -69,9 +69,22 @@ def stage_names(model_cls) -> list[str]:
     return names
 
 
+def _stages_by_name(model_cls, parent: str | None = None) -> dict:
+    """``{name: (Stage, the name of the stage it belongs to or None)}`` of ``model_cls``'s
+    stages and, recursively, their own stages."""
+    from pyface.train.registry import model_class
+
+    out = {}
+    for stage in getattr(model_cls, "stages", ()) or ():
+        out[stage.name] = (stage, parent)
+        out.update(_stages_by_name(model_class(stage.model), stage.name))
+    return out
+
+
 def check_stage_overrides(model: str, model_cls, overrides: list[str] | None) -> None:
     """ConfigError if an item ``stages.<name>.<key>=...`` of ``overrides`` names no stage of
-    ``model`` or no key."""
+    ``model`` or no key, or sets the stage's ``train.run_dir`` (a stage trains in
+    ``<run_dir>/stages/<name>``)."""
     from pyface.train.config import ConfigError
 
     names = stage_names(model_cls)
@@ -86,6 +99,12 @@ def check_stage_overrides(model: str, model_cls, overrides: list[str] | None) ->
             raise ConfigError(f"--set {o}: expected stages.<stage>.<key>=<value> with <stage> "
                               f"a stage of {model!r} ({', '.join(names) or 'it has none'})"
                               f", got {key!r}")
+        if rest[len(name) + 1:] == "train.run_dir":
+            stage, parent = _stages_by_name(model_cls)[name]
+            where = f"stages.{parent}." if parent else ""
+            raise ConfigError(f"--set {o}: stage {name!r} trains in the run folder's "
+                              f"stages/{name}; to use a run of {stage.model!r} from elsewhere, "
+                              f"pass it as --set {where}model.{stage.checkpoint_key}=RUN")
 
 
 def stage_run_finished(run_dir: str, steps: int) -> str | None:
