@@ -71,8 +71,8 @@ def test_config_yaml_set_and_types(tmp_path):
     (["model.lrr=1"], r"model\.lrr: unknown key for TriplaneAEConfig; valid keys: .*; did you "
                       r"mean model\.lr\?$"),
     (["train.lr_schedule.kindd=cosine"], r"did you mean train\.lr_schedule\.kind\?$"),
-    (["trian.steps=1"], r"trian: unknown section; valid sections: model, data, train; did you "
-                        r"mean train\?$"),
+    (["trian.steps=1"], r"trian: unknown section; valid sections: model, data, train, stages; "
+                        r"did you mean train\?$"),
     # values checked when the config is built (so --print-config reports them too)
     (["train.lr_schedule.kind=cosin"], r"train\.lr_schedule\.kind: expected one of constant, "
                                        r"cosine, linear, step, got 'cosin'; did you mean cosine\?"),
@@ -921,6 +921,72 @@ def test_a_stage_run_dir_override_is_refused(capsys):
     assert main(["train", "goha", "--preset", "tiny", "--set", "stages.s1.train.run_dir=/x",
                  "--print-config"]) == 2
     assert "--set stages.s1_gan.model.s1_checkpoint=RUN" in capsys.readouterr().err
+
+
+def _stage_configs(monkeypatch, model, argv):
+    """The configs ``pyface train MODEL ARGV --print-config`` builds for MODEL's stages."""
+    import pyface.train.config as C
+    from pyface.cli import main
+
+    built, real = [], C.build_experiment
+
+    def spy(name, *args, **kwargs):
+        cfg = real(name, *args, **kwargs)
+        if kwargs.get("stage") is not None:
+            built.append(cfg)
+        return cfg
+
+    monkeypatch.setattr(C, "build_experiment", spy)
+    assert main(["train", model, *argv, "--print-config"]) == 0
+    return {c.model: c for c in built}
+
+
+def test_stage_settings_round_trip_through_print_config(tmp_path, capsys, monkeypatch):
+    """``--set stages.<name>.*`` is printed as a ``stages:`` section, which ``--config`` takes
+    back (a YAML file's ``stages:`` configures the stages as those --set items do), so the
+    printed config retrains the same stages."""
+    import yaml
+
+    from pyface.cli import main
+
+    sets = ["--set", "stages.s1.train.steps=800", "--set", "stages.s1.model.neutral_weight=5",
+            "--set", "stages.s1_gan.data.path=007", "--set", "train.steps=9"]
+    first = _stage_configs(monkeypatch, "goha", ["--preset", "tiny", *sets])
+    printed = capsys.readouterr().out
+    assert yaml.safe_load(printed)["stages"] == {"s1": {"train": {"steps": 800},
+                                                        "model": {"neutral_weight": 5}},
+                                                 "s1_gan": {"data": {"path": "007"}}}
+    path = tmp_path / "goha.yaml"
+    path.write_text(printed)
+    again = _stage_configs(monkeypatch, "goha", ["--config", str(path)])
+    assert capsys.readouterr().out == printed
+    for cfgs in (first, again):
+        s1, s1_gan = cfgs["goha_s1"], cfgs["goha_s1_gan"]
+        assert (s1.train.steps, s1.model_config.neutral_weight) == (800, 5.0)
+        assert (s1_gan.data.path, s1.data.path) == ("007", None)
+        assert s1.preset == s1_gan.preset == "tiny"
+    # --set stages.* wins over the file's
+    later = _stage_configs(monkeypatch, "goha", ["--config", str(path), "--set",
+                                                 "stages.s1.train.steps=7"])
+    assert later["goha_s1"].train.steps == 7
+    assert later["goha_s1"].model_config.neutral_weight == 5.0
+    capsys.readouterr()
+    # a file's stages section is checked like the --set items
+    for text, message in [
+            ("stages: {s3: {train: {steps: 1}}}", "stages.s3: not a stage of 'goha' (s1_gan, s1)"),
+            ("stages: {s1: {trian: {steps: 1}}}", "stages.s1.trian: unknown section; valid "
+                                                  "sections: model, data, train; did you mean "
+                                                  "train?"),
+            ("stages: {s1: 3}", "stages: expected a mapping {stage name: {model: ..., data: "
+                                "..., train: ...}}"),
+            ("stages: {s1: {train: {run_dir: x}}}", "stages.s1.train.run_dir: stage 's1' trains "
+                                                    "in the run folder's stages/s1")]:
+        path.write_text(text + "\n")
+        assert main(["train", "goha", "--config", str(path), "--print-config"]) == 2
+        assert message in capsys.readouterr().err, text
+    path.write_text("stages: {s1: {train: {steps: 1}}}\n")
+    assert main(["train", "eg3d", "--config", str(path), "--print-config"]) == 2
+    assert "stages.s1: not a stage of 'eg3d' (it has none)" in capsys.readouterr().err
 
 
 def test_print_config_checks_the_stage_keys_without_training(tmp_path, capsys):

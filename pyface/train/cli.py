@@ -28,7 +28,8 @@ def add_parser(subparsers) -> None:
                    help="a preset of the model (tiny, gpu-short, full for the portrait models)")
     add_import_argument(p)
     p.add_argument("--config", default=None, metavar="YAML",
-                   help="YAML with sections model/data/train (or a run's config.yaml)")
+                   help="YAML with sections model/data/train (and stages: {NAME: {model/data/"
+                        "train: ...}} for the stages) or a run's config.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. train.steps=100 (repeatable)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
@@ -124,13 +125,13 @@ def run_train(args) -> int:
         import_plugins(args.imports)
         cls = model_class(args.model)
         overrides = list(args.overrides) + (["data.skip_bad=true"] if args.skip_bad else [])
-        from pyface.train.stages import check_stage_overrides, own_overrides
+        from pyface.train.stages import check_stage_overrides, check_stage_section
 
         check_stage_overrides(args.model, cls, overrides)
         cfg = build_experiment(args.model, cls.Config, yaml_path=args.config,
-                               overrides=own_overrides(overrides),
-                               defaults=getattr(cls, "recipe", {}),
+                               overrides=overrides, defaults=getattr(cls, "recipe", {}),
                                preset=args.preset)
+        check_stage_section(args.model, cls, cfg.stages)
         check_run_dir(cfg)
     except (KeyError, ConfigError, OSError, ImportError, ModelDefinitionError,
             RegistryError) as exc:

@@ -154,6 +154,9 @@ class ExperimentConfig:
     preset: str | None = None         # the preset it was built with (recorded in config.yaml)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # the settings addressed to the model's stages, {stage name: {model/data/train: ...}}
+    # (``stages:`` of a YAML file, ``--set stages.<name>.<key>=<value>``; pyface.train.stages)
+    stages: dict = field(default_factory=dict)
     # the data.options that build_experiment left out because they were set for another
     # dataset than the selected data.name: [(source, dataset, option keys)] (not a setting:
     # neither compared nor recorded as one; --print-config and config.yaml name them in a comment)
@@ -190,6 +193,9 @@ class _SetText(str):
         out = super().__new__(cls, text)
         out.value = value
         return out
+
+    def __getnewargs__(self):            # copy and pickle
+        return str(self), self.value
 
 
 def _plain(value: Any) -> Any:
@@ -283,6 +289,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             try:
                 return int(value)                 # an int, or the text of one
             except ValueError:                    # '3.0', '1e3': a whole number written so
+                pass
+            try:
+                return int(value, 0)              # '0x10'
+            except (TypeError, ValueError):
                 pass
         try:
             number = float(value)
@@ -418,17 +428,43 @@ def load_yaml(path: str) -> dict:
         raise ConfigError(f"--config {path}: not valid YAML{pos}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping at the top level (sections "
-                          f"model, data, train, or a run's config.yaml), got {data!r}")
+                          f"model, data, train, stages, or a run's config.yaml), got {data!r}")
     return data
 
 
 def _sections(data: dict) -> dict:
     """A run's ``config.yaml`` (``experiment_to_dict``: model name, preset, model_config, data,
-    train) -> the ``model`` / ``data`` / ``train`` sections; other YAML passes through."""
+    train, stages) -> the ``model`` / ``data`` / ``train`` (/ ``stages``) sections; other YAML
+    passes through."""
     if isinstance(data.get("model"), str) and "model_config" in data:
-        return {"model": data.get("model_config") or {}, "data": data.get("data") or {},
-                "train": data.get("train") or {}}
+        out = {"model": data.get("model_config") or {}, "data": data.get("data") or {},
+               "train": data.get("train") or {}}
+        if data.get("stages"):
+            out["stages"] = data["stages"]
+        return out
     return data
+
+
+SECTIONS = ("model", "data", "train")
+
+
+def _stage_section(stages: Any, source: str) -> dict:
+    """``stages`` (``{name: {model/data/train: ...}}``) checked for its shape (the names are
+    checked against the model's stages by ``pyface.train.stages.check_stage_section``)."""
+    stages = _plain(stages)
+    if stages is None:
+        return {}
+    if not isinstance(stages, dict) or not all(isinstance(_plain(v), dict)
+                                               for v in stages.values()):
+        raise ConfigError(f"{source}: stages: expected a mapping {{stage name: {{model: ..., "
+                          f"data: ..., train: ...}}}}, e.g. stages: {{s1: {{train: {{steps: "
+                          f"100}}}}}}, got {stages!r}")
+    for name, section in stages.items():
+        bad = sorted(set(section) - set(SECTIONS))
+        if bad:
+            raise ConfigError(f"{source}: stages.{name}.{bad[0]}: unknown section; valid "
+                              f"sections: model, data, train{did_you_mean(bad[0], SECTIONS)}")
+    return stages
 
 
 def preset_config(model: str, preset: str, presets: dict | None = None) -> dict:
@@ -452,10 +488,15 @@ def preset_config(model: str, preset: str, presets: dict | None = None) -> dict:
 
 def build_experiment(model: str, model_config_cls, *, yaml_path: str | None = None,
                      overrides: list[str] | None = None, defaults: dict | None = None,
-                     preset: str | None = None,
-                     presets: dict | None = None) -> ExperimentConfig:
+                     preset: str | None = None, presets: dict | None = None,
+                     stage: tuple[str, dict] | None = None) -> ExperimentConfig:
     """The experiment config: model defaults < ``defaults`` (the recipe) < ``preset`` < YAML
-    file < ``--set`` overrides.
+    file < ``--set`` overrides (< ``stage``: ``(name, sections)``, the settings addressed to
+    this model as the stage ``name`` of another, used by ``pyface.train.stages``).
+
+    A ``stages`` section of the YAML file and ``--set stages.<name>.<key>=<value>`` items
+    (the latter win) are kept in ``ExperimentConfig.stages`` for the model's stages (checked
+    and applied by ``pyface.train.stages``).
 
     ``preset`` names one of ``presets`` (default: the ``presets`` of the registered model
     ``model``); an unknown name raises ConfigError listing the valid presets. A YAML file that
@@ -491,23 +532,30 @@ def build_experiment(model: str, model_config_cls, *, yaml_path: str | None = No
                                   f"config built with {built}, whose values replace the "
                                   f"preset's; leave out --preset (the file's is kept), or use "
                                   f"--preset {recorded} without that file")
-        layers.append((f"--config {yaml_path}", _sections(file), False))
+        layers.append((f"--config {yaml_path}", dict(_sections(file)), False))
     layers.append(("--set", parse_set(overrides, texts=True), False))
+    stages: dict = {}
+    for source, layer, _ in layers[1 + (preset is not None):]:
+        if "stages" in layer:
+            stages = merge(stages, _stage_section(layer.pop("stages"), source))
+    if stage is not None:
+        layers.append((f"stages.{stage[0]}", dict(stage[1]), False))
     layers, dropped = _options_of_the_selected_dataset(layers)
     data: dict = {}
     for _, layer, _ in layers:
         data = merge(data, layer)
-    unknown = set(data) - {"model", "data", "train"}
+    unknown = set(data) - set(SECTIONS)
     if unknown:
         bad = sorted(unknown)[0]
-        raise ConfigError(f"{bad}: unknown section; valid sections: model, data, train"
-                          f"{did_you_mean(bad, ('model', 'data', 'train'))}")
+        valid = SECTIONS + ("stages",)
+        raise ConfigError(f"{bad}: unknown section; valid sections: {', '.join(valid)}"
+                          f"{did_you_mean(bad, valid)}")
     return ExperimentConfig(
         model=model, preset=recorded,
         model_config=from_dict(model_config_cls, data.get("model") or {}, prefix="model."),
         data=from_dict(DataConfig, data.get("data") or {}, prefix="data."),
         train=from_dict(TrainConfig, data.get("train") or {}, prefix="train."),
-        dropped_options=dropped)
+        stages=stages, dropped_options=dropped)
 
 
 def _options_of_the_selected_dataset(layers: list) -> tuple[list, list]:
@@ -547,8 +595,29 @@ def _options_of_the_selected_dataset(layers: list) -> tuple[list, list]:
 
 
 def experiment_to_dict(cfg: ExperimentConfig) -> dict:
-    return {"model": cfg.model, "preset": cfg.preset, "model_config": to_dict(cfg.model_config),
-            "data": to_dict(cfg.data), "train": to_dict(cfg.train)}
+    """The config as plain data (config.yaml, checkpoints, ``--print-config``); ``stages`` only
+    when settings are addressed to the stages."""
+    out = {"model": cfg.model, "preset": cfg.preset, "model_config": to_dict(cfg.model_config),
+           "data": to_dict(cfg.data), "train": to_dict(cfg.train)}
+    if getattr(cfg, "stages", None):
+        out["stages"] = _as_written(cfg.stages)
+    return out
+
+
+def _as_written(obj: Any) -> Any:
+    """``obj`` with every ``--set`` value as YAML writes it back: its YAML value, or its text
+    where that reads differently (``007``, ``0.10``, ``True``), which every field type reads as
+    the ``--set`` did."""
+    if isinstance(obj, dict):
+        return {k: _as_written(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_as_written(v) for v in obj]
+    if isinstance(obj, _SetText):
+        v = obj.value
+        canonical = {True: "true", False: "false", None: "null"}.get(v) \
+            if v is None or isinstance(v, bool) else repr(v)
+        return v if canonical == str(obj) else str(obj)
+    return obj
 
 
 def experiment_yaml(cfg: ExperimentConfig) -> str:
