@@ -275,6 +275,18 @@ def test_set_wrong_values_name_the_key_the_type_and_the_value(item, match):
         _typed(item)
 
 
+def test_paths_expand_a_leading_tilde(tmp_path, monkeypatch):
+    """``--set train.run_dir=~/runs/x`` (the shell leaves a ``~`` after ``key=`` as it is) is
+    the home folder's, not a folder named ``~`` in the current one; so are ``data.path`` and
+    ``train.init_from``, from ``--set`` or a YAML file."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = build_experiment("example", TriplaneAutoencoder.Config,
+                           overrides=["train.run_dir=~/runs/{model}", "data.path=~/data",
+                                      "train.init_from=~/runs/old"])
+    assert cfg.train.run_dir == f"{tmp_path}/runs/{{model}}"
+    assert (cfg.data.path, cfg.train.init_from) == (f"{tmp_path}/data", f"{tmp_path}/runs/old")
+
+
 def test_set_same_key_twice_last_wins():
     assert _typed("count=1", "count=2").count == 2
     ema = _typed("ema={decay: 0.5}", "ema.start_step=4").ema

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -82,6 +83,10 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
 
     def __post_init__(self):
+        # a leading ~ is the home folder (a --set value or YAML path reaches here unexpanded)
+        self.run_dir = os.path.expanduser(self.run_dir)
+        if self.init_from is not None:
+            self.init_from = os.path.expanduser(self.init_from)
         # what can be checked without the model or the machine (--print-config reports it too)
         try:
             self.run_dir.format(model="m")
@@ -121,6 +126,8 @@ class DataConfig:
     options: Any = None               # the dataset's Options (a mapping is converted)
 
     def __post_init__(self):
+        if self.path is not None:
+            self.path = os.path.expanduser(self.path)
         self.options = dataset_options(self.name, self.options)
 
 
