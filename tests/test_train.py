@@ -207,6 +207,8 @@ class _Typed:
     mode: typing.Literal["fast", "exact"] = "fast"
     switch: typing.Literal[True, False] = True
     ema: EMAConfig = None
+    extra: dict = None
+    anything: typing.Any = None
 
 
 def _typed(*sets):
@@ -239,8 +241,12 @@ def test_set_values_are_read_as_the_field_type(item, key, value):
 
 def test_set_values_through_build_experiment():
     """``pyface train --set``: a path keeps its text, list items are stripped, a fraction is not
-    an int."""
+    an int; a field without a conversion (``dict``, ``Any``) gets the YAML values."""
     assert _typed("sizes=1, 2").sizes == [1, 2]
+    typed = _typed("extra.a=1", "extra.b=007", "anything.x=null")
+    assert typed.extra == {"a": 1, "b": 7} and type(typed.extra["a"]) is int
+    assert type(typed.extra["b"]) is int and typed.anything == {"x": None}
+    assert _typed("anything=1.5").anything == 1.5 and _typed("anything=true").anything is True
     cfg = build_experiment("example", TriplaneAutoencoder.Config,
                            overrides=["train.ema.modules=encoder, decoder", "data.path=0.10",
                                       "train.run_dir=1:30", "train.progress=0"])

@@ -209,6 +209,15 @@ def _plain(value: Any) -> Any:
     return value.value if isinstance(value, _SetText) else value
 
 
+def _plain_all(value: Any) -> Any:
+    """``value`` with every ``--set`` value inside it (mappings, lists) as its YAML value."""
+    if isinstance(value, dict):
+        return {k: _plain_all(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_all(v) for v in value]
+    return _plain(value)
+
+
 _BOOLS = {"true": True, "yes": True, "on": True, "1": True,
           "false": False, "no": False, "off": False, "0": False}
 
@@ -219,7 +228,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             typing.Union, types.UnionType, typing.Literal, list, tuple):
         value = value.value
     if tp is Any:
-        return value
+        return _plain_all(value)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         plain = _plain(value)
@@ -314,7 +323,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (str, int, float, datetime.date)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
-    return value
+    return _plain_all(value)                   # a type without a conversion: the YAML value
 
 
 def from_dict(cls, data: dict, *, prefix: str = ""):
