@@ -273,6 +273,8 @@ def test_set_values_through_build_experiment():
     ("pair=1,2,3", r"model\.pair: expected 2 items, got 3"),
     ("mode=exakt", r"model\.mode: expected one of fast, exact, got 'exakt'; did you mean exact\?"),
     ("ema=3", r"model\.ema: expected a mapping for EMAConfig, got 3"),
+    ("extra=3", r"model\.extra: expected a mapping, e\.g\. --set model\.extra\.NAME=VALUE, "
+                r"got 3"),
     ("ema.decayy=3", r"model\.ema\.decayy: unknown key for EMAConfig; .*did you mean "
                      r"model\.ema\.decay\?"),
 ])

@@ -260,7 +260,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
         return from_dict(tp, value, prefix=key + ".")
-    if origin is dict:
+    if origin is dict or tp is dict:
         kt, vt = typing.get_args(tp) or (Any, Any)
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, e.g. --set {key}.NAME=VALUE, got "
