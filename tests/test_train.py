@@ -504,6 +504,22 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
         fresh.load_checkpoint(str(tmp_path / "edited"))
 
 
+def test_resume_takes_a_model_key_the_checkpoint_lacks_as_its_default(tmp_path):
+    """A checkpoint written before a model field existed resumes when this run keeps the
+    field's default (as a finished stage run is reused), and is refused when it does not."""
+    path = Trainer(tiny(tmp_path, "train.steps=1")).fit().checkpoint
+    tensors, meta = ckpt.load_folder(path)
+    del meta["experiment"]["model_config"]["plane_reg"]
+    ckpt.save_folder(str(tmp_path / "older"), tensors, meta)
+    again = Trainer(tiny(tmp_path, "train.steps=2", name="again"))
+    again.load_checkpoint(str(tmp_path / "older"))
+    assert again.step == 1
+    other = Trainer(tiny(tmp_path, "train.steps=2", "model.plane_reg=0.5", name="other"))
+    with pytest.raises(ckpt.CheckpointError, match=r"model\.plane_reg: checkpoint 0\.0001 vs "
+                                                   r"run 0\.5"):
+        other.load_checkpoint(str(tmp_path / "older"))
+
+
 def test_cli_resume_errors_and_changed_settings(tmp_path, capsys, caplog):
     """``--resume`` of another model's run, or with another model config (a forgotten
     ``--preset``), stops with exit code 1 naming the difference and the way out; changed train /
