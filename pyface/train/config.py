@@ -251,7 +251,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 if v == a and type(v) is type(a) or (isinstance(v, str) and not isinstance(a, str)
                                                      and v.lower() == str(a).lower()):
                     return a
-        value = str(value) if isinstance(value, _SetText) else value
+        value = _plain(value)
         raise ConfigError(f"{key}: expected one of {', '.join(map(str, allowed))}, got "
                           f"{value!r}{did_you_mean(value, allowed)}")
     if dataclasses.is_dataclass(tp):
