@@ -73,6 +73,8 @@ def test_config_yaml_set_and_types(tmp_path):
     (["train.lr_schedule.kindd=cosine"], r"did you mean train\.lr_schedule\.kind\?$"),
     (["trian.steps=1"], r"trian: unknown section; valid sections: model, data, train, stages; "
                         r"did you mean train\?$"),
+    (["preset=tiny"], r"preset: unknown section; valid sections: .*; a preset is chosen with "
+                      r"--preset NAME"),
     # values checked when the config is built (so --print-config reports them too)
     (["train.lr_schedule.kind=cosin"], r"train\.lr_schedule\.kind: expected one of constant, "
                                        r"cosine, linear, step, got 'cosin'; did you mean cosine\?"),

@@ -564,8 +564,9 @@ def build_experiment(model: str, model_config_cls, *, yaml_path: str | None = No
     if unknown:
         bad = sorted(unknown)[0]
         valid = SECTIONS + ("stages",)
-        raise ConfigError(f"{bad}: unknown section; valid sections: {', '.join(valid)}"
-                          f"{did_you_mean(bad, valid)}")
+        hint = ("; a preset is chosen with --preset NAME (a run's config.yaml records it next "
+                "to model_config)" if bad == "preset" else did_you_mean(bad, valid))
+        raise ConfigError(f"{bad}: unknown section; valid sections: {', '.join(valid)}{hint}")
     return ExperimentConfig(
         model=model, preset=recorded,
         model_config=from_dict(model_config_cls, data.get("model") or {}, prefix="model."),
