@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import typing
 from dataclasses import dataclass
 
 import pytest
@@ -70,8 +71,10 @@ def test_config_yaml_set_and_types(tmp_path):
     (["model.lrr=1"], r"model\.lrr: unknown key for TriplaneAEConfig; valid keys: .*; did you "
                       r"mean model\.lr\?$"),
     (["train.lr_schedule.kindd=cosine"], r"did you mean train\.lr_schedule\.kind\?$"),
-    (["trian.steps=1"], r"trian: unknown section; valid sections: model, data, train; did you "
-                        r"mean train\?$"),
+    (["trian.steps=1"], r"trian: unknown section; valid sections: model, data, train, stages; "
+                        r"did you mean train\?$"),
+    (["preset=tiny"], r"preset: unknown section; valid sections: .*; a preset is chosen with "
+                      r"--preset NAME"),
     # values checked when the config is built (so --print-config reports them too)
     (["train.lr_schedule.kind=cosin"], r"train\.lr_schedule\.kind: expected one of constant, "
                                        r"cosine, linear, step, got 'cosin'; did you mean cosine\?"),
@@ -109,6 +112,202 @@ def test_config_file_and_preset_errors_name_the_file_and_near_matches(tmp_path):
         from pyface.train.registry import model_class
 
         model_class("exmple")
+
+
+def _portrait(name, *, preset=None, overrides=(), yaml_path=None):
+    from pyface.train.registry import model_class
+
+    cls = model_class(name)
+    return build_experiment(name, cls.Config, defaults=cls.recipe, preset=preset,
+                            overrides=list(overrides), yaml_path=yaml_path)
+
+
+@pytest.mark.parametrize("model, preset, old, new, option", [
+    ("export3d", "tiny", "pairs", "clips", ("frames", 6)),
+    ("export3d", None, "pairs", "clips", ("min_gap", 2)),
+    ("otavatar", "tiny", "motion_windows", "clips", ("frames", 6)),
+    ("mmfa", "tiny", "pairs", "clips", ("frames", 6)),
+    ("export3d_clebs", "tiny", "clips", "pairs", ("mode", "cross_video")),
+])
+def test_changing_the_dataset_leaves_the_recipe_options_behind(model, preset, old, new, option):
+    """``--set data.name=NEW`` on a model whose recipe/preset sets ``data.options`` for its own
+    dataset: those options do not follow; the options given for NEW apply (in either order) and
+    a wrong one is refused with its near match."""
+    from pyface.train.registry import dataset_class
+
+    assert _portrait(model, preset=preset).data.name == old
+    key, value = option
+    for sets in ([f"data.name={new}"], [f"data.name={new}", f"data.options.{key}={value}"],
+                 [f"data.options.{key}={value}", f"data.name={new}"]):
+        cfg = _portrait(model, preset=preset, overrides=sets)
+        Options = dataset_class(new).Options
+        assert cfg.data.name == new and isinstance(cfg.data.options, Options)
+        given = {key: value} if len(sets) == 2 else {}
+        assert cfg.data.options == Options(**given)
+        assert {dataset for _, dataset, _ in cfg.dropped_options} == {old}
+        assert cfg.dropped_options[0][0] == "the recipe"
+    with pytest.raises(ConfigError, match=rf"data\.options\.{key}x: unknown key for "
+                                          rf"{Options.__qualname__}; .*did you mean "
+                                          rf"data\.options\.{key}\?"):
+        _portrait(model, preset=preset, overrides=[f"data.name={new}", f"data.options.{key}x=1"])
+
+
+def test_dataset_options_merge_while_the_dataset_stays(tmp_path):
+    """Options for the recipe's own dataset still merge with the recipe's; a ``--config`` file's
+    options without a ``data.name`` belong to the dataset finally selected; the options of a
+    file that names another dataset (a run's config.yaml) are left behind like the recipe's."""
+    cfg = _portrait("export3d", preset="tiny", overrides=["data.options.mode=cross_video"])
+    assert cfg.data.name == "pairs" and cfg.data.options.mode == "cross_video"
+    assert cfg.data.options.synth.exp_leak == 0.5 and cfg.dropped_options == []
+    # the same name again keeps the recipe's options
+    cfg = _portrait("export3d", preset="tiny", overrides=["data.name=pairs"])
+    assert cfg.data.options.synth.exp_leak == 0.5 and cfg.dropped_options == []
+    y = tmp_path / "opts.yaml"
+    y.write_text("data:\n  options: {frames: 6}\n")
+    cfg = _portrait("export3d", preset="tiny", yaml_path=str(y), overrides=["data.name=clips"])
+    assert cfg.data.options.frames == 6 and cfg.data.options.synth.exp_leak == 0.0
+    # a resolved config of the pairs dataset, then another dataset
+    y.write_text("data:\n  name: pairs\n  options: {mode: cross_video, min_gap: 3}\n")
+    cfg = _portrait("export3d", yaml_path=str(y), overrides=["data.name=clips"])
+    assert cfg.data.options == type(cfg.data.options)()
+    assert [s for s, _, _ in cfg.dropped_options] == ["the recipe", f"--config {y}"]
+
+
+@pytest.mark.parametrize("model", ["export3d", "otavatar"])
+def test_print_config_with_another_dataset_round_trips(model, tmp_path, capsys):
+    """``--print-config`` after ``--set data.name=clips`` names the options left behind in a
+    comment, and ``--config`` of its output (with or without the preset) gives it back."""
+    import yaml
+
+    from pyface.cli import main
+
+    assert main(["train", model, "--preset", "tiny", "--set", "data.name=clips", "--set",
+                 "data.options.frames=6", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("# data.options of the recipe for dataset ")
+    assert "not applied to data.name 'clips'" in printed
+    first = yaml.safe_load(printed)
+    assert first["data"]["name"] == "clips" and first["data"]["options"]["frames"] == 6
+    path = tmp_path / "printed.yaml"
+    path.write_text(printed)
+    for preset in ([], ["--preset", "tiny"]):
+        assert main(["train", model, *preset, "--config", str(path), "--print-config"]) == 0
+        assert yaml.safe_load(capsys.readouterr().out) == first
+
+
+@dataclass
+class _Typed:
+    count: int = 1
+    rate: float = 0.5
+    flag: bool = False
+    name: str = "a"
+    path: str | None = None
+    limit: float | None = None
+    sizes: list[int] = None
+    pair: tuple[float, float] = (0.0, 1.0)
+    widths: tuple[int, ...] = (1,)
+    mode: typing.Literal["fast", "exact"] = "fast"
+    switch: typing.Literal[True, False] = True
+    ema: EMAConfig = None
+    extra: dict = None
+    anything: typing.Any = None
+
+
+def _typed(*sets):
+    from pyface.train.config import from_dict
+
+    return from_dict(_Typed, parse_set(list(sets), texts=True), prefix="model.")
+
+
+@pytest.mark.parametrize("item, key, value", [
+    ("count=3", "count", 3), ("count=-1", "count", -1), ("count=1e3", "count", 1000),
+    ("count=3.0", "count", 3), ("count='4'", "count", 4),
+    ("rate=1e-3", "rate", 1e-3), ("rate=3", "rate", 3.0), ("rate=-1", "rate", -1.0),
+    *[(f"flag={t}", "flag", True) for t in ("true", "True", "yes", "on", "1")],
+    *[(f"flag={f}", "flag", False) for f in ("false", "False", "no", "off", "0")],
+    # a string field takes the text as written, not YAML's reading of it
+    ("name=007", "name", "007"), ("name=0.10", "name", "0.10"), ("name=true", "name", "true"),
+    ("name=1:30", "name", "1:30"), ("name=2024-01-01", "name", "2024-01-01"),
+    ("name=null", "name", "null"), ("path=null", "path", None), ("path=~", "path", None),
+    ("path=1e3", "path", "1e3"), ("limit=null", "limit", None), ("limit=2", "limit", 2.0),
+    ("sizes=[1,2]", "sizes", [1, 2]), ("sizes=1,2", "sizes", [1, 2]), ("sizes=3", "sizes", [3]),
+    ("sizes=(1, 2)", "sizes", [1, 2]), ("sizes=[]", "sizes", []),
+    ("pair=0.5,0.9", "pair", (0.5, 0.9)), ("widths=4", "widths", (4,)),
+    ("mode=exact", "mode", "exact"), ("switch=false", "switch", False),
+    ("switch=False", "switch", False),
+])
+def test_set_values_are_read_as_the_field_type(item, key, value):
+    got = getattr(_typed(item), key)
+    assert got == value and type(got) is type(value), (item, got)
+
+
+def test_set_values_through_build_experiment():
+    """``pyface train --set``: a path keeps its text, list items are stripped, a fraction is not
+    an int; a field without a conversion (``dict``, ``Any``) gets the YAML values."""
+    assert _typed("sizes=1, 2").sizes == [1, 2]
+    typed = _typed("extra.a=1", "extra.b=007", "anything.x=null")
+    assert typed.extra == {"a": 1, "b": 7} and type(typed.extra["a"]) is int
+    assert type(typed.extra["b"]) is int and typed.anything == {"x": None}
+    assert _typed("anything=1.5").anything == 1.5 and _typed("anything=true").anything is True
+    cfg = build_experiment("example", TriplaneAutoencoder.Config,
+                           overrides=["train.ema.modules=encoder, decoder", "data.path=0.10",
+                                      "train.run_dir=1:30", "train.progress=0"])
+    assert cfg.train.ema.modules == ["encoder", "decoder"]
+    assert (cfg.data.path, cfg.train.run_dir, cfg.train.progress) == ("0.10", "1:30", False)
+    with pytest.raises(ConfigError, match=r"train\.steps: expected int \(a whole number\), got "
+                                          r"'1e-3'"):
+        build_experiment("example", TriplaneAutoencoder.Config, overrides=["train.steps=1e-3"])
+
+
+@pytest.mark.parametrize("item, match", [
+    ("count=1e-3", r"model\.count: expected int \(a whole number\), got '1e-3'"),
+    ("count=3.5", r"model\.count: expected int \(a whole number\), got 3\.5"),
+    ("count=.inf", r"model\.count: expected int \(a whole number\), got inf"),
+    ("count=true", r"model\.count: expected int, got True"),
+    ("count=null", r"model\.count: expected int, got None"),
+    ("rate=abc", r"model\.rate: expected float, got 'abc'"),
+    ("flag=2", r"model\.flag: expected a bool \(true/false, yes/no, on/off, 1/0\), got 2"),
+    ("flag=maybe", r"model\.flag: expected a bool .*, got 'maybe'"),
+    ("name=[a, b]", r"model\.name: expected a string, got \['a', 'b'\]"),
+    ("limit=abc", r"model\.limit: expected float, got 'abc'"),
+    ("sizes=null", r"model\.sizes: expected a list \(A,B or \[A, B\]\), got None"),
+    ("sizes=1,x", r"model\.sizes\[1\]: expected int, got 'x'"),
+    ("pair=1,2,3", r"model\.pair: expected 2 items, got 3"),
+    ("mode=exakt", r"model\.mode: expected one of fast, exact, got 'exakt'; did you mean exact\?"),
+    ("ema=3", r"model\.ema: expected a mapping for EMAConfig, got 3"),
+    ("extra=3", r"model\.extra: expected a mapping, e\.g\. --set model\.extra\.NAME=VALUE, "
+                r"got 3"),
+    ("ema.decayy=3", r"model\.ema\.decayy: unknown key for EMAConfig; .*did you mean "
+                     r"model\.ema\.decay\?"),
+])
+def test_set_wrong_values_name_the_key_the_type_and_the_value(item, match):
+    with pytest.raises(ConfigError, match=match):
+        _typed(item)
+
+
+def test_paths_expand_a_leading_tilde(tmp_path, monkeypatch):
+    """``--set train.run_dir=~/runs/x`` (the shell leaves a ``~`` after ``key=`` as it is) is
+    the home folder's, not a folder named ``~`` in the current one; so are ``data.path`` and
+    ``train.init_from``, from ``--set`` or a YAML file."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = build_experiment("example", TriplaneAutoencoder.Config,
+                           overrides=["train.run_dir=~/runs/{model}", "data.path=~/data",
+                                      "train.init_from=~/runs/old"])
+    assert cfg.train.run_dir == f"{tmp_path}/runs/{{model}}"
+    assert (cfg.data.path, cfg.train.init_from) == (f"{tmp_path}/data", f"{tmp_path}/runs/old")
+
+
+def test_set_same_key_twice_last_wins():
+    assert _typed("count=1", "count=2").count == 2
+    ema = _typed("ema={decay: 0.5}", "ema.start_step=4").ema
+    assert (ema.decay, ema.start_step) == (0.5, 4)
+    ema = _typed("ema.decay=0.5", "ema={start_step: 4}").ema     # the whole mapping replaces it
+    assert (ema.decay, ema.start_step) == (EMAConfig().decay, 4)
+    with pytest.raises(ConfigError, match=r"--set 'count.x=1': count is set to a value and used "
+                                          r"as a section"):
+        _typed("count=1", "count.x=1")
+    with pytest.raises(ConfigError, match=r"--set 'ema..decay=1': empty part in the key"):
+        _typed("ema..decay=1")
 
 
 def test_parse_set_nested():
@@ -305,6 +504,22 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
                        match=r"missing keys: decoder\.2\.bias.*shape mismatches: decoder\.0\.weight:"
                              r" checkpoint \(3, 3\) vs model \(8, 4\)"):
         fresh.load_checkpoint(str(tmp_path / "edited"))
+
+
+def test_resume_takes_a_model_key_the_checkpoint_lacks_as_its_default(tmp_path):
+    """A checkpoint written before a model field existed resumes when this run keeps the
+    field's default (as a finished stage run is reused), and is refused when it does not."""
+    path = Trainer(tiny(tmp_path, "train.steps=1")).fit().checkpoint
+    tensors, meta = ckpt.load_folder(path)
+    del meta["experiment"]["model_config"]["plane_reg"]
+    ckpt.save_folder(str(tmp_path / "older"), tensors, meta)
+    again = Trainer(tiny(tmp_path, "train.steps=2", name="again"))
+    again.load_checkpoint(str(tmp_path / "older"))
+    assert again.step == 1
+    other = Trainer(tiny(tmp_path, "train.steps=2", "model.plane_reg=0.5", name="other"))
+    with pytest.raises(ckpt.CheckpointError, match=r"model\.plane_reg: checkpoint 0\.0001 vs "
+                                                   r"run 0\.5"):
+        other.load_checkpoint(str(tmp_path / "older"))
 
 
 def test_cli_resume_errors_and_changed_settings(tmp_path, capsys, caplog):
@@ -666,6 +881,150 @@ def test_print_config_round_trips_through_config_for_every_model(tmp_path, capsy
             assert yaml.safe_load(again)["preset"] == preset
             checked += 1
     assert checked >= 10 + 3 * 9      # every model, the portrait models' three presets
+
+
+def test_run_dir_of_another_model_or_a_file_is_refused(tmp_path, capsys):
+    """``pyface train M`` (and ``--print-config``) into a run folder whose checkpoints are another
+    model's, into a file, or with a placeholder other than ``{model}`` exits with code 2 naming
+    it; nothing is written there."""
+    from pyface.cli import main
+
+    other = tmp_path / "other"
+    ckpt.save_folder(ckpt.checkpoint_path(str(other), 3), {"w": torch.zeros(1)},
+                     {"kind": "train", "step": 3, "experiment": {"model": "eg3d"}})
+    before = sorted(p.name for p in other.rglob("*"))
+    for extra in ([], ["--print-config"], ["--resume"]):
+        assert main(["train", "example", *sum((["--set", s] for s in TINY), []), "--set",
+                     f"train.run_dir={other}", "--set", "train.steps=1", *extra]) == 2
+        err = capsys.readouterr().err
+        assert (f"train.run_dir={other}: holds a run of model 'eg3d' (latest checkpoint "
+                f"ckpt-000003); training 'example' there would overwrite it" in err), err
+    assert sorted(p.name for p in other.rglob("*")) == before
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["train", "example", "--set", f"train.run_dir={afile}", "--print-config"]) == 2
+    assert f"train.run_dir={afile}: a file, not a folder" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"train\.run_dir: only \{model\} is replaced .*got "
+                                          r"'runs/\{name\}'"):
+        build_experiment("example", TriplaneAutoencoder.Config,
+                         overrides=["train.run_dir=runs/{name}"])
+
+
+def test_resume_without_a_checkpoint_warns(tmp_path, caplog):
+    import logging
+
+    from pyface.cli import main
+
+    with caplog.at_level(logging.WARNING, logger="pyface.train"):
+        assert main(["train", "example", *sum((["--set", s] for s in TINY), []), "--set",
+                     f"train.run_dir={tmp_path / 'new'}", "--set", "train.steps=1",
+                     "--resume"]) == 0
+    assert any(f"--resume: {tmp_path / 'new'} holds no checkpoint; training from scratch"
+               in r.getMessage() for r in caplog.records)
+
+
+def test_preset_with_a_resolved_config_of_another_preset_is_refused(tmp_path, capsys):
+    """``--preset P --config FILE`` where FILE is ``--print-config`` output of another preset
+    (or of none): FILE's values would replace P's, so P would only relabel the run (and its
+    stages); refused. The same preset, or a plain YAML of sections, is taken."""
+    from pyface.cli import main
+
+    assert main(["train", "goha", "--preset", "gpu-short", "--print-config"]) == 0
+    path = tmp_path / "gpu-short.yaml"
+    path.write_text(capsys.readouterr().out)
+    assert main(["train", "goha", "--preset", "tiny", "--config", str(path),
+                 "--print-config"]) == 2
+    assert (f"--preset 'tiny': --config {path} is a resolved config built with preset "
+            f"'gpu-short', whose values replace the preset's; leave out --preset"
+            in capsys.readouterr().err)
+    assert main(["train", "goha", "--preset", "gpu-short", "--config", str(path),
+                 "--print-config"]) == 0
+    capsys.readouterr()
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("train: {steps: 7}\n")
+    cfg = _portrait("goha", preset="tiny", yaml_path=str(plain))
+    assert (cfg.preset, cfg.train.steps) == ("tiny", 7)
+
+
+def test_a_stage_run_dir_override_is_refused(capsys):
+    """A stage trains in ``<run_dir>/stages/<name>``: ``stages.<name>.train.run_dir`` (which the
+    stage's folder replaced silently) is refused, naming the checkpoint key that takes a run
+    from elsewhere."""
+    from pyface.cli import main
+
+    assert main(["train", "mmfa_vae", "--preset", "tiny", "--set",
+                 "stages.mmfa.train.run_dir=/elsewhere", "--print-config"]) == 2
+    assert ("stage 'mmfa' trains in the run folder's stages/mmfa; to use a run of 'mmfa' from "
+            "elsewhere, pass it as --set model.mmfa_checkpoint=RUN" in capsys.readouterr().err)
+    assert main(["train", "goha", "--preset", "tiny", "--set", "stages.s1.train.run_dir=/x",
+                 "--print-config"]) == 2
+    assert "--set stages.s1_gan.model.s1_checkpoint=RUN" in capsys.readouterr().err
+
+
+def _stage_configs(monkeypatch, model, argv):
+    """The configs ``pyface train MODEL ARGV --print-config`` builds for MODEL's stages."""
+    import pyface.train.config as C
+    from pyface.cli import main
+
+    built, real = [], C.build_experiment
+
+    def spy(name, *args, **kwargs):
+        cfg = real(name, *args, **kwargs)
+        if kwargs.get("stage") is not None:
+            built.append(cfg)
+        return cfg
+
+    monkeypatch.setattr(C, "build_experiment", spy)
+    assert main(["train", model, *argv, "--print-config"]) == 0
+    return {c.model: c for c in built}
+
+
+def test_stage_settings_round_trip_through_print_config(tmp_path, capsys, monkeypatch):
+    """``--set stages.<name>.*`` is printed as a ``stages:`` section, which ``--config`` takes
+    back (a YAML file's ``stages:`` configures the stages as those --set items do), so the
+    printed config retrains the same stages."""
+    import yaml
+
+    from pyface.cli import main
+
+    sets = ["--set", "stages.s1.train.steps=800", "--set", "stages.s1.model.neutral_weight=5",
+            "--set", "stages.s1_gan.data.path=007", "--set", "train.steps=9"]
+    first = _stage_configs(monkeypatch, "goha", ["--preset", "tiny", *sets])
+    printed = capsys.readouterr().out
+    assert yaml.safe_load(printed)["stages"] == {"s1": {"train": {"steps": 800},
+                                                        "model": {"neutral_weight": 5}},
+                                                 "s1_gan": {"data": {"path": "007"}}}
+    path = tmp_path / "goha.yaml"
+    path.write_text(printed)
+    again = _stage_configs(monkeypatch, "goha", ["--config", str(path)])
+    assert capsys.readouterr().out == printed
+    for cfgs in (first, again):
+        s1, s1_gan = cfgs["goha_s1"], cfgs["goha_s1_gan"]
+        assert (s1.train.steps, s1.model_config.neutral_weight) == (800, 5.0)
+        assert (s1_gan.data.path, s1.data.path) == ("007", None)
+        assert s1.preset == s1_gan.preset == "tiny"
+    # --set stages.* wins over the file's
+    later = _stage_configs(monkeypatch, "goha", ["--config", str(path), "--set",
+                                                 "stages.s1.train.steps=7"])
+    assert later["goha_s1"].train.steps == 7
+    assert later["goha_s1"].model_config.neutral_weight == 5.0
+    capsys.readouterr()
+    # a file's stages section is checked like the --set items
+    for text, message in [
+            ("stages: {s3: {train: {steps: 1}}}", "stages.s3: not a stage of 'goha' (s1_gan, s1)"),
+            ("stages: {s1: {trian: {steps: 1}}}", "stages.s1.trian: unknown section; valid "
+                                                  "sections: model, data, train; did you mean "
+                                                  "train?"),
+            ("stages: {s1: 3}", "stages: expected a mapping {stage name: {model: ..., data: "
+                                "..., train: ...}}"),
+            ("stages: {s1: {train: {run_dir: x}}}", "stages.s1.train.run_dir: stage 's1' trains "
+                                                    "in the run folder's stages/s1")]:
+        path.write_text(text + "\n")
+        assert main(["train", "goha", "--config", str(path), "--print-config"]) == 2
+        assert message in capsys.readouterr().err, text
+    path.write_text("stages: {s1: {train: {steps: 1}}}\n")
+    assert main(["train", "eg3d", "--config", str(path), "--print-config"]) == 2
+    assert "stages.s1: not a stage of 'eg3d' (it has none)" in capsys.readouterr().err
 
 
 def test_print_config_checks_the_stage_keys_without_training(tmp_path, capsys):

@@ -28,7 +28,8 @@ def add_parser(subparsers) -> None:
                    help="a preset of the model (tiny, gpu-short, full for the portrait models)")
     add_import_argument(p)
     p.add_argument("--config", default=None, metavar="YAML",
-                   help="YAML with sections model/data/train (or a run's config.yaml)")
+                   help="YAML with sections model/data/train (and stages: {NAME: {model/data/"
+                        "train: ...}} for the stages) or a run's config.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. train.steps=100 (repeatable)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
@@ -73,6 +74,31 @@ def resolve_device(spec: str | None, option: str = "--device") -> str:
     return spec
 
 
+def check_run_dir(cfg) -> None:
+    """ConfigError if ``train.run_dir`` cannot be this model's run folder: a file, or a folder
+    whose latest checkpoint is another model's (training there would replace that run's
+    config.yaml and prune its checkpoints; resuming it fails)."""
+    from pyface import checkpoint as ckpt
+    from pyface.train.config import ConfigError
+
+    run_dir = cfg.train.run_dir.format(model=cfg.model)
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ConfigError(f"train.run_dir={run_dir}: a file, not a folder; choose another "
+                          f"train.run_dir")
+    latest = ckpt.latest_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+    if latest is None:
+        return
+    try:
+        other = (ckpt.read_meta(latest).get("experiment") or {}).get("model")
+    except ckpt.CheckpointError:          # --resume names what is wrong with it
+        return
+    if other and other != cfg.model:
+        raise ConfigError(f"train.run_dir={run_dir}: holds a run of model {other!r} (latest "
+                          f"checkpoint {os.path.basename(latest)}); training {cfg.model!r} there "
+                          f"would overwrite it: choose another folder (--set train.run_dir="
+                          f"runs/{cfg.model}) or remove that one")
+
+
 def _message(exc: BaseException) -> str:
     """An exception's message (a KeyError's without the quotes its ``str`` adds)."""
     if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
@@ -99,13 +125,14 @@ def run_train(args) -> int:
         import_plugins(args.imports)
         cls = model_class(args.model)
         overrides = list(args.overrides) + (["data.skip_bad=true"] if args.skip_bad else [])
-        from pyface.train.stages import check_stage_overrides, own_overrides
+        from pyface.train.stages import check_stage_overrides, check_stage_section
 
         check_stage_overrides(args.model, cls, overrides)
         cfg = build_experiment(args.model, cls.Config, yaml_path=args.config,
-                               overrides=own_overrides(overrides),
-                               defaults=getattr(cls, "recipe", {}),
+                               overrides=overrides, defaults=getattr(cls, "recipe", {}),
                                preset=args.preset)
+        check_stage_section(args.model, cls, cfg.stages)
+        check_run_dir(cfg)
     except (KeyError, ConfigError, OSError, ImportError, ModelDefinitionError,
             RegistryError) as exc:
         print(f"pyface train: {_message(exc)}", file=sys.stderr)
@@ -130,10 +157,8 @@ def run_train(args) -> int:
 
 
 def _train(args, cls, cfg, overrides, staged: bool) -> int:
-    import yaml
-
     from pyface.checkpoint import CheckpointError
-    from pyface.train.config import ConfigError, experiment_to_dict
+    from pyface.train.config import ConfigError, experiment_yaml
     from pyface.train.engine import NonFiniteError, Trainer
     from pyface.train.model import ModelDefinitionError
 
@@ -164,7 +189,7 @@ def _train(args, cls, cfg, overrides, staged: bool) -> int:
             except (KeyError, ConfigError, OSError, ValueError, ModelDefinitionError) as exc:
                 print(f"pyface train: {_message(exc)}", file=sys.stderr)
                 return 2
-        print(yaml.safe_dump(experiment_to_dict(cfg), sort_keys=False), end="")
+        print(experiment_yaml(cfg), end="")
         return 0
     try:
         trainer = Trainer(cfg)
@@ -172,8 +197,10 @@ def _train(args, cls, cfg, overrides, staged: bool) -> int:
         print(f"pyface train: {_message(exc)}", file=sys.stderr)
         return 2
     try:
-        if args.resume:
-            trainer.resume(args.resume)
+        if args.resume and trainer.resume(args.resume) is None \
+                and trainer.dist.is_main:
+            logging.getLogger("pyface.train").warning(
+                "--resume: %s holds no checkpoint; training from scratch", trainer.run_dir)
         result = trainer.fit()
     except (CheckpointError, NonFiniteError) as exc:
         print(f"pyface train: {_message(exc)}", file=sys.stderr)

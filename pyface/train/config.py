@@ -13,6 +13,9 @@ list the valid ones; values are converted to the field's declared type.
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -80,7 +83,16 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
 
     def __post_init__(self):
+        # a leading ~ is the home folder (a --set value or YAML path reaches here unexpanded)
+        self.run_dir = os.path.expanduser(self.run_dir)
+        if self.init_from is not None:
+            self.init_from = os.path.expanduser(self.init_from)
         # what can be checked without the model or the machine (--print-config reports it too)
+        try:
+            self.run_dir.format(model="m")
+        except (KeyError, IndexError, ValueError):
+            raise ConfigError(f"train.run_dir: only {{model}} is replaced (a literal brace is "
+                              f"written {{{{ or }}}}), got {self.run_dir!r}") from None
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"train.precision: expected 'fp32' or 'bf16', got "
                               f"{self.precision!r}{did_you_mean(self.precision, ('fp32', 'bf16'))}")
@@ -114,6 +126,8 @@ class DataConfig:
     options: Any = None               # the dataset's Options (a mapping is converted)
 
     def __post_init__(self):
+        if self.path is not None:
+            self.path = os.path.expanduser(self.path)
         self.options = dataset_options(self.name, self.options)
 
 
@@ -147,6 +161,13 @@ class ExperimentConfig:
     preset: str | None = None         # the preset it was built with (recorded in config.yaml)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # the settings addressed to the model's stages, {stage name: {model/data/train: ...}}
+    # (``stages:`` of a YAML file, ``--set stages.<name>.<key>=<value>``; pyface.train.stages)
+    stages: dict = field(default_factory=dict)
+    # the data.options that build_experiment left out because they were set for another
+    # dataset than the selected data.name: [(source, dataset, option keys)] (not a setting:
+    # neither compared nor recorded as one; --print-config and config.yaml name them in a comment)
+    dropped_options: list = field(default_factory=list, compare=False, repr=False)
 
 
 class ConfigError(ValueError):
@@ -171,13 +192,47 @@ def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+class _SetText(str):
+    """A ``--set`` value as typed (``007``, ``true``, ``1:2``) whose YAML reading (``value``)
+    is not a string: a ``str`` field takes the text, every other type the YAML value."""
+
+    def __new__(cls, text: str, value: Any):
+        out = super().__new__(cls, text)
+        out.value = value
+        return out
+
+    def __getnewargs__(self):            # copy and pickle
+        return str(self), self.value
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, _SetText) else value
+
+
+def _plain_all(value: Any) -> Any:
+    """``value`` with every ``--set`` value inside it (mappings, lists) as its YAML value."""
+    if isinstance(value, dict):
+        return {k: _plain_all(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_all(v) for v in value]
+    return _plain(value)
+
+
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True,
+          "false": False, "no": False, "off": False, "0": False}
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
+    if isinstance(value, _SetText) and tp is not str and origin not in (
+            typing.Union, types.UnionType, typing.Literal, list, tuple):
+        value = value.value
     if tp is Any:
-        return value
+        return _plain_all(value)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        plain = _plain(value)
+        if plain is None or (isinstance(plain, str) and plain.lower() in ("none", "null")):
             if type(None) in args:
                 return None
         errors = []
@@ -191,11 +246,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(errors[0] if errors else f"{key}: cannot convert {value!r}")
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
-        for a in allowed:
-            if value == a and type(value) is type(a) or (isinstance(value, str)
-                                                         and not isinstance(a, str)
-                                                         and value == str(a).lower()):
-                return a
+        for v in ([value.value, str(value)] if isinstance(value, _SetText) else [value]):
+            for a in allowed:
+                if v == a and type(v) is type(a) or (isinstance(v, str) and not isinstance(a, str)
+                                                     and v.lower() == str(a).lower()):
+                    return a
+        value = _plain(value)
         raise ConfigError(f"{key}: expected one of {', '.join(map(str, allowed))}, got "
                           f"{value!r}{did_you_mean(value, allowed)}")
     if dataclasses.is_dataclass(tp):
@@ -204,47 +260,75 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
         return from_dict(tp, value, prefix=key + ".")
-    if origin is dict:
+    if origin is dict or tp is dict:
         kt, vt = typing.get_args(tp) or (Any, Any)
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, e.g. --set {key}.NAME=VALUE, got "
                               f"{value!r}")
         return {_convert(k, kt, key): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
-        (inner,) = typing.get_args(tp)[:1] or (Any,)
+        args = typing.get_args(tp)
+        if isinstance(value, _SetText):       # a --set scalar: the text, read as A,B or A
+            value = value.value if value.value is None else str(value)
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v != ""]
+            text = value.strip()
+            if text[:1] + text[-1:] in ("()", "[]"):
+                text = text[1:-1]
+            value = [v.strip() for v in text.split(",") if v.strip() != ""]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list (A,B or [A, B]), got {value!r}")
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):           # tuple[T1, T2]: exactly that many items
+                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}: "
+                                  f"{list(value)!r}")
+            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in
+                         enumerate(zip(value, args)))
+        inner = args[0] if args else Any
         return origin(_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{key}: expected a bool, got {value!r}")
+        if isinstance(value, int) and value in (0, 1) or isinstance(value, str) \
+                and value.strip().lower() in _BOOLS:
+            return _BOOLS[str(value).strip().lower()]
+        raise ConfigError(f"{key}: expected a bool (true/false, yes/no, on/off, 1/0), got "
+                          f"{value!r}")
     if tp in (int, float):
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+        if tp is float:
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected float, got {value!r}") from None
+        if not isinstance(value, float):
+            try:
+                return int(value)                 # an int, or the text of one
+            except ValueError:                    # '3.0', '1e3': a whole number written so
+                pass
+            try:
+                return int(value, 0)              # '0x10'
+            except (TypeError, ValueError):
+                pass
         try:
-            out = tp(float(value)) if tp is int and isinstance(value, str) and "e" in value.lower() \
-                else tp(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
-        if tp is int and isinstance(value, float) and value != int(value):
-            raise ConfigError(f"{key}: expected int, got {value!r}")
-        return out
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected int, got {value!r}") from None
+        if not math.isfinite(number) or number != int(number):
+            raise ConfigError(f"{key}: expected int (a whole number), got {value!r}")
+        return int(number)
     if tp is str:
-        if not isinstance(value, (str, int, float)):
+        if isinstance(value, _SetText):
+            return str(value)
+        if not isinstance(value, (str, int, float, datetime.date)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
-    return value
+    return _plain_all(value)                   # a type without a conversion: the YAML value
 
 
 def from_dict(cls, data: dict, *, prefix: str = ""):
     """Build dataclass ``cls`` from a (nested) dict; unknown keys raise ConfigError."""
+    data = _plain(data)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -294,8 +378,13 @@ def to_dict(obj) -> Any:
     return obj
 
 
-def parse_set(items: list[str] | None) -> dict:
-    """``["train.steps=10", "model.a.b=1"]`` -> nested dict (values parsed as YAML scalars)."""
+def parse_set(items: list[str] | None, *, texts: bool = False) -> dict:
+    """``["train.steps=10", "model.a.b=1"]`` -> nested dict (values parsed as YAML scalars).
+
+    The same key given twice: the last value wins (a mapping value and later keys inside it
+    merge: ``train.ema={decay: 0.5}`` then ``train.ema.start_step=10``). ``texts``: a value
+    whose YAML reading is not a string, a list or a mapping (``007``, ``true``, ``null``,
+    ``1:2``) keeps its text too, which a ``str`` field takes as written (``build_experiment``)."""
     import yaml
 
     out: dict = {}
@@ -306,16 +395,22 @@ def parse_set(items: list[str] | None) -> dict:
         key = key.strip()
         if not key:
             raise ConfigError(f"--set {item!r}: empty key")
+        parts = key.split(".")
+        if "" in parts:
+            raise ConfigError(f"--set {item!r}: empty part in the key {key!r}, e.g. "
+                              f"train.ema.decay=0.999")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        if texts and not isinstance(value, (str, list, dict)):
+            value = _SetText(raw.strip(), value)
         node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {p} is set to a value and used as a section")
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:i + 1])} is set to a "
+                                  f"value and used as a section")
         node[parts[-1]] = value
     return out
 
@@ -349,17 +444,43 @@ def load_yaml(path: str) -> dict:
         raise ConfigError(f"--config {path}: not valid YAML{pos}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping at the top level (sections "
-                          f"model, data, train, or a run's config.yaml), got {data!r}")
+                          f"model, data, train, stages, or a run's config.yaml), got {data!r}")
     return data
 
 
 def _sections(data: dict) -> dict:
     """A run's ``config.yaml`` (``experiment_to_dict``: model name, preset, model_config, data,
-    train) -> the ``model`` / ``data`` / ``train`` sections; other YAML passes through."""
+    train, stages) -> the ``model`` / ``data`` / ``train`` (/ ``stages``) sections; other YAML
+    passes through."""
     if isinstance(data.get("model"), str) and "model_config" in data:
-        return {"model": data.get("model_config") or {}, "data": data.get("data") or {},
-                "train": data.get("train") or {}}
+        out = {"model": data.get("model_config") or {}, "data": data.get("data") or {},
+               "train": data.get("train") or {}}
+        if data.get("stages"):
+            out["stages"] = data["stages"]
+        return out
     return data
+
+
+SECTIONS = ("model", "data", "train")
+
+
+def _stage_section(stages: Any, source: str) -> dict:
+    """``stages`` (``{name: {model/data/train: ...}}``) checked for its shape (the names are
+    checked against the model's stages by ``pyface.train.stages.check_stage_section``)."""
+    stages = _plain(stages)
+    if stages is None:
+        return {}
+    if not isinstance(stages, dict) or not all(isinstance(_plain(v), dict)
+                                               for v in stages.values()):
+        raise ConfigError(f"{source}: stages: expected a mapping {{stage name: {{model: ..., "
+                          f"data: ..., train: ...}}}}, e.g. stages: {{s1: {{train: {{steps: "
+                          f"100}}}}}}, got {stages!r}")
+    for name, section in stages.items():
+        bad = sorted(set(section) - set(SECTIONS))
+        if bad:
+            raise ConfigError(f"{source}: stages.{name}.{bad[0]}: unknown section; valid "
+                              f"sections: model, data, train{did_you_mean(bad[0], SECTIONS)}")
+    return stages
 
 
 def preset_config(model: str, preset: str, presets: dict | None = None) -> dict:
@@ -383,20 +504,29 @@ def preset_config(model: str, preset: str, presets: dict | None = None) -> dict:
 
 def build_experiment(model: str, model_config_cls, *, yaml_path: str | None = None,
                      overrides: list[str] | None = None, defaults: dict | None = None,
-                     preset: str | None = None,
-                     presets: dict | None = None) -> ExperimentConfig:
+                     preset: str | None = None, presets: dict | None = None,
+                     stage: tuple[str, dict] | None = None) -> ExperimentConfig:
     """The experiment config: model defaults < ``defaults`` (the recipe) < ``preset`` < YAML
-    file < ``--set`` overrides.
+    file < ``--set`` overrides (< ``stage``: ``(name, sections)``, the settings addressed to
+    this model as the stage ``name`` of another, used by ``pyface.train.stages``).
+
+    A ``stages`` section of the YAML file and ``--set stages.<name>.<key>=<value>`` items
+    (the latter win) are kept in ``ExperimentConfig.stages`` for the model's stages (checked
+    and applied by ``pyface.train.stages``).
 
     ``preset`` names one of ``presets`` (default: the ``presets`` of the registered model
     ``model``); an unknown name raises ConfigError listing the valid presets. A YAML file that
     is a run's ``config.yaml`` (or ``--print-config`` output) must be one of ``model``; without
     ``preset`` its recorded preset is kept as the record (not applied again: the file holds the
     resolved values), so its stages train with the same preset.
+
+    ``data.options`` follow the dataset they were set for: when ``data.name`` ends up another
+    dataset than the one a layer's options belong to, that layer's options are left out
+    (listed in ``dropped_options``; see :func:`_options_of_the_selected_dataset`).
     """
-    data = dict(defaults or {})
+    layers = [("the recipe", dict(defaults or {}), True)]
     if preset is not None:
-        data = merge(data, preset_config(model, preset, presets))
+        layers.append((f"preset {preset!r}", preset_config(model, preset, presets), True))
     recorded = preset
     if yaml_path:
         file = load_yaml(yaml_path)
@@ -409,20 +539,111 @@ def build_experiment(model: str, model_config_cls, *, yaml_path: str | None = No
                                   f"{yaml_path})")
             if recorded is None:
                 recorded = file.get("preset")
-        data = merge(data, _sections(file))
-    data = merge(data, parse_set(overrides))
-    unknown = set(data) - {"model", "data", "train"}
+            elif file.get("preset") != recorded:
+                # the file's values replace every value of --preset, which would only change
+                # the record (and the preset its stages train with)
+                built = (f"preset {file['preset']!r}" if file.get("preset") is not None
+                         else "no preset")
+                raise ConfigError(f"--preset {recorded!r}: --config {yaml_path} is a resolved "
+                                  f"config built with {built}, whose values replace the "
+                                  f"preset's; leave out --preset (the file's is kept), or use "
+                                  f"--preset {recorded} without that file")
+        layers.append((f"--config {yaml_path}", dict(_sections(file)), False))
+    layers.append(("--set", parse_set(overrides, texts=True), False))
+    stages: dict = {}
+    for source, layer, _ in layers[1 + (preset is not None):]:
+        if "stages" in layer:
+            stages = merge(stages, _stage_section(layer.pop("stages"), source))
+    if stage is not None:
+        layers.append((f"stages.{stage[0]}", dict(stage[1]), False))
+    layers, dropped = _options_of_the_selected_dataset(layers)
+    data: dict = {}
+    for _, layer, _ in layers:
+        data = merge(data, layer)
+    unknown = set(data) - set(SECTIONS)
     if unknown:
         bad = sorted(unknown)[0]
-        raise ConfigError(f"{bad}: unknown section; valid sections: model, data, train"
-                          f"{did_you_mean(bad, ('model', 'data', 'train'))}")
+        valid = SECTIONS + ("stages",)
+        hint = ("; a preset is chosen with --preset NAME (a run's config.yaml records it next "
+                "to model_config)" if bad == "preset" else did_you_mean(bad, valid))
+        raise ConfigError(f"{bad}: unknown section; valid sections: {', '.join(valid)}{hint}")
     return ExperimentConfig(
         model=model, preset=recorded,
         model_config=from_dict(model_config_cls, data.get("model") or {}, prefix="model."),
         data=from_dict(DataConfig, data.get("data") or {}, prefix="data."),
-        train=from_dict(TrainConfig, data.get("train") or {}, prefix="train."))
+        train=from_dict(TrainConfig, data.get("train") or {}, prefix="train."),
+        stages=stages, dropped_options=dropped)
+
+
+def _options_of_the_selected_dataset(layers: list) -> tuple[list, list]:
+    """``layers`` ``[(source, sections, model_authored)]``, lowest first, without the
+    ``data.options`` that belong to another dataset than the one finally selected, and the list
+    of what was left out ``[(source, dataset, keys)]``.
+
+    The options a layer sets belong to the ``data.name`` set in the same layer; the recipe's and
+    a preset's options without a ``data.name`` next to them belong to the dataset the layers
+    below select (default ``procedural``). Options of ``--config`` or ``--set`` without a
+    ``data.name`` next to them belong to the dataset finally selected (they are checked against
+    its ``Options``). So changing ``data.name`` leaves behind what the recipe and preset (or a
+    run's ``config.yaml``) set for their own dataset, while the options given for the new one
+    apply."""
+    def name_of(layer):
+        section = layer.get("data")
+        if isinstance(section, dict) and _plain(section.get("name")) is not None:
+            return str(section["name"])
+        return None
+
+    selected = DataConfig.name
+    for _, layer, _ in layers:
+        selected = name_of(layer) or selected
+    out, dropped, below = [], [], DataConfig.name
+    for source, layer, model_authored in layers:
+        owner = name_of(layer) or (below if model_authored else None)
+        below = name_of(layer) or below
+        section = layer.get("data")
+        if owner is not None and owner != selected and isinstance(section, dict) \
+                and _plain(section.get("options")) is not None:
+            options = _plain(section["options"])
+            keys = sorted(options) if isinstance(options, dict) else [str(options)]
+            dropped.append((source, owner, keys))
+            layer = {**layer, "data": {k: v for k, v in section.items() if k != "options"}}
+        out.append((source, layer, model_authored))
+    return out, dropped
 
 
 def experiment_to_dict(cfg: ExperimentConfig) -> dict:
-    return {"model": cfg.model, "preset": cfg.preset, "model_config": to_dict(cfg.model_config),
-            "data": to_dict(cfg.data), "train": to_dict(cfg.train)}
+    """The config as plain data (config.yaml, checkpoints, ``--print-config``); ``stages`` only
+    when settings are addressed to the stages."""
+    out = {"model": cfg.model, "preset": cfg.preset, "model_config": to_dict(cfg.model_config),
+           "data": to_dict(cfg.data), "train": to_dict(cfg.train)}
+    if getattr(cfg, "stages", None):
+        out["stages"] = _as_written(cfg.stages)
+    return out
+
+
+def _as_written(obj: Any) -> Any:
+    """``obj`` with every ``--set`` value as YAML writes it back: its YAML value, or its text
+    where that reads differently (``007``, ``0.10``, ``True``), which every field type reads as
+    the ``--set`` did."""
+    if isinstance(obj, dict):
+        return {k: _as_written(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_as_written(v) for v in obj]
+    if isinstance(obj, _SetText):
+        v = obj.value
+        canonical = {True: "true", False: "false", None: "null"}.get(v) \
+            if v is None or isinstance(v, bool) else repr(v)
+        return v if canonical == str(obj) else str(obj)
+    return obj
+
+
+def experiment_yaml(cfg: ExperimentConfig) -> str:
+    """``experiment_to_dict(cfg)`` as YAML (``--print-config``, a run's ``config.yaml``), after
+    one comment line per source whose ``data.options`` were left out for another dataset
+    (comments: ``--config`` reads the values back unchanged)."""
+    import yaml
+
+    notes = "".join(f"# data.options of {source} for dataset {dataset!r} not applied to "
+                    f"data.name {cfg.data.name!r}: {', '.join(keys)}\n"
+                    for source, dataset, keys in getattr(cfg, "dropped_options", ()))
+    return notes + yaml.safe_dump(experiment_to_dict(cfg), sort_keys=False)

@@ -21,7 +21,7 @@ import torch
 
 from pyface import checkpoint as ckpt
 from pyface.train import distributed as D
-from pyface.train.config import ExperimentConfig, experiment_to_dict
+from pyface.train.config import ExperimentConfig, experiment_to_dict, experiment_yaml, to_dict
 from pyface.train.ema import EMA
 from pyface.train.model import ModelDefinitionError, Phase, StepContext, TrainableModel
 from pyface.train.monitor import Board, image_grid, save_png, save_video
@@ -367,6 +367,10 @@ class Trainer:
             raise ckpt.CheckpointError(f"{where}: trained model {exp.get('model')!r}, this run "
                                        f"trains {mine['model']!r}")
         theirs, ours = exp.get("model_config") or {}, mine["model_config"] or {}
+        try:        # a key the checkpoint lacks (a field added since) counts as its default
+            theirs = {**to_dict(type(self.cfg.model_config)()), **theirs}
+        except TypeError:                 # a config without defaults for every field
+            pass
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         share = getattr(type(self.model), "local_batch_field", None)
         reshaped = share in diff        # another share of the batch per rank (ranks, batch)
@@ -885,11 +889,9 @@ class Trainer:
                     signal.Signals(signum).name)
 
     def _setup_run_dir(self) -> None:
-        import yaml
-
         os.makedirs(self.run_dir, exist_ok=True)
         with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(experiment_to_dict(self.cfg), f, sort_keys=False)
+            f.write(experiment_yaml(self.cfg))
         if self.init_report is not None:
             import json
 

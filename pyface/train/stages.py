@@ -12,8 +12,9 @@ A stage gets its own recipe and the preset (with the final model's additions for
 ``Stage.presets``), plus the run-wide ``--set`` overrides of
 :data:`SHARED_KEYS` (device, precision, logging, data location, seed) and the overrides addressed
 to it by name, ``stages.<name>.<key>=<value>`` (e.g. ``stages.s1.model.neutral_weight=5``; a
-stage's own stages are addressed by their names too); the other overrides apply to the final
-model only.
+stage's own stages are addressed by their names too; a YAML config's ``stages:`` section,
+``ExperimentConfig.stages``, likewise, below the ``--set`` items); the other overrides apply
+to the final model only.
 
 A finished stage run is reused only if its model config equals the one this command asks for
 (the stage checkpoints of its own stages aside); otherwise :func:`prepare_stages` stops with a
@@ -69,9 +70,22 @@ def stage_names(model_cls) -> list[str]:
     return names
 
 
+def _stages_by_name(model_cls, parent: str | None = None) -> dict:
+    """``{name: (Stage, the name of the stage it belongs to or None)}`` of ``model_cls``'s
+    stages and, recursively, their own stages."""
+    from pyface.train.registry import model_class
+
+    out = {}
+    for stage in getattr(model_cls, "stages", ()) or ():
+        out[stage.name] = (stage, parent)
+        out.update(_stages_by_name(model_class(stage.model), stage.name))
+    return out
+
+
 def check_stage_overrides(model: str, model_cls, overrides: list[str] | None) -> None:
     """ConfigError if an item ``stages.<name>.<key>=...`` of ``overrides`` names no stage of
-    ``model`` or no key."""
+    ``model`` or no key, or sets the stage's ``train.run_dir`` (a stage trains in
+    ``<run_dir>/stages/<name>``)."""
     from pyface.train.config import ConfigError
 
     names = stage_names(model_cls)
@@ -86,6 +100,34 @@ def check_stage_overrides(model: str, model_cls, overrides: list[str] | None) ->
             raise ConfigError(f"--set {o}: expected stages.<stage>.<key>=<value> with <stage> "
                               f"a stage of {model!r} ({', '.join(names) or 'it has none'})"
                               f", got {key!r}")
+        if rest[len(name) + 1:] == "train.run_dir":
+            stage, parent = _stages_by_name(model_cls)[name]
+            where = f"stages.{parent}." if parent else ""
+            raise ConfigError(f"--set {o}: stage {name!r} trains in the run folder's "
+                              f"stages/{name}; to use a run of {stage.model!r} from elsewhere, "
+                              f"pass it as --set {where}model.{stage.checkpoint_key}=RUN")
+
+
+def check_stage_section(model: str, model_cls, stages: dict | None) -> None:
+    """ConfigError if ``stages`` (``ExperimentConfig.stages``: a YAML file's ``stages:``
+    section and the ``--set stages.*`` items) names no stage of ``model`` or sets a stage's
+    ``train.run_dir``."""
+    from pyface.train.config import ConfigError, did_you_mean
+
+    by_name = _stages_by_name(model_cls)
+    for name, section in (stages or {}).items():
+        if name not in by_name:
+            raise ConfigError(f"stages.{name}: not a stage of {model!r} "
+                              f"({', '.join(by_name) or 'it has none'})"
+                              f"{did_you_mean(name, by_name, 'stages.')}")
+        train = section.get("train") if isinstance(section, dict) else None
+        if isinstance(train, dict) and "run_dir" in train:
+            stage, parent = by_name[name]
+            where = f"stages.{parent}." if parent else ""
+            raise ConfigError(f"stages.{name}.train.run_dir: stage {name!r} trains in the run "
+                              f"folder's stages/{name}; to use a run of {stage.model!r} from "
+                              f"elsewhere, pass it as --set {where}model."
+                              f"{stage.checkpoint_key}=RUN")
 
 
 def stage_run_finished(run_dir: str, steps: int) -> str | None:
@@ -116,7 +158,7 @@ def prepare_stages(model_cls, cfg, *, overrides: list[str] | None = None,
         import copy
 
         cfg = copy.deepcopy(cfg)
-    from pyface.train.config import ConfigError, build_experiment, merge
+    from pyface.train.config import ConfigError, build_experiment, merge, parse_set
     from pyface.train.registry import model_class
 
     train_fn = train_fn or train_stage
@@ -140,14 +182,20 @@ def prepare_stages(model_cls, cfg, *, overrides: list[str] | None = None,
         if extra:
             # the final model's preset configures its stage above the stage model's preset
             presets = {**presets, preset: merge(presets[preset], extra)}
+        # the stage's own settings: the config's stages.<name> (a YAML file's, and the --set
+        # items of cfg's command), then this call's --set stages.<name>.* items
+        addressed = parse_set(overrides, texts=True).get("stages") or {}
+        own = merge((cfg.stages or {}).get(stage.name) or {}, addressed.get(stage.name) or {})
         try:
+            check_stage_section(cfg.model, model_cls, {stage.name: own})
             stage_cfg = build_experiment(
                 stage.model, stage_cls.Config, defaults=getattr(stage_cls, "recipe", {}),
-                preset=preset, presets=presets,
-                overrides=(shared_overrides(overrides) + stage_overrides(overrides, stage.name)
-                           + [f"train.run_dir={stage_dir}"]))
+                preset=preset, presets=presets, stage=(stage.name, own),
+                overrides=shared_overrides(overrides) + [f"train.run_dir={stage_dir}"])
         except ConfigError as exc:
             raise ConfigError(f"stage {stage.name!r} ({stage.model}): {exc}") from None
+        below = set(stage_names(stage_cls))      # its own stages' settings, for the recursion
+        stage_cfg.stages = {k: v for k, v in (cfg.stages or {}).items() if k in below}
         prepare_stages(stage_cls, stage_cfg, overrides=overrides, train_fn=train_fn,
                        dry_run=dry_run)
         done = stage_run_finished(stage_dir, stage_cfg.train.steps)
