@@ -421,6 +421,27 @@ def test_torch_compile_public_api():
     assert_close(g, torch.autograd.grad(ref, feats)[0])
 
 
+@needs_cpp
+def test_torch_compile_dynamic_shapes_fullgraph():
+    # dynamic=True traces the default box_size as a SymFloat: its check must not graph-break
+    torch._dynamo.reset()
+
+    def fn(points, feats):
+        planes, _ = ops.points_to_triplane(points, feats, 6, plane_axes="eg3d")
+        image, _, _ = ops.splat_points(points, feats, (5, 7))
+        return planes.square().sum() + image.square().sum()
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    for k, N in enumerate([10, 13, 17]):
+        gen = torch.Generator().manual_seed(k)
+        points = torch.rand(2, N, 3, generator=gen) - 0.5
+        feats = torch.randn(2, N, 3, generator=gen, requires_grad=True)
+        out = compiled(points, feats)
+        ref = fn(points, feats)
+        assert_close(out, ref)
+        assert_close(torch.autograd.grad(out, feats)[0], torch.autograd.grad(ref, feats)[0])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_points_give_empty_outputs(backend):
     """N = 0 is not an error: the outputs are those of a cloud with no valid point (planes 0,

@@ -120,6 +120,20 @@ def test_sample_stratified():
         ops.sample_stratified(o, o, 2.0, 3.0, 8, noise=torch.rand(2, 3, 7))
 
 
+def test_sample_stratified_compiles_with_symbolic_near_far():
+    # under dynamic=True, near and far passed as arguments are traced as SymFloat: the range
+    # check must not graph-break on them (math.isfinite did)
+    torch._dynamo.reset()
+
+    def fn(o, near, far):
+        return ops.sample_stratified(o, o, near, far, 8)
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    o = torch.zeros(2, 3, 3)
+    for near, far in [(2.25, 3.3), (1.5, 2.5)]:
+        assert torch.equal(compiled(o, near, far), fn(o, near, far))
+
+
 # ---------------------------------------------------------------------------------------------
 # mip_composite
 # ---------------------------------------------------------------------------------------------

@@ -160,6 +160,27 @@ def test_torch_compile_inductor_reference_and_cpu():
                                                                    plane_axes="xy_xz_zy"))
 
 
+@pytest.mark.cpp
+def test_torch_compile_dynamic_shapes_fullgraph():
+    # dynamic=True traces float arguments, e.g. the default box_size, as SymFloat: the argument
+    # checks must not graph-break on them (math.isfinite did), and new shapes reuse the graph
+    torch._dynamo.reset()
+
+    def fn(p, x):
+        return triplane_sample(p, x, plane_axes="eg3d").square().sum()
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    for k, (C, H, W, N) in enumerate([(5, 7, 9, 23), (6, 8, 10, 31), (7, 9, 11, 41)]):
+        planes, points = make(C=C, H=H, W=W, N=N, seed=k)
+        out = compiled(planes, points)
+        g = torch.autograd.grad(out, (planes, points))
+        ref = fn(planes, points)
+        g_ref = torch.autograd.grad(ref, (planes, points))
+        assert_close(out, ref)
+        assert_close(g[0], g_ref[0])
+        assert_close(g[1], g_ref[1], scale=10)
+
+
 @pytest.mark.parametrize("B,N", [(2, 0), (0, 5), (0, 0)])
 def test_empty(B, N):
     planes, points = make(B=B, N=N)

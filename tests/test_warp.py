@@ -298,6 +298,23 @@ def test_torch_compile_fullgraph():
     compare(compiled, f, inputs)
 
 
+@cpp
+def test_torch_compile_dynamic_shapes_fullgraph():
+    # dynamic=True traces the float options (heatmap_variance's default) as SymFloat; their
+    # checks must not graph-break, and new shapes must reuse the graph
+    torch._dynamo.reset()
+
+    def f(vol, kps, kpd, grid):
+        return (ops.motion_field_input(vol, kps, kpd).square().sum()
+                + ops.warp_volume(vol, grid).square().sum())
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
+    for k, (C, D) in enumerate([(3, 4), (5, 6), (4, 7)]):
+        vol, kps, kpd, _, _ = make(C=C, D=D, K=2, dtype=torch.float32, seed=k)
+        grid = (torch.rand(2, 3, 4, 5, 3) * 2 - 1).requires_grad_()
+        compare(compiled, f, [vol, kps, kpd, grid])
+
+
 # ------------------------------------------------------------------------------------------------
 # errors
 # ------------------------------------------------------------------------------------------------

@@ -82,11 +82,19 @@ def check_choice(name: str, value, choices: Iterable) -> None:
         raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
 
 
+def is_finite(value) -> bool:
+    """``math.isfinite`` in comparisons (False for NaN and +-inf), so that ``torch.compile``
+    traces it without a graph break when the number is symbolic (under ``dynamic=True`` a
+    float argument, e.g. an op's default ``box_size``, is traced as a ``SymFloat``, which
+    ``math.isfinite`` cannot take)."""
+    return -math.inf < value < math.inf
+
+
 def check_positive(name: str, value, *, integer: bool = False) -> None:
     """``value`` is a positive int (``integer``) or a positive finite number (NaN and inf are
     refused here, as the C++ entry points refuse them, so every backend answers alike)."""
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind) or not value > 0 or (
-            not integer and not math.isfinite(value)):
+            not integer and not is_finite(value)):
         what = "a positive integer" if integer else "a positive finite number"
         raise ValueError(f"{name}: expected {what}, got {value!r}")

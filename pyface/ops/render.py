@@ -7,7 +7,6 @@ activation memory), or as one fused Triton kernel per ray block.
 """
 from __future__ import annotations
 
-import math
 import contextlib
 from collections.abc import Callable, Sequence
 
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 
 from pyface import _backend
 from pyface._ops import fused_backward
-from pyface.ops._checks import ShapeChecker, check_choice, check_positive
+from pyface.ops._checks import ShapeChecker, check_choice, check_positive, is_finite
 from pyface.ops.reference.render import (
     OSG_CLAMP,
     mip_composite_reference,
@@ -59,7 +58,7 @@ def ray_bundle(cameras: torch.Tensor, resolution: int) -> tuple[torch.Tensor, to
 
 def _check_range(near, far) -> tuple[float, float]:
     for name, v in (("near", near), ("far", far)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not is_finite(v):
             raise ValueError(f"{name}: expected a finite number, got {v!r}")
     if not near < far:
         raise ValueError(f"near, far: expected near < far, got near={near!r}, far={far!r}")
