@@ -342,6 +342,20 @@ def test_bad_input(backend):
 
 
 @needs_cpp
+def test_forward_mode_and_func_grad_raise_naming_the_op():
+    # forward-mode AD through the fused interpolation would silently give a zero tangent
+    verts, faces, attrs = random_scene(seed=3)
+
+    def fn(a):
+        return ops.rasterize_mesh(verts, faces, (9, 11), a, backend="cpu")[0]
+
+    with pytest.raises(RuntimeError, match=r"pyface.ops.rasterize_mesh: forward-mode AD"):
+        torch.func.jvp(fn, (attrs,), (torch.ones_like(attrs),))
+    with pytest.raises(RuntimeError, match=r"pyface.ops.rasterize_mesh: torch.func.grad"):
+        torch.func.grad(lambda a: fn(a).sum())(attrs)
+
+
+@needs_cpp
 def test_bad_input_direct_op():
     verts, faces, _ = random_scene(V=10, F=5)
     with pytest.raises(IndexError, match="faces"):

@@ -366,6 +366,20 @@ def test_splat_bad_input(backend):
 
 
 @needs_cpp
+def test_forward_mode_and_func_grad_raise_naming_the_op():
+    # forward-mode AD through the fused gather would silently give a zero tangent
+    points = torch.rand(2, 9, 3) - 0.5
+    feats = torch.randn(2, 9, 3)
+    for name, fn in (("splat_points", lambda x: ops.splat_points(points, x, 5, backend="cpu")[0]),
+                     ("points_to_triplane", lambda x: ops.points_to_triplane(
+                         points, x, 4, plane_axes="eg3d", backend="cpu")[0])):
+        with pytest.raises(RuntimeError, match=rf"pyface.ops.{name}: forward-mode AD"):
+            torch.func.jvp(fn, (feats,), (torch.ones_like(feats),))
+        with pytest.raises(RuntimeError, match=rf"pyface.ops.{name}: torch.func.grad"):
+            torch.func.grad(lambda x: fn(x).sum())(feats)
+
+
+@needs_cpp
 def test_splat_empty_batch_and_channels():
     points = torch.rand(0, 4, 3)
     out = ops.splat_points(points, torch.randn(0, 4, 2), 5, backend="cpu")

@@ -231,6 +231,30 @@ def test_mip_composite_noncontiguous_and_empty():
 
 
 @needs_cpp
+def test_forward_mode_and_func_grad_raise_naming_the_op():
+    # forward-mode AD through the fused kernels would silently give a zero tangent
+    f, s, t = (x.detach().double() for x in rand_composite_inputs(2, 3, 6, 4))
+    planes, o, d, w = _tiny_scene()
+    kw = _render_kw(1, 4, nc=6, nf=4)
+
+    def comp(f):
+        return ops.mip_composite(f, s, t, backend="cpu")[0]
+
+    def render(p):
+        return ops.render_triplane(p, o, d, w, backend="cpu", **kw)[0]
+
+    for fn, x, name in ((comp, f, "mip_composite"), (render, planes.detach(), "render_triplane")):
+        with pytest.raises(RuntimeError, match=rf"pyface.ops.{name}: forward-mode AD"):
+            torch.func.jvp(fn, (x,), (torch.ones_like(x),))
+        with pytest.raises(RuntimeError, match=rf"pyface.ops.{name}: torch.func.grad"):
+            torch.func.grad(lambda x: fn(x).sum())(x)
+    # the reference composite is plain PyTorch: forward mode works there
+    _, tangent = torch.func.jvp(lambda f: ops.mip_composite(f, s, t, backend="reference")[0],
+                                (f,), (torch.ones_like(f),))
+    assert tangent.abs().sum() > 0
+
+
+@needs_cpp
 def test_mip_composite_opcheck_and_compile():
     f, s, t = rand_composite_inputs(2, 3, 6, 4)
     torch.library.opcheck(torch.ops.pyface.mip_composite, (f, s, t, None, -1.0, True))

@@ -181,6 +181,36 @@ def test_torch_compile_dynamic_shapes_fullgraph():
         assert_close(g[1], g_ref[1], scale=10)
 
 
+@pytest.mark.cpp
+def test_func_transforms_and_forward_mode():
+    # the fused kernels have a reverse-mode backward only: forward-mode AD (whose tangent torch
+    # would silently drop: a zero jvp) and torch.func's grad transforms raise naming the op;
+    # vmap runs one call per element; the reference backend supports what grid_sample does
+    import torch.autograd.forward_ad as fwAD
+
+    planes, points = make(C=3, dtype=torch.float64)
+    p, x = planes.detach(), points.detach()
+
+    def f(p, backend="cpu"):
+        return triplane_sample(p, x, plane_axes="eg3d", backend=backend)
+
+    fwd = r"pyface.ops.triplane_sample: forward-mode AD .* not supported by the 'cpu' backend"
+    with pytest.raises(RuntimeError, match=fwd):
+        torch.func.jvp(f, (p,), (torch.ones_like(p),))
+    with pytest.raises(RuntimeError, match=fwd):
+        torch.func.jacfwd(f)(p)
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match=fwd):
+        f(fwAD.make_dual(p, torch.ones_like(p)))
+    with pytest.raises(RuntimeError, match=r"pyface.ops.triplane_sample: torch.func.grad"):
+        torch.func.grad(lambda p: f(p).sum())(p)
+    with fwAD.dual_level():                    # a dual level alone (no tangent) is fine
+        assert_close(f(p), f(p, "reference"))
+    stacked = torch.stack([p, 2 * p])
+    assert_close(torch.func.vmap(f)(stacked), torch.stack([f(p), f(2 * p)]))
+    g_ref = torch.func.grad(lambda p: f(p, "reference").square().sum())(p)
+    assert_close(g_ref, torch.autograd.grad(f(planes).square().sum(), planes)[0])
+
+
 @pytest.mark.parametrize("B,N", [(2, 0), (0, 5), (0, 0)])
 def test_empty(B, N):
     planes, points = make(B=B, N=N)

@@ -10,6 +10,7 @@ import math
 from collections.abc import Iterable
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 
 def _fmt(shape: Iterable) -> str:
@@ -98,3 +99,39 @@ def check_positive(name: str, value, *, integer: bool = False) -> None:
             not integer and not is_finite(value)):
         what = "a positive integer" if integer else "a positive finite number"
         raise ValueError(f"{name}: expected {what}, got {value!r}")
+
+
+_GRAD, _JVP = torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp
+
+
+def check_autodiff_mode(op: str, backend: str, *tensors) -> None:
+    """Refuses, with an error naming the op, the autodiff modes that a compiled backend
+    (``cpu`` / ``cuda`` / ``triton``) cannot serve and that would otherwise go wrong:
+
+    * forward-mode AD (``torch.func.jvp`` / ``jacfwd``, ``torch.autograd.forward_ad``): the
+      fused kernels have no forward derivative, and torch would silently drop the tangent (a
+      zero Jacobian-vector product);
+    * ``torch.func.grad`` / ``vjp`` / ``jacrev`` / ``hessian``: torch's autograd of a custom op
+      is not a ``torch.func`` transform (torch's own error does not name the op).
+
+    ``torch.func.vmap`` works (one op call per batch element) and ``torch.autograd.grad`` is the
+    reverse mode to use; the ``reference`` backend supports whatever its PyTorch ops support.
+    Skipped under ``torch.compile`` (dynamo would not trace the checks).
+    """
+    if torch.compiler.is_compiling():
+        return
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+    if fwAD._current_level >= 0 and any(fwAD.unpack_dual(t).tangent is not None
+                                        for t in tensors):
+        what = "forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad)"
+    elif torch._C._functorch.peek_interpreter_stack() is not None and any(
+            torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors) and any(
+            i.key() in (_GRAD, _JVP)
+            for i in torch._C._functorch.get_interpreter_stack()):
+        what = "torch.func.grad / vjp / jacrev / hessian"
+    else:
+        return
+    raise RuntimeError(
+        f"pyface.ops.{op}: {what} is not supported by the {backend!r} backend (its fused "
+        f"kernels have a reverse-mode backward only); use torch.autograd.grad, or "
+        f"backend='reference' (pure PyTorch)")

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from pyface import _backend
 from pyface._ops import fused_backward
-from pyface.ops._checks import ShapeChecker, check_choice, check_positive, is_finite
+from pyface.ops._checks import (ShapeChecker, check_autodiff_mode, check_choice, check_positive,
+                                is_finite)
 from pyface.ops.reference.render import (
     OSG_CLAMP,
     mip_composite_reference,
@@ -157,6 +158,7 @@ def mip_composite(features: torch.Tensor, densities: torch.Tensor, depths: torch
             out = mip_composite_reference(features, densities, depths, density_bias=density_bias,
                                           white_back=white_back, depth_range=depth_range)
         else:
+            check_autodiff_mode("mip_composite", name, features, densities)
             out = torch.ops.pyface.mip_composite(features, densities, depths.detach(),
                                                  depth_range, density_bias, white_back)
     return tuple(o.to(out_dtype) for o in out)
@@ -624,6 +626,9 @@ def render_triplane(planes: torch.Tensor, ray_origins: torch.Tensor, ray_dirs: t
     kw = dict(near=near, far=far, n_coarse=n_coarse, n_fine=n_fine, plane_axes=plane_axes,
               box_size=box_size, density_bias=density_bias, white_back=white_back)
     name = _select_renderer(planes, ray_origins, ray_dirs, decoder, backend)
+    if name != "reference":
+        check_autodiff_mode("render_triplane", name, planes, ray_origins, ray_dirs,
+                            *(decoder if _is_osg(decoder) else ()))
     with torch.autocast(dev.type, enabled=False) if autocast else contextlib.nullcontext():
         if name == "reference":
             out = render_triplane_reference(planes, ray_origins, ray_dirs, decoder,

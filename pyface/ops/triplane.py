@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from pyface import _backend
-from pyface.ops._checks import ShapeChecker, _fmt, check_choice, check_positive
+from pyface.ops._checks import (ShapeChecker, _fmt, check_autodiff_mode, check_choice,
+                                check_positive)
 from pyface.ops.reference.triplane import triplane_sample_reference
 
 PLANE_AXES = ("xy_xz_zy", "eg3d")
@@ -65,6 +66,7 @@ def triplane_sample(planes: torch.Tensor, points: torch.Tensor, *, plane_axes: s
         return triplane_sample_reference(planes, points, plane_axes=plane_axes,
                                          box_size=box_size, reduce=reduce,
                                          align_corners=align_corners)
+    check_autodiff_mode("triplane_sample", name, planes, points)
     if name == "triton":
         from pyface._ops.triplane import triton_op
 
