@@ -412,6 +412,60 @@ def test_triton_interpreter(plane_axes, reduce, case):
     assert_close(g[1], g_ref[1], scale=10)
 
 
+_DEFINE_FROM_THREADS = """
+import threading, time, torch.library
+define = torch.library.triton_op
+def slow(*args, **kwargs):          # widens the window in which two threads define at once
+    time.sleep(0.05)
+    return define(*args, **kwargs)
+torch.library.triton_op = slow
+from pyface._ops import render, triplane, warp
+getters = (triplane.triton_op, render.triton_op, warp.triton_ops)
+barrier, got, errors = threading.Barrier(4), [], []
+def first_use():
+    barrier.wait()
+    try:
+        got.append(tuple(id(get()) for get in getters))
+    except Exception as exc:
+        errors.append(repr(exc))
+threads = [threading.Thread(target=first_use) for _ in range(4)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(errors, len(got), len(set(got)))
+"""
+
+
+@pytest.mark.triton_interpret
+def test_triton_ops_are_defined_once_when_threads_race_on_first_use():
+    # nn.DataParallel / thread pools: the lazy definition of the torch.library Triton ops ran
+    # in every thread that got there first, and the second definition raised
+    out = subprocess.run([sys.executable, "-c", _DEFINE_FROM_THREADS], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.split("\n")[-2] == "[] 4 1", out.stdout + out.stderr
+
+
+def test_lazily_defined_op_lookup_traces_under_compile():
+    # the lazy Triton-op getters (pyface._ops.define_once) are traced as a lookup once defined;
+    # under functools.lru_cache dynamo traced into the definition itself (fullgraph error)
+    from pyface._ops import define_once
+
+    @define_once
+    def get():
+        @torch.library.custom_op("pyface_test::double", mutates_args=())
+        def double(x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+        double.register_fake(lambda x: torch.empty_like(x))
+        return double
+
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: get()(x) + 1, backend="aot_eager")
+    assert torch.equal(fn(torch.ones(2)), torch.full((2,), 3.0))       # defines (graph break)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: get()(x) + 1, fullgraph=True, backend="aot_eager")
+    assert torch.equal(fn(torch.ones(2)), torch.full((2,), 3.0))
+
+
 @pytest.mark.triton_interpret
 def test_triton_interpreter_empty_and_nan():
     planes, points = make(N=0)
