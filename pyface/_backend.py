@@ -203,6 +203,9 @@ def _dtype_status(spec: OpSpec, backend: str, dtype: torch.dtype | None) -> tupl
 
 #: backend forced on every op by ``pyface.ops.use_backend`` (process-wide; None: not forced)
 _forced: str | None = None
+#: the open ``use_backend`` blocks, (token, name) in the order they were entered; ``_forced``
+#: is the name of the last one
+_forcing: list[tuple[object, str | None]] = []
 
 
 @torch.compiler.assume_constant_result

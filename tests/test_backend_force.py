@@ -86,3 +86,48 @@ def test_info_reports_the_forced_backend(monkeypatch):
     assert "PYFACE_BACKEND=reference: every op" in pyface.info.format_report(info)
     monkeypatch.delenv("PYFACE_BACKEND")
     assert pyface.info.collect()["forced_backend"] is None
+
+
+def test_use_backend_blocks_overlapping_in_threads_restore_nothing_stale(monkeypatch):
+    # the forcing is process-wide: a block entered in thread A, then one in thread B, with A
+    # leaving first, left A's backend forced for good (B restored the value it had replaced)
+    import threading
+
+    monkeypatch.delenv("PYFACE_BACKEND", raising=False)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with ops.use_backend("reference"):
+            a_in.set()
+            b_in.wait()
+        seen["after A left"] = _backend._forced
+        a_out.set()
+
+    def b():
+        a_in.wait()
+        with ops.use_backend("cpu"):
+            b_in.set()
+            a_out.wait()
+            seen["B still inside"] = _backend._forced
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"after A left": "cpu", "B still inside": "cpu"}
+    assert _backend._forced is None
+
+
+def test_use_backend_restores_on_exception_and_nests():
+    with ops.use_backend("reference"):
+        with pytest.raises(KeyError):
+            with ops.use_backend("cpu"):
+                assert _backend._forced == "cpu"
+                raise KeyError("inside")
+        assert _backend._forced == "reference"
+        with ops.use_backend(None):                       # no forcing inside this block
+            assert _backend._forced is None
+        assert _backend._forced == "reference"
+    assert _backend._forced is None
