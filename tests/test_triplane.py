@@ -297,6 +297,21 @@ def test_bad_input(mutate, exc, match, backend):
         triplane_sample(p, x, backend=backend, plane_axes="xy_xz_zy")
 
 
+@pytest.mark.parametrize("backend", (None, "cpu", "reference"))
+@pytest.mark.parametrize("W", (2**24 + 1, 2**25 - 1, 2**31 + 5))
+def test_planes_wider_than_float32_texel_coordinates_are_refused(backend, W):
+    # an expanded (stride 0) plane costs no memory at any width; beyond 2^24 texels the CPU
+    # kernel's float32 coordinates lose the texel (2^25 - 1: zeros) and past 2^31 its 32-bit
+    # texel indices overflowed (zeros), without an error
+    planes = torch.ones(1, 1, 1, 1, 1).expand(1, 3, 1, 2, W)
+    points = torch.zeros(1, 2, 3)
+    with pytest.raises(ValueError, match=rf"planes: expected H, W <= 2\^24 .*, 1, 2, {W}\)"):
+        triplane_sample(planes, points, plane_axes="eg3d", backend=backend)
+    wide = torch.ones(1, 1, 1, 1, 1).expand(1, 3, 1, 2, 2**24)      # the largest size runs
+    out = triplane_sample(wide, points, plane_axes="eg3d", reduce="none", backend=backend)
+    assert out.shape == (1, 3, 2, 1) and torch.equal(out, torch.ones_like(out))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(plane_axes="xyz"), "plane_axes: expected one of .*got 'xyz'"),
     (dict(reduce="max"), "reduce: expected one of .*got 'max'"),
