@@ -283,6 +283,15 @@ def test_mip_composite_bad_input():
         ops.mip_composite(f[:, :, :1], s[..., :1], t[..., :1])
     with pytest.raises(TypeError, match="depths: expected dtype torch.float32"):
         ops.mip_composite(f, s, t.double())
+    # the dtype passed is named, not the float32 that float16 / bfloat16 are computed in
+    with pytest.raises(TypeError, match=r"densities: expected dtype torch.float64 \(the dtype "
+                                        r"of features\), got torch.float16"):
+        ops.mip_composite(f.double(), s.half(), t.double())
+    with pytest.raises(TypeError, match=r"densities: expected dtype torch.float32, torch.float16 "
+                                        r"or torch.bfloat16 .*torch.bfloat16\), got torch.float64"):
+        ops.mip_composite(f.bfloat16(), s.double(), t.bfloat16())
+    out = ops.mip_composite(f.half(), s.bfloat16(), t)          # all computed in float32
+    assert out[0].dtype == torch.float16
     with pytest.raises(TypeError, match="features: expected a floating-point tensor"):
         ops.mip_composite(f.int(), s, t)
     with pytest.raises(ValueError, match=r"densities: expected shape \(B, R, S\)"):
@@ -367,6 +376,9 @@ def test_sample_importance_bad_input():
         ops.sample_importance(t, w, 4, u=torch.rand(2, 3, 5))
     with pytest.raises(ValueError, match="n_importance"):
         ops.sample_importance(t, w, 0)
+    with pytest.raises(TypeError, match=r"weights: expected dtype torch.float64 \(the dtype "
+                                        r"of depths\), got torch.bfloat16"):
+        ops.sample_importance(t.double(), w.bfloat16(), 4)
     with pytest.raises(ValueError, match="S >= 4"):
         torch.ops.pyface.sample_importance(t[..., :3], w[..., :2], torch.rand(2, 3, 4))
 

@@ -142,11 +142,8 @@ def mip_composite(features: torch.Tensor, densities: torch.Tensor, depths: torch
     if chk.dims["S"] < 2:
         raise ValueError(f"features: expected S >= 2 samples per ray, got shape "
                          f"{tuple(features.shape)}")
+    _check_compute_dtype("features", features, ("densities", densities), ("depths", depths))
     out_dtype, (features, densities, depths) = _float32_compute(features, densities, depths)
-    for name, t in (("densities", densities), ("depths", depths)):
-        if t.dtype != features.dtype:
-            raise TypeError(f"{name}: expected dtype {features.dtype} (the dtype of features), "
-                            f"got {t.dtype}")
     if depth_range is not None:
         chk.tensor("depth_range", depth_range, "2")
     if not isinstance(white_back, bool):
@@ -184,6 +181,18 @@ def _float32_compute(*tensors: torch.Tensor):
     return out_dtype, tuple(t.float() if t.dtype in half else t for t in tensors)
 
 
+def _check_compute_dtype(ref_name: str, ref: torch.Tensor, *named) -> None:
+    """The tensors ``named`` compute in the dtype of ``ref``: float64 with float64, float32
+    with any of float16 / bfloat16 / float32. The error names the dtype that was passed (not
+    the float32 it would have been promoted to)."""
+    for name, t in named:
+        if (t.dtype == torch.float64) != (ref.dtype == torch.float64):
+            expected = (f"torch.float64 (the dtype of {ref_name})" if ref.dtype == torch.float64
+                        else f"torch.float32, torch.float16 or torch.bfloat16 (computed in "
+                             f"float32 like {ref_name}, {ref.dtype})")
+            raise TypeError(f"{name}: expected dtype {expected}, got {t.dtype}")
+
+
 def sample_importance(depths: torch.Tensor, weights: torch.Tensor, n_importance: int, *,
                       u: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """EG3D's importance sampling (``sample_importance`` + ``sample_pdf``); no gradient.
@@ -216,10 +225,8 @@ def sample_importance(depths: torch.Tensor, weights: torch.Tensor, n_importance:
     chk._bound_by["S-1"] = "depths"
     chk.tensor("weights", weights, "B R S-1")
     M = _check_samples("n_importance", n_importance, 1)
+    _check_compute_dtype("depths", depths, ("weights", weights))
     out_dtype, (depths, weights) = _float32_compute(depths, weights)
-    if weights.dtype != depths.dtype:
-        raise TypeError(f"weights: expected dtype {depths.dtype} (the dtype of depths), got "
-                        f"{weights.dtype}")
     if u is None:
         B, R, _ = depths.shape
         u = torch.rand(B, R, M, device=depths.device, dtype=depths.dtype)
