@@ -182,6 +182,19 @@ def test_torch_compile_dynamic_shapes_fullgraph():
 
 
 @pytest.mark.cpp
+def test_profiler_names_the_op_forward_and_backward():
+    # docs/render.md "Profiling and using the ops in your own code"
+    from torch.profiler import ProfilerActivity, profile
+
+    planes, points = make(C=3)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        triplane_sample(planes, points, plane_axes="eg3d", backend="cpu").sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    assert {"pyface::triplane_sample", "pyface::triplane_sample_bwd",
+            "GeneratedBackwardFor_pyface_triplane_sample_default"} <= names, sorted(names)
+
+
+@pytest.mark.cpp
 def test_func_transforms_and_forward_mode():
     # the fused kernels have a reverse-mode backward only: forward-mode AD (whose tangent torch
     # would silently drop: a zero jvp) and torch.func's grad transforms raise naming the op;
