@@ -131,3 +131,23 @@ def test_use_backend_restores_on_exception_and_nests():
             assert _backend._forced is None
         assert _backend._forced == "reference"
     assert _backend._forced is None
+
+
+@pytest.mark.cpp
+def test_use_backend_reaches_a_function_compiled_before(monkeypatch):
+    # the choice is a constant of the compiled graph: without a guard on the forced backend a
+    # function compiled outside a use_backend block kept running the backend it was traced with
+    monkeypatch.delenv("PYFACE_BACKEND", raising=False)
+    calls = _calls(monkeypatch)
+    torch._dynamo.reset()
+    planes, points = torch.randn(1, 3, 4, 5, 5), torch.rand(1, 7, 3) - 0.5
+    fn = torch.compile(lambda p, x: ops.triplane_sample(p, x, plane_axes="xy_xz_zy"),
+                       fullgraph=True, backend="eager")
+    fused = fn(planes, points)
+    assert calls == []
+    with ops.use_backend("reference"):
+        ref = fn(planes, points)
+    assert calls == [1]
+    fn(planes, points)                                        # back to the compiled backend
+    assert calls == [1]
+    torch.testing.assert_close(fused, ref)
