@@ -248,6 +248,11 @@ def test_forward_mode_and_func_grad_raise_naming_the_op():
             torch.func.jvp(fn, (x,), (torch.ones_like(x),))
         with pytest.raises(RuntimeError, match=rf"pyface.ops.{name}: torch.func.grad"):
             torch.func.grad(lambda x: fn(x).sum())(x)
+    # an op on constants of the differentiated function (lifted by the transform, not
+    # requiring grad) runs as a constant
+    out = comp(f)
+    g = torch.func.grad(lambda w: (comp(f * 1.0) * w).sum())(torch.ones_like(out))
+    assert torch.equal(g, out)
     # the reference composite is plain PyTorch: forward mode works there
     _, tangent = torch.func.jvp(lambda f: ops.mip_composite(f, s, t, backend="reference")[0],
                                 (f,), (torch.ones_like(f),))

@@ -101,7 +101,7 @@ def check_positive(name: str, value, *, integer: bool = False) -> None:
         raise ValueError(f"{name}: expected {what}, got {value!r}")
 
 
-_GRAD, _JVP = torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp
+_GRAD = torch._C._functorch.TransformType.Grad
 
 
 def check_autodiff_mode(op: str, backend: str, *tensors) -> None:
@@ -111,8 +111,9 @@ def check_autodiff_mode(op: str, backend: str, *tensors) -> None:
     * forward-mode AD (``torch.func.jvp`` / ``jacfwd``, ``torch.autograd.forward_ad``): the
       fused kernels have no forward derivative, and torch would silently drop the tangent (a
       zero Jacobian-vector product);
-    * ``torch.func.grad`` / ``vjp`` / ``jacrev`` / ``hessian``: torch's autograd of a custom op
-      is not a ``torch.func`` transform (torch's own error does not name the op).
+    * ``torch.func.grad`` / ``vjp`` / ``jacrev`` / ``hessian`` with respect to an input of the
+      op: torch's autograd of a custom op is not a ``torch.func`` transform (torch's own error
+      does not name the op). An op on constants of the differentiated function runs.
 
     ``torch.func.vmap`` works (one op call per batch element) and ``torch.autograd.grad`` is the
     reverse mode to use; the ``reference`` backend supports whatever its PyTorch ops support.
@@ -125,9 +126,11 @@ def check_autodiff_mode(op: str, backend: str, *tensors) -> None:
                                         for t in tensors):
         what = "forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad)"
     elif torch._C._functorch.peek_interpreter_stack() is not None and any(
-            torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors) and any(
-            i.key() in (_GRAD, _JVP)
-            for i in torch._C._functorch.get_interpreter_stack()):
+            t.requires_grad and torch._C._functorch.is_functorch_wrapped_tensor(t)
+            for t in tensors) and any(
+            i.key() == _GRAD for i in torch._C._functorch.get_interpreter_stack()):
+        # (a tensor that a transform merely lifted, a constant of the differentiated function,
+        # does not require grad: the op then runs as a constant, which is right)
         what = "torch.func.grad / vjp / jacrev / hessian"
     else:
         return
