@@ -640,6 +640,38 @@ def test_render_triplane_torch_compile_fullgraph(backend, recompute):
                     [planes, *w], torch.float64)
 
 
+@needs_cpp
+def test_render_triplane_compiles_once_for_any_ray_count():
+    # the chunk loop runs over the number of chunks, not over range(0, R, chunk): under
+    # dynamic=True a new ray count R reuses the graph (it was specialised: one graph per R)
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    planes, _, _, w = scene(B=2, res=3, C=4, HW=6, hidden=8, c_out=2)
+
+    def fn(p, o, d, noise, u, *w):
+        return ops.render_triplane(p, o, d, list(w), near=2.25, far=3.3, n_coarse=6, n_fine=4,
+                                   plane_axes="eg3d", stratified_noise=noise, importance_u=u,
+                                   backend="cpu")
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    for res in (3, 4):
+        o, d = ray_bundle_reference(eg3d_cameras(2, torch.float64), res)
+        R = res * res
+        gen = torch.Generator().manual_seed(res)
+        noise = torch.rand(2, R, 6, generator=gen, dtype=torch.float64)
+        u = torch.rand(2, R, 4, generator=gen, dtype=torch.float64)
+        out, ref = compiled(planes, o, d, noise, u, *w), fn(planes, o, d, noise, u, *w)
+        for a, b in zip(out, ref):
+            assert_close(a, b)
+        g = torch.autograd.grad(sum(x.square().sum() for x in out), [planes, *w])
+        g_ref = torch.autograd.grad(sum(x.square().sum() for x in ref), [planes, *w])
+        for a, b in zip(g, g_ref):
+            assert_close(a, b)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 @pytest.mark.triton_interpret
 def test_render_triplane_triton_op_opcheck():
     # schema and autograd registration of the triton_op; the fake-tensor and compile checks need

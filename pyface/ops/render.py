@@ -473,13 +473,14 @@ def _render_compiled(planes, ray_origins, ray_dirs, decoder, near, far, n_coarse
     # equal chunks (at most chunk rays each): no small remainder chunk paying a whole chunk's
     # per-call overhead
     chunk = -(-R // -(-R // chunk)) if R > 0 else chunk
+    n_chunks = max(1, -(-R // chunk))
     # Coarse pass and importance sampling: no gradient flows through them (EG3D), so they run
     # without autograd, chunk by chunk; only the merged sorted depths (B, R, S) are kept.
     if n_fine > 0:
         parts = []
         with torch.no_grad():
-            for r0 in range(0, max(R, 1), chunk):
-                sl = slice(r0, min(R, r0 + chunk))
+            for i in range(n_chunks):
+                sl = slice(i * chunk, min(R, (i + 1) * chunk))
                 tc = depths_c[:, sl]
                 pts = _points(ray_origins[:, sl], ray_dirs[:, sl], tc)
                 _, sigma = _decode(decoder, planes, pts, plane_axes, box_size, backend,
@@ -504,8 +505,8 @@ def _render_compiled(planes, ray_origins, ray_dirs, decoder, near, far, n_coarse
         or (not _is_osg(decoder) and isinstance(decoder, torch.nn.Module)
             and any(p.requires_grad for p in decoder.parameters())))
     outs = []
-    for r0 in range(0, max(R, 1), chunk):
-        sl = slice(r0, min(R, r0 + chunk))
+    for i in range(n_chunks):
+        sl = slice(i * chunk, min(R, (i + 1) * chunk))
         args = (planes, ray_origins[:, sl], ray_dirs[:, sl], depths[:, sl], depth_range, opts,
                 decoder, *weights)
         if recompute == "decoder" and need_grad and _is_osg(decoder):
