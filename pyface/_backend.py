@@ -203,9 +203,11 @@ def _dtype_status(spec: OpSpec, backend: str, dtype: torch.dtype | None) -> tupl
 
 #: backend forced on every op by ``pyface.ops.use_backend`` (process-wide; None: not forced)
 _forced: str | None = None
+#: the open ``use_backend`` blocks, (token, name) in the order they were entered; ``_forced``
+#: is the name of the last one
+_forcing: list[tuple[object, str | None]] = []
 
 
-@torch.compiler.assume_constant_result
 def select_backend(op: str, device: torch.device, backend: str | None,
                    dtype: torch.dtype | None = None) -> str:
     """Pick the backend that runs ``op`` on ``device``: the one function that decides.
@@ -218,14 +220,24 @@ def select_backend(op: str, device: torch.device, backend: str | None,
     path). A fall back to ``reference`` past an available-in-principle compiled backend is
     announced once per op and device. The choice depends only on the arguments, the
     installation, the forced backend and the deterministic flag, so ``torch.compile`` evaluates
-    it once while tracing and treats it as a constant.
+    it once while tracing and treats it as a constant; the forced backend is read here, in
+    traced code, so that a compiled function guards on it (and recompiles inside a
+    ``use_backend`` block instead of running the backend it was traced with), as torch guards
+    on the deterministic flag.
     """
-    spec = OPS[op]
-    device_type = device.type
     if backend is None:
         backend = _forced or os.environ.get("PYFACE_BACKEND") or None
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"PYFACE_BACKEND: expected one of {BACKENDS}, got {backend!r}")
+    return _select(op, device, backend, dtype)
+
+
+@torch.compiler.assume_constant_result
+def _select(op: str, device: torch.device, backend: str | None,
+            dtype: torch.dtype | None) -> str:
+    """:func:`select_backend` once the forced backend (if any) is in ``backend``."""
+    spec = OPS[op]
+    device_type = device.type
     if backend is not None:
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")

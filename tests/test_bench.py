@@ -29,6 +29,17 @@ def test_run_case_reports_every_provider_and_mode():
     assert "reference" in table and "other" in table and "1.00x" in table
 
 
+def test_spread_lies_between_the_fastest_and_slowest_rep(monkeypatch):
+    # three reps, one an outlier (a preempted worker thread on a shared machine): the default
+    # (exclusive) quantiles extrapolated p20 to -1.17 ms
+    import pyface.bench.harness as harness
+
+    monkeypatch.setattr(harness, "_time", lambda *a, **k: [7.94, 7.94, 0.35])
+    for m in run_case(_case(), torch.device("cpu"), providers=["reference"], modes=("fwd",),
+                      compile_reference=False):
+        assert 0.35 <= m.p20_ms <= m.median_ms <= m.p80_ms <= 7.94, m
+
+
 def test_failing_provider_is_reported_not_raised():
     case = _case()
     case.providers["broken"] = lambda x: x @ torch.zeros(3, 3)

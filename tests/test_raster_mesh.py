@@ -342,6 +342,20 @@ def test_bad_input(backend):
 
 
 @needs_cpp
+def test_forward_mode_and_func_grad_raise_naming_the_op():
+    # forward-mode AD through the fused interpolation would silently give a zero tangent
+    verts, faces, attrs = random_scene(seed=3)
+
+    def fn(a):
+        return ops.rasterize_mesh(verts, faces, (9, 11), a, backend="cpu")[0]
+
+    with pytest.raises(RuntimeError, match=r"pyface.ops.rasterize_mesh: forward-mode AD"):
+        torch.func.jvp(fn, (attrs,), (torch.ones_like(attrs),))
+    with pytest.raises(RuntimeError, match=r"pyface.ops.rasterize_mesh: torch.func.grad"):
+        torch.func.grad(lambda a: fn(a).sum())(attrs)
+
+
+@needs_cpp
 def test_bad_input_direct_op():
     verts, faces, _ = random_scene(V=10, F=5)
     with pytest.raises(IndexError, match="faces"):
@@ -445,3 +459,27 @@ def test_torch_compile_public_api():
     a = compiled(verts, faces, attrs.detach())
     b = rasterize_mesh_reference(verts, faces, (11, 14), attrs.detach())
     compare(a, b, torch.float32)
+
+
+@needs_cpp
+def test_torch_compile_dynamic_vertex_count_reuses_the_graph():
+    # the backward's vertex count is a SymInt in the schema of mesh_interpolate_bwd; as an int
+    # it was specialised under dynamic=True: one graph per vertex count
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+
+    def fn(v, f, x):
+        attr, mask, _, _, _ = ops.rasterize_mesh(v, f, (11, 14), x, backend="cpu")
+        return (attr * mask).square().sum()
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    for seed, V in enumerate((40, 47, 53)):
+        verts, faces, attrs = random_scene(V=V, seed=seed)
+        attrs.requires_grad_(True)
+        out = compiled(verts, faces, attrs)
+        ref = fn(verts, faces, attrs)
+        assert_close(out, ref)
+        assert_close(torch.autograd.grad(out, attrs)[0], torch.autograd.grad(ref, attrs)[0])
+    assert counters["stats"]["unique_graphs"] == 1

@@ -366,6 +366,20 @@ def test_splat_bad_input(backend):
 
 
 @needs_cpp
+def test_forward_mode_and_func_grad_raise_naming_the_op():
+    # forward-mode AD through the fused gather would silently give a zero tangent
+    points = torch.rand(2, 9, 3) - 0.5
+    feats = torch.randn(2, 9, 3)
+    for name, fn in (("splat_points", lambda x: ops.splat_points(points, x, 5, backend="cpu")[0]),
+                     ("points_to_triplane", lambda x: ops.points_to_triplane(
+                         points, x, 4, plane_axes="eg3d", backend="cpu")[0])):
+        with pytest.raises(RuntimeError, match=rf"pyface.ops.{name}: forward-mode AD"):
+            torch.func.jvp(fn, (feats,), (torch.ones_like(feats),))
+        with pytest.raises(RuntimeError, match=rf"pyface.ops.{name}: torch.func.grad"):
+            torch.func.grad(lambda x: fn(x).sum())(feats)
+
+
+@needs_cpp
 def test_splat_empty_batch_and_channels():
     points = torch.rand(0, 4, 3)
     out = ops.splat_points(points, torch.randn(0, 4, 2), 5, backend="cpu")
@@ -419,6 +433,33 @@ def test_torch_compile_public_api():
     ref = fn(points, feats)
     assert_close(out, ref)
     assert_close(g, torch.autograd.grad(ref, feats)[0])
+
+
+@needs_cpp
+def test_torch_compile_dynamic_shapes_fullgraph():
+    # dynamic=True traces the default box_size as a SymFloat: its check must not graph-break;
+    # a new point count reuses the graph (the backward's point count is a SymInt in the
+    # schema of gather_features_bwd; as an int it was specialised: one graph per N)
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+
+    def fn(points, feats):
+        planes, _ = ops.points_to_triplane(points, feats, 6, plane_axes="eg3d")
+        image, _, _ = ops.splat_points(points, feats, (5, 7))
+        return planes.square().sum() + image.square().sum()
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    for k, N in enumerate([10, 13, 17]):
+        gen = torch.Generator().manual_seed(k)
+        points = torch.rand(2, N, 3, generator=gen) - 0.5
+        feats = torch.randn(2, N, 3, generator=gen, requires_grad=True)
+        out = compiled(points, feats)
+        ref = fn(points, feats)
+        assert_close(out, ref)
+        assert_close(torch.autograd.grad(out, feats)[0], torch.autograd.grad(ref, feats)[0])
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

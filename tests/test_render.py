@@ -120,6 +120,20 @@ def test_sample_stratified():
         ops.sample_stratified(o, o, 2.0, 3.0, 8, noise=torch.rand(2, 3, 7))
 
 
+def test_sample_stratified_compiles_with_symbolic_near_far():
+    # under dynamic=True, near and far passed as arguments are traced as SymFloat: the range
+    # check must not graph-break on them (math.isfinite did)
+    torch._dynamo.reset()
+
+    def fn(o, near, far):
+        return ops.sample_stratified(o, o, near, far, 8)
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    o = torch.zeros(2, 3, 3)
+    for near, far in [(2.25, 3.3), (1.5, 2.5)]:
+        assert torch.equal(compiled(o, near, far), fn(o, near, far))
+
+
 # ---------------------------------------------------------------------------------------------
 # mip_composite
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +231,35 @@ def test_mip_composite_noncontiguous_and_empty():
 
 
 @needs_cpp
+def test_forward_mode_and_func_grad_raise_naming_the_op():
+    # forward-mode AD through the fused kernels would silently give a zero tangent
+    f, s, t = (x.detach().double() for x in rand_composite_inputs(2, 3, 6, 4))
+    planes, o, d, w = _tiny_scene()
+    kw = _render_kw(1, 4, nc=6, nf=4)
+
+    def comp(f):
+        return ops.mip_composite(f, s, t, backend="cpu")[0]
+
+    def render(p):
+        return ops.render_triplane(p, o, d, w, backend="cpu", **kw)[0]
+
+    for fn, x, name in ((comp, f, "mip_composite"), (render, planes.detach(), "render_triplane")):
+        with pytest.raises(RuntimeError, match=rf"pyface.ops.{name}: forward-mode AD"):
+            torch.func.jvp(fn, (x,), (torch.ones_like(x),))
+        with pytest.raises(RuntimeError, match=rf"pyface.ops.{name}: torch.func.grad"):
+            torch.func.grad(lambda x: fn(x).sum())(x)
+    # an op on constants of the differentiated function (lifted by the transform, not
+    # requiring grad) runs as a constant
+    out = comp(f)
+    g = torch.func.grad(lambda w: (comp(f * 1.0) * w).sum())(torch.ones_like(out))
+    assert torch.equal(g, out)
+    # the reference composite is plain PyTorch: forward mode works there
+    _, tangent = torch.func.jvp(lambda f: ops.mip_composite(f, s, t, backend="reference")[0],
+                                (f,), (torch.ones_like(f),))
+    assert tangent.abs().sum() > 0
+
+
+@needs_cpp
 def test_mip_composite_opcheck_and_compile():
     f, s, t = rand_composite_inputs(2, 3, 6, 4)
     torch.library.opcheck(torch.ops.pyface.mip_composite, (f, s, t, None, -1.0, True))
@@ -245,6 +288,15 @@ def test_mip_composite_bad_input():
         ops.mip_composite(f[:, :, :1], s[..., :1], t[..., :1])
     with pytest.raises(TypeError, match="depths: expected dtype torch.float32"):
         ops.mip_composite(f, s, t.double())
+    # the dtype passed is named, not the float32 that float16 / bfloat16 are computed in
+    with pytest.raises(TypeError, match=r"densities: expected dtype torch.float64 \(the dtype "
+                                        r"of features\), got torch.float16"):
+        ops.mip_composite(f.double(), s.half(), t.double())
+    with pytest.raises(TypeError, match=r"densities: expected dtype torch.float32, torch.float16 "
+                                        r"or torch.bfloat16 .*torch.bfloat16\), got torch.float64"):
+        ops.mip_composite(f.bfloat16(), s.double(), t.bfloat16())
+    out = ops.mip_composite(f.half(), s.bfloat16(), t)          # all computed in float32
+    assert out[0].dtype == torch.float16
     with pytest.raises(TypeError, match="features: expected a floating-point tensor"):
         ops.mip_composite(f.int(), s, t)
     with pytest.raises(ValueError, match=r"densities: expected shape \(B, R, S\)"):
@@ -329,6 +381,9 @@ def test_sample_importance_bad_input():
         ops.sample_importance(t, w, 4, u=torch.rand(2, 3, 5))
     with pytest.raises(ValueError, match="n_importance"):
         ops.sample_importance(t, w, 0)
+    with pytest.raises(TypeError, match=r"weights: expected dtype torch.float64 \(the dtype "
+                                        r"of depths\), got torch.bfloat16"):
+        ops.sample_importance(t.double(), w.bfloat16(), 4)
     with pytest.raises(ValueError, match="S >= 4"):
         torch.ops.pyface.sample_importance(t[..., :3], w[..., :2], torch.rand(2, 3, 4))
 
@@ -583,6 +638,62 @@ def test_render_triplane_torch_compile_fullgraph(backend, recompute):
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     _compare_render(compiled(planes, *w), render_triplane_reference(planes, o, d, w, **kw),
                     [planes, *w], torch.float64)
+
+
+@needs_cpp
+def test_render_triplane_compiles_once_for_any_ray_count():
+    # the chunk loop runs over the number of chunks, not over range(0, R, chunk): under
+    # dynamic=True a new ray count R reuses the graph (it was specialised: one graph per R)
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    planes, _, _, w = scene(B=2, res=3, C=4, HW=6, hidden=8, c_out=2)
+
+    def fn(p, o, d, noise, u, *w):
+        return ops.render_triplane(p, o, d, list(w), near=2.25, far=3.3, n_coarse=6, n_fine=4,
+                                   plane_axes="eg3d", stratified_noise=noise, importance_u=u,
+                                   backend="cpu")
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    _render_new_ray_counts(compiled, fn, planes, w)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@needs_cpp
+def test_render_triplane_several_chunks_recompile_per_chunk_count_only():
+    # torch.compile's automatic dynamic shapes: after one recompile R is symbolic, and ray
+    # counts with the same number of chunks (3 chunks of at most 5 rays here) share the graph
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    planes, _, _, w = scene(B=2, res=3, C=4, HW=6, hidden=8, c_out=2)
+
+    def fn(p, o, d, noise, u, *w):
+        return ops.render_triplane(p, o, d, list(w), near=2.25, far=3.3, n_coarse=6, n_fine=4,
+                                   plane_axes="eg3d", stratified_noise=noise, importance_u=u,
+                                   backend="cpu", chunk_points=100)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    _render_new_ray_counts(compiled, fn, planes, w, (11, 13, 15))
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+def _render_new_ray_counts(compiled, fn, planes, w, ray_counts=(9, 16)):
+    cams = eg3d_cameras(2, torch.float64)
+    for R in ray_counts:
+        o, d = (x[:, :R].contiguous() for x in ray_bundle_reference(cams, 4))
+        gen = torch.Generator().manual_seed(R)
+        noise = torch.rand(2, R, 6, generator=gen, dtype=torch.float64)
+        u = torch.rand(2, R, 4, generator=gen, dtype=torch.float64)
+        out, ref = compiled(planes, o, d, noise, u, *w), fn(planes, o, d, noise, u, *w)
+        for a, b in zip(out, ref):
+            assert_close(a, b)
+        g = torch.autograd.grad(sum(x.square().sum() for x in out), [planes, *w])
+        g_ref = torch.autograd.grad(sum(x.square().sum() for x in ref), [planes, *w])
+        for a, b in zip(g, g_ref):
+            assert_close(a, b)
 
 
 @pytest.mark.triton_interpret

@@ -160,6 +160,70 @@ def test_torch_compile_inductor_reference_and_cpu():
                                                                    plane_axes="xy_xz_zy"))
 
 
+@pytest.mark.cpp
+def test_torch_compile_dynamic_shapes_fullgraph():
+    # dynamic=True traces float arguments, e.g. the default box_size, as SymFloat: the argument
+    # checks must not graph-break on them (math.isfinite did), and new shapes reuse the graph
+    torch._dynamo.reset()
+
+    def fn(p, x):
+        return triplane_sample(p, x, plane_axes="eg3d").square().sum()
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    for k, (C, H, W, N) in enumerate([(5, 7, 9, 23), (6, 8, 10, 31), (7, 9, 11, 41)]):
+        planes, points = make(C=C, H=H, W=W, N=N, seed=k)
+        out = compiled(planes, points)
+        g = torch.autograd.grad(out, (planes, points))
+        ref = fn(planes, points)
+        g_ref = torch.autograd.grad(ref, (planes, points))
+        assert_close(out, ref)
+        assert_close(g[0], g_ref[0])
+        assert_close(g[1], g_ref[1], scale=10)
+
+
+@pytest.mark.cpp
+def test_profiler_names_the_op_forward_and_backward():
+    # docs/render.md "Profiling and using the ops in your own code"
+    from torch.profiler import ProfilerActivity, profile
+
+    planes, points = make(C=3)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        triplane_sample(planes, points, plane_axes="eg3d", backend="cpu").sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    assert {"pyface::triplane_sample", "pyface::triplane_sample_bwd",
+            "GeneratedBackwardFor_pyface_triplane_sample_default"} <= names, sorted(names)
+
+
+@pytest.mark.cpp
+def test_func_transforms_and_forward_mode():
+    # the fused kernels have a reverse-mode backward only: forward-mode AD (whose tangent torch
+    # would silently drop: a zero jvp) and torch.func's grad transforms raise naming the op;
+    # vmap runs one call per element; the reference backend supports what grid_sample does
+    import torch.autograd.forward_ad as fwAD
+
+    planes, points = make(C=3, dtype=torch.float64)
+    p, x = planes.detach(), points.detach()
+
+    def f(p, backend="cpu"):
+        return triplane_sample(p, x, plane_axes="eg3d", backend=backend)
+
+    fwd = r"pyface.ops.triplane_sample: forward-mode AD .* not supported by the 'cpu' backend"
+    with pytest.raises(RuntimeError, match=fwd):
+        torch.func.jvp(f, (p,), (torch.ones_like(p),))
+    with pytest.raises(RuntimeError, match=fwd):
+        torch.func.jacfwd(f)(p)
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match=fwd):
+        f(fwAD.make_dual(p, torch.ones_like(p)))
+    with pytest.raises(RuntimeError, match=r"pyface.ops.triplane_sample: torch.func.grad"):
+        torch.func.grad(lambda p: f(p).sum())(p)
+    with fwAD.dual_level():                    # a dual level alone (no tangent) is fine
+        assert_close(f(p), f(p, "reference"))
+    stacked = torch.stack([p, 2 * p])
+    assert_close(torch.func.vmap(f)(stacked), torch.stack([f(p), f(2 * p)]))
+    g_ref = torch.func.grad(lambda p: f(p, "reference").square().sum())(p)
+    assert_close(g_ref, torch.autograd.grad(f(planes).square().sum(), planes)[0])
+
+
 @pytest.mark.parametrize("B,N", [(2, 0), (0, 5), (0, 0)])
 def test_empty(B, N):
     planes, points = make(B=B, N=N)
@@ -244,6 +308,21 @@ def test_bad_input(mutate, exc, match, backend):
     p, x = mutate(planes.detach(), points.detach())
     with pytest.raises(exc, match=match):
         triplane_sample(p, x, backend=backend, plane_axes="xy_xz_zy")
+
+
+@pytest.mark.parametrize("backend", (None, "cpu", "reference"))
+@pytest.mark.parametrize("W", (2**24 + 1, 2**25 - 1, 2**31 + 5))
+def test_planes_wider_than_float32_texel_coordinates_are_refused(backend, W):
+    # an expanded (stride 0) plane costs no memory at any width; beyond 2^24 texels the CPU
+    # kernel's float32 coordinates lose the texel (2^25 - 1: zeros) and past 2^31 its 32-bit
+    # texel indices overflowed (zeros), without an error
+    planes = torch.ones(1, 1, 1, 1, 1).expand(1, 3, 1, 2, W)
+    points = torch.zeros(1, 2, 3)
+    with pytest.raises(ValueError, match=rf"planes: expected H, W <= 2\^24 .*, 1, 2, {W}\)"):
+        triplane_sample(planes, points, plane_axes="eg3d", backend=backend)
+    wide = torch.ones(1, 1, 1, 1, 1).expand(1, 3, 1, 2, 2**24)      # the largest size runs
+    out = triplane_sample(wide, points, plane_axes="eg3d", reduce="none", backend=backend)
+    assert out.shape == (1, 3, 2, 1) and torch.equal(out, torch.ones_like(out))
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -359,6 +438,60 @@ def test_triton_interpreter(plane_axes, reduce, case):
     assert_close(out[0], ref[0])
     assert_close(g[0], g_ref[0])
     assert_close(g[1], g_ref[1], scale=10)
+
+
+_DEFINE_FROM_THREADS = """
+import threading, time, torch.library
+define = torch.library.triton_op
+def slow(*args, **kwargs):          # widens the window in which two threads define at once
+    time.sleep(0.05)
+    return define(*args, **kwargs)
+torch.library.triton_op = slow
+from pyface._ops import render, triplane, warp
+getters = (triplane.triton_op, render.triton_op, warp.triton_ops)
+barrier, got, errors = threading.Barrier(4), [], []
+def first_use():
+    barrier.wait()
+    try:
+        got.append(tuple(id(get()) for get in getters))
+    except Exception as exc:
+        errors.append(repr(exc))
+threads = [threading.Thread(target=first_use) for _ in range(4)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(errors, len(got), len(set(got)))
+"""
+
+
+@pytest.mark.triton_interpret
+def test_triton_ops_are_defined_once_when_threads_race_on_first_use():
+    # nn.DataParallel / thread pools: the lazy definition of the torch.library Triton ops ran
+    # in every thread that got there first, and the second definition raised
+    out = subprocess.run([sys.executable, "-c", _DEFINE_FROM_THREADS], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.split("\n")[-2] == "[] 4 1", out.stdout + out.stderr
+
+
+def test_lazily_defined_op_lookup_traces_under_compile():
+    # the lazy Triton-op getters (pyface._ops.define_once) are traced as a lookup once defined;
+    # under functools.lru_cache dynamo traced into the definition itself (fullgraph error)
+    from pyface._ops import define_once
+
+    @define_once
+    def get():
+        @torch.library.custom_op("pyface_test::double", mutates_args=())
+        def double(x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+        double.register_fake(lambda x: torch.empty_like(x))
+        return double
+
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: get()(x) + 1, backend="aot_eager")
+    assert torch.equal(fn(torch.ones(2)), torch.full((2,), 3.0))       # defines (graph break)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: get()(x) + 1, fullgraph=True, backend="aot_eager")
+    assert torch.equal(fn(torch.ones(2)), torch.full((2,), 3.0))
 
 
 @pytest.mark.triton_interpret

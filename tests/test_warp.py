@@ -298,6 +298,45 @@ def test_torch_compile_fullgraph():
     compare(compiled, f, inputs)
 
 
+@cpp
+def test_torch_compile_dynamic_shapes_fullgraph():
+    # dynamic=True traces the float options (heatmap_variance's default) as SymFloat; their
+    # checks must not graph-break, and new shapes must reuse the graph
+    torch._dynamo.reset()
+
+    def f(vol, kps, kpd, grid):
+        return (ops.motion_field_input(vol, kps, kpd).square().sum()
+                + ops.warp_volume(vol, grid).square().sum())
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
+    for k, (C, D) in enumerate([(3, 4), (5, 6), (4, 7)]):
+        vol, kps, kpd, _, _ = make(C=C, D=D, K=2, dtype=torch.float32, seed=k)
+        grid = (torch.rand(2, 3, 4, 5, 3) * 2 - 1).requires_grad_()
+        compare(compiled, f, [vol, kps, kpd, grid])
+
+
+@cpp
+@pytest.mark.parametrize("op", ["warp_volume", "keypoint_flow", "warp_by_keypoints",
+                                "motion_field_input"])
+def test_forward_mode_and_func_grad_raise_naming_the_op(op):
+    # forward-mode AD would silently give a zero tangent through the fused kernels
+    vol, kps, kpd, masks, _ = make(K=2)
+    grid = torch.rand(2, 3, 4, 5, 3, dtype=torch.float64) * 2 - 1
+    args = {"warp_volume": (vol, grid), "keypoint_flow": (kps, kpd, masks),
+            "warp_by_keypoints": (vol, kps, kpd, masks),
+            "motion_field_input": (vol, kps, kpd)}[op]
+    args = [a.detach() for a in args]
+
+    def f(first):
+        return getattr(ops, op)(first, *args[1:], backend="cpu")
+
+    with pytest.raises(RuntimeError, match=rf"pyface.ops.{op}: forward-mode AD"):
+        torch.func.jvp(f, (args[0],), (torch.ones_like(args[0]),))
+    with pytest.raises(RuntimeError, match=rf"pyface.ops.{op}: torch.func.grad"):
+        torch.func.grad(lambda a: f(a).sum())(args[0])
+    assert_close(torch.func.vmap(f)(args[0][None]), f(args[0])[None])
+
+
 # ------------------------------------------------------------------------------------------------
 # errors
 # ------------------------------------------------------------------------------------------------

@@ -102,13 +102,13 @@ TORCH_LIBRARY_FRAGMENT(pyface, m) {
   m.def("mesh_interpolate(Tensor attributes, Tensor faces, Tensor face_index, Tensor bary) "
         "-> Tensor");
   m.def("mesh_interpolate_bwd(Tensor grad, Tensor faces, Tensor face_index, Tensor bary, "
-        "int num_verts) -> Tensor");
+        "SymInt num_verts) -> Tensor");
   m.def("splat_points_index(Tensor points, int height, int width, float radius) "
         "-> (Tensor, Tensor)");
   m.def("points_to_triplane_index(Tensor points, Tensor? valid, int height, int width, "
         "str plane_axes, float box_size, bool align_corners, float max_distance) -> Tensor");
   m.def("gather_features(Tensor features, Tensor index, float background) -> Tensor");
-  m.def("gather_features_bwd(Tensor grad, Tensor index, int num_points) -> Tensor");
+  m.def("gather_features_bwd(Tensor grad, Tensor index, SymInt num_points) -> Tensor");
 }
 
 }  // namespace raster

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import warnings
 
 import torch
@@ -18,6 +19,32 @@ import torch
 def triton_interpret() -> bool:
     """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``, tests)."""
     return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def define_once(define):
+    """Memoizes ``define`` (no arguments; defines ``torch.library`` ops and returns them) so
+    that it runs once per process, also when several threads make their first call at once
+    (``nn.DataParallel``, a thread pool): a second definition of an op raises. Later calls
+    return the first result without taking the lock, a lookup that ``torch.compile`` traces
+    (dynamo ignores ``functools.lru_cache`` and would trace into the definition itself); the
+    definition runs outside the graph (a first eager call, or a graph break without
+    ``fullgraph``)."""
+    lock = threading.Lock()
+    result: list = []
+
+    @torch.compiler.disable
+    def _define_locked():
+        with lock:
+            if not result:
+                result.append(define())
+
+    @functools.wraps(define)
+    def get():
+        if not result:
+            _define_locked()
+        return result[0]
+
+    return get
 
 
 def register_autocast_float32(op: str) -> None:

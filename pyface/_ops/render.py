@@ -2,11 +2,9 @@
 fused Triton renderer (a ``triton_op`` with registered autograd)."""
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from pyface._ops import fused_backward, register_autocast_float32, triton_interpret
+from pyface._ops import define_once, fused_backward, register_autocast_float32, triton_interpret
 
 
 def _composite_setup_context(ctx, inputs, output):
@@ -54,7 +52,7 @@ def register_cpp() -> None:
                                     setup_context=_composite_setup_context)
 
 
-@functools.lru_cache(maxsize=None)
+@define_once
 def triton_op():
     """The fused Triton renderer as ``torch.ops.pyface.render_triplane_triton`` (a
     ``torch.library.triton_op`` with registered autograd, so ``torch.compile`` traces the kernel

@@ -1,11 +1,9 @@
 """Registration of the tri-plane sampling ops: C++ (fake kernels + autograd) and Triton."""
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from pyface._ops import fused_backward, triton_interpret
+from pyface._ops import define_once, fused_backward, triton_interpret
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -56,7 +54,7 @@ def register_cpp() -> None:
                                     setup_context=_setup_context)
 
 
-@functools.lru_cache(maxsize=None)
+@define_once
 def triton_op():
     """The Triton op ``torch.ops.pyface.triplane_sample_triton`` (defined on first use)."""
     from torch.library import triton_op as _triton_op

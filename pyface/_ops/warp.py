@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pyface._ops import fused_backward, triton_interpret
+from pyface._ops import define_once, fused_backward, triton_interpret
 
 
 def _none(like: torch.Tensor) -> torch.Tensor:
@@ -177,22 +177,17 @@ def register_cpp() -> None:
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-_TRITON_OPS: dict = {}
-
-
 def triton_ops() -> dict:
     """The Triton ops ``torch.ops.pyface.<op>_triton`` by op name, defined on first use.
 
     ``torch.compile`` traces through this lookup once the ops exist; the definition itself runs
     outside the graph (a first eager call, or a graph break without ``fullgraph``).
     """
-    if not _TRITON_OPS:
-        _TRITON_OPS.update(_define_triton_ops())
-    return _TRITON_OPS
+    return _triton_ops()
 
 
-@torch.compiler.disable
-def _define_triton_ops() -> dict:
+@define_once
+def _triton_ops() -> dict:
     from torch.library import triton_op as _triton_op
     from torch.library import wrap_triton
 

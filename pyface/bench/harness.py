@@ -201,7 +201,10 @@ def run_case(case: BenchCase, device: torch.device, *, providers: Sequence[str] 
                     times = _time(fwd_bwd, device, None, min_time, max_reps, warmup)
                     mem = peak_memory_mb(fwd_bwd, device)
                     result_mb = out_mb + grads_mb
-                q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+                # inclusive: quantiles between the fastest and slowest rep (the default,
+                # exclusive, method extrapolates from few reps, even below zero)
+                q = (statistics.quantiles(times, n=5, method="inclusive") if len(times) >= 2
+                     else [times[0]] * 4)
                 m = Measurement(case.op, case.shape, name, mode, statistics.median(times),
                                 q[0], q[3], len(times), mem, result_mb)
                 results.append(m)

@@ -37,16 +37,23 @@ def use_backend(name: str | None):
     default choice, or ``PYFACE_BACKEND`` if set). The forcing is process-wide (autograd may run
     an op's backward on another thread) and nests; a forced backend that cannot run an op's
     inputs raises ``BackendUnavailableError`` naming the op, as an explicit ``backend=`` does.
-    The context manager wins over ``PYFACE_BACKEND``.
+    The context manager wins over ``PYFACE_BACKEND``. Because the forcing is process-wide,
+    blocks open in several threads at once share it: the most recently entered block still open
+    wins, and leaving a block (in any order, also by an exception) removes only its own forcing.
     """
     if name is not None and name not in _backend.BACKENDS:
         raise ValueError(f"use_backend: expected one of {_backend.BACKENDS} or None, got {name!r}")
-    previous = _backend._forced
-    _backend._forced = name
+    token = object()
+    with _backend._lock:
+        _backend._forcing.append((token, name))
+        _backend._forced = name
     try:
         yield
     finally:
-        _backend._forced = previous
+        with _backend._lock:
+            stack = _backend._forcing
+            del stack[next(i for i, (t, _) in enumerate(stack) if t is token)]
+            _backend._forced = stack[-1][1] if stack else None
 
 
 __all__ = ["use_backend", "load_library", "triplane_sample", "rasterize_mesh", "project_points", "BFMCamera",

@@ -10,6 +10,7 @@ import math
 from collections.abc import Iterable
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 
 def _fmt(shape: Iterable) -> str:
@@ -82,11 +83,58 @@ def check_choice(name: str, value, choices: Iterable) -> None:
         raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
 
 
+def is_finite(value) -> bool:
+    """``math.isfinite`` in comparisons (False for NaN and +-inf), so that ``torch.compile``
+    traces it without a graph break when the number is symbolic (under ``dynamic=True`` a
+    float argument, e.g. an op's default ``box_size``, is traced as a ``SymFloat``, which
+    ``math.isfinite`` cannot take)."""
+    return -math.inf < value < math.inf
+
+
 def check_positive(name: str, value, *, integer: bool = False) -> None:
     """``value`` is a positive int (``integer``) or a positive finite number (NaN and inf are
     refused here, as the C++ entry points refuse them, so every backend answers alike)."""
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind) or not value > 0 or (
-            not integer and not math.isfinite(value)):
+            not integer and not is_finite(value)):
         what = "a positive integer" if integer else "a positive finite number"
         raise ValueError(f"{name}: expected {what}, got {value!r}")
+
+
+_GRAD = torch._C._functorch.TransformType.Grad
+
+
+def check_autodiff_mode(op: str, backend: str, *tensors) -> None:
+    """Refuses, with an error naming the op, the autodiff modes that a compiled backend
+    (``cpu`` / ``cuda`` / ``triton``) cannot serve and that would otherwise go wrong:
+
+    * forward-mode AD (``torch.func.jvp`` / ``jacfwd``, ``torch.autograd.forward_ad``): the
+      fused kernels have no forward derivative, and torch would silently drop the tangent (a
+      zero Jacobian-vector product);
+    * ``torch.func.grad`` / ``vjp`` / ``jacrev`` / ``hessian`` with respect to an input of the
+      op: torch's autograd of a custom op is not a ``torch.func`` transform (torch's own error
+      does not name the op). An op on constants of the differentiated function runs.
+
+    ``torch.func.vmap`` works (one op call per batch element) and ``torch.autograd.grad`` is the
+    reverse mode to use; the ``reference`` backend supports whatever its PyTorch ops support.
+    Skipped under ``torch.compile`` (dynamo would not trace the checks).
+    """
+    if torch.compiler.is_compiling():
+        return
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+    if fwAD._current_level >= 0 and any(fwAD.unpack_dual(t).tangent is not None
+                                        for t in tensors):
+        what = "forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad)"
+    elif torch._C._functorch.peek_interpreter_stack() is not None and any(
+            t.requires_grad and torch._C._functorch.is_functorch_wrapped_tensor(t)
+            for t in tensors) and any(
+            i.key() == _GRAD for i in torch._C._functorch.get_interpreter_stack()):
+        # (a tensor that a transform merely lifted, a constant of the differentiated function,
+        # does not require grad: the op then runs as a constant, which is right)
+        what = "torch.func.grad / vjp / jacrev / hessian"
+    else:
+        return
+    raise RuntimeError(
+        f"pyface.ops.{op}: {what} is not supported by the {backend!r} backend (its fused "
+        f"kernels have a reverse-mode backward only); use torch.autograd.grad, or "
+        f"backend='reference' (pure PyTorch)")

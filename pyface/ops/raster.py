@@ -17,7 +17,7 @@ import dataclasses
 import torch
 
 from pyface import _backend
-from pyface.ops._checks import ShapeChecker, check_choice, check_positive
+from pyface.ops._checks import ShapeChecker, check_autodiff_mode, check_choice, check_positive
 from pyface.ops.reference.raster import (
     CULL_MODES,
     points_to_triplane_reference,
@@ -155,6 +155,7 @@ def rasterize_mesh(verts_ndc: torch.Tensor, faces: torch.Tensor, image_size,
         _check_faces_range(faces, verts_ndc.shape[1])
         return rasterize_mesh_reference(verts_ndc, faces, (H, W), attributes, cull=cull,
                                         perspective_correct=perspective_correct)
+    check_autodiff_mode("rasterize_mesh", name, attributes)
     face_index, bary, depth = torch.ops.pyface.raster_mesh(verts_ndc.detach(), faces, H, W, cull,
                                                            perspective_correct)
     mask = (face_index >= 0).unsqueeze(1).to(verts_ndc.dtype)
@@ -215,6 +216,7 @@ def splat_points(points_ndc: torch.Tensor, features: torch.Tensor, image_size, *
     if name == "reference":
         return splat_points_reference(points_ndc, features, (H, W), radius=radius,
                                       background=background)
+    check_autodiff_mode("splat_points", name, features)
     index, depth = torch.ops.pyface.splat_points_index(points_ndc.detach(), H, W, float(radius))
     B, C = features.shape[0], features.shape[2]
     image = torch.ops.pyface.gather_features(features, index.view(B, 1, H * W), float(background))
@@ -281,6 +283,7 @@ def points_to_triplane(points: torch.Tensor, features: torch.Tensor, resolution,
         return points_to_triplane_reference(points, features, (H, W), plane_axes=plane_axes,
                                             box_size=float(box_size), align_corners=align_corners,
                                             valid=valid, max_distance=max_distance)
+    check_autodiff_mode("points_to_triplane", name, features)
     index = torch.ops.pyface.points_to_triplane_index(
         points.detach(), valid, H, W, plane_axes, float(box_size), align_corners,
         -1.0 if max_distance is None else float(max_distance))

@@ -7,7 +7,6 @@ activation memory), or as one fused Triton kernel per ray block.
 """
 from __future__ import annotations
 
-import math
 import contextlib
 from collections.abc import Callable, Sequence
 
@@ -16,7 +15,8 @@ import torch.nn.functional as F
 
 from pyface import _backend
 from pyface._ops import fused_backward
-from pyface.ops._checks import ShapeChecker, check_choice, check_positive
+from pyface.ops._checks import (ShapeChecker, check_autodiff_mode, check_choice, check_positive,
+                                is_finite)
 from pyface.ops.reference.render import (
     OSG_CLAMP,
     mip_composite_reference,
@@ -59,7 +59,7 @@ def ray_bundle(cameras: torch.Tensor, resolution: int) -> tuple[torch.Tensor, to
 
 def _check_range(near, far) -> tuple[float, float]:
     for name, v in (("near", near), ("far", far)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not is_finite(v):
             raise ValueError(f"{name}: expected a finite number, got {v!r}")
     if not near < far:
         raise ValueError(f"near, far: expected near < far, got near={near!r}, far={far!r}")
@@ -142,11 +142,8 @@ def mip_composite(features: torch.Tensor, densities: torch.Tensor, depths: torch
     if chk.dims["S"] < 2:
         raise ValueError(f"features: expected S >= 2 samples per ray, got shape "
                          f"{tuple(features.shape)}")
+    _check_compute_dtype("features", features, ("densities", densities), ("depths", depths))
     out_dtype, (features, densities, depths) = _float32_compute(features, densities, depths)
-    for name, t in (("densities", densities), ("depths", depths)):
-        if t.dtype != features.dtype:
-            raise TypeError(f"{name}: expected dtype {features.dtype} (the dtype of features), "
-                            f"got {t.dtype}")
     if depth_range is not None:
         chk.tensor("depth_range", depth_range, "2")
     if not isinstance(white_back, bool):
@@ -158,6 +155,7 @@ def mip_composite(features: torch.Tensor, densities: torch.Tensor, depths: torch
             out = mip_composite_reference(features, densities, depths, density_bias=density_bias,
                                           white_back=white_back, depth_range=depth_range)
         else:
+            check_autodiff_mode("mip_composite", name, features, densities)
             out = torch.ops.pyface.mip_composite(features, densities, depths.detach(),
                                                  depth_range, density_bias, white_back)
     return tuple(o.to(out_dtype) for o in out)
@@ -181,6 +179,18 @@ def _float32_compute(*tensors: torch.Tensor):
     half = (torch.float16, torch.bfloat16)
     out_dtype = torch.float32 if _autocast_on(tensors[0].device) else tensors[0].dtype
     return out_dtype, tuple(t.float() if t.dtype in half else t for t in tensors)
+
+
+def _check_compute_dtype(ref_name: str, ref: torch.Tensor, *named) -> None:
+    """The tensors ``named`` compute in the dtype of ``ref``: float64 with float64, float32
+    with any of float16 / bfloat16 / float32. The error names the dtype that was passed (not
+    the float32 it would have been promoted to)."""
+    for name, t in named:
+        if (t.dtype == torch.float64) != (ref.dtype == torch.float64):
+            expected = (f"torch.float64 (the dtype of {ref_name})" if ref.dtype == torch.float64
+                        else f"torch.float32, torch.float16 or torch.bfloat16 (computed in "
+                             f"float32 like {ref_name}, {ref.dtype})")
+            raise TypeError(f"{name}: expected dtype {expected}, got {t.dtype}")
 
 
 def sample_importance(depths: torch.Tensor, weights: torch.Tensor, n_importance: int, *,
@@ -215,10 +225,8 @@ def sample_importance(depths: torch.Tensor, weights: torch.Tensor, n_importance:
     chk._bound_by["S-1"] = "depths"
     chk.tensor("weights", weights, "B R S-1")
     M = _check_samples("n_importance", n_importance, 1)
+    _check_compute_dtype("depths", depths, ("weights", weights))
     out_dtype, (depths, weights) = _float32_compute(depths, weights)
-    if weights.dtype != depths.dtype:
-        raise TypeError(f"weights: expected dtype {depths.dtype} (the dtype of depths), got "
-                        f"{weights.dtype}")
     if u is None:
         B, R, _ = depths.shape
         u = torch.rand(B, R, M, device=depths.device, dtype=depths.dtype)
@@ -465,13 +473,14 @@ def _render_compiled(planes, ray_origins, ray_dirs, decoder, near, far, n_coarse
     # equal chunks (at most chunk rays each): no small remainder chunk paying a whole chunk's
     # per-call overhead
     chunk = -(-R // -(-R // chunk)) if R > 0 else chunk
+    n_chunks = max(1, -(-R // chunk))
     # Coarse pass and importance sampling: no gradient flows through them (EG3D), so they run
     # without autograd, chunk by chunk; only the merged sorted depths (B, R, S) are kept.
     if n_fine > 0:
         parts = []
         with torch.no_grad():
-            for r0 in range(0, max(R, 1), chunk):
-                sl = slice(r0, min(R, r0 + chunk))
+            for i in range(n_chunks):
+                sl = slice(i * chunk, min(R, (i + 1) * chunk))
                 tc = depths_c[:, sl]
                 pts = _points(ray_origins[:, sl], ray_dirs[:, sl], tc)
                 _, sigma = _decode(decoder, planes, pts, plane_axes, box_size, backend,
@@ -496,8 +505,8 @@ def _render_compiled(planes, ray_origins, ray_dirs, decoder, near, far, n_coarse
         or (not _is_osg(decoder) and isinstance(decoder, torch.nn.Module)
             and any(p.requires_grad for p in decoder.parameters())))
     outs = []
-    for r0 in range(0, max(R, 1), chunk):
-        sl = slice(r0, min(R, r0 + chunk))
+    for i in range(n_chunks):
+        sl = slice(i * chunk, min(R, (i + 1) * chunk))
         args = (planes, ray_origins[:, sl], ray_dirs[:, sl], depths[:, sl], depth_range, opts,
                 decoder, *weights)
         if recompute == "decoder" and need_grad and _is_osg(decoder):
@@ -625,6 +634,9 @@ def render_triplane(planes: torch.Tensor, ray_origins: torch.Tensor, ray_dirs: t
     kw = dict(near=near, far=far, n_coarse=n_coarse, n_fine=n_fine, plane_axes=plane_axes,
               box_size=box_size, density_bias=density_bias, white_back=white_back)
     name = _select_renderer(planes, ray_origins, ray_dirs, decoder, backend)
+    if name != "reference":
+        check_autodiff_mode("render_triplane", name, planes, ray_origins, ray_dirs,
+                            *(decoder if _is_osg(decoder) else ()))
     with torch.autocast(dev.type, enabled=False) if autocast else contextlib.nullcontext():
         if name == "reference":
             out = render_triplane_reference(planes, ray_origins, ray_dirs, decoder,

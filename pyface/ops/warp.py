@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from pyface import _backend
-from pyface.ops._checks import ShapeChecker, check_positive
+from pyface.ops._checks import ShapeChecker, check_autodiff_mode, check_positive
 from pyface.ops.reference.warp import (keypoint_flow_reference, motion_field_input_reference,
                                        warp_by_keypoints_reference, warp_volume_reference)
 
@@ -71,6 +71,7 @@ def warp_volume(volume: torch.Tensor, grid: torch.Tensor, *, align_corners: bool
     name = _backend.select_backend("warp_volume", volume.device, backend, volume.dtype)
     if name == "reference":
         return warp_volume_reference(volume, grid, align_corners=align_corners)
+    check_autodiff_mode("warp_volume", name, volume, grid)
     if name == "triton":
         return _triton("warp_volume")(volume, grid, align_corners)
     return torch.ops.pyface.warp_volume(volume, grid, align_corners)
@@ -108,6 +109,7 @@ def keypoint_flow(kp_source: torch.Tensor, kp_driving: torch.Tensor, masks: torc
     if name == "reference":
         return keypoint_flow_reference(kp_source, kp_driving, masks, jacobian=jacobian,
                                        grid_align_corners=grid_align_corners)
+    check_autodiff_mode("keypoint_flow", name, kp_source, kp_driving, masks, jacobian)
     if name == "triton":
         return _triton("keypoint_flow")(kp_source, kp_driving, masks, jacobian,
                                         grid_align_corners)
@@ -158,6 +160,8 @@ def warp_by_keypoints(volume: torch.Tensor, kp_source: torch.Tensor, kp_driving:
                                            jacobian=jacobian, align_corners=align_corners,
                                            grid_align_corners=grid_align_corners,
                                            return_flow=return_flow)
+    check_autodiff_mode("warp_by_keypoints", name, volume, kp_source, kp_driving, masks,
+                        jacobian)
     op = (_triton("warp_by_keypoints") if name == "triton"
           else torch.ops.pyface.warp_by_keypoints)
     out = op(volume, kp_source, kp_driving, masks, jacobian, align_corners, grid_align_corners)
@@ -204,6 +208,7 @@ def motion_field_input(volume: torch.Tensor, kp_source: torch.Tensor, kp_driving
                                             heatmap_variance=heatmap_variance,
                                             align_corners=align_corners,
                                             grid_align_corners=grid_align_corners)
+    check_autodiff_mode("motion_field_input", name, volume, kp_source, kp_driving, jacobian)
     op = (_triton("motion_field_input") if name == "triton"
           else torch.ops.pyface.motion_field_input)
     return op(volume, kp_source, kp_driving, jacobian, float(heatmap_variance), align_corners,
