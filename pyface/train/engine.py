@@ -929,7 +929,10 @@ class Trainer:
                             "and overwriting them - use --resume to continue instead",
                             self.run_dir, os.path.basename(prev))
             self._setup_run_dir()
-            self._board = Board(os.path.join(self.run_dir, "tb") if t.tensorboard else None)
+            # the first step logged is self.step + 1 (a step is logged once it has run): what
+            # an interrupted run logged after its last checkpoint is dropped, not drawn twice
+            self._board = Board(os.path.join(self.run_dir, "tb") if t.tensorboard else None,
+                                purge_step=self.step + 1)
         self._stop_signal = None
         old_handlers = {}
         if threading.current_thread() is threading.main_thread():

@@ -81,9 +81,13 @@ def save_video(frames: torch.Tensor, path: str, fps: int = 12) -> str | None:
 
 
 class Board:
-    """TensorBoard writer on the main rank (a no-op elsewhere or without tensorboard)."""
+    """TensorBoard writer on the main rank (a no-op elsewhere or without tensorboard).
 
-    def __init__(self, log_dir: str | None):
+    ``purge_step``: the first step this writer will record; TensorBoard drops what the folder's
+    earlier event files hold at that step and later (the steps an interrupted run logged after
+    its last checkpoint, run again after ``--resume``), so no step appears twice."""
+
+    def __init__(self, log_dir: str | None, purge_step: int | None = None):
         self.writer = None
         if log_dir is None:
             return
@@ -92,7 +96,7 @@ class Board:
         except ImportError as exc:
             log.warning("TensorBoard logging disabled: %s (pip install tensorboard)", exc)
             return
-        self.writer = SummaryWriter(log_dir=log_dir)
+        self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
