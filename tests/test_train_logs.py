@@ -95,3 +95,78 @@ def test_tensorboard_has_each_step_once_after_a_crash_and_resume(tmp_path):
     ref = _events(plain)
     for tag in ("loss/invert/loss", "loss/enc/loss", "grad/invert/grad_norm"):
         assert [e.value for e in acc.Scalars(tag)] == [e.value for e in ref.Scalars(tag)], tag
+
+
+def test_log_txt_marks_the_resume_and_previews_are_replaced(tmp_path):
+    run = _interrupted_and_resumed(tmp_path)
+    lines = open(os.path.join(run, "log.txt")).read().splitlines()
+    starts = [i for i, s in enumerate(lines) if " training inverter from step " in s]
+    assert len(starts) == 2, lines
+    assert lines[starts[0]].endswith("from step 0 to 10")
+    assert re.search(r"from step 4 to 10, resumed from .*ckpt-000004 \(step lines above",
+                     lines[starts[1]]), lines[starts[1]]
+
+    def steps(part):
+        return [int(m.group(1)) for s in part for m in [re.search(r" INFO step (\d+)/10: ", s)]
+                if m]
+
+    # the interrupted run's steps, then after the marker each later step once, in order
+    assert steps(lines[:starts[1]]) == list(range(1, 8))
+    assert steps(lines[starts[1]:]) == list(range(5, 11))
+    # one preview per step, the ones of steps after the checkpoint overwritten in place
+    names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(run, "previews", "*")))
+    assert names == [f"step-{s:06d}.png" for s in (2, 4, 6, 8, 10)]
+
+
+def test_learning_rates_and_rates_logged_are_those_of_the_step(tmp_path):
+    run = str(tmp_path / "run")
+    # linear decay over 4 steps, logged every 2: the steps with index 1 and 3 are logged
+    tr = _trainer(run, "train.steps=4", "train.log_every=2", "train.image_every=0")
+    tr.fit()
+    tr.close()
+    acc = _events(run)
+    base = {"lr/latent": 0.05, "lr/G": 1e-2, "lr/E": 0.1}
+    for tag, lr in base.items():
+        got = [(e.step, e.value) for e in acc.Scalars(tag)]
+        assert got == [(2, pytest.approx(lr * 0.75)), (4, pytest.approx(lr * 0.25))], tag
+    assert [(e.step, e.value) for e in acc.Scalars("lr_factor")] == [
+        (2, pytest.approx(0.75)), (4, pytest.approx(0.25))]
+    for tag in ("speed/steps_per_s", "speed/images_per_s", "speed/data_wait_fraction"):
+        assert [e.step for e in acc.Scalars(tag)] == [2, 4], tag
+    sps = [e.value for e in acc.Scalars("speed/steps_per_s")]
+    ips = [e.value for e in acc.Scalars("speed/images_per_s")]
+    assert all(v > 0 for v in sps) and ips == pytest.approx([4 * v for v in sps])
+    assert all(0 <= e.value <= 1 for e in acc.Scalars("speed/data_wait_fraction"))
+    assert "memory/peak_gib" not in acc.Tags()["scalars"]            # CUDA only
+
+
+def test_several_param_groups_are_logged_each(tmp_path):
+    run = str(tmp_path / "run")
+    tr = _trainer(run, "train.steps=1", "train.image_every=0")
+    m = tr.model
+    tr.optimizers["G"] = torch.optim.Adam([{"params": m.G[0].parameters()},
+                                           {"params": m.G[2].parameters(), "lr": 1e-3}], lr=1e-2)
+    tr._base_lrs["G"] = [1e-2, 1e-3]
+    tr.fit()
+    tr.close()
+    tags = _events(run).Tags()["scalars"]
+    assert {"lr/G/0", "lr/G/1", "lr/E", "lr/latent"} <= set(tags) and "lr/G" not in tags
+
+
+def test_the_rate_after_a_resume_does_not_span_the_downtime(tmp_path, monkeypatch):
+    import time
+
+    run = str(tmp_path / "run")
+    tr = _trainer(run, "train.steps=2", "train.image_every=0", "train.ckpt_every=1")
+    tr.fit()
+    tr.close()
+    real, offset = time.perf_counter, [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: real() + offset[0])
+    tr = _trainer(run, "train.steps=4", "train.image_every=0")
+    tr.resume()
+    offset[0] = 3600.0          # an hour between the resume and the first step
+    tr.fit()
+    tr.close()
+    acc = _events(run)
+    assert [e.step for e in acc.Scalars("speed/steps_per_s")] == [1, 2, 3, 4]
+    assert all(e.value > 0.1 for e in acc.Scalars("speed/steps_per_s"))
