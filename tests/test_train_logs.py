@@ -170,3 +170,62 @@ def test_the_rate_after_a_resume_does_not_span_the_downtime(tmp_path, monkeypatc
     acc = _events(run)
     assert [e.step for e in acc.Scalars("speed/steps_per_s")] == [1, 2, 3, 4]
     assert all(e.value > 0.1 for e in acc.Scalars("speed/steps_per_s"))
+
+
+TINY = ["model.resolution=16", "model.plane_resolution=8", "model.plane_channels=4",
+        "model.encoder_channels=8", "model.hidden=8", "model.depth_samples=4",
+        "data.resolution=16", "data.size=16", "train.batch_size=4", "train.progress=false",
+        "train.image_every=0", "train.video_frames=0", "train.log_every=1", "train.ckpt_every=0",
+        "train.device=cpu"]
+
+
+def test_a_moved_or_copied_run_resumed_continues_in_its_new_folder(tmp_path):
+    import shutil
+
+    import yaml
+
+    from pyface.cli import main
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    sets = sum((["--set", s] for s in TINY), [])
+    assert main(["train", "example", *sets, "--set", f"train.run_dir={old}",
+                 "--set", "train.steps=2"]) == 0
+    shutil.copytree(old, new)
+    # its config.yaml names the old folder; --resume NEW continues in NEW
+    assert main(["train", "example", "--config", str(new / "config.yaml"), "--resume", str(new),
+                 "--set", "train.steps=3"]) == 0
+    # and so does --resume of a checkpoint inside it
+    assert main(["train", "example", "--config", str(new / "config.yaml"), "--resume",
+                 str(new / "checkpoints" / "ckpt-000003"), "--set", "train.steps=4"]) == 0
+    assert sorted(os.listdir(old / "checkpoints")) == ["ckpt-000002", "latest"]   # untouched
+    assert "ckpt-000004" in os.listdir(new / "checkpoints")
+    assert yaml.safe_load((new / "config.yaml").read_text())["train"]["run_dir"] == str(new)
+    acc = _events(str(new))
+    assert [e.step for e in acc.Scalars("loss/main/loss")] == [1, 2, 3, 4]
+    assert len(re.findall(r" INFO step \d+/", (new / "log.txt").read_text())) == 4
+    # an explicit train.run_dir still wins: a new run folder started from the copied run
+    fork = tmp_path / "fork"
+    assert main(["train", "example", "--config", str(new / "config.yaml"), "--resume", str(new),
+                 "--set", f"train.run_dir={fork}", "--set", "train.steps=5"]) == 0
+    assert "ckpt-000005" in os.listdir(fork / "checkpoints")
+    assert "ckpt-000005" not in os.listdir(new / "checkpoints")
+
+
+def test_writers_of_one_process_within_one_second_are_read_in_order(tmp_path, monkeypatch):
+    """Event files are read in name order and their names end in a per-process counter: the
+    writer numbered 10 must not sort before the one numbered 9 (the resumed run's purge would
+    then come first); Board waits for the next second instead."""
+    from pyface.train.monitor import Board
+
+    efw = pytest.importorskip("tensorboard.summary.writer.event_file_writer")
+    if not hasattr(efw, "_global_uid") or not hasattr(efw, "AtomicCounter"):
+        pytest.skip("tensorboard names its event files differently")
+    monkeypatch.setattr(efw, "_global_uid", efw.AtomicCounter(9))
+    run = str(tmp_path / "run")
+    for purge, steps in ((1, (1, 2, 3)), (3, (3, 4))):        # a run, then its resume at 2
+        b = Board(os.path.join(run, "tb"), purge_step=purge)
+        for s in steps:
+            b.scalars({"loss": float(10 * purge + s)}, s)
+        b.close()
+    assert [(e.step, e.value) for e in _events(run).Scalars("loss")] == [
+        (1, 11.0), (2, 12.0), (3, 33.0), (4, 34.0)]

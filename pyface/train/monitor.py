@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 
 import torch
@@ -80,6 +81,28 @@ def save_video(frames: torch.Tensor, path: str, fps: int = 12) -> str | None:
         return gif
 
 
+def _after_earlier_event_files(log_dir: str, max_wait: float = 2.0) -> None:
+    """Waits (at most ``max_wait`` s) until the clock's second is past those of the event files
+    already in ``log_dir``. TensorBoard reads a folder's files in name order, and a name is
+    ``events.out.tfevents.<seconds>.<host>.<pid>.<counter>``: two writers of one process within
+    one second can sort out of order (counter 10 before 9), which would apply a resumed run's
+    ``purge_step`` before the events it should drop."""
+    try:
+        names = os.listdir(log_dir)
+    except OSError:
+        return
+    stamps = []
+    for n in names:
+        part = n.split(".")
+        if n.startswith("events.out.tfevents.") and len(part) > 3 and part[3].isdigit():
+            stamps.append(int(part[3]))
+    if not stamps:
+        return
+    end = time.monotonic() + max_wait
+    while int(time.time()) <= max(stamps) and time.monotonic() < end:
+        time.sleep(0.05)
+
+
 class Board:
     """TensorBoard writer on the main rank (a no-op elsewhere or without tensorboard).
 
@@ -96,6 +119,7 @@ class Board:
         except ImportError as exc:
             log.warning("TensorBoard logging disabled: %s (pip install tensorboard)", exc)
             return
+        _after_earlier_event_files(log_dir)
         self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
