@@ -229,3 +229,19 @@ def test_writers_of_one_process_within_one_second_are_read_in_order(tmp_path, mo
         b.close()
     assert [(e.step, e.value) for e in _events(run).Scalars("loss")] == [
         (1, 11.0), (2, 12.0), (3, 33.0), (4, 34.0)]
+
+
+def test_a_finished_run_resumed_adds_no_step_to_tensorboard(tmp_path):
+    run = str(tmp_path / "run")
+    for _ in range(2):                      # the run, then --resume of the finished run
+        tr = _trainer(run, "train.steps=2", "train.image_every=1", "train.video_frames=0")
+        tr.resume()
+        tr.fit()
+        tr.close()
+    acc = _events(run)
+    assert [e.step for e in acc.Images("preview")] == [1, 2]
+    assert [e.step for e in acc.Scalars("loss/invert/loss")] == [1, 2]
+    assert sorted(os.listdir(os.path.join(run, "previews"))) == ["step-000001.png",
+                                                                 "step-000002.png"]
+    log_txt = open(os.path.join(run, "log.txt")).read()
+    assert "from step 2 to 2, resumed from " in log_txt and "(finished: no step runs" in log_txt

@@ -947,9 +947,11 @@ class Trainer:
             loaded = self._loaded[0] if self._loaded[1] == self.step else None
             self._log_to_file(
                 f"training {self.cfg.model} from step {self.step} to {t.steps}"
-                + (f", resumed from {loaded} (step lines above for later steps, if any, are "
-                   "from the interrupted run; those steps run again below)"
-                   if loaded and self.step else ""))
+                + (f", resumed from {loaded}" if loaded and self.step else "")
+                + (" (step lines above for later steps, if any, are from the interrupted run; "
+                   "those steps run again below)" if loaded and self.step < t.steps else "")
+                + (" (finished: no step runs; the previews are written again)"
+                   if self.step >= t.steps else ""))
             # the first step logged is self.step + 1 (a step is logged once it has run): what
             # an interrupted run logged after its last checkpoint is dropped, not drawn twice
             self._board = Board(os.path.join(self.run_dir, "tb") if t.tensorboard else None,

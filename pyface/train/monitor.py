@@ -108,10 +108,13 @@ class Board:
 
     ``purge_step``: the first step this writer will record; TensorBoard drops what the folder's
     earlier event files hold at that step and later (the steps an interrupted run logged after
-    its last checkpoint, run again after ``--resume``), so no step appears twice."""
+    its last checkpoint, run again after ``--resume``), so no step appears twice; and it records
+    no step before it (those of the earlier files stay: a finished run resumed writes its final
+    previews again, as PNG files only)."""
 
     def __init__(self, log_dir: str | None, purge_step: int | None = None):
         self.writer = None
+        self.first_step = purge_step or 0
         if log_dir is None:
             return
         try:
@@ -123,12 +126,12 @@ class Board:
         self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer is not None:
+        if self.writer is not None and step >= self.first_step:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
 
     def image(self, tag: str, image: torch.Tensor, step: int) -> None:
-        if self.writer is not None:
+        if self.writer is not None and step >= self.first_step:
             self.writer.add_image(tag, (image.clamp(-1, 1) + 1) / 2, step)
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
