@@ -245,3 +245,29 @@ def test_a_finished_run_resumed_adds_no_step_to_tensorboard(tmp_path):
                                                                  "step-000002.png"]
     log_txt = open(os.path.join(run, "log.txt")).read()
     assert "from step 2 to 2, resumed from " in log_txt and "(finished: no step runs" in log_txt
+
+
+def test_two_ranks_only_rank_0_writes_the_logs(tmp_path):
+    """torchrun, 2 gloo ranks: one event file per command, each step once in TensorBoard and in
+    log.txt, one preview per step; the second command resumes."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "ddp"
+    sets = sum((["--set", s] for s in TINY + [f"train.run_dir={run}", "train.image_every=1"]),
+               [])
+    for steps, extra in ((3, []), (4, ["--resume"])):
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone",
+             "--nproc_per_node=2", "-m", "pyface", "train", "example", *sets,
+             "--set", f"train.steps={steps}", *extra],
+            env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+            timeout=240)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(os.listdir(run / "tb")) == 2
+    acc = _events(str(run))
+    assert [e.step for e in acc.Scalars("loss/main/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in acc.Images("preview")] == [1, 2, 3, 4]
+    assert re.findall(r" INFO step (\d+)/", (run / "log.txt").read_text()) == ["1", "2", "3",
+                                                                               "4"]
+    assert sorted(os.listdir(run / "previews")) == [f"step-{s:06d}.png" for s in (1, 2, 3, 4)]
