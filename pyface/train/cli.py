@@ -33,7 +33,9 @@ def add_parser(subparsers) -> None:
                    help="override a config value, e.g. train.steps=100 (repeatable)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="continue from CKPT (a checkpoint folder, or a run folder: its latest "
-                        "checkpoint), or (no value) from train.run_dir's latest checkpoint")
+                        "checkpoint; a run folder's run, also moved or copied, continues in it "
+                        "unless --set train.run_dir=DIR), or (no value) from train.run_dir's "
+                        "latest checkpoint")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as YAML and exit")
     p.add_argument("--skip-bad", action="store_true",
