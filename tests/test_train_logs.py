@@ -271,3 +271,19 @@ def test_two_ranks_only_rank_0_writes_the_logs(tmp_path):
     assert re.findall(r" INFO step (\d+)/", (run / "log.txt").read_text()) == ["1", "2", "3",
                                                                                "4"]
     assert sorted(os.listdir(run / "previews")) == [f"step-{s:06d}.png" for s in (1, 2, 3, 4)]
+
+
+def test_tensorboard_is_flushed_at_each_checkpoint(tmp_path, monkeypatch):
+    """A killed process loses the events its writer still buffers (TensorBoard's writer flushes
+    every 2 minutes): those up to the last checkpoint, which a resume does not log again, are
+    flushed with it."""
+    from pyface.train import monitor
+
+    run = str(tmp_path / "run")
+    tr = _trainer(run, "train.steps=5", "train.ckpt_every=2", "train.image_every=0")
+    at = []
+    real = monitor.Board.flush
+    monkeypatch.setattr(monitor.Board, "flush", lambda self: (at.append(tr.step), real(self)))
+    tr.fit()
+    tr.close()
+    assert at[:2] == [2, 4]

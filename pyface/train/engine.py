@@ -1023,6 +1023,8 @@ class Trainer:
                 if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.steps:
                     last_ckpt = self.save_checkpoint() or last_ckpt
                     saved_at = self.step
+                    if self._board:     # on disk up to the checkpoint, should the process die
+                        self._board.flush()
                 if t.image_every and self.step % t.image_every == 0 and self.step < t.steps:
                     previews += self.write_previews(
                         video=bool(t.video_every) and self.step % t.video_every == 0)
