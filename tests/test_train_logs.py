@@ -287,3 +287,28 @@ def test_tensorboard_is_flushed_at_each_checkpoint(tmp_path, monkeypatch):
     tr.fit()
     tr.close()
     assert at[:2] == [2, 4]
+
+
+def test_console_log_lines_do_not_break_the_progress_bar(tmp_path, capsys):
+    """train.progress=true: a log line on the console (a checkpoint saved) is written above the
+    bar, not appended to the bar's line."""
+    import sys
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        tr = _trainer(str(tmp_path / "run"), "train.steps=4", "train.ckpt_every=2",
+                      "train.image_every=0", "train.progress=true", "train.tensorboard=false")
+        tr.fit()
+        tr.close()
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    assert "4/4" in err                                                  # the bar was drawn
+    saved = [s for s in re.split(r"[\r\n]", err) if "saved checkpoint" in s]
+    assert len(saved) == 2 and all(s.startswith("INFO pyface.train: saved") for s in saved), \
+        saved

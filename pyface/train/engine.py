@@ -977,6 +977,11 @@ class Trainer:
         interrupted = False
         bar = tqdm(total=t.steps, initial=self.step, disable=not (main and t.progress),
                    dynamic_ncols=True, unit="step")
+        redirect = contextlib.ExitStack()
+        if not bar.disable:     # console log lines (checkpoints, warnings) above the bar
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            redirect.enter_context(logging_redirect_tqdm())
         acc: dict[str, torch.Tensor] = {}
         n_acc: dict[str, int] = {}   # per key: lazy phases do not run every step
         try:
@@ -1037,6 +1042,7 @@ class Trainer:
             if not interrupted:
                 previews += self.write_previews(video=True)
         finally:
+            redirect.close()
             bar.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
