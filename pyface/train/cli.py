@@ -34,7 +34,9 @@ def add_parser(subparsers) -> None:
                    help="override a config value, e.g. train.steps=100 (repeatable)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="continue from CKPT (a checkpoint folder, or a run folder: its latest "
-                        "checkpoint), or (no value) from train.run_dir's latest checkpoint")
+                        "checkpoint; a run folder's run, also moved or copied, continues in it "
+                        "unless --set train.run_dir=DIR), or (no value) from train.run_dir's "
+                        "latest checkpoint")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as YAML and exit")
     p.add_argument("--skip-bad", action="store_true",
@@ -113,6 +115,34 @@ def _setup_logging() -> None:
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+def _resumed_run_dir(path: str) -> str | None:
+    """The run folder of ``--resume PATH``: PATH when it holds checkpoints/, the folder above
+    checkpoints/ for a checkpoint in one, else None (a checkpoint outside a run)."""
+    path = os.path.normpath(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return path
+    up = os.path.dirname(path)
+    if os.path.basename(up) == "checkpoints" and os.path.isfile(
+            os.path.join(os.path.dirname(up), "config.yaml")):
+        return os.path.dirname(up)
+    return None
+
+
+def _continue_in_resumed_run(cfg, path: str) -> None:
+    """``--resume PATH`` of a run folder (or of a checkpoint in one) without ``--set
+    train.run_dir``: the run continues in that folder (logs, TensorBoard, previews, checkpoints),
+    also when it was moved or copied and its config.yaml names the folder it was trained in."""
+    run = _resumed_run_dir(path)
+    if run is None:
+        return
+    mine = cfg.train.run_dir.format(model=cfg.model)
+    if os.path.abspath(mine) != os.path.abspath(run):
+        logging.getLogger("pyface.train").info(
+            "continuing in %s, the run folder of --resume (train.run_dir was %s; --set "
+            "train.run_dir=DIR writes elsewhere)", run, mine)
+        cfg.train.run_dir = run
+
+
 def run_train(args) -> int:
     from pyface.train.config import ConfigError, build_experiment
     from pyface.train.model import ModelDefinitionError
@@ -137,6 +167,9 @@ def run_train(args) -> int:
             RegistryError) as exc:
         print(f"pyface train: {_message(exc)}", file=sys.stderr)
         return 2
+    if args.resume not in (None, "auto") and not any(
+            o.split("=", 1)[0].strip() == "train.run_dir" for o in args.overrides):
+        _continue_in_resumed_run(cfg, args.resume)
     staged = bool(getattr(cls, "stages", ())) and not args.print_config
     group = None
     if staged and int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -907,12 +907,27 @@ class Trainer:
         is no progress bar (``train.progress=false``), so a batch job still shows its progress."""
         line = (f"step {self.step}/{self.cfg.train.steps}: "
                 + ", ".join(f"{k} {v:.4g}" for k, v in totals.items())
-                + f" ({steps_per_s:.2f} steps/s)")
-        if to_console:
-            log.info(line)
-        elif self._log_handler is not None:
+                + f" ({steps_per_s * self.cfg.train.batch_size:.3g} images/s, "
+                  f"{steps_per_s:.2f} steps/s)")
+        if to_console and log.isEnabledFor(logging.INFO):
+            log.info(line)              # the console and log.txt (the handler on "pyface")
+        else:       # the file only; also when INFO is off (a script that set up no logging)
+            self._log_to_file(line)
+
+    def _log_to_file(self, line: str) -> None:
+        if self._log_handler is not None:
             self._log_handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, line,
                                                     None, None))
+
+    def _learning_rates(self) -> dict[str, float]:
+        """``lr/<optimizer>`` (``lr/<optimizer>/<group index>`` with several parameter groups):
+        the rates the last step used (set from the schedule before the step)."""
+        out = {}
+        for name, opt in self.optimizers.items():
+            groups = opt.param_groups
+            for i, g in enumerate(groups):
+                out[f"lr/{name}" if len(groups) == 1 else f"lr/{name}/{i}"] = float(g["lr"])
+        return out
 
     def fit(self) -> FitResult:
         """Train until ``train.steps``, or until a signal of :data:`STOP_SIGNALS` (SIGTERM,
@@ -931,7 +946,18 @@ class Trainer:
                             "and overwriting them - use --resume to continue instead",
                             self.run_dir, os.path.basename(prev))
             self._setup_run_dir()
-            self._board = Board(os.path.join(self.run_dir, "tb") if t.tensorboard else None)
+            loaded = self._loaded[0] if self._loaded[1] == self.step else None
+            self._log_to_file(
+                f"training {self.cfg.model} from step {self.step} to {t.steps}"
+                + (f", resumed from {loaded}" if loaded and self.step else "")
+                + (" (step lines above for later steps, if any, are from the interrupted run; "
+                   "those steps run again below)" if loaded and self.step < t.steps else "")
+                + (" (finished: no step runs; the previews are written again)"
+                   if self.step >= t.steps else ""))
+            # the first step logged is self.step + 1 (a step is logged once it has run): what
+            # an interrupted run logged after its last checkpoint is dropped, not drawn twice
+            self._board = Board(os.path.join(self.run_dir, "tb") if t.tensorboard else None,
+                                purge_step=self.step + 1)
         self._stop_signal = None
         old_handlers = {}
         if threading.current_thread() is threading.main_thread():
@@ -939,6 +965,10 @@ class Trainer:
                 old_handlers[s] = signal.signal(s, self._on_signal)
         self.model.train()
         start, t0 = self.step, time.perf_counter()
+        # the rates logged are those of the steps since the previous log line (the first
+        # interval starts here, so a resumed run's does not span the downtime)
+        t_log, step_log, t_wait = t0, self.step, 0.0
+        cuda = self.device.type == "cuda"
         previews: list[str] = []
         # this run's checkpoint of the current step (the one resumed from) is not written
         # again when no step runs (a finished run resumed)
@@ -949,10 +979,17 @@ class Trainer:
         interrupted = False
         bar = tqdm(total=t.steps, initial=self.step, disable=not (main and t.progress),
                    dynamic_ncols=True, unit="step")
+        redirect = contextlib.ExitStack()
+        if not bar.disable:     # console log lines (checkpoints, warnings) above the bar
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            redirect.enter_context(logging_redirect_tqdm())
         acc: dict[str, torch.Tensor] = {}
         n_acc: dict[str, int] = {}   # per key: lazy phases do not run every step
         try:
+            t_ask = time.perf_counter()
             for batch in self._loader():
+                t_wait += time.perf_counter() - t_ask      # waiting for the data loader
                 losses = self.train_step(self._to_device(batch))
                 for k, v in losses.items():
                     acc[k] = acc[k] + v if k in acc else v
@@ -968,31 +1005,46 @@ class Trainer:
                             totals = {"loss": next(iter(totals.values()))}
                         bar.set_postfix({k: f"{v:.4g}" for k, v in totals.items()},
                                         refresh=False)
-                        self._log_losses(totals, (self.step - start) /
-                                         max(time.perf_counter() - t0, 1e-9), bar.disable)
+                        now = time.perf_counter()
+                        dt = max(now - t_log, 1e-9)
+                        rate = (self.step - step_log) / dt
+                        self._log_losses(totals, rate, bar.disable)
                         if self._board:
                             self._board.scalars({f"loss/{k}" if not k.endswith("grad_norm")
                                                  else f"grad/{k}": v
                                                  for k, v in self.last_losses.items()},
                                                 self.step)
-                            self._board.scalars({"lr_factor": lr_factor(
-                                t.lr_schedule, self.step, t.steps),
-                                "speed/steps_per_s": (self.step - start) /
-                                max(time.perf_counter() - t0, 1e-9)}, self.step)
+                            # the schedule's factor and the rates of the step just run (its
+                            # index is self.step - 1: self.step counts the steps done)
+                            speed = {"lr_factor": lr_factor(t.lr_schedule, self.step - 1,
+                                                            t.steps),
+                                     **self._learning_rates(),
+                                     "speed/steps_per_s": rate,
+                                     "speed/images_per_s": rate * t.batch_size,
+                                     "speed/data_wait_fraction": t_wait / dt}
+                            if cuda:        # the process's peak (the stats are not reset)
+                                speed["memory/peak_gib"] = \
+                                    torch.cuda.max_memory_allocated(self.device) / 2**30
+                            self._board.scalars(speed, self.step)
+                    t_log, step_log, t_wait = time.perf_counter(), self.step, 0.0
                 if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.steps:
                     last_ckpt = self.save_checkpoint() or last_ckpt
                     saved_at = self.step
+                    if self._board:     # on disk up to the checkpoint, should the process die
+                        self._board.flush()
                 if t.image_every and self.step % t.image_every == 0 and self.step < t.steps:
                     previews += self.write_previews(
                         video=bool(t.video_every) and self.step % t.video_every == 0)
                 if D.any_flag(self._stop_signal is not None, self.dist, self.device):
                     interrupted = True
                     break
+                t_ask = time.perf_counter()
             if saved_at != self.step:      # not twice at one step (a signal after ckpt_every)
                 last_ckpt = self.save_checkpoint() or last_ckpt
             if not interrupted:
                 previews += self.write_previews(video=True)
         finally:
+            redirect.close()
             bar.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)

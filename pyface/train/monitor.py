@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 
 import torch
@@ -80,11 +81,40 @@ def save_video(frames: torch.Tensor, path: str, fps: int = 12) -> str | None:
         return gif
 
 
-class Board:
-    """TensorBoard writer on the main rank (a no-op elsewhere or without tensorboard)."""
+def _after_earlier_event_files(log_dir: str, max_wait: float = 2.0) -> None:
+    """Waits (at most ``max_wait`` s) until the clock's second is past those of the event files
+    already in ``log_dir``. TensorBoard reads a folder's files in name order, and a name is
+    ``events.out.tfevents.<seconds>.<host>.<pid>.<counter>``: two writers of one process within
+    one second can sort out of order (counter 10 before 9), which would apply a resumed run's
+    ``purge_step`` before the events it should drop."""
+    try:
+        names = os.listdir(log_dir)
+    except OSError:
+        return
+    stamps = []
+    for n in names:
+        part = n.split(".")
+        if n.startswith("events.out.tfevents.") and len(part) > 3 and part[3].isdigit():
+            stamps.append(int(part[3]))
+    if not stamps:
+        return
+    end = time.monotonic() + max_wait
+    while int(time.time()) <= max(stamps) and time.monotonic() < end:
+        time.sleep(0.05)
 
-    def __init__(self, log_dir: str | None):
+
+class Board:
+    """TensorBoard writer on the main rank (a no-op elsewhere or without tensorboard).
+
+    ``purge_step``: the first step this writer will record; TensorBoard drops what the folder's
+    earlier event files hold at that step and later (the steps an interrupted run logged after
+    its last checkpoint, run again after ``--resume``), so no step appears twice; and it records
+    no step before it (those of the earlier files stay: a finished run resumed writes its final
+    previews again, as PNG files only)."""
+
+    def __init__(self, log_dir: str | None, purge_step: int | None = None):
         self.writer = None
+        self.first_step = purge_step or 0
         if log_dir is None:
             return
         try:
@@ -92,15 +122,16 @@ class Board:
         except ImportError as exc:
             log.warning("TensorBoard logging disabled: %s (pip install tensorboard)", exc)
             return
-        self.writer = SummaryWriter(log_dir=log_dir)
+        _after_earlier_event_files(log_dir)
+        self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer is not None:
+        if self.writer is not None and step >= self.first_step:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
 
     def image(self, tag: str, image: torch.Tensor, step: int) -> None:
-        if self.writer is not None:
+        if self.writer is not None and step >= self.first_step:
             self.writer.add_image(tag, (image.clamp(-1, 1) + 1) / 2, step)
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
