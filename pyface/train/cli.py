@@ -162,14 +162,14 @@ def run_train(args) -> int:
                                overrides=overrides, defaults=getattr(cls, "recipe", {}),
                                preset=args.preset)
         check_stage_section(args.model, cls, cfg.stages)
+        if args.resume not in (None, "auto") and not any(
+                o.split("=", 1)[0].strip() == "train.run_dir" for o in args.overrides):
+            _continue_in_resumed_run(cfg, args.resume)   # checked below: the folder written to
         check_run_dir(cfg)
     except (KeyError, ConfigError, OSError, ImportError, ModelDefinitionError,
             RegistryError) as exc:
         print(f"pyface train: {_message(exc)}", file=sys.stderr)
         return 2
-    if args.resume not in (None, "auto") and not any(
-            o.split("=", 1)[0].strip() == "train.run_dir" for o in args.overrides):
-        _continue_in_resumed_run(cfg, args.resume)
     staged = bool(getattr(cls, "stages", ())) and not args.print_config
     group = None
     if staged and int(os.environ.get("WORLD_SIZE", "1")) > 1:
