@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from pyface.eval import metrics as M
+from pyface.eval import stats as S
 
 FRAME_KEYS = ("image", "mask", "camera", "coeffs", "landmarks")
 
@@ -120,6 +121,8 @@ class EvalResult:
     detector: str | None = None              # the landmark detector's name, if one ran
     controls: dict = field(default_factory=dict)   # generate() controls (protocol_controls)
     seed: int | None = None                          # the evaluation's seed (None: unseeded)
+    # (n,) int: the source (cluster) of each pair, for the bootstrap intervals (cluster_key)
+    clusters: np.ndarray | None = None
 
     @property
     def fps(self) -> float:
@@ -146,6 +149,17 @@ class EvalResult:
                 out["kid"] = {"image": _json_float(mean), "image_std": _json_float(std)}
         return out
 
+    def intervals(self, subset: str) -> tuple[dict | None, int]:
+        """The 95 % intervals of :meth:`summary`'s per-pair means over ``subset``:
+        ``({metric: {region: [lo, hi] | None}}, sources)``, a cluster bootstrap over the pairs'
+        sources (:func:`pyface.eval.stats.summary_intervals`: 1000 resamples of the sources
+        with replacement, all their pairs together, fixed seed, percentile interval; NaN values
+        left out as in the means). ``(None, sources)`` with fewer than 2 sources. Without
+        ``clusters`` every pair is its own source. fid / kid have none."""
+        keep = np.ones(len(self.indices), bool) if subset == "all" else self.moving
+        clusters = self.clusters if self.clusters is not None else np.arange(len(self.indices))
+        return S.summary_intervals(self.values, keep, clusters)
+
     def jitter_summary(self) -> dict | None:
         """``{"output", "driving", "triples", "output_landmarks", "target_detector"}``:
         :func:`pyface.eval.metrics.jitter` over every run of three consecutive driving frames of
@@ -170,7 +184,11 @@ class EvalResult:
     def to_dict(self) -> dict:
         subsets = ("moving",) if self.subset == "moving" else \
             ("all", "moving") if self.has_moving else ("all",)
+        ci = {s: self.intervals(s) for s in subsets}
         return {"subsets": {s: self.summary(s) for s in subsets},
+                "ci95": {s: v[0] for s, v in ci.items()},
+                "clusters": {s: v[1] for s, v in ci.items()},
+                "bootstrap": dict(BOOTSTRAP),
                 "pairs": len(self.indices), "sources": self.sources,
                 "fps": _json_float(self.fps), "frames": self.frames,
                 "seconds": round(self.seconds, 4),
@@ -181,6 +199,11 @@ class EvalResult:
                 "seed": self.seed,
                 **({"controls": self.controls} if self.controls else {}),
                 **({"jitter": self.jitter_summary()} if self.jitter is not None else {})}
+
+
+#: How the intervals of :meth:`EvalResult.intervals` are made (reported as ``"bootstrap"``).
+BOOTSTRAP = {"method": "cluster bootstrap over sources, percentile interval",
+             "level": S.LEVEL, "resamples": S.RESAMPLES, "seed": S.SEED}
 
 
 def _json_float(x: float):
@@ -215,6 +238,20 @@ def source_key(data, index: int):
         return ("cross", data.cross.cross.locate(p)[0])   # one source per cross video
     s = data[index]["source"]
     return (int(s["video"]), int(s["frame"])) if "video" in s and "frame" in s else index
+
+
+def cluster_key(data, index: int):
+    """The key of the bootstrap cluster of pair ``index``: the source image. For the
+    cross-identity pairs of :class:`pyface.data.reenactment.ReenactmentPairs` the source video
+    and frame (the cross videos of one identity driven by different videos share it), else
+    :func:`source_key`."""
+    from pyface.data.reenactment import ReenactmentPairs
+
+    if isinstance(data, ReenactmentPairs) and data.protocol == "cross" and \
+            not hasattr(data, "source_key"):
+        m = data.cross.meta[data.cross.cross.locate(data.pairs[index])[0]]
+        return ("cross", m["source_video"], int(m.get("source_frame", 0)))
+    return source_key(data, index)
 
 
 def _groups(data, indices: list[int]) -> list[list[int]]:
@@ -433,6 +470,7 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
     # the pipeline's own controls for this protocol (e.g. MMFA's cross_identity=True)
     controls = dict(getattr(pipeline, "protocol_controls", lambda p: {})(pair_protocol) or {})
     res.controls = controls
+    res.clusters = S.cluster_ids(cluster_key(data, i) for i in indices)
     if set_metrics:
         from pyface.eval.fid import FEATURE_DIM
         res.features = {k: np.full((len(indices), FEATURE_DIM), np.nan) for k in ("real", "fake")}
