@@ -200,6 +200,42 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _fmt_ci(name: str, ci) -> str:
+    return "-" if ci is None or None in ci else f"[{_fmt(name, ci[0])}, {_fmt(name, ci[1])}]"
+
+
+def format_intervals(report: dict) -> str:
+    """The 95 % intervals of a report's per-pair means (the JSON's ``ci95``: cluster bootstrap
+    over sources), one row ``protocol/subset`` per protocol and subset, ``[lo, hi]`` in the
+    printed table's number format; "-" where there is none (fid / kid, fewer than 2 sources:
+    said once below the table). Empty for a report without intervals."""
+    cols = [c for c in metric_columns(report) if c[1] not in ("fid", "kid")]
+    rows, few = [], []
+    for proto, r in report["protocols"].items():
+        if "ci95" not in r:
+            continue
+        for subset in r["subsets"]:
+            ci = r["ci95"].get(subset)
+            n = r["clusters"].get(subset, 0)
+            if ci is None:
+                few.append(f"{proto}/{subset} ({n})")
+            rows.append([f"{proto}/{subset}", str(n)]
+                        + [_fmt_ci(name, (ci or {}).get(name, {}).get(region))
+                           for _, name, region in cols])
+    if not rows or not cols:
+        return ""
+    b = next(r["bootstrap"] for r in report["protocols"].values() if "bootstrap" in r)
+    head = ["interval", "sources"] + [c[0] for c in cols]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    lines = [f"{100 * b['level']:g} % intervals of the means: cluster bootstrap over sources "
+             f"({b['resamples']} resamples, seed {b['seed']}; see docs/eval.md)"]
+    lines += ["  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(r, widths)))
+              for r in [head, ["-" * w for w in widths]] + rows]
+    if few:
+        lines.append("no interval with fewer than 2 sources: " + ", ".join(few))
+    return "\n".join(lines)
+
+
 def markdown_table(reports: dict) -> str:
     """One markdown table of several reports (``{row label: report}``): one row per model;
     columns: resolution, then ``protocol/subset metric`` for every protocol, subset and metric,
@@ -521,6 +557,9 @@ def run(args) -> int:
     print(f"{args.model} on {args.data} (data hash {report['data_hash']}, "
           f"{report['resolution']} px, {report['device']})")
     print(format_table(report))
+    intervals = format_intervals(report)
+    if intervals:
+        print("\n" + intervals)
     if args.json:
         _write_json(report, args.json)
         print(f"wrote {args.json}")
