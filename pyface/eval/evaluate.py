@@ -156,9 +156,12 @@ class EvalResult:
         with replacement, all their pairs together, fixed seed, percentile interval; NaN values
         left out as in the means). ``(None, sources)`` with fewer than 2 sources. Without
         ``clusters`` every pair is its own source. fid / kid have none."""
-        keep = np.ones(len(self.indices), bool) if subset == "all" else self.moving
-        clusters = self.clusters if self.clusters is not None else np.arange(len(self.indices))
-        return S.summary_intervals(self.values, keep, clusters)
+        return S.summary_intervals(self.values, self.subset_mask(subset), self.cluster_ids())
+
+    def cluster_ids(self) -> np.ndarray:
+        """``(n,)`` int: the source of each pair (``clusters``; without them each pair its
+        own)."""
+        return self.clusters if self.clusters is not None else np.arange(len(self.indices))
 
     def jitter_summary(self) -> dict | None:
         """``{"output", "driving", "triples", "output_landmarks", "target_detector"}``:
@@ -181,9 +184,19 @@ class EvalResult:
             out["target_detector"] = mean(self.jitter["target"])
         return out
 
-    def to_dict(self) -> dict:
-        subsets = ("moving",) if self.subset == "moving" else \
+    @property
+    def report_subsets(self) -> tuple[str, ...]:
+        """The subsets :meth:`to_dict` reports: ``moving`` alone for an evaluation of the
+        moving subset, else ``all`` and (when the data has coefficients) ``moving``."""
+        return ("moving",) if self.subset == "moving" else \
             ("all", "moving") if self.has_moving else ("all",)
+
+    def subset_mask(self, subset: str) -> np.ndarray:
+        """``(n,)`` bool: the pairs of ``subset`` ("all" or "moving")."""
+        return np.ones(len(self.indices), bool) if subset == "all" else self.moving
+
+    def to_dict(self) -> dict:
+        subsets = self.report_subsets
         ci = {s: self.intervals(s) for s in subsets}
         return {"subsets": {s: self.summary(s) for s in subsets},
                 "ci95": {s: v[0] for s, v in ci.items()},
