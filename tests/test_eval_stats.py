@@ -189,3 +189,106 @@ def test_cli_prints_the_intervals_of_the_json(root, tmp_path, capsys):
     rep2 = json.loads(out2.read_text())
     assert all(rep2["protocols"][p]["ci95"] == rep["protocols"][p]["ci95"]
                for p in rep["protocols"])
+
+
+# ----------------------------------------------------------------------------------------------
+# paired differences (pyface eval --runs)
+
+
+def _result(values, clusters, moving=None, resolution=32):
+    from pyface.eval.evaluate import EvalResult
+
+    n = len(clusters)
+    moving = np.ones(n, bool) if moving is None else moving
+    return EvalResult("same", "all", resolution, list(range(n)), moving,
+                      {"psnr": {"image": np.asarray(values, np.float64)}},
+                      clusters=np.asarray(clusters))
+
+
+def test_paired_difference_of_a_constant_shift_is_exact():
+    """b = a + 0.3 on every pair: the difference is 0.3 in every resample, though the values
+    themselves vary by source far more (the unpaired intervals overlap)."""
+    from pyface.eval.cli import differences
+
+    a, c = _clustered(n_sources=8, per_source=6, spread=3.0)
+    ra, rb = _result(a, c), _result(a + 0.3, c)
+    d = differences({"a": {"same": ra}, "b": {"same": rb}}, "a")
+    got = d["models"]["b"]["same"]["subsets"]["all"]["psnr"]["image"]
+    assert got["mean"] == pytest.approx(0.3) and got["pairs"] == 48
+    assert got["ci95"] == pytest.approx([0.3, 0.3])
+    assert d["models"]["b"]["same"]["clusters"] == {"all": 8, "moving": 8}
+    ia, ib = ra.intervals("all")[0]["psnr"]["image"], rb.intervals("all")[0]["psnr"]["image"]
+    assert ib[0] < ia[1]                     # unpaired: no separation
+    assert S.excludes_zero(got["ci95"]) and not S.excludes_zero([-0.1, 0.2])
+
+
+def test_paired_difference_matches_a_direct_computation():
+    """A known mean difference with source-level noise in the difference: the same bootstrap
+    written out on the per-pair differences; NaN pairs of either run left out; a second
+    model with no difference is not marked."""
+    from pyface.eval.cli import _fmt_diff, differences
+
+    a, c = _clustered(n_sources=10, per_source=5)
+    g = np.random.default_rng(7)
+    delta = 0.5 + g.normal(0, 0.4, 10)[c] + g.normal(0, 0.05, len(c))
+    b = a + delta
+    a_nan = a.copy()
+    a_nan[[0, 11]] = np.nan
+    b[[2]] = np.nan
+    moving = np.arange(len(c)) % 2 == 0
+    d = differences({"a": {"same": _result(a_nan, c, moving)},
+                     "b": {"same": _result(b, c, moving)},
+                     "same-as-a": {"same": _result(a_nan + g.normal(0, 1e-3, len(c)), c,
+                                                   moving)}}, "a")
+    diff = b - a_nan
+    for subset, keep in (("all", np.ones(len(c), bool)), ("moving", moving)):
+        got = d["models"]["b"]["same"]["subsets"][subset]["psnr"]["image"]
+        assert got["pairs"] == int((~np.isnan(diff[keep])).sum())
+        assert got["mean"] == pytest.approx(np.nanmean(diff[keep]), rel=1e-12)
+        np.testing.assert_allclose(got["ci95"], _reference_interval(diff[keep], c[keep]),
+                                   rtol=1e-12)
+        assert got["ci95"][0] > 0 and _fmt_diff("psnr", got).endswith(" *")
+    none = d["models"]["same-as-a"]["same"]["subsets"]["all"]["psnr"]["image"]
+    assert none["ci95"][0] < 0 < none["ci95"][1] and not _fmt_diff("psnr", none).endswith("*")
+
+
+def test_runs_on_other_pairs_are_not_compared():
+    from pyface.eval.cli import differences
+
+    a, c = _clustered(n_sources=4, per_source=3)
+    d = differences({"a": {"same": _result(a, c)}, "b": {"same": _result(a, c, resolution=64)},
+                     "c": {"same": _result(a[:-1], c[:-1])}}, "a")
+    assert d["models"] == {} and set(d["skipped"]) == {"b", "c"}
+    assert "64 px" in d["skipped"]["b"] and "not the pairs of a" in d["skipped"]["c"]
+
+
+def test_cli_runs_report_the_differences_vs_the_first_row(root, tmp_path, capsys):
+    """--runs with the baselines only: copy-source is the first row; warp-baseline's mean
+    difference is the difference of the two reports' means (no NaN: the same pairs)."""
+    from pyface.cli import main
+
+    out = tmp_path / "ev"
+    assert main(["eval", "--runs", "--data", root, "--quiet", "--metrics", "psnr,ssim",
+                 "--sheet-rows", "0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rep = json.loads((out / "report.json").read_text())
+    d = rep["differences"]
+    assert d["reference"] == "copy-source" and list(d["models"]) == ["warp-baseline"]
+    ws, cs = rep["reports"]["warp-baseline"]["protocols"], rep["reports"]["copy-source"]["protocols"]
+    assert "model - copy-source" not in (out / "table.md").read_text()   # one table there
+    assert "| model - copy-source |" in printed
+    row = next(line for line in printed.splitlines() if line.startswith("| warp-baseline | +")
+               or line.startswith("| warp-baseline | -"))
+    cells = [x.strip() for x in row.strip("|").split("|")][1:]
+    k = 0
+    for proto, r in cs.items():
+        for subset in r["subsets"]:
+            for name in ("psnr", "ssim"):
+                for region in ("image", "face"):
+                    got = d["models"]["warp-baseline"][proto]["subsets"][subset][name][region]
+                    assert got["mean"] == pytest.approx(
+                        ws[proto]["subsets"][subset][name][region]
+                        - r["subsets"][subset][name][region], abs=1e-9)
+                    assert cells[k].endswith(" *") == S.excludes_zero(got["ci95"])
+                    k += 1
+    assert k == len(cells)
