@@ -4,7 +4,9 @@ One model (``pyface eval MODEL --checkpoint RUN``) or baseline (``copy-source``,
 ``warp-baseline``): prints a table, writes a JSON report (``--json``) and a PNG sheet of
 source | driving | target | prediction rows (``--sheet``). Several runs
 (``pyface eval --runs NAME=RUN ... --out DIR``): every run plus the baselines, one markdown
-table, one JSON and a PNG sheet per model. See docs/eval.md.
+table, one JSON and a PNG sheet per model, and each row's paired differences against the
+first (cluster-bootstrap 95 % intervals). Every mean has a 95 % interval (a cluster bootstrap
+over the pairs' sources, :mod:`pyface.eval.stats`). See docs/eval.md.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--runs", nargs="*", default=None, metavar="MODEL=RUN",
                    help="evaluate these runs (registered model name = run or checkpoint folder) "
                         "and the baselines (none given: the baselines only); writes --out "
-                        "DIR/{table.md, report.json, <model>.json, <model>.png}")
+                        "DIR/{table.md, report.json, <model>.json, <model>.png}); prints "
+                        "each row's paired differences against the first row")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder of --runs "
                    "(default: eval)")
     p.add_argument("--data", required=True,
