@@ -34,6 +34,9 @@ stored landmarks and coefficients are exact, so akd compares the detected output
 aed / apd are also reported against the exact coefficients; on real clips (``protocol="real"``,
 the default for a folder written by ``pyface data prepare``) the stored ones are themselves
 detections, so the detector runs on both the output and the target (see docs/eval.md).
+
+Every mean comes with a 95 % interval: a cluster bootstrap over the pairs' sources
+(:meth:`EvalResult.intervals`, :mod:`pyface.eval.stats`; the JSON's ``ci95`` and ``clusters``).
 """
 from __future__ import annotations
 
@@ -98,7 +101,9 @@ class EvalResult:
     ``floor`` and (aed / apd) ``gt``, see docs/eval.md); ``moving``:
     ``(n,)`` bool (``has_moving`` is False when the data has no ``moving`` flags); ``sheet``:
     ``{"source", "driving", "target", "prediction"}`` -> ``(K, 3, H, W)``
-    in [-1, 1] (a few pairs, one per source, for :func:`pyface.train.monitor.image_grid`)."""
+    in [-1, 1] (a few pairs, one per source, for :func:`pyface.train.monitor.image_grid`);
+    ``clusters``: ``(n,)`` int, the source of each pair (:func:`cluster_key`), over which
+    :meth:`intervals` resamples."""
     protocol: str
     subset: str
     resolution: int
