@@ -4,7 +4,9 @@ One model (``pyface eval MODEL --checkpoint RUN``) or baseline (``copy-source``,
 ``warp-baseline``): prints a table, writes a JSON report (``--json``) and a PNG sheet of
 source | driving | target | prediction rows (``--sheet``). Several runs
 (``pyface eval --runs NAME=RUN ... --out DIR``): every run plus the baselines, one markdown
-table, one JSON and a PNG sheet per model. See docs/eval.md.
+table, one JSON and a PNG sheet per model, and each row's paired differences against the
+first (cluster-bootstrap 95 % intervals). Every mean has a 95 % interval (a cluster bootstrap
+over the pairs' sources, :mod:`pyface.eval.stats`). See docs/eval.md.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--runs", nargs="*", default=None, metavar="MODEL=RUN",
                    help="evaluate these runs (registered model name = run or checkpoint folder) "
                         "and the baselines (none given: the baselines only); writes --out "
-                        "DIR/{table.md, report.json, <model>.json, <model>.png}")
+                        "DIR/{table.md, report.json, <model>.json, <model>.png}); prints "
+                        "each row's paired differences against the first row")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder of --runs "
                    "(default: eval)")
     p.add_argument("--data", required=True,
@@ -200,6 +203,42 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _fmt_ci(name: str, ci) -> str:
+    return "-" if ci is None or None in ci else f"[{_fmt(name, ci[0])}, {_fmt(name, ci[1])}]"
+
+
+def format_intervals(report: dict) -> str:
+    """The 95 % intervals of a report's per-pair means (the JSON's ``ci95``: cluster bootstrap
+    over sources), one row ``protocol/subset`` per protocol and subset, ``[lo, hi]`` in the
+    printed table's number format; "-" where there is none (fid / kid, fewer than 2 sources:
+    said once below the table). Empty for a report without intervals."""
+    cols = [c for c in metric_columns(report) if c[1] not in ("fid", "kid")]
+    rows, few = [], []
+    for proto, r in report["protocols"].items():
+        if "ci95" not in r:
+            continue
+        for subset in r["subsets"]:
+            ci = r["ci95"].get(subset)
+            n = r["clusters"].get(subset, 0)
+            if ci is None:
+                few.append(f"{proto}/{subset} ({n})")
+            rows.append([f"{proto}/{subset}", str(n)]
+                        + [_fmt_ci(name, (ci or {}).get(name, {}).get(region))
+                           for _, name, region in cols])
+    if not rows or not cols:
+        return ""
+    b = next(r["bootstrap"] for r in report["protocols"].values() if "bootstrap" in r)
+    head = ["interval", "sources"] + [c[0] for c in cols]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    lines = [f"{100 * b['level']:g} % intervals of the means: cluster bootstrap over sources "
+             f"({b['resamples']} resamples, seed {b['seed']}; see docs/eval.md)"]
+    lines += ["  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(r, widths)))
+              for r in [head, ["-" * w for w in widths]] + rows]
+    if few:
+        lines.append("no interval with fewer than 2 sources: " + ", ".join(few))
+    return "\n".join(lines)
+
+
 def markdown_table(reports: dict) -> str:
     """One markdown table of several reports (``{row label: report}``): one row per model;
     columns: resolution, then ``protocol/subset metric`` for every protocol, subset and metric,
@@ -257,6 +296,96 @@ def markdown_table(reports: dict) -> str:
         rows.append(row)
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def differences(results: dict, reference: str) -> dict:
+    """Paired differences of several runs on the same pairs: ``results`` ``{label: {protocol:
+    EvalResult}}``, ``reference`` one of its labels -> ``{"reference", "bootstrap", "models":
+    {label: {protocol: {"subsets": {subset: {metric: {region: {"mean", "ci95", "pairs"}}}},
+    "clusters": {subset: sources}}}}, "skipped": {label: why}}``: for every other label the mean
+    over pairs of (label's value - reference's value), with its 95 % cluster-bootstrap interval
+    over the reference's sources (:func:`pyface.eval.stats.paired_differences`: both runs
+    resampled with the same sources). A label evaluated on other pairs (another resolution or
+    pair selection) is skipped."""
+    import numpy as np
+
+    from pyface.eval import stats as S
+    from pyface.eval.evaluate import BOOTSTRAP
+
+    ref = results[reference]
+    out = {"reference": reference, "bootstrap": dict(BOOTSTRAP), "models": {}, "skipped": {}}
+    for label, protos in results.items():
+        if label == reference:
+            continue
+        rows, why = {}, None
+        for proto, r0 in ref.items():
+            res = protos.get(proto)
+            if res is None:
+                why = f"no {proto} evaluation"
+            elif res.resolution != r0.resolution:
+                why = f"evaluated at {res.resolution} px, {reference} at {r0.resolution} px"
+            elif res.indices != r0.indices or not np.array_equal(res.moving, r0.moving):
+                why = f"{proto}: not the pairs of {reference}"
+            if why:
+                break
+            c = r0.cluster_ids()
+            subs = {s: S.paired_differences(res.values, r0.values, r0.subset_mask(s), c)
+                    for s in r0.report_subsets}
+            rows[proto] = {"subsets": subs,
+                           "clusters": {s: len(np.unique(c[r0.subset_mask(s)]))
+                                        for s in r0.report_subsets}}
+        if why:
+            out["skipped"][label] = why
+        else:
+            out["models"][label] = rows
+    return out
+
+
+def _fmt_diff(name: str, d) -> str:
+    """``+0.12 [-0.05, +0.30]``, `` *`` appended when the interval excludes 0."""
+    from pyface.eval.stats import excludes_zero
+
+    def signed(v):
+        return ("+" if v >= 0 else "") + _fmt(name, v)
+
+    if d is None or d.get("mean") is None:
+        return "-"
+    ci = d.get("ci95")
+    text = signed(d["mean"])
+    if ci is not None:
+        text += f" [{signed(ci[0])}, {signed(ci[1])}]" + (" *" if excludes_zero(ci) else "")
+    return text
+
+
+def differences_table(diff: dict, report: dict) -> str:
+    """The markdown table of :func:`differences` (``report``: the reference's report, for the
+    columns): one row per model, ``mean [lo, hi]`` per protocol, subset, metric and region, `` *``
+    where the interval excludes 0; a line per skipped model."""
+    ref = diff["reference"]
+    cols = [c for c in metric_columns(report) if c[1] not in ("fid", "kid")]
+    head, keys = [f"model - {ref}"], []
+    for proto, r in report["protocols"].items():
+        for subset in r["subsets"]:
+            for label, n, region in cols:
+                head.append(f"{proto}/{subset} {label}")
+                keys.append((proto, subset, n, region))
+    rows = []
+    for name, protos in diff["models"].items():
+        row = [name]
+        for proto, subset, n, region in keys:
+            d = protos.get(proto, {}).get("subsets", {}).get(subset, {}).get(n, {}).get(region)
+            row.append(_fmt_diff(n, d))
+        rows.append(row)
+    b = diff["bootstrap"]
+    out = [f"Difference vs {ref} on the same pairs (row minus {ref}): mean per-pair difference "
+           f"[{100 * b['level']:g} % interval: cluster bootstrap over sources, the same "
+           f"resampled sources for both, {b['resamples']} resamples, seed {b['seed']}]; * the "
+           "interval excludes 0.", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    if diff["skipped"]:
+        out += [""] + [f"not compared: {k} ({v})" for k, v in diff["skipped"].items()]
     return "\n".join(out)
 
 
@@ -328,8 +457,9 @@ def protocols_of(protocol: str, data: str) -> tuple[str, ...]:
 
 
 def evaluate_report(name: str, pipeline, args, *, metrics, networks, checkpoint=None,
-                    detector="auto", cache=None):
-    """Evaluates ``pipeline`` on every requested protocol -> (report dict, sheet dicts)."""
+                    detector="auto", cache=None, results: dict | None = None):
+    """Evaluates ``pipeline`` on every requested protocol -> (report dict, sheet dicts);
+    ``results``: a dict that receives ``{protocol: EvalResult}`` (the per-pair values)."""
     import datetime
     import os
 
@@ -355,6 +485,8 @@ def evaluate_report(name: str, pipeline, args, *, metrics, networks, checkpoint=
                        cache=cache, seed=args.seed)
         report["protocols"][proto] = res.to_dict()
         sheets.append(res.sheet)
+        if results is not None:
+            results[proto] = res
     return report, sheets
 
 
@@ -521,6 +653,9 @@ def run(args) -> int:
     print(f"{args.model} on {args.data} (data hash {report['data_hash']}, "
           f"{report['resolution']} px, {report['device']})")
     print(format_table(report))
+    intervals = format_intervals(report)
+    if intervals:
+        print("\n" + intervals)
     if args.json:
         _write_json(report, args.json)
         print(f"wrote {args.json}")
@@ -550,36 +685,56 @@ def _run_many(args, metrics, networks, device, detector=None) -> int:
             label = b if len(resolutions) == 1 else f"{b}@{r}"
             pipelines[label] = load_pipeline(b, None, device=device, resolution=r)
     reports, cache = {}, {}        # cache: the targets' detections and fits, computed once
+    results: dict = {}             # per-pair values, for the paired differences
     order = list(pipelines)
     for label in order[len(runs):] + order[:len(runs)]:
         pipe = pipelines[label]
+        results[label] = {}
         rep, sheets = evaluate_report(label, pipe, args, metrics=metrics, networks=networks,
                                       checkpoint=runs.get(label), detector=detector or "none",
-                                      cache=cache)
+                                      cache=cache, results=results[label])
         reports[label] = rep
         _write_json(rep, os.path.join(out, f"{label}.json"))
         if args.sheet_rows:
             _write_sheet(sheets, os.path.join(out, f"{label}.png"))
         print(f"{label} ({rep['resolution']} px, {rep['device']})")
         print(format_table(rep))
-        table = _write_table({k: reports[k] for k in order if k in reports}, metrics, out)
+        intervals = format_intervals(rep)
+        if intervals:
+            print("\n" + intervals)
+        done = [k for k in order if k in reports]
+        table, diff = _write_table({k: reports[k] for k in done}, metrics, out,
+                                   {k: results[k] for k in done} if order[0] in reports else None)
     print(table)
+    if diff:
+        print("\n" + diff)
     print(f"wrote {out}/table.md, report.json and per-model .json"
           + (" / .png" if args.sheet_rows else ""))
     return 0
 
 
-def _write_table(reports: dict, metrics, out: str) -> str:
-    """Writes ``out/table.md`` and ``out/report.json`` of the reports so far; returns the table."""
+def _write_table(reports: dict, metrics, out: str,
+                 results: dict | None = None) -> tuple[str, str]:
+    """Writes ``out/table.md`` and ``out/report.json`` of the reports so far -> (the table, the
+    differences table or ""). ``results`` (``{label: {protocol: EvalResult}}``, the first label
+    the table's first row): the paired differences against that first row
+    (:func:`differences`), as ``"differences"`` in report.json and a markdown table (printed;
+    table.md keeps the one table of the means)."""
     import os
 
     table = markdown_table(reports)
     first = next(iter(reports.values()))
+    extra, diff_table = {}, ""
+    if results is not None and len(results) > 1:
+        ref = next(iter(results))
+        diff = differences(results, ref)
+        extra["differences"] = diff
+        diff_table = differences_table(diff, reports[ref])
     _write_json({"data": first["data"], "data_hash": first["data_hash"], "metrics": metrics,
-                 "reports": reports}, os.path.join(out, "report.json"))
+                 "reports": reports, **extra}, os.path.join(out, "report.json"))
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table + "\n")
-    return table
+    return table, diff_table
 
 
 def _moving_thresholds(data) -> dict:

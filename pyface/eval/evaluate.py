@@ -34,6 +34,9 @@ stored landmarks and coefficients are exact, so akd compares the detected output
 aed / apd are also reported against the exact coefficients; on real clips (``protocol="real"``,
 the default for a folder written by ``pyface data prepare``) the stored ones are themselves
 detections, so the detector runs on both the output and the target (see docs/eval.md).
+
+Every mean comes with a 95 % interval: a cluster bootstrap over the pairs' sources
+(:meth:`EvalResult.intervals`, :mod:`pyface.eval.stats`; the JSON's ``ci95`` and ``clusters``).
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from pyface.eval import metrics as M
+from pyface.eval import stats as S
 
 FRAME_KEYS = ("image", "mask", "camera", "coeffs", "landmarks")
 
@@ -97,7 +101,9 @@ class EvalResult:
     ``floor`` and (aed / apd) ``gt``, see docs/eval.md); ``moving``:
     ``(n,)`` bool (``has_moving`` is False when the data has no ``moving`` flags); ``sheet``:
     ``{"source", "driving", "target", "prediction"}`` -> ``(K, 3, H, W)``
-    in [-1, 1] (a few pairs, one per source, for :func:`pyface.train.monitor.image_grid`)."""
+    in [-1, 1] (a few pairs, one per source, for :func:`pyface.train.monitor.image_grid`);
+    ``clusters``: ``(n,)`` int, the source of each pair (:func:`cluster_key`), over which
+    :meth:`intervals` resamples."""
     protocol: str
     subset: str
     resolution: int
@@ -120,6 +126,8 @@ class EvalResult:
     detector: str | None = None              # the landmark detector's name, if one ran
     controls: dict = field(default_factory=dict)   # generate() controls (protocol_controls)
     seed: int | None = None                          # the evaluation's seed (None: unseeded)
+    # (n,) int: the source (cluster) of each pair, for the bootstrap intervals (cluster_key)
+    clusters: np.ndarray | None = None
 
     @property
     def fps(self) -> float:
@@ -146,6 +154,20 @@ class EvalResult:
                 out["kid"] = {"image": _json_float(mean), "image_std": _json_float(std)}
         return out
 
+    def intervals(self, subset: str) -> tuple[dict | None, int]:
+        """The 95 % intervals of :meth:`summary`'s per-pair means over ``subset``:
+        ``({metric: {region: [lo, hi] | None}}, sources)``, a cluster bootstrap over the pairs'
+        sources (:func:`pyface.eval.stats.summary_intervals`: 1000 resamples of the sources
+        with replacement, all their pairs together, fixed seed, percentile interval; NaN values
+        left out as in the means). ``(None, sources)`` with fewer than 2 sources. Without
+        ``clusters`` every pair is its own source. fid / kid have none."""
+        return S.summary_intervals(self.values, self.subset_mask(subset), self.cluster_ids())
+
+    def cluster_ids(self) -> np.ndarray:
+        """``(n,)`` int: the source of each pair (``clusters``; without them each pair its
+        own)."""
+        return self.clusters if self.clusters is not None else np.arange(len(self.indices))
+
     def jitter_summary(self) -> dict | None:
         """``{"output", "driving", "triples", "output_landmarks", "target_detector"}``:
         :func:`pyface.eval.metrics.jitter` over every run of three consecutive driving frames of
@@ -167,10 +189,24 @@ class EvalResult:
             out["target_detector"] = mean(self.jitter["target"])
         return out
 
-    def to_dict(self) -> dict:
-        subsets = ("moving",) if self.subset == "moving" else \
+    @property
+    def report_subsets(self) -> tuple[str, ...]:
+        """The subsets :meth:`to_dict` reports: ``moving`` alone for an evaluation of the
+        moving subset, else ``all`` and (when the data has coefficients) ``moving``."""
+        return ("moving",) if self.subset == "moving" else \
             ("all", "moving") if self.has_moving else ("all",)
+
+    def subset_mask(self, subset: str) -> np.ndarray:
+        """``(n,)`` bool: the pairs of ``subset`` ("all" or "moving")."""
+        return np.ones(len(self.indices), bool) if subset == "all" else self.moving
+
+    def to_dict(self) -> dict:
+        subsets = self.report_subsets
+        ci = {s: self.intervals(s) for s in subsets}
         return {"subsets": {s: self.summary(s) for s in subsets},
+                "ci95": {s: v[0] for s, v in ci.items()},
+                "clusters": {s: v[1] for s, v in ci.items()},
+                "bootstrap": dict(BOOTSTRAP),
                 "pairs": len(self.indices), "sources": self.sources,
                 "fps": _json_float(self.fps), "frames": self.frames,
                 "seconds": round(self.seconds, 4),
@@ -181,6 +217,11 @@ class EvalResult:
                 "seed": self.seed,
                 **({"controls": self.controls} if self.controls else {}),
                 **({"jitter": self.jitter_summary()} if self.jitter is not None else {})}
+
+
+#: How the intervals of :meth:`EvalResult.intervals` are made (reported as ``"bootstrap"``).
+BOOTSTRAP = {"method": "cluster bootstrap over sources, percentile interval",
+             "level": S.LEVEL, "resamples": S.RESAMPLES, "seed": S.SEED}
 
 
 def _json_float(x: float):
@@ -215,6 +256,20 @@ def source_key(data, index: int):
         return ("cross", data.cross.cross.locate(p)[0])   # one source per cross video
     s = data[index]["source"]
     return (int(s["video"]), int(s["frame"])) if "video" in s and "frame" in s else index
+
+
+def cluster_key(data, index: int):
+    """The key of the bootstrap cluster of pair ``index``: the source image. For the
+    cross-identity pairs of :class:`pyface.data.reenactment.ReenactmentPairs` the source video
+    and frame (the cross videos of one identity driven by different videos share it), else
+    :func:`source_key`."""
+    from pyface.data.reenactment import ReenactmentPairs
+
+    if isinstance(data, ReenactmentPairs) and data.protocol == "cross" and \
+            not hasattr(data, "source_key"):
+        m = data.cross.meta[data.cross.cross.locate(data.pairs[index])[0]]
+        return ("cross", m["source_video"], int(m.get("source_frame", 0)))
+    return source_key(data, index)
 
 
 def _groups(data, indices: list[int]) -> list[list[int]]:
@@ -433,6 +488,7 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
     # the pipeline's own controls for this protocol (e.g. MMFA's cross_identity=True)
     controls = dict(getattr(pipeline, "protocol_controls", lambda p: {})(pair_protocol) or {})
     res.controls = controls
+    res.clusters = S.cluster_ids(cluster_key(data, i) for i in indices)
     if set_metrics:
         from pyface.eval.fid import FEATURE_DIM
         res.features = {k: np.full((len(indices), FEATURE_DIM), np.nan) for k in ("real", "fake")}
