@@ -1043,3 +1043,51 @@ def test_print_config_checks_the_stage_keys_without_training(tmp_path, capsys):
                  "stages.eg3d.train.steps=3", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["model_config"]["generator"] is None
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("item, match", [
+    ("chunk_pointz=8192", r"model\.render\.chunk_pointz: unknown key for RenderConfig "
+                          r"\(overrides\); valid keys: depth_resolution, .*chunk_points; did you "
+                          r"mean model\.render\.chunk_points\?"),
+    ("plane_axes=eg3d", r"model\.render\.plane_axes: RenderConfig\.plane_axes cannot be "
+                        r"overridden here"),
+    ("chunk_points=abc", r"model\.render\.chunk_points: expected int, got 'abc'"),
+])
+def test_otavatar_render_keys_are_checked_when_the_config_is_built(item, match):
+    with pytest.raises(ConfigError, match=match):
+        _portrait("otavatar", preset="tiny", overrides=[f"model.render.{item}"])
+
+
+def test_mapping_fields_of_model_configs_declare_their_keys():
+    """Every bare ``dict`` field of a registered model's config declares the dataclass whose
+    fields are its keys (``keys_of``), so a misspelt key stops the config (OTAvatar's
+    ``model.render``: the RenderConfig fields but ``plane_axes``); values take those fields'
+    types."""
+    import dataclasses
+
+    from pyface.nn.render import RenderConfig
+    from pyface.train.registry import MODELS, model_class
+
+    bare, seen = [], set()
+
+    def walk(cls, path):
+        if cls in seen:
+            return
+        seen.add(cls)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{path}.{f.name}")
+            elif hints[f.name] in (dict, typing.Any) and not f.metadata.get("keys_of"):
+                bare.append(f"{path}.{f.name}")
+
+    for name in sorted(MODELS):
+        walk(model_class(name).Config, name)
+    assert bare == []
+    render = {f.name: f for f in dataclasses.fields(model_class("otavatar").Config)}["render"]
+    assert render.metadata["keys_of"] is RenderConfig
+    cfg = _portrait("otavatar", preset="tiny", overrides=["model.render.chunk_points=4096",
+                                                          "model.render.ray_start=2"])
+    assert cfg.model_config.render == {"recompute": "decoder", "chunk_points": 4096,
+                                       "ray_start": 2.0}
+    assert type(cfg.model_config.render["ray_start"]) is float

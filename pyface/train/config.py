@@ -346,10 +346,36 @@ def from_dict(cls, data: dict, *, prefix: str = ""):
             # nested config keeps what the default factory chose for the keys it does not name)
             v = _deep_merge(to_dict(default), v)
         kwargs[k] = _convert(v, hints[k], prefix + k)
+        if fields[k].metadata.get("keys_of") is not None:
+            kwargs[k] = _keys_of(fields[k].metadata, kwargs[k], prefix + k)
     try:
         return cls(**kwargs)
     except TypeError as exc:                  # a required field without a default is missing
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {exc}") from None
+
+
+def _keys_of(metadata, value: Any, key: str) -> Any:
+    """A mapping field declared ``field(metadata={"keys_of": C, "fixed": (names...)})``: its
+    keys are fields of dataclass ``C`` other than ``fixed`` (the overrides a model applies to
+    a ``C`` it builds or loads, e.g. OTAvatar's ``model.render``, :class:`RenderConfig`
+    fields), its values converted to their types; other keys raise ConfigError with the
+    valid ones and the near matches."""
+    if not isinstance(value, dict):
+        return value
+    target, fixed = metadata["keys_of"], tuple(metadata.get("fixed") or ())
+    hints = _hints(target)
+    valid = [f.name for f in dataclasses.fields(target) if f.name not in fixed]
+    out = {}
+    for k, v in value.items():
+        if k in fixed:
+            raise ConfigError(f"{key}.{k}: {target.__qualname__}.{k} cannot be overridden here "
+                              f"(fixed); valid keys: {', '.join(valid)}")
+        if k not in valid:
+            raise ConfigError(f"{key}.{k}: unknown key for {target.__qualname__} (overrides); "
+                              f"valid keys: {', '.join(valid)}"
+                              f"{did_you_mean(k, valid, key + '.')}")
+        out[k] = _convert(v, hints[k], f"{key}.{k}")
+    return out
 
 
 def _field_default(f: dataclasses.Field):
