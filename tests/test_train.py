@@ -1045,6 +1045,61 @@ def test_print_config_checks_the_stage_keys_without_training(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_run_wide_keys_of_a_config_file_reach_the_stages(tmp_path, capsys, monkeypatch):
+    """The run-wide keys (``SHARED_KEYS``) in a ``--config`` YAML of sections reach a staged
+    model's stages (OTAvatar tiny's EG3D stage; GOHA's stage of a stage) as the same ``--set``
+    items do; ``--print-config`` records them as ``run_wide:``, which ``--config`` gives back,
+    so the printed config builds the same stages; a later ``--set`` of a run-wide key wins."""
+    import yaml
+
+    from pyface.cli import main
+    from pyface.train.config import experiment_to_dict
+
+    sets = ["train.device=cpu", "train.seed=3", "train.log_every=7", "data.skip_bad=true",
+            "data.path=007"]
+    by_set = _stage_configs(monkeypatch, "otavatar",
+                            ["--preset", "tiny", *sum((["--set", s] for s in sets), [])])
+    printed = capsys.readouterr().out
+    sections = tmp_path / "sections.yaml"
+    sections.write_text("train: {device: cpu, seed: 3, log_every: 7}\n"
+                        "data: {skip_bad: true, path: '007'}\n")
+    by_file = _stage_configs(monkeypatch, "otavatar", ["--preset", "tiny", "--config",
+                                                       str(sections)])
+    assert capsys.readouterr().out == printed
+    eg3d = by_file["eg3d"]
+    assert (eg3d.train.device, eg3d.train.seed, eg3d.train.log_every) == ("cpu", 3, 7)
+    assert (eg3d.data.skip_bad, eg3d.data.path, eg3d.train.steps) == (True, "007", 1200)
+    assert experiment_to_dict(eg3d) == experiment_to_dict(by_set["eg3d"])
+    assert yaml.safe_load(printed)["run_wide"] == {
+        "train": {"device": "cpu", "seed": 3, "log_every": 7},
+        "data": {"skip_bad": True, "path": "007"}}
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(printed)
+    again = _stage_configs(monkeypatch, "otavatar", ["--config", str(resolved)])
+    assert capsys.readouterr().out == printed
+    assert experiment_to_dict(again["eg3d"]) == experiment_to_dict(eg3d)
+    later = _stage_configs(monkeypatch, "otavatar", ["--config", str(resolved), "--set",
+                                                     "train.device=cuda:1"])
+    assert later["eg3d"].train.device == "cuda:1"
+    assert yaml.safe_load(capsys.readouterr().out)["run_wide"]["train"]["device"] == "cuda:1"
+    # the stages of a stage too; a preset's values are not run-wide settings
+    goha = _stage_configs(monkeypatch, "goha", ["--preset", "tiny", "--config",
+                                                str(sections)])
+    assert goha["goha_s1"].train.device == goha["goha_s1_gan"].train.device == "cpu"
+    capsys.readouterr()
+    assert main(["train", "otavatar", "--preset", "gpu-short", "--print-config"]) == 0
+    assert "run_wide" not in yaml.safe_load(capsys.readouterr().out)
+    # a model without stages records none
+    assert main(["train", "eg3d", "--config", str(sections), "--print-config"]) == 0
+    assert "run_wide" not in yaml.safe_load(capsys.readouterr().out)
+    # a record of another key, in a run's config is refused naming the run-wide keys
+    resolved.write_text(printed.replace("run_wide:\n  train:\n", "run_wide:\n  train:\n"
+                                                                 "    steps: 3\n"))
+    assert main(["train", "otavatar", "--config", str(resolved), "--print-config"]) == 2
+    assert (f"--config {resolved}: run_wide.train.steps: not a run-wide key; run-wide keys: "
+            "train.device" in capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("item, match", [
     ("chunk_pointz=8192", r"model\.render\.chunk_pointz: unknown key for RenderConfig "
                           r"\(overrides\); valid keys: depth_resolution, .*chunk_points; did you "
