@@ -15,6 +15,7 @@ from _train_toys import TinyGAN, TinyGANConfig
 
 from pyface import checkpoint as ckpt
 from pyface.train import Phase, Trainer, TrainableModel, build_experiment
+from pyface.train.model import Stage
 from pyface.train.config import ConfigError, EMAConfig, ScheduleConfig, TrainConfig, parse_set
 from pyface.train.distributed import StepBatchSampler
 from pyface.train.ema import ema_beta
@@ -1146,3 +1147,45 @@ def test_mapping_fields_of_model_configs_declare_their_keys():
     assert cfg.model_config.render == {"recompute": "decoder", "chunk_points": 4096,
                                        "ray_start": 2.0}
     assert type(cfg.model_config.render["ray_start"]) is float
+
+
+@dataclass
+class _StagedAEConfig(TriplaneAutoencoder.Config):
+    stage1_checkpoint: str | None = None
+
+
+class _StagedAE(TriplaneAutoencoder):
+    """The example model on top of an ``example`` stage whose ``tiny`` addition trains on clips
+    (options for clips)."""
+    Config = _StagedAEConfig
+    stages = (Stage("s1", "example", "stage1_checkpoint",
+                    presets={"tiny": {"data": {"name": "clips", "options": {"frames": 6}}}}),)
+
+
+def test_a_stage_config_names_the_data_options_it_left_out(tmp_path, capsys, monkeypatch):
+    """A stage whose ``data.name`` is set to another dataset than the one its recipe, preset or
+    ``Stage.presets`` gave options for leaves those options out, and its run's ``config.yaml``
+    names them in comment lines as the final model's does; ``--print-config`` of the final
+    model lists them with the stage's name above the config."""
+    from pyface.cli import main
+    from pyface.train import registry
+
+    monkeypatch.setitem(registry.MODELS, "staged_example", f"{__name__}:_StagedAE")
+    run = tmp_path / "run"
+    stage = {k.split("=")[0]: k.split("=")[1] for k in TINY}
+    argv = ["train", "staged_example", "--preset", "tiny", "--set", f"train.run_dir={run}",
+            *sum((["--set", s] for s in TINY + ["train.steps=1"]), []),
+            *sum((["--set", f"stages.s1.{k}={v}"] for k, v in stage.items()
+                  if k.split(".")[0] in ("model", "data")), []),
+            "--set", "stages.s1.data.name=procedural", "--set", "stages.s1.train.steps=1",
+            "--set", "stages.s1.train.batch_size=4", "--set", "stages.s1.train.image_every=0"]
+    note = ("data.options of preset 'tiny' for dataset 'clips' not applied to data.name "
+            "'procedural': frames\n")
+    assert main([*argv, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"# stage 's1' (example): {note}model: staged_example\n")
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert (run / "stages" / "s1" / "config.yaml").read_text().startswith(
+        f"# {note}model: example\n")
+    assert (run / "config.yaml").read_text().startswith("model: staged_example\n")

@@ -183,15 +183,16 @@ def _train(args, cls, cfg, overrides, staged: bool) -> int:
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"stage run: model.{key}={path}", file=sys.stderr)
     if args.print_config:
+        notes: list[str] = []                # the stages' left-out data.options, as comments
         if getattr(cls, "stages", ()):       # the stages' --set keys are checked, not trained
             from pyface.train.stages import prepare_stages
 
             try:
-                prepare_stages(cls, cfg, overrides=overrides, dry_run=True)
+                prepare_stages(cls, cfg, overrides=overrides, dry_run=True, notes=notes)
             except (KeyError, ConfigError, OSError, ValueError, ModelDefinitionError) as exc:
                 print(f"pyface train: {_message(exc)}", file=sys.stderr)
                 return 2
-        print(experiment_yaml(cfg), end="")
+        print("".join(notes) + experiment_yaml(cfg), end="")
         return 0
     try:
         trainer = Trainer(cfg)

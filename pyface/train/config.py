@@ -732,7 +732,12 @@ def experiment_yaml(cfg: ExperimentConfig) -> str:
     (comments: ``--config`` reads the values back unchanged)."""
     import yaml
 
-    notes = "".join(f"# data.options of {source} for dataset {dataset!r} not applied to "
-                    f"data.name {cfg.data.name!r}: {', '.join(keys)}\n"
-                    for source, dataset, keys in getattr(cfg, "dropped_options", ()))
-    return notes + yaml.safe_dump(experiment_to_dict(cfg), sort_keys=False)
+    return dropped_notes(cfg) + yaml.safe_dump(experiment_to_dict(cfg), sort_keys=False)
+
+
+def dropped_notes(cfg: ExperimentConfig, prefix: str = "") -> str:
+    """One YAML comment line per source whose ``data.options`` ``cfg`` left out for another
+    dataset than its ``data.name`` (``prefix``: a stage's ``"stage 's1' (model): "``)."""
+    return "".join(f"# {prefix}data.options of {source} for dataset {dataset!r} not applied to "
+                   f"data.name {cfg.data.name!r}: {', '.join(keys)}\n"
+                   for source, dataset, keys in getattr(cfg, "dropped_options", ()))

@@ -147,7 +147,8 @@ def stage_run_finished(run_dir: str, steps: int) -> str | None:
 
 
 def prepare_stages(model_cls, cfg, *, overrides: list[str] | None = None,
-                   train_fn=None, dry_run: bool = False) -> dict[str, str]:
+                   train_fn=None, dry_run: bool = False,
+                   notes: list[str] | None = None) -> dict[str, str]:
     """Trains the missing stages of ``cfg`` (an ExperimentConfig of ``model_cls``) and sets
     their checkpoint keys in ``cfg.model_config``. Returns ``{checkpoint_key: run folder}`` of
     the stages it filled in.
@@ -155,12 +156,15 @@ def prepare_stages(model_cls, cfg, *, overrides: list[str] | None = None,
     ``train_fn(stage_cfg) -> None`` trains one stage config (default: :func:`train_stage`, a
     :class:`~pyface.train.engine.Trainer` that resumes an unfinished run). ``dry_run``: build
     and check every stage config (and the reuse of finished stage runs) without training
-    (``pyface train M --print-config``); ``cfg`` is left as it is."""
+    (``pyface train M --print-config``); ``cfg`` is left as it is. ``notes``: a list that gets
+    the comment lines of the ``data.options`` each stage config left out for another dataset
+    (the lines its run's ``config.yaml`` starts with), named by stage."""
     if dry_run:
         import copy
 
         cfg = copy.deepcopy(cfg)
-    from pyface.train.config import ConfigError, build_experiment, merge, parse_set
+    from pyface.train.config import (ConfigError, build_experiment, dropped_notes, merge,
+                                     parse_set)
     from pyface.train.registry import model_class
 
     train_fn = train_fn or train_stage
@@ -200,10 +204,12 @@ def prepare_stages(model_cls, cfg, *, overrides: list[str] | None = None,
                 overrides=[f"train.run_dir={stage_dir}"])
         except ConfigError as exc:
             raise ConfigError(f"stage {stage.name!r} ({stage.model}): {exc}") from None
+        if notes is not None:
+            notes.append(dropped_notes(stage_cfg, f"stage {stage.name!r} ({stage.model}): "))
         below = set(stage_names(stage_cls))      # its own stages' settings, for the recursion
         stage_cfg.stages = {k: v for k, v in (cfg.stages or {}).items() if k in below}
         prepare_stages(stage_cls, stage_cfg, overrides=overrides, train_fn=train_fn,
-                       dry_run=dry_run)
+                       dry_run=dry_run, notes=notes)
         done = stage_run_finished(stage_dir, stage_cfg.train.steps)
         if done:
             _check_reuse(stage, stage_cls, stage_cfg, done)
