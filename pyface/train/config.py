@@ -481,8 +481,8 @@ def load_yaml(path: str) -> dict:
 
 def _sections(data: dict) -> dict:
     """A run's ``config.yaml`` (``experiment_to_dict``: model name, preset, model_config, data,
-    train, stages) -> the ``model`` / ``data`` / ``train`` (/ ``stages``) sections; other YAML
-    passes through."""
+    train, stages, run_wide) -> the ``model`` / ``data`` / ``train`` (/ ``stages``) sections
+    (``build_experiment`` reads ``run_wide`` itself); other YAML passes through."""
     if isinstance(data.get("model"), str) and "model_config" in data:
         out = {"model": data.get("model_config") or {}, "data": data.get("data") or {},
                "train": data.get("train") or {}}
@@ -571,7 +571,6 @@ def build_experiment(model: str, model_config_cls, *, yaml_path: str | None = No
     if yaml_path:
         file = load_yaml(yaml_path)
         if isinstance(file.get("model"), str) and "model_config" in file:
-            given.append(_run_wide_record(file.get("run_wide"), f"--config {yaml_path}"))
             # a run's config.yaml or --print-config output: the resolved config of one model,
             # built with a preset that is kept as the record (stages are trained with it)
             if file["model"] != model:
@@ -589,6 +588,7 @@ def build_experiment(model: str, model_config_cls, *, yaml_path: str | None = No
                                   f"config built with {built}, whose values replace the "
                                   f"preset's; leave out --preset (the file's is kept), or use "
                                   f"--preset {recorded} without that file")
+            given.append(_run_wide_record(file.get("run_wide"), f"--config {yaml_path}"))
         else:
             given.append(_run_wide_of(file))
         layers.append((f"--config {yaml_path}", dict(_sections(file)), False))
