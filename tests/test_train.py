@@ -15,6 +15,7 @@ from _train_toys import TinyGAN, TinyGANConfig
 
 from pyface import checkpoint as ckpt
 from pyface.train import Phase, Trainer, TrainableModel, build_experiment
+from pyface.train.model import Stage
 from pyface.train.config import ConfigError, EMAConfig, ScheduleConfig, TrainConfig, parse_set
 from pyface.train.distributed import StepBatchSampler
 from pyface.train.ema import ema_beta
@@ -1043,3 +1044,148 @@ def test_print_config_checks_the_stage_keys_without_training(tmp_path, capsys):
                  "stages.eg3d.train.steps=3", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["model_config"]["generator"] is None
     assert not (tmp_path / "run").exists()
+
+
+def test_run_wide_keys_of_a_config_file_reach_the_stages(tmp_path, capsys, monkeypatch):
+    """The run-wide keys (``SHARED_KEYS``) in a ``--config`` YAML of sections reach a staged
+    model's stages (OTAvatar tiny's EG3D stage; GOHA's stage of a stage) as the same ``--set``
+    items do; ``--print-config`` records them as ``run_wide:``, which ``--config`` gives back,
+    so the printed config builds the same stages; a later ``--set`` of a run-wide key wins."""
+    import yaml
+
+    from pyface.cli import main
+    from pyface.train.config import experiment_to_dict
+
+    sets = ["train.device=cpu", "train.seed=3", "train.log_every=7", "data.skip_bad=true",
+            "data.path=007"]
+    by_set = _stage_configs(monkeypatch, "otavatar",
+                            ["--preset", "tiny", *sum((["--set", s] for s in sets), [])])
+    printed = capsys.readouterr().out
+    sections = tmp_path / "sections.yaml"
+    sections.write_text("train: {device: cpu, seed: 3, log_every: 7}\n"
+                        "data: {skip_bad: true, path: '007'}\n")
+    by_file = _stage_configs(monkeypatch, "otavatar", ["--preset", "tiny", "--config",
+                                                       str(sections)])
+    assert capsys.readouterr().out == printed
+    eg3d = by_file["eg3d"]
+    assert (eg3d.train.device, eg3d.train.seed, eg3d.train.log_every) == ("cpu", 3, 7)
+    assert (eg3d.data.skip_bad, eg3d.data.path, eg3d.train.steps) == (True, "007", 1200)
+    assert experiment_to_dict(eg3d) == experiment_to_dict(by_set["eg3d"])
+    assert yaml.safe_load(printed)["run_wide"] == {
+        "train": {"device": "cpu", "seed": 3, "log_every": 7},
+        "data": {"skip_bad": True, "path": "007"}}
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(printed)
+    again = _stage_configs(monkeypatch, "otavatar", ["--config", str(resolved)])
+    assert capsys.readouterr().out == printed
+    assert experiment_to_dict(again["eg3d"]) == experiment_to_dict(eg3d)
+    later = _stage_configs(monkeypatch, "otavatar", ["--config", str(resolved), "--set",
+                                                     "train.device=cuda:1"])
+    assert later["eg3d"].train.device == "cuda:1"
+    assert yaml.safe_load(capsys.readouterr().out)["run_wide"]["train"]["device"] == "cuda:1"
+    # the stages of a stage too; a preset's values are not run-wide settings
+    goha = _stage_configs(monkeypatch, "goha", ["--preset", "tiny", "--config",
+                                                str(sections)])
+    assert goha["goha_s1"].train.device == goha["goha_s1_gan"].train.device == "cpu"
+    capsys.readouterr()
+    assert main(["train", "otavatar", "--preset", "gpu-short", "--print-config"]) == 0
+    assert "run_wide" not in yaml.safe_load(capsys.readouterr().out)
+    # a model without stages records none
+    assert main(["train", "eg3d", "--config", str(sections), "--print-config"]) == 0
+    assert "run_wide" not in yaml.safe_load(capsys.readouterr().out)
+    # a record of another key, in a run's config is refused naming the run-wide keys
+    resolved.write_text(printed.replace("run_wide:\n  train:\n", "run_wide:\n  train:\n"
+                                                                 "    steps: 3\n"))
+    assert main(["train", "otavatar", "--config", str(resolved), "--print-config"]) == 2
+    assert (f"--config {resolved}: run_wide.train.steps: not a run-wide key; run-wide keys: "
+            "train.device" in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("item, match", [
+    ("chunk_pointz=8192", r"model\.render\.chunk_pointz: unknown key for RenderConfig "
+                          r"\(overrides\); valid keys: depth_resolution, .*chunk_points; did you "
+                          r"mean model\.render\.chunk_points\?"),
+    ("plane_axes=eg3d", r"model\.render\.plane_axes: RenderConfig\.plane_axes cannot be "
+                        r"overridden here"),
+    ("chunk_points=abc", r"model\.render\.chunk_points: expected int, got 'abc'"),
+])
+def test_otavatar_render_keys_are_checked_when_the_config_is_built(item, match):
+    with pytest.raises(ConfigError, match=match):
+        _portrait("otavatar", preset="tiny", overrides=[f"model.render.{item}"])
+
+
+def test_mapping_fields_of_model_configs_declare_their_keys():
+    """Every bare ``dict`` field of a registered model's config declares the dataclass whose
+    fields are its keys (``keys_of``), so a misspelt key stops the config (OTAvatar's
+    ``model.render``: the RenderConfig fields but ``plane_axes``); values take those fields'
+    types."""
+    import dataclasses
+
+    from pyface.nn.render import RenderConfig
+    from pyface.train.registry import MODELS, model_class
+
+    bare, seen = [], set()
+
+    def walk(cls, path):
+        if cls in seen:
+            return
+        seen.add(cls)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{path}.{f.name}")
+            elif hints[f.name] in (dict, typing.Any) and not f.metadata.get("keys_of"):
+                bare.append(f"{path}.{f.name}")
+
+    for name in sorted(MODELS):
+        walk(model_class(name).Config, name)
+    assert bare == []
+    render = {f.name: f for f in dataclasses.fields(model_class("otavatar").Config)}["render"]
+    assert render.metadata["keys_of"] is RenderConfig
+    cfg = _portrait("otavatar", preset="tiny", overrides=["model.render.chunk_points=4096",
+                                                          "model.render.ray_start=2"])
+    assert cfg.model_config.render == {"recompute": "decoder", "chunk_points": 4096,
+                                       "ray_start": 2.0}
+    assert type(cfg.model_config.render["ray_start"]) is float
+
+
+@dataclass
+class _StagedAEConfig(TriplaneAutoencoder.Config):
+    stage1_checkpoint: str | None = None
+
+
+class _StagedAE(TriplaneAutoencoder):
+    """The example model on top of an ``example`` stage whose ``tiny`` addition trains on clips
+    (options for clips)."""
+    Config = _StagedAEConfig
+    stages = (Stage("s1", "example", "stage1_checkpoint",
+                    presets={"tiny": {"data": {"name": "clips", "options": {"frames": 6}}}}),)
+
+
+def test_a_stage_config_names_the_data_options_it_left_out(tmp_path, capsys, monkeypatch):
+    """A stage whose ``data.name`` is set to another dataset than the one its recipe, preset or
+    ``Stage.presets`` gave options for leaves those options out, and its run's ``config.yaml``
+    names them in comment lines as the final model's does; ``--print-config`` of the final
+    model lists them with the stage's name above the config."""
+    from pyface.cli import main
+    from pyface.train import registry
+
+    monkeypatch.setitem(registry.MODELS, "staged_example", f"{__name__}:_StagedAE")
+    run = tmp_path / "run"
+    stage = {k.split("=")[0]: k.split("=")[1] for k in TINY}
+    argv = ["train", "staged_example", "--preset", "tiny", "--set", f"train.run_dir={run}",
+            *sum((["--set", s] for s in TINY + ["train.steps=1"]), []),
+            *sum((["--set", f"stages.s1.{k}={v}"] for k, v in stage.items()
+                  if k.split(".")[0] in ("model", "data")), []),
+            "--set", "stages.s1.data.name=procedural", "--set", "stages.s1.train.steps=1",
+            "--set", "stages.s1.train.batch_size=4", "--set", "stages.s1.train.image_every=0"]
+    note = ("data.options of preset 'tiny' for dataset 'clips' not applied to data.name "
+            "'procedural': frames\n")
+    assert main([*argv, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"# stage 's1' (example): {note}model: staged_example\n")
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert (run / "stages" / "s1" / "config.yaml").read_text().startswith(
+        f"# {note}model: example\n")
+    assert (run / "config.yaml").read_text().startswith("model: staged_example\n")

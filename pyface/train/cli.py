@@ -16,7 +16,9 @@ def add_parser(subparsers) -> None:
                     "RUN_DIR/stages/NAME, same preset; a finished stage run is reused) unless "
                     "their checkpoint is given (--set model.<stage>_checkpoint=RUN); --set "
                     "stages.<stage>.<key>=<value> configures one stage (e.g. "
-                    "stages.s1.model.neutral_weight=5), other --set keys the final model "
+                    "stages.s1.model.neutral_weight=5); the run-wide keys (train.device, "
+                    "train.precision, train.seed, logging, data.path, data.skip_bad) of --set "
+                    "or --config reach every stage too, other keys configure the final model "
                     "only. "
                     "Outputs go to train.run_dir: config.yaml, log.txt, tb/ (TensorBoard), "
                     "checkpoints/ and previews/ (PNG grids and mp4 clips). Distributed: "
@@ -214,15 +216,16 @@ def _train(args, cls, cfg, overrides, staged: bool) -> int:
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"stage run: model.{key}={path}", file=sys.stderr)
     if args.print_config:
+        notes: list[str] = []                # the stages' left-out data.options, as comments
         if getattr(cls, "stages", ()):       # the stages' --set keys are checked, not trained
             from pyface.train.stages import prepare_stages
 
             try:
-                prepare_stages(cls, cfg, overrides=overrides, dry_run=True)
+                prepare_stages(cls, cfg, overrides=overrides, dry_run=True, notes=notes)
             except (KeyError, ConfigError, OSError, ValueError, ModelDefinitionError) as exc:
                 print(f"pyface train: {_message(exc)}", file=sys.stderr)
                 return 2
-        print(experiment_yaml(cfg), end="")
+        print("".join(notes) + experiment_yaml(cfg), end="")
         return 0
     try:
         trainer = Trainer(cfg)

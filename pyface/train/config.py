@@ -164,6 +164,11 @@ class ExperimentConfig:
     # the settings addressed to the model's stages, {stage name: {model/data/train: ...}}
     # (``stages:`` of a YAML file, ``--set stages.<name>.<key>=<value>``; pyface.train.stages)
     stages: dict = field(default_factory=dict)
+    # the run-wide settings (pyface.train.stages.SHARED_KEYS: device, precision, logging, seed,
+    # data location) given by the --config file or --set, {section: {key: value}}: a staged
+    # model's stages get them as well (recorded as ``run_wide:`` in --print-config and
+    # config.yaml, so --config gives them back); empty for a model without stages
+    run_wide: dict = field(default_factory=dict)
     # the data.options that build_experiment left out because they were set for another
     # dataset than the selected data.name: [(source, dataset, option keys)] (not a setting:
     # neither compared nor recorded as one; --print-config and config.yaml name them in a comment)
@@ -346,10 +351,36 @@ def from_dict(cls, data: dict, *, prefix: str = ""):
             # nested config keeps what the default factory chose for the keys it does not name)
             v = _deep_merge(to_dict(default), v)
         kwargs[k] = _convert(v, hints[k], prefix + k)
+        if fields[k].metadata.get("keys_of") is not None:
+            kwargs[k] = _keys_of(fields[k].metadata, kwargs[k], prefix + k)
     try:
         return cls(**kwargs)
     except TypeError as exc:                  # a required field without a default is missing
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {exc}") from None
+
+
+def _keys_of(metadata, value: Any, key: str) -> Any:
+    """A mapping field declared ``field(metadata={"keys_of": C, "fixed": (names...)})``: its
+    keys are fields of dataclass ``C`` other than ``fixed`` (the overrides a model applies to
+    a ``C`` it builds or loads, e.g. OTAvatar's ``model.render``, :class:`RenderConfig`
+    fields), its values converted to their types; other keys raise ConfigError with the
+    valid ones and the near matches."""
+    if not isinstance(value, dict):
+        return value
+    target, fixed = metadata["keys_of"], tuple(metadata.get("fixed") or ())
+    hints = _hints(target)
+    valid = [f.name for f in dataclasses.fields(target) if f.name not in fixed]
+    out = {}
+    for k, v in value.items():
+        if k in fixed:
+            raise ConfigError(f"{key}.{k}: {target.__qualname__}.{k} cannot be overridden here "
+                              f"(fixed); valid keys: {', '.join(valid)}")
+        if k not in valid:
+            raise ConfigError(f"{key}.{k}: unknown key for {target.__qualname__} (overrides); "
+                              f"valid keys: {', '.join(valid)}"
+                              f"{did_you_mean(k, valid, key + '.')}")
+        out[k] = _convert(v, hints[k], f"{key}.{k}")
+    return out
 
 
 def _field_default(f: dataclasses.Field):
@@ -450,8 +481,8 @@ def load_yaml(path: str) -> dict:
 
 def _sections(data: dict) -> dict:
     """A run's ``config.yaml`` (``experiment_to_dict``: model name, preset, model_config, data,
-    train, stages) -> the ``model`` / ``data`` / ``train`` (/ ``stages``) sections; other YAML
-    passes through."""
+    train, stages, run_wide) -> the ``model`` / ``data`` / ``train`` (/ ``stages``) sections
+    (``build_experiment`` reads ``run_wide`` itself); other YAML passes through."""
     if isinstance(data.get("model"), str) and "model_config" in data:
         out = {"model": data.get("model_config") or {}, "data": data.get("data") or {},
                "train": data.get("train") or {}}
@@ -505,7 +536,8 @@ def preset_config(model: str, preset: str, presets: dict | None = None) -> dict:
 def build_experiment(model: str, model_config_cls, *, yaml_path: str | None = None,
                      overrides: list[str] | None = None, defaults: dict | None = None,
                      preset: str | None = None, presets: dict | None = None,
-                     stage: tuple[str, dict] | None = None) -> ExperimentConfig:
+                     stage: tuple[str, dict] | None = None,
+                     run_wide: dict | None = None) -> ExperimentConfig:
     """The experiment config: model defaults < ``defaults`` (the recipe) < ``preset`` < YAML
     file < ``--set`` overrides (< ``stage``: ``(name, sections)``, the settings addressed to
     this model as the stage ``name`` of another, used by ``pyface.train.stages``).
@@ -513,6 +545,13 @@ def build_experiment(model: str, model_config_cls, *, yaml_path: str | None = No
     A ``stages`` section of the YAML file and ``--set stages.<name>.<key>=<value>`` items
     (the latter win) are kept in ``ExperimentConfig.stages`` for the model's stages (checked
     and applied by ``pyface.train.stages``).
+
+    The run-wide keys (``pyface.train.stages.SHARED_KEYS``) that the YAML file's ``train`` and
+    ``data`` sections or the ``--set`` items set are kept in ``ExperimentConfig.run_wide`` for
+    a model with stages (they reach its stages, like ``--set`` items: the file is the same
+    settings written down); a run's ``config.yaml`` gives back its ``run_wide:`` record (its
+    ``train`` and ``data`` sections are the final model's resolved values). ``run_wide``: the
+    run-wide settings of the model this one is a stage of, layered with the ``--set`` items.
 
     ``preset`` names one of ``presets`` (default: the ``presets`` of the registered model
     ``model``); an unknown name raises ConfigError listing the valid presets. A YAML file that
@@ -528,6 +567,7 @@ def build_experiment(model: str, model_config_cls, *, yaml_path: str | None = No
     if preset is not None:
         layers.append((f"preset {preset!r}", preset_config(model, preset, presets), True))
     recorded = preset
+    given: list[dict] = []                  # run-wide settings, lowest first
     if yaml_path:
         file = load_yaml(yaml_path)
         if isinstance(file.get("model"), str) and "model_config" in file:
@@ -548,8 +588,13 @@ def build_experiment(model: str, model_config_cls, *, yaml_path: str | None = No
                                   f"config built with {built}, whose values replace the "
                                   f"preset's; leave out --preset (the file's is kept), or use "
                                   f"--preset {recorded} without that file")
+            given.append(_run_wide_record(file.get("run_wide"), f"--config {yaml_path}"))
+        else:
+            given.append(_run_wide_of(file))
         layers.append((f"--config {yaml_path}", dict(_sections(file)), False))
-    layers.append(("--set", parse_set(overrides, texts=True), False))
+    items = parse_set(overrides, texts=True)
+    given.append(_run_wide_of(items))
+    layers.append(("--set", merge(dict(run_wide or {}), items), False))
     stages: dict = {}
     for source, layer, _ in layers[1 + (preset is not None):]:
         if "stages" in layer:
@@ -567,12 +612,53 @@ def build_experiment(model: str, model_config_cls, *, yaml_path: str | None = No
         hint = ("; a preset is chosen with --preset NAME (a run's config.yaml records it next "
                 "to model_config)" if bad == "preset" else did_you_mean(bad, valid))
         raise ConfigError(f"{bad}: unknown section; valid sections: {', '.join(valid)}{hint}")
+    from pyface.train.registry import MODELS, model_class
+
+    shared: dict = dict(run_wide or {})
+    if model in MODELS and getattr(model_class(model), "stages", ()):
+        for layer in given:
+            shared = merge(shared, layer)
+    else:
+        shared = {}
     return ExperimentConfig(
-        model=model, preset=recorded,
+        model=model, preset=recorded, run_wide=shared,
         model_config=from_dict(model_config_cls, data.get("model") or {}, prefix="model."),
         data=from_dict(DataConfig, data.get("data") or {}, prefix="data."),
         train=from_dict(TrainConfig, data.get("train") or {}, prefix="train."),
         stages=stages, dropped_options=dropped)
+
+
+def _run_wide_of(sections: dict) -> dict:
+    """The run-wide keys (``pyface.train.stages.SHARED_KEYS``) that ``sections`` (a YAML file
+    of sections, or the ``--set`` items) sets, ``{section: {key: value}}``."""
+    from pyface.train.stages import SHARED_KEYS
+
+    out: dict = {}
+    for name in SHARED_KEYS:
+        section, key = name.split(".")
+        values = sections.get(section)
+        if isinstance(values, dict) and key in values:
+            out.setdefault(section, {})[key] = values[key]
+    return out
+
+
+def _run_wide_record(record: Any, source: str) -> dict:
+    """The ``run_wide:`` record of a run's ``config.yaml``, checked: run-wide keys only."""
+    from pyface.train.stages import SHARED_KEYS
+
+    if record is None:
+        return {}
+    if not isinstance(record, dict) or not all(isinstance(v, dict) for v in record.values()):
+        raise ConfigError(f"{source}: run_wide: expected a mapping {{section: {{key: value}}}}, "
+                          f"e.g. run_wide: {{train: {{device: cpu}}}}, got {record!r}")
+    for section, values in record.items():
+        for key in values:
+            name = f"{section}.{key}"
+            if name not in SHARED_KEYS:
+                raise ConfigError(f"{source}: run_wide.{name}: not a run-wide key; run-wide "
+                                  f"keys: {', '.join(SHARED_KEYS)}"
+                                  f"{did_you_mean(name, SHARED_KEYS, 'run_wide.')}")
+    return record
 
 
 def _options_of_the_selected_dataset(layers: list) -> tuple[list, list]:
@@ -613,11 +699,14 @@ def _options_of_the_selected_dataset(layers: list) -> tuple[list, list]:
 
 def experiment_to_dict(cfg: ExperimentConfig) -> dict:
     """The config as plain data (config.yaml, checkpoints, ``--print-config``); ``stages`` only
-    when settings are addressed to the stages."""
+    when settings are addressed to the stages, ``run_wide`` only when run-wide settings were
+    given to a model with stages."""
     out = {"model": cfg.model, "preset": cfg.preset, "model_config": to_dict(cfg.model_config),
            "data": to_dict(cfg.data), "train": to_dict(cfg.train)}
     if getattr(cfg, "stages", None):
         out["stages"] = _as_written(cfg.stages)
+    if getattr(cfg, "run_wide", None):
+        out["run_wide"] = _as_written(cfg.run_wide)
     return out
 
 
@@ -643,7 +732,12 @@ def experiment_yaml(cfg: ExperimentConfig) -> str:
     (comments: ``--config`` reads the values back unchanged)."""
     import yaml
 
-    notes = "".join(f"# data.options of {source} for dataset {dataset!r} not applied to "
-                    f"data.name {cfg.data.name!r}: {', '.join(keys)}\n"
-                    for source, dataset, keys in getattr(cfg, "dropped_options", ()))
-    return notes + yaml.safe_dump(experiment_to_dict(cfg), sort_keys=False)
+    return dropped_notes(cfg) + yaml.safe_dump(experiment_to_dict(cfg), sort_keys=False)
+
+
+def dropped_notes(cfg: ExperimentConfig, prefix: str = "") -> str:
+    """One YAML comment line per source whose ``data.options`` ``cfg`` left out for another
+    dataset than its ``data.name`` (``prefix``: a stage's ``"stage 's1' (model): "``)."""
+    return "".join(f"# {prefix}data.options of {source} for dataset {dataset!r} not applied to "
+                   f"data.name {cfg.data.name!r}: {', '.join(keys)}\n"
+                   for source, dataset, keys in getattr(cfg, "dropped_options", ()))

@@ -9,8 +9,9 @@ unfinished one is resumed, so re-running the command after an interruption conti
 stopped.
 
 A stage gets its own recipe and the preset (with the final model's additions for that preset,
-``Stage.presets``), plus the run-wide ``--set`` overrides of
-:data:`SHARED_KEYS` (device, precision, logging, data location, seed) and the overrides addressed
+``Stage.presets``), plus the run-wide settings of :data:`SHARED_KEYS` (device, precision,
+logging, data location, seed) given by ``--set`` or the ``--config`` file
+(``ExperimentConfig.run_wide``) and the overrides addressed
 to it by name, ``stages.<name>.<key>=<value>`` (e.g. ``stages.s1.model.neutral_weight=5``; a
 stage's own stages are addressed by their names too; a YAML config's ``stages:`` section,
 ``ExperimentConfig.stages``, likewise, below the ``--set`` items); the other overrides apply
@@ -29,7 +30,8 @@ import os
 
 log = logging.getLogger("pyface.train")
 
-#: ``--set`` keys passed on to every stage (everything else configures the final model only)
+#: the run-wide keys: set by ``--set`` or a ``--config`` file, they reach every stage too
+#: (everything else configures the final model only)
 SHARED_KEYS = ("train.device", "train.precision", "train.progress", "train.tensorboard",
                "train.num_workers", "train.seed", "train.log_every", "data.path",
                "data.skip_bad")
@@ -145,7 +147,8 @@ def stage_run_finished(run_dir: str, steps: int) -> str | None:
 
 
 def prepare_stages(model_cls, cfg, *, overrides: list[str] | None = None,
-                   train_fn=None, dry_run: bool = False) -> dict[str, str]:
+                   train_fn=None, dry_run: bool = False,
+                   notes: list[str] | None = None) -> dict[str, str]:
     """Trains the missing stages of ``cfg`` (an ExperimentConfig of ``model_cls``) and sets
     their checkpoint keys in ``cfg.model_config``. Returns ``{checkpoint_key: run folder}`` of
     the stages it filled in.
@@ -153,12 +156,15 @@ def prepare_stages(model_cls, cfg, *, overrides: list[str] | None = None,
     ``train_fn(stage_cfg) -> None`` trains one stage config (default: :func:`train_stage`, a
     :class:`~pyface.train.engine.Trainer` that resumes an unfinished run). ``dry_run``: build
     and check every stage config (and the reuse of finished stage runs) without training
-    (``pyface train M --print-config``); ``cfg`` is left as it is."""
+    (``pyface train M --print-config``); ``cfg`` is left as it is. ``notes``: a list that gets
+    the comment lines of the ``data.options`` each stage config left out for another dataset
+    (the lines its run's ``config.yaml`` starts with), named by stage."""
     if dry_run:
         import copy
 
         cfg = copy.deepcopy(cfg)
-    from pyface.train.config import ConfigError, build_experiment, merge, parse_set
+    from pyface.train.config import (ConfigError, build_experiment, dropped_notes, merge,
+                                     parse_set)
     from pyface.train.registry import model_class
 
     train_fn = train_fn or train_stage
@@ -188,16 +194,22 @@ def prepare_stages(model_cls, cfg, *, overrides: list[str] | None = None,
         own = merge((cfg.stages or {}).get(stage.name) or {}, addressed.get(stage.name) or {})
         try:
             check_stage_section(cfg.model, model_cls, {stage.name: own})
+            # the run-wide settings of cfg's --config file and --set items (cfg.run_wide), and
+            # of this call's --set items (a caller's list that cfg was not built with)
+            run_wide = merge(getattr(cfg, "run_wide", None) or {},
+                             parse_set(shared_overrides(overrides), texts=True))
             stage_cfg = build_experiment(
                 stage.model, stage_cls.Config, defaults=getattr(stage_cls, "recipe", {}),
-                preset=preset, presets=presets, stage=(stage.name, own),
-                overrides=shared_overrides(overrides) + [f"train.run_dir={stage_dir}"])
+                preset=preset, presets=presets, stage=(stage.name, own), run_wide=run_wide,
+                overrides=[f"train.run_dir={stage_dir}"])
         except ConfigError as exc:
             raise ConfigError(f"stage {stage.name!r} ({stage.model}): {exc}") from None
+        if notes is not None:
+            notes.append(dropped_notes(stage_cfg, f"stage {stage.name!r} ({stage.model}): "))
         below = set(stage_names(stage_cls))      # its own stages' settings, for the recursion
         stage_cfg.stages = {k: v for k, v in (cfg.stages or {}).items() if k in below}
         prepare_stages(stage_cls, stage_cfg, overrides=overrides, train_fn=train_fn,
-                       dry_run=dry_run)
+                       dry_run=dry_run, notes=notes)
         done = stage_run_finished(stage_dir, stage_cfg.train.steps)
         if done:
             _check_reuse(stage, stage_cls, stage_cfg, done)

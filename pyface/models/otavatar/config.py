@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pyface.nn.render import RenderConfig
+
 
 @dataclass
 class ControllerOptions:
@@ -117,7 +119,10 @@ class OTAvatarConfig:
 
     generator: str | None = None
     controller_init: str | None = None
-    render: dict = field(default_factory=dict)
+    # keys: the RenderConfig fields but plane_axes (a property of the weights), checked when
+    # the config is built (pyface.train.config)
+    render: dict = field(default_factory=dict,
+                         metadata={"keys_of": RenderConfig, "fixed": ("plane_axes",)})
     controller: ControllerOptions = field(default_factory=ControllerOptions)
     local_batch: int | None = None
     invert_iters: int = 100
