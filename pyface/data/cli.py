@@ -104,7 +104,8 @@ def add_parser(subparsers) -> None:
                         "refinement either)")
     q.add_argument("--no-photometric", action="store_true",
                    help="landmarks only for the geometry and pose (no photometric refinement)")
-    q.add_argument("--fit-steps", type=int, default=100, help="L-BFGS iterations of the 3DMM fit (default 100)")
+    q.add_argument("--fit-steps", type=int, default=100,
+                   help="L-BFGS iterations of the 3DMM fit (default 100)")
     q.add_argument("--bfm", default=None, metavar="PATH",
                    help="fit Deep3DFaceRecon's BFM_model_front.mat instead of the built-in head")
     q.add_argument("--submission-offsets", action="store_true",
