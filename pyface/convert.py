@@ -970,7 +970,7 @@ def add_parser(subparsers) -> None:
                                 "degree convention)")
         if name == "goha":
             q.add_argument("--render-resolution", type=int, default=224,
-                           help="render side r of the converted model (GOHA's s2.yml: 224)")
+                           help="render side r of the converted model (default 224, GOHA's s2.yml)")
         if name == "otavatar":
             q.add_argument("--no-ema", dest="ema", action="store_false",
                            help="convert the trained net_Warp / net_G instead of the EMA copies")

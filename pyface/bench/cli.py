@@ -25,12 +25,15 @@ def add_parser(subparsers) -> None:
                    help="small shapes only, or the full model shapes too "
                         "(default: full on cuda, small on cpu)")
     p.add_argument("--shapes", default=None,
-                   help="comma-separated subset of the shape names, e.g. B4-K15,B4-K21")
+                   help="comma-separated subset of the shape names, e.g. B4-K15,B4-K21 (default: "
+                        "every shape of --size)")
     p.add_argument("--providers", default=None,
-                   help="comma-separated subset, e.g. reference,compile,cpu")
+                   help="comma-separated providers: reference, compile (torch.compile of the "
+                        "reference) and the op's backends, e.g. reference,cpu; an unknown name "
+                        "lists the choices (default: every one available on --device)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
     p.add_argument("--min-time", type=float, default=0.5,
-                   help="seconds per measurement (>= 0; each runs at least 3 times)")
+                   help="seconds per measurement (>= 0; each runs at least 3 times; default 0.5)")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="write results here: a file ending in .json, or a folder (existing or ending "
                         "in /; created) for an auto-named file inside it")

@@ -19,23 +19,29 @@ def add_parser(subparsers) -> None:
                    help="output dataset root: absent or empty, outside other datasets; the same "
                         "command again finishes an interrupted set (synth.partial.json) and "
                         "leaves a complete one as it is")
-    s.add_argument("--identities", type=int, default=4)
-    s.add_argument("--videos-per-identity", type=int, default=2)
-    s.add_argument("--frames", type=int, default=32, help="frames per video")
-    s.add_argument("--resolution", type=int, default=256, help="frame side, 1-4096")
-    s.add_argument("--fps", type=float, default=25.0, help="frame rate, >= 0.1")
-    s.add_argument("--seed", type=int, default=0, help=">= 0")
-    s.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
+    s.add_argument("--identities", type=int, default=4,
+                   help="procedural identities (default 4)")
+    s.add_argument("--videos-per-identity", type=int, default=2,
+                   help="videos of each identity (default 2)")
+    s.add_argument("--frames", type=int, default=32, help="frames per video (default 32)")
+    s.add_argument("--resolution", type=int, default=256,
+                   help="frame side, 1-4096 (default 256)")
+    s.add_argument("--fps", type=float, default=25.0, help="frame rate, >= 0.1 (default 25)")
+    s.add_argument("--seed", type=int, default=0,
+                   help="seed of the identities and trajectories, >= 0 (default 0)")
+    s.add_argument("--workers", type=int, default=0,
+                   help="processes (default 0: all cores); the output does not depend on it")
     s.add_argument("--no-cross", action="store_true",
                    help="skip the cross-identity ground truth (ROOT/cross)")
     s.add_argument("--no-masks", action="store_true", help="do not write masks/")
     s.add_argument("--split", choices=("train", "test"), default="train",
-                   help="test: held-out identities (test0000, ...) from random streams no "
-                        "training split uses, with the cross-identity set")
+                   help="train (default) or test: held-out identities (test0000, ...) from random "
+                        "streams no training split uses, with the cross-identity set")
     s.add_argument("--zoom", type=float, default=0.0,
-                   help="per-video zoom: log-scale amplitude (0.2: scale 0.82-1.22 in each video)")
+                   help="per-video zoom: log-scale amplitude (0.2: scale 0.82-1.22 in each video; "
+                        "default 0: none)")
     s.add_argument("--exp-leak", type=float, default=0.0,
-                   help="add exp_leak * L @ id to the stored expression coefficients")
+                   help="add exp_leak * L @ id to the stored expression coefficients (default 0)")
     s.add_argument("--multiview", action="store_true",
                    help="also render every video from a second camera (ROOT/multiview)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -45,8 +51,9 @@ def add_parser(subparsers) -> None:
                        description="Same- and cross-identity reenactment pairs of a dataset "
                                    "(pyface.data.reenactment_pairs), all and moving, with the "
                                    "PSNR of copying the source (the baseline).")
-    e.add_argument("root")
-    e.add_argument("--resolution", type=int, default=None)
+    e.add_argument("root", help="dataset root (e.g. written by pyface data synth --split test)")
+    e.add_argument("--resolution", type=int, default=None,
+                   help="resize frames to this side before the PSNR (default: the data's)")
     e.set_defaults(func=_pairs)
 
     k = sub.add_parser("cache", help="list or build the cached built-in synthetic sets",
@@ -63,7 +70,7 @@ def add_parser(subparsers) -> None:
                        description="Validate a dataset root: index, meta.json, dataset.json "
                                    "(finite, orthonormal cameras), coeffs.npy (T, 257), "
                                    "landmarks.npy, and every frame and mask (decoded).")
-    c.add_argument("root")
+    c.add_argument("root", help="dataset root")
     c.add_argument("--fast", action="store_true", help="check that frames exist, do not decode")
     c.set_defaults(func=_check)
 
@@ -77,9 +84,13 @@ def add_parser(subparsers) -> None:
                    help="video files, frame folders (numeric image names), image files, or "
                         "folders of videos/images")
     q.add_argument("--out", required=True, help="output dataset root")
-    q.add_argument("--crop", choices=("eg3d", "fomm"), default="eg3d")
-    q.add_argument("--resolution", type=int, choices=(256, 512), default=256)
-    q.add_argument("--workers", type=int, default=1, help="videos prepared in parallel")
+    q.add_argument("--crop", choices=("eg3d", "fomm"), default="eg3d",
+                   help="eg3d (default): EG3D's in-the-wild alignment; fomm: twice the "
+                        "landmark box (docs/data.md)")
+    q.add_argument("--resolution", type=int, choices=(256, 512), default=256,
+                   help="side of the cropped frames (default 256)")
+    q.add_argument("--workers", type=int, default=1,
+                   help="videos prepared in parallel (default 1)")
     q.add_argument("--skip-bad", action="store_true",
                    help="warn about a bad input (missing, unreadable, no face, or failing "
                         "otherwise), skip it and go on")
@@ -93,7 +104,8 @@ def add_parser(subparsers) -> None:
                         "refinement either)")
     q.add_argument("--no-photometric", action="store_true",
                    help="landmarks only for the geometry and pose (no photometric refinement)")
-    q.add_argument("--fit-steps", type=int, default=100, help="L-BFGS iterations of the 3DMM fit")
+    q.add_argument("--fit-steps", type=int, default=100,
+                   help="L-BFGS iterations of the 3DMM fit (default 100)")
     q.add_argument("--bfm", default=None, metavar="PATH",
                    help="fit Deep3DFaceRecon's BFM_model_front.mat instead of the built-in head")
     q.add_argument("--submission-offsets", action="store_true",
@@ -110,21 +122,22 @@ def add_parser(subparsers) -> None:
                        description="Scan the video folders of ROOT (folders with meta.json or "
                                    "frames/) and write ROOT/index.json. Refused: a root without "
                                    "video folders, a video folder, an unfinished synthetic set.")
-    i.add_argument("root")
+    i.add_argument("root", help="dataset root")
     i.set_defaults(func=_index)
 
     b = sub.add_parser("bench", help="time the synthetic engine and the pair loader",
                        description="Generates a dataset into a temporary folder (timed), then "
                                    "times PairDataset through a DataLoader.")
-    b.add_argument("--identities", type=int, default=4)
-    b.add_argument("--videos-per-identity", type=int, default=2)
-    b.add_argument("--frames", type=int, default=32)
-    b.add_argument("--resolution", type=int, default=256)
+    b.add_argument("--identities", type=int, default=4, help="identities generated (default 4)")
+    b.add_argument("--videos-per-identity", type=int, default=2,
+                   help="videos per identity (default 2)")
+    b.add_argument("--frames", type=int, default=32, help="frames per video (default 32)")
+    b.add_argument("--resolution", type=int, default=256, help="frame side (default 256)")
     b.add_argument("--workers", type=int, default=2,
-                   help="generation processes and loader workers (0: generation on all cores, "
-                        "loading in the main process)")
-    b.add_argument("--batch-size", type=int, default=8)
-    b.add_argument("--samples", type=int, default=1024, help="pairs to load")
+                   help="generation processes and loader workers (default 2; 0: generation on "
+                        "all cores, loading in the main process)")
+    b.add_argument("--batch-size", type=int, default=8, help="pairs per loader batch (default 8)")
+    b.add_argument("--samples", type=int, default=1024, help="pairs to load (default 1024)")
     b.add_argument("--root", default=None, help="use this existing dataset instead of generating")
     b.set_defaults(func=_bench)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

@@ -24,7 +24,10 @@ def add_parser(subparsers) -> None:
                     "a thin-plate-spline warp of the source from its landmarks to the driving "
                     "frame's) on the same-identity and/or cross-identity reenactment pairs of a "
                     "pyface dataset, or several runs with --runs NAME=RUN ... and the baselines "
-                    "(see docs/eval.md). Prints a table; writes JSON and PNG sheets.")
+                    "(see docs/eval.md). Prints a table and the 95 % intervals of its means (a "
+                    "cluster bootstrap over the pairs' sources); writes JSON and PNG sheets.",
+        epilog="example: pyface eval copy-source --data data/test --json copy-source.json; "
+               "pyface eval mmfa --checkpoint runs/mmfa --data data/test")
     p.add_argument("model", nargs="?", default=None,
                    help="registered model name, or copy-source / warp-baseline (not with --runs)")
     p.add_argument("--checkpoint", default=None, help="run folder or checkpoint folder (models)")
@@ -45,7 +48,8 @@ def add_parser(subparsers) -> None:
                         "source) without exact ground truth (the landmark detector runs on the "
                         "output and the target)")
     p.add_argument("--subset", choices=("all", "moving"), default="all",
-                   help="all pairs (the moving subset is reported as well) or moving pairs only")
+                   help="all (default): all pairs, the moving subset reported as well; "
+                        "moving: moving pairs only")
     p.add_argument("--metrics", default=None,
                    help="comma-separated metric names (default: psnr,ssim,jitter; jitter only "
                         "when the data has landmarks): psnr, ssim, lpips, csim, fid, kid, akd, "
@@ -67,8 +71,10 @@ def add_parser(subparsers) -> None:
                    help="rows of the sheet per protocol (default 6; 0: no sheet)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--max-pairs", type=int, default=None,
-                   help="evaluate at most N pairs per protocol, spread evenly over the set")
-    p.add_argument("--batch-size", type=int, default=8, help="driving frames per generate call")
+                   help="evaluate at most N pairs per protocol, spread evenly over the set "
+                        "(default: all)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="driving frames per generate call (default 8)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random numbers a pipeline draws (e.g. OTAvatar's pivotal "
                         "tuning), reset per chunk of pairs: the same arguments give the same "
@@ -77,7 +83,8 @@ def add_parser(subparsers) -> None:
                    help="baselines only: evaluation size (default: the data's resolution; with "
                         "--runs: every model's resolution)")
     p.add_argument("--no-ema", action="store_true", help="use the live weights, not the EMA")
-    p.add_argument("--workers", type=int, default=0, help="data loader processes")
+    p.add_argument("--workers", type=int, default=0,
+                   help="data loader processes (default 0: the main process)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     from pyface.train.cli import add_import_argument
 

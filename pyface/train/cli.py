@@ -20,20 +20,24 @@ def add_parser(subparsers) -> None:
                     "train.precision, train.seed, logging, data.path, data.skip_bad) of --set "
                     "or --config reach every stage too, other keys configure the final model "
                     "only. "
-                    "Outputs go to train.run_dir: config.yaml, log.txt, tb/ (TensorBoard), "
-                    "checkpoints/ and previews/ (PNG grids and mp4 clips). Distributed: "
+                    "Outputs go to train.run_dir (default runs/MODEL; a new run there "
+                    "overwrites its checkpoints with a warning, --resume continues them): "
+                    "config.yaml, log.txt, tb/ (TensorBoard), checkpoints/ and previews/ (PNG "
+                    "grids and mp4 clips). Distributed: "
                     "torchrun --nproc_per_node=N -m pyface train MODEL ...",
         epilog="example: pyface train example --preset tiny --set train.run_dir=runs/ae")
     p.add_argument("model", help=f"registered model: {', '.join(sorted(MODELS))}, or a plugin's "
                                  "(entry-point group pyface.models, --import, PYFACE_PLUGINS)")
     p.add_argument("--preset", default=None, metavar="NAME",
-                   help="a preset of the model (tiny, gpu-short, full for the portrait models)")
+                   help="a preset of the model (tiny, gpu-short, full for the portrait models; "
+                        "default: none, the model's recipe)")
     add_import_argument(p)
     p.add_argument("--config", default=None, metavar="YAML",
                    help="YAML with sections model/data/train (and stages: {NAME: {model/data/"
                         "train: ...}} for the stages) or a run's config.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. train.steps=100 (repeatable)")
+                   help="override a config value, e.g. train.steps=100 (repeatable; --print-config "
+                        "shows the keys and their values)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="continue from CKPT (a checkpoint folder, or a run folder: its latest "
                         "checkpoint; a run folder's run, also moved or copied, continues in it "

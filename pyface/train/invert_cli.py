@@ -28,7 +28,8 @@ def add_parser(subparsers) -> None:
                    help="25 comma-separated floats, 'frontal', a .npy/.json file, or an EG3D "
                         "dataset folder / dataset.json holding the image's label (default: the "
                         "camera of a pyface video folder, else frontal)")
-    p.add_argument("--space", default="w+", choices=["w", "w+"])
+    p.add_argument("--space", default="w+", choices=["w", "w+"],
+                   help="w: one latent for every layer; w+ (default): one latent per layer")
     p.add_argument("--steps", type=int, default=300, help="optimisation steps, >= 1 (default "
                                                           "300)")
     p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate, > 0 (default "
@@ -36,8 +37,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--vgg", default=None, help="VGG19 weights (pyface convert vgg19) for the "
                                               "perceptual term; without: L1 only")
     p.add_argument("--out", default="inversion",
-                   help="output folder (created; latent/, reconstruction.png and orbit.mp4 in it "
-                        "are replaced)")
+                   help="output folder (default: inversion; created; latent/, reconstruction.png "
+                        "and orbit.mp4 in it are replaced)")
     p.add_argument("--video", action="store_true", help="also render an orbit mp4")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if "
                                                  "available)")
