@@ -308,6 +308,9 @@ def test_example_plugin_trains_resumes_chains_loads_and_benchmarks(tmp_path, mon
     assert main(started + ["--set", "stages.base.train.steps=2",
                            "--set", "stages.base.model.channels=2"]) == 0
     capsys.readouterr()
+    assert main(started) == 2       # the finished final run is kept: --resume or --overwrite
+    assert "holds a run (latest checkpoint ckpt-" in capsys.readouterr().err
+    started.append("--overwrite")
     assert main(started) == 2
     err = capsys.readouterr().err
     assert ("stage 'base': the unfinished run" in err and "model.channels: unfinished run 2 vs "

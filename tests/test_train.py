@@ -1189,3 +1189,30 @@ def test_a_stage_config_names_the_data_options_it_left_out(tmp_path, capsys, mon
     assert (run / "stages" / "s1" / "config.yaml").read_text().startswith(
         f"# {note}model: example\n")
     assert (run / "config.yaml").read_text().startswith("model: staged_example\n")
+
+
+def test_a_run_folder_with_checkpoints_needs_resume_or_overwrite(tmp_path, capsys):
+    from pyface import checkpoint as ckpt
+    from pyface.cli import main
+
+    run = tmp_path / "run"
+    base = ["train", "example", "--preset", "tiny", "--set", f"train.run_dir={run}",
+            "--set", "train.progress=false"]
+    assert main(base + ["--set", "train.steps=2"]) == 0, capsys.readouterr().err
+    first = ckpt.latest_checkpoint(str(run))
+    assert first.endswith("ckpt-000002")
+    capsys.readouterr()
+    # the same command again: refused before anything is built, the run kept as it was
+    assert main(base + ["--set", "train.steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert (f"train.run_dir={run}: holds a run (latest checkpoint ckpt-000002): --resume "
+            "continues it" in err and "--overwrite starts over" in err), err
+    assert ckpt.latest_checkpoint(str(run)) == first
+    assert main(base + ["--overwrite", "--resume"]) == 2
+    assert "give one of them" in capsys.readouterr().err
+    assert main(base + ["--print-config"]) == 0          # prints, trains nothing
+    capsys.readouterr()
+    # --overwrite: the old checkpoints are gone, the new run's are there
+    assert main(base + ["--set", "train.steps=1", "--overwrite"]) == 0, capsys.readouterr().err
+    assert [s for s, _ in ckpt.list_checkpoints(str(run))] == [1]
+    assert ckpt.latest_checkpoint(str(run)).endswith("ckpt-000001")

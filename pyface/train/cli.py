@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 
 
@@ -20,8 +21,9 @@ def add_parser(subparsers) -> None:
                     "train.precision, train.seed, logging, data.path, data.skip_bad) of --set "
                     "or --config reach every stage too, other keys configure the final model "
                     "only. "
-                    "Outputs go to train.run_dir (default runs/MODEL; a new run there "
-                    "overwrites its checkpoints with a warning, --resume continues them): "
+                    "Outputs go to train.run_dir (default runs/MODEL; a folder holding "
+                    "checkpoints is refused unless --resume continues them or --overwrite "
+                    "starts over): "
                     "config.yaml, log.txt, tb/ (TensorBoard), checkpoints/ and previews/ (PNG "
                     "grids and mp4 clips). Distributed: "
                     "torchrun --nproc_per_node=N -m pyface train MODEL ...",
@@ -43,6 +45,10 @@ def add_parser(subparsers) -> None:
                         "checkpoint; a run folder's run, also moved or copied, continues in it "
                         "unless --set train.run_dir=DIR), or (no value) from train.run_dir's "
                         "latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a train.run_dir that holds checkpoints, deleting "
+                        "its checkpoints/ (without it such a folder is refused; a staged "
+                        "model's finished stage runs are kept and reused)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as YAML and exit")
     p.add_argument("--skip-bad", action="store_true",
@@ -105,6 +111,26 @@ def check_run_dir(cfg) -> None:
                           f"checkpoint {os.path.basename(latest)}); training {cfg.model!r} there "
                           f"would overwrite it: choose another folder (--set train.run_dir="
                           f"runs/{cfg.model}) or remove that one")
+
+
+def check_new_run(cfg, resume, overwrite: bool) -> None:
+    """ConfigError if ``train.run_dir`` holds checkpoints and the command neither continues
+    them (``--resume``) nor starts over (``--overwrite``): training there from step 0 would
+    replace a finished or interrupted run's checkpoints."""
+    from pyface import checkpoint as ckpt
+    from pyface.train.config import ConfigError
+
+    if overwrite and resume is not None:
+        raise ConfigError("--overwrite starts a run over and --resume continues one: give one "
+                          "of them")
+    run_dir = cfg.train.run_dir.format(model=cfg.model)
+    latest = ckpt.latest_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+    if latest is None or resume is not None or overwrite:
+        return
+    raise ConfigError(f"train.run_dir={run_dir}: holds a run (latest checkpoint "
+                      f"{os.path.basename(latest)}): --resume continues it, --set "
+                      f"train.run_dir=DIR starts a new run elsewhere, --overwrite starts over "
+                      f"here (deleting its checkpoints)")
 
 
 def _message(exc: BaseException) -> str:
@@ -172,6 +198,8 @@ def run_train(args) -> int:
                 o.split("=", 1)[0].strip() == "train.run_dir" for o in args.overrides):
             _continue_in_resumed_run(cfg, args.resume)   # checked below: the folder written to
         check_run_dir(cfg)
+        if not args.print_config:
+            check_new_run(cfg, args.resume, args.overwrite)
     except (KeyError, ConfigError, OSError, ImportError, ModelDefinitionError,
             RegistryError) as exc:
         print(f"pyface train: {_message(exc)}", file=sys.stderr)
@@ -231,6 +259,11 @@ def _train(args, cls, cfg, overrides, staged: bool) -> int:
                 return 2
         print("".join(notes) + experiment_yaml(cfg), end="")
         return 0
+    if args.overwrite and int(os.environ.get("RANK", "0")) == 0:
+        old = os.path.join(cfg.train.run_dir.format(model=cfg.model), "checkpoints")
+        if os.path.isdir(old):
+            logging.getLogger("pyface.train").warning("--overwrite: deleting %s", old)
+            shutil.rmtree(old)
     try:
         trainer = Trainer(cfg)
     except (ValueError, KeyError, RuntimeError, ModelDefinitionError) as exc:
