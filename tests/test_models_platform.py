@@ -529,7 +529,8 @@ def test_stages_train_first_then_are_reused(tmp_path, monkeypatch, caplog):
     # a second run reuses the finished stage
     caplog.clear()
     stamp = os.path.getmtime(os.path.join(ckpt.latest_checkpoint(str(stage_dir)), "meta.json"))
-    assert main(args) == 0
+    assert main(args) == 2                       # the final run's checkpoints are kept
+    assert main(args + ["--overwrite"]) == 0     # the final model starts over, the stage stays
     assert "reusing the finished run" in caplog.text
     assert os.path.getmtime(os.path.join(ckpt.latest_checkpoint(str(stage_dir)),
                                          "meta.json")) == stamp
