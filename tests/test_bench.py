@@ -127,6 +127,17 @@ def test_cli_writes_json(tmp_path):
     assert all(r["work_mem_mb"] is not None for r in data["results"] if r["mode"] != "bwd")
     assert {r["shape"] for r in data["results"]} == {"small"}  # --shapes left out "eg3d"
     assert "triplane_sample" in proc.stdout
+    # enough to repeat the run and to compare its rows
+    env = data["environment"]
+    assert env["cpu_threads"] >= 1 and "commit_dirty" in env and env["pyface"]
+    assert data["command"] == ("pyface bench triplane --device cpu --size full --min-time 0.01 "
+                               "--shapes small --providers cpu --no-compile")
+    assert data["options"]["providers"] == ["cpu"] and data["options"]["warmup"] >= 1
+    assert data["options"]["min_reps"] == 3 and "in turn" in data["order"]
+    assert data["default_backends"] == {"triplane_sample": "cpu"}
+    assert data["cases"] == [{"op": "triplane_sample", "shape": "small",
+                              "params": data["cases"][0]["params"]}]
+    assert data["cases"][0]["params"]["B"] == 2
 
 
 def test_cli_unknown_op_or_shape_is_an_error_naming_the_choices(tmp_path, capsys):
@@ -251,3 +262,56 @@ def test_cli_ctrl_c_prints_what_was_measured_and_writes_no_json(tmp_path, capsys
     err = capsys.readouterr().err
     assert "interrupted; the measurements above are not written" in err and str(out) in err
     assert out.read_text() == "old"
+
+
+def _strict_json(text: str):
+    """json.loads that rejects NaN / Infinity tokens (not JSON; many readers refuse them)."""
+    def bad(token):
+        raise ValueError(f"non-JSON token {token}")
+
+    return json.loads(text, parse_constant=bad)
+
+
+def test_json_of_a_failing_provider_is_strict_json(tmp_path):
+    # a failed provider's times are NaN, which json.dump wrote as the bare token NaN
+    from pyface.bench.harness import write_json
+
+    case = _case()
+    case.providers["broken"] = lambda x: (_ for _ in ()).throw(RuntimeError("boom"))
+    results = run_case(case, torch.device("cpu"), min_time=0, max_reps=3,
+                       compile_reference=False, providers=["broken"])
+    path = tmp_path / "r.json"
+    write_json(str(path), {"results": [m.as_dict() for m in results],
+                           "ratio": float("inf")})
+    data = _strict_json(path.read_text())
+    assert data["results"][0]["median_ms"] is None and "boom" in data["results"][0]["error"]
+    assert data["ratio"] is None
+
+
+def test_auto_named_json_never_replaces_an_earlier_run(tmp_path):
+    from pyface.bench.harness import resolve_json_path
+
+    first = resolve_json_path(f"{tmp_path}/", "op-cpu.json")
+    assert first == str(tmp_path / "op-cpu.json")
+    (tmp_path / "op-cpu.json").write_text("{}")
+    second = resolve_json_path(f"{tmp_path}/", "op-cpu.json")
+    assert second == str(tmp_path / "op-cpu-2.json")
+    (tmp_path / "op-cpu-2.json").write_text("{}")
+    assert resolve_json_path(str(tmp_path), "op-cpu.json") == str(tmp_path / "op-cpu-3.json")
+    # a file named by the user is the one asked for
+    assert resolve_json_path(str(tmp_path / "op-cpu.json"), "x.json") == str(tmp_path /
+                                                                              "op-cpu.json")
+
+
+def test_environment_records_whether_the_tree_differs_from_the_commit(monkeypatch):
+    from pyface.bench import harness
+
+    env = harness.environment(torch.device("cpu"))
+    assert "commit_dirty" in env and env["commit_dirty"] in (True, False, None)
+    assert (env["commit"] is None) == (env["commit_dirty"] is None)
+    monkeypatch.setattr(harness, "_git", lambda *a: " M pyface/ops.py" if a[0] == "status"
+                        else "abc1234")
+    assert harness.environment(torch.device("cpu"))["commit_dirty"] is True
+    monkeypatch.setattr(harness, "_git", lambda *a: "" if a[0] == "status" else "abc1234")
+    assert harness.environment(torch.device("cpu"))["commit_dirty"] is False
+
