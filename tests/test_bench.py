@@ -315,3 +315,30 @@ def test_environment_records_whether_the_tree_differs_from_the_commit(monkeypatc
     monkeypatch.setattr(harness, "_git", lambda *a: "" if a[0] == "status" else "abc1234")
     assert harness.environment(torch.device("cpu"))["commit_dirty"] is False
 
+
+def test_train_bench_trains_earlier_stages_for_few_steps():
+    # otavatar's tiny eg3d stage was trained in full (minutes) before one step was timed
+    from pyface.bench.train import stage_steps_overrides
+    from pyface.train.registry import model_class
+
+    assert stage_steps_overrides(model_class("otavatar"), ["train.batch_size=2"], 1) == [
+        "stages.eg3d.train.steps=1", "train.batch_size=2"]
+    given = ["stages.eg3d.train.steps=50"]
+    assert stage_steps_overrides(model_class("otavatar"), given, 1) == given
+    assert stage_steps_overrides(model_class("eg3d"), None, 1) == []
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["otavtar"], "did you mean otavatar"),
+    (["eg3d", "--preset", "tinny"], "tinny"),
+    (["eg3d", "--device", "cuda:99"], "--device"),
+    (["eg3d", "--steps", "0"], "--steps: expected an integer >= 1"),
+])
+def test_train_bench_bad_input_is_one_line_and_code_2(tmp_path, capsys, argv, match):
+    from pyface.bench.train import main
+
+    out = tmp_path / "r.json"
+    assert main([*argv, "--json", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and "\n" not in err and err.startswith("python -m pyface.bench.train: ")
+    assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import statistics
 import sys
@@ -161,10 +162,25 @@ def _stats(xs: list[float]) -> dict:
             "min_s": min(xs), "steps": len(xs)}
 
 
+def stage_steps_overrides(cls, overrides: list[str] | None, stage_steps: int) -> list[str]:
+    """``overrides`` preceded by ``stages.<name>.train.steps=stage_steps`` for every stage of
+    ``cls`` (recursively) whose steps ``overrides`` does not set itself."""
+    from pyface.train.stages import stage_names
+
+    given = {o.split("=", 1)[0].strip() for o in overrides or []}
+    return [*(f"stages.{n}.train.steps={stage_steps}" for n in stage_names(cls)
+              if f"stages.{n}.train.steps" not in given), *(overrides or [])]
+
+
 def model_backends(name: str, overrides: list[str] | None = None, *, steps: int = 10,
                    warmup: int = 2, device: str | None = None,
-                   preset: str | None = None) -> dict:
-    """Step time and peak memory of model ``name`` on fused vs reference ops (see module doc)."""
+                   preset: str | None = None, stage_steps: int = 1) -> dict:
+    """Step time and peak memory of model ``name`` on fused vs reference ops (see module doc).
+
+    A model with earlier stages (otavatar, export3d) needs their runs: each stage whose
+    ``model.<checkpoint_key>`` is not given is trained first, for ``stage_steps`` steps (a
+    stage's ``stages.<name>.train.steps`` in ``overrides`` wins), in a temporary folder; a full
+    stage run would take as long as ``pyface train`` of it."""
     import torch
 
     from pyface import _backend
@@ -197,8 +213,10 @@ def model_backends(name: str, overrides: list[str] | None = None, *, steps: int 
             cfg = build_experiment(name, cls.Config, defaults=defaults, preset=preset,
                                    overrides=own_overrides(sets))
             if getattr(cls, "stages", ()):
-                # earlier stages are trained once (fused ops) and shared by both measurements
-                filled = filled or prepare_stages(cls, cfg, overrides=list(overrides or []))
+                # earlier stages are trained once (fused ops) and shared by both measurements;
+                # a step's time does not depend on how well they are trained
+                filled = filled or prepare_stages(
+                    cls, cfg, overrides=stage_steps_overrides(cls, overrides, stage_steps))
                 for key, run in filled.items():
                     setattr(cfg.model_config, key, run)
             tr = Trainer(cfg)
@@ -208,7 +226,10 @@ def model_backends(name: str, overrides: list[str] | None = None, *, steps: int 
         cpu: dict[str, list[float]] = {k: [] for k in trainers}
         _backend.select_backend = counting_select
         for i in range(warmup + steps):
-            for label, tr in trainers.items():
+            # which trainer goes first alternates too, so that what one step leaves behind
+            # (caches, allocator, frequency) favours neither
+            for label, tr in (list(trainers.items()) if i % 2 == 0 else
+                              list(trainers.items())[::-1]):
                 current[0] = label if i == warmup else None    # count one step's op calls
                 _sync(dev)
                 t0, c0 = time.perf_counter(), time.process_time()
@@ -220,12 +241,23 @@ def model_backends(name: str, overrides: list[str] | None = None, *, steps: int 
         _backend.select_backend = real_select
         out = {"bench": "train_backends", "model": name, "preset": preset,
                "overrides": list(overrides or []), "device": str(dev),
+               # earlier stages trained here (model.<key>), for this many steps unless the
+               # overrides' stages.<name>.train.steps say otherwise
+               "stages_trained": sorted(filled), "stage_steps": stage_steps if filled else None,
                "batch_size": trainers["fused"].cfg.train.batch_size, "warmup": warmup,
-               "threads": torch.get_num_threads(), "results": {}}
+               "threads": torch.get_num_threads(),
+               "order": "one process, the same config, batch and thread count for both; the "
+                        "two trainers alternate step by step, fused first on even steps and "
+                        "reference first on odd ones (steps counted from 0, warmup included), "
+                        "the warmup steps of each unmeasured; then one more step of each "
+                        "(fused first) under the memory profiler",
+               "results": {}}
         for label, tr in trainers.items():
             mem = peak_memory_mb(lambda: tr.train_step(batches[label]), dev)
             out["results"][label] = {**_stats(times[label]),
                                      "cpu_median_s": statistics.median(cpu[label]),
+                                     # every measured step, in order (phases differ by step)
+                                     "times_s": times[label], "cpu_times_s": cpu[label],
                                      "peak_mem_mb": mem,
                                      "ops": counts.get(label, {})}
         f, r = out["results"]["fused"], out["results"]["reference"]
@@ -340,6 +372,9 @@ def _print_backends(r: dict) -> None:
 
 
 def main(argv=None) -> int:
+    global _COMMAND
+    _COMMAND = shlex.join(["python", "-m", "pyface.bench.train",
+                           *(sys.argv[1:] if argv is None else argv)])
     try:
         return _main(argv)
     except KeyboardInterrupt:       # the JSON is written only once everything has run
@@ -482,11 +517,15 @@ def _main(argv=None) -> int:
     return 0
 
 
+_COMMAND: str | None = None     # the command line of this run, recorded in the JSON
+
+
 def _write(path: str, data: dict) -> None:
     from pyface.bench.harness import write_json
 
-    write_json(path, data)
-    print(f"wrote {path}")
+    replaced = os.path.exists(path)
+    write_json(path, {"command": _COMMAND, **data})
+    print(f"wrote {path}" + (" (replacing the file that was there)" if replaced else ""))
 
 
 if __name__ == "__main__":
