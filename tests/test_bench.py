@@ -342,3 +342,16 @@ def test_train_bench_bad_input_is_one_line_and_code_2(tmp_path, capsys, argv, ma
     err = capsys.readouterr().err.strip()
     assert match in err and "\n" not in err and err.startswith("python -m pyface.bench.train: ")
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_train_bench_overlap_without_torchrun_is_one_line_and_code_2(tmp_path, capsys,
+                                                                      monkeypatch):
+    # it raised RuntimeError (a traceback, code 1) after building the trainer
+    from pyface.bench.train import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["--overlap", "--json", f"{tmp_path}/"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("python -m pyface.bench.train: --overlap needs several ranks: torchrun "
+                   "--standalone --nproc_per_node=2 -m pyface.bench.train --overlap")
+    assert list(tmp_path.iterdir()) == []

@@ -436,6 +436,9 @@ def _main(argv=None) -> int:
                                  default_name or "train.json", "--json")
 
     if args.overlap:
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) < 2:
+            return fail("--overlap needs several ranks: torchrun --standalone "
+                        "--nproc_per_node=2 -m pyface.bench.train --overlap")
         try:
             path = json_path(f"train-overlap-{os.environ.get('WORLD_SIZE', '1')}ranks-"
                              f"{today}.json") if int(os.environ.get("RANK", "0")) == 0 else None
