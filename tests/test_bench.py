@@ -333,6 +333,11 @@ def test_train_bench_trains_earlier_stages_for_few_steps():
     (["eg3d", "--preset", "tinny"], "tinny"),
     (["eg3d", "--device", "cuda:99"], "--device"),
     (["eg3d", "--steps", "0"], "--steps: expected an integer >= 1"),
+    # a --set item for a stage the model does not have was dropped silently
+    (["otavatar", "--set", "stages.eg3dd.train.steps=2"],
+     "--set stages.eg3dd.train.steps=2: expected stages.<stage>.<key>=<value> with <stage> a "
+     "stage of 'otavatar' (eg3d)"),
+    (["eg3d", "--set", "stages.eg3d.train.steps=2"], "a stage of 'eg3d' (it has none)"),
 ])
 def test_train_bench_bad_input_is_one_line_and_code_2(tmp_path, capsys, argv, match):
     from pyface.bench.train import main

@@ -466,12 +466,14 @@ def _main(argv=None) -> int:
         from pyface.train.config import ConfigError, build_experiment
         from pyface.train.model import ModelDefinitionError
         from pyface.train.registry import RegistryError, import_plugins, model_class
-        from pyface.train.stages import own_overrides
+        from pyface.train.stages import check_stage_overrides, own_overrides
 
         try:
             import_plugins(args.imports)
             cls = model_class(args.model)
             device = resolve_device(args.device)
+            # stages.<name>.<key>=...: a stage of the model (as pyface train checks)
+            check_stage_overrides(args.model, cls, args.overrides)
             # --preset / --set (ConfigError, a ValueError naming the key and the choices)
             build_experiment(args.model, cls.Config,
                              defaults=dict(getattr(cls, "recipe", {}) or {}), preset=args.preset,
