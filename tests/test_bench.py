@@ -360,3 +360,21 @@ def test_train_bench_overlap_without_torchrun_is_one_line_and_code_2(tmp_path, c
     assert err == ("python -m pyface.bench.train: --overlap needs several ranks: torchrun "
                    "--standalone --nproc_per_node=2 -m pyface.bench.train --overlap")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_environment_names_no_commit_of_a_repository_that_only_contains_pyface(tmp_path,
+                                                                                monkeypatch):
+    # pyface installed in a virtualenv inside another project's checkout reported that
+    # project's commit as pyface's
+    from pyface.bench import harness
+
+    project = tmp_path / "project"
+    pkg = project / ".venv" / "site-packages" / "pyface" / "bench"
+    pkg.mkdir(parents=True)
+    git = ["git", "-C", str(project), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    monkeypatch.setattr(harness, "__file__", str(pkg / "harness.py"))
+    assert harness._git_commit() is None and harness._git_dirty() is None
+    monkeypatch.setattr(harness, "__file__", str(project / "pyface" / "bench" / "harness.py"))
+    assert harness._git_commit() is not None and harness._git_dirty() is False

@@ -244,14 +244,23 @@ def format_table(results: Sequence[Measurement]) -> str:
 
 
 def _git(*args: str) -> str | None:
-    """Output of ``git args`` in the source tree pyface is imported from; None outside one."""
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        out = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
-                             timeout=10)
+    """Output of ``git args`` in the source tree pyface is imported from; None outside one. A
+    git repository that merely contains the installed package (a virtualenv inside a project's
+    checkout) is not pyface's: its commit would be another project's."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def git(*a: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", root, *a], capture_output=True, text=True,
+                                 timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
         return out.stdout.strip() if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
+
+    top = git("rev-parse", "--show-toplevel")
+    if not top or os.path.realpath(top) != os.path.realpath(root):
         return None
+    return git(*args)
 
 
 def _git_commit() -> str | None:
