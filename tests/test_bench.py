@@ -378,3 +378,26 @@ def test_environment_names_no_commit_of_a_repository_that_only_contains_pyface(t
     assert harness._git_commit() is None and harness._git_dirty() is None
     monkeypatch.setattr(harness, "__file__", str(project / "pyface" / "bench" / "harness.py"))
     assert harness._git_commit() is not None and harness._git_dirty() is False
+
+
+@pytest.mark.parametrize("argv,message", [
+    # without MODEL the engine-overhead benchmark ran on the CPU whatever --device said
+    (["--device", "cuda"], "--device: not used by the engine-overhead and checkpoint benchmark"),
+    (["--preset", "tiny"], "--preset: not used by the engine-overhead"),
+    (["eg3d", "--repeats", "3"], "--repeats: not used by MODEL (eg3d: fused vs reference ops)"),
+    (["eg3d", "--bucket-mb", "8"], "--bucket-mb: not used by MODEL"),
+    (["--overlap", "eg3d", "--set", "train.batch_size=2"],
+     "MODEL, --set: not used by --overlap (the all-reduce benchmark); it takes --bucket-mb"),
+])
+def test_train_bench_an_option_the_benchmark_does_not_use_is_an_error(tmp_path, capsys,
+                                                                      monkeypatch, argv, message):
+    from pyface.bench import train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")       # --overlap's own check passes
+    for fn in ("engine_overhead", "model_backends", "overlap_bench"):
+        monkeypatch.setattr(train, fn, lambda *a, **k: pytest.fail("ran"))
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert list(tmp_path.iterdir()) == []

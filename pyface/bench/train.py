@@ -396,11 +396,11 @@ def _main(argv=None) -> int:
                                                   "available)")
     p.add_argument("--overlap", action="store_true",
                    help="under torchrun: overlapped vs flat gradient all-reduce")
-    p.add_argument("--bucket-mb", type=float, default=4.0, help="with --overlap: bucket size")
+    p.add_argument("--bucket-mb", type=float, default=None, help="with --overlap: bucket size")
     p.add_argument("--steps", type=int, default=None,
                    help="measured steps, >= 1 (default: 40; MODEL: 10; --overlap: 20)")
-    p.add_argument("--warmup", type=int, default=2, help="with MODEL: unmeasured steps, >= 0")
-    p.add_argument("--repeats", type=int, default=5, help="checkpoint save/load repeats")
+    p.add_argument("--warmup", type=int, default=None, help="with MODEL: unmeasured steps, >= 0")
+    p.add_argument("--repeats", type=int, default=None, help="checkpoint save/load repeats")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="config override (MODEL, or the example model of the overhead "
                         "benchmark), e.g. train.batch_size=16")
@@ -423,8 +423,27 @@ def _main(argv=None) -> int:
                               ("--repeats", args.repeats, 1)):
         if value is not None and value < least:
             return fail(f"{opt}: expected an integer >= {least}, got {value}")
-    if not args.bucket_mb > 0:
+    if args.bucket_mb is not None and not args.bucket_mb > 0:
         return fail(f"--bucket-mb: expected a positive number, got {args.bucket_mb}")
+    # an option the chosen benchmark does not use was ignored (--device cuda measured the CPU)
+    mode = "--overlap" if args.overlap else "MODEL" if args.model else None
+    used = {"--overlap": {"--bucket-mb"},
+            "MODEL": {"--preset", "--import", "--device", "--warmup", "--set"},
+            None: {"--repeats", "--set"}}[mode]
+    given = {"MODEL": args.overlap and args.model, "--preset": args.preset,
+             "--import": args.imports, "--device": args.device,
+             "--warmup": args.warmup is not None, "--set": args.overrides,
+             "--bucket-mb": args.bucket_mb is not None, "--repeats": args.repeats is not None}
+    unused = [o for o, v in given.items() if v and o not in used]
+    if unused:
+        what = {"--overlap": "--overlap (the all-reduce benchmark)",
+                "MODEL": f"MODEL ({args.model}: fused vs reference ops)",
+                None: "the engine-overhead and checkpoint benchmark (no MODEL)"}[mode]
+        return fail(f"{', '.join(unused)}: not used by {what}; it takes "
+                    f"{', '.join(sorted(used)) or 'none of them'} (and --steps, --json)")
+    args.warmup = 2 if args.warmup is None else args.warmup
+    args.repeats = 5 if args.repeats is None else args.repeats
+    args.bucket_mb = 4.0 if args.bucket_mb is None else args.bucket_mb
     today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
 
     def json_path(default_name: str | None) -> str | None:
