@@ -401,3 +401,23 @@ def test_train_bench_an_option_the_benchmark_does_not_use_is_an_error(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_second_run_into_a_folder_keeps_the_first(tmp_path, capsys, monkeypatch):
+    from pyface.bench import harness
+    from pyface.bench.harness import Measurement
+    from pyface.cli import main
+
+    def fake(case, device, **kw):
+        return [Measurement(case.op, case.shape, "reference", "fwd", 1.0, 1.0, 1.0, 3)]
+
+    monkeypatch.setattr(harness, "run_case", fake)
+    argv = ["bench", "triplane", "--device", "cpu", "--no-compile", "--json", f"{tmp_path}/"]
+    assert main(argv) == 0 and main(argv) == 0
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and files[0].endswith("-2.json"), files
+    out = capsys.readouterr().out
+    assert "replacing" not in out
+    assert main(["bench", "triplane", "--device", "cpu", "--no-compile", "--json",
+                 str(tmp_path / files[1])]) == 0
+    assert "(replacing the file that was there)" in capsys.readouterr().out
