@@ -421,3 +421,17 @@ def test_cli_second_run_into_a_folder_keeps_the_first(tmp_path, capsys, monkeypa
     assert main(["bench", "triplane", "--device", "cpu", "--no-compile", "--json",
                  str(tmp_path / files[1])]) == 0
     assert "(replacing the file that was there)" in capsys.readouterr().out
+
+
+def test_auto_named_json_written_after_another_run_took_its_name_keeps_both(tmp_path):
+    # the name is chosen before measuring; a run that finished meanwhile was replaced
+    from pyface.bench.harness import resolve_json_path, write_json
+
+    path = resolve_json_path(f"{tmp_path}/", "op-cpu.json")
+    (tmp_path / "op-cpu.json").write_text('{"other": 1}')
+    assert write_json(path, {"mine": 1}, keep_existing=True) == str(tmp_path / "op-cpu-2.json")
+    assert json.loads((tmp_path / "op-cpu.json").read_text()) == {"other": 1}
+    assert json.loads((tmp_path / "op-cpu-2.json").read_text()) == {"mine": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["op-cpu-2.json", "op-cpu.json"]
+    assert write_json(path, {"mine": 2}) == path             # asked for: replaced
+    assert json.loads((tmp_path / "op-cpu.json").read_text()) == {"mine": 2}

@@ -142,8 +142,9 @@ def run(args) -> int:
     print()
     print(format_table(results))
     if json_path:
-        replaced = os.path.exists(json_path)
-        write_json(json_path, {
+        auto = os.path.isdir(args.json)       # a folder: the file is auto-named
+        replaced = not auto and os.path.exists(json_path)
+        json_path = write_json(json_path, keep_existing=auto, data={
             "environment": env, "size": size, "command": _command(args, device, size),
             "options": {"ops": list(args.ops), "device": str(device), "size": size,
                         "shapes": shapes, "providers": providers,

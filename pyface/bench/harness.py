@@ -371,15 +371,36 @@ def _finite(x):
     return x
 
 
-def write_json(path: str, data: dict) -> None:
+def write_json(path: str, data: dict, *, keep_existing: bool = False) -> str:
     """Writes ``data`` to ``path`` whole or not at all: a temporary file in the same folder,
     renamed over ``path`` once complete, so an interrupted write leaves no half-written file.
-    NaN and infinite numbers (a failed provider's times) are written as null: strict JSON."""
+    NaN and infinite numbers (a failed provider's times) are written as null: strict JSON.
+
+    ``keep_existing`` (an auto-named file): a file that appeared at ``path`` since it was
+    chosen (another run, finished first) is kept and ``-2``, ``-3``, ... is appended instead.
+    Returns the path written."""
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w") as f:
             json.dump(_finite(data), f, indent=2, allow_nan=False)
-        os.replace(tmp, path)
+        if not keep_existing:
+            os.replace(tmp, path)
+            return path
+        stem, ext = os.path.splitext(path)
+        target, n = path, 2
+        while True:
+            try:
+                os.link(tmp, target)        # fails if target exists: no run replaces another
+                break
+            except FileExistsError:
+                target, n = f"{stem}-{n}{ext}", n + 1
+            except OSError:                 # no hard links on this file system
+                while os.path.lexists(target):
+                    target, n = f"{stem}-{n}{ext}", n + 1
+                os.replace(tmp, target)
+                return target
+        os.unlink(tmp)
+        return target
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -409,6 +409,8 @@ def _main(argv=None) -> int:
                         "or ending in /) for an auto-named file (MODEL / --overlap: default "
                         "bench/results/)")
     args = p.parse_args(argv)
+    global _JSON
+    _JSON = args.json
     import datetime
 
     from pyface.bench.harness import JsonPathError, environment, resolve_json_path
@@ -542,13 +544,15 @@ def _main(argv=None) -> int:
 
 
 _COMMAND: str | None = None     # the command line of this run, recorded in the JSON
+_JSON: str | None = None        # its --json
 
 
 def _write(path: str, data: dict) -> None:
     from pyface.bench.harness import write_json
 
-    replaced = os.path.exists(path)
-    write_json(path, {"command": _COMMAND, **data})
+    auto = _JSON is None or os.path.isdir(_JSON)     # a folder: the file is auto-named
+    replaced = not auto and os.path.exists(path)
+    path = write_json(path, {"command": _COMMAND, **data}, keep_existing=auto)
     print(f"wrote {path}" + (" (replacing the file that was there)" if replaced else ""))
 
 
