@@ -160,11 +160,12 @@ def run(args) -> int:
 
 # recorded in the JSON: how the measurements of a run were taken
 MAX_REPS, WARMUP = 200, 2
-ORDER = ("cases one after another; in each case the providers in turn (reference, then each "
-         "backend, then compile), each measured fwd, then bwd, then fwd+bwd, on the same "
-         "inputs (same shapes, dtype, seed) in this one process (same thread count); each "
-         "measurement: WARMUP unmeasured calls, then calls until min_time_s has passed and at "
-         "least min_reps (at most max_reps) were timed; peak memory from one more call")
+ORDER = ("cases one after another; in each case the providers in turn (the reference first "
+         "where the case has one, then each backend, then compile), each measured fwd, then "
+         "bwd, then fwd+bwd, on the same inputs (same shapes, dtype, seed) in this one process "
+         "(same thread count); each measurement: options.warmup unmeasured calls, then calls "
+         "until options.min_time_s has passed and at least options.min_reps (at most "
+         "options.max_reps) were timed; peak memory from one more call")
 
 
 def _command(args, device, size: str) -> str:
