@@ -11,8 +11,10 @@ loop on the example model, and checkpoint save/load time of a ~30M-parameter mod
 reference ops (``train.backend=reference``): step time (median, [p20, p80]; also the process's
 CPU time, which machine load does not inflate) and peak memory of a
 step above the resident weights and optimizer state, with the backends the ops actually ran on;
-the two trainers alternate step by step so that machine load hits both alike. JSON under
-``bench/results/`` (or ``--json``).
+the two trainers alternate step by step so that machine load hits both alike. A model's
+earlier stages (otavatar, export3d) are trained first for one step each
+(``--set stages.<name>.train.steps=N``; or give a trained run as ``--set model.<key>=RUN``).
+JSON under ``bench/results/`` (or ``--json``), never replacing an earlier run's file.
 
 ``--overlap`` (under torchrun, N ranks): step time of a few-million-parameter MLP with the
 gradient all-reduce overlapped with the backward (bucketed hooks) vs one flat all-reduce after
