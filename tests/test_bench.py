@@ -127,6 +127,17 @@ def test_cli_writes_json(tmp_path):
     assert all(r["work_mem_mb"] is not None for r in data["results"] if r["mode"] != "bwd")
     assert {r["shape"] for r in data["results"]} == {"small"}  # --shapes left out "eg3d"
     assert "triplane_sample" in proc.stdout
+    # enough to repeat the run and to compare its rows
+    env = data["environment"]
+    assert env["cpu_threads"] >= 1 and "commit_dirty" in env and env["pyface"]
+    assert data["command"] == ("pyface bench triplane --device cpu --size full --min-time 0.01 "
+                               "--shapes small --providers cpu --no-compile")
+    assert data["options"]["providers"] == ["cpu"] and data["options"]["warmup"] >= 1
+    assert data["options"]["min_reps"] == 3 and "in turn" in data["order"]
+    assert data["default_backends"] == {"triplane_sample": "cpu"}
+    assert data["cases"] == [{"op": "triplane_sample", "shape": "small",
+                              "params": data["cases"][0]["params"]}]
+    assert data["cases"][0]["params"]["B"] == 2
 
 
 def test_cli_unknown_op_or_shape_is_an_error_naming_the_choices(tmp_path, capsys):
@@ -251,3 +262,176 @@ def test_cli_ctrl_c_prints_what_was_measured_and_writes_no_json(tmp_path, capsys
     err = capsys.readouterr().err
     assert "interrupted; the measurements above are not written" in err and str(out) in err
     assert out.read_text() == "old"
+
+
+def _strict_json(text: str):
+    """json.loads that rejects NaN / Infinity tokens (not JSON; many readers refuse them)."""
+    def bad(token):
+        raise ValueError(f"non-JSON token {token}")
+
+    return json.loads(text, parse_constant=bad)
+
+
+def test_json_of_a_failing_provider_is_strict_json(tmp_path):
+    # a failed provider's times are NaN, which json.dump wrote as the bare token NaN
+    from pyface.bench.harness import write_json
+
+    case = _case()
+    case.providers["broken"] = lambda x: (_ for _ in ()).throw(RuntimeError("boom"))
+    results = run_case(case, torch.device("cpu"), min_time=0, max_reps=3,
+                       compile_reference=False, providers=["broken"])
+    path = tmp_path / "r.json"
+    write_json(str(path), {"results": [m.as_dict() for m in results],
+                           "ratio": float("inf")})
+    data = _strict_json(path.read_text())
+    assert data["results"][0]["median_ms"] is None and "boom" in data["results"][0]["error"]
+    assert data["ratio"] is None
+
+
+def test_auto_named_json_never_replaces_an_earlier_run(tmp_path):
+    from pyface.bench.harness import resolve_json_path
+
+    first = resolve_json_path(f"{tmp_path}/", "op-cpu.json")
+    assert first == str(tmp_path / "op-cpu.json")
+    (tmp_path / "op-cpu.json").write_text("{}")
+    second = resolve_json_path(f"{tmp_path}/", "op-cpu.json")
+    assert second == str(tmp_path / "op-cpu-2.json")
+    (tmp_path / "op-cpu-2.json").write_text("{}")
+    assert resolve_json_path(str(tmp_path), "op-cpu.json") == str(tmp_path / "op-cpu-3.json")
+    # a file named by the user is the one asked for
+    assert resolve_json_path(str(tmp_path / "op-cpu.json"), "x.json") == str(tmp_path /
+                                                                              "op-cpu.json")
+
+
+def test_environment_records_whether_the_tree_differs_from_the_commit(monkeypatch):
+    from pyface.bench import harness
+
+    env = harness.environment(torch.device("cpu"))
+    assert "commit_dirty" in env and env["commit_dirty"] in (True, False, None)
+    assert (env["commit"] is None) == (env["commit_dirty"] is None)
+    monkeypatch.setattr(harness, "_git", lambda *a: " M pyface/ops.py" if a[0] == "status"
+                        else "abc1234")
+    assert harness.environment(torch.device("cpu"))["commit_dirty"] is True
+    monkeypatch.setattr(harness, "_git", lambda *a: "" if a[0] == "status" else "abc1234")
+    assert harness.environment(torch.device("cpu"))["commit_dirty"] is False
+
+
+def test_train_bench_trains_earlier_stages_for_few_steps():
+    # otavatar's tiny eg3d stage was trained in full (minutes) before one step was timed
+    from pyface.bench.train import stage_steps_overrides
+    from pyface.train.registry import model_class
+
+    assert stage_steps_overrides(model_class("otavatar"), ["train.batch_size=2"], 1) == [
+        "stages.eg3d.train.steps=1", "train.batch_size=2"]
+    given = ["stages.eg3d.train.steps=50"]
+    assert stage_steps_overrides(model_class("otavatar"), given, 1) == given
+    assert stage_steps_overrides(model_class("eg3d"), None, 1) == []
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["otavtar"], "did you mean otavatar"),
+    (["eg3d", "--preset", "tinny"], "tinny"),
+    (["eg3d", "--device", "cuda:99"], "--device"),
+    (["eg3d", "--steps", "0"], "--steps: expected an integer >= 1"),
+    # a --set item for a stage the model does not have was dropped silently
+    (["otavatar", "--set", "stages.eg3dd.train.steps=2"],
+     "--set stages.eg3dd.train.steps=2: expected stages.<stage>.<key>=<value> with <stage> a "
+     "stage of 'otavatar' (eg3d)"),
+    (["eg3d", "--set", "stages.eg3d.train.steps=2"], "a stage of 'eg3d' (it has none)"),
+])
+def test_train_bench_bad_input_is_one_line_and_code_2(tmp_path, capsys, argv, match):
+    from pyface.bench.train import main
+
+    out = tmp_path / "r.json"
+    assert main([*argv, "--json", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and "\n" not in err and err.startswith("python -m pyface.bench.train: ")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_train_bench_overlap_without_torchrun_is_one_line_and_code_2(tmp_path, capsys,
+                                                                      monkeypatch):
+    # it raised RuntimeError (a traceback, code 1) after building the trainer
+    from pyface.bench.train import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["--overlap", "--json", f"{tmp_path}/"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("python -m pyface.bench.train: --overlap needs several ranks: torchrun "
+                   "--standalone --nproc_per_node=2 -m pyface.bench.train --overlap")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_environment_names_no_commit_of_a_repository_that_only_contains_pyface(tmp_path,
+                                                                                monkeypatch):
+    # pyface installed in a virtualenv inside another project's checkout reported that
+    # project's commit as pyface's
+    from pyface.bench import harness
+
+    project = tmp_path / "project"
+    pkg = project / ".venv" / "site-packages" / "pyface" / "bench"
+    pkg.mkdir(parents=True)
+    git = ["git", "-C", str(project), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    monkeypatch.setattr(harness, "__file__", str(pkg / "harness.py"))
+    assert harness._git_commit() is None and harness._git_dirty() is None
+    monkeypatch.setattr(harness, "__file__", str(project / "pyface" / "bench" / "harness.py"))
+    assert harness._git_commit() is not None and harness._git_dirty() is False
+
+
+@pytest.mark.parametrize("argv,message", [
+    # without MODEL the engine-overhead benchmark ran on the CPU whatever --device said
+    (["--device", "cuda"], "--device: not used by the engine-overhead and checkpoint benchmark"),
+    (["--preset", "tiny"], "--preset: not used by the engine-overhead"),
+    (["eg3d", "--repeats", "3"], "--repeats: not used by MODEL (eg3d: fused vs reference ops)"),
+    (["eg3d", "--bucket-mb", "8"], "--bucket-mb: not used by MODEL"),
+    (["--overlap", "eg3d", "--set", "train.batch_size=2"],
+     "MODEL, --set: not used by --overlap (the all-reduce benchmark); it takes --bucket-mb"),
+])
+def test_train_bench_an_option_the_benchmark_does_not_use_is_an_error(tmp_path, capsys,
+                                                                      monkeypatch, argv, message):
+    from pyface.bench import train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")       # --overlap's own check passes
+    for fn in ("engine_overhead", "model_backends", "overlap_bench"):
+        monkeypatch.setattr(train, fn, lambda *a, **k: pytest.fail("ran"))
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_second_run_into_a_folder_keeps_the_first(tmp_path, capsys, monkeypatch):
+    from pyface.bench import harness
+    from pyface.bench.harness import Measurement
+    from pyface.cli import main
+
+    def fake(case, device, **kw):
+        return [Measurement(case.op, case.shape, "reference", "fwd", 1.0, 1.0, 1.0, 3)]
+
+    monkeypatch.setattr(harness, "run_case", fake)
+    argv = ["bench", "triplane", "--device", "cpu", "--no-compile", "--json", f"{tmp_path}/"]
+    assert main(argv) == 0 and main(argv) == 0
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and files[0].endswith("-2.json"), files
+    out = capsys.readouterr().out
+    assert "replacing" not in out
+    assert main(["bench", "triplane", "--device", "cpu", "--no-compile", "--json",
+                 str(tmp_path / files[1])]) == 0
+    assert "(replacing the file that was there)" in capsys.readouterr().out
+
+
+def test_auto_named_json_written_after_another_run_took_its_name_keeps_both(tmp_path):
+    # the name is chosen before measuring; a run that finished meanwhile was replaced
+    from pyface.bench.harness import resolve_json_path, write_json
+
+    path = resolve_json_path(f"{tmp_path}/", "op-cpu.json")
+    (tmp_path / "op-cpu.json").write_text('{"other": 1}')
+    assert write_json(path, {"mine": 1}, keep_existing=True) == str(tmp_path / "op-cpu-2.json")
+    assert json.loads((tmp_path / "op-cpu.json").read_text()) == {"other": 1}
+    assert json.loads((tmp_path / "op-cpu-2.json").read_text()) == {"mine": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["op-cpu-2.json", "op-cpu.json"]
+    assert write_json(path, {"mine": 2}) == path             # asked for: replaced
+    assert json.loads((tmp_path / "op-cpu.json").read_text()) == {"mine": 2}

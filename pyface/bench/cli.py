@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
+import shlex
 import sys
 
 
@@ -51,8 +53,8 @@ def run(args) -> int:
 
     import torch
 
-    from pyface.bench.harness import (JsonPathError, environment, format_table, resolve_json_path,
-                                      run_case, write_json)
+    from pyface.bench.harness import (JsonPathError, default_backends, environment, format_table,
+                                      resolve_json_path, run_case, write_json)
 
     from pyface.train.cli import resolve_device
 
@@ -131,7 +133,8 @@ def run(args) -> int:
         for case in cases:
             print(f"# {case.op} [{case.shape}] {case.params}", flush=True)
             results += run_case(case, device, providers=providers, min_time=args.min_time,
-                                compile_reference=not args.no_compile,
+                                compile_reference=not args.no_compile, max_reps=MAX_REPS,
+                                warmup=WARMUP,
                                 log=lambda line: print("  " + line, flush=True))
     except KeyboardInterrupt:
         print()
@@ -142,10 +145,43 @@ def run(args) -> int:
     print()
     print(format_table(results))
     if json_path:
-        write_json(json_path, {"environment": env, "size": size,
-                               "results": [r.as_dict() for r in results]})
-        print(f"wrote {json_path}")
+        auto = os.path.isdir(args.json)       # a folder: the file is auto-named
+        replaced = not auto and os.path.exists(json_path)
+        json_path = write_json(json_path, keep_existing=auto, data={
+            "environment": env, "size": size, "command": _command(args, device, size),
+            "options": {"ops": list(args.ops), "device": str(device), "size": size,
+                        "shapes": shapes, "providers": providers,
+                        "compile_reference": not args.no_compile, "min_time_s": args.min_time,
+                        "min_reps": 3, "max_reps": MAX_REPS, "warmup": WARMUP},
+            "order": ORDER,
+            "default_backends": default_backends(sorted({c.op for c in cases}), device),
+            "cases": [{"op": c.op, "shape": c.shape, "params": c.params} for c in cases],
+            "results": [r.as_dict() for r in results]})
+        print(f"wrote {json_path}" + (" (replacing the file that was there)" if replaced else ""))
     return 0
+
+
+# recorded in the JSON: how the measurements of a run were taken
+MAX_REPS, WARMUP = 200, 2
+ORDER = ("cases one after another; in each case the providers in turn (the reference first "
+         "where the case has one, then each backend, then compile), each measured fwd, then "
+         "bwd, then fwd+bwd, on the same inputs (same shapes, dtype, seed) in this one process "
+         "(same thread count); each measurement: options.warmup unmeasured calls, then calls "
+         "until options.min_time_s has passed and at least options.min_reps (at most "
+         "options.max_reps) were timed; peak memory from one more call")
+
+
+def _command(args, device, size: str) -> str:
+    """The command line that repeats this run (every choice spelt out)."""
+    parts = ["pyface", "bench", *args.ops, "--device", str(device), "--size", size,
+             "--min-time", repr(args.min_time)]
+    if args.shapes is not None:
+        parts += ["--shapes", args.shapes]
+    if args.providers is not None:
+        parts += ["--providers", args.providers]
+    if args.no_compile:
+        parts.append("--no-compile")
+    return shlex.join(parts)
 
 
 if __name__ == "__main__":

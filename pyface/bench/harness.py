@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -242,14 +243,48 @@ def format_table(results: Sequence[Measurement]) -> str:
     return "\n".join(lines)
 
 
-def _git_commit() -> str | None:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
+def _git(*args: str) -> str | None:
+    """Output of ``git args`` in the source tree pyface is imported from; None outside one. A
+    git repository that merely contains the installed package (a virtualenv inside a project's
+    checkout) is not pyface's: its commit would be another project's."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def git(*a: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", root, *a], capture_output=True, text=True,
+                                 timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if not top or os.path.realpath(top) != os.path.realpath(root):
         return None
+    return git(*args)
+
+
+def _git_commit() -> str | None:
+    return _git("rev-parse", "--short", "HEAD") or None
+
+
+def _git_dirty() -> bool | None:
+    """Whether tracked files differ from the commit (None: not a git checkout)."""
+    out = _git("status", "--porcelain", "--untracked-files=no")
+    return None if out is None else bool(out)
+
+
+def default_backends(ops, device: torch.device) -> dict[str, str | None]:
+    """The backend each op's default choice runs on ``device`` (what a model calling the op
+    gets; None for a bench op that is not a registered op or cannot run there)."""
+    from pyface import _backend
+
+    chosen: dict[str, str | None] = {}
+    for op in ops:
+        try:
+            chosen[op] = _backend.select_backend(op, device, None)
+        except Exception:   # not a registered op, or no backend on this device
+            chosen[op] = None
+    return chosen
 
 
 def _cpu_name() -> str:
@@ -271,6 +306,8 @@ def environment(device: torch.device) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "pyface": __version__,
         "commit": _git_commit(),
+        # tracked files differing from the commit: the numbers may not be the commit's
+        "commit_dirty": _git_dirty(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": _backend.triton_version(),
@@ -293,8 +330,10 @@ class JsonPathError(ValueError):
 def resolve_json_path(path: str, default_name: str, option: str = "--json") -> str:
     """Where results given as ``option PATH`` go, checked before anything is measured.
 
-    ``PATH`` is a file ending in ``.json`` (its folder is created), or a folder (an existing one,
-    or one written with a trailing ``/``, created) that gets ``default_name`` inside it. Any
+    ``PATH`` is a file ending in ``.json`` (its folder is created; an existing file is replaced,
+    as asked), or a folder (an existing one, or one written with a trailing ``/``, created) that
+    gets ``default_name`` inside it, with ``-2``, ``-3``, ... before ``.json`` when a file of
+    that name is already there, so that a second run does not overwrite the first. Any
     other path, or a folder that cannot be created or written, raises :class:`JsonPathError`
     naming the option, what it expects and the path given.
     """
@@ -304,6 +343,11 @@ def resolve_json_path(path: str, default_name: str, option: str = "--json") -> s
                             f"one, or ending in /), got {path!r}")
     folder = path if is_dir else (os.path.dirname(path) or ".")
     target = os.path.join(path, default_name) if is_dir else path
+    if is_dir:      # an auto-named file never replaces an earlier run's: -2, -3, ... appended
+        stem, ext = os.path.splitext(target)
+        n = 2
+        while os.path.lexists(target):
+            target, n = f"{stem}-{n}{ext}", n + 1
     try:
         os.makedirs(folder, exist_ok=True)
         if os.path.isdir(target):
@@ -316,14 +360,47 @@ def resolve_json_path(path: str, default_name: str, option: str = "--json") -> s
     return target
 
 
-def write_json(path: str, data: dict) -> None:
+def _finite(x):
+    """``x`` with every NaN or infinite float replaced by None (JSON has no such numbers)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def write_json(path: str, data: dict, *, keep_existing: bool = False) -> str:
     """Writes ``data`` to ``path`` whole or not at all: a temporary file in the same folder,
-    renamed over ``path`` once complete, so an interrupted write leaves no half-written file."""
+    renamed over ``path`` once complete, so an interrupted write leaves no half-written file.
+    NaN and infinite numbers (a failed provider's times) are written as null: strict JSON.
+
+    ``keep_existing`` (an auto-named file): a file that appeared at ``path`` since it was
+    chosen (another run, finished first) is kept and ``-2``, ``-3``, ... is appended instead.
+    Returns the path written."""
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
+            json.dump(_finite(data), f, indent=2, allow_nan=False)
+        if not keep_existing:
+            os.replace(tmp, path)
+            return path
+        stem, ext = os.path.splitext(path)
+        target, n = path, 2
+        while True:
+            try:
+                os.link(tmp, target)        # fails if target exists: no run replaces another
+                break
+            except FileExistsError:
+                target, n = f"{stem}-{n}{ext}", n + 1
+            except OSError:                 # no hard links on this file system
+                while os.path.lexists(target):
+                    target, n = f"{stem}-{n}{ext}", n + 1
+                os.replace(tmp, target)
+                return target
+        os.unlink(tmp)
+        return target
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

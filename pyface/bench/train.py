@@ -11,8 +11,10 @@ loop on the example model, and checkpoint save/load time of a ~30M-parameter mod
 reference ops (``train.backend=reference``): step time (median, [p20, p80]; also the process's
 CPU time, which machine load does not inflate) and peak memory of a
 step above the resident weights and optimizer state, with the backends the ops actually ran on;
-the two trainers alternate step by step so that machine load hits both alike. JSON under
-``bench/results/`` (or ``--json``).
+the two trainers alternate step by step so that machine load hits both alike. A model's
+earlier stages (otavatar, export3d) are trained first for one step each
+(``--set stages.<name>.train.steps=N``; or give a trained run as ``--set model.<key>=RUN``).
+JSON under ``bench/results/`` (or ``--json``), never replacing an earlier run's file.
 
 ``--overlap`` (under torchrun, N ranks): step time of a few-million-parameter MLP with the
 gradient all-reduce overlapped with the backward (bucketed hooks) vs one flat all-reduce after
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import statistics
 import sys
@@ -161,10 +164,25 @@ def _stats(xs: list[float]) -> dict:
             "min_s": min(xs), "steps": len(xs)}
 
 
+def stage_steps_overrides(cls, overrides: list[str] | None, stage_steps: int) -> list[str]:
+    """``overrides`` preceded by ``stages.<name>.train.steps=stage_steps`` for every stage of
+    ``cls`` (recursively) whose steps ``overrides`` does not set itself."""
+    from pyface.train.stages import stage_names
+
+    given = {o.split("=", 1)[0].strip() for o in overrides or []}
+    return [*(f"stages.{n}.train.steps={stage_steps}" for n in stage_names(cls)
+              if f"stages.{n}.train.steps" not in given), *(overrides or [])]
+
+
 def model_backends(name: str, overrides: list[str] | None = None, *, steps: int = 10,
                    warmup: int = 2, device: str | None = None,
-                   preset: str | None = None) -> dict:
-    """Step time and peak memory of model ``name`` on fused vs reference ops (see module doc)."""
+                   preset: str | None = None, stage_steps: int = 1) -> dict:
+    """Step time and peak memory of model ``name`` on fused vs reference ops (see module doc).
+
+    A model with earlier stages (otavatar, export3d) needs their runs: each stage whose
+    ``model.<checkpoint_key>`` is not given is trained first, for ``stage_steps`` steps (a
+    stage's ``stages.<name>.train.steps`` in ``overrides`` wins), in a temporary folder; a full
+    stage run would take as long as ``pyface train`` of it."""
     import torch
 
     from pyface import _backend
@@ -197,8 +215,10 @@ def model_backends(name: str, overrides: list[str] | None = None, *, steps: int 
             cfg = build_experiment(name, cls.Config, defaults=defaults, preset=preset,
                                    overrides=own_overrides(sets))
             if getattr(cls, "stages", ()):
-                # earlier stages are trained once (fused ops) and shared by both measurements
-                filled = filled or prepare_stages(cls, cfg, overrides=list(overrides or []))
+                # earlier stages are trained once (fused ops) and shared by both measurements;
+                # a step's time does not depend on how well they are trained
+                filled = filled or prepare_stages(
+                    cls, cfg, overrides=stage_steps_overrides(cls, overrides, stage_steps))
                 for key, run in filled.items():
                     setattr(cfg.model_config, key, run)
             tr = Trainer(cfg)
@@ -208,7 +228,10 @@ def model_backends(name: str, overrides: list[str] | None = None, *, steps: int 
         cpu: dict[str, list[float]] = {k: [] for k in trainers}
         _backend.select_backend = counting_select
         for i in range(warmup + steps):
-            for label, tr in trainers.items():
+            # which trainer goes first alternates too, so that what one step leaves behind
+            # (caches, allocator, frequency) favours neither
+            for label, tr in (list(trainers.items()) if i % 2 == 0 else
+                              list(trainers.items())[::-1]):
                 current[0] = label if i == warmup else None    # count one step's op calls
                 _sync(dev)
                 t0, c0 = time.perf_counter(), time.process_time()
@@ -220,12 +243,23 @@ def model_backends(name: str, overrides: list[str] | None = None, *, steps: int 
         _backend.select_backend = real_select
         out = {"bench": "train_backends", "model": name, "preset": preset,
                "overrides": list(overrides or []), "device": str(dev),
+               # earlier stages trained here (model.<key>), for this many steps unless the
+               # overrides' stages.<name>.train.steps say otherwise
+               "stages_trained": sorted(filled), "stage_steps": stage_steps if filled else None,
                "batch_size": trainers["fused"].cfg.train.batch_size, "warmup": warmup,
-               "threads": torch.get_num_threads(), "results": {}}
+               "threads": torch.get_num_threads(),
+               "order": "one process, the same config, batch and thread count for both; the "
+                        "two trainers alternate step by step, fused first on even steps and "
+                        "reference first on odd ones (steps counted from 0, warmup included), "
+                        "the warmup steps of each unmeasured; then one more step of each "
+                        "(fused first) under the memory profiler",
+               "results": {}}
         for label, tr in trainers.items():
             mem = peak_memory_mb(lambda: tr.train_step(batches[label]), dev)
             out["results"][label] = {**_stats(times[label]),
                                      "cpu_median_s": statistics.median(cpu[label]),
+                                     # every measured step, in order (phases differ by step)
+                                     "times_s": times[label], "cpu_times_s": cpu[label],
                                      "peak_mem_mb": mem,
                                      "ops": counts.get(label, {})}
         f, r = out["results"]["fused"], out["results"]["reference"]
@@ -340,6 +374,9 @@ def _print_backends(r: dict) -> None:
 
 
 def main(argv=None) -> int:
+    global _COMMAND
+    _COMMAND = shlex.join(["python", "-m", "pyface.bench.train",
+                           *(sys.argv[1:] if argv is None else argv)])
     try:
         return _main(argv)
     except KeyboardInterrupt:       # the JSON is written only once everything has run
@@ -361,11 +398,11 @@ def _main(argv=None) -> int:
                                                   "available)")
     p.add_argument("--overlap", action="store_true",
                    help="under torchrun: overlapped vs flat gradient all-reduce")
-    p.add_argument("--bucket-mb", type=float, default=4.0, help="with --overlap: bucket size")
+    p.add_argument("--bucket-mb", type=float, default=None, help="with --overlap: bucket size")
     p.add_argument("--steps", type=int, default=None,
                    help="measured steps, >= 1 (default: 40; MODEL: 10; --overlap: 20)")
-    p.add_argument("--warmup", type=int, default=2, help="with MODEL: unmeasured steps, >= 0")
-    p.add_argument("--repeats", type=int, default=5, help="checkpoint save/load repeats")
+    p.add_argument("--warmup", type=int, default=None, help="with MODEL: unmeasured steps, >= 0")
+    p.add_argument("--repeats", type=int, default=None, help="checkpoint save/load repeats")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="config override (MODEL, or the example model of the overhead "
                         "benchmark), e.g. train.batch_size=16")
@@ -374,6 +411,8 @@ def _main(argv=None) -> int:
                         "or ending in /) for an auto-named file (MODEL / --overlap: default "
                         "bench/results/)")
     args = p.parse_args(argv)
+    global _JSON
+    _JSON = args.json
     import datetime
 
     from pyface.bench.harness import JsonPathError, environment, resolve_json_path
@@ -388,8 +427,27 @@ def _main(argv=None) -> int:
                               ("--repeats", args.repeats, 1)):
         if value is not None and value < least:
             return fail(f"{opt}: expected an integer >= {least}, got {value}")
-    if not args.bucket_mb > 0:
+    if args.bucket_mb is not None and not args.bucket_mb > 0:
         return fail(f"--bucket-mb: expected a positive number, got {args.bucket_mb}")
+    # an option the chosen benchmark does not use was ignored (--device cuda measured the CPU)
+    mode = "--overlap" if args.overlap else "MODEL" if args.model else None
+    used = {"--overlap": {"--bucket-mb"},
+            "MODEL": {"--preset", "--import", "--device", "--warmup", "--set"},
+            None: {"--repeats", "--set"}}[mode]
+    given = {"MODEL": args.overlap and args.model, "--preset": args.preset,
+             "--import": args.imports, "--device": args.device,
+             "--warmup": args.warmup is not None, "--set": args.overrides,
+             "--bucket-mb": args.bucket_mb is not None, "--repeats": args.repeats is not None}
+    unused = [o for o, v in given.items() if v and o not in used]
+    if unused:
+        what = {"--overlap": "--overlap (the all-reduce benchmark)",
+                "MODEL": f"MODEL ({args.model}: fused vs reference ops)",
+                None: "the engine-overhead and checkpoint benchmark (no MODEL)"}[mode]
+        return fail(f"{', '.join(unused)}: not used by {what}; it takes "
+                    f"{', '.join(sorted(used)) or 'none of them'} (and --steps, --json)")
+    args.warmup = 2 if args.warmup is None else args.warmup
+    args.repeats = 5 if args.repeats is None else args.repeats
+    args.bucket_mb = 4.0 if args.bucket_mb is None else args.bucket_mb
     today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
 
     def json_path(default_name: str | None) -> str | None:
@@ -401,6 +459,9 @@ def _main(argv=None) -> int:
                                  default_name or "train.json", "--json")
 
     if args.overlap:
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) < 2:
+            return fail("--overlap needs several ranks: torchrun --standalone "
+                        "--nproc_per_node=2 -m pyface.bench.train --overlap")
         try:
             path = json_path(f"train-overlap-{os.environ.get('WORLD_SIZE', '1')}ranks-"
                              f"{today}.json") if int(os.environ.get("RANK", "0")) == 0 else None
@@ -428,12 +489,14 @@ def _main(argv=None) -> int:
         from pyface.train.config import ConfigError, build_experiment
         from pyface.train.model import ModelDefinitionError
         from pyface.train.registry import RegistryError, import_plugins, model_class
-        from pyface.train.stages import own_overrides
+        from pyface.train.stages import check_stage_overrides, own_overrides
 
         try:
             import_plugins(args.imports)
             cls = model_class(args.model)
             device = resolve_device(args.device)
+            # stages.<name>.<key>=...: a stage of the model (as pyface train checks)
+            check_stage_overrides(args.model, cls, args.overrides)
             # --preset / --set (ConfigError, a ValueError naming the key and the choices)
             build_experiment(args.model, cls.Config,
                              defaults=dict(getattr(cls, "recipe", {}) or {}), preset=args.preset,
@@ -482,11 +545,17 @@ def _main(argv=None) -> int:
     return 0
 
 
+_COMMAND: str | None = None     # the command line of this run, recorded in the JSON
+_JSON: str | None = None        # its --json
+
+
 def _write(path: str, data: dict) -> None:
     from pyface.bench.harness import write_json
 
-    write_json(path, data)
-    print(f"wrote {path}")
+    auto = _JSON is None or os.path.isdir(_JSON)     # a folder: the file is auto-named
+    replaced = not auto and os.path.exists(path)
+    path = write_json(path, {"command": _COMMAND, **data}, keep_existing=auto)
+    print(f"wrote {path}" + (" (replacing the file that was there)" if replaced else ""))
 
 
 if __name__ == "__main__":
