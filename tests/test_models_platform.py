@@ -572,6 +572,7 @@ def test_stage_overrides_reach_their_stage_and_stale_stages_are_refused(tmp_path
     assert s1_meta["model_config"]["width"] == 6 and s1_meta["model_config"]["lr"] == 1e-2
     assert final["model_config"]["lr"] == 0.5
     stamp = os.path.getmtime(os.path.join(ckpt.latest_checkpoint(str(stage_dir)), "meta.json"))
+    base.append("--overwrite")      # the final model starts over in its run folder each time
     # the same stage settings reuse the finished stage; other ones are refused, naming the key
     assert main(base + ["--set", "stages.s1.model.width=6"]) == 0
     capsys.readouterr()
