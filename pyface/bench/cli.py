@@ -18,8 +18,10 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="benchmark ops: fwd/bwd/fwd+bwd time and peak memory vs the reference",
         description="Benchmark every backend of an op against its PyTorch reference and "
-                    "torch.compile of it: median and [p20, p80] of fwd, bwd and fwd+bwd time, "
-                    "peak memory, with device/version metadata.")
+                    "torch.compile of it: median and [p20, p80] of fwd, bwd and fwd+bwd time "
+                    "(ms), peak memory (MB), with device/version metadata. Each measurement "
+                    "runs 2 unmeasured calls, then at least 3 and at most 200 timed ones "
+                    "(until --min-time). Prints a table; writes JSON only with --json.")
     p.add_argument("ops", nargs="*", help="op families or op names (default: all); "
                                           f"families: {', '.join(_families())}")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

@@ -398,11 +398,11 @@ def _main(argv=None) -> int:
                                                   "available)")
     p.add_argument("--overlap", action="store_true",
                    help="under torchrun: overlapped vs flat gradient all-reduce")
-    p.add_argument("--bucket-mb", type=float, default=None, help="with --overlap: bucket size")
+    p.add_argument("--bucket-mb", type=float, default=None, help="with --overlap: bucket size in MB (default 4)")
     p.add_argument("--steps", type=int, default=None,
                    help="measured steps, >= 1 (default: 40; MODEL: 10; --overlap: 20)")
-    p.add_argument("--warmup", type=int, default=None, help="with MODEL: unmeasured steps, >= 0")
-    p.add_argument("--repeats", type=int, default=None, help="checkpoint save/load repeats")
+    p.add_argument("--warmup", type=int, default=None, help="with MODEL: unmeasured steps first, >= 0 (default 2)")
+    p.add_argument("--repeats", type=int, default=None, help="checkpoint save/load repeats, >= 1 (default 5)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="config override (MODEL, or the example model of the overhead "
                         "benchmark), e.g. train.batch_size=16")
