@@ -1212,7 +1212,9 @@ def test_a_run_folder_with_checkpoints_needs_resume_or_overwrite(tmp_path, capsy
     assert "give one of them" in capsys.readouterr().err
     assert main(base + ["--print-config"]) == 0          # prints, trains nothing
     capsys.readouterr()
-    # --overwrite: the old checkpoints are gone, the new run's are there
+    # --overwrite: the old checkpoints and previews are gone, the new run's are there
+    assert (run / "previews" / "step-000002.png").is_file()
     assert main(base + ["--set", "train.steps=1", "--overwrite"]) == 0, capsys.readouterr().err
     assert [s for s, _ in ckpt.list_checkpoints(str(run))] == [1]
+    assert sorted(p.name for p in (run / "previews").glob("*.png")) == ["step-000001.png"]
     assert ckpt.latest_checkpoint(str(run)).endswith("ckpt-000001")

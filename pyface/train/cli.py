@@ -47,8 +47,8 @@ def add_parser(subparsers) -> None:
                         "latest checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in a train.run_dir that holds checkpoints, deleting "
-                        "its checkpoints/ (without it such a folder is refused; a staged "
-                        "model's finished stage runs are kept and reused)")
+                        "its checkpoints/ and previews/ (without it such a folder is refused; a "
+                        "staged model's finished stage runs are kept and reused)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as YAML and exit")
     p.add_argument("--skip-bad", action="store_true",
@@ -260,10 +260,11 @@ def _train(args, cls, cfg, overrides, staged: bool) -> int:
         print("".join(notes) + experiment_yaml(cfg), end="")
         return 0
     if args.overwrite and int(os.environ.get("RANK", "0")) == 0:
-        old = os.path.join(cfg.train.run_dir.format(model=cfg.model), "checkpoints")
-        if os.path.isdir(old):
-            logging.getLogger("pyface.train").warning("--overwrite: deleting %s", old)
-            shutil.rmtree(old)
+        for name in ("checkpoints", "previews"):      # the old run's, not mixed with the new
+            old = os.path.join(cfg.train.run_dir.format(model=cfg.model), name)
+            if os.path.isdir(old):
+                logging.getLogger("pyface.train").warning("--overwrite: deleting %s", old)
+                shutil.rmtree(old)
     try:
         trainer = Trainer(cfg)
     except (ValueError, KeyError, RuntimeError, ModelDefinitionError) as exc:
