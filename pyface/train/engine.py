@@ -388,6 +388,14 @@ class Trainer:
             log.warning("resuming with train.batch_size=%d, the checkpoint used %s: the data "
                         "order will differ from an uninterrupted run", self.cfg.train.batch_size,
                         exp.get("train", {}).get("batch_size"))
+        ranks = meta.get("world_size")
+        if isinstance(ranks, int) and ranks != self.dist.world_size and self.dist.is_main:
+            log.warning("resuming a run trained on %d rank(s) with %d: the global batch (train."
+                        "batch_size) and the data order are kept, but randomness drawn inside "
+                        "step (seeded per rank), batch statistics (taken per rank) and the "
+                        "gradient summation order change, so the run does not continue exactly "
+                        "as it would have on %d; resume with the same number of ranks for "
+                        "that", ranks, self.dist.world_size, ranks)
         changed = [f"{k}: {a!r} -> {b!r}" for k, a, b in _changed_settings(exp, mine)]
         if changed:
             log.warning("resuming with train/data settings that differ from the checkpoint's "
