@@ -1,8 +1,9 @@
-"""``pyface train`` under torchrun when something goes wrong on one rank, with one 2-rank gloo
-run: a run made on 1 process resumed on 2 ranks (a warning that it does not continue exactly),
-rank 1's log lines prefixed with its rank, the backend chosen without CUDA logged once, and a
-rank that hangs in a step: rank 0 stops after ``PYFACE_DIST_TIMEOUT`` with one message naming
-the latest checkpoint instead of waiting half an hour, and the checkpoints stay whole."""
+"""``pyface train`` under torchrun where ranks could get in each other's way, with two short
+2-rank gloo runs: (1) a run made on 1 process resumed on 2 ranks (a warning that it does not
+continue exactly), rank 1's log lines prefixed with its rank, the backend chosen without CUDA
+logged once, and a rank that hangs in a step: rank 0 stops after ``PYFACE_DIST_TIMEOUT`` with
+one message naming the latest checkpoint instead of waiting half an hour, and the checkpoints
+stay whole; (2) the synthetic set generated into an empty ``data.path`` by rank 0 alone."""
 from __future__ import annotations
 
 import os
@@ -103,6 +104,28 @@ def test_resume_on_two_ranks_prefixes_and_a_hung_rank_times_out(tmp_path):
     ckpt.load_folder(ckpt.latest_checkpoint(str(run)))
 
 
+def test_synthetic_set_generated_into_data_path_once(tmp_path):
+    """``data.path`` names an empty folder: the synthetic set is generated there by rank 0 while
+    rank 1 waits, then both train on it (every rank generating at once made rank 1 fail on the
+    folder's lock: "another `pyface data synth` is writing it")."""
+    data, run = tmp_path / "data", tmp_path / "run"
+    sets = SETS + [f"train.run_dir={run}", f"data.path={data}", "data.name=synthetic",
+                   "data.resolution=16", "model.resolution=16", "train.steps=1",
+                   "train.batch_size=2", "data.options.synth.identities=2",
+                   "data.options.synth.videos_per_identity=1", "data.options.synth.frames=2",
+                   "data.options.synth.cross=false", "data.options.synth.multiview=false",
+                   "data.options.synth.workers=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "pyface", "train", "example", *sum((["--set", s] for s in sets), [])],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "is writing it" not in proc.stderr
+    assert sorted(os.listdir(data)) == ["id0000_v00", "id0001_v00", "index.json", "synth.json"]
+    assert ckpt.latest_checkpoint(str(run)).endswith("ckpt-000001")
+
+
 def test_dist_timeout_from_the_environment(monkeypatch):
     monkeypatch.delenv("PYFACE_DIST_TIMEOUT", raising=False)
     assert D.dist_timeout() == D.DEFAULT_TIMEOUT_S == 1800
@@ -115,7 +138,8 @@ def test_dist_timeout_from_the_environment(monkeypatch):
             D.dist_timeout()
 
 
-def test_collective_failures_are_told_from_a_rank_s_own_errors():
+def test_collective_failures_are_told_from_a_rank_s_own_errors(monkeypatch):
+    monkeypatch.delenv("PYFACE_DIST_TIMEOUT", raising=False)
     gone = RuntimeError("[/x/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed "
                         "by peer [127.0.0.1]:28546. This is typically caused by a remote worker "
                         "crashing.")
@@ -131,6 +155,11 @@ def test_collective_failures_are_told_from_a_rank_s_own_errors():
     assert msg.endswith("latest checkpoint: runs/x/checkpoints/ckpt-000004; run the same "
                         "command with --resume to continue")
     assert "run the same command again to continue" in D.peer_failure_message(late, info)
+    assert D.peer_failure_message(late, info, 0, None).endswith(
+        "during step 1 ([/x/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms "
+        "for recv operation to complete): another rank exited, was killed or did not answer "
+        "within PYFACE_DIST_TIMEOUT=1800 s (see its messages above); no checkpoint was written "
+        "yet; run the same command again")
 
 
 def test_errors_before_the_process_group_carry_the_rank(monkeypatch, capsys):

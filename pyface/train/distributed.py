@@ -223,10 +223,14 @@ def peer_failure_message(exc: BaseException, info: DistInfo, step: int | None = 
     the steps done when it failed; None in a stage, whose run resumes by itself)."""
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     where = f" during step {step + 1}" if step is not None else ""
-    again = ("no checkpoint was written for this step; latest checkpoint: "
-             f"{latest or 'none'}; run the same command with --resume to continue"
-             if step is not None else "run the same command again to continue (an unfinished "
-             "stage resumes from its latest checkpoint)")
+    if step is None:
+        again = ("run the same command again to continue (an unfinished stage resumes from its "
+                 "latest checkpoint)")
+    elif latest is None:
+        again = "no checkpoint was written yet; run the same command again"
+    else:
+        again = (f"no checkpoint was written for this step; latest checkpoint: {latest}; run "
+                 "the same command with --resume to continue")
     return (f"rank {info.rank} of {info.world_size}: a collective failed{where} ({first}): "
             f"another rank exited, was killed or did not answer within PYFACE_DIST_TIMEOUT="
             f"{dist_timeout():g} s (see its messages above); {again}")
