@@ -154,7 +154,12 @@ def test_collective_failures_are_told_from_a_rank_s_own_errors(monkeypatch):
     assert msg.startswith("rank 1 of 2: a collective failed during step 5 ([/x/third_party/gloo")
     assert msg.endswith("latest checkpoint: runs/x/checkpoints/ckpt-000004; run the same "
                         "command with --resume to continue")
-    assert "run the same command again to continue" in D.peer_failure_message(late, info)
+    assert D.peer_failure_message(late, info, stage=True).endswith(
+        "see its messages above); run the same command again to continue (an unfinished stage "
+        "resumes from its latest checkpoint)")
+    assert D.peer_failure_message(gone, info).startswith(
+        "rank 1 of 2: a collective failed before training ([/x/third_party/gloo")
+    assert D.peer_failure_message(gone, info).endswith("; run the same command again")
     assert D.peer_failure_message(late, info, 0, None).endswith(
         "during step 1 ([/x/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms "
         "for recv operation to complete): another rank exited, was killed or did not answer "

@@ -218,14 +218,18 @@ def collective_failure(exc: BaseException) -> bool:
 
 
 def peer_failure_message(exc: BaseException, info: DistInfo, step: int | None = None,
-                         latest: str | None = None) -> str:
+                         latest: str | None = None, *, stage: bool = False) -> str:
     """The one message a rank prints when a collective failed because of another rank (``step``:
-    the steps done when it failed; None in a stage, whose run resumes by itself)."""
+    the steps done when it failed; None before training, or in a stage (``stage``), whose run
+    resumes by itself)."""
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     where = f" during step {step + 1}" if step is not None else ""
-    if step is None:
+    if stage:
         again = ("run the same command again to continue (an unfinished stage resumes from its "
                  "latest checkpoint)")
+    elif step is None:
+        where = " before training"
+        again = "run the same command again"
     elif latest is None:
         again = "no checkpoint was written yet; run the same command again"
     else:
