@@ -178,3 +178,15 @@ def test_errors_before_the_process_group_carry_the_rank(monkeypatch, capsys):
         assert main(["train", "example", "--set", "train.no_such_key=1"]) == 2
         err = capsys.readouterr().err
         assert err.startswith(prefix) and "no_such_key" in err, err
+
+
+def test_print_config_under_torchrun_prints_once(monkeypatch, capsys):
+    """``--print-config`` launched on 2 ranks: rank 0 prints the YAML, rank 1 nothing."""
+    from pyface.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, printed in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["train", "example", "--print-config"]) == 0
+        out = capsys.readouterr().out
+        assert ("model: example" in out) is printed and (out != "") is printed, (rank, out)

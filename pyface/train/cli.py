@@ -271,7 +271,8 @@ def _train(args, cls, cfg, overrides, staged: bool, group=None) -> int:
             except (KeyError, ConfigError, OSError, ValueError, ModelDefinitionError) as exc:
                 print(f"{_prefix()}pyface train: {_message(exc)}", file=sys.stderr)
                 return 2
-        print("".join(notes) + experiment_yaml(cfg), end="")
+        if not _prefix():            # under torchrun: rank 0's copy only
+            print("".join(notes) + experiment_yaml(cfg), end="")
         return 0
     if args.overwrite and int(os.environ.get("RANK", "0")) == 0:
         for name in ("checkpoints", "previews"):      # the old run's, not mixed with the new
