@@ -149,6 +149,7 @@ def test_collective_failures_are_told_from_a_rank_s_own_errors(monkeypatch):
                        "singleton dimension 1")
     assert D.collective_failure(gone) and D.collective_failure(late)
     assert not D.collective_failure(own) and not D.collective_failure(OSError("no such file"))
+    assert not D.collective_failure(RuntimeError("DataLoader timed out after 5 seconds"))
     info = D.DistInfo(rank=1, world_size=2)
     msg = D.peer_failure_message(gone, info, 4, "runs/x/checkpoints/ckpt-000004")
     assert msg.startswith("rank 1 of 2: a collective failed during step 5 ([/x/third_party/gloo")

@@ -249,8 +249,8 @@ def _train(args, cls, cfg, overrides, staged: bool, group=None) -> int:
             return 2
         except (CheckpointError, NonFiniteError, RuntimeError) as exc:
             if group is not None and D.collective_failure(exc):
-                print(f"{_prefix()}pyface train: " + D.peer_failure_message(exc, group, stage=True),
-                      file=sys.stderr)
+                print(f"{_prefix()}pyface train: "
+                      + D.peer_failure_message(exc, group, stage=True), file=sys.stderr)
                 return 1
             print(f"{_prefix()}pyface train: {_message(exc)}", file=sys.stderr)
             return 1
