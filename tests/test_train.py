@@ -564,6 +564,33 @@ def test_cli_resume_errors_and_changed_settings(tmp_path, capsys, caplog):
     assert not [r for r in caplog.records if "differ from the checkpoint" in r.getMessage()]
 
 
+
+def test_resume_with_another_number_of_ranks_warns(tmp_path, caplog):
+    """A checkpoint written by a 2-rank run resumed on one process: the run continues (same
+    global batch, same data order) with a warning that it does not continue exactly as on 2
+    ranks; the same number of ranks gives no such warning."""
+    import logging
+
+    a = Trainer(tiny(tmp_path, "train.steps=1", "train.ckpt_every=1"))
+    first = a.fit().checkpoint
+    assert ckpt.read_meta(first)["world_size"] == 1
+    tensors, meta = ckpt.load_folder(first)
+    ckpt.save_folder(str(tmp_path / "two-ranks"), tensors, dict(meta, world_size=2))
+    for where, warned in ((first, False), (str(tmp_path / "two-ranks"), True)):
+        b = Trainer(tiny(tmp_path, "train.steps=2", name="resumed"))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pyface.train"):
+            b.resume(where)
+        got = [r.getMessage() for r in caplog.records if "rank(s)" in r.getMessage()]
+        assert got == ([
+            "resuming a run trained on 2 rank(s) with 1: the global batch (train.batch_size) "
+            "and the data order are kept, but randomness drawn inside step (seeded per rank), "
+            "batch statistics (taken per rank) and the gradient summation order change, so the "
+            "run does not continue exactly as it would have on 2; resume with the same number "
+            "of ranks for that"] if warned else []), where
+        assert b.step == 1
+        b.fit()
+
 def test_failed_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     tr = Trainer(tiny(tmp_path, "train.steps=2", "train.ckpt_every=1"))
     tr.fit()

@@ -140,11 +140,20 @@ def _message(exc: BaseException) -> str:
     return str(exc)
 
 
+def _prefix() -> str:
+    """``"[rank N] "`` on the ranks other than 0 under torchrun (their messages interleave with
+    rank 0's on the console), else ``""``."""
+    rank = int(os.environ.get("RANK", "0"))
+    return f"[rank {rank}] " if rank and int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
 def _setup_logging() -> None:
-    # under torchrun the other ranks print warnings and errors only (rank 0 reports progress)
+    # under torchrun the other ranks print warnings and errors only (rank 0 reports progress),
+    # each line prefixed with the rank (a warning every rank gives is told apart from rank 0's)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+                        format=_prefix().replace("%", "%%") + "%(levelname)s %(name)s: "
+                        "%(message)s", stream=sys.stderr)
 
 
 def _resumed_run_dir(path: str) -> str | None:
@@ -202,7 +211,7 @@ def run_train(args) -> int:
             check_new_run(cfg, args.resume, args.overwrite)
     except (KeyError, ConfigError, OSError, ImportError, ModelDefinitionError,
             RegistryError) as exc:
-        print(f"pyface train: {_message(exc)}", file=sys.stderr)
+        print(f"{_prefix()}pyface train: {_message(exc)}", file=sys.stderr)
         return 2
     staged = bool(getattr(cls, "stages", ())) and not args.print_config
     group = None
@@ -213,18 +222,19 @@ def run_train(args) -> int:
 
         try:
             group, _ = D.init_distributed(cfg.train.device)
-        except RuntimeError as exc:
-            print(f"pyface train: {_message(exc)}", file=sys.stderr)
+        except (RuntimeError, ValueError) as exc:
+            print(f"{_prefix()}pyface train: {_message(exc)}", file=sys.stderr)
             return 2
     try:
-        return _train(args, cls, cfg, overrides, staged)
+        return _train(args, cls, cfg, overrides, staged, group)
     finally:
         if group is not None:
             D.shutdown(group)
 
 
-def _train(args, cls, cfg, overrides, staged: bool) -> int:
+def _train(args, cls, cfg, overrides, staged: bool, group=None) -> int:
     from pyface.checkpoint import CheckpointError
+    from pyface.train import distributed as D
     from pyface.train.config import ConfigError, experiment_yaml
     from pyface.train.engine import NonFiniteError, Trainer
     from pyface.train.model import ModelDefinitionError
@@ -235,13 +245,17 @@ def _train(args, cls, cfg, overrides, staged: bool) -> int:
         try:
             filled = prepare_stages(cls, cfg, overrides=overrides)
         except (KeyError, ConfigError, OSError, ValueError, ModelDefinitionError) as exc:
-            print(f"pyface train: {_message(exc)}", file=sys.stderr)
+            print(f"{_prefix()}pyface train: {_message(exc)}", file=sys.stderr)
             return 2
         except (CheckpointError, NonFiniteError, RuntimeError) as exc:
-            print(f"pyface train: {_message(exc)}", file=sys.stderr)
+            if group is not None and D.collective_failure(exc):
+                print(f"{_prefix()}pyface train: "
+                      + D.peer_failure_message(exc, group, stage=True), file=sys.stderr)
+                return 1
+            print(f"{_prefix()}pyface train: {_message(exc)}", file=sys.stderr)
             return 1
         except KeyboardInterrupt as exc:
-            print(f"pyface train: {exc}; run the same command again to continue",
+            print(f"{_prefix()}pyface train: {exc}; run the same command again to continue",
                   file=sys.stderr)
             return 143
         for key, path in filled.items():
@@ -255,9 +269,10 @@ def _train(args, cls, cfg, overrides, staged: bool) -> int:
             try:
                 prepare_stages(cls, cfg, overrides=overrides, dry_run=True, notes=notes)
             except (KeyError, ConfigError, OSError, ValueError, ModelDefinitionError) as exc:
-                print(f"pyface train: {_message(exc)}", file=sys.stderr)
+                print(f"{_prefix()}pyface train: {_message(exc)}", file=sys.stderr)
                 return 2
-        print("".join(notes) + experiment_yaml(cfg), end="")
+        if not _prefix():            # under torchrun: rank 0's copy only
+            print("".join(notes) + experiment_yaml(cfg), end="")
         return 0
     if args.overwrite and int(os.environ.get("RANK", "0")) == 0:
         for name in ("checkpoints", "previews"):      # the old run's, not mixed with the new
@@ -268,7 +283,13 @@ def _train(args, cls, cfg, overrides, staged: bool) -> int:
     try:
         trainer = Trainer(cfg)
     except (ValueError, KeyError, RuntimeError, ModelDefinitionError) as exc:
-        print(f"pyface train: {_message(exc)}", file=sys.stderr)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and D.collective_failure(exc):
+            info = D.DistInfo(rank=int(os.environ.get("RANK", "0")),
+                              world_size=int(os.environ["WORLD_SIZE"]))
+            print(f"{_prefix()}pyface train: " + D.peer_failure_message(exc, info),
+                  file=sys.stderr)
+            return 1
+        print(f"{_prefix()}pyface train: {_message(exc)}", file=sys.stderr)
         return 2
     try:
         if args.resume and trainer.resume(args.resume) is None \
@@ -277,14 +298,26 @@ def _train(args, cls, cfg, overrides, staged: bool) -> int:
                 "--resume: %s holds no checkpoint; training from scratch", trainer.run_dir)
         result = trainer.fit()
     except (CheckpointError, NonFiniteError) as exc:
-        print(f"pyface train: {_message(exc)}", file=sys.stderr)
+        print(f"{_prefix()}pyface train: {_message(exc)}", file=sys.stderr)
         return 1
     except ModelDefinitionError as exc:
-        print(f"pyface train: {_message(exc)}", file=sys.stderr)
+        print(f"{_prefix()}pyface train: {_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:          # a second stop signal
-        print(f"pyface train: {exc or 'interrupted'}; resume with --resume", file=sys.stderr)
+        print(f"{_prefix()}pyface train: {exc or 'interrupted'}; resume with --resume",
+              file=sys.stderr)
         return 143
+    except RuntimeError as exc:
+        from pyface import checkpoint as ckpt
+
+        if not (trainer.dist.enabled and D.collective_failure(exc)):
+            raise
+        # another rank failed or hung: one line instead of a traceback, exit code 1 (torchrun
+        # then stops the rest); checkpoints are written whole or not at all
+        print(f"{_prefix()}pyface train: " + D.peer_failure_message(
+            exc, trainer.dist, trainer.step, ckpt.latest_checkpoint(trainer.run_dir)),
+            file=sys.stderr)
+        return 1
     finally:
         trainer.close()
     if trainer.dist.is_main:

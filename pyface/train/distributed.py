@@ -17,11 +17,34 @@ or freezes, and R1's double backward. Two ways, with identical results on two ra
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+log = logging.getLogger("pyface.train")
+
+#: seconds a collective waits for the other ranks before failing (``PYFACE_DIST_TIMEOUT``)
+DEFAULT_TIMEOUT_S = 1800
+
+
+def dist_timeout() -> float:
+    """``PYFACE_DIST_TIMEOUT`` (seconds, > 0), else :data:`DEFAULT_TIMEOUT_S`: how long a rank
+    waits in a collective for a rank that neither takes part nor exits (a hung data read, a
+    process stopped in a debugger) before it fails with an error instead of waiting forever."""
+    raw = os.environ.get("PYFACE_DIST_TIMEOUT", "").strip()
+    if not raw:
+        return float(DEFAULT_TIMEOUT_S)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"PYFACE_DIST_TIMEOUT: expected a number of seconds > 0, got {raw!r}")
+    return value
 
 
 @dataclass
@@ -58,8 +81,16 @@ def init_distributed(device_pref: str = "auto") -> tuple[DistInfo, torch.device]
     info = DistInfo(rank=rank, world_size=world, local_rank=local)
     if world > 1 and not (dist.is_available() and dist.is_initialized()):
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        timeout = dist_timeout()
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
         info.initialized_here = True
+        if rank == 0:
+            why = ("" if device.type == "cuda" else
+                   f" (train.device={device_pref})" if torch.cuda.is_available()
+                   else " (no CUDA device)")
+            log.info("distributed: %d ranks, backend %s on %s%s; a collective fails after "
+                     "waiting %g s for the other ranks (PYFACE_DIST_TIMEOUT)", world, backend,
+                     device.type, why, timeout)
     elif world > 1:
         info.rank, info.world_size = dist.get_rank(), dist.get_world_size()
     return info, device
@@ -167,6 +198,47 @@ class BucketedAllReduce:
             overlapped = self.launched_in_backward
             self.reset()
             self.launched_in_backward = overlapped
+
+
+#: what gloo's and NCCL's errors say when a peer exited, was killed or did not answer in time
+#: (gloo's name the gloo source file; a DataLoader's "timed out" is not one of them)
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "gloo", "nccl",
+              "processgroup")
+
+
+def collective_failure(exc: BaseException) -> bool:
+    """True for the error a collective raises when another rank failed, exited or hung (gloo's
+    ``Connection closed by peer``, a timeout after ``PYFACE_DIST_TIMEOUT``, an NCCL error), as
+    opposed to an error of this rank's own computation."""
+    errors = tuple(getattr(dist, n) for n in ("DistError", "DistBackendError",
+                                              "DistNetworkError") if hasattr(dist, n))
+    if errors and isinstance(exc, errors):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(k in text for k in _PEER_GONE)
+
+
+def peer_failure_message(exc: BaseException, info: DistInfo, step: int | None = None,
+                         latest: str | None = None, *, stage: bool = False) -> str:
+    """The one message a rank prints when a collective failed because of another rank (``step``:
+    the steps done when it failed; None before training, or in a stage (``stage``), whose run
+    resumes by itself)."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    where = f" during step {step + 1}" if step is not None else ""
+    if stage:
+        again = ("run the same command again to continue (an unfinished stage resumes from its "
+                 "latest checkpoint)")
+    elif step is None:
+        where = " before training"
+        again = "run the same command again"
+    elif latest is None:
+        again = "no checkpoint was written yet; run the same command again"
+    else:
+        again = (f"no checkpoint was written for this step; latest checkpoint: {latest}; run "
+                 "the same command with --resume to continue")
+    return (f"rank {info.rank} of {info.world_size}: a collective failed{where} ({first}): "
+            f"another rank exited, was killed or did not answer within PYFACE_DIST_TIMEOUT="
+            f"{dist_timeout():g} s (see its messages above); {again}")
 
 
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:

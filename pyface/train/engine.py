@@ -276,7 +276,7 @@ class Trainer:
         # rank-local parameters (param groups with "local": True): per optimizer, their ids
         self._local_ids = {k: {id(p) for g in o.param_groups if g.get("local")
                                for p in g["params"]} for k, o in self.optimizers.items()}
-        self.dataset = dataset if dataset is not None else registry.build_dataset(cfg.data)
+        self.dataset = dataset if dataset is not None else self._build_dataset(cfg)
         check_data_keys(self.model, self.dataset, cfg)      # before any step, not in the first
         transform = self.model.data_transform() if hasattr(self.model, "data_transform") \
             else None
@@ -294,6 +294,22 @@ class Trainer:
         #: set to a dict to collect per-step seconds in "model" (forward + losses), "backward",
         #: "optimizer" and "total" (bench: the rest is engine overhead)
         self.timings: dict[str, list[float]] | None = None
+
+    def _build_dataset(self, cfg: ExperimentConfig):
+        """The registry's dataset of ``cfg.data``; under torchrun rank 0 builds it first and the
+        other ranks after it, so that what a dataset prepares once on disk (the synthetic set
+        generated into an empty ``data.path``, a cache) is written by one rank and read by the
+        others instead of every rank writing it at once."""
+        from pyface.train import registry
+
+        if not self.dist.enabled:
+            return registry.build_dataset(cfg.data)
+        if not self.dist.is_main:
+            torch.distributed.barrier()         # rank 0 has built it
+        dataset = registry.build_dataset(cfg.data)
+        if self.dist.is_main:
+            torch.distributed.barrier()
+        return dataset
 
     def _resolve_local_batch(self, cfg: ExperimentConfig, model) -> ExperimentConfig:
         """``cfg`` with the model's ``local_batch_field`` (if it has one) set to this rank's
@@ -388,6 +404,14 @@ class Trainer:
             log.warning("resuming with train.batch_size=%d, the checkpoint used %s: the data "
                         "order will differ from an uninterrupted run", self.cfg.train.batch_size,
                         exp.get("train", {}).get("batch_size"))
+        ranks = meta.get("world_size")
+        if isinstance(ranks, int) and ranks != self.dist.world_size and self.dist.is_main:
+            log.warning("resuming a run trained on %d rank(s) with %d: the global batch (train."
+                        "batch_size) and the data order are kept, but randomness drawn inside "
+                        "step (seeded per rank), batch statistics (taken per rank) and the "
+                        "gradient summation order change, so the run does not continue exactly "
+                        "as it would have on %d; resume with the same number of ranks for "
+                        "that", ranks, self.dist.world_size, ranks)
         changed = [f"{k}: {a!r} -> {b!r}" for k, a, b in _changed_settings(exp, mine)]
         if changed:
             log.warning("resuming with train/data settings that differ from the checkpoint's "

@@ -1,0 +1,193 @@
+"""``pyface train`` under torchrun where ranks could get in each other's way, with two short
+2-rank gloo runs: (1) a run made on 1 process resumed on 2 ranks (a warning that it does not
+continue exactly), rank 1's log lines prefixed with its rank, the backend chosen without CUDA
+logged once, and a rank that hangs in a step: rank 0 stops after ``PYFACE_DIST_TIMEOUT`` with
+one message naming the latest checkpoint instead of waiting half an hour, and the checkpoints
+stay whole; (2) the synthetic set generated into an empty ``data.path`` by rank 0 alone."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pyface import checkpoint as ckpt
+from pyface.train import distributed as D
+
+FAULT_TOY = textwrap.dedent('''
+    """A 1x1 convolution whose step on rank ``hang_rank`` at step ``hang_step`` sleeps
+    ``hang_s`` seconds (a data read that hangs); its constructor warns on every rank."""
+    import logging
+    import time
+    from dataclasses import dataclass
+
+    import torch
+    from torch import nn
+    from pyface.train import register_model
+    from pyface.train.model import TrainableModel
+
+    torch.set_num_threads(1)
+
+    @dataclass
+    class Cfg:
+        hang_rank: int = 1
+        hang_step: int = 1
+        hang_s: float = 6.0
+
+    class FaultToy(TrainableModel):
+        Config = Cfg
+        recipe = {"data": {"resolution": 8, "size": 16},
+                  "train": {"steps": 3, "batch_size": 4, "ckpt_every": 1}}
+
+        def __init__(self, cfg):
+            super().__init__()
+            self.cfg = cfg
+            self.conv = nn.Conv2d(3, 3, 1)
+            logging.getLogger("pyface.faulttoy").warning("faulttoy: built without weights")
+
+        def build_optimizers(self):
+            return {"main": torch.optim.Adam(self.parameters(), lr=1e-2)}
+
+        def step(self, phase, batch, ctx):
+            if ctx.rank == self.cfg.hang_rank and ctx.step == self.cfg.hang_step:
+                time.sleep(self.cfg.hang_s)
+            x = batch["image"]
+            return {"loss": (self.conv(x) - x.flip(1)).abs().mean()}
+
+    register_model("ddp_fault_toy", __name__ + ":FaultToy")
+''')
+
+SETS = ["train.device=cpu", "train.progress=false", "train.tensorboard=false",
+        "train.image_every=0", "train.log_every=1"]
+
+
+def test_resume_on_two_ranks_prefixes_and_a_hung_rank_times_out(tmp_path):
+    (tmp_path / "ddp_fault_toy.py").write_text(FAULT_TOY)
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYFACE_DIST_TIMEOUT="2",
+               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    sets = sum((["--set", s] for s in SETS + [f"train.run_dir={run}"]), [])
+    cmd = ["-m", "pyface", "train", "ddp_fault_toy", "--import", "ddp_fault_toy", *sets]
+    one = subprocess.run([sys.executable, *cmd, "--set", "train.steps=1"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "distributed:" not in one.stderr and "[rank" not in one.stderr
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         *cmd, "--resume"], env=env, capture_output=True, text=True, timeout=120)
+    err = proc.stderr
+    assert proc.returncode != 0, err[-3000:]
+    # the process group, once, from rank 0: gloo chosen for the CPU, and the timeout
+    assert err.count("INFO pyface.train: distributed: 2 ranks, backend gloo on cpu") == 1, err
+    assert "a collective fails after waiting 2 s for the other ranks (PYFACE_DIST_TIMEOUT)" in err
+    # resumed with another number of ranks: said once (rank 0), not silently
+    assert err.count("resuming a run trained on 1 rank(s) with 2: the global batch") == 1, err
+    # a warning every rank gives: rank 0's as it is, rank 1's with its rank
+    assert err.count("\nWARNING pyface.faulttoy: faulttoy: built without weights") == 1, err
+    assert err.count("[rank 1] WARNING pyface.faulttoy: faulttoy: built without weights") == 1
+    # rank 1 hangs in step 2: rank 0 stops after 2 s with one message, not a traceback
+    assert ("pyface train: rank 0 of 2: a collective failed during step 2 (") in err, err
+    assert ("did not answer within PYFACE_DIST_TIMEOUT=2 s (see its messages above); no "
+            "checkpoint was written for this step; latest checkpoint: "
+            f"{run / 'checkpoints' / 'ckpt-000001'}; run the same command with --resume") in err
+    assert "[rank0]: Traceback" not in err, err
+    # rank 1, stopped by torchrun once it wakes, says the same with its rank
+    assert "[rank 1] pyface train: rank 1 of 2: a collective failed during step 2" in err, err
+    # the checkpoint of step 1 is whole and still the latest; nothing half-written is left
+    assert sorted(os.listdir(run / "checkpoints")) == ["ckpt-000001", "latest"]
+    assert ckpt.latest_checkpoint(str(run)).endswith("ckpt-000001")
+    ckpt.load_folder(ckpt.latest_checkpoint(str(run)))
+
+
+def test_synthetic_set_generated_into_data_path_once(tmp_path):
+    """``data.path`` names an empty folder: the synthetic set is generated there by rank 0 while
+    rank 1 waits, then both train on it (every rank generating at once made rank 1 fail on the
+    folder's lock: "another `pyface data synth` is writing it")."""
+    data, run = tmp_path / "data", tmp_path / "run"
+    sets = SETS + [f"train.run_dir={run}", f"data.path={data}", "data.name=synthetic",
+                   "data.resolution=16", "model.resolution=16", "train.steps=1",
+                   "train.batch_size=2", "data.options.synth.identities=2",
+                   "data.options.synth.videos_per_identity=1", "data.options.synth.frames=2",
+                   "data.options.synth.cross=false", "data.options.synth.multiview=false",
+                   "data.options.synth.workers=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "pyface", "train", "example", *sum((["--set", s] for s in sets), [])],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "is writing it" not in proc.stderr
+    assert sorted(os.listdir(data)) == ["id0000_v00", "id0001_v00", "index.json", "synth.json"]
+    assert ckpt.latest_checkpoint(str(run)).endswith("ckpt-000001")
+
+
+def test_dist_timeout_from_the_environment(monkeypatch):
+    monkeypatch.delenv("PYFACE_DIST_TIMEOUT", raising=False)
+    assert D.dist_timeout() == D.DEFAULT_TIMEOUT_S == 1800
+    monkeypatch.setenv("PYFACE_DIST_TIMEOUT", "90")
+    assert D.dist_timeout() == 90.0
+    for bad in ("0", "-5", "soon", "inf", "nan"):
+        monkeypatch.setenv("PYFACE_DIST_TIMEOUT", bad)
+        with pytest.raises(ValueError, match=r"PYFACE_DIST_TIMEOUT: expected a number of "
+                                             rf"seconds > 0, got '{bad}'"):
+            D.dist_timeout()
+
+
+def test_collective_failures_are_told_from_a_rank_s_own_errors(monkeypatch):
+    monkeypatch.delenv("PYFACE_DIST_TIMEOUT", raising=False)
+    gone = RuntimeError("[/x/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed "
+                        "by peer [127.0.0.1]:28546. This is typically caused by a remote worker "
+                        "crashing.")
+    late = RuntimeError("[/x/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms "
+                        "for recv operation to complete")
+    own = RuntimeError("The size of tensor a (4) must match the size of tensor b (3) at non-"
+                       "singleton dimension 1")
+    assert D.collective_failure(gone) and D.collective_failure(late)
+    assert not D.collective_failure(own) and not D.collective_failure(OSError("no such file"))
+    assert not D.collective_failure(RuntimeError("DataLoader timed out after 5 seconds"))
+    info = D.DistInfo(rank=1, world_size=2)
+    msg = D.peer_failure_message(gone, info, 4, "runs/x/checkpoints/ckpt-000004")
+    assert msg.startswith("rank 1 of 2: a collective failed during step 5 ([/x/third_party/gloo")
+    assert msg.endswith("latest checkpoint: runs/x/checkpoints/ckpt-000004; run the same "
+                        "command with --resume to continue")
+    assert D.peer_failure_message(late, info, stage=True).endswith(
+        "see its messages above); run the same command again to continue (an unfinished stage "
+        "resumes from its latest checkpoint)")
+    assert D.peer_failure_message(gone, info).startswith(
+        "rank 1 of 2: a collective failed before training ([/x/third_party/gloo")
+    assert D.peer_failure_message(gone, info).endswith("; run the same command again")
+    assert D.peer_failure_message(late, info, 0, None).endswith(
+        "during step 1 ([/x/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms "
+        "for recv operation to complete): another rank exited, was killed or did not answer "
+        "within PYFACE_DIST_TIMEOUT=1800 s (see its messages above); no checkpoint was written "
+        "yet; run the same command again")
+
+
+def test_errors_before_the_process_group_carry_the_rank(monkeypatch, capsys):
+    """Every rank checks the command before joining the process group: rank 1's copy of an error
+    is prefixed with its rank, rank 0's is not."""
+    from pyface.cli import main
+
+    for rank, prefix in (("1", "[rank 1] pyface train: "), ("0", "pyface train: ")):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert main(["train", "example", "--set", "train.no_such_key=1"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(prefix) and "no_such_key" in err, err
+
+
+def test_print_config_under_torchrun_prints_once(monkeypatch, capsys):
+    """``--print-config`` launched on 2 ranks: rank 0 prints the YAML, rank 1 nothing."""
+    from pyface.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, printed in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["train", "example", "--print-config"]) == 0
+        out = capsys.readouterr().out
+        assert ("model: example" in out) is printed and (out != "") is printed, (rank, out)
