@@ -83,8 +83,8 @@ def add_parser(subparsers) -> None:
                         "torch is seeded with N before the source encoding and with N + t "
                         "before the chunk whose first frame is t (EG3D and GOHA draw frame i's "
                         "ray samples from a generator of (N, i), whatever --batch), so the same "
-                        "command gives the same frames; 'none': torch's random state as it is (frames differ "
-                        "from run to run) (default 0)")
+                        "command gives the same frames; 'none': torch's random state as it is "
+                        "(frames differ from run to run) (default 0)")
     a.add_argument("--weights", action="append", default=[], metavar="NAME=PATH",
                    help="a pretrained network the source encoding uses (repeatable), for models "
                         "whose source encoding optimises a loss: otavatar's inversion takes "
