@@ -1,5 +1,6 @@
 """The benchmark harness measures what it says (no performance assertions here)."""
 import json
+import os
 import subprocess
 import sys
 
@@ -435,3 +436,91 @@ def test_auto_named_json_written_after_another_run_took_its_name_keeps_both(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["op-cpu-2.json", "op-cpu.json"]
     assert write_json(path, {"mine": 2}) == path             # asked for: replaced
     assert json.loads((tmp_path / "op-cpu.json").read_text()) == {"mine": 2}
+
+
+_TINY_EXAMPLE = ["--steps", "1", "--warmup", "0", "--device", "cpu", "--set", "train.batch_size=2",
+                 "--set", "data.resolution=16", "--set", "model.resolution=16"]
+
+
+def test_train_bench_json_records_the_backends_and_the_precision(tmp_path, monkeypatch, capsys):
+    """PYFACE_BACKEND as the command found it (not applied: "fused" is each op's default),
+    what the defaults run, each trainer's train.backend, precision, autocast dtype and
+    parameter dtype; the environment records PYFACE_BACKEND as `pyface bench` does."""
+    from pyface.bench.train import main
+
+    monkeypatch.setenv("PYFACE_BACKEND", "reference")
+    out = tmp_path / "r.json"
+    assert main(["example", *_TINY_EXAMPLE, "--set", "train.precision=bf16",
+                 "--json", str(out)]) == 0
+    assert os.environ["PYFACE_BACKEND"] == "reference"              # given back
+    data = json.loads(out.read_text())
+    assert data["environment"]["PYFACE_BACKEND"] == "reference"
+    (r,) = data["results"]
+    assert r["pyface_backend_env"] == "reference"
+    assert r["default_backends"]["triplane_sample"] == "cpu"
+    fused, ref = r["results"]["fused"], r["results"]["reference"]
+    assert fused["ops"] == {"triplane_sample": {"cpu": 1}}
+    assert ref["ops"] == {"triplane_sample": {"reference": 1}}
+    for x, backend in ((fused, None), (ref, "reference")):
+        assert {k: x[k] for k in ("train_backend", "precision", "autocast_dtype",
+                                  "param_dtype")} == {
+            "train_backend": backend, "precision": "bf16", "autocast_dtype": "bfloat16",
+            "param_dtype": "float32"}
+    said = capsys.readouterr().out
+    assert "precision bf16 (autocast bfloat16, parameters float32); PYFACE_BACKEND reference " \
+           "(not applied" in said
+
+
+def test_engine_overhead_records_the_backends_and_the_precision(monkeypatch):
+    from pyface.bench.train import engine_overhead
+
+    monkeypatch.delenv("PYFACE_BACKEND", raising=False)
+    r = engine_overhead(1, warmup=0, overrides=["train.batch_size=2", "data.resolution=16",
+                                                "model.resolution=16"])
+    assert r["pyface_backend_env"] is None and r["default_backends"]["triplane_sample"] == "cpu"
+    assert (r["train_backend"], r["precision"], r["autocast_dtype"], r["param_dtype"]) == (
+        None, "fp32", None, "float32")
+
+
+def test_step_memory_separates_the_ops_from_the_rest_of_the_step():
+    """A step that renders without gradients, then trains something bigger (GOHA's s2: the
+    super-resolution network): its peak is the same on every backend, the peak inside the op
+    is the op's own and differs."""
+    from pyface.bench.harness import step_memory_mb
+    from pyface.nn import OSGDecoder, RenderConfig, TriplaneRenderer
+
+    cpu = torch.device("cpu")
+    planes = torch.randn(1, 3, 8, 16, 16)
+    o = torch.zeros(1, 64, 3) + torch.tensor([0.0, 0.0, 3.0])
+    d = torch.zeros(1, 64, 3) + torch.tensor([0.0, 0.0, -1.0])
+    dec = OSGDecoder(8, 16, 4)
+    got = {}
+    for backend in ("reference", "cpu"):
+        renderer = TriplaneRenderer(RenderConfig.ffhq(depth_resolution=16,
+                                                      depth_resolution_importance=16,
+                                                      backend=backend))
+
+        def step():
+            with torch.no_grad():
+                renderer(planes, dec, o, d)
+            w = torch.randn(1024, 1024, requires_grad=True)         # 4 MiB, and its gradient
+            (w * 2).sum().backward()
+
+        got[backend] = step_memory_mb(step, cpu)
+    (peak_r, ops_r), (peak_c, ops_c) = got["reference"], got["cpu"]
+    assert peak_r == peak_c >= 8
+    assert 0 < ops_r < peak_r and 0 < ops_c < peak_c and ops_r != ops_c
+    assert step_memory_mb(lambda: torch.randn(100), cpu)[1] is None        # no op called
+
+
+def test_train_bench_says_when_the_steps_peak_outside_the_ops(tmp_path, monkeypatch):
+    from pyface.bench import harness
+    from pyface.bench.train import model_backends
+
+    peaks = iter([(10.0, 1.0), (10.0, 3.0)])                # fused, then reference
+    monkeypatch.setattr(harness, "step_memory_mb", lambda fn, dev: next(peaks))
+    r = model_backends("example", _TINY_EXAMPLE[-5::2], steps=1, warmup=0, device="cpu")
+    assert r["memory_ratio"] == 1.0 and r["ops_memory_ratio"] == 3.0
+    assert r["results"]["fused"]["ops_peak_mem_mb"] == 1.0
+    assert r["memory_note"].startswith("the step's peak is the same on both: it is reached "
+                                       "outside the ops")

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 
@@ -211,10 +212,15 @@ def test_pairs_and_bench_errors_are_one_line(tmp_path, tiny, capsys):
     notds = tmp_path / "notds"
     notds.mkdir()
     (notds / "readme.txt").write_text("x")
-    assert main(["data", "pairs", str(notds)]) == 1
-    assert capsys.readouterr().err.strip() == f"pyface data pairs: {notds}: no usable videos"
-    assert main(["data", "bench", "--root", str(notds)]) == 1
-    assert capsys.readouterr().err.strip() == f"pyface data bench: {notds}: no usable videos"
+    why = ("no usable videos (no index.json and no video folders, folders with meta.json or "
+           "frames/: not a pyface dataset root)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # no index warning before the error
+        assert main(["data", "pairs", str(notds)]) == 1
+        assert capsys.readouterr().err.strip() == f"pyface data pairs: {notds}: {why}"
+        assert main(["data", "bench", "--root", str(notds)]) == 1
+        out = capsys.readouterr()
+        assert out.err.strip() == f"pyface data bench: {notds}: {why}" and out.out == ""
     for option, value in (("--samples", "0"), ("--batch-size", "0"), ("--workers", "-1")):
         assert main(["data", "bench", "--root", tiny, option, value]) == 2
         assert f"pyface data bench: {option}: expected >=" in capsys.readouterr().err

@@ -1053,6 +1053,61 @@ def test_truncated_video_error_says_how_far_it_decoded(tmp_path):
     assert 0 < len(got) < 30 and f"after {len(got)} decoded" in str(e.value)
 
 
+def test_an_mp4_cut_before_its_index_is_recognised(tmp_path):
+    """ISO media boxes without a 'moov' (the index most writers put last): cut inside the
+    'mdat' or just after it, that is the reason given; a file with its index, another format or
+    a file that is not boxes at all is not recognised."""
+    from pyface.data.prepare import mp4_without_index
+
+    def box(kind, payload=b"", size=None):
+        return (size or 8 + len(payload)).to_bytes(4, "big") + kind + payload
+
+    ftyp = box(b"ftyp", b"isomisom")
+    cases = {"inside": ftyp + box(b"mdat", b"x" * 40, size=400),
+             "after": ftyp + box(b"free") + box(b"mdat", b"x" * 40),
+             "indexed": ftyp + box(b"mdat", b"x" * 40) + box(b"moov", b"y" * 8),
+             "random": bytes(range(256)) * 4, "empty": b""}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    why = {name: mp4_without_index(str(tmp_path / name)) for name in cases}
+    assert why["inside"] == ("the file ends (64 bytes) inside its 'mdat' box (400 bytes "
+                             "declared at byte 16), before its index (the 'moov' box, which "
+                             "most recorders write last)")
+    assert why["after"] == ("the file ends (72 bytes) after its ftyp, free, mdat boxes, "
+                            "without its index (the 'moov' box, which most recorders write last)")
+    assert why["indexed"] is None and why["random"] is None and why["empty"] is None
+    assert mp4_without_index(str(tmp_path / "missing")) is None
+
+
+@needs_prepare
+@pytest.mark.parametrize("where", ["inside", "after"])
+def test_prepare_says_an_mp4_cut_before_its_index_is_truncated(tmp_path, where):
+    """The package's own mp4 writer puts the index last: cut before it, no frame can be decoded,
+    and `pyface data prepare` skips the file saying so (not a generic 'corrupt' message)."""
+    from pyface.data.prepare import Source, iter_frames, prepare
+    from pyface.data.prepare_quality import encode_mp4
+
+    frames = np.random.default_rng(0).integers(0, 255, (10, 32, 32, 3), dtype=np.uint8)
+    full = str(tmp_path / "full.mp4")
+    encode_mp4(frames, full)
+    data = open(full, "rb").read()
+    moov = data.index(b"moov") - 4
+    assert moov > data.index(b"mdat")                        # the index is last
+    cut = str(tmp_path / "cut.mp4")
+    open(cut, "wb").write(data[:moov // 2 if where == "inside" else moov])
+    with pytest.raises(PrepareError) as e:
+        list(iter_frames(Source("cut", "video", cut)))
+    msg = str(e.value)
+    assert msg.startswith(f"{cut}: truncated video: the file ends ") and "'moov'" in msg
+    assert "so no frame can be recovered from it" in msg
+    assert ("inside its 'mdat' box" if where == "inside" else "after its ftyp") in msg
+    with pytest.warns(UserWarning, match="skipped: .*cut.mp4: truncated video: ") as w:
+        s = prepare([cut], PrepareConfig(out=str(tmp_path / "out"), fit=False, progress=False,
+                                         skip_bad=True))
+    assert s["results"] == [] and len(s["bad"]) == 1 and msg in str(s["bad"][0])
+    assert [str(x.message) for x in w] == [f"skipped: {msg}"]
+
+
 @needs_prepare
 def test_prepare_keeps_the_frames_of_a_truncated_video(prepared, tmp_path):
     """`pyface data prepare` on a truncated video keeps the frames that decode, with one warning

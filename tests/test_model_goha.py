@@ -388,6 +388,45 @@ def test_pipeline_on_a_tiny_checkpoint(tiny_run):
         pipe.encode_driving({"image": driving["image"], "coeffs": c})
 
 
+def test_seeded_frames_do_not_depend_on_the_chunking(tiny_run, monkeypatch):
+    """With a seed, frame i's ray samples come from a generator of (seed, i) alone: chunks of 1
+    and of 3 (and animate) render every frame with the same samples, another seed with others;
+    the frames differ only by the rounding of the batched networks."""
+    import pyface.ops.render as render_ops
+
+    drawn = []
+    uniforms = render_ops.render_uniforms
+
+    def record(*a, **k):
+        out = uniforms(*a, **k)
+        drawn.append(out)
+        return out
+
+    monkeypatch.setattr(render_ops, "render_uniforms", record)
+    pipe = pyface.models.load("goha_s1", str(tiny_run), device="cpu")
+    c = random_coeffs(4, seed=8)
+    f = frame(c, R=64)
+    source = {"image": f["image"][0].float() / 127.5 - 1, "camera": f["camera"][0],
+              "coeffs": c[0], "mask": f["mask"][0].float() / 255}
+    driving = {"image": f["image"].float() / 127.5 - 1, "camera": f["camera"], "coeffs": c}
+    st = pipe.encode_source(source)
+
+    def frames(chunk, seed=3):
+        drawn.clear()
+        out = torch.cat([x for _, x in pipe.stream(st, driving, chunk=chunk, seed=seed)])
+        return out, [torch.cat(u) for u in zip(*drawn)]          # (noise, importance) per frame
+
+    one, u1 = frames(1)
+    three, u3 = frames(3)
+    assert u1[0].shape[0] == 4 and all(torch.equal(a, b) for a, b in zip(u1, u3))
+    torch.testing.assert_close(three, one, atol=1e-5, rtol=0)
+    other, u = frames(1, seed=4)
+    assert not torch.equal(u[0], u1[0]) and not torch.allclose(other, one, atol=1e-3)
+    drawn.clear()
+    torch.testing.assert_close(pipe.animate(source, driving, seed=3), one, atol=1e-5, rtol=0)
+    assert torch.equal(drawn[-1][0], u1[0]) and torch.equal(drawn[-1][1], u1[1])
+
+
 def test_segformer_path_initialises_the_encoders_with_fresh_stems(tmp_path):
     """An HF segformer-b0 (ADE layout, random weights) initialises the three encoders; the
     expression stem and the 6-channel appearance stem stay fresh; BatchNorm and classifier of

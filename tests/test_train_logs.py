@@ -118,6 +118,32 @@ def test_log_txt_marks_the_resume_and_previews_are_replaced(tmp_path):
     assert names == [f"step-{s:06d}.png" for s in (2, 4, 6, 8, 10)]
 
 
+def test_previews_after_the_resumed_step_are_deleted(tmp_path, caplog):
+    """A run killed at step 7 (previews of steps 2, 4, 6; checkpoint at 4) resumed with
+    train.steps=5 never reaches step 6 again: its preview is from the abandoned run and is
+    deleted when training starts from step 4, with a log line saying how many."""
+    run = str(tmp_path / "run")
+    common = ["train.ckpt_every=4", "train.image_every=2", "train.video_frames=0"]
+    tr = _trainer(run, "train.steps=10", *common)
+    _crash_at(tr, 7)
+    with pytest.raises(RuntimeError, match="killed"):
+        tr.fit()
+    tr.close()
+    previews = os.path.join(run, "previews")
+    assert sorted(os.listdir(previews)) == [f"step-{s:06d}.png" for s in (2, 4, 6)]
+    open(os.path.join(previews, "notes.txt"), "w").close()        # not a preview: kept
+    tr = _trainer(run, "train.steps=5", *common)
+    assert tr.resume() is not None and tr.step == 4
+    with caplog.at_level(logging.INFO, logger="pyface"):
+        result = tr.fit()
+    tr.close()
+    assert result.step == 5
+    assert sorted(os.listdir(previews)) == ["notes.txt"] + [f"step-{s:06d}.png"
+                                                            for s in (2, 4, 5)]
+    assert "deleted 1 preview of steps after step 4 (step-000006.png)" in caplog.text
+    assert "deleted 1 preview of steps after step 4" in open(os.path.join(run, "log.txt")).read()
+
+
 def test_learning_rates_and_rates_logged_are_those_of_the_step(tmp_path):
     run = str(tmp_path / "run")
     # linear decay over 4 steps, logged every 2: the steps with index 1 and 3 are logged

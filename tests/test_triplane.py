@@ -325,6 +325,56 @@ def test_planes_wider_than_float32_texel_coordinates_are_refused(backend, W):
     assert out.shape == (1, 3, 2, 1) and torch.equal(out, torch.ones_like(out))
 
 
+@pytest.mark.parametrize("backend", (None, "cpu", "reference"))
+def test_render_triplane_refuses_planes_wider_than_the_sampler_takes(backend):
+    """render_triplane reaches the same sampling on every backend (the Triton renderer's is
+    fused): the limit of triplane_sample, with its message, before any random number is drawn;
+    the reference renderer sampled such planes without an error."""
+    from pyface.nn import RenderConfig, TriplaneRenderer
+    from pyface.ops import render_triplane
+
+    planes = torch.ones(1, 1, 1, 1, 1).expand(1, 3, 1, 2, 2**24 + 1)
+    o, d = torch.tensor([[[0.0, 0.0, 3.0]]]), torch.tensor([[[0.0, 0.0, -1.0]]])
+    dec = (torch.ones(4, 1), torch.zeros(4), torch.ones(2, 4), torch.zeros(2))
+    state = torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"planes: expected H, W <= 2\^24 = 16777216 \(texel "
+                                         r"coordinates are computed in float32\), got shape "
+                                         r"\(1, 3, 1, 2, 16777217\)"):
+        render_triplane(planes, o, d, dec, near=2.5, far=3.5, n_coarse=4, n_fine=2,
+                        plane_axes="eg3d", backend=backend)
+    assert torch.equal(torch.get_rng_state(), state)
+    renderer = TriplaneRenderer(RenderConfig.ffhq(depth_resolution=4,
+                                                  depth_resolution_importance=2,
+                                                  backend=backend))
+    from pyface.nn import OSGDecoder
+
+    with pytest.raises(ValueError, match=r"planes: expected H, W <= 2\^24"):
+        renderer(planes, OSGDecoder(1, 4, 1), o, d)
+    ok = planes[..., :2**24]                                     # the largest size renders
+    assert render_triplane(ok, o, d, dec, near=2.5, far=3.5, n_coarse=4, n_fine=2,
+                           plane_axes="eg3d", backend=backend)[0].shape == (1, 1, 1)
+
+
+def test_the_registered_op_refuses_planes_wider_than_float32_texels():
+    """torch.ops.pyface.triplane_sample called directly (the C++ kernels' argument checks) and
+    its fake kernel (meta tensors, torch.compile) give the public op's error, not zeros."""
+    pyface.ops.load_library()
+    points = torch.zeros(1, 2, 3)
+    for dev in ("cpu", "meta"):
+        planes = torch.ones(1, 1, 1, 1, 1, device=dev).expand(1, 3, 1, 2, 2**24 + 1)
+        with pytest.raises(ValueError, match=r"planes: expected H, W <= 2\^24 = 16777216 "
+                                             r"\(texel coordinates are computed in float32\), "
+                                             r"got shape \(1, 3, 1, 2, 16777217\)"):
+            torch.ops.pyface.triplane_sample(planes, points.to(dev), "eg3d", 1.0, "none", False)
+        with pytest.raises(ValueError, match=r"planes: expected H, W <= 2\^24"):
+            torch.ops.pyface.triplane_sample_bwd(torch.zeros(1, 3, 2, 1, device=dev), planes,
+                                                 points.to(dev), "eg3d", 1.0, "none", False,
+                                                 True, True)
+    wide = torch.ones(1, 1, 1, 1, 1).expand(1, 3, 1, 2, 2**24)
+    out = torch.ops.pyface.triplane_sample(wide, points, "eg3d", 1.0, "none", False)
+    assert torch.equal(out, torch.ones(1, 3, 2, 1))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(plane_axes="xyz"), "plane_axes: expected one of .*got 'xyz'"),
     (dict(reduce="max"), "reduce: expected one of .*got 'max'"),

@@ -33,6 +33,12 @@ Args check_inputs(const at::Tensor& planes, const at::Tensor& points, const std:
                     "planes ", shape_str(planes), " vs points ", shape_str(points));
   TORCH_CHECK_VALUE(planes.size(2) >= 1 && planes.size(3) >= 1 && planes.size(4) >= 1,
                     "planes: C, H and W must be >= 1, got ", shape_str(planes));
+  // pyface.ops.triplane.MAX_PLANE_SIZE: texel coordinates are float32 in every kernel (exact
+  // integers up to 2^24); checked here too for callers of the registered op itself
+  constexpr int64_t kMaxPlaneSize = int64_t(1) << 24;
+  TORCH_CHECK_VALUE(planes.size(3) <= kMaxPlaneSize && planes.size(4) <= kMaxPlaneSize,
+                    "planes: expected H, W <= 2^24 = ", kMaxPlaneSize,
+                    " (texel coordinates are computed in float32), got shape ", shape_str(planes));
   PYFACE_CHECK_SAME_DEVICE("planes", planes, "points", points);
   TORCH_CHECK_VALUE(box_size > 0 && std::isfinite(box_size),
                     "box_size: expected a positive finite number, got ", box_size);

@@ -61,6 +61,7 @@ def triton_op():
     from torch.library import wrap_triton
 
     from pyface.kernels import render as rk
+    from pyface.ops._checks import check_plane_size
 
     def _opts(plane_axes, box_size, density_bias, white_back):
         return dict(plane_axes=plane_axes, box_size=box_size, density_bias=density_bias,
@@ -76,6 +77,7 @@ def triton_op():
                                           torch.Tensor]:
         """float32 inputs -> features (B, R, C_out), depth (B, R, 1), weights_sum (B, R, 1),
         merged sample depths (B, R, S) (saved for the backward)."""
+        check_plane_size(planes)                   # triplane_sample's limit
         return rk.forward(planes, w1, b1, w2, b2, ray_origins, ray_dirs, coarse_depths,
                           importance_u, **_opts(plane_axes, box_size, density_bias, white_back),
                           wrap=wrap_triton, interpret=triton_interpret())
@@ -89,6 +91,7 @@ def triton_op():
             box_size: float, density_bias: float, white_back: bool, need_planes_grad: bool,
             need_decoder_grad: bool, need_rays_grad: bool) -> list[torch.Tensor]:
         """Gradients (planes, w1, b1, w2, b2, ray_origins, ray_dirs); empty where not asked."""
+        check_plane_size(planes)
         g = rk.backward(grad_features, grad_depth, grad_weights_sum, planes, w1, b1, w2, b2,
                         ray_origins, ray_dirs, merged_depths, coarse_depths,
                         **_opts(plane_axes, box_size, density_bias, white_back),

@@ -32,13 +32,17 @@ def _backward_cpp(ctx, grad):
 def register_cpp() -> None:
     """Fake kernels and autograd for torch.ops.pyface.triplane_sample{,_bwd}."""
 
+    from pyface.ops._checks import check_plane_size
+
     @torch.library.register_fake("pyface::triplane_sample")
     def _fwd_fake(planes, points, plane_axes, box_size, reduce, align_corners):
+        check_plane_size(planes)               # as the C++ kernels' argument checks
         return planes.new_empty(_out_shape(planes, points, reduce))
 
     @torch.library.register_fake("pyface::triplane_sample_bwd")
     def _bwd_fake(grad_out, planes, points, plane_axes, box_size, reduce, align_corners,
                   need_planes_grad, need_points_grad):
+        check_plane_size(planes)
         if not need_planes_grad:
             g_planes = planes.new_empty((0,))
         elif planes.device.type == "cuda":  # the CUDA kernel keeps a dense layout (channels-last)
@@ -61,10 +65,12 @@ def triton_op():
     from torch.library import wrap_triton
 
     from pyface.kernels import triplane as tk
+    from pyface.ops._checks import check_plane_size
 
     @_triton_op("pyface::triplane_sample_triton", mutates_args={})
     def triplane_sample_triton(planes: torch.Tensor, points: torch.Tensor, plane_axes: str,
                                box_size: float, reduce: str, align_corners: bool) -> torch.Tensor:
+        check_plane_size(planes)
         pts = points.to(torch.float32).contiguous()
         return tk.forward(planes, pts, plane_axes, box_size, reduce, align_corners,
                           wrap=wrap_triton, interpret=triton_interpret())
@@ -74,6 +80,7 @@ def triton_op():
                                    points: torch.Tensor, plane_axes: str, box_size: float,
                                    reduce: str, align_corners: bool, need_planes_grad: bool,
                                    need_points_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        check_plane_size(planes)
         pts = points.to(torch.float32).contiguous()
         go = grad_out.contiguous()
         g_planes, g_points = tk.backward(go, planes, pts, plane_axes, box_size, reduce,

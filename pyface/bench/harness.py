@@ -147,6 +147,124 @@ def peak_memory_mb(fn: Callable[[], None], device: torch.device) -> float:
     return peak / 2**20
 
 
+@contextlib.contextmanager
+def _timed_public_ops(on_enter: Callable[[str], None], on_exit: Callable[[str], None]):
+    """Every public op of the op table (``pyface.ops.<name>``), wherever a pyface module holds
+    it, calls ``on_enter(name)`` / ``on_exit(name)`` around its outermost calls (an op that
+    calls another, ``render_triplane`` -> ``triplane_sample``, is one range); restored
+    afterwards."""
+    import functools
+    import importlib
+
+    from pyface import _opspecs
+
+    funcs = {}
+    for spec in _opspecs.OPS.values():
+        fn = getattr(importlib.import_module(f"pyface.ops.{spec.family}"), spec.name, None)
+        if callable(fn):
+            funcs[id(fn)] = (spec.name, fn)
+    depth = [0]
+
+    def wrap(name, fn):
+        @functools.wraps(fn)
+        def timed(*a, **k):
+            depth[0] += 1
+            if depth[0] == 1:
+                on_enter(name)
+            try:
+                return fn(*a, **k)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    on_exit(name)
+        return timed
+
+    wrappers = {key: wrap(name, fn) for key, (name, fn) in funcs.items()}
+    patched = []
+    for mod in list(sys.modules.values()):
+        if not getattr(mod, "__name__", "").startswith("pyface"):
+            continue
+        for attr, value in list(vars(mod).items()):
+            if id(value) in wrappers and value is funcs[id(value)][1]:
+                setattr(mod, attr, wrappers[id(value)])
+                patched.append((mod, attr, value))
+    try:
+        yield
+    finally:
+        for mod, attr, value in patched:
+            setattr(mod, attr, value)
+
+
+def step_memory_mb(fn: Callable[[], None], device: torch.device) -> tuple[float, float | None]:
+    """``(peak, ops_peak)`` in MB of one call of ``fn``: ``peak`` as :func:`peak_memory_mb`
+    (everything ``fn`` allocates above what was allocated before it); ``ops_peak``: the largest
+    peak inside one outermost call of a public op (``pyface.ops.<name>``, any backend: the
+    reference PyTorch code and the fused kernels alike) above what was allocated when that
+    call began, None when ``fn`` calls none. A step whose peak is reached outside the ops (a
+    network trained after a rendering without gradients) has the same ``peak`` on every
+    backend; ``ops_peak`` is the ops' own working memory."""
+    ranges: list[list] = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        overall = [base]
+
+        def enter(name):
+            torch.cuda.synchronize(device)
+            overall[0] = max(overall[0], torch.cuda.max_memory_allocated(device))
+            ranges.append([name, torch.cuda.memory_allocated(device)])
+            torch.cuda.reset_peak_memory_stats(device)
+
+        def leave(name):
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device)
+            overall[0] = max(overall[0], peak)
+            ranges[-1].append(peak - ranges[-1][1])
+
+        with _timed_public_ops(enter, leave):
+            fn()
+        torch.cuda.synchronize(device)
+        overall[0] = max(overall[0], torch.cuda.max_memory_allocated(device))
+        ops = [r[2] for r in ranges if len(r) == 3]
+        return (overall[0] - base) / 2**20, (max(ops) / 2**20 if ops else None)
+    from torch.autograd.profiler import record_function
+    from torch.profiler import ProfilerActivity, profile
+
+    open_ranges: list = []
+
+    def enter(name):
+        rf = record_function(f"pyface.bench.op:{name}")
+        rf.__enter__()
+        open_ranges.append(rf)
+
+    def leave(name):
+        open_ranges.pop().__exit__(None, None, None)
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _timed_public_ops(enter, leave):
+            fn()
+    events = prof.profiler.kineto_results.events()
+    memory = sorted(((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"))
+    spans = [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in events
+             if e.name().startswith("pyface.bench.op:")]
+    import bisect
+
+    times, levels, cur = [], [], 0
+    for t, n in memory:
+        cur += n
+        times.append(t)
+        levels.append(cur)
+    peak = max(levels, default=0)
+    ops_peak = None
+    for a, b in spans:
+        i, j = bisect.bisect_left(times, a), bisect.bisect_right(times, b)
+        start = levels[i - 1] if i else 0           # allocated when the op was called
+        top = max(levels[i:j], default=start) - start
+        ops_peak = top if ops_peak is None else max(ops_peak, top)
+    return max(peak, 0) / 2**20, (None if ops_peak is None else ops_peak / 2**20)
+
+
 def run_case(case: BenchCase, device: torch.device, *, providers: Sequence[str] | None = None,
              modes: Sequence[str] = ("fwd", "bwd", "fwd+bwd"), min_time: float = 0.5,
              max_reps: int = 200, warmup: int = 2, compile_reference: bool = True,
@@ -315,6 +433,8 @@ def environment(device: torch.device) -> dict:
         "cpu": _cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "build": _backend.build_config(),
+        # forces every op's backend where the command applies it (None: unset)
+        "PYFACE_BACKEND": os.environ.get("PYFACE_BACKEND"),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

@@ -51,6 +51,8 @@ def _q(xs: list[float], q: float) -> float:
 def engine_overhead(steps: int = 40, warmup: int = 5, overrides: list[str] | None = None) -> dict:
     import torch
 
+    from pyface import _backend
+    from pyface.bench.harness import default_backends
     from pyface.train import Trainer, build_experiment
     from pyface.train.example import TriplaneAutoencoder as M
 
@@ -104,7 +106,12 @@ def engine_overhead(steps: int = 40, warmup: int = 5, overrides: list[str] | Non
                 "engine_only_median_s": statistics.median(rest),
                 "overhead_direct_pct": statistics.median(direct),
                 "overhead_direct_p20_p80_pct": [_q(direct, .2), _q(direct, .8)],
-                "overhead_paired_pct": 100 * statistics.median(paired) / mb}
+                "overhead_paired_pct": 100 * statistics.median(paired) / mb,
+                # the ops' backends (PYFACE_BACKEND applies to both loops) and precision
+                "pyface_backend_env": os.environ.get("PYFACE_BACKEND"),
+                "default_backends": default_backends(sorted(_backend.registered_ops()),
+                                                     torch.device("cpu")),
+                **run_settings(tr)}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -152,6 +159,17 @@ def checkpoint_io(repeats: int = 5, with_optimizer: bool = False) -> dict:
             "note": "save includes fsync + SHA-256; load includes SHA-256 verification"}
 
 
+def run_settings(tr) -> dict:
+    """What a trainer's steps ran with: ``train.backend`` (None: each op's default choice),
+    ``train.precision``, the autocast dtype it means (None: fp32, no autocast) and the
+    parameters' dtype."""
+    t = tr.cfg.train
+    param = next(iter(tr.model.parameters()), None)
+    return {"train_backend": t.backend, "precision": t.precision,
+            "autocast_dtype": "bfloat16" if t.precision == "bf16" else None,
+            "param_dtype": None if param is None else str(param.dtype).replace("torch.", "")}
+
+
 def _sync(device) -> None:
     import torch
 
@@ -186,7 +204,7 @@ def model_backends(name: str, overrides: list[str] | None = None, *, steps: int 
     import torch
 
     from pyface import _backend
-    from pyface.bench.harness import peak_memory_mb
+    from pyface.bench.harness import default_backends, step_memory_mb
     from pyface.train import Trainer
     from pyface.train.config import build_experiment
     from pyface.train.stages import own_overrides, prepare_stages
@@ -243,6 +261,11 @@ def model_backends(name: str, overrides: list[str] | None = None, *, steps: int 
         _backend.select_backend = real_select
         out = {"bench": "train_backends", "model": name, "preset": preset,
                "overrides": list(overrides or []), "device": str(dev),
+               # PYFACE_BACKEND as the command found it: not applied here ("fused" is each
+               # op's default choice, "reference" train.backend=reference)
+               "pyface_backend_env": env_backend,
+               # what each op's default choice runs on this device (the fused trainer's)
+               "default_backends": default_backends(sorted(_backend.registered_ops()), dev),
                # earlier stages trained here (model.<key>), for this many steps unless the
                # overrides' stages.<name>.train.steps say otherwise
                "stages_trained": sorted(filled), "stage_steps": stage_steps if filled else None,
@@ -255,21 +278,33 @@ def model_backends(name: str, overrides: list[str] | None = None, *, steps: int 
                         "(fused first) under the memory profiler",
                "results": {}}
         for label, tr in trainers.items():
-            mem = peak_memory_mb(lambda: tr.train_step(batches[label]), dev)
+            with tr._backend():         # the backend the trainer's steps run on, for the ops
+                mem, ops_mem = step_memory_mb(lambda: tr.train_step(batches[label]), dev)
             out["results"][label] = {**_stats(times[label]),
                                      "cpu_median_s": statistics.median(cpu[label]),
                                      # every measured step, in order (phases differ by step)
                                      "times_s": times[label], "cpu_times_s": cpu[label],
-                                     "peak_mem_mb": mem,
-                                     "ops": counts.get(label, {})}
+                                     "peak_mem_mb": mem, "ops_peak_mem_mb": ops_mem,
+                                     "ops": counts.get(label, {}),
+                                     **run_settings(tr)}
         f, r = out["results"]["fused"], out["results"]["reference"]
         out["speedup"] = r["median_s"] / f["median_s"]
         # process CPU time: what the step costs when other jobs share the cores
         out["speedup_cpu"] = r["cpu_median_s"] / max(f["cpu_median_s"], 1e-9)
         out["memory_ratio"] = r["peak_mem_mb"] / max(f["peak_mem_mb"], 1e-9)
+        out["ops_memory_ratio"] = (None if f["ops_peak_mem_mb"] is None
+                                   or r["ops_peak_mem_mb"] is None else
+                                   r["ops_peak_mem_mb"] / max(f["ops_peak_mem_mb"], 1e-9))
         out["note"] = ("peak_mem_mb: peak of one training step above the memory allocated "
-                       "before it (weights, optimizer state); CPU: ATen allocations on the "
-                       "calling thread (profiler)")
+                       "before it (weights, optimizer state); ops_peak_mem_mb: the largest peak "
+                       "inside one call of a pyface op (pyface.ops.<name>, the reference code "
+                       "or a fused kernel) above what was allocated when it was called; CPU: "
+                       "ATen allocations on the calling thread (profiler)")
+        if f["ops_peak_mem_mb"] is not None and \
+                abs(r["peak_mem_mb"] - f["peak_mem_mb"]) <= 0.01 * max(r["peak_mem_mb"], 1e-9):
+            out["memory_note"] = ("the step's peak is the same on both: it is reached outside "
+                                  "the ops (e.g. a network trained after a rendering without "
+                                  "gradients), whose own memory ops_peak_mem_mb compares")
         return out
     finally:
         _backend.select_backend = real_select
@@ -368,9 +403,20 @@ def _print_backends(r: dict) -> None:
         print(f"{r['model']} {label:9s} step {x['median_s'] * 1e3:8.1f} ms "
               f"[{x['p20_p80_s'][0] * 1e3:.1f}, {x['p20_p80_s'][1] * 1e3:.1f}] "
               f"(CPU {x.get('cpu_median_s', float('nan')) * 1e3:.1f} ms)  peak "
-              f"{x['peak_mem_mb']:8.1f} MB  ops: {ops or 'none'}")
+              f"{x['peak_mem_mb']:8.1f} MB"
+              + (f" (in ops {x['ops_peak_mem_mb']:.1f} MB)"
+                 if x.get("ops_peak_mem_mb") is not None else "")
+              + f"  ops: {ops or 'none'}")
+    ops_ratio = r.get("ops_memory_ratio")
     print(f"reference / fused: time x{r['speedup']:.2f} (process CPU time "
-          f"x{r.get('speedup_cpu', float('nan')):.2f}), peak memory x{r['memory_ratio']:.2f}")
+          f"x{r.get('speedup_cpu', float('nan')):.2f}), peak memory x{r['memory_ratio']:.2f}"
+          + (f", inside the ops x{ops_ratio:.2f}" if ops_ratio is not None else ""))
+    if r.get("memory_note"):
+        print(f"  ({r['memory_note']})")
+    x = r["results"]["fused"]
+    print(f"precision {x.get('precision')} (autocast {x.get('autocast_dtype') or 'off'}, "
+          f"parameters {x.get('param_dtype')}); PYFACE_BACKEND "
+          f"{r.get('pyface_backend_env') or 'unset'} (not applied: fused = each op's default)")
 
 
 def main(argv=None) -> int:

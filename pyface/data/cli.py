@@ -429,6 +429,8 @@ def _bench_run(args, cfg) -> int:
     from pyface.data.datasets import PairDataset
     from pyface.data.synthetic import generate
 
+    # a --root is read first: one that is no dataset is the only thing said
+    ds = PairDataset(args.root) if args.root is not None else None
     print(f"# cpu cores {os.cpu_count()}  torch {torch.__version__}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root
@@ -441,7 +443,7 @@ def _bench_run(args, cfg) -> int:
                   f"({s['frames'] / s['seconds']:.1f} frames/s); CPU time of the render "
                   f"workers {s['render_cpu_seconds']:.2f} s "
                   f"({1e3 * s['render_cpu_seconds'] / s['frames']:.0f} ms/frame)", flush=True)
-        ds = PairDataset(root)
+        ds = PairDataset(root) if ds is None else ds
         if len(ds) < args.batch_size:   # the loader drops the incomplete batch: none to time
             print(f"pyface data bench: --batch-size {args.batch_size} needs at least that many "
                   f"pairs, got {len(ds)} in {root} (more --frames / --identities, or a smaller "

@@ -200,7 +200,10 @@ class VideoDatasetBase(Dataset):
             self.labels.append(lab)
             self.landmarks.append(lm)
         if not self.videos:
-            raise fmt.DataError(f"{self.root}: no usable videos")
+            why = "" if records or os.path.isfile(os.path.join(self.root, fmt.INDEX)) else (
+                f" (no {fmt.INDEX} and no video folders, folders with {fmt.META} or "
+                f"{fmt.FRAME_DIR}/: not a pyface dataset root)")
+            raise fmt.DataError(f"{self.root}: no usable videos{why}")
         idents = sorted({v.identity for v in self.videos})
         self.identity_ids = {name: i for i, name in enumerate(idents)}
         self.video_identity = np.array([self.identity_ids[v.identity] for v in self.videos])

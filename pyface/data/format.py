@@ -233,15 +233,19 @@ def _unfinished_message(root: str) -> str:
 
 
 def load_index(root: str) -> list[VideoRecord]:
-    """The videos of ``root`` from ``index.json`` (scanned, with a warning, when it is absent)."""
+    """The videos of ``root`` from ``index.json`` (scanned, with a warning, when it is absent;
+    none, without a warning, when there is no video folder to scan either: the caller's error
+    says the root is no dataset)."""
     if not os.path.isdir(root):
         raise DataError(_not_a_root(root))
     _refuse_unfinished(root)
     path = os.path.join(root, INDEX)
     if not os.path.isfile(path):
-        warnings.warn(f"{path} not found; scanning the folders (run `pyface data index {root}` "
-                      "to write it)", stacklevel=2)
-        return [scan_video(root, n) for n in video_names(root)]
+        names = video_names(root)
+        if names:
+            warnings.warn(f"{path} not found; scanning the folders (run `pyface data index "
+                          f"{root}` to write it)", stacklevel=2)
+        return [scan_video(root, n) for n in names]
     idx = _load_json(path)
     if not isinstance(idx, dict) or idx.get("format") != FORMAT or "videos" not in idx:
         raise DataError(f"{path}: not a {FORMAT} index")

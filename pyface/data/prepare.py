@@ -300,6 +300,12 @@ def iter_frames(src: Source, damaged: list | None = None):
                                f"{plural(decoded, 'frame')} decoded before the damage "
                                f"({type(e).__name__}: {e})")
                 return
+            if not decoded:
+                why = mp4_without_index(src.path)
+                if why is not None:
+                    raise PrepareError(f"{src.path}: truncated video: {why}, so no frame can be "
+                                       "recovered from it; copy or download the whole file "
+                                       f"again ({type(e).__name__}: {e})") from None
             where = f" after {decoded} decoded frames (truncated?)" if decoded else ""
             raise PrepareError(f"{src.path}: corrupt or unreadable video{where} "
                                f"({type(e).__name__}: {e})") from None
@@ -312,6 +318,43 @@ def iter_frames(src: Source, damaged: list | None = None):
         except Exception as e:  # PIL raises many types for corrupt data
             raise PrepareError(f"{f}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
         yield img
+
+
+def mp4_without_index(path: str) -> str | None:
+    """Why an MP4 / MOV file (ISO base media boxes, ``ftyp`` first) cannot be opened when it
+    ends before its index: its top-level boxes hold no ``moov`` (the sample tables that say
+    where every frame's bytes are, written last by most recorders and encoders); the file is
+    cut inside a box (``mdat``, the frame data) or just after it. None for any other file (not
+    such a file, or one with its index)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            pos, boxes, cut = 0, [], None
+            while pos + 8 <= size:
+                f.seek(pos)
+                head = f.read(16)
+                n, kind = int.from_bytes(head[:4], "big"), head[4:8]
+                if n == 1 and len(head) >= 16:           # a 64-bit size follows
+                    n = int.from_bytes(head[8:16], "big")
+                elif n == 0:                             # to the end of the file
+                    n = size - pos
+                if n < 8 or not all(32 <= b < 127 for b in kind):
+                    return None                          # not a box: not an ISO media file
+                boxes.append(kind.decode("ascii"))
+                if pos + n > size:
+                    cut = (kind.decode("ascii"), pos, n)
+                    break
+                pos += n
+    except OSError:
+        return None
+    if not boxes or boxes[0] != "ftyp" or "moov" in boxes:
+        return None
+    index = "its index (the 'moov' box, which most recorders write last)"
+    if cut is not None:
+        kind, at, n = cut
+        return (f"the file ends ({size} bytes) inside its '{kind}' box ({n} bytes declared at "
+                f"byte {at}), before {index}")
+    return f"the file ends ({size} bytes) after its {', '.join(boxes)} boxes, without {index}"
 
 
 def _decode(container, stream, ffmpeg_error):

@@ -18,6 +18,21 @@ def _fmt(shape: Iterable) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
+#: largest tri-plane height / width, every backend and entry point alike: texel coordinates are
+#: float32 in the kernels (exact integers up to 2^24; the CPU kernel's 32-bit texel indices
+#: overflowed at 2^31)
+MAX_PLANE_SIZE = 2**24
+
+
+def check_plane_size(planes, name: str = "planes") -> None:
+    """ValueError unless ``planes`` (B, 3, C, H, W) has H, W <= :data:`MAX_PLANE_SIZE` (an
+    expanded, stride-0 plane can be that wide without memory): the one check of
+    ``triplane_sample``, ``render_triplane`` and the registered ops' fake and Triton kernels."""
+    if len(planes.shape) == 5 and max(planes.shape[3:]) > MAX_PLANE_SIZE:
+        raise ValueError(f"{name}: expected H, W <= 2^24 = {MAX_PLANE_SIZE} (texel coordinates "
+                         f"are computed in float32), got shape {_fmt(planes.shape)}")
+
+
 class ShapeChecker:
     """Checks tensors against symbolic shape specs and binds named dims across arguments.
 

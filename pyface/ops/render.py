@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from pyface import _backend
 from pyface._ops import fused_backward
-from pyface.ops._checks import (ShapeChecker, check_autodiff_mode, check_choice, check_positive,
-                                is_finite)
+from pyface.ops._checks import (ShapeChecker, check_autodiff_mode, check_choice,
+                                check_plane_size, check_positive, is_finite)
 from pyface.ops.reference.render import (
     OSG_CLAMP,
     mip_composite_reference,
@@ -584,6 +584,7 @@ def render_triplane(planes: torch.Tensor, ray_origins: torch.Tensor, ray_dirs: t
     chk.tensor("planes", planes, "B 3 C H W")
     chk.tensor("ray_origins", ray_origins, "B R 3")
     chk.tensor("ray_dirs", ray_dirs, "B R 3")
+    check_plane_size(planes)        # triplane_sample's limit, for every backend alike
     check_choice("plane_axes", plane_axes, PLANE_AXES)
     check_positive("box_size", box_size)
     near, far = _check_range(near, far)

@@ -4,15 +4,14 @@ from __future__ import annotations
 import torch
 
 from pyface import _backend
-from pyface.ops._checks import (ShapeChecker, _fmt, check_autodiff_mode, check_choice,
-                                check_positive)
+from pyface.ops._checks import (MAX_PLANE_SIZE, ShapeChecker, _fmt, check_autodiff_mode,
+                                check_choice, check_plane_size, check_positive)
 from pyface.ops.reference.triplane import triplane_sample_reference
 
 PLANE_AXES = ("xy_xz_zy", "eg3d")
 REDUCTIONS = ("mean", "sum", "none")
-#: largest plane height / width, every backend alike: texel coordinates are float32 in the
-#: kernels (exact integers up to 2^24; the CPU kernel's 32-bit texel indices overflowed at 2^31)
-MAX_PLANE_SIZE = 2**24
+#: (re-exported here: ``pyface.ops.triplane.MAX_PLANE_SIZE``)
+MAX_PLANE_SIZE = MAX_PLANE_SIZE
 
 
 def triplane_sample(planes: torch.Tensor, points: torch.Tensor, *, plane_axes: str,
@@ -58,9 +57,7 @@ def triplane_sample(planes: torch.Tensor, points: torch.Tensor, *, plane_axes: s
     if min(planes.shape[2:]) < 1:   # every backend alike (grid_sample raises its own words)
         raise ValueError(f"planes: expected shape (B, 3, C, H, W) with C, H, W >= 1, got "
                          f"{_fmt(planes.shape)}")
-    if max(planes.shape[3:]) > MAX_PLANE_SIZE:   # e.g. an expanded (stride 0) plane
-        raise ValueError(f"planes: expected H, W <= 2^24 = {MAX_PLANE_SIZE} (texel coordinates "
-                         f"are computed in float32), got shape {_fmt(planes.shape)}")
+    check_plane_size(planes)        # e.g. an expanded (stride 0) plane
     check_choice("plane_axes", plane_axes, PLANE_AXES)
     check_choice("reduce", reduce, REDUCTIONS)
     check_positive("box_size", box_size)

@@ -81,9 +81,10 @@ def add_parser(subparsers) -> None:
                    help="seed of the random numbers a model draws (OTAvatar's source inversion "
                         "samples rays at random, EG3D and GOHA render random ray samples): "
                         "torch is seeded with N before the source encoding and with N + t "
-                        "before the chunk whose first frame is t, so the same command gives the "
-                        "same frames; 'none': torch's random state as it is (frames differ "
-                        "from run to run) (default 0)")
+                        "before the chunk whose first frame is t (EG3D and GOHA draw frame i's "
+                        "ray samples from a generator of (N, i), whatever --batch), so the same "
+                        "command gives the same frames; 'none': torch's random state as it is "
+                        "(frames differ from run to run) (default 0)")
     a.add_argument("--weights", action="append", default=[], metavar="NAME=PATH",
                    help="a pretrained network the source encoding uses (repeatable), for models "
                         "whose source encoding optimises a loss: otavatar's inversion takes "
@@ -639,6 +640,8 @@ def run_animate(args) -> int:
                         motion = pipe.encode_driving(part)
                         if T is not None and isinstance(pipe, Pipeline):
                             motion = pipe.locate(motion, done, T)      # as stream() does
+                        if isinstance(pipe, Pipeline):
+                            motion = pipe.seed_frames(motion, args.seed, done)
                         frames = pipe.generate(state, motion, **controls)
                     sync()
                     seconds += time.perf_counter() - t0

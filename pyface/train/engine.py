@@ -902,6 +902,36 @@ class Trainer:
             self.model.train(was)
         return paths
 
+    def _drop_later_previews(self) -> list[str]:
+        """Deletes the previews (``previews/step-<step>.*``) of steps after the one training
+        starts from: they are from a run that went on past it (steps after its last
+        checkpoint, an earlier checkpoint resumed, a run that was longer than this
+        ``train.steps``, or a run trained over from scratch), so the folder's previews
+        describe one run, as TensorBoard's events after that step are purged. Logged with their
+        number; returns their paths."""
+        import re
+
+        folder = os.path.join(self.run_dir, "previews")
+        if not os.path.isdir(folder):
+            return []
+        later = sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                       if (m := re.fullmatch(r"step-(\d+)\.[A-Za-z0-9]+", n))
+                       and int(m.group(1)) > self.step
+                       and os.path.isfile(os.path.join(folder, n)))
+        for p in later:
+            os.remove(p)
+        if later:
+            line = (f"deleted {len(later)} preview{'' if len(later) == 1 else 's'} of steps "
+                    f"after step {self.step} ("
+                    + ", ".join(os.path.basename(p) for p in later[:4])
+                    + (", ..." if len(later) > 4 else "") + "): from a run that went past it, "
+                    "not this one")
+            if log.isEnabledFor(logging.INFO):
+                log.info(line)              # the console and log.txt
+            else:
+                self._log_to_file(line)
+        return later
+
     def _on_signal(self, signum, frame):
         if self._stop_signal is not None:  # second signal: stop now
             raise KeyboardInterrupt(
@@ -982,6 +1012,7 @@ class Trainer:
             # an interrupted run logged after its last checkpoint is dropped, not drawn twice
             self._board = Board(os.path.join(self.run_dir, "tb") if t.tensorboard else None,
                                 purge_step=self.step + 1)
+            self._drop_later_previews()
         self._stop_signal = None
         old_handlers = {}
         if threading.current_thread() is threading.main_thread():

@@ -621,6 +621,17 @@ class Pipeline:
         frames). Default: ``motion`` unchanged."""
         return motion
 
+    def seed_frames(self, motion, seed: int | None, start: int):
+        """``motion`` of the frames ``start``, ``start + 1``, ... of an animation seeded with
+        ``seed`` (None: unseeded), told that seed: :meth:`stream`, :meth:`animate` and ``pyface
+        animate`` call it on every chunk (after :meth:`locate`), so that a ``generate`` that
+        draws random numbers for every frame can draw frame ``i``'s from a generator of
+        ``(seed, i)`` alone (:func:`frame_seeds`, :func:`frame_generators`) and give the same
+        frames whatever the chunking (EG3D's and GOHA's ray samples). Default: ``motion``
+        unchanged (the chunk's draws come from torch's generators, seeded with ``seed + t``
+        before the chunk of first frame ``t``)."""
+        return motion
+
     @torch.no_grad()
     def animate(self, source: dict, driving: dict, *, seed: int | None = None,
                 **controls) -> torch.Tensor:
@@ -635,7 +646,8 @@ class Pipeline:
         with seeded(seed, self.device):
             state = self.encode_source(source)
         with seeded(seed, self.device):
-            return self.generate(state, self.encode_driving(driving), **controls)
+            motion = self.seed_frames(self.encode_driving(driving), seed, 0)
+            return self.generate(state, motion, **controls)
 
     @torch.no_grad()
     def reconstruct(self, source: dict) -> torch.Tensor:
@@ -671,14 +683,15 @@ class Pipeline:
                 part = {k: v[t:t + chunk] if isinstance(v, torch.Tensor) else v
                         for k, v in driving.items()}
                 with seeded(None if seed is None else seed + t, self.device):
-                    m = self.locate(self.encode_driving(part), t, T)
+                    m = self.seed_frames(self.locate(self.encode_driving(part), t, T), seed, t)
                     frames = self.generate(state, m, **controls)
                 yield t, frames
         else:
             T = motion_length(motion)
             for t in range(0, T, chunk):
                 with seeded(None if seed is None else seed + t, self.device):
-                    m = self.locate(_slice_motion(motion, t, t + chunk), t, T)
+                    m = self.seed_frames(self.locate(_slice_motion(motion, t, t + chunk), t, T),
+                                         seed, t)
                     frames = self.generate(state, m, **controls)
                 yield t, frames
 
@@ -699,6 +712,37 @@ def frame_place(motion, T: int) -> tuple[torch.Tensor, int]:
     if isinstance(motion, dict) and "stream_index" in motion:
         return motion["stream_index"].long().cpu(), int(motion["stream_length"])
     return torch.arange(T), T
+
+
+def frame_seed(seed: int, index: int) -> int:
+    """The seed of frame ``index`` of an animation seeded with ``seed``: 63 bits of the SHA-256
+    of both (frames of one seed, and the same frame of two seeds, get unrelated streams)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"pyface-frame:{int(seed)}:{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
+
+
+def frame_seeds(motion: dict, seed: int | None, start: int) -> dict:
+    """A :meth:`Pipeline.seed_frames` for a dict motion: ``motion`` plus ``frame_seeds`` (n,)
+    int64, the :func:`frame_seed` of its frames ``start .. start + n - 1``; ``motion`` unchanged
+    when ``seed`` is None."""
+    if seed is None:
+        return motion
+    check_seed(seed)
+    n = motion_length({k: v for k, v in motion.items() if isinstance(v, torch.Tensor)})
+    return {**motion, "frame_seeds": torch.tensor([frame_seed(seed, start + i) for i in range(n)],
+                                                  dtype=torch.int64)}
+
+
+def frame_generators(motion, device) -> list[torch.Generator] | None:
+    """One ``torch.Generator`` on ``device`` per frame of ``motion``, seeded with its
+    ``frame_seeds`` (:func:`frame_seeds`); None when the motion carries none (an unseeded
+    animation, or ``generate`` called on its own: draw from torch's generators)."""
+    if not isinstance(motion, dict) or motion.get("frame_seeds") is None:
+        return None
+    dev = torch.device(device)
+    return [torch.Generator(device=dev).manual_seed(int(s)) for s in motion["frame_seeds"]]
 
 
 def check_seed(seed, what: str = "seed") -> None:

@@ -22,6 +22,7 @@ from pyface.models.eg3d.generator import EG3DGenerator
 log = logging.getLogger("pyface.models.eg3d")
 
 from pyface.train.model import Pipeline as _PipelineBase
+from pyface.train.model import frame_generators, frame_seeds
 
 
 def load_generator(path: str, *, device="cpu", ema: bool = True) -> EG3DGenerator:
@@ -155,7 +156,9 @@ class EG3DPipeline(_PipelineBase):
     (T, 3, R, R) in [-1, 1]. Options of ``encode_source``: ``steps`` (default: the constructor's
     ``invert_steps``, 300), ``space`` ("w" / "w+"); ``generate`` takes no controls (a misspelt
     one is a TypeError). Its ray samples are random, as EG3D's: seed ``torch`` for repeatable
-    frames."""
+    frames; with a seed (``animate`` / ``stream`` ``seed=N``, ``pyface animate --seed``) frame
+    ``i``'s samples come from a generator of ``(N, i)`` alone (:meth:`seed_frames`), so the
+    frames do not depend on the chunking."""
 
     def __init__(self, model, *, device=None, perceptual=None, invert_steps: int = 300):
         G = model.G if hasattr(model, "G") else model
@@ -197,11 +200,30 @@ class EG3DPipeline(_PipelineBase):
                              f"{None if cam is None else tuple(cam.shape)}")
         return {"camera": cam.float().to(self.device)}
 
+    def seed_frames(self, motion, seed: int | None, start: int):
+        """``frame_seeds`` of the frames (:func:`pyface.train.model.frame_seeds`): ``generate``
+        draws each frame's ray samples from its own generator."""
+        return frame_seeds(motion, seed, start) if isinstance(motion, dict) else motion
+
     @torch.no_grad()
     def generate(self, state: dict, motion: dict) -> torch.Tensor:
         cam = motion["camera"]
         ws = state["ws"].to(self.device)
         planes = self.G.backbone.planes(ws, noise_mode="const")
-        out = [self.G.synthesis(ws, cam[t:t + 1], planes=planes)["image"][0]
-               for t in range(cam.shape[0])]
+        gens = frame_generators(motion, planes.device)
+        out = []
+        for t in range(cam.shape[0]):
+            kw = {} if gens is None else self._ray_uniforms(gens[t], planes)
+            out.append(self.G.synthesis(ws, cam[t:t + 1], planes=planes, **kw)["image"][0])
         return torch.stack(out).clamp(-1, 1)
+
+    def _ray_uniforms(self, gen: torch.Generator, planes: torch.Tensor) -> dict:
+        """One frame's ``stratified_noise`` and ``importance_u`` drawn from ``gen`` (in the
+        order the renderer draws them)."""
+        r, cfg = self.G.resolve_resolution(None), self.G.cfg.render
+        dtype = torch.float64 if planes.dtype == torch.float64 else torch.float32
+        kw = dict(generator=gen, device=planes.device, dtype=dtype)
+        noise = torch.rand(1, r * r, cfg.depth_resolution, **kw)
+        n_fine = cfg.depth_resolution_importance
+        return {"stratified_noise": noise,
+                "importance_u": torch.rand(1, r * r, n_fine, **kw) if n_fine > 0 else None}

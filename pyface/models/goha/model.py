@@ -35,7 +35,8 @@ from pyface.nn import OSGDecoder, RenderConfig, TriplaneRenderer
 from pyface.nn.render import density_l1_regularizer
 from pyface.nn.segformer import STEM_KEYS, load_hf_segformer
 from pyface.ops import points_to_triplane, ray_bundle
-from pyface.train.model import Phase, Pipeline, StepContext, TrainableModel
+from pyface.train.model import (Phase, Pipeline, StepContext, TrainableModel, frame_generators,
+                                frame_seeds)
 
 from pyface.models.goha.config import GOHAConfig
 from pyface.models.goha.data import DRIVING_KEYS, SOURCE_KEYS, GOHARenders, bfm224_label
@@ -277,10 +278,12 @@ class GOHA(TrainableModel):
         return planes * self.cfg.plane_gain if self.cfg.plane_gain != 1 else planes
 
     def render(self, planes: torch.Tensor, camera: torch.Tensor, resolution: int | None = None,
-               *, lift: bool = False) -> dict[str, torch.Tensor]:
+               *, lift: bool = False, generators: list | None = None
+               ) -> dict[str, torch.Tensor]:
         """planes (B, 3, C, P, P), camera (B, 25) -> ``image (B, 3, r, r)`` in [-1, 1],
         ``depth (B, 1, r, r)``, ``weights (B, 1, r, r)`` (accumulated opacity) and the rays
-        ``origins`` / ``dirs`` (B, r*r, 3)."""
+        ``origins`` / ``dirs`` (B, r*r, 3). ``generators``: one ``torch.Generator`` per item
+        from which its ray samples are drawn (None: torch's generator, for the whole batch)."""
         r = resolution or self.cfg.render_resolution
         if camera.dim() != 2 or camera.shape != (planes.shape[0], 25):
             raise ValueError(f"camera: expected ({planes.shape[0]}, 25), got "
@@ -293,6 +296,20 @@ class GOHA(TrainableModel):
             u = ((torch.arange(n, device=o.device, dtype=o.dtype) + 0.5) / n).expand(B, r * r, n)
             out = self.lift_renderer(planes, self.decoder, o, d,
                                      stratified_noise=torch.full_like(u, 0.5), importance_u=u)
+        elif generators is not None:
+            if len(generators) != planes.shape[0]:
+                raise ValueError(f"generators: expected one per item ({planes.shape[0]}), got "
+                                 f"{len(generators)}")
+            rc = self.renderer.config
+            dtype = torch.float64 if o.dtype == torch.float64 else torch.float32
+            noise, imp = [], []
+            for g in generators:               # per item, in the order the renderer draws them
+                kw = dict(generator=g, device=o.device, dtype=dtype)
+                noise.append(torch.rand(1, r * r, rc.depth_resolution, **kw))
+                if rc.depth_resolution_importance > 0:
+                    imp.append(torch.rand(1, r * r, rc.depth_resolution_importance, **kw))
+            out = self.renderer(planes, self.decoder, o, d, stratified_noise=torch.cat(noise),
+                                importance_u=torch.cat(imp) if imp else None)
         else:
             out = self.renderer(planes, self.decoder, o, d)
         img = out.images(r)
@@ -612,7 +629,10 @@ class GOHAPipeline(Pipeline):
       the head's hole in the background is filled with the mean background colour; a
       super-resolved image is first multiplied by the render's opacity, upsampled, or with
       ``model.sr_residual`` only its residual over the upsampled render: ``model.foreground``).
-      The ray samples are random (as in training): seed ``torch`` for repeatable frames.
+      The ray samples are random (as in training): seed ``torch`` for repeatable frames; with
+      a seed (``animate`` / ``stream`` ``seed=N``, ``pyface animate --seed``) frame ``i``'s
+      samples come from a generator of ``(N, i)`` alone (:meth:`seed_frames`), so the frames
+      do not depend on the chunking.
     """
 
     def __init__(self, model, *, device=None):
@@ -663,6 +683,11 @@ class GOHAPipeline(Pipeline):
         self.check_labels(driving=drv)
         return {"expression": drv["coeffs"][:, 80:144].float(), "camera": drv["camera"].float()}
 
+    def seed_frames(self, motion, seed: int | None, start: int):
+        """``frame_seeds`` of the frames (:func:`pyface.train.model.frame_seeds`): ``generate``
+        draws each frame's ray samples from its own generator."""
+        return frame_seeds(motion, seed, start) if isinstance(motion, dict) else motion
+
     @torch.no_grad()
     def generate(self, state: dict, motion: dict, expression: bool = True,
                  appearance: bool = True, composite: bool = True) -> torch.Tensor:
@@ -671,7 +696,8 @@ class GOHAPipeline(Pipeline):
               for k, v in state.items()}
         planes = self.model.animate_planes(st, motion["expression"], use_expression=expression,
                                            use_appearance=appearance)
-        out = self.model.render(planes, motion["camera"])
+        out = self.model.render(planes, motion["camera"],
+                                generators=frame_generators(motion, planes.device))
         img = self.model.finish(out["image"])
         if composite and st.get("background") is not None:
             # the render is premultiplied over black: add the background where it is clear
