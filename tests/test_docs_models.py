@@ -15,8 +15,9 @@ What is checked (nothing is trained, no data is made, networks are built on the 
   table; the quote must be in the guide (whitespace runs count as one space) and the values it
   states must be the preset's, as ``pyface train MODEL --preset P --print-config`` resolves them
   (``model.*``, ``data.*``, ``train.*``).
-* Parameter counts: the counts a guide quotes (Export3D's sizes, MMFA's table, OTAvatar's
-  controller) equal the parameters of the networks built from the presets.
+* Network sizes: the counts a guide quotes (Export3D's parameters, MMFA's table, OTAvatar's
+  controller, the W+ layers of OTAvatar's tiny EG3D generator) equal those of the networks
+  built from the presets.
 """
 from __future__ import annotations
 
@@ -527,3 +528,21 @@ def test_otavatar_controller_parameter_counts():
     said = f"The full-size controller has {tied:,} parameters (`MotionController()`; `tie_mlp=False`: {untied:,})."
     assert said in text, f"docs/models/otavatar.md: expected {said!r}"
     assert f"({tied:,} unique parameters)" in text
+
+
+def test_otavatar_tiny_generator_sizes():
+    """The sizes the OTAvatar guide gives for the generator of its `tiny` EG3D stage."""
+    from pyface.models.eg3d import EG3DGenerator
+    from pyface.models.eg3d.config import EG3DGeneratorConfig
+    from pyface.train.config import from_dict
+
+    gen = preset_config("eg3d", T)["model"]["generator"]
+    with torch.device("meta"):
+        G = EG3DGenerator(from_dict(EG3DGeneratorConfig, gen))
+    r = gen["neural_rendering_resolution"]
+    said = (f"works on the `eg3d --preset tiny` generator: w {gen['w_dim']}, {G.num_ws} W+ layers, "
+            f"planes 3 x {gen['plane_channels']} x {gen['backbone_resolution']}², render {r}² "
+            f"with {gen['render']['depth_resolution']} + "
+            f"{gen['render']['depth_resolution_importance']} samples, {gen['sr_variant']} "
+            f"super-resolution to {gen['img_resolution']}²")
+    assert said in flat(guide_text("otavatar")), f"docs/models/otavatar.md: expected {said!r}"
