@@ -262,6 +262,9 @@ PRESET_ROWS = [
                "model.plane_gain": 10.0, "model.plane_field": 0.35,
                "model.flip_plane_rows": True}
       for m in ("goha_s1", "goha_s1_gan", "goha")}),
+    ("goha", "`model.render_chunk_points` (None: the op's 131072; tiny 8192)",
+     {(m, p): {"model.render_chunk_points": n}
+      for m in ("goha_s1", "goha_s1_gan", "goha") for p, n in ((T, 8192), (F, None))}),
     ("goha", "lr 1e-3 (s1_gan 1e-4), betas (0.9, 0.99), TV 0.05, `mask_weight` 1, `neutral_weight` 3, "
              "`mouth_weight` 0.25 (s1 and s1_gan); cano only to step 125, expression from 125, "
              "appearance from 250; SR and D at 1/32 width (SR style 32), s2 `sr_residual`",
