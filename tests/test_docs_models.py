@@ -374,6 +374,37 @@ PRESET_ROWS = [
       ("export3d", F): {"model.betas": [0.0, 0.99], "model.lr": 1e-4,
                         "train.ema.half_life_kimg": 10.0,
                         "train.ema.modules": ["generator", "cond", "decoder", "sr"]}}),
+    ("eg3d", "| `Greg` | G | `g_reg_interval` 4 |",
+     {("eg3d", p): {"model.g_reg_interval": 4, "model.density_reg": 0.25, "model.reg_type": "l1",
+                    "model.d_reg_interval": 16, "model.gpc_reg_prob": 0.5,
+                    "model.g_lr": 0.0025, "model.d_lr": 0.002, "model.betas": [0.0, 0.99]}
+      for p in (T, G, F)}),
+    ("otavatar", "| VGG19 perceptual relu1_1..relu5_1 (L1) + Gram on the first scale | 1, Gram x 250 |",
+     {("otavatar", p): {"model.w_perceptual": 1.0, "model.style_weight": 250.0,
+                        "model.w_smooth_l1": 1.0, "model.w_mouth": 10.0, "model.w_eyes": 10.0,
+                        "model.w_identity": 1.0, "model.w_monotonic": 1.0, "model.w_tv": 0.25,
+                        "model.tv_sigma": 0.004} for p in (T, G, F)}),
+    ("export3d", "| density L1 regulariser (EG3D, `density_l1_regularizer`, corrected axes) every 4 "
+                 "steps, scaled by 4 | 0.25 (0 in `tiny`) |",
+     {("export3d", p): {"model.w_l1": 1.0, "model.w_l1_raw": 1.0, "model.w_perceptual": 1.0,
+                        "model.w_roi": 1.0, "model.w_roi_raw": 0.0, "model.density_every": 4,
+                        "model.w_density": 0.0 if p == T else 0.25, "model.w_identity": 0.1,
+                        "model.w_mask": 10.0 if p == T else 0.0,
+                        "model.w_gan": 0.025 if p == F else 0.0, "model.gan_start": 10_000,
+                        "model.r1_gamma": 10.0, "model.r1_every": 16, "model.d_lr": 1e-4,
+                        "model.augment": 0.2 if p == T else 0.0}
+      for p in (T, G, F)}),
+    ("mmfa", "| equivariance | `w_equivariance` 10 (`tiny`: 20) |",
+     {("mmfa", p): {"model.w_rec": 10.0, "model.w_perceptual": 0.0,
+                    "model.w_equivariance": 20.0 if p == T else 10.0, "model.w_prior": 10.0,
+                    "model.w_landmark": 10.0, "model.landmark_weights": [1.0, 2.0, 2.0],
+                    "model.w_delta": 0.5 if p == T else 5.0, "model.w_exp_consistency": 1.0,
+                    "model.w_canonical": 10.0, "model.w_mouth": 0.0, "model.mouth_margin": 4.0,
+                    "model.w_mouth_motion": 0.0, "model.mouth_motion_sigma": 0.2,
+                    "model.w_blend_bound": 0.0, "model.blend_bound": 3.0,
+                    "model.sigma_affine": 0.05, "model.sigma_tps": 0.005}
+      for p in (T, G, F)}),
+    ("mmfa", "| deformation L1 | `w_delta` 5 (`tiny`: 0.5) |", {}),
     ("mmfa", "| `tiny` | spec (a): 64², K = 10, volume 16 × 8 × 16², DenseMotion(16, 3 blocks, max "
              "128, depth 8), keypoint detector at 16² with 3 blocks, exp_dim 32, L1 pyramid only, "
              "no GAN, source blend, `w_delta` 0.5, expression-landmark term as a squared error "
