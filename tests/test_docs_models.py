@@ -405,6 +405,17 @@ PRESET_ROWS = [
                     "model.sigma_affine": 0.05, "model.sigma_tps": 0.005}
       for p in (T, G, F)}),
     ("mmfa", "| deformation L1 | `w_delta` 5 (`tiny`: 0.5) |", {}),
+    ("mmfa", "* VAE: `pyface.nn.GaussianMLPVAE`, latent 32 (`tiny`: 8), hidden (256, 256) (`tiny`: "
+             "(64, 64)),",
+     {("mmfa_vae", p): {"model.latent": z, "model.hidden": h, "model.standardize": True}
+      for p, z, h in ((T, 8, [64, 64]), (G, 32, [256, 256]), (F, 32, [256, 256]))}),
+    ("mmfa", "* Losses: MSE 1 (in standardised units), KL 1e-3 with a linear warm-up over "
+             "`kl_warmup` steps, and LSGAN 0.1 against the feature discriminator.",
+     {("mmfa_vae", p): {"model.w_rec": 1.0, "model.w_kl": 1e-3, "model.w_adv": 0.1}
+      for p in (T, G, F)}),
+    ("mmfa", "* Phases: `VAE`, then `Dfeat`. Adam, lr 1e-4 (`tiny`: 1e-3, `gpu-short`: 5e-4), for both.",
+     {("mmfa_vae", p): {"model.lr": lr, "model.lr_d": lr}
+      for p, lr in ((T, 1e-3), (G, 5e-4), (F, 1e-4))}),
     ("mmfa", "| `tiny` | spec (a): 64², K = 10, volume 16 × 8 × 16², DenseMotion(16, 3 blocks, max "
              "128, depth 8), keypoint detector at 16² with 3 blocks, exp_dim 32, L1 pyramid only, "
              "no GAN, source blend, `w_delta` 0.5, expression-landmark term as a squared error "
