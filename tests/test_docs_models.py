@@ -591,3 +591,17 @@ def test_otavatar_tiny_generator_sizes():
             f"{gen['render']['depth_resolution_importance']} samples, {gen['sr_variant']} "
             f"super-resolution to {gen['img_resolution']}²")
     assert said in flat(guide_text("otavatar")), f"docs/models/otavatar.md: expected {said!r}"
+
+
+def test_otavatar_tiny_stage_settings():
+    """The OTAvatar guide's `tiny` EG3D stage: `model.background=data`, `train.steps=1200`
+    (OTAvatar's `Stage.presets`), the stage model `eg3d` with the same preset otherwise."""
+    from pyface.models.otavatar.model import OTAvatar
+
+    (stage,) = OTAvatar.stages
+    said = ("stage `eg3d --preset tiny` with the data's backgrounds and 1200 steps "
+            "(`model.background=data`, `train.steps=1200`: OTAvatar's `Stage.presets`)")
+    assert said in flat(guide_text("otavatar"))
+    over = stage.presets["tiny"]
+    assert (stage.model, stage.checkpoint_key) == ("eg3d", "generator")
+    assert over["model"]["background"] == "data" and over["train"]["steps"] == 1200
