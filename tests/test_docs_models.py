@@ -3,8 +3,8 @@
 What is checked (nothing is trained, no data is made, networks are built on the meta device):
 
 * Config keys: every code span of a guide that names a key ``model.X``, ``data.X`` or
-  ``train.X`` (``model.sr_residual``, ``model.eye_roi_bug=true``; not a file such as
-  ``model.py``) is a key of the config of the
+  ``train.X`` (``model.sr_residual``, ``model.eye_roi_bug=true``, ``--set model.gpc_reg_prob=0.8``;
+  not a file such as ``model.py``) is a key of the config of the
   guide's model or of one of its stage models (GUIDE_MODELS), and a value written after ``=``
   converts to the key's type: the config is built as ``pyface train MODEL --set KEY=VALUE``
   builds it (``data.name=X``: X is a registered dataset). A value that is a placeholder (upper case, ``<...>``, empty, or one of
@@ -47,8 +47,8 @@ RELATIVE = {
              "discriminator.": "model.discriminator."},
 }
 # values in the guides that stand for any value (Export3D's `model.expr_planes=k`)
-PLACEHOLDER_VALUES = {"", "k"}
-KEY_SPAN = re.compile(r"`((?:model|data|train|generator|render|discriminator)"
+PLACEHOLDER_VALUES = {"", "k", "...", "…"}
+KEY_SPAN = re.compile(r"`(?:--set )?((?:model|data|train|generator|render|discriminator)"
                       r"(?:\.[A-Za-z_]\w*)+)(?:=([^`\s]*))?`")
 
 
