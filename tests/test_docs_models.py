@@ -12,9 +12,10 @@ What is checked (nothing is trained, no data is made, networks are built on the 
   generator (``generator.sr_image_raw_alias=true``, ``render.chunk_points``): RELATIVE maps those
   prefixes to ``model.generator.`` and ``model.generator.render.``.
 * Preset values: each entry of PRESET_ROWS quotes a row (or part of a row) of a guide's preset
-  table; the quote must be in the guide (whitespace runs count as one space) and the values it
-  states must be the preset's, as ``pyface train MODEL --preset P --print-config`` resolves them
-  (``model.*``, ``data.*``, ``train.*``).
+  table, or a sentence of a guide or of docs/train.md that states a preset's value; the quote
+  must be in the page (whitespace runs count as one space) and the values it states must be the
+  preset's (None: the recipe's), as ``pyface train MODEL --preset P --print-config`` resolves
+  them (``model.*``, ``data.*``, ``train.*``).
 * Network sizes: the counts a guide quotes (Export3D's parameters, MMFA's table, OTAvatar's
   controller, the W+ layers of OTAvatar's tiny EG3D generator) equal those of the networks
   built from the presets.
@@ -53,7 +54,9 @@ KEY_SPAN = re.compile(r"`(?:--set )?((?:model|data|train|generator|render|discri
 
 
 def guide_text(name: str) -> str:
-    return (GUIDES / f"{name}.md").read_text(encoding="utf-8")
+    """A guide by model name (``goha``), or another page by its path (``docs/train.md``)."""
+    path = ROOT / name if name.endswith(".md") else GUIDES / f"{name}.md"
+    return path.read_text(encoding="utf-8")
 
 
 def flat(text: str) -> str:
@@ -454,6 +457,22 @@ PRESET_ROWS = [
 ]
 
 
+PRESET_ROWS += [
+    ("docs/train.md", "CLeBS's video whitening statistics (`whiten`, on in `tiny`;",
+     {("export3d_clebs", T): {"model.whiten": True},
+      ("export3d_clebs", G): {"model.whiten": False}, ("export3d_clebs", F): {"model.whiten": False}}),
+    ("docs/train.md", "Its recipe: 600 steps, batch 8, 32x32 images, cosine schedule with warm-up, "
+                      "EMA of encoder and decoder.",
+     {("example", None): {"train.steps": 600, "train.batch_size": 8, "data.resolution": 32,
+                          "train.lr_schedule.kind": "cosine", "train.lr_schedule.warmup_steps": 20,
+                          "train.ema.modules": ["encoder", "decoder"]}}),
+    ("docs/train.md", "The example model has `tiny`: 300 steps, 8 plane channels, 16/16 "
+                      "encoder/decoder width",
+     {("example", T): {"train.steps": 300, "model.plane_channels": 8,
+                       "model.encoder_channels": 16, "model.hidden": 16}}),
+]
+
+
 def _row_id(row) -> str:
     return f"{row[0]}:{row[1][:40]}"
 
@@ -462,7 +481,8 @@ def check_row(guide: str, quote: str, values: dict) -> list[str]:
     """What is wrong with one PRESET_ROWS entry (empty: nothing)."""
     bad = []
     if flat(quote) not in flat(guide_text(guide)):
-        bad.append(f"docs/models/{guide}.md does not say {quote!r}")
+        page = guide if guide.endswith(".md") else f"docs/models/{guide}.md"
+        bad.append(f"{page} does not say {quote!r}")
     for (model, preset), keys in values.items():
         cfg = preset_config(model, preset)
         for key, want in keys.items():
