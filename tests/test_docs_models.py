@@ -16,6 +16,8 @@ What is checked (nothing is trained, no data is made, networks are built on the 
   must be in the page (whitespace runs count as one space) and the values it states must be the
   preset's (None: the recipe's), as ``pyface train MODEL --preset P --print-config`` resolves
   them (``model.*``, ``data.*``, ``train.*``).
+* Pipelines: docs/train.md's list of each model's ``generate`` controls and the signatures and
+  defaults the guides give for ``encode_source`` / ``generate`` are the pipelines' own.
 * Network sizes: the counts a guide quotes (Export3D's parameters, MMFA's table, OTAvatar's
   controller, the W+ layers of OTAvatar's tiny EG3D generator) equal those of the networks
   built from the presets.
@@ -625,3 +627,47 @@ def test_otavatar_tiny_stage_settings():
     over = stage.presets["tiny"]
     assert (stage.model, stage.checkpoint_key) == ("eg3d", "generator")
     assert over["model"]["background"] == "data" and over["train"]["steps"] == 1200
+
+
+# --------------------------------------------------------------------------------------------
+# pipelines
+# --------------------------------------------------------------------------------------------
+
+def _options(model: str, method: str) -> list:
+    """(name, default) of the keyword options of a pipeline method (after state and motion for
+    ``generate``, after the source for ``encode_source``)."""
+    import inspect
+
+    from pyface.train.registry import model_class
+
+    sig = inspect.signature(getattr(model_class(model).Pipeline, method))
+    skip = 3 if method == "generate" else 2
+    return [(n, p.default) for n, p in list(sig.parameters.items())[skip:]]
+
+
+def test_train_md_lists_each_models_generate_controls():
+    names = {m: [n for n, _ in _options(m, "generate") if n != "camera"]
+             for m in ("example", "goha", "export3d", "mmfa", "eg3d", "otavatar")}
+    assert names["eg3d"] == [] and names["otavatar"] == []
+    join = lambda m: ", ".join(f"`{n}`" for n in names[m])          # noqa: E731
+    said = (f"The controls of each model: the example's {join('example')}; GOHA's {join('goha')}; "
+            f"Export3D's {join('export3d')}; MMFA's {join('mmfa')}; EG3D takes none.")
+    assert said in flat(guide_text("docs/train.md")), f"docs/train.md: expected {said!r}"
+
+
+def test_guides_state_the_pipelines_signatures():
+    mmfa = ", ".join(f"{n}={d!r}".replace("'", '"') for n, d in _options("mmfa", "generate"))
+    said = f"`generate(state, motion, *, {mmfa})`"
+    assert said in flat(guide_text("mmfa")), f"docs/models/mmfa.md: expected {said!r}"
+    eg3d = dict(_options("eg3d", "encode_source"))
+    assert eg3d == {"space": "w+", "steps": None}
+    assert '`encode_source({"image", "camera"}, steps=None, space="w+")`' in guide_text("eg3d")
+    ota = [n for n, _ in _options("otavatar", "encode_source")]
+    assert ota == ["steps", "space", "pti_steps", "pti_metric"]
+    assert ("options: `steps` (`invert_steps`), `space` (`\"w\"` / `\"w+\"`, else a "
+            "`ValueError`), `pti_steps`, `pti_metric`") in flat(guide_text("otavatar"))
+    exp = dict(_options("export3d", "generate"))
+    assert exp == {"camera": "driving", "lam_scale": None, "chunk": 16}
+    goha = dict(_options("goha", "generate"))
+    assert goha == {"expression": True, "appearance": True, "composite": True}
+    assert "`generate(..., composite=True)` (default)" in flat(guide_text("goha"))
