@@ -3,13 +3,14 @@
 What is checked (nothing is trained, no data is made, networks are built on the meta device):
 
 * Config keys: every code span of a guide that names a key ``model.X``, ``data.X`` or
-  ``train.X`` (``model.sr_residual``, ``model.eye_roi_bug=true``, ``--set model.gpc_reg_prob=0.8``;
-  not a file such as ``model.py``) is a key of the config of the
-  guide's model or of one of its stage models (GUIDE_MODELS), and a value written after ``=``
-  converts to the key's type: the config is built as ``pyface train MODEL --set KEY=VALUE``
-  builds it (``data.name=X``: X is a registered dataset). A value that is a placeholder (upper case, ``<...>``, empty, or one of
-  PLACEHOLDER_VALUES) is not checked. EG3D's guide writes the generator's keys from the
-  generator (``generator.sr_image_raw_alias=true``, ``render.chunk_points``): RELATIVE maps those
+  ``train.X`` (``model.sr_residual``, ``model.eye_roi_bug=true``,
+  ``--set model.gpc_reg_prob=0.8``; not a file such as ``model.py``) is a key of the config of
+  the guide's model or of one of its stage models (GUIDE_MODELS), and a value written after
+  ``=`` converts to the key's type: the config is built as ``pyface train MODEL --set
+  KEY=VALUE`` builds it (``data.name=X``: X is a registered dataset). A value that is a
+  placeholder (upper case, ``<...>``, empty, or one of PLACEHOLDER_VALUES) is not checked.
+  EG3D's guide writes the generator's keys from the generator
+  (``generator.sr_image_raw_alias=true``, ``render.chunk_points``): RELATIVE maps those
   prefixes to ``model.generator.`` and ``model.generator.render.``.
 * Preset values: each entry of PRESET_ROWS quotes a row (or part of a row) of a guide's preset
   table, or a sentence of a guide or of docs/train.md that states a preset's value; the quote
@@ -159,14 +160,14 @@ PRESET_ROWS = [
     ("eg3d", "| z / w | 32 | 256 | 512 |",
      {("eg3d", p): {"model.generator.z_dim": v, "model.generator.w_dim": v}
       for p, v in ((T, 32), (G, 256), (F, 512))}),
-    ("eg3d", "| planes | 3 x 8 x 32^2 (widths 512/r, max 32) | 3 x 32 x 128^2 (16384/r, max 256) "
-             "| 3 x 32 x 256^2 (32768/r, max 512) |",
+    ("eg3d", "| planes | 3 x 8 x 32^2 (widths 512/r, max 32) | 3 x 32 x 128^2 (16384/r, max 256) | "
+             "3 x 32 x 256^2 (32768/r, max 512) |",
      {("eg3d", p): {"model.generator.plane_channels": c, "model.generator.backbone_resolution": r,
                     "model.generator.channel_base": b, "model.generator.channel_max": m}
       for p, c, r, b, m in ((T, 8, 32, 512, 32), (G, 32, 128, 16384, 256),
                             (F, 32, 256, 32768, 512))}),
-    ("eg3d", "| rendering | 16^2, 12 + 12 samples, white_back | 64^2, 32 + 32, white_back | 64^2 -> "
-             "128^2 (fade 1000 kimg from 25000 kimg), 48 + 48 |",
+    ("eg3d", "| rendering | 16^2, 12 + 12 samples, white_back | 64^2, 32 + 32, white_back | 64^2 "
+             "-> 128^2 (fade 1000 kimg from 25000 kimg), 48 + 48 |",
      {("eg3d", T): {"model.neural_rendering_resolution_initial": 16,
                     "model.neural_rendering_resolution_final": None,
                     "model.generator.render.depth_resolution": 12,
@@ -184,7 +185,8 @@ PRESET_ROWS = [
                     "model.generator.render.depth_resolution": 48,
                     "model.generator.render.depth_resolution_importance": 48,
                     "model.generator.render.white_back": False}}),
-    ("eg3d", "| SR | hybrid2x at 16 -> 32, widths 32 / 16 | hybrid2x 64 -> 128 | hybrid8xdc 128 -> 512 |",
+    ("eg3d", "| SR | hybrid2x at 16 -> 32, widths 32 / 16 | hybrid2x 64 -> 128 | hybrid8xdc 128 -> "
+             "512 |",
      {("eg3d", T): {"model.generator.sr_variant": "hybrid2x", "model.generator.img_resolution": 32,
                     "model.generator.sr_input_resolution": 16,
                     "model.generator.sr_block_channels": [32, 16]},
@@ -200,13 +202,14 @@ PRESET_ROWS = [
     ("eg3d", "| batch, steps | 8, 400 | 16, 6000 | 32, 843750 (27000 kimg) |",
      {("eg3d", p): {"train.batch_size": b, "train.steps": s}
       for p, b, s in ((T, 8, 400), (G, 16, 6000), (F, 32, 843750))}),
-    ("eg3d", "| D blur | sigma 0.625 (10 x 32 / 512) fading over 1 kimg | 2.5 (10 x 128 / 512) over "
-             "10 kimg | 10 over 200 kimg |",
+    ("eg3d", "| D blur | sigma 0.625 (10 x 32 / 512) fading over 1 kimg | 2.5 (10 x 128 / 512) "
+             "over 10 kimg | 10 over 200 kimg |",
      {("eg3d", p): {"model.blur_init_sigma": s, "model.blur_fade_kimg": k}
       for p, s, k in ((T, 0.625, 1.0), (G, 2.5, 10.0), (F, 10.0, None))}),
     ("eg3d", "| gpc fade | 2 kimg | 20 kimg | 1000 kimg |",
      {("eg3d", p): {"model.gpc_reg_fade_kimg": k} for p, k in ((T, 2.0), (G, 20.0), (F, 1000.0))}),
-    ("eg3d", '| ray chunks (fused, recomputed) | 16384 samples, `recompute="decoder"` | 131072 | 131072 |',
+    ("eg3d", '| ray chunks (fused, recomputed) | 16384 samples, `recompute="decoder"` | 131072 | '
+             '131072 |',
      {("eg3d", p): {"model.generator.render.chunk_points": c, "model.generator.render.recompute": r}
       for p, c, r in ((T, 16384, "decoder"), (G, 131072, True), (F, 131072, True))}),
     ("eg3d", "| EMA half-life | 0.5 kimg | 5 kimg | 10 kimg |",
@@ -215,7 +218,8 @@ PRESET_ROWS = [
      {("otavatar", p): {"data.name": "motion_windows", "data.resolution": r,
                         "data.options.radius": w}
       for p, r, w in ((T, 32, 6), (G, 128, 13), (F, 512, 13))}),
-    ("otavatar", "| controller | window 13, width 64, k3, 2 layers dil 2, 8 directions | full | full |",
+    ("otavatar", "| controller | window 13, width 64, k3, 2 layers dil 2, 8 directions | full | "
+                 "full |",
      {("otavatar", T): {"model.controller.window": 13, "model.controller.descriptor": 64,
                         "model.controller.first_kernel": 3, "model.controller.layers": 2,
                         "model.controller.dilation": 2, "model.controller.directions": 8}}
@@ -228,13 +232,13 @@ PRESET_ROWS = [
       for p, b, s in ((T, 2, 150), (G, 4, 600), (F, 24, 2000))}),
     ("otavatar", "| frames per item (one inverted w) | 4 | 2 | 2 |",
      {("otavatar", p): {"data.options.frames_per_item": k} for p, k in ((T, 4), (G, 2), (F, 2))}),
-    ("otavatar", "| inversion | 16 iterations (last 2 controller), w lr 0.1 | 30 (last 5) | "
-                 "100 (last 10), lr 0.01 |",
+    ("otavatar", "| inversion | 16 iterations (last 2 controller), w lr 0.1 | 30 (last 5) | 100 "
+                 "(last 10), lr 0.01 |",
      {("otavatar", p): {"model.invert_iters": i, "model.invert_controller_iters": c,
                         "model.invert_lr": lr}
       for p, i, c, lr in ((T, 16, 2, 0.1), (G, 30, 5, 0.01), (F, 100, 10, 0.01))}),
-    ("otavatar", "| refinement lr | controller 1e-3 (wd 0.01), generator 1e-3 | 1e-3 (wd 1), 1e-4 | "
-                 "1e-3 (wd 1), 1e-4 |",
+    ("otavatar", "| refinement lr | controller 1e-3 (wd 0.01), generator 1e-3 | 1e-3 (wd 1), 1e-4 "
+                 "| 1e-3 (wd 1), 1e-4 |",
      {("otavatar", p): {"model.controller_lr": 1e-3, "model.controller_wd": wd,
                         "model.generator_lr": g}
       for p, wd, g in ((T, 0.01, 1e-3), (G, 1.0, 1e-4), (F, 1.0, 1e-4))}),
@@ -246,8 +250,8 @@ PRESET_ROWS = [
       ("otavatar", G): {"model.render": {}}, ("otavatar", F): {"model.render": {}}}),
     ("otavatar", "| density points | 500 | 2000 | 2000 |",
      {("otavatar", p): {"model.density_points": n} for p, n in ((T, 500), (G, 2000), (F, 2000))}),
-    ("otavatar", "| pipeline | 30 w iterations, PTI 100 at 3e-3 | 100 w iterations | 100 w iterations "
-                 "(W+ and PTI optional) |",
+    ("otavatar", "| pipeline | 30 w iterations, PTI 100 at 3e-3 | 100 w iterations | 100 w "
+                 "iterations (W+ and PTI optional) |",
      {("otavatar", T): {"model.invert_steps": 30, "model.pti_steps": 100, "model.pti_lr": 3e-3},
       ("otavatar", G): {"model.invert_steps": 100, "model.pti_steps": 0},
       ("otavatar", F): {"model.invert_steps": 100, "model.pti_steps": 0}}),
@@ -270,8 +274,8 @@ PRESET_ROWS = [
     ("goha", "`model.render_chunk_points` (None: the op's 131072; tiny 8192)",
      {(m, p): {"model.render_chunk_points": n}
       for m in ("goha_s1", "goha_s1_gan", "goha") for p, n in ((T, 8192), (F, None))}),
-    ("goha", "lr 1e-3 (s1_gan 1e-4), betas (0.9, 0.99), TV 0.05, `mask_weight` 1, `neutral_weight` 3, "
-             "`mouth_weight` 0.25 (s1 and s1_gan); cano only to step 125, expression from 125, "
+    ("goha", "lr 1e-3 (s1_gan 1e-4), betas (0.9, 0.99), TV 0.05, `mask_weight` 1, `neutral_weight` "
+             "3, `mouth_weight` 0.25 (s1 and s1_gan); cano only to step 125, expression from 125, "
              "appearance from 250; SR and D at 1/32 width (SR style 32), s2 `sr_residual`",
      {("goha_s1", T): {"model.lr": 1e-3}, ("goha_s1_gan", T): {"model.lr": 1e-4}}
      | {(m, T): {"model.betas": [0.9, 0.99], "model.tv_weight": 0.05, "model.mask_weight": 1.0,
@@ -318,8 +322,8 @@ PRESET_ROWS = [
       ("goha_s1_gan", F): {"data.resolution": 512, "train.steps": 55_000, "train.batch_size": 8},
       ("goha", F): {"data.resolution": 512, "train.steps": 75_000, "train.batch_size": 8}}),
     ("export3d", "| `tiny` | 64², n 10, d 64, linear f_e started at the Fisher directions "
-                 "(`fe_init: fisher`), `whiten`, `w_invariance` 1, f_I input augmentation 0.1, "
-                 "N 8 frames, min gap 3, batch 8 clips, 1600 steps; its own synthetic set: 128 "
+                 "(`fe_init: fisher`), `whiten`, `w_invariance` 1, f_I input augmentation 0.1, N 8 "
+                 "frames, min gap 3, batch 8 clips, 1600 steps; its own synthetic set: 128 "
                  "identities x 2 videos x 32 frames (`exp_leak` 0.5, no cross-identity or "
                  "multi-view sets)",
      {("export3d_clebs", T): {"model.resolution": 64, "model.n": 10, "model.dim": 64,
@@ -335,8 +339,8 @@ PRESET_ROWS = [
                               "data.options.synth.multiview": False}}),
     ("export3d", "| 64², raw 16², tri-plane 3x16x32², 12+12 samples, 2 blocks of 64, batch 4, 2400 "
                  "steps, `cond_norm`, `expr_planes` 10 with `expr_init: basis`, `sr_source`, "
-                 "`sr_guide`, `sr_cond`, `raw_background`, `augment` 0.2, `w_mask` 10, "
-                 "`w_density` 0, no GAN, render chunks of 8192 samples |",
+                 "`sr_guide`, `sr_cond`, `raw_background`, `augment` 0.2, `w_mask` 10, `w_density` "
+                 "0, no GAN, render chunks of 8192 samples |",
      {("export3d", T): {"model.resolution": 64, "model.plane_channels": 16,
                         "model.depth_samples": 12, "model.importance_samples": 12,
                         "model.vit_depth": 2, "model.vit_dim": 64, "train.batch_size": 4,
@@ -358,22 +362,22 @@ PRESET_ROWS = [
                         "model.depth_samples": 24, "model.importance_samples": 24,
                         "model.vit_depth": 4, "model.vit_dim": 256, "train.batch_size": 8,
                         "train.precision": "bf16", "train.steps": 3000}}),
-    ("export3d", "| `full` | 224², ResNet-50, n 10, d 512, 16 videos x 16 frames, 20k steps | 512², "
-                 "raw 128², 48+48 samples, 8 blocks of 512, batch 8, 200k steps |",
+    ("export3d", "| `full` | 224², ResNet-50, n 10, d 512, 16 videos x 16 frames, 20k steps | "
+                 "512², raw 128², 48+48 samples, 8 blocks of 512, batch 8, 200k steps |",
      {("export3d_clebs", F): {"model.resolution": 224, "model.image_depths": [3, 4, 6, 3],
                               "model.n": 10, "model.dim": 512, "train.batch_size": 16,
                               "data.options.frames": 16, "train.steps": 20_000},
       ("export3d", F): {"model.resolution": 512, "model.depth_samples": 48,
                         "model.importance_samples": 48, "model.vit_depth": 8,
                         "model.vit_dim": 512, "train.batch_size": 8, "train.steps": 200_000}}),
-    ("export3d", "Optimiser AdamW, weight decay 0.01 [D]; lr 1e-3 (tiny) / 5e-4 (gpu-short) / "
-                 "1e-4 (full) [D].",
+    ("export3d", "Optimiser AdamW, weight decay 0.01 [D]; lr 1e-3 (tiny) / 5e-4 (gpu-short) / 1e-4 "
+                 "(full) [D].",
      {("export3d_clebs", p): {"model.weight_decay": 0.01, "model.lr": lr}
       for p, lr in ((T, 1e-3), (G, 5e-4), (F, 1e-4))}),
-    ("export3d", "Optimiser: Adam, betas (0.9, 0.99) and lr 1e-3 at tiny, 5e-4 at gpu-short; "
-                 "(0, 0.99) and 1e-4 at full (GOHA's, the spec) [D]. Engine EMA of `generator`, "
-                 "`cond`, `decoder`, `sr` (decay 0.99 at tiny, 0.995 gpu-short, half-life 10 "
-                 "kimg full)",
+    ("export3d", "Optimiser: Adam, betas (0.9, 0.99) and lr 1e-3 at tiny, 5e-4 at gpu-short; (0, "
+                 "0.99) and 1e-4 at full (GOHA's, the spec) [D]. Engine EMA of `generator`, "
+                 "`cond`, `decoder`, `sr` (decay 0.99 at tiny, 0.995 gpu-short, half-life 10 kimg "
+                 "full)",
      {("export3d", T): {"model.betas": [0.9, 0.99], "model.lr": 1e-3, "train.ema.decay": 0.99},
       ("export3d", G): {"model.betas": [0.9, 0.99], "model.lr": 5e-4, "train.ema.decay": 0.995},
       ("export3d", F): {"model.betas": [0.0, 0.99], "model.lr": 1e-4,
@@ -384,13 +388,14 @@ PRESET_ROWS = [
                     "model.d_reg_interval": 16, "model.gpc_reg_prob": 0.5,
                     "model.g_lr": 0.0025, "model.d_lr": 0.002, "model.betas": [0.0, 0.99]}
       for p in (T, G, F)}),
-    ("otavatar", "| VGG19 perceptual relu1_1..relu5_1 (L1) + Gram on the first scale | 1, Gram x 250 |",
+    ("otavatar", "| VGG19 perceptual relu1_1..relu5_1 (L1) + Gram on the first scale | 1, Gram x "
+                 "250 |",
      {("otavatar", p): {"model.w_perceptual": 1.0, "model.style_weight": 250.0,
                         "model.w_smooth_l1": 1.0, "model.w_mouth": 10.0, "model.w_eyes": 10.0,
                         "model.w_identity": 1.0, "model.w_monotonic": 1.0, "model.w_tv": 0.25,
                         "model.tv_sigma": 0.004} for p in (T, G, F)}),
-    ("export3d", "| density L1 regulariser (EG3D, `density_l1_regularizer`, corrected axes) every 4 "
-                 "steps, scaled by 4 | 0.25 (0 in `tiny`) |",
+    ("export3d", "| density L1 regulariser (EG3D, `density_l1_regularizer`, corrected axes) every "
+                 "4 steps, scaled by 4 | 0.25 (0 in `tiny`) |",
      {("export3d", p): {"model.w_l1": 1.0, "model.w_l1_raw": 1.0, "model.w_perceptual": 1.0,
                         "model.w_roi": 1.0, "model.w_roi_raw": 0.0, "model.density_every": 4,
                         "model.w_density": 0.0 if p == T else 0.25, "model.w_identity": 0.1,
@@ -418,7 +423,8 @@ PRESET_ROWS = [
              "`kl_warmup` steps, and LSGAN 0.1 against the feature discriminator.",
      {("mmfa_vae", p): {"model.w_rec": 1.0, "model.w_kl": 1e-3, "model.w_adv": 0.1}
       for p in (T, G, F)}),
-    ("mmfa", "* Phases: `VAE`, then `Dfeat`. Adam, lr 1e-4 (`tiny`: 1e-3, `gpu-short`: 5e-4), for both.",
+    ("mmfa", "* Phases: `VAE`, then `Dfeat`. Adam, lr 1e-4 (`tiny`: 1e-3, `gpu-short`: 5e-4), for "
+             "both.",
      {("mmfa_vae", p): {"model.lr": lr, "model.lr_d": lr}
       for p, lr in ((T, 1e-3), (G, 5e-4), (F, 1e-4))}),
     ("mmfa", "| `tiny` | spec (a): 64², K = 10, volume 16 × 8 × 16², DenseMotion(16, 3 blocks, max "
@@ -433,21 +439,21 @@ PRESET_ROWS = [
                     "model.w_delta": 0.5, "model.exp_landmark_loss": "mse",
                     "model.exp_detach": True, "model.w_placement": 10.0,
                     "model.w_equivariance": 20.0}}),
-    ("mmfa", "(all presets: landmark term 10, expression-landmark term 10, prior depth −0.33) "
-             "| 64², zoom 0.2 | 800 steps, batch 4, lr 1e-3 cosine |",
+    ("mmfa", "(all presets: landmark term 10, expression-landmark term 10, prior depth −0.33) | "
+             "64², zoom 0.2 | 800 steps, batch 4, lr 1e-3 cosine |",
      {("mmfa", p): {"model.w_landmark": 10.0, "model.w_exp_landmark": 10.0,
                     "model.kp_prior_depth": -0.33} for p in (T, G, F)}
      | {("mmfa", T): {"model.w_landmark": 10.0, "data.resolution": 64,
                       "data.options.synth.zoom": 0.2, "train.steps": 800,
                       "train.batch_size": 4, "model.lr": 1e-3,
                       "train.lr_schedule.kind": "cosine"}}),
-    ("mmfa", "| `gpu-short` | full networks, source blend, GAN + feature matching, lr 4e-4 | 256² | "
-             "2,500 steps, batch 16, bf16",
+    ("mmfa", "| `gpu-short` | full networks, source blend, GAN + feature matching, lr 4e-4 | 256² "
+             "| 2,500 steps, batch 16, bf16",
      {("mmfa", G): {"model.num_kp": 15, "model.source_blend": True, "model.w_gan": 1.0,
                     "model.w_fm": 10.0, "model.lr": 4e-4, "data.resolution": 256,
                     "train.steps": 2500, "train.batch_size": 16, "train.precision": "bf16"}}),
-    ("mmfa", "| `full` | full networks, GAN + feature matching | 256² | 100,000 steps, batch 16, lr "
-             "2e-4, ×0.1 at 60 % |",
+    ("mmfa", "| `full` | full networks, GAN + feature matching | 256² | 100,000 steps, batch 16, "
+             "lr 2e-4, ×0.1 at 60 % |",
      {("mmfa", F): {"model.num_kp": 15, "model.source_blend": False, "model.w_gan": 1.0,
                     "model.w_fm": 10.0, "data.resolution": 256, "train.steps": 100_000,
                     "train.batch_size": 16, "model.lr": 2e-4, "train.lr_schedule.kind": "step",
@@ -462,7 +468,8 @@ PRESET_ROWS = [
 PRESET_ROWS += [
     ("docs/train.md", "CLeBS's video whitening statistics (`whiten`, on in `tiny`;",
      {("export3d_clebs", T): {"model.whiten": True},
-      ("export3d_clebs", G): {"model.whiten": False}, ("export3d_clebs", F): {"model.whiten": False}}),
+      ("export3d_clebs", G): {"model.whiten": False},
+      ("export3d_clebs", F): {"model.whiten": False}}),
     ("docs/train.md", "Its recipe: 600 steps, batch 8, 32x32 images, cosine schedule with warm-up, "
                       "EMA of encoder and decoder.",
      {("example", None): {"train.steps": 600, "train.batch_size": 8, "data.resolution": 32,
@@ -592,7 +599,8 @@ def test_otavatar_controller_parameter_counts():
     text = flat(guide_text("otavatar"))
     tied = _count(MotionController())
     untied = _count(MotionController(MotionControllerConfig(tie_mlp=False)))
-    said = f"The full-size controller has {tied:,} parameters (`MotionController()`; `tie_mlp=False`: {untied:,})."
+    said = (f"The full-size controller has {tied:,} parameters (`MotionController()`; "
+            f"`tie_mlp=False`: {untied:,}).")
     assert said in text, f"docs/models/otavatar.md: expected {said!r}"
     assert f"({tied:,} unique parameters)" in text
 
