@@ -19,6 +19,8 @@ What is checked (nothing is trained, no data is made, networks are built on the 
   them (``model.*``, ``data.*``, ``train.*``).
 * Pipelines: docs/train.md's list of each model's ``generate`` controls and the signatures and
   defaults the guides give for ``encode_source`` / ``generate`` are the pipelines' own.
+* Acceptance tables: every number in the result column of a guide's "Where the acceptance
+  stands" is written in its measurement record (docs/models/<model>-measured.md).
 * Network sizes: the counts a guide quotes (Export3D's parameters, MMFA's table, OTAvatar's
   controller, the W+ layers of OTAvatar's tiny EG3D generator) equal those of the networks
   built from the presets.
@@ -679,3 +681,28 @@ def test_guides_state_the_pipelines_signatures():
     goha = dict(_options("goha", "generate"))
     assert goha == {"expression": True, "appearance": True, "composite": True}
     assert "`generate(..., composite=True)` (default)" in flat(guide_text("goha"))
+
+
+# --------------------------------------------------------------------------------------------
+# acceptance tables
+# --------------------------------------------------------------------------------------------
+
+NUMBER = re.compile(r"(?<![\w.])[−+-]?\d+(?:[.,]\d+)*(?:x|×)?")
+
+
+@pytest.mark.parametrize("name", ["otavatar", "goha", "export3d", "mmfa"])
+def test_acceptance_numbers_are_in_the_measurement_record(name):
+    """Every number in the result column of a guide's "Where the acceptance stands" table is
+    written in its measurement record (docs/models/<name>-measured.md), sign and ``x`` aside:
+    the guide quotes the record and does not compute or round numbers of its own."""
+    record = guide_text(f"{name}-measured")
+    section = guide_text(name).split("## Where the acceptance stands", 1)[1].split("\n## ", 1)[0]
+    rows = [r for r in section.splitlines() if r.startswith("|") and not r.startswith("|---")]
+    assert len(rows) > 5, f"docs/models/{name}.md: the acceptance table is not found"
+    missing = []
+    for row in rows[1:]:
+        result = re.sub(r"\]\([^)]*\)", "]", row.strip().strip("|").split("|")[-1])
+        for n in NUMBER.findall(result):
+            if n.lstrip("+-−").rstrip("x×") not in record:
+                missing.append(f"{n} ({row.strip('|').split('|')[0].strip()[:50]})")
+    assert not missing, f"docs/models/{name}.md: not in {name}-measured.md: " + ", ".join(missing)
