@@ -20,7 +20,8 @@ What is checked (nothing is trained, no data is made, networks are built on the 
 * Pipelines: docs/train.md's list of each model's ``generate`` controls and the signatures and
   defaults the guides give for ``encode_source`` / ``generate`` are the pipelines' own.
 * Acceptance tables: every number in the result column of a guide's "Where the acceptance
-  stands" is written in its measurement record (docs/models/<model>-measured.md).
+  stands" is written in its measurement record (docs/models/<model>-measured.md), and so is
+  every number of the model's row in the README's models table.
 * Network sizes: the counts a guide quotes (Export3D's parameters, MMFA's table, OTAvatar's
   controller, the W+ layers of OTAvatar's tiny EG3D generator) equal those of the networks
   built from the presets.
@@ -706,3 +707,26 @@ def test_acceptance_numbers_are_in_the_measurement_record(name):
             if n.lstrip("+-−").rstrip("x×") not in record:
                 missing.append(f"{n} ({row.strip('|').split('|')[0].strip()[:50]})")
     assert not missing, f"docs/models/{name}.md: not in {name}-measured.md: " + ", ".join(missing)
+
+
+RECORDS = {"eg3d": "eg3d", "otavatar": "otavatar-measured", "goha": "goha-measured",
+           "export3d": "export3d-measured", "mmfa": "mmfa-measured"}
+
+
+def test_readme_model_rows_quote_the_records():
+    """Every number in the README's row of a model (its models table, outside code spans) is
+    written in the model's measurement record (EG3D: its guide)."""
+    readme = guide_text("README.md")
+    table = readme.split("| model | status | presets |", 1)[1].split("\n\n", 1)[0]
+    missing, seen = [], set()
+    for row in table.splitlines():
+        m = re.match(r"\| `(\w+)` \|", row)
+        if not m or m.group(1) not in RECORDS:
+            continue
+        seen.add(m.group(1))
+        record = guide_text(RECORDS[m.group(1)])
+        text = re.sub(r"`[^`]*`", "", re.sub(r"\]\([^)]*\)", "]", row))
+        missing += [f"{m.group(1)}: {n}" for n in NUMBER.findall(text)
+                    if n.lstrip("+-−").rstrip("x×") not in record]
+    assert seen == set(RECORDS), f"README.md: model rows not found: {set(RECORDS) - seen}"
+    assert not missing, "README.md: not in the measurement records: " + ", ".join(missing)
