@@ -66,8 +66,8 @@ class GOHAConfig:
     ray_end: float = 3.3
     box_warp: float = 1.0
     render_chunk_points: int | None = None  # samples per chunk of the fused renderer, each
-    # recomputed in the backward (None: the op's default, 131072; the tiny preset's whole
-    # 32^2 x (12 + 12) render at batch 2 is 49152 samples, one chunk)
+    # recomputed in the backward (None: the op's default, 131072; the tiny preset: 8192, six
+    # chunks of its 32^2 x (12 + 12) render at batch 2, 49152 samples)
     render_recompute: bool | str = True  # the fused renderer's backward: True recomputes each
     # chunk (sampling, decoder, compositing); "decoder" keeps the sampled plane features (C
     # floats per sample) and recomputes only the decoder and the compositing (faster on CPU)
