@@ -825,6 +825,39 @@ def test_seeded_frames_do_not_depend_on_the_chunking(tiny_run, tmp_path, monkeyp
     assert runs[0].shape[0] >= 4 and torch.equal(runs[0], runs[1])
 
 
+def test_eval_predictions_do_not_depend_on_the_batch_size(tiny_run, tmp_path, monkeypatch):
+    """`pyface eval` seeds EG3D's frames as stream / animate do (Pipeline.seed_frames): the pair
+    at position k of a source's group is frame k of an animation seeded with seed + the group's
+    first pair index, so chunks of 1 and of 3 predict the same pixels; another seed others."""
+    import numpy as np
+    from _eval_data import eval_set
+
+    from pyface.eval.evaluate import evaluate
+    from pyface.models.eg3d.pipeline import EG3DPipeline
+
+    run, _ = tiny_run
+    pipe = EG3DPipeline.from_checkpoint(run, invert_steps=1)
+    root = eval_set(str(tmp_path / "ds"), 4, identities=1, videos_per_identity=1, frames=4,
+                    resolution=32, cross=False)
+    state = {"ws": torch.randn(1, pipe.G.num_ws, 16, generator=torch.Generator().manual_seed(2))}
+    monkeypatch.setattr(EG3DPipeline, "encode_source", lambda self, source: state)
+    seen = []
+    generate = EG3DPipeline.generate
+    monkeypatch.setattr(EG3DPipeline, "generate",
+                        lambda self, st, m: (seen.append(generate(self, st, m)), seen[-1])[1])
+
+    def predictions(batch, seed=0):
+        seen.clear()
+        res = evaluate(pipe, root, protocol="same", metrics=["psnr"], batch_size=batch,
+                       detector="none", seed=seed)
+        return torch.cat(seen), res.values["psnr"]["image"]
+
+    (one, psnr1), (three, psnr3) = predictions(1), predictions(3)
+    assert one.shape[0] >= 4 and torch.equal(one, three)
+    np.testing.assert_array_equal(psnr1, psnr3)
+    assert not torch.equal(predictions(1, seed=1)[0], one)
+
+
 def test_cli_animate_image_source_without_camera_is_a_message(tiny_run, tmp_path, capsys,
                                                               monkeypatch):
     from pyface.cli import main

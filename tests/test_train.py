@@ -773,6 +773,65 @@ def test_resume_from_a_run_folder_takes_its_latest_checkpoint(tmp_path):
         other.resume(str(tmp_path / "empty"))
 
 
+def test_checkpoints_after_the_resumed_step_are_set_aside(tmp_path, caplog):
+    """A 6-step run (checkpoints 2, 4, 6) resumed from ckpt-000002: its checkpoints 4 and 6 are
+    from an abandoned future; they move to checkpoints/abandoned/ when training starts, so
+    `--resume RUN` continues the new run (also when it was killed before its first checkpoint,
+    where `latest` still named ckpt-000006), and the pruning keeps the new run's checkpoints."""
+    import logging
+
+    from _train_toys import inverter_trainer
+
+    run = str(tmp_path / "run")
+    root = os.path.join(run, "checkpoints")
+    trainer = lambda *a: inverter_trainer([f"train.run_dir={run}", "train.ckpt_every=2",  # noqa
+                                           "train.keep_ckpts=3", *a], 4)
+    tr = trainer("train.steps=6")
+    tr.fit()
+    w6 = params(tr.model)
+    tr = trainer("train.steps=6")
+    assert tr.resume(ckpt.checkpoint_path(run, 2)) and tr.step == 2
+    real = tr.train_step
+
+    def killed_at_3(batch):
+        if tr.step == 3:
+            raise RuntimeError("killed")
+        return real(batch)
+
+    tr.train_step = killed_at_3
+    with caplog.at_level(logging.WARNING, logger="pyface"), pytest.raises(RuntimeError):
+        tr.fit()
+    assert ("moved 2 checkpoints of steps after step 2 to checkpoints/abandoned "
+            "(ckpt-000004, ckpt-000006)") in caplog.text
+    assert sorted(os.listdir(root)) == ["abandoned", "ckpt-000002", "latest"]
+    assert ckpt.latest_checkpoint(run) == ckpt.checkpoint_path(run, 2)
+    tr = trainer("train.steps=3")
+    assert tr.resume() == ckpt.checkpoint_path(run, 2) and tr.step == 2
+    assert tr.fit().step == 3
+    # the new run's checkpoints are kept (ckpt-000002 was pruned before ckpt-000004 and 6)
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [2, 3]
+    assert trainer("train.steps=3").resume() == ckpt.checkpoint_path(run, 3)
+    # the abandoned weights are kept, never listed; a name taken there gets a suffix
+    tr = trainer("train.steps=6")
+    tr.resume(ckpt.checkpoint_path(run, 2))
+    tr.fit()
+    tr = trainer("train.steps=6")
+    tr.resume(ckpt.checkpoint_path(run, 2))
+    tr.fit()
+    assert sorted(os.listdir(os.path.join(root, "abandoned"))) == [
+        "ckpt-000003", "ckpt-000004", "ckpt-000004.1", "ckpt-000006", "ckpt-000006.1"]
+    tensors, meta = ckpt.load_folder(os.path.join(root, "abandoned", "ckpt-000006"))
+    assert meta["step"] == 6 and all(torch.equal(tensors[f"model.{k}"], v)
+                                     for k, v in w6.items())
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [2, 4, 6]
+    # `--resume RUN/checkpoints/abandoned/ckpt-N` continues in RUN
+    from pyface.train.cli import _resumed_run_dir
+
+    assert _resumed_run_dir(os.path.join(root, "abandoned", "ckpt-000003")) == run
+    tr = trainer("train.steps=6")
+    assert tr.resume(os.path.join(root, "abandoned", "ckpt-000003")) and tr.step == 3
+
+
 def test_video_frames_zero_writes_no_preview_clip(tmp_path):
     res = Trainer(tiny(tmp_path, "train.steps=1", "train.video_frames=0")).fit()
     assert res.previews and not [p for p in res.previews if p.endswith(".mp4")]

@@ -77,8 +77,9 @@ def add_parser(subparsers) -> None:
                    help="driving frames per generate call (default 8)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random numbers a pipeline draws (e.g. OTAvatar's pivotal "
-                        "tuning), reset per chunk of pairs: the same arguments give the same "
-                        "numbers (default 0)")
+                        "tuning), reset per chunk of pairs; EG3D and GOHA draw each pair's ray "
+                        "samples from its own generator, whatever --batch-size: the same "
+                        "arguments give the same numbers (default 0)")
     p.add_argument("--resolution", type=int, default=None,
                    help="baselines only: evaluation size (default: the data's resolution; with "
                         "--runs: every model's resolution)")

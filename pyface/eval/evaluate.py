@@ -19,7 +19,12 @@ and metrics excluded; CUDA synchronised around each chunk). All pipeline calls r
 Evaluations are reproducible: before each chunk torch's generators are seeded with ``seed +``
 the chunk's first pair index, inside :func:`torch.random.fork_rng` (the caller's random state is
 left as it was), so a pipeline that draws random numbers (e.g. OTAvatar's pivotal tuning, which
-renders random samples) gives the same numbers on every run with the same arguments.
+renders random samples) gives the same numbers on every run with the same arguments. The pairs of
+one source are an animation seeded with ``seed + g`` (``g``: their first pair index), as
+:meth:`pyface.train.model.Pipeline.stream` seeds one: a pipeline's optional ``seed_frames(motion,
+seed + g, k)`` is called on each chunk's motion (``k``: the position of its first pair in the
+group), so EG3D and GOHA draw each pair's ray samples from its own generator and their
+predictions do not depend on ``batch_size``.
 
 Beside the per-pair image metrics (psnr, ssim) the evaluator computes lpips, csim and aed_id
 per pair and fid / kid over each subset with user-weighted networks (:func:`load_networks`);
@@ -419,8 +424,9 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
         cache: a dict reused across calls on the same data (``pyface eval --runs``): the target
             frames' detections and fits are computed once.
         seed: torch's generators are seeded with ``seed + i`` before the chunk whose first pair
-            index is ``i`` (the caller's random state is restored afterwards); None: no seeding
-            (the pipeline draws from the caller's random state).
+            index is ``i`` (the caller's random state is restored afterwards), and a pipeline's
+            ``seed_frames`` is told the frames' seed (see the module docstring); None: no
+            seeding (the pipeline draws from the caller's random state).
     """
     import contextlib
     import os
@@ -463,6 +469,9 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
     groups = _groups(data, indices)
     chunks = [g[s:s + batch_size] for g in groups for s in range(0, len(g), batch_size)]
     first_of_group = {g[0] for g in groups}
+    # pair -> (its group's first pair, its position in the group): the frame a chunk starts at
+    group_start = {i: (g[0], k) for g in groups for k, i in enumerate(g)}
+    seed_frames = getattr(pipeline, "seed_frames", None)
     sheet_pick = {g[len(g) // 2] for g in groups[:sheet_rows]}
     loader = DataLoader(data, batch_sampler=chunks, num_workers=workers)
     cache = {} if cache is None else cache
@@ -536,7 +545,11 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
                 driving = to_pipeline_frame(batch["driving"], device)
                 _sync(device)
                 t0 = time.perf_counter()
-                pred = pipeline.generate(state, pipeline.encode_driving(driving), **controls)
+                motion = pipeline.encode_driving(driving)
+                if seed_frames is not None:       # as Pipeline.stream: frame i of the group's
+                    g0, k = group_start[chunk[0]]  # animation, seeded with seed + its first pair
+                    motion = seed_frames(motion, None if seed is None else seed + g0, k)
+                pred = pipeline.generate(state, motion, **controls)
                 _sync(device)
                 res.seconds += time.perf_counter() - t0
             n = len(chunk)

@@ -158,11 +158,16 @@ def _setup_logging() -> None:
 
 def _resumed_run_dir(path: str) -> str | None:
     """The run folder of ``--resume PATH``: PATH when it holds checkpoints/, the folder above
-    checkpoints/ for a checkpoint in one, else None (a checkpoint outside a run)."""
+    checkpoints/ for a checkpoint in one (or in its checkpoints/abandoned/), else None (a
+    checkpoint outside a run)."""
+    from pyface.train.engine import ABANDONED_DIR
+
     path = os.path.normpath(path)
     if os.path.isdir(os.path.join(path, "checkpoints")):
         return path
     up = os.path.dirname(path)
+    if os.path.basename(up) == ABANDONED_DIR:
+        up = os.path.dirname(up)
     if os.path.basename(up) == "checkpoints" and os.path.isfile(
             os.path.join(os.path.dirname(up), "config.yaml")):
         return os.path.dirname(up)

@@ -90,6 +90,10 @@ class FitResult:
     seconds: float = 0.0
 
 
+# where a run's checkpoints of steps after the one training starts from are moved
+# (Trainer._set_aside_later_checkpoints): never listed, so never "latest" nor pruned
+ABANDONED_DIR = "abandoned"
+
 #: signals that stop training after the current step with a checkpoint: SIGTERM (SLURM's
 #: preemption and time limit, torchrun's shutdown of its workers), SIGINT (Ctrl-C) and SIGUSR1
 #: (SLURM's warning before the time limit, ``--signal=USR1@SECONDS``)
@@ -932,6 +936,46 @@ class Trainer:
                 self._log_to_file(line)
         return later
 
+    def _set_aside_later_checkpoints(self) -> list[str]:
+        """Moves the checkpoints of steps after the one training starts from into
+        ``checkpoints/abandoned/`` (``ckpt-<step>``, ``ckpt-<step>.1``, ... when the name is
+        taken): they are from a run that went on past it (an earlier checkpoint resumed, a
+        longer ``train.steps``, a run trained over from scratch), and left among this run's
+        they would be its "latest" (``--resume RUN`` would continue the abandoned run, not this
+        one) and the pruning by step would delete this run's checkpoints before them. Not
+        deleted: they are the user's weights. ``checkpoints/latest`` is pointed at the newest
+        checkpoint left (removed when none is left) if it named one of them. Logged with their
+        names; returns their new paths."""
+        root = os.path.join(self.run_dir, "checkpoints")
+        later = [p for s, p in ckpt.list_checkpoints(self.run_dir) if s > self.step]
+        if not later:
+            return []
+        named = ckpt.latest_checkpoint(self.run_dir)
+        dest = os.path.join(root, ABANDONED_DIR)
+        os.makedirs(dest, exist_ok=True)
+        moved = []
+        for p in later:
+            name = target = os.path.basename(p)
+            n = 0
+            while os.path.exists(os.path.join(dest, target)):
+                n += 1
+                target = f"{name}.{n}"
+            os.rename(p, os.path.join(dest, target))
+            moved.append(os.path.join(dest, target))
+        if named in later:
+            left = ckpt.list_checkpoints(self.run_dir)
+            if left:
+                ckpt.mark_latest(left[-1][1])
+            else:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(root, ckpt.LATEST_FILE))
+        log.warning("moved %d checkpoint%s of steps after step %d to %s (%s): from a run that "
+                    "went past it, not this one; --resume never picks them (resume one with "
+                    "--resume PATH, or delete them)", len(moved), "" if len(moved) == 1 else "s",
+                    self.step, os.path.join("checkpoints", ABANDONED_DIR),
+                    ", ".join(os.path.relpath(m, dest) for m in moved))
+        return moved
+
     def _on_signal(self, signum, frame):
         if self._stop_signal is not None:  # second signal: stop now
             raise KeyboardInterrupt(
@@ -997,7 +1041,8 @@ class Trainer:
             prev = ckpt.latest_checkpoint(self.run_dir)
             if self.step == 0 and prev is not None:
                 log.warning("%s already holds checkpoints (latest: %s); training from scratch "
-                            "and overwriting them - use --resume to continue instead",
+                            "(they are moved to checkpoints/abandoned/) - use --resume to "
+                            "continue instead",
                             self.run_dir, os.path.basename(prev))
             self._setup_run_dir()
             loaded = self._loaded[0] if self._loaded[1] == self.step else None
@@ -1013,6 +1058,7 @@ class Trainer:
             self._board = Board(os.path.join(self.run_dir, "tb") if t.tensorboard else None,
                                 purge_step=self.step + 1)
             self._drop_later_previews()
+            self._set_aside_later_checkpoints()
         self._stop_signal = None
         old_handlers = {}
         if threading.current_thread() is threading.main_thread():
