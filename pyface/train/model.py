@@ -623,8 +623,8 @@ class Pipeline:
 
     def seed_frames(self, motion, seed: int | None, start: int):
         """``motion`` of the frames ``start``, ``start + 1``, ... of an animation seeded with
-        ``seed`` (None: unseeded), told that seed: :meth:`stream`, :meth:`animate` and ``pyface
-        animate`` call it on every chunk (after :meth:`locate`), so that a ``generate`` that
+        ``seed`` (None: unseeded), told that seed: :meth:`stream`, :meth:`animate`, ``pyface
+        animate`` and ``pyface eval`` call it on every chunk (after :meth:`locate`), so that a ``generate`` that
         draws random numbers for every frame can draw frame ``i``'s from a generator of
         ``(seed, i)`` alone (:func:`frame_seeds`, :func:`frame_generators`) and give the same
         frames whatever the chunking (EG3D's and GOHA's ray samples). Default: ``motion``
