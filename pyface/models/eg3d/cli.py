@@ -119,6 +119,8 @@ def _check_invert_args(args) -> None:
         raise ValueError("--out: expected a folder, got ''")
     if args.steps < 1:
         raise ValueError(f"--steps: expected an integer >= 1, got {args.steps}")
+    if getattr(args, "seed", 0) < 0:
+        raise ValueError(f"--seed: expected an integer >= 0, got {args.seed}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr: expected a learning rate > 0, got {args.lr}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -127,6 +129,28 @@ def _check_invert_args(args) -> None:
         check_replaceable(os.path.join(args.out, "latent"))
     except Exception as exc:  # CheckpointError: a file or a folder of other files
         raise ValueError(f"--out: {exc}") from None
+
+
+def _image_note(path: str, side: int, resolution: int) -> str | None:
+    """What ``pyface invert`` does to IMAGE before fitting it, when that is more than a resize
+    between similar sizes: a centre crop of a non-square image, an upsampling of a small one."""
+    size = None
+    if os.path.isfile(path):
+        try:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                size = im.size
+        except Exception:  # noqa: BLE001 - a video file: its first frame was read instead
+            size = None
+    parts = []
+    if size is not None and size[0] != size[1]:
+        parts.append(f"IMAGE {path} is {size[0]}x{size[1]}, not square: its centre "
+                     f"{side}x{side} is fitted")
+    if side < resolution // 2:
+        parts.append(f"IMAGE {path}: the target is {side}x{side}, upsampled to the "
+                     f"generator's {resolution}x{resolution} (a blurred target)")
+    return "; ".join(parts) or None
 
 
 def run_invert(args) -> int:
@@ -149,6 +173,9 @@ def run_invert(args) -> int:
     try:
         source = read_source(args.image, None)
         img = source["image"]
+    except (DataError, ValueError, OSError) as exc:
+        return fail(f"IMAGE {exc}")
+    try:
         cam = read_camera(args.camera, args.image)
         if cam is None and args.camera is None and "camera" in source:
             cam = source["camera"].float()        # a pyface video folder's own label
@@ -157,9 +184,14 @@ def run_invert(args) -> int:
     try:
         G = load_generator(args.checkpoint, device=dev, ema=True)
     except (CheckpointError, ValueError, OSError) as exc:
-        return fail(exc)
+        msg = str(exc)
+        msg = msg[len("checkpoint "):] if msg.startswith("checkpoint ") else msg
+        return fail(f"--checkpoint {msg}")
     if cam is None:
         cam = G.camera(0.0, 0.0)[0].cpu()
+    note = _image_note(args.image, img.shape[-1], G.cfg.img_resolution)
+    if note:
+        print(f"pyface invert: note: {note}", file=sys.stderr)
     perceptual = None
     if args.vgg:
         from pyface.nn.vgg import PerceptualLoss
@@ -170,12 +202,16 @@ def run_invert(args) -> int:
             return fail(f"--vgg {args.vgg}: {str(exc).strip(chr(34))}")
     else:
         print("pyface invert: no --vgg weights; using the L1 loss only", file=sys.stderr)
+    seed = getattr(args, "seed", 0)
+    torch.manual_seed(seed)         # the mean-w samples and the renderer's ray samples
     ws, info = project(G, img, cam, space=args.space, steps=args.steps, lr=args.lr,
-                       perceptual=perceptual, progress=not getattr(args, "no_progress", False))
+                       perceptual=perceptual, progress=not getattr(args, "no_progress", False),
+                       generator=torch.Generator().manual_seed(seed))
     os.makedirs(args.out, exist_ok=True)
     save_weights(os.path.join(args.out, "latent"), {"ws": ws.cpu().contiguous(),
                                                     "camera": cam.contiguous()},
                  kind="eg3d-latent", config={"space": args.space, "steps": args.steps,
+                                             "seed": seed, "lr": args.lr,
                                              "final_loss": info["loss"][-1] if info["loss"]
                                              else None})
     target = torch.nn.functional.interpolate(img[None], size=info["image"].shape[-2:],
