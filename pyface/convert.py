@@ -824,8 +824,11 @@ def identify_release(raw) -> tuple[str, str] | None:
         return "goha", "a GOHA release (model_state_dict / discriminator_dict)"
     if keys & {"G_ema", "G"}:
         return "eg3d", "an EG3D network dict (G_ema)"
-    if keys & {"params_ema", "params"}:
+    if "params_ema" in keys:
         return "gfpgan", "a GFPGAN checkpoint (params_ema)"
+    for inner in ("params", "state_dict"):
+        if isinstance(raw.get(inner), dict):
+            return identify_release(raw[inner])
     if isinstance(raw.get("generator"), dict):
         return "dense-motion", "a face-vid2vid checkpoint (generator)"
     flat = {k[len("module."):] if k.startswith("module.") else k for k in keys}
@@ -837,6 +840,8 @@ def identify_release(raw) -> tuple[str, str] | None:
         return "hopenet", "a Hopenet state dict (fc_yaw / fc_pitch)"
     if has("cp.resnet.", "ffm."):
         return "face-parser", "a face-parsing.PyTorch BiSeNet state dict (cp.resnet)"
+    if has("conv_body_first.", "stylegan_decoder."):
+        return "gfpgan", "a GFPGANv1-clean state dict (conv_body_first / stylegan_decoder)"
     if has("conv_body.0.0.") and has("final_linear."):
         return "gfpgan-d", "a GFPGAN net_d state dict (conv_body / final_linear)"
     if has("dense_motion_network."):
@@ -1068,6 +1073,30 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
+def _explained(fmt: str, src: str, msg: str) -> str:
+    """A converter's message about the structure of SRC, completed with what the file holds when
+    the message does not say, and with the converter of the release it looks like (another
+    model's file given to ``fmt``). Read errors and messages that already say are unchanged."""
+    import warnings
+
+    if ("(the file looks like" in msg or not os.path.isfile(src)
+            or any(w in msg for w in ("not a readable", "refused", "does not exist",
+                                      "truncated", "EG3D network pickle:"))):
+        return msg
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            raw = load_weights_file(src)
+    except Exception:  # noqa: BLE001 - a pickle (eg3d), or unreadable: nothing to add
+        return msg
+    if "state dict of tensors" in msg and " got " not in msg:
+        msg += f"; the file holds {_entries(raw)}"
+    other = identify_release(raw)
+    if other is not None and other[0] != fmt:
+        msg += f" (the file looks like {other[1]}: pyface convert {other[0]} SRC OUT)"
+    return msg
+
+
 def _below(path: str, folder: str) -> bool:
     """``path`` is ``folder``, inside it, or one of the writer's temporaries next to it
     (``OUT.tmp-PID``, ``OUT.old-PID``)."""
@@ -1134,6 +1163,10 @@ def run(args) -> int:
     elif args.format == "otavatar":
         kwargs["ema"] = args.ema
     elif args.format == "goha":
+        if args.render_resolution < 1:
+            print(f"pyface convert goha: --render-resolution: expected an integer >= 1, got "
+                  f"{args.render_resolution}", file=sys.stderr)
+            return 2
         kwargs["render_resolution"] = args.render_resolution
     try:
         check_output(args.out)            # before the conversion: OUT is never half-replaced
@@ -1153,7 +1186,8 @@ def run(args) -> int:
             print(f"pyface convert {args.format}: SRC {exc}", file=sys.stderr)
         return 1
     except (CheckpointError, ValueError) as exc:
-        print(f"pyface convert {args.format}: SRC {exc}", file=sys.stderr)
+        print(f"pyface convert {args.format}: SRC {_explained(args.format, args.src, str(exc))}",
+              file=sys.stderr)
         return 1
     for w in caught:
         if issubclass(w.category, ConversionWarning):

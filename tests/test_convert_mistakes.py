@@ -215,3 +215,39 @@ def test_a_write_that_fails_leaves_out_as_it_was(tmp_path, monkeypatch, capsys, 
         assert rc == 130 and "interrupted" in err
     assert sorted(os.listdir(tmp_path)) == ["ota.pt", "out"]       # no temporaries
     assert list(ckpt.load_weights(out)[0]) == ["old"]
+
+
+def test_cli_says_what_a_state_dict_converter_got_and_which_converter_fits(tmp_path, capsys):
+    torch.save({"iter": 1, "model_state_dict": {"x": torch.zeros(1)}, "discriminator_dict": {}},
+               tmp_path / "goha.ckpt")
+    src = str(tmp_path / "goha.ckpt")
+    for fmt in ("vgg19", "face-parser", "dense-motion"):
+        assert main(["convert", fmt, src, str(tmp_path / "o")]) == 1
+        err = capsys.readouterr().err
+        assert ("expected a state dict of tensors; the file holds a dict with entries "
+                "discriminator_dict, iter, model_state_dict (the file looks like a GOHA release "
+                "(model_state_dict / discriminator_dict): pyface convert goha SRC OUT)") in err, err
+    assert main(["convert", "eg3d", src, str(tmp_path / "o")]) == 1
+    assert "not an EG3D network pickle (.pkl)" in (err := capsys.readouterr().err) and \
+        "pyface convert goha SRC OUT" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_identify_release_by_entry_and_key_names():
+    from pyface.convert import identify_release
+
+    z = torch.zeros(1)
+    assert identify_release({"params": {"conv_body.0.0.weight": z, "final_linear.weight": z}}
+                            )[0] == "gfpgan-d"
+    assert identify_release({"params_ema": {}})[0] == "gfpgan"
+    assert identify_release({"module.fc_yaw.weight": z})[0] == "hopenet"
+    assert identify_release({"state_dict": {"cp.resnet.conv1.weight": z}})[0] == "face-parser"
+    assert identify_release({"G_ema": None})[0] == "eg3d"
+    assert identify_release({"weight": z}) is None and identify_release([z]) is None
+
+
+def test_render_resolution_is_checked_before_src_is_read(tmp_path, capsys):
+    assert main(["convert", "goha", "--render-resolution", "0", str(tmp_path / "missing.ckpt"),
+                 str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == ("pyface convert goha: --render-resolution: expected an "
+                                       "integer >= 1, got 0\n")
