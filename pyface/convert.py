@@ -1105,6 +1105,20 @@ def _below(path: str, folder: str) -> bool:
                                               folder + ".old-"))
 
 
+def _weights_meta(path: str) -> dict | None:
+    """The meta of the pyface folder at ``path``, or None (none there, or unreadable)."""
+    import json
+
+    from pyface.checkpoint import META_FILE
+
+    try:
+        with open(os.path.join(path, META_FILE)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def check_output(out: str) -> None:
     """``OUT`` of ``pyface convert``: new, an empty folder, or a pyface *weights* folder (one a
     converter wrote, replaced once the new one is complete). A file, a folder of other files and
@@ -1173,6 +1187,7 @@ def run(args) -> int:
     except CheckpointError as exc:
         print(f"pyface convert {args.format}: OUT {exc}", file=sys.stderr)
         return 1
+    replaced = _weights_meta(args.out)
     try:
         check_source(args.src, args.out)
         with warnings.catch_warnings(record=True) as caught:
@@ -1194,5 +1209,10 @@ def run(args) -> int:
             print(f"pyface convert {args.format}: note: {w.message}", file=sys.stderr)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if replaced is not None:
+        source = (replaced.get("extra") or {}).get("source")
+        print(f"pyface convert {args.format}: note: OUT {args.out}: replaced the earlier "
+              f"{replaced.get('kind')!r} weights folder"
+              + (f" (converted from {source})" if source else ""), file=sys.stderr)
     print(out)
     return 0

@@ -251,3 +251,25 @@ def test_render_resolution_is_checked_before_src_is_read(tmp_path, capsys):
                  str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err == ("pyface convert goha: --render-resolution: expected an "
                                        "integer >= 1, got 0\n")
+
+
+def test_replacing_an_earlier_weights_folder_is_said(tmp_path, capsys):
+    from test_convert_otavatar import write_release
+
+    write_release(tmp_path / "ota.pt", gen=None)
+    old = ckpt.save_weights(str(tmp_path / "w"), {"x": torch.ones(1)}, kind="eg3d",
+                            extra={"source": "net.pkl"})
+    assert main(["convert", "otavatar", str(tmp_path / "ota.pt"), old]) == 0
+    err = capsys.readouterr().err
+    assert (f"note: OUT {old}: replaced the earlier 'eg3d' weights folder (converted from "
+            "net.pkl)") in err
+    assert ckpt.read_meta(old)["kind"] == "otavatar"
+    assert main(["convert", "otavatar", str(tmp_path / "ota.pt"), str(tmp_path / "new")]) == 0
+    assert "replaced" not in capsys.readouterr().err
+
+
+def test_no_ema_on_a_file_with_only_the_ema_weights_says_so(tmp_path):
+    torch.save({"net_Warp_ema": {"x": torch.zeros(1)}, "net_G_ema": None}, tmp_path / "e.pt")
+    with pytest.raises(ConversionError, match=r"expected key 'net_Warp' .* \(the EMA weights "
+                                              r"only: drop ema=False, --no-ema\)"):
+        convert_otavatar(str(tmp_path / "e.pt"), str(tmp_path / "o"), ema=False)
