@@ -1,7 +1,9 @@
 """`pyface invert eg3d` on a converted EG3D pickle: the round trip convert -> invert -> animate,
-one seed gives one latent, a non-square or small image is fitted with a note, and each error names its argument
-(IMAGE, --checkpoint, --seed)."""
+one seed gives one latent, a non-square or small image is fitted with a note, each error names
+its argument (IMAGE, --checkpoint, --seed, --out), and a failed write leaves no half file."""
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -77,3 +79,29 @@ def test_errors_name_their_argument(converted, tmp_path, capsys):
         assert err.startswith("pyface invert: ") and words in err, err
         assert "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_failed_write_names_out_and_leaves_no_half_file(converted, tmp_path, capsys,
+                                                          monkeypatch):
+    """reconstruction.png is written under a temporary name and renamed: a write that fails
+    midway leaves the earlier file as it was, and the error is one line naming --out."""
+    from PIL import Image as PILImage
+
+    img = _png(tmp_path / "face.png", 32, 32)
+    out = tmp_path / "inv"
+    assert _invert(img, converted, out) == 0
+    before = (out / "reconstruction.png").read_bytes()
+
+    def full_disk(self, fp, *a, **k):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PILImage.Image, "save", full_disk)
+    capsys.readouterr()
+    assert _invert(img, converted, out, "--seed", "3") == 1
+    err = capsys.readouterr().err
+    assert err.endswith(f"pyface invert: --out {out}: cannot write reconstruction.png (No space "
+                        "left on device)\n"), err
+    assert (out / "reconstruction.png").read_bytes() == before
+    assert sorted(os.listdir(out)) == ["latent", "reconstruction.png"]

@@ -12,25 +12,48 @@ def _to_uint8(x):
         *range(x.ndim - 3), -2, -1, -3).cpu().numpy()
 
 
+class _Replacing:
+    """``with _Replacing(path) as tmp:`` write ``tmp`` (same folder and extension); on success
+    it replaces ``path`` in one rename, on any error or interruption it is removed, so ``path``
+    is never a half-written file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        folder, name = os.path.split(path)
+        stem, ext = os.path.splitext(name)
+        self.tmp = os.path.join(folder, f".{stem}.tmp-{os.getpid()}{ext}")
+
+    def __enter__(self) -> str:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        return self.tmp
+
+    def __exit__(self, kind, exc, tb):
+        if kind is None:
+            os.replace(self.tmp, self.path)
+        elif os.path.exists(self.tmp):
+            os.remove(self.tmp)
+        return False
+
+
 def write_png(image, path: str) -> str:
-    """(3, H, W) in [-1, 1] -> PNG."""
+    """(3, H, W) in [-1, 1] -> PNG, replaced in one rename (never half written)."""
     from PIL import Image
 
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    Image.fromarray(_to_uint8(image)).save(path)
+    with _Replacing(path) as tmp:
+        Image.fromarray(_to_uint8(image)).save(tmp, format="PNG")
     return path
 
 
 def write_video(frames, path: str, fps: int = 24) -> str:
-    """(T, 3, H, W) in [-1, 1] -> mp4 (H.264 via imageio-ffmpeg)."""
+    """(T, 3, H, W) in [-1, 1] -> mp4 (H.264 via imageio-ffmpeg), replaced in one rename."""
     import imageio.v2 as imageio
 
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     arr = _to_uint8(frames)
     H, W = arr.shape[1:3]
     arr = arr[:, : H - H % 2, : W - W % 2]
-    imageio.mimwrite(path, list(arr), fps=fps, codec="libx264", quality=8, macro_block_size=1,
-                     pixelformat="yuv420p")
+    with _Replacing(path) as tmp:
+        imageio.mimwrite(tmp, list(arr), fps=fps, codec="libx264", quality=8,
+                         macro_block_size=1, pixelformat="yuv420p")
     return path
 
 
@@ -207,17 +230,9 @@ def run_invert(args) -> int:
     ws, info = project(G, img, cam, space=args.space, steps=args.steps, lr=args.lr,
                        perceptual=perceptual, progress=not getattr(args, "no_progress", False),
                        generator=torch.Generator().manual_seed(seed))
-    os.makedirs(args.out, exist_ok=True)
-    save_weights(os.path.join(args.out, "latent"), {"ws": ws.cpu().contiguous(),
-                                                    "camera": cam.contiguous()},
-                 kind="eg3d-latent", config={"space": args.space, "steps": args.steps,
-                                             "seed": seed, "lr": args.lr,
-                                             "final_loss": info["loss"][-1] if info["loss"]
-                                             else None})
     target = torch.nn.functional.interpolate(img[None], size=info["image"].shape[-2:],
                                              mode="bilinear", antialias=True)
-    write_png(torch.cat([target.cpu(), info["image"].cpu().clamp(-1, 1)], -1)[0],
-              os.path.join(args.out, "reconstruction.png"))
+    frames = None
     if args.video:
         from pyface.face.cameras import orbit_labels
 
@@ -227,7 +242,25 @@ def run_invert(args) -> int:
             planes = G.backbone.planes(ws, noise_mode="const")
             frames = torch.stack([G.synthesis(ws, labels[t:t + 1], planes=planes)["image"][0]
                                   for t in range(48)]).cpu()
-        write_video(frames.clamp(-1, 1), os.path.join(args.out, "orbit.mp4"), fps=24)
+    # every output is computed; each is written under a temporary name and renamed
+    name = "latent/"
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        save_weights(os.path.join(args.out, "latent"), {"ws": ws.cpu().contiguous(),
+                                                        "camera": cam.contiguous()},
+                     kind="eg3d-latent", config={"space": args.space, "steps": args.steps,
+                                                 "seed": seed, "lr": args.lr,
+                                                 "final_loss": info["loss"][-1] if info["loss"]
+                                                 else None})
+        name = "reconstruction.png"
+        write_png(torch.cat([target.cpu(), info["image"].cpu().clamp(-1, 1)], -1)[0],
+                  os.path.join(args.out, name))
+        if frames is not None:
+            name = "orbit.mp4"
+            write_video(frames.clamp(-1, 1), os.path.join(args.out, name), fps=24)
+    except (OSError, CheckpointError) as exc:
+        return fail(f"--out {args.out}: cannot write {name} "
+                    f"({getattr(exc, 'strerror', None) or exc})")
     print(f"{args.out}: loss {info['loss'][0]:.4f} -> {info['loss'][-1]:.4f}"
           if info["loss"] else args.out)
     return 0
