@@ -98,7 +98,11 @@ def check_replaceable(path: str) -> None:
     """Raise :class:`CheckpointError` unless ``path`` may become a checkpoint folder: it does not
     exist, is an empty folder, or is a pyface checkpoint folder (``meta.json`` of this format),
     which :func:`save_folder` replaces. Anything else (a file, a folder of other files) is never
-    replaced, so a mistyped output path cannot delete a user's files."""
+    replaced, so a mistyped output path cannot delete a user's files. An empty path is refused
+    (``os.path.abspath("")`` is the working directory)."""
+    if not isinstance(path, (str, os.PathLike)) or not str(os.fspath(path)).strip():
+        raise CheckpointError(f"expected a folder path, got {path!r} (an empty path would name "
+                              "the working directory)")
     if not os.path.lexists(path):
         parent = os.path.dirname(os.path.abspath(path))
         while parent and not os.path.exists(parent):   # the first existing ancestor

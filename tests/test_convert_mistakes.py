@@ -273,3 +273,18 @@ def test_no_ema_on_a_file_with_only_the_ema_weights_says_so(tmp_path):
     with pytest.raises(ConversionError, match=r"expected key 'net_Warp' .* \(the EMA weights "
                                               r"only: drop ema=False, --no-ema\)"):
         convert_otavatar(str(tmp_path / "e.pt"), str(tmp_path / "o"), ema=False)
+
+
+def test_an_empty_out_never_replaces_the_working_directory(tmp_path, monkeypatch, capsys):
+    """os.path.abspath("") is the working directory: an empty OUT used to be taken as a new
+    folder there, and the working directory was replaced by the weights folder."""
+    torch.save({"net_Warp_ema": {"x": torch.zeros(1)}}, tmp_path / "ota.pt")
+    (tmp_path / "mine.txt").write_text("keep")
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", "otavatar", "ota.pt", ""]) == 1
+    assert capsys.readouterr().err == ("pyface convert otavatar: OUT expected a folder path, got "
+                                       "'' (an empty path would name the working directory)\n")
+    assert sorted(os.listdir(tmp_path)) == ["mine.txt", "ota.pt"]
+    with pytest.raises(ckpt.CheckpointError, match="expected a folder path, got ''"):
+        ckpt.save_weights("", {"x": torch.zeros(1)}, kind="test")
+    assert sorted(os.listdir(tmp_path)) == ["mine.txt", "ota.pt"]
