@@ -37,11 +37,12 @@ LATEST_FILE = "latest"
 _CKPT_RE = re.compile(r"^ckpt-(\d+)$")
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "TENSORS_FILE", "META_FILE", "LATEST_FILE",
-           "CheckpointError", "check_replaceable", "save_folder", "not_a_folder_hint", "read_meta",
-           "load_folder", "checkpoint_path", "list_checkpoints", "latest_checkpoint",
-           "mark_latest", "remove_partial_writes", "prune_checkpoints", "optimizer_to_flat",
-           "optimizer_from_flat", "check_state_dict", "load_module_state", "sub_state",
-           "save_weights", "load_weights", "load_weights_file", "describe_weights_file"]
+           "CheckpointError", "check_replaceable", "check_weights_replaceable", "save_folder",
+           "not_a_folder_hint", "read_meta", "load_folder", "checkpoint_path", "list_checkpoints",
+           "latest_checkpoint", "mark_latest", "remove_partial_writes", "prune_checkpoints",
+           "optimizer_to_flat", "optimizer_from_flat", "check_state_dict", "load_module_state",
+           "sub_state", "save_weights", "load_weights", "load_weights_file",
+           "describe_weights_file"]
 
 
 class CheckpointError(RuntimeError):
@@ -410,9 +411,27 @@ def sub_state(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, tor
 # Weights of a single model (converters write these; `save_weights` / `load_weights`)
 # --------------------------------------------------------------------------------------------
 
+def check_weights_replaceable(path: str) -> None:
+    """:func:`check_replaceable` for a weights folder: an existing pyface folder is replaced only
+    when it holds nothing but ``tensors.safetensors`` and ``meta.json`` (a file put there, e.g.
+    the very file being converted, would be deleted with it)."""
+    check_replaceable(path)
+    if os.path.isdir(path):
+        other = sorted(set(os.listdir(path)) - {TENSORS_FILE, META_FILE})
+        if other and os.path.isfile(os.path.join(path, META_FILE)):
+            shown = ", ".join(other[:4]) + (f" ... ({len(other)} in all)" if len(other) > 4
+                                             else "")
+            raise CheckpointError(f"{path}: a pyface folder that also holds other files "
+                                  f"({shown}), which replacing it would delete: move them out "
+                                  "or choose a new or empty output folder")
+
+
 def save_weights(path: str, state: Mapping[str, torch.Tensor], *, kind: str,
                  config: dict | None = None, extra: dict | None = None) -> str:
-    """A weights-only checkpoint folder: ``kind`` names what it holds (e.g. ``"eg3d"``)."""
+    """A weights-only checkpoint folder: ``kind`` names what it holds (e.g. ``"eg3d"``). An
+    existing folder at ``path`` is replaced only if it is empty or a pyface folder holding
+    nothing else (:func:`check_weights_replaceable`)."""
+    check_weights_replaceable(path)
     meta = {"kind": kind, "config": config or {}, "extra": extra or {}, "step": None}
     return save_folder(path, state, meta)
 

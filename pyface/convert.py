@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from pyface.checkpoint import (CheckpointError, check_replaceable, check_state_dict,
+from pyface.checkpoint import (CheckpointError, check_state_dict, check_weights_replaceable,
                                load_weights_file, save_weights)
 
 
@@ -1128,7 +1128,7 @@ def check_output(out: str) -> None:
 
     from pyface.checkpoint import META_FILE
 
-    check_replaceable(out)
+    check_weights_replaceable(out)
     try:
         with open(os.path.join(out, META_FILE)) as f:
             meta = json.load(f)

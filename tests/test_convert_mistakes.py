@@ -288,3 +288,21 @@ def test_an_empty_out_never_replaces_the_working_directory(tmp_path, monkeypatch
     with pytest.raises(ckpt.CheckpointError, match="expected a folder path, got ''"):
         ckpt.save_weights("", {"x": torch.zeros(1)}, kind="test")
     assert sorted(os.listdir(tmp_path)) == ["mine.txt", "ota.pt"]
+
+
+def test_a_weights_folder_that_holds_src_or_other_files_is_not_replaced(tmp_path, capsys):
+    """Converting a file kept inside its earlier output folder used to delete that file with the
+    folder it replaced."""
+    from test_convert_otavatar import write_release
+
+    out = tmp_path / "w"
+    write_release(tmp_path / "ota.pt", gen=None)
+    assert main(["convert", "otavatar", str(tmp_path / "ota.pt"), str(out)]) == 0
+    os.replace(tmp_path / "ota.pt", out / "ota.pt")
+    assert main(["convert", "otavatar", str(out / "ota.pt"), str(out)]) == 1
+    assert (f"OUT {out}: a pyface folder that also holds other files (ota.pt), which replacing "
+            "it would delete") in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["meta.json", "ota.pt", "tensors.safetensors"]
+    with pytest.raises(ckpt.CheckpointError, match=r"also holds other files \(ota\.pt\)"):
+        ckpt.save_weights(str(out), {"x": torch.zeros(1)}, kind="test")
+    assert (out / "ota.pt").is_file()

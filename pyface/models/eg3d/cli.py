@@ -134,7 +134,7 @@ def read_camera(spec: str | None, image_path: str):
 def _check_invert_args(args) -> None:
     import math
 
-    from pyface.checkpoint import check_replaceable
+    from pyface.checkpoint import check_weights_replaceable
 
     if not args.image:
         raise ValueError("IMAGE: expected a path, got ''")
@@ -149,7 +149,7 @@ def _check_invert_args(args) -> None:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out}: exists and is not a folder")
     try:
-        check_replaceable(os.path.join(args.out, "latent"))
+        check_weights_replaceable(os.path.join(args.out, "latent"))
     except Exception as exc:  # CheckpointError: a file or a folder of other files
         raise ValueError(f"--out: {exc}") from None
 
