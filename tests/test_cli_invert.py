@@ -72,13 +72,18 @@ def test_errors_name_their_argument(converted, tmp_path, capsys):
              ([good, str(tmp_path / "missing")], 1,
               f"--checkpoint '{tmp_path / 'missing'}': not a folder"),
              ([good, str(tmp_path / "net.pkl")], 1, "it is a file: third-party weights"),
-             ([good, converted, "--seed", "-2"], 2, "--seed: expected an integer >= 0, got -2")]
+             ([good, converted, "--seed", "-2"], 2, "--seed: expected an integer >= 0, got -2"),
+             ([good, converted, "--out", converted], 2,
+              f"--out {converted}: a pyface checkpoint or weights folder (meta.json)")]
     for args, code, words in cases:
-        assert _invert(args[0], args[1], tmp_path / "x", *args[2:]) == code, args
+        assert main(["invert", "eg3d", args[0], "--checkpoint", args[1], "--steps", "1",
+                     "--no-progress", "--device", "cpu", "--out", str(tmp_path / "x"),
+                     *args[2:]]) == code, args
         err = capsys.readouterr().err
         assert err.startswith("pyface invert: ") and words in err, err
         assert "Traceback" not in err
     assert not (tmp_path / "x").exists()
+    assert sorted(os.listdir(converted)) == ["meta.json", "tensors.safetensors"]
 
 
 def test_a_failed_write_names_out_and_leaves_no_half_file(converted, tmp_path, capsys,

@@ -148,6 +148,9 @@ def _check_invert_args(args) -> None:
         raise ValueError(f"--lr: expected a learning rate > 0, got {args.lr}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out}: exists and is not a folder")
+    if os.path.isfile(os.path.join(args.out, "meta.json")):
+        raise ValueError(f"--out {args.out}: a pyface checkpoint or weights folder (meta.json); "
+                         "expected a folder for the inversion's outputs: choose another one")
     try:
         check_weights_replaceable(os.path.join(args.out, "latent"))
     except Exception as exc:  # CheckpointError: a file or a folder of other files
