@@ -504,6 +504,9 @@ def describe_weights_file(path: str) -> str:
     for magic, what in _SIGNATURES:
         if head.startswith(magic):
             return what
+    if len(head) > 8 and head[8:9] == b"{" and not _is_safetensors(head, size):
+        return (f"a truncated safetensors file (its header alone is "
+                f"{int.from_bytes(head[:8], 'little')} bytes, the file {size})")
     if head.startswith(b"PK\x03\x04"):
         if not zipfile.is_zipfile(path):
             return (f"a truncated or damaged torch.save archive ({size} bytes; the zip directory "
@@ -538,12 +541,12 @@ def describe_weights_file(path: str) -> str:
 def load_weights_file(path: str, *, map_location: str | torch.device = "cpu") -> Any:
     """Read a third-party weight file without executing code.
 
-    safetensors files (by extension or content) via safetensors; anything else via
-    ``torch.load(weights_only=True)``, which rebuilds tensors and plain containers only. A pyface
-    checkpoint folder is read with :func:`load_folder`. Official EG3D pickles need ``pyface
-    convert eg3d`` first. A file that does not load raises :class:`CheckpointError` saying what
-    it holds (:func:`describe_weights_file`: empty, text, a video, truncated, Python objects).
-    """
+    safetensors files (recognised by their content, whatever the name) via safetensors; anything
+    else via ``torch.load(weights_only=True)``, which rebuilds tensors and plain containers only.
+    A pyface checkpoint folder is read with :func:`load_folder`. Official EG3D pickles need
+    ``pyface convert eg3d`` first. A file that does not load raises :class:`CheckpointError`
+    saying what it holds (:func:`describe_weights_file`: empty, text, a video, truncated, Python
+    objects)."""
     import warnings
 
     if os.path.isdir(path):
@@ -555,7 +558,7 @@ def load_weights_file(path: str, *, map_location: str | torch.device = "cpu") ->
         raise FileNotFoundError(f"weights file {path!r} does not exist")
     with open(path, "rb") as f:
         head = f.read(16)
-    if path.endswith(".safetensors") or _is_safetensors(head, os.path.getsize(path)):
+    if _is_safetensors(head, os.path.getsize(path)):       # by content, whatever the name
         from safetensors.torch import load_file
 
         try:
@@ -566,7 +569,9 @@ def load_weights_file(path: str, *, map_location: str | torch.device = "cpu") ->
     try:
         with warnings.catch_warnings(record=True) as caught:   # shown only if the load works
             warnings.simplefilter("always")
-            out = torch.load(path, map_location=map_location, weights_only=True)
+            # a file object, so that torch.load goes by the content, never by the file name
+            with open(path, "rb") as f:
+                out = torch.load(f, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
         refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if refused:

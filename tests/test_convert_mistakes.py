@@ -306,3 +306,21 @@ def test_a_weights_folder_that_holds_src_or_other_files_is_not_replaced(tmp_path
     with pytest.raises(ckpt.CheckpointError, match=r"also holds other files \(ota\.pt\)"):
         ckpt.save_weights(str(out), {"x": torch.zeros(1)}, kind="test")
     assert (out / "ota.pt").is_file()
+
+
+def test_the_content_decides_safetensors_or_torch_save(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "named.safetensors")      # a torch.save archive
+    assert torch.equal(ckpt.load_weights_file(str(tmp_path / "named.safetensors"))["w"],
+                       torch.ones(2))
+    save_file({"w": torch.zeros(4096)}, str(tmp_path / "full.safetensors"))
+    data = (tmp_path / "full.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:40])
+    with pytest.raises(ckpt.CheckpointError, match=r"not a readable weights file: a truncated "
+                                                   r"safetensors file \(its header alone is \d+ "
+                                                   r"bytes, the file 40\)"):
+        ckpt.load_weights_file(str(tmp_path / "cut.safetensors"))
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match=r"an empty file \(0 bytes\)"):
+        ckpt.load_weights_file(str(tmp_path / "empty.safetensors"))
