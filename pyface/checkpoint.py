@@ -555,6 +555,9 @@ def load_weights_file(path: str, *, map_location: str | torch.device = "cpu") ->
                                   "file (.pth / .pt / .safetensors) or a pyface weights folder")
         return load_folder(path, device=map_location)[0]
     if not os.path.isfile(path):
+        if os.path.exists(path):
+            raise CheckpointError(f"{path!r}: not a regular file (a device, pipe or socket); "
+                                  f"{_WEIGHTS_EXPECTED}")
         raise FileNotFoundError(f"weights file {path!r} does not exist")
     with open(path, "rb") as f:
         head = f.read(16)

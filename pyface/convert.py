@@ -393,6 +393,9 @@ def convert_eg3d(pkl: str, out: str, network: str = "G_ema") -> str:
     if os.path.isdir(pkl):
         raise ConversionError(f"{pkl}: a folder; expected an EG3D network pickle file (.pkl)")
     if not os.path.isfile(pkl):
+        if os.path.exists(pkl):
+            raise ConversionError(f"{pkl}: not a regular file (a device, pipe or socket); "
+                                  "expected an EG3D network pickle file (.pkl)")
         raise FileNotFoundError(f"{pkl}: not found (expected an EG3D network pickle, .pkl)")
     if zipfile.is_zipfile(pkl):
         raise ConversionError(f"{pkl}: a torch.save archive (.pth), not an EG3D network pickle "

@@ -324,3 +324,12 @@ def test_the_content_decides_safetensors_or_torch_save(tmp_path):
     (tmp_path / "empty.safetensors").write_bytes(b"")
     with pytest.raises(ckpt.CheckpointError, match=r"an empty file \(0 bytes\)"):
         ckpt.load_weights_file(str(tmp_path / "empty.safetensors"))
+
+
+def test_a_pipe_is_not_called_missing(tmp_path):
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(ckpt.CheckpointError, match=r"not a regular file \(a device, pipe or "
+                                                   r"socket\); expected a torch.save"):
+        ckpt.load_weights_file(str(tmp_path / "pipe"))
+    with pytest.raises(ConversionError, match=r"pipe: not a regular file"):
+        convert_eg3d(str(tmp_path / "pipe"), str(tmp_path / "o"))
