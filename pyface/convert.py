@@ -1073,7 +1073,13 @@ def add_parser(subparsers) -> None:
             q.add_argument("--no-ema", dest="ema", action="store_false",
                            help="convert the trained net_Warp / net_G instead of the EMA copies")
         q.set_defaults(func=run)
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    def no_format(args) -> int:
+        p.print_usage(sys.stderr)
+        print(f"pyface convert: FORMAT: expected one of {', '.join(CONVERTERS)}, got none "
+              "(pyface convert --help describes each)", file=sys.stderr)
+        return 2
+
+    p.set_defaults(func=no_format)
 
 
 def _explained(fmt: str, src: str, msg: str) -> str:

@@ -333,3 +333,11 @@ def test_a_pipe_is_not_called_missing(tmp_path):
         ckpt.load_weights_file(str(tmp_path / "pipe"))
     with pytest.raises(ConversionError, match=r"pipe: not a regular file"):
         convert_eg3d(str(tmp_path / "pipe"), str(tmp_path / "o"))
+
+
+def test_convert_without_format_says_what_is_expected(capsys):
+    assert main(["convert"]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err.startswith("usage: pyface convert")
+    assert ("pyface convert: FORMAT: expected one of eg3d, vgg19, arcface, gfpgan, segformer, "
+            "gfpgan-d, face-parser, dense-motion, hopenet, otavatar, goha, got none") in cap.err
