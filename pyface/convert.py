@@ -1133,15 +1133,9 @@ def check_output(out: str) -> None:
     converter wrote, replaced once the new one is complete). A file, a folder of other files and
     a training checkpoint (its optimizer state and step would be lost) are refused with
     :class:`CheckpointError`, before any input is read."""
-    import json
-
-    from pyface.checkpoint import META_FILE
-
     check_weights_replaceable(out)
-    try:
-        with open(os.path.join(out, META_FILE)) as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
+    meta = _weights_meta(out)
+    if meta is None:
         return                            # new or empty
     if not meta.get("kind") or meta.get("step") is not None:
         what = (f"step {meta['step']}" if meta.get("step") is not None else "no weights kind")
@@ -1154,19 +1148,13 @@ def check_output(out: str) -> None:
 def check_source(src: str, out: str) -> None:
     """``SRC`` of ``pyface convert``: a pyface weights folder is already converted (it loads as
     it is), and ``SRC`` may not be ``OUT``; :class:`CheckpointError` naming both otherwise."""
-    import json
-
-    from pyface.checkpoint import META_FILE
+    from pyface.checkpoint import FORMAT
 
     if os.path.abspath(src) == os.path.abspath(out):
         raise CheckpointError(f"{src}: the same path as OUT; expected a released weights file "
                               "and a different output folder")
-    try:
-        with open(os.path.join(src, META_FILE)) as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return
-    if isinstance(meta, dict) and meta.get("format") == "pyface-checkpoint":
+    meta = _weights_meta(src) if os.path.isdir(src) else None
+    if meta is not None and meta.get("format") == FORMAT:
         raise CheckpointError(f"{src}: already a pyface weights folder (kind "
                               f"{meta.get('kind')!r}); expected a released weights file to "
                               "convert (pyface loads this folder as it is)")
