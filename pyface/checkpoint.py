@@ -37,11 +37,12 @@ LATEST_FILE = "latest"
 _CKPT_RE = re.compile(r"^ckpt-(\d+)$")
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "TENSORS_FILE", "META_FILE", "LATEST_FILE",
-           "CheckpointError", "check_replaceable", "save_folder", "not_a_folder_hint", "read_meta",
-           "load_folder", "checkpoint_path", "list_checkpoints", "latest_checkpoint",
-           "mark_latest", "remove_partial_writes", "prune_checkpoints", "optimizer_to_flat",
-           "optimizer_from_flat", "check_state_dict", "load_module_state", "sub_state",
-           "save_weights", "load_weights", "load_weights_file"]
+           "CheckpointError", "check_replaceable", "check_weights_replaceable", "save_folder",
+           "not_a_folder_hint", "read_meta", "load_folder", "checkpoint_path", "list_checkpoints",
+           "latest_checkpoint", "mark_latest", "remove_partial_writes", "prune_checkpoints",
+           "optimizer_to_flat", "optimizer_from_flat", "check_state_dict", "load_module_state",
+           "sub_state", "save_weights", "load_weights", "load_weights_file",
+           "describe_weights_file"]
 
 
 class CheckpointError(RuntimeError):
@@ -98,7 +99,11 @@ def check_replaceable(path: str) -> None:
     """Raise :class:`CheckpointError` unless ``path`` may become a checkpoint folder: it does not
     exist, is an empty folder, or is a pyface checkpoint folder (``meta.json`` of this format),
     which :func:`save_folder` replaces. Anything else (a file, a folder of other files) is never
-    replaced, so a mistyped output path cannot delete a user's files."""
+    replaced, so a mistyped output path cannot delete a user's files. An empty path is refused
+    (``os.path.abspath("")`` is the working directory)."""
+    if not isinstance(path, (str, os.PathLike)) or not str(os.fspath(path)).strip():
+        raise CheckpointError(f"expected a folder path, got {path!r} (an empty path would name "
+                              "the working directory)")
     if not os.path.lexists(path):
         parent = os.path.dirname(os.path.abspath(path))
         while parent and not os.path.exists(parent):   # the first existing ancestor
@@ -406,9 +411,27 @@ def sub_state(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, tor
 # Weights of a single model (converters write these; `save_weights` / `load_weights`)
 # --------------------------------------------------------------------------------------------
 
+def check_weights_replaceable(path: str) -> None:
+    """:func:`check_replaceable` for a weights folder: an existing pyface folder is replaced only
+    when it holds nothing but ``tensors.safetensors`` and ``meta.json`` (a file put there, e.g.
+    the very file being converted, would be deleted with it)."""
+    check_replaceable(path)
+    if os.path.isdir(path):
+        other = sorted(set(os.listdir(path)) - {TENSORS_FILE, META_FILE})
+        if other and os.path.isfile(os.path.join(path, META_FILE)):
+            shown = ", ".join(other[:4]) + (f" ... ({len(other)} in all)" if len(other) > 4
+                                             else "")
+            raise CheckpointError(f"{path}: a pyface folder that also holds other files "
+                                  f"({shown}), which replacing it would delete: move them out "
+                                  "or choose a new or empty output folder")
+
+
 def save_weights(path: str, state: Mapping[str, torch.Tensor], *, kind: str,
                  config: dict | None = None, extra: dict | None = None) -> str:
-    """A weights-only checkpoint folder: ``kind`` names what it holds (e.g. ``"eg3d"``)."""
+    """A weights-only checkpoint folder: ``kind`` names what it holds (e.g. ``"eg3d"``). An
+    existing folder at ``path`` is replaced only if it is empty or a pyface folder holding
+    nothing else (:func:`check_weights_replaceable`)."""
+    check_weights_replaceable(path)
     meta = {"kind": kind, "config": config or {}, "extra": extra or {}, "step": None}
     return save_folder(path, state, meta)
 
@@ -422,28 +445,148 @@ def load_weights(path: str, *, kind: str | None = None,
     return tensors, meta
 
 
+_SIGNATURES = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"),
+               (b"GIF8", "a GIF image"), (b"\x1aE\xdf\xa3", "a Matroska / WebM video"),
+               (b"RIFF", "a RIFF file (AVI video, WAV audio or WebP image)"),
+               (b"%PDF", "a PDF document"), (b"\x1f\x8b", "a gzip archive"),
+               (b"\x93NUMPY", "a NumPy .npy array"))
+_WEIGHTS_EXPECTED = ("expected a torch.save checkpoint (.pt / .pth / .ckpt / .pkl) or a "
+                     ".safetensors file")
+# modules a weights-only pickle may name; any other global means the file holds Python objects
+_TENSOR_MODULES = ("torch", "collections", "copyreg", "_codecs", "numpy")
+_TENSOR_BUILTINS = ("builtins.set", "builtins.frozenset", "builtins.slice", "builtins.complex",
+                    "builtins.bytearray")
+
+
+def _is_safetensors(head: bytes, size: int) -> bool:
+    """safetensors layout: an 8-byte little-endian header length, then a JSON header."""
+    if len(head) < 10 or head[8:9] != b"{":
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= size - 8
+
+
+def _pickle_globals(path: str, limit: int = 64) -> tuple[list[str], str | None]:
+    """The globals a pickle names (read with :mod:`pickletools`, which executes nothing) and why
+    reading stopped early (a truncated or damaged stream), else None."""
+    import pickletools
+
+    names, strings = [], []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name == "GLOBAL":
+                    names.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+                if len(names) >= limit:
+                    break
+    except Exception as exc:  # noqa: BLE001 - pickletools raises ValueError and others
+        return names, str(exc) or type(exc).__name__
+    return names, None
+
+
+def describe_weights_file(path: str) -> str:
+    """What a file that is not a readable weights file holds, in words, from its size and first
+    bytes (and, for a pickle, the globals it names; nothing in it is run): "an empty file",
+    "an MP4 / MOV video", "a truncated or damaged torch.save archive", ..."""
+    import zipfile
+
+    size = os.path.getsize(path)
+    if size == 0:
+        return "an empty file (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head[4:8] == b"ftyp":
+        return "an MP4 / MOV video"
+    for magic, what in _SIGNATURES:
+        if head.startswith(magic):
+            return what
+    if len(head) > 8 and head[8:9] == b"{" and not _is_safetensors(head, size):
+        return (f"a truncated safetensors file (its header alone is "
+                f"{int.from_bytes(head[:8], 'little')} bytes, the file {size})")
+    if head.startswith(b"PK\x03\x04"):
+        if not zipfile.is_zipfile(path):
+            return (f"a truncated or damaged torch.save archive ({size} bytes; the zip directory "
+                    "at its end is missing): copy or download it again")
+        with zipfile.ZipFile(path) as z:
+            if not any(n.endswith("data.pkl") for n in z.namelist()):
+                return "a zip archive that is not a torch.save checkpoint (no data.pkl in it)"
+        return f"a torch.save archive ({size} bytes)"
+    if head[:1] == b"\x80":
+        names, stopped = _pickle_globals(path)
+        if any(n.startswith(("torch_utils.", "dnnlib.")) for n in names):
+            return ("an EG3D-style network pickle (it names torch_utils / dnnlib classes): "
+                    "convert it with `pyface convert eg3d`")
+        other = [n for n in names
+                 if n.split(".")[0] not in _TENSOR_MODULES and n not in _TENSOR_BUILTINS]
+        if other:
+            return (f"a pickle that holds Python objects, not only tensors (global {other[0]}); "
+                    "nothing in it was run")
+        if stopped is not None:
+            return f"a truncated or damaged pickle ({size} bytes; {stopped})"
+        return f"a Python pickle ({size} bytes)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\t\r\n" for c in text):
+        first = text.strip().splitlines()[0][:40] if text.strip() else ""
+        return f"a text file (it starts with {first!r})"
+    return f"not a torch.save, pickle or safetensors file (it starts with {head[:8]!r})"
+
+
 def load_weights_file(path: str, *, map_location: str | torch.device = "cpu") -> Any:
     """Read a third-party weight file without executing code.
 
-    ``.safetensors`` via safetensors; anything else via ``torch.load(weights_only=True)``, which
-    rebuilds tensors and plain containers only. A pyface checkpoint folder is read with
-    :func:`load_folder`. Official EG3D pickles need ``pyface convert eg3d`` first.
-    """
+    safetensors files (recognised by their content, whatever the name) via safetensors; anything
+    else via ``torch.load(weights_only=True)``, which rebuilds tensors and plain containers only.
+    A pyface checkpoint folder is read with :func:`load_folder`. Official EG3D pickles need
+    ``pyface convert eg3d`` first. A file that does not load raises :class:`CheckpointError`
+    saying what it holds (:func:`describe_weights_file`: empty, text, a video, truncated, Python
+    objects)."""
+    import warnings
+
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, META_FILE)):
             raise CheckpointError(f"{path!r}: a folder without {META_FILE}; expected a weights "
                                   "file (.pth / .pt / .safetensors) or a pyface weights folder")
         return load_folder(path, device=map_location)[0]
     if not os.path.isfile(path):
+        if os.path.exists(path):
+            raise CheckpointError(f"{path!r}: not a regular file (a device, pipe or socket); "
+                                  f"{_WEIGHTS_EXPECTED}")
         raise FileNotFoundError(f"weights file {path!r} does not exist")
-    if path.endswith(".safetensors"):
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if _is_safetensors(head, os.path.getsize(path)):       # by content, whatever the name
         from safetensors.torch import load_file
 
-        return load_file(path, device=str(map_location))
+        try:
+            return load_file(path, device=str(map_location))
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error types
+            raise CheckpointError(f"{path!r}: not a readable safetensors file ({exc}); "
+                                  f"{_WEIGHTS_EXPECTED}") from None
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"{path!r}: torch.load(weights_only=True) refused or failed ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}). pyface never unpickles arbitrary "
-            "objects; if this is an official EG3D .pkl, run `pyface convert eg3d` on it") from None
+        with warnings.catch_warnings(record=True) as caught:   # shown only if the load works
+            warnings.simplefilter("always")
+            # a file object, so that torch.load goes by the content, never by the file name
+            with open(path, "rb") as f:
+                out = torch.load(f, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+        refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if refused:
+            what = (f"it holds Python objects, not only tensors (global {refused.group(1)}); "
+                    "nothing in it was run")
+        else:
+            what = describe_weights_file(path)
+        if refused or "Python objects" in what or "EG3D" in what:
+            raise CheckpointError(f"{path!r}: torch.load(weights_only=True) refused it: {what} "
+                                  "(pyface never unpickles arbitrary objects)") from None
+        raise CheckpointError(f"{path!r}: not a readable weights file: {what}; "
+                              f"{_WEIGHTS_EXPECTED}") from None
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return out

@@ -34,7 +34,10 @@
 
 ``.pth`` files are read with ``torch.load(weights_only=True)``; nothing is downloaded. ``OUT``
 must be new, an empty folder or an earlier pyface weights folder (replaced once the new one is
-complete on disk); a file or a folder of other files is refused before anything is read.
+complete on disk); a file, a folder of other files or a training checkpoint is refused before
+anything is read (:func:`check_output`). Errors start with ``SRC`` or ``OUT``; a file that does
+not load is named for what it is (:func:`pyface.checkpoint.describe_weights_file`), another
+model's release for its converter (:func:`identify_release`).
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ from typing import Any
 
 import torch
 
-from pyface.checkpoint import (CheckpointError, check_replaceable, check_state_dict,
+from pyface.checkpoint import (CheckpointError, check_state_dict, check_weights_replaceable,
                                load_weights_file, save_weights)
 
 
@@ -360,6 +363,19 @@ def eg3d_state_config(state: dict[str, torch.Tensor], *, init: dict, rendering_k
             "init_kwargs": _plain({k: v for k, v in init.items() if k != "rendering_kwargs"})}
 
 
+def _unpickle_failure(path: str, exc: BaseException) -> str:
+    """Why a file did not unpickle, in words: a pickle cut short, or what else the file is
+    (:func:`pyface.checkpoint.describe_weights_file`: empty, text, a video, ...)."""
+    from pyface.checkpoint import describe_weights_file
+
+    with open(path, "rb") as f:
+        pickled = f.read(1) == b"\x80"
+    if pickled:
+        return (f"a truncated or damaged pickle ({os.path.getsize(path)} bytes; "
+                f"{str(exc) or type(exc).__name__}): copy or download it again")
+    return describe_weights_file(path)
+
+
 def convert_eg3d(pkl: str, out: str, network: str = "G_ema") -> str:
     """EG3D network pickle -> pyface weights folder (kind ``"eg3d"``).
 
@@ -377,6 +393,9 @@ def convert_eg3d(pkl: str, out: str, network: str = "G_ema") -> str:
     if os.path.isdir(pkl):
         raise ConversionError(f"{pkl}: a folder; expected an EG3D network pickle file (.pkl)")
     if not os.path.isfile(pkl):
+        if os.path.exists(pkl):
+            raise ConversionError(f"{pkl}: not a regular file (a device, pipe or socket); "
+                                  "expected an EG3D network pickle file (.pkl)")
         raise FileNotFoundError(f"{pkl}: not found (expected an EG3D network pickle, .pkl)")
     if zipfile.is_zipfile(pkl):
         raise ConversionError(f"{pkl}: a torch.save archive (.pth), not an EG3D network pickle "
@@ -387,10 +406,11 @@ def convert_eg3d(pkl: str, out: str, network: str = "G_ema") -> str:
     except pickle.UnpicklingError as exc:
         if "refusing" in str(exc) or "unsupported" in str(exc):
             raise ConversionError(f"{pkl}: {exc}") from None
-        raise ConversionError(f"{pkl}: not an EG3D network pickle ({exc})") from None
+        raise ConversionError(f"{pkl}: not an EG3D network pickle: "
+                              f"{_unpickle_failure(pkl, exc)}") from None
     except Exception as exc:  # noqa: BLE001 - any other byte stream: not a pickle
-        raise ConversionError(f"{pkl}: not an EG3D network pickle ({type(exc).__name__}: "
-                              f"{exc})") from None
+        raise ConversionError(f"{pkl}: not an EG3D network pickle: "
+                              f"{_unpickle_failure(pkl, exc)}") from None
     if not isinstance(data, dict) or network not in data:
         keys = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise ConversionError(f"{pkl}: expected a dict with {network!r} (EG3D network pickle), "
@@ -792,6 +812,71 @@ def load_dense_motion(path: str, device="cpu"):
 
 
 # --------------------------------------------------------------------------------------------
+# Which release a loaded file is (for the errors of a converter given another model's file)
+# --------------------------------------------------------------------------------------------
+
+def identify_release(raw) -> tuple[str, str] | None:
+    """A loaded weights file -> (``pyface convert`` format, description) of the release it looks
+    like, from its entry and key names; None when it matches none."""
+    if not isinstance(raw, dict):
+        return None
+    keys = {str(k) for k in raw}
+    if keys & {"net_Warp_ema", "net_Warp"}:
+        return "otavatar", "an OTAvatar release (net_Warp_ema / net_G_ema)"
+    if "model_state_dict" in keys or "discriminator_dict" in keys:
+        return "goha", "a GOHA release (model_state_dict / discriminator_dict)"
+    if keys & {"G_ema", "G"}:
+        return "eg3d", "an EG3D network dict (G_ema)"
+    if "params_ema" in keys:
+        return "gfpgan", "a GFPGAN checkpoint (params_ema)"
+    for inner in ("params", "state_dict"):
+        if isinstance(raw.get(inner), dict):
+            return identify_release(raw[inner])
+    if isinstance(raw.get("generator"), dict):
+        return "dense-motion", "a face-vid2vid checkpoint (generator)"
+    flat = {k[len("module."):] if k.startswith("module.") else k for k in keys}
+
+    def has(*prefixes):
+        return any(k.startswith(prefixes) for k in flat)
+
+    if has("fc_yaw.", "fc_pitch."):
+        return "hopenet", "a Hopenet state dict (fc_yaw / fc_pitch)"
+    if has("cp.resnet.", "ffm."):
+        return "face-parser", "a face-parsing.PyTorch BiSeNet state dict (cp.resnet)"
+    if has("conv_body_first.", "stylegan_decoder."):
+        return "gfpgan", "a GFPGANv1-clean state dict (conv_body_first / stylegan_decoder)"
+    if has("conv_body.0.0.") and has("final_linear."):
+        return "gfpgan-d", "a GFPGAN net_d state dict (conv_body / final_linear)"
+    if has("dense_motion_network."):
+        return "dense-motion", "a dense-motion state dict (dense_motion_network)"
+    if has("features.") and has("classifier."):
+        return "vgg19", "a torchvision VGG state dict (features / classifier)"
+    if has("layer1.") and has("features.") and not has("fc."):
+        return "arcface", "an insightface IResNet state dict (layer1 / features)"
+    return None
+
+
+def _entries(raw) -> str:
+    """What a loaded file holds, briefly: its type, or a dict's first entries."""
+    if not isinstance(raw, dict):
+        return f"a {type(raw).__name__}"
+    names = sorted(map(str, raw))
+    return ("a dict with entries " + ", ".join(names[:6])
+            + (f" ... ({len(names)} in all)" if len(names) > 6 else "") if names
+            else "an empty dict")
+
+
+def _other_release(exc: Exception, raw, fmt: str) -> ConversionError:
+    """``exc`` as a ConversionError, with the converter that fits ``raw`` when it is another
+    model's release."""
+    other = identify_release(raw)
+    msg = str(exc)
+    if other is not None and other[0] != fmt:
+        msg += f" (the file looks like {other[1]}: pyface convert {other[0]} SRC OUT)"
+    return ConversionError(msg)
+
+
+# --------------------------------------------------------------------------------------------
 # OTAvatar's released checkpoint
 # --------------------------------------------------------------------------------------------
 
@@ -816,7 +901,10 @@ def convert_otavatar(path: str, out: str, ema: bool = True) -> str:
 
     raw = load_weights_file(path)
     try:
-        warp, gen, names = ota.release_entries(raw, path, ema=ema)
+        try:
+            warp, gen, names = ota.release_entries(raw, path, ema=ema)
+        except CheckpointError as exc:
+            raise _other_release(exc, raw, "otavatar") from None
         config = {}
         tensors = {}
         num_ws = 14
@@ -863,12 +951,15 @@ def convert_hopenet(path: str, out: str) -> str:
 
     from pyface.nn.hopenet import hopenet_state
 
+    raw = None
     try:
-        state, dropped = hopenet_state(load_weights_file(path), path)
-    except ConversionError:
-        raise
+        raw = load_weights_file(path)
+        state, dropped = hopenet_state(raw, path)
     except CheckpointError as exc:
-        raise ConversionError(str(exc)) from None
+        if "state dict of tensors" in str(exc):
+            exc = ConversionError(f"{path}: expected Hopenet's state dict of tensors, got "
+                                  f"{_entries(raw)}")
+        raise _other_release(exc, raw, "hopenet") from None
     if dropped:
         warnings.warn(ConversionWarning(f"dropped {', '.join(sorted(dropped))} (Hopenet's "
                                         "vestigial fc_finetune, unused by its forward)"))
@@ -898,7 +989,10 @@ def convert_goha(path: str, out: str, render_resolution: int = 224) -> str:
     from pyface.models.goha import convert as gc
 
     raw = load_weights_file(path)
-    model, disc = gc.release_entries(raw, path)
+    try:
+        model, disc = gc.release_entries(raw, path)
+    except CheckpointError as exc:
+        raise _other_release(exc, raw, "goha") from None
     config = gc.release_config(model, disc, path, render_resolution=render_resolution)
     state, dropped = gc.release_to_pyface(model, disc, path)
     state = gc.check_against_model(state, config, path, fill_discriminator=disc is None)
@@ -949,14 +1043,18 @@ def add_parser(subparsers) -> None:
                     "JSON). Pickles are read with a restricted unpickler; .pth files with "
                     "torch.load(weights_only=True). Nothing is downloaded. OUT is a new or "
                     "empty folder, or an earlier pyface weights folder, which is replaced once "
-                    "the new one is complete; a file or a folder of other files is refused.")
+                    "the new one is complete; a file, a folder of other files or a training "
+                    "checkpoint is refused.")
     sub = p.add_subparsers(dest="format", metavar="FORMAT")
     for name, (fn, help_) in CONVERTERS.items():
-        q = sub.add_parser(name, help=help_, description=(fn.__doc__ or help_).split("\n\n")[0])
-        q.add_argument("src", help="input file or folder")
-        q.add_argument("out", help="output folder: new, empty, or an earlier pyface weights "
-                                   "folder (replaced once the new one is complete); a file or a "
-                                   "folder of other files is refused")
+        q = sub.add_parser(name, help=help_,
+                           description=(fn.__doc__ or help_).split("\n\n")[0].replace("``", ""))
+        q.add_argument("src", metavar="SRC", help="the released weights file (a folder for "
+                                                  "segformer)")
+        q.add_argument("out", metavar="OUT",
+                       help="output folder: new, empty, or an earlier pyface weights folder "
+                            "(replaced once the new one is complete); a file, a folder of other "
+                            "files or a training checkpoint is refused")
         if name == "eg3d":
             q.add_argument("--network", default="G_ema", choices=("G_ema", "G"),
                            help="which generator of the pickle (default: G_ema)")
@@ -975,7 +1073,91 @@ def add_parser(subparsers) -> None:
             q.add_argument("--no-ema", dest="ema", action="store_false",
                            help="convert the trained net_Warp / net_G instead of the EMA copies")
         q.set_defaults(func=run)
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    def no_format(args) -> int:
+        p.print_usage(sys.stderr)
+        print(f"pyface convert: FORMAT: expected one of {', '.join(CONVERTERS)}, got none "
+              "(pyface convert --help describes each)", file=sys.stderr)
+        return 2
+
+    p.set_defaults(func=no_format)
+
+
+def _explained(fmt: str, src: str, msg: str) -> str:
+    """A converter's message about the structure of SRC, completed with what the file holds when
+    the message does not say, and with the converter of the release it looks like (another
+    model's file given to ``fmt``). Read errors and messages that already say are unchanged."""
+    import warnings
+
+    if ("(the file looks like" in msg or not os.path.isfile(src)
+            or any(w in msg for w in ("not a readable", "refused", "does not exist",
+                                      "truncated", "EG3D network pickle:"))):
+        return msg
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            raw = load_weights_file(src)
+    except Exception:  # noqa: BLE001 - a pickle (eg3d), or unreadable: nothing to add
+        return msg
+    if "state dict of tensors" in msg and " got " not in msg:
+        msg += f"; the file holds {_entries(raw)}"
+    other = identify_release(raw)
+    if other is not None and other[0] != fmt:
+        msg += f" (the file looks like {other[1]}: pyface convert {other[0]} SRC OUT)"
+    return msg
+
+
+def _below(path: str, folder: str) -> bool:
+    """``path`` is ``folder``, inside it, or one of the writer's temporaries next to it
+    (``OUT.tmp-PID``, ``OUT.old-PID``)."""
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return path == folder or path.startswith((folder + os.sep, folder + ".tmp-",
+                                              folder + ".old-"))
+
+
+def _weights_meta(path: str) -> dict | None:
+    """The meta of the pyface folder at ``path``, or None (none there, or unreadable)."""
+    import json
+
+    from pyface.checkpoint import META_FILE
+
+    try:
+        with open(os.path.join(path, META_FILE)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def check_output(out: str) -> None:
+    """``OUT`` of ``pyface convert``: new, an empty folder, or a pyface *weights* folder (one a
+    converter wrote, replaced once the new one is complete). A file, a folder of other files and
+    a training checkpoint (its optimizer state and step would be lost) are refused with
+    :class:`CheckpointError`, before any input is read."""
+    check_weights_replaceable(out)
+    meta = _weights_meta(out)
+    if meta is None:
+        return                            # new or empty
+    if not meta.get("kind") or meta.get("step") is not None:
+        what = (f"step {meta['step']}" if meta.get("step") is not None else "no weights kind")
+        model = f" of model {meta['model']!r}" if meta.get("model") else ""
+        raise CheckpointError(f"{out}: a pyface training checkpoint ({what}{model}), not a "
+                              "weights folder; pyface convert replaces only weights folders: "
+                              "choose a new or empty output folder")
+
+
+def check_source(src: str, out: str) -> None:
+    """``SRC`` of ``pyface convert``: a pyface weights folder is already converted (it loads as
+    it is), and ``SRC`` may not be ``OUT``; :class:`CheckpointError` naming both otherwise."""
+    from pyface.checkpoint import FORMAT
+
+    if os.path.abspath(src) == os.path.abspath(out):
+        raise CheckpointError(f"{src}: the same path as OUT; expected a released weights file "
+                              "and a different output folder")
+    meta = _weights_meta(src) if os.path.isdir(src) else None
+    if meta is not None and meta.get("format") == FORMAT:
+        raise CheckpointError(f"{src}: already a pyface weights folder (kind "
+                              f"{meta.get('kind')!r}); expected a released weights file to "
+                              "convert (pyface loads this folder as it is)")
 
 
 def run(args) -> int:
@@ -992,19 +1174,42 @@ def run(args) -> int:
     elif args.format == "otavatar":
         kwargs["ema"] = args.ema
     elif args.format == "goha":
+        if args.render_resolution < 1:
+            print(f"pyface convert goha: --render-resolution: expected an integer >= 1, got "
+                  f"{args.render_resolution}", file=sys.stderr)
+            return 2
         kwargs["render_resolution"] = args.render_resolution
     try:
-        check_replaceable(args.out)       # before the conversion: OUT is never half-replaced
+        check_output(args.out)            # before the conversion: OUT is never half-replaced
+    except CheckpointError as exc:
+        print(f"pyface convert {args.format}: OUT {exc}", file=sys.stderr)
+        return 1
+    replaced = _weights_meta(args.out)
+    try:
+        check_source(args.src, args.out)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConversionWarning)
             out = fn(args.src, args.out, **kwargs)
-    except (CheckpointError, OSError, ValueError) as exc:
-        print(f"pyface convert {args.format}: {exc}", file=sys.stderr)
+    except OSError as exc:
+        if exc.filename and _below(str(exc.filename), args.out):
+            print(f"pyface convert {args.format}: OUT {args.out}: cannot write the weights "
+                  f"folder there ({exc.strerror or exc})", file=sys.stderr)
+        else:
+            print(f"pyface convert {args.format}: SRC {exc}", file=sys.stderr)
+        return 1
+    except (CheckpointError, ValueError) as exc:
+        print(f"pyface convert {args.format}: SRC {_explained(args.format, args.src, str(exc))}",
+              file=sys.stderr)
         return 1
     for w in caught:
         if issubclass(w.category, ConversionWarning):
             print(f"pyface convert {args.format}: note: {w.message}", file=sys.stderr)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if replaced is not None:
+        source = (replaced.get("extra") or {}).get("source")
+        print(f"pyface convert {args.format}: note: OUT {args.out}: replaced the earlier "
+              f"{replaced.get('kind')!r} weights folder"
+              + (f" (converted from {source})" if source else ""), file=sys.stderr)
     print(out)
     return 0

@@ -79,7 +79,14 @@ def collect() -> dict:
             entry["default"][device] = next(
                 (b for b in default.order if statuses.get(b, {}).get("available")), "reference")
             entry["why"][device] = {"order": list(default.order), "why": default.why}
+            # the backends before the chosen one in the order: why each was passed over
+            chosen = entry["default"][device]
+            skipped = list(default.order[:default.order.index(chosen)]) \
+                if chosen in default.order else list(default.order)
+            entry.setdefault("fallback", {})[device] = {
+                b: statuses.get(b, {}).get("reason", "not a backend of this op") for b in skipped}
         ops[name] = entry
+    module = _backend.extension()
     cuda = None
     if torch.cuda.is_available():
         cuda = {"device": torch.cuda.get_device_name(),
@@ -93,8 +100,10 @@ def collect() -> dict:
         "cuda_device": cuda,
         "triton": _backend.triton_version(),
         "triton_interpret": _backend.triton_interpret(),
-        "extension": {"loaded": _backend.extension() is not None,
+        "extension": {"loaded": module is not None,
                       "reason": _backend.extension_reason(),
+                      "file": getattr(module, "__file__", None) if module is not None else None,
+                      "package": os.path.dirname(os.path.abspath(__file__)),
                       "build": _backend.build_config()},
         "bench_results": bench_results_dir(),
         "ops": ops,
@@ -114,6 +123,20 @@ def build_problem(info: dict) -> str | None:
     if not ext["loaded"]:
         return f"the recorded build does not load: {ext['reason']}"
     return None
+
+
+def foreign_extension(info: dict) -> str | None:
+    """Why the loaded ``pyface._C`` may not be this package's (it was found outside this pyface's
+    folder, e.g. through another checkout's editable install), or None."""
+    ext = info["extension"]
+    path, package = ext.get("file"), ext.get("package")
+    if not path or not package:
+        return None
+    if os.path.dirname(os.path.abspath(path)) == os.path.abspath(package):
+        return None
+    return (f"pyface._C was loaded from {path}, outside this pyface ({package}): another "
+            "checkout's build (an editable install?), whose kernels may not match this source; "
+            "build this one with `pip install -e . --no-build-isolation`")
 
 
 def forced_backend_problem(info: dict) -> str | None:
@@ -141,7 +164,10 @@ def format_report(info: dict) -> str:
     ext = info["extension"]
     build = ext["build"] or {}
     lines.append(f"extension pyface._C: {'loaded' if ext['loaded'] else 'NOT LOADED'}"
+                 + (f" from {ext['file']}" if ext.get("file") else "")
                  + ("" if ext["loaded"] else f" - {ext['reason']}"))
+    if foreign_extension(info):
+        lines.append(f"  WARNING: {foreign_extension(info)}")
     if build:
         lines.append(f"  built {build.get('built_at')} against torch {build.get('torch')}, "
                      f"backends: {', '.join(build.get('backends', []))}")
@@ -160,8 +186,11 @@ def format_report(info: dict) -> str:
         lines.append(f"{name}:")
         for device in ("cpu", "cuda"):
             why = op["why"][device]
-            lines.append(f"  {device:<5} -> {op['default'][device]}   (order "
-                         f"{', '.join(why['order'])}: {why['why']})")
+            passed = op.get("fallback", {}).get(device) or {}
+            lines.append(f"  {device:<5} -> {op['default'][device]}   "
+                         + (f"(FALLBACK: {', '.join(passed)} unavailable, see below; "
+                            if passed else "(") + f"order {', '.join(why['order'])}: "
+                         f"{why['why']})")
             for b, st in op["backends"][device].items():
                 mark = "ok " if st["available"] else "-- "
                 lines.append(f"      {mark}{b:<10} {st['reason']}")

@@ -19,7 +19,7 @@ def add_parser(subparsers) -> None:
                     "(safetensors folder), the reconstruction PNG and optionally an orbit mp4.")
     p.add_argument("model", choices=sorted(INVERTERS),
                    help="model: " + ", ".join(sorted(INVERTERS)))
-    p.add_argument("image", help="aligned portrait: an image file (a non-square one is "
+    p.add_argument("image", metavar="IMAGE", help="aligned portrait: an image file (a non-square one is "
                                  "centre-cropped), a video file or folder of images (the first "
                                  "frame) or a pyface video folder (its first frame and camera)")
     p.add_argument("--checkpoint", required=True,
@@ -34,12 +34,15 @@ def add_parser(subparsers) -> None:
                                                           "300)")
     p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate, > 0 (default "
                                                          "0.01)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the mean-w samples and the renderer's ray samples, >= 0: on "
+                        "CPU the same seed and inputs give the same latent (default 0)")
     p.add_argument("--vgg", default=None, help="VGG19 weights (pyface convert vgg19) for the "
                                               "perceptual term; without: L1 only")
     p.add_argument("--out", default="inversion",
                    help="output folder (default: inversion; created; latent/, reconstruction.png "
                         "and orbit.mp4 in it are replaced)")
-    p.add_argument("--video", action="store_true", help="also render an orbit mp4")
+    p.add_argument("--video", action="store_true", help="also render an orbit mp4 (48 frames, 24 fps)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if "
                                                  "available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

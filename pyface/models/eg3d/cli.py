@@ -12,25 +12,48 @@ def _to_uint8(x):
         *range(x.ndim - 3), -2, -1, -3).cpu().numpy()
 
 
+class _Replacing:
+    """``with _Replacing(path) as tmp:`` write ``tmp`` (same folder and extension); on success
+    it replaces ``path`` in one rename, on any error or interruption it is removed, so ``path``
+    is never a half-written file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        folder, name = os.path.split(path)
+        stem, ext = os.path.splitext(name)
+        self.tmp = os.path.join(folder, f".{stem}.tmp-{os.getpid()}{ext}")
+
+    def __enter__(self) -> str:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        return self.tmp
+
+    def __exit__(self, kind, exc, tb):
+        if kind is None:
+            os.replace(self.tmp, self.path)
+        elif os.path.exists(self.tmp):
+            os.remove(self.tmp)
+        return False
+
+
 def write_png(image, path: str) -> str:
-    """(3, H, W) in [-1, 1] -> PNG."""
+    """(3, H, W) in [-1, 1] -> PNG, replaced in one rename (never half written)."""
     from PIL import Image
 
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    Image.fromarray(_to_uint8(image)).save(path)
+    with _Replacing(path) as tmp:
+        Image.fromarray(_to_uint8(image)).save(tmp, format="PNG")
     return path
 
 
 def write_video(frames, path: str, fps: int = 24) -> str:
-    """(T, 3, H, W) in [-1, 1] -> mp4 (H.264 via imageio-ffmpeg)."""
+    """(T, 3, H, W) in [-1, 1] -> mp4 (H.264 via imageio-ffmpeg), replaced in one rename."""
     import imageio.v2 as imageio
 
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     arr = _to_uint8(frames)
     H, W = arr.shape[1:3]
     arr = arr[:, : H - H % 2, : W - W % 2]
-    imageio.mimwrite(path, list(arr), fps=fps, codec="libx264", quality=8, macro_block_size=1,
-                     pixelformat="yuv420p")
+    with _Replacing(path) as tmp:
+        imageio.mimwrite(tmp, list(arr), fps=fps, codec="libx264", quality=8,
+                         macro_block_size=1, pixelformat="yuv420p")
     return path
 
 
@@ -111,7 +134,7 @@ def read_camera(spec: str | None, image_path: str):
 def _check_invert_args(args) -> None:
     import math
 
-    from pyface.checkpoint import check_replaceable
+    from pyface.checkpoint import check_weights_replaceable
 
     if not args.image:
         raise ValueError("IMAGE: expected a path, got ''")
@@ -119,14 +142,41 @@ def _check_invert_args(args) -> None:
         raise ValueError("--out: expected a folder, got ''")
     if args.steps < 1:
         raise ValueError(f"--steps: expected an integer >= 1, got {args.steps}")
+    if getattr(args, "seed", 0) < 0:
+        raise ValueError(f"--seed: expected an integer >= 0, got {args.seed}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr: expected a learning rate > 0, got {args.lr}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out}: exists and is not a folder")
+    if os.path.isfile(os.path.join(args.out, "meta.json")):
+        raise ValueError(f"--out {args.out}: a pyface checkpoint or weights folder (meta.json); "
+                         "expected a folder for the inversion's outputs: choose another one")
     try:
-        check_replaceable(os.path.join(args.out, "latent"))
+        check_weights_replaceable(os.path.join(args.out, "latent"))
     except Exception as exc:  # CheckpointError: a file or a folder of other files
         raise ValueError(f"--out: {exc}") from None
+
+
+def _image_note(path: str, side: int, resolution: int) -> str | None:
+    """What ``pyface invert`` does to IMAGE before fitting it, when that is more than a resize
+    between similar sizes: a centre crop of a non-square image, an upsampling of a small one."""
+    size = None
+    if os.path.isfile(path):
+        try:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                size = im.size
+        except Exception:  # noqa: BLE001 - a video file: its first frame was read instead
+            size = None
+    parts = []
+    if size is not None and size[0] != size[1]:
+        parts.append(f"IMAGE {path} is {size[0]}x{size[1]}, not square: its centre "
+                     f"{side}x{side} is fitted")
+    if side < resolution // 2:
+        parts.append(f"IMAGE {path}: the target is {side}x{side}, upsampled to the "
+                     f"generator's {resolution}x{resolution} (a blurred target)")
+    return "; ".join(parts) or None
 
 
 def run_invert(args) -> int:
@@ -149,6 +199,9 @@ def run_invert(args) -> int:
     try:
         source = read_source(args.image, None)
         img = source["image"]
+    except (DataError, ValueError, OSError) as exc:
+        return fail(f"IMAGE {exc}")
+    try:
         cam = read_camera(args.camera, args.image)
         if cam is None and args.camera is None and "camera" in source:
             cam = source["camera"].float()        # a pyface video folder's own label
@@ -157,9 +210,14 @@ def run_invert(args) -> int:
     try:
         G = load_generator(args.checkpoint, device=dev, ema=True)
     except (CheckpointError, ValueError, OSError) as exc:
-        return fail(exc)
+        msg = str(exc)
+        msg = msg[len("checkpoint "):] if msg.startswith("checkpoint ") else msg
+        return fail(f"--checkpoint {msg}")
     if cam is None:
         cam = G.camera(0.0, 0.0)[0].cpu()
+    note = _image_note(args.image, img.shape[-1], G.cfg.img_resolution)
+    if note:
+        print(f"pyface invert: note: {note}", file=sys.stderr)
     perceptual = None
     if args.vgg:
         from pyface.nn.vgg import PerceptualLoss
@@ -170,18 +228,14 @@ def run_invert(args) -> int:
             return fail(f"--vgg {args.vgg}: {str(exc).strip(chr(34))}")
     else:
         print("pyface invert: no --vgg weights; using the L1 loss only", file=sys.stderr)
+    seed = getattr(args, "seed", 0)
+    torch.manual_seed(seed)         # the mean-w samples and the renderer's ray samples
     ws, info = project(G, img, cam, space=args.space, steps=args.steps, lr=args.lr,
-                       perceptual=perceptual, progress=not getattr(args, "no_progress", False))
-    os.makedirs(args.out, exist_ok=True)
-    save_weights(os.path.join(args.out, "latent"), {"ws": ws.cpu().contiguous(),
-                                                    "camera": cam.contiguous()},
-                 kind="eg3d-latent", config={"space": args.space, "steps": args.steps,
-                                             "final_loss": info["loss"][-1] if info["loss"]
-                                             else None})
+                       perceptual=perceptual, progress=not getattr(args, "no_progress", False),
+                       generator=torch.Generator().manual_seed(seed))
     target = torch.nn.functional.interpolate(img[None], size=info["image"].shape[-2:],
                                              mode="bilinear", antialias=True)
-    write_png(torch.cat([target.cpu(), info["image"].cpu().clamp(-1, 1)], -1)[0],
-              os.path.join(args.out, "reconstruction.png"))
+    frames = None
     if args.video:
         from pyface.face.cameras import orbit_labels
 
@@ -191,7 +245,25 @@ def run_invert(args) -> int:
             planes = G.backbone.planes(ws, noise_mode="const")
             frames = torch.stack([G.synthesis(ws, labels[t:t + 1], planes=planes)["image"][0]
                                   for t in range(48)]).cpu()
-        write_video(frames.clamp(-1, 1), os.path.join(args.out, "orbit.mp4"), fps=24)
+    # every output is computed; each is written under a temporary name and renamed
+    name = "latent/"
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        save_weights(os.path.join(args.out, "latent"), {"ws": ws.cpu().contiguous(),
+                                                        "camera": cam.contiguous()},
+                     kind="eg3d-latent", config={"space": args.space, "steps": args.steps,
+                                                 "seed": seed, "lr": args.lr,
+                                                 "final_loss": info["loss"][-1] if info["loss"]
+                                                 else None})
+        name = "reconstruction.png"
+        write_png(torch.cat([target.cpu(), info["image"].cpu().clamp(-1, 1)], -1)[0],
+                  os.path.join(args.out, name))
+        if frames is not None:
+            name = "orbit.mp4"
+            write_video(frames.clamp(-1, 1), os.path.join(args.out, name), fps=24)
+    except (OSError, CheckpointError) as exc:
+        return fail(f"--out {args.out}: cannot write {name} "
+                    f"({getattr(exc, 'strerror', None) or exc})")
     print(f"{args.out}: loss {info['loss'][0]:.4f} -> {info['loss'][-1]:.4f}"
           if info["loss"] else args.out)
     return 0

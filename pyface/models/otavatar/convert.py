@@ -85,9 +85,11 @@ def release_entries(raw, path: str, ema: bool = True):
                                       f"checkpoint), got {type(raw).__name__}")
     if warp not in raw:
         hint = (" (the trained weights: pass ema=False, --no-ema)"
-                if ema and ENTRIES[False][0] in raw else "")
+                if ema and ENTRIES[False][0] in raw else
+                " (the EMA weights only: drop ema=False, --no-ema)"
+                if not ema and ENTRIES[True][0] in raw else "")
         raise OTAvatarConversionError(f"{path}: expected key {warp!r} (OTAvatar checkpoint), got "
-                                      f"keys {sorted(map(str, raw))}{hint}")
+                                      f"keys {_few(sorted(map(str, raw)))}{hint}")
     out = []
     for name in (warp, gen):
         state = raw.get(name)
