@@ -473,3 +473,28 @@ def test_bench_with_no_workers_loads_in_the_main_process(capsys):
                      r"process ([\d.]+) ms/pair", out)
     assert load and float(load.group(1)) > 0, out
     assert "0 workers" not in out and "loader workers" not in out
+
+
+@pytest.mark.parametrize("command", ["synth", "prepare"])
+def test_synth_and_prepare_under_torchrun_are_refused(tmp_path, monkeypatch, capsys, command):
+    """Launched by torchrun (WORLD_SIZE=2), every rank would write the same --out folder (rank 1
+    stopped on its lock): rank 0 says once to run it without torchrun, naming --workers, every
+    rank exits with code 2 and nothing is written."""
+    out = tmp_path / "out"
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"")
+    args = (["data", "synth", "--out", str(out), *TINY_ARGS] if command == "synth" else
+            ["data", "prepare", str(video), "--out", str(out), "--workers", "2"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert not out.exists()
+        if rank == "1":
+            assert err == ""
+            continue
+        assert err.count("\n") == 1 and err.startswith(
+            f"pyface data {command}: runs as one process, not under torchrun (WORLD_SIZE=2: every "
+            "rank would run all of it and write the same files); run the same command without "
+            "torchrun (--workers N "), err
