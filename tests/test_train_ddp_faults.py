@@ -137,6 +137,12 @@ def test_synthetic_set_generated_into_data_path_once(tmp_path):
         env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "is writing it" not in proc.stderr
+    # said once, by rank 0, which generates it (rank 1 then finds the set)
+    assert proc.stderr.count(f"WARNING pyface.data: data.path {data} does not exist: generating "
+                             "the synthetic set there (data.options.synth: identities=2, "
+                             "videos_per_identity=1, frames=2; 16 px; a dataset meant to be "
+                             "read from elsewhere: check the path)") == 1, proc.stderr[-3000:]
+    assert "[rank 1] WARNING pyface.data" not in proc.stderr
     assert sorted(os.listdir(data)) == ["id0000_v00", "id0001_v00", "index.json", "synth.json"]
     assert ckpt.latest_checkpoint(str(run)).endswith("ckpt-000001")
 
