@@ -217,9 +217,9 @@ def test_print_config_under_torchrun_prints_once(monkeypatch, capsys):
 def test_sigterm_to_one_rank_stops_every_rank_after_one_step(tmp_path):
     """SIGTERM to rank 1's process only (a node's preemption, a ``kill`` of one worker): the stop
     flag is all-reduced, so both ranks stop after the same step; rank 1 says that it stops and
-    that rank 0 saves (it writes no checkpoint), rank 0 writes the one checkpoint. Rank 1 exits
-    with code 143; rank 0 with 143, or -15 when torchrun's SIGTERM to the remaining workers
-    (sent once rank 1 exited) comes after its stop handler is gone, its checkpoint whole."""
+    that rank 0 saves (it writes no checkpoint), rank 0 writes the one checkpoint. The first rank
+    to exit exits with code 143; the other with 143, or -15 when torchrun's SIGTERM to the
+    remaining workers (sent once one exited) comes after its stop handler is gone."""
     import re
     import signal
     import time
@@ -260,9 +260,8 @@ def test_sigterm_to_one_rank_stops_every_rank_after_one_step(tmp_path):
     assert len(steps) == 1 and steps[0] >= 2, (steps, out[-3000:])
     assert max(int(m) for m in re.findall(r" INFO step (\d+)/", log.read_text())) == steps[0]
     ckpt.load_folder(ckpt.latest_checkpoint(str(run)))
-    # torchrun's report of its workers: rank 1 (the root cause) 143, rank 0 143 or -15
-    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*exitcode\s*: 143 ", out), out[-3000:]
+    # torchrun's report of its workers: the first to exit 143, the other 143 or -15
     codes = re.findall(r"exitcode\s*:\s*(-?\d+) ", out)
-    assert codes and set(codes) <= {"143", "-15"}, out[-3000:]
+    assert "143" in codes and set(codes) <= {"143", "-15"}, out[-3000:]
     assert "a collective failed" not in out, out[-3000:]
     assert os.path.dirname(pyface.__file__) not in out, out[-3000:]     # no pyface traceback
