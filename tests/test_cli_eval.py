@@ -140,3 +140,27 @@ def test_sheet_and_json_into_a_folder_and_the_table_matches_the_json(root, tmp_p
             assert psnr == f"{s['psnr']['image']:.2f}" and psnr_face == f"{s['psnr']['face']:.2f}"
             assert ssim == f"{s['ssim']['image']:.4f}" and ssim_face == f"{s['ssim']['face']:.4f}"
             assert fps == f"{r['fps']:.1f}"
+
+
+def test_under_torchrun_refused_before_any_work(root, tmp_path, monkeypatch, capsys):
+    """Launched by torchrun (WORLD_SIZE=2), every rank would evaluate every pair, print the table
+    and write the same --json file: rank 0 says once what to run instead, every rank exits with
+    code 2 before loading anything, and nothing is written."""
+    out = str(tmp_path / "r.json")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, said in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["eval", "copy-source", "--data", root, *BASE, "--json", out]) == 2
+        cap = capsys.readouterr()
+        assert cap.out == "" and not os.path.exists(out), (rank, cap.out)
+        if said:
+            assert cap.err == (
+                "pyface eval: runs as one process, not under torchrun (WORLD_SIZE=2: every rank "
+                "would run all of it and write the same files); run the same pyface eval command "
+                "without torchrun (--workers N loads the pairs in N processes)\n")
+        else:
+            assert cap.err == "", cap.err
+    monkeypatch.setenv("WORLD_SIZE", "1")        # torchrun with one process: an ordinary run
+    monkeypatch.setenv("RANK", "0")
+    assert main(["eval", "copy-source", "--data", root, *BASE, "--json", out]) == 0
+    assert os.path.isfile(out)

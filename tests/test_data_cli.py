@@ -267,6 +267,40 @@ def test_data_path_that_is_a_file_or_unfinished(tmp_path, tiny):
     assert len(fmt.load_index(part)) == 2
 
 
+
+def test_absent_data_path_is_said_and_a_missing_parent_refused(tmp_path, caplog):
+    """An absent ``data.path`` gets the synthetic set generated into it, as documented, with a
+    warning naming it (a mistyped path to a dataset used to be filled silently); an empty one
+    with an info line; an absent one whose parent folder does not exist (a typo in a parent) is
+    refused before anything is written."""
+    import logging
+
+    from pyface.data.builtin import SynthOptions, resolve_root
+    from pyface.train.config import DataConfig
+
+    opts = SynthOptions(identities=2, videos_per_identity=1, frames=2, cross=False,
+                        multiview=False, workers=1)
+    typo = tmp_path / "no_such_dir" / "set"
+    with pytest.raises(fmt.DataError, match=re.escape(
+            f"data.path {typo}: neither it nor its parent folder {typo.parent} exists (a typo?); "
+            "the synthetic set is generated into an empty or absent data.path whose parent "
+            "folder exists")):
+        resolve_root(DataConfig(path=str(typo), resolution=16), opts)
+    assert not typo.parent.exists()
+    absent, empty = tmp_path / "absent", tmp_path / "empty"
+    empty.mkdir()
+    with caplog.at_level(logging.INFO, logger="pyface.data"):
+        assert resolve_root(DataConfig(path=str(absent), resolution=16), opts) == str(absent)
+        assert resolve_root(DataConfig(path=str(empty), resolution=16), opts) == str(empty)
+        assert resolve_root(DataConfig(path=str(empty), resolution=16), opts) == str(empty)
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "pyface.data"]
+    what = "data.options.synth: identities=2, videos_per_identity=1, frames=2; 16 px"
+    assert said == [
+        ("WARNING", f"data.path {absent} does not exist: generating the synthetic set there "
+                    f"({what}; a dataset meant to be read from elsewhere: check the path)"),
+        ("INFO", f"data.path {empty} is empty: generating the synthetic set there ({what})")]
+    assert len(fmt.load_index(str(absent))) == len(fmt.load_index(str(empty))) == 2
+
 # ------------------------------------------------------------------------------------------
 # training data keys: a dataset without the labels the model reads fails before any step
 # ------------------------------------------------------------------------------------------
@@ -479,3 +513,28 @@ def test_bench_with_no_workers_loads_in_the_main_process(capsys):
                      r"process ([\d.]+) ms/pair", out)
     assert load and float(load.group(1)) > 0, out
     assert "0 workers" not in out and "loader workers" not in out
+
+
+@pytest.mark.parametrize("command", ["synth", "prepare"])
+def test_synth_and_prepare_under_torchrun_are_refused(tmp_path, monkeypatch, capsys, command):
+    """Launched by torchrun (WORLD_SIZE=2), every rank would write the same --out folder (rank 1
+    stopped on its lock): rank 0 says once to run it without torchrun, naming --workers, every
+    rank exits with code 2 and nothing is written."""
+    out = tmp_path / "out"
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"")
+    args = (["data", "synth", "--out", str(out), *TINY_ARGS] if command == "synth" else
+            ["data", "prepare", str(video), "--out", str(out), "--workers", "2"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert not out.exists()
+        if rank == "1":
+            assert err == ""
+            continue
+        assert err.count("\n") == 1 and err.startswith(
+            f"pyface data {command}: runs as one process, not under torchrun (WORLD_SIZE=2: every "
+            "rank would run all of it and write the same files); run the same command without "
+            "torchrun (--workers N "), err

@@ -3,7 +3,8 @@
 continue exactly), rank 1's log lines prefixed with its rank, the backend chosen without CUDA
 logged once, and a rank that hangs in a step: rank 0 stops after ``PYFACE_DIST_TIMEOUT`` with
 one message naming the latest checkpoint instead of waiting half an hour, and the checkpoints
-stay whole; (2) the synthetic set generated into an empty ``data.path`` by rank 0 alone."""
+stay whole; (2) the synthetic set generated into an empty ``data.path`` by rank 0 alone; (3) a
+SIGTERM to rank 1 only: both ranks stop after one step, rank 0 saves, rank 1 says it stops."""
 from __future__ import annotations
 
 import os
@@ -18,8 +19,11 @@ from pyface.train import distributed as D
 
 FAULT_TOY = textwrap.dedent('''
     """A 1x1 convolution whose step on rank ``hang_rank`` at step ``hang_step`` sleeps
-    ``hang_s`` seconds (a data read that hangs); its constructor warns on every rank."""
+    ``hang_s`` seconds (a data read that hangs) and every step ``step_s`` seconds; its
+    constructor warns on every rank and, with ``pid_dir``, writes its process id there
+    (``rank<N>.pid``)."""
     import logging
+    import os
     import time
     from dataclasses import dataclass
 
@@ -35,6 +39,8 @@ FAULT_TOY = textwrap.dedent('''
         hang_rank: int = 1
         hang_step: int = 1
         hang_s: float = 6.0
+        step_s: float = 0.0
+        pid_dir: str = ""
 
     class FaultToy(TrainableModel):
         Config = Cfg
@@ -46,6 +52,10 @@ FAULT_TOY = textwrap.dedent('''
             self.cfg = cfg
             self.conv = nn.Conv2d(3, 3, 1)
             logging.getLogger("pyface.faulttoy").warning("faulttoy: built without weights")
+            if cfg.pid_dir:
+                rank = os.environ.get("RANK", "0")
+                with open(os.path.join(cfg.pid_dir, f"rank{rank}.pid"), "w") as f:
+                    f.write(str(os.getpid()))
 
         def build_optimizers(self):
             return {"main": torch.optim.Adam(self.parameters(), lr=1e-2)}
@@ -53,6 +63,7 @@ FAULT_TOY = textwrap.dedent('''
         def step(self, phase, batch, ctx):
             if ctx.rank == self.cfg.hang_rank and ctx.step == self.cfg.hang_step:
                 time.sleep(self.cfg.hang_s)
+            time.sleep(self.cfg.step_s)
             x = batch["image"]
             return {"loss": (self.conv(x) - x.flip(1)).abs().mean()}
 
@@ -96,7 +107,11 @@ def test_resume_on_two_ranks_prefixes_and_a_hung_rank_times_out(tmp_path):
             "checkpoint was written for this step; latest checkpoint: "
             f"{run / 'checkpoints' / 'ckpt-000001'}; run the same command with --resume") in err
     assert "[rank0]: Traceback" not in err, err
-    # rank 1, stopped by torchrun once it wakes, says the same with its rank
+    # rank 1, sent SIGTERM by torchrun in its sleep, says that it stops (it writes no
+    # checkpoint: rank 0 does), then, once it wakes, the same as rank 0 with its rank
+    assert err.count("[rank 1] WARNING pyface.train: received SIGTERM: stopping after this step "
+                     "with the other ranks (rank 0 saves the checkpoint)") == 1, err
+    assert "received SIGTERM: saving a checkpoint" not in err, err
     assert "[rank 1] pyface train: rank 1 of 2: a collective failed during step 2" in err, err
     # the checkpoint of step 1 is whole and still the latest; nothing half-written is left
     assert sorted(os.listdir(run / "checkpoints")) == ["ckpt-000001", "latest"]
@@ -122,6 +137,12 @@ def test_synthetic_set_generated_into_data_path_once(tmp_path):
         env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "is writing it" not in proc.stderr
+    # said once, by rank 0, which generates it (rank 1 then finds the set)
+    assert proc.stderr.count(f"WARNING pyface.data: data.path {data} does not exist: generating "
+                             "the synthetic set there (data.options.synth: identities=2, "
+                             "videos_per_identity=1, frames=2; 16 px; a dataset meant to be "
+                             "read from elsewhere: check the path)") == 1, proc.stderr[-3000:]
+    assert "[rank 1] WARNING pyface.data" not in proc.stderr
     assert sorted(os.listdir(data)) == ["id0000_v00", "id0001_v00", "index.json", "synth.json"]
     assert ckpt.latest_checkpoint(str(run)).endswith("ckpt-000001")
 
@@ -191,3 +212,56 @@ def test_print_config_under_torchrun_prints_once(monkeypatch, capsys):
         assert main(["train", "example", "--print-config"]) == 0
         out = capsys.readouterr().out
         assert ("model: example" in out) is printed and (out != "") is printed, (rank, out)
+
+
+def test_sigterm_to_one_rank_stops_every_rank_after_one_step(tmp_path):
+    """SIGTERM to rank 1's process only (a node's preemption, a ``kill`` of one worker): the stop
+    flag is all-reduced, so both ranks stop after the same step; rank 1 says that it stops and
+    that rank 0 saves (it writes no checkpoint), rank 0 writes the one checkpoint. The first rank
+    to exit exits with code 143; the other with 143, or -15 when torchrun's SIGTERM to the
+    remaining workers (sent once one exited) comes after its stop handler is gone."""
+    import re
+    import signal
+    import time
+
+    import pyface
+
+    (tmp_path / "ddp_fault_toy.py").write_text(FAULT_TOY)
+    run, pids = tmp_path / "run", tmp_path / "pids"
+    pids.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    sets = SETS + [f"train.run_dir={run}", "train.steps=100000", "train.ckpt_every=0",
+                   "model.hang_rank=-1", "model.step_s=0.2", f"model.pid_dir={pids}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "pyface", "train", "ddp_fault_toy", "--import", "ddp_fault_toy",
+         *sum((["--set", s] for s in sets), [])],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = run / "log.txt"
+    try:
+        end = time.monotonic() + 90
+        while not (log.is_file() and re.search(r" INFO step [2-9]\d*/", log.read_text())):
+            assert proc.poll() is None and time.monotonic() < end, proc.communicate()[0][-3000:]
+            time.sleep(0.1)
+        os.kill(int((pids / "rank1.pid").read_text()), signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, out[-3000:]
+    assert out.count("[rank 1] WARNING pyface.train: received SIGTERM: stopping after this step "
+                     "with the other ranks (rank 0 saves the checkpoint)") == 1, out[-3000:]
+    assert "[rank 1] WARNING pyface.train: received SIGTERM: saving" not in out
+    # one checkpoint, whole, of the last step rank 0 logged: both ranks stopped after it
+    steps = [s for s, _ in ckpt.list_checkpoints(str(run))]
+    assert len(steps) == 1 and steps[0] >= 2, (steps, out[-3000:])
+    assert max(int(m) for m in re.findall(r" INFO step (\d+)/", log.read_text())) == steps[0]
+    ckpt.load_folder(ckpt.latest_checkpoint(str(run)))
+    # torchrun's report of its workers: the first to exit 143, the other 143 or -15
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+) ", out)
+    assert "143" in codes and set(codes) <= {"143", "-15"}, out[-3000:]
+    assert "a collective failed" not in out, out[-3000:]
+    assert os.path.dirname(pyface.__file__) not in out, out[-3000:]     # no pyface traceback

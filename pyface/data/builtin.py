@@ -9,8 +9,11 @@ unset that root is the built-in synthetic set described by :class:`SynthOptions`
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
+
+log = logging.getLogger("pyface.data")
 
 
 @dataclass
@@ -54,8 +57,9 @@ class SynthOptions:
 def resolve_root(cfg, synth: SynthOptions | None) -> str:
     """The dataset root of a data config (``cfg.path``, ``cfg.resolution``): ``cfg.path`` when it
     holds a dataset (``index.json`` or video folders); the built-in set generated into
-    ``cfg.path`` when that folder is empty or absent; the cached built-in set when ``cfg.path``
-    is unset."""
+    ``cfg.path`` when that folder is empty or absent (absent: its parent folder must exist, so
+    that a typo in a parent is an error; a log line names the folder either way); the cached
+    built-in set when ``cfg.path`` is unset."""
     from pyface.data import format as fmt
 
     synth = synth or SynthOptions()
@@ -79,7 +83,21 @@ def resolve_root(cfg, synth: SynthOptions | None) -> str:
                             "empty; refusing to generate the synthetic set into it")
     from pyface.data.synthetic import generate
 
-    generate(path, _synth_config(cfg, synth), progress=False)
+    config = _synth_config(cfg, synth)
+    what = (f"data.options.synth: identities={config.identities}, videos_per_identity="
+            f"{config.videos_per_identity}, frames={config.frames}; {config.resolution} px")
+    if os.path.isdir(path):
+        log.info("data.path %s is empty: generating the synthetic set there (%s)", path, what)
+    else:
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise fmt.DataError(
+                f"data.path {path}: neither it nor its parent folder {parent} exists (a typo?); "
+                "the synthetic set is generated into an empty or absent data.path whose parent "
+                "folder exists: give the path of a dataset, or create the parent folder")
+        log.warning("data.path %s does not exist: generating the synthetic set there (%s; a "
+                    "dataset meant to be read from elsewhere: check the path)", path, what)
+    generate(path, config, progress=False)
     return path
 
 

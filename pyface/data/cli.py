@@ -146,7 +146,13 @@ def add_parser(subparsers) -> None:
 def _synth(args) -> int:
     from pyface.data.format import DataError
     from pyface.data.synthetic import PARTIAL, SynthConfig, generate
+    from pyface.train.distributed import refuse_under_torchrun
 
+    refused = refuse_under_torchrun(
+        "pyface data synth", "run the same command without torchrun (--workers N renders in N "
+        "processes)")
+    if refused is not None:
+        return refused
     try:
         cfg = SynthConfig(identities=args.identities, videos_per_identity=args.videos_per_identity,
                           frames=args.frames, resolution=args.resolution, fps=args.fps,
@@ -333,6 +339,13 @@ def _prepare(args) -> int:
 
     from pyface.data.format import DataError
     from pyface.data.prepare import CLI_OPTIONS, PrepareConfig, prepare
+    from pyface.train.distributed import refuse_under_torchrun
+
+    refused = refuse_under_torchrun(
+        "pyface data prepare", "run the same command without torchrun (--workers N prepares N "
+        "videos in parallel)")
+    if refused is not None:
+        return refused
 
     try:
         cfg = PrepareConfig(out=args.out, crop=args.crop, resolution=args.resolution,

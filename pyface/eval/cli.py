@@ -597,7 +597,13 @@ def run(args) -> int:
     from pyface.data.format import DataError
     from pyface.eval.weights import parse_weights
     from pyface.train.cli import resolve_device
+    from pyface.train.distributed import refuse_under_torchrun
 
+    refused = refuse_under_torchrun(
+        "pyface eval", "run the same pyface eval command without torchrun (--workers N loads "
+        "the pairs in N processes)")
+    if refused is not None:
+        return refused
     try:
         device = resolve_device(args.device)
         check_args(args)

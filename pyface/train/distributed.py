@@ -47,6 +47,23 @@ def dist_timeout() -> float:
     return value
 
 
+def refuse_under_torchrun(command: str, instead: str) -> int | None:
+    """For a command that has no distributed code (``pyface eval``, ``pyface data synth`` /
+    ``prepare``): None on one process; launched by torchrun (``WORLD_SIZE`` > 1), exit code 2,
+    before any work, with one line on rank 0 (``[rank N] `` prefixed copies would only repeat
+    it): every rank would otherwise run the whole command and write the same files. ``instead``:
+    what to run (the command's own way of using several processes)."""
+    import sys
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return None
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(f"{command}: runs as one process, not under torchrun (WORLD_SIZE={world}: every "
+              f"rank would run all of it and write the same files); {instead}", file=sys.stderr)
+    return 2
+
+
 @dataclass
 class DistInfo:
     rank: int = 0

@@ -983,8 +983,12 @@ class Trainer:
                 f"during step {self.step}; the latest checkpoint: "
                 f"{ckpt.latest_checkpoint(self.run_dir) or 'none'}")
         self._stop_signal = signum
-        log.warning("received %s: saving a checkpoint after this step and stopping",
-                    signal.Signals(signum).name)
+        if self.dist.is_main:
+            log.warning("received %s: saving a checkpoint after this step and stopping",
+                        signal.Signals(signum).name)
+        else:       # only rank 0 writes checkpoints
+            log.warning("received %s: stopping after this step with the other ranks (rank 0 "
+                        "saves the checkpoint)", signal.Signals(signum).name)
 
     def _setup_run_dir(self) -> None:
         os.makedirs(self.run_dir, exist_ok=True)
