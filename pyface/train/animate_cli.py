@@ -486,7 +486,13 @@ def run_animate(args) -> int:
         return code
 
     from pyface.train.cli import resolve_device
+    from pyface.train.distributed import refuse_under_torchrun
 
+    refused = refuse_under_torchrun(
+        "pyface animate", "run the same pyface animate command without torchrun (--batch N "
+        "renders N frames at once)")
+    if refused is not None:
+        return refused
     try:
         check_animate_args(args)
         args.out = resolve_out(args.out)
