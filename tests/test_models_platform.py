@@ -123,7 +123,9 @@ def test_load_pretrained_run_checkpoint_weights_and_ema(example_run, tmp_path):
     pipe = pyface.models.load("example", w, device="cpu")      # a converter's output loads too
     assert all(torch.equal(v, live[k]) for k, v in pipe.model.state_dict().items())
     other = ckpt.save_weights(str(tmp_path / "w2"), live, kind="vgg19", config=cfg)
-    with pytest.raises(ValueError, match=r"holds model 'vgg19', not 'example'"):
+    with pytest.raises(ValueError, match=r"holds 'vgg19' weights \(kind 'vgg19', not a model\), "
+                                         r"not 'example': expected a run folder or training "
+                                         r"checkpoint of 'example' \(pyface train example\)$"):
         pyface.models.load("example", other)
     with pytest.raises(ckpt.CheckpointError, match=r"does not exist"):
         load_pretrained(str(tmp_path / "missing"))
@@ -254,7 +256,8 @@ def test_models_load_errors(example_run, monkeypatch):
     with pytest.raises(ValueError, match=r"model 'toy_stage1' has no inference pipeline"):
         pyface.models.load("toy_stage1", str(example_run))
     monkeypatch.setitem(registry.MODELS, "example2", "pyface.train.example:TriplaneAutoencoder")
-    with pytest.raises(ValueError, match=r"holds model 'example', not 'example2'"):
+    with pytest.raises(ValueError, match=r"holds model 'example' \(a training checkpoint of step "
+                                         r"\d+\), not 'example2'"):
         pyface.models.load("example2", str(example_run))
 
 
