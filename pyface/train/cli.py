@@ -270,10 +270,33 @@ def run_train(args) -> int:
             print(f"{_prefix()}pyface train: {_message(exc)}", file=sys.stderr)
             return 2
     try:
-        return _train(args, cls, cfg, overrides, staged, group)
+        code = _train(args, cls, cfg, overrides, staged, group)
     finally:
         if group is not None:
             D.shutdown(group)
+    if code == 143 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_stopped_rank(code)
+    return code
+
+
+def _exit_stopped_rank(code: int) -> None:
+    """A rank of torchrun stopped by a signal, its part done (checkpoint written, process group
+    left): the process ends here, streams flushed, without the interpreter's shutdown. torchrun
+    sends SIGTERM to the ranks still running once one has exited, and during that shutdown
+    Python has put the signals' default actions back: a rank ended by it exited with -15, not
+    143 (the stop handler, and after the stop :func:`pyface.train.engine._exit_at_once`, cover
+    everything before)."""
+    for h in logging.getLogger().handlers + logging.getLogger("pyface").handlers:
+        try:
+            h.flush()
+        except Exception:  # noqa: BLE001 - a handler that cannot flush: exit all the same
+            pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(code)
 
 
 def _train(args, cls, cfg, overrides, staged: bool, group=None) -> int:
@@ -335,6 +358,7 @@ def _train(args, cls, cfg, overrides, staged: bool, group=None) -> int:
             return 1
         print(f"{_prefix()}pyface train: {_message(exc)}", file=sys.stderr)
         return 2
+    trainer.exit_after_stop = 143       # torchrun's SIGTERM to a rank stopping: 143, not -15
     try:
         if args.resume and trainer.resume(args.resume) is None \
                 and trainer.dist.is_main:
