@@ -64,8 +64,9 @@ TORCHRUN_REFUSED = [
 
 
 @pytest.mark.parametrize("command,argv", TORCHRUN_REFUSED,
-                         ids=["animate", "animate-seeds", "invert", "convert", "bench", "data-cache",
-                              "data-index", "data-bench", "bench.train", "bench.train-MODEL"])
+                         ids=["animate", "animate-seeds", "invert", "convert", "bench",
+                              "data-cache", "data-index", "data-bench", "bench.train",
+                              "bench.train-MODEL"])
 def test_commands_without_distributed_code_are_refused_under_torchrun(
         tmp_path, monkeypatch, capsys, command, argv):
     """Launched by torchrun (WORLD_SIZE=2), every rank ran the whole command and wrote the same
