@@ -100,10 +100,19 @@ def check_replaceable(path: str) -> None:
     exist, is an empty folder, or is a pyface checkpoint folder (``meta.json`` of this format),
     which :func:`save_folder` replaces. Anything else (a file, a folder of other files) is never
     replaced, so a mistyped output path cannot delete a user's files. An empty path is refused
-    (``os.path.abspath("")`` is the working directory)."""
+    (``os.path.abspath("")`` is the working directory), and so is a symbolic link: the new folder
+    is renamed into the path's place, which would replace the link rather than the folder it
+    points to (whether the folder or the link was meant is the user's to say)."""
     if not isinstance(path, (str, os.PathLike)) or not str(os.fspath(path)).strip():
         raise CheckpointError(f"expected a folder path, got {path!r} (an empty path would name "
                               "the working directory)")
+    if os.path.islink(path):
+        target = os.path.realpath(path)
+        raise CheckpointError(
+            f"{path}: a symbolic link (to {target}{'' if os.path.exists(target) else ', absent'})"
+            "; pyface writes the new folder and renames it into the path's place, which would "
+            f"replace the link, not the folder it points to: give {target} itself to replace "
+            "that folder, or remove the link to write a new folder in its place")
     if not os.path.lexists(path):
         parent = os.path.dirname(os.path.abspath(path))
         while parent and not os.path.exists(parent):   # the first existing ancestor

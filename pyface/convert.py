@@ -1163,6 +1163,12 @@ def check_source(src: str, out: str) -> None:
 def run(args) -> int:
     import warnings
 
+    from pyface.train.distributed import refuse_under_torchrun
+
+    refused = refuse_under_torchrun(
+        f"pyface convert {args.format}", "run the same pyface convert command without torchrun")
+    if refused is not None:
+        return refused
     fn = CONVERTERS[args.format][0]
     kwargs = {}
     if args.format == "eg3d":

@@ -747,3 +747,91 @@ def test_a_bad_seed_is_refused_before_any_work(tmp_path, capsys, value):
                  "--seed", value, "--out", str(tmp_path / "a.mp4")]) == 2
     assert capsys.readouterr().err == (f"pyface animate: --seed: expected an integer >= 0 or "
                                        f"'none', got {value!r}\n")
+
+
+def _other_models_checkpoints(tmp_path):
+    """A converted GOHA folder and run folders of 'goha' and 'mmfa' (meta as written; the model
+    check reads the meta before any weight)."""
+    import torch
+
+    from pyface import checkpoint as ckpt
+
+    conv = ckpt.save_weights(str(tmp_path / "goha-converted"), {"a": torch.zeros(1)},
+                             kind="goha")
+    runs = {}
+    for model in ("goha", "mmfa"):
+        run = tmp_path / f"{model}-run"
+        folder = ckpt.save_folder(ckpt.checkpoint_path(str(run), 5), {"model.a": torch.zeros(1)},
+                                  {"kind": "train", "step": 5,
+                                   "experiment": {"model": model, "model_config": {}}})
+        ckpt.mark_latest(folder)
+        runs[model] = (str(run), folder)
+    return conv, runs
+
+
+EG3D_TAKES = ("a run folder or training checkpoint of 'eg3d' (pyface train eg3d) or a pyface "
+              "convert eg3d folder (converted from the official EG3D network pickle (.pkl)) or a "
+              "pyface convert otavatar folder (the EG3D generator of OTAvatar's release)")
+
+
+@pytest.mark.parametrize("model,takes", [
+    ("eg3d", EG3D_TAKES),
+    ("otavatar", "a run folder or training checkpoint of 'otavatar' (pyface train otavatar) or a "
+                 "pyface convert otavatar folder (converted from the OTAvatar release checkpoint "
+                 "(net_Warp_ema / net_G_ema))"),
+    ("goha", "a run folder or training checkpoint of 'goha' (pyface train goha) or a pyface "
+             "convert goha folder (converted from the GOHA release checkpoint "
+             "(logs/s3/checkpoint825000.ckpt))"),
+    ("export3d", "a run folder or training checkpoint of 'export3d' (pyface train export3d)"),
+    ("mmfa", "a run folder or training checkpoint of 'mmfa' (pyface train mmfa)"),
+])
+def test_another_models_checkpoint_says_what_it_holds_and_what_the_model_takes(tmp_path, model,
+                                                                             takes):
+    """EG3D's loader said `got kind 'goha' of model None`, the others `holds model 'goha', not
+    'mmfa'`: every model's loader names what the folder holds and what the model takes."""
+    import pyface.models
+    from pyface import checkpoint as ckpt
+    from pyface.train.model import WrongModelError
+
+    conv, runs = _other_models_checkpoints(tmp_path)
+    cases = ([(conv, "model 'goha' (converted weights, kind 'goha')"),
+              (runs["goha"][1], "model 'goha' (a training checkpoint of step 5)")]
+             if model != "goha" else
+             [(runs["mmfa"][1], "model 'mmfa' (a training checkpoint of step 5)")])
+    for folder, holds in cases:
+        with pytest.raises(WrongModelError) as caught:
+            pyface.models.load(model, folder, device="cpu")
+        assert str(caught.value) == f"checkpoint {folder!r} holds {holds}, not {model!r}: " \
+                                    f"expected {takes}"
+        assert isinstance(caught.value, ValueError)       # what pyface.models.load documents
+        assert isinstance(caught.value, ckpt.CheckpointError)
+    vgg = ckpt.save_weights(str(tmp_path / "vgg"), {"a": __import__("torch").zeros(1)},
+                            kind="vgg19")
+    with pytest.raises(WrongModelError, match=r"holds 'vgg19' weights \(kind 'vgg19', not a "
+                                              rf"model\), not '{model}': expected a run folder"):
+        pyface.models.load(model, vgg, device="cpu")
+
+
+def test_animate_and_invert_name_checkpoint_and_what_the_command_takes(tmp_path, capsys):
+    conv, runs = _other_models_checkpoints(tmp_path)
+    run, latest = runs["goha"]
+    image = tmp_path / "face.png"
+    Image.new("RGB", (16, 16)).save(image)
+    holds = "holds model 'goha' (a training checkpoint of step 5), not 'eg3d'"
+    for argv, said in (
+            (["animate", "eg3d", "--checkpoint", run, "--seeds", "0", "--out",
+              str(tmp_path / "o.mp4")], "pyface animate eg3d"),
+            (["invert", "eg3d", str(image), "--checkpoint", run, "--out", str(tmp_path / "inv"),
+              "--steps", "1"], "pyface invert")):
+        assert main(argv) == 1
+        assert capsys.readouterr().err == (
+            f"{said}: --checkpoint {run} (its latest checkpoint {latest}): {holds}: expected "
+            f"{EG3D_TAKES}\n")
+    assert main(["animate", "mmfa", "--checkpoint", conv, "--source", str(image), "--driving",
+                 str(image), "--out", str(tmp_path / "o.mp4")]) == 2
+    assert capsys.readouterr().err == (
+        f"pyface animate: --checkpoint {conv}: holds model 'goha' (converted weights, kind "
+        "'goha'), not 'mmfa': expected a run folder or training checkpoint of 'mmfa' (pyface "
+        "train mmfa)\n")
+    assert sorted(os.listdir(tmp_path)) == ["face.png", "goha-converted", "goha-run",
+                                            "mmfa-run"]

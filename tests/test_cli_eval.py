@@ -164,3 +164,25 @@ def test_under_torchrun_refused_before_any_work(root, tmp_path, monkeypatch, cap
     monkeypatch.setenv("RANK", "0")
     assert main(["eval", "copy-source", "--data", root, *BASE, "--json", out]) == 0
     assert os.path.isfile(out)
+
+
+def test_another_models_checkpoint_names_the_option_it_came_from(root, tmp_path, capsys):
+    """--checkpoint and --runs NAME=RUN of another model's run: what it holds and what the model
+    takes, after the option that named it."""
+    import torch
+
+    from pyface import checkpoint as ckpt
+
+    run = tmp_path / "goha-run"
+    latest = ckpt.save_folder(ckpt.checkpoint_path(str(run), 5), {"model.a": torch.zeros(1)},
+                              {"kind": "train", "step": 5,
+                               "experiment": {"model": "goha", "model_config": {}}})
+    ckpt.mark_latest(latest)
+    detail = (f" (its latest checkpoint {latest}): holds model 'goha' (a training checkpoint of "
+              "step 5), not 'mmfa': expected a run folder or training checkpoint of 'mmfa' "
+              "(pyface train mmfa)\n")
+    assert main(["eval", "mmfa", "--checkpoint", str(run), "--data", root, *BASE]) == 1
+    assert capsys.readouterr().err == f"pyface eval: --checkpoint {run}" + detail
+    assert main(["eval", "--runs", f"mmfa={run}", "--out", str(tmp_path / "e"), "--data", root,
+                 *BASE]) == 1
+    assert capsys.readouterr().err == f"pyface eval: --runs mmfa={run}" + detail

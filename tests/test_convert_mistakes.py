@@ -341,3 +341,34 @@ def test_convert_without_format_says_what_is_expected(capsys):
     assert cap.out == "" and cap.err.startswith("usage: pyface convert")
     assert ("pyface convert: FORMAT: expected one of eg3d, vgg19, arcface, gfpgan, segformer, "
             "gfpgan-d, face-parser, dense-motion, hopenet, otavatar, goha, got none") in cap.err
+
+
+def test_out_that_is_a_symbolic_link_is_refused(tmp_path, capsys):
+    """OUT, a link to an earlier weights folder, used to be renamed aside as OUT.old-PID (a stray
+    link left behind: rmtree does not remove a link) and replaced by a new folder, the linked
+    folder untouched: a link is refused, naming the folder it points to; nothing changes."""
+    from test_convert_otavatar import write_release
+
+    write_release(tmp_path / "ota.pt", gen=None)
+    real = ckpt.save_weights(str(tmp_path / "real"), {"x": torch.ones(1)}, kind="eg3d")
+    before = (tmp_path / "real" / "tensors.safetensors").read_bytes()
+    for target in ("real", "gone"):        # an earlier folder, and a link to nothing
+        os.symlink(target, tmp_path / "out")
+        assert main(["convert", "otavatar", str(tmp_path / "ota.pt"), str(tmp_path / "out")]) == 1
+        where = str(tmp_path / target) + ("" if target == "real" else ", absent")
+        assert capsys.readouterr().err == (
+            f"pyface convert otavatar: OUT {tmp_path / 'out'}: a symbolic link (to {where}); "
+            "pyface writes the new folder and renames it into the path's place, which would "
+            "replace the link, not the folder it points to: give "
+            f"{tmp_path / target} itself to replace that folder, or remove the link to write a "
+            "new folder in its place\n")
+        assert sorted(os.listdir(tmp_path)) == ["ota.pt", "out", "real"]
+        assert os.readlink(tmp_path / "out") == target
+        os.remove(tmp_path / "out")
+    assert (tmp_path / "real" / "tensors.safetensors").read_bytes() == before
+    os.symlink(str(tmp_path / "real"), tmp_path / "out")
+    with pytest.raises(ckpt.CheckpointError, match="a symbolic link"):
+        ckpt.save_folder(str(tmp_path / "out"), {"x": torch.zeros(1)}, {})
+    assert main(["convert", "otavatar", str(tmp_path / "ota.pt"), real]) == 0   # the folder
+    assert ckpt.read_meta(real)["kind"] == "otavatar"
+    assert sorted(os.listdir(tmp_path)) == ["ota.pt", "out", "real"]

@@ -123,7 +123,9 @@ def test_load_pretrained_run_checkpoint_weights_and_ema(example_run, tmp_path):
     pipe = pyface.models.load("example", w, device="cpu")      # a converter's output loads too
     assert all(torch.equal(v, live[k]) for k, v in pipe.model.state_dict().items())
     other = ckpt.save_weights(str(tmp_path / "w2"), live, kind="vgg19", config=cfg)
-    with pytest.raises(ValueError, match=r"holds model 'vgg19', not 'example'"):
+    with pytest.raises(ValueError, match=r"holds 'vgg19' weights \(kind 'vgg19', not a model\), "
+                                         r"not 'example': expected a run folder or training "
+                                         r"checkpoint of 'example' \(pyface train example\)$"):
         pyface.models.load("example", other)
     with pytest.raises(ckpt.CheckpointError, match=r"does not exist"):
         load_pretrained(str(tmp_path / "missing"))
@@ -254,7 +256,8 @@ def test_models_load_errors(example_run, monkeypatch):
     with pytest.raises(ValueError, match=r"model 'toy_stage1' has no inference pipeline"):
         pyface.models.load("toy_stage1", str(example_run))
     monkeypatch.setitem(registry.MODELS, "example2", "pyface.train.example:TriplaneAutoencoder")
-    with pytest.raises(ValueError, match=r"holds model 'example', not 'example2'"):
+    with pytest.raises(ValueError, match=r"holds model 'example' \(a training checkpoint of step "
+                                         r"\d+\), not 'example2'"):
         pyface.models.load("example2", str(example_run))
 
 
@@ -555,6 +558,48 @@ def test_stages_train_first_then_are_reused(tmp_path, monkeypatch, caplog):
     with pytest.raises(ckpt.CheckpointError, match=r"its stage 's1' \(model\.stage1_checkpoint = "
                                                   r".*\) does not exist, nor does .*stages/s1"):
         pyface.models.load("toy_stage2", str(moved), device="cpu")
+
+
+def test_resuming_a_stage_checkpoint_of_a_staged_run_is_refused(tmp_path, monkeypatch, capsys):
+    """--resume RUN/stages/s1/checkpoints/ckpt-N of the staged model used to make the stage's
+    folder the final model's run folder (or, with train.run_dir, resume the stage's checkpoint
+    as the final model's after training the stages): refused before anything is built, saying
+    that a staged run resumes as a whole (--resume RUN) and how to resume the stage on its own;
+    that command resumes it."""
+    monkeypatch.setitem(registry.MODELS, "toy_stage1", f"{__name__}:Stage1Toy")
+    monkeypatch.setitem(registry.MODELS, "toy_stage2", f"{__name__}:Stage2Toy")
+    run = tmp_path / "run"
+    stage = run / "stages" / "s1"
+    args = ["train", "toy_stage2", "--preset", "tiny", "--set", "stages.s1.train.ckpt_every=1",
+            *sets(QUIET)]
+    assert main(args + ["--set", f"train.run_dir={run}"]) == 0
+    capsys.readouterr()
+
+    def tree():
+        return sorted(str(p.relative_to(run)) for p in run.rglob("*")
+                      if p.name not in ("log.txt", "latest"))
+
+    before = tree()
+    first = stage / "checkpoints" / "ckpt-000001"
+    for given, what in ((first, "a checkpoint"), (stage, "the run")):
+        for run_dir in ([], ["--set", f"train.run_dir={run}"]):
+            assert main(args + run_dir + ["--resume", str(given)]) == 2
+            err = capsys.readouterr().err
+            assert err == (
+                f"pyface train: --resume {given}: {what} of stage 's1' (toy_stage1) in the staged "
+                f"run {run}, not a run of 'toy_stage2': a staged run is resumed as a whole with "
+                f"--resume {run} (each stage from its latest checkpoint, a finished stage reused)"
+                f"; to resume the stage from {'this checkpoint' if given == first else 'it'}, "
+                f"train it on its own: pyface train toy_stage1 --config {stage / 'config.yaml'} "
+                f"--resume {given}\n"), err
+            assert tree() == before
+    # the command it names resumes the stage from that checkpoint in its own folder
+    assert main(["train", "toy_stage1", "--config", str(stage / "config.yaml"),
+                 "--resume", str(first)]) == 0
+    assert sorted(os.listdir(stage / "checkpoints" / "abandoned")) == ["ckpt-000002",
+                                                                      "ckpt-000003"]
+    assert ckpt.latest_checkpoint(str(stage)).endswith("ckpt-000003")
+    assert main(args + ["--resume", str(run)]) == 0     # the staged run, as a whole
 
 
 def test_stage_overrides_reach_their_stage_and_stale_stages_are_refused(tmp_path, monkeypatch,

@@ -699,6 +699,42 @@ def test_sigterm_checkpoints_and_stops(tmp_path):
     assert not again.fit().interrupted
 
 
+def test_a_stop_signal_after_a_stopped_fit_exits_at_once_with_the_given_code(tmp_path,
+                                                                             monkeypatch):
+    """pyface train sets exit_after_stop=143: once a stop signal has ended fit, a further one
+    (torchrun's SIGTERM to a rank on its way out after another exited) exits at once with 143;
+    the handlers that were there before fit (the default action, exit code -15) are not put
+    back. A fit that was not stopped, or a Trainer without exit_after_stop, restores them."""
+    from pyface.train import engine
+
+    exits = []
+
+    def fake_exit(code):
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    saved = {s: signal.getsignal(s) for s in engine.STOP_SIGNALS}
+    try:
+        done = _toy(tmp_path, _Toy.Config(), "train.steps=2", "train.ckpt_every=0")
+        done.exit_after_stop = 143
+        assert not done.fit().interrupted
+        assert all(signal.getsignal(s) is h for s, h in saved.items())    # not stopped
+        tr = _toy(tmp_path / "b", _Toy.Config(kill_at=1), "train.steps=50",
+                  "train.ckpt_every=0")
+        tr.exit_after_stop = 143
+        assert tr.fit().interrupted
+        for s in engine.STOP_SIGNALS:
+            handler = signal.getsignal(s)
+            assert handler is not saved[s]
+            with pytest.raises(SystemExit):
+                handler(s, None)
+        assert exits == [143] * len(engine.STOP_SIGNALS)
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
 def test_grad_clip_limits_the_update(tmp_path):
     tr = _toy(tmp_path, _Toy.Config(), "train.steps=1", "train.grad_clip=1e-3",
               "train.ckpt_every=0")

@@ -59,11 +59,17 @@ def run(args) -> int:
                                       resolve_json_path, run_case, write_json)
 
     from pyface.train.cli import resolve_device
+    from pyface.train.distributed import refuse_under_torchrun
 
     def fail(msg: str) -> int:
         print(f"pyface bench: {msg}", file=sys.stderr)
         return 2
 
+    refused = refuse_under_torchrun(
+        "pyface bench", "run the same pyface bench command without torchrun (each rank would "
+        "also time its ops on a machine the other ranks load)")
+    if refused is not None:
+        return refused
     try:
         device = torch.device(resolve_device(args.device))
     except ValueError as exc:

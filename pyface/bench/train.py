@@ -491,6 +491,15 @@ def _main(argv=None) -> int:
                 None: "the engine-overhead and checkpoint benchmark (no MODEL)"}[mode]
         return fail(f"{', '.join(unused)}: not used by {what}; it takes "
                     f"{', '.join(sorted(used)) or 'none of them'} (and --steps, --json)")
+    if not args.overlap:        # one process: under torchrun every rank would train and write
+        from pyface.train.distributed import refuse_under_torchrun
+
+        refused = refuse_under_torchrun(
+            p.prog + (" MODEL" if args.model else ""),
+            "run the same command without torchrun (--overlap is the benchmark that runs under "
+            "torchrun)")
+        if refused is not None:
+            return refused
     args.warmup = 2 if args.warmup is None else args.warmup
     args.repeats = 5 if args.repeats is None else args.repeats
     args.bucket_mb = 4.0 if args.bucket_mb is None else args.bucket_mb

@@ -249,6 +249,14 @@ def _cache(args) -> int:
     if args.build is not None:
         import time
 
+        from pyface.train.distributed import refuse_under_torchrun
+
+        refused = refuse_under_torchrun(
+            "pyface data cache --build", "run the same command without torchrun (pyface train "
+            "under torchrun builds a missing set on rank 0 alone)")
+        if refused is not None:
+            return refused
+
         from pyface.data.builtin import SynthOptions
 
         import dataclasses
@@ -396,7 +404,11 @@ def _prepare(args) -> int:
 
 def _index(args) -> int:
     from pyface.data.format import DataError, write_index
+    from pyface.train.distributed import refuse_under_torchrun
 
+    refused = refuse_under_torchrun("pyface data index", "run the same command without torchrun")
+    if refused is not None:
+        return refused
     try:
         recs = write_index(args.root)
     except DataError as exc:
@@ -407,6 +419,13 @@ def _index(args) -> int:
 
 
 def _bench(args) -> int:
+    from pyface.train.distributed import refuse_under_torchrun
+
+    refused = refuse_under_torchrun(
+        "pyface data bench", "run the same command without torchrun (--workers N loads in N "
+        "processes)")
+    if refused is not None:
+        return refused
     for option, value, low in (("--batch-size", args.batch_size, 1), ("--samples", args.samples, 1),
                                ("--workers", args.workers, 0)):
         if value < low:

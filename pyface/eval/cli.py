@@ -398,10 +398,11 @@ def differences_table(diff: dict, report: dict) -> str:
 
 
 def load_pipeline(model: str, checkpoint: str | None, *, device, ema: bool = True, resolution=None,
-                  data: str | None = None):
+                  data: str | None = None, option: str = "--checkpoint"):
     """The pipeline to evaluate: :class:`~pyface.eval.evaluate.CopySource` for ``copy-source``,
     :class:`~pyface.eval.warp_baseline.WarpBaseline` for ``warp-baseline``, else
-    ``pyface.models.load(model, checkpoint, device=device, ema=ema)``."""
+    ``pyface.models.load(model, checkpoint, device=device, ema=ema)``; a checkpoint of another
+    model is a ValueError naming ``option``, what it holds and what ``model`` takes."""
     from pyface.eval.evaluate import CopySource
     from pyface.eval.warp_baseline import WarpBaseline
 
@@ -415,8 +416,12 @@ def load_pipeline(model: str, checkpoint: str | None, *, device, ema: bool = Tru
         from pyface.models import load
     except ImportError as e:
         raise RuntimeError(f"pyface.models.load is not available in this build ({e})") from None
+    from pyface.train.model import WrongModelError
+
     try:
         return load(model, checkpoint, device=device, ema=ema)
+    except WrongModelError as e:
+        raise ValueError(e.for_option(option, checkpoint)) from None
     except KeyError as e:      # an unknown model name: the registry's message lists the names
         raise ValueError(str(e).strip('"') + f"; or a baseline: {', '.join(BASELINES)}") \
             from None
@@ -688,7 +693,8 @@ def _run_many(args, metrics, networks, device, detector=None) -> int:
 
     runs = parse_runs(args.runs)
     out = args.out or "eval"
-    pipelines = {name: load_pipeline(name, path, device=device, ema=not args.no_ema)
+    pipelines = {name: load_pipeline(name, path, device=device, ema=not args.no_ema,
+                                     option=f"--runs {name}=")
                  for name, path in runs.items()}
     resolutions = sorted({int(p.resolution) for p in pipelines.values()}) or \
         [args.resolution or _data_resolution(args.data)]

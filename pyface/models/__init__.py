@@ -56,12 +56,13 @@ def load(name: str, checkpoint: str, *, device: str | torch.device | None = None
             checkpoint's. A model whose pipeline uses none refuses them (ValueError).
 
     Raises KeyError (unknown name), ValueError (the model has no pipeline, or the checkpoint
-    belongs to another model) and :class:`pyface.checkpoint.CheckpointError` (missing, corrupt
+    belongs to another model: :class:`pyface.train.model.WrongModelError`, a CheckpointError
+    too) and :class:`pyface.checkpoint.CheckpointError` (missing, corrupt
     or mismatching checkpoint).
     """
     from pyface import checkpoint as ckpt
     from pyface.train.config import ConfigError, from_dict
-    from pyface.train.model import read_pretrained
+    from pyface.train.model import WrongModelError, read_pretrained
 
     cls = model_class(name)
     if getattr(cls, "Pipeline", None) is None:
@@ -77,7 +78,7 @@ def load(name: str, checkpoint: str, *, device: str | torch.device | None = None
                       **({"weights": dict(weights)} if weights else {}))
     pre = read_pretrained(checkpoint, ema=ema)
     if pre.model is not None and pre.model != name:
-        raise ValueError(f"checkpoint {pre.path!r} holds model {pre.model!r}, not {name!r}")
+        raise WrongModelError(pre.path, pre.meta, name)
     try:
         cfg = from_dict(cls.Config, pre.config, prefix="model.")
     except ConfigError as exc:

@@ -478,7 +478,7 @@ def run_animate(args) -> int:
     from pyface.data.driving import (count_driving, frame_labels, iter_driving, read_source,
                                      video_fps)
     from pyface.data.format import DataError
-    from pyface.train.model import Pipeline, motion_length, seeded
+    from pyface.train.model import Pipeline, WrongModelError, motion_length, seeded
     from pyface.train.registry import import_plugins
 
     def fail(msg: str, code: int) -> int:
@@ -486,7 +486,13 @@ def run_animate(args) -> int:
         return code
 
     from pyface.train.cli import resolve_device
+    from pyface.train.distributed import refuse_under_torchrun
 
+    refused = refuse_under_torchrun(
+        "pyface animate", "run the same pyface animate command without torchrun (--batch N "
+        "renders N frames at once)")
+    if refused is not None:
+        return refused
     try:
         check_animate_args(args)
         args.out = resolve_out(args.out)
@@ -555,6 +561,8 @@ def run_animate(args) -> int:
     try:
         pipe = pyface.models.load(args.model, args.checkpoint, device=args.device, ema=args.ema,
                                   weights=args.weights or None)
+    except WrongModelError as exc:       # another model's: what it holds, what the model takes
+        return fail(exc.for_option("--checkpoint", args.checkpoint), 2)
     except (KeyError, ValueError, ImportError) as exc:
         return fail(str(exc).strip('"'), 2)
     except CheckpointError as exc:

@@ -174,6 +174,43 @@ def _resumed_run_dir(path: str) -> str | None:
     return None
 
 
+def check_stage_resume(cls, model: str, path: str) -> None:
+    """ConfigError for ``--resume PATH`` of a staged model ``cls`` when PATH is a stage's run
+    folder or one of its checkpoints (``RUN/stages/<name>/...``): the final model's run folder
+    would become the stage's, and its trainer would resume another model's checkpoint. A staged
+    run is resumed as a whole (``--resume RUN``: each stage from its latest checkpoint, a finished
+    one reused); a stage from an earlier checkpoint is resumed by training its model on its own
+    (its ``config.yaml``), as the message says."""
+    from pyface.train.config import ConfigError
+    from pyface.train.stages import stage_names
+
+    stage_run = _resumed_run_dir(path)
+    if stage_run is None or not getattr(cls, "stages", ()):
+        return
+    names, run = [], stage_run
+    while os.path.basename(os.path.dirname(run)) == "stages":
+        names.append(os.path.basename(run))
+        run = os.path.dirname(os.path.dirname(run))
+    if not names or names[-1] not in stage_names(cls):
+        return
+    try:
+        with open(os.path.join(stage_run, "config.yaml")) as f:
+            import yaml
+
+            stage_model = (yaml.safe_load(f) or {}).get("model")
+    except (OSError, ValueError, AttributeError):
+        stage_model = None
+    stage_model = stage_model if isinstance(stage_model, str) else "STAGE_MODEL"
+    folder = stage_run == os.path.normpath(path)
+    raise ConfigError(
+        f"--resume {path}: {'the run' if folder else 'a checkpoint'} of stage {names[0]!r} "
+        f"({stage_model}) in the staged run {run}, not a run of {model!r}: a staged run is "
+        f"resumed as a whole with --resume {run} (each stage from its latest checkpoint, a "
+        f"finished stage reused); to resume the stage from {'it' if folder else 'this checkpoint'}"
+        f", train it on its own: pyface train {stage_model} --config "
+        f"{os.path.join(stage_run, 'config.yaml')} --resume {path}")
+
+
 def _continue_in_resumed_run(cfg, path: str) -> None:
     """``--resume PATH`` of a run folder (or of a checkpoint in one) without ``--set
     train.run_dir``: the run continues in that folder (logs, TensorBoard, previews, checkpoints),
@@ -208,6 +245,8 @@ def run_train(args) -> int:
                                overrides=overrides, defaults=getattr(cls, "recipe", {}),
                                preset=args.preset)
         check_stage_section(args.model, cls, cfg.stages)
+        if args.resume not in (None, "auto"):
+            check_stage_resume(cls, args.model, args.resume)
         if args.resume not in (None, "auto") and not any(
                 o.split("=", 1)[0].strip() == "train.run_dir" for o in args.overrides):
             _continue_in_resumed_run(cfg, args.resume)   # checked below: the folder written to
@@ -231,10 +270,33 @@ def run_train(args) -> int:
             print(f"{_prefix()}pyface train: {_message(exc)}", file=sys.stderr)
             return 2
     try:
-        return _train(args, cls, cfg, overrides, staged, group)
+        code = _train(args, cls, cfg, overrides, staged, group)
     finally:
         if group is not None:
             D.shutdown(group)
+    if code == 143 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_stopped_rank(code)
+    return code
+
+
+def _exit_stopped_rank(code: int) -> None:
+    """A rank of torchrun stopped by a signal, its part done (checkpoint written, process group
+    left): the process ends here, streams flushed, without the interpreter's shutdown. torchrun
+    sends SIGTERM to the ranks still running once one has exited, and during that shutdown
+    Python has put the signals' default actions back: a rank ended by it exited with -15, not
+    143 (the stop handler, and after the stop :func:`pyface.train.engine._exit_at_once`, cover
+    everything before)."""
+    for h in logging.getLogger().handlers + logging.getLogger("pyface").handlers:
+        try:
+            h.flush()
+        except Exception:  # noqa: BLE001 - a handler that cannot flush: exit all the same
+            pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(code)
 
 
 def _train(args, cls, cfg, overrides, staged: bool, group=None) -> int:
@@ -296,6 +358,7 @@ def _train(args, cls, cfg, overrides, staged: bool, group=None) -> int:
             return 1
         print(f"{_prefix()}pyface train: {_message(exc)}", file=sys.stderr)
         return 2
+    trainer.exit_after_stop = 143       # torchrun's SIGTERM to a rank stopping: 143, not -15
     try:
         if args.resume and trainer.resume(args.resume) is None \
                 and trainer.dist.is_main:

@@ -8,6 +8,7 @@ bit-exactly on CPU (a deterministic GPU run needs ``torch.use_deterministic_algo
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -107,6 +108,21 @@ def _ignore_stop_signals(worker_id: int) -> None:
     and checkpoint before it shuts them down."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+def _exit_at_once(code: int, signum, frame) -> None:
+    """The stop signals' handler once a stop has ended :meth:`Trainer.fit` (with
+    ``Trainer.exit_after_stop``): the process is on its way out, and a further stop signal
+    (torchrun's SIGTERM to the ranks still exiting once one has exited) ends it at once with
+    ``code`` rather than by the signal's default action (exit code -15)."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a write this signal interrupted: exit all the same
+            pass
+    os._exit(code)
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
@@ -293,6 +309,11 @@ class Trainer:
         self.step = 0
         self.last_losses: dict[str, float] = {}
         self._stop_signal: int | None = None
+        #: an exit code (``pyface train``: 143): once a stop signal on any rank has ended
+        #: :meth:`fit`, a further stop signal ends the process at once with this code instead of
+        #: meeting the handlers that were there before ``fit`` (the default action: exit code
+        #: -15); None (default): they are restored
+        self.exit_after_stop: int | None = None
         self._loaded: tuple[str | None, int | None] = (None, None)   # (checkpoint, its step)
         self._board: Board | None = None
         #: set to a dict to collect per-step seconds in "model" (forward + losses), "backward",
@@ -1151,8 +1172,10 @@ class Trainer:
         finally:
             redirect.close()
             bar.close()
+            stopped = interrupted or self._stop_signal is not None   # or a second signal
             for s, h in old_handlers.items():
-                signal.signal(s, h)
+                signal.signal(s, h if not stopped or self.exit_after_stop is None else
+                              functools.partial(_exit_at_once, self.exit_after_stop))
             if self._board:
                 self._board.flush()
                 self._board.close()

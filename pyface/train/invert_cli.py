@@ -53,7 +53,12 @@ def run_invert(args) -> int:
     import sys
 
     from pyface.train.cli import resolve_device
+    from pyface.train.distributed import refuse_under_torchrun
 
+    refused = refuse_under_torchrun(
+        "pyface invert", "run the same pyface invert command without torchrun")
+    if refused is not None:
+        return refused
     try:
         args.device = resolve_device(args.device)
     except ValueError as exc:

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pyface.checkpoint import CheckpointError
+
 
 class ModelDefinitionError(TypeError, ValueError):
     """A model class (a plugin's, typically) that does not follow the :class:`TrainableModel`
@@ -312,6 +314,64 @@ class Pretrained:
     config: dict
     state: dict
     meta: dict
+
+
+def checkpoint_contents(meta: dict) -> str:
+    """What a checkpoint folder's ``meta`` says it holds, for messages: "model 'goha' (a training
+    checkpoint of step 5)", "model 'goha' (converted weights, kind 'goha')", "'vgg19' weights
+    (kind 'vgg19', not a model)"."""
+    kind = meta.get("kind")
+    if kind == "train":
+        model = (meta.get("experiment") or {}).get("model")
+        return (f"model {model!r} (a training checkpoint of step {meta.get('step')})" if model
+                else f"a training checkpoint of step {meta.get('step')} that names no model")
+    model = meta.get("model") or kind
+    if not model:
+        return "no model (its meta.json names no kind)"
+    try:
+        from pyface.train.registry import model_names
+
+        registered = model in model_names()
+    except Exception:  # noqa: BLE001 - a broken plugin: described without the registry
+        registered = False
+    return (f"model {model!r} (converted weights, kind {kind!r})" if registered
+            else f"{kind!r} weights (kind {kind!r}, not a model)")
+
+
+def checkpoint_sources(model: str, also: str = "") -> str:
+    """What model ``model``'s loader takes, for messages: its runs and training checkpoints, and
+    the folders of ``pyface convert MODEL`` where there is such a converter; ``also``: more."""
+    text = f"a run folder or training checkpoint of {model!r} (pyface train {model})"
+    try:
+        from pyface.convert import CONVERTERS
+
+        source = CONVERTERS[model][1].split(" -> ")[0] if model in CONVERTERS else None
+    except ImportError:
+        source = None
+    if source:
+        text += f" or a pyface convert {model} folder (converted from the {source})"
+    return text + (f" or {also}" if also else "")
+
+
+class WrongModelError(CheckpointError, ValueError):
+    """A checkpoint of another model (or of none) given to model ``model``'s loader. A
+    :class:`~pyface.checkpoint.CheckpointError` and a ValueError (the loaders raised one or the
+    other). ``path``: the checkpoint folder read (a run folder's latest checkpoint);
+    :meth:`for_option` words the message for the command-line option that named it."""
+
+    def __init__(self, path: str, meta: dict, model: str, also: str = ""):
+        self.path = path
+        self.detail = (f"holds {checkpoint_contents(meta)}, not {model!r}: expected "
+                       f"{checkpoint_sources(model, also)}")
+        super().__init__(f"checkpoint {path!r} {self.detail}")
+
+    def for_option(self, option: str, given: str) -> str:
+        """``--checkpoint runs/goha (its latest checkpoint .../ckpt-000005): holds ...``
+        (``option`` ending in ``=``, e.g. ``--runs goha=``, is followed by ``given`` directly)."""
+        same = os.path.normpath(os.path.abspath(given)) == os.path.normpath(
+            os.path.abspath(self.path))
+        return (f"{option}{'' if option.endswith('=') else ' '}{given}"
+                f"{'' if same else f' (its latest checkpoint {self.path})'}: {self.detail}")
 
 
 def resolve_checkpoint(path: str) -> str:

@@ -63,11 +63,16 @@ def run_animate(args) -> int:
 
     from pyface.checkpoint import CheckpointError
     from pyface.models.eg3d.pipeline import load_generator, orbit_video, parse_seeds
+    from pyface.train.model import WrongModelError
 
     try:
         seeds = parse_seeds(getattr(args, "seeds", None) or "0-3")
         dev = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
         G = load_generator(args.checkpoint, device=dev, ema=getattr(args, "ema", True))
+    except WrongModelError as exc:
+        print(f"pyface animate eg3d: {exc.for_option('--checkpoint', args.checkpoint)}",
+              file=sys.stderr)
+        return 1
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"pyface animate eg3d: {exc}", file=sys.stderr)
         return 1
@@ -186,6 +191,7 @@ def run_invert(args) -> int:
     from pyface.data.driving import read_source
     from pyface.data.format import DataError
     from pyface.models.eg3d.pipeline import load_generator, project
+    from pyface.train.model import WrongModelError
 
     def fail(msg, code=1):
         print(f"pyface invert: {msg}", file=sys.stderr)
@@ -209,6 +215,8 @@ def run_invert(args) -> int:
         return fail(exc)
     try:
         G = load_generator(args.checkpoint, device=dev, ema=True)
+    except WrongModelError as exc:
+        return fail(exc.for_option("--checkpoint", args.checkpoint))
     except (CheckpointError, ValueError, OSError) as exc:
         msg = str(exc)
         msg = msg[len("checkpoint "):] if msg.startswith("checkpoint ") else msg

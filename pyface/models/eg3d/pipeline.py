@@ -37,10 +37,10 @@ def load_generator(path: str, *, device="cpu", ema: bool = True) -> EG3DGenerato
     if meta.get("kind") in ("eg3d", "otavatar"):   # otavatar: the generator of its release
         return load_converted(path, device=device)
     if meta.get("kind") != "train" or meta.get("experiment", {}).get("model") != "eg3d":
-        raise ckpt.CheckpointError(f"{path}: expected converted EG3D weights (kind 'eg3d') or a "
-                                   f"'pyface train eg3d' checkpoint, got kind "
-                                   f"{meta.get('kind')!r} of model "
-                                   f"{meta.get('experiment', {}).get('model')!r}")
+        from pyface.train.model import WrongModelError
+
+        raise WrongModelError(path, meta, "eg3d", also="a pyface convert otavatar folder (the "
+                              "EG3D generator of OTAvatar's release)")
     tensors, meta = ckpt.load_folder(path)
     gcfg = (meta["experiment"].get("model_config") or {}).get("generator") or {}
     G = EG3DGenerator(config_from_dict(gcfg))

@@ -172,7 +172,8 @@ class OTAvatarPipeline(Pipeline):
         over = {k: v for k, v in (("vgg_weights", vgg_weights),
                                   ("arcface_weights", arcface_weights)) if v is not None}
         from pyface import checkpoint as ckpt
-        from pyface.train.model import config_from_dict, read_pretrained, resolve_checkpoint
+        from pyface.train.model import (WrongModelError, config_from_dict, read_pretrained,
+                                        resolve_checkpoint)
 
         from pyface.models.otavatar.model import OTAvatar, OTAvatarConfig
 
@@ -184,8 +185,7 @@ class OTAvatarPipeline(Pipeline):
             return cls(model, device=device)
         pre = read_pretrained(folder, ema=ema)
         if pre.model is not None and pre.model != "otavatar":
-            raise ValueError(f"checkpoint {pre.path!r} holds model {pre.model!r}, not "
-                             "'otavatar'")
+            raise WrongModelError(pre.path, pre.meta, "otavatar")
         cfg = config_from_dict(OTAvatar.Config, pre.config)
         if cfg.generator and not os.path.exists(cfg.generator):
             run = os.path.dirname(os.path.dirname(os.path.abspath(pre.path)))
