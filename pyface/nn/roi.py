@@ -49,7 +49,7 @@ def roi_align(x: torch.Tensor, boxes: torch.Tensor, output_size: int | tuple[int
                         gy[:, :, None].expand(-1, -1, ow * sr)], dim=-1)
     # one box per image, in batch order (the RoI losses): sample x itself, not a gathered copy
     # (grid_sample keeps its input for the backward, so the copy would stay alive until then)
-    same = K == N and bool((idx == torch.arange(N, device=idx.device)).all())
+    same = K == N and has_values(idx) and bool((idx == torch.arange(N, device=idx.device)).all())
     samples = F.grid_sample(x if same else x[idx], grid, mode="bilinear", padding_mode="border",
                             align_corners=False)
     return F.avg_pool2d(samples, sr)
