@@ -193,9 +193,10 @@ class ZeroScalarFakeMode(FakeTensorMode):
                                                         else 0)
 
 
-def fake_steps(name: str, preset: str, root: str, monkeypatch, B: int = 1):
-    """Builds ``name`` at ``preset`` in fake mode and runs its steps; returns (model, fake batch,
-    {step: {phase: losses}}, the fake mode)."""
+@contextlib.contextmanager
+def fake_model(name: str, preset: str, monkeypatch, B: int = 1):
+    """``name`` built at ``preset`` inside a fake mode (its stages built in memory): yields
+    (model, experiment config, the mode)."""
     from pyface.face.morphable import MorphableModel
 
     cls, cfg = experiment(name, preset)
@@ -206,16 +207,28 @@ def fake_steps(name: str, preset: str, root: str, monkeypatch, B: int = 1):
         setattr(mc, cls.local_batch_field, B)
     if name == "otavatar":
         # the inversion's inner loop repeats one shape: 2 iterations, the last with the
-        # controller (both kinds of update), instead of 30 / 100
+        # controller (both kinds of update), instead of 30 / 100; the pipeline's source
+        # inversion likewise
         mc.invert_iters, mc.invert_controller_iters = 2, 1
-    batch = batch_of(cfg, root, B)
+        mc.invert_steps, mc.wplus_steps = 2, min(mc.wplus_steps, 1)
     MorphableModel.builtin()            # its cache holds real tensors, built outside fake mode
     mode = ZeroScalarFakeMode(allow_non_fake_inputs=True)
-    results = {}
     with stages_built_in_memory(cls, cfg, monkeypatch), mode:
-        fb = torch.utils._pytree.tree_map(
-            lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x, batch)
-        model = registry.build_model(name, mc)
+        yield registry.build_model(name, mc), cfg, mode
+
+
+def to_fake(mode, tree):
+    return torch.utils._pytree.tree_map(
+        lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x, tree)
+
+
+def fake_steps(name: str, preset: str, root: str, monkeypatch, B: int = 1):
+    """Runs the steps of ``name`` at ``preset`` in fake mode on ``B`` items of its dataset;
+    returns {step: {phase: losses}}."""
+    results = {}
+    with fake_model(name, preset, monkeypatch, B) as (model, cfg, mode):
+        fb = to_fake(mode, batch_of(cfg, root, B))
+        mc = cfg.model_config
         model.train()
         opts = model.build_optimizers()
         engine = FakeEngine(model, opts)
@@ -235,7 +248,7 @@ def fake_steps(name: str, preset: str, root: str, monkeypatch, B: int = 1):
                     engine._apply_update(ph.optimizer, losses["loss"], phase=ph.name, inner=False)
                 out[ph.name] = losses
             results[step] = out
-    return model, fb, results, mode, cfg
+    return results
 
 
 #: the steps that take more than a few seconds of the module's 60 s budget (512^2 renders,
@@ -248,7 +261,7 @@ SLOW = {(n, p) for n in ("eg3d", "goha_s1", "goha_s1_gan", "goha") for p in PRES
     pytest.param(n, p, marks=pytest.mark.slow, id=f"{n}-{p}") if (n, p) in SLOW
     else pytest.param(n, p, id=f"{n}-{p}") for n in MODELS for p in PRESETS])
 def test_a_training_step_at_the_preset_shapes(name, preset, root, monkeypatch):
-    model, fb, results, mode, cfg = fake_steps(name, preset, root, monkeypatch)
+    results = fake_steps(name, preset, root, monkeypatch)
     for step, out in results.items():
         assert out, f"step {step}: no phase ran"
         for phase, losses in out.items():
@@ -256,6 +269,55 @@ def test_a_training_step_at_the_preset_shapes(name, preset, root, monkeypatch):
             for k, v in losses.items():
                 assert is_fake(v) and v.numel() == 1, (step, phase, k, tuple(v.shape))
                 assert v.dtype.is_floating_point, (step, phase, k, v.dtype)
+
+
+def output_resolution(name: str, mc) -> int:
+    """The image size the preset trains its model to produce."""
+    if name == "eg3d":
+        return mc.generator.img_resolution
+    if name == "otavatar":
+        return None                     # its stage's: checked against the generator below
+    if name == "mmfa_vae":
+        return None
+    if name in ("goha_s1", "goha_s1_gan"):
+        return mc.render_resolution     # no super-resolution before s2: the raw render
+    return mc.resolution
+
+
+PIPELINES = [n for n in MODELS if registry.model_class(n).Pipeline is not None]
+#: marked slow: the GOHA pipelines (the morphable renders of source and driving) and the full
+#: presets but MMFA's (a 256^2 2D model)
+SLOW_PIPELINES = {(n, p) for n in PIPELINES for p in PRESETS
+                  if n.startswith("goha") or (p == "full" and not n.startswith("mmfa"))}
+
+
+@pytest.mark.parametrize("name,preset", [
+    pytest.param(n, p, marks=pytest.mark.slow, id=f"{n}-{p}") if (n, p) in SLOW_PIPELINES
+    else pytest.param(n, p, id=f"{n}-{p}") for n in PIPELINES for p in PRESETS])
+def test_the_pipeline_generates_at_the_preset_resolution(name, preset, root, monkeypatch):
+    """``pyface animate``'s path: encode_source, encode_driving and generate of 2 driving frames
+    (source and driving frames: the synthetic set's layout at the preset's data resolution)."""
+    with fake_model(name, preset, monkeypatch) as (model, cfg, mode):
+        cls = registry.model_class(name)
+        frames = batch_of(dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, name="synthetic", options=None)), root, 2)
+        frames = {k: v for k, v in frames.items()
+                  if k in ("image", "camera", "coeffs", "landmarks", "mask")}
+        source = to_fake(mode, {k: v[0] for k, v in frames.items()})
+        driving = to_fake(mode, frames)
+        kw = {"invert_steps": 2} if name == "eg3d" else {}
+        # Module.to swaps parameters, which fake parameters refuse; they are on the CPU already
+        monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)
+        pipe = cls.Pipeline(model, device="cpu", **kw)
+        want = output_resolution(name, cfg.model_config)
+        if name == "otavatar":
+            want = model.generator.cfg.img_resolution
+        if want is not None:
+            assert pipe.resolution == want
+        out = pipe.animate(source, driving)
+        assert is_fake(out)
+        assert tuple(out.shape) == (2, 3, pipe.resolution, pipe.resolution), tuple(out.shape)
+        assert out.dtype == torch.float32
 
 
 def test_value_checks_skip_fake_tensors_and_still_run_on_real_ones():
