@@ -162,15 +162,30 @@ def stages_built_in_memory(cls, cfg, monkeypatch):
     yield
 
 
-def steps_of(name: str, mc) -> list[int]:
+def steps_of(name: str, mc, batch_size: int) -> list[int]:
     """The steps whose branches differ: step 0 runs every phase (every interval divides 0);
     GOHA's modes go by ``step % 6`` (s1) and by the canonical / expression / appearance
-    schedule; Export3D's GAN starts at ``gan_start``."""
+    schedule; Export3D's GAN starts at ``gan_start``; EG3D's neural rendering resolution fades
+    from ``neural_rendering_resolution_initial`` to ``_final`` (``full``: 64 -> 128), through
+    odd sizes: a step at an odd size during the fade and one after it (multiples of 16, so that
+    the lazy regularisers run too)."""
     if name.startswith("goha"):
         late = max(mc.canonical_until, mc.expression_from, mc.appearance_from)
         return [0, 1, 2, 4] + ([late + 0, late + 4] if name == "goha_s1" else [])
     if name == "export3d" and mc.w_gan > 0:
         return [0, mc.gan_start]
+    if name == "eg3d" and mc.neural_rendering_resolution_final is not None:
+        from pyface.models.eg3d.model import EG3D
+
+        res = lambda step: EG3D.rendering_resolution(  # noqa: E731
+            types.SimpleNamespace(cfg=mc), step * batch_size)
+        start = int(mc.neural_rendering_resolution_fade_start_kimg * 1000 / batch_size)
+        end = int((mc.neural_rendering_resolution_fade_start_kimg
+                   + mc.neural_rendering_resolution_fade_kimg) * 1000 / batch_size)
+        start, end = start // 16 * 16, end // 16 * 16 + 16
+        odd = next(s for s in range(start, end, 16) if res(s) % 2)
+        assert res(end) == mc.neural_rendering_resolution_final
+        return [0, odd, end]
     return [0]
 
 
@@ -234,7 +249,7 @@ def fake_steps(name: str, preset: str, root: str, monkeypatch, B: int = 1):
         engine = FakeEngine(model, opts)
         autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.precision == "bf16"
                     else contextlib.nullcontext())
-        for step in steps_of(name, mc):
+        for step in steps_of(name, mc, cfg.train.batch_size):
             ctx = StepContext(step=step, images_seen=step * cfg.train.batch_size,
                               batch_size=cfg.train.batch_size, engine=engine)
             out = {}
