@@ -286,14 +286,13 @@ def test_a_training_step_at_the_preset_shapes(name, preset, root, monkeypatch):
                 assert v.dtype.is_floating_point, (step, phase, k, v.dtype)
 
 
-def output_resolution(name: str, mc) -> int:
+def output_resolution(name: str, cfg) -> int:
     """The image size the preset trains its model to produce."""
+    mc = cfg.model_config
     if name == "eg3d":
         return mc.generator.img_resolution
-    if name == "otavatar":
-        return None                     # its stage's: checked against the generator below
-    if name == "mmfa_vae":
-        return None
+    if name in ("otavatar", "mmfa_vae"):
+        return cfg.data.resolution      # a stage's model at the size of this preset's data
     if name in ("goha_s1", "goha_s1_gan"):
         return mc.render_resolution     # no super-resolution before s2: the raw render
     return mc.resolution
@@ -324,11 +323,7 @@ def test_the_pipeline_generates_at_the_preset_resolution(name, preset, root, mon
         # Module.to swaps parameters, which fake parameters refuse; they are on the CPU already
         monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)
         pipe = cls.Pipeline(model, device="cpu", **kw)
-        want = output_resolution(name, cfg.model_config)
-        if name == "otavatar":
-            want = model.generator.cfg.img_resolution
-        if want is not None:
-            assert pipe.resolution == want
+        assert pipe.resolution == output_resolution(name, cfg)
         out = pipe.animate(source, driving)
         assert is_fake(out)
         assert tuple(out.shape) == (2, 3, pipe.resolution, pipe.resolution), tuple(out.shape)
