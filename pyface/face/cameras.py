@@ -24,6 +24,8 @@ import math
 
 import torch
 
+from pyface.ops._checks import has_values
+
 #: EG3D FFHQ normalized focal length (2985.29 px on a 700-px crop of the 1024 alignment).
 FFHQ_FOCAL = 4.2647
 #: EG3D FFHQ field of view in degrees *as EG3D's ``FOV_to_intrinsics`` defines it* (see there).
@@ -83,6 +85,8 @@ def check_label(label: torch.Tensor, name: str = "label") -> None:
     rotation part must be orthonormal, the last row ``0 0 0 1``, intrinsics ``[.., .., 1]``)."""
     if label.shape[-1] != 25:
         raise ValueError(f"{name}: expected shape (..., 25), got {tuple(label.shape)}")
+    if not has_values(label):           # fake / meta tensors: only the shape is known
+        return
     if not torch.isfinite(label).all():
         raise ValueError(f"{name}: contains NaN or inf")
     c2w, k = split_label(label.double())

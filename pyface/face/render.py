@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pyface.ops._checks import has_values
+
 
 @dataclass
 class RasterOutput:
@@ -69,7 +71,7 @@ def render_mesh(verts_ndc: torch.Tensor, faces: torch.Tensor, image_size,
     if attributes is not None and (attributes.dim() != 3 or attributes.shape[:2] != verts_ndc.shape[:2]):
         raise ValueError(f"attributes: expected shape (B, V, C) = ({verts_ndc.shape[0]}, "
                          f"{verts_ndc.shape[1]}, C), got {tuple(attributes.shape)}")
-    if faces.numel() and (faces.min() < 0 or faces.max() >= verts_ndc.shape[1]):
+    if faces.numel() and has_values(faces) and (faces.min() < 0 or faces.max() >= verts_ndc.shape[1]):
         raise ValueError(f"faces: indices must be in [0, {verts_ndc.shape[1] - 1}], got "
                          f"[{int(faces.min())}, {int(faces.max())}]")
     from pyface.ops import rasterize_mesh

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pyface.ops._checks import has_values
+
 
 def roi_align(x: torch.Tensor, boxes: torch.Tensor, output_size: int | tuple[int, int],
               sampling_ratio: int = 2, aligned: bool = True) -> torch.Tensor:
@@ -31,7 +33,7 @@ def roi_align(x: torch.Tensor, boxes: torch.Tensor, output_size: int | tuple[int
         return x.new_zeros(0, C, oh, ow)
     boxes = boxes.to(x.dtype)
     idx = boxes[:, 0].long()
-    if (idx < 0).any() or (idx >= N).any():
+    if has_values(idx) and ((idx < 0).any() or (idx >= N).any()):
         raise ValueError(f"boxes[:, 0]: batch indices must be in [0, {N}), got "
                          f"{idx.min().item()}..{idx.max().item()}")
     off = 0.5 if aligned else 0.0
@@ -47,7 +49,7 @@ def roi_align(x: torch.Tensor, boxes: torch.Tensor, output_size: int | tuple[int
                         gy[:, :, None].expand(-1, -1, ow * sr)], dim=-1)
     # one box per image, in batch order (the RoI losses): sample x itself, not a gathered copy
     # (grid_sample keeps its input for the backward, so the copy would stay alive until then)
-    same = K == N and bool((idx == torch.arange(N, device=idx.device)).all())
+    same = K == N and has_values(idx) and bool((idx == torch.arange(N, device=idx.device)).all())
     samples = F.grid_sample(x if same else x[idx], grid, mode="bilinear", padding_mode="border",
                             align_corners=False)
     return F.avg_pool2d(samples, sr)

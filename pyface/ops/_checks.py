@@ -106,6 +106,21 @@ def is_finite(value) -> bool:
     return -math.inf < value < math.inf
 
 
+def has_values(*tensors) -> bool:
+    """Whether the checks of tensor values (finite cameras, indices in range) can run on
+    ``tensors``: False for a tensor without data (a fake tensor of
+    ``torch._subclasses.FakeTensorMode``, a tensor on the meta device), inside an active
+    FakeTensorMode (where even a real tensor's reductions are fake) and under
+    ``torch.compile``, where only the shapes are known; such checks are skipped there, as the
+    shape checks still run."""
+    if torch.compiler.is_compiling() or \
+            torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not any(isinstance(t, torch.Tensor) and (t.is_meta or is_fake(t)) for t in tensors)
+
+
 def check_positive(name: str, value, *, integer: bool = False) -> None:
     """``value`` is a positive int (``integer``) or a positive finite number (NaN and inf are
     refused here, as the C++ entry points refuse them, so every backend answers alike)."""

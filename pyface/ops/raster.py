@@ -17,7 +17,8 @@ import dataclasses
 import torch
 
 from pyface import _backend
-from pyface.ops._checks import ShapeChecker, check_autodiff_mode, check_choice, check_positive
+from pyface.ops._checks import (ShapeChecker, check_autodiff_mode, check_choice, check_positive,
+                                has_values)
 from pyface.ops.reference.raster import (
     CULL_MODES,
     points_to_triplane_reference,
@@ -167,7 +168,7 @@ def rasterize_mesh(verts_ndc: torch.Tensor, faces: torch.Tensor, image_size,
 
 
 def _check_faces_range(faces: torch.Tensor, V: int) -> None:
-    if faces.numel() and (int(faces.min()) < 0 or int(faces.max()) >= V):
+    if faces.numel() and has_values(faces) and (int(faces.min()) < 0 or int(faces.max()) >= V):
         raise IndexError(f"faces: vertex indices must lie in [0, V) = [0, {V}), got values in "
                          f"[{int(faces.min())}, {int(faces.max())}]")
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pyface import _backend
 from pyface._ops import fused_backward
 from pyface.ops._checks import (ShapeChecker, check_autodiff_mode, check_choice,
-                                check_plane_size, check_positive, is_finite)
+                                check_plane_size, check_positive, has_values, is_finite)
 from pyface.ops.reference.render import (
     OSG_CLAMP,
     mip_composite_reference,
@@ -51,7 +51,7 @@ def ray_bundle(cameras: torch.Tensor, resolution: int) -> tuple[torch.Tensor, to
     chk = ShapeChecker()
     chk.tensor("cameras", cameras, "B 25")
     check_positive("resolution", resolution, integer=True)
-    if cameras.numel() and not bool(torch.isfinite(cameras).all()):
+    if cameras.numel() and has_values(cameras) and not bool(torch.isfinite(cameras).all()):
         bad = (~torch.isfinite(cameras)).any(1).nonzero().flatten().tolist()
         raise ValueError(f"cameras: expected finite values, got NaN/inf in batch items {bad[:8]}")
     return ray_bundle_reference(cameras, resolution)

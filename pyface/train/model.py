@@ -486,7 +486,9 @@ def _check_pixels(value: torch.Tensor, what: str, bounds: tuple[float, float]) -
     if not value.is_floating_point():
         raise ValueError(f"{what}: expected float in [{lo:g}, {hi:g}] or uint8 (0..255), got "
                          f"dtype {str(value.dtype).replace('torch.', '')}")
-    if value.numel() == 0:
+    from pyface.ops._checks import has_values
+
+    if value.numel() == 0 or not has_values(value):     # fake / meta: the shape is checked
         return
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"{what}: expected finite values in [{lo:g}, {hi:g}], got NaN or inf")
