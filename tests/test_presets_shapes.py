@@ -350,3 +350,16 @@ def test_value_checks_skip_fake_tensors_and_still_run_on_real_ones():
         check_label(fake)
         with pytest.raises(ValueError, match="25"):
             ray_bundle(fake[:, :24], 8)
+
+
+def test_value_checks_still_run_under_torch_compile():
+    """Compiled code checks values as eager code does (the check is a graph break): a NaN
+    camera is refused, not rendered into NaN rays."""
+    from pyface.face.cameras import orbit_labels
+    from pyface.ops.render import ray_bundle
+
+    bad = orbit_labels(1, kind="yaw").float()
+    bad[0, 3] = float("nan")
+    compiled = torch.compile(lambda c: ray_bundle(c, 4), backend="aot_eager")
+    with pytest.raises(ValueError, match="finite"):
+        compiled(bad)

@@ -109,12 +109,11 @@ def is_finite(value) -> bool:
 def has_values(*tensors) -> bool:
     """Whether the checks of tensor values (finite cameras, indices in range) can run on
     ``tensors``: False for a tensor without data (a fake tensor of
-    ``torch._subclasses.FakeTensorMode``, a tensor on the meta device), inside an active
-    FakeTensorMode (where even a real tensor's reductions are fake) and under
-    ``torch.compile``, where only the shapes are known; such checks are skipped there, as the
-    shape checks still run."""
-    if torch.compiler.is_compiling() or \
-            torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+    ``torch._subclasses.FakeTensorMode``, a tensor on the meta device) and inside an active
+    FakeTensorMode (where even a real tensor's reductions are fake); such checks are skipped
+    there, as the shape checks still run. Under ``torch.compile`` they run (a graph break: the
+    compiled code checks the values as eager code does)."""
+    if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
         return False
     from torch._subclasses.fake_tensor import is_fake
 
