@@ -6,6 +6,7 @@ import os
 import pkgutil
 import shlex
 import sys
+import time
 
 
 def _families() -> list[str]:
@@ -36,6 +37,12 @@ def add_parser(subparsers) -> None:
                         "reference) and the op's backends, e.g. reference,cpu; an unknown name "
                         "lists the choices (default: every one available on --device)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+    p.add_argument("--with-slow", action="store_true",
+                   help="on cpu, also run the providers left out there by default because one "
+                        "call takes seconds (" + ", ".join(
+                            f"{op} {prov}" for op, prov in CPU_SLOW) + "); naming --providers "
+                        "runs exactly those, left out or not (default: left out on cpu, with a "
+                        "note; cuda runs every provider)")
     p.add_argument("--min-time", type=float, default=0.5,
                    help="seconds per measurement (>= 0; each runs at least 3 times; default 0.5)")
     p.add_argument("--json", default=None, metavar="PATH",
@@ -77,11 +84,13 @@ def run(args) -> int:
     if not math.isfinite(args.min_time) or args.min_time < 0:
         return fail(f"--min-time: expected a finite number of seconds >= 0 (0: the minimum of 3 "
                     f"runs per measurement), got {args.min_time}")
-    size = args.size or ("full" if device.type == "cuda" else "small")
-    families = _families()
-    wanted = args.ops or families
     providers = ([p for p in args.providers.split(",") if p] if args.providers is not None
                  else None)
+    defaults = resolve_defaults(device.type, size=args.size, providers=providers,
+                                with_slow=args.with_slow)
+    size, slow = defaults["size"], defaults["left_out"]
+    families = _families()
+    wanted = args.ops or families
     shapes = [s for s in args.shapes.split(",") if s] if args.shapes is not None else None
     for opt, names in (("--shapes", shapes), ("--providers", providers)):
         if names == []:
@@ -136,11 +145,27 @@ def run(args) -> int:
             return fail(str(exc))
     print(f"# device: {env.get('gpu') or env['cpu']} ({device.type}, {env['cpu_threads']} threads)"
           f"  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}", flush=True)
+    left_out = [{"op": op, "provider": prov, "why": slow[(op, prov)]} for op, prov in slow
+                if any(c.op == op for c in cases)]
+    print(f"# size: {size}" + ("" if args.size else
+                               f" (the {device.type} default; --size "
+                               f"{'small' if size == 'full' else 'full'} for "
+                               f"{'the small shapes only' if size == 'full' else 'the model shapes too'})"),
+          flush=True)
+    note = _left_out_note(left_out, device)
+    if note:
+        print(note, flush=True)
     results = []
+    start = time.perf_counter()
     try:
-        for case in cases:
-            print(f"# {case.op} [{case.shape}] {case.params}", flush=True)
-            results += run_case(case, device, providers=providers, min_time=args.min_time,
+        for i, case in enumerate(cases, 1):
+            print(f"# [{i}/{len(cases)}, {time.perf_counter() - start:.0f} s] {case.op} "
+                  f"[{case.shape}] {case.params}", flush=True)
+            run_providers = providers
+            if providers is None and any(e["op"] == case.op for e in left_out):
+                run_providers = [p for p in [*case.providers, "compile"]
+                                 if (case.op, p) not in slow]
+            results += run_case(case, device, providers=run_providers, min_time=args.min_time,
                                 compile_reference=not args.no_compile, max_reps=MAX_REPS,
                                 warmup=WARMUP,
                                 log=lambda line: print("  " + line, flush=True))
@@ -152,6 +177,9 @@ def run(args) -> int:
         return 130
     print()
     print(format_table(results))
+    print(f"# {len(cases)} cases in {time.perf_counter() - start:.0f} s", flush=True)
+    if note:
+        print(note, flush=True)
     if json_path:
         auto = os.path.isdir(args.json)       # a folder: the file is auto-named
         replaced = not auto and os.path.exists(json_path)
@@ -160,7 +188,8 @@ def run(args) -> int:
             "options": {"ops": list(args.ops), "device": str(device), "size": size,
                         "shapes": shapes, "providers": providers,
                         "compile_reference": not args.no_compile, "min_time_s": args.min_time,
-                        "min_reps": 3, "max_reps": MAX_REPS, "warmup": WARMUP},
+                        "min_reps": 3, "max_reps": MAX_REPS, "warmup": WARMUP,
+                        "with_slow": args.with_slow, "left_out": left_out},
             "order": ORDER,
             "default_backends": default_backends(sorted({c.op for c in cases}), device),
             "cases": [{"op": c.op, "shape": c.shape, "params": c.params} for c in cases],
@@ -179,6 +208,40 @@ ORDER = ("cases one after another; in each case the providers in turn (the refer
          "options.max_reps) were timed; peak memory from one more call")
 
 
+# (op, provider) -> why: left out of a cpu run unless --with-slow or --providers names them.
+# One forward call of each reference takes seconds on a 2-core cpu (points_to_triplane about
+# 13 s, rasterize_mesh's dense reference at its small shape about 4 s), and a measurement
+# makes at least 6 calls (2 unmeasured, 3 timed, 1 for memory) in each of 3 modes: minutes
+# per provider, against about a second for each other measurement.
+CPU_SLOW = {
+    ("points_to_triplane", "reference"): "GOHA's dense cdist, about 13 s a call on cpu",
+    ("points_to_triplane", "compile"): "torch.compile of that reference",
+    ("rasterize_mesh", "reference"): "the dense reference, about 4 s a call on cpu",
+    ("rasterize_mesh", "compile"): "torch.compile of that reference",
+}
+
+
+def resolve_defaults(device_type: str, *, size: str | None = None,
+                     providers: list[str] | None = None, with_slow: bool = False) -> dict:
+    """The options a run gets on ``device_type`` where the command line leaves them out:
+    ``size`` (full on cuda, small elsewhere) and ``left_out``, the (op, provider) pairs not
+    run, each with why (on cpu: :data:`CPU_SLOW`, unless ``with_slow`` or ``providers`` is
+    given; on cuda: none)."""
+    left_out = {} if device_type == "cuda" or with_slow or providers is not None \
+        else dict(CPU_SLOW)
+    return {"size": size or ("full" if device_type == "cuda" else "small"),
+            "left_out": left_out}
+
+
+def _left_out_note(left_out: list[dict], device) -> str:
+    if not left_out:
+        return ""
+    ops = sorted({e["op"] for e in left_out})
+    return (f"# left out on {device.type}: "
+            + "; ".join(f"{e['op']} {e['provider']} ({e['why']})" for e in left_out)
+            + f"; to run them: pyface bench {' '.join(ops)} --device {device.type} --with-slow")
+
+
 def _command(args, device, size: str) -> str:
     """The command line that repeats this run (every choice spelt out)."""
     parts = ["pyface", "bench", *args.ops, "--device", str(device), "--size", size,
@@ -189,6 +252,8 @@ def _command(args, device, size: str) -> str:
         parts += ["--providers", args.providers]
     if args.no_compile:
         parts.append("--no-compile")
+    if args.with_slow:
+        parts.append("--with-slow")
     return shlex.join(parts)
 
 
