@@ -147,11 +147,10 @@ def run(args) -> int:
           f"  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}", flush=True)
     left_out = [{"op": op, "provider": prov, "why": slow[(op, prov)]} for op, prov in slow
                 if any(c.op == op for c in cases)]
-    print(f"# size: {size}" + ("" if args.size else
-                               f" (the {device.type} default; --size "
-                               f"{'small' if size == 'full' else 'full'} for "
-                               f"{'the small shapes only' if size == 'full' else 'the model shapes too'})"),
-          flush=True)
+    alt = ("small", "the small shapes only") if size == "full" else \
+        ("full", "the model shapes too")
+    print(f"# size: {size}" + ("" if args.size else f" (the {device.type} default; --size "
+                                                    f"{alt[0]} for {alt[1]})"), flush=True)
     note = _left_out_note(left_out, device)
     if note:
         print(note, flush=True)
@@ -209,14 +208,14 @@ ORDER = ("cases one after another; in each case the providers in turn (the refer
 
 
 # (op, provider) -> why: left out of a cpu run unless --with-slow or --providers names them.
-# One forward call of each reference takes seconds on a 2-core cpu (points_to_triplane about
-# 13 s, rasterize_mesh's dense reference at its small shape about 4 s), and a measurement
+# One forward call of each reference takes seconds on a 2-core cpu (points_to_triplane 9-13 s,
+# rasterize_mesh's dense reference at its small shape 1.8-4 s; docs/raster.md), and a measurement
 # makes at least 6 calls (2 unmeasured, 3 timed, 1 for memory) in each of 3 modes: minutes
 # per provider, against about a second for each other measurement.
 CPU_SLOW = {
-    ("points_to_triplane", "reference"): "GOHA's dense cdist, about 13 s a call on cpu",
+    ("points_to_triplane", "reference"): "GOHA's dense cdist, 9-13 s a call on cpu",
     ("points_to_triplane", "compile"): "torch.compile of that reference",
-    ("rasterize_mesh", "reference"): "the dense reference, about 4 s a call on cpu",
+    ("rasterize_mesh", "reference"): "the dense reference, 2-4 s a call on cpu",
     ("rasterize_mesh", "compile"): "torch.compile of that reference",
 }
 
