@@ -530,7 +530,7 @@ def test_default_options_on_cuda_are_the_full_shapes_and_every_provider():
     from pyface.bench.cli import resolve_defaults
 
     # chosen without a GPU: the function that picks them, asked for cuda
-    assert resolve_defaults("cuda") == {"size": "full", "left_out": {}}
+    assert resolve_defaults("cuda") == {"size": "full", "left_out": {}, "compile": True}
     assert resolve_defaults("cuda", size="small")["size"] == "small"
 
 
@@ -540,10 +540,11 @@ def test_default_options_on_cpu_leave_out_the_slow_references_unless_asked():
     got = resolve_defaults("cpu")
     assert got["size"] == "small"
     assert ("points_to_triplane", "reference") in got["left_out"]
-    assert ("points_to_triplane", "compile") in got["left_out"]
-    assert got["left_out"] == CPU_SLOW
-    assert resolve_defaults("cpu", with_slow=True)["left_out"] == {}
-    assert resolve_defaults("cpu", providers=["reference"])["left_out"] == {}
+    assert ("rasterize_mesh", "reference") in got["left_out"]
+    assert got["left_out"] == CPU_SLOW and got["compile"] is False
+    for asked in (dict(with_slow=True), dict(providers=["reference"])):
+        assert resolve_defaults("cpu", **asked) == {"size": "small", "left_out": {},
+                                                    "compile": True}
 
 
 def test_cli_cpu_default_leaves_out_the_slow_reference_says_so_and_shows_progress(
@@ -557,11 +558,15 @@ def test_cli_cpu_default_leaves_out_the_slow_reference_says_so_and_shows_progres
     assert rc == 0
     assert "# [1/1, 0 s] points_to_triplane [128]" in printed     # a progress line per case
     assert "# size: small (the cpu default" in printed
+    # told up front what the run holds: the cpu backend alone, nothing to compile
+    assert "# 1 cases, 1 provider runs of up to 3 measurements, each at least 0 s" in printed
+    assert "compilations" not in printed
     note = [ln for ln in printed.splitlines() if ln.startswith("# left out on cpu:")]
     assert len(note) == 2      # before the run and after the table
     assert "--with-slow" in note[0] and "points_to_triplane reference" in note[0]
     data = json.loads(out.read_text())
     assert data["size"] == "small" and data["options"]["with_slow"] is False
+    assert data["options"]["compile_reference"] is False
     assert {(e["op"], e["provider"]) for e in data["options"]["left_out"]} == {
         ("points_to_triplane", "reference"), ("points_to_triplane", "compile")}
     ran = {r["provider"] for r in data["results"]}
@@ -589,3 +594,5 @@ def test_cli_explicit_providers_run_what_the_cpu_default_leaves_out(capsys, monk
     assert main(["bench", "points_to_triplane", "--device", "cpu", "--with-slow",
                  "--no-compile"]) == 0
     assert asked == [None]
+    assert main(["bench", "points_to_triplane", "--device", "cpu", "--with-slow"]) == 0
+    assert "1 torch.compile compilations first" in capsys.readouterr().out

@@ -35,14 +35,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--providers", default=None,
                    help="comma-separated providers: reference, compile (torch.compile of the "
                         "reference) and the op's backends, e.g. reference,cpu; an unknown name "
-                        "lists the choices (default: every one available on --device)")
-    p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+                        "lists the choices (default: every one available on --device, on cpu "
+                        "without those --with-slow adds)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip torch.compile(reference) (default: run it on cuda; on cpu only "
+                        "with --with-slow or named in --providers)")
     p.add_argument("--with-slow", action="store_true",
-                   help="on cpu, also run the providers left out there by default because one "
-                        "call takes seconds (" + ", ".join(
-                            f"{op} {prov}" for op, prov in CPU_SLOW) + "); naming --providers "
-                        "runs exactly those, left out or not (default: left out on cpu, with a "
-                        "note; cuda runs every provider)")
+                   help="on cpu, also run what is left out there by default because it takes "
+                        "minutes: the " + " and ".join(op for op, _ in CPU_SLOW) + " references "
+                        "(seconds a call) and torch.compile of every reference (seconds to "
+                        "minutes to compile each); cuda runs them all by default")
     p.add_argument("--min-time", type=float, default=0.5,
                    help="seconds per measurement (>= 0; each runs at least 3 times; default 0.5)")
     p.add_argument("--json", default=None, metavar="PATH",
@@ -89,6 +91,7 @@ def run(args) -> int:
     defaults = resolve_defaults(device.type, size=args.size, providers=providers,
                                 with_slow=args.with_slow)
     size, slow = defaults["size"], defaults["left_out"]
+    use_compile = not args.no_compile and defaults["compile"]
     families = _families()
     wanted = args.ops or families
     shapes = [s for s in args.shapes.split(",") if s] if args.shapes is not None else None
@@ -124,7 +127,7 @@ def run(args) -> int:
         cases = [c for c in cases if c.shape in shapes]
     if providers is not None:
         known = {p for c in cases for p in c.providers}
-        if not args.no_compile and any("reference" in c.providers for c in cases):
+        if use_compile and any("reference" in c.providers for c in cases):
             known.add("compile")
         missing = [p for p in providers if p not in known]
         if missing:
@@ -147,6 +150,9 @@ def run(args) -> int:
           f"  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}", flush=True)
     left_out = [{"op": op, "provider": prov, "why": slow[(op, prov)]} for op, prov in slow
                 if any(c.op == op for c in cases)]
+    if not args.no_compile and not use_compile:
+        left_out += [{"op": op, "provider": "compile", "why": CPU_COMPILE_WHY}
+                     for op in dict.fromkeys(c.op for c in cases if "reference" in c.providers)]
     alt = ("small", "the small shapes only") if size == "full" else \
         ("full", "the model shapes too")
     print(f"# size: {size}" + ("" if args.size else f" (the {device.type} default; --size "
@@ -154,18 +160,26 @@ def run(args) -> int:
     note = _left_out_note(left_out, device)
     if note:
         print(note, flush=True)
+    # the providers each case runs (None: all of them)
+    plan = [providers if providers is not None or not any(e["op"] == c.op for e in left_out)
+            else [p for p in [*c.providers, "compile"] if (c.op, p) not in slow] for c in cases]
+    compiles = sum(1 for c, pl in zip(cases, plan) if use_compile
+                   and "reference" in c.providers and (pl is None or "compile" in pl))
+    runs = sum(len([p for p in [*c.providers, *(["compile"] if "reference" in c.providers
+                                                 and use_compile else [])]
+                    if pl is None or p in pl]) for c, pl in zip(cases, plan))
+    print(f"# {len(cases)} cases, {runs} provider runs of up to 3 measurements, each at least "
+          f"{args.min_time:g} s and 3 calls after {WARMUP} unmeasured ones"
+          + (f"; {compiles} torch.compile compilations first (seconds to minutes each on "
+             f"{device.type}; --no-compile leaves them out)" if compiles else ""), flush=True)
     results = []
     start = time.perf_counter()
     try:
         for i, case in enumerate(cases, 1):
             print(f"# [{i}/{len(cases)}, {time.perf_counter() - start:.0f} s] {case.op} "
                   f"[{case.shape}] {case.params}", flush=True)
-            run_providers = providers
-            if providers is None and any(e["op"] == case.op for e in left_out):
-                run_providers = [p for p in [*case.providers, "compile"]
-                                 if (case.op, p) not in slow]
-            results += run_case(case, device, providers=run_providers, min_time=args.min_time,
-                                compile_reference=not args.no_compile, max_reps=MAX_REPS,
+            results += run_case(case, device, providers=plan[i - 1], min_time=args.min_time,
+                                compile_reference=use_compile, max_reps=MAX_REPS,
                                 warmup=WARMUP,
                                 log=lambda line: print("  " + line, flush=True))
     except KeyboardInterrupt:
@@ -186,7 +200,7 @@ def run(args) -> int:
             "environment": env, "size": size, "command": _command(args, device, size),
             "options": {"ops": list(args.ops), "device": str(device), "size": size,
                         "shapes": shapes, "providers": providers,
-                        "compile_reference": not args.no_compile, "min_time_s": args.min_time,
+                        "compile_reference": use_compile, "min_time_s": args.min_time,
                         "min_reps": 3, "max_reps": MAX_REPS, "warmup": WARMUP,
                         "with_slow": args.with_slow, "left_out": left_out},
             "order": ORDER,
@@ -214,31 +228,35 @@ ORDER = ("cases one after another; in each case the providers in turn (the refer
 # per provider, against about a second for each other measurement.
 CPU_SLOW = {
     ("points_to_triplane", "reference"): "GOHA's dense cdist, 9-13 s a call on cpu",
-    ("points_to_triplane", "compile"): "torch.compile of that reference",
     ("rasterize_mesh", "reference"): "the dense reference, 2-4 s a call on cpu",
-    ("rasterize_mesh", "compile"): "torch.compile of that reference",
 }
+# torch.compile of the references is left out of a cpu run on the same terms: compiling takes
+# seconds to minutes per op on a 2-core cpu (render_triplane's case about 2 min, warp_by_keypoints'
+# more than 4 min), most of a default run's wall time.
+CPU_COMPILE_WHY = "compiling takes seconds to minutes per op on cpu"
 
 
 def resolve_defaults(device_type: str, *, size: str | None = None,
                      providers: list[str] | None = None, with_slow: bool = False) -> dict:
     """The options a run gets on ``device_type`` where the command line leaves them out:
-    ``size`` (full on cuda, small elsewhere) and ``left_out``, the (op, provider) pairs not
-    run, each with why (on cpu: :data:`CPU_SLOW`, unless ``with_slow`` or ``providers`` is
-    given; on cuda: none)."""
-    left_out = {} if device_type == "cuda" or with_slow or providers is not None \
-        else dict(CPU_SLOW)
+    ``size`` (full on cuda, small elsewhere), ``left_out``, the (op, provider) pairs not
+    run, each with why, and ``compile``, whether torch.compile of the references runs (on
+    cpu: :data:`CPU_SLOW` left out and no compile, unless ``with_slow`` or ``providers`` is
+    given; on cuda: nothing left out, compile runs)."""
+    everything = device_type == "cuda" or with_slow or providers is not None
     return {"size": size or ("full" if device_type == "cuda" else "small"),
-            "left_out": left_out}
+            "left_out": {} if everything else dict(CPU_SLOW), "compile": everything}
 
 
 def _left_out_note(left_out: list[dict], device) -> str:
     if not left_out:
         return ""
-    ops = sorted({e["op"] for e in left_out})
-    return (f"# left out on {device.type}: "
-            + "; ".join(f"{e['op']} {e['provider']} ({e['why']})" for e in left_out)
-            + f"; to run them: pyface bench {' '.join(ops)} --device {device.type} --with-slow")
+    slow = [e for e in left_out if e["provider"] != "compile"]
+    parts = [f"{e['op']} {e['provider']} ({e['why']})" for e in slow]
+    if len(slow) < len(left_out):
+        parts.append(f"torch.compile of the references ({CPU_COMPILE_WHY})")
+    return (f"# left out on {device.type}: " + "; ".join(parts)
+            + "; to run them: add --with-slow (or name them in --providers)")
 
 
 def _command(args, device, size: str) -> str:
