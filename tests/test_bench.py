@@ -159,7 +159,7 @@ def _bench_error(capsys, *argv) -> str:
 
     assert main(["bench", "triplane", "--device", "cpu", *argv]) == 2
     out = capsys.readouterr()
-    assert "# triplane_sample" not in out.out      # nothing was measured
+    assert "# [1/" not in out.out      # nothing was measured
     return out.err
 
 
@@ -524,3 +524,75 @@ def test_train_bench_says_when_the_steps_peak_outside_the_ops(tmp_path, monkeypa
     assert r["results"]["fused"]["ops_peak_mem_mb"] == 1.0
     assert r["memory_note"].startswith("the step's peak is the same on both: it is reached "
                                        "outside the ops")
+
+
+def test_default_options_on_cuda_are_the_full_shapes_and_every_provider():
+    from pyface.bench.cli import resolve_defaults
+
+    # chosen without a GPU: the function that picks them, asked for cuda
+    assert resolve_defaults("cuda") == {"size": "full", "left_out": {}, "compile": True}
+    assert resolve_defaults("cuda", size="small")["size"] == "small"
+
+
+def test_default_options_on_cpu_leave_out_the_slow_references_unless_asked():
+    from pyface.bench.cli import CPU_SLOW, resolve_defaults
+
+    got = resolve_defaults("cpu")
+    assert got["size"] == "small"
+    assert ("points_to_triplane", "reference") in got["left_out"]
+    assert ("rasterize_mesh", "reference") in got["left_out"]
+    assert got["left_out"] == CPU_SLOW and got["compile"] is False
+    for asked in (dict(with_slow=True), dict(providers=["reference"])):
+        assert resolve_defaults("cpu", **asked) == {"size": "small", "left_out": {},
+                                                    "compile": True}
+
+
+def test_cli_cpu_default_leaves_out_the_slow_reference_says_so_and_shows_progress(
+        tmp_path, capsys):
+    from pyface.cli import main
+
+    out = tmp_path / "r.json"
+    rc = main(["bench", "points_to_triplane", "--device", "cpu", "--min-time", "0",
+               "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "# [1/1, 0 s] points_to_triplane [128]" in printed     # a progress line per case
+    assert "# size: small (the cpu default" in printed
+    # told up front what the run holds: the cpu backend alone, nothing to compile
+    assert "# 1 cases, 1 provider runs of up to 3 measurements, each at least 0 s" in printed
+    assert "compilations" not in printed
+    note = [ln for ln in printed.splitlines() if ln.startswith("# left out on cpu:")]
+    assert len(note) == 2      # before the run and after the table
+    assert "--with-slow" in note[0] and "points_to_triplane reference" in note[0]
+    data = json.loads(out.read_text())
+    assert data["size"] == "small" and data["options"]["with_slow"] is False
+    assert data["options"]["compile_reference"] is False
+    assert {(e["op"], e["provider"]) for e in data["options"]["left_out"]} == {
+        ("points_to_triplane", "reference"), ("points_to_triplane", "compile")}
+    ran = {r["provider"] for r in data["results"]}
+    assert ran and not ran & {"reference", "compile"}
+    assert all(r["error"] is None and r["reps"] == 3 for r in data["results"])
+    assert data["cases"][0]["params"] == {"B": 4, "N": 16384, "C": 32, "R": 128}
+    assert data["command"] == "pyface bench points_to_triplane --device cpu --size small " \
+                              "--min-time 0.0"
+    rows = [ln.split() for ln in printed.splitlines() if ln.startswith("points_to_triplane")]
+    assert rows and {r[2] for r in rows} == ran       # the printed rows: what ran, nothing else
+
+
+def test_cli_explicit_providers_run_what_the_cpu_default_leaves_out(capsys, monkeypatch):
+    import pyface.bench.harness as harness
+    from pyface.cli import main
+
+    asked = []
+    monkeypatch.setattr(harness, "run_case",
+                        lambda case, device, providers=None, **kw: asked.append(providers) or [])
+    assert main(["bench", "points_to_triplane", "--device", "cpu", "--providers",
+                 "reference,cpu", "--no-compile"]) == 0
+    assert asked == [["reference", "cpu"]]
+    assert "left out" not in capsys.readouterr().out
+    asked.clear()
+    assert main(["bench", "points_to_triplane", "--device", "cpu", "--with-slow",
+                 "--no-compile"]) == 0
+    assert asked == [None]
+    assert main(["bench", "points_to_triplane", "--device", "cpu", "--with-slow"]) == 0
+    assert "1 torch.compile compilations first" in capsys.readouterr().out

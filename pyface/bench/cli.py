@@ -6,6 +6,7 @@ import os
 import pkgutil
 import shlex
 import sys
+import time
 
 
 def _families() -> list[str]:
@@ -34,8 +35,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--providers", default=None,
                    help="comma-separated providers: reference, compile (torch.compile of the "
                         "reference) and the op's backends, e.g. reference,cpu; an unknown name "
-                        "lists the choices (default: every one available on --device)")
-    p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+                        "lists the choices (default: every one available on --device, on cpu "
+                        "without those --with-slow adds)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip torch.compile(reference) (default: run it on cuda; on cpu only "
+                        "with --with-slow or named in --providers)")
+    p.add_argument("--with-slow", action="store_true",
+                   help="on cpu, also run what is left out there by default because it takes "
+                        "minutes: the " + " and ".join(op for op, _ in CPU_SLOW) + " references "
+                        "(seconds a call) and torch.compile of every reference (seconds to "
+                        "minutes to compile each); cuda runs them all by default")
     p.add_argument("--min-time", type=float, default=0.5,
                    help="seconds per measurement (>= 0; each runs at least 3 times; default 0.5)")
     p.add_argument("--json", default=None, metavar="PATH",
@@ -77,11 +86,14 @@ def run(args) -> int:
     if not math.isfinite(args.min_time) or args.min_time < 0:
         return fail(f"--min-time: expected a finite number of seconds >= 0 (0: the minimum of 3 "
                     f"runs per measurement), got {args.min_time}")
-    size = args.size or ("full" if device.type == "cuda" else "small")
-    families = _families()
-    wanted = args.ops or families
     providers = ([p for p in args.providers.split(",") if p] if args.providers is not None
                  else None)
+    defaults = resolve_defaults(device.type, size=args.size, providers=providers,
+                                with_slow=args.with_slow)
+    size, slow = defaults["size"], defaults["left_out"]
+    use_compile = not args.no_compile and defaults["compile"]
+    families = _families()
+    wanted = args.ops or families
     shapes = [s for s in args.shapes.split(",") if s] if args.shapes is not None else None
     for opt, names in (("--shapes", shapes), ("--providers", providers)):
         if names == []:
@@ -115,7 +127,7 @@ def run(args) -> int:
         cases = [c for c in cases if c.shape in shapes]
     if providers is not None:
         known = {p for c in cases for p in c.providers}
-        if not args.no_compile and any("reference" in c.providers for c in cases):
+        if use_compile and any("reference" in c.providers for c in cases):
             known.add("compile")
         missing = [p for p in providers if p not in known]
         if missing:
@@ -136,12 +148,38 @@ def run(args) -> int:
             return fail(str(exc))
     print(f"# device: {env.get('gpu') or env['cpu']} ({device.type}, {env['cpu_threads']} threads)"
           f"  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}", flush=True)
+    left_out = [{"op": op, "provider": prov, "why": slow[(op, prov)]} for op, prov in slow
+                if any(c.op == op for c in cases)]
+    if not args.no_compile and not use_compile:
+        left_out += [{"op": op, "provider": "compile", "why": CPU_COMPILE_WHY}
+                     for op in dict.fromkeys(c.op for c in cases if "reference" in c.providers)]
+    alt = ("small", "the small shapes only") if size == "full" else \
+        ("full", "the model shapes too")
+    print(f"# size: {size}" + ("" if args.size else f" (the {device.type} default; --size "
+                                                    f"{alt[0]} for {alt[1]})"), flush=True)
+    note = _left_out_note(left_out, device)
+    if note:
+        print(note, flush=True)
+    # the providers each case runs (None: all of them)
+    plan = [providers if providers is not None or not any(e["op"] == c.op for e in left_out)
+            else [p for p in [*c.providers, "compile"] if (c.op, p) not in slow] for c in cases]
+    compiles = sum(1 for c, pl in zip(cases, plan) if use_compile
+                   and "reference" in c.providers and (pl is None or "compile" in pl))
+    runs = sum(len([p for p in [*c.providers, *(["compile"] if "reference" in c.providers
+                                                 and use_compile else [])]
+                    if pl is None or p in pl]) for c, pl in zip(cases, plan))
+    print(f"# {len(cases)} cases, {runs} provider runs of up to 3 measurements, each at least "
+          f"{args.min_time:g} s and 3 calls after {WARMUP} unmeasured ones"
+          + (f"; {compiles} torch.compile compilations first (seconds to minutes each on "
+             f"{device.type}; --no-compile leaves them out)" if compiles else ""), flush=True)
     results = []
+    start = time.perf_counter()
     try:
-        for case in cases:
-            print(f"# {case.op} [{case.shape}] {case.params}", flush=True)
-            results += run_case(case, device, providers=providers, min_time=args.min_time,
-                                compile_reference=not args.no_compile, max_reps=MAX_REPS,
+        for i, case in enumerate(cases, 1):
+            print(f"# [{i}/{len(cases)}, {time.perf_counter() - start:.0f} s] {case.op} "
+                  f"[{case.shape}] {case.params}", flush=True)
+            results += run_case(case, device, providers=plan[i - 1], min_time=args.min_time,
+                                compile_reference=use_compile, max_reps=MAX_REPS,
                                 warmup=WARMUP,
                                 log=lambda line: print("  " + line, flush=True))
     except KeyboardInterrupt:
@@ -152,6 +190,9 @@ def run(args) -> int:
         return 130
     print()
     print(format_table(results))
+    print(f"# {len(cases)} cases in {time.perf_counter() - start:.0f} s", flush=True)
+    if note:
+        print(note, flush=True)
     if json_path:
         auto = os.path.isdir(args.json)       # a folder: the file is auto-named
         replaced = not auto and os.path.exists(json_path)
@@ -159,8 +200,9 @@ def run(args) -> int:
             "environment": env, "size": size, "command": _command(args, device, size),
             "options": {"ops": list(args.ops), "device": str(device), "size": size,
                         "shapes": shapes, "providers": providers,
-                        "compile_reference": not args.no_compile, "min_time_s": args.min_time,
-                        "min_reps": 3, "max_reps": MAX_REPS, "warmup": WARMUP},
+                        "compile_reference": use_compile, "min_time_s": args.min_time,
+                        "min_reps": 3, "max_reps": MAX_REPS, "warmup": WARMUP,
+                        "with_slow": args.with_slow, "left_out": left_out},
             "order": ORDER,
             "default_backends": default_backends(sorted({c.op for c in cases}), device),
             "cases": [{"op": c.op, "shape": c.shape, "params": c.params} for c in cases],
@@ -179,6 +221,44 @@ ORDER = ("cases one after another; in each case the providers in turn (the refer
          "options.max_reps) were timed; peak memory from one more call")
 
 
+# (op, provider) -> why: left out of a cpu run unless --with-slow or --providers names them.
+# One forward call of each reference takes seconds on a 2-core cpu (points_to_triplane 9-13 s,
+# rasterize_mesh's dense reference at its small shape 1.8-4 s; docs/raster.md), and a measurement
+# makes at least 6 calls (2 unmeasured, 3 timed, 1 for memory) in each of 3 modes: minutes
+# per provider, against about a second for each other measurement.
+CPU_SLOW = {
+    ("points_to_triplane", "reference"): "GOHA's dense cdist, 9-13 s a call on cpu",
+    ("rasterize_mesh", "reference"): "the dense reference, 2-4 s a call on cpu",
+}
+# torch.compile of the references is left out of a cpu run on the same terms: compiling takes
+# seconds to minutes per op on a 2-core cpu (render_triplane's case about 2 min, warp_by_keypoints'
+# more than 4 min), most of a default run's wall time.
+CPU_COMPILE_WHY = "compiling takes seconds to minutes per op on cpu"
+
+
+def resolve_defaults(device_type: str, *, size: str | None = None,
+                     providers: list[str] | None = None, with_slow: bool = False) -> dict:
+    """The options a run gets on ``device_type`` where the command line leaves them out:
+    ``size`` (full on cuda, small elsewhere), ``left_out``, the (op, provider) pairs not
+    run, each with why, and ``compile``, whether torch.compile of the references runs (on
+    cpu: :data:`CPU_SLOW` left out and no compile, unless ``with_slow`` or ``providers`` is
+    given; on cuda: nothing left out, compile runs)."""
+    everything = device_type == "cuda" or with_slow or providers is not None
+    return {"size": size or ("full" if device_type == "cuda" else "small"),
+            "left_out": {} if everything else dict(CPU_SLOW), "compile": everything}
+
+
+def _left_out_note(left_out: list[dict], device) -> str:
+    if not left_out:
+        return ""
+    slow = [e for e in left_out if e["provider"] != "compile"]
+    parts = [f"{e['op']} {e['provider']} ({e['why']})" for e in slow]
+    if len(slow) < len(left_out):
+        parts.append(f"torch.compile of the references ({CPU_COMPILE_WHY})")
+    return (f"# left out on {device.type}: " + "; ".join(parts)
+            + "; to run them: add --with-slow (or name them in --providers)")
+
+
 def _command(args, device, size: str) -> str:
     """The command line that repeats this run (every choice spelt out)."""
     parts = ["pyface", "bench", *args.ops, "--device", str(device), "--size", size,
@@ -189,6 +269,8 @@ def _command(args, device, size: str) -> str:
         parts += ["--providers", args.providers]
     if args.no_compile:
         parts.append("--no-compile")
+    if args.with_slow:
+        parts.append("--with-slow")
     return shlex.join(parts)
 
 
