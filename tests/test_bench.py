@@ -559,7 +559,7 @@ def test_cli_cpu_default_leaves_out_the_slow_reference_says_so_and_shows_progres
     assert "# [1/1, 0 s] points_to_triplane [128]" in printed     # a progress line per case
     assert "# size: small (the cpu default" in printed
     # told up front what the run holds: the cpu backend alone, nothing to compile
-    assert "# 1 cases, 1 provider runs of up to 3 measurements, each at least 0 s" in printed
+    assert "# 1 case, 1 provider run of up to 3 measurements, each at least 0 s" in printed
     assert "compilations" not in printed
     note = [ln for ln in printed.splitlines() if ln.startswith("# left out on cpu:")]
     assert len(note) == 2      # before the run and after the table
@@ -595,4 +595,4 @@ def test_cli_explicit_providers_run_what_the_cpu_default_leaves_out(capsys, monk
                  "--no-compile"]) == 0
     assert asked == [None]
     assert main(["bench", "points_to_triplane", "--device", "cpu", "--with-slow"]) == 0
-    assert "1 torch.compile compilations first" in capsys.readouterr().out
+    assert "1 torch.compile compilation first" in capsys.readouterr().out

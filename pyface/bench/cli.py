@@ -8,6 +8,8 @@ import shlex
 import sys
 import time
 
+from pyface.cli import plural
+
 
 def _families() -> list[str]:
     import pyface.bench.ops as pkg
@@ -168,9 +170,10 @@ def run(args) -> int:
     runs = sum(len([p for p in [*c.providers, *(["compile"] if "reference" in c.providers
                                                  and use_compile else [])]
                     if pl is None or p in pl]) for c, pl in zip(cases, plan))
-    print(f"# {len(cases)} cases, {runs} provider runs of up to 3 measurements, each at least "
+    print(f"# {plural(len(cases), 'case')}, {plural(runs, 'provider run')} of up to 3 "
+          f"measurements, each at least "
           f"{args.min_time:g} s and 3 calls after {WARMUP} unmeasured ones"
-          + (f"; {compiles} torch.compile compilations first (seconds to minutes each on "
+          + (f"; {plural(compiles, 'torch.compile compilation')} first (seconds to minutes each on "
              f"{device.type}; --no-compile leaves them out)" if compiles else ""), flush=True)
     results = []
     start = time.perf_counter()
@@ -190,7 +193,7 @@ def run(args) -> int:
         return 130
     print()
     print(format_table(results))
-    print(f"# {len(cases)} cases in {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"# {plural(len(cases), 'case')} in {time.perf_counter() - start:.0f} s", flush=True)
     if note:
         print(note, flush=True)
     if json_path:
