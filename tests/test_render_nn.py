@@ -212,3 +212,27 @@ def test_density_regularizers_in_half_precision_compute_in_float32(dtype):
             auto = reg(planes.float(), dec, n_points=64, plane_axes="eg3d",
                        generator=torch.Generator().manual_seed(3))
         assert torch.equal(auto, ref)
+
+
+def test_ray_uniforms_draw_each_item_from_its_own_generator():
+    """Item b's uniforms are those one render draws from generators[b] (noise, then importance):
+    they do not depend on the batch they are drawn in, and they feed the renderer's shapes."""
+    from pyface.nn.render import ray_uniforms
+    from pyface.ops.reference.render import render_uniforms
+
+    cfg = RenderConfig(plane_axes="eg3d", depth_resolution=5, depth_resolution_importance=3)
+    planes = torch.zeros(3, 3, 4, 6, 6)
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    batch = ray_uniforms(cfg, gens([7, 8, 9]), 11, planes)
+    assert batch["stratified_noise"].shape == (3, 11, 5)
+    assert batch["importance_u"].shape == (3, 11, 3)
+    alone = ray_uniforms(cfg, gens([8]), 11, planes[:1])
+    assert torch.equal(alone["stratified_noise"][0], batch["stratified_noise"][1])
+    assert torch.equal(alone["importance_u"][0], batch["importance_u"][1])
+    noise, imp = render_uniforms(1, 11, 5, 3, planes, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(noise[0], batch["stratified_noise"][2])
+    assert torch.equal(imp[0], batch["importance_u"][2])
+    coarse = ray_uniforms(RenderConfig(plane_axes="eg3d", depth_resolution=5,
+                                       depth_resolution_importance=0),
+                          gens([1, 2]), 4, planes.double())
+    assert coarse["importance_u"] is None and coarse["stratified_noise"].dtype == torch.float64

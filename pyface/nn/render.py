@@ -21,6 +21,7 @@ from torch import nn
 
 from pyface.nn.layers import FullyConnectedLayer
 from pyface.ops.reference.render import OSG_CLAMP
+from pyface.ops.reference.render import render_uniforms
 from pyface.ops.render import render_triplane
 from pyface.ops.triplane import triplane_sample
 
@@ -169,6 +170,23 @@ class TriplaneRenderer(nn.Module):
             importance_u=importance_u, backend=cfg.backend, recompute=cfg.recompute,
             chunk_points=cfg.chunk_points)
         return RenderOutput(feats * 2 - 1, depth, wsum)
+
+
+def ray_uniforms(config: RenderConfig, generators: list, n_rays: int,
+                 planes: torch.Tensor) -> dict:
+    """The uniforms :class:`TriplaneRenderer` draws for its ray samples
+    (:func:`pyface.ops.reference.render.render_uniforms`), item ``b``'s from ``generators[b]``
+    (one ``torch.Generator`` per item: frames whose samples do not depend on how they are
+    batched): ``stratified_noise`` (B, n_rays, depth_resolution) and ``importance_u``
+    (B, n_rays, depth_resolution_importance) or None, B = len(generators), on ``planes``'
+    device in the renderer's dtype. Pass them to :meth:`TriplaneRenderer.forward`."""
+    like = torch.empty(0, device=planes.device, dtype=_weights_dtype(planes))
+    drawn = [render_uniforms(1, n_rays, config.depth_resolution,
+                             config.depth_resolution_importance, like, generator=g)
+             for g in generators]
+    noise, imp = zip(*drawn)
+    return {"stratified_noise": torch.cat(noise),
+            "importance_u": None if imp[0] is None else torch.cat(imp)}
 
 
 # ---------------------------------------------------------------------------------------------

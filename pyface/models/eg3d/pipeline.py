@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from pyface import checkpoint as ckpt
 from pyface.face import cameras as cams
+from pyface.nn.render import ray_uniforms
 from pyface.nn.resample import filtered_resize
 
 from pyface.models.eg3d.convert import config_from_dict, load_converted
@@ -211,19 +212,10 @@ class EG3DPipeline(_PipelineBase):
         ws = state["ws"].to(self.device)
         planes = self.G.backbone.planes(ws, noise_mode="const")
         gens = frame_generators(motion, planes.device)
+        r = self.G.resolve_resolution(None)
         out = []
         for t in range(cam.shape[0]):
-            kw = {} if gens is None else self._ray_uniforms(gens[t], planes)
+            kw = {} if gens is None else ray_uniforms(self.G.cfg.render, [gens[t]], r * r,
+                                                      planes)
             out.append(self.G.synthesis(ws, cam[t:t + 1], planes=planes, **kw)["image"][0])
         return torch.stack(out).clamp(-1, 1)
-
-    def _ray_uniforms(self, gen: torch.Generator, planes: torch.Tensor) -> dict:
-        """One frame's ``stratified_noise`` and ``importance_u`` drawn from ``gen`` (in the
-        order the renderer draws them)."""
-        r, cfg = self.G.resolve_resolution(None), self.G.cfg.render
-        dtype = torch.float64 if planes.dtype == torch.float64 else torch.float32
-        kw = dict(generator=gen, device=planes.device, dtype=dtype)
-        noise = torch.rand(1, r * r, cfg.depth_resolution, **kw)
-        n_fine = cfg.depth_resolution_importance
-        return {"stratified_noise": noise,
-                "importance_u": torch.rand(1, r * r, n_fine, **kw) if n_fine > 0 else None}

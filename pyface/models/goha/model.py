@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from pyface.face.morphable import MorphableModel
 from pyface.nn import OSGDecoder, RenderConfig, TriplaneRenderer
-from pyface.nn.render import density_l1_regularizer
+from pyface.nn.render import density_l1_regularizer, ray_uniforms
 from pyface.nn.segformer import STEM_KEYS, load_hf_segformer
 from pyface.ops import points_to_triplane, ray_bundle
 from pyface.train.model import (Phase, Pipeline, StepContext, TrainableModel, frame_generators,
@@ -300,16 +300,8 @@ class GOHA(TrainableModel):
             if len(generators) != planes.shape[0]:
                 raise ValueError(f"generators: expected one per item ({planes.shape[0]}), got "
                                  f"{len(generators)}")
-            rc = self.renderer.config
-            dtype = torch.float64 if o.dtype == torch.float64 else torch.float32
-            noise, imp = [], []
-            for g in generators:               # per item, in the order the renderer draws them
-                kw = dict(generator=g, device=o.device, dtype=dtype)
-                noise.append(torch.rand(1, r * r, rc.depth_resolution, **kw))
-                if rc.depth_resolution_importance > 0:
-                    imp.append(torch.rand(1, r * r, rc.depth_resolution_importance, **kw))
-            out = self.renderer(planes, self.decoder, o, d, stratified_noise=torch.cat(noise),
-                                importance_u=torch.cat(imp) if imp else None)
+            out = self.renderer(planes, self.decoder, o, d,
+                                **ray_uniforms(self.renderer.config, generators, r * r, planes))
         else:
             out = self.renderer(planes, self.decoder, o, d)
         img = out.images(r)

@@ -211,13 +211,14 @@ def run_decoder(decoder: Decoder, planes: torch.Tensor, points: torch.Tensor, *,
 
 def render_uniforms(B: int, R: int, n_coarse: int, n_fine: int, like: torch.Tensor,
                     stratified_noise: torch.Tensor | None = None,
-                    importance_u: torch.Tensor | None = None):
+                    importance_u: torch.Tensor | None = None, *,
+                    generator: torch.Generator | None = None):
     """The random numbers of one EG3D render, drawn where not given: stratified noise
     (B, R, n_coarse), then the importance uniforms (B, R, n_fine) (``None`` when n_fine = 0),
-    with ``torch.rand`` from the current generator on the device and in the dtype of ``like``.
-    EG3D draws the same numbers in the same order (nothing else is drawn between them), so every
-    backend renders EG3D's image for the same seed."""
-    kw = dict(device=like.device, dtype=like.dtype)
+    with ``torch.rand`` from ``generator`` (None: the current generator) on the device and in
+    the dtype of ``like``. EG3D draws the same numbers in the same order (nothing else is drawn
+    between them), so every backend renders EG3D's image for the same seed."""
+    kw = dict(device=like.device, dtype=like.dtype, generator=generator)
     if stratified_noise is None:
         stratified_noise = torch.rand(B, R, n_coarse, **kw)
     if n_fine > 0 and importance_u is None:
