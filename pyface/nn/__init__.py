@@ -4,6 +4,8 @@ from pyface.nn.arcface import IdentityConfig, IdentityLoss, IResNet
 from pyface.nn.augment import (AffineTPS, RandomAffineTPS, equivariance_loss,
                                keypoint_prior_loss)
 from pyface.nn.codebook import LearnableTemperature, OrthogonalBasis, info_nce
+from pyface.nn.compiling import (COMPILE_CHOICES, CompileOptions, compile_modules, is_compiled,
+                                 parse_compile)
 from pyface.nn.controller import MotionController, MotionControllerConfig
 from pyface.nn.discriminators import (DiscriminatorConfig, DualDiscriminator,
                                       MultiScalePatchDiscriminator, PatchDiscriminatorConfig,
@@ -48,7 +50,9 @@ from pyface.nn.vit import (MiTStack, MiTStackConfig, PlainSuperResolution,
 
 __all__ = ["IdentityConfig", "IdentityLoss", "IResNet", "AffineTPS", "RandomAffineTPS",
            "equivariance_loss", "keypoint_prior_loss", "LearnableTemperature", "OrthogonalBasis",
-           "info_nce", "MotionController", "MotionControllerConfig", "DiscriminatorConfig",
+           "info_nce", "COMPILE_CHOICES", "CompileOptions", "compile_modules",
+           "is_compiled", "parse_compile", "MotionController", "MotionControllerConfig",
+           "DiscriminatorConfig",
            "DualDiscriminator", "MultiScalePatchDiscriminator", "PatchDiscriminatorConfig",
            "StyleGAN2Discriminator", "HeadPoseConfig", "HeadPoseExpressionEstimator",
            "ResNetConfig", "ResNetEncoder", "AppearanceConfig", "AppearanceFeatureExtractor",

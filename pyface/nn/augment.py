@@ -20,6 +20,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from pyface.nn.compiling import generator_kwargs
+
 __all__ = ["AffineTPS", "RandomAffineTPS", "equivariance_loss", "keypoint_prior_loss"]
 
 
@@ -121,7 +123,7 @@ class RandomAffineTPS:
     def sample(self, batch: int, *, device=None, dtype=torch.float32,
                generator: torch.Generator | None = None) -> AffineTPS:
         def normal(*shape):
-            return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+            return torch.randn(*shape, device=device, dtype=dtype, **generator_kwargs(generator))
         theta = torch.eye(2, 3, device=device, dtype=dtype).expand(batch, 2, 3)
         theta = theta + self.sigma_affine * normal(batch, 2, 3)
         lin = torch.linspace(-1, 1, self.points, device=device, dtype=dtype)

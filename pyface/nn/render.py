@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyface.nn.compiling import generator_kwargs
 from pyface.nn.layers import FullyConnectedLayer
 from pyface.ops.reference.render import OSG_CLAMP
 from pyface.ops.reference.render import render_uniforms
@@ -242,8 +243,8 @@ def density_l1_regularizer(planes: torch.Tensor, decoder, *, n_points: int = 100
             ``config.plane_axes``).
     """
     B, dev, dt = planes.shape[0], planes.device, _weights_dtype(planes)
-    x = torch.rand(B, n_points, 3, device=dev, dtype=dt, generator=generator) * 2 - 1
-    y = x + torch.randn(x.shape, device=dev, dtype=dt, generator=generator) * p_dist
+    x = torch.rand(B, n_points, 3, device=dev, dtype=dt, **generator_kwargs(generator)) * 2 - 1
+    y = x + torch.randn(x.shape, device=dev, dtype=dt, **generator_kwargs(generator)) * p_dist
     sigma = query_density(planes, decoder, torch.cat([x, y], 1), plane_axes=plane_axes,
                           box_size=box_size)
     return F.l1_loss(sigma[:, :n_points], sigma[:, n_points:])
@@ -261,7 +262,7 @@ def density_monotonic_regularizer(planes: torch.Tensor, decoder, *, n_points: in
     (required; use the renderer's ``config.plane_axes``).
     """
     B, dev, dt = planes.shape[0], planes.device, _weights_dtype(planes)
-    x = torch.rand(B, n_points, 3, device=dev, dtype=dt, generator=generator) * 2 - 1
+    x = torch.rand(B, n_points, 3, device=dev, dtype=dt, **generator_kwargs(generator)) * 2 - 1
     y = x + torch.tensor([0.0, 0.0, -1.0], device=dev, dtype=dt) * (1 / 256) * box_size
     sigma = query_density(planes, decoder, torch.cat([x, y], 1), plane_axes=plane_axes,
                           box_size=box_size)

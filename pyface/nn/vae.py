@@ -11,6 +11,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from pyface.nn.compiling import generator_kwargs
 from pyface.nn.losses import kl_divergence
 
 __all__ = ["GaussianMLPVAE", "VAEConfig", "FeatureDiscriminator", "kl_warmup", "active_dims"]
@@ -87,7 +88,7 @@ class GaussianMLPVAE(nn.Module):
         if logvar.shape != mu.shape:
             raise ValueError(f"logvar: expected the shape of mu {tuple(mu.shape)}, got "
                              f"{tuple(logvar.shape)}")
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, **generator_kwargs(generator))
         return mu + (0.5 * logvar).exp() * eps
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -108,7 +109,7 @@ class GaussianMLPVAE(nn.Module):
 
     def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         p = next(self.parameters())
-        z = torch.randn(n, self.cfg.latent, generator=generator, device=p.device, dtype=p.dtype)
+        z = torch.randn(n, self.cfg.latent, device=p.device, dtype=p.dtype, **generator_kwargs(generator))
         return self.decode(z)
 
     def interpolate(self, x_a: torch.Tensor, x_b: torch.Tensor,

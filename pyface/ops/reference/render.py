@@ -218,7 +218,9 @@ def render_uniforms(B: int, R: int, n_coarse: int, n_fine: int, like: torch.Tens
     with ``torch.rand`` from ``generator`` (None: the current generator) on the device and in
     the dtype of ``like``. EG3D draws the same numbers in the same order (nothing else is drawn
     between them), so every backend renders EG3D's image for the same seed."""
-    kw = dict(device=like.device, dtype=like.dtype, generator=generator)
+    kw = dict(device=like.device, dtype=like.dtype)
+    if generator is not None:       # torch.compile: rand(generator=None) of a dynamic shape fails
+        kw["generator"] = generator
     if stratified_noise is None:
         stratified_noise = torch.rand(B, R, n_coarse, **kw)
     if n_fine > 0 and importance_u is None:
