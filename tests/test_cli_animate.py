@@ -835,3 +835,88 @@ def test_animate_and_invert_name_checkpoint_and_what_the_command_takes(tmp_path,
         "train mmfa)\n")
     assert sorted(os.listdir(tmp_path)) == ["face.png", "goha-converted", "goha-run",
                                             "mmfa-run"]
+
+
+# -- --compile -------------------------------------------------------------------------------
+
+def test_compile_mode_is_checked_before_the_model_loads(frames_dir, tmp_path, capsys):
+    assert main(["animate", "example", "--checkpoint", str(tmp_path / "none"), "--source",
+                 frames_dir, "--out", str(tmp_path / "a.mp4"), "--compile", "fast"]) == 2
+    assert capsys.readouterr().err == (
+        "pyface animate: --compile: expected one of off, default, reduce-overhead, max-autotune, "
+        "max-autotune-no-cudagraphs, aot_eager, eager, got 'fast'\n")
+    assert main(["animate", "eg3d", "--checkpoint", str(tmp_path / "none"), "--seeds", "0",
+                 "--out", str(tmp_path / "a.mp4"), "--compile"]) == 2
+    assert "--seeds renders with the generator itself and takes no --compile" in \
+        capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("extra, mode", [([], None), (["--compile"], "default"),
+                                         (["--compile", "eager"], "eager"),
+                                         (["--compile", "off"], None)])
+def test_compile_reaches_the_pipeline(example_run, frames_dir, tmp_path, capsys, monkeypatch,
+                                      extra, mode):
+    """--compile alone means default (Inductor); the mode reaches Pipeline.compile through
+    pyface.models.load, and the report names what was compiled."""
+    from pyface.train.example import ExamplePipeline
+
+    seen = []
+    monkeypatch.setattr(ExamplePipeline, "compile",
+                        lambda self, options: seen.append(options.describe()) or [])
+    assert _animate(example_run, frames_dir, "--out", str(tmp_path / "a.mp4"), *extra) == 0
+    out = capsys.readouterr().out
+    if mode is None:
+        assert seen == [] and "--compile" not in out
+    else:
+        assert seen == ["inductor (default)" if mode == "default" else mode]
+        assert f"--compile {mode}: compiled nothing (the pipeline names no modules to " \
+               "compile); no chunk compiled" in out
+
+
+def test_chunks_that_compile_are_left_out_of_the_frames_per_second(example_run, frames_dir,
+                                                                    tmp_path, capsys,
+                                                                    monkeypatch):
+    """The chunks during which torch.compile compiled (here: the first, its generate taking
+    1.5 s longer) are reported apart, and the frames per second are those of the others (3
+    frames over more than 1.5 s would be under 2 frames/s)."""
+    import time
+
+    import pyface.train.model as model_mod
+    from pyface.train.example import ExamplePipeline
+
+    graphs = {"n": 0}
+    generate = ExamplePipeline.generate
+
+    def slow_first(self, state, motion, **kw):
+        if graphs["n"] == 0:
+            graphs["n"] = 1                    # "compiled a graph"
+            time.sleep(1.5)
+        return generate(self, state, motion, **kw)
+
+    monkeypatch.setattr(model_mod, "compiled_graphs", lambda: graphs["n"])
+    monkeypatch.setattr(ExamplePipeline, "generate", slow_first)
+    assert _animate(example_run, frames_dir, "--out", str(tmp_path / "a.mp4"), "--batch", "1",
+                    "--compile", "eager") == 0
+    out = capsys.readouterr().out
+    fps = float(re.search(r"animate: ([\d.]+) frames/s", out).group(1))
+    assert fps > 2
+    assert re.search(r"1 chunk compiled \(1 frames, 1\.\d s with the compilation\), left out "
+                     r"of the frames per second", out), out
+    # every chunk compiling: the rate includes compilation, and says so
+    graphs["n"] = 0
+    monkeypatch.setattr(model_mod, "compiled_graphs", lambda: graphs.__setitem__(
+        "n", graphs["n"] + 1) or graphs["n"])
+    assert _animate(example_run, frames_dir, "--out", str(tmp_path / "b.mp4"), "--batch", "3",
+                    "--compile", "eager") == 0
+    assert "every chunk compiled, so the frames per second include compilation" in \
+        capsys.readouterr().out
+
+
+def test_help_explains_compile(capsys):
+    with pytest.raises(SystemExit):
+        main(["animate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--compile [MODE]" in text and "--compile alone means default (Inductor)" in text
+    assert "first frames are slow while the modules compile" in text
+    assert "needs a C++ compiler" in text

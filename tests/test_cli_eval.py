@@ -186,3 +186,53 @@ def test_another_models_checkpoint_names_the_option_it_came_from(root, tmp_path,
     assert main(["eval", "--runs", f"mmfa={run}", "--out", str(tmp_path / "e"), "--data", root,
                  *BASE]) == 1
     assert capsys.readouterr().err == f"pyface eval: --runs mmfa={run}" + detail
+
+
+# -- --compile -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def example_run(tmp_path_factory):
+    """An example-model run at the eval set's 16^2 (1 step)."""
+    run = tmp_path_factory.mktemp("evalcli_example") / "run"
+    sets = ["model.resolution=16", "model.plane_resolution=8", "model.plane_channels=4",
+            "model.encoder_channels=8", "model.hidden=8", "model.depth_samples=4",
+            "data.resolution=16", "data.size=16", "train.batch_size=4", "train.progress=false",
+            "train.tensorboard=false", "train.image_every=0", "train.steps=1",
+            f"train.run_dir={run}"]
+    assert main(["train", "example", *sum((["--set", s] for s in sets), [])]) == 0
+    return str(run)
+
+
+def test_compile_mode_is_checked_and_refused_for_a_baseline(root, capsys):
+    assert main(["eval", "copy-source", "--data", root, *BASE, "--compile", "fast"]) == 2
+    assert _err(capsys) == ("pyface eval: --compile: expected one of off, default, "
+                            "reduce-overhead, max-autotune, max-autotune-no-cudagraphs, "
+                            "aot_eager, eager, got 'fast'\n")
+    assert main(["eval", "copy-source", "--data", root, *BASE, "--compile"]) == 2
+    assert "--compile: copy-source is a baseline, with no modules to compile" in _err(capsys)
+
+
+def test_compile_reaches_the_pipeline_and_the_report(root, example_run, tmp_path, capsys,
+                                                     monkeypatch):
+    """--compile MODE compiles the model's pipeline (pyface.models.load(compile=)); the JSON
+    records the mode and the modules ("off" and none without it). The example's pipeline names
+    none: the mode reaches Pipeline.compile, which records it and compiles nothing."""
+    from pyface.train.example import ExamplePipeline
+
+    seen = []
+    compile_ = ExamplePipeline.compile
+    monkeypatch.setattr(ExamplePipeline, "compile",
+                        lambda self, options: seen.append(options) or compile_(self, options))
+    args = ["eval", "example", "--checkpoint", example_run, "--data", root, *BASE,
+            "--protocol", "same", "--max-pairs", "2"]
+    assert main(args + ["--json", str(tmp_path / "c.json"), "--compile", "eager"]) == 0
+    assert [o.backend for o in seen] == ["eager"]
+    out = capsys.readouterr().out
+    assert "--compile eager: compiled nothing; same: no chunk compiled" in out
+    rep = json.load(open(tmp_path / "c.json"))
+    assert rep["compile"] == "eager" and rep["compiled_modules"] == []
+    assert main(args + ["--json", str(tmp_path / "p.json")]) == 0
+    assert "--compile" not in capsys.readouterr().out
+    rep = json.load(open(tmp_path / "p.json"))
+    assert rep["compile"] == "off" and rep["compiled_modules"] == []
+    assert "compile_chunks" not in rep["protocols"]["same"]

@@ -1205,6 +1205,11 @@ def test_run_wide_keys_of_a_config_file_reach_the_stages(tmp_path, capsys, monke
                                                      "train.device=cuda:1"])
     assert later["eg3d"].train.device == "cuda:1"
     assert yaml.safe_load(capsys.readouterr().out)["run_wide"]["train"]["device"] == "cuda:1"
+    # train.compile is run-wide: every stage of a staged model compiles
+    capsys.readouterr()
+    compiled = _stage_configs(monkeypatch, "goha", ["--preset", "tiny", "--set",
+                                                    "train.compile=eager"])
+    assert {c.train.compile for c in compiled.values()} == {"eager"} and len(compiled) >= 2
     # the stages of a stage too; a preset's values are not run-wide settings
     goha = _stage_configs(monkeypatch, "goha", ["--preset", "tiny", "--config",
                                                 str(sections)])

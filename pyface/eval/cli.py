@@ -87,7 +87,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--workers", type=int, default=0,
                    help="data loader processes (default 0: the main process)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from pyface.train.animate_cli import add_compile_argument
     from pyface.train.cli import add_import_argument
+
+    add_compile_argument(p, "fps leaves out the chunks of pairs that compiled (reported as "
+                            "compile_chunks / compile_seconds; the JSON records the mode as "
+                            "compile); models only, with --runs every run's model")
 
     add_import_argument(p)
     p.set_defaults(func=run)
@@ -209,6 +214,27 @@ def format_table(report: dict) -> str:
 
     lines = [fmt_row(head), fmt_row(["-" * w for w in widths])] + [fmt_row(r) for r in rows]
     return "\n".join(lines)
+
+
+def format_compile(report: dict) -> str:
+    """One line on ``--compile`` (the mode, the modules, and per protocol the chunks that
+    compiled and were left out of fps); "" for an uncompiled pipeline."""
+    mode = report.get("compile", "off")
+    if mode == "off":
+        return ""
+    names = ", ".join(report.get("compiled_modules") or ()) or "nothing"
+    parts = []
+    for proto, r in report["protocols"].items():
+        n = r.get("compile_chunks", 0)
+        if not n:
+            parts.append(f"{proto}: no chunk compiled")
+        elif r.get("fps_includes_compilation"):
+            parts.append(f"{proto}: every chunk compiled ({r['compile_seconds']:.1f} s), so its "
+                         "fps includes compilation")
+        else:
+            parts.append(f"{proto}: {n} chunk{'s' if n != 1 else ''} compiled "
+                         f"({r['compile_seconds']:.1f} s), left out of fps")
+    return f"--compile {mode}: compiled {names}; " + "; ".join(parts)
 
 
 def _fmt_ci(name: str, ci) -> str:
@@ -398,10 +424,11 @@ def differences_table(diff: dict, report: dict) -> str:
 
 
 def load_pipeline(model: str, checkpoint: str | None, *, device, ema: bool = True, resolution=None,
-                  data: str | None = None, option: str = "--checkpoint"):
+                  data: str | None = None, option: str = "--checkpoint", compile=None):
     """The pipeline to evaluate: :class:`~pyface.eval.evaluate.CopySource` for ``copy-source``,
     :class:`~pyface.eval.warp_baseline.WarpBaseline` for ``warp-baseline``, else
-    ``pyface.models.load(model, checkpoint, device=device, ema=ema)``; a checkpoint of another
+    ``pyface.models.load(model, checkpoint, device=device, ema=ema, compile=compile)``
+    (``compile``: ``--compile``'s mode, models only); a checkpoint of another
     model is a ValueError naming ``option``, what it holds and what ``model`` takes."""
     from pyface.eval.evaluate import CopySource
     from pyface.eval.warp_baseline import WarpBaseline
@@ -419,7 +446,8 @@ def load_pipeline(model: str, checkpoint: str | None, *, device, ema: bool = Tru
     from pyface.train.model import WrongModelError
 
     try:
-        return load(model, checkpoint, device=device, ema=ema)
+        return load(model, checkpoint, device=device, ema=ema,
+                    **({"compile": compile} if compile is not None else {}))
     except WrongModelError as e:
         raise ValueError(e.for_option(option, checkpoint)) from None
     except KeyError as e:      # an unknown model name: the registry's message lists the names
@@ -486,6 +514,8 @@ def evaluate_report(name: str, pipeline, args, *, metrics, networks, checkpoint=
               "device": device_name(device), "resolution": int(pipeline.resolution),
               "batch_size": args.batch_size, "max_pairs": args.max_pairs, "subset": args.subset,
               "seed": args.seed,
+              "compile": getattr(pipeline, "compile_mode", "off"),
+              "compiled_modules": list(getattr(pipeline, "compiled_modules", ())),
               "metrics": metrics, "moving": _moving_thresholds(args.data),
               "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "versions": versions(), "protocols": {}}
@@ -592,6 +622,9 @@ def check_args(args) -> None:
         args.json = output_file(args.json, "--json", f"{label}.json", (".json",))
     if args.sheet:
         args.sheet = output_file(args.sheet, "--sheet", f"{label}.png", (".png", ".jpg", ".jpeg"))
+    from pyface.train.animate_cli import parse_compile_option
+
+    args.compile = parse_compile_option(getattr(args, "compile", None))
     if args.runs is not None and args.out:
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise ValueError(f"--out {args.out}: exists and is not a folder")
@@ -627,6 +660,11 @@ def run(args) -> int:
         print(f"pyface eval: --checkpoint: {args.model} is a baseline and takes none (to "
               "evaluate a run: pyface eval MODEL --checkpoint RUN)", file=sys.stderr)
         return 2
+    elif args.compile is not None and args.model in BASELINES:
+        print(f"pyface eval: --compile: {args.model} is a baseline, with no modules to compile "
+              "(--compile applies to a model: pyface eval MODEL --checkpoint RUN --compile)",
+              file=sys.stderr)
+        return 2
     elif args.resolution is not None and args.model not in BASELINES:
         print("pyface eval: --resolution applies to the baselines only (a model evaluates at its "
               "output resolution)", file=sys.stderr)
@@ -658,7 +696,8 @@ def run(args) -> int:
         if args.runs is not None:
             return _run_many(args, metrics, networks, device, detector)
         pipeline = load_pipeline(args.model, args.checkpoint, device=device, ema=not args.no_ema,
-                                 resolution=args.resolution, data=args.data)
+                                 resolution=args.resolution, data=args.data,
+                                 compile=args.compile)
         report, sheets = evaluate_report(args.model, pipeline, args, metrics=metrics,
                                          networks=networks, checkpoint=args.checkpoint,
                                          detector=detector or "none")
@@ -672,6 +711,8 @@ def run(args) -> int:
     print(f"{args.model} on {args.data} (data hash {report['data_hash']}, "
           f"{report['resolution']} px, {report['device']})")
     print(format_table(report))
+    if format_compile(report):
+        print(format_compile(report))
     intervals = format_intervals(report)
     if intervals:
         print("\n" + intervals)
@@ -694,7 +735,7 @@ def _run_many(args, metrics, networks, device, detector=None) -> int:
     runs = parse_runs(args.runs)
     out = args.out or "eval"
     pipelines = {name: load_pipeline(name, path, device=device, ema=not args.no_ema,
-                                     option=f"--runs {name}=")
+                                     option=f"--runs {name}=", compile=args.compile)
                  for name, path in runs.items()}
     resolutions = sorted({int(p.resolution) for p in pipelines.values()}) or \
         [args.resolution or _data_resolution(args.data)]
@@ -719,6 +760,8 @@ def _run_many(args, metrics, networks, device, detector=None) -> int:
             _write_sheet(sheets, os.path.join(out, f"{label}.png"))
         print(f"{label} ({rep['resolution']} px, {rep['device']})")
         print(format_table(rep))
+        if format_compile(rep):
+            print(format_compile(rep))
         intervals = format_intervals(rep)
         if intervals:
             print("\n" + intervals)

@@ -14,8 +14,11 @@ A *pipeline* is any object with the methods of :class:`pyface.train.model.Pipeli
 Pairs sharing a source are evaluated together: the source is encoded once, the driving frames
 go through ``encode_driving`` + ``generate`` in chunks of ``batch_size``; frames per second are
 ``driven frames / seconds spent in encode_driving + generate`` (the source encoding, data loading
-and metrics excluded; CUDA synchronised around each chunk). All pipeline calls run under
-``torch.no_grad()``; a pipeline that optimises at encode time enables gradients itself.
+and metrics excluded; CUDA synchronised around each chunk). A chunk during which ``torch.compile``
+compiled a graph (a compiled pipeline's first chunk, a new chunk size:
+:func:`pyface.train.model.compiled_graphs`) is left out of the frames per second and reported as
+``compile_chunks`` / ``compile_seconds`` instead, unless every chunk compiled. All pipeline calls
+run under ``torch.no_grad()``; a pipeline that optimises at encode time enables gradients itself.
 Evaluations are reproducible: before each chunk torch's generators are seeded with ``seed +``
 the chunk's first pair index, inside :func:`torch.random.fork_rng` (the caller's random state is
 left as it was), so a pipeline that draws random numbers (e.g. OTAvatar's pivotal tuning, which
@@ -117,6 +120,11 @@ class EvalResult:
     values: dict[str, dict[str, np.ndarray]]
     frames: int = 0
     seconds: float = 0.0                     # encode_driving + generate
+    # chunks during which torch.compile compiled a graph: their frames and seconds (in the
+    # totals above too), left out of fps
+    compile_chunks: int = 0
+    compile_frames: int = 0
+    compile_seconds: float = 0.0
     source_seconds: float = 0.0              # encode_source, all sources
     sources: int = 0
     memory_peak_mb: float | None = None      # CUDA: peak allocated during the evaluation
@@ -136,7 +144,17 @@ class EvalResult:
 
     @property
     def fps(self) -> float:
-        return self.frames / self.seconds if self.seconds > 0 else math.nan
+        """Frames per second of the chunks that compiled nothing (all the chunks when every
+        one compiled: then :attr:`fps_includes_compilation`)."""
+        if self.fps_includes_compilation:
+            return self.frames / self.seconds if self.seconds > 0 else math.nan
+        seconds = self.seconds - self.compile_seconds
+        return (self.frames - self.compile_frames) / seconds if seconds > 0 else math.nan
+
+    @property
+    def fps_includes_compilation(self) -> bool:
+        """True when every chunk compiled a graph, so that :attr:`fps` counts compilation."""
+        return self.compile_chunks > 0 and self.compile_frames >= self.frames
 
     def summary(self, subset: str) -> dict:
         """``{"count": n, metric: {region: mean}}`` over ``subset`` ("all" or "moving")."""
@@ -215,6 +233,10 @@ class EvalResult:
                 "pairs": len(self.indices), "sources": self.sources,
                 "fps": _json_float(self.fps), "frames": self.frames,
                 "seconds": round(self.seconds, 4),
+                **({"compile_chunks": self.compile_chunks,
+                    "compile_seconds": round(self.compile_seconds, 4),
+                    "fps_includes_compilation": self.fps_includes_compilation}
+                   if self.compile_chunks else {}),
                 "source_encode_ms": _json_float(1000 * self.source_seconds / max(self.sources, 1)),
                 "memory_peak_mb": (None if self.memory_peak_mb is None
                                    else round(self.memory_peak_mb, 1)),
@@ -435,6 +457,7 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
 
     from pyface.data.reenactment import SUBSETS, reenactment_pairs
     from pyface.eval import landmarks as L
+    from pyface.train.model import compiled_graphs
 
     if protocol not in EVAL_PROTOCOLS:
         raise ValueError(f"protocol: expected one of {EVAL_PROTOCOLS}, got {protocol!r}")
@@ -544,6 +567,7 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
                     res.sources += 1
                 driving = to_pipeline_frame(batch["driving"], device)
                 _sync(device)
+                graphs = compiled_graphs()
                 t0 = time.perf_counter()
                 motion = pipeline.encode_driving(driving)
                 if seed_frames is not None:       # as Pipeline.stream: frame i of the group's
@@ -551,7 +575,12 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
                     motion = seed_frames(motion, None if seed is None else seed + g0, k)
                 pred = pipeline.generate(state, motion, **controls)
                 _sync(device)
-                res.seconds += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                res.seconds += dt
+                if compiled_graphs() != graphs:     # torch.compile compiled in this chunk
+                    res.compile_chunks += 1
+                    res.compile_frames += len(chunk)
+                    res.compile_seconds += dt
             n = len(chunk)
             if pred.dim() != 4 or pred.shape[0] != n or pred.shape[1] != 3:
                 raise ValueError(f"pipeline.generate: expected (T={n}, 3, H, W), "

@@ -42,7 +42,7 @@ def model_class(name: str):
 
 
 def load(name: str, checkpoint: str, *, device: str | torch.device | None = None,
-         ema: bool = True, weights: dict[str, str] | None = None):
+         ema: bool = True, weights: dict[str, str] | None = None, compile=None):
     """The inference pipeline of model ``name`` with the weights of ``checkpoint``.
 
     Args:
@@ -54,6 +54,11 @@ def load(name: str, checkpoint: str, *, device: str | torch.device | None = None
         weights: pretrained networks the pipeline's source encoding uses, name -> path (e.g.
             OTAvatar's inversion: ``{"vgg": PATH, "arcface": PATH}``); they replace the
             checkpoint's. A model whose pipeline uses none refuses them (ValueError).
+        compile: None / ``"off"`` (default), or a mode of
+            :data:`pyface.nn.compiling.COMPILE_CHOICES` (``"default"``: Inductor; ``True``
+            means ``"default"``): the pipeline's heavy modules are compiled in place
+            (:meth:`~pyface.train.model.Pipeline.compile`; the first frames are slow while
+            they compile, later ones faster). Checked before the checkpoint is read.
 
     Raises KeyError (unknown name), ValueError (the model has no pipeline, or the checkpoint
     belongs to another model: :class:`pyface.train.model.WrongModelError`, a CheckpointError
@@ -61,9 +66,11 @@ def load(name: str, checkpoint: str, *, device: str | torch.device | None = None
     or mismatching checkpoint).
     """
     from pyface import checkpoint as ckpt
+    from pyface.nn.compiling import parse_compile
     from pyface.train.config import ConfigError, from_dict
     from pyface.train.model import WrongModelError, read_pretrained
 
+    options = parse_compile(compile, what="compile")
     cls = model_class(name)
     if getattr(cls, "Pipeline", None) is None:
         raise ValueError(f"model {name!r} has no inference pipeline ({cls.__name__}.Pipeline is "
@@ -74,8 +81,8 @@ def load(name: str, checkpoint: str, *, device: str | torch.device | None = None
         raise ValueError(f"weights: model {name!r}'s pipeline uses no pretrained networks, got "
                          f"{sorted(weights)}")
     if custom is not None:     # a model whose weights also come from converted release folders
-        return custom(checkpoint, device=device, ema=ema,
-                      **({"weights": dict(weights)} if weights else {}))
+        return _compiled(custom(checkpoint, device=device, ema=ema,
+                                **({"weights": dict(weights)} if weights else {})), options)
     pre = read_pretrained(checkpoint, ema=ema)
     if pre.model is not None and pre.model != name:
         raise WrongModelError(pre.path, pre.meta, name)
@@ -88,7 +95,19 @@ def load(name: str, checkpoint: str, *, device: str | torch.device | None = None
     model = cls(cfg)
     ckpt.load_module_state(model, pre.state, f"checkpoint {pre.path!r}")
     log.info("loaded %s from %s%s", name, pre.path, " (EMA weights)" if ema else "")
-    return cls.Pipeline(model, device=device)
+    return _compiled(cls.Pipeline(model, device=device), options)
+
+
+def _compiled(pipe, options):
+    """``pipe`` with its heavy modules compiled (``options``: None leaves it as it is)."""
+    if options is not None:
+        if not callable(getattr(pipe, "compile", None)):
+            raise ValueError(f"compile: {type(pipe).__name__} (the model's pipeline) has no "
+                             "compile(); a pyface.train.model.Pipeline has")
+        done = pipe.compile(options)
+        log.info("compiled %s of %s (%s)", ", ".join(done) or "nothing", type(pipe).__name__,
+                 options.describe())
+    return pipe
 
 
 def _relocate_stages(cls, cfg, checkpoint_folder: str) -> None:

@@ -89,6 +89,8 @@ def add_parser(subparsers) -> None:
                    help="a pretrained network the source encoding uses (repeatable), for models "
                         "whose source encoding optimises a loss: otavatar's inversion takes "
                         "vgg=PATH (pyface convert vgg19) and arcface=PATH")
+    add_compile_argument(a, "the frames per second printed leave out the chunks that compiled "
+                            "(and say how long they took)")
     add_import_argument(a)
     a.set_defaults(func=run_animate)
 
@@ -105,6 +107,33 @@ CAMERA_MODELS = ("eg3d", "example", "export3d", "goha", "goha_s1", "goha_s1_gan"
 
 #: the file types --out may name (imageio + ffmpeg; .gif through Pillow)
 OUT_EXTS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".gif")
+
+
+def add_compile_argument(parser, timing: str) -> None:
+    """``--compile [MODE]`` (``pyface animate``, ``pyface eval``, ``pyface invert``): the value
+    is checked by :func:`parse_compile_option`. ``timing``: what the command's timing leaves
+    out, for the help."""
+    from pyface.nn.compiling import COMPILE_CHOICES
+
+    parser.add_argument(
+        "--compile", nargs="?", const="default", default=None, metavar="MODE",
+        help="torch.compile the model's heavy modules (its pipeline's compile_modules, e.g. "
+             "EG3D's synthesis network, renderer and super-resolution) before running: MODE one "
+             f"of {', '.join(COMPILE_CHOICES)}; --compile alone means default (Inductor); "
+             "aot_eager and eager only capture graphs (debugging). The first frames are slow "
+             "while the modules compile (seconds to minutes), later frames run faster; a new "
+             f"batch size compiles again; {timing}. Frames are those of the uncompiled model "
+             "to float rounding. On CPU, Inductor needs a C++ compiler (g++ or clang++, or the "
+             "one named by CXX). Example: --compile (default: no compilation)")
+
+
+def parse_compile_option(value):
+    """``--compile``'s value -> the mode string for :meth:`pyface.train.model.Pipeline.compile`
+    (None: not given, or off); ValueError naming ``--compile``, the modes and the value."""
+    from pyface.nn.compiling import parse_compile
+
+    options = parse_compile(value, what="--compile")
+    return None if options is None else options.choice
 
 
 def resolve_out(out: str, default_name: str = "animation.mp4") -> str:
@@ -147,6 +176,7 @@ def check_animate_args(args) -> None:
     if not math.isfinite(args.truncation):
         raise ValueError(f"--truncation: expected a finite number, got {args.truncation}")
     args.weights = parse_name_paths(getattr(args, "weights", None), must_exist=True)
+    args.compile = parse_compile_option(getattr(args, "compile", None))
 
 
 def parse_seed(text) -> int | None:
@@ -478,7 +508,8 @@ def run_animate(args) -> int:
     from pyface.data.driving import (count_driving, frame_labels, iter_driving, read_source,
                                      video_fps)
     from pyface.data.format import DataError
-    from pyface.train.model import Pipeline, WrongModelError, motion_length, seeded
+    from pyface.train.model import (Pipeline, WrongModelError, compiled_graphs, motion_length,
+                                    seeded)
     from pyface.train.registry import import_plugins
 
     def fail(msg: str, code: int) -> int:
@@ -520,6 +551,9 @@ def run_animate(args) -> int:
         if given:
             return fail(f"--seeds renders latent seeds along EG3D's orbit and takes no "
                         f"{' or '.join(given)} (they steer a source's animation)", 2)
+        if args.compile is not None:
+            return fail("--seeds renders with the generator itself and takes no --compile "
+                        "(it compiles a model's pipeline: animate a --source with it)", 2)
         import importlib
 
         module, fn = SEED_ANIMATORS[args.model].split(":")
@@ -560,7 +594,7 @@ def run_animate(args) -> int:
                     f"{', '.join(camera_models())}", 2)
     try:
         pipe = pyface.models.load(args.model, args.checkpoint, device=args.device, ema=args.ema,
-                                  weights=args.weights or None)
+                                  weights=args.weights or None, compile=args.compile)
     except WrongModelError as exc:       # another model's: what it holds, what the model takes
         return fail(exc.for_option("--checkpoint", args.checkpoint), 2)
     except (KeyError, ValueError, ImportError) as exc:
@@ -614,6 +648,19 @@ def run_animate(args) -> int:
     sync = (lambda: torch.cuda.synchronize(pipe.device)) if pipe.device.type == "cuda" \
         else (lambda: None)
     done, seconds = 0, 0.0
+    # chunks during which torch.compile compiled a graph (--compile: the first ones, a new
+    # chunk size): their frames and seconds, left out of the frames per second
+    compiling = {"chunks": 0, "frames": 0, "seconds": 0.0}
+
+    def timed(t0: float, graphs: int, n: int) -> None:
+        nonlocal seconds
+        dt = time.perf_counter() - t0
+        seconds += dt
+        if compiled_graphs() != graphs:
+            compiling["chunks"] += 1
+            compiling["frames"] += n
+            compiling["seconds"] += dt
+
     try:
         with torch.no_grad():
             with seeded(args.seed, pipe.device):
@@ -622,7 +669,7 @@ def run_animate(args) -> int:
             bar = tqdm(total=T, unit="frame", disable=args.no_progress, dynamic_ncols=True)
             if args.driving is None:
                 sync()
-                t0 = time.perf_counter()
+                graphs, t0 = compiled_graphs(), time.perf_counter()
                 # a Pipeline seeds each chunk itself (seed + its first frame); another
                 # object's stream is seeded once, before it starts
                 own = isinstance(pipe, Pipeline)
@@ -631,11 +678,11 @@ def run_animate(args) -> int:
                                                  **({"seed": args.seed} if own else {}),
                                                  **controls):
                         sync()
-                        seconds += time.perf_counter() - t0
+                        timed(t0, graphs, frames.shape[0])
                         writer.append(side_by_side(src, frames))
                         done += frames.shape[0]
                         bar.update(frames.shape[0])
-                        t0 = time.perf_counter()
+                        graphs, t0 = compiled_graphs(), time.perf_counter()
             else:
                 for part in chunks:                      # read one chunk at a time
                     if cameras is not None:
@@ -643,7 +690,7 @@ def run_animate(args) -> int:
                         idx = torch.arange(done, done + n) % cameras.shape[0]
                         part = {**part, "camera": cameras[idx]}
                     sync()
-                    t0 = time.perf_counter()
+                    graphs, t0 = compiled_graphs(), time.perf_counter()
                     with seeded(None if args.seed is None else args.seed + done, pipe.device):
                         motion = pipe.encode_driving(part)
                         if T is not None and isinstance(pipe, Pipeline):
@@ -652,7 +699,7 @@ def run_animate(args) -> int:
                             motion = pipe.seed_frames(motion, args.seed, done)
                         frames = pipe.generate(state, motion, **controls)
                     sync()
-                    seconds += time.perf_counter() - t0
+                    timed(t0, graphs, frames.shape[0])
                     writer.append(side_by_side(src, part["image"], frames))
                     done += frames.shape[0]
                     bar.update(frames.shape[0])
@@ -664,7 +711,19 @@ def run_animate(args) -> int:
         writer.close()
         return fail(f"{args.driving}: no driving frames", 1)
     out = writer.close()
-    rate = done / max(seconds, 1e-9)
+    steady = done - compiling["frames"]
+    rate = (steady / max(seconds - compiling["seconds"], 1e-9) if steady
+            else done / max(seconds, 1e-9))
     print(f"{out}\n  {plural(done, 'frame')} at {R}x{R}; animate: {rate:.1f} frames/s "
           f"on {pipe.device} (source encoding, reading and video writing excluded)")
+    if args.compile is not None:
+        names = ", ".join(getattr(pipe, "compiled_modules", ())) or "nothing (the pipeline " \
+            "names no modules to compile)"
+        print(f"  --compile {args.compile}: compiled {names}; "
+              + (f"{plural(compiling['chunks'], 'chunk')} compiled ({compiling['frames']} "
+                 f"frames, {compiling['seconds']:.1f} s with the compilation)"
+                 + (", left out of the frames per second" if steady else
+                    ": every chunk compiled, so the frames per second include compilation "
+                    "(more frames, or a --batch that divides them, measure compiled frames)")
+                 if compiling["chunks"] else "no chunk compiled"))
     return 0

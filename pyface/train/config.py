@@ -79,6 +79,9 @@ class TrainConfig:
     backend: str | None = None        # force every op onto reference | cpu | cuda | triton
     overlap_grad_reduce: bool = True  # multi-rank: all-reduce gradient buckets during backward
     bucket_mb: float = 25.0           # ... bucket size in MiB
+    compile: str = "off"              # torch.compile of the model's compile_modules: off |
+    #                                   default | reduce-overhead | max-autotune |
+    #                                   max-autotune-no-cudagraphs | aot_eager | eager
     lr_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
 
@@ -104,11 +107,28 @@ class TrainConfig:
             except (RuntimeError, TypeError):
                 raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got "
                                   f"{self.device!r}") from None
+        self.compile = _compile_choice(self.compile)
         for key in ("steps", "batch_size", "ckpt_every", "log_every",
                     "image_every", "video_every", "video_frames", "num_workers"):
             value, low = getattr(self, key), 1 if key == "batch_size" else 0
             if value < low:
                 raise ConfigError(f"train.{key}: expected an int >= {low}, got {value!r}")
+
+
+def _compile_choice(value) -> str:
+    """``train.compile`` as one of :data:`pyface.nn.compiling.COMPILE_CHOICES`: ``on`` / ``true``
+    are ``default``, ``none`` / ``false`` / an empty value are ``off`` (also as the bools a YAML
+    file's ``on`` / ``off`` are read as), so config.yaml records the choice; another value raises
+    ConfigError naming the choices."""
+    if value is None or value is False or value == "off":
+        return "off"            # the default, without importing pyface.nn
+    from pyface.nn.compiling import COMPILE_CHOICES, parse_compile
+
+    try:
+        options = parse_compile(value, what="train.compile")
+    except ValueError as exc:
+        raise ConfigError(f"{exc}{did_you_mean(value, COMPILE_CHOICES)}") from None
+    return "off" if options is None else options.choice
 
 
 @dataclass

@@ -319,6 +319,13 @@ class Trainer:
         #: set to a dict to collect per-step seconds in "model" (forward + losses), "backward",
         #: "optimizer" and "total" (bench: the rest is engine overhead)
         self.timings: dict[str, list[float]] | None = None
+        from pyface.nn.compiling import parse_compile
+
+        #: how ``train.compile`` compiles (None: off)
+        self.compile_options = parse_compile(t.compile, what="train.compile")
+        #: the sub-modules compiled (:meth:`compile_model`; ``ema.<name>.<path>`` for EMA
+        #: copies), None before the first step
+        self.compiled: list[str] | None = None
 
     def _build_dataset(self, cfg: ExperimentConfig):
         """The registry's dataset of ``cfg.data``; under torchrun rank 0 builds it first and the
@@ -587,6 +594,60 @@ class Trainer:
                              f"{sorted(self.ema.modules)})") from None
 
     # ----------------------------------------------------------------------------------------
+    # torch.compile (train.compile)
+    # ----------------------------------------------------------------------------------------
+    def compile_model(self) -> list[str]:
+        """Compiles the model's :attr:`~pyface.train.model.TrainableModel.compile_modules` in
+        place with ``train.compile`` (:func:`pyface.nn.compile_modules`) once, before the first
+        step (after the model, its EMA copies and optimizers are built and any checkpoint is
+        loaded; compiling in place keeps parameter names, ``state_dict`` keys and checkpoints
+        as they are, so a run resumes compiled or not). EMA copies are compiled only where the
+        model names them (``ema.<module>.<path>``). Logs one line (which modules, which backend
+        and mode), or one warning when the model names none. Returns the names compiled; called
+        by :meth:`train_step`."""
+        if self.compiled is not None:
+            return self.compiled
+        self.compiled = []
+        opts = self.compile_options
+        if opts is None:
+            return self.compiled
+        from pyface.nn.compiling import compile_modules
+
+        cls = type(self.model)
+        names = tuple(getattr(cls, "compile_modules", ()) or ())
+        if not names:
+            if self.dist.is_main:
+                log.warning("train.compile=%s: %s names no modules to compile (its "
+                            "compile_modules is empty); training uncompiled",
+                            self.cfg.train.compile, cls.__name__)
+            return self.compiled
+        live = [n for n in names if n != "ema" and not n.startswith("ema.")]
+        self.compiled += compile_modules(self.model, live, opts)
+        for name in names:
+            if name not in live:
+                self.compiled += self._compile_ema(name, opts)
+        if self.dist.is_main:
+            log.info("train.compile=%s: compiling %s of %s with torch.compile, %s (the first "
+                     "steps compile; new input shapes recompile)", self.cfg.train.compile,
+                     ", ".join(n or "(the model)" for n in self.compiled) or "nothing",
+                     cls.__name__, opts.describe())
+        return self.compiled
+
+    def _compile_ema(self, name: str, opts) -> list[str]:
+        """Compiles ``ema.<module>.<path>`` of ``compile_modules``: ``<path>`` inside the EMA copy
+        of ``<module>``; nothing when that module has no EMA copy."""
+        from pyface.nn.compiling import compile_modules
+
+        rest = name[len("ema."):]
+        owners = [k for k in self.ema.modules if rest == k or rest.startswith(k + ".")]
+        if not owners:
+            return []
+        owner = max(owners, key=len)
+        sub = rest[len(owner) + 1:]
+        return [f"ema.{owner}" + (f".{n}" if n else "")
+                for n in compile_modules(self.ema.modules[owner], [sub], opts)]
+
+    # ----------------------------------------------------------------------------------------
     # One step
     # ----------------------------------------------------------------------------------------
     def _backend(self):
@@ -748,6 +809,8 @@ class Trainer:
 
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """Run every due phase on ``batch`` (this rank's share); returns detached losses."""
+        if self.compiled is None:
+            self.compile_model()
         with self._backend():
             return self._train_step(batch)
 

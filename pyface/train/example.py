@@ -58,6 +58,9 @@ class ExamplePipeline(Pipeline):
     """
 
     driving_camera = True           # the driving cameras' yaw sets the view (--camera)
+    #: nothing to compile: a frame is the fused tri-plane op and a two-layer MLP (an
+    #: ``nn.Sequential``, which ``Module.compile`` does not trace); ``compile()`` returns []
+    compile_modules = ()
 
     def encode_source(self, source: dict) -> dict:
         src = self.prepare(source, batched=False)
@@ -86,6 +89,10 @@ class TriplaneAutoencoder(TrainableModel):
 
     Config = TriplaneAEConfig
     Pipeline = ExamplePipeline
+    #: train.compile: the whole forward (encoder, sampling, decoder and compositing in one
+    #: graph; the encoder and decoder alone are nn.Sequential of torch.nn layers, which
+    #: TorchDynamo does not trace when compiled on their own)
+    compile_modules = ("",)
     recipe = {"data": {"resolution": 32},
               "train": {"steps": 600, "batch_size": 8, "ckpt_every": 200, "image_every": 200,
                         "lr_schedule": {"kind": "cosine", "warmup_steps": 20,

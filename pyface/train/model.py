@@ -13,7 +13,8 @@ A trainable model is an ``nn.Module`` subclass of :class:`TrainableModel` that p
 * optionally ``preview(batch)`` (image grids) and ``preview_video(batch)`` (a short clip);
 * optionally ``presets`` (named configs: ``pyface train M --preset tiny``), ``stages`` (earlier
   models this one is built on, trained first) and ``Pipeline`` (its inference pipeline, used by
-  :func:`pyface.models.load` and ``pyface animate``).
+  :func:`pyface.models.load` and ``pyface animate``);
+* optionally ``compile_modules``: the sub-modules ``train.compile`` compiles.
 
 The engine does everything else: devices, distribution, precision, clipping, NaN guard, EMA,
 schedules, checkpoints, logging and previews.
@@ -193,6 +194,19 @@ class TrainableModel(nn.Module):
     #: before it builds the model (so ``config.yaml`` and the checkpoints record the number);
     #: an explicit value below that share is an error naming both.
     local_batch_field: str | None = None
+    #: the sub-modules ``train.compile`` compiles (dotted names for ``get_submodule``; ``""``
+    #: is the model itself; a name whose attribute is None is skipped): the modules most of a
+    #: step's time is spent in, whose ``__call__`` the step uses (a method such as
+    #: ``G.synthesis(...)`` other than ``forward`` is not compiled through its module; name the
+    #: modules it calls). ``"ema.<module>.<path>"`` names a sub-module of the engine's EMA copy
+    #: of ``<module>`` (``train.ema.modules``), for a model whose step runs an EMA copy (OTAvatar
+    #: inverts with the EMA generator); skipped when that module has no EMA copy. Leave out
+    #: modules whose graphs take a gradient of a gradient (an R1 penalty's discriminator):
+    #: AOTAutograd has no double backward. Naming a module whose ``forward`` is torch's own (an
+    #: ``nn.Sequential`` of ``nn`` layers) is an error (TorchDynamo would skip it and leave it
+    #: uncompiled); name the model's own module that calls it. Empty:
+    #: ``train.compile`` warns and compiles nothing.
+    compile_modules: tuple[str, ...] = ()
 
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         raise NotImplementedError
@@ -226,7 +240,8 @@ def check_model_class(cls, name: str | None = None) -> None:
     a :class:`TrainableModel` subclass, ``Config`` a dataclass, ``build_optimizers`` and
     ``step`` defined, ``__init__(self, cfg)``, ``recipe`` / ``presets`` dicts (each preset a
     dict), ``stages`` :class:`Stage` objects, ``Pipeline`` a :class:`Pipeline` subclass or
-    None, ``local_batch_field`` a field of ``Config`` or None.
+    None, ``local_batch_field`` a field of ``Config`` or None, ``compile_modules`` a tuple of
+    sub-module names (strings).
 
     Raises :class:`ModelDefinitionError`."""
     import dataclasses
@@ -299,6 +314,11 @@ def check_model_class(cls, name: str | None = None) -> None:
     if lbf is not None and lbf not in fields:
         raise ModelDefinitionError(f"{label}: local_batch_field {lbf!r} is not a field of "
                                    f"{cfg.__qualname__}")
+    names = cls.compile_modules
+    if not isinstance(names, tuple) or not all(isinstance(n, str) for n in names):
+        hint = f" (write ({names!r},))" if isinstance(names, str) else ""
+        raise ModelDefinitionError(f"{label}: compile_modules must be a tuple of sub-module "
+                                   f"names (strings) for train.compile, got {names!r}{hint}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -527,6 +547,20 @@ class Pipeline:
     #: frames, so that replacing them moves the camera (``pyface animate --camera``); None
     #: (default): inferred by :meth:`camera_control`.
     driving_camera: bool | None = None
+    #: the heavy submodules of ``model`` that :meth:`compile` compiles: dotted names relative
+    #: to ``model`` of the modules a frame's ``generate`` spends most of its time in (EG3D:
+    #: ``backbone.synthesis``, ``renderer``, ``superresolution``); a name whose attribute is
+    #: None (an optional part the config left out) is skipped. Default: none. Name modules
+    #: whose ``__call__`` the stages use (a method other than ``forward`` runs uncompiled) and
+    #: of your own classes: ``Module.compile`` does not trace the ``forward`` of a torch
+    #: built-in module (an ``nn.Sequential``, an ``nn.Conv2d``), so naming one is an error;
+    #: name the module calling it.
+    compile_modules: tuple[str, ...] = ()
+    #: how :meth:`compile` compiled them (a :class:`pyface.nn.compiling.CompileOptions`), None
+    #: until it did
+    compile_options = None
+    #: the modules :meth:`compile` compiled, names relative to ``model``
+    compiled_modules: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, *, device: str | torch.device | None = None):
         if device is None:
@@ -545,6 +579,43 @@ class Pipeline:
         if not isinstance(getattr(self, "resolution", None), int) or self.resolution <= 0:
             raise ValueError(f"{type(self).__name__}: no output resolution (set the class "
                              f"attribute 'resolution' or give the model a cfg.resolution)")
+
+    def compile(self, mode="default") -> list[str]:
+        """Compiles :attr:`compile_modules` in place with ``torch.compile``
+        (:func:`pyface.nn.compiling.compile_modules`) and returns the names compiled.
+
+        ``mode``: one of :data:`pyface.nn.compiling.COMPILE_CHOICES` (``"default"``: Inductor;
+        ``"aot_eager"`` / ``"eager"``: graph capture without code generation, for debugging;
+        ``"off"`` / None: nothing), a bool or a :class:`~pyface.nn.compiling.CompileOptions`.
+        Frames are the same as without compilation (to float rounding); parameter names and
+        ``state_dict`` keys do not change. The first calls compile (seconds to minutes: the
+        first frames are slow), so warm up before timing; a new input shape (a shorter last
+        chunk, another batch size) compiles again. Inductor on CPU needs a C++ compiler. A
+        second call with another mode is refused (the modules are compiled already); with the
+        same mode it compiles nothing more. The options and names are kept in
+        :attr:`compile_options` / :attr:`compiled_modules` (:attr:`compile_mode` for
+        reports)."""
+        from pyface.nn.compiling import CompileOptions, compile_modules, parse_compile
+
+        options = mode if isinstance(mode, CompileOptions) else parse_compile(mode,
+                                                                              what="compile")
+        if options is None:
+            return []
+        if self.compile_options is not None and options != self.compile_options:
+            raise ValueError(f"compile: {type(self).__name__} was compiled with "
+                             f"{self.compile_mode!r} already, got {mode!r} (compile a freshly "
+                             "loaded pipeline)")
+        done = compile_modules(self.model, tuple(self.compile_modules), options)
+        self.compile_options = options
+        self.compiled_modules = tuple(dict.fromkeys((*self.compiled_modules, *done)))
+        return done
+
+    @property
+    def compile_mode(self) -> str:
+        """``"off"``, or the :data:`~pyface.nn.compiling.COMPILE_CHOICES` value
+        :meth:`compile` was given (``"default"``, ``"aot_eager"``, ...): what ``pyface eval``
+        records in its JSON."""
+        return "off" if self.compile_options is None else self.compile_options.choice
 
     def protocol_controls(self, protocol: str) -> dict:
         """The ``generate`` controls this pipeline's model defines for an evaluation protocol
@@ -756,6 +827,20 @@ class Pipeline:
                                          seed, t)
                     frames = self.generate(state, m, **controls)
                 yield t, frames
+
+
+def compiled_graphs() -> int:
+    """How many graphs TorchDynamo has compiled in this process so far (``torch.compile``'s
+    count of unique graphs; a recompilation for a new shape or grad mode adds one). A caller
+    that times a pipeline reads it before and after a call to tell a call that compiled (the
+    first frames of a compiled pipeline, a new chunk size) from one that ran compiled code
+    only: ``pyface animate`` and ``pyface eval`` leave the former out of their frames per
+    second."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:                     # a torch build without TorchDynamo
+        return 0
+    return int(counters["stats"]["unique_graphs"])
 
 
 def locate_frames(motion: dict, start: int, total: int) -> dict:

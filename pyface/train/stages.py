@@ -10,7 +10,7 @@ stopped.
 
 A stage gets its own recipe and the preset (with the final model's additions for that preset,
 ``Stage.presets``), plus the run-wide settings of :data:`SHARED_KEYS` (device, precision,
-logging, data location, seed) given by ``--set`` or the ``--config`` file
+compilation, logging, data location, seed) given by ``--set`` or the ``--config`` file
 (``ExperimentConfig.run_wide``) and the overrides addressed
 to it by name, ``stages.<name>.<key>=<value>`` (e.g. ``stages.s1.model.neutral_weight=5``; a
 stage's own stages are addressed by their names too; a YAML config's ``stages:`` section,
@@ -32,9 +32,9 @@ log = logging.getLogger("pyface.train")
 
 #: the run-wide keys: set by ``--set`` or a ``--config`` file, they reach every stage too
 #: (everything else configures the final model only)
-SHARED_KEYS = ("train.device", "train.precision", "train.progress", "train.tensorboard",
-               "train.num_workers", "train.seed", "train.log_every", "data.path",
-               "data.skip_bad")
+SHARED_KEYS = ("train.device", "train.precision", "train.compile", "train.progress",
+               "train.tensorboard", "train.num_workers", "train.seed", "train.log_every",
+               "data.path", "data.skip_bad")
 
 
 #: prefix of the ``--set`` keys addressed to one stage: ``stages.<name>.<key>=<value>``

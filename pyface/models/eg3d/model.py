@@ -199,6 +199,11 @@ class EG3D(TrainableModel):
     """
 
     Config = EG3DConfig
+    #: train.compile: the generator's mapping and synthesis networks, renderer and
+    #: super-resolution (the decoder's weights go into the fused render, no call of its own);
+    #: not D, whose R1 penalty (Dreg) is a double backward, which AOTAutograd lacks
+    compile_modules = ("G.backbone.mapping", "G.backbone.synthesis", "G.renderer",
+                       "G.superresolution")
     presets = {"tiny": _TINY, "gpu-short": _GPU_SHORT, "full": _FULL}
     recipe = _TINY
     Pipeline = EG3DPipeline

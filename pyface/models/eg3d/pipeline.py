@@ -161,6 +161,10 @@ class EG3DPipeline(_PipelineBase):
     ``i``'s samples come from a generator of ``(N, i)`` alone (:meth:`seed_frames`), so the
     frames do not depend on the chunking."""
 
+    #: compiled by :meth:`compile` (names relative to the generator): the tri-plane synthesis
+    #: network, the renderer (the decoder runs inside its fused op) and the super-resolution
+    compile_modules = ("backbone.synthesis", "renderer", "superresolution")
+
     def __init__(self, model, *, device=None, perceptual=None, invert_steps: int = 300):
         G = model.G if hasattr(model, "G") else model
         self.resolution = int(G.cfg.img_resolution)

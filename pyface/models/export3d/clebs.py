@@ -481,6 +481,8 @@ class CLeBS(TrainableModel):
     """
 
     Config = CLeBSConfig
+    #: train.compile: the image encoder and the expression encoder
+    compile_modules = ("image_encoder", "expr")
     recipe = {"data": {"name": "clips", "resolution": 224,
                        "options": {"frames": 16, "min_gap": 3, "synth": {"exp_leak": 0.5}}},
               "train": {"steps": 20000, "batch_size": 16, "ckpt_every": 2000,

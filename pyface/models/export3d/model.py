@@ -423,6 +423,10 @@ class Export3D(TrainableModel):
     """
 
     Config = Export3DConfig
+    #: train.compile: the tri-plane generator, the renderer and the super-resolution (the
+    #: conditioner is small and called through its methods); not D, whose R1 penalty is a
+    #: double backward, which AOTAutograd lacks
+    compile_modules = ("generator", "renderer", "sr")
     Pipeline = Export3DPipeline
     stages = (Stage("clebs", "export3d_clebs", "clebs_checkpoint"),)
     recipe = {"data": {"name": "pairs", "resolution": 512,

@@ -38,6 +38,11 @@ _RELATIVE_NEEDS_COEFFS = ("source['coeffs']: required with model.expr_relative (
 class Export3DPipeline(Pipeline):
     """See the module docstring. ``model``: an :class:`~pyface.models.export3d.Export3D`."""
 
+    #: compiled by :meth:`compile`: the generator's conditioned transformer, the renderer and
+    #: the super-resolution (the generator's convolutions are torch modules, which
+    #: ``Module.compile`` does not trace)
+    compile_modules = ("generator.vit", "renderer", "sr")
+
     @classmethod
     def check_labels(cls, source=None, driving=None) -> None:
         """Driving frames need ``coeffs``; what the source needs depends on the model's config

@@ -152,6 +152,11 @@ class GOHA(TrainableModel):
     ``decoder`` (:class:`OSGDecoder`)."""
 
     Config = GOHAConfig
+    #: train.compile: the three SegFormer encoders, the plane embeddings, the upsampler and
+    #: both renderers (s1_gan and s2 add their networks; :mod:`pyface.models.goha.stages`)
+    compile_modules = ("encoder_canonical", "encoder_expression", "encoder_appearance",
+                       "embed_canonical", "embed_expression", "upsampler", "renderer",
+                       "lift_renderer")
     #: the training stage this class trains (``s1``; :mod:`pyface.models.goha.stages`: ``s1_gan``
     #: and ``s2``)
     stage_name = "s1"
@@ -627,8 +632,15 @@ class GOHAPipeline(Pipeline):
       do not depend on the chunking.
     """
 
+    #: compiled by :meth:`compile`: what every frame runs, the expression encoder and its
+    #: plane embedding, and the renderer (the decoder runs inside its fused op); s2 adds its
+    #: super-resolution ``sr`` (set per model in ``__init__``)
+    compile_modules = ("encoder_expression", "embed_expression", "renderer")
+
     def __init__(self, model, *, device=None):
         super().__init__(model, device=device)
+        if getattr(model, "sr", None) is not None:
+            self.compile_modules = (*type(self).compile_modules, "sr")
         #: input side R of the encoders; ``resolution`` is the output (render) side r
         self.input_resolution = int(model.cfg.resolution)
         self.resolution = int(model.output_resolution)

@@ -259,6 +259,9 @@ class GOHASR(_GANStage):
     ``sr`` (:class:`pyface.nn.GFPGANv1Clean` at R) and ``discriminator`` (6-channel dual D)."""
 
     stage_name = "s2"
+    #: train.compile: s1's networks and the super-resolution; not the discriminator (its R1
+    #: penalty is a double backward, which AOTAutograd lacks)
+    compile_modules = (*GOHA.compile_modules, "sr")
     trainable = ()
     previous_key = "s1_gan_checkpoint"
     disc_channels = 6

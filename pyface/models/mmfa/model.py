@@ -512,6 +512,11 @@ class MMFA(TrainableModel):
     """MMFA (see the module docstring). ``forward(source, driving, ...)`` -> dict of outputs."""
 
     Config = MMFAConfig
+    #: train.compile: the appearance extractor, keypoint detector, pose and expression
+    #: encoders, expression decoder, dense motion and image decoder; not the patch
+    #: discriminator (kept out like the other models' discriminators)
+    compile_modules = ("appearance", "kp_detector", "pose_encoder", "exp_encoder",
+                       "exp_decoder", "dense_motion", "decoder")
     Pipeline = MMFAPipeline
     recipe = {"data": {"name": "pairs", "resolution": 256,
                        "options": {"mode": "same_video", "synth": {"zoom": 0.2}}},

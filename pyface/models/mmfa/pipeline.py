@@ -32,6 +32,10 @@ from .motion import deep3d_to_keypoint_rotation, keypoint_rotation_from_degrees,
 class MMFAPipeline(Pipeline):
     """Inference with :class:`pyface.models.mmfa.MMFA` (see the module docstring)."""
 
+    #: compiled by :meth:`compile`: the driving frames' encoders, the expression decoder, the
+    #: dense motion and the generator's decoder
+    compile_modules = ("pose_encoder", "exp_encoder", "exp_decoder", "dense_motion", "decoder")
+
     @property
     def net(self):
         """The MMFA networks (``model`` itself; the VAE pipeline's frozen stage-1 model)."""

@@ -120,6 +120,9 @@ class MMFAVAEConfig:
 class MMFAVAEPipeline(MMFAPipeline):
     """MMFA's pipeline (the frozen stage-1 model) plus the VAE's expression controls."""
 
+    #: MMFA's modules, inside the VAE model's frozen ``mmfa``
+    compile_modules = tuple(f"mmfa.{n}" for n in MMFAPipeline.compile_modules)
+
     def __init__(self, model, *, device=None):
         self.resolution = int(model.mmfa.cfg.resolution)
         super().__init__(model, device=device)
@@ -152,6 +155,8 @@ class MMFAVAE(TrainableModel):
     """The expression VAE on a frozen MMFA (see the module docstring)."""
 
     Config = MMFAVAEConfig
+    #: train.compile: the frozen MMFA's expression encoder (the features) and the VAE
+    compile_modules = ("mmfa.exp_encoder", "vae")
     Pipeline = MMFAVAEPipeline
     stages = (Stage(name="mmfa", model="mmfa", checkpoint_key="mmfa_checkpoint"),)
     recipe = {"data": {"name": "pairs", "resolution": 256,

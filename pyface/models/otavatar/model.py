@@ -208,6 +208,13 @@ class OTAvatar(TrainableModel):
     """
 
     Config = OTAvatarConfig
+    #: train.compile: the generator's synthesis, renderer and super-resolution and the
+    #: controller, and the same generator modules of the EMA copy, which the inversion runs
+    #: invert_iters times a step (the mapping is not called: the inversion is in W)
+    compile_modules = ("generator.backbone.synthesis", "generator.renderer",
+                       "generator.superresolution", "controller",
+                       "ema.generator.backbone.synthesis", "ema.generator.renderer",
+                       "ema.generator.superresolution")
     Pipeline = OTAvatarPipeline
     stages = (Stage("eg3d", "eg3d", "generator", presets={"tiny": _TINY_EG3D}),)
     recipe = _FULL          # the reference's recipe; the presets override it

@@ -97,7 +97,7 @@ def invert(model, image: torch.Tensor, camera: torch.Tensor, motion: torch.Tenso
 
 def pivotal_tuning(model, ws: torch.Tensor, camera: torch.Tensor, image: torch.Tensor, *,
                    steps: int, lr: float, stop: float | None = None, metric=None,
-                   metric_stop: float = 0.06):
+                   metric_stop: float = 0.06, compile=None, compile_names=()):
     """PTI: a copy of ``model.generator`` tuned so that ``ws`` (1, num_ws, w_dim) seen from
     ``camera`` (1, 25) renders ``image`` (1, 3, R, R): Adam ``lr``, at most ``steps``
     iterations of SmoothL1 on the raw (area-resized target) and super-resolved images.
@@ -106,12 +106,21 @@ def pivotal_tuning(model, ws: torch.Tensor, camera: torch.Tensor, image: torch.T
     (N, 3, R, R) in [-1, 1], e.g. LPIPS), OTAvatar's: stop once the metric of the
     super-resolved image before an update is <= ``metric_stop`` (0.06); without it, stop once
     the SmoothL1 is <= ``stop`` (None: run every iteration). Returns ``(generator copy (eval
-    mode, frozen), losses)``; with ``metric`` the losses are the metric's values."""
+    mode, frozen), losses)``; with ``metric`` the losses are the metric's values.
+
+    ``compile`` (a :class:`~pyface.nn.compiling.CompileOptions` or a mode) compiles the copy's
+    modules ``compile_names`` (relative to the generator) before tuning: a deep copy of a
+    compiled module is not compiled (``torch.nn.Module`` drops its compiled call when copied),
+    and the tuned copy renders every frame (:meth:`OTAvatarPipeline.encode_source` passes the
+    pipeline's own)."""
     import copy
 
     import torch.nn.functional as F
 
+    from pyface.nn.compiling import compile_modules
+
     G = copy.deepcopy(model.generator).train()
+    compile_modules(G, tuple(compile_names), compile)
     G.requires_grad_(True)
     opt = torch.optim.Adam(G.parameters(), lr=lr)
     ws, camera, image = ws.detach(), camera.detach(), image.float()
@@ -155,6 +164,12 @@ class OTAvatarPipeline(Pipeline):
     ArcFace identity term ``model.arcface_weights`` (else it is off); PTI uses neither (SmoothL1
     and ``pti_metric``). The first inversion logs once which terms it runs without;
     :meth:`from_checkpoint` takes ``vgg_weights`` / ``arcface_weights`` to add them."""
+
+    #: compiled by :meth:`compile`: the EG3D generator's synthesis network, renderer and
+    #: super-resolution, which the inversion, PTI (its tuned copy is compiled too, and trains
+    #: as uncompiled) and every frame run
+    compile_modules = ("generator.backbone.synthesis", "generator.renderer",
+                       "generator.superresolution")
 
     def __init__(self, model, *, device=None, pti_metric=None):
         self.resolution = int(model.generator.cfg.img_resolution)
@@ -265,7 +280,10 @@ class OTAvatarPipeline(Pipeline):
             with torch.enable_grad():
                 with torch.no_grad():
                     ws = w + model.controller(motion)
+                prefix = "generator."
+                names = [n[len(prefix):] for n in self.compiled_modules if n.startswith(prefix)]
                 G, pl = pivotal_tuning(model, ws, apply_intrinsics(cam, kb), img, steps=pti,
+                                       compile=self.compile_options, compile_names=names,
                                        lr=cfg.pti_lr, stop=cfg.pti_stop, metric=metric,
                                        metric_stop=cfg.pti_stop_metric)
             state["generator"], state["pti_loss"] = G, pl
