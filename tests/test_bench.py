@@ -471,6 +471,71 @@ def test_train_bench_json_records_the_backends_and_the_precision(tmp_path, monke
            "(not applied" in said
 
 
+def test_train_bench_compiled_rows(tmp_path, capsys):
+    """--compile MODE adds reference+compile (torch.compile of the reference) and
+    fused+compile: compiled in the warmup steps (compile_s, graphs_compiled), measured after,
+    with the mode, backend and torch version in the JSON."""
+    from pyface.bench.train import main
+
+    out = tmp_path / "r.json"
+    argv = ["example", "--steps", "2", "--warmup", "1", *_TINY_EXAMPLE[4:], "--compile",
+            "aot_eager", "--json", str(out)]
+    assert main(argv) == 0
+    (r,) = json.loads(out.read_text())["results"]
+    assert list(r["results"]) == ["fused", "reference", "reference+compile", "fused+compile"]
+    assert r["compile"] == {"mode": "aot_eager", "backend": "aot_eager", "inductor_mode": None,
+                            "dynamic": None, "fullgraph": False, "torch": torch.__version__,
+                            "modules": [""]}
+    for label, x in r["results"].items():
+        compiled = label.endswith("+compile")
+        assert x["compile"] == ("aot_eager" if compiled else "off")
+        assert x["train_backend"] == ("reference" if label.startswith("reference") else None)
+        assert len(x["times_s"]) == 2 and len(x["warmup_times_s"]) == 1
+        assert (x["ops"] is None) == compiled and (x["ops_peak_mem_mb"] is None) == compiled
+        assert ("compile_s" in x) == compiled
+        assert x["graphs_compiled"]["warmup"] >= (1 if compiled else 0)
+        if not compiled:
+            assert x["graphs_compiled"] == {"warmup": 0, "measured": 0}
+    assert set(r["vs_fused"]) == {"reference", "reference+compile", "fused+compile"}
+    said = capsys.readouterr().out
+    assert "reference+compile: compiling took about" in said
+    assert "train.compile=aot_eager (aot_eager; torch " in said
+
+
+def test_train_bench_compile_defaults_and_bad_input(tmp_path, capsys):
+    from pyface.bench.train import main, resolve_compile
+
+    assert resolve_compile("cuda", None, False) == "default"
+    assert resolve_compile("cpu", None, False) is None          # left out on cpu unless asked
+    assert resolve_compile("cpu", "max-autotune", False) == "max-autotune"
+    assert resolve_compile("cuda", None, True) is None and resolve_compile("cuda", "off",
+                                                                             False) is None
+    out = tmp_path / "r.json"
+    for argv, match in (
+            (["--compile", "aot_eager", "--no-compile"], "--compile and --no-compile"),
+            (["--compile", "aot_eager", "--warmup", "0"], "--warmup 0: the torch.compile rows"),
+            (["--set", "train.compile=default"], "--set train.compile=default: each row sets"),
+            (["--compile", "fast"], None)):
+        if match is None:       # argparse's own message and code
+            with pytest.raises(SystemExit) as exc:
+                main(["example", *argv, "--json", str(out)])
+            assert exc.value.code == 2
+            assert "invalid choice: 'fast'" in capsys.readouterr().err
+            continue
+        assert main(["example", *argv, "--json", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert match in err and "\n" not in err, err
+    assert main(["--compile", "default", "--json", str(out)]) == 2
+    assert "--compile: not used by the engine-overhead" in capsys.readouterr().err
+    assert not out.exists()
+    # cpu without --compile: the rows are left out, and the run says so
+    assert main(["example", *_TINY_EXAMPLE, "--json", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert said.startswith("# torch.compile rows left out on cpu (") and "--compile default" in said
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["compile"] is None and list(r["results"]) == ["fused", "reference"]
+
+
 def test_engine_overhead_records_the_backends_and_the_precision(monkeypatch):
     from pyface.bench.train import engine_overhead
 

@@ -2,6 +2,7 @@
 
     python -m pyface.bench.train [--steps 40] [--json bench/results/train.json]
     python -m pyface.bench.train MODEL [--preset NAME] [--set KEY=VALUE ...] [--steps 10]
+        [--compile MODE | --no-compile]
     torchrun --standalone --nproc_per_node=2 -m pyface.bench.train --overlap [--steps 20]
 
 Without arguments: the per-step overhead of :class:`pyface.train.Trainer` over a bare PyTorch
@@ -11,7 +12,11 @@ loop on the example model, and checkpoint save/load time of a ~30M-parameter mod
 reference ops (``train.backend=reference``): step time (median, [p20, p80]; also the process's
 CPU time, which machine load does not inflate) and peak memory of a
 step above the resident weights and optimizer state, with the backends the ops actually ran on;
-the two trainers alternate step by step so that machine load hits both alike. A model's
+the two trainers alternate step by step so that machine load hits both alike. With
+``--compile MODE`` (the default on cuda; on cpu only when given) two more trainers join the
+alternation with ``train.compile=MODE``: reference+compile (torch.compile of the reference ops)
+and fused+compile (the fused ops inside the compiled graphs); their compilation (the warmup
+steps) is reported apart from their step time. A model's
 earlier stages (otavatar, export3d) are trained first for one step each
 (``--set stages.<name>.train.steps=N``; or give a trained run as ``--set model.<key>=RUN``).
 JSON under ``bench/results/`` (or ``--json``), never replacing an earlier run's file.
@@ -192,24 +197,46 @@ def stage_steps_overrides(cls, overrides: list[str] | None, stage_steps: int) ->
               if f"stages.{n}.train.steps" not in given), *(overrides or [])]
 
 
+#: the rows of ``python -m pyface.bench.train MODEL``: label -> train.backend ("null": each op's
+#: default choice); the compiled rows ("+compile") add train.compile
+ROWS = {"fused": "null", "reference": "reference", "reference+compile": "reference",
+        "fused+compile": "null"}
+
+
 def model_backends(name: str, overrides: list[str] | None = None, *, steps: int = 10,
                    warmup: int = 2, device: str | None = None,
-                   preset: str | None = None, stage_steps: int = 1) -> dict:
-    """Step time and peak memory of model ``name`` on fused vs reference ops (see module doc).
+                   preset: str | None = None, stage_steps: int = 1,
+                   compile: str | None = None) -> dict:
+    """Step time and peak memory of model ``name`` on fused vs reference ops (see module doc),
+    and with ``compile`` (a ``train.compile`` value) the same two compiled: "reference+compile"
+    (torch.compile of the reference) and "fused+compile" (the fused ops inside the compiled
+    graphs).
 
     A model with earlier stages (otavatar, export3d) needs their runs: each stage whose
     ``model.<checkpoint_key>`` is not given is trained first, for ``stage_steps`` steps (a
     stage's ``stages.<name>.train.steps`` in ``overrides`` wins), in a temporary folder; a full
-    stage run would take as long as ``pyface train`` of it."""
+    stage run would take as long as ``pyface train`` of it.
+
+    The compiled rows compile in their first steps: the ``warmup`` unmeasured steps (>= 1 with
+    ``compile``), whose time above as many steady-state steps is reported as ``compile_s``;
+    ``graphs_compiled``: the graphs TorchDynamo captured during the warmup and the measured
+    steps (a recompile in the measured steps shows there)."""
     import torch
+    from torch._dynamo.utils import counters
 
     from pyface import _backend
-    from pyface.bench.harness import default_backends, step_memory_mb
+    from pyface.bench.harness import default_backends, peak_memory_mb, step_memory_mb
+    from pyface.nn.compiling import parse_compile
     from pyface.train import Trainer
     from pyface.train.config import build_experiment
     from pyface.train.stages import own_overrides, prepare_stages
     from pyface.train.registry import model_class
 
+    options = parse_compile(compile, what="compile")
+    if options is not None and warmup < 1:
+        raise ValueError("warmup: the compiled rows compile in their first step; expected >= 1 "
+                         f"unmeasured step with compile={compile!r}, got {warmup}")
+    labels = [k for k in ROWS if options is not None or not k.endswith("+compile")]
     cls = model_class(name)
     defaults = dict(getattr(cls, "recipe", {}) or {})
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -225,11 +252,17 @@ def model_backends(name: str, overrides: list[str] | None = None, *, steps: int 
         per[b] = per.get(b, 0) + 1
         return b
 
+    def graphs() -> int:
+        return counters["stats"]["unique_graphs"]
+
     try:
         trainers, batches, filled = {}, {}, {}
-        for label, backend in (("fused", "null"), ("reference", "reference")):
-            sets = [*(overrides or []), f"train.run_dir={tmp}/{label}", "train.progress=false",
-                    "train.tensorboard=false", f"train.device={dev}", f"train.backend={backend}"]
+        for label in labels:
+            compiled = label.endswith("+compile")
+            sets = [*(overrides or []), f"train.run_dir={tmp}/{label.replace('+', '-')}",
+                    "train.progress=false", "train.tensorboard=false", f"train.device={dev}",
+                    f"train.backend={ROWS[label]}",
+                    f"train.compile={compile if compiled else 'off'}"]
             cfg = build_experiment(name, cls.Config, defaults=defaults, preset=preset,
                                    overrides=own_overrides(sets))
             if getattr(cls, "stages", ()):
@@ -244,20 +277,31 @@ def model_backends(name: str, overrides: list[str] | None = None, *, steps: int 
             batches[label] = tr.preview_batch(tr.local_batch)
         times: dict[str, list[float]] = {k: [] for k in trainers}
         cpu: dict[str, list[float]] = {k: [] for k in trainers}
-        _backend.select_backend = counting_select
+        warm: dict[str, list[float]] = {k: [] for k in trainers}
+        compiled_graphs = {k: [0, 0] for k in trainers}       # during warmup, measured steps
         for i in range(warmup + steps):
             # which trainer goes first alternates too, so that what one step leaves behind
             # (caches, allocator, frequency) favours neither
             for label, tr in (list(trainers.items()) if i % 2 == 0 else
                               list(trainers.items())[::-1]):
-                current[0] = label if i == warmup else None    # count one step's op calls
+                compiled = label.endswith("+compile")
+                # the op calls of one step of each uncompiled trainer are counted; a compiled
+                # graph is left with the function it was traced with (its guards check it)
+                current[0] = label if i == warmup else None
+                _backend.select_backend = real_select if compiled else counting_select
                 _sync(dev)
+                g0 = graphs()
                 t0, c0 = time.perf_counter(), time.process_time()
                 tr.train_step(batches[label])
                 _sync(dev)
+                dt = time.perf_counter() - t0
+                _backend.select_backend = real_select
+                compiled_graphs[label][i >= warmup] += graphs() - g0
                 if i >= warmup:
-                    times[label].append(time.perf_counter() - t0)
+                    times[label].append(dt)
                     cpu[label].append(time.process_time() - c0)
+                else:
+                    warm[label].append(dt)
         _backend.select_backend = real_select
         out = {"bench": "train_backends", "model": name, "preset": preset,
                "overrides": list(overrides or []), "device": str(dev),
@@ -271,22 +315,48 @@ def model_backends(name: str, overrides: list[str] | None = None, *, steps: int 
                "stages_trained": sorted(filled), "stage_steps": stage_steps if filled else None,
                "batch_size": trainers["fused"].cfg.train.batch_size, "warmup": warmup,
                "threads": torch.get_num_threads(),
-               "order": "one process, the same config, batch and thread count for both; the "
-                        "two trainers alternate step by step, fused first on even steps and "
-                        "reference first on odd ones (steps counted from 0, warmup included), "
-                        "the warmup steps of each unmeasured; then one more step of each "
-                        "(fused first) under the memory profiler",
+               # the compiled rows' train.compile (None: left out) and what it means
+               "compile": None if options is None else {
+                   "mode": trainers["fused+compile"].cfg.train.compile,
+                   "backend": options.backend, "inductor_mode": options.mode,
+                   "dynamic": options.dynamic, "fullgraph": options.fullgraph,
+                   "torch": torch.__version__,
+                   "modules": trainers["fused+compile"].compiled},
+               "order": "one process, the same config, batch and thread count for every row; "
+                        "the trainers alternate step by step, in the order of results on even "
+                        "steps and the reverse on odd ones (steps counted from 0, warmup "
+                        "included), the warmup steps of each unmeasured (the compiled rows "
+                        "compile in them); then one more step of each (in the order of "
+                        "results) under the memory profiler",
                "results": {}}
         for label, tr in trainers.items():
-            with tr._backend():         # the backend the trainer's steps run on, for the ops
-                mem, ops_mem = step_memory_mb(lambda: tr.train_step(batches[label]), dev)
-            out["results"][label] = {**_stats(times[label]),
-                                     "cpu_median_s": statistics.median(cpu[label]),
-                                     # every measured step, in order (phases differ by step)
-                                     "times_s": times[label], "cpu_times_s": cpu[label],
-                                     "peak_mem_mb": mem, "ops_peak_mem_mb": ops_mem,
-                                     "ops": counts.get(label, {}),
-                                     **run_settings(tr)}
+            compiled = label.endswith("+compile")
+            if compiled:
+                # the graphs were traced with the ops as they are: the per-op memory ranges
+                # (which wrap the ops) would make them recompile, and inside a compiled graph
+                # the ops' boundaries are gone
+                with tr._backend():
+                    mem, ops_mem = peak_memory_mb(lambda: tr.train_step(batches[label]),
+                                                  dev), None
+            else:
+                with tr._backend():     # the backend the trainer's steps run on, for the ops
+                    mem, ops_mem = step_memory_mb(lambda: tr.train_step(batches[label]), dev)
+            row = {**_stats(times[label]),
+                   "cpu_median_s": statistics.median(cpu[label]),
+                   # every measured step, in order (phases differ by step)
+                   "times_s": times[label], "cpu_times_s": cpu[label],
+                   "warmup_times_s": warm[label],
+                   "peak_mem_mb": mem, "ops_peak_mem_mb": ops_mem,
+                   "ops": None if compiled else counts.get(label, {}),
+                   "compile": tr.cfg.train.compile,
+                   "graphs_compiled": {"warmup": compiled_graphs[label][0],
+                                       "measured": compiled_graphs[label][1]},
+                   **run_settings(tr)}
+            if compiled:
+                # the first steps' time above as many steady-state steps: compilation
+                row["compile_s"] = max(sum(warm[label]) - len(warm[label]) * row["median_s"],
+                                       0.0)
+            out["results"][label] = row
         f, r = out["results"]["fused"], out["results"]["reference"]
         out["speedup"] = r["median_s"] / f["median_s"]
         # process CPU time: what the step costs when other jobs share the cores
@@ -295,11 +365,19 @@ def model_backends(name: str, overrides: list[str] | None = None, *, steps: int 
         out["ops_memory_ratio"] = (None if f["ops_peak_mem_mb"] is None
                                    or r["ops_peak_mem_mb"] is None else
                                    r["ops_peak_mem_mb"] / max(f["ops_peak_mem_mb"], 1e-9))
+        # every row against the fused one: > 1 is slower / more memory than fused
+        out["vs_fused"] = {k: {"time": x["median_s"] / f["median_s"],
+                               "cpu_time": x["cpu_median_s"] / max(f["cpu_median_s"], 1e-9),
+                               "memory": x["peak_mem_mb"] / max(f["peak_mem_mb"], 1e-9)}
+                           for k, x in out["results"].items() if k != "fused"}
         out["note"] = ("peak_mem_mb: peak of one training step above the memory allocated "
                        "before it (weights, optimizer state); ops_peak_mem_mb: the largest peak "
                        "inside one call of a pyface op (pyface.ops.<name>, the reference code "
-                       "or a fused kernel) above what was allocated when it was called; CPU: "
-                       "ATen allocations on the calling thread (profiler)")
+                       "or a fused kernel) above what was allocated when it was called (None "
+                       "for the compiled rows: inside a compiled graph the ops' boundaries are "
+                       "gone); CPU: ATen allocations on the calling thread (profiler); ops: "
+                       "the backends one step's op calls chose (None for the compiled rows: "
+                       "chosen while tracing, as their uncompiled row's)")
         if f["ops_peak_mem_mb"] is not None and \
                 abs(r["peak_mem_mb"] - f["peak_mem_mb"]) <= 0.01 * max(r["peak_mem_mb"], 1e-9):
             out["memory_note"] = ("the step's peak is the same on both: it is reached outside "
@@ -397,26 +475,47 @@ def overlap_bench(steps: int = 20, warmup: int = 3, width: int = 1024, depth: in
 
 
 def _print_backends(r: dict) -> None:
-    for label in ("fused", "reference"):
-        x = r["results"][label]
-        ops = ", ".join(f"{op}: {'/'.join(sorted(b))}" for op, b in sorted(x["ops"].items()))
-        print(f"{r['model']} {label:9s} step {x['median_s'] * 1e3:8.1f} ms "
+    width = max(len(k) for k in r["results"])
+    for label, x in r["results"].items():
+        ops = ("inside the compiled graphs, as the " + label.split("+")[0] + " row's"
+               if x.get("ops") is None else
+               ", ".join(f"{op}: {'/'.join(sorted(b))}" for op, b in sorted(x["ops"].items()))
+               or "none")
+        print(f"{r['model']} {label:{width}s} step {x['median_s'] * 1e3:8.1f} ms "
               f"[{x['p20_p80_s'][0] * 1e3:.1f}, {x['p20_p80_s'][1] * 1e3:.1f}] "
               f"(CPU {x.get('cpu_median_s', float('nan')) * 1e3:.1f} ms)  peak "
               f"{x['peak_mem_mb']:8.1f} MB"
               + (f" (in ops {x['ops_peak_mem_mb']:.1f} MB)"
                  if x.get("ops_peak_mem_mb") is not None else "")
-              + f"  ops: {ops or 'none'}")
+              + f"  ops: {ops}")
+    for label, x in r["results"].items():
+        if "compile_s" in x:
+            g = x["graphs_compiled"]
+            print(f"  {label}: compiling took about {x['compile_s']:.1f} s (the "
+                  f"{len(x['warmup_times_s'])} warmup steps: "
+                  + ", ".join(f"{t:.1f}" for t in x["warmup_times_s"])
+                  + f" s; {g['warmup']} graphs), not in its median"
+                  + (f"; {g['measured']} more graphs compiled during the measured steps"
+                     if g["measured"] else ""))
     ops_ratio = r.get("ops_memory_ratio")
     print(f"reference / fused: time x{r['speedup']:.2f} (process CPU time "
           f"x{r.get('speedup_cpu', float('nan')):.2f}), peak memory x{r['memory_ratio']:.2f}"
           + (f", inside the ops x{ops_ratio:.2f}" if ops_ratio is not None else ""))
+    for label, v in r.get("vs_fused", {}).items():
+        if label != "reference":
+            print(f"{label} / fused: time x{v['time']:.2f} (process CPU time "
+                  f"x{v['cpu_time']:.2f}), peak memory x{v['memory']:.2f}")
     if r.get("memory_note"):
         print(f"  ({r['memory_note']})")
     x = r["results"]["fused"]
+    c = r.get("compile")
     print(f"precision {x.get('precision')} (autocast {x.get('autocast_dtype') or 'off'}, "
           f"parameters {x.get('param_dtype')}); PYFACE_BACKEND "
-          f"{r.get('pyface_backend_env') or 'unset'} (not applied: fused = each op's default)")
+          f"{r.get('pyface_backend_env') or 'unset'} (not applied: fused = each op's default)"
+          + (f"; train.compile={c['mode']} ({c['backend']}"
+             + (f", mode {c['inductor_mode']}" if c["inductor_mode"] else "")
+             + f"; torch {c['torch']}) of {', '.join(m or '(the model)' for m in c['modules'])}"
+             if c else ""))
 
 
 def main(argv=None) -> int:
@@ -431,6 +530,8 @@ def main(argv=None) -> int:
 
 
 def _main(argv=None) -> int:
+    from pyface.nn.compiling import COMPILE_CHOICES
+
     p = argparse.ArgumentParser(prog="python -m pyface.bench.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=None,
@@ -452,6 +553,13 @@ def _main(argv=None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="config override (MODEL, or the example model of the overhead "
                         "benchmark), e.g. train.batch_size=16")
+    p.add_argument("--compile", default=None, metavar="MODE", choices=COMPILE_CHOICES,
+                   help="with MODEL: add the rows reference+compile (torch.compile of the "
+                        "reference) and fused+compile, with train.compile=MODE (one of "
+                        f"{', '.join(COMPILE_CHOICES)}; default: default on cuda; on cpu they "
+                        "are left out unless --compile is given: compiling takes minutes there)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="with MODEL: leave out the torch.compile rows")
     p.add_argument("--json", default=None,
                    help="write the results here: a file ending in .json, or a folder (existing "
                         "or ending in /) for an auto-named file (MODEL / --overlap: default "
@@ -478,12 +586,14 @@ def _main(argv=None) -> int:
     # an option the chosen benchmark does not use was ignored (--device cuda measured the CPU)
     mode = "--overlap" if args.overlap else "MODEL" if args.model else None
     used = {"--overlap": {"--bucket-mb"},
-            "MODEL": {"--preset", "--import", "--device", "--warmup", "--set"},
+            "MODEL": {"--preset", "--import", "--device", "--warmup", "--set", "--compile",
+                      "--no-compile"},
             None: {"--repeats", "--set"}}[mode]
     given = {"MODEL": args.overlap and args.model, "--preset": args.preset,
              "--import": args.imports, "--device": args.device,
              "--warmup": args.warmup is not None, "--set": args.overrides,
-             "--bucket-mb": args.bucket_mb is not None, "--repeats": args.repeats is not None}
+             "--bucket-mb": args.bucket_mb is not None, "--repeats": args.repeats is not None,
+             "--compile": args.compile is not None, "--no-compile": args.no_compile}
     unused = [o for o, v in given.items() if v and o not in used]
     if unused:
         what = {"--overlap": "--overlap (the all-reduce benchmark)",
@@ -500,6 +610,16 @@ def _main(argv=None) -> int:
             "torchrun)")
         if refused is not None:
             return refused
+    if args.compile is not None and args.no_compile:
+        return fail("--compile and --no-compile: give one of them")
+    set_compile = [o for o in args.overrides if o.split("=", 1)[0].strip() == "train.compile"]
+    if set_compile:
+        return fail(f"--set {set_compile[0]}: each row sets train.compile itself (fused and "
+                    "reference uncompiled, the +compile rows compiled); choose the compiled "
+                    "rows' mode with --compile MODE")
+    if args.compile is not None and args.warmup == 0:
+        return fail("--warmup 0: the torch.compile rows compile in their first step, which "
+                    "would be measured; give --warmup 1 or more, or --no-compile")
     args.warmup = 2 if args.warmup is None else args.warmup
     args.repeats = 5 if args.repeats is None else args.repeats
     args.bucket_mb = 4.0 if args.bucket_mb is None else args.bucket_mb
@@ -561,9 +681,14 @@ def _main(argv=None) -> int:
         except (KeyError, ImportError, ValueError, ModelDefinitionError, RegistryError) as exc:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             return fail(msg)
+        compile_mode = resolve_compile(torch.device(device).type, args.compile, args.no_compile)
+        if compile_mode is None and not args.no_compile and args.compile is None:
+            print(f"# torch.compile rows left out on cpu ({CPU_COMPILE_WHY}); --compile default "
+                  "adds them", flush=True)
         try:
             r = model_backends(args.model, args.overrides, steps=args.steps or 10,
-                               warmup=args.warmup, device=device, preset=args.preset)
+                               warmup=args.warmup, device=device, preset=args.preset,
+                               compile=compile_mode)
         except ConfigError as exc:          # a value only the built trainer can check
             return fail(str(exc))
         env = environment(torch.device(r["device"]))
@@ -598,6 +723,21 @@ def _main(argv=None) -> int:
     if path:
         _write(path, {"environment": env, "results": results})
     return 0
+
+
+#: why the torch.compile rows are left out of a cpu run unless --compile is given
+CPU_COMPILE_WHY = "compiling a model's step takes minutes there"
+
+
+def resolve_compile(device_type: str, mode: str | None, no_compile: bool) -> str | None:
+    """The compiled rows' ``train.compile`` of ``python -m pyface.bench.train MODEL``: None
+    (left out) with ``no_compile`` or ``mode`` ``off``; ``mode`` when given; else ``default``
+    on cuda and None (left out) on cpu, as ``pyface bench`` leaves torch.compile out there."""
+    if no_compile or mode == "off":
+        return None
+    if mode is not None:
+        return mode
+    return "default" if device_type == "cuda" else None
 
 
 _COMMAND: str | None = None     # the command line of this run, recorded in the JSON
