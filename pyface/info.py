@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import platform
+import shutil
 import sys
 
 
@@ -108,9 +109,22 @@ def collect() -> dict:
         "bench_results": bench_results_dir(),
         "ops": ops,
         "forced_backend": os.environ.get("PYFACE_BACKEND") or None,
+        "compile": compile_toolchain(),
     }
     info["forced_backend_error"] = forced_backend_problem(info)
     return info
+
+
+def compile_toolchain(env: dict | None = None) -> dict:
+    """What ``torch.compile`` (``--compile``, ``train.compile``) would compile with: on CPU
+    Inductor writes C++ and needs a compiler (``CXX``, else ``g++`` / ``clang++`` / ``c++`` on
+    PATH); on CUDA it writes Triton kernels. Looks on PATH only; compiles nothing."""
+    env = os.environ if env is None else env
+    names = [env["CXX"]] if env.get("CXX") else ["g++", "clang++", "c++"]
+    found = next(((n, shutil.which(n, path=env.get("PATH"))) for n in names
+                  if shutil.which(n, path=env.get("PATH"))), None)
+    return {"cpu_cxx": found[1] if found else None,
+            "cpu_cxx_looked_for": ("CXX=" + names[0]) if env.get("CXX") else ", ".join(names)}
 
 
 def build_problem(info: dict) -> str | None:
@@ -175,6 +189,14 @@ def format_report(info: dict) -> str:
             lines.append(f"  CUDA kernels: yes, archs {build.get('cuda_archs')}")
         else:
             lines.append(f"  CUDA kernels: NO - {build.get('cuda_reason')}")
+    tc = info.get("compile")
+    if tc is not None:
+        lines.append("torch.compile (--compile, train.compile; off unless asked): CPU: "
+                     + (f"Inductor's C++ compiler {tc['cpu_cxx']}" if tc["cpu_cxx"] else
+                        f"NO C++ compiler ({tc['cpu_cxx_looked_for']} not found): only the "
+                        "aot_eager / eager modes work on CPU; install g++ or set CXX")
+                     + "; CUDA: Inductor writes Triton kernels"
+                     + ("" if info["triton"] else " (triton not installed: no Inductor on CUDA)"))
     if info.get("forced_backend") and not forced_backend_problem(info):
         lines.append(f"PYFACE_BACKEND={info['forced_backend']}: every op called without "
                      "backend= is forced onto it (the defaults below do not apply)")

@@ -56,3 +56,29 @@ def test_info_reports_an_extension_loaded_from_another_checkout():
             in report)
     assert (f"  WARNING: pyface._C was loaded from /elsewhere/pyface/_C.cpython-311-x86_64-linux-"
             f"gnu.so, outside this pyface ({ext['package']})") in report
+
+
+def test_info_says_what_torch_compile_would_compile_with(tmp_path):
+    """`pyface info` names the C++ compiler Inductor would use on CPU (CXX, else g++ / clang++ /
+    c++ on PATH), or says that without one only aot_eager / eager work there."""
+    from pyface.info import compile_toolchain, format_report
+
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    none = compile_toolchain({"PATH": str(empty)})
+    assert none == {"cpu_cxx": None, "cpu_cxx_looked_for": "g++, clang++, c++"}
+    cxx = empty / "my-c++"
+    cxx.write_text("#!/bin/sh\n")
+    cxx.chmod(0o755)
+    assert compile_toolchain({"PATH": str(empty), "CXX": "my-c++"}) == {
+        "cpu_cxx": str(cxx), "cpu_cxx_looked_for": "CXX=my-c++"}
+    info = pyface.info.collect()
+    assert set(info["compile"]) == {"cpu_cxx", "cpu_cxx_looked_for"}
+    report = format_report({**info, "compile": none})
+    assert ("torch.compile (--compile, train.compile; off unless asked): CPU: NO C++ compiler "
+            "(g++, clang++, c++ not found): only the aot_eager / eager modes work on CPU; "
+            "install g++ or set CXX") in report
+    report = format_report({**info, "compile": {"cpu_cxx": "/usr/bin/g++",
+                                                "cpu_cxx_looked_for": "g++, clang++, c++"}})
+    assert "CPU: Inductor's C++ compiler /usr/bin/g++; CUDA: Inductor writes Triton kernels" \
+        in report
