@@ -25,9 +25,14 @@ def add_parser(subparsers) -> None:
                     "frame's) on the same-identity and/or cross-identity reenactment pairs of a "
                     "pyface dataset, or several runs with --runs NAME=RUN ... and the baselines "
                     "(see docs/eval.md). Prints a table and the 95 % intervals of its means (a "
-                    "cluster bootstrap over the pairs' sources); writes JSON and PNG sheets.",
+                    "cluster bootstrap over the pairs' sources); writes JSON and PNG sheets. "
+                    "Under torchrun the ranks share the pairs (whole sources each) and rank 0 "
+                    "prints and writes the one report.",
         epilog="example: pyface eval copy-source --data data/test --json copy-source.json; "
-               "pyface eval mmfa --checkpoint runs/mmfa --data data/test")
+               "pyface eval mmfa --checkpoint runs/mmfa --data data/test; on 8 GPUs: "
+               "torchrun --nproc_per_node=8 -m pyface eval mmfa --checkpoint runs/mmfa --data "
+               "data/test --json mmfa.json (fps: the frames of all ranks over the slowest "
+               "rank's seconds; docs/eval.md)")
     p.add_argument("model", nargs="?", default=None,
                    help="registered model name, or copy-source / warp-baseline (not with --runs)")
     p.add_argument("--checkpoint", default=None, help="run folder or checkpoint folder (models)")
@@ -69,7 +74,8 @@ def add_parser(subparsers) -> None:
                    help="write a PNG sheet here (a folder: FOLDER/MODEL.png)")
     p.add_argument("--sheet-rows", type=int, default=6,
                    help="rows of the sheet per protocol (default 6; 0: no sheet)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available; "
+                   "under torchrun cuda means cuda:LOCAL_RANK on each rank)")
     p.add_argument("--max-pairs", type=int, default=None,
                    help="evaluate at most N pairs per protocol, spread evenly over the set "
                         "(default: all)")

@@ -45,6 +45,11 @@ detections, so the detector runs on both the output and the target (see docs/eva
 
 Every mean comes with a 95 % interval: a cluster bootstrap over the pairs' sources
 (:meth:`EvalResult.intervals`, :mod:`pyface.eval.stats`; the JSON's ``ci95`` and ``clusters``).
+
+Several processes (``pyface eval`` under torchrun, :mod:`pyface.eval.distributed`): each
+evaluates whole source groups (``evaluate(shard=(rank, world))``, :func:`shard_groups`) with the
+chunks and seeds of one process, and :func:`merge_results` joins their results into the
+one-process result (per-pair values equal; fps the aggregate throughput, :data:`FPS_AGGREGATION`).
 """
 from __future__ import annotations
 
