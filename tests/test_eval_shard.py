@@ -260,3 +260,32 @@ def test_torchrun_a_rank_that_fails_stops_every_rank(root, tmp_path):
     assert ("pyface eval: the same evaluation of copy-source failed on another rank, so every "
             "rank stops (rank 1 of 2: RuntimeError: generate failed on purpose)\n") in proc.stderr
     assert proc.stdout.count("copy-source on ") == 0 and not (tmp_path / "x.json").exists()
+
+
+def test_pack_sends_only_a_shards_rows(root):
+    """What a rank sends to rank 0 holds its own rows only (a fraction of the per-pair arrays,
+    fid / kid's 2048 features per pair included); unpacked, it merges as before."""
+    from pyface.eval.distributed import pack, unpack
+
+    kw = dict(protocol="same", metrics=("psnr", "ssim"), detector="none")
+    parts = [evaluate(CopySource(16), root, shard=(r, 2), **kw) for r in range(2)]
+    for p in parts:                                  # as if fid / kid had run
+        p.features = {k: np.where(p.evaluated[:, None], 1.0 + np.arange(len(p.indices))[:, None],
+                                  np.nan) * np.ones((1, 4)) for k in ("real", "fake")}
+    packed = [pack(p) for p in parts]
+    for p, q in zip(parts, packed):
+        n = int(p.evaluated.sum())
+        assert 0 < n < len(p.indices)
+        assert q.values["psnr"]["image"].shape == (n,) and q.features["real"].shape == (n, 4)
+        assert q.moving.shape == (n,) and p.values["psnr"]["image"].shape == (len(p.indices),)
+        u = unpack(q)
+        for m, regions in p.values.items():
+            for r, v in regions.items():
+                np.testing.assert_array_equal(u.values[m][r], v)
+        np.testing.assert_array_equal(u.moving, p.moving)
+        np.testing.assert_array_equal(u.features["fake"], p.features["fake"])
+    merged = merge_results([unpack(q) for q in packed])
+    np.testing.assert_array_equal(merged.features["real"][:, 0],
+                                  1.0 + np.arange(len(merged.indices)))
+    whole = evaluate(CopySource(16), root, **kw)
+    assert pack(whole) is whole and unpack(whole) is whole

@@ -93,7 +93,7 @@ class EvalGroup:
         rank failed, every rank raises as in :meth:`agree`."""
         from pyface.eval.evaluate import merge_results
 
-        payload = ("error", _describe(error)) if error is not None else ("ok", result)
+        payload = ("error", _describe(error)) if error is not None else ("ok", pack(result))
         parts = [None] * self.world if self.is_main else None
         dist.gather_object(payload, parts, dst=0)
         failures = merged = None
@@ -101,7 +101,7 @@ class EvalGroup:
             failures = [(r, p[1]) for r, p in enumerate(parts) if p[0] == "error"]
             if not failures:
                 try:                       # told to every rank, as a rank's own failure
-                    merged = merge_results([p[1] for p in parts])
+                    merged = merge_results([unpack(p[1]) for p in parts])
                 except ValueError as exc:
                     error = exc
                     failures = [(0, _describe(exc))]
@@ -115,3 +115,43 @@ class EvalGroup:
             raise error
         if failures:
             raise PeerFailed(failures, self.world, what)
+
+
+def pack(res):
+    """A shard's :class:`~pyface.eval.evaluate.EvalResult` with its per-pair arrays (values,
+    ``moving``, fid / kid features) cut to the rows it evaluated (``evaluated``), for sending;
+    :func:`unpack` restores them. A result of every pair (``evaluated`` None) is unchanged."""
+    import copy
+
+    if res is None or res.evaluated is None:
+        return res
+    ev = res.evaluated
+    out = copy.copy(res)
+    out.values = {m: {r: v[ev] for r, v in regions.items()} for m, regions in res.values.items()}
+    out.moving = res.moving[ev]
+    out.features = {k: v[ev] for k, v in res.features.items()}
+    return out
+
+
+def unpack(res):
+    """The inverse of :func:`pack`: the per-pair arrays at full length again (the rows of other
+    shards NaN, ``moving`` False there)."""
+    import copy
+
+    import numpy as np
+
+    if res is None or res.evaluated is None:
+        return res
+    ev = res.evaluated
+
+    def full(v):
+        out = np.full((len(ev),) + v.shape[1:], np.nan) if v.dtype.kind == "f" else \
+            np.zeros((len(ev),) + v.shape[1:], v.dtype)
+        out[ev] = v
+        return out
+
+    out = copy.copy(res)
+    out.values = {m: {r: full(v) for r, v in regions.items()} for m, regions in res.values.items()}
+    out.moving = full(res.moving)
+    out.features = {k: full(v) for k, v in res.features.items()}
+    return out
