@@ -142,28 +142,25 @@ def test_sheet_and_json_into_a_folder_and_the_table_matches_the_json(root, tmp_p
             assert fps == f"{r['fps']:.1f}"
 
 
-def test_under_torchrun_refused_before_any_work(root, tmp_path, monkeypatch, capsys):
-    """Launched by torchrun (WORLD_SIZE=2), every rank would evaluate every pair, print the table
-    and write the same --json file: rank 0 says once what to run instead, every rank exits with
-    code 2 before loading anything, and nothing is written."""
+def test_under_torchrun_argument_errors_come_before_the_process_group(root, tmp_path,
+                                                                      monkeypatch, capsys):
+    """Launched by torchrun (WORLD_SIZE=2) every rank checks the arguments before joining the
+    process group (the sharded evaluation itself: tests/test_eval_shard.py): a bad option is one
+    line on each rank, rank 1's prefixed with its rank, exit code 2, nothing written."""
     out = str(tmp_path / "r.json")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    for rank, said in (("0", True), ("1", False)):
+    for rank, prefix in (("0", ""), ("1", "[rank 1] ")):
         monkeypatch.setenv("RANK", rank)
-        assert main(["eval", "copy-source", "--data", root, *BASE, "--json", out]) == 2
+        assert main(["eval", "copy-source", "--data", root, *BASE, "--json", out,
+                     "--max-pairs", "0"]) == 2
         cap = capsys.readouterr()
         assert cap.out == "" and not os.path.exists(out), (rank, cap.out)
-        if said:
-            assert cap.err == (
-                "pyface eval: runs as one process, not under torchrun (WORLD_SIZE=2: every rank "
-                "would run all of it and write the same files); run the same pyface eval command "
-                "without torchrun (--workers N loads the pairs in N processes)\n")
-        else:
-            assert cap.err == "", cap.err
+        assert cap.err == (f"{prefix}pyface eval: --max-pairs: expected an integer >= 1 or none, "
+                           "got 0\n")
     monkeypatch.setenv("WORLD_SIZE", "1")        # torchrun with one process: an ordinary run
     monkeypatch.setenv("RANK", "0")
     assert main(["eval", "copy-source", "--data", root, *BASE, "--json", out]) == 0
-    assert os.path.isfile(out)
+    assert os.path.isfile(out) and json.load(open(out))["world_size"] == 1
 
 
 def test_another_models_checkpoint_names_the_option_it_came_from(root, tmp_path, capsys):

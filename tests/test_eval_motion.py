@@ -399,3 +399,25 @@ def test_runs_table_with_a_detector(root, tmp_path, monkeypatch, capsys):
     assert rep["detector"] == "oracle" and rep["jitter"]["output_landmarks"] == "detector"
     # the targets were detected once for both baselines
     assert det.calls == 2 * 9 + 9
+
+
+def test_sharded_detector_metrics_equal_one_process(root, monkeypatch):
+    """akd, aed / apd (fitted per source group) and the detector's jitter (of the outputs and of
+    the targets) from 2 shards joined by merge_results are exactly one process's."""
+    from pyface.eval.evaluate import merge_results
+
+    monkeypatch.setattr(mo, "FIT_STEPS", 30)
+    det = OracleDetector(root, offset=(0.5, -0.25))
+    kw = dict(protocol="same", metrics=["psnr", "akd", "aed", "apd", "jitter"], detector=det,
+              batch_size=3)
+    one = evaluate(CopyDriving(RES), root, **kw)
+    merged = merge_results([evaluate(CopyDriving(RES), root, shard=(r, 2), **kw)
+                            for r in range(2)])
+    for m, regions in one.values.items():
+        assert sorted(regions) == sorted(merged.values[m])
+        for r, v in regions.items():
+            np.testing.assert_array_equal(merged.values[m][r], v, err_msg=f"{m} {r}")
+    assert np.isfinite(one.values["aed"]["gt"]).all()
+    assert one.jitter["target"] and merged.jitter == one.jitter
+    assert merged.to_dict()["jitter"] == one.to_dict()["jitter"]
+    assert merged.to_dict()["subsets"] == one.to_dict()["subsets"]

@@ -9,7 +9,9 @@
 * :mod:`pyface.eval.motion`: akd, aed / apd (pyface's 3DMM fit) and aed_id (ArcFace identity
   distance); :mod:`pyface.eval.landmarks`: the landmark detector interface and pyface's MediaPipe
   detector (the ``prepare`` extra);
-* :mod:`pyface.eval.cli`: the command, its JSON report, tables and PNG sheets.
+* :mod:`pyface.eval.cli`: the command, its JSON report, tables and PNG sheets;
+  :mod:`pyface.eval.distributed`: the command under torchrun (the ranks share the pairs,
+  :func:`pyface.eval.evaluate.merge_results` joins their results on rank 0).
 """
 import importlib as _importlib
 
@@ -22,7 +24,8 @@ _LAZY = {"evaluate": "pyface.eval.evaluate", "CopySource": "pyface.eval.evaluate
          "data_kind": "pyface.eval.evaluate", "akd": "pyface.eval.motion",
          "aed": "pyface.eval.motion", "apd": "pyface.eval.motion",
          "identity_distance": "pyface.eval.motion", "get_detector": "pyface.eval.landmarks",
-         "MediaPipeDetector": "pyface.eval.landmarks"}
+         "MediaPipeDetector": "pyface.eval.landmarks",
+         "merge_results": "pyface.eval.evaluate", "shard_groups": "pyface.eval.evaluate"}
 
 
 def __getattr__(name: str):

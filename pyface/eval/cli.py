@@ -25,9 +25,14 @@ def add_parser(subparsers) -> None:
                     "frame's) on the same-identity and/or cross-identity reenactment pairs of a "
                     "pyface dataset, or several runs with --runs NAME=RUN ... and the baselines "
                     "(see docs/eval.md). Prints a table and the 95 % intervals of its means (a "
-                    "cluster bootstrap over the pairs' sources); writes JSON and PNG sheets.",
+                    "cluster bootstrap over the pairs' sources); writes JSON and PNG sheets. "
+                    "Under torchrun the ranks share the pairs (whole sources each) and rank 0 "
+                    "prints and writes the one report.",
         epilog="example: pyface eval copy-source --data data/test --json copy-source.json; "
-               "pyface eval mmfa --checkpoint runs/mmfa --data data/test")
+               "pyface eval mmfa --checkpoint runs/mmfa --data data/test; on 8 GPUs: "
+               "torchrun --nproc_per_node=8 -m pyface eval mmfa --checkpoint runs/mmfa --data "
+               "data/test --json mmfa.json (fps: the frames of all ranks over the slowest "
+               "rank's seconds; docs/eval.md)")
     p.add_argument("model", nargs="?", default=None,
                    help="registered model name, or copy-source / warp-baseline (not with --runs)")
     p.add_argument("--checkpoint", default=None, help="run folder or checkpoint folder (models)")
@@ -69,7 +74,8 @@ def add_parser(subparsers) -> None:
                    help="write a PNG sheet here (a folder: FOLDER/MODEL.png)")
     p.add_argument("--sheet-rows", type=int, default=6,
                    help="rows of the sheet per protocol (default 6; 0: no sheet)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available; "
+                   "under torchrun cuda means cuda:LOCAL_RANK on each rank)")
     p.add_argument("--max-pairs", type=int, default=None,
                    help="evaluate at most N pairs per protocol, spread evenly over the set "
                         "(default: all)")
@@ -498,34 +504,50 @@ def protocols_of(protocol: str, data: str) -> tuple[str, ...]:
 
 
 def evaluate_report(name: str, pipeline, args, *, metrics, networks, checkpoint=None,
-                    detector="auto", cache=None, results: dict | None = None):
+                    detector="auto", cache=None, results: dict | None = None, group=None):
     """Evaluates ``pipeline`` on every requested protocol -> (report dict, sheet dicts);
-    ``results``: a dict that receives ``{protocol: EvalResult}`` (the per-pair values)."""
+    ``results``: a dict that receives ``{protocol: EvalResult}`` (the per-pair values).
+    ``group`` (:class:`pyface.eval.distributed.EvalGroup`, under torchrun): each rank evaluates
+    its shard and rank 0 gets the merged results; the other ranks return ``(None, [])``."""
     import datetime
     import os
 
     from pyface.eval.evaluate import evaluate
 
     protocols = protocols_of(args.protocol, args.data)
+    main = group is None or group.is_main
+    merged = {}
+    for proto in protocols:
+        kwargs = dict(protocol=proto, subset=args.subset, metrics=metrics,
+                      batch_size=args.batch_size, max_pairs=args.max_pairs,
+                      sheet_rows=args.sheet_rows, workers=args.workers,
+                      progress=not args.quiet and main, networks=networks, detector=detector,
+                      cache=cache, seed=args.seed)
+        if group is None:
+            merged[proto] = evaluate(pipeline, args.data, **kwargs)
+            continue
+        res = err = None
+        try:
+            res = evaluate(pipeline, args.data, shard=(group.rank, group.world), **kwargs)
+        except Exception as exc:  # noqa: BLE001 - told to every rank, then re-raised here
+            err = exc
+        merged[proto] = group.gather(res, err, f"the {proto} evaluation of {name}")
+    if not main:
+        return None, []
     device = getattr(pipeline, "device", None) or "cpu"
     report = {"model": name,
               "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
               "data": os.path.abspath(args.data), "data_hash": data_hash(args.data),
               "device": device_name(device), "resolution": int(pipeline.resolution),
               "batch_size": args.batch_size, "max_pairs": args.max_pairs, "subset": args.subset,
-              "seed": args.seed,
+              "seed": args.seed, "world_size": 1 if group is None else group.world,
               "compile": getattr(pipeline, "compile_mode", "off"),
               "compiled_modules": list(getattr(pipeline, "compiled_modules", ())),
               "metrics": metrics, "moving": _moving_thresholds(args.data),
               "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "versions": versions(), "protocols": {}}
     sheets = []
-    for proto in protocols:
-        res = evaluate(pipeline, args.data, protocol=proto, subset=args.subset, metrics=metrics,
-                       batch_size=args.batch_size, max_pairs=args.max_pairs,
-                       sheet_rows=args.sheet_rows, workers=args.workers,
-                       progress=not args.quiet, networks=networks, detector=detector,
-                       cache=cache, seed=args.seed)
+    for proto, res in merged.items():
         report["protocols"][proto] = res.to_dict()
         sheets.append(res.sheet)
         if results is not None:
@@ -632,84 +654,148 @@ def check_args(args) -> None:
 
 
 def run(args) -> int:
-    from pyface.data.format import DataError
-    from pyface.eval.weights import parse_weights
-    from pyface.train.cli import resolve_device
-    from pyface.train.distributed import refuse_under_torchrun
+    """``pyface eval``; under torchrun (``WORLD_SIZE`` > 1) every rank checks the arguments
+    before the process group starts, evaluates its shard of the pairs, and rank 0 prints and
+    writes the one report (:mod:`pyface.eval.distributed`)."""
+    from pyface.eval.distributed import EvalGroup, rank_prefix, world_size
 
-    refused = refuse_under_torchrun(
-        "pyface eval", "run the same pyface eval command without torchrun (--workers N loads "
-        "the pairs in N processes)")
-    if refused is not None:
-        return refused
+    pre = rank_prefix()
+    checked = _check_command(args, pre)
+    if isinstance(checked, int):
+        return checked
+    device = checked
+    group = None
+    if world_size() > 1:
+        try:
+            group = EvalGroup.start("auto" if args.device is None else device)
+        except (RuntimeError, ValueError) as exc:
+            print(f"{pre}pyface eval: {exc}", file=sys.stderr)
+            return 2
+        device = str(group.device)
+    try:
+        return _run(args, device, group)
+    finally:
+        if group is not None:
+            group.close()
+
+
+def _check_command(args, pre: str):
+    """The checks of ``run`` before any model or network loads (every rank makes them alike
+    under torchrun) -> the device, or the exit code after printing why."""
+    from pyface.eval.distributed import world_size
+    from pyface.train.cli import resolve_device
+
     try:
         device = resolve_device(args.device)
         check_args(args)
+        if world_size() > 1 and args.device is not None:
+            import torch
+
+            dev = torch.device(args.device)
+            if dev.type == "cuda" and dev.index is not None:
+                raise ValueError(f"--device: under torchrun each rank takes cuda:LOCAL_RANK; "
+                                 f"expected cuda (or cpu, or none), got {args.device!r}")
     except ValueError as exc:
-        print(f"pyface eval: {exc}", file=sys.stderr)
+        print(f"{pre}pyface eval: {exc}", file=sys.stderr)
         return 2
     if args.runs is not None:
         if args.model is not None or args.checkpoint or args.json or args.sheet:
-            print("pyface eval: --runs takes no MODEL, --checkpoint, --json or --sheet (it "
+            print(f"{pre}pyface eval: --runs takes no MODEL, --checkpoint, --json or --sheet (it "
                   "writes --out DIR)", file=sys.stderr)
             return 2
     elif args.model is None:
-        print("pyface eval: expected MODEL (or --runs MODEL=RUN ...)", file=sys.stderr)
+        print(f"{pre}pyface eval: expected MODEL (or --runs MODEL=RUN ...)", file=sys.stderr)
         return 2
     elif args.checkpoint and args.model in BASELINES:
-        print(f"pyface eval: --checkpoint: {args.model} is a baseline and takes none (to "
+        print(f"{pre}pyface eval: --checkpoint: {args.model} is a baseline and takes none (to "
               "evaluate a run: pyface eval MODEL --checkpoint RUN)", file=sys.stderr)
         return 2
     elif args.compile is not None and args.model in BASELINES:
-        print(f"pyface eval: --compile: {args.model} is a baseline, with no modules to compile "
-              "(--compile applies to a model: pyface eval MODEL --checkpoint RUN --compile)",
-              file=sys.stderr)
+        print(f"{pre}pyface eval: --compile: {args.model} is a baseline, with no modules to "
+              "compile (--compile applies to a model: pyface eval MODEL --checkpoint RUN "
+              "--compile)", file=sys.stderr)
         return 2
     elif args.resolution is not None and args.model not in BASELINES:
-        print("pyface eval: --resolution applies to the baselines only (a model evaluates at its "
-              "output resolution)", file=sys.stderr)
+        print(f"{pre}pyface eval: --resolution applies to the baselines only (a model evaluates "
+              "at its output resolution)", file=sys.stderr)
         return 2
     from pyface.train.registry import import_plugins, model_class
 
     try:            # a plugin (--import); an unknown or broken model before the metrics load
         import_plugins(args.imports)
     except (ValueError, ImportError) as exc:
-        print(f"pyface eval: {exc}", file=sys.stderr)
+        print(f"{pre}pyface eval: {exc}", file=sys.stderr)
         return 2
     try:
         if args.model is not None and args.model not in BASELINES:
             model_class(args.model)
     except (ValueError, KeyError) as exc:     # ValueError: ModelDefinitionError too
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"pyface eval: {msg}", file=sys.stderr)
+        print(f"{pre}pyface eval: {msg}", file=sys.stderr)
         return 1
+    return device
+
+
+def _setup(group, what: str, fn):
+    """``fn()``; under torchrun the ranks then agree that it worked on every one
+    (:meth:`pyface.eval.distributed.EvalGroup.agree`), so that a rank that failed to load its
+    model does not leave the others waiting."""
+    if group is None:
+        return fn()
+    out = err = None
+    try:
+        out = fn()
+    except Exception as exc:  # noqa: BLE001 - told to every rank, then re-raised here
+        err = exc
+    group.agree(err, what)
+    return out
+
+
+def _run(args, device, group) -> int:
+    from pyface.data.format import DataError
+    from pyface.eval.distributed import PeerFailed, rank_prefix
+    from pyface.eval.weights import parse_weights
+
+    pre = rank_prefix()
+    main = group is None or group.is_main
     detector = None
     try:
         from pyface.eval.evaluate import DETECTOR_METRICS, load_networks
         from pyface.eval.landmarks import MissingDetectorError, get_detector
 
-        metrics = _metrics(args)
-        networks = load_networks(metrics, parse_weights(args.weights), device=device)
-        needs = [m for m in metrics if m in DETECTOR_METRICS]
-        if needs or "jitter" in metrics:    # started once, shared by every evaluation
-            detector = get_detector(args.detector, required_by=needs)
+        def networks_and_detector():
+            metrics = _metrics(args)
+            networks = load_networks(metrics, parse_weights(args.weights), device=device)
+            needs = [m for m in metrics if m in DETECTOR_METRICS]
+            det = None
+            if needs or "jitter" in metrics:    # started once, shared by every evaluation
+                det = get_detector(args.detector, required_by=needs)
+            return metrics, networks, det
+
+        metrics, networks, detector = _setup(group, "loading the metrics", networks_and_detector)
         if args.runs is not None:
-            return _run_many(args, metrics, networks, device, detector)
-        pipeline = load_pipeline(args.model, args.checkpoint, device=device, ema=not args.no_ema,
-                                 resolution=args.resolution, data=args.data,
-                                 compile=args.compile)
+            return _run_many(args, metrics, networks, device, detector, group)
+        pipeline = _setup(group, f"loading {args.model}", lambda: load_pipeline(
+            args.model, args.checkpoint, device=device, ema=not args.no_ema,
+            resolution=args.resolution, data=args.data, compile=args.compile))
         report, sheets = evaluate_report(args.model, pipeline, args, metrics=metrics,
                                          networks=networks, checkpoint=args.checkpoint,
-                                         detector=detector or "none")
+                                         detector=detector or "none", group=group)
+    except PeerFailed as e:
+        if main:
+            print(f"pyface eval: {e}", file=sys.stderr)
+        return 1
     except (DataError, ValueError, NotImplementedError, RuntimeError, FileNotFoundError,
             MissingDetectorError) as e:
-        print(f"pyface eval: {e}", file=sys.stderr)
+        print(f"{pre}pyface eval: {e}", file=sys.stderr)
         return 1
     finally:
         if detector is not None and hasattr(detector, "close"):
             detector.close()
+    if not main:
+        return 0
     print(f"{args.model} on {args.data} (data hash {report['data_hash']}, "
-          f"{report['resolution']} px, {report['device']})")
+          f"{report['resolution']} px, {report['device']}{_ranks(report)})")
     print(format_table(report))
     if format_compile(report):
         print(format_compile(report))
@@ -725,40 +811,59 @@ def run(args) -> int:
     return 0
 
 
-def _run_many(args, metrics, networks, device, detector=None) -> int:
+def _ranks(report: dict) -> str:
+    """``", 2 ranks (fps: ...)"`` for a report of several processes, else ``""``."""
+    world = report.get("world_size", 1)
+    if world <= 1:
+        return ""
+    return (f"; {world} ranks under torchrun, fps = frames of all ranks / generation seconds of "
+            "the slowest")
+
+
+def _run_many(args, metrics, networks, device, detector=None, group=None) -> int:
     """--runs: every run and the baselines at each model's resolution (``NAME@RES`` rows
     when the models' resolutions differ). The baselines are evaluated first (they are fast), and
     the table and report.json are rewritten after every evaluation, runs first in the given
-    order, so an interrupted evaluation leaves the finished rows."""
+    order, so an interrupted evaluation leaves the finished rows. Under torchrun (``group``)
+    every rank evaluates its shard of each and rank 0 alone prints and writes."""
     import os
 
+    main = group is None or group.is_main
     runs = parse_runs(args.runs)
     out = args.out or "eval"
-    pipelines = {name: load_pipeline(name, path, device=device, ema=not args.no_ema,
-                                     option=f"--runs {name}=", compile=args.compile)
-                 for name, path in runs.items()}
-    resolutions = sorted({int(p.resolution) for p in pipelines.values()}) or \
-        [args.resolution or _data_resolution(args.data)]
-    if args.resolution is not None and pipelines:
-        resolutions = [args.resolution]
-    for b in BASELINES:
-        for r in resolutions:
-            label = b if len(resolutions) == 1 else f"{b}@{r}"
-            pipelines[label] = load_pipeline(b, None, device=device, resolution=r)
+
+    def load_all():
+        pipelines = {name: load_pipeline(name, path, device=device, ema=not args.no_ema,
+                                         option=f"--runs {name}=", compile=args.compile)
+                     for name, path in runs.items()}
+        resolutions = sorted({int(p.resolution) for p in pipelines.values()}) or \
+            [args.resolution or _data_resolution(args.data)]
+        if args.resolution is not None and pipelines:
+            resolutions = [args.resolution]
+        for b in BASELINES:
+            for r in resolutions:
+                label = b if len(resolutions) == 1 else f"{b}@{r}"
+                pipelines[label] = load_pipeline(b, None, device=device, resolution=r)
+        return pipelines
+
+    pipelines = _setup(group, "loading the runs", load_all)
     reports, cache = {}, {}        # cache: the targets' detections and fits, computed once
     results: dict = {}             # per-pair values, for the paired differences
     order = list(pipelines)
+    table = diff = ""
     for label in order[len(runs):] + order[:len(runs)]:
         pipe = pipelines[label]
         results[label] = {}
         rep, sheets = evaluate_report(label, pipe, args, metrics=metrics, networks=networks,
                                       checkpoint=runs.get(label), detector=detector or "none",
-                                      cache=cache, results=results[label])
+                                      cache=cache, results=results[label], group=group)
+        if not main:
+            continue
         reports[label] = rep
         _write_json(rep, os.path.join(out, f"{label}.json"))
         if args.sheet_rows:
             _write_sheet(sheets, os.path.join(out, f"{label}.png"))
-        print(f"{label} ({rep['resolution']} px, {rep['device']})")
+        print(f"{label} ({rep['resolution']} px, {rep['device']}{_ranks(rep)})")
         print(format_table(rep))
         if format_compile(rep):
             print(format_compile(rep))
@@ -768,6 +873,8 @@ def _run_many(args, metrics, networks, device, detector=None) -> int:
         done = [k for k in order if k in reports]
         table, diff = _write_table({k: reports[k] for k in done}, metrics, out,
                                    {k: results[k] for k in done} if order[0] in reports else None)
+    if not main:
+        return 0
     print(table)
     if diff:
         print("\n" + diff)

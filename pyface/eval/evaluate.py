@@ -45,6 +45,11 @@ detections, so the detector runs on both the output and the target (see docs/eva
 
 Every mean comes with a 95 % interval: a cluster bootstrap over the pairs' sources
 (:meth:`EvalResult.intervals`, :mod:`pyface.eval.stats`; the JSON's ``ci95`` and ``clusters``).
+
+Several processes (``pyface eval`` under torchrun, :mod:`pyface.eval.distributed`): each
+evaluates whole source groups (``evaluate(shard=(rank, world))``, :func:`shard_groups`) with the
+chunks and seeds of one process, and :func:`merge_results` joins their results into the
+one-process result (per-pair values equal; fps the aggregate throughput, :data:`FPS_AGGREGATION`).
 """
 from __future__ import annotations
 
@@ -141,15 +146,27 @@ class EvalResult:
     seed: int | None = None                          # the evaluation's seed (None: unseeded)
     # (n,) int: the source (cluster) of each pair, for the bootstrap intervals (cluster_key)
     clusters: np.ndarray | None = None
+    # (n,) bool: the pairs this result evaluated (evaluate(shard=...): those of its source
+    # groups; None: every pair); merge_results joins the parts of all shards
+    evaluated: np.ndarray | None = None
+    sheet_pairs: list[int] = field(default_factory=list)   # the pair index of each sheet row
+    # merged shards (merge_results): per rank {"rank", "pairs", "sources", "frames", "seconds",
+    # "compile_frames", "compile_seconds", "fps"}; None for one process
+    ranks: list[dict] | None = None
+
+    @property
+    def world_size(self) -> int:
+        """The processes whose shards this result joins (1 for one process)."""
+        return len(self.ranks) if self.ranks else 1
 
     @property
     def fps(self) -> float:
         """Frames per second of the chunks that compiled nothing (all the chunks when every
-        one compiled: then :attr:`fps_includes_compilation`)."""
-        if self.fps_includes_compilation:
-            return self.frames / self.seconds if self.seconds > 0 else math.nan
-        seconds = self.seconds - self.compile_seconds
-        return (self.frames - self.compile_frames) / seconds if seconds > 0 else math.nan
+        one compiled: then :attr:`fps_includes_compilation`). Of merged shards
+        (:func:`merge_results`): the aggregate throughput, those frames of every rank over the
+        seconds of the rank that spent longest (:data:`FPS_AGGREGATION`)."""
+        return _fps(self.frames, self.seconds, self.compile_frames, self.compile_seconds,
+                    self.fps_includes_compilation, self.ranks)
 
     @property
     def fps_includes_compilation(self) -> bool:
@@ -233,6 +250,11 @@ class EvalResult:
                 "pairs": len(self.indices), "sources": self.sources,
                 "fps": _json_float(self.fps), "frames": self.frames,
                 "seconds": round(self.seconds, 4),
+                **({"fps_aggregation": FPS_AGGREGATION,
+                    "ranks": [{k: (_json_float(v) if k == "fps" else
+                                   round(v, 4) if isinstance(v, float) else v)
+                               for k, v in r.items()} for r in self.ranks]}
+                   if self.ranks else {}),
                 **({"compile_chunks": self.compile_chunks,
                     "compile_seconds": round(self.compile_seconds, 4),
                     "fps_includes_compilation": self.fps_includes_compilation}
@@ -249,6 +271,28 @@ class EvalResult:
 #: How the intervals of :meth:`EvalResult.intervals` are made (reported as ``"bootstrap"``).
 BOOTSTRAP = {"method": "cluster bootstrap over sources, percentile interval",
              "level": S.LEVEL, "resamples": S.RESAMPLES, "seed": S.SEED}
+
+
+#: How :attr:`EvalResult.fps` joins the ranks of a sharded evaluation (the JSON's
+#: ``fps_aggregation``).
+FPS_AGGREGATION = ("frames of all ranks / generation seconds of the slowest rank (compiling "
+                   "chunks left out as in one process); per-rank fps in 'ranks'")
+
+
+def _fps(frames, seconds, compile_frames, compile_seconds, includes_compilation,
+         ranks=None) -> float:
+    """:attr:`EvalResult.fps` (``ranks``: the per-rank counts of merged shards)."""
+    if ranks:
+        if includes_compilation:
+            num, den = frames, max(r["seconds"] for r in ranks)
+        else:
+            num = frames - compile_frames
+            den = max(r["seconds"] - r["compile_seconds"] for r in ranks)
+        return num / den if den > 0 else math.nan
+    if includes_compilation:
+        return frames / seconds if seconds > 0 else math.nan
+    seconds = seconds - compile_seconds
+    return (frames - compile_frames) / seconds if seconds > 0 else math.nan
 
 
 def _json_float(x: float):
@@ -309,6 +353,139 @@ def _groups(data, indices: list[int]) -> list[list[int]]:
             last = key
         out[-1].append(i)
     return out
+
+
+def shard_groups(sizes, world: int) -> list[int]:
+    """The rank of each source group when ``world`` processes share an evaluation (``sizes``:
+    the groups' pair counts, in group order): the largest groups first (ties: in group order),
+    each to the rank with the fewest pairs so far (ties: the lowest rank), so the ranks' pair
+    counts differ by at most one group's. Deterministic: every rank computes the same list."""
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"world: expected an int >= 1, got {world!r}")
+    sizes = [int(n) for n in sizes]
+    load = [0] * world
+    owner = [0] * len(sizes)
+    for g in sorted(range(len(sizes)), key=lambda g: (-sizes[g], g)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owner[g] = r
+        load[r] += sizes[g]
+    return owner
+
+
+def merge_results(parts) -> EvalResult:
+    """The :class:`EvalResult` of one process from the results of the shards of one evaluation
+    (:func:`evaluate` with ``shard=(rank, world)`` for every rank, in rank order), as
+    ``pyface eval`` under torchrun joins them on rank 0.
+
+    Each pair's row comes from the one part that evaluated it (``evaluated``; a part without it
+    evaluated every pair): a pair evaluated by two parts or by none is a ValueError, as are
+    parts of different evaluations (protocol, pairs, seed, ...). Per-pair values, ``moving``
+    and the fid / kid features are taken row by row, so they equal one process's; the jitter
+    triples and the sheet rows are put back in the order of one process (by source group and
+    pair), so their means equal one process's too. Counts (frames, seconds, sources, compiled
+    chunks) are summed, ``memory_peak_mb`` is the largest rank's, and ``ranks`` keeps each
+    part's counts and fps; :attr:`EvalResult.fps` is then the aggregate throughput
+    (:data:`FPS_AGGREGATION`)."""
+    parts = list(parts)
+    if not parts or not all(isinstance(p, EvalResult) for p in parts):
+        raise ValueError(f"merge_results: expected a list of 1 or more EvalResult, got "
+                         f"{[type(p).__name__ for p in parts]}")
+    first = parts[0]
+    n = len(first.indices)
+    for k, p in enumerate(parts):
+        if p.ranks is not None:
+            raise ValueError(f"merge_results: part {k} is itself merged ({p.world_size} ranks); "
+                             "expected the results of evaluate(shard=...)")
+        for attr in ("protocol", "subset", "resolution", "indices", "seed", "ground_truth",
+                     "set_metrics", "controls"):
+            if getattr(p, attr) != getattr(first, attr):
+                raise ValueError(f"merge_results: part {k}'s {attr} ({getattr(p, attr)!r}) "
+                                 f"differs from part 0's ({getattr(first, attr)!r}): not "
+                                 "shards of one evaluation")
+        if list(p.values) != list(first.values):
+            raise ValueError(f"merge_results: part {k}'s metrics ({list(p.values)}) differ from "
+                             f"part 0's ({list(first.values)}): not shards of one evaluation")
+        if (p.evaluated is not None and np.shape(p.evaluated) != (n,)):
+            raise ValueError(f"merge_results: part {k}'s evaluated: expected shape ({n},), "
+                             f"got {np.shape(p.evaluated)}")
+    owner = np.full(n, -1)
+    for k, p in enumerate(parts):
+        ev = np.ones(n, bool) if p.evaluated is None else np.asarray(p.evaluated, bool)
+        both = ev & (owner >= 0)
+        if both.any():
+            j = int(np.flatnonzero(both)[0])
+            raise ValueError(f"merge_results: pair {first.indices[j]} was evaluated by part "
+                             f"{owner[j]} and by part {k} ({int(both.sum())} pair(s) overlap): "
+                             "the shards overlap")
+        owner[ev] = k
+    if (owner < 0).any():
+        miss = np.flatnonzero(owner < 0)
+        raise ValueError(f"merge_results: {len(miss)} of {n} pair(s) evaluated by no part "
+                         f"(first: pair {first.indices[int(miss[0])]}): a shard is missing")
+    rows = [owner == k for k in range(len(parts))]
+
+    def take(get):
+        out = None
+        for k, p in enumerate(parts):
+            v = get(p)
+            if v is None:                  # a region this part's chunks did not produce
+                continue
+            if out is None:
+                out = np.full_like(v, np.nan) if v.dtype.kind == "f" else np.zeros_like(v)
+            out[rows[k]] = v[rows[k]]
+        return out
+
+    # a metric's regions appear with the chunks that produce them (a rank without chunks has
+    # none): those of any part, in order of appearance
+    regions = {m: list(dict.fromkeys(r for p in parts for r in p.values[m])) for m in first.values}
+    res = EvalResult(first.protocol, first.subset, first.resolution, list(first.indices),
+                     take(lambda p: p.moving),
+                     {m: {r: take(lambda p, m=m, r=r: p.values[m].get(r)) for r in rs}
+                      for m, rs in regions.items()},
+                     set_metrics=first.set_metrics, ground_truth=first.ground_truth,
+                     detector=first.detector, controls=dict(first.controls), seed=first.seed,
+                     clusters=None if first.clusters is None else np.array(first.clusters))
+    res.features = {k: take(lambda p, k=k: p.features[k]) for k in first.features}
+    res.has_moving = all(p.has_moving for p in parts)
+    for attr in ("frames", "seconds", "compile_chunks", "compile_frames", "compile_seconds",
+                 "source_seconds", "sources"):
+        setattr(res, attr, sum(getattr(p, attr) for p in parts))
+    peaks = [p.memory_peak_mb for p in parts if p.memory_peak_mb is not None]
+    res.memory_peak_mb = max(peaks) if peaks else None
+    if first.jitter is not None:
+        res.jitter = _merge_jitter([p.jitter for p in parts])
+    pairs = [i for p in parts for i in p.sheet_pairs]
+    if pairs:
+        order = sorted(range(len(pairs)), key=pairs.__getitem__)
+        res.sheet = {k: torch.cat([p.sheet[k] for p in parts if p.sheet_pairs])[order]
+                     for k in ("source", "driving", "target", "prediction")}
+        res.sheet_pairs = [pairs[j] for j in order]
+    if len(parts) > 1:
+        res.ranks = [{"rank": k, "pairs": int(rows[k].sum()), "sources": p.sources,
+                      "frames": p.frames, "seconds": float(p.seconds),
+                      "compile_frames": p.compile_frames,
+                      "compile_seconds": float(p.compile_seconds), "fps": p.fps,
+                      "memory_peak_mb": p.memory_peak_mb}
+                     for k, p in enumerate(parts)]
+    return res
+
+
+def _merge_jitter(parts: list[dict]) -> dict:
+    """The jitter lists of :func:`merge_results`: every part's triples, ordered by source group
+    as one process adds them; the output's None when a part's is (a source whose pipeline
+    implies no landmarks) or when no part had output landmarks (``kind``)."""
+    group = [g for j in parts for g in j["group"]]
+    order = sorted(range(len(group)), key=group.__getitem__)      # stable: a group's order kept
+
+    def cat(key):
+        if any(j.get(key) is None for j in parts):
+            return None
+        v = [x for j in parts for x in j[key]]
+        return [v[i] for i in order]
+
+    kind = next((j["kind"] for j in parts if j["kind"] is not None), None)
+    return {"driving": cat("driving"), "output": cat("output") if kind is not None else None,
+            "kind": kind, "target": cat("target"), "group": [group[i] for i in order]}
 
 
 def to_pipeline_frame(frame: dict, device) -> dict:
@@ -417,7 +594,8 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
              sheet_rows: int = 8, workers: int = 0, progress: bool = False,
              networks: dict | None = None, weights: dict | None = None,
              detector="auto", ground_truth: bool | None = None,
-             cache: dict | None = None, seed: int | None = 0) -> EvalResult:
+             cache: dict | None = None, seed: int | None = 0,
+             shard: tuple[int, int] | None = None) -> EvalResult:
     """Evaluates ``pipeline`` (see the module docstring) on reenactment pairs.
 
     Args:
@@ -449,6 +627,12 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
             index is ``i`` (the caller's random state is restored afterwards), and a pipeline's
             ``seed_frames`` is told the frames' seed (see the module docstring); None: no
             seeding (the pipeline draws from the caller's random state).
+        shard: ``(rank, world)``: evaluate only the source groups :func:`shard_groups` gives
+            ``rank`` of ``world`` processes (``pyface eval`` under torchrun). The result keeps
+            every pair's row (``indices``, ``clusters``) with the other shards' rows unfilled
+            and ``evaluated`` marking its own; :func:`merge_results` joins the ranks' results
+            into the one-process result. Chunks and seeds are those of one process, so each
+            pair's values do not depend on the split. None: every pair.
     """
     import contextlib
     import os
@@ -465,6 +649,12 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
         raise ValueError(f"subset: expected one of {SUBSETS}, got {subset!r}")
     if int(batch_size) <= 0:
         raise ValueError(f"batch_size: expected > 0, got {batch_size}")
+    if shard is not None:
+        ok = (isinstance(shard, tuple) and len(shard) == 2
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in shard))
+        if not ok or not 0 <= shard[0] < shard[1]:
+            raise ValueError(f"shard: expected (rank, world) with 0 <= rank < world, got "
+                             f"{shard!r}")
     metrics = [M.check_name(n) for n in metrics]
     mets = [M.get(n) for n in metrics if n in M.METRICS]
     resolution = int(getattr(pipeline, "resolution"))
@@ -490,12 +680,15 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
     if not indices:
         raise ValueError(f"data: no {pair_protocol}-identity pairs in subset {subset!r}")
     groups = _groups(data, indices)
+    sheet_pick = {g[len(g) // 2] for g in groups[:sheet_rows]}   # of all shards' groups
+    if shard is not None:
+        owner = shard_groups([len(g) for g in groups], shard[1])
+        groups = [g for g, r in zip(groups, owner) if r == shard[0]]
     chunks = [g[s:s + batch_size] for g in groups for s in range(0, len(g), batch_size)]
     first_of_group = {g[0] for g in groups}
     # pair -> (its group's first pair, its position in the group): the frame a chunk starts at
     group_start = {i: (g[0], k) for g in groups for k, i in enumerate(g)}
     seed_frames = getattr(pipeline, "seed_frames", None)
-    sheet_pick = {g[len(g) // 2] for g in groups[:sheet_rows]}
     loader = DataLoader(data, batch_sampler=chunks, num_workers=workers)
     cache = {} if cache is None else cache
     det_key = None if det is None else (data_key, pair_protocol, subset, resolution,
@@ -521,19 +714,26 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
     controls = dict(getattr(pipeline, "protocol_controls", lambda p: {})(pair_protocol) or {})
     res.controls = controls
     res.clusters = S.cluster_ids(cluster_key(data, i) for i in indices)
+    if shard is not None:
+        res.evaluated = np.zeros(len(indices), bool)
+        res.evaluated[[pos[i] for g in groups for i in g]] = True
     if set_metrics:
         from pyface.eval.fid import FEATURE_DIM
         res.features = {k: np.full((len(indices), FEATURE_DIM), np.nan) for k in ("real", "fake")}
     if want_jitter:
+        # "group": per triple, the first pair index of its source group (merge_results
+        # puts the shards' triples back in one process's order)
         res.jitter = {"driving": [], "output": [], "kind": None,
-                      "target": [] if det is not None else None}
+                      "target": [] if det is not None else None, "group": []}
     seq: dict = {}
     fits: dict = {}
     sheet = {k: [] for k in ("source", "driving", "target", "prediction")}
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(indices), unit="pair", desc=f"pyface eval {protocol}")
+        bar = tqdm(total=sum(len(g) for g in groups), unit="pair",
+                   desc=f"pyface eval {protocol}" + (f" (rank {shard[0]} of {shard[1]})"
+                                                     if shard is not None else ""))
     state = None
     own_detector = det is not None and isinstance(detector, str)     # started here: closed here
     if device.type == "cuda":
@@ -553,7 +753,8 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
                 if chunk[0] in first_of_group:
                     if want_jitter:
                         _close_sequence(res, seq)
-                        seq = {"driving": [], "output": [], "frame": [], "target": []}
+                        seq = {"driving": [], "output": [], "frame": [], "target": [],
+                               "group": int(chunk[0])}
                     if {"aed", "apd"} & set(metrics):
                         _close_fits(res, fits, cache, det, det_key)
                         fits = {"rows": [], "keys": [], "pred": [], "target": [], "gt": []}
@@ -658,6 +859,7 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
                 res.has_moving = False
             for j, i in enumerate(chunk):
                 if i in sheet_pick:
+                    res.sheet_pairs.append(int(i))
                     sheet["source"].append(batch["source"]["image"][j])
                     sheet["driving"].append(batch["driving"]["image"][j])
                     sheet["target"].append(batch["target"]["image"][j])
@@ -676,8 +878,8 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
             bar.close()
         if own_detector and hasattr(det, "close"):
             det.close()
-    if want_jitter and res.jitter["kind"] is None:
-        res.jitter["output"] = None                      # neither detected nor implied
+    if want_jitter and res.jitter["kind"] is None and shard is None:
+        res.jitter["output"] = None    # neither detected nor implied (shards: merge_results)
     if sheet["prediction"]:
         size = tuple(sheet["prediction"][0].shape[-2:])
         res.sheet = {k: torch.stack(v).float() if k == "prediction"
@@ -804,6 +1006,7 @@ def _close_sequence(res: EvalResult, seq: dict) -> None:
     else:
         ok = torch.ones(drv.shape[0] - 2, dtype=torch.bool)
     res.jitter["driving"].extend(M.second_differences(drv)[ok].tolist())
+    res.jitter["group"].extend([seq["group"]] * int(ok.sum()))
     if res.jitter["output"] is not None:
         if any(o is None for o in seq["output"]):
             res.jitter["output"] = None                  # the pipeline implies no landmarks

@@ -49,7 +49,7 @@ def dist_timeout() -> float:
 
 def refuse_under_torchrun(command: str, instead: str) -> int | None:
     """For a command that has no distributed code and writes files or measures (``pyface
-    eval``, ``animate``, ``invert``, ``convert``, ``bench``, ``pyface data synth`` / ``prepare``
+    animate``, ``invert``, ``convert``, ``bench``, ``pyface data synth`` / ``prepare``
     / ``index`` / ``bench`` / ``cache --build``, ``python -m pyface.bench.train`` but for
     ``--overlap``): None on one process; launched by torchrun (``WORLD_SIZE`` > 1), exit code 2,
     before any work, with one line on rank 0 (``[rank N] `` prefixed copies would only repeat
