@@ -896,6 +896,46 @@ def test_prepare_killed_then_resumed_equals_one_run(prepared, tmp_path):
 
 
 @needs_prepare
+def test_prepare_two_shards_at_once_equal_one_run(prepared, tmp_path):
+    """Shards 0, 1 and 2 of 5 started at the same time into one --out (three processes): the
+    first two prepare one video each, the third none; none writes index.json; `pyface data
+    index` then gives the dataset one run writes, with the same bytes."""
+    import subprocess
+    import sys
+
+    from pyface.cli import plural
+    from pyface.data.prepare import prepare, shard_of
+
+    inp = _two_inputs(prepared, str(tmp_path / "in"))
+    assert (shard_of("a", 5), shard_of("b", 5)) == (0, 1)      # one video each, shard 2 none
+    out = str(tmp_path / "out")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fmt.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    fast = ["--fit-steps", "10", "--no-photometric", "--quiet"]
+    jobs = [subprocess.Popen([sys.executable, "-m", "pyface.cli", "data", "prepare", inp, "--out",
+                              out, "--shard", f"{k}/5", *fast], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for k in range(3)]
+    for k, j in enumerate(jobs):
+        stdout, stderr = j.communicate(timeout=600)
+        assert j.returncode == 0, stderr[-2000:]
+        m = int(k < 2)
+        assert f"shard {k}/5: {m} of 2 videos: prepared {plural(m, 'video')}" in stdout, stdout
+        assert f"pyface data index {out}" in stdout.splitlines()[-1], stdout
+    assert sorted(os.listdir(out)) == ["a", "b"]                # no index.json, no leftovers
+    assert fmt.write_index(out) and fmt.check_dataset(out)[1] == []
+    ref = str(tmp_path / "ref")
+    prepare([inp], PrepareConfig(out=ref, **_FAST))
+    assert fmt.load_index(ref) == fmt.load_index(out)
+    for name in ("a", "b"):
+        for f in (fmt.COEFFS, fmt.LANDMARKS, "mesh.npy", fmt.LABELS):
+            a, b = os.path.join(ref, name, f), os.path.join(out, name, f)
+            assert open(a, "rb").read() == open(b, "rb").read(), (name, f)
+        for f in os.listdir(os.path.join(ref, name, fmt.FRAME_DIR)):
+            a, b = (os.path.join(d, name, fmt.FRAME_DIR, f) for d in (ref, out))
+            assert open(a, "rb").read() == open(b, "rb").read(), (name, f)
+
+
+@needs_prepare
 def test_prepare_again_interrupted_while_replacing(prepared, tmp_path, monkeypatch):
     """Preparing a finished video again and being stopped while the old copy is deleted never
     leaves a folder that looks finished but lacks files: --resume then gives a complete set."""
