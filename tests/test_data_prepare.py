@@ -384,8 +384,10 @@ def test_prepare_shards_together_equal_one_run(tmp_path, monkeypatch, capsys):
         if k < 2:
             assert os.path.isdir(os.path.join(out, f".{by_shard[2][0]}.partial"))
     assert not [e for e in os.listdir(out) if e.endswith(".partial")]   # shard 2 cleaned its own
-    s = P.prepare([str(inp)], PrepareConfig(out=out, resume=True, shard=(1, n), progress=False))
+    s = P.prepare([str(inp)], PrepareConfig(out=out, resume=True, shard=(1, n)))
     assert s["skipped_finished"] == by_shard[1] and s["videos"] == 0
+    m = len(by_shard[1])
+    assert f"shard 1/{n}: {m} of 8 videos ({m} finished)" in capsys.readouterr().out
     assert (s["shard_videos"], s["total_videos"]) == (len(by_shard[1]), 8)
     assert main(["data", "index", out]) == 0
     assert main(["data", "check", out]) == 0
