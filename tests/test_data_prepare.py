@@ -279,6 +279,149 @@ def test_prepare_cli_interrupted(tmp_path, monkeypatch, capsys):
     assert "interrupted" in err and "--resume" in err and "Traceback" not in err
 
 
+def test_shard_argument_and_selection(monkeypatch):
+    """--shard K/N and auto (a SLURM array): bad values name --shard, the expected form and the
+    value; the shard of a video is a fixed function of its name (the same in every process and
+    release: a changed hash would move videos between the shards of a running job)."""
+    from pyface.data.prepare import parse_shard, shard_of
+
+    assert parse_shard("0/4") == (0, 4) and parse_shard(" 3/4") == (3, 4)
+    assert parse_shard("0/1") == (0, 1)
+    for bad in ("4/4", "5/4", "-1/4", "1/0", "0/0", "1", "a/b", "1/2/3", "", "auto2"):
+        with pytest.raises(ValueError, match=r"^shard: expected K/N with 0 <= K < N \(e\.g\. 0/4\)"
+                                             r", or auto .*got '" + bad + "'$"):
+            parse_shard(bad)
+    slurm = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "1",
+             "SLURM_ARRAY_TASK_MAX": "8", "SLURM_ARRAY_TASK_COUNT": "8"}
+    assert parse_shard("auto", slurm) == (4, 8)
+    with pytest.raises(ValueError, match="SLURM_ARRAY_TASK_COUNT not set"):
+        parse_shard("auto", {k: v for k, v in slurm.items() if k != "SLURM_ARRAY_TASK_COUNT"})
+    with pytest.raises(ValueError, match="consecutive task ids.*ids 1..8 with 4 tasks"):
+        parse_shard("auto", dict(slurm, SLURM_ARRAY_TASK_COUNT="4"))      # --array=1-8:2
+    with pytest.raises(ValueError, match="integer SLURM_ARRAY_TASK_"):
+        parse_shard("auto", dict(slurm, SLURM_ARRAY_TASK_ID="x"))
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
+    for k in ("MIN", "MAX", "COUNT"):
+        monkeypatch.setenv(f"SLURM_ARRAY_TASK_{k}", {"MIN": "0", "MAX": "2", "COUNT": "3"}[k])
+    assert parse_shard("auto") == (0, 3)                                  # os.environ
+    with pytest.raises(ValueError, match=r"shard: expected \(K, N\) with 0 <= K < N, got \(2, 2\)"):
+        PrepareConfig(out="x", shard=(2, 2))
+    with pytest.raises(ValueError, match="shard: expected"):
+        PrepareConfig(out="x", shard=(True, 2))
+    assert [shard_of(n, 4) for n in ("a", "b", "clip", "id00012_v0003", "é")] == [2, 2, 3, 1, 3]
+    names = [f"id{i:05d}" for i in range(400)]
+    counts = np.bincount([shard_of(n, 4) for n in names], minlength=4)
+    assert counts.sum() == 400 and counts.min() >= 75, counts     # every name in one shard
+
+
+def _fake_prepare_video(template):
+    """A prepare_video that writes a copy of the synthetic video folder ``template`` the way the
+    real one writes a video (hidden folder, then renamed), recording the source and options."""
+    import shutil
+
+    import pyface.data.prepare as P
+
+    def fake(src, cfg, progress=None):
+        tmp = os.path.join(cfg.out, f".{src.name}.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(template, tmp)
+        meta = json.load(open(os.path.join(tmp, fmt.META)))
+        meta.update(identity=src.name, source=os.path.abspath(src.path), options=P.options(cfg))
+        fmt._dump(os.path.join(tmp, fmt.META), meta)
+        final = os.path.join(cfg.out, src.name)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return {"name": src.name, "frames": meta["num_frames"], "source_frames": 2, "no_face": 0,
+                "seconds": 0.0, "jitter_px": {"before": 0.0, "after": 0.0}, "timing_s": {},
+                "warnings": []}
+    return fake
+
+
+def _tree(root, name):
+    d = os.path.join(root, name)
+    return {os.path.relpath(os.path.join(w, f), d): open(os.path.join(w, f), "rb").read()
+            for w, _, fs in os.walk(d) for f in fs}
+
+
+def test_prepare_shards_together_equal_one_run(tmp_path, monkeypatch, capsys):
+    """N shards into one --out (the detector replaced by a copy of a synthetic video, so no
+    extra is needed): each prepares the videos of its shard only, under the names one run gives
+    (clashing stems included), writes no index.json, leaves another shard's unfinished folder
+    alone; --resume reruns a shard; `pyface data index` then gives one run's dataset."""
+    import pyface.data.prepare as P
+    from pyface.cli import main
+    from pyface.data.synthetic import SynthConfig, generate
+
+    synth = str(tmp_path / "synth")
+    generate(synth, SynthConfig(identities=1, videos_per_identity=1, frames=2, resolution=32,
+                                cross=False, workers=1), progress=False)
+    monkeypatch.setattr(P, "require_backends", lambda: None)
+    monkeypatch.setattr(P, "prepare_video",
+                        _fake_prepare_video(os.path.join(synth, fmt.video_names(synth)[0])))
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for f in ("a.mp4", "b.mp4", "c.png", "d.png", "e.mov", "e.mp4", "f.jpg", "g.mp4"):
+        (inp / f).write_bytes(b"")
+    names = [s.name for s in collect_sources([str(inp)])]
+    assert len(names) == 8 and "e_2" in names
+    ref = str(tmp_path / "ref")
+    assert main(["data", "prepare", str(inp), "--out", ref, "--quiet"]) == 0
+    capsys.readouterr()
+
+    out, n = str(tmp_path / "out"), 3
+    by_shard = [sorted(x for x in names if P.shard_of(x, n) == k) for k in range(n)]
+    assert all(by_shard), by_shard                  # each shard has work: the test means it
+    os.makedirs(os.path.join(out, f".{by_shard[2][0]}.partial"))   # shard 2 is writing it
+    for k in range(n):
+        assert main(["data", "prepare", str(inp), "--out", out, "--shard", f"{k}/{n}",
+                     "--quiet"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert f"{out}: shard {k}/{n}: {len(by_shard[k])} of 8 videos: prepared " \
+               f"{len(by_shard[k])} video" in lines[-2]
+        assert lines[-1].endswith(f"run: pyface data index {out}")
+        assert sorted(fmt.video_names(out)) == sorted(sum(by_shard[:k + 1], []))
+        assert not os.path.exists(os.path.join(out, fmt.INDEX))
+        if k < 2:
+            assert os.path.isdir(os.path.join(out, f".{by_shard[2][0]}.partial"))
+    assert not [e for e in os.listdir(out) if e.endswith(".partial")]   # shard 2 cleaned its own
+    s = P.prepare([str(inp)], PrepareConfig(out=out, resume=True, shard=(1, n)))
+    assert s["skipped_finished"] == by_shard[1] and s["videos"] == 0
+    m = len(by_shard[1])
+    assert f"shard 1/{n}: {m} of 8 videos ({m} finished)" in capsys.readouterr().out
+    assert (s["shard_videos"], s["total_videos"]) == (len(by_shard[1]), 8)
+    assert main(["data", "index", out]) == 0
+    assert main(["data", "check", out]) == 0
+    assert fmt.load_index(out) == fmt.load_index(ref)
+    for name in names:
+        assert _tree(out, name) == _tree(ref, name), name
+    assert sorted(os.listdir(out)) == sorted(os.listdir(ref))
+
+
+def test_prepare_cli_shard_errors_and_interrupt(tmp_path, monkeypatch, capsys):
+    import pyface.data.prepare as P
+    from pyface.cli import main
+
+    assert main(["data", "prepare", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--shard", "2/2"]) == 1
+    err = capsys.readouterr().err
+    assert "ERROR --shard: expected K/N with 0 <= K < N (e.g. 0/4), or auto" in err
+    assert "got '2/2'" in err
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    assert main(["data", "prepare", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--shard", "auto"]) == 1
+    assert "ERROR --shard: auto reads a SLURM job array's" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")
+
+    def interrupted(inputs, cfg):
+        assert cfg.shard == (1, 2)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(P, "prepare", interrupted)
+    assert main(["data", "prepare", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--shard", "1/2"]) == 130
+    err = capsys.readouterr().err
+    assert "shard 1/2" in err and "--resume" in err and "pyface data index" in err
+
+
 def _stderr_is_null() -> bool:
     st, null = os.fstat(2), os.stat(os.devnull)
     return (st.st_dev, st.st_ino) == (null.st_dev, null.st_ino)
@@ -752,6 +895,46 @@ def test_prepare_killed_then_resumed_equals_one_run(prepared, tmp_path):
         for f in os.listdir(os.path.join(ref, name, fmt.FRAME_DIR)):
             a, b = (os.path.join(d, name, fmt.FRAME_DIR, f) for d in (ref, out))
             assert open(a, "rb").read() == open(b, "rb").read(), (name, f)
+
+
+@needs_prepare
+def test_prepare_two_shards_at_once_equal_one_run(prepared, tmp_path):
+    """Shards 0, 1 and 2 of 5 started at the same time into one --out (three processes): the
+    first two prepare one video each, the third none; none writes index.json; `pyface data
+    index` then gives the dataset one run writes, with the same bytes."""
+    import subprocess
+    import sys
+
+    from pyface.cli import plural
+    from pyface.data.prepare import prepare, shard_of
+
+    inp = _two_inputs(prepared, str(tmp_path / "in"))
+    assert (shard_of("a", 5), shard_of("b", 5)) == (0, 1)      # one video each, shard 2 none
+    out = str(tmp_path / "out")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fmt.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    fast = ["--fit-steps", "10", "--no-photometric", "--quiet"]
+    jobs = [subprocess.Popen([sys.executable, "-m", "pyface.cli", "data", "prepare", inp, "--out",
+                              out, "--shard", f"{k}/5", *fast], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for k in range(3)]
+    for k, j in enumerate(jobs):
+        stdout, stderr = j.communicate(timeout=600)
+        assert j.returncode == 0, stderr[-2000:]
+        m = int(k < 2)
+        assert f"shard {k}/5: {m} of 2 videos: prepared {plural(m, 'video')}" in stdout, stdout
+        assert f"pyface data index {out}" in stdout.splitlines()[-1], stdout
+    assert sorted(os.listdir(out)) == ["a", "b"]                # no index.json, no leftovers
+    assert fmt.write_index(out) and fmt.check_dataset(out)[1] == []
+    ref = str(tmp_path / "ref")
+    prepare([inp], PrepareConfig(out=ref, **_FAST))
+    assert fmt.load_index(ref) == fmt.load_index(out)
+    for name in ("a", "b"):             # every file; meta.json but for the run's timings
+        mine, theirs = _tree(out, name), _tree(ref, name)
+        assert sorted(mine) == sorted(theirs) and len(mine) >= 8, sorted(mine)   # b: 1 frame
+        metas = [json.loads(t.pop(fmt.META)) for t in (mine, theirs)]
+        for m in metas:
+            del m["seconds"], m["timing_s"]
+        assert metas[0] == metas[1] and mine == theirs, name
 
 
 @needs_prepare

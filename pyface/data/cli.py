@@ -115,6 +115,13 @@ def add_parser(subparsers) -> None:
                         "(needs --matting-weights)")
     q.add_argument("--matting-weights", default=None, metavar="PATH",
                    help="MODNet weights file (e.g. modnet_photographic_portrait_matting.ckpt)")
+    q.add_argument("--shard", default=None, metavar="K/N",
+                   help="prepare only shard K of N (0 <= K < N) of the videos, chosen by a hash "
+                        "of each video's name, under the same names as one run; N jobs given the "
+                        "same inputs and options can write into one --out at once (other "
+                        "machines, SLURM array tasks). A shard does not write index.json: run "
+                        "pyface data index OUT once all shards finished. auto: a SLURM array "
+                        "task's SLURM_ARRAY_TASK_ID / _COUNT (docs/data.md)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_prepare)
 
@@ -346,7 +353,7 @@ def _prepare(args) -> int:
     import warnings
 
     from pyface.data.format import DataError
-    from pyface.data.prepare import CLI_OPTIONS, PrepareConfig, prepare
+    from pyface.data.prepare import CLI_OPTIONS, PrepareConfig, parse_shard, prepare, shard_line
     from pyface.train.distributed import refuse_under_torchrun
 
     refused = refuse_under_torchrun(
@@ -356,13 +363,15 @@ def _prepare(args) -> int:
         return refused
 
     try:
+        shard = None if args.shard is None else parse_shard(args.shard)
         cfg = PrepareConfig(out=args.out, crop=args.crop, resolution=args.resolution,
                             workers=args.workers, skip_bad=args.skip_bad, resume=args.resume,
                             fit=not args.no_fit, fit_steps=args.fit_steps,
                             submission_offsets=args.submission_offsets, bfm=args.bfm,
                             appearance=not args.no_appearance,
                             photometric=not args.no_photometric, matting=args.matting,
-                            matting_weights=args.matting_weights, progress=not args.quiet)
+                            matting_weights=args.matting_weights, progress=not args.quiet,
+                            shard=shard)
     except ValueError as exc:   # name the command-line option, not the config field
         field, _, msg = str(exc).partition(": ")
         print(f"ERROR {CLI_OPTIONS.get(field, field)}: {msg}", file=sys.stderr)
@@ -383,6 +392,12 @@ def _prepare(args) -> int:
         print(f"ERROR {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        if shard is not None:
+            print(f"\ninterrupted: the finished videos of shard {shard[0]}/{shard[1]} in "
+                  f"{args.out} are kept; run the same command with --resume to prepare the rest "
+                  f"of the shard, and pyface data index {args.out} once all shards finished",
+                  file=sys.stderr)
+            return 130
         print(f"\ninterrupted: the finished videos in {args.out} are kept and indexed; run the "
               "same command with --resume to prepare the rest", file=sys.stderr)
         return 130
@@ -396,9 +411,14 @@ def _prepare(args) -> int:
         print(f"skipped: {b}")
     for m in s["ignored"]:
         print(f"ignored: {m}")
-    print(f"{args.out}: prepared {plural(s['videos'], 'video')}, {plural(s['frames'], 'frame')} "
+    where = args.out if shard is None else \
+        f"{args.out}: shard {shard_line(shard, s['shard_videos'], s['total_videos'])}"
+    print(f"{where}: prepared {plural(s['videos'], 'video')}, {plural(s['frames'], 'frame')} "
           f"in {s['seconds']:.1f} s ({s['fps']:.2f} frames/s); {len(s['bad'])} bad input(s) skipped"
           + (f", {len(s['ignored'])} folder entries ignored" if s["ignored"] else ""))
+    if shard is not None:
+        print(f"index.json not written (shared by the shards): once all {shard[1]} shards "
+              f"finished, run: pyface data index {args.out}")
     return 0
 
 

@@ -82,7 +82,7 @@ CLI_OPTIONS = {"out": "--out", "crop": "--crop", "resolution": "--resolution",
                "bfm": "--bfm", "appearance": "--no-appearance", "photometric": "--no-photometric",
                "matting": "--matting", "matting_weights": "--matting-weights",
                "submission_offsets": "--submission-offsets", "skip_bad": "--skip-bad",
-               "resume": "--resume"}
+               "resume": "--resume", "shard": "--shard"}
 
 
 class PrepareError(fmt.DataError):
@@ -110,8 +110,17 @@ class PrepareConfig:
     photometric: bool = True        # refine geometry and pose with the image (needs appearance)
     matting: str = "selfie"         # "selfie" (MediaPipe) or "modnet" (needs matting_weights)
     matting_weights: str | None = None   # MODNet weights file (e.g. the released .ckpt)
+    #: ``(K, N)``: prepare only the videos of shard K of N (:func:`shard_of`) and leave
+    #: ``index.json`` alone (``pyface data index`` once all shards finished); None: all videos
+    shard: tuple | None = None
 
     def __post_init__(self):
+        if self.shard is not None:
+            ok = isinstance(self.shard, (tuple, list)) and len(self.shard) == 2 and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in self.shard)
+            if not ok or not 0 <= self.shard[0] < self.shard[1]:
+                raise ValueError(f"shard: expected (K, N) with 0 <= K < N, got {self.shard!r}")
+            self.shard = (self.shard[0], self.shard[1])
         if self.crop not in CROPS:
             raise ValueError(f"crop: expected one of {CROPS}, got {self.crop!r}")
         if self.matting not in MATTING:
@@ -140,6 +149,50 @@ def options(cfg: PrepareConfig) -> dict:
         if d[k]:
             d[k] = os.path.abspath(d[k])
     return d
+
+
+SHARD_FORM = "K/N with 0 <= K < N (e.g. 0/4), or auto (a SLURM job array)"
+
+
+def parse_shard(text: str, environ=None) -> tuple[int, int]:
+    """``--shard``: ``"K/N"`` -> ``(K, N)``; ``"auto"`` reads a SLURM job array's
+    ``SLURM_ARRAY_TASK_ID``, ``_MIN``, ``_MAX`` and ``_COUNT`` (``environ``, default
+    ``os.environ``): K = id - min, N = count, for an array of consecutive ids (``--array=0-7`` or
+    ``1-8``). Raises ValueError (``"shard: ..."``) naming the expected form and the value."""
+    text = str(text).strip()
+    if text == "auto":
+        env = os.environ if environ is None else environ
+        names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX",
+                 "SLURM_ARRAY_TASK_COUNT")
+        missing = [v for v in names if v not in env]
+        if missing:
+            raise ValueError(f"shard: auto reads a SLURM job array's {', '.join(names)}; "
+                             f"{', '.join(missing)} not set (run it as an array task, e.g. "
+                             "sbatch --array=0-7, or pass --shard K/N)")
+        try:
+            tid, lo, hi, count = (int(env[v]) for v in names)
+        except ValueError:
+            raise ValueError("shard: auto: expected integer SLURM_ARRAY_TASK_* variables, got "
+                             + ", ".join(f"{v}={env[v]!r}" for v in names)) from None
+        if hi - lo + 1 != count or not lo <= tid <= hi:
+            raise ValueError(f"shard: auto needs an array of consecutive task ids (--array=0-7), "
+                             f"got ids {lo}..{hi} with {count} tasks (a step or a list); pass "
+                             "--shard K/N")
+        return tid - lo, count
+    m = re.fullmatch(r"([0-9]+)/([0-9]+)", text)
+    if not m or not int(m.group(1)) < int(m.group(2)):
+        raise ValueError(f"shard: expected {SHARD_FORM}, got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def shard_of(name: str, n: int) -> int:
+    """The shard (0..n-1) of the video named ``name`` (its output folder as the inputs name it):
+    the first 8 bytes of the SHA-256 of the UTF-8 name, big-endian, modulo ``n``. A function of
+    the name alone: the same in every process and on every machine, and adding inputs moves no
+    other video to another shard."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") % n
 
 
 @dataclass
@@ -1001,6 +1054,14 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
     are not read are warnings listed in ``ignored``. With ``resume``, finished videos of the same
     inputs are skipped; one prepared with other options (:data:`OUTPUT_OPTIONS`) is an error
     before any work.
+
+    With ``shard=(K, N)`` only the videos whose name (:func:`collect_sources`) falls in shard K
+    (:func:`shard_of`) are prepared, under the names one run of all the inputs gives them; the
+    index is not written (``index.json`` is shared: ``pyface data index`` writes it once all
+    shards finished) and only this shard's unfinished folders are cleaned up, so N jobs given
+    the same inputs and options can prepare into one ``out`` at the same time. The summary has
+    ``shard_videos`` (this shard's videos, finished ones included) and ``total_videos`` (of all
+    shards).
     """
     require_backends()
     if cfg.bfm and not os.path.isfile(cfg.bfm):
@@ -1036,8 +1097,15 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
         os.makedirs(cfg.out, exist_ok=True)
     except OSError as e:
         raise PrepareError(f"--out {cfg.out}: cannot create the output folder ({e})") from None
+    total = len(sources)
+    if cfg.shard is not None:   # chosen by the names the inputs give, before place_sources
+        k, n = cfg.shard        # (which every shard runs on all sources: the same names)
+        mine = [s for s in sources if shard_of(s.name, n) == k]
     for m in place_sources(sources, cfg.out):
-        warnings.warn(m, stacklevel=2)
+        if cfg.shard is None or any(m.startswith(f"{s.path}: ") for s in mine):
+            warnings.warn(m, stacklevel=2)
+    if cfg.shard is not None:
+        sources = mine
     todo, skipped = [], []
     for s in sources:
         if cfg.resume and os.path.isfile(os.path.join(cfg.out, s.name, fmt.META)):
@@ -1055,7 +1123,11 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
     vbar = fbar = None
     if cfg.progress:
         from tqdm import tqdm
-        vbar = tqdm(total=len(todo), unit="video", desc="videos", position=0)
+        if cfg.shard is not None:
+            tqdm.write(f"shard {shard_line(cfg.shard, len(sources), total)}"
+                       + (f" ({len(skipped)} finished)" if skipped else ""))
+        desc = "videos" if cfg.shard is None else f"shard {cfg.shard[0]}/{cfg.shard[1]} videos"
+        vbar = tqdm(total=len(todo), unit="video", desc=desc, position=0)
         fbar = tqdm(total=sum(count_frames(s) for s in todo) or None, unit="frame",
                     desc="frames (detection pass)", position=1)
 
@@ -1069,7 +1141,8 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
             for m in r.get("warnings", ()):     # said by the main process, once per video
                 warnings.warn(m, stacklevel=3)
             results.append(r)
-            fmt.write_index(cfg.out)
+            if cfg.shard is None:       # a shard leaves index.json to `pyface data index`
+                fmt.write_index(cfg.out)
         if vbar is not None:
             vbar.update(1)
 
@@ -1147,18 +1220,31 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
         for b in (vbar, fbar):
             if b is not None:
                 b.close()
-        _cleanup_partial(cfg.out)
-        if fmt.video_names(cfg.out):
-            fmt.write_index(cfg.out)
+        if cfg.shard is None:
+            _cleanup_partial(cfg.out)
+            if fmt.video_names(cfg.out):
+                fmt.write_index(cfg.out)
+        else:                   # the other shards' videos being written stay untouched
+            _cleanup_partial(cfg.out, [s.name for s in sources])
     seconds = time.perf_counter() - t0
     frames = sum(r["frames"] for r in results)
     return {"videos": len(results), "frames": frames, "skipped_finished": skipped, "bad": bad,
             "ignored": ignored, "seconds": round(seconds, 2),
             "fps": round(frames / seconds, 2) if seconds else 0.0,
-            "results": results, "config": asdict(cfg)}
+            "results": results, "config": asdict(cfg), "shard_videos": len(sources),
+            "total_videos": total}
 
 
-def _cleanup_partial(out):
+def shard_line(shard, videos: int, total: int) -> str:
+    """``"K/N: M of T videos"``."""
+    return f"{shard[0]}/{shard[1]}: {videos} of {plural(total, 'video')}"
+
+
+def _cleanup_partial(out, names=None):
+    """Deletes the hidden ``.<name>.partial`` folders of ``out`` (only those of ``names``, when
+    given) that an interrupted preparation left."""
+    own = None if names is None else \
+        {f".{n}{end}" for n in names for end in (".partial", ".replaced.partial")}
     for e in os.listdir(out):
-        if e.startswith(".") and e.endswith(".partial"):
+        if e.startswith(".") and e.endswith(".partial") and (own is None or e in own):
             shutil.rmtree(os.path.join(out, e), ignore_errors=True)
