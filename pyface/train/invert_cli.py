@@ -46,6 +46,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if "
                                                  "available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from pyface.train.animate_cli import add_compile_argument
+
+    add_compile_argument(p, "the time per step printed leaves out the steps during which a "
+                            "graph compiled (and says how long they took); gradients flow "
+                            "through the compiled modules to the latent", work="steps",
+                         again="the final render and --video's orbit, without gradients, "
+                               "compile again",
+                         result="The latent and the loss are those of the uncompiled "
+                                "generator")
     p.set_defaults(func=run_invert)
 
 
@@ -59,8 +68,11 @@ def run_invert(args) -> int:
         "pyface invert", "run the same pyface invert command without torchrun")
     if refused is not None:
         return refused
+    from pyface.train.animate_cli import parse_compile_option
+
     try:
         args.device = resolve_device(args.device)
+        args.compile = parse_compile_option(getattr(args, "compile", None))
     except ValueError as exc:
         print(f"pyface invert: {exc}", file=sys.stderr)
         return 2
