@@ -16,7 +16,9 @@ def add_parser(subparsers) -> None:
         "invert", help="project an image into a generator's latent space (EG3D: W / W+)",
         description="Project IMAGE, seen from --camera, into W or W+ of the EMA generator (L1 + "
                     "VGG perceptual loss when --vgg weights are given). Writes the latent "
-                    "(safetensors folder), the reconstruction PNG and optionally an orbit mp4.")
+                    "(safetensors folder), the reconstruction PNG and optionally an orbit mp4; "
+                    "prints the loss of the first and the last step and the time per step "
+                    "(with --compile, the steps during which a graph compiled apart).")
     p.add_argument("model", choices=sorted(INVERTERS),
                    help="model: " + ", ".join(sorted(INVERTERS)))
     p.add_argument("image", metavar="IMAGE", help="aligned portrait: an image file (a non-square one is "
