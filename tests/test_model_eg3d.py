@@ -1054,6 +1054,31 @@ def test_cli_invert_compiled_equals_uncompiled(tiny_run, tmp_path, capsys, monke
                      r"step: \d+\.\d ms each on cpu\n$", cout), cout
 
 
+@pytest.mark.parametrize("importance", [4, 0])
+def test_uniforms_drawn_before_synthesis_are_those_the_renderer_draws(importance):
+    """project and orbit_frames draw the renderer's ray samples before G.synthesis (so that a
+    renderer compiled by Inductor, which would draw others, renders the same samples): from the
+    same torch seed they are the numbers the renderer draws itself, so the uncompiled images do
+    not change, bit for bit."""
+    from pyface.models.eg3d.pipeline import render_uniforms_of
+
+    torch.manual_seed(0)
+    G = EG3DGenerator(tiny_cfg(render=RenderConfig.ffhq(
+        depth_resolution=6, depth_resolution_importance=importance))).eval()
+    ws = G.mapping(torch.randn(2, 16), G.camera([0.0, 0.3], 0.0))
+    c = G.camera([0.2, -0.1], 0.1)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        own = G.synthesis(ws, c)["image"]
+        torch.manual_seed(7)
+        kw = render_uniforms_of(G, 2, 8, ws)
+        drawn = G.synthesis(ws, c, **kw)["image"]
+        other = G.synthesis(ws, c, **render_uniforms_of(G, 2, 8, ws))["image"]
+    assert kw["stratified_noise"].shape == (2, 64, 6)
+    assert (kw["importance_u"] is None) == (importance == 0)
+    assert torch.equal(own, drawn) and not torch.equal(own, other)
+
+
 def test_invert_step_report_names_the_steps_that_compiled():
     from pyface.models.eg3d.cli import step_report
 

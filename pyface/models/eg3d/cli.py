@@ -285,7 +285,7 @@ def run_invert(args) -> int:
     from pyface.checkpoint import CheckpointError, save_weights
     from pyface.data.driving import read_source
     from pyface.data.format import DataError
-    from pyface.models.eg3d.pipeline import load_generator, project
+    from pyface.models.eg3d.pipeline import load_generator, project, render_uniforms_of
     from pyface.train.model import WrongModelError
 
     def fail(msg, code=1):
@@ -347,7 +347,9 @@ def run_invert(args) -> int:
                               pivot=tuple(G.cfg.avg_camera_pivot)).to(dev)
         with torch.no_grad():
             planes = G.backbone.planes(ws, noise_mode="const")
-            frames = torch.stack([G.synthesis(ws, labels[t:t + 1], planes=planes)["image"][0]
+            r = G.resolve_resolution(None)          # ray samples drawn outside --compile's graphs
+            frames = torch.stack([G.synthesis(ws, labels[t:t + 1], planes=planes,
+                                              **render_uniforms_of(G, 1, r, planes))["image"][0]
                                   for t in range(48)]).cpu()
     # every output is computed; each is written under a temporary name and renamed
     name = "latent/"

@@ -50,6 +50,22 @@ def load_generator(path: str, *, device="cpu", ema: bool = True) -> EG3DGenerato
     return G.to(device).eval()
 
 
+def render_uniforms_of(G: EG3DGenerator, batch: int, resolution: int, like: torch.Tensor
+                       ) -> dict:
+    """The ray-sample uniforms ``G``'s renderer would draw itself for ``batch`` renders of
+    ``resolution`` squared rays (``torch.rand`` from torch's generator: the same numbers, in the
+    same order, on ``like``'s device in the renderer's dtype), as ``G.synthesis`` keywords.
+    Drawn before the call, they stay out of a renderer compiled with ``torch.compile``, whose
+    Inductor backend would draw other numbers with its own generator."""
+    from pyface.ops.reference.render import render_uniforms
+
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    noise, u = render_uniforms(batch, resolution * resolution, G.cfg.render.depth_resolution,
+                               G.cfg.render.depth_resolution_importance,
+                               torch.empty(0, device=like.device, dtype=dtype))
+    return {"stratified_noise": noise, "importance_u": u}
+
+
 def seed_latents(seeds, z_dim: int) -> torch.Tensor:
     """EG3D-style per-seed latents: z = N(0, 1) from a generator seeded with the seed -> (S, z)."""
     return torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(int(s)))
@@ -91,12 +107,14 @@ def orbit_frames(G: EG3DGenerator, seeds, frames: int = 48, *, truncation_psi: f
     labels = cams.orbit_labels(frames, yaw_range, pitch_range, radius=G.cfg.avg_camera_radius,
                                pivot=tuple(G.cfg.avg_camera_pivot)).to(dev)
     planes = G.backbone.planes(ws, noise_mode="const")
+    r = G.resolve_resolution(None)
 
     def render():
         for t in range(frames):
             with torch.no_grad():
+                kw = render_uniforms_of(G, len(seeds), r, planes)
                 img = G.synthesis(ws, labels[t:t + 1].expand(len(seeds), -1),
-                                  planes=planes)["image"]
+                                  planes=planes, **kw)["image"]
             yield torch.cat(list(img.clamp(-1, 1)), dim=-1)
 
     return render()
@@ -156,11 +174,14 @@ def project(G: EG3DGenerator, image: torch.Tensor, camera: torch.Tensor, *, spac
     w = (w_mean if space == "w" else w_mean.repeat(1, n, 1)).clone().requires_grad_(True)
     opt = torch.optim.Adam([w], lr=lr, betas=(0.9, 0.999))
     losses, seconds, compiled_steps = [], [], []
+    r = G.resolve_resolution(neural_rendering_resolution)
     bar = tqdm(range(steps), disable=not progress, unit="step", desc=f"invert ({space})")
     for step in bar:
         graphs, t0 = compiled_graphs(), time.perf_counter()
         ws = w.expand(1, n, -1) if space == "w" else w
-        out = G.synthesis(ws, c, neural_rendering_resolution=neural_rendering_resolution)
+        # the renderer's ray samples, drawn as it would draw them (outside its compiled graph)
+        out = G.synthesis(ws, c, neural_rendering_resolution=neural_rendering_resolution,
+                          **render_uniforms_of(G, 1, r, w))
         loss = l1_weight * F.l1_loss(out["image"], target)
         if perceptual is not None:
             loss = loss + perceptual_weight * perceptual(out["image"], target)
@@ -174,7 +195,8 @@ def project(G: EG3DGenerator, image: torch.Tensor, camera: torch.Tensor, *, spac
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
     ws = (w.expand(1, n, -1) if space == "w" else w).detach()
     with torch.no_grad():
-        img = G.synthesis(ws, c, neural_rendering_resolution=neural_rendering_resolution)["image"]
+        img = G.synthesis(ws, c, neural_rendering_resolution=neural_rendering_resolution,
+                          **render_uniforms_of(G, 1, r, w))["image"]
     return ws, {"loss": losses, "image": img, "seconds": seconds,
                 "compiled_steps": compiled_steps}
 
