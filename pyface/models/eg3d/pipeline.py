@@ -56,13 +56,16 @@ def render_uniforms_of(G: EG3DGenerator, batch: int, resolution: int, like: torc
     ``resolution`` squared rays (``torch.rand`` from torch's generator: the same numbers, in the
     same order, on ``like``'s device in the renderer's dtype), as ``G.synthesis`` keywords.
     Drawn before the call, they stay out of a renderer compiled with ``torch.compile``, whose
-    Inductor backend would draw other numbers with its own generator."""
-    from pyface.ops.reference.render import render_uniforms
-
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    noise, u = render_uniforms(batch, resolution * resolution, G.cfg.render.depth_resolution,
-                               G.cfg.render.depth_resolution_importance,
-                               torch.empty(0, device=like.device, dtype=dtype))
+    Inductor backend would draw other numbers with its own generator. (The renderer draws the
+    stratified noise (B, R, depth_resolution), then the importance uniforms
+    (B, R, depth_resolution_importance), in float64 for float64 planes, else float32;
+    ``tests/test_model_eg3d.py`` checks the images equal those of its own draws.)"""
+    kw = {"device": like.device,
+          "dtype": torch.float64 if like.dtype == torch.float64 else torch.float32}
+    R, cfg = resolution * resolution, G.cfg.render
+    noise = torch.rand(batch, R, cfg.depth_resolution, **kw)
+    u = (torch.rand(batch, R, cfg.depth_resolution_importance, **kw)
+         if cfg.depth_resolution_importance > 0 else None)
     return {"stratified_noise": noise, "importance_u": u}
 
 
