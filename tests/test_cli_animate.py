@@ -845,10 +845,18 @@ def test_compile_mode_is_checked_before_the_model_loads(frames_dir, tmp_path, ca
     assert capsys.readouterr().err == (
         "pyface animate: --compile: expected one of off, default, reduce-overhead, max-autotune, "
         "max-autotune-no-cudagraphs, aot_eager, eager, got 'fast'\n")
+    # --seeds (the generator compiled without a pipeline) and pyface invert: the same check
     assert main(["animate", "eg3d", "--checkpoint", str(tmp_path / "none"), "--seeds", "0",
-                 "--out", str(tmp_path / "a.mp4"), "--compile"]) == 2
-    assert "--seeds renders with the generator itself and takes no --compile" in \
-        capsys.readouterr().err
+                 "--out", str(tmp_path / "a.mp4"), "--compile", "fast"]) == 2
+    assert capsys.readouterr().err == (
+        "pyface animate: --compile: expected one of off, default, reduce-overhead, max-autotune, "
+        "max-autotune-no-cudagraphs, aot_eager, eager, got 'fast'\n")
+    assert main(["invert", "eg3d", str(tmp_path / "face.png"), "--checkpoint",
+                 str(tmp_path / "none"), "--out", str(tmp_path / "inv"), "--compile",
+                 "Fast"]) == 2
+    assert capsys.readouterr().err == (
+        "pyface invert: --compile: expected one of off, default, reduce-overhead, max-autotune, "
+        "max-autotune-no-cudagraphs, aot_eager, eager, got 'Fast'\n")
     assert os.listdir(tmp_path) == []
 
 
@@ -920,3 +928,15 @@ def test_help_explains_compile(capsys):
     assert "--compile [MODE]" in text and "--compile alone means default (Inductor)" in text
     assert "first frames are slow while the modules compile" in text
     assert "needs a C++ compiler" in text
+    assert "--seeds" in text and "--truncation, --seed and --compile apply" in text
+
+
+def test_invert_help_explains_compile(capsys):
+    with pytest.raises(SystemExit):
+        main(["invert", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--compile [MODE]" in text and "--compile alone means default (Inductor)" in text
+    assert "first steps are slow while the modules compile" in text
+    assert "gradients flow through the compiled modules to the latent" in text
+    assert "The latent and the loss are those of the uncompiled generator to float rounding" \
+        in text

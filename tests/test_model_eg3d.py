@@ -986,3 +986,148 @@ def test_cli_animate_and_invert(tiny_run, tmp_path):
     assert t["ws"].shape[0] == 1 and (tmp_path / "inv" / "reconstruction.png").is_file()
     assert main(["invert", "eg3d", str(tmp_path / "src.png"), "--checkpoint", run,
                  "--camera", "1,2,3", "--out", str(tmp_path / "x")]) == 1
+
+
+# -- --compile: the generator compiled without a pipeline (pyface invert, animate --seeds) ----
+
+@pytest.fixture
+def fresh_dynamo():
+    """Compiles from scratch (graphs cached by another test would compile for dynamic shapes)
+    and leaves no compiled graph behind."""
+    from pyface.nn.compiling import reset_compiled
+
+    reset_compiled()
+    yield
+    reset_compiled()
+
+
+def _spy_generators(monkeypatch):
+    from pyface.models.eg3d import pipeline
+
+    loaded, load = [], pipeline.load_generator
+    monkeypatch.setattr(pipeline, "load_generator",
+                        lambda *a, **kw: (loaded.append(load(*a, **kw)), loaded[-1])[1])
+    return loaded
+
+
+def test_cli_invert_compiled_equals_uncompiled(tiny_run, tmp_path, capsys, monkeypatch,
+                                               fresh_dynamo):
+    """pyface invert --compile aot_eager compiles EG3DPipeline's modules of the generator and
+    optimises the latent through their forward and backward graphs: the latent and the losses
+    are those of the uncompiled inversion; the steps during which a graph compiled are reported
+    apart from the others."""
+    import re
+
+    from pyface.cli import main
+    from pyface.models.eg3d.pipeline import EG3DPipeline
+    from pyface.nn.compiling import is_compiled
+    from pyface.train.model import compiled_graphs
+    from pyface.train.monitor import save_png
+
+    run, _ = tiny_run
+    item = _Frames(2, 16)[0]
+    save_png(item["image"], str(tmp_path / "src.png"))
+    cam = ",".join(str(float(v)) for v in item["camera"])
+    loaded = _spy_generators(monkeypatch)
+    results = {}
+    for name, extra in (("plain", []), ("compiled", ["--compile", "aot_eager"])):
+        before = compiled_graphs()
+        assert main(["invert", "eg3d", str(tmp_path / "src.png"), "--checkpoint", run,
+                     "--camera", cam, "--steps", "2", "--lr", "0.05", "--no-progress",
+                     "--device", "cpu", "--out", str(tmp_path / name), *extra]) == 0
+        results[name] = (ckpt.load_weights(str(tmp_path / name / "latent")),
+                         capsys.readouterr().out, compiled_graphs() - before)
+    (plain, pmeta), pout, pgraphs = results["plain"]
+    (comp, cmeta), cout, cgraphs = results["compiled"]
+    assert pgraphs == 0 and cgraphs > 0
+    assert all(not is_compiled(loaded[0].get_submodule(n))
+               for n in EG3DPipeline.compile_modules)
+    assert all(is_compiled(loaded[1].get_submodule(n)) for n in EG3DPipeline.compile_modules)
+    torch.testing.assert_close(comp["ws"], plain["ws"])
+    torch.testing.assert_close(cmeta["config"]["final_loss"], pmeta["config"]["final_loss"])
+    first, last = map(float, re.search(r"loss (\S+) -> (\S+)\n", cout).groups())
+    assert last < first                         # the gradients reached the latent
+    assert re.search(r"\n  2 steps: \d+\.\d ms each on cpu\n$", pout), pout
+    # the forward and backward graphs compile in the first step; the second runs them
+    assert re.search(r"\n  --compile aot_eager: compiled backbone\.synthesis, renderer, "
+                     r"superresolution; compiled in \d+\.\d s over the first step; the other 1 "
+                     r"step: \d+\.\d ms each on cpu\n$", cout), cout
+
+
+@pytest.mark.parametrize("importance", [4, 0])
+def test_uniforms_drawn_before_synthesis_are_those_the_renderer_draws(importance):
+    """project and orbit_frames draw the renderer's ray samples before G.synthesis (so that a
+    renderer compiled by Inductor, which would draw others, renders the same samples): from the
+    same torch seed they are the numbers the renderer draws itself, so the uncompiled images do
+    not change, bit for bit."""
+    from pyface.models.eg3d.pipeline import render_uniforms_of
+
+    torch.manual_seed(0)
+    G = EG3DGenerator(tiny_cfg(render=RenderConfig.ffhq(
+        depth_resolution=6, depth_resolution_importance=importance))).eval()
+    ws = G.mapping(torch.randn(2, 16), G.camera([0.0, 0.3], 0.0))
+    c = G.camera([0.2, -0.1], 0.1)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        own = G.synthesis(ws, c)["image"]
+        torch.manual_seed(7)
+        kw = render_uniforms_of(G, 2, 8, ws)
+        drawn = G.synthesis(ws, c, **kw)["image"]
+        other = G.synthesis(ws, c, **render_uniforms_of(G, 2, 8, ws))["image"]
+    assert kw["stratified_noise"].shape == (2, 64, 6)
+    assert (kw["importance_u"] is None) == (importance == 0)
+    assert torch.equal(own, drawn) and not torch.equal(own, other)
+
+
+def test_invert_step_report_names_the_steps_that_compiled():
+    from pyface.models.eg3d.cli import step_report
+
+    names = ["renderer"]
+    assert step_report([0.5, 0.25], [], "cpu", None, []) == "2 steps: 375.0 ms each on cpu"
+    assert step_report([2.0, 0.01, 3.0, 0.03], [0, 2], "cpu", "eager", names) == (
+        "--compile eager: compiled renderer; compiled in 5.0 s over steps 1, 3; the other 2 "
+        "steps: 20.0 ms each on cpu")
+    assert step_report([2.0], [0], "cpu", "default", names) == (
+        "--compile default: compiled renderer; compiled in 2.0 s over the first step; every "
+        "step compiled, so there is no compiled step to time (more --steps)")
+    assert step_report([0.002], [], "cuda:0", "default", []) == (
+        "--compile default: compiled nothing (compiled already); no step compiled; 1 step: "
+        "2.0 ms each on cuda:0")
+
+
+def test_cli_animate_seeds_compiled_equals_uncompiled(tiny_run, tmp_path, capsys, monkeypatch,
+                                                      fresh_dynamo):
+    """pyface animate --seeds --compile aot_eager: the orbit frames of the uncompiled generator,
+    the compiled modules named, and the frames during which a graph compiled left out of the
+    frames per second."""
+    import re
+
+    from pyface.cli import main
+    from pyface.models.eg3d import cli
+    from pyface.models.eg3d.pipeline import EG3DPipeline
+    from pyface.nn.compiling import is_compiled
+
+    run, _ = tiny_run
+    loaded = _spy_generators(monkeypatch)
+    written = []
+    write = cli.write_video
+    monkeypatch.setattr(cli, "write_video",
+                        lambda frames, *a, **kw: (written.append(frames), write(frames, *a,
+                                                                                 **kw))[1])
+    outs = []
+    for extra in ([], ["--compile", "aot_eager"]):
+        assert main(["animate", "eg3d", "--checkpoint", run, "--seeds", "0-1", "--frames", "3",
+                     "--device", "cpu", "--no-progress", "--out", str(tmp_path / "o.mp4"),
+                     *extra]) == 0
+        outs.append(capsys.readouterr().out)
+    assert written[0].shape == (3, 3, 16, 32) and not torch.equal(written[0][0], written[0][1])
+    torch.testing.assert_close(written[1], written[0])
+    assert all(is_compiled(loaded[1].get_submodule(n)) for n in EG3DPipeline.compile_modules)
+    frames = (r"\n  3 frames of 2 seeds at 16x32; animate: \d+\.\d frames/s on cpu \(the seeds' "
+              r"mapping and tri-planes and video writing excluded\)\n")
+    assert re.fullmatch(f".*o\\.mp4{frames}", outs[0], re.S), outs[0]
+    m = re.fullmatch(f".*o\\.mp4{frames}  --compile aot_eager: compiled backbone\\.synthesis, "
+                     r"renderer, superresolution; the seeds' tri-planes compiled before the "
+                     r"frames \(\d+\.\d s\); (\d) frames? compiled \(\d+\.\d s with the "
+                     r"compilation\), left out of the frames per second\n", outs[1], re.S)
+    assert m and 1 <= int(m[1]) < 3, outs[1]

@@ -56,8 +56,9 @@ def add_parser(subparsers) -> None:
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
     a.add_argument("--seeds", default=None,
                    help="generators (eg3d): instead of a source, orbit videos of these latent "
-                        "seeds side by side, e.g. 0-3 (--frames, --fps, --truncation apply; "
-                        "--source, --driving, --stride and --batch are refused)")
+                        "seeds side by side, e.g. 0-3 (--frames, --fps, --truncation, --seed "
+                        "and --compile apply; --source, --driving, --stride, --batch, "
+                        "--camera and --control are refused)")
     a.add_argument("--truncation", type=float, default=0.7,
                    help="generators (eg3d), with --seeds: truncation psi (default 0.7)")
     a.add_argument("--camera", choices=CAMERA_MODES, default=None,
@@ -109,10 +110,14 @@ CAMERA_MODELS = ("eg3d", "example", "export3d", "goha", "goha_s1", "goha_s1_gan"
 OUT_EXTS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".gif")
 
 
-def add_compile_argument(parser, timing: str) -> None:
+def add_compile_argument(parser, timing: str, *, work: str = "frames",
+                         again: str = "a new batch size compiles again",
+                         result: str = "Frames are those of the uncompiled model") -> None:
     """``--compile [MODE]`` (``pyface animate``, ``pyface eval``, ``pyface invert``): the value
     is checked by :func:`parse_compile_option`. ``timing``: what the command's timing leaves
-    out, for the help."""
+    out; ``work``: what the command runs, in the plural (``frames``, ``steps``); ``again``:
+    what compiles again; ``result``: what equals the uncompiled model's to float rounding; for
+    the help."""
     from pyface.nn.compiling import COMPILE_CHOICES
 
     parser.add_argument(
@@ -120,11 +125,11 @@ def add_compile_argument(parser, timing: str) -> None:
         help="torch.compile the model's heavy modules (its pipeline's compile_modules, e.g. "
              "EG3D's synthesis network, renderer and super-resolution) before running: MODE one "
              f"of {', '.join(COMPILE_CHOICES)}; --compile alone means default (Inductor); "
-             "aot_eager and eager only capture graphs (debugging). The first frames are slow "
-             "while the modules compile (seconds to minutes), later frames run faster; a new "
-             f"batch size compiles again; {timing}. Frames are those of the uncompiled model "
-             "to float rounding. On CPU, Inductor needs a C++ compiler (g++ or clang++, or the "
-             "one named by CXX). Example: --compile (default: no compilation)")
+             f"aot_eager and eager only capture graphs (debugging). The first {work} are slow "
+             f"while the modules compile (seconds to minutes), later {work} run faster; {again}; "
+             f"{timing}. {result} to float rounding. On CPU, "
+             "Inductor needs a C++ compiler (g++ or clang++, or the one named by CXX). Example: "
+             "--compile (default: no compilation)")
 
 
 def parse_compile_option(value):
@@ -551,9 +556,6 @@ def run_animate(args) -> int:
         if given:
             return fail(f"--seeds renders latent seeds along EG3D's orbit and takes no "
                         f"{' or '.join(given)} (they steer a source's animation)", 2)
-        if args.compile is not None:
-            return fail("--seeds renders with the generator itself and takes no --compile "
-                        "(it compiles a model's pipeline: animate a --source with it)", 2)
         import importlib
 
         module, fn = SEED_ANIMATORS[args.model].split(":")

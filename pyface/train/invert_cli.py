@@ -16,7 +16,9 @@ def add_parser(subparsers) -> None:
         "invert", help="project an image into a generator's latent space (EG3D: W / W+)",
         description="Project IMAGE, seen from --camera, into W or W+ of the EMA generator (L1 + "
                     "VGG perceptual loss when --vgg weights are given). Writes the latent "
-                    "(safetensors folder), the reconstruction PNG and optionally an orbit mp4.")
+                    "(safetensors folder), the reconstruction PNG and optionally an orbit mp4; "
+                    "prints the loss of the first and the last step and the time per step "
+                    "(with --compile, the steps during which a graph compiled apart).")
     p.add_argument("model", choices=sorted(INVERTERS),
                    help="model: " + ", ".join(sorted(INVERTERS)))
     p.add_argument("image", metavar="IMAGE", help="aligned portrait: an image file (a non-square one is "
@@ -46,6 +48,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if "
                                                  "available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from pyface.train.animate_cli import add_compile_argument
+
+    add_compile_argument(p, "the time per step printed leaves out the steps during which a "
+                            "graph compiled (and says how long they took); gradients flow "
+                            "through the compiled modules to the latent", work="steps",
+                         again="the final render and --video's orbit, without gradients, "
+                               "compile again",
+                         result="The latent and the loss are those of the uncompiled "
+                                "generator")
     p.set_defaults(func=run_invert)
 
 
@@ -59,8 +70,11 @@ def run_invert(args) -> int:
         "pyface invert", "run the same pyface invert command without torchrun")
     if refused is not None:
         return refused
+    from pyface.train.animate_cli import parse_compile_option
+
     try:
         args.device = resolve_device(args.device)
+        args.compile = parse_compile_option(getattr(args, "compile", None))
     except ValueError as exc:
         print(f"pyface invert: {exc}", file=sys.stderr)
         return 2

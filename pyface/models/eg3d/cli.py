@@ -57,13 +57,67 @@ def write_video(frames, path: str, fps: int = 24) -> str:
     return path
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def compile_generator(G, mode) -> list[str]:
+    """``--compile MODE`` (a :data:`pyface.nn.compiling.COMPILE_CHOICES` value, or None: nothing)
+    on a generator run without a pipeline: compiles the modules :class:`EG3DPipeline` compiles
+    (its ``compile_modules``) in place and returns their names."""
+    from pyface.models.eg3d.pipeline import EG3DPipeline
+    from pyface.nn.compiling import compile_modules
+
+    return compile_modules(G, EG3DPipeline.compile_modules, mode) if mode else []
+
+
+def _steps_text(steps) -> str:
+    """0-based step indices -> ``the first 2 steps`` / ``steps 1, 5`` (1-based)."""
+    steps = list(steps)
+    if steps == list(range(len(steps))):
+        return "the first step" if len(steps) == 1 else f"the first {len(steps)} steps"
+    return ("step " if len(steps) == 1 else "steps ") + ", ".join(str(s + 1) for s in steps)
+
+
+def step_report(seconds, compiled_steps, device, mode, compiled) -> str:
+    """The timing line of ``pyface invert``: the mean time of a step, and with ``--compile``
+    (``mode``; ``compiled``: the modules compiled) the steps during which a graph compiled,
+    their time, left out of the mean."""
+    n = len(seconds)
+    if not mode:
+        mean = sum(seconds) / max(n, 1) * 1e3
+        return f"{_plural(n, 'step')}: {mean:.1f} ms each on {device}"
+    names = ", ".join(compiled) or "nothing (compiled already)"
+    slow = set(compiled_steps)
+    rest = [s for i, s in enumerate(seconds) if i not in slow]
+    text = f"--compile {mode}: compiled {names}; "
+    if slow:
+        text += (f"compiled in {sum(seconds[i] for i in slow):.1f} s over "
+                 f"{_steps_text(sorted(slow))}; ")
+    else:
+        text += "no step compiled; "
+    if rest:
+        mean = sum(rest) / len(rest) * 1e3
+        text += (f"{'the other ' if slow else ''}{_plural(len(rest), 'step')}: {mean:.1f} ms "
+                 f"each on {device}")
+    else:
+        text += "every step compiled, so there is no compiled step to time (more --steps)"
+    return text
+
+
 def run_animate(args) -> int:
-    """``pyface animate eg3d --checkpoint OUT --seeds 0-3 --out orbit.mp4``."""
+    """``pyface animate eg3d --checkpoint OUT --seeds 0-3 --out orbit.mp4 [--compile [MODE]]``:
+    writes the orbit video and prints its frames per second (the seeds' mapping and tri-planes
+    and the video writing left out; with ``--compile``, the frames during which a graph compiled
+    too, reported apart)."""
+    import time
+
     import torch
+    from tqdm import tqdm
 
     from pyface.checkpoint import CheckpointError
-    from pyface.models.eg3d.pipeline import load_generator, orbit_video, parse_seeds
-    from pyface.train.model import WrongModelError
+    from pyface.models.eg3d.pipeline import load_generator, orbit_frames, parse_seeds
+    from pyface.train.model import WrongModelError, compiled_graphs
 
     try:
         seeds = parse_seeds(getattr(args, "seeds", None) or "0-3")
@@ -76,13 +130,54 @@ def run_animate(args) -> int:
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"pyface animate eg3d: {exc}", file=sys.stderr)
         return 1
-    frames = orbit_video(G, seeds, args.frames, truncation_psi=args.truncation,
-                         progress=not getattr(args, "no_progress", False))
+    mode = getattr(args, "compile", None)
+    compiled = compile_generator(G, mode)
+    device = G.rendering_resolution.device
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    graphs, t0 = compiled_graphs(), time.perf_counter()
+    it = orbit_frames(G, seeds, args.frames, truncation_psi=args.truncation)
+    sync()
+    setup = (time.perf_counter() - t0, compiled_graphs() != graphs)   # mapping and tri-planes
+    frames, seconds = [], []
+    slow = {"frames": 0, "seconds": 0.0}        # frames during which a graph compiled
+    bar = tqdm(total=args.frames, unit="frame", disable=getattr(args, "no_progress", False))
+    while True:
+        sync()
+        graphs, t0 = compiled_graphs(), time.perf_counter()
+        frame = next(it, None)
+        if frame is None:
+            break
+        sync()
+        dt = time.perf_counter() - t0
+        if compiled_graphs() != graphs:
+            slow["frames"] += 1
+            slow["seconds"] += dt
+        else:
+            seconds.append(dt)
+        frames.append(frame.cpu())
+        bar.update(1)
+    bar.close()
     try:
-        print(write_video(frames, args.out, fps=getattr(args, "fps", None) or 24))
+        out = write_video(torch.stack(frames), args.out, fps=getattr(args, "fps", None) or 24)
     except OSError as exc:
         print(f"pyface animate eg3d: --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    n, (H, W) = len(frames), frames[0].shape[-2:]
+    total = sum(seconds) + slow["seconds"]
+    rate = len(seconds) / max(sum(seconds), 1e-9) if seconds else n / max(total, 1e-9)
+    print(f"{out}\n  {_plural(n, 'frame')} of {_plural(len(seeds), 'seed')} at {H}x{W}; "
+          f"animate: {rate:.1f} frames/s on {device} (the seeds' mapping and tri-planes and "
+          f"video writing excluded)")
+    if mode:
+        names = ", ".join(compiled) or "nothing (compiled already)"
+        print(f"  --compile {mode}: compiled {names}; "
+              + (f"the seeds' tri-planes compiled before the frames ({setup[0]:.1f} s); "
+                 if setup[1] else "")
+              + (f"{_plural(slow['frames'], 'frame')} compiled ({slow['seconds']:.1f} s with the "
+                 "compilation)" + (", left out of the frames per second" if seconds else
+                                   ": every frame compiled, so the frames per second include "
+                                   "compilation (more --frames measure compiled frames)")
+                 if slow["frames"] else "no frame compiled"))
     return 0
 
 
@@ -190,7 +285,7 @@ def run_invert(args) -> int:
     from pyface.checkpoint import CheckpointError, save_weights
     from pyface.data.driving import read_source
     from pyface.data.format import DataError
-    from pyface.models.eg3d.pipeline import load_generator, project
+    from pyface.models.eg3d.pipeline import load_generator, project, render_uniforms_of
     from pyface.train.model import WrongModelError
 
     def fail(msg, code=1):
@@ -236,6 +331,7 @@ def run_invert(args) -> int:
             return fail(f"--vgg {args.vgg}: {str(exc).strip(chr(34))}")
     else:
         print("pyface invert: no --vgg weights; using the L1 loss only", file=sys.stderr)
+    compiled = compile_generator(G, getattr(args, "compile", None))
     seed = getattr(args, "seed", 0)
     torch.manual_seed(seed)         # the mean-w samples and the renderer's ray samples
     ws, info = project(G, img, cam, space=args.space, steps=args.steps, lr=args.lr,
@@ -251,7 +347,9 @@ def run_invert(args) -> int:
                               pivot=tuple(G.cfg.avg_camera_pivot)).to(dev)
         with torch.no_grad():
             planes = G.backbone.planes(ws, noise_mode="const")
-            frames = torch.stack([G.synthesis(ws, labels[t:t + 1], planes=planes)["image"][0]
+            r = G.resolve_resolution(None)          # ray samples drawn outside --compile's graphs
+            frames = torch.stack([G.synthesis(ws, labels[t:t + 1], planes=planes,
+                                              **render_uniforms_of(G, 1, r, planes))["image"][0]
                                   for t in range(48)]).cpu()
     # every output is computed; each is written under a temporary name and renamed
     name = "latent/"
@@ -274,4 +372,6 @@ def run_invert(args) -> int:
                     f"({getattr(exc, 'strerror', None) or exc})")
     print(f"{args.out}: loss {info['loss'][0]:.4f} -> {info['loss'][-1]:.4f}"
           if info["loss"] else args.out)
+    print("  " + step_report(info["seconds"], info["compiled_steps"], dev,
+                             getattr(args, "compile", None), compiled))
     return 0

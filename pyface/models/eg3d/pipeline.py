@@ -50,6 +50,25 @@ def load_generator(path: str, *, device="cpu", ema: bool = True) -> EG3DGenerato
     return G.to(device).eval()
 
 
+def render_uniforms_of(G: EG3DGenerator, batch: int, resolution: int, like: torch.Tensor
+                       ) -> dict:
+    """The ray-sample uniforms ``G``'s renderer would draw itself for ``batch`` renders of
+    ``resolution`` squared rays (``torch.rand`` from torch's generator: the same numbers, in the
+    same order, on ``like``'s device in the renderer's dtype), as ``G.synthesis`` keywords.
+    Drawn before the call, they stay out of a renderer compiled with ``torch.compile``, whose
+    Inductor backend would draw other numbers with its own generator. (The renderer draws the
+    stratified noise (B, R, depth_resolution), then the importance uniforms
+    (B, R, depth_resolution_importance), in float64 for float64 planes, else float32;
+    ``tests/test_model_eg3d.py`` checks the images equal those of its own draws.)"""
+    kw = {"device": like.device,
+          "dtype": torch.float64 if like.dtype == torch.float64 else torch.float32}
+    R, cfg = resolution * resolution, G.cfg.render
+    noise = torch.rand(batch, R, cfg.depth_resolution, **kw)
+    u = (torch.rand(batch, R, cfg.depth_resolution_importance, **kw)
+         if cfg.depth_resolution_importance > 0 else None)
+    return {"stratified_noise": noise, "importance_u": u}
+
+
 def seed_latents(seeds, z_dim: int) -> torch.Tensor:
     """EG3D-style per-seed latents: z = N(0, 1) from a generator seeded with the seed -> (S, z)."""
     return torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(int(s)))
@@ -78,13 +97,12 @@ def parse_seeds(text: str) -> list[int]:
 
 
 @torch.no_grad()
-def orbit_video(G: EG3DGenerator, seeds, frames: int = 48, *, truncation_psi: float = 0.7,
-                truncation_cutoff: int | None = 14, yaw_range: float = 0.35,
-                pitch_range: float = 0.15, progress: bool = True) -> torch.Tensor:
-    """Frames (T, 3, H, S*W) in [-1, 1]: the seeds side by side on EG3D's elliptic orbit
-    (conditioned on the frontal camera, as EG3D's ``gen_videos.py``)."""
-    from tqdm import tqdm
-
+def orbit_frames(G: EG3DGenerator, seeds, frames: int = 48, *, truncation_psi: float = 0.7,
+                 truncation_cutoff: int | None = 14, yaw_range: float = 0.35,
+                 pitch_range: float = 0.15):
+    """The frames of :func:`orbit_video` one at a time: maps the seeds and computes their
+    tri-planes now, then returns an iterator that renders frame ``t`` (3, H, S*W) in [-1, 1]
+    (on the generator's device) when it is asked for, so a caller can time each frame."""
     dev = G.rendering_resolution.device
     z = seed_latents(seeds, G.cfg.z_dim).to(dev)
     cond = G.camera(0.0, 0.0).expand(len(seeds), -1)
@@ -92,11 +110,30 @@ def orbit_video(G: EG3DGenerator, seeds, frames: int = 48, *, truncation_psi: fl
     labels = cams.orbit_labels(frames, yaw_range, pitch_range, radius=G.cfg.avg_camera_radius,
                                pivot=tuple(G.cfg.avg_camera_pivot)).to(dev)
     planes = G.backbone.planes(ws, noise_mode="const")
-    out = []
-    for t in tqdm(range(frames), disable=not progress, unit="frame"):
-        img = G.synthesis(ws, labels[t:t + 1].expand(len(seeds), -1), planes=planes)["image"]
-        out.append(torch.cat(list(img.clamp(-1, 1)), dim=-1))
-    return torch.stack(out).cpu()
+    r = G.resolve_resolution(None)
+
+    def render():
+        for t in range(frames):
+            with torch.no_grad():
+                kw = render_uniforms_of(G, len(seeds), r, planes)
+                img = G.synthesis(ws, labels[t:t + 1].expand(len(seeds), -1),
+                                  planes=planes, **kw)["image"]
+            yield torch.cat(list(img.clamp(-1, 1)), dim=-1)
+
+    return render()
+
+
+def orbit_video(G: EG3DGenerator, seeds, frames: int = 48, *, truncation_psi: float = 0.7,
+                truncation_cutoff: int | None = 14, yaw_range: float = 0.35,
+                pitch_range: float = 0.15, progress: bool = True) -> torch.Tensor:
+    """Frames (T, 3, H, S*W) in [-1, 1]: the seeds side by side on EG3D's elliptic orbit
+    (conditioned on the frontal camera, as EG3D's ``gen_videos.py``)."""
+    from tqdm import tqdm
+
+    it = orbit_frames(G, seeds, frames, truncation_psi=truncation_psi,
+                      truncation_cutoff=truncation_cutoff, yaw_range=yaw_range,
+                      pitch_range=pitch_range)
+    return torch.stack(list(tqdm(it, total=frames, disable=not progress, unit="frame"))).cpu()
 
 
 def project(G: EG3DGenerator, image: torch.Tensor, camera: torch.Tensor, *, space: str = "w",
@@ -110,9 +147,17 @@ def project(G: EG3DGenerator, image: torch.Tensor, camera: torch.Tensor, *, spac
     Starts from the mean w (``w_avg_samples`` mapped latents at this camera); minimises
     ``l1_weight * L1 + perceptual_weight * perceptual(image, G(w))`` with Adam. ``perceptual``
     is a :class:`pyface.nn.PerceptualLoss` (or any callable on (1, 3, H, W) pairs) or None
-    (L1 only). Returns ``ws`` (1, num_ws, w_dim) and ``{"loss": [...], "image": render}``.
+    (L1 only). Returns ``ws`` (1, num_ws, w_dim) and ``{"loss": [...], "image": render,
+    "seconds": [...], "compiled_steps": [...]}``: ``seconds`` the wall time of each step (its
+    loss read back, so a GPU step has finished), ``compiled_steps`` the (0-based) steps during
+    which TorchDynamo compiled a graph (:func:`pyface.train.model.compiled_graphs`: the first
+    steps through modules compiled with ``torch.compile``; none without compilation).
     """
+    import time
+
     from tqdm import tqdm
+
+    from pyface.train.model import compiled_graphs
 
     if space not in ("w", "w+"):
         raise ValueError(f"space: expected 'w' or 'w+', got {space!r}")
@@ -131,11 +176,15 @@ def project(G: EG3DGenerator, image: torch.Tensor, camera: torch.Tensor, *, spac
     n = G.num_ws
     w = (w_mean if space == "w" else w_mean.repeat(1, n, 1)).clone().requires_grad_(True)
     opt = torch.optim.Adam([w], lr=lr, betas=(0.9, 0.999))
-    losses = []
+    losses, seconds, compiled_steps = [], [], []
+    r = G.resolve_resolution(neural_rendering_resolution)
     bar = tqdm(range(steps), disable=not progress, unit="step", desc=f"invert ({space})")
-    for _ in bar:
+    for step in bar:
+        graphs, t0 = compiled_graphs(), time.perf_counter()
         ws = w.expand(1, n, -1) if space == "w" else w
-        out = G.synthesis(ws, c, neural_rendering_resolution=neural_rendering_resolution)
+        # the renderer's ray samples, drawn as it would draw them (outside its compiled graph)
+        out = G.synthesis(ws, c, neural_rendering_resolution=neural_rendering_resolution,
+                          **render_uniforms_of(G, 1, r, w))
         loss = l1_weight * F.l1_loss(out["image"], target)
         if perceptual is not None:
             loss = loss + perceptual_weight * perceptual(out["image"], target)
@@ -143,11 +192,16 @@ def project(G: EG3DGenerator, image: torch.Tensor, camera: torch.Tensor, *, spac
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+        seconds.append(time.perf_counter() - t0)
+        if compiled_graphs() != graphs:
+            compiled_steps.append(step)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
     ws = (w.expand(1, n, -1) if space == "w" else w).detach()
     with torch.no_grad():
-        img = G.synthesis(ws, c, neural_rendering_resolution=neural_rendering_resolution)["image"]
-    return ws, {"loss": losses, "image": img}
+        img = G.synthesis(ws, c, neural_rendering_resolution=neural_rendering_resolution,
+                          **render_uniforms_of(G, 1, r, w))["image"]
+    return ws, {"loss": losses, "image": img, "seconds": seconds,
+                "compiled_steps": compiled_steps}
 
 
 class EG3DPipeline(_PipelineBase):
