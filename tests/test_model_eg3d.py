@@ -1131,3 +1131,33 @@ def test_cli_animate_seeds_compiled_equals_uncompiled(tiny_run, tmp_path, capsys
                      r"frames \(\d+\.\d s\); (\d) frames? compiled \(\d+\.\d s with the "
                      r"compilation\), left out of the frames per second\n", outs[1], re.S)
     assert m and 1 <= int(m[1]) < 3, outs[1]
+
+
+def test_unseeded_generate_draws_the_ray_samples_before_each_render(monkeypatch):
+    """EG3DPipeline.generate without a seed draws each frame's ray samples from torch's
+    generator before G.synthesis (out of a compiled renderer): the numbers the renderer draws
+    itself, so the frames equal those of renders that draw their own, bit for bit."""
+    import pyface.models.eg3d.pipeline as eg3d_pipeline
+    from pyface.nn.render import TriplaneRenderer
+
+    torch.manual_seed(0)
+    G = EG3DGenerator(tiny_cfg()).eval()
+    pipe = eg3d_pipeline.EG3DPipeline(G, device="cpu")
+    state = {"ws": G.mapping(torch.randn(1, 16), G.camera(0.0, 0.0))}
+    motion = {"camera": G.camera([0.1, -0.2, 0.3], 0.0)}
+    given, forward = [], TriplaneRenderer.forward
+
+    def recording(self, *args, **kw):
+        given.append(kw.get("stratified_noise"))
+        return forward(self, *args, **kw)
+
+    monkeypatch.setattr(TriplaneRenderer, "forward", recording)
+    torch.manual_seed(4)
+    drawn = pipe.generate(state, motion)
+    assert len(given) == 3 and all(n is not None and n.shape == (1, 64, 6) for n in given)
+    given.clear()
+    monkeypatch.setattr(eg3d_pipeline, "render_uniforms_of", lambda *a: {})  # renderer draws
+    torch.manual_seed(4)
+    own = pipe.generate(state, motion)
+    assert len(given) == 3 and all(n is None for n in given)
+    assert torch.equal(own, drawn) and drawn.shape == (3, 3, 16, 16)

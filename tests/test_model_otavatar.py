@@ -804,3 +804,47 @@ def test_stream_orbit_is_one_orbit_over_the_stream(run, data, monkeypatch):
     seen.clear()                               # one generate call: one orbit over its frames
     pipe.generate(state, pipe.encode_driving(drv), camera="orbit")
     assert torch.equal(torch.cat(seen), orbit_cameras(pipe, T))
+
+
+def test_inversion_and_pti_draw_the_ray_samples_before_each_render(generator_dir, monkeypatch):
+    """The inversion and PTI pass every render its ray samples, drawn before the call from
+    torch's generator (a renderer compiled by Inductor, which would draw others, renders the
+    same samples): they are the numbers the renderer draws itself, so the latent, intrinsics,
+    losses and tuned weights equal those of renders that draw their own, bit for bit."""
+    import pyface.models.otavatar.pipeline as ota
+    from pyface.models.otavatar.model import OTAvatar, OTAvatarConfig
+    from pyface.nn.render import TriplaneRenderer
+
+    cfg = build_experiment("otavatar", OTAvatarConfig, defaults=OTAvatar.presets["tiny"],
+                           overrides=BY_HAND + [f"model.generator={generator_dir}"]
+                           ).model_config
+    m = OTAvatar(cfg).eval()
+    torch.manual_seed(1)
+    cam, motion = m.generator.camera(0.2, 0.0), torch.zeros(1, 70, 9)
+    target = torch.rand(1, 3, 16, 16) * 2 - 1
+    given, forward = [], TriplaneRenderer.forward
+
+    def recording(self, *args, **kw):
+        given.append((kw.get("stratified_noise"), kw.get("importance_u")))
+        return forward(self, *args, **kw)
+
+    monkeypatch.setattr(TriplaneRenderer, "forward", recording)
+
+    def run():
+        given.clear()
+        torch.manual_seed(5)
+        w, kb, losses = ota.invert(m, target, cam, motion, steps=3, sr_steps=1)
+        G, pti = ota.pivotal_tuning(m, w, cam, target, steps=2, lr=1e-2)
+        return [w, kb, torch.tensor(losses + pti)] + list(G.parameters()), list(given)
+
+    drawn, calls = run()
+    assert len(calls) == 5                      # 3 inversion steps, 2 PTI steps
+    assert all(n is not None and n.shape == (1, 64, 4) and u.shape == (1, 64, 4)
+               for n, u in calls)
+    monkeypatch.setattr(ota, "drawn_samples", lambda G, like: {})    # the renderer draws
+    own, calls = run()
+    assert len(calls) == 5 and all(n is None and u is None for n, u in calls)
+    assert len(own) == len(drawn)
+    assert all(torch.equal(a, b) for a, b in zip(own, drawn))
+    assert any(not torch.equal(a, b)                          # PTI moved the copy
+               for a, b in zip(own[3:], m.generator.parameters()))

@@ -236,3 +236,31 @@ def test_ray_uniforms_draw_each_item_from_its_own_generator():
                                        depth_resolution_importance=0),
                           gens([1, 2]), 4, planes.double())
     assert coarse["importance_u"] is None and coarse["stratified_noise"].dtype == torch.float64
+
+
+def test_renderer_uniforms_are_the_numbers_the_renderer_draws_itself():
+    """renderer_uniforms draws from torch's generator what TriplaneRenderer draws when given no
+    uniforms (noise, then importance), so a render with them equals the renderer's own, bit for
+    bit; bad sizes are refused by name."""
+    from pyface.face.cameras import orbit_labels
+    from pyface.nn.render import renderer_uniforms
+    from pyface.ops import ray_bundle
+
+    torch.manual_seed(0)
+    r = TriplaneRenderer(RenderConfig.ffhq(depth_resolution=5, depth_resolution_importance=3))
+    dec, planes = OSGDecoder(4, 8, 4), torch.randn(2, 3, 4, 8, 8)
+    o, d = ray_bundle(orbit_labels(2, kind="yaw").float(), 3)
+    torch.manual_seed(7)
+    own = r(planes, dec, o, d).features
+    torch.manual_seed(7)
+    kw = renderer_uniforms(r.config, 2, 9, planes)
+    assert kw["stratified_noise"].shape == (2, 9, 5) and kw["importance_u"].shape == (2, 9, 3)
+    assert torch.equal(r(planes, dec, o, d, **kw).features, own)
+    assert not torch.equal(r(planes, dec, o, d, **renderer_uniforms(r.config, 2, 9, planes))
+                           .features, own)
+    assert renderer_uniforms(r.config, 1, 4, planes.double())["stratified_noise"].dtype == \
+        torch.float64
+    with pytest.raises(ValueError, match=r"^batch: expected an int >= 1, got 0$"):
+        renderer_uniforms(r.config, 0, 9, planes)
+    with pytest.raises(ValueError, match=r"^n_rays: expected an int >= 1, got 9.0$"):
+        renderer_uniforms(r.config, 2, 9.0, planes)

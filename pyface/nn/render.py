@@ -190,6 +190,26 @@ def ray_uniforms(config: RenderConfig, generators: list, n_rays: int,
             "importance_u": None if imp[0] is None else torch.cat(imp)}
 
 
+
+def renderer_uniforms(config: RenderConfig, batch: int, n_rays: int,
+                      like: torch.Tensor) -> dict:
+    """The uniforms :class:`TriplaneRenderer` draws itself when given none, for ``batch``
+    renders of ``n_rays`` rays: ``torch.rand`` from torch's current generator, the same numbers
+    in the same order (``stratified_noise`` (batch, n_rays, depth_resolution), then
+    ``importance_u`` (batch, n_rays, depth_resolution_importance) or None), on ``like``'s device
+    in the renderer's dtype for planes of ``like``'s dtype. Drawn before the call and passed to
+    :meth:`TriplaneRenderer.forward`, they stay out of a renderer compiled with
+    ``torch.compile``, whose Inductor backend would draw other numbers with its own generator;
+    uncompiled renders do not change."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch: expected an int >= 1, got {batch!r}")
+    if isinstance(n_rays, bool) or not isinstance(n_rays, int) or n_rays < 1:
+        raise ValueError(f"n_rays: expected an int >= 1, got {n_rays!r}")
+    noise, imp = render_uniforms(batch, n_rays, config.depth_resolution,
+                                 config.depth_resolution_importance,
+                                 torch.empty(0, device=like.device, dtype=_weights_dtype(like)))
+    return {"stratified_noise": noise, "importance_u": imp}
+
 # ---------------------------------------------------------------------------------------------
 # Density regularisers (EG3D training/loss.py; OTAvatar uses the monotonic one)
 # ---------------------------------------------------------------------------------------------

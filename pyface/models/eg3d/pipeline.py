@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from pyface import checkpoint as ckpt
 from pyface.face import cameras as cams
-from pyface.nn.render import ray_uniforms
+from pyface.nn.render import ray_uniforms, renderer_uniforms
 from pyface.nn.resample import filtered_resize
 
 from pyface.models.eg3d.convert import config_from_dict, load_converted
@@ -53,20 +53,15 @@ def load_generator(path: str, *, device="cpu", ema: bool = True) -> EG3DGenerato
 def render_uniforms_of(G: EG3DGenerator, batch: int, resolution: int, like: torch.Tensor
                        ) -> dict:
     """The ray-sample uniforms ``G``'s renderer would draw itself for ``batch`` renders of
-    ``resolution`` squared rays (``torch.rand`` from torch's generator: the same numbers, in the
-    same order, on ``like``'s device in the renderer's dtype), as ``G.synthesis`` keywords.
+    ``resolution`` squared rays (:func:`pyface.nn.render.renderer_uniforms`: ``torch.rand``
+    from torch's generator, the same numbers in the same order, on ``like``'s device in the
+    renderer's dtype), as ``G.synthesis`` keywords.
     Drawn before the call, they stay out of a renderer compiled with ``torch.compile``, whose
     Inductor backend would draw other numbers with its own generator. (The renderer draws the
     stratified noise (B, R, depth_resolution), then the importance uniforms
     (B, R, depth_resolution_importance), in float64 for float64 planes, else float32;
     ``tests/test_model_eg3d.py`` checks the images equal those of its own draws.)"""
-    kw = {"device": like.device,
-          "dtype": torch.float64 if like.dtype == torch.float64 else torch.float32}
-    R, cfg = resolution * resolution, G.cfg.render
-    noise = torch.rand(batch, R, cfg.depth_resolution, **kw)
-    u = (torch.rand(batch, R, cfg.depth_resolution_importance, **kw)
-         if cfg.depth_resolution_importance > 0 else None)
-    return {"stratified_noise": noise, "importance_u": u}
+    return renderer_uniforms(G.cfg.render, batch, resolution * resolution, like)
 
 
 def seed_latents(seeds, z_dim: int) -> torch.Tensor:
@@ -273,7 +268,8 @@ class EG3DPipeline(_PipelineBase):
         r = self.G.resolve_resolution(None)
         out = []
         for t in range(cam.shape[0]):
-            kw = {} if gens is None else ray_uniforms(self.G.cfg.render, [gens[t]], r * r,
-                                                      planes)
+            # unseeded: torch's generator, drawn here (outside a compiled renderer)
+            kw = (render_uniforms_of(self.G, 1, r, planes) if gens is None
+                  else ray_uniforms(self.G.cfg.render, [gens[t]], r * r, planes))
             out.append(self.G.synthesis(ws, cam[t:t + 1], planes=planes, **kw)["image"][0])
         return torch.stack(out).clamp(-1, 1)

@@ -24,6 +24,7 @@ import torch
 
 from pyface.face.cameras import free_view_orbit
 from pyface.face.coeffs import motion_window
+from pyface.nn.render import renderer_uniforms
 from pyface.train.model import Pipeline, frame_place, locate_frames
 
 log = logging.getLogger("pyface.models.otavatar")
@@ -44,7 +45,8 @@ def invert(model, image: torch.Tensor, camera: torch.Tensor, motion: torch.Tenso
     result, (1, num_ws, w_dim)) or ``w_avg``. The
     intrinsics bias (1, 18) is optimised with it (AdamW, no decay); the last ``sr_steps``
     iterations add the super-resolved terms. Returns ``(w (1, num_ws, w_dim),
-    intrinsics (1, 18), losses per iteration)``. No clamp (inference)."""
+    intrinsics (1, 18), losses per iteration)``. No clamp (inference). Each render's ray samples
+    are drawn before the call (:func:`drawn_samples`)."""
     from pyface.models.otavatar.model import apply_intrinsics
 
     cfg = model.cfg
@@ -79,7 +81,7 @@ def invert(model, image: torch.Tensor, camera: torch.Tensor, motion: torch.Tenso
         for it in range(steps):
             sr = it >= steps - sr_steps
             out = G.synthesis(w.expand(1, G.num_ws, -1) + offset,
-                              apply_intrinsics(camera, kb), sr=sr)
+                              apply_intrinsics(camera, kb), sr=sr, **drawn_samples(G, w))
             loss, _ = model.loss(out, image, landmarks, sr=sr)
             opt_w.zero_grad(set_to_none=True)
             opt_k.zero_grad(set_to_none=True)
@@ -112,7 +114,8 @@ def pivotal_tuning(model, ws: torch.Tensor, camera: torch.Tensor, image: torch.T
     modules ``compile_names`` (relative to the generator) before tuning: a deep copy of a
     compiled module is not compiled (``torch.nn.Module`` drops its compiled call when copied),
     and the tuned copy renders every frame (:meth:`OTAvatarPipeline.encode_source` passes the
-    pipeline's own)."""
+    pipeline's own). Each render's ray samples are drawn before the call
+    (:func:`drawn_samples`)."""
     import copy
 
     import torch.nn.functional as F
@@ -126,7 +129,7 @@ def pivotal_tuning(model, ws: torch.Tensor, camera: torch.Tensor, image: torch.T
     ws, camera, image = ws.detach(), camera.detach(), image.float()
     losses = []
     for _ in range(steps):
-        out = G.synthesis(ws, camera, sr=True)
+        out = G.synthesis(ws, camera, sr=True, **drawn_samples(G, ws))
         raw = out["image_raw"]
         if metric is not None:
             with torch.no_grad():
@@ -399,6 +402,16 @@ def orbit_cameras(G, motion: dict, T: int) -> torch.Tensor:
         n = int(motion["orbit_length"]) if "orbit_length" in motion else max(48, T)
     labels = free_view_orbit(max(n, 1), generator=G)
     return labels[idx % labels.shape[0]]
+
+
+def drawn_samples(G, like: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The random ray samples generator ``G``'s renderer would draw itself for one render
+    (:func:`pyface.nn.render.renderer_uniforms`: torch's generator, the same numbers in the same
+    order), as ``G.synthesis`` keywords. The inversion and PTI draw them before each render so
+    that a renderer compiled with ``torch.compile`` renders them too (Inductor would draw other
+    numbers with its own generator); uncompiled results do not change."""
+    r = G.resolve_resolution(None)
+    return renderer_uniforms(G.cfg.render, 1, r * r, like)
 
 
 def fixed_samples(G, n: int, device) -> dict[str, torch.Tensor]:
