@@ -16,9 +16,10 @@
 # fit in what is left of GPU_SESSION_BUDGET_S is skipped and recorded as such. OUT receives two
 # files, rewritten after every step (the device tool returns at most 8 files from OUT):
 #   OUT/gpu-session-LABEL-summary.tsv   step, phase, status, rc, seconds, limit, log
-#   OUT/gpu-session-LABEL.tar.gz        LABEL/{summary.tsv, env.txt, versions.json, info.json,
-#                                       logs/NN-STEP.log, *.json, gpu-tests.xml}
-# LABEL is the selection joined by '-'. Checkpoints, data and videos stay in GPU_SESSION_WORK.
+#   OUT/gpu-session-LABEL.tar.gz        LABEL/{summary.tsv, versions.json, info.json,
+#                                       gpu-tests.xml, *.json, logs/NN-STEP.log}
+# LABEL is the selection joined by '-' (dry-LABEL for a dry run); step env's log holds the
+# device, driver and toolkit. Checkpoints, data and videos stay in GPU_SESSION_WORK.
 #
 # Environment:
 #   GPU_SESSION_DRY_RUN=1 (or --dry-run)  every step on the CPU with the tiniest sizes and 1-2
