@@ -446,6 +446,23 @@ if [ "$DRY" != 1 ] && [ -z "${WANT[build]:-}" ]; then
     fi
 fi
 
+# stopped from outside (SIGTERM, Ctrl-C): stop the running step's process group too (its
+# `timeout` passes the signal on), record it and publish what was done
+STEP_PID="" CURRENT=""
+on_signal() {
+    trap - TERM INT
+    if [ -n "$STEP_PID" ]; then
+        kill -TERM "$STEP_PID" 2>/dev/null
+        wait "$STEP_PID" 2>/dev/null
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$CURRENT" "$(table_field "$CURRENT" 2)" \
+            interrupted 143 $(($(date +%s) - t0)) "$limit" "$log" >>"$SUMMARY"
+    fi
+    echo "gpu_session: stopped by a signal during ${CURRENT:-the setup}"
+    publish
+    exit 143
+}
+trap on_signal TERM INT
+
 n=0
 for s in "${ORDER[@]}"; do
     n=$((n + 1))
@@ -460,9 +477,13 @@ for s in "${ORDER[@]}"; do
         echo "budget: ${left} s left of ${BUDGET} s" >"$RES/$log"
     else
         t0=$(date +%s)
+        CURRENT=$s
         timeout --signal=TERM --kill-after=20 "$limit" \
-            bash "$SCRIPT" __step "$RES" "$s" >"$RES/$log" 2>&1 </dev/null
+            bash "$SCRIPT" __step "$RES" "$s" >"$RES/$log" 2>&1 </dev/null &
+        STEP_PID=$!
+        wait "$STEP_PID"
         rc=$?
+        STEP_PID=""
         secs=$(($(date +%s) - t0))
         case $rc in
             0) status=ok ;;

@@ -1,6 +1,7 @@
 """bench/gpu_session.sh, the script a lent GPU machine runs: it parses, lists its steps and
 phases, refuses bad arguments naming them, and a CPU dry run of its two cheapest steps writes
-the summary and the results archive (the full dry run, every step, is in docs/DEVELOPING.md)."""
+the summary and the results archive, and a signal stops the running step (the full dry run,
+every step, is in docs/DEVELOPING.md)."""
 import csv
 import os
 import shutil
@@ -104,3 +105,28 @@ def test_a_failing_step_is_recorded_and_the_budget_skips_the_rest(tmp_path):
                                delimiter="\t"))
     assert [(r["step"], r["status"]) for r in rows] == [
         ("env", "skipped-budget"), ("info", "skipped-budget")]
+
+
+def test_a_signal_stops_the_running_step_and_publishes(tmp_path):
+    import signal
+    import time
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_SESSION_WORK": str(work)}
+    proc = subprocess.Popen(["bash", SCRIPT, str(out), "data", "--dry-run"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = work / "results" / "dry-data" / "logs" / "01-data.log"
+    deadline = time.monotonic() + 60
+    while not (log.exists() and log.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.2)      # the step has started (it printed its command)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stdout
+    assert "stopped by a signal during data" in stdout
+    rows = list(csv.DictReader(open(out / "gpu-session-dry-data-summary.tsv"), delimiter="\t"))
+    assert [(r["step"], r["status"], r["rc"]) for r in rows] == [("data", "interrupted", "143")]
+    # the step's processes went with it: nothing writes the data set any more
+    if shutil.which("pgrep"):
+        time.sleep(1)
+        res = subprocess.run(["pgrep", "-f", f"data synth --out {work}"], capture_output=True)
+        assert res.returncode == 1, res.stdout
