@@ -92,7 +92,7 @@ configure() {                     # the sizes of the GPU run, or the tiniest for
         SYNTH_TEST=(--identities 2 --videos-per-identity 1 --frames 8 --resolution 64)
         STEPS_EG3D=1 STEPS_GOHA=1 STEPS_MMFA=1 STEPS_EXPORT3D=1 STEPS_OTAVATAR=1 STEPS_STAGE=1
         LOG_EVERY=1 ANIM_FRAMES=2 ANIM_BATCH=2 EVAL_PAIRS=2
-        BENCH_STEPS=(--steps 1 --warmup 0) BENCH_COMPILE=(--compile eager)
+        BENCH_STEPS=(--steps 1 --warmup 0) BENCH_COMPILE=(--compile eager --warmup 1)
         DRY_SET=(train.batch_size=2)          # added to the final model and to every stage
         OPS=(--device cpu --size small --min-time 0 --no-compile) OP_FAMILIES=(triplane)
         NUM_WORKERS=1
@@ -108,7 +108,7 @@ configure() {                     # the sizes of the GPU run, or the tiniest for
         STEPS_EG3D=40 STEPS_GOHA=10 STEPS_MMFA=20 STEPS_EXPORT3D=20 STEPS_OTAVATAR=6
         STEPS_STAGE=20
         LOG_EVERY=5 ANIM_FRAMES=64 ANIM_BATCH=8 EVAL_PAIRS=16
-        BENCH_STEPS=(--steps 8 --warmup 2) BENCH_COMPILE=(--compile default)
+        BENCH_STEPS=(--steps 8 --warmup 2) BENCH_COMPILE=(--compile default --warmup 3)   # compiling: the warm-up steps
         DRY_SET=()
         OPS=(--device cuda --size full --min-time 0.1 --no-compile)
         OP_FAMILIES=(raster render triplane warp)
@@ -347,8 +347,13 @@ step_bench_train_export3d() {
     bench_train export3d --no-compile --json "$RES/bench-train-export3d-$DEV.json"
 }
 step_bench_train_otavatar() {
-    bench_train otavatar --no-compile --json "$RES/bench-train-otavatar-$DEV.json"
+    local extra=()
+    # the dry run's CPU: each step inverts its batch 30 times, for two trainers (over 15 min)
+    [ "$DRY" = 1 ] && extra=(--set model.invert_iters=1)
+    bench_train otavatar --no-compile "${extra[@]}" --json "$RES/bench-train-otavatar-$DEV.json"
 }
+# the compile rows compile in their warm-up steps (bench.train refuses --warmup 0 with them);
+# the later --warmup of BENCH_COMPILE overrides the one of BENCH_STEPS
 step_bench_train_eg3d_compile() {
     bench_train eg3d "${BENCH_COMPILE[@]}" --json "$RES/bench-train-eg3d-compile-$DEV.json"
 }
