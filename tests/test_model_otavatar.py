@@ -100,6 +100,19 @@ def test_engine_step_updates_controller_generator_and_logs_inversion(data, gener
     assert not torch.equal(ema.out.weight, tr.model.controller.out.weight)
 
 
+def test_engine_step_with_every_inversion_iteration_on_the_controller(data, generator_dir,
+                                                                     tmp_path):
+    """invert_controller_iters == invert_iters (allowed): no W-only iteration, so the step logs
+    no inversion losses instead of returning None for them."""
+    from torch.utils.data import default_collate
+
+    tr = Trainer(_exp(tmp_path / "r", data, generator_dir, "train.steps=1",
+                      "model.invert_iters=2", "model.invert_controller_iters=2"))
+    out = tr.train_step(default_collate([tr.dataset[0], tr.dataset[1]]))
+    assert torch.isfinite(out["main/loss"])
+    assert not {"main/invert_first", "main/invert_last", "main/invert_ratio"} & set(out)
+
+
 def test_local_batch_follows_the_batch_and_recorded_runs_resume(run, data, generator_dir,
                                                                 tmp_path):
     """Left unset, ``model.local_batch`` is the rank's share of the batch (here the whole batch

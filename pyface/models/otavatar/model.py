@@ -471,9 +471,10 @@ class OTAvatar(TrainableModel):
             total = total + loss.detach() / K
             for k, v in {**terms, **{k: v.detach() for k, v in dens.items()}}.items():
                 logs[k] = logs.get(k, 0) + v / K
-        logs.update({"loss": total, "invert_first": first, "invert_last": last})
-        if first is not None:
-            logs["invert_ratio"] = last / first.clamp(min=1e-12)
+        logs["loss"] = total
+        if first is not None:       # none when every inversion iteration trains the controller
+            logs.update({"invert_first": first, "invert_last": last,
+                         "invert_ratio": last / first.clamp(min=1e-12)})
             if ctx.rank == 0:       # every batch in log.txt (the engine logs averages)
                 log.info("otavatar inversion step %d: first %.5f last %.5f ratio %.4f "
                          "(refined loss %.5f)", ctx.step, float(first), float(last),
