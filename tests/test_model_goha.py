@@ -427,6 +427,52 @@ def test_seeded_frames_do_not_depend_on_the_chunking(tiny_run, monkeypatch):
     assert torch.equal(drawn[-1][0], u1[0]) and torch.equal(drawn[-1][1], u1[1])
 
 
+def test_unseeded_generate_draws_the_ray_samples_before_the_render(monkeypatch):
+    """GOHAPipeline.generate without a seed draws the frames' ray samples from torch's generator
+    before the renderer (out of a compiled renderer): the numbers the renderer draws itself, so
+    the frames equal those of renders that draw their own, bit for bit."""
+    import pyface.models.goha.model as goha_model
+    from pyface.nn.render import TriplaneRenderer
+
+    torch.manual_seed(0)
+    model = GOHA(tiny_config())
+    pipe = GOHA.Pipeline(model, device="cpu")
+    c = random_coeffs(3, seed=8)
+    f = frame(c)
+    st = pipe.encode_source({"image": f["image"][0].float() / 127.5 - 1,
+                             "camera": f["camera"][0], "coeffs": c[0]})
+    mo = pipe.encode_driving({"image": f["image"].float() / 127.5 - 1, "camera": f["camera"],
+                              "coeffs": c})
+    given, forward = [], TriplaneRenderer.forward
+
+    def recording(self, *args, **kw):
+        if self is model.renderer:                    # not the lift's fixed samples
+            given.append((kw.get("stratified_noise"), kw.get("importance_u")))
+        return forward(self, *args, **kw)
+
+    monkeypatch.setattr(TriplaneRenderer, "forward", recording)
+    torch.manual_seed(4)
+    drawn = pipe.generate(st, mo)
+    assert len(given) == 1 and given[0][0].shape == (3, 32 * 32, 12)
+    assert given[0][1].shape == (3, 32 * 32, 12)
+    given.clear()
+    monkeypatch.setattr(goha_model, "renderer_uniforms",     # the renderer draws its own
+                        lambda *a: {"stratified_noise": None, "importance_u": None})
+    torch.manual_seed(4)
+    own = pipe.generate(st, mo)
+    assert len(given) == 1 and given[0] == (None, None)
+    assert torch.equal(own, drawn) and drawn.shape == (3, 3, 32, 32)
+    torch.manual_seed(5)
+    assert not torch.equal(pipe.generate(st, mo), drawn)      # the samples are random
+    planes, cam_ = st["canonical"], st["camera"]
+    with pytest.raises(ValueError, match="uniforms: expected a dict of 'stratified_noise'"):
+        model.render(planes, cam_, uniforms={"stratified_noise": None})
+    with pytest.raises(ValueError, match="uniforms: expected None with lift=True"):
+        model.render(planes, cam_, lift=True, uniforms=model.ray_samples(planes))
+    with pytest.raises(ValueError, match=r"generators: expected one per item \(1\), got 2"):
+        model.ray_samples(planes, generators=[torch.Generator()] * 2)
+
+
 def test_segformer_path_initialises_the_encoders_with_fresh_stems(tmp_path):
     """An HF segformer-b0 (ADE layout, random weights) initialises the three encoders; the
     expression stem and the 6-channel appearance stem stay fresh; BatchNorm and classifier of

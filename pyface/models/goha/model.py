@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from pyface.face.morphable import MorphableModel
 from pyface.nn import OSGDecoder, RenderConfig, TriplaneRenderer
-from pyface.nn.render import density_l1_regularizer, ray_uniforms
+from pyface.nn.render import density_l1_regularizer, ray_uniforms, renderer_uniforms
 from pyface.nn.segformer import STEM_KEYS, load_hf_segformer
 from pyface.ops import points_to_triplane, ray_bundle
 from pyface.train.model import (Phase, Pipeline, StepContext, TrainableModel, frame_generators,
@@ -282,17 +282,46 @@ class GOHA(TrainableModel):
             planes = field_to_box(planes, self.cfg.plane_field, self.cfg.box_warp)
         return planes * self.cfg.plane_gain if self.cfg.plane_gain != 1 else planes
 
+    def ray_samples(self, planes: torch.Tensor, resolution: int | None = None, *,
+                    generators: list | None = None) -> dict:
+        """The uniforms of the ray samples of a :meth:`render` of ``planes (B, 3, C, P, P)`` at
+        ``resolution`` (default ``render_resolution``), as its ``uniforms``: item ``b``'s drawn
+        from ``generators[b]`` (:func:`pyface.nn.render.ray_uniforms`), or, when None, the
+        numbers the renderer would draw itself from torch's generator, in its order
+        (:func:`pyface.nn.render.renderer_uniforms`: ``stratified_noise``, then
+        ``importance_u``). Drawn before the render, they stay out of a renderer compiled with
+        ``torch.compile``, whose Inductor backend would draw other numbers with its own
+        generator; an uncompiled render gives the same image as when it draws them itself."""
+        r = resolution or self.cfg.render_resolution
+        B = planes.shape[0]
+        if generators is None:
+            return renderer_uniforms(self.renderer.config, B, r * r, planes)
+        if len(generators) != B:
+            raise ValueError(f"generators: expected one per item ({B}), got {len(generators)}")
+        return ray_uniforms(self.renderer.config, generators, r * r, planes)
+
     def render(self, planes: torch.Tensor, camera: torch.Tensor, resolution: int | None = None,
-               *, lift: bool = False, generators: list | None = None
-               ) -> dict[str, torch.Tensor]:
+               *, lift: bool = False, generators: list | None = None,
+               uniforms: dict | None = None) -> dict[str, torch.Tensor]:
         """planes (B, 3, C, P, P), camera (B, 25) -> ``image (B, 3, r, r)`` in [-1, 1],
         ``depth (B, 1, r, r)``, ``weights (B, 1, r, r)`` (accumulated opacity) and the rays
         ``origins`` / ``dirs`` (B, r*r, 3). ``generators``: one ``torch.Generator`` per item
-        from which its ray samples are drawn (None: torch's generator, for the whole batch)."""
+        from which its ray samples are drawn (None: torch's generator, for the whole batch,
+        drawn by the renderer); ``uniforms``: the ray samples' ``stratified_noise`` and
+        ``importance_u`` drawn before the call (:meth:`ray_samples`)."""
         r = resolution or self.cfg.render_resolution
         if camera.dim() != 2 or camera.shape != (planes.shape[0], 25):
             raise ValueError(f"camera: expected ({planes.shape[0]}, 25), got "
                              f"{tuple(camera.shape)}")
+        if uniforms is not None:
+            if lift or generators is not None:
+                raise ValueError(f"uniforms: expected None with lift=True or generators (they "
+                                 f"choose the ray samples), got {type(uniforms).__name__}")
+            if not isinstance(uniforms, dict) or set(uniforms) != {"stratified_noise",
+                                                                    "importance_u"}:
+                got = sorted(uniforms) if isinstance(uniforms, dict) else type(uniforms).__name__
+                raise ValueError(f"uniforms: expected a dict of 'stratified_noise' and "
+                                 f"'importance_u' (GOHA.ray_samples), got {got}")
         o, d = ray_bundle(camera.to(planes.dtype), r)
         if lift:
             # deterministic samples (mid-bin, evenly spaced importance draws): the lifted
@@ -302,11 +331,10 @@ class GOHA(TrainableModel):
             out = self.lift_renderer(planes, self.decoder, o, d,
                                      stratified_noise=torch.full_like(u, 0.5), importance_u=u)
         elif generators is not None:
-            if len(generators) != planes.shape[0]:
-                raise ValueError(f"generators: expected one per item ({planes.shape[0]}), got "
-                                 f"{len(generators)}")
             out = self.renderer(planes, self.decoder, o, d,
-                                **ray_uniforms(self.renderer.config, generators, r * r, planes))
+                                **self.ray_samples(planes, r, generators=generators))
+        elif uniforms is not None:
+            out = self.renderer(planes, self.decoder, o, d, **uniforms)
         else:
             out = self.renderer(planes, self.decoder, o, d)
         img = out.images(r)
@@ -629,7 +657,10 @@ class GOHAPipeline(Pipeline):
       The ray samples are random (as in training): seed ``torch`` for repeatable frames; with
       a seed (``animate`` / ``stream`` ``seed=N``, ``pyface animate --seed``) frame ``i``'s
       samples come from a generator of ``(N, i)`` alone (:meth:`seed_frames`), so the frames
-      do not depend on the chunking.
+      do not depend on the chunking. Either way they are drawn before the renderer runs
+      (:meth:`GOHA.ray_samples`; without a seed the numbers the renderer would draw itself),
+      so a renderer compiled with ``torch.compile`` renders the same samples as an
+      uncompiled one.
     """
 
     #: compiled by :meth:`compile`: what every frame runs, the expression encoder and its
@@ -700,8 +731,10 @@ class GOHAPipeline(Pipeline):
               for k, v in state.items()}
         planes = self.model.animate_planes(st, motion["expression"], use_expression=expression,
                                            use_appearance=appearance)
-        out = self.model.render(planes, motion["camera"],
-                                generators=frame_generators(motion, planes.device))
+        # every frame's ray samples, drawn here: from its own generator when seeded, else from
+        # torch's (the renderer's own draws), out of a compiled renderer either way
+        out = self.model.render(planes, motion["camera"], uniforms=self.model.ray_samples(
+            planes, generators=frame_generators(motion, planes.device)))
         img = self.model.finish(out["image"])
         if composite and st.get("background") is not None:
             # the render is premultiplied over black: add the background where it is clear
