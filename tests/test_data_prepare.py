@@ -325,8 +325,10 @@ def _fake_prepare_video(template):
         tmp = os.path.join(cfg.out, f".{src.name}.partial")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(template, tmp)
-        meta = json.load(open(os.path.join(tmp, fmt.META)))
-        meta.update(identity=src.name, source=os.path.abspath(src.path), options=P.options(cfg))
+        meta = fmt._load_json(os.path.join(tmp, fmt.META))
+        meta.update(identity=src.name, source=os.path.abspath(src.path), options=P.options(cfg),
+                    generator=P.GENERATOR, crop=cfg.crop, matting=cfg.matting,
+                    submission_offsets=cfg.submission_offsets)
         fmt._dump(os.path.join(tmp, fmt.META), meta)
         final = os.path.join(cfg.out, src.name)
         shutil.rmtree(final, ignore_errors=True)
@@ -420,6 +422,152 @@ def test_prepare_cli_shard_errors_and_interrupt(tmp_path, monkeypatch, capsys):
                  "--shard", "1/2"]) == 130
     err = capsys.readouterr().err
     assert "shard 1/2" in err and "--resume" in err and "pyface data index" in err
+
+
+def _fake_backends(tmp_path, monkeypatch, files=("a.mp4", "b.mp4", "c.png", "d.png")):
+    """prepare() without the extra (prepare_video copies a 2-frame synthetic video); returns
+    the input folder, holding empty ``files``."""
+    import pyface.data.prepare as P
+    from pyface.data.synthetic import SynthConfig, generate
+
+    synth = str(tmp_path / "synth")
+    generate(synth, SynthConfig(identities=1, videos_per_identity=1, frames=2, resolution=32,
+                                cross=False, workers=1), progress=False)
+    monkeypatch.setattr(P, "require_backends", lambda: None)
+    monkeypatch.setattr(P, "prepare_video",
+                        _fake_prepare_video(os.path.join(synth, fmt.video_names(synth)[0])))
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for f in files:
+        (inp / f).write_bytes(b"")
+    return str(inp)
+
+
+def test_index_refuses_shards_prepared_with_different_options(tmp_path, monkeypatch, capsys):
+    """Two shards started at once, one with --resolution 512: `pyface data index` refuses to
+    write index.json, naming the option, its values, how many videos have each (examples) and
+    the fix, and `pyface data check` reports it; a shard started after the other finished
+    refuses before any work; re-preparing the odd videos with the same options (their folders
+    deleted, the shard re-run with --resume) gives an index."""
+    import shutil
+
+    import pyface.data.prepare as P
+    from pyface.cli import main
+
+    inp = _fake_backends(tmp_path, monkeypatch)
+    out, late = str(tmp_path / "out"), str(tmp_path / "late")
+    one = sorted(n for n in "abcd" if P.shard_of(n, 2) == 1)
+    assert 0 < len(one) < 4, one                    # both shards have videos: the test means it
+    assert main(["data", "prepare", inp, "--out", out, "--shard", "0/2", "--quiet"]) == 0
+    # shard 1 started before shard 0 finished a video: it saw no other video
+    assert main(["data", "prepare", inp, "--out", late, "--shard", "1/2", "--quiet",
+                 "--resolution", "512"]) == 0
+    for n in one:
+        os.replace(os.path.join(late, n), os.path.join(out, n))
+    capsys.readouterr()
+    assert main(["data", "index", out]) == 1
+    err = capsys.readouterr().err
+    zero = sorted(set("abcd") - set(one))
+    values = {256: zero, 512: one}
+    first, second = sorted(values, key=lambda v: (-len(values[v]), v))
+
+    def group(v):
+        ns = values[v]
+        shown = ", ".join(os.path.join(out, n) for n in ns[:2]) + (", ..." if len(ns) > 2 else "")
+        return f"{v} in {len(ns)} video{'s' if len(ns) > 1 else ''} ({shown})"
+    line = f"--resolution: {group(first)}, {group(second)}"
+    assert f"pyface data index: {out}: videos prepared with different options" in err
+    assert "index.json not written" in err and line in err, err
+    assert "delete the folders of the videos prepared with other values" in err
+    assert "--resume" in err and f"pyface data index {out} again" in err
+    assert err.count("\n  --") == 1                 # one option differs: one line
+    assert not os.path.exists(os.path.join(out, fmt.INDEX))
+    assert main(["data", "check", "--fast", out]) == 1
+    text = capsys.readouterr().out
+    assert f"ERROR {out}: videos prepared with different options: {line}" in text, text
+
+    # started after shard 0 finished: refused before any work, naming the difference
+    shutil.rmtree(late)
+    assert main(["data", "prepare", inp, "--out", late, "--shard", "0/2", "--quiet"]) == 0
+    assert main(["data", "prepare", inp, "--out", late, "--shard", "1/2", "--quiet",
+                 "--resolution", "512"]) == 1
+    err = capsys.readouterr().err
+    assert f"ERROR --out {late}: holds videos of other inputs or shards prepared with other " \
+           f"options (--resolution 256 there, 512 now: {len(zero)} video" in err, err
+    assert sorted(fmt.video_names(late)) == zero and not any(
+        e.startswith(".") for e in os.listdir(late))
+
+    # the fix the message gives: delete the odd folders, re-run their shard with --resume
+    for n in one:
+        shutil.rmtree(os.path.join(out, n))
+    assert main(["data", "prepare", inp, "--out", out, "--shard", "1/2", "--resume",
+                 "--quiet"]) == 0
+    assert main(["data", "index", out]) == 0
+    assert "index.json: 4 videos" in capsys.readouterr().out
+    assert main(["data", "check", "--fast", out]) == 0
+
+
+def test_options_compared_are_those_that_change_the_output(tmp_path, monkeypatch, capsys):
+    """Without the fit its options change nothing: shards differing only in them index; fit or
+    no fit is a difference (said as the flag). A single run refuses to join videos of other
+    inputs prepared otherwise; --resume keeps its own message for its own videos."""
+    import pyface.data.prepare as P
+    from pyface.cli import main
+
+    inp = _fake_backends(tmp_path, monkeypatch)
+    out = str(tmp_path / "out")
+    assert main(["data", "prepare", inp, "--out", out, "--shard", "0/2", "--quiet",
+                 "--no-fit"]) == 0
+    assert main(["data", "prepare", inp, "--out", out, "--shard", "1/2", "--quiet", "--no-fit",
+                 "--fit-steps", "7", "--submission-offsets", "--no-photometric"]) == 0
+    assert P.mixed_options(out) == []
+    assert main(["data", "index", out]) == 0
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "z.png").write_bytes(b"")
+    assert main(["data", "prepare", str(lone), "--out", out, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "--no-fit given there, not given now: 4 videos (" in err, err
+    assert "z" not in fmt.video_names(out)
+    assert main(["data", "prepare", str(lone), "--out", out, "--quiet", "--no-fit"]) == 0
+    meta = json.load(open(os.path.join(out, "z", fmt.META)))
+    meta["options"]["fit"] = True                   # as if prepared with the fit
+    fmt._dump(os.path.join(out, "z", fmt.META), meta)
+    assert P.mixed_options(out) == [
+        f"--no-fit: given in 4 videos ({out}/a, {out}/b, ...), not given in 1 video ({out}/z)"]
+    with pytest.raises(PrepareError, match=r"--resume: .*z: --no-fit not given there, given now"):
+        P.prepare([str(lone)], PrepareConfig(out=out, fit=False, resume=True, progress=False))
+
+
+def test_folders_without_the_options_record_are_compared_on_what_they_tell(tmp_path, monkeypatch):
+    """meta.json written before the `options` record: crop, resolution, matting, submission
+    offsets and (from fit_model) the fit are compared; options it does not tell are not."""
+    import pyface.data.prepare as P
+
+    inp = _fake_backends(tmp_path, monkeypatch)
+    out = str(tmp_path / "out")
+    P.prepare([inp], PrepareConfig(out=out, fit_steps=30, progress=False))
+
+    def make_old(name, **keys):
+        path = os.path.join(out, name, fmt.META)
+        meta = json.load(open(path))
+        del meta["options"]
+        meta.update({"resolution": [256, 256], "fit_model": "builtin", **keys})
+        fmt._dump(path, meta)
+    make_old("a")
+    make_old("b", matting="selfie")
+    assert P.mixed_options(out) == []           # fit_steps 30 untold by a and b: not compared
+    assert P.recorded_options(json.load(open(os.path.join(out, "a", fmt.META)))) == {
+        "crop": "eg3d", "matting": "selfie", "submission_offsets": False, "resolution": 256,
+        "fit": True, "bfm": None}
+    make_old("c", crop="fomm", fit_model=None)
+    assert P.mixed_options(out) == [
+        f"--crop: 'eg3d' in 3 videos ({out}/a, {out}/b, ...), 'fomm' in 1 video ({out}/c)",
+        f"--no-fit: not given in 3 videos ({out}/a, {out}/b, ...), given in 1 video ({out}/c)"]
+    records, problems = fmt.check_dataset(out, deep=False)
+    assert len(records) == 4 and len(problems) == 2 and "--crop: 'eg3d' in 3" in problems[0]
+    with pytest.raises(PrepareError, match="videos prepared with different options"):
+        P.check_same_options(out)
 
 
 def _stderr_is_null() -> bool:

@@ -69,7 +69,9 @@ def add_parser(subparsers) -> None:
     c = sub.add_parser("check", help="report missing or corrupt files of a dataset",
                        description="Validate a dataset root: index, meta.json, dataset.json "
                                    "(finite, orthonormal cameras), coeffs.npy (T, 257), "
-                                   "landmarks.npy, and every frame and mask (decoded).")
+                                   "landmarks.npy, every frame and mask (decoded), and that "
+                                   "the videos of pyface data prepare were prepared with the "
+                                   "same options.")
     c.add_argument("root", help="dataset root")
     c.add_argument("--fast", action="store_true", help="check that frames exist, do not decode")
     c.set_defaults(func=_check)
@@ -119,8 +121,10 @@ def add_parser(subparsers) -> None:
                    help="prepare only shard K of N (0 <= K < N) of the videos, chosen by a hash "
                         "of each video's name, under the same names as one run; N jobs given the "
                         "same inputs and options can write into one --out at once (other "
-                        "machines, SLURM array tasks). A shard does not write index.json: run "
-                        "pyface data index OUT once all shards finished. auto: a SLURM array "
+                        "machines, SLURM array tasks); a shard refuses to start when --out holds "
+                        "other shards' videos prepared with other options. A shard does not "
+                        "write index.json: run pyface data index OUT once all shards finished "
+                        "(it refuses videos prepared with different options). auto: a SLURM array "
                         "task's SLURM_ARRAY_TASK_ID / _COUNT (docs/data.md)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_prepare)
@@ -128,7 +132,10 @@ def add_parser(subparsers) -> None:
     i = sub.add_parser("index", help="(re)write ROOT/index.json by scanning the video folders",
                        description="Scan the video folders of ROOT (folders with meta.json or "
                                    "frames/) and write ROOT/index.json. Refused: a root without "
-                                   "video folders, a video folder, an unfinished synthetic set.")
+                                   "video folders, a video folder, an unfinished synthetic set, "
+                                   "videos of pyface data prepare (e.g. its --shard jobs) "
+                                   "prepared with different options (the error names each "
+                                   "option, its values and the videos of each).")
     i.add_argument("root", help="dataset root")
     i.set_defaults(func=_index)
 
@@ -423,13 +430,18 @@ def _prepare(args) -> int:
 
 
 def _index(args) -> int:
+    import os
+
     from pyface.data.format import DataError, write_index
+    from pyface.data.prepare import check_same_options
     from pyface.train.distributed import refuse_under_torchrun
 
     refused = refuse_under_torchrun("pyface data index", "run the same command without torchrun")
     if refused is not None:
         return refused
     try:
+        if os.path.isdir(args.root):    # write_index says why another path is no root
+            check_same_options(args.root)
         recs = write_index(args.root)
     except DataError as exc:
         print(f"pyface data index: {exc}", file=sys.stderr)

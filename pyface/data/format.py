@@ -430,7 +430,9 @@ def check_video(root: str, rec: VideoRecord, deep: bool = True) -> list[str]:
 
 
 def check_dataset(root: str, deep: bool = True) -> tuple[list[VideoRecord], list[str]]:
-    """Validates a dataset root: index vs folders, then every video. Returns (records, problems)."""
+    """Validates a dataset root: index vs folders, the options of the videos
+    :mod:`pyface.data.prepare` wrote (alike: :func:`pyface.data.prepare.mixed_options`), then
+    every video. Returns (records, problems)."""
     problems = []
     if not os.path.isdir(root):
         return [], [_not_a_root(root)]
@@ -467,6 +469,11 @@ def check_dataset(root: str, deep: bool = True) -> tuple[list[VideoRecord], list
             problems.append(f"{os.path.join(root, e)}: an unfinished video of an interrupted "
                             "`pyface data prepare` (not part of the dataset; re-run the same "
                             "command with --resume to finish it, or delete the folder)")
+    from pyface.data.prepare import MIXED_OPTIONS_FIX, mixed_options
+
+    for line in mixed_options(root, [r.name for r in records]):
+        problems.append(f"{root}: videos prepared with different options: {line}; "
+                        f"{MIXED_OPTIONS_FIX}, then pyface data index {root}")
     for rec in records:
         problems += check_video(root, rec, deep=deep)
     return records, problems

@@ -42,6 +42,7 @@ complete, so ``--resume`` skips exactly the finished ones.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import shutil
@@ -71,6 +72,7 @@ EXTRA_HINT = 'pip install -e ".[prepare]"'
 MIN_FRAMES = 1
 
 
+GENERATOR = "pyface.data.prepare"       # meta.json's "generator" of a prepared video
 #: The config fields that change what a video's preparation writes: stored in ``meta.json``
 #: (``options``); ``--resume`` reuses a finished video only when they match.
 OUTPUT_OPTIONS = ("crop", "resolution", "fit", "fit_steps", "smooth_window", "crop_sigma",
@@ -143,12 +145,74 @@ class PrepareConfig:
 
 
 def options(cfg: PrepareConfig) -> dict:
-    """The :data:`OUTPUT_OPTIONS` of ``cfg`` as ``meta.json`` stores them (paths absolute)."""
+    """The :data:`OUTPUT_OPTIONS` of ``cfg`` as ``meta.json`` stores them (paths absolute), and
+    :data:`PHOTOMETRIC_OPTIONS` as ``photometric_options`` when it overrides anything."""
     d = {k: getattr(cfg, k) for k in OUTPUT_OPTIONS}
     for k in ("bfm", "matting_weights"):
         if d[k]:
             d[k] = os.path.abspath(d[k])
+    if PHOTOMETRIC_OPTIONS:             # as JSON gives it back (tuples are lists)
+        d["photometric_options"] = json.loads(json.dumps(PHOTOMETRIC_OPTIONS))
     return d
+
+
+#: The options that change nothing when ``fit`` is off (then there is no 3DMM fit: zero
+#: coefficients and frontal cameras).
+FIT_OPTIONS = ("fit_steps", "bfm", "appearance", "photometric", "photometric_options",
+               "submission_offsets")
+
+
+def effective_options(opts: dict) -> dict:
+    """The options of ``opts`` (an :func:`options` record) that decide the output: without
+    ``fit`` the :data:`FIT_OPTIONS` are dropped, without ``appearance`` the photometric
+    refinement's; a record with ``photometric`` but no ``photometric_options`` (none overridden)
+    gets ``{}``. Two videos with the same effective options have frames and labels prepared
+    alike."""
+    d = dict(opts)
+    if "photometric" in d:
+        d.setdefault("photometric_options", {})
+    if d.get("fit") is False:
+        for k in FIT_OPTIONS:
+            d.pop(k, None)
+    elif d.get("appearance") is False:
+        d.pop("photometric", None)
+        d.pop("photometric_options", None)
+    return d
+
+
+def recorded_options(meta: dict) -> dict:
+    """The :func:`effective_options` a video's ``meta.json`` (``meta``) records. A folder
+    prepared before ``meta.json`` kept the ``options`` record gives what its other keys tell:
+    ``crop``, ``resolution``, ``matting`` (``selfie`` before there was a choice),
+    ``submission_offsets`` and, from ``fit_model``, ``fit`` (and no ``bfm``); options it does not
+    tell are not compared."""
+    have = meta.get("options")
+    if not isinstance(have, dict):      # written before meta.json kept the options
+        have = {"crop": meta.get("crop"), "matting": meta.get("matting", "selfie"),
+                "submission_offsets": meta.get("submission_offsets", False)}
+        res = meta.get("resolution")
+        if isinstance(res, list) and res:
+            have["resolution"] = res[0]
+        if "fit_model" in meta and meta["fit_model"] in (None, "builtin"):
+            have["fit"] = meta["fit_model"] is not None
+            if have["fit"]:
+                have["bfm"] = None
+    return effective_options(have)
+
+
+def _show(k, v) -> str:
+    """A value of option ``k`` as the command line says it (flags: given or not)."""
+    opt = CLI_OPTIONS.get(k, k)
+    if isinstance(v, bool) and opt.startswith("--"):
+        return "given" if v != opt.startswith("--no-") else "not given"
+    return repr(v)
+
+
+def _differences(have: dict, want: dict) -> str | None:
+    """``"--opt A there, B now; ..."``: the options both record, with other values (None: alike)."""
+    diff = [f"{CLI_OPTIONS.get(k, k)} {_show(k, have[k])} there, {_show(k, want[k])} now"
+            for k in want if k in have and have[k] != want[k]]
+    return "; ".join(diff) or None
 
 
 SHARD_FORM = "K/N with 0 <= K < N (e.g. 0/4), or auto (a SLURM job array)"
@@ -858,7 +922,7 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
     seconds = time.perf_counter() - t0
     timing["total_cpu_s"] = time.process_time() - c0
     meta = {"identity": src.name, "fps": source_fps(src), "source": os.path.abspath(src.path),
-            "num_frames": t, "resolution": [r, r], "generator": "pyface.data.prepare",
+            "num_frames": t, "resolution": [r, r], "generator": GENERATOR,
             "crop": cfg.crop, "source_num_frames": n, "source_frames": kept.tolist(),
             "no_face_frames": no_face, "confidence": [round(float(c), 4) for c in conf],
             "fit_residual_px": [None if not np.isfinite(x) else round(float(x), 3) for x in residual],
@@ -1025,23 +1089,90 @@ def place_sources(sources, out: str) -> list[str]:
 def _option_mismatch(out: str, name: str, cfg: PrepareConfig) -> str | None:
     """How the finished video ``out/name`` was prepared differently from ``cfg`` (None: alike)."""
     meta = fmt._load_json(os.path.join(out, name, fmt.META))
-    want = options(cfg)
-    have = meta.get("options")
-    if not isinstance(have, dict):      # written before meta.json kept the options
-        have = {"crop": meta.get("crop"), "matting": meta.get("matting", "selfie"),
-                "submission_offsets": meta.get("submission_offsets", False)}
-        res = meta.get("resolution")
-        if isinstance(res, list) and res:
-            have["resolution"] = res[0]
+    return _differences(recorded_options(meta), effective_options(options(cfg)))
 
-    def show(k, v):                     # flags: given or not, as the command line says it
-        opt = CLI_OPTIONS.get(k, k)
-        if isinstance(v, bool) and opt.startswith("--"):
-            return "given" if v != opt.startswith("--no-") else "not given"
-        return repr(v)
-    diff = [f"{CLI_OPTIONS.get(k, k)} {show(k, have[k])} there, {show(k, want[k])} now"
-            for k in want if k in have and have[k] != want[k]]
-    return "; ".join(diff) or None
+
+def _prepared_meta(root: str, name: str) -> dict | None:
+    """``meta.json`` of ``root/name`` when :func:`prepare` wrote it (None: unreadable, or
+    another generator's video)."""
+    try:
+        meta = fmt._load_json(os.path.join(root, name, fmt.META))
+    except (fmt.DataError, OSError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("generator") == GENERATOR else None
+
+
+def _examples(root: str, names: list, k: int = 2) -> str:
+    shown = ", ".join(os.path.join(root, n) for n in names[:k])
+    return shown + (", ..." if len(names) > k else "")
+
+
+#: How to repair a folder whose videos were prepared with different options.
+MIXED_OPTIONS_FIX = ("to fix it, choose the options, delete the folders of the videos prepared "
+                     "with other values and prepare them again: re-run the shards they belong "
+                     "to with the chosen options and --resume (or prepare everything into "
+                     "another --out)")
+
+
+def mixed_options(root: str, names=None) -> list[str]:
+    """The options (:func:`recorded_options`) whose value differs between the videos of
+    ``root`` that :func:`prepare` wrote (``names``, default every video folder): one line per
+    option, ``"--resolution: 256 in 5 videos (ROOT/a, ROOT/b, ...), 512 in 1 video
+    (ROOT/c)"``, the most common value first. Per-video facts (source, frame counts, timings)
+    are no options; a folder whose ``meta.json`` does not tell an option (written before the
+    ``options`` record) is not counted for it; unreadable folders and other generators' videos
+    are left out. Empty: the videos were prepared alike."""
+    values: dict = {}
+    for n in (fmt.video_names(root) if names is None else names):
+        meta = _prepared_meta(root, n)
+        if meta is None:
+            continue
+        for k, v in recorded_options(meta).items():
+            values.setdefault(k, {}).setdefault(json.dumps(v, sort_keys=True), []).append(n)
+    lines = []
+    for k, by in values.items():
+        if len(by) < 2:
+            continue
+        groups = sorted(by.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+        lines.append(f"{CLI_OPTIONS.get(k, k)}: " + ", ".join(
+            f"{_show(k, json.loads(v))} in {plural(len(ns), 'video')} ({_examples(root, ns)})"
+            for v, ns in groups))
+    return lines
+
+
+def check_same_options(root: str) -> None:
+    """Raises :class:`PrepareError` when the prepared videos of ``root`` were prepared with
+    different options (:func:`mixed_options`): the message names each option, its values, how
+    many videos have each (with examples) and the fix. ``pyface data index`` calls it before it
+    writes ``index.json``."""
+    lines = mixed_options(root)
+    if lines:
+        raise PrepareError(f"{root}: videos prepared with different options, which one dataset "
+                           f"would mix ({fmt.INDEX} not written):\n  " + "\n  ".join(lines)
+                           + f"\n{MIXED_OPTIONS_FIX}; then run pyface data index {root} again")
+
+
+def _refuse_other_options(cfg: PrepareConfig, mine: set) -> None:
+    """Raises :class:`PrepareError` when a finished video of ``cfg.out`` that this run keeps as
+    it is and does not own (not in ``mine``: another input's or another shard's) was prepared
+    with other options than ``cfg``: one dataset would mix them. Lists each difference with the
+    number of videos and examples."""
+    want = effective_options(options(cfg))
+    differ: dict = {}
+    for n in fmt.video_names(cfg.out):
+        if n in mine:
+            continue
+        meta = _prepared_meta(cfg.out, n)
+        d = None if meta is None else _differences(recorded_options(meta), want)
+        if d:
+            differ.setdefault(d, []).append(n)
+    if differ:
+        what = " | ".join(f"{d}: {plural(len(ns), 'video')} ({_examples(cfg.out, ns)})"
+                         for d, ns in sorted(differ.items(), key=lambda kv: -len(kv[1])))
+        raise PrepareError(f"--out {cfg.out}: holds videos of other inputs or shards prepared "
+                           f"with other options ({what}), which one dataset would mix with "
+                           "this run's; prepare with their options, or delete those folders, or "
+                           "prepare into another --out")
 
 
 def prepare(inputs, cfg: PrepareConfig) -> dict:
@@ -1052,8 +1183,10 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
     before it stay written and indexed); with it, bad inputs (missing, unreadable, no face, or
     failing in any other way) are warnings listed in the summary (``bad``). Folder entries that
     are not read are warnings listed in ``ignored``. With ``resume``, finished videos of the same
-    inputs are skipped; one prepared with other options (:data:`OUTPUT_OPTIONS`) is an error
-    before any work.
+    inputs are skipped; one prepared with other options (:func:`effective_options` of
+    :data:`OUTPUT_OPTIONS`) is an error before any work. So is a finished video of other inputs
+    (or, with ``shard``, of other shards) in ``out`` prepared with other options: the index
+    would mix them (:func:`_refuse_other_options`).
 
     With ``shard=(K, N)`` only the videos whose name (:func:`collect_sources`) falls in shard K
     (:func:`shard_of`) are prepared, under the names one run of all the inputs gives them; the
@@ -1118,6 +1251,7 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
         raise PrepareError("--resume: finished videos were prepared with other options ("
                            + " | ".join(differ) + "); resume with the same options, or prepare "
                            "into another --out")
+    _refuse_other_options(cfg, {s.name for s in todo} | set(skipped))
     results = []
     t0 = time.perf_counter()
     vbar = fbar = None
