@@ -350,9 +350,13 @@ step_bench_train_export3d() {
 }
 step_bench_train_otavatar() {
     local extra=()
-    # the dry run's CPU: each step inverts its batch 30 times, for two trainers (over 15 min);
-    # one W iteration and one controller iteration
-    [ "$DRY" = 1 ] && extra=(--set model.invert_iters=2 --set model.invert_controller_iters=1)
+    # the dry run's CPU: each step inverts its batch 30 times, for two trainers, one W
+    # iteration and one controller iteration instead; and the eg3d stage trained first (one
+    # step) at batch 2 without previews (its batch 16 at 128^2 took over 15 min)
+    [ "$DRY" = 1 ] && extra=(--set model.invert_iters=2 --set model.invert_controller_iters=1
+                             --set stages.eg3d.train.batch_size=2
+                             --set stages.eg3d.train.image_every=0
+                             --set stages.eg3d.train.video_frames=0)
     bench_train otavatar --no-compile "${extra[@]}" --json "$RES/bench-train-otavatar-$DEV.json"
 }
 # the compile rows compile in their warm-up steps (bench.train refuses --warmup 0 with them);
