@@ -28,6 +28,8 @@
 #   GPU_SESSION_WORK         machine-local work folder: data, runs, caches (default
 #                            /tmp/pyface-gpu-session; later calls reuse it while the machine is
 #                            warm)
+#   GPU_SESSION_KILL_AFTER_S how long a step's processes may outlive it (a timed-out step's
+#                            trainer finishing its step) before they are killed (default 20)
 #   GPU_SESSION_COMMIT       the commit the tree was copied from (the device copy has no .git)
 #   PYTHON                   the interpreter (default python3: on the GPU machine the one that
 #                            holds CUDA torch)
@@ -348,10 +350,13 @@ step_bench_train_export3d() {
 }
 step_bench_train_otavatar() {
     local extra=()
-    # the dry run's CPU: each step inverts its batch 30 times, for two trainers (over 15 min);
-    # one W iteration and one controller iteration (with no W iteration, invert_iters equal to
-    # invert_controller_iters, the step returns its invert_first loss as None)
-    [ "$DRY" = 1 ] && extra=(--set model.invert_iters=2 --set model.invert_controller_iters=1)
+    # the dry run's CPU: each step inverts its batch 30 times, for two trainers, one W
+    # iteration and one controller iteration instead; and the eg3d stage trained first (one
+    # step) at batch 2 without previews (its batch 16 at 128^2 took over 15 min)
+    [ "$DRY" = 1 ] && extra=(--set model.invert_iters=2 --set model.invert_controller_iters=1
+                             --set stages.eg3d.train.batch_size=2
+                             --set stages.eg3d.train.image_every=0
+                             --set stages.eg3d.train.video_frames=0)
     bench_train otavatar --no-compile "${extra[@]}" --json "$RES/bench-train-otavatar-$DEV.json"
 }
 # the compile rows compile in their warm-up steps (bench.train refuses --warmup 0 with them);
@@ -372,6 +377,61 @@ list_steps() {
     printf '%-28s %-7s %s\n' step phase cap_s
     awk 'NF {printf "%-28s %-7s %s\n", $1, $2, $3}' <<<"$STEPS"
 }
+
+# ---------------------------------------------------------------- running a step
+# `timeout` (not --foreground) makes itself the leader of a new process group, so the group of
+# a step is the pid of its `timeout`. On expiry `timeout` sends SIGTERM to the whole group, but
+# it returns as soon as the step's bash exits, which bash does at once: a process that handles
+# SIGTERM (a trainer finishing its step and writing its checkpoint) would outlive the step.
+# end_group waits up to KILL_AFTER seconds for what is left of the group (after a SIGTERM when
+# the step ended by itself), then kills it, so no step overlaps the next one.
+KILL_AFTER=${GPU_SESSION_KILL_AFTER_S:-20}
+STEP_PID="" LEFT_OVER=0
+# a live process in group $1; zombies do not count (an init that reaps nothing leaves them)
+group_alive() {
+    if command -v ps >/dev/null; then
+        ps -eo pgid=,stat= | awk -v g="$1" '$1 == g && $2 !~ /^Z/ {f = 1} END {exit !f}'
+    else
+        kill -0 -- "-$1" 2>/dev/null
+    fi
+}
+end_group() {                     # end_group PGID SIGNALLED(0/1): sets LEFT_OVER (0/1)
+    LEFT_OVER=0
+    group_alive "$1" || return 0
+    sleep 0.5                     # a process killed with its `timeout` is gone by then
+    group_alive "$1" || return 0
+    LEFT_OVER=1
+    [ "$2" = 1 ] || kill -TERM -- "-$1" 2>/dev/null
+    local waited=0
+    while group_alive "$1" && [ "$waited" -lt $((KILL_AFTER * 5)) ]; do
+        sleep 0.2
+        waited=$((waited + 1))
+    done
+    group_alive "$1" && kill -KILL -- "-$1" 2>/dev/null
+    return 0
+}
+run_limited() {                   # run_limited LIMIT LOG CMD...: the exit code of CMD (124: timeout)
+    local lim=$1 out=$2 code
+    shift 2
+    timeout --signal=TERM --kill-after="$KILL_AFTER" "$lim" "$@" >"$out" 2>&1 </dev/null &
+    STEP_PID=$!
+    wait "$STEP_PID" 2>/dev/null  # (bash's "Killed" line when `timeout` kills its own group)
+    code=$?
+    end_group "$STEP_PID" "$([ "$code" = 124 ] || [ "$code" = 137 ] && echo 1 || echo 0)"
+    if [ "$LEFT_OVER" = 1 ]; then
+        echo "gpu_session: processes of this step were still running after it ended: stopped" \
+            "(SIGTERM, SIGKILL after ${KILL_AFTER} s)" >>"$out"
+    fi
+    STEP_PID=""
+    return "$code"
+}
+
+# internal, for tests: run_limited alone
+if [ "${1:-}" = __limited ]; then
+    shift
+    run_limited "$@"
+    exit $?
+fi
 
 # internal: one step, in its own process (so that `timeout` can stop all of it)
 if [ "${1:-}" = __step ]; then
@@ -455,12 +515,13 @@ fi
 
 # stopped from outside (SIGTERM, Ctrl-C): stop the running step's process group too (its
 # `timeout` passes the signal on), record it and publish what was done
-STEP_PID="" CURRENT=""
+CURRENT=""
 on_signal() {
     trap - TERM INT
     if [ -n "$STEP_PID" ]; then
         kill -TERM "$STEP_PID" 2>/dev/null
         wait "$STEP_PID" 2>/dev/null
+        end_group "$STEP_PID" 1
         printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$CURRENT" "$(table_field "$CURRENT" 2)" \
             interrupted 143 $(($(date +%s) - t0)) "$limit" "$log" >>"$SUMMARY"
     fi
@@ -485,12 +546,8 @@ for s in "${ORDER[@]}"; do
     else
         t0=$(date +%s)
         CURRENT=$s
-        timeout --signal=TERM --kill-after=20 "$limit" \
-            bash "$SCRIPT" __step "$RES" "$s" >"$RES/$log" 2>&1 </dev/null &
-        STEP_PID=$!
-        wait "$STEP_PID"
+        run_limited "$limit" "$RES/$log" bash "$SCRIPT" __step "$RES" "$s"
         rc=$?
-        STEP_PID=""
         secs=$(($(date +%s) - t0))
         case $rc in
             0) status=ok ;;

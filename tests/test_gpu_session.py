@@ -130,3 +130,31 @@ def test_a_signal_stops_the_running_step_and_publishes(tmp_path):
         time.sleep(1)
         res = subprocess.run(["pgrep", "-f", f"data synth --out {work}"], capture_output=True)
         assert res.returncode == 1, res.stdout
+
+
+LINGERING = ("import signal, time; signal.signal(signal.SIGTERM, lambda *a: print('TERM: finishing',"
+             " flush=True)); print('started', flush=True); time.sleep(120)")
+
+
+@pytest.mark.skipif(shutil.which("ps") is None, reason="needs ps")
+@pytest.mark.parametrize("command, rc", [
+    # a timed-out step whose bash exits on SIGTERM while its Python process handles it
+    ('"$PY" -c "$CODE"; echo not reached', 124),
+    # a step that ended by itself, leaving a process behind
+    ('"$PY" -c "$CODE" & sleep 1', 0)])
+def test_no_process_of_a_step_outlives_it(tmp_path, command, rc):
+    import time
+
+    log = tmp_path / "step.log"
+    env = {**os.environ, "GPU_SESSION_KILL_AFTER_S": "1", "PY": sys.executable, "CODE": LINGERING}
+    t0 = time.monotonic()
+    res = subprocess.run(["bash", SCRIPT, "__limited", "3", str(log), "bash", "-c", command], env=env, capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    seconds = time.monotonic() - t0
+    assert res.returncode == rc, res.stdout + res.stderr
+    text = log.read_text()
+    assert "started" in text and "processes of this step were still running" in text, text
+    assert seconds < 15, seconds             # the limit, then at most about KILL_AFTER more
+    ps = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True).stdout
+    assert not [line for line in ps.splitlines()
+                if "TERM: finishing" in line and not line.startswith("Z")], ps
