@@ -144,6 +144,27 @@ def test_merge_refuses_overlapping_missing_and_foreign_parts(root):
     assert merge_results([whole]).ranks is None          # one part: a one-process result
 
 
+
+def test_merge_refuses_parts_with_another_detector_or_without_jitter(root):
+    """Parts whose landmark detector differs, or of which one measured jitter and another did
+    not, are not shards of one evaluation: a ValueError naming the part and the attribute."""
+    import copy
+
+    kw = dict(protocol="same", detector="none", batch_size=2)
+    a = evaluate(CopySource(16), root, shard=(0, 2), metrics=("psnr", "jitter"), **kw)
+    b = evaluate(CopySource(16), root, shard=(1, 2), metrics=("psnr",), **kw)
+    with pytest.raises(ValueError, match=r"merge_results: part 1's jitter \(none\) differs "
+                                         r"from part 0's \(measured\): not shards of one "
+                                         "evaluation"):
+        merge_results([a, b])
+    c = evaluate(CopySource(16), root, shard=(1, 2), metrics=("psnr", "jitter"), **kw)
+    d = copy.copy(c)
+    d.detector = "mediapipe"
+    with pytest.raises(ValueError, match=r"merge_results: part 1's detector \('mediapipe'\) "
+                                         r"differs from part 0's \(None\)"):
+        merge_results([a, d])
+    assert merge_results([a, c]).jitter is not None
+
 # -- under torchrun (2 CPU processes, gloo) ---------------------------------------------------
 
 WRAPPER = textwrap.dedent("""

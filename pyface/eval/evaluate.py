@@ -397,11 +397,16 @@ def merge_results(parts) -> EvalResult:
             raise ValueError(f"merge_results: part {k} is itself merged ({p.world_size} ranks); "
                              "expected the results of evaluate(shard=...)")
         for attr in ("protocol", "subset", "resolution", "indices", "seed", "ground_truth",
-                     "set_metrics", "controls"):
+                     "set_metrics", "controls", "detector"):
             if getattr(p, attr) != getattr(first, attr):
                 raise ValueError(f"merge_results: part {k}'s {attr} ({getattr(p, attr)!r}) "
                                  f"differs from part 0's ({getattr(first, attr)!r}): not "
                                  "shards of one evaluation")
+        if (p.jitter is None) != (first.jitter is None):
+            said = {True: "none", False: "measured"}
+            raise ValueError(f"merge_results: part {k}'s jitter ({said[p.jitter is None]}) "
+                             f"differs from part 0's ({said[first.jitter is None]}): not shards "
+                             "of one evaluation")
         if list(p.values) != list(first.values):
             raise ValueError(f"merge_results: part {k}'s metrics ({list(p.values)}) differ from "
                              f"part 0's ({list(first.values)}): not shards of one evaluation")
