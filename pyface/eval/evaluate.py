@@ -654,6 +654,8 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
         raise ValueError(f"subset: expected one of {SUBSETS}, got {subset!r}")
     if int(batch_size) <= 0:
         raise ValueError(f"batch_size: expected > 0, got {batch_size}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"evaluate: seed must be a non-negative int or None, got {seed!r}")
     if shard is not None:
         ok = (isinstance(shard, tuple) and len(shard) == 2
               and all(isinstance(v, int) and not isinstance(v, bool) for v in shard))
@@ -743,8 +745,6 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
     own_detector = det is not None and isinstance(detector, str)     # started here: closed here
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ValueError(f"evaluate: seed must be a non-negative int or None, got {seed!r}")
     rng = contextlib.ExitStack()
     if seed is not None:
         rng.enter_context(torch.random.fork_rng(
