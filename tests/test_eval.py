@@ -264,6 +264,16 @@ def test_evaluation_is_reproducible_and_keeps_the_callers_random_state(root):
         evaluate(Noisy(48), root, protocol="same", max_pairs=2, seed=-1)
 
 
+def test_a_bad_seed_is_refused_before_any_work(root):
+    """The seed is checked with the other arguments, before the metrics' networks load (here
+    lpips without its weights would fail first), a detector starts or a progress bar opens."""
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match=rf"^evaluate: seed must be a non-negative int or "
+                                             rf"None, got {bad!r}$"):
+            evaluate(CopySource(48), root, protocol="same", metrics=("psnr", "lpips"),
+                     seed=bad, progress=True)
+
+
 def test_bad_pipeline_output(root):
     class Bad(CopySource):
         def generate(self, state, motion, **kw):

@@ -144,6 +144,27 @@ def test_merge_refuses_overlapping_missing_and_foreign_parts(root):
     assert merge_results([whole]).ranks is None          # one part: a one-process result
 
 
+
+def test_merge_refuses_parts_with_another_detector_or_without_jitter(root):
+    """Parts whose landmark detector differs, or of which one measured jitter and another did
+    not, are not shards of one evaluation: a ValueError naming the part and the attribute."""
+    import copy
+
+    kw = dict(protocol="same", detector="none", batch_size=2)
+    a = evaluate(CopySource(16), root, shard=(0, 2), metrics=("psnr", "jitter"), **kw)
+    b = evaluate(CopySource(16), root, shard=(1, 2), metrics=("psnr",), **kw)
+    with pytest.raises(ValueError, match=r"merge_results: part 1's jitter \(none\) differs "
+                                         r"from part 0's \(measured\): not shards of one "
+                                         "evaluation"):
+        merge_results([a, b])
+    c = evaluate(CopySource(16), root, shard=(1, 2), metrics=("psnr", "jitter"), **kw)
+    d = copy.copy(c)
+    d.detector = "mediapipe"
+    with pytest.raises(ValueError, match=r"merge_results: part 1's detector \('mediapipe'\) "
+                                         r"differs from part 0's \(None\)"):
+        merge_results([a, d])
+    assert merge_results([a, c]).jitter is not None
+
 # -- under torchrun (2 CPU processes, gloo) ---------------------------------------------------
 
 WRAPPER = textwrap.dedent("""
@@ -164,6 +185,11 @@ WRAPPER = textwrap.dedent("""
         def boom(self, *a, **k):
             raise RuntimeError("generate failed on purpose")
         CopySource.generate = boom
+    if os.environ.get("FAIL_MERGE") == os.environ["RANK"]:   # joining the parts fails there
+        from pyface.eval import evaluate as E
+        def broken(parts):
+            raise RuntimeError("merging failed on purpose")
+        E.merge_results = broken
     code = main(argv)
     with open(os.path.join(out, "rank%s.json" % os.environ["RANK"]), "w") as f:
         json.dump({"code": code, "writes": writes}, f)
@@ -260,6 +286,19 @@ def test_torchrun_a_rank_that_fails_stops_every_rank(root, tmp_path):
     assert ("pyface eval: the same evaluation of copy-source failed on another rank, so every "
             "rank stops (rank 1 of 2: RuntimeError: generate failed on purpose)\n") in proc.stderr
     assert proc.stdout.count("copy-source on ") == 0 and not (tmp_path / "x.json").exists()
+
+
+def test_torchrun_a_merge_that_fails_on_rank_0_stops_every_rank(root, tmp_path):
+    """Joining the parts fails on rank 0 (an error other than a ValueError): rank 0 prints it,
+    rank 1 is told and exits 1 without an error of its own (no rank waits for the other),
+    nothing is written."""
+    proc, ranks = _torchrun(tmp_path, "eval", "copy-source", "--data", root, *BASE,
+                            "--protocol", "same", "--json", str(tmp_path / "x.json"),
+                            env={"FAIL_MERGE": "0"})
+    assert proc.returncode != 0 and ranks == [{"code": 1, "writes": []}] * 2, proc.stderr[-3000:]
+    assert "pyface eval: merging failed on purpose\n" in proc.stderr
+    assert "[rank 1]" not in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_pack_sends_only_a_shards_rows(root):

@@ -151,6 +151,22 @@ def test_a_model_that_names_no_modules_trains_uncompiled_with_one_warning(tmp_pa
     assert tr.compiled == [] and not is_compiled(tr.model)
 
 
+def test_a_model_wrapped_by_torch_compile_is_refused(tmp_path):
+    """torch.compile(model) (an OptimizedModule) prefixes every state_dict key with
+    '_orig_mod.', so its checkpoints would not load into the model: the trainer refuses it,
+    naming train.compile, which compiles in place and keeps the keys."""
+    cfg = build_experiment("example", M.Config, defaults=M.recipe,
+                           overrides=[*TINY, f"train.run_dir={tmp_path / 'wrapped'}"])
+    wrapped = torch.compile(M(cfg.model_config), backend="eager")
+    assert list(wrapped.state_dict())[0].startswith("_orig_mod.")
+    with pytest.raises(ValueError, match=r"^model: expected the TriplaneAutoencoder itself, got "
+                                         r"torch.compile's wrapper of it \(OptimizedModule\), "
+                                         r"whose state_dict keys start with '_orig_mod\.'.*"
+                                         r"train.compile"):
+        Trainer(cfg, model=wrapped)
+    assert not os.path.exists(tmp_path / "wrapped" / "checkpoints")
+
+
 @pytest.mark.parametrize("first,then", [("aot_eager", "off"), ("off", "aot_eager")])
 def test_resume_across_compile_on_and_off(tmp_path, first, then):
     """A run trained compiled resumes uncompiled and vice versa: the checkpoint is the same."""

@@ -90,7 +90,8 @@ class EvalGroup:
         """A collective: each rank's :class:`~pyface.eval.evaluate.EvalResult` of its shard
         (``error``: why it has none) goes to rank 0, which returns
         :func:`~pyface.eval.evaluate.merge_results` of them; the other ranks return None. When a
-        rank failed, every rank raises as in :meth:`agree`."""
+        rank failed, every rank raises as in :meth:`agree`; so does every rank when joining the
+        parts fails on rank 0 (whatever the error), rank 0 with its own error."""
         from pyface.eval.evaluate import merge_results
 
         payload = ("error", _describe(error)) if error is not None else ("ok", pack(result))
@@ -102,7 +103,7 @@ class EvalGroup:
             if not failures:
                 try:                       # told to every rank, as a rank's own failure
                     merged = merge_results([unpack(p[1]) for p in parts])
-                except ValueError as exc:
+                except Exception as exc:  # noqa: BLE001 - any error: the others must not wait
                     error = exc
                     failures = [(0, _describe(exc))]
         box = [failures]

@@ -397,11 +397,16 @@ def merge_results(parts) -> EvalResult:
             raise ValueError(f"merge_results: part {k} is itself merged ({p.world_size} ranks); "
                              "expected the results of evaluate(shard=...)")
         for attr in ("protocol", "subset", "resolution", "indices", "seed", "ground_truth",
-                     "set_metrics", "controls"):
+                     "set_metrics", "controls", "detector"):
             if getattr(p, attr) != getattr(first, attr):
                 raise ValueError(f"merge_results: part {k}'s {attr} ({getattr(p, attr)!r}) "
                                  f"differs from part 0's ({getattr(first, attr)!r}): not "
                                  "shards of one evaluation")
+        if (p.jitter is None) != (first.jitter is None):
+            said = {True: "none", False: "measured"}
+            raise ValueError(f"merge_results: part {k}'s jitter ({said[p.jitter is None]}) "
+                             f"differs from part 0's ({said[first.jitter is None]}): not shards "
+                             "of one evaluation")
         if list(p.values) != list(first.values):
             raise ValueError(f"merge_results: part {k}'s metrics ({list(p.values)}) differ from "
                              f"part 0's ({list(first.values)}): not shards of one evaluation")
@@ -649,6 +654,8 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
         raise ValueError(f"subset: expected one of {SUBSETS}, got {subset!r}")
     if int(batch_size) <= 0:
         raise ValueError(f"batch_size: expected > 0, got {batch_size}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"evaluate: seed must be a non-negative int or None, got {seed!r}")
     if shard is not None:
         ok = (isinstance(shard, tuple) and len(shard) == 2
               and all(isinstance(v, int) and not isinstance(v, bool) for v in shard))
@@ -738,8 +745,6 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
     own_detector = det is not None and isinstance(detector, str)     # started here: closed here
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ValueError(f"evaluate: seed must be a non-negative int or None, got {seed!r}")
     rng = contextlib.ExitStack()
     if seed is not None:
         rng.enter_context(torch.random.fork_rng(

@@ -194,7 +194,8 @@ class Trainer:
         cfg: the experiment config (``pyface.train.config.build_experiment``).
         model: the model; default: built from the registry by ``cfg.model`` right after
             ``torch.manual_seed(train.seed)`` (a model passed in keeps the caller's
-            initialisation).
+            initialisation). Not a ``torch.compile(model)`` wrapper (its ``state_dict`` keys
+            carry the ``_orig_mod.`` prefix): ``train.compile`` compiles in place.
         dataset: a map-style dataset whose items are dicts of tensors and depend on the index only;
             default: built from the registry by ``cfg.data.name``.
     """
@@ -203,6 +204,15 @@ class Trainer:
                  dataset=None):
         from pyface.train import registry
 
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, torch.nn.Module):        # torch.compile(model): OptimizedModule
+            raise ValueError(
+                f"model: expected the {type(inner).__name__} itself, got torch.compile's wrapper "
+                f"of it ({type(model).__name__}), whose state_dict keys start with '_orig_mod.', "
+                f"so its checkpoints would not load into a {type(inner).__name__} (pyface.models."
+                "load, --resume, train.init_from); pass the model and set train.compile (e.g. "
+                "--set train.compile=default), which compiles its compile_modules in place and "
+                "keeps the keys")
         t = cfg.train
         if t.precision not in ("fp32", "bf16"):
             raise ValueError(f"train.precision: expected 'fp32' or 'bf16', got {t.precision!r}")
