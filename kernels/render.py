@@ -86,23 +86,13 @@ def _features(planes_ptr, b, ox, oy, oz, dx, dy, dz, t, mask_s, H, W,
 
 
 @triton.jit
-def _load_w1t(w1_ptr, C: tl.constexpr, C_P: tl.constexpr, HID: tl.constexpr,
-              H_P: tl.constexpr):
-    """w1 (HID, C) as a (C_P, H_P) tile of w1^T."""
-    oc = tl.arange(0, C_P)
-    oh = tl.arange(0, H_P)
-    return tl.load(w1_ptr + oh[None, :] * C + oc[:, None],
-                   mask=(oc[:, None] < C) & (oh[None, :] < HID), other=0.0)
-
-
-@triton.jit
-def _load_w2t(w2_ptr, HID: tl.constexpr, H_P: tl.constexpr, OUT: tl.constexpr,
-              O_P: tl.constexpr):
-    """w2 (OUT, HID) as a (H_P, O_P) tile of w2^T."""
-    oh = tl.arange(0, H_P)
-    oo = tl.arange(0, O_P)
-    return tl.load(w2_ptr + oo[None, :] * HID + oh[:, None],
-                   mask=(oh[:, None] < HID) & (oo[None, :] < OUT), other=0.0)
+def _load_t(w_ptr, N_IN: tl.constexpr, IN_P: tl.constexpr, N_OUT: tl.constexpr,
+            OUT_P: tl.constexpr):
+    """A decoder layer's weight w (N_OUT, N_IN) as a (IN_P, OUT_P) tile of w^T (0-padded)."""
+    oi = tl.arange(0, IN_P)
+    oo = tl.arange(0, OUT_P)
+    return tl.load(w_ptr + oo[None, :] * N_IN + oi[:, None],
+                   mask=(oi[:, None] < N_IN) & (oo[None, :] < N_OUT), other=0.0)
 
 
 @triton.jit
@@ -153,8 +143,8 @@ def _render_fwd_kernel(
     dz = tl.load(d_ptr + ray * 3 + 2)
     dmin = tl.load(range_ptr)
     dmax = tl.load(range_ptr + 1)
-    w1t = _load_w1t(w1_ptr, C, C_P, HID, H_P)
-    w2t = _load_w2t(w2_ptr, HID, H_P, OUT, O_P)
+    w1t = _load_t(w1_ptr, C, C_P, HID, H_P)
+    w2t = _load_t(w2_ptr, HID, H_P, OUT, O_P)
     oh = tl.arange(0, H_P)
     oo = tl.arange(0, O_P)
     b1 = tl.load(b1_ptr + oh, mask=oh < HID, other=0.0)
@@ -261,8 +251,8 @@ def _render_bwd_kernel(
     oo = tl.arange(0, O_P)
     offs = tl.arange(0, S_P)
     ms = offs < S
-    w1t = _load_w1t(w1_ptr, C, C_P, HID, H_P)
-    w2t = _load_w2t(w2_ptr, HID, H_P, OUT, O_P)
+    w1t = _load_t(w1_ptr, C, C_P, HID, H_P)
+    w2t = _load_t(w2_ptr, HID, H_P, OUT, O_P)
     b1 = tl.load(b1_ptr + oh, mask=oh < HID, other=0.0)
     b2 = tl.load(b2_ptr + oo, mask=oo < OUT, other=0.0)
     t = tl.load(t_ptr + ray * S + offs, mask=ms, other=0.0)
