@@ -44,11 +44,11 @@ def _identity(v, Do, Ho, Wo, GRID_ALIGN: tl.constexpr):
 
 @triton.jit
 def _block(n, BLOCK_V: tl.constexpr):
-    """This program's block: (program index, batch item, BLOCK_V voxel indices, which are < n)."""
+    """This program's block: (batch item, BLOCK_V voxel indices, which are < n)."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
-    return pid, b, v, v < n
+    return b, v, v < n
 
 
 @triton.jit
@@ -149,32 +149,26 @@ def _taps(x, y, z, D, H, W, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _tap_axis(i, f, UPPER: tl.constexpr):
+    """The lower (f) or upper (f + 1) neighbour of coordinate i along one axis (f = floor(i)):
+    its coordinate, its 1-D weight and d weight / d i."""
+    if UPPER:
+        c = f + 1.0
+        w = i - f
+        s = 1.0
+    else:
+        c = f
+        w = f + 1.0 - i
+        s = -1.0
+    return c, w, s
+
+
+@triton.jit
 def _tap(ix, iy, iz, fx, fy, fz, D, H, W, k: tl.constexpr):
     """Tap k (x + (k & 1), y + ((k >> 1) & 1), z + (k >> 2)): indices, weight, d weight / d i*."""
-    if k % 2 == 1:
-        xk = fx + 1.0
-        wx = ix - fx
-        sx = 1.0
-    else:
-        xk = fx
-        wx = fx + 1.0 - ix
-        sx = -1.0
-    if (k // 2) % 2 == 1:
-        yk = fy + 1.0
-        wy = iy - fy
-        sy = 1.0
-    else:
-        yk = fy
-        wy = fy + 1.0 - iy
-        sy = -1.0
-    if k // 4 == 1:
-        zk = fz + 1.0
-        wz = iz - fz
-        sz = 1.0
-    else:
-        zk = fz
-        wz = fz + 1.0 - iz
-        sz = -1.0
+    xk, wx, sx = _tap_axis(ix, fx, k % 2 == 1)
+    yk, wy, sy = _tap_axis(iy, fy, (k // 2) % 2 == 1)
+    zk, wz, sz = _tap_axis(iz, fz, k // 4 == 1)
     xi = xk.to(tl.int64)
     yi = yk.to(tl.int64)
     zi = zk.to(tl.int64)
@@ -316,7 +310,7 @@ def _flow_bwd_tail(masks_ptr, kps_ptr, kpd_ptr, jac_ptr, gmasks_ptr, part_ptr, b
 def _warp_volume_fwd(vol_ptr, grid_ptr, out_ptr, Vo, s_b, s_c, s_d, s_h, s_w, D, H, W,
                      C: tl.constexpr, ALIGN: tl.constexpr, BLOCK_V: tl.constexpr,
                      BLOCK_C: tl.constexpr):
-    pid, b, v, mask_v = _block(Vo, BLOCK_V)
+    b, v, mask_v = _block(Vo, BLOCK_V)
     x, y, z = _load_xyz(grid_ptr + (b * Vo + v) * 3, mask_v)
     _sample_store(vol_ptr, out_ptr, b, v, mask_v, x, y, z, Vo, b * C * Vo,
                   s_b, s_c, s_d, s_h, s_w, D, H, W, C, ALIGN, BLOCK_C)
@@ -327,7 +321,7 @@ def _warp_volume_bwd(vol_ptr, grid_ptr, go_ptr, gvol_ptr, ggrid_ptr, Vo,
                      s_b, s_c, s_d, s_h, s_w, D, H, W,
                      C: tl.constexpr, ALIGN: tl.constexpr, NEED_VOL: tl.constexpr,
                      NEED_GRID: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid, b, v, mask_v = _block(Vo, BLOCK_V)
+    b, v, mask_v = _block(Vo, BLOCK_V)
     x, y, z = _load_xyz(grid_ptr + (b * Vo + v) * 3, mask_v)
     gx, gy, gz = _sample_bwd(vol_ptr, go_ptr, gvol_ptr, b, v, mask_v, x, y, z, Vo, b * C * Vo,
                              s_b, s_c, s_d, s_h, s_w, D, H, W, C, ALIGN, NEED_VOL, NEED_GRID,
@@ -340,7 +334,7 @@ def _warp_volume_bwd(vol_ptr, grid_ptr, go_ptr, gvol_ptr, ggrid_ptr, Vo,
 def _keypoint_flow_fwd(masks_ptr, kps_ptr, kpd_ptr, jac_ptr, flow_ptr, Vo, Do, Ho, Wo,
                        K: tl.constexpr, HAS_JAC: tl.constexpr, GRID_ALIGN: tl.constexpr,
                        BLOCK_V: tl.constexpr):
-    pid, b, v, mask_v = _block(Vo, BLOCK_V)
+    b, v, mask_v = _block(Vo, BLOCK_V)
     zx, zy, zz = _identity(v, Do, Ho, Wo, GRID_ALIGN)
     fx, fy, fz = _flow(masks_ptr, kps_ptr, kpd_ptr, jac_ptr, b, v, mask_v, zx, zy, zz, Vo, K,
                        HAS_JAC)
@@ -353,8 +347,9 @@ def _keypoint_flow_bwd(gflow_ptr, masks_ptr, kps_ptr, kpd_ptr, jac_ptr, gmasks_p
                        K: tl.constexpr, HAS_JAC: tl.constexpr, GRID_ALIGN: tl.constexpr,
                        NEED_MASKS: tl.constexpr, NEED_KP: tl.constexpr, NEED_JAC: tl.constexpr,
                        BLOCK_V: tl.constexpr):
-    pid, b, v, mask_v = _block(Vo, BLOCK_V)
+    pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    b, v, mask_v = _block(Vo, BLOCK_V)
     zx, zy, zz = _identity(v, Do, Ho, Wo, GRID_ALIGN)
     gx, gy, gz = _load_xyz(gflow_ptr + (b * Vo + v) * 3, mask_v)
     _flow_bwd_tail(masks_ptr, kps_ptr, kpd_ptr, jac_ptr, gmasks_ptr, part_ptr, b, pid, nprog,
@@ -368,7 +363,7 @@ def _warp_by_keypoints_fwd(vol_ptr, masks_ptr, kps_ptr, kpd_ptr, jac_ptr, out_pt
                            C: tl.constexpr, K: tl.constexpr, HAS_JAC: tl.constexpr,
                            ALIGN: tl.constexpr, GRID_ALIGN: tl.constexpr,
                            BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid, b, v, mask_v = _block(Vo, BLOCK_V)
+    b, v, mask_v = _block(Vo, BLOCK_V)
     zx, zy, zz = _identity(v, Do, Ho, Wo, GRID_ALIGN)
     fx, fy, fz = _flow(masks_ptr, kps_ptr, kpd_ptr, jac_ptr, b, v, mask_v, zx, zy, zz, Vo, K,
                        HAS_JAC)
@@ -384,8 +379,9 @@ def _warp_by_keypoints_bwd(vol_ptr, masks_ptr, kps_ptr, kpd_ptr, jac_ptr, go_ptr
                            NEED_VOL: tl.constexpr, NEED_MASKS: tl.constexpr,
                            NEED_KP: tl.constexpr, NEED_JAC: tl.constexpr,
                            BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid, b, v, mask_v = _block(Vo, BLOCK_V)
+    pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    b, v, mask_v = _block(Vo, BLOCK_V)
     zx, zy, zz = _identity(v, Do, Ho, Wo, GRID_ALIGN)
     fx, fy, fz = _flow(masks_ptr, kps_ptr, kpd_ptr, jac_ptr, b, v, mask_v, zx, zy, zz, Vo, K,
                        HAS_JAC)
@@ -405,7 +401,7 @@ def _motion_field_input_fwd(vol_ptr, kps_ptr, kpd_ptr, jac_ptr, out_ptr, V, inv_
                             C: tl.constexpr, K: tl.constexpr, HAS_JAC: tl.constexpr,
                             ALIGN: tl.constexpr, GRID_ALIGN: tl.constexpr,
                             BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid, b, v, mask_v = _block(V, BLOCK_V)
+    b, v, mask_v = _block(V, BLOCK_V)
     zx, zy, zz = _identity(v, D, H, W, GRID_ALIGN)
     ob = b * (K + 1) * (C + 1) * V
     tl.store(out_ptr + ob + v, tl.zeros((BLOCK_V,), dtype=tl.float32).to(
@@ -432,8 +428,9 @@ def _motion_field_input_bwd(vol_ptr, kps_ptr, kpd_ptr, jac_ptr, go_ptr, gvol_ptr
                             NEED_VOL: tl.constexpr, NEED_KP: tl.constexpr,
                             NEED_JAC: tl.constexpr, BLOCK_V: tl.constexpr,
                             BLOCK_C: tl.constexpr):
-    pid, b, v, mask_v = _block(V, BLOCK_V)
+    pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    b, v, mask_v = _block(V, BLOCK_V)
     zx, zy, zz = _identity(v, D, H, W, GRID_ALIGN)
     ob = b * (K + 1) * (C + 1) * V
     NEED_POS: tl.constexpr = NEED_KP or NEED_JAC
