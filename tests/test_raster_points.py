@@ -280,6 +280,11 @@ def test_p2t_bad_input_direct_op():
         torch.ops.pyface.splat_points_index(points, 4, 4, -1.0)
     with pytest.raises(ValueError, match="image_size"):
         torch.ops.pyface.splat_points_index(points, 4, 0, 1.0)
+    index = torch.zeros(2, 3, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"grad: expected shape \(B, G, C, P\) matching index"):
+        torch.ops.pyface.gather_features_bwd(torch.randn(2, 3, 4, 6), index, 10)
+    with pytest.raises(TypeError, match="grad: expected a floating-point tensor"):
+        torch.ops.pyface.gather_features_bwd(torch.ones(2, 3, 4, 5, dtype=torch.long), index, 10)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -96,6 +96,18 @@ void check_interp(const at::Tensor& faces, const at::Tensor& face_index, const a
                     shape_str(face_index), ", got ", shape_str(bary));
 }
 
+void check_gather_grad(const at::Tensor& grad, const at::Tensor& index, DeviceCheck device) {
+  PYFACE_CHECK_DIM("grad", grad, 4, "(B, G, C, P)");
+  PYFACE_CHECK_FLOAT("grad", grad);
+  PYFACE_CHECK_DIM("index", index, 3, "(B, G, P)");
+  device("grad", grad);
+  device("index", index);
+  TORCH_CHECK_VALUE(grad.size(0) == index.size(0) && grad.size(1) == index.size(1) &&
+                        grad.size(3) == index.size(2),
+                    "grad: expected shape (B, G, C, P) matching index ", shape_str(index),
+                    ", got ", shape_str(grad));
+}
+
 void check_interp_attributes(const at::Tensor& attributes, const at::Tensor& face_index,
                              DeviceCheck device) {
   PYFACE_CHECK_DIM("attributes", attributes, 3, "(B, V, C)");

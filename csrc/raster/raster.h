@@ -52,5 +52,8 @@ TriplaneIndexArgs check_points_to_triplane(const at::Tensor& points,
 // features (B, N, C) floating and index (B, G, P) int64.
 void check_gather(const at::Tensor& features, const at::Tensor& index);
 
+// gather_features_bwd: grad (B, G, C, P) floating and index (B, G, P), both on the `device`.
+void check_gather_grad(const at::Tensor& grad, const at::Tensor& index, DeviceCheck device);
+
 }  // namespace raster
 }  // namespace pyface

@@ -164,16 +164,9 @@ at::Tensor gather_features_cuda(const at::Tensor& features, const at::Tensor& in
 
 at::Tensor gather_features_bwd_cuda(const at::Tensor& grad, const at::Tensor& index,
                                     int64_t num_points) {
-  PYFACE_CHECK_DIM("grad", grad, 4, "(B, G, C, P)");
-  PYFACE_CHECK_FLOAT("grad", grad);
-  PYFACE_CHECK_DIM("index", index, 3, "(B, G, P)");
-  check_cuda("grad", grad);
-  check_cuda("index", index);
+  check_gather_grad(grad, index, check_cuda);
   const c10::cuda::CUDAGuard guard(grad.device());
   const int64_t B = index.size(0), G = index.size(1), P = index.size(2), C = grad.size(2);
-  TORCH_CHECK_VALUE(grad.size(0) == B && grad.size(1) == G && grad.size(3) == P,
-                    "grad: expected shape (B, G, C, P) matching index ", shape_str(index),
-                    ", got ", shape_str(grad));
   auto gacc = at::zeros({B, num_points, C}, grad.options().dtype(acc_dtype(grad)));
   if (gacc.numel() > 0 && G * P > 0) {
     const auto g = grad.contiguous();
