@@ -27,6 +27,14 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 constexpr int64_t kTile = 16;
 
+// Calls f(bin) for the bin of every tile that triangle tr covers, in row-major tile order; bins
+// of its batch item start at base, tiles_x tiles per row.
+template <typename F>
+inline void for_tile_bins(const Triangle& tr, int64_t base, int64_t tiles_x, const F& f) {
+  for (int64_t ty = tr.y0 / kTile; ty <= tr.y1 / kTile; ++ty)
+    for (int64_t tx = tr.x0 / kTile; tx <= tr.x1 / kTile; ++tx) f(base + ty * tiles_x + tx);
+}
+
 template <typename scalar_t>
 void raster_mesh_cpu_kernel(const double* verts, const int64_t* faces, int64_t B, int64_t V,
                             int64_t F, int64_t H, int64_t W, Cull cull, bool persp,
@@ -45,10 +53,7 @@ void raster_mesh_cpu_kernel(const double* verts, const int64_t* faces, int64_t B
   for (int64_t t = 0; t < B * F; ++t) {
     const Triangle& tr = tris[t];
     if (!tr.valid) continue;
-    const int64_t base = (t / F) * n_tiles;
-    for (int64_t ty = tr.y0 / kTile; ty <= tr.y1 / kTile; ++ty)
-      for (int64_t tx = tr.x0 / kTile; tx <= tr.x1 / kTile; ++tx)
-        ++tile_start[base + ty * tiles_x + tx + 1];
+    for_tile_bins(tr, (t / F) * n_tiles, tiles_x, [&](int64_t bin) { ++tile_start[bin + 1]; });
   }
   for (int64_t i = 0; i < B * n_tiles; ++i) tile_start[i + 1] += tile_start[i];
   HostBuffer<int32_t> tile_faces(tile_start[B * n_tiles]);
@@ -58,10 +63,8 @@ void raster_mesh_cpu_kernel(const double* verts, const int64_t* faces, int64_t B
     for (int64_t t = 0; t < B * F; ++t) {
       const Triangle& tr = tris[t];
       if (!tr.valid) continue;
-      const int64_t base = (t / F) * n_tiles;
-      for (int64_t ty = tr.y0 / kTile; ty <= tr.y1 / kTile; ++ty)
-        for (int64_t tx = tr.x0 / kTile; tx <= tr.x1 / kTile; ++tx)
-          tile_faces[fill[base + ty * tiles_x + tx]++] = static_cast<int32_t>(t % F);
+      for_tile_bins(tr, (t / F) * n_tiles, tiles_x,
+                    [&](int64_t bin) { tile_faces[fill[bin]++] = static_cast<int32_t>(t % F); });
     }
   }
   at::parallel_for(0, B * n_tiles, 1, [&](int64_t begin, int64_t end) {
