@@ -115,6 +115,7 @@ def _store_xyz(p, x, y, z, mask):
 
 @triton.jit
 def _zero_outside(mask, x, y, z):
+    """x, y, z with 0 where mask is False."""
     return tl.where(mask, x, 0.0), tl.where(mask, y, 0.0), tl.where(mask, z, 0.0)
 
 
