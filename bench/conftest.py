@@ -16,6 +16,19 @@ def bench_device(request):
     return dev
 
 
+def op_step(mode, fn, inputs, loss, leaves, allow_unused=False):
+    """The timed step of an op benchmark: ``fn(*inputs)`` without autograd (``mode="fwd"``), or
+    ``fn(*inputs)`` and the gradient of ``loss(output)`` w.r.t. ``leaves`` (``"fwd+bwd"``)."""
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                fn(*inputs)
+    else:
+        def step():
+            torch.autograd.grad(loss(fn(*inputs)), leaves, allow_unused=allow_unused)
+    return step
+
+
 def run_benchmark(benchmark, fn, device):
     """Times ``fn`` with pytest-benchmark, synchronising CUDA around every call."""
     def call():

@@ -6,7 +6,7 @@ provider (reference, torch.compile of it, the pyface backends) at the small shap
 import pytest
 import torch
 
-from bench.conftest import run_benchmark
+from bench.conftest import op_step, run_benchmark
 from pyface.bench.ops import render
 
 pytestmark = pytest.mark.benchmark(group="render")
@@ -40,13 +40,6 @@ def test_render(benchmark, bench_device, op, provider, mode):
     if mode == "fwd+bwd" and not leaves:
         pytest.skip(f"{op} has no gradient")
     benchmark.extra_info.update(case.params)
-
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                fn(*inputs)
-    else:
-        def step():
-            outs = _outputs(fn(*inputs))
-            torch.autograd.grad([o.sum() for o in outs], leaves, allow_unused=True)
+    step = op_step(mode, fn, inputs, lambda out: [o.sum() for o in _outputs(out)], leaves,
+                   allow_unused=True)
     run_benchmark(benchmark, step, bench_device)

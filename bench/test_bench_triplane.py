@@ -6,7 +6,7 @@
 import pytest
 import torch
 
-from bench.conftest import run_benchmark
+from bench.conftest import op_step, run_benchmark
 from pyface.bench.ops import triplane
 
 pytestmark = pytest.mark.benchmark(group="triplane_sample")
@@ -28,13 +28,5 @@ def test_triplane_sample(benchmark, bench_device, provider, mode):
     fn = providers[provider]
     planes, points = case.make_inputs(bench_device, 0)
     benchmark.extra_info.update(case.params)
-
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                fn(planes, points)
-    else:
-        def step():
-            out = fn(planes, points)
-            torch.autograd.grad(out.sum(), (planes, points))
+    step = op_step(mode, fn, (planes, points), lambda out: out.sum(), (planes, points))
     run_benchmark(benchmark, step, bench_device)

@@ -6,7 +6,7 @@
 import pytest
 import torch
 
-from bench.conftest import run_benchmark
+from bench.conftest import op_step, run_benchmark
 from pyface.bench.ops import warp
 
 OPS = ["warp_by_keypoints", "motion_field_input", "warp_volume", "keypoint_flow"]
@@ -32,13 +32,5 @@ def test_warp(benchmark, bench_device, op, provider, mode):
     fn = providers[provider]
     inputs = case.make_inputs(bench_device, 0)
     benchmark.extra_info.update(case.params)
-
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                fn(*inputs)
-    else:
-        def step():
-            out = fn(*inputs)
-            torch.autograd.grad(out.square().sum(), inputs)
+    step = op_step(mode, fn, inputs, lambda out: out.square().sum(), inputs)
     run_benchmark(benchmark, step, bench_device)

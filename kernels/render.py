@@ -86,23 +86,41 @@ def _features(planes_ptr, b, ox, oy, oz, dx, dy, dz, t, mask_s, H, W,
 
 
 @triton.jit
-def _load_w1t(w1_ptr, C: tl.constexpr, C_P: tl.constexpr, HID: tl.constexpr,
-              H_P: tl.constexpr):
-    """w1 (HID, C) as a (C_P, H_P) tile of w1^T."""
-    oc = tl.arange(0, C_P)
-    oh = tl.arange(0, H_P)
-    return tl.load(w1_ptr + oh[None, :] * C + oc[:, None],
-                   mask=(oc[:, None] < C) & (oh[None, :] < HID), other=0.0)
+def _load_t(w_ptr, N_IN: tl.constexpr, IN_P: tl.constexpr, N_OUT: tl.constexpr,
+            OUT_P: tl.constexpr):
+    """A decoder layer's weight w (N_OUT, N_IN) as a (IN_P, OUT_P) tile of w^T (0-padded)."""
+    oi = tl.arange(0, IN_P)
+    oo = tl.arange(0, OUT_P)
+    return tl.load(w_ptr + oo[None, :] * N_IN + oi[:, None],
+                   mask=(oi[:, None] < N_IN) & (oo[None, :] < N_OUT), other=0.0)
 
 
 @triton.jit
-def _load_w2t(w2_ptr, HID: tl.constexpr, H_P: tl.constexpr, OUT: tl.constexpr,
-              O_P: tl.constexpr):
-    """w2 (OUT, HID) as a (H_P, O_P) tile of w2^T."""
+def _decoder(w1_ptr, b1_ptr, w2_ptr, b2_ptr, C: tl.constexpr, C_P: tl.constexpr,
+             HID: tl.constexpr, H_P: tl.constexpr, OUT: tl.constexpr, O_P: tl.constexpr):
+    """The OSG decoder's tiles: w1^T (C_P, H_P), w2^T (H_P, O_P), b1 (H_P) and b2 (O_P)."""
+    w1t = _load_t(w1_ptr, C, C_P, HID, H_P)
+    w2t = _load_t(w2_ptr, HID, H_P, OUT, O_P)
     oh = tl.arange(0, H_P)
     oo = tl.arange(0, O_P)
-    return tl.load(w2_ptr + oo[None, :] * HID + oh[:, None],
-                   mask=(oh[:, None] < HID) & (oo[None, :] < OUT), other=0.0)
+    b1 = tl.load(b1_ptr + oh, mask=oh < HID, other=0.0)
+    b2 = tl.load(b2_ptr + oo, mask=oo < OUT, other=0.0)
+    return w1t, w2t, b1, b2
+
+
+@triton.jit
+def _ray(o_ptr, d_ptr, range_ptr, R):
+    """This program's ray (= b * R + r), its batch item b, origin, direction and the depth clamp
+    (dmin, dmax)."""
+    ray = tl.program_id(0).to(tl.int64)
+    b = ray // R
+    ox = tl.load(o_ptr + ray * 3 + 0)
+    oy = tl.load(o_ptr + ray * 3 + 1)
+    oz = tl.load(o_ptr + ray * 3 + 2)
+    dx = tl.load(d_ptr + ray * 3 + 0)
+    dy = tl.load(d_ptr + ray * 3 + 1)
+    dz = tl.load(d_ptr + ray * 3 + 2)
+    return ray, b, ox, oy, oz, dx, dy, dz, tl.load(range_ptr), tl.load(range_ptr + 1)
 
 
 @triton.jit
@@ -143,22 +161,10 @@ def _render_fwd_kernel(
     PRECISION: tl.constexpr,
 ):
     tl.static_assert(C_P >= 16 and H_P >= 16 and O_P >= 16 and SC_P >= 16 and S_P >= 16)
-    ray = tl.program_id(0).to(tl.int64)
-    b = ray // R
-    ox = tl.load(o_ptr + ray * 3 + 0)
-    oy = tl.load(o_ptr + ray * 3 + 1)
-    oz = tl.load(o_ptr + ray * 3 + 2)
-    dx = tl.load(d_ptr + ray * 3 + 0)
-    dy = tl.load(d_ptr + ray * 3 + 1)
-    dz = tl.load(d_ptr + ray * 3 + 2)
-    dmin = tl.load(range_ptr)
-    dmax = tl.load(range_ptr + 1)
-    w1t = _load_w1t(w1_ptr, C, C_P, HID, H_P)
-    w2t = _load_w2t(w2_ptr, HID, H_P, OUT, O_P)
+    ray, b, ox, oy, oz, dx, dy, dz, dmin, dmax = _ray(o_ptr, d_ptr, range_ptr, R)
+    w1t, w2t, b1, b2 = _decoder(w1_ptr, b1_ptr, w2_ptr, b2_ptr, C, C_P, HID, H_P, OUT, O_P)
     oh = tl.arange(0, H_P)
     oo = tl.arange(0, O_P)
-    b1 = tl.load(b1_ptr + oh, mask=oh < HID, other=0.0)
-    b2 = tl.load(b2_ptr + oo, mask=oo < OUT, other=0.0)
 
     offs = tl.arange(0, S_P)
     if SF > 0:
@@ -246,25 +252,13 @@ def _render_bwd_kernel(
     PRECISION: tl.constexpr,
 ):
     tl.static_assert(C_P >= 16 and H_P >= 16 and O_P >= 16 and S_P >= 16)
-    ray = tl.program_id(0).to(tl.int64)
-    b = ray // R
-    ox = tl.load(o_ptr + ray * 3 + 0)
-    oy = tl.load(o_ptr + ray * 3 + 1)
-    oz = tl.load(o_ptr + ray * 3 + 2)
-    dx = tl.load(d_ptr + ray * 3 + 0)
-    dy = tl.load(d_ptr + ray * 3 + 1)
-    dz = tl.load(d_ptr + ray * 3 + 2)
-    dmin = tl.load(range_ptr)
-    dmax = tl.load(range_ptr + 1)
+    ray, b, ox, oy, oz, dx, dy, dz, dmin, dmax = _ray(o_ptr, d_ptr, range_ptr, R)
     oc = tl.arange(0, C_P)
     oh = tl.arange(0, H_P)
     oo = tl.arange(0, O_P)
     offs = tl.arange(0, S_P)
     ms = offs < S
-    w1t = _load_w1t(w1_ptr, C, C_P, HID, H_P)
-    w2t = _load_w2t(w2_ptr, HID, H_P, OUT, O_P)
-    b1 = tl.load(b1_ptr + oh, mask=oh < HID, other=0.0)
-    b2 = tl.load(b2_ptr + oo, mask=oo < OUT, other=0.0)
+    w1t, w2t, b1, b2 = _decoder(w1_ptr, b1_ptr, w2_ptr, b2_ptr, C, C_P, HID, H_P, OUT, O_P)
     t = tl.load(t_ptr + ray * S + offs, mask=ms, other=0.0)
     # ---- recompute -----------------------------------------------------------------------
     f = _features(planes_ptr, b, ox, oy, oz, dx, dy, dz, t, ms, H, W,

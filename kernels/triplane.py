@@ -55,12 +55,18 @@ def _taps(u, v, W, H, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _load_points(points_ptr, b, offs_n, mask_n, N, scale):
+def _block_points(points_ptr, N, scale, BLOCK_N: tl.constexpr):
+    """This program's block of BLOCK_N points of one batch item: (batch item, point indices,
+    which are < N, and the scaled coordinates x, y, z, 0 past N)."""
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
     pt = points_ptr + (b * N + offs_n) * 3
     x = tl.load(pt + 0, mask=mask_n, other=0.0).to(tl.float32) * scale
     y = tl.load(pt + 1, mask=mask_n, other=0.0).to(tl.float32) * scale
     z = tl.load(pt + 2, mask=mask_n, other=0.0).to(tl.float32) * scale
-    return x, y, z
+    return b, offs_n, mask_n, x, y, z
 
 
 @triton.jit
@@ -157,11 +163,7 @@ def _triplane_fwd_kernel(
     AXES_EG3D: tl.constexpr, ALIGN: tl.constexpr, REDUCE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    x, y, z = _load_points(points_ptr, b, offs_n, mask_n, N, scale)
+    b, offs_n, mask_n, x, y, z = _block_points(points_ptr, N, scale, BLOCK_N)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
@@ -196,11 +198,7 @@ def _triplane_bwd_kernel(
     NEED_PLANES: tl.constexpr, NEED_POINTS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    x, y, z = _load_points(points_ptr, b, offs_n, mask_n, N, scale)
+    b, offs_n, mask_n, x, y, z = _block_points(points_ptr, N, scale, BLOCK_N)
     gpx = tl.zeros((BLOCK_N,), dtype=tl.float32)
     gpy = tl.zeros((BLOCK_N,), dtype=tl.float32)
     gpz = tl.zeros((BLOCK_N,), dtype=tl.float32)

@@ -43,11 +43,31 @@ def _identity(v, Do, Ho, Wo, GRID_ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _block(n, BLOCK_V: tl.constexpr):
+    """This program's block: (batch item, BLOCK_V voxel indices, which are < n)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    return b, v, v < n
+
+
+@triton.jit
+def _minus_row(kp_ptr, idx, zx, zy, zz):
+    """z - kp of keypoint row idx (= b * K + k) of a (B, K, 3) keypoint tensor."""
+    return (zx - tl.load(kp_ptr + idx * 3 + 0), zy - tl.load(kp_ptr + idx * 3 + 1),
+            zz - tl.load(kp_ptr + idx * 3 + 2))
+
+
+@triton.jit
+def _gauss(dx, dy, dz, inv_var):
+    """exp(-|d|^2 / (2 variance))."""
+    return tl.exp(-0.5 * (dx * dx + dy * dy + dz * dz) * inv_var)
+
+
+@triton.jit
 def _motion(kps_ptr, kpd_ptr, jac_ptr, idx, zx, zy, zz, HAS_JAC: tl.constexpr):
     """Sparse motion J (z - kp_driving) + kp_source of keypoint row idx (= b * K + k)."""
-    ex = zx - tl.load(kpd_ptr + idx * 3 + 0)
-    ey = zy - tl.load(kpd_ptr + idx * 3 + 1)
-    ez = zz - tl.load(kpd_ptr + idx * 3 + 2)
+    ex, ey, ez = _minus_row(kpd_ptr, idx, zx, zy, zz)
     if HAS_JAC:
         j = jac_ptr + idx * 9
         mx = tl.load(j + 0) * ex + tl.load(j + 1) * ey + tl.load(j + 2) * ez
@@ -86,6 +106,20 @@ def _load_xyz(p, mask):
 
 
 @triton.jit
+def _store_xyz(p, x, y, z, mask):
+    """Stores x, y, z as the three components of (..., 3) rows at p."""
+    tl.store(p + 0, x, mask=mask)
+    tl.store(p + 1, y, mask=mask)
+    tl.store(p + 2, z, mask=mask)
+
+
+@triton.jit
+def _zero_outside(mask, x, y, z):
+    """x, y, z with 0 where mask is False."""
+    return tl.where(mask, x, 0.0), tl.where(mask, y, 0.0), tl.where(mask, z, 0.0)
+
+
+@triton.jit
 def _unnormalize(c, n, ALIGN: tl.constexpr):
     if ALIGN:
         r = (c + 1.0) / 2.0 * (n - 1)
@@ -116,32 +150,26 @@ def _taps(x, y, z, D, H, W, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _tap_axis(i, f, UPPER: tl.constexpr):
+    """The lower (f) or upper (f + 1) neighbour of coordinate i along one axis (f = floor(i)):
+    its coordinate, its 1-D weight and d weight / d i."""
+    if UPPER:
+        c = f + 1.0
+        w = i - f
+        s = 1.0
+    else:
+        c = f
+        w = f + 1.0 - i
+        s = -1.0
+    return c, w, s
+
+
+@triton.jit
 def _tap(ix, iy, iz, fx, fy, fz, D, H, W, k: tl.constexpr):
     """Tap k (x + (k & 1), y + ((k >> 1) & 1), z + (k >> 2)): indices, weight, d weight / d i*."""
-    if k % 2 == 1:
-        xk = fx + 1.0
-        wx = ix - fx
-        sx = 1.0
-    else:
-        xk = fx
-        wx = fx + 1.0 - ix
-        sx = -1.0
-    if (k // 2) % 2 == 1:
-        yk = fy + 1.0
-        wy = iy - fy
-        sy = 1.0
-    else:
-        yk = fy
-        wy = fy + 1.0 - iy
-        sy = -1.0
-    if k // 4 == 1:
-        zk = fz + 1.0
-        wz = iz - fz
-        sz = 1.0
-    else:
-        zk = fz
-        wz = fz + 1.0 - iz
-        sz = -1.0
+    xk, wx, sx = _tap_axis(ix, fx, k % 2 == 1)
+    yk, wy, sy = _tap_axis(iy, fy, (k // 2) % 2 == 1)
+    zk, wz, sz = _tap_axis(iz, fz, k // 4 == 1)
     xi = xk.to(tl.int64)
     yi = yk.to(tl.int64)
     zi = zk.to(tl.int64)
@@ -258,9 +286,7 @@ def _flow_bwd_tail(masks_ptr, kps_ptr, kpd_ptr, jac_ptr, gmasks_ptr, part_ptr, b
                    K: tl.constexpr, HAS_JAC: tl.constexpr, NEED_MASKS: tl.constexpr,
                    NEED_KP: tl.constexpr, NEED_JAC: tl.constexpr):
     """Mask and keypoint gradients given the flow gradient (gx, gy, gz) of the block."""
-    gx = tl.where(mask_v, gx, 0.0)
-    gy = tl.where(mask_v, gy, 0.0)
-    gz = tl.where(mask_v, gz, 0.0)
+    gx, gy, gz = _zero_outside(mask_v, gx, gy, gz)
     mb = masks_ptr + b * (K + 1) * Vo
     gmb = gmasks_ptr + b * (K + 1) * Vo
     if NEED_MASKS:
@@ -272,9 +298,7 @@ def _flow_bwd_tail(masks_ptr, kps_ptr, kpd_ptr, jac_ptr, gmasks_ptr, part_ptr, b
             tl.store(gmb + (k + 1) * Vo + v, gx * mx + gy * my + gz * mz, mask=mask_v)
         if NEED_KP or NEED_JAC:
             mk = tl.load(mb + (k + 1) * Vo + v, mask=mask_v, other=0.0).to(tl.float32)
-            ex = zx - tl.load(kpd_ptr + idx * 3 + 0)
-            ey = zy - tl.load(kpd_ptr + idx * 3 + 1)
-            ez = zz - tl.load(kpd_ptr + idx * 3 + 2)
+            ex, ey, ez = _minus_row(kpd_ptr, idx, zx, zy, zz)
             _store_kp_partials(part_ptr, (b * nprog + pid) * K + k, mk, gx, gy, gz, ex, ey, ez,
                                jac_ptr, idx, (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), HAS_JAC, NEED_JAC)
 
@@ -287,10 +311,7 @@ def _flow_bwd_tail(masks_ptr, kps_ptr, kpd_ptr, jac_ptr, gmasks_ptr, part_ptr, b
 def _warp_volume_fwd(vol_ptr, grid_ptr, out_ptr, Vo, s_b, s_c, s_d, s_h, s_w, D, H, W,
                      C: tl.constexpr, ALIGN: tl.constexpr, BLOCK_V: tl.constexpr,
                      BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_v = v < Vo
+    b, v, mask_v = _block(Vo, BLOCK_V)
     x, y, z = _load_xyz(grid_ptr + (b * Vo + v) * 3, mask_v)
     _sample_store(vol_ptr, out_ptr, b, v, mask_v, x, y, z, Vo, b * C * Vo,
                   s_b, s_c, s_d, s_h, s_w, D, H, W, C, ALIGN, BLOCK_C)
@@ -301,36 +322,24 @@ def _warp_volume_bwd(vol_ptr, grid_ptr, go_ptr, gvol_ptr, ggrid_ptr, Vo,
                      s_b, s_c, s_d, s_h, s_w, D, H, W,
                      C: tl.constexpr, ALIGN: tl.constexpr, NEED_VOL: tl.constexpr,
                      NEED_GRID: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_v = v < Vo
+    b, v, mask_v = _block(Vo, BLOCK_V)
     x, y, z = _load_xyz(grid_ptr + (b * Vo + v) * 3, mask_v)
     gx, gy, gz = _sample_bwd(vol_ptr, go_ptr, gvol_ptr, b, v, mask_v, x, y, z, Vo, b * C * Vo,
                              s_b, s_c, s_d, s_h, s_w, D, H, W, C, ALIGN, NEED_VOL, NEED_GRID,
                              BLOCK_C)
     if NEED_GRID:
-        gg = ggrid_ptr + (b * Vo + v) * 3
-        tl.store(gg + 0, gx, mask=mask_v)
-        tl.store(gg + 1, gy, mask=mask_v)
-        tl.store(gg + 2, gz, mask=mask_v)
+        _store_xyz(ggrid_ptr + (b * Vo + v) * 3, gx, gy, gz, mask_v)
 
 
 @triton.jit
 def _keypoint_flow_fwd(masks_ptr, kps_ptr, kpd_ptr, jac_ptr, flow_ptr, Vo, Do, Ho, Wo,
                        K: tl.constexpr, HAS_JAC: tl.constexpr, GRID_ALIGN: tl.constexpr,
                        BLOCK_V: tl.constexpr):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_v = v < Vo
+    b, v, mask_v = _block(Vo, BLOCK_V)
     zx, zy, zz = _identity(v, Do, Ho, Wo, GRID_ALIGN)
     fx, fy, fz = _flow(masks_ptr, kps_ptr, kpd_ptr, jac_ptr, b, v, mask_v, zx, zy, zz, Vo, K,
                        HAS_JAC)
-    f = flow_ptr + (b * Vo + v) * 3
-    tl.store(f + 0, fx, mask=mask_v)
-    tl.store(f + 1, fy, mask=mask_v)
-    tl.store(f + 2, fz, mask=mask_v)
+    _store_xyz(flow_ptr + (b * Vo + v) * 3, fx, fy, fz, mask_v)
 
 
 @triton.jit
@@ -341,9 +350,7 @@ def _keypoint_flow_bwd(gflow_ptr, masks_ptr, kps_ptr, kpd_ptr, jac_ptr, gmasks_p
                        BLOCK_V: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    b = tl.program_id(1).to(tl.int64)
-    v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_v = v < Vo
+    b, v, mask_v = _block(Vo, BLOCK_V)
     zx, zy, zz = _identity(v, Do, Ho, Wo, GRID_ALIGN)
     gx, gy, gz = _load_xyz(gflow_ptr + (b * Vo + v) * 3, mask_v)
     _flow_bwd_tail(masks_ptr, kps_ptr, kpd_ptr, jac_ptr, gmasks_ptr, part_ptr, b, pid, nprog,
@@ -357,10 +364,7 @@ def _warp_by_keypoints_fwd(vol_ptr, masks_ptr, kps_ptr, kpd_ptr, jac_ptr, out_pt
                            C: tl.constexpr, K: tl.constexpr, HAS_JAC: tl.constexpr,
                            ALIGN: tl.constexpr, GRID_ALIGN: tl.constexpr,
                            BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_v = v < Vo
+    b, v, mask_v = _block(Vo, BLOCK_V)
     zx, zy, zz = _identity(v, Do, Ho, Wo, GRID_ALIGN)
     fx, fy, fz = _flow(masks_ptr, kps_ptr, kpd_ptr, jac_ptr, b, v, mask_v, zx, zy, zz, Vo, K,
                        HAS_JAC)
@@ -378,9 +382,7 @@ def _warp_by_keypoints_bwd(vol_ptr, masks_ptr, kps_ptr, kpd_ptr, jac_ptr, go_ptr
                            BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    b = tl.program_id(1).to(tl.int64)
-    v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_v = v < Vo
+    b, v, mask_v = _block(Vo, BLOCK_V)
     zx, zy, zz = _identity(v, Do, Ho, Wo, GRID_ALIGN)
     fx, fy, fz = _flow(masks_ptr, kps_ptr, kpd_ptr, jac_ptr, b, v, mask_v, zx, zy, zz, Vo, K,
                        HAS_JAC)
@@ -400,10 +402,7 @@ def _motion_field_input_fwd(vol_ptr, kps_ptr, kpd_ptr, jac_ptr, out_ptr, V, inv_
                             C: tl.constexpr, K: tl.constexpr, HAS_JAC: tl.constexpr,
                             ALIGN: tl.constexpr, GRID_ALIGN: tl.constexpr,
                             BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_v = v < V
+    b, v, mask_v = _block(V, BLOCK_V)
     zx, zy, zz = _identity(v, D, H, W, GRID_ALIGN)
     ob = b * (K + 1) * (C + 1) * V
     tl.store(out_ptr + ob + v, tl.zeros((BLOCK_V,), dtype=tl.float32).to(
@@ -413,14 +412,9 @@ def _motion_field_input_fwd(vol_ptr, kps_ptr, kpd_ptr, jac_ptr, out_ptr, V, inv_
     for k in range(K):
         idx = b * K + k
         mx, my, mz = _motion(kps_ptr, kpd_ptr, jac_ptr, idx, zx, zy, zz, HAS_JAC)
-        dx = zx - tl.load(kpd_ptr + idx * 3 + 0)
-        dy = zy - tl.load(kpd_ptr + idx * 3 + 1)
-        dz = zz - tl.load(kpd_ptr + idx * 3 + 2)
-        sx = zx - tl.load(kps_ptr + idx * 3 + 0)
-        sy = zy - tl.load(kps_ptr + idx * 3 + 1)
-        sz = zz - tl.load(kps_ptr + idx * 3 + 2)
-        heat = tl.exp(-0.5 * (dx * dx + dy * dy + dz * dz) * inv_var) - \
-            tl.exp(-0.5 * (sx * sx + sy * sy + sz * sz) * inv_var)
+        dx, dy, dz = _minus_row(kpd_ptr, idx, zx, zy, zz)
+        sx, sy, sz = _minus_row(kps_ptr, idx, zx, zy, zz)
+        heat = _gauss(dx, dy, dz, inv_var) - _gauss(sx, sy, sz, inv_var)
         base = ob + (k + 1) * (C + 1) * V
         tl.store(out_ptr + base + v, heat.to(out_ptr.dtype.element_ty), mask=mask_v)
         _sample_store(vol_ptr, out_ptr, b, v, mask_v, mx, my, mz, V, base + V,
@@ -437,9 +431,7 @@ def _motion_field_input_bwd(vol_ptr, kps_ptr, kpd_ptr, jac_ptr, go_ptr, gvol_ptr
                             BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    b = tl.program_id(1).to(tl.int64)
-    v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_v = v < V
+    b, v, mask_v = _block(V, BLOCK_V)
     zx, zy, zz = _identity(v, D, H, W, GRID_ALIGN)
     ob = b * (K + 1) * (C + 1) * V
     NEED_POS: tl.constexpr = NEED_KP or NEED_JAC
@@ -454,19 +446,13 @@ def _motion_field_input_bwd(vol_ptr, kps_ptr, kpd_ptr, jac_ptr, go_ptr, gvol_ptr
                                  base + V, s_b, s_c, s_d, s_h, s_w, D, H, W, C, ALIGN, NEED_VOL,
                                  NEED_POS, BLOCK_C)
         if NEED_POS:
-            gx = tl.where(mask_v, gx, 0.0)
-            gy = tl.where(mask_v, gy, 0.0)
-            gz = tl.where(mask_v, gz, 0.0)
-            ex = zx - tl.load(kpd_ptr + idx * 3 + 0)
-            ey = zy - tl.load(kpd_ptr + idx * 3 + 1)
-            ez = zz - tl.load(kpd_ptr + idx * 3 + 2)
-            sx = zx - tl.load(kps_ptr + idx * 3 + 0)
-            sy = zy - tl.load(kps_ptr + idx * 3 + 1)
-            sz = zz - tl.load(kps_ptr + idx * 3 + 2)
+            gx, gy, gz = _zero_outside(mask_v, gx, gy, gz)
+            ex, ey, ez = _minus_row(kpd_ptr, idx, zx, zy, zz)
+            sx, sy, sz = _minus_row(kps_ptr, idx, zx, zy, zz)
             gh = tl.load(go_ptr + base + v, mask=mask_v, other=0.0).to(tl.float32)
             gh = tl.where(mask_v, gh, 0.0)
-            gd = gh * tl.exp(-0.5 * (ex * ex + ey * ey + ez * ez) * inv_var) * inv_var
-            gs = gh * tl.exp(-0.5 * (sx * sx + sy * sy + sz * sz) * inv_var) * inv_var
+            gd = gh * _gauss(ex, ey, ez, inv_var) * inv_var
+            gs = gh * _gauss(sx, sy, sz, inv_var) * inv_var
             # heatmap terms: d kp_driving += gd (z - kp_d), d kp_source -= gs (z - kp_s)
             heat_s = (-tl.sum(gs * sx, axis=0), -tl.sum(gs * sy, axis=0),
                       -tl.sum(gs * sz, axis=0))
@@ -493,8 +479,10 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(torch.float32).contiguous()
 
 
-def _jac_arg(jac: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    return jac if jac is not None else like
+def _kp_args(kps, kpd, jac):
+    """kp_source, kp_driving and the jacobian (kp_source in its place when None) as the float32
+    contiguous kernel arguments."""
+    return _f32(kps), _f32(kpd), _f32(jac) if jac is not None else kps
 
 
 def warp_volume_fwd(volume, grid, align_corners, *, wrap=_identity_wrap, interpret=False):
@@ -553,7 +541,7 @@ def keypoint_flow_fwd(kps, kpd, masks, jac, grid_align_corners, *, wrap=_identit
     if flow.numel() > 0:
         bv, _ = _blocks(1, interpret)
         wrap(_keypoint_flow_fwd)[(triton.cdiv(Vo, bv), B)](
-            masks.contiguous(), _f32(kps), _f32(kpd), _jac_arg(_f32(jac), kps), flow, Vo, Do, Ho,
+            masks.contiguous(), *_kp_args(kps, kpd, jac), flow, Vo, Do, Ho,
             Wo, K=K1 - 1, HAS_JAC=jac is not None, GRID_ALIGN=bool(grid_align_corners),
             BLOCK_V=bv)
     return flow.to(masks.dtype)
@@ -572,7 +560,7 @@ def keypoint_flow_bwd(grad_flow, kps, kpd, masks, jac, grid_align_corners, need_
     part = torch.zeros((B, nprog, K, 15), device=dev, dtype=torch.float32)
     if B * Vo > 0 and (need_kp or need_masks or need_jac):
         wrap(_keypoint_flow_bwd)[(nprog, B)](
-            _f32(grad_flow), masks.contiguous(), _f32(kps), _f32(kpd), _jac_arg(_f32(jac), kps),
+            _f32(grad_flow), masks.contiguous(), *_kp_args(kps, kpd, jac),
             gmasks, part, Vo, Do, Ho, Wo, K=K, HAS_JAC=jac is not None,
             GRID_ALIGN=bool(grid_align_corners), NEED_MASKS=bool(need_masks),
             NEED_KP=bool(need_kp), NEED_JAC=need_jac, BLOCK_V=bv)
@@ -590,7 +578,7 @@ def warp_by_keypoints_fwd(volume, kps, kpd, masks, jac, align_corners, grid_alig
         return out
     bv, bc = _blocks(C, interpret)
     wrap(_warp_by_keypoints_fwd)[(triton.cdiv(Vo, bv), B)](
-        volume, masks.contiguous(), _f32(kps), _f32(kpd), _jac_arg(_f32(jac), kps), out,
+        volume, masks.contiguous(), *_kp_args(kps, kpd, jac), out,
         Vo, Do, Ho, Wo, *volume.stride(), D, H, W, C=C, K=K1 - 1, HAS_JAC=jac is not None,
         ALIGN=bool(align_corners), GRID_ALIGN=bool(grid_align_corners), BLOCK_V=bv, BLOCK_C=bc)
     return out
@@ -612,7 +600,7 @@ def warp_by_keypoints_bwd(grad_out, volume, kps, kpd, masks, jac, align_corners,
     part = torch.zeros((B, nprog, K, 15), device=dev, dtype=torch.float32)
     if B * Vo > 0 and (need_volume or need_kp or need_masks or need_jac):
         wrap(_warp_by_keypoints_bwd)[(nprog, B)](
-            volume, masks.contiguous(), _f32(kps), _f32(kpd), _jac_arg(_f32(jac), kps),
+            volume, masks.contiguous(), *_kp_args(kps, kpd, jac),
             grad_out.contiguous(), gvol, gmasks, part, Vo, Do, Ho, Wo, *volume.stride(), D, H, W,
             C=C, K=K, HAS_JAC=jac is not None, ALIGN=bool(align_corners),
             GRID_ALIGN=bool(grid_align_corners), NEED_VOL=bool(need_volume),
@@ -632,7 +620,7 @@ def motion_field_input_fwd(volume, kps, kpd, jac, heatmap_variance, align_corner
         return out
     bv, bc = _blocks(C, interpret)
     wrap(_motion_field_input_fwd)[(triton.cdiv(V, bv), B)](
-        volume, _f32(kps), _f32(kpd), _jac_arg(_f32(jac), kps), out, V,
+        volume, *_kp_args(kps, kpd, jac), out, V,
         1.0 / float(heatmap_variance), *volume.stride(), D, H, W, C=C, K=K,
         HAS_JAC=jac is not None, ALIGN=bool(align_corners), GRID_ALIGN=bool(grid_align_corners),
         BLOCK_V=bv, BLOCK_C=bc)
@@ -653,7 +641,7 @@ def motion_field_input_bwd(grad_out, volume, kps, kpd, jac, heatmap_variance, al
     part = torch.zeros((B, nprog, K, 15), device=dev, dtype=torch.float32)
     if B * V > 0 and (need_volume or need_kp or need_jac):
         wrap(_motion_field_input_bwd)[(nprog, B)](
-            volume, _f32(kps), _f32(kpd), _jac_arg(_f32(jac), kps), grad_out.contiguous(), gvol,
+            volume, *_kp_args(kps, kpd, jac), grad_out.contiguous(), gvol,
             part, V, 1.0 / float(heatmap_variance), *volume.stride(), D, H, W, C=C, K=K,
             HAS_JAC=jac is not None, ALIGN=bool(align_corners),
             GRID_ALIGN=bool(grid_align_corners), NEED_VOL=bool(need_volume),

@@ -364,6 +364,17 @@ def test_bad_input_direct_op():
         torch.ops.pyface.raster_mesh(verts, faces, 0, 8, "none", True)
     with pytest.raises(ValueError, match="cull"):
         torch.ops.pyface.raster_mesh(verts, faces, 8, 8, "front", True)
+    fi, bary, _ = torch.ops.pyface.raster_mesh(verts, faces, 8, 8, "none", True)
+    attrs = torch.randn(2, 10, 3)
+    with pytest.raises(ValueError, match=r"attributes: expected shape \(B, V, C\)"):
+        torch.ops.pyface.mesh_interpolate(attrs[0], faces, fi, bary)
+    with pytest.raises(ValueError, match="attributes: expected batch size 2"):
+        torch.ops.pyface.mesh_interpolate(attrs[:1], faces, fi, bary)
+    with pytest.raises(TypeError, match="grad: expected a floating-point tensor"):
+        torch.ops.pyface.mesh_interpolate_bwd(torch.ones(2, 3, 8, 8, dtype=torch.long), faces,
+                                              fi, bary, 10)
+    with pytest.raises(ValueError, match=r"grad: expected shape \(B, C, H, W\) matching"):
+        torch.ops.pyface.mesh_interpolate_bwd(torch.randn(2, 3, 8, 7), faces, fi, bary, 10)
 
 
 # ---------------------------------------------------------------------------------------------

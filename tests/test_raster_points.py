@@ -268,6 +268,23 @@ def test_p2t_bad_input_direct_op():
         torch.ops.pyface.points_to_triplane_index(points, None, 0, 4, "eg3d", 1.0, False, -1.0)
     with pytest.raises(ValueError, match="plane_axes"):
         torch.ops.pyface.points_to_triplane_index(points, None, 4, 4, "xyz", 1.0, False, -1.0)
+    with pytest.raises(ValueError, match="box_size: expected a positive finite number, got 0"):
+        torch.ops.pyface.points_to_triplane_index(points, None, 4, 4, "eg3d", 0.0, False, -1.0)
+    with pytest.raises(TypeError, match="valid: expected dtype bool"):
+        torch.ops.pyface.points_to_triplane_index(points, torch.ones(2, 10), 4, 4, "eg3d", 1.0,
+                                                  False, -1.0)
+    with pytest.raises(ValueError, match=r"valid: expected shape \(B, N\) = \(2, 10\)"):
+        torch.ops.pyface.points_to_triplane_index(points, torch.ones(2, 9, dtype=torch.bool), 4, 4,
+                                                  "eg3d", 1.0, False, -1.0)
+    with pytest.raises(ValueError, match="radius: expected a finite number >= 0, got -1"):
+        torch.ops.pyface.splat_points_index(points, 4, 4, -1.0)
+    with pytest.raises(ValueError, match="image_size"):
+        torch.ops.pyface.splat_points_index(points, 4, 0, 1.0)
+    index = torch.zeros(2, 3, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"grad: expected shape \(B, G, C, P\) matching index"):
+        torch.ops.pyface.gather_features_bwd(torch.randn(2, 3, 4, 6), index, 10)
+    with pytest.raises(TypeError, match="grad: expected a floating-point tensor"):
+        torch.ops.pyface.gather_features_bwd(torch.ones(2, 3, 4, 5, dtype=torch.long), index, 10)
 
 
 # ---------------------------------------------------------------------------------------------

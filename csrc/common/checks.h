@@ -39,6 +39,10 @@ inline void check_cpu(const char* name, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, ": expected a CPU tensor, got ", t.device());
 }
 
+// The device check of an entry point (check_cpu, or check_cuda of common/cuda_glue.h), for argument
+// checks shared by the CPU and CUDA entry points.
+using DeviceCheck = void (*)(const char* name, const at::Tensor& t);
+
 inline PlaneAxes parse_plane_axes(const std::string& s) {
   if (s == "xy_xz_zy") return PlaneAxes::XY_XZ_ZY;
   if (s == "eg3d") return PlaneAxes::EG3D;

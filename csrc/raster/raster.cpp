@@ -96,6 +96,68 @@ void check_interp(const at::Tensor& faces, const at::Tensor& face_index, const a
                     shape_str(face_index), ", got ", shape_str(bary));
 }
 
+void check_gather_grad(const at::Tensor& grad, const at::Tensor& index, DeviceCheck device) {
+  PYFACE_CHECK_DIM("grad", grad, 4, "(B, G, C, P)");
+  PYFACE_CHECK_FLOAT("grad", grad);
+  PYFACE_CHECK_DIM("index", index, 3, "(B, G, P)");
+  device("grad", grad);
+  device("index", index);
+  TORCH_CHECK_VALUE(grad.size(0) == index.size(0) && grad.size(1) == index.size(1) &&
+                        grad.size(3) == index.size(2),
+                    "grad: expected shape (B, G, C, P) matching index ", shape_str(index),
+                    ", got ", shape_str(grad));
+}
+
+void check_interp_attributes(const at::Tensor& attributes, const at::Tensor& face_index,
+                             DeviceCheck device) {
+  PYFACE_CHECK_DIM("attributes", attributes, 3, "(B, V, C)");
+  PYFACE_CHECK_FLOAT("attributes", attributes);
+  device("attributes", attributes);
+  TORCH_CHECK_VALUE(attributes.size(0) == face_index.size(0), "attributes: expected batch size ",
+                    face_index.size(0), ", got ", shape_str(attributes));
+}
+
+void check_interp_grad(const at::Tensor& grad, const at::Tensor& face_index, DeviceCheck device) {
+  PYFACE_CHECK_DIM("grad", grad, 4, "(B, C, H, W)");
+  PYFACE_CHECK_FLOAT("grad", grad);
+  device("grad", grad);
+  TORCH_CHECK_VALUE(grad.size(0) == face_index.size(0) && grad.size(2) == face_index.size(1) &&
+                        grad.size(3) == face_index.size(2),
+                    "grad: expected shape (B, C, H, W) matching face_index ",
+                    shape_str(face_index), ", got ", shape_str(grad));
+}
+
+void check_splat(const at::Tensor& points, int64_t height, int64_t width, double radius,
+                 DeviceCheck device) {
+  check_points("points_ndc", points, height, width);
+  device("points_ndc", points);
+  TORCH_CHECK_VALUE(radius >= 0 && std::isfinite(radius),
+                    "radius: expected a finite number >= 0, got ", radius);
+}
+
+TriplaneIndexArgs check_points_to_triplane(const at::Tensor& points,
+                                           const c10::optional<at::Tensor>& valid,
+                                           int64_t height, int64_t width,
+                                           c10::string_view plane_axes, double box_size,
+                                           DeviceCheck device) {
+  check_points("points", points, height, width);
+  device("points", points);
+  TriplaneIndexArgs args{parse_plane_axes(std::string(plane_axes)), at::Tensor()};
+  TORCH_CHECK_VALUE(box_size > 0 && std::isfinite(box_size),
+                    "box_size: expected a positive finite number, got ", box_size);
+  if (valid.has_value()) {
+    const int64_t B = points.size(0), N = points.size(1);
+    const auto& v = *valid;
+    TORCH_CHECK_TYPE(v.scalar_type() == at::kBool, "valid: expected dtype bool, got ",
+                     v.scalar_type());
+    TORCH_CHECK_VALUE(v.dim() == 2 && v.size(0) == B && v.size(1) == N,
+                      "valid: expected shape (B, N) = (", B, ", ", N, "), got ", shape_str(v));
+    PYFACE_CHECK_SAME_DEVICE("points", points, "valid", v);
+    args.valid = v.contiguous();
+  }
+  return args;
+}
+
 TORCH_LIBRARY_FRAGMENT(pyface, m) {
   m.def("raster_mesh(Tensor verts, Tensor faces, int height, int width, str cull, "
         "bool perspective_correct) -> (Tensor, Tensor, Tensor)");

@@ -27,6 +27,14 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 constexpr int64_t kTile = 16;
 
+// Calls f(bin) for the bin of every tile that triangle tr covers, in row-major tile order; bins
+// of its batch item start at base, tiles_x tiles per row.
+template <typename F>
+inline void for_tile_bins(const Triangle& tr, int64_t base, int64_t tiles_x, const F& f) {
+  for (int64_t ty = tr.y0 / kTile; ty <= tr.y1 / kTile; ++ty)
+    for (int64_t tx = tr.x0 / kTile; tx <= tr.x1 / kTile; ++tx) f(base + ty * tiles_x + tx);
+}
+
 template <typename scalar_t>
 void raster_mesh_cpu_kernel(const double* verts, const int64_t* faces, int64_t B, int64_t V,
                             int64_t F, int64_t H, int64_t W, Cull cull, bool persp,
@@ -37,17 +45,7 @@ void raster_mesh_cpu_kernel(const double* verts, const int64_t* faces, int64_t B
   HostBuffer<Triangle> tris(B * F);
   at::parallel_for(0, B * F, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / F, f = t % F;
-      int64_t vx[3], vy[3];
-      double vz[3];
-      bool ok = true;
-      for (int k = 0; k < 3; ++k) {
-        const double* v = verts + (b * V + faces[f * 3 + k]) * 3;
-        ok &= snap(v[0], W, vx[k]);
-        ok &= snap(v[1], H, vy[k]);
-        vz[k] = v[2];
-      }
-      tris[t] = setup_triangle(vx, vy, vz, ok, cull, persp, H, W);
+      tris[t] = load_triangle(verts, faces, t / F, t % F, V, H, W, cull, persp);
     }
   });
   // counting sort of faces into (batch, tile) bins, faces in increasing index order
@@ -55,10 +53,7 @@ void raster_mesh_cpu_kernel(const double* verts, const int64_t* faces, int64_t B
   for (int64_t t = 0; t < B * F; ++t) {
     const Triangle& tr = tris[t];
     if (!tr.valid) continue;
-    const int64_t base = (t / F) * n_tiles;
-    for (int64_t ty = tr.y0 / kTile; ty <= tr.y1 / kTile; ++ty)
-      for (int64_t tx = tr.x0 / kTile; tx <= tr.x1 / kTile; ++tx)
-        ++tile_start[base + ty * tiles_x + tx + 1];
+    for_tile_bins(tr, (t / F) * n_tiles, tiles_x, [&](int64_t bin) { ++tile_start[bin + 1]; });
   }
   for (int64_t i = 0; i < B * n_tiles; ++i) tile_start[i + 1] += tile_start[i];
   HostBuffer<int32_t> tile_faces(tile_start[B * n_tiles]);
@@ -68,10 +63,8 @@ void raster_mesh_cpu_kernel(const double* verts, const int64_t* faces, int64_t B
     for (int64_t t = 0; t < B * F; ++t) {
       const Triangle& tr = tris[t];
       if (!tr.valid) continue;
-      const int64_t base = (t / F) * n_tiles;
-      for (int64_t ty = tr.y0 / kTile; ty <= tr.y1 / kTile; ++ty)
-        for (int64_t tx = tr.x0 / kTile; tx <= tr.x1 / kTile; ++tx)
-          tile_faces[fill[base + ty * tiles_x + tx]++] = static_cast<int32_t>(t % F);
+      for_tile_bins(tr, (t / F) * n_tiles, tiles_x,
+                    [&](int64_t bin) { tile_faces[fill[bin]++] = static_cast<int32_t>(t % F); });
     }
   }
   at::parallel_for(0, B * n_tiles, 1, [&](int64_t begin, int64_t end) {
@@ -184,11 +177,11 @@ void interp_fwd_kernel(const scalar_t* attr, const int64_t* faces, const int64_t
   });
 }
 
-// Tasks own disjoint (batch, channel chunk) slices of the gradient: no atomics, deterministic.
-template <typename scalar_t, typename acc_t>
-void interp_bwd_kernel(const scalar_t* grad, const int64_t* faces, const int64_t* fi,
-                       const scalar_t* bary, acc_t* gattr, int64_t B, int64_t V, int64_t C,
-                       int64_t P) {
+// Runs f(b, c0, c1) in parallel over tasks that own disjoint (batch b, channels [c0, c1)) slices
+// of a (B, ., C) gradient: no atomics, deterministic. The channel chunks are halved (down to 4
+// channels) while there are fewer than 4 tasks per thread.
+template <typename F>
+void for_channel_tasks(int64_t B, int64_t C, const F& f) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   int64_t chunk = std::max<int64_t>(C, 1);
   while (chunk > 4 && B * ((C + chunk - 1) / chunk) < 4 * threads) chunk = (chunk + 1) / 2;
@@ -197,15 +190,24 @@ void interp_bwd_kernel(const scalar_t* grad, const int64_t* faces, const int64_t
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n_chunks;
       const int64_t c0 = (task % n_chunks) * chunk, c1 = std::min(C, c0 + chunk);
-      for (int64_t p = 0; p < P; ++p) {
-        const int64_t f = fi[b * P + p];
-        if (f < 0) continue;
-        for (int k = 0; k < 3; ++k) {
-          const acc_t w = static_cast<acc_t>(bary[(b * P + p) * 3 + k]);
-          acc_t* g = gattr + (b * V + faces[f * 3 + k]) * C;
-          for (int64_t c = c0; c < c1; ++c)
-            g[c] += w * static_cast<acc_t>(grad[(b * C + c) * P + p]);
-        }
+      f(b, c0, c1);
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void interp_bwd_kernel(const scalar_t* grad, const int64_t* faces, const int64_t* fi,
+                       const scalar_t* bary, acc_t* gattr, int64_t B, int64_t V, int64_t C,
+                       int64_t P) {
+  for_channel_tasks(B, C, [&](int64_t b, int64_t c0, int64_t c1) {
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t f = fi[b * P + p];
+      if (f < 0) continue;
+      for (int k = 0; k < 3; ++k) {
+        const acc_t w = static_cast<acc_t>(bary[(b * P + p) * 3 + k]);
+        acc_t* g = gattr + (b * V + faces[f * 3 + k]) * C;
+        for (int64_t c = c0; c < c1; ++c)
+          g[c] += w * static_cast<acc_t>(grad[(b * C + c) * P + p]);
       }
     }
   });
@@ -214,11 +216,7 @@ void interp_bwd_kernel(const scalar_t* grad, const int64_t* faces, const int64_t
 at::Tensor mesh_interpolate_cpu(const at::Tensor& attributes, const at::Tensor& faces,
                                 const at::Tensor& face_index, const at::Tensor& bary) {
   check_interp(faces, face_index, bary);
-  PYFACE_CHECK_DIM("attributes", attributes, 3, "(B, V, C)");
-  PYFACE_CHECK_FLOAT("attributes", attributes);
-  check_cpu("attributes", attributes);
-  TORCH_CHECK_VALUE(attributes.size(0) == face_index.size(0), "attributes: expected batch size ",
-                    face_index.size(0), ", got ", shape_str(attributes));
+  check_interp_attributes(attributes, face_index, check_cpu);
   const int64_t B = face_index.size(0), H = face_index.size(1), W = face_index.size(2);
   const int64_t V = attributes.size(1), C = attributes.size(2), P = H * W;
   auto out = at::empty({B, C, H, W}, attributes.options());
@@ -241,13 +239,8 @@ at::Tensor mesh_interpolate_bwd_cpu(const at::Tensor& grad, const at::Tensor& fa
                                     const at::Tensor& face_index, const at::Tensor& bary,
                                     int64_t num_verts) {
   check_interp(faces, face_index, bary);
-  PYFACE_CHECK_DIM("grad", grad, 4, "(B, C, H, W)");
-  PYFACE_CHECK_FLOAT("grad", grad);
-  check_cpu("grad", grad);
+  check_interp_grad(grad, face_index, check_cpu);
   const int64_t B = face_index.size(0), H = face_index.size(1), W = face_index.size(2);
-  TORCH_CHECK_VALUE(grad.size(0) == B && grad.size(2) == H && grad.size(3) == W,
-                    "grad: expected shape (B, C, H, W) matching face_index ",
-                    shape_str(face_index), ", got ", shape_str(grad));
   const int64_t C = grad.size(1), P = H * W;
   const auto acc = acc_dtype(grad);
   auto gacc = at::zeros({B, num_verts, C}, grad.options().dtype(acc));
@@ -350,10 +343,7 @@ void splat_cpu_kernel(const double* pts, int64_t B, int64_t N, int64_t H, int64_
 
 std::tuple<at::Tensor, at::Tensor> splat_points_index_cpu(const at::Tensor& points, int64_t height,
                                                           int64_t width, double radius) {
-  check_points("points_ndc", points, height, width);
-  check_cpu("points_ndc", points);
-  TORCH_CHECK_VALUE(radius >= 0 && std::isfinite(radius),
-                    "radius: expected a finite number >= 0, got ", radius);
+  check_splat(points, height, width, radius, check_cpu);
   const int64_t B = points.size(0), N = points.size(1);
   auto index = at::empty({B, height, width}, points.options().dtype(at::kLong));
   auto depth = at::empty({B, 1, height, width}, points.options());
@@ -377,22 +367,11 @@ at::Tensor points_to_triplane_index_cpu(const at::Tensor& points,
                                         const c10::optional<at::Tensor>& valid, int64_t height,
                                         int64_t width, c10::string_view plane_axes,
                                         double box_size, bool align_corners, double max_distance) {
-  check_points("points", points, height, width);
-  check_cpu("points", points);
-  const PlaneAxes axes = parse_plane_axes(std::string(plane_axes));
-  TORCH_CHECK_VALUE(box_size > 0 && std::isfinite(box_size),
-                    "box_size: expected a positive finite number, got ", box_size);
+  const TriplaneIndexArgs args =
+      check_points_to_triplane(points, valid, height, width, plane_axes, box_size, check_cpu);
+  const PlaneAxes axes = args.axes;
+  const at::Tensor& vmask = args.valid;
   const int64_t B = points.size(0), N = points.size(1), H = height, W = width;
-  at::Tensor vmask;
-  if (valid.has_value()) {
-    const auto& v = *valid;
-    TORCH_CHECK_TYPE(v.scalar_type() == at::kBool, "valid: expected dtype bool, got ",
-                     v.scalar_type());
-    TORCH_CHECK_VALUE(v.dim() == 2 && v.size(0) == B && v.size(1) == N,
-                      "valid: expected shape (B, N) = (", B, ", ", N, "), got ", shape_str(v));
-    PYFACE_CHECK_SAME_DEVICE("points", points, "valid", v);
-    vmask = v.contiguous();
-  }
   auto index = at::empty({B, 3, H, W}, points.options().dtype(at::kLong));
   if (B == 0) return index;
   const auto p = points.to(at::kDouble).contiguous();
@@ -592,14 +571,8 @@ at::Tensor gather_features_cpu(const at::Tensor& features, const at::Tensor& ind
 
 at::Tensor gather_features_bwd_cpu(const at::Tensor& grad, const at::Tensor& index,
                                    int64_t num_points) {
-  PYFACE_CHECK_DIM("grad", grad, 4, "(B, G, C, P)");
-  PYFACE_CHECK_FLOAT("grad", grad);
-  PYFACE_CHECK_DIM("index", index, 3, "(B, G, P)");
-  check_cpu("grad", grad);
+  check_gather_grad(grad, index, check_cpu);
   const int64_t B = index.size(0), G = index.size(1), P = index.size(2), C = grad.size(2);
-  TORCH_CHECK_VALUE(grad.size(0) == B && grad.size(1) == G && grad.size(3) == P,
-                    "grad: expected shape (B, G, C, P) matching index ", shape_str(index),
-                    ", got ", shape_str(grad));
   const auto acc = acc_dtype(grad);
   auto gacc = at::zeros({B, num_points, C}, grad.options().dtype(acc));
   if (gacc.numel() > 0 && G * P > 0) {
@@ -611,26 +584,18 @@ at::Tensor gather_features_bwd_cpu(const at::Tensor& grad, const at::Tensor& ind
       using acc_t = acc_type<scalar_t>;
       const scalar_t* gd = g.const_data_ptr<scalar_t>();
       acc_t* od = gacc.mutable_data_ptr<acc_t>();
-      const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-      int64_t chunk = std::max<int64_t>(C, 1);
-      while (chunk > 4 && B * ((C + chunk - 1) / chunk) < 4 * threads) chunk = (chunk + 1) / 2;
-      const int64_t n_chunks = (C + chunk - 1) / chunk;
-      at::parallel_for(0, B * n_chunks, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t task = begin; task < end; ++task) {
-          const int64_t b = task / n_chunks;
-          const int64_t c0 = (task % n_chunks) * chunk, c1 = std::min(C, c0 + chunk);
-          for (int64_t gi = 0; gi < G; ++gi) {
-            const int64_t* ib = id + (b * G + gi) * P;
-            const scalar_t* gb = gd + (b * G + gi) * C * P;
-            acc_t* ob = od + b * num_points * C;
-            for (int64_t p0 = 0; p0 < P; p0 += kGatherBlock) {
-              const int64_t p1 = std::min(P, p0 + kGatherBlock);
-              for (int64_t c = c0; c < c1; ++c) {
-                const scalar_t* gc = gb + c * P;
-                for (int64_t p = p0; p < p1; ++p) {
-                  const int64_t n = ib[p];
-                  if (n >= 0 && n < num_points) ob[n * C + c] += static_cast<acc_t>(gc[p]);
-                }
+      for_channel_tasks(B, C, [&](int64_t b, int64_t c0, int64_t c1) {
+        for (int64_t gi = 0; gi < G; ++gi) {
+          const int64_t* ib = id + (b * G + gi) * P;
+          const scalar_t* gb = gd + (b * G + gi) * C * P;
+          acc_t* ob = od + b * num_points * C;
+          for (int64_t p0 = 0; p0 < P; p0 += kGatherBlock) {
+            const int64_t p1 = std::min(P, p0 + kGatherBlock);
+            for (int64_t c = c0; c < c1; ++c) {
+              const scalar_t* gc = gb + c * P;
+              for (int64_t p = p0; p < p1; ++p) {
+                const int64_t n = ib[p];
+                if (n >= 0 && n < num_points) ob[n * C + c] += static_cast<acc_t>(gc[p]);
               }
             }
           }

@@ -57,11 +57,7 @@ void check_interp_args(const at::Tensor& faces, const at::Tensor& face_index,
 at::Tensor mesh_interpolate_cuda(const at::Tensor& attributes, const at::Tensor& faces,
                                  const at::Tensor& face_index, const at::Tensor& bary) {
   check_interp_args(faces, face_index, bary);
-  PYFACE_CHECK_DIM("attributes", attributes, 3, "(B, V, C)");
-  PYFACE_CHECK_FLOAT("attributes", attributes);
-  check_cuda("attributes", attributes);
-  TORCH_CHECK_VALUE(attributes.size(0) == face_index.size(0), "attributes: expected batch size ",
-                    face_index.size(0), ", got ", shape_str(attributes));
+  check_interp_attributes(attributes, face_index, check_cuda);
   const c10::cuda::CUDAGuard guard(attributes.device());
   const int64_t B = face_index.size(0), H = face_index.size(1), W = face_index.size(2);
   const int64_t V = attributes.size(1), C = attributes.size(2);
@@ -82,14 +78,9 @@ at::Tensor mesh_interpolate_bwd_cuda(const at::Tensor& grad, const at::Tensor& f
                                      const at::Tensor& face_index, const at::Tensor& bary,
                                      int64_t num_verts) {
   check_interp_args(faces, face_index, bary);
-  PYFACE_CHECK_DIM("grad", grad, 4, "(B, C, H, W)");
-  PYFACE_CHECK_FLOAT("grad", grad);
-  check_cuda("grad", grad);
+  check_interp_grad(grad, face_index, check_cuda);
   const c10::cuda::CUDAGuard guard(grad.device());
   const int64_t B = face_index.size(0), H = face_index.size(1), W = face_index.size(2);
-  TORCH_CHECK_VALUE(grad.size(0) == B && grad.size(2) == H && grad.size(3) == W,
-                    "grad: expected shape (B, C, H, W) matching face_index ",
-                    shape_str(face_index), ", got ", shape_str(grad));
   const int64_t C = grad.size(1);
   auto gacc = at::zeros({B, num_verts, C}, grad.options().dtype(acc_dtype(grad)));
   if (gacc.numel() > 0 && H * W > 0) {
@@ -109,10 +100,7 @@ at::Tensor mesh_interpolate_bwd_cuda(const at::Tensor& grad, const at::Tensor& f
 std::tuple<at::Tensor, at::Tensor> splat_points_index_cuda(const at::Tensor& points,
                                                            int64_t height, int64_t width,
                                                            double radius) {
-  check_points("points_ndc", points, height, width);
-  check_cuda("points_ndc", points);
-  TORCH_CHECK_VALUE(radius >= 0 && std::isfinite(radius),
-                    "radius: expected a finite number >= 0, got ", radius);
+  check_splat(points, height, width, radius, check_cuda);
   const c10::cuda::CUDAGuard guard(points.device());
   const int64_t B = points.size(0), N = points.size(1);
   auto index = at::empty({B, height, width}, points.options().dtype(at::kLong));
@@ -132,22 +120,11 @@ at::Tensor points_to_triplane_index_cuda(const at::Tensor& points,
                                          int64_t width, c10::string_view plane_axes,
                                          double box_size, bool align_corners,
                                          double max_distance) {
-  check_points("points", points, height, width);
-  check_cuda("points", points);
-  const PlaneAxes axes = parse_plane_axes(std::string(plane_axes));
-  TORCH_CHECK_VALUE(box_size > 0 && std::isfinite(box_size),
-                    "box_size: expected a positive finite number, got ", box_size);
+  const TriplaneIndexArgs args =
+      check_points_to_triplane(points, valid, height, width, plane_axes, box_size, check_cuda);
+  const PlaneAxes axes = args.axes;
+  const at::Tensor& vmask = args.valid;
   const int64_t B = points.size(0), N = points.size(1);
-  at::Tensor vmask;
-  if (valid.has_value()) {
-    const auto& v = *valid;
-    TORCH_CHECK_TYPE(v.scalar_type() == at::kBool, "valid: expected dtype bool, got ",
-                     v.scalar_type());
-    TORCH_CHECK_VALUE(v.dim() == 2 && v.size(0) == B && v.size(1) == N,
-                      "valid: expected shape (B, N) = (", B, ", ", N, "), got ", shape_str(v));
-    PYFACE_CHECK_SAME_DEVICE("points", points, "valid", v);
-    vmask = v.contiguous();
-  }
   const c10::cuda::CUDAGuard guard(points.device());
   auto index = at::empty({B, 3, height, width}, points.options().dtype(at::kLong));
   if (B == 0) return index;
@@ -187,16 +164,9 @@ at::Tensor gather_features_cuda(const at::Tensor& features, const at::Tensor& in
 
 at::Tensor gather_features_bwd_cuda(const at::Tensor& grad, const at::Tensor& index,
                                     int64_t num_points) {
-  PYFACE_CHECK_DIM("grad", grad, 4, "(B, G, C, P)");
-  PYFACE_CHECK_FLOAT("grad", grad);
-  PYFACE_CHECK_DIM("index", index, 3, "(B, G, P)");
-  check_cuda("grad", grad);
-  check_cuda("index", index);
+  check_gather_grad(grad, index, check_cuda);
   const c10::cuda::CUDAGuard guard(grad.device());
   const int64_t B = index.size(0), G = index.size(1), P = index.size(2), C = grad.size(2);
-  TORCH_CHECK_VALUE(grad.size(0) == B && grad.size(1) == G && grad.size(3) == P,
-                    "grad: expected shape (B, G, C, P) matching index ", shape_str(index),
-                    ", got ", shape_str(grad));
   auto gacc = at::zeros({B, num_points, C}, grad.options().dtype(acc_dtype(grad)));
   if (gacc.numel() > 0 && G * P > 0) {
     const auto g = grad.contiguous();

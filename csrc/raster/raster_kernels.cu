@@ -64,19 +64,6 @@ __device__ __forceinline__ unsigned long long pack(double depth, int64_t id) {
 }
 
 // ----- mesh rasterization --------------------------------------------------------------------
-__device__ Triangle load_triangle(const double* verts, const int64_t* faces, int64_t b, int64_t f,
-                                  int64_t V, int64_t H, int64_t W, Cull cull, bool persp) {
-  int64_t vx[3], vy[3];
-  double vz[3];
-  bool ok = true;
-  for (int k = 0; k < 3; ++k) {
-    const double* v = verts + (b * V + faces[f * 3 + k]) * 3;
-    ok &= snap(v[0], W, vx[k]);
-    ok &= snap(v[1], H, vy[k]);
-    vz[k] = v[2];
-  }
-  return setup_triangle(vx, vy, vz, ok, cull, persp, H, W);
-}
 
 __global__ void raster_faces_kernel(const double* verts, const int64_t* faces, int64_t B,
                                     int64_t V, int64_t F, int64_t H, int64_t W, Cull cull,

@@ -117,6 +117,22 @@ PYFACE_HD Triangle setup_triangle(const int64_t vx[3], const int64_t vy[3], cons
   return t;
 }
 
+// Snaps the vertices of face f of batch item b and sets up its triangle: verts (B, V, 3) NDC,
+// faces (F, 3) with values in [0, V).
+PYFACE_HD Triangle load_triangle(const double* verts, const int64_t* faces, int64_t b, int64_t f,
+                                 int64_t V, int64_t H, int64_t W, Cull cull, bool persp) {
+  int64_t vx[3], vy[3];
+  double vz[3];
+  bool ok = true;
+  for (int k = 0; k < 3; ++k) {
+    const double* v = verts + (b * V + faces[f * 3 + k]) * 3;
+    ok &= snap(v[0], W, vx[k]);
+    ok &= snap(v[1], H, vy[k]);
+    vz[k] = v[2];
+  }
+  return setup_triangle(vx, vy, vz, ok, cull, persp, H, W);
+}
+
 // Coverage of pixel (row i, column j) by t; on success fills the depth and the (perspective-
 // correct when asked) barycentrics.
 PYFACE_HD bool cover(const Triangle& t, int64_t i, int64_t j, bool perspective_correct,

@@ -14,6 +14,7 @@
 
 #include "render/render.h"
 
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 namespace pyface {
@@ -68,6 +69,24 @@ void check_composite_grads(const at::Tensor& grad_features, const at::Tensor& gr
   PYFACE_CHECK_SAME_DEVICE("grad_features", grad_features, "features", features);
   PYFACE_CHECK_SAME_DEVICE("grad_depth", grad_depth, "features", features);
   PYFACE_CHECK_SAME_DEVICE("grad_weights", grad_weights, "features", features);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> composite_outputs(const at::Tensor& features) {
+  const int64_t B = features.size(0), R = features.size(1), S = features.size(2),
+                C = features.size(3);
+  return {at::empty({B, R, C}, features.options()), at::empty({B, R, 1}, features.options()),
+          at::empty({B, R, S - 1}, features.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor> composite_grads(const at::Tensor& features,
+                                                   bool need_features_grad,
+                                                   bool need_densities_grad) {
+  const int64_t B = features.size(0), R = features.size(1), S = features.size(2),
+                C = features.size(3);
+  return {at::empty(need_features_grad ? at::IntArrayRef({B, R, S, C}) : at::IntArrayRef({0}),
+                    features.options()),
+          at::empty(need_densities_grad ? at::IntArrayRef({B, R, S}) : at::IntArrayRef({0}),
+                    features.options())};
 }
 
 void check_importance_inputs(const at::Tensor& depths, const at::Tensor& weights,

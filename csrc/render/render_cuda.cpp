@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <tuple>
 
 #include "common/cuda_glue.h"
 #include "render/render.h"
@@ -38,9 +39,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mip_composite_cuda(
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t B = features.size(0), R = features.size(1), S = features.size(2),
                 C = features.size(3);
-  auto out = at::empty({B, R, C}, features.options());
-  auto depth = at::empty({B, R, 1}, features.options());
-  auto weights = at::empty({B, R, S - 1}, features.options());
+  at::Tensor out, depth, weights;
+  std::tie(out, depth, weights) = composite_outputs(features);
   if (B * R == 0) return {out, depth, weights};
   const auto f = features.contiguous();
   const auto s = densities.contiguous();
@@ -65,10 +65,8 @@ std::tuple<at::Tensor, at::Tensor> mip_composite_bwd_cuda(
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t B = features.size(0), R = features.size(1), S = features.size(2),
                 C = features.size(3);
-  auto g_feat = at::empty(need_features_grad ? at::IntArrayRef({B, R, S, C}) : at::IntArrayRef({0}),
-                          features.options());
-  auto g_dens = at::empty(need_densities_grad ? at::IntArrayRef({B, R, S}) : at::IntArrayRef({0}),
-                          features.options());
+  at::Tensor g_feat, g_dens;
+  std::tie(g_feat, g_dens) = composite_grads(features, need_features_grad, need_densities_grad);
   if (B * R == 0 || !(need_features_grad || need_densities_grad)) return {g_feat, g_dens};
   const auto dt = features.scalar_type();
   const auto f = features.contiguous();

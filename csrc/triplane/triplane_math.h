@@ -6,29 +6,17 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/grid_math.h"
 #include "common/macros.h"
 #include "common/plane_axes.h"
 
 namespace pyface {
 namespace triplane {
 
-// grid_sampler_unnormalize: normalized [-1, 1] coordinate -> pixel coordinate.
-template <typename T>
-PYFACE_HD T unnormalize(T coord, int64_t size, bool align_corners) {
-  return align_corners ? ((coord + T(1)) / T(2)) * T(size - 1)
-                       : ((coord + T(1)) * T(size) - T(1)) / T(2);
-}
-
-// d(pixel coordinate) / d(normalized coordinate).
-template <typename T>
-PYFACE_HD T unnormalize_scale(int64_t size, bool align_corners) {
-  return align_corners ? T(size - 1) / T(2) : T(size) / T(2);
-}
-
-template <typename T>
-PYFACE_HD bool is_nan(T v) {
-  return v != v;
-}
+using grid::clamp_coord;
+using grid::is_nan;
+using grid::unnormalize;
+using grid::unnormalize_scale;
 
 // The four bilinear taps of one plane for one point.
 // Tap order follows grid_sample: 0 = nw (x0, y0), 1 = ne (x1, y0), 2 = sw (x0, y1), 3 = se (x1, y1).
@@ -54,9 +42,8 @@ PYFACE_HD Taps<T> bilinear_taps(T u, T v, int64_t W, int64_t H, bool align_corne
     ix = T(0);
     iy = T(0);
   }
-  // clamp to [-2, size + 1]: outside this range every tap is out of bounds anyway.
-  ix = ix < T(-2) ? T(-2) : (ix > T(W + 1) ? T(W + 1) : ix);
-  iy = iy < T(-2) ? T(-2) : (iy > T(H + 1) ? T(H + 1) : iy);
+  ix = clamp_coord(ix, W);
+  iy = clamp_coord(iy, H);
   t.ix = ix;
   t.iy = iy;
   const T fx0 = floor(ix);

@@ -24,6 +24,7 @@
 
 #include "warp/warp.h"
 
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -114,6 +115,24 @@ int64_t check_motion_field_input(const at::Tensor& volume, const at::Tensor& kp_
   TORCH_CHECK_VALUE(variance > 0 && std::isfinite(variance),
                     "heatmap_variance: expected a positive finite number, got ", variance);
   return K;
+}
+
+at::Tensor none_like(const at::Tensor& t) { return at::empty({0}, t.options()); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kp_grads(
+    const at::Tensor& total, int64_t B, int64_t K, const at::Tensor& kp_source,
+    const at::Tensor& kp_driving, const std::optional<at::Tensor>& jacobian,
+    const at::Tensor& like, bool need_kp, bool need_jac) {
+  at::Tensor g_kps = none_like(kp_source), g_kpd = none_like(kp_driving);
+  at::Tensor g_jac = jacobian.has_value() ? none_like(*jacobian) : none_like(like);
+  if (need_kp) {
+    g_kps = total.narrow(2, 0, 3).to(kp_source.scalar_type()).contiguous();
+    g_kpd = total.narrow(2, 3, 3).to(kp_driving.scalar_type()).contiguous();
+  }
+  if (need_jac && jacobian.has_value()) {
+    g_jac = total.narrow(2, 6, 9).reshape({B, K, 3, 3}).to(jacobian->scalar_type()).contiguous();
+  }
+  return {g_kps, g_kpd, g_jac};
 }
 
 TORCH_LIBRARY_FRAGMENT(pyface, m) {

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 
 #include "common/checks.h"
 
@@ -39,6 +40,18 @@ int64_t check_motion_field_input(const at::Tensor& volume, const at::Tensor& kp_
 // grad_out against an expected shape.
 void check_grad(const at::Tensor& grad, const char* name, at::IntArrayRef expected,
                 const at::Tensor& like);
+
+// An empty tensor with t's options: what a `*_bwd` op returns for a gradient not asked for.
+at::Tensor none_like(const at::Tensor& t);
+
+// (grad_kp_source, grad_kp_driving, grad_jacobian) of a `*_bwd` op from the keypoint partials
+// summed over the voxel blocks, total (B, K, 15) = [d kp_source (3), d kp_driving (3),
+// d jacobian (9)] in the accumulation dtype (read only for the gradients asked for). Gradients
+// not asked for are none_like(kp_source / kp_driving / jacobian, or `like` without a jacobian).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kp_grads(
+    const at::Tensor& total, int64_t B, int64_t K, const at::Tensor& kp_source,
+    const at::Tensor& kp_driving, const std::optional<at::Tensor>& jacobian,
+    const at::Tensor& like, bool need_kp, bool need_jac);
 
 }  // namespace warp
 }  // namespace pyface

@@ -536,26 +536,14 @@ inline void flow_grad_block(const T* masks_b, int64_t V, int64_t vb, int n, cons
   }
 }
 
-// Sums the per-chunk keypoint partials (B * nch, K, 15) into the gradients asked for.
-void finish_kp_grads(const at::Tensor& partials, int64_t B, int64_t V, int64_t K,
-                     const at::Tensor& kp_source,
-                     const at::Tensor& kp_driving, const std::optional<at::Tensor>& jacobian,
-                     bool need_kp, bool need_jac, at::Tensor& g_kps, at::Tensor& g_kpd,
-                     at::Tensor& g_jac) {
-  const int64_t nch = (V + kChunk - 1) / kChunk;
-  const auto total = partials.view({B, nch, K, 15}).sum(1);  // fixed-order reduction
-  if (need_kp) {
-    g_kps = total.narrow(2, 0, 3).to(kp_source.scalar_type()).contiguous();
-    g_kpd = total.narrow(2, 3, 3).to(kp_driving.scalar_type()).contiguous();
-  }
-  if (need_jac && jacobian.has_value()) {
-    g_jac = total.narrow(2, 6, 9).reshape({B, K, 3, 3}).to(jacobian->scalar_type()).contiguous();
-  }
-}
-
-at::Tensor empty_like_none(const at::Tensor& like) { return at::empty({0}, like.options()); }
-
 int64_t num_chunks(int64_t V) { return (V + kChunk - 1) / kChunk; }
+
+// Sums the per-chunk keypoint partials (B * nch, K, 15) into (B, K, 15); an undefined tensor
+// where there are no partials (no keypoint gradient asked for).
+at::Tensor kp_totals(const at::Tensor& partials, int64_t B, int64_t V, int64_t K) {
+  if (!partials.defined()) return at::Tensor();
+  return partials.view({B, num_chunks(V), K, 15}).sum(1);  // fixed-order reduction
+}
 
 // ---------------------------------------------------------------------------------------------
 // warp_volume
@@ -629,7 +617,7 @@ std::tuple<at::Tensor, at::Tensor> warp_volume_bwd_cpu(const at::Tensor& grad_ou
   const auto gr = grid.to(acc).contiguous();
   const auto go = grad_out.to(acc).contiguous();
   const VolGeom g = vol_geom(volume);
-  at::Tensor g_volume = empty_like_none(volume), g_grid = empty_like_none(grid);
+  at::Tensor g_volume = none_like(volume), g_grid = none_like(grid);
   at::Tensor gv, gg;
   // the slab path writes every element of the volume gradient; the other one accumulates
   const bool slabs = go.numel() > 0 && B >= at::get_num_threads();
@@ -757,9 +745,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keypoint_flow_bwd_cpu
   const Keypoints kp = keypoints(kp_source, kp_driving, jacobian, acc);
   const auto m = masks.to(acc).contiguous();
   const auto gf = grad_flow.to(acc).contiguous();
-  at::Tensor g_kps = empty_like_none(kp_source), g_kpd = empty_like_none(kp_driving);
-  at::Tensor g_masks = empty_like_none(masks);
-  at::Tensor g_jac = jacobian.has_value() ? empty_like_none(*jacobian) : empty_like_none(masks);
+  at::Tensor g_masks = none_like(masks);
   const bool need_part = need_kp_grad || need_jacobian_grad;
   at::Tensor gm, part;
   if (need_masks_grad) gm = at::empty(masks.sizes(), masks.options().dtype(acc));
@@ -784,10 +770,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keypoint_flow_bwd_cpu
     });
   }
   if (need_masks_grad) g_masks = gm.to(masks.scalar_type());
-  if (need_part) {
-    finish_kp_grads(part, B, V, K, kp_source, kp_driving, jacobian, need_kp_grad,
-                    need_jacobian_grad, g_kps, g_kpd, g_jac);
-  }
+  const auto [g_kps, g_kpd, g_jac] =
+      kp_grads(kp_totals(part, B, V, K), B, K, kp_source, kp_driving, jacobian,
+               masks, need_kp_grad, need_jacobian_grad);
   return {g_kps, g_kpd, g_masks, g_jac};
 }
 
@@ -878,10 +863,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> warp_by_k
   const auto go = grad_out.to(acc).contiguous();
   const VolGeom g = vol_geom(volume);
   const int64_t B = a.B, C = a.C, K = a.K, Vo = a.Vo;
-  at::Tensor g_volume = empty_like_none(volume);
-  at::Tensor g_kps = empty_like_none(kp_source), g_kpd = empty_like_none(kp_driving);
-  at::Tensor g_masks = empty_like_none(masks);
-  at::Tensor g_jac = jacobian.has_value() ? empty_like_none(*jacobian) : empty_like_none(masks);
+  at::Tensor g_volume = none_like(volume);
+  at::Tensor g_masks = none_like(masks);
   const bool need_part = need_kp_grad || need_jacobian_grad;
   at::Tensor gv, gm, part;
   // the slab path writes every element of the volume gradient; the other one accumulates.
@@ -982,10 +965,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> warp_by_k
   }
   if (need_volume_grad) g_volume = gv.to(volume.scalar_type());
   if (need_masks_grad) g_masks = gm.to(masks.scalar_type());
-  if (need_part) {
-    finish_kp_grads(part, B, Vo, K, kp_source, kp_driving, jacobian, need_kp_grad,
-                    need_jacobian_grad, g_kps, g_kpd, g_jac);
-  }
+  const auto [g_kps, g_kpd, g_jac] =
+      kp_grads(kp_totals(part, B, Vo, K), B, K, kp_source, kp_driving, jacobian,
+               masks, need_kp_grad, need_jacobian_grad);
   return {g_volume, g_kps, g_kpd, g_masks, g_jac};
 }
 
@@ -1058,9 +1040,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> motion_field_input_bw
   const Keypoints kp = keypoints(kp_source, kp_driving, jacobian, acc);
   const auto go = grad_out.to(acc).contiguous();
   const VolGeom g = vol_geom(volume);
-  at::Tensor g_volume = empty_like_none(volume);
-  at::Tensor g_kps = empty_like_none(kp_source), g_kpd = empty_like_none(kp_driving);
-  at::Tensor g_jac = jacobian.has_value() ? empty_like_none(*jacobian) : empty_like_none(volume);
+  at::Tensor g_volume = none_like(volume);
   const bool need_part = need_kp_grad || need_jacobian_grad;
   at::Tensor gv, part;
   if (need_volume_grad) gv = at::zeros(volume.sizes(), volume.options().dtype(acc));
@@ -1150,10 +1130,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> motion_field_input_bw
     });
   }
   if (need_volume_grad) g_volume = gv.to(volume.scalar_type());
-  if (need_part) {
-    finish_kp_grads(part, B, V, K, kp_source, kp_driving, jacobian, need_kp_grad,
-                    need_jacobian_grad, g_kps, g_kpd, g_jac);
-  }
+  const auto [g_kps, g_kpd, g_jac] =
+      kp_grads(kp_totals(part, B, V, K), B, K, kp_source, kp_driving, jacobian,
+               volume, need_kp_grad, need_jacobian_grad);
   return {g_volume, g_kps, g_kpd, g_jac};
 }
 

@@ -38,21 +38,6 @@ KpTensors kp_tensors(const at::Tensor& kps, const at::Tensor& kpd,
   return k;
 }
 
-at::Tensor none_like(const at::Tensor& t) { return at::empty({0}, t.options()); }
-
-// Splits summed partials (B, K, 15) into the keypoint / jacobian gradients.
-void split_partials(const at::Tensor& partials, int64_t B, int64_t K, const at::Tensor& kps,
-                    const at::Tensor& kpd, const std::optional<at::Tensor>& jac, bool need_kp,
-                    bool need_jac, at::Tensor& g_kps, at::Tensor& g_kpd, at::Tensor& g_jac) {
-  const auto total = partials.sum(1);
-  if (need_kp) {
-    g_kps = total.narrow(2, 0, 3).to(kps.scalar_type()).contiguous();
-    g_kpd = total.narrow(2, 3, 3).to(kpd.scalar_type()).contiguous();
-  }
-  if (need_jac && jac.has_value())
-    g_jac = total.narrow(2, 6, 9).reshape({B, K, 3, 3}).to(jac->scalar_type()).contiguous();
-}
-
 at::Tensor warp_volume_cuda(const at::Tensor& volume, const at::Tensor& grid, bool align_corners) {
   check_warp_volume(volume, grid);
   check_cuda("volume", volume);
@@ -140,10 +125,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> keypoint_flow_bwd_cud
       dtype_of("masks", acc), gf.const_data_ptr(), m.const_data_ptr(), kp.desc(),
       gm.defined() ? gm.mutable_data_ptr() : nullptr,
       need_part ? part.mutable_data_ptr() : nullptr, B, o, grid_align_corners, current_stream()));
-  at::Tensor g_kps = none_like(kp_source), g_kpd = none_like(kp_driving);
-  at::Tensor g_jac = jacobian.has_value() ? none_like(*jacobian) : none_like(masks);
-  split_partials(part, B, K, kp_source, kp_driving, jacobian, need_kp_grad, need_jacobian_grad,
-                 g_kps, g_kpd, g_jac);
+  const auto [g_kps, g_kpd, g_jac] = kp_grads(part.sum(1), B, K, kp_source, kp_driving, jacobian,
+                                              masks, need_kp_grad, need_jacobian_grad);
   return {g_kps, g_kpd, gm.defined() ? gm.to(masks.scalar_type()) : none_like(masks), g_jac};
 }
 
@@ -194,10 +177,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> warp_by_k
       gm.defined() ? gm.mutable_data_ptr() : nullptr,
       need_part ? part.mutable_data_ptr() : nullptr, volume_desc(volume), o, align_corners,
       grid_align_corners, current_stream()));
-  at::Tensor g_kps = none_like(kp_source), g_kpd = none_like(kp_driving);
-  at::Tensor g_jac = jacobian.has_value() ? none_like(*jacobian) : none_like(masks);
-  split_partials(part, B, K, kp_source, kp_driving, jacobian, need_kp_grad, need_jacobian_grad,
-                 g_kps, g_kpd, g_jac);
+  const auto [g_kps, g_kpd, g_jac] = kp_grads(part.sum(1), B, K, kp_source, kp_driving, jacobian,
+                                              masks, need_kp_grad, need_jacobian_grad);
   return {gv.defined() ? gv.to(volume.scalar_type()) : none_like(volume), g_kps, g_kpd,
           gm.defined() ? gm.to(masks.scalar_type()) : none_like(masks), g_jac};
 }
@@ -245,10 +226,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> motion_field_input_bw
       gv.defined() ? gv.mutable_data_ptr() : nullptr,
       need_part ? part.mutable_data_ptr() : nullptr, volume_desc(volume), heatmap_variance,
       align_corners, grid_align_corners, current_stream()));
-  at::Tensor g_kps = none_like(kp_source), g_kpd = none_like(kp_driving);
-  at::Tensor g_jac = jacobian.has_value() ? none_like(*jacobian) : none_like(volume);
-  split_partials(part, B, K, kp_source, kp_driving, jacobian, need_kp_grad, need_jacobian_grad,
-                 g_kps, g_kpd, g_jac);
+  const auto [g_kps, g_kpd, g_jac] = kp_grads(part.sum(1), B, K, kp_source, kp_driving, jacobian,
+                                              volume, need_kp_grad, need_jacobian_grad);
   return {gv.defined() ? gv.to(volume.scalar_type()) : none_like(volume), g_kps, g_kpd, g_jac};
 }
 

@@ -7,23 +7,16 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/grid_math.h"
 #include "common/macros.h"
 
 namespace pyface {
 namespace warp {
 
-// grid_sampler_unnormalize: normalized [-1, 1] coordinate -> voxel coordinate.
-template <typename T>
-PYFACE_HD T unnormalize(T coord, int64_t size, bool align_corners) {
-  return align_corners ? ((coord + T(1)) / T(2)) * T(size - 1)
-                       : ((coord + T(1)) * T(size) - T(1)) / T(2);
-}
-
-// d(voxel coordinate) / d(normalized coordinate).
-template <typename T>
-PYFACE_HD T unnormalize_scale(int64_t size, bool align_corners) {
-  return align_corners ? T(size - 1) / T(2) : T(size) / T(2);
-}
+using grid::clamp_coord;
+using grid::is_nan;
+using grid::unnormalize;
+using grid::unnormalize_scale;
 
 // Identity-grid coordinate of index i on an axis of n voxels: face-vid2vid's
 // make_coordinate_grid (inclusive linspace) when align_corners, voxel centres otherwise.
@@ -32,18 +25,6 @@ template <typename T>
 PYFACE_HD T identity_coord(int64_t i, int64_t n, bool align_corners) {
   if (n == 1) return T(0);
   return align_corners ? T(2) * (T(i) / T(n - 1)) - T(1) : T(2 * i + 1) / T(n) - T(1);
-}
-
-template <typename T>
-PYFACE_HD bool is_nan(T v) {
-  return v != v;
-}
-
-template <typename T>
-PYFACE_HD T clamp_coord(T v, int64_t size) {
-  // Outside [-2, size + 1] every tap is out of bounds anyway; clamping keeps the integer
-  // conversion defined for coordinates far outside the volume.
-  return v < T(-2) ? T(-2) : (v > T(size + 1) ? T(size + 1) : v);
 }
 
 // The eight trilinear taps of one sample. Tap k has x = x0 + (k & 1), y = y0 + ((k >> 1) & 1),

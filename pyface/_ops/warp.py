@@ -94,6 +94,15 @@ def _motion_field_input_backward(bwd):
     return backward
 
 
+# (backward factory, setup_context) of each op, for its C++ and its Triton registration
+_AUTOGRAD = {
+    "warp_volume": (_warp_volume_backward, _warp_volume_setup),
+    "keypoint_flow": (_keypoint_flow_backward, _keypoint_flow_setup),
+    "warp_by_keypoints": (_warp_by_keypoints_backward, _warp_by_keypoints_setup),
+    "motion_field_input": (_motion_field_input_backward, _motion_field_input_setup),
+}
+
+
 # --------------------------------------------------------------------------------------------
 # C++ ops
 # --------------------------------------------------------------------------------------------
@@ -152,22 +161,11 @@ def register_cpp() -> None:
                 _jac_grad_like(jacobian, volume, need_jacobian_grad))
 
     ops = torch.ops.pyface
-    torch.library.register_autograd("pyface::warp_volume",
-                                    fused_backward("warp_volume", atomics=("cuda",))(
-                                        _warp_volume_backward(ops.warp_volume_bwd)),
-                                    setup_context=_warp_volume_setup)
-    torch.library.register_autograd("pyface::keypoint_flow",
-                                    fused_backward("keypoint_flow", atomics=("cuda",))(
-                                        _keypoint_flow_backward(ops.keypoint_flow_bwd)),
-                                    setup_context=_keypoint_flow_setup)
-    torch.library.register_autograd("pyface::warp_by_keypoints",
-                                    fused_backward("warp_by_keypoints", atomics=("cuda",))(
-                                        _warp_by_keypoints_backward(ops.warp_by_keypoints_bwd)),
-                                    setup_context=_warp_by_keypoints_setup)
-    torch.library.register_autograd("pyface::motion_field_input",
-                                    fused_backward("motion_field_input", atomics=("cuda",))(
-                                        _motion_field_input_backward(ops.motion_field_input_bwd)),
-                                    setup_context=_motion_field_input_setup)
+    for name, (backward, setup) in _AUTOGRAD.items():
+        torch.library.register_autograd(
+            f"pyface::{name}",
+            fused_backward(name, atomics=("cuda",))(backward(getattr(ops, f"{name}_bwd"))),
+            setup_context=setup)
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,23 +270,12 @@ def _triton_ops() -> dict:
                                          need_volume_grad, need_kp_grad, need_jacobian_grad,
                                          **kw())
 
-    def triton_backward(name, backward):
-        return fused_backward(name, atomics=("triton",), triton=True)(backward)
-
-    warp_volume_triton.register_autograd(
-        triton_backward("warp_volume", _warp_volume_backward(warp_volume_triton_bwd)),
-        setup_context=_warp_volume_setup)
-    keypoint_flow_triton.register_autograd(
-        triton_backward("keypoint_flow", _keypoint_flow_backward(keypoint_flow_triton_bwd)),
-        setup_context=_keypoint_flow_setup)
-    warp_by_keypoints_triton.register_autograd(
-        triton_backward("warp_by_keypoints",
-                        _warp_by_keypoints_backward(warp_by_keypoints_triton_bwd)),
-        setup_context=_warp_by_keypoints_setup)
-    motion_field_input_triton.register_autograd(
-        triton_backward("motion_field_input",
-                        _motion_field_input_backward(motion_field_input_triton_bwd)),
-        setup_context=_motion_field_input_setup)
-    return {"warp_volume": warp_volume_triton, "keypoint_flow": keypoint_flow_triton,
-            "warp_by_keypoints": warp_by_keypoints_triton,
-            "motion_field_input": motion_field_input_triton}
+    ops = {"warp_volume": (warp_volume_triton, warp_volume_triton_bwd),
+           "keypoint_flow": (keypoint_flow_triton, keypoint_flow_triton_bwd),
+           "warp_by_keypoints": (warp_by_keypoints_triton, warp_by_keypoints_triton_bwd),
+           "motion_field_input": (motion_field_input_triton, motion_field_input_triton_bwd)}
+    for name, (op, bwd) in ops.items():
+        backward, setup = _AUTOGRAD[name]
+        op.register_autograd(fused_backward(name, atomics=("triton",), triton=True)(backward(bwd)),
+                             setup_context=setup)
+    return {name: op for name, (op, _) in ops.items()}
