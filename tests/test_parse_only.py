@@ -69,6 +69,13 @@ def test_animate_and_eval_check_their_values_and_name_missing_inputs(tmp_path, c
     assert "--metrics psnz" in capsys.readouterr().err
     assert main(["animate", "mmfa", "--checkpoint", run, "--seeds", "0-1"]) == 2
     assert "--seeds: model 'mmfa' is not a generator" in capsys.readouterr().err
+    # a seed animation: its options, and EG3D's parse of --seeds
+    eg3d = ["animate", "eg3d", "--checkpoint", run, "--frames", "64", "--device", "cuda"]
+    assert main([*eg3d, "--seeds", "0-1"]) == 0
+    assert main([*eg3d, "--seeds", "0-x"]) == 2
+    assert "--seeds: expected integers, e.g. 0-3 or 0,5,9, got '0-x'" in capsys.readouterr().err
+    assert main([*eg3d, "--seeds", "0-1", "--batch", "8"]) == 2
+    assert "takes no --batch" in capsys.readouterr().err
 
 
 def test_data_synth_checks_its_options_without_writing(tmp_path, capsys):
