@@ -3,7 +3,7 @@
 # short gpu-short training runs of every model (rates, peak memory), inference fps at the
 # models' full resolution, and the training benchmarks; see docs/DEVELOPING.md "GPU session".
 #
-#   bash bench/gpu_session.sh OUT [SELECTION ...] [--dry-run]
+#   bash bench/gpu_session.sh OUT [SELECTION ...] [--dry-run | --check]
 #   bash bench/gpu_session.sh --list
 #
 # SELECTION: phase1 (versions, build, info, GPU tests, op benchmarks), phase2 (synthetic data,
@@ -18,16 +18,22 @@
 #   OUT/gpu-session-LABEL-summary.tsv   step, phase, status, rc, seconds, limit, log
 #   OUT/gpu-session-LABEL.tar.gz        LABEL/{summary.tsv, versions.json, info.json,
 #                                       gpu-tests.xml, *.json, logs/NN-STEP.log}
-# LABEL is the selection joined by '-' (dry-LABEL for a dry run); step env's log holds the
+# LABEL is the selection joined by '-' (dry-LABEL for a dry run, check-LABEL for a check); step
+# env's log holds the
 # device, driver and toolkit. Checkpoints, data and videos stay in GPU_SESSION_WORK.
 #
 # Environment:
 #   GPU_SESSION_DRY_RUN=1 (or --dry-run)  every step on the CPU with the tiniest sizes and 1-2
 #                            steps, no CUDA build: proves every command line before a GPU comes
-#   GPU_SESSION_BUDGET_S     seconds for the whole invocation (default 540; dry run 7200)
+#   GPU_SESSION_CHECK=1 (or --check)  on the CPU, in minutes: the GPU run's own command lines
+#                            (its sizes, presets, --set items, options), each checked instead of
+#                            run: pyface / pyface.bench.train / tools under PYFACE_PARSE_ONLY=1,
+#                            pytest --collect-only, the build's commands printed
+#   GPU_SESSION_BUDGET_S     seconds for the whole invocation (default 540; dry run 7200; check
+#                            1800)
 #   GPU_SESSION_WORK         machine-local work folder: data, runs, caches (default
-#                            /tmp/pyface-gpu-session; later calls reuse it while the machine is
-#                            warm)
+#                            /tmp/pyface-gpu-session, a check's /tmp/pyface-gpu-session-check;
+#                            later calls reuse it while the machine is warm)
 #   GPU_SESSION_KILL_AFTER_S how long a step's processes may outlive it (a timed-out step's
 #                            trainer finishing its step) before they are killed (default 20)
 #   GPU_SESSION_COMMIT       the commit the tree was copied from (the device copy has no .git)
@@ -40,7 +46,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SCRIPT="$ROOT/bench/gpu_session.sh"
 
 # ---------------------------------------------------------------- the step table
-# name phase cap_seconds (GPU); run in this order. A dry run gives every step DRY_CAP seconds.
+# name phase cap_seconds (GPU); run in this order. A dry run gives every step DRY_CAP seconds, a
+# check CHECK_CAP.
 STEPS="
 env              phase1  30
 build            phase1  300
@@ -75,6 +82,7 @@ bench_train_eg3d_compile phase3 240
 bench_ops_compile phase3 300
 "
 DRY_CAP=900
+CHECK_CAP=300
 
 table_names() { awk 'NF {print $1}' <<<"$STEPS"; }
 table_field() { awk -v s="$1" -v f="$2" '$1 == s {print $f}' <<<"$STEPS"; }
@@ -82,11 +90,16 @@ table_field() { awk -v s="$1" -v f="$2" '$1 == s {print $f}' <<<"$STEPS"; }
 # ---------------------------------------------------------------- configuration
 PY=${PYTHON:-python3}
 DRY=${GPU_SESSION_DRY_RUN:-0}
-WORK=${GPU_SESSION_WORK:-/tmp/pyface-gpu-session}
+CHECK=${GPU_SESSION_CHECK:-0}    # the GPU run's command lines (DEV cuda), checked instead of run
+if [ "$CHECK" = 1 ]; then WORK=${GPU_SESSION_WORK:-/tmp/pyface-gpu-session-check}
+else WORK=${GPU_SESSION_WORK:-/tmp/pyface-gpu-session}; fi
 if [ "$DRY" = 1 ]; then DEV=cpu; else DEV=cuda; fi
-DATA=$WORK/data/train            # pyface data synth: training set (every model resizes it)
-TEST=$WORK/data/test             # held-out set: animate sources/driving, eval
-RUNS=$WORK/runs
+set_paths() {
+    DATA=$WORK/data/train        # pyface data synth: training set (every model resizes it)
+    TEST=$WORK/data/test         # held-out set: animate sources/driving, eval
+    RUNS=$WORK/runs
+}
+set_paths
 
 configure() {                     # the sizes of the GPU run, or the tiniest for the dry run
     if [ "$DRY" = 1 ]; then
@@ -187,12 +200,41 @@ bench_train() {                   # bench_train MODEL [EXTRA...]
 
 need_dir() {
     if [ ! -d "$1" ]; then
+        if [ "$CHECK" = 1 ]; then      # made by an earlier step of the GPU run
+            echo "gpu_session: check: $1 is made by an earlier step: what it holds is not checked"
+            return 0
+        fi
         echo "gpu_session: $1 does not exist (an earlier step did not make it): not run"
         return 98
     fi
 }
 
-run() { echo "+ $*"; "$@"; }
+run() {
+    echo "+ $*"
+    if [ "$CHECK" = 1 ]; then check_command "$@"; return; fi
+    "$@"
+}
+
+# a command of the GPU run, checked instead of run (GPU_SESSION_CHECK=1): pyface's commands,
+# python -m pyface.bench.train and the tools under PYFACE_PARSE_ONLY=1 (the real parsers; the
+# option values, presets and --set keys of the run and of its stages; nothing trained, measured
+# or written), pytest --collect-only (the selection collects tests), the build's commands
+# printed (pip and setup.py present)
+check_command() {
+    local arg
+    for arg in "$@"; do
+        case "$arg" in
+            pip) "$PY" -m pip --version || return
+                 echo "gpu_session: check: pip is there; the CUDA build is not run"
+                 return 0 ;;
+            setup.py) [ -f "$ROOT/setup.py" ] || { echo "gpu_session: no $ROOT/setup.py"; return 1; }
+                      echo "gpu_session: check: the in-place build is not run"
+                      return 0 ;;
+            pytest) "$@" --collect-only; return ;;
+        esac
+    done
+    PYFACE_PARSE_ONLY=1 "$@"
+}
 
 # ---------------------------------------------------------------- the steps
 step_env() {
@@ -258,6 +300,15 @@ step_build() {
 }
 
 check_cuda_build() {
+    if [ "$CHECK" = 1 ]; then     # the check itself runs, on this tree's (CPU) build
+        local out
+        out=$(CHECK=0 check_cuda_build 2>&1) && { echo "$out"; return 0; }
+        echo "$out"
+        grep -q "built without the CUDA kernels" <<<"$out" || return 1
+        echo "gpu_session: check: as expected without a CUDA build; nothing built, so the" \
+             "CUDA kernels are not checked"
+        return 0
+    fi
     "$PY" - <<'EOF'
 import json, os, sys
 import torch, pyface
@@ -442,13 +493,15 @@ if [ "${1:-}" = __step ]; then
     exit $?
 fi
 
-OUT="" DRY_FLAG=0 SELECTION=()
+OUT="" DRY_FLAG=0 CHECK_FLAG=0 SELECTION=()
 for arg in "$@"; do
     case "$arg" in
         --list) list_steps; exit 0 ;;
         -h|--help) usage; exit 0 ;;
         --dry-run) DRY_FLAG=1 ;;
-        -*) echo "gpu_session: unknown option $arg (expected --dry-run, --list, --help)" >&2; exit 2 ;;
+        --check) CHECK_FLAG=1 ;;
+        -*) echo "gpu_session: unknown option $arg (expected --dry-run, --check, --list, --help)" >&2
+            exit 2 ;;
         *) if [ -z "$OUT" ]; then OUT=$arg; else SELECTION+=("${arg//,/ }"); fi ;;
     esac
 done
@@ -457,6 +510,16 @@ if [ -z "$OUT" ]; then
     exit 2
 fi
 [ "$DRY_FLAG" = 1 ] && DRY=1
+if [ "$CHECK_FLAG" = 1 ] && [ "$CHECK" != 1 ]; then
+    CHECK=1
+    WORK=${GPU_SESSION_WORK:-/tmp/pyface-gpu-session-check}
+    set_paths
+fi
+if [ "$DRY" = 1 ] && [ "$CHECK" = 1 ]; then
+    echo "gpu_session: --dry-run (GPU_SESSION_DRY_RUN=1) runs the tiniest sizes and --check" \
+         "(GPU_SESSION_CHECK=1) checks the GPU run's command lines: give one of them" >&2
+    exit 2
+fi
 if [ "$DRY" = 1 ]; then DEV=cpu; fi
 read -r -a SELECTION <<<"${SELECTION[*]:-all}"
 
@@ -480,14 +543,17 @@ for s in $(table_names); do [ -n "${WANT[$s]:-}" ] && ORDER+=("$s"); done
 
 LABEL=$(IFS=-; echo "${SELECTION[*]}" | tr -c 'A-Za-z0-9._\n-' '_' | cut -c1-60)
 [ "$DRY" = 1 ] && LABEL="dry-$LABEL"
-if [ "$DRY" = 1 ]; then BUDGET=${GPU_SESSION_BUDGET_S:-7200}; else BUDGET=${GPU_SESSION_BUDGET_S:-540}; fi
+[ "$CHECK" = 1 ] && LABEL="check-$LABEL"
+if [ "$DRY" = 1 ]; then BUDGET=${GPU_SESSION_BUDGET_S:-7200}
+elif [ "$CHECK" = 1 ]; then BUDGET=${GPU_SESSION_BUDGET_S:-1800}
+else BUDGET=${GPU_SESSION_BUDGET_S:-540}; fi
 mkdir -p "$OUT" "$WORK" || exit 1
 OUT=$(cd "$OUT" && pwd)
 RES=$WORK/results/$LABEL
 rm -rf "$RES"
 mkdir -p "$RES/logs" "$WORK/anim" "$RUNS" || exit 1
 
-export GPU_SESSION_DRY_RUN=$DRY GPU_SESSION_WORK=$WORK PYTHONUNBUFFERED=1
+export GPU_SESSION_DRY_RUN=$DRY GPU_SESSION_CHECK=$CHECK GPU_SESSION_WORK=$WORK PYTHONUNBUFFERED=1
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}     # this tree's pyface, whatever pip did
 export PYFACE_CACHE=$WORK/cache TORCHINDUCTOR_CACHE_DIR=$WORK/inductor
 export TRITON_CACHE_DIR=$WORK/triton MPLCONFIGDIR=$WORK/mpl
@@ -504,9 +570,10 @@ publish() {
 
 echo "gpu_session: ${#ORDER[@]} steps (${ORDER[*]}), budget ${BUDGET} s, device $DEV," \
      "python $PY, work $WORK, results $OUT/gpu-session-$LABEL.tar.gz"
+[ "$CHECK" = 1 ] && echo "gpu_session: check: each command of the GPU run is checked, not run"
 START=$(date +%s)
 # a step that does not find the CUDA build (phase2/3 on a fresh machine) builds first
-if [ "$DRY" != 1 ] && [ -z "${WANT[build]:-}" ]; then
+if [ "$DRY" != 1 ] && [ "$CHECK" != 1 ] && [ -z "${WANT[build]:-}" ]; then
     if ! (cd "$ROOT" && RES=$RES check_cuda_build >"$RES/logs/00-check-build.log" 2>&1); then
         echo "gpu_session: no CUDA build of pyface here: adding the build step"
         ORDER=(build "${ORDER[@]}")
@@ -537,6 +604,7 @@ for s in "${ORDER[@]}"; do
     phase=$(table_field "$s" 2)
     cap=$(table_field "$s" 3)
     [ "$DRY" = 1 ] && cap=$DRY_CAP
+    [ "$CHECK" = 1 ] && cap=$CHECK_CAP
     left=$((BUDGET - ($(date +%s) - START)))
     limit=$(( cap < left - 10 ? cap : left - 10 ))
     log=logs/$(printf '%02d' "$n")-$s.log

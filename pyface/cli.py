@@ -3,12 +3,29 @@
 Each subcommand lives in its own module, which provides ``add_parser(subparsers)``; the parser
 sets ``func`` to a callable taking the parsed args and returning an exit code. Modules are
 imported only to build the parser, and must keep their top-level imports light.
+
+``PYFACE_PARSE_ONLY=1`` checks a command line without running it (``bench/gpu_session.sh
+--check`` proves the GPU session's commands so on a CPU): the arguments are parsed by the real
+parser (an unknown option, a bad choice or type exits 2), then a command whose parser sets
+``check`` (a callable taking the parsed args, returning an exit code) checks its option values
+there: train, bench, animate, eval, data synth. Inputs that do not exist yet (checkpoints,
+data) and whether the device is present are not checked. Exit 0: the command line is good.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+#: the environment variable that makes ``main`` check a command line instead of running it
+PARSE_ONLY = "PYFACE_PARSE_ONLY"
+
+
+def parse_only() -> bool:
+    """Whether ``PYFACE_PARSE_ONLY`` is set (to anything but empty or 0): command lines are
+    checked, not run."""
+    return os.environ.get(PARSE_ONLY, "") not in ("", "0")
 
 # command -> module providing add_parser(); order is the order of `pyface --help`.
 COMMANDS = {
@@ -66,12 +83,36 @@ def main(argv=None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0 if args.command is None else 2
+    if parse_only():
+        return check_only(args)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:   # commands that keep partial work say so themselves
         sub = " ".join(a for a in (args.command, getattr(args, "data_command", None)) if a)
         print(f"\npyface {sub}: interrupted", file=sys.stderr)
         return 130
+
+
+def check_only(args) -> int:
+    """``main`` under ``PYFACE_PARSE_ONLY=1``: the parsed command's ``check`` (its option values;
+    nothing run), or nothing more than the parse for a command without one."""
+    sub = " ".join(a for a in (args.command, getattr(args, "data_command", None)) if a)
+    if args.command == "data" and args.data_command is None:
+        return int(args.func(args) or 0)            # its help, exit 2: no subcommand given
+    check = getattr(args, "check", None)
+    if check is None:
+        print(f"pyface {sub}: arguments parsed ({PARSE_ONLY}=1: not run; this command checks "
+              "its option values only when run)", file=sys.stderr)
+        return 0
+    try:
+        code = int(check(args) or 0)
+    except (ValueError, KeyError, ImportError) as exc:   # ConfigError, RegistryError: ValueErrors
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"pyface {sub}: {msg}", file=sys.stderr)
+        return 2
+    if code == 0:
+        print(f"pyface {sub}: arguments checked ({PARSE_ONLY}=1: not run)", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """bench/gpu_session.sh, the script a lent GPU machine runs: it parses, lists its steps and
 phases, refuses bad arguments naming them, and a CPU dry run of its two cheapest steps writes
 the summary and the results archive, and a signal stops the running step (the full dry run,
-every step, is in docs/DEVELOPING.md)."""
+every step, is in docs/DEVELOPING.md); its check (--check) passes the GPU run's command lines of
+a few steps and fails a step whose command line was broken."""
 import csv
 import os
 import shutil
@@ -62,6 +63,7 @@ def test_list_names_every_step_with_its_phase_and_cap():
     ((), "expected an output folder"),
     (("OUT", "phase4"), "unknown step or phase 'phase4'"),
     (("OUT", "--fast"), "unknown option --fast"),
+    (("OUT", "--check", "--dry-run"), "give one of them"),
 ])
 def test_bad_arguments_are_refused_naming_them(tmp_path, args, message):
     args = tuple(str(tmp_path / a) if a == "OUT" else a for a in args)
@@ -158,3 +160,65 @@ def test_no_process_of_a_step_outlives_it(tmp_path, command, rc):
     ps = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True).stdout
     assert not [line for line in ps.splitlines()
                 if "TERM: finishing" in line and not line.startswith("Z")], ps
+
+
+def _rows(path):
+    with open(path) as f:
+        return [(r["step"], r["status"], r["rc"]) for r in csv.DictReader(f, delimiter="\t")]
+
+
+CHECKED = "build,gpu_tests,train_otavatar,animate_goha"
+
+
+def test_check_passes_the_gpu_command_lines_without_running_them(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    res = _run(str(out), CHECKED, "--check", env={"GPU_SESSION_WORK": str(work)}, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    label = "check-" + CHECKED.replace(",", "-")
+    assert sorted(os.listdir(out)) == [f"gpu-session-{label}-summary.tsv",
+                                       f"gpu-session-{label}.tar.gz"]
+    assert _rows(out / f"gpu-session-{label}-summary.tsv") == [
+        (s, "ok", "0") for s in CHECKED.split(",")]
+    logs = work / "results" / label / "logs"
+    train = (logs / "03-train_otavatar.log").read_text()
+    # the GPU run's own sizes and device, its stage's config checked, nothing trained
+    assert "--set train.device=cuda" in train and "--set train.num_workers=8" in train
+    assert "pyface train: arguments checked" in train
+    assert "stage run" not in train and not (work / "runs" / "otavatar").exists()
+    assert "tests collected" in (logs / "02-gpu_tests.log").read_text()
+    assert "--frames 64 --batch 8 --device cuda" in (logs / "04-animate_goha.log").read_text()
+
+
+def test_check_fails_a_step_whose_gpu_command_line_is_broken(tmp_path):
+    # a copy of the script whose GPU lines carry an unknown --set key of a stage, an unknown
+    # option and an unknown preset; the copy runs the tree's pyface and tools
+    tree = tmp_path / "tree"
+    (tree / "bench").mkdir(parents=True)
+    for name in ("pyface", "tools"):
+        os.symlink(os.path.join(ROOT, name), tree / name)
+    text = open(SCRIPT).read()
+    edits = [('gpu-short "$STEPS_OTAVATAR" "$STEPS_STAGE" eg3d',
+              'gpu-short "$STEPS_OTAVATAR" "$STEPS_STAGE" eg3d -- --set stages.eg3d.train.stepz=1'),
+             ('--frames "$ANIM_FRAMES" --batch "$ANIM_BATCH"',
+              '--frames "$ANIM_FRAMES" --batchh "$ANIM_BATCH"'),
+             ('bench_train goha --no-compile', 'bench_train goha --preset gpu-shirt --no-compile')]
+    for old, new in edits:
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    (tree / "bench" / "gpu_session.sh").write_text(text)
+    out, work = tmp_path / "out", tmp_path / "work"
+    steps = "train_otavatar,animate_goha,bench_train_goha"
+    res = subprocess.run(["bash", str(tree / "bench" / "gpu_session.sh"), str(out), steps,
+                          "--check"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHON": sys.executable,
+                              "GPU_SESSION_WORK": str(work)})
+    assert res.returncode == 1, res.stdout + res.stderr
+    label = "check-" + steps.replace(",", "-")
+    assert _rows(out / f"gpu-session-{label}-summary.tsv") == [
+        ("train_otavatar", "failed", "2"),
+        ("animate_goha", "failed", "2"), ("bench_train_goha", "failed", "2")]
+    logs = work / "results" / label / "logs"
+    err = (logs / "01-train_otavatar.log").read_text()
+    assert "stage 'eg3d'" in err and "train.stepz" in err, err
+    assert "unrecognized arguments: --batchh" in (logs / "02-animate_goha.log").read_text()
+    assert "gpu-shirt" in (logs / "03-bench_train_goha.log").read_text()

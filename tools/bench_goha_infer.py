@@ -35,10 +35,29 @@ def main():
     args = ap.parse_args()
 
     import pyface.models
+    from pyface.cli import parse_only
     from pyface.face.morphable import MorphableModel
     from pyface.models.goha import GOHAPipeline, GOHASR
     from pyface.train import build_experiment
 
+    if parse_only():
+        # PYFACE_PARSE_ONLY=1: the command line checked (options, --device, --preset's config),
+        # nothing built or timed (--run's content is not checked)
+        from pyface.train.cli import check_device
+
+        try:
+            check_device(args.device)
+            for name in ("frames", "repeats"):
+                if getattr(args, name) < 1:
+                    raise ValueError(f"--{name}: expected an integer >= 1, got "
+                                     f"{getattr(args, name)}")
+            if not args.run:
+                build_experiment("goha", GOHASR.Config, defaults=GOHASR.recipe,
+                                 presets=GOHASR.presets, preset=args.preset)
+        except ValueError as exc:       # ConfigError too
+            raise SystemExit(f"bench_goha_infer: {exc}") from None
+        print("bench_goha_infer: arguments checked (PYFACE_PARSE_ONLY=1: nothing run)")
+        return
     if args.run:
         pipe = pyface.models.load(args.model, args.run, device=args.device)
     else:

@@ -11,7 +11,8 @@ run is ``torch.cuda.max_memory_allocated`` between the start and the end of its 
 ``log.txt`` lines ``step N/M: ... (X images/s, Y steps/s)``: the first interval holds the
 warm-up (cuDNN autotuning, Triton compilation, the first batches), so ``steps_per_s_after_first``
 leaves it out. A run stopped by SIGTERM (``timeout``) finishes its step, writes its checkpoint and
-is recorded with ``interrupted: true``.
+is recorded with ``interrupted: true``. Under ``PYFACE_PARSE_ONLY=1`` ``pyface train`` checks its
+command line (the configs of the run and of its stages) and this script writes no JSON.
 """
 from __future__ import annotations
 
@@ -103,6 +104,10 @@ def main(argv=None) -> int:
         code = int(pyface_main(["train", *train_argv]) or 0)
     finally:
         Trainer.fit = fit
+    from pyface.cli import parse_only
+
+    if parse_only():        # PYFACE_PARSE_ONLY=1: the command line checked, nothing to report
+        return code
     wall = time.perf_counter() - t0
     for record in runs:
         rows = parse_log(os.path.join(record["run_dir"], "log.txt"))

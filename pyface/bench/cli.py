@@ -52,7 +52,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--json", default=None, metavar="PATH",
                    help="write results here: a file ending in .json, or a folder (existing or ending "
                         "in /; created) for an auto-named file inside it")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, check=check)
 
 
 def _near(name: str, choices) -> str:
@@ -61,7 +61,14 @@ def _near(name: str, choices) -> str:
     return did_you_mean(name, sorted(choices))
 
 
-def run(args) -> int:
+def check(args) -> int:
+    """``pyface bench`` under ``PYFACE_PARSE_ONLY=1``: every option checked as a run checks it
+    (ops, shapes, providers, --json), for --device whether or not this machine has it; nothing
+    measured, no JSON written."""
+    return run(args, check_only=True)
+
+
+def run(args, check_only: bool = False) -> int:
     import math
 
     import torch
@@ -82,7 +89,12 @@ def run(args) -> int:
     if refused is not None:
         return refused
     try:
-        device = torch.device(resolve_device(args.device))
+        if check_only and args.device is not None:     # a device this machine may lack
+            from pyface.train.cli import check_device
+
+            device = check_device(args.device)
+        else:
+            device = torch.device(resolve_device(args.device))
     except ValueError as exc:
         return fail(str(exc))
     if not math.isfinite(args.min_time) or args.min_time < 0:
@@ -139,7 +151,8 @@ def run(args) -> int:
                         f"{', '.join(map(repr, missing))} for the selected ops on {device.type}"
                         f"{why}; expected some of {', '.join(sorted(known))}"
                         + _near(missing[0], known))
-    env = environment(device)
+    # (a check names the device type: this machine may not have the device)
+    env = {"date": time.strftime("%Y-%m-%d")} if check_only else environment(device)
     json_path = None
     if args.json:
         tag = (env.get("gpu") or device.type).replace(" ", "_")
@@ -148,6 +161,10 @@ def run(args) -> int:
                 args.json, f"{'_'.join(wanted)}-{tag}-{env['date'][:10]}.json", "--json")
         except JsonPathError as exc:
             return fail(str(exc))
+    if check_only:
+        print(f"pyface bench: {plural(len(cases), 'case')} on {device.type} at --size {size}, "
+              f"--json {json_path}", file=sys.stderr)
+        return 0
     print(f"# device: {env.get('gpu') or env['cpu']} ({device.type}, {env['cpu_threads']} threads)"
           f"  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}", flush=True)
     left_out = [{"op": op, "provider": prov, "why": slow[(op, prov)]} for op, prov in slow

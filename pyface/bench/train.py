@@ -203,6 +203,48 @@ ROWS = {"fused": "null", "reference": "reference", "reference+compile": "referen
         "fused+compile": "null"}
 
 
+def row_config(name: str, label: str, overrides: list[str] | None, tmp: str, device,
+               compile: str | None, preset: str | None):
+    """The ExperimentConfig of the row ``label`` (a key of :data:`ROWS`) of
+    :func:`model_backends`, its run folder in ``tmp``."""
+    from pyface.train.config import build_experiment
+    from pyface.train.registry import model_class
+    from pyface.train.stages import own_overrides
+
+    cls = model_class(name)
+    compiled = label.endswith("+compile")
+    sets = [*(overrides or []), f"train.run_dir={tmp}/{label.replace('+', '-')}",
+            "train.progress=false", "train.tensorboard=false", f"train.device={device}",
+            f"train.backend={ROWS[label]}", f"train.compile={compile if compiled else 'off'}"]
+    return build_experiment(name, cls.Config, defaults=dict(getattr(cls, "recipe", {}) or {}),
+                            preset=preset, overrides=own_overrides(sets))
+
+
+def check_model_backends(name: str, overrides: list[str] | None = None, *, warmup: int = 2,
+                         device: str = "cuda", preset: str | None = None, stage_steps: int = 1,
+                         compile: str | None = None) -> list[str]:
+    """What :func:`model_backends` would build, built and checked without training or
+    measuring (``PYFACE_PARSE_ONLY=1``): the config of every row and of every stage trained
+    first (ConfigError naming the key). Returns the labels of the rows."""
+    from pyface.nn.compiling import parse_compile
+    from pyface.train.registry import model_class
+    from pyface.train.stages import prepare_stages
+
+    options = parse_compile(compile, what="compile")
+    if options is not None and warmup < 1:
+        raise ValueError("warmup: the compiled rows compile in their first step; expected >= 1 "
+                         f"unmeasured step with compile={compile!r}, got {warmup}")
+    cls = model_class(name)
+    labels = [k for k in ROWS if options is not None or not k.endswith("+compile")]
+    tmp = os.path.join(tempfile.gettempdir(), "pyface-bench-check")   # not created
+    for label in labels:
+        cfg = row_config(name, label, overrides, tmp, device, compile, preset)
+        if getattr(cls, "stages", ()):
+            prepare_stages(cls, cfg, overrides=stage_steps_overrides(cls, overrides, stage_steps),
+                           dry_run=True)
+    return labels
+
+
 def model_backends(name: str, overrides: list[str] | None = None, *, steps: int = 10,
                    warmup: int = 2, device: str | None = None,
                    preset: str | None = None, stage_steps: int = 1,
@@ -228,8 +270,7 @@ def model_backends(name: str, overrides: list[str] | None = None, *, steps: int 
     from pyface.bench.harness import default_backends, peak_memory_mb, step_memory_mb
     from pyface.nn.compiling import parse_compile
     from pyface.train import Trainer
-    from pyface.train.config import build_experiment
-    from pyface.train.stages import own_overrides, prepare_stages
+    from pyface.train.stages import prepare_stages
     from pyface.train.registry import model_class
 
     options = parse_compile(compile, what="compile")
@@ -238,7 +279,6 @@ def model_backends(name: str, overrides: list[str] | None = None, *, steps: int 
                          f"unmeasured step with compile={compile!r}, got {warmup}")
     labels = [k for k in ROWS if options is not None or not k.endswith("+compile")]
     cls = model_class(name)
-    defaults = dict(getattr(cls, "recipe", {}) or {})
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     env_backend = os.environ.pop("PYFACE_BACKEND", None)   # "fused" means the default choice
     tmp = tempfile.mkdtemp(prefix="pyface-bench-")
@@ -258,13 +298,7 @@ def model_backends(name: str, overrides: list[str] | None = None, *, steps: int 
     try:
         trainers, batches, filled = {}, {}, {}
         for label in labels:
-            compiled = label.endswith("+compile")
-            sets = [*(overrides or []), f"train.run_dir={tmp}/{label.replace('+', '-')}",
-                    "train.progress=false", "train.tensorboard=false", f"train.device={dev}",
-                    f"train.backend={ROWS[label]}",
-                    f"train.compile={compile if compiled else 'off'}"]
-            cfg = build_experiment(name, cls.Config, defaults=defaults, preset=preset,
-                                   overrides=own_overrides(sets))
+            cfg = row_config(name, label, overrides, tmp, dev, compile, preset)
             if getattr(cls, "stages", ()):
                 # earlier stages are trained once (fused ops) and shared by both measurements;
                 # a step's time does not depend on how well they are trained
@@ -633,6 +667,12 @@ def _main(argv=None) -> int:
         return resolve_json_path(args.json or os.path.join("bench", "results", ""),
                                  default_name or "train.json", "--json")
 
+    from pyface.cli import parse_only
+
+    if parse_only() and not args.model:
+        print(f"{p.prog}: arguments parsed (PYFACE_PARSE_ONLY=1: nothing measured)",
+              file=sys.stderr)
+        return 0
     if args.overlap:
         if int(os.environ.get("WORLD_SIZE", "1") or 1) < 2:
             return fail("--overlap needs several ranks: torchrun --standalone "
@@ -666,10 +706,16 @@ def _main(argv=None) -> int:
         from pyface.train.registry import RegistryError, import_plugins, model_class
         from pyface.train.stages import check_stage_overrides, own_overrides
 
+        check = parse_only()            # the command line checked, nothing measured
         try:
             import_plugins(args.imports)
             cls = model_class(args.model)
-            device = resolve_device(args.device)
+            if check:                   # a device this machine may lack
+                from pyface.train.cli import check_device
+
+                device = str(check_device(args.device) or "cuda")
+            else:
+                device = resolve_device(args.device)
             # stages.<name>.<key>=...: a stage of the model (as pyface train checks)
             check_stage_overrides(args.model, cls, args.overrides)
             # --preset / --set (ConfigError, a ValueError naming the key and the choices)
@@ -682,6 +728,17 @@ def _main(argv=None) -> int:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             return fail(msg)
         compile_mode = resolve_compile(torch.device(device).type, args.compile, args.no_compile)
+        if check:
+            try:
+                labels = check_model_backends(args.model, args.overrides, warmup=args.warmup,
+                                              device=device, preset=args.preset,
+                                              compile=compile_mode)
+            except (KeyError, ValueError, ModelDefinitionError) as exc:
+                msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+                return fail(msg)
+            print(f"{p.prog}: arguments checked (PYFACE_PARSE_ONLY=1: nothing measured): rows "
+                  f"{', '.join(labels)} on {device}, --json {path}", file=sys.stderr)
+            return 0
         if compile_mode is None and not args.no_compile and args.compile is None:
             print(f"# torch.compile rows left out on cpu ({CPU_COMPILE_WHY}); --compile default "
                   "adds them", flush=True)

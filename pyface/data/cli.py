@@ -45,7 +45,7 @@ def add_parser(subparsers) -> None:
     s.add_argument("--multiview", action="store_true",
                    help="also render every video from a second camera (ROOT/multiview)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(func=_synth)
+    s.set_defaults(func=_synth, check=_synth_check)
 
     e = sub.add_parser("pairs", help="count the evaluation pairs and their copy-source PSNR",
                        description="Same- and cross-identity reenactment pairs of a dataset "
@@ -157,16 +157,11 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
-def _synth(args) -> int:
-    from pyface.data.format import DataError
-    from pyface.data.synthetic import PARTIAL, SynthConfig, generate
-    from pyface.train.distributed import refuse_under_torchrun
+def _synth_config(args):
+    """The SynthConfig of ``pyface data synth``'s options, or exit code 2 after printing the
+    error, named by its option."""
+    from pyface.data.synthetic import SynthConfig
 
-    refused = refuse_under_torchrun(
-        "pyface data synth", "run the same command without torchrun (--workers N renders in N "
-        "processes)")
-    if refused is not None:
-        return refused
     try:
         cfg = SynthConfig(identities=args.identities, videos_per_identity=args.videos_per_identity,
                           frames=args.frames, resolution=args.resolution, fps=args.fps,
@@ -181,6 +176,29 @@ def _synth(args) -> int:
                            ("--identities", f"{msg} (or --no-cross), got {args.identities}"))
         print(f"pyface data synth: {option}: {msg}", file=sys.stderr)
         return 2
+    return cfg
+
+
+def _synth_check(args) -> int:
+    """``pyface data synth`` under ``PYFACE_PARSE_ONLY=1``: its options' values; nothing
+    rendered or written."""
+    cfg = _synth_config(args)
+    return cfg if isinstance(cfg, int) else 0
+
+
+def _synth(args) -> int:
+    from pyface.data.format import DataError
+    from pyface.data.synthetic import PARTIAL, generate
+    from pyface.train.distributed import refuse_under_torchrun
+
+    refused = refuse_under_torchrun(
+        "pyface data synth", "run the same command without torchrun (--workers N renders in N "
+        "processes)")
+    if refused is not None:
+        return refused
+    cfg = _synth_config(args)
+    if isinstance(cfg, int):
+        return cfg
     try:
         s = generate(args.out, cfg, progress=not args.quiet)
     except DataError as exc:

@@ -101,7 +101,7 @@ def add_parser(subparsers) -> None:
                             "compile); models only, with --runs every run's model")
 
     add_import_argument(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, check=check)
 
 
 def data_hash(root: str) -> str:
@@ -621,15 +621,7 @@ def check_args(args) -> None:
     naming the option, what it expects and the value given)."""
     import os
 
-    for name, low in (("max_pairs", 1), ("batch_size", 1), ("sheet_rows", 0), ("workers", 0),
-                      ("resolution", 1)):
-        v = getattr(args, name)
-        if v is not None and v < low:
-            raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= {low}"
-                             + (" or none" if name in ("max_pairs", "resolution") else "")
-                             + f", got {v}")
-    if args.sheet and args.sheet_rows < 1:
-        raise ValueError(f"--sheet-rows: --sheet needs at least 1 row, got {args.sheet_rows}")
+    check_ranges(args)
     from pyface.data import format as fmt
 
     data_help = ("expected a pyface dataset root: index.json and video folders, as `pyface data "
@@ -639,6 +631,27 @@ def check_args(args) -> None:
     if not os.path.isfile(os.path.join(args.data, fmt.INDEX)) and not fmt.video_names(args.data):
         raise ValueError(f"--data {args.data}: no {fmt.INDEX} and no video folders ({data_help})")
     protocols_of(args.protocol, args.data)      # e.g. cross pairs the data does not have
+    check_outputs(args)
+
+
+def check_ranges(args) -> None:
+    """The numeric options' ranges (ValueError naming the option, what it expects and the value
+    given)."""
+    for name, low in (("max_pairs", 1), ("batch_size", 1), ("sheet_rows", 0), ("workers", 0),
+                      ("resolution", 1)):
+        v = getattr(args, name)
+        if v is not None and v < low:
+            raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= {low}"
+                             + (" or none" if name in ("max_pairs", "resolution") else "")
+                             + f", got {v}")
+    if args.sheet and args.sheet_rows < 1:
+        raise ValueError(f"--sheet-rows: --sheet needs at least 1 row, got {args.sheet_rows}")
+
+
+def check_outputs(args) -> None:
+    """The output paths (--json, --sheet, --out) and --compile (ValueError naming the option)."""
+    import os
+
     label = args.model or "report"
     if args.json:
         args.json = output_file(args.json, "--json", f"{label}.json", (".json",))
@@ -677,6 +690,34 @@ def run(args) -> int:
     finally:
         if group is not None:
             group.close()
+
+
+def check(args) -> int:
+    """``pyface eval`` under ``PYFACE_PARSE_ONLY=1``: the option values (ranges, --metrics,
+    output paths, --compile), --device whether or not this machine has it, and the model's
+    name; nothing evaluated. With --data not there yet, what it holds (protocols, landmarks) is
+    not checked; nor is the checkpoint's content."""
+    import os
+
+    from pyface.train.cli import check_device
+    from pyface.train.registry import import_plugins, model_class
+
+    check_device(args.device)
+    if os.path.isdir(args.data):
+        check_args(args)
+    else:
+        check_ranges(args)
+        check_outputs(args)
+        print(f"pyface eval: not there yet, so not checked: --data {args.data}", file=sys.stderr)
+    if args.metrics is not None or os.path.isdir(args.data):
+        _metrics(args)
+    import_plugins(args.imports)
+    if args.model is not None and args.model not in BASELINES:
+        model_class(args.model)
+    if args.checkpoint and not os.path.exists(args.checkpoint):
+        print(f"pyface eval: not there yet, so not checked: --checkpoint {args.checkpoint}",
+              file=sys.stderr)
+    return 0
 
 
 def _check_command(args, pre: str):

@@ -93,11 +93,14 @@ def add_parser(subparsers) -> None:
     add_compile_argument(a, "the frames per second printed leave out the chunks that compiled "
                             "(and say how long they took)")
     add_import_argument(a)
-    a.set_defaults(func=run_animate)
+    a.set_defaults(func=run_animate, check=check_animate)
 
 
 #: models that animate latent seeds without a source image: name -> "module:function(args)"
 SEED_ANIMATORS = {"eg3d": "pyface.models.eg3d.cli:run_animate"}
+#: their parse of --seeds (name -> "module:function(text)", ValueError for a bad one) and the
+#: seeds they animate without it
+SEED_PARSERS = {"eg3d": ("pyface.models.eg3d.pipeline:parse_seeds", "0-3")}
 
 #: --camera: the view of the frames, one meaning for every 3D-aware model (OTAvatar's and
 #: Export3D's ``generate(camera=...)`` modes)
@@ -182,6 +185,61 @@ def check_animate_args(args) -> None:
         raise ValueError(f"--truncation: expected a finite number, got {args.truncation}")
     args.weights = parse_name_paths(getattr(args, "weights", None), must_exist=True)
     args.compile = parse_compile_option(getattr(args, "compile", None))
+
+
+def seed_animation(args) -> bool:
+    """Whether the command animates latent seeds (--seeds, or a generator without --source)."""
+    return args.seeds is not None or (args.source is None and args.model in SEED_ANIMATORS)
+
+
+def check_seed_args(args) -> None:
+    """The options of a seed animation: a generator, and none of the options that animate a
+    source (ValueError naming them)."""
+    if args.model not in SEED_ANIMATORS:
+        raise ValueError(f"--seeds: model {args.model!r} is not a generator; models animated "
+                         f"from seeds: {', '.join(sorted(SEED_ANIMATORS))}")
+    if args.source is not None or args.driving is not None:
+        raise ValueError("--seeds renders latent seeds along an orbit and takes no --source or "
+                         "--driving (without --seeds, --source and --driving animate an image)")
+    given = [f"--{k}" for k in ("stride", "batch") if getattr(args, k) is not None]
+    if given:
+        raise ValueError(f"--seeds renders every orbit frame and takes no {' or '.join(given)} "
+                         "(they pick and batch driving frames)")
+    given = [f"--{k}" for k in ("camera", "control") if getattr(args, k)]
+    if given:
+        raise ValueError(f"--seeds renders latent seeds along EG3D's orbit and takes no "
+                         f"{' or '.join(given)} (they steer a source's animation)")
+
+
+def check_animate(args) -> int:
+    """``pyface animate`` under ``PYFACE_PARSE_ONLY=1``: the option values (ranges, --seed,
+    --weights, --compile, a seed animation's options and EG3D's --seeds), --device whether or
+    not this machine has it, and the model's name;
+    nothing loaded or rendered. What the checkpoint and the inputs hold is not checked (they may
+    not exist yet): the missing ones are named."""
+    import os
+
+    from pyface.train.cli import check_device
+    from pyface.train.registry import import_plugins, model_class
+
+    check_animate_args(args)
+    check_device(args.device)
+    import_plugins(args.imports)
+    model_class(args.model)
+    if seed_animation(args):
+        check_seed_args(args)
+        if args.model in SEED_PARSERS:
+            import importlib
+
+            target, default = SEED_PARSERS[args.model]
+            module, fn = target.split(":")
+            getattr(importlib.import_module(module), fn)(args.seeds or default)
+    missing = [f"--{k} {getattr(args, k)}" for k in ("checkpoint", "source", "driving")
+               if getattr(args, k) and not os.path.exists(getattr(args, k))]
+    if missing:
+        print(f"pyface animate: not there yet, so not checked: {', '.join(missing)}",
+              file=sys.stderr)
+    return 0
 
 
 def parse_seed(text) -> int | None:
@@ -540,22 +598,11 @@ def run_animate(args) -> int:
         args.device = resolve_device(args.device)
     except ValueError as exc:
         return fail(str(exc), 2)
-    if args.seeds is not None or (args.source is None and args.model in SEED_ANIMATORS):
-        if args.model not in SEED_ANIMATORS:
-            return fail(f"--seeds: model {args.model!r} is not a generator; models animated from "
-                        f"seeds: {', '.join(sorted(SEED_ANIMATORS))}", 2)
-        if args.source is not None or args.driving is not None:
-            return fail("--seeds renders latent seeds along an orbit and takes no --source or "
-                        "--driving (without --seeds, --source and --driving animate an image)",
-                        2)
-        given = [f"--{k}" for k in ("stride", "batch") if getattr(args, k) is not None]
-        if given:
-            return fail(f"--seeds renders every orbit frame and takes no {' or '.join(given)} "
-                        "(they pick and batch driving frames)", 2)
-        given = [f"--{k}" for k in ("camera", "control") if getattr(args, k)]
-        if given:
-            return fail(f"--seeds renders latent seeds along EG3D's orbit and takes no "
-                        f"{' or '.join(given)} (they steer a source's animation)", 2)
+    if seed_animation(args):
+        try:
+            check_seed_args(args)
+        except ValueError as exc:
+            return fail(str(exc), 2)
         import importlib
 
         module, fn = SEED_ANIMATORS[args.model].split(":")

@@ -54,7 +54,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--skip-bad", action="store_true",
                    help="skip missing or corrupt videos of an on-disk dataset with a warning "
                         "instead of stopping with an error naming the file (data.skip_bad=true)")
-    p.set_defaults(func=run_train)
+    p.set_defaults(func=run_train, check=check_train)
 
 
 
@@ -72,10 +72,7 @@ def resolve_device(spec: str | None, option: str = "--device") -> str:
 
     if spec is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise ValueError(f"{option}: expected cpu, cuda or cuda:N, got {spec!r}") from None
+    dev = check_device(spec, option)
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0:
@@ -86,6 +83,29 @@ def resolve_device(spec: str | None, option: str = "--device") -> str:
             raise ValueError(f"{option}: got {spec!r}, but there are {n} CUDA device(s) "
                              f"(cuda:0..cuda:{n - 1})")
     return spec
+
+
+def check_device(spec: str | None, option: str = "--device"):
+    """A command's ``--device`` as a ``torch.device`` (None: None), whether or not this machine
+    has it (the check of a command line meant for another machine, ``PYFACE_PARSE_ONLY=1``); a
+    string torch does not parse raises ValueError naming the option, what it expects and the
+    value given."""
+    import torch
+
+    if spec is None:
+        return None
+    try:
+        return torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{option}: expected cpu, cuda or cuda:N, got {spec!r}") from None
+
+
+def check_train(args) -> int:
+    """``pyface train`` under ``PYFACE_PARSE_ONLY=1``: the config of the run and of every stage
+    it would train first, built and checked as ``--print-config`` does (preset, ``--config``,
+    ``--set`` keys and values, stage names), printed; nothing trained, no run folder written."""
+    args.print_config = True
+    return run_train(args)
 
 
 def check_run_dir(cfg) -> None:
