@@ -47,6 +47,7 @@ import os
 import pickle
 import re
 import sys
+import types
 from typing import Any
 
 import torch
@@ -143,6 +144,33 @@ def _reconstructor(cls, base, state):
     raise pickle.UnpicklingError(f"refusing to reconstruct {cls!r}")
 
 
+class _Global:
+    """An allowed callable global as the unpickler sees it: REDUCE calls the function or class
+    it wraps; BUILD on it is refused. BUILD on the function itself would set its attributes
+    (e.g. ``torch._utils._rebuild_tensor_v2.__defaults__``, which every later tensor load of
+    the process reads) or a class's methods, changing them for the whole process."""
+
+    __slots__ = ("_fn", "_name")
+
+    def __init__(self, fn, name: str):
+        object.__setattr__(self, "_fn", fn)
+        object.__setattr__(self, "_name", name)
+
+    def __call__(self, *args, **kwargs):
+        return self._fn(*args, **kwargs)
+
+    def __setstate__(self, state):
+        raise pickle.UnpicklingError(
+            f"refusing to set the state of global {self._name} (BUILD on a function or class "
+            "would change it for the whole process; this file may be malicious or damaged)")
+
+    def __setattr__(self, name, value):
+        raise pickle.UnpicklingError(f"refusing to set the state of global {self._name}")
+
+    def __repr__(self):
+        return f"<global {self._name}>"
+
+
 _SAFE = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("builtins", "set"): set,
@@ -157,6 +185,10 @@ _SAFE = {
     ("copyreg", "_reconstructor"): _reconstructor,
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): PersistentRecord,
 }
+# the Python functions and classes among them take attributes: handed out wrapped (the C types
+# above, torch dtypes and numpy's globals refuse attribute assignment themselves)
+_SAFE = {k: _Global(v, ".".join(k)) if isinstance(v, types.FunctionType) or v is PersistentRecord
+         else v for k, v in _SAFE.items()}
 _DTYPES = {n for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype)}
 # modules whose classes become inert records (network / config classes in EG3D-style pickles)
 _RECORD_MODULES = re.compile(r"^(torch\.nn\.modules\.|training\.|torch_utils\.|dnnlib\.|"
@@ -170,7 +202,8 @@ class RestrictedUnpickler(pickle.Unpickler):
     numpy arrays, dtypes; EG3D persistent objects and ``torch.nn`` / ``training.*`` /
     ``dnnlib.*`` classes become :class:`PersistentRecord` / :class:`ObjectRecord` /
     :class:`DictRecord` data (their code is neither imported nor run). Every other global
-    raises ``pickle.UnpicklingError`` naming it.
+    raises ``pickle.UnpicklingError`` naming it, and so does a BUILD on an allowed function or
+    class itself (:class:`_Global`), which would change it for the whole process.
     """
 
     def find_class(self, module: str, name: str) -> Any:

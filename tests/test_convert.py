@@ -59,6 +59,52 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, payload, name):
     assert not (tmp_path / "out").exists()
 
 
+def _build_on_global(module: str, name: str, attr: str, value_ops: bytes) -> bytes:
+    """A protocol-2 pickle that pushes the global ``module.name`` itself and BUILDs it with the
+    slot state ``{attr: value}`` (what setattr on the shared function or class would do)."""
+    def text(s):
+        b = s.encode()
+        return b"X" + len(b).to_bytes(4, "little") + b
+    return (b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"N}" + text(attr) + value_ops
+            + b"s\x86b.")
+
+
+@pytest.mark.parametrize("module, name, attr, value_ops", [
+    # _rebuild_tensor_v2(..., metadata=None): a default of {"neg": True} would negate every
+    # tensor that torch.load(weights_only=True) reads later in the process
+    ("torch._utils", "_rebuild_tensor_v2", "__defaults__",
+     b"(}" + b"X\x03\x00\x00\x00negI01\ns" + b"t"),
+    ("torch._utils", "_rebuild_parameter", "__defaults__", b"(I01\nt"),
+    ("torch.storage", "_load_from_bytes", "__defaults__", b"(I01\nt"),
+    ("copyreg", "_reconstructor", "__defaults__", b"(I01\nt"),
+    ("torch_utils.persistence", "_reconstruct_persistent_obj", "__repr__",
+     b"ctorch\nSize\n")])
+def test_restricted_unpickler_never_sets_attributes_of_its_globals(module, name, attr,
+                                                                   value_ops):
+    """BUILD on an allowed global itself (not on an object it made) would change that function
+    or class for the whole process; it is refused, naming the global."""
+    import pyface.convert as pc
+
+    targets = [torch._utils._rebuild_tensor_v2, torch._utils._rebuild_parameter,
+               pc._storage_from_bytes, pc._reconstructor]
+    saved = [(f, f.__defaults__) for f in targets]
+    saved_repr = pc.PersistentRecord.__dict__["__repr__"]
+    try:
+        with pytest.raises(pickle.UnpicklingError,
+                           match=f"refusing to set the state of global {module}.{name}"):
+            RestrictedUnpickler(__import__("io").BytesIO(
+                _build_on_global(module, name, attr, value_ops))).load()
+        assert all(f.__defaults__ is d for f, d in saved)
+        assert pc.PersistentRecord.__dict__["__repr__"] is saved_repr
+        t = torch.ones(2)
+        out = RestrictedUnpickler(__import__("io").BytesIO(pickle.dumps(t, protocol=4))).load()
+        assert torch.equal(out, t)
+    finally:       # never leave a poisoned torch behind for the other tests
+        for f, d in saved:
+            f.__defaults__ = d
+        pc.PersistentRecord.__repr__ = saved_repr
+
+
 def test_restricted_unpickler_keeps_plain_data():
     data = {"a": [1, 2.5, "x", None, (True,)], "b": collections.OrderedDict(k=torch.arange(3)),
             "c": {1, 2}}
