@@ -289,14 +289,15 @@ _PARTIAL_RE = re.compile(r"^(ckpt-\d+\.(tmp|old)|\.latest\.tmp)-(\d+)$")
 
 def remove_partial_writes(run_dir: str) -> list[str]:
     """Delete what a writer killed mid-save left in ``run_dir/checkpoints`` (``ckpt-N.tmp-PID``,
-    ``ckpt-N.old-PID``, ``.latest.tmp-PID`` of another process; never read as checkpoints);
-    returns the removed paths."""
+    ``ckpt-N.old-PID``, ``.latest.tmp-PID``; never read as checkpoints); returns the removed
+    paths. Whatever the PID: a restarted container often gives the new process the PID of the
+    killed one, and this process's own writes are finished when it is called (after a save)."""
     root = os.path.join(run_dir, "checkpoints")
     removed = []
     if os.path.isdir(root):
         for name in os.listdir(root):
             m = _PARTIAL_RE.match(name)
-            if m and int(m.group(3)) != os.getpid():
+            if m:
                 path = os.path.join(root, name)
                 if os.path.isdir(path):
                     shutil.rmtree(path, ignore_errors=True)

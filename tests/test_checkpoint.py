@@ -146,6 +146,27 @@ def test_pruning_cut_short_leaves_no_listed_half_checkpoint(tmp_path, monkeypatc
         "ckpt-000002", "ckpt-000003", "latest"]
 
 
+def test_partial_writes_of_a_killed_process_with_this_pid_are_removed(tmp_path):
+    """A restarted container often gives the new training process the PID of the killed one:
+    what the killed one left under that PID (a checkpoint being written, a pruned checkpoint
+    half deleted, a ``latest`` being replaced) is removed by the next save all the same."""
+    run = str(tmp_path)
+    root = os.path.join(run, "checkpoints")
+    pid = os.getpid()
+    ckpt.mark_latest(ckpt.save_folder(ckpt.checkpoint_path(run, 2), {"w": torch.ones(1)},
+                                      {"step": 2}))
+    for name in (f"ckpt-000004.tmp-{pid}", f"ckpt-000001.old-{pid}"):
+        os.makedirs(os.path.join(root, name))
+        with open(os.path.join(root, name, ckpt.META_FILE), "w") as f:
+            f.write("{}")
+    with open(os.path.join(root, f".latest.tmp-{pid}"), "w") as f:
+        f.write("ckpt-000009\n")
+    ckpt.mark_latest(ckpt.save_folder(ckpt.checkpoint_path(run, 3), {"w": torch.ones(1)},
+                                      {"step": 3}))
+    ckpt.prune_checkpoints(run, keep=3)
+    assert sorted(os.listdir(root)) == ["ckpt-000002", "ckpt-000003", "latest"]
+
+
 def test_optimizer_state_roundtrip(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
