@@ -254,9 +254,14 @@ def _record_state(obj) -> dict:
     raise ConversionError(f"expected a network record, got {type(obj).__name__}")
 
 
-def module_state_dict(obj, prefix: str = "") -> dict[str, torch.Tensor]:
+def module_state_dict(obj, prefix: str = "", _above: tuple = ()) -> dict[str, torch.Tensor]:
     """Flatten a record of an ``nn.Module`` (``_parameters``, persistent ``_buffers``,
-    ``_modules``) into a state dict."""
+    ``_modules``) into a state dict. A record among its own sub-modules (a damaged or crafted
+    pickle) raises :class:`ConversionError` naming the path."""
+    if any(obj is a for a in _above):
+        raise ConversionError(f"{prefix[:-1]}: the network record contains itself (a loop in "
+                              "its sub-modules); the pickle is damaged or not an EG3D network")
+    _above = (*_above, obj)
     st = _record_state(obj)
     out: dict[str, torch.Tensor] = {}
     skip = set(st.get("_non_persistent_buffers_set") or ())
@@ -268,7 +273,7 @@ def module_state_dict(obj, prefix: str = "") -> dict[str, torch.Tensor]:
             out[prefix + k] = v
     for k, v in (st.get("_modules") or {}).items():
         if v is not None:
-            out.update(module_state_dict(v, prefix + k + "."))
+            out.update(module_state_dict(v, prefix + k + ".", _above))
     for k, v in out.items():
         if not isinstance(v, torch.Tensor):
             raise ConversionError(f"{k}: expected a tensor in the network record, got "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import os
 import pickle
+import sys
 
 import pytest
 import torch
@@ -201,6 +202,49 @@ def test_eg3d_pickle_converts_and_loads_without_running_its_code(tmp_path, eg3d_
     torch.testing.assert_close(dec["rgb"], torch.sigmoid(ref[..., 1:]) * 1.002 - 0.001)
     meta = ckpt.read_meta(out)
     assert meta["kind"] == "eg3d" and meta["config"]["backbone"]["synthesis"]["channel_base"] == 128
+
+
+def test_eg3d_pickle_whose_module_tree_loops_is_a_clear_error(tmp_path, monkeypatch):
+    """A network record among its own sub-modules (a damaged or crafted pickle) is refused
+    naming the path, not a RecursionError; a sub-module registered twice is no loop."""
+    import copyreg
+    import types
+
+    mod = types.ModuleType("training.networks")
+
+    class Block:
+        pass
+
+    Block.__module__, Block.__qualname__ = "training.networks", "Block"
+    mod.Block = Block
+    monkeypatch.setitem(sys.modules, "training", types.ModuleType("training"))
+    monkeypatch.setitem(sys.modules, "training.networks", mod)
+
+    class Pickler(pickle.Pickler):
+        def reducer_override(self, obj):
+            if isinstance(obj, Block):
+                return copyreg.__newobj__, (Block,), obj.__dict__
+            return NotImplemented
+
+    def block(**children):
+        b = Block()
+        b._parameters = {"w": torch.ones(1)}
+        b._buffers, b._modules = {}, collections.OrderedDict(children)
+        return b
+
+    shared = block()
+    net = block(a=block(x=shared), b=shared)
+    path = tmp_path / "dag.pkl"
+    with open(path, "wb") as f:
+        Pickler(f, protocol=4).dump(net)
+    from pyface.convert import module_state_dict
+    assert sorted(module_state_dict(restricted_load(str(path)))) == ["a.w", "a.x.w", "b.w", "w"]
+    net._modules["a"]._modules["loop"] = net
+    with open(path, "wb") as f:
+        Pickler(f, protocol=4).dump({"G_ema": net})
+    with pytest.raises(ConversionError, match=r"a\.loop: the network record contains itself"):
+        convert_eg3d(str(path), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_eg3d_shape_mismatch_is_precise(tmp_path, eg3d_modules):
