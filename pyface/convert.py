@@ -281,12 +281,19 @@ def module_state_dict(obj, prefix: str = "", _above: tuple = ()) -> dict[str, to
     return out
 
 
-def _plain(v):
-    """Records/containers -> JSON-able data (for init kwargs and rendering options)."""
+def _plain(v, _above: tuple = ()):
+    """Records/containers -> JSON-able data (for init kwargs and rendering options). A container
+    inside itself (a damaged or crafted pickle) raises :class:`ConversionError`."""
+    if isinstance(v, (dict, list, tuple)):
+        if any(v is a for a in _above):
+            raise ConversionError("the network's init kwargs / rendering_kwargs contain "
+                                  "themselves (a loop); the pickle is damaged or not an EG3D "
+                                  "network")
+        _above = (*_above, v)
     if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
+        return {str(k): _plain(x, _above) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
+        return [_plain(x, _above) for x in v]
     if isinstance(v, (bool, int, float, str)) or v is None:
         return v
     if isinstance(v, torch.Tensor) and v.numel() == 1:

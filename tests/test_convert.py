@@ -132,9 +132,9 @@ class TriPlaneGenerator(nn.Module):
     pass
 
 
-def _eg3d_pickle(path, pers, EasyDict, marker):
+def _eg3d_pickle(path, pers, EasyDict, marker, rk_loop=False):
     """Write an EG3D-like pickle: persistent classes carry a module_src that would create
-    ``marker`` if it were executed."""
+    ``marker`` if it were executed; ``rk_loop``: its rendering_kwargs contain themselves."""
     src = f"open({str(marker)!r}, 'w').write('pwned')\n"
 
     class Pickler(pickle.Pickler):
@@ -169,6 +169,8 @@ def _eg3d_pickle(path, pers, EasyDict, marker):
     G._init_kwargs = EasyDict(z_dim=16, c_dim=25, w_dim=32, img_resolution=128,
                               rendering_kwargs=EasyDict(box_warp=1, depth_resolution=48,
                                                         superresolution_module="x.Hybrid2X"))
+    if rk_loop:
+        G._init_kwargs["rendering_kwargs"]["options"] = [G._init_kwargs["rendering_kwargs"]]
     with open(path, "wb") as f:
         Pickler(f, protocol=4).dump({"G": G, "G_ema": G, "D": None,
                                      "training_set_kwargs": EasyDict(resolution=128),
@@ -245,6 +247,14 @@ def test_eg3d_pickle_whose_module_tree_loops_is_a_clear_error(tmp_path, monkeypa
     with pytest.raises(ConversionError, match=r"a\.loop: the network record contains itself"):
         convert_eg3d(str(path), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_eg3d_rendering_kwargs_in_a_loop_are_a_clear_error(tmp_path, eg3d_modules):
+    pers, EasyDict = eg3d_modules
+    _eg3d_pickle(tmp_path / "net.pkl", pers, EasyDict, tmp_path / "pwned", rk_loop=True)
+    with pytest.raises(ConversionError, match="rendering_kwargs contain themselves"):
+        convert_eg3d(str(tmp_path / "net.pkl"), str(tmp_path / "eg3d"))
+    assert not (tmp_path / "eg3d").exists()
 
 
 def test_eg3d_shape_mismatch_is_precise(tmp_path, eg3d_modules):
