@@ -130,7 +130,11 @@ class PersistentRecord:
 
 def _storage_from_bytes(b: bytes):
     """Replacement for ``torch.storage._load_from_bytes``: the bytes are a legacy torch.save of
-    a storage, read with ``weights_only=True``."""
+    a storage, read with ``weights_only=True`` (refused on a torch whose weights-only loader
+    runs code: :func:`pyface.checkpoint.check_torch_load_safe`)."""
+    from pyface.checkpoint import check_torch_load_safe
+
+    check_torch_load_safe("a tensor storage in the pickle")
     return torch.load(io.BytesIO(b), weights_only=True, map_location="cpu")
 
 

@@ -3,6 +3,7 @@ weights-only loading of third-party files."""
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -209,6 +210,50 @@ def test_weights_files_are_loaded_without_code(tmp_path):
     p = ckpt.save_weights(str(tmp_path / "wf"), {"w": torch.ones(1)}, kind="vgg19")
     with pytest.raises(ckpt.CheckpointError, match="holds 'vgg19' weights, expected 'arcface'"):
         ckpt.load_weights(p, kind="arcface")
+
+
+@pytest.mark.parametrize("version, expect", [("2.5.1+cu124", "refused"), ("2.4.0", "refused"),
+                                              ("1.13.1", "refused"), ("2.6.0", "warned"),
+                                              ("2.9.1+cu128", "warned"), ("2.10.0", "loaded"),
+                                              ("2.13.0+cpu", "loaded"), ("3.0.0a0", "loaded")])
+def test_torch_load_on_a_torch_whose_weights_only_loader_is_unsafe(tmp_path, monkeypatch,
+                                                                    version, expect):
+    """torch < 2.6's torch.load(weights_only=True) can be made to execute code by a crafted file
+    (CVE-2025-32434): a .pth is refused there, saying what to do; torch < 2.10's can be made to
+    corrupt memory (CVE-2026-24747): a warning. safetensors files and pyface folders (no
+    torch.load) load with any torch."""
+    import warnings
+
+    from safetensors.torch import save_file
+
+    from pyface.convert import _storage_from_bytes
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "ok.pth")
+    ckpt.save_weights(str(tmp_path / "wf"), {"w": torch.ones(2)}, kind="vgg19")
+    save_file({"w": torch.ones(2)}, str(tmp_path / "ok.safetensors"))
+    monkeypatch.setattr(torch, "__version__", version)
+    if expect == "refused":
+        with pytest.raises(ckpt.CheckpointError,
+                           match=rf"torch {re.escape(version)}'s .*CVE-2025-32434.*torch >= 2\.6"):
+            ckpt.load_weights_file(str(tmp_path / "ok.pth"))
+        with pytest.raises(ckpt.CheckpointError, match="storage in the pickle.*CVE-2025-32434"):
+            _storage_from_bytes(b"\x80\x02")
+    elif expect == "warned":
+        with pytest.warns(UserWarning, match=rf"ok\.pth.*torch {re.escape(version)}'s .*"
+                                             r"CVE-2026-24747"):
+            assert torch.equal(ckpt.load_weights_file(str(tmp_path / "ok.pth"))["w"],
+                               torch.ones(2))
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert torch.equal(ckpt.load_weights_file(str(tmp_path / "ok.pth"))["w"],
+                               torch.ones(2))
+        assert not [w for w in caught if "CVE" in str(w.message)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for p in ("ok.safetensors", "wf"):
+            assert torch.equal(ckpt.load_weights_file(str(tmp_path / p))["w"], torch.ones(2))
+    assert not [w for w in caught if "CVE" in str(w.message)]
 
 
 def test_check_state_dict_lists_problems():
