@@ -210,6 +210,13 @@ def read_meta(path: str) -> dict:
         raise CheckpointError(f"checkpoint {path!r}: {META_FILE} is missing") from None
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {path!r}: {META_FILE} is corrupt ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path!r}: {META_FILE} is corrupt (expected a JSON "
+                              f"object, got {type(meta).__name__})")
+    version = meta.get("format_version", 0)
+    if meta.get("format") == FORMAT and (not isinstance(version, int) or isinstance(version, bool)):
+        raise CheckpointError(f"checkpoint {path!r}: {META_FILE} is corrupt (format_version: "
+                              f"expected an integer, got {version!r})")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path!r}: format {meta.get('format')!r}, expected "
                               f"{FORMAT!r}")

@@ -78,6 +78,8 @@ def test_weights_file_folder_without_meta_is_a_clear_error(tmp_path):
     ("flip", "corrupt \\(SHA-256"), ("truncate", "corrupt"), ("meta", "meta.json is corrupt"),
     ("format", "format 'other', expected 'pyface-checkpoint'"),
     ("version", "format version 99 is newer"),
+    ("list", r"meta\.json is corrupt \(expected a JSON object, got list\)"),
+    ("version_text", r"meta\.json is corrupt \(format_version: expected an integer, got '1'\)"),
 ])
 def test_damaged_checkpoints_raise_clear_errors(tmp_path, damage, match):
     p = ckpt.save_folder(str(tmp_path / "c"), {"w": torch.randn(100)}, {"step": 1})
@@ -91,6 +93,14 @@ def test_damaged_checkpoints_raise_clear_errors(tmp_path, damage, match):
         open(tfile, "wb").write(b[: len(b) // 2])
     elif damage == "meta":
         open(mfile, "w").write("{not json")
+    elif damage == "list":
+        open(mfile, "w").write('["pyface-checkpoint"]')
+    elif damage == "version_text":
+        import json
+
+        meta = json.load(open(mfile))
+        meta["format_version"] = "1"
+        json.dump(meta, open(mfile, "w"))
     else:
         import json
 
