@@ -9,7 +9,8 @@ A pyface checkpoint is a folder::
 
 Loading never executes code: tensors come from safetensors, everything else from JSON. Third-party
 weight files are read with :func:`load_weights_file` (safetensors, or ``torch.load`` with
-``weights_only=True``; never a full unpickle).
+``weights_only=True``; never a full unpickle; refused on torch < 2.6, whose weights-only loader
+a crafted file can make execute code: :func:`check_torch_load_safe`).
 
 Writes are atomic: the folder is written under a temporary name, flushed to disk and renamed, and
 ``latest`` (a one-line text file naming the newest checkpoint) is replaced atomically afterwards.
@@ -42,7 +43,7 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "TENSORS_FILE", "META_FILE", "LATEST_FILE
            "latest_checkpoint", "mark_latest", "remove_partial_writes", "prune_checkpoints",
            "optimizer_to_flat", "optimizer_from_flat", "check_state_dict", "load_module_state",
            "sub_state", "save_weights", "load_weights", "load_weights_file",
-           "describe_weights_file"]
+           "describe_weights_file", "check_torch_load_safe"]
 
 
 class CheckpointError(RuntimeError):
@@ -209,6 +210,13 @@ def read_meta(path: str) -> dict:
         raise CheckpointError(f"checkpoint {path!r}: {META_FILE} is missing") from None
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {path!r}: {META_FILE} is corrupt ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path!r}: {META_FILE} is corrupt (expected a JSON "
+                              f"object, got {type(meta).__name__})")
+    version = meta.get("format_version", 0)
+    if meta.get("format") == FORMAT and (not isinstance(version, int) or isinstance(version, bool)):
+        raise CheckpointError(f"checkpoint {path!r}: {META_FILE} is corrupt (format_version: "
+                              f"expected an integer, got {version!r})")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path!r}: format {meta.get('format')!r}, expected "
                               f"{FORMAT!r}")
@@ -289,14 +297,15 @@ _PARTIAL_RE = re.compile(r"^(ckpt-\d+\.(tmp|old)|\.latest\.tmp)-(\d+)$")
 
 def remove_partial_writes(run_dir: str) -> list[str]:
     """Delete what a writer killed mid-save left in ``run_dir/checkpoints`` (``ckpt-N.tmp-PID``,
-    ``ckpt-N.old-PID``, ``.latest.tmp-PID`` of another process; never read as checkpoints);
-    returns the removed paths."""
+    ``ckpt-N.old-PID``, ``.latest.tmp-PID``; never read as checkpoints); returns the removed
+    paths. Whatever the PID: a restarted container often gives the new process the PID of the
+    killed one, and this process's own writes are finished when it is called (after a save)."""
     root = os.path.join(run_dir, "checkpoints")
     removed = []
     if os.path.isdir(root):
         for name in os.listdir(root):
             m = _PARTIAL_RE.match(name)
-            if m and int(m.group(3)) != os.getpid():
+            if m:
                 path = os.path.join(root, name)
                 if os.path.isdir(path):
                     shutil.rmtree(path, ignore_errors=True)
@@ -547,6 +556,36 @@ def describe_weights_file(path: str) -> str:
     return f"not a torch.save, pickle or safetensors file (it starts with {head[:8]!r})"
 
 
+# torch.load(weights_only=True) runs no code only on a torch without these flaws of its
+# weights-only unpickler: below 2.6 a crafted file executes code (CVE-2025-32434, shown RCE), so
+# pyface refuses; below 2.10 it can corrupt memory, possibly to execute code (CVE-2026-24747),
+# so pyface warns
+_TORCH_LOAD_REFUSED_BELOW = ((2, 6), "CVE-2025-32434")
+_TORCH_LOAD_WARNED_BELOW = ((2, 10), "CVE-2026-24747")
+
+
+def check_torch_load_safe(what: str) -> None:
+    """Raise :class:`CheckpointError` (``what``: the file) when this torch's
+    ``torch.load(weights_only=True)`` is known to execute code from a crafted file (torch < 2.6),
+    warn when it is known to be open to memory corruption (torch < 2.10)."""
+    import warnings
+
+    m = re.match(r"(\d+)\.(\d+)", str(torch.__version__))
+    version = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    (refused, cve), (warned, cve2) = _TORCH_LOAD_REFUSED_BELOW, _TORCH_LOAD_WARNED_BELOW
+    if version < refused:
+        raise CheckpointError(
+            f"{what}: torch {torch.__version__}'s torch.load(weights_only=True) can be made to "
+            f"execute code by a crafted file ({cve}, fixed in torch {refused[0]}.{refused[1]}); "
+            f"pyface reads .pth / .pt / .pkl weights only with torch >= {refused[0]}.{refused[1]}"
+            ": upgrade torch (safetensors files and pyface folders load with any torch)")
+    if version < warned:
+        warnings.warn(f"{what}: read with torch {torch.__version__}'s torch.load(weights_only="
+                      f"True), whose weights-only unpickler a crafted file can make corrupt "
+                      f"memory ({cve2}, fixed in torch {warned[0]}.{warned[1]}): load only "
+                      "files you trust, or upgrade torch", stacklevel=3)
+
+
 def load_weights_file(path: str, *, map_location: str | torch.device = "cpu") -> Any:
     """Read a third-party weight file without executing code.
 
@@ -578,6 +617,7 @@ def load_weights_file(path: str, *, map_location: str | torch.device = "cpu") ->
         except Exception as exc:  # noqa: BLE001 - safetensors' own error types
             raise CheckpointError(f"{path!r}: not a readable safetensors file ({exc}); "
                                   f"{_WEIGHTS_EXPECTED}") from None
+    check_torch_load_safe(repr(path))
     try:
         with warnings.catch_warnings(record=True) as caught:   # shown only if the load works
             warnings.simplefilter("always")

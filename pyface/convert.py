@@ -47,6 +47,7 @@ import os
 import pickle
 import re
 import sys
+import types
 from typing import Any
 
 import torch
@@ -129,7 +130,11 @@ class PersistentRecord:
 
 def _storage_from_bytes(b: bytes):
     """Replacement for ``torch.storage._load_from_bytes``: the bytes are a legacy torch.save of
-    a storage, read with ``weights_only=True``."""
+    a storage, read with ``weights_only=True`` (refused on a torch whose weights-only loader
+    runs code: :func:`pyface.checkpoint.check_torch_load_safe`)."""
+    from pyface.checkpoint import check_torch_load_safe
+
+    check_torch_load_safe("a tensor storage in the pickle")
     return torch.load(io.BytesIO(b), weights_only=True, map_location="cpu")
 
 
@@ -141,6 +146,33 @@ def _reconstructor(cls, base, state):
             obj.update(state)
         return obj
     raise pickle.UnpicklingError(f"refusing to reconstruct {cls!r}")
+
+
+class _Global:
+    """An allowed callable global as the unpickler sees it: REDUCE calls the function or class
+    it wraps; BUILD on it is refused. BUILD on the function itself would set its attributes
+    (e.g. ``torch._utils._rebuild_tensor_v2.__defaults__``, which every later tensor load of
+    the process reads) or a class's methods, changing them for the whole process."""
+
+    __slots__ = ("_fn", "_name")
+
+    def __init__(self, fn, name: str):
+        object.__setattr__(self, "_fn", fn)
+        object.__setattr__(self, "_name", name)
+
+    def __call__(self, *args, **kwargs):
+        return self._fn(*args, **kwargs)
+
+    def __setstate__(self, state):
+        raise pickle.UnpicklingError(
+            f"refusing to set the state of global {self._name} (BUILD on a function or class "
+            "would change it for the whole process; this file may be malicious or damaged)")
+
+    def __setattr__(self, name, value):
+        raise pickle.UnpicklingError(f"refusing to set the state of global {self._name}")
+
+    def __repr__(self):
+        return f"<global {self._name}>"
 
 
 _SAFE = {
@@ -157,6 +189,10 @@ _SAFE = {
     ("copyreg", "_reconstructor"): _reconstructor,
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): PersistentRecord,
 }
+# the Python functions and classes among them take attributes: handed out wrapped (the C types
+# above, torch dtypes and numpy's globals refuse attribute assignment themselves)
+_SAFE = {k: _Global(v, ".".join(k)) if isinstance(v, types.FunctionType) or v is PersistentRecord
+         else v for k, v in _SAFE.items()}
 _DTYPES = {n for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype)}
 # modules whose classes become inert records (network / config classes in EG3D-style pickles)
 _RECORD_MODULES = re.compile(r"^(torch\.nn\.modules\.|training\.|torch_utils\.|dnnlib\.|"
@@ -170,7 +206,8 @@ class RestrictedUnpickler(pickle.Unpickler):
     numpy arrays, dtypes; EG3D persistent objects and ``torch.nn`` / ``training.*`` /
     ``dnnlib.*`` classes become :class:`PersistentRecord` / :class:`ObjectRecord` /
     :class:`DictRecord` data (their code is neither imported nor run). Every other global
-    raises ``pickle.UnpicklingError`` naming it.
+    raises ``pickle.UnpicklingError`` naming it, and so does a BUILD on an allowed function or
+    class itself (:class:`_Global`), which would change it for the whole process.
     """
 
     def find_class(self, module: str, name: str) -> Any:
@@ -221,9 +258,14 @@ def _record_state(obj) -> dict:
     raise ConversionError(f"expected a network record, got {type(obj).__name__}")
 
 
-def module_state_dict(obj, prefix: str = "") -> dict[str, torch.Tensor]:
+def module_state_dict(obj, prefix: str = "", _above: tuple = ()) -> dict[str, torch.Tensor]:
     """Flatten a record of an ``nn.Module`` (``_parameters``, persistent ``_buffers``,
-    ``_modules``) into a state dict."""
+    ``_modules``) into a state dict. A record among its own sub-modules (a damaged or crafted
+    pickle) raises :class:`ConversionError` naming the path."""
+    if any(obj is a for a in _above):
+        raise ConversionError(f"{prefix[:-1]}: the network record contains itself (a loop in "
+                              "its sub-modules); the pickle is damaged or not an EG3D network")
+    _above = (*_above, obj)
     st = _record_state(obj)
     out: dict[str, torch.Tensor] = {}
     skip = set(st.get("_non_persistent_buffers_set") or ())
@@ -235,7 +277,7 @@ def module_state_dict(obj, prefix: str = "") -> dict[str, torch.Tensor]:
             out[prefix + k] = v
     for k, v in (st.get("_modules") or {}).items():
         if v is not None:
-            out.update(module_state_dict(v, prefix + k + "."))
+            out.update(module_state_dict(v, prefix + k + ".", _above))
     for k, v in out.items():
         if not isinstance(v, torch.Tensor):
             raise ConversionError(f"{k}: expected a tensor in the network record, got "
@@ -243,12 +285,19 @@ def module_state_dict(obj, prefix: str = "") -> dict[str, torch.Tensor]:
     return out
 
 
-def _plain(v):
-    """Records/containers -> JSON-able data (for init kwargs and rendering options)."""
+def _plain(v, _above: tuple = ()):
+    """Records/containers -> JSON-able data (for init kwargs and rendering options). A container
+    inside itself (a damaged or crafted pickle) raises :class:`ConversionError`."""
+    if isinstance(v, (dict, list, tuple)):
+        if any(v is a for a in _above):
+            raise ConversionError("the network's init kwargs / rendering_kwargs contain "
+                                  "themselves (a loop); the pickle is damaged or not an EG3D "
+                                  "network")
+        _above = (*_above, v)
     if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
+        return {str(k): _plain(x, _above) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
+        return [_plain(x, _above) for x in v]
     if isinstance(v, (bool, int, float, str)) or v is None:
         return v
     if isinstance(v, torch.Tensor) and v.numel() == 1:

@@ -3,6 +3,7 @@ weights-only loading of third-party files."""
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -77,6 +78,8 @@ def test_weights_file_folder_without_meta_is_a_clear_error(tmp_path):
     ("flip", "corrupt \\(SHA-256"), ("truncate", "corrupt"), ("meta", "meta.json is corrupt"),
     ("format", "format 'other', expected 'pyface-checkpoint'"),
     ("version", "format version 99 is newer"),
+    ("list", r"meta\.json is corrupt \(expected a JSON object, got list\)"),
+    ("version_text", r"meta\.json is corrupt \(format_version: expected an integer, got '1'\)"),
 ])
 def test_damaged_checkpoints_raise_clear_errors(tmp_path, damage, match):
     p = ckpt.save_folder(str(tmp_path / "c"), {"w": torch.randn(100)}, {"step": 1})
@@ -90,6 +93,14 @@ def test_damaged_checkpoints_raise_clear_errors(tmp_path, damage, match):
         open(tfile, "wb").write(b[: len(b) // 2])
     elif damage == "meta":
         open(mfile, "w").write("{not json")
+    elif damage == "list":
+        open(mfile, "w").write('["pyface-checkpoint"]')
+    elif damage == "version_text":
+        import json
+
+        meta = json.load(open(mfile))
+        meta["format_version"] = "1"
+        json.dump(meta, open(mfile, "w"))
     else:
         import json
 
@@ -146,6 +157,27 @@ def test_pruning_cut_short_leaves_no_listed_half_checkpoint(tmp_path, monkeypatc
         "ckpt-000002", "ckpt-000003", "latest"]
 
 
+def test_partial_writes_of_a_killed_process_with_this_pid_are_removed(tmp_path):
+    """A restarted container often gives the new training process the PID of the killed one:
+    what the killed one left under that PID (a checkpoint being written, a pruned checkpoint
+    half deleted, a ``latest`` being replaced) is removed by the next save all the same."""
+    run = str(tmp_path)
+    root = os.path.join(run, "checkpoints")
+    pid = os.getpid()
+    ckpt.mark_latest(ckpt.save_folder(ckpt.checkpoint_path(run, 2), {"w": torch.ones(1)},
+                                      {"step": 2}))
+    for name in (f"ckpt-000004.tmp-{pid}", f"ckpt-000001.old-{pid}"):
+        os.makedirs(os.path.join(root, name))
+        with open(os.path.join(root, name, ckpt.META_FILE), "w") as f:
+            f.write("{}")
+    with open(os.path.join(root, f".latest.tmp-{pid}"), "w") as f:
+        f.write("ckpt-000009\n")
+    ckpt.mark_latest(ckpt.save_folder(ckpt.checkpoint_path(run, 3), {"w": torch.ones(1)},
+                                      {"step": 3}))
+    ckpt.prune_checkpoints(run, keep=3)
+    assert sorted(os.listdir(root)) == ["ckpt-000002", "ckpt-000003", "latest"]
+
+
 def test_optimizer_state_roundtrip(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
@@ -188,6 +220,50 @@ def test_weights_files_are_loaded_without_code(tmp_path):
     p = ckpt.save_weights(str(tmp_path / "wf"), {"w": torch.ones(1)}, kind="vgg19")
     with pytest.raises(ckpt.CheckpointError, match="holds 'vgg19' weights, expected 'arcface'"):
         ckpt.load_weights(p, kind="arcface")
+
+
+@pytest.mark.parametrize("version, expect", [("2.5.1+cu124", "refused"), ("2.4.0", "refused"),
+                                              ("1.13.1", "refused"), ("2.6.0", "warned"),
+                                              ("2.9.1+cu128", "warned"), ("2.10.0", "loaded"),
+                                              ("2.13.0+cpu", "loaded"), ("3.0.0a0", "loaded")])
+def test_torch_load_on_a_torch_whose_weights_only_loader_is_unsafe(tmp_path, monkeypatch,
+                                                                    version, expect):
+    """torch < 2.6's torch.load(weights_only=True) can be made to execute code by a crafted file
+    (CVE-2025-32434): a .pth is refused there, saying what to do; torch < 2.10's can be made to
+    corrupt memory (CVE-2026-24747): a warning. safetensors files and pyface folders (no
+    torch.load) load with any torch."""
+    import warnings
+
+    from safetensors.torch import save_file
+
+    from pyface.convert import _storage_from_bytes
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "ok.pth")
+    ckpt.save_weights(str(tmp_path / "wf"), {"w": torch.ones(2)}, kind="vgg19")
+    save_file({"w": torch.ones(2)}, str(tmp_path / "ok.safetensors"))
+    monkeypatch.setattr(torch, "__version__", version)
+    if expect == "refused":
+        with pytest.raises(ckpt.CheckpointError,
+                           match=rf"torch {re.escape(version)}'s .*CVE-2025-32434.*torch >= 2\.6"):
+            ckpt.load_weights_file(str(tmp_path / "ok.pth"))
+        with pytest.raises(ckpt.CheckpointError, match="storage in the pickle.*CVE-2025-32434"):
+            _storage_from_bytes(b"\x80\x02")
+    elif expect == "warned":
+        with pytest.warns(UserWarning, match=rf"ok\.pth.*torch {re.escape(version)}'s .*"
+                                             r"CVE-2026-24747"):
+            assert torch.equal(ckpt.load_weights_file(str(tmp_path / "ok.pth"))["w"],
+                               torch.ones(2))
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert torch.equal(ckpt.load_weights_file(str(tmp_path / "ok.pth"))["w"],
+                               torch.ones(2))
+        assert not [w for w in caught if "CVE" in str(w.message)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for p in ("ok.safetensors", "wf"):
+            assert torch.equal(ckpt.load_weights_file(str(tmp_path / p))["w"], torch.ones(2))
+    assert not [w for w in caught if "CVE" in str(w.message)]
 
 
 def test_check_state_dict_lists_problems():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import os
 import pickle
+import sys
 
 import pytest
 import torch
@@ -59,6 +60,52 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, payload, name):
     assert not (tmp_path / "out").exists()
 
 
+def _build_on_global(module: str, name: str, attr: str, value_ops: bytes) -> bytes:
+    """A protocol-2 pickle that pushes the global ``module.name`` itself and BUILDs it with the
+    slot state ``{attr: value}`` (what setattr on the shared function or class would do)."""
+    def text(s):
+        b = s.encode()
+        return b"X" + len(b).to_bytes(4, "little") + b
+    return (b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"N}" + text(attr) + value_ops
+            + b"s\x86b.")
+
+
+@pytest.mark.parametrize("module, name, attr, value_ops", [
+    # _rebuild_tensor_v2(..., metadata=None): a default of {"neg": True} would negate every
+    # tensor that torch.load(weights_only=True) reads later in the process
+    ("torch._utils", "_rebuild_tensor_v2", "__defaults__",
+     b"(}" + b"X\x03\x00\x00\x00negI01\ns" + b"t"),
+    ("torch._utils", "_rebuild_parameter", "__defaults__", b"(I01\nt"),
+    ("torch.storage", "_load_from_bytes", "__defaults__", b"(I01\nt"),
+    ("copyreg", "_reconstructor", "__defaults__", b"(I01\nt"),
+    ("torch_utils.persistence", "_reconstruct_persistent_obj", "__repr__",
+     b"ctorch\nSize\n")])
+def test_restricted_unpickler_never_sets_attributes_of_its_globals(module, name, attr,
+                                                                   value_ops):
+    """BUILD on an allowed global itself (not on an object it made) would change that function
+    or class for the whole process; it is refused, naming the global."""
+    import pyface.convert as pc
+
+    targets = [torch._utils._rebuild_tensor_v2, torch._utils._rebuild_parameter,
+               pc._storage_from_bytes, pc._reconstructor]
+    saved = [(f, f.__defaults__) for f in targets]
+    saved_repr = pc.PersistentRecord.__dict__["__repr__"]
+    try:
+        with pytest.raises(pickle.UnpicklingError,
+                           match=f"refusing to set the state of global {module}.{name}"):
+            RestrictedUnpickler(__import__("io").BytesIO(
+                _build_on_global(module, name, attr, value_ops))).load()
+        assert all(f.__defaults__ is d for f, d in saved)
+        assert pc.PersistentRecord.__dict__["__repr__"] is saved_repr
+        t = torch.ones(2)
+        out = RestrictedUnpickler(__import__("io").BytesIO(pickle.dumps(t, protocol=4))).load()
+        assert torch.equal(out, t)
+    finally:       # never leave a poisoned torch behind for the other tests
+        for f, d in saved:
+            f.__defaults__ = d
+        pc.PersistentRecord.__repr__ = saved_repr
+
+
 def test_restricted_unpickler_keeps_plain_data():
     data = {"a": [1, 2.5, "x", None, (True,)], "b": collections.OrderedDict(k=torch.arange(3)),
             "c": {1, 2}}
@@ -85,9 +132,9 @@ class TriPlaneGenerator(nn.Module):
     pass
 
 
-def _eg3d_pickle(path, pers, EasyDict, marker):
+def _eg3d_pickle(path, pers, EasyDict, marker, rk_loop=False):
     """Write an EG3D-like pickle: persistent classes carry a module_src that would create
-    ``marker`` if it were executed."""
+    ``marker`` if it were executed; ``rk_loop``: its rendering_kwargs contain themselves."""
     src = f"open({str(marker)!r}, 'w').write('pwned')\n"
 
     class Pickler(pickle.Pickler):
@@ -122,6 +169,8 @@ def _eg3d_pickle(path, pers, EasyDict, marker):
     G._init_kwargs = EasyDict(z_dim=16, c_dim=25, w_dim=32, img_resolution=128,
                               rendering_kwargs=EasyDict(box_warp=1, depth_resolution=48,
                                                         superresolution_module="x.Hybrid2X"))
+    if rk_loop:
+        G._init_kwargs["rendering_kwargs"]["options"] = [G._init_kwargs["rendering_kwargs"]]
     with open(path, "wb") as f:
         Pickler(f, protocol=4).dump({"G": G, "G_ema": G, "D": None,
                                      "training_set_kwargs": EasyDict(resolution=128),
@@ -155,6 +204,57 @@ def test_eg3d_pickle_converts_and_loads_without_running_its_code(tmp_path, eg3d_
     torch.testing.assert_close(dec["rgb"], torch.sigmoid(ref[..., 1:]) * 1.002 - 0.001)
     meta = ckpt.read_meta(out)
     assert meta["kind"] == "eg3d" and meta["config"]["backbone"]["synthesis"]["channel_base"] == 128
+
+
+def test_eg3d_pickle_whose_module_tree_loops_is_a_clear_error(tmp_path, monkeypatch):
+    """A network record among its own sub-modules (a damaged or crafted pickle) is refused
+    naming the path, not a RecursionError; a sub-module registered twice is no loop."""
+    import copyreg
+    import types
+
+    mod = types.ModuleType("training.networks")
+
+    class Block:
+        pass
+
+    Block.__module__, Block.__qualname__ = "training.networks", "Block"
+    mod.Block = Block
+    monkeypatch.setitem(sys.modules, "training", types.ModuleType("training"))
+    monkeypatch.setitem(sys.modules, "training.networks", mod)
+
+    class Pickler(pickle.Pickler):
+        def reducer_override(self, obj):
+            if isinstance(obj, Block):
+                return copyreg.__newobj__, (Block,), obj.__dict__
+            return NotImplemented
+
+    def block(**children):
+        b = Block()
+        b._parameters = {"w": torch.ones(1)}
+        b._buffers, b._modules = {}, collections.OrderedDict(children)
+        return b
+
+    shared = block()
+    net = block(a=block(x=shared), b=shared)
+    path = tmp_path / "dag.pkl"
+    with open(path, "wb") as f:
+        Pickler(f, protocol=4).dump(net)
+    from pyface.convert import module_state_dict
+    assert sorted(module_state_dict(restricted_load(str(path)))) == ["a.w", "a.x.w", "b.w", "w"]
+    net._modules["a"]._modules["loop"] = net
+    with open(path, "wb") as f:
+        Pickler(f, protocol=4).dump({"G_ema": net})
+    with pytest.raises(ConversionError, match=r"a\.loop: the network record contains itself"):
+        convert_eg3d(str(path), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_eg3d_rendering_kwargs_in_a_loop_are_a_clear_error(tmp_path, eg3d_modules):
+    pers, EasyDict = eg3d_modules
+    _eg3d_pickle(tmp_path / "net.pkl", pers, EasyDict, tmp_path / "pwned", rk_loop=True)
+    with pytest.raises(ConversionError, match="rendering_kwargs contain themselves"):
+        convert_eg3d(str(tmp_path / "net.pkl"), str(tmp_path / "eg3d"))
+    assert not (tmp_path / "eg3d").exists()
 
 
 def test_eg3d_shape_mismatch_is_precise(tmp_path, eg3d_modules):

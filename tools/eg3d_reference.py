@@ -92,7 +92,7 @@ def _child(case: str, work: str) -> None:
     import dnnlib  # noqa: F401  (EG3D's)
     from training.triplane import TriPlaneGenerator
 
-    inputs = torch.load(os.path.join(work, "inputs.pt"))
+    inputs = torch.load(os.path.join(work, "inputs.pt"), weights_only=True)
     sr_class, img_res, _, nrr, _ = CASES[case]
     rk = rendering_kwargs(case)
     torch.manual_seed(inputs["seed"])
@@ -201,8 +201,8 @@ def compare(case: str, eg3d_src: str, *, batch: int = 2, seed: int = 0,
     if proc.returncode:
         raise RuntimeError(f"EG3D's code failed for {case}:\n{proc.stderr[-4000:]}")
     t_eg3d = time.perf_counter() - t0
-    ref = torch.load(os.path.join(work, "eg3d_out.pt"))
-    inputs = torch.load(os.path.join(work, "inputs.pt"))
+    ref = torch.load(os.path.join(work, "eg3d_out.pt"), weights_only=True)
+    inputs = torch.load(os.path.join(work, "inputs.pt"), weights_only=True)
     out_dir = os.path.join(work, "converted")
     if pyface_main(["convert", "eg3d", os.path.join(work, "network.pkl"), out_dir]) not in (0,
                                                                                           None):
