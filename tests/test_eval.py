@@ -97,6 +97,13 @@ def test_prepare_and_errors():
     assert torch.equal(M.prepare(x), torch.tensor([[0.0, 0.0, 128 / 255, 1.0]], dtype=torch.float64))
     assert torch.equal(M.prepare(torch.tensor([0, 255], dtype=torch.uint8)),
                        torch.tensor([0.0, 1.0], dtype=torch.float64))
+    # data frames: uint8 / 255, float read in [0, 1] (not as a pipeline's [-1, 1])
+    assert torch.equal(M.prepare_data(torch.tensor([0, 51, 255], dtype=torch.uint8)),
+                       torch.tensor([0.0, 0.2, 1.0], dtype=torch.float64))
+    assert torch.equal(M.prepare_data(torch.tensor([-0.5, 0.25, 1.5])),
+                       torch.tensor([0.0, 0.25, 1.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="images: expected uint8 or float frames, got torch.int64"):
+        M.prepare_data(torch.tensor([1, 2]))
     a = torch.zeros(1, 3, 16, 16)
     with pytest.raises(ValueError, match=r"target: expected shape \(1, 3, 16, 16\)"):
         M.psnr(a, torch.zeros(1, 3, 16, 15))
@@ -438,3 +445,17 @@ def test_cuda_matches_cpu(root):
             np.testing.assert_array_equal(gpu.values[name][region], ref.values[name][region])
     assert gpu.frames == cpu.frames == 6
     assert gpu.to_dict()["memory_peak_mb"] > 0 and ref.to_dict()["memory_peak_mb"] is None
+
+
+def test_float_frames_in_0_1_score_as_their_uint8_originals(root):
+    """A dataset with float frames in [0, 1] (``image_dtype=torch.float32``) gives the metrics
+    of the same frames stored as uint8: targets (and CSIM sources, sheets) are read in [0, 1],
+    as the pipeline's inputs are."""
+    want = evaluate(CopySource(64), root, protocol="same", metrics=["psnr", "ssim"])
+    data = reenactment_pairs(root, resolution=64, protocol="same", image_dtype=torch.float32)
+    assert data[0]["target"]["image"].dtype == torch.float32
+    got = evaluate(CopySource(64), data, protocol="same", metrics=["psnr", "ssim"])
+    for m in ("psnr", "ssim"):
+        for r in ("image", "face"):
+            np.testing.assert_allclose(got.values[m][r], want.values[m][r], rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.sheet["target"], want.sheet["target"], rtol=0, atol=1e-6)
