@@ -92,6 +92,21 @@ def test_known_answers():
     assert M.mean_finite([1.0, float("nan"), 3.0]) == 2.0
 
 
+def test_psnr_is_capped_at_100_db():
+    """The MSE floor caps PSNR at 100 dB: below an MSE of 1e-10 the formula's (and skimage's)
+    value is not reported; above it they agree."""
+    t = torch.zeros(1, 3, 256, 256, dtype=torch.float64)
+    p = t.clone()
+    p[0, 0, 0, 0] = 1 / 255                        # one level in one value: 101.07 dB
+    mse = (1 / 255) ** 2 / t.numel()
+    assert 10 * math.log10(1 / mse) == pytest.approx(101.0668, abs=1e-4)
+    assert M.psnr(p, t).item() == 100.0 == M.psnr(t, t).item()
+    p[0, 0, 0, :2] = 2 / 255                       # two values two levels off: 92.04 dB
+    want = _skimage().peak_signal_noise_ratio(t[0].numpy(), p[0].numpy(), data_range=1)
+    assert want == pytest.approx(92.0359, abs=1e-4)
+    assert M.psnr(p, t).item() == pytest.approx(want, abs=1e-9)
+
+
 def test_prepare_and_errors():
     x = torch.tensor([[-2.0, -1.0, 0.0, 0.999]])
     assert torch.equal(M.prepare(x), torch.tensor([[0.0, 0.0, 128 / 255, 1.0]], dtype=torch.float64))

@@ -11,8 +11,10 @@ Conventions (every metric here):
 * Values are per image (``(N,)`` float64 tensors); a run reports the mean over pairs.
 
 PSNR: ``10 log10(1 / MSE)`` with the MSE over all pixels and channels (``image``) or over the
-mask pixels, all channels (``face``). The MSE is floored at ``1e-10``, so identical images give
-exactly 100 dB (finite, JSON-safe) where scikit-image returns ``inf``; otherwise the values equal
+mask pixels, all channels (``face``). The MSE is floored at ``1e-10``, so PSNR is capped at
+100 dB: identical images give exactly 100 dB (finite, JSON-safe) where scikit-image returns
+``inf``, and so does any pair with an MSE below ``1e-10`` (one 8-bit level in one value of a
+256 x 256 image: 101.07 dB by the formula); below the cap the values equal
 ``skimage.metrics.peak_signal_noise_ratio(target, pred, data_range=1)``.
 
 SSIM (Wang et al. 2004): per channel, local statistics under an 11 x 11 Gaussian window with
