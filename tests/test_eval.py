@@ -304,6 +304,20 @@ def test_bad_pipeline_output(root):
         evaluate(Bad(32), root, batch_size=4)
 
 
+def test_non_finite_predictions_are_refused_not_skipped(root):
+    """A NaN output would make its pair's PSNR / SSIM NaN, which the means skip (as an empty
+    face mask): the model would be scored on its good frames only. The evaluator refuses it,
+    naming the pairs."""
+    class Broken(CopySource):
+        def generate(self, state, motion, **kw):
+            out = super().generate(state, motion, **kw).clone()
+            out[-1, 0, 3, 5] = float("nan")
+            return out
+    with pytest.raises(ValueError, match=r"pipeline.generate: expected finite values, got NaN "
+                                         r"or infinity in the prediction of pair\(s\) \[3\]"):
+        evaluate(Broken(32), root, batch_size=4, metrics=["psnr"])
+
+
 def test_image_only_data_has_no_moving_subset(root, tmp_path):
     import shutil
 

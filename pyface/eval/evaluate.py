@@ -791,6 +791,11 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
             if pred.dim() != 4 or pred.shape[0] != n or pred.shape[1] != 3:
                 raise ValueError(f"pipeline.generate: expected (T={n}, 3, H, W), "
                                  f"got {tuple(pred.shape)}")
+            bad = ~torch.isfinite(pred.detach()).flatten(1).all(1).cpu()
+            if bad.any():      # NaN would drop the pair from the means (as an empty mask)
+                raise ValueError("pipeline.generate: expected finite values, got NaN or infinity "
+                                 "in the prediction of pair(s) "
+                                 f"{[int(i) for i, b in zip(chunk, bad) if b]}")
             res.frames += n
             p = M.prepare(pred.cpu())
             size = tuple(p.shape[-2:])
