@@ -198,6 +198,32 @@ def test_copy_source(root):
     assert list(cross.to_dict()["subsets"]) == ["moving"]
 
 
+def test_evaluator_values_match_skimage_on_the_stored_frames(root):
+    """End to end: the evaluator's per-pair PSNR / SSIM of copy-source equal scikit-image's on
+    the stored uint8 frames (source as prediction, driving frame as target, both / 255), and the
+    report's mean is the plain mean of those per-pair values."""
+    skm = _skimage()
+    res = evaluate(CopySource(64), root, protocol="same", max_pairs=6)   # the last: static
+    data = reenactment_pairs(root, resolution=64, protocol="same")
+    psnr, ssim = [], []
+    for i in res.indices:
+        item = data[i]
+        p = item["source"]["image"].double().numpy() / 255
+        t = item["target"]["image"].double().numpy() / 255
+        with np.errstate(divide="ignore"):                 # identical frames: inf
+            psnr.append(skm.peak_signal_noise_ratio(t, p, data_range=1))
+        ssim.append(skm.structural_similarity(t, p, data_range=1, channel_axis=0,
+                                              gaussian_weights=True, sigma=1.5,
+                                              use_sample_covariance=False))
+    psnr = np.minimum(psnr, 100.0)          # the static video's identical frames: inf -> 100
+    assert len(psnr) == 6 and (psnr < 50).sum() == 5 and psnr[-1] == 100
+    np.testing.assert_allclose(res.values["psnr"]["image"], psnr, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(res.values["ssim"]["image"], ssim, rtol=0, atol=1e-9)
+    summary = res.to_dict()["subsets"]["all"]
+    assert summary["psnr"]["image"] == pytest.approx(np.mean(psnr), abs=1e-9)
+    assert summary["ssim"]["image"] == pytest.approx(np.mean(ssim), abs=1e-9)
+
+
 class CopyDriving:
     """A pipeline whose prediction is the driving frame; counts its calls."""
 
