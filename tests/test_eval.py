@@ -92,11 +92,33 @@ def test_known_answers():
     assert M.mean_finite([1.0, float("nan"), 3.0]) == 2.0
 
 
+def test_psnr_is_capped_at_100_db():
+    """The MSE floor caps PSNR at 100 dB: below an MSE of 1e-10 the formula's (and skimage's)
+    value is not reported; above it they agree."""
+    t = torch.zeros(1, 3, 256, 256, dtype=torch.float64)
+    p = t.clone()
+    p[0, 0, 0, 0] = 1 / 255                        # one level in one value: 101.07 dB
+    mse = (1 / 255) ** 2 / t.numel()
+    assert 10 * math.log10(1 / mse) == pytest.approx(101.0668, abs=1e-4)
+    assert M.psnr(p, t).item() == 100.0 == M.psnr(t, t).item()
+    p[0, 0, 0, :2] = 2 / 255                       # two values two levels off: 92.04 dB
+    want = _skimage().peak_signal_noise_ratio(t[0].numpy(), p[0].numpy(), data_range=1)
+    assert want == pytest.approx(92.0359, abs=1e-4)
+    assert M.psnr(p, t).item() == pytest.approx(want, abs=1e-9)
+
+
 def test_prepare_and_errors():
     x = torch.tensor([[-2.0, -1.0, 0.0, 0.999]])
     assert torch.equal(M.prepare(x), torch.tensor([[0.0, 0.0, 128 / 255, 1.0]], dtype=torch.float64))
     assert torch.equal(M.prepare(torch.tensor([0, 255], dtype=torch.uint8)),
                        torch.tensor([0.0, 1.0], dtype=torch.float64))
+    # data frames: uint8 / 255, float read in [0, 1] (not as a pipeline's [-1, 1])
+    assert torch.equal(M.prepare_data(torch.tensor([0, 51, 255], dtype=torch.uint8)),
+                       torch.tensor([0.0, 0.2, 1.0], dtype=torch.float64))
+    assert torch.equal(M.prepare_data(torch.tensor([-0.5, 0.25, 1.5])),
+                       torch.tensor([0.0, 0.25, 1.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="images: expected uint8 or float frames, got torch.int64"):
+        M.prepare_data(torch.tensor([1, 2]))
     a = torch.zeros(1, 3, 16, 16)
     with pytest.raises(ValueError, match=r"target: expected shape \(1, 3, 16, 16\)"):
         M.psnr(a, torch.zeros(1, 3, 16, 15))
@@ -174,6 +196,32 @@ def test_copy_source(root):
     cross = evaluate(CopySource(64), root, protocol="cross", subset="moving")
     assert 10 < cross.to_dict()["subsets"]["moving"]["psnr"]["image"] < 50
     assert list(cross.to_dict()["subsets"]) == ["moving"]
+
+
+def test_evaluator_values_match_skimage_on_the_stored_frames(root):
+    """End to end: the evaluator's per-pair PSNR / SSIM of copy-source equal scikit-image's on
+    the stored uint8 frames (source as prediction, driving frame as target, both / 255), and the
+    report's mean is the plain mean of those per-pair values."""
+    skm = _skimage()
+    res = evaluate(CopySource(64), root, protocol="same", max_pairs=6)   # the last: static
+    data = reenactment_pairs(root, resolution=64, protocol="same")
+    psnr, ssim = [], []
+    for i in res.indices:
+        item = data[i]
+        p = item["source"]["image"].double().numpy() / 255
+        t = item["target"]["image"].double().numpy() / 255
+        with np.errstate(divide="ignore"):                 # identical frames: inf
+            psnr.append(skm.peak_signal_noise_ratio(t, p, data_range=1))
+        ssim.append(skm.structural_similarity(t, p, data_range=1, channel_axis=0,
+                                              gaussian_weights=True, sigma=1.5,
+                                              use_sample_covariance=False))
+    psnr = np.minimum(psnr, 100.0)          # the static video's identical frames: inf -> 100
+    assert len(psnr) == 6 and (psnr < 50).sum() == 5 and psnr[-1] == 100
+    np.testing.assert_allclose(res.values["psnr"]["image"], psnr, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(res.values["ssim"]["image"], ssim, rtol=0, atol=1e-9)
+    summary = res.to_dict()["subsets"]["all"]
+    assert summary["psnr"]["image"] == pytest.approx(np.mean(psnr), abs=1e-9)
+    assert summary["ssim"]["image"] == pytest.approx(np.mean(ssim), abs=1e-9)
 
 
 class CopyDriving:
@@ -280,6 +328,20 @@ def test_bad_pipeline_output(root):
             return state[None]
     with pytest.raises(ValueError, match=r"pipeline.generate: expected \(T=4, 3, H, W\)"):
         evaluate(Bad(32), root, batch_size=4)
+
+
+def test_non_finite_predictions_are_refused_not_skipped(root):
+    """A NaN output would make its pair's PSNR / SSIM NaN, which the means skip (as an empty
+    face mask): the model would be scored on its good frames only. The evaluator refuses it,
+    naming the pairs."""
+    class Broken(CopySource):
+        def generate(self, state, motion, **kw):
+            out = super().generate(state, motion, **kw).clone()
+            out[-1, 0, 3, 5] = float("nan")
+            return out
+    with pytest.raises(ValueError, match=r"pipeline.generate: expected finite values, got NaN "
+                                         r"or infinity in the prediction of pair\(s\) \[3\]"):
+        evaluate(Broken(32), root, batch_size=4, metrics=["psnr"])
 
 
 def test_image_only_data_has_no_moving_subset(root, tmp_path):
@@ -438,3 +500,17 @@ def test_cuda_matches_cpu(root):
             np.testing.assert_array_equal(gpu.values[name][region], ref.values[name][region])
     assert gpu.frames == cpu.frames == 6
     assert gpu.to_dict()["memory_peak_mb"] > 0 and ref.to_dict()["memory_peak_mb"] is None
+
+
+def test_float_frames_in_0_1_score_as_their_uint8_originals(root):
+    """A dataset with float frames in [0, 1] (``image_dtype=torch.float32``) gives the metrics
+    of the same frames stored as uint8: targets (and CSIM sources, sheets) are read in [0, 1],
+    as the pipeline's inputs are."""
+    want = evaluate(CopySource(64), root, protocol="same", metrics=["psnr", "ssim"])
+    data = reenactment_pairs(root, resolution=64, protocol="same", image_dtype=torch.float32)
+    assert data[0]["target"]["image"].dtype == torch.float32
+    got = evaluate(CopySource(64), data, protocol="same", metrics=["psnr", "ssim"])
+    for m in ("psnr", "ssim"):
+        for r in ("image", "face"):
+            np.testing.assert_allclose(got.values[m][r], want.values[m][r], rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.sheet["target"], want.sheet["target"], rtol=0, atol=1e-6)

@@ -61,6 +61,19 @@ def test_frechet_singular_covariances_and_bad_shapes():
         pfid.feature_statistics(np.zeros((1, 4)))
 
 
+def test_fid_with_fewer_images_than_dimensions_matches_pytorch_fid():
+    """The usual case (N < 2048: singular covariances), where pyface takes the nuclear-norm path
+    and pytorch-fid takes scipy's sqrtm of the singular product."""
+    ref = reference("pytorch_fid.fid_score")
+    rng = np.random.default_rng(4)
+    x = np.abs(rng.standard_normal((20, 64)))
+    y = 1.1 * np.abs(rng.standard_normal((30, 64))) + 0.05
+    (m1, s1), (m2, s2) = pfid.feature_statistics(x), pfid.feature_statistics(y)
+    want = ref.calculate_frechet_distance(m1, s1, m2, s2)
+    assert want > 1
+    assert pfid.fid_from_features(x, y) == pytest.approx(want, rel=1e-6)
+
+
 def test_kid_known_answer():
     x, y = np.array([[0.0], [1.0]]), np.array([[1.0], [2.0]])
     # k = (xy + 1)^3: XX off-diagonal 1, YY off-diagonal 27, XY mean (1 + 1 + 8 + 27) / 4

@@ -77,6 +77,31 @@ def test_alignment_on_a_known_transform():
     torch.testing.assert_close(pid.align_faces(image, lm68), crop)
 
 
+@pytest.mark.parametrize("offset", [(40.0, 55.0), (-40.0, -25.0)])   # inside; 42 % outside
+def test_alignment_matches_skimage_on_noisy_points(offset):
+    """The least-squares similarity and the bilinear crop (black outside the image) against
+    scikit-image's Umeyama estimate and ``warp(order=1, mode="constant", cval=0)``."""
+    import numpy as np
+    from skimage import transform as sk
+
+    rng = np.random.default_rng(0)
+    tmpl = pid.ARCFACE_TEMPLATE.numpy()
+    lm = tmpl @ _similarity(1.6, 0.2, 0, 0).numpy()[:, :2].T + np.array(offset) \
+        + rng.normal(0, 2.0, (5, 2))                        # not an exact similarity
+    if hasattr(sk.SimilarityTransform, "from_estimate"):     # scikit-image >= 0.26
+        ref = sk.SimilarityTransform.from_estimate(lm, tmpl)
+    else:
+        ref = sk.SimilarityTransform()
+        assert ref.estimate(lm, tmpl)
+    got = pid.umeyama_similarity(torch.tensor(lm)[None], torch.tensor(tmpl)[None])[0]
+    np.testing.assert_allclose(got.numpy(), ref.params[:2], rtol=0, atol=1e-9)
+    img = rng.random((3, 150, 140))
+    crop = pid.align_faces(torch.tensor(img * 2 - 1)[None].float(), torch.tensor(lm)[None])[0]
+    want = sk.warp(img.transpose(1, 2, 0), ref.inverse, output_shape=(112, 112), order=1,
+                   mode="constant", cval=0).transpose(2, 0, 1)
+    np.testing.assert_allclose((crop.numpy() + 1) / 2, want, rtol=0, atol=1e-4)
+
+
 def test_template_landmarks_are_the_identity_crop():
     img = torch.rand(2, 3, 112, 112) * 2 - 1
     lm = pid.ARCFACE_TEMPLATE.expand(2, 5, 2)

@@ -791,10 +791,15 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
             if pred.dim() != 4 or pred.shape[0] != n or pred.shape[1] != 3:
                 raise ValueError(f"pipeline.generate: expected (T={n}, 3, H, W), "
                                  f"got {tuple(pred.shape)}")
+            bad = ~torch.isfinite(pred.detach()).flatten(1).all(1).cpu()
+            if bad.any():      # NaN would drop the pair from the means (as an empty mask)
+                raise ValueError("pipeline.generate: expected finite values, got NaN or infinity "
+                                 "in the prediction of pair(s) "
+                                 f"{[int(i) for i, b in zip(chunk, bad) if b]}")
             res.frames += n
             p = M.prepare(pred.cpu())
             size = tuple(p.shape[-2:])
-            t = _resize(M.prepare(batch["target"]["image"]), size)
+            t = _resize(M.prepare_data(batch["target"]["image"]), size)
             mask = batch["target"].get("mask")
             if mask is not None:
                 mask = _resize(M.prepare_mask(mask).double(), size) > 0.5
@@ -888,7 +893,7 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
     if sheet["prediction"]:
         size = tuple(sheet["prediction"][0].shape[-2:])
         res.sheet = {k: torch.stack(v).float() if k == "prediction"
-                     else _resize(M.prepare(torch.stack(v)), size).float() * 2 - 1
+                     else _resize(M.prepare_data(torch.stack(v)), size).float() * 2 - 1
                      for k, v in sheet.items()}
     return res
 
@@ -902,7 +907,7 @@ def _csim(net, batch, p: torch.Tensor, size, scale: torch.Tensor, device) -> np.
         raise ValueError("data: metric 'csim' needs 'landmarks' on the source and target frames "
                          "(landmarks.npy) to align the faces; this data has none")
     n = p.shape[0]
-    s_img = _resize(M.prepare(src["image"]), size)
+    s_img = _resize(M.prepare_data(src["image"]), size)
     s_lm = src["landmarks"].double() * scale.double()
     t_lm = tgt["landmarks"].double() * scale.double()
     with torch.no_grad():

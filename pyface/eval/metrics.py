@@ -4,14 +4,17 @@ Conventions (every metric here):
 
 * ``pred``, ``target``: ``(N, 3, H, W)`` float in [0, 1] (data range 1). :func:`prepare` turns a
   pipeline's output in [-1, 1] into that range (clamped, then rounded to 8 bits, as if the frame
-  had been saved as a PNG) and uint8 data into ``x / 255``.
+  had been saved as a PNG); :func:`prepare_data` turns data frames (uint8, or float in [0, 1])
+  into it (``x / 255``, or clamped).
 * ``mask``: optional ``(N, 1, H, W)`` bool (or {0, 1} float), the face region of the *target*
   frame; metrics with ``mask`` are reported under the region name ``face``, without it ``image``.
 * Values are per image (``(N,)`` float64 tensors); a run reports the mean over pairs.
 
 PSNR: ``10 log10(1 / MSE)`` with the MSE over all pixels and channels (``image``) or over the
-mask pixels, all channels (``face``). The MSE is floored at ``1e-10``, so identical images give
-exactly 100 dB (finite, JSON-safe) where scikit-image returns ``inf``; otherwise the values equal
+mask pixels, all channels (``face``). The MSE is floored at ``1e-10``, so PSNR is capped at
+100 dB: identical images give exactly 100 dB (finite, JSON-safe) where scikit-image returns
+``inf``, and so does any pair with an MSE below ``1e-10`` (one 8-bit level in one value of a
+256 x 256 image: 101.07 dB by the formula); below the cap the values equal
 ``skimage.metrics.peak_signal_noise_ratio(target, pred, data_range=1)``.
 
 SSIM (Wang et al. 2004): per channel, local statistics under an 11 x 11 Gaussian window with
@@ -65,6 +68,18 @@ def prepare(images: torch.Tensor, *, quantize: bool = True) -> torch.Tensor:
         return images.double() / 255.0
     x = (images.detach().double().clamp(-1, 1) + 1) / 2
     return (x * 255).round() / 255 if quantize else x
+
+
+def prepare_data(images: torch.Tensor) -> torch.Tensor:
+    """Data frames (targets, sources) to float64 in [0, 1]: uint8 -> ``x / 255``; float (a
+    dataset's ``image_dtype=torch.float32`` frames, in [0, 1]) -> clamped to [0, 1]. Unlike
+    :func:`prepare`, float input is *not* read as a pipeline's [-1, 1] output.
+    Any shape ``(..., 3, H, W)``."""
+    if images.dtype == torch.uint8:
+        return images.double() / 255.0
+    if not images.is_floating_point():
+        raise ValueError(f"images: expected uint8 or float frames, got {images.dtype}")
+    return images.detach().double().clamp(0, 1)
 
 
 def prepare_mask(mask: torch.Tensor) -> torch.Tensor:
