@@ -245,8 +245,8 @@ class EG3DPipeline(_PipelineBase):
         return {"ws": ws, "loss": info["loss"]}
 
     def encode_driving(self, driving: dict) -> dict:
-        driving = self.prepare(driving, batched=True, name="driving") if "image" in driving \
-            else driving
+        # cameras alone drive EG3D: an image is optional (checked and resized when given)
+        driving = self.prepare(driving, batched=True, name="driving", image=False)
         self.check_labels(driving=driving)
         cam = driving.get("camera")
         if cam is None or cam.ndim != 2 or cam.shape[1] != 25:
@@ -261,6 +261,8 @@ class EG3DPipeline(_PipelineBase):
 
     @torch.no_grad()
     def generate(self, state: dict, motion: dict) -> torch.Tensor:
+        self.check_state(state, ("ws",))
+        self.check_state(motion, ("camera",), what="motion", stage="encode_driving")
         cam = motion["camera"]
         ws = state["ws"].to(self.device)
         planes = self.G.backbone.planes(ws, noise_mode="const")

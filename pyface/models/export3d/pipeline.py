@@ -102,6 +102,8 @@ class Export3DPipeline(Pipeline):
     def generate(self, state: dict, motion: dict, *, camera: str = "driving",
                  lam_scale=None, chunk: int = 16) -> torch.Tensor:
         model = self.model
+        self.check_state(state, ("features", "camera", "beta", "image"), device=True)
+        self.check_state(motion, ("beta", "camera"), what="motion", stage="encode_driving")
         beta = motion["beta"]
         T = beta.shape[0]
         n = model.cond.n

@@ -726,6 +726,8 @@ class GOHAPipeline(Pipeline):
     @torch.no_grad()
     def generate(self, state: dict, motion: dict, expression: bool = True,
                  appearance: bool = True, composite: bool = True) -> torch.Tensor:
+        self.check_state(state, ("canonical", "appearance", "coeffs", "camera"), device=True)
+        self.check_state(motion, ("expression", "camera"), what="motion", stage="encode_driving")
         T = motion["camera"].shape[0]
         st = {k: (v.expand(T, *v.shape[1:]) if torch.is_tensor(v) else v)
               for k, v in state.items()}
