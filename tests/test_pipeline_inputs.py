@@ -187,9 +187,9 @@ def test_a_state_on_another_device_is_refused(name, pipes, videos):
 
 def test_a_float_image_without_negative_values_is_warned_about(pipes, videos):
     """A float image in [0, 1] (torchvision's to_tensor) lies inside [-1, 1] and cannot be
-    refused, but no photo in [-1, 1] lacks every dark pixel: a UserWarning names the key and
-    the remedy; the frames are those of the image as given. A [-1, 1] image is not warned
-    about."""
+    refused, but no photo in [-1, 1] lacks every dark pixel while reaching bright ones: a
+    UserWarning names the key and the remedy; the frames are those of the image as given. A
+    [-1, 1] image, or a flat one (a test's zeros), is not warned about."""
     import warnings
 
     pipe = pipes["mmfa"]
@@ -199,6 +199,7 @@ def test_a_float_image_without_negative_values_is_warned_about(pipes, videos):
         warnings.simplefilter("error")
         pipe.encode_source(source)
         pipe.encode_driving(driving)
+        pipe.encode_source({**source, "image": torch.zeros_like(source["image"])})  # flat grey
     with pytest.warns(UserWarning, match=r"source\['image'\]: float values in \[0(\.\d+)?, "
                                          r"[\d.]+\], none negative: .*2 \* image - 1"):
         pipe.encode_source({**source, "image": source["image"] * 0.5 + 0.5})
@@ -217,3 +218,47 @@ def test_mmfa_angles_must_be_three(pipes, videos):
             pipe.generate(state, motion, angles=bad)
     assert torch.equal(pipe.generate(state, motion, angles=torch.tensor([10.0, -5.0, 0.0])),
                        pipe.generate(state, motion, angles=(10.0, -5.0, 0.0)))
+
+
+def test_stream_and_reconstruct_take_numpy_frames(pipes, videos):
+    """Frame dicts of numpy arrays are taken as tensors (docs/train.md): ``animate`` took them,
+    ``stream`` refused them ('expected a dict of (T, ...) tensors') and ``reconstruct`` left
+    the source unbatched (a driving shape error). Same frames as from tensors."""
+    pipe = pipes["mmfa"]
+    source, driving = _frames(pipe, videos)
+    as_np = {k: v.numpy() for k, v in driving.items()}
+    state = pipe.encode_source(source)
+    want = torch.cat([f for _, f in pipe.stream(state, driving, chunk=1)])
+    got = torch.cat([f for _, f in pipe.stream(state, as_np, chunk=1)])
+    assert torch.equal(got, want) and got.shape[0] == driving["image"].shape[0]
+    assert torch.equal(pipe.reconstruct({k: v.numpy() for k, v in source.items()}),
+                       pipe.reconstruct(source))
+
+
+def test_stream_refuses_driving_keys_of_different_lengths(pipes, videos):
+    """``stream`` took the frame count from the first key: driving coefficients for fewer
+    frames than the images silently dropped frames (or failed in a later chunk with a
+    misleading T); now a ValueError naming every key's length."""
+    pipe = pipes["mmfa"]
+    source, driving = _frames(pipe, videos)
+    state = pipe.encode_source(source)
+    short = {"coeffs": driving["coeffs"][:1], **driving}
+    short["coeffs"] = driving["coeffs"][:1]
+    with pytest.raises(ValueError, match=r"driving: expected the same number of frames T for "
+                                         r"every per-frame key, got .*'coeffs': 1.*'image': 2"):
+        list(pipe.stream(state, short, chunk=1))
+    with pytest.raises(TypeError, match=r"driving: expected a dict of \(T, \.\.\.\) tensors, "
+                                        r"got Tensor"):
+        list(pipe.stream(state, driving["image"], chunk=1))
+
+
+def test_eg3d_inversion_steps_are_checked(pipes, videos):
+    """EG3D's ``encode_source(steps=...)``: a negative count inverted nothing (the mean latent,
+    silently) and a float was a TypeError from range(); both a ValueError naming ``steps``."""
+    pipe = pipes["eg3d"]
+    source, _ = _frames(pipe, videos)
+    for bad in (-1, 1.5, "10", True):
+        with pytest.raises(ValueError, match=rf"steps: expected an int >= 0 \(inversion steps\), "
+                                             rf"got {bad!r}"):
+            pipe.encode_source(source, steps=bad)
+    assert len(pipe.encode_source(source, steps=1)["loss"]) == 1

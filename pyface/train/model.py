@@ -519,7 +519,7 @@ def _check_pixels(value: torch.Tensor, what: str, bounds: tuple[float, float]) -
             if hi == 1.0 and lo == -1.0 and vmax > 2 else ""
         raise ValueError(f"{what}: expected float values in [{lo:g}, {hi:g}], got "
                          f"[{vmin:.4g}, {vmax:.4g}]{hint}")
-    if lo == -1.0 and vmin >= 0.0:
+    if lo == -1.0 and vmin >= 0.0 and vmax > 0.5:     # bright, with no dark pixel: [0, 1]?
         import warnings
 
         warnings.warn(f"{what}: float values in [{vmin:.3g}, {vmax:.3g}], none negative: taken "
@@ -752,7 +752,7 @@ class Pipeline:
                              f"got a dict with keys {sorted(map(str, value))} (without "
                              f"{missing}: another model's {what}, or state and motion swapped?)")
         if device:
-            dev = self.device
+            dev = torch.device(self.device)
             for k, v in value.items():
                 if isinstance(v, torch.Tensor) and (v.device.type != dev.type or (
                         dev.index is not None and v.device.index != dev.index)):
@@ -860,6 +860,7 @@ class Pipeline:
     @torch.no_grad()
     def reconstruct(self, source: dict) -> torch.Tensor:
         """The source driven by itself: (1, 3, R, R) in [-1, 1]."""
+        source = _numpy_frames(source)
         driving = {k: v[None] if isinstance(v, torch.Tensor) else v for k, v in source.items()}
         return self.animate(source, driving)
 
@@ -881,11 +882,19 @@ class Pipeline:
             raise ValueError(f"chunk: expected an int >= 1, got {chunk!r}")
         check_seed(seed)
         if driving is not None:
-            # T from any per-frame tensor: a camera-only driving dict (EG3D) has no image
+            # T from the per-frame tensors: a camera-only driving dict (EG3D) has no image
+            if not isinstance(driving, dict):
+                raise TypeError(f"driving: expected a dict of (T, ...) tensors, got "
+                                f"{type(driving).__name__}")
+            driving = _numpy_frames(driving)
             per_frame = {k: v for k, v in driving.items() if isinstance(v, torch.Tensor)}
             if not per_frame:
                 raise ValueError(f"driving: expected a dict of (T, ...) tensors, got keys "
                                  f"{sorted(driving)}")
+            lengths = {k: int(v.shape[0]) if v.dim() else None for k, v in per_frame.items()}
+            if len(set(lengths.values())) != 1 or None in lengths.values():
+                raise ValueError(f"driving: expected the same number of frames T for every "
+                                 f"per-frame key, got {dict(sorted(lengths.items()))}")
             T = motion_length(per_frame)
             for t in range(0, T, chunk):
                 part = {k: v[t:t + chunk] if isinstance(v, torch.Tensor) else v
@@ -990,6 +999,15 @@ def seeded(seed: int | None, device: str | torch.device | None = None):
         devices=[dev] if dev.type == "cuda" else [], device_type=dev.type))
     torch.manual_seed(int(seed))
     return stack
+
+
+def _numpy_frames(frames):
+    """``frames`` with its numpy arrays under :data:`FRAME_KEYS` as tensors (sharing memory),
+    as :meth:`Pipeline.prepare` takes them; anything but a dict is returned as it is."""
+    if not isinstance(frames, dict):
+        return frames
+    return {k: torch.as_tensor(v) if k in FRAME_KEYS and type(v).__module__ == "numpy" else v
+            for k, v in frames.items()}
 
 
 def motion_length(motion) -> int:

@@ -7,6 +7,7 @@ License, non-commercial); the code is pyface's own.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 
 import torch
@@ -238,9 +239,12 @@ class EG3DPipeline(_PipelineBase):
                       ) -> dict:
         source = self.prepare(source, batched=False)
         self.check_labels(source=source)
+        steps = self.invert_steps if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+            raise ValueError(f"steps: expected an int >= 0 (inversion steps), got {steps!r}")
         with torch.enable_grad():            # inversion optimises W even under animate's no_grad
             ws, info = project(self.G, source["image"], source["camera"], space=space,
-                               steps=self.invert_steps if steps is None else steps,
+                               steps=steps,
                                perceptual=self.perceptual, progress=False)
         return {"ws": ws, "loss": info["loss"]}
 
