@@ -262,3 +262,41 @@ def test_eg3d_inversion_steps_are_checked(pipes, videos):
                                              rf"got {bad!r}"):
             pipe.encode_source(source, steps=bad)
     assert len(pipe.encode_source(source, steps=1)["loss"]) == 1
+
+
+@pytest.mark.parametrize("name", ["goha_s1", "export3d"])
+def test_label_only_driving_for_models_that_read_labels_only(name, pipes, videos):
+    """GOHA's and Export3D's driving motion comes from the driving ``coeffs`` / ``camera``
+    alone (docs/models/goha.md): a driving dict without images is taken (it was refused for
+    its missing image), and gives the motion the full frames give; without ``coeffs`` it is
+    still refused, naming the key."""
+    pipe = pipes[name]
+    source, driving = _frames(pipe, videos)
+    labels = {k: driving[k] for k in ("camera", "coeffs")}
+    want, got = pipe.encode_driving(driving), pipe.encode_driving(labels)
+    assert sorted(want) == sorted(got)
+    assert all(torch.equal(want[k], got[k]) for k in want if torch.is_tensor(want[k]))
+    state = _encode(name, pipe, source)
+    torch.manual_seed(0)
+    frames = pipe.generate(state, pipe.seed_frames(want, 0, 0))
+    torch.manual_seed(0)
+    assert torch.equal(pipe.generate(state, pipe.seed_frames(got, 0, 0)), frames)
+    with pytest.raises((KeyError, ValueError), match=r"driving\['coeffs'\]: missing"):
+        pipe.encode_driving({"camera": driving["camera"]})
+
+
+def test_export3d_lam_scale_factors_are_numbers(pipes, videos):
+    """Export3D's ``lam_scale={index: factor}`` edit: a factor that is not a finite number was
+    'could not convert string to float' (or NaN frames); now a ValueError naming lam_scale and
+    the index. A valid edit renders as before."""
+    pipe = pipes["export3d"]
+    source, driving = _frames(pipe, videos)
+    state, motion = pipe.encode_source(source), pipe.encode_driving(driving)
+    for bad in ("x", None, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"lam_scale: index 0: expected a finite number"):
+            pipe.generate(state, motion, lam_scale={0: bad})
+    n = pipe.model.cond.n
+    scale = torch.ones(n)
+    scale[0] = 2.0
+    assert torch.equal(pipe.generate(state, motion, lam_scale={0: 2}),
+                       pipe.generate(state, motion, lam_scale=scale))
