@@ -300,3 +300,21 @@ def test_export3d_lam_scale_factors_are_numbers(pipes, videos):
     scale[0] = 2.0
     assert torch.equal(pipe.generate(state, motion, lam_scale={0: 2}),
                        pipe.generate(state, motion, lam_scale=scale))
+
+
+def test_a_non_square_image_is_warned_about(pipes, videos):
+    """``prepare`` resizes any image to the square resolution: a non-square one is stretched,
+    so a UserWarning names the key, its size and the remedy (the frames are those of the
+    stretched image, as before). A square image of another size is resized silently."""
+    import warnings
+
+    pipe = pipes["mmfa"]
+    source, _ = _frames(pipe, videos)
+    wide = torch.nn.functional.interpolate(source["image"][None], size=(32, 48))[0]
+    with pytest.warns(UserWarning, match=r"source\['image'\]: 32x48 \(H x W\) is not square; "
+                                         r"resized to 32x32 .*crop it to a square first"):
+        pipe.encode_source({"image": wide})
+    big = torch.nn.functional.interpolate(source["image"][None], size=(48, 48))[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.encode_source({"image": big})

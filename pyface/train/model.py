@@ -566,7 +566,7 @@ class Pipeline:
     """Inference with a trained model, one method per stage (LivePortrait style): encode the
     source once, then stream driving frames through ``encode_driving`` and ``generate``.
 
-    A *source* is a frame dict: ``image (3, H, W)`` float in [-1, 1] plus optional
+    A *source* is a frame dict: ``image (3, H, W)`` RGB float in [-1, 1] plus optional
     ``camera (25,)`` (EG3D label), ``coeffs (257,)`` (Deep3DFaceRecon), ``landmarks (68, 2)``
     (pixels), ``mask (1, H, W)`` in [0, 1]. *driving* has the same keys with a leading ``T``.
     Pipelines resize images to ``resolution`` (antialiased) themselves (:meth:`prepare`), so any
@@ -719,6 +719,14 @@ class Pipeline:
                 value = value.float()
                 x = value if batched else value[None]
                 H, W = x.shape[-2:]
+                if H != W:
+                    import warnings
+
+                    warnings.warn(f"{name}['{key}']: {H}x{W} (H x W) is not square; resized to "
+                                  f"{R}x{R} without keeping its aspect ratio (a face comes out "
+                                  "stretched): crop it to a square first "
+                                  "(pyface.data.driving.read_source / read_driving centre-crop)",
+                                  UserWarning, stacklevel=3)
                 if (H, W) != (R, R):
                     x = torch.nn.functional.interpolate(x, size=(R, R), mode="bilinear",
                                                         antialias=True, align_corners=False)
