@@ -318,3 +318,22 @@ def test_a_non_square_image_is_warned_about(pipes, videos):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pipe.encode_source({"image": big})
+
+
+@pytest.mark.parametrize("name", ["eg3d", "otavatar"])
+def test_an_inversion_leaves_a_requires_grad_source_alone(name, pipes, videos):
+    """EG3D's and OTAvatar's source encodings optimise under enable_grad: a source image that
+    requires grad had the inversion's gradients accumulated into its ``.grad``. The inputs are
+    detached: no gradient reaches the caller's tensor, and the state is the one of a plain
+    image."""
+    pipe = pipes[name]
+    source, _ = _frames(pipe, videos)
+    image = source["image"].clone().requires_grad_(True)
+    kw = {"steps": 2}
+    torch.manual_seed(0)
+    got = pipe.encode_source({**source, "image": image}, **kw)
+    assert image.grad is None
+    torch.manual_seed(0)
+    want = pipe.encode_source(source, **kw)
+    key = "ws" if name == "eg3d" else "w"
+    assert torch.equal(got[key], want[key]) and not got[key].requires_grad

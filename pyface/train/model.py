@@ -668,7 +668,8 @@ class Pipeline:
         Every :data:`FRAME_KEYS` entry must be a tensor or a numpy array (anything else, None
         included, is a TypeError naming it) of its shape; labels (``camera``, ``coeffs``,
         ``landmarks``) must be finite and images within their range (:func:`_check_pixels`), a
-        ValueError otherwise. The checks read the values where the caller put them (a driving
+        ValueError otherwise. Tensors are detached (a ``requires_grad`` input is taken as its
+        values: no gradient reaches it). The checks read the values where the caller put them (a driving
         chunk on a GPU: one synchronisation per chunk and key, not per frame)."""
         lead_shape = "(T, 3, H, W)" if batched else "(3, H, W)"
         if not isinstance(frames, dict) or (image and "image" not in frames):
@@ -710,7 +711,9 @@ class Pipeline:
                               else (0.0, 1.0))
             else:
                 _check_finite(value, f"{name}['{key}']")
-            value = value.to(self.device)
+            # inputs, not parameters: an inversion (EG3D, OTAvatar) must not write the caller's
+            # .grad nor keep its graph
+            value = value.detach().to(self.device)
             if key in ("image", "mask"):
                 if value.dtype == torch.uint8:
                     value = value.float() / 255.0
