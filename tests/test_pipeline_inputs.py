@@ -337,3 +337,26 @@ def test_an_inversion_leaves_a_requires_grad_source_alone(name, pipes, videos):
     want = pipe.encode_source(source, **kw)
     key = "ws" if name == "eg3d" else "w"
     assert torch.equal(got[key], want[key]) and not got[key].requires_grad
+
+
+def test_the_example_pipeline_checks_its_state_too(videos):
+    """The engine's example model (``pyface.models.load("example", ...)``) refuses a missing
+    state or another model's, as the five portrait models do."""
+    mp = pytest.MonkeyPatch()
+    try:
+        model = build_model("example", mp)
+    finally:
+        mp.undo()
+    pipe = type(model).Pipeline(model, device="cpu")
+    source, driving = _frames(pipe, videos)
+    state, motion = pipe.encode_source(source), pipe.encode_driving(driving)
+    want = pipe.generate(state, motion)
+    with pytest.raises(TypeError, match=r"state: expected the dict ExamplePipeline.encode_source "
+                                        r"returns, got NoneType \(call encode_source first\)"):
+        pipe.generate(None, motion)
+    with pytest.raises(ValueError, match=r"motion: expected the dict ExamplePipeline."
+                                         r"encode_driving returns \(keys \['yaw'\]\)"):
+        pipe.generate(state, driving)
+    # default_motion (an orbit without driving frames) is a motion generate takes
+    assert pipe.generate(state, pipe.default_motion(3)).shape == (3, *want.shape[1:])
+    assert torch.equal(pipe.generate(state, motion), want)
