@@ -420,7 +420,12 @@ def test_camera_orbit_and_source_replace_the_driving_cameras(example_run, tmp_pa
 
 class _Ota:
     """What OTAvatar's generate reads before it renders: the generator's orbit radius and
-    pivot (not FFHQ's, so the conventions are seen to be read) and drive_pose."""
+    pivot (not FFHQ's, so the conventions are seen to be read) and drive_pose; it checks its
+    state and motion (Pipeline.check_state)."""
+
+    from pyface.train.model import Pipeline as _Pipeline
+
+    check_state = _Pipeline.check_state
 
     def __init__(self, radius=2.5, pivot=(0.0, 0.05, 0.15)):
         from types import SimpleNamespace
@@ -447,7 +452,7 @@ def _otavatar_orbit(monkeypatch, pipe, T, motion=None):
 
     monkeypatch.setattr(ota_model, "apply_intrinsics", capture)
     state = {"motion": torch.zeros(1, 70, 9), "camera": torch.zeros(1, 25),
-             "intrinsics": torch.zeros(1, 18)}
+             "intrinsics": torch.zeros(1, 18), "w": torch.zeros(1, 1, 8)}
     with pytest.raises(Seen) as got:
         OTAvatarPipeline.generate(pipe, state, motion or {"motion": torch.zeros(T, 70, 9)},
                                   camera="orbit")

@@ -769,7 +769,8 @@ def test_orbit_inversion_pipeline(tiny_run):
     out = pipe.animate({"image": target["image"], "camera": target["camera"]},
                        {"camera": cams})
     assert out.shape == (3, 3, 16, 16)
-    with pytest.raises(ValueError, match=r"driving\['camera'\]: expected \(T, 25\)"):
+    with pytest.raises(ValueError, match=r"driving\['camera'\]: expected shape \(T, 25\), got "
+                                         r"\(3, 5\)"):
         pipe.encode_driving({"camera": cams[:, :5]})
     with pytest.raises(TypeError, match="space"):     # an encode_source option, not a control
         pipe.generate({"ws": torch.zeros(1, G.num_ws, 16)}, {"camera": cams}, space="w")

@@ -60,6 +60,10 @@ def load(name: str, checkpoint: str, *, device: str | torch.device | None = None
             (:meth:`~pyface.train.model.Pipeline.compile`; the first frames are slow while
             they compile, later ones faster). Checked before the checkpoint is read.
 
+    ``checkpoint``, ``device``, ``ema`` and ``compile`` are checked before the checkpoint is
+    read: a TypeError / ValueError naming the argument (e.g. ``device="gpu"``, or ``"cuda"`` on
+    a machine without CUDA).
+
     Raises KeyError (unknown name), ValueError (the model has no pipeline, or the checkpoint
     belongs to another model: :class:`pyface.train.model.WrongModelError`, a CheckpointError
     too) and :class:`pyface.checkpoint.CheckpointError` (missing, corrupt
@@ -68,8 +72,15 @@ def load(name: str, checkpoint: str, *, device: str | torch.device | None = None
     from pyface import checkpoint as ckpt
     from pyface.nn.compiling import parse_compile
     from pyface.train.config import ConfigError, from_dict
-    from pyface.train.model import WrongModelError, read_pretrained
+    from pyface.train.model import WrongModelError, read_pretrained, resolve_device
 
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"checkpoint: expected a path (a run, checkpoint or converted weights "
+                        f"folder), got {type(checkpoint).__name__}")
+    checkpoint = os.fspath(checkpoint)
+    resolve_device(device)
+    if not isinstance(ema, bool):
+        raise TypeError(f"ema: expected True or False, got {ema!r}")
     options = parse_compile(compile, what="compile")
     cls = model_class(name)
     if getattr(cls, "Pipeline", None) is None:

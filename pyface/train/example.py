@@ -79,6 +79,8 @@ class ExamplePipeline(Pipeline):
                 "relative": False}
 
     def generate(self, state: dict, motion: dict, yaw_scale: float = 1.0) -> torch.Tensor:
+        self.check_state(state, ("planes", "yaw"), device=True)
+        self.check_state(motion, ("yaw",), what="motion", stage="encode_driving")
         yaw = motion["yaw"] - state["yaw"] if motion.get("relative", True) else motion["yaw"]
         planes = state["planes"].expand(yaw.shape[0], -1, -1, -1, -1)
         return self.model.render(planes, yaw * yaw_scale)

@@ -519,13 +519,54 @@ def _check_pixels(value: torch.Tensor, what: str, bounds: tuple[float, float]) -
             if hi == 1.0 and lo == -1.0 and vmax > 2 else ""
         raise ValueError(f"{what}: expected float values in [{lo:g}, {hi:g}], got "
                          f"[{vmin:.4g}, {vmax:.4g}]{hint}")
+    if lo == -1.0 and vmin >= 0.0 and vmax > 0.5:     # bright, with no dark pixel: [0, 1]?
+        import warnings
+
+        warnings.warn(f"{what}: float values in [{vmin:.3g}, {vmax:.3g}], none negative: taken "
+                      "as [-1, 1] pixels (a [0, 1] image, e.g. torchvision's to_tensor, comes "
+                      "out washed out: pass 2 * image - 1, or uint8)", UserWarning, stacklevel=4)
+
+
+def resolve_device(device, what: str = "device") -> torch.device:
+    """The ``torch.device`` a pipeline runs on: ``None`` is CUDA when available, else the CPU;
+    a string or ``torch.device`` is taken as it is. A string torch cannot parse (``"gpu"``), a
+    value of another type, or a CUDA device this machine does not have is a ValueError /
+    TypeError naming ``what``."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
+        raise TypeError(f"{what}: expected None, a string such as 'cpu' or 'cuda:0', or a "
+                        f"torch.device, got {type(device).__name__}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"{what}: expected None, 'cpu', 'cuda', 'cuda:N' (or another torch "
+                         f"device string), got {device!r}") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index or 0) >= n:
+            raise ValueError(f"{what}: got {str(device)!r}, but this machine has "
+                             f"{n} CUDA device(s) visible to torch (device=None picks "
+                             "CUDA when there is one, else the CPU)")
+    return dev
+
+
+def _check_finite(value: torch.Tensor, what: str) -> None:
+    """A label (camera, coefficients, landmarks) has finite values: NaN or inf is a ValueError
+    naming ``what`` (the frames of a NaN label would be NaN, or silently wrong)."""
+    from pyface.ops._checks import has_values
+
+    if not value.is_floating_point() or value.numel() == 0 or not has_values(value):
+        return
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{what}: expected finite values, got NaN or inf")
 
 
 class Pipeline:
     """Inference with a trained model, one method per stage (LivePortrait style): encode the
     source once, then stream driving frames through ``encode_driving`` and ``generate``.
 
-    A *source* is a frame dict: ``image (3, H, W)`` float in [-1, 1] plus optional
+    A *source* is a frame dict: ``image (3, H, W)`` RGB float in [-1, 1] plus optional
     ``camera (25,)`` (EG3D label), ``coeffs (257,)`` (Deep3DFaceRecon), ``landmarks (68, 2)``
     (pixels), ``mask (1, H, W)`` in [0, 1]. *driving* has the same keys with a leading ``T``.
     Pipelines resize images to ``resolution`` (antialiased) themselves (:meth:`prepare`), so any
@@ -563,15 +604,7 @@ class Pipeline:
     compiled_modules: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, *, device: str | torch.device | None = None):
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        if self.device.type == "cuda":
-            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            if n == 0 or (self.device.index or 0) >= n:
-                raise ValueError(f"device: got {str(device)!r}, but this machine has "
-                                 f"{n} CUDA device(s) visible to torch (device=None picks "
-                                 "CUDA when there is one, else the CPU)")
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         res = getattr(getattr(model, "cfg", None), "resolution", None)
         if res is not None and not getattr(self, "resolution", None):
@@ -625,13 +658,22 @@ class Pipeline:
         return {}
 
     # -- input --------------------------------------------------------------------------------
-    def prepare(self, frames: dict, *, batched: bool, name: str = "source") -> dict:
+    def prepare(self, frames: dict, *, batched: bool, name: str = "source",
+                image: bool = True) -> dict:
         """Checks a frame dict, moves it to ``device``, converts images to float and resizes
         ``image`` / ``mask`` to ``resolution`` with antialiasing (landmarks are rescaled to the
-        new pixel grid). ``batched``: tensors have a leading ``T``. Idempotent."""
-        if not isinstance(frames, dict) or "image" not in frames:
-            raise ValueError(f"{name}: expected a dict with an 'image' "
-                             f"{'(T, 3, H, W)' if batched else '(3, H, W)'} tensor, got "
+        new pixel grid). ``batched``: tensors have a leading ``T``. ``image``: the dict must
+        have one (False: labels alone may drive, e.g. EG3D's cameras). Idempotent.
+
+        Every :data:`FRAME_KEYS` entry must be a tensor or a numpy array (anything else, None
+        included, is a TypeError naming it) of its shape; labels (``camera``, ``coeffs``,
+        ``landmarks``) must be finite and images within their range (:func:`_check_pixels`), a
+        ValueError otherwise. Tensors are detached (a ``requires_grad`` input is taken as its
+        values: no gradient reaches it). The checks read the values where the caller put them (a driving
+        chunk on a GPU: one synchronisation per chunk and key, not per frame)."""
+        lead_shape = "(T, 3, H, W)" if batched else "(3, H, W)"
+        if not isinstance(frames, dict) or (image and "image" not in frames):
+            raise ValueError(f"{name}: expected a dict with an 'image' {lead_shape} tensor, got "
                              f"{type(frames).__name__}"
                              + (f" with keys {sorted(frames)}" if isinstance(frames, dict) else ""))
         out = {}
@@ -641,7 +683,11 @@ class Pipeline:
         for key, value in frames.items():
             if key in FRAME_KEYS and type(value).__module__ == "numpy":
                 value = torch.as_tensor(value)          # a numpy array: same checks as a tensor
-            if key not in FRAME_KEYS or not isinstance(value, torch.Tensor):
+            if key in FRAME_KEYS and not isinstance(value, torch.Tensor):
+                pre = "T, " if batched else ""
+                raise TypeError(f"{name}['{key}']: expected a torch.Tensor or a numpy array of "
+                                f"shape ({pre}{_SHAPE_TEXT[key]}), got {type(value).__name__}")
+            if key not in FRAME_KEYS:
                 out[key] = value
                 continue
             want = FRAME_KEYS[key]
@@ -663,7 +709,11 @@ class Pipeline:
             if key in ("image", "mask"):
                 _check_pixels(value, f"{name}['{key}']", (-1.0, 1.0) if key == "image"
                               else (0.0, 1.0))
-            value = value.to(self.device)
+            else:
+                _check_finite(value, f"{name}['{key}']")
+            # inputs, not parameters: an inversion (EG3D, OTAvatar) must not write the caller's
+            # .grad nor keep its graph
+            value = value.detach().to(self.device)
             if key in ("image", "mask"):
                 if value.dtype == torch.uint8:
                     value = value.float() / 255.0
@@ -672,6 +722,14 @@ class Pipeline:
                 value = value.float()
                 x = value if batched else value[None]
                 H, W = x.shape[-2:]
+                if H != W:
+                    import warnings
+
+                    warnings.warn(f"{name}['{key}']: {H}x{W} (H x W) is not square; resized to "
+                                  f"{R}x{R} without keeping its aspect ratio (a face comes out "
+                                  "stretched): crop it to a square first "
+                                  "(pyface.data.driving.read_source / read_driving centre-crop)",
+                                  UserWarning, stacklevel=3)
                 if (H, W) != (R, R):
                     x = torch.nn.functional.interpolate(x, size=(R, R), mode="bilinear",
                                                         antialias=True, align_corners=False)
@@ -684,6 +742,34 @@ class Pipeline:
         if scale is not None and "landmarks" in out and isinstance(out["landmarks"], torch.Tensor):
             out["landmarks"] = out["landmarks"] * torch.tensor(scale, device=self.device)
         return out
+
+    def check_state(self, value, keys, *, what: str = "state",
+                    stage: str = "encode_source", device: bool = False) -> None:
+        """Refuses a ``generate`` argument that is not what this pipeline's ``stage`` returned:
+        not a dict (None: ``generate`` called before ``encode_source``) is a TypeError, a dict
+        without one of ``keys`` (another model's state, the state and motion swapped, raw
+        driving frames for the motion) a ValueError, each naming ``what``, the stage and the
+        keys, before any network runs. ``device``: its tensors must be on this pipeline's
+        device too (a state encoded by a pipeline on another device; a ValueError naming both).
+        Reads no tensor's values (no device synchronisation)."""
+        where = f"{type(self).__name__}.{stage}"
+        if not isinstance(value, dict):
+            raise TypeError(f"{what}: expected the dict {where} returns, got "
+                            f"{type(value).__name__}"
+                            + (f" (call {stage} first)" if value is None else ""))
+        missing = [k for k in keys if k not in value]
+        if missing:
+            raise ValueError(f"{what}: expected the dict {where} returns (keys {list(keys)}), "
+                             f"got a dict with keys {sorted(map(str, value))} (without "
+                             f"{missing}: another model's {what}, or state and motion swapped?)")
+        if device:
+            dev = torch.device(self.device)
+            for k, v in value.items():
+                if isinstance(v, torch.Tensor) and (v.device.type != dev.type or (
+                        dev.index is not None and v.device.index != dev.index)):
+                    raise ValueError(f"{what}['{k}']: on {v.device}, but this pipeline runs on "
+                                     f"{dev} ({what} of a pipeline on another device? "
+                                     f"{stage} it with this pipeline)")
 
     # -- what the inputs must carry ----------------------------------------------------------
     @classmethod
@@ -785,6 +871,7 @@ class Pipeline:
     @torch.no_grad()
     def reconstruct(self, source: dict) -> torch.Tensor:
         """The source driven by itself: (1, 3, R, R) in [-1, 1]."""
+        source = _numpy_frames(source)
         driving = {k: v[None] if isinstance(v, torch.Tensor) else v for k, v in source.items()}
         return self.animate(source, driving)
 
@@ -806,11 +893,19 @@ class Pipeline:
             raise ValueError(f"chunk: expected an int >= 1, got {chunk!r}")
         check_seed(seed)
         if driving is not None:
-            # T from any per-frame tensor: a camera-only driving dict (EG3D) has no image
+            # T from the per-frame tensors: a camera-only driving dict (EG3D) has no image
+            if not isinstance(driving, dict):
+                raise TypeError(f"driving: expected a dict of (T, ...) tensors, got "
+                                f"{type(driving).__name__}")
+            driving = _numpy_frames(driving)
             per_frame = {k: v for k, v in driving.items() if isinstance(v, torch.Tensor)}
             if not per_frame:
                 raise ValueError(f"driving: expected a dict of (T, ...) tensors, got keys "
                                  f"{sorted(driving)}")
+            lengths = {k: int(v.shape[0]) if v.dim() else None for k, v in per_frame.items()}
+            if len(set(lengths.values())) != 1 or None in lengths.values():
+                raise ValueError(f"driving: expected the same number of frames T for every "
+                                 f"per-frame key, got {dict(sorted(lengths.items()))}")
             T = motion_length(per_frame)
             for t in range(0, T, chunk):
                 part = {k: v[t:t + chunk] if isinstance(v, torch.Tensor) else v
@@ -915,6 +1010,15 @@ def seeded(seed: int | None, device: str | torch.device | None = None):
         devices=[dev] if dev.type == "cuda" else [], device_type=dev.type))
     torch.manual_seed(int(seed))
     return stack
+
+
+def _numpy_frames(frames):
+    """``frames`` with its numpy arrays under :data:`FRAME_KEYS` as tensors (sharing memory),
+    as :meth:`Pipeline.prepare` takes them; anything but a dict is returned as it is."""
+    if not isinstance(frames, dict):
+        return frames
+    return {k: torch.as_tensor(v) if k in FRAME_KEYS and type(v).__module__ == "numpy" else v
+            for k, v in frames.items()}
 
 
 def motion_length(motion) -> int:

@@ -7,6 +7,7 @@ License, non-commercial); the code is pyface's own.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 
 import torch
@@ -238,15 +239,18 @@ class EG3DPipeline(_PipelineBase):
                       ) -> dict:
         source = self.prepare(source, batched=False)
         self.check_labels(source=source)
+        steps = self.invert_steps if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+            raise ValueError(f"steps: expected an int >= 0 (inversion steps), got {steps!r}")
         with torch.enable_grad():            # inversion optimises W even under animate's no_grad
             ws, info = project(self.G, source["image"], source["camera"], space=space,
-                               steps=self.invert_steps if steps is None else steps,
+                               steps=steps,
                                perceptual=self.perceptual, progress=False)
         return {"ws": ws, "loss": info["loss"]}
 
     def encode_driving(self, driving: dict) -> dict:
-        driving = self.prepare(driving, batched=True, name="driving") if "image" in driving \
-            else driving
+        # cameras alone drive EG3D: an image is optional (checked and resized when given)
+        driving = self.prepare(driving, batched=True, name="driving", image=False)
         self.check_labels(driving=driving)
         cam = driving.get("camera")
         if cam is None or cam.ndim != 2 or cam.shape[1] != 25:
@@ -261,6 +265,8 @@ class EG3DPipeline(_PipelineBase):
 
     @torch.no_grad()
     def generate(self, state: dict, motion: dict) -> torch.Tensor:
+        self.check_state(state, ("ws",))
+        self.check_state(motion, ("camera",), what="motion", stage="encode_driving")
         cam = motion["camera"]
         ws = state["ws"].to(self.device)
         planes = self.G.backbone.planes(ws, noise_mode="const")

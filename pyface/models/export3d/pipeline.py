@@ -5,9 +5,10 @@ every driving frame gives an expression (from its 3DMM coefficients) and a camer
   (1, 25) or None, "beta": (1, 64) or None}``.
 * ``encode_driving(driving)``: ``{"beta": (T, 64), "lambda": (T, n) or None, "camera": (T, 25)
   or None}``; ``driving["coeffs"] (T, 257)`` is required (Export3D is driven by 3DMM
-  expressions, e.g. from Deep3DFaceRecon, prepared outside pyface).
+  expressions, e.g. from Deep3DFaceRecon, prepared outside pyface), ``image`` is not read
+  (optional).
 * ``generate(state, motion, camera="driving"|"source"|"orbit", lam_scale=None, chunk=16)``:
-  ``(T, 3, R, R)``, ``chunk`` frames at a time. ``lam_scale`` ((n,), (T, n) or {index: factor})
+  ``(T, 3, R, R)`` float in [-1, 1], ``chunk`` frames at a time. ``lam_scale`` ((n,), (T, n) or {index: factor})
   scales individual basis coefficients lambda_i (editing; e2e / clebs); ``camera="orbit"`` follows
   the free-view orbit of ``pyface animate --camera orbit``, a +-20 / 8 degree ellipse at EG3D's
   FFHQ radius and pivot (:func:`pyface.face.cameras.free_view_orbit`), one turn over a
@@ -20,6 +21,7 @@ every driving frame gives an expression (from its 3DMM coefficients) and a camer
 """
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 
@@ -73,7 +75,8 @@ class Export3DPipeline(Pipeline):
 
     @torch.no_grad()
     def encode_driving(self, driving: dict) -> dict:
-        drv = self.prepare(driving, batched=True, name="driving")
+        # the driving coefficients (and cameras) alone drive Export3D: an image is optional
+        drv = self.prepare(driving, batched=True, name="driving", image=False)
         self.check_labels(driving=drv)
         beta = expression_of(drv["coeffs"], "driving['coeffs']")
         lam = self.model.cond.coefficients(beta)
@@ -102,6 +105,8 @@ class Export3DPipeline(Pipeline):
     def generate(self, state: dict, motion: dict, *, camera: str = "driving",
                  lam_scale=None, chunk: int = 16) -> torch.Tensor:
         model = self.model
+        self.check_state(state, ("features", "camera", "beta", "image"), device=True)
+        self.check_state(motion, ("beta", "camera"), what="motion", stage="encode_driving")
         beta = motion["beta"]
         T = beta.shape[0]
         n = model.cond.n
@@ -119,7 +124,15 @@ class Export3DPipeline(Pipeline):
                         from None
                 if not 0 <= i < n:
                     raise ValueError(f"lam_scale: index {i} out of range [0, {n})")
-                s[i] = float(v)
+                try:
+                    v = float(v)
+                except (TypeError, ValueError):
+                    raise ValueError(f"lam_scale: index {i}: expected a finite number (the "
+                                     f"factor of lambda_{i}), got {v!r}") from None
+                if not math.isfinite(v):
+                    raise ValueError(f"lam_scale: index {i}: expected a finite number (the "
+                                     f"factor of lambda_{i}), got {v!r}")
+                s[i] = v
             lam_scale = s
         elif lam_scale is not None:
             if n is None:

@@ -645,7 +645,7 @@ class GOHAPipeline(Pipeline):
     * ``encode_source``: the avatar: canonical and appearance planes (the three encoders plus
       the lift); needs ``image``, ``camera (25,)`` and ``coeffs (257,)`` (``mask`` mattes it);
     * ``encode_driving``: ``expression (T, 64)`` and ``camera (T, 25)`` from the driving
-      ``coeffs`` and ``camera``;
+      ``coeffs`` and ``camera`` (an ``image`` is not read: optional);
     * ``generate``: expression planes of each driving expression (the source's identity in the
       pseudo-render), summed with the avatar's, rendered at each driving camera (and
       super-resolved in s2): ``(T, 3, resolution, resolution)`` in [-1, 1]. ``controls``: ``expression`` / ``appearance`` (bool) switch
@@ -714,7 +714,8 @@ class GOHAPipeline(Pipeline):
 
     @torch.no_grad()
     def encode_driving(self, driving: dict) -> dict:
-        drv = self.prepare(driving, batched=True, name="driving")
+        # the driving coefficients and cameras alone drive GOHA: an image is optional
+        drv = self.prepare(driving, batched=True, name="driving", image=False)
         self.check_labels(driving=drv)
         return {"expression": drv["coeffs"][:, 80:144].float(), "camera": drv["camera"].float()}
 
@@ -726,6 +727,8 @@ class GOHAPipeline(Pipeline):
     @torch.no_grad()
     def generate(self, state: dict, motion: dict, expression: bool = True,
                  appearance: bool = True, composite: bool = True) -> torch.Tensor:
+        self.check_state(state, ("canonical", "appearance", "coeffs", "camera"), device=True)
+        self.check_state(motion, ("expression", "camera"), what="motion", stage="encode_driving")
         T = motion["camera"].shape[0]
         st = {k: (v.expand(T, *v.shape[1:]) if torch.is_tensor(v) else v)
               for k, v in state.items()}

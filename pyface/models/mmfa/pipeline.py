@@ -98,6 +98,10 @@ class MMFAPipeline(Pipeline):
                  rotation=None, angles=None, scale=None, translation=None,
                  expression="driving") -> torch.Tensor:
         m, dev = self.net, self.device
+        self.check_state(state, ("image", "volume", "kp_canonical", "rotation", "scale",
+                                 "translation", "f_exp", "kp_source"), device=True)
+        self.check_state(motion, ("f_exp", "scale", "translation"), what="motion",
+                         stage="encode_driving")
         T = int(motion["f_exp"].shape[0])
         if rotation is not None and angles is not None:
             raise ValueError("rotation, angles: give at most one")
@@ -105,7 +109,9 @@ class MMFAPipeline(Pipeline):
             raise ValueError(f"cross_identity: expected True or False, got {cross_identity!r}")
         # rotation
         if angles is not None:
-            if len(angles) != 3:
+            sized = hasattr(angles, "__len__") and not isinstance(angles, str) and not (
+                isinstance(angles, torch.Tensor) and angles.dim() == 0)
+            if not sized or len(angles) != 3:
                 raise ValueError(f"angles: expected (pitch, yaw, roll) in degrees, got {angles}")
             rot = keypoint_rotation_from_degrees(*angles, batch=T, device=dev)
             rot = self._per_frame(rot[0], T, (3, 3), "angles", dev) if rot.shape[0] == 1 \

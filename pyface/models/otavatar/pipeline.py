@@ -314,8 +314,8 @@ class OTAvatarPipeline(Pipeline):
                     "it" if len(missing) == 1 else "them")
 
     def encode_driving(self, driving: dict) -> dict:
-        if "image" in driving:
-            driving = self.prepare(driving, batched=True, name="driving")
+        # coefficients (or motion windows) alone drive OTAvatar: an image is optional
+        driving = self.prepare(driving, batched=True, name="driving", image=False)
         win = self.model.controller.cfg.window
         if isinstance(driving.get("motion"), torch.Tensor):
             m = driving["motion"].float().to(self.device)
@@ -354,6 +354,9 @@ class OTAvatarPipeline(Pipeline):
         from pyface.models.otavatar.model import apply_intrinsics
 
         model = self.model
+        self.check_state(state, ("w", "intrinsics", "camera", "motion"), device=True)
+        self.check_state(motion, ("orbit",) if isinstance(motion, dict) and "orbit" in motion
+                         else ("motion",), what="motion", stage="encode_driving")
         if "orbit" in motion:
             if camera not in (None, "orbit"):
                 raise ValueError(f"camera: default_motion's frames follow the orbit (camera None "
