@@ -209,10 +209,17 @@ def read_meta(path: str) -> dict:
         raise CheckpointError(f"checkpoint {path!r}: {META_FILE} is missing") from None
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {path!r}: {META_FILE} is corrupt ({exc})") from None
+    if not isinstance(meta, dict):                 # valid JSON, but not what save_folder writes
+        raise CheckpointError(f"checkpoint {path!r}: {META_FILE} is corrupt (expected a JSON "
+                              f"object, got a {type(meta).__name__})")
+    version = meta.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(f"checkpoint {path!r}: {META_FILE} is corrupt (format_version: "
+                              f"expected an integer, got {version!r})")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path!r}: format {meta.get('format')!r}, expected "
                               f"{FORMAT!r}")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path!r}: format version {meta['format_version']} is "
                               f"newer than this pyface ({FORMAT_VERSION}); upgrade pyface")
     return meta

@@ -77,6 +77,8 @@ def test_weights_file_folder_without_meta_is_a_clear_error(tmp_path):
     ("flip", "corrupt \\(SHA-256"), ("truncate", "corrupt"), ("meta", "meta.json is corrupt"),
     ("format", "format 'other', expected 'pyface-checkpoint'"),
     ("version", "format version 99 is newer"),
+    ("list", r"meta\.json is corrupt \(expected a JSON object, got a list\)"),
+    ("version_text", r"meta\.json is corrupt \(format_version: expected an integer, got '1'\)"),
 ])
 def test_damaged_checkpoints_raise_clear_errors(tmp_path, damage, match):
     p = ckpt.save_folder(str(tmp_path / "c"), {"w": torch.randn(100)}, {"step": 1})
@@ -90,11 +92,14 @@ def test_damaged_checkpoints_raise_clear_errors(tmp_path, damage, match):
         open(tfile, "wb").write(b[: len(b) // 2])
     elif damage == "meta":
         open(mfile, "w").write("{not json")
+    elif damage == "list":                      # valid JSON, not an object: edited by hand
+        open(mfile, "w").write("[1, 2, 3]")
     else:
         import json
 
         meta = json.load(open(mfile))
-        meta.update({"format": "other"} if damage == "format" else {"format_version": 99})
+        meta.update({"format": "other"} if damage == "format" else
+                    {"format_version": "1"} if damage == "version_text" else {"format_version": 99})
         json.dump(meta, open(mfile, "w"))
     with pytest.raises(ckpt.CheckpointError, match=match):
         ckpt.load_folder(p)
