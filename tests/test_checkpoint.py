@@ -206,3 +206,36 @@ def test_check_state_dict_lists_problems():
                              r"unexpected keys: extra; shape mismatches: 0\.weight: checkpoint "
                              r"\(3, 5\) vs model \(3, 2\)"):
         ckpt.load_module_state(m, sd, "where")
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("step", "x", "step: expected an integer, got 'x'"),
+    ("step", True, "step: expected an integer, got True"),
+    ("experiment", "nonsense", "experiment: expected an object, got 'nonsense'"),
+    ("ema_modules", 5, "ema_modules: expected a list, got 5"),
+    ("ema_modules", [1], r"ema_modules: expected a list of module names, got \[1\]"),
+    ("experiment", {"model": "example", "model_config": [1]},
+     r"experiment\.model_config: expected an object, got \[1\]"),
+    ("experiment", {"model": 5}, "experiment.model: expected a string, got 5"),
+])
+def test_hand_edited_meta_fields_of_the_wrong_type_are_named(tmp_path, field, value, match):
+    """A meta.json edited by hand: a field that loaders read, of another JSON type, is refused
+    by read_meta with the field, what it should be and what it is (no traceback later)."""
+    import json
+    import re
+
+    p = ckpt.save_folder(str(tmp_path / "c"), {"w": torch.ones(2)},
+                         {"step": 1, "kind": "train", "ema_modules": ["m"],
+                          "experiment": {"model": "example", "model_config": {}}})
+    mfile = os.path.join(p, ckpt.META_FILE)
+    meta = json.load(open(mfile))
+    meta[field] = value
+    json.dump(meta, open(mfile, "w"))
+    with pytest.raises(ckpt.CheckpointError,
+                       match=re.escape(f"meta.json is corrupt (") + match):
+        ckpt.read_meta(p)
+    meta[field] = {"step": 3, "experiment": {"model": "example"},
+                   "ema_modules": ["a", "b"]}[field]       # the same field, of the right type
+    json.dump(meta, open(mfile, "w"))
+    assert ckpt.read_meta(p)[field] == meta[field]
+
