@@ -631,9 +631,18 @@ def check_args(args) -> None:
     if args.sheet and args.sheet_rows < 1:
         raise ValueError(f"--sheet-rows: --sheet needs at least 1 row, got {args.sheet_rows}")
     from pyface.data import format as fmt
+    from pyface.eval import metrics as M
 
+    for m in (args.metrics or "").split(","):    # a typo'd metric, before any model loads
+        if m.strip():
+            try:
+                M.check_name(m.strip())
+            except ValueError as e:
+                raise ValueError(f"--metrics {args.metrics}: {e}") from None
     data_help = ("expected a pyface dataset root: index.json and video folders, as `pyface data "
                  "synth` or `pyface data prepare` write")
+    if os.path.isfile(args.data):
+        raise ValueError(f"--data {args.data}: a file, not a folder ({data_help})")
     if not os.path.isdir(args.data):
         raise ValueError(f"--data {args.data}: not found ({data_help})")
     if not os.path.isfile(os.path.join(args.data, fmt.INDEX)) and not fmt.video_names(args.data):
@@ -726,13 +735,15 @@ def _check_command(args, pre: str):
     except (ValueError, ImportError) as exc:
         print(f"{pre}pyface eval: {exc}", file=sys.stderr)
         return 2
-    try:
-        if args.model is not None and args.model not in BASELINES:
-            model_class(args.model)
+    try:            # the same exit code as pyface train and pyface animate give them
+        models = list(parse_runs(args.runs)) if args.runs is not None else [args.model]
+        for name in models:
+            if name is not None and name not in BASELINES:
+                model_class(name)
     except (ValueError, KeyError) as exc:     # ValueError: ModelDefinitionError too
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"{pre}pyface eval: {msg}", file=sys.stderr)
-        return 1
+        return 2
     return device
 
 
