@@ -236,3 +236,23 @@ def test_compile_reaches_the_pipeline_and_the_report(root, example_run, tmp_path
     rep = json.load(open(tmp_path / "p.json"))
     assert rep["compile"] == "off" and rep["compiled_modules"] == []
     assert "compile_chunks" not in rep["protocols"]["same"]
+
+
+def test_an_interrupted_json_write_keeps_the_earlier_report(root, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the report is written: --json keeps the earlier, complete report (the JSON
+    goes to a temporary renamed over it), and no temporary is left."""
+    out = tmp_path / "r.json"
+    assert main(["eval", "copy-source", "--data", root, *BASE, "--max-pairs", "2",
+                 "--json", str(out)]) == 0
+    before = out.read_text()
+    json.loads(before)
+
+    def dump(obj, f, **kw):
+        f.write('{"data": ')                  # part of it written, then the signal lands
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "dump", dump)
+    assert main(["eval", "copy-source", "--data", root, *BASE, "--max-pairs", "2",
+                 "--json", str(out)]) == 130
+    assert capsys.readouterr().err.strip() == "pyface eval: interrupted"
+    assert out.read_text() == before and os.listdir(tmp_path) == ["r.json"]

@@ -556,12 +556,31 @@ def evaluate_report(name: str, pipeline, args, *, metrics, networks, checkpoint=
 
 
 def _write_json(report, path) -> None:
+    """``report`` as JSON at ``path``, written to a hidden temporary next to it and renamed over
+    it: an error or Ctrl-C while writing leaves the earlier file as it was, and no temporary."""
     import json
+
+    _write_replacing(path, lambda f: json.dump(report, f, indent=2, allow_nan=False))
+
+
+def _write_replacing(path: str, write) -> None:
+    """``write(f)`` into a temporary text file next to ``path``, renamed to ``path`` once
+    complete; removed on any error or interruption."""
     import os
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2, allow_nan=False)
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def _write_sheet(sheets, path) -> None:
@@ -913,8 +932,7 @@ def _write_table(reports: dict, metrics, out: str,
         diff_table = differences_table(diff, reports[ref])
     _write_json({"data": first["data"], "data_hash": first["data_hash"], "metrics": metrics,
                  "reports": reports, **extra}, os.path.join(out, "report.json"))
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(table + "\n")
+    _write_replacing(os.path.join(out, "table.md"), lambda f: f.write(table + "\n"))
     return table, diff_table
 
 
