@@ -1345,3 +1345,22 @@ def test_a_run_folder_with_checkpoints_needs_resume_or_overwrite(tmp_path, capsy
     assert [s for s, _ in ckpt.list_checkpoints(str(run))] == [1]
     assert sorted(p.name for p in (run / "previews").glob("*.png")) == ["step-000001.png"]
     assert ckpt.latest_checkpoint(str(run)).endswith("ckpt-000001")
+
+
+def test_a_data_path_the_dataset_does_not_read_is_warned_about(tmp_path, caplog):
+    """data.path given to a dataset that generates its items (procedural, the example model's):
+    a warning naming data.path and the dataset, not a silent run on other data."""
+    import logging
+
+    from pyface.train.config import DataConfig
+    from pyface.train.registry import build_dataset
+
+    with caplog.at_level(logging.WARNING, logger="pyface"):
+        ds = build_dataset(DataConfig(name="procedural", path=str(tmp_path), size=4,
+                                      resolution=8))
+    assert len(ds) == 4
+    assert f"data.path={tmp_path} is ignored: dataset 'procedural' reads no files" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pyface"):
+        build_dataset(DataConfig(name="procedural", size=4, resolution=8))
+    assert "data.path" not in caplog.text
