@@ -104,6 +104,17 @@ def test_config_file_and_preset_errors_name_the_file_and_near_matches(tmp_path):
     bad.write_text("- 1\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: expected a mapping at the top level"):
         build_experiment("example", M.Config, yaml_path=str(bad))
+    # a section that is not a mapping: refused, not replaced by a later --set of its keys
+    for text, shown in (("train: 5\n", "5"), ("data: [1, 2]\n", r"\[1, 2\]")):
+        bad.write_text(text)
+        section = text.split(":")[0]
+        with pytest.raises(ConfigError, match=rf"--config .*bad\.yaml: {section}: expected a "
+                                              rf"mapping of {section}\.\* keys, got {shown}"):
+            build_experiment("example", M.Config, yaml_path=str(bad),
+                             overrides=[f"{section}.seed=1"])
+    bad.write_text("train:\n")                     # an empty section: the defaults
+    assert build_experiment("example", M.Config, yaml_path=str(bad)).train.steps == \
+        TrainConfig().steps
     # a run's config.yaml of another model
     bad.write_text("model: eg3d\npreset: tiny\nmodel_config: {}\ndata: {}\ntrain: {}\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: the config of model 'eg3d', not 'example' "
