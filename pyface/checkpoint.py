@@ -196,6 +196,34 @@ def not_a_folder_hint(path: str) -> str:
     return ""
 
 
+# the fields of meta.json that loaders read, and the JSON types save_folder's callers write
+# (None: absent); a hand-edited file that breaks them is refused by read_meta
+_META_TYPES = {"step": int, "world_size": int, "kind": str, "model": str, "tensors_sha256": str,
+               "config": dict, "experiment": dict, "optimizers": dict, "ema_modules": list}
+_EXPERIMENT_TYPES = {"model": str, "model_config": dict, "data": dict, "train": dict}
+_JSON_NAMES = {int: "an integer", str: "a string", dict: "an object", list: "a list"}
+
+
+def _meta_field_error(meta: dict) -> str | None:
+    """What is wrong with the type of a field of ``meta`` that loaders read, or None."""
+    def wrong(key, value, kind):
+        if value is None or (isinstance(value, kind) and not isinstance(value, bool)):
+            return None
+        return f"{key}: expected {_JSON_NAMES[kind]}, got {value!r}"[:200]
+
+    for key, kind in _META_TYPES.items():
+        msg = wrong(key, meta.get(key), kind)
+        if msg is not None:
+            return msg
+    if not all(isinstance(m, str) for m in meta.get("ema_modules") or ()):
+        return f"ema_modules: expected a list of module names, got {meta['ema_modules']!r}"[:200]
+    for key, kind in _EXPERIMENT_TYPES.items():
+        msg = wrong(f"experiment.{key}", (meta.get("experiment") or {}).get(key), kind)
+        if msg is not None:
+            return msg
+    return None
+
+
 def read_meta(path: str) -> dict:
     """The JSON part of a checkpoint folder, validated."""
     mfile = os.path.join(path, META_FILE)
@@ -210,17 +238,20 @@ def read_meta(path: str) -> dict:
         raise CheckpointError(f"checkpoint {path!r}: {META_FILE} is missing") from None
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {path!r}: {META_FILE} is corrupt ({exc})") from None
-    if not isinstance(meta, dict):
+    if not isinstance(meta, dict):                 # valid JSON, but not what save_folder writes
         raise CheckpointError(f"checkpoint {path!r}: {META_FILE} is corrupt (expected a JSON "
-                              f"object, got {type(meta).__name__})")
+                              f"object, got a {type(meta).__name__})")
     version = meta.get("format_version", 0)
-    if meta.get("format") == FORMAT and (not isinstance(version, int) or isinstance(version, bool)):
+    if isinstance(version, bool) or not isinstance(version, int):
         raise CheckpointError(f"checkpoint {path!r}: {META_FILE} is corrupt (format_version: "
                               f"expected an integer, got {version!r})")
+    bad = _meta_field_error(meta)
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path!r}: {META_FILE} is corrupt ({bad})")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path!r}: format {meta.get('format')!r}, expected "
                               f"{FORMAT!r}")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path!r}: format version {meta['format_version']} is "
                               f"newer than this pyface ({FORMAT_VERSION}); upgrade pyface")
     return meta

@@ -78,7 +78,7 @@ def test_weights_file_folder_without_meta_is_a_clear_error(tmp_path):
     ("flip", "corrupt \\(SHA-256"), ("truncate", "corrupt"), ("meta", "meta.json is corrupt"),
     ("format", "format 'other', expected 'pyface-checkpoint'"),
     ("version", "format version 99 is newer"),
-    ("list", r"meta\.json is corrupt \(expected a JSON object, got list\)"),
+    ("list", r"meta\.json is corrupt \(expected a JSON object, got a list\)"),
     ("version_text", r"meta\.json is corrupt \(format_version: expected an integer, got '1'\)"),
 ])
 def test_damaged_checkpoints_raise_clear_errors(tmp_path, damage, match):
@@ -105,7 +105,8 @@ def test_damaged_checkpoints_raise_clear_errors(tmp_path, damage, match):
         import json
 
         meta = json.load(open(mfile))
-        meta.update({"format": "other"} if damage == "format" else {"format_version": 99})
+        meta.update({"format": "other"} if damage == "format" else
+                    {"format_version": 99})
         json.dump(meta, open(mfile, "w"))
     with pytest.raises(ckpt.CheckpointError, match=match):
         ckpt.load_folder(p)
@@ -277,3 +278,36 @@ def test_check_state_dict_lists_problems():
                              r"unexpected keys: extra; shape mismatches: 0\.weight: checkpoint "
                              r"\(3, 5\) vs model \(3, 2\)"):
         ckpt.load_module_state(m, sd, "where")
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("step", "x", "step: expected an integer, got 'x'"),
+    ("step", True, "step: expected an integer, got True"),
+    ("experiment", "nonsense", "experiment: expected an object, got 'nonsense'"),
+    ("ema_modules", 5, "ema_modules: expected a list, got 5"),
+    ("ema_modules", [1], r"ema_modules: expected a list of module names, got \[1\]"),
+    ("experiment", {"model": "example", "model_config": [1]},
+     r"experiment\.model_config: expected an object, got \[1\]"),
+    ("experiment", {"model": 5}, "experiment.model: expected a string, got 5"),
+])
+def test_hand_edited_meta_fields_of_the_wrong_type_are_named(tmp_path, field, value, match):
+    """A meta.json edited by hand: a field that loaders read, of another JSON type, is refused
+    by read_meta with the field, what it should be and what it is (no traceback later)."""
+    import json
+    import re
+
+    p = ckpt.save_folder(str(tmp_path / "c"), {"w": torch.ones(2)},
+                         {"step": 1, "kind": "train", "ema_modules": ["m"],
+                          "experiment": {"model": "example", "model_config": {}}})
+    mfile = os.path.join(p, ckpt.META_FILE)
+    meta = json.load(open(mfile))
+    meta[field] = value
+    json.dump(meta, open(mfile, "w"))
+    with pytest.raises(ckpt.CheckpointError,
+                       match=re.escape(f"meta.json is corrupt (") + match):
+        ckpt.read_meta(p)
+    meta[field] = {"step": 3, "experiment": {"model": "example"},
+                   "ema_modules": ["a", "b"]}[field]       # the same field, of the right type
+    json.dump(meta, open(mfile, "w"))
+    assert ckpt.read_meta(p)[field] == meta[field]
+

@@ -159,6 +159,40 @@ def test_out_that_is_the_driving_video_is_refused(example_run, frames_dir, tmp_p
     assert video.read_bytes() == before
 
 
+@pytest.mark.parametrize("stop, code, msg", [
+    (KeyboardInterrupt, 130, "pyface animate: interrupted"),
+    (lambda: DataError("frame 1: unreadable"), 1, "pyface animate: frame 1: unreadable"),
+])
+@pytest.mark.parametrize("before", [False, True])
+def test_a_stopped_animation_leaves_no_partial_video(example_run, frames_dir, tmp_path, capsys,
+                                                     monkeypatch, stop, code, msg, before):
+    """Ctrl-C, or a bad driving frame, after some frames were written: --out is neither a
+    partial video nor replaced (an earlier animation there is kept), and no temporary is left."""
+    from pyface.train.example import ExamplePipeline
+
+    generate, calls = ExamplePipeline.generate, []
+
+    def gen(self, state, motion, **controls):
+        calls.append(1)
+        if len(calls) == 2:                     # the second chunk: the first one is written
+            raise stop()
+        return generate(self, state, motion, **controls)
+
+    out = tmp_path / "vids" / "a.mp4"
+    if before:
+        out.parent.mkdir()
+        out.write_bytes(b"an earlier animation")
+    monkeypatch.setattr(ExamplePipeline, "generate", gen)
+    assert main(["animate", "example", "--checkpoint", example_run, "--source", frames_dir,
+                 "--driving", frames_dir, "--device", "cpu", "--no-progress", "--batch", "1",
+                 "--out", str(out)]) == code
+    assert len(calls) == 2
+    assert capsys.readouterr().err.strip() == msg
+    assert sorted(os.listdir(out.parent)) == (["a.mp4"] if before else [])
+    if before:
+        assert out.read_bytes() == b"an earlier animation"
+
+
 def _zero_frame_mp4(path) -> str:
     """An mp4 container written with no frames (ffmpeg -frames:v 0): it has no stream."""
     import subprocess

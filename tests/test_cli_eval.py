@@ -58,7 +58,7 @@ def test_weights_of_another_network_name_the_option(root, vgg_file, tmp_path, ca
 
 
 def test_unknown_metric_names_the_option(root, capsys):
-    assert main(["eval", "copy-source", "--data", root, *BASE[:-1], "psnr,foo"]) == 1
+    assert main(["eval", "copy-source", "--data", root, *BASE[:-1], "psnr,foo"]) == 2
     assert "--metrics psnr,foo: metric: expected one of psnr, ssim" in _err(capsys)
 
 
@@ -68,9 +68,9 @@ def test_a_baseline_with_a_checkpoint_is_refused(root, capsys):
 
 
 def test_unknown_model_is_a_message(root, capsys):
-    assert main(["eval", "nope", "--checkpoint", root, "--data", root, *BASE]) == 1
+    assert main(["eval", "nope", "--checkpoint", root, "--data", root, *BASE]) == 2
     assert "unknown model 'nope'; registered: " in _err(capsys)
-    assert main(["eval", "--runs", f"nope={root}", "--data", root, *BASE]) == 1
+    assert main(["eval", "--runs", f"nope={root}", "--data", root, *BASE]) == 2
     assert "unknown model 'nope'" in _err(capsys)
 
 
@@ -120,6 +120,9 @@ def test_data_that_is_not_a_dataset(tmp_path, capsys):
     assert "no index.json and no video folders" in _err(capsys)
     assert main(["eval", "copy-source", "--data", str(tmp_path / "nope"), *BASE]) == 2
     assert "nope: not found (expected a pyface dataset root" in _err(capsys)
+    assert main(["eval", "copy-source", "--data", str(tmp_path / "a.png"), *BASE]) == 2
+    assert f"--data {tmp_path / 'a.png'}: a file, not a folder (expected a pyface dataset " \
+        "root" in _err(capsys)
 
 
 def test_sheet_and_json_into_a_folder_and_the_table_matches_the_json(root, tmp_path, capsys):
@@ -233,3 +236,23 @@ def test_compile_reaches_the_pipeline_and_the_report(root, example_run, tmp_path
     rep = json.load(open(tmp_path / "p.json"))
     assert rep["compile"] == "off" and rep["compiled_modules"] == []
     assert "compile_chunks" not in rep["protocols"]["same"]
+
+
+def test_an_interrupted_json_write_keeps_the_earlier_report(root, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the report is written: --json keeps the earlier, complete report (the JSON
+    goes to a temporary renamed over it), and no temporary is left."""
+    out = tmp_path / "r.json"
+    assert main(["eval", "copy-source", "--data", root, *BASE, "--max-pairs", "2",
+                 "--json", str(out)]) == 0
+    before = out.read_text()
+    json.loads(before)
+
+    def dump(obj, f, **kw):
+        f.write('{"data": ')                  # part of it written, then the signal lands
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "dump", dump)
+    assert main(["eval", "copy-source", "--data", root, *BASE, "--max-pairs", "2",
+                 "--json", str(out)]) == 130
+    assert capsys.readouterr().err.strip() == "pyface eval: interrupted"
+    assert out.read_text() == before and os.listdir(tmp_path) == ["r.json"]

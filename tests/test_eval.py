@@ -460,7 +460,7 @@ def test_cli_model_loads_through_pyface_models(root, tmp_path, monkeypatch, caps
     assert main(["eval", "copy-source", "--data", root, "--metrics", "psnr,fid", "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "metric 'fid' needs" in err and "--weights fid=PATH" in err
-    assert main(["eval", "copy-source", "--data", root, "--metrics", "psnr,bogus", "--quiet"]) == 1
+    assert main(["eval", "copy-source", "--data", root, "--metrics", "psnr,bogus", "--quiet"]) == 2
     assert "metric: expected one of psnr, ssim" in capsys.readouterr().err
 
 

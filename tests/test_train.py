@@ -104,6 +104,17 @@ def test_config_file_and_preset_errors_name_the_file_and_near_matches(tmp_path):
     bad.write_text("- 1\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: expected a mapping at the top level"):
         build_experiment("example", M.Config, yaml_path=str(bad))
+    # a section that is not a mapping: refused, not replaced by a later --set of its keys
+    for text, shown in (("train: 5\n", "5"), ("data: [1, 2]\n", r"\[1, 2\]")):
+        bad.write_text(text)
+        section = text.split(":")[0]
+        with pytest.raises(ConfigError, match=rf"--config .*bad\.yaml: {section}: expected a "
+                                              rf"mapping of {section}\.\* keys, got {shown}"):
+            build_experiment("example", M.Config, yaml_path=str(bad),
+                             overrides=[f"{section}.seed=1"])
+    bad.write_text("train:\n")                     # an empty section: the defaults
+    assert build_experiment("example", M.Config, yaml_path=str(bad)).train.steps == \
+        TrainConfig().steps
     # a run's config.yaml of another model
     bad.write_text("model: eg3d\npreset: tiny\nmodel_config: {}\ndata: {}\ntrain: {}\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: the config of model 'eg3d', not 'example' "
@@ -1345,3 +1356,22 @@ def test_a_run_folder_with_checkpoints_needs_resume_or_overwrite(tmp_path, capsy
     assert [s for s, _ in ckpt.list_checkpoints(str(run))] == [1]
     assert sorted(p.name for p in (run / "previews").glob("*.png")) == ["step-000001.png"]
     assert ckpt.latest_checkpoint(str(run)).endswith("ckpt-000001")
+
+
+def test_a_data_path_the_dataset_does_not_read_is_warned_about(tmp_path, caplog):
+    """data.path given to a dataset that generates its items (procedural, the example model's):
+    a warning naming data.path and the dataset, not a silent run on other data."""
+    import logging
+
+    from pyface.train.config import DataConfig
+    from pyface.train.registry import build_dataset
+
+    with caplog.at_level(logging.WARNING, logger="pyface"):
+        ds = build_dataset(DataConfig(name="procedural", path=str(tmp_path), size=4,
+                                      resolution=8))
+    assert len(ds) == 4
+    assert f"data.path={tmp_path} is ignored: dataset 'procedural' reads no files" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pyface"):
+        build_dataset(DataConfig(name="procedural", size=4, resolution=8))
+    assert "data.path" not in caplog.text

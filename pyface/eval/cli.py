@@ -556,12 +556,31 @@ def evaluate_report(name: str, pipeline, args, *, metrics, networks, checkpoint=
 
 
 def _write_json(report, path) -> None:
+    """``report`` as JSON at ``path``, written to a hidden temporary next to it and renamed over
+    it: an error or Ctrl-C while writing leaves the earlier file as it was, and no temporary."""
     import json
+
+    _write_replacing(path, lambda f: json.dump(report, f, indent=2, allow_nan=False))
+
+
+def _write_replacing(path: str, write) -> None:
+    """``write(f)`` into a temporary text file next to ``path``, renamed to ``path`` once
+    complete; removed on any error or interruption."""
     import os
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2, allow_nan=False)
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def _write_sheet(sheets, path) -> None:
@@ -623,9 +642,18 @@ def check_args(args) -> None:
 
     check_ranges(args)
     from pyface.data import format as fmt
+    from pyface.eval import metrics as M
 
+    for m in (args.metrics or "").split(","):    # a typo'd metric, before any model loads
+        if m.strip():
+            try:
+                M.check_name(m.strip())
+            except ValueError as e:
+                raise ValueError(f"--metrics {args.metrics}: {e}") from None
     data_help = ("expected a pyface dataset root: index.json and video folders, as `pyface data "
                  "synth` or `pyface data prepare` write")
+    if os.path.isfile(args.data):
+        raise ValueError(f"--data {args.data}: a file, not a folder ({data_help})")
     if not os.path.isdir(args.data):
         raise ValueError(f"--data {args.data}: not found ({data_help})")
     if not os.path.isfile(os.path.join(args.data, fmt.INDEX)) and not fmt.video_names(args.data):
@@ -767,13 +795,15 @@ def _check_command(args, pre: str):
     except (ValueError, ImportError) as exc:
         print(f"{pre}pyface eval: {exc}", file=sys.stderr)
         return 2
-    try:
-        if args.model is not None and args.model not in BASELINES:
-            model_class(args.model)
+    try:            # the same exit code as pyface train and pyface animate give them
+        models = list(parse_runs(args.runs)) if args.runs is not None else [args.model]
+        for name in models:
+            if name is not None and name not in BASELINES:
+                model_class(name)
     except (ValueError, KeyError) as exc:     # ValueError: ModelDefinitionError too
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"{pre}pyface eval: {msg}", file=sys.stderr)
-        return 1
+        return 2
     return device
 
 
@@ -943,8 +973,7 @@ def _write_table(reports: dict, metrics, out: str,
         diff_table = differences_table(diff, reports[ref])
     _write_json({"data": first["data"], "data_hash": first["data_hash"], "metrics": metrics,
                  "reports": reports, **extra}, os.path.join(out, "report.json"))
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(table + "\n")
+    _write_replacing(os.path.join(out, "table.md"), lambda f: f.write(table + "\n"))
     return table, diff_table
 
 

@@ -506,7 +506,10 @@ def side_by_side(*columns) -> "torch.Tensor":  # noqa: F821
 
 class VideoWriter:
     """Streams (T, 3, H, W) chunks in [-1, 1] to an mp4 (imageio + ffmpeg, H.264 yuv420p); a GIF
-    next to it when ffmpeg is missing. ``path`` is the written file after :meth:`close`."""
+    next to it when ffmpeg is missing. ``path`` is the written file after :meth:`close`. The
+    frames go to a hidden temporary next to it, renamed to ``path`` by :meth:`close`:
+    :meth:`abort` (a stopped animation) removes it, leaving no partial video and any earlier file
+    at ``path`` as it was."""
 
     def __init__(self, path: str, fps: float):
         import os
@@ -515,6 +518,14 @@ class VideoWriter:
         self.path, self.fps = path, fps
         self._writer = None
         self._gif: list = []
+
+    @property
+    def _tmp(self) -> str:
+        import os
+
+        folder, name = os.path.split(self.path)
+        stem, ext = os.path.splitext(name)
+        return os.path.join(folder, f".{stem}.partial{ext}")    # the extension picks the format
 
     def append(self, frames) -> None:
         import warnings
@@ -531,12 +542,13 @@ class VideoWriter:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     self._writer = imageio.get_writer(
-                        self.path, fps=self.fps, codec="libx264", quality=8, macro_block_size=1,
+                        self._tmp, fps=self.fps, codec="libx264", quality=8, macro_block_size=1,
                         pixelformat="yuv420p")
             except Exception as exc:  # ffmpeg plugin or binary missing
                 import logging
                 import os
 
+                self._remove_tmp()
                 gif = os.path.splitext(self.path)[0] + ".gif"
                 logging.getLogger("pyface").warning("mp4 output failed (%s); writing %s instead",
                                                     exc, gif)
@@ -548,15 +560,41 @@ class VideoWriter:
                 self._gif.append(frame)
 
     def close(self) -> str:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        elif self._gif:
-            import imageio.v2 as imageio
+        import os
 
-            imageio.mimwrite(self.path, self._gif, duration=1.0 / self.fps)
-            self._gif = []
+        try:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+                os.replace(self._tmp, self.path)
+            elif self._gif:
+                import imageio.v2 as imageio
+
+                imageio.mimwrite(self._tmp, self._gif, duration=1.0 / self.fps)
+                self._gif = []
+                os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
         return self.path
+
+    def abort(self) -> None:
+        """Stop writing and remove the temporary: nothing is written at ``path``."""
+        writer, self._writer, self._gif = self._writer, None, []
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001 - an ffmpeg stopped by the same Ctrl-C
+                pass
+        self._remove_tmp()
+
+    def _remove_tmp(self) -> None:
+        import os
+
+        try:
+            os.remove(self._tmp)
+        except FileNotFoundError:
+            pass
 
 
 def run_animate(args) -> int:
@@ -754,10 +792,13 @@ def run_animate(args) -> int:
                     bar.update(frames.shape[0])
             bar.close()
     except (DataError, KeyError, ValueError) as exc:   # KeyError: a label the model needs
-        writer.close()
+        writer.abort()
         return fail(label_error(exc, args), 1)
+    except BaseException:          # Ctrl-C, an error of the model: no partial video at --out
+        writer.abort()
+        raise
     if done == 0:
-        writer.close()
+        writer.abort()
         return fail(f"{args.driving}: no driving frames", 1)
     out = writer.close()
     steady = done - compiling["frames"]

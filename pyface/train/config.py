@@ -611,7 +611,13 @@ def build_experiment(model: str, model_config_cls, *, yaml_path: str | None = No
             given.append(_run_wide_record(file.get("run_wide"), f"--config {yaml_path}"))
         else:
             given.append(_run_wide_of(file))
-        layers.append((f"--config {yaml_path}", dict(_sections(file)), False))
+        sections = dict(_sections(file))
+        for name in SECTIONS:         # else a later --set of the section's keys replaces it
+            value = _plain(sections.get(name))
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"--config {yaml_path}: {name}: expected a mapping of "
+                                  f"{name}.* keys, got {value!r}"[:300])
+        layers.append((f"--config {yaml_path}", sections, False))
     items = parse_set(overrides, texts=True)
     given.append(_run_wide_of(items))
     layers.append(("--set", merge(dict(run_wide or {}), items), False))

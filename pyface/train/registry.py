@@ -235,5 +235,12 @@ def build_dataset(cfg):
     if hasattr(target, "from_config"):
         return target.from_config(cfg)
     if isinstance(target, type):
+        if cfg.path:            # e.g. --set data.path=DIR with the example model's procedural set
+            import logging
+
+            logging.getLogger("pyface.train").warning(
+                "data.path=%s is ignored: dataset %r reads no files (it generates its items); "
+                "a dataset folder is read by data.name=synthetic (or pairs, clips, a plugin's)",
+                cfg.path, cfg.name)
         return target(size=cfg.size, resolution=cfg.resolution, seed=cfg.seed)
     return target(cfg)
