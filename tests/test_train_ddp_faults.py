@@ -147,6 +147,48 @@ def test_synthetic_set_generated_into_data_path_once(tmp_path):
     assert ckpt.latest_checkpoint(str(run)).endswith("ckpt-000001")
 
 
+SLOW_DATA = textwrap.dedent('''
+    """The procedural set, built after ``slow_data_s`` seconds on rank 0 (a cache or a synthetic
+    set prepared on disk the first time, which can take longer than a collective's timeout)."""
+    import dataclasses
+    import os
+    import time
+
+    from pyface.train import register_dataset, registry
+
+    def slow_procedural(cfg):
+        if os.environ.get("RANK", "0") == "0":
+            time.sleep(float(os.environ["SLOW_DATA_S"]))
+        return registry.build_dataset(dataclasses.replace(cfg, name="procedural"))
+
+    register_dataset("ddp_slow_data", slow_procedural)
+''')
+
+
+def test_other_ranks_wait_for_rank_0_s_data_longer_than_the_collective_timeout(tmp_path):
+    """Rank 0 prepares the dataset for 5 s, longer than ``PYFACE_DIST_TIMEOUT=2``: rank 1 waits
+    for it (rank 0 itself, building, is in no collective that could time out, so a timeout there
+    would only end runs whose data takes long to prepare the first time) and both train."""
+    (tmp_path / "ddp_fault_toy.py").write_text(FAULT_TOY)
+    (tmp_path / "ddp_slow_data.py").write_text(SLOW_DATA)
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYFACE_DIST_TIMEOUT="2", SLOW_DATA_S="5",
+               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    sets = SETS + [f"train.run_dir={run}", "data.name=ddp_slow_data", "train.steps=1",
+                   "model.hang_s=0"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "pyface", "train", "ddp_fault_toy", "--import", "ddp_fault_toy",
+         "--import", "ddp_slow_data",
+         *sum((["--set", s] for s in sets), [])],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "a collective failed" not in proc.stderr, proc.stderr[-3000:]
+    assert ckpt.latest_checkpoint(str(run)).endswith("ckpt-000001")
+
+
 def test_dist_timeout_from_the_environment(monkeypatch):
     monkeypatch.delenv("PYFACE_DIST_TIMEOUT", raising=False)
     assert D.dist_timeout() == D.DEFAULT_TIMEOUT_S == 1800

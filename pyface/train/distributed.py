@@ -30,6 +30,11 @@ log = logging.getLogger("pyface.train")
 #: seconds a collective waits for the other ranks before failing (``PYFACE_DIST_TIMEOUT``)
 DEFAULT_TIMEOUT_S = 1800
 
+#: seconds the other ranks wait for rank 0 working alone (preparing the dataset on disk the first
+#: time, its last checkpoint and previews of a stage): a week, not ``PYFACE_DIST_TIMEOUT``
+#: (:func:`wait_for_main`)
+MAIN_WORK_TIMEOUT_S = 7 * 24 * 3600
+
 
 def dist_timeout() -> float:
     """``PYFACE_DIST_TIMEOUT`` (seconds, > 0), else :data:`DEFAULT_TIMEOUT_S`: how long a rank
@@ -258,6 +263,26 @@ def peer_failure_message(exc: BaseException, info: DistInfo, step: int | None = 
     return (f"rank {info.rank} of {info.world_size}: a collective failed{where} ({first}): "
             f"another rank exited, was killed or did not answer within PYFACE_DIST_TIMEOUT="
             f"{dist_timeout():g} s (see its messages above); {again}")
+
+
+def wait_for_main() -> None:
+    """A barrier of every rank of the default process group (none without one) where the ranks
+    wait for rank 0 doing work of its own (a dataset's first preparation on disk: a cache, the
+    synthetic set) for up to :data:`MAIN_WORK_TIMEOUT_S`, not ``PYFACE_DIST_TIMEOUT``: rank 0 is
+    in no collective meanwhile, so such a timeout would not catch a rank 0 that hangs (it would
+    hang all the same) and only ended the others of a run whose data took longer to prepare,
+    after which torchrun stopped rank 0 too, its preparation unfinished, every time the command
+    was run again. A rank that fails or exits still ends the wait at once (torchrun stops the
+    others). The barrier runs on a gloo group of its own (CPU; also under NCCL), made and left
+    here."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return
+    group = dist.new_group(backend="gloo",
+                           timeout=datetime.timedelta(seconds=MAIN_WORK_TIMEOUT_S))
+    try:
+        dist.barrier(group=group)
+    finally:
+        dist.destroy_process_group(group)
 
 
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:

@@ -341,16 +341,19 @@ class Trainer:
         """The registry's dataset of ``cfg.data``; under torchrun rank 0 builds it first and the
         other ranks after it, so that what a dataset prepares once on disk (the synthetic set
         generated into an empty ``data.path``, a cache) is written by one rank and read by the
-        others instead of every rank writing it at once."""
+        others instead of every rank writing it at once. The others wait for rank 0 as long as
+        its preparation takes (:func:`pyface.train.distributed.wait_for_main`), not
+        ``PYFACE_DIST_TIMEOUT``."""
         from pyface.train import registry
 
         if not self.dist.enabled:
             return registry.build_dataset(cfg.data)
+        # the others wait for rank 0 as long as it takes (not PYFACE_DIST_TIMEOUT)
         if not self.dist.is_main:
-            torch.distributed.barrier()         # rank 0 has built it
+            D.wait_for_main()                   # rank 0 has built it
         dataset = registry.build_dataset(cfg.data)
         if self.dist.is_main:
-            torch.distributed.barrier()
+            D.wait_for_main()
         return dataset
 
     def _resolve_local_batch(self, cfg: ExperimentConfig, model) -> ExperimentConfig:
