@@ -309,3 +309,61 @@ def test_sigterm_to_one_rank_stops_every_rank_after_one_step(tmp_path):
     assert codes and set(codes) == {"143"}, out[-3000:]
     assert "a collective failed" not in out, out[-3000:]
     assert os.path.dirname(pyface.__file__) not in out, out[-3000:]     # no pyface traceback
+
+
+def _fake_cuda_ranks(monkeypatch, *, local_rank: int, local_world: int, gpus: int):
+    """torchrun's environment for ``local_rank`` of ``local_world`` processes on a node with
+    ``gpus`` CUDA devices; joining the process group raises (the device check comes before)."""
+    import torch
+
+    for k, v in {"WORLD_SIZE": str(2 * local_world), "RANK": str(local_rank),
+                 "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(local_world)}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(d))
+
+    def joined(*a, **k):
+        raise RuntimeError("joined the process group")
+
+    monkeypatch.setattr(D.dist, "init_process_group", joined)
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: False)
+    return chosen
+
+
+def test_each_local_rank_takes_its_own_gpu_or_a_clear_error(monkeypatch):
+    import torch
+
+    # auto / cuda: rank 1 of a node takes cuda:LOCAL_RANK (not cuda:RANK)
+    for pref in ("auto", "cuda"):
+        chosen = _fake_cuda_ranks(monkeypatch, local_rank=1, local_world=2, gpus=2)
+        monkeypatch.setenv("RANK", "3")          # the second node's second rank
+        with pytest.raises(RuntimeError, match="joined the process group"):
+            D.init_distributed(pref)
+        assert chosen == [torch.device("cuda:1")]
+    # an explicit cuda:N with several processes per node would put them all on one GPU
+    chosen = _fake_cuda_ranks(monkeypatch, local_rank=1, local_world=2, gpus=2)
+    with pytest.raises(ValueError, match=r"train.device='cuda:0': under torchrun with 2 processes "
+                                         r"on this node \(LOCAL_WORLD_SIZE=2\) every one would "
+                                         r"use cuda:0; use train.device=cuda or auto \(each "
+                                         r"rank takes cuda:LOCAL_RANK\)"):
+        D.init_distributed("cuda:0")
+    assert chosen == []
+    # one process per node: cuda:N is that process's GPU
+    chosen = _fake_cuda_ranks(monkeypatch, local_rank=0, local_world=1, gpus=2)
+    with pytest.raises(RuntimeError, match="joined the process group"):
+        D.init_distributed("cuda:1")
+    assert chosen == [torch.device("cuda:1")]
+    # more processes on a node than its GPUs: named, before any CUDA call
+    chosen = _fake_cuda_ranks(monkeypatch, local_rank=2, local_world=3, gpus=2)
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=2 but this node has 2 CUDA devices "
+                                         r"\(torch.cuda.device_count\(\)\): start at most 2 "
+                                         r"processes per node \(--nproc_per_node\)"):
+        D.init_distributed("auto")
+    assert chosen == []
+    chosen = _fake_cuda_ranks(monkeypatch, local_rank=0, local_world=1, gpus=2)
+    with pytest.raises(ValueError, match=r"^train.device='cuda:2' but this node has 2 CUDA "
+                                         r"devices \(torch.cuda.device_count\(\)\)$"):
+        D.init_distributed("cuda:2")
+    assert chosen == []

@@ -101,6 +101,8 @@ def init_distributed(device_pref: str = "auto") -> tuple[DistInfo, torch.device]
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"train.device={device_pref!r} but CUDA is not available")
+        if world > 1:
+            _check_rank_device(device_pref, device, local)
         torch.cuda.set_device(device)
     info = DistInfo(rank=rank, world_size=world, local_rank=local)
     if world > 1 and not (dist.is_available() and dist.is_initialized()):
@@ -118,6 +120,25 @@ def init_distributed(device_pref: str = "auto") -> tuple[DistInfo, torch.device]
     elif world > 1:
         info.rank, info.world_size = dist.get_rank(), dist.get_world_size()
     return info, device
+
+
+def _check_rank_device(device_pref: str, device: torch.device, local: int) -> None:
+    """Under torchrun: a ValueError for a GPU that several ranks of a node would share (an
+    explicit ``cuda:N`` with several processes per node: NCCL then fails on the duplicate GPU)
+    or that the node does not have (more processes per node than GPUs)."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    if device_pref.startswith("cuda:") and per_node > 1:
+        raise ValueError(f"train.device={device_pref!r}: under torchrun with {per_node} "
+                         f"processes on this node (LOCAL_WORLD_SIZE={per_node}) every one would "
+                         f"use {device}; use train.device=cuda or auto (each rank takes "
+                         "cuda:LOCAL_RANK)")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        explicit = device_pref.startswith("cuda:")
+        raise ValueError((f"train.device={device_pref!r}" if explicit else f"LOCAL_RANK={local}")
+                         + f" but this node has {count} CUDA devices (torch.cuda.device_count())"
+                         + ("" if explicit else f": start at most {count} processes per node "
+                            "(--nproc_per_node)"))
 
 
 def shutdown(info: DistInfo) -> None:
