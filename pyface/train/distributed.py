@@ -296,12 +296,27 @@ def wait_for_main() -> None:
     was run again. A rank that fails or exits still ends the wait at once (torchrun stops the
     others). The barrier runs on a gloo group of its own (CPU; also under NCCL), made and left
     here."""
+    in_turns(lambda: None, 0, 1)
+
+
+def in_turns(fn, turn: int, turns: int):
+    """``fn()`` on every rank of the default process group, in ``turns`` turns one after the
+    other: a rank calls it in its ``turn`` (0 <= turn < turns), after every rank of the earlier
+    turns has returned from its call, and every rank returns once all have. The waits last up to
+    :data:`MAIN_WORK_TIMEOUT_S` (see :func:`wait_for_main`). Without a process group, ``fn()``."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
-        return
+        return fn()
+    if not 0 <= turn < turns:
+        raise ValueError(f"turn: expected 0 <= turn < turns={turns}, got {turn}")
     group = dist.new_group(backend="gloo",
                            timeout=datetime.timedelta(seconds=MAIN_WORK_TIMEOUT_S))
     try:
-        dist.barrier(group=group)
+        out = None
+        for i in range(turns):
+            if i == turn:
+                out = fn()
+            dist.barrier(group=group)
+        return out
     finally:
         dist.destroy_process_group(group)
 

@@ -341,20 +341,19 @@ class Trainer:
         """The registry's dataset of ``cfg.data``; under torchrun rank 0 builds it first and the
         other ranks after it, so that what a dataset prepares once on disk (the synthetic set
         generated into an empty ``data.path``, a cache) is written by one rank and read by the
-        others instead of every rank writing it at once. The others wait for rank 0 as long as
-        its preparation takes (:func:`pyface.train.distributed.wait_for_main`), not
-        ``PYFACE_DIST_TIMEOUT``."""
+        others instead of every rank writing it at once; on several nodes the first rank of each
+        other node builds it next (before the other ranks of its node), for a ``data.path`` on
+        each node's own disk. The others wait as long as the preparation takes
+        (:func:`pyface.train.distributed.in_turns`), not ``PYFACE_DIST_TIMEOUT``."""
         from pyface.train import registry
 
         if not self.dist.enabled:
             return registry.build_dataset(cfg.data)
-        # the others wait for rank 0 as long as it takes (not PYFACE_DIST_TIMEOUT)
-        if not self.dist.is_main:
-            D.wait_for_main()                   # rank 0 has built it
-        dataset = registry.build_dataset(cfg.data)
-        if self.dist.is_main:
-            D.wait_for_main()
-        return dataset
+        # rank 0 first; then the first rank of each other node (a data.path on the node's own
+        # disk is prepared there once; on a shared one it is found ready); then the rest. The
+        # waits last as long as the preparation takes (not PYFACE_DIST_TIMEOUT)
+        turn = 0 if self.dist.is_main else 1 if self.dist.local_rank == 0 else 2
+        return D.in_turns(lambda: registry.build_dataset(cfg.data), turn, 3)
 
     def _resolve_local_batch(self, cfg: ExperimentConfig, model) -> ExperimentConfig:
         """``cfg`` with the model's ``local_batch_field`` (if it has one) set to this rank's
