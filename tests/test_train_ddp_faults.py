@@ -19,7 +19,8 @@ from pyface.train import distributed as D
 
 FAULT_TOY = textwrap.dedent('''
     """A 1x1 convolution whose step on rank ``hang_rank`` at step ``hang_step`` sleeps
-    ``hang_s`` seconds (a data read that hangs) and every step ``step_s`` seconds; its
+    ``hang_s`` seconds (a data read that hangs) and every step ``step_s`` seconds, and whose
+    preview sleeps ``preview_s`` seconds; its
     constructor warns on every rank and, with ``pid_dir``, writes its process id there
     (``rank<N>.pid``)."""
     import logging
@@ -41,6 +42,7 @@ FAULT_TOY = textwrap.dedent('''
         hang_s: float = 6.0
         step_s: float = 0.0
         pid_dir: str = ""
+        preview_s: float = 0.0
 
     class FaultToy(TrainableModel):
         Config = Cfg
@@ -66,6 +68,10 @@ FAULT_TOY = textwrap.dedent('''
             time.sleep(self.cfg.step_s)
             x = batch["image"]
             return {"loss": (self.conv(x) - x.flip(1)).abs().mean()}
+
+        def preview(self, batch):
+            time.sleep(self.cfg.preview_s)      # rank 0 only: a slow preview (video) or disk
+            return {"image": batch["image"][:2].clamp(-1, 1)}
 
     register_model("ddp_fault_toy", __name__ + ":FaultToy")
 ''')
@@ -413,3 +419,29 @@ def test_a_data_path_on_each_node_s_own_disk_is_generated_once_per_node(tmp_path
     # only rank 0 writes the run folder
     assert ckpt.latest_checkpoint(str(tmp_path / "node0" / "run")).endswith("ckpt-000001")
     assert not (tmp_path / "node1" / "run").exists()
+
+
+def test_other_ranks_wait_for_rank_0_s_checkpoints_and_previews_past_the_timeout(tmp_path):
+    """Rank 0 writes its previews of step 1 for 5 s (a preview video of a large model, a slow
+    disk), longer than ``PYFACE_DIST_TIMEOUT=2``: rank 1 waits for it, as for a step, and both
+    go on (rank 1 used to fail in the next step's collective after 2 s, and torchrun stopped
+    rank 0: a low timeout, set to catch hung ranks early, ended runs whose previews or
+    checkpoints took longer)."""
+    (tmp_path / "ddp_fault_toy.py").write_text(FAULT_TOY)
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYFACE_DIST_TIMEOUT="2",
+               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    sets = [s for s in SETS if s != "train.image_every=0"] + [
+        f"train.run_dir={run}", "train.steps=2", "train.image_every=1", "train.video_every=0",
+        "model.hang_s=0", "model.preview_s=5"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "pyface", "train", "ddp_fault_toy", "--import", "ddp_fault_toy",
+         *sum((["--set", s] for s in sets), [])],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "a collective failed" not in proc.stderr, proc.stderr[-3000:]
+    assert sorted(os.listdir(run / "previews")) == ["step-000001.png", "step-000002.png"]
+    assert ckpt.latest_checkpoint(str(run)).endswith("ckpt-000002")

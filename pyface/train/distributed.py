@@ -286,30 +286,48 @@ def peer_failure_message(exc: BaseException, info: DistInfo, step: int | None = 
             f"{dist_timeout():g} s (see its messages above); {again}")
 
 
-def wait_for_main() -> None:
+def patient_group():
+    """A gloo group of every rank of the default process group (CPU; also under NCCL) whose
+    collectives wait up to :data:`MAIN_WORK_TIMEOUT_S` instead of ``PYFACE_DIST_TIMEOUT``, for
+    the waits of :func:`wait_for_main` and :func:`in_turns`; None without a process group. Every
+    rank makes it at the same point; :func:`leave_group` leaves it."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return None
+    return dist.new_group(backend="gloo",
+                          timeout=datetime.timedelta(seconds=MAIN_WORK_TIMEOUT_S))
+
+
+def leave_group(group) -> None:
+    if group is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group(group)
+
+
+def wait_for_main(group=None) -> None:
     """A barrier of every rank of the default process group (none without one) where the ranks
     wait for rank 0 doing work of its own (a dataset's first preparation on disk: a cache, the
-    synthetic set) for up to :data:`MAIN_WORK_TIMEOUT_S`, not ``PYFACE_DIST_TIMEOUT``: rank 0 is
-    in no collective meanwhile, so such a timeout would not catch a rank 0 that hangs (it would
-    hang all the same) and only ended the others of a run whose data took longer to prepare,
-    after which torchrun stopped rank 0 too, its preparation unfinished, every time the command
-    was run again. A rank that fails or exits still ends the wait at once (torchrun stops the
-    others). The barrier runs on a gloo group of its own (CPU; also under NCCL), made and left
-    here."""
-    in_turns(lambda: None, 0, 1)
+    synthetic set; its checkpoints and previews) for up to :data:`MAIN_WORK_TIMEOUT_S`, not
+    ``PYFACE_DIST_TIMEOUT``: rank 0 is in no collective meanwhile, so such a timeout would not
+    catch a rank 0 that hangs (it would hang all the same) and only ended the others of a run
+    whose data took longer to prepare (or whose previews took longer to render), after which
+    torchrun stopped rank 0 too. A rank that fails or exits still ends the wait at once
+    (torchrun stops the others). ``group``: a :func:`patient_group` (default: one made and left
+    here)."""
+    in_turns(lambda: None, 0, 1, group)
 
 
-def in_turns(fn, turn: int, turns: int):
+def in_turns(fn, turn: int, turns: int, group=None):
     """``fn()`` on every rank of the default process group, in ``turns`` turns one after the
     other: a rank calls it in its ``turn`` (0 <= turn < turns), after every rank of the earlier
     turns has returned from its call, and every rank returns once all have. The waits last up to
-    :data:`MAIN_WORK_TIMEOUT_S` (see :func:`wait_for_main`). Without a process group, ``fn()``."""
+    :data:`MAIN_WORK_TIMEOUT_S` (see :func:`wait_for_main`); ``group``: a :func:`patient_group`
+    (default: one made and left here). Without a process group, ``fn()``."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
         return fn()
     if not 0 <= turn < turns:
         raise ValueError(f"turn: expected 0 <= turn < turns={turns}, got {turn}")
-    group = dist.new_group(backend="gloo",
-                           timeout=datetime.timedelta(seconds=MAIN_WORK_TIMEOUT_S))
+    own = group is None
+    if own:
+        group = patient_group()
     try:
         out = None
         for i in range(turns):
@@ -318,7 +336,8 @@ def in_turns(fn, turn: int, turns: int):
             dist.barrier(group=group)
         return out
     finally:
-        dist.destroy_process_group(group)
+        if own:
+            leave_group(group)
 
 
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
