@@ -31,7 +31,7 @@ log = logging.getLogger("pyface.train")
 DEFAULT_TIMEOUT_S = 1800
 
 #: seconds the other ranks wait for rank 0 working alone (preparing the dataset on disk the first
-#: time, its last checkpoint and previews of a stage): a week, not ``PYFACE_DIST_TIMEOUT``
+#: time, writing checkpoints and previews): a week, not ``PYFACE_DIST_TIMEOUT``
 #: (:func:`wait_for_main`)
 MAIN_WORK_TIMEOUT_S = 7 * 24 * 3600
 
