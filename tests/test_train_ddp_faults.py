@@ -4,7 +4,10 @@ continue exactly), rank 1's log lines prefixed with its rank, the backend chosen
 logged once, and a rank that hangs in a step: rank 0 stops after ``PYFACE_DIST_TIMEOUT`` with
 one message naming the latest checkpoint instead of waiting half an hour, and the checkpoints
 stay whole; (2) the synthetic set generated into an empty ``data.path`` by rank 0 alone; (3) a
-SIGTERM to rank 1 only: both ranks stop after one step, rank 0 saves, rank 1 says it stops."""
+SIGTERM to rank 1 only: both ranks stop after one step, rank 0 saves, rank 1 says it stops;
+(4) rank 0's data preparation and previews taking longer than ``PYFACE_DIST_TIMEOUT``, which the
+other ranks wait for; (5) two nodes, each with ``data.path`` on its own disk; (6) each local rank's
+GPU (torchrun's environment and a stand-in for CUDA)."""
 from __future__ import annotations
 
 import os
