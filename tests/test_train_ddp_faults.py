@@ -4,7 +4,10 @@ continue exactly), rank 1's log lines prefixed with its rank, the backend chosen
 logged once, and a rank that hangs in a step: rank 0 stops after ``PYFACE_DIST_TIMEOUT`` with
 one message naming the latest checkpoint instead of waiting half an hour, and the checkpoints
 stay whole; (2) the synthetic set generated into an empty ``data.path`` by rank 0 alone; (3) a
-SIGTERM to rank 1 only: both ranks stop after one step, rank 0 saves, rank 1 says it stops."""
+SIGTERM to rank 1 only: both ranks stop after one step, rank 0 saves, rank 1 says it stops;
+(4) rank 0's data preparation and previews taking longer than ``PYFACE_DIST_TIMEOUT``, which the
+other ranks wait for; (5) two nodes, each with ``data.path`` on its own disk; (6) each local rank's
+GPU (torchrun's environment and a stand-in for CUDA)."""
 from __future__ import annotations
 
 import os
@@ -19,7 +22,8 @@ from pyface.train import distributed as D
 
 FAULT_TOY = textwrap.dedent('''
     """A 1x1 convolution whose step on rank ``hang_rank`` at step ``hang_step`` sleeps
-    ``hang_s`` seconds (a data read that hangs) and every step ``step_s`` seconds; its
+    ``hang_s`` seconds (a data read that hangs) and every step ``step_s`` seconds, and whose
+    preview sleeps ``preview_s`` seconds; its
     constructor warns on every rank and, with ``pid_dir``, writes its process id there
     (``rank<N>.pid``)."""
     import logging
@@ -41,6 +45,7 @@ FAULT_TOY = textwrap.dedent('''
         hang_s: float = 6.0
         step_s: float = 0.0
         pid_dir: str = ""
+        preview_s: float = 0.0
 
     class FaultToy(TrainableModel):
         Config = Cfg
@@ -66,6 +71,10 @@ FAULT_TOY = textwrap.dedent('''
             time.sleep(self.cfg.step_s)
             x = batch["image"]
             return {"loss": (self.conv(x) - x.flip(1)).abs().mean()}
+
+        def preview(self, batch):
+            time.sleep(self.cfg.preview_s)      # rank 0 only: a slow preview (video) or disk
+            return {"image": batch["image"][:2].clamp(-1, 1)}
 
     register_model("ddp_fault_toy", __name__ + ":FaultToy")
 ''')
@@ -144,6 +153,48 @@ def test_synthetic_set_generated_into_data_path_once(tmp_path):
                              "read from elsewhere: check the path)") == 1, proc.stderr[-3000:]
     assert "[rank 1] WARNING pyface.data" not in proc.stderr
     assert sorted(os.listdir(data)) == ["id0000_v00", "id0001_v00", "index.json", "synth.json"]
+    assert ckpt.latest_checkpoint(str(run)).endswith("ckpt-000001")
+
+
+SLOW_DATA = textwrap.dedent('''
+    """The procedural set, built after ``slow_data_s`` seconds on rank 0 (a cache or a synthetic
+    set prepared on disk the first time, which can take longer than a collective's timeout)."""
+    import dataclasses
+    import os
+    import time
+
+    from pyface.train import register_dataset, registry
+
+    def slow_procedural(cfg):
+        if os.environ.get("RANK", "0") == "0":
+            time.sleep(float(os.environ["SLOW_DATA_S"]))
+        return registry.build_dataset(dataclasses.replace(cfg, name="procedural"))
+
+    register_dataset("ddp_slow_data", slow_procedural)
+''')
+
+
+def test_other_ranks_wait_for_rank_0_s_data_longer_than_the_collective_timeout(tmp_path):
+    """Rank 0 prepares the dataset for 5 s, longer than ``PYFACE_DIST_TIMEOUT=2``: rank 1 waits
+    for it (rank 0 itself, building, is in no collective that could time out, so a timeout there
+    would only end runs whose data takes long to prepare the first time) and both train."""
+    (tmp_path / "ddp_fault_toy.py").write_text(FAULT_TOY)
+    (tmp_path / "ddp_slow_data.py").write_text(SLOW_DATA)
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYFACE_DIST_TIMEOUT="2", SLOW_DATA_S="5",
+               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    sets = SETS + [f"train.run_dir={run}", "data.name=ddp_slow_data", "train.steps=1",
+                   "model.hang_s=0"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "pyface", "train", "ddp_fault_toy", "--import", "ddp_fault_toy",
+         "--import", "ddp_slow_data",
+         *sum((["--set", s] for s in sets), [])],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "a collective failed" not in proc.stderr, proc.stderr[-3000:]
     assert ckpt.latest_checkpoint(str(run)).endswith("ckpt-000001")
 
 
@@ -267,3 +318,133 @@ def test_sigterm_to_one_rank_stops_every_rank_after_one_step(tmp_path):
     assert codes and set(codes) == {"143"}, out[-3000:]
     assert "a collective failed" not in out, out[-3000:]
     assert os.path.dirname(pyface.__file__) not in out, out[-3000:]     # no pyface traceback
+
+
+def _fake_cuda_ranks(monkeypatch, *, local_rank: int, local_world: int, gpus: int):
+    """torchrun's environment for ``local_rank`` of ``local_world`` processes on a node with
+    ``gpus`` CUDA devices; joining the process group raises (the device check comes before)."""
+    import torch
+
+    for k, v in {"WORLD_SIZE": str(2 * local_world), "RANK": str(local_rank),
+                 "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(local_world)}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(d))
+
+    def joined(*a, **k):
+        raise RuntimeError("joined the process group")
+
+    monkeypatch.setattr(D.dist, "init_process_group", joined)
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: False)
+    return chosen
+
+
+def test_each_local_rank_takes_its_own_gpu_or_a_clear_error(monkeypatch):
+    import torch
+
+    # auto / cuda: rank 1 of a node takes cuda:LOCAL_RANK (not cuda:RANK)
+    for pref in ("auto", "cuda"):
+        chosen = _fake_cuda_ranks(monkeypatch, local_rank=1, local_world=2, gpus=2)
+        monkeypatch.setenv("RANK", "3")          # the second node's second rank
+        with pytest.raises(RuntimeError, match="joined the process group"):
+            D.init_distributed(pref)
+        assert chosen == [torch.device("cuda:1")]
+    # an explicit cuda:N with several processes per node would put them all on one GPU
+    chosen = _fake_cuda_ranks(monkeypatch, local_rank=1, local_world=2, gpus=2)
+    with pytest.raises(ValueError, match=r"train.device='cuda:0': under torchrun with 2 processes "
+                                         r"on this node \(LOCAL_WORLD_SIZE=2\) every one would "
+                                         r"use cuda:0; use train.device=cuda or auto \(each "
+                                         r"rank takes cuda:LOCAL_RANK\)"):
+        D.init_distributed("cuda:0")
+    assert chosen == []
+    # one process per node: cuda:N is that process's GPU
+    chosen = _fake_cuda_ranks(monkeypatch, local_rank=0, local_world=1, gpus=2)
+    with pytest.raises(RuntimeError, match="joined the process group"):
+        D.init_distributed("cuda:1")
+    assert chosen == [torch.device("cuda:1")]
+    # more processes on a node than its GPUs: named, before any CUDA call
+    chosen = _fake_cuda_ranks(monkeypatch, local_rank=2, local_world=3, gpus=2)
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=2 but this node has 2 CUDA devices "
+                                         r"\(torch.cuda.device_count\(\)\): start at most 2 "
+                                         r"processes per node \(--nproc_per_node\)"):
+        D.init_distributed("auto")
+    assert chosen == []
+    chosen = _fake_cuda_ranks(monkeypatch, local_rank=0, local_world=1, gpus=2)
+    with pytest.raises(ValueError, match=r"^train.device='cuda:2' but this node has 2 CUDA "
+                                         r"devices \(torch.cuda.device_count\(\)\)$"):
+        D.init_distributed("cuda:2")
+    assert chosen == []
+
+
+def test_a_data_path_on_each_node_s_own_disk_is_generated_once_per_node(tmp_path):
+    """Two nodes of 2 ranks (two torchrun agents on this machine, each in its own folder, so the
+    relative ``data.path`` is on each node's own disk): rank 0 generates node 0's synthetic set,
+    then rank 2 (node 1's first) node 1's, then the others read them (node 1's two ranks used to
+    generate it at once after rank 0: rank 3 stopped on the folder's lock, "another `pyface data
+    synth` is writing it")."""
+    import json
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sets = [s for s in SETS if s != "train.log_every=1"] + [
+        "train.run_dir=run", "data.path=data", "data.name=synthetic", "data.resolution=16",
+        "model.resolution=16", "train.steps=1", "train.batch_size=4",
+        "data.options.synth.identities=2", "data.options.synth.videos_per_identity=1",
+        "data.options.synth.frames=2", "data.options.synth.cross=false",
+        "data.options.synth.multiview=false", "data.options.synth.workers=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    procs = []
+    for node in (0, 1):
+        (tmp_path / f"node{node}").mkdir()
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+             "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}", "-m",
+             "pyface", "train", "example", *sum((["--set", s] for s in sets), [])],
+            cwd=tmp_path / f"node{node}", env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=180) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert "is writing it" not in err
+    # generated by the first rank of each node, each node's copy the same
+    assert outs[0][1].count("WARNING pyface.data: data.path data does not exist: generating") == 1
+    assert outs[1][1].count("[rank 2] WARNING pyface.data: data.path data does not exist: "
+                            "generating") == 1
+    assert "[rank 3] WARNING pyface.data" not in outs[1][1]
+    index = [json.loads((tmp_path / f"node{n}" / "data" / "index.json").read_text())
+             for n in (0, 1)]
+    assert index[0] == index[1]
+    # only rank 0 writes the run folder
+    assert ckpt.latest_checkpoint(str(tmp_path / "node0" / "run")).endswith("ckpt-000001")
+    assert not (tmp_path / "node1" / "run").exists()
+
+
+def test_other_ranks_wait_for_rank_0_s_checkpoints_and_previews_past_the_timeout(tmp_path):
+    """Rank 0 writes its previews of step 1 for 5 s (a preview video of a large model, a slow
+    disk), longer than ``PYFACE_DIST_TIMEOUT=2``: rank 1 waits for it, as for a step, and both
+    go on (rank 1 used to fail in the next step's collective after 2 s, and torchrun stopped
+    rank 0: a low timeout, set to catch hung ranks early, ended runs whose previews or
+    checkpoints took longer)."""
+    (tmp_path / "ddp_fault_toy.py").write_text(FAULT_TOY)
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYFACE_DIST_TIMEOUT="2",
+               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    sets = [s for s in SETS if s != "train.image_every=0"] + [
+        f"train.run_dir={run}", "train.steps=2", "train.image_every=1", "train.video_every=0",
+        "model.hang_s=0", "model.preview_s=5"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "pyface", "train", "ddp_fault_toy", "--import", "ddp_fault_toy",
+         *sum((["--set", s] for s in sets), [])],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "a collective failed" not in proc.stderr, proc.stderr[-3000:]
+    assert sorted(os.listdir(run / "previews")) == ["step-000001.png", "step-000002.png"]
+    assert ckpt.latest_checkpoint(str(run)).endswith("ckpt-000002")

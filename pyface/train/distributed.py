@@ -30,6 +30,11 @@ log = logging.getLogger("pyface.train")
 #: seconds a collective waits for the other ranks before failing (``PYFACE_DIST_TIMEOUT``)
 DEFAULT_TIMEOUT_S = 1800
 
+#: seconds the other ranks wait for rank 0 working alone (preparing the dataset on disk the first
+#: time, writing checkpoints and previews): a week, not ``PYFACE_DIST_TIMEOUT``
+#: (:func:`wait_for_main`)
+MAIN_WORK_TIMEOUT_S = 7 * 24 * 3600
+
 
 def dist_timeout() -> float:
     """``PYFACE_DIST_TIMEOUT`` (seconds, > 0), else :data:`DEFAULT_TIMEOUT_S`: how long a rank
@@ -96,6 +101,8 @@ def init_distributed(device_pref: str = "auto") -> tuple[DistInfo, torch.device]
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"train.device={device_pref!r} but CUDA is not available")
+        if world > 1:
+            _check_rank_device(device_pref, device, local)
         torch.cuda.set_device(device)
     info = DistInfo(rank=rank, world_size=world, local_rank=local)
     if world > 1 and not (dist.is_available() and dist.is_initialized()):
@@ -113,6 +120,25 @@ def init_distributed(device_pref: str = "auto") -> tuple[DistInfo, torch.device]
     elif world > 1:
         info.rank, info.world_size = dist.get_rank(), dist.get_world_size()
     return info, device
+
+
+def _check_rank_device(device_pref: str, device: torch.device, local: int) -> None:
+    """Under torchrun: a ValueError for a GPU that several ranks of a node would share (an
+    explicit ``cuda:N`` with several processes per node: NCCL then fails on the duplicate GPU)
+    or that the node does not have (more processes per node than GPUs)."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    if device_pref.startswith("cuda:") and per_node > 1:
+        raise ValueError(f"train.device={device_pref!r}: under torchrun with {per_node} "
+                         f"processes on this node (LOCAL_WORLD_SIZE={per_node}) every one would "
+                         f"use {device}; use train.device=cuda or auto (each rank takes "
+                         "cuda:LOCAL_RANK)")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        explicit = device_pref.startswith("cuda:")
+        raise ValueError((f"train.device={device_pref!r}" if explicit else f"LOCAL_RANK={local}")
+                         + f" but this node has {count} CUDA devices (torch.cuda.device_count())"
+                         + ("" if explicit else f": start at most {count} processes per node "
+                            "(--nproc_per_node)"))
 
 
 def shutdown(info: DistInfo) -> None:
@@ -258,6 +284,60 @@ def peer_failure_message(exc: BaseException, info: DistInfo, step: int | None = 
     return (f"rank {info.rank} of {info.world_size}: a collective failed{where} ({first}): "
             f"another rank exited, was killed or did not answer within PYFACE_DIST_TIMEOUT="
             f"{dist_timeout():g} s (see its messages above); {again}")
+
+
+def patient_group():
+    """A gloo group of every rank of the default process group (CPU; also under NCCL) whose
+    collectives wait up to :data:`MAIN_WORK_TIMEOUT_S` instead of ``PYFACE_DIST_TIMEOUT``, for
+    the waits of :func:`wait_for_main` and :func:`in_turns`; None without a process group. Every
+    rank makes it at the same point; :func:`leave_group` leaves it."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return None
+    return dist.new_group(backend="gloo",
+                          timeout=datetime.timedelta(seconds=MAIN_WORK_TIMEOUT_S))
+
+
+def leave_group(group) -> None:
+    if group is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group(group)
+
+
+def wait_for_main(group=None) -> None:
+    """A barrier of every rank of the default process group (none without one) where the ranks
+    wait for rank 0 doing work of its own (a dataset's first preparation on disk: a cache, the
+    synthetic set; its checkpoints and previews) for up to :data:`MAIN_WORK_TIMEOUT_S`, not
+    ``PYFACE_DIST_TIMEOUT``: rank 0 is in no collective meanwhile, so such a timeout would not
+    catch a rank 0 that hangs (it would hang all the same) and only ended the others of a run
+    whose data took longer to prepare (or whose previews took longer to render), after which
+    torchrun stopped rank 0 too. A rank that fails or exits still ends the wait at once
+    (torchrun stops the others). ``group``: a :func:`patient_group` (default: one made and left
+    here)."""
+    in_turns(lambda: None, 0, 1, group)
+
+
+def in_turns(fn, turn: int, turns: int, group=None):
+    """``fn()`` on every rank of the default process group, in ``turns`` turns one after the
+    other: a rank calls it in its ``turn`` (0 <= turn < turns), after every rank of the earlier
+    turns has returned from its call, and every rank returns once all have. The waits last up to
+    :data:`MAIN_WORK_TIMEOUT_S` (see :func:`wait_for_main`); ``group``: a :func:`patient_group`
+    (default: one made and left here). Without a process group, ``fn()``."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return fn()
+    if not 0 <= turn < turns:
+        raise ValueError(f"turn: expected 0 <= turn < turns={turns}, got {turn}")
+    own = group is None
+    if own:
+        group = patient_group()
+    try:
+        out = None
+        for i in range(turns):
+            if i == turn:
+                out = fn()
+            dist.barrier(group=group)
+        return out
+    finally:
+        if own:
+            leave_group(group)
 
 
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:

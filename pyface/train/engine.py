@@ -306,6 +306,9 @@ class Trainer:
         # rank-local parameters (param groups with "local": True): per optimizer, their ids
         self._local_ids = {k: {id(p) for g in o.param_groups if g.get("local")
                                for p in g["params"]} for k, o in self.optimizers.items()}
+        #: under torchrun: the gloo group whose waits for rank 0's own work (dataset preparation,
+        #: checkpoints, previews) last as long as that work (``D.patient_group``)
+        self._patient = D.patient_group() if self.dist.enabled else None
         self.dataset = dataset if dataset is not None else self._build_dataset(cfg)
         check_data_keys(self.model, self.dataset, cfg)      # before any step, not in the first
         transform = self.model.data_transform() if hasattr(self.model, "data_transform") \
@@ -341,17 +344,19 @@ class Trainer:
         """The registry's dataset of ``cfg.data``; under torchrun rank 0 builds it first and the
         other ranks after it, so that what a dataset prepares once on disk (the synthetic set
         generated into an empty ``data.path``, a cache) is written by one rank and read by the
-        others instead of every rank writing it at once."""
+        others instead of every rank writing it at once; on several nodes the first rank of each
+        other node builds it next (before the other ranks of its node), for a ``data.path`` on
+        each node's own disk. The others wait as long as the preparation takes
+        (:func:`pyface.train.distributed.in_turns`), not ``PYFACE_DIST_TIMEOUT``."""
         from pyface.train import registry
 
         if not self.dist.enabled:
             return registry.build_dataset(cfg.data)
-        if not self.dist.is_main:
-            torch.distributed.barrier()         # rank 0 has built it
-        dataset = registry.build_dataset(cfg.data)
-        if self.dist.is_main:
-            torch.distributed.barrier()
-        return dataset
+        # rank 0 first; then the first rank of each other node (a data.path on the node's own
+        # disk is prepared there once; on a shared one it is found ready); then the rest. The
+        # waits last as long as the preparation takes (not PYFACE_DIST_TIMEOUT)
+        turn = 0 if self.dist.is_main else 1 if self.dist.local_rank == 0 else 2
+        return D.in_turns(lambda: registry.build_dataset(cfg.data), turn, 3, self._patient)
 
     def _resolve_local_batch(self, cfg: ExperimentConfig, model) -> ExperimentConfig:
         """``cfg`` with the model's ``local_batch_field`` (if it has one) set to this rank's
@@ -1226,14 +1231,19 @@ class Trainer:
                                     torch.cuda.max_memory_allocated(self.device) / 2**30
                             self._board.scalars(speed, self.step)
                     t_log, step_log, t_wait = time.perf_counter(), self.step, 0.0
+                alone = False           # rank 0 wrote a checkpoint or previews, the others not
                 if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.steps:
                     last_ckpt = self.save_checkpoint() or last_ckpt
-                    saved_at = self.step
+                    saved_at, alone = self.step, True
                     if self._board:     # on disk up to the checkpoint, should the process die
                         self._board.flush()
                 if t.image_every and self.step % t.image_every == 0 and self.step < t.steps:
                     previews += self.write_previews(
                         video=bool(t.video_every) and self.step % t.video_every == 0)
+                    alone = True
+                if alone and self._patient is not None:
+                    # the others wait as long as rank 0 writes, not PYFACE_DIST_TIMEOUT
+                    D.wait_for_main(self._patient)
                 if D.any_flag(self._stop_signal is not None, self.dist, self.device):
                     interrupted = True
                     break
@@ -1286,4 +1296,6 @@ class Trainer:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        D.leave_group(self._patient)
+        self._patient = None
         D.shutdown(self.dist)

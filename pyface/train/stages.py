@@ -287,9 +287,9 @@ def train_stage(cfg) -> None:
         result = trainer.fit()
     finally:
         trainer.close()
-    import torch.distributed as dist
+    from pyface.train.distributed import wait_for_main
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()      # rank 0 has written the stage's checkpoint before the next reads it
+    # rank 0 has written the stage's checkpoint (and its last previews) before the next reads it
+    wait_for_main()
     if result.interrupted:
         raise KeyboardInterrupt(f"stage run {result.run_dir} interrupted at step {result.step}")
