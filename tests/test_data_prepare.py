@@ -352,18 +352,9 @@ def test_prepare_shards_together_equal_one_run(tmp_path, monkeypatch, capsys):
     alone; --resume reruns a shard; `pyface data index` then gives one run's dataset."""
     import pyface.data.prepare as P
     from pyface.cli import main
-    from pyface.data.synthetic import SynthConfig, generate
 
-    synth = str(tmp_path / "synth")
-    generate(synth, SynthConfig(identities=1, videos_per_identity=1, frames=2, resolution=32,
-                                cross=False, workers=1), progress=False)
-    monkeypatch.setattr(P, "require_backends", lambda: None)
-    monkeypatch.setattr(P, "prepare_video",
-                        _fake_prepare_video(os.path.join(synth, fmt.video_names(synth)[0])))
-    inp = tmp_path / "in"
-    inp.mkdir()
-    for f in ("a.mp4", "b.mp4", "c.png", "d.png", "e.mov", "e.mp4", "f.jpg", "g.mp4"):
-        (inp / f).write_bytes(b"")
+    inp = _fake_backends(tmp_path, monkeypatch, files=("a.mp4", "b.mp4", "c.png", "d.png",
+                                                        "e.mov", "e.mp4", "f.jpg", "g.mp4"))
     names = [s.name for s in collect_sources([str(inp)])]
     assert len(names) == 8 and "e_2" in names
     ref = str(tmp_path / "ref")

@@ -83,13 +83,20 @@ SETS = ["train.device=cpu", "train.progress=false", "train.tensorboard=false",
         "train.image_every=0", "train.log_every=1"]
 
 
-def test_resume_on_two_ranks_prefixes_and_a_hung_rank_times_out(tmp_path):
+def _toy_env(tmp_path, **extra):
+    """Writes the toy model next to the test and returns the environment of a torchrun of it
+    (one thread, no inherited rank variables; ``extra`` added)."""
     (tmp_path / "ddp_fault_toy.py").write_text(FAULT_TOY)
-    run = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYFACE_DIST_TIMEOUT="2",
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra,
                PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
+    return env
+
+
+def test_resume_on_two_ranks_prefixes_and_a_hung_rank_times_out(tmp_path):
+    env = _toy_env(tmp_path, PYFACE_DIST_TIMEOUT="2")
+    run = tmp_path / "run"
     sets = sum((["--set", s] for s in SETS + [f"train.run_dir={run}"]), [])
     cmd = ["-m", "pyface", "train", "ddp_fault_toy", "--import", "ddp_fault_toy", *sets]
     one = subprocess.run([sys.executable, *cmd, "--set", "train.steps=1"], env=env,
@@ -178,13 +185,9 @@ def test_other_ranks_wait_for_rank_0_s_data_longer_than_the_collective_timeout(t
     """Rank 0 prepares the dataset for 5 s, longer than ``PYFACE_DIST_TIMEOUT=2``: rank 1 waits
     for it (rank 0 itself, building, is in no collective that could time out, so a timeout there
     would only end runs whose data takes long to prepare the first time) and both train."""
-    (tmp_path / "ddp_fault_toy.py").write_text(FAULT_TOY)
+    env = _toy_env(tmp_path, PYFACE_DIST_TIMEOUT="2", SLOW_DATA_S="5")
     (tmp_path / "ddp_slow_data.py").write_text(SLOW_DATA)
     run = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYFACE_DIST_TIMEOUT="2", SLOW_DATA_S="5",
-               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
     sets = SETS + [f"train.run_dir={run}", "data.name=ddp_slow_data", "train.steps=1",
                    "model.hang_s=0"]
     proc = subprocess.run(
@@ -277,13 +280,9 @@ def test_sigterm_to_one_rank_stops_every_rank_after_one_step(tmp_path):
 
     import pyface
 
-    (tmp_path / "ddp_fault_toy.py").write_text(FAULT_TOY)
+    env = _toy_env(tmp_path)
     run, pids = tmp_path / "run", tmp_path / "pids"
     pids.mkdir()
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
     sets = SETS + [f"train.run_dir={run}", "train.steps=100000", "train.ckpt_every=0",
                    "model.hang_rank=-1", "model.step_s=0.2", f"model.pid_dir={pids}"]
     proc = subprocess.Popen(
@@ -430,12 +429,8 @@ def test_other_ranks_wait_for_rank_0_s_checkpoints_and_previews_past_the_timeout
     go on (rank 1 used to fail in the next step's collective after 2 s, and torchrun stopped
     rank 0: a low timeout, set to catch hung ranks early, ended runs whose previews or
     checkpoints took longer)."""
-    (tmp_path / "ddp_fault_toy.py").write_text(FAULT_TOY)
+    env = _toy_env(tmp_path, PYFACE_DIST_TIMEOUT="2")
     run = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYFACE_DIST_TIMEOUT="2",
-               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
     sets = [s for s in SETS if s != "train.image_every=0"] + [
         f"train.run_dir={run}", "train.steps=2", "train.image_every=1", "train.video_every=0",
         "model.hang_s=0", "model.preview_s=5"]
