@@ -136,6 +136,6 @@ def test_runs_table(root, tmp_path, capsys):
         assert Image.open(out / f"{name}.png").size == (4 * 18 + 2, 4 * 18 + 2)
     assert "driving (ground truth)" in capsys.readouterr().out
     # bad --runs
-    assert main(["eval", "--runs", "example", "--data", root, "--quiet"]) == 1
+    assert main(["eval", "--runs", "example", "--data", root, "--quiet"]) == 2
     assert "expected MODEL=RUN" in capsys.readouterr().err
     assert main(["eval", "copy-source", "--runs", f"example={run}", "--data", root]) == 2

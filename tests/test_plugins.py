@@ -295,7 +295,7 @@ def test_example_plugin_trains_resumes_chains_loads_and_benchmarks(tmp_path, mon
                  "--json", str(report)]) == 0, capsys.readouterr().err
     assert json.loads(report.read_text())["model"] == "toyplane"
     assert main(["eval", "toyplan", "--import", "toyplane", "--checkpoint", str(run),
-                 "--data", data, "--device", "cpu"]) == 1
+                 "--data", data, "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "unknown model 'toyplan'" in err and "did you mean toyplane" in err
     assert main(["eval", "toyplane", "--import", "no_such_plugin_xyz", "--checkpoint", str(run),
