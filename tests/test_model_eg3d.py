@@ -1162,3 +1162,48 @@ def test_unseeded_generate_draws_the_ray_samples_before_each_render(monkeypatch)
     own = pipe.generate(state, motion)
     assert len(given) == 3 and all(n is None for n in given)
     assert torch.equal(own, drawn) and drawn.shape == (3, 3, 16, 16)
+
+
+def test_sr_noise_random_is_drawn_before_the_super_resolution(monkeypatch):
+    """sr_noise_mode: random: unseeded generate / orbit / inversion draw the super-resolution's
+    noise with the ray samples, before G.synthesis (out of compiled modules): the frames equal
+    those of a super-resolution drawing its own, bit for bit. Seeded frames draw it from the
+    frame's generator, so they do not depend on torch's generator."""
+    import pyface.models.eg3d.pipeline as eg3d_pipeline
+    from pyface.nn.stylegan import SuperResolution
+
+    torch.manual_seed(0)
+    G = EG3DGenerator(tiny_cfg(sr_noise_mode="random")).eval()
+    for m in G.superresolution.modules():
+        if getattr(m, "use_noise", False):
+            m.noise_strength.data.fill_(0.5)
+    pipe = eg3d_pipeline.EG3DPipeline(G, device="cpu")
+    state = {"ws": G.mapping(torch.randn(1, 16), G.camera(0.0, 0.0))}
+    motion = {"camera": G.camera([0.1, -0.2, 0.3], 0.0)}
+    given, forward = [], SuperResolution.forward
+
+    def recording(self, *args, **kw):
+        given.append(kw.get("noise"))
+        return forward(self, *args, **kw)
+
+    monkeypatch.setattr(SuperResolution, "forward", recording)
+    torch.manual_seed(4)
+    drawn = pipe.generate(state, motion)
+    assert len(given) == 3 and all(n is not None and len(n) == 4 for n in given)
+    torch.manual_seed(4)
+    orbit = torch.stack(list(eg3d_pipeline.orbit_frames(G, [1], frames=2)))
+    given.clear()
+    monkeypatch.setattr(eg3d_pipeline, "render_uniforms_of", lambda *a: {})
+    torch.manual_seed(4)
+    own = pipe.generate(state, motion)
+    assert len(given) == 3 and all(n is None for n in given)
+    assert torch.equal(own, drawn)
+    torch.manual_seed(4)
+    assert torch.equal(torch.stack(list(eg3d_pipeline.orbit_frames(G, [1], frames=2))), orbit)
+    monkeypatch.undo()
+    seeded = pipe.seed_frames(motion, 5, 0)
+    torch.manual_seed(1)
+    a = pipe.generate(state, seeded)
+    torch.manual_seed(2)
+    assert torch.equal(pipe.generate(state, seeded), a)
+    assert not torch.equal(pipe.generate(state, pipe.seed_frames(motion, 6, 0)), a)

@@ -854,7 +854,7 @@ def test_inversion_and_pti_draw_the_ray_samples_before_each_render(generator_dir
     assert len(calls) == 5                      # 3 inversion steps, 2 PTI steps
     assert all(n is not None and n.shape == (1, 64, 4) and u.shape == (1, 64, 4)
                for n, u in calls)
-    monkeypatch.setattr(ota, "drawn_samples", lambda G, like: {})    # the renderer draws
+    monkeypatch.setattr(ota, "drawn_samples", lambda G, like, sr=True: {})  # the renderer draws
     own, calls = run()
     assert len(calls) == 5 and all(n is None and u is None for n, u in calls)
     assert len(own) == len(drawn)

@@ -215,6 +215,47 @@ def test_superresolution_sizes(scale, rin, rout):
     assert out.shape == (1, 3, rout, rout)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_superresolution_noise_drawn_by_the_caller_equals_its_own(dtype):
+    """noise_mode="random": draw_noise gives the numbers forward draws itself (same order,
+    dtype, shapes), so images with pre-drawn noise equal images drawing their own, bit for bit;
+    per-image generators give each image its own noise whatever the batch."""
+    sr = N.SuperResolution(scale=2, channels=4, w_dim=16, noise_mode="random",
+                           input_resolution=8, block_channels=[8, 4], dtype=dtype)
+    for layer in sr.block0.noise_layers() + sr.block1.noise_layers():
+        layer.noise_strength.data.fill_(0.5)
+    torch.manual_seed(0)
+    rgb, x, ws = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 6, 16)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        own = sr(rgb, x, ws)
+        torch.manual_seed(3)
+        noise = sr.draw_noise(2, x)
+        given = sr(rgb, x, ws, noise=noise)
+        torch.manual_seed(4)
+        other = sr(rgb, x, ws)
+    assert len(noise) == 4 and [tuple(n.shape) for n in noise] == [(2, 1, 8, 8)] * 2 + \
+        [(2, 1, 16, 16)] * 2
+    assert {n.dtype for n in noise} == {torch.bfloat16 if dtype == "bfloat16" else torch.float32}
+    assert torch.equal(own, given) and not torch.equal(own, other)
+    gens = [torch.Generator().manual_seed(s) for s in (7, 8)]
+    pair = sr.draw_noise(2, x, gens)
+    alone = sr.draw_noise(1, x, [torch.Generator().manual_seed(8)])
+    assert all(torch.equal(a[1:], b) for a, b in zip(pair, alone))
+    with pytest.raises(ValueError, match=r"noise: expected 4 tensors \(draw_noise\), got 3"):
+        sr(rgb, x, ws, noise=noise[:3])
+    with pytest.raises(ValueError, match=r"noise: expected shape \(2, 1, 8, 8\), got "
+                                         r"\(1, 1, 8, 8\)"):
+        sr(rgb, x, ws, noise=[n[:1] for n in noise])
+    with pytest.raises(ValueError, match="generators: expected 2"):
+        sr.draw_noise(2, x, gens[:1])
+    plain = N.SuperResolution(scale=2, channels=4, w_dim=16, input_resolution=8,
+                              block_channels=[8, 4])
+    assert plain.draw_noise(2, x) is None
+    with pytest.raises(ValueError, match="noise: given, but noise_mode is 'none'"):
+        plain(rgb, x, ws, noise=noise)
+
+
 # ------------------------------------------------------------------------------------------
 # discriminators, encoders
 # ------------------------------------------------------------------------------------------

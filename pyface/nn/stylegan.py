@@ -132,14 +132,22 @@ class SynthesisLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels))
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "random",
-                gain: float = 1.0) -> torch.Tensor:
+                gain: float = 1.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """``noise`` (B, 1, R, R): the per-pixel noise of ``noise_mode="random"`` drawn by the
+        caller (the layer draws it with ``torch.randn`` in x's dtype when None); ignored in
+        the other modes and by a layer without noise."""
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode: expected one of {NOISE_MODES}, got {noise_mode!r}")
         styles = self.affine(w)
         x = modulated_conv2d(x, self.weight, styles, up=self.up, padding=self.padding,
                              resample_filter=self.resample_filter, flip_weight=self.up == 1)
         if self.use_noise and noise_mode != "none":
-            if noise_mode == "random":
+            if noise_mode == "random" and noise is not None:
+                want = (x.shape[0], 1, self.resolution, self.resolution)
+                if tuple(noise.shape) != want:
+                    raise ValueError(f"noise: expected shape {want}, got {tuple(noise.shape)}")
+                noise = noise.to(device=x.device, dtype=x.dtype)
+            elif noise_mode == "random":
                 noise = torch.randn(x.shape[0], 1, self.resolution, self.resolution,
                                     device=x.device, dtype=x.dtype)
             else:
@@ -205,16 +213,30 @@ class SynthesisBlock(nn.Module):
         self.torgb = ToRGBLayer(out_channels, img_channels, w_dim, conv_clamp=conv_clamp)
         self.num_torgb = 1
 
-    def forward(self, x, img, ws: torch.Tensor, noise_mode: str = "random"):
+    def noise_layers(self) -> list[SynthesisLayer]:
+        """The layers that add per-pixel noise, in the order ``forward`` runs them."""
+        convs = [self.conv1] if self.in_channels == 0 else [self.conv0, self.conv1]
+        return [c for c in convs if c.use_noise]
+
+    def forward(self, x, img, ws: torch.Tensor, noise_mode: str = "random",
+                noise: list | None = None):
+        """``noise``: one (B, 1, R, R) tensor per layer of :meth:`noise_layers` (the noise of
+        ``noise_mode="random"`` drawn by the caller), or None."""
         n = self.num_conv + self.num_torgb
         if ws.ndim != 3 or ws.shape[1] != n:
             raise ValueError(f"ws: expected shape (B, {n}, w_dim), got {tuple(ws.shape)}")
+        layers = self.noise_layers()
+        if noise is not None and len(noise) != len(layers):
+            raise ValueError(f"noise: expected {len(layers)} tensors (one per noise layer), "
+                             f"got {len(noise)}")
+        given = dict(zip(map(id, layers), noise)) if noise is not None else {}
         w_iter = iter(ws.unbind(dim=1))
         if self.in_channels == 0:
             x = self.const.to(ws.dtype).unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
         else:
-            x = self.conv0(x, next(w_iter), noise_mode=noise_mode)
-        x = self.conv1(x, next(w_iter), noise_mode=noise_mode)
+            x = self.conv0(x, next(w_iter), noise_mode=noise_mode,
+                           noise=given.get(id(self.conv0)))
+        x = self.conv1(x, next(w_iter), noise_mode=noise_mode, noise=given.get(id(self.conv1)))
         if img is not None and self.up > 1:
             img = upsample2d(img, self.resample_filter)
         y = self.torgb(x, next(w_iter))
@@ -411,9 +433,41 @@ class SuperResolution(nn.Module):
         if buf:  # registered (unused) by EG3D's module, so its state dicts carry it
             self.register_buffer("resample_filter", setup_filter())
 
+    def draw_noise(self, batch: int, like: torch.Tensor, generators: list | None = None
+                   ) -> list[torch.Tensor] | None:
+        """The per-pixel noise ``forward`` draws itself with ``noise_mode="random"``, for
+        ``batch`` images: one (batch, 1, R, R) tensor per noise layer, in the order ``forward``
+        draws them (``torch.randn`` from torch's current generator: the same numbers), on
+        ``like``'s device in the blocks' dtype (bfloat16 with ``dtype="bfloat16"``, else float64
+        for float64 ``like``, else float32). ``generators``: one ``torch.Generator`` per image,
+        each image's noise drawn from its own. None when the mode draws nothing. Passed back as
+        ``forward(noise=)``, the noise stays out of a module compiled with ``torch.compile``
+        (Inductor would draw other numbers with its own generator)."""
+        if self.cfg.noise_mode != "random":
+            return None
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch: expected an int >= 1, got {batch!r}")
+        if generators is not None and len(generators) != batch:
+            raise ValueError(f"generators: expected {batch} (one per image), got "
+                             f"{len(generators)}")
+        dt = (torch.bfloat16 if self.cfg.dtype == "bfloat16" else
+              torch.float64 if like.dtype == torch.float64 else torch.float32)
+        out = []
+        for layer in self.block0.noise_layers() + self.block1.noise_layers():
+            r = layer.resolution
+            if generators is None:
+                out.append(torch.randn(batch, 1, r, r, device=like.device, dtype=dt))
+            else:
+                out.append(torch.cat([torch.randn(1, 1, r, r, device=like.device, dtype=dt,
+                                                  generator=g) for g in generators]))
+        return out
+
     def forward(self, rgb: torch.Tensor, x: torch.Tensor, ws: torch.Tensor, *,
-                return_alias: bool = False):
+                return_alias: bool = False, noise: list | None = None):
         """rgb (B, 3, r, r), x (B, channels, r, r), ws (B, num_ws, w_dim) -> image (B, 3, R, R).
+
+        ``noise``: the noise of ``noise_mode="random"`` drawn by :meth:`draw_noise` (None: drawn
+        here).
 
         ``return_alias=True`` returns ``(image, alias)``: EG3D's first block of the 2X / 4X /
         Deepfp32 modules does not up-sample, so when the input is used as it is (not resized)
@@ -437,7 +491,18 @@ class SuperResolution(nn.Module):
         dt = torch.bfloat16 if self.cfg.dtype == "bfloat16" else None
         if dt is not None:
             x, rgb, ws = x.to(dt), rgb.to(dt), ws.to(dt)
-        x, rgb = self.block0(x, rgb, ws, noise_mode=self.cfg.noise_mode)
+        n0 = len(self.block0.noise_layers())
+        if noise is not None:
+            want = n0 + len(self.block1.noise_layers())
+            if self.cfg.noise_mode != "random":
+                raise ValueError(f"noise: given, but noise_mode is {self.cfg.noise_mode!r} "
+                                 f"(only 'random' adds drawn noise)")
+            if len(noise) != want:
+                raise ValueError(f"noise: expected {want} tensors (draw_noise), got "
+                                 f"{len(noise)}")
+        x, rgb = self.block0(x, rgb, ws, noise_mode=self.cfg.noise_mode,
+                             noise=None if noise is None else noise[:n0])
         alias = rgb.float() if self._up0 == 1 and not resized else None
-        x, rgb = self.block1(x, rgb, ws, noise_mode=self.cfg.noise_mode)
+        x, rgb = self.block1(x, rgb, ws, noise_mode=self.cfg.noise_mode,
+                             noise=None if noise is None else noise[n0:])
         return (rgb.float(), alias) if return_alias else rgb.float()

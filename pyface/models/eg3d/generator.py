@@ -106,13 +106,15 @@ class EG3DGenerator(nn.Module):
                   neural_rendering_resolution: int | None = None, noise_mode: str = "const",
                   stratified_noise: torch.Tensor | None = None,
                   importance_u: torch.Tensor | None = None, planes: torch.Tensor | None = None,
-                  sr: bool = True) -> dict[str, torch.Tensor]:
+                  sr: bool = True, sr_noise: list | None = None) -> dict[str, torch.Tensor]:
         """ws (B, num_ws, w_dim), c (B, 25) -> images (see the class doc; no ``ws``).
 
         ``stratified_noise`` (B, r*r, depth_resolution) and ``importance_u``
         (B, r*r, depth_resolution_importance) inject the renderer's uniforms (EG3D draws them
-        with torch.rand). ``planes`` reuses planes of these ws (EG3D's ``use_cached_backbone``).
-        ``sr=False`` skips the super-resolution (``image`` is then absent).
+        with torch.rand). ``sr_noise`` injects the super-resolution's noise of
+        ``sr_noise_mode: random`` (:meth:`draw_sr_noise`; drawn by the module when None).
+        ``planes`` reuses planes of these ws (EG3D's ``use_cached_backbone``). ``sr=False``
+        skips the super-resolution (``image`` is then absent).
         """
         self._check_c(c)
         if ws.ndim != 3 or ws.shape[1:] != (self.num_ws, self.cfg.w_dim) or \
@@ -134,7 +136,8 @@ class EG3DGenerator(nn.Module):
         if sr:
             if self.superresolution is not None:
                 images["image"], alias = self.superresolution(
-                    images["image_raw"], images["feature_image"], ws, return_alias=True)
+                    images["image_raw"], images["feature_image"], ws, return_alias=True,
+                    noise=sr_noise)
                 if alias is not None and self.cfg.sr_image_raw_alias:   # EG3D's in-place add
                     feat = images["feature_image"]
                     images["feature_image"] = torch.cat([alias.to(feat.dtype), feat[:, 3:]], 1)
@@ -142,6 +145,16 @@ class EG3DGenerator(nn.Module):
             else:
                 images["image"] = filtered_resize(images["image_raw"], self.cfg.img_resolution)
         return images
+
+    def draw_sr_noise(self, batch: int, like: torch.Tensor, generators: list | None = None
+                      ) -> list[torch.Tensor] | None:
+        """The super-resolution noise ``synthesis`` would draw for ``batch`` images after the
+        render (:meth:`pyface.nn.stylegan.SuperResolution.draw_noise`; one generator per image
+        with ``generators``), for ``synthesis(sr_noise=)``; None when nothing is drawn
+        (``sr_noise_mode`` other than ``random``, or no super-resolution)."""
+        if self.superresolution is None:
+            return None
+        return self.superresolution.draw_noise(batch, like, generators)
 
     def forward(self, z: torch.Tensor, c: torch.Tensor, *, truncation_psi: float = 1.0,
                 truncation_cutoff: int | None = None, noise_mode: str = "const",

@@ -51,18 +51,33 @@ def load_generator(path: str, *, device="cpu", ema: bool = True) -> EG3DGenerato
     return G.to(device).eval()
 
 
-def render_uniforms_of(G: EG3DGenerator, batch: int, resolution: int, like: torch.Tensor
-                       ) -> dict:
-    """The ray-sample uniforms ``G``'s renderer would draw itself for ``batch`` renders of
-    ``resolution`` squared rays (:func:`pyface.nn.render.renderer_uniforms`: ``torch.rand``
+def render_uniforms_of(G: EG3DGenerator, batch: int, resolution: int, like: torch.Tensor,
+                       generators: list | None = None) -> dict:
+    """The random numbers ``G.synthesis`` would draw itself for ``batch`` renders of
+    ``resolution`` squared rays and their super-resolution, as ``G.synthesis`` keywords: the
+    renderer's ray-sample uniforms (:func:`pyface.nn.render.renderer_uniforms`: ``torch.rand``
     from torch's generator, the same numbers in the same order, on ``like``'s device in the
-    renderer's dtype), as ``G.synthesis`` keywords.
-    Drawn before the call, they stay out of a renderer compiled with ``torch.compile``, whose
+    renderer's dtype), then, with ``sr_noise_mode: random``, the super-resolution's noise
+    (``sr_noise``, :meth:`EG3DGenerator.draw_sr_noise`). With ``generators`` (one
+    ``torch.Generator`` per render) each render's numbers come from its own generator instead
+    (:func:`pyface.nn.render.ray_uniforms`).
+    Drawn before the call, they stay out of modules compiled with ``torch.compile``, whose
     Inductor backend would draw other numbers with its own generator. (The renderer draws the
     stratified noise (B, R, depth_resolution), then the importance uniforms
     (B, R, depth_resolution_importance), in float64 for float64 planes, else float32;
     ``tests/test_model_eg3d.py`` checks the images equal those of its own draws.)"""
-    return renderer_uniforms(G.cfg.render, batch, resolution * resolution, like)
+    if generators is None:
+        kw = renderer_uniforms(G.cfg.render, batch, resolution * resolution, like)
+    else:
+        if len(generators) != batch:
+            raise ValueError(f"generators: expected {batch} (one per render), got "
+                             f"{len(generators)}")
+        kw = ray_uniforms(G.cfg.render, list(generators), resolution * resolution, like)
+    feat = torch.float64 if like.dtype == torch.float64 else torch.float32
+    noise = G.draw_sr_noise(batch, torch.empty(0, device=like.device, dtype=feat), generators)
+    if noise is not None:
+        kw["sr_noise"] = noise
+    return kw
 
 
 def seed_latents(seeds, z_dim: int) -> torch.Tensor:
@@ -275,7 +290,7 @@ class EG3DPipeline(_PipelineBase):
         out = []
         for t in range(cam.shape[0]):
             # unseeded: torch's generator, drawn here (outside a compiled renderer)
-            kw = (render_uniforms_of(self.G, 1, r, planes) if gens is None
-                  else ray_uniforms(self.G.cfg.render, [gens[t]], r * r, planes))
+            kw = render_uniforms_of(self.G, 1, r, planes,
+                                    None if gens is None else [gens[t]])
             out.append(self.G.synthesis(ws, cam[t:t + 1], planes=planes, **kw)["image"][0])
         return torch.stack(out).clamp(-1, 1)

@@ -81,7 +81,7 @@ def invert(model, image: torch.Tensor, camera: torch.Tensor, motion: torch.Tenso
         for it in range(steps):
             sr = it >= steps - sr_steps
             out = G.synthesis(w.expand(1, G.num_ws, -1) + offset,
-                              apply_intrinsics(camera, kb), sr=sr, **drawn_samples(G, w))
+                              apply_intrinsics(camera, kb), sr=sr, **drawn_samples(G, w, sr))
             loss, _ = model.loss(out, image, landmarks, sr=sr)
             opt_w.zero_grad(set_to_none=True)
             opt_k.zero_grad(set_to_none=True)
@@ -387,7 +387,9 @@ class OTAvatarPipeline(Pipeline):
         ws = w + model.controller(m)
         G = state.get("generator") or model.generator       # the PTI copy when tuned
         planes = G.backbone.planes(ws, noise_mode="const")
-        out = G.synthesis(ws, cam, planes=planes, **fixed_samples(G, T, self.device))
+        # sr_noise_mode random: its noise drawn here, as the module would (out of --compile)
+        out = G.synthesis(ws, cam, planes=planes, **fixed_samples(G, T, self.device),
+                          sr_noise=G.draw_sr_noise(T, torch.empty(0, device=planes.device)))
         return out["image"].clamp(-1, 1)
 
 
@@ -407,14 +409,22 @@ def orbit_cameras(G, motion: dict, T: int) -> torch.Tensor:
     return labels[idx % labels.shape[0]]
 
 
-def drawn_samples(G, like: torch.Tensor) -> dict[str, torch.Tensor]:
+def drawn_samples(G, like: torch.Tensor, sr: bool = True) -> dict[str, torch.Tensor]:
     """The random ray samples generator ``G``'s renderer would draw itself for one render
     (:func:`pyface.nn.render.renderer_uniforms`: torch's generator, the same numbers in the same
-    order), as ``G.synthesis`` keywords. The inversion and PTI draw them before each render so
-    that a renderer compiled with ``torch.compile`` renders them too (Inductor would draw other
-    numbers with its own generator); uncompiled results do not change."""
+    order), then, for a render with super-resolution (``sr``) of a generator with
+    ``sr_noise_mode: random``, its noise (``sr_noise``), as ``G.synthesis`` keywords. The
+    inversion and PTI draw them before each render so that modules compiled with
+    ``torch.compile`` use them too (Inductor would draw other numbers with its own generator);
+    uncompiled results do not change."""
     r = G.resolve_resolution(None)
-    return renderer_uniforms(G.cfg.render, 1, r * r, like)
+    kw = renderer_uniforms(G.cfg.render, 1, r * r, like)
+    if sr:
+        feat = torch.float64 if like.dtype == torch.float64 else torch.float32
+        noise = G.draw_sr_noise(1, torch.empty(0, device=like.device, dtype=feat))
+        if noise is not None:
+            kw["sr_noise"] = noise
+    return kw
 
 
 def fixed_samples(G, n: int, device) -> dict[str, torch.Tensor]:
