@@ -1162,3 +1162,21 @@ def test_unseeded_generate_draws_the_ray_samples_before_each_render(monkeypatch)
     own = pipe.generate(state, motion)
     assert len(given) == 3 and all(n is None for n in given)
     assert torch.equal(own, drawn) and drawn.shape == (3, 3, 16, 16)
+
+
+def test_prepared_batch_is_shared_by_the_phases_of_a_step(tmp_path):
+    """The real images, mirrored cameras and generator cameras are prepared once per step and
+    batch: the later phases of the step reuse them; another step or batch prepares anew."""
+    from pyface.models.eg3d.model import EG3D
+    from pyface.train.model import StepContext
+
+    m = EG3D(_experiment(tmp_path / "r", 1).model_config)
+    b = _Frames(4, 16)
+    batch = torch.utils.data.default_collate([b[i] for i in range(4)])
+    ctx = StepContext(step=3, images_seen=12, batch_size=4)
+    first = m._prepare(batch, ctx)
+    assert m._prepare(batch, ctx) is first
+    again = m._prepare(batch, StepContext(step=4, images_seen=16, batch_size=4))
+    assert again is not first
+    other = {**batch, "image": batch["image"].clone()}
+    assert m._prepare(other, StepContext(step=4, images_seen=16, batch_size=4)) is not again
