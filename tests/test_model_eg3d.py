@@ -1180,3 +1180,26 @@ def test_prepared_batch_is_shared_by_the_phases_of_a_step(tmp_path):
     assert again is not first
     other = {**batch, "image": batch["image"].clone()}
     assert m._prepare(other, StepContext(step=4, images_seen=16, batch_size=4)) is not again
+
+
+def test_previews_render_the_ema_generator(tmp_path):
+    """The training previews show the EMA generator (train.ema), not the live one."""
+    from pyface.train.engine import Trainer
+
+    tr = Trainer(_experiment(tmp_path / "run", 2, **{"ema": {"modules": ["G"],
+                                                            "half_life_kimg": 1000.0,
+                                                            "rampup": None}}),
+                 dataset=_Frames())
+    tr.fit()
+    m, ema = tr.model.eval(), tr.ema.modules["G"]
+    batch = tr.preview_batch(4)
+    cam = batch["camera"].float()
+    z = torch.randn(4, m.cfg.generator.z_dim, generator=torch.Generator().manual_seed(123))
+    torch.manual_seed(0)
+    shown = m.preview(batch)["image"]
+    torch.manual_seed(0)
+    want = ema(z, cam)["image"]
+    torch.manual_seed(0)
+    live = m.G(z, cam)["image"]
+    assert (live - want).abs().max() > 1e-3          # the two generators differ by now
+    torch.testing.assert_close(shown, want)

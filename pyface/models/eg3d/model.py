@@ -355,6 +355,10 @@ class EG3D(TrainableModel):
 
     def step(self, phase: str, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         cfg = self.cfg
+        if ctx.engine is not None:
+            # the previews render the engine's EMA generator (the live one without train.ema);
+            # kept outside the module tree (not a sub-module: no parameters, no state)
+            self.__dict__["_ema_generator"] = ctx.ema("G")
         data = self._prepare(batch, ctx)
         B = data["image"].shape[0]
         dev = data["image"].device
@@ -472,7 +476,9 @@ class EG3D(TrainableModel):
 
     # --- previews --------------------------------------------------------------------------
     def _ema_G(self) -> EG3DGenerator:
-        return getattr(self, "_ema_generator", None) or self.G
+        """The generator the previews render: the engine's EMA copy once a training step has
+        run (``step`` records it), else the live one."""
+        return self.__dict__.get("_ema_generator") or self.G
 
     @torch.no_grad()
     def preview(self, batch: dict) -> dict[str, torch.Tensor]:
