@@ -1207,3 +1207,44 @@ def test_sr_noise_random_is_drawn_before_the_super_resolution(monkeypatch):
     torch.manual_seed(2)
     assert torch.equal(pipe.generate(state, seeded), a)
     assert not torch.equal(pipe.generate(state, pipe.seed_frames(motion, 6, 0)), a)
+
+
+def test_prepared_batch_is_shared_by_the_phases_of_a_step(tmp_path):
+    """The real images, mirrored cameras and generator cameras are prepared once per step and
+    batch: the later phases of the step reuse them; another step or batch prepares anew."""
+    from pyface.models.eg3d.model import EG3D
+    from pyface.train.model import StepContext
+
+    m = EG3D(_experiment(tmp_path / "r", 1).model_config)
+    b = _Frames(4, 16)
+    batch = torch.utils.data.default_collate([b[i] for i in range(4)])
+    ctx = StepContext(step=3, images_seen=12, batch_size=4)
+    first = m._prepare(batch, ctx)
+    assert m._prepare(batch, ctx) is first
+    again = m._prepare(batch, StepContext(step=4, images_seen=16, batch_size=4))
+    assert again is not first
+    other = {**batch, "image": batch["image"].clone()}
+    assert m._prepare(other, StepContext(step=4, images_seen=16, batch_size=4)) is not again
+
+
+def test_previews_render_the_ema_generator(tmp_path):
+    """The training previews show the EMA generator (train.ema), not the live one."""
+    from pyface.train.engine import Trainer
+
+    tr = Trainer(_experiment(tmp_path / "run", 2, **{"ema": {"modules": ["G"],
+                                                            "half_life_kimg": 1000.0,
+                                                            "rampup": None}}),
+                 dataset=_Frames())
+    tr.fit()
+    m, ema = tr.model.eval(), tr.ema.modules["G"]
+    batch = tr.preview_batch(4)
+    cam = batch["camera"].float()
+    z = torch.randn(4, m.cfg.generator.z_dim, generator=torch.Generator().manual_seed(123))
+    torch.manual_seed(0)
+    shown = m.preview(batch)["image"]
+    torch.manual_seed(0)
+    want = ema(z, cam)["image"]
+    torch.manual_seed(0)
+    live = m.G(z, cam)["image"]
+    assert (live - want).abs().max() > 1e-3          # the two generators differ by now
+    torch.testing.assert_close(shown, want)

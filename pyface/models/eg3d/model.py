@@ -233,7 +233,7 @@ class EG3D(TrainableModel):
             channel_base=d.channel_base, channel_max=d.channel_max,
             mbstd_group_size=d.mbstd_group_size, mapping_layers=d.mapping_layers),
             c_noise=d.c_noise)
-        self._prepared: tuple[int, dict] | None = None
+        self._prepared: tuple[int, torch.Tensor, dict] | None = None
         self.G.rendering_resolution.fill_(cfg.neural_rendering_resolution_initial)
 
     # --- optimisation ----------------------------------------------------------------------
@@ -288,13 +288,14 @@ class EG3D(TrainableModel):
     def _prepare(self, batch: dict, ctx: StepContext) -> dict:
         """Real images (mirrored, composited), cameras and the generator's cameras; the same for
         every phase of a step."""
-        key = (int(ctx.step), id(batch.get("image")))
-        if self._prepared is not None and self._prepared[0] == key:
-            return self._prepared[1]
+        step, source = int(ctx.step), batch.get("image")
+        if self._prepared is not None and self._prepared[0] == step \
+                and self._prepared[1] is source:
+            return self._prepared[2]
         R = self.cfg.generator.img_resolution
-        for key in ("image", "camera"):
-            if key not in batch:
-                raise KeyError(f"batch[{key!r}] missing: EG3D trains on images with EG3D camera "
+        for name in ("image", "camera"):
+            if name not in batch:
+                raise KeyError(f"batch[{name!r}] missing: EG3D trains on images with EG3D camera "
                                f"labels; got keys {sorted(batch)}")
         img, cam = batch["image"].float(), batch["camera"].float()
         B = img.shape[0]
@@ -321,7 +322,9 @@ class EG3D(TrainableModel):
         perm = torch.randperm(B, generator=g).to(img.device)   # generator cameras: data labels
         out = {"image": img, "camera": cam, "mask": mask, "gen_c": cam[perm],
                "gen_mask": mask[perm] if mask is not None else None}
-        self._prepared = (key, out)
+        # the batch's own image tensor is kept with the step (not its id, which Python may
+        # give to a new tensor once the old one is freed)
+        self._prepared = (step, source, out)
         return out
 
     def _c_cond(self, c: torch.Tensor, swapping_prob: float | None) -> torch.Tensor:
@@ -352,6 +355,10 @@ class EG3D(TrainableModel):
 
     def step(self, phase: str, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         cfg = self.cfg
+        if ctx.engine is not None:
+            # the previews render the engine's EMA generator (the live one without train.ema);
+            # kept outside the module tree (not a sub-module: no parameters, no state)
+            self.__dict__["_ema_generator"] = ctx.ema("G")
         data = self._prepare(batch, ctx)
         B = data["image"].shape[0]
         dev = data["image"].device
@@ -469,7 +476,9 @@ class EG3D(TrainableModel):
 
     # --- previews --------------------------------------------------------------------------
     def _ema_G(self) -> EG3DGenerator:
-        return getattr(self, "_ema_generator", None) or self.G
+        """The generator the previews render: the engine's EMA copy once a training step has
+        run (``step`` records it), else the live one."""
+        return self.__dict__.get("_ema_generator") or self.G
 
     @torch.no_grad()
     def preview(self, batch: dict) -> dict[str, torch.Tensor]:
