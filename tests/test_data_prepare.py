@@ -434,6 +434,42 @@ def _fake_backends(tmp_path, monkeypatch, files=("a.mp4", "b.mp4", "c.png", "d.p
     return str(inp)
 
 
+def test_prepare_refuses_an_out_another_prepare_is_writing(tmp_path, monkeypatch, capsys):
+    """Two runs into one --out would delete each other's unfinished videos (and rename a folder
+    the other is still writing): a run holds a lock on --out, exclusive without --shard, shared
+    by the shards; a run that cannot take it stops before touching anything, saying why."""
+    import fcntl
+
+    import pyface.data.prepare as P
+    from pyface.cli import main
+
+    inp = _fake_backends(tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".a.partial").mkdir()                # the other run's video being written
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)          # a run without --shard is writing
+        for shard in ([], ["--shard", "0/2"]):
+            assert main(["data", "prepare", inp, "--out", str(out), "--quiet", *shard]) == 1
+            err = capsys.readouterr().err
+            who = "another pyface data prepare" + (" without --shard" if shard else "")
+            assert f"ERROR --out {out}: {who} is writing into it" in err and "--shard K/N" in err
+        assert sorted(os.listdir(out)) == [".a.partial"]
+        fcntl.flock(fd, fcntl.LOCK_SH)          # a shard is writing: other shards may too
+        assert main(["data", "prepare", inp, "--out", str(out), "--quiet"]) == 1
+        assert f"ERROR --out {out}: another pyface data prepare is writing into it" in \
+            capsys.readouterr().err
+        assert sorted(os.listdir(out)) == [".a.partial"]
+        other = f"{1 - P.shard_of('a', 2)}/2"     # a shard without a
+        assert main(["data", "prepare", inp, "--out", str(out), "--quiet", "--shard", other]) == 0
+        assert os.path.isdir(out / ".a.partial")        # another shard's: left alone
+    finally:
+        os.close(fd)
+    assert main(["data", "prepare", inp, "--out", str(out), "--quiet"]) == 0
+    assert sorted(os.listdir(out)) == ["a", "b", "c", "d", fmt.INDEX]
+
+
 def test_index_refuses_shards_prepared_with_different_options(tmp_path, monkeypatch, capsys):
     """Two shards started at once, one with --resolution 512: `pyface data index` refuses to
     write index.json, naming the option, its values, how many videos have each (examples) and

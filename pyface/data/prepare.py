@@ -1230,6 +1230,48 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
         os.makedirs(cfg.out, exist_ok=True)
     except OSError as e:
         raise PrepareError(f"--out {cfg.out}: cannot create the output folder ({e})") from None
+    lock = _lock_out(cfg.out, shared=cfg.shard is not None)
+    try:
+        return _prepare_locked(sources, ignored, bad, cfg)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _lock_out(out: str, shared: bool) -> int | None:
+    """A ``flock`` on the folder ``out`` itself, held while a run writes into it: exclusive for a
+    run without ``--shard`` (it cleans up every unfinished video of ``out``), shared by the
+    shards (each writes and cleans up only its own videos). Two runs of the same videos into
+    one ``out`` would delete each other's unfinished folders and rename a folder the other is
+    still writing; a run that cannot take the lock raises :class:`PrepareError` before it
+    touches anything. Returns the descriptor to close (None: no lock; a file system or platform
+    without ``flock`` on folders, where nothing is locked)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(out, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        # a shard is refused only by a run without --shard (the shards share the lock)
+        who = "another pyface data prepare" + (" without --shard" if shared else "")
+        raise PrepareError(
+            f"--out {out}: {who} is writing into it (it holds the folder's lock); wait for it "
+            "to finish, or prepare into another --out (--shard K/N splits one collection "
+            "across jobs that write into one --out at once)") from None
+    except OSError:             # e.g. a network file system without flock on folders
+        os.close(fd)
+        return None
+    return fd
+
+
+def _prepare_locked(sources, ignored, bad, cfg: PrepareConfig) -> dict:
+    """:func:`prepare` from the collected ``sources`` on, with ``cfg.out`` locked."""
     total = len(sources)
     if cfg.shard is not None:   # chosen by the names the inputs give, before place_sources
         k, n = cfg.shard        # (which every shard runs on all sources: the same names)
