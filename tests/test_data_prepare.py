@@ -220,6 +220,34 @@ def test_sixteen_bit_images_keep_their_contrast(tmp_path):
     assert (img[..., 0] == img[..., 2]).all()
 
 
+def test_a_frame_folder_with_frames_of_another_size_is_an_error(tmp_path):
+    """The crops of a video are smoothed over time in source pixels: a frame folder mixing
+    image sizes (renumbered photos) is refused, naming the first frame of another size, both
+    sizes and the fix, instead of crops blended between unrelated frames."""
+    from PIL import Image
+
+    from pyface.data.prepare import Source, iter_frames
+
+    d = tmp_path / "clip"
+    d.mkdir()
+    for i, size in enumerate([(64, 48), (64, 48), (80, 48), (64, 48)]):
+        Image.new("RGB", size, (i, 0, 0)).save(d / f"{i:05d}.png")
+    (src,) = collect_sources([str(d)])
+    assert src.kind == "frames"
+    got = []
+    with pytest.raises(PrepareError) as e:
+        for img in iter_frames(src):
+            got.append(img)
+    assert len(got) == 2
+    assert str(e.value).startswith(f"{d / '00002.png'}: 80x48 pixels, the frames before it in "
+                                   f"{d} are 64x48: the frames of a frame folder (one video) "
+                                   "must have one size")
+    assert "give them as photos" in str(e.value)
+    (img,) = list(iter_frames(Source("one", "image", str(d / "00002.png"),
+                                     [str(d / "00002.png")])))
+    assert img.shape == (48, 80, 3)
+
+
 def test_unfinished_videos_are_not_part_of_a_dataset(tmp_path):
     """A video being written lives in .<name>.partial: never indexed, and `pyface data check`
     reports one left behind by a killed run."""
@@ -1370,6 +1398,35 @@ def test_decode_applies_display_rotation(tmp_path):
     out = list(iter_frames(Source("rot", "video", rotated)))
     assert len(out) == 2 and out[0].shape == (64, 32, 3)
     assert out[0][-16:].mean() > 200 and out[0][:40].mean() < 40   # 90 deg counterclockwise
+
+
+@needs_prepare
+def test_a_video_that_changes_its_frame_size_is_an_error(tmp_path):
+    """Two clips of different sizes joined without re-encoding (FFmpeg's concat demuxer): the
+    decoder changes the frame size mid-stream; the error names the file, the frame and both
+    sizes, instead of landmarks and crops smoothed across the two coordinate frames."""
+    iio_ffmpeg = pytest.importorskip("imageio_ffmpeg", reason="imageio-ffmpeg (train extra) "
+                                     "joins the clips")
+    import subprocess
+
+    from pyface.data.prepare import Source, iter_frames
+    from pyface.data.prepare_quality import encode_mp4
+
+    frames = np.random.default_rng(0).integers(0, 255, (5, 64, 64, 3), dtype=np.uint8)
+    encode_mp4(frames[:3], str(tmp_path / "a.mp4"))
+    encode_mp4(frames[3:, :32, :48], str(tmp_path / "b.mp4"))
+    (tmp_path / "list.txt").write_text("file 'a.mp4'\nfile 'b.mp4'\n")
+    both = str(tmp_path / "both.mp4")
+    subprocess.run([iio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "concat",
+                    "-safe", "0", "-i", str(tmp_path / "list.txt"), "-c", "copy", both],
+                   check=True)
+    got = []
+    with pytest.raises(PrepareError) as e:
+        for img in iter_frames(Source("both", "video", both)):
+            got.append(img)
+    assert len(got) == 3
+    assert str(e.value).startswith(f"{both}: frame 3 is 48x32 pixels, the frames before it are "
+                                   "64x64 (the stream changes its size or orientation)")
 
 
 def _mp4_cut(frames, path, keep=0.6):

@@ -392,12 +392,14 @@ def unique_names(sources, taken=()) -> None:
 
 def iter_frames(src: Source, damaged: list | None = None):
     """Yields ``(H, W, 3)`` uint8 RGB frames of a source; raises :class:`PrepareError` naming the
-    file when it cannot be decoded. With a list ``damaged``, a video whose decoding fails after
-    :data:`MIN_FRAMES` or more frames (a truncated file) ends there instead, and the reason (a
-    message naming the file and the frames kept) is appended to ``damaged``."""
+    file when it cannot be decoded, or when a frame's size differs from the frames before it
+    (the crops are smoothed over time in source pixels). With a list ``damaged``, a video whose
+    decoding fails after :data:`MIN_FRAMES` or more frames (a truncated file) ends there
+    instead, and the reason (a message naming the file and the frames kept) is appended to
+    ``damaged``."""
     if src.kind == "video":
         import av
-        decoded = 0
+        decoded, first = 0, None
         try:
             with av.open(src.path) as container:
                 if not container.streams.video:
@@ -407,8 +409,16 @@ def iter_frames(src: Source, damaged: list | None = None):
                     # phone videos store their orientation as a display rotation
                     # (counterclockwise degrees): show the frame the way players do
                     k = int(round((getattr(frame, "rotation", 0) or 0) / 90.0)) % 4
+                    img = np.ascontiguousarray(np.rot90(img, k)) if k else img
+                    if decoded and img.shape != first:
+                        raise PrepareError(
+                            f"{src.path}: frame {decoded} is {_wxh(img.shape)} pixels, the "
+                            f"frames before it are {_wxh(first)} (the stream changes its size or "
+                            "orientation): the frames of one video must have one size; cut the "
+                            "video where it changes, or re-encode it at one size")
+                    first = img.shape
                     decoded += 1
-                    yield np.ascontiguousarray(np.rot90(img, k)) if k else img
+                    yield img
         except PrepareError:
             raise
         except (av.FFmpegError, ValueError, OSError) as e:
@@ -428,13 +438,25 @@ def iter_frames(src: Source, damaged: list | None = None):
                                f"({type(e).__name__}: {e})") from None
         return
     from PIL import Image, ImageOps
+    first = None
     for f in src.files:
         try:
             with Image.open(f) as im:
                 img = fmt.rgb8(ImageOps.exif_transpose(im))                   # EXIF orientation
         except Exception as e:  # PIL raises many types for corrupt data
             raise PrepareError(f"{f}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
+        if first is not None and img.shape != first:    # the crops are smoothed over time
+            raise PrepareError(
+                f"{f}: {_wxh(img.shape)} pixels, the frames before it in {src.path} are "
+                f"{_wxh(first)}: the frames of a frame folder (one video) must have one size; "
+                "resize them, or give them as photos (a folder whose image names are not all "
+                "numeric, or the image files themselves)")
+        first = img.shape
         yield img
+
+
+def _wxh(shape) -> str:
+    return f"{shape[1]}x{shape[0]}"
 
 
 def mp4_without_index(path: str) -> str | None:
