@@ -144,6 +144,23 @@ def test_select_track_largest_central_then_follows():
     assert picks[3][1] == 0.9          # restart: the largest, most central of what is left
 
 
+def test_a_jump_of_the_kept_face_starts_a_new_segment():
+    """A pick that does not overlap the previous frame's (a shot cut, or the kept face lost while
+    another face is seen) is a jump: smoothing and the fit's random walk restart there as after
+    a frame without a face; a gap is no jump."""
+    from pyface.data.prepare import select_track, track_jumps
+
+    left, right = _face(25, 50, 15), _face(75, 50, 15)
+    frames = [[(left, 0.9)], [(_face(27, 50, 15), 0.9)], [(right, 0.9)], [(right, 0.9)], [],
+              [(left, 0.9)], [(left, 0.9), (right, 0.8)]]
+    picks = select_track(frames, (100, 100))
+    assert track_jumps(picks) == [2]                    # frame 5 follows a gap: no jump
+    kept = np.array([i for i, p in enumerate(picks) if p is not None])
+    assert runs(kept).tolist() == [0, 0, 0, 0, 1, 1]
+    assert runs(kept, breaks=[2]).tolist() == [0, 0, 1, 1, 2, 2]
+    assert track_jumps([None, (left, 1.0)]) == [] and track_jumps([]) == []
+
+
 def test_config_and_input_errors(tmp_path):
     with pytest.raises(ValueError, match="crop"):
         PrepareConfig(out="x", crop="ffhq")
@@ -1427,6 +1444,35 @@ def test_a_video_that_changes_its_frame_size_is_an_error(tmp_path):
     assert len(got) == 3
     assert str(e.value).startswith(f"{both}: frame 3 is 48x32 pixels, the frames before it are "
                                    "64x64 (the stream changes its size or orientation)")
+
+
+@needs_prepare
+def test_prepare_restarts_the_crops_at_a_shot_cut(prepared, tmp_path):
+    """A shot cut (the face moves across the frame between two frames): the crops of each shot
+    stay on its face instead of sliding between the two over the smoothing window, and the jump
+    is a warning naming the video and the frame, recorded in meta.json (track_jumps)."""
+    from pyface.data.prepare import prepare
+    from pyface.data.prepare_quality import encode_mp4
+
+    rec = fmt.load_index(prepared["synth"])[0]
+    face = np.stack([fmt.read_frame(prepared["synth"], rec, i) for i in range(8)])
+    frames = np.full((8, 256, 512, 3), 128, np.uint8)
+    frames[:4, :, :256], frames[4:, :, 256:] = face[:4], face[4:]
+    os.makedirs(tmp_path / "in")
+    clip = str(tmp_path / "in" / "cut.mp4")
+    encode_mp4(frames, clip)
+    out = str(tmp_path / "out")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        prepare([clip], PrepareConfig(out=out, fit=False, progress=False))
+    meta = json.load(open(os.path.join(out, "cut", fmt.META)))
+    assert meta["track_jumps"] == [4] and meta["no_face_frames"] == []
+    x = np.array(meta["crop_boxes"])[:, 0]
+    assert np.abs(x[:4] - x[0]).max() < 10 and np.abs(x[4:] - 256 - x[0]).max() < 10, x
+    said = [str(m.message) for m in w if "jumps" in str(m.message)]
+    assert said == [f"{clip}: the kept face jumps at frame 4 (no overlap with the face of the "
+                    "frame before: a shot cut, or another person): smoothing restarts there, "
+                    "but the video is fitted as one identity; cut it there if the faces differ"]
 
 
 def _mp4_cut(frames, path, keep=0.6):

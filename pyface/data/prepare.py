@@ -8,9 +8,10 @@ Pipeline per video (two decoding passes, so memory does not grow with the video 
 2. **Face mesh** (478 points) with MediaPipe's legacy face-mesh solution (``mediapipe==0.10.21``,
    whose wheel ships the detector and mesh models: offline) in tracking mode, several faces per
    frame; the kept track is the largest, most central face of the first frame with a face,
-   followed by box overlap. Per-frame confidence: the best score of MediaPipe's short- and
-   full-range face detectors for the kept face (0 when only the mesh tracker found it). Frames without a face are flagged and
-   left out.
+   followed by box overlap (a frame whose pick overlaps no pick of the frame before is a jump,
+   ``track_jumps``: smoothing restarts there). Per-frame confidence: the best score of
+   MediaPipe's short- and full-range face detectors for the kept face (0 when only the mesh
+   tracker found it). Frames without a face are flagged and left out.
 3. **Smoothing**: Savitzky-Golay over time of the mesh (per run of consecutive kept frames);
    jitter (:func:`pyface.data.landmarks.jitter`) before and after is recorded. 478 -> 68 with
    :func:`pyface.data.landmarks.mesh_to_68`.
@@ -455,6 +456,13 @@ def iter_frames(src: Source, damaged: list | None = None):
         yield img
 
 
+def _frames_list(frames, k: int = 5) -> str:
+    """``"frame 4"``, ``"frames 4, 9"``, ``"frames 1, 2, 3, 4, 5, ... (7 in all)"``."""
+    shown = ", ".join(str(f) for f in frames[:k])
+    return ("frame " if len(frames) == 1 else "frames ") + shown + (
+        f", ... ({len(frames)} in all)" if len(frames) > k else "")
+
+
 def _wxh(shape) -> str:
     return f"{shape[1]}x{shape[0]}"
 
@@ -677,11 +685,23 @@ def select_track(frame_faces, image_size):
 # smoothing and crops
 
 
-def runs(frames: np.ndarray) -> np.ndarray:
-    """Segment id per kept frame: consecutive source frame indices share a segment."""
+def track_jumps(picks) -> list[int]:
+    """The frames whose pick (:func:`select_track`) does not overlap the previous frame's pick
+    (box IoU <= 0.3): the kept face jumped - a shot cut, or the followed face lost while another
+    face is seen. A pick after a frame without one is no jump (the gap already ends the run)."""
+    return [i for i in range(1, len(picks)) if picks[i] is not None and picks[i - 1] is not None
+            and _iou(_box(picks[i - 1][0]), _box(picks[i][0])) <= 0.3]
+
+
+def runs(frames: np.ndarray, breaks=()) -> np.ndarray:
+    """Segment id per kept frame: consecutive source frame indices share a segment, except that
+    a frame in ``breaks`` (source indices: :func:`track_jumps`) starts a new one."""
     if len(frames) == 0:
         return np.zeros(0, np.int64)
-    return np.concatenate([[0], np.cumsum(np.diff(frames) != 1)]).astype(np.int64)
+    new = np.diff(frames) != 1
+    if len(breaks):
+        new |= np.isin(frames[1:], np.asarray(breaks))
+    return np.concatenate([[0], np.cumsum(new)]).astype(np.int64)
 
 
 def smooth_savgol(x: np.ndarray, segments: np.ndarray, window: int, order: int = 2) -> np.ndarray:
@@ -822,9 +842,15 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
         no_face = [i for i, p in enumerate(picks) if p is None]
         if len(kept) == 0:
             raise PrepareError(f"{src.path}: no face found in any of its {n} frames")
+        jumps, said = track_jumps(picks), []
+        if jumps:       # smoothing across a jump would slide the crops between the two faces
+            said.append(f"{src.path}: the kept face jumps at {_frames_list(jumps)} (no "
+                        "overlap with the face of the frame before: a shot cut, or another "
+                        "person): smoothing restarts there, but the video is fitted as one "
+                        "identity; cut it there if the faces differ")
         mesh = np.stack([picks[i][0] for i in kept])                  # (T, 478, 3)
         conf = np.array([picks[i][1] for i in kept], np.float32)
-        seg = runs(kept)
+        seg = runs(kept, jumps)
         raw68 = mesh_to_68(mesh)
         mesh_s = smooth_savgol(mesh, seg, cfg.smooth_window)
         lm68 = mesh_to_68(mesh_s)                       # iBUG: jaw on the visible outline
@@ -946,7 +972,7 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
     meta = {"identity": src.name, "fps": source_fps(src), "source": os.path.abspath(src.path),
             "num_frames": t, "resolution": [r, r], "generator": GENERATOR,
             "crop": cfg.crop, "source_num_frames": n, "source_frames": kept.tolist(),
-            "no_face_frames": no_face, "confidence": [round(float(c), 4) for c in conf],
+            "no_face_frames": no_face, "track_jumps": jumps, "confidence": [round(float(c), 4) for c in conf],
             "fit_residual_px": [None if not np.isfinite(x) else round(float(x), 3) for x in residual],
             "photometric_rms": [None if not np.isfinite(x) else round(float(x), 2) for x in photometric],
             "crop_boxes": np.round(boxes, 2).tolist(), "jitter_px": jit,
@@ -967,7 +993,7 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
     else:
         os.replace(tmp, final)
     return {"name": src.name, "frames": t, "source_frames": n, "no_face": len(no_face),
-            "seconds": seconds, "jitter_px": jit, "timing_s": timing, "warnings": damaged}
+            "seconds": seconds, "jitter_px": jit, "timing_s": timing, "warnings": damaged + said}
 
 
 _MODNET: dict = {}
