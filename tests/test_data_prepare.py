@@ -300,6 +300,53 @@ def test_place_sources_never_takes_another_inputs_video(tmp_path):
     assert len(notes) == 1 and "prepared as clip_3" in notes[0] and "/data/a/clip.mp4" in notes[0]
 
 
+def _dead(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"        # a zombie
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process states from /proc")
+def test_prepare_workers_end_with_the_main_process(tmp_path):
+    """The main process killed (kill PID, the out-of-memory killer): its --workers processes
+    end too, instead of finishing their videos into --out unlocked, alongside the run that
+    resumes it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import multiprocessing as mp, os, signal, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "import pyface.data.prepare as P\n"
+        "if __name__ == '__main__':\n"
+        "    ex = ProcessPoolExecutor(1, mp_context=mp.get_context('spawn'),\n"
+        "                             initializer=P._worker_init, initargs=(None,))\n"
+        "    print(ex.submit(os.getpid).result(), flush=True)\n"
+        "    ex.submit(time.sleep, 60)           # a video being prepared\n"
+        "    time.sleep(0.5)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    (tmp_path / "main.py").write_text(code)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fmt.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    with open(tmp_path / "out.txt", "w") as out:     # not a pipe: the worker may hold it
+        rc = subprocess.run([sys.executable, str(tmp_path / "main.py")], env=env, stdout=out,
+                            stderr=subprocess.STDOUT, timeout=120).returncode
+    said = (tmp_path / "out.txt").read_text()
+    assert rc == -signal.SIGKILL, said[-2000:]
+    worker = int(said.split()[0])
+    t0 = time.monotonic()
+    while not _dead(worker) and time.monotonic() - t0 < 10:
+        time.sleep(0.1)
+    alive = not _dead(worker)
+    if alive:
+        os.kill(worker, signal.SIGKILL)
+    assert not alive, "the worker outlived the main process"
+
+
 def test_prepare_cli_option_errors_name_the_option(tmp_path, capsys):
     from pyface.cli import main
 

@@ -1056,6 +1056,18 @@ def _worker_init(q):
 
     _progress_queue = q
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C: the main process stops the pool
+    import multiprocessing as mp
+    import threading
+
+    parent = mp.parent_process()
+    if parent is not None:
+        # the main process killed (kill PID, the out-of-memory killer): end with it. Otherwise
+        # the worker finishes its video (and the one queued next) into --out after the main
+        # process's lock on it is gone, alongside the run that resumes it.
+        def watch():
+            parent.join()           # returns when the main process has ended
+            os._exit(1)
+        threading.Thread(target=watch, name="watch-main-process", daemon=True).start()
     import torch
     torch.set_num_threads(1)
 
