@@ -1522,6 +1522,42 @@ def test_prepare_restarts_the_crops_at_a_shot_cut(prepared, tmp_path):
                     "but the video is fitted as one identity; cut it there if the faces differ"]
 
 
+@needs_prepare
+def test_the_video_of_a_file_with_a_still_picture_stream_first(tmp_path):
+    """A Matroska file whose first video stream is a single picture (a cover or thumbnail
+    track, as muxers put first) and the second the movie: the movie is prepared (FFmpeg's best
+    video stream), its frames, frame count and frame rate, not the one picture."""
+    from fractions import Fraction
+
+    import av
+
+    from pyface.data.prepare import Source, count_frames, iter_frames, source_fps
+
+    path = str(tmp_path / "covered.mkv")
+    with av.open(path, "w") as c:
+        still = c.add_stream("mjpeg", rate=1)
+        still.width, still.height, still.pix_fmt = 48, 32, "yuvj420p"
+        movie = c.add_stream("libx264", rate=Fraction(30000, 1001))
+        movie.width, movie.height, movie.pix_fmt = 64, 64, "yuv420p"
+        for p in still.encode(av.VideoFrame.from_ndarray(np.full((32, 48, 3), 200, np.uint8),
+                                                         format="rgb24")):
+            c.mux(p)
+        for p in still.encode():
+            c.mux(p)
+        for i in range(5):
+            img = np.full((64, 64, 3), 40 * i, np.uint8)
+            for p in movie.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in movie.encode():
+            c.mux(p)
+    src = Source("covered", "video", path)
+    frames = list(iter_frames(src))
+    assert [f.shape for f in frames] == [(64, 64, 3)] * 5
+    assert [int(round(f.mean() / 40)) for f in frames] == [0, 1, 2, 3, 4]
+    assert abs(source_fps(src) - 30000 / 1001) < 1e-9
+    assert count_frames(src) in (0, 5)          # Matroska does not always declare the count
+
+
 def _mp4_cut(frames, path, keep=0.6):
     """Writes ``frames`` to an H.264 mp4 with its index first (faststart, a key frame every 5),
     then keeps only the first ``keep`` of its bytes at ``path`` (a copy or recording cut short)."""

@@ -403,9 +403,10 @@ def iter_frames(src: Source, damaged: list | None = None):
         decoded, first = 0, None
         try:
             with av.open(src.path) as container:
-                if not container.streams.video:
+                stream = _video_stream(container)
+                if stream is None:
                     raise PrepareError(f"{src.path}: no video stream")
-                for frame in _decode(container, container.streams.video[0], av.FFmpegError):
+                for frame in _decode(container, stream, av.FFmpegError):
                     img = frame.to_ndarray(format="rgb24")
                     # phone videos store their orientation as a display rotation
                     # (counterclockwise degrees): show the frame the way players do
@@ -521,6 +522,15 @@ def _decode(container, stream, ffmpeg_error):
         raise
 
 
+def _video_stream(container):
+    """The video stream of a PyAV container that FFmpeg's ``av_find_best_stream`` picks (players
+    and ``ffmpeg -i`` do too): never a cover picture (``attached_pic``), a moving stream before a
+    single-picture one; the first video stream when only one. None: no video stream."""
+    if not container.streams.video:
+        return None
+    return container.streams.best("video") or container.streams.video[0]
+
+
 def count_frames(src: Source) -> int:
     """The number of frames a source declares (0 when a video does not say)."""
     if src.kind != "video":
@@ -528,7 +538,8 @@ def count_frames(src: Source) -> int:
     import av
     try:
         with av.open(src.path) as c:
-            return int(c.streams.video[0].frames) if c.streams.video else 0
+            stream = _video_stream(c)
+            return int(stream.frames) if stream is not None else 0
     except Exception:  # the decode pass reports the error with its file name
         return 0
 
@@ -539,7 +550,8 @@ def source_fps(src: Source) -> float:
     import av
     try:
         with av.open(src.path) as c:
-            r = c.streams.video[0].average_rate if c.streams.video else None
+            stream = _video_stream(c)
+            r = stream.average_rate if stream is not None else None
             return float(r) if r else 25.0
     except Exception:  # the decode pass reports the error with its file name
         return 25.0
