@@ -265,6 +265,26 @@ def test_a_frame_folder_with_frames_of_another_size_is_an_error(tmp_path):
     assert img.shape == (48, 80, 3)
 
 
+def test_photos_are_turned_by_their_exif_orientation(tmp_path):
+    """A phone photo stored sideways with an EXIF orientation (6: turn 90 degrees clockwise to
+    show) comes out as shown, for a photo and in a frame folder."""
+    from PIL import Image
+
+    from pyface.data.prepare import iter_frames
+
+    shown = np.zeros((40, 64, 3), np.uint8)
+    shown[:10, :16] = 255                               # white top-left corner, landscape
+    stored = np.ascontiguousarray(np.rot90(shown, 1))   # as the sensor wrote it
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "clip").mkdir()
+    for path in (tmp_path / "photo.png", tmp_path / "clip" / "00001.png"):
+        Image.fromarray(stored).save(path, exif=exif)
+    for src in collect_sources([str(tmp_path / "photo.png"), str(tmp_path / "clip")]):
+        (img,) = list(iter_frames(src))
+        np.testing.assert_array_equal(img, shown)
+
+
 def test_unfinished_videos_are_not_part_of_a_dataset(tmp_path):
     """A video being written lives in .<name>.partial: never indexed, and `pyface data check`
     reports one left behind by a killed run."""
