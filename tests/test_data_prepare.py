@@ -582,6 +582,38 @@ def test_prepare_refuses_an_out_another_prepare_is_writing(tmp_path, monkeypatch
     assert sorted(os.listdir(out)) == ["a", "b", "c", "d", fmt.INDEX]
 
 
+def test_prepare_stops_when_the_disk_is_full(tmp_path, monkeypatch, capsys):
+    """No space left on --out's disk (or a quota, or a read-only file system) fails every later
+    video too: even with --skip-bad the run stops at the first, and the command says what
+    happened, what is kept and how to go on, in one line instead of a traceback."""
+    import errno
+
+    import pyface.data.prepare as P
+    from pyface.cli import main
+
+    inp = _fake_backends(tmp_path, monkeypatch)
+    real = P.prepare_video
+    tried = []
+
+    def full(src, cfg, progress=None):
+        tried.append(src.name)
+        if src.name != "a":
+            raise OSError(errno.ENOSPC, "No space left on device",
+                          os.path.join(cfg.out, f".{src.name}.partial", "frames", "00000.png"))
+        return real(src, cfg, progress)
+    monkeypatch.setattr(P, "prepare_video", full)
+    out = str(tmp_path / "out")
+    for skip in ([], ["--skip-bad"]):
+        tried.clear()
+        assert main(["data", "prepare", inp, "--out", out, "--quiet", *skip]) == 1
+        err = capsys.readouterr().err
+        assert tried == ["a", "b"]
+        assert f"ERROR {os.path.join(inp, 'b.mp4')}: [Errno 28] No space left on device: " in err
+        assert "Traceback" not in err
+        assert f"the finished videos in {out} are kept and indexed" in err and "--resume" in err
+        assert [r.name for r in fmt.load_index(out)] == ["a"]
+
+
 def test_index_refuses_shards_prepared_with_different_options(tmp_path, monkeypatch, capsys):
     """Two shards started at once, one with --resolution 512: `pyface data index` refuses to
     write index.json, naming the option, its values, how many videos have each (examples) and

@@ -1088,6 +1088,21 @@ def _failed(src: Source, e: Exception) -> str:
     return f"{src.path}: preparation failed ({type(e).__name__}: {e})"
 
 
+def _output_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a failure to write that every later video would meet too (no space
+    left, a quota, a read-only file system): it stops the run, even with ``--skip-bad``."""
+    import errno
+
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _stopped(src: Source, e: OSError, cfg: PrepareConfig) -> PrepareError:
+    """The error that stops a run on an :func:`_output_failure` ``e`` while preparing ``src``."""
+    kept = "kept" if cfg.shard is not None else "kept and indexed"
+    return PrepareError(f"{src.path}: {e}; the finished videos in {cfg.out} are {kept}: make "
+                        "room (or fix the output folder) and run the same command with --resume")
+
+
 def _worker(args):
     src, cfg = args
     q = _progress_queue
@@ -1104,7 +1119,7 @@ def _worker(args):
     except PrepareError as e:
         return src, None, str(e)
     except Exception as e:      # with --skip-bad one failing input never stops the others
-        if not cfg.skip_bad:
+        if not cfg.skip_bad or _output_failure(e):
             raise
         return src, None, _failed(src, e)
     finally:
@@ -1402,6 +1417,8 @@ def _prepare_locked(sources, ignored, bad, cfg: PrepareConfig) -> dict:
                 except PrepareError as e:
                     done(s, None, str(e))
                 except Exception as e:  # with --skip-bad one failing input never stops the others
+                    if _output_failure(e):
+                        raise _stopped(s, e, cfg) from None
                     if not cfg.skip_bad:
                         raise
                     done(s, None, _failed(s, e))
@@ -1445,6 +1462,10 @@ def _prepare_locked(sources, ignored, bad, cfg: PrepareConfig) -> dict:
                 for f in as_completed(futures):
                     try:
                         s, r, err = f.result()
+                    except OSError as e:
+                        if not _output_failure(e):
+                            raise
+                        raise _stopped(futures[f], e, cfg) from None
                     except BrokenProcessPool:
                         lost = [futures[g].path for g in futures
                                 if not g.done() or isinstance(g.exception(), BrokenProcessPool)]
