@@ -220,6 +220,33 @@ def test_collect_sources_unique_names_and_ignored_entries(tmp_path):
         collect_sources([str(tmp_path / "gone.mp4")])
 
 
+def test_a_folder_of_numbered_frames_with_a_prefix_is_photos_with_a_note(tmp_path):
+    """Frames extracted as frame_00001.png, ... are not numeric names: the folder is read as
+    photos (one-frame videos), as documented, with a note saying so and how to name frames;
+    photos without a common numbered pattern, and frame folders, get no note."""
+    d = tmp_path / "clip"
+    d.mkdir()
+    for i in (1, 2, 10):
+        (d / f"frame_{i:05d}.png").write_bytes(b"")
+    notes = []
+    s = collect_sources([str(d)], notes=notes)
+    assert [x.name for x in s] == ["frame_00001", "frame_00002", "frame_00010"]
+    assert all(x.kind == "image" for x in s)
+    assert notes == [f"{d}: its 3 images are named like the frames of a video (frame_00001.png "
+                     "... frame_00010.png) and are read as 3 photos (one-frame videos); to "
+                     "read them as the frames of one video, name them by number only "
+                     "(00001.png, 00002.png, ...)"]
+    (tmp_path / "photos").mkdir()
+    for f in ("me.jpg", "you_2.jpg", "us.png"):
+        (tmp_path / "photos" / f).write_bytes(b"")
+    (tmp_path / "frames").mkdir()
+    for f in ("1.png", "2.png"):
+        (tmp_path / "frames" / f).write_bytes(b"")
+    notes = []
+    collect_sources([str(tmp_path / "photos"), str(tmp_path / "frames")], notes=notes)
+    assert notes == []
+
+
 def test_sixteen_bit_images_keep_their_contrast(tmp_path):
     """Pillow's convert("RGB") clips 16-bit grayscale at 255 (a white image): scaled instead."""
     from PIL import Image

@@ -290,7 +290,7 @@ def _safe(name: str) -> str:
 
 
 def collect_sources(inputs, ignored: list | None = None, errors: list | None = None,
-                    exclude=()) -> list[Source]:
+                    exclude=(), notes: list | None = None) -> list[Source]:
     """Expands the command-line inputs into videos.
 
     * a video file (``VIDEO_EXTS``) -> one video; an image file -> a one-frame video;
@@ -303,8 +303,10 @@ def collect_sources(inputs, ignored: list | None = None, errors: list | None = N
     given. Entries of a folder that are not read (other files, sub-folders that are not frame
     folders) are appended to ``ignored`` as messages naming them; hidden entries (``.name``) are
     passed over silently, and so are the folders of ``exclude`` (the output folder, when it lies
-    in an input folder); an input met twice is read once. Names are the file or folder stems
-    made file-system safe and unique:
+    in an input folder); an input met twice is read once. An input folder of photos whose image
+    names all share one numbered pattern (``frame_00001.png``, ...: frames extracted with a
+    prefix) gets a message in ``notes`` saying how frames are named. Names are the file or
+    folder stems made file-system safe and unique:
     a name taken twice gets the first free ``_2``, ``_3``, ... suffix that no input's own name
     uses, so ``clip.mov``, ``clip.mp4`` and ``clip_1.mp4`` become ``clip``, ``clip_2``,
     ``clip_1``.
@@ -344,6 +346,10 @@ def collect_sources(inputs, ignored: list | None = None, errors: list | None = N
             if frames:
                 out.append(Source(_safe(os.path.basename(os.path.normpath(p))), "frames", p, frames))
                 continue
+            if notes is not None:
+                note = _numbered_photos(p)
+                if note:
+                    notes.append(note)
             for f in sorted(os.listdir(p)):
                 q = os.path.join(p, f)
                 if f.startswith(".") or os.path.realpath(q) in skip:
@@ -371,6 +377,21 @@ def collect_sources(inputs, ignored: list | None = None, errors: list | None = N
         unique.append(s)
     unique_names(unique)
     return unique
+
+
+def _numbered_photos(d: str) -> str | None:
+    """A note when the images of the folder ``d`` (two or more) are all named one prefix, a
+    number and one extension (``frame_00001.png``): the frames of a video, read as photos
+    because their names are not numbers only."""
+    imgs = sorted(f for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTS)
+                  and not f.startswith("."))
+    parts = [re.fullmatch(r"(.*?)([0-9]+)(\.[^.]+)", f) for f in imgs]
+    if len(imgs) < 2 or not all(parts) or len({(m.group(1), m.group(3)) for m in parts}) > 1:
+        return None
+    imgs = [m.group(0) for m in sorted(parts, key=lambda m: int(m.group(2)))]
+    return (f"{d}: its {len(imgs)} images are named like the frames of a video ({imgs[0]} ... "
+            f"{imgs[-1]}) and are read as {len(imgs)} photos (one-frame videos); to read them "
+            "as the frames of one video, name them by number only (00001.png, 00002.png, ...)")
 
 
 def unique_names(sources, taken=()) -> None:
@@ -1304,9 +1325,11 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
             raise PrepareError(str(e)) from None
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise PrepareError(f"--out {cfg.out}: exists and is not a folder")
-    ignored, bad = [], []
+    ignored, bad, notes = [], [], []
     sources = collect_sources(inputs, ignored=ignored, errors=bad if cfg.skip_bad else None,
-                              exclude=[cfg.out])
+                              exclude=[cfg.out], notes=notes)
+    for m in notes:
+        warnings.warn(m, stacklevel=2)
     for m in ignored:
         warnings.warn(f"ignored: {m}", stacklevel=2)
     for m in bad:
