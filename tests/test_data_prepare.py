@@ -218,6 +218,12 @@ def test_collect_sources_unique_names_and_ignored_entries(tmp_path):
     assert len(errors) == 1 and "gone.mp4: no such file or folder" in errors[0]
     with pytest.raises(PrepareError, match="gone.mp4"):
         collect_sources([str(tmp_path / "gone.mp4")])
+    # the output root's own files are no video names: index.json.mp4 would be a folder
+    # index.json, where the index is written
+    for f in ("index.json.mp4", "index.json.tmp.mov"):
+        (tmp_path / f).write_bytes(b"")
+    s = collect_sources([str(tmp_path / "index.json.mp4"), str(tmp_path / "index.json.tmp.mov")])
+    assert [x.name for x in s] == ["index.json_2", "index.json.tmp_2"]
 
 
 def test_a_folder_of_numbered_frames_with_a_prefix_is_photos_with_a_note(tmp_path):

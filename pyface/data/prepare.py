@@ -394,12 +394,17 @@ def _numbered_photos(d: str) -> str | None:
             "as the frames of one video, name them by number only (00001.png, 00002.png, ...)")
 
 
+#: Files of a dataset root (the index and its temporary file while it is rewritten): no video
+#: folder takes their names (an input index.json.mp4 is prepared as index.json_2).
+RESERVED_NAMES = (fmt.INDEX, fmt.INDEX + ".tmp")
+
+
 def unique_names(sources, taken=()) -> None:
-    """Makes the names of ``sources`` unique (in place, in order) and different from ``taken``:
-    a repeated name gets the first free ``_2``, ``_3``, ... suffix that is neither another
-    source's own name nor taken."""
+    """Makes the names of ``sources`` unique (in place, in order) and different from ``taken``
+    and :data:`RESERVED_NAMES`: a repeated name gets the first free ``_2``, ``_3``, ... suffix
+    that is neither another source's own name nor taken."""
     own = {s.name for s in sources}
-    used = set(taken)
+    used = set(taken) | set(RESERVED_NAMES)
     for s in sources:
         name, k = s.name, 2
         while name in used:
