@@ -215,6 +215,13 @@ def test_collect_sources_unique_names_and_ignored_entries(tmp_path):
     ignored = []                                # the output folder inside the input folder
     collect_sources([str(d)], ignored=ignored, exclude=[str(d / "photos")])
     assert len(ignored) == 1 and "notes.txt" in ignored[0]
+    # the output folder is the input folder: its index and video folders are passed over too
+    (d / fmt.INDEX).write_text("{}")
+    (d / "clip" / fmt.FRAME_DIR).mkdir(parents=True)
+    (d / "clip" / fmt.META).write_text("{}")
+    ignored = []
+    assert len(collect_sources([str(d)], ignored=ignored, exclude=[str(d)])) == 5
+    assert len(ignored) == 2 and "notes.txt" in ignored[0] and "photos" in ignored[1]
     assert len(errors) == 1 and "gone.mp4: no such file or folder" in errors[0]
     with pytest.raises(PrepareError, match="gone.mp4"):
         collect_sources([str(tmp_path / "gone.mp4")])

@@ -303,10 +303,11 @@ def collect_sources(inputs, ignored: list | None = None, errors: list | None = N
     given. Entries of a folder that are not read (other files, sub-folders that are not frame
     folders) are appended to ``ignored`` as messages naming them; hidden entries (``.name``) are
     passed over silently, and so are the folders of ``exclude`` (the output folder, when it lies
-    in an input folder); an input met twice is read once. An input folder of photos whose image
-    names all share one numbered pattern (``frame_00001.png``, ...: frames extracted with a
-    prefix) gets a message in ``notes`` saying how frames are named. Names are the file or
-    folder stems made file-system safe and unique:
+    in an input folder) and, in an input folder that is in ``exclude`` (the output folder
+    itself), its index and video folders; an input met twice is read once. An input folder of
+    photos whose image names all share one numbered pattern (``frame_00001.png``, ...: frames
+    extracted with a prefix) gets a message in ``notes`` saying how frames are named. Names are
+    the file or folder stems made file-system safe and unique:
     a name taken twice gets the first free ``_2``, ``_3``, ... suffix that no input's own name
     uses, so ``clip.mov``, ``clip.mp4`` and ``clip_1.mp4`` become ``clip``, ``clip_2``,
     ``clip_1``.
@@ -350,9 +351,11 @@ def collect_sources(inputs, ignored: list | None = None, errors: list | None = N
                 note = _numbered_photos(p)
                 if note:
                     notes.append(note)
-            for f in sorted(os.listdir(p)):
+            is_out = os.path.realpath(p) in skip        # --out is this input folder:
+            for f in sorted(os.listdir(p)):                 # its index and videos are no input
                 q = os.path.join(p, f)
-                if f.startswith(".") or os.path.realpath(q) in skip:
+                if f.startswith(".") or os.path.realpath(q) in skip or is_out and (
+                        f in RESERVED_NAMES or os.path.isfile(os.path.join(q, fmt.META))):
                     continue
                 if os.path.isdir(q):
                     fr = frame_folder(q)
