@@ -1302,7 +1302,10 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
     inputs are skipped; one prepared with other options (:func:`effective_options` of
     :data:`OUTPUT_OPTIONS`) is an error before any work. So is a finished video of other inputs
     (or, with ``shard``, of other shards) in ``out`` prepared with other options: the index
-    would mix them (:func:`_refuse_other_options`).
+    would mix them (:func:`_refuse_other_options`). A run holds a lock on ``out``
+    (:func:`_lock_out`: exclusive, shared by shards): a second run into it raises
+    :class:`PrepareError` before touching anything. A full disk (:func:`_output_failure`) stops
+    the run even with ``skip_bad``.
 
     With ``shard=(K, N)`` only the videos whose name (:func:`collect_sources`) falls in shard K
     (:func:`shard_of`) are prepared, under the names one run of all the inputs gives them; the
