@@ -260,6 +260,27 @@ def test_a_folder_of_numbered_frames_with_a_prefix_is_photos_with_a_note(tmp_pat
     assert notes == []
 
 
+def test_a_pyav_without_frame_rotation_is_refused(monkeypatch):
+    """PyAV before 14.1 has no VideoFrame.rotation: portrait phone videos would be prepared
+    sideways without a word. The prepare extra asks for 14.1, and an older PyAV is an
+    ImportError naming the version and the fix, before any video."""
+    import sys
+    import types
+
+    import pyface.data.prepare as P
+
+    old = types.SimpleNamespace(__version__="14.0.1", VideoFrame=type("VideoFrame", (), {}))
+    monkeypatch.setitem(sys.modules, "av", old)
+    with pytest.raises(ImportError) as e:
+        P.require_backends()
+    assert str(e.value).startswith("pyface data prepare needs PyAV >= 14.1 (VideoFrame.rotation: "
+                                   "the display rotation of portrait phone videos), found 14.0.1")
+    assert P.EXTRA_HINT in str(e.value)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(P.__file__))))
+    setup = open(os.path.join(root, "setup.py")).read()
+    assert '"av>=14.1"' in setup
+
+
 def test_sixteen_bit_images_keep_their_contrast(tmp_path):
     """Pillow's convert("RGB") clips 16-bit grayscale at 255 (a white image): scaled instead."""
     from PIL import Image

@@ -271,9 +271,19 @@ class Source:
 
 
 def require_backends():
-    """Imports the optional dependencies, or raises ImportError saying which extra installs them."""
+    """Imports the optional dependencies, or raises ImportError saying which extra installs them
+    (also for a PyAV older than 14.1, which does not give a frame's display rotation)."""
     try:
-        import av  # noqa: F401
+        import av
+    except ImportError as e:
+        av, missing = None, e
+    if av is not None and not hasattr(av.VideoFrame, "rotation"):     # added in PyAV 14.1
+        raise ImportError("pyface data prepare needs PyAV >= 14.1 (VideoFrame.rotation: the "
+                          "display rotation of portrait phone videos), found "
+                          f"{getattr(av, '__version__', '?')}; install it with: {EXTRA_HINT}")
+    try:
+        if av is None:
+            raise missing
         import mediapipe  # noqa: F401
         from mediapipe.python.solutions import face_mesh  # noqa: F401
     except ImportError as e:
