@@ -452,6 +452,45 @@ def test_prepare_cli_interrupted(tmp_path, monkeypatch, capsys):
     assert "interrupted" in err and "--resume" in err and "Traceback" not in err
 
 
+def test_prepare_cli_terminated(tmp_path):
+    """SIGTERM (kill PID, a SLURM time limit or preemption) ends a run like Ctrl-C: the video
+    being written is removed, a message says what is kept and how to go on, exit code 143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    (inp / "a.mp4").write_bytes(b"")
+    code = (
+        "import os, sys, time\n"
+        "import pyface.data.prepare as P\n"
+        "from pyface.cli import main\n"
+        "def slow(src, cfg, progress=None):     # a long video\n"
+        "    os.makedirs(os.path.join(cfg.out, f'.{src.name}.partial', 'frames'))\n"
+        "    time.sleep(60)\n"
+        "P.require_backends = lambda: None\n"
+        "P.prepare_video = slow\n"
+        f"sys.exit(main(['data', 'prepare', {str(inp)!r}, '--out', {str(out)!r}, '--quiet']))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fmt.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.monotonic()
+        while not (out / ".a.partial").is_dir() and time.monotonic() - t0 < 60:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 143, err[-2000:]
+    assert f"terminated (SIGTERM): the finished videos in {out} are kept and indexed" in err
+    assert "--resume" in err and "Traceback" not in err
+    assert os.listdir(out) == []
+
+
 def test_shard_argument_and_selection(monkeypatch):
     """--shard K/N and auto (a SLURM array): bad values name --shard, the expected form and the
     value; the shard of a video is a fixed function of its name (the same in every process and

@@ -277,7 +277,8 @@ def require_backends():
         import av
     except ImportError as e:
         av, missing = None, e
-    if av is not None and not hasattr(av.VideoFrame, "rotation"):     # added in PyAV 14.1
+    frame = getattr(av, "VideoFrame", None)
+    if frame is not None and not hasattr(frame, "rotation"):          # added in PyAV 14.1
         raise ImportError("pyface data prepare needs PyAV >= 14.1 (VideoFrame.rotation: the "
                           "display rotation of portrait phone videos), found "
                           f"{getattr(av, '__version__', '?')}; install it with: {EXTRA_HINT}")
