@@ -220,7 +220,9 @@ setup(
         # protobuf>=5.26 (google.protobuf.runtime_version), so with this extra tensorboard stays
         # below 2.20 (2.19.0 works with protobuf 4.25).
         # CI installs it into a virtualenv of its own, so the rest of the suite keeps numpy 2.
-        "prepare": ["mediapipe==0.10.21", "av>=12", "tensorboard<2.20"],
+        # PyAV 14.1 added VideoFrame.rotation (portrait phone videos are decoded sideways
+        # without it).
+        "prepare": ["mediapipe==0.10.21", "av>=14.1", "tensorboard<2.20"],
     },
     entry_points={"console_scripts": ["pyface=pyface.cli:main"]},
 )

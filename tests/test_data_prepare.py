@@ -144,6 +144,23 @@ def test_select_track_largest_central_then_follows():
     assert picks[3][1] == 0.9          # restart: the largest, most central of what is left
 
 
+def test_a_jump_of_the_kept_face_starts_a_new_segment():
+    """A pick that does not overlap the previous frame's (a shot cut, or the kept face lost while
+    another face is seen) is a jump: smoothing and the fit's random walk restart there as after
+    a frame without a face; a gap is no jump."""
+    from pyface.data.prepare import select_track, track_jumps
+
+    left, right = _face(25, 50, 15), _face(75, 50, 15)
+    frames = [[(left, 0.9)], [(_face(27, 50, 15), 0.9)], [(right, 0.9)], [(right, 0.9)], [],
+              [(left, 0.9)], [(left, 0.9), (right, 0.8)]]
+    picks = select_track(frames, (100, 100))
+    assert track_jumps(picks) == [2]                    # frame 5 follows a gap: no jump
+    kept = np.array([i for i, p in enumerate(picks) if p is not None])
+    assert runs(kept).tolist() == [0, 0, 0, 0, 1, 1]
+    assert runs(kept, breaks=[2]).tolist() == [0, 0, 1, 1, 2, 2]
+    assert track_jumps([None, (left, 1.0)]) == [] and track_jumps([]) == []
+
+
 def test_config_and_input_errors(tmp_path):
     with pytest.raises(ValueError, match="crop"):
         PrepareConfig(out="x", crop="ffhq")
@@ -198,9 +215,70 @@ def test_collect_sources_unique_names_and_ignored_entries(tmp_path):
     ignored = []                                # the output folder inside the input folder
     collect_sources([str(d)], ignored=ignored, exclude=[str(d / "photos")])
     assert len(ignored) == 1 and "notes.txt" in ignored[0]
+    # the output folder is the input folder: its index and video folders are passed over too
+    (d / fmt.INDEX).write_text("{}")
+    (d / "clip" / fmt.FRAME_DIR).mkdir(parents=True)
+    (d / "clip" / fmt.META).write_text("{}")
+    ignored = []
+    assert len(collect_sources([str(d)], ignored=ignored, exclude=[str(d)])) == 5
+    assert len(ignored) == 2 and "notes.txt" in ignored[0] and "photos" in ignored[1]
     assert len(errors) == 1 and "gone.mp4: no such file or folder" in errors[0]
     with pytest.raises(PrepareError, match="gone.mp4"):
         collect_sources([str(tmp_path / "gone.mp4")])
+    # the output root's own files are no video names: index.json.mp4 would be a folder
+    # index.json, where the index is written
+    for f in ("index.json.mp4", "index.json.tmp.mov"):
+        (tmp_path / f).write_bytes(b"")
+    s = collect_sources([str(tmp_path / "index.json.mp4"), str(tmp_path / "index.json.tmp.mov")])
+    assert [x.name for x in s] == ["index.json_2", "index.json.tmp_2"]
+
+
+def test_a_folder_of_numbered_frames_with_a_prefix_is_photos_with_a_note(tmp_path):
+    """Frames extracted as frame_00001.png, ... are not numeric names: the folder is read as
+    photos (one-frame videos), as documented, with a note saying so and how to name frames;
+    photos without a common numbered pattern, and frame folders, get no note."""
+    d = tmp_path / "clip"
+    d.mkdir()
+    for i in (1, 2, 10):
+        (d / f"frame_{i:05d}.png").write_bytes(b"")
+    notes = []
+    s = collect_sources([str(d)], notes=notes)
+    assert [x.name for x in s] == ["frame_00001", "frame_00002", "frame_00010"]
+    assert all(x.kind == "image" for x in s)
+    assert notes == [f"{d}: its 3 images are named like the frames of a video (frame_00001.png "
+                     "... frame_00010.png) and are read as 3 photos (one-frame videos); to "
+                     "read them as the frames of one video, name them by number only "
+                     "(00001.png, 00002.png, ...)"]
+    (tmp_path / "photos").mkdir()
+    for f in ("me.jpg", "you_2.jpg", "us.png"):
+        (tmp_path / "photos" / f).write_bytes(b"")
+    (tmp_path / "frames").mkdir()
+    for f in ("1.png", "2.png"):
+        (tmp_path / "frames" / f).write_bytes(b"")
+    notes = []
+    collect_sources([str(tmp_path / "photos"), str(tmp_path / "frames")], notes=notes)
+    assert notes == []
+
+
+def test_a_pyav_without_frame_rotation_is_refused(monkeypatch):
+    """PyAV before 14.1 has no VideoFrame.rotation: portrait phone videos would be prepared
+    sideways without a word. The prepare extra asks for 14.1, and an older PyAV is an
+    ImportError naming the version and the fix, before any video."""
+    import sys
+    import types
+
+    import pyface.data.prepare as P
+
+    old = types.SimpleNamespace(__version__="14.0.1", VideoFrame=type("VideoFrame", (), {}))
+    monkeypatch.setitem(sys.modules, "av", old)
+    with pytest.raises(ImportError) as e:
+        P.require_backends()
+    assert str(e.value).startswith("pyface data prepare needs PyAV >= 14.1 (VideoFrame.rotation: "
+                                   "the display rotation of portrait phone videos), found 14.0.1")
+    assert P.EXTRA_HINT in str(e.value)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(P.__file__))))
+    setup = open(os.path.join(root, "setup.py")).read()
+    assert '"av>=14.1"' in setup
 
 
 def test_sixteen_bit_images_keep_their_contrast(tmp_path):
@@ -218,6 +296,54 @@ def test_sixteen_bit_images_keep_their_contrast(tmp_path):
     assert img.shape == (16, 64, 3) and img.dtype == np.uint8
     np.testing.assert_allclose(img[0, :, 0], np.round(ramp[0] * 255.0 / 65535.0), atol=1)
     assert (img[..., 0] == img[..., 2]).all()
+
+
+def test_a_frame_folder_with_frames_of_another_size_is_an_error(tmp_path):
+    """The crops of a video are smoothed over time in source pixels: a frame folder mixing
+    image sizes (renumbered photos) is refused, naming the first frame of another size, both
+    sizes and the fix, instead of crops blended between unrelated frames."""
+    from PIL import Image
+
+    from pyface.data.prepare import Source, iter_frames
+
+    d = tmp_path / "clip"
+    d.mkdir()
+    for i, size in enumerate([(64, 48), (64, 48), (80, 48), (64, 48)]):
+        Image.new("RGB", size, (i, 0, 0)).save(d / f"{i:05d}.png")
+    (src,) = collect_sources([str(d)])
+    assert src.kind == "frames"
+    got = []
+    with pytest.raises(PrepareError) as e:
+        for img in iter_frames(src):
+            got.append(img)
+    assert len(got) == 2
+    assert str(e.value).startswith(f"{d / '00002.png'}: 80x48 pixels, the frames before it in "
+                                   f"{d} are 64x48: the frames of a frame folder (one video) "
+                                   "must have one size")
+    assert "give them as photos" in str(e.value)
+    (img,) = list(iter_frames(Source("one", "image", str(d / "00002.png"),
+                                     [str(d / "00002.png")])))
+    assert img.shape == (48, 80, 3)
+
+
+def test_photos_are_turned_by_their_exif_orientation(tmp_path):
+    """A phone photo stored sideways with an EXIF orientation (6: turn 90 degrees clockwise to
+    show) comes out as shown, for a photo and in a frame folder."""
+    from PIL import Image
+
+    from pyface.data.prepare import iter_frames
+
+    shown = np.zeros((40, 64, 3), np.uint8)
+    shown[:10, :16] = 255                               # white top-left corner, landscape
+    stored = np.ascontiguousarray(np.rot90(shown, 1))   # as the sensor wrote it
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "clip").mkdir()
+    for path in (tmp_path / "photo.png", tmp_path / "clip" / "00001.png"):
+        Image.fromarray(stored).save(path, exif=exif)
+    for src in collect_sources([str(tmp_path / "photo.png"), str(tmp_path / "clip")]):
+        (img,) = list(iter_frames(src))
+        np.testing.assert_array_equal(img, shown)
 
 
 def test_unfinished_videos_are_not_part_of_a_dataset(tmp_path):
@@ -255,6 +381,53 @@ def test_place_sources_never_takes_another_inputs_video(tmp_path):
     assert len(notes) == 1 and "prepared as clip_3" in notes[0] and "/data/a/clip.mp4" in notes[0]
 
 
+def _dead(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"        # a zombie
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process states from /proc")
+def test_prepare_workers_end_with_the_main_process(tmp_path):
+    """The main process killed (kill PID, the out-of-memory killer): its --workers processes
+    end too, instead of finishing their videos into --out unlocked, alongside the run that
+    resumes it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import multiprocessing as mp, os, signal, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "import pyface.data.prepare as P\n"
+        "if __name__ == '__main__':\n"
+        "    ex = ProcessPoolExecutor(1, mp_context=mp.get_context('spawn'),\n"
+        "                             initializer=P._worker_init, initargs=(None,))\n"
+        "    print(ex.submit(os.getpid).result(), flush=True)\n"
+        "    ex.submit(time.sleep, 60)           # a video being prepared\n"
+        "    time.sleep(0.5)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    (tmp_path / "main.py").write_text(code)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fmt.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    with open(tmp_path / "out.txt", "w") as out:     # not a pipe: the worker may hold it
+        rc = subprocess.run([sys.executable, str(tmp_path / "main.py")], env=env, stdout=out,
+                            stderr=subprocess.STDOUT, timeout=120).returncode
+    said = (tmp_path / "out.txt").read_text()
+    assert rc == -signal.SIGKILL, said[-2000:]
+    worker = int(said.split()[0])
+    t0 = time.monotonic()
+    while not _dead(worker) and time.monotonic() - t0 < 10:
+        time.sleep(0.1)
+    alive = not _dead(worker)
+    if alive:
+        os.kill(worker, signal.SIGKILL)
+    assert not alive, "the worker outlived the main process"
+
+
 def test_prepare_cli_option_errors_name_the_option(tmp_path, capsys):
     from pyface.cli import main
 
@@ -277,6 +450,45 @@ def test_prepare_cli_interrupted(tmp_path, monkeypatch, capsys):
     assert main(["data", "prepare", str(tmp_path), "--out", str(tmp_path / "o")]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "--resume" in err and "Traceback" not in err
+
+
+def test_prepare_cli_terminated(tmp_path):
+    """SIGTERM (kill PID, a SLURM time limit or preemption) ends a run like Ctrl-C: the video
+    being written is removed, a message says what is kept and how to go on, exit code 143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    (inp / "a.mp4").write_bytes(b"")
+    code = (
+        "import os, sys, time\n"
+        "import pyface.data.prepare as P\n"
+        "from pyface.cli import main\n"
+        "def slow(src, cfg, progress=None):     # a long video\n"
+        "    os.makedirs(os.path.join(cfg.out, f'.{src.name}.partial', 'frames'))\n"
+        "    time.sleep(60)\n"
+        "P.require_backends = lambda: None\n"
+        "P.prepare_video = slow\n"
+        f"sys.exit(main(['data', 'prepare', {str(inp)!r}, '--out', {str(out)!r}, '--quiet']))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fmt.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.monotonic()
+        while not (out / ".a.partial").is_dir() and time.monotonic() - t0 < 60:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 143, err[-2000:]
+    assert f"terminated (SIGTERM): the finished videos in {out} are kept and indexed" in err
+    assert "--resume" in err and "Traceback" not in err
+    assert os.listdir(out) == []
 
 
 def test_shard_argument_and_selection(monkeypatch):
@@ -432,6 +644,74 @@ def _fake_backends(tmp_path, monkeypatch, files=("a.mp4", "b.mp4", "c.png", "d.p
     for f in files:
         (inp / f).write_bytes(b"")
     return str(inp)
+
+
+def test_prepare_refuses_an_out_another_prepare_is_writing(tmp_path, monkeypatch, capsys):
+    """Two runs into one --out would delete each other's unfinished videos (and rename a folder
+    the other is still writing): a run holds a lock on --out, exclusive without --shard, shared
+    by the shards; a run that cannot take it stops before touching anything, saying why."""
+    import fcntl
+
+    import pyface.data.prepare as P
+    from pyface.cli import main
+
+    inp = _fake_backends(tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".a.partial").mkdir()                # the other run's video being written
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)          # a run without --shard is writing
+        for shard in ([], ["--shard", "0/2"]):
+            assert main(["data", "prepare", inp, "--out", str(out), "--quiet", *shard]) == 1
+            err = capsys.readouterr().err
+            who = "another pyface data prepare" + (" without --shard" if shard else "")
+            assert f"ERROR --out {out}: {who} is writing into it" in err and "--shard K/N" in err
+        assert sorted(os.listdir(out)) == [".a.partial"]
+        fcntl.flock(fd, fcntl.LOCK_SH)          # a shard is writing: other shards may too
+        assert main(["data", "prepare", inp, "--out", str(out), "--quiet"]) == 1
+        assert f"ERROR --out {out}: another pyface data prepare is writing into it" in \
+            capsys.readouterr().err
+        assert sorted(os.listdir(out)) == [".a.partial"]
+        other = f"{1 - P.shard_of('a', 2)}/2"     # a shard without a
+        assert main(["data", "prepare", inp, "--out", str(out), "--quiet", "--shard", other]) == 0
+        assert os.path.isdir(out / ".a.partial")        # another shard's: left alone
+    finally:
+        os.close(fd)
+    assert main(["data", "prepare", inp, "--out", str(out), "--quiet"]) == 0
+    assert sorted(os.listdir(out)) == ["a", "b", "c", "d", fmt.INDEX]
+
+
+def test_prepare_stops_when_the_disk_is_full(tmp_path, monkeypatch, capsys):
+    """No space left on --out's disk (or a quota, or a read-only file system) fails every later
+    video too: even with --skip-bad the run stops at the first, and the command says what
+    happened, what is kept and how to go on, in one line instead of a traceback."""
+    import errno
+
+    import pyface.data.prepare as P
+    from pyface.cli import main
+
+    inp = _fake_backends(tmp_path, monkeypatch)
+    real = P.prepare_video
+    tried = []
+
+    def full(src, cfg, progress=None):
+        tried.append(src.name)
+        if src.name != "a":
+            raise OSError(errno.ENOSPC, "No space left on device",
+                          os.path.join(cfg.out, f".{src.name}.partial", "frames", "00000.png"))
+        return real(src, cfg, progress)
+    monkeypatch.setattr(P, "prepare_video", full)
+    out = str(tmp_path / "out")
+    for skip in ([], ["--skip-bad"]):
+        tried.clear()
+        assert main(["data", "prepare", inp, "--out", out, "--quiet", *skip]) == 1
+        err = capsys.readouterr().err
+        assert tried == ["a", "b"]
+        assert f"ERROR {os.path.join(inp, 'b.mp4')}: [Errno 28] No space left on device: " in err
+        assert "Traceback" not in err
+        assert f"the finished videos in {out} are kept and indexed" in err and "--resume" in err
+        assert [r.name for r in fmt.load_index(out)] == ["a"]
 
 
 def test_index_refuses_shards_prepared_with_different_options(tmp_path, monkeypatch, capsys):
@@ -1334,6 +1614,100 @@ def test_decode_applies_display_rotation(tmp_path):
     out = list(iter_frames(Source("rot", "video", rotated)))
     assert len(out) == 2 and out[0].shape == (64, 32, 3)
     assert out[0][-16:].mean() > 200 and out[0][:40].mean() < 40   # 90 deg counterclockwise
+
+
+@needs_prepare
+def test_a_video_that_changes_its_frame_size_is_an_error(tmp_path):
+    """Two clips of different sizes joined without re-encoding (FFmpeg's concat demuxer): the
+    decoder changes the frame size mid-stream; the error names the file, the frame and both
+    sizes, instead of landmarks and crops smoothed across the two coordinate frames."""
+    iio_ffmpeg = pytest.importorskip("imageio_ffmpeg", reason="imageio-ffmpeg (train extra) "
+                                     "joins the clips")
+    import subprocess
+
+    from pyface.data.prepare import Source, iter_frames
+    from pyface.data.prepare_quality import encode_mp4
+
+    frames = np.random.default_rng(0).integers(0, 255, (5, 64, 64, 3), dtype=np.uint8)
+    encode_mp4(frames[:3], str(tmp_path / "a.mp4"))
+    encode_mp4(frames[3:, :32, :48], str(tmp_path / "b.mp4"))
+    (tmp_path / "list.txt").write_text("file 'a.mp4'\nfile 'b.mp4'\n")
+    both = str(tmp_path / "both.mp4")
+    subprocess.run([iio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "concat",
+                    "-safe", "0", "-i", str(tmp_path / "list.txt"), "-c", "copy", both],
+                   check=True)
+    got = []
+    with pytest.raises(PrepareError) as e:
+        for img in iter_frames(Source("both", "video", both)):
+            got.append(img)
+    assert len(got) == 3
+    assert str(e.value).startswith(f"{both}: frame 3 is 48x32 pixels, the frames before it are "
+                                   "64x64 (the stream changes its size or orientation)")
+
+
+@needs_prepare
+def test_prepare_restarts_the_crops_at_a_shot_cut(prepared, tmp_path):
+    """A shot cut (the face moves across the frame between two frames): the crops of each shot
+    stay on its face instead of sliding between the two over the smoothing window, and the jump
+    is a warning naming the video and the frame, recorded in meta.json (track_jumps)."""
+    from pyface.data.prepare import prepare
+    from pyface.data.prepare_quality import encode_mp4
+
+    rec = fmt.load_index(prepared["synth"])[0]
+    face = np.stack([fmt.read_frame(prepared["synth"], rec, i) for i in range(8)])
+    frames = np.full((8, 256, 512, 3), 128, np.uint8)
+    frames[:4, :, :256], frames[4:, :, 256:] = face[:4], face[4:]
+    os.makedirs(tmp_path / "in")
+    clip = str(tmp_path / "in" / "cut.mp4")
+    encode_mp4(frames, clip)
+    out = str(tmp_path / "out")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        prepare([clip], PrepareConfig(out=out, fit=False, progress=False))
+    meta = json.load(open(os.path.join(out, "cut", fmt.META)))
+    assert meta["track_jumps"] == [4] and meta["no_face_frames"] == []
+    x = np.array(meta["crop_boxes"])[:, 0]
+    assert np.abs(x[:4] - x[0]).max() < 10 and np.abs(x[4:] - 256 - x[0]).max() < 10, x
+    said = [str(m.message) for m in w if "jumps" in str(m.message)]
+    assert said == [f"{clip}: the kept face jumps at frame 4 (no overlap with the face of the "
+                    "frame before: a shot cut, or another person): smoothing restarts there, "
+                    "but the video is fitted as one identity; cut it there if the faces differ"]
+
+
+@needs_prepare
+def test_the_video_of_a_file_with_a_still_picture_stream_first(tmp_path):
+    """A Matroska file whose first video stream is a single picture (a cover or thumbnail
+    track, as muxers put first) and the second the movie: the movie is prepared (FFmpeg's best
+    video stream), its frames, frame count and frame rate, not the one picture."""
+    from fractions import Fraction
+
+    import av
+
+    from pyface.data.prepare import Source, count_frames, iter_frames, source_fps
+
+    path = str(tmp_path / "covered.mkv")
+    with av.open(path, "w") as c:
+        still = c.add_stream("mjpeg", rate=1)
+        still.width, still.height, still.pix_fmt = 48, 32, "yuvj420p"
+        movie = c.add_stream("libx264", rate=Fraction(30000, 1001))
+        movie.width, movie.height, movie.pix_fmt = 64, 64, "yuv420p"
+        for p in still.encode(av.VideoFrame.from_ndarray(np.full((32, 48, 3), 200, np.uint8),
+                                                         format="rgb24")):
+            c.mux(p)
+        for p in still.encode():
+            c.mux(p)
+        for i in range(5):
+            img = np.full((64, 64, 3), 40 * i, np.uint8)
+            for p in movie.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in movie.encode():
+            c.mux(p)
+    src = Source("covered", "video", path)
+    frames = list(iter_frames(src))
+    assert [f.shape for f in frames] == [(64, 64, 3)] * 5
+    assert [int(round(f.mean() / 40)) for f in frames] == [0, 1, 2, 3, 4]
+    assert abs(source_fps(src) - 30000 / 1001) < 1e-9
+    assert count_frames(src) in (0, 5)          # Matroska does not always declare the count
 
 
 def _mp4_cut(frames, path, keep=0.6):

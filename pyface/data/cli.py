@@ -401,6 +401,19 @@ def _prepare(args) -> int:
         field, _, msg = str(exc).partition(": ")
         print(f"ERROR {CLI_OPTIONS.get(field, field)}: {msg}", file=sys.stderr)
         return 1
+    import signal
+
+    class Terminated(KeyboardInterrupt):
+        """SIGTERM (kill PID, a SLURM time limit or preemption): stopped like Ctrl-C, so the
+        video being written is removed and the workers are stopped."""
+
+    def terminated(signum, frame):
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminated)
+    except ValueError:          # not the main thread: signals stay as they are
+        previous = None
     try:
         def show(message, *_, **__):   # a line above the progress bars, not through them
             from tqdm import tqdm
@@ -416,16 +429,21 @@ def _prepare(args) -> int:
     except (DataError, ValueError) as e:
         print(f"ERROR {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        how, code = (("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else
+                     ("interrupted", 130))
         if shard is not None:
-            print(f"\ninterrupted: the finished videos of shard {shard[0]}/{shard[1]} in "
+            print(f"\n{how}: the finished videos of shard {shard[0]}/{shard[1]} in "
                   f"{args.out} are kept; run the same command with --resume to prepare the rest "
                   f"of the shard, and pyface data index {args.out} once all shards finished",
                   file=sys.stderr)
-            return 130
-        print(f"\ninterrupted: the finished videos in {args.out} are kept and indexed; run the "
+            return code
+        print(f"\n{how}: the finished videos in {args.out} are kept and indexed; run the "
               "same command with --resume to prepare the rest", file=sys.stderr)
-        return 130
+        return code
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     for r in s["results"]:
         j = r["jitter_px"]
         print(f"{r['name']}: {r['frames']}/{r['source_frames']} frames with a face, "

@@ -8,9 +8,10 @@ Pipeline per video (two decoding passes, so memory does not grow with the video 
 2. **Face mesh** (478 points) with MediaPipe's legacy face-mesh solution (``mediapipe==0.10.21``,
    whose wheel ships the detector and mesh models: offline) in tracking mode, several faces per
    frame; the kept track is the largest, most central face of the first frame with a face,
-   followed by box overlap. Per-frame confidence: the best score of MediaPipe's short- and
-   full-range face detectors for the kept face (0 when only the mesh tracker found it). Frames without a face are flagged and
-   left out.
+   followed by box overlap (a frame whose pick overlaps no pick of the frame before is a jump,
+   ``track_jumps``: smoothing restarts there). Per-frame confidence: the best score of
+   MediaPipe's short- and full-range face detectors for the kept face (0 when only the mesh
+   tracker found it). Frames without a face are flagged and left out.
 3. **Smoothing**: Savitzky-Golay over time of the mesh (per run of consecutive kept frames);
    jitter (:func:`pyface.data.landmarks.jitter`) before and after is recorded. 478 -> 68 with
    :func:`pyface.data.landmarks.mesh_to_68`.
@@ -270,9 +271,20 @@ class Source:
 
 
 def require_backends():
-    """Imports the optional dependencies, or raises ImportError saying which extra installs them."""
+    """Imports the optional dependencies, or raises ImportError saying which extra installs them
+    (also for a PyAV older than 14.1, which does not give a frame's display rotation)."""
     try:
-        import av  # noqa: F401
+        import av
+    except ImportError as e:
+        av, missing = None, e
+    frame = getattr(av, "VideoFrame", None)
+    if frame is not None and not hasattr(frame, "rotation"):          # added in PyAV 14.1
+        raise ImportError("pyface data prepare needs PyAV >= 14.1 (VideoFrame.rotation: the "
+                          "display rotation of portrait phone videos), found "
+                          f"{getattr(av, '__version__', '?')}; install it with: {EXTRA_HINT}")
+    try:
+        if av is None:
+            raise missing
         import mediapipe  # noqa: F401
         from mediapipe.python.solutions import face_mesh  # noqa: F401
     except ImportError as e:
@@ -289,7 +301,7 @@ def _safe(name: str) -> str:
 
 
 def collect_sources(inputs, ignored: list | None = None, errors: list | None = None,
-                    exclude=()) -> list[Source]:
+                    exclude=(), notes: list | None = None) -> list[Source]:
     """Expands the command-line inputs into videos.
 
     * a video file (``VIDEO_EXTS``) -> one video; an image file -> a one-frame video;
@@ -302,8 +314,11 @@ def collect_sources(inputs, ignored: list | None = None, errors: list | None = N
     given. Entries of a folder that are not read (other files, sub-folders that are not frame
     folders) are appended to ``ignored`` as messages naming them; hidden entries (``.name``) are
     passed over silently, and so are the folders of ``exclude`` (the output folder, when it lies
-    in an input folder); an input met twice is read once. Names are the file or folder stems
-    made file-system safe and unique:
+    in an input folder) and, in an input folder that is in ``exclude`` (the output folder
+    itself), its index and video folders; an input met twice is read once. An input folder of
+    photos whose image names all share one numbered pattern (``frame_00001.png``, ...: frames
+    extracted with a prefix) gets a message in ``notes`` saying how frames are named. Names are
+    the file or folder stems made file-system safe and unique:
     a name taken twice gets the first free ``_2``, ``_3``, ... suffix that no input's own name
     uses, so ``clip.mov``, ``clip.mp4`` and ``clip_1.mp4`` become ``clip``, ``clip_2``,
     ``clip_1``.
@@ -343,9 +358,15 @@ def collect_sources(inputs, ignored: list | None = None, errors: list | None = N
             if frames:
                 out.append(Source(_safe(os.path.basename(os.path.normpath(p))), "frames", p, frames))
                 continue
-            for f in sorted(os.listdir(p)):
+            if notes is not None:
+                note = _numbered_photos(p)
+                if note:
+                    notes.append(note)
+            is_out = os.path.realpath(p) in skip        # --out is this input folder:
+            for f in sorted(os.listdir(p)):                 # its index and videos are no input
                 q = os.path.join(p, f)
-                if f.startswith(".") or os.path.realpath(q) in skip:
+                if f.startswith(".") or os.path.realpath(q) in skip or is_out and (
+                        f in RESERVED_NAMES or os.path.isfile(os.path.join(q, fmt.META))):
                     continue
                 if os.path.isdir(q):
                     fr = frame_folder(q)
@@ -372,12 +393,32 @@ def collect_sources(inputs, ignored: list | None = None, errors: list | None = N
     return unique
 
 
+def _numbered_photos(d: str) -> str | None:
+    """A note when the images of the folder ``d`` (two or more) are all named one prefix, a
+    number and one extension (``frame_00001.png``): the frames of a video, read as photos
+    because their names are not numbers only."""
+    imgs = sorted(f for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTS)
+                  and not f.startswith("."))
+    parts = [re.fullmatch(r"(.*?)([0-9]+)(\.[^.]+)", f) for f in imgs]
+    if len(imgs) < 2 or not all(parts) or len({(m.group(1), m.group(3)) for m in parts}) > 1:
+        return None
+    imgs = [m.group(0) for m in sorted(parts, key=lambda m: int(m.group(2)))]
+    return (f"{d}: its {len(imgs)} images are named like the frames of a video ({imgs[0]} ... "
+            f"{imgs[-1]}) and are read as {len(imgs)} photos (one-frame videos); to read them "
+            "as the frames of one video, name them by number only (00001.png, 00002.png, ...)")
+
+
+#: Files of a dataset root (the index and its temporary file while it is rewritten): no video
+#: folder takes their names (an input index.json.mp4 is prepared as index.json_2).
+RESERVED_NAMES = (fmt.INDEX, fmt.INDEX + ".tmp")
+
+
 def unique_names(sources, taken=()) -> None:
-    """Makes the names of ``sources`` unique (in place, in order) and different from ``taken``:
-    a repeated name gets the first free ``_2``, ``_3``, ... suffix that is neither another
-    source's own name nor taken."""
+    """Makes the names of ``sources`` unique (in place, in order) and different from ``taken``
+    and :data:`RESERVED_NAMES`: a repeated name gets the first free ``_2``, ``_3``, ... suffix
+    that is neither another source's own name nor taken."""
     own = {s.name for s in sources}
-    used = set(taken)
+    used = set(taken) | set(RESERVED_NAMES)
     for s in sources:
         name, k = s.name, 2
         while name in used:
@@ -392,23 +433,34 @@ def unique_names(sources, taken=()) -> None:
 
 def iter_frames(src: Source, damaged: list | None = None):
     """Yields ``(H, W, 3)`` uint8 RGB frames of a source; raises :class:`PrepareError` naming the
-    file when it cannot be decoded. With a list ``damaged``, a video whose decoding fails after
-    :data:`MIN_FRAMES` or more frames (a truncated file) ends there instead, and the reason (a
-    message naming the file and the frames kept) is appended to ``damaged``."""
+    file when it cannot be decoded, or when a frame's size differs from the frames before it
+    (the crops are smoothed over time in source pixels). With a list ``damaged``, a video whose
+    decoding fails after :data:`MIN_FRAMES` or more frames (a truncated file) ends there
+    instead, and the reason (a message naming the file and the frames kept) is appended to
+    ``damaged``."""
     if src.kind == "video":
         import av
-        decoded = 0
+        decoded, first = 0, None
         try:
             with av.open(src.path) as container:
-                if not container.streams.video:
+                stream = _video_stream(container)
+                if stream is None:
                     raise PrepareError(f"{src.path}: no video stream")
-                for frame in _decode(container, container.streams.video[0], av.FFmpegError):
+                for frame in _decode(container, stream, av.FFmpegError):
                     img = frame.to_ndarray(format="rgb24")
                     # phone videos store their orientation as a display rotation
                     # (counterclockwise degrees): show the frame the way players do
                     k = int(round((getattr(frame, "rotation", 0) or 0) / 90.0)) % 4
+                    img = np.ascontiguousarray(np.rot90(img, k)) if k else img
+                    if decoded and img.shape != first:
+                        raise PrepareError(
+                            f"{src.path}: frame {decoded} is {_wxh(img.shape)} pixels, the "
+                            f"frames before it are {_wxh(first)} (the stream changes its size or "
+                            "orientation): the frames of one video must have one size; cut the "
+                            "video where it changes, or re-encode it at one size")
+                    first = img.shape
                     decoded += 1
-                    yield np.ascontiguousarray(np.rot90(img, k)) if k else img
+                    yield img
         except PrepareError:
             raise
         except (av.FFmpegError, ValueError, OSError) as e:
@@ -428,13 +480,32 @@ def iter_frames(src: Source, damaged: list | None = None):
                                f"({type(e).__name__}: {e})") from None
         return
     from PIL import Image, ImageOps
+    first = None
     for f in src.files:
         try:
             with Image.open(f) as im:
                 img = fmt.rgb8(ImageOps.exif_transpose(im))                   # EXIF orientation
         except Exception as e:  # PIL raises many types for corrupt data
             raise PrepareError(f"{f}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
+        if first is not None and img.shape != first:    # the crops are smoothed over time
+            raise PrepareError(
+                f"{f}: {_wxh(img.shape)} pixels, the frames before it in {src.path} are "
+                f"{_wxh(first)}: the frames of a frame folder (one video) must have one size; "
+                "resize them, or give them as photos (a folder whose image names are not all "
+                "numeric, or the image files themselves)")
+        first = img.shape
         yield img
+
+
+def _frames_list(frames, k: int = 5) -> str:
+    """``"frame 4"``, ``"frames 4, 9"``, ``"frames 1, 2, 3, 4, 5, ... (7 in all)"``."""
+    shown = ", ".join(str(f) for f in frames[:k])
+    return ("frame " if len(frames) == 1 else "frames ") + shown + (
+        f", ... ({len(frames)} in all)" if len(frames) > k else "")
+
+
+def _wxh(shape) -> str:
+    return f"{shape[1]}x{shape[0]}"
 
 
 def mp4_without_index(path: str) -> str | None:
@@ -491,6 +562,15 @@ def _decode(container, stream, ffmpeg_error):
         raise
 
 
+def _video_stream(container):
+    """The video stream of a PyAV container that FFmpeg's ``av_find_best_stream`` picks (players
+    and ``ffmpeg -i`` do too): never a cover picture (``attached_pic``), a moving stream before a
+    single-picture one; the first video stream when only one. None: no video stream."""
+    if not container.streams.video:
+        return None
+    return container.streams.best("video") or container.streams.video[0]
+
+
 def count_frames(src: Source) -> int:
     """The number of frames a source declares (0 when a video does not say)."""
     if src.kind != "video":
@@ -498,7 +578,8 @@ def count_frames(src: Source) -> int:
     import av
     try:
         with av.open(src.path) as c:
-            return int(c.streams.video[0].frames) if c.streams.video else 0
+            stream = _video_stream(c)
+            return int(stream.frames) if stream is not None else 0
     except Exception:  # the decode pass reports the error with its file name
         return 0
 
@@ -509,7 +590,8 @@ def source_fps(src: Source) -> float:
     import av
     try:
         with av.open(src.path) as c:
-            r = c.streams.video[0].average_rate if c.streams.video else None
+            stream = _video_stream(c)
+            r = stream.average_rate if stream is not None else None
             return float(r) if r else 25.0
     except Exception:  # the decode pass reports the error with its file name
         return 25.0
@@ -655,11 +737,23 @@ def select_track(frame_faces, image_size):
 # smoothing and crops
 
 
-def runs(frames: np.ndarray) -> np.ndarray:
-    """Segment id per kept frame: consecutive source frame indices share a segment."""
+def track_jumps(picks) -> list[int]:
+    """The frames whose pick (:func:`select_track`) does not overlap the previous frame's pick
+    (box IoU <= 0.3): the kept face jumped - a shot cut, or the followed face lost while another
+    face is seen. A pick after a frame without one is no jump (the gap already ends the run)."""
+    return [i for i in range(1, len(picks)) if picks[i] is not None and picks[i - 1] is not None
+            and _iou(_box(picks[i - 1][0]), _box(picks[i][0])) <= 0.3]
+
+
+def runs(frames: np.ndarray, breaks=()) -> np.ndarray:
+    """Segment id per kept frame: consecutive source frame indices share a segment, except that
+    a frame in ``breaks`` (source indices: :func:`track_jumps`) starts a new one."""
     if len(frames) == 0:
         return np.zeros(0, np.int64)
-    return np.concatenate([[0], np.cumsum(np.diff(frames) != 1)]).astype(np.int64)
+    new = np.diff(frames) != 1
+    if len(breaks):
+        new |= np.isin(frames[1:], np.asarray(breaks))
+    return np.concatenate([[0], np.cumsum(new)]).astype(np.int64)
 
 
 def smooth_savgol(x: np.ndarray, segments: np.ndarray, window: int, order: int = 2) -> np.ndarray:
@@ -800,9 +894,15 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
         no_face = [i for i, p in enumerate(picks) if p is None]
         if len(kept) == 0:
             raise PrepareError(f"{src.path}: no face found in any of its {n} frames")
+        jumps, said = track_jumps(picks), []
+        if jumps:       # smoothing across a jump would slide the crops between the two faces
+            said.append(f"{src.path}: the kept face jumps at {_frames_list(jumps)} (no "
+                        "overlap with the face of the frame before: a shot cut, or another "
+                        "person): smoothing restarts there, but the video is fitted as one "
+                        "identity; cut it there if the faces differ")
         mesh = np.stack([picks[i][0] for i in kept])                  # (T, 478, 3)
         conf = np.array([picks[i][1] for i in kept], np.float32)
-        seg = runs(kept)
+        seg = runs(kept, jumps)
         raw68 = mesh_to_68(mesh)
         mesh_s = smooth_savgol(mesh, seg, cfg.smooth_window)
         lm68 = mesh_to_68(mesh_s)                       # iBUG: jaw on the visible outline
@@ -924,7 +1024,7 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
     meta = {"identity": src.name, "fps": source_fps(src), "source": os.path.abspath(src.path),
             "num_frames": t, "resolution": [r, r], "generator": GENERATOR,
             "crop": cfg.crop, "source_num_frames": n, "source_frames": kept.tolist(),
-            "no_face_frames": no_face, "confidence": [round(float(c), 4) for c in conf],
+            "no_face_frames": no_face, "track_jumps": jumps, "confidence": [round(float(c), 4) for c in conf],
             "fit_residual_px": [None if not np.isfinite(x) else round(float(x), 3) for x in residual],
             "photometric_rms": [None if not np.isfinite(x) else round(float(x), 2) for x in photometric],
             "crop_boxes": np.round(boxes, 2).tolist(), "jitter_px": jit,
@@ -945,7 +1045,7 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
     else:
         os.replace(tmp, final)
     return {"name": src.name, "frames": t, "source_frames": n, "no_face": len(no_face),
-            "seconds": seconds, "jitter_px": jit, "timing_s": timing, "warnings": damaged}
+            "seconds": seconds, "jitter_px": jit, "timing_s": timing, "warnings": damaged + said}
 
 
 _MODNET: dict = {}
@@ -1008,12 +1108,39 @@ def _worker_init(q):
 
     _progress_queue = q
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C: the main process stops the pool
+    import multiprocessing as mp
+    import threading
+
+    parent = mp.parent_process()
+    if parent is not None:
+        # the main process killed (kill PID, the out-of-memory killer): end with it. Otherwise
+        # the worker finishes its video (and the one queued next) into --out after the main
+        # process's lock on it is gone, alongside the run that resumes it.
+        def watch():
+            parent.join()           # returns when the main process has ended
+            os._exit(1)
+        threading.Thread(target=watch, name="watch-main-process", daemon=True).start()
     import torch
     torch.set_num_threads(1)
 
 
 def _failed(src: Source, e: Exception) -> str:
     return f"{src.path}: preparation failed ({type(e).__name__}: {e})"
+
+
+def _output_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a failure to write that every later video would meet too (no space
+    left, a quota, a read-only file system): it stops the run, even with ``--skip-bad``."""
+    import errno
+
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _stopped(src: Source, e: OSError, cfg: PrepareConfig) -> PrepareError:
+    """The error that stops a run on an :func:`_output_failure` ``e`` while preparing ``src``."""
+    kept = "kept" if cfg.shard is not None else "kept and indexed"
+    return PrepareError(f"{src.path}: {e}; the finished videos in {cfg.out} are {kept}: make "
+                        "room (or fix the output folder) and run the same command with --resume")
 
 
 def _worker(args):
@@ -1032,7 +1159,7 @@ def _worker(args):
     except PrepareError as e:
         return src, None, str(e)
     except Exception as e:      # with --skip-bad one failing input never stops the others
-        if not cfg.skip_bad:
+        if not cfg.skip_bad or _output_failure(e):
             raise
         return src, None, _failed(src, e)
     finally:
@@ -1186,7 +1313,10 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
     inputs are skipped; one prepared with other options (:func:`effective_options` of
     :data:`OUTPUT_OPTIONS`) is an error before any work. So is a finished video of other inputs
     (or, with ``shard``, of other shards) in ``out`` prepared with other options: the index
-    would mix them (:func:`_refuse_other_options`).
+    would mix them (:func:`_refuse_other_options`). A run holds a lock on ``out``
+    (:func:`_lock_out`: exclusive, shared by shards): a second run into it raises
+    :class:`PrepareError` before touching anything. A full disk (:func:`_output_failure`) stops
+    the run even with ``skip_bad``.
 
     With ``shard=(K, N)`` only the videos whose name (:func:`collect_sources`) falls in shard K
     (:func:`shard_of`) are prepared, under the names one run of all the inputs gives them; the
@@ -1217,9 +1347,11 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
             raise PrepareError(str(e)) from None
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise PrepareError(f"--out {cfg.out}: exists and is not a folder")
-    ignored, bad = [], []
+    ignored, bad, notes = [], [], []
     sources = collect_sources(inputs, ignored=ignored, errors=bad if cfg.skip_bad else None,
-                              exclude=[cfg.out])
+                              exclude=[cfg.out], notes=notes)
+    for m in notes:
+        warnings.warn(m, stacklevel=2)
     for m in ignored:
         warnings.warn(f"ignored: {m}", stacklevel=2)
     for m in bad:
@@ -1230,6 +1362,48 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
         os.makedirs(cfg.out, exist_ok=True)
     except OSError as e:
         raise PrepareError(f"--out {cfg.out}: cannot create the output folder ({e})") from None
+    lock = _lock_out(cfg.out, shared=cfg.shard is not None)
+    try:
+        return _prepare_locked(sources, ignored, bad, cfg)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _lock_out(out: str, shared: bool) -> int | None:
+    """A ``flock`` on the folder ``out`` itself, held while a run writes into it: exclusive for a
+    run without ``--shard`` (it cleans up every unfinished video of ``out``), shared by the
+    shards (each writes and cleans up only its own videos). Two runs of the same videos into
+    one ``out`` would delete each other's unfinished folders and rename a folder the other is
+    still writing; a run that cannot take the lock raises :class:`PrepareError` before it
+    touches anything. Returns the descriptor to close (None: no lock; a file system or platform
+    without ``flock`` on folders, where nothing is locked)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(out, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        # a shard is refused only by a run without --shard (the shards share the lock)
+        who = "another pyface data prepare" + (" without --shard" if shared else "")
+        raise PrepareError(
+            f"--out {out}: {who} is writing into it (it holds the folder's lock); wait for it "
+            "to finish, or prepare into another --out (--shard K/N splits one collection "
+            "across jobs that write into one --out at once)") from None
+    except OSError:             # e.g. a network file system without flock on folders
+        os.close(fd)
+        return None
+    return fd
+
+
+def _prepare_locked(sources, ignored, bad, cfg: PrepareConfig) -> dict:
+    """:func:`prepare` from the collected ``sources`` on, with ``cfg.out`` locked."""
     total = len(sources)
     if cfg.shard is not None:   # chosen by the names the inputs give, before place_sources
         k, n = cfg.shard        # (which every shard runs on all sources: the same names)
@@ -1288,6 +1462,8 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
                 except PrepareError as e:
                     done(s, None, str(e))
                 except Exception as e:  # with --skip-bad one failing input never stops the others
+                    if _output_failure(e):
+                        raise _stopped(s, e, cfg) from None
                     if not cfg.skip_bad:
                         raise
                     done(s, None, _failed(s, e))
@@ -1331,6 +1507,10 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
                 for f in as_completed(futures):
                     try:
                         s, r, err = f.result()
+                    except OSError as e:
+                        if not _output_failure(e):
+                            raise
+                        raise _stopped(futures[f], e, cfg) from None
                     except BrokenProcessPool:
                         lost = [futures[g].path for g in futures
                                 if not g.done() or isinstance(g.exception(), BrokenProcessPool)]
