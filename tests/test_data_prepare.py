@@ -256,13 +256,33 @@ def test_place_sources_never_takes_another_inputs_video(tmp_path):
 
 
 def test_prepare_cli_option_errors_name_the_option(tmp_path, capsys):
+    """A bad option value is a usage error: exit code 2 (README: exit codes)."""
     from pyface.cli import main
 
     for args, msg in ((["--workers", "0"], "--workers: expected >= 1, got 0"),
                       (["--fit-steps", "-3"], "--fit-steps: expected >= 1, got -3"),
                       (["--matting-weights", "w.ckpt"], "--matting-weights: only used with")):
-        assert main(["data", "prepare", str(tmp_path), "--out", str(tmp_path / "o"), *args]) == 1
+        assert main(["data", "prepare", str(tmp_path), "--out", str(tmp_path / "o"), *args]) == 2
         assert f"ERROR {msg}" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_prepare_cli_without_the_extra_exits_1(tmp_path, monkeypatch, capsys):
+    """The command line is right but the prepare extra is missing: the work cannot run here,
+    exit code 1 (README: exit codes), one line naming the extra."""
+    import pyface.data.prepare as P
+    from pyface.cli import main
+
+    def missing():
+        raise ImportError("pyface data prepare needs PyAV and mediapipe==0.10.21 (No module "
+                          "named 'av'); install them with: pip install -e \".[prepare]\"")
+
+    monkeypatch.setattr(P, "require_backends", missing)
+    (tmp_path / "clip.mp4").write_bytes(b"x")
+    assert main(["data", "prepare", str(tmp_path / "clip.mp4"), "--out", str(tmp_path / "o"),
+                 "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ERROR pyface data prepare needs PyAV") and err.count("\n") == 1
     assert not os.path.exists(tmp_path / "o")
 
 
@@ -395,13 +415,13 @@ def test_prepare_cli_shard_errors_and_interrupt(tmp_path, monkeypatch, capsys):
     from pyface.cli import main
 
     assert main(["data", "prepare", str(tmp_path), "--out", str(tmp_path / "o"),
-                 "--shard", "2/2"]) == 1
+                 "--shard", "2/2"]) == 2
     err = capsys.readouterr().err
     assert "ERROR --shard: expected K/N with 0 <= K < N (e.g. 0/4), or auto" in err
     assert "got '2/2'" in err
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
     assert main(["data", "prepare", str(tmp_path), "--out", str(tmp_path / "o"),
-                 "--shard", "auto"]) == 1
+                 "--shard", "auto"]) == 2
     assert "ERROR --shard: auto reads a SLURM job array's" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o")
 

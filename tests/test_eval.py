@@ -451,7 +451,7 @@ def test_cli_model_loads_through_pyface_models(root, tmp_path, monkeypatch, caps
     assert list(rep["protocols"]) == ["same"] and rep["checkpoint"] == os.path.abspath(tmp_path)
     assert rep["protocols"]["same"]["subsets"]["moving"]["psnr"]["image"] == 100.0
     assert rep["protocols"]["same"]["subsets"]["moving"]["count"] == 4
-    assert main(["eval", "example", "--data", root, "--quiet"]) == 1
+    assert main(["eval", "example", "--data", root, "--quiet"]) == 2
     assert "--checkpoint: required" in capsys.readouterr().err
     assert main(["eval", "copy-source", "--data", root, "--metrics", "psnr,akd", "--quiet",
                  "--detector", "none"]) == 1

@@ -89,7 +89,7 @@ def test_config_errors_name_the_key(bad, match):
         build_experiment("example", TriplaneAutoencoder.Config, overrides=bad)
 
 
-def test_config_file_and_preset_errors_name_the_file_and_near_matches(tmp_path):
+def test_config_file_and_preset_errors_name_the_file_and_near_matches(tmp_path, capsys):
     M = TriplaneAutoencoder
     with pytest.raises(ConfigError, match=r"--preset 'tin': model 'example' has no such preset; "
                                           r"valid presets: tiny; did you mean tiny\?"):
@@ -112,6 +112,16 @@ def test_config_file_and_preset_errors_name_the_file_and_near_matches(tmp_path):
                                               rf"mapping of {section}\.\* keys, got {shown}"):
             build_experiment("example", M.Config, yaml_path=str(bad),
                              overrides=[f"{section}.seed=1"])
+    # exit codes (README): a --config file that is missing is an input's failure (1), one
+    # that reads but holds a wrong section a usage error (2); one line each
+    from pyface.cli import main
+
+    capsys.readouterr()
+    assert main(["train", "example", "--config", str(tmp_path / "none.yaml")]) == 1
+    assert capsys.readouterr().err.endswith(
+        f"pyface train: --config {tmp_path / 'none.yaml'}: no such file\n")
+    assert main(["train", "example", "--config", str(bad), "--print-config"]) == 2
+    assert "expected a mapping of data.* keys" in capsys.readouterr().err
     bad.write_text("train:\n")                     # an empty section: the defaults
     assert build_experiment("example", M.Config, yaml_path=str(bad)).train.steps == \
         TrainConfig().steps

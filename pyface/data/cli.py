@@ -400,7 +400,8 @@ def _prepare(args) -> int:
     except ValueError as exc:   # name the command-line option, not the config field
         field, _, msg = str(exc).partition(": ")
         print(f"ERROR {CLI_OPTIONS.get(field, field)}: {msg}", file=sys.stderr)
-        return 1
+        return 2
+
     try:
         def show(message, *_, **__):   # a line above the progress bars, not through them
             from tqdm import tqdm
@@ -410,9 +411,9 @@ def _prepare(args) -> int:
             warnings.simplefilter("always")
             warnings.showwarning = show
             s = prepare(args.inputs, cfg)
-    except ImportError as e:
+    except ImportError as e:        # the prepare extra is missing: the command cannot run here
         print(f"ERROR {e}", file=sys.stderr)
-        return 2
+        return 1
     except (DataError, ValueError) as e:
         print(f"ERROR {e}", file=sys.stderr)
         return 1

@@ -636,6 +636,8 @@ def run_animate(args) -> int:
         args.device = resolve_device(args.device)
     except ValueError as exc:
         return fail(str(exc), 2)
+    except OSError as exc:                 # a --weights file that is not there: an input's
+        return fail(str(exc), 1)
     if seed_animation(args):
         try:
             check_seed_args(args)
@@ -683,7 +685,7 @@ def run_animate(args) -> int:
         pipe = pyface.models.load(args.model, args.checkpoint, device=args.device, ema=args.ema,
                                   weights=args.weights or None, compile=args.compile)
     except WrongModelError as exc:       # another model's: what it holds, what the model takes
-        return fail(exc.for_option("--checkpoint", args.checkpoint), 2)
+        return fail(exc.for_option("--checkpoint", args.checkpoint), 1)
     except (KeyError, ValueError, ImportError) as exc:
         return fail(str(exc).strip('"'), 2)
     except CheckpointError as exc:

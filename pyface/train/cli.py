@@ -247,7 +247,7 @@ def _continue_in_resumed_run(cfg, path: str) -> None:
 
 
 def run_train(args) -> int:
-    from pyface.train.config import ConfigError, build_experiment
+    from pyface.train.config import ConfigError, ConfigFileError, build_experiment
     from pyface.train.model import ModelDefinitionError
     from pyface.train.registry import import_plugins, model_class
 
@@ -273,6 +273,9 @@ def run_train(args) -> int:
         check_run_dir(cfg)
         if not args.print_config:
             check_new_run(cfg, args.resume, args.overwrite)
+    except ConfigFileError as exc:            # an input that is not there: exit code 1
+        print(f"{_prefix()}pyface train: {_message(exc)}", file=sys.stderr)
+        return 1
     except (KeyError, ConfigError, OSError, ImportError, ModelDefinitionError,
             RegistryError) as exc:
         print(f"{_prefix()}pyface train: {_message(exc)}", file=sys.stderr)
