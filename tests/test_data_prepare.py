@@ -286,6 +286,28 @@ def test_prepare_cli_without_the_extra_exits_1(tmp_path, monkeypatch, capsys):
     assert not os.path.exists(tmp_path / "o")
 
 
+def test_prepare_cli_names_a_missing_input_before_a_missing_extra(tmp_path, monkeypatch,
+                                                                  capsys):
+    """A missing input file or folder, or a folder with nothing to prepare, is named before the
+    optional dependencies are imported (it used to say that PyAV is missing)."""
+    import pyface.data.prepare as P
+    from pyface.cli import main
+
+    def missing():
+        raise ImportError("pyface data prepare needs PyAV")
+
+    monkeypatch.setattr(P, "require_backends", missing)
+    (tmp_path / "empty").mkdir()
+    gone = "no such file or folder"
+    for inp, said in ((tmp_path / "nonexist.mp4", f"{tmp_path / 'nonexist.mp4'}: {gone}"),
+                      (tmp_path / "nodir", f"{tmp_path / 'nodir'}: {gone}"),
+                      (tmp_path / "empty", "no videos or images found in")):
+        assert main(["data", "prepare", str(inp), "--out", str(tmp_path / "o"), "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert said in err and "PyAV" not in err and err.count("\n") == 1, err
+    assert not os.path.exists(tmp_path / "o")
+
+
 def test_prepare_cli_interrupted(tmp_path, monkeypatch, capsys):
     """Ctrl-C: a short message saying what is kept and how to go on (exit code 130)."""
     import pyface.data.prepare as P
