@@ -47,6 +47,16 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
+def file_in_the_way(path: str) -> str | None:
+    """The nearest existing ancestor of ``path`` when it is a file (the folder ``path`` needs
+    cannot be created there), else None. The commands refuse such an output path before any
+    work, in one line: ``--out PATH: cannot create its folder: FILE is a file`` (exit code 2)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return None if os.path.isdir(parent) else parent
+
+
 def parse_name_paths(items, option: str = "--weights", *, names=None,
                      must_exist: bool = False) -> dict[str, str]:
     """``["NAME=PATH", ...]`` (a repeatable ``option``) -> ``{NAME: PATH}``, the last one winning.

@@ -74,12 +74,13 @@ def test_synth_out_refusals(tmp_path, tiny, capsys):
     cases = [(str(afile), "exists and is not a folder"),
              (str(foreign), "not empty (notes.txt) and not written by `pyface data synth`"),
              (os.path.join(tiny, "inner"), f"inside the dataset {os.path.abspath(tiny)}"),
-             (os.path.join(tiny, "id0000_v00", "x"), "inside the dataset")]
+             (os.path.join(tiny, "id0000_v00", "x"), "inside the dataset"),
+             (str(afile / "sub"), f"cannot create its folder: {afile} is a file")]
     for out, message in cases:
         assert main(["data", "synth", "--out", out, *TINY_ARGS]) == 2, out
         err = capsys.readouterr().err
         assert f"pyface data synth: --out {out}: {message}" in err, err
-        assert "Traceback" not in err
+        assert "Traceback" not in err and err.count("\n") == 1, err
     assert os.listdir(foreign) == ["notes.txt"]
     assert not os.path.exists(os.path.join(tiny, "inner"))
     # another config over a complete set: refused, naming what differs; the same: nothing to do

@@ -308,6 +308,21 @@ def test_prepare_cli_names_a_missing_input_before_a_missing_extra(tmp_path, monk
     assert not os.path.exists(tmp_path / "o")
 
 
+def test_prepare_cli_out_that_cannot_be_a_folder(tmp_path, capsys):
+    """--out that is a file, or below one: one line naming --out, exit code 2 (an output path
+    that cannot be one), before the inputs are read or the optional dependencies imported."""
+    from pyface.cli import main
+
+    (tmp_path / "clip.mp4").write_bytes(b"x")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, said in ((afile, "exists and is not a folder"),
+                      (afile / "x", f"cannot create its folder: {afile} is a file")):
+        assert main(["data", "prepare", str(tmp_path / "clip.mp4"), "--out", str(out),
+                     "--quiet"]) == 2
+        assert capsys.readouterr().err == f"ERROR --out {out}: {said}\n"
+
+
 def test_prepare_cli_interrupted(tmp_path, monkeypatch, capsys):
     """Ctrl-C: a short message saying what is kept and how to go on (exit code 130)."""
     import pyface.data.prepare as P
@@ -1261,7 +1276,7 @@ def test_prepare_cli(prepared, tmp_path, capsys):
     assert "13/14 frames with a face" in capsys.readouterr().out
     assert main(["data", "check", out]) == 0
     (tmp_path / "file").write_text("x")
-    assert main(["data", "prepare", mp4, "--out", str(tmp_path / "file"), "--quiet"]) == 1
+    assert main(["data", "prepare", mp4, "--out", str(tmp_path / "file"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert f"--out {tmp_path / 'file'}: exists and is not a folder" in err
     (tmp_path / "fake.mat").write_text("x")                # a bad model: once, before any video

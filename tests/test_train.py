@@ -1048,6 +1048,11 @@ def test_run_dir_of_another_model_or_a_file_is_refused(tmp_path, capsys):
     afile.write_text("x")
     assert main(["train", "example", "--set", f"train.run_dir={afile}", "--print-config"]) == 2
     assert f"train.run_dir={afile}: a file, not a folder" in capsys.readouterr().err
+    for extra in ([], ["--print-config"]):   # below a file: one line, not a NotADirectoryError
+        assert main(["train", "example", "--set", f"train.run_dir={afile / 'run'}",
+                     *extra]) == 2
+        assert capsys.readouterr().err == (f"pyface train: train.run_dir={afile / 'run'}: "
+                                           f"cannot create its folder: {afile} is a file\n")
     with pytest.raises(ConfigError, match=r"train\.run_dir: only \{model\} is replaced .*got "
                                           r"'runs/\{name\}'"):
         build_experiment("example", TriplaneAutoencoder.Config,

@@ -1,6 +1,7 @@
 """``pyface data``: generate, index, validate and benchmark talking-head datasets."""
 from __future__ import annotations
 
+import os
 import sys
 
 from pyface.cli import plural
@@ -183,7 +184,20 @@ def _synth_check(args) -> int:
     """``pyface data synth`` under ``PYFACE_PARSE_ONLY=1``: its options' values; nothing
     rendered or written."""
     cfg = _synth_config(args)
-    return cfg if isinstance(cfg, int) else 0
+    return cfg if isinstance(cfg, int) else _out_below_a_file(args.out, "pyface data synth: ")
+
+
+def _out_below_a_file(out: str, prefix: str) -> int:
+    """Exit code 2 after a one-line message naming --out when a folder cannot be created at
+    ``out`` (an existing part of its path is a file), else 0."""
+    from pyface.cli import file_in_the_way
+
+    blocking = None if os.path.exists(out) else file_in_the_way(out)
+    if blocking is None:
+        return 0
+    print(f"{prefix}--out {out}: cannot create its folder: {blocking} is a file",
+          file=sys.stderr)
+    return 2
 
 
 def _synth(args) -> int:
@@ -199,6 +213,8 @@ def _synth(args) -> int:
     cfg = _synth_config(args)
     if isinstance(cfg, int):
         return cfg
+    if _out_below_a_file(args.out, "pyface data synth: "):
+        return 2
     try:
         s = generate(args.out, cfg, progress=not args.quiet)
     except DataError as exc:
@@ -401,7 +417,11 @@ def _prepare(args) -> int:
         field, _, msg = str(exc).partition(": ")
         print(f"ERROR {CLI_OPTIONS.get(field, field)}: {msg}", file=sys.stderr)
         return 2
-
+    if os.path.exists(args.out) and not os.path.isdir(args.out):   # before any input is read
+        print(f"ERROR --out {args.out}: exists and is not a folder", file=sys.stderr)
+        return 2
+    if _out_below_a_file(args.out, "ERROR "):
+        return 2
     try:
         def show(message, *_, **__):   # a line above the progress bars, not through them
             from tqdm import tqdm

@@ -626,12 +626,10 @@ def output_file(path: str, option: str, default_name: str, exts: tuple[str, ...]
 
 
 def _check_parent(path: str, option: str) -> None:
-    import os
+    from pyface.cli import file_in_the_way
 
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
+    parent = file_in_the_way(path)
+    if parent is not None:
         raise ValueError(f"{option} {path}: cannot create its folder: {parent} is a file")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pyface.cli import parse_name_paths, plural
+from pyface.cli import file_in_the_way, parse_name_paths, plural
 
 
 def add_parser(subparsers) -> None:
@@ -159,10 +159,8 @@ def resolve_out(out: str, default_name: str = "animation.mp4") -> str:
     if ext not in OUT_EXTS:
         raise ValueError(f"--out: expected a video file name ending in {', '.join(OUT_EXTS)} (or "
                          f"a folder), got {out!r}")
-    parent = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
+    parent = file_in_the_way(out)
+    if parent is not None:
         raise ValueError(f"--out {out}: cannot create its folder: {parent} is a file")
     return out
 

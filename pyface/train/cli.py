@@ -119,6 +119,12 @@ def check_run_dir(cfg) -> None:
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ConfigError(f"train.run_dir={run_dir}: a file, not a folder; choose another "
                           f"train.run_dir")
+    from pyface.cli import file_in_the_way
+
+    blocking = None if os.path.exists(run_dir) else file_in_the_way(run_dir)
+    if blocking is not None:
+        raise ConfigError(f"train.run_dir={run_dir}: cannot create its folder: {blocking} is a "
+                          "file")
     latest = ckpt.latest_checkpoint(run_dir) if os.path.isdir(run_dir) else None
     if latest is None:
         return
