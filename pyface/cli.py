@@ -41,10 +41,10 @@ COMMANDS = {
 }
 
 
-def plural(n: int, word: str) -> str:
+def plural(n: int, word: str, words: str | None = None) -> str:
     """``plural(1, "frame")`` -> "1 frame", ``plural(2, "frame")`` -> "2 frames" (the commands'
-    printed counts)."""
-    return f"{n} {word}" + ("" if n == 1 else "s")
+    printed counts); ``words``: the plural when it is not ``word + "s"`` (``"entries"``)."""
+    return f"{n} " + (word if n == 1 else words or word + "s")
 
 
 def file_in_the_way(path: str) -> str | None:

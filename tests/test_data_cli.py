@@ -539,3 +539,16 @@ def test_synth_and_prepare_under_torchrun_are_refused(tmp_path, monkeypatch, cap
             f"pyface data {command}: runs as one process, not under torchrun (WORLD_SIZE=2: every "
             "rank would run all of it and write the same files); run the same command without "
             "torchrun (--workers N "), err
+
+
+def test_check_counts_its_problems_in_words(tiny, tmp_path, capsys):
+    """`pyface data check`: "1 problem", "2 problems" (it said "1 problem(s)")."""
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny, bad)
+    masks = sorted((bad / "id0000_v00" / "masks").iterdir())
+    masks[0].unlink()
+    assert main(["data", "check", str(bad)]) == 1
+    assert capsys.readouterr().out.rstrip().endswith("frames: 1 problem")
+    masks[1].unlink()
+    assert main(["data", "check", str(bad)]) == 1
+    assert capsys.readouterr().out.rstrip().endswith("frames: 2 problems")

@@ -1300,7 +1300,7 @@ def test_prepare_cli(prepared, tmp_path, capsys):
     assert f"skipped: {messy / 'broken.mp4'}: corrupt or unreadable video" in text
     assert f"ignored: {messy / 'notes.txt'}: not a video" in text
     assert "prepared 1 video, 13 frames" in text
-    assert "1 bad input(s) skipped, 1 folder entries ignored" in text
+    assert "1 bad input skipped, 1 folder entry ignored" in text
 
 
 @needs_prepare

@@ -248,9 +248,10 @@ def test_models_load_errors(example_run, monkeypatch):
     with pytest.raises(KeyError, match=r"unknown model 'nope'; registered: .*example"):
         pyface.models.load("nope", str(example_run))
     # a CUDA device that is not there (no CUDA at all, or an index past the last) names itself
-    missing = f"cuda:{torch.cuda.device_count()}"
+    n = torch.cuda.device_count()
+    missing = f"cuda:{n}"
     with pytest.raises(ValueError, match=rf"device: got '{missing}', but this machine has "
-                                         rf"{torch.cuda.device_count()} CUDA device"):
+                                         rf"{n} CUDA device{'' if n == 1 else 's'} visible"):
         pyface.models.load("example", str(example_run), device=missing)
     monkeypatch.setitem(registry.MODELS, "toy_stage1", f"{__name__}:Stage1Toy")
     with pytest.raises(ValueError, match=r"model 'toy_stage1' has no inference pipeline"):

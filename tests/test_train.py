@@ -412,8 +412,12 @@ def test_resolve_device_names_the_option_and_value(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert resolve_device("cuda:0") == "cuda:0"
-    with pytest.raises(ValueError, match=r"got 'cuda:1', but there are 1 CUDA device"):
+    with pytest.raises(ValueError, match=r"got 'cuda:1', but there is 1 CUDA device \(cuda:0\)$"):
         resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"got 'cuda:2', but there are 2 CUDA devices \(cuda:0.."
+                                         r"cuda:1\)$"):
+        resolve_device("cuda:2")
 
 
 def test_cli_animate_and_eval_refuse_an_unavailable_device(tmp_path, capsys, monkeypatch):
@@ -602,9 +606,9 @@ def test_resume_with_another_number_of_ranks_warns(tmp_path, caplog):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="pyface.train"):
             b.resume(where)
-        got = [r.getMessage() for r in caplog.records if "rank(s)" in r.getMessage()]
+        got = [r.getMessage() for r in caplog.records if "resuming a run" in r.getMessage()]
         assert got == ([
-            "resuming a run trained on 2 rank(s) with 1: the global batch (train.batch_size) "
+            "resuming a run trained on 2 ranks with 1: the global batch (train.batch_size) "
             "and the data order are kept, but randomness drawn inside step (seeded per rank), "
             "batch statistics (taken per rank) and the gradient summation order change, so the "
             "run does not continue exactly as it would have on 2; resume with the same number "

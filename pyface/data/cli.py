@@ -347,7 +347,7 @@ def _cache(args) -> int:
     stale = [n for n in names if n.startswith(".") and ".tmp-" in n
              and os.path.isdir(os.path.join(base, n))]
     names = [n for n in names if not n.startswith(".") and not n.endswith(".lock")]
-    print(f"{base}: {len(names)} dataset(s)")
+    print(f"{base}: {plural(len(names), 'dataset')}")
     for n in stale:
         print(f"  {n}  (temporary folder of an interrupted generation; no run uses it, delete it "
               "unless a generation is running)")
@@ -384,7 +384,7 @@ def _check(args) -> int:
             print(f"ERROR {p}")
         problems += pc
         extra += f" (+ {len(rc)} {what}, {sum(r.num_frames for r in rc)} frames)"
-    status = "OK" if not problems else f"{len(problems)} problem(s)"
+    status = "OK" if not problems else plural(len(problems), "problem")
     print(f"{args.root}: {plural(len(records), 'video')}, {plural(frames, 'frame')}{extra}: "
           f"{status}")
     return 0 if not problems else 1
@@ -460,8 +460,10 @@ def _prepare(args) -> int:
     where = args.out if shard is None else \
         f"{args.out}: shard {shard_line(shard, s['shard_videos'], s['total_videos'])}"
     print(f"{where}: prepared {plural(s['videos'], 'video')}, {plural(s['frames'], 'frame')} "
-          f"in {s['seconds']:.1f} s ({s['fps']:.2f} frames/s); {len(s['bad'])} bad input(s) skipped"
-          + (f", {len(s['ignored'])} folder entries ignored" if s["ignored"] else ""))
+          f"in {s['seconds']:.1f} s ({s['fps']:.2f} frames/s); "
+          f"{plural(len(s['bad']), 'bad input')} skipped"
+          + (f", {plural(len(s['ignored']), 'folder entry', 'folder entries')} ignored"
+             if s["ignored"] else ""))
     if shard is not None:
         print(f"index.json not written (shared by the shards): once all {shard[1]} shards "
               f"finished, run: pyface data index {args.out}")

@@ -80,8 +80,9 @@ def resolve_device(spec: str | None, option: str = "--device") -> str:
             raise ValueError(f"{option}: got {spec!r}, but CUDA is not available to torch "
                              f"{torch.__version__}{build}; use --device cpu")
         if dev.index is not None and dev.index >= n:
-            raise ValueError(f"{option}: got {spec!r}, but there are {n} CUDA device(s) "
-                             f"(cuda:0..cuda:{n - 1})")
+            raise ValueError(f"{option}: got {spec!r}, but there "
+                             + ("is 1 CUDA device (cuda:0)" if n == 1 else
+                                f"are {n} CUDA devices (cuda:0..cuda:{n - 1})"))
     return spec
 
 

@@ -453,12 +453,12 @@ class Trainer:
                         exp.get("train", {}).get("batch_size"))
         ranks = meta.get("world_size")
         if isinstance(ranks, int) and ranks != self.dist.world_size and self.dist.is_main:
-            log.warning("resuming a run trained on %d rank(s) with %d: the global batch (train."
+            log.warning("resuming a run trained on %d rank%s with %d: the global batch (train."
                         "batch_size) and the data order are kept, but randomness drawn inside "
                         "step (seeded per rank), batch statistics (taken per rank) and the "
                         "gradient summation order change, so the run does not continue exactly "
                         "as it would have on %d; resume with the same number of ranks for "
-                        "that", ranks, self.dist.world_size, ranks)
+                        "that", ranks, "" if ranks == 1 else "s", self.dist.world_size, ranks)
         changed = [f"{k}: {a!r} -> {b!r}" for k, a, b in _changed_settings(exp, mine)]
         if changed:
             log.warning("resuming with train/data settings that differ from the checkpoint's "
@@ -891,8 +891,10 @@ class Trainer:
                        if id(p) not in own]
             if foreign:
                 raise ModelDefinitionError(
-                    f"{name}.build_optimizers(): optimizer {k!r} holds {len(foreign)} tensor(s) "
-                    f"that are not parameters of the model (shapes {foreign[:3]}): they would "
+                    f"{name}.build_optimizers(): optimizer {k!r} holds "
+                    + ("1 tensor that is not a parameter" if len(foreign) == 1 else
+                       f"{len(foreign)} tensors that are not parameters")
+                    + f" of the model (shapes {foreign[:3]}): they would "
                     "be neither moved to the device, averaged over ranks nor checkpointed; make "
                     "them nn.Parameter attributes of the model (or of a sub-module)")
 

@@ -546,7 +546,8 @@ def resolve_device(device, what: str = "device") -> torch.device:
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0 or (dev.index or 0) >= n:
             raise ValueError(f"{what}: got {str(device)!r}, but this machine has "
-                             f"{n} CUDA device(s) visible to torch (device=None picks "
+                             f"{n} CUDA device{'' if n == 1 else 's'} visible to torch "
+                             "(device=None picks "
                              "CUDA when there is one, else the CPU)")
     return dev
 
