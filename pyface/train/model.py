@@ -744,6 +744,14 @@ class Pipeline:
             out["landmarks"] = out["landmarks"] * torch.tensor(scale, device=self.device)
         return out
 
+    @staticmethod
+    def check_finite(value, what: str) -> None:
+        """A tensor a caller handed the pipeline outside the frame dicts (a control such as a
+        rotation or a scale, motion windows) has finite values: NaN or inf is a ValueError
+        naming ``what``, as for the labels. One device synchronisation; fake / meta tensors and
+        non-float ones pass."""
+        _check_finite(value, what)
+
     def check_state(self, value, keys, *, what: str = "state",
                     stage: str = "encode_source", device: bool = False) -> None:
         """Refuses a ``generate`` argument that is not what this pipeline's ``stage`` returned:
