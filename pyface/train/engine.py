@@ -202,6 +202,28 @@ class Trainer:
 
     def __init__(self, cfg: ExperimentConfig, model: TrainableModel | None = None,
                  dataset=None):
+        try:
+            self._build(cfg, model, dataset)
+        except BaseException:
+            # a config error found after the process group was joined (or a failed dataset):
+            # leave what this init joined and hooked, as close() would; a group the caller
+            # joined (initialized_here False) is left as it was
+            self._hooks = getattr(self, "_hooks", [])
+            self._patient = getattr(self, "_patient", None)
+            dist_info = getattr(self, "dist", None)
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
+            if dist_info is not None:
+                try:
+                    D.leave_group(self._patient)
+                finally:
+                    self._patient = None
+                    D.shutdown(dist_info)
+            raise
+
+    def _build(self, cfg: ExperimentConfig, model, dataset) -> None:
+        """``__init__``'s work (which cleans up after it when it raises)."""
         from pyface.train import registry
 
         inner = getattr(model, "_orig_mod", None)
