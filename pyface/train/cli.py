@@ -20,7 +20,11 @@ def add_parser(subparsers) -> None:
                     "stages.s1.model.neutral_weight=5); the run-wide keys (train.device, "
                     "train.precision, train.seed, logging, data.path, data.skip_bad) of --set "
                     "or --config reach every stage too, other keys configure the final model "
-                    "only. "
+                    "only: train.steps=N is the final model's steps, a stage's are "
+                    "stages.<stage>.train.steps=N (a quick check of a staged model: pyface "
+                    "train otavatar --preset tiny --set train.steps=2 --set "
+                    "stages.eg3d.train.steps=2); the steps of every run are printed before "
+                    "training starts. "
                     "Outputs go to train.run_dir (default runs/MODEL; a folder holding "
                     "checkpoints is refused unless --resume continues them or --overwrite "
                     "starts over): "
@@ -337,9 +341,13 @@ def _train(args, cls, cfg, overrides, staged: bool, group=None) -> int:
     from pyface.train.model import ModelDefinitionError
 
     if staged:
-        from pyface.train.stages import prepare_stages
+        from pyface.train.stages import plan_lines, prepare_stages
 
         try:
+            plan: list[dict] = []       # what each run trains, said before any of them starts
+            prepare_stages(cls, cfg, overrides=overrides, dry_run=True, plan=plan)
+            if plan and int(os.environ.get("RANK", "0")) == 0:
+                print(plan_lines(args.model, plan, cfg), file=sys.stderr, flush=True)
             filled = prepare_stages(cls, cfg, overrides=overrides)
         except (KeyError, ConfigError, OSError, ValueError, ModelDefinitionError) as exc:
             print(f"{_prefix()}pyface train: {_message(exc)}", file=sys.stderr)
