@@ -89,6 +89,25 @@ def test_config_errors_name_the_key(bad, match):
         build_experiment("example", TriplaneAutoencoder.Config, overrides=bad)
 
 
+def test_data_that_does_not_read_exits_1(tmp_path, monkeypatch, capsys):
+    """A dataset that is missing or corrupt (DataError while the Trainer or a stage builds it)
+    is an input's failure: exit code 1 (README: exit codes), one line; it exited 2, as a
+    command-line error does."""
+    from pyface.cli import main
+    from pyface.data.format import DataError
+    from pyface.train import engine, stages
+
+    def corrupt(*a, **k):
+        raise DataError(f"{tmp_path}/index.json: not valid JSON")
+
+    monkeypatch.setattr(engine.Trainer, "__init__", corrupt)
+    assert main(["train", "example", "--set", f"train.run_dir={tmp_path / 'r'}"]) == 1
+    assert capsys.readouterr().err == f"pyface train: {tmp_path}/index.json: not valid JSON\n"
+    monkeypatch.setattr(stages, "prepare_stages", corrupt)
+    assert main(["train", "otavatar", "--set", f"train.run_dir={tmp_path / 'o'}"]) == 1
+    assert capsys.readouterr().err == f"pyface train: {tmp_path}/index.json: not valid JSON\n"
+
+
 def test_config_file_and_preset_errors_name_the_file_and_near_matches(tmp_path, capsys):
     M = TriplaneAutoencoder
     with pytest.raises(ConfigError, match=r"--preset 'tin': model 'example' has no such preset; "

@@ -335,6 +335,7 @@ def _exit_stopped_rank(code: int) -> None:
 
 def _train(args, cls, cfg, overrides, staged: bool, group=None) -> int:
     from pyface.checkpoint import CheckpointError
+    from pyface.data.format import DataError
     from pyface.train import distributed as D
     from pyface.train.config import ConfigError, experiment_yaml
     from pyface.train.engine import NonFiniteError, Trainer
@@ -349,6 +350,9 @@ def _train(args, cls, cfg, overrides, staged: bool, group=None) -> int:
             if plan and int(os.environ.get("RANK", "0")) == 0:
                 print(plan_lines(args.model, plan, cfg), file=sys.stderr, flush=True)
             filled = prepare_stages(cls, cfg, overrides=overrides)
+        except DataError as exc:           # a dataset missing or corrupt: an input's failure
+            print(f"{_prefix()}pyface train: {_message(exc)}", file=sys.stderr)
+            return 1
         except (KeyError, ConfigError, OSError, ValueError, ModelDefinitionError) as exc:
             print(f"{_prefix()}pyface train: {_message(exc)}", file=sys.stderr)
             return 2
@@ -387,6 +391,9 @@ def _train(args, cls, cfg, overrides, staged: bool, group=None) -> int:
                 shutil.rmtree(old)
     try:
         trainer = Trainer(cfg)
+    except DataError as exc:               # a dataset missing or corrupt: an input's failure
+        print(f"{_prefix()}pyface train: {_message(exc)}", file=sys.stderr)
+        return 1
     except (ValueError, KeyError, RuntimeError, ModelDefinitionError) as exc:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and D.collective_failure(exc):
             info = D.DistInfo(rank=int(os.environ.get("RANK", "0")),
