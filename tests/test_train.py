@@ -108,6 +108,20 @@ def test_data_that_does_not_read_exits_1(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == f"pyface train: {tmp_path}/index.json: not valid JSON\n"
 
 
+def test_an_init_from_checkpoint_that_is_not_there_exits_1(tmp_path, capsys):
+    """train.init_from naming no checkpoint is an input's failure: exit code 1, one line (it
+    exited 2, as a command-line error does); nothing is trained."""
+    from pyface.cli import main
+
+    gone = tmp_path / "gone"
+    assert main(["train", "example", "--preset", "tiny", "--set", f"train.run_dir={tmp_path / 'r'}",
+                 "--set", f"train.init_from={gone}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"pyface train: checkpoint '{gone}': not a folder") and \
+        err.count("\n") == 1, err
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
 def test_config_file_and_preset_errors_name_the_file_and_near_matches(tmp_path, capsys):
     M = TriplaneAutoencoder
     with pytest.raises(ConfigError, match=r"--preset 'tin': model 'example' has no such preset; "

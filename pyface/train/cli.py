@@ -391,8 +391,8 @@ def _train(args, cls, cfg, overrides, staged: bool, group=None) -> int:
                 shutil.rmtree(old)
     try:
         trainer = Trainer(cfg)
-    except DataError as exc:               # a dataset missing or corrupt: an input's failure
-        print(f"{_prefix()}pyface train: {_message(exc)}", file=sys.stderr)
+    except (DataError, CheckpointError) as exc:   # a dataset or train.init_from missing or
+        print(f"{_prefix()}pyface train: {_message(exc)}", file=sys.stderr)   # corrupt: inputs
         return 1
     except (ValueError, KeyError, RuntimeError, ModelDefinitionError) as exc:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and D.collective_failure(exc):
