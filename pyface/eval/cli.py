@@ -814,6 +814,19 @@ def _check_command(args, pre: str):
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"{pre}pyface eval: {msg}", file=sys.stderr)
         return 2
+    from pyface.eval.weights import (METRICS_NEEDING_WEIGHTS, missing_weights_message,
+                                     parse_weights)
+
+    try:            # --weights' syntax, and a metric without the --weights it needs
+        weights = parse_weights(args.weights)
+        unweighted = [m for m in _metrics(args) if m in METRICS_NEEDING_WEIGHTS
+                      and m not in weights]
+    except ValueError as exc:
+        print(f"{pre}pyface eval: {exc}", file=sys.stderr)
+        return 2
+    if unweighted:
+        print(f"{pre}pyface eval: {missing_weights_message(unweighted[0])}", file=sys.stderr)
+        return 2
     return device
 
 
