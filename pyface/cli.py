@@ -1,7 +1,8 @@
 """The ``pyface`` command line. Run ``pyface --help`` or ``pyface COMMAND --help``.
 
 Each subcommand lives in its own module, which provides ``add_parser(subparsers)``; the parser
-sets ``func`` to a callable taking the parsed args and returning an exit code. Modules are
+sets ``func`` to a callable taking the parsed args and returning an exit code (README, "Exit
+codes": 1 when an input or the work failed, 2 when the command line is wrong). Modules are
 imported only to build the parser, and must keep their top-level imports light.
 
 ``PYFACE_PARSE_ONLY=1`` checks a command line without running it (``bench/gpu_session.sh
@@ -40,17 +41,28 @@ COMMANDS = {
 }
 
 
-def plural(n: int, word: str) -> str:
+def plural(n: int, word: str, words: str | None = None) -> str:
     """``plural(1, "frame")`` -> "1 frame", ``plural(2, "frame")`` -> "2 frames" (the commands'
-    printed counts)."""
-    return f"{n} {word}" + ("" if n == 1 else "s")
+    printed counts); ``words``: the plural when it is not ``word + "s"`` (``"entries"``)."""
+    return f"{n} " + (word if n == 1 else words or word + "s")
+
+
+def file_in_the_way(path: str) -> str | None:
+    """The nearest existing ancestor of ``path`` when it is a file (the folder ``path`` needs
+    cannot be created there), else None. The commands refuse such an output path before any
+    work, in one line: ``--out PATH: cannot create its folder: FILE is a file`` (exit code 2)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return None if os.path.isdir(parent) else parent
 
 
 def parse_name_paths(items, option: str = "--weights", *, names=None,
                      must_exist: bool = False) -> dict[str, str]:
     """``["NAME=PATH", ...]`` (a repeatable ``option``) -> ``{NAME: PATH}``, the last one winning.
     ``names``: the accepted NAMEs (any when None); ``must_exist``: each PATH must exist. Raises
-    ValueError naming ``option`` and the item."""
+    ValueError naming ``option`` and the item (a usage error), FileNotFoundError (an OSError)
+    naming them for a PATH that does not exist (an input's failure: exit code 1)."""
     import os
 
     out: dict[str, str] = {}
@@ -61,7 +73,7 @@ def parse_name_paths(items, option: str = "--weights", *, names=None,
         if names is not None and key not in names:
             raise ValueError(f"{option}: expected NAME in {sorted(names)}, got {key!r}")
         if must_exist and not os.path.exists(path):
-            raise ValueError(f"{option} {key}={path}: no such file")
+            raise FileNotFoundError(f"{option} {key}={path}: no such file")
         out[key] = path
     return out
 
@@ -110,6 +122,9 @@ def check_only(args) -> int:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"pyface {sub}: {msg}", file=sys.stderr)
         return 2
+    except OSError as exc:                  # a named input file missing: exit code 1
+        print(f"pyface {sub}: {exc}", file=sys.stderr)
+        return 1
     if code == 0:
         print(f"pyface {sub}: arguments checked ({PARSE_ONLY}=1: not run)", file=sys.stderr)
     return code

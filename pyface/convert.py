@@ -1236,9 +1236,9 @@ def run(args) -> int:
         kwargs["render_resolution"] = args.render_resolution
     try:
         check_output(args.out)            # before the conversion: OUT is never half-replaced
-    except CheckpointError as exc:
+    except CheckpointError as exc:        # an OUT that cannot be one: the command line's
         print(f"pyface convert {args.format}: OUT {exc}", file=sys.stderr)
-        return 1
+        return 2
     replaced = _weights_meta(args.out)
     try:
         check_source(args.src, args.out)

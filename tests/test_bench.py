@@ -206,13 +206,15 @@ def test_cli_min_time_must_be_a_finite_non_negative_number(capsys, value):
 @pytest.mark.parametrize("name,match", [
     ("r.csv", "--json: expected a file ending in .json or a folder"),
     ("results", "--json: expected a file ending in .json or a folder"),   # neither: ambiguous
-    ("a_file/r.json", "--json: cannot write to "),                         # folder is a file
-    ("a_file/sub/", "--json: cannot write to "),
+    ("a_file/r.json", "--json TMP/a_file/r.json: cannot create its folder: TMP/a_file is a "
+                      "file"),                                              # folder is a file
+    ("a_file/sub/", "--json TMP/a_file/sub/: cannot create its folder: TMP/a_file is a file"),
 ])
 def test_cli_bad_json_path_is_an_error_before_measuring(tmp_path, capsys, name, match):
     (tmp_path / "a_file").write_text("x")
     err = _bench_error(capsys, "--json", f"{tmp_path}/{name}")
-    assert match in err and str(tmp_path) in err
+    assert match.replace("TMP", str(tmp_path)) in err and str(tmp_path) in err
+    assert err.count("\n") == 1 and "File exists" not in err, err
 
 
 def test_json_path_resolution(tmp_path):

@@ -325,21 +325,23 @@ def test_a_missing_source_is_named_before_the_checkpoint_is_read(tmp_path, capsy
         "none" not in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("item, message", [
-    ("vgg", "--weights: expected NAME=PATH, got 'vgg'"),
-    ("vgg=MISSING", "--weights vgg=MISSING: no such file"),
-    ("vgg=FILE", "weights: model 'example''s pipeline uses no pretrained networks, got ['vgg']"),
+@pytest.mark.parametrize("item, message, code", [
+    ("vgg", "--weights: expected NAME=PATH, got 'vgg'", 2),
+    ("vgg=MISSING", "--weights vgg=MISSING: no such file", 1),
+    ("vgg=FILE", "weights: model 'example''s pipeline uses no pretrained networks, got ['vgg']",
+     2),
 ])
 def test_weights_are_checked_before_any_work(example_run, frames_dir, tmp_path, capsys, item,
-                                             message):
-    """--weights NAME=PATH (OTAvatar's inversion networks): a malformed item, a missing file and
-    a model whose pipeline uses no pretrained network are one line with exit code 2."""
+                                             message, code):
+    """--weights NAME=PATH (OTAvatar's inversion networks): a malformed item and a model whose
+    pipeline uses no pretrained network are one line with exit code 2 (usage), a missing file
+    one line with exit code 1 (an input), all before any work."""
     (tmp_path / "vgg.pth").write_bytes(b"")
     item = item.replace("MISSING", str(tmp_path / "nope.pth")).replace("FILE",
                                                                       str(tmp_path / "vgg.pth"))
     message = message.replace("MISSING", str(tmp_path / "nope.pth"))
     assert _animate(example_run, frames_dir, "--out", str(tmp_path / "a.mp4"), "--weights",
-                    item) == 2
+                    item) == code
     assert capsys.readouterr().err == f"pyface animate: {message}\n"
     assert not (tmp_path / "a.mp4").exists()
 
@@ -866,8 +868,9 @@ def test_animate_and_invert_name_checkpoint_and_what_the_command_takes(tmp_path,
         assert capsys.readouterr().err == (
             f"{said}: --checkpoint {run} (its latest checkpoint {latest}): {holds}: expected "
             f"{EG3D_TAKES}\n")
+    # an input of the wrong kind: exit code 1 for every command (README: exit codes)
     assert main(["animate", "mmfa", "--checkpoint", conv, "--source", str(image), "--driving",
-                 str(image), "--out", str(tmp_path / "o.mp4")]) == 2
+                 str(image), "--out", str(tmp_path / "o.mp4")]) == 1
     assert capsys.readouterr().err == (
         f"pyface animate: --checkpoint {conv}: holds model 'goha' (converted weights, kind "
         "'goha'), not 'mmfa': expected a run folder or training checkpoint of 'mmfa' (pyface "

@@ -115,12 +115,13 @@ def test_runs_without_sheet_rows_write_no_sheets(root, tmp_path, capsys):
 
 
 def test_data_that_is_not_a_dataset(tmp_path, capsys):
+    """A missing or unusable --data is an input's failure: exit code 1 (README: exit codes)."""
     (tmp_path / "a.png").write_bytes(b"x")
-    assert main(["eval", "copy-source", "--data", str(tmp_path), *BASE]) == 2
+    assert main(["eval", "copy-source", "--data", str(tmp_path), *BASE]) == 1
     assert "no index.json and no video folders" in _err(capsys)
-    assert main(["eval", "copy-source", "--data", str(tmp_path / "nope"), *BASE]) == 2
+    assert main(["eval", "copy-source", "--data", str(tmp_path / "nope"), *BASE]) == 1
     assert "nope: not found (expected a pyface dataset root" in _err(capsys)
-    assert main(["eval", "copy-source", "--data", str(tmp_path / "a.png"), *BASE]) == 2
+    assert main(["eval", "copy-source", "--data", str(tmp_path / "a.png"), *BASE]) == 1
     assert f"--data {tmp_path / 'a.png'}: a file, not a folder (expected a pyface dataset " \
         "root" in _err(capsys)
 
@@ -183,6 +184,11 @@ def test_another_models_checkpoint_names_the_option_it_came_from(root, tmp_path,
               "(pyface train mmfa)\n")
     assert main(["eval", "mmfa", "--checkpoint", str(run), "--data", root, *BASE]) == 1
     assert capsys.readouterr().err == f"pyface eval: --checkpoint {run}" + detail
+    # no --checkpoint at all is a usage error (2), named before anything loads
+    assert main(["eval", "mmfa", "--data", root, *BASE]) == 2
+    assert capsys.readouterr().err == (
+        "pyface eval: --checkpoint: required for model 'mmfa' (only copy-source, warp-baseline "
+        "runs without one)\n")
     assert main(["eval", "--runs", f"mmfa={run}", "--out", str(tmp_path / "e"), "--data", root,
                  *BASE]) == 1
     assert capsys.readouterr().err == f"pyface eval: --runs mmfa={run}" + detail

@@ -15,7 +15,7 @@ def test_parse_name_paths(tmp_path):
             parse_name_paths([bad])
     with pytest.raises(ValueError, match=r"^--weights: expected NAME in \['a', 'b'\], got 'c'$"):
         parse_name_paths(["c=x"], names={"b", "a"})
-    with pytest.raises(ValueError, match="^--weights vgg=MISSING: no such file$"):
+    with pytest.raises(FileNotFoundError, match="^--weights vgg=MISSING: no such file$"):
         parse_name_paths(["vgg=MISSING"], must_exist=True)
     assert parse_name_paths([f"vgg={f}"], must_exist=True) == {"vgg": str(f)}
     with pytest.raises(ValueError, match="^--set: expected NAME=PATH"):

@@ -907,12 +907,13 @@ def test_cli_convert_refuses_an_out_that_is_not_its_own_and_explains_wrong_input
     user.mkdir()
     (user / "notes.txt").write_text("mine")
     src = str(tmp_path / "vgg.pth")
-    assert main(["convert", "vgg19", src, str(user)]) == 1
+    # an OUT that cannot be one: exit code 2 (README: exit codes)
+    assert main(["convert", "vgg19", src, str(user)]) == 2
     assert "weights: the folder holds other files" in capsys.readouterr().err
     assert os.listdir(user) == ["notes.txt"]
-    assert main(["convert", "vgg19", src, src]) == 1
+    assert main(["convert", "vgg19", src, src]) == 2
     assert "vgg.pth: exists and is not a folder" in capsys.readouterr().err
-    assert main(["convert", "vgg19", src, os.path.join(src, "out")]) == 1
+    assert main(["convert", "vgg19", src, os.path.join(src, "out")]) == 2
     assert "vgg.pth is a file" in capsys.readouterr().err
     assert main(["convert", "vgg19", src, str(tmp_path / "v")]) == 0
     assert main(["convert", "vgg19", src, str(tmp_path / "v")]) == 0      # replaces its own folder

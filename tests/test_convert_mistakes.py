@@ -159,10 +159,10 @@ def test_cli_names_src_and_out(tmp_path, capsys):
     assert main(["convert", "otavatar", str(tmp_path / "missing.pt"), str(tmp_path / "o")]) == 1
     assert capsys.readouterr().err.startswith("pyface convert otavatar: SRC ")
     (tmp_path / "f").write_text("x")
-    assert main(["convert", "otavatar", src, str(tmp_path / "f")]) == 1
+    assert main(["convert", "otavatar", src, str(tmp_path / "f")]) == 2     # OUT cannot be one
     assert capsys.readouterr().err.startswith(f"pyface convert otavatar: OUT {tmp_path / 'f'}: "
                                               "exists and is not a folder")
-    assert main(["convert", "otavatar", src, src]) == 1
+    assert main(["convert", "otavatar", src, src]) == 2
     assert "OUT " in capsys.readouterr().err
 
 
@@ -173,7 +173,7 @@ def test_out_that_is_a_training_checkpoint_is_refused(tmp_path, capsys):
     run = ckpt.save_folder(str(tmp_path / "ckpt-000100"), {"w": torch.ones(2)},
                            {"kind": "train", "step": 100})
     before = ckpt.read_meta(run)["tensors_sha256"]
-    assert main(["convert", "otavatar", str(tmp_path / "ota.pt"), run]) == 1
+    assert main(["convert", "otavatar", str(tmp_path / "ota.pt"), run]) == 2
     err = capsys.readouterr().err
     assert f"OUT {run}: a pyface training checkpoint (step 100), not a weights folder" in err
     assert ckpt.read_meta(run)["tensors_sha256"] == before
@@ -281,7 +281,7 @@ def test_an_empty_out_never_replaces_the_working_directory(tmp_path, monkeypatch
     torch.save({"net_Warp_ema": {"x": torch.zeros(1)}}, tmp_path / "ota.pt")
     (tmp_path / "mine.txt").write_text("keep")
     monkeypatch.chdir(tmp_path)
-    assert main(["convert", "otavatar", "ota.pt", ""]) == 1
+    assert main(["convert", "otavatar", "ota.pt", ""]) == 2
     assert capsys.readouterr().err == ("pyface convert otavatar: OUT expected a folder path, got "
                                        "'' (an empty path would name the working directory)\n")
     assert sorted(os.listdir(tmp_path)) == ["mine.txt", "ota.pt"]
@@ -299,7 +299,7 @@ def test_a_weights_folder_that_holds_src_or_other_files_is_not_replaced(tmp_path
     write_release(tmp_path / "ota.pt", gen=None)
     assert main(["convert", "otavatar", str(tmp_path / "ota.pt"), str(out)]) == 0
     os.replace(tmp_path / "ota.pt", out / "ota.pt")
-    assert main(["convert", "otavatar", str(out / "ota.pt"), str(out)]) == 1
+    assert main(["convert", "otavatar", str(out / "ota.pt"), str(out)]) == 2
     assert (f"OUT {out}: a pyface folder that also holds other files (ota.pt), which replacing "
             "it would delete") in capsys.readouterr().err
     assert sorted(os.listdir(out)) == ["meta.json", "ota.pt", "tensors.safetensors"]
@@ -354,7 +354,7 @@ def test_out_that_is_a_symbolic_link_is_refused(tmp_path, capsys):
     before = (tmp_path / "real" / "tensors.safetensors").read_bytes()
     for target in ("real", "gone"):        # an earlier folder, and a link to nothing
         os.symlink(target, tmp_path / "out")
-        assert main(["convert", "otavatar", str(tmp_path / "ota.pt"), str(tmp_path / "out")]) == 1
+        assert main(["convert", "otavatar", str(tmp_path / "ota.pt"), str(tmp_path / "out")]) == 2
         where = str(tmp_path / target) + ("" if target == "real" else ", absent")
         assert capsys.readouterr().err == (
             f"pyface convert otavatar: OUT {tmp_path / 'out'}: a symbolic link (to {where}); "

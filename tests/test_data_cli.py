@@ -74,12 +74,13 @@ def test_synth_out_refusals(tmp_path, tiny, capsys):
     cases = [(str(afile), "exists and is not a folder"),
              (str(foreign), "not empty (notes.txt) and not written by `pyface data synth`"),
              (os.path.join(tiny, "inner"), f"inside the dataset {os.path.abspath(tiny)}"),
-             (os.path.join(tiny, "id0000_v00", "x"), "inside the dataset")]
+             (os.path.join(tiny, "id0000_v00", "x"), "inside the dataset"),
+             (str(afile / "sub"), f"cannot create its folder: {afile} is a file")]
     for out, message in cases:
         assert main(["data", "synth", "--out", out, *TINY_ARGS]) == 2, out
         err = capsys.readouterr().err
         assert f"pyface data synth: --out {out}: {message}" in err, err
-        assert "Traceback" not in err
+        assert "Traceback" not in err and err.count("\n") == 1, err
     assert os.listdir(foreign) == ["notes.txt"]
     assert not os.path.exists(os.path.join(tiny, "inner"))
     # another config over a complete set: refused, naming what differs; the same: nothing to do
@@ -538,3 +539,16 @@ def test_synth_and_prepare_under_torchrun_are_refused(tmp_path, monkeypatch, cap
             f"pyface data {command}: runs as one process, not under torchrun (WORLD_SIZE=2: every "
             "rank would run all of it and write the same files); run the same command without "
             "torchrun (--workers N "), err
+
+
+def test_check_counts_its_problems_in_words(tiny, tmp_path, capsys):
+    """`pyface data check`: "1 problem", "2 problems" (it said "1 problem(s)")."""
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny, bad)
+    masks = sorted((bad / "id0000_v00" / "masks").iterdir())
+    masks[0].unlink()
+    assert main(["data", "check", str(bad)]) == 1
+    assert capsys.readouterr().out.rstrip().endswith("frames: 1 problem")
+    masks[1].unlink()
+    assert main(["data", "check", str(bad)]) == 1
+    assert capsys.readouterr().out.rstrip().endswith("frames: 2 problems")

@@ -674,7 +674,7 @@ def test_pairs_and_cache_commands(root, cache, capsys):
     assert C.is_complete(built) and built.startswith(str(cache))
     assert main(["data", "cache"]) == 0
     listing = capsys.readouterr().out
-    assert "1 dataset(s)" in listing and os.path.basename(built) in listing
+    assert ": 1 dataset\n" in listing and os.path.basename(built) in listing
     assert main(["data", "cache", "--build", "16", "--set", "bogus=1"]) == 2
 
 

@@ -429,14 +429,71 @@ def test_prepare_workers_end_with_the_main_process(tmp_path):
 
 
 def test_prepare_cli_option_errors_name_the_option(tmp_path, capsys):
+    """A bad option value is a usage error: exit code 2 (README: exit codes)."""
     from pyface.cli import main
 
     for args, msg in ((["--workers", "0"], "--workers: expected >= 1, got 0"),
                       (["--fit-steps", "-3"], "--fit-steps: expected >= 1, got -3"),
                       (["--matting-weights", "w.ckpt"], "--matting-weights: only used with")):
-        assert main(["data", "prepare", str(tmp_path), "--out", str(tmp_path / "o"), *args]) == 1
+        assert main(["data", "prepare", str(tmp_path), "--out", str(tmp_path / "o"), *args]) == 2
         assert f"ERROR {msg}" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_prepare_cli_without_the_extra_exits_1(tmp_path, monkeypatch, capsys):
+    """The command line is right but the prepare extra is missing: the work cannot run here,
+    exit code 1 (README: exit codes), one line naming the extra."""
+    import pyface.data.prepare as P
+    from pyface.cli import main
+
+    def missing():
+        raise ImportError("pyface data prepare needs PyAV and mediapipe==0.10.21 (No module "
+                          "named 'av'); install them with: pip install -e \".[prepare]\"")
+
+    monkeypatch.setattr(P, "require_backends", missing)
+    (tmp_path / "clip.mp4").write_bytes(b"x")
+    assert main(["data", "prepare", str(tmp_path / "clip.mp4"), "--out", str(tmp_path / "o"),
+                 "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ERROR pyface data prepare needs PyAV") and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_prepare_cli_names_a_missing_input_before_a_missing_extra(tmp_path, monkeypatch,
+                                                                  capsys):
+    """A missing input file or folder, or a folder with nothing to prepare, is named before the
+    optional dependencies are imported (it used to say that PyAV is missing)."""
+    import pyface.data.prepare as P
+    from pyface.cli import main
+
+    def missing():
+        raise ImportError("pyface data prepare needs PyAV")
+
+    monkeypatch.setattr(P, "require_backends", missing)
+    (tmp_path / "empty").mkdir()
+    gone = "no such file or folder"
+    for inp, said in ((tmp_path / "nonexist.mp4", f"{tmp_path / 'nonexist.mp4'}: {gone}"),
+                      (tmp_path / "nodir", f"{tmp_path / 'nodir'}: {gone}"),
+                      (tmp_path / "empty", "no videos or images found in")):
+        assert main(["data", "prepare", str(inp), "--out", str(tmp_path / "o"), "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert said in err and "PyAV" not in err and err.count("\n") == 1, err
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_prepare_cli_out_that_cannot_be_a_folder(tmp_path, capsys):
+    """--out that is a file, or below one: one line naming --out, exit code 2 (an output path
+    that cannot be one), before the inputs are read or the optional dependencies imported."""
+    from pyface.cli import main
+
+    (tmp_path / "clip.mp4").write_bytes(b"x")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, said in ((afile, "exists and is not a folder"),
+                      (afile / "x", f"cannot create its folder: {afile} is a file")):
+        assert main(["data", "prepare", str(tmp_path / "clip.mp4"), "--out", str(out),
+                     "--quiet"]) == 2
+        assert capsys.readouterr().err == f"ERROR --out {out}: {said}\n"
 
 
 def test_prepare_cli_interrupted(tmp_path, monkeypatch, capsys):
@@ -607,13 +664,13 @@ def test_prepare_cli_shard_errors_and_interrupt(tmp_path, monkeypatch, capsys):
     from pyface.cli import main
 
     assert main(["data", "prepare", str(tmp_path), "--out", str(tmp_path / "o"),
-                 "--shard", "2/2"]) == 1
+                 "--shard", "2/2"]) == 2
     err = capsys.readouterr().err
     assert "ERROR --shard: expected K/N with 0 <= K < N (e.g. 0/4), or auto" in err
     assert "got '2/2'" in err
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
     assert main(["data", "prepare", str(tmp_path), "--out", str(tmp_path / "o"),
-                 "--shard", "auto"]) == 1
+                 "--shard", "auto"]) == 2
     assert "ERROR --shard: auto reads a SLURM job array's" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o")
 
@@ -1499,7 +1556,7 @@ def test_prepare_cli(prepared, tmp_path, capsys):
     assert "13/14 frames with a face" in capsys.readouterr().out
     assert main(["data", "check", out]) == 0
     (tmp_path / "file").write_text("x")
-    assert main(["data", "prepare", mp4, "--out", str(tmp_path / "file"), "--quiet"]) == 1
+    assert main(["data", "prepare", mp4, "--out", str(tmp_path / "file"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert f"--out {tmp_path / 'file'}: exists and is not a folder" in err
     (tmp_path / "fake.mat").write_text("x")                # a bad model: once, before any video
@@ -1523,7 +1580,7 @@ def test_prepare_cli(prepared, tmp_path, capsys):
     assert f"skipped: {messy / 'broken.mp4'}: corrupt or unreadable video" in text
     assert f"ignored: {messy / 'notes.txt'}: not a video" in text
     assert "prepared 1 video, 13 frames" in text
-    assert "1 bad input(s) skipped, 1 folder entries ignored" in text
+    assert "1 bad input skipped, 1 folder entry ignored" in text
 
 
 @needs_prepare
@@ -1591,7 +1648,7 @@ def test_prepare_modnet_matting(prepared, tmp_path, capsys):
     assert masks[0].shape == (256, 256) and masks[0].dtype == np.uint8
     assert len(np.unique(masks[0])) > 2                 # a soft alpha, not a thresholded mask
     capsys.readouterr()
-    assert main(["data", "prepare", str(clip), "--out", out, "--quiet", "--matting", "modnet"]) == 1
+    assert main(["data", "prepare", str(clip), "--out", out, "--quiet", "--matting", "modnet"]) == 2
     assert "--matting-weights PATH" in capsys.readouterr().err
 
 

@@ -1098,7 +1098,7 @@ def test_snippets_joins_continuations_and_spans_over_lines(tmp_path):
     ("from pyface.cli import build_parserz", False),
     ("import pyface.no_such_module", False),
     ("call pyface.cli.plural(2, word='frame')", True),
-    ("call pyface.cli.plural(2, words='frame')", False),
+    ("call pyface.cli.plural(2, wordz='frame')", False),
     ("call pyface.cli.plural(len(x), word=f(a=1))", True),   # a nested call's keyword
     ("span test_exact_resume_matches_uninterrupted", True),
     ("span test_exact_resume_matches_nothing", False),

@@ -122,12 +122,12 @@ def test_merge_refuses_overlapping_missing_and_foreign_parts(root):
     a, b = (evaluate(CopySource(16), root, shard=(r, 2), **kw) for r in range(2))
     first_b = a.indices[int(np.flatnonzero(b.evaluated)[0])]
     with pytest.raises(ValueError, match=rf"merge_results: pair {first_b} was evaluated by part "
-                                         r"0 and by part 1 \(\d+ pair\(s\) overlap\): the "
+                                         r"0 and by part 1 \(\d+ pairs overlap\): the "
                                          "shards overlap"):
         merge_results([b, b])
     first_missing = a.indices[int(np.flatnonzero(~a.evaluated)[0])]
     with pytest.raises(ValueError, match=rf"merge_results: {int((~a.evaluated).sum())} of "
-                                         rf"{len(a.indices)} pair\(s\) evaluated by no part "
+                                         rf"{len(a.indices)} pairs evaluated by no part "
                                          rf"\(first: pair {first_missing}\): a shard is missing"):
         merge_results([a])
     whole = evaluate(CopySource(16), root, **kw)      # no shard: it evaluated every pair

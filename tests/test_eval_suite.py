@@ -47,15 +47,18 @@ def test_missing_weights_fail_clearly(root, tmp_path, capsys):
         with pytest.raises(MissingWeightsError, match=f"--weights {name}=PATH"):
             evaluate(CopySource(32), root, metrics=["psnr", name])
         assert main(["eval", "copy-source", "--data", root, "--metrics", f"psnr,{name}",
-                     "--quiet"]) == 1
+                     "--quiet"]) == 2            # no --weights for it: a usage error
         err = capsys.readouterr().err
         assert f"metric '{name}' needs" in err and "never downloads" in err
     missing = str(tmp_path / "nope.pth")
     assert main(["eval", "copy-source", "--data", root, "--metrics", "lpips", "--weights",
                  f"lpips={missing}", "--quiet"]) == 1
     assert "does not exist" in capsys.readouterr().err
-    assert main(["eval", "copy-source", "--data", root, "--weights", "lpips", "--quiet"]) == 1
+    assert main(["eval", "copy-source", "--data", root, "--weights", "lpips", "--quiet"]) == 2
     assert "expected NAME=PATH" in capsys.readouterr().err
+    assert main(["eval", "copy-source", "--data", root, "--weights", "foo=x", "--quiet"]) == 2
+    assert "--weights: expected NAME in ['aed_id', 'csim', 'fid', 'kid', 'lpips', " \
+        "'lpips_heads'], got 'foo'" in capsys.readouterr().err
 
 
 def test_weighted_metrics_in_the_evaluator(root, weights):

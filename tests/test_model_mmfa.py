@@ -754,6 +754,18 @@ def test_vae_pipeline_interpolates_and_samples(micro_run, data_root, tmp_path):
         pipe.interpolate_expression(f[0], f[:2], [0.5])
     with pytest.raises(ValueError, match=r"n: expected an int >= 1, got -1"):
         pipe.sample_expression(-1)
+    # the tensors it makes follow the module and the inputs (no float32 / default-device
+    # alphas): a float64 VAE and float64 features, alphas a float64 tensor or a list, give
+    # exactly the float64 interpolation (the alphas were rounded to float32)
+    vae = pipe.model.vae.double()
+    fa, fb = f[0].double(), f[-1].double()
+    alphas = torch.tensor([0.0, 0.3, 0.7, 1.0], dtype=torch.float64)
+    mu_a, mu_b = vae.encode(fa[None])[0], vae.encode(fb[None])[0]
+    want = vae.decode((1 - alphas[:, None]) * mu_a + alphas[:, None] * mu_b)
+    for given in (alphas, alphas.tolist()):
+        got = pipe.interpolate_expression(fa, fb, given)
+        assert got.dtype == torch.float64 and torch.equal(got, want)
+    vae.float()
 
 
 VAE_RANKS = '''

@@ -248,9 +248,10 @@ def test_models_load_errors(example_run, monkeypatch):
     with pytest.raises(KeyError, match=r"unknown model 'nope'; registered: .*example"):
         pyface.models.load("nope", str(example_run))
     # a CUDA device that is not there (no CUDA at all, or an index past the last) names itself
-    missing = f"cuda:{torch.cuda.device_count()}"
+    n = torch.cuda.device_count()
+    missing = f"cuda:{n}"
     with pytest.raises(ValueError, match=rf"device: got '{missing}', but this machine has "
-                                         rf"{torch.cuda.device_count()} CUDA device"):
+                                         rf"{n} CUDA device{'' if n == 1 else 's'} visible"):
         pyface.models.load("example", str(example_run), device=missing)
     monkeypatch.setitem(registry.MODELS, "toy_stage1", f"{__name__}:Stage1Toy")
     with pytest.raises(ValueError, match=r"model 'toy_stage1' has no inference pipeline"):
@@ -501,7 +502,7 @@ class Stage2Toy(TrainableModel):
         return {"loss": (self.head(self.stage1.dec(self.stage1.enc(x))) - x).abs().mean()}
 
 
-def test_stages_train_first_then_are_reused(tmp_path, monkeypatch, caplog):
+def test_stages_train_first_then_are_reused(tmp_path, monkeypatch, caplog, capsys):
     import logging
 
     monkeypatch.setitem(registry.MODELS, "toy_stage1", f"{__name__}:Stage1Toy")
@@ -518,8 +519,16 @@ def test_stages_train_first_then_are_reused(tmp_path, monkeypatch, caplog):
 
     Trainer(s1).fit()
     caplog.set_level(logging.INFO, logger="pyface")
+    capsys.readouterr()
     assert main(args) == 0
     assert "resumed from" in caplog.text and str(stage_dir) in caplog.text
+    # before any work: what each run trains and how to change it (--set train.steps=N sets the
+    # final model's steps only)
+    err = capsys.readouterr().err
+    assert ("pyface train toy_stage2: its stages train first, each for its own train.steps:\n"
+            f"  stage 's1' (toy_stage1): 3 steps, resumed from step 2 (--set "
+            f"stages.s1.train.steps=N) in {stage_dir}\n"
+            f"  toy_stage2: 2 steps (--set train.steps=N) in {run}\n") in err, err
     assert ckpt.latest_checkpoint(str(stage_dir)).endswith("ckpt-000003")   # stage-1 preset
     final = ckpt.latest_checkpoint(str(run))
     assert final.endswith("ckpt-000002")                                    # stage-2 preset
@@ -533,8 +542,11 @@ def test_stages_train_first_then_are_reused(tmp_path, monkeypatch, caplog):
     caplog.clear()
     stamp = os.path.getmtime(os.path.join(ckpt.latest_checkpoint(str(stage_dir)), "meta.json"))
     assert main(args) == 2                       # the final run's checkpoints are kept
+    capsys.readouterr()
     assert main(args + ["--overwrite"]) == 0     # the final model starts over, the stage stays
     assert "reusing the finished run" in caplog.text
+    assert (f"  stage 's1' (toy_stage1): finished (3 steps), reused from {stage_dir}\n"
+            in capsys.readouterr().err)
     assert os.path.getmtime(os.path.join(ckpt.latest_checkpoint(str(stage_dir)),
                                          "meta.json")) == stamp
     # a given stage checkpoint skips the stage

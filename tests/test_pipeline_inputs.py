@@ -220,6 +220,43 @@ def test_mmfa_angles_must_be_three(pipes, videos):
                        pipe.generate(state, motion, angles=(10.0, -5.0, 0.0)))
 
 
+def test_otavatar_non_finite_motion_windows_are_refused(pipes, videos):
+    """driving['motion'] (T, 70, window) 3DMM windows are checked like the labels: NaN or inf
+    is a ValueError naming it (it rendered frames of NaN)."""
+    pipe = pipes["otavatar"]
+    _, driving = _frames(pipe, videos)
+    good = pipe.encode_driving({"coeffs": driving["coeffs"]})["motion"]
+    assert torch.equal(pipe.encode_driving({"motion": good})["motion"], good)
+    for value in (float("nan"), float("inf")):
+        bad = good.clone()
+        bad[1, 3, 0] = value
+        with pytest.raises(ValueError, match=r"driving\['motion'\]: expected finite values, "
+                                             "got NaN or inf"):
+            pipe.encode_driving({"motion": bad})
+
+
+@pytest.mark.parametrize("option", ["rotation", "angles", "scale", "translation", "expression"])
+def test_mmfa_non_finite_pose_and_expression_controls_are_refused(option, pipes, videos):
+    """MMFA's generate controls R (rotation / angles), s (scale), t (translation) and the
+    expression: NaN or inf is a ValueError naming the control, before any network runs (they
+    rendered frames of NaN)."""
+    pipe = pipes["mmfa"]
+    source, driving = _frames(pipe, videos)
+    state, motion = pipe.encode_source(source), pipe.encode_driving(driving)
+    T = int(motion["f_exp"].shape[0])
+    good = {"rotation": torch.eye(3).expand(T, 3, 3).clone(), "angles": [10.0, 0.0, 0.0],
+            "scale": torch.ones(T), "translation": torch.zeros(T, 2),
+            "expression": motion["f_exp"].clone()}[option]
+    pipe.generate(state, motion, **{option: good})              # finite: taken
+    if option == "angles":
+        bad = [10.0, float("nan"), 0.0]
+    else:
+        bad = good.clone()
+        bad.view(-1)[-1] = float("inf")
+    with pytest.raises(ValueError, match=rf"^{option}: expected finite values, got NaN or inf"):
+        pipe.generate(state, motion, **{option: bad})
+
+
 def test_stream_and_reconstruct_take_numpy_frames(pipes, videos):
     """Frame dicts of numpy arrays are taken as tensors (docs/train.md): ``animate`` took them,
     ``stream`` refused them ('expected a dict of (T, ...) tensors') and ``reconstruct`` left

@@ -112,7 +112,7 @@ MISTAKES = {
                          "two phases are named 'main'"),
     "optimizer_over_a_foreign_tensor": (
         "M.build_optimizers = lambda self: {'main': torch.optim.Adam([nn.Parameter(torch.ones(2))"
-        "])}", "optimizer 'main' holds 1 tensor(s) that are not parameters of the model"),
+        "])}", "optimizer 'main' holds 1 tensor that is not a parameter of the model"),
     "data_transform_not_callable": ("M.data_transform = lambda self: 3",
                                     "data_transform() must return a function"),
     "loss_without_grad": ("M.step = lambda self, p, b, c: {'loss': b['image'].abs().mean()}",

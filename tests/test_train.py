@@ -89,7 +89,40 @@ def test_config_errors_name_the_key(bad, match):
         build_experiment("example", TriplaneAutoencoder.Config, overrides=bad)
 
 
-def test_config_file_and_preset_errors_name_the_file_and_near_matches(tmp_path):
+def test_data_that_does_not_read_exits_1(tmp_path, monkeypatch, capsys):
+    """A dataset that is missing or corrupt (DataError while the Trainer or a stage builds it)
+    is an input's failure: exit code 1 (README: exit codes), one line; it exited 2, as a
+    command-line error does."""
+    from pyface.cli import main
+    from pyface.data.format import DataError
+    from pyface.train import engine, stages
+
+    def corrupt(*a, **k):
+        raise DataError(f"{tmp_path}/index.json: not valid JSON")
+
+    monkeypatch.setattr(engine.Trainer, "__init__", corrupt)
+    assert main(["train", "example", "--set", f"train.run_dir={tmp_path / 'r'}"]) == 1
+    assert capsys.readouterr().err == f"pyface train: {tmp_path}/index.json: not valid JSON\n"
+    monkeypatch.setattr(stages, "prepare_stages", corrupt)
+    assert main(["train", "otavatar", "--set", f"train.run_dir={tmp_path / 'o'}"]) == 1
+    assert capsys.readouterr().err == f"pyface train: {tmp_path}/index.json: not valid JSON\n"
+
+
+def test_an_init_from_checkpoint_that_is_not_there_exits_1(tmp_path, capsys):
+    """train.init_from naming no checkpoint is an input's failure: exit code 1, one line (it
+    exited 2, as a command-line error does); nothing is trained."""
+    from pyface.cli import main
+
+    gone = tmp_path / "gone"
+    assert main(["train", "example", "--preset", "tiny", "--set", f"train.run_dir={tmp_path / 'r'}",
+                 "--set", f"train.init_from={gone}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"pyface train: checkpoint '{gone}': not a folder") and \
+        err.count("\n") == 1, err
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_config_file_and_preset_errors_name_the_file_and_near_matches(tmp_path, capsys):
     M = TriplaneAutoencoder
     with pytest.raises(ConfigError, match=r"--preset 'tin': model 'example' has no such preset; "
                                           r"valid presets: tiny; did you mean tiny\?"):
@@ -112,6 +145,16 @@ def test_config_file_and_preset_errors_name_the_file_and_near_matches(tmp_path):
                                               rf"mapping of {section}\.\* keys, got {shown}"):
             build_experiment("example", M.Config, yaml_path=str(bad),
                              overrides=[f"{section}.seed=1"])
+    # exit codes (README): a --config file that is missing is an input's failure (1), one
+    # that reads but holds a wrong section a usage error (2); one line each
+    from pyface.cli import main
+
+    capsys.readouterr()
+    assert main(["train", "example", "--config", str(tmp_path / "none.yaml")]) == 1
+    assert capsys.readouterr().err.endswith(
+        f"pyface train: --config {tmp_path / 'none.yaml'}: no such file\n")
+    assert main(["train", "example", "--config", str(bad), "--print-config"]) == 2
+    assert "expected a mapping of data.* keys" in capsys.readouterr().err
     bad.write_text("train:\n")                     # an empty section: the defaults
     assert build_experiment("example", M.Config, yaml_path=str(bad)).train.steps == \
         TrainConfig().steps
@@ -402,8 +445,12 @@ def test_resolve_device_names_the_option_and_value(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert resolve_device("cuda:0") == "cuda:0"
-    with pytest.raises(ValueError, match=r"got 'cuda:1', but there are 1 CUDA device"):
+    with pytest.raises(ValueError, match=r"got 'cuda:1', but there is 1 CUDA device \(cuda:0\)$"):
         resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"got 'cuda:2', but there are 2 CUDA devices \(cuda:0.."
+                                         r"cuda:1\)$"):
+        resolve_device("cuda:2")
 
 
 def test_cli_animate_and_eval_refuse_an_unavailable_device(tmp_path, capsys, monkeypatch):
@@ -592,9 +639,9 @@ def test_resume_with_another_number_of_ranks_warns(tmp_path, caplog):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="pyface.train"):
             b.resume(where)
-        got = [r.getMessage() for r in caplog.records if "rank(s)" in r.getMessage()]
+        got = [r.getMessage() for r in caplog.records if "resuming a run" in r.getMessage()]
         assert got == ([
-            "resuming a run trained on 2 rank(s) with 1: the global batch (train.batch_size) "
+            "resuming a run trained on 2 ranks with 1: the global batch (train.batch_size) "
             "and the data order are kept, but randomness drawn inside step (seeded per rank), "
             "batch statistics (taken per rank) and the gradient summation order change, so the "
             "run does not continue exactly as it would have on 2; resume with the same number "
@@ -1038,6 +1085,11 @@ def test_run_dir_of_another_model_or_a_file_is_refused(tmp_path, capsys):
     afile.write_text("x")
     assert main(["train", "example", "--set", f"train.run_dir={afile}", "--print-config"]) == 2
     assert f"train.run_dir={afile}: a file, not a folder" in capsys.readouterr().err
+    for extra in ([], ["--print-config"]):   # below a file: one line, not a NotADirectoryError
+        assert main(["train", "example", "--set", f"train.run_dir={afile / 'run'}",
+                     *extra]) == 2
+        assert capsys.readouterr().err == (f"pyface train: train.run_dir={afile / 'run'}: "
+                                           f"cannot create its folder: {afile} is a file\n")
     with pytest.raises(ConfigError, match=r"train\.run_dir: only \{model\} is replaced .*got "
                                           r"'runs/\{name\}'"):
         build_experiment("example", TriplaneAutoencoder.Config,

@@ -113,7 +113,7 @@ def test_resume_on_two_ranks_prefixes_and_a_hung_rank_times_out(tmp_path):
     assert err.count("INFO pyface.train: distributed: 2 ranks, backend gloo on cpu") == 1, err
     assert "a collective fails after waiting 2 s for the other ranks (PYFACE_DIST_TIMEOUT)" in err
     # resumed with another number of ranks: said once (rank 0), not silently
-    assert err.count("resuming a run trained on 1 rank(s) with 2: the global batch") == 1, err
+    assert err.count("resuming a run trained on 1 rank with 2: the global batch") == 1, err
     # a warning every rank gives: rank 0's as it is, rank 1's with its rank
     assert err.count("\nWARNING pyface.faulttoy: faulttoy: built without weights") == 1, err
     assert err.count("[rank 1] WARNING pyface.faulttoy: faulttoy: built without weights") == 1

@@ -340,7 +340,8 @@ def test_bench_train_model_fused_vs_reference(tmp_path, capsys):
      "--preset 'no-such': model 'example' has no such preset; valid presets: tiny"),
     (["--set", "train.no_such=1"], "train.no_such: unknown key for TrainConfig"),
     (["--json", "OUT/r.txt"], "--json: expected a file ending in .json or a folder"),
-    (["--json", "OUT/a_file/r.json"], "--json: cannot write to "),
+    (["--json", "OUT/a_file/r.json"],
+     "--json OUT/a_file/r.json: cannot create its folder: OUT/a_file is a file\n"),
 ])
 def test_bench_train_option_errors_exit_2_before_running(tmp_path, capsys, monkeypatch, argv,
                                                          message):
@@ -354,7 +355,7 @@ def test_bench_train_option_errors_exit_2_before_running(tmp_path, capsys, monke
     monkeypatch.setattr(train, "model_backends",
                         lambda *a, **k: ran.append(1) or real(*a, **{**k, "steps": 1}))
     assert train.main(["example", "--device", "cpu", *argv]) == 2
-    assert message in capsys.readouterr().err
+    assert message.replace("OUT", str(tmp_path)) in capsys.readouterr().err
     assert not (tmp_path / "bench").exists() and ran == []   # refused before anything ran
 
 
@@ -431,3 +432,39 @@ def test_bench_train_ctrl_c_exits_130_and_writes_no_json(tmp_path, capsys, monke
     out = tmp_path / "r.json"
     assert train.main(["example", "--device", "cpu", "--json", str(out)]) == 130
     assert "interrupted; no JSON written" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_failed_init_leaves_the_process_group_it_joined_and_only_that(tmp_path, monkeypatch):
+    """Trainer() raising after it joined a process group (a config error found after
+    init_process_group) destroys that group; a group the caller joined is left as it was.
+    A one-process gloo group (file:// rendezvous)."""
+    import torch.distributed as dist
+
+    from pyface.train import distributed as D
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    bad = example(tmp_path, "train.backend=nope")       # refused after the group is joined
+
+    def join(device_pref="auto"):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                                world_size=1)
+        return D.DistInfo(initialized_here=True), torch.device("cpu")
+
+    with monkeypatch.context() as m:
+        m.setattr(D, "init_distributed", join)
+        try:
+            with pytest.raises(ValueError, match="train.backend: expected one of"):
+                Trainer(bad)
+            assert not dist.is_initialized()
+        finally:                    # the next tests run without a group, whatever happened
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0,
+                            world_size=1)
+    try:
+        with pytest.raises(ValueError, match="train.backend: expected one of"):
+            Trainer(bad)
+        assert dist.is_initialized()                    # the caller's: not the Trainer's
+    finally:
+        dist.destroy_process_group()

@@ -463,6 +463,11 @@ def resolve_json_path(path: str, default_name: str, option: str = "--json") -> s
                             f"one, or ending in /), got {path!r}")
     folder = path if is_dir else (os.path.dirname(path) or ".")
     target = os.path.join(path, default_name) if is_dir else path
+    from pyface.cli import file_in_the_way
+
+    blocking = file_in_the_way(target)
+    if blocking is not None:        # os.makedirs would say "File exists"
+        raise JsonPathError(f"{option} {path}: cannot create its folder: {blocking} is a file")
     if is_dir:      # an auto-named file never replaces an earlier run's: -2, -3, ... appended
         stem, ext = os.path.splitext(target)
         n = 2

@@ -1,6 +1,7 @@
 """``pyface data``: generate, index, validate and benchmark talking-head datasets."""
 from __future__ import annotations
 
+import os
 import sys
 
 from pyface.cli import plural
@@ -183,7 +184,20 @@ def _synth_check(args) -> int:
     """``pyface data synth`` under ``PYFACE_PARSE_ONLY=1``: its options' values; nothing
     rendered or written."""
     cfg = _synth_config(args)
-    return cfg if isinstance(cfg, int) else 0
+    return cfg if isinstance(cfg, int) else _out_below_a_file(args.out, "pyface data synth: ")
+
+
+def _out_below_a_file(out: str, prefix: str) -> int:
+    """Exit code 2 after a one-line message naming --out when a folder cannot be created at
+    ``out`` (an existing part of its path is a file), else 0."""
+    from pyface.cli import file_in_the_way
+
+    blocking = None if os.path.exists(out) else file_in_the_way(out)
+    if blocking is None:
+        return 0
+    print(f"{prefix}--out {out}: cannot create its folder: {blocking} is a file",
+          file=sys.stderr)
+    return 2
 
 
 def _synth(args) -> int:
@@ -199,6 +213,8 @@ def _synth(args) -> int:
     cfg = _synth_config(args)
     if isinstance(cfg, int):
         return cfg
+    if _out_below_a_file(args.out, "pyface data synth: "):
+        return 2
     try:
         s = generate(args.out, cfg, progress=not args.quiet)
     except DataError as exc:
@@ -331,7 +347,7 @@ def _cache(args) -> int:
     stale = [n for n in names if n.startswith(".") and ".tmp-" in n
              and os.path.isdir(os.path.join(base, n))]
     names = [n for n in names if not n.startswith(".") and not n.endswith(".lock")]
-    print(f"{base}: {len(names)} dataset(s)")
+    print(f"{base}: {plural(len(names), 'dataset')}")
     for n in stale:
         print(f"  {n}  (temporary folder of an interrupted generation; no run uses it, delete it "
               "unless a generation is running)")
@@ -368,7 +384,7 @@ def _check(args) -> int:
             print(f"ERROR {p}")
         problems += pc
         extra += f" (+ {len(rc)} {what}, {sum(r.num_frames for r in rc)} frames)"
-    status = "OK" if not problems else f"{len(problems)} problem(s)"
+    status = "OK" if not problems else plural(len(problems), "problem")
     print(f"{args.root}: {plural(len(records), 'video')}, {plural(frames, 'frame')}{extra}: "
           f"{status}")
     return 0 if not problems else 1
@@ -400,7 +416,12 @@ def _prepare(args) -> int:
     except ValueError as exc:   # name the command-line option, not the config field
         field, _, msg = str(exc).partition(": ")
         print(f"ERROR {CLI_OPTIONS.get(field, field)}: {msg}", file=sys.stderr)
-        return 1
+        return 2
+    if os.path.exists(args.out) and not os.path.isdir(args.out):   # before any input is read
+        print(f"ERROR --out {args.out}: exists and is not a folder", file=sys.stderr)
+        return 2
+    if _out_below_a_file(args.out, "ERROR "):
+        return 2
     import signal
 
     class Terminated(KeyboardInterrupt):
@@ -423,9 +444,9 @@ def _prepare(args) -> int:
             warnings.simplefilter("always")
             warnings.showwarning = show
             s = prepare(args.inputs, cfg)
-    except ImportError as e:
+    except ImportError as e:        # the prepare extra is missing: the command cannot run here
         print(f"ERROR {e}", file=sys.stderr)
-        return 2
+        return 1
     except (DataError, ValueError) as e:
         print(f"ERROR {e}", file=sys.stderr)
         return 1
@@ -457,8 +478,10 @@ def _prepare(args) -> int:
     where = args.out if shard is None else \
         f"{args.out}: shard {shard_line(shard, s['shard_videos'], s['total_videos'])}"
     print(f"{where}: prepared {plural(s['videos'], 'video')}, {plural(s['frames'], 'frame')} "
-          f"in {s['seconds']:.1f} s ({s['fps']:.2f} frames/s); {len(s['bad'])} bad input(s) skipped"
-          + (f", {len(s['ignored'])} folder entries ignored" if s["ignored"] else ""))
+          f"in {s['seconds']:.1f} s ({s['fps']:.2f} frames/s); "
+          f"{plural(len(s['bad']), 'bad input')} skipped"
+          + (f", {plural(len(s['ignored']), 'folder entry', 'folder entries')} ignored"
+             if s["ignored"] else ""))
     if shard is not None:
         print(f"index.json not written (shared by the shards): once all {shard[1]} shards "
               f"finished, run: pyface data index {args.out}")

@@ -278,6 +278,12 @@ def load_coeffs(root: str, rec: VideoRecord, required: bool = True) -> np.ndarra
     return c.astype(np.float32)
 
 
+def _frames(indices) -> str:
+    """``[2]`` -> "frame 2", ``[2, 5]`` -> "frames [2, 5]" (the first 10 listed)."""
+    indices = [int(i) for i in indices]
+    return f"frame {indices[0]}" if len(indices) == 1 else f"frames {indices[:10]}"
+
+
 def load_labels(root: str, rec: VideoRecord, required: bool = True) -> np.ndarray | None:
     """``(T, 25)`` float32 EG3D cameras; a missing file raises, or returns None with
     ``required=False``."""
@@ -294,12 +300,12 @@ def load_labels(root: str, rec: VideoRecord, required: bool = True) -> np.ndarra
         raise DataError(f"{path}: expected {rec.num_frames} labels of 25 values, got shape {arr.shape}")
     bad = ~np.isfinite(arr).all(1)
     if bad.any():
-        raise DataError(f"{path}: NaN or inf camera for frame(s) {np.nonzero(bad)[0][:10].tolist()}")
+        raise DataError(f"{path}: NaN or inf camera for {_frames(np.nonzero(bad)[0])}")
     rot = arr[:, :16].reshape(-1, 4, 4)[:, :3, :3]
     err = np.abs(rot.transpose(0, 2, 1) @ rot - np.eye(3)).max(axis=(1, 2))
     if (err > 1e-3).any():
-        raise DataError(f"{path}: cam2world rotation not orthonormal for frame(s) "
-                        f"{np.nonzero(err > 1e-3)[0][:10].tolist()}")
+        raise DataError(f"{path}: cam2world rotation not orthonormal for "
+                        f"{_frames(np.nonzero(err > 1e-3)[0])}")
     return arr.astype(np.float32)
 
 

@@ -1326,6 +1326,19 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
     ``shard_videos`` (this shard's videos, finished ones included) and ``total_videos`` (of all
     shards).
     """
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise PrepareError(f"--out {cfg.out}: exists and is not a folder")
+    ignored, bad, notes = [], [], []    # the inputs first: a missing one named before the extra
+    sources = collect_sources(inputs, ignored=ignored, errors=bad if cfg.skip_bad else None,
+                              exclude=[cfg.out], notes=notes)
+    for m in notes:
+        warnings.warn(m, stacklevel=2)
+    for m in ignored:
+        warnings.warn(f"ignored: {m}", stacklevel=2)
+    for m in bad:
+        warnings.warn(f"skipped: {m}", stacklevel=2)
+    if not sources:
+        raise PrepareError(f"no videos or images found in {list(inputs)}")
     require_backends()
     if cfg.bfm and not os.path.isfile(cfg.bfm):
         raise PrepareError(f"{cfg.bfm}: BFM model file not found (--bfm expects Deep3DFaceRecon's "
@@ -1345,19 +1358,6 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
             _modnet(cfg.matting_weights)          # a bad file fails here, before any video
         except CheckpointError as e:
             raise PrepareError(str(e)) from None
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise PrepareError(f"--out {cfg.out}: exists and is not a folder")
-    ignored, bad, notes = [], [], []
-    sources = collect_sources(inputs, ignored=ignored, errors=bad if cfg.skip_bad else None,
-                              exclude=[cfg.out], notes=notes)
-    for m in notes:
-        warnings.warn(m, stacklevel=2)
-    for m in ignored:
-        warnings.warn(f"ignored: {m}", stacklevel=2)
-    for m in bad:
-        warnings.warn(f"skipped: {m}", stacklevel=2)
-    if not sources:
-        raise PrepareError(f"no videos or images found in {list(inputs)}")
     try:
         os.makedirs(cfg.out, exist_ok=True)
     except OSError as e:

@@ -626,18 +626,18 @@ def output_file(path: str, option: str, default_name: str, exts: tuple[str, ...]
 
 
 def _check_parent(path: str, option: str) -> None:
-    import os
+    from pyface.cli import file_in_the_way
 
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
+    parent = file_in_the_way(path)
+    if parent is not None:
         raise ValueError(f"{option} {path}: cannot create its folder: {parent} is a file")
 
 
 def check_args(args) -> None:
     """The numeric options' ranges and the output paths, before any model loads (ValueError
-    naming the option, what it expects and the value given)."""
+    naming the option, what it expects and the value given); a --data that is missing or no
+    dataset: :class:`pyface.data.format.DataError` (a ValueError; an input's failure, exit
+    code 1)."""
     import os
 
     check_ranges(args)
@@ -653,11 +653,12 @@ def check_args(args) -> None:
     data_help = ("expected a pyface dataset root: index.json and video folders, as `pyface data "
                  "synth` or `pyface data prepare` write")
     if os.path.isfile(args.data):
-        raise ValueError(f"--data {args.data}: a file, not a folder ({data_help})")
+        raise fmt.DataError(f"--data {args.data}: a file, not a folder ({data_help})")
     if not os.path.isdir(args.data):
-        raise ValueError(f"--data {args.data}: not found ({data_help})")
+        raise fmt.DataError(f"--data {args.data}: not found ({data_help})")
     if not os.path.isfile(os.path.join(args.data, fmt.INDEX)) and not fmt.video_names(args.data):
-        raise ValueError(f"--data {args.data}: no {fmt.INDEX} and no video folders ({data_help})")
+        raise fmt.DataError(f"--data {args.data}: no {fmt.INDEX} and no video folders "
+                            f"({data_help})")
     protocols_of(args.protocol, args.data)      # e.g. cross pairs the data does not have
     check_outputs(args)
 
@@ -750,7 +751,9 @@ def check(args) -> int:
 
 def _check_command(args, pre: str):
     """The checks of ``run`` before any model or network loads (every rank makes them alike
-    under torchrun) -> the device, or the exit code after printing why."""
+    under torchrun) -> the device, or the exit code after printing why: 2 for the command line
+    (an option's value, a missing option), 1 for a --data that is missing or no dataset."""
+    from pyface.data.format import DataError
     from pyface.eval.distributed import world_size
     from pyface.train.cli import resolve_device
 
@@ -764,6 +767,9 @@ def _check_command(args, pre: str):
             if dev.type == "cuda" and dev.index is not None:
                 raise ValueError(f"--device: under torchrun each rank takes cuda:LOCAL_RANK; "
                                  f"expected cuda (or cpu, or none), got {args.device!r}")
+    except DataError as exc:
+        print(f"{pre}pyface eval: {exc}", file=sys.stderr)
+        return 1
     except ValueError as exc:
         print(f"{pre}pyface eval: {exc}", file=sys.stderr)
         return 2
@@ -774,6 +780,10 @@ def _check_command(args, pre: str):
             return 2
     elif args.model is None:
         print(f"{pre}pyface eval: expected MODEL (or --runs MODEL=RUN ...)", file=sys.stderr)
+        return 2
+    elif not args.checkpoint and args.model not in BASELINES:
+        print(f"{pre}pyface eval: --checkpoint: required for model {args.model!r} (only "
+              f"{', '.join(BASELINES)} runs without one)", file=sys.stderr)
         return 2
     elif args.checkpoint and args.model in BASELINES:
         print(f"{pre}pyface eval: --checkpoint: {args.model} is a baseline and takes none (to "
@@ -803,6 +813,19 @@ def _check_command(args, pre: str):
     except (ValueError, KeyError) as exc:     # ValueError: ModelDefinitionError too
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"{pre}pyface eval: {msg}", file=sys.stderr)
+        return 2
+    from pyface.eval.weights import (METRICS_NEEDING_WEIGHTS, missing_weights_message,
+                                     parse_weights)
+
+    try:            # --weights' syntax, and a metric without the --weights it needs
+        weights = parse_weights(args.weights)
+        unweighted = [m for m in _metrics(args) if m in METRICS_NEEDING_WEIGHTS
+                      and m not in weights]
+    except ValueError as exc:
+        print(f"{pre}pyface eval: {exc}", file=sys.stderr)
+        return 2
+    if unweighted:
+        print(f"{pre}pyface eval: {missing_weights_message(unweighted[0])}", file=sys.stderr)
         return 2
     return device
 

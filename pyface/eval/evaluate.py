@@ -419,13 +419,16 @@ def merge_results(parts) -> EvalResult:
         both = ev & (owner >= 0)
         if both.any():
             j = int(np.flatnonzero(both)[0])
+            overlap = int(both.sum())
             raise ValueError(f"merge_results: pair {first.indices[j]} was evaluated by part "
-                             f"{owner[j]} and by part {k} ({int(both.sum())} pair(s) overlap): "
-                             "the shards overlap")
+                             f"{owner[j]} and by part {k} ("
+                             + ("1 pair overlaps" if overlap == 1 else f"{overlap} pairs overlap")
+                             + "): the shards overlap")
         owner[ev] = k
     if (owner < 0).any():
         miss = np.flatnonzero(owner < 0)
-        raise ValueError(f"merge_results: {len(miss)} of {n} pair(s) evaluated by no part "
+        raise ValueError(f"merge_results: {len(miss)} of {n} pair{'' if n == 1 else 's'} "
+                         "evaluated by no part "
                          f"(first: pair {first.indices[int(miss[0])]}): a shard is missing")
     rows = [owner == k for k in range(len(parts))]
 
@@ -793,9 +796,10 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
                                  f"got {tuple(pred.shape)}")
             bad = ~torch.isfinite(pred.detach()).flatten(1).all(1).cpu()
             if bad.any():      # NaN would drop the pair from the means (as an empty mask)
+                which = [int(i) for i, b in zip(chunk, bad) if b]
                 raise ValueError("pipeline.generate: expected finite values, got NaN or infinity "
-                                 "in the prediction of pair(s) "
-                                 f"{[int(i) for i, b in zip(chunk, bad) if b]}")
+                                 "in the prediction of " + (f"pair {which[0]}" if len(which) == 1
+                                                           else f"pairs {which}"))
             res.frames += n
             p = M.prepare(pred.cpu())
             size = tuple(p.shape[-2:])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pyface.cli import parse_name_paths, plural
+from pyface.cli import file_in_the_way, parse_name_paths, plural
 
 
 def add_parser(subparsers) -> None:
@@ -159,10 +159,8 @@ def resolve_out(out: str, default_name: str = "animation.mp4") -> str:
     if ext not in OUT_EXTS:
         raise ValueError(f"--out: expected a video file name ending in {', '.join(OUT_EXTS)} (or "
                          f"a folder), got {out!r}")
-    parent = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
+    parent = file_in_the_way(out)
+    if parent is not None:
         raise ValueError(f"--out {out}: cannot create its folder: {parent} is a file")
     return out
 
@@ -636,6 +634,8 @@ def run_animate(args) -> int:
         args.device = resolve_device(args.device)
     except ValueError as exc:
         return fail(str(exc), 2)
+    except OSError as exc:                 # a --weights file that is not there: an input's
+        return fail(str(exc), 1)
     if seed_animation(args):
         try:
             check_seed_args(args)
@@ -683,7 +683,7 @@ def run_animate(args) -> int:
         pipe = pyface.models.load(args.model, args.checkpoint, device=args.device, ema=args.ema,
                                   weights=args.weights or None, compile=args.compile)
     except WrongModelError as exc:       # another model's: what it holds, what the model takes
-        return fail(exc.for_option("--checkpoint", args.checkpoint), 2)
+        return fail(exc.for_option("--checkpoint", args.checkpoint), 1)
     except (KeyError, ValueError, ImportError) as exc:
         return fail(str(exc).strip('"'), 2)
     except CheckpointError as exc:

@@ -20,7 +20,11 @@ def add_parser(subparsers) -> None:
                     "stages.s1.model.neutral_weight=5); the run-wide keys (train.device, "
                     "train.precision, train.seed, logging, data.path, data.skip_bad) of --set "
                     "or --config reach every stage too, other keys configure the final model "
-                    "only. "
+                    "only: train.steps=N is the final model's steps, a stage's are "
+                    "stages.<stage>.train.steps=N (a quick check of a staged model: pyface "
+                    "train otavatar --preset tiny --set train.steps=2 --set "
+                    "stages.eg3d.train.steps=2); the steps of every run are printed before "
+                    "training starts. "
                     "Outputs go to train.run_dir (default runs/MODEL; a folder holding "
                     "checkpoints is refused unless --resume continues them or --overwrite "
                     "starts over): "
@@ -80,8 +84,9 @@ def resolve_device(spec: str | None, option: str = "--device") -> str:
             raise ValueError(f"{option}: got {spec!r}, but CUDA is not available to torch "
                              f"{torch.__version__}{build}; use --device cpu")
         if dev.index is not None and dev.index >= n:
-            raise ValueError(f"{option}: got {spec!r}, but there are {n} CUDA device(s) "
-                             f"(cuda:0..cuda:{n - 1})")
+            raise ValueError(f"{option}: got {spec!r}, but there "
+                             + ("is 1 CUDA device (cuda:0)" if n == 1 else
+                                f"are {n} CUDA devices (cuda:0..cuda:{n - 1})"))
     return spec
 
 
@@ -119,6 +124,12 @@ def check_run_dir(cfg) -> None:
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ConfigError(f"train.run_dir={run_dir}: a file, not a folder; choose another "
                           f"train.run_dir")
+    from pyface.cli import file_in_the_way
+
+    blocking = None if os.path.exists(run_dir) else file_in_the_way(run_dir)
+    if blocking is not None:
+        raise ConfigError(f"train.run_dir={run_dir}: cannot create its folder: {blocking} is a "
+                          "file")
     latest = ckpt.latest_checkpoint(run_dir) if os.path.isdir(run_dir) else None
     if latest is None:
         return
@@ -247,7 +258,7 @@ def _continue_in_resumed_run(cfg, path: str) -> None:
 
 
 def run_train(args) -> int:
-    from pyface.train.config import ConfigError, build_experiment
+    from pyface.train.config import ConfigError, ConfigFileError, build_experiment
     from pyface.train.model import ModelDefinitionError
     from pyface.train.registry import import_plugins, model_class
 
@@ -273,6 +284,9 @@ def run_train(args) -> int:
         check_run_dir(cfg)
         if not args.print_config:
             check_new_run(cfg, args.resume, args.overwrite)
+    except ConfigFileError as exc:            # an input that is not there: exit code 1
+        print(f"{_prefix()}pyface train: {_message(exc)}", file=sys.stderr)
+        return 1
     except (KeyError, ConfigError, OSError, ImportError, ModelDefinitionError,
             RegistryError) as exc:
         print(f"{_prefix()}pyface train: {_message(exc)}", file=sys.stderr)
@@ -321,16 +335,24 @@ def _exit_stopped_rank(code: int) -> None:
 
 def _train(args, cls, cfg, overrides, staged: bool, group=None) -> int:
     from pyface.checkpoint import CheckpointError
+    from pyface.data.format import DataError
     from pyface.train import distributed as D
     from pyface.train.config import ConfigError, experiment_yaml
     from pyface.train.engine import NonFiniteError, Trainer
     from pyface.train.model import ModelDefinitionError
 
     if staged:
-        from pyface.train.stages import prepare_stages
+        from pyface.train.stages import plan_lines, prepare_stages
 
         try:
+            plan: list[dict] = []       # what each run trains, said before any of them starts
+            prepare_stages(cls, cfg, overrides=overrides, dry_run=True, plan=plan)
+            if plan and int(os.environ.get("RANK", "0")) == 0:
+                print(plan_lines(args.model, plan, cfg), file=sys.stderr, flush=True)
             filled = prepare_stages(cls, cfg, overrides=overrides)
+        except DataError as exc:           # a dataset missing or corrupt: an input's failure
+            print(f"{_prefix()}pyface train: {_message(exc)}", file=sys.stderr)
+            return 1
         except (KeyError, ConfigError, OSError, ValueError, ModelDefinitionError) as exc:
             print(f"{_prefix()}pyface train: {_message(exc)}", file=sys.stderr)
             return 2
@@ -369,6 +391,9 @@ def _train(args, cls, cfg, overrides, staged: bool, group=None) -> int:
                 shutil.rmtree(old)
     try:
         trainer = Trainer(cfg)
+    except (DataError, CheckpointError) as exc:   # a dataset or train.init_from missing or
+        print(f"{_prefix()}pyface train: {_message(exc)}", file=sys.stderr)   # corrupt: inputs
+        return 1
     except (ValueError, KeyError, RuntimeError, ModelDefinitionError) as exc:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and D.collective_failure(exc):
             info = D.DistInfo(rank=int(os.environ.get("RANK", "0")),

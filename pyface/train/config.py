@@ -199,6 +199,11 @@ class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names it."""
 
 
+class ConfigFileError(ConfigError):
+    """The ``--config`` file is missing or unreadable: an input's failure (``pyface train``
+    exits 1), where a ConfigError in what it holds is the configuration's (exit code 2)."""
+
+
 def did_you_mean(name: str, choices, prefix: str = "") -> str:
     """``"; did you mean PREFIX+X?"`` for the choices closest to ``name`` (difflib), or ``""``."""
     import difflib
@@ -477,17 +482,18 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def load_yaml(path: str) -> dict:
-    """A YAML config file as a dict; a missing, unreadable or malformed file raises ConfigError
-    naming it (and the position of a syntax error)."""
+    """A YAML config file as a dict; a missing or unreadable file raises ConfigFileError, a
+    malformed one ConfigError, naming it (and the position of a syntax error)."""
     import yaml
 
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
     except FileNotFoundError:
-        raise ConfigError(f"--config {path}: no such file") from None
+        raise ConfigFileError(f"--config {path}: no such file") from None
     except OSError as exc:
-        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+        raise ConfigFileError(f"--config {path}: cannot read it ({exc.strerror or exc})") \
+            from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         pos = f" at line {where.line + 1}, column {where.column + 1}" if where else ""

@@ -202,6 +202,28 @@ class Trainer:
 
     def __init__(self, cfg: ExperimentConfig, model: TrainableModel | None = None,
                  dataset=None):
+        try:
+            self._build(cfg, model, dataset)
+        except BaseException:
+            # a config error found after the process group was joined (or a failed dataset):
+            # leave what this init joined and hooked, as close() would; a group the caller
+            # joined (initialized_here False) is left as it was
+            self._hooks = getattr(self, "_hooks", [])
+            self._patient = getattr(self, "_patient", None)
+            dist_info = getattr(self, "dist", None)
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
+            if dist_info is not None:
+                try:
+                    D.leave_group(self._patient)
+                finally:
+                    self._patient = None
+                    D.shutdown(dist_info)
+            raise
+
+    def _build(self, cfg: ExperimentConfig, model, dataset) -> None:
+        """``__init__``'s work (which cleans up after it when it raises)."""
         from pyface.train import registry
 
         inner = getattr(model, "_orig_mod", None)
@@ -453,12 +475,12 @@ class Trainer:
                         exp.get("train", {}).get("batch_size"))
         ranks = meta.get("world_size")
         if isinstance(ranks, int) and ranks != self.dist.world_size and self.dist.is_main:
-            log.warning("resuming a run trained on %d rank(s) with %d: the global batch (train."
+            log.warning("resuming a run trained on %d rank%s with %d: the global batch (train."
                         "batch_size) and the data order are kept, but randomness drawn inside "
                         "step (seeded per rank), batch statistics (taken per rank) and the "
                         "gradient summation order change, so the run does not continue exactly "
                         "as it would have on %d; resume with the same number of ranks for "
-                        "that", ranks, self.dist.world_size, ranks)
+                        "that", ranks, "" if ranks == 1 else "s", self.dist.world_size, ranks)
         changed = [f"{k}: {a!r} -> {b!r}" for k, a, b in _changed_settings(exp, mine)]
         if changed:
             log.warning("resuming with train/data settings that differ from the checkpoint's "
@@ -891,8 +913,10 @@ class Trainer:
                        if id(p) not in own]
             if foreign:
                 raise ModelDefinitionError(
-                    f"{name}.build_optimizers(): optimizer {k!r} holds {len(foreign)} tensor(s) "
-                    f"that are not parameters of the model (shapes {foreign[:3]}): they would "
+                    f"{name}.build_optimizers(): optimizer {k!r} holds "
+                    + ("1 tensor that is not a parameter" if len(foreign) == 1 else
+                       f"{len(foreign)} tensors that are not parameters")
+                    + f" of the model (shapes {foreign[:3]}): they would "
                     "be neither moved to the device, averaged over ranks nor checkpointed; make "
                     "them nn.Parameter attributes of the model (or of a sub-module)")
 

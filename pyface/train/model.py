@@ -546,7 +546,8 @@ def resolve_device(device, what: str = "device") -> torch.device:
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0 or (dev.index or 0) >= n:
             raise ValueError(f"{what}: got {str(device)!r}, but this machine has "
-                             f"{n} CUDA device(s) visible to torch (device=None picks "
+                             f"{n} CUDA device{'' if n == 1 else 's'} visible to torch "
+                             "(device=None picks "
                              "CUDA when there is one, else the CPU)")
     return dev
 
@@ -742,6 +743,14 @@ class Pipeline:
         if scale is not None and "landmarks" in out and isinstance(out["landmarks"], torch.Tensor):
             out["landmarks"] = out["landmarks"] * torch.tensor(scale, device=self.device)
         return out
+
+    @staticmethod
+    def check_finite(value, what: str) -> None:
+        """A tensor a caller handed the pipeline outside the frame dicts (a control such as a
+        rotation or a scale, motion windows) has finite values: NaN or inf is a ValueError
+        naming ``what``, as for the labels. One device synchronisation; fake / meta tensors and
+        non-float ones pass."""
+        _check_finite(value, what)
 
     def check_state(self, value, keys, *, what: str = "state",
                     stage: str = "encode_source", device: bool = False) -> None:

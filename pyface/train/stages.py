@@ -148,7 +148,8 @@ def stage_run_finished(run_dir: str, steps: int) -> str | None:
 
 def prepare_stages(model_cls, cfg, *, overrides: list[str] | None = None,
                    train_fn=None, dry_run: bool = False,
-                   notes: list[str] | None = None) -> dict[str, str]:
+                   notes: list[str] | None = None,
+                   plan: list[dict] | None = None) -> dict[str, str]:
     """Trains the missing stages of ``cfg`` (an ExperimentConfig of ``model_cls``) and sets
     their checkpoint keys in ``cfg.model_config``. Returns ``{checkpoint_key: run folder}`` of
     the stages it filled in.
@@ -158,7 +159,12 @@ def prepare_stages(model_cls, cfg, *, overrides: list[str] | None = None,
     and check every stage config (and the reuse of finished stage runs) without training
     (``pyface train M --print-config``); ``cfg`` is left as it is. ``notes``: a list that gets
     the comment lines of the ``data.options`` each stage config left out for another dataset
-    (the lines its run's ``config.yaml`` starts with), named by stage."""
+    (the lines its run's ``config.yaml`` starts with), named by stage. ``plan``: a list that
+    gets, in training order, one dict per stage to train or reuse: ``name``, ``model``,
+    ``steps`` (its ``train.steps``), ``run_dir``, ``state`` ("train", "resume" or "reuse") and
+    ``step`` (the latest checkpoint's step of a run to resume or reuse), for
+    :func:`plan_lines`; with ``dry_run`` the reuse of a finished run is not logged (the real
+    call logs it)."""
     if dry_run:
         import copy
 
@@ -209,17 +215,24 @@ def prepare_stages(model_cls, cfg, *, overrides: list[str] | None = None,
         below = set(stage_names(stage_cls))      # its own stages' settings, for the recursion
         stage_cfg.stages = {k: v for k, v in (cfg.stages or {}).items() if k in below}
         prepare_stages(stage_cls, stage_cfg, overrides=overrides, train_fn=train_fn,
-                       dry_run=dry_run, notes=notes)
+                       dry_run=dry_run, notes=notes, plan=plan)
         done = stage_run_finished(stage_dir, stage_cfg.train.steps)
+        started = None
         if done:
             _check_reuse(stage, stage_cls, stage_cfg, done)
-            log.info("stage %r: reusing the finished run %s", stage.name, done)
+            if not (dry_run and plan is not None):
+                log.info("stage %r: reusing the finished run %s", stage.name, done)
         else:
             from pyface import checkpoint as ckpt
 
             started = ckpt.latest_checkpoint(stage_dir) if os.path.isdir(stage_dir) else None
             if started:         # resumed below: only with the config it was started with
                 _check_reuse(stage, stage_cls, stage_cfg, started, finished=False)
+        if plan is not None:
+            plan.append({"name": stage.name, "model": stage.model,
+                         "steps": stage_cfg.train.steps, "run_dir": stage_dir,
+                         "state": "reuse" if done else "resume" if started else "train",
+                         "step": _checkpoint_step(done or started)})
         if done or dry_run:
             pass
         else:
@@ -233,6 +246,41 @@ def prepare_stages(model_cls, cfg, *, overrides: list[str] | None = None,
         setattr(cfg.model_config, stage.checkpoint_key, stage_dir)
         filled[stage.checkpoint_key] = stage_dir
     return filled
+
+
+def _checkpoint_step(path: str | None) -> int | None:
+    """The step of checkpoint ``path`` (None: no path, or no step it records)."""
+    if not path:
+        return None
+    from pyface import checkpoint as ckpt
+
+    try:
+        return int(ckpt.read_meta(path).get("step") or 0)
+    except (ckpt.CheckpointError, TypeError, ValueError):
+        return None
+
+
+def plan_lines(model: str, plan: list[dict], cfg) -> str:
+    """What ``pyface train MODEL`` of a staged model trains, printed before any work: each stage
+    of ``plan`` (:func:`prepare_stages`) with its steps and the ``--set`` that changes them,
+    then the final model (``cfg``), whose ``train.steps`` is the plain ``--set train.steps``::
+
+        pyface train otavatar: its stages train first, each for its own train.steps:
+          stage 'eg3d' (eg3d): 1200 steps (--set stages.eg3d.train.steps=N) in runs/x/stages/eg3d
+          otavatar: 2 steps (--set train.steps=N) in runs/x
+    """
+    lines = [f"pyface train {model}: its stages train first, each for its own train.steps:"]
+    for p in plan:
+        head = f"  stage {p['name']!r} ({p['model']}): "
+        if p["state"] == "reuse":
+            lines.append(f"{head}finished ({p['steps']} steps), reused from {p['run_dir']}")
+            continue
+        resumed = f", resumed from step {p['step']}" if p["state"] == "resume" else ""
+        lines.append(f"{head}{p['steps']} steps{resumed} (--set stages.{p['name']}.train.steps"
+                     f"=N) in {p['run_dir']}")
+    lines.append(f"  {model}: {cfg.train.steps} steps (--set train.steps=N) in "
+                 f"{cfg.train.run_dir.format(model=cfg.model)}")
+    return "\n".join(lines)
 
 
 def _check_reuse(stage, stage_cls, stage_cfg, latest: str, *, finished: bool = True) -> None:

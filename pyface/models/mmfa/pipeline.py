@@ -91,6 +91,7 @@ class MMFAPipeline(Pipeline):
         if tuple(v.shape) != (T, *shape):
             raise ValueError(f"{name}: expected shape {shape} or {(T, *shape)}, got "
                              f"{tuple(v.shape)}")
+        Pipeline.check_finite(v, name)      # NaN / inf would render frames of NaN
         return v
 
     @torch.no_grad()

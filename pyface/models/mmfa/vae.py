@@ -135,12 +135,16 @@ class MMFAVAEPipeline(MMFAPipeline):
     def interpolate_expression(self, f_a: torch.Tensor, f_b: torch.Tensor,
                                alphas) -> torch.Tensor:
         """f_a, f_b: (exp_dim,) expression features (e.g. ``encode_driving(...)["f_exp"][i]``);
-        alphas: (S,) -> (S, exp_dim) = Dec((1 - alpha) mu_a + alpha mu_b)."""
-        a = torch.as_tensor(alphas, dtype=torch.float32, device=self.device).reshape(-1)
+        alphas: (S,) -> (S, exp_dim) = Dec((1 - alpha) mu_a + alpha mu_b). The features are
+        taken to the VAE's device; the alphas on that device in the features' dtype."""
         d = self.net.cfg.exp_dim
         for name, f in (("f_a", f_a), ("f_b", f_b)):
             if f.shape != (d,):
                 raise ValueError(f"{name}: expected shape ({d},), got {tuple(f.shape)}")
+        dev = next(self.model.vae.parameters()).device
+        f_a, f_b = f_a.to(dev), f_b.to(dev)
+        a = torch.as_tensor(alphas, dtype=f_a.dtype if f_a.is_floating_point() else None,
+                            device=dev).reshape(-1)
         return self.model.vae.interpolate(f_a[None], f_b[None], a)[:, 0]
 
     @torch.no_grad()

@@ -322,6 +322,7 @@ class OTAvatarPipeline(Pipeline):
             if m.dim() != 3 or m.shape[1:] != (70, win):
                 raise ValueError(f"driving['motion']: expected shape (T, 70, {win}), got "
                                  f"{tuple(m.shape)}")
+            self.check_finite(m, "driving['motion']")   # as the labels: no frames of NaN
         elif isinstance(driving.get("coeffs"), torch.Tensor):
             c = driving["coeffs"]
             if c.dim() != 2 or c.shape[1] != 257:
