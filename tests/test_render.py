@@ -874,3 +874,22 @@ def test_render_triplane_recompute_decoder_double_backward_names_the_op():
         torch.autograd.grad(g.square().sum(), planes)
     with pytest.raises(ValueError, match="recompute: expected True, False or 'decoder'"):
         ops.render_triplane(planes, o, d, list(w), backend="cpu", recompute="all", **kw)
+
+
+@needs_cpp
+@pytest.mark.parametrize("recompute", [True, False, "decoder"])
+def test_render_triplane_create_graph_first_order_then_double_backward_names_an_op(recompute):
+    # first-order gradients under create_graph=True (the first half of an R1-style penalty) are
+    # those without it, also through the checkpointed chunks of recompute=True (the fused
+    # backwards once read their saved tensors twice, which torch.utils.checkpoint refuses);
+    # the second differentiation then raises the error that names the fused op
+    planes, o, d, w = _tiny_scene()
+    planes = planes.clone().requires_grad_()
+    kw = _render_kw(1, 4, nc=5, nf=2)
+    out = ops.render_triplane(planes, o, d, list(w), backend="cpu", recompute=recompute, **kw)
+    (g,) = torch.autograd.grad(out[0].square().sum(), planes, create_graph=True)
+    out = ops.render_triplane(planes, o, d, list(w), backend="cpu", recompute=recompute, **kw)
+    (g_plain,) = torch.autograd.grad(out[0].square().sum(), planes)
+    torch.testing.assert_close(g, g_plain, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="\\(cpu backend\\): double backward"):
+        torch.autograd.grad(g.square().sum(), planes)
