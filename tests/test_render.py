@@ -803,6 +803,25 @@ def test_render_triplane_under_autocast_runs_the_compiled_path(monkeypatch):
     assert_close(comp[0], mip_composite_reference(f.to(torch.bfloat16).float(), s, t)[0])
 
 
+@needs_cpp
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_compositing_ops_keep_float64_under_autocast(backend):
+    # autocast's float32 rule (registered for the compiled ops) leaves float64 alone, so the
+    # public ops return float64 for float64 inputs under autocast too, the values they return
+    # without it (they used to come back cast down to float32)
+    f, s, t = (x.detach() for x in rand_composite_inputs(1, 3, 6, 2, dtype=torch.float64))
+    w = torch.rand(1, 3, 5, dtype=torch.float64)
+    u = torch.rand(1, 3, 4, dtype=torch.float64)
+    plain = ops.mip_composite(f, s, t, backend=backend)
+    plain_u = ops.sample_importance(t, w, 4, u=u, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        comp = ops.mip_composite(f, s, t, backend=backend)
+        imp = ops.sample_importance(t, w, 4, u=u, backend=backend)
+    assert [x.dtype for x in comp] == [torch.float64] * 3 and imp.dtype == torch.float64
+    for a, b in zip((*comp, imp), (*plain, plain_u)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU (skipped without CUDA)
 # ---------------------------------------------------------------------------------------------

@@ -130,7 +130,8 @@ def mip_composite(features: torch.Tensor, densities: torch.Tensor, depths: torch
         backend: ``None``, ``"reference"``, ``"cpu"`` or ``"cuda"``.
 
     Precision: float16 / bfloat16 inputs are computed in float32 and returned in the dtype of
-    ``features``; under ``torch.autocast`` they are computed and returned in float32.
+    ``features``; under ``torch.autocast`` they are computed and returned in float32 (float64
+    stays float64, with or without autocast).
 
     Returns:
         features_out (B, R, C), depth (B, R, 1), weights (B, R, S - 1).
@@ -175,9 +176,12 @@ def _no_autocast(device: torch.device):
 def _float32_compute(*tensors: torch.Tensor):
     """The compositing ops compute in float32 / float64: float16 / bfloat16 inputs are promoted
     to float32. Returns the output dtype (float32 under autocast, as autocast's float32 ops
-    do; else the first tensor's dtype) and the promoted tensors."""
+    do, except for float64, which autocast leaves alone; else the first tensor's dtype) and
+    the promoted tensors."""
     half = (torch.float16, torch.bfloat16)
-    out_dtype = torch.float32 if _autocast_on(tensors[0].device) else tensors[0].dtype
+    out_dtype = tensors[0].dtype
+    if _autocast_on(tensors[0].device) and out_dtype != torch.float64:
+        out_dtype = torch.float32
     return out_dtype, tuple(t.float() if t.dtype in half else t for t in tensors)
 
 
