@@ -396,13 +396,33 @@ def test_forward_mode_and_func_grad_raise_naming_the_op():
             torch.func.grad(lambda x: fn(x).sum())(feats)
 
 
-@needs_cpp
-def test_splat_empty_batch_and_channels():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_splat_and_p2t_empty_batch_and_channels(backend):
+    # B = 0 (the reference's reshape(B, -1) used to fail: "cannot reshape tensor of 0 elements")
     points = torch.rand(0, 4, 3)
-    out = ops.splat_points(points, torch.randn(0, 4, 2), 5, backend="cpu")
-    assert out[0].shape == (0, 2, 5, 5) and out[2].shape == (0, 5, 5)
-    out = ops.splat_points(torch.rand(1, 4, 3), torch.randn(1, 4, 0), 5, backend="cpu")
+    out = ops.splat_points(points, torch.randn(0, 4, 2), 5, backend=backend)
+    assert out[0].shape == (0, 2, 5, 5) and out[1].shape == (0, 1, 5, 5)
+    assert out[2].shape == (0, 5, 5)
+    out = ops.splat_points(torch.rand(1, 4, 3), torch.randn(1, 4, 0), 5, backend=backend)
     assert out[0].shape == (1, 0, 5, 5)
+    planes, index = ops.points_to_triplane(points, torch.randn(0, 4, 2), (3, 5),
+                                           plane_axes="eg3d", backend=backend)
+    assert planes.shape == (0, 3, 2, 3, 5) and index.shape == (0, 3, 3, 5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_splat_radius_beyond_the_image(backend):
+    # a radius far larger than the image covers every pixel, also from a point far outside
+    # (the reference used to build int(radius)-sized offset windows: OverflowError at 1e30)
+    points = torch.tensor([[[0.3, -0.2, 2.0], [-50.0, 40.0, 1.0], [0.9, 0.9, 3.0]]])
+    feats = torch.arange(3.0).view(1, 3, 1)
+    for radius in (200.0, 1e6, 1e30):
+        image, depth, index = ops.splat_points(points, feats, (4, 5), radius=radius,
+                                               backend=backend)
+        assert (index == 1).all() and (depth == 1.0).all() and (image == 1.0).all()
+    # 2.0 pixels: the far point covers nothing, the others their neighbourhoods as before
+    _, _, index = ops.splat_points(points, feats, (4, 5), radius=2.0, backend=backend)
+    assert not (index == 1).any() and (index == 0).any() and (index == 2).any()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
