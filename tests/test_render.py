@@ -297,6 +297,12 @@ def test_mip_composite_bad_input():
         ops.mip_composite(f.bfloat16(), s.double(), t.bfloat16())
     out = ops.mip_composite(f.half(), s.bfloat16(), t)          # all computed in float32
     assert out[0].dtype == torch.float16
+    # density_bias is a finite number (a NaN bias silently gave NaN images, a string float()'s
+    # error without the argument's name)
+    for bad in (float("nan"), float("inf"), "x", None, True):
+        err = ValueError if isinstance(bad, float) else TypeError
+        with pytest.raises(err, match=f"density_bias: expected a finite number, got {bad!r}"):
+            ops.mip_composite(f, s, t, density_bias=bad)
     with pytest.raises(TypeError, match="features: expected a floating-point tensor"):
         ops.mip_composite(f.int(), s, t)
     with pytest.raises(ValueError, match=r"densities: expected shape \(B, R, S\)"):
@@ -547,6 +553,10 @@ def test_render_triplane_bad_input():
         ops.render_triplane(planes, o, d, w, importance_u=torch.rand(2, 16, 3), **kw)
     with pytest.raises(TypeError, match="decoder: expected"):
         ops.render_triplane(planes, o, d, 3, **kw)
+    with pytest.raises(ValueError, match="density_bias: expected a finite number, got nan"):
+        ops.render_triplane(planes, o, d, w, density_bias=float("nan"), **kw)
+    with pytest.raises(TypeError, match="density_bias: expected a finite number, got '-1'"):
+        ops.render_triplane(planes, o, d, w, density_bias="-1", **kw)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Errors name the argument, what was expected and what was given, e.g.::
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 
 import torch
@@ -118,6 +119,16 @@ def has_values(*tensors) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
     return not any(isinstance(t, torch.Tensor) and (t.is_meta or is_fake(t)) for t in tensors)
+
+
+def check_finite(name: str, value) -> None:
+    """``value`` is a finite real number (int, float or a NumPy scalar; not a bool): a
+    TypeError for anything else, a ValueError for NaN and +-inf."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float))
+                                       or isinstance(value, numbers.Real)):
+        raise TypeError(f"{name}: expected a finite number, got {value!r}")
+    if not is_finite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
 
 
 def check_positive(name: str, value, *, integer: bool = False) -> None:

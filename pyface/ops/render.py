@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from pyface import _backend
 from pyface._ops import fused_backward
-from pyface.ops._checks import (ShapeChecker, check_autodiff_mode, check_choice,
+from pyface.ops._checks import (ShapeChecker, check_autodiff_mode, check_choice, check_finite,
                                 check_plane_size, check_positive, has_values, is_finite)
 from pyface.ops.reference.render import (
     OSG_CLAMP,
@@ -149,6 +149,7 @@ def mip_composite(features: torch.Tensor, densities: torch.Tensor, depths: torch
         chk.tensor("depth_range", depth_range, "2")
     if not isinstance(white_back, bool):
         raise TypeError(f"white_back: expected bool, got {type(white_back).__name__}")
+    check_finite("density_bias", density_bias)
     density_bias = float(density_bias)
     name = _backend.select_backend("mip_composite", features.device, backend, features.dtype)
     with _no_autocast(features.device):
@@ -623,6 +624,7 @@ def render_triplane(planes: torch.Tensor, ray_origins: torch.Tensor, ray_dirs: t
         check_positive("chunk_points", chunk_points, integer=True)
     if recompute not in (True, False, "decoder"):
         raise ValueError(f"recompute: expected True, False or 'decoder', got {recompute!r}")
+    check_finite("density_bias", density_bias)
     box_size, density_bias = float(box_size), float(density_bias)
     # Float16 / bfloat16 and autocast: the renderer computes in float32 (transmittance products,
     # softplus and the sorted depths need it), the callable decoder sees the caller's dtype and
