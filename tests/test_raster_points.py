@@ -285,6 +285,8 @@ def test_p2t_bad_input_direct_op():
         torch.ops.pyface.gather_features_bwd(torch.randn(2, 3, 4, 6), index, 10)
     with pytest.raises(TypeError, match="grad: expected a floating-point tensor"):
         torch.ops.pyface.gather_features_bwd(torch.ones(2, 3, 4, 5, dtype=torch.long), index, 10)
+    with pytest.raises(ValueError, match="num_points: expected a count >= 0, got -1"):
+        torch.ops.pyface.gather_features_bwd(torch.randn(2, 3, 4, 5), index, -1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -96,6 +96,27 @@ void check_interp(const at::Tensor& faces, const at::Tensor& face_index, const a
                     shape_str(face_index), ", got ", shape_str(bary));
 }
 
+void check_count(const char* name, int64_t n) {
+  TORCH_CHECK_VALUE(n >= 0, name, ": expected a count >= 0, got ", n);
+}
+
+void check_interp_indices(const at::Tensor& faces, const at::Tensor& face_index,
+                          int64_t num_verts) {
+  check_count("num_verts", num_verts);
+  if (faces.numel() > 0) {
+    const auto mm = at::aminmax(faces);
+    const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
+    TORCH_CHECK_INDEX(lo >= 0 && hi < num_verts,
+                      "faces: vertex indices must lie in [0, V) = [0, ", num_verts,
+                      "), got values in [", lo, ", ", hi, "]");
+  }
+  if (face_index.numel() > 0) {
+    const int64_t hi = face_index.max().item<int64_t>();
+    TORCH_CHECK_INDEX(hi < faces.size(0), "face_index: expected face indices < F = ",
+                      faces.size(0), " (the number of faces; negative: empty pixel), got ", hi);
+  }
+}
+
 void check_gather_grad(const at::Tensor& grad, const at::Tensor& index, DeviceCheck device) {
   PYFACE_CHECK_DIM("grad", grad, 4, "(B, G, C, P)");
   PYFACE_CHECK_FLOAT("grad", grad);
