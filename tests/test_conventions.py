@@ -314,3 +314,39 @@ def test_deterministic_mode_keeps_the_cpu_kernels(deterministic):
             assert _backend.select_backend(name, torch.device("cpu"), None) == "cpu"
         planes = torch.randn(1, 3, 2, 5, 5, requires_grad=True)
         ops.triplane_sample(planes, torch.rand(1, 7, 3) - 0.5, plane_axes="eg3d").sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------
+# number arguments
+# ---------------------------------------------------------------------------------------------
+
+@needs_cpp
+def test_number_arguments_take_numpy_scalars_and_refuse_bools():
+    # a NumPy scalar from a config (np.float32(1.0)) is a number: it used to be refused with
+    # "box_size: expected a positive finite number, got np.float32(1.0)"
+    np = pytest.importorskip("numpy")
+    planes = torch.randn(1, 3, 2, 4, 4)
+    points = torch.rand(1, 5, 3) - 0.5
+    ref = ops.triplane_sample(planes, points, plane_axes="eg3d", box_size=1.5)
+    out = ops.triplane_sample(planes, points, plane_axes="eg3d", box_size=np.float32(1.5))
+    assert torch.equal(out, ref)
+    feats = torch.randn(1, 5, 2)
+    a = ops.splat_points(points, feats, np.int64(6), radius=np.float32(1.5),
+                         background=np.float64(0.5))
+    b = ops.splat_points(points, feats, 6, radius=1.5, background=0.5)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    a = ops.points_to_triplane(points, feats, (np.int32(3), 4), plane_axes="eg3d",
+                               max_distance=np.float32(0.25))
+    b = ops.points_to_triplane(points, feats, (3, 4), plane_axes="eg3d", max_distance=0.25)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    o, d = torch.zeros(1, 2, 3), torch.tensor([[[0.0, 0.0, 1.0]] * 2])
+    depths = ops.sample_stratified(o, d, np.float32(0.5), np.float64(1.5), np.int64(4))
+    assert depths.shape == (1, 2, 4) and depths[0, 0, 0] == 0.5
+    with pytest.raises(ValueError, match="box_size: expected a positive finite number, got True"):
+        ops.triplane_sample(planes, points, plane_axes="eg3d", box_size=True)
+    with pytest.raises(ValueError, match="box_size: expected a positive finite number, got .*nan"):
+        ops.triplane_sample(planes, points, plane_axes="eg3d", box_size=np.float32("nan"))
+    with pytest.raises(ValueError, match="n_samples: expected an integer >= 2, got 4.0"):
+        ops.sample_stratified(o, d, 0.5, 1.5, 4.0)
+    with pytest.raises(ValueError, match="image_size: expected an int or \\(H, W\\) ints"):
+        ops.splat_points(points, feats, np.float32(6))

@@ -121,11 +121,22 @@ def has_values(*tensors) -> bool:
     return not any(isinstance(t, torch.Tensor) and (t.is_meta or is_fake(t)) for t in tensors)
 
 
+def is_number(value, *, integer: bool = False) -> bool:
+    """Whether ``value`` is a real number (``integer``: an integer) that an op's number argument
+    takes: a Python int / float or a NumPy scalar of that kind (``np.float32(0.5)`` from a
+    config), not a bool. (The Python types are tested first: under ``torch.compile`` a traced
+    ``SymFloat`` / ``SymInt`` passes as float / int.)"""
+    if isinstance(value, bool):
+        return False
+    if integer:
+        return isinstance(value, int) or isinstance(value, numbers.Integral)
+    return isinstance(value, (int, float)) or isinstance(value, numbers.Real)
+
+
 def check_finite(name: str, value) -> None:
     """``value`` is a finite real number (int, float or a NumPy scalar; not a bool): a
     TypeError for anything else, a ValueError for NaN and +-inf."""
-    if isinstance(value, bool) or not (isinstance(value, (int, float))
-                                       or isinstance(value, numbers.Real)):
+    if not is_number(value):
         raise TypeError(f"{name}: expected a finite number, got {value!r}")
     if not is_finite(value):
         raise ValueError(f"{name}: expected a finite number, got {value!r}")
@@ -134,8 +145,7 @@ def check_finite(name: str, value) -> None:
 def check_positive(name: str, value, *, integer: bool = False) -> None:
     """``value`` is a positive int (``integer``) or a positive finite number (NaN and inf are
     refused here, as the C++ entry points refuse them, so every backend answers alike)."""
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0 or (
+    if not is_number(value, integer=integer) or not value > 0 or (
             not integer and not is_finite(value)):
         what = "a positive integer" if integer else "a positive finite number"
         raise ValueError(f"{name}: expected {what}, got {value!r}")

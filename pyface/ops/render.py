@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from pyface import _backend
 from pyface._ops import fused_backward
 from pyface.ops._checks import (ShapeChecker, check_autodiff_mode, check_choice, check_finite,
-                                check_plane_size, check_positive, has_values, is_finite)
+                                check_plane_size, check_positive, has_values, is_finite,
+                                is_number)
 from pyface.ops.reference.render import (
     OSG_CLAMP,
     mip_composite_reference,
@@ -59,7 +60,7 @@ def ray_bundle(cameras: torch.Tensor, resolution: int) -> tuple[torch.Tensor, to
 
 def _check_range(near, far) -> tuple[float, float]:
     for name, v in (("near", near), ("far", far)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not is_finite(v):
+        if not is_number(v) or not is_finite(v):
             raise ValueError(f"{name}: expected a finite number, got {v!r}")
     if not near < far:
         raise ValueError(f"near, far: expected near < far, got near={near!r}, far={far!r}")
@@ -67,9 +68,9 @@ def _check_range(near, far) -> tuple[float, float]:
 
 
 def _check_samples(name: str, n, minimum: int) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < minimum:
+    if not is_number(n, integer=True) or n < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {n!r}")
-    return n
+    return int(n)
 
 
 def sample_stratified(ray_origins: torch.Tensor, ray_dirs: torch.Tensor, near: float, far: float,
