@@ -102,6 +102,14 @@ def test_empty_inputs(backend):
     assert out[0].shape == (2, 0, 5, 6)
     out = ops.rasterize_mesh(verts, faces, (5, 6), attrs[..., :0], backend=backend)
     assert out[0].shape == (2, 0, 5, 6)
+    # the attribute image of an empty mesh is still in the graph of the attributes, on every
+    # backend (the reference returned a constant: autograd.grad raised "does not require grad")
+    a = attrs.detach().clone()
+    a[0, 0, 0] = float("inf")       # an empty mesh reads no attribute: no NaN from inf * 0
+    a.requires_grad_()
+    out = ops.rasterize_mesh(verts, faces[:0], (5, 6), a, backend=backend)
+    (g,) = torch.autograd.grad(out[0].sum(), a)
+    assert not g.any() and not out[0].isnan().any()
 
 
 # ---------------------------------------------------------------------------------------------

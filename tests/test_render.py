@@ -228,6 +228,13 @@ def test_mip_composite_noncontiguous_and_empty():
     assert [tuple(x.shape) for x in out] == [(2, 0, 3), (2, 0, 1), (2, 0, 4)]
     out[0].sum().backward()
     assert f0.grad.shape == f0.shape
+    # every backend keeps the empty outputs in the graph of densities (the reference's depth
+    # was a constant: autograd.grad of it raised "does not require grad")
+    for backend in ("cpu", "reference"):
+        s0 = s0.detach().requires_grad_()
+        out = ops.mip_composite(f0, s0, t0, backend=backend)
+        gs = torch.autograd.grad([x.sum() for x in out], s0)
+        assert gs[0].shape == s0.shape
 
 
 @needs_cpp

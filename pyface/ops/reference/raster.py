@@ -159,7 +159,8 @@ def interpolate_attributes_reference(attributes, faces, face_index, bary, B=None
     B, H, W = face_index.shape
     C = attributes.shape[-1]
     if faces.shape[0] == 0 or attributes.shape[1] == 0 or B * H * W * C == 0:
-        return attributes.new_zeros(B, C, H, W)
+        # zeros in the graph of attributes (an empty sum: no attribute value is read)
+        return attributes.new_zeros(B, C, H, W) + attributes[:, :0].sum()
     faces = faces.to(device=attributes.device, dtype=torch.int64)
     fi = face_index.reshape(B, H * W)
     vid = faces[fi.clamp(min=0)]  # (B, P, 3)

@@ -99,7 +99,8 @@ def mip_composite_reference(features: torch.Tensor, densities: torch.Tensor, dep
     B, R, S, C = features.shape
     if B * R == 0:
         z = features.sum(2)
-        return z, depths[..., :1].clone(), densities[..., 1:] * 0
+        # (empty tensors, kept in the graph of densities as the compiled op's outputs are)
+        return z, depths[..., :1] + densities[..., :1] * 0, densities[..., 1:] * 0
     deltas = depths[..., 1:] - depths[..., :-1]
     f_mid = (features[:, :, :-1] + features[:, :, 1:]) / 2
     s_mid = (densities[..., :-1] + densities[..., 1:]) / 2
