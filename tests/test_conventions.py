@@ -350,3 +350,19 @@ def test_number_arguments_take_numpy_scalars_and_refuse_bools():
         ops.sample_stratified(o, d, 0.5, 1.5, 4.0)
     with pytest.raises(ValueError, match="image_size: expected an int or \\(H, W\\) ints"):
         ops.splat_points(points, feats, np.float32(6))
+
+
+def test_float8_inputs_are_refused_naming_the_argument():
+    # no kernel (reference or compiled) computes in float8: the ops answered with torch's
+    # '"triplane_sample_cpu" not implemented for Float8_e4m3fn' (or silently ran the reference)
+    f8 = torch.float8_e4m3fn
+    planes, points = torch.randn(1, 3, 2, 4, 4), torch.rand(1, 5, 3) - 0.5
+    with pytest.raises(TypeError, match="planes: expected dtype float16, bfloat16, float32 or "
+                                        "float64, got float8_e4m3fn"):
+        ops.triplane_sample(planes.to(f8), points, plane_axes="eg3d")
+    with pytest.raises(TypeError, match="features: expected dtype .* got float8_e4m3fn"):
+        ops.mip_composite(torch.rand(1, 2, 5, 3).to(f8), torch.rand(1, 2, 5), torch.rand(1, 2, 5))
+    with pytest.raises(TypeError, match="volume: expected dtype .* got float8_e5m2"):
+        ops.warp_volume(torch.rand(1, 2, 3, 4, 5).to(torch.float8_e5m2), torch.rand(1, 2, 2, 2, 3))
+    with pytest.raises(TypeError, match="features: expected dtype .* got float8_e4m3fn"):
+        ops.splat_points(torch.rand(1, 4, 3), torch.rand(1, 4, 2).to(f8), 4, backend="reference")

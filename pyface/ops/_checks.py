@@ -34,6 +34,10 @@ def check_plane_size(planes, name: str = "planes") -> None:
                          f"are computed in float32), got shape {_fmt(planes.shape)}")
 
 
+#: the floating dtypes the ops take
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 class ShapeChecker:
     """Checks tensors against symbolic shape specs and binds named dims across arguments.
 
@@ -84,6 +88,11 @@ class ShapeChecker:
                                 f"{str(t.dtype).replace('torch.', '')}")
         elif floating and not t.is_floating_point():
             raise TypeError(f"{name}: expected a floating-point tensor, got dtype "
+                            f"{str(t.dtype).replace('torch.', '')}")
+        elif floating and t.dtype not in FLOAT_DTYPES:
+            # (float8 and the other exotic floating dtypes: no kernel, reference or compiled,
+            # computes in them; the ops answered with torch's "not implemented for" errors)
+            raise TypeError(f"{name}: expected dtype float16, bfloat16, float32 or float64, got "
                             f"{str(t.dtype).replace('torch.', '')}")
         if same_device:
             if self.device is None:
