@@ -270,6 +270,10 @@ def test_p2t_bad_input_direct_op():
         torch.ops.pyface.points_to_triplane_index(points, None, 4, 4, "xyz", 1.0, False, -1.0)
     with pytest.raises(ValueError, match="box_size: expected a positive finite number, got 0"):
         torch.ops.pyface.points_to_triplane_index(points, None, 4, 4, "eg3d", 0.0, False, -1.0)
+    # NaN is no limit's -1 for the kernels' comparison: refused as the public op refuses it
+    with pytest.raises(ValueError, match="max_distance: expected a number >= 0 .*got nan"):
+        torch.ops.pyface.points_to_triplane_index(points, None, 4, 4, "eg3d", 1.0, False,
+                                                  float("nan"))
     with pytest.raises(TypeError, match="valid: expected dtype bool"):
         torch.ops.pyface.points_to_triplane_index(points, torch.ones(2, 10), 4, 4, "eg3d", 1.0,
                                                   False, -1.0)

@@ -96,6 +96,12 @@ void check_interp(const at::Tensor& faces, const at::Tensor& face_index, const a
                     shape_str(face_index), ", got ", shape_str(bary));
 }
 
+void check_max_distance(double max_distance) {
+  TORCH_CHECK_VALUE(!std::isnan(max_distance),
+                    "max_distance: expected a number >= 0 (negative: no limit), got ",
+                    max_distance);
+}
+
 void check_count(const char* name, int64_t n) {
   TORCH_CHECK_VALUE(n >= 0, name, ": expected a count >= 0, got ", n);
 }

@@ -32,6 +32,9 @@ void check_interp(const at::Tensor& faces, const at::Tensor& face_index, const a
 void check_interp_indices(const at::Tensor& faces, const at::Tensor& face_index,
                           int64_t num_verts);
 
+// points_to_triplane_index's max_distance: a number (negative: no limit), not NaN.
+void check_max_distance(double max_distance);
+
 // a count argument (num_points, num_verts) >= 0.
 void check_count(const char* name, int64_t n);
 

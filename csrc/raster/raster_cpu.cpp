@@ -371,6 +371,7 @@ at::Tensor points_to_triplane_index_cpu(const at::Tensor& points,
                                         double box_size, bool align_corners, double max_distance) {
   const TriplaneIndexArgs args =
       check_points_to_triplane(points, valid, height, width, plane_axes, box_size, check_cpu);
+  check_max_distance(max_distance);
   const PlaneAxes axes = args.axes;
   const at::Tensor& vmask = args.valid;
   const int64_t B = points.size(0), N = points.size(1), H = height, W = width;

@@ -124,6 +124,7 @@ at::Tensor points_to_triplane_index_cuda(const at::Tensor& points,
                                          double max_distance) {
   const TriplaneIndexArgs args =
       check_points_to_triplane(points, valid, height, width, plane_axes, box_size, check_cuda);
+  check_max_distance(max_distance);
   const PlaneAxes axes = args.axes;
   const at::Tensor& vmask = args.valid;
   const int64_t B = points.size(0), N = points.size(1);
