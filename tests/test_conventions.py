@@ -342,6 +342,16 @@ def test_number_arguments_take_numpy_scalars_and_refuse_bools():
     o, d = torch.zeros(1, 2, 3), torch.tensor([[[0.0, 0.0, 1.0]] * 2])
     depths = ops.sample_stratified(o, d, np.float32(0.5), np.float64(1.5), np.int64(4))
     assert depths.shape == (1, 2, 4) and depths[0, 0, 0] == 0.5
+    cams = torch.cat([torch.eye(4).flatten(), torch.tensor([1.0, 0, 0.5, 0, 1.0, 0.5, 0, 0, 1])])
+    rays = ops.ray_bundle(cams[None], np.int64(3))
+    assert all(torch.equal(x, y) for x, y in zip(rays, ops.ray_bundle(cams[None], 3)))
+    planes3 = torch.randn(1, 3, 2, 4, 4)
+    dec = (torch.randn(4, 2), torch.randn(4), torch.randn(3, 4), torch.randn(3))
+    kw = dict(near=0.5, far=1.5, n_coarse=4, n_fine=0, plane_axes="eg3d",
+              stratified_noise=torch.full((1, 2, 4), 0.5))
+    a = ops.render_triplane(planes3, o, d, dec, chunk_points=np.int64(4), **kw)
+    b = ops.render_triplane(planes3, o, d, dec, chunk_points=4, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
     with pytest.raises(ValueError, match="box_size: expected a positive finite number, got True"):
         ops.triplane_sample(planes, points, plane_axes="eg3d", box_size=True)
     with pytest.raises(ValueError, match="box_size: expected a positive finite number, got .*nan"):

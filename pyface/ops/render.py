@@ -55,7 +55,7 @@ def ray_bundle(cameras: torch.Tensor, resolution: int) -> tuple[torch.Tensor, to
     if cameras.numel() and has_values(cameras) and not bool(torch.isfinite(cameras).all()):
         bad = (~torch.isfinite(cameras)).any(1).nonzero().flatten().tolist()
         raise ValueError(f"cameras: expected finite values, got NaN/inf in batch items {bad[:8]}")
-    return ray_bundle_reference(cameras, resolution)
+    return ray_bundle_reference(cameras, int(resolution))
 
 
 def _check_range(near, far) -> tuple[float, float]:
@@ -623,6 +623,7 @@ def render_triplane(planes: torch.Tensor, ray_origins: torch.Tensor, ray_dirs: t
         raise TypeError(f"white_back: expected bool, got {type(white_back).__name__}")
     if chunk_points is not None:
         check_positive("chunk_points", chunk_points, integer=True)
+        chunk_points = int(chunk_points)
     if recompute not in (True, False, "decoder"):
         raise ValueError(f"recompute: expected True, False or 'decoder', got {recompute!r}")
     check_finite("density_bias", density_bias)
