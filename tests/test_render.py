@@ -615,6 +615,26 @@ def test_render_triplane_triton_refuses_what_it_cannot_do():
         ops.render_triplane(planes, o, d, big, backend="triton", **kw)
 
 
+@pytest.mark.triton_interpret
+def test_render_triplane_forced_triton_refuses_what_it_cannot_do(monkeypatch):
+    # use_backend("triton") / PYFACE_BACKEND=triton force the backend as an explicit backend=
+    # does: a callable decoder (or too wide a one) raises instead of silently rendering with
+    # another backend (the reference, which the forcing was meant to compare against)
+    planes, o, d, w = scene(dtype=torch.float32)
+    kw = _render_kw(2, 16, dtype=torch.float32)
+    decoder = lambda f: (f.mean(1), f.mean(1)[..., 0])  # noqa: E731
+    big = [torch.zeros(200, 8), torch.zeros(200), torch.zeros(6, 200), torch.zeros(6)]
+    with ops.use_backend("triton"):
+        with pytest.raises(_backend.BackendUnavailableError,
+                           match="render_triplane: backend 'triton'.*not a callable"):
+            ops.render_triplane(planes, o, d, decoder, **kw)
+        with pytest.raises(_backend.BackendUnavailableError, match="up to 128"):
+            ops.render_triplane(planes, o, d, big, **kw)
+    monkeypatch.setenv("PYFACE_BACKEND", "triton")
+    with pytest.raises(_backend.BackendUnavailableError, match="not a callable"):
+        ops.render_triplane(planes, o, d, decoder, **kw)
+
+
 # ---------------------------------------------------------------------------------------------
 # render_triplane: gradcheck, compile, opcheck, random numbers, precision
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ activation memory), or as one fused Triton kernel per ray block.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -708,15 +709,17 @@ def _triton_ok(planes, ray_origins, ray_dirs, decoder) -> str:
 
 def _select_renderer(planes, ray_origins, ray_dirs, decoder, backend) -> str:
     dev = planes.device
-    if backend == "triton":
-        name = _backend.select_backend("render_triplane", dev, "triton", planes.dtype)
+    name = _backend.select_backend("render_triplane", dev, backend, planes.dtype)
+    # triton asked for (backend=, use_backend or PYFACE_BACKEND, all honoured or raising)
+    # rather than chosen by default: a decoder the fused kernel cannot run raises
+    asked = backend is not None or name == (_backend._forced or os.environ.get("PYFACE_BACKEND"))
+    if name == "triton" and asked:
         reason = _triton_ok(planes, ray_origins, ray_dirs, decoder)
         if reason:
             raise _backend.BackendUnavailableError(f"render_triplane: backend 'triton': {reason}")
         return name
     if backend is not None:
-        return _backend.select_backend("render_triplane", dev, backend, planes.dtype)
-    name = _backend.select_backend("render_triplane", dev, None, planes.dtype)
+        return name
     if name == "triton" and _triton_ok(planes, ray_origins, ray_dirs, decoder):
         for alt in ("cuda", "reference"):
             spec = _backend.registered_ops()["render_triplane"]
