@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import pyface.ops as ops
+from pyface import _backend
 from pyface.ops.reference import points_to_triplane_reference, splat_points_reference
 from pyface.ops.reference.raster import texel_centres
 from pyface.ops.reference.triplane import project_onto_planes
@@ -527,3 +528,10 @@ def test_no_points_give_empty_outputs(backend):
     with pytest.raises(ValueError, match="resolution"):     # other arguments still checked
         ops.points_to_triplane(points[:, :0], feats[:, :0], 0, plane_axes="eg3d",
                                backend=backend)
+    # ... the backend too (an unknown or unavailable one was accepted when N = 0)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        ops.splat_points(torch.rand(2, 0, 3), feats[:, :0], 4, backend="bogus")
+    with pytest.raises(_backend.BackendUnavailableError, match="points_to_triplane: backend "
+                                                               "'cuda' cannot run on cpu"):
+        ops.points_to_triplane(points[:, :0], feats[:, :0], 4, plane_axes="eg3d",
+                               backend="cuda")

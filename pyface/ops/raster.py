@@ -206,13 +206,13 @@ def splat_points(points_ndc: torch.Tensor, features: torch.Tensor, image_size, *
         raise ValueError(f"radius: expected a finite number >= 0, got {radius!r}")
     if not is_number(background):
         raise TypeError(f"background: expected a number, got {background!r}")
+    name = _backend.select_backend("splat_points", points_ndc.device, backend, points_ndc.dtype)
     if chk.dims["N"] == 0:      # no point: every pixel is empty (the same on every backend)
         B, C = features.shape[0], features.shape[2]
         image = features.new_full((B, C, H, W), float(background)) + features.sum() * 0
         depth = points_ndc.new_full((B, 1, H, W), float("inf"))
         return image, depth, torch.full((B, H, W), -1, dtype=torch.int64,
                                         device=points_ndc.device)
-    name = _backend.select_backend("splat_points", points_ndc.device, backend, points_ndc.dtype)
     if name == "reference":
         return splat_points_reference(points_ndc, features, (H, W), radius=radius,
                                       background=background)
@@ -273,11 +273,11 @@ def points_to_triplane(points: torch.Tensor, features: torch.Tensor, resolution,
         raise TypeError(f"align_corners: expected bool, got {type(align_corners).__name__}")
     if max_distance is not None and (not is_number(max_distance) or not max_distance >= 0):
         raise ValueError(f"max_distance: expected None or a number >= 0, got {max_distance!r}")
+    name = _backend.select_backend("points_to_triplane", points.device, backend, points.dtype)
     if chk.dims["N"] == 0:      # no point: every texel is empty, as when no point is valid
         B, C = features.shape[0], features.shape[2]
         planes = features.new_zeros((B, 3, C, H, W)) + features.sum() * 0
         return planes, torch.full((B, 3, H, W), -1, dtype=torch.int64, device=points.device)
-    name = _backend.select_backend("points_to_triplane", points.device, backend, points.dtype)
     if name == "reference":
         return points_to_triplane_reference(points, features, (H, W), plane_axes=plane_axes,
                                             box_size=float(box_size), align_corners=align_corners,
