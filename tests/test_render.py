@@ -566,6 +566,23 @@ def test_render_triplane_bad_input():
         ops.render_triplane(planes, o, d, w, density_bias="-1", **kw)
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpp)])
+def test_render_triplane_checks_the_callable_decoders_outputs(backend):
+    # a callable decoder's outputs are checked against its contract (a reshape error deep in
+    # the renderer before, or a flattened rgb silently taken)
+    planes, o, d, _ = scene()
+    kw = dict(near=2.25, far=3.3, n_coarse=8, n_fine=4, plane_axes="eg3d")
+    for bad in (lambda f: (f.mean(1).flatten(0, 1), f.mean(1)[..., :1]),
+                lambda f: (f.mean(1), f.mean(1)),
+                lambda f: {"rgb": f.mean(1)[:, 1:], "sigma": f.mean(1)[:, 1:, :1]}):
+        with pytest.raises(ValueError, match=r"decoder: expected rgb \(B, N, C_out\) = "
+                                             r"\(2, \d+, C_out\) and sigma"):
+            ops.render_triplane(planes.detach(), o, d, bad, backend=backend, **kw)
+    good = lambda f: {"rgb": f.mean(1), "sigma": f.mean(1)[..., :1]}  # noqa: E731
+    out = ops.render_triplane(planes.detach(), o, d, good, backend=backend, **kw)
+    assert out[0].shape == (2, 16, 8)
+
+
 # ---------------------------------------------------------------------------------------------
 # fused Triton renderer (interpreter, tiny shapes)
 # ---------------------------------------------------------------------------------------------

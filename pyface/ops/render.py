@@ -21,6 +21,7 @@ from pyface.ops._checks import (ShapeChecker, check_autodiff_mode, check_choice,
                                 is_number)
 from pyface.ops.reference.render import (
     OSG_CLAMP,
+    decoder_outputs,
     mip_composite_reference,
     ray_bundle_reference,
     render_triplane_reference,
@@ -341,11 +342,7 @@ def _decode(decoder, planes, points, plane_axes, box_size, backend, density_only
         return (None if rgb is None else rgb.reshape(B, N, rgb.shape[-1])), sigma.reshape(B, N)
     feats = triplane_sample(planes, points, plane_axes=plane_axes, box_size=box_size,
                             reduce="none", backend=backend)
-    out = decoder(feats)
-    rgb, sigma = (out["rgb"], out["sigma"]) if isinstance(out, dict) else out
-    if sigma.dim() == 3:
-        sigma = sigma.squeeze(-1)
-    return rgb, sigma
+    return decoder_outputs(decoder(feats), points.shape[0], points.shape[1])
 
 
 def _points(o, d, t):
