@@ -314,3 +314,65 @@ def test_deterministic_mode_keeps_the_cpu_kernels(deterministic):
             assert _backend.select_backend(name, torch.device("cpu"), None) == "cpu"
         planes = torch.randn(1, 3, 2, 5, 5, requires_grad=True)
         ops.triplane_sample(planes, torch.rand(1, 7, 3) - 0.5, plane_axes="eg3d").sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------
+# number arguments
+# ---------------------------------------------------------------------------------------------
+
+@needs_cpp
+def test_number_arguments_take_numpy_scalars_and_refuse_bools():
+    # a NumPy scalar from a config (np.float32(1.0)) is a number: it used to be refused with
+    # "box_size: expected a positive finite number, got np.float32(1.0)"
+    np = pytest.importorskip("numpy")
+    planes = torch.randn(1, 3, 2, 4, 4)
+    points = torch.rand(1, 5, 3) - 0.5
+    ref = ops.triplane_sample(planes, points, plane_axes="eg3d", box_size=1.5)
+    out = ops.triplane_sample(planes, points, plane_axes="eg3d", box_size=np.float32(1.5))
+    assert torch.equal(out, ref)
+    feats = torch.randn(1, 5, 2)
+    a = ops.splat_points(points, feats, np.int64(6), radius=np.float32(1.5),
+                         background=np.float64(0.5))
+    b = ops.splat_points(points, feats, 6, radius=1.5, background=0.5)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    a = ops.points_to_triplane(points, feats, (np.int32(3), 4), plane_axes="eg3d",
+                               max_distance=np.float32(0.25))
+    b = ops.points_to_triplane(points, feats, (3, 4), plane_axes="eg3d", max_distance=0.25)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    o, d = torch.zeros(1, 2, 3), torch.tensor([[[0.0, 0.0, 1.0]] * 2])
+    depths = ops.sample_stratified(o, d, np.float32(0.5), np.float64(1.5), np.int64(4))
+    assert depths.shape == (1, 2, 4) and depths[0, 0, 0] == 0.5
+    cams = torch.cat([torch.eye(4).flatten(), torch.tensor([1.0, 0, 0.5, 0, 1.0, 0.5, 0, 0, 1])])
+    rays = ops.ray_bundle(cams[None], np.int64(3))
+    assert all(torch.equal(x, y) for x, y in zip(rays, ops.ray_bundle(cams[None], 3)))
+    planes3 = torch.randn(1, 3, 2, 4, 4)
+    dec = (torch.randn(4, 2), torch.randn(4), torch.randn(3, 4), torch.randn(3))
+    kw = dict(near=0.5, far=1.5, n_coarse=4, n_fine=0, plane_axes="eg3d",
+              stratified_noise=torch.full((1, 2, 4), 0.5))
+    a = ops.render_triplane(planes3, o, d, dec, chunk_points=np.int64(4), **kw)
+    b = ops.render_triplane(planes3, o, d, dec, chunk_points=4, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="box_size: expected a positive finite number, got True"):
+        ops.triplane_sample(planes, points, plane_axes="eg3d", box_size=True)
+    with pytest.raises(ValueError, match="box_size: expected a positive finite number, got .*nan"):
+        ops.triplane_sample(planes, points, plane_axes="eg3d", box_size=np.float32("nan"))
+    with pytest.raises(ValueError, match="n_samples: expected an integer >= 2, got 4.0"):
+        ops.sample_stratified(o, d, 0.5, 1.5, 4.0)
+    with pytest.raises(ValueError, match="image_size: expected an int or \\(H, W\\) ints"):
+        ops.splat_points(points, feats, np.float32(6))
+
+
+def test_float8_inputs_are_refused_naming_the_argument():
+    # no kernel (reference or compiled) computes in float8: the ops answered with torch's
+    # '"triplane_sample_cpu" not implemented for Float8_e4m3fn' (or silently ran the reference)
+    f8 = torch.float8_e4m3fn
+    planes, points = torch.randn(1, 3, 2, 4, 4), torch.rand(1, 5, 3) - 0.5
+    with pytest.raises(TypeError, match="planes: expected dtype float16, bfloat16, float32 or "
+                                        "float64, got float8_e4m3fn"):
+        ops.triplane_sample(planes.to(f8), points, plane_axes="eg3d")
+    with pytest.raises(TypeError, match="features: expected dtype .* got float8_e4m3fn"):
+        ops.mip_composite(torch.rand(1, 2, 5, 3).to(f8), torch.rand(1, 2, 5), torch.rand(1, 2, 5))
+    with pytest.raises(TypeError, match="volume: expected dtype .* got float8_e5m2"):
+        ops.warp_volume(torch.rand(1, 2, 3, 4, 5).to(torch.float8_e5m2), torch.rand(1, 2, 2, 2, 3))
+    with pytest.raises(TypeError, match="features: expected dtype .* got float8_e4m3fn"):
+        ops.splat_points(torch.rand(1, 4, 3), torch.rand(1, 4, 2).to(f8), 4, backend="reference")

@@ -102,6 +102,14 @@ def test_empty_inputs(backend):
     assert out[0].shape == (2, 0, 5, 6)
     out = ops.rasterize_mesh(verts, faces, (5, 6), attrs[..., :0], backend=backend)
     assert out[0].shape == (2, 0, 5, 6)
+    # the attribute image of an empty mesh is still in the graph of the attributes, on every
+    # backend (the reference returned a constant: autograd.grad raised "does not require grad")
+    a = attrs.detach().clone()
+    a[0, 0, 0] = float("inf")       # an empty mesh reads no attribute: no NaN from inf * 0
+    a.requires_grad_()
+    out = ops.rasterize_mesh(verts, faces[:0], (5, 6), a, backend=backend)
+    (g,) = torch.autograd.grad(out[0].sum(), a)
+    assert not g.any() and not out[0].isnan().any()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,6 +383,23 @@ def test_bad_input_direct_op():
                                               fi, bary, 10)
     with pytest.raises(ValueError, match=r"grad: expected shape \(B, C, H, W\) matching"):
         torch.ops.pyface.mesh_interpolate_bwd(torch.randn(2, 3, 8, 7), faces, fi, bary, 10)
+    # indices the kernels follow are range-checked (a face index >= F crashed the process, a
+    # vertex index >= V read / wrote out of bounds)
+    bad = fi.clone()
+    bad[1, 7, 7] = 5
+    with pytest.raises(IndexError, match=r"face_index: expected face indices < F = 5 .*got 5"):
+        torch.ops.pyface.mesh_interpolate(attrs, faces, bad, bary)
+    with pytest.raises(IndexError, match=r"faces: vertex indices must lie in \[0, V\) = \[0, 10\)"):
+        torch.ops.pyface.mesh_interpolate(attrs, faces + 10, fi, bary)
+    with pytest.raises(IndexError, match=r"faces: vertex indices must lie in \[0, V\) = \[0, 3\)"):
+        torch.ops.pyface.mesh_interpolate_bwd(torch.randn(2, 3, 8, 8), faces, fi, bary, 3)
+    with pytest.raises(IndexError, match="face_index: expected face indices < F = 5"):
+        torch.ops.pyface.mesh_interpolate_bwd(torch.randn(2, 3, 8, 8), faces, fi + 5, bary, 10)
+    with pytest.raises(ValueError, match="num_verts: expected a count >= 0, got -1"):
+        torch.ops.pyface.mesh_interpolate_bwd(torch.randn(2, 3, 8, 8), faces, fi, bary, -1)
+    # negative face indices are empty pixels: all -1 interpolates to zeros
+    empty = torch.full_like(fi, -1)
+    assert not torch.ops.pyface.mesh_interpolate(attrs, faces, empty, bary).any()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import pyface.ops as ops
+from pyface import _backend
 from pyface.ops.reference import points_to_triplane_reference, splat_points_reference
 from pyface.ops.reference.raster import texel_centres
 from pyface.ops.reference.triplane import project_onto_planes
@@ -270,6 +271,10 @@ def test_p2t_bad_input_direct_op():
         torch.ops.pyface.points_to_triplane_index(points, None, 4, 4, "xyz", 1.0, False, -1.0)
     with pytest.raises(ValueError, match="box_size: expected a positive finite number, got 0"):
         torch.ops.pyface.points_to_triplane_index(points, None, 4, 4, "eg3d", 0.0, False, -1.0)
+    # NaN is no limit's -1 for the kernels' comparison: refused as the public op refuses it
+    with pytest.raises(ValueError, match="max_distance: expected a number >= 0 .*got nan"):
+        torch.ops.pyface.points_to_triplane_index(points, None, 4, 4, "eg3d", 1.0, False,
+                                                  float("nan"))
     with pytest.raises(TypeError, match="valid: expected dtype bool"):
         torch.ops.pyface.points_to_triplane_index(points, torch.ones(2, 10), 4, 4, "eg3d", 1.0,
                                                   False, -1.0)
@@ -285,6 +290,8 @@ def test_p2t_bad_input_direct_op():
         torch.ops.pyface.gather_features_bwd(torch.randn(2, 3, 4, 6), index, 10)
     with pytest.raises(TypeError, match="grad: expected a floating-point tensor"):
         torch.ops.pyface.gather_features_bwd(torch.ones(2, 3, 4, 5, dtype=torch.long), index, 10)
+    with pytest.raises(ValueError, match="num_points: expected a count >= 0, got -1"):
+        torch.ops.pyface.gather_features_bwd(torch.randn(2, 3, 4, 5), index, -1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,13 +403,33 @@ def test_forward_mode_and_func_grad_raise_naming_the_op():
             torch.func.grad(lambda x: fn(x).sum())(feats)
 
 
-@needs_cpp
-def test_splat_empty_batch_and_channels():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_splat_and_p2t_empty_batch_and_channels(backend):
+    # B = 0 (the reference's reshape(B, -1) used to fail: "cannot reshape tensor of 0 elements")
     points = torch.rand(0, 4, 3)
-    out = ops.splat_points(points, torch.randn(0, 4, 2), 5, backend="cpu")
-    assert out[0].shape == (0, 2, 5, 5) and out[2].shape == (0, 5, 5)
-    out = ops.splat_points(torch.rand(1, 4, 3), torch.randn(1, 4, 0), 5, backend="cpu")
+    out = ops.splat_points(points, torch.randn(0, 4, 2), 5, backend=backend)
+    assert out[0].shape == (0, 2, 5, 5) and out[1].shape == (0, 1, 5, 5)
+    assert out[2].shape == (0, 5, 5)
+    out = ops.splat_points(torch.rand(1, 4, 3), torch.randn(1, 4, 0), 5, backend=backend)
     assert out[0].shape == (1, 0, 5, 5)
+    planes, index = ops.points_to_triplane(points, torch.randn(0, 4, 2), (3, 5),
+                                           plane_axes="eg3d", backend=backend)
+    assert planes.shape == (0, 3, 2, 3, 5) and index.shape == (0, 3, 3, 5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_splat_radius_beyond_the_image(backend):
+    # a radius far larger than the image covers every pixel, also from a point far outside
+    # (the reference used to build int(radius)-sized offset windows: OverflowError at 1e30)
+    points = torch.tensor([[[0.3, -0.2, 2.0], [-50.0, 40.0, 1.0], [0.9, 0.9, 3.0]]])
+    feats = torch.arange(3.0).view(1, 3, 1)
+    for radius in (200.0, 1e6, 1e30):
+        image, depth, index = ops.splat_points(points, feats, (4, 5), radius=radius,
+                                               backend=backend)
+        assert (index == 1).all() and (depth == 1.0).all() and (image == 1.0).all()
+    # 2.0 pixels: the far point covers nothing, the others their neighbourhoods as before
+    _, _, index = ops.splat_points(points, feats, (4, 5), radius=2.0, backend=backend)
+    assert not (index == 1).any() and (index == 0).any() and (index == 2).any()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -501,3 +528,10 @@ def test_no_points_give_empty_outputs(backend):
     with pytest.raises(ValueError, match="resolution"):     # other arguments still checked
         ops.points_to_triplane(points[:, :0], feats[:, :0], 0, plane_axes="eg3d",
                                backend=backend)
+    # ... the backend too (an unknown or unavailable one was accepted when N = 0)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        ops.splat_points(torch.rand(2, 0, 3), feats[:, :0], 4, backend="bogus")
+    with pytest.raises(_backend.BackendUnavailableError, match="points_to_triplane: backend "
+                                                               "'cuda' cannot run on cpu"):
+        ops.points_to_triplane(points[:, :0], feats[:, :0], 4, plane_axes="eg3d",
+                               backend="cuda")

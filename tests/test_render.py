@@ -228,6 +228,13 @@ def test_mip_composite_noncontiguous_and_empty():
     assert [tuple(x.shape) for x in out] == [(2, 0, 3), (2, 0, 1), (2, 0, 4)]
     out[0].sum().backward()
     assert f0.grad.shape == f0.shape
+    # every backend keeps the empty outputs in the graph of densities (the reference's depth
+    # was a constant: autograd.grad of it raised "does not require grad")
+    for backend in ("cpu", "reference"):
+        s0 = s0.detach().requires_grad_()
+        out = ops.mip_composite(f0, s0, t0, backend=backend)
+        gs = torch.autograd.grad([x.sum() for x in out], s0)
+        assert gs[0].shape == s0.shape
 
 
 @needs_cpp
@@ -297,6 +304,12 @@ def test_mip_composite_bad_input():
         ops.mip_composite(f.bfloat16(), s.double(), t.bfloat16())
     out = ops.mip_composite(f.half(), s.bfloat16(), t)          # all computed in float32
     assert out[0].dtype == torch.float16
+    # density_bias is a finite number (a NaN bias silently gave NaN images, a string float()'s
+    # error without the argument's name)
+    for bad in (float("nan"), float("inf"), "x", None, True):
+        err = ValueError if isinstance(bad, float) else TypeError
+        with pytest.raises(err, match=f"density_bias: expected a finite number, got {bad!r}"):
+            ops.mip_composite(f, s, t, density_bias=bad)
     with pytest.raises(TypeError, match="features: expected a floating-point tensor"):
         ops.mip_composite(f.int(), s, t)
     with pytest.raises(ValueError, match=r"densities: expected shape \(B, R, S\)"):
@@ -547,6 +560,27 @@ def test_render_triplane_bad_input():
         ops.render_triplane(planes, o, d, w, importance_u=torch.rand(2, 16, 3), **kw)
     with pytest.raises(TypeError, match="decoder: expected"):
         ops.render_triplane(planes, o, d, 3, **kw)
+    with pytest.raises(ValueError, match="density_bias: expected a finite number, got nan"):
+        ops.render_triplane(planes, o, d, w, density_bias=float("nan"), **kw)
+    with pytest.raises(TypeError, match="density_bias: expected a finite number, got '-1'"):
+        ops.render_triplane(planes, o, d, w, density_bias="-1", **kw)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpp)])
+def test_render_triplane_checks_the_callable_decoders_outputs(backend):
+    # a callable decoder's outputs are checked against its contract (a reshape error deep in
+    # the renderer before, or a flattened rgb silently taken)
+    planes, o, d, _ = scene()
+    kw = dict(near=2.25, far=3.3, n_coarse=8, n_fine=4, plane_axes="eg3d")
+    for bad in (lambda f: (f.mean(1).flatten(0, 1), f.mean(1)[..., :1]),
+                lambda f: (f.mean(1), f.mean(1)),
+                lambda f: {"rgb": f.mean(1)[:, 1:], "sigma": f.mean(1)[:, 1:, :1]}):
+        with pytest.raises(ValueError, match=r"decoder: expected rgb \(B, N, C_out\) = "
+                                             r"\(2, \d+, C_out\) and sigma"):
+            ops.render_triplane(planes.detach(), o, d, bad, backend=backend, **kw)
+    good = lambda f: {"rgb": f.mean(1), "sigma": f.mean(1)[..., :1]}  # noqa: E731
+    out = ops.render_triplane(planes.detach(), o, d, good, backend=backend, **kw)
+    assert out[0].shape == (2, 16, 8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,6 +630,26 @@ def test_render_triplane_triton_refuses_what_it_cannot_do():
     big = [torch.zeros(200, 8), torch.zeros(200), torch.zeros(6, 200), torch.zeros(6)]
     with pytest.raises(_backend.BackendUnavailableError, match="up to 128"):
         ops.render_triplane(planes, o, d, big, backend="triton", **kw)
+
+
+@pytest.mark.triton_interpret
+def test_render_triplane_forced_triton_refuses_what_it_cannot_do(monkeypatch):
+    # use_backend("triton") / PYFACE_BACKEND=triton force the backend as an explicit backend=
+    # does: a callable decoder (or too wide a one) raises instead of silently rendering with
+    # another backend (the reference, which the forcing was meant to compare against)
+    planes, o, d, w = scene(dtype=torch.float32)
+    kw = _render_kw(2, 16, dtype=torch.float32)
+    decoder = lambda f: (f.mean(1), f.mean(1)[..., 0])  # noqa: E731
+    big = [torch.zeros(200, 8), torch.zeros(200), torch.zeros(6, 200), torch.zeros(6)]
+    with ops.use_backend("triton"):
+        with pytest.raises(_backend.BackendUnavailableError,
+                           match="render_triplane: backend 'triton'.*not a callable"):
+            ops.render_triplane(planes, o, d, decoder, **kw)
+        with pytest.raises(_backend.BackendUnavailableError, match="up to 128"):
+            ops.render_triplane(planes, o, d, big, **kw)
+    monkeypatch.setenv("PYFACE_BACKEND", "triton")
+    with pytest.raises(_backend.BackendUnavailableError, match="not a callable"):
+        ops.render_triplane(planes, o, d, decoder, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -803,6 +857,25 @@ def test_render_triplane_under_autocast_runs_the_compiled_path(monkeypatch):
     assert_close(comp[0], mip_composite_reference(f.to(torch.bfloat16).float(), s, t)[0])
 
 
+@needs_cpp
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_compositing_ops_keep_float64_under_autocast(backend):
+    # autocast's float32 rule (registered for the compiled ops) leaves float64 alone, so the
+    # public ops return float64 for float64 inputs under autocast too, the values they return
+    # without it (they used to come back cast down to float32)
+    f, s, t = (x.detach() for x in rand_composite_inputs(1, 3, 6, 2, dtype=torch.float64))
+    w = torch.rand(1, 3, 5, dtype=torch.float64)
+    u = torch.rand(1, 3, 4, dtype=torch.float64)
+    plain = ops.mip_composite(f, s, t, backend=backend)
+    plain_u = ops.sample_importance(t, w, 4, u=u, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        comp = ops.mip_composite(f, s, t, backend=backend)
+        imp = ops.sample_importance(t, w, 4, u=u, backend=backend)
+    assert [x.dtype for x in comp] == [torch.float64] * 3 and imp.dtype == torch.float64
+    for a, b in zip((*comp, imp), (*plain, plain_u)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU (skipped without CUDA)
 # ---------------------------------------------------------------------------------------------
@@ -874,3 +947,22 @@ def test_render_triplane_recompute_decoder_double_backward_names_the_op():
         torch.autograd.grad(g.square().sum(), planes)
     with pytest.raises(ValueError, match="recompute: expected True, False or 'decoder'"):
         ops.render_triplane(planes, o, d, list(w), backend="cpu", recompute="all", **kw)
+
+
+@needs_cpp
+@pytest.mark.parametrize("recompute", [True, False, "decoder"])
+def test_render_triplane_create_graph_first_order_then_double_backward_names_an_op(recompute):
+    # first-order gradients under create_graph=True (the first half of an R1-style penalty) are
+    # those without it, also through the checkpointed chunks of recompute=True (the fused
+    # backwards once read their saved tensors twice, which torch.utils.checkpoint refuses);
+    # the second differentiation then raises the error that names the fused op
+    planes, o, d, w = _tiny_scene()
+    planes = planes.clone().requires_grad_()
+    kw = _render_kw(1, 4, nc=5, nf=2)
+    out = ops.render_triplane(planes, o, d, list(w), backend="cpu", recompute=recompute, **kw)
+    (g,) = torch.autograd.grad(out[0].square().sum(), planes, create_graph=True)
+    out = ops.render_triplane(planes, o, d, list(w), backend="cpu", recompute=recompute, **kw)
+    (g_plain,) = torch.autograd.grad(out[0].square().sum(), planes)
+    torch.testing.assert_close(g, g_plain, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="\\(cpu backend\\): double backward"):
+        torch.autograd.grad(g.square().sum(), planes)

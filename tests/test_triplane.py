@@ -248,6 +248,9 @@ def test_nan_points_propagate_and_outside_is_zero():
     assert torch.isfinite(out[0, 2:]).all() and torch.isfinite(out[1]).all()
     gp, gx = torch.autograd.grad(out[:, 1:].sum(), (planes, points))
     assert torch.isfinite(gp).all()
+    # the reference is F.grid_sample (EG3D): +-inf coordinates give NaN there (README)
+    ref = triplane_sample(planes, points, backend="reference", plane_axes="xy_xz_zy")
+    assert torch.isnan(ref[0, :2]).all() and torch.isfinite(ref[0, 2:]).all()
 
 
 def test_nan_in_planes_propagates():

@@ -101,3 +101,29 @@ def test_torch_compile_fullgraph_gpu():
     f(vol, kps, kpd, masks)  # defines the triton ops (outside any graph)
     compare(torch.compile(f, fullgraph=True, backend="aot_eager"), f, [vol, kps, kpd, masks],
             scale=SCALE)
+
+
+@interp
+def test_triton_ops_opcheck_schema_and_autograd_registration():
+    # the triton_ops' schemas and registered autograd (the fake-tensor and compile checks need
+    # compiled kernels: the interpreter reads real memory)
+    from pyface._ops.triplane import triton_op
+    from pyface._ops.warp import triton_ops
+
+    utils = ("test_schema", "test_autograd_registration")
+    planes = torch.randn(1, 3, 2, 3, 4, requires_grad=True)
+    points = (torch.rand(1, 3, 3) - 0.5).requires_grad_()
+    for reduce in ("mean", "none"):
+        torch.library.opcheck(triton_op(), (planes, points, "eg3d", 1.0, reduce, False),
+                              test_utils=utils)
+    ops_ = triton_ops()
+    vol = torch.randn(1, 2, 2, 3, 3, requires_grad=True)
+    grid = (torch.rand(1, 2, 2, 2, 3) * 2 - 1).requires_grad_()
+    kps, kpd = ((torch.rand(1, 2, 3) - 0.5).requires_grad_() for _ in range(2))
+    masks = torch.rand(1, 3, 2, 2, 2, requires_grad=True)
+    jac = (torch.eye(3) + 0.1 * torch.randn(1, 2, 3, 3)).requires_grad_()
+    for name, args in (("warp_volume", (vol, grid, False)),
+                       ("keypoint_flow", (kps, kpd, masks, jac, True)),
+                       ("warp_by_keypoints", (vol, kps, kpd, masks, None, False, True)),
+                       ("motion_field_input", (vol, kps, kpd, jac, 0.01, False, True))):
+        torch.library.opcheck(ops_[name], args, test_utils=utils)

@@ -17,6 +17,9 @@
 #include "raster/raster.h"
 
 #include <ATen/ops/aminmax.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -94,6 +97,39 @@ void check_interp(const at::Tensor& faces, const at::Tensor& face_index, const a
                         bary.size(2) == face_index.size(2) && bary.size(3) == 3,
                     "bary: expected shape (B, H, W, 3) matching face_index ",
                     shape_str(face_index), ", got ", shape_str(bary));
+}
+
+void check_max_distance(double max_distance) {
+  TORCH_CHECK_VALUE(!std::isnan(max_distance),
+                    "max_distance: expected a number >= 0 (negative: no limit), got ",
+                    max_distance);
+}
+
+void check_count(const char* name, int64_t n) {
+  TORCH_CHECK_VALUE(n >= 0, name, ": expected a count >= 0, got ", n);
+}
+
+void check_interp_indices(const at::Tensor& faces, const at::Tensor& face_index,
+                          int64_t num_verts) {
+  check_count("num_verts", num_verts);
+  if (faces.numel() == 0 && face_index.numel() == 0) return;
+  // the three extremes in one tensor: one device-to-host copy (one sync on CUDA)
+  const auto none = at::full({1}, -1, face_index.options());
+  at::Tensor ext;
+  if (faces.numel() > 0) {
+    const auto mm = at::aminmax(faces.to(at::kLong));
+    ext = at::cat({std::get<0>(mm).reshape({1}), std::get<1>(mm).reshape({1}),
+                   face_index.numel() > 0 ? face_index.max().reshape({1}) : none});
+  } else {
+    ext = at::cat({at::zeros_like(none), none, face_index.max().reshape({1})});
+  }
+  ext = ext.cpu();
+  const int64_t* e = ext.const_data_ptr<int64_t>();
+  TORCH_CHECK_INDEX(e[0] >= 0 && e[1] < num_verts,
+                    "faces: vertex indices must lie in [0, V) = [0, ", num_verts,
+                    "), got values in [", e[0], ", ", e[1], "]");
+  TORCH_CHECK_INDEX(e[2] < faces.size(0), "face_index: expected face indices < F = ",
+                    faces.size(0), " (the number of faces; negative: empty pixel), got ", e[2]);
 }
 
 void check_gather_grad(const at::Tensor& grad, const at::Tensor& index, DeviceCheck device) {

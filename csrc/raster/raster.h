@@ -26,6 +26,18 @@ void check_points(const char* name, const at::Tensor& points, int64_t height, in
 // mesh_interpolate: faces (F, 3), face_index (B, H, W) int64 and bary (B, H, W, 3).
 void check_interp(const at::Tensor& faces, const at::Tensor& face_index, const at::Tensor& bary);
 
+// mesh_interpolate{,_bwd}: the indices the kernels follow lie in range (they would read / write
+// out of bounds otherwise): faces in [0, num_verts), face_index < F (negative: empty pixel),
+// num_verts >= 0. One aminmax per index tensor (a host sync on CUDA, as check_mesh's).
+void check_interp_indices(const at::Tensor& faces, const at::Tensor& face_index,
+                          int64_t num_verts);
+
+// points_to_triplane_index's max_distance: a number (negative: no limit), not NaN.
+void check_max_distance(double max_distance);
+
+// a count argument (num_points, num_verts) >= 0.
+void check_count(const char* name, int64_t n);
+
 // mesh_interpolate's attributes (B, V, C) floating on the `device`, B matching face_index.
 void check_interp_attributes(const at::Tensor& attributes, const at::Tensor& face_index,
                              DeviceCheck device);

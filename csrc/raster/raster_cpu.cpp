@@ -217,6 +217,7 @@ at::Tensor mesh_interpolate_cpu(const at::Tensor& attributes, const at::Tensor& 
                                 const at::Tensor& face_index, const at::Tensor& bary) {
   check_interp(faces, face_index, bary);
   check_interp_attributes(attributes, face_index, check_cpu);
+  check_interp_indices(faces, face_index, attributes.size(1));
   const int64_t B = face_index.size(0), H = face_index.size(1), W = face_index.size(2);
   const int64_t V = attributes.size(1), C = attributes.size(2), P = H * W;
   auto out = at::empty({B, C, H, W}, attributes.options());
@@ -240,6 +241,7 @@ at::Tensor mesh_interpolate_bwd_cpu(const at::Tensor& grad, const at::Tensor& fa
                                     int64_t num_verts) {
   check_interp(faces, face_index, bary);
   check_interp_grad(grad, face_index, check_cpu);
+  check_interp_indices(faces, face_index, num_verts);
   const int64_t B = face_index.size(0), H = face_index.size(1), W = face_index.size(2);
   const int64_t C = grad.size(1), P = H * W;
   const auto acc = acc_dtype(grad);
@@ -369,6 +371,7 @@ at::Tensor points_to_triplane_index_cpu(const at::Tensor& points,
                                         double box_size, bool align_corners, double max_distance) {
   const TriplaneIndexArgs args =
       check_points_to_triplane(points, valid, height, width, plane_axes, box_size, check_cpu);
+  check_max_distance(max_distance);
   const PlaneAxes axes = args.axes;
   const at::Tensor& vmask = args.valid;
   const int64_t B = points.size(0), N = points.size(1), H = height, W = width;
@@ -572,6 +575,7 @@ at::Tensor gather_features_cpu(const at::Tensor& features, const at::Tensor& ind
 at::Tensor gather_features_bwd_cpu(const at::Tensor& grad, const at::Tensor& index,
                                    int64_t num_points) {
   check_gather_grad(grad, index, check_cpu);
+  check_count("num_points", num_points);
   const int64_t B = index.size(0), G = index.size(1), P = index.size(2), C = grad.size(2);
   const auto acc = acc_dtype(grad);
   auto gacc = at::zeros({B, num_points, C}, grad.options().dtype(acc));

@@ -58,6 +58,7 @@ at::Tensor mesh_interpolate_cuda(const at::Tensor& attributes, const at::Tensor&
                                  const at::Tensor& face_index, const at::Tensor& bary) {
   check_interp_args(faces, face_index, bary);
   check_interp_attributes(attributes, face_index, check_cuda);
+  check_interp_indices(faces, face_index, attributes.size(1));
   const c10::cuda::CUDAGuard guard(attributes.device());
   const int64_t B = face_index.size(0), H = face_index.size(1), W = face_index.size(2);
   const int64_t V = attributes.size(1), C = attributes.size(2);
@@ -79,6 +80,7 @@ at::Tensor mesh_interpolate_bwd_cuda(const at::Tensor& grad, const at::Tensor& f
                                      int64_t num_verts) {
   check_interp_args(faces, face_index, bary);
   check_interp_grad(grad, face_index, check_cuda);
+  check_interp_indices(faces, face_index, num_verts);
   const c10::cuda::CUDAGuard guard(grad.device());
   const int64_t B = face_index.size(0), H = face_index.size(1), W = face_index.size(2);
   const int64_t C = grad.size(1);
@@ -122,6 +124,7 @@ at::Tensor points_to_triplane_index_cuda(const at::Tensor& points,
                                          double max_distance) {
   const TriplaneIndexArgs args =
       check_points_to_triplane(points, valid, height, width, plane_axes, box_size, check_cuda);
+  check_max_distance(max_distance);
   const PlaneAxes axes = args.axes;
   const at::Tensor& vmask = args.valid;
   const int64_t B = points.size(0), N = points.size(1);
@@ -165,6 +168,7 @@ at::Tensor gather_features_cuda(const at::Tensor& features, const at::Tensor& in
 at::Tensor gather_features_bwd_cuda(const at::Tensor& grad, const at::Tensor& index,
                                     int64_t num_points) {
   check_gather_grad(grad, index, check_cuda);
+  check_count("num_points", num_points);
   const c10::cuda::CUDAGuard guard(grad.device());
   const int64_t B = index.size(0), G = index.size(1), P = index.size(2), C = grad.size(2);
   auto gacc = at::zeros({B, num_points, C}, grad.options().dtype(acc_dtype(grad)));

@@ -90,9 +90,13 @@ def fused_backward(op: str, *, atomics: tuple[str, ...] = (), triton: bool = Fal
                                        "backend='reference' (or backend='cpu' on CPU tensors)")
             if not torch.is_grad_enabled():
                 return backward(ctx, *grads)
-            deps = [t for t in (*ctx.saved_tensors, *tensors) if t is not None and t.requires_grad]
+            # the saved tensors are unpacked once, here, and handed to ``backward`` through
+            # ``_SavedOnce``: a second ``ctx.saved_tensors`` raises inside a
+            # ``torch.utils.checkpoint`` region (render_triplane's recompute=True chunks)
+            saved = ctx.saved_tensors
+            deps = [t for t in (*saved, *tensors) if t is not None and t.requires_grad]
             with torch.no_grad():
-                out = backward(ctx, *grads)
+                out = backward(_SavedOnce(ctx, saved), *grads)
             if not deps:
                 return out
             single = not isinstance(out, tuple)
@@ -102,6 +106,18 @@ def fused_backward(op: str, *, atomics: tuple[str, ...] = (), triton: bool = Fal
             return out[0] if single else out
         return wrapped
     return deco
+
+
+class _SavedOnce:
+    """``ctx`` of an autograd backward whose ``saved_tensors`` were already unpacked: every
+    other attribute is the context's own."""
+
+    def __init__(self, ctx, saved: tuple) -> None:
+        self._ctx = ctx
+        self.saved_tensors = saved
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
 
 
 class _DoubleBackwardGuard(torch.autograd.Function):

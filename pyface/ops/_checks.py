@@ -7,6 +7,7 @@ Errors name the argument, what was expected and what was given, e.g.::
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 
 import torch
@@ -31,6 +32,10 @@ def check_plane_size(planes, name: str = "planes") -> None:
     if len(planes.shape) == 5 and max(planes.shape[3:]) > MAX_PLANE_SIZE:
         raise ValueError(f"{name}: expected H, W <= 2^24 = {MAX_PLANE_SIZE} (texel coordinates "
                          f"are computed in float32), got shape {_fmt(planes.shape)}")
+
+
+#: the floating dtypes the ops take
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class ShapeChecker:
@@ -84,6 +89,11 @@ class ShapeChecker:
         elif floating and not t.is_floating_point():
             raise TypeError(f"{name}: expected a floating-point tensor, got dtype "
                             f"{str(t.dtype).replace('torch.', '')}")
+        elif floating and t.dtype not in FLOAT_DTYPES:
+            # (float8 and the other exotic floating dtypes: no kernel, reference or compiled,
+            # computes in them; the ops answered with torch's "not implemented for" errors)
+            raise TypeError(f"{name}: expected dtype float16, bfloat16, float32 or float64, got "
+                            f"{str(t.dtype).replace('torch.', '')}")
         if same_device:
             if self.device is None:
                 self.device, self._device_of = t.device, name
@@ -120,11 +130,31 @@ def has_values(*tensors) -> bool:
     return not any(isinstance(t, torch.Tensor) and (t.is_meta or is_fake(t)) for t in tensors)
 
 
+def is_number(value, *, integer: bool = False) -> bool:
+    """Whether ``value`` is a real number (``integer``: an integer) that an op's number argument
+    takes: a Python int / float or a NumPy scalar of that kind (``np.float32(0.5)`` from a
+    config), not a bool. (The Python types are tested first: under ``torch.compile`` a traced
+    ``SymFloat`` / ``SymInt`` passes as float / int.)"""
+    if isinstance(value, bool):
+        return False
+    if integer:
+        return isinstance(value, int) or isinstance(value, numbers.Integral)
+    return isinstance(value, (int, float)) or isinstance(value, numbers.Real)
+
+
+def check_finite(name: str, value) -> None:
+    """``value`` is a finite real number (int, float or a NumPy scalar; not a bool): a
+    TypeError for anything else, a ValueError for NaN and +-inf."""
+    if not is_number(value):
+        raise TypeError(f"{name}: expected a finite number, got {value!r}")
+    if not is_finite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+
+
 def check_positive(name: str, value, *, integer: bool = False) -> None:
     """``value`` is a positive int (``integer``) or a positive finite number (NaN and inf are
     refused here, as the C++ entry points refuse them, so every backend answers alike)."""
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0 or (
+    if not is_number(value, integer=integer) or not value > 0 or (
             not integer and not is_finite(value)):
         what = "a positive integer" if integer else "a positive finite number"
         raise ValueError(f"{name}: expected {what}, got {value!r}")

@@ -18,7 +18,7 @@ import torch
 
 from pyface import _backend
 from pyface.ops._checks import (ShapeChecker, check_autodiff_mode, check_choice, check_positive,
-                                has_values)
+                                has_values, is_number)
 from pyface.ops.reference.raster import (
     CULL_MODES,
     points_to_triplane_reference,
@@ -45,10 +45,10 @@ class BFMCamera:
 
 
 def _image_hw(name: str, image_size) -> tuple[int, int]:
-    if isinstance(image_size, int) and not isinstance(image_size, bool):
+    if is_number(image_size, integer=True):
         h = w = image_size
     elif (isinstance(image_size, (tuple, list, torch.Size)) and len(image_size) == 2
-          and all(isinstance(s, int) and not isinstance(s, bool) for s in image_size)):
+          and all(is_number(s, integer=True) for s in image_size)):
         h, w = image_size
     else:
         raise ValueError(f"{name}: expected an int or (H, W) ints, got {image_size!r}")
@@ -202,18 +202,17 @@ def splat_points(points_ndc: torch.Tensor, features: torch.Tensor, image_size, *
     chk.tensor("points_ndc", points_ndc, "B N 3")
     chk.tensor("features", features, "B N C")
     H, W = _image_hw("image_size", image_size)
-    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not radius >= 0 or \
-            radius == float("inf"):
+    if not is_number(radius) or not radius >= 0 or radius == float("inf"):
         raise ValueError(f"radius: expected a finite number >= 0, got {radius!r}")
-    if isinstance(background, bool) or not isinstance(background, (int, float)):
+    if not is_number(background):
         raise TypeError(f"background: expected a number, got {background!r}")
+    name = _backend.select_backend("splat_points", points_ndc.device, backend, points_ndc.dtype)
     if chk.dims["N"] == 0:      # no point: every pixel is empty (the same on every backend)
         B, C = features.shape[0], features.shape[2]
         image = features.new_full((B, C, H, W), float(background)) + features.sum() * 0
         depth = points_ndc.new_full((B, 1, H, W), float("inf"))
         return image, depth, torch.full((B, H, W), -1, dtype=torch.int64,
                                         device=points_ndc.device)
-    name = _backend.select_backend("splat_points", points_ndc.device, backend, points_ndc.dtype)
     if name == "reference":
         return splat_points_reference(points_ndc, features, (H, W), radius=radius,
                                       background=background)
@@ -272,14 +271,13 @@ def points_to_triplane(points: torch.Tensor, features: torch.Tensor, resolution,
     check_positive("box_size", box_size)
     if not isinstance(align_corners, bool):
         raise TypeError(f"align_corners: expected bool, got {type(align_corners).__name__}")
-    if max_distance is not None and (isinstance(max_distance, bool) or not isinstance(
-            max_distance, (int, float)) or not max_distance >= 0):
+    if max_distance is not None and (not is_number(max_distance) or not max_distance >= 0):
         raise ValueError(f"max_distance: expected None or a number >= 0, got {max_distance!r}")
+    name = _backend.select_backend("points_to_triplane", points.device, backend, points.dtype)
     if chk.dims["N"] == 0:      # no point: every texel is empty, as when no point is valid
         B, C = features.shape[0], features.shape[2]
         planes = features.new_zeros((B, 3, C, H, W)) + features.sum() * 0
         return planes, torch.full((B, 3, H, W), -1, dtype=torch.int64, device=points.device)
-    name = _backend.select_backend("points_to_triplane", points.device, backend, points.dtype)
     if name == "reference":
         return points_to_triplane_reference(points, features, (H, W), plane_axes=plane_axes,
                                             box_size=float(box_size), align_corners=align_corners,

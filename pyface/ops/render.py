@@ -8,6 +8,7 @@ activation memory), or as one fused Triton kernel per ray block.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -15,10 +16,12 @@ import torch.nn.functional as F
 
 from pyface import _backend
 from pyface._ops import fused_backward
-from pyface.ops._checks import (ShapeChecker, check_autodiff_mode, check_choice,
-                                check_plane_size, check_positive, has_values, is_finite)
+from pyface.ops._checks import (ShapeChecker, check_autodiff_mode, check_choice, check_finite,
+                                check_plane_size, check_positive, has_values, is_finite,
+                                is_number)
 from pyface.ops.reference.render import (
     OSG_CLAMP,
+    decoder_outputs,
     mip_composite_reference,
     ray_bundle_reference,
     render_triplane_reference,
@@ -54,12 +57,12 @@ def ray_bundle(cameras: torch.Tensor, resolution: int) -> tuple[torch.Tensor, to
     if cameras.numel() and has_values(cameras) and not bool(torch.isfinite(cameras).all()):
         bad = (~torch.isfinite(cameras)).any(1).nonzero().flatten().tolist()
         raise ValueError(f"cameras: expected finite values, got NaN/inf in batch items {bad[:8]}")
-    return ray_bundle_reference(cameras, resolution)
+    return ray_bundle_reference(cameras, int(resolution))
 
 
 def _check_range(near, far) -> tuple[float, float]:
     for name, v in (("near", near), ("far", far)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not is_finite(v):
+        if not is_number(v) or not is_finite(v):
             raise ValueError(f"{name}: expected a finite number, got {v!r}")
     if not near < far:
         raise ValueError(f"near, far: expected near < far, got near={near!r}, far={far!r}")
@@ -67,9 +70,9 @@ def _check_range(near, far) -> tuple[float, float]:
 
 
 def _check_samples(name: str, n, minimum: int) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < minimum:
+    if not is_number(n, integer=True) or n < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {n!r}")
-    return n
+    return int(n)
 
 
 def sample_stratified(ray_origins: torch.Tensor, ray_dirs: torch.Tensor, near: float, far: float,
@@ -130,7 +133,8 @@ def mip_composite(features: torch.Tensor, densities: torch.Tensor, depths: torch
         backend: ``None``, ``"reference"``, ``"cpu"`` or ``"cuda"``.
 
     Precision: float16 / bfloat16 inputs are computed in float32 and returned in the dtype of
-    ``features``; under ``torch.autocast`` they are computed and returned in float32.
+    ``features``; under ``torch.autocast`` they are computed and returned in float32 (float64
+    stays float64, with or without autocast).
 
     Returns:
         features_out (B, R, C), depth (B, R, 1), weights (B, R, S - 1).
@@ -148,6 +152,7 @@ def mip_composite(features: torch.Tensor, densities: torch.Tensor, depths: torch
         chk.tensor("depth_range", depth_range, "2")
     if not isinstance(white_back, bool):
         raise TypeError(f"white_back: expected bool, got {type(white_back).__name__}")
+    check_finite("density_bias", density_bias)
     density_bias = float(density_bias)
     name = _backend.select_backend("mip_composite", features.device, backend, features.dtype)
     with _no_autocast(features.device):
@@ -175,9 +180,12 @@ def _no_autocast(device: torch.device):
 def _float32_compute(*tensors: torch.Tensor):
     """The compositing ops compute in float32 / float64: float16 / bfloat16 inputs are promoted
     to float32. Returns the output dtype (float32 under autocast, as autocast's float32 ops
-    do; else the first tensor's dtype) and the promoted tensors."""
+    do, except for float64, which autocast leaves alone; else the first tensor's dtype) and
+    the promoted tensors."""
     half = (torch.float16, torch.bfloat16)
-    out_dtype = torch.float32 if _autocast_on(tensors[0].device) else tensors[0].dtype
+    out_dtype = tensors[0].dtype
+    if _autocast_on(tensors[0].device) and out_dtype != torch.float64:
+        out_dtype = torch.float32
     return out_dtype, tuple(t.float() if t.dtype in half else t for t in tensors)
 
 
@@ -334,11 +342,7 @@ def _decode(decoder, planes, points, plane_axes, box_size, backend, density_only
         return (None if rgb is None else rgb.reshape(B, N, rgb.shape[-1])), sigma.reshape(B, N)
     feats = triplane_sample(planes, points, plane_axes=plane_axes, box_size=box_size,
                             reduce="none", backend=backend)
-    out = decoder(feats)
-    rgb, sigma = (out["rgb"], out["sigma"]) if isinstance(out, dict) else out
-    if sigma.dim() == 3:
-        sigma = sigma.squeeze(-1)
-    return rgb, sigma
+    return decoder_outputs(decoder(feats), points.shape[0], points.shape[1])
 
 
 def _points(o, d, t):
@@ -617,8 +621,10 @@ def render_triplane(planes: torch.Tensor, ray_origins: torch.Tensor, ray_dirs: t
         raise TypeError(f"white_back: expected bool, got {type(white_back).__name__}")
     if chunk_points is not None:
         check_positive("chunk_points", chunk_points, integer=True)
+        chunk_points = int(chunk_points)
     if recompute not in (True, False, "decoder"):
         raise ValueError(f"recompute: expected True, False or 'decoder', got {recompute!r}")
+    check_finite("density_bias", density_bias)
     box_size, density_bias = float(box_size), float(density_bias)
     # Float16 / bfloat16 and autocast: the renderer computes in float32 (transmittance products,
     # softplus and the sorted depths need it), the callable decoder sees the caller's dtype and
@@ -700,15 +706,17 @@ def _triton_ok(planes, ray_origins, ray_dirs, decoder) -> str:
 
 def _select_renderer(planes, ray_origins, ray_dirs, decoder, backend) -> str:
     dev = planes.device
-    if backend == "triton":
-        name = _backend.select_backend("render_triplane", dev, "triton", planes.dtype)
+    name = _backend.select_backend("render_triplane", dev, backend, planes.dtype)
+    # triton asked for (backend=, use_backend or PYFACE_BACKEND, all honoured or raising)
+    # rather than chosen by default: a decoder the fused kernel cannot run raises
+    asked = backend is not None or name == (_backend._forced or os.environ.get("PYFACE_BACKEND"))
+    if name == "triton" and asked:
         reason = _triton_ok(planes, ray_origins, ray_dirs, decoder)
         if reason:
             raise _backend.BackendUnavailableError(f"render_triplane: backend 'triton': {reason}")
         return name
     if backend is not None:
-        return _backend.select_backend("render_triplane", dev, backend, planes.dtype)
-    name = _backend.select_backend("render_triplane", dev, None, planes.dtype)
+        return name
     if name == "triton" and _triton_ok(planes, ray_origins, ray_dirs, decoder):
         for alt in ("cuda", "reference"):
             spec = _backend.registered_ops()["render_triplane"]

@@ -25,7 +25,8 @@ def triplane_sample(planes: torch.Tensor, points: torch.Tensor, *, plane_axes: s
     coordinate indexes the width and the second the height, bilinear with zero padding and
     ``align_corners`` exactly as ``F.grid_sample``. Differentiable w.r.t. ``planes`` and
     ``points``. Low-precision planes (float16/bfloat16) accumulate in float32. NaN coordinates give
-    NaN features for that point.
+    NaN features for that point; coordinates outside the box give zeros, +-inf too on the
+    compiled backends (``backend="reference"``, ``F.grid_sample`` as EG3D, gives NaN there).
 
     Args:
         planes: (B, 3, C, H, W) plane features, C, H, W >= 1, any strides (a channels-last view,

@@ -15,6 +15,8 @@ reproduce, and they are the test oracle.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from pyface.ops.reference.triplane import project_onto_planes
@@ -157,7 +159,8 @@ def interpolate_attributes_reference(attributes, faces, face_index, bary, B=None
     B, H, W = face_index.shape
     C = attributes.shape[-1]
     if faces.shape[0] == 0 or attributes.shape[1] == 0 or B * H * W * C == 0:
-        return attributes.new_zeros(B, C, H, W)
+        # zeros in the graph of attributes (an empty sum: no attribute value is read)
+        return attributes.new_zeros(B, C, H, W) + attributes[:, :0].sum()
     faces = faces.to(device=attributes.device, dtype=torch.int64)
     fi = face_index.reshape(B, H * W)
     vid = faces[fi.clamp(min=0)]  # (B, P, 3)
@@ -196,23 +199,27 @@ def splat_points_reference(points_ndc: torch.Tensor, features: torch.Tensor, ima
     Xs = torch.where(finite, X, torch.zeros_like(X))
     Ys = torch.where(finite, Y, torch.zeros_like(Y))
     r = float(radius)
-    k = int(r) + 1
+    # candidate pixels: a window of +-k around the point's pixel, its position clamped to the
+    # one-pixel border around the image (a pixel of the image within r of the point is then
+    # still in the window), k capped at the image size (a larger window adds no pixel)
+    k = min(int(r), max(H, W) + 1) + 1
     offs = torch.arange(-k, k + 2, device=dev)
     oy, ox = torch.meshgrid(offs, offs, indexing="ij")
     ox, oy = ox.reshape(-1), oy.reshape(-1)  # (K,)
-    cx = torch.floor(Xs).clamp(-k - 2, W + k + 2).to(torch.int64)[..., None] + ox  # (B, N, K)
-    cy = torch.floor(Ys).clamp(-k - 2, H + k + 2).to(torch.int64)[..., None] + oy
+    cx = torch.floor(Xs).clamp(-1, W).to(torch.int64)[..., None] + ox  # (B, N, K)
+    cy = torch.floor(Ys).clamp(-1, H).to(torch.int64)[..., None] + oy
     d2 = (cx.to(torch.float64) - Xs[..., None]) ** 2 + (cy.to(torch.float64) - Ys[..., None]) ** 2
     cover = (d2 <= r * r) & (cx >= 0) & (cx < W) & (cy >= 0) & (cy < H) & finite[..., None]
     pix = (cy.clamp(0, H - 1) * W + cx.clamp(0, W - 1))  # (B, N, K)
+    NK = N * ox.numel()
     depth = torch.full((B, H * W), float("inf"), dtype=torch.float64, device=dev)
     zc = torch.where(cover, Z[..., None].expand_as(d2), torch.full_like(d2, float("inf")))
-    depth.scatter_reduce_(1, pix.reshape(B, -1), zc.reshape(B, -1), "amin")
+    depth.scatter_reduce_(1, pix.reshape(B, NK), zc.reshape(B, NK), "amin")
     idx = torch.arange(N, device=dev)[None, :, None].expand_as(pix)
-    win = cover & (zc == depth.gather(1, pix.reshape(B, -1)).view_as(zc))
+    win = cover & (zc == depth.gather(1, pix.reshape(B, NK)).view_as(zc))
     index = torch.full((B, H * W), N, dtype=torch.int64, device=dev)
-    index.scatter_reduce_(1, pix.reshape(B, -1),
-                          torch.where(win, idx, torch.full_like(idx, N)).reshape(B, -1), "amin")
+    index.scatter_reduce_(1, pix.reshape(B, NK),
+                          torch.where(win, idx, torch.full_like(idx, N)).reshape(B, NK), "amin")
     index = torch.where(index == N, torch.full_like(index, -1), index)
     image = gather_features_reference(features, index, background).view(B, C, H, W)
     return image, depth.to(points_ndc.dtype).view(B, 1, H, W), index.view(B, H, W)
@@ -223,7 +230,7 @@ def gather_features_reference(features: torch.Tensor, index: torch.Tensor,
     """(B, N, C) features, (B, ...) int64 index (-1: empty) -> (B, C, ...) features[b, index]
     (``background`` where empty). Differentiable in ``features``."""
     B, N, C = features.shape
-    flat = index.reshape(B, -1)
+    flat = index.reshape(B, math.prod(index.shape[1:]))
     g = torch.gather(features, 1, flat.clamp(min=0)[..., None].expand(-1, -1, C))
     g = torch.where((flat >= 0)[..., None], g,
                     torch.full((), background, dtype=features.dtype, device=features.device))

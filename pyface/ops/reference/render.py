@@ -99,7 +99,8 @@ def mip_composite_reference(features: torch.Tensor, densities: torch.Tensor, dep
     B, R, S, C = features.shape
     if B * R == 0:
         z = features.sum(2)
-        return z, depths[..., :1].clone(), densities[..., 1:] * 0
+        # (empty tensors, kept in the graph of densities as the compiled op's outputs are)
+        return z, depths[..., :1] + densities[..., :1] * 0, densities[..., 1:] * 0
     deltas = depths[..., 1:] - depths[..., :-1]
     f_mid = (features[:, :, :-1] + features[:, :, 1:]) / 2
     s_mid = (densities[..., :-1] + densities[..., 1:]) / 2
@@ -202,10 +203,20 @@ def run_decoder(decoder: Decoder, planes: torch.Tensor, points: torch.Tensor, *,
         feats = sample(planes, points, plane_axes=plane_axes, box_size=box_size, reduce="mean")
         return osg_decode_reference(feats, *decoder)
     feats = sample(planes, points, plane_axes=plane_axes, box_size=box_size, reduce="none")
-    out = decoder(feats)
+    return decoder_outputs(decoder(feats), points.shape[0], points.shape[1])
+
+
+def decoder_outputs(out, B: int, N: int):
+    """A callable decoder's output ``{"rgb", "sigma"}`` or ``(rgb, sigma)`` for N points per
+    batch item -> rgb (B, N, C_out), sigma (B, N); a ValueError naming the decoder's contract
+    for other shapes (instead of a reshape error deeper in the renderer)."""
     rgb, sigma = (out["rgb"], out["sigma"]) if isinstance(out, dict) else out
-    if sigma.dim() == 3:
+    if sigma.dim() == 3 and sigma.shape[-1] == 1:
         sigma = sigma.squeeze(-1)
+    if rgb.dim() != 3 or tuple(rgb.shape[:2]) != (B, N) or tuple(sigma.shape) != (B, N):
+        raise ValueError(f"decoder: expected rgb (B, N, C_out) = ({B}, {N}, C_out) and sigma "
+                         f"(B, N, 1) or (B, N) = ({B}, {N}), got rgb {tuple(rgb.shape)} and "
+                         f"sigma {tuple(sigma.shape)}")
     return rgb, sigma
 
 
