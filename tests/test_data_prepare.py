@@ -161,6 +161,29 @@ def test_a_jump_of_the_kept_face_starts_a_new_segment():
     assert track_jumps([None, (left, 1.0)]) == [] and track_jumps([]) == []
 
 
+def test_the_kept_face_missed_for_a_frame_is_not_traded_for_another():
+    """The kept face missed in one or two frames where another face is seen: those frames are
+    left out (like frames without a face) and the track stays on the kept face, where it used to
+    move to the other face for good. A face that does not come back within REACQUIRE_FRAMES
+    frames (a shot cut, a person leaving), or only after a frame without faces, is a jump."""
+    from pyface.data.prepare import REACQUIRE_FRAMES, select_track, track_jumps
+
+    left, right = _face(25, 50, 15), _face(75, 50, 20)          # right: larger, picked on a restart
+    def pick(frames):
+        return [None if p is None else ("L" if p[0][0, 0] < 50 else "R")
+                for p in select_track(frames, (100, 100))]
+    both, only_right = [(left, 0.9), (right, 0.8)], [(right, 0.8)]
+    assert REACQUIRE_FRAMES == 2
+    frames = [[(left, 0.9)], only_right, both, both]
+    assert pick(frames) == ["L", None, "L", "L"]
+    assert track_jumps(select_track(frames, (100, 100))) == []
+    assert pick([[(left, 0.9)], only_right, only_right, both]) == ["L", None, None, "L"]
+    three = [[(left, 0.9)], only_right, only_right, only_right, both]    # missed too long
+    assert pick(three) == ["L", "R", "R", "R", "R"]
+    assert pick([[(left, 0.9)], only_right, [], both]) == ["L", "R", None, "R"]
+    assert pick([[(left, 0.9)], only_right]) == ["L", "R"]      # the video's last frame
+
+
 def test_config_and_input_errors(tmp_path):
     with pytest.raises(ValueError, match="crop"):
         PrepareConfig(out="x", crop="ffhq")

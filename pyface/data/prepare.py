@@ -9,9 +9,10 @@ Pipeline per video (two decoding passes, so memory does not grow with the video 
    whose wheel ships the detector and mesh models: offline) in tracking mode, several faces per
    frame; the kept track is the largest, most central face of the first frame with a face,
    followed by box overlap (a frame whose pick overlaps no pick of the frame before is a jump,
-   ``track_jumps``: smoothing restarts there). Per-frame confidence: the best score of
-   MediaPipe's short- and full-range face detectors for the kept face (0 when only the mesh
-   tracker found it). Frames without a face are flagged and left out.
+   ``track_jumps``: smoothing restarts there; a frame or two missing the kept face while another
+   face is seen are left out instead, when the kept face comes back). Per-frame confidence: the
+   best score of MediaPipe's short- and full-range face detectors for the kept face (0 when only
+   the mesh tracker found it). Frames without the kept face are flagged and left out.
 3. **Smoothing**: Savitzky-Golay over time of the mesh (per run of consecutive kept frames);
    jitter (:func:`pyface.data.landmarks.jitter`) before and after is recorded. 478 -> 68 with
    :func:`pyface.data.landmarks.mesh_to_68`.
@@ -732,14 +733,33 @@ def _iou(a, b):
     return inter / max(union, 1e-9)
 
 
+#: Frames :func:`select_track` looks ahead for the kept face when a frame shows only other faces.
+REACQUIRE_FRAMES = 2
+
+
+def _reappears(box, frames) -> bool:
+    """Whether a face of ``frames`` overlaps ``box`` (IoU > 0.3) before a frame without faces
+    (which ends the track anyway)."""
+    for faces in frames:
+        if not faces:
+            return False
+        if any(_iou(box, _box(m)) > 0.3 for m, _ in faces):
+            return True
+    return False
+
+
 def select_track(frame_faces, image_size):
     """Picks one face per frame: the largest, most central face where the track starts (or
-    restarts), then the face overlapping the previous pick most. ``frame_faces``: per frame a
-    list of ``(mesh (478, 3), score)``; returns per frame the pick or None."""
+    restarts), then the face overlapping the previous pick most. A frame where no face overlaps
+    the previous pick while one of the next :data:`REACQUIRE_FRAMES` frames has a face that does
+    (the kept face missed for a frame or two while another face is seen) gets no pick: it is
+    left out like a frame without a face, and the track goes on with the kept face instead of
+    moving to the other one for good. ``frame_faces``: per frame a list of
+    ``(mesh (478, 3), score)``; returns per frame the pick or None."""
     w, h = image_size
     prev = None
     picks = []
-    for faces in frame_faces:
+    for t, faces in enumerate(frame_faces):
         if not faces:
             picks.append(None)
             prev = None
@@ -750,6 +770,9 @@ def select_track(frame_faces, image_size):
             ious = [_iou(prev, b) for b in boxes]
             if max(ious) > 0.3:
                 choice = int(np.argmax(ious))
+            elif _reappears(prev, frame_faces[t + 1:t + 1 + REACQUIRE_FRAMES]):
+                picks.append(None)      # prev kept: the next frames pick the kept face again
+                continue
         if choice is None:
             def rank(b):
                 area = (b[2] - b[0]) * (b[3] - b[1]) / (w * h)
