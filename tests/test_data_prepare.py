@@ -161,6 +161,29 @@ def test_a_jump_of_the_kept_face_starts_a_new_segment():
     assert track_jumps([None, (left, 1.0)]) == [] and track_jumps([]) == []
 
 
+def test_the_kept_face_missed_for_a_frame_is_not_traded_for_another():
+    """The kept face missed in one or two frames where another face is seen: those frames are
+    left out (like frames without a face) and the track stays on the kept face, where it used to
+    move to the other face for good. A face that does not come back within REACQUIRE_FRAMES
+    frames (a shot cut, a person leaving), or only after a frame without faces, is a jump."""
+    from pyface.data.prepare import REACQUIRE_FRAMES, select_track, track_jumps
+
+    left, right = _face(25, 50, 15), _face(75, 50, 20)          # right: larger, picked on a restart
+    def pick(frames):
+        return [None if p is None else ("L" if p[0][0, 0] < 50 else "R")
+                for p in select_track(frames, (100, 100))]
+    both, only_right = [(left, 0.9), (right, 0.8)], [(right, 0.8)]
+    assert REACQUIRE_FRAMES == 2
+    frames = [[(left, 0.9)], only_right, both, both]
+    assert pick(frames) == ["L", None, "L", "L"]
+    assert track_jumps(select_track(frames, (100, 100))) == []
+    assert pick([[(left, 0.9)], only_right, only_right, both]) == ["L", None, None, "L"]
+    three = [[(left, 0.9)], only_right, only_right, only_right, both]    # missed too long
+    assert pick(three) == ["L", "R", "R", "R", "R"]
+    assert pick([[(left, 0.9)], only_right, [], both]) == ["L", "R", None, "R"]
+    assert pick([[(left, 0.9)], only_right]) == ["L", "R"]      # the video's last frame
+
+
 def test_config_and_input_errors(tmp_path):
     with pytest.raises(ValueError, match="crop"):
         PrepareConfig(out="x", crop="ffhq")
@@ -208,7 +231,7 @@ def test_collect_sources_unique_names_and_ignored_entries(tmp_path):
     names = {os.path.basename(x.path): x.name for x in s}
     assert len(s) == 5 and names == {"clip.mov": "clip", "clip.mp4": "clip_2",
                                      "clip_1.mp4": "clip_1", "face.TIFF": "face",
-                                     "my clip é.mp4": "my_clip"}
+                                     "my clip é.mp4": "my_clip_é"}
     assert len(ignored) == 3 and "notes.txt: not a video" in ignored[0]
     assert "photos: a folder inside a folder" in ignored[1]
     assert "clip.mp4: given more than once" in ignored[2]
@@ -231,6 +254,41 @@ def test_collect_sources_unique_names_and_ignored_entries(tmp_path):
         (tmp_path / f).write_bytes(b"")
     s = collect_sources([str(tmp_path / "index.json.mp4"), str(tmp_path / "index.json.tmp.mov")])
     assert [x.name for x in s] == ["index.json_2", "index.json.tmp_2"]
+
+
+def test_no_video_folder_takes_a_name_the_dataset_root_reserves(tmp_path):
+    """cross.mp4 would be a folder cross/, which the loaders and `pyface eval` read as the
+    cross-identity set (multiview/ as second views, synth.json as a synthetic set): each reserved
+    name, in any letter case, gets a suffix; names merely containing one do not."""
+    names = ["cross", "Cross", "multiview", "synth.json", "synth.partial.json", "dataset.json",
+             "crossing", "my.cross"]
+    for n in names:
+        (tmp_path / f"{n}.mp4").write_bytes(b"")
+    s = collect_sources([str(tmp_path / f"{n}.mp4") for n in names])
+    assert [x.name for x in s] == ["cross_2", "Cross_2", "multiview_2", "synth.json_2",
+                                   "synth.partial.json_2", "dataset.json_2", "crossing",
+                                   "my.cross"]
+    # the output folder as the input folder: its cross/ set is no input
+    (tmp_path / "cross" / fmt.FRAME_DIR).mkdir(parents=True)
+    (tmp_path / "cross" / fmt.FRAME_DIR / "00001.png").write_bytes(b"")
+    ignored = []
+    s = collect_sources([str(tmp_path)], ignored=ignored, exclude=[str(tmp_path)])
+    assert len(s) == len(names) and ignored == []
+
+
+@pytest.mark.parametrize("stem,name", [
+    ("видео", "видео"), ("视频 1", "视频_1"), ("वीडियो", "वीडियो"),   # letters of any script
+    ("e\u0301te\u0301", "\u00e9t\u00e9"),      # decomposed (macOS) -> composed, marks kept
+    ("a\tb\x01c\u202ed", "a_b_c_d"),             # control and format characters
+    ("..hidden", "hidden"), ("★☆", "video"), ("_._", "video"),
+    ("я" * 120, "я" * 100),                     # 240 bytes, cut to 200
+])
+def test_video_names_keep_letters_of_any_script_and_stay_safe(tmp_path, stem, name):
+    from pyface.data.prepare import MAX_NAME_BYTES
+    (tmp_path / f"{stem}.mp4").write_bytes(b"")
+    (s,) = collect_sources([str(tmp_path / f"{stem}.mp4")])
+    assert s.name == name and len(s.name.encode()) <= MAX_NAME_BYTES
+    (tmp_path / s.name).mkdir()                 # a valid folder name on this file system
 
 
 def test_a_folder_of_numbered_frames_with_a_prefix_is_photos_with_a_note(tmp_path):
@@ -379,6 +437,21 @@ def test_place_sources_never_takes_another_inputs_video(tmp_path):
     notes = place_sources(s, str(out))
     assert [x.name for x in s] == ["clip_3", "x"]
     assert len(notes) == 1 and "prepared as clip_3" in notes[0] and "/data/a/clip.mp4" in notes[0]
+    # prepared under an older naming rule (a non-Latin name was `video`): that folder is reused
+    (out / "video").mkdir()
+    (out / "video" / fmt.META).write_text(json.dumps({"source": "/data/d/видео.mp4"}))
+    s = [Source("видео", "video", "/data/d/видео.mp4"), Source("y", "video", "/data/d/y.mp4")]
+    assert place_sources(s, str(out)) == [] and [x.name for x in s] == ["video", "y"]
+    s = [Source("видео", "video", "/data/d/видео.mp4"),
+         Source("video", "video", "/data/e/video.mp4")]
+    place_sources(s, str(out))                  # `video` is another input's own name now
+    assert s[0].name == "видео"
+    (out / "cross").mkdir()                     # an old run's cross.mp4: the name stays reserved
+    (out / "cross" / fmt.META).write_text(json.dumps({"source": "/data/d/cross.mp4"}))
+    s = [Source("cross_2", "video", "/data/d/cross.mp4")]
+    notes = place_sources(s, str(out))
+    assert s[0].name == "cross_2" and len(notes) == 1 and "reserves" in notes[0]
+    assert f"{out / 'cross'}" in notes[0] and "delete it" in notes[0]
 
 
 def _dead(pid: int) -> bool:
@@ -701,6 +774,18 @@ def _fake_backends(tmp_path, monkeypatch, files=("a.mp4", "b.mp4", "c.png", "d.p
     for f in files:
         (inp / f).write_bytes(b"")
     return str(inp)
+
+
+def test_prepare_names_reserved_and_non_latin_inputs(tmp_path, monkeypatch):
+    """A run over cross.mp4 and видео.mp4 writes video folders cross_2/ and видео/ (no cross/,
+    which the loaders read as the cross-identity set), both listed in the index."""
+    from pyface.cli import main
+
+    inp = _fake_backends(tmp_path, monkeypatch, files=("cross.mp4", "видео.mp4"))
+    out = tmp_path / "out"
+    assert main(["data", "prepare", inp, "--out", str(out), "--quiet"]) == 0
+    assert sorted(os.listdir(out)) == ["cross_2", fmt.INDEX, "видео"]
+    assert [r.name for r in fmt.load_index(str(out))] == ["cross_2", "видео"]
 
 
 def test_prepare_refuses_an_out_another_prepare_is_writing(tmp_path, monkeypatch, capsys):

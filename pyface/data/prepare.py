@@ -9,9 +9,10 @@ Pipeline per video (two decoding passes, so memory does not grow with the video 
    whose wheel ships the detector and mesh models: offline) in tracking mode, several faces per
    frame; the kept track is the largest, most central face of the first frame with a face,
    followed by box overlap (a frame whose pick overlaps no pick of the frame before is a jump,
-   ``track_jumps``: smoothing restarts there). Per-frame confidence: the best score of
-   MediaPipe's short- and full-range face detectors for the kept face (0 when only the mesh
-   tracker found it). Frames without a face are flagged and left out.
+   ``track_jumps``: smoothing restarts there; a frame or two missing the kept face while another
+   face is seen are left out instead, when the kept face comes back). Per-frame confidence: the
+   best score of MediaPipe's short- and full-range face detectors for the kept face (0 when only
+   the mesh tracker found it). Frames without the kept face are flagged and left out.
 3. **Smoothing**: Savitzky-Golay over time of the mesh (per run of consecutive kept frames);
    jitter (:func:`pyface.data.landmarks.jitter`) before and after is recorded. 478 -> 68 with
    :func:`pyface.data.landmarks.mesh_to_68`.
@@ -48,6 +49,7 @@ import os
 import re
 import shutil
 import time
+import unicodedata
 import warnings
 from dataclasses import asdict, dataclass, field
 
@@ -296,8 +298,24 @@ def require_backends():
 # inputs
 
 
+#: The longest video folder name, in UTF-8 bytes: room left within the usual 255-byte limit of
+#: a file name for a ``_NN`` suffix and the hidden ``.<name>.replaced.partial`` work folder.
+MAX_NAME_BYTES = 200
+
+
 def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "video"
+    """A video folder name from a file or folder stem: letters (any script: ``видео``, ``视频``,
+    with their combining marks), digits, ``_``, ``.`` and ``-`` are kept (in Unicode NFC, the form
+    a name typed on another system compares equal to); each run of other characters (spaces,
+    separators, control and other symbols) becomes one ``_``; leading and trailing ``.`` and ``_``
+    are dropped (no hidden folder, no ``..``); the name is cut to :data:`MAX_NAME_BYTES`; an empty
+    result is ``video``."""
+    name = unicodedata.normalize("NFC", name)
+    kept = "".join(c if c in "_.-" or unicodedata.category(c)[0] in "LMN" else "/" for c in name)
+    name = re.sub("/+", "_", kept).strip("._")
+    while len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        name = name[:-1].rstrip("._")
+    return name or "video"
 
 
 def collect_sources(inputs, ignored: list | None = None, errors: list | None = None,
@@ -318,7 +336,9 @@ def collect_sources(inputs, ignored: list | None = None, errors: list | None = N
     itself), its index and video folders; an input met twice is read once. An input folder of
     photos whose image names all share one numbered pattern (``frame_00001.png``, ...: frames
     extracted with a prefix) gets a message in ``notes`` saying how frames are named. Names are
-    the file or folder stems made file-system safe and unique:
+    the file or folder stems made file-system safe (:func:`_safe`: letters of any script kept,
+    ``видео.mp4`` is ``видео``) and unique, never a name the dataset root reserves
+    (:data:`RESERVED_NAMES`):
     a name taken twice gets the first free ``_2``, ``_3``, ... suffix that no input's own name
     uses, so ``clip.mov``, ``clip.mp4`` and ``clip_1.mp4`` become ``clip``, ``clip_2``,
     ``clip_1``.
@@ -366,7 +386,7 @@ def collect_sources(inputs, ignored: list | None = None, errors: list | None = N
             for f in sorted(os.listdir(p)):                 # its index and videos are no input
                 q = os.path.join(p, f)
                 if f.startswith(".") or os.path.realpath(q) in skip or is_out and (
-                        f in RESERVED_NAMES or os.path.isfile(os.path.join(q, fmt.META))):
+                        _reserved(f) or os.path.isfile(os.path.join(q, fmt.META))):
                     continue
                 if os.path.isdir(q):
                     fr = frame_folder(q)
@@ -408,9 +428,18 @@ def _numbered_photos(d: str) -> str | None:
             "as the frames of one video, name them by number only (00001.png, 00002.png, ...)")
 
 
-#: Files of a dataset root (the index and its temporary file while it is rewritten): no video
-#: folder takes their names (an input index.json.mp4 is prepared as index.json_2).
-RESERVED_NAMES = (fmt.INDEX, fmt.INDEX + ".tmp")
+#: Names a dataset root gives to things other than its videos: the index and its temporary file
+#: while it is rewritten, the cross-identity set ``cross/`` and the second views ``multiview/``
+#: (read by the loaders and ``pyface eval``), the synthetic engine's ``synth.json`` and
+#: ``synth.partial.json``, and an image-folder root's labels ``dataset.json``. No video folder
+#: takes these names, in any letter case (a case-insensitive file system reads ``Cross`` as
+#: ``cross``): an input cross.mp4 is prepared as cross_2, index.json.mp4 as index.json_2.
+RESERVED_NAMES = (fmt.INDEX, fmt.INDEX + ".tmp", "cross", "multiview", "synth.json",
+                  fmt.SYNTH_PARTIAL, fmt.LABELS)
+
+
+def _reserved(name: str) -> bool:
+    return name.casefold() in {r.casefold() for r in RESERVED_NAMES}
 
 
 def unique_names(sources, taken=()) -> None:
@@ -421,7 +450,7 @@ def unique_names(sources, taken=()) -> None:
     used = set(taken) | set(RESERVED_NAMES)
     for s in sources:
         name, k = s.name, 2
-        while name in used:
+        while name in used or _reserved(name):
             name = f"{s.name}_{k}"
             k += 1
             while name in own:
@@ -704,14 +733,33 @@ def _iou(a, b):
     return inter / max(union, 1e-9)
 
 
+#: Frames :func:`select_track` looks ahead for the kept face when a frame shows only other faces.
+REACQUIRE_FRAMES = 2
+
+
+def _reappears(box, frames) -> bool:
+    """Whether a face of ``frames`` overlaps ``box`` (IoU > 0.3) before a frame without faces
+    (which ends the track anyway)."""
+    for faces in frames:
+        if not faces:
+            return False
+        if any(_iou(box, _box(m)) > 0.3 for m, _ in faces):
+            return True
+    return False
+
+
 def select_track(frame_faces, image_size):
     """Picks one face per frame: the largest, most central face where the track starts (or
-    restarts), then the face overlapping the previous pick most. ``frame_faces``: per frame a
-    list of ``(mesh (478, 3), score)``; returns per frame the pick or None."""
+    restarts), then the face overlapping the previous pick most. A frame where no face overlaps
+    the previous pick while one of the next :data:`REACQUIRE_FRAMES` frames has a face that does
+    (the kept face missed for a frame or two while another face is seen) gets no pick: it is
+    left out like a frame without a face, and the track goes on with the kept face instead of
+    moving to the other one for good. ``frame_faces``: per frame a list of
+    ``(mesh (478, 3), score)``; returns per frame the pick or None."""
     w, h = image_size
     prev = None
     picks = []
-    for faces in frame_faces:
+    for t, faces in enumerate(frame_faces):
         if not faces:
             picks.append(None)
             prev = None
@@ -722,6 +770,9 @@ def select_track(frame_faces, image_size):
             ious = [_iou(prev, b) for b in boxes]
             if max(ious) > 0.3:
                 choice = int(np.argmax(ious))
+            elif _reappears(prev, frame_faces[t + 1:t + 1 + REACQUIRE_FRAMES]):
+                picks.append(None)      # prev kept: the next frames pick the kept face again
+                continue
         if choice is None:
             def rank(b):
                 area = (b[2] - b[0]) * (b[3] - b[1]) / (w * h)
@@ -1186,18 +1237,34 @@ def place_sources(sources, out: str) -> list[str]:
     ``source``) takes the folder that records its own path, if one exists (an earlier run
     renamed it), or else a new unique name. Renames ``sources`` in place; returns a note per
     renamed source. Without this, re-running with another input of the same name would replace
-    (or, with ``--resume``, wrongly reuse) the other input's video."""
+    (or, with ``--resume``, wrongly reuse) the other input's video. A source prepared by an
+    earlier run under another name (an older naming rule: a non-Latin name was once ``video``)
+    takes that folder back, unless the name is one the root reserves (:data:`RESERVED_NAMES`;
+    a note then says to delete the old folder)."""
     if not os.path.isdir(out):
         return []
     recorded = {n: _recorded_source(out, n) for n in fmt.video_names(out)}
+    by_path = {os.path.realpath(v): n for n, v in recorded.items() if v}
+    names = {s.name for s in sources}
+    notes = []
+    for s in sources:       # prepared under another name by an earlier run (older naming rules:
+        n = by_path.get(os.path.realpath(s.path))       # a non-Latin name was once `video`)
+        if s.name in recorded or n is None or n in names:
+            continue
+        if _reserved(n):    # e.g. cross/ from cross.mp4: read as the cross-identity set
+            notes.append(f"{s.path}: prepared as {s.name}; {os.path.join(out, n)}, its video "
+                         "from an earlier run, has a name the dataset root reserves "
+                         f"({', '.join(RESERVED_NAMES)}): delete it")
+            continue
+        names.discard(s.name)
+        s.name = n
+        names.add(n)
     clash = [s for s in sources if s.name in recorded
              and not (recorded[s.name] and _same_file(recorded[s.name], s.path))]
     if not clash:
-        return []
+        return notes
     keep = {s.name for s in sources if s not in clash}
-    by_path = {os.path.realpath(v): n for n, v in recorded.items() if v}
     taken = set(recorded) | keep
-    notes = []
     for s in clash:
         base = s.name
         n = by_path.get(os.path.realpath(s.path))
