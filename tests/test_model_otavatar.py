@@ -869,15 +869,18 @@ def test_inversion_includes_the_density_regularisers(data, generator_dir, tmp_pa
     latent."""
     from torch.utils.data import default_collate
 
-    latents = []
-    for w in ("0", "10"):
-        torch.manual_seed(0)
-        tr = Trainer(_exp(tmp_path / f"r{w}", data, generator_dir, "train.steps=1",
-                          f"model.w_tv={w}", f"model.w_monotonic={w}"))
-        tr.train_step(default_collate([tr.dataset[0], tr.dataset[1]]))
-        latents.append(tr.model.latent.detach().clone())
-    assert torch.isfinite(latents[1]).all()
-    assert not torch.equal(latents[0], latents[1])
+    latents = {}
+    for on in ("true", "false"):          # tiny: false (refinement only)
+        for w in ("0", "10"):
+            torch.manual_seed(0)
+            tr = Trainer(_exp(tmp_path / f"r{on}{w}", data, generator_dir, "train.steps=1",
+                              f"model.w_tv={w}", f"model.w_monotonic={w}",
+                              f"model.inversion_density={on}"))
+            tr.train_step(default_collate([tr.dataset[0], tr.dataset[1]]))
+            latents[on, w] = tr.model.latent.detach().clone()
+    assert torch.isfinite(latents["true", "10"]).all()
+    assert not torch.equal(latents["true", "0"], latents["true", "10"])
+    assert torch.equal(latents["false", "0"], latents["false", "10"])
 
 
 def _landmarks() -> torch.Tensor:
@@ -926,3 +929,28 @@ def test_sr_pass_keeps_the_raw_renders_mouth_term():
     assert raw_only > 0
     torch.testing.assert_close(total, raw_only)       # the SR mouth term is 0, the raw one counts
     torch.testing.assert_close(logs["mouth"], raw_only / 10)
+    # raw_terms=False (tiny): the RoI terms on the pass's final image only
+    final_only = OTAvatarLoss(w_perceptual=0, w_smooth_l1=0, w_eyes=0, w_identity=0,
+                              raw_terms=False)
+    assert final_only({"image_raw": raw, "image": sr}, tgt, lm, sr=True)[0] == 0
+    torch.testing.assert_close(final_only({"image_raw": raw}, tgt, lm, sr=False)[0], raw_only)
+
+
+def test_square_roi_boxes_are_the_earlier_boxes():
+    """roi_box="square" (tiny): a 120/512 H square around the part's centre, int(10/512 H)
+    padding, round(120/512 H) bins; the reference's landmark boxes otherwise; others refused."""
+    import pytest
+
+    from pyface.models.otavatar.losses import MOUTH, OTAvatarLoss, landmark_box
+    from pyface.nn.roi import roi_align
+
+    torch.manual_seed(0)
+    pred, tgt = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)
+    lm = _landmarks()
+    box = torch.cat([torch.zeros(1, 1), landmark_box(lm, MOUTH, 120 / 512 * 64, 1)], 1)
+    want = torch.nn.functional.l1_loss(roi_align(pred, box, 15), roi_align(tgt, box, 15))
+    square = OTAvatarLoss(w_perceptual=0, w_identity=0, roi_box="square").roi(pred, tgt, lm)
+    torch.testing.assert_close(square["mouth"], want)
+    assert OTAvatarLoss(w_perceptual=0, w_identity=0).roi(pred, tgt, lm)["mouth"] != want
+    with pytest.raises(ValueError, match="roi_box: expected one of"):
+        OTAvatarLoss(w_perceptual=0, w_identity=0, roi_box="circle")

@@ -41,6 +41,10 @@ def landmark_box(landmarks: torch.Tensor, part: slice, size: float, pad: float) 
 #: the reference's RoIs (``loss/local.py``): part, padding in pixels per 512 of image size and
 #: the roi_align output size (fixed, whatever the image size)
 ROI_PARTS = (("mouth", MOUTH, 10, 120), ("eye_l", EYE_L, 20, 80), ("eye_r", EYE_R, 20, 80))
+#: ``roi_box``: "landmarks", the reference's boxes (:data:`ROI_PARTS`); "square", a 120/512 H
+#: square around each part's centre with int(10/512 H) padding, resampled to round(120/512 H)
+#: bins (at least 4): pyface's earlier boxes, which ``tiny`` keeps (measured better there)
+ROI_BOXES = ("landmarks", "square")
 
 
 def landmark_bbox(landmarks: torch.Tensor, part: slice, pad: int) -> torch.Tensor:
@@ -88,10 +92,13 @@ class OTAvatarLoss(nn.Module):
                  vgg_weights: str | None = None, w_smooth_l1: float = 1.0,
                  w_mouth: float = 10.0, w_eyes: float = 10.0, eye_roi_bug: bool = False,
                  w_identity: float = 1.0, arcface_weights: str | None = None,
-                 warn: bool = True):
+                 warn: bool = True, roi_box: str = "landmarks", raw_terms: bool = True):
         super().__init__()
+        if roi_box not in ROI_BOXES:
+            raise ValueError(f"roi_box: expected one of {ROI_BOXES}, got {roi_box!r}")
         self.w_perceptual, self.w_smooth_l1 = w_perceptual, w_smooth_l1
         self.w_mouth, self.w_eyes, self.eye_roi_bug = w_mouth, w_eyes, eye_roi_bug
+        self.roi_box, self.raw_terms = roi_box, raw_terms
         self.vgg = {}
         if vgg_weights and w_perceptual:
             from pyface.nn.vgg import PerceptualLoss
@@ -141,7 +148,12 @@ class OTAvatarLoss(nn.Module):
         bidx = torch.arange(N, device=pred.device, dtype=pred.dtype)[:, None]
         out = {}
         for name, part, pad, out_size in ROI_PARTS:
-            box = landmark_bbox(landmarks, part, int(pad / 512 * H))
+            if self.roi_box == "square":
+                size = 120 / 512 * H
+                box = landmark_box(landmarks, part, size, int(10 / 512 * H))
+                out_size = max(4, round(size))
+            else:
+                box = landmark_bbox(landmarks, part, int(pad / 512 * H))
             rois = torch.cat([bidx, box.to(pred.dtype)], 1)
             crop_t = roi_align(target, rois, out_size).detach()
             # the reference cuts the predicted eye crops from the target (eye_roi_bug)
@@ -171,7 +183,10 @@ class OTAvatarLoss(nn.Module):
                 total = total + self.w_smooth_l1 * s
                 logs[f"smooth_l1_{which}"] = s.detach()
             # RoI and identity terms on every image of the pass, summed (the reference adds
-            # them on the raw render and, in the super-resolved passes, on the SR output)
+            # them on the raw render and, in the super-resolved passes, on the SR output);
+            # raw_terms=False: on the pass's final image only
+            if not self.raw_terms and sr and which == "raw":
+                continue
             if landmarks is not None and (self.w_mouth or self.w_eyes):
                 r = self.roi(pred, tgt, landmarks.float() * (H / R))
                 eyes = r["eye_l"] + r["eye_r"]

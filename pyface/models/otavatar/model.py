@@ -63,6 +63,11 @@ _TINY = {
               # a 16-iteration inversion leaves an identity misfit that both frames share:
               # centring keeps it out of the controller (docs/models/otavatar.md)
               "center_motion": True,
+              # pyface's earlier RoI boxes and term placement, and no density terms in the
+              # inversion: the reference's lose 0.35 dB same-identity and 0.58 dB
+              # cross-identity PSNR here and double the step time
+              # (docs/models/otavatar-measured.md, "The reference's losses at tiny scale")
+              "roi_box": "square", "raw_terms": False, "inversion_density": False,
               "invert_steps": 30, "wplus_steps": 0, "pti_steps": 100, "pti_lr": 3e-3},
     # 4 frames per inverted w (the reference: 2): more frame-to-frame differences for the
     # controller per batch (docs/models/otavatar-measured.md, motion transfer)
@@ -293,14 +298,16 @@ class OTAvatar(TrainableModel):
             w_perceptual=cfg.w_perceptual, style_weight=cfg.style_weight,
             vgg_weights=cfg.vgg_weights, w_smooth_l1=cfg.w_smooth_l1, w_mouth=cfg.w_mouth,
             w_eyes=cfg.w_eyes, eye_roi_bug=cfg.eye_roi_bug, w_identity=cfg.w_identity,
-            arcface_weights=cfg.arcface_weights, warn=not inference)
+            arcface_weights=cfg.arcface_weights, warn=not inference, roi_box=cfg.roi_box,
+            raw_terms=cfg.raw_terms)
         # the controller's loss: the same terms, its own mouth weight if set (no state)
         self.controller_loss = self.loss if cfg.controller_w_mouth is None else OTAvatarLoss(
             w_perceptual=cfg.w_perceptual, style_weight=cfg.style_weight,
             vgg_weights=cfg.vgg_weights, w_smooth_l1=cfg.w_smooth_l1,
             w_mouth=cfg.controller_w_mouth, w_eyes=cfg.w_eyes, eye_roi_bug=cfg.eye_roi_bug,
             w_identity=cfg.w_identity, arcface_weights=cfg.arcface_weights,
-            warn=False)                 # the same weights: the warnings above are enough
+            warn=False,                 # the same weights: the warnings above are enough
+            roi_box=cfg.roi_box, raw_terms=cfg.raw_terms)
 
     # --- pieces ----------------------------------------------------------------------------
     @property
@@ -523,7 +530,7 @@ class OTAvatar(TrainableModel):
         The mean over the B K frames, the points of each drawn per (step, global item, frame,
         call), as the other inversion terms are means over the frames."""
         cfg = self.cfg
-        if not (cfg.w_monotonic or cfg.w_tv):
+        if not cfg.inversion_density or not (cfg.w_monotonic or cfg.w_tv):
             return planes.new_zeros(())
         per = [density_terms(G, planes[i:i + 1], cfg,
                              _item_generator(ctx, ctx.rank * B + i // K, i % K, call + 3_000,
