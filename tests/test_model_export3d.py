@@ -1090,3 +1090,22 @@ def test_stream_orbit_is_one_orbit_over_the_stream(data, gen_run):
     seen.clear()
     list(pipe.stream(state, driving, chunk=3))
     assert torch.equal(torch.cat(seen), driving["camera"])
+
+
+def test_discriminator_adam_has_the_lazy_regularisation_compensation():
+    from pyface.models.export3d import Export3D
+    from pyface.train.config import build_experiment
+    from pyface.train.schedules import lazy_regularization
+
+    cfg = build_experiment("export3d", Export3D.Config, defaults=Export3D.recipe, overrides=[
+        "model.resolution=32", "model.stem_widths=[4,8]", "model.vit_dim=16",
+        "model.vit_depth=1", "model.vit_heads=2", "model.cond_dim=16", "model.ups=1",
+        "model.up_widths=[8]", "model.plane_channels=4", "model.decoder_hidden=8",
+        "model.decoder_features=7", "model.depth_samples=4", "model.importance_samples=4",
+        "model.sr_widths=[4,4,4]", "model.n=3", "model.code_dim=8", "data.resolution=32",
+        "model.cond=direct", "model.w_gan=0.1", "model.r1_every=16", "model.d_lr=1e-4",
+        "model.betas=[0.0,0.99]", "model.d_channel_base=256", "model.d_channel_max=16",
+        "data.name=synthetic"]).model_config
+    d = Export3D(cfg).build_optimizers()["D"].param_groups[0]
+    lr, betas = lazy_regularization(1e-4, (0.0, 0.99), 16)
+    assert d["lr"] == pytest.approx(lr) and d["betas"] == pytest.approx(betas)

@@ -798,3 +798,26 @@ def test_vae_statistics_are_global_under_torchrun(tmp_path):
     script = tmp_path / "vae_ranks.py"
     script.write_text(VAE_RANKS)
     run_torchrun(script)
+
+
+def test_gan_and_feature_matching_are_summed_over_scales_and_layers(tmp_path, data_root):  # noqa: F811
+    from pyface.models.mmfa.model import images_of
+    from pyface.train import Trainer
+    from pyface.train.model import StepContext
+
+    tr = Trainer(experiment(tmp_path / "run", data_root, "train.steps=1", "train.ckpt_every=0",
+                            "model.w_gan=1.0", "model.w_fm=10.0", "model.d_scales=[1.0,0.5]"))
+    m = tr.model.eval()           # spectral norm: no power iteration, the same D twice
+    batch = tr._to_device(next(iter(tr._loader())))
+    logs = m.step("G", batch, StepContext(step=0, images_seen=0, batch_size=2))
+    drv = images_of(batch["driving"], "driving", m.cfg.resolution)
+    with torch.no_grad():
+        real, fake = m.discriminator(drv), m.discriminator(m._fake)
+        fm = sum((f - r).abs().mean() for k in fake for r, f in zip(real[k][0], fake[k][0]))
+        g = sum((fake[k][1] - 1).square().mean() for k in fake)
+    assert len(fake) == 2 and len(fake["1.0"][0]) == 2
+    torch.testing.assert_close(logs["feature_matching"], fm)
+    torch.testing.assert_close(logs["gan_g"], g)
+    d = m.step("D", batch, StepContext(step=0, images_seen=0, batch_size=2))["gan_d"]
+    dr = sum((real[k][1] - 1).square().mean() + fake[k][1].square().mean() for k in real)
+    torch.testing.assert_close(d, dr)

@@ -861,3 +861,96 @@ def test_inversion_and_pti_draw_the_ray_samples_before_each_render(generator_dir
     assert all(torch.equal(a, b) for a, b in zip(own, drawn))
     assert any(not torch.equal(a, b)                          # PTI moved the copy
                for a, b in zip(own[3:], m.generator.parameters()))
+
+
+def test_inversion_includes_the_density_regularisers(data, generator_dir, tmp_path):
+    """The reference adds the monotonic and TV density terms of both frames to every training
+    inversion iteration (with the EMA generator's planes): their weights move the inverted
+    latent."""
+    from torch.utils.data import default_collate
+
+    latents = {}
+    for on in ("true", "false"):          # tiny: false (refinement only)
+        for w in ("0", "10"):
+            torch.manual_seed(0)
+            tr = Trainer(_exp(tmp_path / f"r{on}{w}", data, generator_dir, "train.steps=1",
+                              f"model.w_tv={w}", f"model.w_monotonic={w}",
+                              f"model.inversion_density={on}"))
+            tr.train_step(default_collate([tr.dataset[0], tr.dataset[1]]))
+            latents[on, w] = tr.model.latent.detach().clone()
+    assert torch.isfinite(latents["true", "10"]).all()
+    assert not torch.equal(latents["true", "0"], latents["true", "10"])
+    assert torch.equal(latents["false", "0"], latents["false", "10"])
+
+
+def _landmarks() -> torch.Tensor:
+    lm = torch.full((1, 68, 2), 32.0)
+    lm[0, 48:68, 0] = torch.linspace(20, 40, 20)      # mouth: x 20..40, y 44..48
+    lm[0, 48:68, 1] = torch.linspace(44, 48, 20)
+    lm[0, 36:42, 0] = torch.linspace(10, 16, 6)       # left eye: x 10..16, y 20..22
+    lm[0, 36:42, 1] = torch.linspace(20, 22, 6)
+    lm[0, 42:48, 0] = torch.linspace(48, 54, 6)       # right eye: x 48..54, y 20..22
+    lm[0, 42:48, 1] = torch.linspace(20, 22, 6)
+    return lm
+
+
+def _roi(changed: tuple[slice, slice]) -> dict[str, torch.Tensor]:
+    from pyface.models.otavatar.losses import OTAvatarLoss
+
+    tgt = torch.zeros(1, 3, 64, 64)
+    pred = tgt.clone()
+    pred[0, :, changed[0], changed[1]] = 1.0
+    return OTAvatarLoss(w_perceptual=0, w_identity=0).roi(pred, tgt, _landmarks())
+
+
+def test_mouth_roi_is_the_landmark_box_with_its_padding():
+    # at 64^2 the mouth box is x 19..41, y 43..49 (padding int(10/512 * 64) = 1)
+    assert _roi((slice(44, 49), slice(19, 21)))["mouth"] > 0      # the mouth corners count
+    assert _roi((slice(51, 55), slice(25, 35)))["mouth"] == 0      # the chin below does not
+
+
+def test_eye_rois_have_the_reference_padding():
+    # left eye box x 8..18, y 18..24 (padding int(20/512 * 64) = 2)
+    assert _roi((slice(18, 20), slice(8, 10)))["eye_l"] > 0
+    assert _roi((slice(26, 30), slice(10, 16)))["eye_l"] == 0
+
+
+def test_sr_pass_keeps_the_raw_renders_mouth_term():
+    from pyface.models.otavatar.losses import OTAvatarLoss
+
+    torch.manual_seed(0)
+    loss = OTAvatarLoss(w_perceptual=0, w_smooth_l1=0, w_eyes=0, w_identity=0)
+    tgt = torch.rand(2, 3, 32, 32) * 2 - 1
+    lm = torch.rand(2, 68, 2) * 16 + 8
+    raw = torch.rand(2, 3, 16, 16) * 2 - 1            # wrong everywhere
+    sr = tgt.clone()                                   # exact
+    total, logs = loss({"image_raw": raw, "image": sr}, tgt, lm, sr=True)
+    raw_only, _ = loss({"image_raw": raw}, tgt, lm, sr=False)
+    assert raw_only > 0
+    torch.testing.assert_close(total, raw_only)       # the SR mouth term is 0, the raw one counts
+    torch.testing.assert_close(logs["mouth"], raw_only / 10)
+    # raw_terms=False (tiny): the RoI terms on the pass's final image only
+    final_only = OTAvatarLoss(w_perceptual=0, w_smooth_l1=0, w_eyes=0, w_identity=0,
+                              raw_terms=False)
+    assert final_only({"image_raw": raw, "image": sr}, tgt, lm, sr=True)[0] == 0
+    torch.testing.assert_close(final_only({"image_raw": raw}, tgt, lm, sr=False)[0], raw_only)
+
+
+def test_square_roi_boxes_are_the_earlier_boxes():
+    """roi_box="square" (tiny): a 120/512 H square around the part's centre, int(10/512 H)
+    padding, round(120/512 H) bins; the reference's landmark boxes otherwise; others refused."""
+    import pytest
+
+    from pyface.models.otavatar.losses import MOUTH, OTAvatarLoss, landmark_box
+    from pyface.nn.roi import roi_align
+
+    torch.manual_seed(0)
+    pred, tgt = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)
+    lm = _landmarks()
+    box = torch.cat([torch.zeros(1, 1), landmark_box(lm, MOUTH, 120 / 512 * 64, 1)], 1)
+    want = torch.nn.functional.l1_loss(roi_align(pred, box, 15), roi_align(tgt, box, 15))
+    square = OTAvatarLoss(w_perceptual=0, w_identity=0, roi_box="square").roi(pred, tgt, lm)
+    torch.testing.assert_close(square["mouth"], want)
+    assert OTAvatarLoss(w_perceptual=0, w_identity=0).roi(pred, tgt, lm)["mouth"] != want
+    with pytest.raises(ValueError, match="roi_box: expected one of"):
+        OTAvatarLoss(w_perceptual=0, w_identity=0, roi_box="circle")

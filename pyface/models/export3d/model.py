@@ -713,8 +713,13 @@ class Export3D(TrainableModel):
                   if p.requires_grad and not n.startswith("D.")]
         opts = {"G": torch.optim.Adam(params, lr=self.cfg.lr, betas=tuple(self.cfg.betas))}
         if self.D is not None:
-            opts["D"] = torch.optim.Adam(self.D.parameters(), lr=self.cfg.d_lr,
-                                         betas=tuple(self.cfg.betas))
+            # lazy-regularisation compensation (StyleGAN2 / EG3D): Dreg steps D once more
+            # every r1_every steps, so lr x k/(k+1) and betas ** (k/(k+1))
+            k = self.cfg.r1_every
+            r = k / (k + 1) if k > 1 else 1.0
+            b1, b2 = self.cfg.betas
+            opts["D"] = torch.optim.Adam(self.D.parameters(), lr=self.cfg.d_lr * r,
+                                         betas=(b1 ** r, b2 ** r))
         return opts
 
     def phases(self):

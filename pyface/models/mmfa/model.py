@@ -885,8 +885,11 @@ class MMFA(TrainableModel):
         if self.discriminator is not None:
             fake = self.discriminator(final)
             real = self.discriminator(drv)
-            g = sum(gan_g_loss(lg, "lsgan") for _, lg in fake.values()) / len(fake)
-            fm = sum(feature_matching_loss(real[k][0], fake[k][0]) for k in fake) / len(fake)
+            # face-vid2vid's sums: the LSGAN term over the scales, feature matching over the
+            # scales and the discriminator's layers (w_fm is the weight of each layer)
+            g = sum(gan_g_loss(lg, "lsgan") for _, lg in fake.values())
+            fm = sum(feature_matching_loss(real[k][0], fake[k][0]) * len(fake[k][0])
+                     for k in fake)
             logs["gan_g"], logs["feature_matching"] = g.detach(), fm.detach()
             loss = loss + c.w_gan * g + c.w_fm * fm
             self._fake = final.detach()
@@ -962,7 +965,7 @@ class MMFA(TrainableModel):
         real = self.discriminator(drv)
         fake = self.discriminator(self._fake)
         self._fake = None
-        d = sum(gan_d_loss(real[k][1], fake[k][1], "lsgan") for k in real) / len(real)
+        d = sum(gan_d_loss(real[k][1], fake[k][1], "lsgan") for k in real)   # over the scales
         return {"loss": d, "gan_d": d.detach()}
 
     @torch.no_grad()

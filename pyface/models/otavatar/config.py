@@ -94,7 +94,16 @@ class OTAvatarConfig:
             is replaced by an image-pyramid L1 (a warning says so once).
         w_smooth_l1: SmoothL1 on the raw render and the SR output (1).
         w_mouth, w_eyes: RoI L1 of the mouth (landmarks 48-67) and of the eyes (36-41, 42-47)
-            (10, 10); boxes 120/512 of the image with int(10/512 H) padding.
+            (10, 10).
+        roi_box: "landmarks" (the reference's: each part's landmark bounding box grown by
+            int(10/512 H) for the mouth, int(20/512 H) for the eyes, resampled to 120 / 80 bins)
+            or "square" (a 120/512 H square around the part's centre with int(10/512 H)
+            padding; ``tiny``, and runs trained before this option: set it to evaluate them as
+            they were trained).
+        raw_terms: the RoI and identity terms on the raw render in the super-resolved passes
+            too (the reference; True), or on the pass's final image only (False: ``tiny``).
+        inversion_density: the density regularisers in every training inversion iteration
+            too (the reference; True), or in the refinement only (False: ``tiny``).
         eye_roi_bug: reproduce the reference's eye term (the predicted eye crops are cut from
             the target, so the term is identically zero). Default False: the bug is fixed.
         w_identity, arcface_weights: ArcFace identity loss (1): ResNetArcFace-18 weights (a
@@ -150,6 +159,9 @@ class OTAvatarConfig:
     w_mouth: float = 10.0
     w_eyes: float = 10.0
     eye_roi_bug: bool = False
+    roi_box: str = "landmarks"
+    raw_terms: bool = True
+    inversion_density: bool = True
     w_identity: float = 1.0
     arcface_weights: str | None = None
     w_monotonic: float = 1.0

@@ -38,6 +38,25 @@ def landmark_box(landmarks: torch.Tensor, part: slice, size: float, pad: float) 
     return torch.cat([c - half, c + half], dim=-1)
 
 
+#: the reference's RoIs (``loss/local.py``): part, padding in pixels per 512 of image size and
+#: the roi_align output size (fixed, whatever the image size)
+ROI_PARTS = (("mouth", MOUTH, 10, 120), ("eye_l", EYE_L, 20, 80), ("eye_r", EYE_R, 20, 80))
+#: ``roi_box``: "landmarks", the reference's boxes (:data:`ROI_PARTS`); "square", a 120/512 H
+#: square around each part's centre with int(10/512 H) padding, resampled to round(120/512 H)
+#: bins (at least 4): pyface's earlier boxes, which ``tiny`` keeps (measured better there)
+ROI_BOXES = ("landmarks", "square")
+
+
+def landmark_bbox(landmarks: torch.Tensor, part: slice, pad: int) -> torch.Tensor:
+    """landmarks (N, 68, 2) pixels -> (N, 4) boxes x0, y0, x1, y1: the bounding box of the
+    part's landmarks (coordinates truncated to whole pixels, as the reference does), grown by
+    ``pad`` pixels on each side (OTAvatar's RoI)."""
+    if landmarks.dim() != 3 or landmarks.shape[1:] != (68, 2):
+        raise ValueError(f"landmarks: expected shape (N, 68, 2), got {tuple(landmarks.shape)}")
+    p = landmarks[:, part].float().trunc()
+    return torch.cat([p.min(1).values - pad, p.max(1).values + pad], dim=-1)
+
+
 def _area(x: torch.Tensor, size: int) -> torch.Tensor:
     return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="area")
 
@@ -73,10 +92,13 @@ class OTAvatarLoss(nn.Module):
                  vgg_weights: str | None = None, w_smooth_l1: float = 1.0,
                  w_mouth: float = 10.0, w_eyes: float = 10.0, eye_roi_bug: bool = False,
                  w_identity: float = 1.0, arcface_weights: str | None = None,
-                 warn: bool = True):
+                 warn: bool = True, roi_box: str = "landmarks", raw_terms: bool = True):
         super().__init__()
+        if roi_box not in ROI_BOXES:
+            raise ValueError(f"roi_box: expected one of {ROI_BOXES}, got {roi_box!r}")
         self.w_perceptual, self.w_smooth_l1 = w_perceptual, w_smooth_l1
         self.w_mouth, self.w_eyes, self.eye_roi_bug = w_mouth, w_eyes, eye_roi_bug
+        self.roi_box, self.raw_terms = roi_box, raw_terms
         self.vgg = {}
         if vgg_weights and w_perceptual:
             from pyface.nn.vgg import PerceptualLoss
@@ -118,15 +140,21 @@ class OTAvatarLoss(nn.Module):
 
     def roi(self, pred: torch.Tensor, target: torch.Tensor, landmarks: torch.Tensor,
             ) -> dict[str, torch.Tensor]:
-        """Mouth and eye RoI L1 of pred / target (N, 3, H, W), landmarks (N, 68, 2) at H."""
+        """Mouth and eye RoI L1 of pred / target (N, 3, H, W), landmarks (N, 68, 2) at H: the
+        landmarks' bounding boxes grown by int(10/512 H) (mouth) / int(20/512 H) (eyes),
+        resampled to 120 / 80 bins (:data:`ROI_PARTS`)."""
         H = pred.shape[-1]
-        size, pad = 120 / 512 * H, int(10 / 512 * H)
-        out_size = max(4, round(size))
         N = pred.shape[0]
         bidx = torch.arange(N, device=pred.device, dtype=pred.dtype)[:, None]
         out = {}
-        for name, part in (("mouth", MOUTH), ("eye_l", EYE_L), ("eye_r", EYE_R)):
-            rois = torch.cat([bidx, landmark_box(landmarks, part, size, pad).to(pred.dtype)], 1)
+        for name, part, pad, out_size in ROI_PARTS:
+            if self.roi_box == "square":
+                size = 120 / 512 * H
+                box = landmark_box(landmarks, part, size, int(10 / 512 * H))
+                out_size = max(4, round(size))
+            else:
+                box = landmark_bbox(landmarks, part, int(pad / 512 * H))
+            rois = torch.cat([bidx, box.to(pred.dtype)], 1)
             crop_t = roi_align(target, rois, out_size).detach()
             # the reference cuts the predicted eye crops from the target (eye_roi_bug)
             src = target if (self.eye_roi_bug and name != "mouth") else pred
@@ -154,17 +182,22 @@ class OTAvatarLoss(nn.Module):
                 s = F.smooth_l1_loss(pred, tgt)
                 total = total + self.w_smooth_l1 * s
                 logs[f"smooth_l1_{which}"] = s.detach()
-            if which == "sr" or not sr:    # RoI terms on the final image of this pass
-                if landmarks is not None and (self.w_mouth or self.w_eyes):
-                    r = self.roi(pred, tgt, landmarks.float() * (H / R))
-                    eyes = r["eye_l"] + r["eye_r"]
-                    total = total + self.w_mouth * r["mouth"] + self.w_eyes * eyes
-                    logs["mouth"], logs["eyes"] = r["mouth"].detach(), eyes.detach()
-                if landmarks is not None and self.w_identity:
-                    net = self.arcface["net"]
-                    if next(net.parameters()).device != pred.device:
-                        net.to(pred.device)
-                    ident = net(pred, tgt, landmarks.float() * (H / R))
-                    total = total + self.w_identity * ident
-                    logs["identity"] = ident.detach()
+            # RoI and identity terms on every image of the pass, summed (the reference adds
+            # them on the raw render and, in the super-resolved passes, on the SR output);
+            # raw_terms=False: on the pass's final image only
+            if not self.raw_terms and sr and which == "raw":
+                continue
+            if landmarks is not None and (self.w_mouth or self.w_eyes):
+                r = self.roi(pred, tgt, landmarks.float() * (H / R))
+                eyes = r["eye_l"] + r["eye_r"]
+                total = total + self.w_mouth * r["mouth"] + self.w_eyes * eyes
+                logs["mouth"] = logs.get("mouth", 0) + r["mouth"].detach()
+                logs["eyes"] = logs.get("eyes", 0) + eyes.detach()
+            if landmarks is not None and self.w_identity:
+                net = self.arcface["net"]
+                if next(net.parameters()).device != pred.device:
+                    net.to(pred.device)
+                ident = net(pred, tgt, landmarks.float() * (H / R))
+                total = total + self.w_identity * ident
+                logs["identity"] = logs.get("identity", 0) + ident.detach()
         return total, logs

@@ -63,6 +63,11 @@ _TINY = {
               # a 16-iteration inversion leaves an identity misfit that both frames share:
               # centring keeps it out of the controller (docs/models/otavatar.md)
               "center_motion": True,
+              # pyface's earlier RoI boxes and term placement, and no density terms in the
+              # inversion: the reference's lose 0.35 dB same-identity and 0.58 dB
+              # cross-identity PSNR here and double the step time
+              # (docs/models/otavatar-measured.md, "The reference's losses at tiny scale")
+              "roi_box": "square", "raw_terms": False, "inversion_density": False,
               "invert_steps": 30, "wplus_steps": 0, "pti_steps": 100, "pti_lr": 3e-3},
     # 4 frames per inverted w (the reference: 2): more frame-to-frame differences for the
     # controller per batch (docs/models/otavatar-measured.md, motion transfer)
@@ -293,14 +298,16 @@ class OTAvatar(TrainableModel):
             w_perceptual=cfg.w_perceptual, style_weight=cfg.style_weight,
             vgg_weights=cfg.vgg_weights, w_smooth_l1=cfg.w_smooth_l1, w_mouth=cfg.w_mouth,
             w_eyes=cfg.w_eyes, eye_roi_bug=cfg.eye_roi_bug, w_identity=cfg.w_identity,
-            arcface_weights=cfg.arcface_weights, warn=not inference)
+            arcface_weights=cfg.arcface_weights, warn=not inference, roi_box=cfg.roi_box,
+            raw_terms=cfg.raw_terms)
         # the controller's loss: the same terms, its own mouth weight if set (no state)
         self.controller_loss = self.loss if cfg.controller_w_mouth is None else OTAvatarLoss(
             w_perceptual=cfg.w_perceptual, style_weight=cfg.style_weight,
             vgg_weights=cfg.vgg_weights, w_smooth_l1=cfg.w_smooth_l1,
             w_mouth=cfg.controller_w_mouth, w_eyes=cfg.w_eyes, eye_roi_bug=cfg.eye_roi_bug,
             w_identity=cfg.w_identity, arcface_weights=cfg.arcface_weights,
-            warn=False)                 # the same weights: the warnings above are enough
+            warn=False,                 # the same weights: the warnings above are enough
+            roi_box=cfg.roi_box, raw_terms=cfg.raw_terms)
 
     # --- pieces ----------------------------------------------------------------------------
     @property
@@ -414,6 +421,7 @@ class OTAvatar(TrainableModel):
                 ws = self._clamp(w + offset)
                 out = G_ema.synthesis(ws, camk, sr=False, **self._uniforms(ctx, B, range(K), it))
                 loss, _ = self.loss(out, x, lmf, sr=False)
+                loss = loss + self._inversion_density(ctx, G_ema, out["planes"], B, K, it)
                 ctx.update(("latent", "intrinsics"), loss)
                 first = loss.detach() if first is None else first
                 last = loss.detach()
@@ -428,6 +436,7 @@ class OTAvatar(TrainableModel):
                     pred_mean = {k: v.detach() for k, v in means.items()}
                 else:
                     loss, _ = self.controller_loss(out, x, lmf, sr=True)
+                loss = loss + self._inversion_density(ctx, G_ema, out["planes"], B, K, it)
                 ctx.update("controller", loss)
         # 2. refinement of the controller and the generator, frame by frame
         w = self.latent[:B].detach().expand(-1, self.generator.num_ws, -1)
@@ -512,6 +521,26 @@ class OTAvatar(TrainableModel):
                                              planes.device))
                for b in range(B)]
         return {k: torch.stack([d[k] for d in per]).mean() for k in per[0]} if per else {}
+
+    def _inversion_density(self, ctx: StepContext, G, planes: torch.Tensor, B: int, K: int,
+                           call: int) -> torch.Tensor:
+        """The weighted density regularisers of the inversion's planes (B K, 3, C, P, P) (rows
+        item-major) through ``G``'s decoder (the EMA generator that rendered them): the
+        reference adds them, for both frames, to every inversion iteration's loss in training.
+        The mean over the B K frames, the points of each drawn per (step, global item, frame,
+        call), as the other inversion terms are means over the frames."""
+        cfg = self.cfg
+        if not cfg.inversion_density or not (cfg.w_monotonic or cfg.w_tv):
+            return planes.new_zeros(())
+        per = [density_terms(G, planes[i:i + 1], cfg,
+                             _item_generator(ctx, ctx.rank * B + i // K, i % K, call + 3_000,
+                                             planes.device))
+               for i in range(planes.shape[0])]
+        total = planes.new_zeros(())
+        for key, w in (("monotonic", cfg.w_monotonic), ("tv", cfg.w_tv)):
+            if key in per[0]:
+                total = total + w * torch.stack([d[key] for d in per]).mean()
+        return total
 
     def _offsets(self, m: torch.Tensor, K: int) -> torch.Tensor:
         """m (B K, 70, window), the K frames of each item consecutive -> the controller's
