@@ -954,3 +954,33 @@ def test_square_roi_boxes_are_the_earlier_boxes():
     assert OTAvatarLoss(w_perceptual=0, w_identity=0).roi(pred, tgt, lm)["mouth"] != want
     with pytest.raises(ValueError, match="roi_box: expected one of"):
         OTAvatarLoss(w_perceptual=0, w_identity=0, roi_box="circle")
+
+
+def test_runs_saved_before_the_loss_options_load_with_the_earlier_losses(run, tmp_path):
+    """A checkpoint whose config has no roi_box / raw_terms / inversion_density (saved before
+    those options) loads with the losses it was trained with, not the reference's defaults; a
+    checkpoint that holds them keeps its values."""
+    import json
+    import shutil
+
+    from pyface.models.otavatar.pipeline import OTAvatarPipeline
+
+    old = tmp_path / "old"
+    shutil.copytree(run[0], old)
+    for meta_path in old.glob("checkpoints/*/meta.json"):
+        meta = json.loads(meta_path.read_text())
+        mc = meta["experiment"]["model_config"]
+        assert mc["roi_box"] == "square"                      # tiny's, saved with the run
+        for key in ("roi_box", "raw_terms", "inversion_density"):
+            del mc[key]
+        mc["w_mouth"] = 10.0
+        meta_path.write_text(json.dumps(meta))
+    cfg = OTAvatarPipeline.from_checkpoint(str(old), device="cpu").model.cfg
+    assert (cfg.roi_box, cfg.raw_terms, cfg.inversion_density) == ("square", False, False)
+    for meta_path in old.glob("checkpoints/*/meta.json"):
+        meta = json.loads(meta_path.read_text())
+        meta["experiment"]["model_config"].update(roi_box="landmarks", raw_terms=True)
+        meta_path.write_text(json.dumps(meta))
+    loss = OTAvatarPipeline.from_checkpoint(str(old), device="cpu").model.loss
+    assert (loss.roi_box, loss.raw_terms) == ("landmarks", True)
+

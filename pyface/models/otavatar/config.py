@@ -98,8 +98,8 @@ class OTAvatarConfig:
         roi_box: "landmarks" (the reference's: each part's landmark bounding box grown by
             int(10/512 H) for the mouth, int(20/512 H) for the eyes, resampled to 120 / 80 bins)
             or "square" (a 120/512 H square around the part's centre with int(10/512 H)
-            padding; ``tiny``, and runs trained before this option: set it to evaluate them as
-            they were trained).
+            padding; ``tiny``; a checkpoint saved before these options loads with "square",
+            ``raw_terms=False`` and ``inversion_density=False``, the losses it trained with).
         raw_terms: the RoI and identity terms on the raw render in the super-resolved passes
             too (the reference; True), or on the pass's final image only (False: ``tiny``).
         inversion_density: the density regularisers in every training inversion iteration
