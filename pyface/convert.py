@@ -35,7 +35,8 @@
 ``.pth`` files are read with ``torch.load(weights_only=True)``; nothing is downloaded. ``OUT``
 must be new, an empty folder or an earlier pyface weights folder (replaced once the new one is
 complete on disk); a file, a folder of other files or a training checkpoint is refused before
-anything is read (:func:`check_output`). Errors start with ``SRC`` or ``OUT``; a file that does
+anything is read (:func:`check_output`), and so is an ``OUT`` that is ``SRC``
+(:func:`check_distinct`). Errors start with ``SRC`` or ``OUT``; a file that does
 not load is named for what it is (:func:`pyface.checkpoint.describe_weights_file`), another
 model's release for its converter (:func:`identify_release`).
 """
@@ -1194,14 +1195,28 @@ def check_output(out: str) -> None:
                               "choose a new or empty output folder")
 
 
-def check_source(src: str, out: str) -> None:
-    """``SRC`` of ``pyface convert``: a pyface weights folder is already converted (it loads as
-    it is), and ``SRC`` may not be ``OUT``; :class:`CheckpointError` naming both otherwise."""
-    from pyface.checkpoint import FORMAT
-
-    if os.path.abspath(src) == os.path.abspath(out):
+def check_distinct(src: str, out: str) -> None:
+    """``SRC`` and ``OUT`` of ``pyface convert`` are not one path (spelled alike, or two names of
+    one file or folder): :class:`CheckpointError` naming ``SRC`` otherwise, a wrong command line
+    whatever the path holds (exit code 2)."""
+    same = os.path.abspath(src) == os.path.abspath(out)
+    if not same and os.path.exists(src) and os.path.exists(out):
+        try:
+            same = os.path.samefile(src, out)
+        except OSError:
+            pass
+    if same:
         raise CheckpointError(f"{src}: the same path as OUT; expected a released weights file "
                               "and a different output folder")
+
+
+def check_source(src: str, out: str) -> None:
+    """``SRC`` of ``pyface convert``: a pyface weights folder is already converted (it loads as
+    it is), and ``SRC`` may not be ``OUT`` (:func:`check_distinct`); :class:`CheckpointError`
+    naming both otherwise."""
+    from pyface.checkpoint import FORMAT
+
+    check_distinct(src, out)
     meta = _weights_meta(src) if os.path.isdir(src) else None
     if meta is not None and meta.get("format") == FORMAT:
         raise CheckpointError(f"{src}: already a pyface weights folder (kind "
@@ -1234,6 +1249,11 @@ def run(args) -> int:
                   f"{args.render_resolution}", file=sys.stderr)
             return 2
         kwargs["render_resolution"] = args.render_resolution
+    try:                                  # SRC given again as OUT: the command line's
+        check_distinct(args.src, args.out)
+    except CheckpointError as exc:
+        print(f"pyface convert {args.format}: SRC {exc}", file=sys.stderr)
+        return 2
     try:
         check_output(args.out)            # before the conversion: OUT is never half-replaced
     except CheckpointError as exc:        # an OUT that cannot be one: the command line's

@@ -93,6 +93,28 @@ def test_option_errors_come_before_the_evaluation(root, tmp_path, capsys, extra,
     assert sorted(os.listdir(tmp_path)) == ["FILE"]
 
 
+@pytest.mark.parametrize("metrics", ["akd", "psnr,aed,apd"])
+def test_a_detector_metric_with_the_detector_off_is_a_command_line_error(root, tmp_path, capsys,
+                                                                        monkeypatch, metrics):
+    import pyface.eval.evaluate as E
+
+    def no_loading(*a, **k):
+        raise AssertionError("networks loaded before the command line was refused")
+
+    monkeypatch.setattr(E, "load_networks", no_loading)
+    args = ["eval", "copy-source", "--data", root, *BASE[:-1], metrics]
+    assert main(args) == 2
+    err = _err(capsys)
+    first = metrics.split(",")[-2 if "," in metrics else 0]
+    assert f"--metrics {metrics}: '{first}'" in err and "--detector none" in err
+    monkeypatch.setenv("PYFACE_PARSE_ONLY", "1")     # the same answer without running anything
+    assert main(args) == 2
+    assert "--detector none" in _err(capsys)
+    missing = ["eval", "copy-source", "--data", str(tmp_path / "later"), *BASE[:-1], metrics]
+    assert main(missing) == 2            # --data not there yet: still refused
+    assert "--detector none" in capsys.readouterr().err
+
+
 def test_runs_out_that_is_a_file(root, tmp_path, capsys):
     (tmp_path / "FILE").write_text("x")
     assert main(["eval", "--runs", "--data", root, *BASE, "--out", str(tmp_path / "FILE")]) == 2

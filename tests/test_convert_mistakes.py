@@ -162,8 +162,10 @@ def test_cli_names_src_and_out(tmp_path, capsys):
     assert main(["convert", "otavatar", src, str(tmp_path / "f")]) == 2     # OUT cannot be one
     assert capsys.readouterr().err.startswith(f"pyface convert otavatar: OUT {tmp_path / 'f'}: "
                                               "exists and is not a folder")
-    assert main(["convert", "otavatar", src, src]) == 2
-    assert "OUT " in capsys.readouterr().err
+    assert main(["convert", "otavatar", src, src]) == 2     # SRC given again as OUT
+    assert capsys.readouterr().err == (f"pyface convert otavatar: SRC {src}: the same path as "
+                                       "OUT; expected a released weights file and a different "
+                                       "output folder\n")
 
 
 def test_out_that_is_a_training_checkpoint_is_refused(tmp_path, capsys):
@@ -184,9 +186,16 @@ def test_src_that_is_already_converted_or_is_out_is_refused(tmp_path, capsys):
     assert main(["convert", "goha", done, str(tmp_path / "o")]) == 1
     assert (f"SRC {done}: already a pyface weights folder (kind 'otavatar')"
             in capsys.readouterr().err)
-    assert main(["convert", "otavatar", done, done]) == 1
-    assert f"SRC {done}: the same path as OUT" in capsys.readouterr().err
+    # SRC given again as OUT is a wrong command line (2), whatever SRC holds or whether it
+    # exists: spelled alike, or another name of the same folder
+    os.symlink(tmp_path, tmp_path / "again")
+    for src, out in ((done, done), (done, str(tmp_path / "again" / "done")),
+                     (str(tmp_path / "gone.pt"), str(tmp_path / "gone.pt"))):
+        assert main(["convert", "otavatar", src, out]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"SRC {src}: the same path as OUT; expected" in err
     assert ckpt.read_meta(done)["kind"] == "otavatar"
+    assert sorted(os.listdir(tmp_path)) == ["again", "done"]
 
 
 @pytest.mark.parametrize("fail", [PermissionError(13, "Permission denied"), KeyboardInterrupt()])

@@ -265,7 +265,7 @@ def test_no_video_folder_takes_a_name_the_dataset_root_reserves(tmp_path):
     for n in names:
         (tmp_path / f"{n}.mp4").write_bytes(b"")
     s = collect_sources([str(tmp_path / f"{n}.mp4") for n in names])
-    assert [x.name for x in s] == ["cross_2", "Cross_2", "multiview_2", "synth.json_2",
+    assert [x.name for x in s] == ["cross_2", "Cross_3", "multiview_2", "synth.json_2",
                                    "synth.partial.json_2", "dataset.json_2", "crossing",
                                    "my.cross"]
     # the output folder as the input folder: its cross/ set is no input
@@ -452,6 +452,67 @@ def test_place_sources_never_takes_another_inputs_video(tmp_path):
     notes = place_sources(s, str(out))
     assert s[0].name == "cross_2" and len(notes) == 1 and "reserves" in notes[0]
     assert f"{out / 'cross'}" in notes[0] and "delete it" in notes[0]
+
+
+def test_names_that_differ_only_in_letter_case_get_a_suffix(tmp_path):
+    """Anna.mp4 and anna.mp4 (two folders, or one on a case-sensitive file system) used to be
+    prepared as Anna/ and anna/: one folder on a case-insensitive file system (macOS, Windows),
+    one video overwriting the other. Names are unique in any letter case, the same on every
+    run."""
+    from pyface.data.prepare import Source, collect_sources, unique_names
+
+    for d, n in (("a", "Anna"), ("b", "anna"), ("b", "ANNA_2"), ("c", "ANNA"), ("c", "Bob"),
+                 ("d", "bob")):
+        (tmp_path / d).mkdir(exist_ok=True)
+        (tmp_path / d / f"{n}.mp4").write_bytes(b"")
+    inputs = [str(tmp_path / d) for d in "abcd"]
+    names = [x.name for x in collect_sources(inputs)]
+    # b/ lists ANNA_2.mp4 before anna.mp4: anna_2 is ANNA_2's own name, so anna takes _3
+    assert names == ["Anna", "ANNA_2", "anna_3", "ANNA_4", "Bob", "bob_2"]
+    assert len({n.casefold() for n in names}) == len(names)
+    for _ in range(3):              # deterministic: the same names on every run
+        assert [x.name for x in collect_sources(inputs)] == names
+    s = [Source("Clip", "video", "/x/Clip.mp4"), Source("clip", "video", "/y/clip.mp4")]
+    unique_names(s, taken={"CLIP_2"})           # a taken name counts in any case too
+    assert [x.name for x in s] == ["Clip", "clip_3"]
+
+
+def test_place_sources_compares_folder_names_in_any_letter_case(tmp_path):
+    """A folder Anna/ of --out holding Anna.mp4's video: another input anna.mp4 never writes
+    into anna/ (Anna/ itself on a case-insensitive file system); a resumed run keeps each input
+    in its folder; an older output's anna/ beside Anna/ is kept for its own input, with a note,
+    rather than taken back into a collision."""
+    from pyface.data.prepare import Source, place_sources
+
+    out = tmp_path / "out"
+
+    def video(name, source):
+        (out / name).mkdir(parents=True)
+        (out / name / fmt.META).write_text(json.dumps({"source": source}))
+
+    video("Anna", "/a/Anna.mp4")
+    s = [Source("anna", "video", "/b/anna.mp4")]
+    notes = place_sources(s, str(out))
+    assert s[0].name == "anna_2" and len(notes) == 1
+    assert f"({out / 'Anna'} holds the video of /a/Anna.mp4)" in notes[0]
+    video("anna_2", "/b/anna.mp4")                # the resumed run: the same folders
+    s = [Source("Anna", "video", "/a/Anna.mp4"), Source("anna_2", "video", "/b/anna.mp4")]
+    assert place_sources(s, str(out)) == [] and [x.name for x in s] == ["Anna", "anna_2"]
+    s = [Source("anna", "video", "/b/anna.mp4")]  # alone: its folder from the earlier run
+    assert place_sources(s, str(out)) == [] and s[0].name == "anna_2"
+    # an output of a run before the fix, on a case-sensitive file system: Anna/ and anna/
+    old = out
+    out = tmp_path / "old"
+    video("Anna", "/a/Anna.mp4")
+    video("anna", "/b/anna.mp4")
+    s = [Source("Anna", "video", "/a/Anna.mp4"), Source("anna_2", "video", "/b/anna.mp4")]
+    notes = place_sources(s, str(out))
+    assert [x.name for x in s] == ["Anna", "anna_2"] and len(notes) == 1
+    assert f"{out / 'anna'}, its video from an earlier run, differs only in letter case " \
+        "from the video Anna" in notes[0] and notes[0].endswith("delete it")
+    s = [Source("anna_2", "video", "/b/anna.mp4")]  # alone, it takes its folder back
+    assert place_sources(s, str(out)) == [] and s[0].name == "anna"
+    assert sorted(os.listdir(old)) == ["Anna", "anna_2"]
 
 
 def _dead(pid: int) -> bool:

@@ -453,10 +453,13 @@ def test_cli_model_loads_through_pyface_models(root, tmp_path, monkeypatch, caps
     assert rep["protocols"]["same"]["subsets"]["moving"]["count"] == 4
     assert main(["eval", "example", "--data", root, "--quiet"]) == 2
     assert "--checkpoint: required" in capsys.readouterr().err
+    # a detector metric with the detector turned off: options that contradict each other (2),
+    # refused before anything loads, in one line naming both options
     assert main(["eval", "copy-source", "--data", root, "--metrics", "psnr,akd", "--quiet",
-                 "--detector", "none"]) == 1
+                 "--detector", "none"]) == 2
     err = capsys.readouterr().err
-    assert "'akd' needs a 68-point landmark detector" in err and '".[prepare]"' in err
+    assert err.count("\n") == 1 and "--metrics psnr,akd: 'akd' needs a landmark detector" in err
+    assert "--detector none" in err
     # a metric without the --weights it needs: the command line lacks an option (2)
     assert main(["eval", "copy-source", "--data", root, "--metrics", "psnr,fid", "--quiet"]) == 2
     err = capsys.readouterr().err

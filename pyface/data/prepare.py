@@ -43,6 +43,7 @@ complete, so ``--resume`` skips exactly the finished ones.
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import os
@@ -337,11 +338,11 @@ def collect_sources(inputs, ignored: list | None = None, errors: list | None = N
     photos whose image names all share one numbered pattern (``frame_00001.png``, ...: frames
     extracted with a prefix) gets a message in ``notes`` saying how frames are named. Names are
     the file or folder stems made file-system safe (:func:`_safe`: letters of any script kept,
-    ``видео.mp4`` is ``видео``) and unique, never a name the dataset root reserves
-    (:data:`RESERVED_NAMES`):
+    ``видео.mp4`` is ``видео``) and unique in any letter case (:func:`unique_names`), never a
+    name the dataset root reserves (:data:`RESERVED_NAMES`):
     a name taken twice gets the first free ``_2``, ``_3``, ... suffix that no input's own name
     uses, so ``clip.mov``, ``clip.mp4`` and ``clip_1.mp4`` become ``clip``, ``clip_2``,
-    ``clip_1``.
+    ``clip_1``, and ``Anna.mp4``, ``anna.mp4`` become ``Anna``, ``anna_2``.
     """
     out: list[Source] = []
     skip = {os.path.realpath(e) for e in exclude}
@@ -438,26 +439,36 @@ RESERVED_NAMES = (fmt.INDEX, fmt.INDEX + ".tmp", "cross", "multiview", "synth.js
                   fmt.SYNTH_PARTIAL, fmt.LABELS)
 
 
+def _fold(name: str) -> str:
+    """``name`` as a case-insensitive file system compares it (macOS, Windows): ``Anna`` and
+    ``anna`` are one folder there. Unicode case folding, which also equates a few names such a
+    file system may tell apart (``ß`` and ``ss``): a suffix more, never a collision."""
+    return name.casefold()
+
+
 def _reserved(name: str) -> bool:
-    return name.casefold() in {r.casefold() for r in RESERVED_NAMES}
+    return _fold(name) in {_fold(r) for r in RESERVED_NAMES}
 
 
 def unique_names(sources, taken=()) -> None:
     """Makes the names of ``sources`` unique (in place, in order) and different from ``taken``
-    and :data:`RESERVED_NAMES`: a repeated name gets the first free ``_2``, ``_3``, ... suffix
-    that is neither another source's own name nor taken."""
-    own = {s.name for s in sources}
-    used = set(taken) | set(RESERVED_NAMES)
+    and :data:`RESERVED_NAMES`, all compared in any letter case (:func:`_fold`: two names that
+    differ only in case are one folder on a case-insensitive file system): a repeated name gets
+    the first free ``_2``, ``_3``, ... suffix that is neither another source's own name nor
+    taken, so ``Anna``, ``anna``, ``ANNA`` become ``Anna``, ``anna_2``, ``ANNA_3``. The same
+    sources in the same order get the same names on every run and file system."""
+    own = {_fold(s.name) for s in sources}
+    used = {_fold(n) for n in taken} | {_fold(r) for r in RESERVED_NAMES}
     for s in sources:
         name, k = s.name, 2
-        while name in used or _reserved(name):
+        while _fold(name) in used:
             name = f"{s.name}_{k}"
             k += 1
-            while name in own:
+            while _fold(name) in own:
                 name = f"{s.name}_{k}"
                 k += 1
         s.name = name
-        used.add(name)
+        used.add(_fold(name))
 
 
 def iter_frames(src: Source, damaged: list | None = None):
@@ -1239,13 +1250,20 @@ def place_sources(sources, out: str) -> list[str]:
     renamed source. Without this, re-running with another input of the same name would replace
     (or, with ``--resume``, wrongly reuse) the other input's video. A source prepared by an
     earlier run under another name (an older naming rule: a non-Latin name was once ``video``)
-    takes that folder back, unless the name is one the root reserves (:data:`RESERVED_NAMES`;
-    a note then says to delete the old folder)."""
+    takes that folder back, unless the name is one the root reserves (:data:`RESERVED_NAMES`),
+    or differs only in letter case from another source's name (an output of a run before names
+    were unique in any case): a note then says to delete the old folder. Folder names are
+    compared in any letter case (:func:`_fold`), as a case-insensitive file system does: a
+    source named ``anna`` never writes into a folder ``Anna`` holding another input's video."""
     if not os.path.isdir(out):
         return []
     recorded = {n: _recorded_source(out, n) for n in fmt.video_names(out)}
     by_path = {os.path.realpath(v): n for n, v in recorded.items() if v}
+    by_fold = collections.defaultdict(list)      # an older output may hold Anna/ and anna/
+    for n in recorded:
+        by_fold[_fold(n)].append(n)
     names = {s.name for s in sources}
+    folded = collections.Counter(_fold(s.name) for s in sources)
     notes = []
     for s in sources:       # prepared under another name by an earlier run (older naming rules:
         n = by_path.get(os.path.realpath(s.path))       # a non-Latin name was once `video`)
@@ -1256,26 +1274,41 @@ def place_sources(sources, out: str) -> list[str]:
                          "from an earlier run, has a name the dataset root reserves "
                          f"({', '.join(RESERVED_NAMES)}): delete it")
             continue
+        if folded[_fold(n)] - (_fold(n) == _fold(s.name)) > 0:    # e.g. anna/ beside Anna.mp4
+            other = next(t.name for t in sources if t is not s and _fold(t.name) == _fold(n))
+            notes.append(f"{s.path}: prepared as {s.name}; {os.path.join(out, n)}, its video "
+                         f"from an earlier run, differs only in letter case from the video "
+                         f"{other} (one folder on a case-insensitive file system): delete it")
+            continue
         names.discard(s.name)
+        folded[_fold(s.name)] -= 1
         s.name = n
         names.add(n)
-    clash = [s for s in sources if s.name in recorded
-             and not (recorded[s.name] and _same_file(recorded[s.name], s.path))]
+        folded[_fold(n)] += 1
+
+    def holder(s):          # the folder of out that s would write into, holding another video
+        for n in ([s.name] if s.name in recorded else by_fold.get(_fold(s.name), ())):
+            if not (recorded[n] and _same_file(recorded[n], s.path)):
+                return n
+        return None
+
+    clash = [(s, holder(s)) for s in sources]
+    clash = [(s, h) for s, h in clash if h is not None]
     if not clash:
         return notes
-    keep = {s.name for s in sources if s not in clash}
+    clashing = {id(s) for s, _ in clash}
+    keep = {_fold(s.name) for s in sources if id(s) not in clashing}
     taken = set(recorded) | keep
-    for s in clash:
-        base = s.name
+    for s, held in clash:
         n = by_path.get(os.path.realpath(s.path))
-        if n is not None and n not in keep:
+        if n is not None and _fold(n) not in keep and not _reserved(n):
             s.name = n                  # its own folder from an earlier run: no news
         else:
             unique_names([s], taken)
-            other = recorded[base] or "an input it does not record"
-            notes.append(f"{s.path}: prepared as {s.name} ({os.path.join(out, base)} holds the "
+            other = recorded[held] or "an input it does not record"
+            notes.append(f"{s.path}: prepared as {s.name} ({os.path.join(out, held)} holds the "
                          f"video of {other})")
-        keep.add(s.name)
+        keep.add(_fold(s.name))
         taken.add(s.name)
     return notes
 

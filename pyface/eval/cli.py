@@ -665,7 +665,7 @@ def check_args(args) -> None:
 
 def check_ranges(args) -> None:
     """The numeric options' ranges (ValueError naming the option, what it expects and the value
-    given)."""
+    given), and --metrics against --detector (:func:`check_detector_option`)."""
     for name, low in (("max_pairs", 1), ("batch_size", 1), ("sheet_rows", 0), ("workers", 0),
                       ("resolution", 1)):
         v = getattr(args, name)
@@ -675,6 +675,24 @@ def check_ranges(args) -> None:
                              + f", got {v}")
     if args.sheet and args.sheet_rows < 1:
         raise ValueError(f"--sheet-rows: --sheet needs at least 1 row, got {args.sheet_rows}")
+    check_detector_option(args)
+
+
+def check_detector_option(args) -> None:
+    """A metric that needs a landmark detector (akd, aed, apd) with ``--detector none``: options
+    that contradict each other (ValueError naming both, exit code 2), refused before anything
+    loads."""
+    from pyface.eval.evaluate import DETECTOR_METRICS
+
+    if getattr(args, "detector", "auto") != "none" or not args.metrics:
+        return
+    needs = [m.strip() for m in args.metrics.split(",") if m.strip() in DETECTOR_METRICS]
+    if needs:
+        names = ", ".join(repr(m) for m in needs)
+        verb = "needs" if len(needs) == 1 else "need"
+        raise ValueError(f"--metrics {args.metrics}: {names} {verb} a landmark detector, but "
+                         f"--detector none turns detection off; expected --detector auto or "
+                         f"mediapipe, or --metrics without {names}")
 
 
 def check_outputs(args) -> None:
