@@ -396,7 +396,8 @@ def cam2world_to_deep3d(cam2world: torch.Tensor, *, submission_offsets: bool = F
 
 def deep3d_to_label(angles: torch.Tensor, trans: torch.Tensor, *, submission_offsets: bool = False,
                     focal: float = FFHQ_FOCAL) -> torch.Tensor:
-    """EG3D label ``(..., 25)`` of a Deep3DFaceRecon pose, with EG3D's fixed FFHQ intrinsics."""
+    """EG3D label ``(..., 25)`` of a Deep3DFaceRecon pose ``angles: (..., 3)``,
+    ``trans: (..., 3)`` (see :func:`deep3d_to_cam2world`), with EG3D's fixed FFHQ intrinsics."""
     c2w = deep3d_to_cam2world(angles, trans, submission_offsets=submission_offsets)
     return make_label(c2w, intrinsics_from_focal(focal, dtype=c2w.dtype, device=c2w.device))
 

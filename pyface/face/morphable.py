@@ -62,7 +62,8 @@ def sh_shading(normals: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
 
 
 def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """Area-weighted unit vertex normals ``(B, V, 3)`` of ``verts: (B, V, 3)``."""
+    """Area-weighted unit vertex normals ``(B, V, 3)`` of ``verts: (B, V, 3)`` and the
+    triangles ``faces: (F, 3)`` (int64 vertex indices)."""
     p = verts[:, faces]                                           # (B, F, 3, 3)
     fn = torch.linalg.cross(p[:, :, 1] - p[:, :, 0], p[:, :, 2] - p[:, :, 0], dim=-1)
     n = torch.zeros_like(verts)
@@ -82,7 +83,9 @@ def _inside_polygon(pts, poly):
 
 def regions_from_landmarks(verts: torch.Tensor, faces: torch.Tensor, landmarks: torch.Tensor,
                            brow_width: float = 0.35) -> dict[str, torch.Tensor]:
-    """Eye, mouth and brow regions ``(V,)`` of any head mesh with iBUG-68 landmarks.
+    """Eye, mouth and brow regions ``(V,)`` of any head mesh with iBUG-68 landmarks:
+    ``verts: (V, 3)`` (unposed, facing +z), ``faces: (F, 3)`` and ``landmarks: (68,)`` vertex
+    indices.
 
     A vertex belongs to a region when it faces the camera (+z normal) and its frontal (x, y)
     projection lies inside the landmark polygon: eyes 36-41 / 42-47, mouth 48-59; brows are the
