@@ -37,3 +37,15 @@ def test_umeyama_recovers_a_similarity_and_refuses_reflections():
     with pytest.raises(ValueError, match="src, dst: expected equal shapes"):
         umeyama_similarity(src, src[:, :4])
     assert ARCFACE_TEMPLATE.shape == (5, 2)
+
+
+def test_bad_alignment_input_names_the_argument():
+    with pytest.raises(TypeError, match="landmarks: expected a torch.Tensor"):
+        five_points([[0.0, 0.0]] * 5)
+    bad = torch.rand(1, 5, 2)
+    bad[0, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match="src, dst: expected finite points, got NaN or inf"):
+        umeyama_similarity(bad, torch.rand(1, 5, 2))
+    # empty batches
+    assert five_points(torch.zeros(0, 68, 2)).shape == (0, 5, 2)
+    assert umeyama_similarity(torch.zeros(0, 5, 2), torch.zeros(0, 5, 2)).shape == (0, 2, 3)

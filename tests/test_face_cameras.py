@@ -186,3 +186,76 @@ def test_mirrored_pose_gives_mirrored_label(offsets):
     label = cam.deep3d_to_label(angles, trans, submission_offsets=offsets)
     mirrored = cam.deep3d_to_label(angles * flip_a, trans * flip_t, submission_offsets=offsets)
     assert_close(mirrored, cam.mirror_label(label), scale=1e4)
+
+
+def test_bad_camera_input_names_the_argument():
+    label = cam.default_label()[None]
+    with pytest.raises(TypeError, match=r"cam2world: expected a torch.Tensor of shape \(\.\.\., 4, 4\), got list"):
+        cam.make_label([[1.0]], torch.eye(3))
+    with pytest.raises(TypeError, match="cam2world: expected a floating-point tensor, got dtype int64"):
+        cam.make_label(torch.eye(4, dtype=torch.int64), torch.eye(3))
+    with pytest.raises(ValueError, match=r"cam2world, intrinsics: leading \(batch\) dims do not "
+                                         r"broadcast: \(2,\), \(3,\)"):
+        cam.make_label(torch.eye(4).expand(2, 4, 4), torch.eye(3).expand(3, 3, 3))
+    with pytest.raises(ValueError, match=r"fov_deg: expected a finite number in \(0, 180\), got 0"):
+        cam.fov_to_focal(0)
+    with pytest.raises(ValueError, match="fov_deg: .* got nan"):
+        cam.fov_to_focal(float("nan"), "pinhole")
+    with pytest.raises(TypeError, match="fov_deg: expected a number"):
+        cam.fov_to_focal(torch.tensor([18.0, 20.0]))
+    with pytest.raises(ValueError, match="focal: expected a finite number > 0, got nan"):
+        cam.focal_to_fov(float("nan"))
+    with pytest.raises(ValueError, match=r"intrinsics: expected shape \(\.\.\., 3, 3\), got \(3,\)"):
+        cam.intrinsics_to_pixels(torch.ones(3), 64)
+    with pytest.raises(ValueError, match="width: expected a finite number > 0, got 0"):
+        cam.intrinsics_to_pixels(torch.eye(3), 0)
+    with pytest.raises(ValueError, match=r"origin: expected shape \(\.\.\., 3\), got \(2,\)"):
+        cam.look_at(torch.zeros(2))
+    with pytest.raises(TypeError, match="origin: expected a floating-point tensor"):
+        cam.look_at(torch.tensor([0, 0, 3]))
+    with pytest.raises(ValueError, match=r"yaw, pitch: leading \(batch\) dims do not broadcast"):
+        cam.orbit_camera(torch.zeros(2), torch.zeros(3))
+    with pytest.raises(ValueError, match="n: expected an integer >= 0, got -1"):
+        cam.orbit_labels(-1)
+    with pytest.raises(ValueError, match=r"cam2world: expected shape \(\.\.\., 4, 4\), got \(3, 3\)"):
+        cam.camera_yaw_pitch(torch.eye(3))
+    with pytest.raises(ValueError, match=r"cam2world: expected shape \(\.\.\., 4, 4\), got \(3, 3\)"):
+        cam.cam2world_to_deep3d(torch.eye(3))
+    with pytest.raises(ValueError, match=r"rot: expected shape \(\.\.\., 3, 3\), got \(2, 2\)"):
+        cam.rotation_to_euler(torch.eye(2))
+    with pytest.raises(TypeError, match="angles: expected a floating-point tensor"):
+        cam.euler_to_rotation(torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"trans: expected shape \(\.\.\., 3\), got \(2,\)"):
+        cam.deep3d_to_cam2world(torch.zeros(3), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"angles, trans: leading \(batch\) dims do not broadcast"):
+        cam.deep3d_to_label(torch.zeros(2, 3), torch.zeros(3, 3))
+    with pytest.raises(ValueError, match=r"label: expected shape \(\.\.\., 25\), got \(24,\)"):
+        cam.mirror_label(torch.zeros(24))
+    with pytest.raises(TypeError, match="label: expected a floating-point tensor"):
+        cam.check_label(torch.zeros(1, 25, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"points: expected shape \(B, N, 3\), got \(1, 5, 2\)"):
+        cam.project_label(torch.zeros(1, 5, 2), label)
+    with pytest.raises(ValueError, match=r"points: expected shape \(B, N, 3\), got \(5, 3\)"):
+        cam.project_label(torch.zeros(5, 3), label)
+    with pytest.raises(ValueError, match=r"label: expected shape \(2, 25\) \(B of points\), got \(3, 25\)"):
+        cam.project_label(torch.zeros(2, 5, 3), label.expand(3, 25))
+    with pytest.raises(TypeError, match="label: expected the dtype of points"):
+        cam.project_label(torch.zeros(1, 5, 3, dtype=D), label)
+    with pytest.raises(ValueError, match="label: cam2world is not invertible"):
+        cam.project_label(torch.zeros(1, 5, 3), torch.zeros(1, 25))
+    with pytest.raises(ValueError, match=r"points: expected shape \(B, N, 3\), got \(1, 5, 2\)"):
+        cam.project_bfm(torch.zeros(1, 5, 2))
+
+
+def test_empty_camera_batches():
+    assert cam.make_label(torch.zeros(0, 4, 4), torch.eye(3)).shape == (0, 25)
+    cam.check_label(torch.zeros(0, 25))
+    assert cam.mirror_label(torch.zeros(0, 25)).shape == (0, 25)
+    assert cam.look_at(torch.zeros(0, 3)).shape == (0, 4, 4)
+    assert cam.orbit_camera(torch.zeros(0), torch.zeros(0)).shape == (0, 4, 4)
+    assert cam.orbit_labels(0).shape == (0, 25)
+    assert cam.deep3d_to_label(torch.zeros(0, 3), torch.zeros(0, 3)).shape == (0, 25)
+    angles, trans = cam.cam2world_to_deep3d(torch.zeros(0, 4, 4))
+    assert angles.shape == trans.shape == (0, 3)
+    uv, z = cam.project_label(torch.zeros(0, 5, 3), torch.zeros(0, 25))
+    assert uv.shape == (0, 5, 2) and z.shape == (0, 5, 1)

@@ -71,3 +71,21 @@ def test_motion_window_values_and_batch():
     assert torch.equal(wb[1], w)
     with pytest.raises(ValueError, match="coeffs"):
         C.motion_window(torch.randn(2, 5, 257), 0)
+
+
+def test_bad_coefficient_input_names_the_argument():
+    with pytest.raises(ValueError, match=r"id, exp, tex, angles, gamma, trans: leading \(batch\) "
+                                         r"dims do not broadcast: id \(2, 80\), exp \(3, 64\)"):
+        C.merge_coeffs(torch.zeros(2, 80), torch.zeros(3, 64), torch.zeros(2, 80),
+                       torch.zeros(2, 3), torch.zeros(2, 27), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"coeffs: expected shape \(T, 257\) with T >= 1 frames, "
+                                         r"got \(0, 257\)"):
+        C.motion_window(torch.zeros(0, 257), 0)
+    with pytest.raises(TypeError, match="index: expected an int or an integer tensor, got 1.5"):
+        C.motion_window(torch.zeros(5, 257), 1.5)
+    with pytest.raises(ValueError, match="radius: expected an integer >= 0, got -1"):
+        C.window_indices(0, 5, -1)
+    with pytest.raises(ValueError, match="length: expected an integer > 0, got 0"):
+        C.window_indices(0, 0)
+    # an empty batch of indices is an empty batch of windows
+    assert C.motion_window(torch.zeros(5, 257), torch.zeros(0, dtype=torch.int64)).shape == (0, 70, 27)

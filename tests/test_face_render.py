@@ -268,3 +268,42 @@ def test_render_on_cuda_matches_cpu(model):
     assert (gpu.face_index.cpu() != cpu.face_index).float().mean() < 1e-3
     assert (gpu.image.cpu() - cpu.image).abs().amax(1).gt(1e-3).float().mean() < 1e-3
     assert_close(gpu.landmarks.cpu(), cpu.landmarks, scale=100)
+
+
+def test_model_render_bad_input_names_the_argument(model):
+    c = torch.zeros(2, 257)
+    with pytest.raises(ValueError, match=r"exp_coeff: expected shape \(2, 64\) \(B of id_coeff\), got \(3, 64\)"):
+        model.shape(torch.zeros(2, 80), torch.zeros(3, 64))
+    with pytest.raises(ValueError, match=r"background: expected shape \(2, 3, 16, 16\) or \(3,\), got \(4,\)"):
+        model.render(c, 16, background=torch.zeros(4))
+    with pytest.raises(ValueError, match=r"background: expected shape \(2, 3, 16, 16\) or \(3,\), got \(2, 3, 8, 8\)"):
+        model.render(c, 16, background=torch.zeros(2, 3, 8, 8))
+    with pytest.raises(TypeError, match="regions: expected a tuple of region names, got the string 'mouth'"):
+        model.render(c, 16, regions="mouth")
+    with pytest.raises(KeyError, match="region 'nose2' is not defined"):
+        model.render(c, 16, regions=("nose2",))
+    nan = c.clone()
+    nan[1, 225] = float("nan")
+    with pytest.raises(ValueError, match=r"coeffs \(the camera of its angles 224:227 and trans 254:257\): contains NaN"):
+        model.render(nan, 16)
+    with pytest.raises(ValueError, match=r"coeffs: expected shape \(B, 257\), got \(257,\)"):
+        model.render_canonical(torch.zeros(257), 16)
+    with pytest.raises(ValueError, match=r"label: expected a tensor of shape \(2, 25\), got \(3, 25\)"):
+        model.landmarks2d(c, torch.zeros(3, 25))
+    with pytest.raises(ValueError, match=r"image_size: expected positive integers H or \(H, W\), got \(16,\)"):
+        model.landmarks2d(c, None, (16,))
+    v, f = torch.rand(1, 4, 3), torch.tensor([[0, 1, 2]])
+    with pytest.raises(ValueError, match="image_size: expected positive integers H or .*, got 8.5"):
+        render_mesh(v, f, 8.5)
+    with pytest.raises(ValueError, match=r"faces: expected an integer tensor of shape \(F, 3\)"):
+        render_mesh(v, f.bool(), 8)
+
+
+def test_model_renders_an_empty_batch(model):
+    e = torch.zeros(0, 257)
+    assert model(e)["posed"].shape == (0, model.num_vertices, 3)
+    r = model.render(e, 16, regions=("mouth",))
+    assert r.image.shape == (0, 3, 16, 16) and r.landmarks.shape == (0, 68, 2)
+    assert r.regions["mouth"].shape == (0, 1, 16, 16)
+    assert model.render_canonical(e, 16).image.shape == (0, 3, 16, 16)
+    assert model.landmarks2d(e).shape == (0, 68, 2)

@@ -522,3 +522,36 @@ def test_blur_equals_the_padded_fir_filter():
         ref = upfirdn2d(x, setup_filter(k / k.sum()), padding=[r, r, r, r])
         torch.testing.assert_close(blur(x, sigma), ref)
     assert blur(x, 0) is x
+
+
+def test_bad_input_to_shared_blocks_names_the_argument():
+    with pytest.raises(ValueError, match=r"x: expected a tensor of shape \(N, C, H, W\), got \(3, 8, 8\)"):
+        N.filtered_resize(torch.rand(3, 8, 8), 4)
+    with pytest.raises(ValueError, match=r"size: expected a positive integer or \(H, W\) .*got \(0, 0\)"):
+        N.filtered_resize(torch.rand(1, 3, 8, 8), 0)
+    with pytest.raises(ValueError, match=r"real_inputs\[0\]: expected a tensor with requires_grad=True"):
+        N.r1_penalty(torch.rand(2, 1), [torch.rand(2, 3)])
+    with pytest.raises(ValueError, match=r"logvar: expected the shape of mu \(2, 4\), got \(2, 5\)"):
+        N.kl_divergence(torch.rand(2, 4), torch.rand(2, 5))
+    m = N.MappingNetwork(z_dim=8, c_dim=25, w_dim=16, num_ws=5)
+    with pytest.raises(ValueError, match=r"c: expected shape \(2, 25\) \(B of z\), got \(3, 25\)"):
+        m(torch.rand(2, 8), torch.rand(3, 25))
+    D = N.DualDiscriminator(img_resolution=16, channel_base=128, channel_max=16, c_dim=25)
+    with pytest.raises(ValueError, match=r"image_raw: expected shape \(2, 3, r, r\) \(B and channels of "
+                                         r"image \(2, 3, 16, 16\)\), got \(3, 3, 8, 8\)"):
+        D(torch.rand(2, 3, 16, 16), torch.rand(3, 3, 8, 8), torch.rand(2, 25))
+
+
+def test_empty_batches_through_shared_blocks():
+    assert N.filtered_resize(torch.rand(0, 3, 8, 8), 4).shape == (0, 3, 4, 4)
+    w, x = torch.randn(5, 4, 3, 3), torch.randn(0, 4, 8, 8)
+    assert modulated_conv2d(x, w, torch.randn(0, 4), padding=1).shape == (0, 5, 8, 8)
+    assert modulated_conv2d(x, w, torch.randn(0, 4), padding=1, up=2,
+                            resample_filter=setup_filter([1, 3, 3, 1])).shape == (0, 5, 16, 16)
+    sr = N.SuperResolution(scale=2, channels=4, w_dim=16)
+    assert sr(torch.rand(0, 3, 64, 64), torch.rand(0, 4, 64, 64),
+              torch.rand(0, 14, 16)).shape == (0, 3, 128, 128)
+    cfg = N.HeadPoseConfig(backbone=N.ResNetConfig(stem_channels=8, widths=[16, 32, 32, 64],
+                                                   depths=[1, 1, 1, 1]))
+    out = N.HeadPoseExpressionEstimator(cfg)(torch.randn(0, 3, 64, 64))
+    assert out["exp"].shape == (0, 15, 3) and out["yaw_deg"].shape == (0,)

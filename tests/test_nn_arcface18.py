@@ -88,3 +88,12 @@ def test_identity_loss_zero_on_equal_images_and_differentiable():
     assert value > 0 and pred.grad is not None and pred.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="pred/target: expected equal shapes"):
         loss(pred[:1], img, lm)
+
+
+def test_align_crops_names_mismatched_landmarks():
+    with pytest.raises(ValueError, match=r"landmarks: expected shape \(2, 68, 2\) or \(2, 5, 2\) "
+                                         r"\(N of images\), got \(3, 68, 2\)"):
+        align_crops(torch.rand(2, 3, 64, 64), torch.rand(3, 68, 2))
+    with pytest.raises(ValueError, match=r"landmarks: expected shape \(2, 68, 2\) .*got \(68, 2\)"):
+        align_crops(torch.rand(2, 3, 64, 64), torch.rand(68, 2))
+    assert align_crops(torch.rand(0, 3, 64, 64), torch.rand(0, 68, 2)).shape == (0, 3, 128, 128)

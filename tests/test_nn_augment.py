@@ -120,3 +120,17 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(t.warp_coordinates, (p,))
     kp = torch.rand(2, 3, 3, dtype=torch.float64, generator=g).requires_grad_(True)
     assert torch.autograd.gradcheck(N.keypoint_prior_loss, (kp,))
+
+
+def test_bad_warps_and_images_name_the_argument():
+    with pytest.raises(ValueError, match=r"theta: expected shape \(B, 2, 3\), got \(2, 3, 3\)"):
+        AffineTPS(torch.zeros(2, 3, 3), torch.zeros(5, 2), torch.zeros(2, 5, 2))
+    with pytest.raises(ValueError, match=r"control_points: expected shape \(P, 2\), got \(5, 3\)"):
+        AffineTPS(torch.zeros(2, 2, 3), torch.zeros(5, 3), torch.zeros(2, 5, 2))
+    with pytest.raises(ValueError, match=r"control_params: expected shape \(2, 5, 2\) \(B of theta, "
+                                         r"P of control_points\), got \(3, 5, 2\)"):
+        AffineTPS(torch.zeros(2, 2, 3), torch.zeros(5, 2), torch.zeros(3, 5, 2))
+    with pytest.raises(TypeError, match="image: expected a floating-point tensor, got dtype uint8"):
+        N.RandomAffineTPS()(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+    warped, t = N.RandomAffineTPS()(torch.rand(0, 3, 8, 8))
+    assert warped.shape == (0, 3, 8, 8) and t.batch == 0

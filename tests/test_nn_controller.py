@@ -85,3 +85,9 @@ def test_errors():
         ctrl(torch.randn(2, 5, 10))
     with pytest.raises(ValueError, match="window: expected > 10"):
         N.MotionController(**{**TINY, "window": 10})
+
+
+def test_controller_runs_an_empty_batch():
+    mc = N.MotionController()
+    assert mc(torch.zeros(0, 70, 27)).shape == (0, 14, 512)
+    assert mc.coefficients(torch.zeros(0, 70, 27)).shape == (0, 14, 20)

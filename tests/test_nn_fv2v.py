@@ -207,3 +207,10 @@ def test_blocks_compose_with_dense_motion_and_the_keypoint_transform():
     images[-1].mean().backward()
     for m in (app, det, dec):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+
+
+def test_coordinate_grid_refuses_empty_sizes():
+    for args, name in (((0, 4, 4), "depth"), ((4, 0, 4), "height"), ((4, 4, -1), "width")):
+        with pytest.raises(ValueError, match=f"{name}: expected an integer >= 1"):
+            make_coordinate_grid(*args)
+    assert make_coordinate_grid(1, 2, 3).shape == (1, 2, 3, 3)

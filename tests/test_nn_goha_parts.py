@@ -662,3 +662,10 @@ def test_region_mask_and_morphology():
         N.region_mask(labels, ["teeth"])
     with pytest.raises(ValueError, match="kernel: expected an odd size >= 1"):
         N.dilate_mask(face, 4)
+
+
+def test_face_parser_refuses_integer_images():
+    parser = N.FaceParser(size=64).eval()
+    with pytest.raises(TypeError, match=r"x: expected a floating-point image in \[-1, 1\].*uint8"):
+        parser(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    assert parser.parse(torch.zeros(0, 3, 64, 64)).shape == (0, 64, 64)

@@ -108,3 +108,12 @@ def test_feature_discriminator():
     assert x.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="x: expected shape \\(B, 6\\)"):
         d(torch.randn(3, 5))
+
+
+def test_vae_bad_input_names_the_argument():
+    vae = N.GaussianMLPVAE(in_dim=8, hidden=(16,), latent=4)
+    with pytest.raises(ValueError, match=r"logvar: expected the shape of mu \(2, 4\), got \(2, 5\)"):
+        vae.kl(torch.rand(2, 4), torch.rand(2, 5))
+    with pytest.raises(ValueError, match="n: expected an integer >= 0, got -1"):
+        vae.sample_prior(-1)
+    assert vae.sample_prior(0).shape == (0, 8)

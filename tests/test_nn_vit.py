@@ -148,3 +148,9 @@ def test_plain_super_resolution_channels_last_matches_contiguous():
     out_b.backward(g)
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-3, msg=n)   # grads ~100
+
+
+def test_mit_stack_runs_an_empty_batch():
+    st = N.MiTStack(dim=16, depth=1, heads=2, cond_dim=8, sr_ratio=2)
+    assert st(torch.rand(0, 16, 4, 4), torch.rand(0, 8)).shape == (0, 16, 4, 4)
+    assert st(torch.rand(0, 16, 16), torch.rand(0, 8), hw=(4, 4)).shape == (0, 16, 16)

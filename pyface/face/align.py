@@ -24,7 +24,11 @@ ARCFACE_SIZE = 112
 
 
 def five_points(landmarks: torch.Tensor) -> torch.Tensor:
-    """landmarks: (..., 68, 2) or (..., 5, 2) pixels (x right, y down) -> (..., 5, 2)."""
+    """landmarks: (..., 68, 2) or (..., 5, 2) pixels (x right, y down) -> (..., 5, 2)
+    (5-point input is returned as it is)."""
+    if not isinstance(landmarks, torch.Tensor):
+        raise TypeError(f"landmarks: expected a torch.Tensor of shape (..., 68, 2) or (..., 5, 2), "
+                        f"got {type(landmarks).__name__}")
     if landmarks.ndim < 2 or landmarks.shape[-1] != 2 or landmarks.shape[-2] not in (5, 68):
         raise ValueError(f"landmarks: expected shape (..., 68, 2) or (..., 5, 2), got "
                          f"{tuple(landmarks.shape)}")
@@ -37,7 +41,9 @@ def five_points(landmarks: torch.Tensor) -> torch.Tensor:
 def umeyama_similarity(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     """Least-squares similarity ``dst ~ s R src + t`` (no reflection).
 
-    src, dst: (B, N, 2) with N >= 2 -> (B, 2, 3) float64 matrices ``[s R | t]``."""
+    src, dst: (B, N, 2) with N >= 2 (B = 0 works) -> (B, 2, 3) float64 matrices ``[s R | t]``.
+    Non-finite points raise a ValueError (on a CPU; on a GPU the result is NaN: the values are
+    not read back)."""
     if src.ndim != 3 or src.shape[-1] != 2 or src.shape != dst.shape or src.shape[1] < 2:
         raise ValueError(f"src, dst: expected equal shapes (B, N >= 2, 2), got "
                          f"{tuple(src.shape)} and {tuple(dst.shape)}")
@@ -45,7 +51,10 @@ def umeyama_similarity(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     ms, md = src.mean(1, keepdim=True), dst.mean(1, keepdim=True)
     xs, xd = src - ms, dst - md
     cov = xd.transpose(1, 2) @ xs / src.shape[1]                      # (B, 2, 2)
-    U, S, Vh = torch.linalg.svd(cov)
+    try:
+        U, S, Vh = torch.linalg.svd(cov)
+    except torch.linalg.LinAlgError:
+        raise ValueError("src, dst: expected finite points, got NaN or inf") from None
     d = torch.sign(torch.linalg.det(U) * torch.linalg.det(Vh))
     d = torch.where(d == 0, torch.ones_like(d), d)
     D = torch.stack([torch.ones_like(d), d], -1)                      # (B, 2)

@@ -53,6 +53,44 @@ def _vec(x, like: torch.Tensor | None = None, dtype=None, device=None) -> torch.
     return torch.as_tensor(x, dtype=dtype or torch.get_default_dtype(), device=device)
 
 
+def _fmt_shape(shape) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _check(name: str, x, trailing: tuple[int, ...], doc: str | None = None) -> None:
+    """TypeError / ValueError naming ``name`` unless ``x`` is a floating-point tensor of shape
+    ``(..., *trailing)`` (``doc``: the shape as the docstring writes it)."""
+    doc = doc or "(..., " + ", ".join(str(t) for t in trailing) + ")"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of shape {doc}, got {type(x).__name__}")
+    if x.dim() < len(trailing) or tuple(x.shape[x.dim() - len(trailing):]) != trailing:
+        raise ValueError(f"{name}: expected shape {doc}, got {_fmt_shape(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype "
+                        f"{str(x.dtype).replace('torch.', '')}")
+
+
+def _batch(names: str, *shapes) -> torch.Size:
+    """The broadcast of the leading ``shapes``, or a ValueError naming the arguments."""
+    try:
+        return torch.broadcast_shapes(*shapes)
+    except RuntimeError:
+        raise ValueError(f"{names}: leading (batch) dims do not broadcast: "
+                         + ", ".join(_fmt_shape(s) for s in shapes)) from None
+
+
+def _number(name: str, value, low: float = 0.0, high: float = math.inf) -> float:
+    """``value`` as a float in the open interval ``(low, high)``, or a ValueError naming it."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name}: expected a number, got {value!r}") from None
+    if not low < v < high:
+        bound = f"> {low:g}" if high == math.inf else f"in ({low:g}, {high:g})"
+        raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")
+    return v
+
+
 def _normalize(v: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return v / v.norm(dim=-1, keepdim=True).clamp_min(eps)
 
@@ -62,29 +100,27 @@ def _normalize(v: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 
 def make_label(cam2world: torch.Tensor, intrinsics: torch.Tensor) -> torch.Tensor:
-    """Packs ``cam2world: (..., 4, 4)`` and ``intrinsics: (..., 3, 3)`` into a label ``(..., 25)``."""
-    if cam2world.shape[-2:] != (4, 4):
-        raise ValueError(f"cam2world: expected shape (..., 4, 4), got {tuple(cam2world.shape)}")
-    if intrinsics.shape[-2:] != (3, 3):
-        raise ValueError(f"intrinsics: expected shape (..., 3, 3), got {tuple(intrinsics.shape)}")
-    batch = torch.broadcast_shapes(cam2world.shape[:-2], intrinsics.shape[:-2])
+    """Packs ``cam2world: (..., 4, 4)`` and ``intrinsics: (..., 3, 3)`` into a label ``(..., 25)``
+    (the leading dims broadcast; the label takes ``cam2world``'s dtype)."""
+    _check("cam2world", cam2world, (4, 4))
+    _check("intrinsics", intrinsics, (3, 3))
+    batch = _batch("cam2world, intrinsics", cam2world.shape[:-2], intrinsics.shape[:-2])
     return torch.cat([cam2world.expand(*batch, 4, 4).reshape(*batch, 16),
                       intrinsics.to(cam2world).expand(*batch, 3, 3).reshape(*batch, 9)], dim=-1)
 
 
 def split_label(label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Unpacks ``label: (..., 25)`` into ``cam2world (..., 4, 4)`` and ``intrinsics (..., 3, 3)``."""
-    if label.shape[-1] != 25:
-        raise ValueError(f"label: expected shape (..., 25), got {tuple(label.shape)}")
+    _check("label", label, (25,))
     return (label[..., :16].reshape(*label.shape[:-1], 4, 4),
             label[..., 16:].reshape(*label.shape[:-1], 3, 3))
 
 
 def check_label(label: torch.Tensor, name: str = "label") -> None:
     """Raises ``ValueError`` naming ``name`` if a label is not finite or not a camera (the
-    rotation part must be orthonormal, the last row ``0 0 0 1``, intrinsics ``[.., .., 1]``)."""
-    if label.shape[-1] != 25:
-        raise ValueError(f"{name}: expected shape (..., 25), got {tuple(label.shape)}")
+    rotation part must be orthonormal, the last row ``0 0 0 1``, intrinsics ``[.., .., 1]``).
+    ``label: (..., 25)``; an empty batch passes. Reads the values (a host sync on a GPU)."""
+    _check(name, label, (25,))
     if not has_values(label):           # fake / meta tensors: only the shape is known
         return
     if not torch.isfinite(label).all():
@@ -114,7 +150,10 @@ def fov_to_focal(fov_deg, convention: str = "eg3d"):
     FFHQ's 4.2647 to three digits; the image then actually spans ``2 * atan(0.5 / f)``
     (13.4 deg for FFHQ).
     ``convention="pinhole"`` is the true full-image FOV: ``f = 0.5 / tan(fov / 2)``.
+    ``fov_deg``: a number in (0, 180).
     """
+    if convention in ("eg3d", "pinhole"):
+        fov_deg = _number("fov_deg", fov_deg, 0.0, 180.0)
     if convention == "eg3d":
         return 1.0 / (math.tan(float(fov_deg) * 3.14159 / 360.0) * 1.414)
     if convention == "pinhole":
@@ -123,9 +162,8 @@ def fov_to_focal(fov_deg, convention: str = "eg3d"):
 
 
 def focal_to_fov(focal, convention: str = "eg3d") -> float:
-    """Inverse of :func:`fov_to_focal` (degrees)."""
-    if focal <= 0:
-        raise ValueError(f"focal: expected > 0, got {focal}")
+    """Inverse of :func:`fov_to_focal` (degrees); ``focal``: a finite number > 0."""
+    _number("focal", focal)
     if convention == "eg3d":
         return math.atan(1.0 / (float(focal) * 1.414)) * 360.0 / 3.14159
     if convention == "pinhole":
@@ -146,8 +184,12 @@ def fov_to_intrinsics(fov_deg: float = FFHQ_FOV_DEG, convention: str = "eg3d", *
 
 
 def intrinsics_to_pixels(intrinsics: torch.Tensor, width: int, height: int | None = None) -> torch.Tensor:
-    """Normalized ``(..., 3, 3)`` -> pixel intrinsics for a ``width x height`` image."""
+    """Normalized ``intrinsics: (..., 3, 3)`` -> pixel intrinsics ``(..., 3, 3)`` for a
+    ``width x height`` image (``height`` defaults to ``width``)."""
+    _check("intrinsics", intrinsics, (3, 3))
     height = width if height is None else height
+    _number("width", width)
+    _number("height", height)
     s = intrinsics.new_tensor([[width, width, width], [height, height, height], [1.0, 1.0, 1.0]])
     return intrinsics * s
 
@@ -162,6 +204,9 @@ def look_at(origin, target=FFHQ_PIVOT, up=(0.0, 1.0, 0.0)) -> torch.Tensor:
     origin = _vec(origin)
     target = _vec(target, like=origin)
     up = _vec(up, like=origin)
+    for name, v in (("origin", origin), ("target", target), ("up", up)):
+        _check(name, v, (3,))
+    _batch("origin, target, up", origin.shape[:-1], target.shape[:-1], up.shape[:-1])
     forward = _normalize(target - origin)
     right = _normalize(torch.linalg.cross(forward, up.expand_as(forward), dim=-1))
     down = torch.linalg.cross(forward, right, dim=-1)
@@ -184,7 +229,11 @@ def orbit_camera(yaw, pitch, radius: float = FFHQ_RADIUS, pivot=FFHQ_PIVOT) -> t
     ``horizontal_mean = pi/2 + yaw``; pitch here is the true elevation angle (EG3D's
     ``vertical_mean = v`` is the elevation ``arcsin(1 - 2 v / pi)``).
     """
-    yaw, pitch = torch.broadcast_tensors(_vec(yaw), _vec(pitch))
+    yaw, pitch = _vec(yaw), _vec(pitch)
+    for name, v in (("yaw", yaw), ("pitch", pitch)):
+        _check(name, v, (), "(...)")
+    _batch("yaw, pitch", yaw.shape, pitch.shape)
+    yaw, pitch = torch.broadcast_tensors(yaw, pitch)
     pivot = _vec(pivot, like=yaw)
     direction = torch.stack([torch.cos(pitch) * torch.sin(yaw), torch.sin(pitch),
                              torch.cos(pitch) * torch.cos(yaw)], dim=-1)
@@ -195,7 +244,10 @@ def orbit_labels(n: int, yaw_range: float = math.radians(30), pitch_range: float
                  radius: float = FFHQ_RADIUS, pivot=FFHQ_PIVOT, focal: float = FFHQ_FOCAL,
                  kind: str = "ellipse") -> torch.Tensor:
     """``(n, 25)`` labels of a novel-view path: ``"ellipse"`` (yaw and pitch on an ellipse, the
-    EG3D video path) or ``"yaw"`` (a horizontal sweep from -yaw_range to +yaw_range)."""
+    EG3D video path) or ``"yaw"`` (a horizontal sweep from -yaw_range to +yaw_range);
+    ``n >= 0``."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n: expected an integer >= 0, got {n!r}")
     t = torch.arange(n, dtype=torch.get_default_dtype()) / max(n, 1)
     if kind == "ellipse":
         yaw, pitch = yaw_range * torch.sin(2 * math.pi * t), pitch_range * torch.cos(2 * math.pi * t)
@@ -229,7 +281,8 @@ def free_view_orbit(n: int, *, radius: float = FFHQ_RADIUS, pivot=FFHQ_PIVOT,
 
 def camera_yaw_pitch(cam2world: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`orbit_camera` for the camera position: (yaw, pitch) in radians of the
-    camera centre around the world origin."""
+    camera centre around the world origin; ``cam2world: (..., 4, 4)`` -> two ``(...)``."""
+    _check("cam2world", cam2world, (4, 4))
     d = cam2world[..., :3, 3]
     yaw = torch.atan2(d[..., 0], d[..., 2])
     pitch = torch.atan2(d[..., 1], torch.sqrt(d[..., 0] ** 2 + d[..., 2] ** 2))
@@ -270,8 +323,7 @@ def euler_to_rotation(angles: torch.Tensor) -> torch.Tensor:
     ``angles: (..., 3)`` = (a, b, c) in radians: a = pitch about x, b = yaw about y,
     c = roll about z. A posed vertex is ``R @ v + trans`` (Deep3DFaceRecon stores ``R^T`` and
     right-multiplies row vectors; the result is the same)."""
-    if angles.shape[-1] != 3:
-        raise ValueError(f"angles: expected shape (..., 3), got {tuple(angles.shape)}")
+    _check("angles", angles, (3,))
     a, b, c = angles.unbind(-1)
     one, zero = torch.ones_like(a), torch.zeros_like(a)
     ca, sa, cb, sb, cc, sc = a.cos(), a.sin(), b.cos(), b.sin(), c.cos(), c.sin()
@@ -282,7 +334,9 @@ def euler_to_rotation(angles: torch.Tensor) -> torch.Tensor:
 
 
 def rotation_to_euler(rot: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`euler_to_rotation` ``(..., 3)`` (unique for |yaw| < 90 deg)."""
+    """Inverse of :func:`euler_to_rotation`: ``rot: (..., 3, 3)`` -> angles ``(..., 3)``
+    (unique for |yaw| < 90 deg)."""
+    _check("rot", rot, (3, 3))
     b = torch.asin((-rot[..., 2, 0]).clamp(-1.0, 1.0))
     a = torch.atan2(rot[..., 2, 1], rot[..., 2, 2])
     c = torch.atan2(rot[..., 1, 0], rot[..., 0, 0])
@@ -301,8 +355,14 @@ def deep3d_to_cam2world(angles: torch.Tensor, trans: torch.Tensor, *,
     OpenGL axes are the columns of ``R^T``. EG3D scales ``c`` by 0.27 (radius 10 -> 2.7), adds its
     two "submission" offsets when ``submission_offsets`` (FFHQ labels; off for in-the-wild data,
     as GOHA does) and converts to OpenCV axes (``R^T @ diag(1, -1, -1)``). The head frame becomes
-    the EG3D world frame, scaled by ``scale``.
+    the EG3D world frame, scaled by ``scale``. The leading dims of ``angles`` and ``trans``
+    broadcast.
     """
+    _check("angles", angles, (3,))
+    _check("trans", trans, (3,))
+    _batch("angles, trans", angles.shape[:-1], trans.shape[:-1])
+    if angles.dtype != trans.dtype:
+        raise TypeError(f"trans: expected the dtype of angles ({angles.dtype}), got {trans.dtype}")
     rot_t = euler_to_rotation(angles).transpose(-1, -2)
     t = trans.clone()
     t[..., 2] = t[..., 2] - camera_distance
@@ -320,7 +380,9 @@ def deep3d_to_cam2world(angles: torch.Tensor, trans: torch.Tensor, *,
 def cam2world_to_deep3d(cam2world: torch.Tensor, *, submission_offsets: bool = False,
                         scale: float = BFM_TO_EG3D_SCALE,
                         camera_distance: float = BFM_CAMERA_DISTANCE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`deep3d_to_cam2world`: ``(angles (..., 3), trans (..., 3))``."""
+    """Inverse of :func:`deep3d_to_cam2world`: ``cam2world: (..., 4, 4)`` ->
+    ``(angles (..., 3), trans (..., 3))``."""
+    _check("cam2world", cam2world, (4, 4))
     flip = torch.diag(cam2world.new_tensor([1.0, -1.0, -1.0]))
     rot = (cam2world[..., :3, :3] @ flip).transpose(-1, -2)
     centre = cam2world[..., :3, 3]
@@ -334,7 +396,8 @@ def cam2world_to_deep3d(cam2world: torch.Tensor, *, submission_offsets: bool = F
 
 def deep3d_to_label(angles: torch.Tensor, trans: torch.Tensor, *, submission_offsets: bool = False,
                     focal: float = FFHQ_FOCAL) -> torch.Tensor:
-    """EG3D label ``(..., 25)`` of a Deep3DFaceRecon pose, with EG3D's fixed FFHQ intrinsics."""
+    """EG3D label ``(..., 25)`` of a Deep3DFaceRecon pose ``angles: (..., 3)``,
+    ``trans: (..., 3)`` (see :func:`deep3d_to_cam2world`), with EG3D's fixed FFHQ intrinsics."""
     c2w = deep3d_to_cam2world(angles, trans, submission_offsets=submission_offsets)
     return make_label(c2w, intrinsics_from_focal(focal, dtype=c2w.dtype, device=c2w.device))
 
@@ -348,9 +411,23 @@ def project_label(points: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tens
 
     Returns ``uv (B, N, 2)`` normalized image coordinates (0..1, origin top-left; multiply by the
     image size for pixels) and ``depth (B, N, 1)`` (camera-space z, > 0 in front of the camera).
+    ``points`` and ``label`` share the batch size ``B`` (0 works) and the dtype; the label's
+    cam2world must be invertible (:func:`check_label` checks a label's values).
     """
+    _check("points", points, (3,), "(B, N, 3)")
+    _check("label", label, (25,), "(B, 25)")
+    if points.dim() != 3:
+        raise ValueError(f"points: expected shape (B, N, 3), got {_fmt_shape(points.shape)}")
+    if label.dim() != 2 or label.shape[0] != points.shape[0]:
+        raise ValueError(f"label: expected shape ({points.shape[0]}, 25) (B of points), got "
+                         f"{_fmt_shape(label.shape)}")
+    if label.dtype != points.dtype:
+        raise TypeError(f"label: expected the dtype of points ({points.dtype}), got {label.dtype}")
     c2w, k = split_label(label)
-    w2c = torch.linalg.inv(c2w)
+    try:
+        w2c = torch.linalg.inv(c2w)
+    except torch.linalg.LinAlgError as e:
+        raise ValueError(f"label: cam2world is not invertible, not a camera ({e})") from None
     cam = points @ w2c[:, :3, :3].transpose(-1, -2) + w2c[:, None, :3, 3]
     z = cam[..., 2:3]
     xy = cam[..., :2] / z
@@ -363,8 +440,10 @@ def project_bfm(points: torch.Tensor, focal: float = BFM_FOCAL, center: float = 
     """Deep3DFaceRecon projection of *posed* BFM-space ``points: (B, N, 3)`` on its 224 crop.
 
     Returns ``xy (B, N, 2)`` in pixels with Deep3DFaceRecon's convention (origin bottom-left, y up;
-    row = 224 - 1 - y for image rows) and ``depth (B, N, 1)`` = ``camera_distance - z``.
+    row = 224 - 1 - y for image rows) and ``depth (B, N, 1)`` = ``camera_distance - z``
+    (any leading dims: ``(..., 3)`` -> ``(..., 2)``, ``(..., 1)``).
     """
+    _check("points", points, (3,), "(B, N, 3)")
     depth = camera_distance - points[..., 2:3]
     xy = focal * points[..., :2] / depth + center
     return xy, depth

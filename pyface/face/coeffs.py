@@ -25,6 +25,7 @@ frames (radius 13) around the target frame, indices clamped at the video ends.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -87,7 +88,12 @@ def merge_coeffs(id, exp, tex, angles, gamma, trans) -> torch.Tensor:
     parts = {"id": id, "exp": exp, "tex": tex, "angles": angles, "gamma": gamma, "trans": trans}
     for k, v in parts.items():
         _check_last(k, v, LAYOUT[k].stop - LAYOUT[k].start)
-    batch = torch.broadcast_shapes(*(v.shape[:-1] for v in parts.values()))
+    try:
+        batch = torch.broadcast_shapes(*(v.shape[:-1] for v in parts.values()))
+    except RuntimeError:
+        raise ValueError("id, exp, tex, angles, gamma, trans: leading (batch) dims do not "
+                         "broadcast: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in parts.items())
+                         ) from None
     return torch.cat([v.expand(*batch, v.shape[-1]) for v in parts.values()], dim=-1)
 
 
@@ -100,10 +106,16 @@ def motion_from_coeffs(coeffs: torch.Tensor) -> torch.Tensor:
 
 def window_indices(index, length: int, radius: int = MOTION_RADIUS) -> torch.Tensor:
     """Frame indices ``(..., 2 * radius + 1)`` of the window centred on ``index`` (int or
-    int tensor), clamped to ``[0, length - 1]`` at the video ends (OTAvatar)."""
-    if length <= 0:
-        raise ValueError(f"length: expected > 0, got {length}")
-    idx = torch.as_tensor(index, dtype=torch.int64)
+    int tensor), clamped to ``[0, length - 1]`` at the video ends (OTAvatar). ``length`` > 0
+    frames, ``radius`` >= 0."""
+    if isinstance(length, bool) or not isinstance(length, numbers.Integral) or length <= 0:
+        raise ValueError(f"length: expected an integer > 0, got {length!r}")
+    if isinstance(radius, bool) or not isinstance(radius, numbers.Integral) or radius < 0:
+        raise ValueError(f"radius: expected an integer >= 0, got {radius!r}")
+    idx = torch.as_tensor(index)
+    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise TypeError(f"index: expected an int or an integer tensor, got {index!r}")
+    idx = idx.to(torch.int64)
     if ((idx < 0) | (idx >= length)).any():
         raise IndexError(f"index: expected values in [0, {length - 1}], got {idx.tolist()}")
     offsets = torch.arange(-radius, radius + 1, dtype=torch.int64)
@@ -112,10 +124,12 @@ def window_indices(index, length: int, radius: int = MOTION_RADIUS) -> torch.Ten
 
 def motion_window(coeffs: torch.Tensor, index, radius: int = MOTION_RADIUS) -> torch.Tensor:
     """OTAvatar's controller input ``(70, 2 * radius + 1)`` (``(B, 70, 27)`` for a batch of
-    indices) from a video's ``coeffs: (T, 257)`` around frame ``index``."""
+    indices) from a video's ``coeffs: (T, 257)``, T >= 1, around frame ``index`` (an int or an
+    integer tensor ``(B,)``, B = 0 works)."""
     _check_last("coeffs", coeffs, COEFF_DIM)
-    if coeffs.dim() != 2:
-        raise ValueError(f"coeffs: expected shape (T, 257), got {tuple(coeffs.shape)}")
+    if coeffs.dim() != 2 or coeffs.shape[0] == 0:
+        raise ValueError(f"coeffs: expected shape (T, 257) with T >= 1 frames, got "
+                         f"{tuple(coeffs.shape)}")
     motion = motion_from_coeffs(coeffs)                               # (T, 70)
     idx = window_indices(index, coeffs.shape[0], radius)            # (..., W)
     return motion[idx].transpose(-1, -2)                              # (..., 70, W)

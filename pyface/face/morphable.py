@@ -33,7 +33,7 @@ import torch
 
 from pyface.face import cameras as cam
 from pyface.face.coeffs import COEFF_DIM, EXP_DIM, ID_DIM, TEX_DIM, split_coeffs
-from pyface.face.render import render_mesh
+from pyface.face.render import _size, render_mesh
 
 # Deep3DFaceRecon's SH constants and ambient initialisation.
 _SH_A = (math.pi, 2 * math.pi / math.sqrt(3.0), 2 * math.pi / math.sqrt(8.0))
@@ -62,7 +62,8 @@ def sh_shading(normals: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
 
 
 def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """Area-weighted unit vertex normals ``(B, V, 3)`` of ``verts: (B, V, 3)``."""
+    """Area-weighted unit vertex normals ``(B, V, 3)`` of ``verts: (B, V, 3)`` and the
+    triangles ``faces: (F, 3)`` (int64 vertex indices)."""
     p = verts[:, faces]                                           # (B, F, 3, 3)
     fn = torch.linalg.cross(p[:, :, 1] - p[:, :, 0], p[:, :, 2] - p[:, :, 0], dim=-1)
     n = torch.zeros_like(verts)
@@ -82,7 +83,9 @@ def _inside_polygon(pts, poly):
 
 def regions_from_landmarks(verts: torch.Tensor, faces: torch.Tensor, landmarks: torch.Tensor,
                            brow_width: float = 0.35) -> dict[str, torch.Tensor]:
-    """Eye, mouth and brow regions ``(V,)`` of any head mesh with iBUG-68 landmarks.
+    """Eye, mouth and brow regions ``(V,)`` of any head mesh with iBUG-68 landmarks:
+    ``verts: (V, 3)`` (unposed, facing +z), ``faces: (F, 3)`` and ``landmarks: (68,)`` vertex
+    indices.
 
     A vertex belongs to a region when it faces the camera (+z normal) and its frontal (x, y)
     projection lies inside the landmark polygon: eyes 36-41 / 42-47, mouth 48-59; brows are the
@@ -260,17 +263,21 @@ class MorphableModel(torch.nn.Module):
         return getattr(self, f"region_{name}")
 
     def shape(self, id_coeff: torch.Tensor, exp_coeff: torch.Tensor) -> torch.Tensor:
-        """Vertices ``(B, V, 3)`` of ``id_coeff: (B, 80)`` and ``exp_coeff: (B, 64)``."""
+        """Vertices ``(B, V, 3)`` of ``id_coeff: (B, 80)`` and ``exp_coeff: (B, 64)`` (B = 0
+        works)."""
         _check_coeff("id_coeff", id_coeff, ID_DIM)
         _check_coeff("exp_coeff", exp_coeff, EXP_DIM)
+        if exp_coeff.shape[0] != id_coeff.shape[0]:
+            raise ValueError(f"exp_coeff: expected shape ({id_coeff.shape[0]}, {EXP_DIM}) (B of "
+                             f"id_coeff), got {tuple(exp_coeff.shape)}")
         d = id_coeff.to(self.id_basis) @ self.id_basis.T + exp_coeff.to(self.exp_basis) @ self.exp_basis.T
-        return self.mean_shape + d.view(d.shape[0], -1, 3)
+        return self.mean_shape + d.view(d.shape[0], self.num_vertices, 3)
 
     def albedo(self, tex_coeff: torch.Tensor) -> torch.Tensor:
         """Per-vertex albedo ``(B, V, 3)`` of ``tex_coeff: (B, 80)`` (not clamped)."""
         _check_coeff("tex_coeff", tex_coeff, TEX_DIM)
         d = tex_coeff.to(self.tex_basis) @ self.tex_basis.T
-        return self.mean_tex + d.view(d.shape[0], -1, 3)
+        return self.mean_tex + d.view(d.shape[0], self.num_vertices, 3)
 
     def forward(self, coeffs: torch.Tensor) -> dict[str, torch.Tensor]:
         """``coeffs: (B, 257)`` -> ``verts`` (unposed, BFM units), ``posed`` (R v + t),
@@ -288,7 +295,8 @@ class MorphableModel(torch.nn.Module):
 
     # ------------------------------------------------------------------ rendering
     def label_of(self, coeffs: torch.Tensor, focal: float = cam.FFHQ_FOCAL) -> torch.Tensor:
-        """EG3D label ``(B, 25)`` of the pose in ``coeffs: (B, 257)`` (no submission offsets)."""
+        """EG3D label ``(..., 25)`` of the pose in ``coeffs: (..., 257)`` (no submission
+        offsets)."""
         c = split_coeffs(coeffs.float())
         return cam.deep3d_to_label(c["angles"], c["trans"], focal=focal)
 
@@ -301,18 +309,45 @@ class MorphableModel(torch.nn.Module):
             label: optional EG3D camera ``(B, 25)``. ``None``: the camera of the coefficients'
                 pose (:meth:`label_of`). With a label the head is rendered unposed (the
                 label is the whole camera) and lit with the label's view rotation.
-            background: ``(B, 3, H, W)`` or ``(3,)`` colour; default black.
-            regions: region names to render as masks (``Render.regions``).
+            background: an image ``(B, 3, H, W)`` (or ``(3, H, W)``, ``(1, 3, H, W)``) or a
+                colour ``(3,)``; default black.
+            regions: a tuple of region names (``region_names``) to render as masks
+                (``Render.regions``).
+
+        ``coeffs`` must be finite where they pose the camera (angles, trans): the camera is
+        checked with :func:`~pyface.face.cameras.check_label` (which reads its values).
         """
         _check_coeff("coeffs", coeffs, COEFF_DIM)
         b = coeffs.shape[0]
+        h, w = _size(image_size)
+        if isinstance(regions, str):
+            raise TypeError(f"regions: expected a tuple of region names, got the string "
+                            f"{regions!r} (write ({regions!r},))")
+        for r in regions:
+            self.region(r)
+        if background is not None:
+            if not isinstance(background, torch.Tensor):
+                raise TypeError(f"background: expected a torch.Tensor of shape (B, 3, H, W) or "
+                                f"(3,), got {type(background).__name__}")
+            ok = (background.shape == (3,) or (background.dim() in (3, 4)
+                  and tuple(background.shape[-3:]) == (3, h, w)
+                  and (background.dim() == 3 or background.shape[0] in (1, b))))
+            if not ok:
+                raise ValueError(f"background: expected shape ({b}, 3, {h}, {w}) or (3,), got "
+                                 f"{tuple(background.shape)}")
         c = split_coeffs(coeffs.float())
         if label is None:
             label = self.label_of(coeffs)
-        elif label.shape != (b, 25):
-            raise ValueError(f"label: expected shape ({b}, 25), got {tuple(label.shape)}")
+            what = "coeffs (the camera of its angles 224:227 and trans 254:257)"
+        else:
+            if not isinstance(label, torch.Tensor):
+                raise TypeError(f"label: expected a torch.Tensor of shape ({b}, 25), got "
+                                f"{type(label).__name__}")
+            if label.shape != (b, 25):
+                raise ValueError(f"label: expected shape ({b}, 25), got {tuple(label.shape)}")
+            what = "label"
         label = label.float()
-        cam.check_label(label, "label")
+        cam.check_label(label, what)
         verts = self.shape(c["id"], c["exp"])
         c2w, _ = cam.split_label(label)
         # view rotation in Deep3DFaceRecon's camera frame (x right, y up, z to the camera)
@@ -343,7 +378,9 @@ class MorphableModel(torch.nn.Module):
 
     def render_canonical(self, coeffs: torch.Tensor, image_size=256, **kw) -> Render:
         """Frontal render with the pose removed (angles = trans = 0): the fixed canonical view of
-        GOHA's expression branch (camera at (0, 0, 2.7) looking at the origin)."""
+        GOHA's expression branch (camera at (0, 0, 2.7) looking at the origin).
+        ``coeffs: (B, 257)``; ``kw``: :meth:`render`'s ``background`` and ``regions``."""
+        _check_coeff("coeffs", coeffs, COEFF_DIM)
         c = coeffs.clone()
         c[:, 224:227] = 0
         c[:, 254:257] = 0
@@ -351,9 +388,16 @@ class MorphableModel(torch.nn.Module):
 
     def landmarks2d(self, coeffs: torch.Tensor, label: torch.Tensor | None = None,
                     image_size=256) -> torch.Tensor:
-        """68 projected landmarks ``(B, 68, 2)`` in pixels, without rendering."""
-        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        """68 projected landmarks ``(B, 68, 2)`` in pixels of ``coeffs: (B, 257)`` seen by
+        ``label: (B, 25)`` (default: the pose's camera, :meth:`label_of`) on an ``image_size``
+        (``H`` or ``(H, W)``) image, without rendering."""
+        _check_coeff("coeffs", coeffs, COEFF_DIM)
+        h, w = _size(image_size)
         c = split_coeffs(coeffs.float())
+        if label is not None and (not isinstance(label, torch.Tensor)
+                                  or label.shape != (coeffs.shape[0], 25)):
+            raise ValueError(f"label: expected a tensor of shape ({coeffs.shape[0]}, 25), got "
+                             f"{tuple(label.shape) if isinstance(label, torch.Tensor) else label!r}")
         label = self.label_of(coeffs) if label is None else label.float()
         verts = self.shape(c["id"], c["exp"])[:, self.landmarks] * cam.BFM_TO_EG3D_SCALE
         uv, _ = cam.project_label(verts, label)

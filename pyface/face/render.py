@@ -38,12 +38,19 @@ class RasterOutput:
 
 
 def _size(image_size) -> tuple[int, int]:
-    if isinstance(image_size, int):
-        image_size = (image_size, image_size)
-    h, w = (int(s) for s in image_size)
-    if h <= 0 or w <= 0:
-        raise ValueError(f"image_size: expected positive (H, W), got {tuple(image_size)}")
-    return h, w
+    """``image_size`` (``H`` or ``(H, W)``, positive integers) as ``(H, W)``."""
+    import numbers
+
+    size = (image_size, image_size) if isinstance(image_size, numbers.Integral) else image_size
+    try:
+        h, w = size
+    except (TypeError, ValueError):
+        raise ValueError(f"image_size: expected positive integers H or (H, W), got "
+                         f"{image_size!r}") from None
+    if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s <= 0 for s in (h, w)):
+        raise ValueError(f"image_size: expected positive integers H or (H, W), got "
+                         f"{image_size!r}")
+    return int(h), int(w)
 
 
 CULL_MODES = ("none", "cw", "ccw")
@@ -65,7 +72,14 @@ def render_mesh(verts_ndc: torch.Tensor, faces: torch.Tensor, image_size,
     h, w = _size(image_size)
     if verts_ndc.dim() != 3 or verts_ndc.shape[-1] != 3:
         raise ValueError(f"verts_ndc: expected shape (B, V, 3), got {tuple(verts_ndc.shape)}")
-    if faces.dim() != 2 or faces.shape[-1] != 3 or faces.is_floating_point():
+    if not isinstance(verts_ndc, torch.Tensor):
+        raise TypeError(f"verts_ndc: expected a torch.Tensor of shape (B, V, 3), got "
+                        f"{type(verts_ndc).__name__}")
+    if not isinstance(faces, torch.Tensor):
+        raise TypeError(f"faces: expected an integer tensor of shape (F, 3), got "
+                        f"{type(faces).__name__}")
+    if (faces.dim() != 2 or faces.shape[-1] != 3 or faces.is_floating_point()
+            or faces.is_complex() or faces.dtype == torch.bool):
         raise ValueError(f"faces: expected an integer tensor of shape (F, 3), got "
                          f"{tuple(faces.shape)} {faces.dtype}")
     if attributes is not None and (attributes.dim() != 3 or attributes.shape[:2] != verts_ndc.shape[:2]):

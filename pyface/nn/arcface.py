@@ -95,6 +95,7 @@ class IdentityLoss(nn.Module):
         return super().train(False)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Unit ArcFace embeddings (N, D) of images x (N, 3, H, W) in [-1, 1]."""
         if self.cfg.crop is not None:
             H, W = x.shape[-2:]
             x0, y0, x1, y1 = self.cfg.crop

@@ -46,8 +46,9 @@ def align_crops(images: torch.Tensor, landmarks: torch.Tensor, size: int = 128,
     if images.dim() != 4:
         raise ValueError(f"images: expected shape (N, C, H, W), got {tuple(images.shape)}")
     pts = five_points(landmarks).to(images.dtype)
-    if pts.shape[0] != images.shape[0]:
-        raise ValueError(f"landmarks: expected {images.shape[0]} sets, got {pts.shape[0]}")
+    if pts.dim() != 3 or pts.shape[0] != images.shape[0]:
+        raise ValueError(f"landmarks: expected shape ({images.shape[0]}, 68, 2) or "
+                         f"({images.shape[0]}, 5, 2) (N of images), got {tuple(landmarks.shape)}")
     N, _, H, W = images.shape
     tmpl = torch.tensor(TEMPLATE_112, dtype=images.dtype, device=images.device) + offset
     M = similarity(pts.detach(), tmpl)                         # image px -> canvas px
@@ -143,6 +144,8 @@ class ArcFaceIdentityLoss(nn.Module):
         return super().train(False)
 
     def embed(self, images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        """Unit embeddings (N, 512) of images (N, 3, H, W) aligned by their landmarks
+        (N, 68, 2) or (N, 5, 2) in pixels (:func:`align_crops`)."""
         return F.normalize(self.net(to_gray(align_crops(images.float(), landmarks))), dim=1)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor,

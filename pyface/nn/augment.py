@@ -44,6 +44,19 @@ class AffineTPS:
     control_points: torch.Tensor
     control_params: torch.Tensor
 
+    def __post_init__(self) -> None:
+        t, c, w = self.theta, self.control_points, self.control_params
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[1:] != (2, 3):
+            raise ValueError(f"theta: expected shape (B, 2, 3), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else t!r}")
+        if not isinstance(c, torch.Tensor) or c.dim() != 2 or c.shape[1] != 2:
+            raise ValueError(f"control_points: expected shape (P, 2), got "
+                             f"{tuple(c.shape) if isinstance(c, torch.Tensor) else c!r}")
+        if not isinstance(w, torch.Tensor) or w.shape != (t.shape[0], c.shape[0], 2):
+            raise ValueError(f"control_params: expected shape ({t.shape[0]}, {c.shape[0]}, 2) "
+                             f"(B of theta, P of control_points), got "
+                             f"{tuple(w.shape) if isinstance(w, torch.Tensor) else w!r}")
+
     @property
     def batch(self) -> int:
         return self.theta.shape[0]
@@ -135,6 +148,9 @@ class RandomAffineTPS:
     def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None):
         if image.dim() != 4:
             raise ValueError(f"image: expected shape (B, C, H, W), got {tuple(image.shape)}")
+        if not image.is_floating_point():
+            raise TypeError(f"image: expected a floating-point tensor, got dtype "
+                            f"{str(image.dtype).replace('torch.', '')}")
         t = self.sample(image.shape[0], device=image.device, dtype=image.dtype,
                         generator=generator)
         return t.warp_image(image), t

@@ -112,7 +112,7 @@ class MotionController(nn.Module):
         for j in range(c.mlp_layers):
             h = F.leaky_relu(self.mlp[j % len(self.mlp)](h), s)
         out = self.out(F.leaky_relu(f + h, s))
-        rows = out.view(motion.shape[0], -1, c.directions)
+        rows = out.view(motion.shape[0], out.shape[1] // c.directions, c.directions)
         if c.global_row:
             rows = rows[:, :1] + rows[:, 1:]
         return rows

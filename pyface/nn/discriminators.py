@@ -167,6 +167,10 @@ class DualDiscriminator(StyleGAN2Discriminator):
 
     def forward(self, image: torch.Tensor, image_raw: torch.Tensor,
                 c: torch.Tensor | None = None) -> torch.Tensor:
+        if image_raw.ndim != 4 or image.ndim != 4 or image_raw.shape[:2] != image.shape[:2]:
+            raise ValueError(f"image_raw: expected shape ({image.shape[0]}, {image.shape[1]}, r, r)"
+                             f" (B and channels of image {tuple(image.shape)}), got "
+                             f"{tuple(image_raw.shape)}")
         raw = filtered_resize(image_raw, image.shape[-1])
         if self.c_noise > 0 and c is not None and self.training:
             c = c + torch.randn_like(c) * c.std(0) * self.c_noise

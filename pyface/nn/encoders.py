@@ -127,7 +127,7 @@ class HeadPoseExpressionEstimator(nn.Module):
         f = self.backbone(image)
         out = {"yaw": self.fc_yaw(f), "pitch": self.fc_pitch(f), "roll": self.fc_roll(f),
                "t": self.fc_t(f),
-               "exp": self.fc_exp(f).view(-1, self.cfg.num_keypoints, 3)}
+               "exp": self.fc_exp(f).view(f.shape[0], self.cfg.num_keypoints, 3)}
         for k in ("yaw", "pitch", "roll"):
             out[f"{k}_deg"] = self.angle(out[k])
         return out

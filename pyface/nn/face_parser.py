@@ -181,6 +181,9 @@ class FaceParser(nn.Module):
         if x.ndim != 4 or x.shape[1] != 3 or min(x.shape[-2:]) < 32:
             raise ValueError(f"x: expected shape (B, 3, H, W) with H, W >= 32, got "
                              f"{tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating-point image in [-1, 1] (or ImageNet-"
+                            f"normalised), got dtype {str(x.dtype).replace('torch.', '')}")
         if self.cfg.input_range == "[-1,1]":
             mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
             std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)

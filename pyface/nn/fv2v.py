@@ -26,6 +26,7 @@ Blocks (BatchNorm everywhere, as in face-vid2vid):
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -149,7 +150,10 @@ def make_coordinate_grid(depth: int, height: int, width: int, *, dtype=torch.flo
                          device=None) -> torch.Tensor:
     """Coordinates of a (D, H, W) volume in [-1, 1] (inclusive linspace per axis, as
     face-vid2vid): (D, H, W, 3) with the last dimension ordered (x -> W, y -> H, z -> D), the
-    order of ``grid_sample``'s 5-D grids."""
+    order of ``grid_sample``'s 5-D grids. Every size must be an integer >= 1."""
+    for name, n in (("depth", depth), ("height", height), ("width", width)):
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"{name}: expected an integer >= 1, got {n!r}")
     lin = [torch.linspace(-1, 1, n, dtype=dtype, device=device) if n > 1
            else torch.zeros(1, dtype=dtype, device=device) for n in (depth, height, width)]
     z, y, x = torch.meshgrid(*lin, indexing="ij")

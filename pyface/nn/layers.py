@@ -79,7 +79,7 @@ def bias_act(x: torch.Tensor, b: torch.Tensor | None = None, act: str = "linear"
              gain: float | None = None, clamp: float | None = None, dim: int = 1) -> torch.Tensor:
     """``clamp(act(x + b) * gain, -clamp, clamp)`` with ``b`` broadcast along ``dim``.
 
-    x: (..., C, ...) with C = ``b.shape[0]`` at ``dim``. When gradients are needed, ReLU / leaky
+    x: (..., C, ...) with C = ``b.shape[0]`` at ``dim``; b: (C,) or None. When gradients are needed, ReLU / leaky
     ReLU with a positive gain run as one autograd node that keeps only the output (the fused
     path; under ``pyface.ops.use_backend("reference")`` / ``train.backend=reference`` PyTorch's
     composition runs instead, which also keeps the pre-activation)."""
@@ -231,6 +231,10 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
     O = weight.shape[0]
     if styles.shape != (B, I):
         raise ValueError(f"styles: expected shape ({B}, {I}), got {tuple(styles.shape)}")
+    if B == 0:      # (a grouped conv needs one group at least: the shape of one sample, empty)
+        return modulated_conv2d(x.new_zeros(1, I, H, W), weight, styles.new_ones(1, I),
+                                demodulate=demodulate, up=up, padding=padding,
+                                resample_filter=resample_filter, flip_weight=flip_weight)[:0]
     w = weight.unsqueeze(0) * styles.reshape(B, 1, I, 1, 1)
     if demodulate:
         w = w * (w.square().sum(dim=[2, 3, 4], keepdim=True) + 1e-8).rsqrt()

@@ -20,7 +20,7 @@ GAN_LOSSES = ("logistic", "hinge", "lsgan")
 
 def gan_g_loss(fake_logits: torch.Tensor, kind: str = "logistic") -> torch.Tensor:
     """Generator loss on D(fake): non-saturating logistic ``softplus(-D)``, hinge ``-D`` or
-    least squares ``(D - 1)^2``; mean."""
+    least squares ``(D - 1)^2``; mean over ``fake_logits`` (B, ...) (any shape)."""
     if kind == "logistic":
         return F.softplus(-fake_logits).mean()
     if kind == "hinge":
@@ -33,7 +33,9 @@ def gan_g_loss(fake_logits: torch.Tensor, kind: str = "logistic") -> torch.Tenso
 def gan_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor,
                kind: str = "logistic") -> torch.Tensor:
     """Discriminator loss: logistic ``softplus(-D(real)) + softplus(D(fake))``, hinge
-    ``relu(1 - D(real)) + relu(1 + D(fake))`` or least squares ``(D(real)-1)^2 + D(fake)^2``."""
+    ``relu(1 - D(real)) + relu(1 + D(fake))`` or least squares ``(D(real)-1)^2 + D(fake)^2``;
+    ``real_logits`` (B, ...) and ``fake_logits`` (B', ...) are averaged separately (their
+    batch sizes may differ)."""
     if kind == "logistic":
         return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
     if kind == "hinge":
@@ -46,14 +48,25 @@ def gan_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor,
 def r1_penalty(real_logits: torch.Tensor, real_inputs: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per-sample R1: ``sum_i |d D(real) / d input_i|^2`` -> (B,). Inputs must require grad;
     the graph is kept (``create_graph``) so the penalty trains D (double backward). EG3D's loss is
-    ``r1_penalty(...) * (gamma / 2)``, times the lazy interval."""
+    ``r1_penalty(...) * (gamma / 2)``, times the lazy interval.
+
+    real_logits: (B, ...) computed from ``real_inputs``, each (B, ...) with ``requires_grad``."""
+    real_inputs = list(real_inputs)
+    for i, x in enumerate(real_inputs):
+        if not isinstance(x, torch.Tensor) or not x.requires_grad:
+            raise ValueError(f"real_inputs[{i}]: expected a tensor with requires_grad=True (call "
+                             f"requires_grad_() on it before the discriminator sees it)")
+    if not real_logits.requires_grad:
+        raise ValueError("real_logits: expected a tensor computed from real_inputs (it does not "
+                         "require grad)")
     grads = torch.autograd.grad(real_logits.sum(), list(real_inputs), create_graph=True)
     return sum(g.square().flatten(1).sum(1) for g in grads)
 
 
 def feature_matching_loss(real_feats: Sequence[torch.Tensor],
                           fake_feats: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Mean L1 between discriminator features of real (detached) and fake images."""
+    """Mean L1 between discriminator features of real (detached) and fake images: two lists of
+    equal length whose i-th tensors have the same shape (e.g. (B, C_i, H_i, W_i))."""
     if len(real_feats) != len(fake_feats):
         raise ValueError(f"feature lists differ in length: {len(real_feats)} vs {len(fake_feats)}")
     return sum(F.l1_loss(f, r.detach()) for r, f in zip(real_feats, fake_feats)) / max(
@@ -70,4 +83,7 @@ def tv_loss(x: torch.Tensor) -> torch.Tensor:
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) summed over features, mean over the batch.
     mu, logvar: (B, D)."""
+    if mu.shape != logvar.shape:
+        raise ValueError(f"logvar: expected the shape of mu {tuple(mu.shape)}, got "
+                         f"{tuple(logvar.shape)}")
     return (-0.5 * (1 + logvar - mu.square() - logvar.exp()).sum(dim=-1)).mean()

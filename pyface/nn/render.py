@@ -180,7 +180,8 @@ def ray_uniforms(config: RenderConfig, generators: list, n_rays: int,
     (one ``torch.Generator`` per item: frames whose samples do not depend on how they are
     batched): ``stratified_noise`` (B, n_rays, depth_resolution) and ``importance_u``
     (B, n_rays, depth_resolution_importance) or None, B = len(generators), on ``planes``'
-    device in the renderer's dtype. Pass them to :meth:`TriplaneRenderer.forward`."""
+    device in the renderer's dtype (``planes``: the (B, 3, C, H, W) planes to render). Pass them
+    to :meth:`TriplaneRenderer.forward`."""
     like = torch.empty(0, device=planes.device, dtype=_weights_dtype(planes))
     drawn = [render_uniforms(1, n_rays, config.depth_resolution,
                              config.depth_resolution_importance, like, generator=g)
@@ -197,7 +198,8 @@ def renderer_uniforms(config: RenderConfig, batch: int, n_rays: int,
     renders of ``n_rays`` rays: ``torch.rand`` from torch's current generator, the same numbers
     in the same order (``stratified_noise`` (batch, n_rays, depth_resolution), then
     ``importance_u`` (batch, n_rays, depth_resolution_importance) or None), on ``like``'s device
-    in the renderer's dtype for planes of ``like``'s dtype. Drawn before the call and passed to
+    in the renderer's dtype for planes of ``like``'s dtype (``like``: any tensor, e.g. the
+    (B, 3, C, H, W) planes). Drawn before the call and passed to
     :meth:`TriplaneRenderer.forward`, they stay out of a renderer compiled with
     ``torch.compile``, whose Inductor backend would draw other numbers with its own generator;
     uncompiled renders do not change."""
@@ -221,7 +223,8 @@ def _weights_dtype(planes: torch.Tensor) -> torch.dtype:
 
 def query_density(planes: torch.Tensor, decoder, points: torch.Tensor, *,
                   plane_axes: str, box_size: float = 1.0) -> torch.Tensor:
-    """Raw density (B, N) of the decoder at points (B, N, 3) (EG3D's ``sample_mixed``);
+    """Raw density (B, N) of the decoder at points (B, N, 3) of planes (B, 3, C, H, W)
+    (EG3D's ``sample_mixed``);
     ``plane_axes`` as in :class:`RenderConfig` (required).
 
     Precision as in the renderer: float16 / bfloat16 planes are sampled and OSG weights applied
@@ -279,7 +282,7 @@ def density_monotonic_regularizer(planes: torch.Tensor, decoder, *, n_points: in
     ``-box_size / 256`` in z; returns ``relu(sigma_front - sigma_behind).mean() * scale`` with
     ``sigma_front`` detached when ``detach``. (EG3D adds an L1 term with p_dist = box_size / 256
     next to it: :func:`density_l1_regularizer`.) ``plane_axes`` as in :class:`RenderConfig`
-    (required; use the renderer's ``config.plane_axes``).
+    (required; use the renderer's ``config.plane_axes``). ``planes``: (B, 3, C, H, W).
     """
     B, dev, dt = planes.shape[0], planes.device, _weights_dtype(planes)
     x = torch.rand(B, n_points, 3, device=dev, dtype=dt, **generator_kwargs(generator)) * 2 - 1

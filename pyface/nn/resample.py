@@ -7,6 +7,7 @@ and filtered resizing. Every op is a composition of differentiable torch ops, so
 (R1) works on every device."""
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -59,7 +60,8 @@ def upfirdn2d(x: torch.Tensor, f: torch.Tensor, *, up: int = 1, down: int = 1,
 
 def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2, padding: int = 0,
                gain: float = 1.0) -> torch.Tensor:
-    """(N, C, H, W) -> (N, C, H*up, W*up), filtered (gain ``up**2`` keeps the DC level)."""
+    """x (N, C, H, W) -> (N, C, H*up, W*up), filtered by the 2-D FIR filter f (fh, fw) (gain
+    ``up**2`` keeps the DC level)."""
     fh, fw = f.shape
     p = [padding + (fw + up - 1) // 2, padding + (fw - up) // 2,
          padding + (fh + up - 1) // 2, padding + (fh - up) // 2]
@@ -68,7 +70,8 @@ def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2, padding: int = 0,
 
 def downsample2d(x: torch.Tensor, f: torch.Tensor, down: int = 2, padding: int = 0,
                  gain: float = 1.0) -> torch.Tensor:
-    """(N, C, H, W) -> (N, C, H/down, W/down), low-pass filtered first."""
+    """x (N, C, H, W) -> (N, C, H/down, W/down), low-pass filtered first by the 2-D FIR filter
+    f (fh, fw)."""
     fh, fw = f.shape
     p = [padding + (fw - down + 1) // 2, padding + (fw - down) // 2,
          padding + (fh - down + 1) // 2, padding + (fh - down) // 2]
@@ -79,8 +82,16 @@ def filtered_resize(x: torch.Tensor, size: int | tuple[int, int],
                     antialias: bool = True) -> torch.Tensor:
     """Bilinear resize with an antialiasing filter when shrinking (EG3D ``filtered_resizing``).
 
-    x: (N, C, H, W) -> (N, C, *size)."""
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    x: (N, C, H, W) -> (N, C, *size); ``size``: ``S`` or ``(H', W')``, positive integers."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x: expected a tensor of shape (N, C, H, W), got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    size = (size, size) if isinstance(size, numbers.Integral) else tuple(size)
+    if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s <= 0
+                             for s in size):
+        raise ValueError(f"size: expected a positive integer or (H, W) of positive integers, got "
+                         f"{size!r}")
+    size = (int(size[0]), int(size[1]))
     if tuple(x.shape[-2:]) == size:
         return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=antialias)

@@ -162,7 +162,9 @@ def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 class AdaptiveLayerNorm(nn.LayerNorm):
-    """LayerNorm (same parameters) plus, if ``cond_dim`` > 0, ``ada``: cond -> (scale, shift)."""
+    """LayerNorm (same parameters) plus, if ``cond_dim`` > 0, ``ada``: cond -> (scale, shift).
+
+    x (B, N, dim) [, cond (B, cond_dim)] -> (B, N, dim): ``LN(x) * (1 + scale) + shift``."""
 
     def __init__(self, dim: int, eps: float, cond_dim: int = 0):
         super().__init__(dim, eps=eps)
@@ -218,7 +220,7 @@ class _SelfAttention(nn.Module):
             kv = x.transpose(1, 2).reshape(B, C, h, w)
             kv = self.layer_norm(self.sr(kv).flatten(2).transpose(1, 2))
         k, v = self.key(kv), self.value(kv)
-        split = lambda t: t.reshape(B, -1, self.heads, C // self.heads).transpose(1, 2)  # noqa
+        split = lambda t: t.reshape(B, t.shape[1], self.heads, C // self.heads).transpose(1, 2)  # noqa
         out = F.scaled_dot_product_attention(
             split(q), split(k), split(v),
             dropout_p=self.attention_dropout if self.training else 0.0)
@@ -341,6 +343,8 @@ class SegformerDecodeHead(nn.Module):
         self.classifier_dropout = cfg.classifier_dropout
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """feats: the encoder's stage maps (B, D_i, H_i, W_i) -> (B, decoder_hidden_size or
+        num_labels, H_0, W_0)."""
         if len(feats) != len(self.linear_c):
             raise ValueError(f"feats: expected {len(self.linear_c)} stage maps, got {len(feats)}")
         size = feats[0].shape[-2:]

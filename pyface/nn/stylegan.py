@@ -89,6 +89,9 @@ class MappingNetwork(nn.Module):
             if c is None or c.ndim != 2 or c.shape[1] != self.c_dim:
                 raise ValueError(f"c: expected shape (B, {self.c_dim}), got "
                                  f"{None if c is None else tuple(c.shape)}")
+            if x is not None and c.shape[0] != x.shape[0]:
+                raise ValueError(f"c: expected shape ({x.shape[0]}, {self.c_dim}) (B of z), got "
+                                 f"{tuple(c.shape)}")
             y = normalize_2nd_moment(self.embed(c.float()))
             x = torch.cat([x, y], dim=1) if x is not None else y
         for i in range(self.cfg.num_layers):

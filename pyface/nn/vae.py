@@ -7,6 +7,7 @@ posterior-collapse check."""
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import torch
 from torch import nn
@@ -108,6 +109,9 @@ class GaussianMLPVAE(nn.Module):
         return kl_divergence(mu, logvar)
 
     def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` (>= 0) decoded samples of the prior N(0, I): (n, in_dim)."""
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise ValueError(f"n: expected an integer >= 0, got {n!r}")
         p = next(self.parameters())
         z = torch.randn(n, self.cfg.latent, device=p.device, dtype=p.dtype, **generator_kwargs(generator))
         return self.decode(z)
