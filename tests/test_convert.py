@@ -912,7 +912,7 @@ def test_cli_convert_refuses_an_out_that_is_not_its_own_and_explains_wrong_input
     assert "weights: the folder holds other files" in capsys.readouterr().err
     assert os.listdir(user) == ["notes.txt"]
     assert main(["convert", "vgg19", src, src]) == 2
-    assert "vgg.pth: exists and is not a folder" in capsys.readouterr().err
+    assert "vgg.pth: the same path as OUT" in capsys.readouterr().err
     assert main(["convert", "vgg19", src, os.path.join(src, "out")]) == 2
     assert "vgg.pth is a file" in capsys.readouterr().err
     assert main(["convert", "vgg19", src, str(tmp_path / "v")]) == 0
