@@ -26,6 +26,32 @@ needs_prepare = pytest.mark.skipif(
 
 # ------------------------------------------------------------------ pure parts (no extra needed)
 
+def test_damaged_videos_reads_meta_json(tmp_path):
+    """`pyface data check`'s lines for videos prepared from a damaged source: from decode_error,
+    from source_damaged alone (folders prepared before decode_error), none for a whole video or
+    another generator's."""
+    from pyface.data.prepare import GENERATOR, damaged_message, damaged_videos
+
+    def video(name, **meta):
+        os.makedirs(tmp_path / name)
+        fmt._dump(str(tmp_path / name / fmt.META), {"identity": name, **meta})
+
+    video("a", generator=GENERATOR, source="/in/a.mp4",
+          decode_error={"frame": 1, "message": "InvalidDataError: cut"})
+    video("b", generator=GENERATOR, source="/in/b.mp4", source_damaged="/in/b.mp4: old warning")
+    video("c", generator=GENERATOR, source="/in/c.mp4")
+    video("d", generator="elsewhere", decode_error={"frame": 3, "message": "x"})
+    assert damaged_message("/in/a.mp4", 1, "InvalidDataError: cut") == (
+        "/in/a.mp4: truncated or damaged video: decoding failed at frame 1; kept the 1 frame "
+        "decoded before it (frame 0) (InvalidDataError: cut)")
+    root = str(tmp_path)
+    assert damaged_videos(root) == [
+        f"{tmp_path / 'a'}: prepared from a damaged source: "
+        + damaged_message("/in/a.mp4", 1, "InvalidDataError: cut"),
+        f"{tmp_path / 'b'}: prepared from a damaged source: /in/b.mp4: old warning"]
+    assert damaged_videos(root, ["c", "d"]) == []
+
+
 def test_mesh_to_68_table_and_jaw():
     assert sorted(FIXED_68) == list(range(17, 68))
     assert len(set(FIXED_68.values())) == 51 and max(FIXED_68.values()) < 478
@@ -2008,10 +2034,12 @@ def test_prepare_says_an_mp4_cut_before_its_index_is_truncated(tmp_path, where):
 
 
 @needs_prepare
-def test_prepare_keeps_the_frames_of_a_truncated_video(prepared, tmp_path):
+def test_prepare_keeps_the_frames_of_a_truncated_video(prepared, tmp_path, capsys):
     """`pyface data prepare` on a truncated video keeps the frames that decode, with one warning
-    naming the file and how many frames were kept (also in meta.json); a cut that leaves no
-    frame is still a bad input."""
+    naming the file, the frame where decoding failed and the frames kept; meta.json records
+    the failure (decode_error), the end-of-run summary lists the video and `pyface data check`
+    reports it from meta.json (no error); a cut that leaves no frame is still a bad input."""
+    from pyface.cli import main, plural
     from pyface.data.prepare import MIN_FRAMES, prepare
 
     rec = fmt.load_index(prepared["synth"])[0]
@@ -2023,15 +2051,38 @@ def test_prepare_keeps_the_frames_of_a_truncated_video(prepared, tmp_path):
         s = prepare([cut], PrepareConfig(out=out, fit=False, progress=False))
     said = [str(x.message) for x in w if "truncated" in str(x.message)]
     (r,) = s["results"]
-    assert MIN_FRAMES <= r["source_frames"] < len(frames) and s["bad"] == []
-    assert len(said) == 1 and said[0].startswith(f"{cut}: truncated or damaged video: kept the "
-                                                 f"{r['source_frames']} frames decoded before "
-                                                 "the damage (")
+    n = r["source_frames"]                  # decoded: frames 0 .. n-1; frame n failed
+    assert MIN_FRAMES <= n < len(frames) and s["bad"] == []
+    assert len(said) == 1 and said[0].startswith(
+        f"{cut}: truncated or damaged video: decoding failed at frame {n}; kept the {n} frames "
+        f"decoded before it (frames 0-{n - 1}) (")
     meta = json.load(open(os.path.join(out, "cut", fmt.META)))
-    assert meta["source_num_frames"] == r["source_frames"] and meta["source_damaged"] == said[0]
+    assert meta["source_num_frames"] == n and meta["source_damaged"] == said[0]
+    err = meta["decode_error"]
+    assert sorted(err) == ["frame", "message"] and err["frame"] == n
+    assert err["message"] and said[0].endswith(f" ({err['message']})")
+    assert r["decode_error"] == err
+    assert s["damaged"] == [{"name": "cut", "source": cut, "frames_kept": n, **err}]
+    assert max(meta["source_frames"]) < n
     assert meta["num_frames"] == r["frames"] == len(os.listdir(os.path.join(out, "cut",
                                                                             fmt.FRAME_DIR)))
     assert fmt.check_dataset(out)[1] == []
+    capsys.readouterr()
+    assert main(["data", "check", out]) == 0         # usable: a warning, not an error
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"WARNING {os.path.join(out, 'cut')}: prepared from a damaged source: "
+                     f"{os.path.abspath(cut)}: {said[0][len(cut) + 2:]}",
+                     f"{out}: 1 video, {plural(r['frames'], 'frame')}: OK; 1 video prepared "
+                     "from a truncated or damaged source (its frames before the damage)"]
+    out2 = str(tmp_path / "out2")                   # the command's end-of-run summary
+    assert main(["data", "prepare", cut, "--out", out2, "--no-fit", "--quiet"]) == 0
+    cap = capsys.readouterr()
+    assert [x for x in cap.err.splitlines() if "truncated" in x] == [f"WARNING {said[0]}"]
+    printed = cap.out.splitlines()
+    assert f"damaged: cut: {cut}: decoding failed at frame {n}, {n} frames kept " \
+           f"({err['message']})" in printed
+    assert printed[-1].startswith(f"{out2}: prepared 1 video, ")
+    assert printed[-1].endswith("; 0 bad inputs skipped, 1 damaged video kept up to the damage")
     empty = _mp4_cut(frames, str(tmp_path / "empty.mp4"), keep="header")
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")

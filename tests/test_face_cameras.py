@@ -72,6 +72,64 @@ def test_look_at_properties():
     assert_close(uv, torch.full((2, 1, 2), 0.5, dtype=D), scale=1e4)
 
 
+def test_look_at_refuses_a_camera_without_a_view_direction():
+    """origin == target, a zero up, or a view direction along up has no rotation: an error
+    naming the arguments, their values and the batch index, not a zero or NaN matrix."""
+    with pytest.raises(ValueError, match=r"^origin, target: expected target != origin \(a view "
+                                         r"direction\), got origin \(0, 0, 0\.2\) and target "
+                                         r"\(0, 0, 0\.2\)$"):
+        cam.look_at((0.0, 0.0, 0.2))                    # at the default target
+    origin = torch.tensor([[0.0, 0.0, 2.7], [1.0, 2.0, 3.0], [0.0, 0.0, 1.0]], dtype=D)
+    target = torch.tensor([[0.0, 0.0, 0.2], [1.0, 2.0, 3.0], [0.0, 0.0, 1.0]], dtype=D)
+    with pytest.raises(ValueError, match=r"^origin, target: .* got origin \(1, 2, 3\) and "
+                                         r"target \(1, 2, 3\) \(batch index 1\)$"):
+        cam.look_at(origin, target)
+    with pytest.raises(ValueError, match=r"\(batch index \(1, 0\)\)$"):
+        cam.look_at(origin[:2].reshape(2, 1, 3), target[1])
+    with pytest.raises(ValueError, match=r"^up: expected a non-zero vector, got \(0, 0, 0\)$"):
+        cam.look_at((0.0, 0.0, 2.7), up=(0.0, 0.0, 0.0))
+    above = torch.tensor([[0.0, 0.0, 2.7], [0.0, 3.0, 0.2]])      # float32: rounding included
+    with pytest.raises(ValueError, match=r"^origin, target, up: expected a view direction "
+                                         r"target - origin not parallel to up, got target - "
+                                         r"origin = \(0, -3, 0\) \(origin \(0, 3, 0\.2\), "
+                                         r"target \(0, 0, 0\.2\)\) along up \(0, 1, 0\) "
+                                         r"\(batch index 1\): the image's up is undefined"):
+        cam.look_at(above)
+    with pytest.raises(ValueError, match=r"parallel to up, .* along up \(0, 0, -2\)"):
+        cam.look_at((0.0, 0.0, 2.7), (0.0, 0.0, 0.0), up=(0.0, 0.0, -2.0))
+    # a camera close to these, but not on them, still gets its rotation
+    for o, t, u in (((0.0, 0.0, 0.2 + 1e-6), (0.0, 0.0, 0.2), (0.0, 1.0, 0.0)),
+                    ((1e-4, 3.0, 0.0), (0.0, 0.0, 0.0), (0.0, 1.0, 0.0))):
+        r = cam.look_at(torch.tensor(o, dtype=D), torch.tensor(t, dtype=D),
+                        torch.tensor(u, dtype=D))[:3, :3]
+        assert_close(r.T @ r, torch.eye(3, dtype=D), scale=1e3)
+
+
+def test_orbit_camera_refuses_a_camera_at_or_above_the_pivot():
+    """The orbit helpers name their own arguments: a camera at the pivot (radius 0 around a pivot
+    at the origin), or straight above it (pitch 90 degrees, or the pitch that puts an FFHQ
+    camera right above FFHQ's pivot)."""
+    with pytest.raises(ValueError, match=r"^radius, pivot: expected a camera away from the "
+                                         r"pivot, got yaw 0, pitch 0 and radius 0, which put "
+                                         r"the camera at \(0, 0, 0\), the pivot \(0, 0, 0\): "
+                                         "it has no view direction$"):
+        cam.orbit_camera(0.0, 0.0, radius=0.0, pivot=(0.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match=r"^yaw, pitch: expected a camera not straight above or "
+                                         r"below the pivot, got yaw 0, pitch 1\.5708 and radius "
+                                         r"2\.7, .* the pivot \(0, 0, 0\): it looks along the "
+                                         r"world up"):
+        cam.orbit_camera(0.0, math.pi / 2, pivot=(0.0, 0.0, 0.0))
+    pitch = torch.tensor([0.0, 0.1, math.acos(cam.FFHQ_PIVOT[2] / cam.FFHQ_RADIUS)], dtype=D)
+    with pytest.raises(ValueError, match=r"^yaw, pitch: .* pitch 1\.49665 and radius 2\.7, "
+                                         r"which put the camera at \(0, 2\.69258, 0\.2\), the "
+                                         r"pivot \(0, 0, 0\.2\) \(batch index 2\)"):
+        cam.orbit_camera(torch.zeros(3, dtype=D), pitch)
+    # radius 0 around FFHQ's pivot is a camera at the origin looking along +z: valid
+    c2w = cam.orbit_camera(0.0, 0.0, radius=0.0)
+    assert torch.equal(c2w[:3, 3], torch.zeros(3)) and torch.isfinite(c2w).all()
+    assert_close(c2w[:3, 2], torch.tensor([0.0, 0.0, 1.0]), scale=1e3)
+
+
 def test_orbit_yaw_pitch_roundtrip_and_direction():
     yaw = torch.tensor([-0.6, -0.1, 0.0, 0.3, 0.6], dtype=D)
     pitch = torch.tensor([0.3, -0.2, 0.0, 0.1, -0.35], dtype=D)

@@ -328,6 +328,21 @@ def test_regularisers():
     assert N.tv_loss(torch.ones(1, 3, 4, 4)).item() == 0
 
 
+def test_kl_divergence_of_an_empty_batch_is_zero_with_a_graph():
+    """B = 0: a 0 (not the NaN of an empty mean) that backward goes through, giving empty
+    gradients; a non-empty batch is unchanged (the mean over the batch)."""
+    mu = torch.zeros(0, 4, requires_grad=True)
+    logvar = torch.zeros(0, 4, requires_grad=True)
+    kl = N.kl_divergence(mu, logvar)
+    assert kl.shape == () and kl.item() == 0 and kl.requires_grad
+    (kl * 3 + 1).backward()
+    assert mu.grad.shape == logvar.grad.shape == (0, 4)
+    assert N.GaussianMLPVAE.kl(torch.zeros(0, 2), torch.zeros(0, 2)).item() == 0
+    mu, logvar = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    want = (-0.5 * (1 + logvar - mu.square() - logvar.exp()).sum(-1)).mean()
+    assert torch.equal(N.kl_divergence(mu, logvar), want)
+
+
 def _roi_naive(x, box, oh, ow, sr):
     """Per-sample bilinear (clamped to the border) average over bins, loops."""
     _, x0, y0, x1, y1 = [float(v) for v in box]

@@ -72,7 +72,8 @@ def add_parser(subparsers) -> None:
                                    "(finite, orthonormal cameras), coeffs.npy (T, 257), "
                                    "landmarks.npy, every frame and mask (decoded), and that "
                                    "the videos of pyface data prepare were prepared with the "
-                                   "same options.")
+                                   "same options; a WARNING line names each video prepared "
+                                   "from a truncated or damaged source (not an error).")
     c.add_argument("root", help="dataset root")
     c.add_argument("--fast", action="store_true", help="check that frames exist, do not decode")
     c.set_defaults(func=_check)
@@ -369,11 +370,15 @@ def _check(args) -> int:
     import os
 
     from pyface.data.format import check_dataset
+    from pyface.data.prepare import damaged_videos
 
     records, problems = check_dataset(args.root, deep=not args.fast)
     frames = sum(r.num_frames for r in records)
     for p in problems:
         print(f"ERROR {p}")
+    damaged = damaged_videos(args.root, [r.name for r in records])
+    for d in damaged:           # usable (its frames up to the damage), so no error
+        print(f"WARNING {d}")
     extra = ""
     for sub, what in (("cross", "cross-identity videos"), ("multiview", "second views")):
         d = os.path.join(args.root, sub)
@@ -385,6 +390,9 @@ def _check(args) -> int:
         problems += pc
         extra += f" (+ {len(rc)} {what}, {sum(r.num_frames for r in rc)} frames)"
     status = "OK" if not problems else plural(len(problems), "problem")
+    if damaged:
+        status += (f"; {plural(len(damaged), 'video')} prepared from a truncated or damaged "
+                   "source (its frames before the damage)")
     print(f"{args.root}: {plural(len(records), 'video')}, {plural(frames, 'frame')}{extra}: "
           f"{status}")
     return 0 if not problems else 1
@@ -471,6 +479,9 @@ def _prepare(args) -> int:
               f"jitter {j['before']:.3f} -> {j['after']:.3f} px, {r['seconds']:.1f} s")
     if s["skipped_finished"]:
         print(f"resumed: {plural(len(s['skipped_finished']), 'finished video')} skipped")
+    for d in s["damaged"]:      # kept in part: the frames before the damage
+        print(f"damaged: {d['name']}: {d['source']}: decoding failed at frame {d['frame']}, "
+              f"{plural(d['frames_kept'], 'frame')} kept ({d['message']})")
     for b in s["bad"]:
         print(f"skipped: {b}")
     for m in s["ignored"]:
@@ -480,6 +491,8 @@ def _prepare(args) -> int:
     print(f"{where}: prepared {plural(s['videos'], 'video')}, {plural(s['frames'], 'frame')} "
           f"in {s['seconds']:.1f} s ({s['fps']:.2f} frames/s); "
           f"{plural(len(s['bad']), 'bad input')} skipped"
+          + (f", {plural(len(s['damaged']), 'damaged video')} kept up to the damage"
+             if s["damaged"] else "")
           + (f", {plural(len(s['ignored']), 'folder entry', 'folder entries')} ignored"
              if s["ignored"] else ""))
     if shard is not None:

@@ -37,8 +37,9 @@ convention), ``landmarks_fit.npy (T, 68, 2)`` (the fitted model's own landmarks,
 ``mesh.npy (T, 478, 3)`` (crop pixels; z in the same scale), ``coeffs.npy``, ``dataset.json``, ``meta.json`` (with
 ``source_frames``, per-frame ``confidence``, ``fit_residual_px`` and ``photometric_rms``
 (0..255), ``no_face_frames``,
-``jitter_px``, and ``source_damaged`` for a video whose decoding failed part-way: its frames
-up to there are kept, with a warning); a video is written into a hidden folder and renamed when
+``jitter_px``, and for a video whose decoding failed part-way ``decode_error``
+(``{"frame": N, "message": ...}``: frames ``0 .. N-1`` are kept, with a warning) and
+``source_damaged`` (the warning)); a video is written into a hidden folder and renamed when
 complete, so ``--resume`` skips exactly the finished ones.
 """
 from __future__ import annotations
@@ -476,8 +477,9 @@ def iter_frames(src: Source, damaged: list | None = None):
     file when it cannot be decoded, or when a frame's size differs from the frames before it
     (the crops are smoothed over time in source pixels). With a list ``damaged``, a video whose
     decoding fails after :data:`MIN_FRAMES` or more frames (a truncated file) ends there
-    instead, and the reason (a message naming the file and the frames kept) is appended to
-    ``damaged``."""
+    instead, and ``{"frame": N, "message": "..."}`` is appended to ``damaged``: ``N`` is the
+    index (from 0) of the first frame not decoded, so frames ``0 .. N-1`` (``N`` frames) were
+    yielded, and ``message`` the decoder's error (:func:`damaged_message` makes the warning)."""
     if src.kind == "video":
         import av
         decoded, first = 0, None
@@ -505,9 +507,7 @@ def iter_frames(src: Source, damaged: list | None = None):
             raise
         except (av.FFmpegError, ValueError, OSError) as e:
             if damaged is not None and decoded >= MIN_FRAMES:
-                damaged.append(f"{src.path}: truncated or damaged video: kept the "
-                               f"{plural(decoded, 'frame')} decoded before the damage "
-                               f"({type(e).__name__}: {e})")
+                damaged.append({"frame": decoded, "message": f"{type(e).__name__}: {e}"})
                 return
             if not decoded:
                 why = mp4_without_index(src.path)
@@ -535,6 +535,15 @@ def iter_frames(src: Source, damaged: list | None = None):
                 "numeric, or the image files themselves)")
         first = img.shape
         yield img
+
+
+def damaged_message(path: str, frame: int, message: str) -> str:
+    """The warning of a video ``path`` whose decoding failed at ``frame`` (from 0: the first
+    frame not kept; the ``frame`` frames before it are kept) with the decoder's error
+    ``message``."""
+    kept = "frame 0" if frame == 1 else f"frames 0-{frame - 1}"
+    return (f"{path}: truncated or damaged video: decoding failed at frame {frame}; kept the "
+            f"{plural(frame, 'frame')} decoded before it ({kept}) ({message})")
 
 
 def _frames_list(frames, k: int = 5) -> str:
@@ -1094,8 +1103,11 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
             "landmarks_fit": LANDMARKS_FIT if lm_fit is not None else None,
             "fit_model": "bfm" if cfg.bfm else ("builtin" if cfg.fit else None), "seconds": round(seconds, 2),
             "timing_s": {k: round(v, 2) for k, v in timing.items()}, "options": options(cfg)}
+    decode_error = damaged[0] if damaged else None
     if damaged:             # a truncated video: the frames that decoded, and why no more
-        meta["source_damaged"] = damaged[0]
+        said.insert(0, damaged_message(src.path, **decode_error))
+        meta["decode_error"] = decode_error
+        meta["source_damaged"] = said[0]            # the warning (older readers)
     fmt._dump(os.path.join(tmp, fmt.META), meta)
     final = os.path.join(cfg.out, src.name)
     if os.path.lexists(final):      # a previous preparation: moved aside whole, then deleted, so
@@ -1106,8 +1118,9 @@ def prepare_video(src: Source, cfg: PrepareConfig, progress=None) -> dict:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    return {"name": src.name, "frames": t, "source_frames": n, "no_face": len(no_face),
-            "seconds": seconds, "jitter_px": jit, "timing_s": timing, "warnings": damaged + said}
+    return {"name": src.name, "source": src.path, "frames": t, "source_frames": n,
+            "no_face": len(no_face), "seconds": seconds, "jitter_px": jit, "timing_s": timing,
+            "decode_error": decode_error, "warnings": said}
 
 
 _MODNET: dict = {}
@@ -1329,6 +1342,28 @@ def _prepared_meta(root: str, name: str) -> dict | None:
     return meta if isinstance(meta, dict) and meta.get("generator") == GENERATOR else None
 
 
+def damaged_videos(root: str, names=None) -> list[str]:
+    """One line for each video of ``root`` (those of ``names``, default all) that :func:`prepare`
+    wrote from a source whose decoding failed part-way: the video folder, then the warning of
+    the preparation (:func:`damaged_message`, from ``meta.json``'s ``decode_error``; its
+    ``source_damaged`` for a video prepared before ``decode_error`` was recorded)."""
+    lines = []
+    for name in fmt.video_names(root) if names is None else names:
+        meta = _prepared_meta(root, name)
+        if meta is None:
+            continue
+        err, folder = meta.get("decode_error"), os.path.join(root, name)
+        if isinstance(err, dict) and isinstance(err.get("frame"), int) \
+                and not isinstance(err.get("frame"), bool):
+            lines.append(f"{folder}: prepared from a damaged source: "
+                         + damaged_message(meta.get("source", "?"), err["frame"],
+                                           str(err.get("message", ""))))
+        elif err is not None or meta.get("source_damaged"):
+            lines.append(f"{folder}: prepared from a damaged source: "
+                         f"{meta.get('source_damaged') or err}")
+    return lines
+
+
 def _examples(root: str, names: list, k: int = 2) -> str:
     shown = ", ".join(os.path.join(root, n) for n in names[:k])
     return shown + (", ..." if len(names) > k else "")
@@ -1424,7 +1459,9 @@ def prepare(inputs, cfg: PrepareConfig) -> dict:
     shards finished) and only this shard's unfinished folders are cleaned up, so N jobs given
     the same inputs and options can prepare into one ``out`` at the same time. The summary has
     ``shard_videos`` (this shard's videos, finished ones included) and ``total_videos`` (of all
-    shards).
+    shards). Its ``damaged`` lists the videos prepared from a source whose decoding failed
+    part-way (:func:`iter_frames`), each ``{"name", "source", "frames_kept", "frame",
+    "message"}``: the frames before ``frame`` are kept.
     """
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise PrepareError(f"--out {cfg.out}: exists and is not a folder")
@@ -1642,8 +1679,10 @@ def _prepare_locked(sources, ignored, bad, cfg: PrepareConfig) -> dict:
             _cleanup_partial(cfg.out, [s.name for s in sources])
     seconds = time.perf_counter() - t0
     frames = sum(r["frames"] for r in results)
+    damaged = [{"name": r["name"], "source": r["source"], "frames_kept": r["source_frames"],
+                **r["decode_error"]} for r in results if r.get("decode_error")]
     return {"videos": len(results), "frames": frames, "skipped_finished": skipped, "bad": bad,
-            "ignored": ignored, "seconds": round(seconds, 2),
+            "ignored": ignored, "damaged": damaged, "seconds": round(seconds, 2),
             "fps": round(frames / seconds, 2) if seconds else 0.0,
             "results": results, "config": asdict(cfg), "shard_videos": len(sources),
             "total_videos": total}

@@ -198,15 +198,77 @@ def intrinsics_to_pixels(intrinsics: torch.Tensor, width: int, height: int | Non
 # extrinsics
 
 
+def _fmt_vec(v: torch.Tensor) -> str:
+    return "(" + ", ".join(f"{x + 0.0:.6g}" for x in v.tolist()) + ")"     # no -0
+
+
+def _view_problem(origin: torch.Tensor, target: torch.Tensor, up: torch.Tensor):
+    """The first camera of a :func:`look_at` batch without a view: ``(kind, index, origin,
+    target, up)`` of it, ``kind`` ``"at"`` (``target - origin`` is zero, up to rounding:
+    ``|target - origin| <= 16 eps max(|origin|, |target|)``), ``"up"`` (``up`` is zero) or
+    ``"parallel"`` (the view direction is parallel to ``up``: the sine of their angle
+    ``<= 16 eps``; ``eps`` of the dtype), ``index`` its batch index (``()`` unbatched); None when
+    every camera has one (or the tensors have no values: fake / meta). Reads the values (a host
+    sync on a GPU)."""
+    if not has_values(origin, target, up):
+        return None
+    batch = torch.broadcast_shapes(origin.shape[:-1], target.shape[:-1], up.shape[:-1])
+    o, t, u = (v.detach().expand(*batch, 3) for v in (origin, target, up))
+    if not o.numel():
+        return None
+    tol = 16 * torch.finfo(o.dtype).eps
+    d = t - o
+    dist = d.norm(dim=-1)
+    at = dist <= tol * torch.maximum(o.norm(dim=-1), t.norm(dim=-1))
+    zero_up = u.norm(dim=-1) == 0
+    sine = torch.linalg.cross(_normalize(d), _normalize(u), dim=-1).norm(dim=-1)
+    parallel = ~at & ~zero_up & (sine <= tol)
+    for kind, bad in (("at", at), ("up", zero_up & ~at), ("parallel", parallel)):
+        hits = bad.nonzero()
+        if len(hits):
+            i = tuple(hits[0].tolist())
+            return kind, i, o[i], t[i], u[i]
+    return None
+
+
+def _batch_index(i: tuple) -> str:
+    return "" if not i else f" (batch index {i[0] if len(i) == 1 else i})"
+
+
 def look_at(origin, target=FFHQ_PIVOT, up=(0.0, 1.0, 0.0)) -> torch.Tensor:
     """OpenCV cam2world ``(..., 4, 4)`` of a camera at ``origin: (..., 3)`` looking at
-    ``target: (..., 3)``, image-up along world ``up`` (EG3D's ``create_cam2world_matrix``)."""
+    ``target: (..., 3)``, image-up along world ``up`` (EG3D's ``create_cam2world_matrix``).
+
+    A camera needs a view direction that is not along ``up``: ``ValueError`` (naming the
+    arguments, their values and, in a batch, the first such camera's batch index) when
+    ``target == origin`` (up to rounding), when ``up`` is zero, or when ``target - origin`` is
+    parallel to ``up`` (a camera straight above or below its target with the default ``up``):
+    there is no rotation for these (the result would be zero or NaN). Reads the values for
+    this check (a host sync on a GPU)."""
     origin = _vec(origin)
     target = _vec(target, like=origin)
     up = _vec(up, like=origin)
     for name, v in (("origin", origin), ("target", target), ("up", up)):
         _check(name, v, (3,))
     _batch("origin, target, up", origin.shape[:-1], target.shape[:-1], up.shape[:-1])
+    bad = _view_problem(origin, target, up)
+    if bad is not None:
+        kind, i, o, t, u = bad
+        where = _batch_index(i)
+        if kind == "at":
+            raise ValueError(f"origin, target: expected target != origin (a view direction), got "
+                             f"origin {_fmt_vec(o)} and target {_fmt_vec(t)}{where}")
+        if kind == "up":
+            raise ValueError(f"up: expected a non-zero vector, got {_fmt_vec(u)}{where}")
+        raise ValueError(f"origin, target, up: expected a view direction target - origin not "
+                         f"parallel to up, got target - origin = {_fmt_vec(t - o)} (origin "
+                         f"{_fmt_vec(o)}, target {_fmt_vec(t)}) along up {_fmt_vec(u)}{where}: "
+                         "the image's up is undefined; choose another up")
+    return _look_at(origin, target, up)
+
+
+def _look_at(origin: torch.Tensor, target: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """:func:`look_at` of checked arguments."""
     forward = _normalize(target - origin)
     right = _normalize(torch.linalg.cross(forward, up.expand_as(forward), dim=-1))
     down = torch.linalg.cross(forward, right, dim=-1)
@@ -228,6 +290,12 @@ def orbit_camera(yaw, pitch, radius: float = FFHQ_RADIUS, pivot=FFHQ_PIVOT) -> t
     camera at ``(0, 0, radius)``. The yaw matches ``LookAtPoseSampler.sample`` with
     ``horizontal_mean = pi/2 + yaw``; pitch here is the true elevation angle (EG3D's
     ``vertical_mean = v`` is the elevation ``arcsin(1 - 2 v / pi)``).
+
+    A camera at the pivot, or straight above or below it (its view direction along the world
+    up ``(0, 1, 0)``: e.g. ``pitch = pi/2`` with the pivot on the y axis, or
+    ``pitch = acos(0.2 / 2.7)`` at ``yaw = 0`` with FFHQ's radius and pivot) has no rotation
+    (:func:`look_at`): ``ValueError`` naming the arguments, their values and, in a batch, the
+    first such camera's batch index.
     """
     yaw, pitch = _vec(yaw), _vec(pitch)
     for name, v in (("yaw", yaw), ("pitch", pitch)):
@@ -235,9 +303,24 @@ def orbit_camera(yaw, pitch, radius: float = FFHQ_RADIUS, pivot=FFHQ_PIVOT) -> t
     _batch("yaw, pitch", yaw.shape, pitch.shape)
     yaw, pitch = torch.broadcast_tensors(yaw, pitch)
     pivot = _vec(pivot, like=yaw)
+    _check("pivot", pivot, (3,))
     direction = torch.stack([torch.cos(pitch) * torch.sin(yaw), torch.sin(pitch),
                              torch.cos(pitch) * torch.cos(yaw)], dim=-1)
-    return look_at(radius * direction, pivot)
+    origin, up = radius * direction, direction.new_tensor([0.0, 1.0, 0.0])
+    batch = _batch("yaw, pitch, pivot", origin.shape[:-1], pivot.shape[:-1])
+    bad = _view_problem(origin, pivot, up)
+    if bad is not None:
+        kind, i, o, t, _ = bad
+        r = f"{radius:.6g}" if isinstance(radius, (int, float)) else str(radius)
+        cam = (f"yaw {float(yaw.expand(batch)[i]):.6g}, pitch {float(pitch.expand(batch)[i]):.6g}"
+               f" and radius {r}, which put the camera at {_fmt_vec(o)}")
+        if kind == "at":
+            raise ValueError(f"radius, pivot: expected a camera away from the pivot, got {cam}, "
+                             f"the pivot {_fmt_vec(t)}{_batch_index(i)}: it has no view direction")
+        raise ValueError(f"yaw, pitch: expected a camera not straight above or below the pivot, "
+                         f"got {cam}, the pivot {_fmt_vec(t)}{_batch_index(i)}: it looks along "
+                         "the world up (0, 1, 0), so the image's up is undefined")
+    return _look_at(origin, pivot, up)
 
 
 def orbit_labels(n: int, yaw_range: float = math.radians(30), pitch_range: float = math.radians(10),

@@ -81,9 +81,11 @@ def tv_loss(x: torch.Tensor) -> torch.Tensor:
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)) summed over features, mean over the batch.
-    mu, logvar: (B, D)."""
+    """KL(N(mu, exp(logvar)) || N(0, I)) summed over features, mean over the batch: a scalar.
+    mu, logvar: (B, D). An empty batch (B = 0) gives 0 (an empty sum, not the NaN of an empty
+    mean), still connected to ``mu`` and ``logvar``: backward gives them empty gradients."""
     if mu.shape != logvar.shape:
         raise ValueError(f"logvar: expected the shape of mu {tuple(mu.shape)}, got "
                          f"{tuple(logvar.shape)}")
-    return (-0.5 * (1 + logvar - mu.square() - logvar.exp()).sum(dim=-1)).mean()
+    kl = -0.5 * (1 + logvar - mu.square() - logvar.exp()).sum(dim=-1)
+    return kl.sum() if kl.numel() == 0 else kl.mean()
