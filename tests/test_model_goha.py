@@ -765,3 +765,259 @@ def test_tiny_preset_trains_on_more_identities_at_the_default_cost():
     assert tiny.frames / tiny.fps == pytest.approx(default.frames / default.fps, rel=0.1)
     ref = _moving_fraction(default, default.identities)
     assert _moving_fraction(tiny, 16) >= 0.9 * ref
+
+
+# ------------------------------------------------- training differences from GOHA's scripts
+EARLIER = {"cano_terms": "sum", "gan_in_coarse": True, "d_fakes": "g_phase",
+           "sr_raw_terms": False, "r1_inputs": "raw", "s2_disc_init": "s1_gan"}
+
+
+class _FakeLoss:
+    """A stand-in perceptual / VGG loss: mean squared difference, every value recorded."""
+
+    def __init__(self):
+        self.values = []
+
+    def to(self, device):
+        return self
+
+    def __call__(self, pred, target):
+        v = (pred - target).square().mean()
+        self.values.append(v)
+        return v
+
+
+def _pairs_batch(seed=6):
+    return {"source": frame(random_coeffs(2, seed=seed)),
+            "driving": frame(random_coeffs(2, seed=seed + 1))}
+
+
+def test_training_options_default_to_the_earlier_training(tmp_path, tiny_run, data_root):
+    """The options' defaults are the earlier training: the tiny presets and the recipe keep
+    them, a config dict (or a saved run) without the keys resolves to them; full and gpu-short
+    set GOHA's; a bad value names the key."""
+    from pyface.models.goha import GOHAGAN, GOHASR
+    from pyface.models.goha.config import GOHA_TRAINING
+    from pyface.train.model import config_from_dict
+
+    def values(cfg, keys=EARLIER):
+        return {k: getattr(cfg, k) for k in keys}
+
+    assert values(GOHAConfig()) == EARLIER
+    assert set(GOHA_TRAINING) - {"neutral_weight"} == set(EARLIER)
+    assert all(GOHA_TRAINING[k] != v for k, v in EARLIER.items())
+    for cls, name in ((GOHA, "goha_s1"), (GOHAGAN, "goha_s1_gan"), (GOHASR, "goha")):
+        def cfg_of(preset):
+            return build_experiment(name, cls.Config, defaults=cls.recipe, presets=cls.presets,
+                                    preset=preset).model_config
+        assert values(cfg_of("tiny")) == EARLIER and values(cfg_of(None)) == EARLIER, name
+        for preset in ("full", "gpu-short"):
+            assert values(cfg_of(preset), GOHA_TRAINING) == GOHA_TRAINING, (name, preset)
+    # a saved config without the keys (a run trained before them)
+    saved = {k: v for k, v in vars(tiny_config()).items() if k not in EARLIER}
+    assert values(config_from_dict(GOHAConfig, saved)) == EARLIER
+    # ... and a checkpoint saved without them resumes with the tiny preset
+    import json
+    import shutil
+
+    from pyface.checkpoint import latest_checkpoint
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_run, old)
+    ckpt = latest_checkpoint(str(old))
+    meta_path = f"{ckpt}/meta.json"
+    meta = json.load(open(meta_path))
+    for k in EARLIER:
+        del meta["experiment"]["model_config"][k]
+    json.dump(meta, open(meta_path, "w"))
+    t = Trainer(experiment(old, data_root, "train.steps=3"))
+    assert t.resume("auto") == ckpt and t.step == 2
+    with pytest.raises(ValueError, match="model.r1_inputs: expected one of"):
+        GOHAConfig(r1_inputs="6ch")
+    with pytest.raises(ValueError, match="model.cano_terms: expected one of .*'avg'"):
+        tiny_config(cano_terms="avg").__post_init__()
+
+
+def test_cano_terms_mean_halves_and_weighs_only_the_neutral_perceptual():
+    """model.cano_terms: "sum", neutral_weight x neutral L1 + masked L1 (+ 3 x neutral +
+    masked perceptual); "mean" (GOHA), (neutral L1 + masked L1) / 2 + (neutral_weight x neutral
+    + masked perceptual) / 2."""
+    torch.manual_seed(0)
+    m = GOHA(tiny_config(tv_weight=0, mask_weight=0))
+    assert m.cfg.neutral_weight == 3.0
+    batch = _pairs_batch()
+    got = {}
+    for terms in ("sum", "mean"):
+        for pw in (0.0, 0.5):
+            m.cfg.cano_terms, m.cfg.perceptual_weight = terms, pw
+            m._perceptual = [_FakeLoss()] if pw else None
+            torch.manual_seed(1)
+            loss, logs, _ = m.s1_losses(batch, 0, "cano")
+            n, k = logs["neutral_l1"], logs["masked_l1"]
+            got[terms, pw] = loss.detach()
+            if terms == "sum":
+                want = 3 * n + k
+            else:
+                want = (n + k) / 2
+            if pw:
+                pn, pk = m._perceptual[0].values
+                want = want + pw * ((3 * pn + pk) if terms == "sum" else (3 * pn + pk) / 2)
+            torch.testing.assert_close(loss.detach(), want.detach())
+    assert not torch.allclose(got["sum", 0.0], got["mean", 0.0])
+    # neutral_weight weighs the neutral L1 with "sum", only the perceptual term with "mean"
+    m.cfg.neutral_weight, m.cfg.perceptual_weight, m._perceptual = 1.0, 0.0, None
+    torch.manual_seed(1)
+    assert torch.equal(m.s1_losses(batch, 0, "cano")[0].detach(), got["mean", 0.0])
+
+
+def test_s1_gan_gan_only_in_full_modes_and_d_sees_a_separate_tar_render():
+    """model.gan_in_coarse=false (GOHA): no GAN term in s1_gan's coarse G mode, still in src /
+    tar; model.d_fakes="tar" (GOHA): the D phases see a separate no-grad render of the driving
+    frame in mode tar (once per step), not the G phase's fakes."""
+    from types import SimpleNamespace
+
+    from pyface.models.goha import GOHAGAN
+    from pyface.models.goha.stages import s1_gan_mode
+
+    torch.manual_seed(0)
+    m = GOHAGAN(tiny_config(tv_weight=0, vgg_weight=0))
+    batch = _pairs_batch()
+    assert s1_gan_mode(1) == "tar" and s1_gan_mode(2) == "coarse"
+    for step in (1, 2):
+        out = {}
+        for flag in (True, False):
+            m.cfg.gan_in_coarse = flag
+            torch.manual_seed(3)
+            out[flag] = m.step("G", batch, SimpleNamespace(step=step))
+        torch.testing.assert_close(out[True]["loss"] - 0.1 * out[True]["gan"],
+                                   out[False]["loss"] - (0.1 * out[False]["gan"]
+                                                         if step == 1 else 0))
+        assert ("gan" in out[False]) == (step == 1)
+    # the D phases at a coarse step: the G phase's fakes, or a separate tar render
+    m.cfg.gan_in_coarse = True
+    torch.manual_seed(3)
+    m.step("G", batch, SimpleNamespace(step=2))
+    g_fake = m._cache["fake"]
+    assert torch.equal(m._d_pair(batch, 2)[0], g_fake)
+    m.cfg.d_fakes = "tar"
+    torch.manual_seed(4)
+    fake, real = m._d_pair(batch, 2)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        _, _, want_fake, want_real = m._fake_real(batch, 2, "tar", vgg=False)
+    assert torch.equal(fake, want_fake) and torch.equal(real, want_real)
+    assert not fake.requires_grad and not torch.allclose(fake, g_fake)
+    assert m._d_pair(batch, 2)[0] is fake                    # rendered once per step
+    assert m._d_pair(batch, 3)[0] is not fake
+    d = m.step("D", batch, SimpleNamespace(step=4))
+    assert torch.isfinite(d["loss"]) and m._d_cache[0] == 4
+
+
+def _s2(**over):
+    from pyface.models.goha import GOHASR
+
+    cfg = build_experiment("goha", GOHASR.Config, defaults=GOHASR.recipe, presets=GOHASR.presets,
+                           preset="tiny").model_config
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return GOHASR(cfg)
+
+
+def test_s2_sr_raw_terms_take_the_mean_over_the_sr_image_and_the_upsampled_render():
+    """model.sr_raw_terms (GOHA): s2's L1 / VGG are the mean over the SR image and the raw
+    render upsampled as the dual D sees it (against the target at r, upsampled the same way):
+    the raw half is a constant (the render is frozen), the SR image's gradient halves."""
+    torch.manual_seed(0)
+    m = _s2()
+    batch = _pairs_batch()
+    res = {}
+    for flag in (False, True):
+        m.cfg.sr_raw_terms = flag
+        m._vgg = [_FakeLoss()]
+        m.zero_grad(set_to_none=True)
+        torch.manual_seed(2)
+        total, logs, (img, raw), (target, real_raw) = m._fake_real(batch, 1)
+        total.backward()
+        res[flag] = (total.detach(), logs, m._vgg[0].values,
+                     [p.grad.clone() for p in m.sr.parameters() if p.grad is not None],
+                     m.sr_gain.grad.clone())
+    t0, logs0, v0, g0, gain0 = res[False]
+    t1, logs1, v1, g1, gain1 = res[True]
+    assert "raw_l1" not in logs0 and len(v0) == 1 and len(v1) == 2
+    up = F.interpolate(raw, size=(64, 64), mode="bilinear", align_corners=True)
+    up_real = F.interpolate(real_raw, size=(64, 64), mode="bilinear", align_corners=True)
+    torch.testing.assert_close(logs1["raw_l1"], (up - up_real).abs().mean())
+    torch.testing.assert_close(logs1["l1"], logs0["l1"])
+    torch.testing.assert_close(t0, logs0["l1"] + v0[0].detach())
+    torch.testing.assert_close(t1, (logs1["l1"] + logs1["raw_l1"]) / 2
+                               + (v1[0] + v1[1]).detach() / 2)
+    assert not torch.allclose(t0, t1)
+    torch.testing.assert_close(gain1, gain0 / 2)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a / 2)
+
+
+def test_s2_r1_inputs_take_the_penalty_on_the_raw_render_or_the_six_channel_input():
+    """model.r1_inputs: "raw", R1 w.r.t. the real SR-size image and the real raw render at r
+    (before the D's upsampling); "input" (GOHA), w.r.t. the 6-channel D input at R: its raw
+    channels' gradient is the one at r before the upsampling's adjoint, so the penalties
+    differ."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    m = _s2()
+    img = torch.rand(2, 3, 64, 64) * 2 - 1
+    raw = F.interpolate(img, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    real = (img, raw)
+    ins_raw, logits_raw = m._r1_logits(real)
+    assert [tuple(x.shape) for x in ins_raw] == [(2, 3, 64, 64), (2, 3, 32, 32)]
+    g_img, g_raw = torch.autograd.grad(logits_raw.sum(), ins_raw)
+    m.cfg.r1_inputs = "input"
+    (x,), logits_in = m._r1_logits(real)
+    assert x.shape == (2, 6, 64, 64)
+    torch.testing.assert_close(logits_in, logits_raw)        # the same D output
+    (g_x,) = torch.autograd.grad(logits_in.sum(), [x])
+    torch.testing.assert_close(g_x[:, :3], g_img)
+    # the raw render's gradient = the upsampling's adjoint applied to the input's raw channels
+    r = raw.detach().requires_grad_(True)
+    up = F.interpolate(r, size=(64, 64), mode="bilinear", align_corners=True)
+    (adj,) = torch.autograd.grad(up, [r], grad_outputs=g_x[:, 3:])
+    torch.testing.assert_close(adj, g_raw, atol=1e-6, rtol=1e-4)
+    assert not torch.allclose(g_x[:, 3:].square().sum(), g_raw.square().sum(), rtol=0.05)
+    # through the Dreg phase: the logged penalty is the one w.r.t. the 6-channel input
+    m._cache = {"fake": (img, raw), "real": (img, raw)}
+    pen_in = m.step("Dreg", {}, SimpleNamespace(step=0))["r1_penalty"]
+    torch.testing.assert_close(pen_in, g_x.square().flatten(1).sum(1).mean())
+    m.cfg.r1_inputs = "raw"
+    pen_raw = m.step("Dreg", {}, SimpleNamespace(step=0))["r1_penalty"]
+    torch.testing.assert_close(pen_raw, (g_img.square().flatten(1).sum(1)
+                                         + g_raw.square().flatten(1).sum(1)).mean())
+
+
+def test_s2_disc_init_gfpgan_keeps_gfpgan_net_d(tmp_path, chain):
+    """model.s2_disc_init="gfpgan" with model.disc_path (GOHA): s2's D is GFPGAN's net_d with a
+    fresh 6-channel first conv, s1_gan's D is not loaded; "s1_gan", or no disc_path: s1_gan's
+    D (its fresh first conv aside)."""
+    import pyface.nn as N
+
+    previous = str(chain["run"] / "stages" / "s1_gan")
+    _, st = load_pretrained(previous)
+    torch.manual_seed(5)
+    net_d = N.GFPGANDiscriminator(out_size=64, narrow=0.03125)
+    torch.save({"params": net_d.state_dict()}, tmp_path / "net_d.pth")
+    gd = net_d.state_dict()
+    first = "conv_body.0.0.weight"
+    for init, path, want in (("gfpgan", str(tmp_path / "net_d.pth"), "gfpgan"),
+                             ("s1_gan", str(tmp_path / "net_d.pth"), "s1_gan"),
+                             ("gfpgan", None, "s1_gan")):
+        m = _s2(s2_disc_init=init, disc_path=path, s1_gan_checkpoint=previous)
+        d = m.discriminator.state_dict()
+        src = gd if want == "gfpgan" else {k[len("discriminator."):]: v for k, v in st.items()
+                                           if k.startswith("discriminator.")}
+        assert all(torch.equal(v, src[k]) for k, v in d.items() if k != first), (init, path)
+        assert d[first].shape[1] == 6
+        sd = m.state_dict()
+        assert all(torch.equal(sd[k], v) for k, v in st.items()
+                   if not k.startswith("discriminator.")), (init, path)
+    assert not torch.equal(gd["final_linear.1.weight"],
+                           st["discriminator.final_linear.1.weight"])

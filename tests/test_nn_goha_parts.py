@@ -669,3 +669,22 @@ def test_face_parser_refuses_integer_images():
     with pytest.raises(TypeError, match=r"x: expected a floating-point image in \[-1, 1\].*uint8"):
         parser(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
     assert parser.parse(torch.zeros(0, 3, 64, 64)).shape == (0, 64, 64)
+
+
+def test_gfpgan_dual_input_is_what_the_dual_discriminator_sees():
+    """GFPGANDiscriminator.dual_input: image || bilinear(raw -> S, align_corners=True), the
+    tensor ``dual`` discriminates; bad input names the argument."""
+    torch.manual_seed(11)
+    d = N.GFPGANDiscriminator(out_size=16, narrow=1 / 32, in_channels=6)
+    img, raw = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8)
+    x = d.dual_input(img, raw)
+    up = F.interpolate(raw, size=(16, 16), mode="bilinear", align_corners=True)
+    assert torch.equal(x, torch.cat([img, up], 1))
+    assert torch.equal(d.dual(img, raw), d(x))
+    with pytest.raises(ValueError, match=r"image: expected shape \(B, 3, 16, 16\), got "
+                                         r"\(2, 3, 8, 8\)"):
+        d.dual_input(raw, raw)
+    with pytest.raises(ValueError, match=r"image_raw: expected shape \(B, 3, r, r\)"):
+        d.dual_input(img, raw[:, :1])
+    with pytest.raises(ValueError, match="dual_input: needs in_channels 6"):
+        N.GFPGANDiscriminator(out_size=16, narrow=1 / 32).dual_input(img, raw)

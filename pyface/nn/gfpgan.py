@@ -585,18 +585,29 @@ class GFPGANDiscriminator(nn.Module):
 
     def dual(self, image: torch.Tensor, image_raw: torch.Tensor) -> torch.Tensor:
         """GOHA's dual discrimination: image (B, 3, S, S), image_raw (B, 3, r, r) -> logits
-        (B, 1) of ``image || bilinear(image_raw -> S, align_corners=True)`` (needs
-        ``in_channels == 6``)."""
+        (B, 1) of :meth:`dual_input` ``image || bilinear(image_raw -> S, align_corners=True)``
+        (needs ``in_channels == 6``)."""
+        return self(self.dual_input(image, image_raw, "dual"))
+
+    def dual_input(self, image: torch.Tensor, image_raw: torch.Tensor,
+                   name: str = "dual_input") -> torch.Tensor:
+        """The 6-channel input (B, 6, S, S) that :meth:`dual` discriminates: image (B, 3, S, S)
+        and image_raw (B, 3, r, r) upsampled bilinearly to S (``align_corners=True``), stacked
+        along the channels (a gradient penalty w.r.t. this tensor is taken on what the
+        discriminator sees; w.r.t. ``image_raw`` it is taken through the upsampling)."""
         if self.cfg.in_channels != 6:
-            raise ValueError(f"dual: needs in_channels 6, this discriminator has "
+            raise ValueError(f"{name}: needs in_channels 6, this discriminator has "
                              f"{self.cfg.in_channels}")
         S = self.cfg.out_size
         if image_raw.ndim != 4 or image_raw.shape[1] != 3:
             raise ValueError(f"image_raw: expected shape (B, 3, r, r), got "
                              f"{tuple(image_raw.shape)}")
+        if image.ndim != 4 or image.shape[1:] != (3, S, S):
+            raise ValueError(f"image: expected shape (B, 3, {S}, {S}), got "
+                             f"{tuple(image.shape)}")
         raw = image_raw if image_raw.shape[-1] == S and image_raw.shape[-2] == S else \
             F.interpolate(image_raw, size=(S, S), mode="bilinear", align_corners=True)
-        return self(torch.cat([image, raw], dim=1))
+        return torch.cat([image, raw], dim=1)
 
 
 def gfpgan_discriminator_config_from_state(state: dict[str, torch.Tensor],

@@ -13,6 +13,18 @@ EXEMPLAR_ANGLES = (0.0, 0.0, 0.0)
 EXEMPLAR_TRANS = (0.0, 0.0, 0.0)
 
 
+#: the values of the training-difference options (:class:`GOHAConfig`)
+TRAINING_CHOICES = {"cano_terms": ("sum", "mean"), "gan_in_coarse": (True, False),
+                    "d_fakes": ("g_phase", "tar"), "sr_raw_terms": (False, True),
+                    "r1_inputs": ("raw", "input"), "s2_disc_init": ("s1_gan", "gfpgan")}
+#: GOHA's training (its scripts), set by the full and gpu-short presets of every stage; the
+#: config defaults (pyface's earlier training, kept by tiny and by runs saved without the keys)
+#: differ in each (with "mean", neutral_weight 3 is GOHA's LPIPS weight of the neutral half)
+GOHA_TRAINING = {"cano_terms": "mean", "neutral_weight": 3.0, "gan_in_coarse": False,
+                 "d_fakes": "tar", "sr_raw_terms": True, "r1_inputs": "input",
+                 "s2_disc_init": "gfpgan"}
+
+
 @dataclass
 class GOHAConfig:
     """GOHA stage s1 (canonical, expression and appearance tri-planes; no super-resolution).
@@ -79,7 +91,8 @@ class GOHAConfig:
     appearance_from: int = 240_000      # appearance plane added from this step
     # --- losses -----------------------------------------------------------------------------
     l1_weight: float = 1.0
-    neutral_weight: float = 1.0         # neutral-render term of the cano mode (x l1)
+    neutral_weight: float = 1.0         # neutral-render term of the cano mode: x l1 with
+    # cano_terms "sum"; with "mean" (GOHA: 3) it weighs only the neutral half's perceptual term
     mask_weight: float = 0.0            # L1 of the render's opacity to the target's matte (0:
     # GOHA; over black, an opaque black fog and empty space look alike, and a composite over a
     # background needs the opacity)
@@ -113,6 +126,27 @@ class GOHAConfig:
     # (align_corners=False) + sr_gain x GFPGAN(that upsampling), sr_gain a learned scalar
     # starting at 0, so s2 starts at the bilinear upsampling (GOHA: False, GFPGAN's image
     # itself; on in tiny, where GFPGAN starts from random weights at 1/32 width)
+    # --- training differences from GOHA's scripts (docs/models/goha.md, "Training options") 
+    # Each default is pyface's earlier behaviour, which the tiny preset keeps and which a config
+    # or a saved run without the key resolves to (it trained with it); the full and gpu-short
+    # presets set GOHA's (:data:`GOHA_TRAINING`).
+    cano_terms: str = "sum"             # cano mode: "sum": neutral_weight x neutral L1 + masked
+    # L1 (+ perceptual_weight x (3 x neutral + masked)); "mean" (GOHA): the mean of the two
+    # halves, neutral_weight weighs only the neutral half's perceptual term
+    gan_in_coarse: bool = True          # s1_gan: the GAN term in every G mode (False, GOHA:
+    # only in src / tar)
+    d_fakes: str = "g_phase"            # s1_gan / s2 D phase: "g_phase" the fakes and reals of
+    # the step's G phase (detached); "tar" (GOHA) a separate no-grad render of the driving
+    # frame (mode tar) and its target
+    sr_raw_terms: bool = False          # s2: L1 / VGG on the SR image alone (False); True
+    # (GOHA): the mean over the SR image and the raw render upsampled as the dual D sees it
+    # (against the target downsampled to r and upsampled the same way)
+    r1_inputs: str = "raw"              # s2 dual-D R1: "raw" w.r.t. the SR-size real and the
+    # real raw at r, before the D's upsampling (EG3D's dual-D R1); "input" (GOHA) w.r.t. the
+    # 6-channel D input at R
+    s2_disc_init: str = "s1_gan"        # s2's D: "s1_gan" from s1_gan's D (fresh 6-channel
+    # first conv); "gfpgan" (GOHA) from GFPGAN's net_d in model.disc_path, s1_gan's D not
+    # loaded (without disc_path: s1_gan's D, as "s1_gan")
 
     def __post_init__(self):
         if self.resolution % 4 or self.resolution < 16:
@@ -137,6 +171,10 @@ class GOHAConfig:
         if self.render_recompute not in (True, False, "decoder"):
             raise ValueError(f"model.render_recompute: expected true, false or 'decoder', got "
                              f"{self.render_recompute!r}")
+        for k, allowed in TRAINING_CHOICES.items():
+            if getattr(self, k) not in allowed:
+                raise ValueError(f"model.{k}: expected one of {list(allowed)}, got "
+                                 f"{getattr(self, k)!r}")
         if self.perceptual_weight > 0 and not self.vgg_path:
             raise ValueError("model.perceptual_weight > 0 needs model.vgg_path (a torchvision "
                              "VGG19 weights file; nothing is downloaded)")

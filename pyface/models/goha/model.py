@@ -38,7 +38,7 @@ from pyface.ops import points_to_triplane, ray_bundle
 from pyface.train.model import (Phase, Pipeline, StepContext, TrainableModel, frame_generators,
                                 frame_seeds)
 
-from pyface.models.goha.config import GOHAConfig
+from pyface.models.goha.config import GOHA_TRAINING, GOHAConfig
 from pyface.models.goha.data import DRIVING_KEYS, SOURCE_KEYS, GOHARenders, bfm224_label
 from pyface.models.goha.networks import (Embed2Plane, IDUpsampler, build_encoder, dilate, erode,
                                          imagenet_normalize)
@@ -87,14 +87,16 @@ TINY_MODEL = {"resolution": 64, "encoder": "tiny", "encoder_width": 32, "plane_c
 #: (docs/models/goha-measured.md, "Training identities")
 TINY_DATA = {"name": "pairs", "resolution": 64,
              "options": {"synth": {"identities": 64, "frames": 6, "fps": 3.125}}}
-#: the model part of ``gpu-short`` (one H100/H200): 256^2 input, MiT-b0, SR and D at 1/4 width
+#: the model part of ``gpu-short`` (one H100/H200): 256^2 input, MiT-b0, SR and D at 1/4 width,
+#: GOHA's training (:data:`~pyface.models.goha.config.GOHA_TRAINING`)
 GPU_SHORT_MODEL = {"resolution": 256, "plane_channels": 32, "pseudo_render_size": 224,
                    "lift_resolution": 64, "lift_samples": 24, "appearance_erode": 5,
                    "render_resolution": 128, "depth_samples": 24,
                    "depth_samples_importance": 24, "canonical_until": 1000,
                    "expression_from": 1000, "appearance_from": 2000, "lr": 2e-4,
                    "mask_weight": 1.0,
-                   "disc_narrow": 0.25, "sr_narrow": 0.25, "sr_style_features": 128}
+                   "disc_narrow": 0.25, "sr_narrow": 0.25, "sr_style_features": 128,
+                   **GOHA_TRAINING}
 
 
 def mode_of(cfg: GOHAConfig, step: int) -> str:
@@ -186,8 +188,10 @@ class GOHA(TrainableModel):
                       "data": {"name": "pairs", "resolution": 256},
                       "train": {"steps": 3000, "batch_size": 8, "ckpt_every": 1000,
                                 "image_every": 500}},
-        # GOHA's s1 at paper scale (the recipe): 512^2, MiT-b0, 224^2 renders with 48 + 48
-        "full": {},
+        # GOHA's s1 at paper scale (the recipe: 512^2, MiT-b0, 224^2 renders with 48 + 48) with
+        # GOHA's training (GOHA_TRAINING; without a preset the options keep their defaults, the
+        # earlier training, so that a run's config.yaml without them resumes as trained)
+        "full": {"model": dict(GOHA_TRAINING)},
     }
 
     def __init__(self, cfg: GOHAConfig | None = None):
@@ -560,9 +564,18 @@ class GOHA(TrainableModel):
             target = self._resize(tgt["image"])
             n = self._photo(out * nmask - (1 - nmask), neutral)      # both black outside
             m = self._photo(out * tmask, target * tmask)
-            total = cfg.l1_weight * (cfg.neutral_weight * n["l1"] + m["l1"])
-            if "perceptual" in n:
-                total = total + cfg.perceptual_weight * (3 * n["perceptual"] + m["perceptual"])
+            if cfg.cano_terms == "mean":
+                # GOHA: the mean of the two halves; neutral_weight weighs only the neutral
+                # half's perceptual (LPIPS) term
+                total = cfg.l1_weight * (n["l1"] + m["l1"]) / 2
+                if "perceptual" in n:
+                    total = total + cfg.perceptual_weight * (
+                        cfg.neutral_weight * n["perceptual"] + m["perceptual"]) / 2
+            else:
+                total = cfg.l1_weight * (cfg.neutral_weight * n["l1"] + m["l1"])
+                if "perceptual" in n:
+                    total = total + cfg.perceptual_weight * (3 * n["perceptual"]
+                                                             + m["perceptual"])
             logs.update(neutral_l1=n["l1"].detach(), masked_l1=m["l1"].detach())
         else:
             drv = src if mode == "src" else tgt

@@ -9,20 +9,28 @@
   ``model.s1_checkpoint``): the canonical branch frozen; G modes by ``step % 6``: 0 ``src``,
   1 ``tar``, 2-5 ``coarse``, every plane on; L1 + density TV + VGG19 (GOHA's layer weights) +
   ``gan_weight`` x logistic GAN of a StyleGAN2 discriminator (:class:`pyface.nn.
-  GFPGANDiscriminator`, 3 channels, at R) that sees the render upsampled to R; D every
+  GFPGANDiscriminator`, 3 channels, at R) that sees the render upsampled to R (in every G mode,
+  or with ``model.gan_in_coarse=false``, GOHA's, in ``src`` / ``tar`` only); D every
   ``d_interval`` (4) steps, R1 (gamma 10) every ``r1_interval`` (16).
 * ``s2`` (:class:`GOHASR`, registered ``goha``, the final model; starts from the s1_gan run
   ``model.s1_gan_checkpoint``): only the super-resolution trains (:class:`pyface.nn.
   GFPGANv1Clean` at R, its input the raw render upsampled to R; GFPGANv1.3 ``params_ema`` from
-  ``model.sr_path``); G modes by ``step % 2``: 0 ``src``, 1 ``tar``; L1 + VGG19 + GAN of a
-  6-channel dual discriminator (the SR image and the upsampled raw render; initialised from the
-  s1_gan D with a fresh first 1x1 conv, as GOHA); D every step (``d_interval`` 1, lr 5e-4), R1
-  every 16.
+  ``model.sr_path``); G modes by ``step % 2``: 0 ``src``, 1 ``tar``; L1 + VGG19 (on the SR
+  image, or with ``model.sr_raw_terms``, GOHA's, the mean over it and the upsampled raw render)
+  + GAN of a 6-channel dual discriminator (the SR image and the upsampled raw render;
+  initialised from the s1_gan D with a fresh first 1x1 conv, or with ``model.s2_disc_init=
+  "gfpgan"`` and ``model.disc_path``, GOHA's, from GFPGAN's net_d); D every step
+  (``d_interval`` 1, lr 5e-4), R1 every 16 (w.r.t. the real raw render at r, or with
+  ``model.r1_inputs="input"``, GOHA's, w.r.t. the 6-channel input at R).
 
 ``pyface train goha --preset P`` trains s1, then s1_gan, then s2 (in ``RUN/stages/s1`` and
 ``RUN/stages/s1_gan``; the platform's :class:`~pyface.train.model.Stage` chain); each stage's
 weights are loaded from the previous run by name and shape (every G tensor must match). The
-fake images of a step's G phase (detached) feed the same step's D phase.
+fake images of a step's G phase (detached) feed the same step's D phases, or with
+``model.d_fakes="tar"`` (GOHA's) a separate no-grad render of the driving frame does.
+The options' defaults are pyface's earlier training (kept by ``tiny``, and by a saved run
+without the keys); the ``full`` and ``gpu-short`` presets set GOHA's
+(:data:`pyface.models.goha.config.GOHA_TRAINING`).
 """
 from __future__ import annotations
 
@@ -38,6 +46,7 @@ from pyface.nn.gfpgan import GFPGANConfig, GFPGANDiscriminatorConfig
 from pyface.nn.losses import gan_d_loss, gan_g_loss, r1_penalty
 from pyface.train.model import Phase, Stage, StepContext, load_pretrained
 
+from pyface.models.goha.config import GOHA_TRAINING
 from pyface.models.goha.model import GOHA, GPU_SHORT_MODEL, TINY_DATA, TINY_MODEL, PLANE_AXES
 
 log = logging.getLogger("pyface.models.goha")
@@ -102,20 +111,27 @@ class _GANStage(GOHA):
             if name not in self.trainable:
                 getattr(self, name).requires_grad_(False)
         self._cache: dict | None = None
+        #: ``model.d_fakes="tar"``: (step, fake, real) of the D phases' own render
+        self._d_cache: tuple | None = None
 
     # ------------------------------------------------------------------ previous stage
-    def load_previous(self, path: str, *, fresh: tuple[str, ...] = ()) -> dict:
+    def load_previous(self, path: str, *, fresh: tuple[str, ...] = (),
+                      skip: tuple[str, ...] = ()) -> dict:
         """Loads the previous stage's run ``path``: every tensor of this model found there by
         name; the G tensors (:data:`G_MODULES`) must all be present with equal shapes
         (else :class:`CheckpointError`); others of another shape (``fresh``, e.g. the dual D's
-        6-channel first conv) keep their initialisation. Returns ``{"loaded", "fresh"}``."""
+        6-channel first conv) keep their initialisation, and so do those whose names start with
+        one of ``skip`` (e.g. ``"discriminator."``: s2's D from GFPGAN's net_d). Returns
+        ``{"loaded", "fresh"}``."""
         _, state = load_pretrained(path)
         own = self.state_dict()
         loaded, kept = {}, []
         for k, v in own.items():
             w = state.get(k)
             is_g = k.split(".")[0] in G_MODULES
-            if w is not None and tuple(w.shape) == tuple(v.shape):
+            if skip and k.startswith(skip) and not is_g:
+                kept.append(k)
+            elif w is not None and tuple(w.shape) == tuple(v.shape):
                 loaded[k] = w
             elif is_g:
                 raise CheckpointError(
@@ -125,7 +141,8 @@ class _GANStage(GOHA):
                     + " (the stages must share one model config)")
             else:
                 kept.append(k)
-        unexpected = [k for k in kept if k in state and not any(k.startswith(f) for f in fresh)]
+        unexpected = [k for k in kept if k in state and not k.startswith(skip)
+                      and not any(k.startswith(f) for f in fresh)]
         if unexpected:
             raise CheckpointError(f"model.{self.previous_key}={path!r}: shape mismatch of "
                                   f"{unexpected[:4]}")
@@ -147,13 +164,42 @@ class _GANStage(GOHA):
             return None
         return self._vgg[0].to(pred.device)(pred, target)
 
-    def _fake_real(self, batch: dict, step: int):
-        """-> (G loss without the GAN term, logs, fake D input, real D input); a D input is an
-        image (B, 3, R, R) or, for the dual D, ``(image (B, 3, R, R), raw (B, 3, r, r))``."""
+    def _fake_real(self, batch: dict, step: int, mode: str | None = None, *,
+                   vgg: bool = True):
+        """-> (G loss without the GAN term, logs, fake D input, real D input) of the step's G
+        mode (or ``mode``; ``vgg=False`` leaves out the VGG term); a D input is an image
+        (B, 3, R, R) or, for the dual D, ``(image (B, 3, R, R), raw (B, 3, r, r))``."""
         raise NotImplementedError
 
     def _d_logits(self, x) -> torch.Tensor:
         return self.discriminator(x)
+
+    def _gan_in_g(self, step: int) -> bool:
+        """Whether the G phase of step ``step`` has the GAN term."""
+        return True
+
+    def _r1_logits(self, real):
+        """-> (inputs the R1 penalty is taken w.r.t., D logits computed from them) of the real
+        D input ``real``: here the real image(s) themselves."""
+        inputs = [x.detach().requires_grad_(True) for x in
+                  (real if isinstance(real, tuple) else (real,))]
+        return inputs, self._d_logits(tuple(inputs) if isinstance(real, tuple) else inputs[0])
+
+    def _d_pair(self, batch: dict, step: int):
+        """The (fake, real) D inputs of the D phases of step ``step`` (detached):
+        ``model.d_fakes`` "g_phase", those of the step's G phase; "tar" (GOHA), a separate
+        no-grad render of the driving frame (mode ``tar``) and its target, once per step."""
+        if self.cfg.d_fakes == "tar":
+            if self._d_cache is None or self._d_cache[0] != step:
+                with torch.no_grad():
+                    _, _, fake, real = self._fake_real(batch, step, "tar", vgg=False)
+                self._d_cache = (step, _detach(fake), _detach(real))
+            return self._d_cache[1], self._d_cache[2]
+        if self._cache is None:      # D without a G phase before it in this process
+            with torch.no_grad():
+                _, _, fake, real = self._fake_real(batch, step, vgg=False)
+            self._cache = {"fake": _detach(fake), "real": _detach(real)}
+        return self._cache["fake"], self._cache["real"]
 
     def build_optimizers(self):
         g = [p for n in self.trainable for p in getattr(self, n).parameters()]
@@ -171,23 +217,19 @@ class _GANStage(GOHA):
         cfg = self.cfg
         if phase == "G":
             total, logs, fake, real = self._fake_real(batch, ctx.step)
+            self._cache = {"fake": _detach(fake), "real": _detach(real)}
+            if not self._gan_in_g(ctx.step):
+                return {"loss": total, **logs}
             g = gan_g_loss(self._d_logits(fake))
             total = total + cfg.gan_weight * g
-            self._cache = {"fake": _detach(fake), "real": _detach(real)}
             return {"loss": total, **logs, "gan": g.detach()}
-        if self._cache is None:      # D without a G phase before it in this process
-            with torch.no_grad():
-                _, _, fake, real = self._fake_real(batch, ctx.step)
-            self._cache = {"fake": _detach(fake), "real": _detach(real)}
-        fake, real = self._cache["fake"], self._cache["real"]
+        fake, real = self._d_pair(batch, ctx.step)
         if phase == "D":
             fl, rl = self._d_logits(fake), self._d_logits(real)
             return {"loss": gan_d_loss(rl, fl), "real_logits": rl.detach().mean(),
                     "fake_logits": fl.detach().mean()}
         if phase == "Dreg":
-            inputs = [x.detach().requires_grad_(True) for x in
-                      (real if isinstance(real, tuple) else (real,))]
-            logits = self._d_logits(tuple(inputs) if isinstance(real, tuple) else inputs[0])
+            inputs, logits = self._r1_logits(real)
             pen = r1_penalty(logits, inputs)
             loss = (pen * (cfg.r1_gamma / 2)).mean() * cfg.r1_interval
             return {"loss": loss, "r1_penalty": pen.detach().mean()}
@@ -223,7 +265,7 @@ class GOHAGAN(_GANStage):
                       "data": {"name": "pairs", "resolution": 256},
                       "train": {"steps": 500, "batch_size": 8, "ckpt_every": 500,
                                 "image_every": 500}},
-        "full": {},
+        "full": {"model": dict(GOHA_TRAINING)},
     }
 
     def __init__(self, cfg=None):
@@ -241,11 +283,17 @@ class GOHAGAN(_GANStage):
                              f"needs {self.discriminator.cfg} (model.resolution / disc_narrow)")
         self.discriminator.load_state_dict(d.state_dict())
 
-    def _fake_real(self, batch: dict, step: int):
+    def _gan_in_g(self, step: int) -> bool:
+        """``model.gan_in_coarse``: the GAN term in every G mode (True), or only in ``src`` /
+        ``tar`` (False, GOHA)."""
+        return self.cfg.gan_in_coarse or s1_gan_mode(step) != "coarse"
+
+    def _fake_real(self, batch: dict, step: int, mode: str | None = None, *,
+                   vgg: bool = True):
         R = self.cfg.resolution
         t: dict = {}
-        total, logs, out = self.s1_losses(batch, step, s1_gan_mode(step), targets=t)
-        v = self._vgg_loss(out, t["target"])
+        total, logs, out = self.s1_losses(batch, step, mode or s1_gan_mode(step), targets=t)
+        v = self._vgg_loss(out, t["target"]) if vgg else None
         if v is not None:
             total = total + self.cfg.vgg_weight * v
             logs["vgg"] = v.detach()
@@ -281,7 +329,7 @@ class GOHASR(_GANStage):
                       "data": {"name": "pairs", "resolution": 256},
                       "train": {"steps": 500, "batch_size": 8, "ckpt_every": 500,
                                 "image_every": 500}},
-        "full": {"model": {"d_interval": 1, "lr_d": 5e-4}},
+        "full": {"model": {"d_interval": 1, "lr_d": 5e-4, **GOHA_TRAINING}},
     }
 
     def __init__(self, cfg=None):
@@ -302,8 +350,14 @@ class GOHASR(_GANStage):
         self.sr_gain = torch.nn.Parameter(torch.zeros(())) if c.sr_residual else None
         if c.disc_path:
             GOHAGAN._load_disc(self, c.disc_path)
+        own_d = c.s2_disc_init == "gfpgan" and bool(c.disc_path)
+        if c.s2_disc_init == "gfpgan" and not c.disc_path:
+            log.info("stage s2: model.s2_disc_init='gfpgan' without model.disc_path: the "
+                     "discriminator starts from s1_gan's (as 's1_gan')")
         if c.s1_gan_checkpoint:
-            self.load_previous(c.s1_gan_checkpoint, fresh=("discriminator.conv_body.0.",))
+            # s2_disc_init "gfpgan" with disc_path (GOHA): the D stays GFPGAN's net_d
+            self.load_previous(c.s1_gan_checkpoint, fresh=("discriminator.conv_body.0.",),
+                               skip=("discriminator.",) if own_d else ())
         elif not c.sr_path:
             log.info("stage s2: no model.s1_gan_checkpoint; the tri-plane networks start from "
                      "their initialisation")
@@ -351,10 +405,10 @@ class GOHASR(_GANStage):
                                                           align_corners=False)
         return ((up + (image - up) * alpha) * 0.5 + 0.5).clamp(0, 1)
 
-    def _fake_real(self, batch: dict, step: int):
+    def _fake_real(self, batch: dict, step: int, mode: str | None = None, *,
+                   vgg: bool = True):
         cfg = self.cfg
-        R = cfg.resolution
-        mode = s2_mode(step)
+        mode = mode or s2_mode(step)
         src = self.prepare_frame(batch["source"], "batch['source']")
         drv = src if mode == "src" else self.prepare_frame(batch["driving"], "batch['driving']")
         with torch.no_grad():
@@ -364,19 +418,41 @@ class GOHASR(_GANStage):
             raw = self.render(planes, drv["camera"])["image"]
         img = self.finish(raw)
         target = drv["image"]
+        real_raw = _resize(target, cfg.render_resolution)
         l1 = (img - target).abs().mean()
-        total = cfg.l1_weight * l1
         logs = {"l1": l1.detach(), f"mode_{mode}": torch.ones(())}
-        v = self._vgg_loss(img, target)
+        v = self._vgg_loss(img, target) if vgg else None
+        if cfg.sr_raw_terms:
+            # GOHA: L1 / VGG over the SR image and the raw render, both at R (the raw render and
+            # the target at r upsampled as the dual D sees them), the mean of the two; the raw
+            # render is frozen here, so its half only adds a constant
+            up, up_real = (self.discriminator.dual_input(img, x)[:, 3:]
+                           for x in (raw, real_raw))
+            raw_l1 = (up - up_real).abs().mean()
+            logs["raw_l1"] = raw_l1.detach()
+            l1 = (l1 + raw_l1) / 2
+            if v is not None:
+                vr = self._vgg_loss(up, up_real)
+                logs["raw_vgg"] = vr.detach()
+                v = (v + vr) / 2
+        total = cfg.l1_weight * l1
         if v is not None:
             total = total + cfg.vgg_weight * v
             logs["vgg"] = v.detach()
-        real_raw = _resize(target, cfg.render_resolution)
         return total, logs, (img, raw), (target, real_raw)
 
     def _d_logits(self, x) -> torch.Tensor:
         img, raw = x
         return self.discriminator.dual(img, raw)
+
+    def _r1_logits(self, real):
+        """``model.r1_inputs``: "raw", R1 w.r.t. the real SR-size image and the real raw at r
+        (before the D's upsampling, as EG3D's dual D); "input" (GOHA), w.r.t. the 6-channel D
+        input at R."""
+        if self.cfg.r1_inputs == "input":
+            x = self.discriminator.dual_input(*real).detach().requires_grad_(True)
+            return [x], self.discriminator(x)
+        return super()._r1_logits(real)
 
     @torch.no_grad()
     def preview(self, batch: dict) -> dict[str, torch.Tensor]:
