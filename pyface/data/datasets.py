@@ -145,9 +145,16 @@ class _Configurable:
     #: set perhaps generated): ``{field: minimum}``.
     _OPTION_MIN: dict = {}
 
+    #: Options fields every dataset has, which from_config uses itself (to find the root, to
+    #: pass ``load_masks`` to VideoDatasetBase): not keywords of the dataset's own.
+    _COMMON_OPTIONS = ("load_masks", "synth")
+
     @classmethod
     def _init_kwargs(cls, o) -> dict:
-        return {}
+        """The dataset's own keyword arguments: every other field of ``cls.Options``, under its
+        own name."""
+        return {f.name: getattr(o, f.name) for f in dataclasses.fields(o)
+                if f.name not in cls._COMMON_OPTIONS}
 
     @classmethod
     def from_config(cls, cfg):
@@ -275,10 +282,6 @@ class FrameDataset(_Configurable, VideoDatasetBase):
         load_masks: bool = True
         synth: SynthOptions = _synth_field()
 
-    @classmethod
-    def _init_kwargs(cls, o):
-        return {"mirror": o.mirror}
-
     def __init__(self, root, resolution=None, *, mirror: bool = False, **kw):
         super().__init__(root, resolution, **kw)
         self.mirror = mirror
@@ -316,10 +319,6 @@ class PairDataset(_Configurable, VideoDatasetBase):
         repeats: int = 8
         load_masks: bool = True
         synth: SynthOptions = _synth_field()
-
-    @classmethod
-    def _init_kwargs(cls, o):
-        return {"mode": o.mode, "min_gap": o.min_gap, "repeats": o.repeats}
 
     def __init__(self, root, resolution=None, *, mode: str = "same_video",
                  min_gap: int = 0, repeats: int = 1, **kw):
@@ -398,11 +397,6 @@ class MotionWindowDataset(_Configurable, VideoDatasetBase):
         load_masks: bool = True
         synth: SynthOptions = _synth_field()
 
-    @classmethod
-    def _init_kwargs(cls, o):
-        return {"frames_per_item": o.frames_per_item, "radius": o.radius,
-                "weighted": o.weighted, "repeats": o.repeats}
-
     def __init__(self, root, resolution=None, *, frames_per_item: int = 2, radius: int = 13,
                  weighted: bool = True, repeats: int = 1, **kw):
         if int(frames_per_item) < 1 or int(radius) < 0 or int(repeats) < 1:
@@ -476,10 +470,6 @@ class ClipDataset(_Configurable, VideoDatasetBase):
         load_masks: bool = True
         synth: SynthOptions = _synth_field()
 
-    @classmethod
-    def _init_kwargs(cls, o):
-        return {"frames": o.frames, "min_gap": o.min_gap, "repeats": o.repeats}
-
     def __init__(self, root, resolution=None, *, frames: int = 8, min_gap: int = 1,
                  repeats: int = 1, **kw):
         if int(frames) < 1 or int(min_gap) < 1 or int(repeats) < 1:
@@ -546,10 +536,6 @@ class MultiViewDataset(_Configurable, Dataset):
         swap: bool = True
         load_masks: bool = True
         synth: SynthOptions = _synth_field()
-
-    @classmethod
-    def _init_kwargs(cls, o):
-        return {"swap": o.swap}
 
     def __init__(self, root, resolution=None, *, swap: bool = True, **kw):
         self.root = os.fspath(root)
