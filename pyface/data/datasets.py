@@ -132,6 +132,22 @@ def options_of(cls, options):
     return opt_cls(**kw)
 
 
+def _first_readable(fn, index: int, n: int, skip_bad: bool, where: str, what: str, *,
+                    stacklevel: int):
+    """``fn(index)``. A DataError is raised, or with ``skip_bad`` warned about ("skipping bad
+    item I: ...", ``stacklevel`` counted from here) and the next index tried, cyclically, until
+    an item reads; none of the ``n`` does: DataError "WHERE: no readable WHAT left"."""
+    for k in range(n):
+        i = (index + k) % n
+        try:
+            return fn(i)
+        except fmt.DataError as e:
+            if not skip_bad:
+                raise
+            warnings.warn(f"skipping bad item {i}: {e}", stacklevel=stacklevel)
+    raise fmt.DataError(f"{where}: no readable {what} left")
+
+
 def _synth_field():
     return field(default_factory=SynthOptions)
 
@@ -261,15 +277,7 @@ class VideoDatasetBase(Dataset):
 
     def _guarded(self, index: int, fn):
         """Runs ``fn(index)``; with ``skip_bad`` a DataError moves on to the next index."""
-        n = len(self)
-        for k in range(n):
-            try:
-                return fn((index + k) % n)
-            except fmt.DataError as e:
-                if not self.skip_bad:
-                    raise
-                warnings.warn(f"skipping bad item {(index + k) % n}: {e}", stacklevel=3)
-        raise fmt.DataError(f"{self.root}: no readable item left")
+        return _first_readable(fn, index, len(self), self.skip_bad, self.root, "item", stacklevel=4)
 
 
 class FrameDataset(_Configurable, VideoDatasetBase):
@@ -1033,16 +1041,8 @@ class ImageFolderDataset(Dataset):
         return len(self.files) * (2 if self.mirror else 1)
 
     def __getitem__(self, index):
-        n = len(self)
-        for k in range(n):
-            i = (index + k) % n
-            try:
-                return self._item(i)
-            except fmt.DataError as e:
-                if not self.skip_bad:
-                    raise
-                warnings.warn(f"skipping bad item {i}: {e}", stacklevel=2)
-        raise fmt.DataError(f"{self.source.path}: no readable image left")
+        return _first_readable(self._item, index, len(self), self.skip_bad, self.source.path,
+                               "image", stacklevel=3)
 
     def _item(self, index):
         k = index % len(self.files)
