@@ -270,6 +270,39 @@ def test_image_folder_bad_data(tmp_path):
         EG3DDataset(str(tmp_path / "bad" / "sub"))
 
 
+def test_skip_bad_items_warn_at_the_caller_and_run_out(tmp_path):
+    """skip_bad: a bad item is skipped for the next one with a warning attributed to the line
+    that indexed the dataset; when none reads, a DataError names the root."""
+    d = str(tmp_path / "imgs")
+    names = _image_folder(d, labels=False)
+    ds = ImageFolderDataset(d, skip_bad=True)
+    k = ds.files.index(names[0])
+    open(os.path.join(d, names[0]), "wb").write(b"garbage")
+    with pytest.warns(UserWarning, match=f"skipping bad item {k}: .*corrupt or unreadable") as w:
+        it = ds[k]
+    assert w[0].filename == __file__
+    assert int(it["index"]) == (k + 1) % 5
+    for nm in names:
+        open(os.path.join(d, nm), "wb").write(b"garbage")
+    with pytest.warns(UserWarning), \
+            pytest.raises(fmt.DataError, match="imgs: no readable image left"):
+        ds[0]
+
+    v = str(tmp_path / "videos")
+    S.generate(v, S.SynthConfig(identities=1, videos_per_identity=1, frames=2, resolution=16,
+                                cross=False, workers=1), progress=False)
+    frames = FrameDataset(v, skip_bad=True)
+    rec = frames.videos[0]
+    open(rec.frame_path(v, 0), "wb").write(b"garbage")
+    with pytest.warns(UserWarning, match="skipping bad item 0: .*corrupt or unreadable") as w:
+        it = frames[0]
+    assert w[0].filename == __file__ and int(it["frame"]) == 1
+    open(rec.frame_path(v, 1), "wb").write(b"garbage")
+    with pytest.warns(UserWarning), \
+            pytest.raises(fmt.DataError, match="videos: no readable item left"):
+        frames[1]
+
+
 def test_mp4_videos(root, tmp_path):
     """A video stored as frames.mp4 instead of PNG frames reads the same (up to compression)."""
     pytest.importorskip("imageio_ffmpeg")

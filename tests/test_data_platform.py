@@ -96,6 +96,21 @@ def test_options_passed_as_instances_and_mismatch():
         DataConfig(name="pairs", options=o)
 
 
+@pytest.mark.parametrize("cls", [FrameDataset, PairDataset, MotionWindowDataset, ClipDataset,
+                                 MultiViewDataset, CrossIdentityDataset])
+def test_each_own_option_is_a_constructor_keyword(cls):
+    """from_config passes every option but load_masks and synth (which it uses itself) to the
+    constructor under the option's own name, with the option's value."""
+    import dataclasses
+    import inspect
+
+    own = [f.name for f in dataclasses.fields(cls.Options) if f.name not in ("load_masks", "synth")]
+    params = inspect.signature(cls.__init__).parameters
+    assert all(params[k].kind is inspect.Parameter.KEYWORD_ONLY for k in own)
+    values = {f.name: f"value of {f.name}" for f in dataclasses.fields(cls.Options)}
+    assert cls._init_kwargs(cls.Options(**values)) == {k: f"value of {k}" for k in own}
+
+
 # ----------------------------------------------------------------------------------------------
 # registered datasets over an existing root
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import pyface.nn as N
 from pyface.nn._pretrained import PretrainedWeightsWarning
 from pyface.nn.layers import Conv2dLayer, bias_act, modulated_conv2d
+from pyface.nn.losses import GAN_LOSSES
 from pyface.nn.resample import blur, downsample2d, setup_filter, upfirdn2d, upsample2d
 from pyface.testing import assert_close
 
@@ -342,6 +343,193 @@ def test_kl_divergence_of_an_empty_batch_is_zero_with_a_graph():
     want = (-0.5 * (1 + logvar - mu.square() - logvar.exp()).sum(-1)).mean()
     assert torch.equal(N.kl_divergence(mu, logvar), want)
 
+
+def _assert_zero_with_a_graph(loss, *inputs):
+    """The loss of an empty batch: the scalar 0 (not NaN), part of the graph of ``inputs``;
+    backward runs and gives each input a gradient of its own shape, all zeros."""
+    assert loss.shape == () and not torch.isnan(loss) and loss.item() == 0
+    assert loss.requires_grad
+    (loss * 3 + 1).backward()
+    for x in inputs:
+        assert x.grad is not None and x.grad.shape == x.shape and not x.grad.any()
+
+
+def _empty(*shape, dtype=torch.float32):
+    return torch.zeros(*shape, dtype=dtype, requires_grad=True)
+
+
+def test_mean_reductions_of_nothing_are_zero_with_a_graph():
+    from pyface.nn._reduce import l1_or_zero, mean_or_zero, mse_or_zero
+
+    for reduce in (mean_or_zero, lambda x: l1_or_zero(x, x.detach() + 1),
+                   lambda x: mse_or_zero(x, x.detach() + 1)):
+        x = _empty(0, 3)
+        _assert_zero_with_a_graph(reduce(x), x)
+    a, b = torch.randn(4, 5, dtype=D64), torch.randn(4, 5, dtype=D64)
+    assert torch.equal(mean_or_zero(a), a.mean())
+    assert torch.equal(l1_or_zero(a, b), F.l1_loss(a, b))
+    assert torch.equal(mse_or_zero(a, b), F.mse_loss(a, b))
+
+
+@pytest.mark.parametrize("kind", GAN_LOSSES)
+def test_gan_losses_of_an_empty_batch_are_zero_with_a_graph(kind):
+    f = _empty(0, 1)
+    _assert_zero_with_a_graph(N.gan_g_loss(f, kind), f)
+    r, f = _empty(0, 1), _empty(0, 1)
+    _assert_zero_with_a_graph(N.gan_d_loss(r, f, kind), r, f)
+    # non-empty batches: exactly the means as before; an empty side adds 0 to the other's mean
+    r, f = torch.randn(3, 1, 2, dtype=D64), torch.randn(5, 1, 2, dtype=D64)
+    old_fake = {"logistic": F.softplus(f).mean(), "hinge": F.relu(1 + f).mean(),
+                "lsgan": f.square().mean()}[kind]
+    assert torch.equal(N.gan_d_loss(r[:0], f, kind), old_fake)
+    old_g = {"logistic": F.softplus(-f).mean(), "hinge": (-f).mean(),
+             "lsgan": (f - 1).square().mean()}[kind]
+    old_d = {"logistic": F.softplus(-r).mean() + F.softplus(f).mean(),
+             "hinge": F.relu(1 - r).mean() + F.relu(1 + f).mean(),
+             "lsgan": (r - 1).square().mean() + f.square().mean()}[kind]
+    assert torch.equal(N.gan_g_loss(f, kind), old_g)
+    assert torch.equal(N.gan_d_loss(r, f, kind), old_d)
+
+
+def test_feature_matching_and_tv_of_an_empty_batch_are_zero_with_a_graph():
+    real = [torch.zeros(0, 4, 8, 8), torch.zeros(0, 8, 4, 4)]
+    fake = [_empty(0, 4, 8, 8), _empty(0, 8, 4, 4)]
+    _assert_zero_with_a_graph(N.feature_matching_loss(real, fake), *fake)
+    x = _empty(0, 3, 8, 8)
+    _assert_zero_with_a_graph(N.tv_loss(x), x)
+    planes = _empty(0, 3, 4, 8, 8)
+    _assert_zero_with_a_graph(N.tv_loss(planes), planes)
+    torch.manual_seed(0)
+    real = [torch.randn(2, 4, 8, 8, dtype=D64), torch.randn(2, 8, 4, 4, dtype=D64)]
+    fake = [torch.randn(2, 4, 8, 8, dtype=D64), torch.randn(2, 8, 4, 4, dtype=D64)]
+    old = sum(F.l1_loss(f, r) for r, f in zip(real, fake)) / 2
+    assert torch.equal(N.feature_matching_loss(real, fake), old)
+    x = torch.randn(2, 3, 3, 6, 5, dtype=D64)
+    old = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + \
+        (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+    assert torch.equal(N.tv_loss(x), old)
+    row = torch.randn(2, 3, 1, 5, dtype=D64)       # H = 1: no vertical neighbours, that term is 0
+    assert torch.equal(N.tv_loss(row), (row[..., 1:] - row[..., :-1]).abs().mean())
+
+
+def test_roi_l1_loss_of_an_empty_batch_is_zero_with_a_graph():
+    pred, target = _empty(0, 3, 16, 16), torch.zeros(0, 3, 16, 16)
+    boxes = {"mouth": torch.zeros(0, 4), "eye_l": torch.zeros(0, 4)}
+    _assert_zero_with_a_graph(N.roi_l1_loss(pred, target, boxes, 8, {"mouth": 2.0}), pred)
+    # no boxes at all: an empty result that backward still reaches x through (zero gradient)
+    x = torch.randn(2, 3, 9, 11, requires_grad=True)
+    out = N.roi_align(x, torch.zeros(0, 5), (3, 4))
+    assert out.shape == (0, 3, 3, 4) and out.requires_grad
+    out.sum().backward()
+    assert x.grad.shape == x.shape and not x.grad.any()
+    torch.manual_seed(0)
+    pred, target = torch.randn(2, 3, 16, 16, dtype=D64), torch.randn(2, 3, 16, 16, dtype=D64)
+    boxes = {"mouth": torch.tensor([[2.0, 3.0, 12.0, 9.0], [1.0, 1.0, 15.0, 14.0]]),
+             "eye_l": torch.tensor([[0.0, 0.0, 6.0, 5.0], [4.0, 2.0, 10.0, 8.0]])}
+    rois = {k: torch.cat([torch.arange(2.0)[:, None], b], 1).double() for k, b in boxes.items()}
+    old = 2.0 * F.l1_loss(N.roi_align(pred, rois["mouth"], 8), N.roi_align(target, rois["mouth"], 8)) \
+        + 1.0 * F.l1_loss(N.roi_align(pred, rois["eye_l"], 8), N.roi_align(target, rois["eye_l"], 8))
+    assert torch.equal(N.roi_l1_loss(pred, target, boxes, 8, {"mouth": 2.0}),
+                       pred.new_zeros(()) + old)
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2"])
+def test_perceptual_loss_of_an_empty_batch_is_zero_with_a_graph(criterion):
+    """Random weights (no file needed): the empty batch only goes through the reductions."""
+    from pyface.nn.vgg import gram
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PretrainedWeightsWarning)
+        p = N.PerceptualLoss(layers=["relu1_1", "relu2_1"], layer_weights=[1.0, 0.5],
+                             scales=[1.0, 0.5], style_weight=10.0, criterion=criterion)
+    pred = _empty(0, 3, 16, 16)
+    _assert_zero_with_a_graph(p(pred, torch.zeros(0, 3, 16, 16)), pred)
+    torch.manual_seed(0)
+    pred, target = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
+    dist = F.l1_loss if criterion == "l1" else F.mse_loss
+    old = pred.new_zeros(())
+    for si, s in enumerate([1.0, 0.5]):
+        pp, tt = pred, target
+        if s != 1:
+            pp = F.interpolate(pred, scale_factor=s, mode="bilinear", align_corners=False,
+                               antialias=True)
+            tt = F.interpolate(target, scale_factor=s, mode="bilinear", align_corners=False,
+                               antialias=True)
+        fp, ft = p.vgg(pp), p.vgg(tt)
+        for name, w in zip(["relu1_1", "relu2_1"], [1.0, 0.5]):
+            old = old + w * dist(fp[name], ft[name])
+            if si < 1:
+                old = old + 10.0 * F.l1_loss(gram(fp[name]), gram(ft[name]))
+    assert torch.equal(p(pred, target), old)
+
+
+def test_identity_losses_of_an_empty_batch_are_zero_with_a_graph():
+    """Both ArcFace losses with random weights (no file needed)."""
+    from pyface.nn.arcface18 import ArcFaceIdentityLoss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PretrainedWeightsWarning)
+        idl, idl18 = N.IdentityLoss(arch="r18"), ArcFaceIdentityLoss()
+    pred = _empty(0, 3, 64, 64)
+    _assert_zero_with_a_graph(idl(pred, torch.zeros(0, 3, 64, 64)), pred)
+    pred = _empty(0, 3, 64, 64)
+    _assert_zero_with_a_graph(idl18(pred, torch.zeros(0, 3, 64, 64), torch.zeros(0, 68, 2)),
+                              pred)
+    torch.manual_seed(0)
+    a, b = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    lm = torch.rand(2, 68, 2) * 30 + 17
+    assert torch.equal(idl(a, b), (1 - (idl.embed(a) * idl.embed(b)).sum(1)).mean())
+    assert torch.equal(idl18(a, b, lm),
+                       (1 - (idl18.embed(a, lm) * idl18.embed(b, lm)).sum(1)).mean())
+
+
+def test_keypoint_and_contrastive_losses_of_an_empty_batch_are_zero_with_a_graph():
+    kp = _empty(0, 5, 3)
+    _assert_zero_with_a_graph(N.keypoint_prior_loss(kp), kp)
+    t = N.RandomAffineTPS(0.1, 0.02).sample(0)
+    kp, kp_w = _empty(0, 5, 3), _empty(0, 5, 3)
+    _assert_zero_with_a_graph(N.equivariance_loss(kp, kp_w, t), kp, kp_w)
+    q, k = _empty(0, 4, 8), _empty(0, 4, 8)
+    _assert_zero_with_a_graph(N.info_nce(q, k, 0.1), q, k)
+    assert N.info_nce(q, k, 0.1, reduction="none").shape == (0, 4)
+    g = torch.Generator().manual_seed(3)
+    kp = torch.rand(3, 5, 3, generator=g, dtype=D64)
+    sq = (kp.unsqueeze(2) - kp.unsqueeze(1)).square().sum(-1)
+    spread = F.relu(0.1 - sq) * (1 - torch.eye(5, dtype=D64))
+    old = (spread.sum((1, 2)) + (kp[..., 2].mean(-1) - 0.33).abs()).mean()
+    assert torch.equal(N.keypoint_prior_loss(kp), old)
+    t = N.RandomAffineTPS(0.1, 0.02).sample(3, generator=g)
+    kp_w = torch.rand(3, 5, 3, generator=g, dtype=D64)
+    old = (kp[..., :2] - t.warp_keypoints(kp_w)[..., :2]).abs().mean()
+    assert torch.equal(N.equivariance_loss(kp, kp_w, t), old)
+    q, k = torch.randn(2, 4, 8, generator=g), torch.randn(2, 4, 8, generator=g)
+    assert torch.equal(N.info_nce(q, k, 0.1), N.info_nce(q, k, 0.1, reduction="none").mean())
+
+
+def test_density_regularizers_of_an_empty_batch_are_zero_with_a_graph():
+    dec = N.OSGDecoder(8, 16, 4)
+    planes = _empty(0, 3, 8, 16, 16)
+    _assert_zero_with_a_graph(N.density_l1_regularizer(planes, dec, n_points=10,
+                                                       plane_axes="eg3d"), planes)
+    planes = _empty(0, 3, 8, 16, 16)
+    _assert_zero_with_a_graph(N.density_monotonic_regularizer(planes, dec, n_points=10,
+                                                              plane_axes="eg3d"), planes)
+    torch.manual_seed(0)
+    planes = torch.randn(2, 3, 8, 16, 16)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.rand(2, 10, 3, generator=gen) * 2 - 1
+    y = x + torch.randn(x.shape, generator=gen) * 0.004
+    s = N.query_density(planes, dec, torch.cat([x, y], 1), plane_axes="eg3d")
+    assert torch.equal(N.density_l1_regularizer(planes, dec, n_points=10, plane_axes="eg3d",
+                                                generator=torch.Generator().manual_seed(7)),
+                       F.l1_loss(s[:, :10], s[:, 10:]))
+    gen = torch.Generator().manual_seed(7)
+    x = torch.rand(2, 10, 3, generator=gen) * 2 - 1
+    y = x + torch.tensor([0.0, 0.0, -1.0]) * (1 / 256)
+    s = N.query_density(planes, dec, torch.cat([x, y], 1), plane_axes="eg3d")
+    assert torch.equal(N.density_monotonic_regularizer(
+        planes, dec, n_points=10, plane_axes="eg3d", generator=torch.Generator().manual_seed(7)),
+        torch.relu(s[:, :10].detach() - s[:, 10:]).mean() * 10.0)
 
 def _roi_naive(x, box, oh, ow, sr):
     """Per-sample bilinear (clamped to the border) average over bins, loops."""

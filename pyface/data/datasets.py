@@ -132,6 +132,22 @@ def options_of(cls, options):
     return opt_cls(**kw)
 
 
+def _first_readable(fn, index: int, n: int, skip_bad: bool, where: str, what: str, *,
+                    stacklevel: int):
+    """``fn(index)``. A DataError is raised, or with ``skip_bad`` warned about ("skipping bad
+    item I: ...", ``stacklevel`` counted from here) and the next index tried, cyclically, until
+    an item reads; none of the ``n`` does: DataError "WHERE: no readable WHAT left"."""
+    for k in range(n):
+        i = (index + k) % n
+        try:
+            return fn(i)
+        except fmt.DataError as e:
+            if not skip_bad:
+                raise
+            warnings.warn(f"skipping bad item {i}: {e}", stacklevel=stacklevel)
+    raise fmt.DataError(f"{where}: no readable {what} left")
+
+
 def _synth_field():
     return field(default_factory=SynthOptions)
 
@@ -145,9 +161,16 @@ class _Configurable:
     #: set perhaps generated): ``{field: minimum}``.
     _OPTION_MIN: dict = {}
 
+    #: Options fields every dataset has, which from_config uses itself (to find the root, to
+    #: pass ``load_masks`` to VideoDatasetBase): not keywords of the dataset's own.
+    _COMMON_OPTIONS = ("load_masks", "synth")
+
     @classmethod
     def _init_kwargs(cls, o) -> dict:
-        return {}
+        """The dataset's own keyword arguments: every other field of ``cls.Options``, under its
+        own name."""
+        return {f.name: getattr(o, f.name) for f in dataclasses.fields(o)
+                if f.name not in cls._COMMON_OPTIONS}
 
     @classmethod
     def from_config(cls, cfg):
@@ -254,15 +277,7 @@ class VideoDatasetBase(Dataset):
 
     def _guarded(self, index: int, fn):
         """Runs ``fn(index)``; with ``skip_bad`` a DataError moves on to the next index."""
-        n = len(self)
-        for k in range(n):
-            try:
-                return fn((index + k) % n)
-            except fmt.DataError as e:
-                if not self.skip_bad:
-                    raise
-                warnings.warn(f"skipping bad item {(index + k) % n}: {e}", stacklevel=3)
-        raise fmt.DataError(f"{self.root}: no readable item left")
+        return _first_readable(fn, index, len(self), self.skip_bad, self.root, "item", stacklevel=4)
 
 
 class FrameDataset(_Configurable, VideoDatasetBase):
@@ -274,10 +289,6 @@ class FrameDataset(_Configurable, VideoDatasetBase):
         mirror: bool = False
         load_masks: bool = True
         synth: SynthOptions = _synth_field()
-
-    @classmethod
-    def _init_kwargs(cls, o):
-        return {"mirror": o.mirror}
 
     def __init__(self, root, resolution=None, *, mirror: bool = False, **kw):
         super().__init__(root, resolution, **kw)
@@ -316,10 +327,6 @@ class PairDataset(_Configurable, VideoDatasetBase):
         repeats: int = 8
         load_masks: bool = True
         synth: SynthOptions = _synth_field()
-
-    @classmethod
-    def _init_kwargs(cls, o):
-        return {"mode": o.mode, "min_gap": o.min_gap, "repeats": o.repeats}
 
     def __init__(self, root, resolution=None, *, mode: str = "same_video",
                  min_gap: int = 0, repeats: int = 1, **kw):
@@ -398,11 +405,6 @@ class MotionWindowDataset(_Configurable, VideoDatasetBase):
         load_masks: bool = True
         synth: SynthOptions = _synth_field()
 
-    @classmethod
-    def _init_kwargs(cls, o):
-        return {"frames_per_item": o.frames_per_item, "radius": o.radius,
-                "weighted": o.weighted, "repeats": o.repeats}
-
     def __init__(self, root, resolution=None, *, frames_per_item: int = 2, radius: int = 13,
                  weighted: bool = True, repeats: int = 1, **kw):
         if int(frames_per_item) < 1 or int(radius) < 0 or int(repeats) < 1:
@@ -476,10 +478,6 @@ class ClipDataset(_Configurable, VideoDatasetBase):
         load_masks: bool = True
         synth: SynthOptions = _synth_field()
 
-    @classmethod
-    def _init_kwargs(cls, o):
-        return {"frames": o.frames, "min_gap": o.min_gap, "repeats": o.repeats}
-
     def __init__(self, root, resolution=None, *, frames: int = 8, min_gap: int = 1,
                  repeats: int = 1, **kw):
         if int(frames) < 1 or int(min_gap) < 1 or int(repeats) < 1:
@@ -546,10 +544,6 @@ class MultiViewDataset(_Configurable, Dataset):
         swap: bool = True
         load_masks: bool = True
         synth: SynthOptions = _synth_field()
-
-    @classmethod
-    def _init_kwargs(cls, o):
-        return {"swap": o.swap}
 
     def __init__(self, root, resolution=None, *, swap: bool = True, **kw):
         self.root = os.fspath(root)
@@ -1047,16 +1041,8 @@ class ImageFolderDataset(Dataset):
         return len(self.files) * (2 if self.mirror else 1)
 
     def __getitem__(self, index):
-        n = len(self)
-        for k in range(n):
-            i = (index + k) % n
-            try:
-                return self._item(i)
-            except fmt.DataError as e:
-                if not self.skip_bad:
-                    raise
-                warnings.warn(f"skipping bad item {i}: {e}", stacklevel=2)
-        raise fmt.DataError(f"{self.source.path}: no readable image left")
+        return _first_readable(self._item, index, len(self), self.skip_bad, self.source.path,
+                               "image", stacklevel=3)
 
     def _item(self, index):
         k = index % len(self.files)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyface.nn._pretrained import load_into, read_state, warn_random_init
+from pyface.nn._reduce import mean_or_zero
 
 IRESNET_LAYERS = {"r18": (2, 2, 2, 2), "r34": (3, 4, 6, 3), "r50": (3, 4, 14, 3),
                   "r100": (3, 13, 30, 3)}
@@ -78,7 +79,8 @@ class IdentityLoss(nn.Module):
     """1 - cos(ArcFace(pred), ArcFace(target)), mean over the batch.
 
     pred, target: (B, 3, H, W) in [-1, 1], aligned face crops (optionally cropped by
-    ``crop`` first) resized to 112x112. ``weights``: insightface ``.pth`` for ``arch``."""
+    ``crop`` first) resized to 112x112. ``weights``: insightface ``.pth`` for ``arch``. An empty
+    batch (B = 0) gives 0, still connected to ``pred``."""
 
     def __init__(self, cfg: IdentityConfig | None = None, weights: str | None = None,
                  **overrides):
@@ -107,4 +109,4 @@ class IdentityLoss(nn.Module):
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             et = self.embed(target)
-        return (1 - (self.embed(pred) * et).sum(1)).mean()
+        return mean_or_zero(1 - (self.embed(pred) * et).sum(1))

@@ -26,6 +26,7 @@ from torch import nn
 
 from pyface.face.align import ARCFACE_TEMPLATE, five_points, umeyama_similarity
 from pyface.nn._pretrained import load_into, read_state, warn_random_init
+from pyface.nn._reduce import mean_or_zero
 
 #: insightface's 5-point template for 112 x 112 crops (left eye, right eye, nose, mouth corners)
 TEMPLATE_112 = tuple(tuple(p) for p in ARCFACE_TEMPLATE.tolist())
@@ -128,7 +129,8 @@ class ArcFaceIdentityLoss(nn.Module):
 
     ``forward(pred, target, landmarks)``: pred, target (N, 3, H, W) in [-1, 1], landmarks
     (N, 68 | 5, 2) pixels of the target (used for both). ``weights``: a local ResNetArcFace-18
-    file (e.g. GFPGAN's ``arcface_resnet18.pth``); None: random weights with a warning."""
+    file (e.g. GFPGAN's ``arcface_resnet18.pth``); None: random weights with a warning. An empty
+    batch (N = 0) gives 0, still connected to ``pred``."""
 
     def __init__(self, weights: str | None = None):
         super().__init__()
@@ -155,4 +157,4 @@ class ArcFaceIdentityLoss(nn.Module):
                              f"{tuple(pred.shape)} and {tuple(target.shape)}")
         with torch.no_grad():
             et = self.embed(target, landmarks)
-        return (1 - (self.embed(pred, landmarks) * et).sum(1)).mean()
+        return mean_or_zero(1 - (self.embed(pred, landmarks) * et).sum(1))

@@ -20,6 +20,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from pyface.nn._reduce import mean_or_zero
 from pyface.nn.compiling import generator_kwargs
 
 __all__ = ["AffineTPS", "RandomAffineTPS", "equivariance_loss", "keypoint_prior_loss"]
@@ -167,7 +168,7 @@ def keypoint_prior_loss(kp: torch.Tensor, *, distance: float = 0.1, depth: float
     Args:
         kp: (B, K, 3) keypoints (x, y, z).
     Returns:
-        a scalar.
+        a scalar; 0 for an empty batch (B = 0), still connected to ``kp``.
     """
     if kp.dim() != 3 or kp.shape[2] != 3:
         raise ValueError(f"kp: expected shape (B, K, 3), got {tuple(kp.shape)}")
@@ -176,7 +177,7 @@ def keypoint_prior_loss(kp: torch.Tensor, *, distance: float = 0.1, depth: float
     if not include_self:
         spread = spread * (1 - torch.eye(kp.shape[1], dtype=kp.dtype, device=kp.device))
     value = spread.sum((1, 2)) + (kp[..., 2].mean(-1) - depth).abs()
-    return value.mean()
+    return mean_or_zero(value)
 
 
 def equivariance_loss(kp: torch.Tensor, kp_warped: torch.Tensor,
@@ -188,10 +189,11 @@ def equivariance_loss(kp: torch.Tensor, kp_warped: torch.Tensor,
         kp_warped: (B, K, 2 or 3) keypoints of ``transform.warp_image(x)``.
         transform: the warp.
     Returns:
-        ``mean |kp[..., :2] - T(kp_warped)[..., :2]|`` (L1, a scalar).
+        ``mean |kp[..., :2] - T(kp_warped)[..., :2]|`` (L1, a scalar); 0 for an empty batch
+        (B = 0), still connected to ``kp`` and ``kp_warped``.
     """
     if kp_warped.shape != kp.shape:
         raise ValueError(f"kp_warped: expected the shape of kp {tuple(kp.shape)}, got "
                          f"{tuple(kp_warped.shape)}")
     back = transform.warp_keypoints(kp_warped)
-    return (kp[..., :2] - back[..., :2]).abs().mean()
+    return mean_or_zero((kp[..., :2] - back[..., :2]).abs())

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyface.nn._reduce import mean_or_zero
+
 
 class OrthogonalBasis(nn.Module):
     """n orthonormal directions in R^dim: ``Q = QR(W + eps).Q`` with a learnable W (dim, n).
@@ -115,7 +117,8 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, temperature: torch.Tensor |
         symmetric: average query->key and key->query cross-entropies.
         reduction: ``"mean"`` (over groups and rows) or ``"none"`` (per row, shape (..., N)).
     Returns:
-        a scalar, or (..., N) for ``reduction="none"``.
+        a scalar, or (..., N) for ``reduction="none"``. No groups (a leading dim of 0) give 0
+        for ``"mean"``, still connected to ``query`` and ``key``.
     """
     if query.dim() < 2:
         raise ValueError(f"query: expected shape (..., N, D), got {tuple(query.shape)}")
@@ -144,4 +147,4 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, temperature: torch.Tensor |
     if symmetric:
         loss = 0.5 * (loss + F.cross_entropy(flat, target, reduction="none"))  # columns: k -> q
     loss = loss.reshape(logits.shape[:-1])
-    return loss.mean() if reduction == "mean" else loss
+    return mean_or_zero(loss) if reduction == "mean" else loss

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from pyface.nn._reduce import l1_or_zero, mean_or_zero
 from pyface.nn.arcface import IdentityLoss  # noqa: F401  (re-exported)
 from pyface.nn.roi import roi_l1_loss  # noqa: F401
 from pyface.nn.vgg import PerceptualLoss  # noqa: F401
@@ -20,13 +21,14 @@ GAN_LOSSES = ("logistic", "hinge", "lsgan")
 
 def gan_g_loss(fake_logits: torch.Tensor, kind: str = "logistic") -> torch.Tensor:
     """Generator loss on D(fake): non-saturating logistic ``softplus(-D)``, hinge ``-D`` or
-    least squares ``(D - 1)^2``; mean over ``fake_logits`` (B, ...) (any shape)."""
+    least squares ``(D - 1)^2``; mean over ``fake_logits`` (B, ...) (any shape). An empty batch
+    gives 0, still connected to ``fake_logits`` (backward gives an empty gradient)."""
     if kind == "logistic":
-        return F.softplus(-fake_logits).mean()
+        return mean_or_zero(F.softplus(-fake_logits))
     if kind == "hinge":
-        return (-fake_logits).mean()
+        return mean_or_zero(-fake_logits)
     if kind == "lsgan":
-        return (fake_logits - 1).square().mean()
+        return mean_or_zero((fake_logits - 1).square())
     raise ValueError(f"kind: expected one of {GAN_LOSSES}, got {kind!r}")
 
 
@@ -35,13 +37,13 @@ def gan_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor,
     """Discriminator loss: logistic ``softplus(-D(real)) + softplus(D(fake))``, hinge
     ``relu(1 - D(real)) + relu(1 + D(fake))`` or least squares ``(D(real)-1)^2 + D(fake)^2``;
     ``real_logits`` (B, ...) and ``fake_logits`` (B', ...) are averaged separately (their
-    batch sizes may differ)."""
+    batch sizes may differ); the term of an empty batch is 0, still connected to its logits."""
     if kind == "logistic":
-        return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+        return mean_or_zero(F.softplus(-real_logits)) + mean_or_zero(F.softplus(fake_logits))
     if kind == "hinge":
-        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+        return mean_or_zero(F.relu(1 - real_logits)) + mean_or_zero(F.relu(1 + fake_logits))
     if kind == "lsgan":
-        return (real_logits - 1).square().mean() + fake_logits.square().mean()
+        return mean_or_zero((real_logits - 1).square()) + mean_or_zero(fake_logits.square())
     raise ValueError(f"kind: expected one of {GAN_LOSSES}, got {kind!r}")
 
 
@@ -66,18 +68,20 @@ def r1_penalty(real_logits: torch.Tensor, real_inputs: Sequence[torch.Tensor]) -
 def feature_matching_loss(real_feats: Sequence[torch.Tensor],
                           fake_feats: Sequence[torch.Tensor]) -> torch.Tensor:
     """Mean L1 between discriminator features of real (detached) and fake images: two lists of
-    equal length whose i-th tensors have the same shape (e.g. (B, C_i, H_i, W_i))."""
+    equal length whose i-th tensors have the same shape (e.g. (B, C_i, H_i, W_i)). The term of
+    an empty pair (B = 0) is 0, still connected to ``fake_feats``."""
     if len(real_feats) != len(fake_feats):
         raise ValueError(f"feature lists differ in length: {len(real_feats)} vs {len(fake_feats)}")
-    return sum(F.l1_loss(f, r.detach()) for r, f in zip(real_feats, fake_feats)) / max(
+    return sum(l1_or_zero(f, r.detach()) for r, f in zip(real_feats, fake_feats)) / max(
         len(real_feats), 1)
 
 
 def tv_loss(x: torch.Tensor) -> torch.Tensor:
     """Total variation of (B, C, H, W) images or (B, P, C, H, W) planes (mean absolute
-    differences along H and W)."""
-    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + \
-        (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+    differences along H and W). An empty batch gives 0, still connected to ``x``; so does each
+    term with no differences to take (H = 1 or W = 1)."""
+    return mean_or_zero((x[..., 1:, :] - x[..., :-1, :]).abs()) + \
+        mean_or_zero((x[..., :, 1:] - x[..., :, :-1]).abs())
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -88,4 +92,4 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"logvar: expected the shape of mu {tuple(mu.shape)}, got "
                          f"{tuple(logvar.shape)}")
     kl = -0.5 * (1 + logvar - mu.square() - logvar.exp()).sum(dim=-1)
-    return kl.sum() if kl.numel() == 0 else kl.mean()
+    return mean_or_zero(kl)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyface.nn._reduce import l1_or_zero, mean_or_zero
 from pyface.nn.compiling import generator_kwargs
 from pyface.nn.layers import FullyConnectedLayer
 from pyface.ops.reference.render import OSG_CLAMP
@@ -258,7 +259,8 @@ def density_l1_regularizer(planes: torch.Tensor, decoder, *, n_points: int = 100
                            generator: torch.Generator | None = None) -> torch.Tensor:
     """EG3D's density regulariser (``reg_type='l1'``): ``n_points`` uniform points in
     [-1, 1]^3 per batch item and copies perturbed by N(0, p_dist^2); returns the L1 between
-    their raw densities (EG3D multiplies it by ``density_reg`` = 0.25).
+    their raw densities (EG3D multiplies it by ``density_reg`` = 0.25); an empty batch (B = 0)
+    gives 0, still connected to ``planes``.
 
     Args:
         planes: (B, 3, C, H, W); decoder: an :class:`OSGDecoder`, its weights or a callable.
@@ -270,7 +272,7 @@ def density_l1_regularizer(planes: torch.Tensor, decoder, *, n_points: int = 100
     y = x + torch.randn(x.shape, device=dev, dtype=dt, **generator_kwargs(generator)) * p_dist
     sigma = query_density(planes, decoder, torch.cat([x, y], 1), plane_axes=plane_axes,
                           box_size=box_size)
-    return F.l1_loss(sigma[:, :n_points], sigma[:, n_points:])
+    return l1_or_zero(sigma[:, :n_points], sigma[:, n_points:])
 
 
 def density_monotonic_regularizer(planes: torch.Tensor, decoder, *, n_points: int = 2000,
@@ -282,7 +284,8 @@ def density_monotonic_regularizer(planes: torch.Tensor, decoder, *, n_points: in
     ``-box_size / 256`` in z; returns ``relu(sigma_front - sigma_behind).mean() * scale`` with
     ``sigma_front`` detached when ``detach``. (EG3D adds an L1 term with p_dist = box_size / 256
     next to it: :func:`density_l1_regularizer`.) ``plane_axes`` as in :class:`RenderConfig`
-    (required; use the renderer's ``config.plane_axes``). ``planes``: (B, 3, C, H, W).
+    (required; use the renderer's ``config.plane_axes``). ``planes``: (B, 3, C, H, W). An empty
+    batch (B = 0) gives 0, still connected to ``planes``.
     """
     B, dev, dt = planes.shape[0], planes.device, _weights_dtype(planes)
     x = torch.rand(B, n_points, 3, device=dev, dtype=dt, **generator_kwargs(generator)) * 2 - 1
@@ -292,4 +295,4 @@ def density_monotonic_regularizer(planes: torch.Tensor, decoder, *, n_points: in
     front, behind = sigma[:, :n_points], sigma[:, n_points:]
     if detach:
         front = front.detach()
-    return torch.relu(front - behind).mean() * scale
+    return mean_or_zero(torch.relu(front - behind)) * scale

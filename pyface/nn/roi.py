@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pyface.nn._reduce import l1_or_zero
 from pyface.ops._checks import has_values
 
 
@@ -18,7 +19,8 @@ def roi_align(x: torch.Tensor, boxes: torch.Tensor, output_size: int | tuple[int
         sampling_ratio: samples per bin along each axis (> 0).
         aligned: pixel centres at ``i + 0.5`` (``aligned=True`` in torchvision's terms).
     Returns:
-        (K, C, oh, ow). Samples outside the image are clamped to the border.
+        (K, C, oh, ow). Samples outside the image are clamped to the border. No boxes (K = 0)
+        give an empty result that is still connected to ``x`` (backward gives it zeros).
     """
     if x.ndim != 4:
         raise ValueError(f"x: expected shape (N, C, H, W), got {tuple(x.shape)}")
@@ -29,8 +31,8 @@ def roi_align(x: torch.Tensor, boxes: torch.Tensor, output_size: int | tuple[int
     oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
     N, C, H, W = x.shape
     K = boxes.shape[0]
-    if K == 0:
-        return x.new_zeros(0, C, oh, ow)
+    if K == 0:     # no elements, but part of x's graph (a loss over it can still backward)
+        return x[:0].sum((2, 3), keepdim=True).expand(0, C, oh, ow)
     boxes = boxes.to(x.dtype)
     idx = boxes[:, 0].long()
     if has_values(idx) and ((idx < 0).any() or (idx >= N).any()):
@@ -62,6 +64,8 @@ def roi_l1_loss(pred: torch.Tensor, target: torch.Tensor, boxes: dict[str, torch
     Args:
         pred, target: (B, C, H, W).
         boxes: name -> (B, 4) pixel boxes ``(x0, y0, x1, y1)``, e.g. ``{"mouth": ..., "eye_l": ...}``.
+    Returns:
+        a scalar; an empty batch (B = 0) gives 0, still connected to ``pred``.
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred/target: shapes differ, {tuple(pred.shape)} vs "
@@ -74,6 +78,6 @@ def roi_l1_loss(pred: torch.Tensor, target: torch.Tensor, boxes: dict[str, torch
             raise ValueError(f"boxes[{name!r}]: expected shape ({B}, 4), got {tuple(b.shape)}")
         rois = torch.cat([bidx, b.to(pred.dtype)], dim=1)
         w = 1.0 if weights is None else weights.get(name, 1.0)
-        total = total + w * F.l1_loss(roi_align(pred, rois, output_size),
-                                      roi_align(target, rois, output_size).detach())
+        total = total + w * l1_or_zero(roi_align(pred, rois, output_size),
+                                       roi_align(target, rois, output_size).detach())
     return total

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyface.nn._pretrained import load_into, read_state, warn_random_init
+from pyface.nn._reduce import l1_or_zero, mse_or_zero
 
 # torchvision cfg "E": channels, "M" = max-pool
 _VGG19 = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
@@ -108,7 +109,9 @@ class PerceptualLoss(nn.Module):
     """VGG19 perceptual loss. pred, target: (B, 3, H, W) in [-1, 1] -> scalar.
 
     Sum over scales s and layers l of ``w_l * |phi_l(pred_s) - phi_l(target_s)|`` (mean), plus
-    ``style_weight`` * the L1 between Gram matrices. ``weights``: torchvision VGG19 file."""
+    ``style_weight`` * the L1 between Gram matrices. ``weights``: torchvision VGG19 file.
+    An empty batch (B = 0) gives 0, still connected to ``pred`` (backward gives an empty
+    gradient)."""
 
     def __init__(self, cfg: PerceptualConfig | None = None, weights: str | None = None,
                  **overrides):
@@ -129,7 +132,7 @@ class PerceptualLoss(nn.Module):
         if pred.shape != target.shape or pred.ndim != 4 or pred.shape[1] != 3:
             raise ValueError(f"pred/target: expected equal shapes (B, 3, H, W), got "
                              f"{tuple(pred.shape)} and {tuple(target.shape)}")
-        dist = F.l1_loss if self.cfg.criterion == "l1" else F.mse_loss
+        dist = l1_or_zero if self.cfg.criterion == "l1" else mse_or_zero
         total = pred.new_zeros(())
         for si, s in enumerate(self.cfg.scales):
             p, t = pred, target
@@ -142,6 +145,6 @@ class PerceptualLoss(nn.Module):
             for name, w in zip(self.cfg.layers, self.layer_weights):
                 total = total + w * dist(fp[name], ft[name])
                 if self.cfg.style_weight and si < self.cfg.style_scales:
-                    total = total + self.cfg.style_weight * F.l1_loss(gram(fp[name]),
-                                                                      gram(ft[name]))
+                    total = total + self.cfg.style_weight * l1_or_zero(gram(fp[name]),
+                                                                       gram(ft[name]))
         return total
