@@ -1214,3 +1214,13 @@ def test_clebs_run_saved_before_temperature_decay_resumes_exactly(data, tmp_path
     with pytest.raises(ckpt.CheckpointError,
                        match=r"model.temperature_decay: checkpoint True vs run False"):
         c.load_checkpoint(ckpt.checkpoint_path(str(tmp_path / "split"), 2))
+    # as an unfinished stage of `pyface train export3d`: the error names the --set that
+    # continues it; with that setting it is resumed
+    from pyface.train.config import ConfigError
+    from pyface.train.stages import _check_reuse
+
+    stage, latest = Export3D.stages[0], ckpt.latest_checkpoint(str(tmp_path / "split"))
+    with pytest.raises(ConfigError, match=r"model.temperature_decay: unfinished run True vs this "
+                       r"command False.*--set stages.clebs.model.temperature_decay=true"):
+        _check_reuse(stage, CLeBS, c.cfg, latest, finished=False)
+    _check_reuse(stage, CLeBS, b.cfg, latest, finished=False)
