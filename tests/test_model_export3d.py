@@ -1224,3 +1224,50 @@ def test_clebs_run_saved_before_temperature_decay_resumes_exactly(data, tmp_path
                        r"command False.*--set stages.clebs.model.temperature_decay=true"):
         _check_reuse(stage, CLeBS, c.cfg, latest, finished=False)
     _check_reuse(stage, CLeBS, b.cfg, latest, finished=False)
+
+
+D_SMALL = ["model.resolution=32", "model.stem_widths=[4,8]", "model.vit_dim=16",
+           "model.vit_depth=1", "model.vit_heads=2", "model.cond_dim=16", "model.ups=1",
+           "model.up_widths=[8]", "model.plane_channels=4", "model.decoder_hidden=8",
+           "model.decoder_features=7", "model.depth_samples=4", "model.importance_samples=4",
+           "model.sr_widths=[4,4,4]", "model.n=3", "model.code_dim=8", "data.resolution=32",
+           "model.cond=direct", "model.w_gan=0.1", "model.r1_every=16", "model.d_lr=1e-4",
+           "model.betas=[0.0,0.99]", "model.d_channel_base=256", "model.d_channel_max=16"]
+
+
+@pytest.mark.parametrize("gamma", [0.0, 10.0])
+def test_discriminator_without_r1_has_no_lazy_phase_nor_compensation(gamma):
+    from pyface.train.schedules import lazy_regularization
+
+    cfg = build_experiment("export3d", Export3D.Config, defaults=Export3D.recipe,
+                           overrides=[*D_SMALL, f"model.r1_gamma={gamma}"]).model_config
+    m = Export3D(cfg)
+    d = m.build_optimizers()["D"].param_groups[0]
+    phases = m.phases()
+    if gamma == 0:          # as EG3D: no R1 phase, so D's Adam is not compensated for one
+        assert [p.name for p in phases] == ["G", "D"]
+        assert d["lr"] == pytest.approx(1e-4) and d["betas"] == pytest.approx((0.0, 0.99))
+    else:
+        assert [(p.name, p.interval) for p in phases] == [("G", 1), ("D", 1), ("Dreg", 16)]
+        lr, betas = lazy_regularization(1e-4, (0.0, 0.99), 16)
+        assert d["lr"] == pytest.approx(lr) and d["betas"] == pytest.approx(betas)
+    for bad, match in (({"r1_gamma": -1.0}, r"model.r1_gamma: expected >= 0 \(0: no R1\), "
+                                            r"got -1.0"),
+                       ({"r1_every": 0}, r"model.r1_every: expected >= 1, got 0")):
+        with pytest.raises(ValueError, match=match):
+            Export3D(Export3D.Config(**{**cfg.__dict__, **bad}))
+
+
+def test_gan_without_r1_never_runs_the_lazy_phase(data, tmp_path):
+    extra = [*GEN_TINY, "model.cond=direct", "model.w_gan=0.1", "model.gan_start=1",
+             "model.r1_every=2", "model.r1_gamma=0", "model.d_channel_base=256",
+             "model.d_channel_max=16", "train.steps=3"]
+    t = Trainer(_exp("export3d", Export3D, tmp_path / "gan", data, *extra))
+    m = t.model
+    seen, step = [], m.step
+    m.step = lambda phase, batch, ctx: (seen.append(phase), step(phase, batch, ctx))[1]
+    d0 = {k: v.clone() for k, v in m.D.state_dict().items()}
+    t.fit()
+    assert seen and "Dreg" not in seen and seen.count("D") == 3
+    assert any(v.dtype.is_floating_point and not torch.equal(v, d0[k])
+               for k, v in m.D.state_dict().items()), "the discriminator was never updated"
