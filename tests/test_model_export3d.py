@@ -1109,3 +1109,165 @@ def test_discriminator_adam_has_the_lazy_regularisation_compensation():
     d = Export3D(cfg).build_optimizers()["D"].param_groups[0]
     lr, betas = lazy_regularization(1e-4, (0.0, 0.99), 16)
     assert d["lr"] == pytest.approx(lr) and d["betas"] == pytest.approx(betas)
+
+
+def _clebs_small(**kw):
+    return CLeBS(CLeBS.Config(n=3, dim=8, hidden=[16], image_stem=8, image_widths=[8, 16],
+                              image_depths=[1, 1], resolution=32, **kw))
+
+
+@pytest.mark.parametrize("decay", [False, True])
+def test_clebs_temperature_weight_decay_group(decay):
+    m = _clebs_small(lr=0.1, weight_decay=0.5, temperature_decay=decay)
+    opt = m.build_optimizers()["main"]
+    t = m.temperature.log_scale
+    (group,) = [g for g in opt.param_groups if any(p is t for p in g["params"])]
+    assert group["weight_decay"] == (0.5 if decay else 0.0)
+    # every trained parameter once; the others keep the decay
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in m.parameters())
+    w = m.expr.basis.weight
+    (wg,) = [g for g in opt.param_groups if any(p is w for p in g["params"])]
+    assert wg["weight_decay"] == 0.5
+    before, w0 = t.detach().clone(), w.detach().clone()
+    for p in m.parameters():            # decay alone: zero gradients
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert not torch.equal(w, w0)        # the decay does act on the other weights
+    if decay:       # runs saved before the option: log(1/tau) shrinks by lr * wd
+        assert torch.allclose(t.detach(), before * (1 - 0.1 * 0.5))
+    else:
+        assert torch.equal(t.detach(), before)
+
+
+def test_clebs_config_without_temperature_decay_is_an_earlier_run(tmp_path):
+    from pyface.train.config import experiment_yaml
+    from pyface.train.model import config_from_dict
+
+    assert CLeBS.Config().temperature_decay is False            # new runs
+    assert _exp("export3d_clebs", CLeBS, tmp_path / "r", "d").model_config \
+        .temperature_decay is False
+    # a saved config (checkpoint / config.yaml) without the key: the earlier grouping
+    assert config_from_dict(CLeBS.Config, {"n": 3}).temperature_decay is True
+    assert config_from_dict(CLeBS.Config, {"temperature_decay": False}) \
+        .temperature_decay is False
+    cfg = _exp("export3d_clebs", CLeBS, tmp_path / "r", "d")
+    text = experiment_yaml(cfg)
+    assert "temperature_decay: false" in text
+    for written, expected in ((text, False),
+                              (text.replace("  temperature_decay: false\n", ""), True)):
+        path = tmp_path / "config.yaml"
+        path.write_text(written)
+        again = build_experiment("export3d_clebs", CLeBS.Config, defaults=CLeBS.recipe,
+                                 yaml_path=str(path))
+        assert again.model_config.temperature_decay is expected
+    # a hand-written YAML of sections is not a saved config: the default applies
+    path.write_text("model: {n: 3}\n")
+    assert build_experiment("export3d_clebs", CLeBS.Config, defaults=CLeBS.recipe,
+                            yaml_path=str(path)).model_config.temperature_decay is False
+
+
+def _drop_temperature_decay(run):
+    """Rewrite run's config.yaml and checkpoints as a run saved before the option."""
+    import json
+    import os
+
+    for folder in [p for _, p in ckpt.list_checkpoints(str(run))]:
+        mf = os.path.join(folder, ckpt.META_FILE)
+        with open(mf) as f:
+            meta = json.load(f)
+        del meta["experiment"]["model_config"]["temperature_decay"]
+        with open(mf, "w") as f:
+            json.dump(meta, f)
+    cy = run / "config.yaml"
+    text = cy.read_text()
+    assert "  temperature_decay: true\n" in text
+    cy.write_text(text.replace("  temperature_decay: true\n", ""))
+
+
+def test_clebs_run_saved_before_temperature_decay_resumes_exactly(data, tmp_path):
+    old = [*CLEBS_TINY, "model.temperature_decay=true", "model.lr=0.01"]
+    full = Trainer(_exp("export3d_clebs", CLeBS, tmp_path / "full", data, *old,
+                        "train.steps=4"))
+    full.fit()
+    a = Trainer(_exp("export3d_clebs", CLeBS, tmp_path / "split", data, *old, "train.steps=2",
+                     "train.ckpt_every=2"))
+    a.fit()
+    a.close()
+    _drop_temperature_decay(tmp_path / "split")
+    # its config.yaml resumes it with the grouping it was trained with, exactly
+    cfg = build_experiment("export3d_clebs", CLeBS.Config, defaults=CLeBS.recipe,
+                           yaml_path=str(tmp_path / "split" / "config.yaml"),
+                           overrides=["train.steps=4"])
+    assert cfg.model_config.temperature_decay is True
+    b = Trainer(cfg)
+    assert b.resume("auto").endswith("ckpt-000002")
+    assert len(b.optimizers["main"].param_groups) == 1
+    b.fit()
+    sb = b.model.state_dict()
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, sb[k]), k
+    # the same command with the new default is refused, naming the option
+    new = [o for o in old if "temperature_decay" not in o]
+    c = Trainer(_exp("export3d_clebs", CLeBS, tmp_path / "split", data, *new,
+                     "train.steps=4"))
+    with pytest.raises(ckpt.CheckpointError,
+                       match=r"model.temperature_decay: checkpoint True vs run False"):
+        c.load_checkpoint(ckpt.checkpoint_path(str(tmp_path / "split"), 2))
+    # as an unfinished stage of `pyface train export3d`: the error names the --set that
+    # continues it; with that setting it is resumed
+    from pyface.train.config import ConfigError
+    from pyface.train.stages import _check_reuse
+
+    stage, latest = Export3D.stages[0], ckpt.latest_checkpoint(str(tmp_path / "split"))
+    with pytest.raises(ConfigError, match=r"model.temperature_decay: unfinished run True vs this "
+                       r"command False.*--set stages.clebs.model.temperature_decay=true"):
+        _check_reuse(stage, CLeBS, c.cfg, latest, finished=False)
+    _check_reuse(stage, CLeBS, b.cfg, latest, finished=False)
+
+
+D_SMALL = ["model.resolution=32", "model.stem_widths=[4,8]", "model.vit_dim=16",
+           "model.vit_depth=1", "model.vit_heads=2", "model.cond_dim=16", "model.ups=1",
+           "model.up_widths=[8]", "model.plane_channels=4", "model.decoder_hidden=8",
+           "model.decoder_features=7", "model.depth_samples=4", "model.importance_samples=4",
+           "model.sr_widths=[4,4,4]", "model.n=3", "model.code_dim=8", "data.resolution=32",
+           "model.cond=direct", "model.w_gan=0.1", "model.r1_every=16", "model.d_lr=1e-4",
+           "model.betas=[0.0,0.99]", "model.d_channel_base=256", "model.d_channel_max=16"]
+
+
+@pytest.mark.parametrize("gamma", [0.0, 10.0])
+def test_discriminator_without_r1_has_no_lazy_phase_nor_compensation(gamma):
+    from pyface.train.schedules import lazy_regularization
+
+    cfg = build_experiment("export3d", Export3D.Config, defaults=Export3D.recipe,
+                           overrides=[*D_SMALL, f"model.r1_gamma={gamma}"]).model_config
+    m = Export3D(cfg)
+    d = m.build_optimizers()["D"].param_groups[0]
+    phases = m.phases()
+    if gamma == 0:          # as EG3D: no R1 phase, so D's Adam is not compensated for one
+        assert [p.name for p in phases] == ["G", "D"]
+        assert d["lr"] == pytest.approx(1e-4) and d["betas"] == pytest.approx((0.0, 0.99))
+    else:
+        assert [(p.name, p.interval) for p in phases] == [("G", 1), ("D", 1), ("Dreg", 16)]
+        lr, betas = lazy_regularization(1e-4, (0.0, 0.99), 16)
+        assert d["lr"] == pytest.approx(lr) and d["betas"] == pytest.approx(betas)
+    for bad, match in (({"r1_gamma": -1.0}, r"model.r1_gamma: expected >= 0 \(0: no R1\), "
+                                            r"got -1.0"),
+                       ({"r1_every": 0}, r"model.r1_every: expected >= 1, got 0")):
+        with pytest.raises(ValueError, match=match):
+            Export3D(Export3D.Config(**{**cfg.__dict__, **bad}))
+
+
+def test_gan_without_r1_never_runs_the_lazy_phase(data, tmp_path):
+    extra = [*GEN_TINY, "model.cond=direct", "model.w_gan=0.1", "model.gan_start=1",
+             "model.r1_every=2", "model.r1_gamma=0", "model.d_channel_base=256",
+             "model.d_channel_max=16", "train.steps=3"]
+    t = Trainer(_exp("export3d", Export3D, tmp_path / "gan", data, *extra))
+    m = t.model
+    seen, step = [], m.step
+    m.step = lambda phase, batch, ctx: (seen.append(phase), step(phase, batch, ctx))[1]
+    d0 = {k: v.clone() for k, v in m.D.state_dict().items()}
+    t.fit()
+    assert seen and "Dreg" not in seen and seen.count("D") == 3
+    assert any(v.dtype.is_floating_point and not torch.equal(v, d0[k])
+               for k, v in m.D.state_dict().items()), "the discriminator was never updated"

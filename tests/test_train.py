@@ -2,6 +2,7 @@
 signals, previews, CLI. (2-process DDP: tests/test_train_ddp.py.)"""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -579,6 +580,33 @@ def test_resume_takes_a_model_key_the_checkpoint_lacks_as_its_default(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=r"model\.plane_reg: checkpoint 0\.0001 vs "
                                                    r"run 0\.5"):
         other.load_checkpoint(str(tmp_path / "older"))
+
+
+def test_saved_config_gives_missing_fixed_fields_their_earlier_values():
+    """A field whose default changed training lists the earlier value in ``saved_before``: a
+    saved config without it gets that value, one with it keeps its own, a new config (the
+    dataclass) gets the default; classes without ``saved_before`` are unchanged."""
+    from pyface.train.config import from_dict, saved_config
+    from pyface.train.model import config_from_dict
+
+    @dataclass
+    class Fixed:
+        a: int = 1
+        fix: bool = False
+        saved_before: typing.ClassVar[dict] = {"fix": True}
+
+    @dataclass
+    class Plain:
+        a: int = 1
+
+    assert saved_config(Fixed, {"a": 2}) == {"fix": True, "a": 2}
+    assert saved_config(Fixed, {"fix": False}) == {"fix": False}
+    assert saved_config(Plain, {"a": 2}) == {"a": 2}
+    assert saved_config(Fixed, None) is None
+    assert config_from_dict(Fixed, {"a": 2}) == Fixed(a=2, fix=True)
+    assert config_from_dict(Fixed, {"a": 2, "fix": False}) == Fixed(a=2, fix=False)
+    assert from_dict(Fixed, {"a": 2}) == Fixed(a=2) and Fixed().fix is False
+    assert [f.name for f in dataclasses.fields(Fixed)] == ["a", "fix"]
 
 
 def test_cli_resume_errors_and_changed_settings(tmp_path, capsys, caplog):

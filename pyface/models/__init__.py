@@ -71,7 +71,7 @@ def load(name: str, checkpoint: str, *, device: str | torch.device | None = None
     """
     from pyface import checkpoint as ckpt
     from pyface.nn.compiling import parse_compile
-    from pyface.train.config import ConfigError, from_dict
+    from pyface.train.config import ConfigError, from_dict, saved_config
     from pyface.train.model import WrongModelError, read_pretrained, resolve_device
 
     if not isinstance(checkpoint, (str, os.PathLike)):
@@ -98,7 +98,7 @@ def load(name: str, checkpoint: str, *, device: str | torch.device | None = None
     if pre.model is not None and pre.model != name:
         raise WrongModelError(pre.path, pre.meta, name)
     try:
-        cfg = from_dict(cls.Config, pre.config, prefix="model.")
+        cfg = from_dict(cls.Config, saved_config(cls.Config, pre.config), prefix="model.")
     except ConfigError as exc:
         raise ckpt.CheckpointError(f"checkpoint {pre.path!r}: its model config does not fit "
                                    f"{cls.__name__}.Config: {exc}") from None

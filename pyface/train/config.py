@@ -384,6 +384,21 @@ def from_dict(cls, data: dict, *, prefix: str = ""):
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {exc}") from None
 
 
+def saved_config(cls, data: Any) -> Any:
+    """``data``, a model config that a run saved (a checkpoint's ``model_config``, a run's
+    ``config.yaml``: complete when written), with the fields it lacks that ``cls`` lists in its
+    ``saved_before`` (a ``ClassVar`` mapping ``{field: value}``) set to those values.
+
+    A field added with a default that changes what earlier runs did (a fix) lists the earlier
+    behaviour there, so a run saved before the field existed is resumed, reused and loaded as
+    it was trained; every other missing field counts as its default. ``data`` that is not a
+    mapping is returned as it is (``from_dict`` reports it)."""
+    before = getattr(cls, "saved_before", None) or {}
+    if not isinstance(data, dict) or not before:
+        return data
+    return {**before, **data}
+
+
 def _keys_of(metadata, value: Any, key: str) -> Any:
     """A mapping field declared ``field(metadata={"keys_of": C, "fixed": (names...)})``: its
     keys are fields of dataclass ``C`` other than ``fixed`` (the overrides a model applies to
@@ -618,6 +633,9 @@ def build_experiment(model: str, model_config_cls, *, yaml_path: str | None = No
         else:
             given.append(_run_wide_of(file))
         sections = dict(_sections(file))
+        if "model_config" in file and isinstance(file.get("model"), str):
+            # a resolved config: the model fields it lacks were added since it was written
+            sections["model"] = saved_config(model_config_cls, sections["model"])
         for name in SECTIONS:         # else a later --set of the section's keys replaces it
             value = _plain(sections.get(name))
             if value is not None and not isinstance(value, dict):

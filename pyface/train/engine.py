@@ -22,7 +22,8 @@ import torch
 
 from pyface import checkpoint as ckpt
 from pyface.train import distributed as D
-from pyface.train.config import ExperimentConfig, experiment_to_dict, experiment_yaml, to_dict
+from pyface.train.config import (ExperimentConfig, experiment_to_dict, experiment_yaml,
+                                 saved_config, to_dict)
 from pyface.train.ema import EMA
 from pyface.train.model import ModelDefinitionError, Phase, StepContext, TrainableModel
 from pyface.train.monitor import Board, image_grid, save_png, save_video
@@ -452,8 +453,10 @@ class Trainer:
             raise ckpt.CheckpointError(f"{where}: trained model {exp.get('model')!r}, this run "
                                        f"trains {mine['model']!r}")
         theirs, ours = exp.get("model_config") or {}, mine["model_config"] or {}
-        try:        # a key the checkpoint lacks (a field added since) counts as its default
-            theirs = {**to_dict(type(self.cfg.model_config)()), **theirs}
+        try:        # a key the checkpoint lacks (a field added since) counts as its default,
+            # or as the earlier behaviour the config class lists for it (saved_before)
+            theirs = {**to_dict(type(self.cfg.model_config)()),
+                      **saved_config(type(self.cfg.model_config), theirs)}
         except TypeError:                 # a config without defaults for every field
             pass
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))

@@ -445,10 +445,12 @@ def read_pretrained(path: str, *, ema: bool = True,
 def config_from_dict(config_cls, data: dict, *, prefix: str = "model."):
     """A model config dataclass from a (nested) dict, e.g. the one :func:`load_pretrained`
     returns; unknown keys and wrong types raise ``pyface.train.config.ConfigError`` naming the
-    key."""
-    from pyface.train.config import from_dict
+    key. ``data`` is a saved config: the fields it lacks that ``config_cls.saved_before``
+    lists get those values (the behaviour of runs saved before the field,
+    :func:`pyface.train.config.saved_config`), the others their defaults."""
+    from pyface.train.config import from_dict, saved_config
 
-    return from_dict(config_cls, data, prefix=prefix)
+    return from_dict(config_cls, saved_config(config_cls, data), prefix=prefix)
 
 
 def load_pretrained(path: str, *, ema: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -287,13 +287,17 @@ def _check_reuse(stage, stage_cls, stage_cfg, latest: str, *, finished: bool = T
     """ConfigError if the checkpoint ``latest`` of a stage run (finished, or to be resumed) was
     trained with another model config than ``stage_cfg`` (the checkpoint keys of the stage's own
     stages aside: they are run folders, which move with the run). A key the run's config lacks
-    (a field added since) counts as the field's default, which keeps the earlier behaviour."""
+    (a field added since) counts as the field's default, which keeps the earlier behaviour, or,
+    where the default changed it, as the earlier value the config class lists in
+    ``saved_before`` (:func:`pyface.train.config.saved_config`)."""
     from pyface import checkpoint as ckpt
-    from pyface.train.config import ConfigError, experiment_to_dict, merge, to_dict
+    from pyface.train.config import (ConfigError, experiment_to_dict, merge, saved_config,
+                                     to_dict)
 
+    cls = type(stage_cfg.model_config)
     theirs = (ckpt.read_meta(latest).get("experiment") or {}).get("model_config") or {}
     try:
-        theirs = merge(to_dict(type(stage_cfg.model_config)()), theirs)
+        theirs = merge(to_dict(cls()), saved_config(cls, theirs))
     except TypeError:                     # a config without defaults for every field
         pass
     ours = experiment_to_dict(stage_cfg)["model_config"] or {}

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +85,12 @@ class CLeBSConfig:
         temperature: initial tau ([D] CLIP's 0.07, learnable).
         resolution: image size (must equal data.resolution).
         lr, weight_decay: AdamW ([D] 1e-4, 0.01).
+        temperature_decay: whether AdamW's weight decay also pulls the temperature's
+            ``log(1 / tau)`` towards 0 (tau towards 1). Default False: the temperature is in a
+            group without decay, as CLIP leaves its logit scale out; it is a setting of the
+            loss, not a weight to keep small. True: the grouping of runs saved before this
+            option, which load with it (``saved_before``), so they resume exactly. The other
+            parameters (biases and batch-norm gains included) keep the decay ([D]).
         augment: training-time augmentation of f_I's input ([D]): every frame gets a random
             shift and scale of up to this fraction and a random colour gain / offset of up to
             this amount (0: off, the default; with 8 training identities it lowered held-out
@@ -146,6 +153,7 @@ class CLeBSConfig:
     resolution: int = 224
     lr: float = 1e-4
     weight_decay: float = 0.01
+    temperature_decay: bool = False
     augment: float = 0.0
     offset_noise: float = 0.0
     w_invariance: float = 0.0
@@ -156,6 +164,11 @@ class CLeBSConfig:
     sim_gain: bool = False
     sim_gain_lr: float = 10.0
     w_regress: float = 0.0
+
+    #: the values of options added since with a default that changed training, for a saved
+    #: config without them (a run saved before: resumed, reused and loaded as it was trained;
+    #: :func:`pyface.train.model.config_from_dict`)
+    saved_before: ClassVar[dict[str, Any]] = {"temperature_decay": True}
 
 
 FE_INITS = ("none", "fisher")
@@ -568,10 +581,17 @@ class CLeBS(TrainableModel):
         self.init_report: dict | None = None
 
     def build_optimizers(self):
+        """One AdamW: every trained parameter with ``weight_decay``, but the temperature
+        (unless ``temperature_decay``) and the similarity gains in groups without decay."""
+        apart = {"sim_log_gain"}
+        if not self.cfg.temperature_decay:
+            apart.add("temperature.log_scale")
         params = [p for name, p in self.named_parameters()
                   if not (self.cfg.fe_freeze and name.startswith("expr.")) and
-                  name != "sim_log_gain"]
+                  name not in apart]
         groups = [{"params": params}]
+        if not self.cfg.temperature_decay:
+            groups.append({"params": [self.temperature.log_scale], "weight_decay": 0.0})
         if self.cfg.sim_gain:
             groups.append({"params": [self.sim_log_gain], "weight_decay": 0.0,
                            "lr": self.cfg.lr * self.cfg.sim_gain_lr})

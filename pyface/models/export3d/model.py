@@ -146,8 +146,10 @@ class Export3DConfig:
             (warm-up). The dual discriminator
             (``pyface.nn.DualDiscriminator``: image ‖ upsampled raw image) is conditioned on
             the driving camera; R1 with ``r1_gamma`` every ``r1_every`` steps (lazy, scaled by
-            it). ``d_lr``, ``d_channel_base``, ``d_channel_max``: its Adam lr (betas as G's)
-            and widths.
+            it; D's Adam then gets EG3D's lazy-regularisation compensation, lr x k/(k+1) and
+            betas ** (k/(k+1)) for k = ``r1_every`` > 1). ``r1_gamma`` 0: no R1 phase and no
+            compensation (as EG3D). ``d_lr``, ``d_channel_base``, ``d_channel_max``: its Adam
+            lr (betas as G's) and widths.
     """
 
     resolution: int = 512
@@ -535,6 +537,10 @@ class Export3D(TrainableModel):
                                        widths=tuple(cfg.sr_widths),
                                        guide_channels=3 if cfg.sr_guide else 0,
                                        cond_dim=cfg.cond_dim if cfg.sr_cond else 0)
+        if not cfg.r1_gamma >= 0:
+            raise ValueError(f"model.r1_gamma: expected >= 0 (0: no R1), got {cfg.r1_gamma}")
+        if cfg.r1_every < 1:
+            raise ValueError(f"model.r1_every: expected >= 1, got {cfg.r1_every}")
         self.D = None
         if cfg.w_gan > 0:
             self.D = DualDiscriminator(c_dim=25, img_resolution=cfg.resolution,
@@ -714,9 +720,10 @@ class Export3D(TrainableModel):
         opts = {"G": torch.optim.Adam(params, lr=self.cfg.lr, betas=tuple(self.cfg.betas))}
         if self.D is not None:
             # lazy-regularisation compensation (StyleGAN2 / EG3D): Dreg steps D once more
-            # every r1_every steps, so lr x k/(k+1) and betas ** (k/(k+1))
+            # every r1_every steps, so lr x k/(k+1) and betas ** (k/(k+1)); without R1
+            # (r1_gamma 0) there is no Dreg phase to compensate
             k = self.cfg.r1_every
-            r = k / (k + 1) if k > 1 else 1.0
+            r = k / (k + 1) if self.cfg.r1_gamma > 0 and k > 1 else 1.0
             b1, b2 = self.cfg.betas
             opts["D"] = torch.optim.Adam(self.D.parameters(), lr=self.cfg.d_lr * r,
                                          betas=(b1 ** r, b2 ** r))
@@ -725,10 +732,13 @@ class Export3D(TrainableModel):
     def phases(self):
         if self.D is None:
             return [Phase("G", "G")]
-        # the D phases apply their update themselves (ctx.update) once the warm-up is over
-        return [Phase("G", "G", frozen=("D",)),
-                Phase("D", None, frozen=self.G_MODULES),
-                Phase("Dreg", None, interval=self.cfg.r1_every, frozen=self.G_MODULES)]
+        # the D phases apply their update themselves (ctx.update) once the warm-up is over;
+        # the lazy R1 phase only with r1_gamma > 0 (as EG3D)
+        phases = [Phase("G", "G", frozen=("D",)), Phase("D", None, frozen=self.G_MODULES)]
+        if self.cfg.r1_gamma > 0:
+            phases.append(Phase("Dreg", None, interval=self.cfg.r1_every,
+                                frozen=self.G_MODULES))
+        return phases
 
     def _identity_loss(self, pred, target):
         cfg = self.cfg
