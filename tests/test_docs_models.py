@@ -316,11 +316,12 @@ PRESET_ROWS = [
       for m in ("goha_s1", "goha_s1_gan", "goha")}),
     ("goha", "GOHA's training options (`cano_terms` mean with `neutral_weight` 3, `gan_in_coarse` "
              "false, `d_fakes` tar, `sr_raw_terms` true, `r1_inputs` input, `s2_disc_init` "
-             "gfpgan)",
+             "gfpgan, `lift_grad` true, `tar_lift_expression` driving)",
      {(m, p): {"model.cano_terms": "mean", "model.neutral_weight": 3.0,
                "model.gan_in_coarse": False, "model.d_fakes": "tar",
                "model.sr_raw_terms": True, "model.r1_inputs": "input",
-               "model.s2_disc_init": "gfpgan"}
+               "model.s2_disc_init": "gfpgan", "model.lift_grad": True,
+               "model.tar_lift_expression": "driving"}
       for m in ("goha_s1", "goha_s1_gan", "goha") for p in (G, F)}),
     ("goha", "| `pairs`, 256² | 3000 / 500 / 500, batch 8",
      {("goha_s1", G): {"data.resolution": 256, "train.steps": 3000, "train.batch_size": 8},

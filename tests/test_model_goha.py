@@ -769,7 +769,8 @@ def test_tiny_preset_trains_on_more_identities_at_the_default_cost():
 
 # ------------------------------------------------- training differences from GOHA's scripts
 EARLIER = {"cano_terms": "sum", "gan_in_coarse": True, "d_fakes": "g_phase",
-           "sr_raw_terms": False, "r1_inputs": "raw", "s2_disc_init": "s1_gan"}
+           "sr_raw_terms": False, "r1_inputs": "raw", "s2_disc_init": "s1_gan",
+           "lift_grad": False, "tar_lift_expression": "source"}
 
 
 class _FakeLoss:
@@ -1021,3 +1022,104 @@ def test_s2_disc_init_gfpgan_keeps_gfpgan_net_d(tmp_path, chain):
                    if not k.startswith("discriminator.")), (init, path)
     assert not torch.equal(gd["final_linear.1.weight"],
                            st["discriminator.final_linear.1.weight"])
+
+
+def test_lift_grad_backpropagates_through_the_lift_render():
+    """model.lift_grad (GOHA): the lift render's image, fed to the appearance encoder, keeps its
+    gradient to the canonical + expression planes and the decoder; without it (the default) the
+    appearance planes have no gradient there. The forward values are the same."""
+    torch.manual_seed(0)
+    m = GOHA(tiny_config())
+    src = m.prepare_frame(frame(random_coeffs(2, seed=6)), "source")
+    mask = m._source_mask(src)
+    regions = m._source_regions_neutral(src)
+    with torch.no_grad():
+        base0 = m.encode_canonical(src["image"], mask)
+    out, grads = {}, {}
+    for flag in (False, True):
+        m.cfg.lift_grad = flag
+        m.zero_grad(set_to_none=True)
+        base = base0.clone().requires_grad_(True)
+        app = m.encode_appearance(src["image"], mask, base, src["camera"], regions)
+        app.square().sum().backward()
+        out[flag] = app.detach()
+        grads[flag] = (base.grad, [p.grad for p in m.decoder.parameters()],
+                       [p.grad for p in m.encoder_appearance.parameters()])
+    torch.testing.assert_close(out[True], out[False])
+    assert grads[False][0] is None and all(g is None for g in grads[False][1])
+    assert grads[True][0] is not None and grads[True][0].abs().sum() > 0
+    assert any(g is not None and g.abs().sum() > 0 for g in grads[True][1])
+    for flag in (False, True):                  # the appearance encoder trains either way
+        assert any(g is not None and g.abs().sum() > 0 for g in grads[flag][2])
+    # through s1's tar mode: the expression encoder gets the lift's gradient too
+    m.cfg.lift_grad = True
+    m.cfg.tar_lift_expression = "driving"
+    batch = _pairs_batch()
+    g = {}
+    for flag in (False, True):
+        m.cfg.lift_grad = flag
+        m.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        loss, _, _ = m.s1_losses(batch, 10_000, "tar")
+        loss.backward()
+        g[flag] = [p.grad.clone() for p in m.encoder_expression.parameters()
+                   if p.grad is not None]
+    assert g[False] and len(g[False]) == len(g[True])
+    assert not all(torch.allclose(a, b) for a, b in zip(g[False], g[True]))
+
+
+def test_tar_lift_expression_driving_lifts_the_driving_expression_planes(monkeypatch):
+    """model.tar_lift_expression: "source" (default), tar lifts the canonical + the source's
+    expression planes (as inference, the avatar encoded once per source); "driving" (GOHA), the
+    canonical + the driving expression's planes. src mode and inference are the same either
+    way; s2's tar render follows the option too."""
+    torch.manual_seed(0)
+    m = GOHA(tiny_config(tv_weight=0))
+    batch = _pairs_batch()
+    seen = []
+    orig = GOHA.encode_appearance
+
+    def record(self, image, region_mask, base_planes, camera, canonical_regions):
+        seen.append(base_planes.detach())
+        return orig(self, image, region_mask, base_planes, camera, canonical_regions)
+
+    monkeypatch.setattr(GOHA, "encode_appearance", record)
+    src = m.prepare_frame(batch["source"], "source")
+    drv = m.prepare_frame(batch["driving"], "driving")
+    with torch.no_grad():
+        cano = m.encode_canonical(src["image"], m._source_mask(src))
+        want = {"source": cano + m.encode_expression(m._pseudo(src, src)),
+                "driving": cano + m.encode_expression(m._pseudo(src, drv))}
+    assert not torch.allclose(want["source"], want["driving"])
+    loss = {}
+    for mode in ("tar", "src"):
+        for which in ("source", "driving"):
+            m.cfg.tar_lift_expression = which
+            seen.clear()
+            torch.manual_seed(1)
+            with torch.no_grad():
+                loss[mode, which] = m.s1_losses(batch, 10_000, mode)[0]
+            torch.testing.assert_close(seen[0], want[which if mode == "tar" else "source"])
+    assert not torch.allclose(loss["tar", "source"], loss["tar", "driving"])
+    torch.testing.assert_close(loss["src", "source"], loss["src", "driving"])
+    # inference lifts the source's expression whatever the option
+    fw = {}
+    for which in ("source", "driving"):
+        m.cfg.tar_lift_expression = which
+        seen.clear()
+        torch.manual_seed(2)
+        with torch.no_grad():
+            fw[which] = m(batch["source"], batch["driving"])
+        torch.testing.assert_close(seen[0], want["source"])
+    torch.testing.assert_close(fw["source"], fw["driving"])
+    # s2's tar render
+    s2 = _s2()
+    s2.load_state_dict(m.state_dict(), strict=False)
+    raws = {}
+    for which in ("source", "driving"):
+        s2.cfg.tar_lift_expression = which
+        seen.clear()
+        torch.manual_seed(3)
+        raws[which] = s2._fake_real(batch, 1, "tar", vgg=False)[2][1]
+        torch.testing.assert_close(seen[0], want[which])
+    assert not torch.allclose(raws["source"], raws["driving"])

@@ -16,13 +16,14 @@ EXEMPLAR_TRANS = (0.0, 0.0, 0.0)
 #: the values of the training-difference options (:class:`GOHAConfig`)
 TRAINING_CHOICES = {"cano_terms": ("sum", "mean"), "gan_in_coarse": (True, False),
                     "d_fakes": ("g_phase", "tar"), "sr_raw_terms": (False, True),
-                    "r1_inputs": ("raw", "input"), "s2_disc_init": ("s1_gan", "gfpgan")}
+                    "r1_inputs": ("raw", "input"), "s2_disc_init": ("s1_gan", "gfpgan"),
+                    "lift_grad": (False, True), "tar_lift_expression": ("source", "driving")}
 #: GOHA's training (its scripts), set by the full and gpu-short presets of every stage; the
 #: config defaults (pyface's earlier training, kept by tiny and by runs saved without the keys)
 #: differ in each (with "mean", neutral_weight 3 is GOHA's LPIPS weight of the neutral half)
 GOHA_TRAINING = {"cano_terms": "mean", "neutral_weight": 3.0, "gan_in_coarse": False,
                  "d_fakes": "tar", "sr_raw_terms": True, "r1_inputs": "input",
-                 "s2_disc_init": "gfpgan"}
+                 "s2_disc_init": "gfpgan", "lift_grad": True, "tar_lift_expression": "driving"}
 
 
 @dataclass
@@ -147,6 +148,14 @@ class GOHAConfig:
     s2_disc_init: str = "s1_gan"        # s2's D: "s1_gan" from s1_gan's D (fresh 6-channel
     # first conv); "gfpgan" (GOHA) from GFPGAN's net_d in model.disc_path, s1_gan's D not
     # loaded (without disc_path: s1_gan's D, as "s1_gan")
+    lift_grad: bool = False             # appearance branch: the lift render at L^2 under no_grad
+    # (False); True (GOHA): its image, fed to E_a, keeps its gradient to the canonical +
+    # expression planes and the decoder (the lifted points stay detached: the nearest-point
+    # raster has no gradient w.r.t. them)
+    tar_lift_expression: str = "source"  # training mode tar with the appearance plane: the lift
+    # renders canonical + the source's expression planes, as inference (the avatar encoded once
+    # per source); "driving" (GOHA): canonical + the driving expression's planes. Inference
+    # (encode_source, forward, the pipeline) always lifts the source's expression
 
     def __post_init__(self):
         if self.resolution % 4 or self.resolution < 16:

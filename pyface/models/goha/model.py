@@ -12,9 +12,12 @@ A = R/4, L = ``lift_resolution``, r = ``render_resolution``):
   ``M_s`` the source's brows, eyes (dilated), mouth and lips from the morphable model;
 * expression: the pseudo-render (source identity / texture / lighting, driving expression,
   exemplar pose, BFM-224 framing) ``(B, 3, R, R) -> E_e -> Embed2Plane -> (B, 3, C, P, P)``;
-* appearance: canonical + expression planes rendered from the source camera at L^2, depth
-  lifted to ``N = L^2`` points, ``E_a(cat(blend, cano)) (B, D, R/4, R/4)`` sampled at the
-  points, ``pyface.ops.points_to_triplane -> (B, 3, D, A, A) -> IDUpsampler -> (B, 3, C, P, P)``;
+* appearance: canonical + expression planes (the source's expression; in training's ``tar``
+  mode with ``model.tar_lift_expression="driving"``, GOHA's, the driving frame's) rendered
+  from the source camera at L^2 (under ``no_grad``, or with ``model.lift_grad``, GOHA's, with
+  its gradient), depth lifted to ``N = L^2`` points, ``E_a(cat(blend, cano)) (B, D, R/4,
+  R/4)`` sampled at the points, ``pyface.ops.points_to_triplane -> (B, 3, D, A, A) ->
+  IDUpsampler -> (B, 3, C, P, P)``;
 * the summed planes are rendered at the driving camera: ``(B, 3, r, r)`` in [-1, 1].
 
 Pseudo-renders, region masks and neutral renders come from :mod:`pyface.face`: in training,
@@ -349,10 +352,15 @@ class GOHA(TrainableModel):
 
     def lift_points(self, planes: torch.Tensor, camera: torch.Tensor):
         """Renders ``planes`` from ``camera (B, 25)`` at L^2 and lifts the depth:
-        ``points (B, L*L, 3)`` (detached), ``valid (B, L*L)`` bool or None, ``render`` dict."""
+        ``points (B, L*L, 3)`` (detached), ``valid (B, L*L)`` bool or None, ``render`` dict
+        (rendered under ``no_grad``; with ``model.lift_grad``, GOHA's, it keeps the graph to
+        ``planes`` and the decoder when grad is enabled)."""
         L = self.cfg.lift_resolution
-        with torch.no_grad():
-            rend = self.render(planes.detach(), camera, L, lift=True)
+        if self.cfg.lift_grad:
+            rend = self.render(planes, camera, L, lift=True)
+        else:
+            with torch.no_grad():
+                rend = self.render(planes.detach(), camera, L, lift=True)
         B = planes.shape[0]
         depth = rend["depth"].reshape(B, L * L, 1)
         points = rend["origins"] + depth * rend["dirs"]
@@ -588,8 +596,11 @@ class GOHA(TrainableModel):
             if use_exp:
                 planes = planes + exp_planes
             if use_app:
-                src_exp = exp_planes if mode == "src" else self.encode_expression(
-                    self._pseudo(src, src))
+                # the lift's expression: the source's (as inference), or with
+                # model.tar_lift_expression="driving" (GOHA) the driving frame's in tar too
+                src_exp = exp_planes if (mode == "src"
+                                         or cfg.tar_lift_expression == "driving") else (
+                    self.encode_expression(self._pseudo(src, src)))
                 planes = planes + self.encode_appearance(src["image"], mask, cano + src_exp,
                                                          src["camera"],
                                                          self._source_regions_neutral(src))

@@ -7,11 +7,13 @@
 
 * ``s1_gan`` (:class:`GOHAGAN`, registered ``goha_s1_gan``; starts from the s1 run
   ``model.s1_checkpoint``): the canonical branch frozen; G modes by ``step % 6``: 0 ``src``,
-  1 ``tar``, 2-5 ``coarse``, every plane on; L1 + density TV + VGG19 (GOHA's layer weights) +
-  ``gan_weight`` x logistic GAN of a StyleGAN2 discriminator (:class:`pyface.nn.
-  GFPGANDiscriminator`, 3 channels, at R) that sees the render upsampled to R (in every G mode,
-  or with ``model.gan_in_coarse=false``, GOHA's, in ``src`` / ``tar`` only); D every
-  ``d_interval`` (4) steps, R1 (gamma 10) every ``r1_interval`` (16).
+  1 ``tar``, 2-5 ``coarse``, every plane on (``tar`` lifts the source's expression, or with
+  ``model.tar_lift_expression="driving"``, GOHA's, the driving one's, in s2 too); L1 +
+  density TV + VGG19 (GOHA's layer weights) + ``gan_weight`` x logistic GAN of a StyleGAN2
+  discriminator (:class:`pyface.nn.GFPGANDiscriminator`, 3 channels, at R) that sees the
+  render upsampled to R (in every G mode, or with ``model.gan_in_coarse=false``, GOHA's, in
+  ``src`` / ``tar`` only); D every ``d_interval`` (4) steps, R1 (gamma 10) every
+  ``r1_interval`` (16).
 * ``s2`` (:class:`GOHASR`, registered ``goha``, the final model; starts from the s1_gan run
   ``model.s1_gan_checkpoint``): only the super-resolution trains (:class:`pyface.nn.
   GFPGANv1Clean` at R, its input the raw render upsampled to R; GFPGANv1.3 ``params_ema`` from
@@ -412,9 +414,18 @@ class GOHASR(_GANStage):
         src = self.prepare_frame(batch["source"], "batch['source']")
         drv = src if mode == "src" else self.prepare_frame(batch["driving"], "batch['driving']")
         with torch.no_grad():
-            state = self.encode_source(src)
-            planes = self.animate_planes(state, drv["coeffs"][:, 80:144],
-                                         pseudo=self._pseudo(src, drv))
+            if mode != "src" and cfg.tar_lift_expression == "driving":
+                # GOHA: tar lifts the canonical + driving-expression planes (as in s1)
+                state = self.encode_source(src, appearance=False)
+                exp = self.encode_expression(self._pseudo(src, drv))
+                base = state["canonical"] + exp
+                planes = base + self.encode_appearance(src["image"], state["region_mask"], base,
+                                                       src["camera"],
+                                                       self._source_regions_neutral(src))
+            else:
+                state = self.encode_source(src)
+                planes = self.animate_planes(state, drv["coeffs"][:, 80:144],
+                                             pseudo=self._pseudo(src, drv))
             raw = self.render(planes, drv["camera"])["image"]
         img = self.finish(raw)
         target = drv["image"]
