@@ -251,6 +251,10 @@ PRESET_ROWS = [
                  "the generator's | the generator's |",
      {("otavatar", T): {"model.render": {"recompute": "decoder", "chunk_points": 65536}},
       ("otavatar", G): {"model.render": {}}, ("otavatar", F): {"model.render": {}}}),
+    ("otavatar", "| inversion loss over an item's frames (`inversion_frames`) | mean | sum | sum "
+                 "(the reference) |",
+     {("otavatar", p): {"model.inversion_frames": v}
+      for p, v in ((T, "mean"), (G, "sum"), (F, "sum"))}),
     ("otavatar", "| density points | 500 | 2000 | 2000 |",
      {("otavatar", p): {"model.density_points": n} for p, n in ((T, 500), (G, 2000), (F, 2000))}),
     ("otavatar", "| pipeline | 30 w iterations, PTI 100 at 3e-3 | 100 w iterations | 100 w "

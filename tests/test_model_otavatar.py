@@ -984,3 +984,57 @@ def test_runs_saved_before_the_loss_options_load_with_the_earlier_losses(run, tm
     loss = OTAvatarPipeline.from_checkpoint(str(old), device="cpu").model.loss
     assert (loss.roi_box, loss.raw_terms) == ("landmarks", True)
 
+
+
+def test_inversion_frames_sum_is_k_times_the_frame_mean(data, generator_dir, tmp_path):
+    """model.inversion_frames=sum (the reference adds each frame's inversion terms) optimises K
+    times the mean over the item's K frames (mean, the default): the first inversion loss of
+    the same batch, with the same draws, is exactly K times as large; a bad value is refused."""
+    from torch.utils.data import default_collate
+
+    first = {}
+    for how in ("mean", "sum"):
+        torch.manual_seed(0)
+        tr = Trainer(_exp(tmp_path / how, data, generator_dir, "train.steps=1",
+                          f"model.inversion_frames={how}"))
+        assert tr.model.cfg.inversion_frames == how
+        batch = default_collate([tr.dataset[0], tr.dataset[1]])
+        K = batch["image"].shape[1]
+        out = tr.train_step(batch)
+        first[how] = out["main/invert_first"]
+    assert K == 2 and float(first["mean"]) > 0
+    torch.testing.assert_close(first["sum"], K * first["mean"], rtol=1e-6, atol=0)
+    from pyface.models.otavatar.model import OTAvatar
+
+    bad = _exp(tmp_path / "bad", data, generator_dir, "model.local_batch=2",
+               "model.inversion_frames=median").model_config
+    with pytest.raises(ValueError, match="model.inversion_frames: expected one of"):
+        OTAvatar(bad)
+
+
+def test_inversion_frames_presets_and_configs_without_the_key(run, tmp_path):
+    """tiny keeps the frame mean, full / gpu-short / the recipe take the reference's sum; a
+    config or a saved run without the key resolves to the mean (it trained with it)."""
+    import json
+    import shutil
+
+    from pyface.models.otavatar.model import OTAvatar
+    from pyface.models.otavatar.pipeline import OTAvatarPipeline
+    from pyface.train.model import config_from_dict
+
+    got = {name: build_experiment("otavatar", OTAvatar.Config, defaults=OTAvatar.recipe,
+                                  preset=name, presets=OTAvatar.presets).model_config
+           for name in ("tiny", "gpu-short", "full")}
+    got["recipe"] = build_experiment("otavatar", OTAvatar.Config,
+                                     defaults=OTAvatar.recipe).model_config
+    assert {k: c.inversion_frames for k, c in got.items()} == {
+        "tiny": "mean", "gpu-short": "sum", "full": "sum", "recipe": "sum"}
+    assert config_from_dict(OTAvatar.Config, {"generator": "g"}).inversion_frames == "mean"
+    old = tmp_path / "old"
+    shutil.copytree(run[0], old)
+    for meta_path in old.glob("checkpoints/*/meta.json"):
+        meta = json.loads(meta_path.read_text())
+        del meta["experiment"]["model_config"]["inversion_frames"]
+        meta_path.write_text(json.dumps(meta))
+    cfg = OTAvatarPipeline.from_checkpoint(str(old), device="cpu").model.cfg
+    assert cfg.inversion_frames == "mean"

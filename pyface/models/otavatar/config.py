@@ -104,6 +104,14 @@ class OTAvatarConfig:
             too (the reference; True), or on the pass's final image only (False: ``tiny``).
         inversion_density: the density regularisers in every training inversion iteration
             too (the reference; True), or in the refinement only (False: ``tiny``).
+        inversion_frames: how the training inversion's loss combines the K frames of an item
+            rendered together. ``"mean"`` (the default: pyface's earlier training, which
+            ``tiny`` keeps and a config or saved run without the key resolves to): every term a
+            mean over the B K frames. ``"sum"`` (the reference, set by ``full`` and
+            ``gpu-short``): each frame's terms (means over the B items) added over the K
+            frames, i.e. K times the mean. Adam is nearly invariant to the scale, so the
+            difference acts through the grad-norm clips (``invert_clip`` on W, ``clip`` on the
+            controller's iterations), which bind at 1/K of the gradient, and Adam's eps.
         eye_roi_bug: reproduce the reference's eye term (the predicted eye crops are cut from
             the target, so the term is identically zero). Default False: the bug is fixed.
         w_identity, arcface_weights: ArcFace identity loss (1): ResNetArcFace-18 weights (a
@@ -162,6 +170,7 @@ class OTAvatarConfig:
     roi_box: str = "landmarks"
     raw_terms: bool = True
     inversion_density: bool = True
+    inversion_frames: str = "mean"
     w_identity: float = 1.0
     arcface_weights: str | None = None
     w_monotonic: float = 1.0

@@ -44,6 +44,9 @@ from pyface.models.otavatar.pipeline import OTAvatarPipeline
 log = logging.getLogger("pyface.models.otavatar")
 
 MOTION_DIM = 70
+#: ``model.inversion_frames``: the training inversion's loss over an item's K frames, their
+#: mean (pyface's earlier training) or their sum (the reference's)
+INVERSION_FRAMES = ("mean", "sum")
 _EMA = ["generator", "controller"]
 
 _TINY = {
@@ -68,6 +71,8 @@ _TINY = {
               # cross-identity PSNR here and double the step time
               # (docs/models/otavatar-measured.md, "The reference's losses at tiny scale")
               "roi_box": "square", "raw_terms": False, "inversion_density": False,
+              # the inversion's loss the mean over the item's frames (the recipe's: the sum)
+              "inversion_frames": "mean",
               "invert_steps": 30, "wplus_steps": 0, "pti_steps": 100, "pti_lr": 3e-3},
     # 4 frames per inverted w (the reference: 2): more frame-to-frame differences for the
     # controller per batch (docs/models/otavatar-measured.md, motion transfer)
@@ -92,7 +97,7 @@ _GPU_SHORT = {
     # one H100/H200, about 8 minutes: the eg3d gpu-short generator (128^2, 64^2 render),
     # full controller, 30-iteration inversion
     "model": {"invert_iters": 30, "invert_controller_iters": 5,
-              "invert_steps": 100, "wplus_steps": 0},
+              "invert_steps": 100, "wplus_steps": 0, "inversion_frames": "sum"},
     "data": {"name": "motion_windows", "resolution": 128,
              "options": {"frames_per_item": 2, "radius": 13, "repeats": 64}},
     "train": {"steps": 600, "batch_size": 4, "log_every": 20, "ckpt_every": 300,
@@ -102,7 +107,9 @@ _GPU_SHORT = {
 
 _FULL = {
     # the paper: 2000 iterations at batch 24 (4 GPUs x 6) on an ffhqrebalanced512-64
-    # generator (model.local_batch follows from the batch and the number of ranks)
+    # generator (model.local_batch follows from the batch and the number of ranks); the
+    # inversion's loss summed over the item's frames, as the reference adds each frame's
+    "model": {"inversion_frames": "sum"},
     "data": {"name": "motion_windows", "resolution": 512,
              "options": {"frames_per_item": 2, "radius": 13}},
     "train": {"steps": 2000, "batch_size": 24, "log_every": 10, "ckpt_every": 500,
@@ -259,6 +266,9 @@ class OTAvatar(TrainableModel):
         if cfg.controller_loss not in ("absolute", "relative"):
             raise ValueError(f"model.controller_loss: expected 'absolute' or 'relative', got "
                              f"{cfg.controller_loss!r}")
+        if cfg.inversion_frames not in INVERSION_FRAMES:
+            raise ValueError(f"model.inversion_frames: expected one of {INVERSION_FRAMES}, got "
+                             f"{cfg.inversion_frames!r}")
         if cfg.controller_loss == "relative" and cfg.invert_controller_iters < 1:
             raise ValueError("model.invert_controller_iters: model.controller_loss=relative "
                              "needs >= 1 (the item's mean prediction comes from the last "
@@ -411,6 +421,8 @@ class OTAvatar(TrainableModel):
         ctx.reset_optimizer("latent")
         ctx.reset_optimizer("intrinsics")
         n_w = cfg.invert_iters - cfg.invert_controller_iters
+        # inversion_frames=sum: each frame's terms added, K x the mean over the B K frames
+        frames = float(K) if cfg.inversion_frames == "sum" else None
         first = last = None
         for it in range(cfg.invert_iters):
             w = self.latent[:B].repeat_interleave(K, 0).expand(-1, self.generator.num_ws, -1)
@@ -422,6 +434,8 @@ class OTAvatar(TrainableModel):
                 out = G_ema.synthesis(ws, camk, sr=False, **self._uniforms(ctx, B, range(K), it))
                 loss, _ = self.loss(out, x, lmf, sr=False)
                 loss = loss + self._inversion_density(ctx, G_ema, out["planes"], B, K, it)
+                if frames is not None:
+                    loss = loss * frames
                 ctx.update(("latent", "intrinsics"), loss)
                 first = loss.detach() if first is None else first
                 last = loss.detach()
@@ -437,6 +451,8 @@ class OTAvatar(TrainableModel):
                 else:
                     loss, _ = self.controller_loss(out, x, lmf, sr=True)
                 loss = loss + self._inversion_density(ctx, G_ema, out["planes"], B, K, it)
+                if frames is not None:
+                    loss = loss * frames
                 ctx.update("controller", loss)
         # 2. refinement of the controller and the generator, frame by frame
         w = self.latent[:B].detach().expand(-1, self.generator.num_ws, -1)
@@ -528,7 +544,8 @@ class OTAvatar(TrainableModel):
         item-major) through ``G``'s decoder (the EMA generator that rendered them): the
         reference adds them, for both frames, to every inversion iteration's loss in training.
         The mean over the B K frames, the points of each drawn per (step, global item, frame,
-        call), as the other inversion terms are means over the frames."""
+        call), as the other inversion terms are means over the frames (``inversion_frames=sum``
+        scales the whole inversion loss by K in :meth:`step`)."""
         cfg = self.cfg
         if not cfg.inversion_density or not (cfg.w_monotonic or cfg.w_tv):
             return planes.new_zeros(())
