@@ -977,6 +977,13 @@ def test_runs_saved_before_the_loss_options_load_with_the_earlier_losses(run, tm
         meta_path.write_text(json.dumps(meta))
     cfg = OTAvatarPipeline.from_checkpoint(str(old), device="cpu").model.cfg
     assert (cfg.roi_box, cfg.raw_terms, cfg.inversion_density) == ("square", False, False)
+    # the training engine (resume, stage reuse) reads a saved config the same way
+    from pyface.models.otavatar.config import OTAvatarConfig
+    from pyface.train.config import saved_config
+    saved = saved_config(OTAvatarConfig, {"w_mouth": 10.0})
+    assert (saved["roi_box"], saved["raw_terms"], saved["inversion_density"]) == \
+        ("square", False, False)
+    assert saved_config(OTAvatarConfig, {"roi_box": "landmarks"})["roi_box"] == "landmarks"
     for meta_path in old.glob("checkpoints/*/meta.json"):
         meta = json.loads(meta_path.read_text())
         meta["experiment"]["model_config"].update(roi_box="landmarks", raw_terms=True)

@@ -7,6 +7,7 @@ the decoupling-by-inverting recipe. Defaults are the paper / reference-code valu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from pyface.nn.render import RenderConfig
 
@@ -185,3 +186,10 @@ class OTAvatarConfig:
     pti_stop: float | None = None
     pti_stop_metric: float = 0.06
     drive_pose: bool = True
+
+    #: the loss options' values for a config without them: a run saved before they existed
+    #: trained (and its pipeline inverts sources) with pyface's earlier losses, which ``tiny``
+    #: keeps, not the reference's defaults above; such a run is resumed, reused and loaded as it
+    #: was trained (:func:`pyface.train.config.saved_config`)
+    saved_before: ClassVar[dict[str, Any]] = {"roi_box": "square", "raw_terms": False,
+                                              "inversion_density": False}

@@ -204,10 +204,8 @@ class OTAvatarPipeline(Pipeline):
         pre = read_pretrained(folder, ema=ema)
         if pre.model is not None and pre.model != "otavatar":
             raise WrongModelError(pre.path, pre.meta, "otavatar")
-        config = dict(pre.config)
-        for key, earlier in LOSS_OPTIONS_BEFORE.items():    # a run saved before the option
-            config.setdefault(key, earlier)
-        cfg = config_from_dict(OTAvatar.Config, config)
+        # a run saved before a loss option gets its earlier value (OTAvatarConfig.saved_before)
+        cfg = config_from_dict(OTAvatar.Config, dict(pre.config))
         if cfg.generator and not os.path.exists(cfg.generator):
             run = os.path.dirname(os.path.dirname(os.path.abspath(pre.path)))
             local = os.path.join(run, "stages", "eg3d")
@@ -411,12 +409,6 @@ def orbit_cameras(G, motion: dict, T: int) -> torch.Tensor:
         n = int(motion["orbit_length"]) if "orbit_length" in motion else max(48, T)
     labels = free_view_orbit(max(n, 1), generator=G)
     return labels[idx % labels.shape[0]]
-
-
-#: the loss options of runs saved before they existed: those runs trained (and their pipelines
-#: inverted sources) with pyface's earlier losses, which ``tiny`` keeps; a checkpoint without
-#: them gets these values, not the reference's defaults
-LOSS_OPTIONS_BEFORE = {"roi_box": "square", "raw_terms": False, "inversion_density": False}
 
 
 def drawn_samples(G, like: torch.Tensor, sr: bool = True) -> dict[str, torch.Tensor]:
