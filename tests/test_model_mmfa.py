@@ -821,3 +821,146 @@ def test_gan_and_feature_matching_are_summed_over_scales_and_layers(tmp_path, da
     d = m.step("D", batch, StepContext(step=0, images_seen=0, batch_size=2))["gan_d"]
     dr = sum((real[k][1] - 1).square().mean() + fake[k][1].square().mean() for k in real)
     torch.testing.assert_close(d, dr)
+
+
+# ------------------------------------------------------------------------------------------
+# training differences from the paper as options
+# ------------------------------------------------------------------------------------------
+
+#: pyface's earlier training, the options' defaults (kept by tiny and runs saved without them)
+EARLIER = {"perceptual_outputs": "final", "exp_consistency_warp": "affine_tps"}
+
+
+def test_training_options_default_to_the_earlier_training(tmp_path, micro_run, data_root):
+    """The defaults are the earlier training: tiny and the recipe keep them, a saved config
+    without the keys resolves to them and its run resumes; full and gpu-short set the paper's;
+    a resume with a key changed is refused naming it; a bad value names the key."""
+    import json
+    import shutil
+
+    from pyface.checkpoint import CheckpointError, latest_checkpoint
+    from pyface.models.mmfa.model import PAPER_TRAINING, TRAINING_CHOICES
+    from pyface.train.model import config_from_dict
+
+    def values(cfg, keys=EARLIER):
+        return {k: getattr(cfg, k) for k in keys}
+
+    assert values(MMFAConfig()) == EARLIER
+    assert set(TRAINING_CHOICES) == set(EARLIER) == set(PAPER_TRAINING)
+    assert all(PAPER_TRAINING[k] != v for k, v in EARLIER.items())
+
+    def cfg_of(preset):
+        return build_experiment("mmfa", MMFAConfig, defaults=MMFA.recipe, presets=MMFA.presets,
+                                preset=preset).model_config
+    assert values(cfg_of("tiny")) == EARLIER and values(cfg_of(None)) == EARLIER
+    for preset in ("full", "gpu-short"):
+        assert values(cfg_of(preset), PAPER_TRAINING) == PAPER_TRAINING, preset
+    # a saved config without the keys (a run trained before them)
+    saved = {k: v for k, v in vars(MMFAConfig(**MICRO)).items() if k not in EARLIER}
+    assert values(config_from_dict(MMFAConfig, saved)) == EARLIER
+    # ... and a checkpoint saved without them resumes with the tiny preset
+    old = tmp_path / "old"
+    shutil.copytree(micro_run, old)
+    ckpt = latest_checkpoint(str(old))
+    meta_path = f"{ckpt}/meta.json"
+    meta = json.load(open(meta_path))
+    for k in EARLIER:
+        del meta["experiment"]["model_config"][k]
+    json.dump(meta, open(meta_path, "w"))
+    t = Trainer(experiment(old, data_root, "train.steps=3"))
+    assert t.resume("auto") == ckpt and t.step == 2
+    # resuming with a key changed is refused, naming the key
+    for k, v in PAPER_TRAINING.items():
+        t = Trainer(experiment(old, data_root, "train.steps=3", f"model.{k}={v}"))
+        with pytest.raises(CheckpointError, match=f"model.{k}: checkpoint '{EARLIER[k]}' vs "
+                                                  f"run '{v}'"):
+            t.resume("auto")
+    with pytest.raises(ValueError, match="model.perceptual_outputs: expected one of "
+                                         r"\['final', 'all'\], got 'coarse'"):
+        micro_model(perceptual_outputs="coarse")
+    with pytest.raises(ValueError, match="model.exp_consistency_warp: expected one of"):
+        micro_model(exp_consistency_warp="tps")
+
+
+def test_perceptual_outputs_all_takes_the_vgg_pyramid_on_every_output(data_root):
+    """"final": one VGG pyramid (1, 1/2, 1/4, 1/8) on the final output against the driving
+    frame; "all": also on each coarser output, one scale fewer per output, against the driving
+    frame resized to it; the logged term is the sum."""
+    from pyface.data.datasets import PairDataset
+    from pyface.models.mmfa.model import images_of
+    from pyface.nn.vgg import PerceptualLoss
+    import warnings
+
+    ds = PairDataset(data_root, resolution=RES)
+    batch = torch.utils.data.default_collate([ds[0], ds[1]])
+    drv = images_of(batch["driving"], "driving", RES)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():       # random VGG weights (warned once per process)
+        warnings.simplefilter("ignore")
+        vgg = PerceptualLoss(layers=["relu1_1", "relu2_1"], scales=[1.0, 0.5, 0.25, 0.125])
+    calls = []
+
+    def recording(pred, target, scales=None):
+        value = vgg(pred, target, scales=scales)
+        calls.append((pred.shape[-1], None if scales is None else tuple(scales), target,
+                      float(value.detach())))
+        return value
+
+    logs = {}
+    for mode in ("final", "all"):
+        torch.manual_seed(1)
+        with pytest.warns(UserWarning, match="vgg_weights"):
+            m = micro_model(w_perceptual=1.0, perceptual_outputs=mode, w_gan=0.0, w_fm=0.0)
+        m.perceptual = recording
+        calls.clear()
+        logs[mode] = float(m.step("G", batch, None)["perceptual"])
+        if mode == "final":
+            assert [(c[0], c[1]) for c in calls] == [(RES, None)]
+            assert torch.equal(calls[0][2], drv)
+        else:
+            assert [(c[0], c[1]) for c in calls] == [(8, (1.0, 0.5)), (16, (1.0, 0.5, 0.25)),
+                                                     (RES, (1.0, 0.5, 0.25, 0.125))]
+            for size, _, target, _ in calls[:2]:
+                torch.testing.assert_close(target, torch.nn.functional.interpolate(
+                    drv, size=(size, size), mode="bilinear", antialias=True,
+                    align_corners=False))
+            assert torch.equal(calls[2][2], drv)
+        assert logs[mode] == pytest.approx(sum(c[3] for c in calls), rel=1e-6)
+    # same weights and batch: the final output's term is the same, the coarser ones add to it
+    assert calls[2][3] == pytest.approx(logs["final"], rel=1e-6)
+    assert logs["all"] > logs["final"] * 1.01
+    with pytest.raises(ValueError, match="scales: expected a non-empty list"):
+        vgg(drv, drv, scales=[])
+
+
+def test_exp_consistency_warp_affine_drops_the_tps_part(data_root):
+    """"affine_tps": the expression consistency compares f_exp of the driving frame with f_exp of
+    the equivariance term's affine + TPS warp of it; "affine": with the same warp's affine part
+    alone (the encoder runs on it once more)."""
+    from pyface.data.datasets import PairDataset
+    from pyface.models.mmfa.model import images_of
+    from pyface.nn.augment import AffineTPS
+
+    ds = PairDataset(data_root, resolution=RES)
+    batch = torch.utils.data.default_collate([ds[0], ds[1]])
+    drv = images_of(batch["driving"], "driving", RES)
+    g = torch.Generator().manual_seed(3)
+    theta = torch.eye(2, 3).expand(2, 2, 3) + 0.05 * torch.randn(2, 2, 3, generator=g)
+    t = AffineTPS(theta, torch.cartesian_prod(torch.linspace(-1, 1, 5),
+                                              torch.linspace(-1, 1, 5)),
+                  0.05 * torch.randn(2, 25, 2, generator=g))
+    affine = AffineTPS(t.theta, t.control_points, torch.zeros_like(t.control_params))
+    cos = {}
+    for mode in ("affine_tps", "affine"):
+        torch.manual_seed(1)
+        m = micro_model(exp_consistency_warp=mode, w_gan=0.0, w_fm=0.0).eval()
+        m.augment.sample = lambda *a, **k: t
+        logs = m.step("G", batch, None)
+        warped = (affine if mode == "affine" else t).warp_image(drv)
+        with torch.no_grad():
+            want = torch.nn.functional.cosine_similarity(m.exp_encoder(drv),
+                                                         m.exp_encoder(warped), dim=1).mean()
+        torch.testing.assert_close(logs["exp_cos"], want)
+        cos[mode] = float(logs["exp_cos"])
+    assert not torch.allclose(affine.warp_image(drv), t.warp_image(drv), atol=1e-2)
+    assert cos["affine"] != pytest.approx(cos["affine_tps"], abs=1e-6)

@@ -623,6 +623,24 @@ def test_perceptual_and_identity_warn_once_without_weights(recwarn):
     assert idl(a, a.flip(-1)).item() > 0
 
 
+def test_perceptual_scales_argument_replaces_the_pyramid_for_one_call():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PretrainedWeightsWarning)
+        torch.manual_seed(0)
+        p = N.PerceptualLoss(layers=["relu1_1", "relu2_1"], scales=[1.0, 0.5, 0.25])
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    y = torch.rand(2, 3, 16, 16) * 2 - 1
+    one = p(x, y, scales=[1.0])
+    half = p(x, y, scales=[0.5])
+    assert one.item() > 0 and half.item() > 0
+    torch.testing.assert_close(p(x, y, scales=[1.0, 0.5]), one + half)
+    torch.testing.assert_close(p(x, y), p(x, y, scales=[1.0, 0.5, 0.25]))
+    assert p(x, y).item() > (one + half).item()        # the configured pyramid is unchanged
+    for bad in ([], [0.0], [2.0]):
+        with pytest.raises(ValueError, match="scales: expected a non-empty list of factors"):
+            p(x, y, scales=bad)
+
+
 def test_vgg_layer_names_match_torchvision_indices():
     from pyface.nn.vgg import LAYERS
 

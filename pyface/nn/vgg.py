@@ -110,8 +110,10 @@ class PerceptualLoss(nn.Module):
 
     Sum over scales s and layers l of ``w_l * |phi_l(pred_s) - phi_l(target_s)|`` (mean), plus
     ``style_weight`` * the L1 between Gram matrices. ``weights``: torchvision VGG19 file.
-    An empty batch (B = 0) gives 0, still connected to ``pred`` (backward gives an empty
-    gradient)."""
+    ``forward(pred, target, scales=None)``: ``scales`` (a non-empty sequence of factors in
+    (0, 1]) replaces the configured pyramid for that call (e.g. a shorter pyramid on a coarser
+    output). An empty batch (B = 0) gives 0, still connected to ``pred`` (backward gives an
+    empty gradient)."""
 
     def __init__(self, cfg: PerceptualConfig | None = None, weights: str | None = None,
                  **overrides):
@@ -128,13 +130,19 @@ class PerceptualLoss(nn.Module):
         if weights is None:
             warn_random_init("PerceptualLoss (VGG19)", "the perceptual loss")
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, pred: torch.Tensor, target: torch.Tensor,
+                scales: Sequence[float] | None = None) -> torch.Tensor:
         if pred.shape != target.shape or pred.ndim != 4 or pred.shape[1] != 3:
             raise ValueError(f"pred/target: expected equal shapes (B, 3, H, W), got "
                              f"{tuple(pred.shape)} and {tuple(target.shape)}")
+        if scales is None:
+            scales = self.cfg.scales
+        elif not len(scales) or not all(0 < float(s) <= 1 for s in scales):
+            raise ValueError(f"scales: expected a non-empty list of factors in (0, 1], got "
+                             f"{list(scales)}")
         dist = l1_or_zero if self.cfg.criterion == "l1" else mse_or_zero
         total = pred.new_zeros(())
-        for si, s in enumerate(self.cfg.scales):
+        for si, s in enumerate(scales):
             p, t = pred, target
             if s != 1:
                 p = F.interpolate(pred, scale_factor=s, mode="bilinear", align_corners=False,

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyface.data.datasets import to_float
-from pyface.nn.augment import RandomAffineTPS, equivariance_loss, keypoint_prior_loss
+from pyface.nn.augment import (AffineTPS, RandomAffineTPS, equivariance_loss,
+                               keypoint_prior_loss)
 from pyface.nn.discriminators import MultiScalePatchDiscriminator, PatchDiscriminatorConfig
 from pyface.nn.fv2v import (AppearanceFeatureExtractor, CanonicalKeypointDetector,
                             MultiScaleDecoder)
@@ -108,6 +109,17 @@ class MMFAConfig:
     gradient reaches delta, the keypoints and the dense motion). ``mouth_motion_start``: the
     training step from which the term is on (0: from the start). Frames without landmarks: the
     landmark terms' warning, and the term is off.
+
+    Training differences from the paper (docs/models/mmfa.md, "Training options"; each default
+    is pyface's earlier training, which ``tiny`` keeps and a saved run without the key resolves
+    to; ``full`` and ``gpu-short`` set the paper's, :data:`PAPER_TRAINING`):
+    ``perceptual_outputs`` ``"final"`` the VGG19 pyramid (:data:`PERCEPTUAL_SCALES`) on the final
+    output only; ``"all"`` (the paper) on every output, one scale fewer per coarser output
+    (1, 1/2, 1/4, 1/8 at R; 1, 1/2, 1/4 at R/2; 1, 1/2 at R/4), each against the driving frame
+    resized to it. ``exp_consistency_warp`` the warp of the expression consistency:
+    ``"affine_tps"`` the equivariance term's affine + TPS warp; ``"affine"`` (the paper's affine
+    augmentation) the same warp's affine part alone, on which the expression encoder runs once
+    more.
     """
 
     resolution: int = 256
@@ -182,10 +194,24 @@ class MMFAConfig:
     mouth_motion_start: int = 0
     sigma_affine: float = 0.05
     sigma_tps: float = 0.005
+    # training differences from the paper: pyface's earlier training by default (see the
+    # docstring and TRAINING_CHOICES; full and gpu-short set PAPER_TRAINING)
+    perceptual_outputs: str = "final"
+    exp_consistency_warp: str = "affine_tps"
     # optimisation
     lr: float = 2e-4
     lr_d: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+
+
+#: the values of the training-difference options (:class:`MMFAConfig`); the first is the default
+TRAINING_CHOICES = {"perceptual_outputs": ("final", "all"),
+                    "exp_consistency_warp": ("affine_tps", "affine")}
+#: the paper's training, set by the full and gpu-short presets (the defaults differ in each)
+PAPER_TRAINING = {"perceptual_outputs": "all", "exp_consistency_warp": "affine"}
+#: the VGG19 pyramid of the perceptual term at the finest output (one scale fewer per coarser
+#: output with ``perceptual_outputs="all"``)
+PERCEPTUAL_SCALES = (1.0, 0.5, 0.25, 0.125)
 
 
 #: iBUG-68 parts of the landmark term: eyes 36-47, mouth 48-67, the rest (jaw, brows, nose)
@@ -544,14 +570,16 @@ class MMFA(TrainableModel):
                                            "min_factor": 0.1}}},
         # spec (b): one H100/H200, about 8 minutes
         "gpu-short": {"model": {"resolution": 256, "num_kp": 15, "lr": 4e-4,
-                                "source_blend": True, "w_exp_landmark": 10.0},
+                                "source_blend": True, "w_exp_landmark": 10.0,
+                                **PAPER_TRAINING},
                       "data": {"resolution": 256},
                       "train": {"steps": 2500, "batch_size": 16, "precision": "bf16",
                                 "ckpt_every": 500, "image_every": 500,
                                 "lr_schedule": {"kind": "cosine", "warmup_steps": 100,
                                                 "min_factor": 0.1}}},
         # paper scale (face-vid2vid reimplementation's schedule)
-        "full": {"model": {"resolution": 256, "num_kp": 15, "w_exp_landmark": 10.0},
+        "full": {"model": {"resolution": 256, "num_kp": 15, "w_exp_landmark": 10.0,
+                           **PAPER_TRAINING},
                  "data": {"resolution": 256},
                  "train": {"steps": 100000, "batch_size": 16}},
     }
@@ -575,6 +603,10 @@ class MMFA(TrainableModel):
         if cfg.mouth_motion_sigma <= 0:
             raise ValueError(f"model.mouth_motion_sigma: expected a width > 0 (grid units), got "
                              f"{cfg.mouth_motion_sigma}")
+        for k, allowed in TRAINING_CHOICES.items():
+            if getattr(cfg, k) not in allowed:
+                raise ValueError(f"model.{k}: expected one of {list(allowed)}, got "
+                                 f"{getattr(cfg, k)!r}")
         if not 0.0 < cfg.blend_cap <= 1.0:
             raise ValueError(f"model.blend_cap: expected a value in (0, 1], got "
                              f"{cfg.blend_cap}")
@@ -630,7 +662,7 @@ class MMFA(TrainableModel):
             if cfg.vgg_weights:
                 from pyface.nn.vgg import PerceptualLoss
                 self.perceptual = PerceptualLoss(weights=cfg.vgg_weights,
-                                                 scales=[1.0, 0.5, 0.25, 0.125])
+                                                 scales=list(PERCEPTUAL_SCALES))
                 self.perceptual.requires_grad_(False)
             else:
                 warnings.warn("MMFA: model.w_perceptual > 0 but model.vgg_weights is not set; "
@@ -856,9 +888,11 @@ class MMFA(TrainableModel):
             loss_lm = loss_lm + w_mm * mm
         n = len(out["images"])
         rec = src.new_zeros(())
+        targets = []
         for i, img in enumerate(out["images"]):
             tgt = drv if img.shape[-1] == drv.shape[-1] else F.interpolate(
                 drv, size=img.shape[-2:], mode="bilinear", antialias=True, align_corners=False)
+            targets.append(tgt)
             rec = rec + l1_pyramid(img.float(), tgt, c.pyramid_levels - (n - 1 - i))
         logs["rec_l1"] = rec.detach()
         loss = c.w_rec * rec
@@ -879,7 +913,13 @@ class MMFA(TrainableModel):
             logs["blend_bound"] = bound.detach()
             loss = loss + c.w_blend_bound * bound
         if self.perceptual is not None:
-            per = self.perceptual(final.float(), drv)
+            if c.perceptual_outputs == "all":     # every output, one scale fewer per coarser one
+                per = sum(self.perceptual(img.float(), tgt,
+                                          scales=PERCEPTUAL_SCALES[:max(1, len(PERCEPTUAL_SCALES)
+                                                                        - (n - 1 - i))])
+                          for i, (img, tgt) in enumerate(zip(out["images"], targets)))
+            else:
+                per = self.perceptual(final.float(), drv)
             logs["perceptual"] = per.detach()
             loss = loss + c.w_perceptual * per
         if self.discriminator is not None:
@@ -910,7 +950,12 @@ class MMFA(TrainableModel):
             kp_aug = pose_keypoints(kc_all[2 * B:], rd, mo["scale"][2 * B:],
                                     mo["translation"][2 * B:], delta[3 * B:])
             eq = equivariance_loss(kp_self, kp_aug, t)
-            cos = F.cosine_similarity(f[B:2 * B], f[2 * B:], dim=1).mean()
+            if c.exp_consistency_warp == "affine":   # the same warp's affine part alone
+                affine = AffineTPS(t.theta, t.control_points, torch.zeros_like(t.control_params))
+                f_aug = self.exp_encoder(affine.warp_image(drv))
+            else:
+                f_aug = f[2 * B:]
+            cos = F.cosine_similarity(f[B:2 * B], f_aug, dim=1).mean()
             logs["equivariance"], logs["exp_cos"] = eq.detach(), cos.detach()
             loss = loss + c.w_equivariance * eq + c.w_exp_consistency * (1 - cos)
         prior = keypoint_prior_loss(kp_d, depth=c.kp_prior_depth)
