@@ -1332,3 +1332,47 @@ def test_density_phase_default_is_the_earlier_training_and_a_changed_key_is_refu
     with pytest.raises(ckpt.CheckpointError,
                        match=r"model.density_phase: checkpoint False vs run True"):
         c.load_checkpoint(ckpt.checkpoint_path(str(tmp_path / "run"), 1))
+
+
+@pytest.mark.parametrize("head", ["mlp", "linear"])
+def test_clebs_image_head_linear_is_one_projection(head):
+    torch.manual_seed(0)
+    m = _clebs_small(image_head=head).eval()
+    img = torch.rand(3, 3, 32, 32) * 2 - 1
+    feats = m.image_encoder.backbone(img)                          # (3, 16) pooled
+    linears = [x for x in m.image_encoder.head if isinstance(x, torch.nn.Linear)]
+    out = m.image_encoder(img)
+    if head == "linear":     # the design study's ResNetEncoder + one Linear to d
+        assert [(x.in_features, x.out_features) for x in linears] == [(16, 8)]
+        torch.testing.assert_close(out, linears[0](feats))
+        # linear in the pooled features: the code of a sum is the sum of the codes
+        a, b = feats[:1], feats[1:2]
+        torch.testing.assert_close(m.image_encoder.head(a + b) - m.image_encoder.head(b),
+                                   m.image_encoder.head(a) - linears[0].bias, rtol=1e-5,
+                                   atol=1e-5)
+    else:
+        assert [(x.in_features, x.out_features) for x in linears] == [(16, 16), (16, 8)]
+        assert len(m.image_encoder.head) == 3
+    assert out.shape == (3, 8)
+
+
+def test_clebs_image_head_default_is_the_earlier_head_and_a_changed_key_is_refused(
+        data, tmp_path):
+    from pyface.train.model import config_from_dict
+
+    assert CLeBS.Config().image_head == "mlp"
+    assert config_from_dict(CLeBS.Config, {"n": 3}).image_head == "mlp"
+    for name, want in (("tiny", "mlp"), ("gpu-short", "linear"), ("full", "linear")):
+        exp = build_experiment("export3d_clebs", CLeBS.Config, defaults=CLeBS.recipe,
+                               preset=name)
+        assert exp.model_config.image_head == want, name
+    with pytest.raises(ValueError, match=r"model.image_head: expected one of \('mlp', "
+                                         r"'linear'\), got 'conv'"):
+        _clebs_small(image_head="conv")
+    Trainer(_exp("export3d_clebs", CLeBS, tmp_path / "run", data, *CLEBS_TINY,
+                 "train.steps=1", "train.ckpt_every=1")).fit()
+    c = Trainer(_exp("export3d_clebs", CLeBS, tmp_path / "run", data, *CLEBS_TINY,
+                     "model.image_head=linear", "train.steps=2"))
+    with pytest.raises(ckpt.CheckpointError,
+                       match=r"model.image_head: checkpoint 'mlp' vs run 'linear'"):
+        c.load_checkpoint(ckpt.checkpoint_path(str(tmp_path / "run"), 1))
