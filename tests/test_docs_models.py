@@ -411,9 +411,11 @@ PRESET_ROWS = [
                         "model.w_identity": 1.0, "model.w_monotonic": 1.0, "model.w_tv": 0.25,
                         "model.tv_sigma": 0.004} for p in (T, G, F)}),
     ("export3d", "| density L1 regulariser (EG3D, `density_l1_regularizer`, corrected axes) every "
-                 "4 steps, scaled by 4 | 0.25 (0 in `tiny`) |",
+                 "4 steps, scaled by 4 | 0.25 (0 in `tiny`) | [D] (EG3D); `gpu-short` / `full` "
+                 "in its own lazy phase `Greg` (`density_phase`, below) |",
      {("export3d", p): {"model.w_l1": 1.0, "model.w_l1_raw": 1.0, "model.w_perceptual": 1.0,
                         "model.w_roi": 1.0, "model.w_roi_raw": 0.0, "model.density_every": 4,
+                        "model.density_phase": p != T,
                         "model.w_density": 0.0 if p == T else 0.25, "model.w_identity": 0.1,
                         "model.w_mask": 10.0 if p == T else 0.0,
                         "model.w_gan": 0.025 if p == F else 0.0, "model.gan_start": 10_000,

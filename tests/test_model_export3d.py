@@ -1271,3 +1271,108 @@ def test_gan_without_r1_never_runs_the_lazy_phase(data, tmp_path):
     assert seen and "Dreg" not in seen and seen.count("D") == 3
     assert any(v.dtype.is_floating_point and not torch.equal(v, d0[k])
                for k, v in m.D.state_dict().items()), "the discriminator was never updated"
+
+
+DENSITY_SMALL = [*GEN_TINY, "model.cond=direct", "model.w_density=0.5", "model.density_every=2",
+                 "model.betas=[0.5,0.99]", "model.lr=1e-3"]
+
+
+@pytest.mark.parametrize("own_phase", [False, True])
+def test_density_regulariser_in_its_own_lazy_phase(data, tmp_path, own_phase):
+    from pyface.train.schedules import lazy_regularization
+
+    t = Trainer(_exp("export3d", Export3D, tmp_path / "run", data, *DENSITY_SMALL,
+                     f"model.density_phase={str(own_phase).lower()}", "train.steps=3"))
+    m = t.model
+    assert [(p.name, p.interval) for p in m.phases()] == \
+        ([("G", 1), ("Greg", 2)] if own_phase else [("G", 1)])
+    g = t.optimizers["G"].param_groups[0]
+    lr, betas = lazy_regularization(1e-3, (0.5, 0.99), 2) if own_phase else (1e-3, (0.5, 0.99))
+    assert g["initial_lr" if "initial_lr" in g else "lr"] == pytest.approx(lr)
+    assert g["betas"] == pytest.approx(betas)
+    seen, step = [], m.step
+    m.step = lambda phase, batch, ctx: (seen.append((ctx.step, phase, sorted(out := step(
+        phase, batch, ctx)))), out)[1]
+    t.fit()
+    # steps 0 and 2 regularise: inside G (no own phase) or as Greg (own phase, G without it)
+    if own_phase:
+        assert [(s, p) for s, p, _ in seen] == [(0, "G"), (0, "Greg"), (1, "G"), (2, "G"),
+                                                (2, "Greg")]
+        assert all("density" not in keys for _, p, keys in seen if p == "G")
+        assert all(keys == ["density", "loss"] for _, p, keys in seen if p == "Greg")
+    else:
+        assert [(s, p) for s, p, _ in seen] == [(0, "G"), (1, "G"), (2, "G")]
+        assert [("density" in keys) for _, _, keys in seen] == [True, False, True]
+    # the Greg loss is the regulariser alone, scaled by its interval, and reaches the generator
+    batch = next(iter(torch.utils.data.DataLoader(t.dataset, batch_size=2)))
+    out = Export3D._greg_step(m, batch)
+    assert out["loss"].item() == pytest.approx(0.5 * 2 * out["density"].item(), rel=1e-5)
+    m.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    assert m.generator.to_planes.weight.grad.abs().sum() > 0
+
+
+def test_density_phase_default_is_the_earlier_training_and_a_changed_key_is_refused(
+        data, tmp_path):
+    from pyface.train.model import config_from_dict
+
+    assert Export3D.Config().density_phase is False
+    assert config_from_dict(Export3D.Config, {"w_density": 0.25}).density_phase is False
+    for name, want in (("tiny", False), ("gpu-short", True), ("full", True)):
+        exp = build_experiment("export3d", Export3D.Config, defaults=Export3D.recipe, preset=name)
+        assert exp.model_config.density_phase is want, name
+    with pytest.raises(ValueError, match=r"model.density_every: expected >= 1 with "
+                                         r"model.density_phase .*got 0"):
+        Export3D(Export3D.Config(cond="direct", density_phase=True, density_every=0))
+    # a run saved with the earlier training does not resume with the Greg phase
+    Trainer(_exp("export3d", Export3D, tmp_path / "run", data, *DENSITY_SMALL,
+                 "train.steps=1", "train.ckpt_every=1")).fit()
+    c = Trainer(_exp("export3d", Export3D, tmp_path / "run", data, *DENSITY_SMALL,
+                     "model.density_phase=true", "train.steps=2"))
+    with pytest.raises(ckpt.CheckpointError,
+                       match=r"model.density_phase: checkpoint False vs run True"):
+        c.load_checkpoint(ckpt.checkpoint_path(str(tmp_path / "run"), 1))
+
+
+@pytest.mark.parametrize("head", ["mlp", "linear"])
+def test_clebs_image_head_linear_is_one_projection(head):
+    torch.manual_seed(0)
+    m = _clebs_small(image_head=head).eval()
+    img = torch.rand(3, 3, 32, 32) * 2 - 1
+    feats = m.image_encoder.backbone(img)                          # (3, 16) pooled
+    linears = [x for x in m.image_encoder.head if isinstance(x, torch.nn.Linear)]
+    out = m.image_encoder(img)
+    if head == "linear":     # the design study's ResNetEncoder + one Linear to d
+        assert [(x.in_features, x.out_features) for x in linears] == [(16, 8)]
+        torch.testing.assert_close(out, linears[0](feats))
+        # linear in the pooled features: the code of a sum is the sum of the codes
+        a, b = feats[:1], feats[1:2]
+        torch.testing.assert_close(m.image_encoder.head(a + b) - m.image_encoder.head(b),
+                                   m.image_encoder.head(a) - linears[0].bias, rtol=1e-5,
+                                   atol=1e-5)
+    else:
+        assert [(x.in_features, x.out_features) for x in linears] == [(16, 16), (16, 8)]
+        assert len(m.image_encoder.head) == 3
+    assert out.shape == (3, 8)
+
+
+def test_clebs_image_head_default_is_the_earlier_head_and_a_changed_key_is_refused(
+        data, tmp_path):
+    from pyface.train.model import config_from_dict
+
+    assert CLeBS.Config().image_head == "mlp"
+    assert config_from_dict(CLeBS.Config, {"n": 3}).image_head == "mlp"
+    for name, want in (("tiny", "mlp"), ("gpu-short", "linear"), ("full", "linear")):
+        exp = build_experiment("export3d_clebs", CLeBS.Config, defaults=CLeBS.recipe,
+                               preset=name)
+        assert exp.model_config.image_head == want, name
+    with pytest.raises(ValueError, match=r"model.image_head: expected one of \('mlp', "
+                                         r"'linear'\), got 'conv'"):
+        _clebs_small(image_head="conv")
+    Trainer(_exp("export3d_clebs", CLeBS, tmp_path / "run", data, *CLEBS_TINY,
+                 "train.steps=1", "train.ckpt_every=1")).fit()
+    c = Trainer(_exp("export3d_clebs", CLeBS, tmp_path / "run", data, *CLEBS_TINY,
+                     "model.image_head=linear", "train.steps=2"))
+    with pytest.raises(ckpt.CheckpointError,
+                       match=r"model.image_head: checkpoint 'mlp' vs run 'linear'"):
+        c.load_checkpoint(ckpt.checkpoint_path(str(tmp_path / "run"), 1))

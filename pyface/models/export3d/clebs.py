@@ -82,6 +82,11 @@ class CLeBSConfig:
             concatenated with the frame's before the head. Needs ``landmarks (B, N, 68, 2)`` in
             the batch (pixels of the frame).
         image_crop_box: the mouth window's side as a fraction of the frame size ([D] 0.375).
+        image_head: f_I's projection from the pooled ResNet features to d: ``mlp`` (Linear to
+            the last width, ReLU, Linear to d; the default, what runs and configs without the
+            key have) or ``linear`` (one Linear to d, the design study's "ResNetEncoder +
+            Linear(2048 -> 512)"; ``gpu-short`` and ``full``). f_I is dropped after stage 1,
+            so this changes stage 1's training only.
         temperature: initial tau ([D] CLIP's 0.07, learnable).
         resolution: image size (must equal data.resolution).
         lr, weight_decay: AdamW ([D] 1e-4, 0.01).
@@ -149,6 +154,7 @@ class CLeBSConfig:
     image_stem_stride: int = 2
     image_crops: int = 0
     image_crop_box: float = 0.375
+    image_head: str = "mlp"
     temperature: float = 0.07
     resolution: int = 224
     lr: float = 1e-4
@@ -172,6 +178,7 @@ class CLeBSConfig:
 
 
 FE_INITS = ("none", "fisher")
+IMAGE_HEADS = ("mlp", "linear")
 
 
 def augment_frames(img: torch.Tensor, amount: float) -> torch.Tensor:
@@ -443,12 +450,15 @@ class ImageEncoder(nn.Module):
     flattened (B, C h w) instead of its spatial mean (B, C). ``stem_stride``: the stem
     convolution's stride. ``crop_channels``: when > 0, a second ResNet (same widths, no stem
     max-pool) reads ``crops (B, crop_channels, c, c)`` and its pooled features join the
-    frame's before the head."""
+    frame's before the head. ``head``: ``mlp`` (Linear to widths[-1], ReLU, Linear to dim) or
+    ``linear`` (one Linear to dim)."""
 
     def __init__(self, dim: int, stem: int, widths: list[int], depths: list[int],
                  stem_pool: bool = True, flatten_size: int | None = None, stem_stride: int = 2,
-                 crop_channels: int = 0):
+                 crop_channels: int = 0, head: str = "mlp"):
         super().__init__()
+        if head not in IMAGE_HEADS:
+            raise ValueError(f"model.image_head: expected one of {IMAGE_HEADS}, got {head!r}")
         if len(widths) != len(depths) or not widths:
             raise ValueError(f"image_widths / image_depths: expected equal non-empty lengths, got "
                              f"{widths} / {depths}")
@@ -469,8 +479,11 @@ class ImageEncoder(nn.Module):
             self.backbone.train()
         if self.crop_backbone is not None:
             cin += widths[-1]
-        self.head = nn.Sequential(nn.Linear(cin, widths[-1]), nn.ReLU(),
-                                  nn.Linear(widths[-1], dim))
+        if head == "linear":
+            self.head = nn.Sequential(nn.Linear(cin, dim))
+        else:
+            self.head = nn.Sequential(nn.Linear(cin, widths[-1]), nn.ReLU(),
+                                      nn.Linear(widths[-1], dim))
 
     def forward(self, image: torch.Tensor, crops: torch.Tensor | None = None) -> torch.Tensor:
         if self.flatten:
@@ -525,7 +538,7 @@ class CLeBS(TrainableModel):
         # one H100/H200, about 1 minute: 256^2 frames at 128^2 into a mid ResNet
         "gpu-short": {"model": {"n": 10, "dim": 256, "image_stem": 32,
                                 "image_widths": [64, 128, 256, 512], "image_depths": [1, 2, 2, 1],
-                                "resolution": 128, "lr": 5e-4},
+                                "resolution": 128, "lr": 5e-4, "image_head": "linear"},
                       "data": {"name": "clips", "resolution": 128,
                                "options": {"frames": 8, "min_gap": 3,
                                            "synth": {"exp_leak": 0.5, "identities": 16,
@@ -534,8 +547,9 @@ class CLeBS(TrainableModel):
                                 "image_every": 0,
                                 "lr_schedule": {"kind": "cosine", "warmup_steps": 50,
                                                 "min_factor": 0.1}}},
-        # paper scale (our reading): ResNet-50 at 224^2, n=10, d=512, 16 videos x 16 frames
-        "full": {},
+        # paper scale (our reading): ResNet-50 at 224^2 + Linear(2048 -> 512), n=10, d=512,
+        # 16 videos x 16 frames
+        "full": {"model": {"image_head": "linear"}},
     }
 
     def __init__(self, cfg: CLeBSConfig | None = None):
@@ -568,7 +582,7 @@ class CLeBS(TrainableModel):
                                           cfg.resolution if cfg.image_flatten else None,
                                           stem_stride=cfg.image_stem_stride,
                                           crop_channels=3 * len(CROP_GROUPS)
-                                          if cfg.image_crops else 0)
+                                          if cfg.image_crops else 0, head=cfg.image_head)
         self.temperature = LearnableTemperature(cfg.temperature)
         if cfg.sim_gain:
             self.sim_log_gain = nn.Parameter(torch.zeros(cfg.n))

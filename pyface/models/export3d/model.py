@@ -130,6 +130,14 @@ class Export3DConfig:
         lr, betas: Adam of the generator.
         w_l1, w_l1_raw, w_perceptual, w_roi, w_density: loss weights; density every
             ``density_every`` steps (scaled by it).
+        density_phase: run the density regulariser in its own lazy phase ``Greg`` every
+            ``density_every`` steps (a separate Adam step of G on the regulariser alone, on the
+            step's batch; G's Adam then gets the lazy-regularisation compensation, lr x k/(k+1)
+            and betas ** (k/(k+1)) for k = ``density_every`` > 1), as the design study's phases
+            "G, D, Dreg, Greg (every 4)" with lazy regularisation and EG3D's ``Greg``. False
+            (the default, what runs and configs without the key did): the regulariser's loss
+            is added to the ``G`` phase's loss on every ``density_every``-th step, with no
+            compensation. ``full`` and ``gpu-short`` set True; no effect with ``w_density`` 0.
         w_roi_raw: weight of the mouth and eye RoI L1 on the raw image against the driving
             frame at the raw resolution (the boxes scaled to it; [D], 0: off).
         vgg_weights: torchvision VGG19 file for the perceptual loss; None: an image-pyramid L1
@@ -198,6 +206,7 @@ class Export3DConfig:
     w_roi_raw: float = 0.0
     w_density: float = 0.25
     density_every: int = 4
+    density_phase: bool = False
     w_mask: float = 0.0
     arcface_weights: str | None = None
     w_identity: float = 0.1
@@ -471,7 +480,7 @@ class Export3D(TrainableModel):
                                 "n": 10, "code_dim": 256, "depth_samples": 24,
                                 "importance_samples": 24, "sr_widths": [128, 64, 32],
                                 "lr": 5e-4, "betas": [0.9, 0.99], "ema_momentum": 0.995,
-                                "cond_norm": True,
+                                "cond_norm": True, "density_phase": True,
                                 "w_gan": 0.0},
                       "data": {"name": "pairs", "resolution": 256,
                                "options": {"mode": "same_video",
@@ -484,8 +493,10 @@ class Export3D(TrainableModel):
                                 "ema": {"modules": ["generator", "cond", "decoder", "sr"],
                                         "decay": 0.995, "half_life_kimg": None}}},
         # paper scale (our reading): 512^2, raw 128^2, 48+48 samples, 8 blocks of 512
-        # (the GAN after a 10k-step warm-up, as in the spec: 0.025, R1 gamma 10 every 16 steps)
-        "full": {"model": {"w_gan": 0.025, "gan_start": 10000, "cond_norm": True}},
+        # (the GAN after a 10k-step warm-up, as in the spec: 0.025, R1 gamma 10 every 16 steps;
+        # the density regulariser in its own lazy phase every 4 steps, as the spec's Greg)
+        "full": {"model": {"w_gan": 0.025, "gan_start": 10000, "cond_norm": True,
+                           "density_phase": True}},
     }
 
     def __init__(self, cfg: Export3DConfig | None = None):
@@ -541,6 +552,9 @@ class Export3D(TrainableModel):
             raise ValueError(f"model.r1_gamma: expected >= 0 (0: no R1), got {cfg.r1_gamma}")
         if cfg.r1_every < 1:
             raise ValueError(f"model.r1_every: expected >= 1, got {cfg.r1_every}")
+        if cfg.density_phase and cfg.w_density and cfg.density_every < 1:
+            raise ValueError(f"model.density_every: expected >= 1 with model.density_phase "
+                             f"(the Greg phase's interval), got {cfg.density_every}")
         self.D = None
         if cfg.w_gan > 0:
             self.D = DualDiscriminator(c_dim=25, img_resolution=cfg.resolution,
@@ -714,10 +728,20 @@ class Export3D(TrainableModel):
     # --- training --------------------------------------------------------------------------
     G_MODULES = ("generator", "cond", "decoder", "sr")
 
+    @property
+    def _density_phase(self) -> bool:
+        """The density regulariser runs as its own lazy phase ``Greg`` (``density_phase``)."""
+        return bool(self.cfg.density_phase and self.cfg.w_density and self.cfg.density_every)
+
     def build_optimizers(self):
         params = [p for n, p in self.named_parameters()
                   if p.requires_grad and not n.startswith("D.")]
-        opts = {"G": torch.optim.Adam(params, lr=self.cfg.lr, betas=tuple(self.cfg.betas))}
+        # with the Greg phase, G's Adam steps once more every density_every steps: the same
+        # lazy-regularisation compensation as D's
+        k = self.cfg.density_every
+        r = k / (k + 1) if self._density_phase and k > 1 else 1.0
+        b1, b2 = self.cfg.betas
+        opts = {"G": torch.optim.Adam(params, lr=self.cfg.lr * r, betas=(b1 ** r, b2 ** r))}
         if self.D is not None:
             # lazy-regularisation compensation (StyleGAN2 / EG3D): Dreg steps D once more
             # every r1_every steps, so lr x k/(k+1) and betas ** (k/(k+1)); without R1
@@ -730,11 +754,14 @@ class Export3D(TrainableModel):
         return opts
 
     def phases(self):
+        greg = [Phase("Greg", "G", interval=self.cfg.density_every,
+                      frozen=("D",) if self.D is not None else ())] if self._density_phase else []
         if self.D is None:
-            return [Phase("G", "G")]
+            return [Phase("G", "G"), *greg]
         # the D phases apply their update themselves (ctx.update) once the warm-up is over;
         # the lazy R1 phase only with r1_gamma > 0 (as EG3D)
-        phases = [Phase("G", "G", frozen=("D",)), Phase("D", None, frozen=self.G_MODULES)]
+        phases = [Phase("G", "G", frozen=("D",)), *greg,
+                  Phase("D", None, frozen=self.G_MODULES)]
         if self.cfg.r1_gamma > 0:
             phases.append(Phase("Dreg", None, interval=self.cfg.r1_every,
                                 frozen=self.G_MODULES))
@@ -808,10 +835,31 @@ class Export3D(TrainableModel):
             src["landmarks"] = None
         return {"source": src, "driving": {"image": None, "coeffs": None, "camera": None}}
 
+    def _greg_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """``density_phase``: the density regulariser alone on the planes of this step's batch
+        (source and driving expression as the G phase reads them; no running statistics or
+        T_EMA update), scaled by ``density_every`` (lazy)."""
+        cfg = self.cfg
+        src = image_to_float(self._frame(batch, "source", "image"))
+        if self.training and cfg.augment > 0:
+            src = joint_colour_augment(src, src, cfg.augment)[0]
+        beta = expression_of(self._frame(batch, "driving", "coeffs"), "batch['driving']['coeffs']")
+        src_beta = None
+        if cfg.expr_relative:
+            src_beta = expression_of(self._frame(batch, "source", "coeffs"),
+                                     "batch['source']['coeffs']")
+        _, cond, code = self.condition(beta, with_code=True)
+        planes = self.generator(src, cond, self.expression_input(code, src_beta))
+        dens = density_l1_regularizer(planes, self.decoder, plane_axes=PLANE_AXES,
+                                      box_size=cfg.box_warp)
+        return {"loss": cfg.w_density * cfg.density_every * dens, "density": dens.detach()}
+
     def step(self, phase: str, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         if phase in ("D", "Dreg"):
             return self._d_step(phase, ctx)
+        if phase == "Greg":
+            return self._greg_step(batch)
         src = image_to_float(self._frame(batch, "source", "image"))
         tgt = image_to_float(self._frame(batch, "driving", "image"))
         R = cfg.resolution
@@ -863,7 +911,8 @@ class Export3D(TrainableModel):
             sil = (out["image_opacity"].float() - mask).abs().mean()
             loss = loss + cfg.w_mask * sil
             logs["mask"] = sil.detach()
-        if cfg.w_density and cfg.density_every and ctx.step % cfg.density_every == 0:
+        if cfg.w_density and cfg.density_every and not cfg.density_phase \
+                and ctx.step % cfg.density_every == 0:
             dens = density_l1_regularizer(out["planes"], self.decoder, plane_axes=PLANE_AXES,
                                           box_size=cfg.box_warp)
             loss = loss + cfg.w_density * cfg.density_every * dens
