@@ -217,6 +217,9 @@ PRESET_ROWS = [
       for p, c, r in ((T, 16384, "decoder"), (G, 131072, True), (F, 131072, True))}),
     ("eg3d", "| EMA half-life | 0.5 kimg | 5 kimg | 10 kimg |",
      {("eg3d", p): {"train.ema.half_life_kimg": h} for p, h in ((T, 0.5), (G, 5.0), (F, 10.0))}),
+    ("eg3d", "| generator cameras (`gen_c_per_phase`) | one permutation per step (false) | "
+             "per phase (true) | per phase (true) |",
+     {("eg3d", p): {"model.gen_c_per_phase": v} for p, v in ((T, False), (G, True), (F, True))}),
     ("otavatar", "| data | `motion_windows` 32², radius 6 | 128², radius 13 | 512², radius 13 |",
      {("otavatar", p): {"data.name": "motion_windows", "data.resolution": r,
                         "data.options.radius": w}

@@ -1248,3 +1248,92 @@ def test_previews_render_the_ema_generator(tmp_path):
     live = m.G(z, cam)["image"]
     assert (live - want).abs().max() > 1e-3          # the two generators differ by now
     torch.testing.assert_close(shown, want)
+
+
+def _phase_cameras(m, batch, step=5):
+    """The cameras the generator's mapping sees (before the pose swap) in Gmain, Greg and
+    Dmain of one step."""
+    from pyface.train.model import StepContext
+
+    seen = {}
+    orig = m._c_cond
+
+    def record(c, swapping_prob):
+        seen.setdefault(phase, c.detach().clone())
+        return orig(c, swapping_prob)
+
+    m._c_cond = record
+    for phase in ("Gmain", "Greg", "Dmain"):
+        m.step(phase, batch, StepContext(step=step, images_seen=step * 4, batch_size=4))
+    del m._c_cond
+    return seen
+
+
+def test_gen_c_per_phase_draws_the_generator_cameras_for_each_phase(tmp_path):
+    """model.gen_c_per_phase (EG3D draws gen_c for every phase): Greg and Dmain render at their
+    own permutations of the batch's labels; without it (the default) the phases of a step share
+    Gmain's."""
+    from pyface.models.eg3d.model import EG3D
+
+    cfg = _experiment(tmp_path / "r", 1).model_config
+    assert cfg.gen_c_per_phase is False
+    b = _Frames(4, 16)
+    batch = torch.utils.data.default_collate([b[i] for i in range(4)])
+    torch.manual_seed(0)
+    shared = _phase_cameras(EG3D(cfg), batch)
+    assert torch.equal(shared["Gmain"], shared["Greg"])
+    assert torch.equal(shared["Gmain"], shared["Dmain"])
+    cfg.gen_c_per_phase = True
+    torch.manual_seed(0)
+    m = EG3D(cfg)
+    own = _phase_cameras(m, batch)
+    torch.testing.assert_close(own["Gmain"], shared["Gmain"])        # Gmain's are the step's
+    assert not torch.equal(own["Greg"], own["Gmain"])
+    assert not torch.equal(own["Dmain"], own["Gmain"])
+    assert not torch.equal(own["Dmain"], own["Greg"])
+    cams = m._prepared[2]["camera"]                 # each a permutation of the batch's labels
+    for ph in ("Greg", "Dmain"):
+        assert sorted(map(tuple, own[ph].tolist())) == sorted(map(tuple, cams.tolist())), ph
+    again = _phase_cameras(EG3D(cfg), batch)        # seeded by the step: reproducible
+    assert torch.equal(again["Dmain"], own["Dmain"])
+
+
+def test_gen_c_per_phase_presets_and_saved_configs():
+    """EG3D's per-phase cameras in full and gpu-short; tiny and a saved config without the key
+    keep one permutation per step."""
+    import dataclasses
+
+    from pyface.models.eg3d.model import EG3D
+    from pyface.train.config import build_experiment, from_dict, saved_config
+
+    for name, want in (("tiny", False), ("gpu-short", True), ("full", True)):
+        exp = build_experiment("eg3d", EG3D.Config, defaults=EG3D.recipe, preset=name,
+                               presets=EG3D.presets)
+        assert exp.model_config.gen_c_per_phase is want, name
+    old = dataclasses.asdict(EG3D.Config())
+    del old["gen_c_per_phase"]
+    assert from_dict(EG3D.Config, saved_config(EG3D.Config, old)).gen_c_per_phase is False
+
+
+def test_gen_c_per_phase_resume_refuses_a_changed_key_and_takes_an_old_run(tmp_path):
+    """A run resumed with gen_c_per_phase changed is refused naming the key; a checkpoint saved
+    before the key existed resumes with the default (one permutation per step)."""
+    import json
+
+    from pyface.train.engine import Trainer
+
+    Trainer(_experiment(tmp_path / "a", 2), dataset=_Frames()).fit()
+    changed = _experiment(tmp_path / "a", 4)
+    changed.model_config.gen_c_per_phase = True
+    with pytest.raises(ckpt.CheckpointError, match=r"model\.gen_c_per_phase: checkpoint False "
+                                                   r"vs run True"):
+        Trainer(changed, dataset=_Frames()).resume("auto")
+    path = ckpt.latest_checkpoint(str(tmp_path / "a"))
+    meta_path = os.path.join(path, ckpt.META_FILE)
+    with open(meta_path) as f:
+        meta = json.load(f)
+    del meta["experiment"]["model_config"]["gen_c_per_phase"]
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    tr = Trainer(_experiment(tmp_path / "a", 4), dataset=_Frames())
+    assert tr.resume("auto") == path and tr.step == 2

@@ -101,6 +101,10 @@ class EG3DConfig:
             initial to final over fade_kimg starting at fade_start_kimg (EG3D's 128^2
             fine-tune after the 64^2 run starts the fade at the fine-tune's first image).
         mirror: random horizontal flips of real images with mirrored camera labels.
+        gen_c_per_phase: the generator's cameras (a permutation of the batch's mirrored labels)
+            are drawn anew for each phase that runs the generator (``Gmain``, ``Greg``,
+            ``Dmain``), as EG3D draws ``gen_c`` for every phase; False (default, the earlier
+            training): one permutation shared by the phases of a step.
         background: ``"data"`` keeps real images; ``"white"`` composites them over white with
             their masks (pair with ``generator.render.white_back``; makes silhouettes measurable).
         measure_every: steps averaged per line of measurements in the log (silhouette IoU
@@ -128,5 +132,6 @@ class EG3DConfig:
     neural_rendering_resolution_fade_kimg: float = 1000.0
     neural_rendering_resolution_fade_start_kimg: float = 0.0
     mirror: bool = True
+    gen_c_per_phase: bool = False
     background: str = "data"
     measure_every: int = 50

@@ -144,7 +144,8 @@ _GPU_SHORT = {
         "discriminator": {"channel_base": 16384, "channel_max": 256},
         "r1_gamma": 1.0, "gpc_reg_fade_kimg": 20.0, "blur_init_sigma": 10 * 128 / 512,
         "blur_fade_kimg": 10.0,
-        "neural_rendering_resolution_initial": 64, "background": "white"},
+        "neural_rendering_resolution_initial": 64, "background": "white",
+        "gen_c_per_phase": True},
     "data": {"name": "synthetic", "resolution": 128},
     "train": {"steps": 6000, "batch_size": 16, "log_every": 50, "ckpt_every": 1000,
               "image_every": 1000, "precision": "fp32",
@@ -156,7 +157,8 @@ _FULL = {  # EG3D FFHQ 512: 25000 kimg at 64^2, then the 2000-kimg fine-tune fad
               "neural_rendering_resolution_initial": 64,
               "neural_rendering_resolution_final": 128,
               "neural_rendering_resolution_fade_kimg": 1000.0,
-              "neural_rendering_resolution_fade_start_kimg": 25000.0},
+              "neural_rendering_resolution_fade_start_kimg": 25000.0,
+              "gen_c_per_phase": True},
     "data": {"name": "eg3d", "resolution": 512},
     "train": {"steps": 843750, "batch_size": 32, "log_every": 100, "ckpt_every": 5000,
               "image_every": 5000,
@@ -327,6 +329,19 @@ class EG3D(TrainableModel):
         self._prepared = (step, source, out)
         return out
 
+    _GEN_C_PHASES = ("Greg", "Dmain")
+
+    def _gen_c(self, data: dict, phase: str, ctx: StepContext) -> torch.Tensor:
+        """``gen_c_per_phase``: the generator's cameras of ``phase``: ``Gmain`` keeps the step's
+        permutation of the batch's labels (``_prepare``), ``Greg`` and ``Dmain`` draw their own
+        (EG3D draws ``gen_c`` for every phase)."""
+        if phase not in self._GEN_C_PHASES:
+            return data["gen_c"]
+        cam = data["camera"]
+        k = self._GEN_C_PHASES.index(phase) + 1
+        g = torch.Generator().manual_seed((int(ctx.step) * 7919 + 17) * 4 + k)
+        return cam[torch.randperm(cam.shape[0], generator=g).to(cam.device)]
+
     def _c_cond(self, c: torch.Tensor, swapping_prob: float | None) -> torch.Tensor:
         if swapping_prob is None:
             return torch.zeros_like(c)
@@ -367,7 +382,7 @@ class EG3D(TrainableModel):
         self.G.rendering_resolution.fill_(res)
         sp = self.swapping_prob(nimg)
         sigma = self.blur_sigma(nimg, ctx.batch_size)
-        gen_c = data["gen_c"]
+        gen_c = self._gen_c(data, phase, ctx) if cfg.gen_c_per_phase else data["gen_c"]
         z = torch.randn(B, cfg.generator.z_dim, device=dev)
         self._set_trainable(phase)
         if phase == "Gmain":
