@@ -569,7 +569,7 @@ class MMFA(TrainableModel):
                            "lr_schedule": {"kind": "cosine", "warmup_steps": 20,
                                            "min_factor": 0.1}}},
         # spec (b): one H100/H200, about 8 minutes
-        "gpu-short": {"model": {"resolution": 256, "num_kp": 15, "lr": 4e-4,
+        "gpu-short": {"model": {"resolution": 256, "num_kp": 15, "lr": 4e-4, "lr_d": 4e-4,
                                 "source_blend": True, "w_exp_landmark": 10.0,
                                 **PAPER_TRAINING},
                       "data": {"resolution": 256},
