@@ -468,34 +468,38 @@ PRESET_ROWS = [
                       "data.options.synth.zoom": 0.2, "train.steps": 800,
                       "train.batch_size": 4, "model.lr": 1e-3,
                       "train.lr_schedule.kind": "cosine"}}),
-    ("mmfa", "| `gpu-short` | full networks, source blend, GAN + feature matching, lr 4e-4, the "
-             "paper's training options (`perceptual_outputs` all, `exp_consistency_warp` affine) "
+    ("mmfa", "| `gpu-short` | full networks, source blend, GAN + feature matching, lr 4e-4 for G "
+             "and D, the paper's training options (`perceptual_outputs` all, "
+             "`exp_consistency_warp` affine, `bn_batches` separate) "
              "| 256² | 2,500 steps, batch 16, bf16",
      {("mmfa", G): {"model.num_kp": 15, "model.source_blend": True, "model.w_gan": 1.0,
-                    "model.w_fm": 10.0, "model.lr": 4e-4, "data.resolution": 256,
+                    "model.w_fm": 10.0, "model.lr": 4e-4, "model.lr_d": 4e-4,
+                    "data.resolution": 256,
                     "train.steps": 2500, "train.batch_size": 16, "train.precision": "bf16",
-                    "model.perceptual_outputs": "all", "model.exp_consistency_warp": "affine"}}),
+                    "model.perceptual_outputs": "all", "model.exp_consistency_warp": "affine",
+                    "model.bn_batches": "separate"}}),
     ("mmfa", "| `full` | full networks, GAN + feature matching, the paper's training options (as "
              "`gpu-short`) | 256² | 100,000 steps, batch 16, lr 2e-4, ×0.1 at 60 % |",
      {("mmfa", F): {"model.num_kp": 15, "model.source_blend": False, "model.w_gan": 1.0,
                     "model.w_fm": 10.0, "data.resolution": 256, "train.steps": 100_000,
                     "train.batch_size": 16, "model.lr": 2e-4, "train.lr_schedule.kind": "step",
                     "train.lr_schedule.step_size": 60_000, "train.lr_schedule.gamma": 0.1,
-                    "model.perceptual_outputs": "all", "model.exp_consistency_warp": "affine"}}),
+                    "model.perceptual_outputs": "all", "model.exp_consistency_warp": "affine",
+                    "model.bn_batches": "separate", "model.lr_d": 2e-4}}),
     ("mmfa", "| `model.perceptual_outputs` | `final`: the VGG19 pyramid (1, ½, ¼, ⅛) on the final "
              "output only |",
      {("mmfa", T): {"model.perceptual_outputs": "final", "model.exp_consistency_warp":
-                    "affine_tps"},
+                    "affine_tps", "model.bn_batches": "joint"},
       ("mmfa", None): {"model.perceptual_outputs": "final", "model.exp_consistency_warp":
-                       "affine_tps"}}),
-    ("mmfa", "`gpu-short` raises only G's lr (4e-4); D keeps `lr_d` 2e-4. No weight decay, no "
-             "gradient clipping (`train.grad_clip` unset) and no EMA of the weights, in every "
-             "preset.",
-     {("mmfa", p): {"model.lr_d": 2e-4, "train.grad_clip": None, "train.ema.modules": []}
-      for p in (T, G, F)}),
+                       "affine_tps", "model.bn_batches": "joint"}}),
+    ("mmfa", "`gpu-short` raises both to 4e-4 (`lr`, `lr_d`): G and D share one lr",
+     {("mmfa", G): {"model.lr": 4e-4, "model.lr_d": 4e-4}}),
+    ("mmfa", "No weight decay, no gradient clipping (`train.grad_clip` unset) and no EMA of the "
+             "weights, in every preset.",
+     {("mmfa", p): {"train.grad_clip": None, "train.ema.modules": []} for p in (T, G, F)}),
     ("mmfa", "Optimisers: Adam, betas (0.5, 0.999), lr 2e-4 for G and D (`tiny`: 1e-3). `full` "
              "uses step decay ×0.1 at 60 %; `tiny` and `gpu-short` use cosine decay with warm-up.",
-     {("mmfa", p): {"model.betas": [0.5, 0.999], "model.lr_d": 2e-4} for p in (T, G, F)}
+     {("mmfa", p): {"model.betas": [0.5, 0.999], "model.lr_d": 2e-4} for p in (T, F)}
      | {("mmfa", p): {"train.lr_schedule.kind": "cosine"} for p in (T, G)}),
 ]
 

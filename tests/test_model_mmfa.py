@@ -828,7 +828,8 @@ def test_gan_and_feature_matching_are_summed_over_scales_and_layers(tmp_path, da
 # ------------------------------------------------------------------------------------------
 
 #: pyface's earlier training, the options' defaults (kept by tiny and runs saved without them)
-EARLIER = {"perceptual_outputs": "final", "exp_consistency_warp": "affine_tps"}
+EARLIER = {"perceptual_outputs": "final", "exp_consistency_warp": "affine_tps",
+           "bn_batches": "joint"}
 
 
 def test_training_options_default_to_the_earlier_training(tmp_path, micro_run, data_root):
@@ -880,6 +881,9 @@ def test_training_options_default_to_the_earlier_training(tmp_path, micro_run, d
         micro_model(perceptual_outputs="coarse")
     with pytest.raises(ValueError, match="model.exp_consistency_warp: expected one of"):
         micro_model(exp_consistency_warp="tps")
+    with pytest.raises(ValueError, match="model.bn_batches: expected one of "
+                                         r"\['joint', 'separate'\], got 'per_image'"):
+        micro_model(bn_batches="per_image")
 
 
 def test_perceptual_outputs_all_takes_the_vgg_pyramid_on_every_output(data_root):
@@ -964,3 +968,77 @@ def test_exp_consistency_warp_affine_drops_the_tps_part(data_root):
         cos[mode] = float(logs["exp_cos"])
     assert not torch.allclose(affine.warp_image(drv), t.warp_image(drv), atol=1e-2)
     assert cos["affine"] != pytest.approx(cos["affine_tps"], abs=1e-6)
+
+
+def test_bn_batches_separate_normalises_each_image_set_by_itself(data_root):
+    """"joint": the keypoint detector and the pose and expression encoders run once over the 3B
+    source, driving and warped driving images, so their BatchNorm layers see batches of 3B and
+    update their running statistics once; "separate": one pass per image set, batches of B and
+    three updates, the same as running each network on the three sets in turn. In eval mode
+    both give the same step."""
+    import copy
+
+    from pyface.data.datasets import PairDataset
+    from pyface.models.mmfa.model import images_of
+    from pyface.nn.augment import AffineTPS
+
+    ds = PairDataset(data_root, resolution=RES)
+    batch = torch.utils.data.default_collate([ds[0], ds[1]])
+    src = images_of(batch["source"], "source", RES)
+    drv = images_of(batch["driving"], "driving", RES)
+    B = src.shape[0]
+    g = torch.Generator().manual_seed(3)
+    theta = torch.eye(2, 3).expand(B, 2, 3) + 0.05 * torch.randn(B, 2, 3, generator=g)
+    t = AffineTPS(theta, torch.cartesian_prod(torch.linspace(-1, 1, 5),
+                                              torch.linspace(-1, 1, 5)),
+                  0.05 * torch.randn(B, 25, 2, generator=g))
+    sets = [src, drv, t.warp_image(drv)]
+    nets = ("kp_detector", "pose_encoder", "exp_encoder")
+
+    def model(mode):
+        torch.manual_seed(1)
+        m = micro_model(bn_batches=mode, w_gan=0.0, w_fm=0.0)
+        m.augment.sample = lambda *a, **k: t
+        return m
+
+    def buffers(module):
+        return {k: v.clone() for k, v in module.named_buffers()
+                if "running" in k or "num_batches" in k}
+
+    stats, logs = {}, {}
+    for mode in ("joint", "separate"):
+        m = model(mode)
+        # what each network's BatchNorm layers would hold after the step's passes
+        want = {}
+        for name in nets:
+            ref = copy.deepcopy(getattr(m, name)).train()
+            with torch.no_grad():
+                for x in (sets if mode == "separate" else [torch.cat(sets)]):
+                    ref(x)
+            want[name] = buffers(ref)
+        seen = []
+        hooks = [mod.register_forward_pre_hook(lambda _m, a: seen.append(a[0].shape[0]))
+                 for name in nets for mod in getattr(m, name).modules()
+                 if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)]
+        logs[mode] = m.step("G", batch, None)
+        for h in hooks:
+            h.remove()
+        assert seen and set(seen) == {B if mode == "separate" else 3 * B}, mode
+        stats[mode] = {name: buffers(getattr(m, name)) for name in nets}
+        for name in nets:
+            assert stats[mode][name].keys() == want[name].keys() and want[name], name
+            for k, v in want[name].items():
+                torch.testing.assert_close(stats[mode][name][k], v, msg=f"{mode} {name}.{k}")
+    for name in nets:
+        assert any(not torch.allclose(stats["joint"][name][k], stats["separate"][name][k])
+                   for k in stats["joint"][name] if "mean" in k), name
+    assert all(int(v) == (3 if mode == "separate" else 1)
+               for mode in stats for name in nets
+               for k, v in stats[mode][name].items() if "num_batches" in k)
+    assert float(logs["joint"]["loss"].detach()) != pytest.approx(
+        float(logs["separate"]["loss"].detach()), rel=1e-6)
+    # eval mode: the running statistics normalise every pass, the two are the same step
+    ev = {mode: model(mode).eval().step("G", batch, None) for mode in ("joint", "separate")}
+    assert ev["joint"].keys() == ev["separate"].keys()
+    for k in ev["joint"]:
+        torch.testing.assert_close(ev["separate"][k], ev["joint"][k], msg=k)

@@ -119,7 +119,11 @@ class MMFAConfig:
     resized to it. ``exp_consistency_warp`` the warp of the expression consistency:
     ``"affine_tps"`` the equivariance term's affine + TPS warp; ``"affine"`` (the paper's affine
     augmentation) the same warp's affine part alone, on which the expression encoder runs once
-    more.
+    more. ``bn_batches`` how a training step batches the keypoint detector and the pose and
+    expression encoders over the source, driving and warped driving frames, hence what their
+    BatchNorm layers normalise by and add to their running statistics: ``"joint"`` one pass over
+    the 3B images together; ``"separate"`` (face-vid2vid's code, one forward pass per image set)
+    one pass per set of B. In eval mode the two are the same network.
     """
 
     resolution: int = 256
@@ -198,6 +202,7 @@ class MMFAConfig:
     # docstring and TRAINING_CHOICES; full and gpu-short set PAPER_TRAINING)
     perceptual_outputs: str = "final"
     exp_consistency_warp: str = "affine_tps"
+    bn_batches: str = "joint"
     # optimisation
     lr: float = 2e-4
     lr_d: float = 2e-4
@@ -206,9 +211,12 @@ class MMFAConfig:
 
 #: the values of the training-difference options (:class:`MMFAConfig`); the first is the default
 TRAINING_CHOICES = {"perceptual_outputs": ("final", "all"),
-                    "exp_consistency_warp": ("affine_tps", "affine")}
-#: the paper's training, set by the full and gpu-short presets (the defaults differ in each)
-PAPER_TRAINING = {"perceptual_outputs": "all", "exp_consistency_warp": "affine"}
+                    "exp_consistency_warp": ("affine_tps", "affine"),
+                    "bn_batches": ("joint", "separate")}
+#: the paper's training (``bn_batches``: face-vid2vid's code, which the paper builds on), set by
+#: the full and gpu-short presets (the defaults differ in each)
+PAPER_TRAINING = {"perceptual_outputs": "all", "exp_consistency_warp": "affine",
+                  "bn_batches": "separate"}
 #: the VGG19 pyramid of the perceptual term at the finest output (one scale fewer per coarser
 #: output with ``perceptual_outputs="all"``)
 PERCEPTUAL_SCALES = (1.0, 0.5, 0.25, 0.125)
@@ -569,7 +577,7 @@ class MMFA(TrainableModel):
                            "lr_schedule": {"kind": "cosine", "warmup_steps": 20,
                                            "min_factor": 0.1}}},
         # spec (b): one H100/H200, about 8 minutes
-        "gpu-short": {"model": {"resolution": 256, "num_kp": 15, "lr": 4e-4,
+        "gpu-short": {"model": {"resolution": 256, "num_kp": 15, "lr": 4e-4, "lr_d": 4e-4,
                                 "source_blend": True, "w_exp_landmark": 10.0,
                                 **PAPER_TRAINING},
                       "data": {"resolution": 256},
@@ -825,11 +833,18 @@ class MMFA(TrainableModel):
         if need_aug:
             t = self.augment.sample(B, device=drv.device, dtype=drv.dtype)
             images.append(t.warp_image(drv))
-        # one pass of the keypoint detector and the encoders over source, driving (and the
-        # augmented driving frame)
-        images = torch.cat(images)
-        kc_all = self.kp_detector(images)["value"]
-        mo = self.motion_of(images)
+        if c.bn_batches == "separate":
+            # one pass of the keypoint detector and the encoders per image set (face-vid2vid's
+            # forward passes): BatchNorm normalises each set of B by its own statistics
+            outs = [(self.kp_detector(x)["value"], self.motion_of(x)) for x in images]
+            kc_all = torch.cat([kc for kc, _ in outs])
+            mo = {k: torch.cat([m[k] for _, m in outs]) for k in outs[0][1]}
+        else:
+            # one pass of the keypoint detector and the encoders over source, driving (and the
+            # augmented driving frame) together
+            images = torch.cat(images)
+            kc_all = self.kp_detector(images)["value"]
+            mo = self.motion_of(images)
         kc, kc_d = kc_all[:B], kc_all[B:2 * B]
         f = mo["f_exp"]
         rows = [f[:2 * B]]
