@@ -567,6 +567,26 @@ def network_key(metric: str) -> str:
     return {"kid": "fid", "aed_id": "csim"}.get(metric, metric)
 
 
+#: what :func:`describe_networks` calls the FID Inception (one network, one weight file).
+FID_NETWORK = "inception-v3 pool3 (pytorch-fid pt_inception-2015-12-05)"
+
+
+def describe_networks(networks: dict | None) -> dict[str, str]:
+    """Which networks a report's weight-dependent metrics used, by ``networks`` key: ``lpips``
+    its backbone (``"alex"``, ``"vgg"`` or ``"squeeze"``: LPIPS values of different backbones do
+    not compare), ``csim`` the ArcFace depth (``"r18"`` ... ``"r100"``, also aed_id's), ``fid``
+    :data:`FID_NETWORK` (also kid's). ``{}`` without networks."""
+    out = {}
+    for key, net in sorted((networks or {}).items()):
+        if key == "lpips":
+            out[key] = str(getattr(net, "net_name", "unknown"))
+        elif key == "csim":
+            out[key] = str(getattr(net, "arch", "unknown"))
+        elif key == "fid":
+            out[key] = FID_NETWORK
+    return out
+
+
 #: Metrics that cannot run without a landmark detector.
 DETECTOR_METRICS = ("akd", "aed", "apd")
 #: Protocols of :func:`evaluate`: ``real`` = the same-identity pairs of real clips (no exact
