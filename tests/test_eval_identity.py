@@ -137,3 +137,48 @@ def test_csim_errors(tmp_path):
         pid.CSIM(os.path.join(tmp_path, "none.pth"))
     with pytest.raises(ValueError, match="not an arcface_torch IResNet"):
         pid.CSIM({"layer1.0.bn1.weight": torch.zeros(1)})
+
+
+def test_pixel_centres_turn_corner_landmarks_into_the_template_convention():
+    # pyface's landmarks put the image corner at 0 (pixel i covers [i, i + 1)); the template and
+    # the warp put pixel i's centre at i: a 112 px image whose corner-convention landmarks are
+    # the template's points + 0.5 is its own crop only after pixel_centres
+    img = torch.rand(1, 3, 112, 112, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    corner = (pid.ARCFACE_TEMPLATE + 0.5)[None]
+    torch.testing.assert_close(pid.pixel_centres(corner), pid.ARCFACE_TEMPLATE[None])
+    torch.testing.assert_close(pid.align_faces(img, pid.pixel_centres(corner)), img,
+                               rtol=0, atol=1e-4)
+    assert (pid.align_faces(img, corner) - img).abs().max() > 0.05   # half a pixel off
+
+
+def test_evaluator_aligns_csim_and_aed_id_in_pixel_centres():
+    """The evaluator's csim and aed_id give the ArcFace the data's landmarks (corner at 0),
+    scaled to the prediction, in pixel-centre coordinates: minus half a pixel."""
+    from pyface.eval import evaluate as E
+
+    class Recorder:
+        def __init__(self):
+            self.landmarks = []
+
+        def __call__(self, source, source_lm, output, output_lm):
+            self.landmarks += [source_lm, output_lm]
+            return torch.ones(source.shape[0])
+
+        def embed(self, images, lm):
+            self.landmarks.append(lm)
+            return torch.nn.functional.normalize(torch.ones(images.shape[0], 4), dim=1)
+
+    g = torch.Generator().manual_seed(0)
+    src_lm, tgt_lm = torch.rand(2, 68, 2, generator=g) * 60, torch.rand(2, 68, 2, generator=g) * 60
+    batch = {"source": {"image": torch.zeros(2, 3, 64, 64, dtype=torch.uint8),
+                        "landmarks": src_lm},
+             "target": {"image": torch.zeros(2, 3, 64, 64, dtype=torch.uint8),
+                        "landmarks": tgt_lm}}
+    p = torch.rand(2, 3, 32, 32, generator=g)        # predictions at half the data's size
+    scale = torch.tensor([0.5, 0.5])
+    rec = Recorder()
+    E._csim(rec, batch, p, (32, 32), scale, "cpu")
+    E._aed_id(rec, batch, p, p, scale, "cpu")
+    want_s, want_t = src_lm.double() * 0.5 - 0.5, tgt_lm.double() * 0.5 - 0.5
+    for got, want in zip(rec.landmarks, [want_s, want_t, want_t, want_t]):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-12)

@@ -299,8 +299,9 @@ def test_aed_id(root, tmp_path):
     res = evaluate(CopySource(RES), root, metrics=["aed_id"], weights={"csim": path})
     got = res.values["aed_id"]["image"]
     # known answer: the distance of the unit embeddings of source and target, both aligned with
-    # the target's landmarks (the source is every copy-source output)
+    # the target's landmarks in pixel-centre coordinates (the source is every copy-source output)
     from pyface.data.reenactment import reenactment_pairs
+    from pyface.eval.identity import pixel_centres
     ds = reenactment_pairs(root)
     net = CSIM(path)
     want = []
@@ -309,7 +310,7 @@ def test_aed_id(root, tmp_path):
         it = ds[i]
         s = it["source"]["image"][None].float() / 127.5 - 1
         t = it["target"]["image"][None].float() / 127.5 - 1
-        lm = it["target"]["landmarks"][None].double()
+        lm = pixel_centres(it["target"]["landmarks"][None].double())
         e1, e2 = net.embed(s, lm), net.embed(t, lm)
         want.append(math.sqrt(max(0.0, 2 - 2 * float((e1 * e2).sum()))))
     np.testing.assert_allclose(got[check], want, rtol=0, atol=2e-3)

@@ -101,6 +101,15 @@ def test_cli_with_weights(root, weights, tmp_path, capsys):
     assert 0 < s["lpips"]["image"] and 0 < s["csim"]["image"] <= 1 + 1e-6
     assert s["fid"]["image"] > 0 and np.isfinite(s["kid"]["image"])
     assert rep["metrics"] == ["psnr", "lpips", "csim", "fid", "kid"]
+    # which networks measured them (LPIPS of another backbone, or another ArcFace, differs)
+    from pyface.eval.evaluate import FID_NETWORK
+    assert rep["metric_networks"] == {"lpips": "alex", "csim": "r18", "fid": FID_NETWORK}
+    out2 = tmp_path / "plain.json"
+    assert main(["eval", "copy-source", "--data", root, "--protocol", "same", "--resolution",
+                 "32", "--metrics", "psnr", "--quiet", "--json", str(out2),
+                 "--max-pairs", "2"]) == 0
+    capsys.readouterr()
+    assert json.loads(out2.read_text())["metric_networks"] == {}
 
 
 def test_runs_table(root, tmp_path, capsys):

@@ -512,7 +512,7 @@ def evaluate_report(name: str, pipeline, args, *, metrics, networks, checkpoint=
     import datetime
     import os
 
-    from pyface.eval.evaluate import evaluate
+    from pyface.eval.evaluate import describe_networks, evaluate
 
     protocols = protocols_of(args.protocol, args.data)
     main = group is None or group.is_main
@@ -543,7 +543,8 @@ def evaluate_report(name: str, pipeline, args, *, metrics, networks, checkpoint=
               "seed": args.seed, "world_size": 1 if group is None else group.world,
               "compile": getattr(pipeline, "compile_mode", "off"),
               "compiled_modules": list(getattr(pipeline, "compiled_modules", ())),
-              "metrics": metrics, "moving": _moving_thresholds(args.data),
+              "metrics": metrics, "metric_networks": describe_networks(networks),
+              "moving": _moving_thresholds(args.data),
               "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "versions": versions(), "protocols": {}}
     sheets = []

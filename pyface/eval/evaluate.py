@@ -567,6 +567,26 @@ def network_key(metric: str) -> str:
     return {"kid": "fid", "aed_id": "csim"}.get(metric, metric)
 
 
+#: what :func:`describe_networks` calls the FID Inception (one network, one weight file).
+FID_NETWORK = "inception-v3 pool3 (pytorch-fid pt_inception-2015-12-05)"
+
+
+def describe_networks(networks: dict | None) -> dict[str, str]:
+    """Which networks a report's weight-dependent metrics used, by ``networks`` key: ``lpips``
+    its backbone (``"alex"``, ``"vgg"`` or ``"squeeze"``: LPIPS values of different backbones do
+    not compare), ``csim`` the ArcFace depth (``"r18"`` ... ``"r100"``, also aed_id's), ``fid``
+    :data:`FID_NETWORK` (also kid's). ``{}`` without networks."""
+    out = {}
+    for key, net in sorted((networks or {}).items()):
+        if key == "lpips":
+            out[key] = str(getattr(net, "net_name", "unknown"))
+        elif key == "csim":
+            out[key] = str(getattr(net, "arch", "unknown"))
+        elif key == "fid":
+            out[key] = FID_NETWORK
+    return out
+
+
 #: Metrics that cannot run without a landmark detector.
 DETECTOR_METRICS = ("akd", "aed", "apd")
 #: Protocols of :func:`evaluate`: ``real`` = the same-identity pairs of real clips (no exact
@@ -905,15 +925,18 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
 def _csim(net, batch, p: torch.Tensor, size, scale: torch.Tensor, device) -> np.ndarray:
     """CSIM of one chunk: the source frame against each prediction ``p (n, 3, h, w)`` in
     [0, 1], aligned with the source's landmarks and the *target* frame's ground-truth landmarks
-    (the frame the prediction should reproduce), both scaled to the prediction's size."""
+    (the frame the prediction should reproduce), both scaled to the prediction's size and
+    moved to the pixel-centre coordinates of the ArcFace alignment."""
     src, tgt = batch["source"], batch["target"]
     if src.get("landmarks") is None or tgt.get("landmarks") is None:
         raise ValueError("data: metric 'csim' needs 'landmarks' on the source and target frames "
                          "(landmarks.npy) to align the faces; this data has none")
     n = p.shape[0]
     s_img = _resize(M.prepare_data(src["image"]), size)
-    s_lm = src["landmarks"].double() * scale.double()
-    t_lm = tgt["landmarks"].double() * scale.double()
+    from pyface.eval.identity import pixel_centres
+
+    s_lm = pixel_centres(src["landmarks"].double() * scale.double())
+    t_lm = pixel_centres(tgt["landmarks"].double() * scale.double())
     with torch.no_grad():
         v = net((s_img * 2 - 1).float().to(device), s_lm[:n].to(device),
                 (p * 2 - 1).float().to(device), t_lm[:n].to(device))
@@ -924,14 +947,16 @@ def _aed_id(net, batch, p: torch.Tensor, t: torch.Tensor, scale: torch.Tensor,
             device) -> np.ndarray:
     """aed_id of one chunk (:func:`pyface.eval.motion.identity_distance`): the prediction
     ``p (n, 3, h, w)`` and the target ``t (n, 3, h, w)`` (both in [0, 1], the prediction's size),
-    both aligned with the target frame's stored landmarks, embedded by the ArcFace of csim."""
+    both aligned with the target frame's stored landmarks (in pixel-centre coordinates, as for
+    csim), embedded by the ArcFace of csim."""
+    from pyface.eval.identity import pixel_centres
     from pyface.eval.motion import identity_distance
 
     lm = batch["target"].get("landmarks")
     if lm is None:
         raise ValueError("data: metric 'aed_id' needs the target frames' 'landmarks' "
                          "(landmarks.npy) to align the faces; this data has none")
-    lm = (lm.double() * scale.double()).to(device)
+    lm = pixel_centres(lm.double() * scale.double()).to(device)
     with torch.no_grad():
         e_p = net.embed((p * 2 - 1).float().to(device), lm)
         e_t = net.embed((t * 2 - 1).float().to(device), lm)

@@ -11,7 +11,9 @@ Protocol:
    0-based), the nose tip (30) and the mouth corners (48, 54); 5-point input is used as is;
 2. the least-squares similarity (rotation, uniform scale, translation; Umeyama) maps them onto
    insightface's 112x112 ArcFace template, and the image is warped with it (bilinear, pixel
-   centres at integer coordinates, black outside the image, as ``cv2.warpAffine``);
+   centres at integer coordinates, black outside the image, as ``cv2.warpAffine``); the
+   landmarks are in those pixel-centre coordinates (the evaluator moves pyface's landmarks,
+   corner at 0, there with :func:`pixel_centres`);
 3. the IResNet (``pyface.nn.arcface``) embeds both crops in [-1, 1]; CSIM is the cosine of the
    two embeddings, one value per pair (higher is better; the same image gives 1).
 
@@ -33,7 +35,15 @@ from pyface.nn._pretrained import load_into, read_state
 from pyface.nn.arcface import IRESNET_LAYERS, IResNet
 
 __all__ = ["ARCFACE_SIZE", "ARCFACE_TEMPLATE", "five_points", "umeyama_similarity", "warp_affine",
-           "align_faces", "detect_arch", "CSIM"]
+           "pixel_centres", "align_faces", "detect_arch", "CSIM"]
+
+
+def pixel_centres(landmarks: torch.Tensor) -> torch.Tensor:
+    """pyface's landmarks (image corner at 0: pixel i covers [i, i + 1), the convention of
+    pyface's data and detectors) -> the pixel-centre coordinates of :func:`align_faces`,
+    insightface's template and ``cv2.warpAffine`` (pixel i's centre at i): ``landmarks - 0.5``."""
+    return landmarks - 0.5
+
 
 def warp_affine(images: torch.Tensor, matrix: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """images: (B, C, H, W); matrix: (B, 2, 3) mapping input pixels to output pixels ->
@@ -57,7 +67,9 @@ def warp_affine(images: torch.Tensor, matrix: torch.Tensor, size: tuple[int, int
 
 def align_faces(images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
     """images: (B, 3, H, W) in [-1, 1]; landmarks: (B, 68, 2) or (B, 5, 2) pixels of ``images``
-    -> ArcFace crops (B, 3, 112, 112) in [-1, 1] (black, -1, outside the image)."""
+    in pixel-centre coordinates (pixel i's centre at i, as the template; pyface's landmarks
+    through :func:`pixel_centres`) -> ArcFace crops (B, 3, 112, 112) in [-1, 1] (black, -1,
+    outside the image)."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images: expected shape (B, 3, H, W), got {tuple(images.shape)}")
     pts = five_points(landmarks)
@@ -81,8 +93,9 @@ def detect_arch(state: Mapping[str, torch.Tensor]) -> str:
 
 
 class CSIM(nn.Module):
-    """source, output: (B, 3, H, W) in [-1, 1] with landmarks (B, 68 or 5, 2) in their pixels
-    -> (B,) cosine similarity of the ArcFace embeddings of the aligned crops.
+    """source, output: (B, 3, H, W) in [-1, 1] with landmarks (B, 68 or 5, 2) in their pixels,
+    pixel-centre coordinates (:func:`align_faces`) -> (B,) cosine similarity of the ArcFace
+    embeddings of the aligned crops.
 
     ``weights``: path or state dict of an arcface_torch ``backbone.pth``."""
 

@@ -2,7 +2,8 @@
 aed_id (identity-feature distance), each with its exact protocol (docs/eval.md).
 
 * **akd**: :func:`akd`, the mean over the 68 points of the Euclidean distance between two
-  landmark sets, in pixels at the evaluation resolution.
+  landmark sets, in pixels at the evaluation resolution (FOMM's evaluation script averages the
+  absolute x and y differences instead: about 2/pi of this for isotropic errors; docs/eval.md).
 * **aed** / **apd**: :func:`aed`, :func:`apd`: L1 distances of 3DMM coefficients (Deep3DFaceRecon
   layout, :mod:`pyface.face.coeffs`): aed the mean over the 64 expression coefficients
   (``coeffs[80:144]``) of ``|a - b|``, apd the mean over the 3 Euler angles (``coeffs[224:227]``,
@@ -14,7 +15,9 @@ aed_id (identity-feature distance), each with its exact protocol (docs/eval.md).
   values are close in meaning but not equal to the papers'.
 * **aed_id**: :func:`identity_distance`, the Euclidean distance between the unit ArcFace
   embeddings of the output and the ground truth (FOMM's "AED", used by MMFA, with ArcFace in
-  place of OpenFace): ``sqrt(2 - 2 cos)``. Not Export3D's expression AED (that is ``aed``).
+  place of OpenFace): ``sqrt(2 - 2 cos)``. FOMM's evaluation script computes the mean absolute
+  element difference of the OpenFace vectors instead, so the scales differ from the papers'.
+  Not Export3D's expression AED (that is ``aed``).
 """
 from __future__ import annotations
 
