@@ -1123,3 +1123,104 @@ def test_tar_lift_expression_driving_lifts_the_driving_expression_planes(monkeyp
         raws[which] = s2._fake_real(batch, 1, "tar", vgg=False)[2][1]
         torch.testing.assert_close(seen[0], want[which])
     assert not torch.allclose(raws["source"], raws["driving"])
+
+
+# ------------------------------------------------ inference differences from GOHA's scripts
+def test_infer_lift_expression_driving_lifts_each_driving_frames_expression(monkeypatch):
+    """model.infer_lift_expression: "source" (default), inference lifts the canonical + the
+    source's expression planes once per source; "driving" (GOHA's demo / test scripts), the
+    appearance planes are lifted for every driving frame from the canonical + that frame's
+    expression planes: in forward and in the pipeline, whose frames then equal forward's."""
+    torch.manual_seed(0)
+    m = GOHA(tiny_config(tv_weight=0))
+    assert GOHAConfig().infer_lift_expression == "source"
+    batch = _pairs_batch()
+    for f in batch.values():
+        f.pop("mask")
+    seen = []
+    orig = GOHA.encode_appearance
+
+    def record(self, image, region_mask, base_planes, camera, canonical_regions):
+        seen.append(base_planes.detach())
+        return orig(self, image, region_mask, base_planes, camera, canonical_regions)
+
+    monkeypatch.setattr(GOHA, "encode_appearance", record)
+    src = m.prepare_frame(batch["source"], "source")
+    drv = m.prepare_frame(batch["driving"], "driving")
+    with torch.no_grad():
+        cano = m.encode_canonical(src["image"], m._source_mask(src))
+        want = {"source": cano + m.encode_expression(m._pseudo(src, src)),
+                "driving": cano + m.encode_expression(m._pseudo(src, drv))}
+    assert not torch.allclose(want["source"], want["driving"])
+    fw = {}
+    for which in ("source", "driving"):
+        m.cfg.infer_lift_expression = which
+        seen.clear()
+        torch.manual_seed(2)
+        with torch.no_grad():
+            fw[which] = m(batch["source"], batch["driving"])
+        assert len(seen) == 1
+        torch.testing.assert_close(seen[0], want[which])
+    assert not torch.allclose(fw["source"], fw["driving"])
+    # the pipeline: one source, two driving frames, each lifted with its own expression
+    pipe = GOHA.Pipeline(m, device="cpu")
+    one = {k: v[:1] for k, v in batch["source"].items()}
+    st = pipe.encode_source({"image": one["image"][0].float() / 127.5 - 1,
+                             "camera": one["camera"][0], "coeffs": one["coeffs"][0]})
+    assert st["appearance"] is None and st["lift_image"].shape == (1, 3, 64, 64)
+    d = batch["driving"]
+    mo = pipe.encode_driving({"camera": d["camera"], "coeffs": d["coeffs"]})
+    seen.clear()
+    torch.manual_seed(3)
+    frames = pipe.generate(st, mo, composite=False)
+    assert len(seen) == 1 and seen[0].shape[0] == 2
+    lifted = seen[0]
+    assert not torch.allclose(lifted[0], lifted[1])        # each frame's own expression
+    both = {k: v.expand(2, *v.shape[1:]) for k, v in one.items()}
+    torch.manual_seed(3)
+    with torch.no_grad():
+        ref = m(both, d).clamp(-1, 1)
+    torch.testing.assert_close(frames, ref, atol=1e-5, rtol=1e-5)
+    # without the expression plane in the sum the lift still uses the driving expression
+    seen.clear()
+    torch.manual_seed(3)
+    pipe.generate(st, mo, expression=False, composite=False)
+    torch.testing.assert_close(seen[0], lifted)
+    m.cfg.infer_lift_expression = "source"
+    st = pipe.encode_source({"image": one["image"][0].float() / 127.5 - 1,
+                             "camera": one["camera"][0], "coeffs": one["coeffs"][0]})
+    assert st["appearance"] is not None and "lift_image" not in st
+
+
+def test_infer_lift_expression_defaults_presets_saved_configs_and_resume(tmp_path, tiny_run,
+                                                                        data_root):
+    """The default (tiny, the recipe, a saved config without the key) is the earlier
+    inference, "source"; full and gpu-short set GOHA's "driving" in every stage; a bad value
+    names the key; a run resumed with the key changed is refused naming it."""
+    from pyface.checkpoint import CheckpointError
+    from pyface.models.goha import GOHAGAN, GOHASR
+    from pyface.models.goha.config import GOHA_INFERENCE
+    from pyface.train.model import config_from_dict
+
+    assert GOHA_INFERENCE == {"infer_lift_expression": "driving"}
+    for cls, name in ((GOHA, "goha_s1"), (GOHAGAN, "goha_s1_gan"), (GOHASR, "goha")):
+        def cfg_of(preset):
+            return build_experiment(name, cls.Config, defaults=cls.recipe, presets=cls.presets,
+                                    preset=preset).model_config
+        assert cfg_of("tiny").infer_lift_expression == "source", name
+        assert cfg_of(None).infer_lift_expression == "source", name
+        for preset in ("full", "gpu-short"):
+            assert cfg_of(preset).infer_lift_expression == "driving", (name, preset)
+    saved = {k: v for k, v in vars(tiny_config()).items() if k != "infer_lift_expression"}
+    assert config_from_dict(GOHAConfig, saved).infer_lift_expression == "source"
+    with pytest.raises(ValueError, match="model.infer_lift_expression: expected one of "
+                                         r"\['source', 'driving'\], got 'target'"):
+        GOHAConfig(infer_lift_expression="target")
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_run, old)
+    with pytest.raises(CheckpointError, match=r"model\.infer_lift_expression: checkpoint "
+                                              r"'?source'? vs run '?driving'?"):
+        Trainer(experiment(old, data_root, "train.steps=3",
+                           "model.infer_lift_expression=driving")).resume("auto")

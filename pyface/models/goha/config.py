@@ -24,6 +24,13 @@ TRAINING_CHOICES = {"cano_terms": ("sum", "mean"), "gan_in_coarse": (True, False
 GOHA_TRAINING = {"cano_terms": "mean", "neutral_weight": 3.0, "gan_in_coarse": False,
                  "d_fakes": "tar", "sr_raw_terms": True, "r1_inputs": "input",
                  "s2_disc_init": "gfpgan", "lift_grad": True, "tar_lift_expression": "driving"}
+#: the values of the inference-difference options (:class:`GOHAConfig`)
+INFERENCE_CHOICES = {"infer_lift_expression": ("source", "driving")}
+#: GOHA's inference (its demo.py / test_celeba_cross.py run the model's forward per driving
+#: frame), set by the full and gpu-short presets of every stage and by ``pyface convert goha``;
+#: the config default (pyface's earlier inference) is kept by tiny and by saved configs without
+#: the key
+GOHA_INFERENCE = {"infer_lift_expression": "driving"}
 
 
 @dataclass
@@ -155,7 +162,13 @@ class GOHAConfig:
     tar_lift_expression: str = "source"  # training mode tar with the appearance plane: the lift
     # renders canonical + the source's expression planes, as inference (the avatar encoded once
     # per source); "driving" (GOHA): canonical + the driving expression's planes. Inference
-    # (encode_source, forward, the pipeline) always lifts the source's expression
+    # (encode_source, forward, the pipeline) follows infer_lift_expression
+    # --- inference differences from GOHA's scripts (docs/models/goha.md, "Inference options")
+    infer_lift_expression: str = "source"  # inference (GOHA.forward, the pipeline): "source"
+    # lifts the canonical + the source's expression planes once per source (the avatar,
+    # reused for every driving frame); "driving" (GOHA's demo / test scripts): the appearance
+    # planes are lifted again for every driving frame from the canonical + that frame's
+    # expression planes (one lift render and one appearance encoding per frame)
 
     def __post_init__(self):
         if self.resolution % 4 or self.resolution < 16:
@@ -180,7 +193,7 @@ class GOHAConfig:
         if self.render_recompute not in (True, False, "decoder"):
             raise ValueError(f"model.render_recompute: expected true, false or 'decoder', got "
                              f"{self.render_recompute!r}")
-        for k, allowed in TRAINING_CHOICES.items():
+        for k, allowed in {**TRAINING_CHOICES, **INFERENCE_CHOICES}.items():
             if getattr(self, k) not in allowed:
                 raise ValueError(f"model.{k}: expected one of {list(allowed)}, got "
                                  f"{getattr(self, k)!r}")

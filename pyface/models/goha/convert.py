@@ -30,13 +30,16 @@ accepted too. Model keys (GOHA full size; pyface name on the right)::
 
 Keys without a pyface counterpart (:data:`DROPPED`) are listed in the folder's meta and in a
 note. The released ``IDUpsampler`` uses the xy up-branch for all three planes, so the folder's
-config sets ``share_upsampler_weights=True``.
+config sets ``share_upsampler_weights=True``. GOHA's inference lifts the appearance planes
+from the canonical + the driving frame's expression planes for every frame, so the config sets
+``infer_lift_expression="driving"`` (:data:`~pyface.models.goha.config.GOHA_INFERENCE`).
 """
 from __future__ import annotations
 
 import torch
 
 from pyface.checkpoint import CheckpointError, check_state_dict
+from pyface.models.goha.config import GOHA_INFERENCE
 
 __all__ = ["DROPPED", "GOHAConversionError", "PREFIXES", "release_config", "release_entries",
            "release_to_pyface"]
@@ -151,6 +154,7 @@ def release_config(model: dict, disc: dict | None, where: str, *,
            "plane_channels": int(dec0.shape[1]), "embed_width": int(emb.shape[0]),
            "decoder_hidden": int(dec0.shape[0]), "decoder_features": int(dec2.shape[0]) - 1,
            "share_upsampler_weights": True, "render_resolution": int(render_resolution),
+           **GOHA_INFERENCE,
            "sr_narrow": float(sr.narrow), "sr_style_features": int(sr.num_style_feat)}
     if disc:
         d = gfpgan_discriminator_config_from_state(disc, f"{where} (discriminator_dict)")

@@ -20,6 +20,10 @@ A = R/4, L = ``lift_resolution``, r = ``render_resolution``):
   IDUpsampler -> (B, 3, C, P, P)``;
 * the summed planes are rendered at the driving camera: ``(B, 3, r, r)`` in [-1, 1].
 
+Inference (``forward``, the pipeline) lifts the canonical + the source's expression planes once
+per source, or with ``model.infer_lift_expression="driving"`` (GOHA's inference) the canonical
++ each driving frame's expression planes for every frame (:meth:`GOHA.encode_avatar`).
+
 Pseudo-renders, region masks and neutral renders come from :mod:`pyface.face`: in training,
 per sample in the dataset workers (:mod:`pyface.models.goha.data`, the model's
 ``data_transform``, ``model.data_renders``); a batch without them (pipelines, tools,
@@ -41,7 +45,7 @@ from pyface.ops import points_to_triplane, ray_bundle
 from pyface.train.model import (Phase, Pipeline, StepContext, TrainableModel, frame_generators,
                                 frame_seeds)
 
-from pyface.models.goha.config import GOHA_TRAINING, GOHAConfig
+from pyface.models.goha.config import GOHA_INFERENCE, GOHA_TRAINING, GOHAConfig
 from pyface.models.goha.data import DRIVING_KEYS, SOURCE_KEYS, GOHARenders, bfm224_label
 from pyface.models.goha.networks import (Embed2Plane, IDUpsampler, build_encoder, dilate, erode,
                                          imagenet_normalize)
@@ -91,7 +95,8 @@ TINY_MODEL = {"resolution": 64, "encoder": "tiny", "encoder_width": 32, "plane_c
 TINY_DATA = {"name": "pairs", "resolution": 64,
              "options": {"synth": {"identities": 64, "frames": 6, "fps": 3.125}}}
 #: the model part of ``gpu-short`` (one H100/H200): 256^2 input, MiT-b0, SR and D at 1/4 width,
-#: GOHA's training (:data:`~pyface.models.goha.config.GOHA_TRAINING`)
+#: GOHA's training and inference (:data:`~pyface.models.goha.config.GOHA_TRAINING`,
+#: :data:`~pyface.models.goha.config.GOHA_INFERENCE`)
 GPU_SHORT_MODEL = {"resolution": 256, "plane_channels": 32, "pseudo_render_size": 224,
                    "lift_resolution": 64, "lift_samples": 24, "appearance_erode": 5,
                    "render_resolution": 128, "depth_samples": 24,
@@ -99,7 +104,7 @@ GPU_SHORT_MODEL = {"resolution": 256, "plane_channels": 32, "pseudo_render_size"
                    "expression_from": 1000, "appearance_from": 2000, "lr": 2e-4,
                    "mask_weight": 1.0,
                    "disc_narrow": 0.25, "sr_narrow": 0.25, "sr_style_features": 128,
-                   **GOHA_TRAINING}
+                   **GOHA_TRAINING, **GOHA_INFERENCE}
 
 
 def mode_of(cfg: GOHAConfig, step: int) -> str:
@@ -194,7 +199,7 @@ class GOHA(TrainableModel):
         # GOHA's s1 at paper scale (the recipe: 512^2, MiT-b0, 224^2 renders with 48 + 48) with
         # GOHA's training (GOHA_TRAINING; without a preset the options keep their defaults, the
         # earlier training, so that a run's config.yaml without them resumes as trained)
-        "full": {"model": dict(GOHA_TRAINING)},
+        "full": {"model": {**GOHA_TRAINING, **GOHA_INFERENCE}},
     }
 
     def __init__(self, cfg: GOHAConfig | None = None):
@@ -478,17 +483,41 @@ class GOHA(TrainableModel):
         return {"canonical": cano, "appearance": app, "coeffs": src["coeffs"],
                 "camera": src["camera"], "region_mask": mask}
 
+    def encode_avatar(self, src: dict) -> dict:
+        """Inference's :meth:`encode_source` (``forward``, the pipeline), by
+        ``model.infer_lift_expression``: "source", the avatar with its appearance planes
+        (lifted from the canonical + the source's expression planes, reused for every driving
+        frame); "driving" (GOHA's inference), no appearance planes but what
+        :meth:`animate_planes` lifts them from for each driving frame: ``lift_image`` (the
+        source image) and ``lift_regions`` (its neutral regions)."""
+        if self.cfg.infer_lift_expression == "source":
+            return self.encode_source(src)
+        state = self.encode_source(src, appearance=False)
+        state.update(lift_image=src["image"], lift_regions=self._source_regions_neutral(src))
+        return state
+
     def animate_planes(self, state: dict, expression: torch.Tensor, *,
                        use_expression: bool = True, use_appearance: bool = True,
                        pseudo: torch.Tensor | None = None) -> torch.Tensor:
         """Summed planes ``(B, 3, C, P, P)`` for ``expression (B, 64)`` (``pseudo (B, 3, R, R)``:
-        its pseudo-render when the data made it, else it is rendered here)."""
+        its pseudo-render when the data made it, else it is rendered here). A state of
+        :meth:`encode_avatar` with ``lift_image`` (``model.infer_lift_expression="driving"``)
+        gets its appearance planes lifted here from the canonical + these expression planes
+        (also with ``use_expression=False``, which only leaves them out of the sum)."""
         planes = state["canonical"]
-        if use_expression:
+        lift = state.get("lift_image") if use_appearance else None
+        exp = None
+        if use_expression or lift is not None:
             if pseudo is None:
                 pseudo = self.pseudo_render(state["coeffs"], expression)
-            planes = planes + self.encode_expression(pseudo)
-        if use_appearance and state.get("appearance") is not None:
+            exp = self.encode_expression(pseudo)
+        if use_expression:
+            planes = planes + exp
+        if lift is not None:
+            planes = planes + self.encode_appearance(lift, state["region_mask"],
+                                                     state["canonical"] + exp, state["camera"],
+                                                     state["lift_regions"])
+        elif use_appearance and state.get("appearance") is not None:
             planes = planes + state["appearance"]
         return planes
 
@@ -496,7 +525,7 @@ class GOHA(TrainableModel):
         """Full model: batched frame dicts -> ``(B, 3, r, r)`` at the driving camera."""
         src = self.prepare_frame(source, "source")
         drv = self.prepare_frame(driving, "driving")
-        state = self.encode_source(src)
+        state = self.encode_avatar(src)
         planes = self.animate_planes(state, drv["coeffs"][:, 80:144])
         return self.render(planes, drv["camera"])["image"]
 
@@ -668,6 +697,9 @@ class GOHAPipeline(Pipeline):
 
     * ``encode_source``: the avatar: canonical and appearance planes (the three encoders plus
       the lift); needs ``image``, ``camera (25,)`` and ``coeffs (257,)`` (``mask`` mattes it);
+      with ``model.infer_lift_expression="driving"`` (GOHA's inference) the canonical planes
+      and the source image and regions from which ``generate`` lifts the appearance planes for
+      every driving frame (:meth:`GOHA.encode_avatar`);
     * ``encode_driving``: ``expression (T, 64)`` and ``camera (T, 25)`` from the driving
       ``coeffs`` and ``camera`` (an ``image`` is not read: optional);
     * ``generate``: expression planes of each driving expression (the source's identity in the
@@ -721,7 +753,7 @@ class GOHAPipeline(Pipeline):
             self.resolution = out_res
         self.check_labels(source=src)
         frame = {k: v[None] for k, v in src.items() if k in ("image", "camera", "coeffs", "mask")}
-        state = self.model.encode_source(self.model.prepare_frame(frame, "source"))
+        state = self.model.encode_avatar(self.model.prepare_frame(frame, "source"))
         state["background"] = None
         if "mask" in src:
             # the source's background at the output size, the head hole filled with the mean

@@ -48,7 +48,7 @@ from pyface.nn.gfpgan import GFPGANConfig, GFPGANDiscriminatorConfig
 from pyface.nn.losses import gan_d_loss, gan_g_loss, r1_penalty
 from pyface.train.model import Phase, Stage, StepContext, load_pretrained
 
-from pyface.models.goha.config import GOHA_TRAINING
+from pyface.models.goha.config import GOHA_INFERENCE, GOHA_TRAINING
 from pyface.models.goha.model import GOHA, GPU_SHORT_MODEL, TINY_DATA, TINY_MODEL, PLANE_AXES
 
 log = logging.getLogger("pyface.models.goha")
@@ -267,7 +267,7 @@ class GOHAGAN(_GANStage):
                       "data": {"name": "pairs", "resolution": 256},
                       "train": {"steps": 500, "batch_size": 8, "ckpt_every": 500,
                                 "image_every": 500}},
-        "full": {"model": dict(GOHA_TRAINING)},
+        "full": {"model": {**GOHA_TRAINING, **GOHA_INFERENCE}},
     }
 
     def __init__(self, cfg=None):
@@ -331,7 +331,8 @@ class GOHASR(_GANStage):
                       "data": {"name": "pairs", "resolution": 256},
                       "train": {"steps": 500, "batch_size": 8, "ckpt_every": 500,
                                 "image_every": 500}},
-        "full": {"model": {"d_interval": 1, "lr_d": 5e-4, **GOHA_TRAINING}},
+        "full": {"model": {"d_interval": 1, "lr_d": 5e-4, **GOHA_TRAINING,
+                           **GOHA_INFERENCE}},
     }
 
     def __init__(self, cfg=None):
