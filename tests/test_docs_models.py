@@ -713,9 +713,11 @@ def test_guides_state_the_pipelines_signatures():
     assert eg3d == {"space": "w+", "steps": None}
     assert '`encode_source({"image", "camera"}, steps=None, space="w+")`' in guide_text("eg3d")
     ota = [n for n, _ in _options("otavatar", "encode_source")]
-    assert ota == ["steps", "space", "pti_steps", "pti_metric"]
+    assert ota == ["steps", "space", "pti_steps", "pti_metric", "profile", "clip", "clamp",
+                   "wplus_keep_intrinsics", "pti_mode"]
     assert ("options: `steps` (`invert_steps`), `space` (`\"w\"` / `\"w+\"`, else a "
-            "`ValueError`), `pti_steps`, `pti_metric`") in flat(guide_text("otavatar"))
+            "`ValueError`), `pti_steps`, `pti_metric`, `profile`, `clip`, `clamp`, "
+            "`wplus_keep_intrinsics`, `pti_mode`") in flat(guide_text("otavatar"))
     exp = dict(_options("export3d", "generate"))
     assert exp == {"camera": "driving", "lam_scale": None, "chunk": 16}
     goha = dict(_options("goha", "generate"))

@@ -1045,3 +1045,181 @@ def test_inversion_frames_presets_and_configs_without_the_key(run, tmp_path):
         meta_path.write_text(json.dumps(meta))
     cfg = OTAvatarPipeline.from_checkpoint(str(old), device="cpu").model.cfg
     assert cfg.inversion_frames == "mean"
+
+
+def _inference_pipe(run, data):
+    import glob
+    import os
+
+    from pyface.data.driving import read_source
+
+    pipe = pyface.models.load("otavatar", run[0], device="cpu")
+    folder = os.path.dirname(sorted(glob.glob(f"{data}/**/coeffs.npy", recursive=True))[0])
+    return pipe, read_source(folder, 16)
+
+
+def test_inference_option_clip_turns_the_inversions_gradient_clip_off(run, data, monkeypatch):
+    """``clip=False`` (the reference's inference): no grad-norm clip of w in the W and W+
+    passes; the default clips every iteration at ``invert_clip``."""
+    import pyface.models.otavatar.pipeline as ota
+
+    pipe, src = _inference_pipe(run, data)
+    pipe.model.cfg.invert_clip = 1e-4                     # binds whatever the gradient
+    seen, real = [], torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, c, *a, **k: seen.append(c) or real(params, c, *a, **k))
+
+    def encode(**kw):
+        seen.clear()
+        torch.manual_seed(0)
+        return pipe.encode_source(src, space="w+", pti_steps=0, **kw), list(seen)
+
+    (on, on_calls), (off, off_calls) = encode(), encode(clip=False)
+    assert on["inference"]["clip"] and on_calls == [1e-4] * (3 + 2)
+    assert not off["inference"]["clip"] and off_calls == []
+    assert not torch.equal(on["w"], off["w"])
+    assert ota.INFERENCE_PROFILES["reference"]["clip"] is False
+
+
+def test_inference_option_clamp_keeps_the_rendered_ws_in_the_training_box(run, data,
+                                                                          monkeypatch):
+    """``clamp=True``: the inversion's and PTI's renders see ws within ``w_avg +- w_clamp``
+    (a small box here, so it binds); the default renders them unclamped."""
+    pipe, src = _inference_pipe(run, data)
+    m = pipe.model
+    m.cfg.w_clamp = 1e-3
+    seen, G = [], type(m.generator)                     # PTI's copy is of the same class
+    real = G.synthesis
+    monkeypatch.setattr(G, "synthesis", lambda self, ws, *a, **k:
+                        seen.append(ws.detach().clone()) or real(self, ws, *a, **k))
+
+    def spread(**kw):
+        seen.clear()
+        torch.manual_seed(0)
+        state = pipe.encode_source(src, **kw)
+        assert len(seen) == 3 + 2                           # 3 inversion, 2 PTI renders
+        return max(float((ws - m.w_avg).abs().amax()) for ws in seen), state
+
+    free, state = spread()
+    assert free > 1e-2 and not state["inference"]["clamp"]
+    boxed, state = spread(clamp=True)
+    assert boxed <= 1e-3 + 1e-6 and state["inference"]["clamp"]
+    # the animation never clamps: the state keeps the unclamped w
+    assert float((state["w"] - m.w_avg).abs().amax()) > 1e-3
+
+
+def test_inference_option_wplus_keep_intrinsics_starts_wplus_at_the_w_bias(run, data,
+                                                                          monkeypatch):
+    """``wplus_keep_intrinsics=True``: the W+ pass starts from the W pass's intrinsics bias
+    (the reference); the default restarts it at 0."""
+    import pyface.models.otavatar.pipeline as ota
+
+    pipe, src = _inference_pipe(run, data)
+    calls, real = [], ota.invert
+
+    def recording(*a, **k):
+        out = real(*a, **k)
+        calls.append((k.get("intrinsics_init"), out[1]))
+        return out
+
+    monkeypatch.setattr(ota, "invert", recording)
+
+    def encode(**kw):
+        calls.clear()
+        torch.manual_seed(0)
+        return pipe.encode_source(src, space="w+", pti_steps=0, **kw)
+
+    restart = encode()
+    assert len(calls) == 2 and calls[1][0] is None
+    keep = encode(wplus_keep_intrinsics=True)
+    assert len(calls) == 2 and torch.equal(calls[1][0], calls[0][1])
+    assert calls[0][1].abs().amax() > 0                     # the W pass moved the bias
+    assert not torch.equal(keep["intrinsics"], restart["intrinsics"])
+    # invert itself: zero iterations from a given bias return it
+    m, kb0 = pipe.model, torch.full((1, 18), 0.25)
+    cam = src["camera"][None].float()
+    _, kb, _ = real(m, src["image"][None].float() / 127.5 - 1, cam,
+                    torch.zeros(1, 70, 9), steps=0, intrinsics_init=kb0)
+    assert torch.equal(kb, kb0)
+
+
+def test_inference_option_pti_mode_reference(run, data, monkeypatch):
+    """``pti_mode="reference"``: PTI fits the raw render alone (no super-resolution pass, so
+    the super-resolution weights stay), the metric sees the raw render nearest-upsampled to
+    the target's size, and the rule is checked after the update (one update more than
+    pyface's, which stops before it)."""
+    pipe, src = _inference_pipe(run, data)
+    G0 = pipe.model.generator
+    shapes = []
+
+    def met_at_once(pred, target):
+        shapes.append(pred)
+        return torch.full((1,), 0.01)
+
+    def changed(state, part):
+        return any(not torch.equal(a, b) for a, b in
+                   zip(getattr(state["generator"], part).parameters(),
+                       getattr(G0, part).parameters()))
+
+    torch.manual_seed(0)
+    py = pipe.encode_source(src, pti_metric=met_at_once)
+    # pyface stops before the update
+    assert py["pti_loss"] == pytest.approx([0.01]) and not changed(py, "decoder")
+    torch.manual_seed(0)
+    ref = pipe.encode_source(src, pti_metric=met_at_once, pti_mode="reference")
+    assert ref["pti_loss"] == pytest.approx([0.01]) and changed(ref, "decoder")  # one update
+    up = shapes[-1]
+    assert up.shape == (1, 3, 16, 16)                  # the 8^2 raw render, nearest-upsampled
+    assert torch.equal(up, up[..., ::2, ::2].repeat_interleave(2, -2).repeat_interleave(2, -1))
+    # without a metric: every iteration; the raw render alone trains, not the SR network
+    torch.manual_seed(0)
+    ref = pipe.encode_source(src, pti_mode="reference")
+    assert len(ref["pti_loss"]) == 2 and ref["inference"]["pti_mode"] == "reference"
+    assert changed(ref, "decoder") and not changed(ref, "superresolution")
+    torch.manual_seed(0)
+    py = pipe.encode_source(src)
+    assert changed(py, "superresolution")
+
+
+def test_inference_profiles_and_bad_options(run, data, generator_dir):
+    """``profile="reference"`` (or ``model.inference: reference``) sets the four options to
+    the reference's; an option given explicitly wins; bad values name the option."""
+    from pyface.models.otavatar.model import OTAvatar, OTAvatarConfig
+    from pyface.models.otavatar.pipeline import INFERENCE_PROFILES
+
+    pipe, src = _inference_pipe(run, data)
+    cfg = pipe.model.cfg
+    assert cfg.inference == "pyface"
+    def enc(**kw):
+        return pipe.encode_source(src, steps=1, pti_steps=0, **kw)["inference"]
+
+    assert enc() == INFERENCE_PROFILES["pyface"] == {
+        "clip": True, "clamp": False, "wplus_keep_intrinsics": False, "pti_mode": "pyface"}
+    assert enc(profile="reference") == {"clip": False, "clamp": True,
+                                        "wplus_keep_intrinsics": True, "pti_mode": "reference"}
+    assert enc(profile="reference", clip=True)["clip"] is True
+    cfg.inference = "reference"
+    assert enc() == INFERENCE_PROFILES["reference"]
+    cfg.inference_clamp = False                          # a config field over its profile
+    assert enc()["clamp"] is False and enc(profile="reference")["clamp"] is True
+    cfg.inference, cfg.inference_clamp = "pyface", None
+    for kw, msg in (({"profile": "ref"}, r"profile: expected one of \('pyface', 'reference'\), "
+                                         r"got 'ref'"),
+                    ({"clip": "no"}, r"clip: expected true or false, got 'no'"),
+                    ({"clamp": 1}, r"clamp: expected true or false, got 1"),
+                    ({"wplus_keep_intrinsics": "yes"},
+                     r"wplus_keep_intrinsics: expected true or false, got 'yes'"),
+                    ({"pti_mode": "raw"}, r"pti_mode: expected one of \('pyface', "
+                                          r"'reference'\), got 'raw'")):
+        with pytest.raises(ValueError, match=msg):
+            enc(**kw)
+    for key, value, msg in (("inference", "ref", r"model\.inference: expected one of"),
+                            ("pti_mode", "raw", r"model\.pti_mode: expected one of"),
+                            ("inference_clip", "off", r"model\.inference_clip: expected "
+                                                      r"true or false, got 'off'")):
+        c = build_experiment("otavatar", OTAvatarConfig, defaults=OTAvatar.presets["tiny"],
+                             overrides=BY_HAND + [f"model.generator={generator_dir}"]
+                             ).model_config
+        setattr(c, key, value)
+        with pytest.raises(ValueError, match=msg):
+            OTAvatar(c)

@@ -133,6 +133,20 @@ class OTAvatarConfig:
             (True, the reference). False: the driving frames' expression rows with the
             source's pose rows, so the controller's offset follows the expression only and the
             driving pose acts through the camera alone.
+        inference: the pipeline's inference profile, ``"pyface"`` (default) or
+            ``"reference"`` (the reference code's source encoding): the values of the four
+            options below where they are None (``pipeline.INFERENCE_PROFILES``).
+        inference_clip: the inference inversion clips w's gradient at ``invert_clip`` (pyface:
+            true; the reference: false, unclipped), W and W+ passes.
+        inference_clamp: the inference inversion and PTI render ws clamped to
+            ``w_avg +- w_clamp`` (the reference: true; pyface: false); the animation never
+            clamps.
+        wplus_keep_intrinsics: the W+ pass starts from the W pass's intrinsics bias (the
+            reference: true) instead of 0 (pyface: false).
+        pti_mode: ``"pyface"`` (SmoothL1 of the raw and super-resolved images, the stopping
+            metric on the super-resolved image, checked before each update) or
+            ``"reference"`` (SmoothL1 of the raw render alone, the metric on the raw render
+            nearest-upsampled to the target's size, checked after each update).
     """
 
     generator: str | None = None
@@ -186,6 +200,11 @@ class OTAvatarConfig:
     pti_stop: float | None = None
     pti_stop_metric: float = 0.06
     drive_pose: bool = True
+    inference: str = "pyface"
+    inference_clip: bool | None = None
+    inference_clamp: bool | None = None
+    wplus_keep_intrinsics: bool | None = None
+    pti_mode: str | None = None
 
     #: the loss options' values for a config without them: a run saved before they existed
     #: trained (and its pipeline inverts sources) with pyface's earlier losses, which ``tiny``

@@ -39,7 +39,7 @@ from pyface.train.model import Phase, Stage, StepContext, TrainableModel, load_r
 
 from pyface.models.otavatar.config import OTAvatarConfig
 from pyface.models.otavatar.losses import OTAvatarLoss
-from pyface.models.otavatar.pipeline import OTAvatarPipeline
+from pyface.models.otavatar.pipeline import OTAvatarPipeline, check_inference_config
 
 log = logging.getLogger("pyface.models.otavatar")
 
@@ -269,6 +269,7 @@ class OTAvatar(TrainableModel):
         if cfg.inversion_frames not in INVERSION_FRAMES:
             raise ValueError(f"model.inversion_frames: expected one of {INVERSION_FRAMES}, got "
                              f"{cfg.inversion_frames!r}")
+        check_inference_config(cfg)
         if cfg.controller_loss == "relative" and cfg.invert_controller_iters < 1:
             raise ValueError("model.invert_controller_iters: model.controller_loss=relative "
                              "needs >= 1 (the item's mean prediction comes from the last "

@@ -31,11 +31,82 @@ log = logging.getLogger("pyface.models.otavatar")
 
 CAMERA_MODES = ("driving", "source", "orbit")
 
+#: ``pivotal_tuning``'s modes (``model.pti_mode``): pyface's (SmoothL1 of the raw and
+#: super-resolved images, the metric on the super-resolved image, checked before each update)
+#: or the reference's (the raw render alone, the metric on it nearest-upsampled, checked after)
+PTI_MODES = ("pyface", "reference")
+
+#: the inference profiles (``model.inference``): the values of the four options where neither
+#: the call nor the config sets them. ``pyface``: w's gradient clipped at ``invert_clip``, no
+#: clamp, the W+ pass's intrinsics bias restarted at 0, pyface's PTI (the defaults, with which
+#: the documented numbers were measured); ``reference``: the reference code's inference
+#: (docs/models/otavatar.md, deviations)
+INFERENCE_PROFILES = {
+    "pyface": {"clip": True, "clamp": False, "wplus_keep_intrinsics": False,
+               "pti_mode": "pyface"},
+    "reference": {"clip": False, "clamp": True, "wplus_keep_intrinsics": True,
+                  "pti_mode": "reference"},
+}
+
+#: option (encode_source keyword) -> its config field
+INFERENCE_FIELDS = {"clip": "inference_clip", "clamp": "inference_clamp",
+                    "wplus_keep_intrinsics": "wplus_keep_intrinsics", "pti_mode": "pti_mode"}
+
+
+def _check_inference_value(name: str, key: str, value) -> None:
+    if key == "pti_mode":
+        if value not in PTI_MODES:
+            raise ValueError(f"{name}: expected one of {PTI_MODES}, got {value!r}")
+    elif not isinstance(value, bool):
+        raise ValueError(f"{name}: expected true or false, got {value!r}")
+
+
+def check_inference_config(cfg) -> None:
+    """``model.inference`` and the four option fields (None or a value), a ValueError naming
+    the field otherwise."""
+    if cfg.inference not in INFERENCE_PROFILES:
+        raise ValueError(f"model.inference: expected one of {tuple(INFERENCE_PROFILES)}, got "
+                         f"{cfg.inference!r}")
+    for key, fld in INFERENCE_FIELDS.items():
+        value = getattr(cfg, fld)
+        if value is not None:
+            _check_inference_value(f"model.{fld}", key, value)
+
+
+def inference_options(cfg, profile: str | None = None, **given) -> dict:
+    """The source encoding's four options (``clip``, ``clamp``, ``wplus_keep_intrinsics``,
+    ``pti_mode``): each one ``given`` (not None) wins; then, with a ``profile`` given, that
+    profile's value; else the config's field (``model.inference_clip``, ...) when set, else
+    the config's profile's (``model.inference``). Bad values are a ValueError naming the
+    option."""
+    unknown = set(given) - set(INFERENCE_FIELDS)
+    if unknown:
+        raise TypeError(f"inference_options: unknown options {sorted(unknown)}")
+    check_inference_config(cfg)
+    if profile is not None and profile not in INFERENCE_PROFILES:
+        raise ValueError(f"profile: expected one of {tuple(INFERENCE_PROFILES)}, got "
+                         f"{profile!r}")
+    out = {}
+    for key, fld in INFERENCE_FIELDS.items():
+        value = given.get(key)
+        if value is not None:
+            _check_inference_value(key, key, value)
+        elif profile is not None:
+            value = INFERENCE_PROFILES[profile][key]
+        elif getattr(cfg, fld) is not None:
+            value = getattr(cfg, fld)
+        else:
+            value = INFERENCE_PROFILES[cfg.inference][key]
+        out[key] = value
+    return out
+
 
 def invert(model, image: torch.Tensor, camera: torch.Tensor, motion: torch.Tensor,
            landmarks: torch.Tensor | None = None, *, steps: int = 100, sr_steps: int = 10,
            space: str = "w", lr: float | None = None, intrinsics_lr: float | None = None,
-           w_init: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+           w_init: torch.Tensor | None = None, clip: float | None | str = "config",
+           clamp: bool = False, intrinsics_init: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """Inverts ``image`` (1, 3, R, R) in [-1, 1], seen from ``camera`` (1, 25) with motion
     window ``motion`` (1, 70, W), into the identity latent of ``model`` (an :class:`OTAvatar`,
     its generator and controller frozen): ``ws = w + controller(motion)``.
@@ -45,8 +116,15 @@ def invert(model, image: torch.Tensor, camera: torch.Tensor, motion: torch.Tenso
     result, (1, num_ws, w_dim)) or ``w_avg``. The
     intrinsics bias (1, 18) is optimised with it (AdamW, no decay); the last ``sr_steps``
     iterations add the super-resolved terms. Returns ``(w (1, num_ws, w_dim),
-    intrinsics (1, 18), losses per iteration)``. No clamp (inference). Each render's ray samples
-    are drawn before the call (:func:`drawn_samples`)."""
+    intrinsics (1, 18), losses per iteration)``. Each render's ray samples are drawn before the
+    call (:func:`drawn_samples`).
+
+    ``clip``: the grad-norm clip of w per iteration (``"config"``: ``model.cfg.invert_clip``,
+    as training; None: unclipped, the reference's inference). ``clamp``: render ``ws``
+    clamped to ``w_avg +- model.cfg.w_clamp`` (the training clamp; the reference's inference
+    inversion), a clamped coordinate getting no gradient; False (pyface's default): no clamp.
+    ``intrinsics_init``: the bias (1, 18) to start from (None: zeros; the reference's W+ pass
+    continues from its W pass's bias)."""
     from pyface.models.otavatar.model import apply_intrinsics
 
     cfg = model.cfg
@@ -71,7 +149,14 @@ def invert(model, image: torch.Tensor, camera: torch.Tensor, motion: torch.Tenso
                 start = model.w_avg.reshape(1, 1, -1) if w_init is None else w_init.detach()
                 w0 = start.expand(1, G.num_ws, -1).clone()
         w = w0.requires_grad_(True)
-        kb = torch.zeros(1, 18, device=image.device, requires_grad=True)
+        if intrinsics_init is None:
+            kb = torch.zeros(1, 18, device=image.device, requires_grad=True)
+        else:
+            kb = intrinsics_init.detach().clone().reshape(1, 18).requires_grad_(True)
+        if isinstance(clip, str):
+            if clip != "config":
+                raise ValueError(f"clip: expected a float > 0, None or 'config', got {clip!r}")
+            clip = cfg.invert_clip
         opt_w = torch.optim.Adam([w], lr=cfg.invert_lr if lr is None else lr,
                                  betas=tuple(cfg.invert_betas))
         opt_k = torch.optim.AdamW([kb], lr=cfg.intrinsics_lr if intrinsics_lr is None
@@ -80,14 +165,16 @@ def invert(model, image: torch.Tensor, camera: torch.Tensor, motion: torch.Tenso
         losses = []
         for it in range(steps):
             sr = it >= steps - sr_steps
-            out = G.synthesis(w.expand(1, G.num_ws, -1) + offset,
-                              apply_intrinsics(camera, kb), sr=sr, **drawn_samples(G, w, sr))
+            ws = w.expand(1, G.num_ws, -1) + offset
+            if clamp:
+                ws = model._clamp(ws)
+            out = G.synthesis(ws, apply_intrinsics(camera, kb), sr=sr, **drawn_samples(G, w, sr))
             loss, _ = model.loss(out, image, landmarks, sr=sr)
             opt_w.zero_grad(set_to_none=True)
             opt_k.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.invert_clip:
-                torch.nn.utils.clip_grad_norm_([w], cfg.invert_clip)
+            if clip:
+                torch.nn.utils.clip_grad_norm_([w], clip)
             opt_w.step()
             opt_k.step()
             losses.append(float(loss.detach()))
@@ -99,7 +186,8 @@ def invert(model, image: torch.Tensor, camera: torch.Tensor, motion: torch.Tenso
 
 def pivotal_tuning(model, ws: torch.Tensor, camera: torch.Tensor, image: torch.Tensor, *,
                    steps: int, lr: float, stop: float | None = None, metric=None,
-                   metric_stop: float = 0.06, compile=None, compile_names=()):
+                   metric_stop: float = 0.06, compile=None, compile_names=(),
+                   mode: str = "pyface"):
     """PTI: a copy of ``model.generator`` tuned so that ``ws`` (1, num_ws, w_dim) seen from
     ``camera`` (1, 25) renders ``image`` (1, 3, R, R): Adam ``lr``, at most ``steps``
     iterations of SmoothL1 on the raw (area-resized target) and super-resolved images.
@@ -115,13 +203,21 @@ def pivotal_tuning(model, ws: torch.Tensor, camera: torch.Tensor, image: torch.T
     compiled module is not compiled (``torch.nn.Module`` drops its compiled call when copied),
     and the tuned copy renders every frame (:meth:`OTAvatarPipeline.encode_source` passes the
     pipeline's own). Each render's ray samples are drawn before the call
-    (:func:`drawn_samples`)."""
+    (:func:`drawn_samples`).
+
+    ``mode="reference"``: the reference's PTI instead: SmoothL1 of the raw render alone
+    (against the area-resized target; no super-resolution pass), the metric measured on the
+    raw render nearest-upsampled to the target's size, and the stopping rule checked after
+    each update on that iteration's (pre-update) render, so it stops one update later."""
     import copy
 
     import torch.nn.functional as F
 
     from pyface.nn.compiling import compile_modules
 
+    if mode not in PTI_MODES:
+        raise ValueError(f"pti_mode: expected one of {PTI_MODES}, got {mode!r}")
+    ref = mode == "reference"
     G = copy.deepcopy(model.generator).train()
     compile_modules(G, tuple(compile_names), compile)
     G.requires_grad_(True)
@@ -129,8 +225,26 @@ def pivotal_tuning(model, ws: torch.Tensor, camera: torch.Tensor, image: torch.T
     ws, camera, image = ws.detach(), camera.detach(), image.float()
     losses = []
     for _ in range(steps):
-        out = G.synthesis(ws, camera, sr=True, **drawn_samples(G, ws))
+        out = G.synthesis(ws, camera, sr=not ref, **drawn_samples(G, ws, not ref))
         raw = out["image_raw"]
+        if ref:
+            tgt_raw = F.interpolate(image, size=raw.shape[-2:], mode="area")
+            loss = F.smooth_l1_loss(raw, tgt_raw)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if metric is not None:           # the render before this update, checked after it
+                with torch.no_grad():
+                    up = F.interpolate(raw.detach().clamp(-1, 1), size=image.shape[-2:],
+                                       mode="nearest")
+                    losses.append(float(metric(up, image).mean()))
+                if losses[-1] <= metric_stop:
+                    break
+            else:
+                losses.append(float(loss.detach()))
+                if stop is not None and losses[-1] <= stop:
+                    break
+            continue
         if metric is not None:
             with torch.no_grad():
                 d = float(metric(out["image"].detach().clamp(-1, 1), image).mean())
@@ -154,7 +268,8 @@ class OTAvatarPipeline(Pipeline):
     ``camera`` (``"driving"``: the driving frames' cameras, the default when they have one;
     ``"source"``: fixed at the source's; ``"orbit"``: free view, :func:`orbit_cameras`: the
     orbit of ``pyface animate --camera orbit``, one turn over a :meth:`stream`'s frames).
-    Controls of ``encode_source``: ``steps``, ``space`` (``"w"`` / ``"w+"``), ``pti_steps``.
+    Controls of ``encode_source``: ``steps``, ``space`` (``"w"`` / ``"w+"``), ``pti_steps``,
+    and the inference ``profile`` (``"pyface"`` / ``"reference"``) with its four options.
 
     ``pti_metric``: a perceptual distance ``(pred, target) -> (N,)`` on (N, 3, R, R) images in
     [-1, 1] (e.g. ``pyface.eval.lpips.LPIPS``); when set, pivotal tuning stops by OTAvatar's
@@ -240,7 +355,17 @@ class OTAvatarPipeline(Pipeline):
 
     def encode_source(self, source: dict, *, steps: int | None = None,
                       space: str | None = None, pti_steps: int | None = None,
-                      pti_metric=None) -> dict:
+                      pti_metric=None, profile: str | None = None, clip: bool | None = None,
+                      clamp: bool | None = None, wplus_keep_intrinsics: bool | None = None,
+                      pti_mode: str | None = None) -> dict:
+        """The source's state (module docstring). ``steps``, ``space``, ``pti_steps``,
+        ``pti_metric``: see the class. ``profile`` (``"pyface"`` / ``"reference"``,
+        :data:`INFERENCE_PROFILES`) and the options it sets, each None for the config's
+        (``model.inference``, ``model.inference_clip``, ...; :func:`inference_options`):
+        ``clip`` (w's gradient clipped at ``invert_clip`` in the inversion), ``clamp`` (ws
+        clamped to ``w_avg +- w_clamp`` in the inversion and PTI), ``wplus_keep_intrinsics``
+        (the W+ pass starts from the W pass's intrinsics bias, not 0), ``pti_mode``
+        (:data:`PTI_MODES`). The options used are in ``state["inference"]``."""
         model, cfg = self.model, self.model.cfg
         source = self.prepare(source, batched=False)
         self.check_labels(source=source)
@@ -252,6 +377,8 @@ class OTAvatarPipeline(Pipeline):
             if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral)
                                   or n < 0):
                 raise ValueError(f"{what}: expected an int >= 0, got {n!r}")
+        opts = inference_options(cfg, profile, clip=clip, clamp=clamp,
+                                 wplus_keep_intrinsics=wplus_keep_intrinsics, pti_mode=pti_mode)
         metric = pti_metric if pti_metric is not None else self.pti_metric
         if metric is not None and not callable(metric):
             raise ValueError(f"pti_metric: expected a callable (pred, target) -> (N,) distance "
@@ -269,14 +396,19 @@ class OTAvatarPipeline(Pipeline):
             self._noted_terms = True
             self._note_missing_terms()
         t0 = time.perf_counter()
+        clip_at = "config" if opts["clip"] else None
         with torch.enable_grad():
-            w, kb, losses = invert(model, img, cam, motion, lm, steps=steps, sr_steps=sr_steps)
+            w, kb, losses = invert(model, img, cam, motion, lm, steps=steps, sr_steps=sr_steps,
+                                   clip=clip_at, clamp=opts["clamp"])
             if space == "w+" and cfg.wplus_steps:
                 w, kb2, more = invert(model, img, cam, motion, lm, steps=cfg.wplus_steps,
                                       sr_steps=min(sr_steps, cfg.wplus_steps), space="w+",
-                                      w_init=w)
+                                      w_init=w, clip=clip_at, clamp=opts["clamp"],
+                                      intrinsics_init=kb if opts["wplus_keep_intrinsics"]
+                                      else None)
                 kb, losses = kb2, losses + more
-        state = {"w": w, "intrinsics": kb, "camera": cam, "motion": motion, "loss": losses}
+        state = {"w": w, "intrinsics": kb, "camera": cam, "motion": motion, "loss": losses,
+                 "inference": opts}
         pti = cfg.pti_steps if pti_steps is None else pti_steps
         if pti:
             from pyface.models.otavatar.model import apply_intrinsics
@@ -284,12 +416,15 @@ class OTAvatarPipeline(Pipeline):
             with torch.enable_grad():
                 with torch.no_grad():
                     ws = w + model.controller(motion)
+                    if opts["clamp"]:
+                        ws = model._clamp(ws)
                 prefix = "generator."
                 names = [n[len(prefix):] for n in self.compiled_modules if n.startswith(prefix)]
                 G, pl = pivotal_tuning(model, ws, apply_intrinsics(cam, kb), img, steps=pti,
                                        compile=self.compile_options, compile_names=names,
                                        lr=cfg.pti_lr, stop=cfg.pti_stop, metric=metric,
-                                       metric_stop=cfg.pti_stop_metric)
+                                       metric_stop=cfg.pti_stop_metric,
+                                       mode=opts["pti_mode"])
             state["generator"], state["pti_loss"] = G, pl
             state["pti_rule"] = "metric" if metric is not None else "smooth_l1"
         if self.device.type == "cuda":
