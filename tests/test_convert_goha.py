@@ -77,7 +77,8 @@ def test_transcribed_release_maps_onto_goha_s2():
                    "plane_channels": 32, "embed_width": 128, "decoder_hidden": 64,
                    "decoder_features": 32, "share_upsampler_weights": True,
                    "render_resolution": 224, "sr_narrow": 1.0, "sr_style_features": 512,
-                   "disc_narrow": 1.0, "infer_lift_expression": "driving"}
+                   "disc_narrow": 1.0, "infer_lift_expression": "driving",
+                   "sr_noise": "random"}
     state, dropped = gc.release_to_pyface(model, disc, "release")
     gc.check_against_model(state, cfg, "release", fill_discriminator=False)   # every key, shape
     n_bisenet = len(_bisenet_79999_layout())
@@ -152,6 +153,7 @@ def test_convert_goha_file_loads_as_the_goha_pipeline(tmp_path):
     assert type(pipe.model) is GOHASR and pipe.resolution == 64
     assert pipe.model.cfg.encoder == "tiny" and pipe.model.cfg.share_upsampler_weights
     assert pipe.model.cfg.infer_lift_expression == "driving"     # GOHA's inference
+    assert pipe.model.cfg.sr_noise == "random"
     for k, v in src.state_dict().items():
         assert torch.equal(pipe.model.state_dict()[k], v), k
 

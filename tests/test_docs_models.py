@@ -330,8 +330,8 @@ PRESET_ROWS = [
                "model.s2_disc_init": "gfpgan", "model.lift_grad": True,
                "model.tar_lift_expression": "driving"}
       for m in ("goha_s1", "goha_s1_gan", "goha") for p in (G, F)}),
-    ("goha", "GOHA's inference (`infer_lift_expression` driving)",
-     {(m, p): {"model.infer_lift_expression": "driving"}
+    ("goha", "GOHA's inference (`infer_lift_expression` driving, `sr_noise` random)",
+     {(m, p): {"model.infer_lift_expression": "driving", "model.sr_noise": "random"}
       for m in ("goha_s1", "goha_s1_gan", "goha") for p in (G, F)}),
     ("goha", "| `pairs`, 256² | 3000 / 500 / 500, batch 8",
      {("goha_s1", G): {"data.resolution": 256, "train.steps": 3000, "train.batch_size": 8},

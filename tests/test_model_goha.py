@@ -1194,25 +1194,30 @@ def test_infer_lift_expression_driving_lifts_each_driving_frames_expression(monk
 
 def test_infer_lift_expression_defaults_presets_saved_configs_and_resume(tmp_path, tiny_run,
                                                                         data_root):
-    """The default (tiny, the recipe, a saved config without the key) is the earlier
-    inference, "source"; full and gpu-short set GOHA's "driving" in every stage; a bad value
-    names the key; a run resumed with the key changed is refused naming it."""
+    """The defaults (tiny, the recipe, a saved config without the keys) are the earlier
+    inference, infer_lift_expression "source" and sr_noise "stored"; full and gpu-short set
+    GOHA's "driving" / "random" in every stage; a bad value names the key; a run resumed with
+    a key changed is refused naming it."""
     from pyface.checkpoint import CheckpointError
     from pyface.models.goha import GOHAGAN, GOHASR
     from pyface.models.goha.config import GOHA_INFERENCE
     from pyface.train.model import config_from_dict
 
-    assert GOHA_INFERENCE == {"infer_lift_expression": "driving"}
+    assert GOHA_INFERENCE == {"infer_lift_expression": "driving", "sr_noise": "random"}
     for cls, name in ((GOHA, "goha_s1"), (GOHAGAN, "goha_s1_gan"), (GOHASR, "goha")):
         def cfg_of(preset):
             return build_experiment(name, cls.Config, defaults=cls.recipe, presets=cls.presets,
                                     preset=preset).model_config
-        assert cfg_of("tiny").infer_lift_expression == "source", name
-        assert cfg_of(None).infer_lift_expression == "source", name
+        for preset in ("tiny", None):
+            c = cfg_of(preset)
+            assert (c.infer_lift_expression, c.sr_noise) == ("source", "stored"), name
         for preset in ("full", "gpu-short"):
-            assert cfg_of(preset).infer_lift_expression == "driving", (name, preset)
-    saved = {k: v for k, v in vars(tiny_config()).items() if k != "infer_lift_expression"}
-    assert config_from_dict(GOHAConfig, saved).infer_lift_expression == "source"
+            c = cfg_of(preset)
+            assert (c.infer_lift_expression, c.sr_noise) == ("driving", "random"), (name, preset)
+    saved = {k: v for k, v in vars(tiny_config()).items()
+             if k not in ("infer_lift_expression", "sr_noise")}
+    c = config_from_dict(GOHAConfig, saved)
+    assert (c.infer_lift_expression, c.sr_noise) == ("source", "stored")
     with pytest.raises(ValueError, match="model.infer_lift_expression: expected one of "
                                          r"\['source', 'driving'\], got 'target'"):
         GOHAConfig(infer_lift_expression="target")
@@ -1220,7 +1225,92 @@ def test_infer_lift_expression_defaults_presets_saved_configs_and_resume(tmp_pat
 
     old = tmp_path / "old"
     shutil.copytree(tiny_run, old)
-    with pytest.raises(CheckpointError, match=r"model\.infer_lift_expression: checkpoint "
-                                              r"'?source'? vs run '?driving'?"):
-        Trainer(experiment(old, data_root, "train.steps=3",
-                           "model.infer_lift_expression=driving")).resume("auto")
+    for key, was, new in (("infer_lift_expression", "source", "driving"),
+                          ("sr_noise", "stored", "random")):
+        with pytest.raises(CheckpointError, match=rf"model\.{key}: checkpoint "
+                                                  rf"'?{was}'? vs run '?{new}'?"):
+            Trainer(experiment(old, data_root, "train.steps=3",
+                               f"model.{key}={new}")).resume("auto")
+
+
+def test_sr_noise_random_draws_fresh_maps_repeatable_with_a_seed(monkeypatch):
+    """model.sr_noise: "stored" (default) runs s2's SR outside training with the stored noise
+    maps; "random" (GOHA's GFPUpsampler) with fresh maps of the stored maps' shapes, drawn before
+    the SR runs: from torch's generator (differing between calls, repeatable after
+    torch.manual_seed), or per frame from the pipeline's seeded generators (repeatable, not
+    depending on the chunking, and the same through a compiled SR). Training draws fresh maps
+    inside the SR either way."""
+    from pyface.models.goha import GOHASR
+    from pyface.nn.compiling import compile_modules, parse_compile
+    from pyface.nn.gfpgan import StyleConv
+
+    assert GOHAConfig().sr_noise == "stored"
+    torch.manual_seed(0)
+    m = GOHASR(tiny_config(tv_weight=0)).eval()
+    for mod in m.sr.modules():                      # noise strengths are zero at init
+        if isinstance(mod, StyleConv):
+            mod.weight.data.fill_(0.5)
+    calls = []
+    sr_forward = m.sr.forward
+
+    def record(x, **kw):
+        calls.append(kw)
+        return sr_forward(x, **kw)
+
+    monkeypatch.setattr(m.sr, "forward", record)
+    raw = torch.rand(2, 3, 32, 32) * 2 - 1
+    up = F.interpolate(raw, size=(64, 64), mode="bilinear", align_corners=True)
+    dec = m.sr.stylegan_decoder
+    with torch.no_grad():
+        stored = m.finish(raw)
+        assert calls[-1] == {"randomize_noise": False}
+        assert torch.equal(stored, m.finish(raw))
+        torch.testing.assert_close(stored, sr_forward(up, randomize_noise=False), rtol=0, atol=0)
+        m.cfg.sr_noise = "random"
+        r1, r2 = m.finish(raw), m.finish(raw)
+        assert [tuple(t.shape) for t in calls[-1]["noise"]] == dec.noise_shapes(2)
+        assert [tuple(t.shape[-2:]) for t in calls[-1]["noise"]] == \
+            [tuple(getattr(dec.noises, f"noise{k}").shape[-2:]) for k in range(dec.num_layers)]
+        assert not torch.allclose(r1, r2) and not torch.allclose(r1, stored)
+        torch.manual_seed(7)
+        s1 = m.finish(raw)
+        torch.manual_seed(7)
+        assert torch.equal(s1, m.finish(raw))
+
+        def gens(*seeds):
+            return [torch.Generator().manual_seed(s) for s in seeds]
+
+        g12 = m.finish(raw, generators=gens(1, 2))
+        assert torch.equal(g12, m.finish(raw, generators=gens(1, 2)))
+        assert not torch.allclose(g12, m.finish(raw, generators=gens(3, 4)))
+        torch.testing.assert_close(m.finish(raw[1:], generators=gens(2)), g12[1:], atol=1e-5,
+                                   rtol=0)
+    m.train()
+    m.finish(raw)
+    assert calls[-1] == {"randomize_noise": True}              # training: unchanged
+    m.eval()
+    # the pipeline: frame i's maps follow its ray samples in its generator of (seed, i)
+    pipe = GOHA.Pipeline(m, device="cpu")
+    c = random_coeffs(3, seed=9)
+    f = frame(c)
+    source = {"image": f["image"][0].float() / 127.5 - 1, "camera": f["camera"][0],
+              "coeffs": c[0]}
+    driving = {"image": f["image"].float() / 127.5 - 1, "camera": f["camera"], "coeffs": c}
+    st = pipe.encode_source(source)
+
+    def frames(chunk, seed=3):
+        return torch.cat([x for _, x in pipe.stream(st, driving, chunk=chunk, seed=seed)])
+
+    one = frames(1)
+    torch.testing.assert_close(frames(3), one, atol=1e-5, rtol=0)
+    assert not torch.allclose(frames(1, seed=4), one, atol=1e-3)
+    assert not torch.allclose(pipe.animate(source, driving), pipe.animate(source, driving))
+    m.cfg.sr_noise = "stored"
+    assert not torch.allclose(frames(1), one, atol=1e-3)       # same samples, other SR noise
+    m.cfg.sr_noise = "random"
+    # a compiled SR gets the same maps (drawn outside it) and gives the same frames
+    compile_modules(m, ("sr",), parse_compile("aot_eager"))
+    torch.testing.assert_close(frames(1), one, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"model.sr_noise: expected one of \['stored', "
+                                         r"'random'\], got 'fresh'"):
+        GOHAConfig(sr_noise="fresh")

@@ -125,6 +125,58 @@ def test_gfpgan_tiny_forward_and_backward():
         GFPGANConfig(out_size=48)
 
 
+def test_gfpgan_noise_argument_and_drawn_noise():
+    """forward(noise=[...]) runs the decoder with the given maps: the stored maps passed in equal
+    randomize_noise=False; draw_noise gives maps of the stored maps' sides, per item from its
+    own generator (independent of the batching) or from torch's; wrong maps are refused."""
+    torch.manual_seed(0)
+    model = GFPGANv1Clean(**TINY).eval()
+    for m in model.modules():                       # noise strengths are zero at init
+        if isinstance(m, N.gfpgan.StyleConv):
+            m.weight.data.fill_(0.5)
+    dec = model.stylegan_decoder
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    stored = [getattr(dec.noises, f"noise{k}") for k in range(dec.num_layers)]
+    assert dec.num_layers == 7
+    assert dec.noise_shapes(2) == [(2, 1, r, r) for r in (4, 8, 8, 16, 16, 32, 32)]
+    assert [tuple(t.shape[1:]) for t in stored] == [s[1:] for s in dec.noise_shapes()]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, noise=stored), model(x, randomize_noise=False),
+                                   rtol=0, atol=0)
+        # GFPGAN's randomize_noise draws (B, 1, r, r) in each injection from torch's generator,
+        # in layer order: draw_noise without generators draws the same numbers
+        torch.manual_seed(5)
+        want = model(x, randomize_noise=True)
+        torch.manual_seed(5)
+        drawn = dec.draw_noise(2)
+        assert [tuple(t.shape) for t in drawn] == dec.noise_shapes(2)
+        torch.testing.assert_close(model(x, noise=drawn), want, rtol=0, atol=0)
+        assert not torch.allclose(model(x, noise=dec.draw_noise(2)), want)
+        # per-item generators: the same seeds give the same maps, batched or not
+        def gens(*seeds):
+            return [torch.Generator().manual_seed(s) for s in seeds]
+        a = dec.draw_noise(2, generators=gens(1, 2))
+        b = dec.draw_noise(2, generators=gens(1, 2))
+        one = dec.draw_noise(1, generators=gens(2))
+        for k in range(dec.num_layers):
+            assert torch.equal(a[k], b[k]) and torch.equal(a[k][1:], one[k])
+            assert not torch.equal(a[k][0], a[k][1])
+        ya = model(x, noise=a)
+        assert torch.equal(ya, model(x, noise=b))
+        assert not torch.allclose(ya, model(x, noise=dec.draw_noise(2, generators=gens(3, 4))))
+    with pytest.raises(ValueError, match=r"generators: expected one per item \(2\), got 1"):
+        dec.draw_noise(2, generators=gens(1))
+    with pytest.raises(ValueError, match="batch: expected an int >= 1, got 0"):
+        dec.draw_noise(0)
+    with pytest.raises(ValueError, match=r"noise: expected a list of 7 maps .*got 6"):
+        model(x, noise=stored[:6])
+    bad = list(stored)
+    bad[3] = torch.zeros(2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"noise\[3\]: expected shape \(2 or 1, 1, 16, 16\), "
+                                         r"got \(2, 1, 8, 8\)"):
+        model(x, noise=bad)
+
+
 def test_gfpgan_style_mlp_when_not_latent():
     torch.manual_seed(0)
     model = GFPGANv1Clean(**TINY, input_is_latent=False, different_w=False)

@@ -221,6 +221,36 @@ class StyleGAN2DecoderSFT(nn.Module):
             r = 2 ** ((k + 5) // 2)
             self.noises.register_buffer(f"noise{k}", torch.randn(1, 1, r, r))
 
+    def noise_shapes(self, batch: int = 1) -> list[tuple[int, int, int, int]]:
+        """Shapes of the noise maps of the ``num_layers`` noise injections, in order:
+        ``(batch, 1, r, r)``, r the side of the stored map ``noises.noise{k}`` (4, 8, 8, 16, 16,
+        ..., S)."""
+        return [(batch, 1, *getattr(self.noises, f"noise{k}").shape[-2:])
+                for k in range(self.num_layers)]
+
+    def draw_noise(self, batch: int, *, generators: list | None = None,
+                   device=None, dtype=None) -> list[torch.Tensor]:
+        """Fresh noise maps, one list entry per injection (:meth:`noise_shapes`), N(0, 1) in
+        ``dtype`` (default float32) on ``device`` (default the stored maps'): with
+        ``generators`` (one ``torch.Generator`` per item, ``len == batch``) item ``b``'s maps come
+        from ``generators[b]`` in layer order (independent of how items are batched), else from
+        torch's generator for the whole batch. Pass them as ``noise=`` to run the decoder with
+        them outside a compiled graph's own random numbers."""
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch: expected an int >= 1, got {batch!r}")
+        ref = self.noises.noise0
+        device = ref.device if device is None else torch.device(device)
+        dtype = torch.float32 if dtype is None else dtype
+        shapes = self.noise_shapes(1)
+        if generators is None:
+            return [torch.randn((batch, *s[1:]), device=device, dtype=dtype) for s in shapes]
+        if len(generators) != batch:
+            raise ValueError(f"generators: expected one per item ({batch}), got "
+                             f"{len(generators)}")
+        drawn = [[torch.randn(s, generator=g, device=device, dtype=dtype) for s in shapes]
+                 for g in generators]
+        return [torch.cat([d[k] for d in drawn]) for k in range(len(shapes))]
+
     def forward(self, styles: torch.Tensor, conditions: list[torch.Tensor], *,
                 input_is_latent: bool | None = None,
                 noise: list[torch.Tensor | None] | None = None,
@@ -246,6 +276,16 @@ class StyleGAN2DecoderSFT(nn.Module):
         if noise is None:
             noise = [None] * self.num_layers if randomize_noise else \
                 [getattr(self.noises, f"noise{k}") for k in range(self.num_layers)]
+        elif len(noise) != self.num_layers:
+            raise ValueError(f"noise: expected a list of {self.num_layers} maps (one per noise "
+                             f"injection) or None, got {len(noise)}")
+        else:
+            B = latent.shape[0]
+            for k, (t, want) in enumerate(zip(noise, self.noise_shapes(B))):
+                if t is not None and (t.ndim != 4 or t.shape[0] not in (1, B)
+                                      or tuple(t.shape[1:]) != want[1:]):
+                    raise ValueError(f"noise[{k}]: expected shape ({B} or 1, 1, {want[2]}, "
+                                     f"{want[3]}), got {tuple(t.shape)}")
         out = self.style_conv1(self.constant_input(latent.shape[0]), latent[:, 0], noise[0])
         skip = self.to_rgb1(out, latent[:, 1])
         i = 1
@@ -299,9 +339,13 @@ class ResBlockResample(nn.Module):
 class GFPGANv1Clean(nn.Module):
     """GFPGANv1Clean generator.
 
-    forward(x (B, 3, S, S) in [-1, 1], *, randomize_noise=True, return_rgbs=False)
+    forward(x (B, 3, S, S) in [-1, 1], *, noise=None, randomize_noise=True, return_rgbs=False)
     -> image (B, 3, S, S) (roughly [-1, 1], not clamped); with ``return_rgbs`` also the list of
-    the U-Net's auxiliary RGB outputs, (B, 3, r, r) for r = 8 .. S.
+    the U-Net's auxiliary RGB outputs, (B, 3, r, r) for r = 8 .. S. ``noise``: the decoder's
+    noise maps, a list of ``stylegan_decoder.num_layers`` tensors (B or 1, 1, r, r) (shapes:
+    ``stylegan_decoder.noise_shapes``, fresh ones: ``stylegan_decoder.draw_noise``); None: fresh
+    maps drawn in each injection with ``randomize_noise`` (GFPGAN's ``noise=None``), else the
+    stored ``noises.noise*``.
 
     Parameter names equal GFPGAN's (``conv_body_first.weight``, ``stylegan_decoder.style_convs.0.
     modulated_conv.weight``, ...), so GFPGANv1.3's ``params_ema`` loads unchanged (see
@@ -338,8 +382,8 @@ class GFPGANv1Clean(nn.Module):
         self.final_linear = nn.Linear(U(4) * 16, n_out)
         self.stylegan_decoder = StyleGAN2DecoderSFT(cfg)
 
-    def forward(self, x: torch.Tensor, *, randomize_noise: bool = True,
-                return_rgbs: bool = False):
+    def forward(self, x: torch.Tensor, *, noise: list[torch.Tensor | None] | None = None,
+                randomize_noise: bool = True, return_rgbs: bool = False):
         cfg = self.cfg
         S = cfg.out_size
         if x.ndim != 4 or x.shape[1:] != (3, S, S):
@@ -360,7 +404,8 @@ class GFPGANv1Clean(nn.Module):
             conditions.append(self.condition_shift[lvl](feat))
             if return_rgbs:
                 rgbs.append(self.toRGB[lvl](feat))
-        image = self.stylegan_decoder(style, conditions, randomize_noise=randomize_noise)
+        image = self.stylegan_decoder(style, conditions, noise=noise,
+                                      randomize_noise=randomize_noise)
         return (image, rgbs) if return_rgbs else image
 
 

@@ -25,12 +25,13 @@ GOHA_TRAINING = {"cano_terms": "mean", "neutral_weight": 3.0, "gan_in_coarse": F
                  "d_fakes": "tar", "sr_raw_terms": True, "r1_inputs": "input",
                  "s2_disc_init": "gfpgan", "lift_grad": True, "tar_lift_expression": "driving"}
 #: the values of the inference-difference options (:class:`GOHAConfig`)
-INFERENCE_CHOICES = {"infer_lift_expression": ("source", "driving")}
+INFERENCE_CHOICES = {"infer_lift_expression": ("source", "driving"),
+                     "sr_noise": ("stored", "random")}
 #: GOHA's inference (its demo.py / test_celeba_cross.py run the model's forward per driving
-#: frame), set by the full and gpu-short presets of every stage and by ``pyface convert goha``;
+#: frame; its GFPUpsampler draws fresh SR noise maps in every call), set by the full and gpu-short presets of every stage and by ``pyface convert goha``;
 #: the config default (pyface's earlier inference) is kept by tiny and by saved configs without
 #: the key
-GOHA_INFERENCE = {"infer_lift_expression": "driving"}
+GOHA_INFERENCE = {"infer_lift_expression": "driving", "sr_noise": "random"}
 
 
 @dataclass
@@ -169,6 +170,11 @@ class GOHAConfig:
     # reused for every driving frame); "driving" (GOHA's demo / test scripts): the appearance
     # planes are lifted again for every driving frame from the canonical + that frame's
     # expression planes (one lift render and one appearance encoding per frame)
+    sr_noise: str = "stored"  # s2's super-resolution outside training: "stored" runs
+    # GFPGAN's decoder with its stored noise maps (frames independent of the noise); "random"
+    # (GOHA's GFPUpsampler, noise=None) with fresh maps per call, drawn before the SR runs from
+    # each frame's generator when the pipeline is seeded, else from torch's generator.
+    # Training always draws fresh maps
 
     def __post_init__(self):
         if self.resolution % 4 or self.resolution < 16:

@@ -31,8 +31,9 @@ accepted too. Model keys (GOHA full size; pyface name on the right)::
 Keys without a pyface counterpart (:data:`DROPPED`) are listed in the folder's meta and in a
 note. The released ``IDUpsampler`` uses the xy up-branch for all three planes, so the folder's
 config sets ``share_upsampler_weights=True``. GOHA's inference lifts the appearance planes
-from the canonical + the driving frame's expression planes for every frame, so the config sets
-``infer_lift_expression="driving"`` (:data:`~pyface.models.goha.config.GOHA_INFERENCE`).
+from the canonical + the driving frame's expression planes for every frame and runs its SR
+with fresh noise maps, so the config sets ``infer_lift_expression="driving"`` and
+``sr_noise="random"`` (:data:`~pyface.models.goha.config.GOHA_INFERENCE`).
 """
 from __future__ import annotations
 

@@ -534,9 +534,10 @@ class GOHA(TrainableModel):
         """Side of :meth:`finish`'s output: the render side r (s2: the SR side R)."""
         return self.cfg.render_resolution
 
-    def finish(self, raw: torch.Tensor) -> torch.Tensor:
+    def finish(self, raw: torch.Tensor, *, generators: list | None = None) -> torch.Tensor:
         """The final image from the raw render ``(B, 3, r, r)``: itself (s2 adds the
-        super-resolution)."""
+        super-resolution, whose random noise maps, with ``model.sr_noise="random"``, come from
+        ``generators``: one ``torch.Generator`` per item, or None for torch's)."""
         return raw
 
     def foreground(self, raw: torch.Tensor, image: torch.Tensor,
@@ -792,9 +793,12 @@ class GOHAPipeline(Pipeline):
                                            use_appearance=appearance)
         # every frame's ray samples, drawn here: from its own generator when seeded, else from
         # torch's (the renderer's own draws), out of a compiled renderer either way
+        gens = frame_generators(motion, planes.device)
         out = self.model.render(planes, motion["camera"], uniforms=self.model.ray_samples(
-            planes, generators=frame_generators(motion, planes.device)))
-        img = self.model.finish(out["image"])
+            planes, generators=gens))
+        # s2 with model.sr_noise="random": each frame's noise maps follow its ray samples in
+        # its generator (or come from torch's), drawn before a compiled SR runs
+        img = self.model.finish(out["image"], generators=gens)
         if composite and st.get("background") is not None:
             # the render is premultiplied over black: add the background where it is clear
             alpha = out["weights"].clamp(0, 1)

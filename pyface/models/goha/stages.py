@@ -382,16 +382,27 @@ class GOHASR(_GANStage):
     def output_resolution(self) -> int:
         return self.cfg.resolution
 
-    def finish(self, raw: torch.Tensor) -> torch.Tensor:
+    def finish(self, raw: torch.Tensor, *, generators: list | None = None) -> torch.Tensor:
         """raw render (B, 3, r, r) -> SR image (B, 3, R, R): GFPGANv1Clean on the bilinear
-        upsampling (``align_corners=True``, as GOHA's GFPUpsampler; stored noise maps outside
-        training). With ``model.sr_residual``: ``up + sr_gain * GFPGANv1Clean(up)``, ``up`` the
-        bilinear upsampling with ``align_corners=False`` (pixel centres, as the render's rays)."""
+        upsampling (``align_corners=True``, as GOHA's GFPUpsampler). With
+        ``model.sr_residual``: ``up + sr_gain * GFPGANv1Clean(up)``, ``up`` the bilinear
+        upsampling with ``align_corners=False`` (pixel centres, as the render's rays).
+        Noise maps: fresh ones drawn inside the SR in training; outside training
+        ``model.sr_noise`` "stored" uses the stored maps, "random" (GOHA's) fresh ones drawn
+        here, before the SR runs (so a compiled SR gets the same numbers as an eager one): item
+        ``b``'s from ``generators[b]`` (one ``torch.Generator`` per item), else from torch's
+        generator."""
         R = self.cfg.resolution
         residual = self.sr_gain is not None
         x = raw if raw.shape[-1] == R else F.interpolate(raw, size=(R, R), mode="bilinear",
                                                          align_corners=not residual)
-        y = self.sr(x, randomize_noise=self.sr.training)
+        if self.sr.training:
+            y = self.sr(x, randomize_noise=True)
+        elif self.cfg.sr_noise == "random":
+            y = self.sr(x, noise=self.sr.stylegan_decoder.draw_noise(
+                x.shape[0], generators=generators, device=x.device, dtype=x.dtype))
+        else:
+            y = self.sr(x, randomize_noise=False)
         return x + self.sr_gain * y if residual else y
 
     def foreground(self, raw: torch.Tensor, image: torch.Tensor,
