@@ -14,6 +14,7 @@ from torch import nn
 from pyface import checkpoint as ckpt
 from pyface.models.eg3d import EG3DGenerator, EG3DGeneratorConfig
 from pyface.nn.render import RenderConfig
+from _saved_runs import drop_saved_keys
 
 
 def tiny_cfg(**kw) -> EG3DGeneratorConfig:
@@ -1318,7 +1319,6 @@ def test_gen_c_per_phase_presets_and_saved_configs():
 def test_gen_c_per_phase_resume_refuses_a_changed_key_and_takes_an_old_run(tmp_path):
     """A run resumed with gen_c_per_phase changed is refused naming the key; a checkpoint saved
     before the key existed resumes with the default (one permutation per step)."""
-    import json
 
     from pyface.train.engine import Trainer
 
@@ -1328,12 +1328,6 @@ def test_gen_c_per_phase_resume_refuses_a_changed_key_and_takes_an_old_run(tmp_p
     with pytest.raises(ckpt.CheckpointError, match=r"model\.gen_c_per_phase: checkpoint False "
                                                    r"vs run True"):
         Trainer(changed, dataset=_Frames()).resume("auto")
-    path = ckpt.latest_checkpoint(str(tmp_path / "a"))
-    meta_path = os.path.join(path, ckpt.META_FILE)
-    with open(meta_path) as f:
-        meta = json.load(f)
-    del meta["experiment"]["model_config"]["gen_c_per_phase"]
-    with open(meta_path, "w") as f:
-        json.dump(meta, f)
+    path = drop_saved_keys(tmp_path / "a", ["gen_c_per_phase"])[-1]
     tr = Trainer(_experiment(tmp_path / "a", 4), dataset=_Frames())
     assert tr.resume("auto") == path and tr.step == 2

@@ -14,6 +14,7 @@ from pyface.models.export3d.model import landmark_boxes
 from pyface.train.config import build_experiment
 from pyface.train.engine import Trainer
 from pyface.train.model import Stage, StepContext, load_pretrained
+from _saved_runs import drop_saved_keys
 
 QUIET = ["train.progress=false", "train.tensorboard=false", "train.image_every=0",
          "train.log_every=1", "train.ckpt_every=0"]
@@ -1169,16 +1170,7 @@ def test_clebs_config_without_temperature_decay_is_an_earlier_run(tmp_path):
 
 def _drop_temperature_decay(run):
     """Rewrite run's config.yaml and checkpoints as a run saved before the option."""
-    import json
-    import os
-
-    for folder in [p for _, p in ckpt.list_checkpoints(str(run))]:
-        mf = os.path.join(folder, ckpt.META_FILE)
-        with open(mf) as f:
-            meta = json.load(f)
-        del meta["experiment"]["model_config"]["temperature_decay"]
-        with open(mf, "w") as f:
-            json.dump(meta, f)
+    drop_saved_keys(run, ["temperature_decay"])
     cy = run / "config.yaml"
     text = cy.read_text()
     assert "  temperature_decay: true\n" in text

@@ -17,6 +17,7 @@ from pyface.models.mmfa import (MMFA, MMFAConfig, deep3d_to_keypoint_degrees,
 from pyface.models.mmfa.motion import ExpressionDecoder
 from pyface.nn.motion import euler_to_rotation
 from pyface.train import Trainer, build_experiment
+from _saved_runs import drop_saved_keys
 
 RES = 32
 #: a micro MMFA at 32^2: 8^2 x 4 x 8 volume, K = 4
@@ -836,10 +837,9 @@ def test_training_options_default_to_the_earlier_training(tmp_path, micro_run, d
     """The defaults are the earlier training: tiny and the recipe keep them, a saved config
     without the keys resolves to them and its run resumes; full and gpu-short set the paper's;
     a resume with a key changed is refused naming it; a bad value names the key."""
-    import json
     import shutil
 
-    from pyface.checkpoint import CheckpointError, latest_checkpoint
+    from pyface.checkpoint import CheckpointError
     from pyface.models.mmfa.model import PAPER_TRAINING, TRAINING_CHOICES
     from pyface.train.model import config_from_dict
 
@@ -862,12 +862,7 @@ def test_training_options_default_to_the_earlier_training(tmp_path, micro_run, d
     # ... and a checkpoint saved without them resumes with the tiny preset
     old = tmp_path / "old"
     shutil.copytree(micro_run, old)
-    ckpt = latest_checkpoint(str(old))
-    meta_path = f"{ckpt}/meta.json"
-    meta = json.load(open(meta_path))
-    for k in EARLIER:
-        del meta["experiment"]["model_config"][k]
-    json.dump(meta, open(meta_path, "w"))
+    ckpt = drop_saved_keys(old, EARLIER)[-1]
     t = Trainer(experiment(old, data_root, "train.steps=3"))
     assert t.resume("auto") == ckpt and t.step == 2
     # resuming with a key changed is refused, naming the key
