@@ -130,11 +130,13 @@ def add_option_argument(parser, command: str) -> None:
 def parse_model_options(args) -> dict:
     """``args.option`` (``--option KEY=VALUE`` items) -> the checked ``{field: value}`` of
     ``args.model`` (:func:`pyface.models.check_options`); ValueError naming the key."""
+    items = getattr(args, "option", None) or []
+    if not items:
+        return {}
     from pyface.models import check_options
     from pyface.train.config import parse_options
 
-    items = getattr(args, "option", None) or []
-    return check_options(args.model, parse_options(items)) if items else {}
+    return check_options(args.model, parse_options(items))
 
 
 def add_compile_argument(parser, timing: str, *, work: str = "frames",
