@@ -708,6 +708,57 @@ def test_help_explains_camera_and_control(capsys):
     assert "--control NAME=VALUE" in text and "Example: --control yaw_scale=0.5" in text
 
 
+def test_option_reaches_load_and_bad_ones_exit_2_before_it(example_run, frames_dir, tmp_path,
+                                                           capsys, monkeypatch):
+    """--option KEY=VALUE (repeatable; with or without model.) reaches pyface.models.load's
+    options, read like a --set value; an undeclared key or a bad value exits 2 naming it
+    before the model loads."""
+    import pyface.models
+    from pyface.train.example import TriplaneAutoencoder
+
+    monkeypatch.setattr(TriplaneAutoencoder, "inference_options", ("depth_samples", "hidden"))
+    seen = []
+    load = pyface.models.load
+
+    def recording(*a, **k):
+        seen.append(k.get("options"))
+        pipe = load(*a, **k)
+        seen.append(pipe.model.cfg.depth_samples)
+        return pipe
+
+    monkeypatch.setattr(pyface.models, "load", recording)
+    out = ["--out", str(tmp_path / "a.mp4")]
+    assert _animate(example_run, frames_dir, *out, "--option", "model.depth_samples=2") == 0
+    assert seen == [{"depth_samples": 2}, 2]
+    seen.clear()
+    assert _animate(example_run, frames_dir, *out) == 0
+    assert seen == [None, 4]                  # the checkpoint's value
+    capsys.readouterr()
+    seen.clear()
+    for item, msg in [("plane_channels=2", "options: 'plane_channels' is not an inference option "
+                       "of model 'example' (set when it was trained; only the inference options "
+                       "may change on a trained model); valid: model.depth_samples, "
+                       "model.hidden"),
+                      ("model.depth_samples=lots", "model.depth_samples: expected int, got "
+                       "'lots'"),
+                      ("depth_samples", "--option 'depth_samples': expected key=value")]:
+        assert _animate(example_run, frames_dir, *out, "--option", item) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("pyface animate: ") and msg in err and "Traceback" not in err
+    assert seen == []
+    assert main(["animate", "eg3d", "--checkpoint", "x", "--option", "pti_steps=2",
+                 "--out", str(tmp_path / "s.mp4")]) == 2
+    assert "--option: a seed animation of eg3d takes no inference options" in \
+        capsys.readouterr().err
+
+
+def test_help_explains_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["animate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--option KEY=VALUE" in text and "--option model.pti_steps=50" in text
+
+
 # -- --seed ----------------------------------------------------------------------------------
 
 def _dice_pipeline(seen):

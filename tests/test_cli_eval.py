@@ -266,6 +266,58 @@ def test_compile_reaches_the_pipeline_and_the_report(root, example_run, tmp_path
     assert "compile_chunks" not in rep["protocols"]["same"]
 
 
+# -- --option --------------------------------------------------------------------------------
+
+def test_option_reaches_load_and_the_report(root, example_run, tmp_path, capsys, monkeypatch):
+    """--option KEY=VALUE: the model's inference options, checked (exit 2 naming the key or
+    model.KEY, before any metric or model loads), passed to pyface.models.load(options=) and
+    recorded in the JSON report ({} without)."""
+    import pyface.models
+    from pyface.eval import evaluate as E
+    from pyface.train.example import TriplaneAutoencoder
+
+    monkeypatch.setattr(TriplaneAutoencoder, "inference_options", ("depth_samples",))
+    seen = []
+    load = pyface.models.load
+    monkeypatch.setattr(pyface.models, "load",
+                        lambda *a, **k: seen.append(k.get("options")) or load(*a, **k))
+    args = ["eval", "example", "--checkpoint", example_run, "--data", root, *BASE,
+            "--protocol", "same", "--max-pairs", "2"]
+    assert main(args + ["--json", str(tmp_path / "o.json"), "--option",
+                        "model.depth_samples=2"]) == 0
+    assert seen == [{"depth_samples": 2}]
+    assert json.load(open(tmp_path / "o.json"))["options"] == {"model.depth_samples": 2}
+    seen.clear()
+    assert main(args + ["--json", str(tmp_path / "n.json")]) == 0
+    assert seen == [None] and json.load(open(tmp_path / "n.json"))["options"] == {}
+    capsys.readouterr()
+
+    def no_loading(*a, **k):
+        raise AssertionError("the metrics load after the options are checked")
+
+    monkeypatch.setattr(E, "load_networks", no_loading)
+    seen.clear()
+    assert main(args + ["--option", "hidden=4"]) == 2
+    assert "options: 'hidden' is not an inference option of model 'example'" in _err(capsys)
+    assert main(args + ["--option", "depth_samples=many"]) == 2
+    assert "model.depth_samples: expected int, got 'many'" in _err(capsys)
+    assert main(args + ["--option", "depth_samples"]) == 2
+    assert "--option 'depth_samples': expected key=value" in _err(capsys)
+    assert main(["eval", "copy-source", "--data", root, *BASE, "--option", "a=1"]) == 2
+    assert "--option: copy-source is a baseline, with no inference options" in _err(capsys)
+    assert main(["eval", "--runs", f"example={example_run}", "--out", str(tmp_path / "r"),
+                 "--data", root, *BASE, "--option", "depth_samples=2"]) == 2
+    assert "--runs takes no --option" in _err(capsys)
+    assert seen == []
+
+
+def test_help_explains_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--option KEY=VALUE" in text and "--option model.pti_steps=50" in text
+
+
 def test_an_interrupted_json_write_keeps_the_earlier_report(root, tmp_path, capsys, monkeypatch):
     """Ctrl-C while the report is written: --json keeps the earlier, complete report (the JSON
     goes to a temporary renamed over it), and no temporary is left."""

@@ -348,6 +348,29 @@ def test_engine_step_and_exact_resume(tmp_path, data_root):
                if k.startswith("encoder_appearance"))        # step 1 trained the appearance
 
 
+def test_load_options_set_goha_inference_options(tiny_run):
+    """`pyface.models.load(..., options=...)` sets GOHA's inference options (INFERENCE_CHOICES)
+    on a trained run without touching its weights; an architecture key is refused naming it
+    and the valid ones, a bad choice names model.KEY."""
+    saved = pyface.models.load("goha_s1", str(tiny_run), device="cpu")
+    assert (saved.model.cfg.sr_noise, saved.model.cfg.infer_lift_expression) == ("stored",
+                                                                                  "source")
+    pipe = pyface.models.load("goha_s1", str(tiny_run), device="cpu",
+                              options={"model.sr_noise": "random",
+                                       "infer_lift_expression": "driving"})
+    assert (pipe.model.cfg.sr_noise, pipe.model.cfg.infer_lift_expression) == ("random",
+                                                                                "driving")
+    want = saved.model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in pipe.model.state_dict().items())
+    with pytest.raises(ValueError, match=r"options: 'plane_channels' is not an inference option "
+                                         r"of model 'goha_s1' .*valid: "
+                                         r"model.infer_lift_expression, model.sr_noise$"):
+        pyface.models.load("goha_s1", str(tiny_run), options={"plane_channels": 8})
+    with pytest.raises(ValueError, match=r"model.sr_noise: expected one of \['stored', "
+                                         r"'random'\], got 'fresh'"):
+        pyface.models.load("goha_s1", str(tiny_run), options={"sr_noise": "fresh"})
+
+
 def test_pipeline_on_a_tiny_checkpoint(tiny_run):
     pipe = pyface.models.load("goha_s1", str(tiny_run), device="cpu")
     assert pipe.resolution == 32 and pipe.input_resolution == 64

@@ -357,6 +357,33 @@ def test_inversion_loss_decreases(generator_dir):
     assert losses[-1] <= 0.7 * losses[0], losses
 
 
+def test_load_options_set_the_inference_options_of_a_trained_run(run):
+    """`pyface.models.load("otavatar", RUN, options=...)` (OTAvatar's own load_pipeline): the
+    inversion / PTI / profile options replace the saved ones before the model is built, the
+    weights and every other field stay the checkpoint's; a training field is refused naming it
+    and listing the inference options, a bad value names model.KEY."""
+    r, _ = run
+    saved = pyface.models.load("otavatar", r, device="cpu")
+    assert (saved.model.cfg.pti_steps, saved.model.cfg.drive_pose) == (2, True)   # tiny
+    pipe = pyface.models.load("otavatar", r, device="cpu",
+                              options={"model.pti_steps": 3, "drive_pose": "false",
+                                       "inference": "reference"})
+    cfg = pipe.model.cfg
+    assert (cfg.pti_steps, cfg.drive_pose, cfg.inference) == (3, False, "reference")
+    assert cfg.controller_lr == saved.model.cfg.controller_lr
+    assert cfg.roi_box == saved.model.cfg.roi_box
+    want = saved.model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in pipe.model.state_dict().items())
+    with pytest.raises(ValueError, match=r"options: 'model.controller_lr' is not an inference "
+                                         r"option of model 'otavatar' .*valid: "
+                                         r"model.invert_steps, .*model.pti_steps"):
+        pyface.models.load("otavatar", r, device="cpu", options={"model.controller_lr": 1.0})
+    with pytest.raises(ValueError, match=r"model.pti_steps: expected int, got 'lots'"):
+        pyface.models.load("otavatar", r, device="cpu", options={"pti_steps": "lots"})
+    with pytest.raises(ValueError, match=r"model.invert_space"):
+        pyface.models.load("otavatar", r, device="cpu", options={"invert_space": "z"})
+
+
 def test_pipeline_from_a_converted_release(tmp_path):
     """`pyface.models.load("otavatar", FOLDER)` on a `pyface convert otavatar` folder: the
     release's controller (full size) drives the release's generator."""

@@ -262,6 +262,50 @@ def test_models_load_errors(example_run, monkeypatch):
         pyface.models.load("example2", str(example_run))
 
 
+def test_load_options_replace_the_saved_inference_options_only(example_run, monkeypatch):
+    """``load(..., options=...)`` sets a declared inference option (with or without ``model.``)
+    on the config the model is built from; any other key is refused naming it and listing the
+    declared ones, a bad value names ``model.KEY``; the checkpoint's value stays otherwise."""
+    saved = pyface.models.load("example", str(example_run), device="cpu").model.cfg
+    assert saved.depth_samples == 4
+    # the example model declares none: every key is refused
+    with pytest.raises(ValueError, match=r"options: 'depth_samples' is not an inference option "
+                                         r"of model 'example' .*valid: none"):
+        pyface.models.load("example", str(example_run), options={"depth_samples": 2})
+    monkeypatch.setattr(TriplaneAutoencoder, "inference_options", ("depth_samples", "hidden"))
+    for key in ("depth_samples", "model.depth_samples"):
+        pipe = pyface.models.load("example", str(example_run), device="cpu", options={key: 2})
+        assert pipe.model.cfg.depth_samples == 2
+        assert pipe.model.cfg.plane_channels == saved.plane_channels      # the rest: saved
+    assert pyface.models.inference_options("example") == ("depth_samples", "hidden")
+    with pytest.raises(ValueError, match=r"options: 'model.plane_channels' is not an inference "
+                                         r"option of model 'example' .*valid: "
+                                         r"model.depth_samples, model.hidden$"):
+        pyface.models.load("example", str(example_run), options={"model.plane_channels": 8})
+    with pytest.raises(ValueError, match=r"model.depth_samples: expected int, got 'many'"):
+        pyface.models.load("example", str(example_run), options={"depth_samples": "many"})
+    with pytest.raises(ValueError, match=r"model.depth_samples given twice"):
+        pyface.models.check_options("example", {"depth_samples": 2, "model.depth_samples": 3})
+    with pytest.raises(TypeError, match=r"options: expected a dict"):
+        pyface.models.load("example", str(example_run), options=["depth_samples=2"])
+
+
+@pytest.mark.parametrize("name", ["eg3d", "export3d", "mmfa", "goha", "otavatar"])
+def test_declared_inference_options_are_fields_of_the_config(name):
+    """Every declared inference option is a field of the model's config that the default
+    config accepts as it is (check_options converts it like a config value)."""
+    cls = pyface.models.model_class(name)
+    default = cls.Config()
+    declared = pyface.models.inference_options(name)
+    assert len(set(declared)) == len(declared)
+    values = {k: getattr(default, k) for k in declared}
+    assert pyface.models.check_options(name, values) == values
+    if name in ("goha", "otavatar"):
+        assert declared
+    with pytest.raises(ValueError, match=r"is not an inference option"):
+        pyface.models.check_options(name, {"resolution": 8})
+
+
 def test_base_pipeline_reconstruct_is_animate_with_the_source():
     class Mean(Pipeline):
         resolution = 8

@@ -93,8 +93,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--workers", type=int, default=0,
                    help="data loader processes (default 0: the main process)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    from pyface.train.animate_cli import add_compile_argument
+    from pyface.train.animate_cli import add_compile_argument, add_option_argument
     from pyface.train.cli import add_import_argument
+
+    add_option_argument(p, "eval")   # MODEL --checkpoint only; the JSON records them (options)
 
     add_compile_argument(p, "fps leaves out the chunks of pairs that compiled (reported as "
                             "compile_chunks / compile_seconds; the JSON records the mode as "
@@ -430,11 +432,13 @@ def differences_table(diff: dict, report: dict) -> str:
 
 
 def load_pipeline(model: str, checkpoint: str | None, *, device, ema: bool = True, resolution=None,
-                  data: str | None = None, option: str = "--checkpoint", compile=None):
+                  data: str | None = None, option: str = "--checkpoint", compile=None,
+                  options: dict | None = None):
     """The pipeline to evaluate: :class:`~pyface.eval.evaluate.CopySource` for ``copy-source``,
     :class:`~pyface.eval.warp_baseline.WarpBaseline` for ``warp-baseline``, else
-    ``pyface.models.load(model, checkpoint, device=device, ema=ema, compile=compile)``
-    (``compile``: ``--compile``'s mode, models only); a checkpoint of another
+    ``pyface.models.load(model, checkpoint, device=device, ema=ema, compile=compile,
+    options=options)`` (``compile``: ``--compile``'s mode, ``options``: ``--option``'s inference
+    options, models only); a checkpoint of another
     model is a ValueError naming ``option``, what it holds and what ``model`` takes."""
     from pyface.eval.evaluate import CopySource
     from pyface.eval.warp_baseline import WarpBaseline
@@ -453,7 +457,8 @@ def load_pipeline(model: str, checkpoint: str | None, *, device, ema: bool = Tru
 
     try:
         return load(model, checkpoint, device=device, ema=ema,
-                    **({"compile": compile} if compile is not None else {}))
+                    **({"compile": compile} if compile is not None else {}),
+                    **({"options": options} if options else {}))
     except WrongModelError as e:
         raise ValueError(e.for_option(option, checkpoint)) from None
     except KeyError as e:      # an unknown model name: the registry's message lists the names
@@ -504,8 +509,11 @@ def protocols_of(protocol: str, data: str) -> tuple[str, ...]:
 
 
 def evaluate_report(name: str, pipeline, args, *, metrics, networks, checkpoint=None,
-                    detector="auto", cache=None, results: dict | None = None, group=None):
+                    detector="auto", cache=None, results: dict | None = None, group=None,
+                    options: dict | None = None):
     """Evaluates ``pipeline`` on every requested protocol -> (report dict, sheet dicts);
+    ``options``: the inference options the model was loaded with (``--option``; the report's
+    ``options``, ``{}`` for none);
     ``results``: a dict that receives ``{protocol: EvalResult}`` (the per-pair values).
     ``group`` (:class:`pyface.eval.distributed.EvalGroup`, under torchrun): each rank evaluates
     its shard and rank 0 gets the merged results; the other ranks return ``(None, [])``."""
@@ -537,6 +545,7 @@ def evaluate_report(name: str, pipeline, args, *, metrics, networks, checkpoint=
     device = getattr(pipeline, "device", None) or "cpu"
     report = {"model": name,
               "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
+              "options": {f"model.{k}": v for k, v in (options or {}).items()},
               "data": os.path.abspath(args.data), "data_hash": data_hash(args.data),
               "device": device_name(device), "resolution": int(pipeline.resolution),
               "batch_size": args.batch_size, "max_pairs": args.max_pairs, "subset": args.subset,
@@ -762,6 +771,9 @@ def check(args) -> int:
     import_plugins(args.imports)
     if args.model is not None and args.model not in BASELINES:
         model_class(args.model)
+        from pyface.train.animate_cli import parse_model_options
+
+        parse_model_options(args)
     if args.checkpoint and not os.path.exists(args.checkpoint):
         print(f"pyface eval: not there yet, so not checked: --checkpoint {args.checkpoint}",
               file=sys.stderr)
@@ -797,6 +809,11 @@ def _check_command(args, pre: str):
             print(f"{pre}pyface eval: --runs takes no MODEL, --checkpoint, --json or --sheet (it "
                   "writes --out DIR)", file=sys.stderr)
             return 2
+        if args.option:
+            print(f"{pre}pyface eval: --runs takes no --option (inference options apply to one "
+                  "model: pyface eval MODEL --checkpoint RUN --option KEY=VALUE)",
+                  file=sys.stderr)
+            return 2
     elif args.model is None:
         print(f"{pre}pyface eval: expected MODEL (or --runs MODEL=RUN ...)", file=sys.stderr)
         return 2
@@ -813,10 +830,16 @@ def _check_command(args, pre: str):
               "compile (--compile applies to a model: pyface eval MODEL --checkpoint RUN "
               "--compile)", file=sys.stderr)
         return 2
+    elif args.option and args.model in BASELINES:
+        print(f"{pre}pyface eval: --option: {args.model} is a baseline, with no inference "
+              "options (--option applies to a model: pyface eval MODEL --checkpoint RUN "
+              "--option KEY=VALUE)", file=sys.stderr)
+        return 2
     elif args.resolution is not None and args.model not in BASELINES:
         print(f"{pre}pyface eval: --resolution applies to the baselines only (a model evaluates "
               "at its output resolution)", file=sys.stderr)
         return 2
+    from pyface.train.animate_cli import parse_model_options
     from pyface.train.registry import import_plugins, model_class
 
     try:            # a plugin (--import); an unknown or broken model before the metrics load
@@ -829,6 +852,7 @@ def _check_command(args, pre: str):
         for name in models:
             if name is not None and name not in BASELINES:
                 model_class(name)
+        args.options = parse_model_options(args) if args.runs is None else {}
     except (ValueError, KeyError) as exc:     # ValueError: ModelDefinitionError too
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"{pre}pyface eval: {msg}", file=sys.stderr)
@@ -890,10 +914,12 @@ def _run(args, device, group) -> int:
             return _run_many(args, metrics, networks, device, detector, group)
         pipeline = _setup(group, f"loading {args.model}", lambda: load_pipeline(
             args.model, args.checkpoint, device=device, ema=not args.no_ema,
-            resolution=args.resolution, data=args.data, compile=args.compile))
+            resolution=args.resolution, data=args.data, compile=args.compile,
+            options=getattr(args, "options", None)))
         report, sheets = evaluate_report(args.model, pipeline, args, metrics=metrics,
                                          networks=networks, checkpoint=args.checkpoint,
-                                         detector=detector or "none", group=group)
+                                         detector=detector or "none", group=group,
+                                         options=getattr(args, "options", None))
     except PeerFailed as e:
         if main:
             print(f"pyface eval: {e}", file=sys.stderr)

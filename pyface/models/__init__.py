@@ -19,12 +19,13 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+from typing import Any
 
 import torch
 
 log = logging.getLogger("pyface.models")
 
-__all__ = ["load", "names", "model_class"]
+__all__ = ["load", "names", "model_class", "inference_options", "check_options"]
 
 
 def names() -> list[str]:
@@ -41,8 +42,50 @@ def model_class(name: str):
     return resolve(name)
 
 
+def inference_options(name: str) -> tuple[str, ...]:
+    """The config fields of model ``name`` that ``load(..., options=...)`` may set
+    (:attr:`pyface.train.model.TrainableModel.inference_options`)."""
+    return tuple(getattr(model_class(name), "inference_options", ()) or ())
+
+
+def check_options(name: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """``options`` of :func:`load` checked for model ``name`` -> ``{field: value}`` (keys
+    without the ``model.`` prefix, values converted as config values).
+
+    A key that is not one of the model's :func:`inference_options` is a ValueError naming it
+    and listing the valid ones; a value of the wrong type or a bad choice a
+    :class:`pyface.train.config.ConfigError` (a ValueError) naming ``model.KEY``, checked on
+    the model's default config (what depends on the checkpoint's config is checked by
+    :func:`load`). Nothing is read."""
+    from pyface.train.config import from_dict
+
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(f"options: expected a dict of inference options, got "
+                        f"{type(options).__name__}")
+    cls = model_class(name)
+    valid = tuple(getattr(cls, "inference_options", ()) or ())
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        field = key[len("model."):] if isinstance(key, str) and key.startswith("model.") else key
+        if field not in valid:
+            listed = ", ".join(f"model.{k}" for k in valid) if valid else "none"
+            raise ValueError(f"options: {key!r} is not an inference option of model {name!r} "
+                             f"(set when it was trained; only the inference options may change "
+                             f"on a trained model); valid: {listed}")
+        if field in out:
+            raise ValueError(f"options: model.{field} given twice (as {key!r} too)")
+        out[field] = value
+    if out:
+        cfg = from_dict(cls.Config, out, prefix="model.")
+        out = {k: getattr(cfg, k) for k in out}
+    return out
+
+
 def load(name: str, checkpoint: str, *, device: str | torch.device | None = None,
-         ema: bool = True, weights: dict[str, str] | None = None, compile=None):
+         ema: bool = True, weights: dict[str, str] | None = None, compile=None,
+         options: dict[str, Any] | None = None):
     """The inference pipeline of model ``name`` with the weights of ``checkpoint``.
 
     Args:
@@ -59,10 +102,17 @@ def load(name: str, checkpoint: str, *, device: str | torch.device | None = None
             means ``"default"``): the pipeline's heavy modules are compiled in place
             (:meth:`~pyface.train.model.Pipeline.compile`; the first frames are slow while
             they compile, later ones faster). Checked before the checkpoint is read.
+        options: inference options of the trained model, ``{key: value}`` (a key with or
+            without ``model.``, e.g. ``{"pti_steps": 50}`` for OTAvatar, ``{"model.sr_noise":
+            "random"}`` for GOHA): they replace the checkpoint's values of those config fields
+            before the model is built. Only the model's declared :func:`inference_options`
+            (fields that change no weights); anything else is a ValueError naming the key and
+            listing the valid ones; a value is converted like a config value (a wrong type or
+            a bad choice: a ValueError naming ``model.KEY``). See :func:`check_options`.
 
-    ``checkpoint``, ``device``, ``ema`` and ``compile`` are checked before the checkpoint is
-    read: a TypeError / ValueError naming the argument (e.g. ``device="gpu"``, or ``"cuda"`` on
-    a machine without CUDA).
+    ``checkpoint``, ``device``, ``ema``, ``compile`` and ``options`` are checked before the
+    checkpoint is read: a TypeError / ValueError naming the argument (e.g. ``device="gpu"``, or
+    ``"cuda"`` on a machine without CUDA).
 
     Raises KeyError (unknown name), ValueError (the model has no pipeline, or the checkpoint
     belongs to another model: :class:`pyface.train.model.WrongModelError`, a CheckpointError
@@ -81,7 +131,8 @@ def load(name: str, checkpoint: str, *, device: str | torch.device | None = None
     resolve_device(device)
     if not isinstance(ema, bool):
         raise TypeError(f"ema: expected True or False, got {ema!r}")
-    options = parse_compile(compile, what="compile")
+    compiling = parse_compile(compile, what="compile")
+    opts = check_options(name, options)
     cls = model_class(name)
     if getattr(cls, "Pipeline", None) is None:
         raise ValueError(f"model {name!r} has no inference pipeline ({cls.__name__}.Pipeline is "
@@ -91,22 +142,31 @@ def load(name: str, checkpoint: str, *, device: str | torch.device | None = None
     if weights and not takes:
         raise ValueError(f"weights: model {name!r}'s pipeline uses no pretrained networks, got "
                          f"{sorted(weights)}")
+    if opts and (custom is not None
+                 and "options" not in inspect.signature(custom).parameters):
+        raise ValueError(f"options: model {name!r}'s load_pipeline takes no options, got "
+                         f"{sorted(opts)}")
     if custom is not None:     # a model whose weights also come from converted release folders
         return _compiled(custom(checkpoint, device=device, ema=ema,
-                                **({"weights": dict(weights)} if weights else {})), options)
+                                **({"weights": dict(weights)} if weights else {}),
+                                **({"options": opts} if opts else {})), compiling)
     pre = read_pretrained(checkpoint, ema=ema)
     if pre.model is not None and pre.model != name:
         raise WrongModelError(pre.path, pre.meta, name)
+    saved = saved_config(cls.Config, pre.config)
     try:
-        cfg = from_dict(cls.Config, saved_config(cls.Config, pre.config), prefix="model.")
+        cfg = from_dict(cls.Config, saved, prefix="model.")
     except ConfigError as exc:
         raise ckpt.CheckpointError(f"checkpoint {pre.path!r}: its model config does not fit "
                                    f"{cls.__name__}.Config: {exc}") from None
+    if opts:    # the saved config with the inference options replaced (errors name model.KEY)
+        cfg = from_dict(cls.Config, {**saved, **opts}, prefix="model.")
+        log.info("inference options of %s: %s", name, opts)
     _relocate_stages(cls, cfg, pre.path)
     model = cls(cfg)
     ckpt.load_module_state(model, pre.state, f"checkpoint {pre.path!r}")
     log.info("loaded %s from %s%s", name, pre.path, " (EMA weights)" if ema else "")
-    return _compiled(cls.Pipeline(model, device=device), options)
+    return _compiled(cls.Pipeline(model, device=device), compiling)
 
 
 def _compiled(pipe, options):

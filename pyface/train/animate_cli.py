@@ -90,6 +90,7 @@ def add_parser(subparsers) -> None:
                    help="a pretrained network the source encoding uses (repeatable), for models "
                         "whose source encoding optimises a loss: otavatar's inversion takes "
                         "vgg=PATH (pyface convert vgg19) and arcface=PATH")
+    add_option_argument(a, "animate")
     add_compile_argument(a, "the frames per second printed leave out the chunks that compiled "
                             "(and say how long they took)")
     add_import_argument(a)
@@ -111,6 +112,31 @@ CAMERA_MODELS = ("eg3d", "example", "export3d", "goha", "goha_s1", "goha_s1_gan"
 
 #: the file types --out may name (imageio + ffmpeg; .gif through Pillow)
 OUT_EXTS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".gif")
+
+
+def add_option_argument(parser, command: str) -> None:
+    """``--option KEY=VALUE`` (repeatable): an inference option of the trained model, passed to
+    ``pyface.models.load(..., options=...)`` (``pyface animate``, ``pyface eval``)."""
+    parser.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE",
+        help="an inference option of the trained model (repeatable), replacing the value its "
+             "checkpoint saved, e.g. --option model.pti_steps=50 --option inference=reference "
+             "(otavatar) or --option model.sr_noise=random (goha); KEY with or without "
+             "'model.', VALUE read like a pyface train --set value. Only the model's inference "
+             "options (pyface.models.inference_options(NAME); a wrong key lists them), which "
+             f"change no weights. pyface {command} exits 2 for a bad key or value")
+
+
+def parse_model_options(args) -> dict:
+    """``args.option`` (``--option KEY=VALUE`` items) -> the checked ``{field: value}`` of
+    ``args.model`` (:func:`pyface.models.check_options`); ValueError naming the key."""
+    items = getattr(args, "option", None) or []
+    if not items:
+        return {}
+    from pyface.models import check_options
+    from pyface.train.config import parse_options
+
+    return check_options(args.model, parse_options(items))
 
 
 def add_compile_argument(parser, timing: str, *, work: str = "frames",
@@ -224,6 +250,7 @@ def check_animate(args) -> int:
     check_device(args.device)
     import_plugins(args.imports)
     model_class(args.model)
+    parse_model_options(args)
     if seed_animation(args):
         check_seed_args(args)
         if args.model in SEED_PARSERS:
@@ -639,6 +666,9 @@ def run_animate(args) -> int:
     if seed_animation(args):
         try:
             check_seed_args(args)
+            if args.option:
+                raise ValueError(f"--option: a seed animation of {args.model} takes no "
+                                 f"inference options, got {args.option}")
         except ValueError as exc:
             return fail(str(exc), 2)
         import importlib
@@ -656,6 +686,7 @@ def run_animate(args) -> int:
     try:
         import_plugins(args.imports)
         pipeline_cls = getattr(pyface.models.model_class(args.model), "Pipeline", None)
+        options = parse_model_options(args)
     except (KeyError, ValueError, ImportError) as exc:
         return fail(str(exc).strip('"'), 2)
     if isinstance(pipeline_cls, type) and issubclass(pipeline_cls, Pipeline):
@@ -681,7 +712,8 @@ def run_animate(args) -> int:
                     f"{', '.join(camera_models())}", 2)
     try:
         pipe = pyface.models.load(args.model, args.checkpoint, device=args.device, ema=args.ema,
-                                  weights=args.weights or None, compile=args.compile)
+                                  weights=args.weights or None, compile=args.compile,
+                                  options=options or None)
     except WrongModelError as exc:       # another model's: what it holds, what the model takes
         return fail(exc.for_option("--checkpoint", args.checkpoint), 1)
     except (KeyError, ValueError, ImportError) as exc:

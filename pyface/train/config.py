@@ -449,26 +449,27 @@ def to_dict(obj) -> Any:
     return obj
 
 
-def parse_set(items: list[str] | None, *, texts: bool = False) -> dict:
+def parse_set(items: list[str] | None, *, texts: bool = False, option: str = "--set") -> dict:
     """``["train.steps=10", "model.a.b=1"]`` -> nested dict (values parsed as YAML scalars).
 
     The same key given twice: the last value wins (a mapping value and later keys inside it
     merge: ``train.ema={decay: 0.5}`` then ``train.ema.start_step=10``). ``texts``: a value
     whose YAML reading is not a string, a list or a mapping (``007``, ``true``, ``null``,
-    ``1:2``) keeps its text too, which a ``str`` field takes as written (``build_experiment``)."""
+    ``1:2``) keeps its text too, which a ``str`` field takes as written (``build_experiment``).
+    ``option``: the flag the errors name."""
     import yaml
 
     out: dict = {}
     for item in items or []:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.steps=100")
+            raise ConfigError(f"{option} {item!r}: expected key=value, e.g. train.steps=100")
         key, raw = item.split("=", 1)
         key = key.strip()
         if not key:
-            raise ConfigError(f"--set {item!r}: empty key")
+            raise ConfigError(f"{option} {item!r}: empty key")
         parts = key.split(".")
         if "" in parts:
-            raise ConfigError(f"--set {item!r}: empty part in the key {key!r}, e.g. "
+            raise ConfigError(f"{option} {item!r}: empty part in the key {key!r}, e.g. "
                               f"train.ema.decay=0.999")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
@@ -480,10 +481,27 @@ def parse_set(items: list[str] | None, *, texts: bool = False) -> dict:
         for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:i + 1])} is set to a "
+                raise ConfigError(f"{option} {item!r}: {'.'.join(parts[:i + 1])} is set to a "
                                   f"value and used as a section")
         node[parts[-1]] = value
     return out
+
+
+def parse_options(items: list[str] | None, option: str = "--option") -> dict:
+    """``pyface animate / eval --option KEY=VALUE`` items -> ``{"KEY": value}`` with dotted keys
+    as given (``model.pti_steps=50`` -> ``{"model.pti_steps": 50}``), values read as
+    :func:`parse_set` reads ``--set`` values (a ``str`` field takes the text as written);
+    the keys are checked by :func:`pyface.models.check_options`."""
+    def flat(node: dict, prefix: str) -> dict:
+        out = {}
+        for k, v in node.items():
+            if isinstance(v, dict) and not isinstance(v, _SetText) and v:
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[prefix + k] = v
+        return out
+
+    return flat(parse_set(items, texts=True, option=option), "")
 
 
 def merge(base: dict, over: dict) -> dict:

@@ -207,6 +207,11 @@ class TrainableModel(nn.Module):
     #: uncompiled); name the model's own module that calls it. Empty:
     #: ``train.compile`` warns and compiles nothing.
     compile_modules: tuple[str, ...] = ()
+    #: the ``Config`` fields that only inference reads and that change no weights or parameter
+    #: shapes (how a source is encoded, how frames are rendered): ``pyface.models.load(...,
+    #: options={...})`` and ``pyface animate / pyface eval --option KEY=VALUE`` may set them on
+    #: a trained model; every other field comes from the checkpoint. Empty: none.
+    inference_options: tuple[str, ...] = ()
 
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         raise NotImplementedError

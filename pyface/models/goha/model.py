@@ -45,7 +45,8 @@ from pyface.ops import points_to_triplane, ray_bundle
 from pyface.train.model import (Phase, Pipeline, StepContext, TrainableModel, frame_generators,
                                 frame_seeds)
 
-from pyface.models.goha.config import GOHA_INFERENCE, GOHA_TRAINING, GOHAConfig
+from pyface.models.goha.config import (GOHA_INFERENCE, GOHA_TRAINING, INFERENCE_CHOICES,
+                                       GOHAConfig)
 from pyface.models.goha.data import DRIVING_KEYS, SOURCE_KEYS, GOHARenders, bfm224_label
 from pyface.models.goha.networks import (Embed2Plane, IDUpsampler, build_encoder, dilate, erode,
                                          imagenet_normalize)
@@ -162,6 +163,9 @@ class GOHA(TrainableModel):
     ``decoder`` (:class:`OSGDecoder`)."""
 
     Config = GOHAConfig
+    #: settable on a trained model (``pyface.models.load(..., options=...)``, ``--option``):
+    #: the inference differences from GOHA's scripts (:data:`~.config.INFERENCE_CHOICES`)
+    inference_options = tuple(INFERENCE_CHOICES)
     #: train.compile: the three SegFormer encoders, the plane embeddings, the upsampler and
     #: both renderers (s1_gan and s2 add their networks; :mod:`pyface.models.goha.stages`)
     compile_modules = ("encoder_canonical", "encoder_expression", "encoder_appearance",

@@ -228,6 +228,12 @@ class OTAvatar(TrainableModel):
                        "ema.generator.backbone.synthesis", "ema.generator.renderer",
                        "ema.generator.superresolution")
     Pipeline = OTAvatarPipeline
+    #: settable on a trained model (``pyface.models.load(..., options=...)``, ``--option``):
+    #: the pipeline's source inversion (W / W+ passes, PTI), its inference profile and
+    #: ``drive_pose``; read by the pipeline only, they change no weights
+    inference_options = ("invert_steps", "invert_space", "wplus_steps", "pti_steps", "pti_lr",
+                         "pti_stop", "pti_stop_metric", "pti_mode", "drive_pose", "inference",
+                         "inference_clip", "inference_clamp", "wplus_keep_intrinsics")
     stages = (Stage("eg3d", "eg3d", "generator", presets={"tiny": _TINY_EG3D}),)
     recipe = _FULL          # the reference's recipe; the presets override it
     presets = {"tiny": _TINY, "gpu-short": _GPU_SHORT, "full": _FULL}
@@ -235,11 +241,13 @@ class OTAvatar(TrainableModel):
 
     @staticmethod
     def load_pipeline(path: str, *, device=None, ema: bool = True,
-                      weights: dict[str, str] | None = None) -> OTAvatarPipeline:
+                      weights: dict[str, str] | None = None,
+                      options: dict | None = None) -> OTAvatarPipeline:
         """``pyface.models.load("otavatar", path)``: an OTAvatar run / checkpoint, or a
         ``pyface convert otavatar`` folder (the authors' release). ``weights``: ``vgg`` /
         ``arcface`` paths for the source inversion's perceptual and identity terms
-        (``pyface animate --weights vgg=PATH``)."""
+        (``pyface animate --weights vgg=PATH``). ``options``: :attr:`inference_options`
+        values replacing the checkpoint's (checked by ``pyface.models.load``)."""
         weights = dict(weights or {})
         unknown = sorted(set(weights) - {"vgg", "arcface"})
         if unknown:
@@ -247,7 +255,8 @@ class OTAvatar(TrainableModel):
                              f"inversion's loss networks), got {unknown}")
         return OTAvatarPipeline.from_checkpoint(path, device=device, ema=ema,
                                                 vgg_weights=weights.get("vgg"),
-                                                arcface_weights=weights.get("arcface"))
+                                                arcface_weights=weights.get("arcface"),
+                                                options=options)
 
     def __init__(self, cfg: OTAvatarConfig | None = None, *, inference: bool = False):
         super().__init__()

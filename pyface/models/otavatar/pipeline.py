@@ -297,13 +297,16 @@ class OTAvatarPipeline(Pipeline):
 
     @classmethod
     def from_checkpoint(cls, path: str, *, device=None, ema: bool = True,
-                        vgg_weights: str | None = None, arcface_weights: str | None = None):
+                        vgg_weights: str | None = None, arcface_weights: str | None = None,
+                        options: dict | None = None):
         """An OTAvatar run / training checkpoint, or a ``pyface convert otavatar`` folder.
         ``vgg_weights`` / ``arcface_weights`` (given: they replace the checkpoint's
         ``model.vgg_weights`` / ``model.arcface_weights``): the inversion's perceptual and
-        identity terms."""
+        identity terms. ``options``: config values replacing the checkpoint's (its inference
+        options as ``pyface.models.load(..., options=...)`` checks and converts them)."""
         over = {k: v for k, v in (("vgg_weights", vgg_weights),
                                   ("arcface_weights", arcface_weights)) if v is not None}
+        options = dict(options or {})
         from pyface import checkpoint as ckpt
         from pyface.train.model import (WrongModelError, config_from_dict, read_pretrained,
                                         resolve_checkpoint)
@@ -313,14 +316,16 @@ class OTAvatarPipeline(Pipeline):
         folder = resolve_checkpoint(path)
         meta = ckpt.read_meta(folder)
         if meta.get("kind") == "otavatar":           # the authors' release, converted
-            model = OTAvatar(OTAvatarConfig(generator=folder, controller_init=folder,
-                                            local_batch=1, **over), inference=True)
-            return cls(model, device=device)
+            cfg = OTAvatarConfig(generator=folder, controller_init=folder, local_batch=1,
+                                 **over, **options)
+            return cls(OTAvatar(cfg, inference=True), device=device)
         pre = read_pretrained(folder, ema=ema)
         if pre.model is not None and pre.model != "otavatar":
             raise WrongModelError(pre.path, pre.meta, "otavatar")
         # a run saved before a loss option gets its earlier value (OTAvatarConfig.saved_before)
         cfg = config_from_dict(OTAvatar.Config, dict(pre.config))
+        if options:         # the inference options replace the saved values (errors: model.KEY)
+            cfg = config_from_dict(OTAvatar.Config, {**dict(pre.config), **options})
         if cfg.generator and not os.path.exists(cfg.generator):
             run = os.path.dirname(os.path.dirname(os.path.abspath(pre.path)))
             local = os.path.join(run, "stages", "eg3d")
