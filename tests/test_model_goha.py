@@ -1085,14 +1085,10 @@ def test_lift_grad_backpropagates_through_the_lift_render():
     assert not all(torch.allclose(a, b) for a, b in zip(g[False], g[True]))
 
 
-def test_tar_lift_expression_driving_lifts_the_driving_expression_planes(monkeypatch):
-    """model.tar_lift_expression: "source" (default), tar lifts the canonical + the source's
-    expression planes (as inference, the avatar encoded once per source); "driving" (GOHA), the
-    canonical + the driving expression's planes. src mode and inference are the same either
-    way; s2's tar render follows the option too."""
-    torch.manual_seed(0)
-    m = GOHA(tiny_config(tv_weight=0))
-    batch = _pairs_batch()
+def _record_lifted_planes(monkeypatch, m, batch):
+    """``(seen, want)``: ``seen`` collects the base planes every ``encode_appearance`` call
+    lifts from; ``want`` the canonical + source-expression (``"source"``) and canonical +
+    driving-expression (``"driving"``) planes of ``batch``, which differ."""
     seen = []
     orig = GOHA.encode_appearance
 
@@ -1108,6 +1104,18 @@ def test_tar_lift_expression_driving_lifts_the_driving_expression_planes(monkeyp
         want = {"source": cano + m.encode_expression(m._pseudo(src, src)),
                 "driving": cano + m.encode_expression(m._pseudo(src, drv))}
     assert not torch.allclose(want["source"], want["driving"])
+    return seen, want
+
+
+def test_tar_lift_expression_driving_lifts_the_driving_expression_planes(monkeypatch):
+    """model.tar_lift_expression: "source" (default), tar lifts the canonical + the source's
+    expression planes (as inference, the avatar encoded once per source); "driving" (GOHA), the
+    canonical + the driving expression's planes. src mode and inference are the same either
+    way; s2's tar render follows the option too."""
+    torch.manual_seed(0)
+    m = GOHA(tiny_config(tv_weight=0))
+    batch = _pairs_batch()
+    seen, want = _record_lifted_planes(monkeypatch, m, batch)
     loss = {}
     for mode in ("tar", "src"):
         for which in ("source", "driving"):
@@ -1154,21 +1162,7 @@ def test_infer_lift_expression_driving_lifts_each_driving_frames_expression(monk
     batch = _pairs_batch()
     for f in batch.values():
         f.pop("mask")
-    seen = []
-    orig = GOHA.encode_appearance
-
-    def record(self, image, region_mask, base_planes, camera, canonical_regions):
-        seen.append(base_planes.detach())
-        return orig(self, image, region_mask, base_planes, camera, canonical_regions)
-
-    monkeypatch.setattr(GOHA, "encode_appearance", record)
-    src = m.prepare_frame(batch["source"], "source")
-    drv = m.prepare_frame(batch["driving"], "driving")
-    with torch.no_grad():
-        cano = m.encode_canonical(src["image"], m._source_mask(src))
-        want = {"source": cano + m.encode_expression(m._pseudo(src, src)),
-                "driving": cano + m.encode_expression(m._pseudo(src, drv))}
-    assert not torch.allclose(want["source"], want["driving"])
+    seen, want = _record_lifted_planes(monkeypatch, m, batch)
     fw = {}
     for which in ("source", "driving"):
         m.cfg.infer_lift_expression = which
