@@ -579,6 +579,13 @@ def test_label_pool_reads_the_items_without_item_labels_and_checks_them(tmp_path
                                         r"'nope' \(label_pools\), the dataset's items have "
                                         r"\['tag', 'x'\]"):
         label_pool_of(_Tagged(), "nope")
+    from pyface.train.model import ModelDefinitionError
+
+    odd = _PoolToy()
+    odd.pools = "tag"
+    with pytest.raises(ModelDefinitionError, match=r"_PoolToy\.label_pools\(\) must return a "
+                                                   r"tuple of item keys \(strings\), got 'tag'"):
+        _pool_trainer(tmp_path / "odd", odd, _Tagged())
     with pytest.raises(ValueError,
                        match=r"set_label_pool\('tag'\): expected a tensor \(N, \.\.\.\)"):
         _PoolToy().set_label_pool("tag", torch.zeros(0, 2))
