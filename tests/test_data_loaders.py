@@ -203,6 +203,34 @@ def test_bad_index(bad_root):
         FrameDataset(os.path.join(bad_root, "nope"))
 
 
+def test_item_labels_are_the_items_cameras_without_decoding(root, tmp_path, monkeypatch):
+    """item_labels('camera') of the frame and EG3D datasets (the Trainer's label pools) equals
+    every item's camera in item order, mirrored copies included, and reads no image; other keys
+    and unlabelled folders answer None."""
+    d = str(tmp_path / "ffhq")
+    _image_folder(d)
+    sets = [FrameDataset(root), FrameDataset(root, mirror=True), EG3DDataset(d),
+            EG3DDataset(d, mirror=True)]
+    want = [torch.stack([ds[i]["camera"] for i in range(len(ds))]) for ds in sets]
+
+    def no_decoding(*a, **k):
+        raise AssertionError("item_labels decoded an image")
+
+    monkeypatch.setattr(fmt, "read_frame", no_decoding)
+    monkeypatch.setattr(type(sets[2].source), "image", no_decoding)
+    for ds, w in zip(sets, want):
+        got = ds.item_labels("camera")
+        assert got.dtype == torch.float32 and torch.equal(got, w.float())
+        assert ds.item_labels("coeffs") is None
+    assert ImageFolderDataset(d, labels=False).item_labels("camera") is None
+    from pyface.models.eg3d.data import EG3DImages
+    from pyface.train.data import SyntheticFrames
+
+    # the registered datasets EG3D trains on ("synthetic", "eg3d") answer with theirs
+    assert torch.equal(SyntheticFrames(root, 64, mirror=True).item_labels("camera"), want[1])
+    assert torch.equal(EG3DImages(d, 16).item_labels("camera"), want[2])
+
+
 # ---------------------------------------------------------------------------------------------
 # image folders and EG3D dataset.json
 

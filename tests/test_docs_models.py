@@ -220,6 +220,10 @@ PRESET_ROWS = [
     ("eg3d", "| generator cameras (`gen_c_per_phase`) | one permutation per step (false) | "
              "per phase (true) | per phase (true) |",
      {("eg3d", p): {"model.gen_c_per_phase": v} for p, v in ((T, False), (G, True), (F, True))}),
+    ("eg3d", "| generator cameras from (`gen_c_source`) | the batch's labels (`batch`) | the "
+             "whole dataset's labels (`dataset`) | the whole dataset's labels (`dataset`) |",
+     {("eg3d", p): {"model.gen_c_source": v}
+      for p, v in ((T, "batch"), (G, "dataset"), (F, "dataset"))}),
     ("otavatar", "| data | `motion_windows` 32², radius 6 | 128², radius 13 | 512², radius 13 |",
      {("otavatar", p): {"data.name": "motion_windows", "data.resolution": r,
                         "data.options.radius": w}

@@ -1331,3 +1331,142 @@ def test_gen_c_per_phase_resume_refuses_a_changed_key_and_takes_an_old_run(tmp_p
     path = drop_saved_keys(tmp_path / "a", ["gen_c_per_phase"])[-1]
     tr = Trainer(_experiment(tmp_path / "a", 4), dataset=_Frames())
     assert tr.resume("auto") == path and tr.step == 2
+
+
+def _rows(t):
+    return {tuple(round(v, 5) for v in r) for r in t.tolist()}
+
+
+def test_gen_c_source_dataset_draws_the_cameras_from_the_whole_dataset(tmp_path):
+    """model.gen_c_source='dataset' (EG3D draws gen_c from the whole training set): every
+    phase's cameras are rows of the dataset's label pool or their mirrors (model.mirror), not
+    the batch's; each phase draws its own with gen_c_per_phase; seeded by the step; N ranks
+    draw the rows one process draws for the whole batch; the silhouette measures are taken at
+    the batch's cameras (a drawn camera has no mask)."""
+    from pyface.face.cameras import mirror_label
+    from pyface.models.eg3d.model import EG3D
+    from pyface.train.model import StepContext
+
+    cfg = _experiment(tmp_path / "r", 1).model_config
+    cfg.gen_c_source, cfg.gen_c_per_phase = "dataset", True
+    b = _Frames(4, 16)
+    batch = torch.utils.data.default_collate([b[i] for i in range(4)])
+    from pyface.face import cameras as cams
+
+    # a pool of cameras pitched 0.1 rad, the batch's are not: disjoint (also when mirrored)
+    pool = torch.stack([cams.make_label(cams.orbit_camera(y, 0.1), cams.intrinsics_from_focal())
+                        for y in torch.linspace(-0.4, 0.3, 32).tolist()])
+    allowed = _rows(pool) | _rows(mirror_label(pool))
+    given = _rows(batch["camera"]) | _rows(mirror_label(batch["camera"]))
+    assert not allowed & given
+    torch.manual_seed(0)
+    m = EG3D(cfg)
+    assert m.label_pools() == ("camera",)
+    m.set_label_pool("camera", pool)
+    seen = _phase_cameras(m, batch)
+    for ph in ("Gmain", "Greg", "Dmain"):
+        assert _rows(seen[ph]) <= allowed, ph
+    assert not torch.equal(seen["Greg"], seen["Gmain"])
+    assert not torch.equal(seen["Dmain"], seen["Gmain"])
+    drawn = torch.cat([seen[ph] for ph in seen])
+    mirrored = _rows(drawn) - _rows(pool)               # mirror with probability 1/2
+    assert mirrored and mirrored != _rows(drawn)
+    # the silhouette measures: the planes rendered again at the batch's cameras (no mask of a
+    # drawn camera), on the depth measures' steps only
+    given = []
+    orig = m.G.synthesis
+
+    def record(ws, c, **kw):
+        given.append(c.detach().clone())
+        return orig(ws, c, **kw)
+
+    m.G.synthesis = record
+    cfg.measure_every = 10                  # depth (and silhouette) measures every 2 steps
+    out = m.step("Gmain", batch, StepContext(step=6, images_seen=24, batch_size=4))
+    assert "iou" in out and 0 <= out["iou"] <= 1 and torch.isfinite(out["loss"])
+    assert any(torch.equal(c, m._prepared[2]["camera"]) for c in given)
+    assert "iou" not in m.step("Gmain", batch, StepContext(step=7, images_seen=28, batch_size=4))
+    del m.G.synthesis
+    again = EG3D(cfg)
+    again.set_label_pool("camera", pool)
+    same = _phase_cameras(again, batch)
+    for ph in seen:
+        assert torch.equal(same[ph], seen[ph]), ph
+    assert not torch.equal(_phase_cameras(again, batch, step=7)["Gmain"], seen["Gmain"])
+    one = m._draw_gen_c(4, 0, StepContext(step=9, images_seen=36, batch_size=4))
+    ranks = [m._draw_gen_c(2, 0, StepContext(step=9, images_seen=36, batch_size=4, rank=r,
+                                             world_size=2)) for r in (0, 1)]
+    assert torch.equal(torch.cat(ranks), one)
+    cfg.mirror = False
+    plain = EG3D(cfg)
+    plain.set_label_pool("camera", pool)
+    assert _rows(_phase_cameras(plain, batch)["Dmain"]) <= _rows(pool)
+
+
+def test_gen_c_source_is_checked_and_needs_the_pool(tmp_path):
+    """A bad model.gen_c_source is refused naming it; gen_c_source='dataset' stepped without
+    the dataset's labels (a model built by hand) is an error saying what to do; 'batch' asks
+    for no pool."""
+    from pyface.models.eg3d.model import EG3D
+    from pyface.train.model import StepContext
+
+    cfg = _experiment(tmp_path / "r", 1).model_config
+    assert cfg.gen_c_source == "batch" and EG3D(cfg).label_pools() == ()
+    cfg.gen_c_source = "all"
+    with pytest.raises(ValueError, match=r"model\.gen_c_source: expected one of \('batch', "
+                                         r"'dataset'\), got 'all'"):
+        EG3D(cfg)
+    cfg.gen_c_source = "dataset"
+    m = EG3D(cfg)
+    b = _Frames(2, 16)
+    batch = torch.utils.data.default_collate([b[0], b[1]])
+    with pytest.raises(RuntimeError, match=r"model\.gen_c_source='dataset' needs the dataset's "
+                                           r"camera labels: .*set_label_pool\('camera'"):
+        m.step("Gmain", batch, StepContext(step=0, images_seen=0, batch_size=2))
+    m.set_label_pool("camera", torch.zeros(3, 16))
+    with pytest.raises(ValueError, match=r"label pool 'camera': expected \(N, 25\) EG3D labels, "
+                                         r"got \(3, 16\)"):
+        m.step("Gmain", batch, StepContext(step=1, images_seen=0, batch_size=2))
+
+
+def test_gen_c_source_presets_saved_configs_and_resume(tmp_path):
+    """'dataset' in gpu-short and full (EG3D's), 'batch' in tiny and in a saved config without
+    the key; the Trainer hands the dataset's cameras to the model (not saved: a resumed run
+    rebuilds them and continues exactly); a run resumed with the key changed is refused."""
+    import dataclasses
+
+    from pyface.models.eg3d.model import EG3D
+    from pyface.train.config import build_experiment, from_dict, saved_config
+    from pyface.train.engine import Trainer
+
+    for name, want in (("tiny", "batch"), ("gpu-short", "dataset"), ("full", "dataset")):
+        exp = build_experiment("eg3d", EG3D.Config, defaults=EG3D.recipe, preset=name,
+                               presets=EG3D.presets)
+        assert exp.model_config.gen_c_source == want, name
+    old = dataclasses.asdict(EG3D.Config())
+    del old["gen_c_source"]
+    assert from_dict(EG3D.Config, saved_config(EG3D.Config, old)).gen_c_source == "batch"
+
+    def run(name, steps):
+        exp = _experiment(tmp_path / name, steps)
+        exp.model_config.gen_c_source = "dataset"
+        return Trainer(exp, dataset=_Frames())
+
+    a = run("a", 4)
+    data = _Frames()
+    want = torch.stack([data[i]["camera"] for i in range(len(data))])
+    assert torch.equal(a.model.label_pool("camera"), want)
+    a.fit()
+    run("b", 2).fit()
+    tensors, _ = ckpt.load_folder(ckpt.latest_checkpoint(str(tmp_path / "b")))
+    assert not any("label_pool" in k for k in tensors)
+    c = run("b", 4)
+    c.resume("auto")
+    assert c.step == 2
+    c.fit()
+    sa, sc = a.model.state_dict(), c.model.state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sc[k]), k
+    with pytest.raises(ckpt.CheckpointError, match=r"model\.gen_c_source: checkpoint 'dataset' "
+                                                   r"vs run 'batch'"):
+        Trainer(_experiment(tmp_path / "b", 6), dataset=_Frames()).resume("auto")

@@ -243,6 +243,8 @@ def fake_steps(name: str, preset: str, root: str, monkeypatch, B: int = 1):
     results = {}
     with fake_model(name, preset, monkeypatch, B) as (model, cfg, mode):
         fb = to_fake(mode, batch_of(cfg, root, B))
+        for key in model.label_pools():     # what the Trainer hands over: here the batch's
+            model.set_label_pool(key, fb[key])
         mc = cfg.model_config
         model.train()
         opts = model.build_optimizers()

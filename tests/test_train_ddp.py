@@ -294,3 +294,50 @@ def test_torchrun_batch_that_does_not_divide_is_a_clear_error(tmp_path):
     script = tmp_path / "indivisible.py"
     script.write_text(INDIVISIBLE)
     run_torchrun(script, *OVERRIDES, f"train.run_dir={tmp_path / 'run'}", "train.batch_size=3")
+
+
+EG3D_POOL_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import torch
+    sys.path.insert(0, sys.argv[2])
+    from test_model_eg3d import _Frames, _experiment
+    from pyface.train import Trainer
+
+    torch.set_num_threads(1)
+    out = sys.argv[1]
+    exp = _experiment(os.path.join(out, "run"), 2)
+    exp.model_config.gen_c_source, exp.model_config.gen_c_per_phase = "dataset", True
+    tr = Trainer(exp, dataset=_Frames())
+    m, seen = tr.model, []
+    cond = m._c_cond
+
+    def record(c, swapping_prob):
+        seen.append(c.detach().clone())
+        return cond(c, swapping_prob)
+
+    m._c_cond = record
+    tr.fit()
+    rank = tr.dist.rank if tr.dist.enabled else "one"
+    torch.save({"pool": m.label_pool("camera"), "seen": seen}, os.path.join(out, f"{rank}.pt"))
+    tr.close()
+""")
+
+
+def test_two_ranks_draw_eg3d_dataset_cameras_as_one_process(tmp_path):
+    """EG3D's gen_c_source=dataset on 2 gloo ranks: each rank builds the same label pool, and
+    the cameras the two ranks' generators render at (Gmain, Greg, Dmain of every step) are
+    together those one process renders for the whole batch."""
+    script = tmp_path / "eg3d_pool_worker.py"
+    script.write_text(EG3D_POOL_SCRIPT)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for launch in (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], []):
+        proc = subprocess.run([sys.executable, *launch, str(script), str(tmp_path), tests],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1, one = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1, "one"))
+    assert torch.equal(r0["pool"], one["pool"]) and torch.equal(r1["pool"], one["pool"])
+    # step 0: Gmain, Greg, Dmain; step 1: Gmain, Dmain (Greg every 2 steps)
+    assert len(one["seen"]) == len(r0["seen"]) == len(r1["seen"]) == 5
+    for a, b, whole in zip(r0["seen"], r1["seen"], one["seen"]):
+        assert a.shape == (2, 25) and torch.equal(torch.cat([a, b]), whole)

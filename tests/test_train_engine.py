@@ -3,7 +3,9 @@ modules, per-optimizer / per-group clipping, train.init_from, train.backend. (Tw
 tests/test_train_ddp.py.)"""
 from __future__ import annotations
 
+import dataclasses
 import json
+
 import pytest
 import torch
 import yaml
@@ -468,3 +470,122 @@ def test_a_failed_init_leaves_the_process_group_it_joined_and_only_that(tmp_path
         assert dist.is_initialized()                    # the caller's: not the Trainer's
     finally:
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------
+# label pools (TrainableModel.label_pools)
+# ------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _PoolToyConfig:
+    width: int = 4
+
+
+class _PoolToy(TrainableModel):
+    """Regresses x; ``pools`` (a class attribute) are the item keys it asks the pools of."""
+
+    Config = _PoolToyConfig
+    pools: tuple[str, ...] = ()
+
+    def __init__(self, cfg=None):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.drawn = []
+
+    def label_pools(self):
+        return self.pools
+
+    def build_optimizers(self):
+        return {"main": torch.optim.SGD(self.lin.parameters(), lr=0.1)}
+
+    def step(self, phase, batch, ctx):
+        pool = self.label_pool("tag")
+        if pool is not None:
+            self.drawn.append(pool[ctx.step % len(pool)].clone())
+        return {"loss": (self.lin(batch["x"]) - batch["x"]).square().mean()}
+
+
+class _Tagged(torch.utils.data.Dataset):
+    """Items ``x`` (4,) and ``tag`` (2,) = (i, -i); ``item_labels`` optional; counts reads."""
+
+    def __init__(self, n=6, cheap=True, bad=None):
+        self.n, self.reads, self.bad = n, 0, bad
+        if cheap:
+            self.item_labels = lambda key: (self._tags() if key == "tag" else None)
+
+    def _tags(self):
+        t = torch.stack([torch.arange(self.n), -torch.arange(self.n)], 1).float()
+        if self.bad is not None:
+            t[self.bad, 1] = float("nan")
+        return t
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return {"x": torch.full((4,), float(i)), "tag": self._tags()[i]}
+
+
+def _pool_trainer(tmp_path, model, data, steps=2):
+    exp = build_experiment("pooltoy", _PoolToyConfig, overrides=[
+        "train.batch_size=2", "train.progress=false", "train.tensorboard=false",
+        "train.image_every=0", "train.ckpt_every=1", "train.log_every=1", "train.device=cpu",
+        f"train.steps={steps}", f"train.run_dir={tmp_path / 'run'}"])
+    return Trainer(exp, model=model, dataset=data)
+
+
+def test_label_pool_is_handed_to_a_model_that_asks_and_not_saved(tmp_path):
+    """A model whose label_pools() names a key gets every item's value of it, in item order,
+    as a non-persistent buffer (read without indexing the items when the dataset has
+    item_labels); it is not in the checkpoint; a model that asks for none gets none."""
+    m = _PoolToy()
+    m.pools = ("tag",)
+    data = _Tagged()
+    tr = _pool_trainer(tmp_path, m, data)
+    want = torch.stack([torch.arange(6), -torch.arange(6)], 1).float()
+    assert torch.equal(m.label_pool("tag"), want)
+    assert data.reads == 1                  # item 0 only (its shape): no item decoded for the pool
+    assert "label_pool_tag" in dict(m.named_buffers())
+    assert not any("label_pool" in k for k in m.state_dict())
+    tr.fit()
+    assert [int(d[0]) for d in m.drawn] == [0, 1]
+    tensors, _ = ckpt.load_folder(ckpt.latest_checkpoint(str(tmp_path / "run")))
+    assert tensors and not any("label_pool" in k for k in tensors)
+    other = _PoolToy()
+    _pool_trainer(tmp_path / "b", other, _Tagged())
+    assert other.label_pool("tag") is None and not list(other.buffers())
+
+
+def test_label_pool_reads_the_items_without_item_labels_and_checks_them(tmp_path):
+    """A dataset without item_labels is read item by item (the same pool); NaN values, a
+    missing key and a model asking for a pool by hand without one are errors naming them."""
+    from pyface.data.format import DataError
+    from pyface.train.engine import label_pool_of
+
+    m = _PoolToy()
+    m.pools = ("tag",)
+    data = _Tagged(cheap=False)
+    _pool_trainer(tmp_path, m, data)
+    assert data.reads == 6
+    assert torch.equal(m.label_pool("tag"), _Tagged()._tags())
+    for cheap in (True, False):
+        with pytest.raises(DataError, match=r"data \(data.name=.*\): label pool 'tag': NaN or "
+                                            r"inf values in 1 item\(s\), the first item 3"):
+            m2 = _PoolToy()
+            m2.pools = ("tag",)
+            _pool_trainer(tmp_path / f"bad{cheap}", m2, _Tagged(cheap=cheap, bad=3))
+    with pytest.raises(DataError, match=r"data \(_Tagged\): the model draws from every item's "
+                                        r"'nope' \(label_pools\), the dataset's items have "
+                                        r"\['tag', 'x'\]"):
+        label_pool_of(_Tagged(), "nope")
+    from pyface.train.model import ModelDefinitionError
+
+    odd = _PoolToy()
+    odd.pools = "tag"
+    with pytest.raises(ModelDefinitionError, match=r"_PoolToy\.label_pools\(\) must return a "
+                                                   r"tuple of item keys \(strings\), got 'tag'"):
+        _pool_trainer(tmp_path / "odd", odd, _Tagged())
+    with pytest.raises(ValueError,
+                       match=r"set_label_pool\('tag'\): expected a tensor \(N, \.\.\.\)"):
+        _PoolToy().set_label_pool("tag", torch.zeros(0, 2))

@@ -102,6 +102,14 @@ def mirror_item(item: dict) -> dict:
     return item
 
 
+def _with_mirrored_cameras(cams: torch.Tensor, mirror: bool) -> torch.Tensor:
+    """``cams`` (N, 25), followed by their mirrors with ``mirror`` (a dataset doubled by
+    mirrored copies lists them after the originals)."""
+    from pyface.face.cameras import mirror_label
+
+    return torch.cat([cams, mirror_label(cams)]) if mirror else cams
+
+
 # ----------------------------------------------------------------------------------------------
 # typed options of the registered datasets
 
@@ -304,6 +312,16 @@ class FrameDataset(_Configurable, VideoDatasetBase):
         flip = index >= self.num_frames_total
         item = self.frame(*self.locate(index % self.num_frames_total))
         return mirror_item(item) if flip else item
+
+    def item_labels(self, key: str) -> torch.Tensor | None:
+        """``key``'s value of every item, in item order, stacked ``(len(self), ...)``, read from
+        the per-frame labels without decoding a frame: ``"camera"`` (the second half mirrored
+        with ``mirror``, as the items are). None for another key or when a video has no
+        cameras (the caller then reads the items themselves)."""
+        if key != "camera" or any(lab is None for lab in self.labels):
+            return None
+        cams = torch.from_numpy(np.concatenate(self.labels)).float()
+        return _with_mirrored_cameras(cams, self.mirror)
 
 
 class PairDataset(_Configurable, VideoDatasetBase):
@@ -1043,6 +1061,14 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index):
         return _first_readable(self._item, index, len(self), self.skip_bad, self.source.path,
                                "image", stacklevel=3)
+
+    def item_labels(self, key: str) -> torch.Tensor | None:
+        """``key``'s value of every item, in item order, stacked ``(len(self), ...)``, read from
+        ``dataset.json`` without decoding an image: ``"camera"`` (the second half mirrored with
+        ``mirror``, as the items are). None for another key or without labels."""
+        if key != "camera" or self.cameras is None:
+            return None
+        return _with_mirrored_cameras(torch.from_numpy(self.cameras).float(), self.mirror)
 
     def _item(self, index):
         k = index % len(self.files)

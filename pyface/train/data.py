@@ -96,6 +96,11 @@ class SyntheticFrames(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.frames)
 
+    def item_labels(self, key: str) -> torch.Tensor | None:
+        """``key``'s value of every item without decoding a frame
+        (:meth:`FrameDataset.item_labels`: ``"camera"``), or None."""
+        return self.frames.item_labels(key)
+
     def __getitem__(self, index: int) -> dict:
         item = self.frames[index]
         out = {k: v for k, v in item.items() if isinstance(v, torch.Tensor)}

@@ -77,6 +77,57 @@ def check_data_keys(model, dataset, cfg=None) -> None:
                     + f" {have}")
 
 
+def label_pool_of(dataset, key: str, *, where: str = "", progress: bool = False
+                  ) -> torch.Tensor:
+    """Every item's ``key`` of ``dataset``, in item order, stacked ``(len(dataset), ...)`` (floats
+    as float32; :meth:`TrainableModel.label_pools`): from ``dataset.item_labels(key)`` when the
+    dataset has it and it answers (no image decoded), else read item by item (with a progress
+    bar when ``progress``); a dataset wrapped by the model's ``data_transform`` is always read
+    item by item (the transform may change the key). Raises
+    :class:`pyface.data.format.DataError` naming the dataset (``where``) and the key when an
+    item lacks the key, the values differ in shape or are not finite."""
+    from pyface.data.format import DataError
+
+    what = f"data ({where or type(dataset).__name__})"
+    n = len(dataset)
+    if n == 0:
+        raise DataError(f"{what}: no items to take the label pool {key!r} from")
+    first = dataset[0]
+    if not isinstance(first, dict) or key not in first:
+        have = sorted(first) if isinstance(first, dict) else type(first).__name__
+        raise DataError(f"{what}: the model draws from every item's {key!r} (label_pools), "
+                        f"the dataset's items have {have}")
+    want = tuple(torch.as_tensor(first[key]).shape)
+    cheap = None if isinstance(dataset, MappedDataset) else getattr(dataset, "item_labels", None)
+    pool = cheap(key) if callable(cheap) else None
+    if pool is None:
+        from tqdm import tqdm
+
+        rows = []
+        for i in tqdm(range(n), desc=f"label pool {key!r}", unit="item", disable=not progress,
+                      dynamic_ncols=True):
+            item = first if i == 0 else dataset[i]
+            if key not in item:
+                raise DataError(f"{what}: the model draws from every item's {key!r} "
+                                f"(label_pools); item {i} has {sorted(item)}")
+            row = torch.as_tensor(item[key])
+            if tuple(row.shape) != want:
+                raise DataError(f"{what}: label pool {key!r}: item {i} has shape "
+                                f"{tuple(row.shape)}, item 0 {want}")
+            rows.append(row)
+        pool = torch.stack(rows)
+    pool = torch.as_tensor(pool)
+    pool = pool.float() if pool.is_floating_point() else pool
+    if tuple(pool.shape) != (n, *want):
+        raise DataError(f"{what}: label pool {key!r}: expected shape {(n, *want)} (one row per "
+                        f"item, shaped as item 0's), got {tuple(pool.shape)}")
+    bad = ~torch.isfinite(pool.reshape(n, -1)).all(1)
+    if bad.any():
+        raise DataError(f"{what}: label pool {key!r}: NaN or inf values in {int(bad.sum())} "
+                        f"item(s), the first item {int(bad.nonzero()[0])}")
+    return pool
+
+
 class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss or gradient norm, or an exploding gradient norm."""
 
@@ -342,6 +393,7 @@ class Trainer:
                                        f"{type(transform).__name__}")
         if transform is not None:       # the model's per-item preparation, in the workers
             self.dataset = MappedDataset(self.dataset, transform)
+        self._set_label_pools(cfg)
         self.step = 0
         self.last_losses: dict[str, float] = {}
         self._stop_signal: int | None = None
@@ -362,6 +414,22 @@ class Trainer:
         #: the sub-modules compiled (:meth:`compile_model`; ``ema.<name>.<path>`` for EMA
         #: copies), None before the first step
         self.compiled: list[str] | None = None
+
+    def _set_label_pools(self, cfg: ExperimentConfig) -> None:
+        """Hands the model every item's value of the keys its ``label_pools()`` names
+        (:func:`label_pool_of`), on the model's device."""
+        keys = self.model.label_pools() if hasattr(self.model, "label_pools") else ()
+        if isinstance(keys, str) or not all(isinstance(k, str) for k in keys or ()):
+            raise ModelDefinitionError(f"{type(self.model).__name__}.label_pools() must return a "
+                                       f"tuple of item keys (strings), got {keys!r}")
+        where = (f"data.name={cfg.data.name}, data.path="
+                 f"{cfg.data.path or 'unset: the built-in set'}")
+        for key in keys or ():
+            pool = label_pool_of(self.dataset, key, where=where, progress=self.dist.is_main
+                                 and cfg.train.progress)
+            self.model.set_label_pool(key, pool.to(self.device))
+            log.info("label pool %r: %d items of shape %s", key, len(pool),
+                     tuple(pool.shape[1:]))
 
     def _build_dataset(self, cfg: ExperimentConfig):
         """The registry's dataset of ``cfg.data``; under torchrun rank 0 builds it first and the

@@ -222,6 +222,33 @@ class TrainableModel(nn.Module):
     def step(self, phase: str, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def label_pools(self) -> tuple[str, ...]:
+        """Item keys whose values over the whole training dataset this model draws from (e.g.
+        EG3D's ``gen_c_source="dataset"``: the generator's cameras drawn from every item's
+        ``camera``), or ``()`` (default). Once the dataset is built the Trainer stacks each
+        key's value of every item, in item order, into a tensor ``(len(dataset), ...)`` and
+        hands it to :meth:`set_label_pool`; a dataset with an ``item_labels(key)`` method gives
+        them without decoding images, any other is read item by item. Every rank builds the
+        same pool from the same dataset; it is not saved in checkpoints (rebuilt on resume)."""
+        return ()
+
+    def set_label_pool(self, key: str, labels: torch.Tensor) -> None:
+        """Keeps ``labels`` (``(N, ...)``, every item's ``key``) as the non-persistent buffer
+        ``label_pool_<key>``: it moves with ``.to(device)`` and is not in ``state_dict()``."""
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ValueError(f"set_label_pool: key: expected an item key usable as a name, got "
+                             f"{key!r}")
+        if not isinstance(labels, torch.Tensor) or labels.ndim < 1 or not len(labels):
+            got = tuple(labels.shape) if isinstance(labels, torch.Tensor) \
+                else type(labels).__name__
+            raise ValueError(f"set_label_pool({key!r}): expected a tensor (N, ...) with N > 0, "
+                             f"got {got}")
+        self.register_buffer(f"label_pool_{key}", labels, persistent=False)
+
+    def label_pool(self, key: str) -> torch.Tensor | None:
+        """The pool :meth:`set_label_pool` set for ``key``, or None."""
+        return self._buffers.get(f"label_pool_{key}")
+
     def data_transform(self):
         """A picklable per-item function ``fn(item) -> item`` that the engine applies to every
         dataset item in the loader's workers (data preparation that belongs beside the loading,

@@ -101,10 +101,19 @@ class EG3DConfig:
             initial to final over fade_kimg starting at fade_start_kimg (EG3D's 128^2
             fine-tune after the 64^2 run starts the fade at the fine-tune's first image).
         mirror: random horizontal flips of real images with mirrored camera labels.
-        gen_c_per_phase: the generator's cameras (a permutation of the batch's mirrored labels)
-            are drawn anew for each phase that runs the generator (``Gmain``, ``Greg``,
+        gen_c_per_phase: the generator's cameras (a permutation of the batch's mirrored labels,
+            or a draw from the dataset's with ``gen_c_source="dataset"``) are drawn anew for each phase that runs the generator (``Gmain``, ``Greg``,
             ``Dmain``), as EG3D draws ``gen_c`` for every phase; False (default, the earlier
             training): one permutation shared by the phases of a step.
+        gen_c_source: where the generator's cameras come from: ``"batch"`` (default, the
+            earlier training): the batch's (mirrored) labels in random order; ``"dataset"``
+            (EG3D, which draws ``training_set.get_label(np.random.randint(len(training_set)))``):
+            labels drawn uniformly with replacement from every item's camera of the training
+            dataset, each mirrored with probability 1/2 with ``mirror`` (EG3D's dataset holds
+            every image twice, the second mirrored), so it also renders at cameras no real image
+            of the batch has; a drawn camera has no real image (no mask), so the silhouette
+            measures (``iou`` ...) then render the generated planes again at the batch's
+            cameras, on the steps of the depth measures (every ``measure_every / 5``).
         background: ``"data"`` keeps real images; ``"white"`` composites them over white with
             their masks (pair with ``generator.render.white_back``; makes silhouettes measurable).
         measure_every: steps averaged per line of measurements in the log (silhouette IoU
@@ -133,5 +142,6 @@ class EG3DConfig:
     neural_rendering_resolution_fade_start_kimg: float = 0.0
     mirror: bool = True
     gen_c_per_phase: bool = False
+    gen_c_source: str = "batch"
     background: str = "data"
     measure_every: int = 50

@@ -24,6 +24,11 @@ class EG3DImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def item_labels(self, key: str) -> torch.Tensor | None:
+        """``key``'s value of every item, read from ``dataset.json`` without decoding an image
+        (``"camera"``), or None."""
+        return self.images.item_labels(key)
+
     def __getitem__(self, index: int) -> dict:
         item = self.images[index]
         return {"image": item["image"].float() / 127.5 - 1, "camera": item["camera"].float(),

@@ -34,6 +34,7 @@ log = logging.getLogger("pyface.models.eg3d")
 
 REG_TYPES = ("l1", "monotonic-detach", "monotonic-fixed")
 BACKGROUNDS = ("data", "white")
+GEN_C_SOURCES = ("batch", "dataset")
 
 
 def eg3d_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -145,7 +146,7 @@ _GPU_SHORT = {
         "r1_gamma": 1.0, "gpc_reg_fade_kimg": 20.0, "blur_init_sigma": 10 * 128 / 512,
         "blur_fade_kimg": 10.0,
         "neural_rendering_resolution_initial": 64, "background": "white",
-        "gen_c_per_phase": True},
+        "gen_c_per_phase": True, "gen_c_source": "dataset"},
     "data": {"name": "synthetic", "resolution": 128},
     "train": {"steps": 6000, "batch_size": 16, "log_every": 50, "ckpt_every": 1000,
               "image_every": 1000, "precision": "fp32",
@@ -158,7 +159,7 @@ _FULL = {  # EG3D FFHQ 512: 25000 kimg at 64^2, then the 2000-kimg fine-tune fad
               "neural_rendering_resolution_final": 128,
               "neural_rendering_resolution_fade_kimg": 1000.0,
               "neural_rendering_resolution_fade_start_kimg": 25000.0,
-              "gen_c_per_phase": True},
+              "gen_c_per_phase": True, "gen_c_source": "dataset"},
     "data": {"name": "eg3d", "resolution": 512},
     "train": {"steps": 843750, "batch_size": 32, "log_every": 100, "ckpt_every": 5000,
               "image_every": 5000,
@@ -225,6 +226,9 @@ class EG3D(TrainableModel):
         if cfg.background not in BACKGROUNDS:
             raise ValueError(f"model.background: expected one of {BACKGROUNDS}, got "
                              f"{cfg.background!r}")
+        if cfg.gen_c_source not in GEN_C_SOURCES:
+            raise ValueError(f"model.gen_c_source: expected one of {GEN_C_SOURCES}, got "
+                             f"{cfg.gen_c_source!r}")
         if len(cfg.betas) != 2:
             raise ValueError(f"model.betas: expected 2 values, got {cfg.betas}")
         self.cfg = cfg
@@ -321,9 +325,13 @@ class EG3D(TrainableModel):
             cam = torch.where(flip.view(B, 1), mirror_label(cam), cam)
             if mask is not None:
                 mask = torch.where(flip.view(B, 1, 1, 1), mask.flip(-1), mask)
-        perm = torch.randperm(B, generator=g).to(img.device)   # generator cameras: data labels
-        out = {"image": img, "camera": cam, "mask": mask, "gen_c": cam[perm],
-               "gen_mask": mask[perm] if mask is not None else None}
+        if self.cfg.gen_c_source == "dataset":
+            # cameras drawn from the whole dataset's labels: no real image (mask) of their own
+            gen_c, gen_mask = self._draw_gen_c(B, 0, ctx).to(cam), None
+        else:
+            perm = torch.randperm(B, generator=g).to(img.device)   # generator cameras: labels
+            gen_c, gen_mask = cam[perm], mask[perm] if mask is not None else None
+        out = {"image": img, "camera": cam, "mask": mask, "gen_c": gen_c, "gen_mask": gen_mask}
         # the batch's own image tensor is kept with the step (not its id, which Python may
         # give to a new tensor once the old one is freed)
         self._prepared = (step, source, out)
@@ -333,14 +341,50 @@ class EG3D(TrainableModel):
 
     def _gen_c(self, data: dict, phase: str, ctx: StepContext) -> torch.Tensor:
         """``gen_c_per_phase``: the generator's cameras of ``phase``: ``Gmain`` keeps the step's
-        permutation of the batch's labels (``_prepare``), ``Greg`` and ``Dmain`` draw their own
-        (EG3D draws ``gen_c`` for every phase)."""
+        (``_prepare``), ``Greg`` and ``Dmain`` draw their own (EG3D draws ``gen_c`` for every
+        phase): a permutation of the batch's labels, or with ``gen_c_source="dataset"`` a draw
+        from the dataset's (:meth:`_draw_gen_c`)."""
         if phase not in self._GEN_C_PHASES:
             return data["gen_c"]
         cam = data["camera"]
         k = self._GEN_C_PHASES.index(phase) + 1
+        if self.cfg.gen_c_source == "dataset":
+            return self._draw_gen_c(cam.shape[0], k, ctx).to(cam)
         g = torch.Generator().manual_seed((int(ctx.step) * 7919 + 17) * 4 + k)
         return cam[torch.randperm(cam.shape[0], generator=g).to(cam.device)]
+
+    def label_pools(self) -> tuple[str, ...]:
+        """``gen_c_source="dataset"`` draws the generator's cameras from every item's
+        ``camera`` (the Trainer hands them over: :meth:`TrainableModel.label_pools`)."""
+        return ("camera",) if self.cfg.gen_c_source == "dataset" else ()
+
+    def _draw_gen_c(self, B: int, k: int, ctx: StepContext) -> torch.Tensor:
+        """``gen_c_source="dataset"``: this rank's ``B`` generator cameras of draw ``k`` of the
+        step (0: the step's, 1 / 2: ``Greg`` / ``Dmain``'s own with ``gen_c_per_phase``): rows
+        of the dataset's labels drawn uniformly with replacement, each mirrored with probability
+        1/2 with ``mirror`` (EG3D's dataset holds every image a second time, mirrored, with its
+        mirrored label). Seeded by the step and ``k``: the ``B * world_size`` cameras of the
+        global batch are drawn at once and rank r takes rows ``[r * B, (r + 1) * B)``, so a
+        resumed run draws the same and N ranks draw what one process does with the whole
+        batch."""
+        pool = self.label_pool("camera")
+        if pool is None:
+            raise RuntimeError(
+                "model.gen_c_source='dataset' needs the dataset's camera labels: the Trainer "
+                "hands them to the model (EG3D.label_pools); a model stepped without it needs "
+                "model.set_label_pool('camera', labels) with the (N, 25) labels of the dataset "
+                "first, or model.gen_c_source='batch'")
+        if pool.ndim != 2 or pool.shape[1] != 25:
+            raise ValueError(f"label pool 'camera': expected (N, 25) EG3D labels, got "
+                             f"{tuple(pool.shape)}")
+        n, rank = B * max(int(ctx.world_size), 1), int(ctx.rank)
+        g = torch.Generator().manual_seed((int(ctx.step) * 7919 + 17) * 4 + k)
+        idx = torch.randint(len(pool), (n,), generator=g)[rank * B:(rank + 1) * B]
+        c = pool[idx.to(pool.device)]
+        if self.cfg.mirror:
+            flip = (torch.rand(n, generator=g) < 0.5)[rank * B:(rank + 1) * B]
+            c = torch.where(flip.to(c.device).view(B, 1), mirror_label(c), c)
+        return c
 
     def _c_cond(self, c: torch.Tensor, swapping_prob: float | None) -> torch.Tensor:
         if swapping_prob is None:
@@ -393,6 +437,8 @@ class EG3D(TrainableModel):
                    "opacity": gen["image_opacity"].detach().mean()}
             if data["gen_mask"] is not None:
                 out.update(silhouette_measures(gen["image_opacity"], data["gen_mask"]))
+            elif data["mask"] is not None and self._measuring_depth(ctx):
+                out.update(self.silhouette_at(gen, data["camera"], data["mask"], res))
             if self._measuring_depth(ctx):
                 out.update(self.depth_measures(gen, gen_c, res))
             self._measure(ctx, out)
@@ -468,6 +514,16 @@ class EG3D(TrainableModel):
         ones = torch.ones_like(flat)
         err_flat, _ = depth_consistency(flat, ones, c, flat, ones, c_b)
         return {"depth_err": err, "depth_err_flat": err_flat, "depth_overlap": overlap}
+
+    @torch.no_grad()
+    def silhouette_at(self, gen: dict, c: torch.Tensor, mask: torch.Tensor, res: int
+                      ) -> dict[str, torch.Tensor]:
+        """:func:`silhouette_measures` of the generated planes rendered again (no SR) at the
+        cameras ``c`` of the masks ``mask``: ``gen_c_source="dataset"`` renders at drawn cameras
+        that have no real image (no mask), so the measures take the batch's own cameras."""
+        other = self.G.synthesis(gen["ws"].detach(), c, neural_rendering_resolution=res,
+                                 planes=gen["planes"].detach(), sr=False)
+        return silhouette_measures(other["image_opacity"], mask)
 
     def _measure(self, ctx: StepContext, out: dict) -> None:
         """Averages the silhouette measures and the D logit gap over ``measure_every`` steps and
