@@ -758,6 +758,8 @@ def test_help_explains_option(capsys):
         main(["animate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--option KEY=VALUE" in text and "--option model.pti_steps=50" in text
+    assert "--option generator.render.depth_resolution=96 (eg3d: a field of a nested config" \
+        in text
 
 
 # -- --seed ----------------------------------------------------------------------------------

@@ -122,8 +122,10 @@ def add_option_argument(parser, command: str) -> None:
         "--option", action="append", default=[], metavar="KEY=VALUE",
         help="an inference option of the trained model (repeatable), replacing the value its "
              "checkpoint saved, e.g. --option model.pti_steps=50 --option inference=reference "
-             "(otavatar) or --option model.sr_noise=random (goha); KEY with or without "
-             "'model.', VALUE read like a pyface train --set value. Only the model's inference "
+             "(otavatar), --option model.sr_noise=random (goha) or --option "
+             "generator.render.depth_resolution=96 (eg3d: a field of a nested config by its "
+             "dotted path); KEY with or without 'model.', VALUE read like a pyface train --set "
+             "value. Only the model's inference "
              "options (pyface.models.inference_options(NAME); a wrong key lists them), which "
              f"change no weights. pyface {command} exits 2 for a bad key or value")
 
