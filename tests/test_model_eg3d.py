@@ -849,9 +849,8 @@ def test_load_options_refuse_architecture_keys_and_bad_values(tiny_run):
             pyface.models.load("eg3d", run, options={key: 1})
     for opts, msg in [({"generator.render.depth_resolution": "many"},
                        r"model.generator.render.depth_resolution: expected int, got 'many'"),
-                      ({"generator.render.depth_resolution": 3},
-                       r"model.generator.render.depth_resolution: expected an int >= 4 \(with "
-                       r"importance samples\), got 3"),
+                      ({"generator.render.depth_resolution": 1},
+                       r"model.generator.render.depth_resolution: expected an int >= 2, got 1"),
                       ({"generator.render.depth_resolution_importance": -1},
                        r"model.generator.render.depth_resolution_importance: expected an int "
                        r">= 0"),
@@ -864,6 +863,15 @@ def test_load_options_refuse_architecture_keys_and_bad_values(tiny_run):
                        r"model.generator.render.chunk_points: expected an int >= 1")]:
         with pytest.raises(ValueError, match=msg):
             pyface.models.load("eg3d", run + "_missing", options=opts)
+    # with the saved config: 3 coarse samples need no importance samples (this run has 4)
+    with pytest.raises(ValueError, match=r"model.generator.render.depth_resolution: expected "
+                                         r">= 4 with importance samples "
+                                         r"\(depth_resolution_importance 4\), got 3"):
+        pyface.models.load("eg3d", run, options={"generator.render.depth_resolution": 3})
+    pipe = pyface.models.load("eg3d", run, options={
+        "generator.render.depth_resolution": 3, "generator.render.depth_resolution_importance": 0})
+    assert (pipe.G.renderer.config.depth_resolution,
+            pipe.G.renderer.config.depth_resolution_importance) == (3, 0)
     with pytest.raises(ValueError, match=r"options: 'render.x': EG3D's inference options are "
                                          r"fields of model.generator"):
         generator_options({"render.x": 1})

@@ -85,10 +85,9 @@ class EG3DGeneratorConfig:
             if isinstance(m, bool) or not isinstance(m, int) or m < 0:
                 raise ValueError(f"{key}.depth_resolution_importance: expected an int >= 0 "
                                  f"(0: the coarse pass only), got {m!r}")
-            least = 4 if m > 0 else 2
-            if isinstance(n, bool) or not isinstance(n, int) or n < least:
-                raise ValueError(f"{key}.depth_resolution: expected an int >= {least}"
-                                 f"{' (with importance samples)' if m > 0 else ''}, got {n!r}")
+            # (>= 4 with importance samples: checked with the saved config, by EG3DGenerator)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+                raise ValueError(f"{key}.depth_resolution: expected an int >= 2, got {n!r}")
             if r.recompute not in (True, False, "decoder"):
                 raise ValueError(f"{key}.recompute: expected true, false or 'decoder', got "
                                  f"{r.recompute!r}")
