@@ -746,9 +746,10 @@ def test_option_reaches_load_and_bad_ones_exit_2_before_it(example_run, frames_d
         err = capsys.readouterr().err
         assert err.startswith("pyface animate: ") and msg in err and "Traceback" not in err
     assert seen == []
+    # a seed animation checks them too (EG3D's: tests/test_model_eg3d.py), before the load
     assert main(["animate", "eg3d", "--checkpoint", "x", "--option", "pti_steps=2",
                  "--out", str(tmp_path / "s.mp4")]) == 2
-    assert "--option: a seed animation of eg3d takes no inference options" in \
+    assert "options: 'pti_steps' is not an inference option of model 'eg3d'" in \
         capsys.readouterr().err
 
 
@@ -757,6 +758,8 @@ def test_help_explains_option(capsys):
         main(["animate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--option KEY=VALUE" in text and "--option model.pti_steps=50" in text
+    assert "--option generator.render.depth_resolution=96 (eg3d: a field of a nested config" \
+        in text
 
 
 # -- --seed ----------------------------------------------------------------------------------

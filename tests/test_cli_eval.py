@@ -290,6 +290,13 @@ def test_option_reaches_load_and_the_report(root, example_run, tmp_path, capsys,
     seen.clear()
     assert main(args + ["--json", str(tmp_path / "n.json")]) == 0
     assert seen == [None] and json.load(open(tmp_path / "n.json"))["options"] == {}
+    # a field of a nested config by its dotted path (EG3D's) reaches load as well (the example
+    # run is not an EG3D checkpoint: load refuses it after the options passed)
+    seen.clear()
+    eg3d = ["eval", "eg3d", "--checkpoint", example_run, "--data", root, *BASE,
+            "--protocol", "same", "--max-pairs", "2"]
+    assert main(eg3d + ["--option", "generator.render.depth_resolution=96"]) == 1
+    assert seen == [{"generator.render.depth_resolution": 96}]
     capsys.readouterr()
 
     def no_loading(*a, **k):
@@ -303,6 +310,11 @@ def test_option_reaches_load_and_the_report(root, example_run, tmp_path, capsys,
     assert "model.depth_samples: expected int, got 'many'" in _err(capsys)
     assert main(args + ["--option", "depth_samples"]) == 2
     assert "--option 'depth_samples': expected key=value" in _err(capsys)
+    assert main(eg3d + ["--option", "model.generator.render.depth_resolution=many"]) == 2
+    assert "model.generator.render.depth_resolution: expected int, got 'many'" in _err(capsys)
+    assert main(eg3d + ["--option", "generator.render.ray_start=2"]) == 2
+    assert "options: 'generator.render.ray_start' is not an inference option of model 'eg3d'" \
+        in _err(capsys)
     assert main(["eval", "copy-source", "--data", root, *BASE, "--option", "a=1"]) == 2
     assert "--option: copy-source is a baseline, with no inference options" in _err(capsys)
     assert main(["eval", "--runs", f"example={example_run}", "--out", str(tmp_path / "r"),

@@ -784,6 +784,99 @@ def test_orbit_inversion_pipeline(tiny_run):
     torch.testing.assert_close(torch.cat([f for _, f in parts]), whole)
 
 
+def _converted_release(G, folder) -> str:
+    """``G`` written as ``pyface convert eg3d`` writes a release (kind ``eg3d``)."""
+    from pyface.train.config import to_dict
+
+    state = {k: v for k, v in G.state_dict().items() if k != "rendering_resolution"}
+    return ckpt.save_weights(str(folder), state, kind="eg3d",
+                             config={"generator": to_dict(G.cfg)})
+
+
+def test_load_options_reach_runs_and_converted_releases(tiny_run, tmp_path):
+    """``pyface.models.load("eg3d", ..., options=...)`` sets the declared generator fields
+    (dotted keys, with or without ``model.``) on the generator EG3D's own load_pipeline builds,
+    for a training run and a converted release alike: the renderer uses the new sample counts,
+    the SR the noise mode, the weights and every other field stay, and the frames change."""
+    import pyface.models
+    from pyface.models.eg3d.pipeline import load_generator
+
+    run, _ = tiny_run
+    conv = _converted_release(load_generator(run), tmp_path / "release")
+    opts = {"generator.render.depth_resolution": 7,
+            "model.generator.render.depth_resolution_importance": "5",
+            "generator.sr_noise_mode": "const", "generator.render.chunk_points": 4096}
+    cams = torch.stack([_Frames(2, 16)[i]["camera"] for i in range(2)])
+    w = torch.randn(1, 1, 16, generator=torch.Generator().manual_seed(3))
+    for path in (run, conv):
+        default = pyface.models.load("eg3d", path, device="cpu")
+        pipe = pyface.models.load("eg3d", path, device="cpu", options=opts)
+        rc, saved = pipe.G.renderer.config, default.G.renderer.config
+        assert (saved.depth_resolution, saved.depth_resolution_importance) == (6, 4)
+        assert (rc.depth_resolution, rc.depth_resolution_importance) == (7, 5)
+        assert rc.chunk_points == 4096 and pipe.G.cfg.render is rc
+        assert pipe.G.superresolution.cfg.noise_mode == "const"
+        assert default.G.superresolution.cfg.noise_mode == "none"
+        for k in ("ray_start", "ray_end", "box_warp", "plane_axes", "density_bias",
+                  "white_back"):
+            assert getattr(rc, k) == getattr(saved, k), k
+        ref = default.G.state_dict()
+        assert all(torch.equal(v, ref[k]) for k, v in pipe.G.state_dict().items())
+        state = {"ws": w.expand(1, pipe.G.num_ws, 16)}
+        frames = [p.generate(state, p.seed_frames({"camera": cams}, 0, 0))
+                  for p in (default, default, pipe)]
+        assert torch.equal(frames[0], frames[1])
+        assert not torch.allclose(frames[0], frames[2])  # the option is used, not ignored
+    G = load_generator(run, options={"generator.render.depth_resolution": 8})
+    assert G.renderer.config.depth_resolution == 8
+
+
+def test_load_options_refuse_architecture_keys_and_bad_values(tiny_run):
+    """A field the weights depend on is refused naming it and listing the valid keys; a bad
+    value names model.generator.KEY; nothing is read before."""
+    import pyface.models
+    from pyface.models.eg3d.pipeline import generator_options
+
+    run, _ = tiny_run
+    valid = ("model.generator.render.depth_resolution, "
+             "model.generator.render.depth_resolution_importance, "
+             "model.generator.render.backend, model.generator.render.recompute, "
+             "model.generator.render.chunk_points, model.generator.sr_noise_mode")
+    for key in ("generator.render.ray_start", "generator.render.plane_axes",
+                "generator.plane_channels", "model.generator.render", "render.depth_resolution"):
+        with pytest.raises(ValueError, match=rf"options: '{key}' is not an inference option of "
+                                             rf"model 'eg3d' .*; valid: {valid}$"):
+            pyface.models.load("eg3d", run, options={key: 1})
+    for opts, msg in [({"generator.render.depth_resolution": "many"},
+                       r"model.generator.render.depth_resolution: expected int, got 'many'"),
+                      ({"generator.render.depth_resolution": 1},
+                       r"model.generator.render.depth_resolution: expected an int >= 2, got 1"),
+                      ({"generator.render.depth_resolution_importance": -1},
+                       r"model.generator.render.depth_resolution_importance: expected an int "
+                       r">= 0"),
+                      ({"generator.sr_noise_mode": "fresh"},
+                       r"model.generator.sr_noise_mode: expected one of \['random', 'const', "
+                       r"'none'\], got 'fresh'"),
+                      ({"generator.render.recompute": "all"},
+                       r"model.generator.render.recompute: expected true, false or 'decoder'"),
+                      ({"generator.render.chunk_points": 0},
+                       r"model.generator.render.chunk_points: expected an int >= 1")]:
+        with pytest.raises(ValueError, match=msg):
+            pyface.models.load("eg3d", run + "_missing", options=opts)
+    # with the saved config: 3 coarse samples need no importance samples (this run has 4)
+    with pytest.raises(ValueError, match=r"model.generator.render.depth_resolution: expected "
+                                         r">= 4 with importance samples "
+                                         r"\(depth_resolution_importance 4\), got 3"):
+        pyface.models.load("eg3d", run, options={"generator.render.depth_resolution": 3})
+    pipe = pyface.models.load("eg3d", run, options={
+        "generator.render.depth_resolution": 3, "generator.render.depth_resolution_importance": 0})
+    assert (pipe.G.renderer.config.depth_resolution,
+            pipe.G.renderer.config.depth_resolution_importance) == (3, 0)
+    with pytest.raises(ValueError, match=r"options: 'render.x': EG3D's inference options are "
+                                         r"fields of model.generator"):
+        generator_options({"render.x": 1})
+
+
 def test_seeded_frames_do_not_depend_on_the_chunking(tiny_run, tmp_path, monkeypatch):
     """With a seed, frame i's ray samples come from a generator of (seed, i): stream in chunks of
     1 and of 3, animate and `pyface animate --batch 1 / 3` give the same pixels; another seed
@@ -1010,6 +1103,56 @@ def _spy_generators(monkeypatch):
     monkeypatch.setattr(pipeline, "load_generator",
                         lambda *a, **kw: (loaded.append(load(*a, **kw)), loaded[-1])[1])
     return loaded
+
+
+def test_cli_option_reaches_the_seed_animation_and_the_pipeline(tiny_run, tmp_path, capsys,
+                                                               monkeypatch):
+    """``pyface animate eg3d --option generator.render.depth_resolution=N`` reaches the
+    generator of a seed animation (load_generator) and the pipeline of a source animation
+    (pyface.models.load); an architecture key exits 2 naming it, before anything loads."""
+    import pyface.models
+    from pyface.cli import main
+    from pyface.data import format as fmt
+    from pyface.models.eg3d.pipeline import EG3DPipeline
+
+    run, _ = tiny_run
+    loaded = _spy_generators(monkeypatch)
+    out = ["--out", str(tmp_path / "o.mp4"), "--device", "cpu", "--no-progress"]
+    assert main(["animate", "eg3d", "--checkpoint", run, "--seeds", "0", "--frames", "2", *out,
+                 "--option", "generator.render.depth_resolution=7",
+                 "--option", "model.generator.render.depth_resolution_importance=5"]) == 0
+    assert [(G.renderer.config.depth_resolution, G.renderer.config.depth_resolution_importance)
+            for G in loaded] == [(7, 5)]
+    seen, load = [], pyface.models.load
+    monkeypatch.setattr(pyface.models, "load", lambda *a, **kw: (
+        seen.append((kw.get("options"), load(*a, **kw))), seen[-1][1])[1])
+    monkeypatch.setattr(EG3DPipeline, "encode_source",   # no inversion: the options are tested
+                        lambda self, source, **kw: {"ws": torch.zeros(1, self.G.num_ws, 16)})
+    item = _Frames(2, 16)[0]
+    frame = ((item["image"].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()[None]
+    fmt.write_video(str(tmp_path), "v", frame, torch.zeros(1, 257).numpy(),
+                    item["camera"][None].numpy(), identity="a", fps=10.0)
+    video = str(tmp_path / "v")
+    assert main(["animate", "eg3d", "--checkpoint", run, "--source", video, "--driving", video,
+                 *out, "--option", "generator.render.depth_resolution=96",
+                 "--option", "generator.render.depth_resolution_importance=96"]) == 0
+    (options, pipe), = seen
+    assert options == {"generator.render.depth_resolution": 96,
+                       "generator.render.depth_resolution_importance": 96}
+    assert (pipe.G.renderer.config.depth_resolution,
+            pipe.G.renderer.config.depth_resolution_importance) == (96, 96)
+    capsys.readouterr()
+    loaded.clear()
+    seen.clear()
+    for extra in (["--seeds", "0"], ["--source", video, "--driving", video]):
+        assert main(["animate", "eg3d", "--checkpoint", run, *extra, *out,
+                     "--option", "generator.render.ray_start=2"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("pyface animate: options: 'generator.render.ray_start' is not an "
+                              "inference option of model 'eg3d'")
+        assert "valid: model.generator.render.depth_resolution, " in err
+        assert "Traceback" not in err
+    assert loaded == [] and seen == []
 
 
 def test_cli_invert_compiled_equals_uncompiled(tiny_run, tmp_path, capsys, monkeypatch,

@@ -176,6 +176,43 @@ def test_landmark_boxes():
         landmark_boxes(torch.zeros(1, 5, 2), 32)
 
 
+def test_load_options_set_the_renderer_samples(data, gen_run):
+    """``pyface.models.load("export3d", ..., options=...)`` sets the renderer's samples per ray
+    and chunk size on a trained run (the weights and the other fields as saved; the frames
+    change with the samples); an architecture key is refused naming it and listing the valid
+    ones, a bad value names model.KEY."""
+    import os
+
+    default = pyface.models.load("export3d", gen_run, device="cpu")
+    pipe = pyface.models.load("export3d", gen_run, device="cpu",
+                              options={"depth_samples": 7, "model.importance_samples": "5",
+                                       "render_chunk_points": 512})
+    rc = pipe.model.renderer.config
+    assert (rc.depth_resolution, rc.depth_resolution_importance, rc.chunk_points) == (7, 5, 512)
+    assert (default.model.renderer.config.depth_resolution,
+            default.model.renderer.config.depth_resolution_importance) == (4, 4)
+    assert (rc.ray_start, rc.ray_end, rc.box_warp) == (2.25, 3.3, 1.0)
+    ref = default.model.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in pipe.model.state_dict().items())
+    video = os.path.join(data, sorted(v for v in os.listdir(data) if v.startswith("id"))[0])
+    source = read_source(video, pipe.resolution)
+    driving = {k: v[:2] if isinstance(v, torch.Tensor) else v
+               for k, v in read_driving(video, pipe.resolution).items()}
+    a = default.animate(source, driving)
+    assert torch.equal(a, default.animate(source, driving))
+    assert not torch.allclose(a, pipe.animate(source, driving))   # the option is used
+    with pytest.raises(ValueError, match=r"options: 'ray_start' is not an inference option of "
+                                         r"model 'export3d' .*; valid: model.depth_samples, "
+                                         r"model.importance_samples, "
+                                         r"model.render_chunk_points$"):
+        pyface.models.load("export3d", gen_run, options={"ray_start": 1.0})
+    with pytest.raises(ValueError, match=r"model.depth_samples: expected int, got 'many'"):
+        pyface.models.load("export3d", gen_run, options={"depth_samples": "many"})
+    with pytest.raises(ValueError, match=r"model.depth_samples: expected >= 4 \(with importance "
+                                         r"samples\), got 3"):
+        pyface.models.load("export3d", gen_run, options={"depth_samples": 3})
+
+
 def test_pipeline_on_a_tiny_checkpoint(data, gen_run):
     import os
 

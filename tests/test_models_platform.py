@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -23,9 +23,10 @@ from pyface.data.driving import (count_driving, iter_driving, read_driving, read
 from pyface.face.cameras import camera_yaw_pitch, orbit_labels
 from pyface.train import registry
 from pyface.train.config import ConfigError, build_experiment
-from pyface.train.example import ExamplePipeline, TriplaneAutoencoder
-from pyface.train.model import (Pipeline, Stage, StepContext, TrainableModel, config_from_dict,
-                                load_pretrained, read_pretrained)
+from pyface.train.example import ExamplePipeline, TriplaneAEConfig, TriplaneAutoencoder
+from pyface.train.model import (ModelDefinitionError, Pipeline, Stage, StepContext,
+                                TrainableModel, check_model_class, config_from_dict,
+                                load_pretrained, option_path, read_pretrained, with_options)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["model.resolution=16", "model.plane_resolution=8", "model.plane_channels=4",
@@ -294,16 +295,107 @@ def test_load_options_replace_the_saved_inference_options_only(example_run, monk
 def test_declared_inference_options_are_fields_of_the_config(name):
     """Every declared inference option is a field of the model's config that the default
     config accepts as it is (check_options converts it like a config value)."""
+    from pyface.train.model import option_value
+
     cls = pyface.models.model_class(name)
     default = cls.Config()
     declared = pyface.models.inference_options(name)
     assert len(set(declared)) == len(declared)
-    values = {k: getattr(default, k) for k in declared}
+    values = {k: option_value(default, k) for k in declared}
     assert pyface.models.check_options(name, values) == values
-    if name in ("goha", "otavatar"):
+    if name in ("goha", "otavatar", "eg3d", "export3d"):
         assert declared
+    if name == "mmfa":      # every MMFA field shapes its networks or their training
+        assert declared == ()
     with pytest.raises(ValueError, match=r"is not an inference option"):
         pyface.models.check_options(name, {"resolution": 8})
+
+
+@dataclass
+class _Sampling:
+    depth_samples: int = 8
+    mode: str = "mid"
+
+
+@dataclass
+class _NestedAEConfig(TriplaneAEConfig):
+    sampling: _Sampling = field(default_factory=_Sampling)
+
+
+class NestedAE(TriplaneAutoencoder):
+    """The example model with its samples per ray in a nested config (``sampling``)."""
+    Config = _NestedAEConfig
+    inference_options = ("sampling.depth_samples",)
+
+    def __init__(self, cfg: _NestedAEConfig | None = None):
+        cfg = cfg or _NestedAEConfig()
+        cfg.depth_samples = cfg.sampling.depth_samples      # what render() reads
+        super().__init__(cfg)
+
+
+def test_nested_inference_options_reach_the_generic_load(tmp_path, monkeypatch):
+    """A dotted key (``sampling.depth_samples``, with or without ``model.``) names a field of
+    a nested config: converted like a config value (errors name ``model.sampling.KEY``), merged
+    into the saved nested config (its other saved fields stay) before the model is built, and
+    the rendered frames change with it; the saved run's value otherwise."""
+    monkeypatch.setitem(registry.MODELS, "nested_ae", f"{__name__}:NestedAE")
+    run = tmp_path / "run"
+    tiny = [s for s in TINY if not s.startswith("model.depth_samples")]
+    assert main(["train", "nested_ae", *sets(tiny), "--set", f"train.run_dir={run}",
+                 "--set", "train.steps=2", "--set", "model.sampling.depth_samples=4",
+                 "--set", "model.sampling.mode=saved"]) == 0
+    saved = pyface.models.load("nested_ae", str(run), device="cpu")
+    assert saved.model.cfg.sampling == _Sampling(4, "saved")
+    assert pyface.models.check_options("nested_ae", {"model.sampling.depth_samples": "6"}) == \
+        {"sampling.depth_samples": 6}
+    pipe = pyface.models.load("nested_ae", str(run), device="cpu",
+                              options={"sampling.depth_samples": "6"})
+    assert pipe.model.cfg.sampling == _Sampling(6, "saved")       # the rest as saved
+    assert pipe.model.cfg.depth_samples == 6
+    src = {"image": torch.rand(3, 16, 16) * 2 - 1}
+    drv = {"image": torch.rand(2, 3, 16, 16) * 2 - 1}
+    a, b = saved.animate(src, drv), pipe.animate(src, drv)
+    assert torch.equal(saved.animate(src, drv), a)
+    assert not torch.allclose(a, b)                  # the option is used, not ignored
+    with pytest.raises(ValueError, match=r"options: 'model.sampling.mode' is not an inference "
+                                         r"option of model 'nested_ae' .*valid: "
+                                         r"model.sampling.depth_samples$"):
+        pyface.models.load("nested_ae", str(run), options={"model.sampling.mode": "x"})
+    with pytest.raises(ValueError, match=r"options: 'sampling' is not an inference option"):
+        pyface.models.check_options("nested_ae", {"sampling": {"depth_samples": 2}})
+    with pytest.raises(ConfigError, match=r"model.sampling.depth_samples: expected int, got "
+                                          r"'many'"):
+        pyface.models.load("nested_ae", str(run), options={"sampling.depth_samples": "many"})
+
+
+def test_option_paths_and_the_declaration_check():
+    """option_path walks nested config dataclasses (a part that is not a field, or a step
+    through a field that is not a config dataclass, names both); with_options copies the dicts
+    on its way; check_model_class refuses a declaration that is not a tuple of field paths or
+    names a field and one inside it."""
+    assert option_path(_NestedAEConfig, "sampling.depth_samples") == ("sampling",
+                                                                      "depth_samples")
+    with pytest.raises(ValueError, match=r"'sampling.depth': 'depth' is not a field of "
+                                         r"_Sampling; its fields: depth_samples, mode"):
+        option_path(_NestedAEConfig, "sampling.depth")
+    with pytest.raises(ValueError, match=r"'hidden.x': hidden is not a config dataclass"):
+        option_path(_NestedAEConfig, "hidden.x")
+    saved = {"sampling": {"depth_samples": 4, "mode": "saved"}, "hidden": 8}
+    out = with_options(saved, {"sampling.depth_samples": 6, "lr": 0.1})
+    assert out == {"sampling": {"depth_samples": 6, "mode": "saved"}, "hidden": 8, "lr": 0.1}
+    assert saved["sampling"]["depth_samples"] == 4                # not changed
+    assert with_options({}, {"sampling.mode": "x"}) == {"sampling": {"mode": "x"}}
+    with pytest.raises(ValueError, match=r"'sampling.mode': the saved config's sampling is 3"):
+        with_options({"sampling": 3}, {"sampling.mode": "x"})
+    check_model_class(NestedAE)
+    for bad, msg in [(("sampling.depth",), r"'depth' is not a field of _Sampling"),
+                     ("sampling.mode", r"inference_options must be a tuple .* \(write "
+                                       r"\('sampling.mode',\)\)"),
+                     (("sampling", "sampling.mode"), r"inference option 'sampling' contains "
+                                                     r"the inference option 'sampling.mode'")]:
+        cls = type("Bad", (NestedAE,), {"inference_options": bad})
+        with pytest.raises(ModelDefinitionError, match=msg):
+            check_model_class(cls)
 
 
 def test_base_pipeline_reconstruct_is_animate_with_the_source():

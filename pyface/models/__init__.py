@@ -52,12 +52,15 @@ def check_options(name: str, options: dict[str, Any] | None) -> dict[str, Any]:
     """``options`` of :func:`load` checked for model ``name`` -> ``{field: value}`` (keys
     without the ``model.`` prefix, values converted as config values).
 
-    A key that is not one of the model's :func:`inference_options` is a ValueError naming it
-    and listing the valid ones; a value of the wrong type or a bad choice a
+    A key is a field name (``"pti_steps"``) or the dotted path of a field of a nested config
+    (``"generator.render.depth_resolution"``), with or without ``model.``. A key that is not one
+    of the model's :func:`inference_options` is a ValueError naming it and listing the valid
+    ones; a value of the wrong type or a bad choice a
     :class:`pyface.train.config.ConfigError` (a ValueError) naming ``model.KEY``, checked on
     the model's default config (what depends on the checkpoint's config is checked by
     :func:`load`). Nothing is read."""
     from pyface.train.config import from_dict
+    from pyface.train.model import option_value, with_options
 
     if options is None:
         return {}
@@ -77,9 +80,9 @@ def check_options(name: str, options: dict[str, Any] | None) -> dict[str, Any]:
         if field in out:
             raise ValueError(f"options: model.{field} given twice (as {key!r} too)")
         out[field] = value
-    if out:
-        cfg = from_dict(cls.Config, out, prefix="model.")
-        out = {k: getattr(cfg, k) for k in out}
+    if out:     # converted as config values: a nested key's errors name model.A.B.KEY
+        cfg = from_dict(cls.Config, with_options({}, out), prefix="model.")
+        out = {k: option_value(cfg, k) for k in out}
     return out
 
 
@@ -104,8 +107,10 @@ def load(name: str, checkpoint: str, *, device: str | torch.device | None = None
             they compile, later ones faster). Checked before the checkpoint is read.
         options: inference options of the trained model, ``{key: value}`` (a key with or
             without ``model.``, e.g. ``{"pti_steps": 50}`` for OTAvatar, ``{"model.sr_noise":
-            "random"}`` for GOHA): they replace the checkpoint's values of those config fields
-            before the model is built. Only the model's declared :func:`inference_options`
+            "random"}`` for GOHA; a field of a nested config by its dotted path, e.g.
+            ``{"generator.render.depth_resolution": 96}`` for EG3D): they replace the
+            checkpoint's values of those config fields before the model is built (a model's own
+            ``load_pipeline`` gets them checked, as ``options=``). Only the model's declared :func:`inference_options`
             (fields that change no weights); anything else is a ValueError naming the key and
             listing the valid ones; a value is converted like a config value (a wrong type or
             a bad choice: a ValueError naming ``model.KEY``). See :func:`check_options`.
@@ -122,7 +127,8 @@ def load(name: str, checkpoint: str, *, device: str | torch.device | None = None
     from pyface import checkpoint as ckpt
     from pyface.nn.compiling import parse_compile
     from pyface.train.config import ConfigError, from_dict, saved_config
-    from pyface.train.model import WrongModelError, read_pretrained, resolve_device
+    from pyface.train.model import (WrongModelError, read_pretrained, resolve_device,
+                                    with_options)
 
     if not isinstance(checkpoint, (str, os.PathLike)):
         raise TypeError(f"checkpoint: expected a path (a run, checkpoint or converted weights "
@@ -160,7 +166,7 @@ def load(name: str, checkpoint: str, *, device: str | torch.device | None = None
         raise ckpt.CheckpointError(f"checkpoint {pre.path!r}: its model config does not fit "
                                    f"{cls.__name__}.Config: {exc}") from None
     if opts:    # the saved config with the inference options replaced (errors name model.KEY)
-        cfg = from_dict(cls.Config, {**saved, **opts}, prefix="model.")
+        cfg = from_dict(cls.Config, with_options(saved, opts), prefix="model.")
         log.info("inference options of %s: %s", name, opts)
     _relocate_stages(cls, cfg, pre.path)
     model = cls(cfg)

@@ -98,6 +98,7 @@ def add_parser(subparsers) -> None:
 
 
 #: models that animate latent seeds without a source image: name -> "module:function(args)"
+#: (``args.model_options``: the checked ``--option`` values, or None, for the model's load)
 SEED_ANIMATORS = {"eg3d": "pyface.models.eg3d.cli:run_animate"}
 #: their parse of --seeds (name -> "module:function(text)", ValueError for a bad one) and the
 #: seeds they animate without it
@@ -121,8 +122,10 @@ def add_option_argument(parser, command: str) -> None:
         "--option", action="append", default=[], metavar="KEY=VALUE",
         help="an inference option of the trained model (repeatable), replacing the value its "
              "checkpoint saved, e.g. --option model.pti_steps=50 --option inference=reference "
-             "(otavatar) or --option model.sr_noise=random (goha); KEY with or without "
-             "'model.', VALUE read like a pyface train --set value. Only the model's inference "
+             "(otavatar), --option model.sr_noise=random (goha) or --option "
+             "generator.render.depth_resolution=96 (eg3d: a field of a nested config by its "
+             "dotted path); KEY with or without 'model.', VALUE read like a pyface train --set "
+             "value. Only the model's inference "
              "options (pyface.models.inference_options(NAME); a wrong key lists them), which "
              f"change no weights. pyface {command} exits 2 for a bad key or value")
 
@@ -666,11 +669,11 @@ def run_animate(args) -> int:
     if seed_animation(args):
         try:
             check_seed_args(args)
-            if args.option:
-                raise ValueError(f"--option: a seed animation of {args.model} takes no "
-                                 f"inference options, got {args.option}")
-        except ValueError as exc:
-            return fail(str(exc), 2)
+            # the model's inference options reach the seed animator's load (EG3D's
+            # load_generator), e.g. more samples per ray for the video
+            args.model_options = parse_model_options(args) or None
+        except (KeyError, ValueError) as exc:
+            return fail(str(exc).strip('"'), 2)
         import importlib
 
         module, fn = SEED_ANIMATORS[args.model].split(":")

@@ -210,7 +210,9 @@ class TrainableModel(nn.Module):
     #: the ``Config`` fields that only inference reads and that change no weights or parameter
     #: shapes (how a source is encoded, how frames are rendered): ``pyface.models.load(...,
     #: options={...})`` and ``pyface animate / pyface eval --option KEY=VALUE`` may set them on
-    #: a trained model; every other field comes from the checkpoint. Empty: none.
+    #: a trained model; every other field comes from the checkpoint. A field of a nested config
+    #: dataclass is named by its dotted path (``"generator.render.depth_resolution"``,
+    #: :func:`option_path`). Empty: none.
     inference_options: tuple[str, ...] = ()
 
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -273,7 +275,8 @@ def check_model_class(cls, name: str | None = None) -> None:
     ``step`` defined, ``__init__(self, cfg)``, ``recipe`` / ``presets`` dicts (each preset a
     dict), ``stages`` :class:`Stage` objects, ``Pipeline`` a :class:`Pipeline` subclass or
     None, ``local_batch_field`` a field of ``Config`` or None, ``compile_modules`` a tuple of
-    sub-module names (strings).
+    sub-module names (strings), ``inference_options`` a tuple of (dotted) ``Config`` field
+    paths (:func:`option_path`), none inside another.
 
     Raises :class:`ModelDefinitionError`."""
     import dataclasses
@@ -351,6 +354,21 @@ def check_model_class(cls, name: str | None = None) -> None:
         hint = f" (write ({names!r},))" if isinstance(names, str) else ""
         raise ModelDefinitionError(f"{label}: compile_modules must be a tuple of sub-module "
                                    f"names (strings) for train.compile, got {names!r}{hint}")
+    opts = cls.inference_options
+    if not isinstance(opts, tuple) or not all(isinstance(n, str) for n in opts):
+        hint = f" (write ({opts!r},))" if isinstance(opts, str) else ""
+        raise ModelDefinitionError(f"{label}: inference_options must be a tuple of (dotted) "
+                                   f"Config field names, got {opts!r}{hint}")
+    for key in opts:
+        try:
+            option_path(cfg, key)
+        except ValueError as exc:
+            raise ModelDefinitionError(f"{label}: {exc}") from None
+        inside = [o for o in opts if o.startswith(key + ".")]
+        if inside:
+            raise ModelDefinitionError(f"{label}: inference option {key!r} contains the "
+                                       f"inference option {inside[0]!r} (name the fields "
+                                       f"inside, or the whole, not both)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -483,6 +501,62 @@ def config_from_dict(config_cls, data: dict, *, prefix: str = "model."):
     from pyface.train.config import from_dict, saved_config
 
     return from_dict(config_cls, saved_config(config_cls, data), prefix=prefix)
+
+
+def option_path(config_cls, key: str) -> tuple[str, ...]:
+    """The field names along inference option ``key`` of config dataclass ``config_cls``: a
+    field name (``"pti_steps"``) or a dotted path through nested config dataclasses
+    (``"generator.render.depth_resolution"``: ``EG3DConfig.generator`` ->
+    ``EG3DGeneratorConfig.render`` -> ``RenderConfig.depth_resolution``). A part that is not a
+    field, or a field on the way whose type is not a config dataclass, is a ValueError naming
+    ``key`` and the part."""
+    import dataclasses
+    import typing
+
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"inference option: expected a config field name, got {key!r}")
+    parts = tuple(key.split("."))
+    cls = config_cls
+    for i, part in enumerate(parts):
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+            raise ValueError(f"inference option {key!r}: {'.'.join(parts[:i])} is not a config "
+                             f"dataclass (a nested key goes through config dataclasses only)")
+        names = {f.name for f in dataclasses.fields(cls)}
+        if part not in names:
+            raise ValueError(f"inference option {key!r}: {part!r} is not a field of "
+                             f"{cls.__qualname__}; its fields: {', '.join(sorted(names))}")
+        cls = typing.get_type_hints(cls).get(part)
+    return parts
+
+
+def option_value(cfg, key: str):
+    """The value of (dotted) inference option ``key`` in config ``cfg`` (a dataclass)."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def with_options(data: dict | None, options: dict) -> dict:
+    """A copy of the nested config dict ``data`` (a saved model config) with ``options``, a
+    ``{key: value}`` of (dotted) field paths (:func:`option_path`), set in it: the mappings on
+    each key's way are copied (``data`` is not changed) and made where ``data`` lacks them (a
+    field saved without them takes its default for the rest). A key whose way runs through a
+    saved value that is not a mapping is a ValueError naming it."""
+    out = dict(data or {})
+    for key, value in options.items():
+        parts = key.split(".")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            sub = node.get(part)
+            if sub is None:
+                sub = {}
+            elif not isinstance(sub, dict):
+                raise ValueError(f"options: {key!r}: the saved config's "
+                                 f"{'.'.join(parts[:i + 1])} is {sub!r}, not a mapping")
+            node[part] = sub = dict(sub)
+            node = sub
+        node[parts[-1]] = value
+    return out
 
 
 def load_pretrained(path: str, *, ema: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -109,7 +109,8 @@ def run_animate(args) -> int:
     """``pyface animate eg3d --checkpoint OUT --seeds 0-3 --out orbit.mp4 [--compile [MODE]]``:
     writes the orbit video and prints its frames per second (the seeds' mapping and tri-planes
     and the video writing left out; with ``--compile``, the frames during which a graph compiled
-    too, reported apart)."""
+    too, reported apart). ``args.model_options``: ``EG3D.inference_options`` values for the
+    generator (``--option generator.render.depth_resolution=96``), or None."""
     import time
 
     import torch
@@ -122,7 +123,8 @@ def run_animate(args) -> int:
     try:
         seeds = parse_seeds(getattr(args, "seeds", None) or "0-3")
         dev = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
-        G = load_generator(args.checkpoint, device=dev, ema=getattr(args, "ema", True))
+        G = load_generator(args.checkpoint, device=dev, ema=getattr(args, "ema", True),
+                           options=getattr(args, "model_options", None))
     except WrongModelError as exc:
         print(f"pyface animate eg3d: {exc.for_option('--checkpoint', args.checkpoint)}",
               file=sys.stderr)

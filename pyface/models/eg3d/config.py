@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pyface.nn.render import RenderConfig
+from pyface.nn.stylegan import NOISE_MODES
 
 
 @dataclass
@@ -70,6 +71,30 @@ class EG3DGeneratorConfig:
     avg_camera_radius: float = 2.7
     avg_camera_pivot: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.2])
     render: RenderConfig = field(default_factory=RenderConfig.ffhq)
+
+    def __post_init__(self):
+        # the fields a trained model may change at load time (EG3D.inference_options) are
+        # checked here, so a bad value is refused naming its key before anything is read
+        if self.sr_noise_mode not in NOISE_MODES:
+            raise ValueError(f"model.generator.sr_noise_mode: expected one of "
+                             f"{list(NOISE_MODES)}, got {self.sr_noise_mode!r}")
+        r = self.render
+        if isinstance(r, RenderConfig):
+            key = "model.generator.render"
+            n, m = r.depth_resolution, r.depth_resolution_importance
+            if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+                raise ValueError(f"{key}.depth_resolution_importance: expected an int >= 0 "
+                                 f"(0: the coarse pass only), got {m!r}")
+            # (>= 4 with importance samples: checked with the saved config, by EG3DGenerator)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+                raise ValueError(f"{key}.depth_resolution: expected an int >= 2, got {n!r}")
+            if r.recompute not in (True, False, "decoder"):
+                raise ValueError(f"{key}.recompute: expected true, false or 'decoder', got "
+                                 f"{r.recompute!r}")
+            c = r.chunk_points
+            if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+                raise ValueError(f"{key}.chunk_points: expected an int >= 1 or None (the "
+                                 f"renderer's default), got {c!r}")
 
 
 @dataclass

@@ -128,9 +128,11 @@ def config_from_dict(d: dict) -> EG3DGeneratorConfig:
     return EG3DGeneratorConfig(**d)
 
 
-def load_converted(path: str, *, device="cpu"):
+def load_converted(path: str, *, device="cpu", options: dict | None = None):
     """A ``pyface convert eg3d`` folder (or the generator of a ``pyface convert otavatar``
-    folder) -> :class:`EG3DGenerator` in eval mode."""
+    folder) -> :class:`EG3DGenerator` in eval mode. ``options``: ``{"render.depth_resolution":
+    96, ...}``, generator config fields (dotted paths, checked values) replacing the stored
+    ones before the generator is built."""
     from pyface.models.eg3d.generator import EG3DGenerator
 
     tensors, meta = load_weights(path, device="cpu")
@@ -143,6 +145,10 @@ def load_converted(path: str, *, device="cpu"):
     if cfg_dict is None:
         raise CheckpointError(f"{path}: converted by an older pyface (no 'generator' config); "
                               "convert the pickle again with pyface convert eg3d")
+    if options:
+        from pyface.train.model import with_options
+
+        cfg_dict = with_options(cfg_dict, options)
     G = EG3DGenerator(config_from_dict(cfg_dict))
     state = {k: v for k, v in tensors.items()}
     state["rendering_resolution"] = G.rendering_resolution.clone()

@@ -210,12 +210,41 @@ class EG3D(TrainableModel):
     presets = {"tiny": _TINY, "gpu-short": _GPU_SHORT, "full": _FULL}
     recipe = _TINY
     Pipeline = EG3DPipeline
+    #: settable on a trained model or a converted release (``pyface.models.load(...,
+    #: options=...)``, ``--option``): fields the rendering reads that change no weight and no
+    #: parameter shape. Left out, each because the trained weights depend on it: plane_axes,
+    #: box_warp, density_bias, ray_start / ray_end (where the planes and the density were
+    #: fitted), white_back (the background the SR and D saw), the channels and resolutions of
+    #: the networks, sr_antialias / sr_conv_clamp (the SR's trained input and activations),
+    #: sr_image_raw_alias (the image_raw D was trained on), c_scale / c_gen_conditioning_zero
+    #: (the mapping's trained input), neural_rendering_resolution (the checkpoint's
+    #: rendering_resolution buffer replaces it) and avg_camera_radius / avg_camera_pivot (the
+    #: training data's camera orbit).
+    inference_options = (
+        # samples per ray, coarse and importance: a finer quadrature of the same volume (EG3D's
+        # gen_videos.py multiplies both by its --sample_mult, 2 by default)
+        "generator.render.depth_resolution",
+        "generator.render.depth_resolution_importance",
+        # execution only, the results agree to float rounding: the render_triplane backend (the
+        # uniforms are drawn before it is chosen), what the backward of the source inversion
+        # keeps (recompute) and the rays per chunk (chunk_points; each ray computed alone)
+        "generator.render.backend",
+        "generator.render.recompute",
+        "generator.render.chunk_points",
+        # the SR's per-layer noise (none / const / random), read by the SR at every frame: the
+        # layers, their constant noise and noise strengths are the same in every mode
+        "generator.sr_noise_mode",
+    )
 
     @staticmethod
-    def load_pipeline(path: str, *, device=None, ema: bool = True) -> EG3DPipeline:
+    def load_pipeline(path: str, *, device=None, ema: bool = True,
+                      options: dict | None = None) -> EG3DPipeline:
         """``pyface.models.load("eg3d", path)``: a converted release folder, a training run or
-        checkpoint (the EMA generator by default)."""
-        return EG3DPipeline.from_checkpoint(path, device=device, ema=ema)
+        checkpoint (the EMA generator by default). ``options``: :attr:`inference_options`
+        values, ``{"generator.render.depth_resolution": 96, ...}`` (checked and converted by
+        ``pyface.models.load``), replacing the saved generator config's before the generator
+        is built (runs and converted releases alike)."""
+        return EG3DPipeline.from_checkpoint(path, device=device, ema=ema, options=options)
 
     def __init__(self, cfg: EG3DConfig | None = None):
         super().__init__()

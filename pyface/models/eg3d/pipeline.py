@@ -24,12 +24,31 @@ from pyface.models.eg3d.generator import EG3DGenerator
 log = logging.getLogger("pyface.models.eg3d")
 
 from pyface.train.model import Pipeline as _PipelineBase
-from pyface.train.model import frame_generators, frame_seeds
+from pyface.train.model import frame_generators, frame_seeds, with_options
 
 
-def load_generator(path: str, *, device="cpu", ema: bool = True) -> EG3DGenerator:
+def generator_options(options: dict | None) -> dict:
+    """EG3D's inference options (``EG3D.inference_options`` keys, ``"generator.X.Y"``) ->
+    ``{"X.Y": value}`` relative to the generator config; a key outside ``generator.`` is a
+    ValueError naming it."""
+    out = {}
+    for key, value in (options or {}).items():
+        if not isinstance(key, str) or not key.startswith("generator."):
+            raise ValueError(f"options: {key!r}: EG3D's inference options are fields of "
+                             f"model.generator (generator.KEY)")
+        out[key[len("generator."):]] = value
+    return out
+
+
+def load_generator(path: str, *, device="cpu", ema: bool = True,
+                   options: dict | None = None) -> EG3DGenerator:
     """A generator from a ``pyface convert eg3d`` folder, a training checkpoint folder or a run
-    folder (its latest checkpoint; the EMA generator when ``ema`` and present). Eval mode."""
+    folder (its latest checkpoint; the EMA generator when ``ema`` and present). Eval mode.
+
+    ``options``: ``{"generator.render.depth_resolution": 96, ...}``, values of
+    ``EG3D.inference_options`` (checked and converted by ``pyface.models.check_options``) set
+    in the saved generator config before the generator is built."""
+    gopts = generator_options(options)
     if os.path.isdir(os.path.join(path, "checkpoints")):
         latest = ckpt.latest_checkpoint(path)
         if latest is None:
@@ -37,7 +56,7 @@ def load_generator(path: str, *, device="cpu", ema: bool = True) -> EG3DGenerato
         path = latest
     meta = ckpt.read_meta(path)
     if meta.get("kind") in ("eg3d", "otavatar"):   # otavatar: the generator of its release
-        return load_converted(path, device=device)
+        return load_converted(path, device=device, options=gopts)
     if meta.get("kind") != "train" or meta.get("experiment", {}).get("model") != "eg3d":
         from pyface.train.model import WrongModelError
 
@@ -45,6 +64,9 @@ def load_generator(path: str, *, device="cpu", ema: bool = True) -> EG3DGenerato
                               "EG3D generator of OTAvatar's release)")
     tensors, meta = ckpt.load_folder(path)
     gcfg = (meta["experiment"].get("model_config") or {}).get("generator") or {}
+    if gopts:
+        gcfg = with_options(gcfg, gopts)
+        log.info("inference options of eg3d: %s", options)
     G = EG3DGenerator(config_from_dict(gcfg))
     prefix = "ema.G" if ema and "G" in meta.get("ema_modules", []) else "model.G"
     ckpt.load_module_state(G, ckpt.sub_state(tensors, prefix), f"{path} ({prefix})")
@@ -247,8 +269,12 @@ class EG3DPipeline(_PipelineBase):
             raise ValueError("driving['camera']: expected (T, 25) EG3D labels, got None")
 
     @classmethod
-    def from_checkpoint(cls, path: str, *, device=None, ema: bool = True, **kw):
-        return cls(load_generator(path, device="cpu", ema=ema), device=device, **kw)
+    def from_checkpoint(cls, path: str, *, device=None, ema: bool = True,
+                        options: dict | None = None, **kw):
+        """The pipeline of a converted folder, run or checkpoint (:func:`load_generator`;
+        ``options``: ``EG3D.inference_options`` values set on its generator config)."""
+        return cls(load_generator(path, device="cpu", ema=ema, options=options),
+                   device=device, **kw)
 
     def encode_source(self, source: dict, *, space: str = "w+", steps: int | None = None
                       ) -> dict:

@@ -439,6 +439,15 @@ class Export3D(TrainableModel):
     #: double backward, which AOTAutograd lacks
     compile_modules = ("generator", "renderer", "sr")
     Pipeline = Export3DPipeline
+    #: settable on a trained model (``pyface.models.load(..., options=...)``, ``--option``):
+    #: the renderer's samples per ray (coarse, importance; at inference they sit at fixed
+    #: mid-interval positions, so more samples are a finer quadrature of the same volume) and
+    #: its chunk size (execution only: the rays of a chunk are rendered as alone, the results
+    #: agree to float rounding). Left out, each because the trained weights depend on it:
+    #: ray_start / ray_end / box_warp (where the planes and the density were fitted), the
+    #: network widths and resolutions, and the source paths (sr_source, sr_guide,
+    #: raw_background, source_mouth_mask*: inputs the SR was trained with).
+    inference_options = ("depth_samples", "importance_samples", "render_chunk_points")
     stages = (Stage("clebs", "export3d_clebs", "clebs_checkpoint"),)
     recipe = {"data": {"name": "pairs", "resolution": 512,
                        "options": {"mode": "same_video", "synth": {"exp_leak": 0.5}}},
@@ -513,6 +522,16 @@ class Export3D(TrainableModel):
             raise ValueError(f"model.resolution: expected a multiple of the super-resolution "
                              f"scale {scale} (from sr_widths), got {cfg.resolution}")
         self.raw_resolution = cfg.resolution // scale
+        n, m = cfg.depth_samples, cfg.importance_samples
+        if m < 0:
+            raise ValueError(f"model.importance_samples: expected >= 0 (0: the coarse pass "
+                             f"only), got {m}")
+        if n < (4 if m > 0 else 2):
+            raise ValueError(f"model.depth_samples: expected >= {4 if m > 0 else 2}"
+                             f"{' (with importance samples)' if m > 0 else ''}, got {n}")
+        if cfg.render_chunk_points is not None and cfg.render_chunk_points < 1:
+            raise ValueError(f"model.render_chunk_points: expected >= 1 or None (the "
+                             f"renderer's default), got {cfg.render_chunk_points}")
         expr = None
         if cfg.cond == "clebs":
             if not cfg.clebs_checkpoint:
