@@ -262,6 +262,20 @@ PRESET_ROWS = [
                  "(the reference) |",
      {("otavatar", p): {"model.inversion_frames": v}
       for p, v in ((T, "mean"), (G, "sum"), (F, "sum"))}),
+    ("otavatar", "| inversion density terms' decoder (`inversion_density_decoder`) | ema (unused: "
+                 "no inversion density terms) | trained | trained (the reference) |",
+     {("otavatar", T): {"model.inversion_density_decoder": "ema",
+                        "model.inversion_density": False},
+      ("otavatar", G): {"model.inversion_density_decoder": "trained",
+                        "model.inversion_density": True},
+      ("otavatar", F): {"model.inversion_density_decoder": "trained",
+                        "model.inversion_density": True}}),
+    ("otavatar", "| controller lr in the inversion (`inversion_controller_lr`) | fixed: 1e-3 | "
+                 "reference: 1e-3 x 100 / 30 = 3.3e-3 | reference: 1e-3 x 100 / 100 = 1e-3 (the "
+                 "reference) |",
+     {("otavatar", p): {"model.inversion_controller_lr": v, "model.controller_lr": 1e-3,
+                        "model.invert_iters": n}
+      for p, v, n in ((T, "fixed", 16), (G, "reference", 30), (F, "reference", 100))}),
     ("otavatar", "| density points | 500 | 2000 | 2000 |",
      {("otavatar", p): {"model.density_points": n} for p, n in ((T, 500), (G, 2000), (F, 2000))}),
     ("otavatar", "| pipeline | 30 w iterations, PTI 100 at 3e-3 | 100 w iterations | 100 w "

@@ -1247,3 +1247,172 @@ def test_inference_profiles_and_bad_options(run, data, generator_dir):
         setattr(c, key, value)
         with pytest.raises(ValueError, match=msg):
             OTAvatar(c)
+
+
+def test_inversion_density_decoder_trained_reads_the_trained_generators_decoder(
+        data, generator_dir, tmp_path, monkeypatch):
+    """model.inversion_density_decoder=trained (the reference's regulariser reads the trained
+    generator) evaluates the inversion's density terms through the trained generator's decoder,
+    on the planes the EMA generator rendered; ema (the default) through the EMA generator's.
+    With a decoder that differs between the two (the trained one scaled here) the first
+    inversion loss changes under trained only; with equal decoders (the first step) the two
+    are identical. A bad value is refused naming the key."""
+    from torch.utils.data import default_collate
+
+    from pyface.models.otavatar.model import OTAvatar
+
+    real = OTAvatar._inversion_density
+    seen = []
+
+    def spy(self, ctx, G, planes, *a):
+        value = real(self, ctx, G, planes, *a)
+        seen.append((G, planes.detach().clone(), value.detach()))
+        return value
+
+    monkeypatch.setattr(OTAvatar, "_inversion_density", spy)
+    first, planes, density = {}, {}, {}
+    for how in ("ema", "trained"):
+        for scaled in (False, True):
+            torch.manual_seed(0)
+            tr = Trainer(_exp(tmp_path / f"{how}{scaled}", data, generator_dir, "train.steps=1",
+                              "model.inversion_density=true",
+                              f"model.inversion_density_decoder={how}"))
+            assert tr.model.cfg.inversion_density_decoder == how
+            if scaled:          # the trained decoder no longer equals the EMA copy's
+                with torch.no_grad():
+                    for p in tr.model.generator.decoder.parameters():
+                        p.mul_(1.5)
+            seen.clear()
+            out = tr.train_step(default_collate([tr.dataset[0], tr.dataset[1]]))
+            want = tr.model.generator if how == "trained" else tr.ema_module("generator")
+            assert len(seen) == 3 and all(G is want for G, _, _ in seen)    # 3 iterations
+            first[how, scaled] = out["main/invert_first"]
+            planes[how, scaled], density[how, scaled] = seen[0][1:]
+    assert float(density["ema", False]) > 0
+    assert torch.equal(first["ema", True], first["ema", False])
+    assert torch.equal(density["ema", True], density["ema", False])
+    assert torch.equal(first["trained", False], first["ema", False])
+    assert torch.equal(density["trained", False], density["ema", False])
+    # the first inversion loss moves by the density term's change only (here 5.5e-4 ->
+    # 1.3e-3 in a loss of about 21, whose float32 rounding is 2e-6 per sum)
+    d = density["trained", True] - density["ema", True]
+    assert abs(float(d)) > 0.05 * float(density["ema", True])
+    torch.testing.assert_close(first["trained", True] - first["ema", True], d, rtol=0,
+                               atol=4e-6)
+    # the planes are the EMA generator's render, whichever decoder reads them
+    assert torch.equal(planes["trained", True], planes["ema", True])
+    bad = _exp(tmp_path / "bad", data, generator_dir, "model.local_batch=2",
+               "model.inversion_density_decoder=live").model_config
+    with pytest.raises(ValueError, match=r"model\.inversion_density_decoder: expected one of "
+                                         r"\('ema', 'trained'\), got 'live'"):
+        OTAvatar(bad)
+
+
+def _controller_lrs(tr, batch) -> tuple[list[float], dict]:
+    """The controller optimizer's rates at each of its steps in one training step of batch, and
+    the step's logs."""
+    opt = tr.optimizers["controller"]
+    real, seen = opt.step, []
+    opt.step = lambda *a, **k: seen.append(opt.param_groups[0]["lr"]) or real(*a, **k)
+    try:
+        out = tr.train_step(batch)
+    finally:
+        del opt.step
+    return seen, out
+
+
+def test_inversion_controller_lr_reference_rule_in_the_inversion_only(data, generator_dir,
+                                                                     tmp_path):
+    """model.inversion_controller_lr=reference steps the controller at controller_lr x 100 /
+    invert_iters in the inversion's controller iterations and at controller_lr in the
+    refinement (the reference's rule); fixed (the default) at controller_lr in every update.
+    The optimizer's rate is restored after each scaled update, so a checkpoint holds
+    controller_lr and a run split by a resume ends with the uninterrupted run's weights. A bad
+    value is refused naming the key."""
+    from torch.utils.data import default_collate
+
+    from pyface.models.otavatar.model import OTAvatar
+
+    lrs, ctrl = {}, {}
+    for how in ("fixed", "reference"):
+        torch.manual_seed(0)
+        tr = Trainer(_exp(tmp_path / how, data, generator_dir, "train.steps=1",
+                          f"model.inversion_controller_lr={how}"))
+        cfg = tr.model.cfg
+        assert (cfg.inversion_controller_lr, cfg.invert_iters, cfg.invert_controller_iters,
+                cfg.controller_lr) == (how, 3, 1, 1e-3)
+        lrs[how], _ = _controller_lrs(tr, default_collate([tr.dataset[0], tr.dataset[1]]))
+        opt = tr.optimizers["controller"]
+        assert opt.param_groups[0]["lr"] == 1e-3
+        assert opt.state_dict()["param_groups"][0]["lr"] == 1e-3
+        ctrl[how] = {k: v.clone() for k, v in tr.model.controller.state_dict().items()}
+    # 1 controller iteration of the inversion, then the refinement's 2 frames
+    assert lrs["fixed"] == [1e-3] * 3
+    assert lrs["reference"] == pytest.approx([1e-3 * 100 / 3, 1e-3, 1e-3], rel=1e-12)
+    assert any(not torch.equal(v, ctrl["reference"][k]) for k, v in ctrl["fixed"].items())
+    # exact resume under the rule: 2 steps == 1 step, checkpoint, resume, 1 step
+    opts = ["model.inversion_controller_lr=reference"]
+    torch.manual_seed(0)
+    a = Trainer(_exp(tmp_path / "a", data, generator_dir, "train.steps=2", *opts))
+    a.fit()
+    torch.manual_seed(0)
+    Trainer(_exp(tmp_path / "b", data, generator_dir, "train.steps=1", "train.ckpt_every=1",
+                 *opts)).fit()
+    meta = ckpt.read_meta(ckpt.latest_checkpoint(str(tmp_path / "b")))
+    assert meta["experiment"]["model_config"]["inversion_controller_lr"] == "reference"
+    c = Trainer(_exp(tmp_path / "b", data, generator_dir, "train.steps=2", *opts))
+    c.resume("auto")
+    assert c.optimizers["controller"].param_groups[0]["lr"] == 1e-3
+    c.fit()
+    sa, sc = a.model.state_dict(), c.model.state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sc[k]), k
+    bad = _exp(tmp_path / "bad", data, generator_dir, "model.local_batch=2",
+               "model.inversion_controller_lr=scaled").model_config
+    with pytest.raises(ValueError, match=r"model\.inversion_controller_lr: expected one of "
+                                         r"\('fixed', 'reference'\), got 'scaled'"):
+        OTAvatar(bad)
+
+
+def test_inversion_reference_options_presets_saved_runs_and_resume(run, data, generator_dir,
+                                                                   tmp_path):
+    """tiny keeps the EMA decoder and the fixed controller rate; full / gpu-short / the recipe
+    take the reference's (the trained decoder, the rate rule). A config or a saved run without
+    the keys resolves to the earlier behaviour (it trained with it); a resume that changes
+    either key is refused naming it, and one that keeps the earlier values resumes."""
+    import shutil
+
+    from pyface.models.otavatar.model import OTAvatar
+    from pyface.models.otavatar.pipeline import OTAvatarPipeline
+    from pyface.train.config import saved_config
+    from pyface.train.model import config_from_dict
+
+    keys = ("inversion_density_decoder", "inversion_controller_lr")
+    got = {name: build_experiment("otavatar", OTAvatar.Config, defaults=OTAvatar.recipe,
+                                  preset=name, presets=OTAvatar.presets).model_config
+           for name in ("tiny", "gpu-short", "full")}
+    got["recipe"] = build_experiment("otavatar", OTAvatar.Config,
+                                     defaults=OTAvatar.recipe).model_config
+    assert {k: tuple(getattr(c, f) for f in keys) for k, c in got.items()} == {
+        "tiny": ("ema", "fixed"), "gpu-short": ("trained", "reference"),
+        "full": ("trained", "reference"), "recipe": ("trained", "reference")}
+    old_values = {"inversion_density_decoder": "ema", "inversion_controller_lr": "fixed"}
+    assert {f: getattr(config_from_dict(OTAvatar.Config, {"generator": "g"}), f)
+            for f in keys} == old_values
+    assert {f: saved_config(OTAvatar.Config, {"generator": "g"}).get(f, getattr(
+        OTAvatar.Config, f)) for f in keys} == old_values
+    old = tmp_path / "old"
+    shutil.copytree(run[0], old)
+    drop_saved_keys(old, keys)
+    cfg = OTAvatarPipeline.from_checkpoint(str(old), device="cpu").model.cfg
+    assert {f: getattr(cfg, f) for f in keys} == old_values
+    for key, value, before in (("inversion_controller_lr", "reference", "fixed"),
+                               ("inversion_density_decoder", "trained", "ema")):
+        for folder in (run[0], old):         # a saved key, and a key the run lacks
+            with pytest.raises(ckpt.CheckpointError,
+                               match=rf"model\.{key}: checkpoint '{before}' vs run '{value}'"):
+                Trainer(_exp(folder, data, generator_dir, "train.steps=3",
+                             f"model.{key}={value}")).resume("auto")
+    resumed = Trainer(_exp(old, data, generator_dir, "train.steps=3"))
+    resumed.resume("auto")
+    assert resumed.step == 2

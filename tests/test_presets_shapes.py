@@ -101,7 +101,8 @@ class FakeEngine:
         self.model, self.optimizers = model, optimizers
         self.updates = 0
 
-    def _apply_update(self, names, loss, *, phase, inner, retain_graph=False, overlap=True):
+    def _apply_update(self, names, loss, *, phase, inner, retain_graph=False, overlap=True,
+                      lr_scale=1.0):      # ignored: a learning rate changes no shape
         names = (names,) if isinstance(names, str) else tuple(names)
         params = [p for n in names for g in self.optimizers[n].param_groups for p in g["params"]
                   if p.requires_grad]

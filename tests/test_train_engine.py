@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -210,6 +211,52 @@ def test_phase_without_optimizer_applies_its_own_updates(tmp_path):
     assert set(out) == {"both/loss"}
     assert (1 - m.a).norm().item() == pytest.approx(200, rel=1e-4)
     assert (1 - m.b).norm().item() == pytest.approx(2, rel=1e-4)
+
+
+class _Scaled(_Two):
+    """A (groups a, c) stepped at lr 1 x ``scale`` by an in-step update, B at its own lr 1."""
+
+    def __init__(self, scale):
+        super().__init__(own_updates=True)
+        self.scale = scale
+
+    def step(self, phase, batch, ctx):
+        loss = ((self.a + self.b + self.c) * batch["x"]).sum(-1).mean()   # gradients 1
+        ctx.update("A", loss, retain_graph=True, lr_scale=self.scale)
+        ctx.update("B", loss)
+        return {"loss": loss.detach()}
+
+
+def test_in_step_update_lr_scale_applies_to_that_step_only(tmp_path):
+    """ctx.update(..., lr_scale=s) steps every group of the optimizer at s x its lr (SGD: s x
+    the move), then puts the rates back (also when the step fails), so the optimizer state a
+    checkpoint saves keeps the schedule's rates; other optimizers are untouched; a scale that is
+    not a finite number > 0 is refused naming lr_scale."""
+    tr = _two(tmp_path, _Scaled(0.25))
+    seen = []
+    opt = tr.optimizers["A"]
+    real = opt.step
+    opt.step = lambda *a, **k: seen.append([g["lr"] for g in opt.param_groups]) or real(*a, **k)
+    tr.train_step(tr.preview_batch(2))
+    m = tr.model
+    assert seen == [[0.25, 0.25]]
+    assert torch.allclose(1 - m.a, torch.full((4,), 0.25)) and torch.equal(m.a, m.c)
+    assert torch.allclose(1 - m.b, torch.ones(4))                  # B at its own lr
+    assert [g["lr"] for g in opt.param_groups] == [1.0, 1.0]
+    assert [g["lr"] for g in opt.state_dict()["param_groups"]] == [1.0, 1.0]
+
+    def fail(*a, **k):
+        raise RuntimeError("step failed")
+
+    opt.step = fail
+    with pytest.raises(RuntimeError, match="step failed"):
+        tr.train_step(tr.preview_batch(2))
+    assert [g["lr"] for g in opt.param_groups] == [1.0, 1.0]
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "2"):
+        tr = _two(tmp_path, _Scaled(bad))
+        with pytest.raises(ValueError, match=r"in-step update of 'A'\): lr_scale: expected a "
+                                             r"finite number > 0 .*got " + re.escape(repr(bad))):
+            tr.train_step(tr.preview_batch(2))
 
 
 def test_grad_clip_per_from_set_and_yaml(tmp_path):

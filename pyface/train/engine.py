@@ -803,10 +803,11 @@ class Trainer:
 
     def _apply_update(self, names: str | tuple[str, ...], loss: torch.Tensor, *, phase: str,
                       inner: bool, retain_graph: bool = False,
-                      overlap: bool = True) -> torch.Tensor:
+                      overlap: bool = True, lr_scale: float = 1.0) -> torch.Tensor:
         """One backward of ``loss`` into the trainable parameters of optimizer(s) ``names``, then
-        gradient averaging over ranks, guard, clipping, step(s) and cleared gradients. Returns
-        the pre-clip grad norm over all of them."""
+        gradient averaging over ranks, guard, clipping, step(s) (every group's lr times
+        ``lr_scale`` for this step only) and cleared gradients. Returns the pre-clip grad norm
+        over all of them."""
         t_enter = time.perf_counter()
         t = self.cfg.train
         names = (names,) if isinstance(names, str) else tuple(names)
@@ -816,6 +817,10 @@ class Trainer:
             if name not in self.optimizers:
                 raise KeyError(f"{what}: no optimizer {name!r}; the model built "
                                f"{sorted(self.optimizers)}")
+        if isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) \
+                or not math.isfinite(lr_scale) or lr_scale <= 0:
+            raise ValueError(f"{what}: lr_scale: expected a finite number > 0 (the factor of "
+                             f"the learning rates for this update), got {lr_scale!r}")
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ModelDefinitionError(f"{what}: the loss must be a scalar tensor, got "
                              f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else loss!r}")
@@ -894,8 +899,17 @@ class Trainer:
                 torch.nn.utils.clip_grads_with_norm_(trainable, clip, self._norm(sh, lo),
                                                      foreach=True)
         t1 = clock()
-        for part in parts:
-            part[0].step()
+        # lr_scale: this step's rates only; the groups' own values are put back whatever happens
+        scaled = [(g, g["lr"]) for part in parts for g in part[0].param_groups] \
+            if lr_scale != 1 else []
+        for g, lr in scaled:
+            g["lr"] = lr * lr_scale
+        try:
+            for part in parts:
+                part[0].step()
+        finally:
+            for g, lr in scaled:
+                g["lr"] = lr
         self._t_opt += clock() - t1
         for part in parts:
             part[0].zero_grad(set_to_none=True)

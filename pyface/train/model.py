@@ -107,7 +107,7 @@ class StepContext:
         return self.images_seen / 1000.0
 
     def update(self, optimizer: str | tuple[str, ...], loss: torch.Tensor, *,
-               retain_graph: bool = False) -> torch.Tensor:
+               retain_graph: bool = False, lr_scale: float = 1.0) -> torch.Tensor:
         """Apply one update of optimizer ``optimizer`` now, inside ``step``.
 
         ``optimizer``: a name, or a tuple of names to step several optimizers from one backward
@@ -119,6 +119,11 @@ class StepContext:
         averages the gradients over ranks, applies the NaN / grad-norm guard, the group and
         optimizer clipping, steps the optimizer and sets its gradients to None, exactly as for a
         phase's final loss. ``retain_graph=True`` keeps the graph for another backward through it.
+        ``lr_scale``: this update steps with every param group's learning rate times
+        ``lr_scale`` (a finite number > 0; 1: the rates as the schedule set them), restored
+        right after the step, so the rates the schedule sets, the logged ``lr/*`` and the
+        optimizer state a checkpoint saves are unchanged (e.g. OTAvatar's controller at a
+        reference-rule rate in its inversion iterations).
 
         Parameters of a param group with ``"local": True`` are rank-local (e.g. one latent per
         sample of this rank's share of the batch): they are not averaged over ranks; their
@@ -133,7 +138,7 @@ class StepContext:
             raise RuntimeError("ctx.update: this StepContext is not attached to a Trainer; "
                                "in-step updates run inside Trainer.train_step only")
         return self.engine._apply_update(optimizer, loss, phase=self.phase, inner=True,
-                                         retain_graph=retain_graph)
+                                         retain_graph=retain_graph, lr_scale=lr_scale)
 
     def reset_optimizer(self, optimizer: str) -> None:
         """Clear optimizer ``optimizer``'s state (moments, step counts), e.g. before an inner

@@ -113,6 +113,21 @@ class OTAvatarConfig:
             frames, i.e. K times the mean. Adam is nearly invariant to the scale, so the
             difference acts through the grad-norm clips (``invert_clip`` on W, ``clip`` on the
             controller's iterations), which bind at 1/K of the gradient, and Adam's eps.
+        inversion_density_decoder: whose decoder evaluates σ of the EMA generator's planes in
+            the training inversion's density terms (``inversion_density``). ``"ema"`` (the
+            default: pyface's earlier training, which ``tiny`` keeps and a config or saved run
+            without the key resolves to): the EMA generator's, the one that rendered the planes.
+            ``"trained"`` (the reference, whose regulariser reads the trained generator; set by
+            ``full`` and ``gpu-short``): the trained (non-EMA) generator's decoder, on the same
+            planes. The two differ by the EMA's lag of the decoder (not at all on the first
+            step, when the copy equals the generator).
+        inversion_controller_lr: the controller's learning rate in the training inversion's
+            controller iterations. ``"fixed"`` (the default: pyface's earlier training, which
+            ``tiny`` keeps and a config or saved run without the key resolves to): its rate
+            (``controller_lr`` under ``train.lr_schedule``) in every update. ``"reference"``
+            (set by ``full`` and ``gpu-short``): that rate x 100 / ``invert_iters`` in the
+            inversion's controller iterations, the rate itself in the refinement (the
+            reference's rule: ``controller_lr`` at its 100 iterations, 3.3x it at 30).
         eye_roi_bug: reproduce the reference's eye term (the predicted eye crops are cut from
             the target, so the term is identically zero). Default False: the bug is fixed.
         w_identity, arcface_weights: ArcFace identity loss (1): ResNetArcFace-18 weights (a
@@ -186,6 +201,8 @@ class OTAvatarConfig:
     raw_terms: bool = True
     inversion_density: bool = True
     inversion_frames: str = "mean"
+    inversion_density_decoder: str = "ema"
+    inversion_controller_lr: str = "fixed"
     w_identity: float = 1.0
     arcface_weights: str | None = None
     w_monotonic: float = 1.0

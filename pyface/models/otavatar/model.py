@@ -47,6 +47,15 @@ MOTION_DIM = 70
 #: ``model.inversion_frames``: the training inversion's loss over an item's K frames, their
 #: mean (pyface's earlier training) or their sum (the reference's)
 INVERSION_FRAMES = ("mean", "sum")
+#: ``model.inversion_density_decoder``: the decoder through which the training inversion's
+#: density terms read σ of the EMA generator's planes, the EMA generator's (pyface's earlier
+#: training) or the trained generator's (the reference's)
+INVERSION_DENSITY_DECODERS = ("ema", "trained")
+#: ``model.inversion_controller_lr``: the controller's rate in the inversion's controller
+#: iterations, its own (pyface's earlier training) or the reference's rule, the rate x
+#: ``REFERENCE_CONTROLLER_LR_MULT`` / ``invert_iters``
+INVERSION_CONTROLLER_LRS = ("fixed", "reference")
+REFERENCE_CONTROLLER_LR_MULT = 100.0
 _EMA = ["generator", "controller"]
 
 _TINY = {
@@ -71,8 +80,11 @@ _TINY = {
               # cross-identity PSNR here and double the step time
               # (docs/models/otavatar-measured.md, "The reference's losses at tiny scale")
               "roi_box": "square", "raw_terms": False, "inversion_density": False,
-              # the inversion's loss the mean over the item's frames (the recipe's: the sum)
-              "inversion_frames": "mean",
+              # the inversion's loss the mean over the item's frames (the recipe's: the sum),
+              # the controller at its own rate in the inversion (the recipe's rule: x 100 / 16),
+              # its density terms through the EMA decoder (unused: no inversion density here)
+              "inversion_frames": "mean", "inversion_controller_lr": "fixed",
+              "inversion_density_decoder": "ema",
               "invert_steps": 30, "wplus_steps": 0, "pti_steps": 100, "pti_lr": 3e-3},
     # 4 frames per inverted w (the reference: 2): more frame-to-frame differences for the
     # controller per batch (docs/models/otavatar-measured.md, motion transfer)
@@ -97,7 +109,10 @@ _GPU_SHORT = {
     # one H100/H200, about 8 minutes: the eg3d gpu-short generator (128^2, 64^2 render),
     # full controller, 30-iteration inversion
     "model": {"invert_iters": 30, "invert_controller_iters": 5,
-              "invert_steps": 100, "wplus_steps": 0, "inversion_frames": "sum"},
+              "invert_steps": 100, "wplus_steps": 0, "inversion_frames": "sum",
+              # the reference's: density through the trained decoder, the controller at
+              # controller_lr x 100 / 30 in the inversion's controller iterations
+              "inversion_density_decoder": "trained", "inversion_controller_lr": "reference"},
     "data": {"name": "motion_windows", "resolution": 128,
              "options": {"frames_per_item": 2, "radius": 13, "repeats": 64}},
     "train": {"steps": 600, "batch_size": 4, "log_every": 20, "ckpt_every": 300,
@@ -108,8 +123,10 @@ _GPU_SHORT = {
 _FULL = {
     # the paper: 2000 iterations at batch 24 (4 GPUs x 6) on an ffhqrebalanced512-64
     # generator (model.local_batch follows from the batch and the number of ranks); the
-    # inversion's loss summed over the item's frames, as the reference adds each frame's
-    "model": {"inversion_frames": "sum"},
+    # inversion's loss summed over the item's frames, as the reference adds each frame's; its
+    # density terms through the trained generator's decoder and the controller's rate rule
+    "model": {"inversion_frames": "sum", "inversion_density_decoder": "trained",
+              "inversion_controller_lr": "reference"},
     "data": {"name": "motion_windows", "resolution": 512,
              "options": {"frames_per_item": 2, "radius": 13}},
     "train": {"steps": 2000, "batch_size": 24, "log_every": 10, "ckpt_every": 500,
@@ -278,6 +295,13 @@ class OTAvatar(TrainableModel):
         if cfg.inversion_frames not in INVERSION_FRAMES:
             raise ValueError(f"model.inversion_frames: expected one of {INVERSION_FRAMES}, got "
                              f"{cfg.inversion_frames!r}")
+        if cfg.inversion_density_decoder not in INVERSION_DENSITY_DECODERS:
+            raise ValueError(f"model.inversion_density_decoder: expected one of "
+                             f"{INVERSION_DENSITY_DECODERS}, got "
+                             f"{cfg.inversion_density_decoder!r}")
+        if cfg.inversion_controller_lr not in INVERSION_CONTROLLER_LRS:
+            raise ValueError(f"model.inversion_controller_lr: expected one of "
+                             f"{INVERSION_CONTROLLER_LRS}, got {cfg.inversion_controller_lr!r}")
         check_inference_config(cfg)
         if cfg.controller_loss == "relative" and cfg.invert_controller_iters < 1:
             raise ValueError("model.invert_controller_iters: model.controller_loss=relative "
@@ -433,6 +457,11 @@ class OTAvatar(TrainableModel):
         n_w = cfg.invert_iters - cfg.invert_controller_iters
         # inversion_frames=sum: each frame's terms added, K x the mean over the B K frames
         frames = float(K) if cfg.inversion_frames == "sum" else None
+        # the density terms read σ of G_ema's planes through this generator's decoder
+        G_dens = self.generator if cfg.inversion_density_decoder == "trained" else G_ema
+        # the controller's rate in its inversion iterations (the refinement: its own rate)
+        ctrl_scale = (REFERENCE_CONTROLLER_LR_MULT / cfg.invert_iters
+                      if cfg.inversion_controller_lr == "reference" else 1.0)
         first = last = None
         for it in range(cfg.invert_iters):
             w = self.latent[:B].repeat_interleave(K, 0).expand(-1, self.generator.num_ws, -1)
@@ -443,7 +472,7 @@ class OTAvatar(TrainableModel):
                 ws = self._clamp(w + offset)
                 out = G_ema.synthesis(ws, camk, sr=False, **self._uniforms(ctx, B, range(K), it))
                 loss, _ = self.loss(out, x, lmf, sr=False)
-                loss = loss + self._inversion_density(ctx, G_ema, out["planes"], B, K, it)
+                loss = loss + self._inversion_density(ctx, G_dens, out["planes"], B, K, it)
                 if frames is not None:
                     loss = loss * frames
                 ctx.update(("latent", "intrinsics"), loss)
@@ -460,10 +489,10 @@ class OTAvatar(TrainableModel):
                     pred_mean = {k: v.detach() for k, v in means.items()}
                 else:
                     loss, _ = self.controller_loss(out, x, lmf, sr=True)
-                loss = loss + self._inversion_density(ctx, G_ema, out["planes"], B, K, it)
+                loss = loss + self._inversion_density(ctx, G_dens, out["planes"], B, K, it)
                 if frames is not None:
                     loss = loss * frames
-                ctx.update("controller", loss)
+                ctx.update("controller", loss, lr_scale=ctrl_scale)
         # 2. refinement of the controller and the generator, frame by frame
         w = self.latent[:B].detach().expand(-1, self.generator.num_ws, -1)
         kb = self.intrinsics[:B].detach()
@@ -551,8 +580,9 @@ class OTAvatar(TrainableModel):
     def _inversion_density(self, ctx: StepContext, G, planes: torch.Tensor, B: int, K: int,
                            call: int) -> torch.Tensor:
         """The weighted density regularisers of the inversion's planes (B K, 3, C, P, P) (rows
-        item-major) through ``G``'s decoder (the EMA generator that rendered them): the
-        reference adds them, for both frames, to every inversion iteration's loss in training.
+        item-major) through ``G``'s decoder (the EMA generator that rendered them, or the
+        trained generator with ``inversion_density_decoder=trained``): the reference adds
+        them, for both frames, to every inversion iteration's loss in training.
         The mean over the B K frames, the points of each drawn per (step, global item, frame,
         call), as the other inversion terms are means over the frames (``inversion_frames=sum``
         scales the whole inversion loss by K in :meth:`step`)."""
