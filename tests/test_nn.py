@@ -412,6 +412,21 @@ def test_feature_matching_and_tv_of_an_empty_batch_are_zero_with_a_graph():
     assert torch.equal(N.tv_loss(row), (row[..., 1:] - row[..., :-1]).abs().mean())
 
 
+def test_feature_matching_of_no_features_is_a_zero_tensor():
+    """Empty lists: a 0-dim tensor zero (not the Python number ``sum([])`` gives) that a total
+    loss can add, detach and backward through; non-empty lists are unchanged (above)."""
+    loss = N.feature_matching_loss([], [])
+    assert isinstance(loss, torch.Tensor) and loss.shape == () and loss.item() == 0
+    assert loss.dtype == torch.get_default_dtype() and loss.device.type == "cpu"
+    assert loss.detach().item() == 0                  # what MMFA logs
+    x = _empty(3)
+    total = x.sum() + 2 * loss
+    total.backward()
+    assert torch.equal(x.grad, torch.ones(3))
+    with pytest.raises(ValueError, match="differ in length: 0 vs 1"):
+        N.feature_matching_loss([], [torch.zeros(1)])
+
+
 def test_roi_l1_loss_of_an_empty_batch_is_zero_with_a_graph():
     pred, target = _empty(0, 3, 16, 16), torch.zeros(0, 3, 16, 16)
     boxes = {"mouth": torch.zeros(0, 4), "eye_l": torch.zeros(0, 4)}
