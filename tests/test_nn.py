@@ -448,6 +448,17 @@ def test_roi_l1_loss_of_an_empty_batch_is_zero_with_a_graph():
                        pred.new_zeros(()) + old)
 
 
+def test_roi_l1_loss_without_boxes_is_zero_with_a_graph():
+    pred, target = _empty(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    _assert_zero_with_a_graph(N.roi_l1_loss(pred, target, {}), pred)
+    pred = _empty(2, 3, 16, 16, dtype=D64)
+    loss = N.roi_l1_loss(pred, target.double(), {}, weights={"mouth": 2.0})
+    assert loss.dtype == D64
+    _assert_zero_with_a_graph(loss, pred)
+    with pytest.raises(ValueError, match="pred/target: shapes differ"):
+        N.roi_l1_loss(pred, target[:1], {})
+
+
 @pytest.mark.parametrize("criterion", ["l1", "l2"])
 def test_perceptual_loss_of_an_empty_batch_is_zero_with_a_graph(criterion):
     """Random weights (no file needed): the empty batch only goes through the reductions."""
