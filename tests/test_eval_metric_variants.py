@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 
+from pyface.data import format as fmt
 from pyface.data import reenactment_pairs
 from pyface.data import synthetic as S
 
@@ -106,3 +107,18 @@ def test_max_pairs_takes_the_first_pairs(root, capsys):
 def test_no_pairs_is_a_message(root):
     with pytest.raises(SystemExit, match="^data: expected at least one same pair, got none$"):
         _tool().main([root, "--max-pairs", "0"])
+
+
+def test_identical_pairs_give_the_psnr_cap_not_a_division_by_zero(root, tmp_path, capsys):
+    """A set whose source and target frames are equal (a still video): per-pair PSNR is capped
+    at 100 dB (pyface's MSE floor) and so is the pooled one, not 10 log10(1 / 0)."""
+    rec = fmt.load_index(root)[0]
+    frame = fmt.read_frame(root, rec, 0)
+    c, lab = fmt.load_coeffs(root, rec)[:1], fmt.load_labels(root, rec)[:1]
+    still = str(tmp_path / "still")
+    fmt.write_video(still, "still", np.repeat(frame[None], 3, 0), np.repeat(c, 3, 0),
+                    np.repeat(lab, 3, 0), identity="still")
+    fmt.write_index(still)
+    head, values = _run(capsys, still)
+    assert head == f"same: 2 copy-source pairs of {still}"
+    assert values == {"psnr": 100.0, "pooled": 100.0, "ssim": 1.0, "skimage": 1.0, "grey": 1.0}
