@@ -506,6 +506,44 @@ def test_cuda_matches_cpu(root):
     assert gpu.to_dict()["memory_peak_mb"] > 0 and ref.to_dict()["memory_peak_mb"] is None
 
 
+class FixedImage:
+    """A pipeline whose every prediction is one fixed image at ``resolution``, whatever the size
+    of its input frames."""
+
+    def __init__(self, resolution):
+        self.resolution, self.device = resolution, torch.device("cpu")
+        g = torch.Generator().manual_seed(3)
+        self.image = torch.rand(3, resolution, resolution, generator=g) * 2 - 1
+
+    def encode_source(self, source):
+        return None
+
+    def encode_driving(self, driving):
+        return int(driving["image"].shape[0])
+
+    def generate(self, state, motion, **controls):
+        return self.image.expand(motion, -1, -1, -1).clone()
+
+
+def test_targets_resized_by_the_evaluator_are_8_bit_as_the_loaders_are(root):
+    """The targets are 8-bit images whichever path resizes them: a dataset root is loaded at the
+    evaluation resolution (the loader rounds the resized frames to uint8), and a dataset object
+    of larger frames is resized by the evaluator, which rounds them to 8 bits too; the two give
+    the same metrics and the same sheet (the prediction here does not depend on the input)."""
+    want = evaluate(FixedImage(32), root, protocol="same", metrics=["psnr", "ssim"])
+    data = reenactment_pairs(root, protocol="same")
+    assert data[0]["target"]["image"].shape[-1] == 64
+    got = evaluate(FixedImage(32), data, protocol="same", metrics=["psnr", "ssim"])
+    for m in ("psnr", "ssim"):
+        for r in ("image", "face"):
+            np.testing.assert_allclose(got.values[m][r], want.values[m][r], rtol=0, atol=1e-12)
+    for k in ("source", "driving", "target"):
+        levels = (got.sheet[k].double() + 1) / 2 * 255
+        assert got.sheet[k].shape[-1] == 32
+        torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-4)
+        torch.testing.assert_close(got.sheet[k], want.sheet[k], rtol=0, atol=1e-6)
+
+
 def test_float_frames_in_0_1_score_as_their_uint8_originals(root):
     """A dataset with float frames in [0, 1] (``image_dtype=torch.float32``) gives the metrics
     of the same frames stored as uint8: targets (and CSIM sources, sheets) are read in [0, 1],

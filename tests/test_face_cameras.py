@@ -130,6 +130,41 @@ def test_orbit_camera_refuses_a_camera_at_or_above_the_pivot():
     assert_close(c2w[:3, 2], torch.tensor([0.0, 0.0, 1.0]), scale=1e3)
 
 
+def test_look_at_and_orbit_camera_refuse_non_finite_inputs():
+    """NaN / inf would give a NaN camera (the view-direction checks let it through): an error
+    naming the argument, its value or the batch indices of the rows with NaN or inf."""
+    nan, inf = math.nan, math.inf
+    with pytest.raises(ValueError, match=r"^origin: expected finite values, got \(0, 0, nan\)$"):
+        cam.look_at((0.0, 0.0, nan))
+    origin = torch.tensor([[0.0, 0.0, 2.7], [0.0, 0.0, 2.7], [inf, 0.0, 1.0]], dtype=D)
+    with pytest.raises(ValueError, match=r"^origin: expected finite values, got NaN or inf at "
+                                         r"batch indices \[2\] \(the first: \(inf, 0, 1\)\)$"):
+        cam.look_at(origin)
+    target = torch.tensor([[[0.0, 0.0, 0.2], [0.0, -inf, nan]]], dtype=D)
+    with pytest.raises(ValueError, match=r"^target: .* at batch indices \[\(0, 1\)\] "
+                                         r"\(the first: \(0, -inf, nan\)\)$"):
+        cam.look_at(origin[:2], target)
+    with pytest.raises(ValueError, match=r"^up: expected finite values, got \(0, nan, 0\)$"):
+        cam.look_at((0.0, 0.0, 2.7), up=(0.0, nan, 0.0))
+    with pytest.raises(ValueError, match=r"^yaw: expected finite values, got nan$"):
+        cam.orbit_camera(nan, 0.0)
+    with pytest.raises(ValueError, match=r"^pitch: .* at batch indices \[1, 2\] \(the first: "
+                                         r"inf\)$"):
+        cam.orbit_camera(0.0, torch.tensor([0.1, inf, nan], dtype=D))
+    rows = ", ".join(str(i) for i in range(8))
+    with pytest.raises(ValueError, match=rf"^yaw: .* indices \[{rows}, \.\.\.\]"):
+        cam.orbit_camera(torch.full((9,), nan), 0.0)
+    for radius, got in ((inf, "a finite number, got inf"), (nan, "a finite number, got nan"),
+                        (torch.tensor(nan), "finite values, got nan")):
+        with pytest.raises(ValueError, match=rf"^radius: expected {got}$"):
+            cam.orbit_camera(0.0, 0.0, radius=radius)
+    with pytest.raises(ValueError, match=r"^pivot: expected finite values, got \(0, 0, inf\)$"):
+        cam.orbit_camera(0.0, 0.0, pivot=(0.0, 0.0, inf))
+    # finite values, large or tiny, still give a camera
+    c2w = cam.orbit_camera(torch.tensor([1e-30, 3.0], dtype=D), 0.0, radius=1e30)
+    assert torch.isfinite(c2w).all()
+
+
 def test_orbit_yaw_pitch_roundtrip_and_direction():
     yaw = torch.tensor([-0.6, -0.1, 0.0, 0.3, 0.6], dtype=D)
     pitch = torch.tensor([0.3, -0.2, 0.0, 0.1, -0.35], dtype=D)

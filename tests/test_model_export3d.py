@@ -344,8 +344,16 @@ def test_source_guide_background_and_colour_augmentation(data, tmp_path):
     with pytest.raises(ValueError, match=r"cond: expected \(2, 16\) with model.sr_cond"):
         mc.render(planes, cam, src)
     a, b = torch.rand(2, 3, 4, 4) * 2 - 1, torch.rand(2, 3, 4, 4) * 2 - 1
+    rng = torch.get_rng_state()
     a2, b2 = joint_colour_augment(a, a.clone(), 0.3)
     assert torch.equal(a2, b2) and not torch.equal(a2, a) and a2.abs().max() <= 1
+    # the same draw with another second image: a's result is unchanged, and b gets the very
+    # colour change that a got (the one b alone gets from that draw)
+    torch.set_rng_state(rng)
+    a3, b3 = joint_colour_augment(a, b, 0.3)
+    torch.set_rng_state(rng)
+    b4, _ = joint_colour_augment(b, b, 0.3)
+    assert torch.equal(a3, a2) and torch.equal(b3, b4) and not torch.equal(b3, b)
 
 
 def test_clebs_offset_noise_is_one_offset_per_clip_and_training_only():

@@ -412,6 +412,21 @@ def test_feature_matching_and_tv_of_an_empty_batch_are_zero_with_a_graph():
     assert torch.equal(N.tv_loss(row), (row[..., 1:] - row[..., :-1]).abs().mean())
 
 
+def test_feature_matching_of_no_features_is_a_zero_tensor():
+    """Empty lists: a 0-dim tensor zero (not the Python number ``sum([])`` gives) that a total
+    loss can add, detach and backward through; non-empty lists are unchanged (above)."""
+    loss = N.feature_matching_loss([], [])
+    assert isinstance(loss, torch.Tensor) and loss.shape == () and loss.item() == 0
+    assert loss.dtype == torch.get_default_dtype() and loss.device.type == "cpu"
+    assert loss.detach().item() == 0                  # what MMFA logs
+    x = _empty(3)
+    total = x.sum() + 2 * loss
+    total.backward()
+    assert torch.equal(x.grad, torch.ones(3))
+    with pytest.raises(ValueError, match="differ in length: 0 vs 1"):
+        N.feature_matching_loss([], [torch.zeros(1)])
+
+
 def test_roi_l1_loss_of_an_empty_batch_is_zero_with_a_graph():
     pred, target = _empty(0, 3, 16, 16), torch.zeros(0, 3, 16, 16)
     boxes = {"mouth": torch.zeros(0, 4), "eye_l": torch.zeros(0, 4)}
@@ -431,6 +446,17 @@ def test_roi_l1_loss_of_an_empty_batch_is_zero_with_a_graph():
         + 1.0 * F.l1_loss(N.roi_align(pred, rois["eye_l"], 8), N.roi_align(target, rois["eye_l"], 8))
     assert torch.equal(N.roi_l1_loss(pred, target, boxes, 8, {"mouth": 2.0}),
                        pred.new_zeros(()) + old)
+
+
+def test_roi_l1_loss_without_boxes_is_zero_with_a_graph():
+    pred, target = _empty(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    _assert_zero_with_a_graph(N.roi_l1_loss(pred, target, {}), pred)
+    pred = _empty(2, 3, 16, 16, dtype=D64)
+    loss = N.roi_l1_loss(pred, target.double(), {}, weights={"mouth": 2.0})
+    assert loss.dtype == D64
+    _assert_zero_with_a_graph(loss, pred)
+    with pytest.raises(ValueError, match="pred/target: shapes differ"):
+        N.roi_l1_loss(pred, target[:1], {})
 
 
 @pytest.mark.parametrize("criterion", ["l1", "l2"])

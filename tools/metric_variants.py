@@ -7,7 +7,8 @@ source frame (copy-source) and the reference the target frame, both uint8 / 255.
 over pairs of
 
 * ``psnr``: pyface's (per pair, then the mean of the dB values), and ``psnr pooled``: the PSNR of
-  the squared error pooled over all pairs (torchmetrics' ``PeakSignalNoiseRatio`` default);
+  the squared error pooled over all pairs (torchmetrics' ``PeakSignalNoiseRatio`` default), its
+  MSE floored as pyface's (identical frames: 100 dB, not infinity);
 * ``ssim``: pyface's (Wang's window, per RGB channel), ``ssim skimage defaults``
   (``structural_similarity(data_range=1, channel_axis=0)``: 7 x 7 uniform window, sample
   covariances) and ``ssim grey``: Wang's settings on ``0.2989 R + 0.5870 G + 0.1140 B`` (the
@@ -60,7 +61,8 @@ def main(argv=None) -> int:
     mean = {k: float(np.mean(v)) for k, v in rows.items()}
     print(f"{args.protocol}: {n} copy-source pairs of {args.data}")
     print(f"psnr (pyface: per pair, mean of dB)     {mean['psnr']:.2f}")
-    print(f"psnr pooled (MSE over all pairs)        {10 * math.log10(1 / mean['mse']):.2f}")
+    pooled = 10 * math.log10(1 / max(mean["mse"], M.PSNR_MSE_FLOOR))
+    print(f"psnr pooled (MSE over all pairs)        {pooled:.2f}")
     print(f"ssim (pyface: Wang's window, RGB)       {mean['ssim']:.4f}")
     print(f"ssim skimage defaults (7x7 uniform)     {mean['ssim_skimage_defaults']:.4f}")
     print(f"ssim grey (Wang's window, luma)         {mean['ssim_grey']:.4f}")

@@ -514,11 +514,32 @@ def to_pipeline_frame(frame: dict, device) -> dict:
     return out
 
 
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _resize_frames(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Data frames ``(N, 3, H, W)`` in [0, 1] (:func:`~pyface.eval.metrics.prepare_data`) at
+    ``size``, as pyface's loaders resize uint8 frames (``pyface.data``'s ``_to_image``): the
+    8-bit levels resized in float32 (bilinear, antialiased), clamped and rounded to 8 bits. So
+    a dataset object of larger frames gives the targets that its root loaded at the evaluation
+    resolution gives: 8-bit images, as the predictions are and as the reference metrics
+    compare. Frames already at ``size`` pass unchanged."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    return F.interpolate(x.double(), size=size, mode="bilinear", antialias=True,
-                         align_corners=False)
+    levels = F.interpolate((x * 255).float(), size=size, mode="bilinear", antialias=True,
+                           align_corners=False)
+    return levels.clamp_(0, 255).round_().double() / 255.0
+
+
+def _resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A data mask ``(N, 1, H, W)`` at ``size`` as a bool mask (foreground: above half of its
+    range, :func:`~pyface.eval.metrics.prepare_mask`), resized as pyface's loaders resize it:
+    a uint8 mask's levels in float32 (bilinear, antialiased), rounded to uint8 before the
+    threshold; a float (or bool) mask's values in float32."""
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return M.prepare_mask(mask)
+    m = F.interpolate(mask.float(), size=size, mode="bilinear", antialias=True,
+                      align_corners=False)
+    if mask.dtype == torch.uint8:
+        m = m.clamp_(0, 255).round_().to(torch.uint8)
+    return M.prepare_mask(m)
 
 
 def _sync(device):
@@ -630,7 +651,8 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
         data: a dataset root (pairs from :func:`pyface.data.reenactment_pairs` at
             ``pipeline.resolution`` for ``protocol`` / ``subset``) or a dataset whose items are
             ``{"source", "driving", "target", "moving"}`` (targets and masks are then resized
-            to the prediction's size with antialiasing when they differ).
+            to the prediction's size when they differ, as pyface's loaders resize them:
+            antialiased, then rounded to 8 bits).
         protocol: ``"same"``, ``"cross"`` (:mod:`pyface.data.reenactment`) or ``"real"`` (the
             same-identity pairs, without exact ground truth: real clips).
         metrics: names of :data:`pyface.eval.metrics.METRICS` (per-pair image metrics) and of
@@ -823,10 +845,10 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
             res.frames += n
             p = M.prepare(pred.cpu())
             size = tuple(p.shape[-2:])
-            t = _resize(M.prepare_data(batch["target"]["image"]), size)
+            t = _resize_frames(M.prepare_data(batch["target"]["image"]), size)
             mask = batch["target"].get("mask")
             if mask is not None:
-                mask = _resize(M.prepare_mask(mask).double(), size) > 0.5
+                mask = _resize_mask(mask, size)
             for m in mets:
                 for region, v in m(p, t, mask).items():
                     values[m.name].setdefault(region, np.full(len(indices), np.nan))
@@ -917,7 +939,7 @@ def evaluate(pipeline, data, *, protocol: str = "same", subset: str = "all",
     if sheet["prediction"]:
         size = tuple(sheet["prediction"][0].shape[-2:])
         res.sheet = {k: torch.stack(v).float() if k == "prediction"
-                     else _resize(M.prepare_data(torch.stack(v)), size).float() * 2 - 1
+                     else _resize_frames(M.prepare_data(torch.stack(v)), size).float() * 2 - 1
                      for k, v in sheet.items()}
     return res
 
@@ -932,7 +954,7 @@ def _csim(net, batch, p: torch.Tensor, size, scale: torch.Tensor, device) -> np.
         raise ValueError("data: metric 'csim' needs 'landmarks' on the source and target frames "
                          "(landmarks.npy) to align the faces; this data has none")
     n = p.shape[0]
-    s_img = _resize(M.prepare_data(src["image"]), size)
+    s_img = _resize_frames(M.prepare_data(src["image"]), size)
     from pyface.eval.identity import pixel_centres
 
     s_lm = pixel_centres(src["landmarks"].double() * scale.double())

@@ -21,6 +21,7 @@ Conventions (all functions are batched over leading dims and differentiable):
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -231,6 +232,29 @@ def _view_problem(origin: torch.Tensor, target: torch.Tensor, up: torch.Tensor):
     return None
 
 
+def _check_finite(name: str, x: torch.Tensor, trailing: int = 1) -> None:
+    """ValueError naming ``name`` when ``x`` (``(..., *trailing dims)``) holds NaN or inf: its
+    value (unbatched) or the batch indices of the rows that do, with the first such row (up to
+    8 indices). Skipped for tensors without values (fake / meta). Reads the values (a host sync
+    on a GPU)."""
+    if not has_values(x) or not x.numel():
+        return
+    bad = ~torch.isfinite(x.detach())
+    if trailing:
+        bad = bad.flatten(-trailing).any(-1)
+    if not bad.any():
+        return
+    if not bad.dim():
+        got = _fmt_vec(x.detach().reshape(-1)) if trailing else f"{float(x):.6g}"
+        raise ValueError(f"{name}: expected finite values, got {got}")
+    rows = [tuple(r) if len(r) > 1 else r[0] for r in bad.nonzero().tolist()]
+    first = x.detach()[rows[0]]
+    first = _fmt_vec(first.reshape(-1)) if trailing else f"{float(first):.6g}"
+    more = ", ..." if len(rows) > 8 else ""
+    raise ValueError(f"{name}: expected finite values, got NaN or inf at batch indices "
+                     f"[{', '.join(str(r) for r in rows[:8])}{more}] (the first: {first})")
+
+
 def _batch_index(i: tuple) -> str:
     return "" if not i else f" (batch index {i[0] if len(i) == 1 else i})"
 
@@ -243,13 +267,16 @@ def look_at(origin, target=FFHQ_PIVOT, up=(0.0, 1.0, 0.0)) -> torch.Tensor:
     arguments, their values and, in a batch, the first such camera's batch index) when
     ``target == origin`` (up to rounding), when ``up`` is zero, or when ``target - origin`` is
     parallel to ``up`` (a camera straight above or below its target with the default ``up``):
-    there is no rotation for these (the result would be zero or NaN). Reads the values for
-    this check (a host sync on a GPU)."""
+    there is no rotation for these (the result would be zero or NaN). NaN or inf in
+    ``origin``, ``target`` or ``up``: ``ValueError`` naming the argument and the batch indices
+    of its non-finite rows. Reads the values for these checks (a host sync on a GPU)."""
     origin = _vec(origin)
     target = _vec(target, like=origin)
     up = _vec(up, like=origin)
     for name, v in (("origin", origin), ("target", target), ("up", up)):
         _check(name, v, (3,))
+    for name, v in (("origin", origin), ("target", target), ("up", up)):
+        _check_finite(name, v)
     _batch("origin, target, up", origin.shape[:-1], target.shape[:-1], up.shape[:-1])
     bad = _view_problem(origin, target, up)
     if bad is not None:
@@ -295,15 +322,24 @@ def orbit_camera(yaw, pitch, radius: float = FFHQ_RADIUS, pivot=FFHQ_PIVOT) -> t
     up ``(0, 1, 0)``: e.g. ``pitch = pi/2`` with the pivot on the y axis, or
     ``pitch = acos(0.2 / 2.7)`` at ``yaw = 0`` with FFHQ's radius and pivot) has no rotation
     (:func:`look_at`): ``ValueError`` naming the arguments, their values and, in a batch, the
-    first such camera's batch index.
+    first such camera's batch index. NaN or inf in ``yaw``, ``pitch``, ``radius`` or ``pivot``:
+    ``ValueError`` naming the argument (and the batch indices of its non-finite values).
     """
     yaw, pitch = _vec(yaw), _vec(pitch)
     for name, v in (("yaw", yaw), ("pitch", pitch)):
         _check(name, v, (), "(...)")
     _batch("yaw, pitch", yaw.shape, pitch.shape)
+    for name, v in (("yaw", yaw), ("pitch", pitch)):
+        _check_finite(name, v, 0)
+    if isinstance(radius, torch.Tensor):
+        _check_finite("radius", radius, 0)
+    elif not isinstance(radius, bool) and isinstance(radius, numbers.Real) \
+            and not math.isfinite(radius):
+        raise ValueError(f"radius: expected a finite number, got {radius!r}")
     yaw, pitch = torch.broadcast_tensors(yaw, pitch)
     pivot = _vec(pivot, like=yaw)
     _check("pivot", pivot, (3,))
+    _check_finite("pivot", pivot)
     direction = torch.stack([torch.cos(pitch) * torch.sin(yaw), torch.sin(pitch),
                              torch.cos(pitch) * torch.cos(yaw)], dim=-1)
     origin, up = radius * direction, direction.new_tensor([0.0, 1.0, 0.0])

@@ -68,10 +68,16 @@ def r1_penalty(real_logits: torch.Tensor, real_inputs: Sequence[torch.Tensor]) -
 def feature_matching_loss(real_feats: Sequence[torch.Tensor],
                           fake_feats: Sequence[torch.Tensor]) -> torch.Tensor:
     """Mean L1 between discriminator features of real (detached) and fake images: two lists of
-    equal length whose i-th tensors have the same shape (e.g. (B, C_i, H_i, W_i)). The term of
-    an empty pair (B = 0) is 0, still connected to ``fake_feats``."""
+    equal length whose i-th tensors have the same shape (e.g. (B, C_i, H_i, W_i)); the mean
+    over the list of each pair's mean L1. The term of an empty pair (B = 0) is 0, still
+    connected to ``fake_feats``. Two empty lists (no features) give a 0-dim zero tensor (not a
+    Python number) of the default dtype on the CPU: there is no input to connect it to or to
+    take a device from; it still adds to a loss on any device (a 0-dim CPU tensor combines with
+    tensors on any device)."""
     if len(real_feats) != len(fake_feats):
         raise ValueError(f"feature lists differ in length: {len(real_feats)} vs {len(fake_feats)}")
+    if not len(fake_feats):
+        return torch.zeros(())
     return sum(l1_or_zero(f, r.detach()) for r, f in zip(real_feats, fake_feats)) / max(
         len(real_feats), 1)
 

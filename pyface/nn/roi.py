@@ -65,11 +65,14 @@ def roi_l1_loss(pred: torch.Tensor, target: torch.Tensor, boxes: dict[str, torch
         pred, target: (B, C, H, W).
         boxes: name -> (B, 4) pixel boxes ``(x0, y0, x1, y1)``, e.g. ``{"mouth": ..., "eye_l": ...}``.
     Returns:
-        a scalar; an empty batch (B = 0) gives 0, still connected to ``pred``.
+        a scalar; an empty batch (B = 0) and no boxes at all (``boxes == {}``) give 0, still
+        connected to ``pred`` (backward gives it a zero gradient).
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred/target: shapes differ, {tuple(pred.shape)} vs "
                          f"{tuple(target.shape)}")
+    if not boxes:           # the empty sum: 0, part of pred's graph
+        return pred.flatten()[:0].sum()
     total = pred.new_zeros(())
     B = pred.shape[0]
     bidx = torch.arange(B, device=pred.device, dtype=pred.dtype)[:, None]
