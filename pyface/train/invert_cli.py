@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import importlib
 
-#: model -> "module:function(args) -> exit code"
+#: model -> "module:function(args) -> exit code" (``args.model_options``: the checked
+#: ``--option`` values, ``{field: value}``, or None, for the generator the function builds)
 INVERTERS = {"eg3d": "pyface.models.eg3d.cli:run_invert"}
 
 
@@ -18,7 +19,11 @@ def add_parser(subparsers) -> None:
                     "VGG perceptual loss when --vgg weights are given). Writes the latent "
                     "(safetensors folder), the reconstruction PNG and optionally an orbit mp4; "
                     "prints the loss of the first and the last step and the time per step "
-                    "(with --compile, the steps during which a graph compiled apart).")
+                    "(with --compile, the steps during which a graph compiled apart). --option "
+                    "sets the model's inference options for the inversion, e.g. more samples "
+                    "per ray: pyface invert eg3d face.png --checkpoint runs/eg3d --option "
+                    "generator.render.depth_resolution=96 --option "
+                    "generator.render.depth_resolution_importance=96")
     p.add_argument("model", choices=sorted(INVERTERS),
                    help="model: " + ", ".join(sorted(INVERTERS)))
     p.add_argument("image", metavar="IMAGE", help="aligned portrait: an image file (a non-square one is "
@@ -48,8 +53,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if "
                                                  "available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from pyface.train.animate_cli import add_compile_argument
+    from pyface.train.animate_cli import add_compile_argument, add_option_argument
 
+    add_option_argument(p, "invert")     # recorded in the latent's metadata (options)
     add_compile_argument(p, "the time per step printed leaves out the steps during which a "
                             "graph compiled (and says how long they took); gradients flow "
                             "through the compiled modules to the latent", work="steps",
@@ -70,13 +76,16 @@ def run_invert(args) -> int:
         "pyface invert", "run the same pyface invert command without torchrun")
     if refused is not None:
         return refused
-    from pyface.train.animate_cli import parse_compile_option
+    from pyface.train.animate_cli import parse_compile_option, parse_model_options
 
     try:
         args.device = resolve_device(args.device)
         args.compile = parse_compile_option(getattr(args, "compile", None))
-    except ValueError as exc:
-        print(f"pyface invert: {exc}", file=sys.stderr)
+        # --option: checked (keys and values) before the image or the checkpoint is read; the
+        # inverter builds its generator with them (``args.model_options``, or None)
+        args.model_options = parse_model_options(args) or None
+    except (KeyError, ValueError) as exc:
+        print(f"pyface invert: {str(exc).strip(chr(34))}", file=sys.stderr)
         return 2
     module, fn = INVERTERS[args.model].split(":")
     return getattr(importlib.import_module(module), fn)(args)
