@@ -10,6 +10,9 @@ import importlib
 #: model -> "module:function(args) -> exit code" (``args.model_options``: the checked
 #: ``--option`` values, ``{field: value}``, or None, for the generator the function builds)
 INVERTERS = {"eg3d": "pyface.models.eg3d.cli:run_invert"}
+#: model -> "module:function(args)": its option values checked (ValueError naming the option),
+#: nothing loaded; run by the inverter too, and alone under ``PYFACE_PARSE_ONLY=1``
+INVERT_CHECKS = {"eg3d": "pyface.models.eg3d.cli:check_invert_args"}
 
 
 def add_parser(subparsers) -> None:
@@ -63,7 +66,32 @@ def add_parser(subparsers) -> None:
                                "compile again",
                          result="The latent and the loss are those of the uncompiled "
                                 "generator")
-    p.set_defaults(func=run_invert)
+    p.set_defaults(func=run_invert, check=check_invert)
+
+
+def check_invert(args) -> int:
+    """``pyface invert`` under ``PYFACE_PARSE_ONLY=1``: --device (its spelling, whether or not
+    this machine has it), --compile, --option (the model's inference options: keys and values)
+    and the model's own option values (--steps, --lr, --seed, --out); nothing read or loaded.
+    A ValueError names the option (exit code 2); a missing IMAGE or --checkpoint is named as not
+    checked."""
+    import os
+    import sys
+
+    from pyface.train.animate_cli import parse_compile_option, parse_model_options
+    from pyface.train.cli import check_device
+
+    check_device(args.device)
+    parse_compile_option(getattr(args, "compile", None))
+    parse_model_options(args)
+    module, fn = INVERT_CHECKS[args.model].split(":")
+    getattr(importlib.import_module(module), fn)(args)
+    missing = [f"{k} {v}" for k, v in (("IMAGE", args.image), ("--checkpoint", args.checkpoint))
+               if v and not os.path.exists(v)]
+    if missing:
+        print(f"pyface invert: not there yet, so not checked: {', '.join(missing)}",
+              file=sys.stderr)
+    return 0
 
 
 def run_invert(args) -> int:

@@ -233,7 +233,10 @@ def read_camera(spec: str | None, image_path: str):
     return t
 
 
-def _check_invert_args(args) -> None:
+def check_invert_args(args) -> None:
+    """``pyface invert eg3d``'s own option values (IMAGE and --out not empty, --steps, --seed,
+    --lr, --out not a file nor a pyface checkpoint / weights folder): ValueError naming the
+    option; nothing read but --out's folder (also under ``PYFACE_PARSE_ONLY=1``)."""
     import math
 
     from pyface.checkpoint import check_weights_replaceable
@@ -301,7 +304,7 @@ def run_invert(args) -> int:
         return code
 
     try:
-        _check_invert_args(args)
+        check_invert_args(args)
     except ValueError as exc:
         return fail(exc, 2)
     dev = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
