@@ -110,3 +110,73 @@ def test_a_failed_write_names_out_and_leaves_no_half_file(converted, tmp_path, c
                         "left on device)\n"), err
     assert (out / "reconstruction.png").read_bytes() == before
     assert sorted(os.listdir(out)) == ["latent", "reconstruction.png"]
+
+
+# -- --option: the model's inference options ---------------------------------------------------
+
+def test_option_reaches_a_converted_generator_and_is_recorded(converted, tmp_path,
+                                                              monkeypatch):
+    """--option builds the converted release's generator with the given samples per ray (what
+    its renderer marches) and the latent's metadata records them as model.KEY; without it the
+    saved counts are used and the record is empty."""
+    from pyface.nn import render
+
+    marched, march = [], render.render_triplane
+    monkeypatch.setattr(render, "render_triplane", lambda *a, **kw: (
+        marched.append((kw["n_coarse"], kw["n_fine"])), march(*a, **kw))[1])
+    img = _png(tmp_path / "face.png", 32, 32)
+    assert _invert(img, converted, tmp_path / "a", "--option",
+                   "generator.render.depth_resolution=7", "--option",
+                   "model.generator.render.depth_resolution_importance=5") == 0
+    assert marched and set(marched) == {(7, 5)}
+    _, meta = ckpt.load_weights(str(tmp_path / "a" / "latent"), kind="eg3d-latent")
+    assert meta["config"]["options"] == {"model.generator.render.depth_resolution": 7,
+                                         "model.generator.render.depth_resolution_importance": 5}
+    saved = ckpt.read_meta(converted)["config"]["generator"]["render"]
+    marched.clear()
+    assert _invert(img, converted, tmp_path / "b") == 0
+    assert set(marched) == {(saved["depth_resolution"], saved["depth_resolution_importance"])}
+    assert (saved["depth_resolution"], saved["depth_resolution_importance"]) != (7, 5)
+    _, meta = ckpt.load_weights(str(tmp_path / "b" / "latent"))
+    assert meta["config"]["options"] == {}
+
+
+@pytest.mark.parametrize("item, msg", [
+    ("generator.render.ray_start=2",
+     "options: 'generator.render.ray_start' is not an inference option of model 'eg3d' (set when "
+     "it was trained; only the inference options may change on a trained model); valid: "
+     "model.generator.render.depth_resolution, "
+     "model.generator.render.depth_resolution_importance, model.generator.render.backend, "
+     "model.generator.render.recompute, model.generator.render.chunk_points, "
+     "model.generator.sr_noise_mode\n"),
+    ("pti_steps=2", "options: 'pti_steps' is not an inference option of model 'eg3d'"),
+    ("generator.render.depth_resolution=many",
+     "model.generator.render.depth_resolution: expected int, got 'many'"),
+    ("model.generator.render.depth_resolution=1",
+     "model.generator.render.depth_resolution: expected an int >= 2, got 1"),
+    ("generator.sr_noise_mode=fresh", "model.generator.sr_noise_mode: expected one of"),
+    ("generator.render.depth_resolution", "--option 'generator.render.depth_resolution': "
+                                          "expected key=value"),
+])
+def test_a_bad_option_exits_2_naming_it_before_anything_is_read(tmp_path, capsys, monkeypatch,
+                                                                item, msg):
+    """A key that is no inference option lists the valid ones, a bad value names model.KEY:
+    exit 2, one line, before the image or the checkpoint is read (neither exists here)."""
+    from pyface.models.eg3d import pipeline
+
+    monkeypatch.setattr(pipeline, "load_generator", lambda *a, **kw: pytest.fail("loaded"))
+    assert _invert(str(tmp_path / "missing.png"), str(tmp_path / "missing"), tmp_path / "inv",
+                   "--option", item) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pyface invert: ") and msg in err and "Traceback" not in err, err
+    assert len(err.splitlines()) == 1, err
+    assert not (tmp_path / "inv").exists()
+
+
+def test_help_explains_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["invert", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--option KEY=VALUE" in text and "pyface invert exits 2 for a bad key or value" in text
+    assert ("pyface invert eg3d face.png --checkpoint runs/eg3d --option "
+            "generator.render.depth_resolution=96") in text

@@ -1155,6 +1155,43 @@ def test_cli_option_reaches_the_seed_animation_and_the_pipeline(tiny_run, tmp_pa
     assert loaded == [] and seen == []
 
 
+def test_cli_invert_option_reaches_a_run_generator(tiny_run, tmp_path, capsys, monkeypatch):
+    """``pyface invert eg3d --option`` builds a training run's generator with the given samples
+    per ray (what the renderer marches; recorded in the latent's metadata); a value that does
+    not fit the run's saved config (3 coarse samples with its 4 importance samples) exits 2
+    naming model.KEY, and nothing is written."""
+    from pyface.cli import main
+    from pyface.nn import render
+    from pyface.train.monitor import save_png
+
+    run, _ = tiny_run
+    marched, march = [], render.render_triplane
+    monkeypatch.setattr(render, "render_triplane", lambda *a, **kw: (
+        marched.append((kw["n_coarse"], kw["n_fine"])), march(*a, **kw))[1])
+    save_png(_Frames(2, 16)[0]["image"], str(tmp_path / "src.png"))
+    base = ["invert", "eg3d", str(tmp_path / "src.png"), "--checkpoint", run, "--steps", "1",
+            "--no-progress", "--device", "cpu"]
+    assert main(base + ["--out", str(tmp_path / "a"), "--option",
+                        "generator.render.depth_resolution=7", "--option",
+                        "generator.render.depth_resolution_importance=5"]) == 0
+    assert marched and set(marched) == {(7, 5)}
+    _, meta = ckpt.load_weights(str(tmp_path / "a" / "latent"), kind="eg3d-latent")
+    assert meta["config"]["options"] == {"model.generator.render.depth_resolution": 7,
+                                         "model.generator.render.depth_resolution_importance": 5}
+    marched.clear()
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "b"), "--option",
+                        "generator.render.depth_resolution=3"]) == 2
+    assert capsys.readouterr().err == (
+        "pyface invert: model.generator.render.depth_resolution: expected >= 4 with importance "
+        "samples (depth_resolution_importance 4), got 3\n")
+    assert marched == [] and not (tmp_path / "b").exists()
+    assert main(base + ["--out", str(tmp_path / "b"), "--option",
+                        "generator.render.depth_resolution=3", "--option",
+                        "generator.render.depth_resolution_importance=0"]) == 0
+    assert marched and set(marched) == {(3, 0)}
+
+
 def test_cli_invert_compiled_equals_uncompiled(tiny_run, tmp_path, capsys, monkeypatch,
                                                fresh_dynamo):
     """pyface invert --compile aot_eager compiles EG3DPipeline's modules of the generator and

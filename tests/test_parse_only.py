@@ -100,3 +100,26 @@ def test_bench_train_checks_every_row_and_stage_config(tmp_path, capsys):
     assert bench_train([*base, "--no-compile", "--set", "stages.eg3d.train.batch_sise=2"]) == 2
     err = capsys.readouterr().err
     assert "stage 'eg3d'" in err and "batch_sise" in err
+
+
+def test_invert_checks_its_values_and_options_without_reading(tmp_path, capsys):
+    """pyface invert: --option's keys and values, --steps and --compile, --device for CUDA on any
+    machine; the missing IMAGE and checkpoint are named, nothing is written."""
+    run, out = str(tmp_path / "run"), str(tmp_path / "inv")
+    args = ["invert", "eg3d", str(tmp_path / "face.png"), "--checkpoint", run, "--device",
+            "cuda", "--out", out, "--option", "generator.render.depth_resolution=96"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert f"not checked: IMAGE {tmp_path / 'face.png'}, --checkpoint {run}" in err
+    assert "pyface invert: arguments checked" in err
+    for extra, msg in [(["--option", "generator.render.ray_start=2"],
+                        "options: 'generator.render.ray_start' is not an inference option of "
+                        "model 'eg3d'"),
+                       (["--option", "generator.render.depth_resolution=1"],
+                        "model.generator.render.depth_resolution: expected an int >= 2, got 1"),
+                       (["--steps", "0"], "--steps: expected an integer >= 1, got 0"),
+                       (["--compile", "fast"], "--compile: expected one of")]:
+        assert main([*args, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("pyface invert: ") and msg in err, err
+    assert not os.path.exists(out)

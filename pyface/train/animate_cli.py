@@ -117,7 +117,8 @@ OUT_EXTS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".gif")
 
 def add_option_argument(parser, command: str) -> None:
     """``--option KEY=VALUE`` (repeatable): an inference option of the trained model, passed to
-    ``pyface.models.load(..., options=...)`` (``pyface animate``, ``pyface eval``)."""
+    ``pyface.models.load(..., options=...)`` (``pyface animate``, ``pyface eval``; ``pyface
+    invert``, whose inverter builds the generator with them)."""
     parser.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE",
         help="an inference option of the trained model (repeatable), replacing the value its "

@@ -233,7 +233,10 @@ def read_camera(spec: str | None, image_path: str):
     return t
 
 
-def _check_invert_args(args) -> None:
+def check_invert_args(args) -> None:
+    """``pyface invert eg3d``'s own option values (IMAGE and --out not empty, --steps, --seed,
+    --lr, --out not a file nor a pyface checkpoint / weights folder): ValueError naming the
+    option; nothing read but --out's folder (also under ``PYFACE_PARSE_ONLY=1``)."""
     import math
 
     from pyface.checkpoint import check_weights_replaceable
@@ -282,6 +285,12 @@ def _image_note(path: str, side: int, resolution: int) -> str | None:
 
 
 def run_invert(args) -> int:
+    """``pyface invert eg3d IMAGE --checkpoint OUT [--option KEY=VALUE ...]``: the latent of
+    IMAGE, its reconstruction and optionally an orbit video. ``args.model_options``:
+    ``EG3D.inference_options`` values the generator is built with (checked by the command;
+    recorded in the latent's metadata as ``options``, ``{"model.KEY": value}``), or None; one
+    that does not fit the checkpoint's config (3 coarse samples with importance samples) exits
+    2 naming ``model.KEY``."""
     import torch
 
     from pyface.checkpoint import CheckpointError, save_weights
@@ -295,7 +304,7 @@ def run_invert(args) -> int:
         return code
 
     try:
-        _check_invert_args(args)
+        check_invert_args(args)
     except ValueError as exc:
         return fail(exc, 2)
     dev = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -310,12 +319,16 @@ def run_invert(args) -> int:
             cam = source["camera"].float()        # a pyface video folder's own label
     except (DataError, ValueError, OSError) as exc:
         return fail(exc)
+    options = getattr(args, "model_options", None) or {}    # --option, checked by the command
     try:
-        G = load_generator(args.checkpoint, device=dev, ema=True)
+        G = load_generator(args.checkpoint, device=dev, ema=True, options=options or None)
     except WrongModelError as exc:
         return fail(exc.for_option("--checkpoint", args.checkpoint))
     except (CheckpointError, ValueError, OSError) as exc:
         msg = str(exc)
+        if not isinstance(exc, CheckpointError) and any(
+                msg.startswith(f"model.{k}") for k in options):
+            return fail(msg, 2)    # an option's value that does not fit the saved config
         msg = msg[len("checkpoint "):] if msg.startswith("checkpoint ") else msg
         return fail(f"--checkpoint {msg}")
     if cam is None:
@@ -362,7 +375,9 @@ def run_invert(args) -> int:
                      kind="eg3d-latent", config={"space": args.space, "steps": args.steps,
                                                  "seed": seed, "lr": args.lr,
                                                  "final_loss": info["loss"][-1] if info["loss"]
-                                                 else None})
+                                                 else None,
+                                                 "options": {f"model.{k}": v
+                                                             for k, v in options.items()}})
         name = "reconstruction.png"
         write_png(torch.cat([target.cpu(), info["image"].cpu().clamp(-1, 1)], -1)[0],
                   os.path.join(args.out, name))
