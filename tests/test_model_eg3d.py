@@ -1153,6 +1153,16 @@ def test_cli_option_reaches_the_seed_animation_and_the_pipeline(tiny_run, tmp_pa
         assert "valid: model.generator.render.depth_resolution, " in err
         assert "Traceback" not in err
     assert loaded == [] and seen == []
+    # a value that does not fit the run's saved config (its 4 importance samples) is found
+    # when the generator is built: exit 2 naming model.KEY, as pyface invert, and no video
+    for extra in (["--seeds", "0", "--frames", "2"], ["--source", video, "--driving", video]):
+        assert main(["animate", "eg3d", "--checkpoint", run, *extra, "--out",
+                     str(tmp_path / "bad.mp4"), "--device", "cpu", "--no-progress",
+                     "--option", "generator.render.depth_resolution=3"]) == 2, extra
+        err = capsys.readouterr().err
+        assert "model.generator.render.depth_resolution: expected >= 4 with importance " \
+               "samples" in err, err
+        assert not (tmp_path / "bad.mp4").exists()
 
 
 def test_cli_invert_option_reaches_a_run_generator(tiny_run, tmp_path, capsys, monkeypatch):

@@ -130,8 +130,12 @@ def run_animate(args) -> int:
               file=sys.stderr)
         return 1
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
+        options = getattr(args, "model_options", None) or {}
+        code = 2 if not isinstance(exc, CheckpointError) and any(
+            str(exc).startswith(f"model.{k}") for k in options) else 1
+        # 2: an --option value that does not fit the saved config (as pyface invert)
         print(f"pyface animate eg3d: {exc}", file=sys.stderr)
-        return 1
+        return code
     mode = getattr(args, "compile", None)
     compiled = compile_generator(G, mode)
     device = G.rendering_resolution.device
