@@ -855,8 +855,8 @@ def test_load_options_refuse_architecture_keys_and_bad_values(tiny_run):
                        r"model.generator.render.depth_resolution_importance: expected an int "
                        r">= 0"),
                       ({"generator.sr_noise_mode": "fresh"},
-                       r"model.generator.sr_noise_mode: expected one of \['random', 'const', "
-                       r"'none'\], got 'fresh'"),
+                       r"model.generator.sr_noise_mode: expected one of \('random', 'const', "
+                       r"'none'\), got 'fresh'"),
                       ({"generator.render.recompute": "all"},
                        r"model.generator.render.recompute: expected true, false or 'decoder'"),
                       ({"generator.render.chunk_points": 0},

@@ -366,8 +366,8 @@ def test_load_options_set_goha_inference_options(tiny_run):
                                          r"of model 'goha_s1' .*valid: "
                                          r"model.infer_lift_expression, model.sr_noise$"):
         pyface.models.load("goha_s1", str(tiny_run), options={"plane_channels": 8})
-    with pytest.raises(ValueError, match=r"model.sr_noise: expected one of \['stored', "
-                                         r"'random'\], got 'fresh'"):
+    with pytest.raises(ValueError, match=r"model.sr_noise: expected one of \('stored', "
+                                         r"'random'\), got 'fresh'"):
         pyface.models.load("goha_s1", str(tiny_run), options={"sr_noise": "fresh"})
 
 
@@ -1230,7 +1230,7 @@ def test_infer_lift_expression_defaults_presets_saved_configs_and_resume(tmp_pat
     c = config_from_dict(GOHAConfig, saved)
     assert (c.infer_lift_expression, c.sr_noise) == ("source", "stored")
     with pytest.raises(ValueError, match="model.infer_lift_expression: expected one of "
-                                         r"\['source', 'driving'\], got 'target'"):
+                                         r"\('source', 'driving'\), got 'target'"):
         GOHAConfig(infer_lift_expression="target")
     import shutil
 
@@ -1322,6 +1322,6 @@ def test_sr_noise_random_draws_fresh_maps_repeatable_with_a_seed(monkeypatch):
     # a compiled SR gets the same maps (drawn outside it) and gives the same frames
     compile_modules(m, ("sr",), parse_compile("aot_eager"))
     torch.testing.assert_close(frames(1), one, atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match=r"model.sr_noise: expected one of \['stored', "
-                                         r"'random'\], got 'fresh'"):
+    with pytest.raises(ValueError, match=r"model.sr_noise: expected one of \('stored', "
+                                         r"'random'\), got 'fresh'"):
         GOHAConfig(sr_noise="fresh")

@@ -872,12 +872,12 @@ def test_training_options_default_to_the_earlier_training(tmp_path, micro_run, d
                                                   f"run '{v}'"):
             t.resume("auto")
     with pytest.raises(ValueError, match="model.perceptual_outputs: expected one of "
-                                         r"\['final', 'all'\], got 'coarse'"):
+                                         r"\('final', 'all'\), got 'coarse'"):
         micro_model(perceptual_outputs="coarse")
     with pytest.raises(ValueError, match="model.exp_consistency_warp: expected one of"):
         micro_model(exp_consistency_warp="tps")
     with pytest.raises(ValueError, match="model.bn_batches: expected one of "
-                                         r"\['joint', 'separate'\], got 'per_image'"):
+                                         r"\('joint', 'separate'\), got 'per_image'"):
         micro_model(bn_batches="per_image")
 
 

@@ -433,6 +433,26 @@ def test_run_without_imageio_finishes_without_its_preview_clip(tmp_path, monkeyp
                and ".[train]" in r.getMessage() for r in caplog.records)
 
 
+def test_check_choice_names_the_key_the_choices_and_the_value():
+    # pyface.train.model.check_choice, the check model packages use for a field that takes one
+    # of a fixed set of values, is the ops' check: one message, choices shown as a tuple
+    from pyface.ops._checks import check_choice as ops_check_choice
+    from pyface.train.model import check_choice
+
+    assert check_choice("model.cond", "e2e", ("direct", "e2e")) is None
+    assert check_choice("model.flag", False, (True, False)) is None
+    for choices in (("a", "b"), ["a", "b"], {"a": 1, "b": 2}, iter("ab")):
+        with pytest.raises(ValueError, match=r"^model\.x: expected one of \('a', 'b'\), got 'c'$"):
+            check_choice("model.x", "c", choices)
+    with pytest.raises(ValueError, match=r"^model\.x: expected one of \('a', 'b'\), got \['a'\]$"):
+        check_choice("model.x", ["a"], {"a": 1, "b": 2})      # unhashable: the same ValueError
+    with pytest.raises(ValueError) as ours:
+        check_choice("mode", None, ("fast", "exact"))
+    with pytest.raises(ValueError) as ops:
+        ops_check_choice("mode", None, ("fast", "exact"))
+    assert str(ours.value) == str(ops.value) == "mode: expected one of ('fast', 'exact'), got None"
+
+
 def test_resolve_device_names_the_option_and_value(monkeypatch):
     from pyface.train.cli import resolve_device
 

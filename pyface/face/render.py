@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pyface.ops._checks import has_values
+from pyface.ops._checks import check_choice, has_values
 
 
 @dataclass
@@ -67,8 +67,7 @@ def render_mesh(verts_ndc: torch.Tensor, faces: torch.Tensor, image_size,
         attributes: optional ``(B, V, C)`` per-vertex attributes to interpolate.
         cull: ``"none"``, ``"cw"`` or ``"ccw"`` (see the module docstring).
     """
-    if cull not in CULL_MODES:
-        raise ValueError(f"cull: expected one of {CULL_MODES}, got {cull!r}")
+    check_choice("cull", cull, CULL_MODES)
     h, w = _size(image_size)
     if verts_ndc.dim() != 3 or verts_ndc.shape[-1] != 3:
         raise ValueError(f"verts_ndc: expected shape (B, V, 3), got {tuple(verts_ndc.shape)}")

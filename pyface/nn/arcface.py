@@ -15,6 +15,7 @@ from torch import nn
 
 from pyface.nn._pretrained import load_into, read_state, warn_random_init
 from pyface.nn._reduce import mean_or_zero
+from pyface.ops._checks import check_choice
 
 IRESNET_LAYERS = {"r18": (2, 2, 2, 2), "r34": (3, 4, 6, 3), "r50": (3, 4, 14, 3),
                   "r100": (3, 13, 30, 3)}
@@ -44,8 +45,7 @@ class IResNet(nn.Module):
 
     def __init__(self, arch: str = "r50", embedding: int = 512, dropout: float = 0.0):
         super().__init__()
-        if arch not in IRESNET_LAYERS:
-            raise ValueError(f"arch: expected one of {sorted(IRESNET_LAYERS)}, got {arch!r}")
+        check_choice("arch", arch, sorted(IRESNET_LAYERS))
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64, eps=1e-5)
         self.prelu = nn.PReLU(64)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyface.nn._pretrained import read_state
+from pyface.ops._checks import check_choice
 
 # transformers' ACT2FN names that the Mix-FFN supports, and what they compute
 _ACTIVATIONS = {
@@ -120,9 +121,7 @@ class MiTConfig:
         if isinstance(self.mlp_ratio, (list, tuple)) and len(self.mlp_ratio) != n:
             raise ValueError(f"MiTConfig.mlp_ratio: expected one number or {n} (one per stage), "
                              f"got {list(self.mlp_ratio)}")
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"MiTConfig.hidden_act: expected one of {sorted(_ACTIVATIONS)}, got "
-                             f"{self.hidden_act!r}")
+        check_choice("MiTConfig.hidden_act", self.hidden_act, sorted(_ACTIVATIONS))
         for d, h in zip(self.hidden_sizes, self.num_heads):
             if d % h:
                 raise ValueError(f"MiTConfig.num_heads: hidden size {d} is not divisible by {h} "
@@ -144,8 +143,7 @@ _DEPTHS = {"b0": [2, 2, 2, 2], "b1": [2, 2, 2, 2], "b2": [3, 4, 6, 3], "b3": [3,
 
 def mit_config(name: str, **overrides) -> MiTConfig:
     """The published MiT configurations ``"b0"`` ... ``"b5"``."""
-    if name not in _DEPTHS:
-        raise ValueError(f"name: expected one of {sorted(_DEPTHS)}, got {name!r}")
+    check_choice("name", name, sorted(_DEPTHS))
     hidden = [32, 64, 160, 256] if name == "b0" else [64, 128, 320, 512]
     dec = 256 if name in ("b0", "b1") else 768
     kwargs = {"hidden_sizes": hidden, "depths": list(_DEPTHS[name]), "decoder_hidden_size": dec}

@@ -31,6 +31,7 @@ from torch import nn
 from pyface.nn.layers import (ACTIVATIONS, FullyConnectedLayer, bias_act, modulated_conv2d,
                               normalize_2nd_moment)
 from pyface.nn.resample import filtered_resize, setup_filter, upsample2d
+from pyface.ops._checks import check_choice
 
 NOISE_MODES = ("random", "const", "none")
 
@@ -139,8 +140,7 @@ class SynthesisLayer(nn.Module):
         """``noise`` (B, 1, R, R): the per-pixel noise of ``noise_mode="random"`` drawn by the
         caller (the layer draws it with ``torch.randn`` in x's dtype when None); ignored in
         the other modes and by a layer without noise."""
-        if noise_mode not in NOISE_MODES:
-            raise ValueError(f"noise_mode: expected one of {NOISE_MODES}, got {noise_mode!r}")
+        check_choice("noise_mode", noise_mode, NOISE_MODES)
         styles = self.affine(w)
         x = modulated_conv2d(x, self.weight, styles, up=self.up, padding=self.padding,
                              resample_filter=self.resample_filter, flip_weight=self.up == 1)
@@ -391,14 +391,10 @@ class SuperResolutionConfig:
                 raise ValueError(f"scale: expected one of {sorted(_SCALE_VARIANT)}, got "
                                  f"{self.scale}")
             self.variant = _SCALE_VARIANT[self.scale]
-        if self.variant not in SR_VARIANTS:
-            raise ValueError(f"variant: expected one of {sorted(SR_VARIANTS)}, got "
-                             f"{self.variant!r}")
+        check_choice("variant", self.variant, sorted(SR_VARIANTS))
         r_in, (_, r0, up0), (_, r1), _, _, _ = SR_VARIANTS[self.variant]
         self.scale = r1 // r_in
-        if self.noise_mode not in NOISE_MODES:
-            raise ValueError(f"noise_mode: expected one of {NOISE_MODES}, got "
-                             f"{self.noise_mode!r}")
+        check_choice("noise_mode", self.noise_mode, NOISE_MODES)
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype: expected 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.block_channels is not None and len(self.block_channels) != 2:

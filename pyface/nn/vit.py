@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyface.nn.segformer import _ACTIVATIONS, MiTBlock
+from pyface.ops._checks import check_choice
 
 __all__ = ["MiTStack", "MiTStackConfig", "PlainSuperResolution", "PlainSuperResolutionConfig"]
 
@@ -75,9 +76,7 @@ class MiTStack(nn.Module):
         self.cfg = c = _config(MiTStackConfig, cfg, overrides)
         if c.dim % c.heads:
             raise ValueError(f"heads: dim {c.dim} is not divisible by {c.heads} heads")
-        if c.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"hidden_act: expected one of {sorted(_ACTIVATIONS)}, got "
-                             f"{c.hidden_act!r}")
+        check_choice("hidden_act", c.hidden_act, sorted(_ACTIVATIONS))
         if c.depth < 1:
             raise ValueError(f"depth: expected >= 1, got {c.depth}")
         rates = [c.drop_path_rate * i / max(c.depth - 1, 1) for i in range(c.depth)]

@@ -103,6 +103,8 @@ class ShapeChecker:
 
 
 def check_choice(name: str, value, choices: Iterable) -> None:
+    """ValueError ``NAME: expected one of (CHOICES), got VALUE`` unless ``value`` is one of
+    ``choices`` (made a tuple: the message shows it as one whatever iterable was given)."""
     choices = tuple(choices)
     if value not in choices:
         raise ValueError(f"{name}: expected one of {choices}, got {value!r}")

@@ -1109,6 +1109,17 @@ def frame_generators(motion, device) -> list[torch.Generator] | None:
     return [torch.Generator(device=dev).manual_seed(int(s)) for s in motion["frame_seeds"]]
 
 
+def check_choice(name: str, value, choices) -> None:
+    """ValueError unless ``value`` is one of ``choices`` (any iterable; the message shows it as
+    a tuple): ``model.cond: expected one of ('direct', 'e2e', 'clebs'), got 'x'``. The check a
+    model package uses for a config field or an argument that takes one of a fixed set of
+    values; it is the ops' own (``pyface.ops._checks.check_choice``), imported when called so
+    that importing this module still does not import ``pyface.ops``."""
+    from pyface.ops._checks import check_choice as _check_choice
+
+    _check_choice(name, value, choices)
+
+
 def check_seed(seed, what: str = "seed") -> None:
     """ValueError unless ``seed`` is None or an int >= 0 (a bool is not a seed)."""
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from pyface.nn.render import RenderConfig
 from pyface.nn.stylegan import NOISE_MODES
+from pyface.train.model import check_choice
 
 
 @dataclass
@@ -75,9 +76,7 @@ class EG3DGeneratorConfig:
     def __post_init__(self):
         # the fields a trained model may change at load time (EG3D.inference_options) are
         # checked here, so a bad value is refused naming its key before anything is read
-        if self.sr_noise_mode not in NOISE_MODES:
-            raise ValueError(f"model.generator.sr_noise_mode: expected one of "
-                             f"{list(NOISE_MODES)}, got {self.sr_noise_mode!r}")
+        check_choice("model.generator.sr_noise_mode", self.sr_noise_mode, NOISE_MODES)
         r = self.render
         if isinstance(r, RenderConfig):
             key = "model.generator.render"

@@ -21,6 +21,7 @@ from pyface.nn.stylegan import (NOISE_MODES, MappingConfig, SuperResolution,
                                 SuperResolutionConfig, SynthesisConfig, TriplaneBackbone,
                                 TriplaneBackboneConfig)
 from pyface.ops.render import ray_bundle
+from pyface.train.model import check_choice
 
 from pyface.models.eg3d.config import EG3DGeneratorConfig
 
@@ -126,8 +127,7 @@ class EG3DGenerator(nn.Module):
                 ws.shape[0] != c.shape[0]:
             raise ValueError(f"ws: expected shape ({c.shape[0]}, {self.num_ws}, "
                              f"{self.cfg.w_dim}), got {tuple(ws.shape)}")
-        if noise_mode not in NOISE_MODES:
-            raise ValueError(f"noise_mode: expected one of {NOISE_MODES}, got {noise_mode!r}")
+        check_choice("noise_mode", noise_mode, NOISE_MODES)
         res = self.resolve_resolution(neural_rendering_resolution)
         if planes is None:
             planes = self.backbone.planes(ws, noise_mode=noise_mode)

@@ -24,7 +24,7 @@ from pyface.face.cameras import mirror_label
 from pyface.nn.discriminators import DiscriminatorConfig, DualDiscriminator
 from pyface.nn.render import density_l1_regularizer, density_monotonic_regularizer
 from pyface.nn.resample import filtered_resize, setup_filter, upfirdn2d
-from pyface.train.model import Phase, StepContext, TrainableModel
+from pyface.train.model import Phase, StepContext, TrainableModel, check_choice
 
 from pyface.models.eg3d.config import EG3DConfig
 from pyface.models.eg3d.generator import EG3DGenerator
@@ -249,15 +249,9 @@ class EG3D(TrainableModel):
     def __init__(self, cfg: EG3DConfig | None = None):
         super().__init__()
         cfg = cfg or EG3DConfig()
-        if cfg.reg_type not in REG_TYPES:
-            raise ValueError(f"model.reg_type: expected one of {REG_TYPES}, got "
-                             f"{cfg.reg_type!r}")
-        if cfg.background not in BACKGROUNDS:
-            raise ValueError(f"model.background: expected one of {BACKGROUNDS}, got "
-                             f"{cfg.background!r}")
-        if cfg.gen_c_source not in GEN_C_SOURCES:
-            raise ValueError(f"model.gen_c_source: expected one of {GEN_C_SOURCES}, got "
-                             f"{cfg.gen_c_source!r}")
+        check_choice("model.reg_type", cfg.reg_type, REG_TYPES)
+        check_choice("model.background", cfg.background, BACKGROUNDS)
+        check_choice("model.gen_c_source", cfg.gen_c_source, GEN_C_SOURCES)
         if len(cfg.betas) != 2:
             raise ValueError(f"model.betas: expected 2 values, got {cfg.betas}")
         self.cfg = cfg

@@ -32,7 +32,7 @@ from torch import nn
 
 from pyface.nn.codebook import LearnableTemperature, OrthogonalBasis, info_nce
 from pyface.nn.encoders import ResNetEncoder
-from pyface.train.model import Phase, StepContext, TrainableModel
+from pyface.train.model import Phase, StepContext, TrainableModel, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -457,8 +457,7 @@ class ImageEncoder(nn.Module):
                  stem_pool: bool = True, flatten_size: int | None = None, stem_stride: int = 2,
                  crop_channels: int = 0, head: str = "mlp"):
         super().__init__()
-        if head not in IMAGE_HEADS:
-            raise ValueError(f"model.image_head: expected one of {IMAGE_HEADS}, got {head!r}")
+        check_choice("model.image_head", head, IMAGE_HEADS)
         if len(widths) != len(depths) or not widths:
             raise ValueError(f"image_widths / image_depths: expected equal non-empty lengths, got "
                              f"{widths} / {depths}")
@@ -564,8 +563,7 @@ class CLeBS(TrainableModel):
             raise ValueError(f"model.w_regress: expected >= 0, got {cfg.w_regress}")
         if cfg.sim_gain_lr <= 0:
             raise ValueError(f"model.sim_gain_lr: expected > 0, got {cfg.sim_gain_lr}")
-        if cfg.fe_init not in FE_INITS:
-            raise ValueError(f"model.fe_init: expected one of {FE_INITS}, got {cfg.fe_init!r}")
+        check_choice("model.fe_init", cfg.fe_init, FE_INITS)
         if cfg.fe_init == "fisher" and cfg.hidden:
             raise ValueError(f"model.fe_init='fisher' needs a linear f_e: expected "
                              f"model.hidden = [], got {list(cfg.hidden)}")

@@ -40,8 +40,8 @@ from pyface.models.export3d.clebs import (CLeBS, EXP_DIM, ExpressionEncoder, ema
                                           expression_of, image_to_float, video_mean_whitener)
 from pyface.models.export3d.generator import GeneratorConfig, TriplaneGenerator
 from pyface.models.export3d.pipeline import Export3DPipeline
-from pyface.train.model import (Phase, Stage, StepContext, TrainableModel, config_from_dict,
-                                load_pretrained)
+from pyface.train.model import (Phase, Stage, StepContext, TrainableModel, check_choice,
+                                config_from_dict, load_pretrained)
 
 log = logging.getLogger("pyface.models.export3d")
 
@@ -511,11 +511,9 @@ class Export3D(TrainableModel):
     def __init__(self, cfg: Export3DConfig | None = None):
         super().__init__()
         cfg = cfg or Export3DConfig()
-        if cfg.source_mouth_mask_paths not in MOUTH_MASK_PATHS:
-            raise ValueError(f"model.source_mouth_mask_paths: expected one of {MOUTH_MASK_PATHS}, "
-                             f"got {cfg.source_mouth_mask_paths!r}")
-        if cfg.cond not in COND_MODES:
-            raise ValueError(f"model.cond: expected one of {COND_MODES}, got {cfg.cond!r}")
+        check_choice("model.source_mouth_mask_paths", cfg.source_mouth_mask_paths,
+                     MOUTH_MASK_PATHS)
+        check_choice("model.cond", cfg.cond, COND_MODES)
         self.cfg = cfg
         scale = 2 ** (len(cfg.sr_widths) - 1)
         if cfg.resolution % scale:
@@ -553,9 +551,7 @@ class Export3D(TrainableModel):
             up_widths=list(cfg.up_widths), plane_channels=cfg.plane_channels,
             blur_sigma=cfg.blur_sigma, ema_momentum=cfg.ema_momentum,
             expr_planes=cfg.expr_planes, expr_dim=self.cond.code_dim))
-        if cfg.expr_init not in EXPR_INITS:
-            raise ValueError(f"model.expr_init: expected one of {EXPR_INITS}, got "
-                             f"{cfg.expr_init!r}")
+        check_choice("model.expr_init", cfg.expr_init, EXPR_INITS)
         if cfg.expr_init == "basis" and cfg.expr_planes:
             self._init_expr_weights_from_basis()
         self.decoder = OSGDecoder(cfg.plane_channels, cfg.decoder_hidden, cfg.decoder_features)

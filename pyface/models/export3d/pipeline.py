@@ -29,7 +29,7 @@ import torch
 
 from pyface.face.cameras import default_label, free_view_orbit
 from pyface.models.export3d.clebs import expression_of
-from pyface.train.model import Pipeline, frame_place, locate_frames
+from pyface.train.model import Pipeline, check_choice, frame_place, locate_frames
 
 CAMERAS = ("driving", "source", "orbit")
 
@@ -83,8 +83,7 @@ class Export3DPipeline(Pipeline):
         return {"beta": beta, "lambda": lam, "camera": drv.get("camera")}
 
     def _camera(self, state, motion, T: int, which: str) -> torch.Tensor:
-        if which not in CAMERAS:
-            raise ValueError(f"camera: expected one of {CAMERAS}, got {which!r}")
+        check_choice("camera", which, CAMERAS)
         if which == "orbit":
             idx, n = frame_place(motion, T)
             labels = free_view_orbit(max(n, 1), generator=self.model.generator)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pyface.train.model import check_choice
+
 #: GOHA's canonical exemplar pose (Deep3DFaceRecon angles (3,) radians and translation (3,)):
 #: frontal, centred; the expression pseudo-render is framed by the BFM-224 camera around it.
 EXEMPLAR_ANGLES = (0.0, 0.0, 0.0)
@@ -200,9 +202,7 @@ class GOHAConfig:
             raise ValueError(f"model.render_recompute: expected true, false or 'decoder', got "
                              f"{self.render_recompute!r}")
         for k, allowed in {**TRAINING_CHOICES, **INFERENCE_CHOICES}.items():
-            if getattr(self, k) not in allowed:
-                raise ValueError(f"model.{k}: expected one of {list(allowed)}, got "
-                                 f"{getattr(self, k)!r}")
+            check_choice(f"model.{k}", getattr(self, k), allowed)
         if self.perceptual_weight > 0 and not self.vgg_path:
             raise ValueError("model.perceptual_weight > 0 needs model.vgg_path (a torchvision "
                              "VGG19 weights file; nothing is downloaded)")

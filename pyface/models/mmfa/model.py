@@ -35,7 +35,7 @@ from pyface.nn.fv2v import (AppearanceFeatureExtractor, CanonicalKeypointDetecto
                             MultiScaleDecoder)
 from pyface.nn.losses import feature_matching_loss, gan_d_loss, gan_g_loss
 from pyface.nn.motion import DenseMotion, DenseMotionConfig
-from pyface.train.model import Phase, StepContext, TrainableModel
+from pyface.train.model import Phase, StepContext, TrainableModel, check_choice
 
 from .pipeline import MMFAPipeline
 from .motion import (ExpressionDecoder, ImageEncoder, deep3d_to_keypoint_rotation,
@@ -286,8 +286,7 @@ def expression_landmark_loss(pred_source: torch.Tensor, pred_driving: torch.Tens
     Returns:
         () the error of ``(pred_d - pred_s) - (mouth_shape(lm_d) - mouth_shape(lm_s))``.
     """
-    if kind not in EXP_LANDMARK_KINDS:
-        raise ValueError(f"kind: expected one of {EXP_LANDMARK_KINDS}, got {kind!r}")
+    check_choice("kind", kind, EXP_LANDMARK_KINDS)
     target = mouth_shape(lm_driving) - mouth_shape(lm_source)
     for name, p in (("pred_source", pred_source), ("pred_driving", pred_driving)):
         if p.shape != target.shape:
@@ -595,26 +594,18 @@ class MMFA(TrainableModel):
     def __init__(self, cfg: MMFAConfig | None = None):
         super().__init__()
         cfg = cfg or MMFAConfig()
-        if cfg.rotation not in ROTATION_SOURCES:
-            raise ValueError(f"model.rotation: expected one of {ROTATION_SOURCES}, got "
-                             f"{cfg.rotation!r}")
-        if cfg.exp_landmark_loss not in EXP_LANDMARK_KINDS:
-            raise ValueError(f"model.exp_landmark_loss: expected one of {EXP_LANDMARK_KINDS}, "
-                             f"got {cfg.exp_landmark_loss!r}")
+        check_choice("model.rotation", cfg.rotation, ROTATION_SOURCES)
+        check_choice("model.exp_landmark_loss", cfg.exp_landmark_loss, EXP_LANDMARK_KINDS)
         if cfg.exp_detach and cfg.w_exp_landmark <= 0:
             raise ValueError(f"model.exp_detach: needs model.w_exp_landmark > 0 (the expression "
                              f"encoder's only training signal then), got w_exp_landmark = "
                              f"{cfg.w_exp_landmark}")
-        if cfg.mouth_motion_mode not in MOUTH_MOTION_MODES:
-            raise ValueError(f"model.mouth_motion_mode: expected one of {MOUTH_MOTION_MODES}, "
-                             f"got {cfg.mouth_motion_mode!r}")
+        check_choice("model.mouth_motion_mode", cfg.mouth_motion_mode, MOUTH_MOTION_MODES)
         if cfg.mouth_motion_sigma <= 0:
             raise ValueError(f"model.mouth_motion_sigma: expected a width > 0 (grid units), got "
                              f"{cfg.mouth_motion_sigma}")
         for k, allowed in TRAINING_CHOICES.items():
-            if getattr(cfg, k) not in allowed:
-                raise ValueError(f"model.{k}: expected one of {list(allowed)}, got "
-                                 f"{getattr(cfg, k)!r}")
+            check_choice(f"model.{k}", getattr(cfg, k), allowed)
         if not 0.0 < cfg.blend_cap <= 1.0:
             raise ValueError(f"model.blend_cap: expected a value in (0, 1], got "
                              f"{cfg.blend_cap}")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyface.nn.roi import roi_align
+from pyface.train.model import check_choice
 
 log = logging.getLogger("pyface.models.otavatar")
 
@@ -94,8 +95,7 @@ class OTAvatarLoss(nn.Module):
                  w_identity: float = 1.0, arcface_weights: str | None = None,
                  warn: bool = True, roi_box: str = "landmarks", raw_terms: bool = True):
         super().__init__()
-        if roi_box not in ROI_BOXES:
-            raise ValueError(f"roi_box: expected one of {ROI_BOXES}, got {roi_box!r}")
+        check_choice("roi_box", roi_box, ROI_BOXES)
         self.w_perceptual, self.w_smooth_l1 = w_perceptual, w_smooth_l1
         self.w_mouth, self.w_eyes, self.eye_roi_bug = w_mouth, w_eyes, eye_roi_bug
         self.roi_box, self.raw_terms = roi_box, raw_terms

@@ -35,7 +35,8 @@ from torch import nn
 
 from pyface.nn.controller import MotionController, MotionControllerConfig
 from pyface.nn.render import density_l1_regularizer, density_monotonic_regularizer
-from pyface.train.model import Phase, Stage, StepContext, TrainableModel, load_registered
+from pyface.train.model import (Phase, Stage, StepContext, TrainableModel, check_choice,
+                                load_registered)
 
 from pyface.models.otavatar.config import OTAvatarConfig
 from pyface.models.otavatar.losses import OTAvatarLoss
@@ -292,16 +293,11 @@ class OTAvatar(TrainableModel):
         if cfg.controller_loss not in ("absolute", "relative"):
             raise ValueError(f"model.controller_loss: expected 'absolute' or 'relative', got "
                              f"{cfg.controller_loss!r}")
-        if cfg.inversion_frames not in INVERSION_FRAMES:
-            raise ValueError(f"model.inversion_frames: expected one of {INVERSION_FRAMES}, got "
-                             f"{cfg.inversion_frames!r}")
-        if cfg.inversion_density_decoder not in INVERSION_DENSITY_DECODERS:
-            raise ValueError(f"model.inversion_density_decoder: expected one of "
-                             f"{INVERSION_DENSITY_DECODERS}, got "
-                             f"{cfg.inversion_density_decoder!r}")
-        if cfg.inversion_controller_lr not in INVERSION_CONTROLLER_LRS:
-            raise ValueError(f"model.inversion_controller_lr: expected one of "
-                             f"{INVERSION_CONTROLLER_LRS}, got {cfg.inversion_controller_lr!r}")
+        check_choice("model.inversion_frames", cfg.inversion_frames, INVERSION_FRAMES)
+        check_choice("model.inversion_density_decoder", cfg.inversion_density_decoder,
+                     INVERSION_DENSITY_DECODERS)
+        check_choice("model.inversion_controller_lr", cfg.inversion_controller_lr,
+                     INVERSION_CONTROLLER_LRS)
         check_inference_config(cfg)
         if cfg.controller_loss == "relative" and cfg.invert_controller_iters < 1:
             raise ValueError("model.invert_controller_iters: model.controller_loss=relative "

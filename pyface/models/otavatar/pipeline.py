@@ -25,7 +25,7 @@ import torch
 from pyface.face.cameras import free_view_orbit
 from pyface.face.coeffs import motion_window
 from pyface.nn.render import renderer_uniforms
-from pyface.train.model import Pipeline, frame_place, locate_frames
+from pyface.train.model import Pipeline, check_choice, frame_place, locate_frames
 
 log = logging.getLogger("pyface.models.otavatar")
 
@@ -55,8 +55,7 @@ INFERENCE_FIELDS = {"clip": "inference_clip", "clamp": "inference_clamp",
 
 def _check_inference_value(name: str, key: str, value) -> None:
     if key == "pti_mode":
-        if value not in PTI_MODES:
-            raise ValueError(f"{name}: expected one of {PTI_MODES}, got {value!r}")
+        check_choice(name, value, PTI_MODES)
     elif not isinstance(value, bool):
         raise ValueError(f"{name}: expected true or false, got {value!r}")
 
@@ -64,9 +63,7 @@ def _check_inference_value(name: str, key: str, value) -> None:
 def check_inference_config(cfg) -> None:
     """``model.inference`` and the four option fields (None or a value), a ValueError naming
     the field otherwise."""
-    if cfg.inference not in INFERENCE_PROFILES:
-        raise ValueError(f"model.inference: expected one of {tuple(INFERENCE_PROFILES)}, got "
-                         f"{cfg.inference!r}")
+    check_choice("model.inference", cfg.inference, INFERENCE_PROFILES)
     for key, fld in INFERENCE_FIELDS.items():
         value = getattr(cfg, fld)
         if value is not None:
@@ -83,9 +80,8 @@ def inference_options(cfg, profile: str | None = None, **given) -> dict:
     if unknown:
         raise TypeError(f"inference_options: unknown options {sorted(unknown)}")
     check_inference_config(cfg)
-    if profile is not None and profile not in INFERENCE_PROFILES:
-        raise ValueError(f"profile: expected one of {tuple(INFERENCE_PROFILES)}, got "
-                         f"{profile!r}")
+    if profile is not None:
+        check_choice("profile", profile, INFERENCE_PROFILES)
     out = {}
     for key, fld in INFERENCE_FIELDS.items():
         value = given.get(key)
@@ -215,8 +211,7 @@ def pivotal_tuning(model, ws: torch.Tensor, camera: torch.Tensor, image: torch.T
 
     from pyface.nn.compiling import compile_modules
 
-    if mode not in PTI_MODES:
-        raise ValueError(f"pti_mode: expected one of {PTI_MODES}, got {mode!r}")
+    check_choice("pti_mode", mode, PTI_MODES)
     ref = mode == "reference"
     G = copy.deepcopy(model.generator).train()
     compile_modules(G, tuple(compile_names), compile)
@@ -514,8 +509,7 @@ class OTAvatarPipeline(Pipeline):
                 m = torch.cat([m[:, :64], state["motion"][:, 64:].expand(T, -1, -1)], 1)
         if camera is None:
             camera = "driving" if "camera" in motion else "source"
-        if camera not in CAMERA_MODES:
-            raise ValueError(f"camera: expected one of {CAMERA_MODES}, got {camera!r}")
+        check_choice("camera", camera, CAMERA_MODES)
         if camera == "driving":
             if "camera" not in motion:
                 raise ValueError("camera='driving': the driving frames have no 'camera'")
