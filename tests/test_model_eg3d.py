@@ -877,6 +877,25 @@ def test_load_options_refuse_architecture_keys_and_bad_values(tiny_run):
         generator_options({"render.x": 1})
 
 
+def test_load_option_backend_is_checked_before_anything_is_read(tmp_path):
+    """``generator.render.backend`` takes None or a render_triplane backend: another value is
+    refused by check_options (and load, before the checkpoint is read) naming
+    model.generator.render.backend, not at the first rendered frame."""
+    import pyface.models
+
+    assert pyface.models.check_options("eg3d", {"generator.render.backend": "reference"}) == \
+        {"generator.render.backend": "reference"}
+    assert pyface.models.check_options("eg3d", {"generator.render.backend": "none"}) == \
+        {"generator.render.backend": None}
+    msg = (r"model.generator.render.backend: expected one of \['reference', 'cpu', 'cuda', "
+           r"'triton'\] or None \(the default for the device\), got 'fast'")
+    with pytest.raises(ValueError, match=msg):
+        pyface.models.check_options("eg3d", {"generator.render.backend": "fast"})
+    with pytest.raises(ValueError, match=msg):
+        pyface.models.load("eg3d", str(tmp_path / "missing"),
+                           options={"model.generator.render.backend": "fast"})
+
+
 def test_seeded_frames_do_not_depend_on_the_chunking(tiny_run, tmp_path, monkeypatch):
     """With a seed, frame i's ray samples come from a generator of (seed, i): stream in chunks of
     1 and of 3, animate and `pyface animate --batch 1 / 3` give the same pixels; another seed
