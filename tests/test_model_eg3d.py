@@ -1174,6 +1174,32 @@ def test_cli_option_reaches_the_seed_animation_and_the_pipeline(tiny_run, tmp_pa
     assert loaded == [] and seen == []
 
 
+def test_cli_option_value_the_saved_config_refuses_exits_2_in_both_animations(tiny_run, tmp_path,
+                                                                            capsys):
+    """An --option value that only the saved config makes wrong (3 coarse samples with this
+    run's importance samples) exits 2 naming model.generator.KEY in a seed animation as in a
+    source animation (pyface animate: 2 for a bad key or value), before anything renders."""
+    from pyface.cli import main
+    from pyface.data import format as fmt
+
+    run, _ = tiny_run
+    item = _Frames(2, 16)[0]
+    frame = ((item["image"].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()[None]
+    fmt.write_video(str(tmp_path), "v", frame, torch.zeros(1, 257).numpy(),
+                    item["camera"][None].numpy(), identity="a", fps=10.0)
+    video = str(tmp_path / "v")
+    out = tmp_path / "o.mp4"
+    capsys.readouterr()
+    for extra in (["--seeds", "0"], ["--source", video, "--driving", video]):
+        assert main(["animate", "eg3d", "--checkpoint", run, *extra, "--out", str(out),
+                     "--device", "cpu", "--no-progress", "--frames", "2",
+                     "--option", "generator.render.depth_resolution=3"]) == 2, extra
+        err = capsys.readouterr().err
+        assert "model.generator.render.depth_resolution: expected >= 4 with importance " \
+               "samples (depth_resolution_importance 4), got 3" in err
+        assert "Traceback" not in err and not out.exists()
+
+
 def test_cli_invert_compiled_equals_uncompiled(tiny_run, tmp_path, capsys, monkeypatch,
                                                fresh_dynamo):
     """pyface invert --compile aot_eager compiles EG3DPipeline's modules of the generator and

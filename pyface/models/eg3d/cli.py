@@ -120,18 +120,23 @@ def run_animate(args) -> int:
     from pyface.models.eg3d.pipeline import load_generator, orbit_frames, parse_seeds
     from pyface.train.model import WrongModelError, compiled_graphs
 
+    options = getattr(args, "model_options", None)
     try:
         seeds = parse_seeds(getattr(args, "seeds", None) or "0-3")
         dev = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
         G = load_generator(args.checkpoint, device=dev, ema=getattr(args, "ema", True),
-                           options=getattr(args, "model_options", None))
+                           options=options)
     except WrongModelError as exc:
         print(f"pyface animate eg3d: {exc.for_option('--checkpoint', args.checkpoint)}",
               file=sys.stderr)
         return 1
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"pyface animate eg3d: {exc}", file=sys.stderr)
-        return 1
+        # an --option value that the saved config makes wrong (3 coarse samples with importance
+        # samples): a bad value, exit 2 as in a source animation's load
+        bad_option = bool(options) and type(exc) is ValueError \
+            and str(exc).startswith("model.generator.")
+        return 2 if bad_option else 1
     mode = getattr(args, "compile", None)
     compiled = compile_generator(G, mode)
     device = G.rendering_resolution.device
