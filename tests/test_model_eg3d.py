@@ -877,6 +877,25 @@ def test_load_options_refuse_architecture_keys_and_bad_values(tiny_run):
         generator_options({"render.x": 1})
 
 
+def test_load_option_backend_is_checked_before_anything_is_read(tmp_path):
+    """``generator.render.backend`` takes None or a render_triplane backend: another value is
+    refused by check_options (and load, before the checkpoint is read) naming
+    model.generator.render.backend, not at the first rendered frame."""
+    import pyface.models
+
+    assert pyface.models.check_options("eg3d", {"generator.render.backend": "reference"}) == \
+        {"generator.render.backend": "reference"}
+    assert pyface.models.check_options("eg3d", {"generator.render.backend": "none"}) == \
+        {"generator.render.backend": None}
+    msg = (r"model.generator.render.backend: expected one of \['reference', 'cpu', 'cuda', "
+           r"'triton'\] or None \(the default for the device\), got 'fast'")
+    with pytest.raises(ValueError, match=msg):
+        pyface.models.check_options("eg3d", {"generator.render.backend": "fast"})
+    with pytest.raises(ValueError, match=msg):
+        pyface.models.load("eg3d", str(tmp_path / "missing"),
+                           options={"model.generator.render.backend": "fast"})
+
+
 def test_seeded_frames_do_not_depend_on_the_chunking(tiny_run, tmp_path, monkeypatch):
     """With a seed, frame i's ray samples come from a generator of (seed, i): stream in chunks of
     1 and of 3, animate and `pyface animate --batch 1 / 3` give the same pixels; another seed
@@ -1153,16 +1172,6 @@ def test_cli_option_reaches_the_seed_animation_and_the_pipeline(tiny_run, tmp_pa
         assert "valid: model.generator.render.depth_resolution, " in err
         assert "Traceback" not in err
     assert loaded == [] and seen == []
-    # a value that does not fit the run's saved config (its 4 importance samples) is found
-    # when the generator is built: exit 2 naming model.KEY, as pyface invert, and no video
-    for extra in (["--seeds", "0", "--frames", "2"], ["--source", video, "--driving", video]):
-        assert main(["animate", "eg3d", "--checkpoint", run, *extra, "--out",
-                     str(tmp_path / "bad.mp4"), "--device", "cpu", "--no-progress",
-                     "--option", "generator.render.depth_resolution=3"]) == 2, extra
-        err = capsys.readouterr().err
-        assert "model.generator.render.depth_resolution: expected >= 4 with importance " \
-               "samples" in err, err
-        assert not (tmp_path / "bad.mp4").exists()
 
 
 def test_cli_invert_option_reaches_a_run_generator(tiny_run, tmp_path, capsys, monkeypatch):
@@ -1200,6 +1209,32 @@ def test_cli_invert_option_reaches_a_run_generator(tiny_run, tmp_path, capsys, m
                         "generator.render.depth_resolution=3", "--option",
                         "generator.render.depth_resolution_importance=0"]) == 0
     assert marched and set(marched) == {(3, 0)}
+
+
+def test_cli_option_value_the_saved_config_refuses_exits_2_in_both_animations(tiny_run, tmp_path,
+                                                                            capsys):
+    """An --option value that only the saved config makes wrong (3 coarse samples with this
+    run's importance samples) exits 2 naming model.generator.KEY in a seed animation as in a
+    source animation (pyface animate: 2 for a bad key or value), before anything renders."""
+    from pyface.cli import main
+    from pyface.data import format as fmt
+
+    run, _ = tiny_run
+    item = _Frames(2, 16)[0]
+    frame = ((item["image"].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()[None]
+    fmt.write_video(str(tmp_path), "v", frame, torch.zeros(1, 257).numpy(),
+                    item["camera"][None].numpy(), identity="a", fps=10.0)
+    video = str(tmp_path / "v")
+    out = tmp_path / "o.mp4"
+    capsys.readouterr()
+    for extra in (["--seeds", "0"], ["--source", video, "--driving", video]):
+        assert main(["animate", "eg3d", "--checkpoint", run, *extra, "--out", str(out),
+                     "--device", "cpu", "--no-progress", "--frames", "2",
+                     "--option", "generator.render.depth_resolution=3"]) == 2, extra
+        err = capsys.readouterr().err
+        assert "model.generator.render.depth_resolution: expected >= 4 with importance " \
+               "samples (depth_resolution_importance 4), got 3" in err
+        assert "Traceback" not in err and not out.exists()
 
 
 def test_cli_invert_compiled_equals_uncompiled(tiny_run, tmp_path, capsys, monkeypatch,

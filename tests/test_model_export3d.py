@@ -10,7 +10,7 @@ from pyface import checkpoint as ckpt
 from pyface.data.driving import read_driving, read_source
 from pyface.data.synthetic import make_default
 from pyface.models.export3d import CLeBS, Export3D, ExpressionEncoder
-from pyface.models.export3d.model import landmark_boxes
+from pyface.models.export3d.model import Export3DConfig, landmark_boxes
 from pyface.train.config import build_experiment
 from pyface.train.engine import Trainer
 from pyface.train.model import Stage, StepContext, load_pretrained
@@ -211,6 +211,27 @@ def test_load_options_set_the_renderer_samples(data, gen_run):
     with pytest.raises(ValueError, match=r"model.depth_samples: expected >= 4 \(with importance "
                                          r"samples\), got 3"):
         pyface.models.load("export3d", gen_run, options={"depth_samples": 3})
+
+
+def test_load_option_values_are_checked_before_anything_is_read(tmp_path):
+    """A sample count or chunk size that no saved config makes valid (fewer than 2 coarse
+    samples, negative importance samples, a chunk < 1) is refused by check_options, and by
+    load before the checkpoint is read, naming model.KEY (as a wrong type is); only the
+    coarse minimum with importance samples waits for the saved config."""
+    for opts, msg in [({"depth_samples": 1}, r"model.depth_samples: expected >= 2, got 1"),
+                      ({"importance_samples": -1},
+                       r"model.importance_samples: expected >= 0 \(0: the coarse pass only\), "
+                       r"got -1"),
+                      ({"render_chunk_points": 0},
+                       r"model.render_chunk_points: expected >= 1 or None \(the renderer's "
+                       r"default\), got 0")]:
+        with pytest.raises(ValueError, match=msg):
+            pyface.models.check_options("export3d", opts)
+        with pytest.raises(ValueError, match=msg):
+            pyface.models.load("export3d", str(tmp_path / "missing"), options=opts)
+    assert pyface.models.check_options("export3d", {"depth_samples": 3}) == {"depth_samples": 3}
+    with pytest.raises(ValueError, match=r"model.depth_samples: expected >= 2, got 0"):
+        Export3DConfig(depth_samples=0, importance_samples=0)
 
 
 def test_pipeline_on_a_tiny_checkpoint(data, gen_run):

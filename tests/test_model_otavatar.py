@@ -1374,6 +1374,25 @@ def test_inversion_controller_lr_reference_rule_in_the_inversion_only(data, gene
         OTAvatar(bad)
 
 
+def test_inversion_controller_lr_reference_without_an_inversion(data, generator_dir, tmp_path):
+    """model.invert_iters=0 (no training inversion: the refinement from w_avg) under the
+    reference's rate rule steps the controller at controller_lr in the refinement (the rule has
+    no inversion iterations to scale), as under fixed, instead of dividing by zero."""
+    import math
+
+    from torch.utils.data import default_collate
+
+    lrs = {}
+    for how in ("fixed", "reference"):
+        torch.manual_seed(0)
+        tr = Trainer(_exp(tmp_path / how, data, generator_dir, "train.steps=1",
+                          "model.invert_iters=0", "model.invert_controller_iters=0",
+                          f"model.inversion_controller_lr={how}"))
+        lrs[how], out = _controller_lrs(tr, default_collate([tr.dataset[0], tr.dataset[1]]))
+        assert all(math.isfinite(float(v)) for v in out.values())
+    assert lrs["fixed"] == lrs["reference"] == [1e-3, 1e-3]
+
+
 def test_inversion_reference_options_presets_saved_runs_and_resume(run, data, generator_dir,
                                                                    tmp_path):
     """tiny keeps the EMA decoder and the fixed controller rate; full / gpu-short / the recipe

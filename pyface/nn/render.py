@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyface._opspecs import BACKENDS as _BACKENDS
 from pyface.nn._reduce import l1_or_zero, mean_or_zero
 from pyface.nn.compiling import generator_kwargs
 from pyface.nn.layers import FullyConnectedLayer
@@ -65,6 +66,10 @@ class OSGDecoder(nn.Module):
         x = self.net(x.reshape(B * N, C)).reshape(B, N, -1)
         rgb = torch.sigmoid(x[..., 1:]) * (1 + 2 * OSG_CLAMP) - OSG_CLAMP
         return {"rgb": rgb, "sigma": x[..., 0:1]}
+
+
+#: the values ``RenderConfig.backend`` takes besides None (``render_triplane``'s backends)
+RENDER_BACKENDS: tuple[str, ...] = tuple(_BACKENDS)
 
 
 @dataclasses.dataclass(kw_only=True)

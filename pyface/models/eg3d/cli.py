@@ -120,19 +120,19 @@ def run_animate(args) -> int:
     from pyface.models.eg3d.pipeline import load_generator, orbit_frames, parse_seeds
     from pyface.train.model import WrongModelError, compiled_graphs
 
+    options = getattr(args, "model_options", None)
     try:
         seeds = parse_seeds(getattr(args, "seeds", None) or "0-3")
         dev = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
         G = load_generator(args.checkpoint, device=dev, ema=getattr(args, "ema", True),
-                           options=getattr(args, "model_options", None))
+                           options=options)
     except WrongModelError as exc:
         print(f"pyface animate eg3d: {exc.for_option('--checkpoint', args.checkpoint)}",
               file=sys.stderr)
         return 1
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
-        options = getattr(args, "model_options", None) or {}
         code = 2 if not isinstance(exc, CheckpointError) and any(
-            str(exc).startswith(f"model.{k}") for k in options) else 1
+            str(exc).startswith(f"model.{k}") for k in options or {}) else 1
         # 2: an --option value that does not fit the saved config (as pyface invert)
         print(f"pyface animate eg3d: {exc}", file=sys.stderr)
         return code

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pyface.nn.render import RenderConfig
+from pyface.nn.render import RENDER_BACKENDS, RenderConfig
 from pyface.nn.stylegan import NOISE_MODES
 from pyface.train.model import check_choice
 
@@ -87,6 +87,9 @@ class EG3DGeneratorConfig:
             # (>= 4 with importance samples: checked with the saved config, by EG3DGenerator)
             if isinstance(n, bool) or not isinstance(n, int) or n < 2:
                 raise ValueError(f"{key}.depth_resolution: expected an int >= 2, got {n!r}")
+            if r.backend is not None and r.backend not in RENDER_BACKENDS:
+                raise ValueError(f"{key}.backend: expected one of {list(RENDER_BACKENDS)} or "
+                                 f"None (the default for the device), got {r.backend!r}")
             if r.recompute not in (True, False, "decoder"):
                 raise ValueError(f"{key}.recompute: expected true, false or 'decoder', got "
                                  f"{r.recompute!r}")

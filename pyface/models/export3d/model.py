@@ -218,6 +218,20 @@ class Export3DConfig:
     d_channel_base: int = 32768
     d_channel_max: int = 512
 
+    def __post_init__(self):
+        # the renderer's inference options (Export3D.inference_options) that no saved config
+        # makes valid are refused here, so a bad value names its key before anything is read;
+        # the coarse minimum with importance samples (4) waits for the model (saved config)
+        n, m, c = self.depth_samples, self.importance_samples, self.render_chunk_points
+        if isinstance(m, int) and m < 0:
+            raise ValueError(f"model.importance_samples: expected >= 0 (0: the coarse pass "
+                             f"only), got {m}")
+        if isinstance(n, int) and n < 2:
+            raise ValueError(f"model.depth_samples: expected >= 2, got {n}")
+        if isinstance(c, int) and c < 1:
+            raise ValueError(f"model.render_chunk_points: expected >= 1 or None (the "
+                             f"renderer's default), got {c}")
+
 
 @torch.no_grad()
 def _global_batch_moments(x: torch.Tensor, cov: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -455,9 +455,11 @@ class OTAvatar(TrainableModel):
         frames = float(K) if cfg.inversion_frames == "sum" else None
         # the density terms read σ of G_ema's planes through this generator's decoder
         G_dens = self.generator if cfg.inversion_density_decoder == "trained" else G_ema
-        # the controller's rate in its inversion iterations (the refinement: its own rate)
+        # the controller's rate in its inversion iterations (the refinement: its own rate;
+        # invert_iters=0 has no inversion iterations to scale)
         ctrl_scale = (REFERENCE_CONTROLLER_LR_MULT / cfg.invert_iters
-                      if cfg.inversion_controller_lr == "reference" else 1.0)
+                      if cfg.inversion_controller_lr == "reference" and cfg.invert_iters > 0
+                      else 1.0)
         first = last = None
         for it in range(cfg.invert_iters):
             w = self.latent[:B].repeat_interleave(K, 0).expand(-1, self.generator.num_ws, -1)
