@@ -48,22 +48,24 @@ def _centroid(crop):
     return torch.stack([(crop * xs).sum(), (crop * ys).sum()]) / crop.sum()
 
 
-@pytest.mark.parametrize("angle,scale,shift", [(0.0, 1.0, (10.3, -7.6)),
-                                               (0.25, 0.8, (20.0, -30.0)),
-                                               (-0.2, 1.1, (-5.3, -20.7))])
-def test_align_crops_puts_the_points_on_the_template_in_pixel_centres(angle, scale, shift):
+@pytest.mark.parametrize("angle,scale,shift,offset", [(0.0, 1.0, (10.3, -7.6), None),
+                                                      (0.25, 0.8, (20.0, -30.0), None),
+                                                      (-0.2, 1.1, (-5.3, -20.7), 8.0)])
+def test_align_crops_puts_the_points_on_the_template_in_pixel_centres(angle, scale, shift,
+                                                                      offset):
     # a known similarity canvas = A image + t (pixel-centre coordinates); the 5 landmarks are the
     # template points mapped back through it, given in pyface's convention (corner at 0: + 0.5).
-    # A Gaussian blob at each landmark must land on its template point (+ offset 8) of the
-    # crop: its centroid there to 1e-4 px, and the crop equal to the blob rendered in the canvas
+    # A Gaussian blob at each landmark must land on its template point of the crop (the
+    # template's own coordinates by default, as OTAvatar's loss; + offset when given): its centroid there to 1e-4 px, and the crop equal to the blob rendered in the canvas
     c, s = math.cos(angle), math.sin(angle)
     A = scale * torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
     t = torch.tensor(shift, dtype=torch.float64)
-    tmpl = torch.tensor(TEMPLATE_112, dtype=torch.float64) + 8
+    tmpl = torch.tensor(TEMPLATE_112, dtype=torch.float64) + (offset or 0.0)
     pts = (tmpl - t) @ torch.linalg.inv(A).T                   # image, pixel centres
     sigma = 4.0
     for k in range(5):
-        crop = align_crops(_blob_image(pts[k], 180, sigma), (pts + 0.5)[None])
+        kw = {} if offset is None else {"offset": offset}
+        crop = align_crops(_blob_image(pts[k], 180, sigma), (pts + 0.5)[None], **kw)
         assert crop.shape == (1, 3, 128, 128) and crop.dtype == torch.float64
         assert (_centroid(crop[0, 0]) - tmpl[k]).abs().max() < 1e-4
         # up to the bilinear interpolation error (<= 0.016 here; a crop half a pixel off, the

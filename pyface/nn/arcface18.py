@@ -12,7 +12,8 @@ identity loss built from them (OTAvatar's ArcFace term).
   centres (means of 36-41 and 42-47), nose tip (30), mouth corners (48, 54).
 * :func:`align_crops`: images (N, C, H, W) + landmarks (N, 68 | 5, 2) pixels (corner at 0)
   -> (N, C, S, S) crops, a least-squares similarity mapping the 5 points onto the 112-px
-  template placed inside an S = 128 canvas (offset 8), in the template's pixel-centre
+  template placed in the top-left corner of an S = 128 canvas (offset 0, as OTAvatar's
+  identity loss; ``offset=8`` centres it), in the template's pixel-centre
   coordinates (:func:`pyface.face.align.pixel_centres`, :func:`pyface.face.align.warp_affine`,
   as the csim metric), differentiable with respect to the images.
 * :class:`ResNetArcFace`: (N, 1, 128, 128) -> (N, 512). State-dict keys ``conv1``, ``bn1``,
@@ -44,10 +45,11 @@ def similarity(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
 
 
 def align_crops(images: torch.Tensor, landmarks: torch.Tensor, size: int = 128,
-                offset: float = 8.0) -> torch.Tensor:
+                offset: float = 0.0) -> torch.Tensor:
     """images (N, C, H, W), landmarks (N, 68 | 5, 2) pixels of images with the image corner at 0
     (pixel i covers [i, i + 1), pyface's convention) -> aligned crops (N, C, size, size): the 5
-    points land on the 112-px template shifted by ``offset``, in the template's pixel-centre
+    points land on the 112-px template shifted by ``offset`` (0: the template's own coordinates
+    in the size² canvas, as OTAvatar's identity loss warps onto it), in the template's pixel-centre
     coordinates (pixel i's centre at i: the landmarks move there by
     :func:`pyface.face.align.pixel_centres`), sampled by :func:`pyface.face.align.warp_affine`
     (bilinear, zeros outside; the reference's kornia ``warp_affine``, as the csim metric's
