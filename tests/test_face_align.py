@@ -23,6 +23,15 @@ def test_five_points_layout_and_passthrough():
     assert five_points(five) is five
     with pytest.raises(ValueError, match=r"landmarks: expected shape .* got \(2, 10, 2\)"):
         five_points(torch.zeros(2, 10, 2))
+    # OTAvatar's eye centres: the midpoints of the eye corners
+    c = five_points(lm, eyes="corners")
+    torch.testing.assert_close(c[:, 0], (lm[:, 36] + lm[:, 39]) / 2)
+    torch.testing.assert_close(c[:, 1], (lm[:, 42] + lm[:, 45]) / 2)
+    assert torch.equal(c[:, 2:], p[:, 2:]) and not torch.allclose(c[:, :2], p[:, :2])
+    assert five_points(five, eyes="corners") is five
+    with pytest.raises(ValueError,
+                       match=r"eyes: expected one of \['mean', 'corners'\], got 'pupils'"):
+        five_points(lm, eyes="pupils")
 
 
 def test_umeyama_recovers_a_similarity_and_refuses_reflections():

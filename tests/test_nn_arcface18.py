@@ -56,7 +56,8 @@ def test_align_crops_puts_the_points_on_the_template_in_pixel_centres(angle, sca
     # a known similarity canvas = A image + t (pixel-centre coordinates); the 5 landmarks are the
     # template points mapped back through it, given in pyface's convention (corner at 0: + 0.5).
     # A Gaussian blob at each landmark must land on its template point of the crop (the
-    # template's own coordinates by default, as OTAvatar's loss; + offset when given): its centroid there to 1e-4 px, and the crop equal to the blob rendered in the canvas
+    # template's own coordinates by default, as OTAvatar's loss; + offset when given): its
+    # centroid there to 1e-4 px, and the crop equal to the blob rendered in the canvas
     c, s = math.cos(angle), math.sin(angle)
     A = scale * torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
     t = torch.tensor(shift, dtype=torch.float64)
@@ -108,6 +109,19 @@ def test_identity_loss_zero_on_equal_images_and_differentiable():
     assert value > 0 and pred.grad is not None and pred.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="pred/target: expected equal shapes"):
         loss(pred[:1], img, lm)
+
+
+def test_align_crops_uses_the_eye_corner_midpoints_as_otavatar():
+    g = torch.Generator().manual_seed(1)
+    img = torch.rand(1, 1, 160, 160, generator=g)
+    lm = torch.rand(1, 68, 2, generator=g) * 40 + 60
+    lm[0, 30] = torch.tensor([80.0, 95.0])
+    lm[0, 48], lm[0, 54] = torch.tensor([65.0, 115.0]), torch.tensor([95.0, 116.0])
+    lm[0, 36:48, 1] -= 20
+    corners = align_crops(img, five_points(lm, eyes="corners"))
+    assert torch.equal(align_crops(img, lm), corners)
+    assert torch.equal(align_crops(img, lm, eyes="mean"), align_crops(img, five_points(lm)))
+    assert not torch.allclose(align_crops(img, lm, eyes="mean"), corners)
 
 
 def test_align_crops_names_mismatched_landmarks():

@@ -6,8 +6,9 @@
 identity losses) and the identity metrics (``pyface.eval.identity``: csim, aed_id).
 
 * :func:`five_points`: 68-point landmarks -> the 5 ArcFace points: the eye centres (means of the
-  68-point layout's points 36-41 and 42-47, 0-based), the nose tip (30) and the mouth corners
-  (48, 54); 5-point input is returned as it is.
+  68-point layout's points 36-41 and 42-47, 0-based; ``eyes="corners"``: midpoints of the eye
+  corners 36/39 and 42/45, OTAvatar's), the nose tip (30) and the mouth corners (48, 54);
+  5-point input is returned as it is.
 * :func:`umeyama_similarity`: the least-squares similarity (rotation, uniform scale, translation,
   no reflection) between two point sets.
 * :data:`ARCFACE_TEMPLATE`: insightface's template for 112 x 112 crops, (x, y) pixels.
@@ -28,9 +29,16 @@ ARCFACE_TEMPLATE = torch.tensor([[38.2946, 51.6963], [73.5318, 51.5014], [56.025
 ARCFACE_SIZE = 112
 
 
-def five_points(landmarks: torch.Tensor) -> torch.Tensor:
+EYE_CENTRES = ("mean", "corners")
+
+
+def five_points(landmarks: torch.Tensor, eyes: str = "mean") -> torch.Tensor:
     """landmarks: (..., 68, 2) or (..., 5, 2) pixels (x right, y down) -> (..., 5, 2)
-    (5-point input is returned as it is)."""
+    (5-point input is returned as it is). ``eyes``: ``"mean"``, each eye centre the mean of its
+    six points (36-41, 42-47; the csim / aed_id metrics); ``"corners"``, the midpoint of its two
+    corners (36 and 39, 42 and 45; OTAvatar's identity loss)."""
+    if eyes not in EYE_CENTRES:
+        raise ValueError(f"eyes: expected one of {list(EYE_CENTRES)}, got {eyes!r}")
     if not isinstance(landmarks, torch.Tensor):
         raise TypeError(f"landmarks: expected a torch.Tensor of shape (..., 68, 2) or (..., 5, 2), "
                         f"got {type(landmarks).__name__}")
@@ -39,8 +47,13 @@ def five_points(landmarks: torch.Tensor) -> torch.Tensor:
                          f"{tuple(landmarks.shape)}")
     if landmarks.shape[-2] == 5:
         return landmarks
-    return torch.stack([landmarks[..., 36:42, :].mean(-2), landmarks[..., 42:48, :].mean(-2),
-                        landmarks[..., 30, :], landmarks[..., 48, :], landmarks[..., 54, :]], -2)
+    if eyes == "mean":
+        left, right = landmarks[..., 36:42, :].mean(-2), landmarks[..., 42:48, :].mean(-2)
+    else:
+        left = (landmarks[..., 36, :] + landmarks[..., 39, :]) / 2
+        right = (landmarks[..., 42, :] + landmarks[..., 45, :]) / 2
+    return torch.stack([left, right, landmarks[..., 30, :], landmarks[..., 48, :],
+                        landmarks[..., 54, :]], -2)
 
 
 def umeyama_similarity(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@
 identity loss built from them (OTAvatar's ArcFace term).
 
 * :func:`five_points` (from :mod:`pyface.face.align`): landmarks (N, 68, 2) -> (N, 5, 2): eye
-  centres (means of 36-41 and 42-47), nose tip (30), mouth corners (48, 54).
+  centres (means of 36-41 and 42-47; ``eyes="corners"``, the midpoints of 36/39 and 42/45, is
+  what :func:`align_crops` uses, as OTAvatar), nose tip (30), mouth corners (48, 54).
 * :func:`align_crops`: images (N, C, H, W) + landmarks (N, 68 | 5, 2) pixels (corner at 0)
   -> (N, C, S, S) crops, a least-squares similarity mapping the 5 points onto the 112-px
   template placed in the top-left corner of an S = 128 canvas (offset 0, as OTAvatar's
@@ -45,7 +46,7 @@ def similarity(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
 
 
 def align_crops(images: torch.Tensor, landmarks: torch.Tensor, size: int = 128,
-                offset: float = 0.0) -> torch.Tensor:
+                offset: float = 0.0, eyes: str = "corners") -> torch.Tensor:
     """images (N, C, H, W), landmarks (N, 68 | 5, 2) pixels of images with the image corner at 0
     (pixel i covers [i, i + 1), pyface's convention) -> aligned crops (N, C, size, size): the 5
     points land on the 112-px template shifted by ``offset`` (0: the template's own coordinates
@@ -53,10 +54,13 @@ def align_crops(images: torch.Tensor, landmarks: torch.Tensor, size: int = 128,
     coordinates (pixel i's centre at i: the landmarks move there by
     :func:`pyface.face.align.pixel_centres`), sampled by :func:`pyface.face.align.warp_affine`
     (bilinear, zeros outside; the reference's kornia ``warp_affine``, as the csim metric's
-    ``align_faces``). Differentiable with respect to the images."""
+    ``align_faces``). ``eyes``: the eye centres of 68-point landmarks
+    (:func:`pyface.face.align.five_points`): ``"corners"``, the midpoints of the eye corners
+    36/39 and 42/45, as OTAvatar's identity loss; ``"mean"``, the means of 36-41 and 42-47, as
+    the csim metric. Differentiable with respect to the images."""
     if images.dim() != 4:
         raise ValueError(f"images: expected shape (N, C, H, W), got {tuple(images.shape)}")
-    pts = five_points(landmarks)
+    pts = five_points(landmarks, eyes=eyes)
     if pts.dim() != 3 or pts.shape[0] != images.shape[0]:
         raise ValueError(f"landmarks: expected shape ({images.shape[0]}, 68, 2) or "
                          f"({images.shape[0]}, 5, 2) (N of images), got {tuple(landmarks.shape)}")
