@@ -182,3 +182,35 @@ def test_evaluator_aligns_csim_and_aed_id_in_pixel_centres():
     want_s, want_t = src_lm.double() * 0.5 - 0.5, tgt_lm.double() * 0.5 - 0.5
     for got, want in zip(rec.landmarks, [want_s, want_t, want_t, want_t]):
         torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-12)
+
+
+def test_align_faces_puts_a_blob_at_a_landmark_on_its_template_point():
+    # a known similarity crop = A image + t in pixel-centre coordinates; a Gaussian blob at each
+    # landmark (the template point mapped back) must have its centroid on the template point
+    # to 1e-4 px (half a pixel off, as corner coordinates would put it, fails)
+    A = _similarity(0.8, 0.25, 20.0, -30.0)
+    tmpl = pid.ARCFACE_TEMPLATE
+    pts = (tmpl - A[:, 2]) @ torch.linalg.inv(A[:, :2]).T
+    ys, xs = torch.meshgrid(torch.arange(180, dtype=torch.float64),
+                            torch.arange(180, dtype=torch.float64), indexing="ij")
+    gy, gx = torch.meshgrid(torch.arange(112, dtype=torch.float64),
+                            torch.arange(112, dtype=torch.float64), indexing="ij")
+    for k in range(5):
+        blob = torch.exp(-((xs - pts[k, 0]) ** 2 + (ys - pts[k, 1]) ** 2) / (2 * 4.0 ** 2))
+        crop = (pid.align_faces(blob.expand(1, 3, 180, 180) * 2 - 1, pts[None])[0, 0].double()
+                + 1) / 2
+        centroid = torch.stack([(crop * gx).sum(), (crop * gy).sum()]) / crop.sum()
+        assert (centroid - tmpl[k]).abs().max() < 1e-4
+
+
+def test_align_faces_and_arcface18_crops_share_the_convention():
+    # pyface.nn.arcface18.align_crops on pyface's (corner at 0) landmarks with the 112 canvas and
+    # no offset is the csim crop of the same landmarks moved by pixel_centres
+    from pyface.nn.arcface18 import align_crops
+    g = torch.Generator().manual_seed(3)
+    img = torch.rand(2, 3, 150, 150, generator=g)
+    lm = torch.tensor([[[52.3, 61.8], [97.1, 60.2], [75.6, 86.9], [57.0, 112.4], [94.2, 111.0]],
+                       [[40.0, 70.5], [88.9, 55.1], [70.2, 90.3], [58.8, 118.6], [101.7, 103.9]]])
+    want = (pid.align_faces(img * 2 - 1, pid.pixel_centres(lm)) + 1) / 2
+    got = align_crops(img, lm, size=112, offset=0.0)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

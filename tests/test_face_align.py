@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from pyface.face.align import ARCFACE_TEMPLATE, five_points, umeyama_similarity
+from pyface.face.align import (ARCFACE_TEMPLATE, five_points, pixel_centres, umeyama_similarity,
+                               warp_affine)
 
 
 def test_five_points_layout_and_passthrough():
@@ -22,6 +23,15 @@ def test_five_points_layout_and_passthrough():
     assert five_points(five) is five
     with pytest.raises(ValueError, match=r"landmarks: expected shape .* got \(2, 10, 2\)"):
         five_points(torch.zeros(2, 10, 2))
+    # OTAvatar's eye centres: the midpoints of the eye corners
+    c = five_points(lm, eyes="corners")
+    torch.testing.assert_close(c[:, 0], (lm[:, 36] + lm[:, 39]) / 2)
+    torch.testing.assert_close(c[:, 1], (lm[:, 42] + lm[:, 45]) / 2)
+    assert torch.equal(c[:, 2:], p[:, 2:]) and not torch.allclose(c[:, :2], p[:, :2])
+    assert five_points(five, eyes="corners") is five
+    with pytest.raises(ValueError,
+                       match=r"eyes: expected one of \['mean', 'corners'\], got 'pupils'"):
+        five_points(lm, eyes="pupils")
 
 
 def test_umeyama_recovers_a_similarity_and_refuses_reflections():
@@ -49,3 +59,25 @@ def test_bad_alignment_input_names_the_argument():
     # empty batches
     assert five_points(torch.zeros(0, 68, 2)).shape == (0, 5, 2)
     assert umeyama_similarity(torch.zeros(0, 5, 2), torch.zeros(0, 5, 2)).shape == (0, 2, 3)
+
+
+def test_warp_affine_puts_pixel_centres_at_integers():
+    # a translation by whole pixels moves the image by those pixels (zeros shifted in); by half a
+    # pixel, the mean of neighbours: pixel i's centre is at i in both images
+    img = torch.rand(1, 2, 9, 11, generator=torch.Generator().manual_seed(0),
+                     dtype=torch.float64)
+    M = torch.tensor([[[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]]], dtype=torch.float64)
+    out = warp_affine(img, M, (9, 11))
+    torch.testing.assert_close(out[..., :-1, 2:], img[..., 1:, :-2])
+    assert out[..., :, :2].abs().max() < 1e-12 and out[..., -1, :].abs().max() < 1e-12
+    half = warp_affine(img, torch.tensor([[[1.0, 0.0, 0.5], [0.0, 1.0, 0.0]]],
+                                         dtype=torch.float64), (9, 11))
+    torch.testing.assert_close(half[..., 1:], (img[..., 1:] + img[..., :-1]) / 2)
+    torch.testing.assert_close(pixel_centres(torch.tensor([[0.5, 3.0]])),
+                               torch.tensor([[0.0, 2.5]]))
+    with pytest.raises(ValueError, match=r"matrix: expected shape \(1, 2, 3\), got \(2, 3\)"):
+        warp_affine(img, M[0], (4, 4))
+    with pytest.raises(ValueError,
+                       match=r"images: expected shape \(B, C, H, W\), got \(2, 9, 11\)"):
+        warp_affine(img[0], M, (4, 4))
+    assert warp_affine(img[:0], M[:0], (4, 5)).shape == (0, 2, 4, 5)

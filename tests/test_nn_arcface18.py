@@ -32,26 +32,47 @@ def test_similarity_recovers_a_known_transform():
     assert torch.allclose(M[:, :, 2], t.expand(2, 2), atol=1e-3)
 
 
-def test_align_crops_puts_the_points_on_the_template():
-    # an image whose value at each pixel is its own x (channel 0) and y (channel 1) coordinate:
-    # the crop's value at a template point is the source point it came from
-    H = W = 200
-    ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
-    img = torch.stack([xs, ys]).float()[None]
-    pts = torch.tensor([[[70.0, 80.0], [130.0, 82.0], [100.0, 110.0], [75.0, 140.0],
-                         [125.0, 141.0]]])
-    crop = align_crops(img, pts)
-    assert crop.shape == (1, 2, 128, 128)
-    M = similarity(pts, torch.tensor(TEMPLATE_112) + 8)
-    fitted = pts @ M[0, :, :2].t() + M[0, :, 2]          # where the points land in the crop
+def _blob_image(centre, size, sigma):
+    """(1, 3, size, size) float64 Gaussian blob centred at ``centre`` (x, y) in pixel-centre
+    coordinates (pixel i's centre at i)."""
+    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float64),
+                            torch.arange(size, dtype=torch.float64), indexing="ij")
+    g = torch.exp(-((xs - centre[0]) ** 2 + (ys - centre[1]) ** 2) / (2 * sigma ** 2))
+    return g[None, None].expand(1, 3, size, size)
+
+
+def _centroid(crop):
+    """(S, S) -> its (x, y) centroid, pixel i's centre at i."""
+    ys, xs = torch.meshgrid(torch.arange(crop.shape[0], dtype=torch.float64),
+                            torch.arange(crop.shape[1], dtype=torch.float64), indexing="ij")
+    return torch.stack([(crop * xs).sum(), (crop * ys).sum()]) / crop.sum()
+
+
+@pytest.mark.parametrize("angle,scale,shift,offset", [(0.0, 1.0, (10.3, -7.6), None),
+                                                      (0.25, 0.8, (20.0, -30.0), None),
+                                                      (-0.2, 1.1, (-5.3, -20.7), 8.0)])
+def test_align_crops_puts_the_points_on_the_template_in_pixel_centres(angle, scale, shift,
+                                                                      offset):
+    # a known similarity canvas = A image + t (pixel-centre coordinates); the 5 landmarks are the
+    # template points mapped back through it, given in pyface's convention (corner at 0: + 0.5).
+    # A Gaussian blob at each landmark must land on its template point of the crop (the
+    # template's own coordinates by default, as OTAvatar's loss; + offset when given): its
+    # centroid there to 1e-4 px, and the crop equal to the blob rendered in the canvas
+    c, s = math.cos(angle), math.sin(angle)
+    A = scale * torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+    t = torch.tensor(shift, dtype=torch.float64)
+    tmpl = torch.tensor(TEMPLATE_112, dtype=torch.float64) + (offset or 0.0)
+    pts = (tmpl - t) @ torch.linalg.inv(A).T                   # image, pixel centres
+    sigma = 4.0
     for k in range(5):
-        x, y = fitted[0, k]
-        v = crop[0, :, int(y), int(x)]
-        # the crop pixel holds the image coordinate that maps there, close to the point
-        back = torch.linalg.solve(M[0, :, :2], torch.stack([x.floor() + 0.5, y.floor() + 0.5])
-                                  - M[0, :, 2])
-        assert torch.allclose(v, back, atol=0.05)
-    assert (fitted[0] - (torch.tensor(TEMPLATE_112) + 8)).abs().max() < 6
+        kw = {} if offset is None else {"offset": offset}
+        crop = align_crops(_blob_image(pts[k], 180, sigma), (pts + 0.5)[None], **kw)
+        assert crop.shape == (1, 3, 128, 128) and crop.dtype == torch.float64
+        assert (_centroid(crop[0, 0]) - tmpl[k]).abs().max() < 1e-4
+        # up to the bilinear interpolation error (<= 0.016 here; a crop half a pixel off, the
+        # corner-coordinate convention, misses by >= 0.099 and its centroids by 0.5 px)
+        direct = _blob_image(tmpl[k], 128, sigma * scale)[0, 0]
+        assert (crop[0, 0] - direct).abs().max() < 0.02
 
 
 def test_resnet_arcface18_layout_and_strict_loading(tmp_path):
@@ -88,6 +109,19 @@ def test_identity_loss_zero_on_equal_images_and_differentiable():
     assert value > 0 and pred.grad is not None and pred.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="pred/target: expected equal shapes"):
         loss(pred[:1], img, lm)
+
+
+def test_align_crops_uses_the_eye_corner_midpoints_as_otavatar():
+    g = torch.Generator().manual_seed(1)
+    img = torch.rand(1, 1, 160, 160, generator=g)
+    lm = torch.rand(1, 68, 2, generator=g) * 40 + 60
+    lm[0, 30] = torch.tensor([80.0, 95.0])
+    lm[0, 48], lm[0, 54] = torch.tensor([65.0, 115.0]), torch.tensor([95.0, 116.0])
+    lm[0, 36:48, 1] -= 20
+    corners = align_crops(img, five_points(lm, eyes="corners"))
+    assert torch.equal(align_crops(img, lm), corners)
+    assert torch.equal(align_crops(img, lm, eyes="mean"), align_crops(img, five_points(lm)))
+    assert not torch.allclose(align_crops(img, lm, eyes="mean"), corners)
 
 
 def test_align_crops_names_mismatched_landmarks():

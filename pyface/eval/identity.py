@@ -13,7 +13,8 @@ Protocol:
    insightface's 112x112 ArcFace template, and the image is warped with it (bilinear, pixel
    centres at integer coordinates, black outside the image, as ``cv2.warpAffine``); the
    landmarks are in those pixel-centre coordinates (the evaluator moves pyface's landmarks,
-   corner at 0, there with :func:`pixel_centres`);
+   corner at 0, there with :func:`pixel_centres`; both it and :func:`warp_affine` are
+   :mod:`pyface.face.align`'s, shared with ``pyface.nn.arcface18.align_crops``);
 3. the IResNet (``pyface.nn.arcface``) embeds both crops in [-1, 1]; CSIM is the cosine of the
    two embeddings, one value per pair (higher is better; the same image gives 1).
 
@@ -30,39 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyface.eval.weights import MissingWeightsError, missing_weights_message
-from pyface.face.align import ARCFACE_SIZE, ARCFACE_TEMPLATE, five_points, umeyama_similarity
+from pyface.face.align import (ARCFACE_SIZE, ARCFACE_TEMPLATE, five_points, pixel_centres,
+                               umeyama_similarity, warp_affine)
 from pyface.nn._pretrained import load_into, read_state
 from pyface.nn.arcface import IRESNET_LAYERS, IResNet
 
 __all__ = ["ARCFACE_SIZE", "ARCFACE_TEMPLATE", "five_points", "umeyama_similarity", "warp_affine",
            "pixel_centres", "align_faces", "detect_arch", "CSIM"]
-
-
-def pixel_centres(landmarks: torch.Tensor) -> torch.Tensor:
-    """pyface's landmarks (image corner at 0: pixel i covers [i, i + 1), the convention of
-    pyface's data and detectors) -> the pixel-centre coordinates of :func:`align_faces`,
-    insightface's template and ``cv2.warpAffine`` (pixel i's centre at i): ``landmarks - 0.5``."""
-    return landmarks - 0.5
-
-
-def warp_affine(images: torch.Tensor, matrix: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """images: (B, C, H, W); matrix: (B, 2, 3) mapping input pixels to output pixels ->
-    (B, C, size[0], size[1]); out(q) = images(M^-1 q), bilinear, zeros outside."""
-    B, _, H, W = images.shape
-    if matrix.shape != (B, 2, 3):
-        raise ValueError(f"matrix: expected shape ({B}, 2, 3), got {tuple(matrix.shape)}")
-    M = matrix.double()
-    Ainv = torch.linalg.inv(M[:, :, :2])
-    tinv = -(Ainv @ M[:, :, 2:]).squeeze(-1)
-    h, w = size
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64),
-                            torch.arange(w, dtype=torch.float64), indexing="ij")
-    q = torch.stack([xs, ys], -1).to(images.device).reshape(1, h * w, 2)
-    p = q @ Ainv.transpose(1, 2).to(images.device) + tinv[:, None].to(images.device)
-    scale = torch.tensor([2.0 / max(W - 1, 1), 2.0 / max(H - 1, 1)], dtype=torch.float64,
-                         device=images.device)
-    grid = (p * scale - 1).reshape(B, h, w, 2).to(images.dtype)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
 def align_faces(images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:

@@ -6,26 +6,39 @@
 identity losses) and the identity metrics (``pyface.eval.identity``: csim, aed_id).
 
 * :func:`five_points`: 68-point landmarks -> the 5 ArcFace points: the eye centres (means of the
-  68-point layout's points 36-41 and 42-47, 0-based), the nose tip (30) and the mouth corners
-  (48, 54); 5-point input is returned as it is.
+  68-point layout's points 36-41 and 42-47, 0-based; ``eyes="corners"``: midpoints of the eye
+  corners 36/39 and 42/45, OTAvatar's), the nose tip (30) and the mouth corners (48, 54);
+  5-point input is returned as it is.
 * :func:`umeyama_similarity`: the least-squares similarity (rotation, uniform scale, translation,
   no reflection) between two point sets.
 * :data:`ARCFACE_TEMPLATE`: insightface's template for 112 x 112 crops, (x, y) pixels.
+* :func:`pixel_centres` and :func:`warp_affine`: the template's pixel convention (pixel i's
+  centre at i, as insightface's alignment, ``cv2.warpAffine`` and kornia's ``warp_affine`` with
+  ``align_corners=True``); pyface's landmarks (image corner at 0) move there by ``- 0.5``.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-#: insightface's ArcFace template for 112x112 crops, (x, y) pixels: left eye, right eye (as seen
+#: insightface's ArcFace template for 112x112 crops, (x, y) pixels with pixel i's centre at i
+#: (:func:`pixel_centres`): left eye, right eye (as seen
 #: in the image), nose tip, left and right mouth corners. (5, 2) float64.
 ARCFACE_TEMPLATE = torch.tensor([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                                  [41.5493, 92.3655], [70.7299, 92.2041]], dtype=torch.float64)
 ARCFACE_SIZE = 112
 
 
-def five_points(landmarks: torch.Tensor) -> torch.Tensor:
+EYE_CENTRES = ("mean", "corners")
+
+
+def five_points(landmarks: torch.Tensor, eyes: str = "mean") -> torch.Tensor:
     """landmarks: (..., 68, 2) or (..., 5, 2) pixels (x right, y down) -> (..., 5, 2)
-    (5-point input is returned as it is)."""
+    (5-point input is returned as it is). ``eyes``: ``"mean"``, each eye centre the mean of its
+    six points (36-41, 42-47; the csim / aed_id metrics); ``"corners"``, the midpoint of its two
+    corners (36 and 39, 42 and 45; OTAvatar's identity loss)."""
+    if eyes not in EYE_CENTRES:
+        raise ValueError(f"eyes: expected one of {list(EYE_CENTRES)}, got {eyes!r}")
     if not isinstance(landmarks, torch.Tensor):
         raise TypeError(f"landmarks: expected a torch.Tensor of shape (..., 68, 2) or (..., 5, 2), "
                         f"got {type(landmarks).__name__}")
@@ -34,8 +47,13 @@ def five_points(landmarks: torch.Tensor) -> torch.Tensor:
                          f"{tuple(landmarks.shape)}")
     if landmarks.shape[-2] == 5:
         return landmarks
-    return torch.stack([landmarks[..., 36:42, :].mean(-2), landmarks[..., 42:48, :].mean(-2),
-                        landmarks[..., 30, :], landmarks[..., 48, :], landmarks[..., 54, :]], -2)
+    if eyes == "mean":
+        left, right = landmarks[..., 36:42, :].mean(-2), landmarks[..., 42:48, :].mean(-2)
+    else:
+        left = (landmarks[..., 36, :] + landmarks[..., 39, :]) / 2
+        right = (landmarks[..., 42, :] + landmarks[..., 45, :]) / 2
+    return torch.stack([left, right, landmarks[..., 30, :], landmarks[..., 48, :],
+                        landmarks[..., 54, :]], -2)
 
 
 def umeyama_similarity(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -64,3 +82,38 @@ def umeyama_similarity(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     A = scale[:, None, None] * R
     t = md.squeeze(1) - (A @ ms.transpose(1, 2)).squeeze(-1)
     return torch.cat([A, t[..., None]], -1)
+
+
+def pixel_centres(landmarks: torch.Tensor) -> torch.Tensor:
+    """pyface's landmarks (image corner at 0: pixel i covers [i, i + 1), the convention of
+    pyface's data and detectors) -> the pixel-centre coordinates of :data:`ARCFACE_TEMPLATE` and
+    :func:`warp_affine` (pixel i's centre at i, as insightface's alignment and
+    ``cv2.warpAffine``): ``landmarks - 0.5``."""
+    return landmarks - 0.5
+
+
+def warp_affine(images: torch.Tensor, matrix: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """images: (B, C, H, W); matrix: (B, 2, 3) mapping input pixels to output pixels, both in
+    pixel-centre coordinates (pixel i's centre at i) -> (B, C, size[0], size[1]);
+    ``out(q) = images(M^-1 q)``, bilinear, zeros outside (``cv2.warpAffine`` with
+    ``INTER_LINEAR`` and a black border). Differentiable with respect to ``images``; the
+    sampling grid is computed in float64, then cast to ``images.dtype``."""
+    if images.ndim != 4:
+        raise ValueError(f"images: expected shape (B, C, H, W), got {tuple(images.shape)}")
+    B, _, H, W = images.shape
+    if matrix.shape != (B, 2, 3):
+        raise ValueError(f"matrix: expected shape ({B}, 2, 3), got {tuple(matrix.shape)}")
+    dev = images.device
+    M = matrix.to(dev, torch.float64)
+    Ainv = torch.linalg.inv(M[:, :, :2])
+    tinv = -(Ainv @ M[:, :, 2:]).squeeze(-1)
+    h, w = size
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64, device=dev),
+                            torch.arange(w, dtype=torch.float64, device=dev), indexing="ij")
+    q = torch.stack([xs, ys], -1).reshape(1, h * w, 2)
+    p = q @ Ainv.transpose(1, 2) + tinv[:, None]
+    # align_corners=True: -1 and 1 are the centres of the first and last pixels
+    scale = torch.tensor([2.0 / max(W - 1, 1), 2.0 / max(H - 1, 1)], dtype=torch.float64,
+                         device=dev)
+    grid = (p * scale - 1).reshape(B, h, w, 2).to(images.dtype)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=True)

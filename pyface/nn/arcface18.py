@@ -9,10 +9,14 @@
 identity loss built from them (OTAvatar's ArcFace term).
 
 * :func:`five_points` (from :mod:`pyface.face.align`): landmarks (N, 68, 2) -> (N, 5, 2): eye
-  centres (means of 36-41 and 42-47), nose tip (30), mouth corners (48, 54).
-* :func:`align_crops`: images (N, C, H, W) + landmarks (N, 68 | 5, 2) pixels -> (N, C, S, S)
-  crops, a least-squares similarity mapping the 5 points onto the 112-px template placed inside
-  an S = 128 canvas (offset 8), differentiable with respect to the images.
+  centres (means of 36-41 and 42-47; ``eyes="corners"``, the midpoints of 36/39 and 42/45, is
+  what :func:`align_crops` uses, as OTAvatar), nose tip (30), mouth corners (48, 54).
+* :func:`align_crops`: images (N, C, H, W) + landmarks (N, 68 | 5, 2) pixels (corner at 0)
+  -> (N, C, S, S) crops, a least-squares similarity mapping the 5 points onto the 112-px
+  template placed in the top-left corner of an S = 128 canvas (offset 0, as OTAvatar's
+  identity loss; ``offset=8`` centres it), in the template's pixel-centre
+  coordinates (:func:`pyface.face.align.pixel_centres`, :func:`pyface.face.align.warp_affine`,
+  as the csim metric), differentiable with respect to the images.
 * :class:`ResNetArcFace`: (N, 1, 128, 128) -> (N, 512). State-dict keys ``conv1``, ``bn1``,
   ``prelu``, ``layer{1-4}.{i}.{bn0,conv1,bn1,prelu,conv2,bn2,downsample.{0,1}}``, ``bn4``,
   ``fc5``, ``bn5``.
@@ -24,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyface.face.align import ARCFACE_TEMPLATE, five_points, umeyama_similarity
+from pyface.face.align import (ARCFACE_TEMPLATE, five_points, pixel_centres, umeyama_similarity,
+                               warp_affine)
 from pyface.nn._pretrained import load_into, read_state, warn_random_init
 from pyface.nn._reduce import mean_or_zero
 
@@ -41,27 +46,28 @@ def similarity(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
 
 
 def align_crops(images: torch.Tensor, landmarks: torch.Tensor, size: int = 128,
-                offset: float = 8.0) -> torch.Tensor:
-    """images (N, C, H, W), landmarks (N, 68 | 5, 2) in pixels of images -> aligned crops
-    (N, C, size, size): the 5 points land on the 112-px template shifted by ``offset``."""
+                offset: float = 0.0, eyes: str = "corners") -> torch.Tensor:
+    """images (N, C, H, W), landmarks (N, 68 | 5, 2) pixels of images with the image corner at 0
+    (pixel i covers [i, i + 1), pyface's convention) -> aligned crops (N, C, size, size): the 5
+    points land on the 112-px template shifted by ``offset`` (0: the template's own coordinates
+    in the size² canvas, as OTAvatar's identity loss warps onto it), in the template's pixel-centre
+    coordinates (pixel i's centre at i: the landmarks move there by
+    :func:`pyface.face.align.pixel_centres`), sampled by :func:`pyface.face.align.warp_affine`
+    (bilinear, zeros outside; the reference's kornia ``warp_affine``, as the csim metric's
+    ``align_faces``). ``eyes``: the eye centres of 68-point landmarks
+    (:func:`pyface.face.align.five_points`): ``"corners"``, the midpoints of the eye corners
+    36/39 and 42/45, as OTAvatar's identity loss; ``"mean"``, the means of 36-41 and 42-47, as
+    the csim metric. Differentiable with respect to the images."""
     if images.dim() != 4:
         raise ValueError(f"images: expected shape (N, C, H, W), got {tuple(images.shape)}")
-    pts = five_points(landmarks).to(images.dtype)
+    pts = five_points(landmarks, eyes=eyes)
     if pts.dim() != 3 or pts.shape[0] != images.shape[0]:
         raise ValueError(f"landmarks: expected shape ({images.shape[0]}, 68, 2) or "
                          f"({images.shape[0]}, 5, 2) (N of images), got {tuple(landmarks.shape)}")
-    N, _, H, W = images.shape
-    tmpl = torch.tensor(TEMPLATE_112, dtype=images.dtype, device=images.device) + offset
-    M = similarity(pts.detach(), tmpl)                         # image px -> canvas px
-    A, t = M[:, :, :2], M[:, :, 2:]
-    Ainv = torch.linalg.inv(A)
-    c = (torch.arange(size, device=images.device, dtype=images.dtype) + 0.5)
-    gy, gx = torch.meshgrid(c, c, indexing="ij")
-    out_pts = torch.stack([gx, gy], -1).reshape(1, -1, 2, 1)    # canvas pixel centres
-    src = (Ainv[:, None] @ (out_pts - t[:, None])).squeeze(-1)  # (N, S*S, 2) image px
-    grid = torch.stack([src[..., 0] / W * 2 - 1, src[..., 1] / H * 2 - 1], -1)
-    return F.grid_sample(images, grid.view(N, size, size, 2), mode="bilinear",
-                         padding_mode="zeros", align_corners=False)
+    pts = pixel_centres(pts.detach().to(images.device, torch.float64))
+    tmpl = (ARCFACE_TEMPLATE.to(images.device) + offset).expand(pts.shape[0], 5, 2)
+    M = umeyama_similarity(pts, tmpl)                           # image px -> canvas px
+    return warp_affine(images, M, (size, size))
 
 
 class IRBlock(nn.Module):
