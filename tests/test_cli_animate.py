@@ -753,6 +753,48 @@ def test_option_reaches_load_and_bad_ones_exit_2_before_it(example_run, frames_d
         capsys.readouterr().err
 
 
+def test_otavatar_render_options_reach_load(tmp_path, capsys, monkeypatch):
+    """``pyface animate otavatar --option render.KEY=VALUE``: OTAvatar's renderer options
+    (keys of its model.render overrides) reach pyface.models.load converted; an undeclared or
+    fixed render key and a bad value exit 2 naming model.render.KEY before it loads."""
+    import pyface.models
+    from pyface.checkpoint import CheckpointError
+
+    seen = []
+
+    def recording(*a, **k):
+        seen.append(k.get("options"))
+        raise CheckpointError("not loaded here")
+
+    monkeypatch.setattr(pyface.models, "load", recording)
+    video = _video_folder(tmp_path, "v")
+    cmd = ["animate", "otavatar", "--checkpoint", str(tmp_path / "missing"), "--source", video,
+           "--driving", video, "--device", "cpu", "--out", str(tmp_path / "a.mp4")]
+    assert main(cmd + ["--option", "render.depth_resolution=7", "--option",
+                       "model.render.depth_resolution_importance=5", "--option",
+                       "render.recompute=decoder", "--option", "render.chunk_points=null"]) == 1
+    assert seen == [{"render.depth_resolution": 7, "render.depth_resolution_importance": 5,
+                     "render.recompute": "decoder", "render.chunk_points": None}]
+    assert "not loaded here" in capsys.readouterr().err
+    seen.clear()
+    for item, msg in [("render.box_warp=2", "options: 'render.box_warp' is not an inference "
+                       "option of model 'otavatar'"),
+                      ("render.plane_axes=eg3d", "options: 'render.plane_axes' is not an "
+                       "inference option of model 'otavatar'"),
+                      ("render.depth_resolution=many", "model.render.depth_resolution: "
+                       "expected int, got 'many'"),
+                      ("render.depth_resolution=1", "model.render.depth_resolution: expected "
+                       "an int >= 2, got 1")]:
+        assert main(cmd + ["--option", item]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("pyface animate: ") and msg in err and "Traceback" not in err
+        if "inference option" in msg:
+            assert "valid: " in err and "model.render.depth_resolution, model.render." \
+                "depth_resolution_importance, model.render.backend, model.render.recompute, " \
+                "model.render.chunk_points" in err
+    assert seen == []
+
+
 def test_help_explains_option(capsys):
     with pytest.raises(SystemExit):
         main(["animate", "--help"])
@@ -760,6 +802,8 @@ def test_help_explains_option(capsys):
     assert "--option KEY=VALUE" in text and "--option model.pti_steps=50" in text
     assert "--option generator.render.depth_resolution=96 (eg3d: a field of a nested config" \
         in text
+    assert "otavatar's renderer: render.depth_resolution=96, a key of its model.render " \
+        "overrides" in text
 
 
 # -- --seed ----------------------------------------------------------------------------------

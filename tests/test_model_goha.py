@@ -364,11 +364,66 @@ def test_load_options_set_goha_inference_options(tiny_run):
     assert all(torch.equal(v, want[k]) for k, v in pipe.model.state_dict().items())
     with pytest.raises(ValueError, match=r"options: 'plane_channels' is not an inference option "
                                          r"of model 'goha_s1' .*valid: "
-                                         r"model.infer_lift_expression, model.sr_noise$"):
+                                         r"model.infer_lift_expression, model.sr_noise, "
+                                         r"model.depth_samples, model.depth_samples_importance, "
+                                         r"model.lift_samples, model.render_chunk_points, "
+                                         r"model.render_recompute$"):
         pyface.models.load("goha_s1", str(tiny_run), options={"plane_channels": 8})
     with pytest.raises(ValueError, match=r"model.sr_noise: expected one of \('stored', "
                                          r"'random'\), got 'fresh'"):
         pyface.models.load("goha_s1", str(tiny_run), options={"sr_noise": "fresh"})
+
+
+def test_load_options_set_the_renderers_samples_and_execution(tiny_run):
+    """GOHA's renderer options on a trained run: the samples per ray of the frames' render and
+    of the lift render, the chunk size and the backward's recompute reach the renderers the
+    pipeline builds (weights unchanged) and change the frames; too few coarse samples for the
+    saved importance samples, too few lift samples and a bad chunk size name model.KEY."""
+    saved = pyface.models.load("goha_s1", str(tiny_run), device="cpu")
+    base, lift = saved.model.renderer.config, saved.model.lift_renderer.config
+    assert (base.depth_resolution, base.depth_resolution_importance,
+            lift.depth_resolution) == (12, 12, 12)                      # tiny
+    pipe = pyface.models.load("goha_s1", str(tiny_run), device="cpu",
+                              options={"depth_samples": 7, "depth_samples_importance": "5",
+                                       "model.lift_samples": 6, "render_chunk_points": 4096,
+                                       "render_recompute": False})
+    rc, lc = pipe.model.renderer.config, pipe.model.lift_renderer.config
+    assert (rc.depth_resolution, rc.depth_resolution_importance) == (7, 5)
+    assert (lc.depth_resolution, lc.depth_resolution_importance) == (6, 6)
+    assert (rc.chunk_points, rc.recompute, lc.chunk_points, lc.recompute) == (4096, False,
+                                                                              4096, False)
+    assert (rc.ray_start, rc.box_warp) == (base.ray_start, base.box_warp)
+    want = saved.model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in pipe.model.state_dict().items())
+    c = random_coeffs(2, seed=8)
+    f = frame(c, R=64)
+    source = {"image": f["image"][0].float() / 127.5 - 1, "camera": f["camera"][0],
+              "coeffs": c[0], "mask": f["mask"][0].float() / 255}
+    driving = {"image": f["image"].float() / 127.5 - 1, "camera": f["camera"], "coeffs": c}
+
+    def animate(p):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            return p.animate(source, driving)
+
+    assert torch.equal(animate(saved), animate(saved))
+    assert not torch.allclose(animate(pipe), animate(saved), atol=1e-4)
+    for opts, msg in (({"depth_samples": 3}, r"model.depth_samples: expected >= 4 with "
+                                             r"importance samples \(depth_samples_importance "
+                                             r"12\), got 3"),
+                      ({"lift_samples": 3}, r"model.lift_samples: expected >= 4"),
+                      ({"depth_samples_importance": -1},
+                       r"model.depth_samples_importance: expected an int >= 0"),
+                      ({"render_chunk_points": 0},
+                       r"model.render_chunk_points: expected an int >= 1 or None"),
+                      ({"render_recompute": "all"}, r"model.render_recompute: expected true, "
+                                                    r"false or 'decoder'"),
+                      ({"ray_start": 2.0}, r"options: 'ray_start' is not an inference option")):
+        with pytest.raises(ValueError, match=msg):
+            pyface.models.load("goha_s1", str(tiny_run), device="cpu", options=opts)
+    fewer = pyface.models.load("goha_s1", str(tiny_run), device="cpu",
+                               options={"depth_samples": 3, "depth_samples_importance": 0})
+    assert animate(fewer).shape == animate(saved).shape
 
 
 def test_pipeline_on_a_tiny_checkpoint(tiny_run):

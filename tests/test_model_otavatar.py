@@ -384,6 +384,72 @@ def test_load_options_set_the_inference_options_of_a_trained_run(run):
         pyface.models.load("otavatar", r, device="cpu", options={"invert_space": "z"})
 
 
+def test_load_options_set_the_renderers_samples_and_execution(run):
+    """``render.KEY`` options (OTAvatar's model.render overrides, checked as RenderConfig
+    fields): the samples per ray replace the saved ones in the generator the pipeline renders
+    with, merged into the saved overrides (tiny's recompute / chunk_points stay), and change
+    the image; an undeclared or fixed render key is refused listing the valid ones, a bad
+    value names model.render.KEY, too few coarse samples for the importance pass are refused
+    naming the key that was set."""
+    r, _ = run
+    saved = pyface.models.load("otavatar", r, device="cpu")
+    pipe = pyface.models.load("otavatar", r, device="cpu",
+                              options={"render.depth_resolution": 7,
+                                       "model.render.depth_resolution_importance": "5",
+                                       "render.chunk_points": 4096})
+    rc, base = pipe.model.generator.renderer.config, saved.model.generator.renderer.config
+    assert (base.depth_resolution, base.depth_resolution_importance) == (4, 4)   # the fixture's
+    assert (rc.depth_resolution, rc.depth_resolution_importance) == (7, 5)
+    assert pipe.model.generator.cfg.render is rc
+    assert (rc.recompute, rc.chunk_points) == ("decoder", 4096)   # tiny's recompute kept
+    assert pipe.model.cfg.render == {"recompute": "decoder", "chunk_points": 4096,
+                                     "depth_resolution": 7, "depth_resolution_importance": 5}
+    assert (rc.plane_axes, rc.box_warp, rc.ray_start) == (base.plane_axes, base.box_warp,
+                                                          base.ray_start)
+    want = saved.model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in pipe.model.state_dict().items())
+
+    def render(p):
+        G = p.model.generator
+        w = G.backbone.mapping.w_avg.expand(1, G.num_ws, -1)
+        torch.manual_seed(5)
+        with torch.no_grad():
+            return p.model(w, torch.zeros(1, 70, 9), G.camera(0.2, 0.0))["image"]
+
+    assert torch.equal(render(saved), render(saved))     # the same samples: the same image
+    assert not torch.allclose(render(pipe), render(saved), atol=1e-4)
+    for key in ("render.box_warp", "render.plane_axes", "render.nope"):
+        with pytest.raises(ValueError, match=rf"options: '{key}' is not an inference option of "
+                                             r"model 'otavatar' .*valid: .*"
+                                             r"model.render.depth_resolution, "
+                                             r"model.render.depth_resolution_importance, "
+                                             r"model.render.backend, model.render.recompute, "
+                                             r"model.render.chunk_points"):
+            pyface.models.load("otavatar", r, device="cpu", options={key: 1.0})
+    for opts, msg in (({"render.depth_resolution": "many"},
+                       r"model.render.depth_resolution: expected int, got 'many'"),
+                      ({"render.depth_resolution": 1},
+                       r"model.render.depth_resolution: expected an int >= 2, got 1"),
+                      ({"render.recompute": "sometimes"},
+                       r"model.render.recompute: expected true, false or 'decoder'"),
+                      ({"render.backend": "fast"},
+                       r"model.render.backend: expected one of \['reference', 'cpu', 'cuda', "
+                       r"'triton'\] or None \(the default for the device\), got 'fast'"),
+                      ({"render.chunk_points": 0},
+                       r"model.render.chunk_points: expected an int >= 1 or None"),
+                      ({"render.depth_resolution": 3},     # the saved 4 importance samples
+                       r"model.render.depth_resolution: expected >= 4 with importance "
+                       r"samples \(depth_resolution_importance 4\), got 3")):
+        with pytest.raises(ValueError, match=msg):
+            pyface.models.load("otavatar", r, device="cpu", options=opts)
+    coarse = pyface.models.load("otavatar", r, device="cpu",
+                                options={"render.depth_resolution": 3,
+                                         "render.depth_resolution_importance": 0})
+    rc = coarse.model.generator.renderer.config
+    assert (rc.depth_resolution, rc.depth_resolution_importance) == (3, 0)
+    assert render(coarse).shape == render(saved).shape
+
+
 def test_pipeline_from_a_converted_release(tmp_path):
     """`pyface.models.load("otavatar", FOLDER)` on a `pyface convert otavatar` folder: the
     release's controller (full size) drives the release's generator."""
@@ -395,6 +461,21 @@ def test_pipeline_from_a_converted_release(tmp_path):
     write_release(tmp_path / "r.pt")
     out = convert_otavatar(str(tmp_path / "r.pt"), str(tmp_path / "conv"))
     pipe = pyface.models.load("otavatar", out, device="cpu")
+    # the render options reach the release's generator too (its own: 48 + 48 samples)
+    fewer = pyface.models.load("otavatar", out, device="cpu",
+                               options={"render.depth_resolution": 6,
+                                        "render.depth_resolution_importance": 2,
+                                        "render.recompute": False})
+    rc = fewer.model.generator.renderer.config
+    assert (rc.depth_resolution, rc.depth_resolution_importance, rc.recompute) == (6, 2, False)
+    assert fewer.model.cfg.render == {"depth_resolution": 6, "depth_resolution_importance": 2,
+                                      "recompute": False}
+    assert pipe.model.generator.renderer.config.depth_resolution == 48
+    with pytest.raises(ValueError, match=r"model.render.depth_resolution: expected >= 4 with "
+                                         r"importance samples \(depth_resolution_importance "
+                                         r"48\), got 3"):
+        pyface.models.load("otavatar", out, device="cpu",
+                           options={"render.depth_resolution": 3})
     ref = load_controller(out)
     for k, v in ref.state_dict().items():
         assert torch.equal(pipe.model.controller.state_dict()[k], v), k

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import dataclasses
 import textwrap
 from dataclasses import dataclass, field
 
@@ -302,6 +303,12 @@ def test_declared_inference_options_are_fields_of_the_config(name):
     declared = pyface.models.inference_options(name)
     assert len(set(declared)) == len(declared)
     values = {k: option_value(default, k) for k in declared}
+    meta = {f.name: f.metadata for f in dataclasses.fields(cls.Config)}
+    for k in declared:      # a key of a keys_of mapping (OTAvatar's render.*) that the
+        head, _, rest = k.partition(".")        # default leaves out: its class's default
+        target = meta.get(head, {}).get("keys_of")
+        if target is not None and rest not in getattr(default, head):
+            values[k] = {f.name: f for f in dataclasses.fields(target)}[rest].default
     assert pyface.models.check_options(name, values) == values
     if name in ("goha", "otavatar", "eg3d", "export3d"):
         assert declared
@@ -396,6 +403,49 @@ def test_option_paths_and_the_declaration_check():
         cls = type("Bad", (NestedAE,), {"inference_options": bad})
         with pytest.raises(ModelDefinitionError, match=msg):
             check_model_class(cls)
+
+
+@dataclass
+class _OverridesConfig:
+    """A config with a mapping of a dataclass's fields (as OTAvatar's ``render``)."""
+    over: dict = field(default_factory=dict,
+                       metadata={"keys_of": _Sampling, "fixed": ("mode",)})
+    lr: float = 0.1
+
+
+def test_option_paths_into_a_keys_of_mapping():
+    """A dotted key into a mapping field that declares ``keys_of`` names a field of that
+    dataclass (not a fixed one); its value comes from the mapping (None when absent) and
+    with_options merges it into the saved mapping, which from_dict converts and checks."""
+    from pyface.train.config import from_dict
+    from pyface.train.model import option_value
+
+    assert option_path(_OverridesConfig, "over.depth_samples") == ("over", "depth_samples")
+    with pytest.raises(ValueError, match=r"'over.mode': 'mode' is not a field of _Sampling "
+                                         r"\(fixed: it cannot be overridden\); its fields: "
+                                         r"depth_samples$"):
+        option_path(_OverridesConfig, "over.mode")
+    with pytest.raises(ValueError, match=r"'over.depth': 'depth' is not a field of _Sampling"):
+        option_path(_OverridesConfig, "over.depth")
+    with pytest.raises(ValueError, match=r"'lr.x': lr is not a config dataclass"):
+        option_path(_OverridesConfig, "lr.x")
+    assert option_value(_OverridesConfig(), "over.depth_samples") is None
+    saved = {"over": {"other": 1}, "lr": 0.5}
+    merged = with_options(saved, {"over.depth_samples": "6"})
+    assert merged == {"over": {"other": 1, "depth_samples": "6"}, "lr": 0.5}
+    assert saved == {"over": {"other": 1}, "lr": 0.5}                # not changed
+    cfg = from_dict(_OverridesConfig, with_options({"lr": 0.5}, {"over.depth_samples": "6"}),
+                    prefix="model.")
+    assert cfg.over == {"depth_samples": 6} and option_value(cfg, "over.depth_samples") == 6
+    with pytest.raises(ConfigError, match=r"model.over.depth_samples: expected int, got 'x'"):
+        from_dict(_OverridesConfig, with_options({}, {"over.depth_samples": "x"}),
+                  prefix="model.")
+    ota = pyface.models.model_class("otavatar")
+    check_model_class(ota)                  # its render.* options pass the declaration check
+    bad = type("Bad", (ota,), {"inference_options": ("render.plane_axes",)})
+    with pytest.raises(ModelDefinitionError, match=r"'plane_axes' is not a field of "
+                                                   r"RenderConfig \(fixed"):
+        check_model_class(bad)
 
 
 def test_base_pipeline_reconstruct_is_animate_with_the_source():

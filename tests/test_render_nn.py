@@ -264,3 +264,40 @@ def test_renderer_uniforms_are_the_numbers_the_renderer_draws_itself():
         renderer_uniforms(r.config, 0, 9, planes)
     with pytest.raises(ValueError, match=r"^n_rays: expected an int >= 1, got 9.0$"):
         renderer_uniforms(r.config, 2, 9.0, planes)
+
+
+def test_render_value_checks_name_the_models_key():
+    """``check_render_values`` checks the inference-time RenderConfig fields present in a
+    mapping (absent ones are not checked) and names ``KEY.FIELD``; ``check_sample_counts``
+    refuses importance samples after fewer than 4 coarse ones, naming the field the caller
+    set."""
+    from pyface.nn import check_render_values, check_sample_counts
+
+    check_render_values({}, "model.render")
+    check_render_values({"depth_resolution": 2, "depth_resolution_importance": 0,
+                         "recompute": "decoder", "chunk_points": None, "ray_start": -1.0},
+                        "model.render")
+    for values, msg in (({"depth_resolution": 1}, r"model.render.depth_resolution: expected an "
+                                                  r"int >= 2, got 1"),
+                        ({"depth_resolution": True}, r"model.render.depth_resolution: "),
+                        ({"depth_resolution_importance": -1},
+                         r"model.render.depth_resolution_importance: expected an int >= 0 "
+                         r"\(0: the coarse pass only\), got -1"),
+                        ({"recompute": "all"}, r"model.render.recompute: expected true, false "
+                                               r"or 'decoder', got 'all'"),
+                        ({"chunk_points": 0}, r"model.render.chunk_points: expected an int >= "
+                                              r"1 or None \(the renderer's default\), got 0")):
+        with pytest.raises(ValueError, match=msg):
+            check_render_values(values, "model.render")
+    check_sample_counts(RenderConfig.ffhq(depth_resolution=3, depth_resolution_importance=0),
+                        "k")
+    check_sample_counts(RenderConfig.ffhq(depth_resolution=4, depth_resolution_importance=9),
+                        "k")
+    bad = RenderConfig.ffhq(depth_resolution=3, depth_resolution_importance=2)
+    with pytest.raises(ValueError, match=r"^k.depth_resolution: expected >= 4 with importance "
+                                         r"samples \(depth_resolution_importance 2\), got 3$"):
+        check_sample_counts(bad, "k")
+    with pytest.raises(ValueError, match=r"^k.depth_resolution_importance: expected 0 with "
+                                         r"fewer than 4 coarse samples \(depth_resolution 3\), "
+                                         r"got 2$"):
+        check_sample_counts(bad, "k", blame="depth_resolution_importance")

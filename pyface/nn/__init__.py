@@ -32,6 +32,7 @@ from pyface.nn.motion import (FACE_VID2VID_PI, DenseMotion, DenseMotionConfig, D
                               Hourglass3d, KeypointTransformConfig, UpBlock3d,
                               euler_to_rotation, headpose_to_degrees, transform_keypoints)
 from pyface.nn.render import (OSGDecoder, RenderConfig, RenderOutput, TriplaneRenderer,
+                              check_render_values, check_sample_counts,
                               density_l1_regularizer, density_monotonic_regularizer,
                               query_density, ray_uniforms, renderer_uniforms)
 from pyface.nn.resample import downsample2d, filtered_resize, upfirdn2d, upsample2d
@@ -70,7 +71,7 @@ __all__ = ["IdentityConfig", "IdentityLoss", "IResNet", "AffineTPS", "RandomAffi
            "UpBlock3d", "euler_to_rotation", "headpose_to_degrees", "transform_keypoints",
            "OSGDecoder", "RenderConfig", "RenderOutput", "TriplaneRenderer",
            "density_l1_regularizer", "density_monotonic_regularizer", "query_density",
-           "ray_uniforms", "renderer_uniforms",
+           "ray_uniforms", "renderer_uniforms", "check_render_values", "check_sample_counts",
            "downsample2d", "filtered_resize", "upfirdn2d", "upsample2d", "roi_align",
            "roi_l1_loss", "AdaptiveLayerNorm", "MiTBlock", "MiTConfig", "MixTransformer",
            "SegFormer", "config_from_hf", "load_hf_segformer", "load_segformer", "mit_config",

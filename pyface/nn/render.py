@@ -119,6 +119,53 @@ class RenderConfig:
         return cls(**{"plane_axes": "xy_xz_zy", **overrides})
 
 
+def check_render_values(values, key: str) -> None:
+    """The inference-time :class:`RenderConfig` fields among ``values`` (a mapping of field
+    name -> value, e.g. a model's ``render`` overrides; absent fields are not checked), a
+    ValueError naming ``key.FIELD`` and the expected and given values otherwise:
+    ``depth_resolution`` an int >= 2, ``depth_resolution_importance`` an int >= 0,
+    ``backend`` None or a render backend (:data:`RENDER_BACKENDS`), ``recompute`` true, false or ``"decoder"``, ``chunk_points`` an int >= 1 or None. (The
+    coarse pass needs >= 4 samples when there are importance samples: check that with the
+    complete config, :func:`check_sample_counts`.)"""
+    if "depth_resolution_importance" in values:
+        m = values["depth_resolution_importance"]
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ValueError(f"{key}.depth_resolution_importance: expected an int >= 0 "
+                             f"(0: the coarse pass only), got {m!r}")
+    if "depth_resolution" in values:
+        n = values["depth_resolution"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise ValueError(f"{key}.depth_resolution: expected an int >= 2, got {n!r}")
+    if "backend" in values and values["backend"] is not None \
+            and values["backend"] not in RENDER_BACKENDS:
+        raise ValueError(f"{key}.backend: expected one of {list(RENDER_BACKENDS)} or None (the "
+                         f"default for the device), got {values['backend']!r}")
+    if "recompute" in values and values["recompute"] not in (True, False, "decoder"):
+        raise ValueError(f"{key}.recompute: expected true, false or 'decoder', got "
+                         f"{values['recompute']!r}")
+    if "chunk_points" in values:
+        c = values["chunk_points"]
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            raise ValueError(f"{key}.chunk_points: expected an int >= 1 or None (the "
+                             f"renderer's default), got {c!r}")
+
+
+def check_sample_counts(config: RenderConfig, key: str, *, blame: str = "depth_resolution"
+                        ) -> None:
+    """``config``'s coarse samples per ray fit its importance samples: with
+    ``depth_resolution_importance > 0`` the coarse pass needs ``depth_resolution >= 4`` (the
+    importance pass resamples the coarse weights' interior). Otherwise a ValueError naming
+    ``key.blame`` (the field the caller set: ``"depth_resolution"`` or
+    ``"depth_resolution_importance"``) with both values."""
+    n, m = config.depth_resolution, config.depth_resolution_importance
+    if m > 0 and n < 4:
+        if blame == "depth_resolution_importance":
+            raise ValueError(f"{key}.depth_resolution_importance: expected 0 with fewer than 4 "
+                             f"coarse samples (depth_resolution {n}), got {m}")
+        raise ValueError(f"{key}.depth_resolution: expected >= 4 with importance samples "
+                         f"(depth_resolution_importance {m}), got {n}")
+
+
 @dataclasses.dataclass
 class RenderOutput:
     """Renderer outputs for R = H * W rays.

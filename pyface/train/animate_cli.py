@@ -125,7 +125,9 @@ def add_option_argument(parser, command: str) -> None:
              "checkpoint saved, e.g. --option model.pti_steps=50 --option inference=reference "
              "(otavatar), --option model.sr_noise=random (goha) or --option "
              "generator.render.depth_resolution=96 (eg3d: a field of a nested config by its "
-             "dotted path); KEY with or without 'model.', VALUE read like a pyface train --set "
+             "dotted path; otavatar's renderer: render.depth_resolution=96, a key of its "
+             "model.render overrides); KEY with or without 'model.', VALUE read like a pyface "
+             "train --set "
              "value. Only the model's inference "
              "options (pyface.models.inference_options(NAME); a wrong key lists them), which "
              f"change no weights. pyface {command} exits 2 for a bad key or value")

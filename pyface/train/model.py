@@ -512,32 +512,43 @@ def option_path(config_cls, key: str) -> tuple[str, ...]:
     """The field names along inference option ``key`` of config dataclass ``config_cls``: a
     field name (``"pti_steps"``) or a dotted path through nested config dataclasses
     (``"generator.render.depth_resolution"``: ``EG3DConfig.generator`` ->
-    ``EG3DGeneratorConfig.render`` -> ``RenderConfig.depth_resolution``). A part that is not a
-    field, or a field on the way whose type is not a config dataclass, is a ValueError naming
-    ``key`` and the part."""
+    ``EG3DGeneratorConfig.render`` -> ``RenderConfig.depth_resolution``), or into a mapping
+    field that declares its keys (``field(metadata={"keys_of": C, "fixed": (...)})``,
+    :func:`pyface.train.config.from_dict`): ``"render.depth_resolution"`` of OTAvatar's
+    ``render`` overrides, a field of ``C`` other than the ``fixed`` ones. A part that is not a
+    field (or is a fixed key), or a field on the way whose type is neither a config dataclass
+    nor such a mapping, is a ValueError naming ``key`` and the part."""
     import dataclasses
     import typing
 
     if not isinstance(key, str) or not key:
         raise ValueError(f"inference option: expected a config field name, got {key!r}")
     parts = tuple(key.split("."))
-    cls = config_cls
+    cls, fixed = config_cls, ()
     for i, part in enumerate(parts):
         if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
             raise ValueError(f"inference option {key!r}: {'.'.join(parts[:i])} is not a config "
-                             f"dataclass (a nested key goes through config dataclasses only)")
-        names = {f.name for f in dataclasses.fields(cls)}
-        if part not in names:
+                             f"dataclass (a nested key goes through config dataclasses and "
+                             f"mappings that declare keys_of only)")
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in fixed}
+        if part not in fields:
+            why = " (fixed: it cannot be overridden)" if part in fixed else ""
             raise ValueError(f"inference option {key!r}: {part!r} is not a field of "
-                             f"{cls.__qualname__}; its fields: {', '.join(sorted(names))}")
-        cls = typing.get_type_hints(cls).get(part)
+                             f"{cls.__qualname__}{why}; its fields: "
+                             f"{', '.join(sorted(fields))}")
+        meta = fields[part].metadata
+        if meta.get("keys_of") is not None:      # a mapping of the named dataclass's fields
+            cls, fixed = meta["keys_of"], tuple(meta.get("fixed") or ())
+        else:
+            cls, fixed = typing.get_type_hints(cls).get(part), ()
     return parts
 
 
 def option_value(cfg, key: str):
-    """The value of (dotted) inference option ``key`` in config ``cfg`` (a dataclass)."""
+    """The value of (dotted) inference option ``key`` in config ``cfg`` (a dataclass; a part
+    inside a ``keys_of`` mapping field is looked up in the mapping, None when absent)."""
     for part in key.split("."):
-        cfg = getattr(cfg, part)
+        cfg = cfg.get(part) if isinstance(cfg, dict) else getattr(cfg, part)
     return cfg
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pyface.nn.render import RENDER_BACKENDS, RenderConfig
+from pyface.nn.render import RenderConfig, check_render_values
 from pyface.nn.stylegan import NOISE_MODES
 from pyface.train.model import check_choice
 
@@ -79,24 +79,11 @@ class EG3DGeneratorConfig:
         check_choice("model.generator.sr_noise_mode", self.sr_noise_mode, NOISE_MODES)
         r = self.render
         if isinstance(r, RenderConfig):
-            key = "model.generator.render"
-            n, m = r.depth_resolution, r.depth_resolution_importance
-            if isinstance(m, bool) or not isinstance(m, int) or m < 0:
-                raise ValueError(f"{key}.depth_resolution_importance: expected an int >= 0 "
-                                 f"(0: the coarse pass only), got {m!r}")
-            # (>= 4 with importance samples: checked with the saved config, by EG3DGenerator)
-            if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-                raise ValueError(f"{key}.depth_resolution: expected an int >= 2, got {n!r}")
-            if r.backend is not None and r.backend not in RENDER_BACKENDS:
-                raise ValueError(f"{key}.backend: expected one of {list(RENDER_BACKENDS)} or "
-                                 f"None (the default for the device), got {r.backend!r}")
-            if r.recompute not in (True, False, "decoder"):
-                raise ValueError(f"{key}.recompute: expected true, false or 'decoder', got "
-                                 f"{r.recompute!r}")
-            c = r.chunk_points
-            if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
-                raise ValueError(f"{key}.chunk_points: expected an int >= 1 or None (the "
-                                 f"renderer's default), got {c!r}")
+            # (>= 4 coarse samples with importance samples: checked with the saved config, by
+            # EG3DGenerator)
+            check_render_values({k: getattr(r, k) for k in (
+                "depth_resolution_importance", "depth_resolution", "backend", "recompute",
+                "chunk_points")}, "model.generator.render")
 
 
 @dataclass

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from pyface.face import cameras as cams
-from pyface.nn.render import OSGDecoder, RenderConfig, TriplaneRenderer, query_density
+from pyface.nn.render import (OSGDecoder, RenderConfig, TriplaneRenderer, check_sample_counts,
+                              query_density)
 from pyface.nn.resample import filtered_resize
 from pyface.nn.stylegan import (NOISE_MODES, MappingConfig, SuperResolution,
                                 SuperResolutionConfig, SynthesisConfig, TriplaneBackbone,
@@ -47,11 +48,7 @@ class EG3DGenerator(nn.Module):
         cfg = cfg or EG3DGeneratorConfig()
         if isinstance(cfg.render, dict):
             cfg.render = RenderConfig(**{"plane_axes": "eg3d", **cfg.render})
-        r = cfg.render
-        if r.depth_resolution_importance > 0 and r.depth_resolution < 4:
-            raise ValueError(f"model.generator.render.depth_resolution: expected >= 4 with "
-                             f"importance samples (depth_resolution_importance "
-                             f"{r.depth_resolution_importance}), got {r.depth_resolution}")
+        check_sample_counts(cfg.render, "model.generator.render")
         self.cfg = cfg
         self.backbone = TriplaneBackbone(TriplaneBackboneConfig(
             mapping=MappingConfig(z_dim=cfg.z_dim, c_dim=cfg.c_dim, w_dim=cfg.w_dim,

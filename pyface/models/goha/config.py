@@ -198,6 +198,14 @@ class GOHAConfig:
         for k in ("d_interval", "r1_interval"):
             if int(getattr(self, k)) < 1:
                 raise ValueError(f"model.{k}: expected >= 1, got {getattr(self, k)}")
+        m = self.depth_samples_importance
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ValueError(f"model.depth_samples_importance: expected an int >= 0 (0: the "
+                             f"coarse pass only), got {m!r}")
+        c = self.render_chunk_points
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            raise ValueError(f"model.render_chunk_points: expected an int >= 1 or None (the "
+                             f"renderer's default), got {c!r}")
         if self.render_recompute not in (True, False, "decoder"):
             raise ValueError(f"model.render_recompute: expected true, false or 'decoder', got "
                              f"{self.render_recompute!r}")

@@ -164,8 +164,17 @@ class GOHA(TrainableModel):
 
     Config = GOHAConfig
     #: settable on a trained model (``pyface.models.load(..., options=...)``, ``--option``):
-    #: the inference differences from GOHA's scripts (:data:`~.config.INFERENCE_CHOICES`)
-    inference_options = tuple(INFERENCE_CHOICES)
+    #: the inference differences from GOHA's scripts (:data:`~.config.INFERENCE_CHOICES`) and,
+    #: as EG3D declares them (``EG3D.inference_options``) for the same reasons, the renderers'
+    #: samples per ray: coarse and importance of the frames' render and those of the source's
+    #: lift render (a finer or coarser quadrature of the same volume), and the execution
+    #: choices of the fused renderer (chunk size and what its backward recomputes: results
+    #: agree to float rounding). Left out, each because the trained weights depend on it:
+    #: ray_start / ray_end / box_warp (where the planes were fitted) and the resolutions
+    #: (render_resolution sizes the super-resolution's input, lift_resolution the texels)
+    inference_options = tuple(INFERENCE_CHOICES) + (
+        "depth_samples", "depth_samples_importance", "lift_samples", "render_chunk_points",
+        "render_recompute")
     #: train.compile: the three SegFormer encoders, the plane embeddings, the upsampler and
     #: both renderers (s1_gan and s2 add their networks; :mod:`pyface.models.goha.stages`)
     compile_modules = ("encoder_canonical", "encoder_expression", "encoder_appearance",
@@ -223,6 +232,14 @@ class GOHA(TrainableModel):
         self.upsampler = IDUpsampler(D, cfg.embed_width, C,
                                      share_weights=cfg.share_upsampler_weights)
         self.decoder = OSGDecoder(C, cfg.decoder_hidden, cfg.decoder_features)
+        # the sample counts with each other (inference options: checked with the saved config)
+        if cfg.depth_samples_importance > 0 and cfg.depth_samples < 4:
+            raise ValueError(f"model.depth_samples: expected >= 4 with importance samples "
+                             f"(depth_samples_importance {cfg.depth_samples_importance}), got "
+                             f"{cfg.depth_samples}")
+        if cfg.lift_samples < 4:
+            raise ValueError(f"model.lift_samples: expected >= 4 (the lift render takes as many "
+                             f"importance samples), got {cfg.lift_samples}")
         common = dict(plane_axes=PLANE_AXES, ray_start=cfg.ray_start, ray_end=cfg.ray_end,
                       box_warp=cfg.box_warp, chunk_points=cfg.render_chunk_points,
                       recompute=cfg.render_recompute)

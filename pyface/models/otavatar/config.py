@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from pyface.nn.render import RenderConfig
+from pyface.nn.render import RenderConfig, check_render_values
 
 
 @dataclass
@@ -42,7 +42,10 @@ class OTAvatarConfig:
         render: overrides of the generator's :class:`pyface.nn.RenderConfig` fields applied
             after loading it (e.g. ``recompute``, ``chunk_points``, ``backend``: how the
             fused renderer trades memory for time; the sampling fields change the model).
-            Empty: the generator's own (the EG3D run's or the converted file's).
+            Empty: the generator's own (the EG3D run's or the converted file's). A trained
+            model's samples per ray and execution choices are inference options
+            (``render.depth_resolution``, ..., :attr:`OTAvatar.inference_options`), merged
+            into the saved overrides at load time.
         controller: controller sizes (:class:`ControllerOptions`).
         local_batch: items per rank (the inverted latents are one row per item: rank-local
             parameters of this many rows). None (default): ``pyface.train`` sets it to
@@ -229,3 +232,11 @@ class OTAvatarConfig:
     #: was trained (:func:`pyface.train.config.saved_config`)
     saved_before: ClassVar[dict[str, Any]] = {"roi_box": "square", "raw_terms": False,
                                               "inversion_density": False}
+
+    def __post_init__(self):
+        # the render overrides a trained model may change at load time
+        # (OTAvatar.inference_options: render.depth_resolution, ...) are checked here, so a bad
+        # value is refused naming its key before anything is read (>= 4 coarse samples with
+        # importance samples: checked with the generator's own, by OTAvatar)
+        if isinstance(self.render, dict):
+            check_render_values(self.render, "model.render")

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyface.nn.controller import MotionController, MotionControllerConfig
-from pyface.nn.render import density_l1_regularizer, density_monotonic_regularizer
+from pyface.nn.render import (check_sample_counts, density_l1_regularizer,
+                              density_monotonic_regularizer)
 from pyface.train.model import (Phase, Stage, StepContext, TrainableModel, check_choice,
                                 load_registered)
 
@@ -248,10 +249,18 @@ class OTAvatar(TrainableModel):
     Pipeline = OTAvatarPipeline
     #: settable on a trained model (``pyface.models.load(..., options=...)``, ``--option``):
     #: the pipeline's source inversion (W / W+ passes, PTI), its inference profile and
-    #: ``drive_pose``; read by the pipeline only, they change no weights
+    #: ``drive_pose``; read by the pipeline only, they change no weights. And the renderer's
+    #: options EG3D declares (``EG3D.inference_options``, for the same reasons), as keys of the
+    #: ``model.render`` overrides (merged into the saved ones): the samples per ray, coarse and
+    #: importance (a finer or coarser quadrature of the same volume), and the execution choices
+    #: (backend, recompute, chunk_points: results agree to float rounding). Left out, each
+    #: because the trained weights depend on it: plane_axes (fixed), box_warp, density_bias,
+    #: ray_start / ray_end and white_back.
     inference_options = ("invert_steps", "invert_space", "wplus_steps", "pti_steps", "pti_lr",
                          "pti_stop", "pti_stop_metric", "pti_mode", "drive_pose", "inference",
-                         "inference_clip", "inference_clamp", "wplus_keep_intrinsics")
+                         "inference_clip", "inference_clamp", "wplus_keep_intrinsics",
+                         "render.depth_resolution", "render.depth_resolution_importance",
+                         "render.backend", "render.recompute", "render.chunk_points")
     stages = (Stage("eg3d", "eg3d", "generator", presets={"tiny": _TINY_EG3D}),)
     recipe = _FULL          # the reference's recipe; the presets override it
     presets = {"tiny": _TINY, "gpu-short": _GPU_SHORT, "full": _FULL}
@@ -317,7 +326,13 @@ class OTAvatar(TrainableModel):
             if k == "plane_axes" or not hasattr(G.cfg.render, k):
                 raise ValueError(f"model.render.{k}: not a RenderConfig field that can be "
                                  f"overridden (plane_axes is fixed by the weights); got {v!r}")
-            setattr(G.cfg.render, k, v)
+            setattr(G.cfg.render, k, v)       # the renderer's config (the same object)
+        # the overrides with the generator's own sample counts: >= 4 coarse samples with
+        # importance samples (the key named is the override that broke it)
+        check_sample_counts(G.cfg.render, "model.render",
+                            blame="depth_resolution" if "depth_resolution" in (cfg.render or {})
+                            or "depth_resolution_importance" not in (cfg.render or {})
+                            else "depth_resolution_importance")
         c = cfg.controller
         self.controller = MotionController(MotionControllerConfig(
             in_channels=MOTION_DIM, window=c.window, descriptor=c.descriptor,

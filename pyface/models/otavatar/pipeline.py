@@ -15,6 +15,7 @@ frames, clamped at the ends), and optional ``camera`` (T, 25).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import numbers
 import os
@@ -298,13 +299,15 @@ class OTAvatarPipeline(Pipeline):
         ``vgg_weights`` / ``arcface_weights`` (given: they replace the checkpoint's
         ``model.vgg_weights`` / ``model.arcface_weights``): the inversion's perceptual and
         identity terms. ``options``: config values replacing the checkpoint's (its inference
-        options as ``pyface.models.load(..., options=...)`` checks and converts them)."""
+        options as ``pyface.models.load(..., options=...)`` checks and converts them; a dotted
+        ``render.KEY`` is merged into the saved ``model.render`` overrides), for runs and
+        converted releases alike."""
         over = {k: v for k, v in (("vgg_weights", vgg_weights),
                                   ("arcface_weights", arcface_weights)) if v is not None}
         options = dict(options or {})
         from pyface import checkpoint as ckpt
         from pyface.train.model import (WrongModelError, config_from_dict, read_pretrained,
-                                        resolve_checkpoint)
+                                        resolve_checkpoint, with_options)
 
         from pyface.models.otavatar.model import OTAvatar, OTAvatarConfig
 
@@ -312,15 +315,19 @@ class OTAvatarPipeline(Pipeline):
         meta = ckpt.read_meta(folder)
         if meta.get("kind") == "otavatar":           # the authors' release, converted
             cfg = OTAvatarConfig(generator=folder, controller_init=folder, local_batch=1,
-                                 **over, **options)
+                                 **over)
+            if options:     # dotted keys (render.depth_resolution) set in the complete config
+                cfg = config_from_dict(OTAvatarConfig,
+                                       with_options(dataclasses.asdict(cfg), options))
             return cls(OTAvatar(cfg, inference=True), device=device)
         pre = read_pretrained(folder, ema=ema)
         if pre.model is not None and pre.model != "otavatar":
             raise WrongModelError(pre.path, pre.meta, "otavatar")
         # a run saved before a loss option gets its earlier value (OTAvatarConfig.saved_before)
         cfg = config_from_dict(OTAvatar.Config, dict(pre.config))
-        if options:         # the inference options replace the saved values (errors: model.KEY)
-            cfg = config_from_dict(OTAvatar.Config, {**dict(pre.config), **options})
+        if options:         # the inference options replace the saved values (errors: model.KEY;
+            # a render.KEY is merged into the saved render overrides, keeping the others)
+            cfg = config_from_dict(OTAvatar.Config, with_options(dict(pre.config), options))
         if cfg.generator and not os.path.exists(cfg.generator):
             run = os.path.dirname(os.path.dirname(os.path.abspath(pre.path)))
             local = os.path.join(run, "stages", "eg3d")
