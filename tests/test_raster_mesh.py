@@ -349,6 +349,23 @@ def test_bad_input(backend):
         r(verts, faces, 8, cull="back")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_attribute_stays_on_its_faces(backend, bad):
+    # empty pixels are 0 whatever the attributes hold: the reference read face 0's attributes
+    # there with weight 0, and 0 * NaN / inf put NaN on every empty pixel (the kernels gave 0)
+    verts, faces, attrs = random_scene(V=10, F=5)
+    attrs = attrs.clone()
+    attrs[:, faces[0, 0]] = bad
+    img, mask, _, face_index, _ = ops.rasterize_mesh(verts, faces, 16, attrs, backend=backend)
+    empty = (face_index < 0).unsqueeze(1).expand_as(img)
+    assert empty.any() and bool((img[empty] == 0).all())
+    uses = (faces == faces[0, 0]).any(1)
+    untouched = ~uses[face_index.clamp(min=0)] & (face_index >= 0)
+    assert untouched.any()
+    assert bool(img.isfinite().all(1)[untouched].all())
+
+
 @needs_cpp
 def test_forward_mode_and_func_grad_raise_naming_the_op():
     # forward-mode AD through the fused interpolation would silently give a zero tangent

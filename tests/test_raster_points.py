@@ -1,5 +1,7 @@
 """points_to_triplane and splat_points: C++ vs brute force / reference, hand-made cases,
 gradients, opcheck, compile, bad input."""
+import re
+
 import pytest
 import torch
 
@@ -248,6 +250,12 @@ def test_p2t_bad_input(backend):
         f(points, feats, 8, valid=torch.ones(2, 9, dtype=torch.bool))
     for res in (0, (8, -1), "8"):
         with pytest.raises(ValueError, match="resolution"):
+            f(points, feats, res)
+    # triplane_sample's plane size limit (a torch "storage size overflowed" error, or an
+    # allocation of that size, naming nothing before)
+    for res in (2**24 + 1, (4, 2**31)):
+        with pytest.raises(ValueError, match=r"resolution: expected H, W <= 2\^24 = 16777216 "
+                                             r".*got " + re.escape(repr(res))):
             f(points, feats, res)
     with pytest.raises(ValueError, match="max_distance"):
         f(points, feats, 8, max_distance=-0.1)

@@ -312,6 +312,17 @@ def test_mip_composite_bad_input():
             ops.mip_composite(f, s, t, density_bias=bad)
     with pytest.raises(TypeError, match="features: expected a floating-point tensor"):
         ops.mip_composite(f.int(), s, t)
+    # depth_range is a finite (min, max), min <= max (the backends disagreed: the reference
+    # clamped every depth to NaN, or to max when min > max; the kernels ignored a NaN bound and
+    # clamped to min)
+    for backend in ("reference", "cpu"):
+        for lo, hi in ((math.nan, 3.0), (2.0, math.nan), (2.0, math.inf), (-math.inf, 3.0),
+                       (3.0, 2.0)):
+            with pytest.raises(ValueError, match=r"depth_range: expected finite \(min, max\) "
+                                                 rf"with min <= max, got \({lo}, {hi}\)"):
+                ops.mip_composite(f, s, t, depth_range=torch.tensor([lo, hi]), backend=backend)
+        out = ops.mip_composite(f, s, t, depth_range=torch.tensor([2.5, 2.5]), backend=backend)
+        assert bool((out[1] == 2.5).all())
     with pytest.raises(ValueError, match=r"densities: expected shape \(B, R, S\)"):
         torch.ops.pyface.mip_composite(f, s[:1], t, None, -1.0, False)
     # float16 / bfloat16 are computed in float32 (not refused, not sent to the reference)
@@ -383,6 +394,24 @@ def test_sample_importance_opcheck_compile_empty():
 
 
 @needs_cpp
+@needs_cpp
+def test_sample_importance_nan_weight_gives_nan_ray_on_every_backend():
+    # the reference's smoothing (max_pool1d, as EG3D) spreads a NaN weight over the ray's pdf;
+    # the kernels' max dropped a NaN first weight and sampled as if it were absent
+    t = 2.0 + torch.rand(2, 3, 8).sort(-1).values
+    w, u = torch.rand(2, 3, 7), torch.rand(2, 3, 4)
+    for i in (0, 3, 6):
+        wn = w.clone()
+        wn[1, 2, i] = math.nan
+        out = ops.sample_importance(t, wn, 4, u=u, backend="cpu")
+        ref = ops.sample_importance(t, wn, 4, u=u, backend="reference")
+        assert bool(out[1, 2].isnan().all()) and bool(ref[1, 2].isnan().all())
+        keep = torch.ones(2, 3, dtype=torch.bool)
+        keep[1, 2] = False
+        assert_close(out[keep], ref[keep])
+        assert torch.equal(out[keep], ops.sample_importance(t, w, 4, u=u, backend="cpu")[keep])
+
+
 def test_sample_importance_bad_input():
     t = torch.rand(2, 3, 8).sort(-1).values
     w = torch.rand(2, 3, 7)
@@ -564,6 +593,34 @@ def test_render_triplane_bad_input():
         ops.render_triplane(planes, o, d, w, density_bias=float("nan"), **kw)
     with pytest.raises(TypeError, match="density_bias: expected a finite number, got '-1'"):
         ops.render_triplane(planes, o, d, w, density_bias="-1", **kw)
+    # empty planes, every backend alike (the reference raised grid_sample's words, naming no
+    # argument)
+    for backend in ("reference", "cpu"):
+        for sl in ((slice(None),) * 3 + (slice(0, 0),), (slice(None),) * 4 + (slice(0, 0),)):
+            with pytest.raises(ValueError, match=r"planes: expected shape \(B, 3, C, H, W\) with "
+                                                 r"C, H, W >= 1, got \(2, 3, 8, "):
+                ops.render_triplane(planes[sl], o, d, w, backend=backend, **kw)
+
+
+@needs_cpp
+@pytest.mark.parametrize("what", ["stratified_noise", "importance_u", "ray_origins"])
+def test_render_triplane_nan_input_depth_as_reference(what):
+    # a NaN depth sample makes the reference's depth clamp (min / max of all depths, as EG3D)
+    # NaN, so its whole depth map is NaN; the compiled path clamped its ray chunks to a NaN
+    # depth_range that the kernels ignore, and gave finite depths
+    planes, o, d, w = scene()
+    kw = _render_kw(2, 16, nc=8, nf=4)
+    args = {"ray_origins": o.clone(), **kw}
+    args[what] = args[what].clone()
+    args[what][1, 5, 0] = math.nan
+    o2 = args.pop("ray_origins")
+    with torch.no_grad():
+        out = ops.render_triplane(planes, o2, d, w, backend="cpu", **args)
+        ref = render_triplane_reference(planes, o2, d, w, **args)
+    assert bool(ref[1].isnan().all()) and bool(out[1].isnan().all())
+    for a, b in ((out[0], ref[0]), (out[2], ref[2])):
+        assert torch.equal(a.isnan(), b.isnan())
+        assert_close(a.nan_to_num(), b.nan_to_num())
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpp)])

@@ -17,8 +17,8 @@ import dataclasses
 import torch
 
 from pyface import _backend
-from pyface.ops._checks import (ShapeChecker, check_autodiff_mode, check_choice, check_positive,
-                                has_values, is_number)
+from pyface.ops._checks import (MAX_PLANE_SIZE, ShapeChecker, check_autodiff_mode, check_choice,
+                                check_positive, has_values, is_number)
 from pyface.ops.reference.raster import (
     CULL_MODES,
     points_to_triplane_reference,
@@ -244,7 +244,7 @@ def points_to_triplane(points: torch.Tensor, features: torch.Tensor, resolution,
     Args:
         points: (B, N, 3) world coordinates; N = 0 gives empty planes (as no valid point).
         features: (B, N, C).
-        resolution: int or (H, W) of each plane.
+        resolution: int or (H, W) of each plane, H, W <= 2^24 (as in ``triplane_sample``).
         plane_axes: ``"eg3d"`` (EG3D / OTAvatar checkpoints: planes (x, y), (x, z), (z, x)) or
             ``"xy_xz_zy"`` (corrected: (x, y), (x, z), (z, y); GOHA, Export3D, MMFA). Required,
             with no default: the planes' axes are a property of the checkpoint / the network
@@ -267,6 +267,9 @@ def points_to_triplane(points: torch.Tensor, features: torch.Tensor, resolution,
     if valid is not None:
         chk.tensor("valid", valid, "B N", dtypes=(torch.bool,))
     H, W = _image_hw("resolution", resolution)
+    if max(H, W) > MAX_PLANE_SIZE:  # the planes' limit in triplane_sample / render_triplane
+        raise ValueError(f"resolution: expected H, W <= 2^24 = {MAX_PLANE_SIZE} (the tri-plane "
+                         f"size limit of triplane_sample), got {resolution!r}")
     check_choice("plane_axes", plane_axes, PLANE_AXES)
     check_positive("box_size", box_size)
     if not isinstance(align_corners, bool):

@@ -8,6 +8,7 @@ activation memory), or as one fused Triton kernel per ray block.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Callable, Sequence
 
@@ -129,7 +130,8 @@ def mip_composite(features: torch.Tensor, densities: torch.Tensor, depths: torch
         depths: (B, R, S) increasing sample depths.
         density_bias: added before the softplus (EG3D: -1).
         white_back: composite over a white background.
-        depth_range: optional (2,) tensor (min, max) for the depth clamp.
+        depth_range: optional (2,) tensor (min, max) for the depth clamp: finite,
+            min <= max.
         backend: ``None``, ``"reference"``, ``"cpu"`` or ``"cuda"``.
 
     Precision: float16 / bfloat16 inputs are computed in float32 and returned in the dtype of
@@ -139,6 +141,16 @@ def mip_composite(features: torch.Tensor, densities: torch.Tensor, depths: torch
     Returns:
         features_out (B, R, C), depth (B, R, 1), weights (B, R, S - 1).
     """
+    return _mip_composite(features, densities, depths, density_bias=density_bias,
+                          white_back=white_back, depth_range=depth_range, backend=backend,
+                          _check_values=True)
+
+
+def _mip_composite(features, densities, depths, *, density_bias, white_back, depth_range,
+                   backend, _check_values):
+    """:func:`mip_composite`; ``_check_values=False`` (the renderer's own chunks, whose
+    ``depth_range`` is the min / max of its depths) skips reading ``depth_range``'s values,
+    a device sync per chunk."""
     chk = ShapeChecker()
     chk.tensor("features", features, "B R S C")
     chk.tensor("densities", densities, "B R S")
@@ -150,6 +162,13 @@ def mip_composite(features: torch.Tensor, densities: torch.Tensor, depths: torch
     out_dtype, (features, densities, depths) = _float32_compute(features, densities, depths)
     if depth_range is not None:
         chk.tensor("depth_range", depth_range, "2")
+        if _check_values and has_values(depth_range):
+            lo, hi = depth_range.tolist()
+            if not (is_finite(lo) and is_finite(hi) and lo <= hi):
+                # (the backends disagreed: the reference clamps to NaN, or to max when
+                # min > max, the compiled kernels ignore a NaN bound and clamp to min)
+                raise ValueError(f"depth_range: expected finite (min, max) with min <= max, got "
+                                 f"({lo}, {hi})")
     if not isinstance(white_back, bool):
         raise TypeError(f"white_back: expected bool, got {type(white_back).__name__}")
     check_finite("density_bias", density_bias)
@@ -247,8 +266,13 @@ def sample_importance(depths: torch.Tensor, weights: torch.Tensor, n_importance:
     with torch.no_grad(), _no_autocast(depths.device):
         if name == "reference":
             return sample_importance_reference(depths, weights, M, u).to(out_dtype)
-        return torch.ops.pyface.sample_importance(depths.detach(), weights.detach(),
-                                                  u.detach()).to(out_dtype)
+        out = torch.ops.pyface.sample_importance(depths.detach(), weights.detach(), u.detach())
+        # A NaN weight makes the ray's whole pdf NaN in the reference (EG3D's max_pool1d
+        # propagates it); the kernels' smoothing max drops a NaN first weight: NaN samples for
+        # such a ray on every backend.
+        out = torch.where(weights.isnan().any(-1, keepdim=True),
+                          torch.full((), math.nan, dtype=out.dtype, device=out.device), out)
+        return out.to(out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,9 +380,10 @@ def _final_pass(planes, o, d, t, depth_range, opts, decoder, *weights):
     dec = weights if _is_osg(decoder) else decoder
     B, R, S = t.shape
     rgb, sigma = _decode(dec, planes, _points(o, d, t), plane_axes, box_size, backend)
-    feats, depth, w = mip_composite(rgb.reshape(B, R, S, rgb.shape[-1]), sigma.reshape(B, R, S), t,
-                                    density_bias=density_bias, white_back=white_back,
-                                    depth_range=depth_range, backend=backend)
+    feats, depth, w = _mip_composite(rgb.reshape(B, R, S, rgb.shape[-1]), sigma.reshape(B, R, S),
+                                     t, density_bias=density_bias, white_back=white_back,
+                                     depth_range=depth_range, backend=backend,
+                                     _check_values=False)
     return feats, depth, w.sum(-1, keepdim=True)
 
 
@@ -451,10 +476,10 @@ class _OSGFinalPass(torch.autograd.Function):
         feats = triplane_sample(planes, _points(o, d, t), plane_axes=plane_axes,
                                 box_size=box_size, reduce="mean", backend=backend)
         rgb, sigma = _osg_mlp_blocked(feats.reshape(B * R * S, feats.shape[-1]), w1, b1, w2, b2)
-        out_f, depth, w = mip_composite(rgb.reshape(B, R, S, rgb.shape[-1]),
-                                        sigma.reshape(B, R, S), t, density_bias=density_bias,
-                                        white_back=white_back, depth_range=depth_range,
-                                        backend=backend)
+        out_f, depth, w = _mip_composite(rgb.reshape(B, R, S, rgb.shape[-1]),
+                                         sigma.reshape(B, R, S), t, density_bias=density_bias,
+                                         white_back=white_back, depth_range=depth_range,
+                                         backend=backend, _check_values=False)
         ctx.save_for_backward(planes, o, d, t, depth_range, feats, w1, b1, w2, b2)
         ctx.opts = opts
         return out_f, depth, w.sum(-1, keepdim=True)
@@ -519,7 +544,13 @@ def _render_compiled(planes, ray_origins, ray_dirs, decoder, near, far, n_coarse
             outs.append(torch.utils.checkpoint.checkpoint(_final_pass, *args, use_reentrant=False))
         else:
             outs.append(_final_pass(*args))
-    return tuple(torch.cat([o[i] for o in outs], 1) for i in range(3))
+    feats, depth, wsum = (torch.cat([o[i] for o in outs], 1) for i in range(3))
+    # The chunks clamp to depth_range, whose NaN bounds the kernels ignore; one composite of all
+    # rays (and the reference, as EG3D) clamps to the min / max of all depths, NaN when a depth
+    # is NaN (a NaN ray or noise): the whole depth map is NaN then, here too.
+    depth = torch.where(depth_range.isnan().any(), torch.full((), math.nan, dtype=depth.dtype,
+                                                              device=depth.device), depth)
+    return feats, depth, wsum
 
 
 def render_triplane(planes: torch.Tensor, ray_origins: torch.Tensor, ray_dirs: torch.Tensor,
@@ -588,6 +619,10 @@ def render_triplane(planes: torch.Tensor, ray_origins: torch.Tensor, ray_dirs: t
     chk.tensor("planes", planes, "B 3 C H W")
     chk.tensor("ray_origins", ray_origins, "B R 3")
     chk.tensor("ray_dirs", ray_dirs, "B R 3")
+    if min(planes.shape[2:]) < 1:   # as triplane_sample, every backend alike (grid_sample of
+        # the reference raised its own words, naming no argument)
+        raise ValueError(f"planes: expected shape (B, 3, C, H, W) with C, H, W >= 1, got "
+                         f"{tuple(planes.shape)}")
     check_plane_size(planes)        # triplane_sample's limit, for every backend alike
     check_choice("plane_axes", plane_axes, PLANE_AXES)
     check_positive("box_size", box_size)

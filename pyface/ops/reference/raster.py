@@ -166,9 +166,13 @@ def interpolate_attributes_reference(attributes, faces, face_index, bary, B=None
     vid = faces[fi.clamp(min=0)]  # (B, P, 3)
     g = torch.gather(attributes, 1, vid.reshape(B, 3 * H * W, 1).expand(-1, -1, C))  # (B, 3P, C)
     g = g.reshape(B, H * W, 3, C)
-    w = torch.where((fi >= 0)[..., None], bary.reshape(B, H * W, 3),
+    hit = (fi >= 0)[..., None]
+    w = torch.where(hit, bary.reshape(B, H * W, 3),
                     torch.zeros((), dtype=bary.dtype, device=bary.device))
-    out = (g * w.to(g.dtype)[..., None]).sum(2)  # (B, P, C)
+    # (the where after the sum too: an empty pixel reads face 0's attributes with weight 0, and
+    # 0 * NaN / inf would put NaN there; the compiled kernels leave empty pixels 0)
+    out = torch.where(hit, (g * w.to(g.dtype)[..., None]).sum(2),
+                      torch.zeros((), dtype=g.dtype, device=g.device))  # (B, P, C)
     return out.permute(0, 2, 1).reshape(B, C, H, W)
 
 
