@@ -861,6 +861,12 @@ def test_load_options_refuse_architecture_keys_and_bad_values(tiny_run):
                        r"'none'\), got 'fresh'"),
                       ({"generator.render.recompute": "all"},
                        r"model.generator.render.recompute: expected true, false or 'decoder'"),
+                      ({"generator.render.recompute": None},
+                       r"model.generator.render.recompute: expected true, false or 'decoder', "
+                       r"got None$"),
+                      ({"generator.render.recompute": 2},
+                       r"model.generator.render.recompute: expected true, false or 'decoder', "
+                       r"got 2$"),
                       ({"generator.render.chunk_points": 0},
                        r"model.generator.render.chunk_points: expected an int >= 1")]:
         with pytest.raises(ValueError, match=msg):

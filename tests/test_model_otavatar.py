@@ -432,6 +432,10 @@ def test_load_options_set_the_renderers_samples_and_execution(run):
                        r"model.render.depth_resolution: expected an int >= 2, got 1"),
                       ({"render.recompute": "sometimes"},
                        r"model.render.recompute: expected true, false or 'decoder'"),
+                      ({"render.recompute": None},
+                       r"model.render.recompute: expected true, false or 'decoder', got None$"),
+                      ({"render.recompute": 2},
+                       r"model.render.recompute: expected true, false or 'decoder', got 2$"),
                       ({"render.backend": "fast"},
                        r"model.render.backend: expected one of \['reference', 'cpu', 'cuda', "
                        r"'triton'\] or None \(the default for the device\), got 'fast'"),

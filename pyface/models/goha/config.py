@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pyface.train.model import check_choice
 
@@ -91,9 +92,10 @@ class GOHAConfig:
     render_chunk_points: int | None = None  # samples per chunk of the fused renderer, each
     # recomputed in the backward (None: the op's default, 131072; the tiny preset: 8192, six
     # chunks of its 32^2 x (12 + 12) render at batch 2, 49152 samples)
-    render_recompute: bool | str = True  # the fused renderer's backward: True recomputes each
-    # chunk (sampling, decoder, compositing); "decoder" keeps the sampled plane features (C
-    # floats per sample) and recomputes only the decoder and the compositing (faster on CPU)
+    render_recompute: bool | Literal["decoder"] = True  # the fused renderer's backward: True
+    # recomputes each chunk (sampling, decoder, compositing); "decoder" keeps the sampled plane
+    # features (C floats per sample) and recomputes only the decoder and the compositing
+    # (faster on CPU)
     decoder_hidden: int = 64
     decoder_features: int = 32          # OSGDecoder feature outputs (GOHA: 1 + 32 = 33)
     # --- s1 schedule ------------------------------------------------------------------------
