@@ -544,6 +544,47 @@ def test_targets_resized_by_the_evaluator_are_8_bit_as_the_loaders_are(root):
         torch.testing.assert_close(got.sheet[k], want.sheet[k], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("src,dst", [(96, 64), (50, 32), (64, 96), (32, 50)])
+def test_evaluator_resize_is_the_loaders_when_shrinking_and_enlarging(src, dst):
+    """The evaluator's own resize of frames and masks (a dataset object of frames of another
+    size) gives what pyface's uint8 loader gives at the evaluation resolution, shrinking and
+    enlarging alike: the same 8-bit frames, the same mask pixels (a uint8 mask; the float
+    mask of the float32 loader but at exact ties); a frame resized without the 8-bit rounding,
+    or a mask thresholded before its resize, differs."""
+    from pyface.data.datasets import _to_image, _to_mask
+    from pyface.eval.evaluate import _resize_frames, _resize_mask
+
+    rng = np.random.default_rng(src * 100 + dst)
+    arr = rng.integers(0, 256, (src, src, 3), dtype=np.uint8)
+    ys, xs = np.mgrid[:src, :src]
+    mask = np.clip((xs + ys) * 255 / (2 * src) + rng.normal(0, 25, (src, src)), 0,
+                   255).astype(np.uint8)       # graded: many pixels near the threshold
+    want = M.prepare_data(_to_image(arr, dst)[None])
+    got = _resize_frames(M.prepare_data(_to_image(arr, None)[None]), (dst, dst))
+    assert got.dtype == torch.float64 and torch.equal(got, want)
+    unrounded = torch.nn.functional.interpolate(M.prepare_data(_to_image(arr, None)[None]),
+                                                size=(dst, dst), mode="bilinear",
+                                                antialias=True, align_corners=False)
+    assert not torch.allclose(unrounded, want, rtol=0, atol=1e-3)
+    want = M.prepare_mask(_to_mask(mask, dst)[None])
+    got = _resize_mask(_to_mask(mask, None)[None], (dst, dst))
+    assert got.dtype == torch.bool and got.shape == (1, 1, dst, dst)
+    assert torch.equal(got, want)
+    # the float mask (values in [0, 1], resized as values): the float32 loader's pixels but
+    # those whose resized level is a tie, 127.5 to float rounding (enlarging by 1.5 makes them)
+    want = M.prepare_mask(_to_mask(mask, dst, torch.float32)[None])
+    got = _resize_mask(_to_mask(mask, None, torch.float32)[None], (dst, dst))
+    levels = torch.nn.functional.interpolate(torch.from_numpy(mask)[None, None].float(),
+                                             size=(dst, dst), mode="bilinear", antialias=True,
+                                             align_corners=False)
+    away = (levels - 127.5).abs() > 1e-3
+    assert got.dtype == torch.bool and torch.equal(got[away], want[away])
+    early = torch.nn.functional.interpolate(
+        M.prepare_mask(_to_mask(mask, None)[None]).double(), size=(dst, dst), mode="bilinear",
+        antialias=True, align_corners=False) > 0.5
+    assert not torch.equal(early, M.prepare_mask(_to_mask(mask, dst)[None]))
+
+
 def test_float_frames_in_0_1_score_as_their_uint8_originals(root):
     """A dataset with float frames in [0, 1] (``image_dtype=torch.float32``) gives the metrics
     of the same frames stored as uint8: targets (and CSIM sources, sheets) are read in [0, 1],

@@ -3,6 +3,7 @@ identity networks and the identity metrics."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -81,3 +82,21 @@ def test_warp_affine_puts_pixel_centres_at_integers():
                        match=r"images: expected shape \(B, C, H, W\), got \(2, 9, 11\)"):
         warp_affine(img[0], M, (4, 4))
     assert warp_affine(img[:0], M[:0], (4, 5)).shape == (0, 2, 4, 5)
+
+
+def test_warp_affine_size_is_a_square_int_or_a_pair_and_bad_arguments_are_named():
+    img = torch.rand(2, 3, 6, 7, generator=torch.Generator().manual_seed(1))
+    M = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, -0.5]]).expand(2, 2, 3)
+    square = warp_affine(img, M, 5)
+    assert square.shape == (2, 3, 5, 5)
+    assert torch.equal(square, warp_affine(img, M, (5, 5)))
+    for bad in (0, -3, True, (4,), (4, 5, 6), (4, 0), (4.0, 5), "5", None):
+        with pytest.raises(ValueError, match=r"size: expected a positive integer n or a pair of "
+                                             r"positive integers \(h, w\), got "
+                                             + re.escape(repr(bad))):
+            warp_affine(img, M, bad)
+    with pytest.raises(TypeError, match=r"images: expected a torch.Tensor .* got ndarray"):
+        warp_affine(img.numpy(), M, 5)
+    with pytest.raises(TypeError, match=r"matrix: expected a torch.Tensor of shape \(2, 2, 3\), "
+                                        r"got list"):
+        warp_affine(img, M.tolist(), 5)

@@ -3,9 +3,11 @@ hand transcription of EG3D's published module structure, the training recipe on 
 from __future__ import annotations
 
 import collections
+import json
 import math
 import os
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -859,6 +861,12 @@ def test_load_options_refuse_architecture_keys_and_bad_values(tiny_run):
                        r"'none'\), got 'fresh'"),
                       ({"generator.render.recompute": "all"},
                        r"model.generator.render.recompute: expected true, false or 'decoder'"),
+                      ({"generator.render.recompute": None},
+                       r"model.generator.render.recompute: expected true, false or 'decoder', "
+                       r"got None$"),
+                      ({"generator.render.recompute": 2},
+                       r"model.generator.render.recompute: expected true, false or 'decoder', "
+                       r"got 2$"),
                       ({"generator.render.chunk_points": 0},
                        r"model.generator.render.chunk_points: expected an int >= 1")]:
         with pytest.raises(ValueError, match=msg):
@@ -1209,6 +1217,55 @@ def test_cli_invert_option_reaches_a_run_generator(tiny_run, tmp_path, capsys, m
                         "generator.render.depth_resolution=3", "--option",
                         "generator.render.depth_resolution_importance=0"]) == 0
     assert marched and set(marched) == {(3, 0)}
+
+
+def test_importance_option_refused_by_saved_coarse_samples_names_its_own_key(tiny_run,
+                                                                            tmp_path, capsys):
+    """Importance samples given as an option to a generator saved with fewer than 4 coarse
+    samples (and none of importance) are refused naming the key that was set,
+    model.generator.render.depth_resolution_importance (not the saved depth_resolution), so
+    that pyface invert exits 2 naming it, not 1 blaming --checkpoint; the coarse count set
+    with it is still the one named."""
+    from pyface.cli import main
+    from pyface.models.eg3d.pipeline import load_generator
+    from pyface.train.monitor import save_png
+
+    run, _ = tiny_run
+    G = load_generator(run)
+    G.cfg.render.depth_resolution, G.cfg.render.depth_resolution_importance = 3, 0
+    conv = _converted_release(G, tmp_path / "coarse3")
+    assert load_generator(conv).renderer.config.depth_resolution == 3
+    want = (r"model.generator.render.depth_resolution_importance: expected 0 with fewer than 4 "
+            r"coarse samples \(depth_resolution 3\), got 5")
+    with pytest.raises(ValueError, match=want):
+        load_generator(conv, options={"generator.render.depth_resolution_importance": 5})
+    with pytest.raises(ValueError, match=r"model.generator.render.depth_resolution: expected "
+                                         r">= 4 with importance samples "
+                                         r"\(depth_resolution_importance 5\), got 2"):
+        load_generator(conv, options={"generator.render.depth_resolution": 2,
+                                      "generator.render.depth_resolution_importance": 5})
+    # a training run saved with 3 coarse samples and none of importance: the same
+    copy = tmp_path / "run3"
+    shutil.copytree(run, copy)
+    latest = ckpt.latest_checkpoint(str(copy))
+    with open(os.path.join(latest, "meta.json")) as f:
+        meta = json.load(f)
+    meta["experiment"]["model_config"]["generator"]["render"].update(
+        depth_resolution=3, depth_resolution_importance=0)
+    with open(os.path.join(latest, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    assert load_generator(str(copy)).renderer.config.depth_resolution == 3
+    with pytest.raises(ValueError, match=want):
+        load_generator(str(copy), options={"generator.render.depth_resolution_importance": 5})
+    save_png(_Frames(2, 16)[0]["image"], str(tmp_path / "src.png"))
+    capsys.readouterr()
+    assert main(["invert", "eg3d", str(tmp_path / "src.png"), "--checkpoint", conv, "--steps",
+                 "1", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "inv"),
+                 "--option", "generator.render.depth_resolution_importance=5"]) == 2
+    assert capsys.readouterr().err == (
+        "pyface invert: model.generator.render.depth_resolution_importance: expected 0 with "
+        "fewer than 4 coarse samples (depth_resolution 3), got 5\n")
+    assert not (tmp_path / "inv").exists()
 
 
 def test_cli_option_value_the_saved_config_refuses_exits_2_in_both_animations(tiny_run, tmp_path,

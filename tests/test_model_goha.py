@@ -426,6 +426,57 @@ def test_load_options_set_the_renderers_samples_and_execution(tiny_run):
     assert animate(fewer).shape == animate(saved).shape
 
 
+def test_importance_option_refused_by_saved_coarse_samples_names_its_own_key(
+        tiny_run, data_root, tmp_path, capsys):
+    """A run saved with 3 coarse samples and no importance samples, loaded with importance
+    samples as an option: refused naming the key that was set, model.depth_samples_importance
+    (not the saved depth_samples), before the model is built, and pyface animate exits 2 with
+    that message; the coarse count, when set with it, is the one named; too few lift samples
+    name model.lift_samples."""
+    import glob
+    import json
+    import os
+    import shutil
+
+    from pyface import checkpoint as ckpt
+    from pyface.cli import main
+
+    copy = tmp_path / "coarse3"
+    shutil.copytree(tiny_run, copy)
+    latest = ckpt.latest_checkpoint(str(copy))
+    with open(os.path.join(latest, "meta.json")) as f:
+        meta = json.load(f)
+    meta["experiment"]["model_config"].update(depth_samples=3, depth_samples_importance=0)
+    with open(os.path.join(latest, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    saved = pyface.models.load("goha_s1", str(copy), device="cpu")
+    rc = saved.model.renderer.config
+    assert (rc.depth_resolution, rc.depth_resolution_importance) == (3, 0)
+    want = ("model.depth_samples_importance: expected 0 with fewer than 4 coarse samples "
+            "(depth_samples 3), got 5")
+    for key in ("depth_samples_importance", "model.depth_samples_importance"):
+        with pytest.raises(ValueError) as exc:
+            pyface.models.load("goha_s1", str(copy), device="cpu", options={key: 5})
+        assert str(exc.value) == want
+    for opts, msg in (({"depth_samples": 2, "depth_samples_importance": 5},
+                       "model.depth_samples: expected >= 4 with importance samples "
+                       "(depth_samples_importance 5), got 2"),
+                      ({"lift_samples": 3, "depth_samples_importance": 0},
+                       "model.lift_samples: expected >= 4 (the lift render takes as many "
+                       "importance samples), got 3")):
+        with pytest.raises(ValueError) as exc:
+            pyface.models.load("goha_s1", str(copy), device="cpu", options=opts)
+        assert str(exc.value) == msg
+    videos = sorted(os.path.dirname(p) for p in
+                    glob.glob(f"{data_root}/**/coeffs.npy", recursive=True))
+    capsys.readouterr()
+    assert main(["animate", "goha_s1", "--checkpoint", str(copy), "--source", videos[0],
+                 "--driving", videos[-1], "--frames", "2", "--device", "cpu", "--no-progress",
+                 "--out", str(tmp_path / "a.mp4"),
+                 "--option", "depth_samples_importance=5"]) == 2
+    assert capsys.readouterr().err == f"pyface animate: {want}\n"
+
+
 def test_pipeline_on_a_tiny_checkpoint(tiny_run):
     pipe = pyface.models.load("goha_s1", str(tiny_run), device="cpu")
     assert pipe.resolution == 32 and pipe.input_resolution == 64

@@ -432,6 +432,10 @@ def test_load_options_set_the_renderers_samples_and_execution(run):
                        r"model.render.depth_resolution: expected an int >= 2, got 1"),
                       ({"render.recompute": "sometimes"},
                        r"model.render.recompute: expected true, false or 'decoder'"),
+                      ({"render.recompute": None},
+                       r"model.render.recompute: expected true, false or 'decoder', got None$"),
+                      ({"render.recompute": 2},
+                       r"model.render.recompute: expected true, false or 'decoder', got 2$"),
                       ({"render.backend": "fast"},
                        r"model.render.backend: expected one of \['reference', 'cpu', 'cuda', "
                        r"'triton'\] or None \(the default for the device\), got 'fast'"),
@@ -448,6 +452,53 @@ def test_load_options_set_the_renderers_samples_and_execution(run):
     rc = coarse.model.generator.renderer.config
     assert (rc.depth_resolution, rc.depth_resolution_importance) == (3, 0)
     assert render(coarse).shape == render(saved).shape
+
+
+def test_importance_option_refused_by_saved_coarse_samples_names_its_own_key(run, data,
+                                                                            tmp_path, capsys):
+    """A run saved with render overrides of 3 coarse samples and no importance samples, loaded
+    with importance samples as an option: refused naming the key that was set,
+    model.render.depth_resolution_importance (not the saved depth_resolution), and pyface
+    animate exits 2 with that message; the coarse count, when set with it, is the one named."""
+    import json
+    import os
+    import shutil
+
+    from pyface.cli import main
+
+    r, _ = run
+    copy = tmp_path / "coarse3"
+    shutil.copytree(r, copy)
+    latest = ckpt.latest_checkpoint(str(copy))
+    with open(os.path.join(latest, "meta.json")) as f:
+        meta = json.load(f)
+    meta["experiment"]["model_config"]["render"] = {
+        **(meta["experiment"]["model_config"].get("render") or {}),
+        "depth_resolution": 3, "depth_resolution_importance": 0}
+    with open(os.path.join(latest, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    saved = pyface.models.load("otavatar", str(copy), device="cpu")
+    rc = saved.model.generator.renderer.config
+    assert (rc.depth_resolution, rc.depth_resolution_importance) == (3, 0)
+    want = ("model.render.depth_resolution_importance: expected 0 with fewer than 4 coarse "
+            "samples (depth_resolution 3), got 5")
+    for key in ("render.depth_resolution_importance", "model.render.depth_resolution_importance"):
+        with pytest.raises(ValueError) as exc:
+            pyface.models.load("otavatar", str(copy), device="cpu", options={key: 5})
+        assert str(exc.value) == want
+    with pytest.raises(ValueError, match=r"^model.render.depth_resolution: expected >= 4 with "
+                                         r"importance samples \(depth_resolution_importance "
+                                         r"5\), got 2$"):
+        pyface.models.load("otavatar", str(copy), device="cpu",
+                           options={"render.depth_resolution": 2,
+                                    "render.depth_resolution_importance": 5})
+    folders = _folders(data)
+    capsys.readouterr()
+    assert main(["animate", "otavatar", "--checkpoint", str(copy), "--source", folders[0],
+                 "--driving", folders[1], "--frames", "2", "--device", "cpu", "--no-progress",
+                 "--out", str(tmp_path / "a.mp4"),
+                 "--option", "render.depth_resolution_importance=5"]) == 2
+    assert capsys.readouterr().err == f"pyface animate: {want}\n"
 
 
 def test_pipeline_from_a_converted_release(tmp_path):

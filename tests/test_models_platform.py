@@ -292,6 +292,38 @@ def test_load_options_replace_the_saved_inference_options_only(example_run, monk
         pyface.models.load("example", str(example_run), options=["depth_samples=2"])
 
 
+def test_check_option_values_sees_the_options_with_the_saved_config_before_the_build(
+        example_run, monkeypatch):
+    """The generic load calls the model class's ``check_option_values(cfg, options)`` with the
+    complete config (options in) and the options alone, before the model is built, only when
+    options are given; its ValueError is load's error (the model is never built)."""
+    seen, built = [], []
+    monkeypatch.setattr(TriplaneAutoencoder, "inference_options", ("depth_samples", "hidden"))
+
+    def check(cls, cfg, options):
+        seen.append((cfg.depth_samples, cfg.plane_channels, dict(options)))
+        if options.get("hidden") == 3:
+            raise ValueError("model.hidden: refused with the saved config")
+
+    init = TriplaneAutoencoder.__init__
+
+    def recording_init(self, *a, **k):
+        built.append(1)
+        init(self, *a, **k)
+
+    monkeypatch.setattr(TriplaneAutoencoder, "check_option_values", classmethod(check))
+    monkeypatch.setattr(TriplaneAutoencoder, "__init__", recording_init)
+    pyface.models.load("example", str(example_run), device="cpu")
+    assert seen == [] and built == [1]
+    saved = pyface.models.load("example", str(example_run), device="cpu").model.cfg
+    pyface.models.load("example", str(example_run), device="cpu",
+                       options={"model.depth_samples": 2})
+    assert seen == [(2, saved.plane_channels, {"depth_samples": 2})] and len(built) == 3
+    with pytest.raises(ValueError, match=r"^model.hidden: refused with the saved config$"):
+        pyface.models.load("example", str(example_run), device="cpu", options={"hidden": 3})
+    assert len(built) == 3                              # refused before the model was built
+
+
 @pytest.mark.parametrize("name", ["eg3d", "export3d", "mmfa", "goha", "otavatar"])
 def test_declared_inference_options_are_fields_of_the_config(name):
     """Every declared inference option is a field of the model's config that the default

@@ -131,3 +131,20 @@ def test_align_crops_names_mismatched_landmarks():
     with pytest.raises(ValueError, match=r"landmarks: expected shape \(2, 68, 2\) .*got \(68, 2\)"):
         align_crops(torch.rand(2, 3, 64, 64), torch.rand(68, 2))
     assert align_crops(torch.rand(0, 3, 64, 64), torch.rand(0, 68, 2)).shape == (0, 3, 128, 128)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_align_crops_gradients_reach_the_images_not_the_landmarks(dtype):
+    # OTAvatar's identity loss trains through the crops: the images get a gradient (the crop's
+    # pixels are bilinear mixes of theirs), the landmarks none (the alignment is fixed), in
+    # either dtype; the crops keep the images' dtype whatever the landmarks' dtype
+    g = torch.Generator().manual_seed(4)
+    img = torch.rand(2, 3, 96, 96, generator=g, dtype=dtype).requires_grad_(True)
+    lm = (torch.rand(2, 68, 2, generator=g, dtype=dtype) * 40 + 28).requires_grad_(True)
+    crop = align_crops(img, lm)
+    assert crop.dtype == dtype and crop.shape == (2, 3, 128, 128)
+    weights = torch.rand(crop.shape, generator=g, dtype=dtype)
+    (crop * weights).sum().backward()
+    assert img.grad is not None and img.grad.dtype == dtype and img.grad.abs().sum() > 0
+    assert lm.grad is None
+    assert align_crops(img.detach(), lm.detach().double()).dtype == dtype

@@ -18,6 +18,8 @@ identity losses) and the identity metrics (``pyface.eval.identity``: csim, aed_i
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -92,22 +94,43 @@ def pixel_centres(landmarks: torch.Tensor) -> torch.Tensor:
     return landmarks - 0.5
 
 
-def warp_affine(images: torch.Tensor, matrix: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _output_size(size) -> tuple[int, int]:
+    """:func:`warp_affine`'s ``size`` (``n`` or ``(h, w)``, positive integers) as ``(h, w)``."""
+    expected = "a positive integer n or a pair of positive integers (h, w)"
+    pair = (size, size) if isinstance(size, numbers.Integral) else size
+    try:
+        h, w = pair
+    except (TypeError, ValueError):
+        raise ValueError(f"size: expected {expected}, got {size!r}") from None
+    if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s <= 0 for s in (h, w)):
+        raise ValueError(f"size: expected {expected}, got {size!r}")
+    return int(h), int(w)
+
+
+def warp_affine(images: torch.Tensor, matrix: torch.Tensor,
+                size: int | tuple[int, int]) -> torch.Tensor:
     """images: (B, C, H, W); matrix: (B, 2, 3) mapping input pixels to output pixels, both in
-    pixel-centre coordinates (pixel i's centre at i) -> (B, C, size[0], size[1]);
+    pixel-centre coordinates (pixel i's centre at i); size: the output's ``(h, w)``, or one
+    integer for a square -> (B, C, h, w);
     ``out(q) = images(M^-1 q)``, bilinear, zeros outside (``cv2.warpAffine`` with
     ``INTER_LINEAR`` and a black border). Differentiable with respect to ``images``; the
     sampling grid is computed in float64, then cast to ``images.dtype``."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images: expected a torch.Tensor of shape (B, C, H, W), got "
+                        f"{type(images).__name__}")
     if images.ndim != 4:
         raise ValueError(f"images: expected shape (B, C, H, W), got {tuple(images.shape)}")
     B, _, H, W = images.shape
+    if not isinstance(matrix, torch.Tensor):
+        raise TypeError(f"matrix: expected a torch.Tensor of shape ({B}, 2, 3), got "
+                        f"{type(matrix).__name__}")
     if matrix.shape != (B, 2, 3):
         raise ValueError(f"matrix: expected shape ({B}, 2, 3), got {tuple(matrix.shape)}")
+    h, w = _output_size(size)
     dev = images.device
     M = matrix.to(dev, torch.float64)
     Ainv = torch.linalg.inv(M[:, :, :2])
     tinv = -(Ainv @ M[:, :, 2:]).squeeze(-1)
-    h, w = size
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64, device=dev),
                             torch.arange(w, dtype=torch.float64, device=dev), indexing="ij")
     q = torch.stack([xs, ys], -1).reshape(1, h * w, 2)

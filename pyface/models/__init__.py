@@ -167,6 +167,9 @@ def load(name: str, checkpoint: str, *, device: str | torch.device | None = None
                                    f"{cls.__name__}.Config: {exc}") from None
     if opts:    # the saved config with the inference options replaced (errors name model.KEY)
         cfg = from_dict(cls.Config, with_options(saved, opts), prefix="model.")
+        check = getattr(cls, "check_option_values", None)
+        if check is not None:   # the options with the saved values (a clash names the option)
+            check(cfg, opts)
         log.info("inference options of %s: %s", name, opts)
     _relocate_stages(cls, cfg, pre.path)
     model = cls(cfg)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -105,7 +106,7 @@ class RenderConfig:
     density_bias: float = -1.0
     white_back: bool = False
     backend: str | None = None
-    recompute: bool | str = True
+    recompute: bool | Literal["decoder"] = True
     chunk_points: int | None = None
 
     @classmethod

@@ -273,6 +273,15 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return _convert(value, a, key)
             except ConfigError as exc:
                 errors.append(str(exc))
+        literals = [x for a in args if typing.get_origin(a) is typing.Literal
+                    for x in typing.get_args(a)]
+        if bool in args and literals and all(a in (bool, type(None)) or typing.get_origin(a)
+                                             is typing.Literal for a in args):
+            # bool | Literal[...] (e.g. recompute: true, false or 'decoder'): every choice
+            choices = ["true", "false"] + [repr(x) for x in literals] \
+                + (["null"] if type(None) in args else [])
+            raise ConfigError(f"{key}: expected {', '.join(choices[:-1])} or {choices[-1]}, "
+                              f"got {plain!r}")
         raise ConfigError(errors[0] if errors else f"{key}: cannot convert {value!r}")
     if origin is typing.Literal:
         allowed = typing.get_args(tp)

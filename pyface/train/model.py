@@ -220,6 +220,15 @@ class TrainableModel(nn.Module):
     #: :func:`option_path`). Empty: none.
     inference_options: tuple[str, ...] = ()
 
+    @classmethod
+    def check_option_values(cls, cfg, options: dict) -> None:
+        """``options`` (inference options, ``{key: value}`` without ``model.``) set in a saved
+        config, ``cfg`` (the complete config with them), checked against the saved values
+        before the model is built (``pyface.models.load``), so that a clash names the key that
+        was set where the model's own checks, which cannot tell given from saved values, would
+        name the other one (GOHA: importance samples given for a run saved with fewer than 4
+        coarse samples). A ValueError naming ``model.KEY``; the default checks nothing."""
+
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         raise NotImplementedError
 

@@ -128,6 +128,22 @@ def config_from_dict(d: dict) -> EG3DGeneratorConfig:
     return EG3DGeneratorConfig(**d)
 
 
+def check_option_sample_counts(cfg: EG3DGeneratorConfig, options: dict | None) -> None:
+    """The samples per ray of saved generator config ``cfg`` with inference ``options`` set in
+    it (``{"render.depth_resolution": ...}``, keys relative to the generator config): >= 4
+    coarse samples with importance samples (:func:`pyface.nn.render.check_sample_counts`),
+    checked before the generator is built so that the error names the key that was set:
+    ``model.generator.render.depth_resolution_importance`` when only it was given (the saved
+    coarse count is what it does not fit), ``...depth_resolution`` otherwise (as
+    :class:`EG3DGenerator` names it)."""
+    from pyface.nn.render import check_sample_counts
+
+    opts = options or {}
+    blame = ("depth_resolution_importance" if "render.depth_resolution_importance" in opts
+             and "render.depth_resolution" not in opts else "depth_resolution")
+    check_sample_counts(cfg.render, "model.generator.render", blame=blame)
+
+
 def load_converted(path: str, *, device="cpu", options: dict | None = None):
     """A ``pyface convert eg3d`` folder (or the generator of a ``pyface convert otavatar``
     folder) -> :class:`EG3DGenerator` in eval mode. ``options``: ``{"render.depth_resolution":
@@ -149,7 +165,9 @@ def load_converted(path: str, *, device="cpu", options: dict | None = None):
         from pyface.train.model import with_options
 
         cfg_dict = with_options(cfg_dict, options)
-    G = EG3DGenerator(config_from_dict(cfg_dict))
+    cfg = config_from_dict(cfg_dict)
+    check_option_sample_counts(cfg, options)
+    G = EG3DGenerator(cfg)
     state = {k: v for k, v in tensors.items()}
     state["rendering_resolution"] = G.rendering_resolution.clone()
     for name in ("backbone", "decoder", "superresolution"):

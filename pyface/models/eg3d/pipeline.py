@@ -18,7 +18,8 @@ from pyface.face import cameras as cams
 from pyface.nn.render import ray_uniforms, renderer_uniforms
 from pyface.nn.resample import filtered_resize
 
-from pyface.models.eg3d.convert import config_from_dict, load_converted
+from pyface.models.eg3d.convert import (check_option_sample_counts, config_from_dict,
+                                        load_converted)
 from pyface.models.eg3d.generator import EG3DGenerator
 
 log = logging.getLogger("pyface.models.eg3d")
@@ -67,7 +68,9 @@ def load_generator(path: str, *, device="cpu", ema: bool = True,
     if gopts:
         gcfg = with_options(gcfg, gopts)
         log.info("inference options of eg3d: %s", options)
-    G = EG3DGenerator(config_from_dict(gcfg))
+    cfg = config_from_dict(gcfg)
+    check_option_sample_counts(cfg, gopts)
+    G = EG3DGenerator(cfg)
     prefix = "ema.G" if ema and "G" in meta.get("ema_modules", []) else "model.G"
     ckpt.load_module_state(G, ckpt.sub_state(tensors, prefix), f"{path} ({prefix})")
     return G.to(device).eval()

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pyface.train.model import check_choice
 
@@ -91,9 +92,10 @@ class GOHAConfig:
     render_chunk_points: int | None = None  # samples per chunk of the fused renderer, each
     # recomputed in the backward (None: the op's default, 131072; the tiny preset: 8192, six
     # chunks of its 32^2 x (12 + 12) render at batch 2, 49152 samples)
-    render_recompute: bool | str = True  # the fused renderer's backward: True recomputes each
-    # chunk (sampling, decoder, compositing); "decoder" keeps the sampled plane features (C
-    # floats per sample) and recomputes only the decoder and the compositing (faster on CPU)
+    render_recompute: bool | Literal["decoder"] = True  # the fused renderer's backward: True
+    # recomputes each chunk (sampling, decoder, compositing); "decoder" keeps the sampled plane
+    # features (C floats per sample) and recomputes only the decoder and the compositing
+    # (faster on CPU)
     decoder_hidden: int = 64
     decoder_features: int = 32          # OSGDecoder feature outputs (GOHA: 1 + 32 = 33)
     # --- s1 schedule ------------------------------------------------------------------------
@@ -224,3 +226,23 @@ class GOHAConfig:
     def appearance_plane_resolution(self) -> int:
         """Side A of the lifted appearance planes (R / 4), upsampled x2 by the IDUpsampler."""
         return self.resolution // 4
+
+
+def check_sample_counts(cfg: GOHAConfig, options=()) -> None:
+    """``cfg``'s samples per ray with each other: ``depth_samples >= 4`` when there are
+    importance samples (``depth_samples_importance > 0``: the importance pass resamples the
+    coarse weights' interior) and ``lift_samples >= 4`` (the lift render takes as many
+    importance samples). Otherwise a ValueError naming ``model.KEY`` with both values: with
+    ``options`` (the keys set as inference options on a saved config, without ``model.``),
+    ``model.depth_samples_importance`` when it was set and ``depth_samples`` was not (the
+    saved coarse count is what it does not fit), ``model.depth_samples`` otherwise."""
+    n, m = cfg.depth_samples, cfg.depth_samples_importance
+    if m > 0 and n < 4:
+        if "depth_samples_importance" in options and "depth_samples" not in options:
+            raise ValueError(f"model.depth_samples_importance: expected 0 with fewer than 4 "
+                             f"coarse samples (depth_samples {n}), got {m}")
+        raise ValueError(f"model.depth_samples: expected >= 4 with importance samples "
+                         f"(depth_samples_importance {m}), got {n}")
+    if cfg.lift_samples < 4:
+        raise ValueError(f"model.lift_samples: expected >= 4 (the lift render takes as many "
+                         f"importance samples), got {cfg.lift_samples}")

@@ -46,7 +46,7 @@ from pyface.train.model import (Phase, Pipeline, StepContext, TrainableModel, fr
                                 frame_seeds)
 
 from pyface.models.goha.config import (GOHA_INFERENCE, GOHA_TRAINING, INFERENCE_CHOICES,
-                                       GOHAConfig)
+                                       GOHAConfig, check_sample_counts)
 from pyface.models.goha.data import DRIVING_KEYS, SOURCE_KEYS, GOHARenders, bfm224_label
 from pyface.models.goha.networks import (Embed2Plane, IDUpsampler, build_encoder, dilate, erode,
                                          imagenet_normalize)
@@ -215,6 +215,12 @@ class GOHA(TrainableModel):
         "full": {"model": {**GOHA_TRAINING, **GOHA_INFERENCE}},
     }
 
+    @classmethod
+    def check_option_values(cls, cfg, options: dict) -> None:
+        """The samples per ray set as inference options with the saved ones
+        (:func:`pyface.models.goha.config.check_sample_counts`): a clash names the key set."""
+        check_sample_counts(cfg, options)
+
     def __init__(self, cfg: GOHAConfig | None = None):
         super().__init__()
         cfg = cfg or GOHAConfig()
@@ -232,14 +238,9 @@ class GOHA(TrainableModel):
         self.upsampler = IDUpsampler(D, cfg.embed_width, C,
                                      share_weights=cfg.share_upsampler_weights)
         self.decoder = OSGDecoder(C, cfg.decoder_hidden, cfg.decoder_features)
-        # the sample counts with each other (inference options: checked with the saved config)
-        if cfg.depth_samples_importance > 0 and cfg.depth_samples < 4:
-            raise ValueError(f"model.depth_samples: expected >= 4 with importance samples "
-                             f"(depth_samples_importance {cfg.depth_samples_importance}), got "
-                             f"{cfg.depth_samples}")
-        if cfg.lift_samples < 4:
-            raise ValueError(f"model.lift_samples: expected >= 4 (the lift render takes as many "
-                             f"importance samples), got {cfg.lift_samples}")
+        # the sample counts with each other (inference options: checked with the saved config
+        # by check_option_values first, naming the key that was set)
+        check_sample_counts(cfg)
         common = dict(plane_axes=PLANE_AXES, ray_start=cfg.ray_start, ray_end=cfg.ray_end,
                       box_warp=cfg.box_warp, chunk_points=cfg.render_chunk_points,
                       recompute=cfg.render_recompute)

@@ -285,7 +285,11 @@ class OTAvatar(TrainableModel):
                                                 arcface_weights=weights.get("arcface"),
                                                 options=options)
 
-    def __init__(self, cfg: OTAvatarConfig | None = None, *, inference: bool = False):
+    def __init__(self, cfg: OTAvatarConfig | None = None, *, inference: bool = False,
+                 option_keys: tuple[str, ...] = ()):
+        """``option_keys``: the (dotted) config keys that were set as inference options on a
+        saved config (``render.depth_resolution_importance``, ...; the loader passes them), so
+        that a clash of the samples per ray names the key that was set, not the saved one."""
         super().__init__()
         cfg = cfg or OTAvatarConfig()
         if not cfg.generator:
@@ -328,11 +332,16 @@ class OTAvatar(TrainableModel):
                                  f"overridden (plane_axes is fixed by the weights); got {v!r}")
             setattr(G.cfg.render, k, v)       # the renderer's config (the same object)
         # the overrides with the generator's own sample counts: >= 4 coarse samples with
-        # importance samples (the key named is the override that broke it)
+        # importance samples (the key named is the one that broke it: among the inference
+        # options when one of the two was set as an option, else among the saved overrides)
+        counts = ("depth_resolution", "depth_resolution_importance")
+        keys = [k[len("model."):] if k.startswith("model.") else k for k in option_keys]
+        given = {k[len("render."):] for k in keys if k.startswith("render.")}
+        if not given & set(counts):
+            given = set(cfg.render or {})
         check_sample_counts(G.cfg.render, "model.render",
-                            blame="depth_resolution" if "depth_resolution" in (cfg.render or {})
-                            or "depth_resolution_importance" not in (cfg.render or {})
-                            else "depth_resolution_importance")
+                            blame="depth_resolution_importance" if counts[1] in given
+                            and counts[0] not in given else "depth_resolution")
         c = cfg.controller
         self.controller = MotionController(MotionControllerConfig(
             in_channels=MOTION_DIM, window=c.window, descriptor=c.descriptor,

@@ -319,7 +319,8 @@ class OTAvatarPipeline(Pipeline):
             if options:     # dotted keys (render.depth_resolution) set in the complete config
                 cfg = config_from_dict(OTAvatarConfig,
                                        with_options(dataclasses.asdict(cfg), options))
-            return cls(OTAvatar(cfg, inference=True), device=device)
+            return cls(OTAvatar(cfg, inference=True, option_keys=tuple(options)),
+                       device=device)
         pre = read_pretrained(folder, ema=ema)
         if pre.model is not None and pre.model != "otavatar":
             raise WrongModelError(pre.path, pre.meta, "otavatar")
@@ -339,7 +340,7 @@ class OTAvatarPipeline(Pipeline):
             cfg.generator = local
         for k, v in over.items():
             setattr(cfg, k, v)
-        model = OTAvatar(cfg, inference=True)
+        model = OTAvatar(cfg, inference=True, option_keys=tuple(options))
         ckpt.load_module_state(model, pre.state, f"checkpoint {pre.path!r}")
         return cls(model, device=device)
 
