@@ -3,7 +3,6 @@ hand transcription of EG3D's published module structure, the training recipe on 
 from __future__ import annotations
 
 import collections
-import json
 import math
 import os
 import pickle
@@ -16,7 +15,7 @@ from torch import nn
 from pyface import checkpoint as ckpt
 from pyface.models.eg3d import EG3DGenerator, EG3DGeneratorConfig
 from pyface.nn.render import RenderConfig
-from _saved_runs import drop_saved_keys
+from _saved_runs import drop_saved_keys, edit_saved_config
 
 
 def tiny_cfg(**kw) -> EG3DGeneratorConfig:
@@ -642,6 +641,16 @@ def test_schedules_follow_eg3d():
     assert eg3d_blur(x, 0.3) is x
 
 
+def _assert_same_weights(a, c) -> None:
+    """Trainers ``a`` and ``c`` (a resumed run) hold bit-identical weights and EMA generators."""
+    sa, sc = a.model.state_dict(), c.model.state_dict()
+    assert sa.keys() == sc.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sc[k]), k
+    for k, v in a.ema.modules["G"].state_dict().items():
+        assert torch.equal(v, c.ema.modules["G"].state_dict()[k]), k
+
+
 def test_exact_resume(tmp_path):
     from pyface.train.engine import Trainer
 
@@ -653,11 +662,7 @@ def test_exact_resume(tmp_path):
     c.resume("auto")
     assert c.step == 2
     c.fit()
-    sa, sc = a.model.state_dict(), c.model.state_dict()
-    for k in sa:
-        assert torch.equal(sa[k], sc[k]), k
-    for k, v in a.ema.modules["G"].state_dict().items():
-        assert torch.equal(v, c.ema.modules["G"].state_dict()[k]), k
+    _assert_same_weights(a, c)
 
 
 def test_training_bad_input(tmp_path):
@@ -1247,13 +1252,8 @@ def test_importance_option_refused_by_saved_coarse_samples_names_its_own_key(tin
     # a training run saved with 3 coarse samples and none of importance: the same
     copy = tmp_path / "run3"
     shutil.copytree(run, copy)
-    latest = ckpt.latest_checkpoint(str(copy))
-    with open(os.path.join(latest, "meta.json")) as f:
-        meta = json.load(f)
-    meta["experiment"]["model_config"]["generator"]["render"].update(
-        depth_resolution=3, depth_resolution_importance=0)
-    with open(os.path.join(latest, "meta.json"), "w") as f:
-        json.dump(meta, f)
+    edit_saved_config(copy, lambda config: config["generator"]["render"].update(
+        depth_resolution=3, depth_resolution_importance=0))
     assert load_generator(str(copy)).renderer.config.depth_resolution == 3
     with pytest.raises(ValueError, match=want):
         load_generator(str(copy), options={"generator.render.depth_resolution_importance": 5})
@@ -1746,9 +1746,7 @@ def test_gen_c_source_presets_saved_configs_and_resume(tmp_path):
     c.resume("auto")
     assert c.step == 2
     c.fit()
-    sa, sc = a.model.state_dict(), c.model.state_dict()
-    for k in sa:
-        assert torch.equal(sa[k], sc[k]), k
+    _assert_same_weights(a, c)
     with pytest.raises(ckpt.CheckpointError, match=r"model\.gen_c_source: checkpoint 'dataset' "
                                                    r"vs run 'batch'"):
         Trainer(_experiment(tmp_path / "b", 6), dataset=_Frames()).resume("auto")

@@ -15,7 +15,7 @@ from pyface.models.goha import GOHA, Embed2Plane, IDUpsampler, bfm224_label, mod
 from pyface.models.goha.config import GOHAConfig
 from pyface.train import Trainer, build_experiment
 from pyface.train.model import load_pretrained
-from _saved_runs import drop_saved_keys
+from _saved_runs import drop_saved_keys, edit_saved_config
 
 # the tiny preset, smaller still, with every branch switched on from step 1
 FAST = ["model.canonical_until=1", "model.expression_from=1", "model.appearance_from=1",
@@ -434,21 +434,15 @@ def test_importance_option_refused_by_saved_coarse_samples_names_its_own_key(
     that message; the coarse count, when set with it, is the one named; too few lift samples
     name model.lift_samples."""
     import glob
-    import json
     import os
     import shutil
 
-    from pyface import checkpoint as ckpt
     from pyface.cli import main
 
     copy = tmp_path / "coarse3"
     shutil.copytree(tiny_run, copy)
-    latest = ckpt.latest_checkpoint(str(copy))
-    with open(os.path.join(latest, "meta.json")) as f:
-        meta = json.load(f)
-    meta["experiment"]["model_config"].update(depth_samples=3, depth_samples_importance=0)
-    with open(os.path.join(latest, "meta.json"), "w") as f:
-        json.dump(meta, f)
+    edit_saved_config(copy, lambda config: config.update(depth_samples=3,
+                                                         depth_samples_importance=0))
     saved = pyface.models.load("goha_s1", str(copy), device="cpu")
     rc = saved.model.renderer.config
     assert (rc.depth_resolution, rc.depth_resolution_importance) == (3, 0)

@@ -13,7 +13,7 @@ from pyface import checkpoint as ckpt
 from pyface.data.synthetic import make_default
 from pyface.train.config import build_experiment
 from pyface.train.engine import Trainer
-from _saved_runs import drop_saved_keys
+from _saved_runs import drop_saved_keys, edit_saved_config
 
 QUIET = ["train.progress=false", "train.tensorboard=false", "train.image_every=0",
          "train.log_every=1", "train.ckpt_every=0"]
@@ -460,8 +460,6 @@ def test_importance_option_refused_by_saved_coarse_samples_names_its_own_key(run
     with importance samples as an option: refused naming the key that was set,
     model.render.depth_resolution_importance (not the saved depth_resolution), and pyface
     animate exits 2 with that message; the coarse count, when set with it, is the one named."""
-    import json
-    import os
     import shutil
 
     from pyface.cli import main
@@ -469,14 +467,9 @@ def test_importance_option_refused_by_saved_coarse_samples_names_its_own_key(run
     r, _ = run
     copy = tmp_path / "coarse3"
     shutil.copytree(r, copy)
-    latest = ckpt.latest_checkpoint(str(copy))
-    with open(os.path.join(latest, "meta.json")) as f:
-        meta = json.load(f)
-    meta["experiment"]["model_config"]["render"] = {
-        **(meta["experiment"]["model_config"].get("render") or {}),
-        "depth_resolution": 3, "depth_resolution_importance": 0}
-    with open(os.path.join(latest, "meta.json"), "w") as f:
-        json.dump(meta, f)
+    edit_saved_config(copy, lambda config: config.update(render={
+        **(config.get("render") or {}), "depth_resolution": 3,
+        "depth_resolution_importance": 0}))
     saved = pyface.models.load("otavatar", str(copy), device="cpu")
     rc = saved.model.generator.renderer.config
     assert (rc.depth_resolution, rc.depth_resolution_importance) == (3, 0)
