@@ -636,3 +636,27 @@ def test_label_pool_reads_the_items_without_item_labels_and_checks_them(tmp_path
     with pytest.raises(ValueError,
                        match=r"set_label_pool\('tag'\): expected a tensor \(N, \.\.\.\)"):
         _PoolToy().set_label_pool("tag", torch.zeros(0, 2))
+
+
+def test_label_pool_shape_is_checked_on_the_first_item_before_the_others_are_read(tmp_path):
+    """A model's label_pool_shape(key) is checked on item 0: a dataset whose items hold
+    another shape is refused naming the key, both shapes and the dataset, with no other item
+    read (a dataset of clips is not decoded in full first); the declared shape builds."""
+    from pyface.data.format import DataError
+
+    class _Shaped(_PoolToy):
+        def label_pool_shape(self, key):
+            return self.want
+
+    m = _Shaped()
+    m.pools, m.want = ("tag",), (25,)
+    data = _Tagged(cheap=False)
+    with pytest.raises(DataError, match=r"data \(data.name=.*\): the model draws from every "
+                                        r"item's 'tag' \(label_pools\), expected of shape "
+                                        r"\(25,\), item 0's has shape \(2,\)"):
+        _pool_trainer(tmp_path / "bad", m, data)
+    assert data.reads == 1
+    ok = _Shaped()
+    ok.pools, ok.want = ("tag",), (2,)
+    _pool_trainer(tmp_path / "ok", ok, _Tagged(cheap=False))
+    assert ok.label_pool("tag").shape == (6, 2)

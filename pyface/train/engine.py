@@ -77,15 +77,16 @@ def check_data_keys(model, dataset, cfg=None) -> None:
                     + f" {have}")
 
 
-def label_pool_of(dataset, key: str, *, where: str = "", progress: bool = False
-                  ) -> torch.Tensor:
+def label_pool_of(dataset, key: str, *, where: str = "", progress: bool = False,
+                  shape: tuple[int, ...] | None = None) -> torch.Tensor:
     """Every item's ``key`` of ``dataset``, in item order, stacked ``(len(dataset), ...)`` (floats
     as float32; :meth:`TrainableModel.label_pools`): from ``dataset.item_labels(key)`` when the
     dataset has it and it answers (no image decoded), else read item by item (with a progress
     bar when ``progress``); a dataset wrapped by the model's ``data_transform`` is always read
-    item by item (the transform may change the key). Raises
+    item by item (the transform may change the key). ``shape``: the shape each item's value
+    must have, checked on item 0 before any other item is read. Raises
     :class:`pyface.data.format.DataError` naming the dataset (``where``) and the key when an
-    item lacks the key, the values differ in shape or are not finite."""
+    item lacks the key, the values differ in shape (or from ``shape``) or are not finite."""
     from pyface.data.format import DataError
 
     what = f"data ({where or type(dataset).__name__})"
@@ -98,6 +99,9 @@ def label_pool_of(dataset, key: str, *, where: str = "", progress: bool = False
         raise DataError(f"{what}: the model draws from every item's {key!r} (label_pools), "
                         f"the dataset's items have {have}")
     want = tuple(torch.as_tensor(first[key]).shape)
+    if shape is not None and want != tuple(shape):
+        raise DataError(f"{what}: the model draws from every item's {key!r} (label_pools), "
+                        f"expected of shape {tuple(shape)}, item 0's has shape {want}")
     cheap = None if isinstance(dataset, MappedDataset) else getattr(dataset, "item_labels", None)
     pool = cheap(key) if callable(cheap) else None
     if pool is None:
@@ -425,8 +429,10 @@ class Trainer:
         where = (f"data.name={cfg.data.name}, data.path="
                  f"{cfg.data.path or 'unset: the built-in set'}")
         for key in keys or ():
+            shape = self.model.label_pool_shape(key) \
+                if hasattr(self.model, "label_pool_shape") else None
             pool = label_pool_of(self.dataset, key, where=where, progress=self.dist.is_main
-                                 and cfg.train.progress)
+                                 and cfg.train.progress, shape=shape)
             self.model.set_label_pool(key, pool.to(self.device))
             log.info("label pool %r: %d items of shape %s", key, len(pool),
                      tuple(pool.shape[1:]))

@@ -248,6 +248,13 @@ class TrainableModel(nn.Module):
         same pool from the same dataset; it is not saved in checkpoints (rebuilt on resume)."""
         return ()
 
+    def label_pool_shape(self, key: str) -> tuple[int, ...] | None:
+        """The shape every item's ``key`` of :meth:`label_pools` must have (e.g. EG3D's
+        ``camera``: ``(25,)``), checked on the dataset's first item before the pool is built
+        (a dataset of another kind is refused before its items are read), or None (default:
+        any shape, the same for every item)."""
+        return None
+
     def set_label_pool(self, key: str, labels: torch.Tensor) -> None:
         """Keeps ``labels`` (``(N, ...)``, every item's ``key``) as the non-persistent buffer
         ``label_pool_<key>``: it moves with ``.to(device)`` and is not in ``state_dict()``."""

@@ -381,6 +381,11 @@ class EG3D(TrainableModel):
         ``camera`` (the Trainer hands them over: :meth:`TrainableModel.label_pools`)."""
         return ("camera",) if self.cfg.gen_c_source == "dataset" else ()
 
+    def label_pool_shape(self, key: str) -> tuple[int, ...] | None:
+        """Every item's ``camera``: one EG3D label (25,) (a dataset of clips is refused before
+        its items are read)."""
+        return (25,) if key == "camera" else None
+
     def _draw_gen_c(self, B: int, k: int, ctx: StepContext) -> torch.Tensor:
         """``gen_c_source="dataset"``: this rank's ``B`` generator cameras of draw ``k`` of the
         step (0: the step's, 1 / 2: ``Greg`` / ``Dmain``'s own with ``gen_c_per_phase``): rows
