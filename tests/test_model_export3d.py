@@ -42,6 +42,15 @@ def _exp(model, cls, run, data, *extra):
                                                *extra])
 
 
+def _assert_resume_refuses(model, cls, run, data, sizes, changed: str, match: str) -> None:
+    """A one-step run of ``model`` saved with its defaults, resumed with the setting ``changed``
+    (``"model.KEY=VALUE"``), is refused naming the key (``match``)."""
+    Trainer(_exp(model, cls, run, data, *sizes, "train.steps=1", "train.ckpt_every=1")).fit()
+    c = Trainer(_exp(model, cls, run, data, *sizes, changed, "train.steps=2"))
+    with pytest.raises(ckpt.CheckpointError, match=match):
+        c.load_checkpoint(ckpt.checkpoint_path(str(run), 1))
+
+
 @pytest.fixture(scope="module")
 def clebs_run(data, tmp_path_factory):
     run = tmp_path_factory.mktemp("e3d") / "clebs"
@@ -1383,13 +1392,9 @@ def test_density_phase_default_is_the_earlier_training_and_a_changed_key_is_refu
                                          r"model.density_phase .*got 0"):
         Export3D(Export3D.Config(cond="direct", density_phase=True, density_every=0))
     # a run saved with the earlier training does not resume with the Greg phase
-    Trainer(_exp("export3d", Export3D, tmp_path / "run", data, *DENSITY_SMALL,
-                 "train.steps=1", "train.ckpt_every=1")).fit()
-    c = Trainer(_exp("export3d", Export3D, tmp_path / "run", data, *DENSITY_SMALL,
-                     "model.density_phase=true", "train.steps=2"))
-    with pytest.raises(ckpt.CheckpointError,
-                       match=r"model.density_phase: checkpoint False vs run True"):
-        c.load_checkpoint(ckpt.checkpoint_path(str(tmp_path / "run"), 1))
+    _assert_resume_refuses("export3d", Export3D, tmp_path / "run", data, DENSITY_SMALL,
+                           "model.density_phase=true",
+                           r"model.density_phase: checkpoint False vs run True")
 
 
 @pytest.mark.parametrize("head", ["mlp", "linear"])
@@ -1427,10 +1432,6 @@ def test_clebs_image_head_default_is_the_earlier_head_and_a_changed_key_is_refus
     with pytest.raises(ValueError, match=r"model.image_head: expected one of \('mlp', "
                                          r"'linear'\), got 'conv'"):
         _clebs_small(image_head="conv")
-    Trainer(_exp("export3d_clebs", CLeBS, tmp_path / "run", data, *CLEBS_TINY,
-                 "train.steps=1", "train.ckpt_every=1")).fit()
-    c = Trainer(_exp("export3d_clebs", CLeBS, tmp_path / "run", data, *CLEBS_TINY,
-                     "model.image_head=linear", "train.steps=2"))
-    with pytest.raises(ckpt.CheckpointError,
-                       match=r"model.image_head: checkpoint 'mlp' vs run 'linear'"):
-        c.load_checkpoint(ckpt.checkpoint_path(str(tmp_path / "run"), 1))
+    _assert_resume_refuses("export3d_clebs", CLeBS, tmp_path / "run", data, CLEBS_TINY,
+                           "model.image_head=linear",
+                           r"model.image_head: checkpoint 'mlp' vs run 'linear'")
